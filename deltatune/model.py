@@ -1,0 +1,475 @@
+"""DeltaModel: a base model plus named adapters of any registered method.
+
+It injects, switches, disables, merges, saves and loads through the registry and the DeltaLayer
+protocol (deltatune.layer), with no per-method branches. ``forward`` and ``generate`` pass through
+to the base model; attributes it does not have are read from the base model, so a DeltaModel can
+stand where the transformers model stood (Trainer, pipelines, ``model.config``).
+
+Files use PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter, the
+"default" adapter at the top of the folder and any other in a sub-folder of its own name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import registry
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
+from .layer import DeltaLayer, ModulesToSave, set_submodule
+
+_PREFIX = "base_model.model."
+_HEADS_BY_TASK = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file is missing, corrupt, or does not fit the base model. Nothing was changed."""
+
+
+class DeltaModel(nn.Module):
+    """A frozen base model with one or more named adapters.
+
+    Args:
+        model: any ``transformers.PreTrainedModel`` (or ``nn.Module`` for methods that only need module names).
+        config: the first adapter's config, or None to wrap with no adapter yet.
+        adapter_name: the first adapter's name.
+    """
+
+    def __init__(self, model: nn.Module, config: DeltaConfig | None = None, adapter_name: str = "default") -> None:
+        super().__init__()
+        if isinstance(model, DeltaModel):
+            raise TypeError("model is already a DeltaModel; use add_adapter to add another adapter")
+        self.base_model = model
+        self.peft_config: dict[str, DeltaConfig] = {}
+        self.active_adapters: list[str] = []
+        self._base_trainables: dict[str, list[str]] = {}  # adapter -> base parameters it trains and saves
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+
+    # -- pass-through --------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with the adapter layers in it)."""
+        return self.base_model
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on the base model's gradient checkpointing, non-reentrant unless asked otherwise.
+
+        The reentrant variant drops gradients when no input of a checkpointed block requires grad, which is
+        the normal case with a frozen embedding; it then needs the embedding outputs to require grad.
+        """
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"] and hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    # -- adapters --------------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter's name (PEFT's attribute)."""
+        if not self.active_adapters:
+            raise ValueError("no adapter is active")
+        return self.active_adapters[0]
+
+    def _layers(self) -> list[tuple[str, DeltaLayer]]:
+        return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, DeltaLayer)]
+
+    def add_adapter(self, adapter_name: str, config: DeltaConfig, *, _tensors: dict | None = None,
+                    _source: str = "") -> None:
+        """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``.
+
+        Raises:
+            ValueError: an adapter named ``adapter_name`` exists.
+            ConfigError: the config does not fit the model (e.g. target_modules match nothing).
+            AdapterLoadError: (when loading) the saved tensors do not fit. In every case the model is unchanged.
+        """
+        if not isinstance(config, DeltaConfig):
+            raise TypeError(f"config must be a DeltaConfig (e.g. deltatune.LoraConfig), got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
+        method = registry.get(config.method)
+        grads = {p: p.requires_grad for p in self.base_model.parameters()}
+        config = config.replace()  # our own copy: the caller's object is never changed
+        try:
+            method.inject(self.base_model, config, adapter_name)
+            self._add_modules_to_save(adapter_name, config)
+            self.peft_config[adapter_name] = config
+            self._base_trainables[adapter_name] = config.trainable_base_parameters(self.base_model) \
+                if hasattr(config, "trainable_base_parameters") else []
+            if _tensors is not None:
+                self._import(adapter_name, _tensors, _source)
+        except BaseException:
+            self._remove(adapter_name)
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
+            raise
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+        self._apply_active()
+
+    def _add_modules_to_save(self, adapter_name: str, config: DeltaConfig) -> None:
+        wanted = list(config.modules_to_save or [])
+        auto = [h for h in _HEADS_BY_TASK.get(config.task_type or "", ()) if h not in wanted]
+        plan: list[tuple[str, nn.Module]] = []
+        for target in wanted + auto:
+            hits = [
+                (n, m) for n, m in self.base_model.named_modules()
+                if (n == target or n.endswith("." + target)) and not _inside_layer(n, self.base_model)
+            ]
+            if not hits and target in wanted:
+                raise ConfigError(f"modules_to_save: {target!r} matches no module in the model")
+            if hits and target in auto:
+                config.modules_to_save = [*(config.modules_to_save or []), target]
+            plan.extend(hits)
+        for name, module in plan:
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                set_submodule(self.base_model, name, module)
+            module.add(adapter_name)
+
+    def _remove(self, adapter_name: str) -> None:
+        """Delete an adapter everywhere; layers left with no adapter give back their original module."""
+        for path, layer in reversed(self._layers()):
+            if adapter_name in layer.adapter_names or not layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+                if not layer.adapter_names:
+                    original = layer.original_module if isinstance(layer, ModulesToSave) else layer.unwrap()
+                    _replace(self.base_model, path, original)
+        self.peft_config.pop(adapter_name, None)
+        self._base_trainables.pop(adapter_name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from the model (unmerging it first if merged)."""
+        self._check_names([adapter_name])
+        self._remove(adapter_name)
+        self._apply_active()
+
+    def _check_names(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.peft_config:
+                known = ", ".join(self.peft_config) or "none"
+                raise ValueError(f"unknown adapter {name!r}; adapters in this model: {known}")
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter (or several, whose outputs add up) the active one(s). Only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_names(names)
+        self.active_adapters = names
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train."""
+        for _, layer in self._layers():
+            layer.set_adapters(self.active_adapters)
+        trainable: set[int] = set()
+        for _, layer in self._layers():
+            for name in layer.adapter_names:
+                train = name in self.active_adapters and not self.peft_config[name].inference_mode
+                for p in layer.adapter_parameters(name).values():
+                    p.requires_grad_(train)
+                    if train:
+                        trainable.add(id(p))
+        params = dict(self.base_model.named_parameters())
+        for name in self.active_adapters:
+            if not self.peft_config[name].inference_mode:
+                trainable.update(id(params[p]) for p in self._base_trainables.get(name, []) if p in params)
+        for p in self.base_model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as the base model (merged adapters are unmerged meanwhile)."""
+        merged = self._merged()
+        self.unmerge_adapter()
+        layers = self._layers()
+        for _, layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for _, layer in layers:
+                layer.disabled = False
+            for layer, names in merged:
+                for name in names:
+                    layer.merge(name)
+
+    def _merged(self) -> list[tuple[DeltaLayer, list[str]]]:
+        return [(layer, list(layer.merged_adapters)) for _, layer in self._layers() if layer.merged_adapters]
+
+    # -- merging ----------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Fold the active (or the named) adapters into the base weights. Idempotent.
+
+        Raises:
+            TypeError: a method whose math cannot be merged (e.g. prompt tuning); nothing stays merged.
+        """
+        names = list(adapter_names or self.active_adapters)
+        self._check_names(names)
+        done = self._merged()
+        try:
+            for _, layer in self._layers():
+                for name in names:
+                    if name in layer.adapter_names:
+                        layer.merge(name)
+        except TypeError:
+            self.unmerge_adapter()
+            for layer, merged in done:
+                for name in merged:
+                    layer.merge(name)
+            raise
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge, restoring the base weights."""
+        for _, layer in self._layers():
+            for name in reversed(list(layer.merged_adapters)):
+                layer.unmerge(name)
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active (or named) adapters and return the plain base model with no deltatune module left.
+
+        The returned model holds the merged weights (and the adapter's copies of modules_to_save); save it with
+        ``save_pretrained`` and load it with plain transformers. This DeltaModel is empty afterwards.
+        """
+        names = list(adapter_names or self.active_adapters)
+        self.merge_adapter(names)
+        for _, layer in self._layers():
+            layer.set_adapters(names)
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; returns the original base model."""
+        self.unmerge_adapter()
+        for _, layer in self._layers():
+            layer.set_adapters([])
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        for path, layer in reversed(self._layers()):
+            _replace(self.base_model, path, layer.unwrap())
+        self.peft_config.clear()
+        self.active_adapters = []
+        self._base_trainables.clear()
+        return self.base_model
+
+    # -- saving and loading --------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """An adapter's tensors with PEFT's keys (``base_model.model.<path>.lora_A.weight``, ...)."""
+        name = adapter_name or self.active_adapter
+        self._check_names([name])
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self._layers():
+            if name in layer.adapter_names:
+                out.update(layer.export_state(name, f"{_PREFIX}{path}."))
+        params = dict(self.base_model.named_parameters())
+        for pname in self._base_trainables.get(name, []):
+            out[_PREFIX + pname] = params[pname]
+        return out
+
+    def _import(self, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.adapter_state_dict(name)
+        missing = [k for k in expected if k not in tensors]
+        if missing:
+            raise AdapterLoadError(
+                f"{source}: the adapter has no tensor {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+                + "; was it saved with another config or for another model?"
+            )
+        unexpected = [k for k in tensors if k not in expected]
+        if unexpected:
+            raise AdapterLoadError(
+                f"{source}: tensor {unexpected[0]!r} does not belong to any module of this model"
+                + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            )
+        for key, target in expected.items():
+            if tuple(tensors[key].shape) != tuple(target.shape):
+                raise AdapterLoadError(
+                    f"{source}: {key} has shape {tuple(tensors[key].shape)} in the file but "
+                    f"{tuple(target.shape)} in this model; the adapter was made for a different base model"
+                )
+        tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items()}
+        for path, layer in self._layers():
+            if name in layer.adapter_names:
+                layer.import_state(name, f"{_PREFIX}{path}.", tensors)
+        params = dict(self.base_model.named_parameters())
+        with torch.no_grad():
+            for pname in self._base_trainables.get(name, []):
+                params[pname].copy_(tensors[_PREFIX + pname])
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, **_: Any) -> None:
+        """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout).
+
+        The "default" adapter goes to ``save_directory`` itself, any other to ``save_directory/<name>``.
+        Each file is written under a temporary name and renamed, so a crash never leaves a half-written file.
+        """
+        if not safe_serialization:
+            raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
+        names = list(selected_adapters or self.peft_config)
+        self._check_names(names)
+        from safetensors.torch import save_file
+
+        for name in names:
+            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.adapter_state_dict(name).items()}
+            config = self.peft_config[name].replace(inference_mode=True)
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "_name_or_path",
+                                                         None) or None
+            _atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda f, t=tensors: save_file(t, f, {"format": "pt"}))
+            text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+            _atomic_write(os.path.join(folder, CONFIG_NAME), lambda f, s=text: open(f, "w", encoding="utf-8").write(s))
+
+    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, subfolder: str | None = None, revision: str | None = None) -> None:
+        """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error.
+
+        Args:
+            model_id: a local folder, or a hub repo id when the hub is reachable.
+            adapter_name: the name to give it in this model.
+            is_trainable: False (the default, as in PEFT) freezes it for inference.
+            allow_pickle: read a pickle ``adapter_model.bin`` when there is no safetensors file. Pickle can run
+                arbitrary code: only for files you trust.
+            subfolder: a folder inside ``model_id`` holding the adapter.
+            revision: hub revision.
+
+        Raises:
+            FileNotFoundError: no adapter there.
+            AdapterLoadError: a file is truncated or corrupt, or the adapter does not fit this model.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
+        config_file = _resolve(model_id, CONFIG_NAME, subfolder, revision)
+        config = DeltaConfig.from_pretrained(config_file).replace(inference_mode=not is_trainable)
+        tensors, source = _read_weights(model_id, subfolder, revision, allow_pickle)
+        self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
+                        is_trainable: bool = False, **kwargs: Any) -> DeltaModel:
+        """Wrap ``model`` and load the adapter saved at ``model_id`` (see ``load_adapter``)."""
+        wrapped = cls(model)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        return wrapped
+
+    # -- counting ------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counting each shared tensor once."""
+        trainable = total = 0
+        seen: set[int] = set()
+        for p in self.base_model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel() * getattr(p, "elements_per_item", 1)
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts, as PEFT does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> DeltaModel:
+    """Wrap ``model`` with a new adapter of the method ``config`` belongs to; the base is frozen.
+
+    Example::
+
+        model = dt.get_delta_model(base, dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    """
+    return DeltaModel(model, config, adapter_name)
+
+
+def _inside_layer(name: str, root: nn.Module) -> bool:
+    return any(name.startswith(n + ".") for n, m in root.named_modules() if n and isinstance(m, DeltaLayer))
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module | None) -> None:
+    if module is None:
+        parent_name, _, child = path.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        delattr(parent, child)
+    else:
+        set_submodule(root, path, module)
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | None, revision: str | None) -> str:
+    """A local file path for ``filename`` in a folder or (when reachable) a hub repo."""
+    folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+    if os.path.isdir(os.fspath(model_id)):
+        path = os.path.join(folder, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {filename} in {folder!r}")
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(os.fspath(model_id), filename, subfolder=subfolder, revision=revision)
+    except Exception as exc:  # offline, unknown repo, missing file: one clear message
+        raise FileNotFoundError(
+            f"{model_id!r} is not a local folder and {filename} could not be fetched from the hub ({type(exc).__name__})"
+        ) from None
+
+
+def _read_weights(model_id, subfolder, revision, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str]:
+    try:
+        path = _resolve(model_id, WEIGHTS_NAME, subfolder, revision)
+    except FileNotFoundError:
+        try:
+            path = _resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {os.fspath(model_id)!r}") from None
+        if not allow_pickle:
+            raise AdapterLoadError(
+                f"{path} is a pickle file, which can run arbitrary code when loaded; deltatune reads safetensors "
+                "only unless you pass allow_pickle=True for a file you trust"
+            )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as exc:
+            raise AdapterLoadError(f"{path} could not be read (truncated or corrupt?): {exc}") from None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path), path
+    except Exception as exc:
+        raise AdapterLoadError(f"{path} is truncated or not a safetensors file: {exc}") from None

@@ -1,0 +1,168 @@
+"""Which modules a method adapts: per-family defaults (data, not code) and name matching.
+
+Names match as PEFT matches them, so a ``target_modules`` list that works in PEFT works here:
+a list entry matches a module whose full name equals it or ends with ``"." + entry``; a string is
+a regex that must match the full name; ``"all-linear"`` takes every linear layer but the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .config import ConfigError
+from .layer import DeltaLayer
+
+# Default LoRA targets per transformers model_type (the attention query/value projections, as PEFT).
+LORA_TARGETS: dict[str, list[str]] = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "mbart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"], "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"], "layoutlm": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"], "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"], "falcon": ["query_key_value"], "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "phi3": ["qkv_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "qwen2_moe": ["q_proj", "v_proj"], "qwen3_moe": ["q_proj", "v_proj"],
+    "olmo": ["q_proj", "v_proj"], "olmo2": ["q_proj", "v_proj"], "starcoder2": ["q_proj", "v_proj"],
+}
+
+# IA3 targets (keys, values and the feed-forward output) and which of them are feed-forward (PEFT's tables).
+IA3_TARGETS: dict[str, list[str]] = {
+    "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"], "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"], "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"], "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
+    "bert": ["key", "value", "output.dense"], "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"], "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"], "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+}
+IA3_FEEDFORWARD: dict[str, list[str]] = {
+    "t5": ["wo"], "mt5": [], "gpt2": ["mlp.c_proj"], "bloom": ["mlp.dense_4h_to_h"], "roberta": ["output.dense"],
+    "opt": ["fc2"], "gptj": ["fc_out"], "gpt_neox": ["dense_4h_to_h"], "gpt_neo": ["c_proj"], "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"], "llama": ["down_proj"], "mistral": ["down_proj"], "bert": ["output.dense"],
+    "deberta-v2": ["output.dense"], "deberta": ["output.dense"], "falcon": ["dense_4h_to_h"], "phi": ["fc2"],
+    "gemma": ["down_proj"], "gemma2": ["down_proj"], "qwen2": ["down_proj"], "qwen3": ["down_proj"],
+}
+
+# Heads that a task adds on top of the backbone; "all-linear" never adapts them.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.dense", "embed_out", "output_layer")
+
+LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
+"""Names of the ModuleList that holds the transformer blocks, used by ``layers_to_transform``."""
+
+
+def model_type(model: nn.Module) -> str | None:
+    """The transformers ``model_type`` of a model (None for a plain nn.Module)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def default_targets(model: nn.Module, table: dict[str, list[str]], method: str) -> list[str]:
+    """The family default from ``table``; a clear error listing candidates when there is none."""
+    mtype = model_type(model)
+    if mtype in table:
+        return list(table[mtype])
+    raise ConfigError(
+        f"{method}: no default target_modules for model type {mtype!r}; pass target_modules explicitly. "
+        f"Candidate module names in this model: {', '.join(candidate_names(model))}"
+    )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
+    """Distinct short names of the adaptable (linear, embedding, conv) modules, for error messages."""
+    seen: list[str] = []
+    for name, module in model.named_modules():
+        if name and (_is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))):
+            short = name.rsplit(".", 1)[-1]
+            if short not in seen:
+                seen.append(short)
+    return seen[:limit]
+
+
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or LAYER_PATTERNS)
+    for pattern in patterns:
+        m = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def matches(
+    name: str,
+    targets: list[str] | str,
+    layers_to_transform: list[int] | int | None = None,
+    layers_pattern: list[str] | str | None = None,
+) -> bool:
+    """Whether the module ``name`` is a target (PEFT's matching rules)."""
+    if isinstance(targets, str):
+        hit = re.fullmatch(targets, name) is not None
+    else:
+        hit = any(name == t or name.endswith("." + t) for t in targets)
+    if not hit or layers_to_transform is None:
+        return hit
+    wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    return _layer_index(name, layers_pattern) in wanted
+
+
+def all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
+    """Every linear layer but the output head and the task heads (``target_modules="all-linear"``)."""
+    skip = set(HEAD_NAMES) | set(exclude)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inner):
+            continue
+        while isinstance(module, DeltaLayer) and hasattr(module, "base_layer"):
+            module = module.base_layer
+        if not _is_linear(module) or module is output:
+            continue
+        if any(name == s or name.endswith("." + s) or f".{s}." in f".{name}." for s in skip):
+            continue
+        names.append(name)
+    return names
+
+
+def find_targets(
+    model: nn.Module,
+    targets: list[str] | str,
+    layers_to_transform: list[int] | int | None = None,
+    layers_pattern: list[str] | str | None = None,
+    method: str = "method",
+) -> list[str]:
+    """Full names of the modules to adapt; ConfigError (listing real names) when nothing matches."""
+    if targets == "all-linear":
+        found = [n for n in all_linear_names(model) if matches(n, ".*", layers_to_transform, layers_pattern)]
+    else:
+        found = [
+            name
+            for name, _ in model.named_modules()
+            if name and matches(name, targets, layers_to_transform, layers_pattern)
+        ]
+    # Modules inside an injected layer (its base_layer, lora_A, ...) are never targets themselves: the
+    # layer is. A second adapter on the same module goes into the existing layer.
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
+    found = [n for n in found if not any(n.startswith(prefix) for prefix in inner)]
+    found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+    if not found:
+        raise ConfigError(
+            f"{method}: target_modules={targets!r}"
+            + (f" with layers_to_transform={layers_to_transform!r}" if layers_to_transform is not None else "")
+            + f" matches no module. Module names in this model: {', '.join(candidate_names(model))}"
+        )
+    return found

@@ -1,0 +1,32 @@
+"""Shared test set-up: tiny models (tests/tiny.py), offline hub, seeded RNG, and the gpu marker."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+# One tolerance per dtype, defined once (STYLE.md). Exceptions say why where they are made.
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+WEIGHT_ATOL = 1e-6  # merge then unmerge restores W
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,88 @@
+"""Tiny seeded models per family, built from transformers configs with random weights (no hub)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+VOCAB = 128
+
+# Small enough that the whole matrix runs in seconds; odd sizes catch transposition bugs.
+_CONFIGS: dict[str, dict] = {
+    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48),
+    "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48),
+    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48, word_embed_proj_dim=32,
+                max_position_embeddings=64),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                 max_position_embeddings=64),
+    "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                    max_position_embeddings=66, pad_token_id=1),
+    "deberta-v2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                       max_position_embeddings=64),
+    "t5": dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
+    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64),
+}
+
+DECODERS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "bloom"]
+ENCODERS = ["bert", "roberta", "deberta-v2"]
+SEQ2SEQ = ["t5", "bart"]
+FAMILIES = DECODERS + ENCODERS + SEQ2SEQ
+
+_AUTO = {
+    "causal_lm": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "seq_cls": AutoModelForSequenceClassification,
+    "token_cls": AutoModelForTokenClassification,
+}
+
+
+def default_task(family: str) -> str:
+    """The task a family is most often fine-tuned for."""
+    return "causal_lm" if family in DECODERS else "seq2seq" if family in SEQ2SEQ else "seq_cls"
+
+
+def tiny_config(family: str, **overrides):
+    kwargs = dict(_CONFIGS[family], vocab_size=VOCAB, **overrides)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str, task: str | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A seeded random model of ``family`` for ``task`` (causal_lm | seq2seq | seq_cls | token_cls), in eval mode."""
+    task = task or default_task(family)
+    config = tiny_config(family, **overrides)
+    if task in ("seq_cls", "token_cls"):
+        config.num_labels = 3
+        if config.pad_token_id is None:
+            config.pad_token_id = 0
+    torch.manual_seed(seed)
+    model = _AUTO[task].from_config(config)
+    return model.eval()
+
+
+def tiny_inputs(family: str, task: str | None = None, batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
+    """A batch of inputs (ids, mask, and decoder ids for seq2seq) for ``tiny_model(family, task)``."""
+    task = task or default_task(family)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "seq2seq":
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
+    return inputs
+
+
+def output_of(model, inputs) -> torch.Tensor:
+    """The main output tensor (logits) of a forward pass, without gradients."""
+    with torch.no_grad():
+        return model(**inputs).logits
