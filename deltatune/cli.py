@@ -1,0 +1,147 @@
+"""``deltatune train|eval|generate|merge|info``: parse, call one function, print the result.
+
+Heavy libraries are imported inside the commands, so ``deltatune --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _train_help() -> str:
+    from .train.config import STAGES, field_help
+
+    lines = [
+        "recipe keys (set in the YAML or override as section.key=value):",
+        f"  stage: one of {', '.join(STAGES)}",
+        "  method.name: lora | ... (deltatune info lists them); other method.* keys are that method's fields",
+    ]
+    for section, rows in field_help().items():
+        for key, default, text in rows:
+            lines.append(f"  {section}.{key} (default {default!r}): {text}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning of transformer models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="run a recipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune with a YAML recipe. Example:\n  deltatune train recipes/sst2-lora.yaml "
+        "method.r=16 train.lr=1e-4",
+        epilog=_train_help() if "train" in sys.argv else None,
+    )
+    t.add_argument("recipe", help="the recipe YAML")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
+    t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+
+    e = sub.add_parser("eval", help="evaluate a trained run on a data file; prints metrics as JSON on the last line")
+    e.add_argument("--adapter", required=True, help="a run folder written by 'deltatune train'")
+    e.add_argument("--data", help="data file to evaluate on (default: the recipe's eval file)")
+    e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.text_column=sentence)")
+
+    g = sub.add_parser("generate", help="generate text from a prompt, with an adapter (or merged)")
+    g.add_argument("--adapter", required=True, help="adapter or run folder")
+    g.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
+
+    m = sub.add_parser("merge", help="fold an adapter into its base and save a plain transformers model")
+    m.add_argument("--adapter", required=True, help="adapter or run folder")
+    m.add_argument("--out", required=True, help="output folder for the merged model")
+    m.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+
+    i = sub.add_parser("info", help="a model's family, default targets and trainable parameters per method")
+    i.add_argument("model", help="model folder, hub id, or 'minilm'")
+    i.add_argument("--task", default=None, help="CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS or TOKEN_CLS (default: guessed)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.load import DataError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "NonFiniteLossError":
+            raise
+        print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train(args) -> int:
+    from .train import load_recipe, train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    metrics = train(cfg, overwrite=args.overwrite, resume=args.resume)
+    main_key = next((k for k in ("eval_accuracy", "eval_f1", "eval_rougeL", "eval_loss") if k in metrics), None)
+    if main_key and f"{main_key}_before" in metrics:
+        print(f"{main_key}: {metrics[main_key + '_before']:.4f} before training -> {metrics[main_key]:.4f} after")
+    print(f"adapter, metrics.json and report.md written to {cfg.output.dir}")
+    print(json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import evaluate
+
+    print(json.dumps(evaluate(args.adapter, args.data, args.overrides), sort_keys=True))
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .train.run import load_adapter_model
+
+    model, tok = load_adapter_model(args.adapter, args.model, merged=args.merged)
+    model.eval()
+    enc = tok(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    is_decoder_only = not getattr(model.config, "is_encoder_decoder", False)
+    new = out[0, enc["input_ids"].shape[1] :] if is_decoder_only else out[0]
+    print(tok.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def _merge(args) -> int:
+    from .train.run import load_adapter_model
+
+    model, tok = load_adapter_model(args.adapter, args.model, merged=True)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"merged model written to {args.out} (loads with plain transformers)")
+    return 0
+
+
+def _info(args) -> int:
+    from .info import describe
+
+    print(describe(args.model, args.task))
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "info": _info}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Read rows from JSONL, JSON, CSV/TSV, Parquet, plain text, or a datasets-hub name.
+
+Every row keeps where it came from (file and line), so a bad row is reported as
+``train.jsonl:17: column 'label' is missing`` instead of a KeyError deep in a collator.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+class DataError(ValueError):
+    """A data file or row cannot be used; the message names the file, line and column."""
+
+
+@dataclass
+class Row:
+    """One example: its fields and where it came from."""
+
+    data: dict[str, Any]
+    source: str
+    """``file:line`` for error messages."""
+
+    def get(self, column: str, required: bool = True) -> Any:
+        """The value of ``column``; DataError naming the file, line and column when it is missing."""
+        if column not in self.data or self.data[column] is None:
+            if not required:
+                return None
+            have = ", ".join(sorted(self.data)) or "none"
+            raise DataError(f"{self.source}: column {column!r} is missing (columns in this row: {have})")
+        return self.data[column]
+
+
+def read_rows(spec: str, text_column: str = "text", limit: int | None = None) -> list[Row]:
+    """Read every row of a data file (or hub dataset ``name[:split]``).
+
+    Args:
+        spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet or .txt, or a datasets-hub name.
+        text_column: the column name given to lines of a .txt file.
+        limit: read at most this many rows.
+
+    Raises:
+        DataError: the file is missing, a row is malformed (file and line named), or there are no rows.
+    """
+    if os.path.isdir(spec):
+        raise DataError(f"{spec} is a folder; give a data file (.jsonl, .csv, .parquet, .txt)")
+    ext = os.path.splitext(spec)[1].lower()
+    if ext in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"):
+        if not os.path.isfile(spec):
+            raise DataError(f"data file {spec!r} does not exist")
+        reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".tsv": _csv, ".parquet": _parquet, ".txt": _text}[
+            ext
+        ]
+        rows = reader(spec, text_column, limit)
+    else:
+        rows = _hub(spec, limit)
+    if not rows:
+        raise DataError(f"{spec} holds no rows")
+    return rows
+
+
+def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8-sig") as fh:  # -sig: files saved with a byte-order mark read the same
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{i}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(data, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(data).__name__}")
+            rows.append(Row(data, f"{path}:{i}"))
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def _json(path: str, _column: str, limit: int | None) -> list[Row]:
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    rows = []
+    for i, item in enumerate(data[:limit] if limit else data):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: item {i} is a {type(item).__name__}, expected an object")
+        rows.append(Row(item, f"{path}[{i}]"))
+    return rows
+
+
+def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # Excel writes a byte-order mark before the header
+        reader = csv.DictReader(fh, delimiter="\t" if path.lower().endswith(".tsv") else ",")
+        for i, data in enumerate(reader, 2):  # line 1 is the header
+            if None in data:
+                raise DataError(f"{path}:{i}: more fields than the header has")
+            rows.append(Row(dict(data), f"{path}:{i}"))
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def _parquet(path: str, _column: str, limit: int | None) -> list[Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow: pip install 'deltatune[train]'") from None
+    table = pq.read_table(path)
+    records = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
+    return [Row(r, f"{path}[{i}]") for i, r in enumerate(records)]
+
+
+def _text(path: str, column: str, limit: int | None) -> list[Row]:
+    """A plain text file is one document (continued pre-training packs it into blocks)."""
+    with open(path, encoding="utf-8-sig") as fh:
+        text = fh.read()
+    return [Row({column: text}, f"{path}:1")] if text.strip() else []
+
+
+def _hub(name: str, limit: int | None) -> list[Row]:
+    name, _, split = name.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{name!r} is not a file, and reading hub datasets needs: pip install 'deltatune[train]'"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:
+        raise DataError(
+            f"{name!r} is not a local file and could not be loaded from the datasets hub "
+            f"(is the hub reachable from here? HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): "
+            f"{type(exc).__name__}"
+        ) from None
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [Row(dict(r), f"{name}[{i}]") for i, r in enumerate(ds)]

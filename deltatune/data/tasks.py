@@ -1,0 +1,237 @@
+"""Rows -> token ids and labels, per stage; packing; the collator.
+
+Each ``encode_*`` returns a list of examples (dicts of int lists, or an int label) and a count of
+rows that were longer than ``max_length``. What happens to those is the recipe's choice
+(``data.truncation``): "truncate" cuts them (and the report counts them) or "refuse" stops with the
+first one's file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .load import DataError, Row
+from .templates import IGNORE_INDEX, encode_chat, to_messages
+
+
+@dataclass
+class Encoded:
+    examples: list[dict[str, Any]]
+    truncated: int = 0
+    dropped: int = 0
+    """Rows left with nothing to learn from after truncation (SFT: the prompt fills max_length)."""
+
+
+def _fit(
+    ids: list[int],
+    max_length: int,
+    row: Row,
+    truncation: str,
+    counter: list[int] | None,
+    limit: str = "data.max_length",
+) -> int:
+    """How many tokens to keep; counts (when ``counter`` is given) or refuses over-long rows."""
+    if len(ids) <= max_length:
+        return len(ids)
+    if truncation == "refuse":
+        raise DataError(
+            f"{row.source}: {len(ids)} tokens, more than {limit}={max_length} "
+            "(set data.truncation=truncate to cut such rows)"
+        )
+    if counter is not None:
+        counter[0] += 1
+    return max_length
+
+
+def label_map(rows: Sequence[Row], column: str, labels: list[str] | None) -> dict[Any, int]:
+    """Label value -> class id. Integer labels map to themselves; names to their index in ``labels``
+    (or in the sorted set of names seen)."""
+    values = [r.get(column) for r in rows]
+    if labels:
+        return {name: i for i, name in enumerate(labels)} | {i: i for i in range(len(labels))}
+    # Ids may come as ints (JSON) or as digit strings (CSV/TSV, where every value is text): "10" is class 10, not
+    # the third name in sorted order, and a JSONL train file and a CSV eval file agree on the classes.
+    if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdigit() for v in values):
+        return {i: i for i in range(max(int(v) for v in values) + 1)}
+    names = sorted({str(v) for v in values})
+    return {name: i for i, name in enumerate(names)}
+
+
+def encode_cls(
+    rows: Sequence[Row],
+    tokenizer,
+    text_column: str,
+    label_column: str,
+    labels: dict[Any, int],
+    max_length: int,
+    truncation: str = "truncate",
+    text_pair_column: str | None = None,
+) -> Encoded:
+    """Sequence classification: ``input_ids`` (+ mask, token types) and an integer ``labels``."""
+    out, counter = [], [0]
+    for row in rows:
+        text = row.get(text_column)
+        pair = row.get(text_pair_column) if text_pair_column else None
+        enc = tokenizer(str(text), str(pair) if pair is not None else None)
+        keep = _fit(enc["input_ids"], max_length, row, truncation, counter)
+        if keep < len(enc["input_ids"]):
+            enc = tokenizer(str(text), str(pair) if pair is not None else None, truncation=True, max_length=max_length)
+        label = row.get(label_column)
+        key = label if label in labels else str(label)
+        if key not in labels and isinstance(label, str) and label.isdigit():
+            key = int(label)
+        if key not in labels:
+            raise DataError(
+                f"{row.source}: label {label!r} in column {label_column!r} is not in the label set "
+                f"{sorted({str(k) for k in labels})}"
+            )
+        out.append({**{k: list(v) for k, v in enc.items()}, "labels": labels[key]})
+    return Encoded(out, counter[0])
+
+
+def encode_tag(
+    rows: Sequence[Row],
+    tokenizer,
+    tokens_column: str,
+    tags_column: str,
+    labels: dict[str, int],
+    max_length: int,
+    truncation: str = "truncate",
+) -> Encoded:
+    """Token classification: words are split into sub-tokens; the first sub-token of each word carries the
+    word's tag, the rest (and special tokens) are -100."""
+    out, counter = [], [0]
+    for row in rows:
+        words, tags = row.get(tokens_column), row.get(tags_column)
+        if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
+            raise DataError(f"{row.source}: {tokens_column!r} and {tags_column!r} must be lists of equal length")
+        enc = tokenizer([str(w) for w in words], is_split_into_words=True)
+        keep = _fit(enc["input_ids"], max_length, row, truncation, counter)
+        if keep < len(enc["input_ids"]):
+            enc = tokenizer([str(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length)
+        token_labels, previous = [], None
+        for word in enc.word_ids():
+            if word is None or word == previous:
+                token_labels.append(IGNORE_INDEX)
+            else:
+                tag = tags[word]
+                key = tag if tag in labels else str(tag)
+                if key not in labels:
+                    raise DataError(f"{row.source}: tag {tag!r} is not in the label set {sorted(labels)}")
+                token_labels.append(labels[key])
+            previous = word
+        out.append({**{k: list(v) for k, v in enc.items()}, "labels": token_labels})
+    return Encoded(out, counter[0])
+
+
+def encode_sft(
+    rows: Sequence[Row],
+    tokenizer,
+    columns: dict[str, str],
+    template: str | None,
+    max_length: int,
+    truncation: str = "truncate",
+) -> Encoded:
+    """Instruction / chat tuning: loss on assistant tokens only."""
+    out, counter, dropped = [], [0], 0
+    for row in rows:
+        ids, labels = encode_chat(to_messages(row, columns), tokenizer, template)
+        keep = _fit(ids, max_length, row, truncation, counter)
+        ids, labels = ids[:keep], labels[:keep]
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped += 1
+            continue
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return Encoded(out, counter[0], dropped)
+
+
+def encode_pt(rows: Sequence[Row], tokenizer, text_column: str, block_size: int) -> Encoded:
+    """Continued pre-training: all texts tokenised, joined with EOS, cut into blocks of ``block_size``
+    (the remainder shorter than a block is dropped)."""
+    stream: list[int] = []
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    for row in rows:
+        stream.extend(tokenizer(str(row.get(text_column)), add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    if not blocks:
+        raise DataError(f"the text holds {len(stream)} tokens, fewer than one block of data.max_length={block_size}")
+    return Encoded([{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks])
+
+
+def encode_seq2seq(
+    rows: Sequence[Row],
+    tokenizer,
+    source_column: str,
+    target_column: str,
+    max_length: int,
+    max_target_length: int,
+    truncation: str = "truncate",
+) -> Encoded:
+    """Conditional generation: the source as encoder input, the target's ids as labels."""
+    out, counter = [], [0]
+    for row in rows:
+        src = tokenizer(str(row.get(source_column)))
+        tgt = tokenizer(text_target=str(row.get(target_column)))["input_ids"]
+        over = len(src["input_ids"]) > max_length or len(tgt) > max_target_length
+        keep = _fit(src["input_ids"], max_length, row, truncation, None)
+        keep_t = _fit(tgt, max_target_length, row, truncation, None, "data.max_target_length")
+        counter[0] += over  # a row is counted once, however many of its parts were cut
+        out.append(
+            {
+                "input_ids": src["input_ids"][:keep],
+                "attention_mask": src["attention_mask"][:keep],
+                "labels": tgt[:keep_t],
+            }
+        )
+    return Encoded(out, counter[0])
+
+
+def pack(examples: list[dict[str, Any]], block_size: int) -> list[dict[str, Any]]:
+    """Pack short causal-LM examples into blocks of at most ``block_size`` tokens (greedy, in order).
+
+    Position ids restart at 0 for every example; with no attention mask, transformers' masking then
+    keeps each example attending only to itself. The first label of each example is -100, since the
+    token before it belongs to another example; so the packed loss equals the unpacked loss.
+    """
+    blocks: list[dict[str, Any]] = []
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if cur["input_ids"] and len(cur["input_ids"]) + n > block_size:
+            blocks.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += [IGNORE_INDEX, *ex["labels"][1:]]
+        cur["position_ids"] += list(range(n))
+    if cur["input_ids"]:
+        blocks.append(cur)
+    return blocks
+
+
+class Collator:
+    """Pads a list of examples into a batch: ids with the pad id, masks and token types with 0, token labels and
+    position ids with -100 / 0. Scalar labels are stacked."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for key in examples[0]:
+            values = [ex[key] for ex in examples]
+            if not isinstance(values[0], list):
+                batch[key] = torch.tensor(values)
+                continue
+            length = max(len(v) for v in values)
+            if self.pad_to_multiple_of:
+                length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
+            batch[key] = torch.tensor([v + [fill] * (length - len(v)) for v in values])
+        return batch

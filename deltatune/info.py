@@ -1,0 +1,55 @@
+"""``deltatune info``: what a model is, what each method would adapt in it, and what it would cost."""
+
+from __future__ import annotations
+
+import torch
+
+from . import registry
+from .config import ConfigError
+from .model import get_delta_model
+from .targets import IA3_TARGETS, LORA_TARGETS, model_type
+
+
+def _build(name: str, task: str | None):
+    from transformers import AutoConfig
+
+    from .train.models import auto_class, resolve_path
+
+    config = AutoConfig.from_pretrained(resolve_path(name))
+    if task is None:
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        task = (
+            "SEQ_2_SEQ_LM"
+            if config.is_encoder_decoder
+            else "CAUSAL_LM"
+            if "CausalLM" in archs or "LMHead" in archs
+            else "SEQ_CLS"
+        )
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        return auto_class(task).from_config(config), task
+
+
+def describe(name: str, task: str | None = None) -> str:
+    """A text table: family, default targets, and trainable parameters of every registered method's defaults."""
+    model, task = _build(name, task)
+    mtype = model_type(model)
+    total = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"model: {name}",
+        f"family (model_type): {mtype}    task: {task}",
+        f"parameters: {total:,d} ({total * 4 / 2**20:,.1f} MiB in fp32, {total * 2 / 2**20:,.1f} MiB in bf16)",
+        f"default LoRA targets: {', '.join(LORA_TARGETS.get(mtype, [])) or 'none (pass target_modules)'}",
+        f"default IA3 targets: {', '.join(IA3_TARGETS.get(mtype, [])) or 'none (pass target_modules)'}",
+        "",
+        "| method (defaults) | trainable params | % of total |",
+        "|---|---:|---:|",
+    ]
+    for method in registry.names():
+        fresh, _ = _build(name, task)
+        try:
+            delta = get_delta_model(fresh, registry.get(method).config_class(task_type=task))
+            trainable, _ = delta.get_nb_trainable_parameters()
+            lines.append(f"| {method} | {trainable:,d} | {100 * trainable / total:.3f} |")
+        except (ConfigError, TypeError, ValueError) as exc:
+            lines.append(f"| {method} | n/a: {str(exc).splitlines()[0][:90]} | |")
+    return "\n".join(lines)

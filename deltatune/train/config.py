@@ -1,0 +1,266 @@
+"""RunConfig: a recipe YAML plus dotted ``key=value`` overrides, validated section by section.
+
+A recipe's sections follow the run: ``stage``, ``model``, ``method``, ``data``, ``train``, ``output``.
+The ``method`` section holds ``name`` plus the fields of that method's config class (LoraConfig, ...).
+An unknown key anywhere is an error naming it and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError
+
+STAGES = ("pt", "sft", "cls", "tag", "seq2seq", "rm", "dpo", "ppo")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass field's help text)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelArgs:
+    name_or_path: str = _f("minilm", "Base model: a local folder, a hub id, or 'minilm' (the embedded MiniLM-L6).")
+    num_labels: int | None = _f(None, "Classes for cls/tag stages; default: from the data's label set.")
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
+    quantization: dict | None = _f(None, "Quantise the base, e.g. {bits: 4} for QLoRA (keys of deltatune.quantize).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub (only for models you trust).")
+
+
+@dataclass
+class DataArgs:
+    train: str | None = _f(None, "Training data: .jsonl/.json/.csv/.tsv/.parquet/.txt path or hub dataset name.")
+    eval: str | None = _f(None, "Evaluation data (same formats); metrics.json reports on it.")
+    text_column: str = _f("text", "Text column (cls, pt).")
+    text_pair_column: str | None = _f(None, "Second text column for sentence-pair classification.")
+    label_column: str = _f("label", "Label column (cls).")
+    labels: list | None = _f(None, "The label names in class-id order; default: ids as given or sorted names.")
+    tokens_column: str = _f("tokens", "Word list column (tag).")
+    tags_column: str = _f("ner_tags", "Tag list column (tag), BIO tags.")
+    source_column: str = _f("source", "Source text column (seq2seq).")
+    target_column: str = _f("target", "Target text column (seq2seq).")
+    columns: dict = _f({}, "SFT column names: {messages, instruction, input, output, system} -> column.")
+    template: str | None = _f(None, "SFT format: None = the tokenizer's chat template, or chatml / alpaca / plain.")
+    max_length: int = _f(512, "Longest sequence in tokens (the block size for pt and packing).")
+    max_target_length: int = _f(128, "Longest target in tokens (seq2seq).")
+    truncation: str = _f("truncate", "Rows over max_length: 'truncate' (counted in the report) or 'refuse'.")
+    packing: bool = _f(False, "SFT: pack short examples into max_length blocks (attention kept per example).")
+    limit: int | None = _f(None, "Read at most this many rows of each file.")
+
+
+@dataclass
+class TrainArgs:
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run the epochs).")
+    batch_size: int = _f(8, "Examples per device per step.")
+    eval_batch_size: int | None = _f(None, "Examples per device per eval step (default: batch_size).")
+    grad_accum: int = _f(1, "Gradient accumulation steps.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    scheduler: str = _f("linear", "LR schedule: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up.")
+    warmup_steps: int = _f(0, "Warm-up steps (overrides warmup_ratio when > 0).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
+    precision: str = _f("auto", "auto (bf16 where the hardware has it), fp32, bf16 or fp16.")
+    logging_steps: int = _f(10, "Log loss and learning rate every N steps.")
+    eval_steps: int | None = _f(None, "Evaluate every N steps (default: at the end of each epoch).")
+    save_steps: int | None = _f(None, "Checkpoint every N steps (default: at the end of each epoch).")
+    save_total_limit: int = _f(2, "Keep the last K checkpoints.")
+    report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    generation_max_new_tokens: int = _f(64, "seq2seq eval: tokens to generate per example.")
+    eval_on_start: bool = _f(False, "Evaluate once before training too (the report shows before and after).")
+
+
+@dataclass
+class OutputArgs:
+    dir: str = _f("runs/run", "Output folder: adapter, checkpoints, metrics.json, report.md, plot.")
+
+
+@dataclass
+class RunConfig:
+    stage: str = "sft"
+    model: ModelArgs = field(default_factory=ModelArgs)
+    method: dict = field(default_factory=lambda: {"name": "lora"})
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    output: OutputArgs = field(default_factory=OutputArgs)
+
+    def method_config(self, task_type: str | None = None):
+        """The method section as that method's config object (validated by the config class)."""
+        from .. import registry
+
+        section = dict(self.method)
+        name = section.pop("name", None)
+        if not name:
+            raise ConfigError("method.name is missing (e.g. method: {name: lora})")
+        try:
+            cls = registry.get(name).config_class
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in section:
+            if key not in known:
+                raise ConfigError(_unknown(f"method.{key}", key, known, f"method.{name}"))
+        if task_type and "task_type" in known and not section.get("task_type"):
+            section["task_type"] = task_type
+        return cls(**section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "output": OutputArgs}
+
+
+def _unknown(full: str, key: str, known: list[str], where: str) -> str:
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(known)}"
+    return f"unknown key {full!r} in {where}{hint}"
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _coerce(value: str) -> Any:
+    """A command-line value as YAML reads it (16 -> int, true -> bool, [a, b] -> list), and 1e-4 -> float too
+    (YAML 1.1 would keep it a string)."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str) and _NUMBER.match(parsed):
+        return float(parsed)
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw recipe dict (a new dict; the input is unchanged)."""
+    out = copy.deepcopy(raw)  # nested sections (model.quantization.bits=4) must not write into the caller's dict
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = _coerce(value)
+    return out
+
+
+def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
+    """Validate a raw recipe dict into a RunConfig.
+
+    Raises:
+        ConfigError: an unknown section or key (naming the nearest valid one), or a bad value.
+    """
+    raw = dict(raw or {})
+    known_top = ["stage", "method", *_SECTIONS]
+    for key in raw:
+        if key not in known_top:
+            raise ConfigError(_unknown(key, key, known_top, where))
+    stage = raw.get("stage", "sft")
+    if stage not in STAGES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        section = raw.get(name) or {}
+        if name == "train" and isinstance(section, dict):  # YAML 1.1 reads 5e-4 as a string
+            section = {k: _coerce(v) if isinstance(v, str) else v for k, v in section.items()}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name} must be a mapping of keys, got {section!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in section:
+            if key not in known:
+                raise ConfigError(_unknown(f"{name}.{key}", key, known, where))
+        sections[name] = _check_types(name, cls(**section))
+    method = raw.get("method") or {"name": "lora"}
+    if isinstance(method, str):
+        method = {"name": method}
+    method = {k: _coerce(v) if isinstance(v, str) and k != "name" else v for k, v in method.items()}
+    cfg = RunConfig(stage=stage, method=dict(method), **sections)
+    _validate(cfg)
+    return cfg
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "None": type(None)}
+
+
+def _check_types(section: str, args: Any) -> Any:
+    """Each field's value against its annotation, so ``train.lr=abc`` is a ConfigError naming ``train.lr`` rather
+    than a TypeError later. Widens where no meaning changes: an int where a float is expected, a whole float where
+    an int is (``max_steps=1e3``), one value where a list is (``report_to=none`` -> ``[none]``)."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        kinds = [_TYPES[t.strip()] for t in str(f.type).split("|")]
+        if isinstance(value, bool):
+            ok = bool in kinds
+        elif isinstance(value, int) and int not in kinds and float in kinds:
+            value, ok = float(value), True
+        elif isinstance(value, float) and float not in kinds and int in kinds and value.is_integer():
+            value, ok = int(value), True
+        elif isinstance(value, str) and str not in kinds and list in kinds:
+            value, ok = [value], True
+        else:
+            ok = any(isinstance(value, k) for k in kinds if k is not bool)
+        if not ok:
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ConfigError(f"{section}.{f.name} must be {names}, got {value!r}")
+        setattr(args, f.name, value)
+    return args
+
+
+def _validate(cfg: RunConfig) -> None:
+    if cfg.data.truncation not in ("truncate", "refuse"):
+        raise ConfigError(f"data.truncation must be 'truncate' or 'refuse', got {cfg.data.truncation!r}")
+    if cfg.data.max_length < 1:
+        raise ConfigError(f"data.max_length must be >= 1, got {cfg.data.max_length}")
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
+    if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    cfg.method_config()  # the method section validates itself
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe YAML, apply ``key=value`` overrides, and validate.
+
+    Relative data paths in the recipe are read relative to the current directory (as a user types them).
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return build(apply_overrides(raw, overrides or []), where=path)
+
+
+def field_help() -> dict[str, list[tuple[str, Any, str]]]:
+    """(key, default, help) per section, for ``deltatune train --help``."""
+    out = {}
+    for name, cls in _SECTIONS.items():
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f.name, default, f.metadata.get("help", "")))
+        out[name] = rows
+    return out

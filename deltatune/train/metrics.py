@@ -1,0 +1,101 @@
+"""Evaluation metrics: accuracy and F1, entity-level F1 for BIO tagging, ROUGE-L and BLEU for generation.
+
+Small, exact implementations of the standard definitions (tested against hand-worked values), so the
+trainers need no extra dependency.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+
+def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
+    return sum(int(p == t) for p, t in zip(preds, labels)) / max(len(labels), 1)
+
+
+def f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
+    """Binary F1 of class 1 when there are two classes, else the macro average of per-class F1."""
+
+    def class_f1(c: int) -> float:
+        tp = sum(1 for p, t in zip(preds, labels) if p == c and t == c)
+        fp = sum(1 for p, t in zip(preds, labels) if p == c and t != c)
+        fn = sum(1 for p, t in zip(preds, labels) if p != c and t == c)
+        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+    if num_classes == 2:
+        return class_f1(1)
+    present = sorted(set(labels) | set(preds))
+    return sum(class_f1(c) for c in present) / max(len(present), 1)
+
+
+def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) spans of a BIO sequence, as conlleval reads it: B- starts an entity, I- continues one
+    of the same type, and an I- that cannot continue starts a new entity."""
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, t = tag.partition("-")
+        continues = prefix == "I" and kind == t
+        if start is not None and not continues:
+            spans.add((kind, start, i))
+            start, kind = None, None
+        if prefix == "B" or (prefix == "I" and not continues):
+            start, kind = i, t
+    return spans
+
+
+def entity_prf(pred_tags: Sequence[Sequence[str]], true_tags: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Micro precision, recall and F1 over entities (seqeval's default scheme)."""
+    tp = n_pred = n_true = 0
+    for p, t in zip(pred_tags, true_tags):
+        ps, ts = entities(p), entities(t)
+        tp += len(ps & ts)
+        n_pred += len(ps)
+        n_true += len(ts)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f}
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of whitespace tokens (lower-cased): from the longest common subsequence."""
+    a, b = prediction.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """Corpus BLEU-4 (Papineni et al. 2002) on lower-cased whitespace tokens, several references per example:
+    clipped n-gram precisions, geometric mean, brevity penalty against the closest reference length."""
+    matches, totals = [0] * max_n, [0] * max_n
+    pred_len = ref_len = 0
+    for pred, refs in zip(predictions, references):
+        p = pred.lower().split()
+        rs = [r.lower().split() for r in refs]
+        pred_len += len(p)
+        ref_len += min((abs(len(r) - len(p)), len(r)) for r in rs)[1]
+        for n in range(1, max_n + 1):
+            grams = Counter(tuple(p[i : i + n]) for i in range(len(p) - n + 1))
+            best: Counter = Counter()
+            for r in rs:
+                best |= Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
+            matches[n - 1] += sum(min(c, best[g]) for g, c in grams.items())
+            totals[n - 1] += max(len(p) - n + 1, 0)
+    if min(matches) == 0 or pred_len == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    bp = 1.0 if pred_len > ref_len else math.exp(1 - ref_len / pred_len)
+    return bp * math.exp(log_p)

@@ -1,0 +1,84 @@
+"""The run's report: ``metrics.json``, a PNG plot of loss (and the metric) over steps, and ``report.md``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot(history: list[dict[str, Any]], path: str, metric: str | None = None) -> str | None:
+    """Training and eval loss (and ``metric``, on a second axis) over steps, as a PNG. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+        xs, ys = _series(history, key)
+        if xs:
+            ax.plot(xs, ys, style, label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if metric:
+        xs, ys = _series(history, metric)
+        if xs:
+            ax2 = ax.twinx()
+            ax2.plot(xs, ys, "s--", color="tab:green", label=metric.replace("_", " "))
+            ax2.set_ylabel(metric.replace("eval_", ""))
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="best")
+    ax.set_title("training curve")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write(
+    out_dir: str,
+    recipe: dict[str, Any],
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    notes: list[str],
+    metric: str | None,
+) -> None:
+    """Write metrics.json, training_curve.png and report.md into ``out_dir``."""
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=2, sort_keys=True)
+    png = plot(history, os.path.join(out_dir, "training_curve.png"), metric)
+    lines = [
+        f"# Run report: {recipe['stage']} with {recipe['method'].get('name')} on {recipe['model']['name_or_path']}",
+        "",
+        "## Final metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())],
+        "",
+    ]
+    if png:
+        lines += ["## Training curve", "", f"![training curve]({os.path.basename(png)})", ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    lines += ["## Recipe", "", "```yaml", _yaml(recipe), "```", ""]
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False).rstrip()

@@ -1,0 +1,308 @@
+"""One fine-tuning run from a RunConfig: base model + method -> HF Trainer -> adapter, metrics, report.
+
+``train(cfg)`` is what ``deltatune train`` calls; ``evaluate(run_dir, data)`` what ``deltatune eval`` calls.
+Stage-specific work lives in stages.py; which method trains is the registry's business (via DeltaModel).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import ConfigError
+from ..model import DeltaModel, get_delta_model
+from . import report
+from .config import RunConfig, build
+from .models import TASK_OF_STAGE, load_model, load_tokenizer
+from .stages import STAGES, Prepared, generation_metrics, perplexity
+
+RUN_FILE = "run.yaml"
+
+
+def _check_output(out: str, overwrite: bool, resume: bool) -> str | None:
+    """Refuse to mix runs in one folder; returns the checkpoint to resume from."""
+    if resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(out) if os.path.isdir(out) else None
+        if last is None:
+            raise ConfigError(f"--resume: {out!r} holds no checkpoint to resume from")
+        return last
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise ConfigError(
+                f"output folder {out!r} already holds files (another run?); pass --overwrite to "
+                "replace it or --resume to continue it"
+            )
+        shutil.rmtree(out)
+    return None
+
+
+def _precision(cfg: RunConfig) -> dict[str, bool]:
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+def _report_to(wanted: list[str]) -> list[str]:
+    import importlib.util
+
+    out = [w for w in wanted if w != "none"]
+    if "tensorboard" in out and importlib.util.find_spec("tensorboard") is None:
+        out.remove("tensorboard")
+    return out
+
+
+def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    has_eval = prepared.eval is not None
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "epoch",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=_report_to(t.report_to),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=prepared.loss_only,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=None if torch.cuda.is_available() or not distributed else "gloo",
+        dataloader_num_workers=t.num_workers,
+        include_num_input_tokens_seen="non_padding",
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        eval_on_start=t.eval_on_start and has_eval,
+        **_precision(cfg),
+    )
+
+
+def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.nn.Module:
+    """The base model for the recipe's stage, quantised if asked (not yet wrapped)."""
+    task = TASK_OF_STAGE[cfg.stage]
+    num_labels = cfg.model.num_labels or (len(labels) if labels else None)
+    model = load_model(
+        cfg.model.name_or_path,
+        task,
+        cfg.model.dtype,
+        num_labels,
+        dict(enumerate(labels)) if labels else None,
+        cfg.model.trust_remote_code,
+        tok.pad_token_id,
+    )
+    if cfg.model.quantization:
+        from .. import quantize
+
+        result = quantize(model, **cfg.model.quantization)
+        model = result[0] if isinstance(result, tuple) else result
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no KV cache while training (it would also disable packed-sequence masks)
+    return model
+
+
+def _prepare(cfg: RunConfig, tok) -> Prepared:
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage {cfg.stage!r} is not available yet; stages that run: {', '.join(STAGES)}")
+    return STAGES[cfg.stage](cfg, tok)
+
+
+def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run the recipe; returns the final metrics (also written to ``<output.dir>/metrics.json``).
+
+    Raises:
+        ConfigError: a bad recipe, or an output folder that holds another run.
+        DataError: bad data (file, line and column named).
+        NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    from transformers import set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    from .trainer import DeltaTrainer, ProgressBar, callbacks
+
+    out = cfg.output.dir
+    checkpoint = _check_output(out, overwrite, resume)
+    set_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    prepared = _prepare(cfg, tok)
+    if prepared.labels:
+        cfg.data.labels = prepared.labels
+    model = build_model(cfg, tok, prepared.labels)
+    delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]))
+    if cfg.data.packing:
+        _check_packing(delta)
+    args = _training_args(cfg, prepared, out)
+    trainer = DeltaTrainer(
+        model=delta,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        data_collator=prepared.collator,
+        compute_metrics=prepared.compute_metrics,
+        callbacks=callbacks(),
+    )
+    # Language-model losses average over the tokens of the whole accumulated batch when the Trainer passes the
+    # token count (num_items_in_batch). Classification heads ignore it and average per micro-batch, so for them the
+    # Trainer must divide by the accumulation steps itself, or 4 x 2 would train 4 times harder than 8.
+    trainer.model_accepts_loss_kwargs = prepared.loss_only
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar)
+    os.makedirs(out, exist_ok=True)
+    recipe = _recipe_dict(cfg)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
+            yaml.safe_dump(recipe, fh, sort_keys=False)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "train_steps": result.global_step,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+    }
+    if prepared.eval is not None:
+        metrics.update(_evaluate(trainer, delta, tok, prepared, cfg))
+    before = next((h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0), None)
+    if before and prepared.metric and prepared.metric in before:
+        metrics[f"{prepared.metric}_before"] = before[prepared.metric]
+    if trainer.is_world_process_zero():
+        delta.save_pretrained(out)
+        tok.save_pretrained(out)
+        report.write(out, recipe, metrics, trainer.state.log_history, prepared.notes, prepared.metric)
+    return metrics
+
+
+def _evaluate(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:
+    metrics = trainer.evaluate()
+    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch"))}
+    if prepared.loss_only and "eval_loss" in metrics:
+        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+    if prepared.eval_rows is not None and cfg.stage == "seq2seq":
+        metrics.update(generation_metrics(delta, tok, prepared.eval_rows, cfg))
+    return metrics
+
+
+def _recipe_dict(cfg: RunConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    return {
+        "stage": d["stage"],
+        "model": d["model"],
+        "method": d["method"],
+        "data": d["data"],
+        "train": d["train"],
+        "output": d["output"],
+    }
+
+
+def _check_packing(model: DeltaModel) -> None:
+    """Packing relies on the model keeping packed examples apart given restarting position ids; check that it
+    does on a probe (two short sequences, separately and packed) instead of trusting every architecture."""
+    base = model.get_base_model()
+    vocab = base.config.vocab_size
+    a, b = torch.arange(3, 8) % vocab, torch.arange(11, 15) % vocab
+    with torch.no_grad(), model.disable_adapter():
+        sep = torch.cat([base(a[None]).logits[0], base(b[None]).logits[0]])
+        packed = base(torch.cat([a, b])[None], position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])).logits[0]
+    if not torch.allclose(sep, packed, atol=1e-4):
+        raise ConfigError(
+            f"data.packing: model type {base.config.model_type!r} does not keep packed examples apart "
+            "(its attention ignores restarting position ids); set data.packing=false"
+        )
+
+
+def evaluate(run_dir: str, data: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate a finished run's adapter (``run_dir`` as written by ``train``) on ``data`` (default: the
+    recipe's eval file). Returns the same metrics keys as training."""
+    from transformers import Trainer, TrainingArguments
+
+    from .config import apply_overrides
+
+    path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir!r} holds no {RUN_FILE}; give a folder written by 'deltatune train'")
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    if data:
+        raw["data"]["eval"] = data
+    cfg = build(apply_overrides(raw, overrides or []), where=path)
+    if not cfg.data.eval:
+        raise ConfigError("no evaluation data: pass --data FILE")
+    tok = load_tokenizer(
+        run_dir if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")) else cfg.model.name_or_path
+    )
+    eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
+    prepared = _prepare(eval_cfg, tok)
+    model = build_model(cfg, tok, cfg.data.labels)
+    delta = DeltaModel.from_pretrained(model, run_dir)
+    args = TrainingArguments(
+        output_dir=os.path.join(run_dir, ".eval"),
+        per_device_eval_batch_size=cfg.train.batch_size,
+        report_to=[],
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=prepared.loss_only,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(
+        model=delta, args=args, data_collator=prepared.collator, compute_metrics=prepared.compute_metrics
+    )
+    trainer.eval_dataset = prepared.train
+    prepared.eval = prepared.train
+    prepared.eval_rows = prepared.eval_rows or None
+    if cfg.stage == "seq2seq":
+        from ..data.load import read_rows
+
+        prepared.eval_rows = read_rows(cfg.data.eval, cfg.data.text_column, cfg.data.limit)
+    metrics = _evaluate(trainer, delta, tok, prepared, cfg)
+    shutil.rmtree(os.path.join(run_dir, ".eval"), ignore_errors=True)
+    return metrics
+
+
+def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool = False):
+    """Base model + the adapter saved in ``adapter_dir`` (a run folder or a plain adapter folder), and its
+    tokenizer. The base comes from ``model``, else the run's recipe, else the adapter config's
+    ``base_model_name_or_path``. With ``merged`` the adapter is folded in and a plain model returned."""
+    from ..config import DeltaConfig
+
+    config = DeltaConfig.from_pretrained(adapter_dir)
+    run_file = os.path.join(adapter_dir, RUN_FILE)
+    labels = None
+    if os.path.isfile(run_file):
+        with open(run_file, encoding="utf-8") as fh:
+            cfg = build(yaml.safe_load(fh), where=run_file)
+        name, task, labels = model or cfg.model.name_or_path, TASK_OF_STAGE[cfg.stage], cfg.data.labels
+    else:
+        name, task = model or config.base_model_name_or_path, config.task_type or "CAUSAL_LM"
+    if not name:
+        raise ConfigError(f"{adapter_dir!r} does not say which base model it was trained on; pass --model")
+    has_tok = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
+    tok = load_tokenizer(adapter_dir if has_tok else name)
+    base = load_model(
+        name,
+        task,
+        num_labels=len(labels) if labels else None,
+        id2label=dict(enumerate(labels)) if labels else None,
+        pad_token_id=tok.pad_token_id,
+    )
+    delta = DeltaModel.from_pretrained(base, adapter_dir)
+    return (delta.merge_and_unload() if merged else delta), tok

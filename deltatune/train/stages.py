@@ -1,0 +1,260 @@
+"""What differs between stages: how rows become examples, and how eval predictions become metrics.
+
+Each ``prepare_<stage>`` reads the recipe's data section and returns a ``Prepared``: encoded train and eval
+examples, the collator, the metric function and the notes for the report. No stage knows which method trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.load import DataError, Row, read_rows
+from ..data.tasks import Collator, encode_cls, encode_pt, encode_seq2seq, encode_sft, encode_tag, label_map, pack
+from ..data.templates import IGNORE_INDEX
+from . import metrics as M
+from .config import RunConfig
+
+
+@dataclass
+class Prepared:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]] | None
+    collator: Callable
+    compute_metrics: Callable | None = None
+    metric: str | None = None
+    """The headline metric (a key of the eval metrics), plotted with the loss."""
+    labels: list[str] | None = None
+    eval_rows: list[Row] | None = None
+    notes: list[str] = field(default_factory=list)
+    loss_only: bool = False
+    """Language-model stages: eval reports the loss (and perplexity) only; no logits are gathered."""
+
+
+def _rows(cfg: RunConfig) -> tuple[list[Row], list[Row] | None]:
+    if not cfg.data.train:
+        raise DataError("data.train is not set: give a training data file")
+    train = read_rows(cfg.data.train, cfg.data.text_column, cfg.data.limit)
+    evals = read_rows(cfg.data.eval, cfg.data.text_column, cfg.data.limit) if cfg.data.eval else None
+    return train, evals
+
+
+def _note_truncated(notes: list[str], split: str, count: int, max_length: int) -> None:
+    if count:
+        notes.append(f"{count} {split} rows were longer than data.max_length={max_length} tokens and were truncated")
+
+
+def _logits(predictions: Any) -> np.ndarray:
+    return predictions[0] if isinstance(predictions, (tuple, list)) else predictions
+
+
+def prepare_cls(cfg: RunConfig, tok) -> Prepared:
+    train_rows, eval_rows = _rows(cfg)
+    d = cfg.data
+    mapping = label_map(train_rows, d.label_column, d.labels)
+    named = {v: str(k) for k, v in mapping.items() if not isinstance(k, int)}
+    names = list(d.labels) if d.labels else [named.get(i, str(i)) for i in range(max(mapping.values()) + 1)]
+    enc = lambda rows: encode_cls(
+        rows,
+        tok,
+        d.text_column,
+        d.label_column,
+        mapping,
+        d.max_length,  # noqa: E731
+        d.truncation,
+        d.text_pair_column,
+    )
+    train = enc(train_rows)
+    ev = enc(eval_rows) if eval_rows else None
+    notes: list[str] = []
+    _note_truncated(notes, "train", train.truncated, d.max_length)
+    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+    n = len(names)
+
+    def compute(p) -> dict[str, float]:
+        preds = _logits(p.predictions).argmax(-1).tolist()
+        labels = p.label_ids.tolist()
+        return {"accuracy": M.accuracy(preds, labels), "f1": M.f1(preds, labels, n)}
+
+    return Prepared(
+        train.examples,
+        ev.examples if ev else None,
+        Collator(tok.pad_token_id),
+        compute,
+        "eval_accuracy",
+        names,
+        notes=notes,
+    )
+
+
+def _bio_labels(tags: list) -> list[str]:
+    """ "O" first, then B-/I- for every entity type seen (both, even when the data shows only one of them)."""
+    kinds = sorted({str(t).partition("-")[2] for t in tags if str(t) != "O" and "-" in str(t)})
+    plain = sorted({str(t) for t in tags if str(t) != "O" and "-" not in str(t)})
+    return ["O", *[f"{p}-{k}" for k in kinds for p in ("B", "I")], *plain]
+
+
+def prepare_tag(cfg: RunConfig, tok) -> Prepared:
+    train_rows, eval_rows = _rows(cfg)
+    d = cfg.data
+    if d.labels:
+        names = list(d.labels)
+    else:
+        names = _bio_labels([t for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])])
+    mapping = {name: i for i, name in enumerate(names)}
+    enc = lambda rows: encode_tag(
+        rows,
+        tok,
+        d.tokens_column,
+        d.tags_column,
+        mapping,
+        d.max_length,  # noqa: E731
+        d.truncation,
+    )
+    train = enc(train_rows)
+    ev = enc(eval_rows) if eval_rows else None
+    notes: list[str] = []
+    _note_truncated(notes, "train", train.truncated, d.max_length)
+    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+
+    def compute(p) -> dict[str, float]:
+        preds = _logits(p.predictions).argmax(-1)
+        pred_tags, true_tags = [], []
+        for pr, lab in zip(preds, p.label_ids):
+            keep = lab != IGNORE_INDEX
+            pred_tags.append([names[i] for i in pr[keep]])
+            true_tags.append([names[i] for i in lab[keep]])
+        prf = M.entity_prf(pred_tags, true_tags)
+        flat = [(a, b) for ps, ts in zip(pred_tags, true_tags) for a, b in zip(ps, ts)]
+        return {
+            "f1": prf["f1"],
+            "precision": prf["precision"],
+            "recall": prf["recall"],
+            "accuracy": sum(a == b for a, b in flat) / max(len(flat), 1),
+        }
+
+    return Prepared(
+        train.examples, ev.examples if ev else None, Collator(tok.pad_token_id), compute, "eval_f1", names, notes=notes
+    )
+
+
+def prepare_sft(cfg: RunConfig, tok) -> Prepared:
+    train_rows, eval_rows = _rows(cfg)
+    d = cfg.data
+    enc = lambda rows: encode_sft(rows, tok, d.columns, d.template, d.max_length, d.truncation)  # noqa: E731
+    train = enc(train_rows)
+    ev = enc(eval_rows) if eval_rows else None
+    notes: list[str] = []
+    _note_truncated(notes, "train", train.truncated, d.max_length)
+    for split, e in (("train", train), ("eval", ev)):
+        if e is not None and e.dropped:
+            notes.append(f"{e.dropped} {split} rows were dropped: no response token fits within data.max_length")
+    if not train.examples:
+        raise DataError(f"no training row has a response token within data.max_length={d.max_length}")
+    train_ex = train.examples
+    if d.packing:
+        train_ex = pack(train_ex, d.max_length)
+        notes.append(
+            f"{len(train.examples)} training examples packed into {len(train_ex)} blocks of at most "
+            f"{d.max_length} tokens"
+        )
+    return Prepared(
+        train_ex, ev.examples if ev else None, Collator(tok.pad_token_id), None, None, notes=notes, loss_only=True
+    )
+
+
+def prepare_pt(cfg: RunConfig, tok) -> Prepared:
+    train_rows, eval_rows = _rows(cfg)
+    d = cfg.data
+    train = encode_pt(train_rows, tok, d.text_column, d.max_length)
+    ev = encode_pt(eval_rows, tok, d.text_column, d.max_length) if eval_rows else None
+    notes = [f"{len(train.examples)} training blocks of {d.max_length} tokens"]
+    return Prepared(
+        train.examples,
+        ev.examples if ev else None,
+        Collator(tok.pad_token_id),
+        None,
+        None,
+        notes=notes,
+        loss_only=True,
+    )
+
+
+def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
+    train_rows, eval_rows = _rows(cfg)
+    d = cfg.data
+    enc = lambda rows: encode_seq2seq(
+        rows,
+        tok,
+        d.source_column,
+        d.target_column,
+        d.max_length,  # noqa: E731
+        d.max_target_length,
+        d.truncation,
+    )
+    train = enc(train_rows)
+    ev = enc(eval_rows) if eval_rows else None
+    notes: list[str] = []
+    _note_truncated(notes, "train", train.truncated, d.max_length)
+    return Prepared(
+        train.examples,
+        ev.examples if ev else None,
+        Collator(tok.pad_token_id),
+        None,
+        "eval_rougeL",
+        eval_rows=eval_rows,
+        notes=notes,
+        loss_only=True,
+    )
+
+
+STAGES: dict[str, Callable[[RunConfig, Any], Prepared]] = {
+    "pt": prepare_pt,
+    "sft": prepare_sft,
+    "cls": prepare_cls,
+    "tag": prepare_tag,
+    "seq2seq": prepare_seq2seq,
+}
+
+
+@torch.no_grad()
+def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: int = 16) -> dict[str, float]:
+    """ROUGE-L (mean over examples) and corpus BLEU-4 of greedy generations against the targets (or the row's
+    ``references`` list when it has one)."""
+    d = cfg.data
+    was_training = model.training
+    model.eval()
+    preds, refs = [], []
+    device = next(p for p in model.parameters()).device
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        enc = tok(
+            [str(r.get(d.source_column)) for r in chunk],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=d.max_length,
+        )
+        out = model.generate(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            max_new_tokens=cfg.train.generation_max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
+        preds += tok.batch_decode(out, skip_special_tokens=True)
+        for r in chunk:
+            many = r.data.get("references")
+            refs.append([str(x) for x in many] if isinstance(many, list) and many else [str(r.get(d.target_column))])
+    model.train(was_training)
+    rouge = sum(max(M.rouge_l(p, r) for r in rs) for p, rs in zip(preds, refs)) / max(len(preds), 1)
+    return {"eval_rougeL": rouge, "eval_bleu": M.bleu(preds, refs)}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")

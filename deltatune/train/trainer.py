@@ -1,0 +1,132 @@
+"""The HF Trainer, taught three things: save adapters (not the whole model), write checkpoints atomically,
+and stop on a non-finite loss. Plus a progress bar that shows loss, learning rate and tokens/s.
+
+The trainer never asks which method is active: it saves and loads through ``DeltaModel``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+
+import torch
+from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+STAGING = ".staging"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training stopped before the optimizer step."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(
+            f"the training loss became {value} at step {step}; training stopped before that step's "
+            "update, and the last checkpoint (if any) holds the last good state. Lower train.lr, "
+            "check the data, or use fp32."
+        )
+        self.step = step
+
+
+class DeltaTrainer(Trainer):
+    """``transformers.Trainer`` for a ``DeltaModel``."""
+
+    def _delta_model(self):
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self._delta_model().save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        delta = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        for name in delta.peft_config:
+            folder = resume_from_checkpoint if name == "default" else os.path.join(resume_from_checkpoint, name)
+            delta.load_adapter_weights(folder, name)
+
+    def _get_output_dir(self, trial) -> str:
+        # _save_checkpoint writes into this folder; pointing it at a hidden staging folder makes the final
+        # rename in _save_checkpoint the moment a checkpoint appears, complete.
+        if getattr(self, "_staging", False):
+            return os.path.join(self.args.output_dir, STAGING)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self.args.output_dir
+        staging = os.path.join(run_dir, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and STAGING in self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = final
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(self.state.global_step + 1, float(loss.detach().float().mean()))
+        return loss
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's tqdm bar with loss, learning rate and throughput (tokens/s) as its postfix."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        post = {}
+        if "loss" in logs:
+            post["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            post["lr"] = f"{logs['learning_rate']:.2e}"
+        elapsed = time.perf_counter() - self._t0
+        tokens = state.num_input_tokens_seen - self._tokens0
+        if tokens and elapsed > 0:
+            post["tok/s"] = f"{tokens / elapsed:,.0f}"
+        if "eval_loss" in logs:
+            post["eval_loss"] = f"{logs['eval_loss']:.4f}"
+        if post:
+            self.training_bar.set_postfix(post, refresh=True)
+
+
+class KillAfterSave(TrainerCallback):
+    """Test hook for the crash-resume test: SIGKILL this process right after the checkpoint of step N is written,
+    as a power cut would. Active only when DELTATUNE_TEST_KILL_AFTER_STEP is set."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def callbacks() -> list[TrainerCallback]:
+    step = os.environ.get("DELTATUNE_TEST_KILL_AFTER_STEP")
+    return [KillAfterSave(int(step))] if step else []
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,164 @@
+"""Training-run invariants: resume after a kill -9 equals an uninterrupted run, accumulation 4 x 2 equals
+batch 8, 2-process DDP equals one process with the same global batch, and a NaN loss stops the run with the
+last good checkpoint kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import save_tiny
+
+from deltatune.train import build, train
+from deltatune.train.trainer import NonFiniteLossError
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_cls(tmp_path_factory):
+    """A tiny BERT classifier with dropout off (so runs that see the same batches compute the same numbers)."""
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    return save_tiny(path, "bert", "seq_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull"]
+    rows = [{"text": f"a {w} {words[(i * 3) % 8]} film number {i}", "label": i % 2} for i, w in enumerate(words * 4)]
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def recipe(model: str, data: str, out: str, **train_args) -> dict:
+    return {
+        "stage": "cls",
+        "model": {"name_or_path": model},
+        "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+        "data": {"train": data, "max_length": 32},
+        "train": {"batch_size": 8, "lr": 1e-2, "seed": 3, "logging_steps": 1, "report_to": ["none"], **train_args},
+        "output": {"dir": out},
+    }
+
+
+def adapter(folder) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_adapter_trains(tiny_cls, data, tmp_path):
+    """The guard for the equalities below: training really moves the adapter and the head."""
+    train(build(recipe(tiny_cls, data, str(tmp_path / "a"), max_steps=3)))
+    out = adapter(tmp_path / "a")
+    assert any("lora_B" in k and out[k].abs().sum() > 0 for k in out)
+    assert any("classifier" in k for k in out)
+
+
+def test_accumulation_equals_big_batch(tiny_cls, data, tmp_path):
+    train(build(recipe(tiny_cls, data, str(tmp_path / "big"), max_steps=3, batch_size=8)))
+    train(build(recipe(tiny_cls, data, str(tmp_path / "acc"), max_steps=3, batch_size=2, grad_accum=4)))
+    # fp32 sums in another order: a few ulps after three AdamW steps.
+    assert_same_adapter(adapter(tmp_path / "big"), adapter(tmp_path / "acc"), atol=1e-5)
+
+
+def _cli(args: list[str], env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deltatune.cli", *args], capture_output=True, text=True, env=env or ENV, timeout=600
+    )
+
+
+def _write_recipe(path, **kw) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe(**kw)))
+    return str(path)
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_cls, data, tmp_path):
+    r = _write_recipe(
+        tmp_path / "r.yaml",
+        model=tiny_cls,
+        data=data,
+        out=str(tmp_path / "run"),
+        max_steps=8,
+        save_steps=2,
+        batch_size=4,
+    )
+    whole = _cli(["train", r, f"output.dir={tmp_path / 'whole'}"])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    killed = _cli(["train", r], env={**ENV, "DELTATUNE_TEST_KILL_AFTER_STEP": "4"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = sorted(os.listdir(tmp_path / "run"))
+    assert "checkpoint-4" in left and "adapter_model.safetensors" not in left
+    assert not os.path.exists(tmp_path / "run" / ".staging")
+
+    refused = _cli(["train", r])
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = _cli(["train", r, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_adapter(adapter(tmp_path / "whole"), adapter(tmp_path / "run"), atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cls, data, tmp_path):
+    out = tmp_path / "nan"
+    cfg = build(recipe(tiny_cls, data, str(out), max_steps=20, save_steps=1, lr=1e30, max_grad_norm=0.0))
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg)
+    step = info.value.step
+    assert f"step {step}" in str(info.value)
+    checkpoints = sorted(int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert checkpoints and checkpoints[-1] == step - 1
+    last = adapter(out / f"checkpoint-{step - 1}")
+    assert all(torch.isfinite(t).all() for t in last.values())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equals_single(tiny_cls, data, tmp_path):
+    """2 CPU processes (gloo), 4 rows each, against one process with all 8 rows per step: the same global batch
+    (8 rows, every step the whole data set), so the adapters agree to float noise."""
+    import yaml
+
+    rows = Path(data).read_text().splitlines()[:8]
+    small = tmp_path / "eight.jsonl"
+    small.write_text("\n".join(rows) + "\n")
+    single = _write_recipe(
+        tmp_path / "single.yaml", model=tiny_cls, data=str(small), out=str(tmp_path / "single"), epochs=3, batch_size=8
+    )
+    done = _cli(["train", single])
+    assert done.returncode == 0, done.stderr[-2000:]
+    ddp_cfg = recipe(tiny_cls, str(small), str(tmp_path / "ddp"), epochs=3, batch_size=4)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp_cfg))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    ran = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "-m",
+            "deltatune.cli",
+            "train",
+            str(tmp_path / "ddp.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["train_steps"] == 3
+    assert_same_adapter(adapter(tmp_path / "single"), adapter(tmp_path / "ddp"), atol=1e-5)
