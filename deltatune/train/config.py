@@ -81,6 +81,8 @@ class TrainArgs:
     report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     generation_max_new_tokens: int = _f(64, "seq2seq eval: tokens to generate per example.")
+    fsdp: str = _f("", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when launched).")
+    fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
     eval_on_start: bool = _f(False, "Evaluate once before training too (the report shows before and after).")
 
 
@@ -181,7 +183,7 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     for name, cls in _SECTIONS.items():
         section = raw.get(name) or {}
         if name == "train" and isinstance(section, dict):  # YAML 1.1 reads 5e-4 as a string
-            section = {k: _coerce(v) if isinstance(v, str) else v for k, v in section.items()}
+            section = {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in section.items()}
         if not isinstance(section, dict):
             raise ConfigError(f"{name} must be a mapping of keys, got {section!r}")
         known = [f.name for f in dataclasses.fields(cls)]
@@ -192,7 +194,7 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     method = raw.get("method") or {"name": "lora"}
     if isinstance(method, str):
         method = {"name": method}
-    method = {k: _coerce(v) if isinstance(v, str) and k != "name" else v for k, v in method.items()}
+    method = {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in method.items()}
     cfg = RunConfig(stage=stage, method=dict(method), **sections)
     _validate(cfg)
     return cfg

@@ -96,6 +96,8 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         eval_on_start=t.eval_on_start and has_eval,
+        fsdp=t.fsdp,
+        fsdp_config=t.fsdp_config or None,
         **_precision(cfg),
     )
 

@@ -128,9 +128,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cls, data, tmp_path)
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equals_single(tiny_cls, data, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_single(tiny_cls, data, tmp_path, sharding):
     """2 CPU processes (gloo), 4 rows each, against one process with all 8 rows per step: the same global batch
-    (8 rows, every step the whole data set), so the adapters agree to float noise."""
+    (8 rows, every step the whole data set), so the adapters agree to float noise. DDP, and FSDP with only the
+    adapter trainable (full_shard, use_orig_params)."""
     import yaml
 
     rows = Path(data).read_text().splitlines()[:8]
@@ -141,18 +143,25 @@ def test_ddp_two_processes_equals_single(tiny_cls, data, tmp_path):
     )
     done = _cli(["train", single])
     assert done.returncode == 0, done.stderr[-2000:]
-    ddp_cfg = recipe(tiny_cls, str(small), str(tmp_path / "ddp"), epochs=3, batch_size=4)
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ddp_cfg))
+    extra = {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"use_orig_params": True, "transformer_layer_cls_to_wrap": ["BertLayer"]},
+    }
+    multi = recipe(
+        tiny_cls, str(small), str(tmp_path / "multi"), epochs=3, batch_size=4, **(extra if sharding == "fsdp" else {})
+    )
+    (tmp_path / "multi.yaml").write_text(yaml.safe_dump(multi))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    port = "29533" if sharding == "ddp" else "29534"
     ran = subprocess.run(
         [
             torchrun,
             "--nproc_per_node=2",
-            "--master_port=29533",
+            f"--master_port={port}",
             "-m",
             "deltatune.cli",
             "train",
-            str(tmp_path / "ddp.yaml"),
+            str(tmp_path / "multi.yaml"),
         ],
         capture_output=True,
         text=True,
@@ -160,5 +169,5 @@ def test_ddp_two_processes_equals_single(tiny_cls, data, tmp_path):
         timeout=600,
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["train_steps"] == 3
-    assert_same_adapter(adapter(tmp_path / "single"), adapter(tmp_path / "ddp"), atol=1e-5)
+    assert json.loads((tmp_path / "multi" / "metrics.json").read_text())["train_steps"] == 3
+    assert_same_adapter(adapter(tmp_path / "single"), adapter(tmp_path / "multi"), atol=1e-5)
