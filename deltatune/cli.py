@@ -24,7 +24,7 @@ def _train_help() -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning of transformer models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune with a YAML recipe. Example:\n  deltatune train recipes/sst2-lora.yaml "
         "method.r=16 train.lr=1e-4",
-        epilog=_train_help() if "train" in sys.argv else None,
+        epilog=_train_help() if "train" in argv else None,
     )
     t.add_argument("recipe", help="the recipe YAML")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv).parse_args(argv)
     from .config import ConfigError
     from .data.load import DataError
 
@@ -109,7 +110,7 @@ def _generate(args) -> int:
 
     model, tok = load_adapter_model(args.adapter, args.model, merged=args.merged)
     model.eval()
-    enc = tok(args.prompt, return_tensors="pt")
+    enc = tok(args.prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         out = model.generate(
             **enc,

@@ -101,7 +101,8 @@ def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
     rows = []
     with open(path, encoding="utf-8-sig", newline="") as fh:  # Excel writes a byte-order mark before the header
         reader = csv.DictReader(fh, delimiter="\t" if path.lower().endswith(".tsv") else ",")
-        for i, data in enumerate(reader, 2):  # line 1 is the header
+        for data in reader:
+            i = reader.line_num  # the physical line (a quoted field may span lines; blank lines are skipped)
             if None in data:
                 raise DataError(f"{path}:{i}: more fields than the header has")
             rows.append(Row(dict(data), f"{path}:{i}"))

@@ -209,7 +209,7 @@ def _check_types(section: str, args: Any) -> Any:
     an int is (``max_steps=1e3``), one value where a list is (``report_to=none`` -> ``[none]``)."""
     for f in dataclasses.fields(args):
         value = getattr(args, f.name)
-        kinds = [_TYPES[t.strip()] for t in str(f.type).split("|")]
+        kinds = [_TYPES.get(t.strip(), object) for t in str(f.type).split("|")]  # object: any value
         if isinstance(value, bool):
             ok = bool in kinds
         elif isinstance(value, int) and int not in kinds and float in kinds:

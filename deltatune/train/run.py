@@ -34,6 +34,9 @@ def _check_output(out: str, overwrite: bool, resume: bool) -> str | None:
             raise ConfigError(f"--resume: {out!r} holds no checkpoint to resume from")
         return last
     if os.path.isdir(out) and os.listdir(out):
+        if not os.path.isfile(os.path.join(out, RUN_FILE)):
+            raise ConfigError(f"output folder {out!r} holds files that are not a deltatune run; choose another "
+                              "output.dir (--overwrite only replaces a previous run)")
         if not overwrite:
             raise ConfigError(
                 f"output folder {out!r} already holds files (another run?); pass --overwrite to "
@@ -196,7 +199,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict
 
 def _evaluate(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:
     metrics = trainer.evaluate()
-    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch"))}
+    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch", "_preparation_time"))}
     if prepared.loss_only and "eval_loss" in metrics:
         metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     if prepared.eval_rows is not None and cfg.stage == "seq2seq":

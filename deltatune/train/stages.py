@@ -105,8 +105,12 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     if d.labels:
         names = list(d.labels)
     else:
-        names = _bio_labels([t for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])])
-    mapping = {name: i for i, name in enumerate(names)}
+        tags = [t for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])]
+        if any(isinstance(t, int) for t in tags):
+            raise DataError(f"{d.tags_column!r} holds integer tag ids; set data.labels to their BIO names in id order "
+                            "(e.g. [O, B-person, I-person, ...]) so entities can be scored")
+        names = _bio_labels(tags)
+    mapping: dict = {name: i for i, name in enumerate(names)} | {i: i for i in range(len(names))}
     enc = lambda rows: encode_tag(
         rows,
         tok,

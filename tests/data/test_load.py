@@ -1,0 +1,143 @@
+"""Reading rows: every format, the file and line every row keeps, and the errors that name them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deltatune.data.load import DataError, read_rows
+from deltatune.data.tasks import encode_cls
+from deltatune.data.templates import to_messages
+
+ROWS = [{"text": "a fine film", "label": 1}, {"text": "dull, and long", "label": 0}, {"text": "fine", "label": 1}]
+
+
+def _write(path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _jsonl(path, rows) -> str:
+    return _write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_jsonl_rows_keep_their_line(tmp_path):
+    # A blank line is skipped but still counted, so line numbers are the ones an editor shows.
+    path = _write(tmp_path / "d.jsonl", json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
+    rows = read_rows(path)
+    assert [r.data for r in rows] == ROWS[:2]
+    assert [r.source for r in rows] == [f"{path}:1", f"{path}:3"]
+
+
+def test_json_list(tmp_path):
+    path = _write(tmp_path / "d.json", json.dumps(ROWS))
+    rows = read_rows(path)
+    assert [r.data for r in rows] == ROWS
+    assert rows[2].source == f"{path}[2]"
+
+
+@pytest.mark.parametrize("ext, sep", [(".csv", ","), (".tsv", "\t")])
+def test_csv_and_tsv(tmp_path, ext, sep):
+    # The first field holds a comma, so a TSV read as CSV (or the reverse) gives other values.
+    first = "hello, world\t1\n" if ext == ".tsv" else '"hello, world",1\n'
+    path = _write(tmp_path / f"d{ext}", f"text{sep}label\n" + first + f"bye{sep}0\n")
+    rows = read_rows(path)
+    assert [r.data for r in rows] == [{"text": "hello, world", "label": "1"}, {"text": "bye", "label": "0"}]
+    assert [r.source for r in rows] == [f"{path}:2", f"{path}:3"]  # line 1 is the header
+
+
+def test_csv_line_numbers_follow_the_file(tmp_path):
+    # A quoted field spanning two lines and a blank line: later rows still report the line an editor shows.
+    path = _write(tmp_path / "d.csv", 'text,label\n"two\nlines",1\n\nlast,0\n')
+    rows = read_rows(path)
+    assert rows[0].data == {"text": "two\nlines", "label": "1"}
+    assert rows[1].source == f"{path}:5"
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    # Excel's "CSV UTF-8" starts with a byte-order mark; the first column is still called "text".
+    path = tmp_path / "d.csv"
+    path.write_bytes("text,label\nhi,1\n".encode("utf-8-sig"))
+    assert read_rows(str(path))[0].data == {"text": "hi", "label": "1"}
+
+
+def test_csv_row_with_extra_fields(tmp_path):
+    path = _write(tmp_path / "d.csv", "text,label\nok,1\na,b,c\n")
+    with pytest.raises(DataError, match=rf"{path}:3: more fields than the header"):
+        read_rows(path)
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "d.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    rows = read_rows(path)
+    assert [r.data for r in rows] == ROWS
+    assert read_rows(path, limit=2)[-1].data == ROWS[1]
+
+
+def test_txt_is_one_document(tmp_path):
+    path = _write(tmp_path / "d.txt", "First line.\nSecond line.\n")
+    rows = read_rows(path, text_column="body")
+    assert [r.data for r in rows] == [{"body": "First line.\nSecond line.\n"}]
+
+
+def test_limit(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ROWS)
+    assert [r.data for r in read_rows(path, limit=2)] == ROWS[:2]
+
+
+def test_jsonl_row_that_is_not_json(tmp_path):
+    path = _write(tmp_path / "d.jsonl", json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n{'text': 'x'}\n")
+    with pytest.raises(DataError, match=rf"{path}:3: not valid JSON"):
+        read_rows(path)
+
+
+def test_jsonl_row_that_is_not_an_object(tmp_path):
+    path = _write(tmp_path / "d.jsonl", json.dumps(ROWS[0]) + "\n[1, 2]\n")
+    with pytest.raises(DataError, match=rf"{path}:2: expected a JSON object, got list"):
+        read_rows(path)
+
+
+def test_missing_column_named_with_file_and_line(tmp_path):
+    from tiny import tokenizer
+
+    path = _jsonl(tmp_path / "d.jsonl", [ROWS[0], {"text": "no label here"}])
+    rows = read_rows(path)
+    with pytest.raises(DataError, match=rf"{path}:2: column 'label' is missing \(columns in this row: text\)"):
+        encode_cls(rows, tokenizer(), "text", "label", {0: 0, 1: 1}, max_length=32)
+
+
+def test_missing_sft_column_named_with_file_and_line(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a"}, {"question": "q", "output": "a"}])
+    with pytest.raises(DataError, match=rf"{path}:2: column 'instruction' is missing"):
+        [to_messages(r, {}) for r in read_rows(path)]
+
+
+@pytest.mark.parametrize(
+    "name, body", [("d.jsonl", "\n  \n"), ("d.csv", "text,label\n"), ("d.json", "[]"), ("d.txt", ""), ("d.tsv", "")]
+)
+def test_empty_file(tmp_path, name, body):
+    path = _write(tmp_path / name, body)
+    with pytest.raises(DataError, match=rf"{path} holds no rows"):
+        read_rows(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_rows(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="is a folder"):
+        read_rows(str(tmp_path))
+
+
+def test_hub_name_while_offline(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as info:
+        read_rows("no-such-user/no-such-dataset:train")
+    message = str(info.value)
+    assert "'no-such-user/no-such-dataset' is not a local file" in message
+    assert "hub" in message and "HF_HUB_OFFLINE=1" in message

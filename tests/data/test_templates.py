@@ -1,0 +1,173 @@
+"""Chat and instruction rows -> token ids and labels, with the loss on assistant tokens only.
+
+The check is exact: the labelled positions form one contiguous run per assistant turn, and each run's ids are
+the tokens of that turn's content plus its end marker (the chat template's ``<|im_end|>``, or EOS for the
+built-in templates). Everything else, the system and user turns and the role headers, is -100.
+"""
+
+from __future__ import annotations
+
+import pytest
+from tiny import tokenizer
+
+from deltatune.data.load import DataError, Row
+from deltatune.data.templates import IGNORE_INDEX, TEMPLATES, encode_chat, render, to_messages
+
+IM_END = "<|im_end|>"  # the end marker of the tokenizer's ChatML template (tests/tiny.py)
+EOS = "[SEP]"  # the tiny tokenizer's EOS, which the built-in templates append to each answer
+
+MULTI_TURN = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one?"},
+    {"role": "assistant", "content": "Green, then red."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The labelled ids, grouped into contiguous runs; every label is either -100 or its own input id."""
+    assert len(ids) == len(labels)
+    runs, previous = [], IGNORE_INDEX
+    for tok_id, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == tok_id
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs
+
+
+def _tokens(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _expect_answers(tok, messages, template: str | None) -> None:
+    ids, labels = encode_chat(messages, tok, template)
+    marker = IM_END if template is None else EOS
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    runs = _runs(ids, labels)
+    assert runs == [_tokens(tok, a + marker) for a in answers]
+    assert [tok.decode(r) for r in runs] == [tok.decode(_tokens(tok, a + marker)) for a in answers]
+    # What is not labelled holds the prompts (the user's words are never learned).
+    prompt_ids = [i for i, label in zip(ids, labels) if label == IGNORE_INDEX]
+    for m in messages:
+        if m["role"] != "assistant":
+            words = _tokens(tok, m["content"])
+            assert any(prompt_ids[k : k + len(words)] == words for k in range(len(prompt_ids)))
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "alpaca", "plain"])
+def test_alpaca_row(tok, template):
+    row = Row({"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."}, "d.jsonl:1")
+    messages = to_messages(row, {})
+    assert messages == [
+        {"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+        {"role": "assistant", "content": "The sum is 5."},
+    ]
+    _expect_answers(tok, messages, template)
+
+
+def test_alpaca_row_with_system_and_renamed_columns(tok):
+    row = Row({"q": "Say hi.", "a": "Hi!", "sys": "Be kind.", "ctx": ""}, "d.jsonl:1")
+    messages = to_messages(row, {"instruction": "q", "output": "a", "system": "sys", "input": "ctx"})
+    assert messages == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "Hi!"},
+    ]
+    _expect_answers(tok, messages, None)
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "alpaca", "plain"])
+def test_chat_row_role_content(tok, template):
+    row = Row(
+        {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
+        "d.jsonl:1",
+    )
+    _expect_answers(tok, to_messages(row, {}), template)
+
+
+def test_sharegpt_row_from_value(tok):
+    row = Row(
+        {
+            "conversations": [
+                {"from": "system", "value": "You are terse."},
+                {"from": "human", "value": "Name a colour."},
+                {"from": "gpt", "value": "Blue."},
+                {"from": "human", "value": "Another one?"},
+                {"from": "gpt", "value": "Green, then red."},
+            ]
+        },
+        "d.jsonl:1",
+    )
+    messages = to_messages(row, {})
+    assert messages == MULTI_TURN
+    _expect_answers(tok, messages, None)
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "alpaca", "plain"])
+def test_multi_turn_trains_on_every_assistant_turn(tok, template):
+    ids, labels = encode_chat(MULTI_TURN, tok, template)
+    assert len(_runs(ids, labels)) == 2
+    _expect_answers(tok, MULTI_TURN, template)
+
+
+def test_tokenizer_template_renders_the_text(tok):
+    text, spans = render(MULTI_TURN[1:3], tok, None)
+    assert text == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"
+    assert [text[s:e] for s, e in spans] == ["Blue.<|im_end|>\n"]
+    prompt, _ = render(MULTI_TURN[1:2], tok, None, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (
+            "chatml",
+            "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
+            "<|im_start|>assistant\nBlue.[SEP]<|im_end|>\n",
+        ),
+        ("alpaca", "You are terse.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.[SEP]\n\n"),
+        ("plain", "You are terse.\nName a colour.\nBlue.[SEP]\n"),
+    ],
+)
+def test_built_in_templates_render_the_text(tok, template, expected):
+    text, spans = render(MULTI_TURN[:3], tok, template)
+    assert text == expected
+    assert [text[s:e] for s, e in spans] == ["Blue.[SEP]"]
+    prompt, _ = render(MULTI_TURN[:2], tok, template, add_generation_prompt=True)
+    assert prompt.endswith(TEMPLATES[template].generation_prefix)
+    assert text.startswith(prompt)
+
+
+def test_unknown_template(tok):
+    with pytest.raises(DataError, match="unknown template 'vicuna'; built-in templates: chatml, alpaca, plain"):
+        encode_chat(MULTI_TURN, tok, "vicuna")
+
+
+def test_tokenizer_without_chat_template():
+    tok = tokenizer()
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template; set data.template"):
+        encode_chat(MULTI_TURN, tok, None)
+
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([{"role": "user", "content": "hi"}], "no assistant message"),
+        ([{"role": "narrator", "content": "hi"}, {"role": "assistant", "content": "yo"}], "role='narrator'"),
+        ([], "non-empty list"),
+    ],
+)
+def test_bad_conversations(messages, error):
+    with pytest.raises(DataError, match=rf"d.jsonl:4: .*{error}"):
+        to_messages(Row({"messages": messages}, "d.jsonl:4"), {})

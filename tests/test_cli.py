@@ -1,0 +1,249 @@
+"""The ``deltatune`` command line: help, recipe errors, and train -> eval / merge / generate on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny import save_tiny
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from deltatune.cli import main
+from deltatune.model import DeltaModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_ARGS = ["train.max_steps=2", "train.report_to=[none]", "train.lr=1e-2"]
+
+GOOD = ["a fine film", "great acting and a warm story", "I loved it", "wonderful, funny and kind"]
+BAD = ["a dull film", "boring and far too long", "I hated it", "flat, grim and cold"]
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _run(tmp, recipe: str, *overrides: str) -> str:
+    out = str(tmp / "run")
+    assert main(["train", recipe, *TRAIN_ARGS, f"output.dir={out}", *overrides]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory):
+    """A 2-step LoRA run on a tiny BERT classifier (the real MiniLM tokenizer), with its files."""
+    tmp = tmp_path_factory.mktemp("cls")
+    model = save_tiny(tmp / "m", "bert", "seq_cls")
+    train = _jsonl(
+        tmp / "train.jsonl", [{"text": t, "label": 1} for t in GOOD] + [{"text": t, "label": 0} for t in BAD]
+    )
+    test = _jsonl(
+        tmp / "test.jsonl",
+        [
+            {"text": "a warm and funny film", "label": 1},
+            {"text": "grim, dull and long", "label": 0},
+            {"text": "I loved the story", "label": 1},
+        ],
+    )
+    recipe = tmp / "cls.yaml"
+    recipe.write_text(
+        f"stage: cls\nmodel: {{name_or_path: {model}}}\n"
+        "method: {name: lora, r: 4, lora_alpha: 8, target_modules: [query, value]}\n"
+        f"data: {{train: {train}, eval: {train}, max_length: 32}}\ntrain: {{batch_size: 4}}\n"
+    )
+    return SimpleNamespace(
+        tmp=tmp, model=model, train=train, test=test, recipe=str(recipe), run=_run(tmp, str(recipe))
+    )
+
+
+# Help
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ([], ["train", "eval", "generate", "merge", "info"]),
+        (["train"], ["recipe", "overrides", "--overwrite", "--resume"]),
+        (["eval"], ["--adapter", "--data", "overrides"]),
+        (["generate"], ["--adapter", "--model", "--prompt", "--max-new-tokens", "--num-beams", "--merged"]),
+        (["merge"], ["--adapter", "--out", "--model"]),
+        (["info"], ["model", "--task"]),
+    ],
+)
+def test_help(capsys, command, options):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: deltatune")
+    for option in options:
+        assert option in out
+
+
+def _train_help_lists_recipe_keys(out: str) -> None:
+    for key in [
+        "stage: one of pt, sft, cls",
+        "method.name",
+        "model.name_or_path",
+        "data.max_length (default 512)",
+        "train.lr (default 0.0002)",
+        "train.report_to",
+        "output.dir",
+    ]:
+        assert key in out
+
+
+def test_train_help_lists_recipe_keys(capsys, monkeypatch):
+    # As the console script calls it: main() reading sys.argv.
+    monkeypatch.setattr(sys, "argv", ["deltatune", "train", "--help"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+    _train_help_lists_recipe_keys(capsys.readouterr().out)
+
+
+def test_train_help_lists_recipe_keys_when_called_with_argv(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    _train_help_lists_recipe_keys(capsys.readouterr().out)
+
+
+# Recipe errors and output folders
+
+
+def test_unknown_key_exits_2_naming_it(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: cls\ntrain: {lr: 1.0e-3, batch_sise: 4}\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltatune.cli", "train", str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'train.batch_sise'" in proc.stderr and "did you mean 'batch_size'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_override_returns_2(capsys, cls_run):
+    assert main(["train", cls_run.recipe, "method.rr=4", f"output.dir={cls_run.tmp / 'other'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune train: error: unknown key 'method.rr'")
+    assert not os.path.exists(cls_run.tmp / "other")
+
+
+def test_output_folder_with_another_run_is_refused(capsys, cls_run):
+    before = sorted(os.listdir(cls_run.run))
+    assert main(["train", cls_run.recipe, *TRAIN_ARGS, f"output.dir={cls_run.run}"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "--overwrite" in err and "--resume" in err
+    assert sorted(os.listdir(cls_run.run)) == before  # nothing was touched
+
+
+def test_overwrite_replaces_and_resume_needs_a_checkpoint(capsys, cls_run, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stale.txt").write_text("from an older run", encoding="utf-8")
+    assert main(["train", cls_run.recipe, *TRAIN_ARGS, f"output.dir={tmp_path / 'run'}", "--resume"]) == 2
+    assert "holds no checkpoint to resume from" in capsys.readouterr().err
+    # A folder that is not a deltatune run is never deleted, not even with --overwrite.
+    assert main(["train", cls_run.recipe, *TRAIN_ARGS, f"output.dir={tmp_path / 'run'}", "--overwrite"]) == 2
+    assert "not a deltatune run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "stale.txt").is_file()
+    (tmp_path / "run" / "run.yaml").write_text("stage: cls\n", encoding="utf-8")  # an older run's folder
+    assert _run(tmp_path, cls_run.recipe, "--overwrite") == str(tmp_path / "run")
+    files = os.listdir(tmp_path / "run")
+    assert "stale.txt" not in files and "adapter_model.safetensors" in files
+
+
+# info, eval, merge, generate
+
+
+def test_info_prints_a_parameter_table(capsys, cls_run):
+    assert main(["info", cls_run.model]) == 0
+    out = capsys.readouterr().out
+    total = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(cls_run.model).parameters())
+    assert "family (model_type): bert" in out
+    assert f"parameters: {total:,d}" in out
+    assert "| method (defaults) | trainable params | % of total |" in out
+    lora = next(line for line in out.splitlines() if line.startswith("| lora |"))
+    assert int(lora.split("|")[2].replace(",", "")) > 0
+
+
+def test_train_writes_the_run(cls_run):
+    files = set(os.listdir(cls_run.run))
+    assert {"adapter_config.json", "adapter_model.safetensors", "run.yaml", "metrics.json", "report.md"} <= files
+    with open(os.path.join(cls_run.run, "metrics.json"), encoding="utf-8") as fh:
+        metrics = json.load(fh)
+    assert metrics["train_steps"] == 2 and {"eval_accuracy", "eval_f1", "eval_loss"} <= set(metrics)
+
+
+def _delta(cls_run) -> DeltaModel:
+    base = AutoModelForSequenceClassification.from_pretrained(cls_run.model)
+    return DeltaModel.from_pretrained(base, cls_run.run).eval()
+
+
+def _batch(cls_run, texts):
+    tok = AutoTokenizer.from_pretrained(cls_run.run)
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+def test_eval_prints_metrics_json_on_its_last_line(capsys, cls_run):
+    assert main(["eval", "--adapter", cls_run.run, "--data", cls_run.test]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"eval_accuracy", "eval_f1", "eval_loss"} <= set(metrics)
+    # The same numbers, computed here from the saved adapter.
+    with open(cls_run.test, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    labels = torch.tensor([r["label"] for r in rows])
+    with torch.no_grad():
+        logits = _delta(cls_run)(**_batch(cls_run, [r["text"] for r in rows])).logits
+    assert metrics["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+    assert metrics["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
+
+
+def test_merge_writes_a_plain_transformers_model(capsys, cls_run):
+    out = str(cls_run.tmp / "merged")
+    assert main(["merge", "--adapter", cls_run.run, "--out", out]) == 0
+    assert out in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    batch = _batch(cls_run, ["a warm and funny film", "grim"])
+    with torch.no_grad():
+        got = merged(**batch).logits
+        want = _delta(cls_run)(**batch).logits
+        base = AutoModelForSequenceClassification.from_pretrained(cls_run.model).eval()(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (want - base).abs().max() > 1e-4  # the adapter (and trained head) changed the output
+
+
+def test_generate_prints_text(capsys, tmp_path):
+    model = save_tiny(tmp_path / "lm", "llama")
+    data = _jsonl(
+        tmp_path / "sft.jsonl",
+        [{"instruction": f"Count to {n}.", "output": " ".join(["one"] * n)} for n in range(1, 5)],
+    )
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(
+        f"stage: sft\nmodel: {{name_or_path: {model}}}\nmethod: {{name: lora, r: 4}}\n"
+        f"data: {{train: {data}, max_length: 48}}\ntrain: {{batch_size: 2}}\n",
+        encoding="utf-8",
+    )
+    run = _run(tmp_path, str(recipe))
+    capsys.readouterr()
+    prompt = "Count to 3."
+    assert main(["generate", "--adapter", run, "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    # The same greedy continuation, from the saved adapter.
+    tok = AutoTokenizer.from_pretrained(run)
+    delta = DeltaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), run).eval()
+    enc = tok(prompt, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        out = delta.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert expected and printed == expected

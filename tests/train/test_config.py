@@ -1,0 +1,189 @@
+"""Recipes: parsing, dotted overrides with YAML types, and errors that name the key (and the one meant)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from deltatune.config import ConfigError
+from deltatune.methods.lora import LoraConfig
+from deltatune.train.config import RunConfig, apply_overrides, build, field_help, load_recipe
+
+RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "*.yaml")))
+QUICKSTART = next(r for r in RECIPES if r.endswith("quickstart.yaml"))
+
+
+def _recipe(tmp_path, text: str) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_parses(path):
+    cfg = load_recipe(path)
+    assert isinstance(cfg, RunConfig)
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr > 0
+    assert cfg.method_config().method == cfg.method["name"]
+
+
+def test_quickstart_fields():
+    cfg = load_recipe(QUICKSTART)
+    assert cfg.stage == "cls"
+    assert cfg.model.name_or_path == "minilm"
+    assert cfg.data.max_length == 64 and cfg.data.train.endswith("sentiment_train.jsonl")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.report_to) == (3, 16, 1e-3, ["none"])
+    method = cfg.method_config("SEQ_CLS")
+    assert isinstance(method, LoraConfig)
+    assert (method.r, method.lora_alpha, method.target_modules, method.task_type) == (
+        8,
+        16,
+        ["query", "value"],
+        "SEQ_CLS",
+    )
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-4 as the string "5e-4"; a recipe means the number.
+    cfg = load_recipe(
+        _recipe(tmp_path, "stage: cls\ntrain: {lr: 5e-4, warmup_ratio: 1e-1}\nmethod: {name: lora, lora_alpha: 3e1}\n")
+    )
+    assert cfg.train.lr == 5e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.warmup_ratio == 0.1
+    assert cfg.method_config().lora_alpha == 30.0
+
+
+def test_overrides_take_yaml_types():
+    cfg = load_recipe(
+        QUICKSTART,
+        [
+            "train.lr=1e-4",
+            "method.r=16",
+            "train.report_to=[none]",
+            "data.packing=true",
+            "method.target_modules=[query, key, value]",
+            "data.labels=[neg, pos]",
+            "train.max_steps=1e3",
+            "output.dir=/tmp/x y",
+            "stage=cls",
+        ],
+    )
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.method["r"] == 16 and type(cfg.method["r"]) is int
+    assert cfg.method_config().r == 16
+    assert cfg.train.report_to == ["none"]
+    assert cfg.data.packing is True
+    assert cfg.method["target_modules"] == ["query", "key", "value"]
+    assert cfg.data.labels == ["neg", "pos"]
+    assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
+    assert cfg.output.dir == "/tmp/x y"
+
+
+def test_an_int_where_a_float_is_meant_and_one_value_where_a_list_is():
+    cfg = load_recipe(QUICKSTART, ["train.lr=1", "train.report_to=none"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.report_to == ["none"]  # not the characters n, o, n, e
+
+
+def test_apply_overrides_leaves_its_input_alone():
+    raw = {"model": {"quantization": {"bits": 8}}, "train": {"lr": 0.1}}
+    out = apply_overrides(raw, ["model.quantization.bits=4", "train.lr=0.2", "data.train=a.jsonl"])
+    assert out == {"model": {"quantization": {"bits": 4}}, "train": {"lr": 0.2}, "data": {"train": "a.jsonl"}}
+    assert raw == {"model": {"quantization": {"bits": 8}}, "train": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("train.lr", r"override 'train.lr' is not of the form key=value"),
+        ("stage.x=1", r"'stage' is not a section"),
+    ],
+)
+def test_malformed_overrides(override, error):
+    with pytest.raises(ConfigError, match=error):
+        load_recipe(QUICKSTART, [override])
+
+
+@pytest.mark.parametrize(
+    "override, key, near",
+    [
+        ("model.name_or_pth=x", "model.name_or_pth", "name_or_path"),
+        ("data.text_colum=x", "data.text_colum", "text_column"),
+        ("train.lrr=0.1", "train.lrr", "lr"),
+        ("train.batchsize=4", "train.batchsize", "batch_size"),
+        ("output.dirr=x", "output.dirr", "dir"),
+        ("method.lora_alpa=4", "method.lora_alpa", "lora_alpha"),
+        ("tran.lr=0.1", "tran", "train"),
+    ],
+)
+def test_unknown_key_names_it_and_the_nearest(override, key, near):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(QUICKSTART, [override])
+    assert f"unknown key {key!r}" in str(info.value)
+    assert f"did you mean {near!r}?" in str(info.value)
+
+
+def test_unknown_key_with_nothing_near_lists_the_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'output.zzz' in .*; valid keys: dir$"):
+        load_recipe(QUICKSTART, ["output.zzz=1"])
+
+
+def test_unknown_stage():
+    with pytest.raises(ConfigError, match=r"stage must be one of pt, sft, cls, tag, seq2seq, .*got 'clss'"):
+        build({"stage": "clss"})
+
+
+def test_unknown_method():
+    with pytest.raises(ConfigError, match=r"unknown method 'lorra'; registered methods: .*\blora\b"):
+        build({"method": {"name": "lorra"}})
+    with pytest.raises(ConfigError, match=r"method.name is missing"):
+        build({"method": {"r": 4}})
+
+
+def test_method_given_as_a_name():
+    assert build({"method": "ia3"}).method_config().method == "ia3"
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("method.r=0", r"\br must be a positive integer, got 0"),
+        ("method.lora_dropout=1.5", r"lora_dropout"),
+        ("train.lr=0", r"train.lr must be > 0, got 0"),
+        ("train.lr=abc", r"train.lr must be float, got 'abc'"),
+        ("train.batch_size=0", r"train.batch_size"),
+        ("train.batch_size=2.5", r"train.batch_size must be int, got 2.5"),
+        ("data.max_length=0", r"data.max_length must be >= 1"),
+        ("data.truncation=cut", r"data.truncation must be 'truncate' or 'refuse', got 'cut'"),
+        ("train.precision=fp64", r"train.precision must be"),
+        ("data.packing=maybe", r"data.packing must be bool, got 'maybe'"),
+    ],
+)
+def test_bad_values_name_the_field(override, error):
+    with pytest.raises(ConfigError, match=error):
+        load_recipe(QUICKSTART, [override])
+
+
+def test_section_that_is_not_a_mapping():
+    with pytest.raises(ConfigError, match=r"train must be a mapping"):
+        build({"train": [1, 2]})
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_recipe(_recipe(tmp_path, "train: {lr: [\n"))
+
+
+def test_defaults_and_field_help():
+    cfg = build({})
+    assert (cfg.stage, cfg.method, cfg.train.lr) == ("sft", {"name": "lora"}, 2e-4)
+    help_ = field_help()
+    assert list(help_) == ["model", "data", "train", "output"]
+    keys = {section: [k for k, _, _ in rows] for section, rows in help_.items()}
+    assert {"name_or_path", "dtype"} <= set(keys["model"]) and {"lr", "max_steps", "report_to"} <= set(keys["train"])
+    assert all(text for rows in help_.values() for _, _, text in rows)  # every key has its help line
+    assert dict((k, d) for k, d, _ in help_["train"])["lr"] == 2e-4
