@@ -59,16 +59,19 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
     mapping = label_map(train_rows, d.label_column, d.labels)
     named = {v: str(k) for k, v in mapping.items() if not isinstance(k, int)}
     names = list(d.labels) if d.labels else [named.get(i, str(i)) for i in range(max(mapping.values()) + 1)]
-    enc = lambda rows: encode_cls(
-        rows,
-        tok,
-        d.text_column,
-        d.label_column,
-        mapping,
-        d.max_length,  # noqa: E731
-        d.truncation,
-        d.text_pair_column,
-    )
+
+    def enc(rows):
+        return encode_cls(
+            rows,
+            tok,
+            d.text_column,
+            d.label_column,
+            mapping,
+            d.max_length,
+            d.truncation,
+            d.text_pair_column,
+        )
+
     train = enc(train_rows)
     ev = enc(eval_rows) if eval_rows else None
     notes: list[str] = []
@@ -107,19 +110,24 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     else:
         tags = [t for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])]
         if any(isinstance(t, int) for t in tags):
-            raise DataError(f"{d.tags_column!r} holds integer tag ids; set data.labels to their BIO names in id order "
-                            "(e.g. [O, B-person, I-person, ...]) so entities can be scored")
+            raise DataError(
+                f"{d.tags_column!r} holds integer tag ids; set data.labels to their BIO names in id order "
+                "(e.g. [O, B-person, I-person, ...]) so entities can be scored"
+            )
         names = _bio_labels(tags)
     mapping: dict = {name: i for i, name in enumerate(names)} | {i: i for i in range(len(names))}
-    enc = lambda rows: encode_tag(
-        rows,
-        tok,
-        d.tokens_column,
-        d.tags_column,
-        mapping,
-        d.max_length,  # noqa: E731
-        d.truncation,
-    )
+
+    def enc(rows):
+        return encode_tag(
+            rows,
+            tok,
+            d.tokens_column,
+            d.tags_column,
+            mapping,
+            d.max_length,
+            d.truncation,
+        )
+
     train = enc(train_rows)
     ev = enc(eval_rows) if eval_rows else None
     notes: list[str] = []
@@ -150,7 +158,10 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
 def prepare_sft(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
-    enc = lambda rows: encode_sft(rows, tok, d.columns, d.template, d.max_length, d.truncation)  # noqa: E731
+
+    def enc(rows):
+        return encode_sft(rows, tok, d.columns, d.template, d.max_length, d.truncation)
+
     train = enc(train_rows)
     ev = enc(eval_rows) if eval_rows else None
     notes: list[str] = []
@@ -192,15 +203,18 @@ def prepare_pt(cfg: RunConfig, tok) -> Prepared:
 def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
-    enc = lambda rows: encode_seq2seq(
-        rows,
-        tok,
-        d.source_column,
-        d.target_column,
-        d.max_length,  # noqa: E731
-        d.max_target_length,
-        d.truncation,
-    )
+
+    def enc(rows):
+        return encode_seq2seq(
+            rows,
+            tok,
+            d.source_column,
+            d.target_column,
+            d.max_length,
+            d.max_target_length,
+            d.truncation,
+        )
+
     train = enc(train_rows)
     ev = enc(eval_rows) if eval_rows else None
     notes: list[str] = []
