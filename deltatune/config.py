@@ -103,7 +103,9 @@ class DeltaConfig:
                 continue
             if key in known:
                 kwargs[key] = value
-            elif key not in _IGNORABLE_KEYS and not any(value == v and type(value) is type(v) for v in _IGNORABLE_VALUES):
+            elif key not in _IGNORABLE_KEYS and not any(
+                value == v and type(value) is type(v) for v in _IGNORABLE_VALUES
+            ):
                 raise ConfigError(
                     f"{source}: field {key!r} = {value!r} is not supported by deltatune's {cls.__name__}; "
                     "loading it would silently compute something else"
@@ -125,18 +127,26 @@ class DeltaConfig:
         return DeltaConfig.from_dict(data, source=file)
 
 
-def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-                high_open: bool = True) -> None:
+def check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> None:
     """Raise ConfigError naming ``name`` when ``value`` lies outside [low, high) (bounds as flagged)."""
-    bad = (
-        (low is not None and (value <= low if low_open else value < low))
-        or (high is not None and (value >= high if high_open else value > high))
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
     )
     if bad:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
-        raise ConfigError(f"{name} must be in {lo}{low if low is not None else '-inf'}, "
-                          f"{high if high is not None else 'inf'}{hi}, got {value!r}")
+        raise ConfigError(
+            f"{name} must be in {lo}{low if low is not None else '-inf'}, "
+            f"{high if high is not None else 'inf'}{hi}, got {value!r}"
+        )
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ConfigError", "DeltaConfig", "check_range", "field"]

@@ -42,7 +42,7 @@ class DeltaLayer(nn.Module):
         """Names of the adapters this layer holds."""
         names: list[str] = []
         for attr in self.adapter_attrs:
-            for key in getattr(self, attr).keys():
+            for key in getattr(self, attr):
                 if key not in names:
                     names.append(key)
         return names
@@ -159,6 +159,21 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def logical_numel(t: torch.Tensor) -> int:
+    """How many parameters ``t`` stands for. Packed low-bit storage says so itself: ``elements_per_item`` (values per
+    stored element), or the logical shape in ``quant_state.shape`` (bitsandbytes' Params4bit: two 4-bit values a byte)."""
+    per_item = getattr(t, "elements_per_item", None)
+    if per_item is not None:
+        return t.numel() * per_item
+    shape = getattr(getattr(t, "quant_state", None), "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return t.numel()
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:

@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,10 +24,14 @@ from torch import nn
 
 from . import registry
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
-from .layer import DeltaLayer, ModulesToSave, set_submodule
+from .layer import DeltaLayer, ModulesToSave, logical_numel, set_submodule
 
 _PREFIX = "base_model.model."
-_HEADS_BY_TASK = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+_HEADS_BY_TASK = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 class AdapterLoadError(ValueError):
@@ -94,8 +99,9 @@ class DeltaModel(nn.Module):
     def _layers(self) -> list[tuple[str, DeltaLayer]]:
         return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, DeltaLayer)]
 
-    def add_adapter(self, adapter_name: str, config: DeltaConfig, *, _tensors: dict | None = None,
-                    _source: str = "") -> None:
+    def add_adapter(
+        self, adapter_name: str, config: DeltaConfig, *, _tensors: dict | None = None, _source: str = ""
+    ) -> None:
         """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``.
 
         Raises:
@@ -113,11 +119,16 @@ class DeltaModel(nn.Module):
         grads = {p: p.requires_grad for p in self.base_model.parameters()}
         config = config.replace()  # our own copy: the caller's object is never changed
         try:
-            method.inject(self.base_model, config, adapter_name)
+            # Heads first: a module trained in full is no target (PEFT's order), so the first adapter sees the model
+            # as every later one does, with the head already wrapped.
             self._add_modules_to_save(adapter_name, config)
+            method.inject(self.base_model, config, adapter_name)
             self.peft_config[adapter_name] = config
-            self._base_trainables[adapter_name] = config.trainable_base_parameters(self.base_model) \
-                if hasattr(config, "trainable_base_parameters") else []
+            self._base_trainables[adapter_name] = (
+                config.trainable_base_parameters(self.base_model)
+                if hasattr(config, "trainable_base_parameters")
+                else []
+            )
             if _tensors is not None:
                 self._import(adapter_name, _tensors, _source)
         except BaseException:
@@ -131,14 +142,18 @@ class DeltaModel(nn.Module):
 
     def _add_modules_to_save(self, adapter_name: str, config: DeltaConfig) -> None:
         wanted = list(config.modules_to_save or [])
-        auto = [h for h in _HEADS_BY_TASK.get(config.task_type or "", ()) if h not in wanted]
+        heads = _HEADS_BY_TASK.get(config.task_type or "", ())
+        auto = [h for h in heads if h not in wanted]
         plan: list[tuple[str, nn.Module]] = []
         for target in wanted + auto:
             hits = [
-                (n, m) for n, m in self.base_model.named_modules()
+                (n, m)
+                for n, m in self.base_model.named_modules()
                 if (n == target or n.endswith("." + target)) and not _inside_layer(n, self.base_model)
             ]
-            if not hits and target in wanted:
+            # PEFT writes every head name of the task (["classifier", "score"]) into the saved config; the ones
+            # this model lacks are not an error.
+            if not hits and target in wanted and target not in heads:
                 raise ConfigError(f"modules_to_save: {target!r} matches no module in the model")
             if hits and target in auto:
                 config.modules_to_save = [*(config.modules_to_save or []), target]
@@ -162,9 +177,14 @@ class DeltaModel(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from the model (unmerging it first if merged)."""
+        """Remove an adapter from the model (unmerging it first if merged).
+
+        When it was the only active adapter, the first remaining one becomes active (as in PEFT).
+        """
         self._check_names([adapter_name])
         self._remove(adapter_name)
+        if not self.active_adapters and self.peft_config:
+            self.active_adapters = [next(iter(self.peft_config))]
         self._apply_active()
 
     def _check_names(self, names: list[str]) -> None:
@@ -174,11 +194,53 @@ class DeltaModel(nn.Module):
                 raise ValueError(f"unknown adapter {name!r}; adapters in this model: {known}")
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make one adapter (or several, whose outputs add up) the active one(s). Only active adapters train."""
+        """Make one adapter (or several, whose outputs add up) the active one(s). Only active adapters train.
+
+        An adapter merged into the base weights that is not among the new active ones would still act through the
+        weights, so the model is unmerged first (as PEFT does); ``merge_adapter`` merges the new ones.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_names(names)
+        if any(n not in names for _, merged in self._merged() for n in merged):
+            self.unmerge_adapter()
         self.active_adapters = names
         self._apply_active()
+
+    def add_fusion(self, adapter_names: list[str], name: str = "fusion", **config: Any) -> None:
+        """AdapterFusion stage 2: add a fusion over trained bottleneck adapters and make it the active adapter.
+
+        The base and the fused adapters are frozen; only the fusion layers train. Extra keyword arguments go to
+        the fusion config (``temperature``, ``task_type``, ...).
+
+        Raises:
+            ValueError: an adapter in ``adapter_names`` does not exist.
+            ConfigError: they are not bottleneck adapters, or do not sit at the same sub-layers.
+        """
+        self._check_names(list(adapter_names))
+        self.add_adapter(name, registry.get("fusion").config_class(adapter_names=list(adapter_names), **config))
+        self.set_adapter(name)
+
+    def fusion_weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """A fusion's attention over its adapters in the last forward pass: {sub-layer path: weights (N,)}.
+
+        Each tensor is the softmax over the N fused adapters averaged over all token positions; it sums to 1.
+
+        Raises:
+            ValueError: ``adapter_name`` is not a fusion, or no forward pass has run through it yet.
+        """
+        self._check_names([adapter_name])
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self._layers():
+            weights = getattr(layer, "fusion_weights", None)
+            value = weights(adapter_name) if weights is not None else None
+            if value is not None:
+                out[path] = value
+        if not out:
+            raise ValueError(
+                f"{adapter_name!r} has no fusion weights: it is not an AdapterFusion, "
+                "or no forward pass has run through it since it was added"
+            )
+        return out
 
     def _apply_active(self) -> None:
         """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train."""
@@ -225,9 +287,12 @@ class DeltaModel(nn.Module):
 
         Raises:
             TypeError: a method whose math cannot be merged (e.g. prompt tuning); nothing stays merged.
+            ValueError: a layer to merge shares its weight with another module (tied input and output embeddings);
+                merging would change that module too. Nothing is merged.
         """
         names = list(adapter_names or self.active_adapters)
         self._check_names(names)
+        self._check_not_shared([m for _, m in self._layers() if any(n in m.adapter_names for n in names)])
         done = self._merged()
         try:
             for _, layer in self._layers():
@@ -240,6 +305,21 @@ class DeltaModel(nn.Module):
                 for name in merged:
                     layer.merge(name)
             raise
+
+    def _check_not_shared(self, layers: list[DeltaLayer]) -> None:
+        owners: dict[int, list[str]] = {}
+        for mname, module in self.base_model.named_modules(remove_duplicate=False):
+            for pname, p in module.named_parameters(prefix=mname, recurse=False, remove_duplicate=False):
+                owners.setdefault(id(p), []).append(pname)
+        for layer in layers:
+            weight = getattr(getattr(layer, "base_layer", None), "weight", None)
+            shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
+            if len(shared) > 1:
+                raise ValueError(
+                    f"cannot merge into {shared[0]}: the same weight is {', '.join(shared[1:])} (tied embeddings), "
+                    "which merging would change too. Load the base with tie_word_embeddings=False and a copied "
+                    "output weight, or keep the adapter unmerged"
+                )
 
     def unmerge_adapter(self) -> None:
         """Undo every merge, restoring the base weights."""
@@ -280,13 +360,19 @@ class DeltaModel(nn.Module):
         name = adapter_name or self.active_adapter
         self._check_names([name])
         out: dict[str, torch.Tensor] = {}
+        prefix = self._key_prefix(name)
         for path, layer in self._layers():
             if name in layer.adapter_names:
-                out.update(layer.export_state(name, f"{_PREFIX}{path}."))
+                out.update(layer.export_state(name, f"{prefix}{path}."))
         params = dict(self.base_model.named_parameters())
         for pname in self._base_trainables.get(name, []):
-            out[_PREFIX + pname] = params[pname]
+            out[prefix + pname] = params[pname]
         return out
+
+    def _key_prefix(self, name: str) -> str:
+        # PEFT keys the modules of some methods (its prompt-learning ones) under "base_model." rather than
+        # "base_model.model."; such a config says so in its class attribute ``state_key_prefix``.
+        return getattr(self.peft_config[name], "state_key_prefix", _PREFIX)
 
     def _import(self, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         expected = self.adapter_state_dict(name)
@@ -297,29 +383,42 @@ class DeltaModel(nn.Module):
                 + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
                 + "; was it saved with another config or for another model?"
             )
-        unexpected = [k for k in tensors if k not in expected]
+        # PEFT saves full copies of base weights next to an adapter (the embedding matrix when embeddings are
+        # targeted: save_embedding_layers). Like PEFT, load them into the base model.
+        prefix = self._key_prefix(name)
+        base_params = {prefix + n: p for n, p in self.base_model.named_parameters()}
+        unexpected = [k for k in tensors if k not in expected and k not in base_params]
         if unexpected:
             raise AdapterLoadError(
                 f"{source}: tensor {unexpected[0]!r} does not belong to any module of this model"
                 + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
             )
-        for key, target in expected.items():
+        full_copies = {k: base_params[k] for k in tensors if k not in expected}
+        for key, target in {**expected, **full_copies}.items():
             if tuple(tensors[key].shape) != tuple(target.shape):
                 raise AdapterLoadError(
                     f"{source}: {key} has shape {tuple(tensors[key].shape)} in the file but "
                     f"{tuple(target.shape)} in this model; the adapter was made for a different base model"
                 )
-        tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items()}
+        copies = {k: tensors[k] for k in full_copies}
+        tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}
         for path, layer in self._layers():
             if name in layer.adapter_names:
-                layer.import_state(name, f"{_PREFIX}{path}.", tensors)
+                layer.import_state(name, f"{prefix}{path}.", tensors)
         params = dict(self.base_model.named_parameters())
         with torch.no_grad():
             for pname in self._base_trainables.get(name, []):
-                params[pname].copy_(tensors[_PREFIX + pname])
+                params[pname].copy_(tensors[prefix + pname])
+            for key, target in full_copies.items():
+                target.copy_(copies[key])
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, **_: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
+        **_: Any,
+    ) -> None:
         """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout).
 
         The "default" adapter goes to ``save_directory`` itself, any other to ``save_directory/<name>``.
@@ -337,14 +436,22 @@ class DeltaModel(nn.Module):
             tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.adapter_state_dict(name).items()}
             config = self.peft_config[name].replace(inference_mode=True)
             if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "_name_or_path",
-                                                         None) or None
+                config.base_model_name_or_path = (
+                    getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
+                )
             _atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda f, t=tensors: save_file(t, f, {"format": "pt"}))
             text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
-            _atomic_write(os.path.join(folder, CONFIG_NAME), lambda f, s=text: open(f, "w", encoding="utf-8").write(s))
+            _atomic_write(os.path.join(folder, CONFIG_NAME), lambda f, s=text: Path(f).write_text(s, encoding="utf-8"))
 
-    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, subfolder: str | None = None, revision: str | None = None) -> None:
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        subfolder: str | None = None,
+        revision: str | None = None,
+    ) -> None:
         """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error.
 
         Args:
@@ -367,9 +474,25 @@ class DeltaModel(nn.Module):
         tensors, source = _read_weights(model_id, subfolder, revision, allow_pickle)
         self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
 
+    def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
+        """Copy saved weights into the existing adapter ``adapter_name`` (e.g. when resuming from a checkpoint).
+
+        Raises:
+            AdapterLoadError: the file is missing, corrupt or does not fit the adapter; nothing is changed.
+        """
+        self._check_names([adapter_name])
+        tensors, source = _read_weights(model_id, None, None, allow_pickle=False)
+        self._import(adapter_name, tensors, source)
+
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
-                        is_trainable: bool = False, **kwargs: Any) -> DeltaModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> DeltaModel:
         """Wrap ``model`` and load the adapter saved at ``model_id`` (see ``load_adapter``)."""
         wrapped = cls(model)
         wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
@@ -384,7 +507,7 @@ class DeltaModel(nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            n = p.numel() * getattr(p, "elements_per_item", 1)
+            n = logical_numel(p)  # a packed 4-bit weight counts the parameters it stands for
             total += n
             if p.requires_grad:
                 trainable += n
@@ -393,7 +516,9 @@ class DeltaModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print trainable and total parameter counts, as PEFT does."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
 
 def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> DeltaModel:
@@ -457,12 +582,14 @@ def _read_weights(model_id, subfolder, revision, allow_pickle: bool) -> tuple[di
         try:
             path = _resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision)
         except FileNotFoundError:
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {os.fspath(model_id)!r}") from None
+            raise FileNotFoundError(
+                f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {os.fspath(model_id)!r}"
+            ) from None
         if not allow_pickle:
             raise AdapterLoadError(
                 f"{path} is a pickle file, which can run arbitrary code when loaded; deltatune reads safetensors "
                 "only unless you pass allow_pickle=True for a file you trust"
-            )
+            ) from None
         try:
             return torch.load(path, map_location="cpu", weights_only=True), path
         except Exception as exc:

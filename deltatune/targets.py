@@ -17,41 +17,98 @@ from .layer import DeltaLayer
 
 # Default LoRA targets per transformers model_type (the attention query/value projections, as PEFT).
 LORA_TARGETS: dict[str, list[str]] = {
-    "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "mbart": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"], "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
-    "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"], "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"], "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"],
-    "deberta": ["in_proj"], "layoutlm": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
-    "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"], "chatglm": ["query_key_value"],
-    "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"], "falcon": ["query_key_value"], "codegen": ["qkv_proj"],
-    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "phi3": ["qkv_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "qwen2_moe": ["q_proj", "v_proj"], "qwen3_moe": ["q_proj", "v_proj"],
-    "olmo": ["q_proj", "v_proj"], "olmo2": ["q_proj", "v_proj"], "starcoder2": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "umt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "falcon": ["query_key_value"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
+    "qwen3_moe": ["q_proj", "v_proj"],
+    "olmo": ["q_proj", "v_proj"],
+    "olmo2": ["q_proj", "v_proj"],
+    "starcoder2": ["q_proj", "v_proj"],
 }
 
 # IA3 targets (keys, values and the feed-forward output) and which of them are feed-forward (PEFT's tables).
 IA3_TARGETS: dict[str, list[str]] = {
-    "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "gpt2": ["c_attn", "mlp.c_proj"],
-    "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "roberta": ["key", "value", "output.dense"],
-    "opt": ["q_proj", "k_proj", "fc2"], "gptj": ["q_proj", "v_proj", "fc_out"],
-    "gpt_neox": ["query_key_value", "dense_4h_to_h"], "gpt_neo": ["q_proj", "v_proj", "c_proj"],
-    "bart": ["q_proj", "v_proj", "fc2"], "gpt_bigcode": ["c_attn", "mlp.c_proj"],
-    "llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
-    "bert": ["key", "value", "output.dense"], "deberta-v2": ["key_proj", "value_proj", "output.dense"],
-    "deberta": ["in_proj", "output.dense"], "falcon": ["query_key_value", "dense_4h_to_h"],
-    "phi": ["q_proj", "v_proj", "fc2"], "gemma": ["q_proj", "v_proj", "down_proj"],
-    "gemma2": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "bert": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
     "qwen3": ["q_proj", "v_proj", "down_proj"],
 }
 IA3_FEEDFORWARD: dict[str, list[str]] = {
-    "t5": ["wo"], "mt5": [], "gpt2": ["mlp.c_proj"], "bloom": ["mlp.dense_4h_to_h"], "roberta": ["output.dense"],
-    "opt": ["fc2"], "gptj": ["fc_out"], "gpt_neox": ["dense_4h_to_h"], "gpt_neo": ["c_proj"], "bart": ["fc2"],
-    "gpt_bigcode": ["mlp.c_proj"], "llama": ["down_proj"], "mistral": ["down_proj"], "bert": ["output.dense"],
-    "deberta-v2": ["output.dense"], "deberta": ["output.dense"], "falcon": ["dense_4h_to_h"], "phi": ["fc2"],
-    "gemma": ["down_proj"], "gemma2": ["down_proj"], "qwen2": ["down_proj"], "qwen3": ["down_proj"],
+    "t5": ["wo"],
+    "mt5": [],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "roberta": ["output.dense"],
+    "opt": ["fc2"],
+    "gptj": ["fc_out"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gpt_neo": ["c_proj"],
+    "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "bert": ["output.dense"],
+    "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
 }
 
 # Heads that a task adds on top of the backbone; "all-linear" never adapts them.
@@ -85,7 +142,13 @@ def _is_linear(module: nn.Module) -> bool:
 def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
     """Distinct short names of the adaptable (linear, embedding, conv) modules, for error messages."""
     seen: list[str] = []
+    # An adapted module counts under its own name, not as the base_layer / lora_A ... inside its DeltaLayer.
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
     for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inner):
+            continue
+        while isinstance(module, DeltaLayer) and hasattr(module, "base_layer"):
+            module = module.base_layer
         if name and (_is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))):
             short = name.rsplit(".", 1)[-1]
             if short not in seen:
@@ -95,11 +158,9 @@ def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
 
 def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or LAYER_PATTERNS)
-    for pattern in patterns:
-        m = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
-        if m:
-            return int(m.group(1))
-    return None
+    found = [m for p in patterns if (m := re.search(rf"(?:^|\.){re.escape(p)}\.(\d+)(?:\.|$)", name))]
+    # The outermost numbered list is the block list: T5's "block.1.layer.0.SelfAttention" is block 1, not 0.
+    return int(min(found, key=lambda m: m.start()).group(1)) if found else None
 
 
 def matches(
@@ -166,3 +227,41 @@ def find_targets(
             + f" matches no module. Module names in this model: {', '.join(candidate_names(model))}"
         )
     return found
+
+
+# Where bottleneck adapters go (Houlsby et al., 2019): the output projection of each block's attention ("attn") and
+# of its feed-forward ("ffn") sub-layer, before the residual add and LayerNorm. Regexes matched against the full
+# module name. Houlsby adapts both; Pfeiffer only "ffn". T5's and BART's decoder cross-attention is left alone.
+_BERT_LIKE = {"attn": r".*\.layer\.\d+\.attention\.output\.dense", "ffn": r".*\.layer\.\d+\.output\.dense"}
+_LLAMA_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.o_proj", "ffn": r".*\.layers\.\d+\.mlp\.down_proj"}
+_BART_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.out_proj", "ffn": r".*\.layers\.\d+\.fc2"}
+BOTTLENECK_TARGETS: dict[str, dict[str, str]] = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "layoutlm"), _BERT_LIKE),
+    **dict.fromkeys(
+        (
+            "llama",
+            "qwen2",
+            "qwen3",
+            "mistral",
+            "mixtral",
+            "gemma",
+            "gemma2",
+            "olmo",
+            "olmo2",
+            "starcoder2",
+            "stablelm",
+        ),
+        _LLAMA_LIKE,
+    ),
+    **dict.fromkeys(("bart", "mbart", "opt"), _BART_LIKE),
+    "gpt2": {"attn": r".*\.h\.\d+\.attn\.c_proj", "ffn": r".*\.h\.\d+\.mlp\.c_proj"},
+    **dict.fromkeys(
+        ("t5", "mt5", "umt5"),
+        {
+            "attn": r".*\.block\.\d+\.layer\.0\.SelfAttention\.o",
+            "ffn": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
+        },
+    ),
+    "gpt_neox": {"attn": r".*\.layers\.\d+\.attention\.dense", "ffn": r".*\.layers\.\d+\.mlp\.dense_4h_to_h"},
+    "bloom": {"attn": r".*\.h\.\d+\.self_attention\.dense", "ffn": r".*\.h\.\d+\.mlp\.dense_4h_to_h"},
+}

@@ -1,3 +1,3 @@
 """One file per method. Importing this package registers every built-in method."""
 
-from . import lora  # noqa: F401
+from . import adapter, freeze, fusion, ia3, lora, prefix, prompt, ptuning  # noqa: F401

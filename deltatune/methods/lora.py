@@ -152,13 +152,35 @@ class _LoraBase(DeltaLayer):
     def _weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    @property
+    def weight(self) -> torch.Tensor:
+        # Modeling code reads the wrapped layer's weight and bias (T5 checks ``self.wo.weight.dtype``), as PEFT allows.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * B A in the base weight's own layout."""
         raise NotImplementedError
 
+    def _dequantize_base(self) -> None:
+        """Merging writes into W. A base layer that stores W packed (4-bit, methods/quant.py) offers ``dequantize()``,
+        the plain layer it stands for, which replaces it for good: unmerge then restores the dequantised W."""
+        dequantize = getattr(self.base_layer, "dequantize", None)
+        if callable(dequantize):
+            self.base_layer = dequantize()
+        elif not self._weight.is_floating_point():
+            raise TypeError(
+                f"cannot merge into {type(self.base_layer).__name__}, whose weight is stored as "
+                f"{self._weight.dtype}; for 4-bit models use deltatune.merge_quantized"
+            )
+
     def merge(self, name: str) -> None:
         if name in self.merged_adapters or name not in self.adapter_names:
             return
+        self._dequantize_base()
         weight = self._weight
         with torch.no_grad():
             delta = self.delta_weight(name).to(weight.dtype)
@@ -220,6 +242,8 @@ class LoraLinear(_LoraBase):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
         _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        if dora and (callable(getattr(self.base_layer, "dequantize", None)) or not weight.is_floating_point()):
+            raise ConfigError("use_dora is not supported on 4-bit base layers yet")
         if dora:
             with torch.no_grad():
                 w = weight.float() + self.delta_weight(name).float()
@@ -246,8 +270,11 @@ class LoraLinear(_LoraBase):
             # Scale the rank-r activations rather than the (tokens, d_out) output: r/d_out of the work.
             h = F.linear(x_in, A) * self.scaling[name]  # (..., r)
             # One fused multiply-add for the (tokens, d_out) update instead of a product and a sum.
-            out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]).to(result.dtype),
-                              B.T.to(result.dtype))
+            out = torch.addmm(
+                result.reshape(-1, self.out_features),
+                h.reshape(-1, h.shape[-1]).to(result.dtype),
+                B.T.to(result.dtype),
+            )
             result = out.view(result.shape)
         return result
 
@@ -300,8 +327,9 @@ class LoraEmbedding(_LoraBase):
             if name in self.merged_adapters:
                 continue
             A = self.lora_embedding_A[name]
-            after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                                  base.sparse)  # (..., r)
+            after_a = F.embedding(
+                x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )  # (..., r)
             result = result + (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
         return result
 
@@ -315,8 +343,19 @@ class LoraConv2d(_LoraBase):
             raise ConfigError("use_dora is not supported on nn.Conv2d layers in deltatune")
         self._add_common(name, r, alpha, dropout, rslora)
         w = base.weight
-        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False,
-                                      device=w.device, dtype=w.dtype)
+        # A sees the input exactly as the base kernel does (dilation, padding mode too), so B A merges into W.
+        self.lora_A[name] = nn.Conv2d(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False, device=w.device, dtype=w.dtype)
         _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
 
@@ -363,7 +402,8 @@ def _wrap(module: nn.Module, name: str) -> _LoraBase:
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.Module]:
     """Wrap every target module in a LoRA layer (or add to an existing one) and add adapter ``adapter_name``.
 
-    Everything is checked before the model is touched, so a ConfigError leaves it as it was.
+    Targets are checked before the model is touched; a ConfigError from a layer's ``add`` (DoRA on an embedding)
+    comes after earlier layers were wrapped, and ``DeltaModel.add_adapter`` undoes them.
     """
     targets = config.target_modules or default_targets(model, LORA_TARGETS, "lora")
     names = find_targets(model, targets, config.layers_to_transform, config.layers_pattern, "lora")
@@ -371,6 +411,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         from ..targets import matches
 
         names = [n for n in names if not matches(n, config.exclude_modules)]
+        if not names:
+            raise ConfigError(
+                f"lora: exclude_modules={config.exclude_modules!r} excludes every module that "
+                f"target_modules={targets!r} matches"
+            )
+    if config.target_modules == "all-linear":
+        # Saved as PEFT saves it: the resolved names, so that PEFT (whose "all-linear" also takes e.g. BERT's
+        # pooler) loads exactly these modules.
+        config.target_modules = names
     plan: list[tuple[str, _LoraBase, bool]] = []
     for name in names:
         module = model.get_submodule(name)
@@ -386,8 +435,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
             set_submodule(model, name, layer)
         r = _pattern_value(config.rank_pattern, name, config.r)
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
-                  config.init_lora_weights)
+        layer.add(
+            adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, config.init_lora_weights
+        )
         layers.append(layer)
     return layers
 

@@ -1,0 +1,276 @@
+"""Bottleneck adapters (Houlsby et al., 2019, arXiv:1902.00751; Pfeiffer et al., 2021, arXiv:2005.00247).
+
+A small bottleneck network sits on the output h (d) of a transformer sub-layer, before the block's residual add
+and LayerNorm, with a residual of its own:
+
+    h' = h + s * W_up f(W_down LN_b(h) + b_down) + b_up        (then LN_a on the added term, if asked)
+
+with W_down (m x d), W_up (d x m), m = bottleneck_size or d // reduction_factor, f a non-linearity and s =
+``scaling``. Only W_down, b_down, W_up, b_up (and the optional LayerNorms) train; the base stays frozen.
+Houlsby places an adapter after the attention output projection and after the feed-forward output projection of
+every block; Pfeiffer only after the feed-forward one. Where those projections live in each model family is data
+(``targets.BOTTLENECK_TARGETS``), not code.
+
+Init: W_down ~ N(0, 0.01^2) (Houlsby's near-zero init), W_up = 0 and biases 0, so the adapter starts as the
+identity and the model as the base. ``init_weights="houlsby"`` draws W_up from N(0, 0.01^2) too, as the paper
+does (near, not exactly, the base). Nothing to merge: f is non-linear.
+
+Several adapters at one sub-layer compute from the same h and their terms add up. AdapterFusion
+(methods/fusion.py) puts a fusion module into ``adapter_fusion``; the layer calls it with the outputs of the
+adapters it fuses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, DeltaConfig, check_range
+from ..layer import DeltaLayer, base_weight, set_submodule
+from ..registry import register
+from ..targets import BOTTLENECK_TARGETS, find_targets, model_type
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+SUBLAYERS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
+_SUBLAYER_WORDS = {"attn": "attention output", "ffn": "feed-forward output"}
+
+
+@dataclass
+class BottleneckConfig(DeltaConfig):
+    """Bottleneck adapters: a down-projection, a non-linearity and an up-projection after chosen sub-layers."""
+
+    peft_type = "BOTTLENECK"
+
+    config: str = "houlsby"
+    """Placement: 'houlsby' (after attention and feed-forward) or 'pfeiffer' (after feed-forward only)."""
+    reduction_factor: int = 16
+    """Bottleneck size m = d // reduction_factor (d the sub-layer's output size). Ignored if bottleneck_size is set."""
+    bottleneck_size: int | None = None
+    """Bottleneck size m, overriding reduction_factor."""
+    non_linearity: str = "relu"
+    """The non-linearity f between the projections: 'relu', 'gelu', 'swish' (= 'silu') or 'tanh'."""
+    ln_before: bool = False
+    """A trainable LayerNorm on the adapter's input h (inside the adapter; the residual uses the raw h)."""
+    ln_after: bool = False
+    """A trainable LayerNorm on the adapter's added term (LN(0) = 0 at init, so the start is still the base)."""
+    scaling: float = 1.0
+    """s: the adapter's term is multiplied by it."""
+    adapter_dropout: float = 0.0
+    """Dropout on the adapter's term, in [0, 1)."""
+    init_weights: bool | str = True
+    """True: W_down ~ N(0, 0.01^2), W_up and biases 0 (starts exactly as the base). 'houlsby': W_up ~ N(0, 0.01^2)
+    as well (the paper's near-identity init). False: nn.Linear's random init (changes outputs; for tests)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.config not in SUBLAYERS:
+            raise ConfigError(f"config must be 'houlsby' or 'pfeiffer', got {self.config!r}")
+        if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
+            raise ConfigError(f"reduction_factor must be > 0, got {self.reduction_factor!r}")
+        if self.bottleneck_size is not None and (
+            not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1
+        ):
+            raise ConfigError(f"bottleneck_size must be a positive integer or None, got {self.bottleneck_size!r}")
+        if self.non_linearity not in ACTIVATIONS:
+            raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
+        check_range("adapter_dropout", self.adapter_dropout, 0.0, 1.0)
+        if self.init_weights not in (True, False, "houlsby"):
+            raise ConfigError(f"init_weights must be True, False or 'houlsby', got {self.init_weights!r}")
+
+    def size_for(self, d: int) -> int:
+        """The bottleneck size m for a sub-layer of output size d.
+
+        Raises:
+            ConfigError: reduction_factor leaves a bottleneck smaller than 1.
+        """
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        m = int(d // self.reduction_factor)
+        if m < 1:
+            raise ConfigError(
+                f"reduction_factor={self.reduction_factor!r} leaves a bottleneck of size {d} // "
+                f"{self.reduction_factor} = {m} for hidden size {d}; use a reduction_factor <= {d} or set bottleneck_size"
+            )
+        return m
+
+
+def _out_features(module: nn.Module) -> int:
+    if hasattr(module, "out_features"):
+        return int(module.out_features)
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight stored (d_in, d_out)
+        return int(module.weight.shape[1])
+    if hasattr(module, "weight") and module.weight.dim() == 2:
+        return int(module.weight.shape[0])
+    raise ConfigError(f"bottleneck: cannot tell the output size of a {type(module).__name__}")
+
+
+class BottleneckLayer(DeltaLayer):
+    """Wraps a sub-layer's output projection; each adapter adds s * up(f(down(h))) to its output h."""
+
+    adapter_attrs = ("adapter_down", "adapter_up", "adapter_ln_before", "adapter_ln_after", "adapter_fusion")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.out_features = _out_features(base_layer)
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.adapter_ln_before = nn.ModuleDict()
+        self.adapter_ln_after = nn.ModuleDict()
+        self.adapter_fusion = nn.ModuleDict()  # filled by methods/fusion.py: module(h, deltas) -> combined term
+        self.adapter_act = nn.ModuleDict()
+        self.adapter_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Modeling code reads the wrapped projection's weight (T5 checks ``self.wo.weight.dtype``).
+        return base_weight(self.base_layer)
+
+    def add(
+        self,
+        name: str,
+        m: int,
+        act: str,
+        ln_before: bool,
+        ln_after: bool,
+        scaling: float,
+        dropout: float,
+        init: bool | str,
+    ) -> None:
+        """Add adapter ``name`` with bottleneck size ``m``."""
+        d = self.out_features
+        w = base_weight(self.base_layer)
+        kw = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
+        down = nn.Linear(d, m, **kw)
+        up = nn.Linear(m, d, **kw)
+        if init is not False:
+            with torch.no_grad():
+                # Houlsby's init: zero-mean normal, std 1e-2, truncated at two standard deviations.
+                nn.init.trunc_normal_(down.weight, std=1e-2, a=-2e-2, b=2e-2)
+                nn.init.zeros_(down.bias)
+                if init == "houlsby":
+                    nn.init.trunc_normal_(up.weight, std=1e-2, a=-2e-2, b=2e-2)
+                else:  # W_up = 0: the adapter is exactly the identity at the start
+                    nn.init.zeros_(up.weight)
+                nn.init.zeros_(up.bias)
+        self.adapter_down[name] = down
+        self.adapter_up[name] = up
+        if ln_before:
+            self.adapter_ln_before[name] = nn.LayerNorm(d, **kw)
+        if ln_after:
+            self.adapter_ln_after[name] = nn.LayerNorm(d, **kw)
+        self.adapter_act[name] = ACTIVATIONS[act]()
+        self.adapter_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scaling
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.scaling.pop(name, None)
+        for container in (self.adapter_act, self.adapter_dropout):
+            if name in container:
+                del container[name]
+
+    def bottleneck_names(self) -> list[str]:
+        """The plain (not fusion) adapters this layer holds."""
+        return list(self.adapter_down.keys())
+
+    def fusion_weights(self, name: str) -> torch.Tensor | None:
+        """Fusion ``name``'s mean attention over its adapters (N,) in the last forward; None if none ran."""
+        return self.adapter_fusion[name].last_weights if name in self.adapter_fusion else None
+
+    def delta(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s term s * up(f(down(h))) (after its optional LayerNorms), same shape as h."""
+        if name not in self.adapter_down:
+            raise KeyError(f"bottleneck adapter {name!r} is not in this layer (was it deleted?)")
+        x = self.adapter_ln_before[name](h) if name in self.adapter_ln_before else h
+        up = self.adapter_up[name]
+        z = up(self.adapter_act[name](self.adapter_down[name](x.to(up.weight.dtype)))) * self.scaling[name]
+        if name in self.adapter_ln_after:
+            z = self.adapter_ln_after[name](z)
+        return self.adapter_dropout[name](z).to(h.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        h = self.base_layer(x, *args, **kwargs)
+        if self.disabled or not self.active_adapters:
+            return h
+        out = h
+        for name in self.active_adapters:
+            if name in self.adapter_fusion:
+                fusion = self.adapter_fusion[name]
+                deltas = torch.stack([self.delta(a, h) for a in fusion.adapter_names], dim=-2)  # (..., N, d)
+                out = out + fusion(h, deltas)
+            else:
+                out = out + self.delta(name, h)
+        return out
+
+
+def _locate(model: nn.Module, config: BottleneckConfig) -> list[str]:
+    """Full names of the sub-layers to adapt: target_modules if given, else the family's entry in the table.
+
+    A family missing from the table is tried against every known layout; the error names the sub-layers that
+    no layout found.
+    """
+    if config.target_modules is not None:
+        return find_targets(model, config.target_modules, method="bottleneck")
+    wanted = SUBLAYERS[config.config]
+    mtype = model_type(model)
+    layouts = [BOTTLENECK_TARGETS[mtype]] if mtype in BOTTLENECK_TARGETS else list(BOTTLENECK_TARGETS.values())
+    names = [n for n, _ in model.named_modules() if n]
+    missing: set[str] = set(wanted)
+    for layout in layouts:
+        found = {kind: [n for n in names if re.fullmatch(layout[kind], n)] for kind in wanted}
+        if all(found.values()):
+            return [n for kind in wanted for n in found[kind]]
+        missing &= {kind for kind, hits in found.items() if not hits}
+    missing = missing or set(wanted)
+    what = ", ".join(f"{_SUBLAYER_WORDS[k]} ({k})" for k in wanted if k in missing)
+    tried = "; ".join(sorted({layout[k] for layout in layouts for k in wanted if k in missing}))
+    known = "" if mtype in BOTTLENECK_TARGETS else f" (model type {mtype!r} is not in targets.BOTTLENECK_TARGETS)"
+    raise ConfigError(
+        f"bottleneck ({config.config}): sub-layers not found in this model{known}: {what}; patterns tried: {tried}. "
+        "Add the family to targets.BOTTLENECK_TARGETS or pass target_modules"
+    )
+
+
+def _existing(module: nn.Module) -> BottleneckLayer | None:
+    """The BottleneckLayer at or inside (through other layers' base_layer) ``module``, if any."""
+    while isinstance(module, DeltaLayer):
+        if isinstance(module, BottleneckLayer):
+            return module
+        module = getattr(module, "base_layer", None)
+    return None
+
+
+def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> list[nn.Module]:
+    """Add bottleneck adapter ``adapter_name`` after each sub-layer the config places it at.
+
+    Everything is checked (targets found, bottleneck size >= 1) before the model is touched.
+    """
+    plan: list[tuple[str, BottleneckLayer, bool, int]] = []
+    for name in _locate(model, config):
+        module = model.get_submodule(name)
+        layer = _existing(module)
+        new = layer is None
+        if new:
+            layer = BottleneckLayer(module)  # wraps a plain module, or another method's layer (LoRA) whole
+        plan.append((name, layer, new, config.size_for(layer.out_features)))
+    for name, layer, new, m in plan:
+        if new:
+            set_submodule(model, name, layer)
+        layer.add(
+            adapter_name,
+            m,
+            config.non_linearity,
+            config.ln_before,
+            config.ln_after,
+            config.scaling,
+            config.adapter_dropout,
+            config.init_weights,
+        )
+    return [layer for _, layer, _, _ in plan]
+
+
+register("bottleneck", BottleneckConfig, inject)

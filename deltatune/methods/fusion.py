@@ -1,0 +1,158 @@
+"""AdapterFusion (Pfeiffer, Kamath, Rücklé, Cho, Gurevych, 2021; arXiv:2005.00247), over bottleneck adapters.
+
+Stage 1 trains N bottleneck adapters (methods/adapter.py), one per task. Stage 2 freezes the base and all of them
+and learns, at every sub-layer where they sit, how much of each adapter's output to use for the target task.
+With h (d) the sub-layer's output and o_i = adapter i's term (d) at that position:
+
+    q = W_q h + b_q,   k_i = W_k o_i + b_k,   v_i = W_v o_i + b_v
+    a = softmax_i(q . k_i / T)                   (attention over the N adapters, per token)
+    h' = h + sum_i a_i v_i
+
+Only W_q, W_k, W_v and their biases (3 (d^2 + d) per sub-layer) train. Init: W_q, W_k ~ N(0, 0.02^2), biases 0,
+W_v = I: the fused term starts as a weighted average of the adapters' terms (close to the plain average, since the
+small W_q, W_k give near-uniform attention). Nothing to merge.
+
+A fusion over a single adapter is allowed: the softmax over one adapter is 1 and W_v = I, so it reproduces that
+adapter exactly at the start, which is a useful check; W_v still trains (W_q and W_k then get no gradient).
+``DeltaModel.fusion_weights(name)`` returns the attention a of the last forward pass per sub-layer, averaged over
+all token positions (padding included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, DeltaConfig, check_range
+from ..layer import DeltaLayer
+from ..registry import register
+from .adapter import BottleneckLayer
+
+
+@dataclass
+class AdapterFusionConfig(DeltaConfig):
+    """AdapterFusion: per-sub-layer attention over the outputs of trained bottleneck adapters."""
+
+    peft_type = "ADAPTER_FUSION"
+
+    adapter_names: list[str] = field(default_factory=list)
+    """The bottleneck adapters to fuse, by their names in the model (they must be loaded first)."""
+    temperature: float = 1.0
+    """T: the attention logits q . k_i are divided by it (> 0)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.adapter_names, str):
+            self.adapter_names = [self.adapter_names]
+        self.adapter_names = list(self.adapter_names)
+        if not self.adapter_names:
+            raise ConfigError("adapter_names must name at least one bottleneck adapter, got []")
+        dup = sorted({n for n in self.adapter_names if self.adapter_names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"adapter_names lists {dup[0]!r} more than once: {self.adapter_names!r}")
+        check_range("temperature", self.temperature, 0, None, low_open=True)
+
+
+class Fusion(nn.Module):
+    """Attention over adapter outputs at one sub-layer: fuse(h, deltas) -> sum_i a_i (W_v o_i + b_v)."""
+
+    def __init__(
+        self,
+        d: int,
+        adapter_names: list[str],
+        temperature: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.adapter_names = list(adapter_names)
+        self.temperature = temperature
+        self.query = nn.Linear(d, d, device=device, dtype=dtype)
+        self.key = nn.Linear(d, d, device=device, dtype=dtype)
+        self.value = nn.Linear(d, d, device=device, dtype=dtype)
+        with torch.no_grad():
+            for lin in (self.query, self.key):
+                nn.init.normal_(lin.weight, std=0.02)  # BERT's init, as Adapters' BertFusion
+                nn.init.zeros_(lin.bias)
+            # W_v = I exactly (Adapters adds 1e-6 off the diagonal; exact keeps a one-adapter fusion exact).
+            nn.init.eye_(self.value.weight)
+            nn.init.zeros_(self.value.bias)
+        self.last_weights: torch.Tensor | None = None  # (N,) mean attention of the last forward
+
+    def forward(self, h: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """h: (..., d) the sub-layer output; deltas: (..., N, d) the adapters' terms. Returns the fused term (..., d)."""
+        q = self.query(h.to(self.query.weight.dtype)).unsqueeze(-2)  # (..., 1, d)
+        k = self.key(deltas.to(self.key.weight.dtype))  # (..., N, d)
+        v = self.value(deltas.to(self.value.weight.dtype))  # (..., N, d)
+        a = torch.softmax((q * k).sum(-1) / self.temperature, dim=-1)  # (..., N)
+        self.last_weights = a.detach().reshape(-1, a.shape[-1]).mean(0)
+        return (a.unsqueeze(-1) * v).sum(-2).to(h.dtype)  # (..., d)
+
+
+def _bottleneck_layers(model: nn.Module) -> list[tuple[str, BottleneckLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BottleneckLayer)]
+
+
+def _check(model: nn.Module, config: AdapterFusionConfig, adapter_name: str) -> list[tuple[str, BottleneckLayer]]:
+    """The layers to fuse at; ConfigError when a member is missing, not a bottleneck adapter, or placed differently."""
+    if adapter_name in config.adapter_names:
+        raise ConfigError(f"fusion: the fusion's own name {adapter_name!r} is among adapter_names")
+    layers = _bottleneck_layers(model)
+    others = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, DeltaLayer) and not isinstance(m, BottleneckLayer)
+    ]
+    sites: dict[str, set[str]] = {}
+    for member in config.adapter_names:
+        sites[member] = {path for path, layer in layers if member in layer.bottleneck_names()}
+        if sites[member]:
+            continue
+        if any(member in layer.adapter_fusion for _, layer in layers):
+            raise ConfigError(f"fusion: {member!r} is itself a fusion; only bottleneck adapters can be fused")
+        kinds = sorted({type(m).__name__ for _, m in others if member in m.adapter_names})
+        if kinds:
+            raise ConfigError(
+                f"fusion: {member!r} is not a bottleneck adapter (it lives in {', '.join(kinds)} layers); "
+                "AdapterFusion only fuses bottleneck adapters"
+            )
+        present = sorted({a for _, layer in layers for a in layer.bottleneck_names()})
+        raise ConfigError(
+            f"fusion: no bottleneck adapter named {member!r} in the model; bottleneck adapters present: "
+            f"{', '.join(present) or 'none'}"
+        )
+    first = config.adapter_names[0]
+    for member in config.adapter_names[1:]:
+        if sites[member] != sites[first]:
+            raise ConfigError(
+                f"fusion: adapters {first!r} ({len(sites[first])} sub-layers) and {member!r} ({len(sites[member])} "
+                "sub-layers) do not sit at the same sub-layers (e.g. Houlsby and Pfeiffer placements); "
+                "fused adapters must share their placement"
+            )
+    chosen = [(p, layer) for p, layer in layers if p in sites[first]]
+    for path, layer in chosen:
+        sizes = {a: layer.adapter_up[a].out_features for a in config.adapter_names}
+        if len(set(sizes.values())) > 1 or layer.out_features not in sizes.values():
+            raise ConfigError(
+                f"fusion: at {path} the adapters' hidden sizes {sizes} differ from each other or from the "
+                f"sub-layer's {layer.out_features}; were they made for different base models?"
+            )
+    return chosen
+
+
+def inject(model: nn.Module, config: AdapterFusionConfig, adapter_name: str) -> list[nn.Module]:
+    """Add fusion ``adapter_name`` over ``config.adapter_names`` at every sub-layer those adapters share.
+
+    Everything is checked before the model is touched.
+    """
+    chosen = _check(model, config, adapter_name)
+    for _, layer in chosen:
+        w = layer.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        layer.adapter_fusion[adapter_name] = Fusion(
+            layer.out_features, config.adapter_names, config.temperature, device=w.device, dtype=dtype
+        )
+    return [layer for _, layer in chosen]
+
+
+register("fusion", AdapterFusionConfig, inject)

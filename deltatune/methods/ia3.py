@@ -1,0 +1,174 @@
+"""(IA)^3 (Liu, Tam, Muqeeth, Mohta, Huang, Bansal, Raffel, 2022; arXiv:2205.05638).
+
+Infused Adapter by Inhibiting and Amplifying Inner Activations: a trained vector rescales activations
+elementwise. For a target W (d_out x d_in) with bias b:
+
+    attention keys / values (and any non-feed-forward target):  h = l * (W x + b),   l in R^{d_out}
+    feed-forward targets (the second FFN projection):          h = W (l * x) + b,   l in R^{d_in}
+
+Only the vectors l train; they start at 1, so the model starts as the base. Merging folds l into W (and into b
+for output scaling): W <- W diag(l) or diag(l) W; unmerging divides it out again (exact unless some l_i = 0).
+Several active adapters multiply their vectors. Module and key names are PEFT's (``ia3_l``), so adapters move
+between deltatune and PEFT unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, DeltaConfig
+from ..layer import DeltaLayer, set_submodule
+from ..registry import register
+from ..targets import IA3_FEEDFORWARD, IA3_TARGETS, default_targets, find_targets, matches, model_type
+
+
+@dataclass
+class IA3Config(DeltaConfig):
+    """(IA)^3: a trained vector scaling each target's output (or, for feed-forward targets, its input)."""
+
+    peft_type = "IA3"
+
+    feedforward_modules: list[str] | str | None = None
+    """Targets whose input (not output) is scaled: a list of name endings or a regex (PEFT's rule). None: the
+    family default (deltatune.targets.IA3_FEEDFORWARD). Must be a subset of target_modules when both are lists."""
+    fan_in_fan_out: bool = False
+    """Weights stored as (d_in, d_out). Set per layer automatically: True for GPT-2 Conv1D, False for nn.Linear."""
+    init_ia3_weights: bool = True
+    """True: vectors start at 1 (the base model). False: random normal (changes outputs; for tests)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted, matched like target_modules."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.feedforward_modules, (set, tuple)):
+            self.feedforward_modules = sorted(self.feedforward_modules)
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ConfigError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ConfigError(
+                    f"feedforward_modules must be a subset of target_modules, but {extra!r} are not in "
+                    f"target_modules={self.target_modules!r}"
+                )
+
+
+def _is_feedforward(name: str, feedforward: list[str] | str) -> bool:
+    # PEFT's rule, kept exactly for interchange: a regex must match the full name; a list entry only needs to end
+    # the name (no "." boundary), so "output.dense" also marks BERT's "attention.output.dense" as feed-forward.
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, name) is not None
+    return any(name.endswith(key) for key in feedforward)
+
+
+class IA3Layer(DeltaLayer):
+    """(IA)^3 around an ``nn.Linear`` or GPT-2 ``Conv1D``: vectors ``ia3_l`` of shape (d_out, 1) or, feed-forward, (1, d_in)."""
+
+    adapter_attrs = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool, fan_in_fan_out: bool) -> None:
+        super().__init__(base_layer)
+        self.is_feedforward = is_feedforward
+        self.fan_in_fan_out = fan_in_fan_out
+        d0, d1 = base_layer.weight.shape
+        self.in_features, self.out_features = (d0, d1) if fan_in_fan_out else (d1, d0)
+        self.ia3_l = nn.ParameterDict()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Modeling code reads the wrapped projection's weight (T5 checks ``self.wo.weight.dtype``).
+        return self.base_layer.weight
+
+    def add(self, name: str, init: bool) -> None:
+        # PEFT's shapes: (1, d_in) scales the input of a feed-forward layer, (d_out, 1) the output of the others.
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        w = self.base_layer.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        value = (
+            torch.ones(shape, device=w.device, dtype=dtype)
+            if init
+            else torch.randn(shape, device=w.device, dtype=dtype)
+        )
+        self.ia3_l[name] = nn.Parameter(value)
+
+    def _factor(self, name: str) -> torch.Tensor:
+        """l laid out to multiply the stored weight: along d_in (feed-forward) or d_out."""
+        l_ = self.ia3_l[name].detach()
+        return l_.T if self.fan_in_fan_out else l_
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters or name not in self.ia3_l:
+            return
+        base = self.base_layer
+        with torch.no_grad():
+            base.weight.mul_(self._factor(name).to(base.weight.dtype))
+            if not self.is_feedforward and getattr(base, "bias", None) is not None:
+                base.bias.mul_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            return
+        base = self.base_layer
+        with torch.no_grad():
+            base.weight.div_(self._factor(name).to(base.weight.dtype))
+            if not self.is_feedforward and getattr(base, "bias", None) is not None:
+                base.bias.div_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
+        self.merged_adapters.remove(name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not live:
+            return self.base_layer(x, *args, **kwargs)
+        scale = self.ia3_l[live[0]].flatten()
+        for name in live[1:]:
+            scale = scale * self.ia3_l[name].flatten()
+        if self.is_feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * scale).to(result.dtype)
+
+
+def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Module]:
+    """Wrap every target in an IA3Layer (or add to an existing one) and add adapter ``adapter_name``.
+
+    Family defaults are written into ``config`` (target_modules, feedforward_modules), so the saved
+    adapter_config.json says exactly what was adapted. Everything is checked before the model is touched.
+    """
+    targets = (
+        config.target_modules if config.target_modules is not None else default_targets(model, IA3_TARGETS, "ia3")
+    )
+    feedforward = config.feedforward_modules
+    if feedforward is None:
+        feedforward = IA3_FEEDFORWARD.get(model_type(model) or "", [])
+    names = find_targets(model, targets, method="ia3")
+    if config.exclude_modules:
+        names = [n for n in names if not matches(n, config.exclude_modules)]
+    plan: list[tuple[str, IA3Layer, bool]] = []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, IA3Layer):
+            plan.append((name, module, False))
+            continue
+        if isinstance(module, DeltaLayer):
+            raise ConfigError(f"ia3: {name} is already adapted by {type(module).__name__}; IA3 cannot wrap it")
+        kind = type(module).__name__
+        if not (isinstance(module, nn.Linear) or kind == "Conv1D"):
+            raise ConfigError(f"ia3: target {name} is a {kind}; IA3 adapts nn.Linear and GPT-2 Conv1D layers")
+        plan.append(
+            (name, IA3Layer(module, _is_feedforward(name, feedforward), fan_in_fan_out=kind == "Conv1D"), True)
+        )
+    config.target_modules = targets
+    config.feedforward_modules = feedforward
+    for name, layer, new in plan:
+        if new:
+            set_submodule(model, name, layer)
+        layer.add(adapter_name, config.init_ia3_weights)
+    return [layer for _, layer, _ in plan]
+
+
+register("ia3", IA3Config, inject)

@@ -1,0 +1,135 @@
+"""Prefix tuning (Li & Liang, 2021; arXiv:2101.00190) and P-tuning v2 (Liu et al., 2022; arXiv:2110.07602).
+
+Every attention layer l gets n trainable key and value vectors in front of the keys and values computed
+from the input: attention(Q, [P_k^l ; K], [P_v^l ; V]). The virtual tokens are not fed through the layers;
+they only act as extra keys/values (a prefix in the attention cache). Only the prefixes train.
+
+Prefix tuning reparametrises them for stable training (``prefix_projection=True``): a table E (n x d) and
+an MLP, [P_k^1, P_v^1, ..., P_k^L, P_v^L] = W2 tanh(W1 E + b1) + b2, with W1 (h x d), W2 (2 L d x h). After
+training the MLP is folded away: only the flat prefixes (n x 2 L d) are saved (PEFT's ``prompt_embeddings``)
+and served, and ``fold`` does it in memory with the same outputs.
+P-tuning v2 ("deep prompt tuning", ``prefix_projection=False``) trains the flat prefixes directly; it is the
+same computation on the same prefixes and works for classification and tagging as well as generation.
+
+Init: E and the flat table ~ N(0, 1), the MLP as torch initialises it (as PEFT); ``init_weights="zero"``
+starts the prefixes at zero. Here d is num_key_value_heads * head_dim (grouped-query attention keeps its
+narrower keys). Nothing to merge. The cache, mask, positions and generation are handled in ``_tokens.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, DeltaConfig
+from ..registry import register
+from ._tokens import TokenSpec, VirtualTokenFields, attach, check_fields, fill_geometry, fold_tensor, folded_embedding
+
+
+@dataclass
+class PrefixTuningConfig(VirtualTokenFields, DeltaConfig):
+    """Prefix tuning (prefix_projection=True) or P-tuning v2 (False): per-layer key/value prefixes."""
+
+    peft_type = "PREFIX_TUNING"
+
+    prefix_projection: bool = False
+    """True: prefix tuning's MLP reparametrisation during training; False: P-tuning v2 (the prefixes train directly)."""
+    encoder_hidden_size: int | None = None
+    """Hidden width h of the MLP; None uses token_dim."""
+    init_weights: str | None = None
+    """None: random init (as PEFT); "zero": the prefixes start at zero (the MLP's last layer, or the table)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self)
+        if self.encoder_hidden_size is not None and (
+            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1
+        ):
+            raise ConfigError(
+                f"encoder_hidden_size must be a positive integer or None, got {self.encoder_hidden_size!r}"
+            )
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
+
+
+class PrefixEncoder(nn.Module):
+    """The prefixes, with PEFT's module names (``embedding``, ``transform``).
+
+    Args:
+        n: virtual tokens.
+        dim: prefix width d per layer and per key/value.
+        layers: number of layers L.
+        hidden: MLP width h (with ``projection``).
+        projection: reparametrise through the MLP (prefix tuning) rather than train the flat table (P-tuning v2).
+        zero: start the prefixes at zero.
+    """
+
+    kind = "prefix"
+
+    def __init__(self, n: int, dim: int, layers: int, hidden: int, projection: bool, zero: bool = False) -> None:
+        super().__init__()
+        out = layers * 2 * dim
+        self.transform: nn.Sequential | None = None
+        if projection:
+            self.embedding = nn.Embedding(n, dim)
+            self.transform = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
+            if zero:
+                nn.init.zeros_(self.transform[-1].weight)
+                nn.init.zeros_(self.transform[-1].bias)
+        else:
+            self.embedding = nn.Embedding(n, out)
+            if zero:
+                nn.init.zeros_(self.embedding.weight)
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight
+        return self.transform(x) if self.transform is not None else x  # (n, layers * 2 * dim)
+
+    def fold(self, weight: torch.Tensor | None) -> None:
+        """Replace E and the MLP by the flat prefixes (or by ``weight``, saved prefixes)."""
+        weight = fold_tensor(self) if weight is None else weight
+        self.embedding = folded_embedding(weight.to(self.embedding.weight.dtype), self.embedding.weight)
+        self.transform = None
+
+
+def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> list[nn.Module]:
+    """Add a prefix adapter: fill the geometry (layers, key/value heads and width) from the model and attach it.
+
+    Raises:
+        ConfigError: the model's attention cannot take a prefix, or the geometry fields do not fit the model.
+    """
+    fill_geometry(model, config, prefix=True)
+    if config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
+    if config.token_dim % config.num_attention_heads:
+        raise ConfigError(
+            f"token_dim={config.token_dim} is not divisible by num_attention_heads={config.num_attention_heads}"
+        )
+    # A loaded adapter (inference_mode) holds the folded prefixes only, as PEFT does.
+    projection = config.prefix_projection and not config.inference_mode
+    encoder = PrefixEncoder(
+        config.num_virtual_tokens,
+        config.token_dim,
+        config.num_layers,
+        config.encoder_hidden_size,
+        projection,
+        zero=config.init_weights == "zero",
+    )
+    method = "prefix_tuning" if config.prefix_projection else "prefix_tuning (P-tuning v2)"
+    spec = TokenSpec(
+        method,
+        "prefix",
+        config.num_virtual_tokens,
+        config.num_layers,
+        config.num_attention_heads,
+        config.token_dim,
+        config.num_transformer_submodules,
+    )
+    return attach(model, adapter_name, encoder, spec)
+
+
+register("prefix_tuning", PrefixTuningConfig, inject)
+
+__all__ = ["PrefixEncoder", "PrefixTuningConfig"]

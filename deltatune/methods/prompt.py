@@ -1,0 +1,119 @@
+"""Prompt tuning (Lester, Al-Rfou, Constant, 2021; arXiv:2104.08691).
+
+Prepends n trainable vectors P (n x d) to the input embeddings: h0 = [P ; E(x)], where E is the frozen
+word embedding and d the hidden size. Only P trains; the base stays frozen. Nothing to merge.
+Init: RANDOM (N(0, 1), as PEFT's nn.Embedding), SAMPLE_VOCAB (rows of E for random token ids), or TEXT
+(E of the tokenized init text: truncated to n tokens with a warning when longer, repeated when shorter).
+
+Encoder-decoder models get P in front of the encoder input. With task_type SEQ_2_SEQ_LM the table holds
+2n rows (PEFT's num_transformer_submodules = 2) of which the first n are used, so files match PEFT's.
+Saved as PEFT's ``prompt_embeddings`` (rows x d). The attention mask, position ids, labels, per-token
+outputs and generation are handled in ``_tokens.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, DeltaConfig
+from ..registry import register
+from ._tokens import TokenSpec, VirtualTokenFields, attach, check_fields, fill_geometry, warn
+
+INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclass
+class PromptTuningConfig(VirtualTokenFields, DeltaConfig):
+    """Prompt tuning: n trainable vectors prepended to the input embeddings."""
+
+    peft_type = "PROMPT_TUNING"
+
+    prompt_tuning_init: str = "RANDOM"
+    """How P starts: "RANDOM" (N(0, 1)), "SAMPLE_VOCAB" (embeddings of random tokens) or "TEXT"."""
+    prompt_tuning_init_text: str | None = None
+    """The init text for "TEXT": truncated to the first rows with a warning when longer, repeated when shorter."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer (local folder or hub id) that tokenizes the init text."""
+    tokenizer_kwargs: dict | None = None
+    """Keyword arguments for ``AutoTokenizer.from_pretrained`` (TEXT init only)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self)
+        init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)  # PEFT's str enum
+        if init not in INITS:
+            raise ConfigError(f"prompt_tuning_init must be one of {INITS}, got {self.prompt_tuning_init!r}")
+        self.prompt_tuning_init = init
+        if init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, got None")
+        if init == "TEXT" and not self.tokenizer_name_or_path:
+            raise ConfigError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path, got None")
+        if self.tokenizer_kwargs and init != "TEXT":
+            raise ConfigError(f"tokenizer_kwargs is only used with prompt_tuning_init='TEXT', got {init!r}")
+
+
+class PromptEmbedding(nn.Module):
+    """The table P of virtual tokens (PEFT's ``PromptEmbedding`` layout: ``embedding.weight``)."""
+
+    kind = "prompt"
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(rows, dim)
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding.weight  # (rows, dim)
+
+    def fold(self, weight: torch.Tensor | None) -> None:
+        """Load saved tokens (prompt tuning has no reparametrisation to fold)."""
+        if weight is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(weight)
+
+
+def _init_ids(config: PromptTuningConfig, rows: int, vocab: int) -> torch.Tensor | None:
+    if config.prompt_tuning_init == "SAMPLE_VOCAB":
+        return torch.randint(0, vocab, (rows,))
+    if config.prompt_tuning_init != "TEXT":
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+    ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+    if not ids:
+        raise ConfigError("prompt_tuning_init_text tokenizes to no tokens")
+    if len(ids) > rows:
+        warn(
+            f"prompt_tuning_init_text has {len(ids)} tokens but there are {rows} virtual tokens; "
+            f"only the first {rows} are used"
+        )
+    ids = (ids * math.ceil(rows / len(ids)))[:rows]  # repeated when shorter, as PEFT does
+    if max(ids) >= vocab:
+        raise ConfigError(
+            f"tokenizer {config.tokenizer_name_or_path!r} gives token id {max(ids)} >= the model's vocab {vocab}"
+        )
+    return torch.tensor(ids)
+
+
+def inject(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> list[nn.Module]:
+    """Add a prompt-tuning adapter: fill the geometry from the model, build and initialise P, attach it."""
+    fill_geometry(model, config, prefix=False)
+    words: nn.Embedding = model.get_input_embeddings()
+    rows = config.num_virtual_tokens * config.num_transformer_submodules
+    encoder = PromptEmbedding(rows, config.token_dim)
+    ids = None if config.inference_mode else _init_ids(config, rows, words.weight.shape[0])
+    if ids is not None:
+        with torch.no_grad():
+            # float32 like PEFT, whatever the base dtype: the prompt is the only thing that trains.
+            encoder.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
+    spec = TokenSpec("prompt_tuning", "prompt", config.num_virtual_tokens)
+    return attach(model, adapter_name, encoder, spec)
+
+
+register("prompt_tuning", PromptTuningConfig, inject)
+
+__all__ = ["PromptEmbedding", "PromptTuningConfig"]

@@ -1,0 +1,215 @@
+"""The test matrix: model FAMILIES x METHODS (one row per method config), shared by test_matrix.py.
+
+A new method is one new row in METHODS: how to build its config for a family (with and without an
+adapter that changes the outputs from the start), whether it merges, whether it starts as the base, and
+the trainable-parameter count it should give, worked out from the base model's module shapes alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tiny import FAMILIES, default_task
+from torch import nn
+
+import deltatune as dt
+
+__all__ = ["FAMILIES", "METHODS", "TASKS", "TASK_TYPES", "MethodRow", "task_type"]
+
+TASKS = {family: default_task(family) for family in FAMILIES}
+"""The task each family's tiny model is built for (tests/tiny.py): causal_lm, seq2seq or seq_cls."""
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
+
+# PEFT's default LoRA targets per family (peft.utils.constants), written out here so that the expected
+# counts do not come from deltatune's own table.
+PEFT_LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"], "t5": ["q", "v"], "bart": ["q_proj", "v_proj"],
+}  # fmt: skip
+
+# Heads a classification task adds (trained in full as modules_to_save) and the module names that
+# "all-linear" leaves alone (the output head, task heads, the pooler), as deltatune documents them.
+CLS_HEADS = ("classifier", "score")
+ALL_LINEAR_SKIP = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler", "embed_out", "output_layer")
+
+
+def task_type(family: str) -> str:
+    """The PEFT task_type of the family's default task (tests/tiny.py)."""
+    return TASK_TYPES[TASKS[family]]
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method config of the matrix.
+
+    Attributes:
+        id: the pytest id.
+        config: ``config(family, changed)``: the method's config for a tiny ``family`` model. ``changed=False``
+            is the default init; ``changed=True`` makes the adapter alter the outputs from the start (e.g.
+            ``init_lora_weights=False``), so that equality checks can fail.
+        mergeable: ``merge_adapter`` / ``merge_and_unload`` are supported.
+        init_atol: at init (``changed=False``) the outputs equal the base's within this tolerance
+            (0.0: exactly); None when the method does not start as the base.
+        trainable: ``trainable(base, config, family)``: the expected number of trainable parameters, computed
+            from the fresh base model's module shapes; None to skip the count check.
+        families: the families the method supports (None: all of FAMILIES).
+    """
+
+    id: str
+    config: Callable[[str, bool], dt.DeltaConfig]
+    mergeable: bool = True
+    init_atol: float | None = 0.0
+    trainable: Callable[[nn.Module, dt.DeltaConfig, str], int] | None = None
+    families: tuple[str, ...] | None = None
+
+
+# -- expected counts, from module shapes ---------------------------------------------------------------------
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear or a GPT-2 Conv1D (whose weight is stored (d_in, d_out))."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape
+    return d_in, d_out
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _lora_targets(base: nn.Module, config: dt.LoraConfig, family: str) -> list[nn.Module]:
+    if config.target_modules == "all-linear":
+        output = base.get_output_embeddings()
+        return [
+            m
+            for n, m in base.named_modules()
+            if _is_linear(m) and m is not output and not any(s in n.split(".") for s in ALL_LINEAR_SKIP)
+        ]
+    targets = config.target_modules or PEFT_LORA_TARGETS[family]
+    return [m for n, m in base.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def _head_params(base: nn.Module, config: dt.DeltaConfig) -> int:
+    """Parameters of the task heads a SEQ_CLS / TOKEN_CLS adapter trains in full."""
+    if config.task_type not in ("SEQ_CLS", "TOKEN_CLS"):
+        return 0
+    heads = [m for n, m in base.named_modules() if n.split(".")[-1] in CLS_HEADS]
+    return sum(p.numel() for m in heads for p in m.parameters())
+
+
+def lora_trainable(base: nn.Module, config: dt.LoraConfig, family: str) -> int:
+    """r * (d_in + d_out) per adapted layer, + d_out per layer for DoRA's magnitude and for a trained bias."""
+    total = 0
+    for m in _lora_targets(base, config, family):
+        d_in, d_out = _in_out(m)
+        total += config.r * (d_in + d_out)
+        total += d_out if config.use_dora else 0
+        total += m.bias.numel() if config.bias == "lora_only" and getattr(m, "bias", None) is not None else 0
+    return total + _head_params(base, config)
+
+
+def bottleneck_trainable(base: nn.Module, config: dt.BottleneckConfig, family: str) -> int:
+    """2 d m + m + d per adapter (m = d // reduction_factor); Houlsby: 2 per block, Pfeiffer: 1, every stack."""
+    c = base.config
+    d, m = c.hidden_size, c.hidden_size // config.reduction_factor
+    sites = (2 if config.config == "houlsby" else 1) * c.num_hidden_layers * (2 if c.is_encoder_decoder else 1)
+    return sites * (2 * d * m + m + d) + _head_params(base, config)
+
+
+def ia3_trainable(base: nn.Module, config: dt.IA3Config, family: str) -> int:
+    """d_in per feed-forward target, d_out per other target; targets from PEFT's own tables."""
+    from peft.utils import constants
+
+    targets = constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[family]
+    feedforward = constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[family]
+    total = 0
+    for n, m in base.named_modules():
+        if any(n == t or n.endswith("." + t) for t in targets):
+            d_in, d_out = _in_out(m)
+            total += d_in if any(n.endswith(f) for f in feedforward) else d_out
+    return total + _head_params(base, config)
+
+
+def _prompt_rows(config: dt.DeltaConfig) -> int:
+    """Virtual-token rows: n, or 2n for SEQ_2_SEQ_LM (PEFT's two transformer submodules)."""
+    return config.num_virtual_tokens * (2 if config.task_type == "SEQ_2_SEQ_LM" else 1)
+
+
+def prompt_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
+    """Prompt tuning: rows x hidden size."""
+    d = base.get_input_embeddings().weight.shape[1]
+    return _prompt_rows(config) * d + _head_params(base, config)
+
+
+def ptuning_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
+    """P-tuning (MLP): the rows x d table, then Linear d->h, Linear h->h, Linear h->d (with biases)."""
+    d, h = base.get_input_embeddings().weight.shape[1], config.encoder_hidden_size
+    mlp = (d * h + h) + (h * h + h) + (h * d + d)
+    return _prompt_rows(config) * d + mlp + _head_params(base, config)
+
+
+# -- the rows ---------------------------------------------------------------------------------------------------
+def _lora(**fields) -> Callable[[str, bool], dt.DeltaConfig]:
+    def make(family: str, changed: bool) -> dt.DeltaConfig:
+        return dt.LoraConfig(r=4, lora_alpha=8, task_type=task_type(family), init_lora_weights=not changed, **fields)
+
+    return make
+
+
+def _bottleneck(**fields) -> Callable[[str, bool], dt.DeltaConfig]:
+    def make(family: str, changed: bool) -> dt.DeltaConfig:
+        return dt.BottleneckConfig(reduction_factor=4, task_type=task_type(family), init_weights=not changed, **fields)
+
+    return make
+
+
+def _tokens(cls: type, **fields) -> Callable[[str, bool], dt.DeltaConfig]:
+    # Token methods change the outputs from the start (random virtual tokens): ``changed`` makes no difference.
+    def make(family: str, changed: bool) -> dt.DeltaConfig:
+        return cls(num_virtual_tokens=3, task_type=task_type(family), **fields)
+
+    return make
+
+
+def _ia3(family: str, changed: bool) -> dt.DeltaConfig:
+    return dt.IA3Config(task_type=task_type(family), init_ia3_weights=not changed)
+
+
+METHODS: list[MethodRow] = [
+    MethodRow("lora", _lora(), trainable=lora_trainable),
+    MethodRow("lora-rslora", _lora(use_rslora=True), trainable=lora_trainable),
+    MethodRow("lora-dora", _lora(use_dora=True), trainable=lora_trainable),
+    MethodRow("lora-bias", _lora(bias="lora_only"), trainable=lora_trainable),
+    MethodRow("lora-all-linear", _lora(target_modules="all-linear"), trainable=lora_trainable),
+    MethodRow("bottleneck-houlsby", _bottleneck(), mergeable=False, trainable=bottleneck_trainable),
+    MethodRow("bottleneck-pfeiffer", _bottleneck(config="pfeiffer"), mergeable=False, trainable=bottleneck_trainable),
+    MethodRow("ia3", _ia3, trainable=ia3_trainable),
+    MethodRow(
+        "prompt-tuning", _tokens(dt.PromptTuningConfig), mergeable=False, init_atol=None, trainable=prompt_trainable
+    ),
+    MethodRow(
+        "p-tuning",
+        _tokens(dt.PTuningConfig, encoder_hidden_size=16),
+        mergeable=False,
+        init_atol=None,
+        trainable=ptuning_trainable,
+    ),
+    # deberta-v2's attention takes no key/value prefix (deltatune refuses it, naming the model type).
+    MethodRow(
+        "prefix-tuning",
+        _tokens(dt.PrefixTuningConfig, encoder_hidden_size=16),
+        mergeable=False,
+        init_atol=None,
+        families=tuple(f for f in FAMILIES if f != "deberta-v2"),
+    ),
+    MethodRow(
+        "p-tuning-v2",
+        _tokens(dt.PrefixTuningConfig, prefix_projection=False),
+        mergeable=False,
+        init_atol=None,
+        families=tuple(f for f in FAMILIES if f != "deberta-v2"),
+    ),
+]
+"""Every method config the matrix checks."""

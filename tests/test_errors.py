@@ -1,0 +1,190 @@
+"""Bad input gets a clear error that names the thing at fault, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from tiny import output_of, tiny_inputs, tiny_model
+
+import deltatune as dt
+
+FAMILY = "llama"
+
+
+def lora(**fields) -> dt.LoraConfig:
+    return dt.LoraConfig(**{"r": 4, "init_lora_weights": False, **fields})
+
+
+def state(model: torch.nn.Module) -> tuple:
+    """What a failed call must not change: module tree, outputs, parameters and their trainable flags, adapters."""
+    tree = [(n, type(m).__name__) for n, m in model.named_modules()]
+    params = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    adapters = (list(model.peft_config), list(model.active_adapters)) if isinstance(model, dt.DeltaModel) else ()
+    return tree, output_of(model, tiny_inputs(FAMILY)), params, adapters
+
+
+def assert_same(before: tuple, after: tuple) -> None:
+    assert after[0] == before[0], "module structure changed"
+    assert torch.equal(after[1], before[1]), "outputs changed"
+    assert after[2].keys() == before[2].keys(), "parameters added or removed"
+    for name, (p, grad) in before[2].items():
+        assert torch.equal(after[2][name][0], p) and after[2][name][1] == grad, f"{name} changed"
+    assert after[3] == before[3], "adapters changed"
+
+
+@pytest.fixture
+def model() -> dt.DeltaModel:
+    torch.manual_seed(0)
+    return dt.get_delta_model(tiny_model(FAMILY), lora()).eval()
+
+
+@pytest.fixture
+def saved(model, tmp_path) -> str:
+    path = tmp_path / "adapter"
+    model.save_pretrained(path)
+    return str(path)
+
+
+# -- configs ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field, value",
+    [("r", 0), ("r", -2), ("lora_alpha", 0), ("lora_alpha", -1.0), ("lora_dropout", -0.1), ("lora_dropout", 1.0)],
+)
+def test_bad_numbers_name_the_field(field, value):
+    with pytest.raises(dt.ConfigError, match=rf"^{field} must .*got {re.escape(repr(value))}$"):
+        dt.LoraConfig(**{field: value})
+
+
+def test_target_modules_matching_nothing_lists_real_names(model):
+    before = state(model)
+    with pytest.raises(dt.ConfigError) as info:
+        model.add_adapter("other", lora(target_modules=["query", "nonexistent"]))
+    message = str(info.value)
+    assert "nonexistent" in message and "q_proj" in message and "down_proj" in message
+    assert_same(before, state(model))
+
+    plain = tiny_model(FAMILY)
+    before = state(plain)
+    with pytest.raises(dt.ConfigError, match="q_proj"):
+        dt.get_delta_model(plain, lora(target_modules=["nonexistent"]))
+    assert_same(before, state(plain))
+
+
+def test_exclude_modules_excluding_every_target(model):
+    before = state(model)
+    with pytest.raises(dt.ConfigError, match=r"exclude_modules=\['k_proj'\].*'k_proj'"):
+        model.add_adapter("other", lora(target_modules=["k_proj"], exclude_modules=["k_proj"]))
+    assert_same(before, state(model))
+
+
+def test_adding_an_existing_name(model):
+    before = state(model)
+    with pytest.raises(ValueError, match="'default'"):
+        model.add_adapter("default", lora(target_modules=["k_proj"]))
+    assert_same(before, state(model))
+
+
+def test_unknown_adapter_in_set_adapter(model):
+    before = state(model)
+    with pytest.raises(ValueError, match=r"'nope'.*default"):
+        model.set_adapter("nope")
+    with pytest.raises(ValueError, match="'nope'"):
+        model.set_adapter(["default", "nope"])
+    assert_same(before, state(model))
+
+
+# -- files ------------------------------------------------------------------------------------------------------------
+def test_shapes_that_do_not_fit(saved):
+    wider = dt.get_delta_model(tiny_model(FAMILY, hidden_size=48), lora(target_modules=["k_proj"])).eval()
+    before = state(wider)
+    with pytest.raises(dt.AdapterLoadError) as info:
+        wider.load_adapter(saved, "other")
+    message = str(info.value)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in message
+    assert "(4, 32)" in message and "(4, 48)" in message
+    assert_same(before, state(wider))
+
+
+def test_missing_folder_and_file(model, saved, tmp_path):
+    before = state(model)
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        model.load_adapter(str(tmp_path / "no_such_folder"), "other")
+    os.remove(os.path.join(saved, "adapter_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        model.load_adapter(saved, "other")
+    assert_same(before, state(model))
+
+
+def test_truncated_safetensors(model, saved):
+    file = os.path.join(saved, "adapter_model.safetensors")
+    with open(file, "rb") as fh:
+        data = fh.read()
+    with open(file, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    before = state(model)
+    with pytest.raises(dt.AdapterLoadError, match="adapter_model.safetensors"):
+        model.load_adapter(saved, "other")
+    assert_same(before, state(model))
+
+
+def test_pickle_refused_unless_allowed(model, saved):
+    from safetensors.torch import load_file
+
+    file = os.path.join(saved, "adapter_model.safetensors")
+    torch.save(load_file(file), os.path.join(saved, "adapter_model.bin"))
+    os.remove(file)
+    expected = output_of(model, tiny_inputs(FAMILY))
+    fresh = dt.DeltaModel(tiny_model(FAMILY))
+    before = state(fresh)
+    with pytest.raises(dt.AdapterLoadError, match=r"adapter_model\.bin.*allow_pickle=True"):
+        fresh.load_adapter(saved, "default")
+    assert_same(before, state(fresh))
+    fresh.load_adapter(saved, "default", allow_pickle=True)
+    assert torch.equal(output_of(fresh, tiny_inputs(FAMILY)), expected)
+
+
+def test_unsupported_config_field(model, saved):
+    file = os.path.join(saved, "adapter_config.json")
+    with open(file) as fh:
+        config = json.load(fh)
+    config["lora_bias"] = True  # PEFT's trainable bias on lora_B: deltatune does not compute it
+    with open(file, "w") as fh:
+        json.dump(config, fh)
+    before = state(model)
+    with pytest.raises(dt.ConfigError, match=r"'lora_bias' = True"):
+        model.load_adapter(saved, "other")
+    assert_same(before, state(model))
+
+
+def test_failure_after_some_layers_were_wrapped_rolls_back():
+    """DoRA is refused on the embedding only after the linear layer before it was wrapped: all of it is undone."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.emb = torch.nn.Embedding(10, 4)
+
+    net = Net()
+    tree = [(n, type(m).__name__) for n, m in net.named_modules()]
+    weights = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with pytest.raises(dt.ConfigError, match="use_dora.*Embedding"):
+        dt.get_delta_model(net, dt.LoraConfig(r=2, target_modules=["proj", "emb"], use_dora=True))
+    assert [(n, type(m).__name__) for n, m in net.named_modules()] == tree
+    assert all(torch.equal(p, weights[n]) and p.requires_grad for n, p in net.named_parameters())
+
+
+def test_truncated_config_json(model, saved):
+    file = os.path.join(saved, "adapter_config.json")
+    with open(file) as fh:
+        text = fh.read()
+    with open(file, "w") as fh:
+        fh.write(text[: len(text) // 2])
+    before = state(model)
+    with pytest.raises(dt.ConfigError, match=r"adapter_config\.json is not valid JSON"):
+        model.load_adapter(saved, "other")
+    assert_same(before, state(model))

@@ -1,0 +1,180 @@
+"""Properties every method holds on every model family (tests/matrix.py): FAMILIES x METHODS.
+
+Each equality check can fail: ``changed=True`` configs make the adapter alter the outputs first, and the
+test asserts that they do.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from conftest import ATOL, WEIGHT_ATOL
+from matrix import FAMILIES, METHODS, TASKS, MethodRow
+from tiny import _AUTO, output_of, tiny_inputs, tiny_model
+
+import deltatune as dt
+from deltatune.layer import DeltaLayer
+
+ATOL32 = ATOL[torch.float32]
+CASES = [pytest.param(f, m, id=f"{f}-{m.id}") for m in METHODS for f in FAMILIES if f in (m.families or FAMILIES)]
+COUNTED = [case for case in CASES if case.values[1].trainable is not None]
+MERGEABLE = [case for case in CASES if case.values[1].mergeable]
+
+
+@functools.cache
+def _base(family: str) -> torch.nn.Module:
+    return tiny_model(family)
+
+
+def fresh(family: str) -> torch.nn.Module:
+    """A new copy of the family's seeded tiny model (building it once per session)."""
+    return copy.deepcopy(_base(family))
+
+
+def adapted(family: str, row: MethodRow, changed: bool, seed: int = 0) -> dt.DeltaModel:
+    torch.manual_seed(seed)
+    return dt.get_delta_model(fresh(family), row.config(family, changed)).eval()
+
+
+def delta_layers(model: torch.nn.Module) -> list[DeltaLayer]:
+    return [m for _, m in model.named_modules() if isinstance(m, DeltaLayer)]
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain model: wrappers keep the wrapped module as base_layer / original_module."""
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def base_weights(model: dt.DeltaModel, family: str) -> dict[str, torch.Tensor]:
+    """Clones of the base model's own parameters (those the plain model has), keyed by their plain name."""
+    plain = {n for n, _ in _base(family).named_parameters()}
+    named = ((plain_name(n), p) for n, p in model.base_model.named_parameters())
+    return {n: p.detach().clone() for n, p in named if n in plain}
+
+
+@pytest.mark.parametrize("family, row", CASES)
+def test_init_equals_base_and_changed_differs(family, row):
+    inputs = tiny_inputs(family)
+    base_out = output_of(fresh(family), inputs)
+    if row.init_atol is not None:
+        out = output_of(adapted(family, row, changed=False), inputs)
+        if row.init_atol == 0.0:
+            assert torch.equal(out, base_out), f"max diff {(out - base_out).abs().max()}"
+        else:
+            torch.testing.assert_close(out, base_out, atol=row.init_atol, rtol=0)
+    changed = output_of(adapted(family, row, changed=True), inputs)
+    assert (changed - base_out).abs().max() > ATOL32, "a non-zero adapter must change the outputs"
+
+
+@pytest.mark.parametrize("family, row", COUNTED)
+def test_trainable_count(family, row):
+    model = adapted(family, row, changed=False)
+    expected = row.trainable(fresh(family), row.config(family, False), family)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == expected
+    assert model.get_nb_trainable_parameters()[0] == expected
+
+
+@pytest.mark.parametrize("family, row", CASES)
+def test_one_step_changes_only_adapter(family, row):
+    model = adapted(family, row, changed=False).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen_before = base_weights(model, family)
+    reference = {n: p for n, p in fresh(family).named_parameters()}
+    assert frozen_before.keys() == reference.keys()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model(**tiny_inputs(family)).logits.sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"trainable parameters the forward pass never used: {unused}"
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "the optimizer step changed nothing"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed <= trainable
+    # base parameters an adapter trains on purpose, e.g. the biases of bias="lora_only"
+    trained_base = {plain_name(n) for n, p in model.base_model.named_parameters() if p.requires_grad}
+    for name, p in base_weights(model, family).items():
+        if name not in trained_base:
+            assert torch.equal(p, frozen_before[name]), f"base parameter {name} changed"
+            assert torch.equal(p, reference[name]), f"base parameter {name} differs from the untouched base"
+
+
+@pytest.mark.parametrize("family, row", MERGEABLE)
+def test_merge(family, row, tmp_path):
+    inputs = tiny_inputs(family)
+    model = adapted(family, row, changed=True)
+    unmerged = output_of(model, inputs)
+    w0 = base_weights(model, family)
+
+    model.merge_adapter()
+    assert any(layer.merged for layer in delta_layers(model))
+    merged = output_of(model, inputs)
+    torch.testing.assert_close(merged, unmerged, atol=ATOL32, rtol=0)
+    w1 = base_weights(model, family)
+    assert any(not torch.equal(w1[n], w0[n]) for n in w0), "merging changed no base weight"
+
+    model.merge_adapter()  # twice: nothing changes
+    for name, w in base_weights(model, family).items():
+        assert torch.equal(w, w1[name]), f"a second merge changed {name}"
+
+    model.unmerge_adapter()
+    for name, w in base_weights(model, family).items():
+        torch.testing.assert_close(w, w0[name], atol=WEIGHT_ATOL, rtol=0, msg=f"unmerge did not restore {name}")
+    torch.testing.assert_close(output_of(model, inputs), unmerged, atol=ATOL32, rtol=0)
+
+    plain = model.merge_and_unload()
+    assert not delta_layers(plain), "merge_and_unload left deltatune modules"
+    out = output_of(plain, inputs)
+    torch.testing.assert_close(out, unmerged, atol=ATOL32, rtol=0)
+    plain.save_pretrained(tmp_path)
+    reloaded = _AUTO[TASKS[family]].from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(output_of(reloaded, inputs), out, atol=ATOL32, rtol=0)
+
+
+@pytest.mark.parametrize("family, row", CASES)
+def test_save_load_switch_disable(family, row, tmp_path):
+    inputs = tiny_inputs(family)
+    base_out = output_of(fresh(family), inputs)
+    model = adapted(family, row, changed=True, seed=1)
+    out1 = output_of(model, inputs)
+
+    model.save_pretrained(tmp_path)
+    loaded = dt.DeltaModel.from_pretrained(fresh(family), tmp_path).eval()
+    assert torch.equal(output_of(loaded, inputs), out1)
+
+    # a second adapter: inactive until chosen, then it alone computes, and switching back restores the first
+    torch.manual_seed(2)
+    model.add_adapter("other", row.config(family, True))
+    assert torch.equal(output_of(model, inputs), out1)
+    model.set_adapter("other")
+    out2 = output_of(model, inputs)
+    assert (out2 - out1).abs().max() > ATOL32
+    assert torch.equal(out2, output_of(adapted(family, row, changed=True, seed=2), inputs))
+    model.set_adapter("default")
+    assert torch.equal(output_of(model, inputs), out1)
+
+    with model.disable_adapter():
+        assert torch.equal(output_of(model, inputs), base_out)
+    assert torch.equal(output_of(model, inputs), out1)
+
+    if row.mergeable:
+        model.merge_adapter()
+        merged_layers = [layer for layer in delta_layers(model) if layer.merged]
+        assert merged_layers
+        with model.disable_adapter():
+            torch.testing.assert_close(output_of(model, inputs), base_out, atol=ATOL32, rtol=0)
+        assert all(layer.merged for layer in merged_layers), "disable_adapter did not restore the merge"
+        torch.testing.assert_close(output_of(model, inputs), out1, atol=ATOL32, rtol=0)
+        # switching away from a merged adapter must not leave its update in the weights
+        model.set_adapter("other")
+        torch.testing.assert_close(output_of(model, inputs), out2, atol=ATOL32, rtol=0)
+        model.set_adapter("default")
+        torch.testing.assert_close(output_of(model, inputs), out1, atol=ATOL32, rtol=0)
+
+    # deleting the active adapter activates the remaining one (as PEFT does)
+    model.delete_adapter("default")
+    assert model.active_adapters == ["other"]
+    torch.testing.assert_close(output_of(model, inputs), out2, atol=ATOL32, rtol=0)

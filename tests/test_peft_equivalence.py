@@ -1,0 +1,127 @@
+"""Same weights -> same logits as PEFT, and adapter files that move both ways between deltatune and PEFT.
+
+Two base models with identical weights come from the same seed (tiny_model). Every adapter is non-zero
+(init_lora_weights=False), so a key, scaling or layout mismatch shows in the logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ATOL
+from matrix import task_type
+from tiny import output_of, tiny_inputs, tiny_model
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+
+ATOL32 = ATOL[torch.float32]
+
+CASES = [
+    pytest.param("llama", {}, id="llama"),
+    pytest.param("qwen2", {}, id="qwen2"),
+    pytest.param("gpt2", {}, id="gpt2"),
+    pytest.param("opt", {}, id="opt"),
+    pytest.param("bert", {}, id="bert-seq-cls"),  # SEQ_CLS: the classifier is added to modules_to_save
+    pytest.param("roberta", {"modules_to_save": ["classifier"]}, id="roberta-seq-cls-modules-to-save"),
+    pytest.param("t5", {}, id="t5"),
+    pytest.param("bart", {}, id="bart"),
+    pytest.param("llama", {"use_dora": True}, id="llama-dora"),
+    pytest.param("gpt2", {"use_dora": True}, id="gpt2-dora"),
+    pytest.param("bert", {"use_dora": True}, id="bert-dora"),
+    pytest.param("llama", {"target_modules": "all-linear"}, id="llama-all-linear"),
+    pytest.param("bert", {"target_modules": "all-linear"}, id="bert-all-linear"),  # PEFT's all-linear has the pooler
+    # "dense" also names a layer inside the classifier head, which trains in full and is no LoRA target
+    pytest.param("roberta", {"target_modules": ["query", "dense"]}, id="roberta-target-inside-head"),
+    pytest.param("roberta", {"target_modules": "all-linear"}, id="roberta-all-linear"),
+    pytest.param("qwen2", {"use_rslora": True}, id="qwen2-rslora"),
+    pytest.param("qwen2", {"bias": "lora_only"}, id="qwen2-bias-lora-only"),
+    pytest.param(
+        "llama",
+        {
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            "rank_pattern": {"v_proj": 2, "down_proj": 6},
+            "alpha_pattern": {"q_proj": 16},
+        },
+        id="llama-rank-alpha-pattern",
+    ),
+]
+
+
+def _fields(family: str, extra: dict) -> dict:
+    return {"r": 4, "lora_alpha": 8, "task_type": task_type(family), "init_lora_weights": False, **extra}
+
+
+def _peft_state(model) -> dict[str, torch.Tensor]:
+    return peft.get_peft_model_state_dict(model)
+
+
+@pytest.mark.parametrize("family, extra", CASES)
+def test_deltatune_file_loads_in_peft(family, extra, tmp_path):
+    inputs = tiny_inputs(family)
+    ours = dt.get_delta_model(tiny_model(family), dt.LoraConfig(**_fields(family, extra))).eval()
+    expected = output_of(ours, inputs)
+    assert (expected - output_of(tiny_model(family), inputs)).abs().max() > ATOL32
+    ours.save_pretrained(tmp_path)
+
+    theirs = peft.PeftModel.from_pretrained(tiny_model(family), tmp_path).eval()
+    assert set(_peft_state(theirs)) == set(ours.adapter_state_dict())
+    torch.testing.assert_close(output_of(theirs, inputs), expected, atol=ATOL32, rtol=0)
+
+
+@pytest.mark.parametrize("family, extra", CASES)
+def test_peft_file_loads_in_deltatune(family, extra, tmp_path):
+    inputs = tiny_inputs(family)
+    theirs = peft.get_peft_model(tiny_model(family), peft.LoraConfig(**_fields(family, extra))).eval()
+    expected = output_of(theirs, inputs)
+    assert (expected - output_of(tiny_model(family), inputs)).abs().max() > ATOL32
+    theirs.save_pretrained(tmp_path)
+
+    ours = dt.DeltaModel.from_pretrained(tiny_model(family), tmp_path).eval()
+    assert set(ours.adapter_state_dict()) == set(_peft_state(theirs))
+    torch.testing.assert_close(output_of(ours, inputs), expected, atol=ATOL32, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_merged_weights_match_peft(family, tmp_path):
+    """merge_and_unload gives the same plain weights as PEFT's (same adapter, loaded from one file)."""
+    theirs = peft.get_peft_model(
+        tiny_model(family), peft.LoraConfig(**_fields(family, {"use_dora": family == "gpt2"}))
+    )
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model(family), tmp_path)
+    a = theirs.merge_and_unload().state_dict()
+    b = ours.merge_and_unload().state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=ATOL32, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("family, dora", [("llama", False), ("llama", True), ("gpt2", True)])
+def test_training_step_matches_peft(family, dora, tmp_path):
+    """In train mode with dropout (same seed, same masks) the logits and every adapter gradient match PEFT's."""
+    fields = _fields(family, {"lora_dropout": 0.5, "use_dora": dora})
+    no_dropout = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0} if family == "gpt2" else {}
+    theirs = peft.get_peft_model(tiny_model(family, **no_dropout), peft.LoraConfig(**fields))
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model(family, **no_dropout), tmp_path, is_trainable=True)
+    theirs.train()
+    ours.train()
+    inputs = tiny_inputs(family)
+    torch.manual_seed(5)
+    expected = theirs(**inputs).logits
+    torch.manual_seed(5)
+    logits = ours(**inputs).logits
+    torch.testing.assert_close(logits, expected, atol=ATOL32, rtol=0)
+    expected.sum().backward()
+    logits.sum().backward()
+
+    def peft_key(name: str) -> str:  # PEFT's file key of a parameter
+        return name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+
+    their_grads = {peft_key(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {k: p.grad for k, p in ours.adapter_state_dict().items()}
+    assert our_grads.keys() == their_grads.keys()
+    for key, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[key], grad, atol=ATOL32, rtol=0, msg=key)
