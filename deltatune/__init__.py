@@ -4,29 +4,43 @@ One API for every method: build a config, wrap a model, train, save in PEFT's fo
 
     import deltatune as dt
     model = dt.get_delta_model(base, dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+
+Names load on first use (PEP 562): ``deltatune --help`` does not import torch, and ``import deltatune`` imports
+only what the names you read need.
 """
 
-from .config import ConfigError, DeltaConfig
-from .methods._tokens import fold as fold_virtual_tokens
-from .methods.adapter import BottleneckConfig
-from .methods.freeze import BitFitConfig, FreezeConfig, FullConfig
-from .methods.fusion import AdapterFusionConfig
-from .methods.ia3 import IA3Config
-from .methods.lora import LoraConfig
-from .methods.prefix import PrefixTuningConfig
-from .methods.prompt import PromptTuningConfig
-from .methods.ptuning import PromptEncoderConfig, PTuningConfig
-from .methods.quant import (
-    Linear4bit,
-    QuantizationError,
-    memory_footprint,
-    merge_quantized,
-    prepare_for_kbit_training,
-    quantize,
-)
-from .model import AdapterLoadError, DeltaModel, get_delta_model
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "AdapterFusionConfig": (".methods.fusion", "AdapterFusionConfig"),
+    "AdapterLoadError": (".model", "AdapterLoadError"),
+    "BitFitConfig": (".methods.freeze", "BitFitConfig"),
+    "BottleneckConfig": (".methods.adapter", "BottleneckConfig"),
+    "ConfigError": (".config", "ConfigError"),
+    "DeltaConfig": (".config", "DeltaConfig"),
+    "DeltaModel": (".model", "DeltaModel"),
+    "FreezeConfig": (".methods.freeze", "FreezeConfig"),
+    "FullConfig": (".methods.freeze", "FullConfig"),
+    "IA3Config": (".methods.ia3", "IA3Config"),
+    "Linear4bit": (".methods.quant", "Linear4bit"),
+    "LoraConfig": (".methods.lora", "LoraConfig"),
+    "PTuningConfig": (".methods.ptuning", "PTuningConfig"),
+    "PrefixTuningConfig": (".methods.prefix", "PrefixTuningConfig"),
+    "PromptEncoderConfig": (".methods.ptuning", "PromptEncoderConfig"),
+    "PromptTuningConfig": (".methods.prompt", "PromptTuningConfig"),
+    "QuantizationError": (".methods.quant", "QuantizationError"),
+    "fold_virtual_tokens": (".methods._tokens", "fold"),
+    "get_delta_model": (".model", "get_delta_model"),
+    "memory_footprint": (".methods.quant", "memory_footprint"),
+    "merge_quantized": (".methods.quant", "merge_quantized"),
+    "prepare_for_kbit_training": (".methods.quant", "prepare_for_kbit_training"),
+    "quantize": (".methods.quant", "quantize"),
+}
 
 __all__ = [
     "AdapterFusionConfig",
@@ -53,3 +67,38 @@ __all__ = [
     "prepare_for_kbit_training",
     "quantize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from .config import ConfigError, DeltaConfig
+    from .methods._tokens import fold as fold_virtual_tokens
+    from .methods.adapter import BottleneckConfig
+    from .methods.freeze import BitFitConfig, FreezeConfig, FullConfig
+    from .methods.fusion import AdapterFusionConfig
+    from .methods.ia3 import IA3Config
+    from .methods.lora import LoraConfig
+    from .methods.prefix import PrefixTuningConfig
+    from .methods.prompt import PromptTuningConfig
+    from .methods.ptuning import PromptEncoderConfig, PTuningConfig
+    from .methods.quant import (
+        Linear4bit,
+        QuantizationError,
+        memory_footprint,
+        merge_quantized,
+        prepare_for_kbit_training,
+        quantize,
+    )
+    from .model import AdapterLoadError, DeltaModel, get_delta_model

@@ -1,7 +1,21 @@
-"""Data: loaders, chat/instruction templates, prompt-loss masking, packing, collators."""
+"""Data: loaders, chat/instruction templates, prompt-loss masking, packing, collators.
 
-from .load import DataError, Row, read_rows
-from .tasks import Collator, pack
-from .templates import IGNORE_INDEX, TEMPLATES
+Names load on first use, so the CLI can name ``DataError`` without importing torch.
+"""
 
-__all__ = ["IGNORE_INDEX", "TEMPLATES", "Collator", "DataError", "Row", "pack", "read_rows"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataError": ".load", "Row": ".load", "read_rows": ".load", "Collator": ".tasks", "pack": ".tasks",
+    "IGNORE_INDEX": ".templates", "TEMPLATES": ".templates",
+}  # fmt: skip
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deltatune.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

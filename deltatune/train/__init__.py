@@ -1,6 +1,18 @@
-"""The trainers: one run function over stages (pt, sft, cls, tag, seq2seq), built on the HF Trainer."""
+"""The trainers: one run function over stages (pt, sft, cls, tag, seq2seq, rm, dpo, ppo), built on the HF Trainer.
 
-from .config import RunConfig, build, load_recipe
-from .run import evaluate, train
+Names load on first use, so ``deltatune train --help`` reads the recipe fields without importing torch.
+"""
 
-__all__ = ["RunConfig", "build", "evaluate", "load_recipe", "train"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"RunConfig": ".config", "build": ".config", "load_recipe": ".config", "evaluate": ".run", "train": ".run"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deltatune.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
