@@ -8,14 +8,68 @@ which method it is. Saved keys follow PEFT: the attribute path with the adapter 
 
 ``ModulesToSave`` is the one layer that is not a method: it keeps a full trainable copy of a module
 (a new classification head) per adapter, as PEFT's ModulesToSaveWrapper does, with the same keys.
+
+Mixed-adapter batches: for one call ``DeltaModel`` sets ``row_adapters`` (a ``RowAdapters``: one adapter name
+per row of the batch) on every layer. A layer with ``supports_row_adapters`` then computes each row with that
+row's adapter instead of the active ones; ``None`` (the default) is the normal behaviour.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+BASE_ROW = "__base__"
+"""The name that sends a row of a mixed-adapter batch through the plain base model (PEFT's)."""
+
+
+class RowAdapters:
+    """Which adapter each row of a batch computes with, for one call (``DeltaModel(..., adapter_names=...)``).
+
+    ``names[i]`` is row i's adapter, ``BASE_ROW`` for the plain base model. A layer may see the batch expanded
+    with each row repeated k times in place (generate's beams and returned sequences, or a model that flattens
+    (batch, seq) into rows): row j of such a batch is row j // k of the call.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        # Per (batch, device): computed once per call, not once per layer (``nonzero`` waits for the device).
+        self._codes: dict[tuple[int, torch.device], tuple[list[str], torch.Tensor]] = {}
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor | None]]] = {}
+
+    def codes(self, batch: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
+        """The distinct names (in order of first use) and each row's index into them, a (batch,) tensor.
+
+        Raises:
+            ValueError: ``batch`` is not a multiple of the number of names.
+        """
+        key = (batch, device)
+        if key not in self._codes:
+            n = len(self.names)
+            if batch % n:
+                raise ValueError(
+                    f"adapter_names gives {n} rows but a layer sees a batch of {batch}, not a multiple of {n}; "
+                    "give one adapter name per row of the batch"
+                )
+            unique = list(dict.fromkeys(self.names))
+            index = {name: i for i, name in enumerate(unique)}
+            codes = torch.tensor([index[name] for name in self.names], device=device)
+            self._codes[key] = unique, codes.repeat_interleave(batch // n)  # (batch,)
+        return self._codes[key]
+
+    def groups(self, batch: int, device: torch.device) -> list[tuple[str, torch.Tensor | None]]:
+        """(adapter name, its row indices) per distinct name of a batch of ``batch`` rows; None: all rows."""
+        key = (batch, device)
+        if key not in self._groups:
+            unique, codes = self.codes(batch, device)
+            if len(unique) == 1:
+                self._groups[key] = [(unique[0], None)]
+            else:
+                self._groups[key] = [(name, (codes == i).nonzero().flatten()) for i, name in enumerate(unique)]
+        return self._groups[key]
 
 
 class DeltaLayer(nn.Module):
@@ -27,6 +81,9 @@ class DeltaLayer(nn.Module):
 
     adapter_attrs: tuple[str, ...] = ()
     """Names of the ModuleDict / ParameterDict attributes holding one entry per adapter."""
+    supports_row_adapters: bool = False
+    """``forward`` honours ``row_adapters`` (mixed-adapter batches). DeltaModel refuses to route rows to an
+    adapter held by a layer without it, and disables such a layer for a routed call that does not use it."""
 
     def __init__(self, base_layer: nn.Module | None = None) -> None:
         super().__init__()
@@ -35,6 +92,7 @@ class DeltaLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.row_adapters: RowAdapters | None = None  # set by DeltaModel for the length of a mixed-batch call
 
     # -- bookkeeping -------------------------------------------------------------------------------
     @property
@@ -113,6 +171,7 @@ class ModulesToSave(DeltaLayer):
     """A full trainable copy of ``original_module`` per adapter (PEFT's ModulesToSaveWrapper layout)."""
 
     adapter_attrs = ("modules_to_save",)
+    supports_row_adapters = True
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
@@ -135,7 +194,25 @@ class ModulesToSave(DeltaLayer):
         return self.original_module
 
     def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+        if self.row_adapters is None or self.disabled:
+            return self._current()(*args, **kwargs)
+        return self._routed(*args, **kwargs)
+
+    def _routed(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row through its adapter's copy (the original for BASE_ROW or an adapter without a copy here)."""
+        parts, order = [], []
+        for name, rows in self.row_adapters.groups(x.shape[0], x.device):
+            own = name in self.modules_to_save  # nn.ModuleDict has no .get
+            module = self.modules_to_save[name] if own else self.original_module
+            if rows is None:
+                return module(x, *args, **kwargs)
+            out = module(x.index_select(0, rows), *args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"mixed-adapter batches need {type(module).__name__} to return a tensor")
+            parts.append(out)
+            order.append(rows)
+        # Rows come out grouped by adapter; put them back in batch order.
+        return torch.cat(parts).index_select(0, torch.cat(order).argsort())
 
     def merge(self, name: str) -> None:  # nothing to fold: the copy replaces the original on unwrap
         pass

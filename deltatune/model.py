@@ -24,7 +24,7 @@ from torch import nn
 
 from . import registry
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
-from .layer import DeltaLayer, ModulesToSave, logical_numel, set_submodule
+from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, logical_numel, set_submodule
 
 _PREFIX = "base_model.model."
 _HEADS_BY_TASK = {
@@ -60,10 +60,102 @@ class DeltaModel(nn.Module):
 
     # -- pass-through --------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        """The base model's forward. ``adapter_names=[...]`` (one name per row, ``"__base__"`` for the plain base
+        model) makes each row of the batch compute with its own adapter instead of the active ones, in inference
+        and in training (each row's gradient reaches only its adapter); see ``mixed_batch``."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        """The base model's generate; ``adapter_names=[...]`` as in ``forward`` (beams follow their row)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextmanager
+    def mixed_batch(self, adapter_names: list[str], batch_size: int | None = None) -> Iterator[None]:
+        """Within the block row i of every batch computes with adapter ``adapter_names[i]`` alone.
+
+        ``"__base__"`` rows compute as the base model. The active adapters do not matter meanwhile, except that
+        only active adapters train (their parameters require grad). A layer seeing the batch with each row
+        repeated k times in place (generate's beam search) repeats the names alike.
+
+        Raises:
+            TypeError: ``adapter_names`` is not a list of strings.
+            ValueError: an unknown name; a length other than ``batch_size``; an adapter merged into the base
+                weights (unmerge first); inside ``disable_adapter``; gradient checkpointing while training; or an
+                adapter whose method cannot route rows (token methods, or methods that train the base in place).
+        """
+        names = self._check_rows(adapter_names, batch_size)
+        layers = [layer for _, layer in self._layers()]
+        saved = [(layer, layer.row_adapters, layer.disabled) for layer in layers]
+        rows = RowAdapters(names)
+        try:
+            for layer in layers:
+                layer.row_adapters = rows
+                # A layer that cannot route rows holds none of these adapters (checked): it computes as the base.
+                layer.disabled = layer.disabled or not layer.supports_row_adapters
+            yield
+        finally:
+            for layer, previous, disabled in saved:
+                layer.row_adapters = previous
+                layer.disabled = disabled
+
+    def _check_rows(self, adapter_names: Any, batch_size: int | None) -> list[str]:
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(
+                'adapter_names must be a list with one adapter name per row ("__base__" for the base model), '
+                f"got {adapter_names!r}"
+            )
+        names = list(adapter_names)
+        if not names:
+            raise ValueError("adapter_names is empty; give one adapter name per row of the batch")
+        if batch_size is not None and len(names) != batch_size:
+            raise ValueError(
+                f"adapter_names has {len(names)} names but the batch has {batch_size} rows; give one adapter name "
+                'per row ("__base__" for the base model)'
+            )
+        for name in dict.fromkeys(names):
+            if name != BASE_ROW and name not in self.peft_config:
+                known = ", ".join(self.peft_config) or "none"
+                raise ValueError(
+                    f"unknown adapter {name!r} in adapter_names; adapters in this model: {known} "
+                    '(and "__base__" for the base model)'
+                )
+        layers = [layer for _, layer in self._layers()]
+        if any(layer.merged_adapters for layer in layers):
+            raise ValueError(
+                "adapter_names cannot be used while adapters are merged into the base weights (the merged update "
+                "would reach every row); call unmerge_adapter() first"
+            )
+        if any(layer.disabled for layer in layers):
+            raise ValueError('adapter_names cannot be used inside disable_adapter(); use "__base__" rows instead')
+        if self.training and torch.is_grad_enabled() and getattr(self.base_model, "is_gradient_checkpointing", False):
+            # The backward pass recomputes checkpointed blocks after the call, when the rows are no longer routed.
+            raise ValueError("adapter_names does not work with gradient checkpointing in training; turn it off")
+        for name in dict.fromkeys(names):
+            if name == BASE_ROW:
+                continue
+            holders = [layer for layer in layers if name in layer.adapter_names]
+            method = self.peft_config[name].method
+            if self._base_trainables.get(name) or not holders:
+                raise ValueError(
+                    f"adapter {name!r} ({method}) changes the base model's own parameters (e.g. its biases), which "
+                    "every row shares; it cannot be mixed with others in one batch"
+                )
+            unable = [layer for layer in holders if not layer.supports_row_adapters]
+            if unable:
+                raise ValueError(
+                    f"adapter {name!r} ({method}) cannot be mixed with others in one batch: its "
+                    f"{type(unable[0]).__name__} layer does not route rows; mixed batches are supported for LoRA, "
+                    "IA3 and bottleneck adapters"
+                )
+        return names
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -111,8 +203,10 @@ class DeltaModel(nn.Module):
         """
         if not isinstance(config, DeltaConfig):
             raise TypeError(f"config must be a DeltaConfig (e.g. deltatune.LoraConfig), got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
+            raise ValueError(
+                f"adapter name must be a non-empty string without '.', and not {BASE_ROW!r}, got {adapter_name!r}"
+            )
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
         method = registry.get(config.method)
@@ -529,6 +623,17 @@ def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "
         model = dt.get_delta_model(base, dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     """
     return DeltaModel(model, config, adapter_name)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a forward / generate call: its input ids, embeddings or first tensor argument."""
+    for key in ("input_ids", "inputs_embeds", "pixel_values"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[0]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 def _inside_layer(name: str, root: nn.Module) -> bool:

@@ -111,6 +111,7 @@ class BottleneckLayer(DeltaLayer):
     """Wraps a sub-layer's output projection; each adapter adds s * up(f(down(h))) to its output h."""
 
     adapter_attrs = ("adapter_down", "adapter_up", "adapter_ln_before", "adapter_ln_after", "adapter_fusion")
+    supports_row_adapters = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -192,18 +193,35 @@ class BottleneckLayer(DeltaLayer):
             z = self.adapter_ln_after[name](z)
         return self.adapter_dropout[name](z).to(h.dtype)
 
+    def _term(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """What adapter or fusion ``name`` adds to the sub-layer output h."""
+        if name in self.adapter_fusion:
+            fusion = self.adapter_fusion[name]
+            deltas = torch.stack([self.delta(a, h) for a in fusion.adapter_names], dim=-2)  # (..., N, d)
+            return fusion(h, deltas)
+        return self.delta(name, h)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)
-        if self.disabled or not self.active_adapters:
+        if self.disabled:
             return h
+        if self.row_adapters is not None:
+            return self._routed(h)
         out = h
         for name in self.active_adapters:
-            if name in self.adapter_fusion:
-                fusion = self.adapter_fusion[name]
-                deltas = torch.stack([self.delta(a, h) for a in fusion.adapter_names], dim=-2)  # (..., N, d)
-                out = out + fusion(h, deltas)
+            out = out + self._term(name, h)
+        return out
+
+    def _routed(self, h: torch.Tensor) -> torch.Tensor:
+        """A mixed-adapter batch (``row_adapters``): each adapter's term computed on its own rows only."""
+        out = h
+        for name, rows in self.row_adapters.groups(h.shape[0], h.device):
+            if name not in self.adapter_down and name not in self.adapter_fusion:
+                continue
+            if rows is None:
+                out = out + self._term(name, h)
             else:
-                out = out + self.delta(name, h)
+                out = out.index_add(0, rows, self._term(name, h.index_select(0, rows)))
         return out
 
 

@@ -69,6 +69,7 @@ class IA3Layer(DeltaLayer):
     """(IA)^3 around an ``nn.Linear`` or GPT-2 ``Conv1D``: vectors ``ia3_l`` of shape (d_out, 1) or, feed-forward, (1, d_in)."""
 
     adapter_attrs = ("ia3_l",)
+    supports_row_adapters = True
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer)
@@ -120,13 +121,29 @@ class IA3Layer(DeltaLayer):
                 base.bias.div_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
         self.merged_adapters.remove(name)
 
+    def _row_scales(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A mixed-adapter batch (``row_adapters``): each row's vector (1 for rows of other adapters), shaped to
+        multiply x (feed-forward) or the output row by row; None when no row uses an adapter of this layer."""
+        unique, codes = self.row_adapters.codes(x.shape[0], x.device)
+        held = [n for n in unique if n in self.ia3_l]
+        if not held:
+            return None
+        vectors = [self.ia3_l[n].flatten() for n in held]
+        table = torch.stack([torch.ones_like(vectors[0]), *vectors])  # (1 + adapters, d)
+        lookup = torch.tensor([held.index(n) + 1 if n in held else 0 for n in unique], device=x.device)
+        scales = table[lookup[codes]]  # (batch, d); the gather sends each row's gradient to its own vector
+        return scales.view(scales.shape[0], *([1] * (x.dim() - 2)), scales.shape[1])
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
-        if not live:
+        if self.row_adapters is not None and not self.disabled:
+            scale = self._row_scales(x)
+        else:
+            live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+            scale = self.ia3_l[live[0]].flatten() if live else None
+            for name in live[1:]:
+                scale = scale * self.ia3_l[name].flatten()
+        if scale is None:
             return self.base_layer(x, *args, **kwargs)
-        scale = self.ia3_l[live[0]].flatten()
-        for name in live[1:]:
-            scale = scale * self.ia3_l[name].flatten()
         if self.is_feedforward:
             return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)

@@ -126,6 +126,7 @@ class _LoraBase(DeltaLayer):
     """Per-adapter state shared by the LoRA layer types (scaling, dropout, DoRA magnitude, merge cache)."""
 
     adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    supports_row_adapters = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -164,6 +165,24 @@ class _LoraBase(DeltaLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * B A in the base weight's own layout."""
         raise NotImplementedError
+
+    def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        """Adapter ``name``'s addition to the base output for the input ``x``; ``result`` (the base output of the
+        same rows) is given to DoRA adapters, the only ones that read it."""
+        raise NotImplementedError
+
+    def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """A mixed-adapter batch (``row_adapters``): each adapter's update computed on its own rows only."""
+        for name, rows in self.row_adapters.groups(x.shape[0], x.device):
+            if name not in self.scaling:  # BASE_ROW, or an adapter this layer does not hold
+                continue
+            if rows is None:
+                result = result + self._update(name, x, result).to(result.dtype)
+                continue
+            base = result.index_select(0, rows) if name in self.lora_magnitude_vector else None
+            update = self._update(name, x.index_select(0, rows), base)
+            result = result.index_add(0, rows, update.to(result.dtype))
+        return result
 
     def _dequantize_base(self) -> None:
         """Merging writes into W. A base layer that stores W packed (4-bit, methods/quant.py) offers ``dequantize()``,
@@ -258,6 +277,8 @@ class LoraLinear(_LoraBase):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.row_adapters is not None:
+            return self._routed(x, result)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
@@ -277,6 +298,13 @@ class LoraLinear(_LoraBase):
             )
             result = out.view(result.shape)
         return result
+
+    def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        A = self.lora_A[name].weight
+        x_in = self.lora_dropout[name](x).to(A.dtype)
+        if name in self.lora_magnitude_vector:
+            return self._dora(name, x, x_in, result)
+        return F.linear(F.linear(x_in, A) * self.scaling[name], self.lora_B[name].weight)
 
     def _dora(self, name: str, x: torch.Tensor, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """DoRA's addition to the base output (PEFT's formulation, so the numbers match):
@@ -322,6 +350,8 @@ class LoraEmbedding(_LoraBase):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.row_adapters is not None:
+            return self._routed(x, result)
         base = self.base_layer
         for name in self.active_adapters:
             if name in self.merged_adapters:
@@ -332,6 +362,19 @@ class LoraEmbedding(_LoraBase):
             )  # (..., r)
             result = result + (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
         return result
+
+    def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        base = self.base_layer
+        after_a = F.embedding(
+            x,
+            self.lora_embedding_A[name].T,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )  # (..., r)
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
 
 
 class LoraConv2d(_LoraBase):
@@ -372,11 +415,16 @@ class LoraConv2d(_LoraBase):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.row_adapters is not None:
+            return self._routed(x, result)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
             result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
         return result
+
+    def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
 
 
 LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
