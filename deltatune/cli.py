@@ -1,4 +1,4 @@
-"""``deltatune train|eval|generate|merge|info``: parse, call one function, print the result.
+"""``deltatune train|eval|generate|merge|info|bench``: parse, call one function, print the result.
 
 Heavy libraries are imported inside the commands, so ``deltatune --help`` answers at once.
 """
@@ -62,6 +62,33 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="a model's family, default targets and trainable parameters per method")
     i.add_argument("model", help="model folder, hub id, or 'minilm'")
     i.add_argument("--task", default=None, help="CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS or TOKEN_CLS (default: guessed)")
+
+    b = sub.add_parser(
+        "bench",
+        help="time deltatune against peft (training, inference, start-up); prints a markdown report",
+        description="Runs benchmarks/bench.py from a source checkout; see docs/BENCHMARKS.md.",
+    )
+    b.add_argument(
+        "--configs",
+        help="comma-separated from minilm, llama-fp32, llama-bf16, llama1b and "
+        "llama1b-compile (GPU only), or 'all' (default: all)",
+    )
+    b.add_argument(
+        "--methods",
+        help="comma-separated from full, lora, ia3, prompt, ptuning, prefix, houlsby, "
+        "pfeiffer, bitfit, freeze, or 'all' (default: full,lora)",
+    )
+    b.add_argument("--warmup", type=int, help="untimed training steps per process (default 2)")
+    b.add_argument("--steps", type=int, help="timed training steps per process (default 6)")
+    b.add_argument("--infer-steps", type=int, help="timed forward passes per latency figure (default 3)")
+    b.add_argument("--repeats", type=int, help="processes per method and side, alternating sides (default 3)")
+    b.add_argument("--startup-repeats", type=int, help="rounds of start-up timing processes; 0 skips (default 5)")
+    b.add_argument("--threads", type=int, help="torch threads per process (default: torch's, one per core)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    b.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 1 process per side, 2 steps")
+    b.add_argument("--out", help="also write the markdown report to this file")
+    b.add_argument("--json", help="write every process's raw results to this JSON file")
+    b.set_defaults(argv=list(argv))  # the exact command line, for the report
     return p
 
 
@@ -142,7 +169,36 @@ def _info(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "info": _info}
+def _bench(args) -> int:
+    import importlib.util
+    import shlex
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+    if not path.is_file():
+        print(f"deltatune bench: error: needs a source checkout with benchmarks/bench.py; no {path}", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("deltatune_bench", path)
+    bench = sys.modules["deltatune_bench"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(bench)
+    return bench.run(
+        args.configs,
+        args.methods,
+        warmup=args.warmup,
+        steps=args.steps,
+        infer_steps=args.infer_steps,
+        repeats=args.repeats,
+        startup_repeats=args.startup_repeats,
+        threads=args.threads,
+        device=args.device,
+        quick=args.quick,
+        out=args.out,
+        json_out=args.json,
+        command=shlex.join(["deltatune", *args.argv]),
+    )
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "info": _info, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,93 @@
+"""``deltatune bench --quick``: one LoRA comparison on a tiny Llama gives the report's rows and columns.
+
+A smoke test of the harness (benchmarks/bench.py and bench_worker.py), not of speed: it checks that every figure
+is there and positive, never how large it is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from deltatune.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table(text: str, title: str) -> list[list[str]]:
+    """The rows (header first, separator dropped) of the markdown table that follows the line ``title``."""
+    lines = text.splitlines()
+    start = lines.index(title) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return [rows[0], *rows[2:]]
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "bench.py")), reason="no benchmarks/")
+def test_quick_lora_report(tmp_path, capsys):
+    out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--configs", "llama-fp32", "--methods", "lora", "--startup-repeats", "0"]
+    assert main([*argv, "--out", str(out), "--json", str(raw)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text in capsys.readouterr().out
+
+    assert "- Command: `deltatune bench --quick --configs llama-fp32" in text
+    assert "torch 2." in text and "peft " in text and "transformers " in text
+    assert "### llama-fp32" in text and "### Start-up" in text
+
+    header, *rows = _table(text, "Training")
+    assert header[:5] == ["method", "trainable params", "step ms deltatune", "step ms peft", "d/p"]
+    assert "memory / full" in header
+    assert [r[0] for r in rows] == ["LoRA r=8, alpha 16, q+v"]
+    lora = dict(zip(header, rows[0]))
+    # tiny Llama: r * (d_in + d_out) per q_proj / v_proj, 2 layers, hidden 64
+    assert _number(lora["trainable params"]) == 8 * (64 + 64) * 2 * 2
+    for column in (
+        "step ms deltatune",
+        "step ms peft",
+        "d/p",
+        "tokens/s deltatune",
+        "tokens/s peft",
+        "peak MiB deltatune",
+        "peak MiB peft",
+        "adapter MiB deltatune",
+        "adapter MiB peft",
+    ):
+        assert _number(lora[column]) > 0, column
+    assert lora["step / full"] == "—"  # full fine-tuning was not run
+
+    header, *rows = _table(text, "Injection, merging and inference (forward latency without labels, no grad)")
+    assert len(header) == 14 and len(rows) == 1
+    assert all(_number(cell) > 0 for cell in rows[0][1:]), rows[0]
+
+    runs = json.loads(raw.read_text(encoding="utf-8"))["runs"]
+    assert sorted(r["side"] for r in runs) == ["deltatune", "peft"]
+    for run in runs:
+        assert not run["errors"] and len(run["results"]) == 1
+        result = run["results"][0]
+        assert result["step_ms"] > 0 and result["peak_mem_mib"] > 0 and result["merge_ms"] > 0
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--configs", "--methods", "--warmup", "--steps", "--repeats", "--quick", "--out", "--json"):
+        assert option in out
+
+
+def test_unknown_method_is_an_error(capsys):
+    assert main(["bench", "--methods", "lora,nope"]) == 2
+    assert "unknown method nope" in capsys.readouterr().err
