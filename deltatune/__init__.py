@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, tuple[str, str]] = {
     "AdapterFusionConfig": (".methods.fusion", "AdapterFusionConfig"),
-    "AdapterLoadError": (".model", "AdapterLoadError"),
+    "AdapterLoadError": (".files", "AdapterLoadError"),
     "BitFitConfig": (".methods.freeze", "BitFitConfig"),
     "BottleneckConfig": (".methods.adapter", "BottleneckConfig"),
     "ConfigError": (".config", "ConfigError"),
@@ -84,6 +84,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .config import ConfigError, DeltaConfig
+    from .files import AdapterLoadError
     from .methods._tokens import fold as fold_virtual_tokens
     from .methods.adapter import BottleneckConfig
     from .methods.freeze import BitFitConfig, FreezeConfig, FullConfig
@@ -101,4 +102,4 @@ if TYPE_CHECKING:
         prepare_for_kbit_training,
         quantize,
     )
-    from .model import AdapterLoadError, DeltaModel, get_delta_model
+    from .model import DeltaModel, get_delta_model

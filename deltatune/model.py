@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,8 @@ import torch
 from torch import nn
 
 from . import registry
-from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
+from .files import AdapterLoadError, atomic_write, read_weights, resolve
 from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, logical_numel, set_submodule
 
 _PREFIX = "base_model.model."
@@ -32,10 +32,6 @@ _HEADS_BY_TASK = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
-
-
-class AdapterLoadError(ValueError):
-    """An adapter file is missing, corrupt, or does not fit the base model. Nothing was changed."""
 
 
 class DeltaModel(nn.Module):
@@ -533,9 +529,9 @@ class DeltaModel(nn.Module):
                 config.base_model_name_or_path = (
                     getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
                 )
-            _atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda f, t=tensors: save_file(t, f, {"format": "pt"}))
+            atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda f, t=tensors: save_file(t, f, {"format": "pt"}))
             text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
-            _atomic_write(os.path.join(folder, CONFIG_NAME), lambda f, s=text: Path(f).write_text(s, encoding="utf-8"))
+            atomic_write(os.path.join(folder, CONFIG_NAME), lambda f, s=text: Path(f).write_text(s, encoding="utf-8"))
 
     def load_adapter(
         self,
@@ -563,9 +559,9 @@ class DeltaModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
-        config_file = _resolve(model_id, CONFIG_NAME, subfolder, revision)
+        config_file = resolve(model_id, CONFIG_NAME, subfolder, revision)
         config = DeltaConfig.from_pretrained(config_file).replace(inference_mode=not is_trainable)
-        tensors, source = _read_weights(model_id, subfolder, revision, allow_pickle)
+        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle)
         self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
 
     def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
@@ -575,7 +571,7 @@ class DeltaModel(nn.Module):
             AdapterLoadError: the file is missing, corrupt or does not fit the adapter; nothing is changed.
         """
         self._check_names([adapter_name])
-        tensors, source = _read_weights(model_id, None, None, allow_pickle=False)
+        tensors, source = read_weights(model_id, None, None, allow_pickle=False)
         self._import(adapter_name, tensors, source)
 
     @classmethod
@@ -647,61 +643,3 @@ def _replace(root: nn.Module, path: str, module: nn.Module | None) -> None:
         delattr(parent, child)
     else:
         set_submodule(root, path, module)
-
-
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | None, revision: str | None) -> str:
-    """A local file path for ``filename`` in a folder or (when reachable) a hub repo."""
-    folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
-    if os.path.isdir(os.fspath(model_id)):
-        path = os.path.join(folder, filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {filename} in {folder!r}")
-        return path
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(os.fspath(model_id), filename, subfolder=subfolder, revision=revision)
-    except Exception as exc:  # offline, unknown repo, missing file: one clear message
-        raise FileNotFoundError(
-            f"{model_id!r} is not a local folder and {filename} could not be fetched from the hub ({type(exc).__name__})"
-        ) from None
-
-
-def _read_weights(model_id, subfolder, revision, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str]:
-    try:
-        path = _resolve(model_id, WEIGHTS_NAME, subfolder, revision)
-    except FileNotFoundError:
-        try:
-            path = _resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {os.fspath(model_id)!r}"
-            ) from None
-        if not allow_pickle:
-            raise AdapterLoadError(
-                f"{path} is a pickle file, which can run arbitrary code when loaded; deltatune reads safetensors "
-                "only unless you pass allow_pickle=True for a file you trust"
-            ) from None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), path
-        except Exception as exc:
-            raise AdapterLoadError(f"{path} could not be read (truncated or corrupt?): {exc}") from None
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path), path
-    except Exception as exc:
-        raise AdapterLoadError(f"{path} is truncated or not a safetensors file: {exc}") from None

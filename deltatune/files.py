@@ -1,0 +1,82 @@
+"""Adapter files on disk or on the hub: atomic writes, local-or-hub resolution, safe reading.
+
+Reading prefers ``adapter_model.safetensors``; a pickle ``adapter_model.bin`` can run code when loaded, so it
+is read only when the caller passes ``allow_pickle=True``. A truncated or corrupt file is an AdapterLoadError
+naming the file, never a traceback from deep inside safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+
+from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file is missing, corrupt, or does not fit the base model. Nothing was changed."""
+
+
+def atomic_write(path: str, write: Callable[[str], object]) -> None:
+    """Write ``path`` through ``write(tmp)`` into a temporary file beside it, then rename: never half-written."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | None, revision: str | None) -> str:
+    """A local file path for ``filename`` in a folder or (when reachable) a hub repo."""
+    folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+    if os.path.isdir(os.fspath(model_id)):
+        path = os.path.join(folder, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {filename} in {folder!r}")
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(os.fspath(model_id), filename, subfolder=subfolder, revision=revision)
+    except Exception as exc:  # offline, unknown repo, missing file: one clear message
+        raise FileNotFoundError(
+            f"{model_id!r} is not a local folder and {filename} could not be fetched from the hub ({type(exc).__name__})"
+        ) from None
+
+
+def read_weights(
+    model_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, allow_pickle: bool
+) -> tuple[dict[str, torch.Tensor], str]:
+    """An adapter's tensors and the file they came from: safetensors, or a pickle only with ``allow_pickle``."""
+    try:
+        path = resolve(model_id, WEIGHTS_NAME, subfolder, revision)
+    except FileNotFoundError:
+        try:
+            path = resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {os.fspath(model_id)!r}"
+            ) from None
+        if not allow_pickle:
+            raise AdapterLoadError(
+                f"{path} is a pickle file, which can run arbitrary code when loaded; deltatune reads safetensors "
+                "only unless you pass allow_pickle=True for a file you trust"
+            ) from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as exc:
+            raise AdapterLoadError(f"{path} could not be read (truncated or corrupt?): {exc}") from None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path), path
+    except Exception as exc:
+        raise AdapterLoadError(f"{path} is truncated or not a safetensors file: {exc}") from None
