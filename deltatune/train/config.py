@@ -1,6 +1,7 @@
 """RunConfig: a recipe YAML plus dotted ``key=value`` overrides, validated section by section.
 
-A recipe's sections follow the run: ``stage``, ``model``, ``method``, ``data``, ``train``, ``output``.
+A recipe's sections follow the run: ``stage``, ``model``, ``method``, ``data``, ``train``, ``align`` (the
+alignment stages only), ``output``.
 The ``method`` section holds ``name`` plus the fields of that method's config class (LoraConfig, ...).
 An unknown key anywhere is an error naming it and the nearest valid key.
 """
@@ -50,6 +51,14 @@ class DataArgs:
     tags_column: str = _f("ner_tags", "Tag list column (tag), BIO tags.")
     source_column: str = _f("source", "Source text column (seq2seq).")
     target_column: str = _f("target", "Target text column (seq2seq).")
+    prompt_column: str = _f("prompt", "Prompt column (rm, dpo, ppo).")
+    chosen_column: str = _f("chosen", "Preferred response column (rm, dpo).")
+    rejected_column: str = _f("rejected", "Dispreferred response column (rm, dpo).")
+    bad_pairs: str = _f(
+        "refuse",
+        "Preference rows with an empty response or chosen == rejected: 'refuse' (stop, "
+        "naming file:line) or 'skip' (counted in the report).",
+    )
     columns: dict = _f({}, "SFT column names: {messages, instruction, input, output, system} -> column.")
     template: str | None = _f(None, "SFT format: None = the tokenizer's chat template, or chatml / alpaca / plain.")
     max_length: int = _f(512, "Longest sequence in tokens (the block size for pt and packing).")
@@ -81,9 +90,42 @@ class TrainArgs:
     report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     generation_max_new_tokens: int = _f(64, "seq2seq eval: tokens to generate per example.")
-    fsdp: str = _f("", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when launched).")
+    fsdp: str = _f(
+        "", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when launched)."
+    )
     fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
     eval_on_start: bool = _f(False, "Evaluate once before training too (the report shows before and after).")
+
+
+@dataclass
+class AlignArgs:
+    """The alignment stages' settings (dpo, ppo); other stages ignore this section."""
+
+    beta: float = _f(0.1, "DPO: strength of the implicit KL constraint (temperature of the implicit reward).")
+    loss_type: str = _f("sigmoid", "DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023).")
+    label_smoothing: float = _f(
+        0.0, "DPO sigmoid loss: assumed fraction of flipped preference labels (cDPO), in [0, 0.5)."
+    )
+    precompute_ref: bool = _f(
+        False, "DPO: compute the reference log-probs once before training (one pass, no reference forward per step)."
+    )
+    reward_model: str | None = _f(
+        None,
+        "PPO: a reward-model run folder (stage rm), or 'module:function' scoring (prompts, responses) -> rewards.",
+    )
+    max_new_tokens: int = _f(32, "PPO: response tokens generated per prompt.")
+    temperature: float = _f(1.0, "PPO: sampling temperature of the rollouts.")
+    ppo_epochs: int = _f(4, "PPO: optimisation passes over each batch of rollouts.")
+    mini_batch_size: int = _f(4, "PPO: rollouts per gradient step within a PPO epoch.")
+    cliprange: float = _f(0.2, "PPO: clip range of the policy ratio.")
+    cliprange_value: float = _f(0.2, "PPO: clip range of the value update.")
+    vf_coef: float = _f(0.1, "PPO: weight of the value loss.")
+    gamma: float = _f(1.0, "PPO: discount factor.")
+    lam: float = _f(0.95, "PPO: GAE lambda.")
+    init_kl_coef: float = _f(0.2, "PPO: coefficient of the per-token KL penalty against the reference.")
+    adaptive_kl: bool = _f(False, "PPO: adapt the KL coefficient towards target_kl (Ziegler et al. 2019).")
+    target_kl: float = _f(6.0, "PPO: target KL per rollout for the adaptive controller.")
+    kl_horizon: int = _f(10000, "PPO: horizon of the adaptive KL controller.")
 
 
 @dataclass
@@ -98,6 +140,7 @@ class RunConfig:
     method: dict = field(default_factory=lambda: {"name": "lora"})
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
+    align: AlignArgs = field(default_factory=AlignArgs)
     output: OutputArgs = field(default_factory=OutputArgs)
 
     def method_config(self, task_type: str | None = None):
@@ -124,7 +167,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "output": OutputArgs}
+_SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "align": AlignArgs, "output": OutputArgs}
 
 
 def _unknown(full: str, key: str, known: list[str], where: str) -> str:
@@ -182,7 +225,7 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     sections = {}
     for name, cls in _SECTIONS.items():
         section = raw.get(name) or {}
-        if name == "train" and isinstance(section, dict):  # YAML 1.1 reads 5e-4 as a string
+        if name in ("train", "align") and isinstance(section, dict):  # YAML 1.1 reads 5e-4 as a string
             section = {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in section.items()}
         if not isinstance(section, dict):
             raise ConfigError(f"{name} must be a mapping of keys, got {section!r}")
@@ -230,6 +273,8 @@ def _check_types(section: str, args: Any) -> Any:
 def _validate(cfg: RunConfig) -> None:
     if cfg.data.truncation not in ("truncate", "refuse"):
         raise ConfigError(f"data.truncation must be 'truncate' or 'refuse', got {cfg.data.truncation!r}")
+    if cfg.data.bad_pairs not in ("refuse", "skip"):
+        raise ConfigError(f"data.bad_pairs must be 'refuse' or 'skip', got {cfg.data.bad_pairs!r}")
     if cfg.data.max_length < 1:
         raise ConfigError(f"data.max_length must be >= 1, got {cfg.data.max_length}")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
@@ -238,7 +283,21 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
     if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    _validate_align(cfg.align)
     cfg.method_config()  # the method section validates itself
+
+
+def _validate_align(a: AlignArgs) -> None:
+    if a.loss_type not in ("sigmoid", "ipo"):
+        raise ConfigError(f"align.loss_type must be sigmoid or ipo, got {a.loss_type!r}")
+    if not 0.0 <= a.label_smoothing < 0.5:
+        raise ConfigError(f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
+    for key in ("beta", "temperature", "cliprange", "cliprange_value", "target_kl"):
+        if getattr(a, key) <= 0:
+            raise ConfigError(f"align.{key} must be > 0, got {getattr(a, key)}")
+    for key in ("max_new_tokens", "ppo_epochs", "mini_batch_size", "kl_horizon"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"align.{key} must be >= 1, got {getattr(a, key)}")
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:

@@ -35,8 +35,10 @@ def _check_output(out: str, overwrite: bool, resume: bool) -> str | None:
         return last
     if os.path.isdir(out) and os.listdir(out):
         if not os.path.isfile(os.path.join(out, RUN_FILE)):
-            raise ConfigError(f"output folder {out!r} holds files that are not a deltatune run; choose another "
-                              "output.dir (--overwrite only replaces a previous run)")
+            raise ConfigError(
+                f"output folder {out!r} holds files that are not a deltatune run; choose another "
+                "output.dir (--overwrite only replaces a previous run)"
+            )
         if not overwrite:
             raise ConfigError(
                 f"output folder {out!r} already holds files (another run?); pass --overwrite to "
@@ -158,8 +160,10 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict
     delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]))
     if cfg.data.packing:
         _check_packing(delta)
+    if prepared.loop is not None:
+        return _run_loop(cfg, prepared, delta, tok)
     args = _training_args(cfg, prepared, out)
-    trainer = DeltaTrainer(
+    trainer = (prepared.trainer_class or DeltaTrainer)(
         model=delta,
         args=args,
         train_dataset=prepared.train,
@@ -179,7 +183,12 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict
     if trainer.is_world_process_zero():
         with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
             yaml.safe_dump(recipe, fh, sort_keys=False)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:  # a run stopped by an error (a NaN loss) leaves no half-drawn progress bar behind
+        for cb in trainer.callback_handler.callbacks:
+            if isinstance(cb, ProgressBar) and cb.training_bar is not None:
+                cb.training_bar.close()
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
         "train_steps": result.global_step,
@@ -197,9 +206,25 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict
     return metrics
 
 
+def _run_loop(cfg: RunConfig, prepared: Prepared, delta: DeltaModel, tok) -> dict[str, Any]:
+    """A stage with its own training loop (no HF Trainer, no checkpoints): run it, then save and report."""
+    out = cfg.output.dir
+    os.makedirs(out, exist_ok=True)
+    recipe = _recipe_dict(cfg)
+    with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
+        yaml.safe_dump(recipe, fh, sort_keys=False)
+    metrics, history = prepared.loop(delta, tok, cfg)
+    delta.save_pretrained(out)
+    tok.save_pretrained(out)
+    report.write(out, recipe, metrics, history, prepared.notes, prepared.metric)
+    return metrics
+
+
 def _evaluate(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:
     metrics = trainer.evaluate()
-    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch", "_preparation_time"))}
+    metrics = {
+        k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch", "_preparation_time"))
+    }
     if prepared.loss_only and "eval_loss" in metrics:
         metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     if prepared.eval_rows is not None and cfg.stage == "seq2seq":
@@ -215,6 +240,7 @@ def _recipe_dict(cfg: RunConfig) -> dict[str, Any]:
         "method": d["method"],
         "data": d["data"],
         "train": d["train"],
+        "align": d["align"],
         "output": d["output"],
     }
 
@@ -257,6 +283,11 @@ def evaluate(run_dir: str, data: str | None = None, overrides: list[str] | None 
     )
     eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
     prepared = _prepare(eval_cfg, tok)
+    if prepared.loop is not None:
+        raise ConfigError(
+            f"stage {cfg.stage!r} runs its own loop, not the Trainer's evaluation; its metrics.json "
+            "and report.md hold the eval figures"
+        )
     model = build_model(cfg, tok, cfg.data.labels)
     delta = DeltaModel.from_pretrained(model, run_dir)
     args = TrainingArguments(
@@ -268,7 +299,7 @@ def evaluate(run_dir: str, data: str | None = None, overrides: list[str] | None 
         prediction_loss_only=prepared.loss_only,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(
+    trainer = (prepared.trainer_class or Trainer)(
         model=delta, args=args, data_collator=prepared.collator, compute_metrics=prepared.compute_metrics
     )
     trainer.eval_dataset = prepared.train
@@ -291,11 +322,12 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
 
     config = DeltaConfig.from_pretrained(adapter_dir)
     run_file = os.path.join(adapter_dir, RUN_FILE)
-    labels = None
+    labels, num_labels = None, None
     if os.path.isfile(run_file):
         with open(run_file, encoding="utf-8") as fh:
             cfg = build(yaml.safe_load(fh), where=run_file)
         name, task, labels = model or cfg.model.name_or_path, TASK_OF_STAGE[cfg.stage], cfg.data.labels
+        num_labels = cfg.model.num_labels
     else:
         name, task = model or config.base_model_name_or_path, config.task_type or "CAUSAL_LM"
     if not name:
@@ -305,7 +337,7 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
     base = load_model(
         name,
         task,
-        num_labels=len(labels) if labels else None,
+        num_labels=num_labels or (len(labels) if labels else None),
         id2label=dict(enumerate(labels)) if labels else None,
         pad_token_id=tok.pad_token_id,
     )

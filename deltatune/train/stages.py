@@ -34,6 +34,11 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     loss_only: bool = False
     """Language-model stages: eval reports the loss (and perplexity) only; no logits are gathered."""
+    trainer_class: Callable | None = None
+    """A DeltaTrainer subclass (or a partial of one) for stages with their own loss (rm, dpo); None: DeltaTrainer."""
+    loop: Callable | None = None
+    """For stages that do not fit the HF Trainer (ppo): ``loop(model, tokenizer, cfg) -> (metrics, log_history)``,
+    run instead of the Trainer; the run saves the adapter and writes the report as usual."""
 
 
 def _rows(cfg: RunConfig) -> tuple[list[Row], list[Row] | None]:
@@ -231,12 +236,34 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     )
 
 
+# The alignment stages live in files of their own, imported when used (they import the HF Trainer).
+def prepare_rm(cfg: RunConfig, tok) -> Prepared:
+    from .reward import prepare_rm
+
+    return prepare_rm(cfg, tok)
+
+
+def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
+    from .dpo import prepare_dpo
+
+    return prepare_dpo(cfg, tok)
+
+
+def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
+    from .ppo import prepare_ppo
+
+    return prepare_ppo(cfg, tok)
+
+
 STAGES: dict[str, Callable[[RunConfig, Any], Prepared]] = {
     "pt": prepare_pt,
     "sft": prepare_sft,
     "cls": prepare_cls,
     "tag": prepare_tag,
     "seq2seq": prepare_seq2seq,
+    "rm": prepare_rm,
+    "dpo": prepare_dpo,
+    "ppo": prepare_ppo,
 }
 
 

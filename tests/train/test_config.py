@@ -182,7 +182,7 @@ def test_defaults_and_field_help():
     cfg = build({})
     assert (cfg.stage, cfg.method, cfg.train.lr) == ("sft", {"name": "lora"}, 2e-4)
     help_ = field_help()
-    assert list(help_) == ["model", "data", "train", "output"]
+    assert list(help_) == ["model", "data", "train", "align", "output"]
     keys = {section: [k for k, _, _ in rows] for section, rows in help_.items()}
     assert {"name_or_path", "dtype"} <= set(keys["model"]) and {"lr", "max_steps", "report_to"} <= set(keys["train"])
     assert all(text for rows in help_.values() for _, _, text in rows)  # every key has its help line

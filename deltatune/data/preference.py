@@ -1,0 +1,208 @@
+"""Preference rows (prompt, chosen, rejected) -> token ids, for reward models, DPO and PPO prompts.
+
+Two encodings of a (prompt, response) text pair:
+
+- ``encode_scored`` for a scoring model (the reward model): the tokenizer's own pair template, so an encoder
+  sees ``[CLS] prompt [SEP] response [SEP]`` with token types and a decoder the two texts one after the other.
+- ``encode_lm`` for a causal LM (DPO): ``prompt ids + response ids + EOS`` with labels -100 on the prompt, so
+  summed label log-probs are the response's log-probability given the prompt.
+
+Both keep the response and cut the prompt from its start (the end of a dialogue is what the response answers).
+A row with an empty response, or the same text chosen and rejected, is refused with its file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .load import DataError, Row
+from .tasks import Collator, Encoded
+from .templates import IGNORE_INDEX
+
+
+@dataclass
+class Pair:
+    """One checked preference row."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+
+
+def read_pairs(
+    rows: Sequence[Row],
+    prompt_column: str,
+    chosen_column: str,
+    rejected_column: str,
+    skipped: list[str] | None = None,
+) -> list[Pair]:
+    """Check and unpack preference rows.
+
+    Args:
+        rows: the rows read from the data file.
+        prompt_column: column of the prompt text.
+        chosen_column: column of the preferred response.
+        rejected_column: column of the dispreferred response.
+        skipped: when given, a row with an empty response or chosen == rejected is left out and its ``file:line``
+            appended here, instead of raising.
+
+    Raises:
+        DataError: a column is missing or not text, or (unless ``skipped`` is given) a response is empty or chosen
+            equals rejected; the message names file and line.
+    """
+    out = []
+    for row in rows:
+        try:
+            pair = _pair(row, prompt_column, chosen_column, rejected_column)
+        except _BadPair as exc:
+            if skipped is None:
+                raise DataError(str(exc)) from None
+            skipped.append(row.source)
+            continue
+        out.append(pair)
+    return out
+
+
+class _BadPair(Exception):
+    """A well-formed row that is no preference (an empty response, or the same response twice)."""
+
+
+def _pair(row: Row, prompt_column: str, chosen_column: str, rejected_column: str) -> Pair:
+    texts = []
+    for column in (prompt_column, chosen_column, rejected_column):
+        value = row.get(column)
+        if not isinstance(value, str):
+            raise DataError(f"{row.source}: column {column!r} must be text, got {type(value).__name__}")
+        texts.append(value)
+    prompt, chosen, rejected = texts
+    for column, text in ((chosen_column, chosen), (rejected_column, rejected)):
+        if not text.strip():
+            raise _BadPair(
+                f"{row.source}: column {column!r} is empty; a preference pair needs two responses "
+                "(data.bad_pairs=skip leaves such rows out)"
+            )
+    if chosen.strip() == rejected.strip():
+        raise _BadPair(
+            f"{row.source}: {chosen_column!r} and {rejected_column!r} are identical; a preference pair needs two "
+            "different responses (data.bad_pairs=skip leaves such rows out)"
+        )
+    return Pair(prompt, chosen, rejected, row.source)
+
+
+def skipped_note(split: str, skipped: list[str]) -> str:
+    """The report line for the ``split`` rows left out by ``data.bad_pairs=skip``."""
+    shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return f"{len(skipped)} {split} rows skipped (empty response, or chosen == rejected): {shown}"
+
+
+def read_prompts(rows: Sequence[Row], prompt_column: str) -> list[tuple[str, str]]:
+    """(prompt, file:line) per row; DataError for a missing or empty prompt."""
+    out = []
+    for row in rows:
+        value = row.get(prompt_column)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{row.source}: column {prompt_column!r} must be non-empty text")
+        out.append((value, row.source))
+    return out
+
+
+def _cut_prompt(tokenizer, prompt: str, drop: int) -> str:
+    """``prompt`` without its first ``drop`` tokens (cut at a token boundary, by character offsets)."""
+    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if drop >= len(offsets):
+        return ""
+    return prompt[offsets[drop][0] :]
+
+
+def encode_scored(tokenizer, prompt: str, response: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
+    """Model inputs for scoring ``response`` to ``prompt`` (the tokenizer's pair template), and whether it was cut.
+
+    Over-long inputs lose the start of the prompt first; a response that alone exceeds ``max_length`` is cut at
+    its end.
+    """
+
+    def enc(p: str, **kw: Any) -> dict[str, list[int]]:
+        out = tokenizer(p, response, **kw) if p else tokenizer(response, **kw)
+        return {k: list(v) for k, v in out.items()}
+
+    ids = enc(prompt)
+    if len(ids["input_ids"]) <= max_length:
+        return ids, False
+    over = len(ids["input_ids"]) - max_length
+    prompt = _cut_prompt(tokenizer, prompt, over) if prompt else prompt
+    ids = enc(prompt)
+    if len(ids["input_ids"]) > max_length:  # the response alone is too long, or offsets merged at the cut
+        ids = enc(prompt, truncation="longest_first" if prompt else True, max_length=max_length)
+    return ids, True
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The BOS id when the tokenizer starts its encodings with one (Llama), else nothing (GPT-2, Qwen)."""
+    bos = tokenizer.bos_token_id
+    probe = tokenizer("a")["input_ids"]
+    return [bos] if bos is not None and probe and probe[0] == bos else []
+
+
+def encode_lm(tokenizer, prompt: str, response: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
+    """Causal-LM inputs: ``[BOS] prompt response EOS``, labels -100 on BOS and prompt; whether it was cut.
+
+    Over-long rows keep the end of the prompt and as much of the response as fits (at least half of
+    ``max_length`` when the response is that long).
+    """
+    head = bos_prefix(tokenizer)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        r = [*r, tokenizer.eos_token_id]
+    budget = max_length - len(head)
+    cut = len(p) + len(r) > budget
+    if cut:
+        keep_r = min(len(r), max(budget - len(p), budget // 2))
+        r = r[:keep_r]
+        p = p[len(p) - (budget - keep_r) :] if budget - keep_r > 0 else []
+    ids = head + p + r
+    labels = [IGNORE_INDEX] * (len(head) + len(p)) + r
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, cut
+
+
+def encode_pairs(pairs: Sequence[Pair], tokenizer, max_length: int, truncation: str, causal: bool) -> Encoded:
+    """Each pair as ``{"chosen": inputs, "rejected": inputs}`` (``encode_lm`` when ``causal``, else
+    ``encode_scored``); rows cut to ``max_length`` are counted, or refused with ``truncation="refuse"``."""
+    encode = encode_lm if causal else encode_scored
+    out, truncated = [], 0
+    for pair in pairs:
+        chosen, cut_c = encode(tokenizer, pair.prompt, pair.chosen, max_length)
+        rejected, cut_r = encode(tokenizer, pair.prompt, pair.rejected, max_length)
+        if (cut_c or cut_r) and truncation == "refuse":
+            raise DataError(
+                f"{pair.source}: longer than data.max_length={max_length} tokens "
+                "(set data.truncation=truncate to cut such rows)"
+            )
+        truncated += cut_c or cut_r
+        out.append({"chosen": chosen, "rejected": rejected})
+    return Encoded(out, truncated)
+
+
+@dataclass
+class PairCollator:
+    """A batch of B pairs as one batch of 2B sequences: the B chosen first, then the B rejected (so one forward
+    pass scores both; ``.chunk(2)`` splits them). Scalar fields (e.g. precomputed reference log-probs) are
+    stacked as (B,) tensors."""
+
+    pad_token_id: int
+    _pad: Collator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._pad = Collator(self.pad_token_id)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = self._pad([e["chosen"] for e in examples] + [e["rejected"] for e in examples])
+        for key in examples[0]:
+            if key not in ("chosen", "rejected"):
+                batch[key] = torch.tensor([e[key] for e in examples])
+        return batch

@@ -1,0 +1,197 @@
+"""Direct Preference Optimization (stage ``dpo``; Rafailov et al. 2023, arXiv:2305.18290).
+
+With pi the policy (base + adapter) and ref the reference, and log-probs summed over the response tokens only
+(prompt tokens are masked), a preference pair (chosen c, rejected r) gives
+
+    h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r))
+    sigmoid:  loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = label_smoothing; cDPO)
+    ipo:      loss = (h - 1 / (2 beta))^2                                        (Azar et al. 2023, arXiv:2310.12036)
+
+The implicit rewards are beta (log pi - log ref) of each response. The reference is the same base model with the
+adapter switched off (``DeltaModel.disable_adapter``), so it costs no second copy of the weights; with
+``align.precompute_ref`` its log-probs are computed once before training instead of at every step.
+At initialisation (adapter = identity) pi = ref, so h = 0 and the sigmoid loss is log 2.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.preference import PairCollator, encode_pairs, read_pairs, skipped_note
+from ..data.tasks import Encoded
+from .config import AlignArgs, RunConfig
+from .logprobs import sequence_logprobs
+from .stages import Prepared, _note_truncated, _rows
+from .trainer import DeltaTrainer
+
+_LM_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards.
+
+    Args:
+        policy_chosen: (B,) summed response log-probs of the chosen responses under the policy.
+        policy_rejected: (B,) the same for the rejected responses.
+        ref_chosen: (B,) chosen log-probs under the reference.
+        ref_rejected: (B,) rejected log-probs under the reference.
+        beta: the temperature of the implicit reward.
+        loss_type: "sigmoid" (DPO, with ``label_smoothing`` the cDPO variant) or "ipo".
+        label_smoothing: assumed probability that a preference label is flipped (sigmoid only).
+
+    Returns:
+        (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards are detached.
+
+    Raises:
+        ValueError: an unknown loss_type.
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be sigmoid or ipo, got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+class DPOTrainer(DeltaTrainer):
+    """DeltaTrainer with the DPO loss against the adapter-disabled base.
+
+    Logs ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies`` (means since the
+    last log) with the loss. Eval predictions are (B, 2) [chosen reward, rejected reward].
+    """
+
+    def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.align = align
+        self._stats: dict[str, list[float]] = defaultdict(list)
+        if align.precompute_ref and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
+            self.train_dataset = self._with_ref(self.train_dataset)
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._with_ref(self.eval_dataset)
+
+    @torch.no_grad()
+    def _with_ref(self, examples: list[dict]) -> list[dict]:
+        """The examples with the reference's summed log-probs of both responses added (one pass, adapter off)."""
+        model = self._delta_model()
+        was_training = model.training
+        model.eval()  # no dropout in the reference
+        device = next(model.parameters()).device
+        size = self.args.per_device_eval_batch_size
+        out = []
+        with model.disable_adapter():
+            for i in range(0, len(examples), size):
+                chunk = examples[i : i + size]
+                batch = {k: v.to(device) for k, v in self.data_collator(chunk).items() if k in _LM_KEYS}
+                ref_c, ref_r = sequence_logprobs(model, batch).chunk(2)
+                for ex, c, r in zip(chunk, ref_c.tolist(), ref_r.tolist()):
+                    out.append({**ex, "ref_chosen_logp": c, "ref_rejected_logp": r})
+        model.train(was_training)
+        return out
+
+    def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lm = {k: inputs[k] for k in _LM_KEYS}
+        policy_c, policy_r = sequence_logprobs(model, lm).chunk(2)
+        if "ref_chosen_logp" in inputs:
+            ref_c, ref_r = inputs["ref_chosen_logp"], inputs["ref_rejected_logp"]
+        else:
+            with torch.no_grad(), self._delta_model().disable_adapter():
+                ref_c, ref_r = sequence_logprobs(model, lm).chunk(2)
+        a = self.align
+        return dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        losses, chosen, rejected = self._losses(model, inputs)
+        if model.training:
+            self._stats["rewards/chosen"].append(chosen.mean().item())
+            self._stats["rewards/rejected"].append(rejected.mean().item())
+            self._stats["rewards/margins"].append((chosen - rejected).mean().item())
+            self._stats["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+        loss = losses.mean()
+        return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), rewards.float(), torch.zeros(rewards.shape[0], device=rewards.device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stats:
+            logs.update({k: float(np.mean(v)) for k, v in self._stats.items()})
+            self._stats.clear()
+        super().log(logs, start_time)
+
+
+def _metrics(p) -> dict[str, float]:
+    rewards = np.asarray(p.predictions)  # (N, 2): implicit rewards of [chosen, rejected]
+    margin = rewards[:, 0] - rewards[:, 1]
+    return {
+        "accuracy": float((margin > 0).mean()),
+        "margin": float(margin.mean()),
+        "reward_chosen": float(rewards[:, 0].mean()),
+        "reward_rejected": float(rewards[:, 1].mean()),
+    }
+
+
+def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
+    """Preference rows -> (prompt + response, labels on the response) for chosen and rejected."""
+    from functools import partial
+
+    from ..data.load import DataError
+
+    d = cfg.data
+    train_rows, eval_rows = _rows(cfg)
+
+    notes: list[str] = []
+
+    def enc(rows, split: str) -> Encoded:
+        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
+        pairs = read_pairs(rows, d.prompt_column, d.chosen_column, d.rejected_column, skipped)
+        if skipped:
+            notes.append(skipped_note(split, skipped))
+        return encode_pairs(pairs, tok, d.max_length, d.truncation, causal=True)
+
+    train = enc(train_rows, "train")
+    ev = enc(eval_rows, "eval") if eval_rows else None
+    for split, e in (("train", train), ("eval", ev)):
+        for ex in e.examples if e else []:
+            if all(lab == -100 for lab in ex["chosen"]["labels"][1:]) or all(
+                lab == -100 for lab in ex["rejected"]["labels"][1:]
+            ):
+                raise DataError(f"a {split} pair has no response token within data.max_length={d.max_length}")
+    _note_truncated(notes, "train", train.truncated, d.max_length)
+    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+    a = cfg.align
+    notes.append(
+        f"DPO loss {a.loss_type} with beta={a.beta}"
+        + (f", label_smoothing={a.label_smoothing}" if a.label_smoothing else "")
+        + "; reference = the base with the adapter off"
+        + (", log-probs precomputed once" if a.precompute_ref else "")
+    )
+    return Prepared(
+        train.examples,
+        ev.examples if ev else None,
+        PairCollator(tok.pad_token_id),
+        _metrics,
+        "eval_accuracy",
+        notes=notes,
+        trainer_class=partial(DPOTrainer, align=cfg.align),
+    )

@@ -1,0 +1,532 @@
+"""PPO against a reward model, with a KL penalty to the reference (stage ``ppo``; Ziegler et al. 2019,
+Ouyang et al. 2022; clipped objective of Schulman et al. 2017, GAE of Schulman et al. 2016).
+
+One step: sample responses to a batch of prompts from the policy (base + adapter); score each (prompt, response)
+text with the reward model; per response token t the reward is
+
+    r_t = -kl_coef * (log pi(y_t) - log ref(y_t))   (+ the reward model's score on the last token)
+
+where the reference is the same base with the adapter switched off, so the policy, the reference and the value
+head (a linear layer on the policy's last hidden state) share one copy of the base weights. GAE turns rewards and
+values into advantages A_t (whitened) and returns R_t; then ``ppo_epochs`` passes over mini-batches minimise
+
+    policy loss = mean_t max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)),  ratio_t = pi / pi_old
+    value loss  = 0.5 mean_t max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -eps_v, eps_v) - R_t)^2)
+    loss        = policy loss + vf_coef * value loss
+
+The KL coefficient is fixed, or adapted towards ``target_kl`` (Ziegler et al.'s proportional controller).
+PPO does not fit the HF Trainer's loop; this file has its own small one (a torch optimizer), and the run saves
+the adapter and writes the report as for every stage. The value head is saved next to it
+(``value_head.safetensors``). No checkpoints are written mid-run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from ..data.preference import bos_prefix, read_prompts
+from ..data.tasks import Collator
+from .config import AlignArgs, RunConfig
+from .stages import Prepared, _rows
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Any]
+"""(prompts, responses) texts -> one reward per pair (a list or a (N,) tensor)."""
+
+
+# -- the math ------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``x`` shifted and scaled to mean 0 and variance 1 over the masked positions (0 elsewhere)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens.
+
+    delta_t = r_t + gamma V_{t+1} - V_t (V after the last token is 0); A_t = delta_t + gamma lam A_{t+1}.
+
+    Args:
+        rewards: (B, T) per-token rewards.
+        values: (B, T) value estimates.
+        mask: (B, T) 1 on response tokens (a prefix of each row), 0 after the response ended.
+        gamma: discount.
+        lam: GAE lambda.
+
+    Returns:
+        (advantages, returns), both (B, T), 0 where ``mask`` is 0; returns = advantages + values.
+    """
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        cont = mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # 0 when the episode ends at t
+        next_value = values[:, t + 1] * cont if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * cont * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate loss and the fraction of tokens where clipping was active.
+
+    Args:
+        logprobs: (B, T) log pi(y_t) under the policy being trained.
+        old_logprobs: (B, T) the same under the policy that sampled (fixed).
+        advantages: (B, T).
+        mask: (B, T) response tokens.
+        cliprange: eps of clip(ratio, 1 - eps, 1 + eps).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> torch.Tensor:
+    """0.5 * masked mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class KLController:
+    """The KL coefficient: fixed, or adapted so the KL per rollout tracks ``target`` (Ziegler et al. 2019):
+    coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon after each batch of n rollouts."""
+
+    def __init__(self, init: float, adaptive: bool = False, target: float = 6.0, horizon: int = 10000) -> None:
+        self.value, self.adaptive, self.target, self.horizon = init, adaptive, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        """Adapt the coefficient after a batch of ``n`` rollouts whose mean KL was ``kl`` (no-op when fixed)."""
+        if self.adaptive:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n / self.horizon
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses with what PPO needs of them (B rollouts, P prompt and R response positions)."""
+
+    sequences: torch.Tensor  # (B, P + R): left-padded prompts, then responses (pad after EOS)
+    attention_mask: torch.Tensor  # (B, P + R)
+    response_mask: torch.Tensor  # (B, R): 1 up to and including the first EOS
+    prompt_length: int  # P
+    logprobs: torch.Tensor | None  # (B, R) under the sampling policy (set once scored, as are the next three)
+    ref_logprobs: torch.Tensor | None  # (B, R) under the reference (adapter off)
+    values: torch.Tensor | None  # (B, R)
+    scores: torch.Tensor | None  # (B,) reward model scores
+    prompts: list[str]
+    responses: list[str]
+
+
+class PPOLoop:
+    """PPO on a DeltaModel policy: rollouts, rewards, GAE, clipped updates of the adapter and the value head.
+
+    Args:
+        model: the policy, a DeltaModel over a causal LM whose active adapter trains.
+        tokenizer: the policy's tokenizer (responses are decoded with it for the reward function).
+        reward_fn: (prompts, responses) texts -> rewards; a ``reward.RewardScorer`` or any Python function.
+        align: PPO settings (the ``align`` section of the recipe).
+        lr: AdamW learning rate for the adapter and the value head.
+        max_grad_norm: gradient clipping norm (0: none).
+        seed: seeds the value head's init and the sampling.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        reward_fn: RewardFn,
+        align: AlignArgs,
+        lr: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.tokenizer, self.reward_fn, self.align = model, tokenizer, reward_fn, align
+        self.device = next(model.parameters()).device
+        torch.manual_seed(seed)
+        hidden = model.get_base_model().config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1).to(self.device)
+        nn.init.zeros_(self.value_head.weight)  # values start at 0: no spurious advantages at the first step
+        nn.init.zeros_(self.value_head.bias)
+        params = [p for p in model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=lr)
+        self.max_grad_norm = max_grad_norm
+        self.kl_ctl = KLController(align.init_kl_coef, align.adaptive_kl, align.target_kl, align.kl_horizon)
+        self.steps_done = 0
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    # The model runs in eval mode throughout (no dropout), so pi_old, pi and the reference are computed alike.
+    def _forward(self, r: Rollout, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-probs (B, R), values (B, R), entropy (B, R)) of the rollout's response tokens."""
+        P = r.prompt_length
+        position_ids = (r.attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+        out = self.model(
+            input_ids=r.sequences,
+            attention_mask=r.attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=with_values,
+        )
+        logits = out.logits[:, P - 1 : -1].float() / self.align.temperature  # (B, R, V): predicts the responses
+        logp_all = F.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, r.sequences[:, P:].unsqueeze(-1)).squeeze(-1)  # (B, R)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        values = self.value_head(out.hidden_states[-1][:, P - 1 : -1].float()).squeeze(-1) if with_values else None
+        return logp, values, entropy
+
+    @torch.no_grad()
+    def reference_logprobs(self, r: Rollout) -> torch.Tensor:
+        """log ref(y_t) of the response tokens: the same model with the adapter switched off."""
+        with self.model.disable_adapter():
+            return self._forward(r, with_values=False)[0]
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
+        """Sample one response per prompt (token ids, no padding) and score it."""
+        from transformers import GenerationConfig
+
+        self.model.eval()
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad] * (P - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        # A fresh generation config: sample from the policy itself, not from a checkpoint's defaults (top-k, top-p,
+        # repetition penalty), or the PPO ratio would refer to another distribution.
+        gen = GenerationConfig(
+            max_new_tokens=self.align.max_new_tokens,
+            do_sample=True,
+            temperature=self.align.temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=self.pad,
+            eos_token_id=self.eos,
+            use_cache=True,
+        )
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        response = out[:, P:]
+        if response.shape[1] == 0:
+            raise RuntimeError("the policy generated no token")
+        is_eos = response == self.eos if self.eos is not None else torch.zeros_like(response, dtype=torch.bool)
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+        response_mask = (~after_eos).long()
+        response = response.masked_fill(after_eos, self.pad)
+        r = Rollout(
+            sequences=torch.cat([ids, response], 1),
+            attention_mask=torch.cat([mask, response_mask], 1),
+            response_mask=response_mask,
+            prompt_length=P,
+            logprobs=None,
+            ref_logprobs=None,
+            values=None,
+            scores=None,
+            prompts=self.tokenizer.batch_decode([list(p) for p in prompts], skip_special_tokens=True),
+            responses=self.tokenizer.batch_decode(response, skip_special_tokens=True),
+        )
+        logp, values, _ = self._forward(r)
+        r.logprobs, r.values = logp * response_mask, values * response_mask
+        r.ref_logprobs = self.reference_logprobs(r) * response_mask
+        scores = self.reward_fn(r.prompts, r.responses)
+        scores = torch.as_tensor(scores, dtype=torch.float32).flatten().to(self.device)
+        if scores.numel() != len(prompts):
+            raise ValueError(f"the reward function returned {scores.numel()} rewards for {len(prompts)} responses")
+        r.scores = scores
+        return r
+
+    def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
+        """One PPO step: a batch of rollouts, then ``ppo_epochs`` passes of clipped updates. Returns statistics."""
+        a = self.align
+        r = self.rollout(prompts)
+        m = r.response_mask.float()
+        kl = (r.logprobs - r.ref_logprobs) * m  # (B, R) per-token KL estimate log pi_old - log ref
+        rewards = -self.kl_ctl.value * kl
+        last = (m.sum(-1).long() - 1).clamp(min=0)  # index of each response's last token
+        rewards[torch.arange(len(last)), last] += r.scores
+        advantages, returns = gae(rewards, r.values, m, a.gamma, a.lam)
+        advantages = whiten(advantages, m)
+        B = len(prompts)
+        logs: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": []}
+        for _ in range(a.ppo_epochs):
+            for idx in torch.randperm(B).split(a.mini_batch_size):
+                sub = _select(r, idx)
+                logp, values, entropy = self._forward(sub)
+                mm = m[idx]
+                pl, clipfrac = policy_loss(logp, r.logprobs[idx], advantages[idx], mm, a.cliprange)
+                vl = value_loss(values, r.values[idx], returns[idx], mm, a.cliprange_value)
+                loss = pl + a.vf_coef * vl
+                if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
+                    from .trainer import NonFiniteLossError
+
+                    raise NonFiniteLossError(self.steps_done + 1, float(loss))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.max_grad_norm > 0:
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                self.optimizer.step()
+                logs["policy_loss"].append(pl.item())
+                logs["value_loss"].append(vl.item())
+                logs["clipfrac"].append(clipfrac.item())
+                logs["entropy"].append(masked_mean(entropy.detach(), mm).item())
+        mean_kl = kl.sum(-1).mean().item()
+        stats = {k: sum(v) / len(v) for k, v in logs.items()}
+        stats.update(
+            reward=r.scores.mean().item(),
+            kl=mean_kl,
+            kl_coef=self.kl_ctl.value,
+            response_length=m.sum(-1).mean().item(),
+        )
+        stats["loss"] = stats["policy_loss"] + a.vf_coef * stats["value_loss"]
+        self.kl_ctl.update(mean_kl, B)
+        self.steps_done += 1
+        return stats
+
+    @torch.no_grad()
+    def mean_reward(self, prompts: Sequence[Sequence[int]], batch_size: int) -> float:
+        """Mean reward of sampled responses to ``prompts`` (no update)."""
+        scores = [self.rollout(prompts[i : i + batch_size]).scores for i in range(0, len(prompts), batch_size)]
+        return torch.cat(scores).mean().item()
+
+
+def _select(r: Rollout, idx: torch.Tensor) -> Rollout:
+    return Rollout(
+        r.sequences[idx], r.attention_mask[idx], r.response_mask[idx], r.prompt_length,
+        r.logprobs[idx], r.ref_logprobs[idx], r.values[idx], r.scores[idx], [], [],
+    )  # fmt: skip
+
+
+# -- the stage -----------------------------------------------------------------------------------------------
+
+
+def reward_function(
+    spec: str | None,
+    device: str | torch.device = "cpu",
+    policy: nn.Module | None = None,
+    policy_name: str | None = None,
+    tokenizer=None,
+) -> RewardFn:
+    """The reward named by ``align.reward_model``: a reward run folder (stage rm) or ``module:function``.
+
+    A reward run trained on the policy's own base (its ``model.name_or_path`` equals ``policy_name``) is loaded into
+    ``policy`` as a second, frozen adapter with its head (``reward.AdapterReward``: one copy of the base); any other
+    reward run is loaded as a model of its own (``reward.RewardScorer``) and scores re-tokenised text.
+
+    Raises:
+        ConfigError: not set, not a reward run, or the function cannot be imported.
+    """
+    if not spec:
+        raise ConfigError(
+            "align.reward_model is not set: give a reward-model run folder (stage rm) or module:function"
+        )
+    if os.path.isdir(spec):
+        from .reward import AdapterReward, RewardScorer, reward_run
+
+        same_base = reward_run(spec).get("model", {}).get("name_or_path") == policy_name
+        if policy is not None and same_base:
+            return AdapterReward(policy, spec, tokenizer)
+        return RewardScorer(spec, device=device)
+    module, _, name = spec.rpartition(":")
+    if not module:
+        raise ConfigError(f"align.reward_model {spec!r} is neither a folder nor of the form module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"align.reward_model {spec!r} could not be imported: {exc}") from None
+    if not callable(fn):
+        raise ConfigError(f"align.reward_model {spec!r} is not callable")
+    return fn
+
+
+def _check_reward_model(spec: str | None) -> None:
+    """Fail before any model is loaded when align.reward_model names nothing usable."""
+    if spec and os.path.isdir(spec):
+        from .reward import reward_run
+
+        reward_run(spec)
+    else:
+        reward_function(spec)
+
+
+def context_length(config) -> int | None:
+    """The most positions the model can attend over, when its config says."""
+    config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
+    """Prompts (left-truncated to data.max_length), the reward function, and the loop that trains on them.
+
+    Raises:
+        ConfigError: the longest prompt plus align.max_new_tokens exceeds the model's context, or the reward
+            model cannot be found.
+        DataError: a prompt is missing or empty.
+    """
+    from transformers import AutoConfig
+
+    from .models import resolve_path
+
+    d, a = cfg.data, cfg.align
+    train_rows, eval_rows = _rows(cfg)
+    head = bos_prefix(tok)
+
+    def enc(rows) -> list[list[int]]:
+        out = []
+        for text, _ in read_prompts(rows, d.prompt_column):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            out.append(head + ids[max(0, len(ids) - (d.max_length - len(head))) :])  # keep the prompt's end
+        return out
+
+    train, evals = enc(train_rows), (enc(eval_rows) if eval_rows else None)
+    longest = max(len(p) for p in train + (evals or []))
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except OSError:
+        config = None  # the model loader reports this more clearly
+    context = context_length(config) if config is not None else None
+    if context is not None and longest + a.max_new_tokens > context:
+        raise ConfigError(
+            f"align.max_new_tokens={a.max_new_tokens} plus the longest prompt ({longest} tokens, data.max_length="
+            f"{d.max_length}) is {longest + a.max_new_tokens} positions, more than the model's context of {context}; "
+            "lower align.max_new_tokens or data.max_length"
+        )
+    _check_reward_model(a.reward_model)
+    notes = [
+        f"PPO: {a.ppo_epochs} epochs of mini-batches of {a.mini_batch_size} per batch of {cfg.train.batch_size} "
+        f"rollouts, {a.max_new_tokens} new tokens each; KL coefficient {a.init_kl_coef}"
+        + (f" adapted towards {a.target_kl}" if a.adaptive_kl else " (fixed)")
+        + "; reference = the base with the adapter off; no mid-run checkpoints",
+        "![PPO statistics](ppo_stats.png)",
+    ]
+
+    def loop(model, tokenizer, run_cfg: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        from .reward import AdapterReward
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device)
+        reward_fn = reward_function(a.reward_model, device, model, run_cfg.model.name_or_path, tokenizer)
+        shared = isinstance(reward_fn, AdapterReward)
+        if shared or os.path.isdir(a.reward_model or ""):
+            notes.append(
+                f"reward model {a.reward_model}: "
+                + ("a second adapter on the policy's base (one copy of the weights)" if shared else
+                   "a separate model scoring re-tokenised text")
+            )  # fmt: skip
+        try:
+            return train_ppo(model, tokenizer, run_cfg, train, evals, reward_fn)
+        finally:
+            if shared:  # the saved run holds the policy adapter only
+                model.delete_adapter(reward_fn.adapter_name)
+
+    return Prepared(train, evals, Collator(tok.pad_token_id), None, "reward", notes=notes, loop=loop)
+
+
+def train_ppo(
+    model: nn.Module,
+    tokenizer,
+    cfg: RunConfig,
+    prompts: list[list[int]],
+    eval_prompts: list[list[int]] | None,
+    reward_fn: RewardFn,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run PPO for ``train.max_steps`` steps (or ``train.epochs`` over the prompts) of ``train.batch_size``
+    rollouts; returns (metrics, per-step log history). Saves the value head into ``output.dir``."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    t = cfg.train
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    loop = PPOLoop(model, tokenizer, reward_fn, cfg.align, t.lr, t.max_grad_norm, t.seed)
+    per_epoch = math.ceil(len(prompts) / t.batch_size)
+    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    g = torch.Generator().manual_seed(t.seed)
+    metrics: dict[str, Any] = {}
+    if eval_prompts and t.eval_on_start:
+        metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
+    history: list[dict[str, Any]] = []
+    order: list[int] = []
+    start = time.perf_counter()
+    bar = tqdm(range(1, steps + 1), desc="ppo")
+    for step in bar:
+        if len(order) < t.batch_size:
+            order += torch.randperm(len(prompts), generator=g).tolist()
+        batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
+        history.append({"step": step, **loop.step(batch)})
+        bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", kl=f"{history[-1]['kl']:.2f}", refresh=False)
+    tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
+    metrics.update(
+        train_loss=sum(h["loss"] for h in history) / len(history),
+        train_steps=steps,
+        train_runtime_s=round(time.perf_counter() - start, 2),
+        reward_first=history[0]["reward"],
+        reward_last=sum(h["reward"] for h in tail) / len(tail),
+        kl_last=sum(h["kl"] for h in tail) / len(tail),
+    )
+    if eval_prompts:
+        metrics["eval_reward"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
+    out = cfg.output.dir
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in loop.value_head.state_dict().items()},
+        os.path.join(out, "value_head.safetensors"),
+    )
+    plot_stats(history, os.path.join(out, "ppo_stats.png"))
+    return metrics, history
+
+
+STATS = ("reward", "kl", "policy_loss", "value_loss", "clipfrac", "entropy", "response_length", "kl_coef")
+
+
+def plot_stats(history: list[dict[str, Any]], path: str) -> str | None:
+    """One small panel per PPO statistic over steps, as a PNG. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(2, 4, figsize=(12, 5), dpi=100)
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes.flat, STATS):
+        ax.plot(steps, [h[key] for h in history])
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,224 @@
+"""Reward model (stage ``rm``): a scalar head on a causal LM or encoder, trained on preference pairs.
+
+The model is ``AutoModelForSequenceClassification`` with one output (the head is saved with the adapter, as
+modules_to_save of task type SEQ_CLS). For each pair it scores (prompt, chosen) and (prompt, rejected) and
+minimises the Bradley-Terry ranking loss (Stiennon et al. 2020; Ouyang et al. 2022):
+
+    loss = mean over pairs of -log sigmoid(r_chosen - r_rejected)
+
+Eval: pairwise accuracy (the share of pairs with r_chosen > r_rejected) and the mean margin r_chosen - r_rejected.
+``RewardScorer`` loads a finished reward run to score text for PPO.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.preference import PairCollator, encode_pairs, encode_scored, read_pairs, skipped_note
+from .config import RunConfig
+from .stages import Prepared, _note_truncated, _rows
+from .trainer import DeltaTrainer
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry ranking loss: mean of -log sigmoid(chosen - rejected).
+
+    Args:
+        chosen: (B,) rewards of the preferred responses.
+        rejected: (B,) rewards of the dispreferred responses.
+
+    Returns:
+        The scalar mean loss; log 2 when every margin is 0.
+    """
+    return -F.logsigmoid(chosen.float() - rejected.float()).mean()
+
+
+def pair_metrics(scores: np.ndarray) -> dict[str, float]:
+    """Pairwise accuracy (strictly r_chosen > r_rejected) and mean margin from (N, 2) [chosen, rejected] scores."""
+    margin = scores[:, 0] - scores[:, 1]
+    return {"accuracy": float((margin > 0).mean()), "margin": float(margin.mean())}
+
+
+class RewardTrainer(DeltaTrainer):
+    """DeltaTrainer with the pairwise loss; eval predictions are the (B, 2) [chosen, rejected] scores."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        scores = model(**inputs).logits.squeeze(-1)  # (2B,): the B chosen, then the B rejected
+        chosen, rejected = scores.chunk(2)
+        loss = pairwise_loss(chosen, rejected)
+        return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, scores = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), scores.detach().float(), torch.zeros(scores.shape[0], device=scores.device)
+
+
+def prepare_rm(cfg: RunConfig, tok) -> Prepared:
+    """Preference rows -> (prompt, response) pairs for a one-output sequence classifier.
+
+    Raises:
+        ConfigError: model.num_labels is set to anything but 1.
+    """
+    from ..config import ConfigError
+
+    if cfg.model.num_labels not in (None, 1):
+        raise ConfigError(f"stage rm trains a scalar reward: model.num_labels must be 1, got {cfg.model.num_labels}")
+    cfg.model.num_labels = 1  # recorded in run.yaml, so eval and PPO rebuild the same head
+    d = cfg.data
+    train_rows, eval_rows = _rows(cfg)
+
+    notes: list[str] = []
+
+    def enc(rows, split: str):
+        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
+        pairs = read_pairs(rows, d.prompt_column, d.chosen_column, d.rejected_column, skipped)
+        if skipped:
+            notes.append(skipped_note(split, skipped))
+        return encode_pairs(pairs, tok, d.max_length, d.truncation, causal=False)
+
+    train = enc(train_rows, "train")
+    ev = enc(eval_rows, "eval") if eval_rows else None
+    _note_truncated(notes, "train", train.truncated, d.max_length)
+    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+
+    def compute(p) -> dict[str, float]:
+        return pair_metrics(np.asarray(p.predictions))
+
+    return Prepared(
+        train.examples,
+        ev.examples if ev else None,
+        PairCollator(tok.pad_token_id),
+        compute,
+        "eval_accuracy",
+        notes=notes,
+        trainer_class=RewardTrainer,
+    )
+
+
+class RewardScorer:
+    """Scores (prompt, response) texts with a finished reward run (a folder written by ``deltatune train`` with
+    stage rm). Text goes in, so the reward model's own tokenizer encodes it: a policy with another tokenizer is
+    scored correctly (its ids are decoded to text first, then re-tokenised here).
+
+    Args:
+        run_dir: the reward run folder.
+        max_length: longest scored input in tokens (default: the reward run's data.max_length).
+        device: where the reward model runs.
+    """
+
+    def __init__(self, run_dir: str, max_length: int | None = None, device: str | torch.device = "cpu") -> None:
+        from .run import load_adapter_model
+
+        recipe = reward_run(run_dir)
+        self.model, self.tokenizer = load_adapter_model(run_dir)
+        self.model.to(device).eval()
+        self.max_length = max_length or int(recipe.get("data", {}).get("max_length", 512))
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """One reward per (prompt, response): (N,) float tensor."""
+        examples = [encode_scored(self.tokenizer, p, r, self.max_length)[0] for p, r in zip(prompts, responses)]
+        from ..data.tasks import Collator
+
+        batch = Collator(self.tokenizer.pad_token_id)(examples)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self.model(**batch).logits.squeeze(-1).float().cpu()
+
+
+def reward_run(run_dir: str) -> dict:
+    """The recipe of a finished reward run (its run.yaml).
+
+    Raises:
+        ConfigError: the folder holds no run.yaml, or the run is not stage rm.
+    """
+    import yaml
+
+    from ..config import ConfigError
+    from .run import RUN_FILE
+
+    path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"reward model {run_dir!r} holds no {RUN_FILE}; give a folder written by a stage rm run")
+    with open(path, encoding="utf-8") as fh:
+        recipe = yaml.safe_load(fh) or {}
+    if recipe.get("stage") != "rm":
+        raise ConfigError(f"reward model {run_dir!r} is a stage {recipe.get('stage')!r} run, not a reward model (rm)")
+    return recipe
+
+
+class AdapterReward:
+    """A reward run trained on the policy's own base, loaded into the policy as a second adapter (frozen) plus its
+    scalar head: scoring switches to that adapter for one forward pass and back, so the policy, the reference and
+    the reward model share one copy of the base weights.
+
+    The score is the head applied to the last hidden state of the last non-padding token, as
+    ``AutoModelForSequenceClassification`` computes it on a decoder.
+
+    Args:
+        model: the policy (a DeltaModel over a causal LM of the base the reward run was trained on).
+        run_dir: the reward run folder.
+        tokenizer: the policy's tokenizer (the same base, so the reward run's tokenizer too).
+        adapter_name: the name the reward adapter gets in ``model``.
+    """
+
+    def __init__(self, model, run_dir: str, tokenizer, adapter_name: str = "reward") -> None:
+        import json
+        import tempfile
+
+        from safetensors.torch import load_file, save_file
+
+        from ..config import CONFIG_NAME, WEIGHTS_NAME, DeltaConfig
+
+        recipe = reward_run(run_dir)
+        config = DeltaConfig.from_pretrained(run_dir)
+        tensors = load_file(os.path.join(run_dir, WEIGHTS_NAME))
+        prefix = "base_model.model."
+        heads = tuple(f"{prefix}{h}." for h in config.modules_to_save or [])
+        head = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.startswith(heads)}
+        if "weight" not in head or head["weight"].shape[0] != 1:
+            raise ValueError(f"{run_dir}: no scalar head among the adapter's tensors (modules_to_save)")
+        device = next(model.parameters()).device
+        self.head = torch.nn.Linear(head["weight"].shape[1], 1, bias="bias" in head).to(device)
+        with torch.no_grad():
+            for key, value in head.items():
+                getattr(self.head, key).copy_(value)
+        self.head.requires_grad_(False)
+        # The backbone part of the adapter fits the causal LM as it is (same module paths); load it through the
+        # public API from a temporary folder without the head.
+        body_config = config.replace(task_type="CAUSAL_LM", modules_to_save=None)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file({k: v for k, v in tensors.items() if not k.startswith(heads)}, os.path.join(tmp, WEIGHTS_NAME))
+            with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
+                json.dump(body_config.to_dict(), fh)
+            model.load_adapter(tmp, adapter_name)
+        self.model, self.tokenizer, self.adapter_name = model, tokenizer, adapter_name
+        self.max_length = int(recipe.get("data", {}).get("max_length", 512))
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """One reward per (prompt, response): (N,) float tensor."""
+        from ..data.tasks import Collator
+
+        examples = [encode_scored(self.tokenizer, p, r, self.max_length)[0] for p, r in zip(prompts, responses)]
+        batch = Collator(self.tokenizer.pad_token_id)(examples)  # right padding
+        device = next(self.head.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        active = list(self.model.active_adapters)
+        self.model.set_adapter(self.adapter_name)
+        try:
+            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        finally:
+            self.model.set_adapter(active)
+        last = mask.sum(-1) - 1  # (N,): the last real token of each row
+        return self.head(hidden[torch.arange(len(last), device=device), last].float()).squeeze(-1).cpu()
