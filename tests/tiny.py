@@ -62,6 +62,10 @@ _CONFIGS: dict[str, dict] = {
     ),
 }
 
+# A small vocabulary for synthetic text (preference pairs, toy tasks): real WordPiece tokens, one id each.
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "house", "big", "small", "red", "blue",
+         "green", "old", "new", "bright", "quiet"]  # fmt: skip
+
 DECODERS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "bloom"]
 ENCODERS = ["bert", "roberta", "deberta-v2"]
 SEQ2SEQ = ["t5", "bart"]

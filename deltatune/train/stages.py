@@ -54,6 +54,15 @@ def _note_truncated(notes: list[str], split: str, count: int, max_length: int) -
         notes.append(f"{count} {split} rows were longer than data.max_length={max_length} tokens and were truncated")
 
 
+def _encode_splits(enc, train_rows, eval_rows, max_length: int, notes: list[str]):
+    """Encode the train and (optional) eval rows with ``enc``; note truncated rows of each in the report."""
+    train = enc(train_rows)
+    ev = enc(eval_rows) if eval_rows else None
+    _note_truncated(notes, "train", train.truncated, max_length)
+    _note_truncated(notes, "eval", ev.truncated if ev else 0, max_length)
+    return train, ev
+
+
 def _logits(predictions: Any) -> np.ndarray:
     return predictions[0] if isinstance(predictions, (tuple, list)) else predictions
 
@@ -77,11 +86,8 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
             d.text_pair_column,
         )
 
-    train = enc(train_rows)
-    ev = enc(eval_rows) if eval_rows else None
     notes: list[str] = []
-    _note_truncated(notes, "train", train.truncated, d.max_length)
-    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
     n = len(names)
 
     def compute(p) -> dict[str, float]:
@@ -133,11 +139,8 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             d.truncation,
         )
 
-    train = enc(train_rows)
-    ev = enc(eval_rows) if eval_rows else None
     notes: list[str] = []
-    _note_truncated(notes, "train", train.truncated, d.max_length)
-    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
 
     def compute(p) -> dict[str, float]:
         preds = _logits(p.predictions).argmax(-1)
@@ -167,10 +170,8 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
     def enc(rows):
         return encode_sft(rows, tok, d.columns, d.template, d.max_length, d.truncation)
 
-    train = enc(train_rows)
-    ev = enc(eval_rows) if eval_rows else None
     notes: list[str] = []
-    _note_truncated(notes, "train", train.truncated, d.max_length)
+    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
     for split, e in (("train", train), ("eval", ev)):
         if e is not None and e.dropped:
             notes.append(f"{e.dropped} {split} rows were dropped: no response token fits within data.max_length")
@@ -220,10 +221,8 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
             d.truncation,
         )
 
-    train = enc(train_rows)
-    ev = enc(eval_rows) if eval_rows else None
     notes: list[str] = []
-    _note_truncated(notes, "train", train.truncated, d.max_length)
+    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
     return Prepared(
         train.examples,
         ev.examples if ev else None,

@@ -32,15 +32,6 @@ GENERATIVE = [c for c in CASES if c[1] in ("causal_lm", "seq2seq")]
 N = 3  # virtual tokens in these tests
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ids(cases: list[tuple[str, str]]) -> list[str]:
     return [f"{f}-{t}" for f, t in cases]
 

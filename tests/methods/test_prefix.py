@@ -25,7 +25,6 @@ from _token_checks import (
     fresh,
     ids,
     logits,
-    single_thread,  # noqa: F401  (autouse fixture)
     unchanged,
 )
 from tiny import tiny_inputs, tiny_model

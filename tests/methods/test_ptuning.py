@@ -19,7 +19,6 @@ from _token_checks import (
     fresh,
     ids,
     logits,
-    single_thread,  # noqa: F401  (autouse fixture)
 )
 from tiny import tiny_inputs
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from tiny import save_tiny
+from tiny import WORDS, save_tiny
 from transformers import set_seed
 
 from deltatune.cli import main
@@ -19,29 +19,6 @@ from deltatune.train import build
 from deltatune.train.dpo import dpo_loss
 from deltatune.train.models import load_tokenizer
 from deltatune.train.run import _prepare, _training_args, build_model
-
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "sat",
-    "ran",
-    "on",
-    "under",
-    "mat",
-    "tree",
-    "house",
-    "big",
-    "small",
-    "red",
-    "blue",
-    "green",
-    "old",
-    "new",
-    "bright",
-    "quiet",
-]
 
 # policy chosen / rejected and reference chosen / rejected summed log-probs of three pairs.
 PC, PR = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -2.0, -1.0])

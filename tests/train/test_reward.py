@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny
+from tiny import WORDS, save_tiny
 
 from deltatune.cli import main
 from deltatune.config import ConfigError
@@ -19,28 +19,6 @@ from deltatune.data.preference import read_pairs
 from deltatune.train import build, evaluate, train
 from deltatune.train.reward import RewardScorer, pair_metrics, pairwise_loss
 
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "sat",
-    "ran",
-    "on",
-    "under",
-    "mat",
-    "tree",
-    "house",
-    "big",
-    "small",
-    "red",
-    "blue",
-    "green",
-    "old",
-    "new",
-    "bright",
-    "quiet",
-]
 MARKER = "excellent"
 
 
