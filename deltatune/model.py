@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import registry
+from . import loss, registry
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from .files import AdapterLoadError, atomic_write, read_weights, resolve
 from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, logical_numel, set_submodule
@@ -41,9 +41,18 @@ class DeltaModel(nn.Module):
         model: any ``transformers.PreTrainedModel`` (or ``nn.Module`` for methods that only need module names).
         config: the first adapter's config, or None to wrap with no adapter yet.
         adapter_name: the first adapter's name.
+        fused_loss: on a causal LM with transformers' default loss, compute the cross-entropy with
+            ``deltatune.loss.causal_lm_loss`` (same loss, gradient written in the forward pass: less time and memory
+            for large vocabularies); removed again on unload.
     """
 
-    def __init__(self, model: nn.Module, config: DeltaConfig | None = None, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DeltaConfig | None = None,
+        adapter_name: str = "default",
+        fused_loss: bool = True,
+    ) -> None:
         super().__init__()
         if isinstance(model, DeltaModel):
             raise TypeError("model is already a DeltaModel; use add_adapter to add another adapter")
@@ -53,6 +62,8 @@ class DeltaModel(nn.Module):
         self._base_trainables: dict[str, list[str]] = {}  # adapter -> base parameters it trains and saves
         if config is not None:
             self.add_adapter(adapter_name, config)
+        if fused_loss:
+            loss.install(model)
 
     # -- pass-through --------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -439,6 +450,7 @@ class DeltaModel(nn.Module):
     def _unload(self) -> nn.Module:
         for path, layer in reversed(self._layers()):
             _replace(self.base_model, path, layer.unwrap())
+        loss.uninstall(self.base_model)
         self.peft_config.clear()
         self.active_adapters = []
         self._base_trainables.clear()
@@ -611,14 +623,18 @@ class DeltaModel(nn.Module):
         )
 
 
-def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> DeltaModel:
+def get_delta_model(
+    model: nn.Module, config: DeltaConfig, adapter_name: str = "default", fused_loss: bool = True
+) -> DeltaModel:
     """Wrap ``model`` with a new adapter of the method ``config`` belongs to; the base is frozen.
+
+    ``fused_loss``: see ``DeltaModel`` (a causal LM's cross-entropy computed by ``deltatune.loss``).
 
     Example::
 
         model = dt.get_delta_model(base, dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     """
-    return DeltaModel(model, config, adapter_name)
+    return DeltaModel(model, config, adapter_name, fused_loss=fused_loss)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
