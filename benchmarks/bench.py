@@ -46,16 +46,21 @@ DESCRIPTIONS = {
     "llama1b-compile": "Llama-3.2-1B shape, batch 8 x seq 1024, bf16, torch.compile (GPU only)",
 }
 
-METHODS = ["full", "lora", "ia3", "prompt", "ptuning", "prefix", "houlsby", "pfeiffer", "bitfit", "freeze"]
+METHODS = [
+    "full", "lora", "qlora", "ia3", "prompt", "ptuning", "prefix", "prefix-mlp", "houlsby", "pfeiffer", "bitfit",
+    "freeze",
+]  # fmt: skip
 DEFAULT_METHODS = ["full", "lora"]
-PEFT_TWINS = {"lora", "ia3", "prompt", "ptuning", "prefix"}
+PEFT_TWINS = {"lora", "qlora", "ia3", "prompt", "ptuning", "prefix", "prefix-mlp"}
 LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA r=8, alpha 16, q+v",
+    "qlora": "QLoRA: NF4 base, LoRA r=8 q+v",
     "ia3": "IA3 (k, v, ffn-out)",
     "prompt": "prompt tuning, 20 tokens",
     "ptuning": "P-tuning (MLP 128), 20 tokens",
     "prefix": "prefix / P-tuning v2, 20 tokens",
+    "prefix-mlp": "prefix tuning (MLP 128), 20 tokens",
     "houlsby": "bottleneck Houlsby, d/16",
     "pfeiffer": "bottleneck Pfeiffer, d/16",
     "bitfit": "BitFit",
@@ -333,9 +338,46 @@ def _config_section(config: str, settings: Settings, cells: dict[tuple[str, str,
         _row(["---"] + ["---:"] * (len(INFER_COLUMNS) - 1)),
     ]
     lines += [_row(_infer_row(m, *_sides(cells, config, m))) for m in methods]
+    lines += _weights_table(config, methods, cells)
     skipped = [LABELS[m] for m in settings.methods if (config, m) in NOT_APPLICABLE]
     lines += ["", f"Not run: {', '.join(skipped)} (no bias terms in this model)."] if skipped else []
     return lines + _errors(cells, config, methods)
+
+
+def _weights_table(config: str, methods: list[str], cells: dict[tuple[str, str, str], Cell]) -> list[str]:
+    """QLoRA's memory claim: the bytes the weights hold, and per parameter in the 4-bit layers (vs fp32's 4)."""
+    if "qlora" not in methods:
+        return []
+
+    def held(cell: Cell, key: str) -> float | None:
+        values = [r["weights"][key] for r in cell.results if r.get("weights")]
+        return statistics.median(values) if values else None
+
+    lines = [
+        "",
+        "Weights held after training (`deltatune.memory_footprint`: parameters and buffers, 4-bit weights at their "
+        "packed size with their constants; MiB). The 4-bit columns: the quantised layers alone, in bytes per "
+        "parameter, and against the same layers in fp32 (4 bytes per parameter).",
+        "",
+        _row(["method", "weights MiB deltatune", "weights MiB peft", "d/p", "4-bit layers MiB deltatune",
+              "4-bit layers MiB peft", "bytes/param deltatune", "bytes/param peft", "vs fp32 deltatune"]),
+        _row(["---"] + ["---:"] * 8),
+    ]  # fmt: skip
+    for method in methods:
+        d, p = _sides(cells, config, method)
+        total_d, total_p = held(d, "total_bytes"), held(p, "total_bytes")
+        quant = [held(c, "quantized_bytes") for c in (d, p)]
+        per = [(q / n if q and (n := held(c, "quantized_params")) else None) for q, c in zip(quant, (d, p))]
+        mib = [None if x is None else x / 2**20 for x in (total_d, total_p, *quant)]
+        lines.append(
+            _row(
+                [
+                    LABELS[method], _num(mib[0]), _num(mib[1]), _ratio(total_d, total_p), _num(mib[2]),
+                    _num(mib[3]), _num(per[0], 3), _num(per[1], 3), _ratio(per[0], 4.0),
+                ]
+            )
+        )  # fmt: skip
+    return lines
 
 
 def _errors(cells: dict[tuple[str, str, str], Cell], config: str, methods: list[str]) -> list[str]:

@@ -9,10 +9,11 @@ settings (keys and defaults in ``Spec``); the last stdout line is ``BENCH_RESULT
 In order, on the same seeded base model and the same random batch:
 
 1. forward latency of the bare base model (no grad, eval mode);
-2. injection: ``get_delta_model`` or ``get_peft_model`` (wall time);
+2. injection: ``get_delta_model`` or ``get_peft_model`` (wall time; for QLoRA the base is quantised first, untimed);
 3. training: ``warmup`` then ``steps`` timed steps of forward + backward + AdamW step; peak memory of the
    training alone (CPU: the peak resident set size, reset before training through /proc/self/clear_refs;
-   CUDA: max allocated);
+   CUDA: max allocated); the bytes the model's weights hold (``deltatune.memory_footprint``: 4-bit weights at
+   their packed size, constants included);
 4. the adapter's files (``save_pretrained``) and their size;
 5. forward latency with the adapter unmerged, then ``merge_and_unload`` (timed) and the merged forward,
    for the methods that merge.
@@ -20,6 +21,9 @@ In order, on the same seeded base model and the same random batch:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib
 import json
 import os
@@ -37,6 +41,8 @@ from torch import nn
 
 RESULT_PREFIX = "BENCH_RESULT "
 MERGEABLE = ("lora", "ia3")
+QUANTIZED = ("qlora",)
+"""Methods whose base linear layers are 4-bit NF4 (double quantisation) before the adapter goes on."""
 
 
 @dataclass
@@ -95,7 +101,7 @@ LLAMA_1B = dict(  # Llama-3.2-1B's shape
 LLAMA_TINY = dict(
     hidden_size=64,
     num_hidden_layers=2,
-    intermediate_size=176,
+    intermediate_size=192,  # a multiple of 64: bitsandbytes' CPU kernels need it for QLoRA
     vocab_size=1024,
     num_attention_heads=4,
     num_key_value_heads=4,
@@ -142,7 +148,7 @@ def method_config(method: str, side: str, kind: str, task_type: str) -> Any:
     else:
         import peft as lib
     fields: dict[str, Any] = {"task_type": task_type}
-    if method == "lora":
+    if method in ("lora", "qlora"):
         return lib.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS[kind], **fields)
     if method == "ia3":
         return lib.IA3Config(target_modules=IA3_TARGETS[kind], feedforward_modules=IA3_FEEDFORWARD[kind], **fields)
@@ -153,6 +159,10 @@ def method_config(method: str, side: str, kind: str, task_type: str) -> Any:
         return cls(num_virtual_tokens=VIRTUAL_TOKENS, encoder_hidden_size=128, **fields)
     if method == "prefix":  # P-tuning v2: the per-layer prefixes train directly (PEFT's default)
         return lib.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, prefix_projection=False, **fields)
+    if method == "prefix-mlp":  # prefix tuning as Li & Liang train it: through an MLP reparametrisation
+        return lib.PrefixTuningConfig(
+            num_virtual_tokens=VIRTUAL_TOKENS, prefix_projection=True, encoder_hidden_size=128, **fields
+        )
     if side != "deltatune":
         raise ValueError(f"peft has no method {method!r}")
     if method in ("houlsby", "pfeiffer"):
@@ -191,6 +201,29 @@ def build(shape: Shape, device: torch.device, seed: int) -> tuple[nn.Module, dic
     return model.to(device), {k: v.to(device) for k, v in batch.items()}, task_type
 
 
+def quantize_base(base: nn.Module, side: str, shape: Shape, device: torch.device) -> nn.Module:
+    """The base with its linear layers in 4-bit NF4 with double quantisation, as each side's users get it.
+
+    deltatune: ``deltatune.quantize`` in place (its default backend for the device). peft: the model goes through
+    transformers' bitsandbytes integration (``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``
+    from a saved copy), which is how peft's QLoRA users load a base; the LM head stays in full precision on both.
+    """
+    dtype = getattr(torch, shape.dtype)
+    if side == "deltatune":
+        from deltatune import quantize
+
+        return quantize(base, bits=4, quant_type="nf4", double_quant=True, compute_dtype=dtype)[0]
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    auto = AutoModelForSequenceClassification if shape.kind == "minilm" else AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as folder:
+        base.save_pretrained(folder)
+        return auto.from_pretrained(folder, quantization_config=bnb, dtype=dtype, device_map={"": device})
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -201,6 +234,10 @@ def _reset_peak(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return True
+    gc.collect()
+    # Hand freed heap pages back first (e.g. the fp32 weights QLoRA replaced), so that RSS counts live memory.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux 4.0+)
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -286,6 +323,8 @@ def measure(spec: Spec) -> dict[str, Any]:
         # The library and the config come first, so that only the injection itself is timed.
         lib = importlib.import_module(spec.side)
         config = method_config(spec.method, spec.side, shape.kind, task_type)
+        if spec.method in QUANTIZED:
+            base = quantize_base(base, spec.side, shape, device)
         start = time.perf_counter()
         if spec.side == "deltatune":
             model = lib.get_delta_model(base, config)
@@ -303,6 +342,9 @@ def measure(spec: Spec) -> dict[str, Any]:
     result["peak_mem_kind"] = "cuda max allocated" if device.type == "cuda" else "RSS" if exact_peak else "process RSS"
     result["step_ms"] = statistics.median(times)
     result["step_ms_all"] = times
+    from deltatune import memory_footprint  # counts bitsandbytes' and torchao's 4-bit weights at their packed size
+
+    result["weights"] = asdict(memory_footprint(model))
 
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)

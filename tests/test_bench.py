@@ -91,3 +91,23 @@ def test_help_lists_the_options(capsys):
 def test_unknown_method_is_an_error(capsys):
     assert main(["bench", "--methods", "lora,nope"]) == 2
     assert "unknown method nope" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "bench.py")), reason="no benchmarks/")
+def test_quick_qlora_reports_the_weights_held(tmp_path):
+    out = tmp_path / "bench.md"
+    argv = ["bench", "--quick", "--configs", "llama-fp32", "--methods", "lora,qlora", "--startup-repeats", "0"]
+    assert main([*argv, "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    title = next(line for line in text.splitlines() if line.startswith("Weights held after training"))
+    header, *rows = _table(text, title)
+    lora, qlora = (dict(zip(header, row)) for row in rows)
+    assert lora["4-bit layers MiB deltatune"] == "0.00" and lora["bytes/param deltatune"] == "—"
+    # 4 bits + constants: about 0.52 bytes per parameter at real sizes; the tiny model's 64-wide layers pay more
+    # for the per-layer code books
+    for side in ("deltatune", "peft"):
+        assert 0.5 <= _number(qlora[f"bytes/param {side}"]) < 0.75, qlora
+    assert _number(qlora["weights MiB deltatune"]) < _number(lora["weights MiB deltatune"])
+    assert _number(qlora["vs fp32 deltatune"]) < 0.3
