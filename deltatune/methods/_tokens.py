@@ -230,14 +230,18 @@ def _prefix_pairs(flat: torch.Tensor, spec: TokenSpec, batch: int) -> list[tuple
     Row 2l holds layer l's keys, row 2l + 1 its values. With two transformer submodules PEFT repeats the rows and
     splits them in fours (self-attention key, value, then cross-attention key, value, which it discards); we
     mirror that layout so that the same file means the same prefix in both libraries.
+
+    The rows are taken apart with one ``unbind`` rather than one index per row: the backward of an index writes
+    its gradient into a zero tensor of the whole stack, once per row (quadratic in the layer count), where that of
+    ``unbind`` stacks the rows' gradients once.
     """
     n, heads = spec.n, spec.heads
     x = flat.view(1, n, spec.layers * 2, heads, spec.token_dim // heads).expand(batch, -1, -1, -1, -1)
     if spec.submodules == 2:
         x = torch.cat([x, x], dim=2)
-    x = x.permute(2, 0, 3, 1, 4)  # (layers * 2 * submodules, batch, heads, n, head_dim)
+    rows = x.permute(2, 0, 3, 1, 4).unbind(0)  # layers * 2 * submodules of (batch, heads, n, head_dim)
     step = 2 * spec.submodules
-    return [(x[i], x[i + 1]) for i in range(0, spec.layers * step, step)]
+    return [(rows[i], rows[i + 1]) for i in range(0, spec.layers * step, step)]
 
 
 class VirtualTokens(DeltaLayer):
