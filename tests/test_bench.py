@@ -111,3 +111,19 @@ def test_quick_qlora_reports_the_weights_held(tmp_path):
         assert 0.5 <= _number(qlora[f"bytes/param {side}"]) < 0.75, qlora
     assert _number(qlora["weights MiB deltatune"]) < _number(lora["weights MiB deltatune"])
     assert _number(qlora["vs fp32 deltatune"]) < 0.3
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "mixed_batch.py")), reason="no benchmarks/")
+def test_mixed_batch_benchmark_reports_both_passes(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import mixed_batch
+
+    out = tmp_path / "mixed.md"
+    assert mixed_batch.main(["--quick", "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
+    lines = out.read_text(encoding="utf-8").splitlines()
+    start = lines.index("| pass | single adapter ms | 4 adapters mixed ms | mixed throughput / single |")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2 : start + 4]]
+    assert [r[0] for r in rows] == ["inference forward", "training forward + backward"]
+    assert all(_number(cell) > 0 for row in rows for cell in row[1:])
