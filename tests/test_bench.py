@@ -127,3 +127,15 @@ def test_mixed_batch_benchmark_reports_both_passes(tmp_path):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2 : start + 4]]
     assert [r[0] for r in rows] == ["inference forward", "training forward + backward"]
     assert all(_number(cell) > 0 for row in rows for cell in row[1:])
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "fused_loss.py")), reason="no benchmarks/")
+def test_fused_loss_benchmark_runs_and_both_losses_agree(capsys):
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fused_loss
+
+    assert fused_loss.main(["--quick", "--threads", "1"]) == 0  # 1: the two losses differ
+    out = capsys.readouterr().out
+    assert "| transformers ForCausalLMLoss |" in out and "| deltatune fused |" in out
