@@ -11,22 +11,11 @@ import json
 import os
 
 import pytest
+from tiny import markdown_table
 
 from deltatune.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _table(text: str, title: str) -> list[list[str]]:
-    """The rows (header first, separator dropped) of the markdown table that follows the line ``title``."""
-    lines = text.splitlines()
-    start = lines.index(title) + 2
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return [rows[0], *rows[2:]]
 
 
 def _number(cell: str) -> float:
@@ -46,7 +35,7 @@ def test_quick_lora_report(tmp_path, capsys):
     assert "torch 2." in text and "peft " in text and "transformers " in text
     assert "### llama-fp32" in text and "### Start-up" in text
 
-    header, *rows = _table(text, "Training")
+    header, *rows = markdown_table(text, "Training")
     assert header[:5] == ["method", "trainable params", "step ms deltatune", "step ms peft", "d/p"]
     assert "memory / full" in header
     assert [r[0] for r in rows] == ["LoRA r=8, alpha 16, q+v"]
@@ -67,7 +56,7 @@ def test_quick_lora_report(tmp_path, capsys):
         assert _number(lora[column]) > 0, column
     assert lora["step / full"] == "—"  # full fine-tuning was not run
 
-    header, *rows = _table(text, "Injection, merging and inference (forward latency without labels, no grad)")
+    header, *rows = markdown_table(text, "Injection, merging and inference (forward latency without labels, no grad)")
     assert len(header) == 14 and len(rows) == 1
     assert all(_number(cell) > 0 for cell in rows[0][1:]), rows[0]
 
@@ -102,7 +91,7 @@ def test_quick_qlora_reports_the_weights_held(tmp_path):
     assert main([*argv, "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
     title = next(line for line in text.splitlines() if line.startswith("Weights held after training"))
-    header, *rows = _table(text, title)
+    header, *rows = markdown_table(text, title)
     lora, qlora = (dict(zip(header, row)) for row in rows)
     assert lora["4-bit layers MiB deltatune"] == "0.00" and lora["bytes/param deltatune"] == "—"
     # 4 bits + constants: about 0.52 bytes per parameter at real sizes; the tiny model's 64-wide layers pay more

@@ -12,6 +12,7 @@ import os
 import sys
 
 import pytest
+from tiny import markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "quality.py")
@@ -24,20 +25,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.isfile(SCRIPT), reason="no benchmarks/"),
     pytest.mark.skipif(not os.path.isfile(os.path.join(DATA, "dev.jsonl")), reason="no ../shared/data/sst2"),
 ]
-
-
-def _table(text: str, title: str) -> list[list[str]]:
-    """The rows (header first, separator dropped) of the markdown table under the heading ``title``."""
-    lines = text.splitlines()
-    start = lines.index(title) + 1
-    while not lines[start].startswith("|"):
-        start += 1
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return [rows[0], *rows[2:]]
 
 
 def test_quick_lora_report(tmp_path):
@@ -60,7 +47,7 @@ def test_quick_lora_report(tmp_path):
     text = out.read_text()
     assert "Command: `.venv/bin/python benchmarks/quality.py --quick" in text
     assert "16 training rows, 1 steps per cell." in text
-    header, *rows = _table(text, "## sst2: dev accuracy")
+    header, *rows = markdown_table(text, "## sst2: dev accuracy")
     assert header[:7] == ["method", "lr", "trainable params", "deltatune", "peft", "d - p", "vs full"]
     assert header[7:] == ["final loss", "time (s)"]
     assert len(rows) == 1

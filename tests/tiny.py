@@ -163,3 +163,17 @@ def save_tiny(path, family: str = "llama", task: str | None = None, seed: int = 
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return str(path)
+
+
+def markdown_table(text: str, title: str) -> list[list[str]]:
+    """The rows (header first, separator dropped) of the first markdown table after the line ``title``."""
+    lines = text.splitlines()
+    start = lines.index(title) + 1
+    while not lines[start].startswith("|"):
+        start += 1
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return [rows[0], *rows[2:]]
