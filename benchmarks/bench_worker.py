@@ -215,8 +215,15 @@ def quantize_base(base: nn.Module, side: str, shape: Shape, device: torch.device
         return quantize(base, bits=4, quant_type="nf4", double_quant=True, compute_dtype=dtype)[0]
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
+    # deltatune keeps task heads (and BERT's pooler) in full precision; so does this side. transformers matches
+    # these names as a prefix or suffix of a module's: "pooler" alone would miss bert.pooler.dense.
+    keep = ["classifier", "pooler.dense"] if shape.kind == "minilm" else None
     bnb = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=keep,
     )
     auto = AutoModelForSequenceClassification if shape.kind == "minilm" else AutoModelForCausalLM
     with tempfile.TemporaryDirectory() as folder:

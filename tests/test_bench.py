@@ -85,9 +85,10 @@ def test_unknown_method_is_an_error(capsys):
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "bench.py")), reason="no benchmarks/")
-def test_quick_qlora_reports_the_weights_held(tmp_path):
+@pytest.mark.parametrize("config", ["llama-fp32", "minilm"])  # minilm: peft's side keeps classifier and pooler
+def test_quick_qlora_reports_the_weights_held(tmp_path, config):
     out = tmp_path / "bench.md"
-    argv = ["bench", "--quick", "--configs", "llama-fp32", "--methods", "lora,qlora", "--startup-repeats", "0"]
+    argv = ["bench", "--quick", "--configs", config, "--methods", "lora,qlora", "--startup-repeats", "0"]
     assert main([*argv, "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
     title = next(line for line in text.splitlines() if line.startswith("Weights held after training"))
