@@ -171,6 +171,21 @@ class _LoraBase(DeltaLayer):
         same rows) is given to DoRA adapters, the only ones that read it."""
         raise NotImplementedError
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None:
+            return self._routed(x, result)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = self._add(name, x, result)
+        return result
+
+    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s update (a layer type may fuse the addition)."""
+        return result + self._update(name, x, result).to(result.dtype)
+
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (``row_adapters``): each adapter's update computed on its own rows only."""
         for name, rows in self.row_adapters.groups(x.shape[0], x.device):
@@ -273,31 +288,20 @@ class LoraLinear(_LoraBase):
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (d_out, d_in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        if self.row_adapters is not None:
-            return self._routed(x, result)
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            A = self.lora_A[name].weight
-            B = self.lora_B[name].weight
-            x_in = self.lora_dropout[name](x).to(A.dtype)
-            if name in self.lora_magnitude_vector:
-                result = result + self._dora(name, x, x_in, result).to(result.dtype)
-                continue
-            # Scale the rank-r activations rather than the (tokens, d_out) output: r/d_out of the work.
-            h = F.linear(x_in, A) * self.scaling[name]  # (..., r)
-            # One fused multiply-add for the (tokens, d_out) update instead of a product and a sum.
-            out = torch.addmm(
-                result.reshape(-1, self.out_features),
-                h.reshape(-1, h.shape[-1]).to(result.dtype),
-                B.T.to(result.dtype),
-            )
-            result = out.view(result.shape)
-        return result
+    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return super()._add(name, x, result)
+        A = self.lora_A[name].weight
+        x_in = self.lora_dropout[name](x).to(A.dtype)
+        # Scale the rank-r activations rather than the (tokens, d_out) output: r/d_out of the work.
+        h = F.linear(x_in, A) * self.scaling[name]  # (..., r)
+        # One fused multiply-add for the (tokens, d_out) update instead of a product and a sum.
+        out = torch.addmm(
+            result.reshape(-1, self.out_features),
+            h.reshape(-1, h.shape[-1]).to(result.dtype),
+            self.lora_B[name].weight.T.to(result.dtype),
+        )
+        return out.view(result.shape)
 
     def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
         A = self.lora_A[name].weight
@@ -346,23 +350,6 @@ class LoraEmbedding(_LoraBase):
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (vocab, dim)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        if self.row_adapters is not None:
-            return self._routed(x, result)
-        base = self.base_layer
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            A = self.lora_embedding_A[name]
-            after_a = F.embedding(
-                x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )  # (..., r)
-            result = result + (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
-        return result
-
     def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
         base = self.base_layer
         after_a = F.embedding(
@@ -410,18 +397,6 @@ class LoraConv2d(_LoraBase):
         else:
             delta = F.conv2d(A.permute(1, 0, 2, 3), B).permute(1, 0, 2, 3)  # (c_out, c_in, kh, kw)
         return delta * self.scaling[name]
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        if self.row_adapters is not None:
-            return self._routed(x, result)
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
-        return result
 
     def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
