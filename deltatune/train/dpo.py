@@ -21,12 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.preference import PairCollator, encode_pairs, read_pairs, skipped_note
-from ..data.tasks import Encoded
+from ..data.preference import PairCollator
 from .config import AlignArgs, RunConfig
 from .logprobs import sequence_logprobs
-from .stages import Prepared, _note_truncated, _rows
-from .trainer import DeltaTrainer
+from .reward import PairTrainer, encode_pair_splits, pair_metrics
+from .stages import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -69,8 +68,8 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-class DPOTrainer(DeltaTrainer):
-    """DeltaTrainer with the DPO loss against the adapter-disabled base.
+class DPOTrainer(PairTrainer):
+    """PairTrainer with the DPO loss against the adapter-disabled base.
 
     Logs ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies`` (means since the
     last log) with the loss. Eval predictions are (B, 2) [chosen reward, rejected reward].
@@ -125,14 +124,6 @@ class DPOTrainer(DeltaTrainer):
         loss = losses.mean()
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
-        if prediction_loss_only:
-            return loss.detach(), None, None
-        return loss.detach(), rewards.float(), torch.zeros(rewards.shape[0], device=rewards.device)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats:
             logs.update({k: float(np.mean(v)) for k, v in self._stats.items()})
@@ -142,10 +133,8 @@ class DPOTrainer(DeltaTrainer):
 
 def _metrics(p) -> dict[str, float]:
     rewards = np.asarray(p.predictions)  # (N, 2): implicit rewards of [chosen, rejected]
-    margin = rewards[:, 0] - rewards[:, 1]
     return {
-        "accuracy": float((margin > 0).mean()),
-        "margin": float(margin.mean()),
+        **pair_metrics(rewards),
         "reward_chosen": float(rewards[:, 0].mean()),
         "reward_rejected": float(rewards[:, 1].mean()),
     }
@@ -158,27 +147,13 @@ def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
     from ..data.load import DataError
 
     d = cfg.data
-    train_rows, eval_rows = _rows(cfg)
-
-    notes: list[str] = []
-
-    def enc(rows, split: str) -> Encoded:
-        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
-        pairs = read_pairs(rows, d.prompt_column, d.chosen_column, d.rejected_column, skipped)
-        if skipped:
-            notes.append(skipped_note(split, skipped))
-        return encode_pairs(pairs, tok, d.max_length, d.truncation, causal=True)
-
-    train = enc(train_rows, "train")
-    ev = enc(eval_rows, "eval") if eval_rows else None
+    train, ev, notes = encode_pair_splits(cfg, tok, causal=True)
     for split, e in (("train", train), ("eval", ev)):
         for ex in e.examples if e else []:
             if all(lab == -100 for lab in ex["chosen"]["labels"][1:]) or all(
                 lab == -100 for lab in ex["rejected"]["labels"][1:]
             ):
                 raise DataError(f"a {split} pair has no response token within data.max_length={d.max_length}")
-    _note_truncated(notes, "train", train.truncated, d.max_length)
-    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
     a = cfg.align
     notes.append(
         f"DPO loss {a.loss_type} with beta={a.beta}"

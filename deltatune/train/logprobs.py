@@ -1,4 +1,4 @@
-"""Log-probabilities of label tokens under a causal LM, shared by DPO and PPO."""
+"""Log-probabilities of label tokens under a causal LM (DPO's policy and reference)."""
 
 from __future__ import annotations
 

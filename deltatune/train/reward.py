@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preference import PairCollator, encode_pairs, encode_scored, read_pairs, skipped_note
+from ..data.tasks import Encoded
 from .config import RunConfig
 from .stages import Prepared, _note_truncated, _rows
 from .trainer import DeltaTrainer
@@ -44,15 +45,9 @@ def pair_metrics(scores: np.ndarray) -> dict[str, float]:
     return {"accuracy": float((margin > 0).mean()), "margin": float(margin.mean())}
 
 
-class RewardTrainer(DeltaTrainer):
-    """DeltaTrainer with the pairwise loss; eval predictions are the (B, 2) [chosen, rejected] scores."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        scores = model(**inputs).logits.squeeze(-1)  # (2B,): the B chosen, then the B rejected
-        chosen, rejected = scores.chunk(2)
-        loss = pairwise_loss(chosen, rejected)
-        return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+class PairTrainer(DeltaTrainer):
+    """DeltaTrainer for preference pairs (rm, dpo): ``compute_loss(..., return_outputs=True)`` gives
+    (loss, (B, 2) [chosen, rejected] scores), and those scores are the eval predictions (labels are dummies)."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -61,6 +56,38 @@ class RewardTrainer(DeltaTrainer):
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), scores.detach().float(), torch.zeros(scores.shape[0], device=scores.device)
+
+
+class RewardTrainer(PairTrainer):
+    """PairTrainer with the pairwise loss on the model's scalar scores."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        scores = model(**inputs).logits.squeeze(-1)  # (2B,): the B chosen, then the B rejected
+        chosen, rejected = scores.chunk(2)
+        loss = pairwise_loss(chosen, rejected)
+        return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+
+
+def encode_pair_splits(cfg: RunConfig, tok, causal: bool) -> tuple[Encoded, Encoded | None, list[str]]:
+    """The train and (optional) eval preference rows encoded with ``encode_pairs``, and the report notes (pairs
+    skipped under data.bad_pairs=skip, rows truncated)."""
+    d = cfg.data
+    train_rows, eval_rows = _rows(cfg)
+    notes: list[str] = []
+
+    def enc(rows, split: str) -> Encoded:
+        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
+        pairs = read_pairs(rows, d.prompt_column, d.chosen_column, d.rejected_column, skipped)
+        if skipped:
+            notes.append(skipped_note(split, skipped))
+        return encode_pairs(pairs, tok, d.max_length, d.truncation, causal=causal)
+
+    train = enc(train_rows, "train")
+    ev = enc(eval_rows, "eval") if eval_rows else None
+    _note_truncated(notes, "train", train.truncated, d.max_length)
+    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+    return train, ev, notes
 
 
 def prepare_rm(cfg: RunConfig, tok) -> Prepared:
@@ -74,22 +101,7 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
     if cfg.model.num_labels not in (None, 1):
         raise ConfigError(f"stage rm trains a scalar reward: model.num_labels must be 1, got {cfg.model.num_labels}")
     cfg.model.num_labels = 1  # recorded in run.yaml, so eval and PPO rebuild the same head
-    d = cfg.data
-    train_rows, eval_rows = _rows(cfg)
-
-    notes: list[str] = []
-
-    def enc(rows, split: str):
-        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
-        pairs = read_pairs(rows, d.prompt_column, d.chosen_column, d.rejected_column, skipped)
-        if skipped:
-            notes.append(skipped_note(split, skipped))
-        return encode_pairs(pairs, tok, d.max_length, d.truncation, causal=False)
-
-    train = enc(train_rows, "train")
-    ev = enc(eval_rows, "eval") if eval_rows else None
-    _note_truncated(notes, "train", train.truncated, d.max_length)
-    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+    train, ev, notes = encode_pair_splits(cfg, tok, causal=False)
 
     def compute(p) -> dict[str, float]:
         return pair_metrics(np.asarray(p.predictions))
