@@ -53,7 +53,8 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.config import CONFIG_NAME, WEIGHTS_NAME
-from deltatune.train.models import resolve_path
+from deltatune.data.load import read_rows
+from deltatune.train.models import load_tokenizer, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -83,11 +84,10 @@ class Split:
 
 def read_split(data: Path, task: Task, split: str, rows: int | None, seed: int) -> Split:
     """``split`` of ``task``; a seeded random subsample of ``rows`` rows (kept in file order) when given."""
-    with (data / task.name / f"{split}.jsonl").open(encoding="utf-8") as fh:
-        records = [json.loads(line) for line in fh]
+    records = read_rows(str(data / task.name / f"{split}.jsonl"))
     if rows is not None and rows < len(records):
         records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), rows))]
-    return Split([r["text"] for r in records], [int(r["label"]) for r in records])
+    return Split([r.get("text") for r in records], [int(r.get("label")) for r in records])
 
 
 def load_base(num_labels: int, seed: int) -> nn.Module:
@@ -379,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
-    from transformers import AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -388,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path("minilm"))
+    tokenizer = load_tokenizer("minilm")
     rows = {"sst2": args.sst2_rows, "trec": args.trec_rows}
     data = {
         name: (

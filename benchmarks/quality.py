@@ -9,7 +9,7 @@
     # smoke run (seconds; tests/test_quality_bench.py): 16 SST-2 rows, 32 dev rows, LoRA on both sides
     .venv/bin/python benchmarks/quality.py --quick --out /tmp/quality.md
 
-The defaults (2,400 training rows, one epoch: 75 steps of 32) fit the whole SST-2 + TREC table into about 40 minutes
+The defaults (2,400 training rows, one epoch: 75 steps of 32) fit the whole SST-2 + TREC table into about 33 minutes
 on one thread of a shared 2-core machine; that is short for the slow learners (prompt tuning, P-tuning), and the
 learning rates of ``LR`` are set high for such a short schedule.
 
@@ -21,8 +21,8 @@ Every (task, method, side) cell, in the same process one after another:
 
 1. ``torch.manual_seed(seed)``, then the MiniLM encoder with a new head (AutoModelForSequenceClassification for
    sst2 and trec, AutoModelForTokenClassification for wnut17), so the head starts the same on both sides;
-2. the method's config, with the same hyper-parameters on both sides (``method_config``, which extends
-   benchmarks/bench_worker.py's); full fine-tuning's peft side is the plain transformers model; ``qlora`` is
+2. the method's config, with the same hyper-parameters on both sides (benchmarks/bench_worker.py's
+   ``method_config``, the table ``deltatune bench`` uses); full fine-tuning's peft side is the plain transformers model; ``qlora`` is
    ``deltatune.quantize(model, bits=4)`` + LoRA on one side and transformers' ``BitsAndBytesConfig`` (NF4, double
    quantisation, fp32 compute) + ``get_peft_model`` on the other;
 3. one plain PyTorch loop shared by all: AdamW (weight decay 0.01 on every trainable tensor), linear schedule with
@@ -119,6 +119,7 @@ TASKS = {
 }
 WNUT_TYPES = ("corporation", "creative-work", "group", "location", "person", "product")
 WNUT_TAGS = ["O", *(f"{p}-{t}" for t in WNUT_TYPES for p in ("B", "I"))]
+WNUT_IDS = {t: i for i, t in enumerate(WNUT_TAGS)}
 
 
 @dataclass
@@ -145,36 +146,29 @@ class Cell:
 
 
 # -- data ---------------------------------------------------------------------------------------------------
-def _read(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_task(
     task: Task, data: Path, tokenizer, train_rows: int | None, eval_rows: int | None, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[list[str]] | None]:
     """Encoded train examples (a seeded random subset of ``train_rows``), encoded eval examples, and for tagging the
     eval rows' full gold tag sequences."""
-    from deltatune.data.load import Row
+    from deltatune.data.load import Row, read_rows
     from deltatune.data.tasks import encode_cls, encode_tag
 
     folder = data / task.name
-    train, test = _read(folder / task.train), _read(folder / task.eval)
+    train, test = read_rows(str(folder / task.train)), read_rows(str(folder / task.eval))
     if train_rows is not None and train_rows < len(train):
         train = random.Random(seed).sample(train, train_rows)
     if eval_rows is not None:
         test = test[:eval_rows]
 
-    def encode(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
-        wrapped = [Row(r, f"{folder.name}/{split}:{i + 1}") for i, r in enumerate(rows)]
+    def encode(rows: list[Row]) -> list[dict[str, Any]]:
         if task.kind == "cls":
             labels = {i: i for i in range(task.num_labels)}
-            return encode_cls(wrapped, tokenizer, "text", "label", labels, task.max_length).examples
-        labels = {t: i for i, t in enumerate(WNUT_TAGS)}
-        return encode_tag(wrapped, tokenizer, "tokens", "ner_tags", labels, task.max_length).examples
+            return encode_cls(rows, tokenizer, "text", "label", labels, task.max_length).examples
+        return encode_tag(rows, tokenizer, "tokens", "ner_tags", WNUT_IDS, task.max_length).examples
 
-    gold = [r["ner_tags"] for r in test] if task.kind == "tag" else None
-    return encode(train, "train"), encode(test, "eval"), gold
+    gold = [r.get("ner_tags") for r in test] if task.kind == "tag" else None
+    return encode(train), encode(test), gold
 
 
 # -- models and configs ---------------------------------------------------------------------------------------
@@ -188,15 +182,10 @@ def _load_module(name: str, path: Path) -> Any:
 
 
 def method_config(method: str, side: str, task_type: str) -> Any:
-    """The config of ``method`` for ``side``: bench_worker's (the same hyper-parameters on both sides), plus prefix
-    tuning with its MLP (``prefix-mlp``) and ``qlora`` (LoRA's config; the 4-bit base is built by ``build``)."""
-    if method == "prefix-mlp":
-        lib: Any = __import__(side)
-        return lib.PrefixTuningConfig(
-            num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128, task_type=task_type
-        )
+    """The config of ``method`` for ``side``: benchmarks/bench_worker.py's method table for MiniLM (the same
+    hyper-parameters on both sides; ``qlora`` is LoRA's config, the 4-bit base is built by ``build``)."""
     worker = _load_module("deltatune_bench_worker", HERE / "bench_worker.py")
-    return worker.method_config("lora" if method == "qlora" else method, side, "minilm", task_type)
+    return worker.method_config(method, side, "minilm", task_type)
 
 
 def _trainable(model: nn.Module) -> int:
@@ -209,16 +198,14 @@ def _head(model: nn.Module) -> nn.Module:
 
 def build(task: Task, method: str, side: str, seed: int) -> tuple[nn.Module, int, float]:
     """The model ready to train, the plain model's parameter count, and the checksum of the head's initial weight."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from deltatune.train.models import TASK_OF_STAGE, auto_class, resolve_path
 
-    from deltatune.train.models import resolve_path
-
-    auto = AutoModelForSequenceClassification if task.kind == "cls" else AutoModelForTokenClassification
-    task_type = "SEQ_CLS" if task.kind == "cls" else "TOKEN_CLS"
+    task_type = TASK_OF_STAGE[task.kind]  # cls: SEQ_CLS, tag: TOKEN_CLS
+    auto = auto_class(task_type)
     kwargs: dict[str, Any] = {"num_labels": task.num_labels}
     if task.kind == "tag":
         kwargs["id2label"] = dict(enumerate(WNUT_TAGS))
-        kwargs["label2id"] = {t: i for i, t in enumerate(WNUT_TAGS)}
+        kwargs["label2id"] = WNUT_IDS
     if method == "qlora" and side == "peft":
         from transformers import BitsAndBytesConfig
 

