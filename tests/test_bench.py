@@ -129,3 +129,24 @@ def test_fused_loss_benchmark_runs_and_both_losses_agree(capsys):
     assert fused_loss.main(["--quick", "--threads", "1"]) == 0  # 1: the two losses differ
     out = capsys.readouterr().out
     assert "| transformers ForCausalLMLoss |" in out and "| deltatune fused |" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "interleaved.py")), reason="no benchmarks/")
+@pytest.mark.parametrize("config", ["llama-fp32", "minilm"])
+def test_interleaved_benchmark_reports_every_measure(tmp_path, config):
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import interleaved
+
+    out = tmp_path / "interleaved.md"
+    argv = ["--quick", "--config", config, "--rounds", "1", "--threads", "1", "--out", str(out)]
+    assert interleaved.main(argv) == 0  # 1: deltatune's and peft's models do not compute the same outputs
+    header, *table = markdown_table(
+        out.read_text(encoding="utf-8"), "## deltatune and peft interleaved in one process"
+    )
+    assert header == ["measure", "deltatune ms", "peft ms", "d/p", "other ms", "ratio to other"]
+    assert [r[0] for r in table] == ["LoRA training step", "unmerged forward", "merged forward", "merge + unmerge"]
+    assert all(_number(cell) > 0 for row in table for cell in row[1:4]), table
+    assert table[0][4].startswith("full fine-tuning ") and _number(table[0][5]) > 0

@@ -1,0 +1,209 @@
+"""deltatune's and peft's LoRA in one process, step by step interleaved: the steady form of the harness's ratios.
+
+    .venv/bin/python benchmarks/interleaved.py --config llama-fp32     # the harness's ~60M Llama, 4 x 512
+    .venv/bin/python benchmarks/interleaved.py --config minilm         # the real MiniLM-L6, 32 x 128
+    .venv/bin/python benchmarks/interleaved.py --quick                 # smoke test: tiny shapes, seconds
+
+``deltatune bench`` runs each side in fresh processes, one after the other, which is the right way to measure
+memory and start-up but lets the load of a shared machine drift between the two sides' processes. Here three
+copies of the same seeded base model live in one process, and every round runs each of them once, the order
+rotating from round to round, so that a busy moment slows all three alike:
+
+- training steps (forward + backward + AdamW) of full fine-tuning (deltatune's ``FullConfig``), deltatune's LoRA
+  and peft's LoRA (r 8, alpha 16, dropout 0, q+v, as in the harness; peft's adapters in the base dtype);
+- inference forwards (eval mode, no grad) of the bare base, deltatune's and peft's models with the adapter
+  unmerged, then merged (``merge_adapter``);
+- merge + unmerge of the adapter into the base weights (``merge_adapter`` then ``unmerge_adapter``), per library.
+
+The report gives the median of each and the median of the per-round ratios (deltatune / peft, LoRA / full
+fine-tuning, adapter model / base). Memory is not measured here (one process holds all three models): see the
+harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_worker as bw  # noqa: E402
+
+Times = dict[str, list[float]]
+
+
+def build(
+    config: str, quick: bool, seed: int = 0
+) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor], bw.Shape]:
+    """The base model (full fine-tuning), deltatune's and peft's LoRA models, each on its own copy of the same base."""
+    import peft
+
+    import deltatune as dt
+
+    shape = (bw.QUICK if quick else bw.SHAPES)[config]
+    cpu = torch.device("cpu")
+    base, batch, task_type = bw.build(shape, cpu, seed)
+    models = {"full": dt.get_delta_model(base, bw.method_config("full", "deltatune", shape.kind, task_type))}
+    base, _, _ = bw.build(shape, cpu, seed)
+    models["deltatune"] = dt.get_delta_model(base, bw.method_config("lora", "deltatune", shape.kind, task_type))
+    base, _, _ = bw.build(shape, cpu, seed)
+    config_p = bw.method_config("lora", "peft", shape.kind, task_type)
+    models["peft"] = peft.get_peft_model(base, config_p, autocast_adapter_dtype=False)
+    for name, p in models["deltatune"].named_parameters():  # a non-zero B, as after training
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    # peft's model gets deltatune's adapter (through PEFT's file layout): both compute the same function
+    result = peft.set_peft_model_state_dict(models["peft"], models["deltatune"].adapter_state_dict())
+    if result.unexpected_keys:
+        raise RuntimeError(f"peft did not take the keys {result.unexpected_keys}")
+    return models, batch, shape
+
+
+def max_difference(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor]) -> float:
+    """The largest difference between deltatune's and peft's outputs (eval mode, no grad), relative to the
+    largest output: the two sides must compute the same model for their times to compare."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        d, p = (models[s].eval()(**inputs).logits.float() for s in ("deltatune", "peft"))
+    return ((d - p).abs().max() / p.abs().max().clamp_min(1e-12)).item()
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _rounds(fns: dict[str, Callable[[], object]], rounds: int) -> Times:
+    """Each function once per round, the order rotating; one untimed warm-up round first."""
+    names = list(fns)
+    out: Times = {name: [] for name in names}
+    for i in range(rounds + 1):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            ms = _ms(fns[name])
+            if i:
+                out[name].append(ms)
+    return out
+
+
+def measure(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int) -> dict[str, Times]:
+    """{"train"|"forward"|"merged"|"merge": {model: [ms per round]}}."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    opts = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in models.items()
+    }
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            opts[name].zero_grad(set_to_none=True)
+            models[name](**batch).loss.backward()
+            opts[name].step()
+
+        return run
+
+    def forward(model: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(**inputs)
+
+        return run
+
+    def merge_cycle(name: str) -> Callable[[], None]:
+        def run() -> None:
+            models[name].merge_adapter()
+            models[name].unmerge_adapter()
+
+        return run
+
+    for m in models.values():
+        m.train()
+    out = {"train": _rounds({name: step(name) for name in models}, rounds)}
+    for m in models.values():
+        m.eval()
+    lora = ("deltatune", "peft")
+    # the bare base: deltatune's model with its adapter disabled runs exactly the base model's modules
+    plain = models["full"].base_model
+    out["forward"] = _rounds({"base": forward(plain), **{s: forward(models[s]) for s in lora}}, rounds)
+    out["merge"] = _rounds({s: merge_cycle(s) for s in lora}, rounds)
+    for s in lora:
+        models[s].merge_adapter()
+    out["merged"] = _rounds({"base": forward(plain), **{s: forward(models[s]) for s in lora}}, rounds)
+    return out
+
+
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, command: str) -> str:
+    med = {what: {k: statistics.median(v) for k, v in t.items()} for what, t in times.items()}
+    t = times
+    lines = [
+        "## deltatune and peft interleaved in one process",
+        "",
+        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Command: `{command}`",
+        f"- Configuration: {config}, batch {shape.batch} x seq {shape.seq}, {shape.dtype}; LoRA r 8, alpha 16, q+v; "
+        f"{rounds} rounds after 1 warm-up, order rotating; torch threads {torch.get_num_threads()}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}",
+        "",
+        "| measure | deltatune ms | peft ms | d/p | other ms | ratio to other |",
+        "| --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+
+    def row(label: str, what: str, other: str, other_label: str) -> None:
+        d, p = med[what]["deltatune"], med[what]["peft"]
+        ratio = _median_ratio(t[what]["deltatune"], t[what]["peft"])
+        o = f"{other_label} {med[what][other]:,.1f}" if other else ""
+        to = f"{_median_ratio(t[what]['deltatune'], t[what][other]):.2f}" if other else ""
+        lines.append(f"| {label} | {d:,.1f} | {p:,.1f} | {ratio:.2f} | {o} | {to} |")
+
+    row("LoRA training step", "train", "full", "full fine-tuning")
+    row("unmerged forward", "forward", "base", "base")
+    row("merged forward", "merged", "base", "base")
+    row("merge + unmerge", "merge", "", "")
+    peft_full = _median_ratio(t["train"]["peft"], t["train"]["full"])
+    peft_base = _median_ratio(t["forward"]["peft"], t["forward"]["base"])
+    lines += [
+        "",
+        "Ratios are medians of the per-round ratios; the last column is deltatune's model against full fine-tuning "
+        f"(training) or the bare base (forwards). peft's: LoRA / full fine-tuning {peft_full:.2f}, unmerged / base "
+        f"{peft_base:.2f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="llama-fp32", choices=["minilm", "llama-fp32", "llama-bf16"])
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9; --quick: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, not speed")
+    parser.add_argument("--out", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (2 if args.quick else 9)
+    models, batch, shape = build(args.config, args.quick)
+    difference = max_difference(models, batch)
+    tolerance = 1e-5 if shape.dtype == "float32" else 2e-2
+    times = measure(models, batch, rounds)
+    command = "python benchmarks/interleaved.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(times, args.config, shape, rounds, command.strip())
+    text += f"\nThe two LoRA models hold the same adapter: outputs differ by {difference:.1e} of the largest logit.\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    return 0 if difference <= tolerance else 1  # 1: the two sides do not compute the same model
+
+
+if __name__ == "__main__":
+    sys.exit(main())
