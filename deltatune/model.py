@@ -393,10 +393,11 @@ class DeltaModel(nn.Module):
         """
         names = list(adapter_names or self.active_adapters)
         self._check_names(names)
-        self._check_not_shared([m for _, m in self._layers() if any(n in m.adapter_names for n in names)])
+        layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
+        self._check_not_shared(layers)
         done = self._merged()
         try:
-            for _, layer in self._layers():
+            for layer in layers:
                 for name in names:
                     if name in layer.adapter_names:
                         layer.merge(name)
@@ -409,9 +410,8 @@ class DeltaModel(nn.Module):
 
     def _check_not_shared(self, layers: list[DeltaLayer]) -> None:
         owners: dict[int, list[str]] = {}
-        for mname, module in self.base_model.named_modules(remove_duplicate=False):
-            for pname, p in module.named_parameters(prefix=mname, recurse=False, remove_duplicate=False):
-                owners.setdefault(id(p), []).append(pname)
+        for pname, p in self.base_model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
         for layer in layers:
             weight = getattr(getattr(layer, "base_layer", None), "weight", None)
             shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
