@@ -58,3 +58,25 @@ def test_quick_lora_report(tmp_path):
     assert abs(float(row["d - p"]) - (d.score - p.score)) <= 0.051
     assert row["vs full"] == ""  # no full fine-tuning in this run
     assert row["final loss"] == f"{d.final_loss:.3f} / {p.final_loss:.3f}"
+
+
+def test_lora_attn_puts_lora_on_the_four_attention_projections_on_both_sides():
+    import peft
+    from transformers import AutoModelForTokenClassification
+
+    import deltatune as dt
+    from deltatune.train.models import resolve_path
+
+    spec = importlib.util.spec_from_file_location("deltatune_quality", SCRIPT)
+    quality = sys.modules["deltatune_quality"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    wrapped = {}
+    for side, wrap in (("deltatune", dt.get_delta_model), ("peft", peft.get_peft_model)):
+        base = AutoModelForTokenClassification.from_pretrained(resolve_path("minilm"), num_labels=13)
+        model = wrap(base, quality.method_config("lora-attn", side, "TOKEN_CLS"))
+        wrapped[side] = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+        wrapped[side] = {n[n.index("layer.") :] for n in wrapped[side]}
+    suffixes = {n.split(".", 2)[2] for n in wrapped["deltatune"]}
+    assert suffixes == {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"}
+    assert len(wrapped["deltatune"]) == 4 * 6
+    assert wrapped["deltatune"] == wrapped["peft"]
