@@ -16,7 +16,8 @@ rotating from round to round, so that a busy moment slows all three alike:
 - merge + unmerge of the adapter into the base weights (``merge_adapter`` then ``unmerge_adapter``), per library.
 
 The report gives the median of each and the median of the per-round ratios (deltatune / peft, LoRA / full
-fine-tuning, adapter model / base). Memory is not measured here (one process holds all three models): see the
+fine-tuning, adapter model / base), and per training step the minor page faults and the system CPU time (on a
+VM where the kernel's page zeroing is slow, the memory a step allocates afresh costs time of its own). Memory is not measured here (one process holds all three models): see the
 harness.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -75,27 +77,30 @@ def max_difference(models: dict[str, torch.nn.Module], batch: dict[str, torch.Te
     return ((d - p).abs().max() / p.abs().max().clamp_min(1e-12)).item()
 
 
-def _ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def _rounds(fns: dict[str, Callable[[], object]], rounds: int) -> Times:
-    """Each function once per round, the order rotating; one untimed warm-up round first."""
+def _rounds(fns: dict[str, Callable[[], object]], rounds: int, usage: dict[str, Times] | None = None) -> Times:
+    """Each function once per round, the order rotating; one untimed warm-up round first. ``usage``, when given,
+    gets each timed call's minor page faults ("faults") and system CPU seconds ("sys") per name."""
     names = list(fns)
     out: Times = {name: [] for name in names}
+    if usage is not None:
+        usage.update(faults={name: [] for name in names}, sys={name: [] for name in names})
     for i in range(rounds + 1):
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            ms = _ms(fns[name])
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            fns[name]()
+            ms, after = (time.perf_counter() - start) * 1e3, resource.getrusage(resource.RUSAGE_SELF)
             if i:
                 out[name].append(ms)
+                if usage is not None:
+                    usage["faults"][name].append(after.ru_minflt - before.ru_minflt)
+                    usage["sys"][name].append(after.ru_stime - before.ru_stime)
     return out
 
 
 def measure(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int) -> dict[str, Times]:
-    """{"train"|"forward"|"merged"|"merge": {model: [ms per round]}}."""
+    """{"train"|"forward"|"merged"|"merge": {model: [ms per round]}, "faults"|"sys": {model: [minor page faults |
+    system CPU seconds per training step]}}."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     opts = {
         name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in models.items()
@@ -125,7 +130,8 @@ def measure(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], 
 
     for m in models.values():
         m.train()
-    out = {"train": _rounds({name: step(name) for name in models}, rounds)}
+    usage: dict[str, Times] = {}
+    out = {"train": _rounds({name: step(name) for name in models}, rounds, usage)}
     for m in models.values():
         m.eval()
     lora = ("deltatune", "peft")
@@ -136,7 +142,7 @@ def measure(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], 
     for s in lora:
         models[s].merge_adapter()
     out["merged"] = _rounds({"base": forward(plain), **{s: forward(models[s]) for s in lora}}, rounds)
-    return out
+    return {**out, **usage}
 
 
 def _median_ratio(a: list[float], b: list[float]) -> float:
@@ -170,6 +176,15 @@ def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, c
     row("unmerged forward", "forward", "base", "base")
     row("merged forward", "merged", "base", "base")
     row("merge + unmerge", "merge", "", "")
+    faults = {k: statistics.median(v) for k, v in t["faults"].items()}
+    sys_s = {k: statistics.median(v) for k, v in t["sys"].items()}
+    lines += [
+        "",
+        "Per training step (median): minor page faults (fresh 4 KiB pages the kernel zeroes) deltatune "
+        f"{faults['deltatune']:,.0f}, peft {faults['peft']:,.0f}, full fine-tuning {faults['full']:,.0f}; system "
+        f"CPU seconds deltatune {sys_s['deltatune']:.2f}, peft {sys_s['peft']:.2f}, full fine-tuning "
+        f"{sys_s['full']:.2f}.",
+    ]
     peft_full = _median_ratio(t["train"]["peft"], t["train"]["full"])
     peft_base = _median_ratio(t["forward"]["peft"], t["forward"]["base"])
     lines += [

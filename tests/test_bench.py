@@ -150,3 +150,4 @@ def test_interleaved_benchmark_reports_every_measure(tmp_path, config):
     assert [r[0] for r in table] == ["LoRA training step", "unmerged forward", "merged forward", "merge + unmerge"]
     assert all(_number(cell) > 0 for row in table for cell in row[1:4]), table
     assert table[0][4].startswith("full fine-tuning ") and _number(table[0][5]) > 0
+    assert "Per training step (median): minor page faults" in out.read_text(encoding="utf-8")
