@@ -176,6 +176,22 @@ def _signature(module: nn.Module) -> list[str]:
     return list(inspect.signature(module.forward).parameters)
 
 
+CACHE_KEYS = ("cache", "past_key_values")
+"""The names of a forward's key/value cache argument: ``cache`` from transformers 5.24 on, ``past_key_values``
+before (5.24 still takes it, deprecated, and refuses a call that passes both)."""
+
+
+def _cache_key(module: nn.Module) -> str | None:
+    """The name ``module.forward`` gives its key/value cache, or None when it takes none."""
+    names = _signature(module)
+    return next((key for key in CACHE_KEYS if key in names), None)
+
+
+def _given_cache(kwargs: dict) -> Any:
+    """The cache a call passes, under either name."""
+    return next((kwargs[key] for key in CACHE_KEYS if kwargs.get(key) is not None), None)
+
+
 def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Positional arguments of ``module.forward`` moved into kwargs, so hooks see every input by name."""
     if not args:
@@ -197,8 +213,8 @@ def _cache_len(cache: Any) -> int:
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
     raise TypeError(
-        f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}; the legacy "
-        "tuple format is not supported with token methods"
+        f"the key/value cache (cache= or past_key_values=) must be a transformers Cache (e.g. DynamicCache), got "
+        f"{type(cache).__name__}; the legacy tuple format is not supported with token methods"
     )
 
 
@@ -286,8 +302,8 @@ class VirtualTokens(DeltaLayer):
         """Add adapter ``name``: ``encoder()`` returns its virtual tokens (see the method files)."""
         if spec.kind == "prefix" and not self.takes_prefix:
             raise ConfigError(
-                f"{spec.method}: model type {self.model_type!r} cannot take a key/value prefix (its forward has no "
-                "past_key_values); use prompt tuning or P-tuning instead"
+                f"{spec.method}: model type {self.model_type!r} cannot take a key/value prefix (its forward takes no "
+                "key/value cache); use prompt tuning or P-tuning instead"
             )
         self.prompt_encoder[name] = encoder
         self.specs[name] = spec
@@ -366,7 +382,7 @@ class VirtualTokens(DeltaLayer):
         n = spec.n
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         batch, length, _ = _batch_len(ids, embeds)
-        past = _cache_len(kwargs.get("past_key_values"))
+        past = _cache_len(_given_cache(kwargs))
         first = past == 0
         if first:
             self._check_length(n + length)
@@ -399,14 +415,16 @@ class VirtualTokens(DeltaLayer):
         keys = ("decoder_input_ids", "decoder_inputs_embeds", "labels") if seq2seq else ()
         x = next((kwargs[k] for k in (*keys, "input_ids", "inputs_embeds") if kwargs.get(k) is not None), None)
         batch, length, _ = _batch_len(x, None)
-        cache = kwargs.get("past_key_values")
+        cache = _given_cache(kwargs)
         if module.training and torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
             # Recomputing a checkpointed layer would append its keys to the cache a second time (PEFT refuses too).
             raise ValueError(f"{spec.method} does not work with gradient checkpointing; turn it off for this model")
         if _cache_len(cache) == 0:
             self._check_length(spec.n + length)
             cache = self._fill(module, name, spec, batch, cache)
-            kwargs["past_key_values"] = cache
+            for key in CACHE_KEYS:
+                kwargs.pop(key, None)
+            kwargs[_cache_key(module) or CACHE_KEYS[-1]] = cache
         past = _cache_len(cache)
         _extend_mask(kwargs, "decoder_attention_mask" if seq2seq else "attention_mask", spec.n, past + length)
         if not seq2seq:
@@ -464,11 +482,11 @@ def _absolute_positions(model: nn.Module, cfg: Any) -> int | None:
 
 
 def _prefix_module(model: nn.Module) -> nn.Module | None:
-    """The outermost module whose forward takes ``past_key_values``: the model, else its backbone, else None."""
-    if "past_key_values" in _signature(model):
+    """The outermost module whose forward takes a key/value cache: the model, else its backbone, else None."""
+    if _cache_key(model):
         return model
     backbone = getattr(model, "base_model", None)
-    if isinstance(backbone, nn.Module) and backbone is not model and "past_key_values" in _signature(backbone):
+    if isinstance(backbone, nn.Module) and backbone is not model and _cache_key(backbone):
         return backbone
     return None
 

@@ -191,7 +191,35 @@ def check_beam_search(family: str, task: str, config: dt.DeltaConfig) -> None:
     assert out.shape[1] == (inputs["input_ids"].shape[1] if task == "causal_lm" else 1) + 4
 
 
+def _peft_cache_shim(peft_model) -> None:
+    """Let peft 0.21 run its own prefix-tuning path for classification on transformers >= 5.24.
+
+    peft's ``_prefix_tuning_forward`` for SEQ_CLS / TOKEN_CLS looks for ``past_key_values`` in the signature of the
+    model's forward and refuses a model without it; transformers 5.24 renamed that argument ``cache`` (still
+    taking the old name, deprecated). The shim gives the wrapped model a forward whose signature names
+    ``past_key_values`` and passes it on as ``cache``, so the reference computed is peft's own, unchanged.
+    """
+    import inspect
+
+    def takes(module, name: str) -> bool:
+        return name in inspect.signature(module.forward).parameters
+
+    module = peft_model.base_model  # the model with its head; an encoder's head takes no cache: then its backbone
+    if not takes(module, "cache") and getattr(peft_model, "transformer_backbone_name", None):
+        module = module.get_submodule(peft_model.transformer_backbone_name)
+    if takes(module, "past_key_values") or not takes(module, "cache"):
+        return
+    forward = module.forward
+
+    def shim(*args, past_key_values=None, **kwargs):
+        return forward(*args, cache=past_key_values, **kwargs)
+
+    module.forward = shim
+
+
 def _peft_logits(peft_model, inputs: dict, task: str) -> torch.Tensor:
+    if task in ("seq_cls", "token_cls"):
+        _peft_cache_shim(peft_model)
     out = logits(peft_model, inputs)
     ref_len = inputs["input_ids"].shape[1]
     if task in ("causal_lm", "token_cls") and out.shape[1] != ref_len:

@@ -208,3 +208,16 @@ def test_legacy_tuple_cache_is_refused():
     legacy = tuple((torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8)) for _ in range(2))
     with pytest.raises(TypeError, match="legacy tuple"):
         model(**tiny_inputs("llama", "causal_lm"), past_key_values=legacy)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_empty_cache_under_either_name(name):
+    """An empty cache passed by the caller is filled with the prefix, under the name it came in or the other one
+    (transformers 5.24 renamed ``past_key_values`` to ``cache`` and refuses a call that passes both)."""
+    from transformers import DynamicCache
+
+    model = adapted("llama", "causal_lm", PTV2)
+    inputs = tiny_inputs("llama", "causal_lm")
+    with torch.no_grad():
+        given = model(**inputs, **{name: DynamicCache()}).logits
+    torch.testing.assert_close(given, logits(model, inputs), atol=1e-6, rtol=0)
