@@ -65,6 +65,7 @@ METHODS = (
     "full",
     "lora",
     "lora-attn",
+    "lora-all",
     "qlora",
     "ia3",
     "prompt",
@@ -76,12 +77,13 @@ METHODS = (
     "bitfit",
     "freeze",
 )
-PEFT_HAS = ("full", "lora", "lora-attn", "qlora", "ia3", "prompt", "ptuning", "prefix", "prefix-mlp")
+PEFT_HAS = ("full", "lora", "lora-attn", "lora-all", "qlora", "ia3", "prompt", "ptuning", "prefix", "prefix-mlp")
 """Methods with a peft side ("full": the plain transformers model)."""
 LR = {
     "full": 1e-4,
     "lora": 2e-3,
     "lora-attn": 2e-3,
+    "lora-all": 2e-3,
     "qlora": 2e-3,
     "ia3": 1e-2,
     "prompt": 3e-2,
@@ -187,11 +189,18 @@ def method_config(method: str, side: str, task_type: str) -> Any:
     """The config of ``method`` for ``side``: benchmarks/bench_worker.py's method table for MiniLM (the same
     hyper-parameters on both sides; ``qlora`` is LoRA's config, the 4-bit base is built by ``build``). One method
     is the quality table's own: ``lora-attn``, LoRA as in the bench on all four attention projections (query, key,
-    value and the attention's output), 0.65% of MiniLM's parameters, for the tagging task where q+v is too little."""
+    value and the attention's output), 0.65% of MiniLM's parameters, and ``lora-all``, LoRA r 4 (alpha 8: the same
+    scale 2) on every linear layer of the encoder, attention and feed-forward (0.73%), for the tagging task where
+    q+v is too little."""
     worker = _load_module("deltatune_bench_worker", HERE / "bench_worker.py")
     if method == "lora-attn":
         config = worker.method_config("lora", side, "minilm", task_type)
         config.target_modules = ["query", "key", "value", "attention.output.dense"]
+        return config
+    if method == "lora-all":
+        config = worker.method_config("lora", side, "minilm", task_type)
+        config.r, config.lora_alpha = 4, 8
+        config.target_modules = ["query", "key", "value", "dense"]  # "dense": attention output, intermediate, output
         return config
     return worker.method_config(method, side, "minilm", task_type)
 

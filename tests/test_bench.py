@@ -147,7 +147,15 @@ def test_interleaved_benchmark_reports_every_measure(tmp_path, config):
         out.read_text(encoding="utf-8"), "## deltatune and peft interleaved in one process"
     )
     assert header == ["measure", "deltatune ms", "peft ms", "d/p", "other ms", "ratio to other"]
-    assert [r[0] for r in table] == ["LoRA training step", "unmerged forward", "merged forward", "merge + unmerge"]
+    assert [r[0] for r in table] == [
+        "LoRA training step",
+        "LoRA training step",
+        "unmerged forward",
+        "merged forward",
+        "merge + unmerge",
+    ]
     assert all(_number(cell) > 0 for row in table for cell in row[1:4]), table
     assert table[0][4].startswith("full fine-tuning ") and _number(table[0][5]) > 0
+    assert table[1][4].startswith("floor ") and _number(table[1][5]) > 0
+    assert "The floor, a LoRA whose own arithmetic costs nothing" in out.read_text(encoding="utf-8")
     assert "Per training step (median): minor page faults" in out.read_text(encoding="utf-8")

@@ -60,7 +60,27 @@ def test_quick_lora_report(tmp_path):
     assert row["final loss"] == f"{d.final_loss:.3f} / {p.final_loss:.3f}"
 
 
-def test_lora_attn_puts_lora_on_the_four_attention_projections_on_both_sides():
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        (
+            "lora-attn",
+            {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"},
+        ),
+        (
+            "lora-all",
+            {
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            },
+        ),
+    ],
+)
+def test_lora_variants_wrap_the_same_layers_on_both_sides(method, expected):
     import peft
     from transformers import AutoModelForTokenClassification
 
@@ -70,13 +90,15 @@ def test_lora_attn_puts_lora_on_the_four_attention_projections_on_both_sides():
     spec = importlib.util.spec_from_file_location("deltatune_quality", SCRIPT)
     quality = sys.modules["deltatune_quality"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
-    wrapped = {}
+    wrapped, trainable = {}, {}
     for side, wrap in (("deltatune", dt.get_delta_model), ("peft", peft.get_peft_model)):
         base = AutoModelForTokenClassification.from_pretrained(resolve_path("minilm"), num_labels=13)
-        model = wrap(base, quality.method_config("lora-attn", side, "TOKEN_CLS"))
+        model = wrap(base, quality.method_config(method, side, "TOKEN_CLS"))
         wrapped[side] = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A" in n}
         wrapped[side] = {n[n.index("layer.") :] for n in wrapped[side]}
+        trainable[side] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     suffixes = {n.split(".", 2)[2] for n in wrapped["deltatune"]}
-    assert suffixes == {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"}
-    assert len(wrapped["deltatune"]) == 4 * 6
+    assert suffixes == expected
+    assert len(wrapped["deltatune"]) == len(expected) * 6
     assert wrapped["deltatune"] == wrapped["peft"]
+    assert trainable["deltatune"] == trainable["peft"]
