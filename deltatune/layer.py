@@ -258,3 +258,12 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     while isinstance(layer, DeltaLayer) and hasattr(layer, "base_layer"):
         layer = layer.base_layer
     return layer.weight
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on in ``model``: transformers' ``is_activation_checkpointing``
+    (5.24 on), else ``is_gradient_checkpointing`` (earlier releases; 5.24 deprecates it with a warning per call)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False

@@ -24,7 +24,7 @@ from torch import nn
 from . import loss, registry
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from .files import AdapterLoadError, atomic_write, read_weights, resolve
-from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, logical_numel, set_submodule
+from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, checkpointing, logical_numel, set_submodule
 
 _PREFIX = "base_model.model."
 _HEADS_BY_TASK = {
@@ -142,7 +142,7 @@ class DeltaModel(nn.Module):
             )
         if any(layer.disabled for layer in layers):
             raise ValueError('adapter_names cannot be used inside disable_adapter(); use "__base__" rows instead')
-        if self.training and torch.is_grad_enabled() and getattr(self.base_model, "is_gradient_checkpointing", False):
+        if self.training and torch.is_grad_enabled() and checkpointing(self.base_model):
             # The backward pass recomputes checkpointed blocks after the call, when the rows are no longer routed.
             raise ValueError("adapter_names does not work with gradient checkpointing in training; turn it off")
         for name in dict.fromkeys(names):

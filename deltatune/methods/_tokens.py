@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..layer import DeltaLayer
+from ..layer import DeltaLayer, checkpointing
 from ..targets import model_type
 
 ATTR = "virtual_tokens"
@@ -416,7 +416,7 @@ class VirtualTokens(DeltaLayer):
         x = next((kwargs[k] for k in (*keys, "input_ids", "inputs_embeds") if kwargs.get(k) is not None), None)
         batch, length, _ = _batch_len(x, None)
         cache = _given_cache(kwargs)
-        if module.training and torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
+        if module.training and torch.is_grad_enabled() and checkpointing(module):
             # Recomputing a checkpointed layer would append its keys to the cache a second time (PEFT refuses too).
             raise ValueError(f"{spec.method} does not work with gradient checkpointing; turn it off for this model")
         if _cache_len(cache) == 0:

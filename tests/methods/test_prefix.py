@@ -193,6 +193,18 @@ def test_gradient_checkpointing_is_refused():
         model(**tiny_inputs("llama", "causal_lm"))
 
 
+def test_training_forward_asks_no_deprecated_attribute():
+    """The check for checkpointing reads transformers' current property, not the one 5.24 deprecates (a warning on
+    every training forward)."""
+    import warnings
+
+    model = adapted("llama", "causal_lm", PTV2).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**tiny_inputs("llama", "causal_lm"))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_explicit_position_ids(family):
     """Position ids 0..L-1 for the real tokens are shifted by n, as the model does by itself after the prefix."""
