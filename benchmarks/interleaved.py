@@ -11,12 +11,14 @@ rotating from round to round, so that a busy moment slows all three alike:
 
 - training steps (forward + backward + AdamW) of full fine-tuning (deltatune's ``FullConfig``), deltatune's LoRA
   and peft's LoRA (r 8, alpha 16, dropout 0, q+v, as in the harness; peft's adapters in the base dtype), and the
-  *floor*: the frozen base with one trainable scalar multiplying each q and v output (and the task head trainable,
-  as LoRA's is). Its forward and backward run through the same base layers as LoRA's, gradients reach the same
-  layers, and its own arithmetic is two elementwise passes per target: a LoRA whose update cost nothing would take
-  this long, so floor / peft bounds how far below peft's step any LoRA implementation can go on this model (the
-  floor is the plain transformers model: on a causal LM it computes transformers' loss, as peft's model does,
-  and deltatune's fused loss can take its LoRA below the floor);
+  *floor*: the frozen base with a trainable zero vector added in place to each q and v output (and the task head
+  trainable, as LoRA's is). Its forward and backward run through the same base layers as LoRA's and gradients
+  reach the same layers, while its own arithmetic is one in-place pass over each target's output and one column
+  sum of its gradient: about what any update that a gradient must reach costs, so floor / peft bounds how far
+  below peft's step a LoRA implementation can go on this model (the floor is the plain transformers model: on a
+  causal LM it computes transformers' loss, as peft's model does, and deltatune's fused loss can take its LoRA
+  below the floor). A first design, a trainable scalar multiplying each output, cost more than deltatune's LoRA
+  itself (three passes over the output and two fresh tensors of its size);
 - inference forwards (eval mode, no grad) of the bare base, deltatune's and peft's models with the adapter
   unmerged, then merged (``merge_adapter``);
 - merge + unmerge of the adapter into the base weights (``merge_adapter`` then ``unmerge_adapter``), per library.
@@ -65,7 +67,7 @@ def build(
     config_p = bw.method_config("lora", "peft", shape.kind, task_type)
     models["peft"] = peft.get_peft_model(base, config_p, autocast_adapter_dtype=False)
     base, _, _ = bw.build(shape, cpu, seed)
-    models["floor"] = gated_base(base, bw.LORA_TARGETS[shape.kind], task_type)
+    models["floor"] = floor_model(base, bw.LORA_TARGETS[shape.kind], task_type)
     for name, p in models["deltatune"].named_parameters():  # a non-zero B, as after training
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -76,30 +78,32 @@ def build(
     return models, batch, shape
 
 
-class _Gate(torch.nn.Module):
-    """A trainable scalar (1.0) that multiplies a module's output: the cheapest update that a gradient must reach."""
+class _Shift(torch.nn.Module):
+    """A trainable zero vector added in place to a module's output: about the cheapest update a gradient must reach
+    (forward: one in-place pass; backward: the gradient passes through unchanged, plus one column sum)."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, width: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones((), dtype=dtype))
+        self.shift = torch.nn.Parameter(torch.zeros(width, dtype=dtype))
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output * self.scale
+        # In place is safe: a linear layer's backward keeps its input and weight, not its output.
+        return output.add_(self.shift)
 
 
-def gated_base(base: torch.nn.Module, targets: list[str], task_type: str) -> torch.nn.Module:
-    """The floor (module docstring): ``base`` frozen, a ``_Gate`` on the output of each module named by ``targets``
-    (the LoRA targets), the task head trainable as LoRA's ``modules_to_save`` makes it."""
+def floor_model(base: torch.nn.Module, targets: list[str], task_type: str) -> torch.nn.Module:
+    """The floor (module docstring): ``base`` frozen, a ``_Shift`` on the output of each linear layer named by
+    ``targets`` (the LoRA targets), the task head trainable as LoRA's ``modules_to_save`` makes it."""
     base.requires_grad_(False)
-    gates = torch.nn.ModuleList()
+    shifts = torch.nn.ModuleList()
     for name, module in list(base.named_modules()):
         if name.rsplit(".", 1)[-1] in targets:
-            gate = _Gate(next(module.parameters()).dtype)
-            module.register_forward_hook(gate)
-            gates.append(gate)
-    if not gates:
-        raise ValueError(f"no module named {targets} to gate")
-    base.add_module("floor_gates", gates)
+            shift = _Shift(module.weight.shape[0], module.weight.dtype)
+            module.register_forward_hook(shift)
+            shifts.append(shift)
+    if not shifts:
+        raise ValueError(f"no module named {targets} to shift")
+    base.add_module("floor_shifts", shifts)
     if task_type in ("SEQ_CLS", "TOKEN_CLS"):
         for name in ("classifier", "score"):
             head = getattr(base, name, None)
@@ -230,10 +234,11 @@ def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, c
     peft_floor = _median_ratio(t["train"]["peft"], t["train"]["floor"])
     lines += [
         "",
-        f"The floor, a LoRA whose own arithmetic costs nothing (the frozen base with a trainable scalar on each q and v "
-        f"output, the head trainable): {med['train']['floor']:,.1f} ms per step, {floor_peft:.2f} of peft's step (peft's "
-        f"step is {peft_floor:.2f} of the floor). No LoRA implementation on this base can train faster than "
-        f"{floor_peft:.2f}x peft's step in eager mode; the second LoRA row gives deltatune's step against the floor.",
+        f"The floor, a LoRA whose own arithmetic costs next to nothing (the frozen base with a trainable zero vector "
+        f"added to each q and v output, the head trainable): {med['train']['floor']:,.1f} ms per step, "
+        f"{floor_peft:.2f} of peft's step (peft's step is {peft_floor:.2f} of the floor). A LoRA on this base can "
+        f"train little faster than {floor_peft:.2f}x peft's step in eager mode; the second LoRA row gives "
+        "deltatune's step against the floor.",
     ]
     peft_full = _median_ratio(t["train"]["peft"], t["train"]["full"])
     peft_base = _median_ratio(t["forward"]["peft"], t["forward"]["base"])
