@@ -236,9 +236,9 @@ def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, c
         "",
         f"The floor, a LoRA whose own arithmetic costs next to nothing (the frozen base with a trainable zero vector "
         f"added to each q and v output, the head trainable): {med['train']['floor']:,.1f} ms per step, "
-        f"{floor_peft:.2f} of peft's step (peft's step is {peft_floor:.2f} of the floor). A LoRA on this base can "
-        f"train little faster than {floor_peft:.2f}x peft's step in eager mode; the second LoRA row gives "
-        "deltatune's step against the floor.",
+        f"{floor_peft:.2f} of peft's step (peft's step is {peft_floor:.2f} of the floor). The floor runs the base "
+        "model's own code, loss included: a LoRA goes below it only by cutting work of the base's (as deltatune's "
+        "fused causal-LM loss does); the second LoRA row gives deltatune's step against the floor.",
     ]
     peft_full = _median_ratio(t["train"]["peft"], t["train"]["full"])
     peft_base = _median_ratio(t["forward"]["peft"], t["forward"]["base"])
