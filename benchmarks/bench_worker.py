@@ -21,6 +21,7 @@ In order, on the same seeded base model and the same random batch:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import gc
@@ -229,6 +230,30 @@ def quantize_base(base: nn.Module, side: str, shape: Shape, device: torch.device
     with tempfile.TemporaryDirectory() as folder:
         base.save_pretrained(folder)
         return auto.from_pretrained(folder, quantization_config=bnb, dtype=dtype, device_map={"": device})
+
+
+def in_process_options(script: str, doc: str, argv: list[str] | None, default: str, rounds: int) -> argparse.Namespace:
+    """The options of the one-process scripts (``script``: interleaved.py, mixed_batch.py), parsed, with torch's
+    threads set, ``rounds`` filled in (``--quick``: 2) and ``command`` the line that reproduces the run."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--config", default=default, choices=["minilm", "llama-fp32", "llama-bf16"])
+    parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default {rounds}; --quick: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, not speed")
+    parser.add_argument("--out", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.rounds = args.rounds or (2 if args.quick else rounds)
+    args.command = " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def emit(text: str, out: str | None) -> None:
+    """Print a report, and write it to ``out`` as well when one is given."""
+    print(text)
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
 
 
 def _sync(device: torch.device) -> None:

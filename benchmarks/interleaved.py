@@ -31,7 +31,6 @@ harness.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import resource
 import statistics
@@ -252,26 +251,14 @@ def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, c
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="llama-fp32", choices=["minilm", "llama-fp32", "llama-bf16"])
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9; --quick: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, not speed")
-    parser.add_argument("--out", help="also write the report to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rounds = args.rounds or (2 if args.quick else 9)
+    args = bw.in_process_options("interleaved.py", __doc__, argv, default="llama-fp32", rounds=9)
     models, batch, shape = build(args.config, args.quick)
     difference = max_difference(models, batch)
     tolerance = 1e-5 if shape.dtype == "float32" else 2e-2
-    times = measure(models, batch, rounds)
-    command = "python benchmarks/interleaved.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(times, args.config, shape, rounds, command.strip())
+    times = measure(models, batch, args.rounds)
+    text = report(times, args.config, shape, args.rounds, args.command)
     text += f"\nThe two LoRA models hold the same adapter: outputs differ by {difference:.1e} of the largest logit.\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+    bw.emit(text, args.out)
     return 0 if difference <= tolerance else 1  # 1: the two sides do not compute the same model
 
 

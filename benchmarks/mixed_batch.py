@@ -15,7 +15,6 @@ target is >= 0.8).
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -106,23 +105,11 @@ def report(times: dict[str, dict[str, list[float]]], config: str, shape, rounds:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="minilm", choices=["minilm", "llama-fp32", "llama-bf16"])
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 8; --quick: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, not speed")
-    parser.add_argument("--out", help="also write the report to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rounds = args.rounds or (2 if args.quick else 8)
+    args = bw.in_process_options("mixed_batch.py", __doc__, argv, default="minilm", rounds=8)
     model, batch, mixed, shape = build(args.config, args.quick)
-    times = measure(model, batch, mixed, rounds)
-    command = "python benchmarks/mixed_batch.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(times, args.config, shape, rounds, command.strip())
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+    times = measure(model, batch, mixed, args.rounds)
+    text = report(times, args.config, shape, args.rounds, args.command)
+    bw.emit(text, args.out)
     return 0
 
 
