@@ -159,3 +159,31 @@ def test_interleaved_benchmark_reports_every_measure(tmp_path, config):
     assert table[1][4].startswith("floor ") and _number(table[1][5]) > 0
     assert "The floor, a LoRA whose own arithmetic costs next to nothing" in out.read_text(encoding="utf-8")
     assert "Per training step (median): minor page faults" in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "interleaved.py")), reason="no benchmarks/")
+def test_floor_model_is_the_base_with_gradients_at_the_lora_targets():
+    """The floor computes the base model's outputs exactly (its shifts start at zero), trains only the shifts, one
+    per LoRA target, and every shift gets a gradient: it is a LoRA's step without a LoRA's arithmetic."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_worker as bw
+    import interleaved
+
+    shape = bw.QUICK["llama-fp32"]
+    base, batch, task_type = bw.build(shape, torch.device("cpu"), 0)
+    reference, _, _ = bw.build(shape, torch.device("cpu"), 0)
+    floor = interleaved.floor_model(base, bw.LORA_TARGETS["llama"], task_type)
+    trainable = [n for n, p in floor.named_parameters() if p.requires_grad]
+    targets = [n for n, _ in reference.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")]
+    assert len(trainable) == len(targets) > 0 and all(n.startswith("floor_shifts.") for n in trainable)
+    out = floor(**batch)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, reference(**batch).logits, atol=0, rtol=0)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in floor.floor_shifts.parameters())
+    with pytest.raises(ValueError, match="no module named"):
+        interleaved.floor_model(reference, ["no_such_layer"], task_type)

@@ -102,3 +102,41 @@ def test_lora_variants_wrap_the_same_layers_on_both_sides(method, expected):
     assert len(wrapped["deltatune"]) == len(expected) * 6
     assert wrapped["deltatune"] == wrapped["peft"]
     assert trainable["deltatune"] == trainable["peft"]
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_training_loop_clips_the_gradient_norm_only_when_asked(max_grad_norm):
+    """``--max-grad-norm``: every optimizer step sees a gradient norm at most the limit; without it, the raw norm."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    from transformers import BertConfig, BertForSequenceClassification
+
+    spec = importlib.util.spec_from_file_location("deltatune_quality", SCRIPT)
+    quality = sys.modules["deltatune_quality"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    model = BertForSequenceClassification(config)
+    rng = torch.Generator().manual_seed(0)
+    examples = [
+        {"input_ids": torch.randint(1, 50, (int(n),), generator=rng).tolist(), "labels": i % 2}
+        for i, n in enumerate(torch.randint(4, 12, (40,), generator=rng))
+    ]
+    norms: list[float] = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        steps, loss = quality.train(model, examples, 1e-3, 1, 0, 0, max_grad_norm)
+    finally:
+        handle.remove()
+    assert steps == len(norms) == 2 and loss > 0
+    if max_grad_norm is None:
+        assert min(norms) > 1e-2  # the raw gradient of a fresh model, far above the limit used below
+    else:
+        assert max(norms) <= max_grad_norm * (1 + 1e-4)

@@ -281,6 +281,7 @@ class VirtualTokens(DeltaLayer):
         self.absolute_positions = _absolute_positions(model, cfg)
         prefix_module = _prefix_module(model)
         self.takes_prefix = prefix_module is not None
+        self.cache_key = _cache_key(prefix_module) if prefix_module is not None else None  # where the prefix goes
         self.prefix_at_root = prefix_module is model
         self._register(model, prefix_module)
 
@@ -424,7 +425,7 @@ class VirtualTokens(DeltaLayer):
             cache = self._fill(module, name, spec, batch, cache)
             for key in CACHE_KEYS:
                 kwargs.pop(key, None)
-            kwargs[_cache_key(module) or CACHE_KEYS[-1]] = cache
+            kwargs[self.cache_key] = cache
         past = _cache_len(cache)
         _extend_mask(kwargs, "decoder_attention_mask" if seq2seq else "attention_mask", spec.n, past + length)
         if not seq2seq:

@@ -205,6 +205,26 @@ def test_training_forward_asks_no_deprecated_attribute():
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
+def test_checkpointing_reads_the_current_property_then_the_old_one():
+    """``layer.checkpointing``: transformers >= 5.24's ``is_activation_checkpointing`` when the class has it (the old
+    name is not touched), else the old ``is_gradient_checkpointing``, else off."""
+    from torch import nn
+
+    from deltatune.layer import checkpointing
+
+    class Current(nn.Module):
+        is_activation_checkpointing = True
+
+        @property
+        def is_gradient_checkpointing(self):
+            raise AssertionError("the deprecated property was read")
+
+    class Old(nn.Module):
+        is_gradient_checkpointing = True
+
+    assert checkpointing(Current()) and checkpointing(Old()) and not checkpointing(nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_explicit_position_ids(family):
     """Position ids 0..L-1 for the real tokens are shifted by n, as the model does by itself after the prefix."""
