@@ -1,0 +1,96 @@
+"""``deltatune serve``: one base model in memory, adapters of any method beside it, an OpenAI-compatible API.
+
+Needs the ``serve`` extra (``pip install 'deltatune[serve]'``: FastAPI and uvicorn). See ``engine`` for how
+requests are batched across adapters and ``app`` for the routes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+from .engine import BASE, Engine, Request, RequestError
+
+__all__ = ["BASE", "Engine", "Request", "RequestError", "base_model_of", "build_engine", "serve"]
+
+
+def base_model_of(adapter_path: str) -> str | None:
+    """The base model an adapter (or run folder) was trained on: the run's recipe, else its adapter config."""
+    import yaml
+
+    from ..config import DeltaConfig
+
+    run_file = os.path.join(adapter_path, "run.yaml")
+    if os.path.isfile(run_file):
+        with open(run_file, encoding="utf-8") as fh:
+            name = ((yaml.safe_load(fh) or {}).get("model") or {}).get("name_or_path")
+        if name:
+            return str(name)
+    return DeltaConfig.from_pretrained(adapter_path).base_model_name_or_path
+
+
+def build_engine(
+    model: str | None,
+    adapters: dict[str, str],
+    max_batch_size: int = 32,
+    max_wait_ms: float = 10.0,
+    dtype: str = "float32",
+) -> Engine:
+    """Load the base once, every adapter of ``adapters`` ({name: folder}) beside it, and start an Engine.
+
+    Raises:
+        ConfigError: no base model named and none recorded in the first adapter; a base that cannot be loaded.
+        FileNotFoundError, AdapterLoadError: an adapter folder is missing, corrupt, or made for another base.
+    """
+    from ..config import ConfigError
+    from ..model import DeltaModel
+    from ..train.models import load_model, load_tokenizer
+
+    name = model or (base_model_of(next(iter(adapters.values()))) if adapters else None)
+    if not name:
+        raise ConfigError("no base model: pass --model (the first adapter does not record one)")
+    tok = load_tokenizer(name)
+    base = load_model(name, "CAUSAL_LM", dtype=dtype, pad_token_id=tok.pad_token_id)
+    delta = DeltaModel(base, fused_loss=False)
+    for adapter, path in adapters.items():
+        if adapter == BASE:
+            raise ConfigError(f"--adapter {adapter}={path}: the name {BASE!r} is the base model's; choose another")
+        try:
+            delta.load_adapter(path, adapter)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"--adapter {adapter}={path}: {exc}") from None
+    return Engine(delta, tok, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000)
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key (ConfigError)."""
+    from ..config import ConfigError
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key:
+        raise ConfigError(f"--host {host} listens beyond this machine: give --api-key (clients send it as Bearer)")
+
+
+def serve(
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    adapter_dir: str | None = None,
+    max_tokens: int = 1024,
+) -> Any:
+    """Run the API with uvicorn until interrupted."""
+    import uvicorn
+
+    from .app import create_app
+
+    check_bind(host, api_key)
+    app = create_app(engine, adapter_dir=adapter_dir, api_key=api_key, max_tokens=max_tokens)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.close()

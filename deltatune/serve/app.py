@@ -1,0 +1,358 @@
+"""The OpenAI-compatible HTTP API over an ``Engine`` (FastAPI on uvicorn).
+
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` answers with
+server-sent events as the OpenAI clients expect), ``POST /v1/adapters`` and ``DELETE /v1/adapters/{name}`` (load and
+unload at run time, from inside ``adapter_dir`` only), and ``GET /health`` (rows running and waiting). Errors are
+OpenAI's JSON shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for a bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
+
+from .engine import BASE, Engine, Request, RequestError
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def _error(status: int, message: str, code: str, param: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status
+    )
+
+
+class Limits:
+    """What a request may ask: ``max_tokens`` up to ``max_tokens``, prompt + completion within ``context``."""
+
+    def __init__(self, max_tokens: int, context: int) -> None:
+        self.max_tokens, self.context = max_tokens, context
+
+
+def create_app(
+    engine: Engine,
+    adapter_dir: str | None = None,
+    api_key: str | None = None,
+    max_tokens: int = 1024,
+) -> Any:
+    """The FastAPI application serving ``engine``.
+
+    Args:
+        engine: the engine holding the model and its adapters.
+        adapter_dir: the folder runtime loads may read from (None: runtime loading refused).
+        api_key: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>``.
+        max_tokens: the largest ``max_tokens`` a request may ask for.
+    """
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="deltatune serve", docs_url=None, redoc_url=None)
+    config = engine.model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    limits = Limits(max_tokens, int(context))
+    app.state.engine = engine
+
+    @app.middleware("http")
+    async def _auth(request: HttpRequest, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                message = "missing API key" if not given else "wrong API key"
+                return _error(401, f"{message}: send the header 'Authorization: Bearer <key>'", "invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: HttpRequest, exc: RequestError):
+        return _error(exc.status, str(exc), exc.code, exc.param)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "running": engine.running,
+            "waiting": engine.pending.qsize(),
+            "batches": engine.batches,
+            "cancelled": engine.cancelled,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        data = []
+        for name in engine.adapters():
+            method = "base" if name == BASE else engine.model.peft_config[name].method
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "deltatune", "method": method})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(http: HttpRequest):
+        body = await _body(http)
+        messages = body.get("messages")
+        prompt_ids = _chat_ids(engine.tokenizer, messages)
+        return await _complete(http, body, prompt_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        body = await _body(http)
+        prompt_ids = _prompt_ids(engine.tokenizer, body.get("prompt"))
+        return await _complete(http, body, prompt_ids, chat=False)
+
+    @app.post("/v1/adapters")
+    async def load(http: HttpRequest):
+        body = await _body(http)
+        name, path = body.get("name"), body.get("path")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise RequestError(f"name must be 1-64 letters, digits, '-' or '_', got {name!r}", param="name")
+        if not isinstance(path, str) or not path:
+            raise RequestError("path must be a folder inside the server's --adapter-dir", param="path")
+        folder = _inside(adapter_dir, path)
+        from fastapi.concurrency import run_in_threadpool
+
+        try:
+            await run_in_threadpool(engine.load_adapter, name, folder)
+        except RequestError:
+            raise
+        except (OSError, ValueError, TypeError) as exc:  # FileNotFoundError, AdapterLoadError, ConfigError
+            raise RequestError(
+                f"adapter {name!r} could not be loaded from {path!r}: {exc}", 400, "adapter_load_failed"
+            ) from None
+        return {"id": name, "object": "model", "method": engine.model.peft_config[name].method}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload(name: str):
+        from fastapi.concurrency import run_in_threadpool
+
+        await run_in_threadpool(engine.unload_adapter, name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    async def _complete(http: HttpRequest, body: dict, prompt_ids: list[int], chat: bool):
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise RequestError("model must name a served model (GET /v1/models lists them)", param="model")
+        if model not in engine.adapters():
+            known = ", ".join(engine.adapters())
+            raise RequestError(
+                f"model {model!r} is not served; served models: {known}", 404, "model_not_found", "model"
+            )
+        request = _sampling(body, prompt_ids, limits, model)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        request.emit = lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (text, finish))
+        engine.submit(request)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            stream = _stream(request, events, rid, created, model, chat, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        text, finish = "", None
+        try:
+            while finish is None:
+                try:
+                    piece, finish = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        request.cancelled.set()
+                        return JSONResponse({}, status_code=499)
+                    continue
+                text += piece
+        finally:
+            if finish is None:
+                request.cancelled.set()
+        if finish.startswith("error"):
+            return _error(500, finish, "generation_failed")
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": _usage(request),
+        }
+
+    return app
+
+
+async def _stream(request: Request, events, rid: str, created: int, model: str, chat: bool, include_usage: bool):
+    """Server-sent events: one chunk per piece of text, a last chunk with the finish reason, then ``[DONE]``.
+
+    When the client goes away the generator is closed; the ``finally`` cancels the request, and the engine drops
+    its row at the next step, freeing the slot.
+    """
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        data = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+        if include_usage:
+            data["usage"] = None
+        return f"data: {json.dumps(data)}\n\n"
+
+    finish = None
+    try:
+        if chat:
+            yield chunk(None, None, first=True)
+        while finish is None:
+            piece, finish = await events.get()
+            if finish is not None and finish.startswith("error"):
+                error = {"message": finish, "type": "server_error", "param": None, "code": "generation_failed"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                break
+            if piece or finish is not None:
+                yield chunk(piece, finish)
+        if include_usage:
+            data = {"id": rid, "object": kind, "created": created, "model": model, "choices": []}
+            data["usage"] = _usage(request)
+            yield f"data: {json.dumps(data)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if finish is None:
+            request.cancelled.set()
+
+
+def _usage(request: Request) -> dict[str, int]:
+    prompt, completion = len(request.prompt_ids), len(request.output_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _body(http: HttpRequest) -> dict:
+    try:
+        body = json.loads(await http.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _chat_ids(tokenizer: Any, messages: Any) -> list[int]:
+    """The prompt of a chat request: the tokenizer's chat template with the assistant's turn opened."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content}", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError(f"messages[{i}] must be an object with a string 'role'", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # the parts form: [{"type": "text", "text": ...}, ...]
+            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+                raise RequestError(f"messages[{i}].content: only text parts are served", param="messages")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string", param="messages")
+        clean.append({"role": m["role"], "content": content})
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template")
+    text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does) or token ids."""
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = len(tokenizer)
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        return prompt
+    raise RequestError("prompt must be a string, a list of one string, or a list of token ids", param="prompt")
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise RequestError(f"{key} must be a number in [{low}, {high}], got {value!r}", param=key)
+    return float(value)
+
+
+def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> Request:
+    """A Request from the body's sampling fields, each checked (a 400 naming the field)."""
+    if len(prompt_ids) >= limits.context:
+        raise RequestError(
+            f"the prompt has {len(prompt_ids)} tokens; this model's context is {limits.context}",
+            code="context_length_exceeded",
+            param="messages" if "messages" in body else "prompt",
+        )
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    room = limits.context - len(prompt_ids)
+    max_tokens = body.get(key)
+    if max_tokens is None:
+        max_tokens = min(limits.max_tokens, room)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise RequestError(f"{key} must be a positive integer, got {max_tokens!r}", param=key)
+    if max_tokens > limits.max_tokens:
+        raise RequestError(f"{key} is {max_tokens}; this server allows at most {limits.max_tokens}", param=key)
+    if max_tokens > room:
+        raise RequestError(
+            f"the prompt ({len(prompt_ids)} tokens) plus {key} ({max_tokens}) exceeds this model's context "
+            f"({limits.context})",
+            code="context_length_exceeded",
+            param=key,
+        )
+    n = body.get("n", 1)
+    if n != 1:
+        raise RequestError(f"n must be 1 (one choice per request), got {n!r}", param="n")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop must be a string or a list of at most 4 non-empty strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(f"seed must be an integer, got {seed!r}", param="seed")
+    return Request(
+        prompt_ids=prompt_ids,
+        adapter=model,
+        max_tokens=max_tokens,
+        emit=lambda text, finish: None,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        stop=stop,
+        seed=seed,
+        ignore_eos=bool(body.get("ignore_eos", False)),
+    )
+
+
+def _inside(adapter_dir: str | None, path: str) -> str:
+    """``path`` (relative to ``adapter_dir``, or absolute) resolved, if it lies inside ``adapter_dir``."""
+    if not adapter_dir:
+        raise RequestError(
+            "loading adapters at run time is off; start the server with --adapter-dir",
+            403,
+            "adapter_dir_unset",
+            "path",
+        )
+    root = os.path.realpath(adapter_dir)
+    folder = os.path.realpath(os.path.join(root, path))
+    if os.path.commonpath([root, folder]) != root:
+        raise RequestError(
+            f"path {path!r} lies outside the server's --adapter-dir", 403, "path_outside_adapter_dir", "path"
+        )
+    return folder

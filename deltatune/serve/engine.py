@@ -1,0 +1,299 @@
+"""The generation engine: one base model, many adapters, concurrent requests gathered into mixed batches.
+
+Scheduling (batch-at-a-time, with early leave). One worker thread owns the model. It waits for a request, then
+gathers more for at most ``max_wait_s`` (bounded wait) up to ``max_batch_size`` rows, and splits them into groups
+that can share a forward pass:
+
+- every row whose adapter routes rows (LoRA, IA3, bottleneck adapters; see ``DeltaModel.mixed_batch``) and every
+  base-model row go into ONE mixed batch, each row computing with its own adapter (``adapter_names=[...]``);
+- the rows of an adapter that cannot route rows (the token methods: prompt tuning, P-tuning, prefix tuning) form
+  a batch of their own with that adapter active.
+
+Each group decodes step by step with a KV cache: a left-padded prefill, then one token per row per step. A row
+that finishes (EOS, ``max_tokens``, a stop string, or its client gone) leaves the batch at once: its rows of the
+cache are dropped (``Cache.batch_select_indices``), so the remaining rows run on a smaller batch. Requests that
+arrive meanwhile wait for the next batch (new rows do not join a running batch: no continuous batching).
+
+Per-row sampling keeps answers independent of the batch: greedy rows take the argmax; sampled rows scale by their
+temperature, keep their top-p nucleus, and draw from their own ``torch.Generator`` seeded by the request's seed.
+Positions are ``cumsum(mask) - 1`` (the same as transformers' ``generate``), so a left-padded row sees the same
+positions as when served alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+BASE = "base"
+"""The model name under which the plain base model is served."""
+_BASE_ROW = "__base__"  # DeltaModel's row name for the base model
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; ``status`` and ``code`` become the HTTP error."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+@dataclass
+class Request:
+    """One completion to compute: prompt ids, adapter and sampling settings.
+
+    ``emit`` is called from the engine thread with ``(text_delta, None)`` for each piece of new text and once with
+    ``(text_delta, finish_reason)`` at the end (``finish_reason`` "stop", "length", "cancelled" or "error: ...").
+    """
+
+    prompt_ids: list[int]
+    adapter: str
+    max_tokens: int
+    emit: Callable[[str, str | None], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # filled by the engine
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Serve ``model`` (a DeltaModel on a causal LM) with ``tokenizer``; requests go through ``submit``.
+
+    Args:
+        model: the DeltaModel holding every adapter; the engine puts it in eval mode and never trains it.
+        tokenizer: the base model's tokenizer.
+        max_batch_size: the most rows decoded together.
+        max_wait_s: how long the first request of a batch waits for others to join it.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, max_wait_s: float = 0.01) -> None:
+        if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model.base_model, "generate"):
+            raise ValueError("deltatune serve serves causal language models (decoder-only) only")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.lock = threading.RLock()  # held while the model computes or its adapters change
+        self.pending: queue.Queue[Request] = queue.Queue()
+        self.running = 0  # rows in the batch being decoded
+        self.batches = 0  # batches decoded so far
+        self.cancelled = 0  # rows dropped from a running batch because their client went away
+        self._routes: dict[str, bool] = {}
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        # transformers 5.24 renamed the forward's cache argument to ``cache`` (and warns on ``past_key_values``).
+        params = inspect.signature(model.get_base_model().forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="deltatune-serve-engine", daemon=True)
+        self._thread.start()
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    def adapters(self) -> list[str]:
+        """The served model names: the base, then every adapter."""
+        return [BASE, *self.model.peft_config]
+
+    def routes_rows(self, name: str) -> bool:
+        """Whether the adapter can share a mixed batch with others (its method routes rows)."""
+        if name == BASE:
+            return True
+        if name not in self._routes:
+            try:
+                with self.model.mixed_batch([name]):
+                    self._routes[name] = True
+            except ValueError:
+                self._routes[name] = False
+        return self._routes[name]
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the adapter saved at ``path`` as ``name`` (between batches)."""
+        if name == BASE or name in self.model.peft_config:
+            raise RequestError(f"an adapter named {name!r} is served already", 409, "adapter_exists", "name")
+        with self.lock:
+            self.model.load_adapter(path, name)
+            self.model.eval()
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (between batches); waiting requests for it fail with 404."""
+        if name not in self.model.peft_config:
+            raise RequestError(f"no adapter named {name!r} is served", 404, "model_not_found", "name")
+        with self.lock:
+            self.model.delete_adapter(name)
+            self._routes.pop(name, None)
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request; its ``emit`` callback receives the text as it is generated."""
+        self.pending.put(request)
+
+    def close(self) -> None:
+        """Stop the worker thread after the current batch."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.pending.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    batch.append(self.pending.get(timeout=remaining) if remaining > 0 else self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            for group in self._groups(batch):
+                try:
+                    self._run(group)
+                except Exception as exc:  # a failed batch answers its own requests and the server goes on
+                    for r in group:
+                        if r.finish_reason is None:
+                            r.finish_reason = f"error: {type(exc).__name__}: {exc}"
+                            r.emit("", r.finish_reason)
+
+    def _groups(self, batch: list[Request]) -> list[list[Request]]:
+        mixed: list[Request] = []
+        alone: dict[str, list[Request]] = {}
+        for r in batch:
+            if r.cancelled.is_set():
+                r.finish_reason = "cancelled"
+                r.emit("", "cancelled")
+            elif r.adapter != BASE and r.adapter not in self.model.peft_config:
+                r.finish_reason = f"error: adapter {r.adapter!r} was unloaded"
+                r.emit("", r.finish_reason)
+            elif self.routes_rows(r.adapter):
+                mixed.append(r)
+            else:
+                alone.setdefault(r.adapter, []).append(r)
+        return [g for g in (mixed, *alone.values()) if g]
+
+    # -- decoding -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _run(self, rows: list[Request]) -> None:
+        """Decode ``rows`` together until every row has finished."""
+        with self.lock:
+            self.batches += 1
+            mixed = self.routes_rows(rows[0].adapter)
+            if not mixed:
+                self.model.set_adapter(rows[0].adapter)
+            device = next(self.model.parameters()).device
+            width = max(len(r.prompt_ids) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):  # left padding: the new tokens of every row line up on the right
+                ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+                mask[i, width - len(r.prompt_ids) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            generators = [_generator(r.seed, device) if r.temperature > 0 else None for r in rows]
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            live = list(range(len(rows)))
+            self.running = len(rows)
+            try:
+                step_ids = ids
+                while live:
+                    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+                    kwargs: dict[str, Any] = dict(
+                        input_ids=step_ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                    kwargs[self._cache_arg] = cache
+                    if mixed:
+                        kwargs["adapter_names"] = [_row_name(rows[i].adapter) for i in live]
+                    logits = self.model(**kwargs).logits[:, -1, :].float()  # (live rows, vocab)
+                    tokens = [_pick(logits[j], rows[i], generators[i]) for j, i in enumerate(live)]
+                    keep = [j for j, i in enumerate(live) if not self._advance(rows[i], tokens[j])]
+                    if len(keep) < len(live):
+                        if not keep:
+                            break
+                        index = torch.tensor(keep, device=device)
+                        cache.batch_select_indices(index)
+                        mask = mask[index]
+                        live = [live[j] for j in keep]
+                        tokens = [tokens[j] for j in keep]
+                    self.running = len(live)
+                    step_ids = torch.tensor(tokens, device=device)[:, None]
+                    mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            finally:
+                self.running = 0
+
+    def _advance(self, r: Request, token: int) -> bool:
+        """Add ``token`` to the row, send its new text; True when the row has finished."""
+        if r.cancelled.is_set():
+            r.finish_reason = "cancelled"
+            self.cancelled += 1
+            r.emit("", "cancelled")
+            return True
+        r.output_ids.append(token)
+        if token in self.eos_ids and not r.ignore_eos:
+            r.finish_reason = "stop"
+        else:
+            r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+            cut = min((k for k in (r.text.find(s) for s in r.stop) if k >= 0), default=-1)
+            if cut >= 0:
+                r.text, r.finish_reason = r.text[:cut], "stop"
+            elif len(r.output_ids) >= r.max_tokens:
+                r.finish_reason = "length"
+        if r.finish_reason is not None:
+            r.emit(r.text[r.sent :], r.finish_reason)
+            r.sent = len(r.text)
+            return True
+        # Hold back what may still turn into a stop string, and a partly decoded character.
+        hold = max((len(s) - 1 for s in r.stop), default=0)
+        end = len(r.text) - hold
+        while end > r.sent and r.text[end - 1] == "\ufffd":
+            end -= 1
+        if end > r.sent:
+            r.emit(r.text[r.sent : end], None)
+            r.sent = end
+        return False
+
+
+def _row_name(adapter: str) -> str:
+    return _BASE_ROW if adapter == BASE else adapter
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None) -> int:
+    """The next token of one row: argmax when greedy, else a draw from the tempered top-p distribution."""
+    if g is None:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / r.temperature, dim=-1)
+    if r.top_p < 1.0:
+        # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top token always stays).
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= r.top_p
+        sorted_p[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=g))
