@@ -26,6 +26,7 @@ def _train_help() -> str:
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning of transformer models.")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
@@ -40,11 +41,17 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
     t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    t.add_argument(
+        "--resume-changed",
+        action="store_true",
+        help="with --resume: continue although the recipe differs from the run's (lr, seed, method, data, ...)",
+    )
 
     e = sub.add_parser("eval", help="evaluate a trained run on a data file; prints metrics as JSON on the last line")
     e.add_argument("--adapter", required=True, help="a run folder written by 'deltatune train'")
     e.add_argument("--data", help="data file to evaluate on (default: the recipe's eval file)")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.text_column=sentence)")
+    _trust_flag(e)
 
     g = sub.add_parser("generate", help="generate text from a prompt, with an adapter (or merged)")
     g.add_argument("--adapter", required=True, help="adapter or run folder")
@@ -53,11 +60,14 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
+    _trust_flag(g)
 
     m = sub.add_parser("merge", help="fold an adapter into its base and save a plain transformers model")
     m.add_argument("--adapter", required=True, help="adapter or run folder")
     m.add_argument("--out", required=True, help="output folder for the merged model")
     m.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    m.add_argument("--overwrite", action="store_true", help="replace what --out holds (only once the merge succeeded)")
+    _trust_flag(m)
 
     i = sub.add_parser("info", help="a model's family, default targets and trainable parameters per method")
     i.add_argument("model", help="model folder, hub id, or 'minilm'")
@@ -92,29 +102,65 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = _parser(argv).parse_args(argv)
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run the base model's own Python code (only for models you trust); a run folder's "
+        "run.yaml never turns this on",
+    )
+
+
+def _is_ours(exc: BaseException) -> bool:
+    """Whether ``exc`` is deltatune refusing an input: one of its own error types, or a ValueError, KeyError or
+    OSError raised by deltatune's own code (the innermost frame of the traceback is in the package). Anything
+    raised deeper, in torch or transformers, is a bug to show in full."""
     from .config import ConfigError
     from .data.load import DataError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if type(exc).__name__ != "NonFiniteLossError":
+    for command in sub.choices.values():  # --debug after the command too (SUPPRESS: the top-level value stands)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    except Exception as exc:  # deltatune's own refusals become one line (exit 2); --debug shows the traceback
+        if args.debug:
             raise
-        print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        if type(exc).__name__ == "NonFiniteLossError":
+            print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
+            return 1
+        if not _is_ours(exc):
+            raise
+        print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 2
+    from .files import AdapterLoadError
 
+    if isinstance(exc, (ConfigError, DataError, AdapterLoadError)):
+        return True
+    if not isinstance(exc, (ValueError, KeyError, OSError)):
+        return False
+    import os
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package)
+
+
+def _message(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split("\n")) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv).parse_args(argv)
 
 def _train(args) -> int:
     from .train import load_recipe, train
 
     cfg = load_recipe(args.recipe, args.overrides)
-    metrics = train(cfg, overwrite=args.overwrite, resume=args.resume)
+    metrics = train(cfg, overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed)
     main_key = next((k for k in ("eval_accuracy", "eval_f1", "eval_rougeL", "eval_loss") if k in metrics), None)
     if main_key and f"{main_key}_before" in metrics:
         print(f"{main_key}: {metrics[main_key + '_before']:.4f} before training -> {metrics[main_key]:.4f} after")
@@ -126,7 +172,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .train import evaluate
 
-    print(json.dumps(evaluate(args.adapter, args.data, args.overrides), sort_keys=True))
+    print(json.dumps(evaluate(args.adapter, args.data, args.overrides, args.trust_remote_code), sort_keys=True))
     return 0
 
 
@@ -135,7 +181,9 @@ def _generate(args) -> int:
 
     from .train.run import load_adapter_model
 
-    model, tok = load_adapter_model(args.adapter, args.model, merged=args.merged)
+    model, tok = load_adapter_model(
+        args.adapter, args.model, merged=args.merged, trust_remote_code=args.trust_remote_code
+    )
     model.eval()
     enc = tok(args.prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
@@ -155,9 +203,13 @@ def _generate(args) -> int:
 def _merge(args) -> int:
     from .train.run import load_adapter_model
 
-    model, tok = load_adapter_model(args.adapter, args.model, merged=True)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    with staging_folder(args.out, args.overwrite) as staging:  # refuses a folder with files unless --overwrite
+        model, tok = load_adapter_model(
+            args.adapter, args.model, merged=True, trust_remote_code=args.trust_remote_code
+        )
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        publish_folder(staging, args.out)
     print(f"merged model written to {args.out} (loads with plain transformers)")
     return 0
 
@@ -165,6 +217,7 @@ def _merge(args) -> int:
 def _info(args) -> int:
     from .info import describe
 
+    from .train.runfolder import publish_folder, staging_folder
     print(describe(args.model, args.task))
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import re
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,42 @@ def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | No
         return path
     try:
         from huggingface_hub import hf_hub_download
+# An adapter name becomes a folder name (save_pretrained writes every adapter but "default" to <folder>/<name>) and a
+# key of the nn.ModuleDicts inside the layers, which refuse "." in keys. So: letters, digits, "-" and "_", 1-64 of
+# them. No "/", "\\", "..", absolute paths or empty names, and no dot at all (the issue's rule allows inner dots, but
+# torch's ModuleDict does not, and one rule for names everywhere is worth more than the dot).
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_adapter_name(name: object) -> str:
+    """``name`` if it is a valid adapter name (letters, digits, ``-``, ``_``; 1-64 characters), else ValueError.
+
+    Every place where an adapter name becomes a path or a module key calls this before anything is written.
+    """
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_' "
+            "(names become folder names, so no '/', '.', spaces or absolute paths)"
+        )
+    return name
+
+
+def adapter_folder(root: str | os.PathLike[str], name: str) -> str:
+    """The folder adapter ``name`` is saved to under ``root``: ``root`` itself for "default", else ``root/name``.
+
+    The name is checked, and the resolved path must lie inside ``root`` (a symlink named like the adapter that
+    points elsewhere is refused too).
+    """
+    root = os.fspath(root)
+    if name == "default":
+        return root
+    folder = os.path.join(root, check_adapter_name(name))
+    real_root, real = os.path.realpath(root), os.path.realpath(folder)
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise ValueError(f"adapter {name!r} would be written to {real}, outside {real_root}")
+    return folder
+
+
 
         return hf_hub_download(os.fspath(model_id), filename, subfolder=subfolder, revision=revision)
     except Exception as exc:  # offline, unknown repo, missing file: one clear message
@@ -51,6 +88,8 @@ def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | No
             f"{model_id!r} is not a local folder and {filename} could not be fetched from the hub ({type(exc).__name__})"
         ) from None
 
+        # mkstemp creates 0600; give the file the mode every other file of the folder gets (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
 
 def read_weights(
     model_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, allow_pickle: bool
@@ -58,6 +97,12 @@ def read_weights(
     """An adapter's tensors and the file they came from: safetensors, or a pickle only with ``allow_pickle``."""
     try:
         path = resolve(model_id, WEIGHTS_NAME, subfolder, revision)
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
     except FileNotFoundError:
         try:
             path = resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision)

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import loss, registry
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
-from .files import AdapterLoadError, atomic_write, read_weights, resolve
+from .files import AdapterLoadError, adapter_folder, atomic_write, check_adapter_name, read_weights, resolve
 from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, checkpointing, logical_numel, set_submodule
 
 _PREFIX = "base_model.model."
@@ -210,10 +210,9 @@ class DeltaModel(nn.Module):
         """
         if not isinstance(config, DeltaConfig):
             raise TypeError(f"config must be a DeltaConfig (e.g. deltatune.LoraConfig), got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
-            raise ValueError(
-                f"adapter name must be a non-empty string without '.', and not {BASE_ROW!r}, got {adapter_name!r}"
-            )
+        check_adapter_name(adapter_name)
+        if adapter_name == BASE_ROW:
+            raise ValueError(f"adapter name {BASE_ROW!r} is reserved for base-model rows in mixed batches")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
         method = registry.get(config.method)
@@ -318,6 +317,7 @@ class DeltaModel(nn.Module):
             ConfigError: they are not bottleneck adapters, or do not sit at the same sub-layers.
         """
         self._check_names(list(adapter_names))
+        check_adapter_name(name)
         self.add_adapter(name, registry.get("fusion").config_class(adapter_names=list(adapter_names), **config))
         self.set_adapter(name)
 
@@ -532,8 +532,9 @@ class DeltaModel(nn.Module):
         self._check_names(names)
         from safetensors.torch import save_file
 
+        folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
         for name in names:
-            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            folder = folders[name]
             os.makedirs(folder, exist_ok=True)
             tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.adapter_state_dict(name).items()}
             config = self.peft_config[name].replace(inference_mode=True)
@@ -569,6 +570,7 @@ class DeltaModel(nn.Module):
             FileNotFoundError: no adapter there.
             AdapterLoadError: a file is truncated or corrupt, or the adapter does not fit this model.
         """
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
         config_file = resolve(model_id, CONFIG_NAME, subfolder, revision)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -18,21 +19,18 @@ from ..config import ConfigError
 from ..model import DeltaModel, get_delta_model
 from . import report
 from .config import RunConfig, build
-from .models import TASK_OF_STAGE, load_model, load_tokenizer
+from .models import IMAGE_STAGES, TASK_OF_STAGE, load_model, load_processor
+from .runfolder import Replacement, RunLock, check_output_path, recipe_changes, resume_checkpoint, started_callback
 from .stages import STAGES, Prepared, generation_metrics, perplexity
 
 RUN_FILE = "run.yaml"
 
 
-def _check_output(out: str, overwrite: bool, resume: bool) -> str | None:
-    """Refuse to mix runs in one folder; returns the checkpoint to resume from."""
+def _check_output(out: str, overwrite: bool, resume: bool) -> tuple[str | None, list[str]]:
+    """Refuse to mix runs in one folder; returns the checkpoint to resume from and notes on skipped ones.
+    Nothing is removed here: ``--overwrite`` moves the old run aside only once the new one is ready to start."""
     if resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(out) if os.path.isdir(out) else None
-        if last is None:
-            raise ConfigError(f"--resume: {out!r} holds no checkpoint to resume from")
-        return last
+        return resume_checkpoint(out)
     if os.path.isdir(out) and os.listdir(out):
         if not os.path.isfile(os.path.join(out, RUN_FILE)):
             raise ConfigError(
@@ -44,8 +42,7 @@ def _check_output(out: str, overwrite: bool, resume: bool) -> str | None:
                 f"output folder {out!r} already holds files (another run?); pass --overwrite to "
                 "replace it or --resume to continue it"
             )
-        shutil.rmtree(out)
-    return None
+    return None, []
 
 
 def _precision(cfg: RunConfig) -> dict[str, bool]:
@@ -118,7 +115,7 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
         num_labels,
         dict(enumerate(labels)) if labels else None,
         cfg.model.trust_remote_code,
-        tok.pad_token_id,
+        getattr(tok, "pad_token_id", None),  # an image processor has none
     )
     if cfg.model.quantization:
         from .. import quantize
@@ -136,32 +133,63 @@ def _prepare(cfg: RunConfig, tok) -> Prepared:
     return STAGES[cfg.stage](cfg, tok)
 
 
-def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, overwrite: bool = False, resume: bool = False, resume_changed: bool = False
+) -> dict[str, Any]:
     """Run the recipe; returns the final metrics (also written to ``<output.dir>/metrics.json``).
 
+    One run per output folder at a time (a lock beside it). With ``overwrite`` the previous run is moved aside
+    only after the recipe, data, model and method were all checked, deleted once the new run made its first
+    step, and put back if the new run fails before that. With ``resume`` a finished run is refused, and so is a
+    recipe that differs from the run's in anything that matters, unless ``resume_changed``.
+
     Raises:
-        ConfigError: a bad recipe, or an output folder that holds another run.
+        ConfigError: a bad recipe, an output folder that holds another run or is in use, or a refused resume.
         DataError: bad data (file, line and column named).
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
+    out = cfg.output.dir
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output.dir and --overwrite replaces it: pass one, not both")
+    check_output_path(out)
+    lock = RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else None  # one lock per run, not per rank
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(cfg, overwrite, resume, resume_changed)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) -> dict[str, Any]:
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
     from .trainer import DeltaTrainer, ProgressBar, callbacks
 
     out = cfg.output.dir
-    checkpoint = _check_output(out, overwrite, resume)
+    checkpoint, resume_notes = _check_output(out, overwrite, resume)
     set_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code)
     prepared = _prepare(cfg, tok)
     if prepared.labels:
         cfg.data.labels = prepared.labels
     model = build_model(cfg, tok, prepared.labels)
-    delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]))
+    # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
+    delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]), fused_loss=True)
     if cfg.data.packing:
         _check_packing(delta)
+    recipe = _recipe_dict(cfg)
+    write_recipe = True
+    if resume:
+        write_recipe = _check_resume_recipe(out, recipe, resume_changed)
+        for note in resume_notes:
+            print(f"deltatune: --resume: {note}", file=sys.stderr)
+        prepared.notes = [*prepared.notes, *(f"resume: {n}" for n in resume_notes)]
+    replacement = Replacement(out, overwrite)
     if prepared.loop is not None:
-        return _run_loop(cfg, prepared, delta, tok)
+        return _run_loop(cfg, prepared, delta, tok, replacement)
     args = _training_args(cfg, prepared, out)
     trainer = (prepared.trainer_class or DeltaTrainer)(
         model=delta,
@@ -178,13 +206,18 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict
     trainer.model_accepts_loss_kwargs = prepared.loss_only
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar)
-    os.makedirs(out, exist_ok=True)
-    recipe = _recipe_dict(cfg)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(recipe, fh, sort_keys=False)
+    trainer.add_callback(started_callback(replacement))
+    # Everything is checked: from here on the folder changes (the old run moved aside, the new one written).
+    replacement.begin()
     try:
+        if trainer.is_world_process_zero() and write_recipe:
+            with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
+                yaml.safe_dump(recipe, fh, sort_keys=False)
         result = trainer.train(resume_from_checkpoint=checkpoint)
+        replacement.started()  # a run of zero steps has started too
+    except BaseException:
+        replacement.failed()  # before the first step: the folder as it was
+        raise
     finally:  # a run stopped by an error (a NaN loss) leaves no half-drawn progress bar behind
         for cb in trainer.callback_handler.callbacks:
             if isinstance(cb, ProgressBar) and cb.training_bar is not None:
@@ -206,14 +239,40 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict
     return metrics
 
 
-def _run_loop(cfg: RunConfig, prepared: Prepared, delta: DeltaModel, tok) -> dict[str, Any]:
+def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool) -> bool:
+    """Refuse a resume whose recipe differs from the run's in what matters; True when run.yaml is to be rewritten
+    (the changes were accepted with ``resume_changed``)."""
+    path = os.path.join(out, RUN_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--resume: {path} cannot be read ({type(exc).__name__}); the run cannot be compared") from None
+    changes = recipe_changes(old, recipe)
+    if changes and not resume_changed:
+        raise ConfigError(
+            f"--resume: the recipe differs from the run in {out!r} in {'; '.join(changes)}; "
+            "pass --resume-changed to continue with the new values"
+        )
+    return bool(changes)
+
+
+def _run_loop(
+    cfg: RunConfig, prepared: Prepared, delta: DeltaModel, tok, replacement: Replacement | None = None
+) -> dict[str, Any]:
     """A stage with its own training loop (no HF Trainer, no checkpoints): run it, then save and report."""
     out = cfg.output.dir
-    os.makedirs(out, exist_ok=True)
+    replacement = replacement or Replacement(out, False)
+    replacement.begin()
     recipe = _recipe_dict(cfg)
-    with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
-        yaml.safe_dump(recipe, fh, sort_keys=False)
-    metrics, history = prepared.loop(delta, tok, cfg)
+    try:
+        with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
+            yaml.safe_dump(recipe, fh, sort_keys=False)
+        metrics, history = prepared.loop(delta, tok, cfg)
+        replacement.started()
+    except BaseException:
+        replacement.failed()
+        raise
     delta.save_pretrained(out)
     tok.save_pretrained(out)
     report.write(out, recipe, metrics, history, prepared.notes, prepared.metric)
@@ -261,9 +320,25 @@ def _check_packing(model: DeltaModel) -> None:
         )
 
 
-def evaluate(run_dir: str, data: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def _untrusted(raw: Any, where: str) -> dict[str, Any]:
+    """A run folder's recipe with ``model.trust_remote_code`` dropped: a folder someone sends you must never make
+    transformers run the model repo's Python code; only the command line (``--trust-remote-code``) may."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} is not a recipe (a YAML mapping)")
+    raw = dict(raw)
+    if isinstance(raw.get("model"), dict):
+        raw["model"] = {k: v for k, v in raw["model"].items() if k != "trust_remote_code"}
+    return raw
+
+
+def evaluate(
+    run_dir: str, data: str | None = None, overrides: list[str] | None = None, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Evaluate a finished run's adapter (``run_dir`` as written by ``train``) on ``data`` (default: the
-    recipe's eval file). Returns the same metrics keys as training."""
+    recipe's eval file). Returns the same metrics keys as training.
+
+    ``model.trust_remote_code`` in the run's run.yaml is ignored; remote model code runs only when the caller
+    passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``)."""
     from transformers import Trainer, TrainingArguments
 
     from .config import apply_overrides
@@ -272,14 +347,18 @@ def evaluate(run_dir: str, data: str | None = None, overrides: list[str] | None 
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir!r} holds no {RUN_FILE}; give a folder written by 'deltatune train'")
     with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
+        raw = _untrusted(yaml.safe_load(fh), path)
     if data:
-        raw["data"]["eval"] = data
+        raw["data"] = {**(raw.get("data") or {}), "eval": data}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
+    cfg.model.trust_remote_code = trust_remote_code
     if not cfg.data.eval:
         raise ConfigError("no evaluation data: pass --data FILE")
-    tok = load_tokenizer(
-        run_dir if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")) else cfg.model.name_or_path
+    saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
+    tok = load_processor(
+        run_dir if os.path.isfile(os.path.join(run_dir, saved)) else cfg.model.name_or_path,
+        cfg.stage,
+        trust_remote_code,
     )
     eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
     prepared = _prepare(eval_cfg, tok)
@@ -314,32 +393,40 @@ def evaluate(run_dir: str, data: str | None = None, overrides: list[str] | None 
     return metrics
 
 
-def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool = False):
+def load_adapter_model(
+    adapter_dir: str, model: str | None = None, merged: bool = False, trust_remote_code: bool = False
+):
     """Base model + the adapter saved in ``adapter_dir`` (a run folder or a plain adapter folder), and its
     tokenizer. The base comes from ``model``, else the run's recipe, else the adapter config's
-    ``base_model_name_or_path``. With ``merged`` the adapter is folded in and a plain model returned."""
-    from ..config import DeltaConfig
+    ``base_model_name_or_path``. With ``merged`` the adapter is folded in and a plain model returned.
 
-    config = DeltaConfig.from_pretrained(adapter_dir)
+    Remote model code runs only with ``trust_remote_code=True`` from the caller; a run folder's run.yaml saying
+    ``trust_remote_code: true`` is ignored (a folder someone sends you must not run code)."""
+    from ..registry import from_pretrained
+
+    config = from_pretrained(adapter_dir)
     run_file = os.path.join(adapter_dir, RUN_FILE)
     labels, num_labels = None, None
     if os.path.isfile(run_file):
         with open(run_file, encoding="utf-8") as fh:
-            cfg = build(yaml.safe_load(fh), where=run_file)
+            cfg = build(_untrusted(yaml.safe_load(fh), run_file), where=run_file)
         name, task, labels = model or cfg.model.name_or_path, TASK_OF_STAGE[cfg.stage], cfg.data.labels
         num_labels = cfg.model.num_labels
     else:
         name, task = model or config.base_model_name_or_path, config.task_type or "CAUSAL_LM"
     if not name:
         raise ConfigError(f"{adapter_dir!r} does not say which base model it was trained on; pass --model")
-    has_tok = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
-    tok = load_tokenizer(adapter_dir if has_tok else name)
+    stage = cfg.stage if os.path.isfile(run_file) else "sft"
+    saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
+    has_tok = os.path.isfile(os.path.join(adapter_dir, saved))
+    tok = load_processor(adapter_dir if has_tok else name, stage, trust_remote_code)
     base = load_model(
         name,
         task,
         num_labels=num_labels or (len(labels) if labels else None),
         id2label=dict(enumerate(labels)) if labels else None,
-        pad_token_id=tok.pad_token_id,
+        trust_remote_code=trust_remote_code,
+        pad_token_id=getattr(tok, "pad_token_id", None),
     )
     delta = DeltaModel.from_pretrained(base, adapter_dir)
     return (delta.merge_and_unload() if merged else delta), tok

@@ -1,0 +1,345 @@
+"""Run folders that lose nothing: one run per folder at a time, replaced only once the new run has started,
+resumed only when that is what the user meant, and folders published whole (staging + rename).
+
+- ``RunLock``: ``<parent>/.<name>.lock``, created with ``O_CREAT | O_EXCL`` (atomic: of two runs started on one
+  folder at the same instant exactly one gets it), holding the pid and host. A lock whose process is gone (same
+  host) is stale and taken over; one from another host is never guessed about.
+- ``Replacement``: ``--overwrite`` moves the old run aside (a rename) only after everything was validated, and
+  deletes it once the new run has made its first step; if the new run fails before that, the old one is put back.
+- ``resume_checkpoint`` / ``recipe_changes``: the ``--resume`` rules (a finished run is not resumed; a changed
+  recipe is refused with its differences; an unreadable newest checkpoint falls back to the newest readable one).
+- ``staging_folder`` / ``publish_folder``: write a folder next to its destination and rename it into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+from ..config import ConfigError
+
+FINISHED_FILE = "metrics.json"  # written last by a run that completed
+
+
+def _sibling(folder: str, tag: str) -> str:
+    """A hidden path beside ``folder``: ``<parent>/.<name>.<tag>`` (outside it, so moving the folder keeps it)."""
+    folder = os.path.abspath(folder)
+    parent, name = os.path.split(folder.rstrip(os.sep))
+    return os.path.join(parent, f".{name}.{tag}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive claim on an output folder for one run (a context manager).
+
+    Args:
+        folder: the run's output folder (it need not exist yet).
+
+    Raises:
+        ConfigError: another live run holds the folder (its pid and host named), or the lock cannot be created.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.path = _sibling(folder, "lock")
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        parent = os.path.dirname(self.path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"output.dir {self.folder!r}: cannot create {parent!r} ({exc.strerror})") from None
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        for _ in range(3):  # a stale lock is removed, then the creation is tried again
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._break_if_stale()
+                continue
+            except OSError as exc:
+                raise ConfigError(
+                    f"output.dir {self.folder!r}: cannot create {self.path!r} ({exc.strerror})"
+                ) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(me)
+            self.held = True
+            return self
+        raise ConfigError(f"output.dir {self.folder!r} is locked by {self.path} and the lock could not be taken")
+
+    def _break_if_stale(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                owner = json.loads(fh.read() or "{}")
+        except FileNotFoundError:
+            return  # released meanwhile
+        except (OSError, ValueError):
+            owner = {}
+        pid, host = owner.get("pid"), owner.get("host")
+        if not isinstance(pid, int):
+            # Half-written by a run that is creating it this very moment, or garbage: give it a moment.
+            time.sleep(0.2)
+            with contextlib.suppress(OSError, ValueError), open(self.path, encoding="utf-8") as fh:
+                owner = json.loads(fh.read() or "{}")
+            pid, host = owner.get("pid"), owner.get("host")
+            if not isinstance(pid, int):
+                raise ConfigError(
+                    f"output.dir {self.folder!r} is locked by {self.path}, which does not name its run; "
+                    "delete that file if no run is writing there"
+                )
+        if host == socket.gethostname() and not _alive(pid):
+            with contextlib.suppress(FileNotFoundError):  # another process broke it first: fine
+                os.remove(self.path)
+            return
+        where = "this host" if host == socket.gethostname() else f"host {host}"
+        raise ConfigError(
+            f"output.dir {self.folder!r} is in use by another run (pid {pid} on {where}); wait for it, choose "
+            f"another output.dir, or delete {self.path} if that run is gone"
+        )
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def check_output_path(folder: str) -> None:
+    """``output.dir`` must be a folder (or not exist yet); a file there is named instead of a traceback later."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"output.dir {folder!r} is a file, not a folder; choose another output.dir")
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"output.dir {folder!r}: {parent!r} is a file, not a folder")
+
+
+class Replacement:
+    """The life of a run folder while a new run takes it over.
+
+    ``begin()`` (after every check passed): the old run, if any, is renamed aside; the folder is created.
+    ``started()`` (the new run made its first step): the old run is deleted.
+    ``failed()``: before ``started``, the new run's partial folder is deleted and the old run put back, so the
+    folder is as it was; after ``started``, the new run's checkpoints stay.
+    """
+
+    def __init__(self, folder: str, replace: bool) -> None:
+        self.folder = folder
+        self.replace = replace and os.path.isdir(folder)
+        self.existed = os.path.isdir(folder)
+        self.aside = _sibling(folder, f"replaced-{os.getpid()}")
+        self.is_started = False
+
+    def begin(self) -> None:
+        if self.replace:
+            os.rename(self.folder, self.aside)
+        os.makedirs(self.folder, exist_ok=True)
+
+    def started(self) -> None:
+        if not self.is_started:
+            self.is_started = True
+            if self.replace:
+                shutil.rmtree(self.aside, ignore_errors=True)
+
+    def failed(self) -> None:
+        if self.is_started:
+            return
+        if self.replace:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.rename(self.aside, self.folder)
+        elif not self.existed:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def started_callback(replacement: Replacement):
+    """A TrainerCallback telling ``replacement`` when the first optimizer step is done."""
+    from transformers import TrainerCallback
+
+    class _Started(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            replacement.started()
+
+    return _Started()
+
+
+# -- resume ----------------------------------------------------------------------------------------------------
+
+
+def readable(checkpoint: str) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None when every file in it reads.
+
+    Checks without unpickling anything: JSON parses, safetensors headers and sizes agree, and torch's zip
+    files (optimizer.pt, scheduler.pt, rng_state.pth) pass their CRC check.
+    """
+    from safetensors import safe_open
+
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        return "no trainer_state.json"
+    for root, _, files in os.walk(checkpoint):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if name.endswith(".json"):
+                    with open(path, encoding="utf-8") as fh:
+                        json.load(fh)
+                elif name.endswith(".safetensors"):
+                    with safe_open(path, "pt") as fh:
+                        for key in fh.keys():  # noqa: SIM118  (safe_open is not a dict)
+                            fh.get_slice(key)
+                    _check_safetensors_size(path)
+                elif name.endswith((".pt", ".pth", ".bin")):
+                    with zipfile.ZipFile(path) as zf:
+                        bad = zf.testzip()
+                    if bad is not None:
+                        return f"{os.path.relpath(path, checkpoint)} is corrupt (member {bad})"
+            except Exception as exc:  # any failure to read is "unreadable", named
+                return f"{os.path.relpath(path, checkpoint)} does not read ({type(exc).__name__})"
+    return None
+
+
+def _check_safetensors_size(path: str) -> None:
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if os.path.getsize(path) != 8 + n + end:
+        raise ValueError("size does not match its header (truncated?)")
+
+
+def resume_checkpoint(folder: str) -> tuple[str, list[str]]:
+    """The checkpoint to resume ``folder`` from, and notes for the user (a skipped unreadable checkpoint).
+
+    Raises:
+        ConfigError: no run there, the run is finished, or no checkpoint reads.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--resume: {folder!r} does not exist; there is no run to continue")
+    if os.path.isfile(os.path.join(folder, FINISHED_FILE)):
+        raise ConfigError(
+            f"--resume: the run in {folder!r} is finished ({FINISHED_FILE} written); nothing to resume. "
+            "Raise train.max_steps in a new output.dir, or --overwrite to train again"
+        )
+    found = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        step = name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdigit() and os.path.isdir(path):
+            found.append((int(step), path))
+    if not found:
+        raise ConfigError(f"--resume: {folder!r} holds no checkpoint to resume from")
+    notes = []
+    for _, path in sorted(found, reverse=True):
+        why = readable(path)
+        if why is None:
+            return path, notes
+        notes.append(f"{os.path.basename(path)} is unreadable ({why}); skipped")
+    raise ConfigError(f"--resume: no checkpoint in {folder!r} reads: {'; '.join(notes)}")
+
+
+# Keys whose change does not change what a resumed run computes (when to log, evaluate, save; how far to go).
+HARMLESS = {
+    "train.max_steps",
+    "train.epochs",
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.report_to",
+    "train.num_workers",
+    "train.eval_batch_size",
+    "train.eval_on_start",
+    "data.eval",
+    "output.dir",
+}
+
+
+def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (one level: a dict value such as model.quantization is
+    compared whole)."""
+    out: dict[str, Any] = {}
+    for section, value in recipe.items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            out[section] = value
+    return out
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``section.key: old -> new`` for every key that differs and matters (not in ``HARMLESS``).
+
+    ``data.labels`` is compared only when both sides name them (a run records the labels it derived).
+    """
+    a, b = _flat(old or {}), _flat(new or {})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in HARMLESS:
+            continue
+        x, y = a.get(key), b.get(key)
+        if key == "data.labels" and (x is None or y is None):
+            continue
+        if x != y:
+            out.append(f"{key}: {x!r} -> {y!r}")
+    return out
+
+
+# -- staging -----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staging_folder(out: str, overwrite: bool) -> Iterator[str]:
+    """A fresh hidden folder beside ``out`` to write into; removed whatever happens, unless published.
+
+    Raises:
+        ConfigError: ``out`` is a file, or a folder holding files and ``overwrite`` is not set.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ConfigError(f"--out {out!r} already holds files; pass --overwrite to replace them, or choose another")
+    staging = _sibling(out, f"staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_folder(staging: str, out: str) -> None:
+    """Move the finished ``staging`` folder to ``out``, replacing what ``out`` held only at this moment."""
+    aside = _sibling(out, f"old-{os.getpid()}")
+    if os.path.isdir(out):
+        os.rename(out, aside)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        if os.path.isdir(aside):
+            os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
