@@ -99,6 +99,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     b.add_argument("--out", help="also write the markdown report to this file")
     b.add_argument("--json", help="write every process's raw results to this JSON file")
     b.set_defaults(argv=list(argv))  # the exact command line, for the report
+    for command in sub.choices.values():  # --debug after the command too (SUPPRESS: the top-level value stands)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -117,21 +119,6 @@ def _is_ours(exc: BaseException) -> bool:
     raised deeper, in torch or transformers, is a bug to show in full."""
     from .config import ConfigError
     from .data.load import DataError
-
-    try:
-        return _COMMANDS[args.command](args)
-    for command in sub.choices.values():  # --debug after the command too (SUPPRESS: the top-level value stands)
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    except Exception as exc:  # deltatune's own refusals become one line (exit 2); --debug shows the traceback
-        if args.debug:
-            raise
-        if type(exc).__name__ == "NonFiniteLossError":
-            print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
-            return 1
-        if not _is_ours(exc):
-            raise
-        print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
-        return 2
     from .files import AdapterLoadError
 
     if isinstance(exc, (ConfigError, DataError, AdapterLoadError)):
@@ -155,6 +142,19 @@ def _message(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(argv).parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except Exception as exc:  # deltatune's own refusals become one line (exit 2); --debug shows the traceback
+        if args.debug:
+            raise
+        if type(exc).__name__ == "NonFiniteLossError":
+            print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
+            return 1
+        if not _is_ours(exc):
+            raise
+        print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 2
+
 
 def _train(args) -> int:
     from .train import load_recipe, train
@@ -202,6 +202,7 @@ def _generate(args) -> int:
 
 def _merge(args) -> int:
     from .train.run import load_adapter_model
+    from .train.runfolder import publish_folder, staging_folder
 
     with staging_folder(args.out, args.overwrite) as staging:  # refuses a folder with files unless --overwrite
         model, tok = load_adapter_model(
@@ -217,7 +218,6 @@ def _merge(args) -> int:
 def _info(args) -> int:
     from .info import describe
 
-    from .train.runfolder import publish_folder, staging_folder
     print(describe(args.model, args.task))
     return 0
 

@@ -8,8 +8,8 @@ naming the file, never a traceback from deep inside safetensors.
 from __future__ import annotations
 
 import os
-import tempfile
 import re
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -21,30 +21,6 @@ class AdapterLoadError(ValueError):
     """An adapter file is missing, corrupt, or does not fit the base model. Nothing was changed."""
 
 
-def atomic_write(path: str, write: Callable[[str], object]) -> None:
-    """Write ``path`` through ``write(tmp)`` into a temporary file beside it, then rename: never half-written."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | None, revision: str | None) -> str:
-    """A local file path for ``filename`` in a folder or (when reachable) a hub repo."""
-    folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
-    if os.path.isdir(os.fspath(model_id)):
-        path = os.path.join(folder, filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {filename} in {folder!r}")
-        return path
-    try:
-        from huggingface_hub import hf_hub_download
 # An adapter name becomes a folder name (save_pretrained writes every adapter but "default" to <folder>/<name>) and a
 # key of the nn.ModuleDicts inside the layers, which refuse "." in keys. So: letters, digits, "-" and "_", 1-64 of
 # them. No "/", "\\", "..", absolute paths or empty names, and no dot at all (the issue's rule allows inner dots, but
@@ -81,6 +57,38 @@ def adapter_folder(root: str | os.PathLike[str], name: str) -> str:
     return folder
 
 
+def atomic_write(path: str, write: Callable[[str], object]) -> None:
+    """Write ``path`` through ``write(tmp)`` into a temporary file beside it, then rename: never half-written."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp creates 0600; give the file the mode every other file of the folder gets (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | None, revision: str | None) -> str:
+    """A local file path for ``filename`` in a folder or (when reachable) a hub repo."""
+    folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+    if os.path.isdir(os.fspath(model_id)):
+        path = os.path.join(folder, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {filename} in {folder!r}")
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
 
         return hf_hub_download(os.fspath(model_id), filename, subfolder=subfolder, revision=revision)
     except Exception as exc:  # offline, unknown repo, missing file: one clear message
@@ -88,8 +96,6 @@ def adapter_folder(root: str | os.PathLike[str], name: str) -> str:
             f"{model_id!r} is not a local folder and {filename} could not be fetched from the hub ({type(exc).__name__})"
         ) from None
 
-        # mkstemp creates 0600; give the file the mode every other file of the folder gets (0666 less the umask).
-        os.chmod(tmp, 0o666 & ~_umask())
 
 def read_weights(
     model_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, allow_pickle: bool
@@ -97,12 +103,6 @@ def read_weights(
     """An adapter's tensors and the file they came from: safetensors, or a pickle only with ``allow_pickle``."""
     try:
         path = resolve(model_id, WEIGHTS_NAME, subfolder, revision)
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
     except FileNotFoundError:
         try:
             path = resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision)

@@ -19,7 +19,7 @@ from ..config import ConfigError
 from ..model import DeltaModel, get_delta_model
 from . import report
 from .config import RunConfig, build
-from .models import IMAGE_STAGES, TASK_OF_STAGE, load_model, load_processor
+from .models import TASK_OF_STAGE, load_model, load_tokenizer
 from .runfolder import Replacement, RunLock, check_output_path, recipe_changes, resume_checkpoint, started_callback
 from .stages import STAGES, Prepared, generation_metrics, perplexity
 
@@ -115,7 +115,7 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
         num_labels,
         dict(enumerate(labels)) if labels else None,
         cfg.model.trust_remote_code,
-        getattr(tok, "pad_token_id", None),  # an image processor has none
+        tok.pad_token_id,
     )
     if cfg.model.quantization:
         from .. import quantize
@@ -171,13 +171,12 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     out = cfg.output.dir
     checkpoint, resume_notes = _check_output(out, overwrite, resume)
     set_seed(cfg.train.seed)
-    tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code)
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     prepared = _prepare(cfg, tok)
     if prepared.labels:
         cfg.data.labels = prepared.labels
     model = build_model(cfg, tok, prepared.labels)
-    # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
-    delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]), fused_loss=True)
+    delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]))
     if cfg.data.packing:
         _check_packing(delta)
     recipe = _recipe_dict(cfg)
@@ -247,7 +246,9 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
         with open(path, encoding="utf-8") as fh:
             old = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--resume: {path} cannot be read ({type(exc).__name__}); the run cannot be compared") from None
+        raise ConfigError(
+            f"--resume: {path} cannot be read ({type(exc).__name__}); the run cannot be compared"
+        ) from None
     changes = recipe_changes(old, recipe)
     if changes and not resume_changed:
         raise ConfigError(
@@ -354,10 +355,8 @@ def evaluate(
     cfg.model.trust_remote_code = trust_remote_code
     if not cfg.data.eval:
         raise ConfigError("no evaluation data: pass --data FILE")
-    saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
-    tok = load_processor(
-        run_dir if os.path.isfile(os.path.join(run_dir, saved)) else cfg.model.name_or_path,
-        cfg.stage,
+    tok = load_tokenizer(
+        run_dir if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")) else cfg.model.name_or_path,
         trust_remote_code,
     )
     eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
@@ -402,9 +401,9 @@ def load_adapter_model(
 
     Remote model code runs only with ``trust_remote_code=True`` from the caller; a run folder's run.yaml saying
     ``trust_remote_code: true`` is ignored (a folder someone sends you must not run code)."""
-    from ..registry import from_pretrained
+    from ..config import DeltaConfig
 
-    config = from_pretrained(adapter_dir)
+    config = DeltaConfig.from_pretrained(adapter_dir)
     run_file = os.path.join(adapter_dir, RUN_FILE)
     labels, num_labels = None, None
     if os.path.isfile(run_file):
@@ -416,17 +415,15 @@ def load_adapter_model(
         name, task = model or config.base_model_name_or_path, config.task_type or "CAUSAL_LM"
     if not name:
         raise ConfigError(f"{adapter_dir!r} does not say which base model it was trained on; pass --model")
-    stage = cfg.stage if os.path.isfile(run_file) else "sft"
-    saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
-    has_tok = os.path.isfile(os.path.join(adapter_dir, saved))
-    tok = load_processor(adapter_dir if has_tok else name, stage, trust_remote_code)
+    has_tok = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
+    tok = load_tokenizer(adapter_dir if has_tok else name, trust_remote_code)
     base = load_model(
         name,
         task,
         num_labels=num_labels or (len(labels) if labels else None),
         id2label=dict(enumerate(labels)) if labels else None,
         trust_remote_code=trust_remote_code,
-        pad_token_id=getattr(tok, "pad_token_id", None),
+        pad_token_id=tok.pad_token_id,
     )
     delta = DeltaModel.from_pretrained(base, adapter_dir)
     return (delta.merge_and_unload() if merged else delta), tok
