@@ -6,6 +6,7 @@ The trainer never asks which method is active: it saves and loads through ``Delt
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -123,9 +124,32 @@ class KillAfterSave(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+LOG_FILE = "log_history.jsonl"
+"""The run's log history, one JSON object per Trainer log (loss, eval metrics) as it happens: the board's live
+curves read it while the run trains."""
+
+
+class LogFile(TrainerCallback):
+    """Append every log of the Trainer (its ``log_history`` entry, with the step) to ``<output_dir>/LOG_FILE``.
+
+    A fresh run starts the file anew; a resumed run appends. Each line is written and flushed whole, so a reader
+    sees at worst a partial last line (which it skips)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step == 0:
+            os.makedirs(args.output_dir, exist_ok=True)
+            open(os.path.join(args.output_dir, LOG_FILE), "w").close()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            line = json.dumps({**logs, "step": state.global_step}, default=float)
+            with open(os.path.join(args.output_dir, LOG_FILE), "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+
 def callbacks() -> list[TrainerCallback]:
     step = os.environ.get("DELTATUNE_TEST_KILL_AFTER_STEP")
-    return [KillAfterSave(int(step))] if step else []
+    return [LogFile(), *([KillAfterSave(int(step))] if step else [])]
 
 
 def finite(x: float) -> bool:

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import Server
+from serving import Server
 
 openai = pytest.importorskip("openai")
 

@@ -1,0 +1,125 @@
+"""``deltatune board``: a web page over a runs folder (run list, live curves, compare, playground).
+
+The page is three static files shipped in ``deltatune/board/static`` (no CDN, no build step); it polls a small
+JSON API. Routes: ``/`` and ``/static/<file>`` (the page), ``/api/runs`` (the run list), ``/api/run?name=...``
+(one run: recipe, metrics, log history, report), ``/api/config`` (where the playground sends requests), and, when
+a serve process is named, ``/api/serve/v1/...`` forwarded to it (so the page needs no cross-origin calls and the
+API key stays on the server). Needs the ``serve`` extra (FastAPI, uvicorn).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
+
+from . import runs as runs_
+
+STATIC = os.path.join(os.path.dirname(__file__), "static")
+_ASSETS = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+
+def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | None = None, serve_app: Any = None):
+    """The board's FastAPI application over ``runs_dir``.
+
+    Args:
+        runs_dir: the folder holding run folders (``deltatune train`` output dirs).
+        serve_url: a running ``deltatune serve`` (``http://127.0.0.1:8000``) for the playground.
+        serve_key: its API key, sent by the board (never given to the page).
+        serve_app: a serve application to mount in this process at ``/serve`` instead (the board "starts one").
+    """
+    from fastapi import FastAPI
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import FileResponse, JSONResponse, Response
+
+    app = FastAPI(title="deltatune board", docs_url=None, redoc_url=None)
+    root = os.path.abspath(runs_dir)
+    if serve_app is not None:
+        app.mount("/serve", serve_app)
+    playground = "/serve/v1" if serve_app is not None else "/api/serve/v1" if serve_url else None
+
+    def missing(what: str) -> JSONResponse:
+        return JSONResponse({"error": {"message": what, "type": "not_found_error"}}, status_code=404)
+
+    @app.get("/")
+    async def index():
+        return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        if name not in _ASSETS:  # a fixed list: nothing else of the package (or the disk) is served
+            return missing(f"no asset {name!r}")
+        return FileResponse(os.path.join(STATIC, name), media_type=_ASSETS[name])
+
+    @app.get("/api/config")
+    async def config() -> dict:
+        return {"runs_dir": root, "playground": playground}
+
+    @app.get("/api/runs")
+    async def runs() -> dict:
+        return {"runs": await run_in_threadpool(runs_.list_runs, root)}
+
+    @app.get("/api/run")
+    async def run(name: str):
+        data = await run_in_threadpool(runs_.detail, root, name)
+        return data if data is not None else missing(f"no run {name!r} in the runs folder")
+
+    @app.get("/api/file")
+    async def file(run: str, name: str):
+        """A run's picture (``training_curve.png``); only a fixed set of names, only inside the runs folder."""
+        if name not in ("training_curve.png",):
+            return missing(f"no file {name!r} is served")
+        path = runs_.inside(root, run, name)
+        if path is None or runs_.summary(root, run) is None or not os.path.isfile(path):
+            return missing(f"no {name} in run {run!r}")
+        return FileResponse(path, media_type="image/png")
+
+    if serve_url:
+
+        @app.api_route("/api/serve/v1/{path:path}", methods=["GET", "POST"])
+        async def forward(path: str, http: HttpRequest):
+            body = await http.body()
+            status, content = await run_in_threadpool(_forward, serve_url, serve_key, http.method, path, body)
+            return Response(content, status_code=status, media_type="application/json")
+
+    return app
+
+
+def _forward(url: str, key: str | None, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(
+        f"{url.rstrip('/')}/v1/{path}", data=body if method == "POST" else None, method=method, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError as exc:
+        message = {"error": {"message": f"the serve process at {url} does not answer ({exc})", "type": "server_error"}}
+        return 502, json.dumps(message).encode()
+
+
+def board(
+    runs_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    serve_url: str | None = None,
+    serve_key: str | None = None,
+    serve_app: Any = None,
+) -> None:
+    """Run the board with uvicorn until interrupted."""
+    import uvicorn
+
+    from ..config import ConfigError
+
+    if not os.path.isdir(runs_dir):
+        raise ConfigError(f"--runs {runs_dir!r} is not a folder")
+    app = create_app(runs_dir, serve_url, serve_key, serve_app)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

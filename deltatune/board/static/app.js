@@ -1,0 +1,228 @@
+// deltatune board: plain JavaScript, no build step, no network beyond this board's own API.
+// Views (the URL hash): #runs, #run/<name>, #compare/<a>,<b>,..., #play. The current view polls its data
+// every second, so curves grow while a run trains. Text from run folders is only ever set as textContent.
+"use strict";
+
+const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+const POLL_MS = Number(new URLSearchParams(location.search).get("poll")) || 1000;  // ?poll=ms
+let timer = null;
+let selected = new Set();
+let config = { playground: null };
+
+function el(tag, attrs, ...children) {
+  const node = tag === "svg" || ["path", "line", "text", "g", "polyline", "circle"].includes(tag)
+    ? document.createElementNS("http://www.w3.org/2000/svg", tag) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "onclick" || k === "onchange") node[k] = v; else node.setAttribute(k, v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+async function getJSON(url, options) {
+  const resp = await fetch(url, options);
+  const data = await resp.json();
+  if (!resp.ok) throw new Error((data.error && data.error.message) || resp.statusText);
+  return data;
+}
+
+function fmt(v) {
+  if (v === null || v === undefined) return "";
+  if (typeof v === "number") return Number.isInteger(v) ? v.toLocaleString("en") : v.toFixed(4);
+  return String(v);
+}
+
+// -- charts ---------------------------------------------------------------------------------------------
+// series: [{label, points: [[x, y], ...]}]; draws lines on shared axes, as SVG.
+function chart(title, series, id) {
+  const W = 560, H = 260, L = 52, R = 12, T = 22, B = 30;
+  const all = series.flatMap(s => s.points);
+  const svg = el("svg", { width: W, height: H, class: "chart", id: id || "", "data-points": String(all.length) });
+  svg.append(el("text", { x: L, y: 15 }, title));
+  if (!all.length) {
+    svg.append(el("text", { x: W / 2 - 40, y: H / 2 }, "no points yet"));
+    return svg;
+  }
+  let [x0, x1] = [Math.min(...all.map(p => p[0])), Math.max(...all.map(p => p[0]))];
+  let [y0, y1] = [Math.min(...all.map(p => p[1])), Math.max(...all.map(p => p[1]))];
+  if (x1 === x0) x1 = x0 + 1;
+  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
+  const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
+  svg.append(el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" }));
+  svg.append(el("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" }));
+  for (const t of [0, 0.5, 1]) {
+    const y = y0 + t * (y1 - y0), x = x0 + t * (x1 - x0);
+    svg.append(el("text", { x: 2, y: sy(y) + 4 }, y.toPrecision(3)));
+    svg.append(el("text", { x: sx(x) - 8, y: H - 10 }, Math.round(x)));
+  }
+  series.forEach((s, i) => {
+    if (!s.points.length) return;
+    const color = COLORS[i % COLORS.length];
+    const d = s.points.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
+    svg.append(el("polyline", { points: d, fill: "none", stroke: color, "stroke-width": 2, "data-label": s.label }));
+    if (s.points.length < 40) s.points.forEach(p => svg.append(el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color })));
+  });
+  return svg;
+}
+
+function legend(series) {
+  return el("div", { class: "legend" },
+    series.map((s, i) => el("span", {}, el("i", { style: `background:${COLORS[i % COLORS.length]}` }), s.label)));
+}
+
+function seriesOf(history, key) {
+  return history.filter(h => typeof h[key] === "number" && typeof h.step === "number").map(h => [h.step, h[key]]);
+}
+
+function metricKeys(history) {
+  const keys = new Set();
+  for (const h of history) for (const [k, v] of Object.entries(h)) {
+    if (typeof v === "number" && (k.startsWith("eval_") || k === "loss" || k === "reward" || k.endsWith("accuracy"))
+        && !/runtime|per_second|epoch/.test(k)) keys.add(k);
+  }
+  return [...keys];
+}
+
+// -- views ----------------------------------------------------------------------------------------------
+async function viewRuns(view) {
+  const { runs } = await getJSON("/api/runs");
+  const head = ["", "run", "stage", "method", "model", "status", "steps", "trainable params", "headline metrics"];
+  const table = el("table", { id: "runs-table" }, el("tr", {}, head.map(h => el("th", {}, h))));
+  for (const r of runs) {
+    const box = el("input", { type: "checkbox", "data-run": r.name });
+    box.checked = selected.has(r.name);
+    box.onchange = () => { box.checked ? selected.add(r.name) : selected.delete(r.name); };
+    const metrics = Object.entries(r.metrics).map(([k, v]) => `${k} ${fmt(v)}`).join(", ");
+    table.append(el("tr", { "data-run": r.name },
+      el("td", {}, box),
+      el("td", {}, el("a", { href: `#run/${encodeURIComponent(r.name)}` }, r.name)),
+      el("td", {}, r.stage), el("td", {}, r.method), el("td", {}, r.model),
+      el("td", { class: `status-${r.status}` }, r.status),
+      el("td", { class: "num" }, fmt(r.steps)),
+      el("td", { class: "num" }, fmt(r.trainable_params)),
+      el("td", {}, metrics)));
+  }
+  const compare = el("button", { id: "compare-button", onclick: () => {
+    location.hash = "#compare/" + [...selected].map(encodeURIComponent).join(",");
+  } }, "Compare selected");
+  view.replaceChildren(el("h2", {}, `Runs (${runs.length})`), runs.length ? table : el("p", { class: "muted" },
+    "No runs in this folder yet (a run folder holds run.yaml)."), el("p", {}, compare));
+}
+
+async function viewRun(view, name) {
+  const r = await getJSON("/api/run?name=" + encodeURIComponent(name));
+  const loss = [{ label: "train loss", points: seriesOf(r.history, "loss") },
+                { label: "eval loss", points: seriesOf(r.history, "eval_loss") }];
+  const others = metricKeys(r.history).filter(k => k !== "loss" && k !== "eval_loss");
+  const metrics = el("table", { id: "metrics-table" }, el("tr", {}, el("th", {}, "metric"), el("th", {}, "value")),
+    Object.entries(r.all_metrics).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, fmt(v)))));
+  const trainable = r.trainable_params === null ? "trainable parameters: when saved" : `${fmt(r.trainable_params)} trainable parameters`;
+  view.replaceChildren(el("div", {},
+    el("h2", {}, `Run ${r.name} `, el("span", { class: `status-${r.status}`, id: "run-status" }, r.status)),
+    el("p", {}, `${r.stage} · ${r.method} · ${r.model} · ${trainable} · step ${r.steps}`),
+    legend(loss), chart("loss", loss, "loss-chart"),
+    others.map(k => chart(k, [{ label: k, points: seriesOf(r.history, k) }])),
+    el("h3", {}, "Final metrics"), Object.keys(r.all_metrics).length ? metrics : el("p", { class: "muted" }, "not yet"),
+    r.report ? [el("h3", {}, "report.md"), el("pre", {}, r.report)] : null));
+}
+
+function flatten(obj, prefix, out) {
+  for (const [k, v] of Object.entries(obj || {})) {
+    const key = prefix ? `${prefix}.${k}` : k;
+    if (v && typeof v === "object" && !Array.isArray(v)) flatten(v, key, out); else out[key] = JSON.stringify(v);
+  }
+  return out;
+}
+
+async function viewCompare(view, names) {
+  if (!names.length) {
+    view.replaceChildren(el("p", { class: "muted" }, "Select runs on the Runs page, then press Compare selected."));
+    return;
+  }
+  const runs = await Promise.all(names.map(n => getJSON("/api/run?name=" + encodeURIComponent(n))));
+  const keys = [...new Set(runs.flatMap(r => Object.keys(r.all_metrics)))].sort();
+  const metrics = el("table", { id: "compare-metrics" }, el("tr", {}, el("th", {}, "metric"), runs.map(r => el("th", {}, r.name))),
+    el("tr", {}, el("td", {}, "trainable params"), runs.map(r => el("td", { class: "num" }, fmt(r.trainable_params)))),
+    keys.map(k => el("tr", {}, el("td", {}, k), runs.map(r => el("td", { class: "num" }, fmt(r.all_metrics[k]))))));
+  const flat = runs.map(r => flatten(r.recipe, "", {}));
+  const recipeKeys = [...new Set(flat.flatMap(f => Object.keys(f)))].sort();
+  const differing = recipeKeys.filter(k => new Set(flat.map(f => f[k])).size > 1);
+  const diff = el("table", { id: "recipe-diff", class: "diff" }, el("tr", {}, el("th", {}, "recipe key"), runs.map(r => el("th", {}, r.name))),
+    differing.map(k => el("tr", {}, el("td", {}, k), flat.map(f => el("td", { class: "changed" }, f[k] ?? "")))));
+  const losses = runs.map(r => ({ label: `${r.name} loss`, points: seriesOf(r.history, "loss") }));
+  const evals = runs.map(r => ({ label: `${r.name} eval loss`, points: seriesOf(r.history, "eval_loss") }));
+  view.replaceChildren(el("div", {}, el("h2", {}, `Compare ${runs.length} runs`), metrics,
+    el("h3", {}, "Training loss"), legend(losses), chart("train loss", losses, "compare-loss"),
+    el("h3", {}, "Eval loss"), legend(evals), chart("eval loss", evals, "compare-eval"),
+    el("h3", {}, `Recipe differences (${differing.length})`), differing.length ? diff : el("p", { class: "muted" }, "same recipe")));
+}
+
+async function viewPlay(view) {
+  if (!config.playground) {
+    view.replaceChildren(el("h2", {}, "Playground"), el("p", { class: "muted" },
+      "No serve process: start the board with --serve http://127.0.0.1:8000 (a running `deltatune serve`), or " +
+      "with --model and --adapter to start one inside the board."));
+    return false;
+  }
+  const { data } = await getJSON(config.playground + "/models");
+  const pick = el("select", { id: "adapter-picker" }, data.filter(m => m.id !== "base").map(m => el("option", { value: m.id }, `${m.id} (${m.method})`)));
+  const withBase = el("input", { type: "checkbox", id: "base-toggle" });
+  withBase.checked = true;
+  const prompt = el("textarea", { id: "prompt" }, "Hello!");
+  const maxTokens = el("input", { type: "number", id: "max-tokens", value: "32", min: "1", style: "width:5em" });
+  const answers = el("div", { class: "answers", id: "answers" });
+  async function ask(model) {
+    const box = el("div", { "data-model": model }, el("h3", {}, model), el("p", { class: "muted" }, "…"));
+    answers.append(box);
+    try {
+      const body = { model, messages: [{ role: "user", content: prompt.value }], max_tokens: Number(maxTokens.value), temperature: 0 };
+      let out;
+      try {
+        out = await getJSON(config.playground + "/chat/completions", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+        out = out.choices[0].message.content;
+      } catch (e) {  // a model without a chat template: plain completion
+        if (!/chat template/.test(e.message)) throw e;
+        const plain = { model, prompt: prompt.value, max_tokens: body.max_tokens, temperature: 0 };
+        out = (await getJSON(config.playground + "/completions", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(plain) })).choices[0].text;
+      }
+      box.replaceChildren(el("h3", {}, model), el("p", { class: "answer" }, out));
+    } catch (e) {
+      box.replaceChildren(el("h3", {}, model), el("p", { class: "error" }, e.message));
+    }
+  }
+  const send = el("button", { id: "send", onclick: async () => {
+    answers.replaceChildren();
+    const models = [pick.value, ...(withBase.checked ? ["base"] : [])].filter(Boolean);
+    await Promise.all(models.map(ask));
+  } }, "Send");
+  view.replaceChildren(el("h2", {}, "Playground"),
+    el("p", {}, "Adapter ", pick, " ", el("label", {}, withBase, " answer with the base model too (side by side)")),
+    prompt, el("p", {}, "max tokens ", maxTokens, " ", send), answers);
+  return false;
+}
+
+// -- routing --------------------------------------------------------------------------------------------
+async function render() {
+  clearTimeout(timer);
+  const view = document.getElementById("view");
+  const [page, arg] = (location.hash.slice(1) || "runs").split(/\/(.*)/s);
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.id === `nav-${page === "run" ? "runs" : page}`);
+  let poll = true;
+  try {
+    if (page === "run") await viewRun(view, decodeURIComponent(arg || ""));
+    else if (page === "compare") await viewCompare(view, (arg || "").split(",").filter(Boolean).map(decodeURIComponent));
+    else if (page === "play") poll = await viewPlay(view);
+    else await viewRuns(view);
+  } catch (e) {
+    view.replaceChildren(el("p", { class: "error" }, e.message));
+  }
+  document.body.dataset.rendered = String(Date.now());
+  if (poll) timer = setTimeout(render, POLL_MS);
+}
+
+window.addEventListener("hashchange", render);
+getJSON("/api/config").then(c => { config = c; document.getElementById("runs-dir").textContent = c.runs_dir; }).finally(render);

@@ -1,0 +1,160 @@
+"""The board's JSON API over run folders: every stage listed with its status, metrics and trainable count; a file
+being written while the board reads it is never an error; nothing outside the runs folder is ever served."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from serving import Server  # tests/serve/serving.py
+
+from deltatune.board import create_app
+from deltatune.train.config import STAGES
+
+
+def write_run(root, name: str, stage: str, metrics: dict | None = None, method: str = "lora") -> str:
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    recipe = {"stage": stage, "model": {"name_or_path": "tiny"}, "method": {"name": method, "r": 4},
+              "train": {"lr": 0.01}, "output": {"dir": folder}}  # fmt: skip
+    with open(os.path.join(folder, "run.yaml"), "w") as fh:
+        yaml.safe_dump(recipe, fh)
+    if metrics is not None:
+        with open(os.path.join(folder, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh)
+    return folder
+
+
+def get(server: Server, path: str) -> tuple[int, object]:
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=30) as resp:
+            body = resp.read()
+            return resp.status, json.loads(body) if resp.headers["content-type"].startswith(
+                "application/json"
+            ) else body
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def raw_get(server: Server, path: str) -> int:
+    """GET with the path sent as is (no client-side normalisation of '..')."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return int(s.recv(64).split()[1])
+
+
+@pytest.fixture
+def board(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    server = Server(create_app(str(root)))
+    yield str(root), server
+    server.stop()
+
+
+def test_lists_runs_of_every_stage_with_status_metrics_and_trainable_count(board):
+    root, server = board
+    for stage in STAGES:
+        write_run(root, f"{stage}-run", stage, {"train_loss": 1.5, "eval_loss": 1.25})
+    folder = write_run(root, "group/live", "sft")  # a run in a sub-folder, still training: no metrics yet
+    save_file(
+        {"a": torch.zeros(4, 8), "b": torch.zeros(3), "c": torch.zeros(2, 2, 5)}, f"{folder}/adapter_model.safetensors"
+    )
+    with open(os.path.join(folder, "log_history.jsonl"), "w") as fh:
+        fh.write('{"loss": 2.0, "step": 1}\n{"loss": 1.5, "step": 2}\n{"loss": 1.2, "st')  # a partial last line
+    write_run(root, "dead", "dpo")
+    with open(os.path.join(root, ".dead.lock"), "w") as fh:  # the lock of a training process that is gone
+        json.dump({"pid": 2**22 + 12345, "host": socket.gethostname()}, fh)
+    old = write_run(root, "old", "pt")
+    os.utime(os.path.join(old, "run.yaml"), (time.time() - 3600, time.time() - 3600))  # silent for an hour
+    status, data = get(server, "/api/runs")
+    assert status == 200
+    runs = {r["name"]: r for r in data["runs"]}
+    assert set(runs) == {f"{s}-run" for s in STAGES} | {"group/live", "dead", "old"}
+    assert {runs[f"{s}-run"]["stage"] for s in STAGES} == set(STAGES)
+    assert runs["cls-run"]["status"] == "finished" and runs["cls-run"]["metrics"] == {
+        "train_loss": 1.5,
+        "eval_loss": 1.25,
+    }
+    assert runs["group/live"]["status"] == "running"
+    assert runs["group/live"]["trainable_params"] == 4 * 8 + 3 + 2 * 2 * 5
+    assert runs["group/live"]["steps"] == 2
+    assert runs["dead"]["status"] == "failed" and runs["old"]["status"] == "failed"
+    status, run = get(server, "/api/run?name=group/live")
+    assert status == 200 and [h["loss"] for h in run["history"]] == [2.0, 1.5]
+    assert run["recipe"]["stage"] == "sft" and run["method"] == "lora"
+
+
+def test_a_file_written_while_the_board_reads_is_never_an_error(board):
+    root, server = board
+    folder = write_run(root, "busy", "cls")
+    text = json.dumps({"eval_accuracy": 0.75, "train_loss": 0.5, "eval_loss": 0.25})
+    stop = threading.Event()
+
+    def writer() -> None:  # rewrites metrics.json and run.yaml in place, leaving them half-written for a while
+        with open(os.path.join(folder, "run.yaml")) as fh:
+            recipe = fh.read()
+        while not stop.is_set():
+            for name, body in (("metrics.json", text), ("run.yaml", recipe)):
+                with open(os.path.join(folder, name), "w") as fh:
+                    fh.write(body[: len(body) // 2])
+                    fh.flush()
+                    time.sleep(0.002)
+                    fh.write(body[len(body) // 2 :])
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = set()
+    try:
+        for _ in range(150):
+            for path in ("/api/runs", "/api/run?name=busy"):
+                status, data = get(server, path)
+                assert status == 200, data
+                row = data["runs"][0] if "runs" in data else data
+                seen.add(json.dumps(row["metrics"], sort_keys=True))
+                assert row["metrics"] in ({}, {"eval_accuracy": 0.75, "train_loss": 0.5, "eval_loss": 0.25})
+    finally:
+        stop.set()
+        thread.join()
+    assert len(seen) == 2  # the reads did catch the file half-written, and whole
+
+
+def test_never_serves_a_file_outside_the_runs_folder(board, tmp_path):
+    root, server = board
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    write_run(str(tmp_path), "secret", "cls", {"eval_loss": 9.0})
+    (secret / "training_curve.png").write_bytes(b"\x89PNG secret")
+    os.symlink(secret, os.path.join(root, "linked"))  # a run folder that is a symlink to outside
+    inner = write_run(root, "inner", "cls", {"eval_loss": 1.0})
+    os.symlink(secret / "training_curve.png", os.path.join(inner, "training_curve.png"))
+    status, data = get(server, "/api/runs")
+    assert [r["name"] for r in data["runs"]] == ["inner"]
+    for name in ("../secret", "linked", str(secret), "inner/../../secret", "%2e%2e/secret"):
+        status, _ = get(server, "/api/run?name=" + urllib.request.quote(name))
+        assert status == 404, name
+    for query in ("run=inner&name=training_curve.png", "run=../secret&name=training_curve.png",
+                  "run=linked&name=training_curve.png", "run=inner&name=../../secret/training_curve.png",
+                  "run=inner&name=run.yaml"):  # fmt: skip
+        status, _ = get(server, "/api/file?" + query)
+        assert status == 404, query
+    for path in (
+        "/static/../../pyproject.toml",
+        "/static/%2e%2e%2f__init__.py",
+        "/static/runs.py",
+        "/../secret/run.yaml",
+    ):
+        assert raw_get(server, path) == 404, path
+    status, page = get(server, "/")
+    assert status == 200 and b"deltatune board" in page
+    status, js = get(server, "/static/app.js")
+    assert status == 200 and b"function chart" in js
