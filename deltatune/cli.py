@@ -73,6 +73,33 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     i.add_argument("model", help="model folder, hub id, or 'minilm'")
     i.add_argument("--task", default=None, help="CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS or TOKEN_CLS (default: guessed)")
 
+    sv = sub.add_parser(
+        "serve",
+        help="serve a base model and its adapters with an OpenAI-compatible API (needs deltatune[serve])",
+        description="One base in memory, every adapter beside it; concurrent requests for different adapters are "
+        "batched together. Example:\n  deltatune serve --model smollm2 --adapter identity=runs/identity",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sv.add_argument("--model", help="base model: folder, hub id or alias (default: the first adapter's base)")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter to serve (repeat)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="required Bearer key (needed when --host is not a loopback address)")
+    sv.add_argument("--adapter-dir", help="folder from which POST /v1/adapters may load adapters at run time")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="most rows decoded together (default 32)")
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10)")
+    sv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
+    sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    bd = sub.add_parser("board", help="web board over a runs folder: runs, live curves, compare, playground")
+    bd.add_argument("--runs", default="runs", help="the folder holding run folders (default runs/)")
+    bd.add_argument("--host", default="127.0.0.1")
+    bd.add_argument("--port", type=int, default=7860)
+    bd.add_argument("--serve", dest="serve_url", help="playground: a running 'deltatune serve' (its URL)")
+    bd.add_argument("--serve-key", help="the API key of that serve process (kept on the board's side)")
+    bd.add_argument("--model", help="playground: start a serve engine inside the board on this base model")
+    bd.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="with --model: an adapter")
+
     b = sub.add_parser(
         "bench",
         help="time deltatune against peft (training, inference, start-up); prints a markdown report",
@@ -251,7 +278,47 @@ def _bench(args) -> int:
     )
 
 
+def _adapters(pairs: list[str]) -> dict[str, str]:
+    from .config import ConfigError
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {pair!r}: write NAME=PATH (e.g. identity=runs/identity)")
+        if name in out:
+            raise ConfigError(f"--adapter {pair!r}: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def _serve(args) -> int:
+    from .serve import build_engine, check_bind, serve
+
+    check_bind(args.host, args.api_key)  # before loading anything
+    engine = build_engine(args.model, _adapters(args.adapter), args.max_batch_size, args.max_wait_ms, args.dtype)
+    print(f"serving {', '.join(engine.adapters())} on http://{args.host}:{args.port}/v1", flush=True)
+    serve(engine, args.host, args.port, args.api_key, args.adapter_dir, args.max_tokens)
+    return 0
+
+
+def _board(args) -> int:
+    from .board import board
+
+    serve_app = None
+    if args.model or args.adapter:
+        from .serve import build_engine
+        from .serve.app import create_app
+
+        serve_app = create_app(build_engine(args.model, _adapters(args.adapter)))
+    print(f"deltatune board on http://{args.host}:{args.port}/ (runs: {args.runs})", flush=True)
+    board(args.runs, args.host, args.port, args.serve_url, args.serve_key, serve_app)
+    return 0
+
+
 _COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "info": _info, "bench": _bench}
+_COMMANDS["serve"] = _serve
+_COMMANDS["board"] = _board
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,9 +17,9 @@ __all__ = ["BASE", "Engine", "Request", "RequestError", "base_model_of", "build_
 
 def base_model_of(adapter_path: str) -> str | None:
     """The base model an adapter (or run folder) was trained on: the run's recipe, else its adapter config."""
-    import yaml
+    import json
 
-    from ..config import DeltaConfig
+    import yaml
 
     run_file = os.path.join(adapter_path, "run.yaml")
     if os.path.isfile(run_file):
@@ -27,7 +27,11 @@ def base_model_of(adapter_path: str) -> str | None:
             name = ((yaml.safe_load(fh) or {}).get("model") or {}).get("name_or_path")
         if name:
             return str(name)
-    return DeltaConfig.from_pretrained(adapter_path).base_model_name_or_path
+    config = os.path.join(adapter_path, "adapter_config.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"no adapter_config.json in {adapter_path!r}")
+    with open(config, encoding="utf-8") as fh:
+        return json.load(fh).get("base_model_name_or_path")
 
 
 def build_engine(
