@@ -18,7 +18,9 @@ from deltatune.cli import main
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 TINY = {"cls": ("bert", "seq_cls"), "tag": ("bert", "token_cls"), "sft": ("llama", "causal_lm"),
         "pt": ("llama", "causal_lm"), "seq2seq": ("t5", "seq2seq")}  # fmt: skip
-ELSEWHERE = {"rm": "tests/train/test_reward.py", "dpo": "tests/train/test_dpo.py", "ppo": "tests/train/test_ppo.py"}
+ELSEWHERE = {"rm": "tests/train/test_reward.py", "dpo": "tests/train/test_dpo.py", "ppo": "tests/train/test_ppo.py",
+             "grpo": "tests/train/test_grpo.py", "kto": "tests/train/test_kto.py", "orpo": "tests/train/test_orpo.py",
+             "simpo": "tests/train/test_simpo.py"}  # fmt: skip
 
 
 def _stage(path: Path) -> str:

@@ -20,7 +20,7 @@ import yaml
 
 from ..config import ConfigError
 
-STAGES = ("pt", "sft", "cls", "tag", "seq2seq", "rm", "dpo", "ppo")
+STAGES = ("pt", "sft", "cls", "tag", "seq2seq", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass field's help text)
@@ -54,6 +54,7 @@ class DataArgs:
     prompt_column: str = _f("prompt", "Prompt column (rm, dpo, ppo).")
     chosen_column: str = _f("chosen", "Preferred response column (rm, dpo).")
     rejected_column: str = _f("rejected", "Dispreferred response column (rm, dpo).")
+    completion_column: str = _f("completion", "Response column (kto; its label_column says desirable or not).")
     bad_pairs: str = _f(
         "refuse",
         "Preference rows with an empty response or chosen == rejected: 'refuse' (stop, "
@@ -99,9 +100,13 @@ class TrainArgs:
 
 @dataclass
 class AlignArgs:
-    """The alignment stages' settings (dpo, ppo); other stages ignore this section."""
+    """The alignment stages' settings (dpo, ppo, grpo, kto, orpo, simpo); other stages ignore this section."""
 
-    beta: float = _f(0.1, "DPO: strength of the implicit KL constraint (temperature of the implicit reward).")
+    beta: float = _f(
+        0.1,
+        "DPO, KTO, SimPO: temperature of the implicit reward; ORPO: weight of the odds-ratio term; GRPO: KL "
+        "coefficient (0: no reference pass).",
+    )
     loss_type: str = _f("sigmoid", "DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023).")
     label_smoothing: float = _f(
         0.0, "DPO sigmoid loss: assumed fraction of flipped preference labels (cDPO), in [0, 0.5)."
@@ -113,11 +118,11 @@ class AlignArgs:
         None,
         "PPO: a reward-model run folder (stage rm), or 'module:function' scoring (prompts, responses) -> rewards.",
     )
-    max_new_tokens: int = _f(32, "PPO: response tokens generated per prompt.")
-    temperature: float = _f(1.0, "PPO: sampling temperature of the rollouts.")
+    max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")
+    temperature: float = _f(1.0, "PPO, GRPO: sampling temperature of the rollouts.")
     ppo_epochs: int = _f(4, "PPO: optimisation passes over each batch of rollouts.")
-    mini_batch_size: int = _f(4, "PPO: rollouts per gradient step within a PPO epoch.")
-    cliprange: float = _f(0.2, "PPO: clip range of the policy ratio.")
+    mini_batch_size: int = _f(4, "PPO: rollouts per gradient step within a PPO epoch; GRPO: completions per forward.")
+    cliprange: float = _f(0.2, "PPO, GRPO: clip range of the policy ratio.")
     cliprange_value: float = _f(0.2, "PPO: clip range of the value update.")
     vf_coef: float = _f(0.1, "PPO: weight of the value loss.")
     gamma: float = _f(1.0, "PPO: discount factor.")
@@ -126,6 +131,22 @@ class AlignArgs:
     adaptive_kl: bool = _f(False, "PPO: adapt the KL coefficient towards target_kl (Ziegler et al. 2019).")
     target_kl: float = _f(6.0, "PPO: target KL per rollout for the adaptive controller.")
     kl_horizon: int = _f(10000, "PPO: horizon of the adaptive KL controller.")
+    num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
+    top_p: float = _f(1.0, "GRPO: nucleus sampling of the completions (1: sample from the whole distribution).")
+    num_iterations: int = _f(
+        1, "GRPO: optimisation steps per generation batch (mu); above 1 the importance ratio pi / pi_old matters."
+    )
+    scale_rewards: bool = _f(True, "GRPO: divide advantages by the group's reward std (false: Dr. GRPO).")
+    loss_norm: str = _f(
+        "sequence", "GRPO: 'sequence' (mean over each completion's tokens, then over completions) or 'token' mean."
+    )
+    reward_funcs: list = _f(
+        [], "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, **columns) or a rm run."
+    )
+    reward_weights: list | None = _f(None, "GRPO: the weight of each reward in the sum (default: 1 each).")
+    desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable rows (lambda_D).")
+    undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable rows (lambda_U).")
+    simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma (the loss wants beta * margin > gamma).")
 
 
 @dataclass
@@ -284,6 +305,8 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
     _validate_align(cfg.align)
+    if cfg.align.beta < 0 or (cfg.align.beta == 0 and cfg.stage != "grpo"):
+        raise ConfigError(f"align.beta must be > 0 (>= 0 for grpo), got {cfg.align.beta}")
     cfg.method_config()  # the method section validates itself
 
 
@@ -292,7 +315,7 @@ def _validate_align(a: AlignArgs) -> None:
         raise ConfigError(f"align.loss_type must be sigmoid or ipo, got {a.loss_type!r}")
     if not 0.0 <= a.label_smoothing < 0.5:
         raise ConfigError(f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
-    for key in ("beta", "temperature", "cliprange", "cliprange_value", "target_kl"):
+    for key in ("temperature", "cliprange", "cliprange_value", "target_kl"):
         if getattr(a, key) <= 0:
             raise ConfigError(f"align.{key} must be > 0, got {getattr(a, key)}")
     for key in ("max_new_tokens", "ppo_epochs", "mini_batch_size", "kl_horizon"):

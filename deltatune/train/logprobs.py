@@ -1,4 +1,4 @@
-"""Log-probabilities of label tokens under a causal LM (DPO's policy and reference)."""
+"""Log-probabilities of label tokens under a causal LM (the policy and reference of DPO, KTO, ORPO, SimPO)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,11 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     """Summed log-probs of each sequence's label tokens: (B,). ``batch`` holds input_ids, attention_mask, labels."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return token_logprobs(logits, batch["labels"]).sum(-1)
+
+
+def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs (B,), number of label tokens (B,)) of each sequence: the average log-prob of a response
+    (ORPO, SimPO) is their ratio. ``batch`` holds input_ids, attention_mask, labels."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+    return token_logprobs(logits, batch["labels"]).sum(-1), counts

@@ -25,6 +25,10 @@ TASK_OF_STAGE = {
     "rm": "SEQ_CLS",
     "dpo": "CAUSAL_LM",
     "ppo": "CAUSAL_LM",
+    "grpo": "CAUSAL_LM",
+    "kto": "CAUSAL_LM",
+    "orpo": "CAUSAL_LM",
+    "simpo": "CAUSAL_LM",
 }
 
 

@@ -6,6 +6,7 @@ examples, the collator, the metric function and the notes for the report. No sta
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -254,6 +255,11 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     return prepare_ppo(cfg, tok)
 
 
+def _lazy(module: str, name: str) -> Callable[[RunConfig, Any], Prepared]:
+    """``module.name``, imported on the first call (the stages in files of their own import the HF Trainer)."""
+    return lambda cfg, tok: getattr(importlib.import_module(module, __package__), name)(cfg, tok)
+
+
 STAGES: dict[str, Callable[[RunConfig, Any], Prepared]] = {
     "pt": prepare_pt,
     "sft": prepare_sft,
@@ -263,6 +269,10 @@ STAGES: dict[str, Callable[[RunConfig, Any], Prepared]] = {
     "rm": prepare_rm,
     "dpo": prepare_dpo,
     "ppo": prepare_ppo,
+    "grpo": _lazy(".grpo", "prepare_grpo"),
+    "kto": _lazy(".kto", "prepare_kto"),
+    "orpo": _lazy(".orpo", "prepare_orpo"),
+    "simpo": _lazy(".simpo", "prepare_simpo"),
 }
 
 

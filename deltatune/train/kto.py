@@ -1,0 +1,300 @@
+"""Kahneman-Tversky Optimization (stage ``kto``; Ethayarajh et al. 2024, arXiv:2402.01306).
+
+Unpaired data: each row is a prompt x, a completion y and a label saying whether y is desirable (preference rows
+with chosen and rejected columns give one desirable and one undesirable row each). With
+r(x, y) = log pi(y|x) - log ref(y|x) (log-probs summed over the completion's tokens; the reference is the same base
+with the adapter switched off) and the reference point
+
+    z0 = max(0, mean over the batch of r(x_i, y_{i-1}))     (mismatched pairs: the KL(pi || ref) estimate; no gradient)
+
+each row's loss is a value function of its reward relative to z0:
+
+    desirable:    lambda_D * (1 - sigmoid(beta * (r(x, y) - z0)))
+    undesirable:  lambda_U * (1 - sigmoid(beta * (z0 - r(x, y))))
+
+and the batch loss is the mean over rows. beta = ``align.beta``, lambda_D / lambda_U = ``align.desirable_weight`` /
+``align.undesirable_weight``. The paper recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3] (n_D, n_U the numbers of
+desirable and undesirable rows); outside that range training goes on with a warning that says which desirable_weight
+brings it in. The implicit reward beta * r is logged per label; eval reports its mean per label and the margin.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.load import DataError, Row
+from ..data.preference import encode_lm
+from ..data.tasks import Collator
+from ..data.templates import IGNORE_INDEX
+from .config import AlignArgs, RunConfig
+from .logprobs import sequence_logprobs
+from .stages import Prepared, _note_truncated, _rows
+from .trainer import DeltaTrainer
+
+_LM_KEYS = ("input_ids", "attention_mask", "labels")
+_TRUE, _FALSE = ("true", "1", "yes", "desirable"), ("false", "0", "no", "undesirable")
+
+
+def kl_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """z0 = max(0, mean(log pi - log ref)) over mismatched (prompt, completion) pairs, detached (a scalar)."""
+    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KTO losses and implicit rewards.
+
+    Args:
+        policy_logps: (B,) summed completion log-probs under the policy.
+        ref_logps: (B,) the same under the reference.
+        desirable: (B,) bool, True for desirable rows.
+        kl: the reference point z0 (see ``kl_reference_point``).
+        beta: temperature of the implicit reward.
+        desirable_weight: lambda_D.
+        undesirable_weight: lambda_U.
+
+    Returns:
+        (losses (B,), rewards beta * (log pi - log ref) (B,), detached).
+    """
+    logratio = policy_logps - ref_logps
+    good = desirable_weight * (1 - torch.sigmoid(beta * (logratio - kl)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratio)))
+    return torch.where(desirable.bool(), good, bad), beta * logratio.detach()
+
+
+@dataclass
+class KTORow:
+    prompt: str
+    completion: str
+    desirable: bool
+    source: str
+
+
+def read_kto_rows(
+    rows: Sequence[Row],
+    prompt_column: str,
+    completion_column: str,
+    label_column: str,
+    pair_columns: tuple[str, str] | None = None,
+    skipped: list[str] | None = None,
+) -> list[KTORow]:
+    """Check and unpack unpaired rows (prompt, completion, label); the label is a bool, 0/1, or true/false text.
+    A row with the two ``pair_columns`` (chosen, rejected) and no completion column gives two rows, the chosen
+    response desirable and the rejected one not (as TRL unpairs preference data).
+
+    Args:
+        rows: the rows read from the data file.
+        prompt_column: column of the prompt text.
+        completion_column: column of the completion text.
+        label_column: column of the label (desirable or not).
+        pair_columns: (chosen, rejected) columns of preference rows, unpaired when present.
+        skipped: when given, an empty completion is left out and its ``file:line`` appended here instead of raising.
+
+    Raises:
+        DataError: a column missing or not text, an empty completion, or a label that is no yes/no (file:line named).
+    """
+    out = []
+    for row in rows:
+        if pair_columns and completion_column not in row.data and all(c in row.data for c in pair_columns):
+            texts = [
+                (row.get(pair_columns[0]), pair_columns[0], True),
+                (row.get(pair_columns[1]), pair_columns[1], False),
+            ]
+        else:
+            texts = [(row.get(completion_column), completion_column, _label(row, label_column))]
+        prompt = row.get(prompt_column)
+        if not isinstance(prompt, str):
+            raise DataError(f"{row.source}: column {prompt_column!r} must be text, got {type(prompt).__name__}")
+        for completion, column, good in texts:
+            if not isinstance(completion, str):
+                raise DataError(f"{row.source}: column {column!r} must be text, got {type(completion).__name__}")
+            if not completion.strip():
+                if skipped is None:
+                    raise DataError(f"{row.source}: column {column!r} is empty (data.bad_pairs=skip leaves it out)")
+                skipped.append(row.source)
+                continue
+            out.append(KTORow(prompt, completion, good, row.source))
+    return out
+
+
+def _label(row: Row, column: str) -> bool:
+    label = row.get(column)
+    if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
+        return bool(label)
+    if isinstance(label, str) and label.strip().lower() in _TRUE + _FALSE:
+        return label.strip().lower() in _TRUE
+    raise DataError(f"{row.source}: column {column!r} must be true/false (or 1/0), got {label!r}")
+
+
+class KTOCollator:
+    """B rows -> one batch of 2B sequences: the B (prompt, completion) rows, then the B mismatched pairs
+    (prompt i, completion i-1) that estimate the reference point; ``desirable`` (B,) holds the labels. A mismatched
+    completion is cut to fit ``max_length`` after its new prompt."""
+
+    def __init__(self, pad_token_id: int, max_length: int) -> None:
+        self._pad, self.max_length = Collator(pad_token_id), max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [{k: e[k] for k in _LM_KEYS} for e in examples]
+        for i, e in enumerate(examples):
+            other = examples[i - 1]
+            prompt, completion = e["input_ids"][: e["n_prompt"]], other["input_ids"][other["n_prompt"] :]
+            completion = completion[: max(0, self.max_length - len(prompt))]
+            ids = prompt + completion
+            seqs.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                         "labels": [IGNORE_INDEX] * len(prompt) + completion})  # fmt: skip
+        batch = self._pad(seqs)
+        batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+        return batch
+
+
+class KTOTrainer(DeltaTrainer):
+    """DeltaTrainer with the KTO loss against the adapter-disabled base. Logs ``kl`` (z0) and the mean rewards of
+    each label since the last log; eval predictions are (B, 2) [reward, desirable]."""
+
+    def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.align = align
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lm = {k: inputs[k] for k in _LM_KEYS}
+        policy, policy_kl = sequence_logprobs(model, lm).chunk(2)
+        with torch.no_grad(), self._delta_model().disable_adapter():
+            ref, ref_kl = sequence_logprobs(model, lm).chunk(2)
+        kl = kl_reference_point(policy_kl, ref_kl)
+        a = self.align
+        losses, rewards = kto_loss(policy, ref, inputs["desirable"], kl, a.beta, a.desirable_weight,
+                                   a.undesirable_weight)  # fmt: skip
+        return losses, rewards, kl
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        losses, rewards, kl = self._losses(model, inputs)
+        good = inputs["desirable"].bool()
+        if model.training:
+            self._stats["kl"].append(kl.item())
+            if good.any():
+                self._stats["rewards/desirable"].append(rewards[good].mean().item())
+            if (~good).any():
+                self._stats["rewards/undesirable"].append(rewards[~good].mean().item())
+        loss = losses.mean()
+        return (loss, torch.stack([rewards, good.float()], -1)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), out.detach().float(), torch.zeros(out.shape[0], device=out.device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stats:
+            logs.update({k: float(np.mean(v)) for k, v in self._stats.items()})
+            self._stats.clear()
+        super().log(logs, start_time)
+
+
+def _metrics(p) -> dict[str, float]:
+    out = np.asarray(p.predictions)  # (N, 2): [implicit reward, desirable]
+    good = out[:, 1] > 0.5
+    d = float(out[good, 0].mean()) if good.any() else 0.0
+    u = float(out[~good, 0].mean()) if (~good).any() else 0.0
+    return {"reward_desirable": d, "reward_undesirable": u, "margin": d - u}
+
+
+def balance_note(n_desirable: int, n_undesirable: int, align: AlignArgs, source: str) -> str | None:
+    """A warning when lambda_D n_D / (lambda_U n_U) is outside the paper's [1, 4/3], naming the desirable_weight
+    range that brings it in; None when inside."""
+    ratio = align.desirable_weight * n_desirable / (align.undesirable_weight * n_undesirable)
+    if 1.0 <= ratio <= 4 / 3:
+        return None
+    low = align.undesirable_weight * n_undesirable / n_desirable
+    return (
+        f"{source}: {n_desirable} desirable and {n_undesirable} undesirable rows give lambda_D n_D / (lambda_U n_U) = "
+        f"{ratio:.2f}, outside the recommended [1, 4/3]; align.desirable_weight in [{low:.3g}, {low * 4 / 3:.3g}] "
+        "brings it in"
+    )
+
+
+def prepare_kto(cfg: RunConfig, tok) -> Prepared:
+    """Unpaired rows (prompt, completion, label) -> prompt + completion with labels on the completion.
+
+    Raises:
+        ConfigError: train.batch_size < 2 (the reference point needs mismatched pairs within a batch).
+        DataError: a bad row, or a training file without both desirable and undesirable rows.
+    """
+    from functools import partial
+
+    from ..config import ConfigError
+
+    d = cfg.data
+    if cfg.train.batch_size < 2:
+        raise ConfigError(
+            f"stage kto needs train.batch_size >= 2 (its reference point comes from mismatched pairs within a "
+            f"batch), got {cfg.train.batch_size}"
+        )
+    train_rows, eval_rows = _rows(cfg)
+    notes: list[str] = []
+
+    def enc(rows: list[Row], split: str) -> list[dict[str, Any]]:
+        out, truncated = [], 0
+        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
+        kto_rows = read_kto_rows(rows, d.prompt_column, d.completion_column, d.label_column,
+                                 (d.chosen_column, d.rejected_column), skipped)  # fmt: skip
+        if skipped:
+            notes.append(f"{len(skipped)} empty {split} completions left out: {', '.join(skipped[:5])}"
+                         + (", ..." if len(skipped) > 5 else ""))  # fmt: skip
+        for r in kto_rows:
+            ex, cut = encode_lm(tok, r.prompt, r.completion, d.max_length)
+            if cut and d.truncation == "refuse":
+                raise DataError(f"{r.source}: longer than data.max_length={d.max_length} tokens "
+                                "(set data.truncation=truncate to cut such rows)")  # fmt: skip
+            if all(lab == IGNORE_INDEX for lab in ex["labels"][1:]):
+                raise DataError(f"{r.source}: no completion token within data.max_length={d.max_length}")
+            truncated += cut
+            n_prompt = next(i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX)
+            out.append({**ex, "n_prompt": n_prompt, "desirable": r.desirable})
+        _note_truncated(notes, split, truncated, d.max_length)
+        return out
+
+    train = enc(train_rows, "train")
+    ev = enc(eval_rows, "eval") if eval_rows else None
+    n_good = sum(e["desirable"] for e in train)
+    if n_good == 0 or n_good == len(train):
+        raise DataError(
+            f"{cfg.data.train}: KTO needs both desirable and undesirable rows (column {d.label_column!r}); "
+            f"found {n_good} desirable and {len(train) - n_good} undesirable"
+        )
+    warning = balance_note(n_good, len(train) - n_good, cfg.align, cfg.data.train)
+    if warning:
+        warnings.warn(warning, UserWarning, stacklevel=2)
+        notes.append(warning)
+    a = cfg.align
+    notes.append(
+        f"KTO: beta={a.beta}, lambda_D={a.desirable_weight}, lambda_U={a.undesirable_weight}; reference = the base "
+        "with the adapter off; reference point from mismatched pairs within each batch"
+    )
+    return Prepared(
+        train,
+        ev,
+        KTOCollator(tok.pad_token_id, d.max_length),
+        _metrics,
+        "eval_margin",
+        notes=notes,
+        trainer_class=partial(KTOTrainer, align=cfg.align),
+    )

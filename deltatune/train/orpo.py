@@ -1,0 +1,103 @@
+"""Odds Ratio Preference Optimization (stage ``orpo``; Hong, Lee, Thorne 2024, arXiv:2403.07691).
+
+One stage instead of SFT then DPO, and no reference model. With P(y|x) = exp(mean over y's tokens of log pi) the
+length-normalised likelihood of a response, and odds(y|x) = P / (1 - P), a preference pair (chosen c, rejected r)
+gives
+
+    log OR = log odds(c) - log odds(r) = (avg_c - avg_r) - (log(1 - exp(avg_c)) - log(1 - exp(avg_r)))
+    loss   = NLL(c) + lambda * mean over pairs of -log sigmoid(log OR)
+
+where avg_y is the mean token log-prob of y, NLL(c) the cross-entropy of the chosen responses (a mean over all
+their tokens in the batch, as SFT computes it) and lambda = ``align.beta``. The implicit rewards logged (and used
+for the eval accuracy) are beta * avg_y. Any registered method trains; the data path is DPO's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import AlignArgs, RunConfig
+from .logprobs import response_logprobs
+from .reward import PairTrainer
+from .stages import Prepared
+
+_LM_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def log_odds_ratio(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> torch.Tensor:
+    """log odds(c) - log odds(r) from mean token log-probs (B,), with log(1 - exp(a)) computed as log(-expm1(a))
+    (accurate for a near 0) and a capped at -1e-6 so a response of probability 1 gives a large finite value."""
+    a_c, a_r = chosen_avg.clamp(max=-1e-6), rejected_avg.clamp(max=-1e-6)
+    return (a_c - a_r) - (torch.log(-torch.expm1(a_c)) - torch.log(-torch.expm1(a_r)))
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ORPO loss of a batch of pairs.
+
+    Args:
+        chosen_logps: (B,) summed response log-probs of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        chosen_tokens: (B,) response token counts of the chosen responses.
+        rejected_tokens: (B,) the same for the rejected responses.
+        beta: lambda, the weight of the odds-ratio term.
+
+    Returns:
+        (loss (scalar), log odds ratios (B,), chosen rewards (B,), rejected rewards (B,)); rewards are detached.
+    """
+    chosen_avg = chosen_logps / chosen_tokens.clamp(min=1)
+    rejected_avg = rejected_logps / rejected_tokens.clamp(min=1)
+    log_or = log_odds_ratio(chosen_avg, rejected_avg)
+    nll = -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+    loss = nll - beta * F.logsigmoid(log_or).mean()
+    return loss, log_or, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+class ORPOTrainer(PairTrainer):
+    """PairTrainer with the ORPO loss (no reference). Logs ``nll``, ``log_odds_ratio`` and the ``rewards/*``
+    means since the last log; eval predictions are (B, 2) [chosen reward, rejected reward]."""
+
+    def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.align = align
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS})
+        (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
+        loss, log_or, chosen, rejected = orpo_loss(pc, pr, nc, nr, self.align.beta)
+        if model.training:
+            self._stats["nll"].append((-pc.sum() / nc.sum().clamp(min=1)).item())
+            self._stats["log_odds_ratio"].append(log_or.mean().item())
+            self._stats["rewards/chosen"].append(chosen.mean().item())
+            self._stats["rewards/rejected"].append(rejected.mean().item())
+            self._stats["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+        return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stats:
+            logs.update({k: float(np.mean(v)) for k, v in self._stats.items()})
+            self._stats.clear()
+        super().log(logs, start_time)
+
+
+def prepare_orpo(cfg: RunConfig, tok) -> Prepared:
+    """DPO's data path (preference rows -> prompt + response with labels on the response) with the ORPO trainer."""
+    from functools import partial
+
+    from .dpo import prepare_dpo
+
+    p = prepare_dpo(cfg, tok)
+    notes = [n for n in p.notes if not n.startswith("DPO")]
+    notes.append(f"ORPO: NLL of the chosen responses + {cfg.align.beta} x odds-ratio loss; no reference model")
+    return dataclasses.replace(p, notes=notes, trainer_class=partial(ORPOTrainer, align=cfg.align))
