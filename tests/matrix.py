@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tiny import FAMILIES, default_task
+from tiny import FAMILIES, TEXT, VISION, default_task
 from torch import nn
 
 import deltatune as dt
@@ -19,7 +19,8 @@ __all__ = ["FAMILIES", "METHODS", "TASKS", "TASK_TYPES", "MethodRow", "task_type
 
 TASKS = {family: default_task(family) for family in FAMILIES}
 """The task each family's tiny model is built for (tests/tiny.py): causal_lm, seq2seq or seq_cls."""
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS",
+              "image_cls": None}  # fmt: skip  (PEFT has no image task_type; the head goes into modules_to_save)
 
 # PEFT's default LoRA targets per family (peft.utils.constants), written out here so that the expected
 # counts do not come from deltatune's own table.
@@ -28,7 +29,10 @@ PEFT_LORA_TARGETS = {
     "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"],
     "bloom": ["query_key_value"], "bert": ["query", "value"], "roberta": ["query", "value"],
     "deberta-v2": ["query_proj", "value_proj"], "t5": ["q", "v"], "bart": ["q_proj", "v_proj"],
+    "vit": ["q_proj", "v_proj"],  # not in PEFT's table (its ViT guide's query/value: q_proj/v_proj in transformers 5)
 }  # fmt: skip
+# IA3 (targets, feed-forward targets) for the vision families PEFT's tables lack, written out the same way.
+VISION_IA3 = {"vit": (["k_proj", "v_proj", "fc2"], ["fc2"])}
 
 # Heads a classification task adds (trained in full as modules_to_save) and the module names that
 # "all-linear" leaves alone (the output head, task heads, the pooler), as deltatune documents them.
@@ -122,8 +126,11 @@ def ia3_trainable(base: nn.Module, config: dt.IA3Config, family: str) -> int:
     """d_in per feed-forward target, d_out per other target; targets from PEFT's own tables."""
     from peft.utils import constants
 
-    targets = constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[family]
-    feedforward = constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[family]
+    if family in VISION_IA3:
+        targets, feedforward = VISION_IA3[family]
+    else:
+        targets = constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[family]
+        feedforward = constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[family]
     total = 0
     for n, m in base.named_modules():
         if any(n == t or n.endswith("." + t) for t in targets):
@@ -173,6 +180,20 @@ def _tokens(cls: type, **fields) -> Callable[[str, bool], dt.DeltaConfig]:
     return make
 
 
+def _vpt(deep: bool) -> Callable[[str, bool], dt.DeltaConfig]:
+    # Random prompts change the outputs from the start: ``changed`` makes no difference.
+    def make(family: str, changed: bool) -> dt.DeltaConfig:
+        return dt.VisualPromptConfig(num_virtual_tokens=3, deep=deep)
+
+    return make
+
+
+def vpt_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
+    """n x d prompts, once (shallow) or per block (deep)."""
+    c = base.config
+    return (c.num_hidden_layers if config.deep else 1) * config.num_virtual_tokens * c.hidden_size
+
+
 def _ia3(family: str, changed: bool) -> dt.DeltaConfig:
     return dt.IA3Config(task_type=task_type(family), init_ia3_weights=not changed)
 
@@ -187,7 +208,12 @@ METHODS: list[MethodRow] = [
     MethodRow("bottleneck-pfeiffer", _bottleneck(config="pfeiffer"), mergeable=False, trainable=bottleneck_trainable),
     MethodRow("ia3", _ia3, trainable=ia3_trainable),
     MethodRow(
-        "prompt-tuning", _tokens(dt.PromptTuningConfig), mergeable=False, init_atol=None, trainable=prompt_trainable
+        "prompt-tuning",
+        _tokens(dt.PromptTuningConfig),
+        mergeable=False,
+        init_atol=None,
+        trainable=prompt_trainable,
+        families=TEXT,
     ),
     MethodRow(
         "p-tuning",
@@ -195,6 +221,7 @@ METHODS: list[MethodRow] = [
         mergeable=False,
         init_atol=None,
         trainable=ptuning_trainable,
+        families=TEXT,
     ),
     # deberta-v2's attention takes no key/value prefix (deltatune refuses it, naming the model type).
     MethodRow(
@@ -202,14 +229,19 @@ METHODS: list[MethodRow] = [
         _tokens(dt.PrefixTuningConfig, encoder_hidden_size=16),
         mergeable=False,
         init_atol=None,
-        families=tuple(f for f in FAMILIES if f != "deberta-v2"),
+        families=tuple(f for f in TEXT if f != "deberta-v2"),
     ),
     MethodRow(
         "p-tuning-v2",
         _tokens(dt.PrefixTuningConfig, prefix_projection=False),
         mergeable=False,
         init_atol=None,
-        families=tuple(f for f in FAMILIES if f != "deberta-v2"),
+        families=tuple(f for f in TEXT if f != "deberta-v2"),
+    ),
+    # visual prompt tuning: prompt tokens after the class token of a ViT, at the input or before every block
+    *(
+        MethodRow(f"vpt-{kind}", _vpt(kind == "deep"), False, None, trainable=vpt_trainable, families=tuple(VISION))
+        for kind in ("shallow", "deep")
     ),
 ]
 """Every method config the matrix checks."""

@@ -19,7 +19,8 @@ RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.ya
 TINY = {"cls": ("bert", "seq_cls"), "tag": ("bert", "token_cls"), "sft": ("llama", "causal_lm"),
         "pt": ("llama", "causal_lm"), "seq2seq": ("t5", "seq2seq")}  # fmt: skip
 ELSEWHERE = {"rm": "tests/train/test_reward.py", "dpo": "tests/train/test_dpo.py", "ppo": "tests/train/test_ppo.py",
-             "grpo": "tests/train/test_grpo.py", "kto": "tests/train/test_kto.py", "orpo": "tests/train/test_orpo.py",
+             "image_cls": "tests/vision/test_image_cls.py", "grpo": "tests/train/test_grpo.py",
+             "kto": "tests/train/test_kto.py", "orpo": "tests/train/test_orpo.py",
              "simpo": "tests/train/test_simpo.py"}  # fmt: skip
 
 

@@ -6,6 +6,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -60,6 +61,10 @@ _CONFIGS: dict[str, dict] = {
         decoder_ffn_dim=48,
         max_position_embeddings=64,
     ),
+    # 16x16 images in 4x4 patches: 16 patch tokens + the class token
+    "vit": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16, patch_size=4
+    ),
 }
 
 # A small vocabulary for synthetic text (preference pairs, toy tasks): real WordPiece tokens, one id each.
@@ -69,23 +74,28 @@ WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "
 DECODERS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "bloom"]
 ENCODERS = ["bert", "roberta", "deberta-v2"]
 SEQ2SEQ = ["t5", "bart"]
-FAMILIES = DECODERS + ENCODERS + SEQ2SEQ
+TEXT = DECODERS + ENCODERS + SEQ2SEQ
+VISION = ["vit"]
+FAMILIES = TEXT + VISION
 
 _AUTO = {
     "causal_lm": AutoModelForCausalLM,
     "seq2seq": AutoModelForSeq2SeqLM,
     "seq_cls": AutoModelForSequenceClassification,
     "token_cls": AutoModelForTokenClassification,
+    "image_cls": AutoModelForImageClassification,
 }
 
 
 def default_task(family: str) -> str:
     """The task a family is most often fine-tuned for."""
+    if family in VISION:
+        return "image_cls"
     return "causal_lm" if family in DECODERS else "seq2seq" if family in SEQ2SEQ else "seq_cls"
 
 
 def tiny_config(family: str, **overrides):
-    kwargs = {**_CONFIGS[family], "vocab_size": VOCAB, **overrides}
+    kwargs = {**_CONFIGS[family], **({} if family in VISION else {"vocab_size": VOCAB}), **overrides}
     return AutoConfig.for_model(family, **kwargs)
 
 
@@ -93,9 +103,9 @@ def tiny_model(family: str, task: str | None = None, seed: int = 0, **overrides)
     """A seeded random model of ``family`` for ``task`` (causal_lm | seq2seq | seq_cls | token_cls), in eval mode."""
     task = task or default_task(family)
     config = tiny_config(family, **overrides)
-    if task in ("seq_cls", "token_cls"):
+    if task in ("seq_cls", "token_cls", "image_cls"):
         config.num_labels = 3
-        if config.pad_token_id is None:
+        if task != "image_cls" and config.pad_token_id is None:
             config.pad_token_id = 0
     torch.manual_seed(seed)
     model = _AUTO[task].from_config(config)
@@ -106,6 +116,9 @@ def tiny_inputs(family: str, task: str | None = None, batch: int = 2, seq: int =
     """A batch of inputs (ids, mask, and decoder ids for seq2seq) for ``tiny_model(family, task)``."""
     task = task or default_task(family)
     g = torch.Generator().manual_seed(seed)
+    if task == "image_cls":
+        size = _CONFIGS[family]["image_size"]
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if task == "seq2seq":

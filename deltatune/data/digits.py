@@ -1,0 +1,123 @@
+"""Write scikit-learn's bundled handwritten digits as image folders, for the offline vision recipes.
+
+    python -m deltatune.data.digits data/digits            # the folders and split.json
+    python -m deltatune.data.digits data/digits --init-vit  # ... and a randomly initialised small ViT to pre-train
+
+scikit-learn ships the 1,797 8x8 digits of the UCI optical-recognition set (``sklearn.datasets.load_digits``,
+grey levels 0-16) inside its wheel, so they need no download. The two-step story the recipes tell:
+
+- ``pretrain/{train,test}/<digit>/<index>.png``: digits 0-4, 80/20 per class. A ViT trained in full on these is
+  the honest "pre-trained" base (``recipes/digits-vit-pretrain.yaml``).
+- ``adapt/{train,test}/<digit>/<index>.png``: digits 5-9; ``train`` holds only ``--shots`` images per class (the
+  small adaptation budget), ``test`` the held-out 20% of each class.
+- ``captions.jsonl``: ``{"image": ..., "text": "a handwritten seven, thin strokes"}`` for every adapt image (the
+  stroke word from the share of inked pixels), for image-to-text.
+- ``split.json``: the seed and, per split and class, the indices into ``load_digits()`` (the split recorded).
+
+Images are 8-bit grayscale PNGs (mode "L", grey level x 255 / 16); the RGB image processors convert them (the
+report counts the conversion). The split is a seeded permutation per class (numpy ``default_rng(seed)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PRETRAIN, ADAPT = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+
+
+def _stroke(img: np.ndarray) -> str:
+    """'thin', 'medium' or 'thick' strokes: the share of pixels above half intensity (terciles of the set)."""
+    ink = float((img > 8).mean())
+    return "thin" if ink < 0.27 else "medium" if ink < 0.32 else "thick"
+
+
+def caption(label: int, img: np.ndarray) -> str:
+    return f"a handwritten {WORDS[label]}, {_stroke(img)} strokes"
+
+
+def write(out: str, seed: int = 0, test_fraction: float = 0.2, shots: int = 40) -> dict:
+    """Write the folders, captions.jsonl and split.json under ``out``; returns the split record.
+
+    Raises:
+        ImportError: scikit-learn is missing (``pip install 'deltatune[vision]'``).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits come with scikit-learn: pip install 'deltatune[vision]'") from None
+    from PIL import Image
+
+    digits = load_digits()
+    images, targets = digits.images, digits.target
+    rng = np.random.default_rng(seed)
+    split: dict = {"seed": seed, "test_fraction": test_fraction, "shots": shots, "indices": {}}
+    captions = []
+    for label in range(10):
+        idx = np.flatnonzero(targets == label)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = round(len(idx) * test_fraction)
+        test, train = idx[:n_test], idx[n_test:]
+        part = "pretrain" if label in PRETRAIN else "adapt"
+        if part == "adapt":
+            train = train[:shots]
+        for name, chosen in (("train", train), ("test", test)):
+            folder = os.path.join(out, part, name, str(label))
+            os.makedirs(folder, exist_ok=True)
+            for i in sorted(int(x) for x in chosen):
+                path = os.path.join(folder, f"{i:04d}.png")
+                pixels = np.clip(images[i] * 255.0 / 16.0, 0, 255).round().astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(path)
+                if part == "adapt":
+                    rel = os.path.relpath(path, out)
+                    captions.append({"image": rel, "text": caption(label, images[i]), "split": name})
+            split["indices"].setdefault(f"{part}/{name}", {})[str(label)] = sorted(int(x) for x in chosen)
+    with open(os.path.join(out, "captions.jsonl"), "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(c) + "\n" for c in captions)
+    with open(os.path.join(out, "split.json"), "w", encoding="utf-8") as fh:
+        json.dump(split, fh)
+    return split
+
+
+def init_vit(out: str, seed: int = 0, hidden: int = 64, layers: int = 4, image_size: int = 16) -> str:
+    """A randomly initialised small ViT for 5 classes (patch 4 on 16x16 images: 16 patches + CLS), with its
+    image processor, saved to ``out``: the starting point of the pre-training recipe."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    config = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        image_size=image_size,
+        patch_size=4,
+        num_labels=5,
+    )
+    torch.manual_seed(seed)
+    ViTForImageClassification(config).save_pretrained(out)
+    ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deltatune.data.digits", description=__doc__.splitlines()[0])
+    p.add_argument("out", help="output folder (e.g. data/digits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", type=int, default=40, help="adaptation training images per class (digits 5-9)")
+    p.add_argument("--init-vit", action="store_true", help="also write a random small ViT to <out>/vit-init")
+    args = p.parse_args(argv)
+    split = write(args.out, args.seed, shots=args.shots)
+    counts = {k: sum(len(v) for v in d.values()) for k, d in split["indices"].items()}
+    print(f"digits written to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    if args.init_vit:
+        print(f"random ViT written to {init_vit(os.path.join(args.out, 'vit-init'), args.seed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

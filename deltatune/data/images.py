@@ -1,0 +1,239 @@
+"""Images for the vision stages: an image-folder tree or a table with an image path column, checked, then
+turned into ``pixel_values`` by the model's own image processor.
+
+Sources:
+
+- an image folder: one sub-folder per class (``digits/train/3/0042.png``); the class names are the sub-folder
+  names in sorted order, as torchvision's ``ImageFolder`` orders them;
+- a JSONL / JSON / CSV / TSV file with an image path column (``data.image_column``) and a label column
+  (``data.label_column``). Relative paths are read relative to the data file's folder. A relative path that
+  leaves that folder (``../../etc/x.png``) is refused unless ``data.allow_outside: true``; absolute paths are
+  taken as given (the user wrote them).
+
+Every image is opened once while preparing (``check``), so a corrupt or unreadable file stops the run before
+training with one line naming the data file and line (or the image folder) and the image path, never a PIL
+traceback. Images in another mode than RGB (grayscale "L", palette "P", "RGBA", 16-bit "I;16") are converted to
+RGB, and counted for the report. Decoding for training happens again, lazily, in ``ImageDataset`` (nothing but the
+paths is held in memory), with the optional train-time augmentation (random resized crop, horizontal flip; off by
+default) drawn from torch's generator, so the Trainer's seed fixes it. PIL and numpy only: no torchvision.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .load import DataError, read_rows
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+AUGMENTATIONS = ("random_resized_crop", "hflip")
+
+
+@dataclass
+class ImageRow:
+    """One image example: the resolved file path, its label (a class name or id) and where it came from."""
+
+    path: str
+    label: Any
+    source: str
+    """``file:line`` of the data row, or the image path itself for an image folder."""
+    text: str | None = None
+    """A caption (image-to-text), when the source has one."""
+
+
+def _check_inside(path: str, root: str, source: str, allow_outside: bool) -> str:
+    """The image path resolved against ``root``; a relative path that leaves ``root`` is refused unless allowed."""
+    if os.path.isabs(path):
+        return path
+    full = os.path.normpath(os.path.join(root, path))
+    inside = os.path.commonpath([os.path.abspath(full), os.path.abspath(root)]) == os.path.abspath(root)
+    if not inside and not allow_outside:
+        raise DataError(
+            f"{source}: image path {path!r} leads outside the data folder {root!r}; "
+            "set data.allow_outside=true to read it anyway"
+        )
+    return full
+
+
+def read_image_rows(
+    spec: str,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    limit: int | None = None,
+    allow_outside: bool = False,
+    text_column: str | None = None,
+) -> list[ImageRow]:
+    """Read the image examples of an image folder or a data file.
+
+    Args:
+        spec: a folder of class sub-folders, or a .jsonl/.json/.csv/.tsv file with an image path column.
+        image_column: the column holding the image path (data files).
+        label_column: the column holding the label (data files); None: no label (image-to-text).
+        limit: read at most this many examples.
+        allow_outside: accept relative image paths that lead outside the data file's folder.
+        text_column: the caption column (image-to-text); a row without it is refused.
+
+    Raises:
+        DataError: a missing source, a folder with no class sub-folders or no images, a row without an image path
+            (file:line named), a path outside the data folder.
+    """
+    if os.path.isdir(spec):
+        return _folder(spec, limit)
+    rows = read_rows(spec, limit=limit)
+    root = os.path.dirname(os.path.abspath(spec))
+    out = []
+    for row in rows:
+        value = row.get(image_column, required=False)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            kind = "caption row" if text_column else "row"
+            raise DataError(f"{row.source}: {kind} has no image (column {image_column!r} is missing or empty)")
+        if not isinstance(value, str):
+            raise DataError(f"{row.source}: column {image_column!r} must be an image path, got {type(value).__name__}")
+        path = _check_inside(value, root, row.source, allow_outside)
+        label = row.get(label_column) if label_column else None
+        text = None
+        if text_column:
+            text = row.get(text_column)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{row.source}: column {text_column!r} must be a non-empty caption, got {text!r}")
+        out.append(ImageRow(path, label, row.source, text))
+    return out
+
+
+def _folder(root: str, limit: int | None) -> list[ImageRow]:
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not classes:
+        raise DataError(f"image folder {root!r} has no class sub-folders (expected {root}/<class>/<image>)")
+    per_class = []
+    for name in classes:
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        per_class.append([ImageRow(os.path.join(folder, f), name, os.path.join(folder, f)) for f in files])
+    if not any(per_class):
+        raise DataError(f"image folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if limit:
+        # round robin over the classes, so that a limit keeps every class (a sorted listing would cut the last ones)
+        mixed = [r for group in itertools.zip_longest(*per_class) for r in group if r is not None]
+        return mixed[:limit]
+    return [r for rows in per_class for r in rows]
+
+
+def open_rgb(row: ImageRow):
+    """The image of ``row`` as an RGB PIL image, and the mode it was stored in (converted when not "RGB").
+
+    Raises:
+        DataError: the file is missing, corrupt or not an image (the row's source and the path named).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(row.path) as img:
+            img.load()
+            mode = img.mode
+            rgb = img.convert("RGB") if mode != "RGB" else img.copy()
+    except FileNotFoundError:
+        raise DataError(f"{row.source}: image {row.path!r} does not exist") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{row.source}: cannot read image {row.path!r} (not an image format PIL can read)") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or damaged files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{row.source}: cannot read image {row.path!r} ({reason})") from None
+    return rgb, mode
+
+
+def check(rows: list[ImageRow]) -> dict[str, int]:
+    """Open every image once (before training). Returns how many images were in each non-RGB mode.
+
+    Raises:
+        DataError: the first unreadable image, named with its row and path.
+    """
+    converted: dict[str, int] = {}
+    for row in rows:
+        _, mode = open_rgb(row)
+        if mode != "RGB":
+            converted[mode] = converted.get(mode, 0) + 1
+    return converted
+
+
+def random_resized_crop(img, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    """A crop of random area (a fraction in ``scale`` of the image) and aspect ratio (log-uniform in ``ratio``),
+    as torchvision's RandomResizedCrop draws it (10 tries, then the centre crop); the processor resizes it after.
+    """
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * float(torch.empty(1).uniform_(*scale))
+        log_r = torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+        aspect = math.exp(float(log_r))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x = int(torch.randint(0, w - cw + 1, (1,)))
+            y = int(torch.randint(0, h - ch + 1, (1,)))
+            return img.crop((x, y, x + cw, y + ch))
+    side = min(w, h)
+    return img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+
+
+def augment(img, names: list[str]):
+    """Apply the named train-time augmentations (``AUGMENTATIONS``) in a fixed order: crop, then flip."""
+    from PIL import ImageOps
+
+    if "random_resized_crop" in names:
+        img = random_resized_crop(img)
+    if "hflip" in names and float(torch.rand(1)) < 0.5:
+        img = ImageOps.mirror(img)
+    return img
+
+
+def pixel_values(processor, images: list) -> torch.Tensor:
+    """The processor's ``pixel_values`` for a list of RGB PIL images: (batch, channels, height, width)."""
+    out = processor(images=images, return_tensors="pt")
+    return out["pixel_values"]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Lazily decoded examples: ``{"pixel_values": (C, H, W), "labels": int}`` (labels omitted when None)."""
+
+    def __init__(
+        self, rows: list[ImageRow], labels: list[int | None], processor, augmentations: list[str] | None = None
+    ) -> None:
+        self.rows, self.labels, self.processor = rows, labels, processor
+        self.augmentations = list(augmentations or [])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img, _ = open_rgb(self.rows[i])
+        if self.augmentations:
+            img = augment(img, self.augmentations)
+        item: dict[str, Any] = {"pixel_values": pixel_values(self.processor, [img])[0]}
+        if self.labels[i] is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack pixel values (all of the processor's one size) and labels."""
+    out = {"pixel_values": torch.stack([b["pixel_values"] for b in batch])}
+    if "labels" in batch[0]:
+        out["labels"] = torch.tensor([b["labels"] for b in batch], dtype=torch.long)
+    return out
+
+
+__all__ = [
+    "AUGMENTATIONS",
+    "ImageDataset",
+    "ImageRow",
+    "augment",
+    "check",
+    "collate",
+    "open_rgb",
+    "pixel_values",
+    "read_image_rows",
+]

@@ -1,0 +1,174 @@
+"""Stage ``image_cls``: image classification on any ``AutoModelForImageClassification`` (ViT, DeiT, Swin, ConvNeXt,
+ResNet-style CNNs).
+
+Rows come from an image folder (one sub-folder per class) or a data file with an image path column
+(``deltatune.data.images``); the model's own image processor resizes and normalises them. The classifier head is
+new or re-sized for the data's classes, so it trains in full with every method: the stage puts ``classifier``
+into ``method.modules_to_save`` unless the recipe sets that key itself (PEFT's image-classification recipe does the
+same; PEFT has no task_type for images, so the adapter's task_type stays None and files load in PEFT as they are).
+
+Metrics: accuracy and macro-F1 (the mean over classes of 2 TP / (2 TP + FP + FN), over the classes that occur in
+the labels or the predictions, as scikit-learn's ``f1_score(average="macro")``). The confusion matrix of the last
+evaluation is written as ``confusion_matrix.json`` and ``confusion_matrix.png`` into the run folder and shown in
+the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError
+from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, collate, read_image_rows
+from ..data.load import DataError
+from .config import RunConfig
+from .stages import Prepared
+
+HEAD = "classifier"
+"""The classification head of transformers' image classifiers (ViT, DeiT, Swin, ConvNeXt, ResNet, CLIP, SigLIP)."""
+
+
+def class_names(rows: list[ImageRow], labels: list | None, folder: bool) -> tuple[list[str], dict[Any, int]]:
+    """The class names in id order and a map label value -> id.
+
+    Image folders: the sorted sub-folder names. Data files: ``labels`` when given, else integer ids (or digit
+    strings) as given, else the sorted names seen.
+    """
+    values = [r.label for r in rows]
+    if labels:
+        names = [str(x) for x in labels]
+        return names, {n: i for i, n in enumerate(names)} | {i: i for i in range(len(names))}
+    if folder:
+        names = sorted({str(v) for v in values})
+        return names, {n: i for i, n in enumerate(names)}
+    if all((isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.isdigit()) for v in values):
+        n = max(int(v) for v in values) + 1
+        return [str(i) for i in range(n)], {i: i for i in range(n)} | {str(i): i for i in range(n)}
+    names = sorted({str(v) for v in values})
+    return names, {n: i for i, n in enumerate(names)}
+
+
+def _ids(rows: list[ImageRow], mapping: dict[Any, int], label_column: str) -> list[int]:
+    out = []
+    for r in rows:
+        key = r.label if r.label in mapping else str(r.label)
+        if key not in mapping:
+            raise DataError(
+                f"{r.source}: label {r.label!r} (column {label_column!r}) is not one of the training classes"
+            )
+        out.append(mapping[key])
+    return out
+
+
+def confusion(preds: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """``m[t, p]``: how many examples of true class t were predicted as p."""
+    m = np.zeros((n, n), dtype=np.int64)
+    np.add.at(m, (labels, preds), 1)
+    return m
+
+
+def macro_f1(m: np.ndarray) -> float:
+    """Mean per-class F1 = 2 TP / (2 TP + FP + FN) over the classes present in the labels or the predictions."""
+    tp = np.diag(m).astype(float)
+    fp = m.sum(0) - tp
+    fn = m.sum(1) - tp
+    present = (m.sum(0) + m.sum(1)) > 0
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def plot_confusion(m: np.ndarray, names: list[str], path: str) -> str | None:
+    """The confusion matrix as a PNG heat map with counts (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n = len(names)
+    size = min(3 + 0.45 * n, 12)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=110)
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=45 if n > 8 else 0)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        top = m.max() if m.size else 0
+        for t in range(n):
+            for p in range(n):
+                ax.text(p, t, str(m[t, p]), ha="center", va="center", color="white" if m[t, p] > top / 2 else "black")
+    ax.set_title("confusion matrix (last evaluation)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _notes_converted(notes: list[str], split: str, converted: dict[str, int]) -> None:
+    for mode, count in sorted(converted.items()):
+        notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
+
+
+def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
+    """Read and check the images, fix the classes, and give the Trainer lazily decoded datasets.
+
+    Raises:
+        DataError: unreadable images, a single class, eval labels outside the training classes.
+        ConfigError: an unknown augmentation.
+    """
+    d = cfg.data
+    if not d.train:
+        raise DataError("data.train is not set: give an image folder or a data file with an image column")
+    bad = [a for a in d.augment if a not in AUGMENTATIONS]
+    if bad:
+        raise ConfigError(f"data.augment: unknown augmentation {bad[0]!r}; choose from {', '.join(AUGMENTATIONS)}")
+    train_rows = read_image_rows(d.train, d.image_column, d.label_column, d.limit, d.allow_outside)
+    eval_rows = read_image_rows(d.eval, d.image_column, d.label_column, d.limit, d.allow_outside) if d.eval else None
+    names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train))
+    if len(names) < 2:
+        where = "sub-folder" if os.path.isdir(d.train) else "label"
+        raise DataError(
+            f"{d.train}: only one class ({names[0]!r}); image classification needs at least two "
+            f"(one {where} per class)"
+        )
+    train_ids = _ids(train_rows, mapping, d.label_column)
+    eval_ids = _ids(eval_rows, mapping, d.label_column) if eval_rows else None
+    notes = [f"{len(train_rows)} training images in {len(names)} classes"]
+    _notes_converted(notes, "train", check(train_rows))
+    if eval_rows:
+        _notes_converted(notes, "eval", check(eval_rows))
+    if d.augment:
+        notes.append(f"train-time augmentation: {', '.join(d.augment)}")
+    if "modules_to_save" not in cfg.method:
+        cfg.method["modules_to_save"] = [HEAD]  # the new head trains in full, whatever the method
+    out_dir = cfg.output.dir
+    n = len(names)
+
+    def compute(p) -> dict[str, float]:
+        logits = p.predictions[0] if isinstance(p.predictions, (tuple, list)) else p.predictions
+        preds, labels = np.asarray(logits).argmax(-1), np.asarray(p.label_ids)
+        m = confusion(preds, labels, n)
+        if os.path.isdir(out_dir):
+            with open(os.path.join(out_dir, "confusion_matrix.json"), "w", encoding="utf-8") as fh:
+                json.dump({"labels": names, "matrix": m.tolist()}, fh)
+            plot_confusion(m, names, os.path.join(out_dir, "confusion_matrix.png"))
+        return {"accuracy": float((preds == labels).mean()), "macro_f1": macro_f1(m)}
+
+    if eval_rows:
+        notes.append("confusion matrix of the last evaluation (rows: true class, columns: predicted):")
+        notes.append("![confusion matrix](confusion_matrix.png)")
+    return Prepared(
+        ImageDataset(train_rows, train_ids, processor, d.augment),
+        ImageDataset(eval_rows, eval_ids, processor) if eval_rows else None,
+        collate,
+        compute,
+        "eval_accuracy",
+        names,
+        notes=notes,
+    )

@@ -1,0 +1,221 @@
+"""Stage image_cls: the digits writer, every vision recipe for two steps, metrics, augmentation and bad input.
+
+The digits are written once per session (scikit-learn's bundled set, small shots); the models are tiny ViTs
+(hidden 32, 2 layers, 16x16 images) built from configs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from deltatune.cli import main
+from deltatune.config import ConfigError
+from deltatune.data import images as I
+from deltatune.data.load import DataError
+from deltatune.train import image_cls as C
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if yaml.safe_load(p.read_text())["stage"] == "image_cls")
+FAST = ["train.max_steps=2", "train.report_to=[none]", "train.batch_size=4", "data.limit=20", "train.logging_steps=1"]
+
+sklearn = pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    from deltatune.data import digits
+
+    out = tmp_path_factory.mktemp("digits")
+    digits.write(str(out), seed=0, shots=6)
+    digits.init_vit(str(out / "vit-init"), hidden=32, layers=2)
+    return out
+
+
+def test_digits_split_is_recorded_and_disjoint(digits):
+    split = json.loads((digits / "split.json").read_text())
+    idx = split["indices"]
+    assert split["seed"] == 0 and set(idx) == {"pretrain/train", "pretrain/test", "adapt/train", "adapt/test"}
+    assert sorted(idx["pretrain/train"]) == ["0", "1", "2", "3", "4"]
+    assert sorted(idx["adapt/test"]) == ["5", "6", "7", "8", "9"]
+    assert all(len(v) == 6 for v in idx["adapt/train"].values())
+    every = [i for part in idx.values() for ids in part.values() for i in ids]
+    assert len(every) == len(set(every)), "a digit is in two splits"
+    # 1,797 digits: all of 0-4 and the test share of 5-9 are written; each file is the digit it says
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    i = idx["adapt/train"]["7"][0]
+    img = np.asarray(Image.open(digits / "adapt" / "train" / "7" / f"{i:04d}.png"))
+    assert d.target[i] == 7 and np.array_equal(img, np.round(d.images[i] * 255 / 16).astype(np.uint8))
+    caption = json.loads((digits / "captions.jsonl").read_text().splitlines()[0])
+    assert caption["text"].startswith("a handwritten five, ")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_vision_recipe_runs_two_steps(path, digits, tmp_path, capsys):
+    """Each image_cls recipe as is, with the data and model paths pointed at the session's digits."""
+    recipe = yaml.safe_load(path.read_text())
+    data = {k: str(digits / Path(v).relative_to("data/digits")) for k, v in recipe["data"].items()}
+    overrides = [f"model.name_or_path={digits / 'vit-init'}", f"output.dir={tmp_path / 'run'}", *FAST]
+    overrides += [f"data.{k}={v}" for k, v in data.items()]
+    assert main(["train", str(path), *overrides]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["train_steps"] == 2 and 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_macro_f1" in metrics
+    run = tmp_path / "run"
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] is None
+    from safetensors.torch import load_file
+
+    keys = load_file(run / "adapter_model.safetensors")
+    assert any(".classifier." in k for k in keys), "the head was not saved with the adapter"
+    report = (run / "report.md").read_text()
+    assert "converted to RGB" in report and "![confusion matrix](confusion_matrix.png)" in report
+    matrix = json.loads((run / "confusion_matrix.json").read_text())
+    assert np.asarray(matrix["matrix"]).sum() == 20  # data.limit=20 eval images, each counted once
+    assert (run / "confusion_matrix.png").stat().st_size > 0
+
+
+def test_merge_then_reload_as_plain_model(digits, tmp_path, capsys):
+    """The pre-training story: a full run, merged, is a plain transformers image classifier with the run's labels."""
+    from transformers import AutoModelForImageClassification
+
+    run = tmp_path / "run"
+    args = [f"model.name_or_path={digits / 'vit-init'}", f"output.dir={run}", *FAST]
+    args += [f"data.train={digits / 'pretrain' / 'train'}", f"data.eval={digits / 'pretrain' / 'test'}"]
+    assert main(["train", str(ROOT / "recipes" / "digits-vit-pretrain.yaml"), *args]) == 0
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    merged = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.id2label == {i: str(i) for i in range(5)}
+    assert (tmp_path / "merged" / "preprocessor_config.json").is_file()
+
+
+# -- metrics ---------------------------------------------------------------------------------------------------------
+def test_macro_f1_and_confusion_against_sklearn():
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    rng = np.random.default_rng(0)
+    labels, preds = rng.integers(0, 4, 50), rng.integers(0, 5, 50)  # class 4 only ever predicted
+    m = C.confusion(preds, labels, 5)
+    assert np.array_equal(m, confusion_matrix(labels, preds, labels=range(5)))
+    assert C.macro_f1(m) == pytest.approx(f1_score(labels, preds, average="macro"), abs=1e-12)
+    # hand-worked: 2 classes, [[3, 1], [0, 2]]: F1_0 = 6 / 7, F1_1 = 4 / 5
+    assert C.macro_f1(np.array([[3, 1], [0, 2]])) == pytest.approx((6 / 7 + 4 / 5) / 2)
+
+
+# -- augmentation ----------------------------------------------------------------------------------------------------
+def _image(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 8)) -> Path:
+    arr = np.arange(size[0] * size[1] * 3, dtype=np.uint8).reshape(size[1], size[0], 3)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+def test_augmentation_off_by_default_and_seeded(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    proc = ViTImageProcessorPil(size={"height": 16, "width": 16})
+    row = I.ImageRow(str(_image(tmp_path / "a.png")), 0, "a.png")
+    plain = I.ImageDataset([row], [0], proc)[0]["pixel_values"]
+    rgb, mode = I.open_rgb(row)
+    assert mode == "RGB" and torch.equal(plain, I.pixel_values(proc, [rgb])[0])
+    aug = I.ImageDataset([row], [0], proc, ["random_resized_crop", "hflip"])
+    torch.manual_seed(3)
+    first = aug[0]["pixel_values"]
+    torch.manual_seed(3)
+    assert torch.equal(aug[0]["pixel_values"], first)
+    torch.manual_seed(0)
+    crops = [I.random_resized_crop(rgb).size for _ in range(20)]
+    assert all(0 < w <= 12 and 0 < h <= 8 for w, h in crops) and len(set(crops)) > 1
+    assert all(w * h >= 0.5 * 96 * 0.8 for w, h in crops)  # area in [0.5, 1] of the image, up to rounding
+
+
+# -- bad input -------------------------------------------------------------------------------------------------------
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_corrupt_image_names_file_line_and_path(tmp_path):
+    _image(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = _jsonl(tmp_path / "d.jsonl", [{"image": "ok.png", "label": "a"}, {"image": "bad.png", "label": "b"}])
+    rows = I.read_image_rows(str(data))
+    with pytest.raises(DataError) as err:
+        I.check(rows)
+    msg = str(err.value)
+    assert msg.startswith(f"{data}:2: cannot read image ") and "bad.png" in msg and "\n" not in msg
+
+
+def test_missing_image_and_row_without_image(tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"image": "nowhere.png", "label": "a"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: image .*nowhere\.png' does not exist"):
+        I.check(I.read_image_rows(str(data)))
+    data = _jsonl(tmp_path / "c.jsonl", [{"text": "a handwritten one", "image": ""}])
+    with pytest.raises(DataError, match=r"c\.jsonl:1: caption row has no image \(column 'image'"):
+        I.read_image_rows(str(data), label_column=None, text_column="text")
+
+
+def test_path_outside_the_data_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    _image(tmp_path / "secret.png")
+    data = _jsonl(tmp_path / "data" / "d.jsonl", [{"image": "../secret.png", "label": 0}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: image path '\.\./secret\.png' leads outside the data folder"):
+        I.read_image_rows(str(data))
+    rows = I.read_image_rows(str(data), allow_outside=True)
+    assert Path(rows[0].path).resolve() == (tmp_path / "secret.png").resolve()
+
+
+def test_grayscale_is_converted_and_counted(tmp_path):
+    rows = [I.ImageRow(str(_image(tmp_path / f"{m}.png", m)), 0, f"{m}.png") for m in ("L", "RGB", "P", "L")]
+    assert I.check(rows) == {"L": 2, "P": 1}
+    assert I.open_rgb(rows[0])[0].mode == "RGB"
+
+
+def _cfg(tmp_path, **data):
+    from deltatune.train.config import build
+
+    return build({"stage": "image_cls", "method": {"name": "lora"}, "data": data, "output": {"dir": str(tmp_path)}})
+
+
+def test_one_class_folder_and_unknown_augmentation(tmp_path):
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    _image(tmp_path / "imgs" / "cat" / "1.png")
+    with pytest.raises(
+        DataError, match=r"imgs: only one class \('cat'\); .* at least two \(one sub-folder per class\)"
+    ):
+        C.prepare_image_cls(_cfg(tmp_path, train=str(tmp_path / "imgs")), None)
+    (tmp_path / "imgs" / "dog").mkdir()
+    _image(tmp_path / "imgs" / "dog" / "1.png")
+    with pytest.raises(ConfigError, match="data.augment: unknown augmentation 'blur'"):
+        C.prepare_image_cls(_cfg(tmp_path, train=str(tmp_path / "imgs"), augment=["blur"]), None)
+
+
+def test_eval_label_outside_training_classes(tmp_path):
+    _image(tmp_path / "x.png")
+    train = _jsonl(tmp_path / "t.jsonl", [{"image": "x.png", "label": "a"}, {"image": "x.png", "label": "b"}])
+    ev = _jsonl(tmp_path / "e.jsonl", [{"image": "x.png", "label": "c"}])
+    with pytest.raises(
+        DataError, match=r"e\.jsonl:1: label 'c' \(column 'label'\) is not one of the training classes"
+    ):
+        C.prepare_image_cls(_cfg(tmp_path, train=str(train), eval=str(ev)), None)
+
+
+def test_bad_image_fails_the_cli_in_one_line(tmp_path, capsys):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    _image(tmp_path / "ok.png")
+    data = _jsonl(tmp_path / "d.jsonl", [{"image": "ok.png", "label": 0}, {"image": "bad.png", "label": 1}])
+    from tiny import tiny_model
+
+    tiny_model("vit").save_pretrained(tmp_path / "vit")
+    capsys.readouterr()
+    code = main(["train", str(ROOT / "recipes" / "digits-adapt-lora.yaml"), f"model.name_or_path={tmp_path / 'vit'}",
+                 f"data.train={data}", "data.eval=null", f"output.dir={tmp_path / 'run'}", *FAST])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "d.jsonl:2: cannot read image" in err[0] and "Traceback" not in err[0]
