@@ -1,4 +1,4 @@
-"""``deltatune train|eval|generate|merge|info|bench``: parse, call one function, print the result.
+"""``deltatune train|eval|generate|chat|merge|info|data|bench``: parse, call one function, print the result.
 
 Heavy libraries are imported inside the commands, so ``deltatune --help`` answers at once.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -53,14 +54,23 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.text_column=sentence)")
     _trust_flag(e)
 
-    g = sub.add_parser("generate", help="generate text from a prompt, with an adapter (or merged)")
-    g.add_argument("--adapter", required=True, help="adapter or run folder")
-    g.add_argument("--model", help="base model (default: the one the adapter was trained on)")
-    g.add_argument("--prompt", required=True, help="the prompt text")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g = sub.add_parser(
+        "generate",
+        help="answer a prompt with an adapter (through the model's chat template); --compare adds the base's answer",
+    )
+    g.add_argument("--prompt", required=True, help="the prompt text (a user message, unless --raw)")
+    g.add_argument("--compare", action="store_true", help="also print the base model's answer (adapter off)")
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
-    _trust_flag(g)
+    _generation_flags(g)
+
+    c = sub.add_parser(
+        "chat",
+        help="talk to an adapter: history kept, /reset clears it, /base toggles the adapter off and on, /quit",
+        description="An interactive chat with a trained adapter. Reads one message per line from stdin when it is "
+        "not a terminal (so it can be scripted).",
+    )
+    _generation_flags(c)
 
     m = sub.add_parser("merge", help="fold an adapter into its base and save a plain transformers model")
     m.add_argument("--adapter", required=True, help="adapter or run folder")
@@ -72,6 +82,17 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="a model's family, default targets and trainable parameters per method")
     i.add_argument("model", help="model folder, hub id, or 'minilm'")
     i.add_argument("--task", default=None, help="CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS or TOKEN_CLS (default: guessed)")
+
+    d = sub.add_parser("data", help="check a data file before training (deltatune data inspect FILE)")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="detected format, rows, token lengths, and the first rows as rendered")
+    di.add_argument("file", help="the data file")
+    di.add_argument("--model", help="model whose tokenizer renders and counts (default: built-in chatml, no counts)")
+    di.add_argument("--stage", help="render as this stage does (default: the format's usual stage)")
+    di.add_argument("--max-length", type=int, default=512, help="data.max_length: rows longer are counted")
+    di.add_argument("--template", help="data.template: chatml, alpaca or plain (default: the tokenizer's)")
+    di.add_argument("--format", dest="data_format", help="data.format (default: detected from the rows)")
+    di.add_argument("--rows", type=int, default=2, help="how many rows to render (default 2)")
 
     sv = sub.add_parser(
         "serve",
@@ -129,6 +150,18 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     for command in sub.choices.values():  # --debug after the command too (SUPPRESS: the top-level value stands)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+def _generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="adapter or run folder")
+    parser.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    parser.add_argument("--system", help="a system message (chat models)")
+    parser.add_argument("--raw", action="store_true", help="send the text as it is, without the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in new tokens (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+    _trust_flag(parser)
 
 
 def _trust_flag(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +224,12 @@ def _train(args) -> int:
     main_key = next((k for k in ("eval_accuracy", "eval_f1", "eval_rougeL", "eval_loss") if k in metrics), None)
     if main_key and f"{main_key}_before" in metrics:
         print(f"{main_key}: {metrics[main_key + '_before']:.4f} before training -> {metrics[main_key]:.4f} after")
+    samples = os.path.join(cfg.output.dir, "samples.json")
+    if cfg.output.samples and os.path.isfile(samples):
+        from .train.chat import side_by_side
+
+        with open(samples, encoding="utf-8") as fh:
+            print(side_by_side(json.load(fh)))
     print(f"adapter, metrics.json and report.md written to {cfg.output.dir}")
     print(json.dumps(metrics, sort_keys=True))
     return 0
@@ -203,28 +242,39 @@ def _eval(args) -> int:
     return 0
 
 
+def _sampling(args) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
 def _generate(args) -> int:
-    import torch
+    from .train import chat
 
-    from .train.run import load_adapter_model
-
-    model, tok = load_adapter_model(
-        args.adapter, args.model, merged=args.merged, trust_remote_code=args.trust_remote_code
-    )
+    if args.compare and args.merged:
+        print("deltatune generate: error: --compare needs the adapter unmerged; drop --merged", file=sys.stderr)
+        return 2
+    model, tok = chat.load(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
     model.eval()
-    enc = tok(args.prompt, return_tensors="pt", return_token_type_ids=False)
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
-    is_decoder_only = not getattr(model.config, "is_encoder_decoder", False)
-    new = out[0, enc["input_ids"].shape[1] :] if is_decoder_only else out[0]
-    print(tok.decode(new, skip_special_tokens=True))
+    ids = chat.prompt_ids(tok, args.prompt, raw=args.raw, system=args.system)
+    if args.compare:
+        row = chat.compare(model, tok, [args.prompt], raw=args.raw, system=args.system, **_sampling(args))[0]
+        print(chat.side_by_side([row]))
+    else:
+        print(chat.generate(model, tok, ids, num_beams=args.num_beams, **_sampling(args)))
     return 0
+
+
+def _chat(args) -> int:
+    from .train import chat
+
+    model, tok = chat.load(args.adapter, None if not args.model else args.model, False, args.trust_remote_code,
+                           args.raw, "chat")  # fmt: skip
+    model.eval()
+    return chat.repl(model, tok, system=args.system, raw=args.raw, **_sampling(args))
 
 
 def _merge(args) -> int:
@@ -246,6 +296,13 @@ def _info(args) -> int:
     from .info import describe
 
     print(describe(args.model, args.task))
+    return 0
+
+
+def _data(args) -> int:
+    from .data.inspect import inspect
+
+    print(inspect(args.file, args.model, args.stage, args.max_length, args.template, args.data_format, show=args.rows))
     return 0
 
 
@@ -316,9 +373,18 @@ def _board(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "info": _info, "bench": _bench}
+_COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "generate": _generate,
+    "chat": _chat,
+    "merge": _merge,
+    "info": _info,
+    "bench": _bench,
+}
 _COMMANDS["serve"] = _serve
 _COMMANDS["board"] = _board
+_COMMANDS["data"] = _data
 
 if __name__ == "__main__":
     sys.exit(main())

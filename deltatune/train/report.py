@@ -54,10 +54,15 @@ def write(
     history: list[dict[str, Any]],
     notes: list[str],
     metric: str | None,
+    samples: list[dict[str, str]] | None = None,
 ) -> None:
-    """Write metrics.json, training_curve.png and report.md into ``out_dir``."""
+    """Write metrics.json, training_curve.png and report.md (and samples.json: the base model's and the adapted
+    model's answers to a few eval prompts, when given) into ``out_dir``."""
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2, sort_keys=True)
+    if samples:
+        with open(os.path.join(out_dir, "samples.json"), "w", encoding="utf-8") as fh:
+            json.dump(samples, fh, indent=2, ensure_ascii=False)
     png = plot(history, os.path.join(out_dir, "training_curve.png"), metric)
     lines = [
         f"# Run report: {recipe['stage']} with {recipe['method'].get('name')} on {recipe['model']['name_or_path']}",
@@ -71,6 +76,10 @@ def write(
     ]
     if png:
         lines += ["## Training curve", "", f"![training curve]({os.path.basename(png)})", ""]
+    if samples:
+        from .chat import markdown
+
+        lines += ["## Answers before and after (greedy, held-out prompts)", "", markdown(samples), ""]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     lines += ["## Recipe", "", "```yaml", _yaml(recipe), "```", ""]

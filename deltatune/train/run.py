@@ -18,8 +18,9 @@ import yaml
 from ..config import ConfigError
 from ..model import DeltaModel, get_delta_model
 from . import report
+from .checks import check_model_path, check_num_labels, check_precision, check_run
 from .config import RunConfig, build
-from .models import TASK_OF_STAGE, load_model, load_tokenizer
+from .models import IMAGE_STAGES, TASK_OF_STAGE, load_model, load_processor
 from .runfolder import Replacement, RunLock, check_output_path, recipe_changes, resume_checkpoint, started_callback
 from .stages import STAGES, Prepared, generation_metrics, perplexity
 
@@ -46,6 +47,7 @@ def _check_output(out: str, overwrite: bool, resume: bool) -> tuple[str | None, 
 
 
 def _precision(cfg: RunConfig) -> dict[str, bool]:
+    check_precision(cfg.train.precision)  # fp16 on a CPU is refused, never recorded as fp16 while fp32 trains
     p = cfg.train.precision
     if p == "auto":
         p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -94,9 +96,11 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=None if torch.cuda.is_available() or not distributed else "gloo",
         dataloader_num_workers=t.num_workers,
-        include_num_input_tokens_seen="non_padding",
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding" if cfg.stage not in IMAGE_STAGES else "no",  # no tokens
+        # None when off: transformers 5 warns (FutureWarning: the activation_* names) on every run that passes these
+        # at all, and DeltaModel offers gradient_checkpointing_enable, which the old names call.
+        gradient_checkpointing=cfg.model.gradient_checkpointing or None,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
         eval_on_start=t.eval_on_start and has_eval,
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config or None,
@@ -115,7 +119,7 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
         num_labels,
         dict(enumerate(labels)) if labels else None,
         cfg.model.trust_remote_code,
-        tok.pad_token_id,
+        getattr(tok, "pad_token_id", None),  # an image processor has none
     )
     if cfg.model.quantization:
         from .. import quantize
@@ -170,13 +174,16 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
 
     out = cfg.output.dir
     checkpoint, resume_notes = _check_output(out, overwrite, resume)
+    check_run(cfg)
     set_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code)
     prepared = _prepare(cfg, tok)
     if prepared.labels:
+        check_num_labels(cfg, prepared.labels)
         cfg.data.labels = prepared.labels
     model = build_model(cfg, tok, prepared.labels)
-    delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]))
+    # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
+    delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]), fused_loss=True)
     if cfg.data.packing:
         _check_packing(delta)
     recipe = _recipe_dict(cfg)
@@ -231,11 +238,22 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     before = next((h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0), None)
     if before and prepared.metric and prepared.metric in before:
         metrics[f"{prepared.metric}_before"] = before[prepared.metric]
+    samples = _samples(delta, tok, cfg) if trainer.is_world_process_zero() else None
     if trainer.is_world_process_zero():
         delta.save_pretrained(out)
         tok.save_pretrained(out)
-        report.write(out, recipe, metrics, trainer.state.log_history, prepared.notes, prepared.metric)
+        report.write(out, recipe, metrics, trainer.state.log_history, prepared.notes, prepared.metric, samples)
     return metrics
+
+
+def _samples(delta: DeltaModel, tok, cfg: RunConfig) -> list[dict[str, str]] | None:
+    """``output.samples`` eval prompts answered with the adapter off and on (causal LM stages); None when not asked
+    for. The report writes them to samples.json and report.md."""
+    if not cfg.output.samples or TASK_OF_STAGE[cfg.stage] != "CAUSAL_LM":
+        return None
+    from .chat import run_samples
+
+    return run_samples(delta, tok, cfg)
 
 
 def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool) -> bool:
@@ -355,8 +373,10 @@ def evaluate(
     cfg.model.trust_remote_code = trust_remote_code
     if not cfg.data.eval:
         raise ConfigError("no evaluation data: pass --data FILE")
-    tok = load_tokenizer(
-        run_dir if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")) else cfg.model.name_or_path,
+    saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
+    tok = load_processor(
+        run_dir if os.path.isfile(os.path.join(run_dir, saved)) else cfg.model.name_or_path,
+        cfg.stage,
         trust_remote_code,
     )
     eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
@@ -401,9 +421,9 @@ def load_adapter_model(
 
     Remote model code runs only with ``trust_remote_code=True`` from the caller; a run folder's run.yaml saying
     ``trust_remote_code: true`` is ignored (a folder someone sends you must not run code)."""
-    from ..config import DeltaConfig
+    from ..registry import from_pretrained
 
-    config = DeltaConfig.from_pretrained(adapter_dir)
+    config = from_pretrained(adapter_dir)
     run_file = os.path.join(adapter_dir, RUN_FILE)
     labels, num_labels = None, None
     if os.path.isfile(run_file):
@@ -415,15 +435,18 @@ def load_adapter_model(
         name, task = model or config.base_model_name_or_path, config.task_type or "CAUSAL_LM"
     if not name:
         raise ConfigError(f"{adapter_dir!r} does not say which base model it was trained on; pass --model")
-    has_tok = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
-    tok = load_tokenizer(adapter_dir if has_tok else name, trust_remote_code)
+    check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
+    stage = cfg.stage if os.path.isfile(run_file) else "sft"
+    saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
+    has_tok = os.path.isfile(os.path.join(adapter_dir, saved))
+    tok = load_processor(adapter_dir if has_tok else name, stage, trust_remote_code)
     base = load_model(
         name,
         task,
         num_labels=num_labels or (len(labels) if labels else None),
         id2label=dict(enumerate(labels)) if labels else None,
         trust_remote_code=trust_remote_code,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=getattr(tok, "pad_token_id", None),
     )
     delta = DeltaModel.from_pretrained(base, adapter_dir)
     return (delta.merge_and_unload() if merged else delta), tok

