@@ -1,4 +1,5 @@
-"""Data: loaders, chat/instruction templates, prompt-loss masking, packing, collators.
+"""Data: loaders, formats (detected, mapped to one Sample structure), chat/instruction templates, prompt-loss
+masking, packing, collators.
 
 Names load on first use, so the CLI can name ``DataError`` without importing torch.
 """
@@ -11,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "DataError": ".load", "Row": ".load", "read_rows": ".load", "Collator": ".tasks", "pack": ".tasks",
     "IGNORE_INDEX": ".templates", "TEMPLATES": ".templates",
+    "FORMATS": ".formats", "Sample": ".formats", "read_samples": ".formats", "unpaired_examples": ".formats",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .load import DataError, Row
-from .templates import IGNORE_INDEX, encode_chat, to_messages
+from .templates import IGNORE_INDEX
 
 
 @dataclass
@@ -136,11 +136,23 @@ def encode_sft(
     max_length: int,
     truncation: str = "truncate",
 ) -> Encoded:
-    """Instruction / chat tuning: loss on assistant tokens only."""
+    """Instruction / chat tuning: loss on assistant tokens only (rows in any SFT format, ``formats.read_samples``)."""
+    from .formats import read_samples
+
+    return encode_sft_samples(read_samples(rows, columns, stage="sft"), tokenizer, template, max_length, truncation)
+
+
+def encode_sft_samples(
+    samples: Sequence[Any], tokenizer, template: str | None, max_length: int, truncation: str = "truncate"
+) -> Encoded:
+    """SFT samples (``formats.Sample``) -> ids and labels on the assistant turns (the completion's only, for
+    prompt_completion rows); rows left with no trained token after truncation are dropped and counted."""
+    from .encode import sft_example
+
     out, counter, dropped = [], [0], 0
-    for row in rows:
-        ids, labels = encode_chat(to_messages(row, columns), tokenizer, template)
-        keep = _fit(ids, max_length, row, truncation, counter)
+    for s in samples:
+        ids, labels = sft_example(s, tokenizer, template)
+        keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
         ids, labels = ids[:keep], labels[:keep]
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1

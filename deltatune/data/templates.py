@@ -44,67 +44,59 @@ TEMPLATES: dict[str, Template] = {
     "plain": Template(system="{content}\n", user="{content}\n", assistant="{content}\n", generation_prefix=""),
 }
 
-_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-    "model": "assistant",
-    "bot": "assistant",
-}
-
 
 def to_messages(row: Row, columns: dict[str, str]) -> list[dict[str, str]]:
-    """The row as chat messages. ``columns`` maps roles of the recipe (messages, instruction, input, output,
-    system) to the row's column names."""
-    messages_col = columns.get("messages", "messages")
-    if messages_col in row.data or "conversations" in row.data:
-        raw = row.data.get(messages_col, row.data.get("conversations"))
-        if not isinstance(raw, list) or not raw:
-            raise DataError(f"{row.source}: column {messages_col!r} must be a non-empty list of messages")
-        out = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict):
-                raise DataError(f"{row.source}: message {i} is not an object")
-            role = m.get("role", m.get("from"))
-            content = m.get("content", m.get("value"))
-            if role not in _ROLES or not isinstance(content, str):
-                raise DataError(
-                    f"{row.source}: message {i} needs a known role (user/assistant/system, human/gpt) "
-                    f"and a text content, got role={role!r}"
-                )
-            out.append({"role": _ROLES[role], "content": content})
-        if not any(m["role"] == "assistant" for m in out):
-            raise DataError(f"{row.source}: the conversation has no assistant message to learn from")
-        return out
-    instruction = row.get(columns.get("instruction", "instruction"))
-    extra = row.get(columns.get("input", "input"), required=False)
-    output = row.get(columns.get("output", "output"))
-    system = row.get(columns.get("system", "system"), required=False)
-    prompt = f"{instruction}\n\n{extra}" if extra else str(instruction)
-    messages = [{"role": "system", "content": system}] if system else []
-    return [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": str(output)}]
+    """The row (alpaca, sharegpt or messages) as chat messages. ``columns`` maps fields (messages, instruction,
+    input, output, system) to the row's column names. ``formats.read_samples`` is the full reader."""
+    from .formats import _PARSERS, SHAREGPT_TAGS, detect
+
+    fmt = detect(row, columns)
+    if fmt not in ("alpaca", "sharegpt", "messages"):
+        raise DataError(f"{row.source}: a {fmt} row is not a conversation")
+    messages = _PARSERS[fmt](row, columns, SHAREGPT_TAGS).messages
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{row.source}: the conversation has no assistant message to learn from")
+    return messages
+
+
+def has_tool_support(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders tool schemas and tool calls (it reads ``tools`` or
+    ``tool_calls``)."""
+    source = getattr(tokenizer, "chat_template", None) or ""
+    source = source if isinstance(source, str) else " ".join(dict(source).values())
+    return "tool_calls" in source or "tools" in source
 
 
 def render(
-    messages: list[dict[str, str]], tokenizer, template: str | None, add_generation_prompt: bool = False
+    messages: list[dict],
+    tokenizer,
+    template: str | None,
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+    train_from: int = 0,
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation as text, and the character spans [start, end) of every assistant turn.
+    """The conversation as text, and the character spans [start, end) of every assistant turn from message
+    ``train_from`` on.
 
-    With ``template`` None the tokenizer's own chat template renders it (spans found by rendering
-    each prefix, which must be a prefix of the whole); otherwise the named built-in template.
+    With ``template`` None the tokenizer's own chat template renders it (with ``tools`` schemas; spans found by
+    rendering each prefix, which must be a prefix of the whole); otherwise the named built-in template, which
+    has no tool support.
     """
     if template is None:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"the tokenizer has no chat template; set data.template to one of {', '.join(TEMPLATES)}")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        kw = {"tools": tools} if tools else {}
+
+        def apply(ms: list[dict], gen: bool = False) -> str:
+            return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen, **kw)
+
+        text = apply(messages, add_generation_prompt)
         spans = []
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < train_from:
                 continue
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            before = apply(messages[:i], True)
+            through = apply(messages[: i + 1])
             if not text.startswith(through) or not through.startswith(before):
                 raise DataError(
                     "the tokenizer's chat template does not render conversations prefix by prefix, so "
@@ -114,17 +106,23 @@ def render(
         return text, spans
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}")
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise DataError(
+            f"data.template={template} has no tool support; tool calls need a tokenizer whose chat template renders "
+            "them (leave data.template unset)"
+        )
     t = TEMPLATES[template]
     eos = tokenizer.eos_token or ""
     text, spans = "", []
-    for m in messages:
+    for i, m in enumerate(messages):
         if m["role"] == "assistant":
             prefix, suffix = t.assistant.split("{content}")
             text += prefix
             start = len(text)
             # The end-of-sequence token closes each answer, so generation learns where to stop.
             text += m["content"] + eos
-            spans.append((start, len(text)))
+            if i >= train_from:
+                spans.append((start, len(text)))
             text += suffix
         else:
             text += getattr(t, m["role"]).format(content=m["content"])
@@ -133,9 +131,15 @@ def render(
     return text, spans
 
 
-def encode_chat(messages: list[dict[str, str]], tokenizer, template: str | None) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside assistant turns) of a conversation, untruncated."""
-    text, spans = render(messages, tokenizer, template)
+def encode_chat(
+    messages: list[dict],
+    tokenizer,
+    template: str | None,
+    tools: list[dict] | None = None,
+    train_from: int = 0,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 outside the assistant turns from message ``train_from`` on), untruncated."""
+    text, spans = render(messages, tokenizer, template, tools=tools, train_from=train_from)
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("SFT masking needs a fast tokenizer (with offset mapping)")
     enc = tokenizer(text, add_special_tokens=template is not None, return_offsets_mapping=True)

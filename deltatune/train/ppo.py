@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..data.preference import bos_prefix, read_prompts
 from ..data.tasks import Collator
 from .config import AlignArgs, RunConfig
-from .stages import Prepared, _rows
+from .stages import Prepared, read_splits
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Any]
 """(prompts, responses) texts -> one reward per pair (a list or a (N,) tensor)."""
@@ -400,17 +399,14 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     from .models import resolve_path
 
     d, a = cfg.data, cfg.align
-    train_rows, eval_rows = _rows(cfg)
-    head = bos_prefix(tok)
+    from ..data.encode import prompt_ids
 
-    def enc(rows) -> list[list[int]]:
-        out = []
-        for text, _ in read_prompts(rows, d.prompt_column):
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            out.append(head + ids[max(0, len(ids) - (d.max_length - len(head))) :])  # keep the prompt's end
-        return out
+    train_s, eval_s, template, data_notes = read_splits(cfg, tok)
 
-    train, evals = enc(train_rows), (enc(eval_rows) if eval_rows else None)
+    def enc(samples) -> list[list[int]]:
+        return [prompt_ids(s, tok, template, d.max_length) for s in samples]  # each keeps the prompt's end
+
+    train, evals = enc(train_s), (enc(eval_s) if eval_s else None)
     longest = max(len(p) for p in train + (evals or []))
     try:
         config = AutoConfig.from_pretrained(
@@ -432,6 +428,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
         + (f" adapted towards {a.target_kl}" if a.adaptive_kl else " (fixed)")
         + "; reference = the base with the adapter off; no mid-run checkpoints",
         "![PPO statistics](ppo_stats.png)",
+        *data_notes,
     ]
 
     def loop(model, tokenizer, run_cfg: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.preference import PairCollator, encode_pairs, encode_scored, read_pairs, skipped_note
+from ..data.preference import PairCollator, encode_scored
 from ..data.tasks import Encoded
 from .config import RunConfig
-from .stages import Prepared, _note_truncated, _rows
+from .stages import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
 
@@ -69,25 +69,42 @@ class RewardTrainer(PairTrainer):
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 
-def encode_pair_splits(cfg: RunConfig, tok, causal: bool) -> tuple[Encoded, Encoded | None, list[str]]:
-    """The train and (optional) eval preference rows encoded with ``encode_pairs``, and the report notes (pairs
-    skipped under data.bad_pairs=skip, rows truncated)."""
+def encode_pair_splits(
+    cfg: RunConfig, tok, causal: bool, pair_scorer: bool = False
+) -> tuple[Encoded, Encoded | None, list[str]]:
+    """The train and (optional) eval preference rows (any preference format, ``formats.read_samples``) rendered
+    with the chat template and encoded (``encode.encode_pair_samples``), and the report notes (format, first rows
+    as rendered, pairs skipped under data.bad_pairs=skip, rows truncated)."""
+    from ..data.encode import encode_pair_samples
+
     d = cfg.data
-    train_rows, eval_rows = _rows(cfg)
-    notes: list[str] = []
+    train_s, eval_s, template, notes = read_splits(cfg, tok, pair_scorer=pair_scorer)
 
-    def enc(rows, split: str) -> Encoded:
-        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
-        pairs = read_pairs(rows, d.prompt_column, d.chosen_column, d.rejected_column, skipped)
-        if skipped:
-            notes.append(skipped_note(split, skipped))
-        return encode_pairs(pairs, tok, d.max_length, d.truncation, causal=causal)
+    def enc(samples) -> Encoded:
+        return encode_pair_samples(samples, tok, template, d.max_length, d.truncation, causal=causal)
 
-    train = enc(train_rows, "train")
-    ev = enc(eval_rows, "eval") if eval_rows else None
+    train = enc(train_s)
+    ev = enc(eval_s) if eval_s else None
     _note_truncated(notes, "train", train.truncated, d.max_length)
     _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
     return train, ev, notes
+
+
+def _is_encoder(cfg: RunConfig) -> bool:
+    """Whether the base is an encoder (a masked-LM family such as BERT), which scores (prompt, response) through
+    its pair template rather than a chat template."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from .models import resolve_path
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return False  # the model loader reports this more clearly
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def prepare_rm(cfg: RunConfig, tok) -> Prepared:
@@ -101,7 +118,7 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
     if cfg.model.num_labels not in (None, 1):
         raise ConfigError(f"stage rm trains a scalar reward: model.num_labels must be 1, got {cfg.model.num_labels}")
     cfg.model.num_labels = 1  # recorded in run.yaml, so eval and PPO rebuild the same head
-    train, ev, notes = encode_pair_splits(cfg, tok, causal=False)
+    train, ev, notes = encode_pair_splits(cfg, tok, causal=False, pair_scorer=_is_encoder(cfg))
 
     def compute(p) -> dict[str, float]:
         return pair_metrics(np.asarray(p.predictions))

@@ -16,7 +16,16 @@ import numpy as np
 import torch
 
 from ..data.load import DataError, Row, read_rows
-from ..data.tasks import Collator, encode_cls, encode_pt, encode_seq2seq, encode_sft, encode_tag, label_map, pack
+from ..data.tasks import (
+    Collator,
+    encode_cls,
+    encode_pt,
+    encode_seq2seq,
+    encode_sft_samples,
+    encode_tag,
+    label_map,
+    pack,
+)
 from ..data.templates import IGNORE_INDEX
 from . import metrics as M
 from .config import RunConfig
@@ -48,6 +57,50 @@ def _rows(cfg: RunConfig) -> tuple[list[Row], list[Row] | None]:
     train = read_rows(cfg.data.train, cfg.data.text_column, cfg.data.limit)
     evals = read_rows(cfg.data.eval, cfg.data.text_column, cfg.data.limit) if cfg.data.eval else None
     return train, evals
+
+
+def data_columns(d) -> dict[str, str]:
+    """The field -> column names of the data section (the *_column keys, then data.columns)."""
+    cols = {"prompt": d.prompt_column, "chosen": d.chosen_column, "rejected": d.rejected_column}
+    if getattr(d, "completion_column", None):
+        cols["completion"] = d.completion_column
+    return {**cols, **d.columns}
+
+
+def read_splits(cfg: RunConfig, tok, stage: str | None = None, pair_scorer: bool = False):
+    """The train and eval rows as ``formats.Sample`` lists, the template that renders them, and the report notes
+    (the data format, the first row of each split as rendered, preference rows skipped under data.bad_pairs=skip).
+
+    Raises:
+        DataError: bad rows (``formats.read_samples``), multimodal rows, or no template for the rows.
+    """
+    from ..data.encode import choose_template, first_row_note, format_note
+    from ..data.formats import read_samples, refuse_multimodal
+    from ..data.preference import skipped_note
+
+    d, stage = cfg.data, stage or cfg.stage
+    train_rows, eval_rows = _rows(cfg)
+    notes: list[str] = []
+    splits = []
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        if not rows:
+            splits.append(None)
+            continue
+        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
+        samples = read_samples(rows, data_columns(d), d.format, d.tags, stage, skipped)
+        refuse_multimodal(samples, stage)
+        if skipped:
+            notes.append(skipped_note(split, skipped))
+        if not samples:
+            raise DataError(f"{split} data {getattr(d, split)}: every row was skipped")
+        splits.append(samples)
+    train, ev = splits
+    template = choose_template(train + (ev or []), tok, d.template, stage, pair_scorer)
+    notes.insert(0, format_note(train, d.format is not None))
+    for split, samples in (("train", train), ("eval", ev)):
+        if samples:
+            notes.append(first_row_note(split, samples[0], tok, template, stage))
+    return train, ev, template, notes
 
 
 def _note_truncated(notes: list[str], split: str, count: int, max_length: int) -> None:
@@ -165,14 +218,13 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
 
 
 def prepare_sft(cfg: RunConfig, tok) -> Prepared:
-    train_rows, eval_rows = _rows(cfg)
     d = cfg.data
+    train_s, eval_s, template, notes = read_splits(cfg, tok, "sft")
 
-    def enc(rows):
-        return encode_sft(rows, tok, d.columns, d.template, d.max_length, d.truncation)
+    def enc(samples):
+        return encode_sft_samples(samples, tok, template, d.max_length, d.truncation)
 
-    notes: list[str] = []
-    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
+    train, ev = _encode_splits(enc, train_s, eval_s, d.max_length, notes)
     for split, e in (("train", train), ("eval", ev)):
         if e is not None and e.dropped:
             notes.append(f"{e.dropped} {split} rows were dropped: no response token fits within data.max_length")

@@ -1,0 +1,265 @@
+"""Samples (``formats.Sample``) -> token ids for sft, rm, dpo and ppo, through one chat template.
+
+Which template renders a stage's rows (``choose_template``):
+
+- ``data.template`` set: that built-in template (chatml, alpaca, plain);
+- else the tokenizer's own chat template, when it has one;
+- else (rm, dpo, ppo only, and only for plain-string rows) ``RAW``: the prompt and response texts as they are,
+  the encoding these stages used before chat templates (``preference.encode_lm`` / ``encode_scored``).
+
+The labels of a causal LM are the token ids of the response's assistant turns (their end-of-turn marker
+included) and -100 elsewhere, found from the character spans of those turns in the rendered text: the
+same rule for an SFT conversation, a DPO response and a KTO completion. A reward model scores the whole rendered
+conversation (the score is read at its last token). PPO samples after the rendered prompt and its generation
+prompt (the assistant header), as at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .formats import Message, Sample
+from .load import DataError
+from .preference import encode_lm, encode_scored
+from .templates import IGNORE_INDEX, TEMPLATES, has_tool_support, render
+
+RAW = "raw"
+"""No template: plain prompt and response strings, encoded as before chat templates."""
+
+
+def _uses_tools(s: Sample) -> bool:
+    msgs = [m for part in (s.messages, s.completion, s.chosen, s.rejected) for m in part or []]
+    return bool(s.tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs)
+
+
+def _plain_pair(s: Sample) -> bool:
+    """A row of one user prompt and one-message string responses (TRL's standard shape)."""
+    return not s.conversational and len(s.messages) == 1 and s.messages[0]["role"] == "user" and not _uses_tools(s)
+
+
+def choose_template(
+    samples: Sequence[Sample], tokenizer, template: str | None, stage: str, pair_scorer: bool = False
+) -> str | None:
+    """The template that renders ``samples``: a built-in name, None (the tokenizer's own), or ``RAW``.
+
+    Args:
+        samples: the rows of a split.
+        tokenizer: the model's tokenizer.
+        template: ``data.template``.
+        stage: the stage (sft needs a template; rm, dpo and ppo fall back to RAW for plain strings).
+        pair_scorer: an encoder reward model, which reads plain-string pairs through its own pair template
+            ([CLS] prompt [SEP] response [SEP]) as ``RewardScorer`` scores them in PPO.
+
+    Raises:
+        DataError: an unknown template; conversational rows and no template; tool calls and no template with tool
+            support (the row named).
+    """
+    if template is not None and template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}")
+    if pair_scorer and template is None and all(_plain_pair(s) for s in samples):
+        return RAW
+    if template is None and not getattr(tokenizer, "chat_template", None) and stage != "sft":
+        bad = next((s for s in samples if not _plain_pair(s)), None)
+        if bad is None:
+            return RAW
+        raise DataError(
+            f"{bad.source}: a conversational row needs a chat template, and the tokenizer has none; set data.template "
+            f"to one of {', '.join(TEMPLATES)}"
+        )
+    tooled = next((s for s in samples if _uses_tools(s)), None)
+    if tooled is not None:
+        if template is not None:
+            raise DataError(
+                f"{tooled.source}: the row has tool calls or tools, and data.template={template} has no tool support; "
+                "leave data.template unset to use a tokenizer chat template that renders tools"
+            )
+        if getattr(tokenizer, "chat_template", None) and not has_tool_support(tokenizer):
+            raise DataError(
+                f"{tooled.source}: the row has tool calls or tools, and the tokenizer's chat template has no tool "
+                "support (it never reads 'tools' or 'tool_calls'); use a model whose template renders tools"
+            )
+    return template
+
+
+def _add_special(template: str | None) -> bool:
+    # A tokenizer's chat template writes its own BOS (Llama's does); a built-in template does not.
+    return template is not None
+
+
+def sft_example(s: Sample, tokenizer, template: str | None) -> tuple[list[int], list[int]]:
+    """Ids and labels of an SFT sample: every assistant turn trains (only the completion's for prompt_completion)."""
+    from .templates import encode_chat
+
+    conversation, start = s.sft()
+    return encode_chat(conversation, tokenizer, template, s.tools, start)
+
+
+def _lm(
+    tokenizer, template: str | None, prompt: list[Message], response: list[Message], tools, max_length: int
+) -> tuple[dict[str, list[int]], bool]:
+    """Causal-LM inputs of prompt + response, labels on the response's assistant turns; whether it was cut.
+
+    Over-long rows keep the end of the prompt and as much of the response as fits (at least half of
+    ``max_length`` when the response is that long), as ``preference.encode_lm`` does.
+    """
+    from .templates import encode_chat
+
+    ids, labels = encode_chat(prompt + response, tokenizer, template, tools, len(prompt))
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
+    if len(ids) <= max_length:
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, False
+    p_ids, r_ids, r_lab = ids[:first], ids[first:], labels[first:]
+    keep_r = min(len(r_ids), max(max_length - len(p_ids), max_length // 2))
+    keep_p = max_length - keep_r
+    ids = (p_ids[len(p_ids) - keep_p :] if keep_p else []) + r_ids[:keep_r]
+    labels = [IGNORE_INDEX] * min(keep_p, len(p_ids)) + r_lab[:keep_r]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, True
+
+
+def lm_example(
+    s: Sample, response: list[Message], tokenizer, template: str | None, max_length: int
+) -> tuple[dict[str, list[int]], bool]:
+    """Causal-LM inputs of ``s``'s prompt followed by ``response`` (a chosen, rejected or KTO completion), labels
+    -100 outside the response's assistant turns; whether the row was cut to ``max_length``."""
+    return encode_prompt_response(s.messages, response, tokenizer, template, max_length, s.tools)
+
+
+def encode_prompt_response(
+    prompt: list[Message],
+    response: list[Message],
+    tokenizer,
+    template: str | None,
+    max_length: int,
+    tools: list[dict] | None = None,
+) -> tuple[dict[str, list[int]], bool]:
+    """Causal-LM inputs of ``prompt`` messages followed by ``response`` messages (e.g. one triple of
+    ``formats.unpaired_examples``), rendered with ``template`` (from ``choose_template``), labels -100 outside the
+    response's assistant turns; whether the row was cut to ``max_length``."""
+    if template == RAW:
+        return encode_lm(tokenizer, prompt[0]["content"], response[0]["content"], max_length)
+    return _lm(tokenizer, template, prompt, response, tools, max_length)
+
+
+def scored_example(
+    s: Sample, response: list[Message], tokenizer, template: str | None, max_length: int
+) -> tuple[dict[str, list[int]], bool]:
+    """Reward-model inputs of the prompt and ``response``: the rendered conversation (or, RAW, the tokenizer's pair
+    template); over-long inputs lose the start of the prompt first."""
+    if template == RAW:
+        return encode_scored(tokenizer, s.messages[0]["content"], response[0]["content"], max_length)
+    text, _ = render(s.messages + response, tokenizer, template, tools=s.tools)
+    enc = {k: list(v) for k, v in tokenizer(text, add_special_tokens=_add_special(template)).items()}
+    n = len(enc["input_ids"])
+    if n <= max_length:
+        return enc, False
+    return {k: v[n - max_length :] for k, v in enc.items()}, True
+
+
+def prompt_ids(s: Sample, tokenizer, template: str | None, max_length: int) -> list[int]:
+    """PPO: the prompt's ids, rendered with the generation prompt (the assistant header) so sampling continues as
+    the assistant; the end is kept when it is longer than ``max_length``."""
+    if template == RAW:
+        from .preference import bos_prefix
+
+        head = bos_prefix(tokenizer)
+        ids = tokenizer(s.messages[0]["content"], add_special_tokens=False)["input_ids"]
+        return head + ids[max(0, len(ids) - (max_length - len(head))) :]
+    text, _ = render(s.messages, tokenizer, template, add_generation_prompt=True, tools=s.tools)
+    ids = tokenizer(text, add_special_tokens=_add_special(template))["input_ids"]
+    return ids[max(0, len(ids) - max_length) :]
+
+
+# -- what the report and ``deltatune data inspect`` show ---------------------------------------------------
+
+
+def mark(text: str, spans: Sequence[tuple[int, int]], left: str = "[[", right: str = "]]") -> str:
+    """``text`` with each trained span [start, end) wrapped in ``left`` ... ``right``."""
+    out, at = [], 0
+    for start, end in spans:
+        out += [text[at:start], left, text[start:end], right]
+        at = end
+    return "".join([*out, text[at:]])
+
+
+def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tuple[str, str, list[tuple[int, int]]]]:
+    """What ``stage`` trains on for ``s``: (part, text, trained character spans) per sequence (sft: one; rm, dpo,
+    kto: chosen and rejected; ppo: the prompt, nothing trained in it)."""
+    if stage == "ppo":
+        if template == RAW:
+            return [("prompt", s.messages[0]["content"], [])]
+        text, _ = render(s.messages, tokenizer, template, add_generation_prompt=True, tools=s.tools)
+        return [("prompt", text, [])]
+    if s.text is not None:
+        return [("text", s.text, [(0, len(s.text))])]
+    if stage == "sft":
+        conversation, start = s.sft()
+        text, spans = render(conversation, tokenizer, template, tools=s.tools, train_from=start)
+        return [("conversation", text, spans)]
+    responses = (
+        [("chosen", s.chosen), ("rejected", s.rejected)]
+        if s.chosen is not None
+        else [("completion", s.completion or [])]
+    )
+    out = []
+    for part, response in responses:
+        if template == RAW:
+            p, r = s.messages[0]["content"], response[0]["content"]
+            sep = " " if stage == "rm" else ""
+            out.append((part, p + sep + r, [] if stage == "rm" else [(len(p), len(p) + len(r))]))
+            continue
+        text, spans = render(s.messages + response, tokenizer, template, tools=s.tools, train_from=len(s.messages))
+        out.append((part, text, [] if stage == "rm" else spans))
+    return out
+
+
+def format_note(samples: Sequence[Sample], forced: bool) -> str:
+    """The report line naming the data format."""
+    s = samples[0]
+    shape = "" if s.format in ("text", "alpaca") else " (conversational)" if s.conversational else " (standard)"
+    how = "set by data.format" if forced else "detected from the rows"
+    return f"data format: {s.format}{shape}, {how}"
+
+
+def first_row_note(split: str, s: Sample, tokenizer, template: str | None, stage: str) -> str:
+    """The report note showing the first row of a split as rendered, trained spans between [[ and ]]."""
+    how = {RAW: "no chat template (plain text)", None: "the tokenizer's chat template"}.get(
+        template, f"the built-in {template} template"
+    )
+    lines = [f"first {split} row ({s.source}) as rendered with {how}; trained tokens between [[ and ]]:"]
+    for part, text, spans in rendered(s, tokenizer, template, stage):
+        lines += ["", f"  {part}:", "", "  ```text", *["  " + line for line in mark(text, spans).split("\n")], "  ```"]
+    return "\n".join(lines)
+
+
+def lengths(examples: Sequence[dict[str, Any]]) -> list[int]:
+    """Token lengths of encoded examples (the longer sequence of a pair)."""
+    out = []
+    for ex in examples:
+        if "chosen" in ex:
+            out.append(max(len(ex["chosen"]["input_ids"]), len(ex["rejected"]["input_ids"])))
+        else:
+            out.append(len(ex["input_ids"]))
+    return out
+
+
+def encode_pair_samples(
+    samples: Sequence[Sample], tokenizer, template: str | None, max_length: int, truncation: str, causal: bool
+):
+    """Each preference sample as ``{"chosen": inputs, "rejected": inputs}`` (``lm_example`` when ``causal``, else
+    ``scored_example``); rows cut to ``max_length`` are counted, or refused with ``truncation="refuse"``."""
+    from .tasks import Encoded
+
+    encode = lm_example if causal else scored_example
+    out, truncated = [], 0
+    for s in samples:
+        chosen, cut_c = encode(s, s.chosen, tokenizer, template, max_length)
+        rejected, cut_r = encode(s, s.rejected, tokenizer, template, max_length)
+        if (cut_c or cut_r) and truncation == "refuse":
+            raise DataError(
+                f"{s.source}: longer than data.max_length={max_length} tokens "
+                "(set data.truncation=truncate to cut such rows)"
+            )
+        truncated += cut_c or cut_r
+        out.append({"chosen": chosen, "rejected": rejected})
+    return Encoded(out, truncated)

@@ -1,0 +1,610 @@
+"""The data formats users bring, detected from the rows and mapped to one structure, ``Sample``.
+
+Formats (the name is what ``data.format`` forces; by default each row's fields decide, and one file holds one):
+
+- ``alpaca``: ``instruction``, ``input``, ``output`` (+ ``system``, + ``history`` of [user, assistant] pairs).
+- ``sharegpt``: ``conversations`` of ``{from, value}`` with LLaMA-Factory's roles (human, gpt, system,
+  function_call, observation), renamed by ``data.tags`` as in its ``dataset_info.json``; ``system`` and ``tools``
+  columns.
+- ``messages``: OpenAI / TRL ``messages`` of ``{role, content}`` (system, user, assistant, tool; ``tool_calls``),
+  with an optional ``tools`` column of JSON schemas.
+- ``prompt_completion``: TRL's ``prompt`` + ``completion``, as strings (standard) or message lists
+  (conversational); only the completion is trained.
+- ``prompt``: TRL's prompt-only rows (PPO).
+- ``preference``: TRL's ``prompt`` + ``chosen`` + ``rejected`` (explicit prompt), standard or conversational.
+- ``preference_implicit``: TRL's ``chosen`` + ``rejected`` holding the whole conversation; the prompt is their
+  common beginning (whole messages; for strings, up to the last whitespace they share).
+- ``sharegpt_preference``: LLaMA-Factory's ``conversations`` + ``chosen`` + ``rejected`` messages.
+- ``unpaired``: KTO's ``prompt`` + ``completion`` + ``label`` (true: desirable).
+- ``text``: plain ``text`` for pre-training.
+
+A standard (string) prompt becomes one user message and a string response one assistant message, so every stage
+renders the same chat template for the same pair whatever its shape. Images and videos (``images``/``videos``
+columns, ``<image>``/``<video>`` markers) are kept as paths in ``Sample.images``/``Sample.videos``; the text stages
+refuse such rows (``refuse_multimodal``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .load import DataError, Row
+
+Message = dict[str, Any]
+"""``{"role": system|user|assistant|tool, "content": str}``, an assistant's ``tool_calls`` as transformers'
+chat templates read them (``[{"type": "function", "function": {"name", "arguments": dict}}]``)."""
+
+FORMATS: dict[str, str] = {
+    "alpaca": "instruction, input, output (+ system, history)",
+    "sharegpt": "conversations of {from, value}",
+    "messages": "messages of {role, content}",
+    "prompt_completion": "prompt + completion",
+    "prompt": "prompt only",
+    "preference": "prompt + chosen + rejected",
+    "preference_implicit": "chosen + rejected (the prompt is their common beginning)",
+    "sharegpt_preference": "conversations + chosen + rejected",
+    "unpaired": "prompt + completion + label",
+    "text": "text",
+}
+
+STAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("alpaca", "sharegpt", "messages", "prompt_completion"),
+    "rm": ("preference", "preference_implicit", "sharegpt_preference"),
+    "dpo": ("preference", "preference_implicit", "sharegpt_preference"),
+    "ppo": ("prompt", "preference", "preference_implicit", "sharegpt_preference", "prompt_completion", "unpaired"),
+    "kto": ("unpaired", "preference", "preference_implicit", "sharegpt_preference"),
+    "pt": ("text",),
+}
+"""The formats each stage reads."""
+
+# LLaMA-Factory's sharegpt tags (dataset_info.json "tags"), overridable by data.tags.
+SHAREGPT_TAGS: dict[str, str] = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+_MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+_MARKERS = ("<image>", "<video>")
+
+
+@dataclass
+class Sample:
+    """One row in the internal structure every stage reads.
+
+    ``messages`` is the whole conversation for the SFT formats (every assistant turn trains) and the prompt for
+    the others; ``completion``, ``chosen`` and ``rejected`` are the response messages that follow it.
+    """
+
+    source: str
+    """``file:line`` of the row."""
+    format: str
+    messages: list[Message]
+    completion: list[Message] | None = None
+    chosen: list[Message] | None = None
+    rejected: list[Message] | None = None
+    label: bool | None = None
+    """unpaired (KTO): whether the completion is desirable."""
+    text: str | None = None
+    """text: the document."""
+    conversational: bool = True
+    """False when the row's prompt and responses were plain strings (TRL's standard shape)."""
+    tools: list[dict] | None = None
+    """JSON schemas of the tools the row's assistant may call."""
+    images: list[str] = field(default_factory=list)
+    """Image paths (or URLs) of a multimodal row, for the vision stages."""
+    videos: list[str] = field(default_factory=list)
+
+    def sft(self) -> tuple[list[Message], int]:
+        """(conversation, index of the first message whose assistant turns train)."""
+        if self.completion is not None:
+            return self.messages + self.completion, len(self.messages)
+        return self.messages, 0
+
+
+# -- detection ----------------------------------------------------------------------------------------------
+
+
+def _col(columns: dict[str, str], key: str) -> str:
+    return columns.get(key, key)
+
+
+def _has(row: Row, column: str) -> bool:
+    return row.data.get(column) is not None
+
+
+def detect(row: Row, columns: dict[str, str] | None = None) -> str:
+    """The format of one row, from the fields it has (``columns`` renames them: {prompt: question, ...}).
+
+    Raises:
+        DataError: the row's fields match no format (the message lists them).
+    """
+    c = columns or {}
+    has = {k: _has(row, _col(c, k)) for k in ("prompt", "chosen", "rejected", "completion", "label", "text")}
+    conv = _has(row, _col(c, "conversations"))
+    msgs = _has(row, _col(c, "messages"))
+    if has["chosen"] and has["rejected"]:
+        if conv or msgs and not has["prompt"]:
+            return "sharegpt_preference"
+        return "preference" if has["prompt"] else "preference_implicit"
+    if has["prompt"] and has["completion"]:
+        return "unpaired" if has["label"] else "prompt_completion"
+    if conv or msgs:
+        items = row.data.get(_col(c, "conversations") if conv else _col(c, "messages"))
+        first = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+        return "sharegpt" if conv and "role" not in first or "from" in first else "messages"
+    if _has(row, _col(c, "instruction")) or _has(row, _col(c, "output")):
+        return "alpaca"  # (a missing one of the two is then named by the alpaca reader)
+    if has["prompt"]:
+        return "prompt"
+    if has["text"]:
+        return "text"
+    fields = ", ".join(sorted(row.data)) or "none"
+    raise DataError(
+        f"{row.source}: the row's fields ({fields}) match no known data format; formats: "
+        + "; ".join(f"{k} ({v})" for k, v in FORMATS.items())
+        + " (data.columns renames fields, data.format forces a format)"
+    )
+
+
+def read_samples(
+    rows: Sequence[Row],
+    columns: dict[str, str] | None = None,
+    data_format: str | None = None,
+    tags: dict[str, str] | None = None,
+    stage: str | None = None,
+    skipped: list[str] | None = None,
+) -> list[Sample]:
+    """Detect the file's format (or use ``data_format``) and map every row to a ``Sample``.
+
+    Args:
+        rows: the rows of one file.
+        columns: renamed fields, e.g. ``{"prompt": "question", "messages": "conversations"}``.
+        data_format: force this format (a key of ``FORMATS``); None detects it from the first row.
+        tags: sharegpt tag names overriding ``SHAREGPT_TAGS`` (LLaMA-Factory's dataset_info.json ``tags``).
+        stage: when given, a format the stage does not read is refused, and SFT conversations must end with an
+            assistant turn.
+        skipped: when given, preference rows with chosen == rejected are left out and their ``file:line``
+            appended here instead of raising.
+
+    Raises:
+        DataError: one line naming file:line and the field: mixed formats in one file, an unknown role, an empty
+            assistant turn, an SFT conversation not ending with an assistant turn, chosen == rejected, a tool
+            call without a schema, a format the stage does not read.
+    """
+    c = dict(columns or {})
+    if data_format is not None and data_format not in FORMATS:
+        raise DataError(f"data.format={data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
+    if data_format in ("sharegpt", "sharegpt_preference"):
+        c.setdefault("conversations", c.get("messages", "conversations"))
+    t = {**SHAREGPT_TAGS, **(tags or {})}
+    out: list[Sample] = []
+    first: tuple[str, str] | None = None
+    for row in rows:
+        fmt = data_format or detect(row, c)
+        if first is None:
+            first = (fmt, row.source)
+            if stage and stage in STAGE_FORMATS and fmt not in STAGE_FORMATS[stage]:
+                raise DataError(
+                    f"{row.source}: the data is in the {fmt} format ({FORMATS[fmt]}), which stage {stage} does not "
+                    f"read; stage {stage} reads: {', '.join(STAGE_FORMATS[stage])}"
+                )
+        elif fmt != first[0]:
+            raise DataError(
+                f"{row.source}: this row is in the {fmt} format ({FORMATS[fmt]}) but {first[1]} began the file in the "
+                f"{first[0]} format ({FORMATS[first[0]]}); one file holds one format"
+            )
+        try:
+            sample = _PARSERS[fmt](row, c, t)
+        except _BadPair as exc:
+            if skipped is None:
+                raise DataError(str(exc)) from None
+            skipped.append(row.source)
+            continue
+        _check(sample, stage)
+        out.append(sample)
+    return out
+
+
+class _BadPair(Exception):
+    """An empty response, or chosen == rejected (a row ``data.bad_pairs=skip`` may leave out)."""
+
+
+# -- messages -----------------------------------------------------------------------------------------------
+
+
+def _content(value: Any, where: str, sample_media: dict[str, list[str]]) -> str:
+    """Text content; OpenAI content parts are joined (their images noted)."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if isinstance(part, dict) and part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") in ("image", "image_url", "video"):
+                kind = "videos" if part["type"] == "video" else "images"
+                ref = part.get("image_url", part.get("image", part.get("url", part.get("path", ""))))
+                sample_media[kind].append(ref.get("url", "") if isinstance(ref, dict) else str(ref))
+                texts.append("<video>" if kind == "videos" else "<image>")
+            else:
+                raise DataError(f"{where}: content part {part!r} is neither text nor an image")
+        return "".join(texts)
+    raise DataError(f"{where}: content must be text, got {type(value).__name__}")
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """Tool calls as transformers' chat templates read them, arguments parsed to a dict."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(
+                f"{where}: a function call must be JSON ({{name, arguments}}), got {value[:40]!r}"
+            ) from None
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for i, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{where}[{i}]: a tool call needs a function name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                raise DataError(f"{where}[{i}].arguments: not valid JSON") from None
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and call.get("id"):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _message_list(
+    value: Any, source: str, column: str, role_key: str, content_key: str, roles: dict[str, str], media
+) -> list[Message]:
+    """A list of message objects -> Messages; ``roles`` maps the row's role names to ours ('function' for a
+    sharegpt function_call, whose value is the call)."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{source}: column {column!r} must be a non-empty list of messages")
+    out: list[Message] = []
+    for i, m in enumerate(value):
+        where = f"{source}: {column}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: a message must be an object, got {type(m).__name__}")
+        role = m.get(role_key, m.get("role", m.get("from")))
+        if role not in roles:
+            raise DataError(
+                f"{where}.{role_key}: unknown role={role!r} (known roles: {', '.join(map(repr, roles))}; "
+                "data.tags renames sharegpt roles)"
+            )
+        ours = roles[role]
+        raw = m.get(content_key, m.get("content", m.get("value")))
+        if ours == "function":
+            out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(raw, f"{where}.{content_key}")})
+            continue
+        msg: Message = {"role": ours, "content": _content(raw, f"{where}.{content_key}", media)}
+        if ours == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if ours == "tool":
+            for key in ("name", "tool_call_id"):
+                if m.get(key):
+                    msg[key] = m[key]
+        out.append(msg)
+    return out
+
+
+def _media(row: Row, c: dict[str, str]) -> dict[str, list[str]]:
+    media: dict[str, list[str]] = {"images": [], "videos": []}
+    for kind in media:
+        value = row.data.get(_col(c, kind))
+        if value:
+            media[kind] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return media
+
+
+def _tools(row: Row, c: dict[str, str]) -> list[dict] | None:
+    value = row.data.get(_col(c, "tools"))
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{row.source}: column {_col(c, 'tools')!r} is not valid JSON") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"{row.source}: column {_col(c, 'tools')!r} must be a list of tool schemas")
+    return [v if "function" in v else {"type": "function", "function": v} for v in value]
+
+
+def _text(row: Row, column: str) -> str:
+    value = row.get(column)
+    if not isinstance(value, str):
+        raise DataError(f"{row.source}: column {column!r} must be text, got {type(value).__name__}")
+    return value
+
+
+def _turn(value: Any, row: Row, column: str, role: str, media) -> tuple[list[Message], bool]:
+    """A TRL field: a string (one ``role`` message) or a list of messages; and whether it was a list."""
+    if isinstance(value, str):
+        if role == "user" and not value.strip():
+            raise DataError(f"{row.source}: column {column!r} is empty")
+        return [{"role": role, "content": value}], False
+    roles = {r: r for r in _MESSAGE_ROLES}
+    return _message_list(value, row.source, column, "role", "content", roles, media), True
+
+
+def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
+    system = row.data.get(_col(c, "system"))
+    return [{"role": "system", "content": str(system)}] if system else []
+
+
+# -- one parser per format ----------------------------------------------------------------------------------
+
+
+def _alpaca(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    instruction = row.get(_col(c, "instruction"))
+    extra = row.get(_col(c, "input"), required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra else str(instruction)
+    history = row.data.get(_col(c, "history")) or []
+    messages = _system_message(row, c)
+    if not isinstance(history, list):
+        raise DataError(f"{row.source}: column {_col(c, 'history')!r} must be a list of [instruction, response]")
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise DataError(f"{row.source}: {_col(c, 'history')}[{i}] must be a pair [instruction, response]")
+        messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    messages += [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": str(row.get(_col(c, "output")))},
+    ]
+    return Sample(row.source, "alpaca", messages, conversational=False, **media)
+
+
+def _sharegpt_roles(t: dict[str, str]) -> dict[str, str]:
+    return {
+        t["user_tag"]: "user",
+        t["assistant_tag"]: "assistant",
+        t["system_tag"]: "system",
+        t["observation_tag"]: "tool",
+        t["function_tag"]: "function",
+    }
+
+
+def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    column = _col(c, "conversations") if _has(row, _col(c, "conversations")) else _col(c, "messages")
+    messages = _message_list(
+        row.get(column), row.source, column, t["role_tag"], t["content_tag"], _sharegpt_roles(t), media
+    )
+    if messages[0]["role"] != "system":
+        messages = _system_message(row, c) + messages
+    return Sample(row.source, "sharegpt", messages, tools=_tools(row, c), **media)
+
+
+def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    column = _col(c, "messages")
+    roles = {r: r for r in _MESSAGE_ROLES}
+    messages = _message_list(row.get(column), row.source, column, "role", "content", roles, media)
+    return Sample(row.source, "messages", messages, tools=_tools(row, c), **media)
+
+
+def _prompt_completion(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    prompt, conv = _turn(row.get(_col(c, "prompt")), row, _col(c, "prompt"), "user", media)
+    completion, conv_c = _turn(row.get(_col(c, "completion")), row, _col(c, "completion"), "assistant", media)
+    return Sample(row.source, "prompt_completion", prompt, completion=completion, conversational=conv or conv_c,
+                  tools=_tools(row, c), **media)  # fmt: skip
+
+
+def _prompt(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    prompt, conv = _turn(row.get(_col(c, "prompt")), row, _col(c, "prompt"), "user", media)
+    return Sample(row.source, "prompt", prompt, conversational=conv, tools=_tools(row, c), **media)
+
+
+def _label(row: Row, column: str) -> bool:
+    value = row.get(column)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise DataError(f"{row.source}: column {column!r} must be true or false (desirable or not), got {value!r}")
+
+
+def _unpaired(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
+    s = _prompt_completion(row, c, t)
+    s.format, s.label = "unpaired", _label(row, _col(c, "label"))
+    return s
+
+
+def _pair_check(s: Sample, c: dict[str, str]) -> Sample:
+    for key, msgs in (("chosen", s.chosen), ("rejected", s.rejected)):
+        if not any(m["content"].strip() or m.get("tool_calls") for m in msgs if m["role"] == "assistant"):
+            raise _BadPair(
+                f"{s.source}: column {_col(c, key)!r} is empty; a preference pair needs two responses "
+                "(data.bad_pairs=skip leaves such rows out)"
+            )
+
+    def flat(ms: list[Message]) -> str:
+        return json.dumps([(m["role"], m["content"].strip(), m.get("tool_calls")) for m in ms], sort_keys=True)
+
+    if flat(s.chosen) == flat(s.rejected):
+        raise _BadPair(
+            f"{s.source}: {_col(c, 'chosen')!r} and {_col(c, 'rejected')!r} are identical; a preference pair needs "
+            "two different responses (data.bad_pairs=skip leaves such rows out)"
+        )
+    return s
+
+
+def _preference(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    prompt, conv = _turn(row.get(_col(c, "prompt")), row, _col(c, "prompt"), "user", media)
+    chosen, conv_c = _turn(row.get(_col(c, "chosen")), row, _col(c, "chosen"), "assistant", media)
+    rejected, conv_r = _turn(row.get(_col(c, "rejected")), row, _col(c, "rejected"), "assistant", media)
+    s = Sample(row.source, "preference", prompt, chosen=chosen, rejected=rejected,
+               conversational=conv or conv_c or conv_r, tools=_tools(row, c), **media)  # fmt: skip
+    return _pair_check(s, c)
+
+
+def _preference_implicit(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    cc, rc = _col(c, "chosen"), _col(c, "rejected")
+    chosen_raw, rejected_raw = row.get(cc), row.get(rc)
+    if isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
+        if chosen_raw.strip() == rejected_raw.strip():
+            raise _BadPair(
+                f"{row.source}: {cc!r} and {rc!r} are identical; a preference pair needs two different responses "
+                "(data.bad_pairs=skip leaves such rows out)"
+            )
+        # The prompt is the common beginning, cut back to the last whitespace both share (so a shared first word
+        # of the two answers stays in the answers).
+        n = 0
+        while n < min(len(chosen_raw), len(rejected_raw)) and chosen_raw[n] == rejected_raw[n]:
+            n += 1
+        while n > 0 and not chosen_raw[n - 1].isspace():
+            n -= 1
+        prompt = chosen_raw[:n].strip()
+        if not prompt:
+            raise DataError(f"{row.source}: {cc!r} and {rc!r} share no beginning, so they hold no implicit prompt")
+        s = Sample(row.source, "preference_implicit", [{"role": "user", "content": prompt}],
+                   chosen=[{"role": "assistant", "content": chosen_raw[n:].strip()}],
+                   rejected=[{"role": "assistant", "content": rejected_raw[n:].strip()}],
+                   conversational=False, tools=_tools(row, c), **media)  # fmt: skip
+        return _pair_check(s, c)
+    chosen, _ = _turn(chosen_raw, row, cc, "assistant", media)
+    rejected, _ = _turn(rejected_raw, row, rc, "assistant", media)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{row.source}: {cc!r} and {rc!r} share no first message, so they hold no implicit prompt")
+    if n == len(chosen) == len(rejected):
+        raise _BadPair(
+            f"{row.source}: {cc!r} and {rc!r} are identical; a preference pair needs two different responses "
+            "(data.bad_pairs=skip leaves such rows out)"
+        )
+    s = Sample(row.source, "preference_implicit", chosen[:n], chosen=chosen[n:], rejected=rejected[n:],
+               tools=_tools(row, c), **media)  # fmt: skip
+    return _pair_check(s, c)
+
+
+def _sharegpt_preference(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
+    s = _sharegpt(row, c, t)
+    roles = _sharegpt_roles(t)
+    media = {"images": s.images, "videos": s.videos}
+    for key in ("chosen", "rejected"):
+        col = _col(c, key)
+        msgs = _message_list(row.get(col), row.source, col, t["role_tag"], t["content_tag"], roles, media)
+        setattr(s, key, msgs)
+    s.format = "sharegpt_preference"
+    return _pair_check(s, c)
+
+
+def _plain(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    return Sample(row.source, "text", [], text=_text(row, _col(c, "text")), conversational=False)
+
+
+_PARSERS = {
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "messages": _messages,
+    "prompt_completion": _prompt_completion,
+    "prompt": _prompt,
+    "preference": _preference,
+    "preference_implicit": _preference_implicit,
+    "sharegpt_preference": _sharegpt_preference,
+    "unpaired": _unpaired,
+    "text": _plain,
+}
+
+
+# -- checks -------------------------------------------------------------------------------------------------
+
+
+def _check(s: Sample, stage: str | None) -> None:
+    """Empty assistant turns, tool calls without a schema, and (SFT) the last turn."""
+    parts = [("messages", s.messages), ("completion", s.completion), ("chosen", s.chosen), ("rejected", s.rejected)]
+    names = {t["function"]["name"] for t in s.tools or [] if isinstance(t.get("function"), dict)}
+    for part, msgs in parts:
+        for i, m in enumerate(msgs or []):
+            if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+                raise DataError(f"{s.source}: {part}[{i}].content: the assistant turn is empty")
+            for k, call in enumerate(m.get("tool_calls") or []):
+                name = call["function"]["name"]
+                if name not in names:
+                    have = ", ".join(sorted(names)) or "none"
+                    raise DataError(
+                        f"{s.source}: {part}[{i}].tool_calls[{k}].function.name: the call to {name!r} has no matching "
+                        f"schema in the row's 'tools' column (tools given: {have})"
+                    )
+    if stage == "sft" or stage is None and s.format in STAGE_FORMATS["sft"]:
+        conversation, start = s.sft()
+        if not any(m["role"] == "assistant" for m in conversation[start:]):
+            raise DataError(f"{s.source}: the conversation has no assistant message to learn from")
+        if stage == "sft" and conversation[-1]["role"] != "assistant":
+            raise DataError(
+                f"{s.source}: messages[{len(conversation) - 1}].role: the conversation ends with a "
+                f"{conversation[-1]['role']} turn; SFT needs it to end with an assistant turn"
+            )
+    for part, msgs in (("chosen", s.chosen), ("rejected", s.rejected), ("completion", s.completion)):
+        if msgs is not None and (not msgs or msgs[-1]["role"] != "assistant"):
+            raise DataError(f"{s.source}: {part}: the response must end with an assistant message")
+
+
+def refuse_multimodal(samples: Sequence[Sample], stage: str) -> None:
+    """DataError naming the first row with images or videos (columns or ``<image>`` markers): the text stages
+    cannot read them; the vision stages (image_cls, caption) will."""
+    for s in samples:
+        texts = [m["content"] for part in (s.messages, s.completion, s.chosen, s.rejected) for m in part or []]
+        marked = next((mk for mk in _MARKERS for t in texts + [s.text or ""] if mk in t), None)
+        if s.images or s.videos or marked:
+            what = (
+                f"{len(s.images)} image(s)"
+                if s.images
+                else f"{len(s.videos)} video(s)"
+                if s.videos
+                else f"a {marked} marker"
+            )
+            raise DataError(
+                f"{s.source}: a multimodal row ({what}); stage {stage} trains on text only and would ignore the "
+                "images; the vision stages (image_cls, caption) read image rows"
+            )
+
+
+def unpaired_examples(samples: Sequence[Sample]) -> list[tuple[list[Message], list[Message], bool]]:
+    """(prompt messages, completion messages, desirable) per row, for the KTO stage.
+
+    Unpaired rows give one triple each; preference rows give two (chosen: True, rejected: False), as TRL's KTO
+    reads paired data.
+
+    Raises:
+        DataError: a row of a format that holds no completion (the first such row is named).
+    """
+    out = []
+    for s in samples:
+        if s.format == "unpaired":
+            out.append((s.messages, s.completion, bool(s.label)))
+        elif s.chosen is not None and s.rejected is not None:
+            out += [(s.messages, s.chosen, True), (s.messages, s.rejected, False)]
+        else:
+            raise DataError(f"{s.source}: a {s.format} row holds no completion with a label; KTO reads "
+                            "prompt + completion + label (or preference pairs)")  # fmt: skip
+    return out
