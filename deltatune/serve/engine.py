@@ -1,8 +1,8 @@
 """The generation engine: one base model, many adapters, concurrent requests gathered into mixed batches.
 
-Scheduling (batch-at-a-time, with early leave). One worker thread owns the model. It waits for a request, then
-gathers more for at most ``max_wait_s`` (bounded wait) up to ``max_batch_size`` rows, and splits them into groups
-that can share a forward pass:
+Scheduling. One worker thread owns the model. It waits for a request, then gathers more for at most
+``max_wait_s`` (bounded wait) up to ``max_batch_size`` rows, and splits them into groups that can share a forward
+pass:
 
 - every row whose adapter routes rows (LoRA, IA3, bottleneck adapters; see ``DeltaModel.mixed_batch``) and every
   base-model row go into ONE mixed batch, each row computing with its own adapter (``adapter_names=[...]``);
@@ -11,8 +11,11 @@ that can share a forward pass:
 
 Each group decodes step by step with a KV cache: a left-padded prefill, then one token per row per step. A row
 that finishes (EOS, ``max_tokens``, a stop string, or its client gone) leaves the batch at once: its rows of the
-cache are dropped (``Cache.batch_select_indices``), so the remaining rows run on a smaller batch. Requests that
-arrive meanwhile wait for the next batch (new rows do not join a running batch: no continuous batching).
+cache are dropped (``Cache.batch_select_indices``). The mixed batch is continuously batched: between two steps,
+waiting requests that can route rows join it (prefilled on their own, their cache left-padded and appended to the
+running one) up to ``max_batch_size`` rows. A token-method batch runs batch-at-a-time (its requests wait for the
+next batch), since its adapter is the model's active one for the whole batch. Once a request for another group is
+waiting, nothing more joins, so the running batch drains and that request is not starved.
 
 Per-row sampling keeps answers independent of the batch: greedy rows take the argmax; sampled rows scale by their
 temperature, keep their top-p nucleus, and draw from their own ``torch.Generator`` seeded by the request's seed.
@@ -92,6 +95,8 @@ class Engine:
         self.running = 0  # rows in the batch being decoded
         self.batches = 0  # batches decoded so far
         self.cancelled = 0  # rows dropped from a running batch because their client went away
+        self.joined = 0  # requests that joined a running batch (continuous batching)
+        self._aside: list[Request] = []  # taken from the queue while joining, but for another batch
         self._routes: dict[str, bool] = {}
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos = tokenizer.eos_token_id if eos is None else eos
@@ -149,11 +154,13 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self.pending.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            batch = [first]
+            if self._aside:
+                batch, self._aside = self._aside[: self.max_batch_size], self._aside[self.max_batch_size :]
+            else:
+                try:
+                    batch = [self.pending.get(timeout=0.05)]
+                except queue.Empty:
+                    continue
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 remaining = deadline - time.monotonic()
@@ -184,61 +191,105 @@ class Engine:
                 mixed.append(r)
             else:
                 alone.setdefault(r.adapter, []).append(r)
-        return [g for g in (mixed, *alone.values()) if g]
+        # The mixed batch last: while it runs, requests for token adapters wait aside and stop further joins.
+        return [g for g in (*alone.values(), mixed) if g]
 
     # -- decoding -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _run(self, rows: list[Request]) -> None:
-        """Decode ``rows`` together until every row has finished."""
+        """Decode ``rows`` together until every row has finished; in a mixed batch, waiting requests join it."""
         with self.lock:
             self.batches += 1
             mixed = self.routes_rows(rows[0].adapter)
             if not mixed:
                 self.model.set_adapter(rows[0].adapter)
             device = next(self.model.parameters()).device
-            width = max(len(r.prompt_ids) for r in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):  # left padding: the new tokens of every row line up on the right
-                ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-                mask[i, width - len(r.prompt_ids) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            # ``rows`` grows in place as requests join, so the caller's error handler answers them all.
             generators = [_generator(r.seed, device) if r.temperature > 0 else None for r in rows]
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
+            cache, mask, logits = self._prefill(rows, mixed, device)
             live = list(range(len(rows)))
-            self.running = len(rows)
             try:
-                step_ids = ids
-                while live:
-                    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-                    kwargs: dict[str, Any] = dict(
-                        input_ids=step_ids,
-                        attention_mask=mask,
-                        position_ids=positions,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    )
-                    kwargs[self._cache_arg] = cache
-                    if mixed:
-                        kwargs["adapter_names"] = [_row_name(rows[i].adapter) for i in live]
-                    logits = self.model(**kwargs).logits[:, -1, :].float()  # (live rows, vocab)
+                while True:
                     tokens = [_pick(logits[j], rows[i], generators[i]) for j, i in enumerate(live)]
                     keep = [j for j, i in enumerate(live) if not self._advance(rows[i], tokens[j])]
-                    if len(keep) < len(live):
-                        if not keep:
-                            break
-                        index = torch.tensor(keep, device=device)
-                        cache.batch_select_indices(index)
-                        mask = mask[index]
-                        live = [live[j] for j in keep]
-                        tokens = [tokens[j] for j in keep]
+                    if len(keep) < len(live):  # finished rows leave the batch, and its cache
+                        if keep:
+                            index = torch.tensor(keep, device=device)
+                            cache.batch_select_indices(index)
+                            mask = mask[index]
+                        live, tokens = [live[j] for j in keep], [tokens[j] for j in keep]
+                    if mixed and len(live) < self.max_batch_size and _joinable(cache):
+                        new = self._joiners(self.max_batch_size - len(live))
+                        if new:  # continuous batching: prefill the newcomers alone, then merge their cache in
+                            first = len(rows)
+                            rows += new
+                            generators += [_generator(r.seed, device) if r.temperature > 0 else None for r in new]
+                            new_cache, new_mask, new_logits = self._prefill(new, True, device)
+                            picked = [_pick(new_logits[j], r, generators[first + j]) for j, r in enumerate(new)]
+                            stay = [j for j, r in enumerate(new) if not self._advance(r, picked[j])]
+                            self.joined += len(new)
+                            if stay:
+                                index = torch.tensor(stay, device=device)
+                                new_cache.batch_select_indices(index)
+                                new_mask = new_mask[index]
+                                if live:
+                                    mask = _merge(cache, mask, new_cache, new_mask)
+                                else:
+                                    cache, mask = new_cache, new_mask
+                                live += [first + j for j in stay]
+                                tokens += [picked[j] for j in stay]
+                    if not live:
+                        break
                     self.running = len(live)
-                    step_ids = torch.tensor(tokens, device=device)[:, None]
                     mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+                    names = [rows[i].adapter for i in live] if mixed else None
+                    logits = self._forward(torch.tensor(tokens, device=device)[:, None], mask, cache, names)
             finally:
                 self.running = 0
+
+    def _prefill(self, rows: list[Request], mixed: bool, device: torch.device) -> tuple[Any, torch.Tensor, Any]:
+        """Run the rows' prompts, left-padded, through the model: (cache, mask, last logits (rows, vocab))."""
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: the new tokens of every row line up on the right
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        cache = DynamicCache()
+        self.running = len(rows)
+        logits = self._forward(ids, mask, cache, [r.adapter for r in rows] if mixed else None)
+        return cache, mask, logits
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, adapters: list[str] | None) -> Any:
+        """One forward pass over the new ``ids`` (rows, new tokens); the last position's logits, in float32."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]  # as transformers' generate computes them
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        kwargs[self._cache_arg] = cache
+        if adapters is not None:
+            kwargs["adapter_names"] = [_row_name(a) for a in adapters]
+        return self.model(**kwargs).logits[:, -1, :].float()  # (rows, vocab)
+
+    def _joiners(self, n: int) -> list[Request]:
+        """Up to ``n`` waiting requests that may join the running mixed batch. Others wait aside (first in the next
+        batch); once one waits aside, nothing more joins, so the running batch drains and it is not starved."""
+        out: list[Request] = []
+        while len(out) < n and not self._aside:
+            try:
+                r = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if r.cancelled.is_set() or (r.adapter != BASE and r.adapter not in self.model.peft_config):
+                self._aside.append(r)  # answered by _groups at the next batch
+            elif self.routes_rows(r.adapter):
+                out.append(r)
+            else:
+                self._aside.append(r)
+        return out
 
     def _advance(self, r: Request, token: int) -> bool:
         """Add ``token`` to the row, send its new text; True when the row has finished."""
@@ -270,6 +321,35 @@ class Engine:
             r.emit(r.text[r.sent : end], None)
             r.sent = end
         return False
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether rows can be merged into ``cache``: every layer a plain growing key/value cache (no sliding window,
+    no quantised or static layers, whose shapes follow other rules)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and layer.is_initialized for layer in layers)
+
+
+def _merge(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append ``new_cache``'s rows to ``cache`` (in place), left-padding the shorter one; returns the merged mask.
+
+    Padded key/value positions are zeros under a 0 in the mask: attention gives them weight exactly 0, so every
+    row computes as before. Positions come from the mask (cumsum - 1), so they do not move either.
+    """
+    width = max(mask.shape[1], new_mask.shape[1])
+
+    def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - x.shape[dim]
+        if missing == 0:
+            return x
+        shape = list(x.shape)
+        shape[dim] = missing
+        return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+    for old, new in zip(cache.layers, new_cache.layers):
+        old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)])  # (rows, heads, seq, head_dim)
+        old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)])
+    return torch.cat([pad(mask, 1), pad(new_mask, 1)])
 
 
 def _row_name(adapter: str) -> str:

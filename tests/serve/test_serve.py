@@ -106,7 +106,7 @@ def test_32_concurrent_clients_mixing_adapters_equal_requests_served_alone(serve
     alone = {c: r.choices[0].text for c, r in alone.items()}
     work = [rng.choice(cases) for _ in range(200)]
     results: dict[int, str] = {}
-    batches = engine.batches
+    batches, joined = engine.batches, engine.joined
 
     def worker(k: int) -> None:
         own = client(server)
@@ -122,6 +122,7 @@ def test_32_concurrent_clients_mixing_adapters_equal_requests_served_alone(serve
     assert len(results) == 200
     assert all(results[i] == alone[work[i]] for i in range(200))
     assert engine.batches - batches < 150  # requests were batched together, not answered one by one
+    assert engine.joined > joined  # and some joined a running batch (continuous batching)
 
 
 def _post(server: Server, path: str, data: bytes, headers: dict | None = None, method: str = "POST"):
@@ -231,3 +232,42 @@ def test_client_disconnecting_mid_stream_frees_its_row(served):
         _assert_still_serving(long)
     finally:
         long.stop()
+
+
+def _serve_now(engine, requests: list[tuple[str, str, int]], gap=None) -> list[list[int]]:
+    """Submit (adapter, prompt, max_tokens) requests (ignoring EOS) and wait; ``gap(i)`` runs before the i-th."""
+    from deltatune.serve import Request
+
+    done = [threading.Event() for _ in requests]
+    made = []
+    for i, (adapter, prompt, n) in enumerate(requests):
+        if gap is not None:
+            gap(i)
+        r = Request(
+            engine.tokenizer(prompt)["input_ids"], adapter, n, lambda t, f, e=done[i]: f and e.set(), ignore_eos=True
+        )
+        made.append(r)
+        engine.submit(r)
+    assert all(e.wait(60) for e in done)
+    return [r.output_ids for r in made]
+
+
+def test_requests_joining_a_running_batch_equal_requests_served_alone(served):
+    """Rows join a running mixed batch with shorter and longer prompts than its cache (both sides get padded)."""
+    engine, _, _, _ = served
+    work = [("lora", PROMPTS[0], 40), ("ia3", PROMPTS[1] + " " + PROMPTS[3] * 3, 6), ("base", "a", 5),
+            ("lora", PROMPTS[2], 8), ("ia3", PROMPTS[0], 3)]  # fmt: skip
+    alone = [_serve_now(engine, [w])[0] for w in work]
+    joined = engine.joined
+
+    def wait_for_the_first_to_run(i: int) -> None:
+        if i == 1:
+            deadline = time.monotonic() + 10
+            while engine.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.02)
+
+    together = _serve_now(engine, work, gap=wait_for_the_first_to_run)
+    assert engine.joined - joined >= 3
+    assert together == alone
+    assert [len(t) for t in together] == [40, 6, 5, 8, 3]
