@@ -6,7 +6,7 @@ and the first rows rendered as the stage renders them, with the trained tokens b
 
 from __future__ import annotations
 
-from .formats import STAGE_FORMATS, read_samples, refuse_multimodal
+from .formats import STAGE_FORMATS, detect, read_samples, refuse_multimodal
 from .load import DataError, read_rows
 
 _DEFAULT_STAGE = {"text": "pt", "prompt": "ppo", "unpaired": "kto"}
@@ -57,22 +57,28 @@ def inspect(
     from .encode import choose_template, lm_example, rendered, scored_example, sft_example
 
     rows = read_rows(path)
-    samples = read_samples(rows, columns, data_format, tags)
-    fmt = samples[0].format
+    fmt = data_format or detect(rows[0], columns)
     stage = stage or default_stage(fmt)
     if stage in STAGE_FORMATS and fmt not in STAGE_FORMATS[stage]:
         raise DataError(
             f"{path}: stage {stage} does not read the {fmt} format; it reads {', '.join(STAGE_FORMATS[stage])}"
         )
-    samples = read_samples(rows, columns, data_format, tags, stage if stage in STAGE_FORMATS else None)
+    skipped: list[str] = []
+    samples = read_samples(rows, columns, data_format, tags, stage if stage in STAGE_FORMATS else None, skipped)
     refuse_multimodal(samples, stage)
     shape = "" if fmt in ("text", "alpaca") else " (conversational)" if samples[0].conversational else " (standard)"
     lines = [
         f"file: {path}",
         f"format: {fmt}{shape}, {'set by --format' if data_format else 'detected from the rows'}",
-        f"rows: {len(samples)}",
+        f"rows: {len(samples) + len(skipped)}",
         f"stage: {stage}",
     ]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        lines.append(
+            f"bad pairs (an empty response, or chosen == rejected): {len(skipped)}, refused unless "
+            f"data.bad_pairs=skip: {shown}"
+        )
     if model is None:
         tok, template = _NoTokenizer(), template or "chatml"
         lines.append(
@@ -83,16 +89,13 @@ def inspect(
 
         tok = load_tokenizer(model)
         template = choose_template(samples, tok, template, stage) if fmt != "text" else template
-        lines.append(
-            "template: "
-            + (
-                "none (plain text)"
-                if template == "raw"
-                else "the tokenizer's chat template"
-                if template is None
-                else f"the built-in {template} template"
-            )  # fmt: skip
-        )
+        if fmt == "text":
+            how = "none (pre-training reads the text as it is)"
+        elif template == "raw":
+            how = "none (the tokenizer has no chat template; plain prompt and response texts)"
+        else:
+            how = "the tokenizer's chat template" if template is None else f"the built-in {template} template"
+        lines.append(f"template: {how}")
         counts = []
         for s in samples:
             if fmt == "text":

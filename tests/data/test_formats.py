@@ -395,7 +395,7 @@ def test_forced_format_that_does_not_fit_and_stage_that_does_not_read_it(tmp_pat
 # -- deltatune data inspect ---------------------------------------------------------------------------------
 
 
-def test_data_inspect(models, capsys):
+def test_data_inspect(models, tmp_path, capsys):
     assert main(["data", "inspect", fixture("messages"), "--model", models["causal"], "--max-length", "30"]) == 0
     out = capsys.readouterr().out
     assert "format: messages (conversational), detected from the rows" in out and "rows: 4" in out
@@ -410,5 +410,29 @@ def test_data_inspect(models, capsys):
     assert main(["data", "inspect", fixture("pref_conversational")]) == 0
     out = capsys.readouterr().out
     assert "format: preference (conversational)" in out and "stage: dpo" in out and "[[Purple.]]" in out
+    bad = write(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."},
+                                           {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}])  # fmt: skip
+    assert main(["data", "inspect", bad]) == 0
+    assert f"bad pairs (an empty response, or chosen == rejected): 1, refused unless data.bad_pairs=skip: {bad}:2" in (
+        capsys.readouterr().out
+    )
     assert main(["data", "inspect", os.path.join(FIXTURES, "multimodal.jsonl")]) == 2
     assert "multimodal.jsonl:2: a multimodal row" in capsys.readouterr().err
+
+
+def test_without_a_chat_template_plain_pairs_keep_the_plain_encoding_and_conversations_are_refused():
+    """A tokenizer with no chat template (an encoder's, a base model's): rm, dpo and ppo read plain-string pairs as
+    before chat templates (prompt then response); a conversational row needs data.template."""
+    from deltatune.data.encode import RAW
+    from deltatune.data.preference import encode_lm
+
+    plain = tokenizer()
+    plain.chat_template = None
+    s = samples("pref_standard")[0]
+    assert choose_template(samples("pref_standard"), plain, None, "dpo") == RAW
+    assert lm_example(s, s.chosen, plain, RAW, 512) == encode_lm(plain, "What colour is a ripe lemon?", "Yellow.", 512)
+    with pytest.raises(
+        DataError, match=r"preference_conversational.jsonl:1: a conversational row needs a chat template"
+    ):
+        choose_template(samples("pref_conversational"), plain, None, "dpo")
+    assert choose_template(samples("pref_conversational"), plain, "chatml", "dpo") == "chatml"
