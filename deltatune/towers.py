@@ -1,0 +1,129 @@
+"""Which tower of a vision-language model an adapter goes into: ``method.towers`` made explicit.
+
+A vision-language model has towers: the ``language`` model, the ``vision`` encoder and the ``projector`` between
+them. Leaf names repeat across towers (LLaVA's CLIP vision tower and its LLaMA language model both have ``q_proj``
+and ``v_proj``), so a plain ``target_modules: [q_proj, v_proj]`` silently puts half the adapters into the vision
+tower. ``restrict`` resolves a config's targets to full module names inside the named towers only:
+
+- no ``target_modules``: each named tower's default targets (the tower's own family defaults from ``targets.py``;
+  every linear layer of the projector);
+- a ``target_modules`` list or regex that also matches modules of a tower the user did not name is an error that
+  lists those modules (never a silent half-and-half).
+
+The result is a config whose ``target_modules`` is the list of full module names, which PEFT reads as it is. Which
+module belongs to which tower is data (``TOWERS``), matched on the path components under the model.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .config import ConfigError, DeltaConfig
+from .layer import DeltaLayer, ModulesToSave
+from .targets import IA3_TARGETS, LORA_TARGETS, find_targets, model_type
+
+TOWER_NAMES = ("language", "vision", "projector")
+
+# model_type -> tower -> regex searched in the module path (components joined by ".").
+TOWERS: dict[str, dict[str, str]] = {
+    **dict.fromkeys(
+        ("llava", "llava_next", "llava_onevision", "vipllava", "mistral3", "aya_vision"),
+        {
+            "vision": r"(^|\.)vision_tower(\.|$)",
+            "projector": r"(^|\.)multi_modal_projector(\.|$)",
+            "language": r"(^|\.)(language_model|lm_head)(\.|$)",
+        },
+    ),
+    "blip-2": {
+        "vision": r"(^|\.)vision_model(\.|$)",
+        "projector": r"(^|\.)(qformer|language_projection|query_tokens)(\.|$)",
+        "language": r"(^|\.)language_model(\.|$)",
+    },
+    "vision-encoder-decoder": {"vision": r"(^|\.)encoder(\.|$)", "language": r"(^|\.)decoder(\.|$)"},
+}
+
+_DEFAULT_TABLES = {"lora": LORA_TARGETS, "ia3": IA3_TARGETS}
+
+
+def tower_of(model: nn.Module, name: str) -> str | None:
+    """The tower the module ``name`` sits in (None: outside every tower, or not a multi-tower model)."""
+    table = TOWERS.get(model_type(model) or "", {})
+    return next((tower for tower, rx in table.items() if re.search(rx, name)), None)
+
+
+def _sub_config(model: nn.Module, tower: str):
+    config = model.config
+    key = {"language": ("text_config", "decoder"), "vision": ("vision_config", "encoder")}.get(tower, ())
+    return next((getattr(config, k) for k in key if getattr(config, k, None) is not None), None)
+
+
+def _defaults(model: nn.Module, config: DeltaConfig, tower: str) -> list[str]:
+    """Full names of the default targets of ``config``'s method inside ``tower``."""
+    names = [n for n, m in model.named_modules() if n and tower_of(model, n) == tower]
+    if tower == "projector":
+        return [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    table = _DEFAULT_TABLES.get(config.method)
+    sub = _sub_config(model, tower)
+    family = getattr(sub, "model_type", None)
+    if table is None or family not in table:
+        raise ConfigError(
+            f"method.towers: no default {config.method} targets for the {tower} tower ({family!r}); "
+            "set method.target_modules"
+        )
+    leaves = table[family]
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in leaves)]
+
+
+def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = None) -> DeltaConfig:
+    """``config`` with its targets resolved to full module names inside ``towers`` (default: ``["language"]``).
+
+    A model without towers (``TOWERS`` has no entry for it) gets ``config`` back unchanged when ``towers`` is None.
+
+    Raises:
+        ConfigError: an unknown tower name; towers on a single-tower model; explicit targets reaching a tower not
+            named (the modules listed); no default targets for a tower. (Towers choose modules by name: they apply to
+            the methods that adapt modules by ``target_modules``.)
+    """
+    table = TOWERS.get(model_type(model) or "")
+    if towers is None and not table:
+        return config
+    towers = list(towers or ["language"])
+    bad = [t for t in towers if t not in TOWER_NAMES]
+    if bad:
+        raise ConfigError(f"method.towers: unknown tower {bad[0]!r}; choose from {', '.join(TOWER_NAMES)}")
+    if not table:
+        raise ConfigError(f"method.towers: model type {model_type(model)!r} has one tower; leave method.towers unset")
+    missing = [t for t in towers if t not in table]
+    if missing:
+        raise ConfigError(f"method.towers: model type {model_type(model)!r} has no {missing[0]} tower")
+    if config.target_modules is None:
+        names = [n for t in towers for n in _defaults(model, config, t)]
+    else:
+        names = find_targets(model, config.target_modules, method=config.method)
+        outside = [n for n in names if tower_of(model, n) not in towers]
+        if outside:
+            hit = sorted({tower_of(model, n) or "no tower" for n in outside})
+            listed = ", ".join(outside[:12]) + (f", ... ({len(outside)} in all)" if len(outside) > 12 else "")
+            raise ConfigError(
+                f"method.target_modules={config.target_modules!r} reaches the {' and '.join(hit)} tower(s), which "
+                f"method.towers={towers} does not name: {listed}. Add the tower to method.towers or narrow "
+                "target_modules"
+            )
+    if not names:
+        raise ConfigError(f"method.towers={towers}: no module to adapt in these towers")
+    return config.replace(target_modules=names)
+
+
+def counts(model: nn.Module) -> dict[str, int]:
+    """Adapted layers per tower (modules_to_save copies not counted); ``other`` for layers outside every tower."""
+    out: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaLayer) and not isinstance(module, ModulesToSave):
+            tower = tower_of(model, name) or "other"
+            out[tower] = out.get(tower, 0) + 1
+    return out
+
+
+__all__ = ["TOWERS", "TOWER_NAMES", "counts", "restrict", "tower_of"]

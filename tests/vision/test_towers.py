@@ -1,0 +1,101 @@
+"""method.towers on a tiny LLaVA (CLIP vision tower, two-layer projector, LLaMA language model) built from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ATOL
+
+import deltatune as dt
+from deltatune import towers as T
+from deltatune.config import ConfigError
+
+IMAGE_TOKEN = 127
+
+
+def tiny_llava(seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16, patch_size=4
+    )
+    text = LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        vocab_size=128,
+    )  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def inputs() -> dict:
+    # 16 patches of the 16x16 image (the class token is dropped): 16 image tokens in the text
+    ids = torch.tensor([[1, *[IMAGE_TOKEN] * 16, 5, 9, 12], [1, *[IMAGE_TOKEN] * 16, 7, 3, 4]])
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+
+
+def _lora(**fields) -> dt.LoraConfig:
+    return dt.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **fields)
+
+
+@pytest.mark.parametrize(
+    "towers, expected",
+    [
+        (None, {"language": 4}),  # default: [language], LLaMA's q_proj/v_proj in 2 layers
+        (["vision"], {"vision": 4}),  # CLIP's q_proj/v_proj in 2 layers
+        (["projector"], {"projector": 2}),  # linear_1, linear_2
+        (["language", "vision", "projector"], {"language": 4, "vision": 4, "projector": 2}),
+    ],
+)
+def test_default_targets_per_tower(towers, expected):
+    model = tiny_llava()
+    config = T.restrict(model, _lora(), towers)
+    delta = dt.get_delta_model(model, config)
+    assert T.counts(delta) == expected
+
+
+def test_leaf_names_reaching_an_unnamed_tower_are_an_error():
+    model = tiny_llava()
+    with pytest.raises(ConfigError) as err:
+        T.restrict(model, _lora(target_modules=["q_proj", "v_proj"]))
+    msg = str(err.value)
+    assert "reaches the vision tower(s), which method.towers=['language'] does not name" in msg
+    assert "model.vision_tower.encoder.layers.0.self_attn.q_proj" in msg and "language_model" not in msg
+    # naming both towers is the explicit way to get the 4 + 4 the leaf names match
+    config = T.restrict(model, _lora(target_modules=["q_proj", "v_proj"]), ["language", "vision"])
+    assert T.counts(dt.get_delta_model(model, config)) == {"language": 4, "vision": 4}
+
+
+def test_bad_tower_requests():
+    with pytest.raises(ConfigError, match="unknown tower 'audio'; choose from language, vision, projector"):
+        T.restrict(tiny_llava(), _lora(), ["audio"])
+    from tiny import tiny_model
+
+    assert T.restrict(tiny_model("bert"), _lora()).target_modules is None  # no towers asked, none there: unchanged
+    with pytest.raises(ConfigError, match="model type 'bert' has one tower"):
+        T.restrict(tiny_model("bert"), _lora(), ["vision"])
+
+
+def test_restricted_file_loads_in_peft(tmp_path):
+    """The resolved full names are a plain target_modules list: PEFT loads the file to the same logits."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llava()
+    delta = dt.get_delta_model(model, T.restrict(model, _lora(), ["vision", "projector"])).eval()
+    with torch.no_grad():
+        expected = delta(**inputs()).logits
+        base = tiny_llava()(**inputs()).logits
+    assert (expected - base).abs().max() > ATOL[torch.float32]
+    delta.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llava(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs()).logits, expected, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_recipe_key_is_checked():
+    from deltatune.train.config import build
+
+    cfg = build({"stage": "image_cls", "method": {"name": "lora", "towers": ["vision"]}})
+    assert cfg.method["towers"] == ["vision"] and cfg.method_config().target_modules is None
+    with pytest.raises(ConfigError, match=r"method.towers must be a list of tower names .* got 'vision'"):
+        build({"stage": "image_cls", "method": {"name": "lora", "towers": "vision"}})
