@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from ._quiet import quiet_optional_backends as _quiet_optional_backends  # noqa: E402  (logging only; no torch)
+
+_quiet_optional_backends()
+
 _EXPORTS: dict[str, tuple[str, str]] = {
     "AdapterFusionConfig": (".methods.fusion", "AdapterFusionConfig"),
     "AdapterLoadError": (".files", "AdapterLoadError"),

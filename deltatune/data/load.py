@@ -55,12 +55,29 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
         reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".tsv": _csv, ".parquet": _parquet, ".txt": _text}[
             ext
         ]
-        rows = reader(spec, text_column, limit)
+        try:
+            rows = reader(spec, text_column, limit)
+        except UnicodeDecodeError as exc:
+            raise DataError(_not_utf8(spec, exc)) from None
     else:
         rows = _hub(spec, limit)
     if not rows:
         raise DataError(f"{spec} holds no rows")
     return rows
+
+
+def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
+    """``file:line: not UTF-8 ...`` for the first line of ``path`` that does not decode."""
+    with open(path, "rb") as fh:
+        for i, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return (
+                    f"{path}:{i}: not UTF-8 text (byte 0x{line[bad.start]:02x} at column {bad.start + 1}); "
+                    "save the file as UTF-8"
+                )
+    return f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
 
 
 def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
@@ -105,6 +122,9 @@ def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
             i = reader.line_num  # the physical line (a quoted field may span lines; blank lines are skipped)
             if None in data:
                 raise DataError(f"{path}:{i}: more fields than the header has")
+            if None in data.values():  # DictReader fills the fields a short row lacks with None
+                have = sum(v is not None for v in data.values())
+                raise DataError(f"{path}:{i}: {have} fields, but the header has {len(data)} ({', '.join(data)})")
             rows.append(Row(dict(data), f"{path}:{i}"))
             if limit and len(rows) >= limit:
                 break

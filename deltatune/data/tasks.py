@@ -8,6 +8,7 @@ first one's file and line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +50,14 @@ def _fit(
 
 def label_map(rows: Sequence[Row], column: str, labels: list[str] | None) -> dict[Any, int]:
     """Label value -> class id. Integer labels map to themselves; names to their index in ``labels``
-    (or in the sorted set of names seen)."""
+    (or in the sorted set of names seen).
+
+    Raises:
+        DataError: a label is NaN or a negative number (which would otherwise become one more class name).
+    """
     values = [r.get(column) for r in rows]
+    for row, v in zip(rows, values):
+        _check_label(row, column, v)
     if labels:
         return {name: i for i, name in enumerate(labels)} | {i: i for i in range(len(labels))}
     # Ids may come as ints (JSON) or as digit strings (CSV/TSV, where every value is text): "10" is class 10, not
@@ -59,6 +66,21 @@ def label_map(rows: Sequence[Row], column: str, labels: list[str] | None) -> dic
         return {i: i for i in range(max(int(v) for v in values) + 1)}
     names = sorted({str(v) for v in values})
     return {name: i for i, name in enumerate(names)}
+
+
+def _check_label(row: Row, column: str, value: Any) -> None:
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return  # a class name
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return
+    if math.isnan(number):
+        raise DataError(f"{row.source}: label in column {column!r} is NaN (an empty or missing value?)")
+    if number < 0:
+        raise DataError(f"{row.source}: label {value!r} in column {column!r} is negative; class ids start at 0")
 
 
 def encode_cls(

@@ -1,0 +1,97 @@
+"""Checks that need the machine, made before a run touches anything: the model exists, the loggers are
+installed, the precision runs here, the classes agree with the data.
+
+Recipe values that are wrong anywhere are refused by ``config.build``; these are right or wrong depending on
+where the run happens (a run folder evaluated on another machine must not fail on them), so ``train`` calls
+them, before the output folder changes. Each names the recipe key, instead of the traceback that transformers,
+the hub client or the DataLoader would give.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..config import ConfigError
+from .config import RunConfig
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_path(name: str, key: str = "model.name_or_path") -> None:
+    """A model that is neither a local folder nor (plausibly) a hub id is refused, naming ``key``.
+
+    Paths (absolute, ``./``, ``~``, more than one ``/``) must be folders. With the hub offline a hub id must be in
+    the local cache. Anything else is left to the hub client (whose own failure ``load_model`` reports).
+    """
+    from .models import resolve_path
+
+    path = resolve_path(name)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ConfigError(f"{key} {name!r} is a file; give a model folder (config.json and weights) or a hub id")
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+    if looks_local:
+        raise ConfigError(f"{key} {name!r}: no such folder")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ConfigError(
+                f"{key} {name!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy"
+            )
+
+
+def check_loggers(report_to: list[str]) -> None:
+    """Every ``train.report_to`` entry is a logger transformers knows and (but for tensorboard, the default, which
+    is skipped when absent) one that is installed."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    installed = set(get_available_reporting_integrations())
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(
+                f"train.report_to: unknown logger {name!r}; known: none, {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            )
+        if name not in installed and name != "tensorboard":
+            raise ConfigError(
+                f"train.report_to: logger {name!r} is not installed here (pip install {name}), "
+                "or set train.report_to=[none]"
+            )
+
+
+def check_precision(precision: str) -> None:
+    """fp16 mixed precision needs a CUDA GPU; on a CPU it would silently train in fp32 while the run says fp16."""
+    import torch
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.precision: fp16 needs a CUDA GPU and this machine has none; use fp32, or bf16 (CPUs run it)"
+        )
+
+
+def check_num_labels(cfg: RunConfig, labels: list[str] | None) -> None:
+    """``model.num_labels`` smaller than the classes in the data would index past the head; refused."""
+    n = cfg.model.num_labels
+    if n is None or not labels or cfg.stage not in ("cls", "tag"):
+        return
+    if len(labels) > n:
+        shown = ", ".join(map(str, labels[:8])) + (", ..." if len(labels) > 8 else "")
+        raise ConfigError(
+            f"model.num_labels is {n} but the data has {len(labels)} classes ({shown}); set model.num_labels to "
+            f"{len(labels)} or leave it out (it defaults to the data's classes)"
+        )
+
+
+def check_run(cfg: RunConfig) -> None:
+    """The checks above that need only the recipe (the data-dependent one runs after the data is read)."""
+    check_model_path(cfg.model.name_or_path)
+    check_loggers(cfg.train.report_to)
+    check_precision(cfg.train.precision)
