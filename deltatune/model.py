@@ -11,27 +11,41 @@ Files use PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``
 
 from __future__ import annotations
 
-import json
+import functools
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import loss, registry
-from .config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
-from .files import AdapterLoadError, adapter_folder, atomic_write, check_adapter_name, read_weights, resolve
-from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, checkpointing, logical_numel, set_submodule
-
-_PREFIX = "base_model.model."
-_HEADS_BY_TASK = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
+from .config import CONFIG_NAME, ConfigError, DeltaConfig
+from .files import (
+    adapter_folder,
+    check_adapter_name,
+    key_prefix,
+    match_tensors,
+    read_weights,
+    resolve,
+    split_heads,
+    write_adapter,
+)
+from .layer import (
+    BASE_ROW,
+    DeltaLayer,
+    ModulesToSave,
+    RowAdapters,
+    call_batch_size,
+    checkpointing,
+    inside_layer,
+    logical_numel,
+    replace_module,
+    set_submodule,
+)
+from .targets import HEADS_BY_TASK
 
 
 class DeltaModel(nn.Module):
@@ -43,7 +57,8 @@ class DeltaModel(nn.Module):
         adapter_name: the first adapter's name.
         fused_loss: on a causal LM with transformers' default loss, compute the cross-entropy with
             ``deltatune.loss.causal_lm_loss`` (same loss, gradient written in the forward pass: less time and memory
-            for large vocabularies); removed again on unload.
+            for large vocabularies); removed again on unload. Off by default: the library leaves the user's model
+            as it is; deltatune's trainers turn it on for the runs they own.
     """
 
     def __init__(
@@ -51,7 +66,7 @@ class DeltaModel(nn.Module):
         model: nn.Module,
         config: DeltaConfig | None = None,
         adapter_name: str = "default",
-        fused_loss: bool = True,
+        fused_loss: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(model, DeltaModel):
@@ -73,7 +88,7 @@ class DeltaModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs)):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -81,7 +96,7 @@ class DeltaModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
-        with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs)):
             return self.base_model.generate(*args, **kwargs)
 
     @contextmanager
@@ -159,8 +174,8 @@ class DeltaModel(nn.Module):
             if unable:
                 raise ValueError(
                     f"adapter {name!r} ({method}) cannot be mixed with others in one batch: its "
-                    f"{type(unable[0]).__name__} layer does not route rows; mixed batches are supported for LoRA, "
-                    "IA3 and bottleneck adapters"
+                    f"{type(unable[0]).__name__} layer does not route rows (only layers whose supports_row_adapters "
+                    "is True do)"
                 )
         return names
 
@@ -170,7 +185,27 @@ class DeltaModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+        try:
             return getattr(self.base_model, name)
+        except AttributeError:
+            # A method may offer functions on the model (its module's MODEL_FUNCTIONS); the registry finds them,
+            # so this file names no method.
+            function = registry.model_function(name) if not name.startswith("_") else None
+            if function is None:
+                raise
+            return functools.partial(function, self)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """torch's full state dict (base and adapters). The plain ``transformers.Trainer`` saves a model it does not
+        know by writing this dict with safetensors, which fails on tied embeddings and would otherwise save the
+        whole model as if it were the adapter; that one call is refused with a hint to use ``deltatune.Trainer``."""
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "_save" and caller.f_globals.get("__name__") == "transformers.trainer":
+            raise TypeError(
+                "deltatune: transformers.Trainer cannot save a DeltaModel (it would write the whole model's state "
+                "dict); use deltatune.Trainer, a drop-in subclass that saves the adapter"
+            )
+        return super().state_dict(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with the adapter layers in it)."""
@@ -209,13 +244,13 @@ class DeltaModel(nn.Module):
             AdapterLoadError: (when loading) the saved tensors do not fit. In every case the model is unchanged.
         """
         if not isinstance(config, DeltaConfig):
-            raise TypeError(f"config must be a DeltaConfig (e.g. deltatune.LoraConfig), got {type(config).__name__}")
+            raise TypeError(f"config must be a DeltaConfig (a method's config class), got {type(config).__name__}")
         check_adapter_name(adapter_name)
         if adapter_name == BASE_ROW:
             raise ValueError(f"adapter name {BASE_ROW!r} is reserved for base-model rows in mixed batches")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
-        method = registry.get(config.method)
+        method = registry.method_of(config)
         grads = {p: p.requires_grad for p in self.base_model.parameters()}
         config = config.replace()  # our own copy: the caller's object is never changed
         try:
@@ -224,11 +259,7 @@ class DeltaModel(nn.Module):
             self._add_modules_to_save(adapter_name, config)
             method.inject(self.base_model, config, adapter_name)
             self.peft_config[adapter_name] = config
-            self._base_trainables[adapter_name] = (
-                config.trainable_base_parameters(self.base_model)
-                if hasattr(config, "trainable_base_parameters")
-                else []
-            )
+            self._base_trainables[adapter_name] = config.trainable_base_parameters(self.base_model)
             if _tensors is not None:
                 self._import(adapter_name, _tensors, _source)
         except BaseException:
@@ -242,14 +273,14 @@ class DeltaModel(nn.Module):
 
     def _add_modules_to_save(self, adapter_name: str, config: DeltaConfig) -> None:
         wanted = list(config.modules_to_save or [])
-        heads = _HEADS_BY_TASK.get(config.task_type or "", ())
+        heads = HEADS_BY_TASK.get(config.task_type or "", ())
         auto = [h for h in heads if h not in wanted]
         plan: list[tuple[str, nn.Module]] = []
         for target in wanted + auto:
             hits = [
                 (n, m)
                 for n, m in self.base_model.named_modules()
-                if (n == target or n.endswith("." + target)) and not _inside_layer(n, self.base_model)
+                if (n == target or n.endswith("." + target)) and not inside_layer(n, self.base_model)
             ]
             # PEFT writes every head name of the task (["classifier", "score"]) into the saved config; the ones
             # this model lacks are not an error.
@@ -271,7 +302,7 @@ class DeltaModel(nn.Module):
                 layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
                     original = layer.original_module if isinstance(layer, ModulesToSave) else layer.unwrap()
-                    _replace(self.base_model, path, original)
+                    replace_module(self.base_model, path, original)
         self.peft_config.pop(adapter_name, None)
         self._base_trainables.pop(adapter_name, None)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -305,43 +336,6 @@ class DeltaModel(nn.Module):
             self.unmerge_adapter()
         self.active_adapters = names
         self._apply_active()
-
-    def add_fusion(self, adapter_names: list[str], name: str = "fusion", **config: Any) -> None:
-        """AdapterFusion stage 2: add a fusion over trained bottleneck adapters and make it the active adapter.
-
-        The base and the fused adapters are frozen; only the fusion layers train. Extra keyword arguments go to
-        the fusion config (``temperature``, ``task_type``, ...).
-
-        Raises:
-            ValueError: an adapter in ``adapter_names`` does not exist.
-            ConfigError: they are not bottleneck adapters, or do not sit at the same sub-layers.
-        """
-        self._check_names(list(adapter_names))
-        check_adapter_name(name)
-        self.add_adapter(name, registry.get("fusion").config_class(adapter_names=list(adapter_names), **config))
-        self.set_adapter(name)
-
-    def fusion_weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """A fusion's attention over its adapters in the last forward pass: {sub-layer path: weights (N,)}.
-
-        Each tensor is the softmax over the N fused adapters averaged over all token positions; it sums to 1.
-
-        Raises:
-            ValueError: ``adapter_name`` is not a fusion, or no forward pass has run through it yet.
-        """
-        self._check_names([adapter_name])
-        out: dict[str, torch.Tensor] = {}
-        for path, layer in self._layers():
-            weights = getattr(layer, "fusion_weights", None)
-            value = weights(adapter_name) if weights is not None else None
-            if value is not None:
-                out[path] = value
-        if not out:
-            raise ValueError(
-                f"{adapter_name!r} has no fusion weights: it is not an AdapterFusion, "
-                "or no forward pass has run through it since it was added"
-            )
-        return out
 
     def _apply_active(self) -> None:
         """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train."""
@@ -387,7 +381,7 @@ class DeltaModel(nn.Module):
         """Fold the active (or the named) adapters into the base weights. Idempotent.
 
         Raises:
-            TypeError: a method whose math cannot be merged (e.g. prompt tuning); nothing stays merged.
+            TypeError: a method whose math cannot be merged (e.g. a token method); nothing stays merged.
             ValueError: a layer to merge shares its weight with another module (tied input and output embeddings);
                 merging would change that module too. Nothing is merged.
         """
@@ -449,7 +443,7 @@ class DeltaModel(nn.Module):
 
     def _unload(self) -> nn.Module:
         for path, layer in reversed(self._layers()):
-            _replace(self.base_model, path, layer.unwrap())
+            replace_module(self.base_model, path, layer.unwrap())
         loss.uninstall(self.base_model)
         self.peft_config.clear()
         self.active_adapters = []
@@ -458,7 +452,7 @@ class DeltaModel(nn.Module):
 
     # -- saving and loading --------------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """An adapter's tensors with PEFT's keys (``base_model.model.<path>.lora_A.weight``, ...)."""
+        """An adapter's tensors with PEFT's keys (``<files.KEY_PREFIX><path>.<the layer's own names>``)."""
         name = adapter_name or self.active_adapter
         self._check_names([name])
         out: dict[str, torch.Tensor] = {}
@@ -472,36 +466,13 @@ class DeltaModel(nn.Module):
         return out
 
     def _key_prefix(self, name: str) -> str:
-        # PEFT keys the modules of some methods (its prompt-learning ones) under "base_model." rather than
-        # "base_model.model."; such a config says so in its class attribute ``state_key_prefix``.
-        return getattr(self.peft_config[name], "state_key_prefix", _PREFIX)
+        return key_prefix(self.peft_config[name])
 
     def _import(self, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         expected = self.adapter_state_dict(name)
-        missing = [k for k in expected if k not in tensors]
-        if missing:
-            raise AdapterLoadError(
-                f"{source}: the adapter has no tensor {missing[0]!r}"
-                + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
-                + "; was it saved with another config or for another model?"
-            )
-        # PEFT saves full copies of base weights next to an adapter (the embedding matrix when embeddings are
-        # targeted: save_embedding_layers). Like PEFT, load them into the base model.
         prefix = self._key_prefix(name)
         base_params = {prefix + n: p for n, p in self.base_model.named_parameters()}
-        unexpected = [k for k in tensors if k not in expected and k not in base_params]
-        if unexpected:
-            raise AdapterLoadError(
-                f"{source}: tensor {unexpected[0]!r} does not belong to any module of this model"
-                + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-            )
-        full_copies = {k: base_params[k] for k in tensors if k not in expected}
-        for key, target in {**expected, **full_copies}.items():
-            if tuple(tensors[key].shape) != tuple(target.shape):
-                raise AdapterLoadError(
-                    f"{source}: {key} has shape {tuple(tensors[key].shape)} in the file but "
-                    f"{tuple(target.shape)} in this model; the adapter was made for a different base model"
-                )
+        full_copies = match_tensors(tensors, expected, base_params, source)
         copies = {k: tensors[k] for k in full_copies}
         tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}
         for path, layer in self._layers():
@@ -530,21 +501,14 @@ class DeltaModel(nn.Module):
             raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
         names = list(selected_adapters or self.peft_config)
         self._check_names(names)
-        from safetensors.torch import save_file
-
         folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
         for name in names:
-            folder = folders[name]
-            os.makedirs(folder, exist_ok=True)
-            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.adapter_state_dict(name).items()}
             config = self.peft_config[name].replace(inference_mode=True)
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = (
                     getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
                 )
-            atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda f, t=tensors: save_file(t, f, {"format": "pt"}))
-            text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
-            atomic_write(os.path.join(folder, CONFIG_NAME), lambda f, s=text: Path(f).write_text(s, encoding="utf-8"))
+            write_adapter(folders[name], self.adapter_state_dict(name), config)
 
     def load_adapter(
         self,
@@ -554,6 +518,7 @@ class DeltaModel(nn.Module):
         allow_pickle: bool = False,
         subfolder: str | None = None,
         revision: str | None = None,
+        modules_to_save: bool = True,
     ) -> None:
         """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error.
 
@@ -565,6 +530,8 @@ class DeltaModel(nn.Module):
                 arbitrary code: only for files you trust.
             subfolder: a folder inside ``model_id`` holding the adapter.
             revision: hub revision.
+            modules_to_save: False loads the body alone: the heads it trained in full (its ``modules_to_save``,
+                e.g. a classifier with another number of labels) are left out, and so is a task type that adds one.
 
         Raises:
             FileNotFoundError: no adapter there.
@@ -574,8 +541,12 @@ class DeltaModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
         config_file = resolve(model_id, CONFIG_NAME, subfolder, revision)
-        config = DeltaConfig.from_pretrained(config_file).replace(inference_mode=not is_trainable)
+        config = registry.from_pretrained(config_file).replace(inference_mode=not is_trainable)
         tensors, source = read_weights(model_id, subfolder, revision, allow_pickle)
+        if not modules_to_save:
+            tensors = split_heads(tensors, config.modules_to_save, key_prefix(config))[0]
+            task = None if config.task_type in HEADS_BY_TASK else config.task_type
+            config = config.replace(modules_to_save=None, task_type=task)
         self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
 
     def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
@@ -626,7 +597,7 @@ class DeltaModel(nn.Module):
 
 
 def get_delta_model(
-    model: nn.Module, config: DeltaConfig, adapter_name: str = "default", fused_loss: bool = True
+    model: nn.Module, config: DeltaConfig, adapter_name: str = "default", fused_loss: bool = False
 ) -> DeltaModel:
     """Wrap ``model`` with a new adapter of the method ``config`` belongs to; the base is frozen.
 
@@ -634,30 +605,6 @@ def get_delta_model(
 
     Example::
 
-        model = dt.get_delta_model(base, dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        model = dt.get_delta_model(base, config)  # config: any method's, e.g. dt.<Method>Config(...)
     """
     return DeltaModel(model, config, adapter_name, fused_loss=fused_loss)
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The batch size of a forward / generate call: its input ids, embeddings or first tensor argument."""
-    for key in ("input_ids", "inputs_embeds", "pixel_values"):
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key].shape[0]
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return None
-
-
-def _inside_layer(name: str, root: nn.Module) -> bool:
-    return any(name.startswith(n + ".") for n, m in root.named_modules() if n and isinstance(m, DeltaLayer))
-
-
-def _replace(root: nn.Module, path: str, module: nn.Module | None) -> None:
-    if module is None:
-        parent_name, _, child = path.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        delattr(parent, child)
-    else:
-        set_submodule(root, path, module)

@@ -37,6 +37,14 @@ def resolve_path(name_or_path: str) -> str:
     return embedded.resolve(name_or_path)
 
 
+def local_base_note(path: str) -> str:
+    """The report's warning for a run on a local base folder (its adapter records that folder's absolute path)."""
+    return (
+        f"the base model is a local folder: the adapter records its absolute path ({os.path.abspath(path)}), which "
+        "resolves only where that folder exists; elsewhere pass --model (or edit base_model_name_or_path)"
+    )
+
+
 def auto_class(task_type: str):
     import transformers
 

@@ -20,7 +20,7 @@ from ..model import DeltaModel, get_delta_model
 from . import report
 from .checks import check_model_path, check_num_labels, check_precision, check_run
 from .config import RunConfig, build
-from .models import IMAGE_STAGES, TASK_OF_STAGE, load_model, load_processor
+from .models import IMAGE_STAGES, TASK_OF_STAGE, load_model, load_processor, local_base_note
 from .runfolder import Replacement, RunLock, check_output_path, recipe_changes, resume_checkpoint, started_callback
 from .stages import STAGES, Prepared, generation_metrics, perplexity
 
@@ -182,8 +182,16 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
         check_num_labels(cfg, prepared.labels)
         cfg.data.labels = prepared.labels
     model = build_model(cfg, tok, prepared.labels)
+    if os.path.isdir(cfg.model.name_or_path):
+        prepared.notes = [*prepared.notes, local_base_note(cfg.model.name_or_path)]
+    from .. import towers  # method.towers: targets resolved inside the named towers of a multimodal model
+
+    config = towers.restrict(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]), cfg.method.get("towers"))
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
-    delta = get_delta_model(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]), fused_loss=True)
+    delta = get_delta_model(model, config, fused_loss=True)
+    if towers.TOWERS.get(getattr(model.config, "model_type", "")):
+        per_tower = ", ".join(f"{t}: {n}" for t, n in sorted(towers.counts(delta).items()))
+        prepared.notes = [*prepared.notes, f"adapted layers per tower: {per_tower or 'none'}"]
     if cfg.data.packing:
         _check_packing(delta)
     recipe = _recipe_dict(cfg)

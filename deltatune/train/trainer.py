@@ -34,10 +34,38 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DeltaTrainer(Trainer):
-    """``transformers.Trainer`` for a ``DeltaModel``."""
+    """``transformers.Trainer`` for a ``DeltaModel``, exported as ``deltatune.Trainer``: a drop-in replacement that
+    treats the model as the Trainer treats a peft model.
+
+    - checkpoints and ``save_model`` hold the adapter (PEFT's files) and the tokenizer, not the whole model, so
+      tied-embedding models save too; ``resume_from_checkpoint`` and ``load_best_model_at_end`` load the adapter;
+    - dataset columns are matched against the *base* model's forward signature (no ``remove_unused_columns=False``);
+    - the label names come from the base model's class, so ``evaluate()`` reports ``eval_loss``;
+    - a NaN or infinite loss stops training before that step's update (``NonFiniteLossError``).
+
+    The plain ``transformers.Trainer`` only knows peft's own class; given a DeltaModel it would write the whole
+    state dict with safetensors, so ``DeltaModel.state_dict`` refuses that call with a one-line hint to use this.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        base = getattr(self._delta_model(), "get_base_model", None)
+        if base is not None and self.args.label_names is None:
+            from transformers.utils import can_return_loss, find_labels
+
+            self.label_names = find_labels(type(base()))
+            self.can_return_loss = can_return_loss(type(base()))
 
     def _delta_model(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            import inspect
+
+            base = self._delta_model().get_base_model()
+            self._signature_columns = [*inspect.signature(base.forward).parameters, "label", "label_ids"]
+            self._signature_columns += list(self.label_names)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
@@ -45,6 +73,11 @@ class DeltaTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self._delta_model().save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         delta = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
