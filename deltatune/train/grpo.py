@@ -1,0 +1,763 @@
+"""Group Relative Policy Optimization (stage ``grpo``; Shao et al. 2024, DeepSeekMath, arXiv:2402.03300), with the
+Dr. GRPO options of Liu et al. 2025 (arXiv:2503.20783). Online RL without a value model.
+
+One step: take ``train.batch_size`` prompts, sample G = ``align.num_generations`` completions of each from the
+policy (base + adapter), score every completion with the reward functions (a weighted sum R_i), and give each the
+advantage of its reward within its group of G:
+
+    A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-4)        (std: Bessel-corrected; without it with
+                                                                 align.scale_rewards=false, as in Dr. GRPO)
+
+A group whose rewards are all equal teaches nothing: its advantages are exactly 0. Then ``align.num_iterations``
+optimizer steps over the batch minimise, per completion token t (every token of completion i shares A_i),
+
+    l_t = -min(ratio_t A_i, clip(ratio_t, 1 - eps, 1 + eps) A_i) + beta * KL_t,    ratio_t = pi(o_t) / pi_old(o_t)
+    KL_t = ref / pi - log(ref / pi) - 1                         (the k3 estimator of KL(pi || ref), always >= 0)
+
+with pi_old the policy that sampled (ratio 1 at the first iteration), eps = ``align.cliprange`` and beta =
+``align.beta``. The reference is the same base with the adapter off; beta = 0 skips the reference pass altogether.
+The loss over the batch is a mean over each completion's tokens then over completions (``loss_norm: sequence``, the
+paper) or one mean over all completion tokens (``loss_norm: token``, DAPO / Dr. GRPO: long completions count by
+their length). Log-probs are taken at the sampling temperature.
+
+Rewards follow TRL's convention so users can bring theirs: ``f(prompts, completions, **columns) -> list[float]``,
+called with keyword arguments, one value per completion; ``prompts`` are the rows' prompts as written (text, or a
+list of chat messages, which the tokenizer's chat template turns into the model's input), ``completions`` the
+decoded texts, and every other column of the rows comes as a list of the same length. A reward may also be a
+deltatune reward-model run (stage rm), scoring (prompt, completion) texts. Checkpoints (adapter + optimizer + RNG
+state) are written every ``train.save_steps`` steps (default: once per pass over the prompts) and ``--resume``
+continues from the last one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from ..data.load import DataError, Row
+from ..data.preference import bos_prefix
+from ..data.tasks import Collator
+from .config import AlignArgs, RunConfig
+from .ppo import context_length
+from .stages import Prepared, _rows
+
+STATE_FILE = "grpo_state.pt"
+
+
+class RewardError(DataError):
+    """A reward function raised, or returned something that is not one finite number per completion."""
+
+
+# -- the math ------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages.
+
+    Args:
+        rewards: (N,) rewards, N = groups x group_size, each group's completions consecutive.
+        group_size: G.
+        scale: divide by the group's std (Bessel-corrected) plus ``eps``; False is Dr. GRPO (no division).
+        eps: keeps the division finite for a group of equal rewards (whose advantages are 0 either way).
+
+    Returns:
+        (N,) advantages.
+    """
+    grouped = rewards.view(-1, group_size)  # (groups, G)
+    adv = grouped - grouped.mean(-1, keepdim=True)
+    if scale:
+        adv = adv / (grouped.std(-1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref) (Schulman 2020): exp(ref - pi) - (ref - pi) - 1, in log-probs."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    loss_norm: str = "sequence",
+    n_sequences: int | None = None,
+    n_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of a batch of completions (or of a chunk of one: see ``n_sequences`` / ``n_tokens``).
+
+    Args:
+        logprobs: (N, T) log pi(o_t) of the completion tokens under the policy being trained.
+        old_logprobs: (N, T) the same under the policy that sampled (fixed).
+        advantages: (N,) one advantage per completion.
+        mask: (N, T) 1 on completion tokens.
+        cliprange: eps of clip(ratio, 1 - eps, 1 + eps).
+        beta: KL coefficient; 0 needs no ``ref_logprobs``.
+        ref_logprobs: (N, T) log ref(o_t) (when beta > 0).
+        loss_norm: "sequence" (mean per completion, then over completions) or "token" (mean over all tokens).
+        n_sequences: the completions in the whole batch when this is a chunk of it (default: N), so that chunk
+            losses add up to the batch loss.
+        n_tokens: the completion tokens in the whole batch, likewise (default: mask.sum()).
+
+    Returns:
+        (loss, stats): stats holds token sums (detached) ``clipped`` (tokens where the clipped term was taken),
+        ``kl`` (summed k3 KL; absent when beta = 0) and ``tokens``.
+
+    Raises:
+        ValueError: an unknown loss_norm, or beta > 0 without reference log-probs.
+    """
+    if loss_norm not in ("sequence", "token"):
+        raise ValueError(f"loss_norm must be sequence or token, got {loss_norm!r}")
+    mask = mask.float()
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(-1)  # (N, 1): every token of a completion shares its advantage
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    stats = {"clipped": ((clipped < unclipped).float() * mask).sum().detach(), "tokens": mask.sum().detach()}
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        kl = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+        stats["kl"] = (kl * mask).sum().detach()
+    if loss_norm == "sequence":
+        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = per_sequence.sum() / (n_sequences or mask.shape[0])
+    else:
+        loss = (per_token * mask).sum() / (n_tokens if n_tokens is not None else mask.sum().clamp(min=1))
+    return loss, stats
+
+
+# -- rewards -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reward:
+    """One reward: its name (for logs and errors), the callable and its weight in the sum. ``model`` rewards are
+    reward-model runs, called as ``fn(prompt_texts, completions)``; the others as ``fn(prompts=, completions=,
+    **columns)``."""
+
+    name: str
+    fn: Callable[..., Any]
+    weight: float = 1.0
+    model: bool = False
+
+
+def import_reward(spec: str) -> Callable[..., Any]:
+    """The function named by ``module:function`` or ``path/to/file.py:function`` (a path relative to the current
+    directory, as data paths are).
+
+    Raises:
+        ConfigError: malformed, cannot be imported, no such function, or not callable (the spec named).
+    """
+    where = f"align.reward_funcs entry {spec!r}"
+    module, _, name = spec.rpartition(":")
+    if not module or not name:
+        raise ConfigError(f"{where} is neither a reward run folder nor of the form module:function")
+    try:
+        if module.endswith(".py"):
+            if not os.path.isfile(module):
+                raise ImportError(f"no file {module}")
+            spec_ = importlib.util.spec_from_file_location(f"deltatune_reward_{abs(hash(module))}", module)
+            mod = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(module)
+        fn = getattr(mod, name)
+    except Exception as exc:  # noqa: BLE001  (user code: any error while importing is reported in one line)
+        raise ConfigError(f"{where} could not be imported: {type(exc).__name__}: {exc}") from None
+    if not callable(fn):
+        raise ConfigError(f"{where} is not callable")
+    return fn
+
+
+def check_rewards(align: AlignArgs) -> list[Reward]:
+    """The rewards of ``align.reward_funcs`` with their weights, functions imported, reward runs checked (not yet
+    loaded: ``load_rewards`` does that once the policy exists).
+
+    Raises:
+        ConfigError: no rewards, a weight list of another length or holding a non-number, or a bad entry.
+    """
+    from .reward import reward_run
+
+    specs = align.reward_funcs
+    if not specs:
+        raise ConfigError("align.reward_funcs is empty: give module:function entries or reward-model run folders")
+    weights = align.reward_weights if align.reward_weights is not None else [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise ConfigError(f"align.reward_weights has {len(weights)} values for {len(specs)} align.reward_funcs")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ConfigError(f"align.reward_weights must be finite numbers, got {weights}")
+    out, seen = [], set()
+    for spec, weight in zip(specs, weights):
+        if not isinstance(spec, str):
+            raise ConfigError(f"align.reward_funcs entries must be text, got {spec!r}")
+        if os.path.isdir(spec):
+            reward_run(spec)
+            name, fn, is_model = os.path.basename(os.path.normpath(spec)), None, True
+        else:
+            name, fn, is_model = spec.rpartition(":")[2], import_reward(spec), False
+        while name in seen:  # two rewards of one name get distinct log keys
+            name += "_"
+        seen.add(name)
+        out.append(Reward(name, fn, float(weight), is_model))
+    return out
+
+
+def load_rewards(rewards: list[Reward], specs: list[str], model: nn.Module, policy_name: str, tokenizer) -> list:
+    """Reward-model entries loaded (an extra adapter on the policy when trained on its base: ``AdapterReward``;
+    else a model of its own: ``RewardScorer``); returns the loaded AdapterRewards, to delete after the run."""
+    from .ppo import reward_function
+    from .reward import AdapterReward
+
+    device = next(model.parameters()).device
+    shared = []
+    for r, spec in zip(rewards, specs):
+        if r.model and r.fn is None:
+            r.fn = reward_function(spec, device, model, policy_name, tokenizer)
+            if isinstance(r.fn, AdapterReward):
+                r.fn.adapter_name = f"reward_{len(shared)}" if shared else r.fn.adapter_name
+                shared.append(r.fn)
+    return shared
+
+
+def _values(out: Any, name: str, n: int, sources: Sequence[str]) -> list[float]:
+    """A reward's output as n finite floats; RewardError naming the reward and the row otherwise."""
+    if isinstance(out, torch.Tensor):
+        out = out.detach().float().flatten().tolist()
+    elif hasattr(out, "tolist"):  # a numpy array
+        out = out.tolist()
+    if not isinstance(out, (list, tuple)):
+        raise RewardError(f"reward {name} returned a {type(out).__name__}, not a list of {n} numbers")
+    if len(out) != n:
+        raise RewardError(f"reward {name} returned {len(out)} values for {n} completions")
+    values = []
+    for value, source in zip(out, sources):
+        if not isinstance(value, (int, float)):  # (True / False count as 1 / 0)
+            raise RewardError(
+                f"reward {name} returned {value!r} ({type(value).__name__}) for row {source}, not a number"
+            )
+        if not math.isfinite(value):
+            raise RewardError(f"reward {name} returned {value} for row {source}; rewards must be finite numbers")
+        values.append(float(value))
+    return values
+
+
+def _call(reward: Reward, prompts: list, texts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
+    if reward.model:
+        return reward.fn(texts, completions)
+    return reward.fn(prompts=prompts, completions=completions, **columns)
+
+
+def score(
+    rewards: Sequence[Reward],
+    prompts: list,
+    prompt_texts: list[str],
+    completions: list[str],
+    columns: dict[str, list],
+    sources: list[str],
+) -> torch.Tensor:
+    """(N, K) rewards of N completions under K rewards.
+
+    Raises:
+        RewardError: a reward raised (the row it raised on is found by calling it on one row at a time) or returned
+            a wrong length, a NaN/infinite value or a non-number.
+    """
+    n = len(completions)
+    table = []
+    for r in rewards:
+        try:
+            out = _call(r, prompts, prompt_texts, completions, columns)
+        except Exception as exc:  # noqa: BLE001  (user code: find the row and say it in one line)
+            raise RewardError(_raised(r, prompts, prompt_texts, completions, columns, sources, exc)) from None
+        table.append(_values(out, r.name, n, sources))
+    return torch.tensor(table, dtype=torch.float32).T.reshape(n, len(rewards))
+
+
+def _raised(r: Reward, prompts, texts, completions, columns, sources, exc: Exception) -> str:
+    for i, source in enumerate(sources):
+        try:
+            _call(r, prompts[i : i + 1], texts[i : i + 1], completions[i : i + 1],
+                  {k: v[i : i + 1] for k, v in columns.items()})  # fmt: skip
+        except Exception as one:  # noqa: BLE001
+            return f"reward {r.name} raised {type(one).__name__}: {one} (row {source}, completion {completions[i]!r})"
+    return f"reward {r.name} raised {type(exc).__name__}: {exc} (on the batch of rows {sources[0]} .. {sources[-1]})"
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptItem:
+    """One encoded prompt with what the rewards see of its row."""
+
+    ids: list[int]
+    prompt: Any  # the row's prompt as written: text or chat messages
+    columns: dict[str, Any]
+    source: str
+
+
+@dataclass
+class Samples:
+    """G completions of each of B prompts (N = B x G rows, P prompt and T completion positions)."""
+
+    sequences: torch.Tensor  # (N, P + T): left-padded prompts, then completions (pad after EOS)
+    attention_mask: torch.Tensor  # (N, P + T)
+    completion_mask: torch.Tensor  # (N, T): 1 up to and including the first EOS
+    prompt_length: int  # P
+    completions: list[str]
+    truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
+    items: list[PromptItem] = field(default_factory=list)  # one per completion
+
+
+class GRPOLoop:
+    """GRPO on a DeltaModel policy: sample groups, score, group-relative advantages, clipped updates of the adapter.
+
+    Args:
+        model: the policy, a DeltaModel over a causal LM whose active adapter trains.
+        tokenizer: the policy's tokenizer (completions are decoded with it for the rewards).
+        rewards: the rewards (``check_rewards`` / ``load_rewards``).
+        align: the ``align`` section of the recipe.
+        lr: AdamW learning rate.
+        max_grad_norm: gradient clipping norm (0: none).
+        seed: seeds the sampling.
+        scheduler: a function optimizer -> LR scheduler (default: constant).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        rewards: Sequence[Reward],
+        align: AlignArgs,
+        lr: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        seed: int = 0,
+        scheduler: Callable | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.rewards, self.align = model, tokenizer, list(rewards), align
+        self.device = next(model.parameters()).device
+        torch.manual_seed(seed)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.scheduler = scheduler(self.optimizer) if scheduler else None
+        self.max_grad_norm = max_grad_norm
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    # The model runs in eval mode throughout (no dropout), so pi_old, pi and the reference are computed alike.
+    def _forward(self, s: Samples, idx: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs (n, T), entropy (n, T)) of the completion tokens of rows ``idx``, at the sampling temperature."""
+        P = s.prompt_length
+        ids, mask = s.sequences[idx], s.attention_mask[idx]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        logits = logits[:, P - 1 : -1].float() / self.align.temperature  # (n, T, V): predicts the completions
+        logp_all = F.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1)  # (n, T)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.align.mini_batch_size
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def _logprobs(self, s: Samples, reference: bool = False) -> torch.Tensor:
+        """(N, T) completion log-probs under the current policy, or the reference (the adapter off)."""
+        parts = []
+        for idx in self._chunks(len(s.sequences)):
+            if reference:
+                with self.model.disable_adapter():
+                    parts.append(self._forward(s, idx)[0])
+            else:
+                parts.append(self._forward(s, idx)[0])
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def sample(self, items: Sequence[PromptItem], num: int) -> Samples:
+        """``num`` sampled completions of each prompt, consecutive (N = len(items) x num)."""
+        from transformers import GenerationConfig
+
+        self.model.eval()
+        P = max(len(it.ids) for it in items)
+        ids = torch.tensor([[self.pad] * (P - len(it.ids)) + it.ids for it in items], device=self.device)
+        mask = torch.tensor([[0] * (P - len(it.ids)) + [1] * len(it.ids) for it in items], device=self.device)
+        ids, mask = ids.repeat_interleave(num, 0), mask.repeat_interleave(num, 0)  # (N, P)
+        # A fresh generation config: sample from the policy itself, not a checkpoint's defaults (top-k, repetition
+        # penalty), or the importance ratio would refer to another distribution.
+        gen = GenerationConfig(
+            max_new_tokens=self.align.max_new_tokens,
+            do_sample=True,
+            temperature=self.align.temperature,
+            top_k=0,
+            top_p=self.align.top_p,
+            pad_token_id=self.pad,
+            eos_token_id=self.eos,
+            use_cache=True,
+        )
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        completion = out[:, P:]
+        if completion.shape[1] == 0:
+            raise RuntimeError("the policy generated no token")
+        is_eos = completion == self.eos if self.eos is not None else torch.zeros_like(completion, dtype=torch.bool)
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+        completion_mask = (~after_eos).long()
+        completion = completion.masked_fill(after_eos, self.pad)
+        return Samples(
+            sequences=torch.cat([ids, completion], 1),
+            attention_mask=torch.cat([mask, completion_mask], 1),
+            completion_mask=completion_mask,
+            prompt_length=P,
+            completions=self.tokenizer.batch_decode(completion, skip_special_tokens=True),
+            truncated=~is_eos.any(-1),
+            items=[it for it in items for _ in range(num)],
+        )
+
+    def score(self, s: Samples) -> torch.Tensor:
+        """(N, K) rewards of the samples."""
+        items = s.items
+        keys = sorted({k for it in items for k in it.columns})
+        columns = {k: [it.columns.get(k) for it in items] for k in keys}
+        texts = self.tokenizer.batch_decode([it.ids for it in items], skip_special_tokens=True)
+        return score(self.rewards, [it.prompt for it in items], texts, s.completions, columns,
+                     [it.source for it in items])  # fmt: skip
+
+    def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
+        """One GRPO step over a batch of prompts; returns its statistics."""
+        a = self.align
+        G = a.num_generations
+        s = self.sample(items, G)
+        table = self.score(s)  # (N, K)
+        weights = torch.tensor([r.weight for r in self.rewards])
+        rewards = (table * weights).sum(-1)  # (N,)
+        advantages = group_advantages(rewards, G, a.scale_rewards).to(self.device)
+        mask = s.completion_mask.float()
+        n_seq, n_tok = len(rewards), mask.sum().clamp(min=1)
+        old = self._logprobs(s) if a.num_iterations > 1 else None
+        ref = self._logprobs(s, reference=True) if a.beta > 0 else None
+        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
+        for it in range(a.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for idx in self._chunks(n_seq):
+                logp, entropy = self._forward(s, idx)
+                m = mask[idx]
+                loss, st = grpo_loss(
+                    logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,
+                    None if ref is None else ref[idx], a.loss_norm, n_seq, n_tok,
+                )  # fmt: skip
+                if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
+                    from .trainer import NonFiniteLossError
+
+                    raise NonFiniteLossError(getattr(self, "steps_done", 0) + 1, float(loss))
+                loss.backward()
+                sums["loss"] += loss.item() / a.num_iterations
+                sums["clipped"] += st["clipped"].item()
+                sums["tokens"] += st["tokens"].item()
+                if "kl" in st:
+                    sums["kl"] += st["kl"].item()
+                if it == 0:
+                    sums["entropy"] += (entropy.detach() * m).sum().item()
+            if self.max_grad_norm > 0:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        tokens_once = n_tok.item()
+        stats = {
+            "loss": sums["loss"],
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "frac_zero_std_groups": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),
+            "clipfrac": sums["clipped"] / max(sums["tokens"], 1.0),
+            "entropy": sums["entropy"] / tokens_once,
+            "completion_length": mask.sum(-1).mean().item(),
+            "truncated_fraction": s.truncated.float().mean().item(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if a.beta > 0:
+            stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
+        for k, r in enumerate(self.rewards):
+            stats[f"rewards/{r.name}/mean"] = table[:, k].mean().item()
+            stats[f"rewards/{r.name}/std"] = table[:, k].std().item() if len(table) > 1 else 0.0
+        return stats
+
+    @torch.no_grad()
+    def mean_reward(self, items: Sequence[PromptItem], batch_size: int) -> float:
+        """Mean weighted reward of one sampled completion per prompt (no update)."""
+        weights = torch.tensor([r.weight for r in self.rewards])
+        total = [(self.score(self.sample(items[i : i + batch_size], 1)) * weights).sum(-1)
+                 for i in range(0, len(items), batch_size)]  # fmt: skip
+        return torch.cat(total).mean().item()
+
+
+# -- the stage -----------------------------------------------------------------------------------------------
+
+
+def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int, truncation: str):
+    """(items, number truncated): each row's prompt as ids (chat messages through the tokenizer's chat template,
+    text as is after the BOS the tokenizer adds), cut from its start to ``max_length`` tokens; the row's other
+    columns kept for the rewards.
+
+    Raises:
+        DataError: a missing or empty prompt, chat messages without a chat template, or (truncation=refuse) an
+            over-long prompt; the row named.
+    """
+    head = bos_prefix(tok)
+    items, truncated = [], 0
+    for row in rows:
+        prompt = row.get(prompt_column)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            if not getattr(tok, "chat_template", None):
+                raise DataError(f"{row.source}: {prompt_column!r} holds chat messages but the tokenizer has no chat "
+                                "template; give the prompt as text")  # fmt: skip
+            text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, str) and prompt.strip():
+            ids = head + tok(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            raise DataError(f"{row.source}: column {prompt_column!r} must be non-empty text or a list of messages")
+        if len(ids) > max_length:
+            if truncation == "refuse":
+                raise DataError(f"{row.source}: the prompt is {len(ids)} tokens, more than data.max_length="
+                                f"{max_length} (set data.truncation=truncate to keep its end)")  # fmt: skip
+            ids, truncated = ids[len(ids) - max_length :], truncated + 1
+        columns = {k: v for k, v in row.data.items() if k != prompt_column}
+        items.append(PromptItem(ids, prompt, columns, row.source))
+    return items, truncated
+
+
+def _check(cfg: RunConfig) -> None:
+    a = cfg.align
+    if a.num_generations < 2:
+        raise ConfigError(
+            f"align.num_generations must be >= 2 (advantages are relative to a group), got {a.num_generations}"
+        )
+    if a.num_iterations < 1:
+        raise ConfigError(f"align.num_iterations must be >= 1, got {a.num_iterations}")
+    if a.loss_norm not in ("sequence", "token"):
+        raise ConfigError(f"align.loss_norm must be sequence or token, got {a.loss_norm!r}")
+    if not 0 < a.top_p <= 1:
+        raise ConfigError(f"align.top_p must be in (0, 1], got {a.top_p}")
+
+
+def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
+    """Prompts, the rewards (functions imported, reward runs checked) and the loop that trains on them.
+
+    Raises:
+        ConfigError: a bad align setting (G < 2, ...), a reward that cannot be imported, or the longest prompt plus
+            align.max_new_tokens beyond the model's context.
+        DataError: a missing or empty prompt.
+    """
+    from transformers import AutoConfig
+
+    from .models import resolve_path
+
+    _check(cfg)
+    d, a = cfg.data, cfg.align
+    rewards = check_rewards(a)
+    train_rows, eval_rows = _rows(cfg)
+    train, cut = encode_prompts(train_rows, tok, d.prompt_column, d.max_length, d.truncation)
+    evals, cut_eval = encode_prompts(eval_rows, tok, d.prompt_column, d.max_length, d.truncation) if eval_rows else (
+        None, 0)  # fmt: skip
+    longest = max(len(it.ids) for it in train + (evals or []))
+    try:
+        config = AutoConfig.from_pretrained(resolve_path(cfg.model.name_or_path),
+                                            trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+    except OSError:
+        config = None  # the model loader reports this more clearly
+    context = context_length(config) if config is not None else None
+    if context is not None and longest + a.max_new_tokens > context:
+        raise ConfigError(
+            f"the longest prompt ({longest} tokens, data.max_length={d.max_length}) plus align.max_new_tokens="
+            f"{a.max_new_tokens} is {longest + a.max_new_tokens} positions, more than the model's context of "
+            f"{context}; lower data.max_length or align.max_new_tokens"
+        )
+    notes = [
+        f"GRPO: {cfg.train.batch_size} prompts x {a.num_generations} completions per step, {a.max_new_tokens} new "
+        f"tokens at most, {a.num_iterations} optimizer step(s) per generation batch, clip {a.cliprange}, "
+        + (f"KL coefficient {a.beta} (k3 estimator; reference = the base with the adapter off)" if a.beta > 0
+           else "no KL term (beta 0: no reference pass)")
+        + f", {a.loss_norm}-mean loss, advantages " + ("scaled by the group std" if a.scale_rewards else
+                                                      "not scaled (Dr. GRPO)"),
+        "rewards: " + ", ".join(f"{r.name} (weight {r.weight:g})" for r in rewards),
+        "![GRPO statistics](grpo_stats.png)",
+    ]  # fmt: skip
+    for split, n in (("train", cut), ("eval", cut_eval)):
+        if n:
+            notes.append(f"{n} {split} prompts were longer than data.max_length={d.max_length}; their ends were kept")
+
+    def loop(model, tokenizer, run_cfg: RunConfig, checkpoint: str | None = None):
+        return train_grpo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint)
+
+    return Prepared(train, evals, Collator(tok.pad_token_id), None, "reward", notes=notes, loop=loop)
+
+
+def train_grpo(
+    model: nn.Module,
+    tokenizer,
+    cfg: RunConfig,
+    prompts: list[PromptItem],
+    eval_prompts: list[PromptItem] | None,
+    rewards: list[Reward],
+    checkpoint: str | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run GRPO for ``train.max_steps`` steps (or ``train.epochs`` passes over the prompts) of ``train.batch_size``
+    prompts; returns (metrics, per-step log history). Resumes from ``checkpoint``, or from the last checkpoint in
+    ``output.dir`` (the run only keeps one there when asked to resume)."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+    from transformers.trainer_utils import get_last_checkpoint
+
+    t, out = cfg.train, cfg.output.dir
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    shared = load_rewards(rewards, cfg.align.reward_funcs, model, cfg.model.name_or_path, tokenizer)
+    per_epoch = math.ceil(len(prompts) / t.batch_size)
+    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    updates = steps * cfg.align.num_iterations
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * updates)
+
+    def scheduler(opt):
+        return get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=updates)
+
+    loop = GRPOLoop(model, tokenizer, rewards, cfg.align, t.lr, t.max_grad_norm, t.seed, scheduler)
+    g = torch.Generator().manual_seed(t.seed)
+    history: list[dict[str, Any]] = []
+    order: list[int] = []
+    metrics: dict[str, Any] = {}
+    start_step = 0
+    if checkpoint is None and os.path.isdir(out) and get_last_checkpoint(out):
+        from .runfolder import resume_checkpoint
+
+        checkpoint = resume_checkpoint(out)[0]  # the newest checkpoint that reads
+    if checkpoint:
+        start_step, history, order, metrics = _load_checkpoint(checkpoint, loop, g)
+    elif eval_prompts and t.eval_on_start:
+        metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
+    save_every = t.save_steps or per_epoch
+    start = time.perf_counter()
+    try:
+        bar = tqdm(range(start_step + 1, steps + 1), desc="grpo", initial=start_step, total=steps)
+        for step in bar:
+            if len(order) < t.batch_size:
+                order += torch.randperm(len(prompts), generator=g).tolist()
+            batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
+            loop.steps_done = step - 1
+            tick = time.perf_counter()
+            history.append({"step": step, **loop.step(batch), "step_time_s": time.perf_counter() - tick})
+            bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", refresh=False)
+            if step % save_every == 0:
+                _save_checkpoint(out, step, loop, g, history, order, metrics, t.save_total_limit)
+        tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
+        metrics.update(
+            train_loss=sum(h["loss"] for h in history) / len(history),
+            train_steps=steps,
+            train_runtime_s=round(time.perf_counter() - start, 2),
+            reward_first=history[0]["reward"],
+            reward_last=sum(h["reward"] for h in tail) / len(tail),
+        )
+        if cfg.align.beta > 0:
+            metrics["kl_last"] = sum(h["kl"] for h in tail) / len(tail)
+        if eval_prompts:
+            metrics["eval_reward"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
+    finally:
+        for r in shared:  # the saved run holds the policy adapter only
+            model.delete_adapter(r.adapter_name)
+    plot_stats(history, os.path.join(out, "grpo_stats.png"))
+    return metrics, history
+
+
+def _save_checkpoint(out: str, step: int, loop: GRPOLoop, g: torch.Generator, history, order, metrics, keep: int):
+    """``checkpoint-<step>/``: the adapter, and the optimizer, scheduler, RNG and history to resume from; written to a
+    staging folder and renamed into place, so a checkpoint folder is complete or absent."""
+    final = os.path.join(out, f"checkpoint-{step}")
+    staging = os.path.join(out, ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    loop.model.save_pretrained(staging)
+    state = {
+        "step": step,
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
+        "generator": g.get_state(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "history": history,
+        "order": order,
+        "metrics": metrics,
+    }
+    torch.save(state, os.path.join(staging, STATE_FILE))
+    with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as fh:  # what --resume looks for
+        json.dump({"global_step": step, "stage": "grpo", "log_history": history}, fh)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    done = sorted((int(n.split("-")[1]), n) for n in os.listdir(out) if n.startswith("checkpoint-")
+                  and n.split("-")[1].isdigit())  # fmt: skip
+    for _, name in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def _load_checkpoint(path: str, loop: GRPOLoop, g: torch.Generator):
+    """Restore the adapter, optimizer, scheduler and RNG state from a checkpoint; (step, history, order, metrics)."""
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise ConfigError(f"--resume: {path!r} is not a GRPO checkpoint (no {STATE_FILE})")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    for name in loop.model.peft_config:
+        loop.model.load_adapter_weights(path if name == "default" else os.path.join(path, name), name)
+    loop.optimizer.load_state_dict(state["optimizer"])
+    if loop.scheduler is not None and state["scheduler"] is not None:
+        loop.scheduler.load_state_dict(state["scheduler"])
+    g.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["history"], state["order"], state["metrics"]
+
+
+STATS = ("reward", "reward_std", "kl", "clipfrac", "entropy", "completion_length", "loss", "step_time_s")
+
+
+def plot_stats(history: list[dict[str, Any]], path: str) -> str | None:
+    """One small panel per GRPO statistic over steps (and each reward's mean), as a PNG. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not history:
+        return None
+    keys = [k for k in STATS if k in history[0]] + [k for k in history[0] if k.endswith("/mean")]
+    cols = 4
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.6 * rows), dpi=100, squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history])
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
