@@ -22,7 +22,24 @@ def _train_help() -> str:
     for section, rows in field_help().items():
         for key, default, text in rows:
             lines.append(f"  {section}.{key} (default {default!r}): {text}")
+    lines += _method_help()
     return "\n".join(lines)
+
+
+def _method_help() -> list[str]:
+    """Every registered method's fields (read from the source: Python drops attribute docstrings); the fields all
+    methods share are listed once."""
+    from . import registry
+    from .config import DeltaConfig, field_docs
+
+    shared = {name for name, _, _ in field_docs(DeltaConfig)}
+    lines = ["", "method fields (method.name=NAME, then method.KEY=VALUE):"]
+    lines += [f"  every method: {key} (default {default!r}): {text}" for key, default, text in field_docs(DeltaConfig)]
+    for name in registry.names():
+        for key, default, text in field_docs(registry.get(name).config_class):
+            if key not in shared:
+                lines.append(f"  {name}: {key} (default {default!r}): {text}")
+    return lines
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -243,6 +260,9 @@ def _eval(args) -> int:
 
 
 def _sampling(args) -> dict:
+    from .train.chat import check_sampling
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before any model is loaded
     return {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -257,24 +277,25 @@ def _generate(args) -> int:
     if args.compare and args.merged:
         print("deltatune generate: error: --compare needs the adapter unmerged; drop --merged", file=sys.stderr)
         return 2
+    sampling = _sampling(args)
     model, tok = chat.load(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
     model.eval()
     ids = chat.prompt_ids(tok, args.prompt, raw=args.raw, system=args.system)
     if args.compare:
-        row = chat.compare(model, tok, [args.prompt], raw=args.raw, system=args.system, **_sampling(args))[0]
+        row = chat.compare(model, tok, [args.prompt], raw=args.raw, system=args.system, **sampling)[0]
         print(chat.side_by_side([row]))
     else:
-        print(chat.generate(model, tok, ids, num_beams=args.num_beams, **_sampling(args)))
+        print(chat.generate(model, tok, ids, num_beams=args.num_beams, **sampling))
     return 0
 
 
 def _chat(args) -> int:
     from .train import chat
 
-    model, tok = chat.load(args.adapter, None if not args.model else args.model, False, args.trust_remote_code,
-                           args.raw, "chat")  # fmt: skip
+    sampling = _sampling(args)
+    model, tok = chat.load(args.adapter, args.model, False, args.trust_remote_code, args.raw, "chat")
     model.eval()
-    return chat.repl(model, tok, system=args.system, raw=args.raw, **_sampling(args))
+    return chat.repl(model, tok, system=args.system, raw=args.raw, **sampling)
 
 
 def _merge(args) -> int:

@@ -38,6 +38,16 @@ def prompt_ids(tok, prompt: str | Messages, raw: bool = False, system: str | Non
     return list(ids["input_ids"])
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Raises ConfigError naming the option when a sampling setting is out of range."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 decodes greedily), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def generate(
     model: torch.nn.Module,
     tok,
@@ -49,10 +59,7 @@ def generate(
     num_beams: int = 1,
 ) -> str:
     """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    check_sampling(max_new_tokens, temperature, top_p)
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -183,7 +190,7 @@ def load(adapter_dir: str, model: str | None, merged: bool, trust_remote_code: b
 
     from .run import load_adapter_model
 
-    task, stage = _task(adapter_dir)
+    task, stage = _task(adapter_dir)  # refused before any model is loaded
     if task is not None and task not in GENERATIVE:
         kind = {"SEQ_CLS": "a sequence classifier", "TOKEN_CLS": "a token tagger"}.get(task, f"a {task} model")
         raise ConfigError(

