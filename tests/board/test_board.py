@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 import torch
 import yaml
+from fastapi import FastAPI, Request  # at module level: FastAPI resolves the routes' annotations by name
 from safetensors.torch import save_file
 from serving import Server  # tests/serve/serving.py
 
@@ -158,3 +159,33 @@ def test_never_serves_a_file_outside_the_runs_folder(board, tmp_path):
     assert status == 200 and b"deltatune board" in page
     status, js = get(server, "/static/app.js")
     assert status == 200 and b"function chart" in js
+
+
+def test_playground_calls_are_forwarded_to_the_serve_process_with_its_key(tmp_path):
+    """With --serve URL the page talks to /api/serve/v1/...; the board adds the key, the page never holds it."""
+    seen = []
+    upstream = FastAPI()
+
+    @upstream.post("/v1/chat/completions")
+    async def chat(request: Request):
+        seen.append((request.headers.get("authorization"), await request.json()))
+        return {"choices": [{"message": {"content": "hi"}}]}
+
+    @upstream.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "base"}]}
+
+    serve = Server(upstream)
+    board = Server(create_app(str(tmp_path), serve_url=serve.url, serve_key="sekret"))
+    try:
+        status, config = get(board, "/api/config")
+        assert config["playground"] == "/api/serve/v1" and "sekret" not in json.dumps(config)
+        assert get(board, "/api/serve/v1/models") == (200, {"data": [{"id": "base"}]})
+        body = {"model": "base", "messages": [{"role": "user", "content": "x"}]}
+        req = urllib.request.Request(board.url + "/api/serve/v1/chat/completions", data=json.dumps(body).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read())["choices"][0]["message"]["content"] == "hi"
+        assert seen == [("Bearer sekret", body)]
+    finally:
+        board.stop()
+        serve.stop()
