@@ -13,6 +13,7 @@ from deltatune.train.config import RunConfig, apply_overrides, build, field_help
 
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "*.yaml")))
 QUICKSTART = next(r for r in RECIPES if r.endswith("quickstart.yaml"))
+SENTIMENT = next(r for r in RECIPES if r.endswith("sentiment-minilm.yaml"))
 
 
 def _recipe(tmp_path, text: str) -> str:
@@ -30,7 +31,17 @@ def test_every_recipe_parses(path):
 
 
 def test_quickstart_fields():
+    """The LLM quick start: LoRA SFT of the embedded SmolLM2 on the identity set, answers shown before/after."""
     cfg = load_recipe(QUICKSTART)
+    assert (cfg.stage, cfg.model.name_or_path) == ("sft", "smollm2")
+    assert cfg.data.train.endswith("identity_train.jsonl") and cfg.data.eval.endswith("identity_eval.jsonl")
+    assert cfg.output.samples == 10 and cfg.train.report_to == ["none"]
+    method = cfg.method_config("CAUSAL_LM")
+    assert isinstance(method, LoraConfig) and method.target_modules == "all-linear"
+
+
+def test_sentiment_quickstart_fields():
+    cfg = load_recipe(SENTIMENT)
     assert cfg.stage == "cls"
     assert cfg.model.name_or_path == "minilm"
     assert cfg.data.max_length == 64 and cfg.data.train.endswith("sentiment_train.jsonl")
@@ -126,7 +137,7 @@ def test_unknown_key_names_it_and_the_nearest(override, key, near):
 
 
 def test_unknown_key_with_nothing_near_lists_the_keys():
-    with pytest.raises(ConfigError, match=r"unknown key 'output.zzz' in .*; valid keys: dir$"):
+    with pytest.raises(ConfigError, match=r"unknown key 'output.zzz' in .*; valid keys: dir, samples, sample_tokens$"):
         load_recipe(QUICKSTART, ["output.zzz=1"])
 
 
