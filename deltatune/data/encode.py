@@ -226,7 +226,11 @@ def first_row_note(split: str, s: Sample, tokenizer, template: str | None, stage
     how = {RAW: "no chat template (plain text)", None: "the tokenizer's chat template"}.get(
         template, f"the built-in {template} template"
     )
-    lines = [f"first {split} row ({s.source}) as rendered with {how}; trained tokens between [[ and ]]:"]
+    what = {
+        "rm": "the reward is read at the last token",
+        "ppo": "the policy samples its response after it",
+    }.get(stage, "trained tokens between [[ and ]]")
+    lines = [f"first {split} row ({s.source}) as rendered with {how}; {what}:"]
     for part, text, spans in rendered(s, tokenizer, template, stage):
         lines += ["", f"  {part}:", "", "  ```text", *["  " + line for line in mark(text, spans).split("\n")], "  ```"]
     return "\n".join(lines)
@@ -263,3 +267,20 @@ def encode_pair_samples(
         truncated += cut_c or cut_r
         out.append({"chosen": chosen, "rejected": rejected})
     return Encoded(out, truncated)
+
+
+def scorer_template(recipe: dict[str, Any], tokenizer, encoder: bool) -> str | None:
+    """The template a finished reward run (its run.yaml ``recipe``) rendered its pairs with, so scoring in PPO
+    renders (prompt, response) the same way: data.template when set; else RAW for an encoder or a tokenizer with
+    no chat template (plain-string pairs); else the tokenizer's own (None)."""
+    template = (recipe.get("data") or {}).get("template")
+    if template is not None:
+        return template
+    return RAW if encoder or not getattr(tokenizer, "chat_template", None) else None
+
+
+def score_inputs(tokenizer, template: str | None, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """Reward-model inputs of one (prompt, response) text pair rendered as a user turn and an assistant turn with
+    ``template`` (RAW: the tokenizer's pair template), as ``scored_example`` encodes them in training."""
+    s = Sample("", "preference", [{"role": "user", "content": prompt}], conversational=False)
+    return scored_example(s, [{"role": "assistant", "content": response}], tokenizer, template, max_length)[0]

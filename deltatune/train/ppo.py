@@ -407,6 +407,13 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
         return [prompt_ids(s, tok, template, d.max_length) for s in samples]  # each keeps the prompt's end
 
     train, evals = enc(train_s), (enc(eval_s) if eval_s else None)
+    # The reward function reads a one-message prompt as the user's own words (as a reward run was trained on
+    # them, and as a Python reward expects), not as the decoded chat template the policy samples after.
+    plain = {
+        tok.decode(ids, skip_special_tokens=True): s.messages[0]["content"]
+        for ids, s in zip(train + (evals or []), train_s + (eval_s or []))
+        if len(s.messages) == 1 and s.messages[0]["role"] == "user"
+    }
     longest = max(len(p) for p in train + (evals or []))
     try:
         config = AutoConfig.from_pretrained(
@@ -438,19 +445,25 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
         model.to(device)
         reward_fn = reward_function(a.reward_model, device, model, run_cfg.model.name_or_path, tokenizer)
         shared = isinstance(reward_fn, AdapterReward)
+
+        def rewards(prompts: Sequence[str], responses: Sequence[str]) -> Any:
+            return reward_fn([plain.get(p, p) for p in prompts], responses)
+
         if shared or os.path.isdir(a.reward_model or ""):
-            notes.append(
+            # prepared.notes, not notes: the run may have replaced the list with a longer one since (run.py adds notes)
+            prepared.notes.append(
                 f"reward model {a.reward_model}: "
                 + ("a second adapter on the policy's base (one copy of the weights)" if shared else
                    "a separate model scoring re-tokenised text")
             )  # fmt: skip
         try:
-            return train_ppo(model, tokenizer, run_cfg, train, evals, reward_fn)
+            return train_ppo(model, tokenizer, run_cfg, train, evals, rewards)
         finally:
             if shared:  # the saved run holds the policy adapter only
                 model.delete_adapter(reward_fn.adapter_name)
 
-    return Prepared(train, evals, Collator(tok.pad_token_id), None, "reward", notes=notes, loop=loop)
+    prepared = Prepared(train, evals, Collator(tok.pad_token_id), None, "reward", notes=notes, loop=loop)
+    return prepared
 
 
 def train_ppo(

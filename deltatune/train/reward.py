@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.preference import PairCollator, encode_scored
+from ..data.encode import score_inputs, scorer_template
+from ..data.preference import PairCollator
 from ..data.tasks import Encoded
 from .config import RunConfig
 from .stages import Prepared, _note_truncated, read_splits
@@ -94,7 +95,6 @@ def _is_encoder(cfg: RunConfig) -> bool:
     """Whether the base is an encoder (a masked-LM family such as BERT), which scores (prompt, response) through
     its pair template rather than a chat template."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     from .models import resolve_path
 
@@ -104,6 +104,12 @@ def _is_encoder(cfg: RunConfig) -> bool:
         )
     except (OSError, ValueError):
         return False  # the model loader reports this more clearly
+    return _is_encoder_config(config)
+
+
+def _is_encoder_config(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
     return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
@@ -153,11 +159,14 @@ class RewardScorer:
         self.model.to(device).eval()
         self.max_length = max_length or int(recipe.get("data", {}).get("max_length", 512))
         self.device = torch.device(device)
+        self.template = scorer_template(recipe, self.tokenizer, _is_encoder_config(self.model.config))
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """One reward per (prompt, response): (N,) float tensor."""
-        examples = [encode_scored(self.tokenizer, p, r, self.max_length)[0] for p, r in zip(prompts, responses)]
+        """One reward per (prompt, response): (N,) float tensor, the pair rendered as the reward run rendered it."""
+        examples = [
+            score_inputs(self.tokenizer, self.template, p, r, self.max_length) for p, r in zip(prompts, responses)
+        ]
         from ..data.tasks import Collator
 
         batch = Collator(self.tokenizer.pad_token_id)(examples)
@@ -222,6 +231,7 @@ class AdapterReward:
         with torch.no_grad():
             for key, value in head.items():
                 getattr(self.head, key).copy_(value)
+        self.template = scorer_template(recipe, tokenizer, encoder=False)  # the policy's base: a decoder
         self.head.requires_grad_(False)
         # The backbone part of the adapter fits the causal LM as it is (same module paths); load it through the
         # public API from a temporary folder without the head.
@@ -239,7 +249,9 @@ class AdapterReward:
         """One reward per (prompt, response): (N,) float tensor."""
         from ..data.tasks import Collator
 
-        examples = [encode_scored(self.tokenizer, p, r, self.max_length)[0] for p, r in zip(prompts, responses)]
+        examples = [
+            score_inputs(self.tokenizer, self.template, p, r, self.max_length) for p, r in zip(prompts, responses)
+        ]
         batch = Collator(self.tokenizer.pad_token_id)(examples)  # right padding
         device = next(self.head.parameters()).device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -72,8 +72,13 @@ def fixture(key: str) -> str:
     return os.path.join(FIXTURES, FILES[key][0])
 
 
+SEEN_PROMPTS: list[str] = []
+
+
 def length_reward(prompts, responses):
-    """A programmatic PPO reward (align.reward_model=test_formats:length_reward): shorter responses score higher."""
+    """A programmatic PPO reward (align.reward_model=test_formats:length_reward): shorter responses score higher.
+    Records the prompts it is given."""
+    SEEN_PROMPTS.extend(prompts)
     return [-len(r.split()) / 10 for r in responses]
 
 
@@ -324,6 +329,11 @@ def test_two_steps_through_the_cli(models, tmp_path, capsys, key, stage):
         )
         assert f"first train row ({fixture(key)}:1) as rendered" in report
         assert "<|im_start|>assistant" in report
+    if stage == "ppo":
+        # The policy samples after the rendered prompt; the reward function reads the user's own words.
+        questions = {r.data["prompt"] for r in read_rows(fixture("prompt"))}
+        assert SEEN_PROMPTS and set(SEEN_PROMPTS) <= questions, SEEN_PROMPTS
+        SEEN_PROMPTS.clear()
     if stage == "dpo":
         # At step 0 the adapter is the identity (LoRA B = 0): policy = reference, so every pair costs log 2.
         assert first_loss(out) == pytest.approx(math.log(2), abs=1e-6)
@@ -436,3 +446,19 @@ def test_without_a_chat_template_plain_pairs_keep_the_plain_encoding_and_convers
     ):
         choose_template(samples("pref_conversational"), plain, None, "dpo")
     assert choose_template(samples("pref_conversational"), plain, "chatml", "dpo") == "chatml"
+
+
+def test_reward_scoring_renders_pairs_as_the_reward_run_was_trained(tok):
+    """PPO's reward models score a (prompt, response) text pair exactly as stage rm encoded that pair: through the
+    chat template for a decoder whose tokenizer has one, through the pair template for an encoder."""
+    from deltatune.data.encode import RAW, score_inputs, scored_example, scorer_template
+    from deltatune.data.preference import encode_scored
+
+    assert scorer_template({"data": {"template": None}}, tok, encoder=False) is None
+    assert scorer_template({"data": {"template": None}}, tok, encoder=True) == RAW
+    assert scorer_template({"data": {"template": "alpaca"}}, tok, encoder=False) == "alpaca"
+    s = samples("pref_conversational")[0]
+    for template in (None, "chatml"):
+        want = scored_example(s, s.chosen, tok, template, 64)[0]
+        assert score_inputs(tok, template, "What colour is a ripe lemon?", "Yellow.", 64) == want
+    assert score_inputs(tok, RAW, "Q?", "A.", 64) == encode_scored(tok, "Q?", "A.", 64)[0]
