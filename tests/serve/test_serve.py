@@ -271,3 +271,34 @@ def test_requests_joining_a_running_batch_equal_requests_served_alone(served):
     assert engine.joined - joined >= 3
     assert together == alone
     assert [len(t) for t in together] == [40, 6, 5, 8, 3]
+
+
+@pytest.mark.parametrize("name", ["ia3", "prompt"])
+def test_answers_equal_deltatune_generate(served, name, capsys):
+    """The CLI's own path: ``deltatune generate`` (chat template) and ``--raw`` (plain text) print the served answers
+    (the CLI strips surrounding spaces from what it prints)."""
+    from deltatune.cli import main
+
+    _, server, base, folders = served
+    api = client(server)
+    for raw in (False, True):
+        argv = [
+            "generate",
+            "--adapter",
+            folders[name],
+            "--model",
+            base,
+            "--prompt",
+            PROMPTS[3],
+            "--max-new-tokens",
+            "8",
+        ]
+        assert main(argv + (["--raw"] if raw else [])) == 0
+        printed = capsys.readouterr().out
+        if raw:
+            got = api.completions.create(model=name, prompt=PROMPTS[3], max_tokens=8, temperature=0).choices[0].text
+        else:
+            messages = [{"role": "user", "content": PROMPTS[3]}]
+            out = api.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+            got = out.choices[0].message.content
+        assert printed == got.strip() + "\n"
