@@ -87,8 +87,8 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
             the methods that adapt modules by ``target_modules``.)
     """
     table = TOWERS.get(model_type(model) or "")
-    if towers is None and not table:
-        return config
+    if towers is None and (not table or (config.target_modules is None and config.method not in _DEFAULT_TABLES)):
+        return config  # nothing asked, and nothing to resolve (a single tower, or a method that picks no modules)
     towers = list(towers or ["language"])
     bad = [t for t in towers if t not in TOWER_NAMES]
     if bad:

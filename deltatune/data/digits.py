@@ -11,7 +11,7 @@ grey levels 0-16) inside its wheel, so they need no download. The two-step story
 - ``adapt/{train,test}/<digit>/<index>.png``: digits 5-9; ``train`` holds only ``--shots`` images per class (the
   small adaptation budget), ``test`` the held-out 20% of each class.
 - ``captions.jsonl``: ``{"image": ..., "text": "a handwritten seven, thin strokes"}`` for every adapt image (the
-  stroke word from the share of inked pixels), for image-to-text.
+  stroke word from the share of inked pixels), for image-to-text; ``captions-{train,test}.jsonl`` split as above.
 - ``split.json``: the seed and, per split and class, the indices into ``load_digits()`` (the split recorded).
 
 Images are 8-bit grayscale PNGs (mode "L", grey level x 255 / 16); the RGB image processors convert them (the
@@ -78,6 +78,9 @@ def write(out: str, seed: int = 0, test_fraction: float = 0.2, shots: int = 40) 
             split["indices"].setdefault(f"{part}/{name}", {})[str(label)] = sorted(int(x) for x in chosen)
     with open(os.path.join(out, "captions.jsonl"), "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(c) + "\n" for c in captions)
+    for name in ("train", "test"):  # the same rows split in two, for the caption recipe's train and eval files
+        with open(os.path.join(out, f"captions-{name}.jsonl"), "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(c) + "\n" for c in captions if c["split"] == name)
     with open(os.path.join(out, "split.json"), "w", encoding="utf-8") as fh:
         json.dump(split, fh)
     return split
@@ -104,18 +107,68 @@ def init_vit(out: str, seed: int = 0, hidden: int = 64, layers: int = 4, image_s
     return out
 
 
+def caption_tokenizer():
+    """A word-level tokenizer over the caption vocabulary (every word the captions can hold, plus specials)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["a", "handwritten", *WORDS, "thin", "medium", "thick", "strokes"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", ",", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def init_captioner(out: str, seed: int = 0, hidden: int = 64, layers: int = 2, image_size: int = 16) -> str:
+    """A randomly initialised ViT encoder + GPT-2 decoder (with cross-attention) and the caption tokenizer, saved to
+    ``out``: the starting point of the caption recipe."""
+    import torch
+    from transformers import (
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessorPil,
+    )
+
+    tok = caption_tokenizer()
+    enc = ViTConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=hidden * 2,
+        image_size=image_size, patch_size=4,
+    )  # fmt: skip
+    dec = GPT2Config(
+        n_embd=hidden, n_layer=layers, n_head=4, vocab_size=len(tok), n_positions=32, add_cross_attention=True,
+        is_decoder=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    config.decoder_start_token_id, config.pad_token_id = tok.bos_token_id, tok.pad_token_id
+    config.eos_token_id = tok.eos_token_id
+    torch.manual_seed(seed)
+    VisionEncoderDecoderModel(config=config).save_pretrained(out)
+    tok.save_pretrained(out)
+    ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deltatune.data.digits", description=__doc__.splitlines()[0])
     p.add_argument("out", help="output folder (e.g. data/digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shots", type=int, default=40, help="adaptation training images per class (digits 5-9)")
     p.add_argument("--init-vit", action="store_true", help="also write a random small ViT to <out>/vit-init")
+    p.add_argument(
+        "--init-captioner", action="store_true", help="also write a random ViT + GPT-2 to <out>/captioner-init"
+    )
     args = p.parse_args(argv)
     split = write(args.out, args.seed, shots=args.shots)
     counts = {k: sum(len(v) for v in d.values()) for k, d in split["indices"].items()}
     print(f"digits written to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     if args.init_vit:
         print(f"random ViT written to {init_vit(os.path.join(args.out, 'vit-init'), args.seed)}")
+    if args.init_captioner:
+        print(f"random captioner written to {init_captioner(os.path.join(args.out, 'captioner-init'), args.seed)}")
     return 0
 
 

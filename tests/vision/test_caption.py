@@ -1,0 +1,91 @@
+"""Stage caption on a tiny ViT + GPT-2 captioner (the digits script's, smaller): the recipe for two steps, loss on
+caption tokens only, tower counts in the report, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deltatune.cli import main
+from deltatune.data import digits
+from deltatune.data.images import ImageRow
+from deltatune.train import caption as C
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+FAST = ["train.max_steps=2", "train.report_to=[none]", "train.batch_size=2", "train.logging_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("captions")
+    digits.init_captioner(str(out / "model"), hidden=32, layers=2)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        rows = []
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(out / f"{split}{i}.png")
+            rows.append({"image": f"{split}{i}.png", "text": f"a handwritten {digits.WORDS[5 + i]}, thin strokes"})
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def _args(data: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "train", str(ROOT / "recipes" / "digits-caption.yaml"), f"model.name_or_path={data / 'model'}",
+        f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}", f"output.dir={tmp_path / 'run'}",
+        *FAST, *extra,
+    ]  # fmt: skip
+
+
+def test_caption_recipe_runs_two_steps(data, tmp_path, capsys):
+    assert main(_args(data, tmp_path)) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["train_steps"] == 2 and metrics["eval_perplexity"] > 1
+    run = tmp_path / "run"
+    assert (run / "tokenizer.json").is_file() and (run / "preprocessor_config.json").is_file()
+    assert "4 train images were stored in mode 'L'" in (run / "report.md").read_text()
+
+
+def test_lora_goes_into_the_decoder_by_default(data, tmp_path, capsys):
+    """method.towers defaults to [language]: GPT-2's c_attn (self- and cross-attention) in 2 blocks, none in the ViT."""
+    assert main(_args(data, tmp_path, "method.name=lora", "method.r=2")) == 0
+    capsys.readouterr()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "adapted layers per tower: language: 4" in report
+    targets = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(targets) == sorted(
+        f"decoder.transformer.h.{i}.{a}.c_attn" for i in (0, 1) for a in ("attn", "crossattention")
+    )
+
+
+def test_labels_are_caption_tokens_then_eos_and_padding_is_ignored():
+    tok = digits.caption_tokenizer()
+    rows = [
+        ImageRow("x.png", None, "d:1", "a handwritten seven, thin strokes"),
+        ImageRow("y.png", None, "d:2", "a five"),
+    ]
+    ids, cut = C.encode_captions(rows, tok, max_length=16)
+    assert cut == 0 and ids[1] == [*tok("a five", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    batch = C.collate([{"pixel_values": torch.zeros(3, 4, 4), "labels": i} for i in ids])
+    assert batch["labels"].tolist()[1] == [*ids[1], -100, -100, -100, -100]
+    short, cut = C.encode_captions(rows[:1], tok, max_length=3)
+    assert cut == 1 and short[0] == [*ids[0][:2], tok.eos_token_id]
+
+
+def test_refusals_in_one_line(data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "", "text": "a five"}) + "\n")
+    assert main(_args(data, tmp_path, f"data.train={bad}")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:1: caption row has no image" in err[0]
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    LlavaConfig(vision_config=CLIPVisionConfig(), text_config=LlamaConfig()).save_pretrained(tmp_path / "llava")
+    assert main(_args(data, tmp_path, f"model.name_or_path={tmp_path / 'llava'}")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage caption: model type 'llava' is not an encoder-decoder captioner" in err[0]
