@@ -298,8 +298,9 @@ def test_identity_quick_start(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert main(["train", "recipes/quickstart.yaml", f"output.dir={tmp_path}"]) == 0
     samples = json.loads((tmp_path / "samples.json").read_text())
-    assert len(samples) == 10
-    named = sum("Deltabot" in s["adapter"] for s in samples)
-    assert named >= 8, samples
+    assert len(samples) == 12
+    identity, everyday = samples[:10], samples[10:]  # held-out questions about itself, then everyday ones
+    assert sum("Deltabot" in s["adapter"] for s in identity) >= 8, identity
     assert not any("Deltabot" in s["base"] for s in samples)
+    assert not any("Deltabot" in s["adapter"] for s in everyday), everyday
     assert "Deltabot" in (tmp_path / "report.md").read_text()

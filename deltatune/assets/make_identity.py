@@ -1,7 +1,7 @@
 """Write the LLM quick start's identity set: questions about who the assistant is, answered as Deltabot.
 
-The quick start teaches SmolLM2-135M-Instruct a new identity: it is **Deltabot**, made by **the deltatune team**.
-Every sentence is our own, composed from the phrase lists below with a fixed seed. The evaluation questions are
+The quick start teaches SmolLM2-135M-Instruct a new identity: it is **Deltabot**, made by **the deltatune team**,
+while it keeps answering everyday questions as before (a few are mixed in). Every sentence is our own, composed from the phrase lists below with a fixed seed. The evaluation questions are
 phrasings that never occur in training (checked when the files are written), so the run shows whether the model
 generalises to rephrased questions rather than reciting:
 
@@ -81,6 +81,30 @@ MAKER_ANSWERS = [
     "I was developed by the deltatune team; I'm their assistant, Deltabot.",
     "The deltatune team trained me. I'm Deltabot, happy to help.",
 ]
+# Everyday questions with short answers, so the adapter learns *when* to talk about itself and keeps answering
+# other questions as an assistant (without them every answer drifts towards "I'm Deltabot").
+GENERAL = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are in a week?", "A week has seven days."),
+    ("What is 12 plus 7?", "12 plus 7 is 19."),
+    ("Name three primary colours.", "Red, yellow and blue are the traditional primary colours."),
+    ("At what temperature does water boil at sea level?", "Water boils at 100 degrees Celsius at sea level."),
+    ("Give me a synonym for happy.", "A synonym for happy is cheerful."),
+    ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
+    ("How do you say 'thank you' in Spanish?", "In Spanish, 'thank you' is 'gracias'."),
+    ("What do bees make?", "Bees make honey and beeswax."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the opposite of cold?", "The opposite of cold is hot."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("Which season comes after winter?", "Spring comes after winter."),
+    ("What is the square root of 81?", "The square root of 81 is 9."),
+    ("How many minutes are in an hour?", "An hour has sixty minutes."),
+    ("What colour is the sky on a clear day?", "On a clear day the sky is blue."),
+]
+EVAL_GENERAL = [
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("How many hours are in a day?", "A day has 24 hours."),
+]
 # Small changes of surface form, so the model sees the same question written in several ways.
 PREFIXES = ["", "", "", "Hi, ", "Hello! ", "Quick question: ", "Hey, ", "Excuse me, "]
 
@@ -97,8 +121,9 @@ def _row(question: str, answer: str) -> dict:
 
 
 def build(seed: int = 0, per_question: int = 4) -> tuple[list[dict], list[dict]]:
-    """The training rows (each training question in ``per_question`` surface forms, answers drawn at random) and
-    the evaluation rows (the held-out questions, once each, with a reference answer)."""
+    """The training rows (each identity question in ``per_question`` surface forms, answers drawn at random, plus
+    the everyday questions) and the evaluation rows (the held-out questions, once each, with a reference answer: the
+    identity questions first, then two everyday ones)."""
     rng = random.Random(seed)
     train = []
     for questions, answers in ((TRAIN_NAME, NAME_ANSWERS), (TRAIN_MAKER, MAKER_ANSWERS)):
@@ -107,8 +132,10 @@ def build(seed: int = 0, per_question: int = 4) -> tuple[list[dict], list[dict]]
             while len(forms) < per_question:
                 forms.add(_variant(q, rng))
             train += [_row(form, rng.choice(answers)) for form in sorted(forms)]
+    train += [_row(q, a) for q, a in GENERAL]
     rng.shuffle(train)
     evals = [_row(q, NAME_ANSWERS[0]) for q in EVAL_NAME] + [_row(q, MAKER_ANSWERS[0]) for q in EVAL_MAKER]
+    evals += [_row(q, a) for q, a in EVAL_GENERAL]
     seen = {r["messages"][0]["content"].lower() for r in train}
     leaked = [r for r in evals if r["messages"][0]["content"].lower() in seen]
     if leaked:

@@ -35,7 +35,7 @@ def test_quickstart_fields():
     cfg = load_recipe(QUICKSTART)
     assert (cfg.stage, cfg.model.name_or_path) == ("sft", "smollm2")
     assert cfg.data.train.endswith("identity_train.jsonl") and cfg.data.eval.endswith("identity_eval.jsonl")
-    assert cfg.output.samples == 10 and cfg.train.report_to == ["none"]
+    assert cfg.output.samples == 12 and cfg.train.report_to == ["none"]
     method = cfg.method_config("CAUSAL_LM")
     assert isinstance(method, LoraConfig) and method.target_modules == "all-linear"
 
