@@ -653,6 +653,12 @@ def train_grpo(
     elif eval_prompts and t.eval_on_start:
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     save_every = t.save_steps or per_epoch
+    from .trainer import LOG_FILE
+
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, LOG_FILE)  # one line per step as it happens (the board's live curves read it)
+    with open(log_path, "w", encoding="utf-8") as fh:  # a resumed run rewrites the steps its checkpoint holds
+        fh.writelines(json.dumps(h) + "\n" for h in history)
     start = time.perf_counter()
     try:
         bar = tqdm(range(start_step + 1, steps + 1), desc="grpo", initial=start_step, total=steps)
@@ -664,6 +670,8 @@ def train_grpo(
             tick = time.perf_counter()
             history.append({"step": step, **loop.step(batch), "step_time_s": time.perf_counter() - tick})
             bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", refresh=False)
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(history[-1]) + "\n")
             if step % save_every == 0:
                 _save_checkpoint(out, step, loop, g, history, order, metrics, t.save_total_limit)
         tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
