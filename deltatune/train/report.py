@@ -57,7 +57,12 @@ def write(
     samples: list[dict[str, str]] | None = None,
 ) -> None:
     """Write metrics.json, training_curve.png and report.md (and samples.json: the base model's and the adapted
-    model's answers to a few eval prompts, when given) into ``out_dir``."""
+    model's answers to a few eval prompts, when given) into ``out_dir``; and the log history as ``log_history.jsonl``
+    (for the board's curves) where the Trainer did not write it live (stages with their own loop)."""
+    log = os.path.join(out_dir, "log_history.jsonl")
+    if not os.path.exists(log):
+        with open(log, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(h, default=float) + "\n" for h in history)
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2, sort_keys=True)
     if samples:

@@ -165,13 +165,24 @@ curves read it while the run trains."""
 class LogFile(TrainerCallback):
     """Append every log of the Trainer (its ``log_history`` entry, with the step) to ``<output_dir>/LOG_FILE``.
 
-    A fresh run starts the file anew; a resumed run appends. Each line is written and flushed whole, so a reader
-    sees at worst a partial last line (which it skips)."""
+    A fresh run starts the file anew; a resumed run keeps the lines up to the step it resumes from and appends.
+    Each line is written and flushed whole, so a reader sees at worst a partial last line (which it skips)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and state.global_step == 0:
-            os.makedirs(args.output_dir, exist_ok=True)
-            open(os.path.join(args.output_dir, LOG_FILE), "w").close()
+        if not state.is_world_process_zero:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        path, kept = os.path.join(args.output_dir, LOG_FILE), []
+        if state.global_step > 0 and os.path.isfile(path):  # resumed: drop what the lost steps logged
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        if json.loads(line).get("step", 0) <= state.global_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, AttributeError):
+                        continue
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

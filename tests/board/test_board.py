@@ -189,3 +189,40 @@ def test_playground_calls_are_forwarded_to_the_serve_process_with_its_key(tmp_pa
     finally:
         board.stop()
         serve.stop()
+
+
+def test_stages_with_their_own_loop_leave_a_log_history_for_the_board(tmp_path):
+    """report.write writes the history a loop stage returns (PPO, GRPO, ...) unless the Trainer wrote it live."""
+    from deltatune.board.runs import history
+    from deltatune.train import report
+
+    recipe = {"stage": "ppo", "method": {"name": "lora"}, "model": {"name_or_path": "tiny"}}
+    rows = [{"step": 1, "reward": 0.5, "loss": 2.0}, {"step": 2, "reward": float("nan"), "loss": 1.5}]
+    report.write(str(tmp_path), recipe, {"reward": 0.75}, rows, [], None)
+    assert history(str(tmp_path)) == [rows[0], {"step": 2, "reward": None, "loss": 1.5}]
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "log_history.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    report.write(str(live), recipe, {}, rows, [], None)
+    assert history(str(live)) == [{"step": 1, "loss": 3.0}]
+
+
+def test_the_live_log_restarts_with_a_run_and_keeps_the_steps_a_resumed_run_keeps(tmp_path):
+    from types import SimpleNamespace
+
+    from deltatune.board.runs import history
+    from deltatune.train.trainer import LogFile
+
+    args, log = SimpleNamespace(output_dir=str(tmp_path)), LogFile()
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    (tmp_path / "log_history.jsonl").write_text('{"step": 9, "loss": 9.0}\n')  # an older run's
+    log.on_train_begin(args, state, None)
+    for step in (1, 2, 3, 4):
+        state.global_step = step
+        log.on_log(args, state, None, logs={"loss": float(step)})
+    assert history(str(tmp_path)) == [{"loss": float(s), "step": s} for s in (1, 2, 3, 4)]
+    state.global_step = 2  # resumed from checkpoint-2: the log of steps 3 and 4 is redone
+    log.on_train_begin(args, state, None)
+    state.global_step = 3
+    log.on_log(args, state, None, logs={"loss": 0.5})
+    assert history(str(tmp_path)) == [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}, {"loss": 0.5, "step": 3}]
