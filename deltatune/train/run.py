@@ -174,6 +174,8 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
 
     out = cfg.output.dir
     checkpoint, resume_notes = _check_output(out, overwrite, resume)
+    # A resume must not change what matters (lr, seed, method, data, ...): compared before anything is loaded.
+    write_recipe = _check_resume_recipe(out, _recipe_dict(cfg), resume_changed) if resume else True
     check_run(cfg)
     set_seed(cfg.train.seed)
     tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code)
@@ -195,9 +197,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     if cfg.data.packing:
         _check_packing(delta)
     recipe = _recipe_dict(cfg)
-    write_recipe = True
     if resume:
-        write_recipe = _check_resume_recipe(out, recipe, resume_changed)
         for note in resume_notes:
             print(f"deltatune: --resume: {note}", file=sys.stderr)
         prepared.notes = [*prepared.notes, *(f"resume: {n}" for n in resume_notes)]

@@ -1,0 +1,86 @@
+"""Shared pieces of the reliability tests: a tiny classifier, its data, one finished run to copy, folder snapshots,
+and the CLI called in-process with its exit code and output."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from tiny import save_tiny
+
+from deltatune.cli import main
+
+ROWS = [{"text": f"a {w} film number {i}", "label": i % 2} for i, w in enumerate(["good", "bad", "fine", "dull"] * 2)]
+
+
+def write_recipe(path, model: str, data: str, out: str, **train) -> str:
+    recipe = {
+        "stage": "cls",
+        "model": {"name_or_path": model},
+        "method": {"name": "lora", "r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]},
+        "data": {"train": data, "max_length": 16},
+        "train": {"batch_size": 4, "lr": 1e-2, "seed": 3, "logging_steps": 1, "report_to": ["none"], **train},
+        "output": {"dir": out},
+    }
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    """A tiny BERT classifier (dropout off), its training data, a recipe, and one finished 2-step run."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    model = save_tiny(tmp / "bert", "bert", "seq_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    run = str(tmp / "finished")
+    recipe = write_recipe(tmp / "recipe.yaml", model, str(data), run, max_steps=2)
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    return SimpleNamespace(tmp=tmp, model=model, data=str(data), recipe=recipe, run=run)
+
+
+@pytest.fixture
+def run_copy(base, tmp_path):
+    """A private copy of the finished run (at tmp_path/run) and a recipe pointing at it."""
+    out = tmp_path / "run"
+    shutil.copytree(base.run, out, symlinks=True)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base.model, base.data, str(out), max_steps=2)
+    return SimpleNamespace(dir=str(out), recipe=recipe, tmp=tmp_path)
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """``deltatune ARGS`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(folder) -> dict[str, tuple[bytes, int] | None]:
+    """Every file (bytes and mode) and folder under ``folder``, hidden ones too; what 'unchanged' compares."""
+    folder = os.fspath(folder)
+    out: dict[str, tuple[bytes, int] | None] = {}
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), folder) + "/"] = None
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = (fh.read(), os.stat(path).st_mode)
+    return out
+
+
+def one_error_line(err: str, command: str = "train") -> str:
+    """The single error line of ``err`` (asserting that it is the only line and carries no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"deltatune {command}: error: "), lines[0]
+    return lines[0]

@@ -1,0 +1,186 @@
+"""Nothing lost: one run per folder at a time (an atomic lock with pid and host; stale locks taken over),
+``--overwrite`` replaces a run only once the new one has started, ``--resume`` continues only what it should
+(not a finished run, not with a changed recipe unless asked, from the newest checkpoint that reads), and
+``merge --out`` publishes a whole folder or nothing."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+
+import pytest
+import torch
+from conftest import cli, one_error_line, snapshot, write_recipe
+from safetensors.torch import load_file
+
+from deltatune.train.runfolder import Replacement, RunLock
+
+
+def _lock_path(folder) -> str:
+    parent, name = os.path.split(os.path.abspath(folder))
+    return os.path.join(parent, f".{name}.lock")
+
+
+def _race(recipe: str, barrier, results) -> None:
+    from deltatune.config import ConfigError
+    from deltatune.train import load_recipe, train
+
+    cfg = load_recipe(recipe)
+    barrier.wait()
+    try:
+        train(cfg)
+        results.put("ran")
+    except ConfigError as exc:
+        results.put(f"refused: {exc}")
+
+
+def test_two_runs_started_at_once_on_one_folder(base, tmp_path):
+    """Two processes pass a barrier and start the same run on one folder at the same instant: exactly one runs,
+    the other is refused naming the lock's owner, and the folder holds one complete run."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", base.model, base.data, str(out), max_steps=2)
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(recipe, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    got = sorted(results.get(timeout=5) for _ in procs)
+    assert got[0] == "ran" and got[1].startswith("refused: output.dir"), got
+    assert "is in use by another run (pid " in got[1] and "on this host" in got[1]
+    assert "metrics.json" in os.listdir(out) and not os.path.exists(_lock_path(out))
+
+
+def test_lock_of_a_dead_process_is_taken_over(base, tmp_path):
+    out = tmp_path / "run"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(_lock_path(out), "w") as fh:
+        json.dump({"pid": dead.pid, "host": socket.gethostname()}, fh)
+    recipe = write_recipe(tmp_path / "r.yaml", base.model, base.data, str(out), max_steps=1)
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    assert not os.path.exists(_lock_path(out))
+
+
+@pytest.mark.parametrize(
+    "owner, words",
+    [
+        (lambda: {"pid": os.getppid(), "host": socket.gethostname()}, "on this host"),
+        (lambda: {"pid": 1, "host": "other-machine"}, "on host other-machine"),
+    ],
+    ids=["live-here", "other-host"],
+)
+def test_lock_of_a_live_or_foreign_run_refuses(run_copy, owner, words):
+    lock = _lock_path(run_copy.dir)
+    with open(lock, "w") as fh:
+        json.dump(owner(), fh)
+    before = snapshot(run_copy.dir)
+    code, _, err = cli("train", run_copy.recipe, "--overwrite")
+    line = one_error_line(err)
+    assert code == 2 and "is in use by another run" in line and words in line and lock in line
+    assert snapshot(run_copy.dir) == before and os.path.exists(lock)
+
+
+def test_lock_released_after_a_failed_run(run_copy):
+    code, _, _ = cli("train", run_copy.recipe, "train.scheduler=bogus", "--overwrite")
+    assert code == 2 and not os.path.exists(_lock_path(run_copy.dir))
+    with RunLock(run_copy.dir):
+        assert os.path.exists(_lock_path(run_copy.dir))
+    assert not os.path.exists(_lock_path(run_copy.dir))
+
+
+def test_overwrite_replaces_once_started(run_copy):
+    old = load_file(os.path.join(run_copy.dir, "adapter_model.safetensors"))
+    code, _, err = cli("train", run_copy.recipe, "train.seed=4", "--overwrite")
+    assert code == 0, err
+    new = load_file(os.path.join(run_copy.dir, "adapter_model.safetensors"))
+    assert any(not torch.equal(old[k], new[k]) for k in old)  # really the new run (another seed)
+    assert sorted(os.listdir(run_copy.tmp)) == ["recipe.yaml", "run"]  # the old run is gone, not left aside
+
+
+def test_replacement_puts_the_old_run_back_when_the_new_one_fails_before_starting(run_copy):
+    before = snapshot(run_copy.dir)
+    r = Replacement(run_copy.dir, replace=True)
+    r.begin()
+    assert os.listdir(run_copy.dir) == []
+    with open(os.path.join(run_copy.dir, "run.yaml"), "w") as fh:
+        fh.write("half-written new run")
+    r.failed()
+    assert snapshot(run_copy.dir) == before
+    assert sorted(os.listdir(run_copy.tmp)) == ["recipe.yaml", "run"]
+
+
+def test_resume_of_a_finished_run_changes_nothing(run_copy):
+    before = snapshot(run_copy.dir)
+    code, _, err = cli("train", run_copy.recipe, "--resume")
+    assert code == 2 and "is finished (metrics.json written); nothing to resume" in one_error_line(err)
+    assert snapshot(run_copy.dir) == before
+
+
+@pytest.fixture
+def interrupted(base, tmp_path):
+    """A 4-step run with checkpoints at 2 and 4 whose end was lost (no metrics.json, no final adapter), and the
+    adapter the uninterrupted run ended with."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", base.model, base.data, str(out), max_steps=4, save_steps=2)
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    whole = load_file(out / "adapter_model.safetensors")
+    for name in os.listdir(out):
+        if not name.startswith(("checkpoint-", "run.yaml")):
+            path = out / name
+            (os.remove if path.is_file() else __import__("shutil").rmtree)(path)
+    return out, recipe, whole
+
+
+def test_resume_with_a_changed_recipe_is_refused_listing_the_changes(interrupted):
+    out, recipe, _ = interrupted
+    before = snapshot(out)
+    code, _, err = cli("train", recipe, "train.lr=0.02", "method.r=4", "train.logging_steps=2", "--resume")
+    line = one_error_line(err)
+    assert code == 2 and "method.r: 2 -> 4" in line and "train.lr: 0.01 -> 0.02" in line
+    assert "logging_steps" not in line and "--resume-changed" in line  # when to log is not a change that matters
+    assert snapshot(out) == before
+
+
+def test_resume_falls_back_past_an_unreadable_checkpoint(interrupted):
+    """checkpoint-4's adapter is truncated: the resume says so, continues from checkpoint-2, and ends with the
+    adapter the uninterrupted run had."""
+    out, recipe, whole = interrupted
+    path = out / "checkpoint-4" / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    code, _, err = cli("train", recipe, "--resume")
+    assert code == 0, err
+    assert "checkpoint-4 is unreadable (adapter_model.safetensors does not read" in err
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], atol=1e-6, rtol=0)
+
+
+def test_merge_out_refuses_a_full_folder_and_publishes_whole(base, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    code, _, err = cli("merge", "--adapter", base.run, "--out", str(out))
+    assert code == 2 and "already holds files; pass --overwrite" in one_error_line(err, "merge")
+    assert os.listdir(out) == ["mine.txt"]
+    code, _, err = cli("merge", "--adapter", base.run, "--out", str(out), "--overwrite")
+    assert code == 0, err
+    assert "model.safetensors" in os.listdir(out) and "mine.txt" not in os.listdir(out)
+    assert sorted(os.listdir(tmp_path)) == ["merged"]  # no staging or old copy left beside it
+
+
+def test_resume_changed_accepts_and_records_the_new_values(interrupted):
+    out, recipe, _ = interrupted
+    code, _, err = cli("train", recipe, "train.lr=0.02", "--resume", "--resume-changed")
+    assert code == 0, err
+    import yaml
+
+    assert yaml.safe_load((out / "run.yaml").read_text())["train"]["lr"] == 0.02
+    assert "metrics.json" in os.listdir(out)
