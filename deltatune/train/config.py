@@ -20,7 +20,7 @@ import yaml
 
 from ..config import TASK_TYPES, ConfigError
 
-STAGES = ("pt", "sft", "cls", "tag", "seq2seq", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo", "image_cls")
+STAGES = ("pt", "sft", "cls", "tag", "seq2seq", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo", "image_cls", "caption")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass field's help text)
@@ -188,6 +188,9 @@ class RunConfig:
 
         section = dict(self.method)
         name = section.pop("name", None)
+        towers = section.pop("towers", None)  # applied with the model at hand (deltatune.towers.restrict)
+        if towers is not None and not (isinstance(towers, list) and all(isinstance(t, str) for t in towers)):
+            raise ConfigError(f"method.towers must be a list of tower names (e.g. [language, vision]), got {towers!r}")
         if not name:
             raise ConfigError("method.name is missing (e.g. method: {name: lora})")
         try:

@@ -29,6 +29,7 @@ TASK_OF_STAGE = {
     "orpo": "CAUSAL_LM",
     "simpo": "CAUSAL_LM",
     "image_cls": "IMAGE_CLS",  # not a PEFT task_type: adapters keep None; the head trains via modules_to_save
+    "caption": "IMAGE_TO_TEXT",  # not a PEFT task_type either
 }
 
 
@@ -54,6 +55,7 @@ def auto_class(task_type: str):
         "SEQ_CLS": transformers.AutoModelForSequenceClassification,
         "TOKEN_CLS": transformers.AutoModelForTokenClassification,
         "IMAGE_CLS": transformers.AutoModelForImageClassification,
+        "IMAGE_TO_TEXT": transformers.AutoModelForImageTextToText,
     }[task_type]
 
 
@@ -67,7 +69,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-IMAGE_STAGES = ("image_cls",)
+IMAGE_STAGES = ("image_cls", "caption")
 """Stages whose inputs are images: the model's image processor stands where the tokenizer stands."""
 
 
@@ -95,6 +97,12 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
 
 def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = False):
     """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer."""
+    if stage == "caption":
+        from .caption import CaptionProcessor, check_model
+
+        check_model(resolve_path(name_or_path))  # before its tokenizer: a LLaVA folder is refused in one line
+        images = load_image_processor(name_or_path, trust_remote_code)
+        return CaptionProcessor(images, load_tokenizer(name_or_path, trust_remote_code))
     if stage in IMAGE_STAGES:
         return load_image_processor(name_or_path, trust_remote_code)
     return load_tokenizer(name_or_path, trust_remote_code)

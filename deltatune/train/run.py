@@ -188,10 +188,11 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
         prepared.notes = [*prepared.notes, local_base_note(cfg.model.name_or_path)]
     from .. import towers  # method.towers: targets resolved inside the named towers of a multimodal model
 
-    config = towers.restrict(model, cfg.method_config(TASK_OF_STAGE[cfg.stage]), cfg.method.get("towers"))
+    asked = cfg.method_config(TASK_OF_STAGE[cfg.stage])
+    config = towers.restrict(model, asked, cfg.method.get("towers"))
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
     delta = get_delta_model(model, config, fused_loss=True)
-    if towers.TOWERS.get(getattr(model.config, "model_type", "")):
+    if config is not asked:  # targets resolved per tower
         per_tower = ", ".join(f"{t}: {n}" for t, n in sorted(towers.counts(delta).items()))
         prepared.notes = [*prepared.notes, f"adapted layers per tower: {per_tower or 'none'}"]
     if cfg.data.packing:
