@@ -321,7 +321,9 @@ def test_two_steps_through_the_cli(models, tmp_path, capsys, key, stage):
     assert metrics.get("train_steps", 2) == 2
     report = (out / "report.md").read_text(encoding="utf-8")
     fmt, conversational = FILES[key][1], FILES[key][2]
-    if stage != "pt":
+    if stage == "pt":
+        assert "data format: text, detected from the rows" in report
+    else:
         assert f"data format: {fmt}" in report
         shape = "" if fmt == "alpaca" else " (conversational)" if conversational else " (standard)"
         assert (
@@ -370,6 +372,8 @@ BAD = {
     "chosen_is_rejected": ("dpo", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."},
                                    {"prompt": [U], "chosen": [A], "rejected": [A]}],
                            r"bad.jsonl:2: 'chosen' and 'rejected' are identical"),
+    "chat_for_pt": ("pt", [{"messages": [U, A]}],
+                    r"bad.jsonl:1: the data is in the messages format .*, which stage pt does not read; stage pt reads: text"),
     "call_without_schema": ("sft", [{"tools": [{"type": "function", "function": {"name": "get_time"}}], "messages": [
         U, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather"}}]},
         {"role": "tool", "content": "sunny"}, A]}],
