@@ -150,3 +150,8 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["train_steps"] == 2 and {"eval_margin", "eval_reward_desirable"} <= metrics.keys()
     assert "KTO" in (out / "report.md").read_text()
+    # deltatune eval scores the saved adapter on the same rows alike.
+    assert main(["eval", "--adapter", str(out)]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+    assert scored["eval_margin"] == pytest.approx(metrics["eval_margin"], abs=1e-5)
