@@ -332,6 +332,8 @@ STAGES: dict[str, Callable[[RunConfig, Any], Prepared]] = {
     "rm": prepare_rm,
     "dpo": prepare_dpo,
     "ppo": prepare_ppo,
+    "image_cls": _lazy(".image_cls", "prepare_image_cls"),
+    "caption": _lazy(".caption", "prepare_caption"),
     "grpo": _lazy(".grpo", "prepare_grpo"),
     "kto": _lazy(".kto", "prepare_kto"),
     "orpo": _lazy(".orpo", "prepare_orpo"),
