@@ -121,5 +121,14 @@ def board(
 
     if not os.path.isdir(runs_dir):
         raise ConfigError(f"--runs {runs_dir!r} is not a folder")
+    from ..serve import check_bind
+
+    try:
+        check_bind(host, None)
+    except ConfigError:  # the board has no key of its own, and its playground forwards with the serve key
+        raise ConfigError(
+            f"--host {host}: the board has no authentication and listens on this machine only "
+            "(reach it from elsewhere through an SSH tunnel)"
+        ) from None
     app = create_app(runs_dir, serve_url, serve_key, serve_app)
     uvicorn.run(app, host=host, port=port, log_level="warning")

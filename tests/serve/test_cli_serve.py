@@ -17,6 +17,7 @@ from deltatune.cli import main
         (["serve", "--adapter", "a=/no/such/folder"], "no adapter_config.json in '/no/such/folder'"),
         (["serve"], "no base model: pass --model"),
         (["board", "--runs", "/no/such/folder"], "--runs '/no/such/folder' is not a folder"),
+        (["board", "--runs", "/", "--host", "0.0.0.0"], "--host 0.0.0.0: the board has no authentication"),
     ],
 )
 def test_bad_command_lines(argv, message, capsys):
