@@ -15,6 +15,9 @@ from torch import nn
 from .config import ConfigError
 from .layer import DeltaLayer
 
+_VISION = ("vit", "deit", "swin", "clip", "clip_vision_model", "siglip", "siglip_vision_model")
+"""Vision encoders (ViT, DeiT, Swin, CLIP's and SigLIP's vision towers): q/k/v/o_proj attention, fc1/fc2 MLP."""
+
 # Default LoRA targets per transformers model_type (the attention query/value projections, as PEFT).
 LORA_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"],
@@ -59,6 +62,8 @@ LORA_TARGETS: dict[str, list[str]] = {
     "olmo": ["q_proj", "v_proj"],
     "olmo2": ["q_proj", "v_proj"],
     "starcoder2": ["q_proj", "v_proj"],
+    # vision encoders, in transformers 5's names (ViT's query/value became q_proj/v_proj; PEFT's table has none)
+    **dict.fromkeys(_VISION, ["q_proj", "v_proj"]),
 }
 
 # IA3 targets (keys, values and the feed-forward output) and which of them are feed-forward (PEFT's tables).
@@ -85,6 +90,7 @@ IA3_TARGETS: dict[str, list[str]] = {
     "gemma2": ["q_proj", "v_proj", "down_proj"],
     "qwen2": ["q_proj", "v_proj", "down_proj"],
     "qwen3": ["q_proj", "v_proj", "down_proj"],
+    **dict.fromkeys(_VISION, ["k_proj", "v_proj", "fc2"]),
 }
 IA3_FEEDFORWARD: dict[str, list[str]] = {
     "t5": ["wo"],
@@ -109,6 +115,7 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
     "gemma2": ["down_proj"],
     "qwen2": ["down_proj"],
     "qwen3": ["down_proj"],
+    **dict.fromkeys(_VISION, ["fc2"]),
 }
 
 # Heads that a task adds on top of the backbone; "all-linear" never adapts them.
@@ -255,6 +262,10 @@ BOTTLENECK_TARGETS: dict[str, dict[str, str]] = {
     ),
     **dict.fromkeys(("bart", "mbart", "opt"), _BART_LIKE),
     "gpt2": {"attn": r".*\.h\.\d+\.attn\.c_proj", "ffn": r".*\.h\.\d+\.mlp\.c_proj"},
+    # ViT / DeiT (pre-LayerNorm): after the attention output and the MLP output, before each residual add
+    **dict.fromkeys(
+        ("vit", "deit"), {"attn": r".*\.layers\.\d+\.attention\.o_proj", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}
+    ),
     **dict.fromkeys(
         ("t5", "mt5", "umt5"),
         {
