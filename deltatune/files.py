@@ -60,16 +60,21 @@ def adapter_folder(root: str | os.PathLike[str], name: str) -> str:
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
     """Write ``path`` through ``write(tmp)`` into a temporary file beside it, then rename: never half-written."""
     folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
         write(tmp)
         # mkstemp creates 0600; give the file the mode every other file of the folder gets (0666 less the umask).
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError):  # disk full, read-only, no such folder: one line naming the file
+            error = OSError(f"could not write {path}: {exc.strerror or exc}")
+            error.errno = exc.errno
+            raise error from None
         raise
 
 

@@ -9,6 +9,7 @@ import re
 import stat
 from pathlib import Path
 
+import pytest
 from conftest import cli, write_recipe
 
 import deltatune
@@ -66,3 +67,28 @@ def test_the_checks_can_fail():
     samples = ["x = eval(s)", "exec(code)", "pickle.load(fh)", "yaml.load(fh)", "u = pickle.Unpickler(f)"]
     assert all(any(p.search(s) for p, _ in FORBIDDEN) for s in samples)
     assert not any(p.search(s) for p, _ in FORBIDDEN for s in ["model.eval()", "yaml.safe_load(fh)", "exec_module"])
+
+
+def test_write_error_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A full disk while saving (ENOSPC from the writer): one error naming the file, no half-written or
+    temporary file left, and the adapter saved before it untouched."""
+    import errno
+
+    import safetensors.torch
+    from tiny import tiny_model
+
+    import deltatune as dt
+
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as info:
+        model.save_pretrained(tmp_path)
+    assert str(info.value) == f"could not write {tmp_path / 'adapter_model.safetensors'}: No space left on device"
+    assert info.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
