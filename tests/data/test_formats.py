@@ -119,7 +119,8 @@ def samples(key: str, stage: str | None = None):
     kw = {}
     if key == "sharegpt_tags":
         kw = dict(columns={"messages": "dialog"}, data_format="sharegpt",
-                  tags={"role_tag": "speaker", "content_tag": "text", "user_tag": "person", "assistant_tag": "bot"})  # fmt: skip
+                  tags={"role_tag": "speaker", "content_tag": "text", "user_tag": "person",
+                        "assistant_tag": "bot"})  # fmt: skip
     return read_samples(read_rows(os.path.join(FIXTURES, file)), stage=stage, **kw)
 
 
@@ -146,16 +147,11 @@ def chatml(messages: list[dict]) -> tuple[str, list[tuple[str, bool]]]:
 
 
 # The first row of each SFT fixture, written out by hand as the conversation it must become.
+LEMON = [{"role": "user", "content": "What colour is a ripe lemon?"}, {"role": "assistant", "content": "Yellow."}]
 SFT_FIRST = {
-    "alpaca": [{"role": "user", "content": "Name the colour of a ripe lemon."}, {"role": "assistant", "content": "Yellow."}],
-    "sharegpt": [{"role": "user", "content": "What colour is a ripe lemon?"}, {"role": "assistant", "content": "Yellow."}],
-    "sharegpt_tags": [{"role": "user", "content": "What colour is a ripe lemon?"},
-                      {"role": "assistant", "content": "Yellow."}],
-    "messages": [{"role": "user", "content": "What colour is a ripe lemon?"}, {"role": "assistant", "content": "Yellow."}],
-    "pc_standard": [{"role": "user", "content": "What colour is a ripe lemon?"},
-                    {"role": "assistant", "content": "Yellow."}],
-    "pc_conversational": [{"role": "user", "content": "What colour is a ripe lemon?"},
-                          {"role": "assistant", "content": "Yellow."}],
+    "alpaca": [{"role": "user", "content": "Name the colour of a ripe lemon."},
+               {"role": "assistant", "content": "Yellow."}],
+    "sharegpt": LEMON, "sharegpt_tags": LEMON, "messages": LEMON, "pc_standard": LEMON, "pc_conversational": LEMON,
 }  # fmt: skip
 # Multi-turn rows: alpaca with system + history, sharegpt with a system column, messages with two answers.
 SFT_MULTI = {
@@ -166,11 +162,13 @@ SFT_MULTI = {
     ],
     ("sharegpt", 2): [
         {"role": "system", "content": "You answer briefly."},
-        {"role": "user", "content": "Which is larger, a mouse or a horse?"}, {"role": "assistant", "content": "A horse."},
+        {"role": "user", "content": "Which is larger, a mouse or a horse?"},
+        {"role": "assistant", "content": "A horse."},
         {"role": "user", "content": "And a cat or a dog?"}, {"role": "assistant", "content": "Usually a dog."},
     ],
     ("messages", 3): [
-        {"role": "system", "content": "You are a quiz host."}, {"role": "user", "content": "Is ice colder than steam?"},
+        {"role": "system", "content": "You are a quiz host."},
+        {"role": "user", "content": "Is ice colder than steam?"},
         {"role": "assistant", "content": "Yes, much colder."}, {"role": "user", "content": "Why?"},
         {"role": "assistant", "content": "Steam is water above its boiling point."},
     ],
@@ -373,7 +371,8 @@ BAD = {
                                    {"prompt": [U], "chosen": [A], "rejected": [A]}],
                            r"bad.jsonl:2: 'chosen' and 'rejected' are identical"),
     "chat_for_pt": ("pt", [{"messages": [U, A]}],
-                    r"bad.jsonl:1: the data is in the messages format .*, which stage pt does not read; stage pt reads: text"),
+                    r"bad.jsonl:1: the data is in the messages format .*, which stage pt does not read; "
+                    r"stage pt reads: text"),
     "call_without_schema": ("sft", [{"tools": [{"type": "function", "function": {"name": "get_time"}}], "messages": [
         U, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather"}}]},
         {"role": "tool", "content": "sunny"}, A]}],
