@@ -145,7 +145,9 @@ def create_app(
             raise RequestError(
                 f"model {model!r} is not served; served models: {known}", 404, "model_not_found", "model"
             )
-        request = _sampling(body, prompt_ids, limits, model)
+        # A token adapter's virtual tokens take room in the context too.
+        virtual = 0 if model == BASE else getattr(engine.model.peft_config[model], "num_virtual_tokens", 0) or 0
+        request = _sampling(body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual), model)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         request.emit = lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (text, finish))
@@ -297,7 +299,8 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
     """A Request from the body's sampling fields, each checked (a 400 naming the field)."""
     if len(prompt_ids) >= limits.context:
         raise RequestError(
-            f"the prompt has {len(prompt_ids)} tokens; this model's context is {limits.context}",
+            f"the prompt has {len(prompt_ids)} tokens; the context holds {limits.context} with this model "
+            "(a token adapter's virtual tokens take room too)",
             code="context_length_exceeded",
             param="messages" if "messages" in body else "prompt",
         )

@@ -156,6 +156,20 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
         assert set(answer["error"]) == {"message", "type", "param", "code"}, what
         assert code is None or answer["error"]["code"] == code, what
         _assert_still_serving(server)
+    context = engine.model.config.max_position_embeddings
+    ids = [1000] * (context - 2)  # fits with one new token, but not with prompt tuning's 3 virtual tokens
+    got, answer = _post(
+        server, "/v1/completions", json.dumps({"model": "prompt", "prompt": ids, "max_tokens": 1}).encode()
+    )
+    assert got == 400 and answer["error"]["code"] == "context_length_exceeded"
+    got, answer = _post(
+        server, "/v1/completions", json.dumps({"model": "base", "prompt": ids, "max_tokens": 1}).encode()
+    )
+    assert got == 200 and answer["usage"] == {
+        "prompt_tokens": context - 2,
+        "completion_tokens": 1,
+        "total_tokens": context - 1,
+    }
     got, answer = _post(server, "/v1/chat/completions", b'{"model": "lora", "messages": [')
     assert got == 400 and answer["error"]["code"] == "invalid_json"
     got, answer = _post(server, "/v1/chat/completions", json.dumps({"model": "lora", "messages": "hi"}).encode())
