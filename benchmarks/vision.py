@@ -9,7 +9,7 @@ step time and peak memory, deltatune beside PEFT for LoRA and IA3.
 Every method runs in a process of its own (so that peak memory is its own: max RSS on CPU, the allocator's peak
 on CUDA), with the same seeded data order, batch size, epochs and AdamW; only the learning rate is per method
 (each method's usual range; the table shows it). The images are decoded once by the model's image processor before
-training, so the step time is the model's (forward, backward, optimizer step), averaged after 5 warm-up steps.
+training, so the step time is the model's (forward, backward, optimizer step): the median after 5 warm-up steps.
 "head only" trains the classifier alone in plain PyTorch (every other parameter frozen): the linear-probe floor.
 """
 
@@ -97,7 +97,7 @@ def run_one(args: argparse.Namespace) -> dict:
     model = _model(args.base, args.method, names).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    lr = METHODS[args.method][2]
+    lr = args.lr or METHODS[args.method][2]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     times, step = [], 0
@@ -118,8 +118,7 @@ def run_one(args: argparse.Namespace) -> dict:
             opt.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.synchronize()
-            if step >= 5:
-                times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
             step += 1
     model.eval()
     with torch.no_grad():
@@ -140,7 +139,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "trainable": trainable,
         "trainable_pct": 100 * trainable / total,
         "lr": lr,
-        "step_ms": 1000 * statistics.median(times),
+        "step_ms": 1000 * statistics.median(times[5:] or times),  # after 5 warm-up steps where there are more
         "memory_mib": memory,
         "memory_kind": "CUDA peak allocated" if device == "cuda" else "max RSS",
         "steps": step,
@@ -173,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: per method)")
     p.add_argument("--out", default=None, help="write the markdown table (and a .json beside it) here")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # the child process: one method
     args = p.parse_args(argv)
