@@ -17,7 +17,10 @@ values into advantages A_t (whitened) and returns R_t; then ``ppo_epochs`` passe
 The KL coefficient is fixed, or adapted towards ``target_kl`` (Ziegler et al.'s proportional controller).
 PPO does not fit the HF Trainer's loop; this file has its own small one (a torch optimizer), and the run saves
 the adapter and writes the report as for every stage. The value head is saved next to it
-(``value_head.safetensors``). No checkpoints are written mid-run.
+(``value_head.safetensors``). Checkpoints (``checkpoint-<step>/``: adapter, value head, optimizer, KL coefficient,
+data order, random states and the history so far) are written every ``train.save_steps`` steps (default: at the
+end of each pass over the prompts), published whole by a rename and rotated to ``train.save_total_limit``;
+``--resume`` continues from one and ends where the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -433,12 +436,14 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
         f"PPO: {a.ppo_epochs} epochs of mini-batches of {a.mini_batch_size} per batch of {cfg.train.batch_size} "
         f"rollouts, {a.max_new_tokens} new tokens each; KL coefficient {a.init_kl_coef}"
         + (f" adapted towards {a.target_kl}" if a.adaptive_kl else " (fixed)")
-        + "; reference = the base with the adapter off; no mid-run checkpoints",
+        + "; reference = the base with the adapter off",
         "![PPO statistics](ppo_stats.png)",
         *data_notes,
     ]
 
-    def loop(model, tokenizer, run_cfg: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def loop(
+        model, tokenizer, run_cfg: RunConfig, checkpoint: str | None = None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         from .reward import AdapterReward
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -457,7 +462,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
                    "a separate model scoring re-tokenised text")
             )  # fmt: skip
         try:
-            return train_ppo(model, tokenizer, run_cfg, train, evals, rewards)
+            return train_ppo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint)
         finally:
             if shared:  # the saved run holds the policy adapter only
                 model.delete_adapter(reward_fn.adapter_name)
@@ -473,9 +478,11 @@ def train_ppo(
     prompts: list[list[int]],
     eval_prompts: list[list[int]] | None,
     reward_fn: RewardFn,
+    checkpoint: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run PPO for ``train.max_steps`` steps (or ``train.epochs`` over the prompts) of ``train.batch_size``
-    rollouts; returns (metrics, per-step log history). Saves the value head into ``output.dir``."""
+    rollouts; returns (metrics, per-step log history). Saves the value head into ``output.dir``, and checkpoints
+    as the module docstring says; with ``checkpoint`` the run continues from that one."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -490,14 +497,25 @@ def train_ppo(
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     history: list[dict[str, Any]] = []
     order: list[int] = []
+    first = 1
+    if checkpoint is not None:
+        from . import ppo_checkpoint
+
+        first, order, history = ppo_checkpoint.load(checkpoint, loop, g)
+        first += 1
+    every = t.save_steps or per_epoch
     start = time.perf_counter()
-    bar = tqdm(range(1, steps + 1), desc="ppo")
+    bar = tqdm(range(first, steps + 1), desc="ppo", initial=first - 1, total=steps)
     for step in bar:
         if len(order) < t.batch_size:
             order += torch.randperm(len(prompts), generator=g).tolist()
         batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
         history.append({"step": step, **loop.step(batch)})
         bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", kl=f"{history[-1]['kl']:.2f}", refresh=False)
+        if step % every == 0 and step < steps:
+            from . import ppo_checkpoint
+
+            ppo_checkpoint.save(cfg.output.dir, step, loop, g, order, history, t.save_total_limit)
     tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
     metrics.update(
         train_loss=sum(h["loss"] for h in history) / len(history),

@@ -204,7 +204,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
         prepared.notes = [*prepared.notes, *(f"resume: {n}" for n in resume_notes)]
     replacement = Replacement(out, overwrite)
     if prepared.loop is not None:
-        return _run_loop(cfg, prepared, delta, tok, replacement)
+        return _run_loop(cfg, prepared, delta, tok, replacement, checkpoint, write_recipe)
     args = _training_args(cfg, prepared, out)
     trainer = (prepared.trainer_class or DeltaTrainer)(
         model=delta,
@@ -286,17 +286,26 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
 
 
 def _run_loop(
-    cfg: RunConfig, prepared: Prepared, delta: DeltaModel, tok, replacement: Replacement | None = None
+    cfg: RunConfig,
+    prepared: Prepared,
+    delta: DeltaModel,
+    tok,
+    replacement: Replacement | None = None,
+    checkpoint: str | None = None,
+    write_recipe: bool = True,
 ) -> dict[str, Any]:
-    """A stage with its own training loop (no HF Trainer, no checkpoints): run it, then save and report."""
+    """A stage with its own training loop (no HF Trainer; PPO writes its own checkpoints): run it, then save and
+    report. ``checkpoint``: resume from it (``--resume``)."""
     out = cfg.output.dir
     replacement = replacement or Replacement(out, False)
     replacement.begin()
     recipe = _recipe_dict(cfg)
     try:
-        with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(recipe, fh, sort_keys=False)
-        metrics, history = prepared.loop(delta, tok, cfg)
+        if write_recipe:
+            with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
+                yaml.safe_dump(recipe, fh, sort_keys=False)
+        # Only a resumed run passes the checkpoint: loops that write none keep their three-argument signature.
+        metrics, history = prepared.loop(delta, tok, cfg, checkpoint) if checkpoint else prepared.loop(delta, tok, cfg)
         replacement.started()
     except BaseException:
         replacement.failed()

@@ -165,13 +165,17 @@ class Replacement:
                 shutil.rmtree(self.aside, ignore_errors=True)
 
     def failed(self) -> None:
-        if self.is_started:
+        if self.is_started or _has_checkpoint(self.folder):  # a checkpoint written means the new run had started
             return
         if self.replace:
             shutil.rmtree(self.folder, ignore_errors=True)
             os.rename(self.aside, self.folder)
         elif not self.existed:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _has_checkpoint(folder: str) -> bool:
+    return os.path.isdir(folder) and any(n.startswith("checkpoint-") for n in os.listdir(folder))
 
 
 def started_callback(replacement: Replacement):

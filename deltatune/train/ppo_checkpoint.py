@@ -1,0 +1,93 @@
+"""PPO checkpoints: everything the next step depends on, so a resumed run ends where the uninterrupted one does.
+
+``checkpoint-<step>/`` holds the active adapter (PEFT files), ``value_head.safetensors``, ``optimizer.pt`` (AdamW's
+moments; tensors and numbers only, read back with ``weights_only=True``), ``rng_state.pth`` (torch's global random
+state, which the rollouts sample from, and the data-order generator's) and ``trainer_state.json`` (the step, the KL
+coefficient, the prompts still to come in this pass, and the log so far; the HF Trainer's file name, so
+``runfolder.resume_checkpoint`` checks and picks PPO checkpoints as it does the Trainer's).
+
+A checkpoint is written into a hidden staging folder and renamed into place: one that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from typing import Any
+
+import torch
+
+from ..files import adapter_folder
+
+STATE = "trainer_state.json"
+PREFIX = "checkpoint-"
+
+
+def save(
+    out: str, step: int, loop, generator: torch.Generator, order: list[int], history: list[dict[str, Any]], keep: int
+) -> str:
+    """Write ``<out>/checkpoint-<step>`` for ``loop`` (a PPOLoop) and keep the newest ``keep`` checkpoints."""
+    from safetensors.torch import save_file
+
+    final = os.path.join(out, f"{PREFIX}{step}")
+    staging = os.path.join(out, f".{PREFIX}{step}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        loop.model.save_pretrained(staging, selected_adapters=list(loop.model.active_adapters))
+        head = {k: v.detach().cpu().contiguous() for k, v in loop.value_head.state_dict().items()}
+        save_file(head, os.path.join(staging, "value_head.safetensors"))
+        torch.save(loop.optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
+        rng = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(staging, "rng_state.pth"))
+        state = {
+            "global_step": step,
+            "steps_done": loop.steps_done,
+            "kl_coef": loop.kl_ctl.value,
+            "order": order,
+            "log_history": history,
+        }
+        with open(os.path.join(staging, STATE), "w", encoding="utf-8") as fh:
+            json.dump(state, fh)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _rotate(out, keep)
+    if os.environ.get("DELTATUNE_TEST_KILL_AFTER_STEP") == str(step):  # the crash-resume tests' kill -9
+        os.kill(os.getpid(), signal.SIGKILL)
+    return final
+
+
+def _rotate(out: str, keep: int) -> None:
+    steps = sorted(
+        int(n[len(PREFIX) :]) for n in os.listdir(out) if n.startswith(PREFIX) and n[len(PREFIX) :].isdigit()
+    )
+    for step in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(os.path.join(out, f"{PREFIX}{step}"), ignore_errors=True)
+
+
+def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[int], list[dict[str, Any]]]:
+    """Restore ``loop`` and ``generator`` from ``checkpoint``; returns (its step, the data order, the history)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(checkpoint, STATE), encoding="utf-8") as fh:
+        state = json.load(fh)
+    for name in loop.model.active_adapters:
+        loop.model.load_adapter_weights(adapter_folder(checkpoint, name), name)
+    loop.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
+    optimizer = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=loop.device, weights_only=True)
+    loop.optimizer.load_state_dict(optimizer)
+    rng = torch.load(os.path.join(checkpoint, "rng_state.pth"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["data"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    loop.kl_ctl.value = state["kl_coef"]
+    loop.steps_done = state["steps_done"]
+    return state["global_step"], list(state["order"]), list(state["log_history"])
