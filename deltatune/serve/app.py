@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
-from .engine import BASE, Engine, Request, RequestError
+from .engine import BASE, UNLOADED, Engine, Request, RequestError
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
@@ -172,6 +172,8 @@ def create_app(
         finally:
             if finish is None:
                 request.cancelled.set()
+        if finish.endswith(UNLOADED):
+            return _error(404, finish.removeprefix("error: "), "model_not_found", "model")
         if finish.startswith("error"):
             return _error(500, finish, "generation_failed")
         choice = {"index": 0, "finish_reason": finish, "logprobs": None}

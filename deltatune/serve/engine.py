@@ -38,6 +38,7 @@ import torch
 BASE = "base"
 """The model name under which the plain base model is served."""
 _BASE_ROW = "__base__"  # DeltaModel's row name for the base model
+UNLOADED = "it is not served any more"
 
 
 class RequestError(ValueError):
@@ -118,13 +119,14 @@ class Engine:
         """Whether the adapter can share a mixed batch with others (its method routes rows)."""
         if name == BASE:
             return True
-        if name not in self._routes:
-            try:
-                with self.model.mixed_batch([name]):
-                    self._routes[name] = True
-            except ValueError:
-                self._routes[name] = False
-        return self._routes[name]
+        with self.lock:  # the check routes the layers for a moment: never while adapters change
+            if name not in self._routes:
+                try:
+                    with self.model.mixed_batch([name]):
+                        self._routes[name] = True
+                except ValueError:
+                    self._routes[name] = False
+            return self._routes[name]
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load the adapter saved at ``path`` as ``name`` (between batches)."""
@@ -135,7 +137,7 @@ class Engine:
             self.model.eval()
 
     def unload_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (between batches); waiting requests for it fail with 404."""
+        """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
         if name not in self.model.peft_config:
             raise RequestError(f"no adapter named {name!r} is served", 404, "model_not_found", "name")
         with self.lock:
@@ -168,14 +170,15 @@ class Engine:
                     batch.append(self.pending.get(timeout=remaining) if remaining > 0 else self.pending.get_nowait())
                 except queue.Empty:
                     break
-            for group in self._groups(batch):
-                try:
-                    self._run(group)
-                except Exception as exc:  # a failed batch answers its own requests and the server goes on
-                    for r in group:
-                        if r.finish_reason is None:
-                            r.finish_reason = f"error: {type(exc).__name__}: {exc}"
-                            r.emit("", r.finish_reason)
+            with self.lock:  # adapters are loaded and unloaded between these batches, never during them
+                for group in self._groups(batch):
+                    try:
+                        self._run(group)
+                    except Exception as exc:  # a failed batch answers its own requests and the server goes on
+                        for r in group:
+                            if r.finish_reason is None:
+                                r.finish_reason = f"error: {type(exc).__name__}: {exc}"
+                                r.emit("", r.finish_reason)
 
     def _groups(self, batch: list[Request]) -> list[list[Request]]:
         mixed: list[Request] = []
@@ -185,7 +188,7 @@ class Engine:
                 r.finish_reason = "cancelled"
                 r.emit("", "cancelled")
             elif r.adapter != BASE and r.adapter not in self.model.peft_config:
-                r.finish_reason = f"error: adapter {r.adapter!r} was unloaded"
+                r.finish_reason = f"error: adapter {r.adapter!r} was unloaded; {UNLOADED}"
                 r.emit("", r.finish_reason)
             elif self.routes_rows(r.adapter):
                 mixed.append(r)

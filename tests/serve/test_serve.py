@@ -316,3 +316,24 @@ def test_answers_equal_deltatune_generate(served, name, capsys):
             out = api.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
             got = out.choices[0].message.content
         assert printed == got.strip() + "\n"
+
+
+def test_a_request_waiting_for_an_adapter_that_is_unloaded_gets_a_404(served, monkeypatch):
+    engine, server, _, folders = served
+    submitted, submit = threading.Event(), engine.submit
+    monkeypatch.setattr(engine, "submit", lambda r: (submit(r), submitted.set()))
+    got, _ = _post(server, "/v1/adapters", json.dumps({"name": "gone", "path": "ia3"}).encode())
+    assert got == 200
+    answers = []
+    with engine.lock:  # the engine cannot start a batch meanwhile: the request waits in the queue
+        thread = threading.Thread(
+            target=lambda: answers.append(_post(server, "/v1/completions", b'{"model": "gone", "prompt": "hi"}'))
+        )
+        thread.start()
+        assert submitted.wait(10)
+        time.sleep(0.05)  # the engine thread takes it from the queue and waits for the lock
+        engine.unload_adapter("gone")
+    thread.join(timeout=30)
+    status, answer = answers[0]
+    assert status == 404 and answer["error"]["code"] == "model_not_found" and "not served any more" in str(answer)
+    _assert_still_serving(server)
