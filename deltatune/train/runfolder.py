@@ -165,7 +165,9 @@ class Replacement:
                 shutil.rmtree(self.aside, ignore_errors=True)
 
     def failed(self) -> None:
-        if self.is_started or _has_checkpoint(self.folder):  # a checkpoint written means the new run had started
+        if _has_checkpoint(self.folder):  # a checkpoint written means the new run had started: keep it
+            self.started()
+        if self.is_started:
             return
         if self.replace:
             shutil.rmtree(self.folder, ignore_errors=True)
