@@ -83,13 +83,20 @@ def test_vision_recipe_runs_two_steps(path, digits, tmp_path, capsys):
 
 
 def test_merge_then_reload_as_plain_model(digits, tmp_path, capsys):
-    """The pre-training story: a full run, merged, is a plain transformers image classifier with the run's labels."""
+    """The pre-training story: a full run evaluates again to the same figures and, merged, is a plain transformers
+    image classifier with the run's labels."""
     from transformers import AutoModelForImageClassification
 
     run = tmp_path / "run"
     args = [f"model.name_or_path={digits / 'vit-init'}", f"output.dir={run}", *FAST]
     args += [f"data.train={digits / 'pretrain' / 'train'}", f"data.eval={digits / 'pretrain' / 'test'}"]
     assert main(["train", str(ROOT / "recipes" / "digits-vit-pretrain.yaml"), *args]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # deltatune eval reloads the run (base + saved weights + head + processor) to the same figures
+    assert main(["eval", "--adapter", str(run)]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("eval_accuracy", "eval_macro_f1", "eval_loss"):
+        assert again[key] == pytest.approx(trained[key], abs=1e-6)
     assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 0
     capsys.readouterr()
     merged = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
