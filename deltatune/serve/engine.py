@@ -29,7 +29,8 @@ import inspect
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,8 @@ class Engine:
         self.joined = 0  # requests that joined a running batch (continuous batching)
         self._aside: list[Request] = []  # taken from the queue while joining, but for another batch
         self._routes: dict[str, bool] = {}
+        self._changes_waiting = 0  # adapter loads/unloads waiting for the lock
+        self._count_lock = threading.Lock()
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -132,7 +135,7 @@ class Engine:
         """Load the adapter saved at ``path`` as ``name`` (between batches)."""
         if name == BASE or name in self.model.peft_config:
             raise RequestError(f"an adapter named {name!r} is served already", 409, "adapter_exists", "name")
-        with self.lock:
+        with self._changing():
             self.model.load_adapter(path, name)
             self.model.eval()
 
@@ -140,9 +143,22 @@ class Engine:
         """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
         if name not in self.model.peft_config:
             raise RequestError(f"no adapter named {name!r} is served", 404, "model_not_found", "name")
-        with self.lock:
+        with self._changing():
             self.model.delete_adapter(name)
             self._routes.pop(name, None)
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the model's lock to change its adapters. Meanwhile the running batch takes no newcomers, so it
+        ends (and frees the lock) even under steady load."""
+        with self._count_lock:
+            self._changes_waiting += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._count_lock:
+                self._changes_waiting -= 1
 
     # -- requests -------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -281,7 +297,7 @@ class Engine:
         """Up to ``n`` waiting requests that may join the running mixed batch. Others wait aside (first in the next
         batch); once one waits aside, nothing more joins, so the running batch drains and it is not starved."""
         out: list[Request] = []
-        while len(out) < n and not self._aside:
+        while len(out) < n and not self._aside and not self._changes_waiting:
             try:
                 r = self.pending.get_nowait()
             except queue.Empty:
