@@ -406,8 +406,11 @@ def evaluate(
         )
     model = build_model(cfg, tok, cfg.data.labels)
     delta = DeltaModel.from_pretrained(model, run_dir)
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="deltatune-eval-")  # never inside the run folder: eval leaves it as it is
     args = TrainingArguments(
-        output_dir=os.path.join(run_dir, ".eval"),
+        output_dir=scratch,
         per_device_eval_batch_size=cfg.train.batch_size,
         report_to=[],
         remove_unused_columns=False,
@@ -425,9 +428,10 @@ def evaluate(
         from ..data.load import read_rows
 
         prepared.eval_rows = read_rows(cfg.data.eval, cfg.data.text_column, cfg.data.limit)
-    metrics = _evaluate(trainer, delta, tok, prepared, cfg)
-    shutil.rmtree(os.path.join(run_dir, ".eval"), ignore_errors=True)
-    return metrics
+    try:
+        return _evaluate(trainer, delta, tok, prepared, cfg)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_adapter_model(

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import cli
+from conftest import cli, snapshot
 
 # Importing this module is the "code run": it writes the marker file named in the environment.
 EVIL = """
@@ -52,11 +52,14 @@ def evil_run(base, tmp_path, monkeypatch):
 
 
 def test_eval_does_not_run_the_folders_code(evil_run, base):
+    """... nor write into the run folder (a folder someone sends you may be read-only)."""
     run, marker = evil_run
+    before = snapshot(run)
     code, out, err = cli("eval", "--adapter", str(run), "--data", base.data)
     assert code == 0, err
     assert "eval_accuracy" in out.splitlines()[-1]
     assert not marker.exists()
+    assert snapshot(run) == before
 
 
 def test_merge_and_load_do_not_run_the_folders_code(evil_run, tmp_path):
