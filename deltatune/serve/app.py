@@ -73,6 +73,12 @@ def create_app(
                 return _error(401, f"{message}: send the header 'Authorization: Bearer <key>'", "invalid_api_key")
         return await call_next(request)
 
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: HttpRequest, exc: HTTPException):  # unknown routes, wrong methods: OpenAI's shape too
+        return _error(exc.status_code, f"{exc.detail}", "not_found" if exc.status_code == 404 else "bad_request")
+
     @app.exception_handler(RequestError)
     async def _request_error(_: HttpRequest, exc: RequestError):
         return _error(exc.status, str(exc), exc.code, exc.param)

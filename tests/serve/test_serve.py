@@ -170,6 +170,9 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
         "completion_tokens": 1,
         "total_tokens": context - 1,
     }
+    for path, method in (("/v1/nothing", "POST"), ("/v1/models", "POST")):  # an unknown route, a wrong method
+        got, answer = _post(server, path, b"{}", method=method)
+        assert got in (404, 405) and set(answer["error"]) == {"message", "type", "param", "code"}
     got, answer = _post(server, "/v1/chat/completions", b'{"model": "lora", "messages": [')
     assert got == 400 and answer["error"]["code"] == "invalid_json"
     got, answer = _post(server, "/v1/chat/completions", json.dumps({"model": "lora", "messages": "hi"}).encode())
