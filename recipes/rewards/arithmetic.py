@@ -17,8 +17,24 @@ from pathlib import Path
 
 INSTRUCTION = "Give the final answer on its own last line, as 'Answer: <number>'."
 ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+NUMBER = re.compile(r"-?\d+")
 ANSWER_LINE = re.compile(r"^\s*Answer:\s*-?\d+\s*\.?\s*$")
-NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jack", "Kira", "Liam", "Maya", "Noah"]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jack",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+]
 ITEMS = ["apple", "book", "coin", "pencil", "marble", "sticker", "cookie", "card", "shell", "stamp"]
 
 
@@ -55,13 +71,14 @@ def rows(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
 
 
 def parse(completion: str) -> int | None:
-    """The number on the completion's last 'Answer:' (None when there is none)."""
-    found = ANSWER.findall(completion)
+    """The completion's final answer: the number of its last 'Answer: N', else its last number (a small model
+    often computes right without the answer line; the format reward asks for the line). None when it has no number."""
+    found = ANSWER.findall(completion) or NUMBER.findall(completion)
     return int(found[-1]) if found else None
 
 
 def exact_answer(prompts, completions, answer, **kwargs) -> list[float]:
-    """1 when the last 'Answer: N' of the completion is the exact answer, else 0."""
+    """1 when the completion's final answer (see ``parse``) is the exact answer, else 0."""
     return [1.0 if parse(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
 
 

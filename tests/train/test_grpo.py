@@ -174,6 +174,21 @@ def test_reward_specs_are_checked(tmp_path):
             check_rewards(AlignArgs(reward_funcs=funcs, reward_weights=weights))
 
 
+def test_the_arithmetic_recipe_rewards():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("arithmetic", ROOT / "recipes" / "rewards" / "arithmetic.py")
+    a = module_from_spec(spec)
+    spec.loader.exec_module(a)
+    completions = ["5 + 10 = 15\nAnswer: 15", "Answer: 14 apples, no wait\n15 - 1 = 14", "so 15 apples.", "none"]
+    assert a.exact_answer(None, completions, [15, 15, 15, 15]) == [1.0, 0.0, 1.0, 0.0]
+    assert a.answer_format(None, completions) == [1.0, 0.5, 0.0, 0.0]
+    rows = a.rows(5, seed=0)
+    assert rows == a.rows(5, seed=0) and rows != a.rows(5, seed=1)  # seeded
+    first = rows[0]["prompt"][0]["content"].split("\n")[0]
+    assert first not in {r["prompt"][0]["content"].split("\n")[0] for r in a.rows(50, seed=1, exclude={first})}
+
+
 # -- the loop on a tiny policy -------------------------------------------------------------------------------
 
 WORDS = [f"w{i}" for i in range(40)] + ["yes"]
