@@ -26,8 +26,8 @@ the target's training subset, and evaluates on the target's held-out set:
   fusion layers' own capacity.
 
 An adapter saved with a 2-way head cannot be loaded into a 6-label model (its head tensors have another shape), so
-the non-target adapter is loaded from a copy of its folder without the head: a fusion never uses the fused
-adapters' heads, only their bottleneck layers.
+the non-target adapter is loaded without it (``load_adapter(..., modules_to_save=False)``): a fusion never uses the
+fused adapters' heads, only their bottleneck layers.
 
 Plain PyTorch loop: AdamW, linear warm-up then linear decay, batch 32, dropout on, fixed seeds. Prints a markdown
 report (protocol, tables, mean fusion weights per layer, command, date, versions); numbers in docs/BENCHMARKS.md.
@@ -36,7 +36,6 @@ report (protocol, tables, mean fusion weights per layer, command, date, versions
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import shlex
@@ -52,7 +51,6 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.config import CONFIG_NAME, WEIGHTS_NAME
 from deltatune.data.load import read_rows
 from deltatune.train.models import load_tokenizer, resolve_path
 
@@ -166,24 +164,6 @@ def trainable_groups(model: nn.Module, lr: float, head_lr: float | None = None) 
     return [{"params": rest, "lr": lr}, {"params": head, "lr": head_lr}]
 
 
-def save_body(folder: Path, out: Path) -> None:
-    """A copy of the saved adapter at ``folder`` without its head (``modules_to_save``), loadable into a model
-    whose head has another number of labels."""
-    from safetensors.torch import load_file, save_file
-
-    config = dt.DeltaConfig.from_pretrained(folder)
-    heads = config.modules_to_save or []
-    tensors = {
-        k: v
-        for k, v in load_file(folder / WEIGHTS_NAME).items()
-        if not any(k.startswith(f"base_model.model.{h}.") or f".{h}." in k for h in heads)
-    }
-    out.mkdir(parents=True)
-    save_file(tensors, out / WEIGHTS_NAME, {"format": "pt"})
-    body = config.replace(task_type=None, modules_to_save=None)
-    (out / CONFIG_NAME).write_text(json.dumps(body.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
-
-
 @dataclass
 class Row:
     target: str
@@ -197,7 +177,7 @@ class Row:
 
 
 def stage1(args: argparse.Namespace, tokenizer, data: dict, work: Path, log) -> list[Row]:
-    """Train and save one adapter (with its head) per task; a head-less copy of each beside it."""
+    """Train and save one adapter (with its head) per task."""
     rows = []
     for name, task in TASKS.items():
         model = dt.get_delta_model(load_base(task.num_labels, args.seed), adapter_config(), adapter_name=name)
@@ -206,7 +186,6 @@ def stage1(args: argparse.Namespace, tokenizer, data: dict, work: Path, log) -> 
         secs = train(model, tokenizer, train_split, task, steps, trainable_groups(model, args.adapter_lr), args)
         acc, _ = evaluate(model, tokenizer, eval_split, task)
         model.save_pretrained(work / "full", selected_adapters=[name])
-        save_body(work / "full" / name, work / "body" / name)
         params = model.get_nb_trainable_parameters()[0]
         rows.append(Row(name, f"adapter {name}", f"adapter + head, lr {args.adapter_lr:g}", params, steps, acc,
                         len(eval_split.labels), secs))  # fmt: skip
@@ -230,7 +209,7 @@ def stage2(
     def fresh(adapters: list[str]) -> dt.DeltaModel:
         model = dt.DeltaModel(load_base(task.num_labels, args.seed))
         for name in adapters:  # the target's adapter with its head, the others without theirs
-            model.load_adapter(work / ("full" if name == target else "body") / name, name)
+            model.load_adapter(work / "full" / name, name, modules_to_save=name == target)
         return model
 
     def run(label: str, trained: str, model: dt.DeltaModel, groups: list[dict], fusion: str | None) -> None:

@@ -1,9 +1,10 @@
 """DeltaConfig: the fields every method shares, and the JSON round trip in PEFT's vocabulary.
 
 A method's config is a dataclass that extends DeltaConfig with its own fields (``r``, ``lora_alpha``,
-``num_virtual_tokens``, ...). ``to_dict`` writes the ``adapter_config.json`` that PEFT reads;
-``DeltaConfig.from_dict`` reads one that PEFT (or deltatune) wrote and returns the registered
-method's config class.
+``num_virtual_tokens``, ...) and fills in the hooks declared here (``method``, ``peft_type``,
+``state_key_prefix``, ``trainable_base_parameters``). ``to_dict`` writes the ``adapter_config.json`` that PEFT
+reads; ``from_dict`` reads one back into a given class. Which class a file belongs to is the registry's
+business (``deltatune.registry.config_from_dict``): this module imports no method and no registry.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from torch import nn
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,8 +39,14 @@ class ConfigError(ValueError):
 class DeltaConfig:
     """Fields every method shares. Subclasses set ``peft_type`` and add their own fields."""
 
+    method: ClassVar[str] = ""
+    """The registry name of the method (``lora``, ``prompt_tuning``, ...): the name of its file in methods/ and
+    the ``method.name`` a recipe writes. The registry checks that its table and the class agree."""
     peft_type: ClassVar[str] = ""
     """The ``peft_type`` string written to adapter_config.json (PEFT's name where PEFT has the method)."""
+    state_key_prefix: ClassVar[str | None] = None
+    """The prefix of this adapter's tensor keys in adapter_model.safetensors; None: PEFT's usual one
+    (deltatune.files.KEY_PREFIX). PEFT's prompt-learning methods use a shorter one for their extra modules."""
 
     task_type: str | None = None
     """One of CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION, or None."""
@@ -60,12 +70,10 @@ class DeltaConfig:
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
 
-    @property
-    def method(self) -> str:
-        """The registry name of this config's method."""
-        from .registry import name_of
-
-        return name_of(type(self))
+    def trainable_base_parameters(self, model: nn.Module) -> list[str]:
+        """Names of base-model parameters this adapter trains in place and saves (BitFit's biases, LoRA's
+        ``bias="all"``). The default, none: the adapter's own modules are all that train."""
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         """The config as adapter_config.json holds it (PEFT field names, plus ``peft_type``)."""
@@ -79,23 +87,21 @@ class DeltaConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    @staticmethod
-    def from_dict(data: dict[str, Any], source: str = "adapter config") -> DeltaConfig:
-        """Build the registered method's config from an adapter_config.json dict.
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> DeltaConfig:
+        """Build this config class from an adapter_config.json dict (``deltatune.registry.config_from_dict`` picks
+        the class by ``peft_type``).
 
         Args:
-            data: the parsed JSON; must hold ``peft_type``.
+            data: the parsed JSON; a ``peft_type`` in it must be this class's.
             source: where it came from, for error messages.
 
         Raises:
-            ConfigError: unknown ``peft_type``, or a field this method does not support set to a value
+            ConfigError: another method's ``peft_type``, or a field this method does not support set to a value
                 that would change the adapter's meaning.
         """
-        from .registry import get_by_peft_type
-
-        if "peft_type" not in data:
-            raise ConfigError(f"{source} has no 'peft_type' field")
-        cls = get_by_peft_type(str(data["peft_type"])).config_class
+        if "peft_type" in data and str(data["peft_type"]) != cls.peft_type:
+            raise ConfigError(f"{source}: peft_type is {data['peft_type']!r}, not {cls.__name__}'s {cls.peft_type!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -112,19 +118,80 @@ class DeltaConfig:
                 )
         return cls(**kwargs)
 
-    @staticmethod
-    def from_pretrained(path: str | os.PathLike[str]) -> DeltaConfig:
-        """Read ``adapter_config.json`` from a folder (or the file itself)."""
-        path = os.fspath(path)
-        file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}")
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> DeltaConfig:
+        """Read ``adapter_config.json`` from a folder (or the file itself) as this config class.
+
+        On ``DeltaConfig`` itself, where the method is not known yet, use ``deltatune.load_config(path)`` (the
+        registry picks the class by the file's ``peft_type``).
+        """
+        if not cls.peft_type:
+            raise TypeError(
+                "DeltaConfig.from_pretrained needs a method's config class (e.g. LoraConfig); "
+                "deltatune.load_config(path) reads any adapter_config.json"
+            )
+        file, data = read_config_file(path)
+        return cls.from_dict(data, source=file)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """The path and parsed contents of ``adapter_config.json`` in a folder (or of the file itself)."""
+    path = os.fspath(path)
+    file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file} is not valid JSON (truncated?): {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} holds a JSON {type(data).__name__}, not an object")
+    return file, data
+
+
+def field_docs(cls: type) -> list[tuple[str, Any, str]]:
+    """(field, default, doc) for every field of a config dataclass, the doc being the string written under the
+    field in the source (an attribute docstring). Python drops those strings, so they are read back from the
+    source with ``ast``: the one place they live, for ``deltatune train --help`` and the docs."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
         try:
-            with open(file, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{file} is not valid JSON (truncated?): {exc}") from None
-        return DeltaConfig.from_dict(data, source=file)
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source (frozen, interactive): no docs, fields still listed
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((f.name, None if default is dataclasses.MISSING else default, docs.get(f.name, "")))
+    return rows
+
+
+def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is an integer >= 1 (None too when ``optional``).
+
+    ``True`` is refused: Python counts it as the integer 1, a recipe that writes ``r: true`` means something else.
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
 
 
 def check_range(
@@ -149,4 +216,14 @@ def check_range(
         )
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ConfigError", "DeltaConfig", "check_range", "field"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ConfigError",
+    "DeltaConfig",
+    "check_positive_int",
+    "check_range",
+    "field",
+    "field_docs",
+    "read_config_file",
+]

@@ -1,4 +1,5 @@
-"""Adapter files on disk or on the hub: atomic writes, local-or-hub resolution, safe reading.
+"""Adapter files on disk or on the hub: the layout rules (PEFT's key prefix, one sub-folder per non-default
+adapter, heads apart from bodies), atomic writes, local-or-hub resolution, safe reading.
 
 Reading prefers ``adapter_model.safetensors``; a pickle ``adapter_model.bin`` can run code when loaded, so it
 is read only when the caller passes ``allow_pickle=True``. A truncated or corrupt file is an AdapterLoadError
@@ -7,14 +8,39 @@ naming the file, never a traceback from deep inside safetensors.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig
+
+KEY_PREFIX = "base_model.model."
+"""PEFT's prefix of an adapter's tensor keys: ``base_model.model.<module path>.lora_A.weight``. A config may set
+another (``DeltaConfig.state_key_prefix``); this is the only place the usual one is spelled."""
+
+
+def key_prefix(config: DeltaConfig) -> str:
+    """The prefix of ``config``'s adapter tensor keys in adapter_model.safetensors."""
+    return config.state_key_prefix or KEY_PREFIX
+
+
+def split_heads(
+    tensors: dict[str, torch.Tensor], heads: list[str] | None, prefix: str = KEY_PREFIX
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An adapter's tensors split into (body, heads): a key belongs to a head when it lies under one of the
+    ``heads`` module names (its ``modules_to_save``), at the top (``<prefix><head>.``) or nested (``.<head>.``)."""
+    marks = tuple(heads or ())
+    body: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        inside = any(key.startswith(f"{prefix}{h}.") or f".{h}." in key for h in marks)
+        (head if inside else body)[key] = value
+    return body, head
 
 
 class AdapterLoadError(ValueError):
@@ -57,6 +83,55 @@ def adapter_folder(root: str | os.PathLike[str], name: str) -> str:
     return folder
 
 
+def match_tensors(
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    base_params: dict[str, torch.Tensor],
+    source: str,
+) -> dict[str, torch.Tensor]:
+    """Check a file's ``tensors`` against the adapter's ``expected`` ones (same keys and shapes); return the base
+    parameters (of ``base_params``, keyed like the file) that the file holds full copies of.
+
+    PEFT saves full copies of base weights next to an adapter (the embedding matrix when embeddings are targeted:
+    save_embedding_layers); like PEFT, the caller loads them into the base model.
+
+    Raises:
+        AdapterLoadError: a tensor is missing, belongs to no module of the model, or has another shape.
+    """
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise AdapterLoadError(
+            f"{source}: the adapter has no tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + "; was it saved with another config or for another model?"
+        )
+    unexpected = [k for k in tensors if k not in expected and k not in base_params]
+    if unexpected:
+        raise AdapterLoadError(
+            f"{source}: tensor {unexpected[0]!r} does not belong to any module of this model"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
+    full_copies = {k: base_params[k] for k in tensors if k not in expected}
+    for key, target in {**expected, **full_copies}.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise AdapterLoadError(
+                f"{source}: {key} has shape {tuple(tensors[key].shape)} in the file but "
+                f"{tuple(target.shape)} in this model; the adapter was made for a different base model"
+            )
+    return full_copies
+
+
+def write_adapter(folder: str, tensors: dict[str, torch.Tensor], config: DeltaConfig) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder`` (created), each atomically."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda f: save_file(tensors, f, {"format": "pt"}))
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+    atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
+
+
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
     """Write ``path`` through ``write(tmp)`` into a temporary file beside it, then rename: never half-written."""
     folder = os.path.dirname(path) or "."
@@ -76,6 +151,26 @@ def atomic_write(path: str, write: Callable[[str], object]) -> None:
             error.errno = exc.errno
             raise error from None
         raise
+
+
+def explain_missing_fields(exc: AdapterLoadError, config_file: str, config: object) -> AdapterLoadError:
+    """``exc`` (the saved tensors do not fit) blamed on the fields ``config_file`` lacks, when it lacks any: a
+    config written by hand or by another tool without, say, ``r`` gets the default, and the tensors then look as
+    if made "for a different base model". Returns ``exc`` itself when the file sets every field."""
+    import dataclasses
+    import json
+
+    try:
+        with open(config_file, encoding="utf-8") as fh:
+            given = set(json.load(fh))
+    except (OSError, ValueError):
+        return exc
+    missing = [f for f in dataclasses.fields(config) if f.init and f.name not in given]  # type: ignore[arg-type]
+    if not missing:
+        return exc
+    used = ", ".join(f"{f.name} (default {getattr(config, f.name)!r} used)" for f in missing)
+    reason = str(exc).split("; ")[0]
+    return AdapterLoadError(f"{config_file} does not set {used}, and the saved tensors do not fit that: {reason}")
 
 
 def _umask() -> int:

@@ -155,11 +155,40 @@ class DeltaLayer(nn.Module):
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weights. Idempotent."""
-        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
+        """Fold adapter ``name`` into the base weights. Idempotent: merging a merged (or absent) adapter does
+        nothing; the bookkeeping is here, the math in the method's ``_merge_weights``."""
+        if name in self.merged_adapters or name not in self.adapter_names:
+            return
+        with torch.no_grad():
+            self._merge_weights(name)
+        self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
         """Undo ``merge(name)``, restoring the base weights. Idempotent."""
+        if name not in self.merged_adapters:
+            return
+        with torch.no_grad():
+            self._unmerge_weights(name)
+        self.merged_adapters.remove(name)
+
+    def _dequantize_base(self) -> None:
+        """Merging writes into W. A base layer that stores W packed (4-bit, methods/quant.py) offers ``dequantize()``,
+        the plain layer it stands for, which replaces it for good: unmerge then restores the dequantised W."""
+        dequantize = getattr(self.base_layer, "dequantize", None)
+        if callable(dequantize):
+            self.base_layer = dequantize()
+        elif not self.base_layer.weight.is_floating_point():
+            raise TypeError(
+                f"cannot merge into {type(self.base_layer).__name__}, whose weight is stored as "
+                f"{self.base_layer.weight.dtype}; for 4-bit models use deltatune.merge_quantized"
+            )
+
+    def _merge_weights(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights (called without grad, once per merge)."""
+        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def _unmerge_weights(self, name: str) -> None:
+        """Undo ``_merge_weights(name)``."""
         raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
 
     def unwrap(self) -> nn.Module | None:
@@ -253,6 +282,20 @@ def logical_numel(t: torch.Tensor) -> int:
     return t.numel()
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(d_in, d_out, fan_in_fan_out) of a linear layer, None for any other module: the one place that tells.
+
+    transformers' GPT-2 ``Conv1D`` stores its weight (d_in, d_out) (fan_in_fan_out); ``nn.Linear`` and the layers
+    that stand for one (4-bit and 8-bit linears) say ``in_features`` / ``out_features``.
+    """
+    if type(module).__name__ == "Conv1D":
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out), True
+    if isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")):
+        return int(module.in_features), int(module.out_features), False
+    return None
+
+
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The weight of a plain or wrapped base module."""
     while isinstance(layer, DeltaLayer) and hasattr(layer, "base_layer"):
@@ -267,3 +310,24 @@ def checkpointing(model: nn.Module) -> bool:
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
+
+
+def call_batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a forward / generate call: its input ids, embeddings or first tensor argument."""
+    for key in ("input_ids", "inputs_embeds", "pixel_values"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[0]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def replace_module(root: nn.Module, path: str, module: nn.Module | None) -> None:
+    """Put ``module`` at dotted ``path`` under ``root``; None removes what is there."""
+    if module is None:
+        parent_name, _, child = path.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        delattr(parent, child)
+    else:
+        set_submodule(root, path, module)

@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from . import loss, registry
-from .config import CONFIG_NAME, ConfigError, DeltaConfig
+from .config import CONFIG_NAME, DeltaConfig
 from .files import (
+    AdapterLoadError,
     adapter_folder,
     check_adapter_name,
+    explain_missing_fields,
     key_prefix,
     match_tensors,
     read_weights,
@@ -40,12 +42,10 @@ from .layer import (
     RowAdapters,
     call_batch_size,
     checkpointing,
-    inside_layer,
     logical_numel,
     replace_module,
-    set_submodule,
 )
-from .targets import HEADS_BY_TASK
+from .targets import HEADS_BY_TASK, add_modules_to_save
 
 
 class DeltaModel(nn.Module):
@@ -256,7 +256,7 @@ class DeltaModel(nn.Module):
         try:
             # Heads first: a module trained in full is no target (PEFT's order), so the first adapter sees the model
             # as every later one does, with the head already wrapped.
-            self._add_modules_to_save(adapter_name, config)
+            add_modules_to_save(self.base_model, adapter_name, config)
             method.inject(self.base_model, config, adapter_name)
             self.peft_config[adapter_name] = config
             self._base_trainables[adapter_name] = config.trainable_base_parameters(self.base_model)
@@ -270,30 +270,6 @@ class DeltaModel(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         self._apply_active()
-
-    def _add_modules_to_save(self, adapter_name: str, config: DeltaConfig) -> None:
-        wanted = list(config.modules_to_save or [])
-        heads = HEADS_BY_TASK.get(config.task_type or "", ())
-        auto = [h for h in heads if h not in wanted]
-        plan: list[tuple[str, nn.Module]] = []
-        for target in wanted + auto:
-            hits = [
-                (n, m)
-                for n, m in self.base_model.named_modules()
-                if (n == target or n.endswith("." + target)) and not inside_layer(n, self.base_model)
-            ]
-            # PEFT writes every head name of the task (["classifier", "score"]) into the saved config; the ones
-            # this model lacks are not an error.
-            if not hits and target in wanted and target not in heads:
-                raise ConfigError(f"modules_to_save: {target!r} matches no module in the model")
-            if hits and target in auto:
-                config.modules_to_save = [*(config.modules_to_save or []), target]
-            plan.extend(hits)
-        for name, module in plan:
-            if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module)
-                set_submodule(self.base_model, name, module)
-            module.add(adapter_name)
 
     def _remove(self, adapter_name: str) -> None:
         """Delete an adapter everywhere; layers left with no adapter give back their original module."""
@@ -547,7 +523,10 @@ class DeltaModel(nn.Module):
             tensors = split_heads(tensors, config.modules_to_save, key_prefix(config))[0]
             task = None if config.task_type in HEADS_BY_TASK else config.task_type
             config = config.replace(modules_to_save=None, task_type=task)
-        self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
+        try:
+            self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
+        except AdapterLoadError as exc:
+            raise explain_missing_fields(exc, config_file, config) from None
 
     def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
         """Copy saved weights into the existing adapter ``adapter_name`` (e.g. when resuming from a checkpoint).

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
 from .config import ConfigError
-from .layer import DeltaLayer
+from .layer import DeltaLayer, ModulesToSave, set_submodule
 
 _VISION = ("vit", "deit", "swin", "clip", "clip_vision_model", "siglip", "siglip_vision_model")
 """Vision encoders (ViT, DeiT, Swin, CLIP's and SigLIP's vision towers): q/k/v/o_proj attention, fc1/fc2 MLP."""
@@ -119,6 +120,14 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
 }
 
 # Heads that a task adds on top of the backbone; "all-linear" never adapts them.
+HEADS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+"""The new heads a task puts on a model (trained in full and saved with the adapter, as PEFT adds them to
+modules_to_save); a model lacking one of them is no error."""
+
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.dense", "embed_out", "output_layer")
 
 LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
@@ -276,3 +285,69 @@ BOTTLENECK_TARGETS: dict[str, dict[str, str]] = {
     "gpt_neox": {"attn": r".*\.layers\.\d+\.attention\.dense", "ffn": r".*\.layers\.\d+\.mlp\.dense_4h_to_h"},
     "bloom": {"attn": r".*\.h\.\d+\.self_attention\.dense", "ffn": r".*\.h\.\d+\.mlp\.dense_4h_to_h"},
 }
+
+
+def resolve_targets(model: nn.Module, config: Any, table: dict[str, list[str]], method: str) -> list[str]:
+    """The full names of the modules ``config`` adapts: the one target policy of the layer methods.
+
+    ``config.target_modules`` (None: the family default from ``table``), narrowed by the config's optional
+    ``layers_to_transform`` / ``layers_pattern`` and ``exclude_modules``. The config then records what it adapts,
+    as PEFT saves it: a family default as its list, "all-linear" as the resolved names (PEFT's "all-linear" also
+    takes e.g. BERT's pooler), an explicit list or regex as given.
+
+    Raises:
+        ConfigError: no default for the family, or nothing left to adapt (the message lists real module names).
+    """
+    targets = config.target_modules if config.target_modules is not None else default_targets(model, table, method)
+    layers = getattr(config, "layers_to_transform", None)
+    names = find_targets(model, targets, layers, getattr(config, "layers_pattern", None), method)
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude:
+        names = [n for n in names if not matches(n, exclude)]
+        if not names:
+            raise ConfigError(
+                f"{method}: exclude_modules={exclude!r} excludes every module that target_modules={targets!r} matches"
+            )
+    config.target_modules = names if targets == "all-linear" else targets
+    return names
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of the first pattern matching the end of module ``name``, else ``default`` (PEFT's rule for
+    ``rank_pattern`` / ``alpha_pattern``)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any) -> None:
+    """Wrap the modules ``config`` trains in full (its ``modules_to_save``, and the heads its task type adds) in a
+    ModulesToSave holding a copy for ``adapter_name``; the task's heads found are added to ``config.modules_to_save``.
+
+    Raises:
+        ConfigError: a module the user named matches nothing.
+    """
+    wanted = list(config.modules_to_save or [])
+    heads = HEADS_BY_TASK.get(config.task_type or "", ())
+    auto = [h for h in heads if h not in wanted]
+    plan: list[tuple[str, nn.Module]] = []
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
+    for target in wanted + auto:
+        hits = [
+            (n, m)
+            for n, m in model.named_modules()
+            if (n == target or n.endswith("." + target)) and not any(n.startswith(p) for p in inner)
+        ]
+        # PEFT writes every head name of the task (["classifier", "score"]) into the saved config; the ones
+        # this model lacks are not an error.
+        if not hits and target in wanted and target not in heads:
+            raise ConfigError(f"modules_to_save: {target!r} matches no module in the model")
+        if hits and target in auto:
+            config.modules_to_save = [*(config.modules_to_save or []), target]
+        plan.extend(hits)
+    for name, module in plan:
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            set_submodule(model, name, module)
+        module.add(adapter_name)

@@ -69,7 +69,8 @@ def test_delta_model_installs_it_on_causal_lms_and_removes_it_on_unload(family):
     inputs["labels"] = inputs["input_ids"]
     with torch.no_grad():
         want = base(**inputs).loss
-    model = dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    config = dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = dt.get_delta_model(base, config, fused_loss=True)
     assert base.loss_function is fused.causal_lm_loss
     model.train()
     out = model(**inputs)
@@ -103,7 +104,14 @@ def test_delta_model_training_matches_transformers_loss():
 @pytest.mark.parametrize("family, task", [("bert", "seq_cls"), ("t5", "seq2seq"), ("llama", "seq_cls")])
 def test_other_tasks_keep_their_loss(family, task):
     base = tiny_model(family, task)
-    dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules="all-linear"))
+    dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules="all-linear"), fused_loss=True)
+    assert "_loss_function" not in vars(base)
+
+
+def test_the_library_leaves_the_loss_alone_by_default():
+    base = tiny_model("llama", "causal_lm")
+    dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules=["q_proj"]))
+    dt.DeltaModel(tiny_model("llama", "causal_lm"))
     assert "_loss_function" not in vars(base)
 
 
@@ -114,5 +122,5 @@ def test_a_loss_the_user_set_is_kept():
         return logits.sum() * 0
 
     base.loss_function = mine
-    dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules=["q_proj"]))
+    dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules=["q_proj"]), fused_loss=True)
     assert base.loss_function is mine

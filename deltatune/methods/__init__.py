@@ -1,3 +1,2 @@
-"""One file per method. Importing this package registers every built-in method."""
-
-from . import adapter, freeze, fusion, ia3, lora, prefix, prompt, ptuning  # noqa: F401
+"""One file per method, named as the registry names it (``lora.py`` is ``lora``). Importing this package imports
+no method: deltatune.registry imports each the first time it is asked for."""

@@ -18,6 +18,9 @@ account for them:
   first step; prompts are prepended only while the cache is empty, so ``generate`` (greedy, beam search,
   left-padded batches) works through the base model's own loop.
 
+The fields the token methods' configs share, the model geometry and the call-argument plumbing (mask, positions,
+cache keys) are in _token_geometry.py.
+
 Files follow PEFT: one tensor ``prompt_embeddings`` per adapter, the *folded* virtual tokens (the output of
 any reparametrisation), so only the tokens are saved and served.
 """
@@ -25,10 +28,8 @@ any reparametrisation), so only the tokens are saved and served.
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +37,19 @@ from torch import nn
 from ..config import ConfigError
 from ..layer import DeltaLayer, checkpointing
 from ..targets import model_type
+from ._token_geometry import (
+    CACHE_KEYS,
+    TokenSpec,
+    _batch_len,
+    _bind,
+    _cache_key,
+    _cache_len,
+    _extend_mask,
+    _given_cache,
+    _prefix_pairs,
+    _shift_positions,
+    text_config,
+)
 
 ATTR = "virtual_tokens"
 """Name of the child module of the base model holding every token adapter."""
@@ -43,223 +57,7 @@ SAVED_KEY = "prompt_embeddings"
 """PEFT's key for the (folded) virtual tokens in adapter_model.safetensors."""
 
 
-@dataclass
-class VirtualTokenFields:
-    """The fields every token method shares (PEFT's PromptLearningConfig). None: read from the model at inject."""
-
-    state_key_prefix: ClassVar[str] = "base_model."
-    """PEFT saves a prompt-learning adapter's other modules (a classifier head) under "base_model.<path>"."""
-
-    num_virtual_tokens: int = 20
-    """Number of virtual tokens n added to every sequence (>= 1)."""
-    token_dim: int | None = None
-    """Width of a virtual token: the hidden size (prompt kind) or num_kv_heads * head_dim (prefix kind)."""
-    num_transformer_submodules: int | None = None
-    """1, or 2 for encoder-decoder models with task_type SEQ_2_SEQ_LM (PEFT's layout; only the first n tokens
-    are used by prompt methods)."""
-    num_attention_heads: int | None = None
-    """Number of (key/value) attention heads the prefix is split into."""
-    num_layers: int | None = None
-    """Number of transformer layers (prefix kind: one key and one value prefix per layer)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The adapter_config.json dict, without ``target_modules`` (PEFT's prompt-learning configs have none)."""
-        out = super().to_dict()  # DeltaConfig's, next in the method configs' MRO
-        if out.get("target_modules") is None:
-            out.pop("target_modules", None)
-        return out
-
-
-def check_fields(config: Any) -> None:
-    """Validate the shared fields (ConfigError naming the field and the value)."""
-    n = config.num_virtual_tokens
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"num_virtual_tokens must be an integer >= 1, got {n!r}")
-    for name in ("token_dim", "num_attention_heads", "num_layers"):
-        value = getattr(config, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
-    if config.num_transformer_submodules not in (None, 1, 2):
-        raise ConfigError(
-            f"num_transformer_submodules must be 1, 2 or None, got {config.num_transformer_submodules!r}"
-        )
-
-
-# -- model geometry (PEFT's _prepare_prompt_learning_config) ---------------------------------------------------------
-def _first(cfg: Any, *names: str) -> Any:
-    for name in names:
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def text_config(model: nn.Module) -> Any:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise ConfigError(f"token methods need a transformers model with a config, got {type(model).__name__}")
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def fill_geometry(model: nn.Module, config: Any, prefix: bool) -> None:
-    """Fill the None geometry fields from the model config, as PEFT does, and check set ones against the model.
-
-    Raises:
-        ConfigError: a field disagrees with the model (an adapter made for another base model).
-    """
-    cfg = text_config(model)
-    mtype = model_type(model)
-    layers = _first(cfg, "num_hidden_layers", "num_layers", "n_layer")
-    hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
-    heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-    if layers is None or hidden is None or heads is None:
-        raise ConfigError(f"cannot read the layer count, hidden size and heads of model type {mtype!r}")
-    token_dim = hidden
-    if prefix:
-        kv_heads = getattr(cfg, "num_key_value_heads", None)
-        if kv_heads is not None:  # grouped-query attention: the prefix has the keys' width (PEFT #1901)
-            head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-            token_dim, heads = head_dim * kv_heads, kv_heads
-        elif hidden % heads:
-            raise ConfigError(f"model type {mtype!r}: hidden size {hidden} is not divisible by {heads} heads")
-    # A prefix depends on the layer count and the heads; prompt tokens only on their width (the rest is recorded).
-    expected = (
-        {"num_layers": layers, "token_dim": token_dim, "num_attention_heads": heads}
-        if prefix
-        else {"token_dim": token_dim}
-    )
-    if not prefix and config.num_layers is None:
-        config.num_layers = layers
-    if not prefix and hasattr(model, "get_input_embeddings"):
-        width = model.get_input_embeddings().weight.shape[1]
-        if width != (config.token_dim or token_dim):
-            raise ConfigError(
-                f"token_dim={config.token_dim or token_dim} differs from the input embedding width {width} of "
-                f"model type {mtype!r}; prompts are prepended to the input embeddings"
-            )
-    for field_name, value in expected.items():
-        have = getattr(config, field_name)
-        if have is None:
-            setattr(config, field_name, value)
-        elif have != value:
-            raise ConfigError(
-                f"{field_name}={have} does not fit this model ({mtype}: {value}); the adapter was made for a "
-                "different base model"
-            )
-    if not prefix and config.num_attention_heads is None:
-        config.num_attention_heads = heads
-    if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if max_pos is not None and config.num_virtual_tokens >= max_pos:
-        raise ConfigError(
-            f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for real tokens: model type {mtype!r} "
-            f"has max_position_embeddings={max_pos}"
-        )
-
-
 # -- the layer ----------------------------------------------------------------------------------------------------------
-@dataclass
-class TokenSpec:
-    """What the hooks need to know about one adapter."""
-
-    method: str
-    kind: str  # "prompt" or "prefix"
-    n: int  # virtual tokens
-    layers: int = 0
-    heads: int = 0
-    token_dim: int = 0
-    submodules: int = 1
-
-
-def _signature(module: nn.Module) -> list[str]:
-    return list(inspect.signature(module.forward).parameters)
-
-
-CACHE_KEYS = ("cache", "past_key_values")
-"""The names of a forward's key/value cache argument: ``cache`` from transformers 5.24 on, ``past_key_values``
-before (5.24 still takes it, deprecated, and refuses a call that passes both)."""
-
-
-def _cache_key(module: nn.Module) -> str | None:
-    """The name ``module.forward`` gives its key/value cache, or None when it takes none."""
-    names = _signature(module)
-    return next((key for key in CACHE_KEYS if key in names), None)
-
-
-def _given_cache(kwargs: dict) -> Any:
-    """The cache a call passes, under either name."""
-    return next((kwargs[key] for key in CACHE_KEYS if kwargs.get(key) is not None), None)
-
-
-def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Positional arguments of ``module.forward`` moved into kwargs, so hooks see every input by name."""
-    if not args:
-        return dict(kwargs)
-    names = [n for n in _signature(module) if n not in ("args", "kwargs")]
-    return {**dict(zip(names, args)), **kwargs}
-
-
-def _batch_len(ids: torch.Tensor | None, embeds: torch.Tensor | None) -> tuple[int, int, torch.device]:
-    x = ids if ids is not None else embeds
-    if x is None:
-        raise ValueError("token methods need input_ids or inputs_embeds")
-    return x.shape[0], x.shape[1], x.device
-
-
-def _cache_len(cache: Any) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    raise TypeError(
-        f"the key/value cache (cache= or past_key_values=) must be a transformers Cache (e.g. DynamicCache), got "
-        f"{type(cache).__name__}; the legacy tuple format is not supported with token methods"
-    )
-
-
-def _extend_mask(kwargs: dict, key: str, n: int, target: int) -> None:
-    """Prepend n ones to the 2-D mask ``kwargs[key]`` when it is n shorter than ``target`` (the keys attended to)."""
-    mask = kwargs.get(key)
-    if mask is None or not isinstance(mask, torch.Tensor):
-        return
-    if mask.dim() != 2:
-        raise ValueError(f"token methods take a 2-D {key} (batch, tokens); got shape {tuple(mask.shape)}")
-    if mask.shape[1] == target - n:
-        kwargs[key] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
-
-
-def _shift_positions(kwargs: dict, key: str, n: int, prepend: bool) -> None:
-    pos = kwargs.get(key)
-    if pos is None:
-        return
-    shifted = pos + n
-    if prepend:
-        virtual = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], n)
-        shifted = torch.cat([virtual, shifted], dim=-1)
-    kwargs[key] = shifted
-
-
-def _prefix_pairs(flat: torch.Tensor, spec: TokenSpec, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (key, value) prefixes, each (batch, heads, n, head_dim), from the flat (n, layers * 2 * dim) tokens.
-
-    Row 2l holds layer l's keys, row 2l + 1 its values. With two transformer submodules PEFT repeats the rows and
-    splits them in fours (self-attention key, value, then cross-attention key, value, which it discards); we
-    mirror that layout so that the same file means the same prefix in both libraries.
-
-    The rows are taken apart with one ``unbind`` rather than one index per row: the backward of an index writes
-    its gradient into a zero tensor of the whole stack, once per row (quadratic in the layer count), where that of
-    ``unbind`` stacks the rows' gradients once.
-    """
-    n, heads = spec.n, spec.heads
-    x = flat.view(1, n, spec.layers * 2, heads, spec.token_dim // heads).expand(batch, -1, -1, -1, -1)
-    if spec.submodules == 2:
-        x = torch.cat([x, x], dim=2)
-    rows = x.permute(2, 0, 3, 1, 4).unbind(0)  # layers * 2 * submodules of (batch, heads, n, head_dim)
-    step = 2 * spec.submodules
-    return [(rows[i], rows[i + 1]) for i in range(0, spec.layers * step, step)]
-
-
 class VirtualTokens(DeltaLayer):
     """Every token adapter of one model, and the hooks that make the model account for its virtual tokens.
 
@@ -574,11 +372,7 @@ def warn(message: str) -> None:
 __all__ = [
     "ATTR",
     "SAVED_KEY",
-    "TokenSpec",
-    "VirtualTokenFields",
     "VirtualTokens",
     "attach",
-    "check_fields",
-    "fill_geometry",
     "fold",
 ]

@@ -1,4 +1,4 @@
-"""Baselines that train base parameters in place: freeze tuning, BitFit and full fine-tuning.
+"""Freeze tuning, and what the in-place baselines share (BitFit in bitfit.py, full fine-tuning in full.py).
 
 - Freeze tuning (as LLaMA-Factory's ``finetuning_type: freeze``): only the last n transformer blocks train
   (``freeze_trainable_layers = n > 0``) or the first |n| (n < 0), optionally only some modules inside them.
@@ -8,7 +8,7 @@
   every way of fine-tuning alike.
 
 None of them injects a layer (``inject`` returns []); each config's ``trainable_base_parameters`` names the base
-parameters that train, and DeltaModel saves them under PEFT-style keys (``base_model.model.<name>``), so the
+parameters that train, and DeltaModel saves them under PEFT-style keys (the keys files.py writes), so the
 adapter file is a partial (or, for "full", complete) state dict of the base. The training happens in place:
 ``disable_adapter`` cannot undo it and the model computes with the trained weights whether the adapter is active
 or not. Parameters of other methods' layers (LoRA matrices, modules_to_save copies) are never included.
@@ -23,7 +23,6 @@ from torch import nn
 
 from ..config import ConfigError, DeltaConfig
 from ..layer import DeltaLayer, ModulesToSave
-from ..registry import register
 from ..targets import LAYER_PATTERNS
 
 _BLOCK = re.compile(rf"(?:^|\.)(?:{'|'.join(LAYER_PATTERNS)})\.(\d+)\.")
@@ -53,6 +52,7 @@ def _block_index(name: str) -> int | None:
 class FreezeConfig(DeltaConfig):
     """Freeze tuning: train the last (or first) n transformer blocks in place, freeze the rest."""
 
+    method = "freeze"
     peft_type = "FREEZE"
 
     freeze_trainable_layers: int = 2
@@ -112,41 +112,10 @@ class FreezeConfig(DeltaConfig):
         return picked
 
 
-@dataclass
-class BitFitConfig(DeltaConfig):
-    """BitFit: train every bias term of the base model in place, nothing else."""
-
-    peft_type = "BITFIT"
-
-    def trainable_base_parameters(self, model: nn.Module) -> list[str]:
-        """Every base parameter named ``...bias``.
-
-        Raises:
-            ConfigError: the model has no bias terms (e.g. LLaMA).
-        """
-        names = [n for n in base_parameter_names(model) if n.rsplit(".", 1)[-1] == "bias"]
-        if not names:
-            raise ConfigError("bitfit: the model has no bias parameters to train (e.g. LLaMA-style models)")
-        return names
-
-
-@dataclass
-class FullConfig(DeltaConfig):
-    """Full fine-tuning: every base parameter trains in place."""
-
-    peft_type = "FULL"
-
-    def trainable_base_parameters(self, model: nn.Module) -> list[str]:
-        """Every base parameter."""
-        return base_parameter_names(model)
-
-
 def inject(model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[nn.Module]:
     """Inject nothing; check now that the config fits the model, so that a misfit fails before any change."""
     config.trainable_base_parameters(model)
     return []
 
 
-register("freeze", FreezeConfig, inject)
-register("bitfit", BitFitConfig, inject)
-register("full", FullConfig, inject)
+CONFIG, INJECT = FreezeConfig, inject

@@ -1,6 +1,6 @@
 """AdapterFusion (Pfeiffer, Kamath, Rücklé, Cho, Gurevych, 2021; arXiv:2005.00247), over bottleneck adapters.
 
-Stage 1 trains N bottleneck adapters (methods/adapter.py), one per task. Stage 2 freezes the base and all of them
+Stage 1 trains N bottleneck adapters (methods/bottleneck.py), one per task. Stage 2 freezes the base and all of them
 and learns, at every sub-layer where they sit, how much of each adapter's output to use for the target task.
 With h (d) the sub-layer's output and o_i = adapter i's term (d) at that position:
 
@@ -15,26 +15,28 @@ small W_q, W_k give near-uniform attention). Nothing to merge.
 A fusion over a single adapter is allowed: the softmax over one adapter is 1 and W_v = I, so it reproduces that
 adapter exactly at the start, which is a useful check; W_v still trains (W_q and W_k then get no gradient).
 ``DeltaModel.fusion_weights(name)`` returns the attention a of the last forward pass per sub-layer, averaged over
-all token positions (padding included).
+all token positions (padding included). ``add_fusion`` and ``fusion_weights`` live here and reach DeltaModel through
+``MODEL_FUNCTIONS`` (the registry's generic hook), so model.py knows nothing of fusion.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_range
 from ..layer import DeltaLayer
-from ..registry import register
-from .adapter import BottleneckLayer
+from .bottleneck import BottleneckLayer
 
 
 @dataclass
 class AdapterFusionConfig(DeltaConfig):
     """AdapterFusion: per-sub-layer attention over the outputs of trained bottleneck adapters."""
 
+    method = "fusion"
     peft_type = "ADAPTER_FUSION"
 
     adapter_names: list[str] = field(default_factory=list)
@@ -155,4 +157,46 @@ def inject(model: nn.Module, config: AdapterFusionConfig, adapter_name: str) -> 
     return [layer for _, layer in chosen]
 
 
-register("fusion", AdapterFusionConfig, inject)
+def add_fusion(model: Any, adapter_names: list[str], name: str = "fusion", **config: Any) -> None:
+    """AdapterFusion stage 2 on a DeltaModel (``model.add_fusion(...)``): add a fusion over trained bottleneck
+    adapters and make it the active adapter.
+
+    The base and the fused adapters are frozen; only the fusion layers train. Extra keyword arguments go to
+    the fusion config (``temperature``, ``task_type``, ...).
+
+    Raises:
+        ValueError: an adapter in ``adapter_names`` does not exist.
+        ConfigError: they are not bottleneck adapters, or do not sit at the same sub-layers.
+    """
+    model._check_names(list(adapter_names))
+    model.add_adapter(name, AdapterFusionConfig(adapter_names=list(adapter_names), **config))
+    model.set_adapter(name)
+
+
+def fusion_weights(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """A fusion's attention over its adapters in the last forward pass (``model.fusion_weights(name)`` on a
+    DeltaModel): {sub-layer path: weights (N,)}.
+
+    Each tensor is the softmax over the N fused adapters averaged over all token positions; it sums to 1.
+
+    Raises:
+        ValueError: ``adapter_name`` is not a fusion, or no forward pass has run through it yet.
+    """
+    model._check_names([adapter_name])
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in model.base_model.named_modules():
+        value = layer.fusion_weights(adapter_name) if isinstance(layer, BottleneckLayer) else None
+        if value is not None:
+            out[path] = value
+    if not out:
+        raise ValueError(
+            f"{adapter_name!r} has no fusion weights: it is not an AdapterFusion, "
+            "or no forward pass has run through it since it was added"
+        )
+    return out
+
+
+MODEL_FUNCTIONS = {"add_fusion": add_fusion, "fusion_weights": fusion_weights}
+"""Functions DeltaModel offers as its own methods (``model.add_fusion(...)``), found through the registry."""
+
+CONFIG, INJECT = AdapterFusionConfig, inject

@@ -21,15 +21,15 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig
-from ..layer import DeltaLayer, set_submodule
-from ..registry import register
-from ..targets import IA3_FEEDFORWARD, IA3_TARGETS, default_targets, find_targets, matches, model_type
+from ..layer import DeltaLayer, linear_shape, set_submodule
+from ..targets import IA3_FEEDFORWARD, IA3_TARGETS, model_type, resolve_targets
 
 
 @dataclass
 class IA3Config(DeltaConfig):
     """(IA)^3: a trained vector scaling each target's output (or, for feed-forward targets, its input)."""
 
+    method = "ia3"
     peft_type = "IA3"
 
     feedforward_modules: list[str] | str | None = None
@@ -75,8 +75,7 @@ class IA3Layer(DeltaLayer):
         super().__init__(base_layer)
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = fan_in_fan_out
-        d0, d1 = base_layer.weight.shape
-        self.in_features, self.out_features = (d0, d1) if fan_in_fan_out else (d1, d0)
+        self.in_features, self.out_features, _ = linear_shape(base_layer)
         self.ia3_l = nn.ParameterDict()
 
     @property
@@ -101,25 +100,17 @@ class IA3Layer(DeltaLayer):
         l_ = self.ia3_l[name].detach()
         return l_.T if self.fan_in_fan_out else l_
 
-    def merge(self, name: str) -> None:
-        if name in self.merged_adapters or name not in self.ia3_l:
-            return
+    def _merge_weights(self, name: str) -> None:
         base = self.base_layer
-        with torch.no_grad():
-            base.weight.mul_(self._factor(name).to(base.weight.dtype))
-            if not self.is_feedforward and getattr(base, "bias", None) is not None:
-                base.bias.mul_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
-        self.merged_adapters.append(name)
+        base.weight.mul_(self._factor(name).to(base.weight.dtype))
+        if not self.is_feedforward and getattr(base, "bias", None) is not None:
+            base.bias.mul_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
 
-    def unmerge(self, name: str) -> None:
-        if name not in self.merged_adapters:
-            return
+    def _unmerge_weights(self, name: str) -> None:
         base = self.base_layer
-        with torch.no_grad():
-            base.weight.div_(self._factor(name).to(base.weight.dtype))
-            if not self.is_feedforward and getattr(base, "bias", None) is not None:
-                base.bias.div_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
-        self.merged_adapters.remove(name)
+        base.weight.div_(self._factor(name).to(base.weight.dtype))
+        if not self.is_feedforward and getattr(base, "bias", None) is not None:
+            base.bias.div_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
 
     def _row_scales(self, x: torch.Tensor) -> torch.Tensor | None:
         """A mixed-adapter batch (``row_adapters``): each row's vector (1 for rows of other adapters), shaped to
@@ -156,15 +147,10 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
     Family defaults are written into ``config`` (target_modules, feedforward_modules), so the saved
     adapter_config.json says exactly what was adapted. Everything is checked before the model is touched.
     """
-    targets = (
-        config.target_modules if config.target_modules is not None else default_targets(model, IA3_TARGETS, "ia3")
-    )
     feedforward = config.feedforward_modules
     if feedforward is None:
         feedforward = IA3_FEEDFORWARD.get(model_type(model) or "", [])
-    names = find_targets(model, targets, method="ia3")
-    if config.exclude_modules:
-        names = [n for n in names if not matches(n, config.exclude_modules)]
+    names = resolve_targets(model, config, IA3_TARGETS, "ia3")
     plan: list[tuple[str, IA3Layer, bool]] = []
     for name in names:
         module = model.get_submodule(name)
@@ -173,13 +159,11 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
             continue
         if isinstance(module, DeltaLayer):
             raise ConfigError(f"ia3: {name} is already adapted by {type(module).__name__}; IA3 cannot wrap it")
-        kind = type(module).__name__
-        if not (isinstance(module, nn.Linear) or kind == "Conv1D"):
+        shape = linear_shape(module)
+        if shape is None or not (isinstance(module, nn.Linear) or shape[2]):  # 4-bit weights cannot be scaled
+            kind = type(module).__name__
             raise ConfigError(f"ia3: target {name} is a {kind}; IA3 adapts nn.Linear and GPT-2 Conv1D layers")
-        plan.append(
-            (name, IA3Layer(module, _is_feedforward(name, feedforward), fan_in_fan_out=kind == "Conv1D"), True)
-        )
-    config.target_modules = targets
+        plan.append((name, IA3Layer(module, _is_feedforward(name, feedforward), fan_in_fan_out=shape[2]), True))
     config.feedforward_modules = feedforward
     for name, layer, new in plan:
         if new:
@@ -188,4 +172,4 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
     return [layer for _, layer, _ in plan]
 
 
-register("ia3", IA3Config, inject)
+CONFIG, INJECT = IA3Config, inject

@@ -17,23 +17,22 @@ Module and key names are PEFT's, so adapters move between deltatune and PEFT unc
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, DeltaConfig, check_range
-from ..layer import DeltaLayer, set_submodule
-from ..registry import register
-from ..targets import LORA_TARGETS, default_targets, find_targets
+from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
+from ..layer import DeltaLayer, linear_shape, set_submodule
+from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 
 
 @dataclass
 class LoraConfig(DeltaConfig):
     """LoRA: a trainable low-rank update B A on each target weight."""
 
+    method = "lora"
     peft_type = "LORA"
 
     r: int = 8
@@ -66,8 +65,7 @@ class LoraConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         check_range("lora_alpha", self.lora_alpha, 0, None, low_open=True)
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
         if self.bias not in ("none", "all", "lora_only"):
@@ -75,8 +73,7 @@ class LoraConfig(DeltaConfig):
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         for key, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+            check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             check_range(f"alpha_pattern[{key!r}]", value, 0, None, low_open=True)
 
@@ -91,18 +88,6 @@ class LoraConfig(DeltaConfig):
             if self.bias == "all" or name.endswith("base_layer.bias"):
                 names.append(name)
         return names
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    """The value of the first pattern matching the end of ``name`` (PEFT's rank_pattern rule)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _scaling(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def _reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bool = False) -> None:
@@ -140,7 +125,7 @@ class _LoraBase(DeltaLayer):
         self._dora_norm: dict[str, torch.Tensor] = {}  # the row norms a DoRA merge divided by, for unmerge
 
     def _add_common(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
-        self.scaling[name] = _scaling(alpha, r, rslora)
+        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA: alpha / sqrt(r)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def delete_adapter(self, name: str) -> None:
@@ -166,11 +151,6 @@ class _LoraBase(DeltaLayer):
         """s * B A in the base weight's own layout."""
         raise NotImplementedError
 
-    def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
-        """Adapter ``name``'s addition to the base output for the input ``x``; ``result`` (the base output of the
-        same rows) is given to DoRA adapters, the only ones that read it."""
-        raise NotImplementedError
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -183,8 +163,8 @@ class _LoraBase(DeltaLayer):
         return result
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` plus adapter ``name``'s update (a layer type may fuse the addition)."""
-        return result + self._update(name, x, result).to(result.dtype)
+        """``result`` (the base output for ``x``) plus adapter ``name``'s update: the one path every call takes."""
+        raise NotImplementedError
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (``row_adapters``): each adapter's update computed on its own rows only."""
@@ -192,54 +172,31 @@ class _LoraBase(DeltaLayer):
             if name not in self.scaling:  # BASE_ROW, or an adapter this layer does not hold
                 continue
             if rows is None:
-                result = result + self._update(name, x, result).to(result.dtype)
-                continue
-            base = result.index_select(0, rows) if name in self.lora_magnitude_vector else None
-            update = self._update(name, x.index_select(0, rows), base)
-            result = result.index_add(0, rows, update.to(result.dtype))
+                result = self._add(name, x, result)
+            else:
+                result = result.index_copy(0, rows, self._add(name, x.index_select(0, rows), result[rows]))
         return result
 
-    def _dequantize_base(self) -> None:
-        """Merging writes into W. A base layer that stores W packed (4-bit, methods/quant.py) offers ``dequantize()``,
-        the plain layer it stands for, which replaces it for good: unmerge then restores the dequantised W."""
-        dequantize = getattr(self.base_layer, "dequantize", None)
-        if callable(dequantize):
-            self.base_layer = dequantize()
-        elif not self._weight.is_floating_point():
-            raise TypeError(
-                f"cannot merge into {type(self.base_layer).__name__}, whose weight is stored as "
-                f"{self._weight.dtype}; for 4-bit models use deltatune.merge_quantized"
-            )
-
-    def merge(self, name: str) -> None:
-        if name in self.merged_adapters or name not in self.adapter_names:
-            return
+    def _merge_weights(self, name: str) -> None:
         self._dequantize_base()
         weight = self._weight
-        with torch.no_grad():
-            delta = self.delta_weight(name).to(weight.dtype)
-            if name in self.lora_magnitude_vector:
-                merged = weight + delta
-                norm = _row_norm(merged, self._rows_dim)
-                self._dora_norm[name] = norm
-                factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / norm
-                weight.copy_(merged * _expand(factor, weight, self._rows_dim))
-            else:
-                weight.add_(delta)
-        self.merged_adapters.append(name)
+        delta = self.delta_weight(name).to(weight.dtype)
+        if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W + s B A||, the norm kept for unmerge
+            merged = weight + delta
+            self._dora_norm[name] = norm = _row_norm(merged, self._rows_dim)
+            factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / norm
+            weight.copy_(merged * _expand(factor, weight, self._rows_dim))
+        else:
+            weight.add_(delta)
 
-    def unmerge(self, name: str) -> None:
-        if name not in self.merged_adapters:
-            return
+    def _unmerge_weights(self, name: str) -> None:
         weight = self._weight
-        with torch.no_grad():
-            delta = self.delta_weight(name).to(weight.dtype)
-            if name in self.lora_magnitude_vector:
-                factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / self._dora_norm.pop(name)
-                weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
-            else:
-                weight.sub_(delta)
-        self.merged_adapters.remove(name)
+        delta = self.delta_weight(name).to(weight.dtype)
+        if name in self.lora_magnitude_vector:
+            factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / self._dora_norm.pop(name)
+            weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
+        else:
+            weight.sub_(delta)
 
     _rows_dim = 0  # the dimension of the stored weight that indexes output features
 
@@ -263,11 +220,7 @@ class LoraLinear(_LoraBase):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         self._rows_dim = 1 if fan_in_fan_out else 0
-        if hasattr(base_layer, "in_features"):
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        else:
-            d0, d1 = base_layer.weight.shape
-            self.in_features, self.out_features = (d0, d1) if fan_in_fan_out else (d1, d0)
+        self.in_features, self.out_features, _ = linear_shape(base_layer)
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
         self._add_common(name, r, alpha, dropout, rslora)
@@ -289,44 +242,34 @@ class LoraLinear(_LoraBase):
         return delta.T if self.fan_in_fan_out else delta
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            return super()._add(name, x, result)
-        A = self.lora_A[name].weight
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         x_in = self.lora_dropout[name](x).to(A.dtype)
-        # Scale the rank-r activations rather than the (tokens, d_out) output: r/d_out of the work.
-        h = F.linear(x_in, A) * self.scaling[name]  # (..., r)
-        # One fused multiply-add for the (tokens, d_out) update instead of a product and a sum.
+        if name in self.lora_magnitude_vector:
+            return result + _dora(self, name, x_in, result).to(result.dtype)
+        # Scale the rank-r activations rather than the (tokens, d_out) output: r/d_out of the work; then one fused
+        # multiply-add for the (tokens, d_out) update instead of a product and a sum.
+        h = F.linear(x_in, A) * s  # (..., r)
         out = torch.addmm(
-            result.reshape(-1, self.out_features),
-            h.reshape(-1, h.shape[-1]).to(result.dtype),
-            self.lora_B[name].weight.T.to(result.dtype),
+            result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]).to(result.dtype), B.T.to(result.dtype)
         )
         return out.view(result.shape)
 
-    def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
-        A = self.lora_A[name].weight
-        x_in = self.lora_dropout[name](x).to(A.dtype)
-        if name in self.lora_magnitude_vector:
-            return self._dora(name, x, x_in, result)
-        return F.linear(F.linear(x_in, A) * self.scaling[name], self.lora_B[name].weight)
 
-    def _dora(self, name: str, x: torch.Tensor, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """DoRA's addition to the base output (PEFT's formulation, so the numbers match):
-        (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x, the norm detached."""
-        A = self.lora_A[name].weight
-        B = self.lora_B[name].weight
-        s = self.scaling[name]
-        weight = self._weight.to(A.dtype)
-        with torch.no_grad():
-            norm = _row_norm(weight + self.delta_weight(name).to(A.dtype), self._rows_dim)
-        scale = self.lora_magnitude_vector[name] / norm  # (d_out,)
-        lora = F.linear(F.linear(x_in, A), B)
-        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
-            base = result.to(A.dtype) - bias if bias is not None else result.to(A.dtype)
-        else:
-            base = F.linear(x_in, weight.T if self.fan_in_fan_out else weight)
-        return (scale - 1) * base + scale * lora * s
+def _dora(layer: LoraLinear, name: str, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """DoRA's addition to the base output W x (PEFT's formulation, so the numbers match), with m the trained
+    magnitude and the norm detached: (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x."""
+    A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+    weight = layer._weight.to(A.dtype)
+    with torch.no_grad():
+        norm = _row_norm(weight + layer.delta_weight(name).to(A.dtype), layer._rows_dim)
+    scale = layer.lora_magnitude_vector[name] / norm  # (d_out,)
+    lora = F.linear(F.linear(x_in, A), B)
+    if isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training:
+        bias = getattr(layer.base_layer, "bias", None)
+        base = result.to(A.dtype) - bias if bias is not None else result.to(A.dtype)
+    else:  # dropout changed the input: W x is recomputed on the dropped-out x, as PEFT does
+        base = F.linear(x_in, weight.T if layer.fan_in_fan_out else weight)
+    return (scale - 1) * base + scale * lora * s
 
 
 class LoraEmbedding(_LoraBase):
@@ -350,7 +293,7 @@ class LoraEmbedding(_LoraBase):
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (vocab, dim)
 
-    def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         after_a = F.embedding(
             x,
@@ -361,7 +304,7 @@ class LoraEmbedding(_LoraBase):
             base.scale_grad_by_freq,
             base.sparse,
         )  # (..., r)
-        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        return result + ((after_a @ self.lora_embedding_B[name].T) * self.scaling[name]).to(result.dtype)
 
 
 class LoraConv2d(_LoraBase):
@@ -398,8 +341,9 @@ class LoraConv2d(_LoraBase):
             delta = F.conv2d(A.permute(1, 0, 2, 3), B).permute(1, 0, 2, 3)  # (c_out, c_in, kh, kw)
         return delta * self.scaling[name]
 
-    def _update(self, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
-        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        update = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        return result + update.to(result.dtype)
 
 
 LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
@@ -413,10 +357,9 @@ def _wrap(module: nn.Module, name: str) -> _LoraBase:
         if module.groups != 1:
             raise ConfigError(f"lora: {name} is a grouped Conv2d (groups={module.groups}); not supported")
         return LoraConv2d(module)
-    if kind == "Conv1D":  # transformers' GPT-2 layer: weight stored (d_in, d_out)
-        return LoraLinear(module, fan_in_fan_out=True)
-    if isinstance(module, nn.Linear) or hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return LoraLinear(module)
+    shape = linear_shape(module)
+    if shape is not None:
+        return LoraLinear(module, fan_in_fan_out=shape[2])
     raise ConfigError(
         f"lora: target {name} is a {kind}; LoRA adapts nn.Linear, Conv1D, nn.Embedding and nn.Conv2d layers"
     )
@@ -428,21 +371,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
     Targets are checked before the model is touched; a ConfigError from a layer's ``add`` (DoRA on an embedding)
     comes after earlier layers were wrapped, and ``DeltaModel.add_adapter`` undoes them.
     """
-    targets = config.target_modules or default_targets(model, LORA_TARGETS, "lora")
-    names = find_targets(model, targets, config.layers_to_transform, config.layers_pattern, "lora")
-    if config.exclude_modules:
-        from ..targets import matches
-
-        names = [n for n in names if not matches(n, config.exclude_modules)]
-        if not names:
-            raise ConfigError(
-                f"lora: exclude_modules={config.exclude_modules!r} excludes every module that "
-                f"target_modules={targets!r} matches"
-            )
-    if config.target_modules == "all-linear":
-        # Saved as PEFT saves it: the resolved names, so that PEFT (whose "all-linear" also takes e.g. BERT's
-        # pooler) loads exactly these modules.
-        config.target_modules = names
+    names = resolve_targets(model, config, LORA_TARGETS, "lora")
     plan: list[tuple[str, _LoraBase, bool]] = []
     for name in names:
         module = model.get_submodule(name)
@@ -456,8 +385,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
     for name, layer, new in plan:
         if new:
             set_submodule(model, name, layer)
-        r = _pattern_value(config.rank_pattern, name, config.r)
-        alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         layer.add(
             adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, config.init_lora_weights
         )
@@ -465,4 +394,4 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
     return layers
 
 
-register("lora", LoraConfig, inject)
+CONFIG, INJECT = LoraConfig, inject

@@ -15,6 +15,9 @@ bitsandbytes' ``Params4bit`` (CUDA kernels; CPU kernels from 0.50). "auto" takes
 and torchao otherwise: measured on CPU, docs/BENCHMARKS.md "QLoRA backend"; bitsandbytes is the reference QLoRA
 implementation on CUDA. Models that transformers quantised with ``BitsAndBytesConfig(load_in_4bit=True)`` work too:
 LoRA wraps their ``bnb.nn.Linear4bit`` layers directly, and ``merge_quantized`` dequantises them.
+
+This file holds the 4-bit format (backends, ``Linear4bit``) and its memory accounting; quant_tools.py what is done
+with a model: ``quantize``, ``prepare_for_kbit_training``, ``merge_quantized``.
 """
 
 from __future__ import annotations
@@ -23,15 +26,14 @@ import copy
 import importlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..layer import DeltaLayer, logical_numel, set_submodule
-from ..targets import HEAD_NAMES, matches
+from ..layer import logical_numel
 
 BLOCK_SIZE = 64
 """Weights per absmax constant (the paper's block size)."""
@@ -303,142 +305,6 @@ def _quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     return ((n, m) for n, m in model.named_modules() if is_quantized(m))
 
 
-# -- quantize -------------------------------------------------------------------------------------------------
-@dataclass
-class QuantSummary:
-    """What ``quantize`` did: the layers now in 4 bits, those kept in full precision and why, bytes before/after."""
-
-    backend: str
-    compute_dtype: torch.dtype
-    quantized: list[str] = field(default_factory=list)
-    """Names of the layers now in 4 bits."""
-    kept: dict[str, str] = field(default_factory=dict)
-    """Linear layers left in full precision: name -> reason."""
-    bytes_before: int = 0
-    """Memory held by the model's parameters and buffers before (see ``memory_footprint``)."""
-    bytes_after: int = 0
-    """The same after quantising."""
-    quantized_params: int = 0
-    """Parameters in the quantised layers' weights."""
-    quantized_bytes: int = 0
-    """Bytes those weights hold now, code book and constants included."""
-
-    @property
-    def bytes_per_param(self) -> float:
-        """Bytes per parameter of the quantised weights (about 0.52; 4 for fp32, 2 for bf16)."""
-        return self.quantized_bytes / max(self.quantized_params, 1)
-
-    def __str__(self) -> str:
-        lines = [
-            f"quantised {len(self.quantized)} layers to NF4 ({self.backend}, compute "
-            f"{str(self.compute_dtype).removeprefix('torch.')}): {self.quantized_params:,d} parameters in "
-            f"{self.quantized_bytes:,d} bytes ({self.bytes_per_param:.3f} bytes/parameter)",
-            f"model: {self.bytes_before:,d} -> {self.bytes_after:,d} bytes",
-        ]
-        lines += [f"kept in full precision: {name} ({why})" for name, why in self.kept.items()]
-        return "\n".join(lines)
-
-
-def _dtype(value: torch.dtype | str) -> torch.dtype:
-    if isinstance(value, torch.dtype) and value in _DTYPES.values():
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[value.removeprefix("torch.")]
-    raise ConfigError(f"compute_dtype must be float32, bfloat16 or float16, got {value!r}")
-
-
-def _check_args(bits: int, quant_type: str, double_quant: bool, backend: str) -> None:
-    if bits != 4:
-        raise ConfigError(f"bits must be 4 (NF4), got {bits!r}")
-    if quant_type != "nf4":
-        raise ConfigError(f"quant_type must be 'nf4', got {quant_type!r}")
-    if not isinstance(double_quant, bool):
-        raise ConfigError(f"double_quant must be true or false, got {double_quant!r}")
-    if backend not in ("auto", *BACKENDS):
-        raise ConfigError(f"backend must be 'auto', 'torchao' or 'bitsandbytes', got {backend!r}")
-
-
-def _keep_reason(name: str, module: nn.Module, output: nn.Module | None, skip: list[str] | str | None) -> str | None:
-    """Why the linear layer ``name`` stays in full precision, or None to quantise it."""
-    if module is output:
-        return "output head"
-    if any(name == h or name.endswith("." + h) or f".{h}." in f".{name}." for h in HEAD_NAMES):
-        return "task head"
-    if skip and matches(name, skip):
-        return "skip_modules"
-    d_in = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
-    if d_in % BLOCK_SIZE:
-        return f"in_features={d_in} is not a multiple of the block size {BLOCK_SIZE}"
-    return None
-
-
-def quantize(
-    model: nn.Module,
-    bits: int = 4,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype | str = torch.float32,
-    backend: str = "auto",
-    skip_modules: list[str] | str | None = None,
-) -> tuple[nn.Module, QuantSummary]:
-    """Replace the model's linear layers by 4-bit NF4 ``Linear4bit`` layers, in place.
-
-    The output head (``lm_head``), task heads (classifier, score, ...), embeddings and norms stay in full precision,
-    as does a layer whose in_features is not a multiple of the block size 64 (the summary says which and why).
-    The keyword arguments are the recipe's ``model.quantization`` keys: ``quantize(model, **recipe["quantization"])``.
-
-    Args:
-        model: a full-precision model (a transformers model or any nn.Module), before adapters are added.
-        bits: 4 (the only width).
-        quant_type: "nf4" (the only type).
-        double_quant: also quantise the absmax constants to 8 bits (saves ~0.37 bits/parameter).
-        compute_dtype: the dtype the layers compute in: float32, bfloat16 (or float16), as a dtype or its name.
-        backend: "auto", "torchao" or "bitsandbytes" (see the module docstring for what "auto" picks).
-        skip_modules: more layers to keep in full precision: names matched like ``target_modules``, or a regex.
-
-    Returns:
-        The same model object, and a ``QuantSummary``.
-
-    Raises:
-        ConfigError: a bad argument. QuantizationError: the model is already quantised or has adapters.
-        ImportError: the backend is not installed. In every case the model is unchanged.
-    """
-    _check_args(bits, quant_type, double_quant, backend)
-    dtype = _dtype(compute_dtype)
-    if any(isinstance(m, DeltaLayer) for m in model.modules()) or hasattr(model, "peft_config"):
-        raise QuantizationError("the model has adapters already; quantize the base model first, then add adapters")
-    already = [n for n, _ in _quantized_layers(model)]
-    if already:
-        raise QuantizationError(
-            f"the model is already quantised ({len(already)} 4-bit layers, e.g. {already[0]!r}); "
-            "quantize a full-precision model"
-        )
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [
-        (n, m) for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
-    ]
-    kept = {n: why for n, m in linears if (why := _keep_reason(n, m, output, skip_modules))}
-    todo = [(n, m) for n, m in linears if n not in kept]
-    device = todo[0][1].weight.device if todo else torch.device("cpu")
-    chosen = resolve_backend(backend, device, double_quant)
-    before = memory_footprint(model).total_bytes
-    # Quantise everything first and swap afterwards, so an error half-way leaves the model as it was.
-    new = [(n, Linear4bit.from_linear(m, dtype, chosen, double_quant)) for n, m in todo]
-    for name, layer in new:
-        set_submodule(model, name, layer)
-    footprint = memory_footprint(model)
-    return model, QuantSummary(
-        chosen,
-        dtype,
-        [n for n, _ in new],
-        kept,
-        before,
-        footprint.total_bytes,
-        footprint.quantized_params,
-        footprint.quantized_bytes,
-    )
-
-
 # -- memory ---------------------------------------------------------------------------------------------------
 @dataclass
 class MemoryFootprint:
@@ -501,172 +367,12 @@ def memory_footprint(model: nn.Module) -> MemoryFootprint:
     return MemoryFootprint(total, quantized, quantized_params, params)
 
 
-# -- training ------------------------------------------------------------------------------------------------
-def prepare_for_kbit_training(
-    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
-) -> nn.Module:
-    """Make a 4-bit model ready for adapter training (PEFT's ``prepare_model_for_kbit_training``).
-
-    Freezes every parameter; casts the full-precision half-precision ones (norms, biases, embeddings, heads) to fp32
-    for stable training, leaving the 4-bit weights as they are; with gradient checkpointing, turns it on
-    (non-reentrant unless asked otherwise) and makes the input embeddings' output require grad, which checkpointed
-    blocks need when everything before them is frozen.
-
-    Args:
-        model: the quantised base model, before adapters are added.
-        use_gradient_checkpointing: turn on the model's gradient checkpointing.
-        gradient_checkpointing_kwargs: passed to ``gradient_checkpointing_enable`` (e.g. ``{"use_reentrant": True}``).
-
-    Returns:
-        The same model.
-
-    Raises:
-        QuantizationError: the model has adapters already (freezing would freeze them too).
-    """
-    if any(isinstance(m, DeltaLayer) for m in model.modules()) or hasattr(model, "peft_config"):
-        raise QuantizationError(
-            "prepare_for_kbit_training freezes every parameter: call it on the base model, "
-            "before adding adapters (as with PEFT)"
-        )
-    for p in model.parameters():
-        p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p):
-            p.data = p.data.to(torch.float32)
-    if use_gradient_checkpointing:
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        elif hasattr(model, "get_input_embeddings"):
-            model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return model
-
-
-# -- merging --------------------------------------------------------------------------------------------------
-@dataclass
-class MergeReport:
-    """The error a merge introduced: the adapter model's logits against the merged model's, on a probe batch."""
-
-    max_abs_diff: float
-    """max |logits(adapter model) - logits(merged model)|."""
-    mean_abs_diff: float
-    """mean |logits(adapter model) - logits(merged model)|."""
-    requantized: bool
-    """Whether the merged layers were quantised to 4 bits again (the main source of error when they were)."""
-    dtype: torch.dtype
-    """The dtype the 4-bit layers were dequantised to."""
-    dequantized: list[str] = field(default_factory=list)
-    """4-bit layers now in full precision."""
-    quantized: list[str] = field(default_factory=list)
-    """Layers in 4 bits in the returned model (with requantize)."""
-
-    def __str__(self) -> str:
-        what = "merged and re-quantised" if self.requantized else "merged into full precision"
-        return (
-            f"{what} ({str(self.dtype).removeprefix('torch.')}): logits differ from the adapter model's by "
-            f"max {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g} on the probe batch"
-        )
-
-
-def _logits(model: nn.Module, inputs: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def merge_quantized(
-    model: nn.Module,
-    probe_inputs: dict[str, torch.Tensor] | torch.Tensor,
-    *,
-    requantize: bool = False,
-    dtype: torch.dtype | str | None = None,
-    adapter_names: list[str] | None = None,
-) -> tuple[nn.Module, MergeReport]:
-    """Merge the adapters of a model with a 4-bit base and return a plain model plus the error the merge introduced.
-
-    Each 4-bit layer is dequantised to ``dtype``; LoRA updates are added to the layers they adapt (LoRA's merge
-    dequantises through ``Linear4bit.dequantize``); the result is a model with no deltatune module and no 4-bit layer.
-    With ``requantize`` the merged layers are quantised again with their own settings (and layers without an update
-    stay as they were), which is what PEFT's merge of a 4-bit model does.
-    The report compares the logits of the adapter model and of the merged model on ``probe_inputs`` (eval mode).
-
-    Args:
-        model: a DeltaModel whose base was quantised with ``quantize`` or loaded in 4 bits by transformers.
-        probe_inputs: a batch for the model (a dict of keyword arguments, or one tensor), a few sequences suffice.
-        requantize: quantise the merged layers to 4 bits again.
-        dtype: the dtype of the returned model's weights (default: the layers' compute dtype; the whole model is
-            cast to it, so the activations entering a dequantised layer match it). Ignored with ``requantize``.
-        adapter_names: the adapters to merge (default: the active ones).
-
-    Returns:
-        The merged model (the DeltaModel is empty afterwards, as after ``merge_and_unload``) and a ``MergeReport``.
-
-    Raises:
-        ImportError: the backend that made the 4-bit weights is not installed; the model is unchanged.
-        QuantizationError: the model has no 4-bit layer.
-    """
-    if not hasattr(model, "merge_and_unload") or not hasattr(model, "peft_config"):
-        raise TypeError(f"merge_quantized takes a DeltaModel (with adapters), got {type(model).__name__}")
-    base = model.get_base_model()  # names below are relative to it, as in the model merge_and_unload returns
-    layers = list(_quantized_layers(base))
-    if not layers:
-        raise QuantizationError("the model has no 4-bit layer; use model.merge_and_unload()")
-    for backend in {getattr(m, "backend", "bitsandbytes") for _, m in layers}:
-        _backend(backend)  # before anything changes
-    first = next(m for _, m in layers)
-    target = _dtype(dtype) if dtype is not None else first.compute_dtype or torch.float32
-    was_training = model.training
-    model.eval()
-    reference = _logits(model, probe_inputs)
-    # transformers' bnb layers learn to dequantise by becoming deltatune's Linear4bit (same storage, same output).
-    for name, module in layers:
-        if _is_bnb_4bit(module):
-            set_submodule(base, name, Linear4bit.from_bnb(module))
-    adapted = {n.removesuffix(".base_layer") for n, _ in _quantized_layers(base) if n.endswith(".base_layer")}
-    settings = {n: (m.compute_dtype, m.backend, m.double_quant) for n, m in _quantized_layers(base)}
-    conv1d = {n.removesuffix(".base_layer") for n, m in _quantized_layers(base) if m.conv1d}
-    plain = model.merge_and_unload(adapter_names)
-    # A model transformers loaded in 4 bits forgets that it was (transformers' own call for it): its layers are
-    # deltatune's or plain now, and transformers would refuse to cast it.
-    quantizer = getattr(plain, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
-        quantizer.remove_quantization_config(plain)
-        plain.is_loaded_in_4bit = False
-    if requantize:
-        for name in adapted:
-            compute, backend, double = settings[name + ".base_layer"]
-            layer = Linear4bit.from_linear(plain.get_submodule(name), compute, backend, double)
-            layer.conv1d = name in conv1d
-            set_submodule(plain, name, layer)
-        dequantized, quantized = [], [n for n, _ in _quantized_layers(plain)]
-    else:
-        dequantized = sorted({n.removesuffix(".base_layer") for n in settings})
-        for name, module in list(_quantized_layers(plain)):
-            set_submodule(plain, name, module.dequantize(target))
-        for name in conv1d:
-            set_submodule(plain, name, _as_conv1d(plain.get_submodule(name)))
-        plain.to(target)
-        quantized = []
-    merged = _logits(plain, probe_inputs)
-    plain.train(was_training)
-    diff = (reference.float() - merged.float()).abs()
-    return plain, MergeReport(diff.max().item(), diff.mean().item(), requantize, target, dequantized, quantized)
-
-
 __all__ = [
     "BLOCK_SIZE",
     "Linear4bit",
     "MemoryFootprint",
-    "MergeReport",
-    "QuantSummary",
     "QuantizationError",
     "is_quantized",
     "memory_footprint",
-    "merge_quantized",
-    "prepare_for_kbit_training",
-    "quantize",
     "resolve_backend",
 ]

@@ -211,19 +211,14 @@ class AdapterReward:
     """
 
     def __init__(self, model, run_dir: str, tokenizer, adapter_name: str = "reward") -> None:
-        import json
-        import tempfile
-
-        from safetensors.torch import load_file, save_file
-
-        from ..config import CONFIG_NAME, WEIGHTS_NAME, DeltaConfig
+        from ..files import key_prefix, read_weights, split_heads
+        from ..registry import from_pretrained
 
         recipe = reward_run(run_dir)
-        config = DeltaConfig.from_pretrained(run_dir)
-        tensors = load_file(os.path.join(run_dir, WEIGHTS_NAME))
-        prefix = "base_model.model."
-        heads = tuple(f"{prefix}{h}." for h in config.modules_to_save or [])
-        head = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.startswith(heads)}
+        config = from_pretrained(run_dir)
+        tensors, _ = read_weights(run_dir, None, None, allow_pickle=False)
+        _, heads = split_heads(tensors, config.modules_to_save, key_prefix(config))
+        head = {k.rpartition(".")[2]: v for k, v in heads.items()}
         if "weight" not in head or head["weight"].shape[0] != 1:
             raise ValueError(f"{run_dir}: no scalar head among the adapter's tensors (modules_to_save)")
         device = next(model.parameters()).device
@@ -233,14 +228,8 @@ class AdapterReward:
                 getattr(self.head, key).copy_(value)
         self.template = scorer_template(recipe, tokenizer, encoder=False)  # the policy's base: a decoder
         self.head.requires_grad_(False)
-        # The backbone part of the adapter fits the causal LM as it is (same module paths); load it through the
-        # public API from a temporary folder without the head.
-        body_config = config.replace(task_type="CAUSAL_LM", modules_to_save=None)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_file({k: v for k, v in tensors.items() if not k.startswith(heads)}, os.path.join(tmp, WEIGHTS_NAME))
-            with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
-                json.dump(body_config.to_dict(), fh)
-            model.load_adapter(tmp, adapter_name)
+        # The backbone part of the adapter fits the causal LM as it is (same module paths): load it without the head.
+        model.load_adapter(run_dir, adapter_name, modules_to_save=False)
         self.model, self.tokenizer, self.adapter_name = model, tokenizer, adapter_name
         self.max_length = int(recipe.get("data", {}).get("max_length", 512))
 

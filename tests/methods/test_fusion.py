@@ -10,7 +10,7 @@ from tiny import output_of, tiny_inputs, tiny_model
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.adapter import BottleneckLayer
+from deltatune.methods.bottleneck import BottleneckLayer
 from deltatune.methods.fusion import Fusion
 
 ATOL32 = ATOL[torch.float32]
@@ -105,7 +105,7 @@ def test_save_load(tmp_path):
             nn.init.normal_(f.value.weight, std=0.3)
     out = output_of(model, inputs)
     model.save_pretrained(tmp_path)
-    config = dt.DeltaConfig.from_pretrained(tmp_path / "fused")
+    config = dt.load_config(tmp_path / "fused")
     assert config.peft_type == "ADAPTER_FUSION" and config.adapter_names == ["a", "b", "c"]
     assert config.temperature == 2.0
     keys = model.adapter_state_dict("fused").keys()

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ConfigError, DeltaConfig, check_range
-from ..registry import register
-from ._tokens import TokenSpec, VirtualTokenFields, attach, check_fields, fill_geometry, fold_tensor, folded_embedding
+from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
+from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
+from ._tokens import attach, fold_tensor, folded_embedding
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -29,6 +29,7 @@ ENCODERS = ("MLP", "LSTM")
 class PTuningConfig(VirtualTokenFields, DeltaConfig):
     """P-tuning: virtual tokens produced by a trainable prompt encoder (PEFT's PromptEncoderConfig)."""
 
+    method = "p_tuning"
     peft_type = "P_TUNING"
 
     encoder_reparameterization_type: str = "MLP"
@@ -47,14 +48,8 @@ class PTuningConfig(VirtualTokenFields, DeltaConfig):
         if kind not in ENCODERS:
             raise ConfigError(f"encoder_reparameterization_type must be one of {ENCODERS}, got {kind!r}")
         self.encoder_reparameterization_type = kind
-        if self.encoder_hidden_size is not None and (
-            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1
-        ):
-            raise ConfigError(
-                f"encoder_hidden_size must be a positive integer or None, got {self.encoder_hidden_size!r}"
-            )
-        if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
-            raise ConfigError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")
+        check_positive_int("encoder_hidden_size", self.encoder_hidden_size, optional=True)
+        check_positive_int("encoder_num_layers", self.encoder_num_layers)
         check_range("encoder_dropout", self.encoder_dropout, 0.0, 1.0)
 
 
@@ -135,6 +130,6 @@ def inject(model: nn.Module, config: PTuningConfig, adapter_name: str) -> list[n
     return attach(model, adapter_name, encoder, TokenSpec("p_tuning", "prompt", config.num_virtual_tokens))
 
 
-register("p_tuning", PTuningConfig, inject)
+CONFIG, INJECT = PTuningConfig, inject
 
 __all__ = ["PTuningConfig", "PromptEncoder", "PromptEncoderConfig"]

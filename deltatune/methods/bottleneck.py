@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ConfigError, DeltaConfig, check_range
-from ..layer import DeltaLayer, base_weight, set_submodule
-from ..registry import register
+from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
+from ..layer import DeltaLayer, base_weight, linear_shape, set_submodule
 from ..targets import BOTTLENECK_TARGETS, find_targets, model_type
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -42,6 +41,7 @@ _SUBLAYER_WORDS = {"attn": "attention output", "ffn": "feed-forward output"}
 class BottleneckConfig(DeltaConfig):
     """Bottleneck adapters: a down-projection, a non-linearity and an up-projection after chosen sub-layers."""
 
+    method = "bottleneck"
     peft_type = "BOTTLENECK"
 
     config: str = "houlsby"
@@ -70,10 +70,7 @@ class BottleneckConfig(DeltaConfig):
             raise ConfigError(f"config must be 'houlsby' or 'pfeiffer', got {self.config!r}")
         if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
             raise ConfigError(f"reduction_factor must be > 0, got {self.reduction_factor!r}")
-        if self.bottleneck_size is not None and (
-            not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1
-        ):
-            raise ConfigError(f"bottleneck_size must be a positive integer or None, got {self.bottleneck_size!r}")
+        check_positive_int("bottleneck_size", self.bottleneck_size, optional=True)
         if self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
         check_range("adapter_dropout", self.adapter_dropout, 0.0, 1.0)
@@ -98,10 +95,9 @@ class BottleneckConfig(DeltaConfig):
 
 
 def _out_features(module: nn.Module) -> int:
-    if hasattr(module, "out_features"):
-        return int(module.out_features)
-    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight stored (d_in, d_out)
-        return int(module.weight.shape[1])
+    shape = linear_shape(module)
+    if shape is not None:
+        return shape[1]
     if hasattr(module, "weight") and module.weight.dim() == 2:
         return int(module.weight.shape[0])
     raise ConfigError(f"bottleneck: cannot tell the output size of a {type(module).__name__}")
@@ -291,4 +287,4 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
     return [layer for _, layer, _, _ in plan]
 
 
-register("bottleneck", BottleneckConfig, inject)
+CONFIG, INJECT = BottleneckConfig, inject

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig
-from ..registry import register
-from ._tokens import TokenSpec, VirtualTokenFields, attach, check_fields, fill_geometry, warn
+from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
+from ._tokens import attach, warn
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -30,6 +30,7 @@ INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 class PromptTuningConfig(VirtualTokenFields, DeltaConfig):
     """Prompt tuning: n trainable vectors prepended to the input embeddings."""
 
+    method = "prompt_tuning"
     peft_type = "PROMPT_TUNING"
 
     prompt_tuning_init: str = "RANDOM"
@@ -114,6 +115,6 @@ def inject(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> l
     return attach(model, adapter_name, encoder, spec)
 
 
-register("prompt_tuning", PromptTuningConfig, inject)
+CONFIG, INJECT = PromptTuningConfig, inject
 
 __all__ = ["PromptEmbedding", "PromptTuningConfig"]

@@ -1,4 +1,4 @@
-"""Bottleneck adapters (methods/adapter.py): placement per family, init, training, files, counts, errors."""
+"""Bottleneck adapters (methods/bottleneck.py): placement per family, init, training, files, counts, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tiny import output_of, tiny_inputs, tiny_model
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.adapter import BottleneckLayer
+from deltatune.methods.bottleneck import BottleneckLayer
 
 FAMILIES = ["bert", "roberta", "deberta-v2", "gpt2", "llama", "qwen2", "mistral", "t5", "bart"]
 ATOL32 = ATOL[torch.float32]
@@ -114,7 +114,7 @@ def test_save_load_round_trip(family, tmp_path):
     model = dt.get_delta_model(tiny_model(family), config)
     out = output_of(model, inputs)
     model.save_pretrained(tmp_path)
-    saved = dt.DeltaConfig.from_pretrained(tmp_path)
+    saved = dt.load_config(tmp_path)
     assert saved.peft_type == "BOTTLENECK" and saved.non_linearity == "swish"
     loaded = dt.DeltaModel.from_pretrained(tiny_model(family), tmp_path)
     assert torch.equal(output_of(loaded, inputs), out)

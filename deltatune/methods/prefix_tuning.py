@@ -23,15 +23,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ConfigError, DeltaConfig
-from ..registry import register
-from ._tokens import TokenSpec, VirtualTokenFields, attach, check_fields, fill_geometry, fold_tensor, folded_embedding
+from ..config import ConfigError, DeltaConfig, check_positive_int
+from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
+from ._tokens import attach, fold_tensor, folded_embedding
 
 
 @dataclass
 class PrefixTuningConfig(VirtualTokenFields, DeltaConfig):
     """Prefix tuning (prefix_projection=True) or P-tuning v2 (False): per-layer key/value prefixes."""
 
+    method = "prefix_tuning"
     peft_type = "PREFIX_TUNING"
 
     prefix_projection: bool = False
@@ -44,12 +45,7 @@ class PrefixTuningConfig(VirtualTokenFields, DeltaConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_fields(self)
-        if self.encoder_hidden_size is not None and (
-            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1
-        ):
-            raise ConfigError(
-                f"encoder_hidden_size must be a positive integer or None, got {self.encoder_hidden_size!r}"
-            )
+        check_positive_int("encoder_hidden_size", self.encoder_hidden_size, optional=True)
         if self.init_weights not in (None, "zero"):
             raise ConfigError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
 
@@ -130,6 +126,6 @@ def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> l
     return attach(model, adapter_name, encoder, spec)
 
 
-register("prefix_tuning", PrefixTuningConfig, inject)
+CONFIG, INJECT = PrefixTuningConfig, inject
 
 __all__ = ["PrefixEncoder", "PrefixTuningConfig"]
