@@ -68,3 +68,31 @@ def test_vpt_refusals():
     model.set_adapter(["default", "other"])
     with pytest.raises(ValueError, match="only one visual prompt adapter can be active at a time"):
         model(**tiny_inputs("vit"))
+
+
+def test_deit_prompts_go_after_class_and_distillation_tokens():
+    """DeiT has two leading tokens: z0 = [cls ; dist ; P_0 ; patches], and P_i replaces positions 2..2+n."""
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    config = DeiTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16, patch_size=4,
+        encoder_stride=4, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = DeiTForImageClassification(config).eval()
+    x = tiny_inputs("vit")["pixel_values"]
+    model = dt.get_delta_model(base, dt.VisualPromptConfig(num_virtual_tokens=3, deep=True)).eval()
+    prompts = model.base_model.visual_prompts.prompt_embeddings["default"]
+    with torch.no_grad():
+        out = model(pixel_values=x).logits
+        with model.disable_adapter():
+            deit = base.deit
+            emb = deit.embeddings(x)
+            z = torch.cat([emb[:, :2], prompts[0].expand(2, -1, -1), emb[:, 2:]], dim=1)
+            for i, block in enumerate(deit.layers):
+                if i > 0:
+                    z = torch.cat([z[:, :2], prompts[i].expand(2, -1, -1), z[:, 5:]], dim=1)
+                z = block(z)
+            expected = base.classifier(deit.layernorm(z)[:, 0])
+            assert (expected - base(pixel_values=x).logits).abs().max() > ATOL32
+    torch.testing.assert_close(out, expected, atol=ATOL32, rtol=0)
