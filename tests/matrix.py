@@ -208,7 +208,7 @@ METHODS: list[MethodRow] = [
     MethodRow("bottleneck-pfeiffer", _bottleneck(config="pfeiffer"), mergeable=False, trainable=bottleneck_trainable),
     MethodRow("ia3", _ia3, trainable=ia3_trainable),
     MethodRow(
-        "prompt-tuning",
+        "prompt_tuning",
         _tokens(dt.PromptTuningConfig),
         mergeable=False,
         init_atol=None,
@@ -216,7 +216,7 @@ METHODS: list[MethodRow] = [
         families=TEXT,
     ),
     MethodRow(
-        "p-tuning",
+        "p_tuning",
         _tokens(dt.PTuningConfig, encoder_hidden_size=16),
         mergeable=False,
         init_atol=None,
@@ -225,14 +225,14 @@ METHODS: list[MethodRow] = [
     ),
     # deberta-v2's attention takes no key/value prefix (deltatune refuses it, naming the model type).
     MethodRow(
-        "prefix-tuning",
+        "prefix_tuning",
         _tokens(dt.PrefixTuningConfig, encoder_hidden_size=16),
         mergeable=False,
         init_atol=None,
         families=tuple(f for f in TEXT if f != "deberta-v2"),
     ),
     MethodRow(
-        "p-tuning-v2",
+        "prefix_tuning-v2",  # P-tuning v2: prefix tuning without the MLP
         _tokens(dt.PrefixTuningConfig, prefix_projection=False),
         mergeable=False,
         init_atol=None,
