@@ -19,6 +19,7 @@ INSTRUCTION = "Give the final answer on its own last line, as 'Answer: <number>'
 ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 NUMBER = re.compile(r"-?\d+")
 ANSWER_LINE = re.compile(r"^\s*Answer:\s*-?\d+\s*\.?\s*$")
+LOOSE = re.compile(r"answer\s*(?:is|:)?\s*:?\s*-?\d+", re.IGNORECASE)
 NAMES = [
     "Ana",
     "Ben",
@@ -83,11 +84,15 @@ def exact_answer(prompts, completions, answer, **kwargs) -> list[float]:
 
 
 def answer_format(prompts, completions, **kwargs) -> list[float]:
-    """1 when the completion ends with an 'Answer: N' line, 0.5 when it has one elsewhere, else 0."""
+    """1 when the completion ends with an 'Answer: N' line, 0.5 when it has one elsewhere, 0.25 for a looser
+    'the answer is N' (a foothold: the base model writes that, never the line), else 0."""
     out = []
     for c in completions:
         lines = [line for line in c.strip().splitlines() if line.strip()]
-        out.append(1.0 if lines and ANSWER_LINE.match(lines[-1]) else 0.5 if ANSWER.search(c) else 0.0)
+        if lines and ANSWER_LINE.match(lines[-1]):
+            out.append(1.0)
+        else:
+            out.append(0.5 if ANSWER.search(c) else 0.25 if LOOSE.search(c) else 0.0)
     return out
 
 

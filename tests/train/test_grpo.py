@@ -180,9 +180,9 @@ def test_the_arithmetic_recipe_rewards():
     spec = spec_from_file_location("arithmetic", ROOT / "recipes" / "rewards" / "arithmetic.py")
     a = module_from_spec(spec)
     spec.loader.exec_module(a)
-    completions = ["5 + 10 = 15\nAnswer: 15", "Answer: 14 apples, no wait\n15 - 1 = 14", "so 15 apples.", "none"]
+    completions = ["5 + 10 = 15\nAnswer: 15", "Answer: 14 apples, no wait\n15 - 1 = 14", "The answer is 15.", "none"]
     assert a.exact_answer(None, completions, [15, 15, 15, 15]) == [1.0, 0.0, 1.0, 0.0]
-    assert a.answer_format(None, completions) == [1.0, 0.5, 0.0, 0.0]
+    assert a.answer_format(None, completions) == [1.0, 0.5, 0.25, 0.0]
     rows = a.rows(5, seed=0)
     assert rows == a.rows(5, seed=0) and rows != a.rows(5, seed=1)  # seeded
     first = rows[0]["prompt"][0]["content"].split("\n")[0]
