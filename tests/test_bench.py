@@ -187,3 +187,30 @@ def test_floor_model_is_the_base_with_gradients_at_the_lora_targets():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in floor.floor_shifts.parameters())
     with pytest.raises(ValueError, match="no module named"):
         interleaved.floor_model(reference, ["no_such_layer"], task_type)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+def test_quick_smollm2_lora_report_counts_the_real_model(tmp_path, capsys):
+    """The real SmolLM2 configuration: LoRA r8 on q and v of 30 layers, both sides, one process each."""
+    out = tmp_path / "bench.md"
+    argv = ["bench", "--quick", "--configs", "smollm2-fp32", "--methods", "lora", "--startup-repeats", "0"]
+    assert main([*argv, "--out", str(out)]) == 0
+    header, *rows = markdown_table(out.read_text(encoding="utf-8"), "Training")
+    lora = dict(zip(header, rows[0]))
+    # q_proj 576 -> 576, v_proj 576 -> 192 (3 key/value heads of 64): r * (d_in + d_out) each, 30 layers
+    assert _number(lora["trainable params"]) == 8 * ((576 + 576) + (576 + 192)) * 30
+    assert _number(lora["step ms deltatune"]) > 0 and _number(lora["step ms peft"]) > 0
+
+
+def test_gpu_script_dry_run_plans_without_cuda():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PY": sys.executable}
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", "x"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "--configs llama1b,llama1b-compile --methods full,lora,qlora" in done.stdout
+    assert "llama1b: 1.24B parameters, batch 8 x seq 1024, bfloat16" in done.stdout and "dry run: ok" in done.stdout
+    bad = subprocess.run(["bash", "benchmarks/gpu.sh", "--nope"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --nope" in bad.stderr

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one prepared run (one H200: under 9 minutes), writing every report into one folder:
+#   1. the Llama-3.2-1B shape, bf16, batch 8 x seq 1024, eager and torch.compile: full fine-tuning, LoRA and QLoRA,
+#      deltatune beside peft (deltatune bench, alternating processes);
+#   2. the real SmolLM2-135M-Instruct, batch 4 x seq 512, bf16: full, LoRA, QLoRA, IA3, prefix, beside peft;
+#   3. the SmolLM2 SFT budget: the quick start's identity SFT and the GSM8K SFT recipe, timed, on the GPU.
+#
+#   bash benchmarks/gpu.sh [--out DIR] [--dry-run]
+#
+# --dry-run plans without CUDA: it prints each command, checks that every configuration and recipe it names exists,
+# and builds each model shape on the meta device to report its parameter count; nothing is trained.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=runs/gpu-bench
+DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    *) echo "gpu.sh: error: unknown option $1 (use --out DIR, --dry-run)" >&2; exit 2 ;;
+  esac
+done
+
+STEPS=(
+  "$PY -m deltatune.cli bench --configs llama1b,llama1b-compile --methods full,lora,qlora --device cuda --repeats 2 --startup-repeats 0 --out $OUT/llama1b.md --json $OUT/llama1b.json"
+  "$PY -m deltatune.cli bench --configs smollm2-bf16 --methods full,lora,qlora,ia3,prefix --device cuda --repeats 2 --startup-repeats 0 --out $OUT/smollm2.md --json $OUT/smollm2.json"
+  "$PY -m deltatune.cli train recipes/quickstart.yaml model.dtype=bfloat16 output.dir=$OUT/quickstart --overwrite"
+  "$PY -m deltatune.cli train recipes/gsm8k-sft-lora.yaml model.dtype=bfloat16 output.dir=$OUT/gsm8k-sft --overwrite"
+)
+
+if [ "$DRY" = 1 ]; then
+  echo "gpu.sh --dry-run: the plan (writes into $OUT)"
+  for s in "${STEPS[@]}"; do echo "  $s"; done
+  exec "$PY" - <<'EOF'
+import sys
+
+import torch
+import yaml
+
+sys.path.insert(0, "benchmarks")
+import bench
+import bench_worker as bw
+
+for name in ("llama1b", "llama1b-compile", "smollm2-bf16"):
+    assert name in bench.CONFIGS, name
+for name in ("full", "lora", "qlora", "ia3", "prefix"):
+    assert name in bench.METHODS, name
+for recipe in ("recipes/quickstart.yaml", "recipes/gsm8k-sft-lora.yaml"):
+    assert yaml.safe_load(open(recipe))["model"]["name_or_path"] == "smollm2", recipe
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+shape = bw.SHAPES["llama1b"]
+with torch.device("meta"):
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**shape.model))
+params = sum(p.numel() for p in model.parameters())
+print(f"llama1b: {params / 1e9:.2f}B parameters, batch {shape.batch} x seq {shape.seq}, {shape.dtype}")
+s = bw.SHAPES["smollm2-bf16"]
+print(f"smollm2-bf16: the embedded SmolLM2-135M-Instruct, batch {s.batch} x seq {s.seq}, {s.dtype}")
+print("dry run: ok (no CUDA used)")
+EOF
+fi
+
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: error: torch sees no CUDA device')"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
+for s in "${STEPS[@]}"; do
+  echo "== $s" | tee -a "$OUT/log.txt"
+  start=$(date +%s)
+  $s 2>&1 | tee -a "$OUT/log.txt" | tail -n 3
+  echo "== $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
+done
+echo "reports in $OUT"
