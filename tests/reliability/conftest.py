@@ -80,7 +80,8 @@ def snapshot(folder) -> dict[str, tuple[bytes, int] | None]:
 def one_error_line(err: str, command: str = "train") -> str:
     """The single error line of ``err`` (asserting that it is the only line and carries no traceback)."""
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # transformers' own "Loading weights" progress bar (a terminal redraws it in place) is not an error line
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1, err
     assert lines[0].startswith(f"deltatune {command}: error: "), lines[0]
     return lines[0]

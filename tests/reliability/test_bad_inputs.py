@@ -112,3 +112,25 @@ def test_separate_process_prints_one_line_and_debug_the_traceback(run_copy):
     debug = subprocess.run([*args, "--debug"], capture_output=True, text=True, env=env, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
     assert snapshot(run_copy.dir) == before
+
+
+@pytest.mark.parametrize(
+    "field, words",
+    [
+        ("r", "does not set r (default 8 used), and the saved tensors do not fit that"),
+        ("peft_type", "has no 'peft_type' field"),
+    ],
+)
+def test_adapter_config_missing_a_field_is_named(run_copy, base, field, words):
+    """An adapter_config.json without a field it needs is blamed on that field, not on 'a different base model'."""
+    path = os.path.join(run_copy.dir, "adapter_config.json")
+    with open(path) as fh:
+        config = json.load(fh)
+    del config[field]
+    with open(path, "w") as fh:
+        json.dump(config, fh)
+    before = snapshot(run_copy.dir)
+    code, _, err = cli("eval", "--adapter", run_copy.dir, "--data", base.data)
+    line = one_error_line(err, "eval")
+    assert code == 2 and words in line and "different base model" not in line
+    assert snapshot(run_copy.dir) == before
