@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"the models requests cycle through (default {','.join(MODELS)})"
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--quick", action="store_true", help="a tiny random llama, 16 requests x 4 tokens")
     args = p.parse_args(argv)
@@ -140,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     folders = make_adapters(model, os.path.join(root, "adapters"))
     engine = build_engine(model, folders, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
     server = Server(create_app(engine, max_tokens=max(args.max_tokens, 16)))
-    work = [(MODELS[i % len(MODELS)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"--models: unknown {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    work = [(models[i % len(models)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
     try:
         run(server.url, work[:4], 1, 2)  # warm-up: first calls pay for lazy initialisation
         rows = []
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"- base: {model if not args.quick else 'tiny random llama'}; adapters: LoRA r8 q+v, IA3 k+down, prompt tuning 8"
     )
-    print(f"- {args.requests} chat requests cycling {', '.join(MODELS)}; greedy, {args.max_tokens} tokens each")
+    print(f"- {args.requests} chat requests cycling {', '.join(models)}; greedy, {args.max_tokens} tokens each")
     print(f"- engine: max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
