@@ -60,6 +60,8 @@ class MethodRow:
         trainable: ``trainable(base, config, family)``: the expected number of trainable parameters, computed
             from the fresh base model's module shapes; None to skip the count check.
         families: the families the method supports (None: all of FAMILIES).
+        in_place: the method trains base parameters in place (freeze, BitFit, full fine-tuning): nothing is added,
+            so no config changes the outputs before training, and disabling or switching adapters cannot undo it.
     """
 
     id: str
@@ -68,6 +70,7 @@ class MethodRow:
     init_atol: float | None = 0.0
     trainable: Callable[[nn.Module, dt.DeltaConfig, str], int] | None = None
     families: tuple[str, ...] | None = None
+    in_place: bool = False
 
 
 # -- expected counts, from module shapes ---------------------------------------------------------------------
@@ -194,6 +197,23 @@ def vpt_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
     return (c.num_hidden_layers if config.deep else 1) * config.num_virtual_tokens * c.hidden_size
 
 
+def full_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
+    """Every parameter of the base, each shared tensor once."""
+    return sum(p.numel() for p in base.parameters())
+
+
+def bitfit_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
+    """Every bias term of the base (LayerNorm biases included)."""
+    return sum(p.numel() for n, p in base.named_parameters() if n.endswith(".bias"))
+
+
+def _in_place(cls: type, **fields) -> Callable[[str, bool], dt.DeltaConfig]:
+    def make(family: str, changed: bool) -> dt.DeltaConfig:  # nothing added: ``changed`` cannot change the outputs
+        return cls(**fields)
+
+    return make
+
+
 def _ia3(family: str, changed: bool) -> dt.DeltaConfig:
     return dt.IA3Config(task_type=task_type(family), init_ia3_weights=not changed)
 
@@ -238,6 +258,17 @@ METHODS: list[MethodRow] = [
         init_atol=None,
         families=tuple(f for f in TEXT if f != "deberta-v2"),
     ),
+    # in-place baselines; their counts come from the base's own parameters (freeze's block choice is not restated)
+    MethodRow("freeze", _in_place(dt.FreezeConfig, freeze_trainable_layers=1), False, in_place=True),
+    MethodRow(
+        "bitfit",
+        _in_place(dt.BitFitConfig),
+        False,
+        trainable=bitfit_trainable,
+        in_place=True,
+        families=tuple(f for f in FAMILIES if f not in ("llama", "mistral", "t5")),  # no bias terms at all
+    ),
+    MethodRow("full", _in_place(dt.FullConfig), False, trainable=full_trainable, in_place=True),
     # visual prompt tuning: prompt tokens after the class token of a ViT, at the input or before every block
     *(
         MethodRow(f"vpt-{kind}", _vpt(kind == "deep"), False, None, trainable=vpt_trainable, families=tuple(VISION))

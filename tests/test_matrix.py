@@ -65,6 +65,8 @@ def test_init_equals_base_and_changed_differs(family, row):
             assert torch.equal(out, base_out), f"max diff {(out - base_out).abs().max()}"
         else:
             torch.testing.assert_close(out, base_out, atol=row.init_atol, rtol=0)
+    if row.in_place:  # nothing added: only training changes the outputs (test_one_step_changes_only_adapter)
+        return
     changed = output_of(adapted(family, row, changed=True), inputs)
     assert (changed - base_out).abs().max() > ATOL32, "a non-zero adapter must change the outputs"
 
@@ -144,6 +146,8 @@ def test_save_load_switch_disable(family, row, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = dt.DeltaModel.from_pretrained(fresh(family), tmp_path).eval()
     assert torch.equal(output_of(loaded, inputs), out1)
+    if row.in_place:
+        return _in_place_save_load(family, row, model, tmp_path)
 
     # a second adapter: inactive until chosen, then it alone computes, and switching back restores the first
     torch.manual_seed(2)
@@ -178,3 +182,17 @@ def test_save_load_switch_disable(family, row, tmp_path):
     model.delete_adapter("default")
     assert model.active_adapters == ["other"]
     torch.testing.assert_close(output_of(model, inputs), out2, atol=ATOL32, rtol=0)
+
+
+def _in_place_save_load(family: str, row: MethodRow, model: dt.DeltaModel, tmp_path) -> None:
+    """An in-place method saves the base parameters it trains: perturb them, save, load into a fresh base."""
+    inputs = tiny_inputs(family)
+    trained = [p for p in model.base_model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trained:
+            p.add_(torch.randn_like(p) * 0.1)
+    out = output_of(model, inputs)
+    assert (out - output_of(fresh(family), inputs)).abs().max() > ATOL32
+    model.save_pretrained(tmp_path / "trained")
+    loaded = dt.DeltaModel.from_pretrained(fresh(family), tmp_path / "trained").eval()
+    assert torch.equal(output_of(loaded, inputs), out)
