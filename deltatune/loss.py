@@ -9,8 +9,9 @@ tensor the backward pass needs. Same loss to float rounding, same gradient, less
 logits-sized tensor fewer held between forward and backward. The logits themselves are still computed by the
 model (its ``lm_head``), so nothing about the model changes.
 
-``DeltaModel`` installs it on a causal LM whose loss is transformers' default (``loss_type`` ForCausalLM) and
-removes it on unload; ``get_delta_model(..., fused_loss=False)`` keeps transformers' own.
+``DeltaModel(..., fused_loss=True)`` installs it on a causal LM whose loss is transformers' default (``loss_type``
+ForCausalLM) and removes it on unload. The library default is off (a user's model keeps its loss); the runs
+deltatune's trainers own turn it on (train/run.py).
 """
 
 from __future__ import annotations
