@@ -10,7 +10,7 @@ import ipaddress
 import os
 from typing import Any
 
-from .engine import BASE, Engine, Request, RequestError
+from .engine import BASE, Engine, Request, RequestError, check_servable
 
 __all__ = ["BASE", "Engine", "Request", "RequestError", "base_model_of", "build_engine", "serve"]
 
@@ -61,6 +61,7 @@ def build_engine(
         if adapter == BASE:
             raise ConfigError(f"--adapter {adapter}={path}: the name {BASE!r} is the base model's; choose another")
         try:
+            check_servable(delta, path, adapter)
             delta.load_adapter(path, adapter)
         except (FileNotFoundError, ValueError) as exc:
             raise type(exc)(f"--adapter {adapter}={path}: {exc}") from None

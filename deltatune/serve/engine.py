@@ -136,6 +136,7 @@ class Engine:
         if name == BASE or name in self.model.peft_config:
             raise RequestError(f"an adapter named {name!r} is served already", 409, "adapter_exists", "name")
         with self._changing():
+            check_servable(self.model, path, name)
             self.model.load_adapter(path, name)
             self.model.eval()
 
@@ -340,6 +341,26 @@ class Engine:
             r.emit(r.text[r.sent : end], None)
             r.sent = end
         return False
+
+
+def check_servable(model: Any, path: str, name: str) -> None:
+    """Refuse, before loading, an adapter that trains base parameters in place (BitFit, freeze, full fine-tuning,
+    LoRA with biases): loading it would overwrite the base every served model shares.
+
+    Raises:
+        ValueError: the adapter is of that kind (the message says what to do instead).
+    """
+    from .. import load_config
+
+    config = load_config(path)
+    shared = getattr(config, "bias", "none") not in ("none", None)
+    if not shared and hasattr(config, "trainable_base_parameters"):
+        shared = bool(config.trainable_base_parameters(model.get_base_model()))
+    if shared:
+        raise ValueError(
+            f"adapter {name!r} ({config.method}) changes the base model's own parameters, which every served model "
+            "shares; merge it ('deltatune merge') and serve the merged model as the base instead"
+        )
 
 
 def _joinable(cache: Any) -> bool:

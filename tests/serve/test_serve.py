@@ -5,6 +5,7 @@ goes away mid-stream frees its row."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -340,3 +341,26 @@ def test_a_request_waiting_for_an_adapter_that_is_unloaded_gets_a_404(served, mo
     status, answer = answers[0]
     assert status == 404 and answer["error"]["code"] == "model_not_found" and "not served any more" in str(answer)
     _assert_still_serving(server)
+
+
+def test_adapters_that_train_the_shared_base_are_refused(served):
+    """LoRA with biases (or BitFit, freeze, full) would overwrite the base every served model shares on loading."""
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+
+    engine, server, base, folders = served
+    root = os.path.dirname(folders["lora"])
+    torch.manual_seed(5)
+    biased = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.LoraConfig(r=2, bias="all"))
+    with torch.no_grad():
+        for n, p in biased.named_parameters():
+            if n.endswith("bias"):
+                p.add_(1.0)
+    biased.save_pretrained(os.path.join(root, "biased"))
+    before = client(server).completions.create(model="base", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    got, answer = _post(server, "/v1/adapters", json.dumps({"name": "biased", "path": "biased"}).encode())
+    assert got == 400 and "changes the base model's own parameters" in answer["error"]["message"]
+    assert "biased" not in engine.adapters()
+    after = client(server).completions.create(model="base", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    assert after.choices[0].text == before.choices[0].text
