@@ -334,7 +334,7 @@ def _validate(cfg: RunConfig) -> None:
 
 
 # The learning-rate schedules of transformers' SchedulerType, spelled out so that validating a recipe imports no
-# transformers; tests/reliability/test_bad_values.py checks the list against the installed transformers.
+# transformers; tests/reliability/test_bad_inputs.py checks the list against the installed transformers.
 SCHEDULERS = (
     "linear",
     "cosine",

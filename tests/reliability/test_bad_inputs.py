@@ -134,3 +134,12 @@ def test_adapter_config_missing_a_field_is_named(run_copy, base, field, words):
     line = one_error_line(err, "eval")
     assert code == 2 and words in line and "different base model" not in line
     assert snapshot(run_copy.dir) == before
+
+
+def test_scheduler_names_are_transformers_own():
+    """train/config.py spells the schedules out (so validating a recipe imports no transformers): the same list."""
+    from transformers import SchedulerType
+
+    from deltatune.train.config import SCHEDULERS
+
+    assert sorted(SCHEDULERS) == sorted(s.value for s in SchedulerType)
