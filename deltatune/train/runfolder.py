@@ -148,8 +148,10 @@ class Replacement:
 
     def __init__(self, folder: str, replace: bool) -> None:
         self.folder = folder
-        self.replace = replace and os.path.isdir(folder)
-        self.existed = os.path.isdir(folder)
+        # Under torchrun / accelerate only rank 0 moves or deletes folders; the other ranks leave them alone.
+        lead = int(os.environ.get("RANK", "0")) == 0
+        self.replace = replace and lead and os.path.isdir(folder)
+        self.existed = os.path.isdir(folder) or not lead
         self.aside = _sibling(folder, f"replaced-{os.getpid()}")
         self.is_started = False
 
