@@ -301,7 +301,8 @@ def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``section.key: old -> new`` for every key that differs and matters (not in ``HARMLESS``).
 
-    ``data.labels`` is compared only when both sides name them (a run records the labels it derived).
+    A key the new recipe leaves unset (None) is not a change: a run records values its stage derived (the
+    ``data.labels`` it found, the ``model.num_labels: 1`` of a reward model), which the recipe never named.
     """
     a, b = _flat(old or {}), _flat(new or {})
     out = []
@@ -309,7 +310,7 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if key in HARMLESS:
             continue
         x, y = a.get(key), b.get(key)
-        if key == "data.labels" and (x is None or y is None):
+        if y is None:
             continue
         if x != y:
             out.append(f"{key}: {x!r} -> {y!r}")

@@ -184,3 +184,17 @@ def test_resume_changed_accepts_and_records_the_new_values(interrupted):
 
     assert yaml.safe_load((out / "run.yaml").read_text())["train"]["lr"] == 0.02
     assert "metrics.json" in os.listdir(out)
+
+
+def test_recipe_changes_ignore_what_the_run_derived():
+    """A reward run records model.num_labels: 1 and the labels it found; the same recipe resumed names neither, and
+    that is no change. A changed seed or method field is; when to log is not."""
+    from deltatune.train.runfolder import recipe_changes
+
+    recorded = {"model": {"num_labels": 1}, "data": {"labels": ["a", "b"]}, "train": {"seed": 1, "logging_steps": 5},
+                "method": {"name": "lora", "r": 8}}  # fmt: skip
+    same = {"model": {"num_labels": None}, "data": {"labels": None}, "train": {"seed": 1, "logging_steps": 1},
+            "method": {"name": "lora", "r": 8}}  # fmt: skip
+    assert recipe_changes(recorded, same) == []
+    changed = {**same, "train": {"seed": 2, "logging_steps": 5}, "method": {"name": "lora", "r": 4}}
+    assert recipe_changes(recorded, changed) == ["method.r: 8 -> 4", "train.seed: 1 -> 2"]
