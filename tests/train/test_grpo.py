@@ -255,6 +255,21 @@ def test_beta_zero_makes_no_reference_pass(base_dir, beta):
         assert len(calls) == 4 and stats["kl"] >= 0
 
 
+def test_several_iterations_per_generation_batch(base_dir):
+    """num_iterations = 3: three optimizer steps on one batch of samples; from the second on pi differs from pi_old,
+    so with a large learning rate some ratios leave [1 - eps, 1 + eps] and are clipped (at mu = 1 none can be)."""
+    clipped = []
+    for mu in (1, 3):
+        align = AlignArgs(num_generations=4, max_new_tokens=4, num_iterations=mu, mini_batch_size=16)
+        loop = GRPOLoop(policy(base_dir), word_tokenizer(), YES, align, lr=0.2, seed=0)
+        torch.manual_seed(1)
+        stats = loop.step(ITEMS[:4])
+        steps = {int(state["step"]) for state in loop.optimizer.state.values()}
+        assert steps == {mu}
+        clipped.append(stats["clipfrac"])
+    assert clipped[0] == 0.0 and clipped[1] > 0.0
+
+
 def test_mean_reward_rises_on_a_tiny_model(base_dir):
     """'yes' starts at ~1 word in 45 (reward ~0.03); 20 GRPO steps of 8 prompts x 8 completions make it nearly every
     word (seeds 0 and 1 reach 1.0 by step 12)."""
