@@ -605,8 +605,8 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
         if n:
             notes.append(f"{n} {split} prompts were longer than data.max_length={d.max_length}; their ends were kept")
 
-    def loop(model, tokenizer, run_cfg: RunConfig, checkpoint: str | None = None):
-        return train_grpo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint)
+    def loop(model, tokenizer, run_cfg: RunConfig, checkpoint: str | None = None, started: Callable | None = None):
+        return train_grpo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint, started)
 
     return Prepared(train, evals, Collator(tok.pad_token_id), None, "reward", notes=notes, loop=loop)
 
@@ -619,10 +619,12 @@ def train_grpo(
     eval_prompts: list[PromptItem] | None,
     rewards: list[Reward],
     checkpoint: str | None = None,
+    started: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run GRPO for ``train.max_steps`` steps (or ``train.epochs`` passes over the prompts) of ``train.batch_size``
     prompts; returns (metrics, per-step log history). Resumes from ``checkpoint``, or from the last checkpoint in
-    ``output.dir`` (the run only keeps one there when asked to resume)."""
+    ``output.dir`` (the run only keeps one there when asked to resume). ``started`` is called once the first step
+    is done (a run folder's owner keeps the checkpoints of a run that fails after that)."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
     from transformers.trainer_utils import get_last_checkpoint
@@ -672,6 +674,8 @@ def train_grpo(
             bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", refresh=False)
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(history[-1]) + "\n")
+            if started is not None and step == start_step + 1:
+                started()
             if step % save_every == 0:
                 _save_checkpoint(out, step, loop, g, history, order, metrics, t.save_total_limit)
         tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
