@@ -237,7 +237,7 @@ def test_generate_prints_text(capsys, tmp_path):
     run = _run(tmp_path, str(recipe))
     capsys.readouterr()
     prompt = "Count to 3."
-    assert main(["generate", "--adapter", run, "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+    assert main(["generate", "--adapter", run, "--prompt", prompt, "--max-new-tokens", "6", "--raw"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     # The same greedy continuation, from the saved adapter.
     tok = AutoTokenizer.from_pretrained(run)
@@ -245,5 +245,5 @@ def test_generate_prints_text(capsys, tmp_path):
     enc = tok(prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         out = delta.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    expected = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    expected = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert expected and printed == expected
