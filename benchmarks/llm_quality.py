@@ -1,0 +1,294 @@
+"""Every method on a real LLM: SmolLM2-135M-Instruct SFT on E2E (data-to-text), deltatune beside peft.
+
+One budget for every row (the same steps, batch, max length, seed, batch order and eval rows); each row runs in a
+fresh process so its peak memory is its own. For each method: trainable parameters, train time, peak RSS, BLEU-4
+and ROUGE-L on a fixed slice of the test set decoded greedily (multi-reference, scored with sacrebleu and
+rouge-score; the project's own metric code beside them), and forgetting: the model's loss on a fixed slice of Tiny
+Shakespeare before and after (general text the task never shows).
+
+    python benchmarks/llm_quality.py --out llm_quality.md                 # every row, deltatune and peft
+    python benchmarks/llm_quality.py --methods lora,lora-all --sides deltatune --lr 1e-3
+    python benchmarks/llm_quality.py --quick                              # smoke test: 2 steps, 2 eval rows
+
+The prompt is a chat turn ("Describe this restaurant in one sentence: <meaning representation>") and the loss covers
+the reference sentence and the end-of-turn token. Learning rates per method are the LR table below (from a short
+sweep on a dev slice, see docs/BENCHMARKS.md); ``--lr`` overrides them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "..", "shared", "data")
+PROMPT = "Describe this restaurant in one sentence: {source}"
+
+# method -> (deltatune config factory, peft config factory or None, learning rate)
+LR = {
+    "full": 5e-5, "lora": 2e-3, "lora-all": 1e-3, "rslora": 5e-4, "dora": 2e-3, "qlora": 1e-3, "ia3": 1e-2,
+    "houlsby": 1e-3, "pfeiffer": 1e-3, "prefix": 1e-3, "ptuning-v2": 1e-2, "prompt": 3e-2, "ptuning": 1e-2,
+    "freeze": 5e-5, "bitfit": 1e-3,
+}  # fmt: skip
+METHODS = list(LR)
+NO_PEFT = {"full", "houlsby", "pfeiffer", "freeze", "bitfit"}
+
+
+def configs(method: str, side: str, path: str) -> Any:
+    """The config of ``method`` for ``side``: the same hyper-parameters on both."""
+    import deltatune as dt
+
+    if side == "peft":
+        import peft as lib
+
+        if method in NO_PEFT:
+            raise ValueError(f"peft has no {method}")
+    else:
+        lib = dt
+    qv, every = ["q_proj", "v_proj"], "all-linear"
+    table = {
+        "lora": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=qv),
+        "lora-all": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=every),
+        "rslora": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=every, use_rslora=True),
+        "dora": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=qv, use_dora=True),
+        "qlora": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=every),
+        "ia3": lambda: lib.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "prefix": lambda: lib.PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=True, encoder_hidden_size=256),
+        "ptuning-v2": lambda: lib.PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=False),
+        "prompt": lambda: lib.PromptTuningConfig(
+            num_virtual_tokens=20, prompt_tuning_init="TEXT", tokenizer_name_or_path=path,
+            prompt_tuning_init_text="Describe the restaurant from its name, food, price, area and rating.",
+        ),
+        "ptuning": lambda: (lib.PTuningConfig if side == "deltatune" else lib.PromptEncoderConfig)(
+            num_virtual_tokens=20, encoder_hidden_size=128
+        ),
+        "houlsby": lambda: dt.BottleneckConfig(config="houlsby", reduction_factor=16),
+        "pfeiffer": lambda: dt.BottleneckConfig(config="pfeiffer", reduction_factor=16),
+        "freeze": lambda: dt.FreezeConfig(freeze_trainable_layers=2),
+        "full": lambda: dt.FullConfig(),
+        "bitfit": lambda: dt.BitFitConfig(),
+    }  # fmt: skip
+    config = table[method]()
+    config.task_type = "CAUSAL_LM"
+    return config
+
+
+def _rows(name: str, limit: int) -> list[dict]:
+    with open(os.path.join(DATA, "e2e_nlg", name), encoding="utf-8") as fh:
+        return [json.loads(line) for line, _ in zip(fh, range(limit))]
+
+
+def encode(tok, row: dict, max_length: int) -> dict[str, list[int]]:
+    from deltatune.train.chat import prompt_ids
+
+    prompt = prompt_ids(tok, PROMPT.format(source=row["source"]))
+    answer = tok(row["target"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+    ids = (prompt + answer)[:max_length]
+    labels = ([-100] * len(prompt) + answer)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(examples: list[dict], pad: int):
+    import torch
+
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.tensor([e["input_ids"] + [pad] * (n - len(e["input_ids"])) for e in examples])
+    labels = torch.tensor([e["labels"] + [-100] * (n - len(e["labels"])) for e in examples])
+    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (n - len(e["input_ids"])) for e in examples])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def general_loss(model, tok, blocks: int, length: int) -> float:
+    """Mean LM loss on the first ``blocks`` x ``length`` tokens of Tiny Shakespeare (general text)."""
+    import torch
+
+    with open(os.path.join(DATA, "tiny_shakespeare", "input.txt"), encoding="utf-8") as fh:
+        ids = tok(fh.read(200_000))["input_ids"][: blocks * length]
+    x = torch.tensor(ids).view(blocks, length)
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=x, labels=x).loss)
+
+
+def score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """BLEU-4 (sacrebleu, multi-reference) and ROUGE-L F (rouge-score, best reference), x100, and the project's own."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from deltatune.train import metrics
+
+    width = max(len(r) for r in references)
+    streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
+    bleu = sacrebleu.corpus_bleu(predictions, streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = statistics.fmean(
+        max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)
+    )
+    own_bleu = metrics.bleu(predictions, references) * 100
+    own_rouge = statistics.fmean(max(metrics.rouge_l(p, r) for r in refs) for p, refs in zip(predictions, references))
+    return {"bleu": bleu, "rougeL": rouge * 100, "own_bleu": own_bleu, "own_rougeL": own_rouge * 100}
+
+
+def decode(model, tok, rows: list[dict], max_new_tokens: int) -> list[str]:
+    from deltatune.train.chat import generate, prompt_ids
+
+    model.eval()
+    return [generate(model, tok, prompt_ids(tok, PROMPT.format(source=r["source"])), max_new_tokens) for r in rows]
+
+
+def worker(a: argparse.Namespace) -> dict[str, Any]:
+    """One row: build, measure before, train, measure after."""
+    import torch
+
+    import deltatune as dt
+    from deltatune.train.models import load_model, load_tokenizer, resolve_path
+
+    torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    path = resolve_path("smollm2")
+    tok = load_tokenizer("smollm2")
+    base = load_model("smollm2", "CAUSAL_LM", a.dtype)
+    base.config.use_cache = False
+    config = configs(a.method, a.side, path) if a.method != "base" else None
+    if a.method == "qlora":
+        if a.side == "deltatune":
+            base = dt.quantize(base, bits=4, quant_type="nf4", double_quant=True)[0]
+        else:
+            sys.path.insert(0, HERE)
+            import bench_worker as bw
+
+            shape = bw.Shape("smollm2", batch=a.batch, seq=a.max_length, dtype=a.dtype)
+            base = bw.quantize_base(base, "peft", shape, torch.device("cpu"))
+    if config is None:  # the base row: no adapter, no training
+        model = base
+    elif a.side == "peft":
+        import peft
+
+        model = peft.get_peft_model(base, config)
+    else:
+        model = dt.get_delta_model(base, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config is not None else 0
+    test = _rows("test.jsonl", a.eval_rows)
+    refs = [r.get("references") or [r["target"]] for r in test]
+    out: dict[str, Any] = {"method": a.method, "side": a.side, "trainable": trainable, "lr": a.lr}
+    out["forget_before"] = general_loss(model, tok, a.general_blocks, 128)
+    train = [encode(tok, r, a.max_length) for r in _rows("train.jsonl", a.steps * a.batch)]
+    g = torch.Generator().manual_seed(a.seed)
+    order = torch.randperm(len(train), generator=g).tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    warm = max(1, a.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (a.steps - s) / (a.steps - warm + 1)))
+    )
+    model.train()
+    losses, start = [float("nan")], time.perf_counter()
+    for step in range(a.steps if config is not None else 0):
+        batch = collate([train[i] for i in order[step * a.batch : (step + 1) * a.batch]], tok.pad_token_id)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    out["train_s"] = time.perf_counter() - start
+    out["final_loss"] = statistics.fmean(losses[-max(1, a.steps // 10) :])
+    out.update(score(decode(model, tok, test, a.max_new_tokens), refs))
+    out["forget_after"] = general_loss(model, tok, a.general_blocks, 128)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _table(results: list[dict]) -> str:
+    cols = ["method", "side", "lr", "trainable", "BLEU", "ROUGE-L", "own BLEU", "train s", "peak MiB", "forget Δ"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['side']} | — | — | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['side']} | {r['lr']:g} | {r['trainable']:,d} | {r['bleu']:.2f} | {r['rougeL']:.2f} | "
+            f"{r['own_bleu']:.2f} | {r['train_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['forget_after'] - r['forget_before']:+.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--sides", default="deltatune,peft")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--eval-rows", type=int, default=100)
+    p.add_argument("--general-blocks", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--lr", type=float, help="one learning rate for every method (default: the LR table)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 steps of 2, 2 eval rows, 8 new tokens")
+    p.add_argument("--out", help="also write the markdown report here")
+    p.add_argument("--worker", nargs=2, metavar=("METHOD", "SIDE"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.steps, a.batch, a.eval_rows, a.max_new_tokens, a.general_blocks = 2, 2, 2, 8, 1
+    if a.worker:
+        a.method, a.side = a.worker
+        a.lr = a.lr or LR.get(a.method, 0.0)
+        print(json.dumps(worker(a)))
+        return 0
+    methods = ["base", *(m.strip() for m in a.methods.split(",") if m.strip())]
+    unknown = [m for m in methods[1:] if m not in LR]
+    if unknown:
+        print(f"llm_quality.py: error: unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    results = []
+    common = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
+              ("steps", "batch", "max_length", "max_new_tokens", "eval_rows", "general_blocks", "dtype", "seed")]  # fmt: skip
+    common += [f"--lr={a.lr}"] if a.lr else []
+    common += [f"--threads={a.threads}"] if a.threads else []
+    for method in methods:
+        for side in ["deltatune"] if method == "base" else [s for s in a.sides.split(",") if s]:
+            if side == "peft" and method in NO_PEFT:
+                continue
+            if method == "bitfit":
+                results.append({"method": method, "side": side, "error": "SmolLM2 has no biases: nothing to train"})
+                continue
+            done = subprocess.run([sys.executable, __file__, "--worker", method, side, *common],
+                                  capture_output=True, text=True)  # fmt: skip
+            if done.returncode != 0:
+                results.append({"method": method, "side": side, "error": done.stderr.strip().splitlines()[-1]})
+            else:
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(_table(results[-1:]).splitlines()[-1], flush=True)
+    report = "\n".join([
+        "## Every method on SmolLM2-135M-Instruct: E2E data-to-text SFT", "",
+        f"- Command: `python benchmarks/llm_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- Budget: {a.steps} steps x batch {a.batch}, max length {a.max_length}, {a.dtype}, seed {a.seed}; greedy "
+        f"decoding of the first {a.eval_rows} test MRs (up to {a.max_new_tokens} tokens), multi-reference.",
+        "- BLEU: sacrebleu corpus BLEU-4; ROUGE-L: rouge-score F, best reference; own BLEU: deltatune.train.metrics "
+        f"(lower-cased whitespace tokens). forget Δ: loss on {a.general_blocks} x 128 tokens of Tiny Shakespeare, after - "
+        "before.", "",
+        _table(results), "",
+    ])  # fmt: skip
+    print(report)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as fh:
+            fh.write(report)
+    return 0 if all("error" not in r or r["method"] == "bitfit" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""benchmarks/llm_quality.py: its scoring against sacrebleu / rouge-score by hand, and its method table (the runs
+themselves are minutes each: the numbers come from the script, not the suite)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+pytest.importorskip("sacrebleu")
+pytest.importorskip("rouge_score")
+llm_quality = pytest.importorskip("llm_quality")
+
+
+def test_scores_are_the_reference_implementations_and_agree_with_ours_on_easy_text():
+    preds = ["the cat sat on the mat", "a dog ran in the park today"]
+    refs = [["the cat sat on the mat"], ["a dog ran in the park", "a dog ran in the park today"]]
+    s = llm_quality.score(preds, refs)
+    assert s["bleu"] == pytest.approx(100.0) and s["rougeL"] == pytest.approx(100.0)
+    assert s["own_bleu"] == pytest.approx(100.0) and s["own_rougeL"] == pytest.approx(100.0)
+    # ROUGE-L by hand: "the cat sat" vs "the cat sat on the mat": LCS 3, P 1, R 0.5, F 2/3
+    s = llm_quality.score(["the cat sat"], [["the cat sat on the mat"]])
+    assert s["rougeL"] == pytest.approx(200 / 3) and s["own_rougeL"] == pytest.approx(200 / 3)
+
+
+@pytest.mark.parametrize("method", llm_quality.METHODS)
+def test_every_method_has_a_config_on_each_side_it_runs(method):
+    assert llm_quality.configs(method, "deltatune", "unused").task_type == "CAUSAL_LM"
+    if importlib.util.find_spec("peft") is None or method in llm_quality.NO_PEFT:
+        return
+    assert llm_quality.configs(method, "peft", "unused").task_type == "CAUSAL_LM"
+
+
+def test_an_unknown_method_is_one_line(capsys):
+    assert llm_quality.main(["--methods", "lora,nope"]) == 2
+    assert "unknown method nope" in capsys.readouterr().err
