@@ -15,9 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # test matrix ~7x slower (218 s -> 29 s for 50 matrix tests under load).
 torch.set_num_threads(1)
 
-# One tolerance per dtype, defined once (STYLE.md). Exceptions say why where they are made.
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-WEIGHT_ATOL = 1e-6  # merge then unmerge restores W
+from tolerances import ATOL, WEIGHT_ATOL  # noqa: E402,F401  (re-exported for older imports; import from tolerances)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATOL
 from tiny import VOCAB, tiny_inputs, tiny_model
+from tolerances import ATOL
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import deltatune as dt

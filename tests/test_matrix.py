@@ -11,9 +11,9 @@ import functools
 
 import pytest
 import torch
-from conftest import ATOL, WEIGHT_ATOL
 from matrix import FAMILIES, METHODS, TASKS, MethodRow
 from tiny import _AUTO, output_of, tiny_inputs, tiny_model
+from tolerances import ATOL, WEIGHT_ATOL
 
 import deltatune as dt
 from deltatune.layer import DeltaLayer

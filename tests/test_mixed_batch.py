@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATOL
 from tiny import tiny_inputs, tiny_model
+from tolerances import ATOL
 from torch import nn
 
 import deltatune as dt

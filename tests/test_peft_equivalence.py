@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATOL
 from matrix import task_type
 from tiny import output_of, tiny_inputs, tiny_model
+from tolerances import ATOL
 
 import deltatune as dt
 

@@ -14,7 +14,3 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "serve"))
 
-ARTEFACTS = os.environ.get(
-    "DELTATUNE_TEST_ARTEFACTS", os.path.join(os.path.dirname(os.path.dirname(HERE)), "test-artefacts")
-)
-"""Where the browser tests keep their screenshots (kept after the run, for a person to look at)."""

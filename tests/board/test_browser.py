@@ -14,7 +14,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ARTEFACTS
+from board_helpers import ARTEFACTS
 from serving import Server, make_adapters
 from tiny import save_tiny
 

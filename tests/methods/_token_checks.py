@@ -13,8 +13,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import ATOL
 from tiny import VOCAB, tiny_inputs, tiny_model
+from tolerances import ATOL
 
 import deltatune as dt
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _sst2_learning import check_learns
-from conftest import ATOL
 from tiny import output_of, tiny_inputs, tiny_model
+from tolerances import ATOL
 from torch import nn
 
 import deltatune as dt

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import ATOL, WEIGHT_ATOL
 from tiny import output_of, tiny_inputs, tiny_model
+from tolerances import ATOL, WEIGHT_ATOL
 from torch import nn
 
 import deltatune as dt

@@ -1,35 +1,15 @@
-"""Shared pieces of the reliability tests: a tiny classifier, its data, one finished run to copy, folder snapshots,
-and the CLI called in-process with its exit code and output."""
+"""Fixtures of the reliability tests: a tiny classifier, its data and one finished run to copy (helpers in
+reliability_helpers.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
 from types import SimpleNamespace
 
 import pytest
-import yaml
+from reliability_helpers import ROWS, cli, write_recipe
 from tiny import save_tiny
-
-from deltatune.cli import main
-
-ROWS = [{"text": f"a {w} film number {i}", "label": i % 2} for i, w in enumerate(["good", "bad", "fine", "dull"] * 2)]
-
-
-def write_recipe(path, model: str, data: str, out: str, **train) -> str:
-    recipe = {
-        "stage": "cls",
-        "model": {"name_or_path": model},
-        "method": {"name": "lora", "r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]},
-        "data": {"train": data, "max_length": 16},
-        "train": {"batch_size": 4, "lr": 1e-2, "seed": 3, "logging_steps": 1, "report_to": ["none"], **train},
-        "output": {"dir": out},
-    }
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -53,35 +33,3 @@ def run_copy(base, tmp_path):
     shutil.copytree(base.run, out, symlinks=True)
     recipe = write_recipe(tmp_path / "recipe.yaml", base.model, base.data, str(out), max_steps=2)
     return SimpleNamespace(dir=str(out), recipe=recipe, tmp=tmp_path)
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """``deltatune ARGS`` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
-
-
-def snapshot(folder) -> dict[str, tuple[bytes, int] | None]:
-    """Every file (bytes and mode) and folder under ``folder``, hidden ones too; what 'unchanged' compares."""
-    folder = os.fspath(folder)
-    out: dict[str, tuple[bytes, int] | None] = {}
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), folder) + "/"] = None
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, folder)] = (fh.read(), os.stat(path).st_mode)
-    return out
-
-
-def one_error_line(err: str, command: str = "train") -> str:
-    """The single error line of ``err`` (asserting that it is the only line and carries no traceback)."""
-    assert "Traceback" not in err, err
-    # transformers' own "Loading weights" progress bar (a terminal redraws it in place) is not an error line
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"deltatune {command}: error: "), lines[0]
-    return lines[0]

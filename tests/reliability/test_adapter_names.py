@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import snapshot
+from reliability_helpers import snapshot
 from tiny import tiny_model
 
 import deltatune as dt

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli, one_error_line, snapshot
+from reliability_helpers import cli, one_error_line, snapshot
 
 
 def _file(tmp, name: str, content: str | bytes) -> str:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import cli
+from reliability_helpers import cli
 from safetensors.torch import load_file
 from tiny import save_tiny
 

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import cli, snapshot
+from reliability_helpers import cli, snapshot
 
 # Importing this module is the "code run": it writes the marker file named in the environment.
 EVIL = """

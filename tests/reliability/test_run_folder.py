@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import cli, one_error_line, snapshot, write_recipe
+from reliability_helpers import cli, one_error_line, snapshot, write_recipe
 from safetensors.torch import load_file
 
 from deltatune.train.runfolder import Replacement, RunLock

@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import cli, write_recipe
+from reliability_helpers import cli, write_recipe
 
 import deltatune
 

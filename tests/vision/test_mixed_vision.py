@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import ATOL
 from tiny import tiny_inputs, tiny_model
+from tolerances import ATOL
 
 import deltatune as dt
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATOL
+from tolerances import ATOL
 
 import deltatune as dt
 from deltatune import towers as T

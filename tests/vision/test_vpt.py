@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATOL
 from tiny import tiny_inputs, tiny_model
+from tolerances import ATOL
 
 import deltatune as dt
 from deltatune.config import ConfigError
