@@ -15,8 +15,6 @@ At initialisation (adapter = identity) pi = ref, so h = 0 and the sigmoid loss i
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,7 +76,6 @@ class DPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
-        self._stats: dict[str, list[float]] = defaultdict(list)
         if align.precompute_ref and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
             self.train_dataset = self._with_ref(self.train_dataset)
             if self.eval_dataset is not None:
@@ -117,18 +114,9 @@ class DPOTrainer(PairTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses, chosen, rejected = self._losses(model, inputs)
         if model.training:
-            self._stats["rewards/chosen"].append(chosen.mean().item())
-            self._stats["rewards/rejected"].append(rejected.mean().item())
-            self._stats["rewards/margins"].append((chosen - rejected).mean().item())
-            self._stats["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+            self.log_rewards(chosen, rejected)
         loss = losses.mean()
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._stats:
-            logs.update({k: float(np.mean(v)) for k, v in self._stats.items()})
-            self._stats.clear()
-        super().log(logs, start_time)
 
 
 def _metrics(p) -> dict[str, float]:

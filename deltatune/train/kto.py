@@ -21,7 +21,6 @@ brings it in. The implicit reward beta * r is logged per label; eval reports its
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,7 +168,6 @@ class KTOTrainer(DeltaTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
-        self._stats: dict[str, list[float]] = defaultdict(list)
 
     def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lm = {k: inputs[k] for k in _LM_KEYS}
@@ -186,11 +184,11 @@ class KTOTrainer(DeltaTrainer):
         losses, rewards, kl = self._losses(model, inputs)
         good = inputs["desirable"].bool()
         if model.training:
-            self._stats["kl"].append(kl.item())
+            self.log_stat("kl", kl.item())
             if good.any():
-                self._stats["rewards/desirable"].append(rewards[good].mean().item())
+                self.log_stat("rewards/desirable", rewards[good].mean().item())
             if (~good).any():
-                self._stats["rewards/undesirable"].append(rewards[~good].mean().item())
+                self.log_stat("rewards/undesirable", rewards[~good].mean().item())
         loss = losses.mean()
         return (loss, torch.stack([rewards, good.float()], -1)) if return_outputs else loss
 
@@ -201,12 +199,6 @@ class KTOTrainer(DeltaTrainer):
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), out.detach().float(), torch.zeros(out.shape[0], device=out.device)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._stats:
-            logs.update({k: float(np.mean(v)) for k, v in self._stats.items()})
-            self._stats.clear()
-        super().log(logs, start_time)
 
 
 def _metrics(p) -> dict[str, float]:

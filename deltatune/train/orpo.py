@@ -15,9 +15,7 @@ for the eval accuracy) are beta * avg_y. Any registered method trains; the data 
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,25 +68,16 @@ class ORPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
-        self._stats: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS})
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
         loss, log_or, chosen, rejected = orpo_loss(pc, pr, nc, nr, self.align.beta)
         if model.training:
-            self._stats["nll"].append((-pc.sum() / nc.sum().clamp(min=1)).item())
-            self._stats["log_odds_ratio"].append(log_or.mean().item())
-            self._stats["rewards/chosen"].append(chosen.mean().item())
-            self._stats["rewards/rejected"].append(rejected.mean().item())
-            self._stats["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+            self.log_stat("nll", (-pc.sum() / nc.sum().clamp(min=1)).item())
+            self.log_stat("log_odds_ratio", log_or.mean().item())
+            self.log_rewards(chosen, rejected, margins=False)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._stats:
-            logs.update({k: float(np.mean(v)) for k, v in self._stats.items()})
-            self._stats.clear()
-        super().log(logs, start_time)
 
 
 def prepare_orpo(cfg: RunConfig, tok) -> Prepared:

@@ -50,6 +50,14 @@ class PairTrainer(DeltaTrainer):
     """DeltaTrainer for preference pairs (rm, dpo): ``compute_loss(..., return_outputs=True)`` gives
     (loss, (B, 2) [chosen, rejected] scores), and those scores are the eval predictions (labels are dummies)."""
 
+    def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, margins: bool = True) -> None:
+        """Log the means of the chosen and rejected rewards (their margin), and how often chosen wins."""
+        self.log_stat("rewards/chosen", chosen.mean().item())
+        self.log_stat("rewards/rejected", rejected.mean().item())
+        if margins:
+            self.log_stat("rewards/margins", (chosen - rejected).mean().item())
+        self.log_stat("rewards/accuracies", (chosen > rejected).float().mean().item())
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():

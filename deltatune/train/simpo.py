@@ -13,9 +13,7 @@ with avg_y the mean token log-prob of y, beta = ``align.beta`` (the paper uses 2
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,25 +59,15 @@ class SimPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
-        self._stats: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS})
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
         losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, self.align.beta, self.align.simpo_gamma)
         if model.training:
-            self._stats["rewards/chosen"].append(chosen.mean().item())
-            self._stats["rewards/rejected"].append(rejected.mean().item())
-            self._stats["rewards/margins"].append((chosen - rejected).mean().item())
-            self._stats["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+            self.log_rewards(chosen, rejected)
         loss = losses.mean()
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._stats:
-            logs.update({k: float(np.mean(v)) for k, v in self._stats.items()})
-            self._stats.clear()
-        super().log(logs, start_time)
 
 
 def prepare_simpo(cfg: RunConfig, tok) -> Prepared:

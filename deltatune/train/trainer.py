@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import time
+from collections import defaultdict
 
 import torch
 from transformers import Trainer
@@ -49,6 +50,7 @@ class DeltaTrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._stats: dict[str, list[float]] = defaultdict(list)
         base = getattr(self._delta_model(), "get_base_model", None)
         if base is not None and self.args.label_names is None:
             from transformers.utils import can_return_loss, find_labels
@@ -58,6 +60,16 @@ class DeltaTrainer(Trainer):
 
     def _delta_model(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def log_stat(self, key: str, value: float) -> None:
+        """Add a value to a training statistic; its mean since the last log is logged with the loss."""
+        self._stats[key].append(float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stats:
+            logs.update({k: sum(v) / len(v) for k, v in self._stats.items()})
+            self._stats.clear()
+        super().log(logs, start_time)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
