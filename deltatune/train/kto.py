@@ -21,24 +21,22 @@ brings it in. The implicit reward beta * r is logged per label; eval reports its
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..data.load import DataError, Row
-from ..data.preference import encode_lm
+from ..data.encode import encode_prompt_response
+from ..data.formats import unpaired_examples
+from ..data.load import DataError
 from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .logprobs import sequence_logprobs
-from .stages import Prepared, _note_truncated, _rows
+from .stages import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
-_TRUE, _FALSE = ("true", "1", "yes", "desirable"), ("false", "0", "no", "undesirable")
 
 
 def kl_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
@@ -73,70 +71,6 @@ def kto_loss(
     good = desirable_weight * (1 - torch.sigmoid(beta * (logratio - kl)))
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratio)))
     return torch.where(desirable.bool(), good, bad), beta * logratio.detach()
-
-
-@dataclass
-class KTORow:
-    prompt: str
-    completion: str
-    desirable: bool
-    source: str
-
-
-def read_kto_rows(
-    rows: Sequence[Row],
-    prompt_column: str,
-    completion_column: str,
-    label_column: str,
-    pair_columns: tuple[str, str] | None = None,
-    skipped: list[str] | None = None,
-) -> list[KTORow]:
-    """Check and unpack unpaired rows (prompt, completion, label); the label is a bool, 0/1, or true/false text.
-    A row with the two ``pair_columns`` (chosen, rejected) and no completion column gives two rows, the chosen
-    response desirable and the rejected one not (as TRL unpairs preference data).
-
-    Args:
-        rows: the rows read from the data file.
-        prompt_column: column of the prompt text.
-        completion_column: column of the completion text.
-        label_column: column of the label (desirable or not).
-        pair_columns: (chosen, rejected) columns of preference rows, unpaired when present.
-        skipped: when given, an empty completion is left out and its ``file:line`` appended here instead of raising.
-
-    Raises:
-        DataError: a column missing or not text, an empty completion, or a label that is no yes/no (file:line named).
-    """
-    out = []
-    for row in rows:
-        if pair_columns and completion_column not in row.data and all(c in row.data for c in pair_columns):
-            texts = [
-                (row.get(pair_columns[0]), pair_columns[0], True),
-                (row.get(pair_columns[1]), pair_columns[1], False),
-            ]
-        else:
-            texts = [(row.get(completion_column), completion_column, _label(row, label_column))]
-        prompt = row.get(prompt_column)
-        if not isinstance(prompt, str):
-            raise DataError(f"{row.source}: column {prompt_column!r} must be text, got {type(prompt).__name__}")
-        for completion, column, good in texts:
-            if not isinstance(completion, str):
-                raise DataError(f"{row.source}: column {column!r} must be text, got {type(completion).__name__}")
-            if not completion.strip():
-                if skipped is None:
-                    raise DataError(f"{row.source}: column {column!r} is empty (data.bad_pairs=skip leaves it out)")
-                skipped.append(row.source)
-                continue
-            out.append(KTORow(prompt, completion, good, row.source))
-    return out
-
-
-def _label(row: Row, column: str) -> bool:
-    label = row.get(column)
-    if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
-        return bool(label)
-    if isinstance(label, str) and label.strip().lower() in _TRUE + _FALSE:
-        return label.strip().lower() in _TRUE
-    raise DataError(f"{row.source}: column {column!r} must be true/false (or 1/0), got {label!r}")
 
 
 class KTOCollator:
@@ -240,32 +174,28 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
             f"stage kto needs train.batch_size >= 2 (its reference point comes from mismatched pairs within a "
             f"batch), got {cfg.train.batch_size}"
         )
-    train_rows, eval_rows = _rows(cfg)
-    notes: list[str] = []
+    # Every data format with a prompt and labelled completions (or preference pairs, unpaired as TRL does) is read
+    # through data/formats.py and rendered with the chat template, the loss on the completion's assistant tokens.
+    train_samples, eval_samples, template, notes = read_splits(cfg, tok, "kto")
 
-    def enc(rows: list[Row], split: str) -> list[dict[str, Any]]:
+    def enc(samples: list, split: str) -> list[dict[str, Any]]:
         out, truncated = [], 0
-        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
-        kto_rows = read_kto_rows(rows, d.prompt_column, d.completion_column, d.label_column,
-                                 (d.chosen_column, d.rejected_column), skipped)  # fmt: skip
-        if skipped:
-            notes.append(f"{len(skipped)} empty {split} completions left out: {', '.join(skipped[:5])}"
-                         + (", ..." if len(skipped) > 5 else ""))  # fmt: skip
-        for r in kto_rows:
-            ex, cut = encode_lm(tok, r.prompt, r.completion, d.max_length)
-            if cut and d.truncation == "refuse":
-                raise DataError(f"{r.source}: longer than data.max_length={d.max_length} tokens "
-                                "(set data.truncation=truncate to cut such rows)")  # fmt: skip
-            if all(lab == IGNORE_INDEX for lab in ex["labels"][1:]):
-                raise DataError(f"{r.source}: no completion token within data.max_length={d.max_length}")
-            truncated += cut
-            n_prompt = next(i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX)
-            out.append({**ex, "n_prompt": n_prompt, "desirable": r.desirable})
+        for s in samples:
+            for prompt, completion, good in unpaired_examples([s]):
+                ex, cut = encode_prompt_response(prompt, completion, tok, template, d.max_length, s.tools)
+                if cut and d.truncation == "refuse":
+                    raise DataError(f"{s.source}: longer than data.max_length={d.max_length} tokens "
+                                    "(set data.truncation=truncate to cut such rows)")  # fmt: skip
+                if all(lab == IGNORE_INDEX for lab in ex["labels"][1:]):
+                    raise DataError(f"{s.source}: no completion token within data.max_length={d.max_length}")
+                truncated += cut
+                n_prompt = next(i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX)
+                out.append({**ex, "n_prompt": n_prompt, "desirable": good})
         _note_truncated(notes, split, truncated, d.max_length)
         return out
 
-    train = enc(train_rows, "train")
-    ev = enc(eval_rows, "eval") if eval_rows else None
+    train = enc(train_samples, "train")
+    ev = enc(eval_samples, "eval") if eval_samples else None
     n_good = sum(e["desirable"] for e in train)
     if n_good == 0 or n_good == len(train):
         raise DataError(

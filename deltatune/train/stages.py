@@ -61,7 +61,12 @@ def _rows(cfg: RunConfig) -> tuple[list[Row], list[Row] | None]:
 
 def data_columns(d) -> dict[str, str]:
     """The field -> column names of the data section (the *_column keys, then data.columns)."""
-    cols = {"prompt": d.prompt_column, "chosen": d.chosen_column, "rejected": d.rejected_column}
+    cols = {
+        "prompt": d.prompt_column,
+        "chosen": d.chosen_column,
+        "rejected": d.rejected_column,
+        "label": d.label_column,
+    }
     if getattr(d, "completion_column", None):
         cols["completion"] = d.completion_column
     return {**cols, **d.columns}

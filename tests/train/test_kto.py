@@ -13,11 +13,12 @@ from transformers import set_seed
 
 from deltatune.cli import main
 from deltatune.config import ConfigError
+from deltatune.data.formats import read_samples, unpaired_examples
 from deltatune.data.load import DataError, Row
 from deltatune.model import get_delta_model
 from deltatune.train import build
 from deltatune.train.config import AlignArgs
-from deltatune.train.kto import KTOCollator, balance_note, kl_reference_point, kto_loss, read_kto_rows
+from deltatune.train.kto import KTOCollator, balance_note, kl_reference_point, kto_loss
 from deltatune.train.models import load_tokenizer
 from deltatune.train.run import _prepare, _training_args, build_model
 
@@ -59,16 +60,18 @@ def test_collator_builds_mismatched_pairs():
 
 
 def test_rows_labels_and_unpaired_preference_rows():
-    rows = [Row({"prompt": "p", "completion": "c", "label": "true"}, "f.jsonl:1"),
-            Row({"prompt": "p", "completion": "d", "label": 0}, "f.jsonl:2"),
-            Row({"prompt": "q", "chosen": "good", "rejected": "bad"}, "f.jsonl:3")]  # fmt: skip
-    out = read_kto_rows(rows, "prompt", "completion", "label", ("chosen", "rejected"))
-    assert [(r.completion, r.desirable) for r in out] == [("c", True), ("d", False), ("good", True), ("bad", False)]
-    with pytest.raises(DataError, match=r"f.jsonl:9: column 'label' must be true/false \(or 1/0\), got 'maybe'"):
-        read_kto_rows([Row({"prompt": "p", "completion": "c", "label": "maybe"}, "f.jsonl:9")], "prompt",
-                      "completion", "label")  # fmt: skip
-    with pytest.raises(DataError, match="f.jsonl:4: column 'label' is missing"):
-        read_kto_rows([Row({"prompt": "p", "completion": "c"}, "f.jsonl:4")], "prompt", "completion", "label")
+    """KTO reads unpaired rows and preference rows (unpaired as TRL does) through data/formats.py."""
+    unpaired = [Row({"prompt": "p", "completion": "c", "label": "true"}, "f.jsonl:1"),
+                Row({"prompt": "p", "completion": "d", "label": 0}, "f.jsonl:2")]  # fmt: skip
+    out = unpaired_examples(read_samples(unpaired, stage="kto"))
+    assert [(c[0]["content"], good) for _, c, good in out] == [("c", True), ("d", False)]
+    pairs = [Row({"prompt": "q", "chosen": "good", "rejected": "bad"}, "f.jsonl:3")]
+    out = unpaired_examples(read_samples(pairs, stage="kto"))
+    assert [(c[0]["content"], good) for _, c, good in out] == [("good", True), ("bad", False)]
+    with pytest.raises(DataError, match=r"f.jsonl:9: column 'label' must be true or false .*got 'maybe'"):
+        read_samples([Row({"prompt": "p", "completion": "c", "label": "maybe"}, "f.jsonl:9")], stage="kto")
+    with pytest.raises(DataError, match=r"f.jsonl:4: .*prompt_completion format.*stage kto does not read"):
+        read_samples([Row({"prompt": "p", "completion": "c"}, "f.jsonl:4")], stage="kto")
 
 
 def test_imbalance_note():
