@@ -273,12 +273,13 @@ def _sampling(args) -> dict:
 
 def _generate(args) -> int:
     from .train import chat
+    from .train.run import load_generator
 
     if args.compare and args.merged:
         print("deltatune generate: error: --compare needs the adapter unmerged; drop --merged", file=sys.stderr)
         return 2
     sampling = _sampling(args)
-    model, tok = chat.load(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
+    model, tok = load_generator(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
     model.eval()
     ids = chat.prompt_ids(tok, args.prompt, raw=args.raw, system=args.system)
     if args.compare:
@@ -291,9 +292,10 @@ def _generate(args) -> int:
 
 def _chat(args) -> int:
     from .train import chat
+    from .train.run import load_generator
 
     sampling = _sampling(args)
-    model, tok = chat.load(args.adapter, args.model, False, args.trust_remote_code, args.raw, "chat")
+    model, tok = load_generator(args.adapter, args.model, False, args.trust_remote_code, args.raw, "chat")
     model.eval()
     return chat.repl(model, tok, system=args.system, raw=args.raw, **sampling)
 

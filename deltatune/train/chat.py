@@ -162,49 +162,6 @@ def run_samples(model, tok, cfg) -> list[dict[str, str]]:
     return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=not has_template(tok))
 
 
-def _task(adapter_dir: str) -> tuple[str | None, str | None]:
-    """(task type, stage) of a run or adapter folder, read without loading any model."""
-    import json
-    import os
-
-    import yaml
-
-    from .models import TASK_OF_STAGE
-
-    run_file = os.path.join(adapter_dir, "run.yaml")
-    if os.path.isfile(run_file):
-        with open(run_file, encoding="utf-8") as fh:
-            stage = (yaml.safe_load(fh) or {}).get("stage")
-        return TASK_OF_STAGE.get(stage), stage
-    try:
-        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
-            return json.load(fh).get("task_type"), None
-    except (OSError, ValueError):
-        return None, None  # load_adapter_model names what is missing
-
-
-def load(adapter_dir: str, model: str | None, merged: bool, trust_remote_code: bool, raw: bool, command: str):
-    """The adapted model and its tokenizer for ``generate``/``chat``; refuses runs that do not generate text and
-    says once when a model without a chat template gets the prompt as raw text."""
-    import sys
-
-    from .run import load_adapter_model
-
-    task, stage = _task(adapter_dir)  # refused before any model is loaded
-    if task is not None and task not in GENERATIVE:
-        kind = {"SEQ_CLS": "a sequence classifier", "TOKEN_CLS": "a token tagger"}.get(task, f"a {task} model")
-        raise ConfigError(
-            f"{adapter_dir!r} is {kind}{f' (stage {stage})' if stage else ''}, which does not generate text; "
-            f"'deltatune {command}' needs a causal or seq2seq LM run. Use 'deltatune eval --adapter {adapter_dir} "
-            "--data FILE' to score it"
-        )
-    delta, tok = load_adapter_model(adapter_dir, model, merged=merged, trust_remote_code=trust_remote_code)
-    if not raw and not has_template(tok):
-        print(f"deltatune {command}: note: the tokenizer has no chat template (a base model?); prompts are sent as "
-              "raw text", file=sys.stderr)  # fmt: skip
-    return delta, tok
-
-
 HELP = "/reset clears the history, /base toggles the adapter off and on, /quit ends (Ctrl-D too)"
 
 
