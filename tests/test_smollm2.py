@@ -296,7 +296,12 @@ def test_identity_quick_start(tmp_path, capsys, monkeypatch):
     """`make quickstart` as written: the adapted model calls itself Deltabot on held-out questions; the base does
     not."""
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert main(["train", "recipes/quickstart.yaml", f"output.dir={tmp_path}"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # conftest's one thread suits tiny models; this is a real run
+    try:
+        assert main(["train", "recipes/quickstart.yaml", f"output.dir={tmp_path}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     samples = json.loads((tmp_path / "samples.json").read_text())
     assert len(samples) == 12
     identity, everyday = samples[:10], samples[10:]  # held-out questions about itself, then everyday ones
