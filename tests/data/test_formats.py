@@ -54,6 +54,7 @@ STAGE_RUNS = (
     + [(k, stage) for stage in ("rm", "dpo") for k in PREFERENCE]
     + [(k, "ppo") for k in ("prompt", "pref_conversational")]  # the other formats' prompts: test_ppo_prompts_...
     + [("text", "pt")]
+    + [(k, "kto") for k in ("unpaired", "pref_conversational", "sharegpt_preference")]
 )
 
 # A ChatML template that renders tools and tool calls (as Qwen2.5's does, shortened), for the tool-call rows.
