@@ -34,6 +34,10 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder); nothing half-written is left behind."""
+
+
 class DeltaTrainer(Trainer):
     """``transformers.Trainer`` for a ``DeltaModel``, exported as ``deltatune.Trainer``: a drop-in replacement that
     treats the model as the Trainer treats a peft model.
@@ -112,6 +116,14 @@ class DeltaTrainer(Trainer):
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+        except OSError as exc:  # disk full, read-only, ...: the half-written checkpoint goes, the last good one stays
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            where = exc.filename or os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            raise CheckpointWriteError(
+                f"writing the checkpoint of step {self.state.global_step} failed at {where}: "
+                f"{exc.strerror or exc}; the last complete checkpoint in {run_dir} is kept (--resume continues from it)"
+            ) from None
         finally:
             self._staging = False
         if self.args.should_save:
