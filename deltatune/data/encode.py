@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .formats import Message, Sample
-from .load import DataError
+from .formats import Message, Sample, read_samples
+from .load import DataError, Row
 from .preference import encode_lm, encode_scored
+from .tasks import Encoded, _fit
 from .templates import IGNORE_INDEX, TEMPLATES, has_tool_support, render
 
 RAW = "raw"
@@ -252,7 +253,6 @@ def encode_pair_samples(
 ):
     """Each preference sample as ``{"chosen": inputs, "rejected": inputs}`` (``lm_example`` when ``causal``, else
     ``scored_example``); rows cut to ``max_length`` are counted, or refused with ``truncation="refuse"``."""
-    from .tasks import Encoded
 
     encode = lm_example if causal else scored_example
     out, truncated = [], 0
@@ -284,3 +284,32 @@ def score_inputs(tokenizer, template: str | None, prompt: str, response: str, ma
     ``template`` (RAW: the tokenizer's pair template), as ``scored_example`` encodes them in training."""
     s = Sample("", "preference", [{"role": "user", "content": prompt}], conversational=False)
     return scored_example(s, [{"role": "assistant", "content": response}], tokenizer, template, max_length)[0]
+
+
+def encode_sft(
+    rows: Sequence[Row],
+    tokenizer,
+    columns: dict[str, str],
+    template: str | None,
+    max_length: int,
+    truncation: str = "truncate",
+) -> Encoded:
+    """Instruction / chat tuning: loss on assistant tokens only (rows in any SFT format, ``formats.read_samples``)."""
+    return encode_sft_samples(read_samples(rows, columns, stage="sft"), tokenizer, template, max_length, truncation)
+
+
+def encode_sft_samples(
+    samples: Sequence[Any], tokenizer, template: str | None, max_length: int, truncation: str = "truncate"
+) -> Encoded:
+    """SFT samples (``formats.Sample``) -> ids and labels on the assistant turns (the completion's only, for
+    prompt_completion rows); rows left with no trained token after truncation are dropped and counted."""
+    out, counter, dropped = [], [0], 0
+    for s in samples:
+        ids, labels = sft_example(s, tokenizer, template)
+        keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
+        ids, labels = ids[:keep], labels[:keep]
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped += 1
+            continue
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return Encoded(out, counter[0], dropped)

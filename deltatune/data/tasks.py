@@ -150,39 +150,6 @@ def encode_tag(
     return Encoded(out, counter[0])
 
 
-def encode_sft(
-    rows: Sequence[Row],
-    tokenizer,
-    columns: dict[str, str],
-    template: str | None,
-    max_length: int,
-    truncation: str = "truncate",
-) -> Encoded:
-    """Instruction / chat tuning: loss on assistant tokens only (rows in any SFT format, ``formats.read_samples``)."""
-    from .formats import read_samples
-
-    return encode_sft_samples(read_samples(rows, columns, stage="sft"), tokenizer, template, max_length, truncation)
-
-
-def encode_sft_samples(
-    samples: Sequence[Any], tokenizer, template: str | None, max_length: int, truncation: str = "truncate"
-) -> Encoded:
-    """SFT samples (``formats.Sample``) -> ids and labels on the assistant turns (the completion's only, for
-    prompt_completion rows); rows left with no trained token after truncation are dropped and counted."""
-    from .encode import sft_example
-
-    out, counter, dropped = [], [0], 0
-    for s in samples:
-        ids, labels = sft_example(s, tokenizer, template)
-        keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
-        ids, labels = ids[:keep], labels[:keep]
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1
-            continue
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return Encoded(out, counter[0], dropped)
-
-
 def encode_pt(rows: Sequence[Row], tokenizer, text_column: str, block_size: int) -> Encoded:
     """Continued pre-training: all texts tokenised, joined with EOS, cut into blocks of ``block_size``
     (the remainder shorter than a block is dropped)."""

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.encode import encode_sft_samples
 from ..data.load import DataError, Row, read_rows
 from ..data.tasks import (
     Collator,
     encode_cls,
     encode_pt,
     encode_seq2seq,
-    encode_sft_samples,
     encode_tag,
     label_map,
     pack,

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_model, tokenizer
 
+from deltatune.data.encode import encode_sft
 from deltatune.data.load import DataError, Row
 from deltatune.data.tasks import (
     Collator,
     encode_cls,
     encode_pt,
     encode_seq2seq,
-    encode_sft,
     encode_tag,
     label_map,
     pack,
