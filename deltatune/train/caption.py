@@ -24,7 +24,7 @@ from ..data.images import ImageRow, check, open_rgb, pixel_values, read_image_ro
 from ..data.load import DataError
 from ..data.templates import IGNORE_INDEX
 from .config import RunConfig
-from .stages import Prepared
+from .prepared import Prepared
 
 
 class CaptionProcessor:

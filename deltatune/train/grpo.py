@@ -52,7 +52,7 @@ from ..data.preference import bos_prefix
 from ..data.tasks import Collator
 from .config import AlignArgs, RunConfig
 from .ppo import context_length
-from .stages import Prepared, _rows
+from .prepared import Prepared, _rows
 
 STATE_FILE = "grpo_state.pt"
 

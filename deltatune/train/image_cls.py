@@ -25,7 +25,7 @@ from ..config import ConfigError
 from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, collate, read_image_rows
 from ..data.load import DataError
 from .config import RunConfig
-from .stages import Prepared
+from .prepared import Prepared
 
 HEAD = "classifier"
 """The classification head of transformers' image classifiers (ViT, DeiT, Swin, ConvNeXt, ResNet, CLIP, SigLIP)."""

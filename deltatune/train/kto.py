@@ -33,7 +33,7 @@ from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .logprobs import sequence_logprobs
-from .stages import Prepared, _note_truncated, read_splits
+from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")

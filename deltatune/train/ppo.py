@@ -40,7 +40,7 @@ from torch import nn
 from ..config import ConfigError
 from ..data.tasks import Collator
 from .config import AlignArgs, RunConfig
-from .stages import Prepared, read_splits
+from .prepared import Prepared, read_splits
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Any]
 """(prompts, responses) texts -> one reward per pair (a list or a (N,) tensor)."""

@@ -23,7 +23,7 @@ from ..data.encode import score_inputs, scorer_template
 from ..data.preference import PairCollator
 from ..data.tasks import Encoded
 from .config import RunConfig
-from .stages import Prepared, _note_truncated, read_splits
+from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
 

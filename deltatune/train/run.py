@@ -21,8 +21,9 @@ from . import report
 from .checks import check_model_path, check_num_labels, check_precision, check_run
 from .config import RunConfig, build
 from .models import IMAGE_STAGES, TASK_OF_STAGE, load_model, load_processor, local_base_note
+from .prepared import Prepared
 from .runfolder import Replacement, RunLock, check_output_path, recipe_changes, resume_checkpoint, started_callback
-from .stages import STAGES, Prepared, generation_metrics, perplexity
+from .stages import STAGES, generation_metrics, perplexity
 
 RUN_FILE = "run.yaml"
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..data.encode import encode_sft_samples
-from ..data.load import DataError, Row, read_rows
+from ..data.load import DataError, Row
 from ..data.tasks import (
     Collator,
     encode_cls,
@@ -29,101 +27,7 @@ from ..data.tasks import (
 from ..data.templates import IGNORE_INDEX
 from . import metrics as M
 from .config import RunConfig
-
-
-@dataclass
-class Prepared:
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]] | None
-    collator: Callable
-    compute_metrics: Callable | None = None
-    metric: str | None = None
-    """The headline metric (a key of the eval metrics), plotted with the loss."""
-    labels: list[str] | None = None
-    eval_rows: list[Row] | None = None
-    notes: list[str] = field(default_factory=list)
-    loss_only: bool = False
-    """Language-model stages: eval reports the loss (and perplexity) only; no logits are gathered."""
-    trainer_class: Callable | None = None
-    """A DeltaTrainer subclass (or a partial of one) for stages with their own loss (rm, dpo); None: DeltaTrainer."""
-    loop: Callable | None = None
-    """For stages that do not fit the HF Trainer (ppo): ``loop(model, tokenizer, cfg) -> (metrics, log_history)``,
-    run instead of the Trainer; the run saves the adapter and writes the report as usual."""
-
-
-def _rows(cfg: RunConfig) -> tuple[list[Row], list[Row] | None]:
-    if not cfg.data.train:
-        raise DataError("data.train is not set: give a training data file")
-    train = read_rows(cfg.data.train, cfg.data.text_column, cfg.data.limit)
-    evals = read_rows(cfg.data.eval, cfg.data.text_column, cfg.data.limit) if cfg.data.eval else None
-    return train, evals
-
-
-def data_columns(d) -> dict[str, str]:
-    """The field -> column names of the data section (the *_column keys, then data.columns)."""
-    cols = {
-        "prompt": d.prompt_column,
-        "chosen": d.chosen_column,
-        "rejected": d.rejected_column,
-        "label": d.label_column,
-    }
-    if getattr(d, "completion_column", None):
-        cols["completion"] = d.completion_column
-    return {**cols, **d.columns}
-
-
-def read_splits(cfg: RunConfig, tok, stage: str | None = None, pair_scorer: bool = False):
-    """The train and eval rows as ``formats.Sample`` lists, the template that renders them, and the report notes
-    (the data format, the first row of each split as rendered, preference rows skipped under data.bad_pairs=skip).
-
-    Raises:
-        DataError: bad rows (``formats.read_samples``), multimodal rows, or no template for the rows.
-    """
-    from ..data.encode import choose_template, first_row_note, format_note
-    from ..data.formats import read_samples, refuse_multimodal
-    from ..data.preference import skipped_note
-
-    d, stage = cfg.data, stage or cfg.stage
-    train_rows, eval_rows = _rows(cfg)
-    notes: list[str] = []
-    splits = []
-    for split, rows in (("train", train_rows), ("eval", eval_rows)):
-        if not rows:
-            splits.append(None)
-            continue
-        skipped: list[str] | None = [] if d.bad_pairs == "skip" else None
-        samples = read_samples(rows, data_columns(d), d.format, d.tags, stage, skipped)
-        refuse_multimodal(samples, stage)
-        if skipped:
-            notes.append(skipped_note(split, skipped))
-        if not samples:
-            raise DataError(f"{split} data {getattr(d, split)}: every row was skipped")
-        splits.append(samples)
-    train, ev = splits
-    template = choose_template(train + (ev or []), tok, d.template, stage, pair_scorer)
-    notes.insert(0, format_note(train, d.format is not None))
-    for split, samples in (("train", train), ("eval", ev)):
-        if samples:
-            notes.append(first_row_note(split, samples[0], tok, template, stage))
-    return train, ev, template, notes
-
-
-def _note_truncated(notes: list[str], split: str, count: int, max_length: int) -> None:
-    if count:
-        notes.append(f"{count} {split} rows were longer than data.max_length={max_length} tokens and were truncated")
-
-
-def _encode_splits(enc, train_rows, eval_rows, max_length: int, notes: list[str]):
-    """Encode the train and (optional) eval rows with ``enc``; note truncated rows of each in the report."""
-    train = enc(train_rows)
-    ev = enc(eval_rows) if eval_rows else None
-    _note_truncated(notes, "train", train.truncated, max_length)
-    _note_truncated(notes, "eval", ev.truncated if ev else 0, max_length)
-    return train, ev
-
-
-def _logits(predictions: Any) -> np.ndarray:
-    return predictions[0] if isinstance(predictions, (tuple, list)) else predictions
+from .prepared import Prepared, _encode_splits, _logits, _rows, data_columns, read_splits
 
 
 def prepare_cls(cfg: RunConfig, tok) -> Prepared:
@@ -304,27 +208,9 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     )
 
 
-# The alignment stages live in files of their own, imported when used (they import the HF Trainer).
-def prepare_rm(cfg: RunConfig, tok) -> Prepared:
-    from .reward import prepare_rm
-
-    return prepare_rm(cfg, tok)
-
-
-def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
-    from .dpo import prepare_dpo
-
-    return prepare_dpo(cfg, tok)
-
-
-def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
-    from .ppo import prepare_ppo
-
-    return prepare_ppo(cfg, tok)
-
-
 def _lazy(module: str, name: str) -> Callable[[RunConfig, Any], Prepared]:
-    """``module.name``, imported on the first call (the stages in files of their own import the HF Trainer)."""
+    """``module.name``, imported on the first call: the stages in files of their own import the HF Trainer, and
+    they import ``prepared`` (never this file), so the table points down and nothing points back."""
     return lambda cfg, tok: getattr(importlib.import_module(module, __package__), name)(cfg, tok)
 
 
@@ -334,9 +220,9 @@ STAGES: dict[str, Callable[[RunConfig, Any], Prepared]] = {
     "cls": prepare_cls,
     "tag": prepare_tag,
     "seq2seq": prepare_seq2seq,
-    "rm": prepare_rm,
-    "dpo": prepare_dpo,
-    "ppo": prepare_ppo,
+    "rm": _lazy(".reward", "prepare_rm"),
+    "dpo": _lazy(".dpo", "prepare_dpo"),
+    "ppo": _lazy(".ppo", "prepare_ppo"),
     "image_cls": _lazy(".image_cls", "prepare_image_cls"),
     "caption": _lazy(".caption", "prepare_caption"),
     "grpo": _lazy(".grpo", "prepare_grpo"),
