@@ -48,8 +48,19 @@ def recipe(model: str, data: str, out: str, **train_args) -> dict:
     }
 
 
-def test_the_loss_curve_grows_while_a_run_trains(browser, tmp_path):
+def test_the_loss_curve_grows_while_a_run_trains(browser, tmp_path, monkeypatch):
     from deltatune.train import build, train
+    from deltatune.train.trainer import DeltaTrainer
+
+    # A tiny run on a quiet machine can finish 30 steps between two looks at the page (seen: counts [17, 30]);
+    # a quarter second per step keeps it slower than the page's 150 ms poll, so the growth is always seen.
+    step = DeltaTrainer.training_step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(0.25)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTrainer, "training_step", slow_step)
 
     base = save_tiny(tmp_path / "bert", "bert", "seq_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull"]
