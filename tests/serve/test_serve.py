@@ -231,10 +231,14 @@ def test_api_key(served):
     check_bind("127.0.0.1", None)
 
 
-def test_client_disconnecting_mid_stream_frees_its_row(served):
+def test_client_disconnecting_mid_stream_frees_its_row(served, monkeypatch):
     from deltatune.serve.app import create_app
 
     engine, _, _, _ = served
+    # The tiny model's context (64) ends the row within milliseconds; slowed to 0.3 s a step, the row would run
+    # ~18 s, so it can only leave within the deadline by being dropped, not by finishing (seen in CI: a race).
+    forward = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda *a: (time.sleep(0.3), forward(*a))[1])
     long = Server(create_app(engine, max_tokens=2000))
     try:
         cancelled = engine.cancelled
