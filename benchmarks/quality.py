@@ -216,7 +216,8 @@ def _head(model: nn.Module) -> nn.Module:
 
 def build(task: Task, method: str, side: str, seed: int) -> tuple[nn.Module, int, float]:
     """The model ready to train, the plain model's parameter count, and the checksum of the head's initial weight."""
-    from deltatune.train.models import TASK_OF_STAGE, auto_class, resolve_path
+    from deltatune.train.models import auto_class, resolve_path
+    from deltatune.train.table import TASK_OF_STAGE
 
     task_type = TASK_OF_STAGE[task.kind]  # cls: SEQ_CLS, tag: TOKEN_CLS
     auto = auto_class(task_type)

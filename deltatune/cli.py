@@ -301,16 +301,20 @@ def _chat(args) -> int:
 
 
 def _merge(args) -> int:
-    from .train.run import load_adapter_model
+    from .train.run import load_adapter_model, merge
     from .train.runfolder import publish_folder, staging_folder
 
     with staging_folder(args.out, args.overwrite) as staging:  # refuses a folder with files unless --overwrite
-        model, tok = load_adapter_model(
-            args.adapter, args.model, merged=True, trust_remote_code=args.trust_remote_code
-        )
+        delta, tok = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
+        model, report = merge(delta, tok)
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
+        if report is not None:  # a 4-bit base: what merging into full precision changed, kept beside the model
+            with open(os.path.join(staging, "merge_report.json"), "w", encoding="utf-8") as fh:
+                json.dump(report.as_dict(), fh, indent=2)
         publish_folder(staging, args.out)
+    if report is not None:
+        print(f"4-bit base {report} (merge_report.json)")
     print(f"merged model written to {args.out} (loads with plain transformers)")
     return 0
 

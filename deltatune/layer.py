@@ -323,6 +323,20 @@ def call_batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def unpack_frozen_layers(model: nn.Module) -> list[str]:
+    """Replace each packed frozen layer, one offering ``unpack(dtype)`` (QLoRA's 4-bit linear layer, or one merged
+    into and dequantised that was a GPT-2 ``Conv1D``), by the plain layer it stands for, its weight in the dtype of
+    the model's other floating-point weights, so that transformers can save and load the model. Returns their paths.
+    """
+    packed = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "unpack", None))]
+    own = {id(p) for _, m in packed for p in m.parameters()}
+    others = (p.dtype for p in model.parameters() if id(p) not in own and p.is_floating_point())
+    dtype = next(others, torch.float32)
+    for path, module in packed:
+        set_submodule(model, path, module.unpack(dtype))
+    return [n for n, _ in packed]
+
+
 def replace_module(root: nn.Module, path: str, module: nn.Module | None) -> None:
     """Put ``module`` at dotted ``path`` under ``root``; None removes what is there."""
     if module is None:

@@ -44,6 +44,7 @@ from .layer import (
     checkpointing,
     logical_numel,
     replace_module,
+    unpack_frozen_layers,
 )
 from .targets import HEADS_BY_TASK, add_modules_to_save
 
@@ -398,17 +399,24 @@ class DeltaModel(nn.Module):
             for name in reversed(list(layer.merged_adapters)):
                 layer.unmerge(name)
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(self, adapter_names: list[str] | None = None, *, dequantize: bool = True) -> nn.Module:
         """Merge the active (or named) adapters and return the plain base model with no deltatune module left.
 
         The returned model holds the merged weights (and the adapter's copies of modules_to_save); save it with
         ``save_pretrained`` and load it with plain transformers. This DeltaModel is empty afterwards.
+
+        A 4-bit base (``deltatune.quantize``) comes back in full precision, every layer, adapted or not
+        (``dequantize=False`` keeps the unadapted ones in 4 bits, which transformers cannot save);
+        ``deltatune.merge_quantized`` also measures the error the merge made, or quantises the result again.
         """
         names = list(adapter_names or self.active_adapters)
         self.merge_adapter(names)
         for _, layer in self._layers():
             layer.set_adapters(names)
-        return self._unload()
+        model = self._unload()
+        if dequantize:
+            unpack_frozen_layers(model)
+        return model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging; returns the original base model."""

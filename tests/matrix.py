@@ -19,8 +19,13 @@ __all__ = ["FAMILIES", "METHODS", "TASKS", "TASK_TYPES", "MethodRow", "task_type
 
 TASKS = {family: default_task(family) for family in FAMILIES}
 """The task each family's tiny model is built for (tests/tiny.py): causal_lm, seq2seq or seq_cls."""
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS",
-              "image_cls": None}  # fmt: skip  (PEFT has no image task_type; the head goes into modules_to_save)
+TASK_TYPES = {
+    "causal_lm": "CAUSAL_LM",
+    "seq2seq": "SEQ_2_SEQ_LM",
+    "seq_cls": "SEQ_CLS",
+    "token_cls": "TOKEN_CLS",
+    "image_cls": None,
+}  # fmt: skip  (PEFT has no image task_type; the head goes into modules_to_save)
 
 # PEFT's default LoRA targets per family (peft.utils.constants), written out here so that the expected
 # counts do not come from deltatune's own table.

@@ -45,9 +45,7 @@ def test_causal_lm_recipes_run_offline_on_the_embedded_llm():
             assert raw["model"]["name_or_path"] == "smollm2", path.name
 
 
-@pytest.mark.parametrize(
-    "path", [p for p in RECIPES if _stage(p) in TINY or p.stem in ALSO], ids=lambda p: p.stem
-)
+@pytest.mark.parametrize("path", [p for p in RECIPES if _stage(p) in TINY or p.stem in ALSO], ids=lambda p: p.stem)
 def test_recipe_runs_two_steps(path, tmp_path, monkeypatch, capsys):
     # Recipes name data relative to the repository root (../shared/data/...), as a user runs them from there.
     monkeypatch.chdir(path.parent.parent)

@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "DataError": ".load", "Row": ".load", "read_rows": ".load", "Collator": ".tasks", "pack": ".tasks",
     "IGNORE_INDEX": ".templates", "TEMPLATES": ".templates",
-    "FORMATS": ".formats", "Sample": ".formats", "read_samples": ".formats", "unpaired_examples": ".formats",
+    "FORMATS": ".formats", "Sample": ".sample", "read_samples": ".formats", "unpaired_examples": ".sample",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 

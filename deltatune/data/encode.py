@@ -1,4 +1,4 @@
-"""Samples (``formats.Sample``) -> token ids for sft, rm, dpo and ppo, through one chat template.
+"""Samples (``sample.Sample``) -> token ids for sft, rm, dpo and ppo, through one chat template.
 
 Which template renders a stage's rows (``choose_template``):
 
@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .formats import Message, Sample, read_samples
+from .formats import read_samples
 from .load import DataError, Row
 from .preference import encode_lm, encode_scored
+from .sample import Message, Sample
 from .tasks import Encoded, _fit
 from .templates import IGNORE_INDEX, TEMPLATES, has_tool_support, render
 
@@ -135,7 +136,7 @@ def encode_prompt_response(
     tools: list[dict] | None = None,
 ) -> tuple[dict[str, list[int]], bool]:
     """Causal-LM inputs of ``prompt`` messages followed by ``response`` messages (e.g. one triple of
-    ``formats.unpaired_examples``), rendered with ``template`` (from ``choose_template``), labels -100 outside the
+    ``sample.unpaired_examples``), rendered with ``template`` (from ``choose_template``), labels -100 outside the
     response's assistant turns; whether the row was cut to ``max_length``."""
     if template == RAW:
         return encode_lm(tokenizer, prompt[0]["content"], response[0]["content"], max_length)

@@ -6,8 +6,9 @@ and the first rows rendered as the stage renders them, with the trained tokens b
 
 from __future__ import annotations
 
-from .formats import STAGE_FORMATS, detect, read_samples, refuse_multimodal
+from .formats import STAGE_FORMATS, detect, read_samples
 from .load import DataError, read_rows
+from .sample import refuse_multimodal
 
 _DEFAULT_STAGE = {"text": "pt", "prompt": "ppo", "unpaired": "kto"}
 

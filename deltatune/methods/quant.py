@@ -246,13 +246,19 @@ class Linear4bit(nn.Module):
         ``merge_quantized`` turns those back into ``Conv1D`` at the end, so the merged model loads as the original.
         """
         weight = self.dequantized_weight(dtype)
-        plain = nn.Linear(
+        plain = (_DequantizedConv1D if self.conv1d else nn.Linear)(
             self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
         )
         plain.weight = nn.Parameter(weight, requires_grad=False)
         if self.bias is not None:
             plain.bias = nn.Parameter(self.bias.detach().to(weight.dtype), requires_grad=self.bias.requires_grad)
         return plain
+
+    def unpack(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The layer as the base model had it before ``quantize`` (a GPT-2 ``Conv1D`` where it was one), W
+        dequantised to ``dtype``: what ``merge_and_unload`` leaves in the merged model (layer.unpack_frozen_layers)."""
+        plain = self.dequantize(dtype)
+        return _as_conv1d(plain) if self.conv1d else plain
 
     def __deepcopy__(self, memo: dict) -> Linear4bit:
         # torchao's NF4Tensor copies itself by quantising its dequantised values again with the default block sizes,
@@ -275,6 +281,14 @@ class Linear4bit(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"nf4, backend={self.backend}, compute_dtype={str(self.compute_dtype).removeprefix('torch.')}"
         )
+
+
+class _DequantizedConv1D(nn.Linear):
+    """A dequantised 4-bit layer that was a GPT-2 ``Conv1D``, in ``nn.Linear``'s layout (the one LoRA merges into);
+    ``unpack()`` gives the ``Conv1D`` back, so a merged GPT-2 saves and loads as the original architecture."""
+
+    def unpack(self, dtype: torch.dtype | None = None) -> nn.Module:
+        return _as_conv1d(self).to(dtype or self.weight.dtype)
 
 
 def _as_conv1d(linear: nn.Linear) -> nn.Module:

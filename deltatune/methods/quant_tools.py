@@ -6,6 +6,7 @@ reporting the error merging introduced). The math of the format is in quant.py's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -225,6 +226,17 @@ class MergeReport:
     quantized: list[str] = field(default_factory=list)
     """Layers in 4 bits in the returned model (with requantize)."""
 
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values (dtype as its name, the layer lists as counts)."""
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "mean_abs_diff": self.mean_abs_diff,
+            "requantized": self.requantized,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "dequantized_layers": len(self.dequantized),
+            "quantized_layers": len(self.quantized),
+        }
+
     def __str__(self) -> str:
         what = "merged and re-quantised" if self.requantized else "merged into full precision"
         return (
@@ -292,7 +304,7 @@ def merge_quantized(
     adapted = {n.removesuffix(".base_layer") for n, _ in _quantized_layers(base) if n.endswith(".base_layer")}
     settings = {n: (m.compute_dtype, m.backend, m.double_quant) for n, m in _quantized_layers(base)}
     conv1d = {n.removesuffix(".base_layer") for n, m in _quantized_layers(base) if m.conv1d}
-    plain = model.merge_and_unload(adapter_names)
+    plain = model.merge_and_unload(adapter_names, dequantize=False)
     # A model transformers loaded in 4 bits forgets that it was (transformers' own call for it): its layers are
     # deltatune's or plain now, and transformers would refuse to cast it.
     quantizer = getattr(plain, "hf_quantizer", None)

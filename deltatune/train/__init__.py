@@ -1,4 +1,4 @@
-"""The trainers: one run function over stages (pt, sft, cls, tag, seq2seq, rm, dpo, ppo), built on the HF Trainer.
+"""The trainers: one run function over the stages of table.py, built on the HF Trainer or a stage's own loop.
 
 Names load on first use, so ``deltatune train --help`` reads the recipe fields without importing torch.
 """

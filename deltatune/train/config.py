@@ -19,8 +19,7 @@ from typing import Any
 import yaml
 
 from ..config import TASK_TYPES, ConfigError
-
-STAGES = ("pt", "sft", "cls", "tag", "seq2seq", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo", "image_cls", "caption")
+from .table import STAGES
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass field's help text)
@@ -61,12 +60,14 @@ class DataArgs:
         "naming file:line) or 'skip' (counted in the report).",
     )
     columns: dict = _f(
-        {}, "Renamed fields -> column: {messages, conversations, instruction, input, output, system, history, "
-        "prompt, completion, chosen, rejected, label, tools, images} (docs/data-formats.md)."
+        {},
+        "Renamed fields -> column: {messages, conversations, instruction, input, output, system, history, "
+        "prompt, completion, chosen, rejected, label, tools, images} (docs/data-formats.md).",
     )
     format: str | None = _f(
-        None, "Data format (docs/data-formats.md): alpaca, sharegpt, messages, prompt_completion, prompt, preference, "
-        "preference_implicit, sharegpt_preference, unpaired, text; default: detected from the rows."
+        None,
+        "Data format (docs/data-formats.md): alpaca, sharegpt, messages, prompt_completion, prompt, preference, "
+        "preference_implicit, sharegpt_preference, unpaired, text; default: detected from the rows.",
     )
     tags: dict = _f({}, "sharegpt role/content tag names, as LLaMA-Factory's dataset_info.json 'tags'.")
     template: str | None = _f(
@@ -154,7 +155,8 @@ class AlignArgs:
         "sequence", "GRPO: 'sequence' (mean over each completion's tokens, then over completions) or 'token' mean."
     )
     reward_funcs: list = _f(
-        [], "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, **columns) or a rm run."
+        [],
+        "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, **columns) or a rm run.",
     )
     reward_weights: list | None = _f(None, "GRPO: the weight of each reward in the sum (default: 1 each).")
     desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable rows (lambda_D).")
@@ -166,8 +168,9 @@ class AlignArgs:
 class OutputArgs:
     dir: str = _f("runs/run", "Output folder: adapter, checkpoints, metrics.json, report.md, plot.")
     samples: int = _f(
-        0, "Causal LM stages: after training, answer the first N eval prompts (greedy) with the adapter off and on; "
-        "printed, and written to samples.json and report.md."
+        0,
+        "Causal LM stages: after training, answer the first N eval prompts (greedy) with the adapter off and on; "
+        "printed, and written to samples.json and report.md.",
     )
     sample_tokens: int = _f(64, "Longest answer, in new tokens, of each output.samples answer.")
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from ..data.preference import PairCollator
 from .config import AlignArgs, RunConfig
 from .logprobs import sequence_logprobs
+from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
-from .reward import PairTrainer, encode_pair_splits, pair_metrics
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
 

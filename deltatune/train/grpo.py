@@ -31,8 +31,6 @@ continues from the last one.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -51,14 +49,14 @@ from ..data.load import DataError, Row
 from ..data.preference import bos_prefix
 from ..data.tasks import Collator
 from .config import AlignArgs, RunConfig
+from .grpo_rewards import Reward, check_rewards, load_rewards, score
 from .ppo import context_length
 from .prepared import Prepared, _rows
+from .report import plot_panels
 
 STATE_FILE = "grpo_state.pt"
-
-
-class RewardError(DataError):
-    """A reward function raised, or returned something that is not one finite number per completion."""
+STATS = ("reward", "reward_std", "kl", "clipfrac", "entropy", "completion_length", "loss", "step_time_s")
+"""The statistics plotted in grpo_stats.png, then each reward's mean."""
 
 
 # -- the math ------------------------------------------------------------------------------------------------
@@ -147,159 +145,6 @@ def grpo_loss(
 
 
 # -- rewards -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Reward:
-    """One reward: its name (for logs and errors), the callable and its weight in the sum. ``model`` rewards are
-    reward-model runs, called as ``fn(prompt_texts, completions)``; the others as ``fn(prompts=, completions=,
-    **columns)``."""
-
-    name: str
-    fn: Callable[..., Any]
-    weight: float = 1.0
-    model: bool = False
-
-
-def import_reward(spec: str) -> Callable[..., Any]:
-    """The function named by ``module:function`` or ``path/to/file.py:function`` (a path relative to the current
-    directory, as data paths are).
-
-    Raises:
-        ConfigError: malformed, cannot be imported, no such function, or not callable (the spec named).
-    """
-    where = f"align.reward_funcs entry {spec!r}"
-    module, _, name = spec.rpartition(":")
-    if not module or not name:
-        raise ConfigError(f"{where} is neither a reward run folder nor of the form module:function")
-    try:
-        if module.endswith(".py"):
-            if not os.path.isfile(module):
-                raise ImportError(f"no file {module}")
-            spec_ = importlib.util.spec_from_file_location(f"deltatune_reward_{abs(hash(module))}", module)
-            mod = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(module)
-        fn = getattr(mod, name)
-    except Exception as exc:  # noqa: BLE001  (user code: any error while importing is reported in one line)
-        raise ConfigError(f"{where} could not be imported: {type(exc).__name__}: {exc}") from None
-    if not callable(fn):
-        raise ConfigError(f"{where} is not callable")
-    return fn
-
-
-def check_rewards(align: AlignArgs) -> list[Reward]:
-    """The rewards of ``align.reward_funcs`` with their weights, functions imported, reward runs checked (not yet
-    loaded: ``load_rewards`` does that once the policy exists).
-
-    Raises:
-        ConfigError: no rewards, a weight list of another length or holding a non-number, or a bad entry.
-    """
-    from .reward import reward_run
-
-    specs = align.reward_funcs
-    if not specs:
-        raise ConfigError("align.reward_funcs is empty: give module:function entries or reward-model run folders")
-    weights = align.reward_weights if align.reward_weights is not None else [1.0] * len(specs)
-    if len(weights) != len(specs):
-        raise ConfigError(f"align.reward_weights has {len(weights)} values for {len(specs)} align.reward_funcs")
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-        raise ConfigError(f"align.reward_weights must be finite numbers, got {weights}")
-    out, seen = [], set()
-    for spec, weight in zip(specs, weights):
-        if not isinstance(spec, str):
-            raise ConfigError(f"align.reward_funcs entries must be text, got {spec!r}")
-        if os.path.isdir(spec):
-            reward_run(spec)
-            name, fn, is_model = os.path.basename(os.path.normpath(spec)), None, True
-        else:
-            name, fn, is_model = spec.rpartition(":")[2], import_reward(spec), False
-        while name in seen:  # two rewards of one name get distinct log keys
-            name += "_"
-        seen.add(name)
-        out.append(Reward(name, fn, float(weight), is_model))
-    return out
-
-
-def load_rewards(rewards: list[Reward], specs: list[str], model: nn.Module, policy_name: str, tokenizer) -> list:
-    """Reward-model entries loaded (an extra adapter on the policy when trained on its base: ``AdapterReward``;
-    else a model of its own: ``RewardScorer``); returns the loaded AdapterRewards, to delete after the run."""
-    from .ppo import reward_function
-    from .reward import AdapterReward
-
-    device = next(model.parameters()).device
-    shared = []
-    for r, spec in zip(rewards, specs):
-        if r.model and r.fn is None:
-            r.fn = reward_function(spec, device, model, policy_name, tokenizer)
-            if isinstance(r.fn, AdapterReward):
-                r.fn.adapter_name = f"reward_{len(shared)}" if shared else r.fn.adapter_name
-                shared.append(r.fn)
-    return shared
-
-
-def _values(out: Any, name: str, n: int, sources: Sequence[str]) -> list[float]:
-    """A reward's output as n finite floats; RewardError naming the reward and the row otherwise."""
-    if isinstance(out, torch.Tensor):
-        out = out.detach().float().flatten().tolist()
-    elif hasattr(out, "tolist"):  # a numpy array
-        out = out.tolist()
-    if not isinstance(out, (list, tuple)):
-        raise RewardError(f"reward {name} returned a {type(out).__name__}, not a list of {n} numbers")
-    if len(out) != n:
-        raise RewardError(f"reward {name} returned {len(out)} values for {n} completions")
-    values = []
-    for value, source in zip(out, sources):
-        if not isinstance(value, (int, float)):  # (True / False count as 1 / 0)
-            raise RewardError(
-                f"reward {name} returned {value!r} ({type(value).__name__}) for row {source}, not a number"
-            )
-        if not math.isfinite(value):
-            raise RewardError(f"reward {name} returned {value} for row {source}; rewards must be finite numbers")
-        values.append(float(value))
-    return values
-
-
-def _call(reward: Reward, prompts: list, texts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
-    if reward.model:
-        return reward.fn(texts, completions)
-    return reward.fn(prompts=prompts, completions=completions, **columns)
-
-
-def score(
-    rewards: Sequence[Reward],
-    prompts: list,
-    prompt_texts: list[str],
-    completions: list[str],
-    columns: dict[str, list],
-    sources: list[str],
-) -> torch.Tensor:
-    """(N, K) rewards of N completions under K rewards.
-
-    Raises:
-        RewardError: a reward raised (the row it raised on is found by calling it on one row at a time) or returned
-            a wrong length, a NaN/infinite value or a non-number.
-    """
-    n = len(completions)
-    table = []
-    for r in rewards:
-        try:
-            out = _call(r, prompts, prompt_texts, completions, columns)
-        except Exception as exc:  # noqa: BLE001  (user code: find the row and say it in one line)
-            raise RewardError(_raised(r, prompts, prompt_texts, completions, columns, sources, exc)) from None
-        table.append(_values(out, r.name, n, sources))
-    return torch.tensor(table, dtype=torch.float32).T.reshape(n, len(rewards))
-
-
-def _raised(r: Reward, prompts, texts, completions, columns, sources, exc: Exception) -> str:
-    for i, source in enumerate(sources):
-        try:
-            _call(r, prompts[i : i + 1], texts[i : i + 1], completions[i : i + 1],
-                  {k: v[i : i + 1] for k, v in columns.items()})  # fmt: skip
-        except Exception as one:  # noqa: BLE001
-            return f"reward {r.name} raised {type(one).__name__}: {one} (row {source}, completion {completions[i]!r})"
-    return f"reward {r.name} raised {type(exc).__name__}: {exc} (on the batch of rows {sources[0]} .. {sources[-1]})"
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
@@ -693,7 +538,8 @@ def train_grpo(
     finally:
         for r in shared:  # the saved run holds the policy adapter only
             model.delete_adapter(r.adapter_name)
-    plot_stats(history, os.path.join(out, "grpo_stats.png"))
+    keys = [k for k in STATS if history and k in history[0]] + [k for k in (history or [{}])[0] if k.endswith("/mean")]
+    plot_panels(history, keys, os.path.join(out, "grpo_stats.png"))
     return metrics, history
 
 
@@ -742,34 +588,3 @@ def _load_checkpoint(path: str, loop: GRPOLoop, g: torch.Generator):
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["history"], state["order"], state["metrics"]
-
-
-STATS = ("reward", "reward_std", "kl", "clipfrac", "entropy", "completion_length", "loss", "step_time_s")
-
-
-def plot_stats(history: list[dict[str, Any]], path: str) -> str | None:
-    """One small panel per GRPO statistic over steps (and each reward's mean), as a PNG. None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not history:
-        return None
-    keys = [k for k in STATS if k in history[0]] + [k for k in history[0] if k.endswith("/mean")]
-    cols = 4
-    rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.6 * rows), dpi=100, squeeze=False)
-    steps = [h["step"] for h in history]
-    for ax, key in zip(axes.flat, keys):
-        ax.plot(steps, [h.get(key, float("nan")) for h in history])
-        ax.set_title(key.replace("_", " "))
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

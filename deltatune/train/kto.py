@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..data.encode import encode_prompt_response
-from ..data.formats import unpaired_examples
 from ..data.load import DataError
+from ..data.sample import unpaired_examples
 from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig

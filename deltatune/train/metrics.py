@@ -99,3 +99,8 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n:
     log_p = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
     bp = 1.0 if pred_len > ref_len else math.exp(1 - ref_len / pred_len)
     return bp * math.exp(log_p)
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token loss); inf past a loss of 50 (where exp overflows a float's use)."""
+    return math.exp(loss) if loss < 50 else float("inf")

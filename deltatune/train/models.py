@@ -14,23 +14,7 @@ import torch
 
 from ..config import ConfigError
 from . import embedded
-
-TASK_OF_STAGE = {
-    "pt": "CAUSAL_LM",
-    "sft": "CAUSAL_LM",
-    "cls": "SEQ_CLS",
-    "tag": "TOKEN_CLS",
-    "seq2seq": "SEQ_2_SEQ_LM",
-    "rm": "SEQ_CLS",
-    "dpo": "CAUSAL_LM",
-    "ppo": "CAUSAL_LM",
-    "grpo": "CAUSAL_LM",
-    "kto": "CAUSAL_LM",
-    "orpo": "CAUSAL_LM",
-    "simpo": "CAUSAL_LM",
-    "image_cls": "IMAGE_CLS",  # not a PEFT task_type: adapters keep None; the head trains via modules_to_save
-    "caption": "IMAGE_TO_TEXT",  # not a PEFT task_type either
-}
+from .table import IMAGE_STAGES
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -67,10 +51,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
-
-
-IMAGE_STAGES = ("image_cls", "caption")
-"""Stages whose inputs are images: the model's image processor stands where the tokenizer stands."""
 
 
 def load_image_processor(name_or_path: str, trust_remote_code: bool = False):

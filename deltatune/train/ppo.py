@@ -41,12 +41,17 @@ from ..config import ConfigError
 from ..data.tasks import Collator
 from .config import AlignArgs, RunConfig
 from .prepared import Prepared, read_splits
+from .report import plot_panels
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Any]
 """(prompts, responses) texts -> one reward per pair (a list or a (N,) tensor)."""
 
 
 # -- the math ------------------------------------------------------------------------------------------------
+
+
+STATS = ("reward", "kl", "policy_loss", "value_loss", "clipfrac", "entropy", "response_length", "kl_coef")
+"""The statistics plotted in ppo_stats.png."""
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,7 +163,7 @@ class PPOLoop:
     Args:
         model: the policy, a DeltaModel over a causal LM whose active adapter trains.
         tokenizer: the policy's tokenizer (responses are decoded with it for the reward function).
-        reward_fn: (prompts, responses) texts -> rewards; a ``reward.RewardScorer`` or any Python function.
+        reward_fn: (prompts, responses) texts -> rewards; a ``scorers.RewardScorer`` or any Python function.
         align: PPO settings (the ``align`` section of the recipe).
         lr: AdamW learning rate for the adapter and the value head.
         max_grad_norm: gradient clipping norm (0: none).
@@ -340,8 +345,8 @@ def reward_function(
     """The reward named by ``align.reward_model``: a reward run folder (stage rm) or ``module:function``.
 
     A reward run trained on the policy's own base (its ``model.name_or_path`` equals ``policy_name``) is loaded into
-    ``policy`` as a second, frozen adapter with its head (``reward.AdapterReward``: one copy of the base); any other
-    reward run is loaded as a model of its own (``reward.RewardScorer``) and scores re-tokenised text.
+    ``policy`` as a second, frozen adapter with its head (``scorers.AdapterReward``: one copy of the base); any other
+    reward run is loaded as a model of its own (``scorers.RewardScorer``) and scores re-tokenised text.
 
     Raises:
         ConfigError: not set, not a reward run, or the function cannot be imported.
@@ -351,7 +356,7 @@ def reward_function(
             "align.reward_model is not set: give a reward-model run folder (stage rm) or module:function"
         )
     if os.path.isdir(spec):
-        from .reward import AdapterReward, RewardScorer, reward_run
+        from .scorers import AdapterReward, RewardScorer, reward_run
 
         same_base = reward_run(spec).get("model", {}).get("name_or_path") == policy_name
         if policy is not None and same_base:
@@ -372,7 +377,7 @@ def reward_function(
 def _check_reward_model(spec: str | None) -> None:
     """Fail before any model is loaded when align.reward_model names nothing usable."""
     if spec and os.path.isdir(spec):
-        from .reward import reward_run
+        from .scorers import reward_run
 
         reward_run(spec)
     else:
@@ -444,7 +449,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     def loop(
         model, tokenizer, run_cfg: RunConfig, checkpoint: str | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        from .reward import AdapterReward
+        from .scorers import AdapterReward
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
@@ -532,29 +537,5 @@ def train_ppo(
         {k: v.detach().cpu().contiguous() for k, v in loop.value_head.state_dict().items()},
         os.path.join(out, "value_head.safetensors"),
     )
-    plot_stats(history, os.path.join(out, "ppo_stats.png"))
+    plot_panels(history, list(STATS), os.path.join(out, "ppo_stats.png"))
     return metrics, history
-
-
-STATS = ("reward", "kl", "policy_loss", "value_loss", "clipfrac", "entropy", "response_length", "kl_coef")
-
-
-def plot_stats(history: list[dict[str, Any]], path: str) -> str | None:
-    """One small panel per PPO statistic over steps, as a PNG. None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(2, 4, figsize=(12, 5), dpi=100)
-    steps = [h["step"] for h in history]
-    for ax, key in zip(axes.flat, STATS):
-        ax.plot(steps, [h[key] for h in history])
-        ax.set_title(key.replace("_", " "))
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -55,15 +55,16 @@ def data_columns(d) -> dict[str, str]:
 
 
 def read_splits(cfg: RunConfig, tok, stage: str | None = None, pair_scorer: bool = False):
-    """The train and eval rows as ``formats.Sample`` lists, the template that renders them, and the report notes
+    """The train and eval rows as ``sample.Sample`` lists, the template that renders them, and the report notes
     (the data format, the first row of each split as rendered, preference rows skipped under data.bad_pairs=skip).
 
     Raises:
         DataError: bad rows (``formats.read_samples``), multimodal rows, or no template for the rows.
     """
     from ..data.encode import choose_template, first_row_note, format_note
-    from ..data.formats import read_samples, refuse_multimodal
+    from ..data.formats import read_samples
     from ..data.preference import skipped_note
+    from ..data.sample import refuse_multimodal
 
     d, stage = cfg.data, stage or cfg.stage
     train_rows, eval_rows = _rows(cfg)

@@ -12,6 +12,34 @@ def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def plot_panels(history: list[dict[str, Any]], keys: list[str], path: str) -> str | None:
+    """One small panel per statistic over steps (four a row), as a PNG: the online stages' (PPO, GRPO) logs.
+    None without matplotlib or without history."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not history or not keys:
+        return None
+    cols = 4
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.6 * rows), dpi=100, squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history])
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot(history: list[dict[str, Any]], path: str, metric: str | None = None) -> str | None:
     """Training and eval loss (and ``metric``, on a second axis) over steps, as a PNG. None without matplotlib."""
     try:

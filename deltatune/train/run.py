@@ -1,7 +1,7 @@
 """One fine-tuning run from a RunConfig: base model + method -> HF Trainer -> adapter, metrics, report.
 
 ``train(cfg)`` is what ``deltatune train`` calls; ``evaluate(run_dir, data)`` what ``deltatune eval`` calls.
-Stage-specific work lives in stages.py; which method trains is the registry's business (via DeltaModel).
+Stage-specific work lives in one file per stage (the table in table.py); which method trains is the registry's business (via DeltaModel).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from ..model import DeltaModel, get_delta_model
 from . import report
 from .checks import check_model_path, check_num_labels, check_precision, check_run
 from .config import RunConfig, build
-from .models import IMAGE_STAGES, TASK_OF_STAGE, load_model, load_processor, local_base_note
+from .metrics import perplexity
+from .models import load_model, load_processor, local_base_note
 from .prepared import Prepared
 from .runfolder import Replacement, RunLock, check_output_path, recipe_changes, resume_checkpoint, started_callback
-from .stages import STAGES, generation_metrics, perplexity
-
-RUN_FILE = "run.yaml"
+from .runs import RUN_FILE, read_recipe, run_file
+from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
 
 
 def _check_output(out: str, overwrite: bool, resume: bool) -> tuple[str | None, list[str]]:
@@ -122,20 +122,39 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
         cfg.model.trust_remote_code,
         getattr(tok, "pad_token_id", None),  # an image processor has none
     )
-    if cfg.model.quantization:
-        from .. import quantize
-
-        result = quantize(model, **cfg.model.quantization)
-        model = result[0] if isinstance(result, tuple) else result
+    model = _quantize(model, cfg.model.quantization)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache while training (it would also disable packed-sequence masks)
     return model
 
 
-def _prepare(cfg: RunConfig, tok) -> Prepared:
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage {cfg.stage!r} is not available yet; stages that run: {', '.join(STAGES)}")
-    return STAGES[cfg.stage](cfg, tok)
+def _quantize(model: torch.nn.Module, quantization: dict | None) -> torch.nn.Module:
+    """The base quantised as the recipe's ``model.quantization`` says (QLoRA), or as it is."""
+    if not quantization:
+        return model
+    from .. import quantize
+
+    result = quantize(model, **quantization)
+    return result[0] if isinstance(result, tuple) else result
+
+
+MERGE_PROBE = ("The quick brown fox jumps over the lazy dog.", "Adapters are small; the base model is large.")
+"""The text on which ``merge`` measures what merging a 4-bit model changed."""
+
+
+def merge(delta: DeltaModel, tok) -> tuple[torch.nn.Module, Any]:
+    """The adapter folded into its base: (plain model, None), or for a 4-bit base (QLoRA) the model dequantised
+    and merged with the report of the error that made (``merge_quantized``: logits against the 4-bit adapter model
+    on ``MERGE_PROBE``)."""
+    from ..methods.quant import is_quantized
+
+    if not any(is_quantized(m) for m in delta.modules()):
+        return delta.merge_and_unload(), None
+    from ..methods.quant_tools import merge_quantized
+
+    enc = tok(list(MERGE_PROBE), return_tensors="pt", padding=True)
+    device = next(delta.parameters()).device
+    return merge_quantized(delta, {k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
 
 
 def train(
@@ -180,7 +199,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     check_run(cfg)
     set_seed(cfg.train.seed)
     tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code)
-    prepared = _prepare(cfg, tok)
+    prepared = prepare(cfg, tok)
     if prepared.labels:
         check_num_labels(cfg, prepared.labels)
         cfg.data.labels = prepared.labels
@@ -325,6 +344,8 @@ def _evaluate(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[s
     if prepared.loss_only and "eval_loss" in metrics:
         metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     if prepared.eval_rows is not None and cfg.stage == "seq2seq":
+        from .seq2seq import generation_metrics
+
         metrics.update(generation_metrics(delta, tok, prepared.eval_rows, cfg))
     return metrics
 
@@ -358,17 +379,6 @@ def _check_packing(model: DeltaModel) -> None:
         )
 
 
-def _untrusted(raw: Any, where: str) -> dict[str, Any]:
-    """A run folder's recipe with ``model.trust_remote_code`` dropped: a folder someone sends you must never make
-    transformers run the model repo's Python code; only the command line (``--trust-remote-code``) may."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} is not a recipe (a YAML mapping)")
-    raw = dict(raw)
-    if isinstance(raw.get("model"), dict):
-        raw["model"] = {k: v for k, v in raw["model"].items() if k != "trust_remote_code"}
-    return raw
-
-
 def evaluate(
     run_dir: str, data: str | None = None, overrides: list[str] | None = None, trust_remote_code: bool = False
 ) -> dict[str, Any]:
@@ -381,11 +391,7 @@ def evaluate(
 
     from .config import apply_overrides
 
-    path = os.path.join(run_dir, RUN_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{run_dir!r} holds no {RUN_FILE}; give a folder written by 'deltatune train'")
-    with open(path, encoding="utf-8") as fh:
-        raw = _untrusted(yaml.safe_load(fh), path)
+    raw, path = read_recipe(run_dir), os.path.join(run_dir, RUN_FILE)
     if data:
         raw["data"] = {**(raw.get("data") or {}), "eval": data}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
@@ -399,7 +405,7 @@ def evaluate(
         trust_remote_code,
     )
     eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
-    prepared = _prepare(eval_cfg, tok)
+    prepared = prepare(eval_cfg, tok)
     if prepared.loop is not None:
         raise ConfigError(
             f"stage {cfg.stage!r} runs its own loop, not the Trainer's evaluation; its metrics.json "
@@ -447,11 +453,10 @@ def load_adapter_model(
     from ..registry import from_pretrained
 
     config = from_pretrained(adapter_dir)
-    run_file = os.path.join(adapter_dir, RUN_FILE)
+    recipe_path = run_file(adapter_dir)
     labels, num_labels = None, None
-    if os.path.isfile(run_file):
-        with open(run_file, encoding="utf-8") as fh:
-            cfg = build(_untrusted(yaml.safe_load(fh), run_file), where=run_file)
+    if recipe_path:
+        cfg = build(read_recipe(adapter_dir), where=recipe_path)
         name, task, labels = model or cfg.model.name_or_path, TASK_OF_STAGE[cfg.stage], cfg.data.labels
         num_labels = cfg.model.num_labels
     else:
@@ -459,7 +464,7 @@ def load_adapter_model(
     if not name:
         raise ConfigError(f"{adapter_dir!r} does not say which base model it was trained on; pass --model")
     check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
-    stage = cfg.stage if os.path.isfile(run_file) else "sft"
+    stage = cfg.stage if recipe_path else "sft"
     saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
     has_tok = os.path.isfile(os.path.join(adapter_dir, saved))
     tok = load_processor(adapter_dir if has_tok else name, stage, trust_remote_code)
@@ -471,18 +476,18 @@ def load_adapter_model(
         trust_remote_code=trust_remote_code,
         pad_token_id=getattr(tok, "pad_token_id", None),
     )
+    if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on
+        base = _quantize(base, cfg.model.quantization)
     delta = DeltaModel.from_pretrained(base, adapter_dir)
-    return (delta.merge_and_unload() if merged else delta), tok
+    return (merge(delta, tok)[0] if merged else delta), tok
 
 
 def _task(adapter_dir: str) -> tuple[str | None, str | None]:
     """(task type, stage) of a run or adapter folder, read without loading any model."""
     import json
 
-    run_file = os.path.join(adapter_dir, "run.yaml")
-    if os.path.isfile(run_file):
-        with open(run_file, encoding="utf-8") as fh:
-            stage = (yaml.safe_load(fh) or {}).get("stage")
+    if run_file(adapter_dir):
+        stage = read_recipe(adapter_dir).get("stage")
         return TASK_OF_STAGE.get(stage), stage
     try:
         with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from .config import AlignArgs, RunConfig
 from .logprobs import response_logprobs
+from .pairs import PairTrainer
 from .prepared import Prepared
-from .reward import PairTrainer
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
 

@@ -13,4 +13,3 @@ pytest.importorskip("uvicorn")
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "serve"))
-

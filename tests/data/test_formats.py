@@ -18,8 +18,9 @@ from tiny import save_tiny, tokenizer
 
 from deltatune.cli import main
 from deltatune.data.encode import choose_template, encode_pair_samples, encode_sft_samples, lm_example
-from deltatune.data.formats import read_samples, refuse_multimodal, unpaired_examples
+from deltatune.data.formats import read_samples
 from deltatune.data.load import DataError, Row, read_rows
+from deltatune.data.sample import refuse_multimodal, unpaired_examples
 from deltatune.data.templates import IGNORE_INDEX, render
 
 FIXTURES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "fixtures", "formats"))

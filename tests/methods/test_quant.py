@@ -315,14 +315,37 @@ def test_merge_report_is_the_real_error(backend):
     assert errors[1] > 10 * errors[0] and errors[1] > 1e-3
 
 
-def test_merge_and_unload_dequantizes_through_the_layer_protocol():
-    probe = tiny_inputs("llama")
-    delta = _qlora(BACKENDS[0])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merge_and_unload_of_a_4bit_model_saves_and_loads_with_transformers(family, tmp_path):
+    """merge_and_unload() on a 4-bit base returns a plain model: adapted layers merged, the others dequantised
+    (GPT-2's back to Conv1D), so save_pretrained writes it and transformers reads it back with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    probe = tiny_inputs(family)
+    if family == "llama":
+        delta = _qlora(BACKENDS[0])
+    else:
+        model, _ = dt.quantize(tiny_model("gpt2", n_embd=64), backend=BACKENDS[0])
+        lora = dt.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+        delta = dt.get_delta_model(model, lora)
     reference = output_of(delta, probe)
-    plain = delta.merge_and_unload()  # DeltaModel's own merge: LoRA asks Linear4bit.dequantize() for a plain layer
+    plain = delta.merge_and_unload()  # LoRA asks Linear4bit.dequantize() for a plain layer; the rest unpack
+    assert not any(quant.is_quantized(m) or isinstance(m, DeltaLayer) for m in plain.modules())
+    layers = [plain.model.layers[0].self_attn.q_proj, plain.model.layers[0].self_attn.k_proj] if family == "llama" else [
+        plain.transformer.h[0].attn.c_attn, plain.transformer.h[0].mlp.c_fc]  # fmt: skip
+    want = "Linear" if family == "llama" else "Conv1D"
+    assert [type(m).__name__ for m in layers] == [want, want]  # adapted, and not adapted
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    torch.testing.assert_close(output_of(plain, probe), reference, atol=1e-4, rtol=1e-4)
+    plain.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(output_of(again, probe), output_of(plain, probe), atol=0, rtol=0)
+
+
+def test_merge_and_unload_can_keep_the_unadapted_layers_in_4bit():
+    plain = _qlora(BACKENDS[0]).merge_and_unload(dequantize=False)
     assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
     assert isinstance(plain.model.layers[0].self_attn.k_proj, Linear4bit)  # not adapted: still 4-bit
-    torch.testing.assert_close(output_of(plain, probe), reference, atol=1e-4, rtol=1e-4)
 
 
 def test_merge_without_the_backend_fails_and_leaves_the_model(monkeypatch):

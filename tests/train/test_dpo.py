@@ -18,7 +18,8 @@ from deltatune.model import get_delta_model
 from deltatune.train import build
 from deltatune.train.dpo import dpo_loss
 from deltatune.train.models import load_tokenizer
-from deltatune.train.run import _prepare, _training_args, build_model
+from deltatune.train.run import _training_args, build_model
+from deltatune.train.table import prepare as _prepare
 
 # policy chosen / rejected and reference chosen / rejected summed log-probs of three pairs.
 PC, PR = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -2.0, -1.0])

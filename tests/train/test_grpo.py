@@ -21,17 +21,8 @@ from deltatune.cli import main
 from deltatune.config import ConfigError
 from deltatune.train import build, train
 from deltatune.train.config import AlignArgs
-from deltatune.train.grpo import (
-    GRPOLoop,
-    PromptItem,
-    Reward,
-    RewardError,
-    check_rewards,
-    group_advantages,
-    grpo_loss,
-    k3_kl,
-    score,
-)
+from deltatune.train.grpo import GRPOLoop, PromptItem, group_advantages, grpo_loss, k3_kl
+from deltatune.train.grpo_rewards import Reward, RewardError, check_rewards, score
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,14 +13,16 @@ from transformers import set_seed
 
 from deltatune.cli import main
 from deltatune.config import ConfigError
-from deltatune.data.formats import read_samples, unpaired_examples
+from deltatune.data.formats import read_samples
 from deltatune.data.load import DataError, Row
+from deltatune.data.sample import unpaired_examples
 from deltatune.model import get_delta_model
 from deltatune.train import build
 from deltatune.train.config import AlignArgs
 from deltatune.train.kto import KTOCollator, balance_note, kl_reference_point, kto_loss
 from deltatune.train.models import load_tokenizer
-from deltatune.train.run import _prepare, _training_args, build_model
+from deltatune.train.run import _training_args, build_model
+from deltatune.train.table import prepare as _prepare
 
 
 def test_kto_loss_by_hand():

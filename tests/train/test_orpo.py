@@ -16,7 +16,8 @@ from deltatune.model import get_delta_model
 from deltatune.train import build
 from deltatune.train.models import load_tokenizer
 from deltatune.train.orpo import orpo_loss
-from deltatune.train.run import _prepare, _training_args, build_model
+from deltatune.train.run import _training_args, build_model
+from deltatune.train.table import prepare as _prepare
 
 # Summed response log-probs and response token counts of three pairs: mean log-probs chosen [-1, -1, -0.25],
 # rejected [-2, -3, -0.5].

@@ -19,7 +19,7 @@ from deltatune.data.tasks import Collator
 from deltatune.train import build, train
 from deltatune.train.config import AlignArgs
 from deltatune.train.ppo import KLController, PPOLoop, gae, policy_loss, reward_function, value_loss
-from deltatune.train.reward import RewardScorer
+from deltatune.train.scorers import RewardScorer
 
 WORDS = [f"w{i}" for i in range(40)] + ["yes"]
 ONES = torch.ones(1, 3)
@@ -285,7 +285,7 @@ def same_base_rm(cli_files, tmp_path_factory):
 
 def test_reward_adapter_on_the_policy_base_scores_as_the_separate_model(cli_files, same_base_rm):
     from deltatune.train.models import load_tokenizer
-    from deltatune.train.reward import AdapterReward
+    from deltatune.train.scorers import AdapterReward
 
     tok = load_tokenizer(cli_files["llama"])
     model = get_delta_model(

@@ -17,7 +17,9 @@ from deltatune.config import ConfigError
 from deltatune.data.load import DataError, read_rows
 from deltatune.data.preference import read_pairs
 from deltatune.train import build, evaluate, train
-from deltatune.train.reward import RewardScorer, pair_metrics, pairwise_loss
+from deltatune.train.pairs import pair_metrics
+from deltatune.train.reward import pairwise_loss
+from deltatune.train.scorers import RewardScorer
 
 MARKER = "excellent"
 

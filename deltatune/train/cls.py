@@ -1,0 +1,48 @@
+"""Stage ``cls``: sequence classification. Rows of text (and an optional text pair) with a label; the labels are
+read from the data (or ``data.labels``); eval reports accuracy and macro-F1."""
+
+from __future__ import annotations
+
+from ..data.tasks import Collator, encode_cls, label_map
+from . import metrics as M
+from .config import RunConfig
+from .prepared import Prepared, _encode_splits, _logits, _rows
+
+
+def prepare_cls(cfg: RunConfig, tok) -> Prepared:
+    train_rows, eval_rows = _rows(cfg)
+    d = cfg.data
+    mapping = label_map(train_rows, d.label_column, d.labels)
+    named = {v: str(k) for k, v in mapping.items() if not isinstance(k, int)}
+    names = list(d.labels) if d.labels else [named.get(i, str(i)) for i in range(max(mapping.values()) + 1)]
+
+    def enc(rows):
+        return encode_cls(
+            rows,
+            tok,
+            d.text_column,
+            d.label_column,
+            mapping,
+            d.max_length,
+            d.truncation,
+            d.text_pair_column,
+        )
+
+    notes: list[str] = []
+    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
+    n = len(names)
+
+    def compute(p) -> dict[str, float]:
+        preds = _logits(p.predictions).argmax(-1).tolist()
+        labels = p.label_ids.tolist()
+        return {"accuracy": M.accuracy(preds, labels), "f1": M.f1(preds, labels, n)}
+
+    return Prepared(
+        train.examples,
+        ev.examples if ev else None,
+        Collator(tok.pad_token_id),
+        compute,
+        "eval_accuracy",
+        names,
+        notes=notes,
+    )

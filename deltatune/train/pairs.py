@@ -1,0 +1,60 @@
+"""What the preference-pair stages share (rm, dpo, orpo, simpo): pairs encoded with the chat template, the
+trainer base whose eval predictions are (chosen, rejected) scores, and the pairwise metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.tasks import Encoded
+from .config import RunConfig
+from .prepared import _note_truncated, read_splits
+from .trainer import DeltaTrainer
+
+
+def pair_metrics(scores: np.ndarray) -> dict[str, float]:
+    """Pairwise accuracy (strictly r_chosen > r_rejected) and mean margin from (N, 2) [chosen, rejected] scores."""
+    margin = scores[:, 0] - scores[:, 1]
+    return {"accuracy": float((margin > 0).mean()), "margin": float(margin.mean())}
+
+
+class PairTrainer(DeltaTrainer):
+    """DeltaTrainer for preference pairs (rm, dpo): ``compute_loss(..., return_outputs=True)`` gives
+    (loss, (B, 2) [chosen, rejected] scores), and those scores are the eval predictions (labels are dummies)."""
+
+    def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, margins: bool = True) -> None:
+        """Log the means of the chosen and rejected rewards (their margin), and how often chosen wins."""
+        self.log_stat("rewards/chosen", chosen.mean().item())
+        self.log_stat("rewards/rejected", rejected.mean().item())
+        if margins:
+            self.log_stat("rewards/margins", (chosen - rejected).mean().item())
+        self.log_stat("rewards/accuracies", (chosen > rejected).float().mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, scores = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), scores.detach().float(), torch.zeros(scores.shape[0], device=scores.device)
+
+
+def encode_pair_splits(
+    cfg: RunConfig, tok, causal: bool, pair_scorer: bool = False
+) -> tuple[Encoded, Encoded | None, list[str]]:
+    """The train and (optional) eval preference rows (any preference format, ``formats.read_samples``) rendered
+    with the chat template and encoded (``encode.encode_pair_samples``), and the report notes (format, first rows
+    as rendered, pairs skipped under data.bad_pairs=skip, rows truncated)."""
+    from ..data.encode import encode_pair_samples
+
+    d = cfg.data
+    train_s, eval_s, template, notes = read_splits(cfg, tok, pair_scorer=pair_scorer)
+
+    def enc(samples) -> Encoded:
+        return encode_pair_samples(samples, tok, template, d.max_length, d.truncation, causal=causal)
+
+    train = enc(train_s)
+    ev = enc(eval_s) if eval_s else None
+    _note_truncated(notes, "train", train.truncated, d.max_length)
+    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+    return train, ev, notes

@@ -1,0 +1,125 @@
+"""Finished reward runs as reward functions for the online stages (ppo, grpo): ``RewardScorer`` loads the reward
+model on its own; ``AdapterReward`` loads it into the policy as a second, frozen adapter (one copy of the base).
+Both score (prompt, response) texts rendered as the reward run rendered them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..data.encode import score_inputs, scorer_template
+from .runs import read_recipe
+
+
+def is_encoder_config(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+class RewardScorer:
+    """Scores (prompt, response) texts with a finished reward run (a folder written by ``deltatune train`` with
+    stage rm). Text goes in, so the reward model's own tokenizer encodes it: a policy with another tokenizer is
+    scored correctly (its ids are decoded to text first, then re-tokenised here).
+
+    Args:
+        run_dir: the reward run folder.
+        max_length: longest scored input in tokens (default: the reward run's data.max_length).
+        device: where the reward model runs.
+    """
+
+    def __init__(self, run_dir: str, max_length: int | None = None, device: str | torch.device = "cpu") -> None:
+        from .run import load_adapter_model
+
+        recipe = reward_run(run_dir)
+        self.model, self.tokenizer = load_adapter_model(run_dir)
+        self.model.to(device).eval()
+        self.max_length = max_length or int(recipe.get("data", {}).get("max_length", 512))
+        self.device = torch.device(device)
+        self.template = scorer_template(recipe, self.tokenizer, is_encoder_config(self.model.config))
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """One reward per (prompt, response): (N,) float tensor, the pair rendered as the reward run rendered it."""
+        examples = [
+            score_inputs(self.tokenizer, self.template, p, r, self.max_length) for p, r in zip(prompts, responses)
+        ]
+        from ..data.tasks import Collator
+
+        batch = Collator(self.tokenizer.pad_token_id)(examples)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self.model(**batch).logits.squeeze(-1).float().cpu()
+
+
+def reward_run(run_dir: str) -> dict:
+    """The recipe of a finished reward run (its run.yaml).
+
+    Raises:
+        ConfigError: the folder holds no run.yaml, or the run is not stage rm.
+    """
+    from ..config import ConfigError
+
+    recipe = read_recipe(run_dir, "give a folder written by a stage rm run")
+    if recipe.get("stage") != "rm":
+        raise ConfigError(f"reward model {run_dir!r} is a stage {recipe.get('stage')!r} run, not a reward model (rm)")
+    return recipe
+
+
+class AdapterReward:
+    """A reward run trained on the policy's own base, loaded into the policy as a second adapter (frozen) plus its
+    scalar head: scoring switches to that adapter for one forward pass and back, so the policy, the reference and
+    the reward model share one copy of the base weights.
+
+    The score is the head applied to the last hidden state of the last non-padding token, as
+    ``AutoModelForSequenceClassification`` computes it on a decoder.
+
+    Args:
+        model: the policy (a DeltaModel over a causal LM of the base the reward run was trained on).
+        run_dir: the reward run folder.
+        tokenizer: the policy's tokenizer (the same base, so the reward run's tokenizer too).
+        adapter_name: the name the reward adapter gets in ``model``.
+    """
+
+    def __init__(self, model, run_dir: str, tokenizer, adapter_name: str = "reward") -> None:
+        from ..files import key_prefix, read_weights, split_heads
+        from ..registry import from_pretrained
+
+        recipe = reward_run(run_dir)
+        config = from_pretrained(run_dir)
+        tensors, _ = read_weights(run_dir, None, None, allow_pickle=False)
+        _, heads = split_heads(tensors, config.modules_to_save, key_prefix(config))
+        head = {k.rpartition(".")[2]: v for k, v in heads.items()}
+        if "weight" not in head or head["weight"].shape[0] != 1:
+            raise ValueError(f"{run_dir}: no scalar head among the adapter's tensors (modules_to_save)")
+        device = next(model.parameters()).device
+        self.head = torch.nn.Linear(head["weight"].shape[1], 1, bias="bias" in head).to(device)
+        with torch.no_grad():
+            for key, value in head.items():
+                getattr(self.head, key).copy_(value)
+        self.template = scorer_template(recipe, tokenizer, encoder=False)  # the policy's base: a decoder
+        self.head.requires_grad_(False)
+        # The backbone part of the adapter fits the causal LM as it is (same module paths): load it without the head.
+        model.load_adapter(run_dir, adapter_name, modules_to_save=False)
+        self.model, self.tokenizer, self.adapter_name = model, tokenizer, adapter_name
+        self.max_length = int(recipe.get("data", {}).get("max_length", 512))
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """One reward per (prompt, response): (N,) float tensor."""
+        from ..data.tasks import Collator
+
+        examples = [
+            score_inputs(self.tokenizer, self.template, p, r, self.max_length) for p, r in zip(prompts, responses)
+        ]
+        batch = Collator(self.tokenizer.pad_token_id)(examples)  # right padding
+        device = next(self.head.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        active = list(self.model.active_adapters)
+        self.model.set_adapter(self.adapter_name)
+        try:
+            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        finally:
+            self.model.set_adapter(active)
+        last = mask.sum(-1) - 1  # (N,): the last real token of each row
+        return self.head(hidden[torch.arange(len(last), device=device), last].float()).squeeze(-1).cpu()

@@ -1,0 +1,75 @@
+"""Stage ``seq2seq``: an encoder-decoder (T5, BART) on source/target rows; eval adds greedy generations scored
+with ROUGE-L and BLEU-4 against the target (or the row's ``references``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.load import Row
+from ..data.tasks import Collator, encode_seq2seq
+from . import metrics as M
+from .config import RunConfig
+from .prepared import Prepared, _encode_splits, _rows
+
+
+def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
+    train_rows, eval_rows = _rows(cfg)
+    d = cfg.data
+
+    def enc(rows):
+        return encode_seq2seq(
+            rows,
+            tok,
+            d.source_column,
+            d.target_column,
+            d.max_length,
+            d.max_target_length,
+            d.truncation,
+        )
+
+    notes: list[str] = []
+    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
+    return Prepared(
+        train.examples,
+        ev.examples if ev else None,
+        Collator(tok.pad_token_id),
+        None,
+        "eval_rougeL",
+        eval_rows=eval_rows,
+        notes=notes,
+        loss_only=True,
+    )
+
+
+@torch.no_grad()
+def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: int = 16) -> dict[str, float]:
+    """ROUGE-L (mean over examples) and corpus BLEU-4 of greedy generations against the targets (or the row's
+    ``references`` list when it has one)."""
+    d = cfg.data
+    was_training = model.training
+    model.eval()
+    preds, refs = [], []
+    device = next(p for p in model.parameters()).device
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        enc = tok(
+            [str(r.get(d.source_column)) for r in chunk],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=d.max_length,
+        )
+        out = model.generate(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            max_new_tokens=cfg.train.generation_max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
+        preds += tok.batch_decode(out, skip_special_tokens=True)
+        for r in chunk:
+            many = r.data.get("references")
+            refs.append([str(x) for x in many] if isinstance(many, list) and many else [str(r.get(d.target_column))])
+    model.train(was_training)
+    rouge = sum(max(M.rouge_l(p, r) for r in rs) for p, rs in zip(preds, refs)) / max(len(preds), 1)
+    return {"eval_rougeL": rouge, "eval_bleu": M.bleu(preds, refs)}

@@ -1,0 +1,35 @@
+"""Stage ``sft``: supervised fine-tuning of a causal LM on conversations in any format deltatune reads
+(data/formats.py), rendered with the chat template; the loss is on the response tokens only. Optional packing."""
+
+from __future__ import annotations
+
+from ..data.encode import encode_sft_samples
+from ..data.load import DataError
+from ..data.tasks import Collator, pack
+from .config import RunConfig
+from .prepared import Prepared, _encode_splits, read_splits
+
+
+def prepare_sft(cfg: RunConfig, tok) -> Prepared:
+    d = cfg.data
+    train_s, eval_s, template, notes = read_splits(cfg, tok, "sft")
+
+    def enc(samples):
+        return encode_sft_samples(samples, tok, template, d.max_length, d.truncation)
+
+    train, ev = _encode_splits(enc, train_s, eval_s, d.max_length, notes)
+    for split, e in (("train", train), ("eval", ev)):
+        if e is not None and e.dropped:
+            notes.append(f"{e.dropped} {split} rows were dropped: no response token fits within data.max_length")
+    if not train.examples:
+        raise DataError(f"no training row has a response token within data.max_length={d.max_length}")
+    train_ex = train.examples
+    if d.packing:
+        train_ex = pack(train_ex, d.max_length)
+        notes.append(
+            f"{len(train.examples)} training examples packed into {len(train_ex)} blocks of at most "
+            f"{d.max_length} tokens"
+        )
+    return Prepared(
+        train_ex, ev.examples if ev else None, Collator(tok.pad_token_id), None, None, notes=notes, loss_only=True
+    )

@@ -1,0 +1,68 @@
+"""Stage ``tag``: token classification (BIO tags, e.g. named entities). Rows of words with one tag each; eval
+reports entity-level F1, precision and recall (and per-token accuracy)."""
+
+from __future__ import annotations
+
+from ..data.load import DataError
+from ..data.tasks import Collator, encode_tag
+from ..data.templates import IGNORE_INDEX
+from . import metrics as M
+from .config import RunConfig
+from .prepared import Prepared, _encode_splits, _logits, _rows
+
+
+def _bio_labels(tags: list) -> list[str]:
+    """ "O" first, then B-/I- for every entity type seen (both, even when the data shows only one of them)."""
+    kinds = sorted({str(t).partition("-")[2] for t in tags if str(t) != "O" and "-" in str(t)})
+    plain = sorted({str(t) for t in tags if str(t) != "O" and "-" not in str(t)})
+    return ["O", *[f"{p}-{k}" for k in kinds for p in ("B", "I")], *plain]
+
+
+def prepare_tag(cfg: RunConfig, tok) -> Prepared:
+    train_rows, eval_rows = _rows(cfg)
+    d = cfg.data
+    if d.labels:
+        names = list(d.labels)
+    else:
+        tags = [t for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])]
+        if any(isinstance(t, int) for t in tags):
+            raise DataError(
+                f"{d.tags_column!r} holds integer tag ids; set data.labels to their BIO names in id order "
+                "(e.g. [O, B-person, I-person, ...]) so entities can be scored"
+            )
+        names = _bio_labels(tags)
+    mapping: dict = {name: i for i, name in enumerate(names)} | {i: i for i in range(len(names))}
+
+    def enc(rows):
+        return encode_tag(
+            rows,
+            tok,
+            d.tokens_column,
+            d.tags_column,
+            mapping,
+            d.max_length,
+            d.truncation,
+        )
+
+    notes: list[str] = []
+    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
+
+    def compute(p) -> dict[str, float]:
+        preds = _logits(p.predictions).argmax(-1)
+        pred_tags, true_tags = [], []
+        for pr, lab in zip(preds, p.label_ids):
+            keep = lab != IGNORE_INDEX
+            pred_tags.append([names[i] for i in pr[keep]])
+            true_tags.append([names[i] for i in lab[keep]])
+        prf = M.entity_prf(pred_tags, true_tags)
+        flat = [(a, b) for ps, ts in zip(pred_tags, true_tags) for a, b in zip(ps, ts)]
+        return {
+            "f1": prf["f1"],
+            "precision": prf["precision"],
+            "recall": prf["recall"],
+            "accuracy": sum(a == b for a, b in flat) / max(len(flat), 1),
+        }
+
+    return Prepared(
+        train.examples, ev.examples if ev else None, Collator(tok.pad_token_id), compute, "eval_f1", names, notes=notes
+    )
