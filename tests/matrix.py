@@ -7,10 +7,12 @@ the trainable-parameter count it should give, worked out from the base model's m
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tiny import FAMILIES, TEXT, VISION, default_task
+import torch
+from tiny import FAMILIES, TEXT, VISION, default_task, tiny_model
 from torch import nn
 
 import deltatune as dt
@@ -67,6 +69,11 @@ class MethodRow:
         families: the families the method supports (None: all of FAMILIES).
         in_place: the method trains base parameters in place (freeze, BitFit, full fine-tuning): nothing is added,
             so no config changes the outputs before training, and disabling or switching adapters cannot undo it.
+        base: ``base(family)``: the base model the row adapts, when it is not the family's tiny model (QLoRA: a
+            4-bit one).
+        build: ``build(base, config, changed, seed)``: the adapted model, when it is not ``get_delta_model(base,
+            config)`` (AdapterFusion: the bottleneck adapters it fuses come first).
+        load: ``load(base, folder)``: the saved model loaded again, when it is not ``DeltaModel.from_pretrained``.
     """
 
     id: str
@@ -76,6 +83,9 @@ class MethodRow:
     trainable: Callable[[nn.Module, dt.DeltaConfig, str], int] | None = None
     families: tuple[str, ...] | None = None
     in_place: bool = False
+    base: Callable[[str], nn.Module] | None = None
+    build: Callable[[nn.Module, dt.DeltaConfig, bool, int], dt.DeltaModel] | None = None
+    load: Callable[[nn.Module, str], dt.DeltaModel] | None = None
 
 
 # -- expected counts, from module shapes ---------------------------------------------------------------------
@@ -223,15 +233,76 @@ def _ia3(family: str, changed: bool) -> dt.DeltaConfig:
     return dt.IA3Config(task_type=task_type(family), init_ia3_weights=not changed)
 
 
+# -- QLoRA: LoRA on the 4-bit NF4 base (layers whose in_features is a multiple of 64 quantise: hidden 64) ----------
+QLORA_FAMILIES = ("llama", "gpt2")
+_WIDE = {"llama": dict(hidden_size=64, intermediate_size=128), "gpt2": dict(n_embd=64)}
+
+
+def _quantized_base(family: str) -> nn.Module:
+    from deltatune.methods.quant import BACKENDS, _available
+
+    model, summary = dt.quantize(
+        tiny_model(family, **_WIDE[family]), backend=next(b for b in BACKENDS if _available(b))
+    )
+    assert summary.quantized, "the QLoRA rows' base must have 4-bit layers"
+    return model
+
+
+# -- AdapterFusion: a fusion over two bottleneck adapters (zero-init for changed=False, so it starts as the base) --
+FUSED = ("a", "b")
+
+
+def _fusion(family: str, changed: bool) -> dt.DeltaConfig:
+    return dt.AdapterFusionConfig(adapter_names=list(FUSED), task_type=task_type(family), init_weights=not changed)
+
+
+def _build_fusion(base: nn.Module, config: dt.DeltaConfig, changed: bool, seed: int) -> dt.DeltaModel:
+    model = dt.DeltaModel(base)
+    for i, name in enumerate(FUSED):
+        torch.manual_seed(10 + i)  # the same fused adapters for every seed: the seed draws the fusion layers
+        model.add_adapter(name, dt.BottleneckConfig(reduction_factor=4, init_weights=not changed))
+    torch.manual_seed(seed)
+    model.add_adapter("default", config)
+    model.set_adapter("default")
+    return model
+
+
+def _load_fusion(base: nn.Module, folder: str) -> dt.DeltaModel:
+    model = dt.DeltaModel(base)
+    for name in FUSED:
+        model.load_adapter(os.path.join(folder, name), name)
+    model.load_adapter(folder, "default")
+    model.set_adapter("default")
+    return model
+
+
+def fusion_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
+    """3 (d^2 + d) per fused sub-layer (W_q, W_k, W_v and biases) at the two Houlsby sites of every block."""
+    c = base.config
+    d = c.hidden_size
+    sites = 2 * c.num_hidden_layers * (2 if c.is_encoder_decoder else 1)
+    return sites * 3 * (d * d + d) + _head_params(base, config)
+
+
 METHODS: list[MethodRow] = [
     MethodRow("lora", _lora(), trainable=lora_trainable),
     MethodRow("lora-rslora", _lora(use_rslora=True), trainable=lora_trainable),
     MethodRow("lora-dora", _lora(use_dora=True), trainable=lora_trainable),
     MethodRow("lora-bias", _lora(bias="lora_only"), trainable=lora_trainable),
     MethodRow("lora-all-linear", _lora(target_modules="all-linear"), trainable=lora_trainable),
+    MethodRow("lora-4bit", _lora(), trainable=lora_trainable, families=QLORA_FAMILIES, base=_quantized_base),
     MethodRow("bottleneck-houlsby", _bottleneck(), mergeable=False, trainable=bottleneck_trainable),
     MethodRow("bottleneck-pfeiffer", _bottleneck(config="pfeiffer"), mergeable=False, trainable=bottleneck_trainable),
     MethodRow("ia3", _ia3, trainable=ia3_trainable),
+    MethodRow(
+        "fusion",
+        _fusion,
+        mergeable=False,
+        trainable=fusion_trainable,
+        families=TEXT,
+        build=_build_fusion,
+        load=_load_fusion,
+    ),
     MethodRow(
         "prompt_tuning",
         _tokens(dt.PromptTuningConfig),

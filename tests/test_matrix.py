@@ -25,18 +25,26 @@ MERGEABLE = [case for case in CASES if case.values[1].mergeable]
 
 
 @functools.cache
-def _base(family: str) -> torch.nn.Module:
-    return tiny_model(family)
+def _base(family: str, make=None) -> torch.nn.Module:
+    return make(family) if make else tiny_model(family)
 
 
-def fresh(family: str) -> torch.nn.Module:
-    """A new copy of the family's seeded tiny model (building it once per session)."""
-    return copy.deepcopy(_base(family))
+def fresh(family: str, row: MethodRow | None = None) -> torch.nn.Module:
+    """A new copy of the base the row adapts: the family's seeded tiny model, or the row's own (built once)."""
+    return copy.deepcopy(_base(family, row.base if row else None))
 
 
 def adapted(family: str, row: MethodRow, changed: bool, seed: int = 0) -> dt.DeltaModel:
     torch.manual_seed(seed)
-    return dt.get_delta_model(fresh(family), row.config(family, changed)).eval()
+    config = row.config(family, changed)
+    if row.build:
+        return row.build(fresh(family, row), config, changed, seed).eval()
+    return dt.get_delta_model(fresh(family, row), config).eval()
+
+
+def reload(family: str, row: MethodRow, folder) -> dt.DeltaModel:
+    load = row.load or dt.DeltaModel.from_pretrained
+    return load(fresh(family, row), str(folder)).eval()
 
 
 def delta_layers(model: torch.nn.Module) -> list[DeltaLayer]:
@@ -48,17 +56,29 @@ def plain_name(name: str) -> str:
     return name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
-def base_weights(model: dt.DeltaModel, family: str) -> dict[str, torch.Tensor]:
-    """Clones of the base model's own parameters (those the plain model has), keyed by their plain name."""
-    plain = {n for n, _ in _base(family).named_parameters()}
+def base_weights(model: dt.DeltaModel, family: str, row: MethodRow) -> dict[str, torch.Tensor]:
+    """Clones of the base model's own parameters (those the plain model has), keyed by their plain name; 4-bit
+    weights as the values they stand for."""
+    plain = {n for n, _ in _base(family, row.base).named_parameters()}
     named = ((plain_name(n), p) for n, p in model.base_model.named_parameters())
-    return {n: p.detach().clone() for n, p in named if n in plain}
+    return {n: _value(p) for n, p in named if n in plain}
+
+
+def _value(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's values: a 4-bit weight (torchao's NF4Tensor, bitsandbytes' Params4bit) dequantised."""
+    from deltatune.methods.quant import _dequantize_weight
+
+    if type(p.data).__name__ == "NF4Tensor":
+        return _dequantize_weight(p.data, "torchao").clone()
+    if hasattr(p, "quant_state"):
+        return _dequantize_weight(p, "bitsandbytes").clone()
+    return p.detach().clone()
 
 
 @pytest.mark.parametrize("family, row", CASES)
 def test_init_equals_base_and_changed_differs(family, row):
     inputs = tiny_inputs(family)
-    base_out = output_of(fresh(family), inputs)
+    base_out = output_of(fresh(family, row), inputs)
     if row.init_atol is not None:
         out = output_of(adapted(family, row, changed=False), inputs)
         if row.init_atol == 0.0:
@@ -74,7 +94,7 @@ def test_init_equals_base_and_changed_differs(family, row):
 @pytest.mark.parametrize("family, row", COUNTED)
 def test_trainable_count(family, row):
     model = adapted(family, row, changed=False)
-    expected = row.trainable(fresh(family), row.config(family, False), family)
+    expected = row.trainable(fresh(family, row), row.config(family, False), family)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected
     assert model.get_nb_trainable_parameters()[0] == expected
@@ -83,22 +103,22 @@ def test_trainable_count(family, row):
 @pytest.mark.parametrize("family, row", CASES)
 def test_one_step_changes_only_adapter(family, row):
     model = adapted(family, row, changed=False).train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    frozen_before = base_weights(model, family)
-    reference = {n: p for n, p in fresh(family).named_parameters()}
+    before = {n: _value(p) for n, p in model.named_parameters()}
+    frozen_before = base_weights(model, family, row)
+    reference = {n: _value(p) for n, p in fresh(family, row).named_parameters()}
     assert frozen_before.keys() == reference.keys()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     model(**tiny_inputs(family)).logits.sum().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, f"trainable parameters the forward pass never used: {unused}"
     opt.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(_value(p), before[n])}
     assert changed, "the optimizer step changed nothing"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed <= trainable
     # base parameters an adapter trains on purpose, e.g. the biases of bias="lora_only"
     trained_base = {plain_name(n) for n, p in model.base_model.named_parameters() if p.requires_grad}
-    for name, p in base_weights(model, family).items():
+    for name, p in base_weights(model, family, row).items():
         if name not in trained_base:
             assert torch.equal(p, frozen_before[name]), f"base parameter {name} changed"
             assert torch.equal(p, reference[name]), f"base parameter {name} differs from the untouched base"
@@ -109,21 +129,21 @@ def test_merge(family, row, tmp_path):
     inputs = tiny_inputs(family)
     model = adapted(family, row, changed=True)
     unmerged = output_of(model, inputs)
-    w0 = base_weights(model, family)
+    w0 = base_weights(model, family, row)
 
     model.merge_adapter()
     assert any(layer.merged for layer in delta_layers(model))
     merged = output_of(model, inputs)
     torch.testing.assert_close(merged, unmerged, atol=ATOL32, rtol=0)
-    w1 = base_weights(model, family)
+    w1 = base_weights(model, family, row)
     assert any(not torch.equal(w1[n], w0[n]) for n in w0), "merging changed no base weight"
 
     model.merge_adapter()  # twice: nothing changes
-    for name, w in base_weights(model, family).items():
+    for name, w in base_weights(model, family, row).items():
         assert torch.equal(w, w1[name]), f"a second merge changed {name}"
 
     model.unmerge_adapter()
-    for name, w in base_weights(model, family).items():
+    for name, w in base_weights(model, family, row).items():
         torch.testing.assert_close(w, w0[name], atol=WEIGHT_ATOL, rtol=0, msg=f"unmerge did not restore {name}")
     torch.testing.assert_close(output_of(model, inputs), unmerged, atol=ATOL32, rtol=0)
 
@@ -139,12 +159,12 @@ def test_merge(family, row, tmp_path):
 @pytest.mark.parametrize("family, row", CASES)
 def test_save_load_switch_disable(family, row, tmp_path):
     inputs = tiny_inputs(family)
-    base_out = output_of(fresh(family), inputs)
+    base_out = output_of(fresh(family, row), inputs)
     model = adapted(family, row, changed=True, seed=1)
     out1 = output_of(model, inputs)
 
     model.save_pretrained(tmp_path)
-    loaded = dt.DeltaModel.from_pretrained(fresh(family), tmp_path).eval()
+    loaded = reload(family, row, tmp_path)
     assert torch.equal(output_of(loaded, inputs), out1)
     if row.in_place:
         return _in_place_save_load(family, row, model, tmp_path)
@@ -180,7 +200,11 @@ def test_save_load_switch_disable(family, row, tmp_path):
 
     # deleting the active adapter activates the remaining one (as PEFT does)
     model.delete_adapter("default")
-    assert model.active_adapters == ["other"]
+    if row.build is None:  # the only other adapter becomes the active one
+        assert model.active_adapters == ["other"]
+    else:  # the fused adapters remain too: the first remaining one is active (as in PEFT); choose the fusion
+        assert model.active_adapters == [next(iter(model.peft_config))]
+        model.set_adapter("other")
     torch.testing.assert_close(output_of(model, inputs), out2, atol=ATOL32, rtol=0)
 
 
@@ -192,7 +216,7 @@ def _in_place_save_load(family: str, row: MethodRow, model: dt.DeltaModel, tmp_p
         for p in trained:
             p.add_(torch.randn_like(p) * 0.1)
     out = output_of(model, inputs)
-    assert (out - output_of(fresh(family), inputs)).abs().max() > ATOL32
+    assert (out - output_of(fresh(family, row), inputs)).abs().max() > ATOL32
     model.save_pretrained(tmp_path / "trained")
-    loaded = dt.DeltaModel.from_pretrained(fresh(family), tmp_path / "trained").eval()
+    loaded = reload(family, row, tmp_path / "trained")
     assert torch.equal(output_of(loaded, inputs), out)

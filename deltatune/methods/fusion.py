@@ -43,6 +43,9 @@ class AdapterFusionConfig(DeltaConfig):
     """The bottleneck adapters to fuse, by their names in the model (they must be loaded first)."""
     temperature: float = 1.0
     """T: the attention logits q . k_i are divided by it (> 0)."""
+    init_weights: bool = True
+    """True: the paper's init (W_v = I, near-uniform attention). False: W_q, W_k ~ N(0, 1) and W_v = I + N(0, 0.3^2),
+    a fusion that is far from the adapters' average from the start (so that tests comparing outputs can fail)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +70,7 @@ class Fusion(nn.Module):
         temperature: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init_weights: bool = True,
     ) -> None:
         super().__init__()
         self.adapter_names = list(adapter_names)
@@ -81,6 +85,10 @@ class Fusion(nn.Module):
             # W_v = I exactly (Adapters adds 1e-6 off the diagonal; exact keeps a one-adapter fusion exact).
             nn.init.eye_(self.value.weight)
             nn.init.zeros_(self.value.bias)
+            if not init_weights:
+                for lin in (self.query, self.key):
+                    nn.init.normal_(lin.weight, std=1.0)
+                self.value.weight.add_(torch.randn_like(self.value.weight) * 0.3)
         self.last_weights: torch.Tensor | None = None  # (N,) mean attention of the last forward
 
     def forward(self, h: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
@@ -152,7 +160,7 @@ def inject(model: nn.Module, config: AdapterFusionConfig, adapter_name: str) -> 
         w = layer.weight
         dtype = w.dtype if w.is_floating_point() else torch.float32
         layer.adapter_fusion[adapter_name] = Fusion(
-            layer.out_features, config.adapter_names, config.temperature, device=w.device, dtype=dtype
+            layer.out_features, config.adapter_names, config.temperature, w.device, dtype, config.init_weights
         )
     return [layer for _, layer in chosen]
 
