@@ -1,4 +1,4 @@
-"""``deltatune train|eval|generate|chat|merge|info|data|bench``: parse, call one function, print the result.
+"""``deltatune train|eval|generate|chat|merge|info|data``: parse, call one function, print the result.
 
 Heavy libraries are imported inside the commands, so ``deltatune --help`` answers at once.
 """
@@ -75,7 +75,9 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         "generate",
         help="answer a prompt with an adapter (through the model's chat template); --compare adds the base's answer",
     )
-    g.add_argument("--prompt", required=True, help="the prompt text (a user message, unless --raw)")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt text (a user message, unless --raw)")
+    what.add_argument("--image", help="an image file to caption (a stage caption run)")
     g.add_argument("--compare", action="store_true", help="also print the base model's answer (adapter off)")
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
@@ -138,32 +140,6 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     bd.add_argument("--model", help="playground: start a serve engine inside the board on this base model")
     bd.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="with --model: an adapter")
 
-    b = sub.add_parser(
-        "bench",
-        help="time deltatune against peft (training, inference, start-up); prints a markdown report",
-        description="Runs benchmarks/bench.py from a source checkout; see docs/BENCHMARKS.md.",
-    )
-    b.add_argument(
-        "--configs",
-        help="comma-separated from minilm, llama-fp32, llama-bf16, llama1b and llama1b-compile (GPU only), "
-        "smollm2-fp32 and smollm2-bf16 (the real SmolLM2-135M-Instruct), or 'all' (default: all but smollm2)",
-    )
-    b.add_argument(
-        "--methods",
-        help="comma-separated from full, lora, ia3, prompt, ptuning, prefix, houlsby, "
-        "pfeiffer, bitfit, freeze, or 'all' (default: full,lora)",
-    )
-    b.add_argument("--warmup", type=int, help="untimed training steps per process (default 2)")
-    b.add_argument("--steps", type=int, help="timed training steps per process (default 6)")
-    b.add_argument("--infer-steps", type=int, help="timed forward passes per latency figure (default 3)")
-    b.add_argument("--repeats", type=int, help="processes per method and side, alternating sides (default 3)")
-    b.add_argument("--startup-repeats", type=int, help="rounds of start-up timing processes; 0 skips (default 5)")
-    b.add_argument("--threads", type=int, help="torch threads per process (default: torch's, one per core)")
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
-    b.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 1 process per side, 2 steps")
-    b.add_argument("--out", help="also write the markdown report to this file")
-    b.add_argument("--json", help="write every process's raw results to this JSON file")
-    b.set_defaults(argv=list(argv))  # the exact command line, for the report
     for command in sub.choices.values():  # --debug after the command too (SUPPRESS: the top-level value stands)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
@@ -279,6 +255,8 @@ def _generate(args) -> int:
         print("deltatune generate: error: --compare needs the adapter unmerged; drop --merged", file=sys.stderr)
         return 2
     sampling = _sampling(args)
+    if args.image:
+        return _caption(args, sampling)
     model, tok = load_generator(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
     model.eval()
     ids = chat.prompt_ids(tok, args.prompt, raw=args.raw, system=args.system)
@@ -287,6 +265,26 @@ def _generate(args) -> int:
         print(chat.side_by_side([row]))
     else:
         print(chat.generate(model, tok, ids, num_beams=args.num_beams, **sampling))
+    return 0
+
+
+def _caption(args, sampling: dict) -> int:
+    from .data.images import ImageRow, open_rgb
+    from .train.caption import caption
+    from .train.run import load_captioner
+
+    open_rgb(ImageRow(os.path.abspath(args.image), None, args.image))  # a bad file is named before any loading
+    model, processor = load_captioner(args.adapter, args.model, args.trust_remote_code)
+    model.eval()
+    if args.merged:
+        model = model.merge_and_unload()
+    text = caption(model, processor, args.image, num_beams=args.num_beams, **sampling)
+    if not args.compare:
+        print(text)
+        return 0
+    with model.disable_adapter():
+        base = caption(model, processor, args.image, num_beams=args.num_beams, **sampling)
+    print(f"base:    {base}\nadapter: {text}")
     return 0
 
 
@@ -331,35 +329,6 @@ def _data(args) -> int:
 
     print(inspect(args.file, args.model, args.stage, args.max_length, args.template, args.data_format, show=args.rows))
     return 0
-
-
-def _bench(args) -> int:
-    import importlib.util
-    import shlex
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
-    if not path.is_file():
-        print(f"deltatune bench: error: needs a source checkout with benchmarks/bench.py; no {path}", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("deltatune_bench", path)
-    bench = sys.modules["deltatune_bench"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
-    spec.loader.exec_module(bench)
-    return bench.run(
-        args.configs,
-        args.methods,
-        warmup=args.warmup,
-        steps=args.steps,
-        infer_steps=args.infer_steps,
-        repeats=args.repeats,
-        startup_repeats=args.startup_repeats,
-        threads=args.threads,
-        device=args.device,
-        quick=args.quick,
-        out=args.out,
-        json_out=args.json,
-        command=shlex.join(["deltatune", *args.argv]),
-    )
 
 
 def _adapters(pairs: list[str]) -> dict[str, str]:
@@ -407,7 +376,6 @@ _COMMANDS = {
     "chat": _chat,
     "merge": _merge,
     "info": _info,
-    "bench": _bench,
 }
 _COMMANDS["serve"] = _serve
 _COMMANDS["board"] = _board

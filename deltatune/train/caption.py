@@ -118,6 +118,44 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor) -> Prepared:
     )
 
 
+@torch.no_grad()
+def caption(
+    model: torch.nn.Module,
+    processor: CaptionProcessor,
+    image: str,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    num_beams: int = 1,
+) -> str:
+    """The model's caption of the image file ``image`` (``deltatune generate --image``): greedy or sampled.
+
+    Raises:
+        DataError: the file is missing or not an image (its path named).
+    """
+    from .chat import check_sampling
+
+    check_sampling(max_new_tokens, temperature, top_p)
+    img, _ = open_rgb(ImageRow(os.path.abspath(image), None, image))
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    tok = processor.tokenizer
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
+    out = model.generate(
+        pixel_values=pixel_values(processor.image_processor, [img]).to(device),
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **sampling,
+    )
+    return tok.decode(out[0], skip_special_tokens=True).strip()
+
+
 def check_model(path: str) -> None:
     """Refuse, in one line, the models the stage does not handle yet (decoder-only vision-language models)."""
     from transformers import AutoConfig

@@ -496,6 +496,17 @@ def _task(adapter_dir: str) -> tuple[str | None, str | None]:
         return None, None  # load_adapter_model names what is missing
 
 
+def load_captioner(adapter_dir: str, model: str | None, trust_remote_code: bool):
+    """The adapted captioner and its processor for ``generate --image``; refuses runs that are not stage caption."""
+    task, stage = _task(adapter_dir)
+    if task != "IMAGE_TO_TEXT":
+        raise ConfigError(
+            f"--image: {adapter_dir!r} is not an image captioner ({f'stage {stage}' if stage else task or 'unknown'}); "
+            "--image needs a stage caption run. Drop --image and give --prompt"
+        )
+    return load_adapter_model(adapter_dir, model, trust_remote_code=trust_remote_code)
+
+
 def load_generator(
     adapter_dir: str, model: str | None, merged: bool, trust_remote_code: bool, raw: bool, command: str
 ):
@@ -504,6 +515,11 @@ def load_generator(
     from .chat import GENERATIVE, has_template
 
     task, stage = _task(adapter_dir)  # refused before any model is loaded
+    if task == "IMAGE_TO_TEXT":
+        raise ConfigError(
+            f"{adapter_dir!r} is an image captioner (stage {stage}); give it an image: "
+            f"'deltatune generate --adapter {adapter_dir} --image FILE'"
+        )
     if task is not None and task not in GENERATIVE:
         kind = {"SEQ_CLS": "a sequence classifier", "TOKEN_CLS": "a token tagger"}.get(task, f"a {task} model")
         raise ConfigError(

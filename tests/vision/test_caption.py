@@ -89,3 +89,50 @@ def test_refusals_in_one_line(data, tmp_path, capsys):
     assert main(_args(data, tmp_path, f"model.name_or_path={tmp_path / 'llava'}")) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stage caption: model type 'llava' is not an encoder-decoder captioner" in err[0]
+
+
+def test_generate_image_captions_with_the_adapter_and_beside_the_base(data, tmp_path, capsys):
+    """``generate --image`` is the run's model captioning the file (greedy), checked against transformers' own
+    generate on the same model; ``--compare`` adds the base model's caption, checked against the plain base."""
+    from transformers import AutoModelForImageTextToText
+
+    from deltatune.data.images import open_rgb, pixel_values
+    from deltatune.train.run import load_adapter_model
+
+    # 40 steps on 4 captions: the decoder learns to say them (the base, random, says nothing useful)
+    steps = ["train.max_steps=40", "train.lr=0.05", "method.name=lora", "method.r=8", "train.warmup_steps=0"]
+    assert main(_args(data, tmp_path, *steps)) == 0
+    run, image = str(tmp_path / "run"), str(data / "test0.png")
+    capsys.readouterr()
+    args = ["generate", "--adapter", run, "--image", image, "--max-new-tokens", "6"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.strip()
+
+    delta, processor = load_adapter_model(run)
+    pixels = pixel_values(processor.image_processor, [open_rgb(ImageRow(image, None, image))[0]])
+    tok = processor.tokenizer
+
+    def greedy(model) -> str:
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        with torch.no_grad():
+            return tok.decode(model.eval().generate(pixel_values=pixels, **kw)[0], skip_special_tokens=True).strip()
+
+    assert printed == greedy(delta) and "handwritten" in printed, printed
+    assert main([*args, "--compare"]) == 0
+    base_line, adapter_line = capsys.readouterr().out.strip().splitlines()
+    assert adapter_line == f"adapter: {printed}"
+    assert base_line == f"base:    {greedy(AutoModelForImageTextToText.from_pretrained(data / 'model'))}"
+
+
+def test_generate_image_refusals_are_one_line(data, tmp_path, capsys):
+    assert main(_args(data, tmp_path)) == 0
+    run = str(tmp_path / "run")
+    capsys.readouterr()
+    cases = [
+        (["--image", str(tmp_path / "missing.png")], "missing.png"),  # named before any model loads
+        (["--prompt", "hi"], "is an image captioner (stage caption); give it an image"),
+    ]
+    for extra, words in cases:
+        assert main(["generate", "--adapter", run, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err, err
