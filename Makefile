@@ -51,7 +51,7 @@ quality: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check deltatune tests benchmarks
 
 bench: $(VENV)/.installed-dev
-	$(BIN)/deltatune bench
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

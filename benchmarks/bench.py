@@ -1,9 +1,8 @@
-"""``deltatune bench``: deltatune against peft in one run; prints (and with --out writes) a markdown report.
+"""deltatune against peft in one run; prints (and with --out writes) a markdown report.
 
-    deltatune bench                                   # full fine-tuning and LoRA on every configuration
-    deltatune bench --configs minilm --methods all    # every method on MiniLM
-    deltatune bench --quick --methods lora            # smoke test: tiny shapes, a few steps
-    .venv/bin/python benchmarks/bench.py ...          # the same, without the console script
+    .venv/bin/python benchmarks/bench.py                                # full fine-tuning and LoRA, every configuration
+    .venv/bin/python benchmarks/bench.py --configs minilm --methods all  # every method on MiniLM
+    .venv/bin/python benchmarks/bench.py --quick --methods lora          # smoke test: tiny shapes, a few steps
 
 Each (configuration, method, side) is measured in a fresh process (benchmarks/bench_worker.py: training
 step time, peak memory, trainable parameters, adapter size, injection and merge time, forward latency
@@ -11,14 +10,17 @@ unmerged / merged / bare base). The processes of a method alternate between the 
 deltatune, peft, ...) so that a busy machine slows both alike; the report gives the median over the
 processes of each side (each process itself reports the median of its timed steps). Start-up time
 (``import deltatune``, ``deltatune --help``, ``import peft``) is measured in fresh processes too,
-interleaved. Options: ``deltatune bench --help``; how to run it and the figures: docs/BENCHMARKS.md.
+interleaved. Method names and configs: benchmarks/common.py (``lora-4bit``: QLoRA). Options:
+``python benchmarks/bench.py --help``; how to run it and the figures: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -31,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
 WORKER = HERE / "bench_worker.py"
 RESULT_PREFIX = "BENCH_RESULT "  # bench_worker.RESULT_PREFIX (the worker imports torch; this module does not)
 WORKER_TIMEOUT_S = 1800  # a process that hangs is reported as failed, and the run goes on
@@ -50,26 +55,23 @@ DESCRIPTIONS = {
     "smollm2-bf16": "The real SmolLM2-135M-Instruct, batch 4 x seq 512, bf16",
 }
 
-METHODS = [
-    "full", "lora", "qlora", "ia3", "prompt", "ptuning", "prefix", "prefix-mlp", "houlsby", "pfeiffer", "bitfit",
-    "freeze",
-]  # fmt: skip
-DEFAULT_METHODS = ["full", "lora"]
-PEFT_TWINS = {"lora", "qlora", "ia3", "prompt", "ptuning", "prefix", "prefix-mlp"}
 LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA r=8, alpha 16, q+v",
-    "qlora": "QLoRA: NF4 base, LoRA r=8 q+v",
+    "lora-4bit": "QLoRA: NF4 base, LoRA r=8 q+v",
     "ia3": "IA3 (k, v, ffn-out)",
-    "prompt": "prompt tuning, 20 tokens",
-    "ptuning": "P-tuning (MLP 128), 20 tokens",
-    "prefix": "prefix / P-tuning v2, 20 tokens",
-    "prefix-mlp": "prefix tuning (MLP 128), 20 tokens",
-    "houlsby": "bottleneck Houlsby, d/16",
-    "pfeiffer": "bottleneck Pfeiffer, d/16",
+    "prompt_tuning": "prompt tuning, 20 tokens",
+    "p_tuning": "P-tuning (MLP 128), 20 tokens",
+    "prefix_tuning-v2": "prefix / P-tuning v2, 20 tokens",
+    "prefix_tuning": "prefix tuning (MLP 128), 20 tokens",
+    "bottleneck-houlsby": "bottleneck Houlsby, d/16",
+    "bottleneck-pfeiffer": "bottleneck Pfeiffer, d/16",
     "bitfit": "BitFit",
     "freeze": "freeze (last 2 blocks)",
 }
+"""The report's row label per method; its keys are the methods (benchmarks/common.py), in the report's order."""
+METHODS = list(LABELS)
+DEFAULT_METHODS = ["full", "lora"]
 # "d/p": deltatune / peft of the two columns before it; "/ full": the deltatune side against full fine-tuning.
 TRAIN_COLUMNS = [
     "method", "trainable params", "step ms deltatune", "step ms peft", "d/p", "tokens/s deltatune", "tokens/s peft",
@@ -87,7 +89,7 @@ NOT_APPLICABLE = {(config, "bitfit") for config in CONFIGS if config.startswith(
 
 @dataclass
 class Settings:
-    """The measurement settings of one ``deltatune bench`` run (defaults in ``run``)."""
+    """The measurement settings of one run (defaults in ``run``)."""
 
     configs: list[str]
     methods: list[str]
@@ -115,7 +117,7 @@ class Cell:
 
 def sides(method: str) -> list[str]:
     """The sides a method runs on: deltatune and its peft twin; for full fine-tuning the plain model."""
-    if method in PEFT_TWINS:
+    if common.peft_has(method):
         return ["deltatune", "peft"]
     return ["deltatune", "torch"] if method == "full" else ["deltatune"]
 
@@ -350,7 +352,7 @@ def _config_section(config: str, settings: Settings, cells: dict[tuple[str, str,
 
 def _weights_table(config: str, methods: list[str], cells: dict[tuple[str, str, str], Cell]) -> list[str]:
     """QLoRA's memory claim: the bytes the weights hold, and per parameter in the 4-bit layers (vs fp32's 4)."""
-    if "qlora" not in methods:
+    if not any(m in common.QUANTIZED for m in methods):
         return []
 
     def held(cell: Cell, key: str) -> float | None:
@@ -430,10 +432,11 @@ def report(
     load: tuple[float, ...],
 ) -> str:
     """The markdown report."""
-    lines = ["## deltatune bench", "", *_machine(settings, command, load), ""]
+    lines = ["## deltatune beside peft (benchmarks/bench.py)", "", *_machine(settings, command, load), ""]
     lines += ["Methods (the same hyper-parameters on both sides; PEFT's adapters kept in the base dtype):", ""]
     lines += [
-        f"- {m}: {LABELS[m]}" + ("" if m in PEFT_TWINS or m == "full" else " (no peft twin)") for m in settings.methods
+        f"- {m}: {LABELS[m]}" + ("" if common.peft_has(m) or m == "full" else " (no peft twin)")
+        for m in settings.methods
     ]
     lines.append("")
     for config in settings.configs:
@@ -441,16 +444,6 @@ def report(
     lines += [f"### {c}\n\nSkipped: {DESCRIPTIONS[c]}; no CUDA device.\n" for c in skipped]
     lines += _startup_section(startup, settings.startup_repeats)
     return "\n".join(lines) + "\n"
-
-
-def _pick(value: str | None, known: list[str], default: list[str], what: str) -> list[str]:
-    if not value:
-        return default
-    names = known if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)} (or 'all')")
-    return names
 
 
 def run(
@@ -467,14 +460,14 @@ def run(
     quick: bool = False,
     out: str | None = None,
     json_out: str | None = None,
-    command: str = "deltatune bench",
+    command: str = "python benchmarks/bench.py",
 ) -> int:
     """Measure, print the markdown report, and write it to ``out`` (raw results to ``json_out``); the exit status.
 
     Args:
         configs: comma-separated configuration names or "all" (default: all; GPU ones skipped without CUDA).
         methods: comma-separated method names or "all" (default: full,lora).
-        warmup, steps, infer_steps, repeats, startup_repeats: see ``deltatune bench --help``; None takes the
+        warmup, steps, infer_steps, repeats, startup_repeats: see ``python benchmarks/bench.py --help``; None takes the
             default (``--quick``: a smoke-test size).
         threads: torch threads per process (None: torch's default; ``--quick``: 1).
         device: "auto" (CUDA when present), "cpu" or "cuda".
@@ -483,10 +476,10 @@ def run(
         command: the command line, for the report.
     """
     try:
-        config_names = _pick(configs, CONFIGS, DEFAULT_CONFIGS, "configuration")
-        method_names = _pick(methods, METHODS, DEFAULT_METHODS, "method")
+        config_names = common.pick(configs, CONFIGS, "configuration", DEFAULT_CONFIGS)
+        method_names = common.pick(methods, METHODS, "method", DEFAULT_METHODS)
     except ValueError as exc:
-        print(f"deltatune bench: error: {exc}", file=sys.stderr)
+        print(f"bench.py: error: {exc}", file=sys.stderr)
         return 2
     import torch
 
@@ -494,7 +487,7 @@ def run(
     if device == "auto":
         device = "cuda" if cuda else "cpu"
     if device == "cuda" and not cuda:
-        print("deltatune bench: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        print("bench.py: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     skipped = [c for c in config_names if c in GPU_ONLY and device == "cpu"]
     settings = Settings(
@@ -510,7 +503,7 @@ def run(
         quick=quick,
     )
     if settings.steps < 1 or settings.infer_steps < 1 or settings.repeats < 1:
-        print("deltatune bench: error: --steps, --infer-steps and --repeats must be >= 1", file=sys.stderr)
+        print("bench.py: error: --steps, --infer-steps and --repeats must be >= 1", file=sys.stderr)
         return 2
     load = os.getloadavg()
 
@@ -540,8 +533,56 @@ def run(
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent))
-    from deltatune.cli import main
+def parser() -> argparse.ArgumentParser:
+    """The command line's options."""
+    p = argparse.ArgumentParser(
+        prog="benchmarks/bench.py",
+        description="Time deltatune against peft (training, inference, start-up); prints a markdown report. "
+        "See docs/BENCHMARKS.md.",
+    )
+    gpu = ", ".join(sorted(GPU_ONLY))
+    p.add_argument(
+        "--configs",
+        help=f"comma-separated from {', '.join(CONFIGS)} ({gpu}: GPU only; smollm2-*: the real "
+        f"SmolLM2-135M-Instruct), or 'all' (default: {','.join(DEFAULT_CONFIGS)})",
+    )
+    p.add_argument(
+        "--methods",
+        help=f"comma-separated from {', '.join(METHODS)}, or 'all' (default: {','.join(DEFAULT_METHODS)})",
+    )
+    p.add_argument("--warmup", type=int, help="untimed training steps per process (default 2)")
+    p.add_argument("--steps", type=int, help="timed training steps per process (default 6)")
+    p.add_argument("--infer-steps", type=int, help="timed forward passes per latency figure (default 3)")
+    p.add_argument("--repeats", type=int, help="processes per method and side, alternating sides (default 3)")
+    p.add_argument("--startup-repeats", type=int, help="rounds of start-up timing processes; 0 skips (default 5)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: torch's, one per core)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 1 process per side, 2 steps")
+    p.add_argument("--out", help="also write the markdown report to this file")
+    p.add_argument("--json", help="write every process's raw results to this JSON file")
+    return p
 
-    sys.exit(main(["bench", *sys.argv[1:]]))
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and ``run``; the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    return run(
+        args.configs,
+        args.methods,
+        warmup=args.warmup,
+        steps=args.steps,
+        infer_steps=args.infer_steps,
+        repeats=args.repeats,
+        startup_repeats=args.startup_repeats,
+        threads=args.threads,
+        device=args.device,
+        quick=args.quick,
+        out=args.out,
+        json_out=args.json,
+        command=shlex.join(["python", "benchmarks/bench.py", *argv]),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

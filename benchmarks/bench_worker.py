@@ -2,14 +2,15 @@
 
     .venv/bin/python benchmarks/bench_worker.py '{"config": "llama-fp32", "method": "lora", "side": "peft"}'
 
-Run by ``deltatune bench`` (benchmarks/bench.py) in a fresh process per measurement, so that neither the
+Run by ``python benchmarks/bench.py`` in a fresh process per measurement, so that neither the
 allocator's caches nor the imports of one run colour the next. The single JSON argument holds the run's
 settings (keys and defaults in ``Spec``); the last stdout line is ``BENCH_RESULT {json}``.
 
 In order, on the same seeded base model and the same random batch:
 
 1. forward latency of the bare base model (no grad, eval mode);
-2. injection: ``get_delta_model`` or ``get_peft_model`` (wall time; for QLoRA the base is quantised first, untimed);
+2. injection: ``get_delta_model`` or ``get_peft_model`` (wall time; for ``lora-4bit`` (QLoRA) the base is quantised
+   first, untimed); the method's config is benchmarks/common.py's, with the model kind's target modules;
 3. training: ``warmup`` then ``steps`` timed steps of forward + backward + AdamW step; peak memory of the
    training alone (CPU: the peak resident set size, reset before training through /proc/self/clear_refs;
    CUDA: max allocated); the bytes the model's weights hold (``deltatune.memory_footprint``: 4-bit weights at
@@ -21,7 +22,6 @@ In order, on the same seeded base model and the same random batch:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
@@ -40,10 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 RESULT_PREFIX = "BENCH_RESULT "
 MERGEABLE = ("lora", "ia3")
-QUANTIZED = ("qlora",)
-"""Methods whose base linear layers are 4-bit NF4 (double quantisation) before the adapter goes on."""
+"""Methods whose adapter merges into the base (``merge_and_unload``, timed); not ``lora-4bit``."""
 
 
 @dataclass
@@ -121,7 +123,7 @@ SHAPES: dict[str, Shape] = {
     "smollm2-fp32": Shape("smollm2", batch=4, seq=512),
     "smollm2-bf16": Shape("smollm2", batch=4, seq=512, dtype="bfloat16"),
 }
-"""The configurations ``deltatune bench --configs`` names."""
+"""The configurations ``python benchmarks/bench.py --configs`` names."""
 
 QUICK: dict[str, Shape] = {
     "minilm": Shape("minilm", batch=4, seq=32),
@@ -135,55 +137,6 @@ QUICK: dict[str, Shape] = {
     "smollm2-bf16": Shape("smollm2", batch=1, seq=16, dtype="bfloat16"),
 }
 """``--quick``: the same configurations at smoke-test size (the real MiniLM, a tiny Llama)."""
-
-# Module names per model kind, the same on both sides (PEFT's defaults for BERT and Llama, written out).
-LORA_TARGETS = {"minilm": ["query", "value"], "llama": ["q_proj", "v_proj"], "smollm2": ["q_proj", "v_proj"]}
-IA3_TARGETS = {
-    "minilm": ["key", "value", "output.dense"],
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "smollm2": ["k_proj", "v_proj", "down_proj"],
-}
-IA3_FEEDFORWARD = {"minilm": ["output.dense"], "llama": ["down_proj"], "smollm2": ["down_proj"]}
-VIRTUAL_TOKENS = 20
-
-
-def method_config(method: str, side: str, kind: str, task_type: str) -> Any:
-    """The config of ``method`` for ``side`` ("deltatune" or "peft"): the same hyper-parameters on both.
-
-    Raises:
-        ValueError: PEFT has no such method (bottleneck adapters, BitFit, freeze, full fine-tuning).
-    """
-    if side == "deltatune":
-        import deltatune as lib
-    else:
-        import peft as lib
-    fields: dict[str, Any] = {"task_type": task_type}
-    if method in ("lora", "qlora"):
-        return lib.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS[kind], **fields)
-    if method == "ia3":
-        return lib.IA3Config(target_modules=IA3_TARGETS[kind], feedforward_modules=IA3_FEEDFORWARD[kind], **fields)
-    if method == "prompt":
-        return lib.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, **fields)
-    if method == "ptuning":
-        cls = lib.PTuningConfig if side == "deltatune" else lib.PromptEncoderConfig
-        return cls(num_virtual_tokens=VIRTUAL_TOKENS, encoder_hidden_size=128, **fields)
-    if method == "prefix":  # P-tuning v2: the per-layer prefixes train directly (PEFT's default)
-        return lib.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, prefix_projection=False, **fields)
-    if method == "prefix-mlp":  # prefix tuning as Li & Liang train it: through an MLP reparametrisation
-        return lib.PrefixTuningConfig(
-            num_virtual_tokens=VIRTUAL_TOKENS, prefix_projection=True, encoder_hidden_size=128, **fields
-        )
-    if side != "deltatune":
-        raise ValueError(f"peft has no method {method!r}")
-    if method in ("houlsby", "pfeiffer"):
-        return lib.BottleneckConfig(config=method, reduction_factor=16, **fields)
-    if method == "bitfit":
-        return lib.BitFitConfig(**fields)
-    if method == "freeze":
-        return lib.FreezeConfig(freeze_trainable_layers=2, **fields)
-    if method == "full":
-        return lib.FullConfig(**fields)
-    raise ValueError(f"unknown method {method!r}")
 
 
 def build(shape: Shape, device: torch.device, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
@@ -228,48 +181,14 @@ def quantize_base(base: nn.Module, side: str, shape: Shape, device: torch.device
         from deltatune import quantize
 
         return quantize(base, bits=4, quant_type="nf4", double_quant=True, compute_dtype=dtype)[0]
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    # deltatune keeps task heads (and BERT's pooler) in full precision; so does this side. transformers matches
-    # these names as a prefix or suffix of a module's: "pooler" alone would miss bert.pooler.dense.
-    keep = ["classifier", "pooler.dense"] if shape.kind == "minilm" else None
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=keep,
-    )
+    # deltatune keeps task heads (and BERT's pooler) in full precision; so does this side
+    bnb = common.bnb_config(dtype, skip=["classifier", "pooler.dense"] if shape.kind == "minilm" else None)
     auto = AutoModelForSequenceClassification if shape.kind == "minilm" else AutoModelForCausalLM
     with tempfile.TemporaryDirectory() as folder:
         base.save_pretrained(folder)
         return auto.from_pretrained(folder, quantization_config=bnb, dtype=dtype, device_map={"": device})
-
-
-def in_process_options(script: str, doc: str, argv: list[str] | None, default: str, rounds: int) -> argparse.Namespace:
-    """The options of the one-process scripts (``script``: interleaved.py, mixed_batch.py), parsed, with torch's
-    threads set, ``rounds`` filled in (``--quick``: 2) and ``command`` the line that reproduces the run."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument(
-        "--config", default=default, choices=["minilm", "llama-fp32", "llama-bf16", "smollm2-fp32", "smollm2-bf16"]
-    )
-    parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default {rounds}; --quick: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, not speed")
-    parser.add_argument("--out", help="also write the report to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.rounds = args.rounds or (2 if args.quick else rounds)
-    args.command = " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
-    return args
-
-
-def emit(text: str, out: str | None) -> None:
-    """Print a report, and write it to ``out`` as well when one is given."""
-    print(text)
-    if out:
-        Path(out).write_text(text, encoding="utf-8")
 
 
 def _sync(device: torch.device) -> None:
@@ -370,8 +289,8 @@ def measure(spec: Spec) -> dict[str, Any]:
     else:
         # The library and the config come first, so that only the injection itself is timed.
         lib = importlib.import_module(spec.side)
-        config = method_config(spec.method, spec.side, shape.kind, task_type)
-        if spec.method in QUANTIZED:
+        config = common.method_config(spec.method, spec.side, task_type, **common.MODULES[shape.kind])
+        if spec.method in common.QUANTIZED:
             base = quantize_base(base, spec.side, shape, device)
         start = time.perf_counter()
         if spec.side == "deltatune":

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_worker as bw  # noqa: E402
+import common  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         "llama", batch=2 if args.quick else 4, seq=32 if args.quick else 512, dtype=args.dtype, model=dims
     )
     base, batch, task_type = bw.build(shape, torch.device("cpu"), 0)
-    model = dt.get_delta_model(base, bw.method_config("lora", "deltatune", "llama", task_type), fused_loss=False)
+    config = common.method_config("lora", "deltatune", task_type, **common.MODULES["llama"])
+    model = dt.get_delta_model(base, config, fused_loss=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 

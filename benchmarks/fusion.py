@@ -55,6 +55,9 @@ from deltatune.data.load import read_rows
 from deltatune.train.models import load_tokenizer, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
 FUSED = ["sst2", "trec"]  # the order of the fusion weights in the report
 HEAD = ["pooler"]  # trained with the classifier as the task's head (see the module docstring)
@@ -120,17 +123,18 @@ def train(
     )
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # dropout
-    order: list[int] = []
+
+    def batches():  # shuffled epochs, drawn as the steps go
+        order: list[int] = []
+        for _ in range(steps):
+            if len(order) < args.batch_size:
+                order += torch.randperm(len(split.labels), generator=gen).tolist()
+            idx, order = order[: args.batch_size], order[args.batch_size :]
+            yield encode(tokenizer, split, idx, task.max_length)
+
     model.train()
     start = time.perf_counter()
-    for _ in range(steps):
-        if len(order) < args.batch_size:
-            order += torch.randperm(len(split.labels), generator=gen).tolist()
-        idx, order = order[: args.batch_size], order[args.batch_size :]
-        model(**encode(tokenizer, split, idx, task.max_length)).loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    common.train_loop(model, batches(), opt, sched=sched)
     return time.perf_counter() - start
 
 
@@ -194,7 +198,8 @@ def stage1(args: argparse.Namespace, tokenizer, data: dict, work: Path, log) -> 
 
 
 def adapter_config() -> dt.BottleneckConfig:
-    return dt.BottleneckConfig(config="pfeiffer", reduction_factor=16, task_type="SEQ_CLS", modules_to_save=HEAD)
+    fields = {"bottleneck-pfeiffer": {"modules_to_save": HEAD}}
+    return common.method_config("bottleneck-pfeiffer", "deltatune", "SEQ_CLS", fields=fields)
 
 
 def stage2(

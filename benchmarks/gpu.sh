@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one prepared run (one H200: under 9 minutes), writing every report into one folder:
 #   1. the Llama-3.2-1B shape, bf16, batch 8 x seq 1024, eager and torch.compile: full fine-tuning, LoRA and QLoRA,
-#      deltatune beside peft (deltatune bench, alternating processes);
-#   2. the real SmolLM2-135M-Instruct, batch 4 x seq 512, bf16: full, LoRA, QLoRA, IA3, prefix, beside peft;
+#      deltatune beside peft (python benchmarks/bench.py, alternating processes);
+#   2. the real SmolLM2-135M-Instruct, batch 4 x seq 512, bf16: full, LoRA, QLoRA, IA3, P-tuning v2, beside peft;
 #   3. the SmolLM2 SFT budget: the quick start's identity SFT and the GSM8K SFT recipe, timed, on the GPU.
 #
 #   bash benchmarks/gpu.sh [--out DIR] [--dry-run]
@@ -23,8 +23,8 @@ while [ $# -gt 0 ]; do
 done
 
 STEPS=(
-  "$PY -m deltatune.cli bench --configs llama1b,llama1b-compile --methods full,lora,qlora --device cuda --repeats 2 --startup-repeats 0 --out $OUT/llama1b.md --json $OUT/llama1b.json"
-  "$PY -m deltatune.cli bench --configs smollm2-bf16 --methods full,lora,qlora,ia3,prefix --device cuda --repeats 2 --startup-repeats 0 --out $OUT/smollm2.md --json $OUT/smollm2.json"
+  "$PY benchmarks/bench.py --configs llama1b,llama1b-compile --methods full,lora,lora-4bit --device cuda --repeats 2 --startup-repeats 0 --out $OUT/llama1b.md --json $OUT/llama1b.json"
+  "$PY benchmarks/bench.py --configs smollm2-bf16 --methods full,lora,lora-4bit,ia3,prefix_tuning-v2 --device cuda --repeats 2 --startup-repeats 0 --out $OUT/smollm2.md --json $OUT/smollm2.json"
   "$PY -m deltatune.cli train recipes/quickstart.yaml model.dtype=bfloat16 output.dir=$OUT/quickstart --overwrite"
   "$PY -m deltatune.cli train recipes/gsm8k-sft-lora.yaml model.dtype=bfloat16 output.dir=$OUT/gsm8k-sft --overwrite"
 )
@@ -44,7 +44,7 @@ import bench_worker as bw
 
 for name in ("llama1b", "llama1b-compile", "smollm2-bf16"):
     assert name in bench.CONFIGS, name
-for name in ("full", "lora", "qlora", "ia3", "prefix"):
+for name in ("full", "lora", "lora-4bit", "ia3", "prefix_tuning-v2"):
     assert name in bench.METHODS, name
 for recipe in ("recipes/quickstart.yaml", "recipes/gsm8k-sft-lora.yaml"):
     assert yaml.safe_load(open(recipe))["model"]["name_or_path"] == "smollm2", recipe

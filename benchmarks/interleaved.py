@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/interleaved.py --config minilm         # the real MiniLM-L6, 32 x 128
     .venv/bin/python benchmarks/interleaved.py --quick                 # smoke test: tiny shapes, seconds
 
-``deltatune bench`` runs each side in fresh processes, one after the other, which is the right way to measure
+``python benchmarks/bench.py`` runs each side in fresh processes, one after the other, which is the right way to measure
 memory and start-up but lets the load of a shared machine drift between the two sides' processes. Here three
 copies of the same seeded base model live in one process, and every round runs each of them once, the order
 rotating from round to round, so that a busy moment slows all three alike:
@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_worker as bw  # noqa: E402
+import common  # noqa: E402
 
 Times = dict[str, list[float]]
 
@@ -59,14 +60,15 @@ def build(
     shape = (bw.QUICK if quick else bw.SHAPES)[config]
     cpu = torch.device("cpu")
     base, batch, task_type = bw.build(shape, cpu, seed)
-    models = {"full": dt.get_delta_model(base, bw.method_config("full", "deltatune", shape.kind, task_type))}
+    modules = common.MODULES[shape.kind]
+    models = {"full": dt.get_delta_model(base, common.method_config("full", "deltatune", task_type, **modules))}
     base, _, _ = bw.build(shape, cpu, seed)
-    models["deltatune"] = dt.get_delta_model(base, bw.method_config("lora", "deltatune", shape.kind, task_type))
+    models["deltatune"] = dt.get_delta_model(base, common.method_config("lora", "deltatune", task_type, **modules))
     base, _, _ = bw.build(shape, cpu, seed)
-    config_p = bw.method_config("lora", "peft", shape.kind, task_type)
+    config_p = common.method_config("lora", "peft", task_type, **modules)
     models["peft"] = peft.get_peft_model(base, config_p, autocast_adapter_dtype=False)
     base, _, _ = bw.build(shape, cpu, seed)
-    models["floor"] = floor_model(base, bw.LORA_TARGETS[shape.kind], task_type)
+    models["floor"] = floor_model(base, common.LORA_TARGETS[shape.kind], task_type)
     for name, p in models["deltatune"].named_parameters():  # a non-zero B, as after training
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -251,14 +253,14 @@ def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, c
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bw.in_process_options("interleaved.py", __doc__, argv, default="llama-fp32", rounds=9)
+    args = common.in_process_options("interleaved.py", __doc__, argv, default="llama-fp32", rounds=9)
     models, batch, shape = build(args.config, args.quick)
     difference = max_difference(models, batch)
     tolerance = 1e-5 if shape.dtype == "float32" else 2e-2
     times = measure(models, batch, args.rounds)
     text = report(times, args.config, shape, args.rounds, args.command)
     text += f"\nThe two LoRA models hold the same adapter: outputs differ by {difference:.1e} of the largest logit.\n"
-    bw.emit(text, args.out)
+    common.emit(text, args.out)
     return 0 if difference <= tolerance else 1  # 1: the two sides do not compute the same model
 
 

@@ -7,12 +7,14 @@ rouge-score; the project's own metric code beside them), and forgetting: the mod
 Shakespeare before and after (general text the task never shows).
 
     python benchmarks/llm_quality.py --out llm_quality.md                 # every row, deltatune and peft
-    python benchmarks/llm_quality.py --methods lora,lora-all --sides deltatune --lr 1e-3
+    python benchmarks/llm_quality.py --methods lora,lora-all-linear --sides deltatune --lr 1e-3
     python benchmarks/llm_quality.py --quick                              # smoke test: 2 steps, 2 eval rows
 
 The prompt is a chat turn ("Describe this restaurant in one sentence: <meaning representation>") and the loss covers
 the reference sentence and the end-of-turn token. Learning rates per method are the LR table below (from a short
-sweep on a dev slice, see docs/BENCHMARKS.md); ``--lr`` overrides them all.
+sweep on a dev slice, see docs/BENCHMARKS.md); ``--lr`` overrides them all. Method names and the configs:
+benchmarks/common.py, with the fields of ``configs`` over them (``lora-4bit`` and ``lora-rslora`` on every linear layer here,
+``prefix_tuning`` with 10 tokens and an MLP of width 256, ``prompt_tuning`` initialised from a text).
 """
 
 from __future__ import annotations
@@ -28,56 +30,37 @@ import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 PROMPT = "Describe this restaurant in one sentence: {source}"
 
-# method -> (deltatune config factory, peft config factory or None, learning rate)
 LR = {
-    "full": 5e-5, "lora": 2e-3, "lora-all": 1e-3, "rslora": 5e-4, "dora": 2e-3, "qlora": 1e-3, "ia3": 1e-2,
-    "houlsby": 1e-3, "pfeiffer": 1e-3, "prefix": 1e-3, "ptuning-v2": 1e-2, "prompt": 3e-2, "ptuning": 1e-2,
-    "freeze": 5e-5, "bitfit": 1e-3,
+    "full": 5e-5, "lora": 2e-3, "lora-all-linear": 1e-3, "lora-rslora": 5e-4, "lora-dora": 2e-3, "lora-4bit": 1e-3,
+    "ia3": 1e-2, "bottleneck-houlsby": 1e-3, "bottleneck-pfeiffer": 1e-3, "prefix_tuning": 1e-3,
+    "prefix_tuning-v2": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 1e-2, "freeze": 5e-5, "bitfit": 1e-3,
 }  # fmt: skip
+"""Learning rate per method; its keys are the methods, in the report's order."""
 METHODS = list(LR)
-NO_PEFT = {"full", "houlsby", "pfeiffer", "freeze", "bitfit"}
+NO_PEFT = {m for m in METHODS if not common.peft_has(m)}
+PROMPT_INIT = "Describe the restaurant from its name, food, price, area and rating."
 
 
 def configs(method: str, side: str, path: str) -> Any:
-    """The config of ``method`` for ``side``: the same hyper-parameters on both."""
-    import deltatune as dt
-
-    if side == "peft":
-        import peft as lib
-
-        if method in NO_PEFT:
-            raise ValueError(f"peft has no {method}")
-    else:
-        lib = dt
-    qv, every = ["q_proj", "v_proj"], "all-linear"
-    table = {
-        "lora": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=qv),
-        "lora-all": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=every),
-        "rslora": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=every, use_rslora=True),
-        "dora": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=qv, use_dora=True),
-        "qlora": lambda: lib.LoraConfig(r=8, lora_alpha=16, target_modules=every),
-        "ia3": lambda: lib.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-        "prefix": lambda: lib.PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=True, encoder_hidden_size=256),
-        "ptuning-v2": lambda: lib.PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=False),
-        "prompt": lambda: lib.PromptTuningConfig(
-            num_virtual_tokens=20, prompt_tuning_init="TEXT", tokenizer_name_or_path=path,
-            prompt_tuning_init_text="Describe the restaurant from its name, food, price, area and rating.",
-        ),
-        "ptuning": lambda: (lib.PTuningConfig if side == "deltatune" else lib.PromptEncoderConfig)(
-            num_virtual_tokens=20, encoder_hidden_size=128
-        ),
-        "houlsby": lambda: dt.BottleneckConfig(config="houlsby", reduction_factor=16),
-        "pfeiffer": lambda: dt.BottleneckConfig(config="pfeiffer", reduction_factor=16),
-        "freeze": lambda: dt.FreezeConfig(freeze_trainable_layers=2),
-        "full": lambda: dt.FullConfig(),
-        "bitfit": lambda: dt.BitFitConfig(),
+    """The config of ``method`` for ``side``: the same hyper-parameters on both (``path``: the tokenizer of
+    ``prompt_tuning``'s text initialisation)."""
+    every = "all-linear"
+    fields = {
+        "lora-4bit": {"target_modules": every},
+        "lora-rslora": {"target_modules": every},
+        "prefix_tuning": {"num_virtual_tokens": 10, "encoder_hidden_size": 256},
+        "prefix_tuning-v2": {"num_virtual_tokens": 10},
+        "prompt_tuning": {
+            "prompt_tuning_init": "TEXT", "tokenizer_name_or_path": path, "prompt_tuning_init_text": PROMPT_INIT,
+        },
     }  # fmt: skip
-    config = table[method]()
-    config.task_type = "CAUSAL_LM"
-    return config
+    return common.method_config(method, side, "CAUSAL_LM", **common.MODULES["smollm2"], fields=fields)
 
 
 def _rows(name: str, limit: int) -> list[dict]:
@@ -158,11 +141,10 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     base = load_model("smollm2", "CAUSAL_LM", a.dtype)
     base.config.use_cache = False
     config = configs(a.method, a.side, path) if a.method != "base" else None
-    if a.method == "qlora":
+    if a.method in common.QUANTIZED:
         if a.side == "deltatune":
             base = dt.quantize(base, bits=4, quant_type="nf4", double_quant=True)[0]
         else:
-            sys.path.insert(0, HERE)
             import bench_worker as bw
 
             shape = bw.Shape("smollm2", batch=a.batch, seq=a.max_length, dtype=a.dtype)
@@ -190,16 +172,12 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         opt, lambda s: min((s + 1) / warm, max(0.0, (a.steps - s) / (a.steps - warm + 1)))
     )
     model.train()
-    losses, start = [float("nan")], time.perf_counter()
-    for step in range(a.steps if config is not None else 0):
-        batch = collate([train[i] for i in order[step * a.batch : (step + 1) * a.batch]], tok.pad_token_id)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(float(loss))
+    batches = (
+        collate([train[i] for i in order[step * a.batch : (step + 1) * a.batch]], tok.pad_token_id)
+        for step in range(a.steps if config is not None else 0)
+    )
+    start = time.perf_counter()
+    losses = [float("nan"), *common.train_loop(model, batches, opt, sched=sched, max_grad_norm=1.0)]
     out["train_s"] = time.perf_counter() - start
     out["final_loss"] = statistics.fmean(losses[-max(1, a.steps // 10) :])
     out.update(score(decode(model, tok, test, a.max_new_tokens), refs))
@@ -248,17 +226,16 @@ def main(argv: list[str] | None = None) -> int:
         a.lr = a.lr or LR.get(a.method, 0.0)
         print(json.dumps(worker(a)))
         return 0
-    methods = ["base", *(m.strip() for m in a.methods.split(",") if m.strip())]
-    unknown = [m for m in methods[1:] if m not in LR]
-    if unknown:
-        print(f"llm_quality.py: error: unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}",
-              file=sys.stderr)  # fmt: skip
+    try:
+        methods = ["base", *common.pick(a.methods, METHODS)]
+    except ValueError as exc:
+        print(f"llm_quality.py: error: {exc}", file=sys.stderr)
         return 2
     results = []
-    common = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
+    shared = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
               ("steps", "batch", "max_length", "max_new_tokens", "eval_rows", "general_blocks", "dtype", "seed")]  # fmt: skip
-    common += [f"--lr={a.lr}"] if a.lr else []
-    common += [f"--threads={a.threads}"] if a.threads else []
+    shared += [f"--lr={a.lr}"] if a.lr else []
+    shared += [f"--threads={a.threads}"] if a.threads else []
     for method in methods:
         for side in ["deltatune"] if method == "base" else [s for s in a.sides.split(",") if s]:
             if side == "peft" and method in NO_PEFT:
@@ -266,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             if method == "bitfit":
                 results.append({"method": method, "side": side, "error": "SmolLM2 has no biases: nothing to train"})
                 continue
-            done = subprocess.run([sys.executable, __file__, "--worker", method, side, *common],
+            done = subprocess.run([sys.executable, __file__, "--worker", method, side, *shared],
                                   capture_output=True, text=True)  # fmt: skip
             if done.returncode != 0:
                 results.append({"method": method, "side": side, "error": done.stderr.strip().splitlines()[-1]})

@@ -5,7 +5,7 @@ with one adapter for every row, in one process, the two interleaved.
     .venv/bin/python benchmarks/mixed_batch.py --config llama-fp32  # the ~60M Llama of the harness, 4 x 512
     .venv/bin/python benchmarks/mixed_batch.py --quick              # smoke test: tiny shapes, seconds
 
-Four LoRA adapters (r 8, alpha 16, q+v as in ``deltatune bench``, each with its own random B so that none is
+Four LoRA adapters (r 8, alpha 16, q+v as in ``python benchmarks/bench.py``, each with its own random B so that none is
 zero) sit in one DeltaModel. Per round, in alternating order: a forward (inference, no grad, eval mode) and a
 training step (forward + backward, the gradients of the adapters in use) on the whole batch, once with
 ``adapter_names`` cycling through the four adapters row by row and once with the single active adapter. The
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_worker as bw  # noqa: E402
+import common  # noqa: E402
 
 ADAPTERS = ["a", "b", "c", "d"]
 
@@ -38,7 +39,7 @@ def build(config: str, quick: bool, seed: int = 0):
     base, batch, task_type = bw.build(shape, torch.device("cpu"), seed)
     model = None
     for name in ADAPTERS:
-        cfg = bw.method_config("lora", "deltatune", shape.kind, task_type)
+        cfg = common.method_config("lora", "deltatune", task_type, **common.MODULES[shape.kind])
         cfg.init_lora_weights = False  # random B: every adapter changes the output
         if model is None:
             model = dt.get_delta_model(base, cfg, adapter_name=name)
@@ -105,11 +106,11 @@ def report(times: dict[str, dict[str, list[float]]], config: str, shape, rounds:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bw.in_process_options("mixed_batch.py", __doc__, argv, default="minilm", rounds=8)
+    args = common.in_process_options("mixed_batch.py", __doc__, argv, default="minilm", rounds=8)
     model, batch, mixed, shape = build(args.config, args.quick)
     times = measure(model, batch, mixed, args.rounds)
     text = report(times, args.config, shape, args.rounds, args.command)
-    bw.emit(text, args.out)
+    common.emit(text, args.out)
     return 0
 
 

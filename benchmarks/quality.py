@@ -5,13 +5,13 @@
     # WNUT-17 test entity F1, full fine-tuning and LoRA (16 min):
     .venv/bin/python benchmarks/quality.py --tasks wnut17 --methods full,lora --epochs 3 --out wnut.md
     # another seed, or other learning rates (method=lr pairs; the defaults are in LR):
-    .venv/bin/python benchmarks/quality.py --tasks sst2 --methods lora,qlora --sides deltatune --seed 1 --lr lora=1e-3
+    .venv/bin/python benchmarks/quality.py --tasks sst2 --methods lora,lora-4bit --sides deltatune --seed 1 --lr lora=1e-3
     # smoke run (seconds; tests/test_quality_bench.py): 16 SST-2 rows, 32 dev rows, LoRA on both sides
     .venv/bin/python benchmarks/quality.py --quick --out /tmp/quality.md
 
 The defaults (2,400 training rows, one epoch: 75 steps of 32) fit the whole SST-2 + TREC table into about 33 minutes
 on one thread of a shared 2-core machine; that is short for the slow learners (prompt tuning, P-tuning), and the
-learning rates of ``LR`` are set high for such a short schedule.
+learning rates of ``LR`` are set high for such a short schedule. Method names: benchmarks/common.py.
 
 Data: ``--data`` (default ../shared/data next to the checkout) holds sst2/{train,dev}.jsonl (``text``, ``label``),
 trec/{train,test}.jsonl (``text``, coarse ``label``) and wnut17/{train,test}.jsonl (``tokens``, BIO ``ner_tags``);
@@ -21,11 +21,11 @@ Every (task, method, side) cell, in the same process one after another:
 
 1. ``torch.manual_seed(seed)``, then the MiniLM encoder with a new head (AutoModelForSequenceClassification for
    sst2 and trec, AutoModelForTokenClassification for wnut17), so the head starts the same on both sides;
-2. the method's config, with the same hyper-parameters on both sides (benchmarks/bench_worker.py's
-   ``method_config``, the table ``deltatune bench`` uses); full fine-tuning's peft side is the plain transformers model; ``qlora`` is
-   ``deltatune.quantize(model, bits=4)`` + LoRA on one side and transformers' ``BitsAndBytesConfig`` (NF4, double
-   quantisation, fp32 compute) + ``get_peft_model`` on the other;
-3. one plain PyTorch loop shared by all: AdamW (weight decay 0.01 on every trainable tensor), linear schedule with
+2. the method's config, with the same hyper-parameters on both sides (benchmarks/common.py's ``method_config``
+   for MiniLM, the table ``python benchmarks/bench.py`` uses); full fine-tuning's peft side is the plain
+   transformers model; ``lora-4bit`` (QLoRA) is ``deltatune.quantize(model, bits=4)`` + LoRA on one side and
+   transformers' ``BitsAndBytesConfig`` (NF4, double quantisation, fp32 compute) + ``get_peft_model`` on the other;
+3. one plain PyTorch loop shared by all (benchmarks/common.py's ``train_loop``): AdamW (weight decay 0.01 on every trainable tensor), linear schedule with
    6% warm-up, batch 32, the per-method learning rate of ``LR`` (the same on both sides), the same seeded data order
    and dropout seed on both sides; batches hold rows of similar length (``length_grouped``) padded to the longest;
    no gradient clipping unless ``--max-grad-norm`` asks for it;
@@ -34,7 +34,7 @@ Every (task, method, side) cell, in the same process one after another:
 
 Word labels of WNUT-17 go to the first sub-token of each word, -100 elsewhere (deltatune's own ``encode_tag``).
 On CPU, bitsandbytes evaluates the peft side's 4-bit layers with its own packed-weight kernel (``Linear4bit`` in eval
-mode, no grad) while deltatune dequantises to fp32, so the two ``qlora`` sides differ slightly at evaluation even
+mode, no grad) while deltatune dequantises to fp32, so the two ``lora-4bit`` sides differ slightly at evaluation even
 though their training steps agree to float rounding.
 The report gives, per task, the metric of each side in points, the difference, each deltatune method against
 deltatune's full fine-tuning, the trainable parameters, and the time of each cell.
@@ -43,7 +43,6 @@ deltatune's full fine-tuning, the trainable parameters, and the time of each cel
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import platform
@@ -60,43 +59,37 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 SIDES = ("deltatune", "peft")
-METHODS = (
-    "full",
-    "lora",
-    "lora-attn",
-    "lora-all",
-    "qlora",
-    "ia3",
-    "prompt",
-    "ptuning",
-    "prefix",
-    "prefix-mlp",
-    "houlsby",
-    "pfeiffer",
-    "bitfit",
-    "freeze",
-)
-PEFT_HAS = ("full", "lora", "lora-attn", "lora-all", "qlora", "ia3", "prompt", "ptuning", "prefix", "prefix-mlp")
-"""Methods with a peft side ("full": the plain transformers model)."""
 LR = {
     "full": 1e-4,
     "lora": 2e-3,
     "lora-attn": 2e-3,
-    "lora-all": 2e-3,
-    "qlora": 2e-3,
+    "lora-all-linear": 2e-3,
+    "lora-4bit": 2e-3,
     "ia3": 1e-2,
-    "prompt": 3e-2,
-    "ptuning": 1e-2,
-    "prefix": 1e-2,
-    "prefix-mlp": 2e-3,
-    "houlsby": 2e-3,
-    "pfeiffer": 2e-3,
+    "prompt_tuning": 3e-2,
+    "p_tuning": 1e-2,
+    "prefix_tuning-v2": 1e-2,
+    "prefix_tuning": 2e-3,
+    "bottleneck-houlsby": 2e-3,
+    "bottleneck-pfeiffer": 2e-3,
     "bitfit": 3e-3,
     "freeze": 2e-4,
 }
-"""Learning rate per method, the same on both sides."""
+"""Learning rate per method, the same on both sides; its keys are the methods, in the report's order."""
+METHODS = tuple(LR)
+FIELDS = {
+    "lora-attn": {"target_modules": ["query", "key", "value", "attention.output.dense"]},
+    # r 4, alpha 8 (LoRA's scale 2); "dense": the attention output, intermediate and output layers (and the pooler's)
+    "lora-all-linear": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "key", "value", "dense"]},
+}
+"""This table's own fields over common.FIELDS: ``lora-attn``, LoRA on all four attention projections (query, key,
+value and the attention's output), 0.65% of MiniLM's parameters; ``lora-all-linear``, LoRA r 4 on every linear
+layer of the encoder, attention and feed-forward (0.76%), for the tagging task where q+v is too little."""
 BATCH = 32
 EVAL_BATCH = 64
 GROUP = 50
@@ -177,33 +170,11 @@ def load_task(
 
 
 # -- models and configs ---------------------------------------------------------------------------------------
-def _load_module(name: str, path: Path) -> Any:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def method_config(method: str, side: str, task_type: str) -> Any:
-    """The config of ``method`` for ``side``: benchmarks/bench_worker.py's method table for MiniLM (the same
-    hyper-parameters on both sides; ``qlora`` is LoRA's config, the 4-bit base is built by ``build``). One method
-    is the quality table's own: ``lora-attn``, LoRA as in the bench on all four attention projections (query, key,
-    value and the attention's output), 0.65% of MiniLM's parameters, and ``lora-all``, LoRA r 4 (alpha 8: the same
-    scale 2) on every linear layer of the encoder, attention and feed-forward (0.76%), for the tagging task where
-    q+v is too little."""
-    worker = _load_module("deltatune_bench_worker", HERE / "bench_worker.py")
-    if method == "lora-attn":
-        config = worker.method_config("lora", side, "minilm", task_type)
-        config.target_modules = ["query", "key", "value", "attention.output.dense"]
-        return config
-    if method == "lora-all":
-        config = worker.method_config("lora", side, "minilm", task_type)
-        config.r, config.lora_alpha = 4, 8
-        config.target_modules = ["query", "key", "value", "dense"]  # "dense": attention output, intermediate, output
-        return config
-    return worker.method_config(method, side, "minilm", task_type)
+    """The config of ``method`` for ``side``: common.method_config for MiniLM (the same hyper-parameters on both
+    sides, the bench's), with ``FIELDS`` over it; ``lora-4bit`` is LoRA's config, the 4-bit base is built by
+    ``build``."""
+    return common.method_config(method, side, task_type, **common.MODULES["minilm"], fields=FIELDS)
 
 
 def _trainable(model: nn.Module) -> int:
@@ -225,24 +196,15 @@ def build(task: Task, method: str, side: str, seed: int) -> tuple[nn.Module, int
     if task.kind == "tag":
         kwargs["id2label"] = dict(enumerate(WNUT_TAGS))
         kwargs["label2id"] = WNUT_IDS
-    if method == "qlora" and side == "peft":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-            # deltatune.quantize keeps the task head and the pooler in full precision; so does this side (names
-            # match as a prefix or a suffix of the module's: "pooler" alone would not match bert.pooler.dense).
-            llm_int8_skip_modules=["classifier", "pooler.dense"],
-        )
+    if method in common.QUANTIZED and side == "peft":
+        # deltatune.quantize keeps the task head and the pooler in full precision; so does this side
+        kwargs["quantization_config"] = common.bnb_config(torch.float32, skip=["classifier", "pooler.dense"])
         kwargs["device_map"] = "cpu"
     torch.manual_seed(seed)
     base = auto.from_pretrained(resolve_path("minilm"), **kwargs)
     checksum = float(_head(base).weight.detach().float().sum())
     total = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
-    if method == "qlora":  # the 4-bit model counts packed bytes; the share is of the plain model's parameters
+    if method in common.QUANTIZED:  # the 4-bit model counts packed bytes; the share is of the plain model's parameters
         total = sum(p.numel() for p in auto.from_pretrained(resolve_path("minilm"), **_plain(kwargs)).parameters())
     torch.manual_seed(seed)  # the adapters' init draws from the same state on both sides
     if side == "peft" and method == "full":
@@ -251,13 +213,13 @@ def build(task: Task, method: str, side: str, seed: int) -> tuple[nn.Module, int
     if side == "deltatune":
         import deltatune as dt
 
-        if method == "qlora":
+        if method in common.QUANTIZED:
             dt.quantize(base, bits=4)
             dt.prepare_for_kbit_training(base, use_gradient_checkpointing=False)
         return dt.get_delta_model(base, config), total, checksum
     import peft
 
-    if method == "qlora":
+    if method in common.QUANTIZED:
         peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     return peft.get_peft_model(base, config), total, checksum
 
@@ -307,17 +269,12 @@ def train(
     order_rng = torch.Generator().manual_seed(seed)  # the data order, apart from the global RNG: equal on both sides
     torch.manual_seed(seed)  # dropout
     model.train()
-    losses: list[float] = []
-    for _ in range(epochs):
-        for batch in _batches(examples, length_grouped(examples, order_rng), BATCH, collate):
-            loss = model(**batch).loss
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+    batches = (
+        batch
+        for _ in range(epochs)
+        for batch in _batches(examples, length_grouped(examples, order_rng), BATCH, collate)
+    )
+    losses = common.train_loop(model, batches, opt, sched=sched, max_grad_norm=max_grad_norm)
     if not math.isfinite(losses[-1]):
         raise RuntimeError(f"non-finite training loss {losses[-1]}")
     tail = losses[-max(1, len(losses) // 10) :]
@@ -452,14 +409,6 @@ def report(cells: list[Cell], args: argparse.Namespace, command: str, wall: floa
 
 
 # -- command line ---------------------------------------------------------------------------------------------
-def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from {', '.join(allowed)}")
-    return items
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", help=f"comma-separated, from {', '.join(TASKS)} (default sst2,trec)")
@@ -484,12 +433,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.train_rows, args.eval_rows, args.epochs = 16, args.eval_rows or 32, 1
     args.tasks, args.methods = args.tasks or "sst2,trec", args.methods or ",".join(METHODS)
     try:
-        args.tasks = _csv(args.tasks, tuple(TASKS), "task")
-        args.methods = _csv(args.methods, METHODS, "method")
-        args.sides = _csv(args.sides, SIDES, "side")
+        args.tasks = common.pick(args.tasks, TASKS, "task")
+        args.methods = common.pick(args.methods, METHODS)
+        args.sides = common.pick(args.sides, SIDES, "side")
         pairs = [item.split("=", 1) for item in args.lr.split(",") if item.strip()]
-        args.lr = {**LR, **{_csv(k, METHODS, "method")[0]: float(v) for k, v in pairs}}
-    except (argparse.ArgumentTypeError, ValueError) as exc:
+        args.lr = {**LR, **{common.pick(k, METHODS)[0]: float(v) for k, v in pairs}}
+    except ValueError as exc:
         parser.error(str(exc))
     return args
 
@@ -512,12 +461,12 @@ def main(argv: list[str] | None = None) -> list[Cell]:
         data = load_task(task, args.data, tokenizer, args.train_rows, args.eval_rows, args.seed)
         for method in args.methods:
             for side in args.sides:
-                if side == "peft" and method not in PEFT_HAS:
+                if side == "peft" and method != "full" and not common.peft_has(method):
                     continue
                 cell = run_cell(task, method, side, data, args, tokenizer.pad_token_id)
                 cells.append(cell)
                 print(
-                    f"{name:7} {method:10} {side:9} score {_fmt(cell.score):>5} loss "
+                    f"{name:7} {method:19} {side:9} score {_fmt(cell.score):>5} loss "
                     f"{cell.final_loss if cell.final_loss is None else round(cell.final_loss, 3)} "
                     f"{cell.seconds:.0f}s {cell.error or ''}",
                     flush=True,

@@ -34,7 +34,7 @@ PROMPTS = [
     "Say hello in French.",
     "What is two plus two?",
 ]
-MODELS = ["base", "lora", "ia3", "prompt"]
+MODELS = ["base", "lora", "ia3", "prompt_tuning"]
 
 
 def make_adapters(model_name: str, root: str) -> dict[str, str]:
@@ -45,7 +45,7 @@ def make_adapters(model_name: str, root: str) -> dict[str, str]:
     configs = {
         "lora": dt.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
         "ia3": dt.IA3Config(init_ia3_weights=False, target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
-        "prompt": dt.PromptTuningConfig(num_virtual_tokens=8),
+        "prompt_tuning": dt.PromptTuningConfig(num_virtual_tokens=8),
     }  # fmt: skip
     folders = {}
     for seed, (name, config) in enumerate(configs.items(), start=1):

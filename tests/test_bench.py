@@ -1,4 +1,4 @@
-"""``deltatune bench --quick``: one LoRA comparison on a tiny Llama gives the report's rows and columns.
+"""``python benchmarks/bench.py --quick``: one LoRA comparison on a tiny Llama gives the report's rows and columns.
 
 A smoke test of the harness (benchmarks/bench.py and bench_worker.py), not of speed: it checks that every figure
 is there and positive, never how large it is.
@@ -9,13 +9,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 from tiny import markdown_table
 
-from deltatune.cli import main
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(BENCHMARKS, "bench.py")), reason="no benchmarks/")
+
+
+def main(argv: list[str]) -> int:
+    """``python benchmarks/bench.py ARGV``, in this process."""
+    sys.path.insert(0, BENCHMARKS)
+    import bench
+
+    return bench.main(argv)
 
 
 def _number(cell: str) -> float:
@@ -23,15 +32,14 @@ def _number(cell: str) -> float:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
-@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "bench.py")), reason="no benchmarks/")
 def test_quick_lora_report(tmp_path, capsys):
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
-    argv = ["bench", "--quick", "--configs", "llama-fp32", "--methods", "lora", "--startup-repeats", "0"]
+    argv = ["--quick", "--configs", "llama-fp32", "--methods", "lora", "--startup-repeats", "0"]
     assert main([*argv, "--out", str(out), "--json", str(raw)]) == 0
     text = out.read_text(encoding="utf-8")
     assert text in capsys.readouterr().out
 
-    assert "- Command: `deltatune bench --quick --configs llama-fp32" in text
+    assert "- Command: `python benchmarks/bench.py --quick --configs llama-fp32" in text
     assert "torch 2." in text and "peft " in text and "transformers " in text
     assert "### llama-fp32" in text and "### Start-up" in text
 
@@ -70,7 +78,7 @@ def test_quick_lora_report(tmp_path, capsys):
 
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["bench", "--help"])
+        main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
     for option in ("--configs", "--methods", "--warmup", "--steps", "--repeats", "--quick", "--out", "--json"):
@@ -78,21 +86,45 @@ def test_help_lists_the_options(capsys):
 
 
 def test_unknown_method_is_an_error(capsys):
-    assert main(["bench", "--methods", "lora,nope"]) == 2
-    assert "unknown method nope" in capsys.readouterr().err
+    assert main(["--methods", "lora,nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown method nope; choose from full, lora, lora-4bit, ia3" in err
+
+
+def test_method_names_are_the_test_matrix_names():
+    """One vocabulary: every method of the bench (and of common.py) is a registry method, optionally ``-variant``,
+    and has a config on each side it runs."""
+    sys.path.insert(0, BENCHMARKS)
+    import bench
+    import common
+
+    import deltatune.registry
+
+    assert set(bench.METHODS) <= set(common.METHODS)
+    for name in common.METHODS:
+        assert common.method(name) in deltatune.registry.names(), name
+        assert common.method_config(name, "deltatune", "CAUSAL_LM", **common.MODULES["llama"]).task_type == "CAUSAL_LM"
+        if common.peft_has(name) and importlib.util.find_spec("peft") is not None:
+            assert common.method_config(name, "peft", "CAUSAL_LM", **common.MODULES["llama"]).task_type == "CAUSAL_LM"
+    assert bench.sides("lora-4bit") == ["deltatune", "peft"] and bench.sides("full") == ["deltatune", "torch"]
+    assert bench.sides("bottleneck-houlsby") == ["deltatune"]
+    with pytest.raises(ValueError, match="peft has no method 'bitfit'"):
+        common.method_config("bitfit", "peft", "CAUSAL_LM")
+    with pytest.raises(ValueError, match="unknown method 'qlora'"):
+        common.method_config("qlora", "deltatune", "CAUSAL_LM")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
-@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "bench.py")), reason="no benchmarks/")
 @pytest.mark.parametrize("config", ["llama-fp32", "minilm"])  # minilm: peft's side keeps classifier and pooler
 def test_quick_qlora_reports_the_weights_held(tmp_path, config):
     out = tmp_path / "bench.md"
-    argv = ["bench", "--quick", "--configs", config, "--methods", "lora,qlora", "--startup-repeats", "0"]
+    argv = ["--quick", "--configs", config, "--methods", "lora,lora-4bit", "--startup-repeats", "0"]
     assert main([*argv, "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
     title = next(line for line in text.splitlines() if line.startswith("Weights held after training"))
     header, *rows = markdown_table(text, title)
+    assert [row[0] for row in rows] == ["LoRA r=8, alpha 16, q+v", "QLoRA: NF4 base, LoRA r=8 q+v"]
     lora, qlora = (dict(zip(header, row)) for row in rows)
     assert lora["4-bit layers MiB deltatune"] == "0.00" and lora["bytes/param deltatune"] == "—"
     # 4 bits + constants: about 0.52 bytes per parameter at real sizes; the tiny model's 64-wide layers pay more
@@ -105,9 +137,7 @@ def test_quick_qlora_reports_the_weights_held(tmp_path, config):
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "mixed_batch.py")), reason="no benchmarks/")
 def test_mixed_batch_benchmark_reports_both_passes(tmp_path):
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, BENCHMARKS)
     import mixed_batch
 
     out = tmp_path / "mixed.md"
@@ -121,9 +151,7 @@ def test_mixed_batch_benchmark_reports_both_passes(tmp_path):
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "fused_loss.py")), reason="no benchmarks/")
 def test_fused_loss_benchmark_runs_and_both_losses_agree(capsys):
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, BENCHMARKS)
     import fused_loss
 
     assert fused_loss.main(["--quick", "--threads", "1"]) == 0  # 1: the two losses differ
@@ -135,9 +163,7 @@ def test_fused_loss_benchmark_runs_and_both_losses_agree(capsys):
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "interleaved.py")), reason="no benchmarks/")
 @pytest.mark.parametrize("config", ["llama-fp32", "minilm"])
 def test_interleaved_benchmark_reports_every_measure(tmp_path, config):
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, BENCHMARKS)
     import interleaved
 
     out = tmp_path / "interleaved.md"
@@ -165,18 +191,17 @@ def test_interleaved_benchmark_reports_every_measure(tmp_path, config):
 def test_floor_model_is_the_base_with_gradients_at_the_lora_targets():
     """The floor computes the base model's outputs exactly (its shifts start at zero), trains only the shifts, one
     per LoRA target, and every shift gets a gradient: it is a LoRA's step without a LoRA's arithmetic."""
-    import sys
-
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, BENCHMARKS)
     import bench_worker as bw
+    import common
     import interleaved
 
     shape = bw.QUICK["llama-fp32"]
     base, batch, task_type = bw.build(shape, torch.device("cpu"), 0)
     reference, _, _ = bw.build(shape, torch.device("cpu"), 0)
-    floor = interleaved.floor_model(base, bw.LORA_TARGETS["llama"], task_type)
+    floor = interleaved.floor_model(base, common.LORA_TARGETS["llama"], task_type)
     trainable = [n for n, p in floor.named_parameters() if p.requires_grad]
     targets = [n for n, _ in reference.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")]
     assert len(trainable) == len(targets) > 0 and all(n.startswith("floor_shifts.") for n in trainable)
@@ -193,7 +218,7 @@ def test_floor_model_is_the_base_with_gradients_at_the_lora_targets():
 def test_quick_smollm2_lora_report_counts_the_real_model(tmp_path, capsys):
     """The real SmolLM2 configuration: LoRA r8 on q and v of 30 layers, both sides, one process each."""
     out = tmp_path / "bench.md"
-    argv = ["bench", "--quick", "--configs", "smollm2-fp32", "--methods", "lora", "--startup-repeats", "0"]
+    argv = ["--quick", "--configs", "smollm2-fp32", "--methods", "lora", "--startup-repeats", "0"]
     assert main([*argv, "--out", str(out)]) == 0
     header, *rows = markdown_table(out.read_text(encoding="utf-8"), "Training")
     lora = dict(zip(header, rows[0]))
@@ -204,13 +229,12 @@ def test_quick_smollm2_lora_report_counts_the_real_model(tmp_path, capsys):
 
 def test_gpu_script_dry_run_plans_without_cuda():
     import subprocess
-    import sys
 
     env = {**os.environ, "PY": sys.executable}
     done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", "x"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "--configs llama1b,llama1b-compile --methods full,lora,qlora" in done.stdout
+    assert "benchmarks/bench.py --configs llama1b,llama1b-compile --methods full,lora,lora-4bit" in done.stdout
     assert "llama1b: 1.24B parameters, batch 8 x seq 1024, bfloat16" in done.stdout and "dry run: ok" in done.stdout
     bad = subprocess.run(["bash", "benchmarks/gpu.sh", "--nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --nope" in bad.stderr

@@ -37,4 +37,15 @@ def test_every_method_has_a_config_on_each_side_it_runs(method):
 
 def test_an_unknown_method_is_one_line(capsys):
     assert llm_quality.main(["--methods", "lora,nope"]) == 2
-    assert "unknown method nope" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown method nope; choose from full, lora, lora-all-linear," in err
+
+
+def test_method_names_are_the_test_matrix_names():
+    """Every name is a registry method, optionally ``-variant``; the 4-bit, rsLoRA and DoRA rows are LoRA's."""
+    import deltatune.registry
+
+    assert all(name.split("-", 1)[0] in deltatune.registry.names() for name in llm_quality.METHODS)
+    assert {"lora-4bit", "lora-rslora", "lora-dora", "prefix_tuning", "prefix_tuning-v2"} <= set(llm_quality.METHODS)
+    assert llm_quality.configs("prefix_tuning", "deltatune", "unused").prefix_projection
+    assert not llm_quality.configs("prefix_tuning-v2", "deltatune", "unused").prefix_projection

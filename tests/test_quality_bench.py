@@ -68,7 +68,7 @@ def test_quick_lora_report(tmp_path):
             {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"},
         ),
         (
-            "lora-all",
+            "lora-all-linear",
             {
                 "attention.self.query",
                 "attention.self.key",
@@ -102,6 +102,17 @@ def test_lora_variants_wrap_the_same_layers_on_both_sides(method, expected):
     assert len(wrapped["deltatune"]) == len(expected) * 6
     assert wrapped["deltatune"] == wrapped["peft"]
     assert trainable["deltatune"] == trainable["peft"]
+
+
+def test_an_unknown_method_is_one_line_naming_the_valid_ones(capsys):
+    spec = importlib.util.spec_from_file_location("deltatune_quality", SCRIPT)
+    quality = sys.modules["deltatune_quality"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    with pytest.raises(SystemExit) as info:
+        quality.parse_args(["--methods", "lora,qlora"])
+    assert info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "unknown method qlora; choose from full, lora, lora-attn, lora-all-linear, lora-4bit, ia3" in error
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
