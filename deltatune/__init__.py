@@ -40,13 +40,17 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "QuantizationError": (".methods.quant", "QuantizationError"),
     "Trainer": (".train.trainer", "DeltaTrainer"),
     "VisualPromptConfig": (".methods.vpt", "VisualPromptConfig"),
+    "combine_loras": (".diffusion", "combine_loras"),
     "fold_virtual_tokens": (".methods._tokens", "fold"),
     "get_delta_model": (".model", "get_delta_model"),
     "load_config": (".registry", "from_pretrained"),
+    "load_lora": (".diffusion", "load_lora"),
     "memory_footprint": (".methods.quant", "memory_footprint"),
     "merge_quantized": (".methods.quant_tools", "merge_quantized"),
     "prepare_for_kbit_training": (".methods.quant_tools", "prepare_for_kbit_training"),
     "quantize": (".methods.quant_tools", "quantize"),
+    "save_diffusers_lora": (".diffusion", "save_diffusers_lora"),
+    "save_kohya_lora": (".diffusion", "save_kohya_lora"),
 }
 
 __all__ = [
@@ -69,13 +73,17 @@ __all__ = [
     "QuantizationError",
     "Trainer",
     "VisualPromptConfig",
+    "combine_loras",
     "fold_virtual_tokens",
     "get_delta_model",
     "load_config",
+    "load_lora",
     "memory_footprint",
     "merge_quantized",
     "prepare_for_kbit_training",
     "quantize",
+    "save_diffusers_lora",
+    "save_kohya_lora",
 ]
 
 
@@ -94,6 +102,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .config import ConfigError, DeltaConfig
+    from .diffusion import combine_loras, load_lora, save_diffusers_lora, save_kohya_lora
     from .files import AdapterLoadError
     from .methods._tokens import fold as fold_virtual_tokens
     from .methods.bitfit import BitFitConfig

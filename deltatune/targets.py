@@ -19,8 +19,16 @@ from .layer import DeltaLayer, ModulesToSave, set_submodule
 _VISION = ("vit", "deit", "swin", "clip", "clip_vision_model", "siglip", "siglip_vision_model")
 """Vision encoders (ViT, DeiT, Swin, CLIP's and SigLIP's vision towers): q/k/v/o_proj attention, fc1/fc2 MLP."""
 
+_DIFFUSERS = (
+    "UNet2DConditionModel", "Transformer2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
+    "SD3Transformer2DModel", "FluxTransformer2DModel",
+)  # fmt: skip
+"""diffusers denoisers (by class name): attention projections to_q, to_k, to_v, to_out.0 in every attention block
+(self and cross), the targets of diffusers' own LoRA training scripts."""
+
 # Default LoRA targets per transformers model_type (the attention query/value projections, as PEFT).
 LORA_TARGETS: dict[str, list[str]] = {
+    **{name: ["to_q", "to_k", "to_v", "to_out.0"] for name in _DIFFUSERS},
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "umt5": ["q", "v"],
@@ -135,9 +143,12 @@ LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
 
 
 def model_type(model: nn.Module) -> str | None:
-    """The transformers ``model_type`` of a model (None for a plain nn.Module)."""
+    """The transformers ``model_type`` of a model, a diffusers model's class name (``UNet2DConditionModel``), or
+    None for a plain nn.Module."""
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
+    if config is None:
+        return None
+    return getattr(config, "model_type", None) or type(model).__name__  # a diffusers config has no model_type
 
 
 def default_targets(model: nn.Module, table: dict[str, list[str]], method: str) -> list[str]:

@@ -30,6 +30,7 @@ LEVELS = {
     "registry": 4,
     "model": 5,
     "data": 5,
+    "diffusion": 5.5,
     "info": 7,
     "train": 6,
     "serve": 7,
@@ -40,6 +41,7 @@ LEVELS = {
 (cli -> serve/board -> train -> model -> registry -> methods -> config/layer/targets). ``data`` sits beside
 ``model``: the trainers use both, and neither uses the other. ``towers`` (which tower of a vision-language model a
 config adapts) is per-family knowledge beside the methods. The board shows what serve serves, so it sits above it.
+``diffusion`` (LoRA files as diffusion users trade them) reads and writes DeltaModels, below the trainers' t2i stage.
 ``import deltatune`` (the lazy public API) is neutral."""
 
 KNOWN_UPWARD = {

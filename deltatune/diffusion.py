@@ -1,0 +1,311 @@
+"""LoRA files as diffusion users trade them, both ways: diffusers' format and kohya's, for a DeltaModel over a
+diffusers denoiser (``UNet2DConditionModel``, a DiT-style transformer) or a text encoder; and several LoRAs
+combined into one with weights.
+
+**diffusers** (what ``pipe.load_lora_weights(folder)`` and ``unet.load_lora_adapter(folder, prefix="unet")`` read):
+one ``pytorch_lora_weights.safetensors`` with keys ``<prefix>.<module path>.lora_A.weight`` / ``.lora_B.weight``
+(prefix ``unet``, ``transformer`` or ``text_encoder``) and the LoRA config in the file's metadata
+``lora_adapter_metadata`` as ``{"<prefix>.r": ..., "<prefix>.lora_alpha": ..., ...}``. The older diffusers keys
+(``<path>.lora.down.weight`` / ``.lora.up.weight``, what diffusers' training scripts still write) are read too.
+Without metadata a module's alpha is its rank (scale 1), as diffusers assumes.
+
+**kohya** (sd-scripts, ai-toolkit; read by A1111 and ComfyUI): keys ``lora_unet_<module path, dots as
+underscores>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (a scalar per module: the update is
+scaled by alpha / r); ``lora_te_`` for the text encoder. Paths are found by matching the underscored name against
+the model's own module names, so no table per architecture is needed.
+
+A file whose keys name a module the model lacks is refused with the list of those keys, never loaded as a silent
+no-op (diffusers logs and goes on); the model is unchanged then.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .files import KEY_PREFIX, atomic_write
+from .model import DeltaModel
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for."""
+KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te"}
+_DIFFUSERS_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora.down.weight": "A", ".lora.up.weight": "B"}
+_KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+def _lora(model: DeltaModel, adapter_name: str | None) -> tuple[str, Any, dict[str, dict[str, Any]]]:
+    """(name, config, {module path: {"A", "B", "r", "alpha", "scale"}}) of a LoRA adapter of ``model``."""
+    from .targets import pattern_value
+
+    name = adapter_name or model.active_adapter
+    model._check_names([name])
+    config = model.peft_config[name]
+    if config.peft_type != "LORA":
+        raise ConfigError(f"adapter {name!r} is {config.peft_type}, not LoRA: these files hold LoRA adapters only")
+    if config.use_dora:
+        raise ConfigError(f"adapter {name!r} is DoRA; kohya and diffusers LoRA files hold plain LoRA updates")
+    tensors = model.adapter_state_dict(name)
+    modules: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        path, _, leaf = key.removeprefix(KEY_PREFIX).rpartition(".lora_")
+        if leaf not in ("A.weight", "B.weight"):
+            raise ConfigError(f"adapter {name!r} holds {key!r}, which these LoRA files have no place for")
+        modules.setdefault(path, {})[leaf[0]] = value.detach()
+    for path, m in modules.items():
+        r = m["A"].shape[0]
+        alpha = float(pattern_value(config.alpha_pattern, path, config.lora_alpha))
+        m.update(r=r, alpha=alpha, scale=alpha / (math.sqrt(r) if config.use_rslora else r))
+    return name, config, modules
+
+
+def save_diffusers_lora(
+    model: DeltaModel, folder: str | os.PathLike[str], adapter_name: str | None = None, prefix: str = "unet"
+) -> str:
+    """Write a LoRA adapter of ``model`` (a DeltaModel over a diffusers denoiser or text encoder) in diffusers'
+    format: ``folder/pytorch_lora_weights.safetensors``, keys ``<prefix>.<path>.lora_A.weight``, the config in the
+    metadata. ``pipe.load_lora_weights(folder)`` / ``unet.load_lora_adapter(folder, prefix=prefix)`` load it with
+    the same outputs. Returns the file's path.
+
+    Raises:
+        ConfigError: the adapter is not a plain LoRA (DoRA, another method).
+    """
+    from safetensors.torch import save_file
+
+    name, config, modules = _lora(model, adapter_name)
+    tensors = {}
+    for path, m in modules.items():
+        tensors[f"{prefix}.{path}.lora_A.weight"] = m["A"].cpu().contiguous()
+        tensors[f"{prefix}.{path}.lora_B.weight"] = m["B"].cpu().contiguous()
+    ranks = Counter(m["r"] for m in modules.values())
+    alphas = Counter(m["alpha"] for m in modules.values())
+    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    meta = {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "use_rslora": config.use_rslora,
+        "rank_pattern": {re.escape(p): m["r"] for p, m in modules.items() if m["r"] != r},
+        "alpha_pattern": {re.escape(p): m["alpha"] for p, m in modules.items() if m["alpha"] != alpha},
+    }
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in meta.items()})}
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, WEIGHT_NAME)
+    atomic_write(path, lambda f: save_file(tensors, f, metadata))
+    return path
+
+
+def save_kohya_lora(
+    model: DeltaModel, file: str | os.PathLike[str], adapter_name: str | None = None, prefix: str = "unet"
+) -> str:
+    """Write a LoRA adapter of ``model`` as one kohya-format safetensors file (``lora_unet_...`` keys and a
+    per-module ``.alpha``; rsLoRA's scale is kept exact through alpha). Returns the path.
+
+    Raises:
+        ConfigError: the adapter is not a plain LoRA (DoRA, another method).
+    """
+    from safetensors.torch import save_file
+
+    _, _, modules = _lora(model, adapter_name)
+    head = KOHYA_PREFIX.get(prefix, f"lora_{prefix}")
+    tensors = {}
+    for path, m in modules.items():
+        key = f"{head}_{path.replace('.', '_')}"
+        tensors[f"{key}.lora_down.weight"] = m["A"].cpu().contiguous()
+        tensors[f"{key}.lora_up.weight"] = m["B"].cpu().contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(m["scale"] * m["r"], dtype=torch.float32)  # kohya: alpha / r
+    file = os.fspath(file)
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    atomic_write(file, lambda f: save_file(tensors, f, {"format": "pt"}))
+    return file
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a LoRA safetensors file, or of the one LoRA file in a folder
+    (``pytorch_lora_weights.safetensors`` first). Safetensors only: a pickle can run code when loaded.
+
+    Raises:
+        ConfigError: nothing to read there, or several candidate files in the folder.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if WEIGHT_NAME in files:
+            files = [WEIGHT_NAME]
+        if len(files) != 1:
+            found = ", ".join(files) or "none"
+            raise ConfigError(f"{path}: expected one LoRA .safetensors file in the folder, found {found}")
+        path = os.path.join(path, files[0])
+    if not os.path.isfile(path):
+        raise ConfigError(f"LoRA file {path!r} does not exist")
+    try:
+        with safe_open(path, "pt") as fh:
+            names = fh.keys()  # (a safe_open handle is not iterable)
+            return {k: fh.get_tensor(k) for k in names}, dict(fh.metadata() or {})
+    except Exception as exc:  # noqa: BLE001  (a corrupt or foreign file: one line naming it)
+        raise ConfigError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _split(
+    tensors: dict[str, torch.Tensor], prefix: str | None, base: nn.Module
+) -> tuple[dict[str, dict[str, Any]], list[str], str]:
+    """{module path: {"A", "B", "alpha"?}} from diffusers or kohya keys, the keys that name no module of ``base``,
+    and the format found ("kohya" or "diffusers")."""
+    names = {n for n, _ in base.named_modules() if n}
+    modules: dict[str, dict[str, Any]] = {}
+    unmatched: list[str] = []
+    kohya = any(k.endswith(tuple(_KOHYA_SUFFIXES)) and k.startswith("lora_") for k in tensors)
+    if kohya:
+        by_flat = {n.replace(".", "_"): n for n in names}
+        heads = [KOHYA_PREFIX.get(prefix, f"lora_{prefix}")] if prefix else list(KOHYA_PREFIX.values())
+        for key, value in tensors.items():
+            suffix = next((s for s in _KOHYA_SUFFIXES if key.endswith(s)), None)
+            stem = key[: -len(suffix)] if suffix else key
+            head = next((h for h in heads if stem.startswith(h + "_")), None)
+            path = by_flat.get(stem[len(head) + 1 :]) if head and suffix else None
+            if path is None:
+                unmatched.append(key)
+                continue
+            modules.setdefault(path, {})[_KOHYA_SUFFIXES[suffix]] = value
+        return modules, unmatched, "kohya"
+    for key, value in tensors.items():
+        suffix = next((s for s in _DIFFUSERS_SUFFIXES if key.endswith(s)), None)
+        stem = key[: -len(suffix)] if suffix else key
+        if prefix is None and "." in stem and stem.split(".", 1)[1] in names:
+            stem = stem.split(".", 1)[1]  # "unet.down_blocks..." -> the path, whatever the component
+        elif prefix is not None and stem.startswith(prefix + "."):
+            stem = stem[len(prefix) + 1 :]
+        if suffix is None or stem not in names:
+            unmatched.append(key)
+            continue
+        modules.setdefault(stem, {})[_DIFFUSERS_SUFFIXES[suffix]] = value
+    return modules, unmatched, "diffusers"
+
+
+def load_lora(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    prefix: str | None = None,
+    is_trainable: bool = False,
+) -> DeltaModel:
+    """Load a diffusers- or kohya-format LoRA file (or folder) into ``model`` as ``adapter_name``.
+
+    ``model`` is a DeltaModel or a plain denoiser / text encoder (wrapped then). ``prefix`` picks a component's
+    keys (``unet``, ``transformer``, ``text_encoder``); None takes the keys whose path fits the model. Ranks and
+    alphas are read per module (kohya's ``.alpha``; diffusers' metadata, else alpha = rank).
+
+    Raises:
+        ConfigError: the file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
+            another architecture), a module without its A or B, or nothing at all; the model is unchanged.
+    """
+    from .methods.lora import LoraConfig
+
+    tensors, metadata = read_lora_file(path)
+    delta = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    base = delta.get_base_model()
+    modules, unmatched, kind = _split(tensors, prefix, base)
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else "")
+        raise ConfigError(
+            f"{path}: {len(unmatched)} of {len(tensors)} keys name no module of this {type(base).__name__}: {shown}; "
+            "a LoRA for another architecture or component?"
+        )
+    if not modules:
+        raise ConfigError(f"{path}: no LoRA tensors in the file")
+    incomplete = sorted(p for p, m in modules.items() if "A" not in m or "B" not in m)
+    if incomplete:
+        raise ConfigError(f"{path}: module {incomplete[0]} has no {'B' if 'A' in modules[incomplete[0]] else 'A'}")
+    meta = _metadata(metadata, prefix, base, modules)
+    use_rslora = bool(meta.get("use_rslora", False))
+    ranks = {p: m["A"].shape[0] for p, m in modules.items()}
+    alphas = {}
+    for p, m in modules.items():
+        if kind == "kohya":  # kohya's alpha scales by alpha / r; as deltatune's lora_alpha that is alpha exactly
+            alphas[p] = float(m["alpha"]) if "alpha" in m else float(ranks[p])
+            if use_rslora:
+                alphas[p] /= math.sqrt(ranks[p])
+        else:
+            from .targets import pattern_value
+
+            alphas[p] = float(pattern_value(meta.get("alpha_pattern", {}), p, meta.get("lora_alpha", ranks[p])))
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(modules),
+        use_rslora=use_rslora and kind != "kohya",
+        rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
+        alpha_pattern={re.escape(p): v for p, v in alphas.items() if v != alpha},
+        inference_mode=not is_trainable,
+    )
+    state = {}
+    for p, m in modules.items():
+        state[f"{KEY_PREFIX}{p}.lora_A.weight"] = m["A"]
+        state[f"{KEY_PREFIX}{p}.lora_B.weight"] = m["B"]
+    delta.add_adapter(adapter_name, config, _tensors=state, _source=os.fspath(path))
+    return delta
+
+
+def _metadata(metadata: dict[str, str], prefix: str | None, base: nn.Module, modules: dict) -> dict[str, Any]:
+    """The LoRA config diffusers stored in the file's metadata for this component ({} when none)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    components = {k.split(".", 1)[0] for k in meta if "." in k}
+    component = prefix or (components.pop() if len(components) == 1 else None)
+    if component is None:
+        return {}
+    return {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(component + ".")}
+
+
+# -- combining --------------------------------------------------------------------------------------------------
+def combine_loras(model: DeltaModel, adapters: list[str], weights: list[float], new_name: str) -> None:
+    """Add ``new_name``, a LoRA whose update is exactly sum_i w_i * (update of adapter i) at every module any of
+    them adapts: the ranks are concatenated (A = [A_1; A_2; ...], B = [w_1 s_1 B_1, w_2 s_2 B_2, ...], scale 1),
+    as PEFT's ``add_weighted_adapter(..., combination_type="cat")``. Merge it to fold several LoRAs into the
+    weights at once; the combined adapter saves and loads as any LoRA.
+
+    Raises:
+        ConfigError: a length mismatch, an adapter that is not a plain LoRA, or an existing ``new_name``.
+    """
+    from .methods.lora import LoraConfig
+
+    if len(adapters) != len(weights) or not adapters:
+        raise ConfigError(f"combine_loras: {len(adapters)} adapters and {len(weights)} weights; give one weight each")
+    if new_name in model.peft_config:
+        raise ConfigError(f"combine_loras: an adapter named {new_name!r} exists already")
+    parts = [_lora(model, name)[2] for name in adapters]
+    paths = sorted(set().union(*parts))
+    state, ranks = {}, {}
+    for path in paths:
+        blocks = [(m[path], w) for m, w in zip(parts, weights) if path in m]
+        state[f"{KEY_PREFIX}{path}.lora_A.weight"] = torch.cat([m["A"] for m, _ in blocks])
+        state[f"{KEY_PREFIX}{path}.lora_B.weight"] = torch.cat([m["B"] * (w * m["scale"]) for m, w in blocks], 1)
+        ranks[path] = sum(m["r"] for m, _ in blocks)
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=paths,
+        rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
+        alpha_pattern={re.escape(p): float(v) for p, v in ranks.items() if v != r},  # alpha = rank: scale 1
+        inference_mode=True,
+    )
+    model.add_adapter(new_name, config, _tensors=state, _source=f"combine_loras({', '.join(adapters)})")
