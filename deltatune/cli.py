@@ -81,6 +81,9 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true", help="also print the base model's answer (adapter off)")
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
+    g.add_argument("--out", help="text-to-image runs: the PNG to write (with --compare: base | adapter)")
+    g.add_argument("--steps", type=int, default=50, help="text-to-image: DDIM sampling steps (default 50)")
+    g.add_argument("--guidance", type=float, default=1.0, help="text-to-image: classifier-free guidance (1: none)")
     _generation_flags(g)
 
     c = sub.add_parser(
@@ -257,6 +260,10 @@ def _generate(args) -> int:
     sampling = _sampling(args)
     if args.image:
         return _caption(args, sampling)
+    from .train.run import _task
+
+    if _task(args.adapter)[0] == "TEXT_TO_IMAGE" or args.out:
+        return _draw(args)
     model, tok = load_generator(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
     model.eval()
     ids = chat.prompt_ids(tok, args.prompt, raw=args.raw, system=args.system)
@@ -265,6 +272,28 @@ def _generate(args) -> int:
         print(chat.side_by_side([row]))
     else:
         print(chat.generate(model, tok, ids, num_beams=args.num_beams, **sampling))
+    return 0
+
+
+def _draw(args) -> int:
+    import torch
+
+    from .config import ConfigError
+    from .train.run import _task, load_adapter_model
+    from .train.t2i import sample, save_png
+
+    if _task(args.adapter)[0] != "TEXT_TO_IMAGE":
+        raise ConfigError(f"--out: {args.adapter!r} is not a text-to-image run (stage t2i); drop --out")
+    if not args.out:
+        raise ConfigError(f"{args.adapter!r} draws images (stage t2i): pass --out FILE.png")
+    model, processor = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
+    model.eval()
+    draw = dict(steps=args.steps, guidance=args.guidance, seed=args.seed if args.seed is not None else 0)
+    images = sample(model, processor, [args.prompt], **draw)
+    if args.compare:
+        with model.disable_adapter():
+            images = torch.cat([sample(model, processor, [args.prompt], **draw), images])
+    print(f"image written to {save_png(images, args.out)}" + (" (base | adapter)" if args.compare else ""))
     return 0
 
 

@@ -21,7 +21,8 @@ TINY = {"cls": ("bert", "seq_cls"), "tag": ("bert", "token_cls"), "sft": ("llama
 ELSEWHERE = {"rm": "tests/train/test_reward.py", "dpo": "tests/train/test_dpo.py", "ppo": "tests/train/test_ppo.py",
              "image_cls": "tests/vision/test_image_cls.py", "grpo": "tests/train/test_grpo.py",
              "kto": "tests/train/test_kto.py", "orpo": "tests/train/test_orpo.py",
-             "simpo": "tests/train/test_simpo.py", "caption": "tests/vision/test_caption.py"}  # fmt: skip
+             "simpo": "tests/train/test_simpo.py", "caption": "tests/vision/test_caption.py",
+             "t2i": "tests/diffusion/test_t2i.py"}  # fmt: skip
 
 
 def _stage(path: Path) -> str:

@@ -12,6 +12,8 @@ grey levels 0-16) inside its wheel, so they need no download. The two-step story
   small adaptation budget), ``test`` the held-out 20% of each class.
 - ``captions.jsonl``: ``{"image": ..., "text": "a handwritten seven, thin strokes"}`` for every adapt image (the
   stroke word from the share of inked pixels), for image-to-text; ``captions-{train,test}.jsonl`` split as above.
+- ``t2i-{pretrain,adapt}-{train,test}.jsonl``: ``{"image": ..., "text": "a handwritten digit seven"}`` for every
+  image, for text-to-image (a UNet pre-trained on digits 0-4, then adapted to draw 5-9).
 - ``split.json``: the seed and, per split and class, the indices into ``load_digits()`` (the split recorded).
 
 Images are 8-bit grayscale PNGs (mode "L", grey level x 255 / 16); the RGB image processors convert them (the
@@ -56,7 +58,7 @@ def write(out: str, seed: int = 0, test_fraction: float = 0.2, shots: int = 40) 
     images, targets = digits.images, digits.target
     rng = np.random.default_rng(seed)
     split: dict = {"seed": seed, "test_fraction": test_fraction, "shots": shots, "indices": {}}
-    captions = []
+    captions, drawings = [], []
     for label in range(10):
         idx = np.flatnonzero(targets == label)
         idx = idx[rng.permutation(len(idx))]
@@ -72,8 +74,11 @@ def write(out: str, seed: int = 0, test_fraction: float = 0.2, shots: int = 40) 
                 path = os.path.join(folder, f"{i:04d}.png")
                 pixels = np.clip(images[i] * 255.0 / 16.0, 0, 255).round().astype(np.uint8)
                 Image.fromarray(pixels, mode="L").save(path)
+                rel = os.path.relpath(path, out)
+                drawings.append(
+                    {"image": rel, "text": f"a handwritten digit {WORDS[label]}", "part": f"{part}-{name}"}
+                )
                 if part == "adapt":
-                    rel = os.path.relpath(path, out)
                     captions.append({"image": rel, "text": caption(label, images[i]), "split": name})
             split["indices"].setdefault(f"{part}/{name}", {})[str(label)] = sorted(int(x) for x in chosen)
     with open(os.path.join(out, "captions.jsonl"), "w", encoding="utf-8") as fh:
@@ -81,6 +86,11 @@ def write(out: str, seed: int = 0, test_fraction: float = 0.2, shots: int = 40) 
     for name in ("train", "test"):  # the same rows split in two, for the caption recipe's train and eval files
         with open(os.path.join(out, f"captions-{name}.jsonl"), "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(c) + "\n" for c in captions if c["split"] == name)
+    for part in ("pretrain-train", "pretrain-test", "adapt-train", "adapt-test"):  # text-to-image rows
+        with open(os.path.join(out, f"t2i-{part}.jsonl"), "w", encoding="utf-8") as fh:
+            fh.writelines(
+                json.dumps({k: d[k] for k in ("image", "text")}) + "\n" for d in drawings if d["part"] == part
+            )
     with open(os.path.join(out, "split.json"), "w", encoding="utf-8") as fh:
         json.dump(split, fh)
     return split
@@ -152,6 +162,26 @@ def init_captioner(out: str, seed: int = 0, hidden: int = 64, layers: int = 2, i
     return out
 
 
+def init_unet(out: str, seed: int = 0, channels: tuple[int, ...] = (32, 64), context: int = 384) -> str:
+    """A randomly initialised small ``UNet2DConditionModel`` (16x16 grayscale, cross-attention to ``context``-wide
+    text states: MiniLM's 384) and a DDPM scheduler (1,000 steps, epsilon), saved to ``out``: the starting point of
+    the text-to-image recipes, with ``t2i.json`` naming the embedded MiniLM as its text encoder."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=channels,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=context, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+    unet.save_pretrained(out)
+    DDPMScheduler(num_train_timesteps=1000).save_config(out)
+    with open(os.path.join(out, "t2i.json"), "w", encoding="utf-8") as fh:
+        json.dump({"text_encoder": "minilm"}, fh)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deltatune.data.digits", description=__doc__.splitlines()[0])
     p.add_argument("out", help="output folder (e.g. data/digits)")
@@ -161,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--init-captioner", action="store_true", help="also write a random ViT + GPT-2 to <out>/captioner-init"
     )
+    p.add_argument("--init-unet", action="store_true", help="also write a random small UNet to <out>/unet-init")
     args = p.parse_args(argv)
     split = write(args.out, args.seed, shots=args.shots)
     counts = {k: sum(len(v) for v in d.values()) for k, d in split["indices"].items()}
@@ -169,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"random ViT written to {init_vit(os.path.join(args.out, 'vit-init'), args.seed)}")
     if args.init_captioner:
         print(f"random captioner written to {init_captioner(os.path.join(args.out, 'captioner-init'), args.seed)}")
+    if args.init_unet:
+        print(f"random UNet written to {init_unet(os.path.join(args.out, 'unet-init'), args.seed)}")
     return 0
 
 

@@ -36,6 +36,9 @@ class ModelArgs:
     quantization: dict | None = _f(None, "Quantise the base, e.g. {bits: 4} for QLoRA (keys of deltatune.quantize).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (only for models you trust).")
+    text_encoder: str | None = _f(
+        None, "t2i: the frozen text encoder (a folder, hub id or 'minilm'); default: the base's."
+    )
 
 
 @dataclass

@@ -75,8 +75,12 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
         raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
 
 
-def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = False):
+def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = False, text_encoder: str | None = None):
     """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer."""
+    if stage == "t2i":
+        from .t2i import T2IProcessor
+
+        return T2IProcessor(resolve_path(name_or_path), text_encoder, trust_remote_code)
     if stage == "caption":
         from .caption import CaptionProcessor, check_model
 
@@ -102,6 +106,10 @@ def load_model(
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if task_type == "TEXT_TO_IMAGE":
+        from .t2i import load_denoiser
+
+        return load_denoiser(resolve_path(name_or_path), getattr(torch, dtype))
     kwargs["dtype"] = getattr(torch, dtype)
     if task_type in ("SEQ_CLS", "TOKEN_CLS", "IMAGE_CLS"):
         if num_labels is not None:

@@ -198,7 +198,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     write_recipe = _check_resume_recipe(out, _recipe_dict(cfg), resume_changed) if resume else True
     check_run(cfg)
     set_seed(cfg.train.seed)
-    tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code)
+    tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code, cfg.model.text_encoder)
     prepared = prepare(cfg, tok)
     if prepared.labels:
         check_num_labels(cfg, prepared.labels)
@@ -400,9 +400,10 @@ def evaluate(
         raise ConfigError("no evaluation data: pass --data FILE")
     saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
     tok = load_processor(
-        run_dir if os.path.isfile(os.path.join(run_dir, saved)) else cfg.model.name_or_path,
+        run_dir if os.path.isfile(os.path.join(run_dir, saved)) and cfg.stage != "t2i" else cfg.model.name_or_path,
         cfg.stage,
         trust_remote_code,
+        cfg.model.text_encoder,
     )
     eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
     prepared = prepare(eval_cfg, tok)
@@ -466,8 +467,9 @@ def load_adapter_model(
     check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
     stage = cfg.stage if recipe_path else "sft"
     saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
-    has_tok = os.path.isfile(os.path.join(adapter_dir, saved))
-    tok = load_processor(adapter_dir if has_tok else name, stage, trust_remote_code)
+    has_tok = os.path.isfile(os.path.join(adapter_dir, saved)) and stage != "t2i"  # t2i: the base has the UNet's
+    encoder = cfg.model.text_encoder if recipe_path else None
+    tok = load_processor(adapter_dir if has_tok else name, stage, trust_remote_code, encoder)
     base = load_model(
         name,
         task,

@@ -34,6 +34,7 @@ STAGES: dict[str, Stage] = {
     # Not PEFT task types: adapters record None; an image classifier's head trains via modules_to_save.
     "image_cls": Stage("IMAGE_CLS", "image_cls", images=True),
     "caption": Stage("IMAGE_TO_TEXT", "caption", images=True),
+    "t2i": Stage("TEXT_TO_IMAGE", "t2i", images=True),  # a diffusers denoiser, not a transformers model
 }
 
 TASK_OF_STAGE: dict[str, str] = {name: s.task for name, s in STAGES.items()}

@@ -1,0 +1,119 @@
+"""Stage t2i on scikit-learn's digits and a small random UNet conditioned by the real MiniLM: the denoising loss by
+hand, both recipes for two steps (pre-train in full, merge, then LoRA), and ``generate --out`` against a sampling
+loop run on the plain models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from deltatune.cli import main  # noqa: E402
+from deltatune.data import digits  # noqa: E402
+from deltatune.train import t2i  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+FAST = ["train.max_steps=2", "train.report_to=[none]", "train.batch_size=4", "train.logging_steps=1", "data.limit=8"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    digits.write(str(out))
+    digits.init_unet(str(out / "unet-init"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict[str, Path]:
+    """The pre-training recipe (2 steps), its merge into a plain UNet folder, and the LoRA recipe (2 steps) on it."""
+    tmp = tmp_path_factory.mktemp("t2i-runs")
+    pre, base, lora = tmp / "pre", tmp / "base", tmp / "lora"
+    args = [f"data.train={data / 't2i-pretrain-train.jsonl'}", f"data.eval={data / 't2i-pretrain-test.jsonl'}"]
+    recipe = str(ROOT / "recipes" / "digits-t2i-pretrain.yaml")
+    assert main(["train", recipe, f"model.name_or_path={data / 'unet-init'}", f"output.dir={pre}", *args, *FAST]) == 0
+    assert main(["merge", "--adapter", str(pre), "--out", str(base)]) == 0
+    args = [f"data.train={data / 't2i-adapt-train.jsonl'}", f"data.eval={data / 't2i-adapt-test.jsonl'}"]
+    recipe = str(ROOT / "recipes" / "digits-t2i-lora.yaml")
+    assert main(["train", recipe, f"model.name_or_path={base}", f"output.dir={lora}", *args, *FAST]) == 0
+    return {"pre": pre, "base": base, "lora": lora}
+
+
+def test_both_recipes_run_two_steps_and_the_merged_base_names_its_text_encoder(runs):
+    for name in ("pre", "lora"):
+        metrics = json.loads((runs[name] / "metrics.json").read_text())
+        assert metrics["train_steps"] == 2 and math.isfinite(metrics["eval_loss"])
+    report = (runs["pre"] / "report.md").read_text()
+    assert "8 training images with captions; text encoder minilm" in report
+    assert "8 train images were resized to 16x16" in report  # the 8x8 digits
+    assert json.loads((runs["base"] / "t2i.json").read_text()) == {"text_encoder": "minilm"}
+    assert (runs["base"] / "scheduler_config.json").is_file()
+    config = json.loads((runs["lora"] / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_denoising_loss_by_hand(data, kind):
+    from diffusers import DDPMScheduler
+
+    unet = t2i.load_denoiser(str(data / "unet-init")).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "pixel_values": torch.rand(3, 1, 16, 16, generator=g) * 2 - 1,
+        "encoder_hidden_states": torch.randn(3, 4, 384, generator=g),
+    }
+    loss = t2i.denoising_loss(unet, scheduler, inputs, generator=torch.Generator().manual_seed(7))
+    # the same draws, in the same order, by hand
+    g = torch.Generator().manual_seed(7)
+    x0 = inputs["pixel_values"]
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    target = noise if kind == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    with torch.no_grad():
+        pred = unet(noisy, t, encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+    torch.testing.assert_close(loss, ((pred - target) ** 2).mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_generate_draws_what_the_plain_models_draw(runs, tmp_path, capsys):
+    """``generate --out --compare`` writes base | adapter; each half is the DDIM loop run on the plain UNets (the
+    merged base, and the base with the LoRA merged), so the adapter is really applied and really switched off."""
+    import numpy as np
+    from PIL import Image
+
+    from deltatune.train.run import load_adapter_model
+
+    out = tmp_path / "seven.png"
+    prompt = "a handwritten digit seven"
+    assert main(["generate", "--adapter", str(runs["lora"]), "--prompt", prompt, "--out", str(out), "--steps", "4",
+                 "--seed", "3", "--compare"]) == 0  # fmt: skip
+    assert "base | adapter" in capsys.readouterr().out
+    image = np.asarray(Image.open(out))
+    assert image.shape == (16, 32)
+    delta, processor = load_adapter_model(str(runs["lora"]))
+    plain_lora = delta.merge_and_unload()
+    plain_base = t2i.load_denoiser(str(runs["base"]))
+    halves = [t2i.sample(m.eval(), processor, [prompt], steps=4, seed=3) for m in (plain_base, plain_lora)]
+    want = (torch.cat([h[0, 0] for h in halves], dim=-1) * 255).round().to(torch.uint8).numpy()
+    assert np.abs(image.astype(int) - want.astype(int)).max() <= 1  # float rounding at the merge
+    assert not np.array_equal(image[:, :16], image[:, 16:])
+
+
+def test_bad_input_is_one_line(runs, data, tmp_path, capsys):
+    cases = [
+        (["generate", "--adapter", str(runs["pre"]), "--prompt", "a digit"], "draws images (stage t2i): pass --out"),
+        (["train", str(ROOT / "recipes" / "digits-t2i-pretrain.yaml"), f"model.name_or_path={data / 'unet-init'}",
+          f"output.dir={tmp_path / 'r'}", f"data.train={data / 't2i-pretrain-train.jsonl'}", "data.eval=null",
+          "data.max_length=3", "data.truncation=refuse", *FAST], "captions are longer than data.max_length=3"),
+    ]  # fmt: skip
+    for argv, words in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "Traceback" not in err, err
