@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 import torch
+from transformers.integrations import TensorBoardCallback
 
 from ..config import ConfigError
 from ..data.images import check, open_rgb, read_image_rows
@@ -149,12 +150,23 @@ def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
 
 
+class _TensorBoard(TensorBoardCallback):
+    """TensorBoard logging without the model-config text (a diffusers config is not a transformers one)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        return super().on_train_begin(args, state, control, **{**kwargs, "model": None})
+
+
 class T2ITrainer(DeltaTrainer):
     """DeltaTrainer with the denoising loss (module docstring); the VAE and the scheduler come with the stage."""
 
     def __init__(self, *args: Any, scheduler: Any = None, vae: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.noise_scheduler, self.vae = scheduler, vae
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) is TensorBoardCallback:  # it writes model.config as a transformers config
+                self.callback_handler.remove_callback(callback)
+                self.callback_handler.add_callback(_TensorBoard(callback.tb_writer))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = denoising_loss(model, self.noise_scheduler, inputs, self.vae)

@@ -36,7 +36,11 @@ def runs(data, tmp_path_factory) -> dict[str, Path]:
     pre, base, lora = tmp / "pre", tmp / "base", tmp / "lora"
     args = [f"data.train={data / 't2i-pretrain-train.jsonl'}", f"data.eval={data / 't2i-pretrain-test.jsonl'}"]
     recipe = str(ROOT / "recipes" / "digits-t2i-pretrain.yaml")
-    assert main(["train", recipe, f"model.name_or_path={data / 'unet-init'}", f"output.dir={pre}", *args, *FAST]) == 0
+    logs = "train.report_to=[tensorboard]"  # TensorBoard reads model.config; a diffusers one has no JSON writer
+    assert (
+        main(["train", recipe, f"model.name_or_path={data / 'unet-init'}", f"output.dir={pre}", *args, *FAST, logs])
+        == 0
+    )
     assert main(["merge", "--adapter", str(pre), "--out", str(base)]) == 0
     args = [f"data.train={data / 't2i-adapt-train.jsonl'}", f"data.eval={data / 't2i-adapt-test.jsonl'}"]
     recipe = str(ROOT / "recipes" / "digits-t2i-lora.yaml")
