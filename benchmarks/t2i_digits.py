@@ -29,17 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "digits-t2i-lora.yaml"
 METHODS = ["lora", "ia3", "bottleneck-houlsby", "full"]
-FIELDS = {
-    "lora": ["method.name=lora", "method.r=8", "method.lora_alpha=16"],
-    "lora-dora": ["method.name=lora", "method.r=8", "method.lora_alpha=16", "method.use_dora=true"],
-    "ia3": ["method.name=ia3", "method.target_modules=[to_k,to_v,ff.net.2]", "method.feedforward_modules=[ff.net.2]"],
+FIELDS = {  # the whole method section, replacing the recipe's
+    "lora": "{name: lora, r: 8, lora_alpha: 16, target_modules: [to_q, to_k, to_v, to_out.0]}",
+    "lora-dora": "{name: lora, r: 8, lora_alpha: 16, target_modules: [to_q, to_k, to_v, to_out.0], use_dora: true}",
+    "ia3": "{name: ia3, target_modules: [to_k, to_v, ff.net.2], feedforward_modules: [ff.net.2]}",
     # Houlsby's two sites per transformer block: after the self-attention's output projection and after the MLP
-    "bottleneck-houlsby": [
-        "method.name=bottleneck",
-        "method.reduction_factor=4",
-        "method.target_modules=[attn1.to_out.0,ff.net.2]",
-    ],
-    "full": ["method.name=full"],
+    "bottleneck-houlsby": "{name: bottleneck, reduction_factor: 4, target_modules: [attn1.to_out.0, ff.net.2]}",
+    "full": "{name: full}",
 }
 LR = {"lora": 2e-3, "lora-dora": 2e-3, "ia3": 1e-2, "bottleneck-houlsby": 1e-3, "full": 3e-4}
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -81,10 +77,11 @@ def worker(method: str, args) -> dict:
 
     out = os.path.join(args.runs, method)
     argv = ["train", str(RECIPE), f"model.name_or_path={args.base}", f"output.dir={out}", f"train.lr={LR[method]}",
-            *FIELDS[method], "train.report_to=[none]", f"data.train={args.data}/t2i-adapt-train.jsonl",
-            f"data.eval={args.data}/t2i-adapt-test.jsonl", "--overwrite"]  # fmt: skip
+            f"method={FIELDS[method]}", "train.report_to=[none]", f"data.train={args.data}/t2i-adapt-train.jsonl",
+            f"data.eval={args.data}/t2i-adapt-test.jsonl"]  # fmt: skip
     if args.quick:
         argv += ["train.max_steps=3", "data.limit=20"]
+    argv.append("--overwrite")
     start = time.perf_counter()
     if main(argv) != 0:
         raise SystemExit(f"t2i_digits.py: training {method} failed")
