@@ -121,3 +121,81 @@ def test_bad_input_is_one_line(runs, data, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A diffusers pipeline folder: a tiny VAE (16x16 grayscale <-> 4x8x8 latents), a UNet on the latents, a DDPM
+    scheduler, and a tiny BERT text encoder with its tokenizer (tests/tiny.py)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from tiny import save_tiny, tokenizer
+
+    root = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    ).save_pretrained(root / "vae")  # fmt: skip
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).save_pretrained(root / "unet")  # fmt: skip
+    DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction").save_pretrained(root / "scheduler")
+    save_tiny(root / "text_encoder", "bert", "seq_cls")
+    tokenizer().save_pretrained(root / "tokenizer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def test_a_pipeline_with_a_vae_trains_on_latents_and_draws_full_size_images(pipeline, data, tmp_path, capsys):
+    processor = t2i.T2IProcessor(str(pipeline))
+    assert processor.vae is not None and processor.size == 16 and processor.channels == 1
+    # the loss on a batch: the VAE latent (scaled) is x0, v-prediction the target, by hand
+    unet = t2i.load_denoiser(str(pipeline)).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "pixel_values": torch.rand(2, 1, 16, 16, generator=g) * 2 - 1,
+        "encoder_hidden_states": torch.randn(2, 3, 32, generator=g),
+    }
+    loss = t2i.denoising_loss(
+        unet, processor.scheduler, inputs, processor.vae, generator=torch.Generator().manual_seed(5)
+    )
+    g = torch.Generator().manual_seed(5)
+    vae = processor.vae
+    with torch.no_grad():
+        x0 = vae.encode(inputs["pixel_values"]).latent_dist.sample(g) * vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 100, (2,), generator=g)
+    abar = processor.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        pred = unet(
+            abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, encoder_hidden_states=inputs["encoder_hidden_states"]
+        ).sample
+    torch.testing.assert_close(
+        loss, ((pred - (abar.sqrt() * noise - (1 - abar).sqrt() * x0)) ** 2).mean(), atol=1e-6, rtol=1e-5
+    )
+    # two steps through the CLI, then a drawing at the VAE's full size
+    run = tmp_path / "run"
+    argv = ["train", str(ROOT / "recipes" / "digits-t2i-lora.yaml"), f"model.name_or_path={pipeline}", f"output.dir={run}",
+            f"data.train={data / 't2i-adapt-train.jsonl'}", "data.eval=null", *FAST]  # fmt: skip
+    assert main(argv) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(run),
+                "--prompt",
+                "a digit",
+                "--out",
+                str(tmp_path / "d.png"),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    from PIL import Image
+
+    assert Image.open(tmp_path / "d.png").size == (16, 16)
