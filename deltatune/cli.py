@@ -342,7 +342,10 @@ def _merge(args) -> int:
         publish_folder(staging, args.out)
     if report is not None:
         print(f"4-bit base {report} (merge_report.json)")
-    print(f"merged model written to {args.out} (loads with plain transformers)")
+    from .train.run import _task
+
+    library = "diffusers (UNet2DConditionModel)" if _task(args.adapter)[0] == "TEXT_TO_IMAGE" else "transformers"
+    print(f"merged model written to {args.out} (loads with plain {library})")
     return 0
 
 

@@ -341,8 +341,8 @@ def _evaluate(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[s
     metrics = {
         k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch", "_preparation_time"))
     }
-    if prepared.loss_only and "eval_loss" in metrics:
-        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+    if prepared.loss_only and "eval_loss" in metrics and TASK_OF_STAGE[cfg.stage] != "TEXT_TO_IMAGE":
+        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])  # of tokens: a denoising loss has none
     if prepared.eval_rows is not None and cfg.stage == "seq2seq":
         from .seq2seq import generation_metrics
 
