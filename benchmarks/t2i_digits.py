@@ -135,6 +135,7 @@ def _table(rows: list[dict], clf_accuracy: float, args, png: str) -> str:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     lines = [
         f"Scorer: logistic regression on the real 8x8 digits, {clf_accuracy:.1%} on the real held-out digits.",
+        f"lr: {', '.join(f'{m} {LR[m]:g}' for m in args.methods)}.",
         f"{args.samples} samples per digit, DDIM {args.steps} steps, seeds 0-9; grid: {png} (rows: digits 0-9; "
         f"columns: 8 samples of {', '.join(r['method'].split(' ')[0] for r in rows)}).",
         "",
@@ -167,8 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="3 training steps per method (a smoke run)")
     p.add_argument("--png", default="runs/t2i-bench/grid.png")
     p.add_argument("--out", help="also write the markdown here")
+    p.add_argument("--lr", default="", help="lr per method, e.g. lora=1e-2,full=1e-3 (default: LR)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for item in filter(None, args.lr.split(",")):
+        name, _, value = item.partition("=")
+        if name not in LR:
+            print(f"t2i_digits.py: error: --lr names unknown method {name!r}", file=sys.stderr)
+            return 2
+        LR[name] = float(value)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in FIELDS]
     if unknown:
