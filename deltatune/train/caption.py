@@ -134,7 +134,7 @@ def caption(
     Raises:
         DataError: the file is missing or not an image (its path named).
     """
-    from .chat import check_sampling
+    from .chat import check_sampling, sampling_kwargs
 
     check_sampling(max_new_tokens, temperature, top_p)
     img, _ = open_rgb(ImageRow(os.path.abspath(image), None, image))
@@ -142,9 +142,7 @@ def caption(
         torch.manual_seed(seed)
     device = next(model.parameters()).device
     tok = processor.tokenizer
-    sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    )
+    sampling = sampling_kwargs(temperature, top_p)
     out = model.generate(
         pixel_values=pixel_values(processor.image_processor, [img]).to(device),
         max_new_tokens=max_new_tokens,

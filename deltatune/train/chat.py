@@ -48,6 +48,11 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
 
 
+def sampling_kwargs(temperature: float, top_p: float) -> dict[str, Any]:
+    """``generate``'s sampling arguments: greedy at temperature 0, else sampling at ``temperature`` and ``top_p``."""
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+
+
 def generate(
     model: torch.nn.Module,
     tok,
@@ -64,9 +69,7 @@ def generate(
         torch.manual_seed(seed)
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(ids)], device=device)
-    sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    )
+    sampling = sampling_kwargs(temperature, top_p)
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
