@@ -3,7 +3,7 @@
     python -m deltatune.data.digits data/digits --init-unet
     deltatune train recipes/digits-t2i-pretrain.yaml
     deltatune merge --adapter runs/digits-t2i-pretrain --out data/digits/unet-digits04
-    python benchmarks/t2i_digits.py --out docs/t2i-digits.md          # every method; --quick: a smoke run
+    python benchmarks/t2i_digits.py          # every method; --quick: a smoke run
 
 For each method, recipes/digits-t2i-lora.yaml runs in a fresh process with the method swapped in (the same data,
 epochs, batch and seed; the lr per method is in LR), which reports its train time, trainable parameters and peak
@@ -171,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", default="", help="lr per method, e.g. lora=1e-2,full=1e-3 (default: LR)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for item in filter(None, args.lr.split(",")):
-        name, _, value = item.partition("=")
-        if name not in LR:
-            print(f"t2i_digits.py: error: --lr names unknown method {name!r}", file=sys.stderr)
-            return 2
-        LR[name] = float(value)
+    lrs = dict(item.partition("=")[::2] for item in args.lr.split(",") if item)
+    unknown = [name for name in lrs if name not in LR]
+    if unknown:
+        print(f"t2i_digits.py: error: --lr names unknown method {unknown[0]!r}", file=sys.stderr)
+        return 2
+    LR.update({name: float(value) for name, value in lrs.items()})
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in FIELDS]
     if unknown:

@@ -260,9 +260,9 @@ def _generate(args) -> int:
     sampling = _sampling(args)
     if args.image:
         return _caption(args, sampling)
-    from .train.run import _task
+    from .train.run import run_task
 
-    if _task(args.adapter)[0] == "TEXT_TO_IMAGE" or args.out:
+    if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" or args.out:
         return _draw(args)
     model, tok = load_generator(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
     model.eval()
@@ -279,16 +279,21 @@ def _draw(args) -> int:
     import torch
 
     from .config import ConfigError
-    from .train.run import _task, load_adapter_model
+    from .train.run import load_adapter_model, run_task
     from .train.t2i import sample, save_png
 
-    if _task(args.adapter)[0] != "TEXT_TO_IMAGE":
+    if run_task(args.adapter)[0] != "TEXT_TO_IMAGE":
         raise ConfigError(f"--out: {args.adapter!r} is not a text-to-image run (stage t2i); drop --out")
     if not args.out:
         raise ConfigError(f"{args.adapter!r} draws images (stage t2i): pass --out FILE.png")
     model, processor = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
     model.eval()
-    draw = dict(steps=args.steps, guidance=args.guidance, seed=args.seed if args.seed is not None else 0)
+    from .train.runs import read_recipe
+
+    length = int((read_recipe(args.adapter).get("data") or {}).get("max_length") or 77)  # as the captions trained
+    draw = dict(
+        steps=args.steps, guidance=args.guidance, seed=args.seed if args.seed is not None else 0, max_length=length
+    )
     images = sample(model, processor, [args.prompt], **draw)
     if args.compare:
         with model.disable_adapter():
@@ -342,9 +347,9 @@ def _merge(args) -> int:
         publish_folder(staging, args.out)
     if report is not None:
         print(f"4-bit base {report} (merge_report.json)")
-    from .train.run import _task
+    from .train.run import run_task
 
-    library = "diffusers (UNet2DConditionModel)" if _task(args.adapter)[0] == "TEXT_TO_IMAGE" else "transformers"
+    library = "diffusers (UNet2DConditionModel)" if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" else "transformers"
     print(f"merged model written to {args.out} (loads with plain {library})")
     return 0
 

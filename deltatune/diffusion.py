@@ -227,18 +227,15 @@ def load_lora(
     incomplete = sorted(p for p, m in modules.items() if "A" not in m or "B" not in m)
     if incomplete:
         raise ConfigError(f"{path}: module {incomplete[0]} has no {'B' if 'A' in modules[incomplete[0]] else 'A'}")
-    meta = _metadata(metadata, prefix, base, modules)
-    use_rslora = bool(meta.get("use_rslora", False))
+    from .targets import pattern_value
+
+    meta = {} if kind == "kohya" else _metadata(metadata, prefix)  # kohya files carry no config, only alphas
     ranks = {p: m["A"].shape[0] for p, m in modules.items()}
     alphas = {}
     for p, m in modules.items():
-        if kind == "kohya":  # kohya's alpha scales by alpha / r; as deltatune's lora_alpha that is alpha exactly
+        if kind == "kohya":  # kohya scales by alpha / r, as deltatune's lora_alpha does: the value carries over
             alphas[p] = float(m["alpha"]) if "alpha" in m else float(ranks[p])
-            if use_rslora:
-                alphas[p] /= math.sqrt(ranks[p])
         else:
-            from .targets import pattern_value
-
             alphas[p] = float(pattern_value(meta.get("alpha_pattern", {}), p, meta.get("lora_alpha", ranks[p])))
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -246,7 +243,7 @@ def load_lora(
         r=r,
         lora_alpha=alpha,
         target_modules=sorted(modules),
-        use_rslora=use_rslora and kind != "kohya",
+        use_rslora=bool(meta.get("use_rslora", False)),
         rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
         alpha_pattern={re.escape(p): v for p, v in alphas.items() if v != alpha},
         inference_mode=not is_trainable,
@@ -259,7 +256,7 @@ def load_lora(
     return delta
 
 
-def _metadata(metadata: dict[str, str], prefix: str | None, base: nn.Module, modules: dict) -> dict[str, Any]:
+def _metadata(metadata: dict[str, str], prefix: str | None) -> dict[str, Any]:
     """The LoRA config diffusers stored in the file's metadata for this component ({} when none)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:

@@ -484,7 +484,7 @@ def load_adapter_model(
     return (merge(delta, tok)[0] if merged else delta), tok
 
 
-def _task(adapter_dir: str) -> tuple[str | None, str | None]:
+def run_task(adapter_dir: str) -> tuple[str | None, str | None]:
     """(task type, stage) of a run or adapter folder, read without loading any model."""
     import json
 
@@ -500,7 +500,7 @@ def _task(adapter_dir: str) -> tuple[str | None, str | None]:
 
 def load_captioner(adapter_dir: str, model: str | None, trust_remote_code: bool):
     """The adapted captioner and its processor for ``generate --image``; refuses runs that are not stage caption."""
-    task, stage = _task(adapter_dir)
+    task, stage = run_task(adapter_dir)
     if task != "IMAGE_TO_TEXT":
         raise ConfigError(
             f"--image: {adapter_dir!r} is not an image captioner ({f'stage {stage}' if stage else task or 'unknown'}); "
@@ -516,7 +516,7 @@ def load_generator(
     says once when a model without a chat template gets the prompt as raw text."""
     from .chat import GENERATIVE, has_template
 
-    task, stage = _task(adapter_dir)  # refused before any model is loaded
+    task, stage = run_task(adapter_dir)  # refused before any model is loaded
     if task == "IMAGE_TO_TEXT":
         raise ConfigError(
             f"{adapter_dir!r} is an image captioner (stage {stage}); give it an image: "

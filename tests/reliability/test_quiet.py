@@ -28,3 +28,12 @@ def test_without_deltatune_first_the_backends_do_speak():
     if importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao is not installed: nothing here would speak")
     assert "torchao" in _stderr(LOAD.replace("; import deltatune.train.run", ""))
+
+
+def test_the_diffusion_stage_imports_diffusers_quietly():
+    """diffusers warns at import that torchao's old tensor classes are gone (torchao 0.16+); after deltatune, not."""
+    if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("torchao") is None:
+        pytest.skip("needs diffusers and torchao")
+    load = "from diffusers import UNet2DConditionModel, DDIMScheduler"
+    assert "Unable to import `torchao`" in _stderr(load)  # the control: it does speak
+    assert _stderr(f"import deltatune.train.t2i; {load}") == ""
