@@ -51,6 +51,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "quantize": (".methods.quant_tools", "quantize"),
     "save_diffusers_lora": (".diffusion", "save_diffusers_lora"),
     "save_kohya_lora": (".diffusion", "save_kohya_lora"),
+    "trl_trainer": (".train.trainer", "trl_trainer"),
 }
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "quantize",
     "save_diffusers_lora",
     "save_kohya_lora",
+    "trl_trainer",
 ]
 
 
@@ -121,3 +123,4 @@ if TYPE_CHECKING:
     from .model import DeltaModel, get_delta_model
     from .registry import from_pretrained as load_config
     from .train.trainer import DeltaTrainer as Trainer
+    from .train.trainer import trl_trainer

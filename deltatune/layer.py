@@ -345,3 +345,19 @@ def replace_module(root: nn.Module, path: str, module: nn.Module | None) -> None
         delattr(parent, child)
     else:
         set_submodule(root, path, module)
+
+
+def check_not_shared(model: nn.Module, layers: list[DeltaLayer]) -> None:
+    """Refuse to merge into a layer whose weight another module shares (tied input and output embeddings)."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for layer in layers:
+        weight = getattr(getattr(layer, "base_layer", None), "weight", None)
+        shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
+        if len(shared) > 1:
+            raise ValueError(
+                f"cannot merge into {shared[0]}: the same weight is {', '.join(shared[1:])} (tied embeddings), "
+                "which merging would change too. Load the base with tie_word_embeddings=False and a copied "
+                "output weight, or keep the adapter unmerged"
+            )

@@ -41,6 +41,7 @@ from .layer import (
     ModulesToSave,
     RowAdapters,
     call_batch_size,
+    check_not_shared,
     checkpointing,
     logical_numel,
     replace_module,
@@ -197,9 +198,8 @@ class DeltaModel(nn.Module):
             return functools.partial(function, self)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """torch's full state dict (base and adapters). The plain ``transformers.Trainer`` saves a model it does not
-        know by writing this dict with safetensors, which fails on tied embeddings and would otherwise save the
-        whole model as if it were the adapter; that one call is refused with a hint to use ``deltatune.Trainer``."""
+        """torch's full state dict (base and adapters). The plain ``transformers.Trainer`` would write it whole as the
+        checkpoint (failing on tied embeddings): that one call is refused with a hint to use ``deltatune.Trainer``."""
         caller = sys._getframe(1)
         if caller.f_code.co_name == "_save" and caller.f_globals.get("__name__") == "transformers.trainer":
             raise TypeError(
@@ -207,6 +207,16 @@ class DeltaModel(nn.Module):
                 "dict); use deltatune.Trainer, a drop-in subclass that saves the adapter"
             )
         return super().state_dict(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # TRL's trainers put a fused LM head on the model they are given, where they expect a transformers model
+        code = getattr(getattr(value, "__func__", None), "__code__", None) if name == "forward" else None
+        if code is not None and f"{os.sep}trl{os.sep}" in code.co_filename:
+            raise TypeError(
+                "deltatune: TRL's trainers know only peft's model class and would patch the DeltaModel wrapper; use "
+                "deltatune.trl_trainer(SFTTrainer) (or DPOTrainer, ...), which patches the base and saves the adapter"
+            )
+        super().__setattr__(name, value)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with the adapter layers in it)."""
@@ -365,7 +375,7 @@ class DeltaModel(nn.Module):
         names = list(adapter_names or self.active_adapters)
         self._check_names(names)
         layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
-        self._check_not_shared(layers)
+        check_not_shared(self.base_model, layers)
         done = self._merged()
         try:
             for layer in layers:
@@ -378,20 +388,6 @@ class DeltaModel(nn.Module):
                 for name in merged:
                     layer.merge(name)
             raise
-
-    def _check_not_shared(self, layers: list[DeltaLayer]) -> None:
-        owners: dict[int, list[str]] = {}
-        for pname, p in self.base_model.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(p), []).append(pname)
-        for layer in layers:
-            weight = getattr(getattr(layer, "base_layer", None), "weight", None)
-            shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
-            if len(shared) > 1:
-                raise ValueError(
-                    f"cannot merge into {shared[0]}: the same weight is {', '.join(shared[1:])} (tied embeddings), "
-                    "which merging would change too. Load the base with tie_word_embeddings=False and a copied "
-                    "output weight, or keep the adapter unmerged"
-                )
 
     def unmerge_adapter(self) -> None:
         """Undo every merge, restoring the base weights."""

@@ -38,9 +38,9 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, read-only folder); nothing half-written is left behind."""
 
 
-class DeltaTrainer(Trainer):
-    """``transformers.Trainer`` for a ``DeltaModel``, exported as ``deltatune.Trainer``: a drop-in replacement that
-    treats the model as the Trainer treats a peft model.
+class DeltaTrainerMixin:
+    """What a Trainer needs to treat a ``DeltaModel`` as it treats a peft model; mixed into ``transformers.Trainer``
+    (``DeltaTrainer``) and into TRL's trainers (``trl_trainer``).
 
     - checkpoints and ``save_model`` hold the adapter (PEFT's files) and the tokenizer, not the whole model, so
       tied-embedding models save too; ``resume_from_checkpoint`` and ``load_best_model_at_end`` load the adapter;
@@ -76,12 +76,16 @@ class DeltaTrainer(Trainer):
         super().log(logs, start_time)
 
     def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer reads the columns to keep off the model's forward, which for a DeltaModel is (*args, **kwargs):
+        # read them off the base model's instead (a subclass that names its own columns, as TRL's do, keeps them).
         if self._signature_columns is None:
             import inspect
 
-            base = self._delta_model().get_base_model()
-            self._signature_columns = [*inspect.signature(base.forward).parameters, "label", "label_ids"]
-            self._signature_columns += list(self.label_names)
+            super()._set_signature_columns_if_needed()
+            if {"args", "kwargs"} & set(self._signature_columns or []):
+                base = self._delta_model().get_base_model()
+                columns = [*inspect.signature(base.forward).parameters, "label", "label_ids", *self.label_names]
+                self._signature_columns = [c for c in dict.fromkeys(columns) if c not in ("args", "kwargs")]
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
@@ -142,6 +146,46 @@ class DeltaTrainer(Trainer):
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(self.state.global_step + 1, float(loss.detach().float().mean()))
         return loss
+
+
+class DeltaTrainer(DeltaTrainerMixin, Trainer):
+    """``transformers.Trainer`` for a ``DeltaModel``, exported as ``deltatune.Trainer``: a drop-in replacement
+    that treats the model as the Trainer treats a peft model (see ``DeltaTrainerMixin``)."""
+
+
+def trl_trainer(cls: type) -> type:
+    """A TRL trainer class (``SFTTrainer``, ``DPOTrainer``, ...) taught to train a ``DeltaModel`` as it trains a
+    peft model: adapter-only checkpoints (``DeltaTrainerMixin``), and TRL's fused LM head installed on the base
+    model, where the backbone it reads is, instead of on the DeltaModel wrapper. Exported as
+    ``deltatune.trl_trainer``::
+
+        trainer = dt.trl_trainer(SFTTrainer)(model=delta_model, args=SFTConfig("out"), train_dataset=ds)
+
+    TRL recognises only peft's class as an adapter model, so ``DPOTrainer`` without a ``ref_model`` builds the
+    reference from the base model's path (not the adapter-off model deltatune's own ``stage: dpo`` uses).
+    """
+    import sys
+
+    module = sys.modules[cls.__module__]
+
+    def __init__(self, *args, **kwargs) -> None:
+        fused = getattr(module, "add_fused_lm_head", None)
+        if fused is not None:  # TRL patches the model it is given; give it the base model behind a DeltaModel
+            module.add_fused_lm_head = lambda model, *a, **kw: fused(_unwrap(model), *a, **kw)
+        try:
+            super(trainer, self).__init__(*args, **kwargs)
+        finally:
+            if fused is not None:
+                module.add_fused_lm_head = fused
+
+    trainer = type(f"Delta{cls.__name__}", (DeltaTrainerMixin, cls), {"__init__": __init__, "__doc__": cls.__doc__})
+    return trainer
+
+
+def _unwrap(model):
+    from ..model import DeltaModel
+
+    return model.get_base_model() if isinstance(model, DeltaModel) else model
 
 
 class ProgressBar(ProgressCallback):
