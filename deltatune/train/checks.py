@@ -77,6 +77,16 @@ def check_precision(precision: str) -> None:
         )
 
 
+def resolved_precision(precision: str) -> str:
+    """``train.precision`` with ``auto`` resolved (bf16 on a CUDA GPU that has it, else fp32); fp16 on a CPU refused."""
+    import torch
+
+    check_precision(precision)
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
 def check_num_labels(cfg: RunConfig, labels: list[str] | None) -> None:
     """``model.num_labels`` smaller than the classes in the data would index past the head; refused."""
     n = cfg.model.num_labels

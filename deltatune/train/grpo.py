@@ -48,6 +48,7 @@ from ..config import ConfigError
 from ..data.load import DataError, Row
 from ..data.preference import bos_prefix
 from ..data.tasks import Collator
+from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
 from .grpo_rewards import Reward, check_rewards, load_rewards, score
 from .ppo import context_length
@@ -197,9 +198,11 @@ class GRPOLoop:
         max_grad_norm: float = 1.0,
         seed: int = 0,
         scheduler: Callable | None = None,
+        bf16: bool = False,
     ) -> None:
         self.model, self.tokenizer, self.rewards, self.align = model, tokenizer, list(rewards), align
         self.device = next(model.parameters()).device
+        self.bf16 = bf16  # bf16 autocast for sampling and every forward (fp32 weights, optimizer and losses)
         torch.manual_seed(seed)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         self.scheduler = scheduler(self.optimizer) if scheduler else None
@@ -285,8 +288,15 @@ class GRPOLoop:
         return score(self.rewards, [it.prompt for it in items], texts, s.completions, columns,
                      [it.source for it in items])  # fmt: skip
 
+    def amp(self) -> torch.autocast:
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+
     def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
         """One GRPO step over a batch of prompts; returns its statistics."""
+        with self.amp():
+            return self._step(items)
+
+    def _step(self, items: Sequence[PromptItem]) -> dict[str, float]:
         a = self.align
         G = a.num_generations
         s = self.sample(items, G)
@@ -349,8 +359,9 @@ class GRPOLoop:
     def mean_reward(self, items: Sequence[PromptItem], batch_size: int) -> float:
         """Mean weighted reward of one sampled completion per prompt (no update)."""
         weights = torch.tensor([r.weight for r in self.rewards])
-        total = [(self.score(self.sample(items[i : i + batch_size], 1)) * weights).sum(-1)
-                 for i in range(0, len(items), batch_size)]  # fmt: skip
+        with self.amp():
+            total = [(self.score(self.sample(items[i : i + batch_size], 1)) * weights).sum(-1)
+                     for i in range(0, len(items), batch_size)]  # fmt: skip
         return torch.cat(total).mean().item()
 
 
@@ -485,7 +496,8 @@ def train_grpo(
     def scheduler(opt):
         return get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=updates)
 
-    loop = GRPOLoop(model, tokenizer, rewards, cfg.align, t.lr, t.max_grad_norm, t.seed, scheduler)
+    bf16 = resolved_precision(t.precision) == "bf16"  # as the Trainer's stages read train.precision
+    loop = GRPOLoop(model, tokenizer, rewards, cfg.align, t.lr, t.max_grad_norm, t.seed, scheduler, bf16)
     g = torch.Generator().manual_seed(t.seed)
     history: list[dict[str, Any]] = []
     order: list[int] = []

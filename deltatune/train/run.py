@@ -18,7 +18,7 @@ import yaml
 from ..config import ConfigError
 from ..model import DeltaModel, get_delta_model
 from . import report
-from .checks import check_model_path, check_num_labels, check_precision, check_run
+from .checks import check_model_path, check_num_labels, check_run, resolved_precision
 from .config import RunConfig, build
 from .metrics import perplexity
 from .models import load_model, load_processor, local_base_note
@@ -48,10 +48,7 @@ def _check_output(out: str, overwrite: bool, resume: bool) -> tuple[str | None, 
 
 
 def _precision(cfg: RunConfig) -> dict[str, bool]:
-    check_precision(cfg.train.precision)  # fp16 on a CPU is refused, never recorded as fp16 while fp32 trains
-    p = cfg.train.precision
-    if p == "auto":
-        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    p = resolved_precision(cfg.train.precision)  # fp16 on a CPU is refused, never recorded as fp16 while fp32 trains
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 

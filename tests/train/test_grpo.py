@@ -246,6 +246,21 @@ def test_beta_zero_makes_no_reference_pass(base_dir, beta):
         assert len(calls) == 4 and stats["kl"] >= 0
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_precision_samples_and_trains_under_autocast_with_fp32_weights(base_dir, bf16):
+    """train.precision: bf16 runs sampling and every forward under bf16 autocast (as the Trainer's stages do);
+    fp32 runs none of them so. The trainable weights stay fp32 either way."""
+    model = policy(base_dir)
+    seen = []
+    model.get_base_model().register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    align = AlignArgs(num_generations=2, max_new_tokens=3, mini_batch_size=8)
+    loop = GRPOLoop(model, word_tokenizer(), YES, align, lr=1e-2, bf16=bf16)
+    loop.step(ITEMS[:2])
+    loop.mean_reward(ITEMS[:2], 2)
+    assert seen and set(seen) == {bf16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
 def test_several_iterations_per_generation_batch(base_dir):
     """num_iterations = 3: three optimizer steps on one batch of samples; from the second on pi differs from pi_old,
     so with a large learning rate some ratios leave [1 - eps, 1 + eps] and are clipped (at mu = 1 none can be)."""
