@@ -110,3 +110,35 @@ def test_bleu_without_a_4gram_match_is_zero():
     """Pred "the cat sat" has no 4-gram at all, so p4 = 0/0 and the geometric mean is 0."""
     assert bleu(["the cat sat"], [["the cat sat"]]) == 0.0
     assert bleu(["x y z w"], [["a b c d"]]) == 0.0
+
+
+WORDS = ["The", "the", "Golden", "Palace", "is", "a", "coffee", "shop", "near", "café", "Rouge", "3", "5.5", "£20-25",
+         "it's", "kid-friendly", "(cheap)", "rated", "1-star", ",", ".", "!", "&amp;", "Sushi/Japanese", "high"]  # fmt: skip
+
+
+def _sentence(rng, lo: int = 1, hi: int = 14) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+    return "".join(w if i == 0 or rng.random() < 0.3 else " " + w for i, w in enumerate(words))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bleu_and_rouge_l_equal_sacrebleu_and_rouge_score(seed):
+    """The numbers people compare against: sacrebleu's default corpus BLEU and rouge-score's ROUGE-L, on text with
+    punctuation, digits, dashes, case, an entity and accents; some corpora miss every 4-gram (exp smoothing)."""
+    import random
+
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    rng = random.Random(seed)
+    preds = [_sentence(rng, 1 + seed % 3) for _ in range(rng.randint(1, 6))]
+    refs = [[_sentence(rng) for _ in range(rng.randint(1, 3))] for _ in preds]
+    if seed % 4 == 0:  # near copies, so the higher orders match too
+        refs = [[p.replace("the", "a", 1), *r] for p, r in zip(preds, refs)]
+    width = max(map(len, refs))
+    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
+    assert bleu(preds, refs) * 100 == pytest.approx(sacrebleu.corpus_bleu(preds, streams).score, abs=1e-9)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for p, rs in zip(preds, refs):
+        for r in rs:
+            assert rouge_l(p, r) == pytest.approx(scorer.score(r, p)["rougeL"].fmeasure, abs=1e-12)
