@@ -238,3 +238,25 @@ def test_gpu_script_dry_run_plans_without_cuda():
     assert "llama1b: 1.24B parameters, batch 8 x seq 1024, bfloat16" in done.stdout and "dry run: ok" in done.stdout
     bad = subprocess.run(["bash", "benchmarks/gpu.sh", "--nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --nope" in bad.stderr
+
+
+def test_scaling_fit_recovers_a_quadratic_and_the_quick_run_reports_both_parts(tmp_path):
+    """benchmarks/scaling.py: the growth fit on exact values, and the smoke run's two reports and plots."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import scaling
+
+    lengths = [128, 256, 512, 1024, 2048]
+    a, b, c = scaling.fit(lengths, [3 + 0.5 * n + 2e-4 * n * n for n in lengths])
+    assert (a, b, c) == (pytest.approx(3, abs=1e-6), pytest.approx(0.5), pytest.approx(2e-4))
+    assert scaling.growth(lengths, [10 + 2 * n for n in lengths], "ms").startswith("linear (0% quadratic")
+    out = tmp_path / "scaling.md"
+    assert scaling.main(["--quick", "--variants", "lora deltatune", "--out", str(out)]) == 0
+    text = out.read_text()
+    header, *rows = markdown_table(text, "### Step time (ms, median) against sequence length")
+    assert header[:3] == ["variant", "L=16", "L=32"] and [r[0] for r in rows] == ["lora deltatune"]
+    assert all(float(x) > 0 for x in rows[0][1:3])
+    header, *rows = markdown_table(text, "### Mixed-adapter batches: 8 rows x 8 tokens, rows spread over k adapters")
+    assert [(r[0], r[1]) for r in rows] == [(p, k) for p in ("inference forward", "training forward + backward")
+                                            for k in ("1", "4")]  # fmt: skip
+    assert rows[0][3] == "1.00" and float(rows[1][3]) > 0
+    assert (tmp_path / "scaling-length.png").stat().st_size > 0 and (tmp_path / "scaling-adapters.png").exists()
