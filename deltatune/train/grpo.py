@@ -24,13 +24,14 @@ Rewards follow TRL's convention so users can bring theirs: ``f(prompts, completi
 called with keyword arguments, one value per completion; ``prompts`` are the rows' prompts as written (text, or a
 list of chat messages, which the tokenizer's chat template turns into the model's input), ``completions`` the
 decoded texts, and every other column of the rows comes as a list of the same length. A reward may also be a
-deltatune reward-model run (stage rm), scoring (prompt, completion) texts. Checkpoints (adapter + optimizer + RNG
-state) are written every ``train.save_steps`` steps (default: once per pass over the prompts) and ``--resume``
-continues from the last one.
+deltatune reward-model run (stage rm), scoring (prompt, completion) texts. Checkpoints (adapter, optimizer, RNG)
+every ``train.save_steps`` steps (default: once per pass over the prompts); ``--resume`` continues from the last.
+``train.precision: bf16`` samples and computes every forward under bf16 autocast (fp32 weights and optimizer).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -202,7 +203,7 @@ class GRPOLoop:
     ) -> None:
         self.model, self.tokenizer, self.rewards, self.align = model, tokenizer, list(rewards), align
         self.device = next(model.parameters()).device
-        self.bf16 = bf16  # bf16 autocast for sampling and every forward (fp32 weights, optimizer and losses)
+        self.amp = functools.partial(torch.autocast, self.device.type, torch.bfloat16, enabled=bf16)
         torch.manual_seed(seed)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         self.scheduler = scheduler(self.optimizer) if scheduler else None
@@ -287,9 +288,6 @@ class GRPOLoop:
         texts = self.tokenizer.batch_decode([it.ids for it in items], skip_special_tokens=True)
         return score(self.rewards, [it.prompt for it in items], texts, s.completions, columns,
                      [it.source for it in items])  # fmt: skip
-
-    def amp(self) -> torch.autocast:
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
 
     def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
         """One GRPO step over a batch of prompts; returns its statistics."""
