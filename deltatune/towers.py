@@ -6,7 +6,8 @@ and ``v_proj``), so a plain ``target_modules: [q_proj, v_proj]`` silently puts h
 tower. ``restrict`` resolves a config's targets to full module names inside the named towers only:
 
 - no ``target_modules``: each named tower's default targets (the tower's own family defaults from ``targets.py``;
-  every linear layer of the projector);
+  every linear layer of the projector); IA3's feed-forward layers are its tower family's too (LLaMA's ``down_proj``,
+  CLIP's ``fc2``);
 - a ``target_modules`` list or regex that also matches modules of a tower the user did not name is an error that
   lists those modules (never a silent half-and-half).
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from .config import ConfigError, DeltaConfig
 from .layer import DeltaLayer, ModulesToSave
-from .targets import IA3_TARGETS, LORA_TARGETS, find_targets, model_type
+from .targets import IA3_FEEDFORWARD, IA3_TARGETS, LORA_TARGETS, find_targets, model_type
 
 TOWER_NAMES = ("language", "vision", "projector")
 
@@ -76,6 +77,17 @@ def _defaults(model: nn.Module, config: DeltaConfig, tower: str) -> list[str]:
     return [n for n in names if any(n == t or n.endswith("." + t) for t in leaves)]
 
 
+def _feedforward(model: nn.Module, names: list[str]) -> list[str]:
+    """The names among ``names`` that are IA3 feed-forward layers of their tower's family (scaled at the input)."""
+    out = []
+    for name in names:
+        tower = tower_of(model, name)
+        family = getattr(_sub_config(model, tower), "model_type", None) if tower else None
+        if any(name.endswith("." + leaf) for leaf in IA3_FEEDFORWARD.get(family or "", [])):
+            out.append(name)
+    return out
+
+
 def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = None) -> DeltaConfig:
     """``config`` with its targets resolved to full module names inside ``towers`` (default: ``["language"]``).
 
@@ -113,6 +125,8 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
             )
     if not names:
         raise ConfigError(f"method.towers={towers}: no module to adapt in these towers")
+    if config.method == "ia3" and config.target_modules is None and config.feedforward_modules is None:
+        return config.replace(target_modules=names, feedforward_modules=_feedforward(model, names))
     return config.replace(target_modules=names)
 
 

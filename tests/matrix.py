@@ -8,6 +8,7 @@ the trainable-parameter count it should give, worked out from the base model's m
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,16 +18,26 @@ from torch import nn
 
 import deltatune as dt
 
-__all__ = ["FAMILIES", "METHODS", "TASKS", "TASK_TYPES", "MethodRow", "task_type"]
+sys.path.insert(
+    0, os.path.join(os.path.dirname(__file__), "vision")
+)  # tests/vision/tiny_vlm.py (as its tests import it)
+from tiny_vlm import tiny_vlm, vlm_inputs  # noqa: E402
 
-TASKS = {family: default_task(family) for family in FAMILIES}
-"""The task each family's tiny model is built for (tests/tiny.py): causal_lm, seq2seq or seq_cls."""
+__all__ = ["FAMILIES", "METHODS", "TASKS", "TASK_TYPES", "VLM", "MethodRow", "task_type", "tiny_vlm", "vlm_inputs"]
+
+VLM = ("llava", "blip-2")
+"""Decoder-only vision-language families (tests/vision/tiny_vlm.py): their rows adapt the language tower, the
+default of ``method.towers`` (configs go through ``deltatune.towers.restrict``, as the caption stage does)."""
+WITH_VLM = (*FAMILIES, *VLM)
+TASKS = {**{family: default_task(family) for family in FAMILIES}, **dict.fromkeys(VLM, "image_text")}
+"""The task each family's tiny model is built for (tests/tiny.py): causal_lm, seq2seq, seq_cls, image_text."""
 TASK_TYPES = {
     "causal_lm": "CAUSAL_LM",
     "seq2seq": "SEQ_2_SEQ_LM",
     "seq_cls": "SEQ_CLS",
     "token_cls": "TOKEN_CLS",
     "image_cls": None,
+    "image_text": None,
 }  # fmt: skip  (PEFT has no image task_type; the head goes into modules_to_save)
 
 # PEFT's default LoRA targets per family (peft.utils.constants), written out here so that the expected
@@ -66,7 +77,7 @@ class MethodRow:
             (0.0: exactly); None when the method does not start as the base.
         trainable: ``trainable(base, config, family)``: the expected number of trainable parameters, computed
             from the fresh base model's module shapes; None to skip the count check.
-        families: the families the method supports (None: all of FAMILIES).
+        families: the families the method runs on (None: all of FAMILIES; ``WITH_VLM`` adds the VLM families).
         in_place: the method trains base parameters in place (freeze, BitFit, full fine-tuning): nothing is added,
             so no config changes the outputs before training, and disabling or switching adapters cannot undo it.
         base: ``base(family)``: the base model the row adapts, when it is not the family's tiny model (QLoRA: a
@@ -101,7 +112,15 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _language(base: nn.Module, family: str) -> tuple[str, Callable[[str], bool]]:
+    """The family whose PEFT targets apply and which module names count: a VLM's language model only."""
+    if family in VLM:
+        return base.config.get_text_config().model_type, lambda name: ".language_model." in f".{name}"
+    return family, lambda name: True
+
+
 def _lora_targets(base: nn.Module, config: dt.LoraConfig, family: str) -> list[nn.Module]:
+    family, counts = _language(base, family)
     if config.target_modules == "all-linear":
         output = base.get_output_embeddings()
         return [
@@ -110,7 +129,7 @@ def _lora_targets(base: nn.Module, config: dt.LoraConfig, family: str) -> list[n
             if _is_linear(m) and m is not output and not any(s in n.split(".") for s in ALL_LINEAR_SKIP)
         ]
     targets = config.target_modules or PEFT_LORA_TARGETS[family]
-    return [m for n, m in base.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    return [m for n, m in base.named_modules() if counts(n) and any(n == t or n.endswith("." + t) for t in targets)]
 
 
 def _head_params(base: nn.Module, config: dt.DeltaConfig) -> int:
@@ -133,8 +152,9 @@ def lora_trainable(base: nn.Module, config: dt.LoraConfig, family: str) -> int:
 
 
 def bottleneck_trainable(base: nn.Module, config: dt.BottleneckConfig, family: str) -> int:
-    """2 d m + m + d per adapter (m = d // reduction_factor); Houlsby: 2 per block, Pfeiffer: 1, every stack."""
-    c = base.config
+    """2 d m + m + d per adapter (m = d // reduction_factor); Houlsby: 2 per block, Pfeiffer: 1, every stack (a VLM:
+    its language model's)."""
+    c = base.config.get_text_config()
     d, m = c.hidden_size, c.hidden_size // config.reduction_factor
     sites = (2 if config.config == "houlsby" else 1) * c.num_hidden_layers * (2 if c.is_encoder_decoder else 1)
     return sites * (2 * d * m + m + d) + _head_params(base, config)
@@ -144,6 +164,7 @@ def ia3_trainable(base: nn.Module, config: dt.IA3Config, family: str) -> int:
     """d_in per feed-forward target, d_out per other target; targets from PEFT's own tables."""
     from peft.utils import constants
 
+    family, counts = _language(base, family)
     if family in VISION_IA3:
         targets, feedforward = VISION_IA3[family]
     else:
@@ -151,7 +172,7 @@ def ia3_trainable(base: nn.Module, config: dt.IA3Config, family: str) -> int:
         feedforward = constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[family]
     total = 0
     for n, m in base.named_modules():
-        if any(n == t or n.endswith("." + t) for t in targets):
+        if counts(n) and any(n == t or n.endswith("." + t) for t in targets):
             d_in, d_out = _in_out(m)
             total += d_in if any(n.endswith(f) for f in feedforward) else d_out
     return total + _head_params(base, config)
@@ -285,15 +306,18 @@ def fusion_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> in
 
 
 METHODS: list[MethodRow] = [
-    MethodRow("lora", _lora(), trainable=lora_trainable),
-    MethodRow("lora-rslora", _lora(use_rslora=True), trainable=lora_trainable),
-    MethodRow("lora-dora", _lora(use_dora=True), trainable=lora_trainable),
-    MethodRow("lora-bias", _lora(bias="lora_only"), trainable=lora_trainable),
+    MethodRow("lora", _lora(), trainable=lora_trainable, families=WITH_VLM),
+    MethodRow("lora-rslora", _lora(use_rslora=True), trainable=lora_trainable, families=WITH_VLM),
+    MethodRow("lora-dora", _lora(use_dora=True), trainable=lora_trainable, families=WITH_VLM),
+    MethodRow("lora-bias", _lora(bias="lora_only"), trainable=lora_trainable, families=WITH_VLM),
     MethodRow("lora-all-linear", _lora(target_modules="all-linear"), trainable=lora_trainable),
     MethodRow("lora-4bit", _lora(), trainable=lora_trainable, families=QLORA_FAMILIES, base=_quantized_base),
-    MethodRow("bottleneck-houlsby", _bottleneck(), mergeable=False, trainable=bottleneck_trainable),
-    MethodRow("bottleneck-pfeiffer", _bottleneck(config="pfeiffer"), mergeable=False, trainable=bottleneck_trainable),
-    MethodRow("ia3", _ia3, trainable=ia3_trainable),
+    # on a VLM: the bottleneck adapters land in the language model by its layout (they take no method.towers)
+    MethodRow("bottleneck-houlsby", _bottleneck(), False, trainable=bottleneck_trainable, families=WITH_VLM),
+    MethodRow(
+        "bottleneck-pfeiffer", _bottleneck(config="pfeiffer"), False, trainable=bottleneck_trainable, families=WITH_VLM
+    ),
+    MethodRow("ia3", _ia3, trainable=ia3_trainable, families=WITH_VLM),
     MethodRow(
         "fusion",
         _fusion,

@@ -1,4 +1,5 @@
-"""Properties every method holds on every model family (tests/matrix.py): FAMILIES x METHODS.
+"""Properties every method holds on every model family (tests/matrix.py): FAMILIES x METHODS, and the layer methods
+on the vision-language families (VLM: a tiny LLaVA and BLIP-2, adapted in the language tower).
 
 Each equality check can fail: ``changed=True`` configs make the adapter alter the outputs first, and the
 test asserts that they do.
@@ -11,22 +12,36 @@ import functools
 
 import pytest
 import torch
-from matrix import FAMILIES, METHODS, TASKS, MethodRow
+from matrix import FAMILIES, METHODS, TASKS, VLM, MethodRow, tiny_vlm, vlm_inputs
 from tiny import _AUTO, output_of, tiny_inputs, tiny_model
 from tolerances import ATOL, WEIGHT_ATOL
+from transformers import AutoModelForImageTextToText
 
 import deltatune as dt
+from deltatune import towers
 from deltatune.layer import DeltaLayer
 
 ATOL32 = ATOL[torch.float32]
-CASES = [pytest.param(f, m, id=f"{f}-{m.id}") for m in METHODS for f in FAMILIES if f in (m.families or FAMILIES)]
+CASES = [
+    pytest.param(f, m, id=f"{f}-{m.id}") for m in METHODS for f in (*FAMILIES, *VLM) if f in (m.families or FAMILIES)
+]
 COUNTED = [case for case in CASES if case.values[1].trainable is not None]
 MERGEABLE = [case for case in CASES if case.values[1].mergeable]
 
 
 @functools.cache
 def _base(family: str, make=None) -> torch.nn.Module:
-    return make(family) if make else tiny_model(family)
+    return make(family) if make else tiny_vlm(family) if family in VLM else tiny_model(family)
+
+
+def inputs_of(family: str) -> dict:
+    return vlm_inputs(family) if family in VLM else tiny_inputs(family)
+
+
+def config_of(family: str, row: MethodRow, changed: bool, base: torch.nn.Module) -> dt.DeltaConfig:
+    """The row's config; on a VLM resolved inside the language tower (``method.towers``' default)."""
+    config = row.config(family, changed)
+    return towers.restrict(base, config) if family in VLM else config
 
 
 def fresh(family: str, row: MethodRow | None = None) -> torch.nn.Module:
@@ -35,11 +50,12 @@ def fresh(family: str, row: MethodRow | None = None) -> torch.nn.Module:
 
 
 def adapted(family: str, row: MethodRow, changed: bool, seed: int = 0) -> dt.DeltaModel:
+    base = fresh(family, row)
     torch.manual_seed(seed)
-    config = row.config(family, changed)
+    config = config_of(family, row, changed, base)
     if row.build:
-        return row.build(fresh(family, row), config, changed, seed).eval()
-    return dt.get_delta_model(fresh(family, row), config).eval()
+        return row.build(base, config, changed, seed).eval()
+    return dt.get_delta_model(base, config).eval()
 
 
 def reload(family: str, row: MethodRow, folder) -> dt.DeltaModel:
@@ -77,7 +93,7 @@ def _value(p: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("family, row", CASES)
 def test_init_equals_base_and_changed_differs(family, row):
-    inputs = tiny_inputs(family)
+    inputs = inputs_of(family)
     base_out = output_of(fresh(family, row), inputs)
     if row.init_atol is not None:
         out = output_of(adapted(family, row, changed=False), inputs)
@@ -108,7 +124,7 @@ def test_one_step_changes_only_adapter(family, row):
     reference = {n: _value(p) for n, p in fresh(family, row).named_parameters()}
     assert frozen_before.keys() == reference.keys()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    model(**tiny_inputs(family)).logits.sum().backward()
+    model(**inputs_of(family)).logits.sum().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, f"trainable parameters the forward pass never used: {unused}"
     opt.step()
@@ -126,7 +142,7 @@ def test_one_step_changes_only_adapter(family, row):
 
 @pytest.mark.parametrize("family, row", MERGEABLE)
 def test_merge(family, row, tmp_path):
-    inputs = tiny_inputs(family)
+    inputs = inputs_of(family)
     model = adapted(family, row, changed=True)
     unmerged = output_of(model, inputs)
     w0 = base_weights(model, family, row)
@@ -152,13 +168,14 @@ def test_merge(family, row, tmp_path):
     out = output_of(plain, inputs)
     torch.testing.assert_close(out, unmerged, atol=ATOL32, rtol=0)
     plain.save_pretrained(tmp_path)
-    reloaded = _AUTO[TASKS[family]].from_pretrained(tmp_path).eval()
+    auto = AutoModelForImageTextToText if family in VLM else _AUTO[TASKS[family]]
+    reloaded = auto.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(output_of(reloaded, inputs), out, atol=ATOL32, rtol=0)
 
 
 @pytest.mark.parametrize("family, row", CASES)
 def test_save_load_switch_disable(family, row, tmp_path):
-    inputs = tiny_inputs(family)
+    inputs = inputs_of(family)
     base_out = output_of(fresh(family, row), inputs)
     model = adapted(family, row, changed=True, seed=1)
     out1 = output_of(model, inputs)
@@ -171,7 +188,7 @@ def test_save_load_switch_disable(family, row, tmp_path):
 
     # a second adapter: inactive until chosen, then it alone computes, and switching back restores the first
     torch.manual_seed(2)
-    model.add_adapter("other", row.config(family, True))
+    model.add_adapter("other", config_of(family, row, True, model.get_base_model()))
     assert torch.equal(output_of(model, inputs), out1)
     model.set_adapter("other")
     out2 = output_of(model, inputs)
@@ -210,7 +227,7 @@ def test_save_load_switch_disable(family, row, tmp_path):
 
 def _in_place_save_load(family: str, row: MethodRow, model: dt.DeltaModel, tmp_path) -> None:
     """An in-place method saves the base parameters it trains: perturb them, save, load into a fresh base."""
-    inputs = tiny_inputs(family)
+    inputs = inputs_of(family)
     trained = [p for p in model.base_model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in trained:

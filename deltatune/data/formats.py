@@ -21,7 +21,7 @@ Formats (the name is what ``data.format`` forces; by default each row's fields d
 A standard (string) prompt becomes one user message and a string response one assistant message, so every stage
 renders the same chat template for the same pair whatever its shape. Images and videos (``images``/``videos``
 columns, ``<image>``/``<video>`` markers) are kept as paths in ``Sample.images``/``Sample.videos``; the text stages
-refuse such rows (``refuse_multimodal``).
+refuse such rows (``refuse_multimodal``), stage caption trains on them (``sample.place_images``).
 """
 
 from __future__ import annotations

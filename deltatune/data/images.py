@@ -46,7 +46,7 @@ class ImageRow:
     """A caption (image-to-text), when the source has one."""
 
 
-def _check_inside(path: str, root: str, source: str, allow_outside: bool) -> str:
+def check_inside(path: str, root: str, source: str, allow_outside: bool) -> str:
     """The image path resolved against ``root``; a relative path that leaves ``root`` is refused unless allowed."""
     if os.path.isabs(path):
         return path
@@ -94,7 +94,7 @@ def read_image_rows(
             raise DataError(f"{row.source}: {kind} has no image (column {image_column!r} is missing or empty)")
         if not isinstance(value, str):
             raise DataError(f"{row.source}: column {image_column!r} must be an image path, got {type(value).__name__}")
-        path = _check_inside(value, root, row.source, allow_outside)
+        path = check_inside(value, root, row.source, allow_outside)
         label = row.get(label_column) if label_column else None
         text = None
         if text_column:

@@ -1,5 +1,6 @@
 """``Sample``: one row of any data format (data/formats.py) in the one structure every stage reads, and what the
-stages ask of a list of them (multimodal rows refused by the text stages, KTO's unpaired view)."""
+stages ask of a list of them (multimodal rows refused by the text stages and placed for the caption stage, KTO's
+unpaired view)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ Message = dict[str, Any]
 chat templates read them (``[{"type": "function", "function": {"name", "arguments": dict}}]``)."""
 
 _MARKERS = ("<image>", "<video>")
+IMAGE_MARKER = "<image>"
+"""Where an image goes in a message's text (LLaMA-Factory's and LLaVA's marker)."""
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Sample:
 
 def refuse_multimodal(samples: Sequence[Sample], stage: str) -> None:
     """DataError naming the first row with images or videos (columns or ``<image>`` markers): the text stages
-    cannot read them; the vision stages (image_cls, caption) will."""
+    cannot read them; stage caption reads them (``place_images``)."""
     for s in samples:
         texts = [m["content"] for part in (s.messages, s.completion, s.chosen, s.rejected) for m in part or []]
         marked = next((mk for mk in _MARKERS for t in texts + [s.text or ""] if mk in t), None)
@@ -68,6 +71,35 @@ def refuse_multimodal(samples: Sequence[Sample], stage: str) -> None:
                 f"{s.source}: a multimodal row ({what}); stage {stage} trains on text only and would ignore the "
                 "images; the vision stages (image_cls, caption) read image rows"
             )
+
+
+def place_images(s: Sample) -> tuple[list[Message], int]:
+    """The row's conversation and first trained message (``Sample.sft``), with one ``<image>`` marker per image of
+    ``s.images``: the row's own markers, or, when it has none, all of them at the start of the first user turn
+    (LLaMA-Factory's rule).
+
+    Raises:
+        DataError: videos; markers and images that do not pair up; no image; markers without a user turn to hold
+            them (the row named).
+    """
+    conversation, start = s.sft()
+    if s.videos or any("<video>" in m["content"] for m in conversation):
+        raise DataError(f"{s.source}: a row with videos; stage caption reads images only")
+    conversation = [dict(m) for m in conversation]
+    marked = sum(m["content"].count(IMAGE_MARKER) for m in conversation)
+    if not s.images:
+        raise DataError(f"{s.source}: the row has no image (an 'images' column); stage caption trains on image rows")
+    if marked == 0:
+        first = next((m for m in conversation if m["role"] == "user"), None)
+        if first is None:
+            raise DataError(f"{s.source}: the row has images but no user turn to hold them")
+        first["content"] = IMAGE_MARKER * len(s.images) + "\n" + first["content"]
+    elif marked != len(s.images):
+        raise DataError(
+            f"{s.source}: {marked} {IMAGE_MARKER} marker(s) in the messages for {len(s.images)} image(s) in the "
+            "images column; give one marker per image (or none: the images then open the first user turn)"
+        )
+    return conversation, start
 
 
 def unpaired_examples(samples: Sequence[Sample]) -> list[tuple[list[Message], list[Message], bool]]:

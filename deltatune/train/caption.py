@@ -1,34 +1,55 @@
-"""Stage ``caption``: image-to-text on an encoder-decoder captioner (``VisionEncoderDecoderModel``: ViT + GPT-2 and
-the like), loaded through ``AutoModelForImageTextToText``.
+"""Stage ``caption``: image-to-text, on an encoder-decoder captioner or a decoder-only vision-language model, both
+loaded through ``AutoModelForImageTextToText``.
 
-Rows hold an image path (``data.image_column``) and a caption (``data.text_column``), from a JSONL / JSON / CSV
-file; a row without an image or without a caption stops the run in one line naming file:line. The image goes through
-the model's image processor into ``pixel_values``; the caption, tokenized and ended with EOS, is the ``labels``. The
-decoder's inputs are the labels shifted right (the model does it), so the loss is on the caption tokens only: there
-is no prompt to mask, and padding is -100. Eval reports the loss and perplexity.
+Encoder-decoder captioners (``VisionEncoderDecoderModel``: ViT + GPT-2 and the like). Rows hold an image path
+(``data.image_column``) and a caption (``data.text_column``). The image goes through the model's image processor into
+``pixel_values``; the caption, tokenized and ended with EOS, is the ``labels``. The decoder reads the labels shifted
+right (the model does it), so the loss is on the caption tokens only: there is no prompt to mask, padding is -100.
 
-Which tower trains is ``method.towers`` (default ``[language]``, the decoder; deltatune.towers). Decoder-only
-vision-language models (LLaVA, BLIP-2's OPT) need a prompt with image tokens and are not handled by this stage yet:
-they are refused with one line.
+Decoder-only vision-language models (LLaVA's ``LlavaForConditionalGeneration``, BLIP-2 with OPT). The model's
+processor (``AutoProcessor``: tokenizer, image processor, chat template) makes one sequence of a conversation. Rows
+are image + caption rows (the user turn is ``<image>`` and ``CAPTION_PROMPT``, the caption is the answer) or
+conversation rows (alpaca, sharegpt, messages, prompt_completion with an ``images`` column and ``<image>`` markers;
+``data.sample.place_images``). The conversation is rendered with the processor's chat template (content parts
+``{"type": "image"}`` / ``{"type": "text"}``), else the tokenizer's, else ``data.template`` (default ``plain``); an
+answer the template leaves open is closed with EOS, so the model learns to stop. The processor expands each marker
+into the model's image tokens (LLaVA: one per patch feature) or puts them before the text itself (BLIP-2: the query
+tokens). The labels are the answers' tokens (every assistant turn, EOS included) and -100 elsewhere: the prompt, the
+image tokens, the padding. ``data.max_length`` caps the text tokens (image tokens come on top).
+
+Eval: the loss and perplexity, and BLEU-4 and ROUGE-L (metrics.py) of greedy captions of the first ``EVAL_CAPTIONS``
+eval rows (at most ``data.max_target_length`` new tokens) against their captions. Which tower trains is
+``method.towers`` (default ``[language]``; deltatune.towers).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..config import ConfigError
-from ..data.images import ImageRow, check, open_rgb, pixel_values, read_image_rows
-from ..data.load import DataError
-from ..data.templates import IGNORE_INDEX
+from ..data.images import ImageRow, check, check_inside, open_rgb, pixel_values, read_image_rows
+from ..data.load import DataError, read_rows
+from ..data.sample import IMAGE_MARKER, Message, place_images
+from ..data.templates import IGNORE_INDEX, render
+from . import metrics as M
 from .config import RunConfig
-from .prepared import Prepared
+from .prepared import Prepared, data_columns
+
+CAPTION_PROMPT = "Describe the image."
+"""The user turn (after the image) of an image + caption row on a decoder-only model; ``generate --image``'s prompt
+when none is given."""
+EVAL_CAPTIONS = 64
+"""Eval rows captioned (greedy) for BLEU-4 and ROUGE-L."""
 
 
 class CaptionProcessor:
-    """The model's image processor and tokenizer, used and saved together."""
+    """An encoder-decoder captioner's image processor and tokenizer, used and saved together."""
 
     def __init__(self, image_processor, tokenizer) -> None:
         self.image_processor, self.tokenizer = image_processor, tokenizer
@@ -40,6 +61,87 @@ class CaptionProcessor:
     def save_pretrained(self, out: str) -> None:
         self.image_processor.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
+
+
+class VLMProcessor:
+    """A decoder-only vision-language model's processor (``AutoProcessor``: LlavaProcessor, Blip2Processor, ...) and
+    the run's ``data.template`` (None: the processor's or the tokenizer's chat template, else ``plain``)."""
+
+    def __init__(self, processor, template: str | None = None) -> None:
+        self.processor, self.template = processor, template
+        self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
+        self.image_token = str(processor.image_token)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        # BLIP-2's processor puts the query tokens before the text itself: the text carries no marker
+        self.prepends = getattr(processor, "num_query_tokens", None) is not None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    def save_pretrained(self, out: str) -> None:
+        self.processor.save_pretrained(out)
+
+
+def model_kind(path: str) -> str:
+    """``"encoder-decoder"`` (VisionEncoderDecoderModel-style) or ``"decoder-only"`` (LLaVA, BLIP-2 with OPT).
+
+    Raises:
+        ConfigError: a model that is no image-to-text model, or BLIP-2 over an encoder-decoder language model (T5).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return "encoder-decoder"  # the model loader names the problem
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type not in NAMES:
+        raise ConfigError(
+            f"stage caption: model type {config.model_type!r} is not an image-to-text model "
+            "(AutoModelForImageTextToText has no class for it)"
+        )
+    if getattr(config, "use_decoder_only_language_model", True) is False:
+        raise ConfigError(
+            f"stage caption: model type {config.model_type!r} over an encoder-decoder language model (T5) is not "
+            "handled; BLIP-2 with a decoder-only language model (OPT) is"
+        )
+    return "decoder-only"
+
+
+def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcessor:
+    """The processor saved with a decoder-only vision-language model, with a pad token (EOS when it has none).
+
+    Raises:
+        ConfigError: no processor, or one without an image token (the folder named).
+    """
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"stage caption: model {path!r} has no processor that loads ({str(exc).split('. ')[0]}); a "
+            "vision-language model needs its processor (tokenizer, image processor) saved beside it"
+        ) from None
+    if getattr(proc, "image_token", None) is None or not hasattr(proc, "image_processor"):
+        raise ConfigError(
+            f"stage caption: the processor of {path!r} ({type(proc).__name__}) has no image token and image "
+            "processor; a vision-language model's processor has both"
+        )
+    tok = proc.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(
+            f"stage caption: the tokenizer of {path!r} is not a fast tokenizer (the labels need offsets)"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return VLMProcessor(proc)
+
+
+# -- encoder-decoder captioners ----------------------------------------------------------------------------------
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -54,6 +156,10 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         img, _ = open_rgb(self.rows[i])
         return {"pixel_values": pixel_values(self.processor.image_processor, [img])[0], "labels": self.labels[i]}
+
+    def references(self, n: int) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
+        """(images, prompt messages (none), caption) of the first ``n`` rows."""
+        return [([r], None, r.text or "") for r in self.rows[:n]]
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -79,8 +185,242 @@ def encode_captions(rows: list[ImageRow], tokenizer, max_length: int) -> tuple[l
     return out, truncated
 
 
-def prepare_caption(cfg: RunConfig, processor: CaptionProcessor) -> Prepared:
-    """Read and check images and captions; give the Trainer lazily decoded datasets.
+# -- decoder-only vision-language models ------------------------------------------------------------------------
+
+
+@dataclass
+class VLMExample:
+    """One conversation with its images: ``<image>`` markers placed, answers from message ``train_from`` on train."""
+
+    source: str
+    images: list[ImageRow]
+    messages: list[Message]
+    train_from: int = 0
+
+
+def _parts(text: str) -> list[dict[str, str]]:
+    """A message's text as content parts, an image part at each marker (what processors' chat templates read)."""
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(text.split(IMAGE_MARKER)):
+        if i:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
+
+
+def _close(text: str, spans: list[tuple[int, int]], tok) -> tuple[str, list[tuple[int, int]]]:
+    """Each answer span that does not end with a special token (LLaVA's template ends it with a space) gets EOS."""
+    eos, out = tok.eos_token, []
+    for start, end in reversed(spans):  # from the end: an insertion moves only the spans after it
+        body = text[start:end].rstrip()
+        if not eos or any(body.endswith(t) for t in tok.all_special_tokens):
+            out.append((start, end))
+            continue
+        cut = start + len(body)
+        text = text[:cut] + eos + text[cut:]
+        out = [(a + len(eos), b + len(eos)) for a, b in out] + [(start, cut + len(eos))]
+    return text, out[::-1]
+
+
+def render_vlm(
+    processor: VLMProcessor, messages: list[Message], add_generation_prompt: bool = False, train_from: int = 0
+) -> tuple[str, list[tuple[int, int]], bool]:
+    """The conversation as the model reads it (image markers unexpanded), the character spans [start, end) of the
+    answers from message ``train_from`` on, and whether the tokenizer adds its special tokens: yes (LLaVA's and
+    BLIP-2's processors add the BOS by default) unless the text already starts with the BOS."""
+    tok = processor.tokenizer
+    if processor.prepends:  # BLIP-2: the processor puts the image tokens before the text, which holds no marker
+        messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, "").strip()} for m in messages]
+    if processor.template is None and getattr(processor.processor, "chat_template", None):
+        parted = [{**m, "content": _parts(m["content"])} for m in messages]
+        text, spans = _close(
+            *render(parted, processor.processor, None, add_generation_prompt, train_from=train_from), tok
+        )
+    else:
+        plain = [{**m, "content": m["content"].replace(IMAGE_MARKER, processor.image_token)} for m in messages]
+        if processor.template is None and getattr(tok, "chat_template", None):
+            text, spans = _close(*render(plain, tok, None, add_generation_prompt, train_from=train_from), tok)
+        else:
+            template = processor.template or "plain"
+            text, spans = render(plain, tok, template, add_generation_prompt, train_from=train_from)
+    return text, spans, not (tok.bos_token and text.startswith(tok.bos_token))
+
+
+def align_labels(ids: list[int], own_ids: list[int], own_labels: list[int], image_id: int, source: str) -> list[int]:
+    """Labels for the processor's ``ids`` (image tokens expanded or prepended) from the labels of the tokenizer's own
+    ``own_ids`` of the same text: the text tokens pair up in order; image tokens get -100.
+
+    Raises:
+        DataError: the processor's text tokens differ from the tokenizer's (the row named).
+    """
+    text = iter([(t, lab) for t, lab in zip(own_ids, own_labels) if t != image_id])
+    labels = []
+    for t in ids:
+        if t == image_id:
+            labels.append(IGNORE_INDEX)
+            continue
+        own, lab = next(text, (None, IGNORE_INDEX))
+        if own != t:
+            raise DataError(f"{source}: the processor tokenizes the row differently from its tokenizer")
+        labels.append(lab)
+    if next(text, None) is not None:
+        raise DataError(f"{source}: the processor tokenizes the row differently from its tokenizer")
+    return labels
+
+
+def encode_vlm(
+    processor: VLMProcessor, example: VLMExample, max_length: int, truncation: str = "truncate"
+) -> tuple[list[int], list[int], bool, list[str]]:
+    """(input ids with the image tokens, labels, whether the text was cut to ``max_length`` tokens, the images'
+    stored modes).
+
+    Raises:
+        DataError: an unreadable image, a row over ``max_length`` under ``truncation="refuse"`` or whose cut would
+            split an image (the row named).
+    """
+    text, spans, special = render_vlm(processor, example.messages, train_from=example.train_from)
+    opened = [open_rgb(r) for r in example.images]
+    enc = processor.processor(text=[text], images=[img for img, _ in opened], add_special_tokens=special)
+    ids = [int(t) for t in enc["input_ids"][0]]
+    own = processor.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    own_labels = [
+        t if e > s and any(a <= s and e <= b for a, b in spans) else IGNORE_INDEX
+        for t, (s, e) in zip(own["input_ids"], own["offset_mapping"])
+    ]
+    labels = align_labels(ids, own["input_ids"], own_labels, processor.image_token_id, example.source)
+    text_at = [i for i, t in enumerate(ids) if t != processor.image_token_id]
+    if len(text_at) <= max_length:
+        return ids, labels, False, [mode for _, mode in opened]
+    if truncation == "refuse":
+        raise DataError(
+            f"{example.source}: {len(text_at)} text tokens, more than data.max_length={max_length} "
+            "(data.truncation=refuse)"
+        )
+    end = text_at[max_length]
+    if processor.image_token_id in ids[end:]:
+        raise DataError(
+            f"{example.source}: cutting the row to data.max_length={max_length} text tokens would cut an image; "
+            "raise data.max_length"
+        )
+    return ids[:end], labels[:end], True, [mode for _, mode in opened]
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    """Encoded conversations, images decoded lazily: ``{"input_ids", "labels", "pixel_values", ...}`` (the
+    processor's image outputs, one entry per image)."""
+
+    def __init__(self, examples: list[VLMExample], encoded: list[tuple[list[int], list[int]]], processor) -> None:
+        self.examples, self.encoded, self.processor = examples, encoded, processor
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids, labels = self.encoded[i]
+        images = [open_rgb(r)[0] for r in self.examples[i].images]
+        pixels = self.processor.processor(images=images, return_tensors="pt")
+        return {"input_ids": ids, "labels": labels, **pixels}
+
+    def references(self, n: int) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
+        """(images, prompt messages, last answer) of the first ``n`` rows."""
+        return [(e.images, e.messages[:-1], e.messages[-1]["content"]) for e in self.examples[:n]]
+
+
+def collate_vlm(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ids (``pad_token_id``, attention 0) and labels (-100); concatenate the images' tensors."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["labels"])
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for key in batch[0]:
+        if key not in out:
+            out[key] = torch.cat([torch.as_tensor(b[key]) for b in batch])
+    return out
+
+
+def _image_path(path: str, root: str, source: str, allow_outside: bool) -> str:
+    if "://" in path:
+        raise DataError(f"{source}: image {path!r} is a URL; stage caption reads local image files")
+    return check_inside(path, root, source, allow_outside)
+
+
+def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
+    """The rows of ``spec``: image + caption rows when the first row has ``data.image_column``, else conversations
+    with an ``images`` column.
+
+    Raises:
+        DataError: a row without an image or a caption, a format that holds no conversation, markers and images that
+            do not pair up, a conversation that does not end with an answer (file:line named).
+    """
+    from ..data.formats import STAGE_FORMATS, read_samples
+
+    d = cfg.data
+    rows = read_rows(spec, limit=d.limit)
+    if d.image_column in rows[0].data:
+        user = {"role": "user", "content": f"{IMAGE_MARKER}\n{CAPTION_PROMPT}"}
+        read = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
+        return [VLMExample(r.source, [r], [user, {"role": "assistant", "content": r.text}]) for r in read]
+    root, out = os.path.dirname(os.path.abspath(spec)), []
+    for s in read_samples(rows, data_columns(d), d.format, d.tags):
+        if s.format not in STAGE_FORMATS["sft"]:
+            raise DataError(
+                f"{s.source}: a {s.format} row; stage caption reads image + caption rows (columns {d.image_column!r}, "
+                f"{d.text_column!r}) or conversations ({', '.join(STAGE_FORMATS['sft'])}) with an images column"
+            )
+        messages, start = place_images(s)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(
+                f"{s.source}: the conversation ends with a {messages[-1]['role']} turn; stage caption needs it to end "
+                "with an answer (an assistant turn)"
+            )
+        images = [ImageRow(_image_path(p, root, s.source, d.allow_outside), None, s.source) for p in s.images]
+        out.append(VLMExample(s.source, images, messages, start))
+    return out
+
+
+def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
+    from ..data.encode import mark
+
+    d = cfg.data
+    processor.template = d.template
+    notes: list[str] = []
+    splits: list[VLMDataset | None] = []
+    for split, spec in (("train", d.train), ("eval", d.eval)):
+        if not spec:
+            splits.append(None)
+            continue
+        examples, encoded, cut, modes = vlm_examples(spec, cfg), [], 0, Counter()
+        for ex in examples:
+            ids, labels, was_cut, stored = encode_vlm(processor, ex, d.max_length, d.truncation)
+            encoded.append((ids, labels))
+            cut, modes = cut + was_cut, modes + Counter(m for m in stored if m != "RGB")
+        text, spans, _ = render_vlm(processor, examples[0].messages, train_from=examples[0].train_from)
+        notes.append(f"{split} row 1 as the model reads it (trained text in [[ ]]): {mark(text, spans)!r}")
+        if cut:
+            notes.append(
+                f"{cut} {split} rows were longer than data.max_length={d.max_length} text tokens and were cut"
+            )
+        for mode, count in sorted(modes.items()):
+            notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
+        splits.append(VLMDataset(examples, encoded, processor))
+    train, ev = splits
+    images = sum(len(e.images) for e in train.examples)
+    notes.insert(0, f"{len(train)} training rows with {images} images; image token {processor.image_token!r}")
+    if ev is not None:
+        notes.append(
+            f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {min(len(ev), EVAL_CAPTIONS)} eval rows"
+        )
+    collator = functools.partial(collate_vlm, pad_token_id=processor.pad_token_id)
+    return Prepared(train, ev, collator, None, None, notes=notes, loss_only=True)
+
+
+def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) -> Prepared:
+    """Read and check images and captions (or conversations); give the Trainer lazily decoded datasets.
 
     Raises:
         DataError: a row without an image or a caption (file:line), an unreadable image.
@@ -91,6 +431,8 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor) -> Prepared:
     for split in (d.train, d.eval):
         if split and os.path.isdir(split):
             raise DataError(f"{split} is a folder; captions come from a data file (image and caption columns)")
+    if isinstance(processor, VLMProcessor):
+        return _prepare_vlm(cfg, processor)
 
     def read(spec: str) -> list[ImageRow]:
         return read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
@@ -107,6 +449,9 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor) -> Prepared:
     for split, n in (("train", cut), ("eval", cut_eval)):
         if n:
             notes.append(f"{n} {split} captions were longer than data.max_target_length={d.max_target_length}")
+    if eval_rows:
+        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy captions of the first {min(len(eval_rows), EVAL_CAPTIONS)} "
+                     "eval images")  # fmt: skip
     return Prepared(
         CaptionDataset(train_rows, train_ids, processor),
         CaptionDataset(eval_rows, eval_ids, processor) if eval_rows else None,
@@ -118,52 +463,80 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor) -> Prepared:
     )
 
 
+# -- generation ---------------------------------------------------------------------------------------------------
+
+
+def _generate(
+    model: torch.nn.Module,
+    processor: CaptionProcessor | VLMProcessor,
+    images: list,
+    messages: list[Message] | None,
+    **kwargs: Any,
+) -> str:
+    """The model's text for RGB ``images`` (and, decoder-only, the prompt ``messages``): the new tokens decoded."""
+    param = next(model.parameters())
+    tok = processor.tokenizer
+    # use_cache: a training run turned the model's cache off; without it every new token re-reads all image tokens
+    kwargs = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "use_cache": True, **kwargs}
+    if isinstance(processor, CaptionProcessor):
+        pixels = pixel_values(processor.image_processor, images).to(param.device, param.dtype)
+        return tok.decode(model.generate(pixel_values=pixels, **kwargs)[0], skip_special_tokens=True).strip()
+    text, _, special = render_vlm(processor, messages or [], add_generation_prompt=True)
+    enc = processor.processor(text=[text], images=images, add_special_tokens=special, return_tensors="pt")
+    enc = {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device) for k, v in enc.items()}
+    out, prompt = model.generate(**enc, **kwargs)[0], enc["input_ids"][0]
+    if len(out) >= len(prompt) and torch.equal(out[: len(prompt)], prompt):
+        out = out[len(prompt) :]  # LLaVA returns the prompt and the answer; BLIP-2 the answer alone
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
 @torch.no_grad()
 def caption(
     model: torch.nn.Module,
-    processor: CaptionProcessor,
+    processor: CaptionProcessor | VLMProcessor,
     image: str,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
     num_beams: int = 1,
+    prompt: str | None = None,
 ) -> str:
-    """The model's caption of the image file ``image`` (``deltatune generate --image``): greedy or sampled.
+    """The model's caption of the image file ``image`` (``deltatune generate --image``): greedy or sampled. A
+    decoder-only model answers ``prompt`` about the image (default ``CAPTION_PROMPT``; the image opens the user turn
+    unless the prompt places an ``<image>`` marker).
 
     Raises:
         DataError: the file is missing or not an image (its path named).
+        ConfigError: a prompt for an encoder-decoder captioner.
     """
     from .chat import check_sampling, sampling_kwargs
 
     check_sampling(max_new_tokens, temperature, top_p)
+    if prompt is not None and isinstance(processor, CaptionProcessor):
+        raise ConfigError("--prompt: an encoder-decoder captioner reads no prompt; drop --prompt")
     img, _ = open_rgb(ImageRow(os.path.abspath(image), None, image))
     if seed is not None:
         torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    tok = processor.tokenizer
+    text = prompt or CAPTION_PROMPT
+    messages = [{"role": "user", "content": text if IMAGE_MARKER in text else f"{IMAGE_MARKER}\n{text}"}]
     sampling = sampling_kwargs(temperature, top_p)
-    out = model.generate(
-        pixel_values=pixel_values(processor.image_processor, [img]).to(device),
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        **sampling,
-    )
-    return tok.decode(out[0], skip_special_tokens=True).strip()
+    return _generate(model, processor, [img], messages, max_new_tokens=max_new_tokens, num_beams=num_beams, **sampling)
 
 
-def check_model(path: str) -> None:
-    """Refuse, in one line, the models the stage does not handle yet (decoder-only vision-language models)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return  # the model loader names the problem
-    if not getattr(config, "is_encoder_decoder", False):
-        raise ConfigError(
-            f"stage caption: model type {config.model_type!r} is not an encoder-decoder captioner; this stage trains "
-            "VisionEncoderDecoderModel-style models so far (LLaVA / BLIP-2 prompts with image tokens are not handled)"
-        )
+@torch.no_grad()
+def caption_metrics(
+    model: torch.nn.Module, processor: CaptionProcessor | VLMProcessor, dataset, max_new_tokens: int
+) -> dict[str, float]:
+    """BLEU-4 (corpus) and ROUGE-L (mean) of greedy captions of the first ``EVAL_CAPTIONS`` rows of ``dataset`` (a
+    ``CaptionDataset`` or ``VLMDataset``) against their captions (a conversation's last answer)."""
+    was_training = model.training
+    model.eval()
+    preds, refs = [], []
+    for rows, messages, reference in dataset.references(EVAL_CAPTIONS):
+        images = [open_rgb(r)[0] for r in rows]
+        preds.append(_generate(model, processor, images, messages, max_new_tokens=max_new_tokens, do_sample=False))
+        refs.append(reference)
+    model.train(was_training)
+    rouge = sum(M.rouge_l(p, r) for p, r in zip(preds, refs)) / max(len(preds), 1)
+    return {"eval_bleu": M.bleu(preds, [[r] for r in refs]), "eval_rougeL": rouge}

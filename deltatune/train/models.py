@@ -82,9 +82,10 @@ def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = Fals
 
         return T2IProcessor(resolve_path(name_or_path), text_encoder, trust_remote_code)
     if stage == "caption":
-        from .caption import CaptionProcessor, check_model
+        from .caption import CaptionProcessor, load_vlm_processor, model_kind
 
-        check_model(resolve_path(name_or_path))  # before its tokenizer: a LLaVA folder is refused in one line
+        if model_kind(resolve_path(name_or_path)) == "decoder-only":  # LLaVA, BLIP-2: the model's own processor
+            return load_vlm_processor(resolve_path(name_or_path), trust_remote_code)
         images = load_image_processor(name_or_path, trust_remote_code)
         return CaptionProcessor(images, load_tokenizer(name_or_path, trust_remote_code))
     if stage in IMAGE_STAGES:

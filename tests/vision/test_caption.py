@@ -83,12 +83,15 @@ def test_refusals_in_one_line(data, tmp_path, capsys):
     assert main(_args(data, tmp_path, f"data.train={bad}")) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl:1: caption row has no image" in err[0]
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import BertConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    # a LLaVA (decoder-only, tests/vision/test_vlm_caption.py) saved without its processor; a text model
     LlavaConfig(vision_config=CLIPVisionConfig(), text_config=LlamaConfig()).save_pretrained(tmp_path / "llava")
-    assert main(_args(data, tmp_path, f"model.name_or_path={tmp_path / 'llava'}")) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "stage caption: model type 'llava' is not an encoder-decoder captioner" in err[0]
+    BertConfig().save_pretrained(tmp_path / "bert")
+    for folder, words in (("llava", "has no processor that loads"), ("bert", "'bert' is not an image-to-text model")):
+        assert main(_args(data, tmp_path, f"model.name_or_path={tmp_path / folder}")) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
 
 
 def test_generate_image_captions_with_the_adapter_and_beside_the_base(data, tmp_path, capsys):
@@ -131,6 +134,8 @@ def test_generate_image_refusals_are_one_line(data, tmp_path, capsys):
     cases = [
         (["--image", str(tmp_path / "missing.png")], "missing.png"),  # named before any model loads
         (["--prompt", "hi"], "is an image captioner (stage caption); give it an image"),
+        (["--image", str(data / "test0.png"), "--prompt", "hi"], "an encoder-decoder captioner reads no prompt"),
+        ([], "give --prompt TEXT or --image FILE"),
     ]
     for extra, words in cases:
         assert main(["generate", "--adapter", run, *extra]) == 2

@@ -36,3 +36,32 @@ def test_rows_equal_their_adapter_alone():
     for i in (0, 1, 3):
         assert (alone[i] - base[i]).abs().max() > ATOL32, "the adapter must change its row"
     torch.testing.assert_close(mixed, torch.stack(alone), atol=ATOL32, rtol=0)
+
+
+def test_llava_rows_equal_their_adapter_alone():
+    """A tiny LLaVA: each row's image and text go through its own language-tower LoRA (or none, "__base__")."""
+    from tiny_vlm import tiny_vlm, vlm_inputs
+
+    from deltatune import towers
+
+    def lora(r: int) -> dt.LoraConfig:
+        return towers.restrict(tiny_vlm("llava"), dt.LoraConfig(r=r, init_lora_weights=False))
+
+    model = dt.get_delta_model(tiny_vlm("llava"), lora(4), "a")
+    model.add_adapter("b", lora(2))
+    x = vlm_inputs("llava", batch=4)
+    with torch.no_grad():
+        mixed = model(**x, adapter_names=NAMES).logits
+        alone = []
+        for i, name in enumerate(NAMES):
+            row = {k: v[i : i + 1] for k, v in x.items()}
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone.append(model(**row).logits[0])
+            else:
+                model.set_adapter(name)
+                alone.append(model(**row).logits[0])
+        base = tiny_vlm("llava")(**x).logits
+    for i in (0, 1, 3):
+        assert (alone[i] - base[i]).abs().max() > ATOL32, "the adapter must change its row"
+    torch.testing.assert_close(mixed, torch.stack(alone), atol=ATOL32, rtol=0)

@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_vlm import tiny_vlm, vlm_inputs
 from tolerances import ATOL
 
 import deltatune as dt
 from deltatune import towers as T
 from deltatune.config import ConfigError
 
-IMAGE_TOKEN = 127
-
 
 def tiny_llava(seed: int = 0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16, patch_size=4
-    )
-    text = LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-        vocab_size=128,
-    )  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-1)
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval()
+    return tiny_vlm("llava", seed)
 
 
 def inputs() -> dict:
     # 16 patches of the 16x16 image (the class token is dropped): 16 image tokens in the text
-    ids = torch.tensor([[1, *[IMAGE_TOKEN] * 16, 5, 9, 12], [1, *[IMAGE_TOKEN] * 16, 7, 3, 4]])
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    return vlm_inputs("llava")
 
 
 def _lora(**fields) -> dt.LoraConfig:
@@ -99,3 +85,14 @@ def test_recipe_key_is_checked():
     assert cfg.method["towers"] == ["vision"] and cfg.method_config().target_modules is None
     with pytest.raises(ConfigError, match=r"method.towers must be a list of tower names .* got 'vision'"):
         build({"stage": "image_cls", "method": {"name": "lora", "towers": "vision"}})
+
+
+def test_ia3_feedforward_layers_come_from_the_towers_family():
+    """IA3 scales a feed-forward layer's input: LLaMA's down_proj in the language tower, CLIP's fc2 in the vision one
+    (their families' IA3 defaults), never decided by the model type 'llava', which has no entry."""
+    config = T.restrict(tiny_llava(), dt.IA3Config(), ["language", "vision"])
+    assert sorted(config.feedforward_modules) == sorted(
+        [f"model.language_model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+        + [f"model.vision_tower.encoder.layers.{i}.mlp.fc2" for i in (0, 1)]
+    )
+    assert set(config.feedforward_modules) <= set(config.target_modules)
