@@ -75,15 +75,23 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         "generate",
         help="answer a prompt with an adapter (through the model's chat template); --compare adds the base's answer",
     )
-    what = g.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="the prompt text (a user message, unless --raw)")
-    what.add_argument("--image", help="an image file to caption (a stage caption run)")
+    g.add_argument("--prompt", help="the prompt text (a user message, unless --raw); with --image: about the image")
+    g.add_argument("--image", help="an image file to caption (a stage caption run)")
     g.add_argument("--compare", action="store_true", help="also print the base model's answer (adapter off)")
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
     g.add_argument("--out", help="text-to-image runs: the PNG to write (with --compare: base | adapter)")
     g.add_argument("--steps", type=int, default=50, help="text-to-image: DDIM sampling steps (default 50)")
     g.add_argument("--guidance", type=float, default=1.0, help="text-to-image: classifier-free guidance (1: none)")
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="text-to-image: another LoRA (a t2i run, a diffusers or kohya file) active with the run's, weighted "
+        "(default 1); repeat for more",
+    )
+    g.add_argument("--adapter-weight", type=float, default=1.0, help="text-to-image: the run's own LoRA's weight")
     _generation_flags(g)
 
     c = sub.add_parser(
@@ -257,6 +265,9 @@ def _generate(args) -> int:
     if args.compare and args.merged:
         print("deltatune generate: error: --compare needs the adapter unmerged; drop --merged", file=sys.stderr)
         return 2
+    if not args.prompt and not args.image:
+        print("deltatune generate: error: give --prompt TEXT or --image FILE", file=sys.stderr)
+        return 2
     sampling = _sampling(args)
     if args.image:
         return _caption(args, sampling)
@@ -288,6 +299,8 @@ def _draw(args) -> int:
         raise ConfigError(f"{args.adapter!r} draws images (stage t2i): pass --out FILE.png")
     model, processor = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
     model.eval()
+    if args.lora or args.adapter_weight != 1.0:
+        _weighted_loras(model, args.lora, args.adapter_weight)
     from .train.runs import read_recipe
 
     length = int((read_recipe(args.adapter).get("data") or {}).get("max_length") or 77)  # as the captions trained
@@ -296,10 +309,30 @@ def _draw(args) -> int:
     )
     images = sample(model, processor, [args.prompt], **draw)
     if args.compare:
-        with model.disable_adapter():
+        with model.disable_adapter(), processor.disable_adapter():
             images = torch.cat([sample(model, processor, [args.prompt], **draw), images])
     print(f"image written to {save_png(images, args.out)}" + (" (base | adapter)" if args.compare else ""))
     return 0
+
+
+def _weighted_loras(model, specs: list[str], weight: float) -> None:
+    """``--lora PATH[:WEIGHT]`` LoRAs loaded beside the run's and all active at once, weighted (``--adapter-weight``
+    for the run's own), as diffusers' ``set_adapters``."""
+    from .diffusion import load_loras, set_adapters
+
+    paths, weights = [], []
+    for spec in specs:
+        path, _, tail = spec.rpartition(":")
+        try:
+            value = float(tail) if path else 1.0
+        except ValueError:  # no weight given (a colon in the path)
+            path, value = "", 1.0
+        paths.append(path or spec)
+        weights.append(value)
+    names = [f"lora_{i}" for i in range(len(paths))]
+    if paths:
+        load_loras(model, paths, weights, names)
+    set_adapters(model, ["default", *names], [weight, *weights])
 
 
 def _caption(args, sampling: dict) -> int:
@@ -308,16 +341,16 @@ def _caption(args, sampling: dict) -> int:
     from .train.run import load_captioner
 
     open_rgb(ImageRow(os.path.abspath(args.image), None, args.image))  # a bad file is named before any loading
-    model, processor = load_captioner(args.adapter, args.model, args.trust_remote_code)
+    model, processor = load_captioner(args.adapter, args.model, args.trust_remote_code, args.prompt is not None)
     model.eval()
     if args.merged:
         model = model.merge_and_unload()
-    text = caption(model, processor, args.image, num_beams=args.num_beams, **sampling)
+    text = caption(model, processor, args.image, num_beams=args.num_beams, prompt=args.prompt, **sampling)
     if not args.compare:
         print(text)
         return 0
     with model.disable_adapter():
-        base = caption(model, processor, args.image, num_beams=args.num_beams, **sampling)
+        base = caption(model, processor, args.image, num_beams=args.num_beams, prompt=args.prompt, **sampling)
     print(f"base:    {base}\nadapter: {text}")
     return 0
 
@@ -349,7 +382,7 @@ def _merge(args) -> int:
         print(f"4-bit base {report} (merge_report.json)")
     from .train.run import run_task
 
-    library = "diffusers (UNet2DConditionModel)" if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" else "transformers"
+    library = f"diffusers ({type(model).__name__})" if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" else "transformers"
     print(f"merged model written to {args.out} (loads with plain {library})")
     return 0
 

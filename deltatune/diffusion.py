@@ -16,6 +16,11 @@ the model's own module names, so no table per architecture is needed.
 
 A file whose keys name a module the model lacks is refused with the list of those keys, never loaded as a silent
 no-op (diffusers logs and goes on); the model is unchanged then.
+
+**Several LoRAs at once** (diffusers' ``set_adapters(names, weights)``): ``set_adapters`` makes several LoRAs active
+with weights, output = base + sum_i w_i * delta_i (each layer's scale alpha / r multiplied by w_i, as peft does);
+``load_loras`` loads several files or runs onto one denoiser and activates them so; ``combine_loras`` folds the same
+weighted sum into one adapter.
 """
 
 from __future__ import annotations
@@ -42,17 +47,23 @@ _KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
-def _lora(model: DeltaModel, adapter_name: str | None) -> tuple[str, Any, dict[str, dict[str, Any]]]:
-    """(name, config, {module path: {"A", "B", "r", "alpha", "scale"}}) of a LoRA adapter of ``model``."""
-    from .targets import pattern_value
-
-    name = adapter_name or model.active_adapter
+def _plain_lora(model: DeltaModel, name: str) -> Any:
+    """The config of adapter ``name``, checked to be a plain LoRA (no DoRA, no other method)."""
     model._check_names([name])
     config = model.peft_config[name]
     if config.peft_type != "LORA":
         raise ConfigError(f"adapter {name!r} is {config.peft_type}, not LoRA: these files hold LoRA adapters only")
     if config.use_dora:
         raise ConfigError(f"adapter {name!r} is DoRA; kohya and diffusers LoRA files hold plain LoRA updates")
+    return config
+
+
+def _lora(model: DeltaModel, adapter_name: str | None) -> tuple[str, Any, dict[str, dict[str, Any]]]:
+    """(name, config, {module path: {"A", "B", "r", "alpha", "scale"}}) of a LoRA adapter of ``model``."""
+    from .targets import pattern_value
+
+    name = adapter_name or model.active_adapter
+    config = _plain_lora(model, name)
     tensors = model.adapter_state_dict(name)
     modules: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -67,20 +78,11 @@ def _lora(model: DeltaModel, adapter_name: str | None) -> tuple[str, Any, dict[s
     return name, config, modules
 
 
-def save_diffusers_lora(
-    model: DeltaModel, folder: str | os.PathLike[str], adapter_name: str | None = None, prefix: str = "unet"
-) -> str:
-    """Write a LoRA adapter of ``model`` (a DeltaModel over a diffusers denoiser or text encoder) in diffusers'
-    format: ``folder/pytorch_lora_weights.safetensors``, keys ``<prefix>.<path>.lora_A.weight``, the config in the
-    metadata. ``pipe.load_lora_weights(folder)`` / ``unet.load_lora_adapter(folder, prefix=prefix)`` load it with
-    the same outputs. Returns the file's path.
-
-    Raises:
-        ConfigError: the adapter is not a plain LoRA (DoRA, another method).
-    """
-    from safetensors.torch import save_file
-
-    name, config, modules = _lora(model, adapter_name)
+def _diffusers_part(
+    model: DeltaModel, adapter_name: str | None, prefix: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One component's tensors (``<prefix>.<path>.lora_A.weight`` ...) and metadata (``<prefix>.r`` ...)."""
+    _, config, modules = _lora(model, adapter_name)
     tensors = {}
     for path, m in modules.items():
         tensors[f"{prefix}.{path}.lora_A.weight"] = m["A"].cpu().contiguous()
@@ -96,7 +98,33 @@ def save_diffusers_lora(
         "rank_pattern": {re.escape(p): m["r"] for p, m in modules.items() if m["r"] != r},
         "alpha_pattern": {re.escape(p): m["alpha"] for p, m in modules.items() if m["alpha"] != alpha},
     }
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in meta.items()})}
+    return tensors, {f"{prefix}.{k}": v for k, v in meta.items()}
+
+
+def save_diffusers_lora(
+    model: DeltaModel,
+    folder: str | os.PathLike[str],
+    adapter_name: str | None = None,
+    prefix: str = "unet",
+    text_encoder: DeltaModel | None = None,
+) -> str:
+    """Write a LoRA adapter of ``model`` (a DeltaModel over a diffusers denoiser or text encoder) in diffusers'
+    format: ``folder/pytorch_lora_weights.safetensors``, keys ``<prefix>.<path>.lora_A.weight``, the config in the
+    metadata. ``pipe.load_lora_weights(folder)`` / ``unet.load_lora_adapter(folder, prefix=prefix)`` load it with
+    the same outputs. ``text_encoder``: a DeltaModel over the pipeline's text encoder whose active LoRA goes into
+    the same file under ``text_encoder.`` keys, as diffusers' training scripts write it. Returns the file's path.
+
+    Raises:
+        ConfigError: an adapter is not a plain LoRA (DoRA, another method).
+    """
+    from safetensors.torch import save_file
+
+    tensors, meta = _diffusers_part(model, adapter_name, prefix)
+    if text_encoder is not None:
+        more, more_meta = _diffusers_part(text_encoder, None, "text_encoder")
+        tensors.update(more)
+        meta.update(more_meta)
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(meta)}
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, WEIGHT_NAME)
     atomic_write(path, lambda f: save_file(tensors, f, metadata))
@@ -306,3 +334,79 @@ def combine_loras(model: DeltaModel, adapters: list[str], weights: list[float], 
         inference_mode=True,
     )
     model.add_adapter(new_name, config, _tensors=state, _source=f"combine_loras({', '.join(adapters)})")
+
+
+# -- several at once --------------------------------------------------------------------------------------------
+def set_adapters(
+    model: DeltaModel, adapter_names: str | list[str], weights: float | list[float] | None = None
+) -> None:
+    """Make several LoRAs active at once with weights, as diffusers' ``set_adapters(names, weights)``: the output is
+    base + sum_i w_i * delta_i (adapter i's scale alpha / r at every layer multiplied by w_i, as peft does it).
+    ``weights`` None gives each adapter 1 (the plain sum), one number gives it to all. A weight stays with its
+    adapter until set again; it changes no saved file, and ``combine_loras`` reads the unweighted updates.
+
+    Raises:
+        ConfigError: a weight count that does not match, an adapter that is not a plain LoRA, or one merged into
+            the weights (unmerge first: a merged update cannot be re-weighted in place).
+        ValueError: an unknown adapter name.
+    """
+    from .methods.lora import LORA_LAYERS
+    from .targets import pattern_value
+
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if weights is None or isinstance(weights, (int, float)):
+        weights = [1.0 if weights is None else float(weights)] * len(names)
+    if len(weights) != len(names) or not names:
+        raise ConfigError(f"set_adapters: {len(names)} adapters and {len(weights)} weights; give one weight each")
+    configs = {name: _plain_lora(model, name) for name in names}
+    layers = [(p, m) for p, m in model.get_base_model().named_modules() if isinstance(m, LORA_LAYERS)]
+    merged = sorted({n for _, m in layers for n in m.merged_adapters} & set(names))
+    if merged:
+        raise ConfigError(f"set_adapters: {', '.join(merged)} is merged into the weights; unmerge_adapter() first")
+    for path, layer in layers:
+        for name, weight in zip(names, weights):
+            if name in layer.scaling:  # the scale inject gave this layer, times the weight
+                c = configs[name]
+                r = pattern_value(c.rank_pattern, path, c.r)
+                alpha = pattern_value(c.alpha_pattern, path, c.lora_alpha)
+                layer.scaling[name] = float(weight) * alpha / (math.sqrt(r) if c.use_rslora else r)
+    model.set_adapter(names)
+
+
+def load_loras(
+    model: nn.Module,
+    paths: list[str | os.PathLike[str]],
+    weights: list[float] | None = None,
+    names: list[str] | None = None,
+    prefix: str | None = None,
+) -> DeltaModel:
+    """Load several LoRAs onto one denoiser and make them active together, weighted (``set_adapters``). Each path is
+    a deltatune or PEFT adapter folder (``adapter_config.json``: a t2i run) or a diffusers or kohya LoRA file or
+    folder (``load_lora``, with ``prefix``). Names default to ``lora_0``, ``lora_1``, ... On an error the model
+    keeps none of them.
+
+    Raises:
+        ConfigError: a count that does not match, a name given twice or taken, or what ``load_lora`` and
+            ``set_adapters`` refuse.
+    """
+    delta = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    names = list(names) if names is not None else [f"lora_{i}" for i in range(len(paths))]
+    if len(names) != len(paths) or (weights is not None and len(weights) != len(paths)) or not paths:
+        raise ConfigError(f"load_loras: give one name and one weight per path ({len(paths)} paths)")
+    taken = sorted({n for n in names if names.count(n) > 1 or n in delta.peft_config})
+    if taken:
+        raise ConfigError(f"load_loras: adapter name {taken[0]!r} is given twice or taken already")
+    loaded: list[str] = []
+    try:
+        for name, path in zip(names, paths):
+            if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                delta.load_adapter(path, name)
+            else:
+                load_lora(delta, path, name, prefix)
+            loaded.append(name)
+        set_adapters(delta, names, weights)
+    except BaseException:
+        for name in loaded:
+            delta.delete_adapter(name)
+        raise
+    return delta

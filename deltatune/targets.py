@@ -25,10 +25,18 @@ _DIFFUSERS = (
 )  # fmt: skip
 """diffusers denoisers (by class name): attention projections to_q, to_k, to_v, to_out.0 in every attention block
 (self and cross), the targets of diffusers' own LoRA training scripts."""
+_JOINT = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+"""Joint-attention transformers (MM-DiT): their attention blocks also project the text stream (add_q_proj,
+add_k_proj, add_v_proj, to_add_out; absent in a last, context-pre-only block), and diffusers' SD3 and Flux LoRA
+scripts adapt those too."""
 
 # Default LoRA targets per transformers model_type (the attention query/value projections, as PEFT).
 LORA_TARGETS: dict[str, list[str]] = {
     **{name: ["to_q", "to_k", "to_v", "to_out.0"] for name in _DIFFUSERS},
+    **{
+        name: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        for name in _JOINT
+    },
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "umt5": ["q", "v"],

@@ -39,6 +39,9 @@ class ModelArgs:
     text_encoder: str | None = _f(
         None, "t2i: the frozen text encoder (a folder, hub id or 'minilm'); default: the base's."
     )
+    train_text_encoder: bool = _f(
+        False, "t2i: also train a LoRA (method lora's r, lora_alpha) on the text encoder's attention projections."
+    )
 
 
 @dataclass
@@ -113,6 +116,9 @@ class TrainArgs:
     )
     fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
     eval_on_start: bool = _f(False, "Evaluate once before training too (the report shows before and after).")
+    sigma_sampling: str = _f(
+        "uniform", "t2i flow matching: how noise levels are drawn, uniform or logit_normal (SD3's; mean 0, std 1)."
+    )
 
 
 @dataclass

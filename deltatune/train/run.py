@@ -344,6 +344,10 @@ def _evaluate(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[s
         from .seq2seq import generation_metrics
 
         metrics.update(generation_metrics(delta, tok, prepared.eval_rows, cfg))
+    if cfg.stage == "caption":  # BLEU-4 and ROUGE-L of greedy captions
+        from .caption import caption_metrics
+
+        metrics.update(caption_metrics(delta, tok, prepared.eval, cfg.data.max_target_length))
     return metrics
 
 
@@ -402,6 +406,8 @@ def evaluate(
         trust_remote_code,
         cfg.model.text_encoder,
     )
+    if cfg.stage == "t2i":  # the text encoder's LoRA, when the run trained one
+        tok.load_text_encoder_lora(run_dir)
     eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
     prepared = prepare(eval_cfg, tok)
     if prepared.loop is not None:
@@ -467,6 +473,8 @@ def load_adapter_model(
     has_tok = os.path.isfile(os.path.join(adapter_dir, saved)) and stage != "t2i"  # t2i: the base has the UNet's
     encoder = cfg.model.text_encoder if recipe_path else None
     tok = load_processor(adapter_dir if has_tok else name, stage, trust_remote_code, encoder)
+    if stage == "t2i":  # a run that trained its text encoder too (model.train_text_encoder) saved that LoRA beside
+        tok.load_text_encoder_lora(adapter_dir)
     base = load_model(
         name,
         task,
@@ -495,15 +503,27 @@ def run_task(adapter_dir: str) -> tuple[str | None, str | None]:
         return None, None  # load_adapter_model names what is missing
 
 
-def load_captioner(adapter_dir: str, model: str | None, trust_remote_code: bool):
-    """The adapted captioner and its processor for ``generate --image``; refuses runs that are not stage caption."""
+def load_captioner(adapter_dir: str, model: str | None, trust_remote_code: bool, prompt: bool = False):
+    """The adapted captioner and its processor for ``generate --image`` (a decoder-only model's with the run's
+    ``data.template``); refuses, before loading, runs that are not stage caption and a ``prompt`` for an
+    encoder-decoder captioner."""
     task, stage = run_task(adapter_dir)
     if task != "IMAGE_TO_TEXT":
         raise ConfigError(
             f"--image: {adapter_dir!r} is not an image captioner ({f'stage {stage}' if stage else task or 'unknown'}); "
             "--image needs a stage caption run. Drop --image and give --prompt"
         )
-    return load_adapter_model(adapter_dir, model, trust_remote_code=trust_remote_code)
+    recipe = read_recipe(adapter_dir) if run_file(adapter_dir) else {}
+    if prompt:
+        from .caption import model_kind
+        from .models import resolve_path
+
+        if model_kind(resolve_path(model or (recipe.get("model") or {}).get("name_or_path", ""))) != "decoder-only":
+            raise ConfigError("--prompt: an encoder-decoder captioner reads no prompt; drop --prompt")
+    delta, processor = load_adapter_model(adapter_dir, model, trust_remote_code=trust_remote_code)
+    if hasattr(processor, "template"):
+        processor.template = (recipe.get("data") or {}).get("template")
+    return delta, processor
 
 
 def load_generator(

@@ -1,71 +1,124 @@
-"""Stage ``t2i``: text-to-image. A diffusers denoiser (``UNet2DConditionModel``) is adapted, with any layer method,
-to draw what captions say; the text encoder (and a VAE, when the base has one) stay frozen.
+"""Stage ``t2i``: text-to-image. A diffusers denoiser, a ``UNet2DConditionModel`` or an ``SD3Transformer2DModel``
+(MM-DiT), is adapted with any layer method to draw what captions say. The text encoder and a VAE (when the base has
+one) stay frozen; ``model.train_text_encoder`` gives the text encoder a LoRA of its own, trained with the denoiser's.
 
-The base (``model.name_or_path``) is a diffusers pipeline folder (``model_index.json`` with ``unet/``,
-``scheduler/``, optional ``vae/``, ``text_encoder/`` and ``tokenizer/``) or a bare UNet folder (``config.json`` +
-weights, an optional ``scheduler_config.json``; what ``deltatune merge`` writes for a t2i run). The text encoder is
-``model.text_encoder`` (a transformers folder, a hub id, or ``minilm``), else the pipeline's own. Captions are
-encoded once (their last hidden states are the cross-attention context); images are resized to the UNet's
-``sample_size`` (times the VAE's factor), converted to its channels (counted in the report) and scaled to [-1, 1].
+The base (``model.name_or_path``) is a diffusers pipeline folder (``model_index.json`` with ``unet/`` or
+``transformer/``, ``scheduler/``, optional ``vae/``, ``text_encoder/`` and ``tokenizer/``) or a bare denoiser folder
+(``config.json`` + weights, an optional ``scheduler_config.json``; what ``deltatune merge`` writes for a t2i run). The
+text encoder is ``model.text_encoder`` (a transformers folder, a hub id, or ``minilm``), else the pipeline's own. Its
+last hidden states are the context of the UNet's cross-attention or the transformer's joint attention; a transformer
+also reads their mean over the caption's tokens as its pooled projection. Images are resized to the denoiser's
+``sample_size`` (times the VAE's factor), converted to its channels (both counted in the report) and scaled to
+[-1, 1]; x0 is the image, or its VAE latent (minus ``shift_factor``, times ``scaling_factor``).
 
-Loss (DDPM; Ho et al. 2020): for an image x0 (its VAE latent when there is a VAE), noise e ~ N(0, I) and a step t
-uniform in [0, T), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e, and
+The loss follows the base's scheduler (none: DDPM for a UNet, flow matching for a transformer):
 
-    loss = mean (unet(x_t, t, text) - target)^2,   target = e (epsilon) or sqrt(abar_t) e - sqrt(1 - abar_t) x0 (v)
+- DDPM (Ho et al. 2020): noise e ~ N(0, I), a step t uniform in [0, T), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e,
+  loss = mean (model(x_t, t) - target)^2, target e (epsilon) or sqrt(abar_t) e - sqrt(1 - abar_t) x0 (v_prediction).
+- Flow matching (rectified flow; Esser et al. 2024, as diffusers' SD3 training scripts) under a
+  ``FlowMatchEulerDiscreteScheduler`` with T training steps: u ~ U(0, 1) (``train.sigma_sampling: uniform``) or
+  sigmoid(N(0, 1)) (``logit_normal``), i = floor(u T), sigma = the scheduler's sigmas[i] ((T - i) / T unshifted),
+  x_t = (1 - sigma) x0 + sigma e, loss = mean (model(x_t, sigma T) - (e - x0))^2.
 
-as the scheduler's ``prediction_type`` says. Sampling (``deltatune generate --adapter RUN --prompt ... --out
-img.png``) runs DDIM over ``--steps`` steps with classifier-free guidance ``--guidance`` (the empty caption as the
-unconditional one); ``--compare`` puts the base's image beside the adapter's, from the same noise.
+Sampling (``deltatune generate --adapter RUN --prompt ... --out img.png``) runs DDIM, or the flow-matching Euler
+steps, over ``--steps`` steps with classifier-free guidance ``--guidance`` (the empty caption as the unconditional
+one); ``--compare`` puts the base's image beside the adapter's, from the same noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from ..config import ConfigError
 from ..data.images import check, open_rgb, read_image_rows
 from ..data.load import DataError
+from ..model import DeltaModel
 from .config import RunConfig
 from .prepared import Prepared
 from .trainer import DeltaTrainer
 
 T2I_FILE = "t2i.json"
-"""What a t2i run (and a merged t2i base) records beside the UNet: the text encoder it was trained with."""
+"""What a t2i run (and a merged t2i base) records beside the denoiser: the text encoder it was trained with."""
+TEXT_ENCODER_LORA = "text_encoder_lora"
+"""The folder, in a run, its checkpoints and a base merged from it, holding the text encoder's LoRA (PEFT layout)."""
+DENOISERS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
+"""The denoisers the stage trains: their folder in a pipeline, and their prefix in diffusers' LoRA files."""
+TEXT_ENCODER_TARGETS = {
+    "clip_text_model": ["q_proj", "k_proj", "v_proj", "out_proj"],  # diffusers' LoRA scripts' text encoder targets
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta"), ["query", "key", "value", "attention.output.dense"]),
+}
+"""The text encoder's attention projections, per model_type; another family gets its LoRA default."""
+SIGMA_SAMPLING = ("uniform", "logit_normal")
 
 
 def _pipeline(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json"))
 
 
-def load_denoiser(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The UNet of a pipeline folder (``unet/``) or of a bare UNet folder."""
+def _denoiser_at(path: str) -> tuple[str, str | None, dict[str, Any]]:
+    """(class name, subfolder, config) of the denoiser of a pipeline folder or a bare denoiser folder."""
     from diffusers import UNet2DConditionModel
 
+    sub = None
+    if _pipeline(path):
+        sub = next((s for s in DENOISERS.values() if os.path.isdir(os.path.join(path, s))), None)
+        if sub is None:
+            raise ConfigError(f"model {path!r} is a pipeline folder without unet/ or transformer/")
     try:
-        return UNet2DConditionModel.from_pretrained(
-            path, subfolder="unet" if _pipeline(path) else None, torch_dtype=dtype
-        )
+        config = dict(UNet2DConditionModel.load_config(path, subfolder=sub))  # any diffusers model's config.json
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model {path!r} is not a diffusers UNet folder ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"model {path!r} is not a diffusers denoiser folder ({str(exc).splitlines()[0]})") from None
+    name = config.get("_class_name")
+    if name not in DENOISERS:
+        raise ConfigError(f"model {path!r} holds a {name}; stage t2i trains {' or '.join(DENOISERS)}")
+    return name, sub, config
+
+
+def load_denoiser(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The UNet or SD3 transformer of a pipeline folder (``unet/``, ``transformer/``) or of a bare denoiser folder."""
+    import diffusers
+
+    name, sub, _ = _denoiser_at(path)
+    try:
+        return getattr(diffusers, name).from_pretrained(path, subfolder=sub, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model {path!r}: its {name} does not load ({str(exc).splitlines()[0]})") from None
+
+
+def _scheduler(path: str, pipeline: bool, transformer: bool):
+    """The base's noise scheduler: flow matching when it names ``FlowMatchEulerDiscreteScheduler``, else DDPM with its
+    config; without one, flow matching for a transformer and DDPM for a UNet."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    folder = os.path.join(path, "scheduler") if pipeline else path
+    if not os.path.isfile(os.path.join(folder, "scheduler_config.json")):
+        return FlowMatchEulerDiscreteScheduler() if transformer else DDPMScheduler()
+    kind = DDPMScheduler.load_config(folder).get("_class_name")
+    flow = kind == FlowMatchEulerDiscreteScheduler.__name__
+    return (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_pretrained(folder)
 
 
 class T2IProcessor:
-    """What turns captions and images into the denoiser's inputs: the frozen text encoder and its tokenizer, the
-    noise scheduler, the frozen VAE (or None), and the image size and channels the UNet (or VAE) reads."""
+    """What turns captions and images into the denoiser's inputs: the text encoder (frozen, or with a LoRA of its
+    own) and its tokenizer, the noise scheduler, the frozen VAE (or None), and the size and channels of the images
+    the denoiser (or the VAE) reads."""
 
     def __init__(self, path: str, text_encoder: str | None = None, trust_remote_code: bool = False) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from transformers import AutoModel, AutoTokenizer
 
         from .embedded import resolve as resolve_path
 
         pipeline = _pipeline(path)
+        self.denoiser_class, _, config = _denoiser_at(path)
         recorded = _recorded_encoder(path)
         name = text_encoder or recorded or (os.path.join(path, "text_encoder") if pipeline else None)
         if name is None:
@@ -75,33 +128,59 @@ class T2IProcessor:
             )
         self.text_encoder_name = name
         folder = resolve_path(name)
-        tok_folder = os.path.join(path, "tokenizer") if pipeline and not text_encoder and not recorded else folder
+        own = os.path.join(path, "tokenizer") if pipeline else path  # a pipeline's, or the one a merged base keeps
+        tok_folder = own if not text_encoder and os.path.isfile(os.path.join(own, "tokenizer_config.json")) else folder
         self.tokenizer = AutoTokenizer.from_pretrained(tok_folder, trust_remote_code=trust_remote_code)
-        self.text_encoder = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
-        self.text_encoder.requires_grad_(False)
-        sub = {"subfolder": "scheduler"} if pipeline else {}
-        has_scheduler = os.path.isfile(os.path.join(path, "scheduler", "scheduler_config.json")) or os.path.isfile(
-            os.path.join(path, "scheduler_config.json")
-        )
-        self.scheduler = DDPMScheduler.from_pretrained(path, **sub) if has_scheduler else DDPMScheduler()
+        self.text_encoder: torch.nn.Module = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        self.text_encoder.eval().requires_grad_(False)
+        self.load_text_encoder_lora(path, fold=True)  # a base merged from a run that trained its text encoder
+        transformer = self.denoiser_class != "UNet2DConditionModel"
+        self.scheduler = _scheduler(path, pipeline, transformer)
+        self.flow = isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)
+        self.pooled = transformer  # an SD3 transformer also reads a pooled text embedding
         self.vae = None
         if pipeline and os.path.isdir(os.path.join(path, "vae")):
             self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval().requires_grad_(False)
-        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet" if pipeline else None)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self.size = int(unet_config["sample_size"]) * factor
-        self.channels = self.vae.config.in_channels if self.vae is not None else int(unet_config["in_channels"])
+        self.size = int(config["sample_size"]) * factor
+        self.channels = self.vae.config.in_channels if self.vae is not None else int(config["in_channels"])
         self.pad_token_id = self.tokenizer.pad_token_id
+        self.context = _context(self.tokenizer, self.text_encoder.config)
+        _check_width(config, self.text_encoder.config, path, name)
+        self.denoiser: DeltaModel | None = None
+        """The adapted denoiser of a run in training (its trainer sets it): ``save_pretrained`` writes diffusers'
+        LoRA file of it and the text encoder together."""
+
+    def caption_limit(self, max_length: int) -> int:
+        """The longest caption in tokens: ``max_length``, or the text encoder's context when that is shorter."""
+        return min(max_length, self.context or max_length)
+
+    def tokenize(self, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(input ids (N, L), attention mask (N, L), how many captions were cut) for the captions."""
+        limit = self.caption_limit(max_length)
+        full = self.tokenizer(captions, padding=True, return_tensors="pt", verbose=False)
+        enc = self.tokenizer(captions, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"], int((full["attention_mask"].sum(-1) > limit).sum())
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The denoiser's text inputs for token ids: ``encoder_hidden_states`` (N, L, d), ``encoder_attention_mask``
+        (N, L), and for a transformer ``pooled_projections`` (N, d), the states' mean over the caption's tokens.
+        Gradients flow through a text encoder that trains."""
+        device = next(self.text_encoder.parameters()).device
+        ids, mask = input_ids.to(device), attention_mask.to(device)
+        states = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        out = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        if self.pooled:
+            weights = mask.unsqueeze(-1).to(states.dtype)  # (N, L, 1)
+            out["pooled_projections"] = (states * weights).sum(1) / weights.sum(1).clamp(min=1)  # (N, d)
+        return out
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(hidden states (N, L, d), attention mask (N, L), captions truncated) for the captions."""
-        full = self.tokenizer(captions, padding=True, return_tensors="pt")
-        enc = self.tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        cut = int((full["attention_mask"].sum(-1) > max_length).sum())
-        device = next(self.text_encoder.parameters()).device
-        out = self.text_encoder(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-        return out.last_hidden_state.float().cpu(), enc["attention_mask"], cut
+    def condition(self, captions: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The text inputs (``encode``) of the captions on the CPU, and how many captions were cut."""
+        ids, mask, cut = self.tokenize(captions, max_length)
+        parts = [self.encode(ids[i : i + 64], mask[i : i + 64]) for i in range(0, len(captions), 64)]
+        return {k: torch.cat([p[k].cpu() for p in parts]) for k in parts[0]}, cut
 
     def pixels(self, image) -> torch.Tensor:
         """A PIL image as (C, H, W) in [-1, 1] at the model's size and channels."""
@@ -112,13 +191,105 @@ class T2IProcessor:
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array[None] if self.channels == 1 else array.transpose(2, 0, 1).copy())
 
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder has a LoRA that trains (``model.train_text_encoder``)."""
+        return any(p.requires_grad for p in self.text_encoder.parameters())
+
+    def add_text_encoder_lora(self, method: Any) -> None:
+        """Give the text encoder a trainable LoRA on its attention projections, with the r, lora_alpha,
+        lora_dropout and use_rslora of the run's LoRA (``method``).
+
+        Raises:
+            ConfigError: the run's method is not a plain LoRA.
+        """
+        from ..methods.lora import LoraConfig
+        from ..model import get_delta_model
+        from ..targets import model_type
+
+        if getattr(method, "peft_type", None) != "LORA" or method.use_dora:
+            kind = "lora with use_dora" if getattr(method, "use_dora", False) else type(method).method
+            raise ConfigError(
+                "model.train_text_encoder trains a LoRA on the text encoder beside the denoiser's LoRA: it needs "
+                f"method.name: lora (without use_dora), got {kind}"
+            )
+        config = LoraConfig(
+            r=method.r,
+            lora_alpha=method.lora_alpha,
+            lora_dropout=method.lora_dropout,
+            use_rslora=method.use_rslora,
+            target_modules=TEXT_ENCODER_TARGETS.get(model_type(self.text_encoder) or ""),
+        )
+        self.text_encoder = get_delta_model(self.text_encoder, config)
+
+    def load_text_encoder_lora(self, folder: str, fold: bool = False) -> bool:
+        """Put the text encoder LoRA saved in ``folder/text_encoder_lora`` (a run's, a merged base's) on the text
+        encoder: folded into its weights (``fold``: a base), else as an adapter that ``disable_adapter`` switches
+        off. False when the folder has none."""
+        lora = os.path.join(folder, TEXT_ENCODER_LORA)
+        if not os.path.isfile(os.path.join(lora, "adapter_config.json")):
+            return False
+        delta = DeltaModel.from_pretrained(self.text_encoder, lora).eval()
+        self.text_encoder = delta.merge_and_unload() if fold else delta
+        return True
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        """Within the block the text encoder computes without its LoRA (if it has one)."""
+        if isinstance(self.text_encoder, DeltaModel):
+            return self.text_encoder.disable_adapter()
+        return contextlib.nullcontext()
+
     def save_pretrained(self, out: str) -> None:
-        """The tokenizer, the scheduler's config and ``t2i.json`` (the text encoder), so the run (or a merged base
-        written from it) names everything it needs."""
+        """The tokenizer, the scheduler's config, ``t2i.json`` (the text encoder) and the text encoder's LoRA if it
+        has one, so the run (or a base merged from it) names everything it needs. For a run whose denoiser trained
+        a plain LoRA, also diffusers' ``pytorch_lora_weights.safetensors`` with both LoRAs (``unet.`` or
+        ``transformer.`` keys, and ``text_encoder.`` keys)."""
+        from ..diffusion import save_diffusers_lora
+
         self.tokenizer.save_pretrained(out)
         self.scheduler.save_config(out)
         with open(os.path.join(out, T2I_FILE), "w", encoding="utf-8") as fh:
             json.dump({"text_encoder": self.text_encoder_name}, fh)
+        encoder = self.text_encoder if isinstance(self.text_encoder, DeltaModel) else None
+        if encoder is not None:
+            encoder.save_pretrained(os.path.join(out, TEXT_ENCODER_LORA))
+        if self.denoiser is not None and _plain_lora(self.denoiser):
+            save_diffusers_lora(self.denoiser, out, "default", DENOISERS[self.denoiser_class], text_encoder=encoder)
+
+
+def _plain_lora(model: DeltaModel) -> bool:
+    """Whether ``model``'s default adapter is a LoRA that diffusers' file holds whole (no DoRA, biases or heads)."""
+    config = model.peft_config.get("default")
+    return (
+        config is not None
+        and config.peft_type == "LORA"
+        and not config.use_dora
+        and config.bias == "none"
+        and not config.modules_to_save
+    )
+
+
+def _context(tokenizer, config) -> int | None:
+    """The longest input, in tokens, the text encoder reads: its position embeddings and its tokenizer's limit."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 100_000]  # a tokenizer without one says 1e30
+    return min(limits, default=None)
+
+
+def _check_width(config: dict[str, Any], encoder_config, path: str, name: str) -> None:
+    """The denoiser reads text states as wide as the text encoder's, or the recipe is refused in one line."""
+    hidden = getattr(encoder_config, "hidden_size", None) or getattr(encoder_config, "d_model", None)
+    if "pooled_projection_dim" in config:
+        wanted = {k: config.get(k) for k in ("joint_attention_dim", "pooled_projection_dim")}
+    else:
+        key = "encoder_hid_dim" if config.get("encoder_hid_dim") else "cross_attention_dim"
+        wanted = {key: config.get(key)}
+    for key, width in wanted.items():
+        if isinstance(width, int) and isinstance(hidden, int) and width != hidden:
+            raise ConfigError(
+                f"model {path!r}: the denoiser's {key} is {width}, but the text encoder {name!r} gives {hidden}-wide "
+                "states; choose a text encoder of that width (model.text_encoder)"
+            )
 
 
 def _recorded_encoder(path: str) -> str | None:
@@ -130,20 +301,17 @@ def _recorded_encoder(path: str) -> str | None:
 
 
 class T2IDataset(torch.utils.data.Dataset):
-    """``{"pixel_values": (C, H, W), "encoder_hidden_states": (L, d), "encoder_attention_mask": (L,)}``."""
+    """``{"pixel_values": (C, H, W)}`` plus the caption's row of each text column: its encoding (``encode``), or its
+    tokens (``input_ids``, ``attention_mask``) when the text encoder trains and encodes them at every step."""
 
-    def __init__(self, pixels: list[torch.Tensor], states: torch.Tensor, mask: torch.Tensor) -> None:
-        self.pixels, self.states, self.mask = pixels, states, mask
+    def __init__(self, pixels: list[torch.Tensor], text: dict[str, torch.Tensor]) -> None:
+        self.pixels, self.text = pixels, text
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "pixel_values": self.pixels[i],
-            "encoder_hidden_states": self.states[i],
-            "encoder_attention_mask": self.mask[i],
-        }
+        return {"pixel_values": self.pixels[i], **{k: v[i] for k, v in self.text.items()}}
 
 
 def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -157,19 +325,46 @@ class _TensorBoard(TensorBoardCallback):
         return super().on_train_begin(args, state, control, **{**kwargs, "model": None})
 
 
-class T2ITrainer(DeltaTrainer):
-    """DeltaTrainer with the denoising loss (module docstring); the VAE and the scheduler come with the stage."""
+class _ZeroGrads(TrainerCallback):
+    """Zero the text encoder's gradients after each optimizer step: the Trainer zeroes the denoiser's alone
+    (``model.zero_grad()``), and the text encoder's would add up across steps."""
 
-    def __init__(self, *args: Any, scheduler: Any = None, vae: Any = None, **kwargs: Any) -> None:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.module.zero_grad(set_to_none=True)
+
+
+class T2ITrainer(DeltaTrainer):
+    """DeltaTrainer with the stage's loss (module docstring); the processor brings the scheduler, the VAE and the
+    text encoder. A text encoder with a LoRA that trains joins the optimizer and the gradient clipping, encodes the
+    captions at every step, and its LoRA is saved in every checkpoint (``text_encoder_lora/``)."""
+
+    def __init__(self, *args: Any, processor: T2IProcessor, sigma_sampling: str = "uniform", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.noise_scheduler, self.vae = scheduler, vae
+        self.processor, self.sigma_sampling = processor, sigma_sampling
+        processor.denoiser = self._delta_model()
+        self.text_encoder = processor.text_encoder if processor.trains_text_encoder else None
+        for module in (self.text_encoder, processor.vae):
+            if module is not None:
+                module.to(self.args.device)
+        if self.text_encoder is not None:
+            self.add_callback(_ZeroGrads(self.text_encoder))
         for callback in list(self.callback_handler.callbacks):
             if type(callback) is TensorBoardCallback:  # it writes model.config as a transformers config
                 self.callback_handler.remove_callback(callback)
                 self.callback_handler.add_callback(_TensorBoard(callback.tb_writer))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = denoising_loss(model, self.noise_scheduler, inputs, self.vae)
+        p = self.processor
+        if "input_ids" in inputs:  # the text encoder trains: the captions are encoded now, with gradients
+            p.text_encoder.train(model.training)
+            inputs = {**inputs, **p.encode(inputs["input_ids"], inputs["attention_mask"])}
+        if p.flow:
+            loss = flow_matching_loss(model, p.scheduler, inputs, p.vae, sigma_sampling=self.sigma_sampling)
+        else:
+            loss = denoising_loss(model, p.scheduler, inputs, p.vae)
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -178,19 +373,60 @@ class T2ITrainer(DeltaTrainer):
             loss = self.compute_loss(model, self._prepare_inputs(inputs))
         return loss.detach(), None, None
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.text_encoder is not None:
+            held = {id(q) for group in optimizer.param_groups for q in group["params"]}
+            extra = [q for q in self.text_encoder.parameters() if q.requires_grad and id(q) not in held]
+            if extra:
+                optimizer.add_param_group({"params": extra, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        if self.text_encoder is None:
+            return super()._clip_grad_norm(model)
+        params = [*model.parameters(), *self.text_encoder.parameters()]  # one norm over both LoRAs
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.text_encoder is not None and self.args.should_save:
+            self.text_encoder.save_pretrained(os.path.join(output_dir or self.args.output_dir, TEXT_ENCODER_LORA))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.text_encoder is not None:
+            folder = os.path.join(resume_from_checkpoint, TEXT_ENCODER_LORA)
+            self.text_encoder.load_adapter_weights(folder, "default")
+
+
+def predict(model, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The denoiser's output for ``x`` at steps ``t``: a UNet attends to the text states (and their mask); a
+    transformer, given ``pooled_projections``, attends to them jointly and reads the pooled embedding."""
+    states = text["encoder_hidden_states"]
+    if "pooled_projections" in text:
+        return model(
+            hidden_states=x, timestep=t, encoder_hidden_states=states, pooled_projections=text["pooled_projections"]
+        ).sample
+    return model(x, t, encoder_hidden_states=states, encoder_attention_mask=text.get("encoder_attention_mask")).sample
+
+
+def _latents(pixels: torch.Tensor, vae, generator) -> torch.Tensor:
+    """x0: the images, or their VAE latents (sampled, minus the shift factor, times the scaling factor)."""
+    if vae is None:
+        return pixels
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
+    return (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+
 
 def denoising_loss(model, scheduler, inputs: dict[str, torch.Tensor], vae=None, generator=None) -> torch.Tensor:
-    """The loss of one batch: noise at uniform random steps, predicted by ``model`` (module docstring)."""
-    x0 = inputs["pixel_values"]
-    if vae is not None:
-        with torch.no_grad():
-            x0 = vae.encode(x0.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+    """The DDPM loss of one batch: noise at uniform random steps, predicted by ``model`` (module docstring)."""
+    x0 = _latents(inputs["pixel_values"], vae, generator)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     steps = scheduler.config.num_train_timesteps
     t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
-    noisy = scheduler.add_noise(x0, noise, t)
-    mask = inputs.get("encoder_attention_mask")
-    pred = model(noisy, t, encoder_hidden_states=inputs["encoder_hidden_states"], encoder_attention_mask=mask).sample
+    pred = predict(model, scheduler.add_noise(x0, noise, t), t, inputs)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -201,16 +437,50 @@ def denoising_loss(model, scheduler, inputs: dict[str, torch.Tensor], vae=None, 
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
+def flow_matching_loss(
+    model, scheduler, inputs: dict[str, torch.Tensor], vae=None, generator=None, sigma_sampling: str = "uniform"
+) -> torch.Tensor:
+    """The flow-matching loss of one batch (module docstring); the noise, then u, drawn from ``generator``."""
+    x0 = _latents(inputs["pixel_values"], vae, generator)
+    n, steps = x0.shape[0], scheduler.config.num_train_timesteps
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if sigma_sampling == "logit_normal":  # diffusers' compute_density_for_timestep_sampling, mean 0, std 1
+        u = torch.sigmoid(torch.normal(0.0, 1.0, (n,), generator=generator, device=x0.device))
+    else:
+        u = torch.rand((n,), generator=generator, device=x0.device)
+    index = (u * steps).long().clamp(max=steps - 1).cpu()
+    t = scheduler.timesteps[index].to(x0.device)
+    sigma = scheduler.sigmas[index].to(x0.device, x0.dtype).view(n, *[1] * (x0.dim() - 1))
+    pred = predict(model, (1 - sigma) * x0 + sigma * noise, t, inputs)
+    return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+
+
 def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
-    """Read images and captions, encode the captions once, give the Trainer the denoising loss.
+    """Read images and captions, encode the captions once (or tokenize them, when the text encoder trains), give
+    the Trainer the stage's loss.
 
     Raises:
+        ConfigError: a bad train.sigma_sampling, or model.train_text_encoder without a LoRA method or under several
+            processes.
         DataError: a row without an image or a caption (file:line), an unreadable image, a caption over
-            data.max_length under data.truncation=refuse.
+            data.max_length (or the text encoder's context) under data.truncation=refuse.
     """
     d = cfg.data
     if not d.train:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
+    if cfg.train.sigma_sampling not in SIGMA_SAMPLING:
+        raise ConfigError(f"train.sigma_sampling must be uniform or logit_normal, got {cfg.train.sigma_sampling!r}")
+    if cfg.model.train_text_encoder and not isinstance(processor.text_encoder, DeltaModel):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("model.train_text_encoder runs in one process for now: launch without torchrun")
+        processor.add_text_encoder_lora(cfg.method_config())
+    trains = processor.trains_text_encoder
+    limit = processor.caption_limit(d.max_length)
+    where = (
+        f"data.max_length={d.max_length} tokens"
+        if limit == d.max_length
+        else f"the text encoder's context of {limit} tokens"
+    )
 
     def read(spec: str, split: str, notes: list[str]) -> T2IDataset:
         rows = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
@@ -225,18 +495,28 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
             pixels.append(processor.pixels(img))
         if sizes:
             notes.append(f"{sizes} {split} images were resized to {processor.size}x{processor.size}")
-        states, mask, cut = processor.encode_text([r.text for r in rows], d.max_length)
+        captions = [r.text for r in rows]
+        if trains:
+            ids, mask, cut = processor.tokenize(captions, d.max_length)
+            text = {"input_ids": ids, "attention_mask": mask}
+        else:
+            text, cut = processor.condition(captions, d.max_length)
         if cut and d.truncation == "refuse":
-            raise DataError(f"{spec}: {cut} captions are longer than data.max_length={d.max_length} tokens")
+            raise DataError(f"{spec}: {cut} captions are longer than {where}")
         if cut:
-            notes.append(f"{cut} {split} captions were longer than data.max_length={d.max_length} and were cut")
-        return T2IDataset(pixels, states, mask)
+            notes.append(f"{cut} {split} captions were longer than {where} and were cut")
+        return T2IDataset(pixels, text)
 
     notes: list[str] = []
     train = read(d.train, "train", notes)
     ev = read(d.eval, "eval", notes) if d.eval else None
-    notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}")
-    trainer = functools.partial(T2ITrainer, scheduler=processor.scheduler, vae=processor.vae)
+    trained = "; its LoRA trains too (model.train_text_encoder)" if trains else ""
+    notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}{trained}")
+    kind = processor.scheduler.config.prediction_type if not processor.flow else None
+    notes.insert(
+        1, f"loss: flow matching, {cfg.train.sigma_sampling} sigmas" if processor.flow else f"loss: DDPM, {kind}"
+    )
+    trainer = functools.partial(T2ITrainer, processor=processor, sigma_sampling=cfg.train.sigma_sampling)
     return Prepared(train, ev, collate, None, None, notes=notes, loss_only=True, trainer_class=trainer)
 
 
@@ -251,31 +531,36 @@ def sample(
     seed: int | None = 0,
     max_length: int = 77,
 ) -> torch.Tensor:
-    """Images for ``prompts`` as (N, C, H, W) in [0, 1]: DDIM over ``steps`` steps from seeded noise, with
-    classifier-free guidance (``guidance`` 1: none; the empty caption is the unconditional one)."""
-    from diffusers import DDIMScheduler
+    """Images for ``prompts`` as (N, C, H, W) in [0, 1]: DDIM (or the flow-matching Euler steps) over ``steps``
+    steps from seeded noise, with classifier-free guidance (``guidance`` 1: none; the empty caption is the
+    unconditional one)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     if steps < 1 or guidance < 0:
         raise ConfigError(f"--steps must be >= 1 and --guidance >= 0, got {steps} and {guidance}")
     device = next(model.parameters()).device
-    scheduler = DDIMScheduler.from_config(processor.scheduler.config)
+    scheduler = (FlowMatchEulerDiscreteScheduler if processor.flow else DDIMScheduler).from_config(
+        processor.scheduler.config
+    )
     scheduler.set_timesteps(steps)
-    cond, cond_mask, _ = processor.encode_text(list(prompts), max_length)
-    uncond, uncond_mask, _ = processor.encode_text([""] * len(prompts), max_length)
-    vae_factor = 2 ** (len(processor.vae.config.block_out_channels) - 1) if processor.vae is not None else 1
-    unet = model.get_base_model() if hasattr(model, "get_base_model") else model
-    shape = (len(prompts), unet.config.in_channels, processor.size // vae_factor, processor.size // vae_factor)
+    cond = {k: v.to(device) for k, v in processor.condition(list(prompts), max_length)[0].items()}
+    if guidance != 1.0:
+        uncond = {k: v.to(device) for k, v in processor.condition([""] * len(prompts), max_length)[0].items()}
+    vae = processor.vae
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    denoiser = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shape = (len(prompts), denoiser.config.in_channels, processor.size // factor, processor.size // factor)
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
     x = torch.randn(shape, generator=generator).to(device)
     for t in scheduler.timesteps:
-        ts = torch.full((len(prompts),), int(t), device=device)
-        eps = model(x, ts, encoder_hidden_states=cond.to(device), encoder_attention_mask=cond_mask.to(device)).sample
+        ts = torch.full((len(prompts),), t.item(), device=device)  # DDIM: integer steps; flow matching: sigma * T
+        out = predict(model, x, ts, cond)
         if guidance != 1.0:
-            free = model(x, ts, encoder_hidden_states=uncond.to(device), encoder_attention_mask=uncond_mask.to(device))
-            eps = free.sample + guidance * (eps - free.sample)
-        x = scheduler.step(eps, t, x).prev_sample
-    if processor.vae is not None:
-        x = processor.vae.decode(x / processor.vae.config.scaling_factor).sample
+            free = predict(model, x, ts, uncond)
+            out = free + guidance * (out - free)
+        x = scheduler.step(out, t, x).prev_sample
+    if vae is not None:
+        x = vae.decode(x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)).sample
     return ((x.float().cpu() + 1) / 2).clamp(0, 1)
 
 

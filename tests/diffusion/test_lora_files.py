@@ -14,6 +14,7 @@ from deltatune.diffusion import read_lora_file
 diffusers = pytest.importorskip("diffusers")
 ATOL32 = ATOL[torch.float32]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+WEIGHT = "pytorch_lora_weights.safetensors"
 
 
 def tiny_unet(seed: int = 0):
@@ -158,3 +159,39 @@ def test_two_loras_combined_with_weights_are_the_weighted_sum_of_their_updates()
     torch.testing.assert_close(out(model), out(plain), atol=1e-5, rtol=0)
     with pytest.raises(dt.ConfigError, match="one weight each"):
         dt.combine_loras(model, ["default", "b"], [1.0], "again")
+
+
+def test_several_loras_with_weights_match_diffusers_set_adapters(tmp_path):
+    """Two LoRAs (a diffusers file, a deltatune adapter folder) active at once with weights [0.7, 0.4]: the same UNet
+    outputs as diffusers' load_lora_adapter + set_adapters, and as the two combined into one LoRA; weights 1 are the
+    plain sum, and re-weighting a merged adapter is refused."""
+    from deltatune.diffusion import load_loras, set_adapters
+
+    dt.save_diffusers_lora(lora(seed=0, rank_pattern={"to_out.0": 2}), tmp_path / "a")
+    torch.manual_seed(1)
+    config = dt.LoraConfig(r=2, lora_alpha=5, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    b = dt.get_delta_model(tiny_unet(), config)
+    dt.save_diffusers_lora(b, tmp_path / "b")
+    b.save_pretrained(tmp_path / "b-run")  # deltatune's own adapter folder, as a t2i run holds it
+    theirs = tiny_unet()
+    for name in ("a", "b"):
+        theirs.load_lora_adapter(str(tmp_path / name), prefix="unet", adapter_name=name, weight_name=WEIGHT)
+    theirs.set_adapters(["a", "b"], weights=[0.7, 0.4])
+    want = out(theirs)
+    ours = load_loras(tiny_unet(), [tmp_path / "a", tmp_path / "b-run"], [0.7, 0.4], names=["a", "b"])
+    assert ours.active_adapters == ["a", "b"]
+    torch.testing.assert_close(out(ours), want, atol=ATOL32, rtol=0)
+    dt.combine_loras(ours, ["a", "b"], [0.7, 0.4], "mix")  # the same weighted sum folded into one adapter
+    set_adapters(ours, "mix")
+    torch.testing.assert_close(out(ours), want, atol=ATOL32, rtol=0)
+    set_adapters(ours, ["a", "b"])  # weights 1: the plain sum, which the weights above really changed
+    theirs.set_adapters(["a", "b"], weights=[1.0, 1.0])
+    torch.testing.assert_close(out(ours), out(theirs), atol=ATOL32, rtol=0)
+    assert (out(ours) - want).abs().max() > ATOL32
+    ours.merge_adapter(["a"])
+    with pytest.raises(dt.ConfigError, match="a is merged into the weights"):
+        set_adapters(ours, ["a", "b"], [0.5, 0.5])
+    with pytest.raises(dt.ConfigError, match="one weight each"):
+        set_adapters(ours, ["a", "b"], [0.5])
+    with pytest.raises(dt.ConfigError, match="'a' is given twice or taken"):
+        load_loras(ours, [tmp_path / "a"], names=["a"])

@@ -110,9 +110,60 @@ def test_generate_draws_what_the_plain_models_draw(runs, tmp_path, capsys):
     assert not np.array_equal(image[:, :16], image[:, 16:])
 
 
+def test_generate_draws_with_several_loras_weighted(runs, tmp_path):
+    """``--adapter-weight 0.7 --lora FILE:0.4``: the run's LoRA and a diffusers file active at once, weighted, is the
+    drawing of the library's ``set_adapters`` with the same weights (and not of the plain sum)."""
+    import numpy as np
+    from PIL import Image
+
+    import deltatune as dt
+    from deltatune.diffusion import load_lora, set_adapters
+    from deltatune.train.run import load_adapter_model
+
+    torch.manual_seed(5)
+    config = dt.LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    dt.save_diffusers_lora(dt.get_delta_model(t2i.load_denoiser(str(runs["base"])), config), tmp_path / "style")
+    out, prompt = tmp_path / "mix.png", "a handwritten digit seven"
+    assert main(["generate", "--adapter", str(runs["lora"]), "--prompt", prompt, "--out", str(out), "--steps", "3",
+                 "--seed", "1", "--adapter-weight", "0.7", "--lora", f"{tmp_path / 'style'}:0.4"]) == 0  # fmt: skip
+    delta, processor = load_adapter_model(str(runs["lora"]))
+    load_lora(delta.eval(), tmp_path / "style", "style")
+    drawn = {}
+    for weights in ([0.7, 0.4], [1.0, 1.0]):
+        set_adapters(delta, ["default", "style"], weights)
+        image = t2i.sample(delta, processor, [prompt], steps=3, seed=1, max_length=16)[0, 0]
+        drawn[weights[0]] = (image * 255).round().to(torch.uint8).numpy().astype(int)
+    image = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(image - drawn[0.7]).max() <= 1 and np.abs(image - drawn[1.0]).max() > 1
+
+
+def test_a_caption_over_the_text_encoders_context_is_cut_and_counted(pipeline, data, tmp_path, capsys):
+    """The tiny BERT reads 64 positions: with data.max_length=512 a longer caption is cut to 64 tokens (not passed on
+    to fail in its position embeddings) and counted in the report, or refused in one line. The text encoder's LoRA
+    trains on the cut tokens (BERT's attention projections)."""
+    rows = (data / "t2i-adapt-train.jsonl").read_text().splitlines()[:3]
+    long = {**json.loads(rows[0]), "text": "a handwritten digit seven " * 30}
+    (data / "long.jsonl").write_text("\n".join([*rows, json.dumps(long)]) + "\n")
+    argv = ["train", str(ROOT / "recipes" / "digits-t2i-lora.yaml"), f"model.name_or_path={pipeline}",
+            f"data.train={data / 'long.jsonl'}", "data.eval=null", "data.max_length=512",
+            "model.train_text_encoder=true", *FAST]  # fmt: skip
+    assert main([*argv, f"output.dir={tmp_path / 'run'}"]) == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "1 train captions were longer than the text encoder's context of 64 tokens and were cut" in report
+    config = json.loads((tmp_path / "run" / "text_encoder_lora" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["attention.output.dense", "key", "query", "value"]
+    capsys.readouterr()
+    assert main([*argv, f"output.dir={tmp_path / 'refused'}", "data.truncation=refuse"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "long.jsonl: 1 captions are longer than the text encoder's context of 64 tokens" in err, err
+    assert "Traceback" not in err
+
+
 def test_bad_input_is_one_line(runs, data, tmp_path, capsys):
     cases = [
         (["generate", "--adapter", str(runs["pre"]), "--prompt", "a digit"], "draws images (stage t2i): pass --out"),
+        (["generate", "--adapter", str(runs["lora"]), "--prompt", "a digit", "--out", str(tmp_path / "x.png"),
+          "--lora", f"{tmp_path / 'missing'}:0.5"], "missing' does not exist"),
         (["train", str(ROOT / "recipes" / "digits-t2i-pretrain.yaml"), f"model.name_or_path={data / 'unet-init'}",
           f"output.dir={tmp_path / 'r'}", f"data.train={data / 't2i-pretrain-train.jsonl'}", "data.eval=null",
           "data.max_length=3", "data.truncation=refuse", *FAST], "captions are longer than data.max_length=3"),
