@@ -7,7 +7,9 @@ tower. ``restrict`` resolves a config's targets to full module names inside the 
 
 - no ``target_modules``: each named tower's default targets (the tower's own family defaults from ``targets.py``;
   every linear layer of the projector); IA3's feed-forward layers are its tower family's too (LLaMA's ``down_proj``,
-  CLIP's ``fc2``);
+  CLIP's ``fc2``); bottleneck adapters go after the attention / feed-forward output projections of the tower's blocks,
+  found by the tower family's layout (``targets.BOTTLENECK_TARGETS``, else ``TOWER_BOTTLENECK``), and a tower with no
+  such blocks (LLaVA's two-layer projector) is an error naming it;
 - a ``target_modules`` list or regex that also matches modules of a tower the user did not name is an error that
   lists those modules (never a silent half-and-half).
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from .config import ConfigError, DeltaConfig
 from .layer import DeltaLayer, ModulesToSave
-from .targets import IA3_FEEDFORWARD, IA3_TARGETS, LORA_TARGETS, find_targets, model_type
+from .targets import BOTTLENECK_TARGETS, IA3_FEEDFORWARD, IA3_TARGETS, LORA_TARGETS, find_targets, model_type
 
 TOWER_NAMES = ("language", "vision", "projector")
 
@@ -42,10 +44,29 @@ TOWERS: dict[str, dict[str, str]] = {
         "projector": r"(^|\.)(qformer|language_projection|query_tokens)(\.|$)",
         "language": r"(^|\.)language_model(\.|$)",
     },
+    "blip": {"vision": r"(^|\.)vision_model(\.|$)", "language": r"(^|\.)text_decoder(\.|$)"},
     "vision-encoder-decoder": {"vision": r"(^|\.)encoder(\.|$)", "language": r"(^|\.)decoder(\.|$)"},
 }
 
+FAMILY_AS = {"blip_text_model": "bert"}
+"""Tower families whose layers are named as another family's (BLIP's text decoder: BERT's, with cross-attention)."""
+
+_CLIP_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.out_proj", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}
+_BLIP_VISION = {"attn": r".*\.layers\.\d+\.self_attn\.projection", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}
+TOWER_BOTTLENECK: dict[str, dict[str, str]] = {
+    **dict.fromkeys(("clip_vision_model", "siglip_vision_model"), _CLIP_LIKE),
+    **dict.fromkeys(("blip_vision_model", "blip_2_vision_model"), _BLIP_VISION),
+    # the Q-Former: its queries' feed-forward output is output_query (cross-attention left alone, as everywhere)
+    "blip_2_qformer": {
+        "attn": r".*\.layer\.\d+\.attention\.output\.dense",
+        "ffn": r".*\.layer\.\d+\.output_query\.dense",
+    },
+}
+"""Bottleneck layouts (as ``targets.BOTTLENECK_TARGETS``: the attention and feed-forward output projections) of tower
+families that no whole model of their own has: vision towers and BLIP-2's Q-Former."""
+
 _DEFAULT_TABLES = {"lora": LORA_TARGETS, "ia3": IA3_TARGETS}
+_RESOLVED = ("lora", "ia3", "bottleneck")  # the methods whose default targets a tower resolves
 
 
 def tower_of(model: nn.Module, name: str) -> str | None:
@@ -54,20 +75,44 @@ def tower_of(model: nn.Module, name: str) -> str | None:
     return next((tower for tower, rx in table.items() if re.search(rx, name)), None)
 
 
-def _sub_config(model: nn.Module, tower: str):
+_SUB_CONFIGS = {"language": ("text_config", "decoder"), "vision": ("vision_config", "encoder"),
+                "projector": ("qformer_config",)}  # fmt: skip
+
+
+def _family(model: nn.Module, tower: str) -> str | None:
+    """The model type of ``tower``'s sub-config (read as ``FAMILY_AS`` says); None where it has none."""
     config = model.config
-    key = {"language": ("text_config", "decoder"), "vision": ("vision_config", "encoder")}.get(tower, ())
-    return next((getattr(config, k) for k in key if getattr(config, k, None) is not None), None)
+    keys = _SUB_CONFIGS.get(tower, ())
+    sub = next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
+    family = getattr(sub, "model_type", None)
+    return FAMILY_AS.get(family, family)
+
+
+def _bottleneck_sites(model: nn.Module, config: DeltaConfig, tower: str, names: list[str]) -> list[str]:
+    """The sub-layers among ``tower``'s ``names`` a bottleneck adapter goes after: the tower family's layout, else the
+    first known layout that finds every sub-layer ``config`` places adapters at (as methods/bottleneck.py does)."""
+    family, known = _family(model, tower), {**BOTTLENECK_TARGETS, **TOWER_BOTTLENECK}
+    for layout in [known[family]] if family in known else list(known.values()):
+        found = [[n for n in names if re.fullmatch(layout[kind], n)] for kind in config.sublayers]
+        if all(found):
+            return [n for hits in found for n in hits]
+    what = " and ".join({"attn": "attention", "ffn": "feed-forward"}[k] for k in config.sublayers)
+    raise ConfigError(
+        f"method.towers: the {tower} tower of model type {model_type(model)!r}{f' ({family})' if family else ''} has "
+        f"no layers a bottleneck adapter ({config.config}) can wrap: no known layout finds {what} output projections "
+        f"of blocks in it; leave the {tower} tower out of method.towers or set method.target_modules"
+    )
 
 
 def _defaults(model: nn.Module, config: DeltaConfig, tower: str) -> list[str]:
     """Full names of the default targets of ``config``'s method inside ``tower``."""
     names = [n for n, m in model.named_modules() if n and tower_of(model, n) == tower]
+    if config.method == "bottleneck":
+        return _bottleneck_sites(model, config, tower, names)
     if tower == "projector":
         return [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
     table = _DEFAULT_TABLES.get(config.method)
-    sub = _sub_config(model, tower)
-    family = getattr(sub, "model_type", None)
+    family = _family(model, tower)
     if table is None or family not in table:
         raise ConfigError(
             f"method.towers: no default {config.method} targets for the {tower} tower ({family!r}); "
@@ -82,7 +127,7 @@ def _feedforward(model: nn.Module, names: list[str]) -> list[str]:
     out = []
     for name in names:
         tower = tower_of(model, name)
-        family = getattr(_sub_config(model, tower), "model_type", None) if tower else None
+        family = _family(model, tower) if tower else None
         if any(name.endswith("." + leaf) for leaf in IA3_FEEDFORWARD.get(family or "", [])):
             out.append(name)
     return out
@@ -95,11 +140,12 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
 
     Raises:
         ConfigError: an unknown tower name; towers on a single-tower model; explicit targets reaching a tower not
-            named (the modules listed); no default targets for a tower. (Towers choose modules by name: they apply to
-            the methods that adapt modules by ``target_modules``.)
+            named (the modules listed); no default targets for a tower (bottleneck adapters: a tower without blocks
+            they can wrap, the tower named). (Towers choose modules by name: they apply to the methods that adapt
+            modules by ``target_modules``.)
     """
     table = TOWERS.get(model_type(model) or "")
-    if towers is None and (not table or (config.target_modules is None and config.method not in _DEFAULT_TABLES)):
+    if towers is None and (not table or (config.target_modules is None and config.method not in _RESOLVED)):
         return config  # nothing asked, and nothing to resolve (a single tower, or a method that picks no modules)
     towers = list(towers or ["language"])
     bad = [t for t in towers if t not in TOWER_NAMES]
@@ -140,4 +186,4 @@ def counts(model: nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["TOWERS", "TOWER_NAMES", "counts", "restrict", "tower_of"]
+__all__ = ["FAMILY_AS", "TOWERS", "TOWER_BOTTLENECK", "TOWER_NAMES", "counts", "restrict", "tower_of"]

@@ -312,7 +312,7 @@ METHODS: list[MethodRow] = [
     MethodRow("lora-bias", _lora(bias="lora_only"), trainable=lora_trainable, families=WITH_VLM),
     MethodRow("lora-all-linear", _lora(target_modules="all-linear"), trainable=lora_trainable),
     MethodRow("lora-4bit", _lora(), trainable=lora_trainable, families=QLORA_FAMILIES, base=_quantized_base),
-    # on a VLM: the bottleneck adapters land in the language model by its layout (they take no method.towers)
+    # on a VLM: towers.restrict places the bottleneck adapters in the language tower (method.towers' default)
     MethodRow("bottleneck-houlsby", _bottleneck(), False, trainable=bottleneck_trainable, families=WITH_VLM),
     MethodRow(
         "bottleneck-pfeiffer", _bottleneck(config="pfeiffer"), False, trainable=bottleneck_trainable, families=WITH_VLM

@@ -77,6 +77,11 @@ class BottleneckConfig(DeltaConfig):
         if self.init_weights not in (True, False, "houlsby"):
             raise ConfigError(f"init_weights must be True, False or 'houlsby', got {self.init_weights!r}")
 
+    @property
+    def sublayers(self) -> tuple[str, ...]:
+        """The sub-layers this placement adapts: keys ('attn', 'ffn') of a ``targets.BOTTLENECK_TARGETS`` layout."""
+        return SUBLAYERS[self.config]
+
     def size_for(self, d: int) -> int:
         """The bottleneck size m for a sub-layer of output size d.
 
@@ -229,7 +234,7 @@ def _locate(model: nn.Module, config: BottleneckConfig) -> list[str]:
     """
     if config.target_modules is not None:
         return find_targets(model, config.target_modules, method="bottleneck")
-    wanted = SUBLAYERS[config.config]
+    wanted = config.sublayers
     mtype = model_type(model)
     layouts = [BOTTLENECK_TARGETS[mtype]] if mtype in BOTTLENECK_TARGETS else list(BOTTLENECK_TARGETS.values())
     names = [n for n, _ in model.named_modules() if n]

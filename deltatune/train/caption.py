@@ -6,6 +6,11 @@ Encoder-decoder captioners (``VisionEncoderDecoderModel``: ViT + GPT-2 and the l
 ``pixel_values``; the caption, tokenized and ended with EOS, is the ``labels``. The decoder reads the labels shifted
 right (the model does it), so the loss is on the caption tokens only: there is no prompt to mask, padding is -100.
 
+BLIP (``BlipForConditionalGeneration``) takes image + caption rows too, but its text decoder reads the text as
+``input_ids`` (the image by cross-attention) and shifts the labels itself: the ids are its BOS, the caption and its SEP
+(where its ``generate`` stops), the labels the same with -100 on the BOS. It captions from the BOS, or from a prompt
+(``generate --prompt``: the caption's first words, as transformers' conditional captioning).
+
 Decoder-only vision-language models (LLaVA's ``LlavaForConditionalGeneration``, BLIP-2 with OPT). The model's
 processor (``AutoProcessor``: tokenizer, image processor, chat template) makes one sequence of a conversation. Rows
 are image + caption rows (the user turn is ``<image>`` and ``CAPTION_PROMPT``, the caption is the answer) or
@@ -49,18 +54,21 @@ EVAL_CAPTIONS = 64
 
 
 class CaptionProcessor:
-    """An encoder-decoder captioner's image processor and tokenizer, used and saved together."""
+    """An encoder-decoder captioner's image processor and tokenizer, used and saved together; for BLIP also its text
+    decoder's ``bos`` (what a caption starts from) and ``eos`` (its SEP, where ``generate`` stops), and its processor
+    (saved as it is: a run folder then holds no image processor of its own, so its base's processor loads again)."""
 
-    def __init__(self, image_processor, tokenizer) -> None:
-        self.image_processor, self.tokenizer = image_processor, tokenizer
+    def __init__(self, image_processor, tokenizer, bos: int | None = None, eos: int | None = None, processor=None):
+        self.image_processor, self.tokenizer, self.bos, self.processor = image_processor, tokenizer, bos, processor
+        self.eos = tokenizer.eos_token_id if bos is None else eos
 
     @property
     def pad_token_id(self) -> int | None:
         return self.tokenizer.pad_token_id
 
     def save_pretrained(self, out: str) -> None:
-        self.image_processor.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
+        for part in [self.processor] if self.processor is not None else [self.image_processor, self.tokenizer]:
+            part.save_pretrained(out)
 
 
 class VLMProcessor:
@@ -84,7 +92,8 @@ class VLMProcessor:
 
 
 def model_kind(path: str) -> str:
-    """``"encoder-decoder"`` (VisionEncoderDecoderModel-style) or ``"decoder-only"`` (LLaVA, BLIP-2 with OPT).
+    """``"encoder-decoder"`` (VisionEncoderDecoderModel-style) or ``"decoder-only"`` (LLaVA, BLIP-2 with OPT; BLIP,
+    whose text decoder reads the caption after a BOS or a prompt, though images and captions come as for the first).
 
     Raises:
         ConfigError: a model that is no image-to-text model, or BLIP-2 over an encoder-decoder language model (T5).
@@ -111,13 +120,14 @@ def model_kind(path: str) -> str:
     return "decoder-only"
 
 
-def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcessor:
-    """The processor saved with a decoder-only vision-language model, with a pad token (EOS when it has none).
+def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcessor | CaptionProcessor:
+    """The processor saved with a decoder-only vision-language model, with a pad token (EOS when it has none); BLIP's
+    as a ``CaptionProcessor`` with its text decoder's BOS and SEP.
 
     Raises:
         ConfigError: no processor, or one without an image token (the folder named).
     """
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     try:
         proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -126,18 +136,21 @@ def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcess
             f"stage caption: model {path!r} has no processor that loads ({str(exc).split('. ')[0]}); a "
             "vision-language model needs its processor (tokenizer, image processor) saved beside it"
         ) from None
+    tok = proc.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    text = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "text_config", None)
+    if getattr(text, "model_type", None) == "blip_text_model":
+        return CaptionProcessor(proc.image_processor, tok, text.bos_token_id, text.sep_token_id, proc)
     if getattr(proc, "image_token", None) is None or not hasattr(proc, "image_processor"):
         raise ConfigError(
             f"stage caption: the processor of {path!r} ({type(proc).__name__}) has no image token and image "
             "processor; a vision-language model's processor has both"
         )
-    tok = proc.tokenizer
     if not getattr(tok, "is_fast", False):
         raise ConfigError(
             f"stage caption: the tokenizer of {path!r} is not a fast tokenizer (the labels need offsets)"
         )
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return VLMProcessor(proc)
 
 
@@ -145,7 +158,8 @@ def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcess
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """Lazily decoded ``{"pixel_values": (C, H, W), "labels": caption ids + EOS}``."""
+    """Lazily decoded ``{"pixel_values": (C, H, W), "labels": caption ids + EOS}`` (BLIP: and ``input_ids``, the BOS
+    and the caption ids + SEP; the labels -100 on the BOS)."""
 
     def __init__(self, rows: list[ImageRow], labels: list[list[int]], processor: CaptionProcessor) -> None:
         self.rows, self.labels, self.processor = rows, labels, processor
@@ -155,26 +169,36 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         img, _ = open_rgb(self.rows[i])
-        return {"pixel_values": pixel_values(self.processor.image_processor, [img])[0], "labels": self.labels[i]}
+        out = {"pixel_values": pixel_values(self.processor.image_processor, [img])[0], "labels": self.labels[i]}
+        if self.processor.bos is not None:  # BLIP's text decoder reads the ids and shifts the labels itself
+            out.update(input_ids=[self.processor.bos, *self.labels[i]], labels=[IGNORE_INDEX, *self.labels[i]])
+        return out
 
     def references(self, n: int) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
         """(images, prompt messages (none), caption) of the first ``n`` rows."""
         return [([r], None, r.text or "") for r in self.rows[:n]]
 
 
-def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack pixel values; pad labels with -100 (no loss on padding)."""
-    width = max(len(b["labels"]) for b in batch)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for i, b in enumerate(batch):
-        labels[i, : len(b["labels"])] = torch.tensor(b["labels"])
-    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "labels": labels}
+def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack pixel values; pad labels with -100 (no loss on padding) and any ``input_ids`` with ``pad_token_id``."""
+    out = {"pixel_values": torch.stack([b["pixel_values"] for b in batch])}
+    if "input_ids" in batch[0]:
+        out.update(collate_vlm([{k: b[k] for k in ("input_ids", "labels")} for b in batch], pad_token_id))
+    else:
+        width = max(len(b["labels"]) for b in batch)
+        out["labels"] = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for i, b in enumerate(batch):
+            out["labels"][i, : len(b["labels"])] = torch.tensor(b["labels"])
+    return out
 
 
-def encode_captions(rows: list[ImageRow], tokenizer, max_length: int) -> tuple[list[list[int]], int]:
-    """Caption token ids + EOS per row, truncated to ``max_length`` (EOS kept); returns (ids, truncated count)."""
+def encode_captions(
+    rows: list[ImageRow], tokenizer, max_length: int, eos: int | None = None
+) -> tuple[list[list[int]], int]:
+    """Caption token ids + ``eos`` (default: the tokenizer's EOS) per row, truncated to ``max_length`` (EOS kept);
+    returns (ids, truncated count)."""
     out, truncated = [], 0
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
     for r in rows:
         ids = tokenizer(r.text, add_special_tokens=False)["input_ids"]
         if not ids:
@@ -444,8 +468,13 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
         for mode, count in sorted(check(rows).items()):
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
     tok = processor.tokenizer
-    train_ids, cut = encode_captions(train_rows, tok, d.max_target_length)
-    eval_ids, cut_eval = encode_captions(eval_rows, tok, d.max_target_length) if eval_rows else (None, 0)
+    train_ids, cut = encode_captions(train_rows, tok, d.max_target_length, processor.eos)
+    eval_ids, cut_eval = (
+        (None, 0) if not eval_rows else encode_captions(eval_rows, tok, d.max_target_length, processor.eos)
+    )
+    if processor.bos is not None:
+        notes.append(f"train row 1 as BLIP's text decoder reads it (trained in [[ ]]): "
+                     f"{tok.decode([processor.bos])}[[ {tok.decode(train_ids[0])} ]]")  # fmt: skip
     for split, n in (("train", cut), ("eval", cut_eval)):
         if n:
             notes.append(f"{n} {split} captions were longer than data.max_target_length={d.max_target_length}")
@@ -455,7 +484,7 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
     return Prepared(
         CaptionDataset(train_rows, train_ids, processor),
         CaptionDataset(eval_rows, eval_ids, processor) if eval_rows else None,
-        collate,
+        functools.partial(collate, pad_token_id=processor.pad_token_id or 0),
         None,
         None,
         notes=notes,
@@ -480,7 +509,15 @@ def _generate(
     kwargs = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "use_cache": True, **kwargs}
     if isinstance(processor, CaptionProcessor):
         pixels = pixel_values(processor.image_processor, images).to(param.device, param.dtype)
-        return tok.decode(model.generate(pixel_values=pixels, **kwargs)[0], skip_special_tokens=True).strip()
+        if processor.bos is None:
+            return tok.decode(model.generate(pixel_values=pixels, **kwargs)[0], skip_special_tokens=True).strip()
+        # BLIP: generate reads the ids but the last (the processor's SEP) and stops at its own SEP, with its own pad
+        prefix = tok(messages[0]["content"], add_special_tokens=False)["input_ids"] if messages else []
+        start = [processor.bos, *prefix]
+        ids = torch.tensor([[*start, processor.eos]], device=param.device)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("pad_token_id", "eos_token_id")}
+        out = model.generate(pixel_values=pixels, input_ids=ids, **kwargs)[0][len(start) :]
+        return tok.decode(out, skip_special_tokens=True).strip()
     text, _, special = render_vlm(processor, messages or [], add_generation_prompt=True)
     enc = processor.processor(text=[text], images=images, add_special_tokens=special, return_tensors="pt")
     enc = {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device) for k, v in enc.items()}
@@ -504,7 +541,7 @@ def caption(
 ) -> str:
     """The model's caption of the image file ``image`` (``deltatune generate --image``): greedy or sampled. A
     decoder-only model answers ``prompt`` about the image (default ``CAPTION_PROMPT``; the image opens the user turn
-    unless the prompt places an ``<image>`` marker).
+    unless the prompt places an ``<image>`` marker); BLIP continues ``prompt`` (default: none) into a caption.
 
     Raises:
         DataError: the file is missing or not an image (its path named).
@@ -513,13 +550,15 @@ def caption(
     from .chat import check_sampling, sampling_kwargs
 
     check_sampling(max_new_tokens, temperature, top_p)
-    if prompt is not None and isinstance(processor, CaptionProcessor):
+    if prompt is not None and isinstance(processor, CaptionProcessor) and processor.bos is None:
         raise ConfigError("--prompt: an encoder-decoder captioner reads no prompt; drop --prompt")
     img, _ = open_rgb(ImageRow(os.path.abspath(image), None, image))
     if seed is not None:
         torch.manual_seed(seed)
     text = prompt or CAPTION_PROMPT
     messages = [{"role": "user", "content": text if IMAGE_MARKER in text else f"{IMAGE_MARKER}\n{text}"}]
+    if isinstance(processor, CaptionProcessor):  # BLIP: the prompt is the caption's start
+        messages = [{"role": "user", "content": prompt}] if prompt else None
     sampling = sampling_kwargs(temperature, top_p)
     return _generate(model, processor, [img], messages, max_new_tokens=max_new_tokens, num_beams=num_beams, **sampling)
 

@@ -96,3 +96,62 @@ def test_ia3_feedforward_layers_come_from_the_towers_family():
         + [f"model.vision_tower.encoder.layers.{i}.mlp.fc2" for i in (0, 1)]
     )
     assert set(config.feedforward_modules) <= set(config.target_modules)
+
+
+LANGUAGE_SITES = [
+    f"model.language_model.layers.{i}.{s}" for i in (0, 1) for s in ("self_attn.o_proj", "mlp.down_proj")
+]
+VISION_SITES = [
+    f"model.vision_tower.encoder.layers.{i}.{s}" for i in (0, 1) for s in ("self_attn.out_proj", "mlp.fc2")
+]
+
+
+@pytest.mark.parametrize(
+    "towers, sites",
+    [
+        (None, LANGUAGE_SITES),  # default: [language], LLaMA's o_proj and down_proj in 2 blocks
+        (["language"], LANGUAGE_SITES),
+        (["vision"], VISION_SITES),  # CLIP's out_proj and mlp.fc2 in 2 blocks
+        (["language", "vision"], LANGUAGE_SITES + VISION_SITES),
+    ],
+)
+def test_bottleneck_adapters_go_into_the_named_towers_only(towers, sites):
+    """Houlsby adapters after the attention and feed-forward outputs of exactly the named towers' blocks; the model
+    starts as the base (W_up = 0), and a random W_up changes the logits (the adapters are on the forward path)."""
+    model = tiny_llava()
+    config = T.restrict(model, dt.BottleneckConfig(reduction_factor=4), towers)
+    assert sorted(config.target_modules) == sorted(sites)
+    delta = dt.get_delta_model(model, config).eval()
+    per_tower = {"language": 0, "vision": 0}
+    for site in sites:
+        per_tower["language" if ".language_model." in site else "vision"] += 1
+    assert T.counts(delta) == {t: n for t, n in per_tower.items() if n}
+    with torch.no_grad():
+        base = tiny_llava()(**inputs()).logits
+        torch.testing.assert_close(delta(**inputs()).logits, base, atol=0, rtol=0)
+        changed = dt.get_delta_model(tiny_llava(), config.replace(init_weights=False)).eval()(**inputs()).logits
+    assert (changed - base).abs().max() > ATOL[torch.float32]
+
+
+def test_bottleneck_towers_pfeiffer_and_the_tower_it_cannot_wrap():
+    config = T.restrict(tiny_llava(), dt.BottleneckConfig(config="pfeiffer"), ["vision"])
+    assert sorted(config.target_modules) == [f"model.vision_tower.encoder.layers.{i}.mlp.fc2" for i in (0, 1)]
+    # LLaVA's projector is two linear layers, no blocks: one line naming the tower
+    with pytest.raises(ConfigError) as err:
+        T.restrict(tiny_llava(), dt.BottleneckConfig(), ["language", "projector"])
+    assert str(err.value).startswith(
+        "method.towers: the projector tower of model type 'llava' has no layers a bottleneck adapter (houlsby) can "
+        "wrap"
+    ) and "\n" not in str(err.value)
+    # explicit targets reaching a tower not named are refused as for LoRA
+    with pytest.raises(ConfigError, match="reaches the vision tower"):
+        T.restrict(tiny_llava(), dt.BottleneckConfig(target_modules=r".*\.mlp\.fc2"))
+
+
+def test_bottleneck_in_blip2s_qformer():
+    """BLIP-2's projector tower is the Q-Former: its queries' attention output and their feed-forward (output_query)."""
+    model = tiny_vlm("blip-2")
+    config = T.restrict(model, dt.BottleneckConfig(reduction_factor=4), ["projector"])
+    assert config.target_modules == ["qformer.encoder.layer.0.attention.output.dense",
+                                     "qformer.encoder.layer.0.output_query.dense"]  # fmt: skip
+    assert T.counts(dt.get_delta_model(model, config)) == {"projector": 2}

