@@ -31,21 +31,28 @@ import common  # noqa: E402
 ADAPTERS = ["a", "b", "c", "d"]
 
 
-def build(config: str, quick: bool, seed: int = 0):
-    """A DeltaModel with the four adapters (all trainable), the batch, and the per-row names of the mixed batch."""
+def with_loras(base, task_type: str, kind: str, names: list[str]):
+    """A DeltaModel over ``base`` with a LoRA per name (r 8, q+v, random B so that each changes the output), all
+    active and trainable."""
     import deltatune as dt
 
-    shape = (bw.QUICK if quick else bw.SHAPES)[config]
-    base, batch, task_type = bw.build(shape, torch.device("cpu"), seed)
     model = None
-    for name in ADAPTERS:
-        cfg = common.method_config("lora", "deltatune", task_type, **common.MODULES[shape.kind])
-        cfg.init_lora_weights = False  # random B: every adapter changes the output
+    for name in names:
+        cfg = common.method_config("lora", "deltatune", task_type, **common.MODULES[kind])
+        cfg.init_lora_weights = False
         if model is None:
             model = dt.get_delta_model(base, cfg, adapter_name=name)
         else:
             model.add_adapter(name, cfg)
-    model.set_adapter(ADAPTERS)  # all four train; the single-adapter runs route every row to "a"
+    model.set_adapter(names)
+    return model
+
+
+def build(config: str, quick: bool, seed: int = 0):
+    """A DeltaModel with the four adapters (all trainable), the batch, and the per-row names of the mixed batch."""
+    shape = (bw.QUICK if quick else bw.SHAPES)[config]
+    base, batch, task_type = bw.build(shape, torch.device("cpu"), seed)
+    model = with_loras(base, task_type, shape.kind, ADAPTERS)  # the single-adapter runs route every row to "a"
     rows = batch["input_ids"].shape[0]
     mixed = [ADAPTERS[i % len(ADAPTERS)] for i in range(rows)]
     return model, batch, mixed, shape
@@ -57,14 +64,10 @@ def _time(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def measure(model, batch: dict, mixed: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
-    """{"forward"|"train": {"single"|"mixed": [ms, ...]}}, one warm-up round first, the order alternating."""
-    single = [ADAPTERS[0]] * len(mixed)
+def passes(model, batch: dict):
+    """(forward, train): an inference forward (eval mode, no grad) and a training forward + backward of ``batch``,
+    each taking the rows' adapter names."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out: dict[str, dict[str, list[float]]] = {
-        "forward": {"single": [], "mixed": []},
-        "train": {"single": [], "mixed": []},
-    }
 
     def forward(names: list[str]) -> None:
         model.eval()
@@ -76,6 +79,17 @@ def measure(model, batch: dict, mixed: list[str], rounds: int) -> dict[str, dict
         model.zero_grad(set_to_none=True)
         model(**batch, adapter_names=names).loss.backward()
 
+    return forward, train
+
+
+def measure(model, batch: dict, mixed: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """{"forward"|"train": {"single"|"mixed": [ms, ...]}}, one warm-up round first, the order alternating."""
+    single = [ADAPTERS[0]] * len(mixed)
+    out: dict[str, dict[str, list[float]]] = {
+        "forward": {"single": [], "mixed": []},
+        "train": {"single": [], "mixed": []},
+    }
+    forward, train = passes(model, batch)
     for i in range(rounds + 1):
         order = [("single", single), ("mixed", mixed)]
         for kind, names in order if i % 2 else order[::-1]:

@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_worker as bw  # noqa: E402
 import common  # noqa: E402
+import mixed_batch  # noqa: E402
 
 VARIANTS = {  # name: (side, method, gradient checkpointing)
     "lora deltatune": ("deltatune", "lora", False),
@@ -175,37 +176,17 @@ def _plot(png: str, lengths: list[int], variants: list[str], by: dict) -> None:
 
 # -- adapters: one process, rounds rotating ---------------------------------------------------------------------
 def run_adapters(a: argparse.Namespace) -> dict[str, Any]:
-    import deltatune as dt
-
     shape = _shape(a.quick, a.dtype, a.rows, a.adapter_seq)
     base, batch, task_type = bw.build(shape, torch.device("cpu"), 0)
     base.config.use_cache = False
     names = [f"a{i}" for i in range(max(a.counts))]
-    model = None
-    for name in names:
-        cfg = common.method_config("lora", "deltatune", task_type, **common.MODULES[shape.kind])
-        cfg.init_lora_weights = False  # random B: every adapter changes the output
-        if model is None:
-            model = dt.get_delta_model(base, cfg, adapter_name=name)
-        else:
-            model.add_adapter(name, cfg)
-    model.set_adapter(names)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = mixed_batch.with_loras(base, task_type, shape.kind, names)
     rows = shape.batch
     routes = {k: [names[i % k] for i in range(rows)] for k in a.counts}
     times: dict[tuple[str, int], list[float]] = {}
     peaks: dict[tuple[str, int], float] = {}
 
-    def forward(route: list[str]) -> None:
-        model.eval()
-        with torch.no_grad():
-            model(**inputs, adapter_names=route)
-
-    def train(route: list[str]) -> None:
-        model.train()
-        model.zero_grad(set_to_none=True)
-        model(**batch, adapter_names=route).loss.backward()
-
+    forward, train = mixed_batch.passes(model, batch)
     for i in range(a.rounds + 1):
         order = list(a.counts)
         order = order[i % len(order) :] + order[: i % len(order)]
