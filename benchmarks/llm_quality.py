@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Budget: {a.steps} steps x batch {a.batch}, max length {a.max_length}, {a.dtype}, seed {a.seed}; greedy "
         f"decoding of the first {a.eval_rows} test MRs (up to {a.max_new_tokens} tokens), multi-reference.",
         "- BLEU: sacrebleu corpus BLEU-4; ROUGE-L: rouge-score F, best reference; own BLEU: deltatune.train.metrics "
-        f"(lower-cased whitespace tokens). forget Δ: loss on {a.general_blocks} x 128 tokens of Tiny Shakespeare, after - "
+        f"(sacrebleu's definition, tested equal). forget Δ: loss on {a.general_blocks} x 128 tokens of Tiny Shakespeare, after - "
         "before.", "",
         _table(results), "",
     ])  # fmt: skip

@@ -30,6 +30,13 @@ _JOINT = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 add_k_proj, add_v_proj, to_add_out; absent in a last, context-pre-only block), and diffusers' SD3 and Flux LoRA
 scripts adapt those too."""
 
+TEXT_ENCODER_TARGETS: dict[str, list[str]] = {
+    "clip_text_model": ["q_proj", "k_proj", "v_proj", "out_proj"],  # diffusers' LoRA scripts' text encoder targets
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta"), ["query", "key", "value", "attention.output.dense"]),
+}
+"""A t2i run's text-encoder LoRA (``model.train_text_encoder``): the encoder's attention projections, per model_type;
+another family gets its LoRA default."""
+
 # Default LoRA targets per transformers model_type (the attention query/value projections, as PEFT).
 LORA_TARGETS: dict[str, list[str]] = {
     **{name: ["to_q", "to_k", "to_v", "to_out.0"] for name in _DIFFUSERS},

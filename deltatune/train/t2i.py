@@ -51,11 +51,6 @@ TEXT_ENCODER_LORA = "text_encoder_lora"
 """The folder, in a run, its checkpoints and a base merged from it, holding the text encoder's LoRA (PEFT layout)."""
 DENOISERS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
 """The denoisers the stage trains: their folder in a pipeline, and their prefix in diffusers' LoRA files."""
-TEXT_ENCODER_TARGETS = {
-    "clip_text_model": ["q_proj", "k_proj", "v_proj", "out_proj"],  # diffusers' LoRA scripts' text encoder targets
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta"), ["query", "key", "value", "attention.output.dense"]),
-}
-"""The text encoder's attention projections, per model_type; another family gets its LoRA default."""
 SIGMA_SAMPLING = ("uniform", "logit_normal")
 
 
@@ -205,7 +200,7 @@ class T2IProcessor:
         """
         from ..methods.lora import LoraConfig
         from ..model import get_delta_model
-        from ..targets import model_type
+        from ..targets import TEXT_ENCODER_TARGETS, model_type
 
         if getattr(method, "peft_type", None) != "LORA" or method.use_dora:
             kind = "lora with use_dora" if getattr(method, "use_dora", False) else type(method).method
