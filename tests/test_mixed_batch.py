@@ -260,3 +260,46 @@ def test_token_methods_and_in_place_methods_refused_but_may_sit_idle(llama):
     bert.add_adapter("bf", dt.BitFitConfig())
     with pytest.raises(ValueError, match="'bf' .*base model's own parameters"):
         bert(**tiny_inputs("bert", batch=2), adapter_names=["a", "bf"])
+
+
+def test_lora_gathered_path_equals_the_row_loop_and_falls_back_where_it_must(monkeypatch):
+    """Many plain LoRAs of one rank go through one gathered bmm per layer (methods/_lora_gather.py); a batch with a
+    DoRA or a LoRA of another rank, or dropout in training, goes through the row loop; both give the same rows."""
+    import deltatune.methods.lora as lora_module
+    from deltatune.methods import _lora_gather
+
+    torch.manual_seed(0)
+    names = [f"n{i}" for i in range(6)]
+    model = dt.get_delta_model(tiny_model("llama"), _lora(), names[0])
+    for name in names[1:]:
+        model.add_adapter(name, _lora())
+    model.add_adapter("wide", dt.LoraConfig(r=6, lora_alpha=8, init_lora_weights=False))
+    model.eval()
+    inputs = tiny_inputs("llama", batch=8)
+    calls = []
+
+    def counted(layer, x, result):
+        out = _lora_gather.gathered(layer, x, result)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(lora_module, "gathered", counted)
+    row_names = [*names, "__base__", "n2"]
+    with torch.no_grad():
+        fast = model(**inputs, adapter_names=row_names).logits
+        assert calls and all(calls)
+        monkeypatch.setattr(lora_module, "gathered", lambda *args: None)
+        loop = model(**inputs, adapter_names=row_names).logits
+        monkeypatch.setattr(lora_module, "gathered", counted)
+        torch.testing.assert_close(fast, loop, atol=ATOL32, rtol=0)
+        assert (fast[0] - fast[1]).abs().max() > ATOL32  # the rows' adapters differ
+        calls.clear()
+        model(**inputs, adapter_names=[*names, "wide", "n0"])
+        assert calls and not any(calls)  # two ranks in one batch: the loop
+    model.train()
+    for layer in layers(model):
+        if "n1" in getattr(layer, "lora_dropout", {}):
+            layer.lora_dropout["n1"] = nn.Dropout(0.1)
+    calls.clear()
+    model(**inputs, adapter_names=row_names)
+    assert calls and not any(calls)  # dropout draws a mask per adapter: the loop

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
 from ..layer import DeltaLayer, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
+from ._lora_gather import gathered
 
 
 @dataclass
@@ -168,6 +169,8 @@ class _LoraBase(DeltaLayer):
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (``row_adapters``): each adapter's update computed on its own rows only."""
+        if isinstance(self, LoraLinear) and (out := gathered(self, x, result)) is not None:
+            return out  # every row's own adapter in two batched matmuls (methods/_lora_gather.py)
         for name, rows in self.row_adapters.groups(x.shape[0], x.device):
             if name not in self.scaling:  # BASE_ROW, or an adapter this layer does not hold
                 continue
