@@ -290,27 +290,27 @@ class GRPOLoop:
                      [it.source for it in items])  # fmt: skip
 
     def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
-        """One GRPO step over a batch of prompts; returns its statistics."""
-        with self.amp():
-            return self._step(items)
-
-    def _step(self, items: Sequence[PromptItem]) -> dict[str, float]:
+        """One GRPO step over a batch of prompts; returns its statistics. Each forward has an autocast region of
+        its own: autocast keeps bf16 copies of the trainable weights until its region ends, so none may span an update."""
         a = self.align
         G = a.num_generations
-        s = self.sample(items, G)
+        with self.amp():
+            s = self.sample(items, G)
         table = self.score(s)  # (N, K)
         weights = torch.tensor([r.weight for r in self.rewards])
         rewards = (table * weights).sum(-1)  # (N,)
         advantages = group_advantages(rewards, G, a.scale_rewards).to(self.device)
         mask = s.completion_mask.float()
         n_seq, n_tok = len(rewards), mask.sum().clamp(min=1)
-        old = self._logprobs(s) if a.num_iterations > 1 else None
-        ref = self._logprobs(s, reference=True) if a.beta > 0 else None
+        with self.amp():
+            old = self._logprobs(s) if a.num_iterations > 1 else None
+            ref = self._logprobs(s, reference=True) if a.beta > 0 else None
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
         for it in range(a.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for idx in self._chunks(n_seq):
-                logp, entropy = self._forward(s, idx)
+                with self.amp():
+                    logp, entropy = self._forward(s, idx)
                 m = mask[idx]
                 loss, st = grpo_loss(
                     logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,

@@ -261,15 +261,21 @@ def test_bf16_precision_samples_and_trains_under_autocast_with_fp32_weights(base
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
-def test_several_iterations_per_generation_batch(base_dir):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_several_iterations_per_generation_batch(base_dir, bf16):
     """num_iterations = 3: three optimizer steps on one batch of samples; from the second on pi differs from pi_old,
-    so with a large learning rate some ratios leave [1 - eps, 1 + eps] and are clipped (at mu = 1 none can be)."""
+    so with a large learning rate some ratios leave [1 - eps, 1 + eps] and are clipped (at mu = 1 none can be).
+    Under bf16 autocast too: autocast caches its bf16 copies of the trainable weights for as long as its region
+    lasts, so without clearing them after each update the later iterations would still see the first weights."""
     clipped = []
     for mu in (1, 3):
         align = AlignArgs(num_generations=4, max_new_tokens=4, num_iterations=mu, mini_batch_size=16)
-        loop = GRPOLoop(policy(base_dir), word_tokenizer(), YES, align, lr=0.2, seed=0)
+        loop = GRPOLoop(policy(base_dir), word_tokenizer(), YES, align, lr=0.2, seed=0, bf16=bf16)
+        update, in_autocast = loop.optimizer.step, []
+        loop.optimizer.step = lambda: (in_autocast.append(torch.is_autocast_enabled("cpu")), update())[1]
         torch.manual_seed(1)
         stats = loop.step(ITEMS[:4])
+        assert in_autocast == [False] * mu  # no autocast region (and its weight cache) spans an update
         steps = {int(state["step"]) for state in loop.optimizer.state.values()}
         assert steps == {mu}
         clipped.append(stats["clipfrac"])
