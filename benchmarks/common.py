@@ -160,20 +160,24 @@ def bnb_config(compute_dtype: Any, skip: list[str] | None = None) -> Any:
 
 # -- the training loop ----------------------------------------------------------------------------------------
 def train_loop(model: Any, batches: Iterable[dict[str, Any]], opt: Any, *, sched: Any = None,
-               max_grad_norm: float | None = None) -> list[float]:  # fmt: skip
+               max_grad_norm: float | None = None, autocast: Any = None) -> list[float]:  # fmt: skip
     """The plain loop the quality scripts share; the losses of its steps.
 
     Per batch: forward (the batch holds the labels), backward, the gradients' global norm clipped to
     ``max_grad_norm`` (None: no clipping), the optimizer's step, the schedule's step (if any), the gradients set to
     None. The caller builds the optimizer (learning rates, weight decay, parameter groups) and the schedule, seeds
-    and sets train mode; ``batches`` may be a generator, drawn one batch per step.
+    and sets train mode; ``batches`` may be a generator, drawn one batch per step. ``autocast`` (a dtype): each
+    forward runs under CPU autocast to it. One autocast region per forward, never one around the loop: autocast
+    caches its low-precision copies of the trainable weights until its region ends, so a region spanning several
+    optimizer steps would keep computing with the first step's weights.
     """
     import torch
 
     params = [p for group in opt.param_groups for p in group["params"]]
     losses: list[float] = []
     for batch in batches:
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(**batch).loss
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -9,10 +9,15 @@ Shakespeare before and after (general text the task never shows).
     python benchmarks/llm_quality.py --out llm_quality.md                 # every row, deltatune and peft
     python benchmarks/llm_quality.py --methods lora,lora-all-linear --sides deltatune --lr 1e-3
     python benchmarks/llm_quality.py --quick                              # smoke test: 2 steps, 2 eval rows
+    python benchmarks/llm_quality.py --sweep --jobs 2 --out sweep.md      # the lr sweep: dev loss at LR x 1/3, 1, 3
+    python benchmarks/llm_quality.py --lr-from sweep.json --jobs 2        # the table at the sweep's best rates
 
 The prompt is a chat turn ("Describe this restaurant in one sentence: <meaning representation>") and the loss covers
-the reference sentence and the end-of-turn token. Learning rates per method are the LR table below (from a short
-sweep on a dev slice, see docs/BENCHMARKS.md); ``--lr`` overrides them all. Method names and the configs:
+the reference sentence and the end-of-turn token. Learning rates per method are the LR table below (the centres of
+the sweep); ``--sweep`` trains each method (deltatune side) ``--sweep-steps`` steps at each rate of ``SWEEP`` x its
+centre and keeps the one with the lowest loss on a dev slice (``--dev-rows`` rows of the train file drawn by the seed,
+never trained on), written beside ``--out`` as JSON that ``--lr-from`` reads; ``--lr`` overrides them all. ``--autocast``
+trains under bf16 autocast over fp32 weights (both sides alike; decoding and the losses stay fp32). Method names and the configs:
 benchmarks/common.py, with the fields of ``configs`` over them (``lora-4bit`` and ``lora-rslora`` on every linear layer here,
 ``prefix_tuning`` with 10 tokens and an MLP of width 256, ``prompt_tuning`` initialised from a text).
 """
@@ -43,6 +48,8 @@ LR = {
 }  # fmt: skip
 """Learning rate per method; its keys are the methods, in the report's order."""
 METHODS = list(LR)
+SWEEP = (1 / 3, 1.0, 3.0)
+"""The sweep's rates, as multiples of each method's centre in ``LR``."""
 NO_PEFT = {m for m in METHODS if not common.peft_has(m)}
 PROMPT_INIT = "Describe the restaurant from its name, food, price, area and rating."
 
@@ -86,6 +93,20 @@ def collate(examples: list[dict], pad: int):
     labels = torch.tensor([e["labels"] + [-100] * (n - len(e["labels"])) for e in examples])
     mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (n - len(e["input_ids"])) for e in examples])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def dev_loss(model, tok, rows: list[dict], max_length: int) -> float:
+    """Mean loss over the answer tokens of ``rows`` (the sweep's dev slice), in batches of 16."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 16):
+            batch = collate([encode(tok, r, max_length) for r in rows[i : i + 16]], tok.pad_token_id)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + float(model(**batch).loss) * n, count + n
+    return total / count
 
 
 def general_loss(model, tok, blocks: int, length: int) -> float:
@@ -161,10 +182,13 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     test = _rows("test.jsonl", a.eval_rows)
     refs = [r.get("references") or [r["target"]] for r in test]
     out: dict[str, Any] = {"method": a.method, "side": a.side, "trainable": trainable, "lr": a.lr}
-    out["forget_before"] = general_loss(model, tok, a.general_blocks, 128)
-    train = [encode(tok, r, a.max_length) for r in _rows("train.jsonl", a.steps * a.batch)]
-    g = torch.Generator().manual_seed(a.seed)
-    order = torch.randperm(len(train), generator=g).tolist()
+    out["forget_before"] = None if a.sweep else general_loss(model, tok, a.general_blocks, 128)
+    # Train and dev rows drawn by one seeded permutation of the whole file (it is in source order, grouped by
+    # restaurant): the dev rows first, then the training rows in the order they are trained on.
+    every = _rows("train.jsonl", 10**9)
+    perm = torch.randperm(len(every), generator=torch.Generator().manual_seed(a.seed)).tolist()
+    dev = [every[i] for i in perm[: a.dev_rows]]
+    train = [encode(tok, every[i], a.max_length) for i in perm[a.dev_rows : a.dev_rows + a.steps * a.batch]]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     warm = max(1, a.steps // 10)
@@ -173,13 +197,17 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     )
     model.train()
     batches = (
-        collate([train[i] for i in order[step * a.batch : (step + 1) * a.batch]], tok.pad_token_id)
+        collate(train[step * a.batch : (step + 1) * a.batch], tok.pad_token_id)
         for step in range(a.steps if config is not None else 0)
     )
     start = time.perf_counter()
-    losses = [float("nan"), *common.train_loop(model, batches, opt, sched=sched, max_grad_norm=1.0)]
+    amp = torch.bfloat16 if a.autocast else None
+    losses = [float("nan"), *common.train_loop(model, batches, opt, sched=sched, max_grad_norm=1.0, autocast=amp)]
     out["train_s"] = time.perf_counter() - start
     out["final_loss"] = statistics.fmean(losses[-max(1, a.steps // 10) :])
+    if a.sweep:
+        out["dev_loss"] = dev_loss(model, tok, dev, a.max_length)
+        return out
     out.update(score(decode(model, tok, test, a.max_new_tokens), refs))
     out["forget_after"] = general_loss(model, tok, a.general_blocks, 128)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -201,6 +229,44 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sweep_table(results: list[dict]) -> tuple[str, dict[str, float]]:
+    """The sweep's table (dev loss per method and rate) and the best rate of each method."""
+    best: dict[str, float] = {}
+    lines = [
+        "| method | " + " | ".join(f"LR x {f:.3g}" for f in SWEEP) + " | best lr |",
+        "|---|" + "---:|" * (len(SWEEP) + 1),
+    ]
+    for method in dict.fromkeys(r["method"] for r in results):
+        mine = [r for r in results if r["method"] == method]
+        ok = [r for r in mine if "dev_loss" in r]
+        if ok:
+            best[method] = min(ok, key=lambda r: r["dev_loss"])["lr"]
+        cells = [f"{r['dev_loss']:.4f} ({r['lr']:.2g})" if "dev_loss" in r else r.get("error", "?") for r in mine]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {best.get(method, float('nan')):.2g} |")
+    return "\n".join(lines), best
+
+
+def _run(jobs: list[tuple[str, str, list[str]]], parallel: int) -> list[dict]:
+    """Each job (method, side, extra flags) in a fresh worker process, ``parallel`` at a time; results in job order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: tuple[str, str, list[str]]) -> dict:
+        method, side, flags = job
+        done = subprocess.run([sys.executable, __file__, "--worker", method, side, *flags],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            lines = (done.stderr.strip() or "worker failed").splitlines()
+            return {"method": method, "side": side, "error": lines[-1]}
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    results: list[dict] = []
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        for result in pool.map(one, jobs):
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
@@ -212,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-rows", type=int, default=100)
     p.add_argument("--general-blocks", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (fp32 weights)")
     p.add_argument("--lr", type=float, help="one learning rate for every method (default: the LR table)")
+    p.add_argument("--lr-from", help="the best rates of a --sweep run (its JSON)")
+    p.add_argument("--sweep", action="store_true", help="the lr sweep: dev loss at each rate of SWEEP x LR")
+    p.add_argument("--sweep-steps", type=int, default=20)
+    p.add_argument("--dev-rows", type=int, default=64)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes at a time (give each --threads 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps of 2, 2 eval rows, 8 new tokens")
@@ -231,39 +303,57 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"llm_quality.py: error: {exc}", file=sys.stderr)
         return 2
-    results = []
+    with open(os.path.join(DATA, "e2e_nlg", "train.jsonl"), encoding="utf-8") as fh:
+        have, want = sum(1 for _ in fh), a.dev_rows + (a.sweep_steps if a.sweep else a.steps) * a.batch
+    if want > have:
+        print(f"llm_quality.py: error: {a.dev_rows} dev rows + the steps x {a.batch} rows asked for are {want}, "
+              f"e2e_nlg/train.jsonl has {have}", file=sys.stderr)  # fmt: skip
+        return 2
     shared = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
-              ("steps", "batch", "max_length", "max_new_tokens", "eval_rows", "general_blocks", "dtype", "seed")]  # fmt: skip
-    shared += [f"--lr={a.lr}"] if a.lr else []
+              ("batch", "max_length", "max_new_tokens", "eval_rows", "general_blocks", "dtype", "seed", "dev_rows")]  # fmt: skip
     shared += [f"--threads={a.threads}"] if a.threads else []
+    shared += ["--autocast"] if a.autocast else []
+    command = f"`python benchmarks/llm_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+    if a.sweep:
+        jobs = [(m, "deltatune", [*shared, f"--steps={a.sweep_steps}", f"--lr={LR[m] * f!r}", "--sweep"])
+                for m in methods[1:] if m != "bitfit" for f in SWEEP]  # fmt: skip
+        table, best = _sweep_table(_run(jobs, a.jobs))
+        report = "\n".join([
+            "## The lr sweep: SmolLM2-135M-Instruct on E2E, deltatune side", "", f"- Command: {command}",
+            f"- {a.sweep_steps} steps x batch {a.batch} at each rate; dev loss: the answer tokens of "
+            f"{a.dev_rows} train rows drawn by the seed (never trained on); the rate is LR x 1/3, 1, 3.", "", table, "",
+        ])  # fmt: skip
+        common.emit(report, a.out)
+        if a.out:
+            with open(os.path.splitext(a.out)[0] + ".json", "w", encoding="utf-8") as fh:
+                json.dump(best, fh, indent=1)
+        return 0 if len(best) == len(jobs) // len(SWEEP) else 1
+    rates = dict(LR)
+    if a.lr_from:
+        with open(a.lr_from, encoding="utf-8") as fh:
+            rates.update(json.load(fh))
+    jobs = []
     for method in methods:
         for side in ["deltatune"] if method == "base" else [s for s in a.sides.split(",") if s]:
             if side == "peft" and method in NO_PEFT:
                 continue
-            if method == "bitfit":
-                results.append({"method": method, "side": side, "error": "SmolLM2 has no biases: nothing to train"})
-                continue
-            done = subprocess.run([sys.executable, __file__, "--worker", method, side, *shared],
-                                  capture_output=True, text=True)  # fmt: skip
-            if done.returncode != 0:
-                results.append({"method": method, "side": side, "error": done.stderr.strip().splitlines()[-1]})
-            else:
-                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(_table(results[-1:]).splitlines()[-1], flush=True)
+            lr = a.lr or rates.get(method, 0.0)
+            jobs.append((method, side, [*shared, f"--steps={a.steps}", f"--lr={lr!r}"]))
+    bitfit = {"method": "bitfit", "side": "deltatune", "error": "SmolLM2 has no biases: nothing to train"}
+    done = iter(_run([j for j in jobs if j[0] != "bitfit"], a.jobs))
+    results = [bitfit if j[0] == "bitfit" else next(done) for j in jobs]
     report = "\n".join([
         "## Every method on SmolLM2-135M-Instruct: E2E data-to-text SFT", "",
-        f"- Command: `python benchmarks/llm_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        f"- Budget: {a.steps} steps x batch {a.batch}, max length {a.max_length}, {a.dtype}, seed {a.seed}; greedy "
+        f"- Command: {command}",
+        f"- Budget: {a.steps} steps x batch {a.batch}, max length {a.max_length}, {a.dtype}"
+        f"{' under bf16 autocast' if a.autocast else ''}, seed {a.seed}; greedy "
         f"decoding of the first {a.eval_rows} test MRs (up to {a.max_new_tokens} tokens), multi-reference.",
         "- BLEU: sacrebleu corpus BLEU-4; ROUGE-L: rouge-score F, best reference; own BLEU: deltatune.train.metrics "
         f"(sacrebleu's definition, tested equal). forget Δ: loss on {a.general_blocks} x 128 tokens of Tiny Shakespeare, after - "
         "before.", "",
         _table(results), "",
     ])  # fmt: skip
-    print(report)
-    if a.out:
-        with open(a.out, "w", encoding="utf-8") as fh:
-            fh.write(report)
+    common.emit(report, a.out)
     return 0 if all("error" not in r or r["method"] == "bitfit" for r in results) else 1
 
 

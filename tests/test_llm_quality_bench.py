@@ -49,3 +49,25 @@ def test_method_names_are_the_test_matrix_names():
     assert {"lora-4bit", "lora-rslora", "lora-dora", "prefix_tuning", "prefix_tuning-v2"} <= set(llm_quality.METHODS)
     assert llm_quality.configs("prefix_tuning", "deltatune", "unused").prefix_projection
     assert not llm_quality.configs("prefix_tuning-v2", "deltatune", "unused").prefix_projection
+
+
+def test_the_sweep_keeps_each_methods_lowest_dev_loss_and_says_which_run_failed():
+    rows = [
+        {"method": "lora", "lr": 1e-3, "dev_loss": 2.5},
+        {"method": "lora", "lr": 3e-3, "dev_loss": 2.1},
+        {"method": "lora", "lr": 9e-3, "dev_loss": 2.4},
+        {"method": "ia3", "lr": 1e-2, "dev_loss": 3.0},
+        {"method": "ia3", "side": "deltatune", "error": "RuntimeError: out of memory"},
+        {"method": "ia3", "lr": 9e-2, "dev_loss": 2.9},
+    ]
+    table, best = llm_quality._sweep_table(rows)
+    assert best == {"lora": 3e-3, "ia3": 9e-2}
+    assert "| lora | 2.5000 (0.001) | 2.1000 (0.003) | 2.4000 (0.009) | 0.003 |" in table
+    assert "RuntimeError: out of memory" in table.splitlines()[-1]
+
+
+@pytest.mark.skipif(not os.path.isdir(llm_quality.DATA), reason="../shared/data is not beside the repository")
+def test_a_budget_larger_than_the_train_file_is_one_line(capsys):
+    assert llm_quality.main(["--methods", "lora", "--steps", "1000", "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "are 8064, e2e_nlg/train.jsonl has 2000" in err
