@@ -272,7 +272,10 @@ def test_several_iterations_per_generation_batch(base_dir, bf16):
         align = AlignArgs(num_generations=4, max_new_tokens=4, num_iterations=mu, mini_batch_size=16)
         loop = GRPOLoop(policy(base_dir), word_tokenizer(), YES, align, lr=0.2, seed=0, bf16=bf16)
         update, in_autocast = loop.optimizer.step, []
-        loop.optimizer.step = lambda: (in_autocast.append(torch.is_autocast_enabled("cpu")), update())[1]
+        loop.optimizer.step = lambda seen=in_autocast, step=update: (
+            seen.append(torch.is_autocast_enabled("cpu")),
+            step(),
+        )[1]
         torch.manual_seed(1)
         stats = loop.step(ITEMS[:4])
         assert in_autocast == [False] * mu  # no autocast region (and its weight cache) spans an update
