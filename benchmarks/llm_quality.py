@@ -42,11 +42,12 @@ DATA = os.path.join(HERE, "..", "..", "shared", "data")
 PROMPT = "Describe this restaurant in one sentence: {source}"
 
 LR = {
-    "full": 5e-5, "lora": 2e-3, "lora-all-linear": 1e-3, "lora-rslora": 5e-4, "lora-dora": 2e-3, "lora-4bit": 1e-3,
-    "ia3": 1e-2, "bottleneck-houlsby": 1e-3, "bottleneck-pfeiffer": 1e-3, "prefix_tuning": 1e-3,
-    "prefix_tuning-v2": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 1e-2, "freeze": 5e-5, "bitfit": 1e-3,
+    "full": 1.5e-4, "lora": 6e-3, "lora-all-linear": 3e-3, "lora-rslora": 1.5e-3, "lora-dora": 6e-3, "lora-4bit": 3e-3,
+    "ia3": 3e-2, "bottleneck-houlsby": 3e-3, "bottleneck-pfeiffer": 3e-3, "prefix_tuning": 1e-3,
+    "prefix_tuning-v2": 3e-2, "prompt_tuning": 3e-2, "p_tuning": 3e-2, "freeze": 1.5e-4, "bitfit": 1e-3,
 }  # fmt: skip
-"""Learning rate per method; its keys are the methods, in the report's order."""
+"""Learning rate per method (the best of the 2026-12-02 sweep, docs/BENCHMARKS.md: the next sweep's centres); its keys
+are the methods, in the report's order."""
 METHODS = list(LR)
 SWEEP = (1 / 3, 1.0, 3.0)
 """The sweep's rates, as multiples of each method's centre in ``LR``."""
