@@ -145,6 +145,9 @@ def decode(model, tok, rows: list[dict], max_new_tokens: int) -> list[str]:
     from deltatune.train.chat import generate, prompt_ids
 
     model.eval()
+    # Training ran with use_cache off; generate with the cache, as a user would.
+    config = getattr(model, "config", None) or model.get_base_model().config
+    config.use_cache = True
     return [generate(model, tok, prompt_ids(tok, PROMPT.format(source=r["source"])), max_new_tokens) for r in rows]
 
 
@@ -183,7 +186,11 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     test = _rows("test.jsonl", a.eval_rows)
     refs = [r.get("references") or [r["target"]] for r in test]
     out: dict[str, Any] = {"method": a.method, "side": a.side, "trainable": trainable, "lr": a.lr}
-    out["forget_before"] = None if a.sweep else general_loss(model, tok, a.general_blocks, 128)
+    if not a.sweep:  # the base's own loss (adapter off: a token method's initial prompt is not the base)
+        from deltatune.train.chat import adapter_off
+
+        with adapter_off(model):
+            out["forget_before"] = general_loss(model, tok, a.general_blocks, 128)
     # Train and dev rows drawn by one seeded permutation of the whole file (it is in source order, grouped by
     # restaurant): the dev rows first, then the training rows in the order they are trained on.
     every = _rows("train.jsonl", 10**9)
