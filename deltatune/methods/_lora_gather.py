@@ -2,7 +2,7 @@
 
 The row loop (``_LoraBase._routed``) runs one pair of matmuls per adapter present in the batch, on copies of that
 adapter's rows: with 64 adapters in a batch of 64 rows that is 64 small products and 128 copies per layer. Here
-each row gathers its own adapter's A and B (a view of r x (d_in + d_out) numbers per row, small beside the
+each row gathers its own adapter's A and B (a copy of r x (d_in + d_out) numbers per row, small beside the
 activations), and one ``bmm`` and one ``baddbmm`` compute every row's update at once:
 
     out[i] = result[i] + s[i] * (x[i] A[i]^T) B[i]^T

@@ -294,9 +294,9 @@ class GRPOLoop:
         its own: autocast keeps bf16 copies of the trainable weights until its region ends, so none may span an update."""
         a = self.align
         G = a.num_generations
-        with self.amp():
+        with self.amp():  # sampling and scoring (a reward may be a model) run under autocast, as before
             s = self.sample(items, G)
-        table = self.score(s)  # (N, K)
+            table = self.score(s)  # (N, K)
         weights = torch.tensor([r.weight for r in self.rewards])
         rewards = (table * weights).sum(-1)  # (N,)
         advantages = group_advantages(rewards, G, a.scale_rewards).to(self.device)
