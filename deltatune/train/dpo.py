@@ -83,15 +83,20 @@ class DPOTrainer(PairTrainer):
 
     @torch.no_grad()
     def _with_ref(self, examples: list[dict]) -> list[dict]:
-        """The examples with the reference's summed log-probs of both responses added (one pass, adapter off)."""
+        """The examples with the reference's summed log-probs of both responses added (one pass, adapter off), under
+        the run's autocast: the policy's forwards run in it, and an fp32 reference would start the implicit rewards off
+        zero by the rounding of bf16."""
+        from tqdm.auto import tqdm
+
         model = self._delta_model()
         was_training = model.training
         model.eval()  # no dropout in the reference
         device = next(model.parameters()).device
         size = self.args.per_device_eval_batch_size
         out = []
-        with model.disable_adapter():
-            for i in range(0, len(examples), size):
+        starts = tqdm(range(0, len(examples), size), desc="reference log-probs", disable=self.args.disable_tqdm)
+        with model.disable_adapter(), self.accelerator.autocast():
+            for i in starts:
                 chunk = examples[i : i + size]
                 batch = {k: v.to(device) for k, v in self.data_collator(chunk).items() if k in _LM_KEYS}
                 ref_c, ref_r = sequence_logprobs(model, batch).chunk(2)

@@ -148,9 +148,22 @@ def test_precomputed_reference_equals_per_step_reference(files, tmp_path):
         torch.testing.assert_close(adapters[0][k], adapters[1][k], atol=1e-5, rtol=0)
 
 
+def test_precomputed_reference_matches_the_policy_under_bf16(files, tmp_path):
+    """Under train.precision bf16 the policy's forwards run in autocast. The reference log-probs computed up front must
+    come from the same arithmetic: an fp32 reference would start every implicit reward off zero by bf16's rounding,
+    summed over the response."""
+    recipe = dpo_recipe(files, str(tmp_path / "run"), precompute_ref=True)
+    recipe["train"]["precision"] = "bf16"
+    trainer = make_trainer(build(recipe))
+    assert "ref_chosen_logp" in trainer.eval_dataset[0]
+    before = trainer.evaluate()
+    assert before["eval_reward_chosen"] == 0.0 and before["eval_reward_rejected"] == 0.0, before
+    assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
     out = str(tmp_path / "run")
-    code = main(["train", "recipes/hh-rlhf-dpo.yaml", f"model.name_or_path={files['llama']}", "model.dtype=float32",
+    code = main(["train", "recipes/hh-rlhf-dpo.yaml", f"model.name_or_path={files['llama']}", "model.dtype=float32", "train.precision=fp32",
                  "model.gradient_checkpointing=false", f"data.train={files['train']}", f"data.eval={files['eval']}",
                  "data.max_length=24", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1",
                  "train.report_to=[none]", f"output.dir={out}"])  # fmt: skip
