@@ -334,7 +334,13 @@ def _run_loop(
 
 
 def _evaluate(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:
-    metrics = trainer.evaluate()
+    # Training that ended on an evaluation (the Trainer evaluates at the end of each epoch, and at the last step of
+    # a run cut short by max_steps) already has the final weights' metrics: another pass would repeat them.
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+    else:
+        metrics = trainer.evaluate()
     metrics = {
         k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch", "_preparation_time"))
     }

@@ -170,6 +170,13 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["train_steps"] == 2 and "eval_accuracy" in metrics and "eval_reward_chosen" in metrics
+    # the run evaluated before training (eval_on_start) and at its end, once each: the final metrics are the last
+    # step's evaluation, not a second pass over the same weights
+    lines = (tmp_path / "run" / "log_history.jsonl").read_text(encoding="utf-8").splitlines()
+    history = [json.loads(line) for line in lines]
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [0, 2]
+    assert metrics["eval_loss"] == evals[-1]["eval_loss"] and metrics["eval_accuracy"] == evals[-1]["eval_accuracy"]
     # deltatune eval scores the saved adapter on the same pairs alike (the recipe precomputes reference log-probs in
     # training; eval computes them per batch).
     assert main(["eval", "--adapter", out]) == 0
