@@ -1,28 +1,68 @@
-"""Log-probabilities of label tokens under a causal LM (the policy and reference of DPO, KTO, ORPO, SimPO)."""
+"""Log-probabilities of label tokens under a causal LM (the policy and reference of DPO, KTO, ORPO, SimPO).
+
+A whole ``log_softmax`` over the (batch, tokens, vocab) logits would make an fp32 logits-sized copy, keep a second
+one for the backward pass and write two more there (0.8 GB each for 16 x 256 tokens of SmolLM2's 49,152-word
+vocabulary). Here the log-probs are computed a chunk of rows at a time (cache-sized, as ``deltatune.loss`` does),
+only the logits themselves are kept for the backward pass, and the backward recomputes each chunk's softmax and
+writes the gradient straight into the one logits-sized tensor it returns.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 
 from ..data.templates import IGNORE_INDEX
+from ..loss import _CHUNK_ELEMENTS
+
+
+def _chunks(logits: torch.Tensor, rows: int) -> list[tuple[int, slice]]:
+    """(batch row, token slice) pieces of ``rows`` positions of (B, T, V) ``logits``, each about a chunk's size."""
+    step = max(1, _CHUNK_ELEMENTS.get(logits.device.type, 1 << 24) // max(1, logits.shape[-1]))
+    return [(b, slice(s, min(s + step, rows))) for b in range(logits.shape[0]) for s in range(0, rows, step)]
+
+
+class _PickedLogprobs(torch.autograd.Function):
+    """out[b, t] = log_softmax(logits[b, t])[targets[b, t]] in fp32, for t < T - 1 (targets: (B, T - 1), >= 0)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = targets.shape[1]
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        for b, s in _chunks(logits, rows):
+            logp = torch.log_softmax(logits[b, s], dim=-1, dtype=torch.float32)  # (c, V)
+            out[b, s] = logp.gather(-1, targets[b, s].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets = ctx.saved_tensors
+        rows = targets.shape[1]
+        grad = torch.empty_like(logits)
+        grad[:, rows:].zero_()  # the last position predicts nothing
+        g_all = grad_out.to(torch.float32)
+        for b, s in _chunks(logits, rows):
+            g = g_all[b, s].unsqueeze(-1)  # (c, 1)
+            d = torch.log_softmax(logits[b, s], dim=-1, dtype=torch.float32).exp_().mul_(-g)  # -g * softmax
+            grad[b, s] = d.scatter_add_(-1, targets[b, s].unsqueeze(-1), g)  # + g * onehot(target)
+        return grad, None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[t] | tokens < t) per position, 0 where the label is -100.
 
     Args:
-        logits: (B, T, V) logits of a causal LM over the sequence.
+        logits: (B, T, V) logits of a causal LM over the sequence, in any float dtype (computed in fp32).
         labels: (B, T) token ids, -100 where nothing is scored.
 
     Returns:
-        (B, T - 1): position t holds the log-prob of ``labels[:, t + 1]``.
+        (B, T - 1) fp32: position t holds the log-prob of ``labels[:, t + 1]``.
     """
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return picked * mask
+    return _PickedLogprobs.apply(logits, labels.clamp(min=0)) * mask
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
