@@ -206,9 +206,12 @@ def pick(value: str | None, known: Iterable[str], what: str = "method", default:
     return names
 
 
-def in_process_options(script: str, doc: str, argv: list[str] | None, default: str, rounds: int) -> argparse.Namespace:
+def in_process_options(
+    script: str, doc: str, argv: list[str] | None, default: str, rounds: int, fused_loss: bool = False
+) -> argparse.Namespace:
     """The options of the one-process scripts (``script``: interleaved.py, mixed_batch.py), parsed, with torch's
-    threads set, ``rounds`` filled in (``--quick``: 2) and ``command`` the line that reproduces the run."""
+    threads set, ``rounds`` filled in (``--quick``: 2) and ``command`` the line that reproduces the run.
+    ``fused_loss``: the script takes ``--fused-loss`` (deltatune's causal-LM loss on, as ``deltatune train`` runs)."""
     import torch
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -219,6 +222,12 @@ def in_process_options(script: str, doc: str, argv: list[str] | None, default: s
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, not speed")
     parser.add_argument("--out", help="also write the report to this file")
+    if fused_loss:
+        parser.add_argument(
+            "--fused-loss",
+            action="store_true",
+            help="deltatune's models with the fused causal-LM loss, as `deltatune train`",
+        )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -50,9 +50,12 @@ Times = dict[str, list[float]]
 
 
 def build(
-    config: str, quick: bool, seed: int = 0
+    config: str, quick: bool, seed: int = 0, fused_loss: bool = False
 ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor], bw.Shape]:
-    """The base model (full fine-tuning), deltatune's and peft's LoRA models, each on its own copy of the same base."""
+    """The base model (full fine-tuning), deltatune's and peft's LoRA models, each on its own copy of the same base.
+
+    ``fused_loss``: deltatune's two models (full and LoRA) compute a causal LM's loss with ``deltatune.loss``, as
+    ``deltatune train`` runs them; off, they run transformers' loss, as peft's model and the floor do."""
     import peft
 
     import deltatune as dt
@@ -61,9 +64,11 @@ def build(
     cpu = torch.device("cpu")
     base, batch, task_type = bw.build(shape, cpu, seed)
     modules = common.MODULES[shape.kind]
-    models = {"full": dt.get_delta_model(base, common.method_config("full", "deltatune", task_type, **modules))}
+    full = common.method_config("full", "deltatune", task_type, **modules)
+    models = {"full": dt.get_delta_model(base, full, fused_loss=fused_loss)}
     base, _, _ = bw.build(shape, cpu, seed)
-    models["deltatune"] = dt.get_delta_model(base, common.method_config("lora", "deltatune", task_type, **modules))
+    lora = common.method_config("lora", "deltatune", task_type, **modules)
+    models["deltatune"] = dt.get_delta_model(base, lora, fused_loss=fused_loss)
     base, _, _ = bw.build(shape, cpu, seed)
     config_p = common.method_config("lora", "peft", task_type, **modules)
     models["peft"] = peft.get_peft_model(base, config_p, autocast_adapter_dtype=False)
@@ -194,7 +199,9 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, command: str) -> str:
+def report(
+    times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, command: str, fused_loss: bool = False
+) -> str:
     med = {what: {k: statistics.median(v) for k, v in t.items()} for what, t in times.items()}
     t = times
     lines = [
@@ -205,6 +212,12 @@ def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, c
         f"- Configuration: {config}, batch {shape.batch} x seq {shape.seq}, {shape.dtype}; LoRA r 8, alpha 16, q+v; "
         f"{rounds} rounds after 1 warm-up, order rotating; torch threads {torch.get_num_threads()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}",
+        "- deltatune's loss: "
+        + (
+            "the fused causal-LM loss (`fused_loss=True`, as `deltatune train` runs it)"
+            if fused_loss
+            else "transformers' (the library default, `fused_loss=False`), as peft's and the floor's"
+        ),
         "",
         "| measure | deltatune ms | peft ms | d/p | other ms | ratio to other |",
         "| --- | ---: | ---: | ---: | --- | ---: |",
@@ -253,12 +266,12 @@ def report(times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, c
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = common.in_process_options("interleaved.py", __doc__, argv, default="llama-fp32", rounds=9)
-    models, batch, shape = build(args.config, args.quick)
+    args = common.in_process_options("interleaved.py", __doc__, argv, default="llama-fp32", rounds=9, fused_loss=True)
+    models, batch, shape = build(args.config, args.quick, fused_loss=args.fused_loss)
     difference = max_difference(models, batch)
     tolerance = 1e-5 if shape.dtype == "float32" else 2e-2
     times = measure(models, batch, args.rounds)
-    text = report(times, args.config, shape, args.rounds, args.command)
+    text = report(times, args.config, shape, args.rounds, args.command, args.fused_loss)
     text += f"\nThe two LoRA models hold the same adapter: outputs differ by {difference:.1e} of the largest logit.\n"
     common.emit(text, args.out)
     return 0 if difference <= tolerance else 1  # 1: the two sides do not compute the same model

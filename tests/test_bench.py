@@ -159,16 +159,31 @@ def test_fused_loss_benchmark_runs_and_both_losses_agree(capsys):
     assert "| transformers ForCausalLMLoss |" in out and "| deltatune fused |" in out
 
 
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "logprobs.py")), reason="no benchmarks/")
+def test_logprobs_benchmark_runs_and_both_ways_agree(capsys):
+    sys.path.insert(0, BENCHMARKS)
+    import logprobs
+
+    assert logprobs.main(["--quick", "--threads", "1"]) == 0  # 1: the chunked log-probs differ from the whole ones
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| float") or line.startswith("| bf")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (dtype, way) for dtype in ("float32", "bfloat16") for way in ("whole log_softmax", "deltatune chunked")
+    ]
+    assert all(_number(r[2]) > 0 and _number(r[3]) >= 0 for r in rows), rows
+    assert "Same log-probs and gradients: yes" in out
+
+
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "interleaved.py")), reason="no benchmarks/")
-@pytest.mark.parametrize("config", ["llama-fp32", "minilm"])
-def test_interleaved_benchmark_reports_every_measure(tmp_path, config):
+@pytest.mark.parametrize("config, fused", [("llama-fp32", False), ("llama-fp32", True), ("minilm", False)])
+def test_interleaved_benchmark_reports_every_measure(tmp_path, config, fused):
     sys.path.insert(0, BENCHMARKS)
     import interleaved
 
     out = tmp_path / "interleaved.md"
     argv = ["--quick", "--config", config, "--rounds", "1", "--threads", "1", "--out", str(out)]
-    assert interleaved.main(argv) == 0  # 1: deltatune's and peft's models do not compute the same outputs
+    assert interleaved.main(argv + ["--fused-loss"] * fused) == 0  # 1: deltatune's and peft's models do not compute the same outputs
     header, *table = markdown_table(
         out.read_text(encoding="utf-8"), "## deltatune and peft interleaved in one process"
     )
@@ -185,6 +200,8 @@ def test_interleaved_benchmark_reports_every_measure(tmp_path, config):
     assert table[1][4].startswith("floor ") and _number(table[1][5]) > 0
     assert "The floor, a LoRA whose own arithmetic costs next to nothing" in out.read_text(encoding="utf-8")
     assert "Per training step (median): minor page faults" in out.read_text(encoding="utf-8")
+    loss = "the fused causal-LM loss" if fused else "transformers' (the library default"
+    assert f"- deltatune's loss: {loss}" in out.read_text(encoding="utf-8")
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "interleaved.py")), reason="no benchmarks/")
