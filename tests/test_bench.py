@@ -166,7 +166,9 @@ def test_logprobs_benchmark_runs_and_both_ways_agree(capsys):
 
     assert logprobs.main(["--quick", "--threads", "1"]) == 0  # 1: the chunked log-probs differ from the whole ones
     out = capsys.readouterr().out
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| float") or line.startswith("| bf")]
+    rows = [
+        line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| float") or line.startswith("| bf")
+    ]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
         (dtype, way) for dtype in ("float32", "bfloat16") for way in ("whole log_softmax", "deltatune chunked")
     ]
@@ -183,7 +185,9 @@ def test_interleaved_benchmark_reports_every_measure(tmp_path, config, fused):
 
     out = tmp_path / "interleaved.md"
     argv = ["--quick", "--config", config, "--rounds", "1", "--threads", "1", "--out", str(out)]
-    assert interleaved.main(argv + ["--fused-loss"] * fused) == 0  # 1: deltatune's and peft's models do not compute the same outputs
+    assert (
+        interleaved.main(argv + ["--fused-loss"] * fused) == 0
+    )  # 1: deltatune's and peft's models do not compute the same outputs
     header, *table = markdown_table(
         out.read_text(encoding="utf-8"), "## deltatune and peft interleaved in one process"
     )
