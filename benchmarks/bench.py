@@ -101,6 +101,7 @@ class Settings:
     threads: int | None
     device: str
     quick: bool
+    fused_loss: bool = False
 
 
 @dataclass
@@ -159,6 +160,7 @@ def measure_methods(settings: Settings, log) -> dict[tuple[str, str, str], Cell]
             "quick": settings.quick,
             "device": settings.device,
             "threads": settings.threads,
+            "fused_loss": settings.fused_loss,
         }
         result, error = _worker(spec)
         cell = cells.setdefault((config, method, side), Cell())
@@ -274,6 +276,12 @@ def _machine(settings: Settings, command: str, load: tuple[float, ...]) -> list[
         f"- Per process: {settings.warmup} warm-up + {settings.steps} timed training steps, 1 warm-up + "
         f"{settings.infer_steps} timed forwards; {settings.repeats} process(es) per side, alternating; "
         "figures are medians over the processes",
+        "- deltatune's causal-LM loss: "
+        + (
+            "fused (`fused_loss=True`, as `deltatune train` runs it)"
+            if settings.fused_loss
+            else "transformers' (the library default)"
+        ),
     ]
 
 
@@ -458,6 +466,7 @@ def run(
     threads: int | None = None,
     device: str = "auto",
     quick: bool = False,
+    fused_loss: bool = False,
     out: str | None = None,
     json_out: str | None = None,
     command: str = "python benchmarks/bench.py",
@@ -472,6 +481,7 @@ def run(
         threads: torch threads per process (None: torch's default; ``--quick``: 1).
         device: "auto" (CUDA when present), "cpu" or "cuda".
         quick: tiny shapes and few steps.
+        fused_loss: deltatune's models compute a causal LM's loss with ``deltatune.loss``, as ``deltatune train``.
         out, json_out: files to write.
         command: the command line, for the report.
     """
@@ -501,6 +511,7 @@ def run(
         threads=threads if threads is not None else 1 if quick else None,
         device=device,
         quick=quick,
+        fused_loss=fused_loss,
     )
     if settings.steps < 1 or settings.infer_steps < 1 or settings.repeats < 1:
         print("bench.py: error: --steps, --infer-steps and --repeats must be >= 1", file=sys.stderr)
@@ -558,6 +569,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per process (default: torch's, one per core)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 1 process per side, 2 steps")
+    p.add_argument(
+        "--fused-loss",
+        action="store_true",
+        help="deltatune's models with the fused causal-LM loss, as `deltatune train`",
+    )
     p.add_argument("--out", help="also write the markdown report to this file")
     p.add_argument("--json", help="write every process's raw results to this JSON file")
     return p
@@ -578,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         device=args.device,
         quick=args.quick,
+        fused_loss=args.fused_loss,
         out=args.out,
         json_out=args.json,
         command=shlex.join(["python", "benchmarks/bench.py", *argv]),

@@ -64,6 +64,8 @@ class Spec:
     threads: int | None = None
     """torch's intra-op threads; None keeps torch's default (one per core)."""
     seed: int = 0
+    fused_loss: bool = False
+    """deltatune's side computes a causal LM's loss with ``deltatune.loss``, as ``deltatune train`` runs it."""
 
 
 @dataclass
@@ -294,7 +296,7 @@ def measure(spec: Spec) -> dict[str, Any]:
             base = quantize_base(base, spec.side, shape, device)
         start = time.perf_counter()
         if spec.side == "deltatune":
-            model = lib.get_delta_model(base, config)
+            model = lib.get_delta_model(base, config, fused_loss=spec.fused_loss)
         else:
             # autocast_adapter_dtype=False keeps PEFT's adapter weights in the base dtype, as deltatune's are;
             # PEFT's default would train a bf16 model's adapters in float32.

@@ -32,12 +32,17 @@ def _number(cell: str) -> float:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
-def test_quick_lora_report(tmp_path, capsys):
+@pytest.mark.parametrize("fused", [False, True])
+def test_quick_lora_report(tmp_path, capsys, fused):
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
-    argv = ["--quick", "--configs", "llama-fp32", "--methods", "lora", "--startup-repeats", "0"]
+    argv = ["--quick", "--configs", "llama-fp32", "--methods", "lora", "--startup-repeats", "0"] + [
+        "--fused-loss"
+    ] * fused
     assert main([*argv, "--out", str(out), "--json", str(raw)]) == 0
     text = out.read_text(encoding="utf-8")
     assert text in capsys.readouterr().out
+    loss = "fused (`fused_loss=True`" if fused else "transformers' (the library default)"
+    assert f"- deltatune's causal-LM loss: {loss}" in text
 
     assert "- Command: `python benchmarks/bench.py --quick --configs llama-fp32" in text
     assert "torch 2." in text and "peft " in text and "transformers " in text
@@ -74,6 +79,7 @@ def test_quick_lora_report(tmp_path, capsys):
         assert not run["errors"] and len(run["results"]) == 1
         result = run["results"][0]
         assert result["step_ms"] > 0 and result["peak_mem_mib"] > 0 and result["merge_ms"] > 0
+        assert result["spec"]["fused_loss"] is fused
 
 
 def test_help_lists_the_options(capsys):
