@@ -66,3 +66,22 @@ def test_without_grad_and_with_one_token():
         out = token_logprobs(logits, labels)
     torch.testing.assert_close(out, _whole(logits, labels), atol=1e-6, rtol=0)
     assert token_logprobs(logits[:, :1], labels[:, :1]).shape == (2, 0)
+
+
+def test_the_backward_keeps_only_the_logits():
+    """What the graph saves for the backward pass: the logits and the targets, no fp32 logits-sized copy (a whole
+    log_softmax of bf16 logits would save an fp32 tensor twice their size)."""
+    logits = torch.randn(2, 9, 50).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 50, (2, 9))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_logprobs(logits, labels)
+    big = [t for t in saved if t.numel() >= logits[:, :-1].numel()]
+    assert big and all(t.dtype == torch.bfloat16 and t.data_ptr() == logits.data_ptr() for t in big), [
+        (t.dtype, tuple(t.shape)) for t in big
+    ]
