@@ -1,0 +1,74 @@
+"""How much of NF4's weight error a rank-r adapter could hold: the question behind a LoftQ init for QLoRA.
+
+    .venv/bin/python benchmarks/nf4_error.py --threads 1        # SmolLM2-135M-Instruct, blocks 3, 15 and 28
+
+For each linear layer W of the chosen blocks, with deltatune's own NF4 (block 64, double quantisation):
+
+- ``nf4``: ||W - deq(Q(W))|| / ||W||, the error the 4-bit base starts with;
+- ``top-r``: the share of that error's energy in its r largest singular values (what a rank-r SVD init holds);
+- ``loftq``: LoftQ's alternating init (Li et al., 2023; arXiv:2310.08659): ``rounds`` times quantise W - L, then
+  L = the rank-r SVD of W - deq(Q); the error left ||W - deq(Q) - L|| over the plain NF4 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch import nn
+
+from deltatune.methods.quant import _dequantize_weight, _quantize_weight, resolve_backend
+
+
+def nf4_error(weight: torch.Tensor, rank: int, rounds: int, backend: str) -> dict[str, float]:
+    """The three figures above for one weight (d_out, d_in)."""
+    w = weight.detach().float()
+
+    def nf4(x: torch.Tensor) -> torch.Tensor:
+        return _dequantize_weight(_quantize_weight(x, backend, True), backend).float()
+
+    error = w - nf4(w)
+    energy = torch.linalg.svdvals(error) ** 2
+    low_rank = torch.zeros_like(w)
+    for _ in range(rounds):
+        q = nf4(w - low_rank)
+        u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
+        low_rank = u[:, :rank] * s[:rank] @ vh[:rank]
+    return {
+        "nf4": float(error.norm() / w.norm()),
+        "top_r": float(energy[:rank].sum() / energy.sum()),
+        "loftq": float((w - q - low_rank).norm() / error.norm()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", default="3,15,28")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from deltatune.train.models import load_model
+
+    model = load_model("smollm2", "CAUSAL_LM", "float32")
+    backend = resolve_backend("auto", torch.device("cpu"))
+    blocks = {f"layers.{b}." for b in args.blocks.split(",")}
+    print(f"backend {backend}, rank {args.rank}, LoftQ rounds {args.rounds}\n")
+    print("| layer | shape | NF4 error | top-r share | LoftQ left / NF4 |\n|---|---|---:|---:|---:|")
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(b in name for b in blocks):
+            row = nf4_error(module.weight, args.rank, args.rounds, backend)
+            rows.append(row)
+            shape = "x".join(map(str, module.weight.shape))
+            print(f"| {name} | {shape} | {row['nf4']:.4f} | {row['top_r']:.3f} | {row['loftq']:.3f} |", flush=True)
+    for key in ("nf4", "top_r", "loftq"):
+        values = [r[key] for r in rows]
+        print(f"\n{key}: median {statistics.median(values):.3f}, range {min(values):.3f}-{max(values):.3f}", end="")
+    print()
+
+
+if __name__ == "__main__":
+    main()
