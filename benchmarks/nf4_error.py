@@ -23,6 +23,8 @@ from deltatune.methods.quant import _dequantize_weight, _quantize_weight, resolv
 
 def nf4_error(weight: torch.Tensor, rank: int, rounds: int, backend: str) -> dict[str, float]:
     """The three figures above for one weight (d_out, d_in)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     w = weight.detach().float()
 
     def nf4(x: torch.Tensor) -> torch.Tensor:
