@@ -12,6 +12,9 @@ Shakespeare before and after (general text the task never shows).
     python benchmarks/llm_quality.py --sweep --jobs 2 --out sweep.md      # the lr sweep: dev loss at LR x 1/3, 1, 3
     python benchmarks/llm_quality.py --lr-from sweep.json --jobs 2        # the table at the sweep's best rates
 
+``--out X.md`` also writes every row's greedy answers (and the references) to ``X.answers.json``;
+``benchmarks/paired_bleu.py`` tests whether two rows differ beyond what the eval rows can resolve.
+
 The prompt is a chat turn ("Describe this restaurant in one sentence: <meaning representation>") and the loss covers
 the reference sentence and the end-of-turn token. Learning rates per method are the LR table below (the centres of
 the sweep); ``--sweep`` trains each method (deltatune side) ``--sweep-steps`` steps at each rate of ``SWEEP`` x its
@@ -122,6 +125,12 @@ def general_loss(model, tok, blocks: int, length: int) -> float:
         return float(model(input_ids=x, labels=x).loss)
 
 
+def streams(references: list[list[str]]) -> list[list[str]]:
+    """Per-row reference lists as sacrebleu's reference streams (a row with fewer references repeats its first)."""
+    width = max(len(r) for r in references)
+    return [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
+
+
 def score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """BLEU-4 (sacrebleu, multi-reference) and ROUGE-L F (rouge-score, best reference), x100, and the project's own."""
     import sacrebleu
@@ -129,9 +138,7 @@ def score(predictions: list[str], references: list[list[str]]) -> dict[str, floa
 
     from deltatune.train import metrics
 
-    width = max(len(r) for r in references)
-    streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
-    bleu = sacrebleu.corpus_bleu(predictions, streams).score
+    bleu = sacrebleu.corpus_bleu(predictions, streams(references)).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = statistics.fmean(
         max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)
@@ -216,7 +223,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     if a.sweep:
         out["dev_loss"] = dev_loss(model, tok, dev, a.max_length)
         return out
-    out.update(score(decode(model, tok, test, a.max_new_tokens), refs))
+    out["answers"] = decode(model, tok, test, a.max_new_tokens)
+    out.update(score(out["answers"], refs))
     out["forget_after"] = general_loss(model, tok, a.general_blocks, 128)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -362,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         _table(results), "",
     ])  # fmt: skip
     common.emit(report, a.out)
+    if a.out:  # every row's greedy answers, for benchmarks/paired_bleu.py
+        test = _rows("test.jsonl", a.eval_rows)
+        answers = {f"{r['method']}/{r['side']}": r["answers"] for r in results if "answers" in r}
+        refs = [r.get("references") or [r["target"]] for r in test]
+        with open(os.path.splitext(a.out)[0] + ".answers.json", "w", encoding="utf-8") as fh:
+            json.dump({"command": command, "references": refs, "answers": answers}, fh, indent=1)
     return 0 if all("error" not in r or r["method"] == "bitfit" for r in results) else 1
 
 

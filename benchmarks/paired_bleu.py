@@ -1,0 +1,77 @@
+"""Is one row of benchmarks/llm_quality.py's table better than another, beyond what its eval rows can resolve?
+
+``llm_quality.py --out X.md`` writes every row's greedy answers to ``X.answers.json``; this compares two of them
+on the same eval rows with sacrebleu's own paired tests (the ones ``sacrebleu --paired-bs`` / ``--paired-ar`` run):
+paired bootstrap resampling (each row's BLEU as a mean and 95% interval over resamples of the eval rows, and the
+p-value of the difference) and approximate randomization (the p-value of swapping the two rows' answers at random).
+
+    python benchmarks/paired_bleu.py qlora80.answers.json lora-all-linear/deltatune lora-4bit/deltatune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def paired(
+    baseline: list[str], system: list[str], references: list[list[str]], resamples: int = 1000
+) -> dict[str, Any]:
+    """BLEU of both, the bootstrap mean and 95% half-width of each, and the two tests' p-values for the difference
+    (sacrebleu's fixed seed, SACREBLEU_SEED, makes them repeatable)."""
+    from llm_quality import streams
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    if not (len(baseline) == len(system) == len(references)):
+        raise ValueError(f"the two rows and the references differ in length: {len(baseline)}, {len(system)}, "
+                         f"{len(references)}")  # fmt: skip
+    named = [("baseline", baseline), ("system", system)]
+    out: dict[str, Any] = {"rows": len(system)}
+    _, bs = PairedTest(named, {"BLEU": BLEU()}, streams(references), test_type="bs", n_samples=resamples)()
+    _, ar = PairedTest(named, {"BLEU": BLEU()}, streams(references), test_type="ar", n_samples=resamples * 10)()
+    base, other = bs["BLEU"]
+    out.update(baseline=base.score, system=other.score, diff=other.score - base.score)
+    out.update(baseline_mean=base.mean, baseline_ci=base.ci, system_mean=other.mean, system_ci=other.ci)
+    out.update(p_bootstrap=other.p_value, p_randomization=ar["BLEU"][1].p_value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("answers", help="the .answers.json that llm_quality.py --out wrote")
+    p.add_argument("baseline", help="a row as method/side, e.g. lora-all-linear/deltatune")
+    p.add_argument("system", help="the row compared with it")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (x10 randomization trials)")
+    a = p.parse_args(argv)
+    try:
+        with open(a.answers, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        rows = {name: saved["answers"][name] for name in (a.baseline, a.system)}
+    except OSError as exc:
+        print(f"paired_bleu.py: error: {a.answers}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except (json.JSONDecodeError, TypeError) as exc:
+        print(f"paired_bleu.py: error: {a.answers}: not an answers file ({exc})", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        have = ", ".join(saved.get("answers", {})) if isinstance(saved, dict) else "none"
+        print(f"paired_bleu.py: error: {a.answers} has no row {exc}; it has {have}", file=sys.stderr)
+        return 2
+    r = paired(rows[a.baseline], rows[a.system], saved["references"], a.resamples)
+    print(f"{r['rows']} eval rows, from: {saved.get('command', '?')}")
+    print(f"- {a.baseline}: BLEU {r['baseline']:.2f} (bootstrap {r['baseline_mean']:.2f} +- {r['baseline_ci']:.2f})")
+    print(f"- {a.system}: BLEU {r['system']:.2f} (bootstrap {r['system_mean']:.2f} +- {r['system_ci']:.2f})")
+    print(f"- difference {r['diff']:+.2f}; p = {r['p_bootstrap']:.4f} (paired bootstrap, {a.resamples} resamples), "
+          f"{r['p_randomization']:.4f} (approximate randomization, {a.resamples * 10} trials)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
