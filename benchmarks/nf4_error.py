@@ -7,7 +7,12 @@ For each linear layer W of the chosen blocks, with deltatune's own NF4 (block 64
 - ``nf4``: ||W - deq(Q(W))|| / ||W||, the error the 4-bit base starts with;
 - ``top-r``: the share of that error's energy in its r largest singular values (what a rank-r SVD init holds);
 - ``loftq``: LoftQ's alternating init (Li et al., 2023; arXiv:2310.08659): ``rounds`` times quantise W - L, then
-  L = the rank-r SVD of W - deq(Q); the error left ||W - deq(Q) - L|| over the plain NF4 error.
+  L = the rank-r SVD of W - deq(Q); the error left ||W - deq(Q) - L|| over the plain NF4 error;
+- ``gaussian``: the NF4 error of a Gaussian weight of the same shape and standard deviation (seeded), the control
+  for the next figure;
+- ``distinct``: the median number of distinct values in a block of 32 consecutive inputs. The embedded SmolLM2
+  comes from a Q4_1 GGUF file (blocks of 32 on a 16-level grid each), so its weights hold at most 16: NF4 quantises
+  weights that were 4-bit already, and ``gaussian`` says whether that makes its error larger.
 """
 
 from __future__ import annotations
@@ -37,8 +42,12 @@ def nf4_error(weight: torch.Tensor, rank: int, rounds: int, backend: str) -> dic
         q = nf4(w - low_rank)
         u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
         low_rank = u[:, :rank] * s[:rank] @ vh[:rank]
+    control = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std()
+    blocks = w.reshape(-1, 32) if w.shape[-1] % 32 == 0 else w.reshape(1, -1)
     return {
         "nf4": float(error.norm() / w.norm()),
+        "gaussian": float((control - nf4(control)).norm() / control.norm()),
+        "distinct": float(statistics.median(len(torch.unique(b)) for b in blocks)),
         "top_r": float(energy[:rank].sum() / energy.sum()),
         "loftq": float((w - q - low_rank).norm() / error.norm()),
     }
@@ -58,15 +67,17 @@ def main() -> None:
     backend = resolve_backend("auto", torch.device("cpu"))
     blocks = {f"layers.{b}." for b in args.blocks.split(",")}
     print(f"backend {backend}, rank {args.rank}, LoftQ rounds {args.rounds}\n")
-    print("| layer | shape | NF4 error | top-r share | LoftQ left / NF4 |\n|---|---|---:|---:|---:|")
+    print("| layer | shape | NF4 error | top-r share | LoftQ left / NF4 | NF4 error, Gaussian | distinct / 32 |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and any(b in name for b in blocks):
             row = nf4_error(module.weight, args.rank, args.rounds, backend)
             rows.append(row)
             shape = "x".join(map(str, module.weight.shape))
-            print(f"| {name} | {shape} | {row['nf4']:.4f} | {row['top_r']:.3f} | {row['loftq']:.3f} |", flush=True)
-    for key in ("nf4", "top_r", "loftq"):
+            print(f"| {name} | {shape} | {row['nf4']:.4f} | {row['top_r']:.3f} | {row['loftq']:.3f} | "
+                  f"{row['gaussian']:.4f} | {row['distinct']:.0f} |", flush=True)  # fmt: skip
+    for key in ("nf4", "top_r", "loftq", "gaussian", "distinct"):
         values = [r[key] for r in rows]
         print(f"\n{key}: median {statistics.median(values):.3f}, range {min(values):.3f}-{max(values):.3f}", end="")
     print()
