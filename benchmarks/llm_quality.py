@@ -125,6 +125,11 @@ def general_loss(model, tok, blocks: int, length: int) -> float:
         return float(model(input_ids=x, labels=x).loss)
 
 
+def references(rows: list[dict]) -> list[list[str]]:
+    """Each test row's references (E2E has several per MR; a file with one ``target`` per row has that one)."""
+    return [r.get("references") or [r["target"]] for r in rows]
+
+
 def streams(references: list[list[str]]) -> list[list[str]]:
     """Per-row reference lists as sacrebleu's reference streams (a row with fewer references repeats its first)."""
     width = max(len(r) for r in references)
@@ -191,7 +196,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         model = dt.get_delta_model(base, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config is not None else 0
     test = _rows("test.jsonl", a.eval_rows)
-    refs = [r.get("references") or [r["target"]] for r in test]
+    refs = references(test)
     out: dict[str, Any] = {"method": a.method, "side": a.side, "trainable": trainable, "lr": a.lr}
     if not a.sweep:  # the base's own loss (adapter off: a token method's initial prompt is not the base)
         from deltatune.train.chat import adapter_off
@@ -373,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:  # every row's greedy answers, for benchmarks/paired_bleu.py
         test = _rows("test.jsonl", a.eval_rows)
         answers = {f"{r['method']}/{r['side']}": r["answers"] for r in results if "answers" in r}
-        refs = [r.get("references") or [r["target"]] for r in test]
+        refs = references(test)
         with open(os.path.splitext(a.out)[0] + ".answers.json", "w", encoding="utf-8") as fh:
             json.dump({"command": command, "references": refs, "answers": answers}, fh, indent=1)
     return 0 if all("error" not in r or r["method"] == "bitfit" for r in results) else 1
