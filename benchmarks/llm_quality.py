@@ -58,9 +58,9 @@ NO_PEFT = {m for m in METHODS if not common.peft_has(m)}
 PROMPT_INIT = "Describe the restaurant from its name, food, price, area and rating."
 
 
-def configs(method: str, side: str, path: str) -> Any:
+def configs(method: str, side: str, path: str, rank: int | None = None) -> Any:
     """The config of ``method`` for ``side``: the same hyper-parameters on both (``path``: the tokenizer of
-    ``prompt_tuning``'s text initialisation)."""
+    ``prompt_tuning``'s text initialisation; ``rank``: a LoRA row's r, with alpha 2r, the table's alpha / r)."""
     every = "all-linear"
     fields = {
         "lora-4bit": {"target_modules": every},
@@ -71,6 +71,8 @@ def configs(method: str, side: str, path: str) -> Any:
             "prompt_tuning_init": "TEXT", "tokenizer_name_or_path": path, "prompt_tuning_init_text": PROMPT_INIT,
         },
     }  # fmt: skip
+    if rank is not None and common.method(method) == "lora":
+        fields[method] = {**fields.get(method, {}), "r": rank, "lora_alpha": 2 * rank}
     return common.method_config(method, side, "CAUSAL_LM", **common.MODULES["smollm2"], fields=fields)
 
 
@@ -177,7 +179,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     tok = load_tokenizer("smollm2")
     base = load_model("smollm2", "CAUSAL_LM", a.dtype)
     base.config.use_cache = False
-    config = configs(a.method, a.side, path) if a.method != "base" else None
+    config = configs(a.method, a.side, path, a.rank) if a.method != "base" else None
     if a.method in common.QUANTIZED:
         if a.side == "deltatune":
             base = dt.quantize(base, bits=4, quant_type="nf4", double_quant=True)[0]
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--general-blocks", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (fp32 weights)")
+    p.add_argument("--rank", type=int, help="r of every LoRA row, alpha 2r (default: the table's r 8, alpha 16)")
     p.add_argument("--lr", type=float, help="one learning rate for every method (default: the LR table)")
     p.add_argument("--lr-from", help="the best rates of a --sweep run (its JSON)")
     p.add_argument("--sweep", action="store_true", help="the lr sweep: dev loss at each rate of SWEEP x LR")
@@ -319,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         a.lr = a.lr or LR.get(a.method, 0.0)
         print(json.dumps(worker(a)))
         return 0
+    if a.rank is not None and a.rank < 1:
+        print(f"llm_quality.py: error: --rank must be at least 1, got {a.rank}", file=sys.stderr)
+        return 2
     try:
         methods = ["base", *common.pick(a.methods, METHODS)]
     except ValueError as exc:
@@ -333,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
               ("batch", "max_length", "max_new_tokens", "eval_rows", "general_blocks", "dtype", "seed", "dev_rows")]  # fmt: skip
     shared += [f"--threads={a.threads}"] if a.threads else []
+    shared += [f"--rank={a.rank}"] if a.rank else []
     shared += ["--autocast"] if a.autocast else []
     command = f"`python benchmarks/llm_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     if a.sweep:
@@ -367,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Every method on SmolLM2-135M-Instruct: E2E data-to-text SFT", "",
         f"- Command: {command}",
         f"- Budget: {a.steps} steps x batch {a.batch}, max length {a.max_length}, {a.dtype}"
-        f"{' under bf16 autocast' if a.autocast else ''}, seed {a.seed}; greedy "
+        f"{' under bf16 autocast' if a.autocast else ''}, seed {a.seed}"
+        f"{f', every LoRA row at r {a.rank}, alpha {2 * a.rank}' if a.rank else ''}; greedy "
         f"decoding of the first {a.eval_rows} test MRs (up to {a.max_new_tokens} tokens), multi-reference.",
         "- BLEU: sacrebleu corpus BLEU-4; ROUGE-L: rouge-score F, best reference; own BLEU: deltatune.train.metrics "
         f"(sacrebleu's definition, tested equal). forget Δ: loss on {a.general_blocks} x 128 tokens of Tiny Shakespeare, after - "

@@ -71,3 +71,20 @@ def test_a_budget_larger_than_the_train_file_is_one_line(capsys):
     assert llm_quality.main(["--methods", "lora", "--steps", "1000", "--batch", "8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "are 8064, e2e_nlg/train.jsonl has 2000" in err
+
+
+@pytest.mark.parametrize("side", ["deltatune", "peft"])
+def test_rank_sets_every_lora_rows_r_and_alpha_and_nothing_else(side):
+    if side == "peft" and importlib.util.find_spec("peft") is None:
+        pytest.skip("peft is not installed")
+    for method in ("lora", "lora-all-linear", "lora-4bit", "lora-rslora", "lora-dora"):
+        plain, ranked = (llm_quality.configs(method, side, "unused", rank) for rank in (None, 32))
+        assert (plain.r, plain.lora_alpha, ranked.r, ranked.lora_alpha) == (8, 16, 32, 64)
+        assert ranked.target_modules == plain.target_modules and ranked.use_rslora == plain.use_rslora
+    assert vars(llm_quality.configs("ia3", side, "unused", 32)) == vars(llm_quality.configs("ia3", side, "unused"))
+
+
+def test_a_rank_below_one_is_one_line(capsys):
+    assert llm_quality.main(["--methods", "lora", "--rank", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--rank must be at least 1, got 0" in err
