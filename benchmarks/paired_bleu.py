@@ -50,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("system", help="the row compared with it")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (x10 randomization trials)")
     a = p.parse_args(argv)
+    if a.resamples < 1:
+        print(f"paired_bleu.py: error: --resamples must be at least 1, got {a.resamples}", file=sys.stderr)
+        return 2
     try:
         with open(a.answers, encoding="utf-8") as fh:
             saved = json.load(fh)
+        references = saved["references"]
         rows = {name: saved["answers"][name] for name in (a.baseline, a.system)}
     except OSError as exc:
         print(f"paired_bleu.py: error: {a.answers}: {exc.strerror}", file=sys.stderr)
@@ -61,10 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paired_bleu.py: error: {a.answers}: not an answers file ({exc})", file=sys.stderr)
         return 2
     except KeyError as exc:
+        if exc.args[0] in ("references", "answers"):
+            print(f"paired_bleu.py: error: {a.answers}: not an answers file (no {exc})", file=sys.stderr)
+            return 2
         have = ", ".join(saved.get("answers", {})) if isinstance(saved, dict) else "none"
         print(f"paired_bleu.py: error: {a.answers} has no row {exc}; it has {have}", file=sys.stderr)
         return 2
-    r = paired(rows[a.baseline], rows[a.system], saved["references"], a.resamples)
+    if rows[a.baseline] == rows[a.system]:  # sacrebleu's tests would print their floor, 1 / (trials + 1)
+        print(f"{a.baseline} and {a.system} gave the same answers on all {len(references)} rows: nothing to test")
+        return 0
+    try:
+        r = paired(rows[a.baseline], rows[a.system], references, a.resamples)
+    except ValueError as exc:
+        print(f"paired_bleu.py: error: {a.answers}: {exc}", file=sys.stderr)
+        return 2
     print(f"{r['rows']} eval rows, from: {saved.get('command', '?')}")
     print(f"- {a.baseline}: BLEU {r['baseline']:.2f} (bootstrap {r['baseline_mean']:.2f} +- {r['baseline_ci']:.2f})")
     print(f"- {a.system}: BLEU {r['system']:.2f} (bootstrap {r['system_mean']:.2f} +- {r['system_ci']:.2f})")

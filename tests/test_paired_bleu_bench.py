@@ -78,18 +78,39 @@ def test_the_cli_prints_both_rows_and_the_p_values(tmp_path, capsys):
     assert "(paired bootstrap, 100 resamples)" in out and "(approximate randomization, 1000 trials)" in out
 
 
+def test_identical_answers_are_said_to_be_so_not_tested(tmp_path, capsys):
+    path = tmp_path / "same.answers.json"
+    path.write_text(json.dumps({"references": REFS, "answers": {"a/deltatune": BAD, "a/peft": list(BAD)}}))
+    assert paired_bleu.main([str(path), "a/deltatune", "a/peft"]) == 0
+    assert capsys.readouterr().out == "a/deltatune and a/peft gave the same answers on all 32 rows: nothing to test\n"
+
+
+ROWS = {"a/deltatune": BAD, "b/peft": GOOD}
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("saved", "args", "message"),
     [
-        (["a/deltatune", "c/peft"], "x.answers.json has no row 'c/peft'; it has a/deltatune, b/peft"),
-        (["a/deltatune", "b/peft", "missing"], "missing.answers.json: No such file or directory"),
+        (
+            {"references": REFS, "answers": ROWS},
+            ["c/peft"],
+            "x.answers.json has no row 'c/peft'; it has a/deltatune, b/peft",
+        ),
+        (None, ["b/peft"], "x.answers.json: No such file or directory"),
+        ({"references": REFS[:-1], "answers": ROWS}, ["b/peft"], "the two rows and the references differ in length"),
+        ({"answers": ROWS}, ["b/peft"], "x.answers.json: not an answers file (no 'references')"),
+        (
+            {"references": REFS, "answers": ROWS},
+            ["b/peft", "--resamples", "0"],
+            "--resamples must be at least 1, got 0",
+        ),
     ],
 )
-def test_a_missing_row_or_file_is_one_line(tmp_path, capsys, args, message):
-    path = _answers(tmp_path)
-    if args[-1] == "missing":
-        path, args = str(tmp_path / "missing.answers.json"), args[:-1]
-    assert paired_bleu.main([path, *args]) == 2
+def test_bad_input_is_one_line(tmp_path, capsys, saved, args, message):
+    path = tmp_path / "x.answers.json"
+    if saved is not None:
+        path.write_text(json.dumps(saved))
+    assert paired_bleu.main([str(path), "a/deltatune", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
 
