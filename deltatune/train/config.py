@@ -32,7 +32,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass
 class ModelArgs:
     name_or_path: str = _f("minilm", "Base model: a local folder, a hub id, or 'minilm' (the embedded MiniLM-L6).")
     num_labels: int | None = _f(None, "Classes for cls/tag stages; default: from the data's label set.")
-    dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
+    dtype: str = _f(
+        "float32", "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 where the machine has fast bf16)."
+    )
     quantization: dict | None = _f(None, "Quantise the base, e.g. {bits: 4} for QLoRA (keys of deltatune.quantize).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (only for models you trust).")

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ConfigError
 from . import embedded
+from .checks import resolved_dtype
 from .table import IMAGE_STAGES
 
 
@@ -105,8 +106,9 @@ def load_model(
     """The base model with the head for ``task_type`` (a new, randomly initialised head where the checkpoint has
     none, e.g. a classifier on an encoder)."""
     kwargs: dict = {"trust_remote_code": trust_remote_code}
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype not in ("float32", "bfloat16", "float16", "auto"):
+        raise ConfigError(f"model.dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
+    dtype = resolved_dtype(dtype)
     if task_type == "TEXT_TO_IMAGE":
         from .t2i import load_denoiser
 

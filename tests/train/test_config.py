@@ -198,3 +198,23 @@ def test_defaults_and_field_help():
     assert {"name_or_path", "dtype"} <= set(keys["model"]) and {"lr", "max_steps", "report_to"} <= set(keys["train"])
     assert all(text for rows in help_.values() for _, _, text in rows)  # every key has its help line
     assert dict((k, d) for k, d, _ in help_["train"])["lr"] == 2e-4
+
+
+@pytest.mark.parametrize(("fast", "want"), [(True, "bfloat16"), (False, "float32")])
+def test_model_dtype_auto_is_bf16_only_where_the_machine_has_fast_bf16(monkeypatch, fast, want):
+    import torch
+
+    from deltatune.train import checks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert checks.fast_bf16() is fast and checks.resolved_dtype("auto") == want
+    assert checks.resolved_dtype("float16") == "float16"  # a dtype asked for by name is kept
+
+
+def test_a_bad_model_dtype_is_one_line_naming_the_key():
+    from deltatune.train.models import load_model
+
+    with pytest.raises(ConfigError, match="model.dtype must be float32, bfloat16, float16 or auto, got 'fp8'"):
+        load_model("unused", "CAUSAL_LM", "fp8")
