@@ -77,26 +77,6 @@ def check_precision(precision: str) -> None:
         )
 
 
-def fast_bf16() -> bool:
-    """Whether this machine computes in bf16 at speed: a CUDA GPU that has it, or a CPU with avx512_bf16 or AMX
-    (without them, torch's CPU bf16 matrix products are many times slower than fp32)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return any(
-        getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
-
-
-def resolved_dtype(dtype: str) -> str:
-    """``model.dtype`` with ``auto`` resolved: bfloat16 where the machine computes in it at speed, else float32."""
-    if dtype == "auto":
-        return "bfloat16" if fast_bf16() else "float32"
-    return dtype
-
-
 def resolved_precision(precision: str) -> str:
     """``train.precision`` with ``auto`` resolved (bf16 on a CUDA GPU that has it, else fp32); fp16 on a CPU refused."""
     import torch

@@ -14,7 +14,6 @@ import torch
 
 from ..config import ConfigError
 from . import embedded
-from .checks import resolved_dtype
 from .table import IMAGE_STAGES
 
 
@@ -92,6 +91,26 @@ def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = Fals
     if stage in IMAGE_STAGES:
         return load_image_processor(name_or_path, trust_remote_code)
     return load_tokenizer(name_or_path, trust_remote_code)
+
+
+def fast_bf16() -> bool:
+    """Whether this machine computes in bf16 at speed: a CUDA GPU that has it, or a CPU with avx512_bf16 or AMX
+    (without them, torch's CPU bf16 matrix products are many times slower than fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(
+        getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def resolved_dtype(dtype: str) -> str:
+    """``model.dtype`` with ``auto`` resolved: bfloat16 where the machine computes in it at speed, else float32."""
+    if dtype == "auto":
+        return "bfloat16" if fast_bf16() else "float32"
+    return dtype
 
 
 def load_model(

@@ -204,13 +204,13 @@ def test_defaults_and_field_help():
 def test_model_dtype_auto_is_bf16_only_where_the_machine_has_fast_bf16(monkeypatch, fast, want):
     import torch
 
-    from deltatune.train import checks
+    from deltatune.train import models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert checks.fast_bf16() is fast and checks.resolved_dtype("auto") == want
-    assert checks.resolved_dtype("float16") == "float16"  # a dtype asked for by name is kept
+    assert models.fast_bf16() is fast and models.resolved_dtype("auto") == want
+    assert models.resolved_dtype("float16") == "float16"  # a dtype asked for by name is kept
 
 
 def test_a_bad_model_dtype_is_one_line_naming_the_key():
