@@ -96,8 +96,6 @@ def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = Fals
 def fast_bf16() -> bool:
     """Whether this machine computes in bf16 at speed: a CUDA GPU that has it, or a CPU with avx512_bf16 or AMX
     (without them, torch's CPU bf16 matrix products are many times slower than fp32)."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     cpu = torch.cpu
