@@ -3,6 +3,8 @@ trainer base whose eval predictions are (chosen, rejected) scores, and the pairw
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -12,10 +14,27 @@ from .prepared import _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least as uneven as wins:losses if each non-tied pair
+    were a fair coin (ties are left out, as the test does). 1.0 when there is no non-tied pair."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def pair_metrics(scores: np.ndarray) -> dict[str, float]:
-    """Pairwise accuracy (strictly r_chosen > r_rejected) and mean margin from (N, 2) [chosen, rejected] scores."""
+    """Pairwise metrics from (N, 2) [chosen, rejected] scores: accuracy (strictly r_chosen > r_rejected, so a tie
+    is not a win), the mean margin and its standard error, and the sign test's p-value of wins against losses
+    (whether the ranking beats a coin on these pairs)."""
     margin = scores[:, 0] - scores[:, 1]
-    return {"accuracy": float((margin > 0).mean()), "margin": float(margin.mean())}
+    n = len(margin)
+    return {
+        "accuracy": float((margin > 0).mean()),
+        "margin": float(margin.mean()),
+        "margin_se": float(margin.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        "sign_p": sign_test(int((margin > 0).sum()), int((margin < 0).sum())),
+    }
 
 
 class PairTrainer(DeltaTrainer):
