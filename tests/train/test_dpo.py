@@ -170,6 +170,7 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["train_steps"] == 2 and "eval_accuracy" in metrics and "eval_reward_chosen" in metrics
+    assert 0.0 <= metrics["eval_sign_p"] <= 1.0 and metrics["eval_margin_se"] >= 0.0
     # the run evaluated before training (eval_on_start) and at its end, once each: the final metrics are the last
     # step's evaluation, not a second pass over the same weights
     lines = (tmp_path / "run" / "log_history.jsonl").read_text(encoding="utf-8").splitlines()
