@@ -18,9 +18,11 @@ def sign_test(wins: int, losses: int) -> float:
     """Two-sided exact sign test: the chance of a split at least as uneven as wins:losses if each non-tied pair
     were a fair coin (ties are left out, as the test does). 1.0 when there is no non-tied pair."""
     n, k = wins + losses, min(wins, losses)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    term = tail = 1  # C(n, 0); then C(n, i) from C(n, i - 1), exact in integers
+    for i in range(1, k + 1):
+        term = term * (n - i + 1) // i
+        tail += term
+    return min(1.0, 2 * tail / 2**n)
 
 
 def pair_metrics(scores: np.ndarray) -> dict[str, float]:

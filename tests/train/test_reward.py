@@ -108,7 +108,7 @@ def test_sign_test_by_hand():
     # 141 wins of 256 (DPO's accuracy 0.551 with no ties): not past a coin at 5%.
     assert 0.05 < sign_test(141, 115) < 0.2
     scipy_stats = pytest.importorskip("scipy.stats")
-    for wins, losses in ((141, 115), (30, 12), (0, 7), (200, 200)):
+    for wins, losses in ((141, 115), (30, 12), (0, 7), (200, 200), (5100, 4900)):
         assert sign_test(wins, losses) == pytest.approx(scipy_stats.binomtest(wins, wins + losses).pvalue, rel=1e-12)
     # All ties (an adapter that is still the identity): no evidence either way.
     assert pair_metrics(np.zeros((4, 2)))["sign_p"] == 1.0
