@@ -59,5 +59,8 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
                  "train.report_to=[none]", f"output.dir={out}"])  # fmt: skip
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert metrics["train_steps"] == 2 and {"eval_accuracy", "eval_margin"} <= metrics.keys()
+    assert (
+        metrics["train_steps"] == 2
+        and {"eval_accuracy", "eval_margin", "eval_margin_se", "eval_sign_p"} <= metrics.keys()
+    )
     assert "SimPO" in (out / "report.md").read_text()
