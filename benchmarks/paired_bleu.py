@@ -6,6 +6,12 @@ paired bootstrap resampling (each row's BLEU as a mean and 95% interval over res
 p-value of the difference) and approximate randomization (the p-value of swapping the two rows' answers at random).
 
     python benchmarks/paired_bleu.py qlora80.answers.json lora-all-linear/deltatune lora-4bit/deltatune
+
+``--system-from`` takes the second row from another run's answers file on the same eval rows (refused when their
+references differ), to compare a row across budgets or ranks:
+
+    python benchmarks/paired_bleu.py qlora80.answers.json lora-4bit/deltatune lora-4bit/deltatune \\
+        --system-from full150.answers.json
 """
 
 from __future__ import annotations
@@ -43,43 +49,60 @@ def paired(
     return out
 
 
+def _load(path: str, names: list[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """An answers file and the named rows of it; ValueError with the one line to print when it is not usable."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        saved["references"]  # noqa: B018 (a file without it is not an answers file)
+        return saved, {name: saved["answers"][name] for name in names}
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path}: not an answers file ({exc})") from None
+    except KeyError as exc:
+        if exc.args[0] in ("references", "answers"):
+            raise ValueError(f"{path}: not an answers file (no {exc})") from None
+        have = ", ".join(saved.get("answers", {})) if isinstance(saved, dict) else "none"
+        raise ValueError(f"{path} has no row {exc}; it has {have}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("answers", help="the .answers.json that llm_quality.py --out wrote")
     p.add_argument("baseline", help="a row as method/side, e.g. lora-all-linear/deltatune")
     p.add_argument("system", help="the row compared with it")
+    p.add_argument("--system-from", metavar="ANSWERS", help="read the system row from another run's answers file "
+                   "(the same eval rows, e.g. a longer run): compares rows across runs")  # fmt: skip
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (x10 randomization trials)")
     a = p.parse_args(argv)
     if a.resamples < 1:
         print(f"paired_bleu.py: error: --resamples must be at least 1, got {a.resamples}", file=sys.stderr)
         return 2
+    other = a.system_from or a.answers
     try:
-        with open(a.answers, encoding="utf-8") as fh:
-            saved = json.load(fh)
-        references = saved["references"]
-        rows = {name: saved["answers"][name] for name in (a.baseline, a.system)}
-    except OSError as exc:
-        print(f"paired_bleu.py: error: {a.answers}: {exc.strerror}", file=sys.stderr)
+        saved, rows = _load(a.answers, [a.baseline, a.system] if other == a.answers else [a.baseline])
+        baseline, commands = rows[a.baseline], saved.get("command", "?")
+        if other == a.answers:
+            system = rows[a.system]
+        else:
+            saved_other, rows_other = _load(other, [a.system])
+            if saved_other["references"] != saved["references"]:
+                raise ValueError(f"{a.answers} and {other} scored different eval rows (their references differ)")
+            system, commands = rows_other[a.system], f"{commands} and {saved_other.get('command', '?')}"
+    except ValueError as exc:
+        print(f"paired_bleu.py: error: {exc}", file=sys.stderr)
         return 2
-    except (json.JSONDecodeError, TypeError) as exc:
-        print(f"paired_bleu.py: error: {a.answers}: not an answers file ({exc})", file=sys.stderr)
-        return 2
-    except KeyError as exc:
-        if exc.args[0] in ("references", "answers"):
-            print(f"paired_bleu.py: error: {a.answers}: not an answers file (no {exc})", file=sys.stderr)
-            return 2
-        have = ", ".join(saved.get("answers", {})) if isinstance(saved, dict) else "none"
-        print(f"paired_bleu.py: error: {a.answers} has no row {exc}; it has {have}", file=sys.stderr)
-        return 2
-    if rows[a.baseline] == rows[a.system]:  # sacrebleu's tests would print their floor, 1 / (trials + 1)
+    references = saved["references"]
+    if baseline == system:  # sacrebleu's tests would print their floor, 1 / (trials + 1)
         print(f"{a.baseline} and {a.system} gave the same answers on all {len(references)} rows: nothing to test")
         return 0
     try:
-        r = paired(rows[a.baseline], rows[a.system], references, a.resamples)
+        r = paired(baseline, system, references, a.resamples)
     except ValueError as exc:
         print(f"paired_bleu.py: error: {a.answers}: {exc}", file=sys.stderr)
         return 2
-    print(f"{r['rows']} eval rows, from: {saved.get('command', '?')}")
+    print(f"{r['rows']} eval rows, from: {commands}")
     print(f"- {a.baseline}: BLEU {r['baseline']:.2f} (bootstrap {r['baseline_mean']:.2f} +- {r['baseline_ci']:.2f})")
     print(f"- {a.system}: BLEU {r['system']:.2f} (bootstrap {r['system_mean']:.2f} +- {r['system_ci']:.2f})")
     print(f"- difference {r['diff']:+.2f}; p = {r['p_bootstrap']:.4f} (paired bootstrap, {a.resamples} resamples), "

@@ -128,3 +128,40 @@ def test_llm_quality_writes_every_rows_answers_beside_its_report(tmp_path, monke
     assert list(saved["answers"]) == ["base/deltatune", "lora/deltatune", "lora/peft"]
     assert saved["answers"]["lora/peft"] == ["lora peft 0", "lora peft 1", "lora peft 2"]
     assert len(saved["references"]) == 3 and all(isinstance(r, list) and r for r in saved["references"])
+
+
+def test_the_system_row_can_come_from_another_run_on_the_same_rows(tmp_path, capsys):
+    one = _answers(tmp_path)
+    later = tmp_path / "later.answers.json"
+    later.write_text(json.dumps({"command": "later", "references": REFS, "answers": {"a/deltatune": GOOD}}))
+    # the same row name in both files: the baseline from the first, the system from the second
+    assert (
+        paired_bleu.main([one, "a/deltatune", "a/deltatune", "--system-from", str(later), "--resamples", "100"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "from: test and later" in out and "- a/deltatune: BLEU 100.00" in out
+    bad = llm_quality.score(BAD, REFS)["bleu"]
+    assert f"- a/deltatune: BLEU {bad:.2f}" in out and f"difference {100 - bad:+.2f}" in out
+
+
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [
+        (
+            {"references": REFS[::-1], "answers": ROWS},
+            "other.answers.json scored different eval rows (their references differ)",
+        ),
+        (
+            {"references": REFS, "answers": {"b/peft": GOOD}},
+            "other.answers.json has no row 'a/deltatune'; it has b/peft",
+        ),
+        (None, "other.answers.json: No such file or directory"),
+    ],
+)
+def test_a_system_row_from_another_run_is_checked_first(tmp_path, capsys, saved, message):
+    other = tmp_path / "other.answers.json"
+    if saved is not None:
+        other.write_text(json.dumps(saved))
+    assert paired_bleu.main([_answers(tmp_path), "b/peft", "a/deltatune", "--system-from", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
