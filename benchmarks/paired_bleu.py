@@ -49,13 +49,13 @@ def paired(
     return out
 
 
-def _load(path: str, names: list[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def _load(path: str, names: list[str]) -> tuple[dict[str, Any], list[list[str]]]:
     """An answers file and the named rows of it; ValueError with the one line to print when it is not usable."""
     try:
         with open(path, encoding="utf-8") as fh:
             saved = json.load(fh)
         saved["references"]  # noqa: B018 (a file without it is not an answers file)
-        return saved, {name: saved["answers"][name] for name in names}
+        return saved, [saved["answers"][name] for name in names]
     except OSError as exc:
         raise ValueError(f"{path}: {exc.strerror}") from None
     except (json.JSONDecodeError, TypeError) as exc:
@@ -81,18 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     other = a.system_from or a.answers
     try:
-        saved, rows = _load(a.answers, [a.baseline, a.system] if other == a.answers else [a.baseline])
-        baseline, commands = rows[a.baseline], saved.get("command", "?")
-        if other == a.answers:
-            system = rows[a.system]
-        else:
-            saved_other, rows_other = _load(other, [a.system])
-            if saved_other["references"] != saved["references"]:
-                raise ValueError(f"{a.answers} and {other} scored different eval rows (their references differ)")
-            system, commands = rows_other[a.system], f"{commands} and {saved_other.get('command', '?')}"
+        saved, (baseline,) = _load(a.answers, [a.baseline])
+        saved_other, (system,) = _load(other, [a.system])
+        if saved_other["references"] != saved["references"]:
+            raise ValueError(f"{a.answers} and {other} scored different eval rows (their references differ)")
     except ValueError as exc:
         print(f"paired_bleu.py: error: {exc}", file=sys.stderr)
         return 2
+    commands = " and ".join(dict.fromkeys(str(f.get("command", "?")) for f in (saved, saved_other)))
     references = saved["references"]
     if baseline == system:  # sacrebleu's tests would print their floor, 1 / (trials + 1)
         print(f"{a.baseline} and {a.system} gave the same answers on all {len(references)} rows: nothing to test")
