@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = paired(baseline, system, references, a.resamples)
     except ValueError as exc:
-        print(f"paired_bleu.py: error: {a.answers}: {exc}", file=sys.stderr)
+        files = a.answers if other == a.answers else f"{a.answers} and {other}"
+        print(f"paired_bleu.py: error: {files}: {exc}", file=sys.stderr)
         return 2
     print(f"{r['rows']} eval rows, from: {commands}")
     print(f"- {a.baseline}: BLEU {r['baseline']:.2f} (bootstrap {r['baseline_mean']:.2f} +- {r['baseline_ci']:.2f})")

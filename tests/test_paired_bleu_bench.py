@@ -156,6 +156,14 @@ def test_the_system_row_can_come_from_another_run_on_the_same_rows(tmp_path, cap
             "other.answers.json has no row 'a/deltatune'; it has b/peft",
         ),
         (None, "other.answers.json: No such file or directory"),
+        (  # a row shorter than its own references: both files are named, since either may be at fault
+            {"references": REFS, "answers": {"a/deltatune": GOOD[:-1]}},
+            "x.answers.json and ",  # then other.answers.json's path
+        ),
+        (
+            {"references": REFS, "answers": {"a/deltatune": GOOD[:-1]}},
+            "other.answers.json: the two rows and the references differ in length: 32, 31, 32",
+        ),
     ],
 )
 def test_a_system_row_from_another_run_is_checked_first(tmp_path, capsys, saved, message):
