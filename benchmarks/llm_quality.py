@@ -155,6 +155,29 @@ def score(predictions: list[str], references: list[list[str]]) -> dict[str, floa
     return {"bleu": bleu, "rougeL": rouge * 100, "own_bleu": own_bleu, "own_rougeL": own_rouge * 100}
 
 
+def peft_generate_compat(model) -> None:
+    """Let peft's token methods generate on transformers 5.24 (the version here), whose ``generate`` hands the model
+    its KV cache as ``cache``.
+
+    peft 0.21.2's ``prepare_inputs_for_generation`` for prompt learning reads and writes ``past_key_values``: with
+    the cache under the new name it never sees it, so prefix tuning's prefix is set aside (the model answers as the
+    plain base) and prompt tuning / P-tuning prepend their virtual tokens again at every step. Renaming the key in
+    what the base model prepares (the deprecated name is still accepted) lets peft's own logic run as written: its
+    greedy answers then equal a loop of full forward passes through peft's model
+    (tests/test_llm_quality_bench.py). A no-op for peft's other methods and where the key is already the old one."""
+    if not model.active_peft_config.is_prompt_learning:
+        return
+    prepare = model.base_model_prepare_inputs_for_generation
+
+    def renamed(*args, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        if "cache" in inputs and "past_key_values" not in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = renamed
+
+
 def decode(model, tok, rows: list[dict], max_new_tokens: int) -> list[str]:
     from deltatune.train.chat import generate, prompt_ids
 
@@ -194,6 +217,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         import peft
 
         model = peft.get_peft_model(base, config)
+        peft_generate_compat(model)
     else:
         model = dt.get_delta_model(base, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config is not None else 0

@@ -88,3 +88,47 @@ def test_a_rank_below_one_is_one_line(capsys):
     assert llm_quality.main(["--methods", "lora", "--rank", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--rank must be at least 1, got 0" in err
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prefix_tuning-v2", "prompt_tuning", "p_tuning"])
+def test_peft_token_methods_generate_as_peft_forwards_once_the_cache_is_renamed(method):
+    """peft's own ``generate`` for its token methods, after ``peft_generate_compat``, answers token for token as a
+    greedy loop of full forward passes through peft's model (without it, on transformers 5.2x, prefix tuning answers
+    as the plain base and prompt tuning re-prepends its tokens each step); the loop differs from the base's answer."""
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    config = llm_quality.configs(method, "peft", "unused")
+    if method == "prompt_tuning":  # the text init needs a real tokenizer; the random init is the same code path
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).eval(), config)
+    llm_quality.peft_generate_compat(model)
+    ids = torch.randint(3, 64, (1, 7))
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.mul_(30)  # virtual tokens loud enough to change the answer
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        loop = ids
+        for _ in range(8):
+            logits = model(input_ids=loop, attention_mask=torch.ones_like(loop)).logits
+            loop = torch.cat([loop, logits[:, -1:].argmax(-1)], 1)
+        with model.disable_adapter():
+            base = model.get_base_model()(input_ids=loop).logits[:, 6:-1].argmax(-1)
+    assert out[0, 7:].tolist() == loop[0, 7:].tolist()
+    assert base[0].tolist() != loop[0, 7:].tolist()
+
+
+def test_peft_generate_compat_leaves_peft_s_other_methods_alone():
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), llm_quality.configs("lora", "peft", "unused"))
+    before = model.base_model_prepare_inputs_for_generation
+    llm_quality.peft_generate_compat(model)
+    assert model.base_model_prepare_inputs_for_generation is before
