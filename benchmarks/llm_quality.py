@@ -22,7 +22,8 @@ centre and keeps the one with the lowest loss on a dev slice (``--dev-rows`` row
 never trained on), written beside ``--out`` as JSON that ``--lr-from`` reads; ``--lr`` overrides them all. ``--autocast``
 trains under bf16 autocast over fp32 weights (both sides alike; decoding and the losses stay fp32). Method names and the configs:
 benchmarks/common.py, with the fields of ``configs`` over them (``lora-4bit`` and ``lora-rslora`` on every linear layer here,
-``prefix_tuning`` with 10 tokens and an MLP of width 256, ``prompt_tuning`` initialised from a text).
+``prefix_tuning`` with 10 tokens and an MLP of width 256, ``prompt_tuning`` initialised from a text). peft's token
+rows generate through ``peft_generate_compat`` (peft 0.21.2 and transformers 5.24 name the KV cache differently).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def peft_generate_compat(model) -> None:
     peft 0.21.2's ``prepare_inputs_for_generation`` for prompt learning reads and writes ``past_key_values``: with
     the cache under the new name it never sees it, so prefix tuning's prefix is set aside (the model answers as the
     plain base) and prompt tuning / P-tuning prepend their virtual tokens again at every step. Renaming the key in
-    what the base model prepares (the deprecated name is still accepted) lets peft's own logic run as written: its
+    what the base model prepares (the deprecated name is accepted until transformers 5.40) lets peft's own logic run as written: its
     greedy answers then equal a loop of full forward passes through peft's model
     (tests/test_llm_quality_bench.py). A no-op for peft's other methods and where the key is already the old one."""
     if not model.active_peft_config.is_prompt_learning:
