@@ -93,7 +93,7 @@ def test_a_rank_below_one_is_one_line(capsys):
 @pytest.mark.parametrize("method", ["prefix_tuning", "prefix_tuning-v2", "prompt_tuning", "p_tuning"])
 def test_peft_token_methods_generate_as_peft_forwards_once_the_cache_is_renamed(method):
     """peft's own ``generate`` for its token methods, after ``peft_generate_compat``, answers token for token as a
-    greedy loop of full forward passes through peft's model (without it, on transformers 5.2x, prefix tuning answers
+    greedy loop of full forward passes through peft's model (without it, on transformers 5.24, prefix tuning answers
     as the plain base and prompt tuning re-prepends its tokens each step). The base's own next-token predictions on
     the loop's text differ from it, so the virtual tokens matter and the test can fail."""
     peft = pytest.importorskip("peft")
