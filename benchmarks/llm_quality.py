@@ -23,7 +23,8 @@ never trained on), written beside ``--out`` as JSON that ``--lr-from`` reads; ``
 trains under bf16 autocast over fp32 weights (both sides alike; decoding and the losses stay fp32). Method names and the configs:
 benchmarks/common.py, with the fields of ``configs`` over them (``lora-4bit`` and ``lora-rslora`` on every linear layer here,
 ``prefix_tuning`` with 10 tokens and an MLP of width 256, ``prompt_tuning`` initialised from a text). peft's token
-rows generate through ``peft_generate_compat`` (peft 0.21.2 and transformers 5.24 name the KV cache differently).
+rows generate through ``peft_generate_compat`` (peft 0.21.2 and transformers 5.24 name the KV cache differently);
+``--peft-prefix-mlp-once`` runs peft's prefix-tuning MLP once per step, as deltatune does (``peft_prefix_mlp_once``).
 """
 
 from __future__ import annotations
@@ -179,6 +180,19 @@ def peft_generate_compat(model) -> None:
     model.base_model_prepare_inputs_for_generation = renamed
 
 
+def peft_prefix_mlp_once(model) -> None:
+    """Make peft's prefix tuning run its MLP once per step and expand the prefixes over the batch, as deltatune's does
+    (peft runs it on every batch row: the same function, its gradient summed in another order). With it, peft's
+    training equals deltatune's to the bit (tests/test_llm_quality_bench.py): the probe of whether the two libraries'
+    prefix rows differ only by that order. A no-op for every other method."""
+    config = model.active_peft_config
+    if config.peft_type != "PREFIX_TUNING" or not config.prefix_projection:
+        return
+    encoder = model.prompt_encoder[model.active_adapter]
+    forward = encoder.forward
+    encoder.forward = lambda tokens: forward(tokens[:1]).expand(tokens.shape[0], -1, -1)
+
+
 def decode(model, tok, rows: list[dict], max_new_tokens: int) -> list[str]:
     from deltatune.train.chat import generate, prompt_ids
 
@@ -219,6 +233,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
         model = peft.get_peft_model(base, config)
         peft_generate_compat(model)
+        if a.peft_prefix_mlp_once:
+            peft_prefix_mlp_once(model)
     else:
         model = dt.get_delta_model(base, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config is not None else 0
@@ -330,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, help="r of every LoRA row, alpha 2r (default: the table's r 8, alpha 16)")
     p.add_argument("--lr", type=float, help="one learning rate for every method (default: the LR table)")
     p.add_argument("--lr-from", help="the best rates of a --sweep run (its JSON)")
+    p.add_argument(
+        "--peft-prefix-mlp-once",
+        action="store_true",
+        help="peft's prefix tuning runs its MLP once per step, as deltatune's (the summation-order probe)",
+    )
     p.add_argument("--sweep", action="store_true", help="the lr sweep: dev loss at each rate of SWEEP x LR")
     p.add_argument("--sweep-steps", type=int, default=20)
     p.add_argument("--dev-rows", type=int, default=64)
@@ -366,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     shared += [f"--threads={a.threads}"] if a.threads else []
     shared += [f"--rank={a.rank}"] if a.rank else []
     shared += ["--autocast"] if a.autocast else []
+    shared += ["--peft-prefix-mlp-once"] if a.peft_prefix_mlp_once else []
     command = f"`python benchmarks/llm_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     if a.sweep:
         jobs = [(m, "deltatune", [*shared, f"--steps={a.sweep_steps}", f"--lr={LR[m] * f!r}", "--sweep"])

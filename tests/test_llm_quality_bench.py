@@ -133,3 +133,76 @@ def test_peft_generate_compat_leaves_peft_s_other_methods_alone():
     before = model.base_model_prepare_inputs_for_generation
     llm_quality.peft_generate_compat(model)
     assert model.base_model_prepare_inputs_for_generation is before
+
+
+def _prefix_runs(steps: int = 3):
+    """deltatune's prefix tuning (MLP) and peft's from the same weights, trained ``steps`` AdamW steps on one tiny
+    Llama's batches: (deltatune, peft, peft with ``peft_prefix_mlp_once``), each as (losses, prefix parameters)."""
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+
+    import deltatune as dt
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    batches = [torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(s)) for s in range(steps)]
+    config = dict(num_virtual_tokens=5, encoder_hidden_size=48, prefix_projection=True, task_type="CAUSAL_LM")
+    twin = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.PrefixTuningConfig(**config))
+    start = {k.split("default.")[-1]: v.detach().clone() for k, v in twin.prompt_encoder.named_parameters()}
+
+    def run(side: str, once: bool = False):
+        model = transformers.LlamaForCausalLM(cfg)
+        model.load_state_dict(base.state_dict())
+        if side == "peft":
+            model = peft.get_peft_model(model, peft.PrefixTuningConfig(**config))
+            if once:
+                llm_quality.peft_prefix_mlp_once(model)
+        else:
+            model = dt.get_delta_model(model, dt.PrefixTuningConfig(**config))
+        named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        short = {k.split("default.")[-1]: p for k, p in named.items()}
+        assert sorted(short) == sorted(start)
+        with torch.no_grad():
+            for k, p in short.items():
+                p.copy_(start[k])
+        opt = torch.optim.AdamW(named.values(), lr=1e-2)
+        losses = []
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, {k: p.detach().clone() for k, p in short.items()}
+
+    return run("deltatune"), run("peft"), run("peft", once=True)
+
+
+def test_peft_prefix_tuning_with_its_mlp_run_once_per_step_trains_as_deltatune_s_to_the_bit():
+    """deltatune runs the prefix MLP once per step and expands it over the batch; peft runs it per batch row. The
+    same function (the first losses agree), but not the same gradient sums (the trained parameters differ in the last
+    bits here); after ``peft_prefix_mlp_once`` every loss and every trained parameter is deltatune's to the bit."""
+    import torch
+
+    (ours, mine), (theirs, their), (once, onces) = _prefix_runs()
+    assert ours == once
+    assert all(torch.equal(mine[k], onces[k]) for k in mine)
+    assert ours[0] == pytest.approx(theirs[0], abs=1e-6)
+    assert all(torch.allclose(mine[k], their[k], atol=1e-4) for k in mine)
+    assert not all(torch.equal(mine[k], their[k]) for k in mine)
+
+
+def test_peft_prefix_mlp_once_leaves_peft_s_other_methods_alone():
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    v2 = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), v2)
+    encoder = model.prompt_encoder["default"]
+    llm_quality.peft_prefix_mlp_once(model)
+    assert "forward" not in vars(encoder)
