@@ -58,6 +58,7 @@ DESCRIPTIONS = {
 LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA r=8, alpha 16, q+v",
+    "lora-dora": "DoRA r=8, alpha 16, q+v",
     "lora-4bit": "QLoRA: NF4 base, LoRA r=8 q+v",
     "ia3": "IA3 (k, v, ffn-out)",
     "prompt_tuning": "prompt tuning, 20 tokens",

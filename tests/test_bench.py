@@ -94,7 +94,7 @@ def test_help_lists_the_options(capsys):
 def test_unknown_method_is_an_error(capsys):
     assert main(["--methods", "lora,nope"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown method nope; choose from full, lora, lora-4bit, ia3" in err
+    assert err.count("\n") == 1 and "unknown method nope; choose from full, lora, lora-dora, lora-4bit, ia3" in err
 
 
 def test_method_names_are_the_test_matrix_names():
