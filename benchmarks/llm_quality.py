@@ -19,7 +19,8 @@ The prompt is a chat turn ("Describe this restaurant in one sentence: <meaning r
 the reference sentence and the end-of-turn token. Learning rates per method are the LR table below (the centres of
 the sweep); ``--sweep`` trains each method (deltatune side) ``--sweep-steps`` steps at each rate of ``SWEEP`` x its
 centre and keeps the one with the lowest loss on a dev slice (``--dev-rows`` rows of the train file drawn by the seed,
-never trained on), written beside ``--out`` as JSON that ``--lr-from`` reads; ``--lr`` overrides them all. ``--autocast``
+never trained on), written beside ``--out`` as JSON that ``--lr-from`` reads (a ``--sweep`` with ``--lr-from`` centres
+on those rates: the next grid around a best at its edge); ``--lr`` overrides them all. ``--autocast``
 trains under bf16 autocast over fp32 weights (both sides alike; decoding and the losses stay fp32). Method names and the configs:
 benchmarks/common.py, with the fields of ``configs`` over them (``lora-4bit`` and ``lora-rslora`` on every linear layer here,
 ``prefix_tuning`` with 10 tokens and an MLP of width 256, ``prompt_tuning`` initialised from a text). peft's token
@@ -310,6 +311,23 @@ def _sweep_table(results: list[dict]) -> tuple[str, dict[str, float]]:
     return "\n".join(lines), best
 
 
+def _lr_from(path: str) -> dict[str, float]:
+    """The best rates of a ``--sweep`` run (its JSON: method -> lr), checked against the LR table."""
+    with open(path, encoding="utf-8") as fh:
+        try:
+            best = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(best, dict):
+        raise ValueError("not an object of method: lr")
+    for method, lr in best.items():
+        if method not in LR:
+            raise ValueError(f"unknown method {method!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"{method}: the lr must be a positive number, got {lr!r}")
+    return {m: float(lr) for m, lr in best.items()}
+
+
 def _run(jobs: list[tuple[str, str, list[str]]], parallel: int) -> list[dict]:
     """Each job (method, side, extra flags) in a fresh worker process, ``parallel`` at a time; results in job order."""
     from concurrent.futures import ThreadPoolExecutor
@@ -345,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (fp32 weights)")
     p.add_argument("--rank", type=int, help="r of every LoRA row, alpha 2r (default: the table's r 8, alpha 16)")
     p.add_argument("--lr", type=float, help="one learning rate for every method (default: the LR table)")
-    p.add_argument("--lr-from", help="the best rates of a --sweep run (its JSON)")
+    p.add_argument("--lr-from", help="the best rates of a --sweep run (its JSON); with --sweep, its centres")
     p.add_argument(
         "--peft-prefix-mlp-once",
         action="store_true",
@@ -376,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"llm_quality.py: error: {exc}", file=sys.stderr)
         return 2
+    rates = dict(LR)
+    if a.lr_from:
+        try:
+            rates.update(_lr_from(a.lr_from))
+        except (OSError, ValueError) as exc:
+            print(f"llm_quality.py: error: --lr-from {a.lr_from}: {exc}", file=sys.stderr)
+            return 2
     with open(os.path.join(DATA, "e2e_nlg", "train.jsonl"), encoding="utf-8") as fh:
         have, want = sum(1 for _ in fh), a.dev_rows + (a.sweep_steps if a.sweep else a.steps) * a.batch
     if want > have:
@@ -390,23 +415,20 @@ def main(argv: list[str] | None = None) -> int:
     shared += ["--peft-prefix-mlp-once"] if a.peft_prefix_mlp_once else []
     command = f"`python benchmarks/llm_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     if a.sweep:
-        jobs = [(m, "deltatune", [*shared, f"--steps={a.sweep_steps}", f"--lr={LR[m] * f!r}", "--sweep"])
+        jobs = [(m, "deltatune", [*shared, f"--steps={a.sweep_steps}", f"--lr={rates[m] * f!r}", "--sweep"])
                 for m in methods[1:] if m != "bitfit" for f in SWEEP]  # fmt: skip
         table, best = _sweep_table(_run(jobs, a.jobs))
         report = "\n".join([
             "## The lr sweep: SmolLM2-135M-Instruct on E2E, deltatune side", "", f"- Command: {command}",
             f"- {a.sweep_steps} steps x batch {a.batch} at each rate; dev loss: the answer tokens of "
-            f"{a.dev_rows} train rows drawn by the seed (never trained on); the rate is LR x 1/3, 1, 3.", "", table, "",
+            f"{a.dev_rows} train rows drawn by the seed (never trained on); the rate is "
+            f"{'the best of ' + a.lr_from if a.lr_from else 'LR'} x 1/3, 1, 3.", "", table, "",
         ])  # fmt: skip
         common.emit(report, a.out)
         if a.out:
             with open(os.path.splitext(a.out)[0] + ".json", "w", encoding="utf-8") as fh:
                 json.dump(best, fh, indent=1)
         return 0 if len(best) == len(jobs) // len(SWEEP) else 1
-    rates = dict(LR)
-    if a.lr_from:
-        with open(a.lr_from, encoding="utf-8") as fh:
-            rates.update(json.load(fh))
     jobs = []
     for method in methods:
         for side in ["deltatune"] if method == "base" else [s for s in a.sides.split(",") if s]:

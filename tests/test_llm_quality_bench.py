@@ -67,6 +67,49 @@ def test_the_sweep_keeps_each_methods_lowest_dev_loss_and_says_which_run_failed(
 
 
 @pytest.mark.skipif(not os.path.isdir(llm_quality.DATA), reason="../shared/data is not beside the repository")
+def test_a_sweep_with_lr_from_centres_on_its_rates_and_the_table_on_the_lr_table_otherwise(tmp_path, monkeypatch):
+    ran: list[tuple[str, str, list[str]]] = []
+
+    def fake_run(jobs, parallel):
+        ran.extend(jobs)
+        return [{"method": m, "lr": float(f[-2].split("=")[1]), "dev_loss": 1.0} for m, _, f in jobs]
+
+    monkeypatch.setattr(llm_quality, "_run", fake_run)
+    best = tmp_path / "best.json"
+    best.write_text('{"bottleneck-pfeiffer": 0.009}')
+    args = ["--sweep", "--methods", "bottleneck-pfeiffer,freeze", "--out", str(tmp_path / "s.md")]
+    assert llm_quality.main([*args, "--lr-from", str(best)]) == 0
+    rates = {m: [] for m in ("bottleneck-pfeiffer", "freeze")}
+    for method, _, flags in ran:
+        rates[method].append(float(next(f for f in flags if f.startswith("--lr=")).split("=")[1]))
+    assert rates["bottleneck-pfeiffer"] == pytest.approx([0.003, 0.009, 0.027])
+    base = llm_quality.LR["freeze"]
+    assert rates["freeze"] == pytest.approx([base / 3, base, base * 3])
+    assert "the best of " + str(best) in (tmp_path / "s.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (None, "No such file"),
+        ("{not json", "not JSON"),
+        ('["lora"]', "not an object of method: lr"),
+        ('{"lora-typo": 0.001}', "unknown method 'lora-typo'"),
+        ('{"lora": -0.001}', "lora: the lr must be a positive number, got -0.001"),
+        ('{"lora": "fast"}', "lora: the lr must be a positive number, got 'fast'"),
+    ],
+)
+def test_a_bad_lr_from_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch, text, said):
+    monkeypatch.setattr(llm_quality, "_run", lambda jobs, parallel: pytest.fail("ran with a bad --lr-from"))
+    path = tmp_path / "best.json"
+    if text is not None:
+        path.write_text(text)
+    assert llm_quality.main(["--methods", "lora", "--lr-from", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--lr-from {path}: " in err and said in err
+
+
+@pytest.mark.skipif(not os.path.isdir(llm_quality.DATA), reason="../shared/data is not beside the repository")
 def test_a_budget_larger_than_the_train_file_is_one_line(capsys):
     assert llm_quality.main(["--methods", "lora", "--steps", "1000", "--batch", "8"]) == 2
     err = capsys.readouterr().err
