@@ -88,6 +88,25 @@ def test_a_sweep_with_lr_from_centres_on_its_rates_and_the_table_on_the_lr_table
     assert "the best of " + str(best) in (tmp_path / "s.md").read_text()
 
 
+@pytest.mark.skipif(not os.path.isdir(llm_quality.DATA), reason="../shared/data is not beside the repository")
+def test_the_run_wide_switches_reach_every_worker(monkeypatch):
+    ran: list[tuple[str, str, list[str]]] = []
+
+    def fake_run(jobs, parallel):
+        ran.extend(jobs)
+        return [{"method": m, "side": s, "error": "not run"} for m, s, _ in jobs]
+
+    monkeypatch.setattr(llm_quality, "_run", fake_run)
+    switches = ["--peft-prefix-mlp-once", "--autocast", "--rank=4", "--threads=1"]
+    assert llm_quality.main(["--methods", "prefix_tuning,lora", "--steps", "3", *switches]) == 1
+    assert sorted((m, s) for m, s, _ in ran) == [
+        ("base", "deltatune"),
+        *((m, s) for m in ("lora", "prefix_tuning") for s in ("deltatune", "peft")),
+    ]
+    for _, _, flags in ran:
+        assert set(switches) <= set(flags) and "--steps=3" in flags
+
+
 @pytest.mark.parametrize(
     ("text", "said"),
     [
