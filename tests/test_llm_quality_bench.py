@@ -70,9 +70,12 @@ def test_the_sweep_keeps_each_methods_lowest_dev_loss_and_says_which_run_failed(
 def test_a_sweep_with_lr_from_centres_on_its_rates_and_the_table_on_the_lr_table_otherwise(tmp_path, monkeypatch):
     ran: list[tuple[str, str, list[str]]] = []
 
+    def lr(flags: list[str]) -> float:
+        return float(next(f for f in flags if f.startswith("--lr=")).split("=")[1])
+
     def fake_run(jobs, parallel):
         ran.extend(jobs)
-        return [{"method": m, "lr": float(f[-2].split("=")[1]), "dev_loss": 1.0} for m, _, f in jobs]
+        return [{"method": m, "lr": lr(f), "dev_loss": 1.0} for m, _, f in jobs]
 
     monkeypatch.setattr(llm_quality, "_run", fake_run)
     best = tmp_path / "best.json"
@@ -81,7 +84,7 @@ def test_a_sweep_with_lr_from_centres_on_its_rates_and_the_table_on_the_lr_table
     assert llm_quality.main([*args, "--lr-from", str(best)]) == 0
     rates = {m: [] for m in ("bottleneck-pfeiffer", "freeze")}
     for method, _, flags in ran:
-        rates[method].append(float(next(f for f in flags if f.startswith("--lr=")).split("=")[1]))
+        rates[method].append(lr(flags))
     assert rates["bottleneck-pfeiffer"] == pytest.approx([0.003, 0.009, 0.027])
     base = llm_quality.LR["freeze"]
     assert rates["freeze"] == pytest.approx([base / 3, base, base * 3])
