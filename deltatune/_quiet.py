@@ -4,7 +4,7 @@ transformers imports torchao and bitsandbytes when they are installed, even when
 machine they log at import time: torchao that its CUDA kernels do not load, torch's pytree that torchao registers
 Enums the old way, bitsandbytes that the optional ``kernels`` package is missing (and ``kernels``, when it is
 there and the hub is offline, that it skips its publisher check), diffusers that torchao's old tensor classes are
-gone. None of it concerns a deltatune run, and six such lines before every command hide the lines that do. Only
+gone. None of it concerns a deltatune run, and such lines before every command hide the lines that do. Only
 these named loggers are raised to ERROR, and only while nobody has set a level on them, so a user who configures
 logging keeps the last word.
 """
