@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -310,6 +311,16 @@ def checkpointing(model: nn.Module) -> bool:
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
+
+
+def enable_checkpointing(model: nn.Module, kwargs: dict, **options: Any) -> None:
+    """Turn on activation (gradient) checkpointing in ``model`` with these ``torch.utils.checkpoint`` ``kwargs``:
+    transformers' ``activation_checkpointing_enable`` (5.25 on; ``options`` such as ``every_n_layers`` go to it),
+    else ``gradient_checkpointing_enable`` (earlier releases; 5.25 deprecates it with a warning per call)."""
+    if hasattr(type(model), "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def call_batch_size(args: tuple, kwargs: dict) -> int | None:

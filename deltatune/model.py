@@ -43,6 +43,7 @@ from .layer import (
     call_batch_size,
     check_not_shared,
     checkpointing,
+    enable_checkpointing,
     logical_numel,
     replace_module,
     unpack_frozen_layers,
@@ -222,16 +223,20 @@ class DeltaModel(nn.Module):
         """The wrapped model (with the adapter layers in it)."""
         return self.base_model
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Turn on the base model's gradient checkpointing, non-reentrant unless asked otherwise.
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """Turn on the base model's activation checkpointing, non-reentrant unless asked otherwise; ``options``
+        (transformers' ``every_n_layers``, ``offload``) pass through. ``gradient_checkpointing_enable`` is peft's name.
 
         The reentrant variant drops gradients when no input of a checkpointed block requires grad, which is
         the normal case with a frozen embedding; it then needs the embedding outputs to require grad.
         """
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        enable_checkpointing(self.base_model, kwargs, **options)
         if kwargs["use_reentrant"] and hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     # -- adapters --------------------------------------------------------------------------------------
     @property

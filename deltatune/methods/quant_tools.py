@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..layer import DeltaLayer, set_submodule
+from ..layer import DeltaLayer, enable_checkpointing, set_submodule
 from ..targets import HEAD_NAMES, matches
 from .quant import (
     _DTYPES,
@@ -180,7 +180,7 @@ def prepare_for_kbit_training(
     Args:
         model: the quantised base model, before adapters are added.
         use_gradient_checkpointing: turn on the model's gradient checkpointing.
-        gradient_checkpointing_kwargs: passed to ``gradient_checkpointing_enable`` (e.g. ``{"use_reentrant": True}``).
+        gradient_checkpointing_kwargs: passed to the checkpointing (e.g. ``{"use_reentrant": True}``).
 
     Returns:
         The same model.
@@ -203,8 +203,8 @@ def prepare_for_kbit_training(
             model.enable_input_require_grads()
         elif hasattr(model, "get_input_embeddings"):
             model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable"):
+            enable_checkpointing(model, kwargs)
     return model
 
 

@@ -61,6 +61,19 @@ def _report_to(wanted: list[str]) -> list[str]:
     return out
 
 
+def _checkpointing(on: bool, args_class: type) -> dict[str, Any]:
+    """The checkpointing arguments, under the names the installed transformers reads: ``activation_checkpointing*``
+    (5.25 on; it warns once per name on the old ``gradient_checkpointing*``), else the old names; none when off."""
+    if not on:
+        return {}
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in args_class.__dataclass_fields__
+        else "gradient_checkpointing"
+    )
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
     from transformers import TrainingArguments
 
@@ -95,10 +108,7 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         ddp_backend=None if torch.cuda.is_available() or not distributed else "gloo",
         dataloader_num_workers=t.num_workers,
         include_num_input_tokens_seen="non_padding" if cfg.stage not in IMAGE_STAGES else "no",  # no tokens
-        # None when off: transformers 5 warns (FutureWarning: the activation_* names) on every run that passes these
-        # at all, and DeltaModel offers gradient_checkpointing_enable, which the old names call.
-        gradient_checkpointing=cfg.model.gradient_checkpointing or None,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        **_checkpointing(cfg.model.gradient_checkpointing, TrainingArguments),
         eval_on_start=t.eval_on_start and has_eval,
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config or None,

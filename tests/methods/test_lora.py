@@ -212,11 +212,21 @@ def test_compile_lora_linear_fullgraph():
 
 
 # -- training ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_trains(reentrant):
+def test_gradient_checkpointing_trains(entry, reentrant):
+    """peft's name and transformers' current one both turn it on, without the FutureWarning transformers 5.25 gives
+    for its old name."""
+    import warnings
+
+    from deltatune.layer import checkpointing
+
     model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4))
-    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
-    assert model.base_model.is_gradient_checkpointing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        getattr(model, entry)({"use_reentrant": reentrant})
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
+    assert checkpointing(model.base_model)
     model.train()
     inputs = tiny_inputs("llama")
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
@@ -225,8 +235,13 @@ def test_gradient_checkpointing_trains(reentrant):
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
 
 
-def test_hf_trainer_two_steps(tmp_path):
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_hf_trainer_two_steps(tmp_path, checkpointed):
+    """Also with the Trainer turning checkpointing on (it calls the model's enable with its own options)."""
     from transformers import Trainer, TrainingArguments
+
+    from deltatune.layer import checkpointing
+    from deltatune.train.run import _checkpointing
 
     model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -235,9 +250,10 @@ def test_hf_trainer_two_steps(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
         remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+        **_checkpointing(checkpointed, TrainingArguments),
     )  # fmt: skip
     result = Trainer(model=model, args=args, train_dataset=rows).train()
-    assert result.global_step == 2
+    assert result.global_step == 2 and checkpointing(model.base_model) == checkpointed
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.config import ConfigError
-from deltatune.layer import DeltaLayer
+from deltatune.layer import DeltaLayer, checkpointing
 from deltatune.methods import quant
 from deltatune.methods.quant import Linear4bit, QuantizationError
 
@@ -268,10 +269,13 @@ def test_prepare_for_kbit_training():
     model = _llama().to(torch.bfloat16)
     model, _ = dt.quantize(model, compute_dtype="bfloat16", backend=BACKENDS[0])
     stored = _state(model)
-    dt.prepare_for_kbit_training(model)
+    with warnings.catch_warnings(record=True) as caught:  # transformers 5.25 deprecates gradient_checkpointing_enable
+        warnings.simplefilter("always")
+        dt.prepare_for_kbit_training(model)
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
     assert model.model.norm.weight.dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.float32
     assert all(not p.requires_grad for p in model.parameters())
-    assert model.is_gradient_checkpointing
+    assert checkpointing(model)
     for name, tensors in _state(model).items():
         if "proj.weight" in name and name in stored and stored[name][0].dtype == torch.uint8:
             assert all(torch.equal(a, b) for a, b in zip(stored[name], tensors))

@@ -173,3 +173,24 @@ def test_two_processes_equal_single(tiny_cls, data, tmp_path, sharding):
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert json.loads((tmp_path / "multi" / "metrics.json").read_text())["train_steps"] == 3
     assert_same_adapter(adapter(tmp_path / "single"), adapter(tmp_path / "multi"), atol=1e-5)
+
+
+def test_checkpointing_arguments_use_the_names_transformers_reads(tmp_path):
+    """``activation_checkpointing*`` where TrainingArguments has them (5.25 warns on the old names), else the old
+    names; nothing when off. Either way the arguments read back as checkpointing, non-reentrant."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from deltatune.train.run import _checkpointing
+
+    class Old:
+        __dataclass_fields__ = {"gradient_checkpointing": None, "gradient_checkpointing_kwargs": None}
+
+    assert _checkpointing(False, TrainingArguments) == {}
+    kwargs = {"use_reentrant": False}
+    assert _checkpointing(True, Old) == {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = TrainingArguments(tmp_path, use_cpu=True, report_to=[], **_checkpointing(True, TrainingArguments))
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == kwargs
