@@ -98,6 +98,10 @@ def test_merged_weights_match_peft(family, tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=ATOL32, rtol=0, msg=key)
 
 
+def _peft_key(name: str) -> str:  # PEFT's file key of a parameter
+    return name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+
+
 @pytest.mark.parametrize("family, dora", [("llama", False), ("llama", True), ("gpt2", True)])
 def test_training_step_matches_peft(family, dora, tmp_path):
     """In train mode with dropout (same seed, same masks) the logits and every adapter gradient match PEFT's."""
@@ -117,11 +121,76 @@ def test_training_step_matches_peft(family, dora, tmp_path):
     expected.sum().backward()
     logits.sum().backward()
 
-    def peft_key(name: str) -> str:  # PEFT's file key of a parameter
-        return name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
-
-    their_grads = {peft_key(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    their_grads = {_peft_key(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     our_grads = {k: p.grad for k, p in ours.adapter_state_dict().items()}
     assert our_grads.keys() == their_grads.keys()
     for key, grad in their_grads.items():
         torch.testing.assert_close(our_grads[key], grad, atol=ATOL32, rtol=0, msg=key)
+
+
+def _dora_step(model, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Train-mode logits of one seeded forward (under autocast to ``dtype``) and the adapter's gradients after it."""
+    model.train()
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(**tiny_inputs("llama")).logits
+    (logits.float() ** 2).mean().backward()
+    if isinstance(model, dt.DeltaModel):
+        return logits, {k: p.grad for k, p in model.adapter_state_dict().items()}
+    return logits, {_peft_key(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_dora_gradients_equal_peft_to_the_bit(dropout, tmp_path):
+    """In fp32 DoRA (whose backward recomputes the LoRA output instead of keeping it, `methods/_dora.py`) gives
+    PEFT's logits and gradients exactly, with and without dropout, on every linear layer."""
+    fields = _fields("llama", {"lora_dropout": dropout, "use_dora": True, "target_modules": "all-linear"})
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**fields))
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    (expected, their_grads), (logits, our_grads) = _dora_step(theirs, torch.float32), _dora_step(ours, torch.float32)
+    assert torch.equal(logits, expected)
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) == 2 * 7 * 3  # layers x linears x (A, B, m)
+    for key, grad in their_grads.items():
+        assert torch.equal(our_grads[key], grad), key
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_backward_equals_the_plain_graph_to_the_bit(dtype, dropout, tmp_path, monkeypatch):
+    """The recomputing backward against autograd over the same expression (what it replaces), also under bf16
+    autocast (where deltatune's rounding differs from PEFT's: the backward must recompute under the same autocast)."""
+    from deltatune.methods import _dora
+
+    config = dt.LoraConfig(**_fields("llama", {"lora_dropout": dropout, "use_dora": True}))
+    logits, grads = _dora_step(dt.get_delta_model(tiny_model("llama"), config), dtype)
+    monkeypatch.setattr(_dora.DoraUpdate, "apply", _dora._update)
+    plain_logits, plain_grads = _dora_step(dt.get_delta_model(tiny_model("llama"), config), dtype)
+    assert torch.equal(logits, plain_logits)
+    assert grads.keys() == plain_grads.keys()
+    for key, grad in plain_grads.items():
+        assert torch.equal(grads[key], grad), key
+
+
+def test_dora_keeps_no_lora_output_for_the_backward():
+    """Between the passes a DoRA layer keeps W x, the rank-r A x and the input (for A's gradient), not the
+    (tokens, d_out) LoRA output autograd would keep: the saved bytes are the plain graph's less one output."""
+    from deltatune.methods import _dora
+
+    def saved_numel(layer, x) -> int:
+        numel = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: numel.append((t.shape[0], t.numel())) or t, lambda t: t
+        ):
+            layer(x)
+        return sum(n for rows, n in numel if rows == len(x))  # activations: not the weights, nor the (d_out,) scale
+
+    base = torch.nn.Sequential(torch.nn.Linear(16, 24))
+    config = dt.LoraConfig(r=2, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    layer = dt.get_delta_model(base, config).train().get_submodule("base_model.0")
+    x = torch.randn(32, 16, requires_grad=True)
+    ours = saved_numel(layer, x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_dora.DoraUpdate, "apply", _dora._update)
+        plain = saved_numel(layer, x)
+    assert ours == 32 * (24 + 2 + 16) and plain - ours == 32 * 24

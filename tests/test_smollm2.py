@@ -193,10 +193,14 @@ def test_packed_batch_gives_the_unpacked_loss(base, tok):
     assert (loss(leaky) - alone).abs() / n > 1e-3
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(base, batch):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_gradient_checkpointing_gives_the_same_gradients(base, batch, dora):
+    """Also for DoRA, whose own backward recomputes its update inside the checkpoint's recomputation."""
+
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = dt.get_delta_model(base(), dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        config = dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=dora)
+        model = dt.get_delta_model(base(), config)
         if checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.train()
@@ -205,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base, batch):
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     plain, checkpointed = grads(False), grads(True)
-    assert plain.keys() == checkpointed.keys() and len(plain) == 30 * 7 * 2
+    assert plain.keys() == checkpointed.keys() and len(plain) == 30 * 7 * (3 if dora else 2)
     for name, g in plain.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5, msg=name)

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
 from ..layer import DeltaLayer, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
+from ._dora import dora, row_norm
 from ._lora_gather import gathered
 
 
@@ -186,7 +187,7 @@ class _LoraBase(DeltaLayer):
         delta = self.delta_weight(name).to(weight.dtype)
         if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W + s B A||, the norm kept for unmerge
             merged = weight + delta
-            self._dora_norm[name] = norm = _row_norm(merged, self._rows_dim)
+            self._dora_norm[name] = norm = row_norm(merged, self._rows_dim)
             factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / norm
             weight.copy_(merged * _expand(factor, weight, self._rows_dim))
         else:
@@ -202,12 +203,6 @@ class _LoraBase(DeltaLayer):
             weight.sub_(delta)
 
     _rows_dim = 0  # the dimension of the stored weight that indexes output features
-
-
-def _row_norm(weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
-    """L2 norm of each output row of a weight stored with outputs along ``rows_dim``."""
-    w = weight.transpose(0, rows_dim) if rows_dim else weight
-    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
 
 
 def _expand(v: torch.Tensor, weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
@@ -237,7 +232,7 @@ class LoraLinear(_LoraBase):
         if dora:
             with torch.no_grad():
                 w = weight.float() + self.delta_weight(name).float()
-                norm = _row_norm(w, self._rows_dim).to(dtype)
+                norm = row_norm(w, self._rows_dim).to(dtype)
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -248,7 +243,7 @@ class LoraLinear(_LoraBase):
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         x_in = self.lora_dropout[name](x).to(A.dtype)
         if name in self.lora_magnitude_vector:
-            return result + _dora(self, name, x_in, result).to(result.dtype)
+            return result + dora(self, name, x_in, result).to(result.dtype)
         # Scale the rank-r activations rather than the (tokens, d_out) output: r/d_out of the work; then one fused
         # multiply-add for the (tokens, d_out) update instead of a product and a sum.
         h = F.linear(x_in, A) * s  # (..., r)
@@ -256,23 +251,6 @@ class LoraLinear(_LoraBase):
             result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]).to(result.dtype), B.T.to(result.dtype)
         )
         return out.view(result.shape)
-
-
-def _dora(layer: LoraLinear, name: str, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """DoRA's addition to the base output W x (PEFT's formulation, so the numbers match), with m the trained
-    magnitude and the norm detached: (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x."""
-    A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
-    weight = layer._weight.to(A.dtype)
-    with torch.no_grad():
-        norm = _row_norm(weight + layer.delta_weight(name).to(A.dtype), layer._rows_dim)
-    scale = layer.lora_magnitude_vector[name] / norm  # (d_out,)
-    lora = F.linear(F.linear(x_in, A), B)
-    if isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training:
-        bias = getattr(layer.base_layer, "bias", None)
-        base = result.to(A.dtype) - bias if bias is not None else result.to(A.dtype)
-    else:  # dropout changed the input: W x is recomputed on the dropped-out x, as PEFT does
-        base = F.linear(x_in, weight.T if layer.fan_in_fan_out else weight)
-    return (scale - 1) * base + scale * lora * s
 
 
 class LoraEmbedding(_LoraBase):

@@ -1,0 +1,72 @@
+"""DoRA's addition to a LoRA linear layer's output, in PEFT's formulation and operation order (so the numbers match
+PEFT's), with a backward that keeps less.
+
+The update is ``(scale - 1) * W x + scale * s * B A x`` with ``scale = m / ||W + s B A||`` (the norm detached, as
+the paper and PEFT do). Autograd on that expression keeps two (tokens, d_out) tensors per layer for the magnitude's
+gradient: ``W x`` and the LoRA output ``B A x``. ``DoraUpdate`` keeps only ``W x`` and the rank-r ``A x`` (which
+B's gradient needs anyway) and recomputes the rest in its backward, where autograd differentiates the same
+operations on the same values: the gradients are the plain graph's to the bit (``tests/test_peft_equivalence.py``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .lora import LoraLinear
+
+
+def _update(scale: torch.Tensor, base: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    return (scale - 1) * base + scale * F.linear(h, B) * s
+
+
+class DoraUpdate(torch.autograd.Function):
+    """``_update`` whose backward recomputes it (under the forward's autocast state) instead of keeping its
+    intermediates: the (tokens, d_out) LoRA output is not kept between the passes."""
+
+    @staticmethod
+    def forward(ctx, scale, base, h, B, s):
+        device = base.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.s = s
+        ctx.save_for_backward(scale, base, h, B)
+        return _update(scale, base, h, B, s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [t.detach().requires_grad_(needed) for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            out = _update(*inputs, ctx.s)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return (*(next(grads) if t.requires_grad else None for t in inputs), None)
+
+
+def dora(layer: LoraLinear, name: str, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """DoRA's addition to the base output ``result`` = W x (+ bias) of ``layer`` for adapter ``name``, on the
+    (dropped-out) input ``x_in``: (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x."""
+    A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+    weight = layer._weight.to(A.dtype)
+    with torch.no_grad():
+        norm = row_norm(weight + layer.delta_weight(name).to(A.dtype), layer._rows_dim)
+    scale = layer.lora_magnitude_vector[name] / norm  # (d_out,)
+    if isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training:
+        bias = getattr(layer.base_layer, "bias", None)
+        base = result.to(A.dtype) - bias if bias is not None else result.to(A.dtype)
+    else:  # dropout changed the input: W x is recomputed on the dropped-out x, as PEFT does
+        base = F.linear(x_in, weight.T if layer.fan_in_fan_out else weight)
+    h = F.linear(x_in, A)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (scale, base, h, B)):
+        return DoraUpdate.apply(scale, base, h, B, s)
+    return _update(scale, base, h, B, s)
+
+
+def row_norm(weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
+    """L2 norm of each output row of a weight stored with outputs along ``rows_dim``."""
+    w = weight.transpose(0, rows_dim) if rows_dim else weight
+    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
