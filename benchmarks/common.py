@@ -207,11 +207,18 @@ def pick(value: str | None, known: Iterable[str], what: str = "method", default:
 
 
 def in_process_options(
-    script: str, doc: str, argv: list[str] | None, default: str, rounds: int, fused_loss: bool = False
+    script: str,
+    doc: str,
+    argv: list[str] | None,
+    default: str,
+    rounds: int,
+    fused_loss: bool = False,
+    dora: bool = False,
 ) -> argparse.Namespace:
     """The options of the one-process scripts (``script``: interleaved.py, mixed_batch.py), parsed, with torch's
     threads set, ``rounds`` filled in (``--quick``: 2) and ``command`` the line that reproduces the run.
-    ``fused_loss``: the script takes ``--fused-loss`` (deltatune's causal-LM loss on, as ``deltatune train`` runs)."""
+    ``fused_loss``: the script takes ``--fused-loss`` (deltatune's causal-LM loss on, as ``deltatune train`` runs);
+    ``dora``: ``--dora`` (both sides' LoRA with DoRA)."""
     import torch
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -228,6 +235,8 @@ def in_process_options(
             action="store_true",
             help="deltatune's models with the fused causal-LM loss, as `deltatune train`",
         )
+    if dora:
+        parser.add_argument("--dora", action="store_true", help="DoRA (use_dora) on both sides' LoRA")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

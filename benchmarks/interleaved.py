@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/interleaved.py --config llama-fp32     # the harness's ~60M Llama, 4 x 512
     .venv/bin/python benchmarks/interleaved.py --config minilm         # the real MiniLM-L6, 32 x 128
+    .venv/bin/python benchmarks/interleaved.py --config smollm2-fp32 --dora  # DoRA on both sides
     .venv/bin/python benchmarks/interleaved.py --quick                 # smoke test: tiny shapes, seconds
 
 ``python benchmarks/bench.py`` runs each side in fresh processes, one after the other, which is the right way to measure
@@ -50,12 +51,13 @@ Times = dict[str, list[float]]
 
 
 def build(
-    config: str, quick: bool, seed: int = 0, fused_loss: bool = False
+    config: str, quick: bool, seed: int = 0, fused_loss: bool = False, dora: bool = False
 ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor], bw.Shape]:
     """The base model (full fine-tuning), deltatune's and peft's LoRA models, each on its own copy of the same base.
 
     ``fused_loss``: deltatune's two models (full and LoRA) compute a causal LM's loss with ``deltatune.loss``, as
-    ``deltatune train`` runs them; off, they run transformers' loss, as peft's model and the floor do."""
+    ``deltatune train`` runs them; off, they run transformers' loss, as peft's model and the floor do. ``dora``: both
+    LoRA models with DoRA (the magnitude from the base weights, as at injection)."""
     import peft
 
     import deltatune as dt
@@ -67,10 +69,11 @@ def build(
     full = common.method_config("full", "deltatune", task_type, **modules)
     models = {"full": dt.get_delta_model(base, full, fused_loss=fused_loss)}
     base, _, _ = bw.build(shape, cpu, seed)
-    lora = common.method_config("lora", "deltatune", task_type, **modules)
+    method = "lora-dora" if dora else "lora"
+    lora = common.method_config(method, "deltatune", task_type, **modules)
     models["deltatune"] = dt.get_delta_model(base, lora, fused_loss=fused_loss)
     base, _, _ = bw.build(shape, cpu, seed)
-    config_p = common.method_config("lora", "peft", task_type, **modules)
+    config_p = common.method_config(method, "peft", task_type, **modules)
     models["peft"] = peft.get_peft_model(base, config_p, autocast_adapter_dtype=False)
     base, _, _ = bw.build(shape, cpu, seed)
     models["floor"] = floor_model(base, common.LORA_TARGETS[shape.kind], task_type)
@@ -200,7 +203,13 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
 
 
 def report(
-    times: dict[str, Times], config: str, shape: bw.Shape, rounds: int, command: str, fused_loss: bool = False
+    times: dict[str, Times],
+    config: str,
+    shape: bw.Shape,
+    rounds: int,
+    command: str,
+    fused_loss: bool = False,
+    dora: bool = False,
 ) -> str:
     med = {what: {k: statistics.median(v) for k, v in t.items()} for what, t in times.items()}
     t = times
@@ -209,7 +218,7 @@ def report(
         "",
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{command}`",
-        f"- Configuration: {config}, batch {shape.batch} x seq {shape.seq}, {shape.dtype}; LoRA r 8, alpha 16, q+v; "
+        f"- Configuration: {config}, batch {shape.batch} x seq {shape.seq}, {shape.dtype}; LoRA r 8, alpha 16, q+v{', DoRA' if dora else ''}; "
         f"{rounds} rounds after 1 warm-up, order rotating; torch threads {torch.get_num_threads()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}",
         "- deltatune's loss: "
@@ -266,12 +275,14 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = common.in_process_options("interleaved.py", __doc__, argv, default="llama-fp32", rounds=9, fused_loss=True)
-    models, batch, shape = build(args.config, args.quick, fused_loss=args.fused_loss)
+    args = common.in_process_options(
+        "interleaved.py", __doc__, argv, default="llama-fp32", rounds=9, fused_loss=True, dora=True
+    )
+    models, batch, shape = build(args.config, args.quick, fused_loss=args.fused_loss, dora=args.dora)
     difference = max_difference(models, batch)
     tolerance = 1e-5 if shape.dtype == "float32" else 2e-2
     times = measure(models, batch, args.rounds)
-    text = report(times, args.config, shape, args.rounds, args.command, args.fused_loss)
+    text = report(times, args.config, shape, args.rounds, args.command, args.fused_loss, args.dora)
     text += f"\nThe two LoRA models hold the same adapter: outputs differ by {difference:.1e} of the largest logit.\n"
     common.emit(text, args.out)
     return 0 if difference <= tolerance else 1  # 1: the two sides do not compute the same model

@@ -184,15 +184,17 @@ def test_logprobs_benchmark_runs_and_both_ways_agree(capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "interleaved.py")), reason="no benchmarks/")
-@pytest.mark.parametrize("config, fused", [("llama-fp32", False), ("llama-fp32", True), ("minilm", False)])
-def test_interleaved_benchmark_reports_every_measure(tmp_path, config, fused):
+@pytest.mark.parametrize(
+    "config, fused, dora", [("llama-fp32", False, False), ("llama-fp32", True, True), ("minilm", False, False)]
+)
+def test_interleaved_benchmark_reports_every_measure(tmp_path, config, fused, dora):
     sys.path.insert(0, BENCHMARKS)
     import interleaved
 
     out = tmp_path / "interleaved.md"
     argv = ["--quick", "--config", config, "--rounds", "1", "--threads", "1", "--out", str(out)]
     assert (
-        interleaved.main(argv + ["--fused-loss"] * fused) == 0
+        interleaved.main(argv + ["--fused-loss"] * fused + ["--dora"] * dora) == 0
     )  # 1: deltatune's and peft's models do not compute the same outputs
     header, *table = markdown_table(
         out.read_text(encoding="utf-8"), "## deltatune and peft interleaved in one process"
@@ -212,6 +214,7 @@ def test_interleaved_benchmark_reports_every_measure(tmp_path, config, fused):
     assert "Per training step (median): minor page faults" in out.read_text(encoding="utf-8")
     loss = "the fused causal-LM loss" if fused else "transformers' (the library default"
     assert f"- deltatune's loss: {loss}" in out.read_text(encoding="utf-8")
+    assert ("alpha 16, q+v, DoRA;" in out.read_text(encoding="utf-8")) == dora
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "benchmarks", "interleaved.py")), reason="no benchmarks/")
