@@ -315,8 +315,8 @@ def checkpointing(model: nn.Module) -> bool:
 
 def enable_checkpointing(model: nn.Module, kwargs: dict, **options: Any) -> None:
     """Turn on activation (gradient) checkpointing in ``model`` with these ``torch.utils.checkpoint`` ``kwargs``:
-    transformers' ``activation_checkpointing_enable`` (5.25 on; ``options`` such as ``every_n_layers`` go to it),
-    else ``gradient_checkpointing_enable`` (earlier releases; 5.25 deprecates it with a warning per call)."""
+    transformers' ``activation_checkpointing_enable`` (newer releases; ``options`` such as ``every_n_layers`` go to
+    it), else ``gradient_checkpointing_enable`` (older ones; 5.25 deprecates it with a warning per call)."""
     if hasattr(type(model), "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
     else:

@@ -236,6 +236,7 @@ class DeltaModel(nn.Module):
             self.base_model.enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """peft's name (and transformers' old one) for :meth:`activation_checkpointing_enable`."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     # -- adapters --------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def _report_to(wanted: list[str]) -> list[str]:
 
 def _checkpointing(on: bool, args_class: type) -> dict[str, Any]:
     """The checkpointing arguments, under the names the installed transformers reads: ``activation_checkpointing*``
-    (5.25 on; it warns once per name on the old ``gradient_checkpointing*``), else the old names; none when off."""
+    (newer releases, which warn on the old ``gradient_checkpointing*``), else the old names; none when off."""
     if not on:
         return {}
     name = (
