@@ -10,14 +10,9 @@ operations on the same values: the gradients are the plain graph's to the bit (`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from .lora import LoraLinear
 
 
 def _update(scale: torch.Tensor, base: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -47,8 +42,9 @@ class DoraUpdate(torch.autograd.Function):
         return (*(next(grads) if t.requires_grad else None for t in inputs), None)
 
 
-def dora(layer: LoraLinear, name: str, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """DoRA's addition to the base output ``result`` = W x (+ bias) of ``layer`` for adapter ``name``, on the
+def dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """DoRA's addition to the base output ``result`` = W x (+ bias) of ``layer`` (a ``LoraLinear``; not imported:
+    lora.py imports this file) for adapter ``name``, on the
     (dropped-out) input ``x_in``: (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x."""
     A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     weight = layer._weight.to(A.dtype)
