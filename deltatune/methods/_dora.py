@@ -43,9 +43,9 @@ class DoraUpdate(torch.autograd.Function):
 
 
 def dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """DoRA's addition to the base output ``result`` = W x (+ bias) of ``layer`` (a ``LoraLinear``; not imported:
-    lora.py imports this file) for adapter ``name``, on the
-    (dropped-out) input ``x_in``: (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x."""
+    """DoRA's addition to the base output ``result`` = W x (+ bias) of ``layer`` (a ``LoraLinear``, not imported:
+    lora.py imports this file) for adapter ``name``, on the (dropped-out) input ``x_in``:
+    (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x."""
     A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     weight = layer._weight.to(A.dtype)
     with torch.no_grad():
