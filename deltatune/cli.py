@@ -228,6 +228,9 @@ def _train(args) -> int:
     main_key = next((k for k in ("eval_accuracy", "eval_f1", "eval_rougeL", "eval_loss") if k in metrics), None)
     if main_key and f"{main_key}_before" in metrics:
         print(f"{main_key}: {metrics[main_key + '_before']:.4f} before training -> {metrics[main_key]:.4f} after")
+    if "eval_paired_p" in metrics:  # preference stages: the same pairs before and after
+        print(f"pairs won: {metrics['eval_gained']} gained, {metrics['eval_lost']} lost "
+              f"(exact McNemar p {metrics['eval_paired_p']:.2g})")  # fmt: skip
     samples = os.path.join(cfg.output.dir, "samples.json")
     if cfg.output.samples and os.path.isfile(samples):
         from .train.chat import side_by_side

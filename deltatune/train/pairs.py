@@ -25,6 +25,16 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+def paired_change(start: np.ndarray, now: np.ndarray) -> dict[str, int | float]:
+    """How the same pairs' ranking changed between two evaluations, from their (N, 2) scores: ``gained`` (pairs won
+    now and not at the start), ``lost`` (the reverse) and ``paired_p``, the exact McNemar test: the sign test over
+    the pairs whose outcome changed. The accuracy changes by exactly (gained - lost) / N, and the test is of that
+    change with each pair its own control, so it is tighter than comparing two accuracies' intervals."""
+    won_start, won_now = start[:, 0] > start[:, 1], now[:, 0] > now[:, 1]
+    gained, lost = int((won_now & ~won_start).sum()), int((won_start & ~won_now).sum())
+    return {"gained": gained, "lost": lost, "paired_p": sign_test(gained, lost)}
+
+
 def pair_metrics(scores: np.ndarray) -> dict[str, float]:
     """Pairwise metrics from (N, 2) [chosen, rejected] scores: accuracy (strictly r_chosen > r_rejected, so a tie
     is not a win), the mean margin and its standard error, and the sign test's p-value of wins against losses
@@ -41,7 +51,29 @@ def pair_metrics(scores: np.ndarray) -> dict[str, float]:
 
 class PairTrainer(DeltaTrainer):
     """DeltaTrainer for preference pairs (rm, dpo): ``compute_loss(..., return_outputs=True)`` gives
-    (loss, (B, 2) [chosen, rejected] scores), and those scores are the eval predictions (labels are dummies)."""
+    (loss, (B, 2) [chosen, rejected] scores), and those scores are the eval predictions (labels are dummies).
+
+    The scores of an evaluation before the first step (``train.eval_on_start``) are kept, and every later
+    evaluation of the same rows adds ``paired_change`` against them (``eval_gained``, ``eval_lost``,
+    ``eval_paired_p``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._start_scores: dict[str, np.ndarray] = {}  # metric prefix -> (N, 2) scores before the first step
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if out.predictions is None:
+            return out
+        scores, start = np.asarray(out.predictions), self._start_scores.get(metric_key_prefix)
+        if self.state.global_step == 0:
+            self._start_scores[metric_key_prefix] = scores
+        elif start is not None and start.shape == scores.shape:
+            change = paired_change(start, scores)
+            out.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in change.items()})
+        return out
 
     def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, margins: bool = True) -> None:
         """Log the means of the chosen and rejected rewards (their margin), and how often chosen wins."""

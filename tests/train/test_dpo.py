@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,6 +179,11 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
     evals = [h for h in history if "eval_loss" in h]
     assert [h["step"] for h in evals] == [0, 2]
     assert metrics["eval_loss"] == evals[-1]["eval_loss"] and metrics["eval_accuracy"] == evals[-1]["eval_accuracy"]
+    # Before the first step every implicit reward is 0, so every pair starts as a tie (not a win): each pair won at
+    # the end was gained, none lost, and the step-0 evaluation has nothing to be paired with.
+    n = len(Path(files["eval"]).read_text(encoding="utf-8").splitlines())
+    assert (metrics["eval_gained"], metrics["eval_lost"]) == (round(metrics["eval_accuracy"] * n), 0)
+    assert "eval_gained" not in evals[0]
     # deltatune eval scores the saved adapter on the same pairs alike (the recipe precomputes reference log-probs in
     # training; eval computes them per batch).
     assert main(["eval", "--adapter", out]) == 0

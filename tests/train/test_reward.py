@@ -17,7 +17,7 @@ from deltatune.config import ConfigError
 from deltatune.data.load import DataError, read_rows
 from deltatune.data.preference import read_pairs
 from deltatune.train import build, evaluate, train
-from deltatune.train.pairs import pair_metrics, sign_test
+from deltatune.train.pairs import pair_metrics, paired_change, sign_test
 from deltatune.train.reward import pairwise_loss
 from deltatune.train.scorers import RewardScorer
 
@@ -114,6 +114,25 @@ def test_sign_test_by_hand():
     assert pair_metrics(np.zeros((4, 2)))["sign_p"] == 1.0
 
 
+def test_paired_change_by_hand():
+    """Three pairs scored twice. Start: won, lost, tie (not a win). Now: lost, won, won. Pair 1 was lost and pairs
+    2 and 3 gained, so the accuracy went from 1/3 to 2/3 = (2 - 1) / 3 more; McNemar's exact test is the sign test
+    on the 2:1 split of the changed pairs, 2 * (1 + 3) / 8 = 1."""
+    start = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    now = np.array([[0.0, 2.0], [3.0, 1.0], [0.6, 0.5]])
+    assert paired_change(start, now) == {"gained": 2, "lost": 1, "paired_p": 1.0}
+    assert paired_change(start, start) == {"gained": 0, "lost": 0, "paired_p": 1.0}
+    # 20 pairs gained, 4 lost, 76 the same: 2 * P(X <= 4 | n 24, 1/2) = 2 * (1 + 24 + 276 + 2024 + 10626) / 2^24.
+    rng = np.random.default_rng(0)
+    won = np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 20 + [[1.0, 0.0]] * 40 + [[0.0, 1.0]] * 36)
+    flipped = won.copy()
+    flipped[:24] = flipped[:24, ::-1]
+    order = rng.permutation(100)
+    change = paired_change(won[order], flipped[order])
+    assert (change["gained"], change["lost"]) == (20, 4)
+    assert change["paired_p"] == pytest.approx(2 * 12951 / 2**24, rel=1e-12)
+
+
 @pytest.mark.slow
 def test_reward_model_learns_marker_preference(files, tmp_path):
     """A tiny BERT scores a held-out pair at chance before training and ranks > 90% right after 200 steps."""
@@ -123,6 +142,7 @@ def test_reward_model_learns_marker_preference(files, tmp_path):
     assert 0.3 <= metrics["eval_accuracy_before"] <= 0.7, metrics
     assert metrics["eval_accuracy"] > 0.9, metrics
     assert metrics["eval_margin"] > 1.0, metrics
+    assert metrics["eval_gained"] > 20 * max(metrics["eval_lost"], 1) and metrics["eval_paired_p"] < 1e-6, metrics
     # deltatune eval, through run.evaluate, scores the saved adapter the same way.
     again = evaluate(str(tmp_path / "rm"))
     assert again["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
@@ -141,10 +161,18 @@ def test_recipe_two_steps_through_cli_then_eval(files, tmp_path, capsys):
                  f"data.train={files['train']}", f"data.eval={files['eval']}", "data.max_length=32",
                  "train.max_steps=2", "train.report_to=[none]", f"output.dir={out}"])  # fmt: skip
     assert code == 0
-    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out.strip().splitlines()
+    trained = json.loads(printed[-1])
     assert {"eval_accuracy", "eval_margin", "eval_loss"} <= trained.keys()
+    # The recipe evaluates before the first step, so the final evaluation is paired with it, pair by pair: the
+    # accuracy moved by exactly (gained - lost) of the 64 pairs.
+    gained, lost = trained["eval_gained"], trained["eval_lost"]
+    assert gained - lost == round((trained["eval_accuracy"] - trained["eval_accuracy_before"]) * 64)
+    assert trained["eval_paired_p"] == sign_test(gained, lost)
+    assert f"pairs won: {gained} gained, {lost} lost" in "\n".join(printed)
     assert main(["eval", "--adapter", out, "--data", files["eval"]]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "eval_paired_p" not in scored  # one evaluation: nothing to pair it with
     assert scored["eval_accuracy"] == pytest.approx(trained["eval_accuracy"])
     assert scored["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
 
