@@ -239,8 +239,9 @@ def report(
         to = f"{_median_ratio(t[what]['deltatune'], t[what][other]):.2f}" if other else ""
         lines.append(f"| {label} | {d:,.1f} | {p:,.1f} | {ratio:.2f} | {o} | {to} |")
 
-    row("LoRA training step", "train", "full", "full fine-tuning")
-    row("LoRA training step", "train", "floor", "floor")
+    step = "DoRA training step" if dora else "LoRA training step"
+    row(step, "train", "full", "full fine-tuning")
+    row(step, "train", "floor", "floor")
     row("unmerged forward", "forward", "base", "base")
     row("merged forward", "merged", "base", "base")
     row("merge + unmerge", "merge", "", "")

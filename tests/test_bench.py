@@ -200,9 +200,10 @@ def test_interleaved_benchmark_reports_every_measure(tmp_path, config, fused, do
         out.read_text(encoding="utf-8"), "## deltatune and peft interleaved in one process"
     )
     assert header == ["measure", "deltatune ms", "peft ms", "d/p", "other ms", "ratio to other"]
+    step = "DoRA training step" if dora else "LoRA training step"
     assert [r[0] for r in table] == [
-        "LoRA training step",
-        "LoRA training step",
+        step,
+        step,
         "unmerged forward",
         "merged forward",
         "merge + unmerge",
