@@ -214,6 +214,14 @@ def test_bad_rows_stop_the_cli_before_any_output_or_are_skipped_when_asked(files
     assert "1 train rows skipped (empty response, or chosen == rejected): " in report and "bad.jsonl:3" in report
 
 
+def test_no_paired_figures_without_an_evaluation_before_training(files, tmp_path):
+    """With train.eval_on_start off there is no start to pair with: the final metrics have no paired keys."""
+    cfg = build(rm_recipe(files["bert"], files["train"], files["eval"], str(tmp_path / "run"), max_steps=1,
+                          eval_on_start=False))  # fmt: skip
+    metrics = train(cfg)
+    assert "eval_accuracy" in metrics and not {"eval_gained", "eval_lost", "eval_paired_p"} & metrics.keys()
+
+
 def test_reward_head_must_be_scalar(files, tmp_path):
     cfg = build(rm_recipe(files["bert"], files["train"], files["eval"], str(tmp_path / "x")) | {"model": {
         "name_or_path": files["bert"], "num_labels": 2}})  # fmt: skip
