@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,21 +36,32 @@ class Row:
         return self.data[column]
 
 
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+_RANGE = re.compile(r"(?P<path>.+?)\[(?P<range>[^\[\]]*)\]")
+
+
 def read_rows(spec: str, text_column: str = "text", limit: int | None = None) -> list[Row]:
     """Read every row of a data file (or hub dataset ``name[:split]``).
 
     Args:
-        spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet or .txt, or a datasets-hub name.
+        spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet or .txt, or a datasets-hub name. A file path
+            may end in a row range, as the datasets hub's split slicing has it: ``train.jsonl[1000:2000]`` is rows
+            1000 to 1999 counted from 0 (blank lines not counted), a Python slice (either end may be left out or be
+            negative). Each row still names its own line of the file.
         text_column: the column name given to lines of a .txt file.
-        limit: read at most this many rows.
+        limit: read at most this many rows (of the range, when one is given).
 
     Raises:
-        DataError: the file is missing, a row is malformed (file and line named), or there are no rows.
+        DataError: the file is missing, a row is malformed (file and line named), a row range is malformed or
+            selects no row, or there are no rows.
     """
+    ranged = _RANGE.fullmatch(spec)
+    if ranged and not os.path.exists(spec) and ranged["path"].lower().endswith(EXTENSIONS):
+        return _row_range(spec, ranged["path"], ranged["range"], text_column, limit)
     if os.path.isdir(spec):
         raise DataError(f"{spec} is a folder; give a data file (.jsonl, .csv, .parquet, .txt)")
     ext = os.path.splitext(spec)[1].lower()
-    if ext in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"):
+    if ext in EXTENSIONS:
         if not os.path.isfile(spec):
             raise DataError(f"data file {spec!r} does not exist")
         reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".tsv": _csv, ".parquet": _parquet, ".txt": _text}[
@@ -64,6 +76,28 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
     if not rows:
         raise DataError(f"{spec} holds no rows")
     return rows
+
+
+def _row_range(spec: str, path: str, text: str, text_column: str, limit: int | None) -> list[Row]:
+    """``read_rows`` for ``path[start:stop]``: the file's rows sliced as Python slices them."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(re.fullmatch(r"-?\d*", p.strip()) for p in parts):
+        raise DataError(
+            f"{spec}: a row range is written [start:stop] in whole numbers, rows counted from 0 as in Python "
+            f"(e.g. {os.path.basename(path)}[1000:2000]); got [{text}]"
+        )
+    if path.lower().endswith(".txt"):
+        raise DataError(f"{spec}: a .txt file is one document, it has no rows to take a range of")
+    start, stop = (int(p) if p.strip() else None for p in parts)
+    if start is not None and stop is not None and 0 <= stop <= start:
+        raise DataError(f"{spec}: the range [{text}] selects no rows (it ends where it starts or before)")
+    # reading can stop at the range's end unless an end counts from the file's end
+    upto = stop if stop is not None and stop > 0 and (start is None or start >= 0) else None
+    everything = read_rows(path, text_column, upto)
+    rows = everything[start:stop]
+    if not rows:
+        raise DataError(f"{spec}: the range [{text}] selects no rows (the file has {len(everything)})")
+    return rows[:limit] if limit else rows
 
 
 def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:

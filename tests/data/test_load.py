@@ -141,3 +141,63 @@ def test_hub_name_while_offline(monkeypatch):
     message = str(info.value)
     assert "'no-such-user/no-such-dataset' is not a local file" in message
     assert "hub" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def _numbered(tmp_path, ext: str, n: int = 10) -> str:
+    rows = [{"text": f"row {i}", "label": i % 2} for i in range(n)]
+    if ext == ".jsonl":  # a blank line after row 3: rows are counted, not lines
+        lines = [json.dumps(r) for r in rows]
+        return _write(tmp_path / "d.jsonl", "\n".join(lines[:4] + [""] + lines[4:]) + "\n")
+    if ext == ".json":
+        return _write(tmp_path / "d.json", json.dumps(rows))
+    return _write(tmp_path / "d.csv", "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".json", ".csv"])
+@pytest.mark.parametrize("cut", ["2:5", ":3", "7:", "-2:", "-3:-1", "8:20", "0:0", " 1 : 4 "])
+def test_row_range_is_a_python_slice_of_the_rows(tmp_path, ext, cut):
+    path = _numbered(tmp_path, ext)
+    everything = read_rows(path)
+    start, stop = (int(p) if p.strip() else None for p in cut.split(":"))
+    want = everything[start:stop]
+    if not want:
+        with pytest.raises(DataError, match=rf"\[{cut}\] selects no rows \((the file has 10|it ends where it starts)"):
+            read_rows(f"{path}[{cut}]")
+        return
+    got = read_rows(f"{path}[{cut}]")
+    assert [r.data for r in got] == [r.data for r in want]
+    assert [r.source for r in got] == [r.source for r in want]  # each row still names its own line
+
+
+def test_row_range_keeps_the_line_and_takes_the_limit_after(tmp_path):
+    path = _numbered(tmp_path, ".jsonl")
+    rows = read_rows(f"{path}[3:9]", limit=2)
+    assert [r.data["text"] for r in rows] == ["row 3", "row 4"]
+    assert [r.source for r in rows] == [f"{path}:4", f"{path}:6"]  # line 5 is blank
+
+
+@pytest.mark.parametrize(
+    "cut, message",
+    [
+        ("1:2:3", r"a row range is written \[start:stop\] in whole numbers.*got \[1:2:3\]"),
+        ("a:b", r"a row range is written \[start:stop\].*e\.g\. d\.jsonl\[1000:2000\]"),
+        ("5", r"got \[5\]"),
+        ("1.5:3", r"got \[1\.5:3\]"),
+        ("20:30", r"selects no rows \(the file has 10\)"),
+        ("6:3", r"selects no rows \(it ends where it starts or before\)"),
+        ("4:4", r"selects no rows \(it ends where it starts or before\)"),
+        ("-100:-50", r"selects no rows \(the file has 10\)"),
+    ],
+)
+def test_bad_row_range(tmp_path, cut, message):
+    path = _numbered(tmp_path, ".jsonl")
+    with pytest.raises(DataError, match=rf"^{path}\[{cut}\]: .*{message}"):
+        read_rows(f"{path}[{cut}]")
+
+
+def test_row_range_of_a_missing_or_plain_text_file(tmp_path):
+    with pytest.raises(DataError, match=r"data file '.*nope\.jsonl' does not exist"):
+        read_rows(str(tmp_path / "nope.jsonl[1:2]"))
+    path = _write(tmp_path / "d.txt", "one document")
+    with pytest.raises(DataError, match=r"d\.txt\[0:1\]: a \.txt file is one document"):
+        read_rows(f"{path}[0:1]")
