@@ -68,6 +68,12 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained run on a data file; prints metrics as JSON on the last line")
     e.add_argument("--adapter", required=True, help="a run folder written by 'deltatune train'")
     e.add_argument("--data", help="data file to evaluate on (default: the recipe's eval file)")
+    e.add_argument(
+        "--compare",
+        action="store_true",
+        help="also evaluate the run's start (the base and the method's initial delta, from the recipe's seed) on "
+        "the same rows: <key>_before, and preference runs pair the two pair by pair",
+    )
     e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.text_column=sentence)")
     _trust_flag(e)
 
@@ -225,12 +231,7 @@ def _train(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     metrics = train(cfg, overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed)
-    main_key = next((k for k in ("eval_accuracy", "eval_f1", "eval_rougeL", "eval_loss") if k in metrics), None)
-    if main_key and f"{main_key}_before" in metrics:
-        print(f"{main_key}: {metrics[main_key + '_before']:.4f} before training -> {metrics[main_key]:.4f} after")
-    if "eval_paired_p" in metrics:  # preference stages: the same pairs before and after
-        print(f"pairs won: {metrics['eval_gained']} gained, {metrics['eval_lost']} lost "
-              f"(exact McNemar p {metrics['eval_paired_p']:.2g})")  # fmt: skip
+    _print_change(metrics)
     samples = os.path.join(cfg.output.dir, "samples.json")
     if cfg.output.samples and os.path.isfile(samples):
         from .train.chat import side_by_side
@@ -242,10 +243,22 @@ def _train(args) -> int:
     return 0
 
 
+def _print_change(metrics: dict) -> None:
+    """The main metric before training and after, and for preference stages the pairs won and lost between."""
+    main_key = next((k for k in ("eval_accuracy", "eval_f1", "eval_rougeL", "eval_loss") if k in metrics), None)
+    if main_key and f"{main_key}_before" in metrics:
+        print(f"{main_key}: {metrics[main_key + '_before']:.4f} before training -> {metrics[main_key]:.4f} after")
+    if "eval_paired_p" in metrics:  # preference stages: the same pairs before and after
+        print(f"pairs won: {metrics['eval_gained']} gained, {metrics['eval_lost']} lost "
+              f"(exact McNemar p {metrics['eval_paired_p']:.2g})")  # fmt: skip
+
+
 def _eval(args) -> int:
     from .train import evaluate
 
-    print(json.dumps(evaluate(args.adapter, args.data, args.overrides, args.trust_remote_code), sort_keys=True))
+    metrics = evaluate(args.adapter, args.data, args.overrides, args.trust_remote_code, compare=args.compare)
+    _print_change(metrics)
+    print(json.dumps(metrics, sort_keys=True))
     return 0
 
 

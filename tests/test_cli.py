@@ -207,6 +207,37 @@ def test_eval_prints_metrics_json_on_its_last_line(capsys, cls_run):
     assert metrics["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
 
 
+def test_eval_compare_rebuilds_the_runs_start(capsys, cls_run, tmp_path):
+    """--compare evaluates the run's start (a new classifier head drawn from the recipe's seed, LoRA at identity)
+    beside the trained adapter: its figures are those of the run's own evaluation before the first step."""
+    run = _run(tmp_path, cls_run.recipe, "train.eval_on_start=true")
+    with open(os.path.join(run, "log_history.jsonl"), encoding="utf-8") as fh:
+        start = json.loads(fh.readline())  # the run's evaluation before the first step
+    assert start["step"] == 0
+    capsys.readouterr()
+    assert main(["eval", "--adapter", run, "--compare"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(printed[-1])
+    for key in ("eval_loss", "eval_accuracy", "eval_f1"):
+        assert metrics[f"{key}_before"] == pytest.approx(start[key], rel=1e-6), key
+    with open(os.path.join(run, "metrics.json"), encoding="utf-8") as fh:
+        trained = json.load(fh)
+    assert metrics["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-6)
+    assert printed[-2] == (
+        f"eval_accuracy: {start['eval_accuracy']:.4f} before training -> {trained['eval_accuracy']:.4f} after"
+    )
+
+
+def test_eval_compare_refuses_a_t2i_run(capsys, tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "stage: t2i\nmodel: {name_or_path: nowhere}\nmethod: {name: lora}\ndata: {train: a.jsonl, eval: a.jsonl}\n",
+        encoding="utf-8",
+    )
+    assert main(["eval", "--adapter", str(tmp_path), "--compare"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deltatune eval: error: --compare is not available for t2i runs") and "\n" not in err
+
+
 def test_merge_writes_a_plain_transformers_model(capsys, cls_run):
     out = str(cls_run.tmp / "merged")
     assert main(["merge", "--adapter", cls_run.run, "--out", out]) == 0

@@ -8,7 +8,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"RunConfig": ".config", "build": ".config", "load_recipe": ".config", "evaluate": ".run", "train": ".run"}
+_EXPORTS = {
+    "RunConfig": ".config",
+    "build": ".config",
+    "load_recipe": ".config",
+    "evaluate": ".evaluation",
+    "train": ".run",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -60,7 +60,9 @@ class PairTrainer(DeltaTrainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._start_scores: dict[str, np.ndarray] = {}  # metric prefix -> (N, 2) scores before the first step
+        self.start_scores: dict[str, np.ndarray] = {}
+        """metric prefix -> the (N, 2) scores of an evaluation before the first step (``deltatune eval --compare``
+        gives a trainer of the trained adapter those of the run's start)."""
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -68,9 +70,9 @@ class PairTrainer(DeltaTrainer):
         out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if out.predictions is None:
             return out
-        scores, start = np.asarray(out.predictions), self._start_scores.get(metric_key_prefix)
+        scores, start = np.asarray(out.predictions), self.start_scores.get(metric_key_prefix)
         if self.state.global_step == 0:
-            self._start_scores[metric_key_prefix] = scores
+            self.start_scores[metric_key_prefix] = scores
         elif start is not None and start.shape == scores.shape:
             change = paired_change(start, scores)
             out.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in change.items()})

@@ -1,13 +1,12 @@
 """One fine-tuning run from a RunConfig: base model + method -> HF Trainer -> adapter, metrics, report.
 
-``train(cfg)`` is what ``deltatune train`` calls; ``evaluate(run_dir, data)`` what ``deltatune eval`` calls.
+``train(cfg)`` is what ``deltatune train`` calls (``evaluation.evaluate`` what ``deltatune eval`` calls).
 Stage-specific work lives in one file per stage (the table in table.py); which method trains is the registry's business (via DeltaModel).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -135,6 +134,22 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
     return model
 
 
+def start_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> tuple[DeltaModel, list[str]]:
+    """The model as a run starts training it: the base (and any new head) with the method's initial delta, both
+    drawn from the random generator as it stands (``train`` seeds it first). Returns it and the report notes."""
+    from .. import towers  # method.towers: targets resolved inside the named towers of a multimodal model
+
+    model = build_model(cfg, tok, labels)
+    asked = cfg.method_config(TASK_OF_STAGE[cfg.stage])
+    config = towers.restrict(model, asked, cfg.method.get("towers"))
+    # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
+    delta = get_delta_model(model, config, fused_loss=True)
+    if config is asked:
+        return delta, []
+    per_tower = ", ".join(f"{t}: {n}" for t, n in sorted(towers.counts(delta).items()))  # targets resolved per tower
+    return delta, [f"adapted layers per tower: {per_tower or 'none'}"]
+
+
 def _quantize(model: torch.nn.Module, quantization: dict | None) -> torch.nn.Module:
     """The base quantised as the recipe's ``model.quantization`` says (QLoRA), or as it is."""
     if not quantization:
@@ -210,18 +225,10 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     if prepared.labels:
         check_num_labels(cfg, prepared.labels)
         cfg.data.labels = prepared.labels
-    model = build_model(cfg, tok, prepared.labels)
+    delta, notes = start_model(cfg, tok, prepared.labels)
     if os.path.isdir(cfg.model.name_or_path):
-        prepared.notes = [*prepared.notes, local_base_note(cfg.model.name_or_path)]
-    from .. import towers  # method.towers: targets resolved inside the named towers of a multimodal model
-
-    asked = cfg.method_config(TASK_OF_STAGE[cfg.stage])
-    config = towers.restrict(model, asked, cfg.method.get("towers"))
-    # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
-    delta = get_delta_model(model, config, fused_loss=True)
-    if config is not asked:  # targets resolved per tower
-        per_tower = ", ".join(f"{t}: {n}" for t, n in sorted(towers.counts(delta).items()))
-        prepared.notes = [*prepared.notes, f"adapted layers per tower: {per_tower or 'none'}"]
+        notes.insert(0, local_base_note(cfg.model.name_or_path))
+    prepared.notes = [*prepared.notes, *notes]
     if cfg.data.packing:
         _check_packing(delta)
     recipe = _recipe_dict(cfg)
@@ -270,7 +277,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
     }
     if prepared.eval is not None:
-        metrics.update(_evaluate(trainer, delta, tok, prepared, cfg))
+        metrics.update(eval_metrics(trainer, delta, tok, prepared, cfg))
     before = next((h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0), None)
     if before and prepared.metric and prepared.metric in before:
         metrics[f"{prepared.metric}_before"] = before[prepared.metric]
@@ -343,7 +350,8 @@ def _run_loop(
     return metrics
 
 
-def _evaluate(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:
+def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:
+    """The final evaluation's metrics (eval_*), with the stage's generation metrics (seq2seq, caption)."""
     # Training that ended on an evaluation (the Trainer evaluates at the end of each epoch, and at the last step of
     # a run cut short by max_steps) already has the final weights' metrics: another pass would repeat them.
     last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
@@ -394,71 +402,6 @@ def _check_packing(model: DeltaModel) -> None:
             f"data.packing: model type {base.config.model_type!r} does not keep packed examples apart "
             "(its attention ignores restarting position ids); set data.packing=false"
         )
-
-
-def evaluate(
-    run_dir: str, data: str | None = None, overrides: list[str] | None = None, trust_remote_code: bool = False
-) -> dict[str, Any]:
-    """Evaluate a finished run's adapter (``run_dir`` as written by ``train``) on ``data`` (default: the
-    recipe's eval file). Returns the same metrics keys as training.
-
-    ``model.trust_remote_code`` in the run's run.yaml is ignored; remote model code runs only when the caller
-    passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``)."""
-    from transformers import Trainer, TrainingArguments
-
-    from .config import apply_overrides
-
-    raw, path = read_recipe(run_dir), os.path.join(run_dir, RUN_FILE)
-    if data:
-        raw["data"] = {**(raw.get("data") or {}), "eval": data}
-    cfg = build(apply_overrides(raw, overrides or []), where=path)
-    cfg.model.trust_remote_code = trust_remote_code
-    if not cfg.data.eval:
-        raise ConfigError("no evaluation data: pass --data FILE")
-    saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
-    tok = load_processor(
-        run_dir if os.path.isfile(os.path.join(run_dir, saved)) and cfg.stage != "t2i" else cfg.model.name_or_path,
-        cfg.stage,
-        trust_remote_code,
-        cfg.model.text_encoder,
-    )
-    if cfg.stage == "t2i":  # the text encoder's LoRA, when the run trained one
-        tok.load_text_encoder_lora(run_dir)
-    eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
-    prepared = prepare(eval_cfg, tok)
-    if prepared.loop is not None:
-        raise ConfigError(
-            f"stage {cfg.stage!r} runs its own loop, not the Trainer's evaluation; its metrics.json "
-            "and report.md hold the eval figures"
-        )
-    model = build_model(cfg, tok, cfg.data.labels)
-    delta = DeltaModel.from_pretrained(model, run_dir)
-    import tempfile
-
-    scratch = tempfile.mkdtemp(prefix="deltatune-eval-")  # never inside the run folder: eval leaves it as it is
-    args = TrainingArguments(
-        output_dir=scratch,
-        per_device_eval_batch_size=cfg.train.batch_size,
-        report_to=[],
-        remove_unused_columns=False,
-        label_names=["labels"],
-        prediction_loss_only=prepared.loss_only,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    trainer = (prepared.trainer_class or Trainer)(
-        model=delta, args=args, data_collator=prepared.collator, compute_metrics=prepared.compute_metrics
-    )
-    trainer.eval_dataset = prepared.train
-    prepared.eval = prepared.train
-    prepared.eval_rows = prepared.eval_rows or None
-    if cfg.stage == "seq2seq":
-        from ..data.load import read_rows
-
-        prepared.eval_rows = read_rows(cfg.data.eval, cfg.data.text_column, cfg.data.limit)
-    try:
-        return _evaluate(trainer, delta, tok, prepared, cfg)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_adapter_model(

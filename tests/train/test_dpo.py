@@ -190,6 +190,13 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
     assert scored["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
+    # --compare: the run's start is the reference itself (the adapter is the identity), so its loss is log 2 and
+    # its accuracy 0, and the paired figures are the run's.
+    assert main(["eval", "--adapter", out, "--compare"]) == 0
+    compared = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert compared["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-6)
+    assert compared["eval_accuracy_before"] == 0.0 and compared["eval_margin_before"] == 0.0
+    assert (compared["eval_gained"], compared["eval_lost"]) == (metrics["eval_gained"], 0)
 
 
 @pytest.mark.parametrize(

@@ -178,6 +178,28 @@ def test_recipe_two_steps_through_cli_then_eval(files, tmp_path, capsys):
     assert "eval_paired_p" not in scored  # one evaluation: nothing to pair it with
     assert scored["eval_accuracy"] == pytest.approx(trained["eval_accuracy"])
     assert scored["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+    # --compare rebuilds the run's start from the recipe's seed: the run's own "before", and its paired figures.
+    assert main(["eval", "--adapter", out, "--data", files["eval"], "--compare"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    compared = json.loads(printed[-1])
+    for key in ("eval_accuracy_before", "eval_gained", "eval_lost", "eval_paired_p"):
+        assert compared[key] == trained[key], key
+    assert compared["eval_accuracy"] == scored["eval_accuracy"]
+    with open(f"{out}/log_history.jsonl", encoding="utf-8") as fh:
+        start = json.loads(fh.readline())  # the run's evaluation before the first step
+    assert start["step"] == 0
+    for key in ("eval_loss", "eval_margin", "eval_sign_p"):
+        assert compared[f"{key}_before"] == pytest.approx(start[key], rel=1e-6), key
+    assert f"pairs won: {gained} gained, {lost} lost" in printed[-2]
+    # A row range of the eval file reads as a file holding just those rows would.
+    with open(files["eval"], encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh][8:40]
+    part = write_jsonl(tmp_path / "part.jsonl", rows)
+    ranged = evaluate(out, f"{files['eval']}[8:40]", compare=True)
+    assert ranged == evaluate(out, part, compare=True)
+    assert ranged["eval_gained"] - ranged["eval_lost"] == round(
+        (ranged["eval_accuracy"] - ranged["eval_accuracy_before"]) * 32
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,126 @@
+"""``deltatune eval``: a finished run's adapter evaluated again, on its eval file or another, and with ``compare``
+beside the run's start (the model as training began it, rebuilt from the recipe and its seed) on the same rows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from ..model import DeltaModel
+from .config import apply_overrides, build
+from .models import load_processor
+from .run import build_model, eval_metrics, start_model
+from .runs import RUN_FILE, read_recipe
+from .table import IMAGE_STAGES, prepare
+
+
+def evaluate(
+    run_dir: str,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    trust_remote_code: bool = False,
+    compare: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a finished run's adapter (``run_dir`` as written by ``train``) on ``data`` (default: the
+    recipe's eval file; a row range such as ``train.jsonl[1000:2000]`` is read as ``data.eval`` reads it).
+    Returns the same metrics keys as training.
+
+    With ``compare`` the run's start is evaluated first on the same rows: the base with any new head and the
+    method's initial delta, drawn after seeding with the recipe's ``train.seed`` as ``train`` draws them (for
+    the data formats deltatune reads, reading draws no random numbers, so it is the run's start to the bit). Its
+    metrics come back as ``<key>_before``, and preference stages pair the two evaluations pair by pair
+    (``eval_gained``, ``eval_lost``, ``eval_paired_p``), as a run with ``train.eval_on_start`` does.
+
+    ``model.trust_remote_code`` in the run's run.yaml is ignored; remote model code runs only when the caller
+    passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
+
+    Raises:
+        ConfigError: no evaluation data, a stage that runs its own loop (ppo, grpo), ``compare`` on a t2i run.
+        DataError: bad data (file, line and column named).
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    raw, path = read_recipe(run_dir), os.path.join(run_dir, RUN_FILE)
+    if data:
+        raw["data"] = {**(raw.get("data") or {}), "eval": data}
+    cfg = build(apply_overrides(raw, overrides or []), where=path)
+    cfg.model.trust_remote_code = trust_remote_code
+    if not cfg.data.eval:
+        raise ConfigError("no evaluation data: pass --data FILE")
+    if compare and cfg.stage == "t2i":
+        raise ConfigError(
+            "--compare is not available for t2i runs (their start is the base pipeline): "
+            "use 'deltatune generate --compare' to see base and adapter side by side"
+        )
+    saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
+    tok = load_processor(
+        run_dir if os.path.isfile(os.path.join(run_dir, saved)) and cfg.stage != "t2i" else cfg.model.name_or_path,
+        cfg.stage,
+        trust_remote_code,
+        cfg.model.text_encoder,
+    )
+    if cfg.stage == "t2i":  # the text encoder's LoRA, when the run trained one
+        tok.load_text_encoder_lora(run_dir)
+    eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
+    prepared = prepare(eval_cfg, tok)
+    if prepared.loop is not None:
+        raise ConfigError(
+            f"stage {cfg.stage!r} runs its own loop, not the Trainer's evaluation; its metrics.json "
+            "and report.md hold the eval figures"
+        )
+    prepared.eval = prepared.train
+    if cfg.stage == "seq2seq":
+        from ..data.load import read_rows
+
+        prepared.eval_rows = read_rows(cfg.data.eval, cfg.data.text_column, cfg.data.limit)
+    else:
+        prepared.eval_rows = prepared.eval_rows or None
+    scratch = tempfile.mkdtemp(prefix="deltatune-eval-")  # never inside the run folder: eval leaves it as it is
+    args = TrainingArguments(
+        output_dir=scratch,
+        per_device_eval_batch_size=cfg.train.batch_size,
+        report_to=[],
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=prepared.loss_only,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+    def scored(model: DeltaModel, start_scores: dict | None = None) -> tuple[dict[str, Any], Any]:
+        trainer = (prepared.trainer_class or Trainer)(
+            model=model, args=args, data_collator=prepared.collator, compute_metrics=prepared.compute_metrics
+        )
+        trainer.eval_dataset = prepared.eval
+        if start_scores is not None:  # a preference trainer pairs a later step's evaluation with these
+            trainer.start_scores, trainer.state.global_step = start_scores, _steps(run_dir)
+        return eval_metrics(trainer, model, tok, prepared, cfg), trainer
+
+    try:
+        before, start_scores = {}, None
+        if compare:  # the start first, then freed: one model in memory at a time
+            set_seed(cfg.train.seed)
+            start, _ = start_model(cfg, tok, cfg.data.labels)
+            before, trainer = scored(start)
+            start_scores = getattr(trainer, "start_scores", None)
+            del start, trainer
+        delta = DeltaModel.from_pretrained(build_model(cfg, tok, cfg.data.labels), run_dir)
+        after, _ = scored(delta, start_scores)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return after | {f"{k}_before": v for k, v in before.items()}
+
+
+def _steps(run_dir: str) -> int:
+    """The run's optimizer steps (metrics.json), at least 1: an evaluation after step 0 is paired with the start."""
+    import json
+
+    try:
+        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as fh:
+            return max(1, int(json.load(fh).get("train_steps", 1)))
+    except (OSError, ValueError, TypeError):
+        return 1
