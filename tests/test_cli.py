@@ -207,6 +207,25 @@ def test_eval_prints_metrics_json_on_its_last_line(capsys, cls_run):
     assert metrics["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
 
 
+def test_eval_reads_a_named_file_whole_whatever_the_runs_data_limit(capsys, cls_run, tmp_path):
+    """A run trained on data.limit=2 rows: --data FILE scores all 3 rows of FILE (checked by hand), and the run's
+    own eval file keeps the run's limit unless the command line sets another."""
+    run = _run(tmp_path, cls_run.recipe, "data.limit=2")
+    with open(cls_run.test, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    base = AutoModelForSequenceClassification.from_pretrained(cls_run.model)
+    with torch.no_grad():
+        delta = DeltaModel.from_pretrained(base, run).eval()
+        logits = delta(**_batch(cls_run, [r["text"] for r in rows])).logits
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([r["label"] for r in rows])).item()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", run, "--data", cls_run.test]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_loss"] == pytest.approx(loss, rel=1e-4)
+    assert main(["eval", "--adapter", run, "--data", cls_run.test, "data.limit=1"]) == 0
+    one = torch.nn.functional.cross_entropy(logits[:1], torch.tensor([rows[0]["label"]])).item()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_loss"] == pytest.approx(one, rel=1e-4)
+
+
 def test_eval_compare_rebuilds_the_runs_start(capsys, cls_run, tmp_path):
     """--compare evaluates the run's start (a new classifier head drawn from the recipe's seed, LoRA at identity)
     beside the trained adapter: its figures are those of the run's own evaluation before the first step."""

@@ -27,7 +27,8 @@ def evaluate(
     compare: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a finished run's adapter (``run_dir`` as written by ``train``) on ``data`` (default: the
-    recipe's eval file; a row range such as ``train.jsonl[1000:2000]`` is read as ``data.eval`` reads it).
+    recipe's eval file, cut by the recipe's ``data.limit`` as the run cut it). A file given as ``data`` is read
+    whole, or the row range it names (``train.jsonl[1000:2000]``), unless ``overrides`` set ``data.limit``.
     Returns the same metrics keys as training.
 
     With ``compare`` the run's start is evaluated first on the same rows: the base with any new head and the
@@ -46,8 +47,8 @@ def evaluate(
     from transformers import Trainer, TrainingArguments, set_seed
 
     raw, path = read_recipe(run_dir), os.path.join(run_dir, RUN_FILE)
-    if data:
-        raw["data"] = {**(raw.get("data") or {}), "eval": data}
+    if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
+        raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
     cfg.model.trust_remote_code = trust_remote_code
     if not cfg.data.eval:
