@@ -3,6 +3,7 @@ beside the run's start (the model as training began it, rebuilt from the recipe 
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -109,6 +110,9 @@ def evaluate(
             before, trainer = scored(start)
             start_scores = getattr(trainer, "start_scores", None)
             del start, trainer
+            gc.collect()  # the trainer's references form cycles: free the start before the trained model loads
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         delta = DeltaModel.from_pretrained(build_model(cfg, tok, cfg.data.labels), run_dir)
         after, _ = scored(delta, start_scores)
     finally:
