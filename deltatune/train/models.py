@@ -8,6 +8,7 @@ path (so hub ids work wherever the hub is reachable). The loaded model's ``name_
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -15,6 +16,9 @@ import torch
 from ..config import ConfigError
 from . import embedded
 from .table import IMAGE_STAGES
+
+HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "IMAGE_CLS")
+"""Tasks whose model adds a head to the base (made new when the checkpoint has none, or another number of classes)."""
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -131,7 +135,7 @@ def load_model(
 
         return load_denoiser(resolve_path(name_or_path), getattr(torch, dtype))
     kwargs["dtype"] = getattr(torch, dtype)
-    if task_type in ("SEQ_CLS", "TOKEN_CLS", "IMAGE_CLS"):
+    if task_type in HEAD_TASKS:
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         # A checkpoint whose head has another number of classes gets a new head of the right size.
@@ -141,7 +145,10 @@ def load_model(
             kwargs["label2id"] = {str(v): int(k) for k, v in id2label.items()}
     path = resolve_path(name_or_path)
     try:
-        model = auto_class(task_type).from_pretrained(path, **kwargs)
+        if task_type in HEAD_TASKS:
+            model = _load_with_new_head(auto_class(task_type), path, kwargs)
+        else:
+            model = auto_class(task_type).from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ConfigError(
             f"model {name_or_path!r} could not be loaded: not a local model folder, and the hub "
@@ -150,4 +157,43 @@ def load_model(
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     model.config._name_or_path = embedded.hub_id(name_or_path)  # what adapters record as their base
+    return model
+
+
+class _HeldReport(logging.Filter):
+    """Holds transformers' weight-loading report back (the one warning that starts "<Model> LOAD REPORT")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+
+def _load_with_new_head(cls, path: str, kwargs: dict):
+    """``from_pretrained`` for a task with a head of its own. transformers reports every weight it had to initialise
+    or drop; here its report is shown only when a weight of the base itself is missing or reshaped. A new head
+    (missing, or re-made for another number of classes) and checkpoint weights the task does not use (another
+    head, a pooler) are what loading a base for a new head means, and after ``deltatune eval`` loads a run the
+    "newly initialized" head holds the run's trained weights: reported, they read as a fault."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldReport()
+    logger.addFilter(held)
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    except BaseException:
+        logger.removeFilter(held)
+        for record in held.records:  # a load that failed keeps its report
+            logger.handle(record)
+        raise
+    logger.removeFilter(held)
+    base = f"{model.base_model_prefix}."
+    changed = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+    if any(key.startswith(base) for key in changed):
+        for record in held.records:
+            logger.handle(record)
     return model

@@ -1,0 +1,48 @@
+"""Loading the base for a stage's task: transformers' weight-loading report only when it is news."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from safetensors.torch import load_file, save_file
+from tiny import save_tiny
+
+from deltatune.train.models import load_model
+
+
+@pytest.fixture
+def reports():
+    """The LOAD REPORT warnings that reach transformers' modeling_utils logger's handlers."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "LOAD REPORT" in record.getMessage():
+                seen.append(record.getMessage())
+
+    logger, handler = logging.getLogger("transformers.modeling_utils"), Keep(logging.WARNING)
+    logger.addHandler(handler)
+    yield seen
+    logger.removeHandler(handler)
+
+
+def test_a_new_head_is_not_reported(tmp_path, reports):
+    # A causal LM's checkpoint under a scalar head (its lm_head unused, score new), and a 2-class classifier's
+    # under a 5-class token head (the classifier re-made): what loading a base for a head means.
+    score = load_model(save_tiny(tmp_path / "llama", "llama", "causal_lm"), "SEQ_CLS", num_labels=1)
+    tags = load_model(save_tiny(tmp_path / "bert", "bert", "seq_cls"), "TOKEN_CLS", num_labels=5)
+    assert score.score.out_features == 1 and tags.classifier.out_features == 5
+    assert reports == []
+
+
+def test_a_missing_base_weight_is_reported(tmp_path, reports):
+    path = save_tiny(tmp_path / "llama", "llama", "causal_lm")
+    weights = load_file(f"{path}/model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+    load_model(path, "SEQ_CLS", num_labels=1)
+    assert len(reports) == 1 and "model.norm.weight" in reports[0] and "score.weight" in reports[0]
+    # the same checkpoint for its own task: transformers' report as it is
+    load_model(path, "CAUSAL_LM")
+    assert len(reports) == 2 and "model.norm.weight" in reports[1]
