@@ -98,8 +98,8 @@ def evaluate(
             model=model, args=args, data_collator=prepared.collator, compute_metrics=prepared.compute_metrics
         )
         trainer.eval_dataset = prepared.eval
-        if start_scores is not None:  # a preference trainer pairs a later step's evaluation with these
-            trainer.start_scores, trainer.state.global_step = start_scores, _steps(run_dir)
+        if start_scores is not None:  # a preference trainer pairs an evaluation after step 0 with these
+            trainer.start_scores, trainer.state.global_step = start_scores, 1
         return eval_metrics(trainer, model, tok, prepared, cfg), trainer
 
     try:
@@ -118,14 +118,3 @@ def evaluate(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return after | {f"{k}_before": v for k, v in before.items()}
-
-
-def _steps(run_dir: str) -> int:
-    """The run's optimizer steps (metrics.json), at least 1: an evaluation after step 0 is paired with the start."""
-    import json
-
-    try:
-        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as fh:
-            return max(1, int(json.load(fh).get("train_steps", 1)))
-    except (OSError, ValueError, TypeError):
-        return 1
