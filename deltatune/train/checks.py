@@ -88,11 +88,12 @@ def resolved_precision(precision: str) -> str:
 
 
 def check_num_labels(cfg: RunConfig, labels: list[str] | None) -> None:
-    """``model.num_labels`` smaller than the classes in the data would index past the head; refused."""
+    """The head has one output per class of the data: ``model.num_labels`` set to another count is refused (fewer
+    would index past the head; more would be outputs that no label names and no metric reads)."""
     n = cfg.model.num_labels
-    if n is None or not labels or cfg.stage not in ("cls", "tag"):
+    if n is None or not labels or cfg.stage not in ("cls", "tag", "image_cls"):
         return
-    if len(labels) > n:
+    if len(labels) != n:
         shown = ", ".join(map(str, labels[:8])) + (", ..." if len(labels) > 8 else "")
         raise ConfigError(
             f"model.num_labels is {n} but the data has {len(labels)} classes ({shown}); set model.num_labels to "

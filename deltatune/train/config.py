@@ -31,7 +31,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass
 @dataclass
 class ModelArgs:
     name_or_path: str = _f("minilm", "Base model: a local folder, a hub id, or 'minilm' (the embedded MiniLM-L6).")
-    num_labels: int | None = _f(None, "Classes for cls/tag stages; default: from the data's label set.")
+    num_labels: int | None = _f(
+        None,
+        "Outputs of the head: cls, tag and image_cls take the data's classes (the default; another count is "
+        "refused); rm: 1.",
+    )
     dtype: str = _f(
         "float32", "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 where the machine has fast bf16)."
     )

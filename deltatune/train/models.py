@@ -136,13 +136,17 @@ def load_model(
         return load_denoiser(resolve_path(name_or_path), getattr(torch, dtype))
     kwargs["dtype"] = getattr(torch, dtype)
     if task_type in HEAD_TASKS:
-        if num_labels is not None:
-            kwargs["num_labels"] = num_labels
+        # The head's classes go in as one label map, which sets their number: num_labels beside a map is ignored
+        # for the map's length, and alone it makes transformers warn when the checkpoint's map is longer or shorter.
+        names = {int(k): str(v) for k, v in (id2label or {}).items()}
+        if num_labels is not None and names and num_labels != len(names):
+            raise ConfigError(f"num_labels is {num_labels} but id2label names {len(names)} classes")
+        if num_labels is not None and not names:
+            names = {i: f"LABEL_{i}" for i in range(num_labels)}
+        if names:
+            kwargs["id2label"], kwargs["label2id"] = names, {v: k for k, v in names.items()}
         # A checkpoint whose head has another number of classes gets a new head of the right size.
         kwargs["ignore_mismatched_sizes"] = True
-        if id2label:
-            kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
-            kwargs["label2id"] = {str(v): int(k) for k, v in id2label.items()}
     path = resolve_path(name_or_path)
     try:
         if task_type in HEAD_TASKS:

@@ -6,8 +6,9 @@ import logging
 
 import pytest
 from safetensors.torch import load_file, save_file
-from tiny import save_tiny
+from tiny import save_tiny, tiny_model
 
+from deltatune.config import ConfigError
 from deltatune.train.models import load_model
 
 
@@ -49,3 +50,40 @@ def test_a_missing_base_weight_is_reported(tmp_path, reports):
     # the same checkpoint for its own task: transformers' report as it is
     load_model(path, "CAUSAL_LM")
     assert len(reports) == 2 and "model.norm.weight" in reports[1]
+
+
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
+def test_the_label_map_sets_the_heads_classes_without_a_warning(tmp_path, task):
+    """A 3-class checkpoint (its own label names) loaded for 5 named classes, for 1 unnamed output, and for its own
+    3: the head has that many outputs with those names, and transformers says nothing (passed num_labels beside the
+    checkpoint's map, it warned that the two are "incompatible", and a map beside num_labels overrode its count)."""
+    checkpoint = tiny_model("bert", "seq_cls")  # 3 classes
+    checkpoint.config.id2label = {0: "p", 1: "q", 2: "r"}
+    checkpoint.config.label2id = {"p": 0, "q": 1, "r": 2}
+    path = str(tmp_path / "bert")
+    checkpoint.save_pretrained(path)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger, handler = logging.getLogger("transformers.configuration_utils"), Keep(logging.WARNING)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        names = {i: f"class {i}" for i in range(5)}
+        five = load_model(path, task, num_labels=5, id2label=names)
+        one = load_model(path, task, num_labels=1)
+        three = load_model(path, task, id2label={0: "x", 1: "y", 2: "z"})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert five.classifier.out_features == 5 and five.config.id2label == names
+    assert five.config.label2id == {v: k for k, v in names.items()}
+    assert one.classifier.out_features == 1 and one.config.id2label == {0: "LABEL_0"}
+    assert three.classifier.out_features == 3 and three.config.id2label == {0: "x", 1: "y", 2: "z"}
+    assert seen == []
+    with pytest.raises(ConfigError, match="num_labels is 7 but id2label names 5 classes"):
+        load_model(path, task, num_labels=7, id2label=names)

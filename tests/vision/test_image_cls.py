@@ -214,6 +214,18 @@ def test_eval_label_outside_training_classes(tmp_path):
         C.prepare_image_cls(_cfg(tmp_path, train=str(train), eval=str(ev)), None)
 
 
+def test_num_labels_other_than_the_classes_is_refused(digits, tmp_path, capsys):
+    """model.num_labels is the data's classes: 3 for 5 digit folders is refused in one line before a model loads
+    (it was ignored: the head had 5 outputs)."""
+    run = tmp_path / "run"
+    args = [f"model.name_or_path={digits / 'vit-init'}", f"output.dir={run}", *FAST, "model.num_labels=3"]
+    args += [f"data.train={digits / 'adapt' / 'train'}", f"data.eval={digits / 'adapt' / 'test'}"]
+    assert main(["train", str(ROOT / "recipes" / "digits-adapt-lora.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.num_labels is 3 but the data has 5 classes (5, 6, 7, 8, 9)" in err and "\n" not in err
+    assert not run.exists()
+
+
 def test_bad_image_fails_the_cli_in_one_line(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     _image(tmp_path / "ok.png")
