@@ -104,6 +104,30 @@ def test_merge_then_reload_as_plain_model(digits, tmp_path, capsys):
     assert (tmp_path / "merged" / "preprocessor_config.json").is_file()
 
 
+def test_eval_compare_rebuilds_an_image_runs_start(digits, tmp_path, capsys):
+    """--compare on an image run: its start (the base, a 3-class head drawn from the recipe's seed in place of the
+    base's 5-class one, LoRA at identity) scores what the run's own evaluation before its first step scored."""
+    import shutil
+
+    for split in ("train", "test"):  # digits 5, 6 and 7 only: the base's head does not fit, a new one is drawn
+        for label in ("5", "6", "7"):
+            shutil.copytree(digits / "adapt" / split / label, tmp_path / split / label)
+    run = tmp_path / "run"
+    args = [f"model.name_or_path={digits / 'vit-init'}", f"output.dir={run}", *FAST, "train.eval_on_start=true"]
+    args += [f"data.train={tmp_path / 'train'}", f"data.eval={tmp_path / 'test'}"]
+    assert main(["train", str(ROOT / "recipes" / "digits-adapt-lora.yaml"), *args]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    start = json.loads((run / "log_history.jsonl").read_text().splitlines()[0])
+    assert start["step"] == 0
+    assert main(["eval", "--adapter", str(run), "--compare"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(printed[-1])
+    for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
+        assert metrics[f"{key}_before"] == pytest.approx(start[key], abs=1e-6), key
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-6), key
+    assert printed[-2].startswith(f"eval_accuracy: {start['eval_accuracy']:.4f} before training -> ")
+
+
 # -- metrics ---------------------------------------------------------------------------------------------------------
 def test_macro_f1_and_confusion_against_sklearn():
     from sklearn.metrics import confusion_matrix, f1_score
