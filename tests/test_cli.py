@@ -226,6 +226,30 @@ def test_eval_reads_a_named_file_whole_whatever_the_runs_data_limit(capsys, cls_
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_loss"] == pytest.approx(one, rel=1e-4)
 
 
+def test_a_run_that_records_more_labels_than_its_classes_still_loads(capsys, cls_run, tmp_path):
+    """Before model.num_labels had to equal the data's classes, a run could record more (its head had one output
+    per class all the same): eval and merge load such a run folder with the head it saved."""
+    import shutil
+
+    import yaml
+
+    run = str(tmp_path / "run")
+    shutil.copytree(cls_run.run, run)
+    with open(os.path.join(run, "run.yaml"), encoding="utf-8") as fh:
+        recipe = yaml.safe_load(fh)
+    assert len(recipe["data"]["labels"]) == 2
+    recipe["model"]["num_labels"] = 5
+    with open(os.path.join(run, "run.yaml"), "w", encoding="utf-8") as fh:
+        yaml.safe_dump(recipe, fh)
+    figures = []
+    for folder in (cls_run.run, run):
+        assert main(["eval", "--adapter", folder, "--data", cls_run.test]) == 0
+        figures.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert figures[1] == figures[0]
+    assert main(["merge", "--adapter", run, "--out", str(tmp_path / "merged")]) == 0
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").config.num_labels == 2
+
+
 def test_eval_compare_rebuilds_the_runs_start(capsys, cls_run, tmp_path):
     """--compare evaluates the run's start (a new classifier head drawn from the recipe's seed, LoRA at identity)
     beside the trained adapter: its figures are those of the run's own evaluation before the first step."""

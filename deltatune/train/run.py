@@ -118,7 +118,7 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
 def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.nn.Module:
     """The base model for the recipe's stage, quantised if asked (not yet wrapped)."""
     task = TASK_OF_STAGE[cfg.stage]
-    num_labels = cfg.model.num_labels or (len(labels) if labels else None)
+    num_labels = len(labels) if labels else cfg.model.num_labels  # a run's labels name its head's classes
     model = load_model(
         cfg.model.name_or_path,
         task,
@@ -437,7 +437,7 @@ def load_adapter_model(
     base = load_model(
         name,
         task,
-        num_labels=num_labels or (len(labels) if labels else None),
+        num_labels=len(labels) if labels else num_labels,  # the head as saved (older runs may record more)
         id2label=dict(enumerate(labels)) if labels else None,
         trust_remote_code=trust_remote_code,
         pad_token_id=getattr(tok, "pad_token_id", None),
