@@ -226,6 +226,25 @@ def test_eval_reads_a_named_file_whole_whatever_the_runs_data_limit(capsys, cls_
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_loss"] == pytest.approx(one, rel=1e-4)
 
 
+def test_eval_batches_as_the_run_evaluated(monkeypatch, capsys, cls_run):
+    """deltatune eval evaluates train.eval_batch_size examples at a time (the run's, or an override), batch_size
+    when it has none: as the run's own evaluation did."""
+    import transformers
+
+    sizes = []
+
+    class Spy(transformers.TrainingArguments):
+        def __post_init__(self):
+            super().__post_init__()
+            sizes.append(self.per_device_eval_batch_size)
+
+    monkeypatch.setattr(transformers, "TrainingArguments", Spy)
+    assert main(["eval", "--adapter", cls_run.run]) == 0
+    assert main(["eval", "--adapter", cls_run.run, "train.eval_batch_size=3"]) == 0
+    assert sizes == [4, 3]  # the recipe's batch_size is 4
+    capsys.readouterr()
+
+
 def test_a_run_that_records_more_labels_than_its_classes_still_loads(capsys, cls_run, tmp_path):
     """Before model.num_labels had to equal the data's classes, a run could record more (its head had one output
     per class all the same): eval and merge load such a run folder with the head it saved."""

@@ -60,3 +60,26 @@ def test_recipe_runs_two_steps(path, tmp_path, monkeypatch, capsys):
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["train_steps"] == 2
     assert (out / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
+
+
+def test_seq2seq_generates_eval_batch_size_rows_at_a_time(tmp_path, monkeypatch, capsys):
+    """The greedy generations behind eval_bleu and eval_rougeL go train.eval_batch_size rows at a time (16 when the
+    recipe sets none), in training's final evaluation and in deltatune eval."""
+    from deltatune.train import seq2seq
+
+    monkeypatch.chdir(RECIPES[0].parent.parent)
+    sizes, real = [], seq2seq.generation_metrics
+
+    def spy(model, tok, rows, cfg, batch_size=16):
+        sizes.append(batch_size)
+        return real(model, tok, rows, cfg, batch_size)
+
+    monkeypatch.setattr(seq2seq, "generation_metrics", spy)
+    model, out = save_tiny(tmp_path / "model", "t5", "seq2seq"), tmp_path / "run"
+    overrides = [f"model.name_or_path={model}", "train.max_steps=1", "train.report_to=[none]", "data.limit=4",
+                 "data.max_length=32", "data.max_target_length=8", "train.batch_size=2", f"output.dir={out}"]  # fmt: skip
+    assert main(["train", "recipes/e2e-seq2seq-lora.yaml", *overrides, "train.eval_batch_size=3"]) == 0
+    assert main(["eval", "--adapter", str(out)]) == 0
+    assert main(["eval", "--adapter", str(out), "train.eval_batch_size=null"]) == 0
+    assert sizes == [3, 3, 16]
+    capsys.readouterr()

@@ -100,7 +100,9 @@ class TrainArgs:
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run the epochs).")
     batch_size: int = _f(8, "Examples per device per step.")
-    eval_batch_size: int | None = _f(None, "Examples per device per eval step (default: batch_size).")
+    eval_batch_size: int | None = _f(
+        None, "Examples per device per eval step (default: batch_size); seq2seq's generations (default: 16)."
+    )
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     lr: float = _f(2e-4, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")

@@ -85,7 +85,7 @@ def evaluate(
     scratch = tempfile.mkdtemp(prefix="deltatune-eval-")  # never inside the run folder: eval leaves it as it is
     args = TrainingArguments(
         output_dir=scratch,
-        per_device_eval_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,  # as the run evaluated
         report_to=[],
         remove_unused_columns=False,
         label_names=["labels"],

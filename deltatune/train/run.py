@@ -367,7 +367,7 @@ def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dic
     if prepared.eval_rows is not None and cfg.stage == "seq2seq":
         from .seq2seq import generation_metrics
 
-        metrics.update(generation_metrics(delta, tok, prepared.eval_rows, cfg))
+        metrics.update(generation_metrics(delta, tok, prepared.eval_rows, cfg, cfg.train.eval_batch_size or 16))
     if cfg.stage == "caption":  # BLEU-4 and ROUGE-L of greedy captions
         from .caption import caption_metrics
 
