@@ -245,6 +245,25 @@ def test_eval_batches_as_the_run_evaluated(monkeypatch, capsys, cls_run):
     capsys.readouterr()
 
 
+def test_eval_runs_at_the_runs_precision(capsys, cls_run, tmp_path):
+    """A run trained and evaluated under bf16 autocast: deltatune eval scores its eval file under the same
+    precision, to the run's own figures (in fp32 its loss differs in the fifth decimal)."""
+    run = _run(tmp_path, cls_run.recipe, "train.precision=bf16")
+    with open(os.path.join(run, "metrics.json"), encoding="utf-8") as fh:
+        trained = json.load(fh)
+    capsys.readouterr()
+    assert main(["eval", "--adapter", run]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+    assert main(["eval", "--adapter", run, "train.precision=fp32"]) == 0
+    fp32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fp32["eval_loss"] != pytest.approx(trained["eval_loss"], abs=1e-6)
+    # a GPU's fp16 run (fp16 needs CUDA) evaluated on a CPU: in fp32, not refused
+    if not torch.cuda.is_available():
+        assert main(["eval", "--adapter", run, "train.precision=fp16"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == fp32
+
+
 def test_a_run_that_records_more_labels_than_its_classes_still_loads(capsys, cls_run, tmp_path):
     """Before model.num_labels had to equal the data's classes, a run could record more (its head had one output
     per class all the same): eval and merge load such a run folder with the head it saved."""

@@ -15,7 +15,7 @@ from ..config import ConfigError
 from ..model import DeltaModel
 from .config import apply_overrides, build
 from .models import load_processor
-from .run import build_model, eval_metrics, start_model
+from .run import build_model, eval_metrics, precision_args, start_model
 from .runs import RUN_FILE, read_recipe
 from .table import IMAGE_STAGES, prepare
 
@@ -91,6 +91,8 @@ def evaluate(
         label_names=["labels"],
         prediction_loss_only=prepared.loss_only,
         use_cpu=not torch.cuda.is_available(),
+        # The run's autocast, as its own evaluation ran; a GPU's fp16 run evaluated on a CPU runs in fp32.
+        **(precision_args(cfg) if cfg.train.precision != "fp16" or torch.cuda.is_available() else {}),
     )
 
     def scored(model: DeltaModel, start_scores: dict | None = None) -> tuple[dict[str, Any], Any]:

@@ -46,7 +46,7 @@ def _check_output(out: str, overwrite: bool, resume: bool) -> tuple[str | None, 
     return None, []
 
 
-def _precision(cfg: RunConfig) -> dict[str, bool]:
+def precision_args(cfg: RunConfig) -> dict[str, bool]:
     p = resolved_precision(cfg.train.precision)  # fp16 on a CPU is refused, never recorded as fp16 while fp32 trains
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
@@ -111,7 +111,7 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         eval_on_start=t.eval_on_start and has_eval,
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config or None,
-        **_precision(cfg),
+        **precision_args(cfg),
     )
 
 
