@@ -125,7 +125,10 @@ def load_model(
     pad_token_id: int | None = None,
 ):
     """The base model with the head for ``task_type`` (a new, randomly initialised head where the checkpoint has
-    none, e.g. a classifier on an encoder)."""
+    none, or one for another number of classes, e.g. a classifier on an encoder).
+
+    A head task's classes are ``id2label`` (their names, in class-id order) or, without names, ``num_labels``
+    (named ``LABEL_i``); given both, they must agree (``ConfigError`` otherwise)."""
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if dtype not in ("float32", "bfloat16", "float16", "auto"):
         raise ConfigError(f"model.dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
