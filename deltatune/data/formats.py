@@ -238,7 +238,8 @@ def _message_list(
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise DataError(f"{source}: column {column!r} must be a non-empty list of messages")
+        got = "an empty list" if isinstance(value, list) else type(value).__name__
+        raise DataError(f"{source}: column {column!r} must be a non-empty list of messages, got {got}")
     out: list[Message] = []
     for i, m in enumerate(value):
         where = f"{source}: {column}[{i}]"
@@ -304,6 +305,10 @@ def _turn(value: Any, row: Row, column: str, role: str, media) -> tuple[list[Mes
         if role == "user" and not value.strip():
             raise DataError(f"{row.source}: column {column!r} is empty")
         return [{"role": role, "content": value}], False
+    if not isinstance(value, (list, dict)):
+        raise DataError(
+            f"{row.source}: column {column!r} must be text or a list of messages, got {type(value).__name__}"
+        )
     roles = {r: r for r in _MESSAGE_ROLES}
     return _message_list(value, row.source, column, "role", "content", roles, media), True
 

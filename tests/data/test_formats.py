@@ -371,6 +371,10 @@ BAD = {
     "chosen_is_rejected": ("dpo", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."},
                                    {"prompt": [U], "chosen": [A], "rejected": [A]}],
                            r"bad.jsonl:2: 'chosen' and 'rejected' are identical"),
+    "prompt_is_a_number": ("dpo", [{"prompt": 5, "chosen": "Hello.", "rejected": "Bye."}],
+                           r"bad.jsonl:1: column 'prompt' must be text or a list of messages, got int$"),
+    "no_messages": ("sft", [{"messages": [U, A]}, {"messages": []}],
+                    r"bad.jsonl:2: column 'messages' must be a non-empty list of messages, got an empty list$"),
     "chat_for_pt": ("pt", [{"messages": [U, A]}],
                     r"bad.jsonl:1: the data is in the messages format .*, which stage pt does not read; "
                     r"stage pt reads: text"),
