@@ -48,24 +48,69 @@ def _fit(
     return max_length
 
 
-def label_map(rows: Sequence[Row], column: str, labels: list[str] | None) -> dict[Any, int]:
-    """Label value -> class id. Integer labels map to themselves; names to their index in ``labels``
-    (or in the sorted set of names seen).
+MAX_CLASSES = 1_000_000
+"""A class id past this is refused: one output per id up to the largest would be the head (an id column, or a
+regression target, read as class ids)."""
+
+
+def label_map(
+    rows: Sequence[Row], column: str, labels: list[str] | None, values: list[Any] | None = None
+) -> dict[Any, int]:
+    """Label value -> class id. Whole-number labels are their own ids; names map to their index in ``labels``
+    (or in the sorted set of names seen). ``values``: the rows' labels when they are not ``row.get(column)``.
 
     Raises:
-        DataError: a label is NaN or a negative number (which would otherwise become one more class name).
+        DataError: a label is NaN, a negative number (which would otherwise become one more class name), or an id
+            past ``MAX_CLASSES``.
     """
-    values = [r.get(column) for r in rows]
+    values = [r.get(column) for r in rows] if values is None else values
     for row, v in zip(rows, values):
         _check_label(row, column, v)
     if labels:
         return {name: i for i, name in enumerate(labels)} | {i: i for i in range(len(labels))}
-    # Ids may come as ints (JSON) or as digit strings (CSV/TSV, where every value is text): "10" is class 10, not
-    # the third name in sorted order, and a JSONL train file and a CSV eval file agree on the classes.
-    if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdigit() for v in values):
-        return {i: i for i in range(max(int(v) for v in values) + 1)}
+    # Ids may come as ints (JSON), as whole floats (1.0: pandas writes an int column with a gap as floats) or as
+    # their text (CSV/TSV, where every value is text): "10" is class 10, not the third name in sorted order, and a
+    # JSONL train file and a CSV eval file agree on the classes.
+    ids = [class_id(v) for v in values]
+    if all(i is not None for i in ids):
+        top = max(ids)  # type: ignore[type-var]
+        if top >= MAX_CLASSES:
+            row = rows[ids.index(top)]
+            raise DataError(
+                f"{row.source}: label {values[ids.index(top)]!r} in column {column!r} would be class id {top:,}: "
+                f"one output per id up to it (more than {MAX_CLASSES:,}); is the column an id or a score?"
+            )
+        return {i: i for i in range(top + 1)}  # type: ignore[operator]
     names = sorted({str(v) for v in values})
     return {name: i for i, name in enumerate(names)}
+
+
+def class_names(mapping: dict[Any, int], labels: list[str] | None) -> list[str]:
+    """The classes of a ``label_map`` in id order: ``labels`` when given, the names seen, or the ids as text."""
+    if labels:
+        return [str(x) for x in labels]
+    named = {v: str(k) for k, v in mapping.items() if not isinstance(k, int)}
+    return [named.get(i, str(i)) for i in range(max(mapping.values()) + 1)]
+
+
+def class_of(label: Any, mapping: dict[Any, int]) -> int | None:
+    """The class id of one label value under a ``label_map`` (a name, an id, or an id as text); None if none."""
+    for key in (label, str(label), class_id(label)):
+        if key is not None and key in mapping:
+            return mapping[key]
+    return None
+
+
+def class_id(value: Any) -> int | None:
+    """A label that is a whole number (1, 1.0, "1", "1.0") as its class id; None for a class name."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        return None
+    return int(value)
 
 
 def _check_label(row: Row, column: str, value: Any) -> None:
@@ -103,15 +148,13 @@ def encode_cls(
         if keep < len(enc["input_ids"]):
             enc = tokenizer(str(text), str(pair) if pair is not None else None, truncation=True, max_length=max_length)
         label = row.get(label_column)
-        key = label if label in labels else str(label)
-        if key not in labels and isinstance(label, str) and label.isdigit():
-            key = int(label)
-        if key not in labels:
+        cid = class_of(label, labels)
+        if cid is None:
             raise DataError(
                 f"{row.source}: label {label!r} in column {label_column!r} is not in the label set "
                 f"{sorted({str(k) for k in labels})}"
             )
-        out.append({**{k: list(v) for k, v in enc.items()}, "labels": labels[key]})
+        out.append({**{k: list(v) for k, v in enc.items()}, "labels": cid})
     return Encoded(out, counter[0])
 
 

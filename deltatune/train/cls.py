@@ -3,7 +3,7 @@ read from the data (or ``data.labels``); eval reports accuracy and macro-F1."""
 
 from __future__ import annotations
 
-from ..data.tasks import Collator, encode_cls, label_map
+from ..data.tasks import Collator, class_names, encode_cls, label_map
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _encode_splits, _logits, _rows
@@ -13,8 +13,7 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
     mapping = label_map(train_rows, d.label_column, d.labels)
-    named = {v: str(k) for k, v in mapping.items() if not isinstance(k, int)}
-    names = list(d.labels) if d.labels else [named.get(i, str(i)) for i in range(max(mapping.values()) + 1)]
+    names = class_names(mapping, d.labels)
 
     def enc(rows):
         return encode_cls(

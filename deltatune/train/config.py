@@ -57,7 +57,13 @@ class DataArgs:
     text_column: str = _f("text", "Text column (cls, pt).")
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair classification.")
     label_column: str = _f("label", "Label column (cls).")
-    labels: list | None = _f(None, "The label names in class-id order; default: ids as given or sorted names.")
+    labels: list | None = _f(
+        None,
+        (
+            'The label names in class-id order; default: whole-number labels (1, 1.0, "1") are their ids, others '
+            "names in sorted order."
+        ),
+    )
     tokens_column: str = _f("tokens", "Word list column (tag).")
     tags_column: str = _f("ner_tags", "Tag list column (tag), BIO tags.")
     source_column: str = _f("source", "Source text column (seq2seq).")

@@ -24,6 +24,8 @@ import numpy as np
 from ..config import ConfigError
 from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, collate, read_image_rows
 from ..data.load import DataError
+from ..data.tasks import class_names as class_names_of
+from ..data.tasks import class_of, label_map
 from .config import RunConfig
 from .prepared import Prepared
 
@@ -31,35 +33,31 @@ HEAD = "classifier"
 """The classification head of transformers' image classifiers (ViT, DeiT, Swin, ConvNeXt, ResNet, CLIP, SigLIP)."""
 
 
-def class_names(rows: list[ImageRow], labels: list | None, folder: bool) -> tuple[list[str], dict[Any, int]]:
+def class_names(
+    rows: list[ImageRow], labels: list | None, folder: bool, label_column: str = "label"
+) -> tuple[list[str], dict[Any, int]]:
     """The class names in id order and a map label value -> id.
 
-    Image folders: the sorted sub-folder names. Data files: ``labels`` when given, else integer ids (or digit
-    strings) as given, else the sorted names seen.
+    Image folders: ``labels`` or the sorted sub-folder names. Data files: as text classification reads its labels
+    (``data/tasks.py::label_map``): ``labels`` when given, else whole-number ids as given, else the sorted names.
     """
     values = [r.label for r in rows]
-    if labels:
-        names = [str(x) for x in labels]
-        return names, {n: i for i, n in enumerate(names)} | {i: i for i in range(len(names))}
     if folder:
-        names = sorted({str(v) for v in values})
+        names = [str(x) for x in labels] if labels else sorted({str(v) for v in values})
         return names, {n: i for i, n in enumerate(names)}
-    if all((isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.isdigit()) for v in values):
-        n = max(int(v) for v in values) + 1
-        return [str(i) for i in range(n)], {i: i for i in range(n)} | {str(i): i for i in range(n)}
-    names = sorted({str(v) for v in values})
-    return names, {n: i for i, n in enumerate(names)}
+    mapping = label_map(rows, label_column, [str(x) for x in labels] if labels else None, values)  # type: ignore[arg-type]
+    return class_names_of(mapping, labels), mapping
 
 
 def _ids(rows: list[ImageRow], mapping: dict[Any, int], label_column: str) -> list[int]:
     out = []
     for r in rows:
-        key = r.label if r.label in mapping else str(r.label)
-        if key not in mapping:
+        cid = class_of(r.label, mapping)
+        if cid is None:
             raise DataError(
                 f"{r.source}: label {r.label!r} (column {label_column!r}) is not one of the training classes"
             )
-        out.append(mapping[key])
+        out.append(cid)
     return out
 
 
@@ -130,7 +128,7 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         raise ConfigError(f"data.augment: unknown augmentation {bad[0]!r}; choose from {', '.join(AUGMENTATIONS)}")
     train_rows = read_image_rows(d.train, d.image_column, d.label_column, d.limit, d.allow_outside)
     eval_rows = read_image_rows(d.eval, d.image_column, d.label_column, d.limit, d.allow_outside) if d.eval else None
-    names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train))
+    names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train), d.label_column)
     if len(names) < 2:
         where = "sub-folder" if os.path.isdir(d.train) else "label"
         raise DataError(

@@ -10,7 +10,11 @@ from tiny import tiny_model, tokenizer
 from deltatune.data.encode import encode_sft
 from deltatune.data.load import DataError, Row
 from deltatune.data.tasks import (
+    MAX_CLASSES,
     Collator,
+    class_id,
+    class_names,
+    class_of,
     encode_cls,
     encode_pt,
     encode_seq2seq,
@@ -50,6 +54,30 @@ def test_csv_ids_are_ids_not_names(tok):
     # ... and a JSONL train file (int labels) agrees with a CSV eval file (the same ids as text).
     json_mapping = label_map(_rows({"y": 0}, {"y": 1}), "y", None)
     assert encode_cls(_rows({"t": "x", "y": "1"}), tok, "t", "y", json_mapping, 16).examples[0]["labels"] == 1
+
+
+def test_whole_float_labels_are_ids(tok):
+    # pandas writes an int label column with a gap as floats (1.0): still class 1, and a train file in floats agrees
+    # with an eval file in ints or in text ("1.0", "2").
+    floats = _rows({"t": "a", "y": 0.0}, {"t": "b", "y": 2.0})
+    mapping = label_map(floats, "y", None)
+    assert mapping == {0: 0, 1: 1, 2: 2}
+    assert class_names(mapping, None) == ["0", "1", "2"]
+    other = _rows({"t": "c", "y": 1}, {"t": "d", "y": "1.0"}, {"t": "e", "y": "2"}, {"t": "f", "y": 2.0})
+    assert [ex["labels"] for ex in encode_cls(other, tok, "t", "y", mapping, 16).examples] == [1, 1, 2, 2]
+    # A label that is not a whole number is a class name (half stars are classes), named in sorted order.
+    halves = label_map(_rows({"y": 4.5}, {"y": 1}, {"y": "x"}), "y", None)
+    assert halves == {"1": 0, "4.5": 1, "x": 2} and class_names(halves, None) == ["1", "4.5", "x"]
+    assert class_of(True, halves) is None and class_id(True) is None  # a bool is not an id
+
+
+def test_an_id_past_the_class_limit_is_refused():
+    # An id column or a score read as class ids would make a head of a billion outputs (and hang building its map).
+    with pytest.raises(
+        DataError, match=r"d.jsonl:2: label 1000000000.0 in column 'y' would be class id 1,000,000,000"
+    ):
+        label_map(_rows({"y": 3}, {"y": 1e9}), "y", None)
+    assert len(label_map(_rows({"y": MAX_CLASSES - 1}), "y", None)) == MAX_CLASSES
 
 
 def test_encode_cls_names_and_ids(tok):

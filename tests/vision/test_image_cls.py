@@ -238,6 +238,19 @@ def test_eval_label_outside_training_classes(tmp_path):
         C.prepare_image_cls(_cfg(tmp_path, train=str(train), eval=str(ev)), None)
 
 
+def test_image_labels_are_read_as_text_classification_reads_them(tmp_path):
+    """Whole floats (pandas' 1.0) are ids, and agree with an eval file in ints; a NaN label is refused by its row."""
+    _image(tmp_path / "x.png")
+    train = _jsonl(tmp_path / "t.jsonl", [{"image": "x.png", "label": 0.0}, {"image": "x.png", "label": 2.0}])
+    ev = _jsonl(tmp_path / "e.jsonl", [{"image": "x.png", "label": 1}, {"image": "x.png", "label": "2"}])
+    prepared = C.prepare_image_cls(_cfg(tmp_path, train=str(train), eval=str(ev)), None)
+    assert prepared.labels == ["0", "1", "2"]
+    assert prepared.train.labels == [0, 2] and prepared.eval.labels == [1, 2]
+    bad = _jsonl(tmp_path / "n.jsonl", [{"image": "x.png", "label": 1}, {"image": "x.png", "label": float("nan")}])
+    with pytest.raises(DataError, match=r"n\.jsonl:2: label in column 'label' is NaN"):
+        C.prepare_image_cls(_cfg(tmp_path, train=str(bad)), None)
+
+
 def test_num_labels_other_than_the_classes_is_refused(digits, tmp_path, capsys):
     """model.num_labels is the data's classes: 3 for 5 digit folders is refused in one line before a model loads
     (it was ignored: the head had 5 outputs)."""
