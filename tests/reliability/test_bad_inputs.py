@@ -30,6 +30,7 @@ LATIN1 = _jsonl(GOOD).encode() + '{"text": "café"}\n'.encode("latin-1")  # é i
 SHORT_CSV = "text,label\na good film,1\na dull film\n"
 NAN = _jsonl(GOOD) + '{"text": "x", "label": NaN}\n'
 NEGATIVE = _jsonl([*GOOD, {"text": "x", "label": -1}])
+HUGE = _jsonl([*GOOD, {"text": "x", "label": 4_000_000_000}])  # an id column read as labels: once a 4e9-entry map
 
 # (id, overrides given the test's tmp folder, words the one line must hold)
 CASES = [
@@ -65,6 +66,11 @@ CASES = [
         "label-negative",
         lambda t: [f"data.train={_file(t, 'neg.jsonl', NEGATIVE)}"],
         "neg.jsonl:3: label -1 in column 'label' is negative",
+    ),
+    (
+        "label-huge-id",
+        lambda t: [f"data.train={_file(t, 'huge.jsonl', HUGE)}"],
+        "huge.jsonl:3: label 4000000000 in column 'label' would be class id 4,000,000,000",
     ),
     ("override-form", lambda t: ["train.lr"], "override 'train.lr' is not of the form key=value"),
 ]
