@@ -186,7 +186,8 @@ def encode_tag(
                 tag = tags[word]
                 key = tag if tag in labels else str(tag)
                 if key not in labels:
-                    raise DataError(f"{row.source}: tag {tag!r} is not in the label set {sorted(labels)}")
+                    names = [k for k in labels if isinstance(k, str)]  # the map also takes ids: show the names
+                    raise DataError(f"{row.source}: tag {tag!r} is not in the label set {names}")
                 token_labels.append(labels[key])
             previous = word
         out.append({**{k: list(v) for k, v in enc.items()}, "labels": token_labels})

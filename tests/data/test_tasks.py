@@ -143,6 +143,12 @@ def test_tag_truncation(tok):
 def test_tag_errors(tok):
     with pytest.raises(DataError, match=r"d.jsonl:2: tag 'B-ORG' is not in the label set"):
         encode_tag(_rows(WORDS, {"tokens": ["Acme"], "ner_tags": ["B-ORG"]}), tok, "tokens", "ner_tags", TAGS, 32)
+    # The stage's map takes names and ids (data.labels given): a tag outside it is one line naming the names (the
+    # message sorted names and ids together, a TypeError).
+    both = TAGS | {i: i for i in range(len(TAGS))}
+    for tag in ("B-ORG", 7):
+        with pytest.raises(DataError, match=rf"d.jsonl:1: tag {tag!r} is not in the label set \['O', 'B-PER', "):
+            encode_tag(_rows({"tokens": ["Acme"], "ner_tags": [tag]}), tok, "tokens", "ner_tags", both, 32)
     with pytest.raises(DataError, match=r"d.jsonl:1: 'tokens' and 'ner_tags' must be lists of equal length"):
         encode_tag(_rows({"tokens": ["a", "b"], "ner_tags": ["O"]}), tok, "tokens", "ner_tags", TAGS, 32)
 
