@@ -323,8 +323,8 @@ def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
 
 def _alpaca(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     media = _media(row, c)
-    instruction = row.get(_col(c, "instruction"))
-    extra = row.get(_col(c, "input"), required=False)
+    instruction = row.text(_col(c, "instruction"))
+    extra = row.text(_col(c, "input"), required=False)
     prompt = f"{instruction}\n\n{extra}" if extra else str(instruction)
     history = row.data.get(_col(c, "history")) or []
     messages = _system_message(row, c)
@@ -336,7 +336,7 @@ def _alpaca(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
         messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
     messages += [
         {"role": "user", "content": prompt},
-        {"role": "assistant", "content": str(row.get(_col(c, "output")))},
+        {"role": "assistant", "content": row.text(_col(c, "output"))},
     ]
     return Sample(row.source, "alpaca", messages, conversational=False, **media)
 

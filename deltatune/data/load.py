@@ -35,6 +35,16 @@ class Row:
             raise DataError(f"{self.source}: column {column!r} is missing (columns in this row: {have})")
         return self.data[column]
 
+    def text(self, column: str, required: bool = True) -> str | None:
+        """The text of ``column`` (a number as written); DataError naming the row when it is a list, an object or
+        a bool (a multi-reference list given as the target would otherwise train on its Python repr)."""
+        value = self.get(column, required)
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise DataError(f"{self.source}: column {column!r} must be text, got {type(value).__name__}")
+
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 _RANGE = re.compile(r"(?P<path>.+?)\[(?P<range>[^\[\]]*)\]")

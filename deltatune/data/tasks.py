@@ -141,12 +141,12 @@ def encode_cls(
     """Sequence classification: ``input_ids`` (+ mask, token types) and an integer ``labels``."""
     out, counter = [], [0]
     for row in rows:
-        text = row.get(text_column)
-        pair = row.get(text_pair_column) if text_pair_column else None
-        enc = tokenizer(str(text), str(pair) if pair is not None else None)
+        text = row.text(text_column)
+        pair = row.text(text_pair_column) if text_pair_column else None
+        enc = tokenizer(text, pair)
         keep = _fit(enc["input_ids"], max_length, row, truncation, counter)
         if keep < len(enc["input_ids"]):
-            enc = tokenizer(str(text), str(pair) if pair is not None else None, truncation=True, max_length=max_length)
+            enc = tokenizer(text, pair, truncation=True, max_length=max_length)
         label = row.get(label_column)
         cid = class_of(label, labels)
         if cid is None:
@@ -200,7 +200,7 @@ def encode_pt(rows: Sequence[Row], tokenizer, text_column: str, block_size: int)
     stream: list[int] = []
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     for row in rows:
-        stream.extend(tokenizer(str(row.get(text_column)), add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(row.text(text_column), add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
     blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
@@ -221,8 +221,8 @@ def encode_seq2seq(
     """Conditional generation: the source as encoder input, the target's ids as labels."""
     out, counter = [], [0]
     for row in rows:
-        src = tokenizer(str(row.get(source_column)))
-        tgt = tokenizer(text_target=str(row.get(target_column)))["input_ids"]
+        src = tokenizer(row.text(source_column))
+        tgt = tokenizer(text_target=row.text(target_column))["input_ids"]
         over = len(src["input_ids"]) > max_length or len(tgt) > max_target_length
         keep = _fit(src["input_ids"], max_length, row, truncation, None)
         keep_t = _fit(tgt, max_target_length, row, truncation, None, "data.max_target_length")

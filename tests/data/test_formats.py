@@ -375,6 +375,8 @@ BAD = {
                            r"bad.jsonl:1: column 'prompt' must be text or a list of messages, got int$"),
     "no_messages": ("sft", [{"messages": [U, A]}, {"messages": []}],
                     r"bad.jsonl:2: column 'messages' must be a non-empty list of messages, got an empty list$"),
+    "output_is_a_list": ("sft", [{"instruction": "Hi?", "output": ["Hello.", "Hi."]}],
+                         r"bad.jsonl:1: column 'output' must be text, got list$"),
     "chat_for_pt": ("pt", [{"messages": [U, A]}],
                     r"bad.jsonl:1: the data is in the messages format .*, which stage pt does not read; "
                     r"stage pt reads: text"),

@@ -80,6 +80,22 @@ def test_an_id_past_the_class_limit_is_refused():
     assert len(label_map(_rows({"y": MAX_CLASSES - 1}), "y", None)) == MAX_CLASSES
 
 
+def test_a_text_column_that_is_not_text_is_refused(tok):
+    # A multi-reference list named as the target (E2E's "references") trained on its Python repr.
+    with pytest.raises(DataError, match=r"d.jsonl:2: column 'target' must be text, got list$"):
+        encode_seq2seq(_rows({"source": "a", "target": "b"}, {"source": "a", "target": ["b", "c"]}), tok,
+                       "source", "target", 16, 16)  # fmt: skip
+    with pytest.raises(DataError, match=r"d.jsonl:1: column 't' must be text, got dict$"):
+        encode_cls(_rows({"t": {"a": 1}, "y": 0}), tok, "t", "y", {0: 0}, 16)
+    with pytest.raises(DataError, match=r"d.jsonl:1: column 'text' must be text, got bool$"):
+        encode_pt(_rows({"text": True}), tok, "text", 4)
+    # A number is text as written.
+    assert (
+        encode_cls(_rows({"t": 7, "y": 0}), tok, "t", "y", {0: 0}, 16).examples[0]["input_ids"]
+        == tok("7")["input_ids"]
+    )
+
+
 def test_encode_cls_names_and_ids(tok):
     rows = _rows(
         {"text": "a fine film", "label": "pos"}, {"text": "dull", "label": "neg"}, {"text": "fine", "label": 1}
