@@ -382,9 +382,11 @@ def _chat(args) -> int:
 
 
 def _merge(args) -> int:
-    from .train.run import load_adapter_model, merge
-    from .train.runfolder import publish_folder, staging_folder
+    from .train.run import adapter_field, load_adapter_model, merge
+    from .train.runfolder import check_apart, publish_folder, staging_folder
 
+    base = args.model or adapter_field(args.adapter, "base_model_name_or_path")
+    check_apart(args.out, {"the adapter's folder": args.adapter, "the base model's folder": base})
     with staging_folder(args.out, args.overwrite) as staging:  # refuses a folder with files unless --overwrite
         delta, tok = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
         model, report = merge(delta, tok)

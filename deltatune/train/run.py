@@ -450,16 +450,23 @@ def load_adapter_model(
 
 def run_task(adapter_dir: str) -> tuple[str | None, str | None]:
     """(task type, stage) of a run or adapter folder, read without loading any model."""
-    import json
-
     if run_file(adapter_dir):
         stage = read_recipe(adapter_dir).get("stage")
         return TASK_OF_STAGE.get(stage), stage
+    return adapter_field(adapter_dir, "task_type"), None
+
+
+def adapter_field(adapter_dir: str, key: str) -> Any:
+    """One field of a folder's adapter_config.json, None when it or the file is missing or unreadable (the loader
+    names what is wrong)."""
+    import json
+
     try:
         with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
-            return json.load(fh).get("task_type"), None
+            config = json.load(fh)
     except (OSError, ValueError):
-        return None, None  # load_adapter_model names what is missing
+        return None
+    return config.get(key) if isinstance(config, dict) else None
 
 
 def load_captioner(adapter_dir: str, model: str | None, trust_remote_code: bool, prompt: bool = False):

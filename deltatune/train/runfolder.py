@@ -340,6 +340,26 @@ def staging_folder(out: str, overwrite: bool) -> Iterator[str]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_apart(out: str, reads: dict[str, str | None]) -> None:
+    """Refuse an output folder that is, or holds, a folder the command reads (``reads``: what it is -> path):
+    publishing there, with ``--overwrite``, would delete it.
+
+    Raises:
+        ConfigError: naming the folder and what it is.
+    """
+    mine = os.path.realpath(out)
+    for what, path in reads.items():
+        if not path or not os.path.isdir(path):
+            continue
+        theirs = os.path.realpath(path)
+        if theirs == mine or os.path.commonpath([mine, theirs]) == mine:
+            how = "is" if theirs == mine else "holds"
+            raise ConfigError(
+                f"--out {out!r} {how} {what} {path!r}, which this command reads (--overwrite would delete it); "
+                "choose another folder"
+            )
+
+
 def publish_folder(staging: str, out: str) -> None:
     """Move the finished ``staging`` folder to ``out``, replacing what ``out`` held only at this moment."""
     aside = _sibling(out, f"old-{os.getpid()}")

@@ -176,6 +176,32 @@ def test_merge_out_refuses_a_full_folder_and_publishes_whole(base, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["merged"]  # no staging or old copy left beside it
 
 
+def test_merge_out_never_replaces_the_adapter_or_base_it_reads(base, tmp_path):
+    """--out naming the run being merged (or a folder holding it, or the base model's folder) with --overwrite
+    replaced it with the merged model: the run was lost. Now one line, and nothing changes."""
+    import shutil
+
+    run, model = tmp_path / "runs" / "run", tmp_path / "models" / "base"
+    shutil.copytree(base.run, run)
+    shutil.copytree(base.model, model)
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(model)}))
+    before = snapshot(tmp_path)
+    cases = [
+        (run, [], f"--out '{run}' is the adapter's folder '{run}'"),
+        (run.parent, [], f"--out '{run.parent}' holds the adapter's folder '{run}'"),
+        (model, [], f"--out '{model}' is the base model's folder '{model}'"),  # as the adapter recorded it
+        (model.parent, ["--model", str(model)], f"--out '{model.parent}' holds the base model's folder '{model}'"),
+    ]
+    for out, extra, words in cases:
+        code, _, err = cli("merge", "--adapter", str(run), "--out", str(out), "--overwrite", *extra)
+        assert code == 2 and words in one_error_line(err, "merge"), err
+        assert snapshot(tmp_path) == before
+    code, _, err = cli("merge", "--adapter", str(run), "--out", str(run / "merged"))  # inside the run: a new folder
+    assert code == 0, err
+    assert (run / "merged" / "model.safetensors").exists() and (run / "adapter_model.safetensors").exists()
+
+
 def test_resume_changed_accepts_and_records_the_new_values(interrupted):
     out, recipe, _ = interrupted
     code, _, err = cli("train", recipe, "train.lr=0.02", "--resume", "--resume-changed")
