@@ -50,6 +50,14 @@ EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 _RANGE = re.compile(r"(?P<path>.+?)\[(?P<range>[^\[\]]*)\]")
 
 
+def data_path(spec: str) -> str:
+    """The file or folder a data spec names: its row range (``train.jsonl[1000:2000]``) dropped."""
+    ranged = _RANGE.fullmatch(spec)
+    if ranged and not os.path.exists(spec) and ranged["path"].lower().endswith(EXTENSIONS):
+        return ranged["path"]
+    return spec
+
+
 def read_rows(spec: str, text_column: str = "text", limit: int | None = None) -> list[Row]:
     """Read every row of a data file (or hub dataset ``name[:split]``).
 
@@ -65,9 +73,9 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
         DataError: the file is missing, a row is malformed (file and line named), a row range is malformed or
             selects no row, or there are no rows.
     """
-    ranged = _RANGE.fullmatch(spec)
-    if ranged and not os.path.exists(spec) and ranged["path"].lower().endswith(EXTENSIONS):
-        return _row_range(spec, ranged["path"], ranged["range"], text_column, limit)
+    if data_path(spec) != spec:
+        ranged = _RANGE.fullmatch(spec)
+        return _row_range(spec, ranged["path"], ranged["range"], text_column, limit)  # type: ignore[index]
     if os.path.isdir(spec):
         raise DataError(f"{spec} is a folder; give a data file (.jsonl, .csv, .parquet, .txt)")
     ext = os.path.splitext(spec)[1].lower()

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from ..config import ConfigError
+from ..data.load import data_path
 from ..model import DeltaModel, get_delta_model
 from . import report
 from .checks import check_model_path, check_num_labels, check_run, resolved_precision
@@ -22,7 +23,15 @@ from .config import RunConfig, build
 from .metrics import perplexity
 from .models import load_model, load_processor, local_base_note
 from .prepared import Prepared
-from .runfolder import Replacement, RunLock, check_output_path, recipe_changes, resume_checkpoint, started_callback
+from .runfolder import (
+    Replacement,
+    RunLock,
+    check_apart,
+    check_output_path,
+    recipe_changes,
+    resume_checkpoint,
+    started_callback,
+)
 from .runs import RUN_FILE, read_recipe, run_file
 from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
 
@@ -44,6 +53,15 @@ def _check_output(out: str, overwrite: bool, resume: bool) -> tuple[str | None, 
                 "replace it or --resume to continue it"
             )
     return None, []
+
+
+def _reads(cfg: RunConfig) -> dict[str, str | None]:
+    """The files and folders a run reads (by recipe key), which replacing its output folder must not delete."""
+    d, a = cfg.data, cfg.align
+    reads = {"model.name_or_path": cfg.model.name_or_path, "model.text_encoder": cfg.model.text_encoder,
+             "data.train": d.train and data_path(d.train), "data.eval": d.eval and data_path(d.eval),
+             "align.reward_model": a.reward_model}  # fmt: skip
+    return reads | {f"align.reward_funcs[{i}]": f for i, f in enumerate(a.reward_funcs or []) if isinstance(f, str)}
 
 
 def precision_args(cfg: RunConfig) -> dict[str, bool]:
@@ -216,6 +234,8 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
 
     out = cfg.output.dir
     checkpoint, resume_notes = _check_output(out, overwrite, resume)
+    if overwrite:
+        check_apart(out, _reads(cfg), "output.dir")
     # A resume must not change what matters (lr, seed, method, data, ...): compared before anything is loaded.
     write_recipe = _check_resume_recipe(out, _recipe_dict(cfg), resume_changed) if resume else True
     check_run(cfg)

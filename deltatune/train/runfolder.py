@@ -340,22 +340,22 @@ def staging_folder(out: str, overwrite: bool) -> Iterator[str]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_apart(out: str, reads: dict[str, str | None]) -> None:
-    """Refuse an output folder that is, or holds, a folder the command reads (``reads``: what it is -> path):
-    publishing there, with ``--overwrite``, would delete it.
+def check_apart(out: str, reads: dict[str, str | None], name: str = "--out") -> None:
+    """Refuse an output folder that is, or holds, a file or folder the command reads (``reads``: what it is ->
+    path): replacing the folder, as ``--overwrite`` does, would delete it. ``name``: the output's key or flag.
 
     Raises:
-        ConfigError: naming the folder and what it is.
+        ConfigError: naming the output, what it would delete, and its path.
     """
     mine = os.path.realpath(out)
     for what, path in reads.items():
-        if not path or not os.path.isdir(path):
+        if not path or not os.path.exists(path):
             continue
         theirs = os.path.realpath(path)
         if theirs == mine or os.path.commonpath([mine, theirs]) == mine:
             how = "is" if theirs == mine else "holds"
             raise ConfigError(
-                f"--out {out!r} {how} {what} {path!r}, which this command reads (--overwrite would delete it); "
+                f"{name} {out!r} {how} {what} {path!r}, which this command reads (--overwrite would delete it); "
                 "choose another folder"
             )
 

@@ -202,6 +202,30 @@ def test_merge_out_never_replaces_the_adapter_or_base_it_reads(base, tmp_path):
     assert (run / "merged" / "model.safetensors").exists() and (run / "adapter_model.safetensors").exists()
 
 
+def test_overwrite_never_deletes_what_the_new_run_reads(base, tmp_path):
+    """A base merged into the old run's folder (RUN/merged), or data kept there: --overwrite replaced the old run
+    once the new one started, deleting the base and data it was reading. Now one line, and nothing changes."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(base.run, old)
+    shutil.copytree(base.model, old / "merged")
+    shutil.copy(base.data, old / "train.jsonl")
+    recipe = write_recipe(tmp_path / "r.yaml", str(old / "merged"), base.data, str(old), max_steps=2)
+    before = snapshot(tmp_path)
+    for extra, words in [
+        ([], f"output.dir '{old}' holds model.name_or_path '{old / 'merged'}'"),
+        ([f"model.name_or_path={base.model}", f"data.train={old / 'train.jsonl'}[0:6]"],
+         f"output.dir '{old}' holds data.train '{old / 'train.jsonl'}'"),
+    ]:  # fmt: skip
+        code, _, err = cli("train", recipe, *extra, "--overwrite")
+        assert code == 2 and words in one_error_line(err), err
+        assert snapshot(tmp_path) == before
+    code, _, err = cli("train", recipe, f"model.name_or_path={base.model}", "--overwrite")  # what it is for
+    assert code == 0, err
+    assert not (old / "merged").exists() and (old / "metrics.json").exists()
+
+
 def test_resume_changed_accepts_and_records_the_new_values(interrupted):
     out, recipe, _ = interrupted
     code, _, err = cli("train", recipe, "train.lr=0.02", "--resume", "--resume-changed")
