@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -205,6 +206,31 @@ def test_eval_prints_metrics_json_on_its_last_line(capsys, cls_run):
         logits = _delta(cls_run)(**_batch(cls_run, [r["text"] for r in rows])).logits
     assert metrics["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
     assert metrics["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
+
+
+def test_eval_takes_a_checkpoint_of_the_run(capsys, cls_run, tmp_path):
+    """run/checkpoint-N (the adapter at step N, no run.yaml of its own) is evaluated with its run's recipe and
+    tokenizer: checkpoint-2 gives the finished run's figures, checkpoint-1 its own (by hand). It was refused."""
+    run = _run(tmp_path, cls_run.recipe, "train.save_steps=1")
+    assert sorted(p.name for p in Path(run).glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+    def figures(adapter):
+        assert main(["eval", "--adapter", adapter, "--data", cls_run.test]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert figures(str(Path(run) / "checkpoint-2")) == figures(run)
+    with open(cls_run.test, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    base = AutoModelForSequenceClassification.from_pretrained(cls_run.model)
+    with torch.no_grad():
+        logits = (
+            DeltaModel.from_pretrained(base, str(Path(run) / "checkpoint-1"))
+            .eval()(**_batch(cls_run, [r["text"] for r in rows]))
+            .logits
+        )
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([r["label"] for r in rows])).item()
+    first = figures(str(Path(run) / "checkpoint-1"))
+    assert first["eval_loss"] == pytest.approx(loss, rel=1e-4) and first["eval_loss"] != figures(run)["eval_loss"]
 
 
 def test_eval_reads_a_named_file_whole_whatever_the_runs_data_limit(capsys, cls_run, tmp_path):

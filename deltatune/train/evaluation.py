@@ -4,7 +4,6 @@ beside the run's start (the model as training began it, rebuilt from the recipe 
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import tempfile
 from typing import Any
@@ -16,7 +15,7 @@ from ..model import DeltaModel
 from .config import apply_overrides, build
 from .models import load_processor
 from .run import build_model, eval_metrics, precision_args, start_model
-from .runs import RUN_FILE, read_recipe
+from .runs import read_recipe, run_file, saved_file
 from .table import IMAGE_STAGES, prepare
 
 
@@ -47,7 +46,7 @@ def evaluate(
     """
     from transformers import Trainer, TrainingArguments, set_seed
 
-    raw, path = read_recipe(run_dir), os.path.join(run_dir, RUN_FILE)
+    raw, path = read_recipe(run_dir), run_file(run_dir)
     if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
         raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
@@ -61,7 +60,7 @@ def evaluate(
         )
     saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
     tok = load_processor(
-        run_dir if os.path.isfile(os.path.join(run_dir, saved)) and cfg.stage != "t2i" else cfg.model.name_or_path,
+        (saved_file(run_dir, saved) if cfg.stage != "t2i" else None) or cfg.model.name_or_path,
         cfg.stage,
         trust_remote_code,
         cfg.model.text_encoder,

@@ -32,7 +32,7 @@ from .runfolder import (
     resume_checkpoint,
     started_callback,
 )
-from .runs import RUN_FILE, read_recipe, run_file
+from .runs import RUN_FILE, read_recipe, run_file, saved_file
 from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
 
 
@@ -449,9 +449,9 @@ def load_adapter_model(
     check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
     stage = cfg.stage if recipe_path else "sft"
     saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
-    has_tok = os.path.isfile(os.path.join(adapter_dir, saved)) and stage != "t2i"  # t2i: the base has the UNet's
+    tok_dir = saved_file(adapter_dir, saved) if stage != "t2i" else None  # t2i: the base has the UNet's
     encoder = cfg.model.text_encoder if recipe_path else None
-    tok = load_processor(adapter_dir if has_tok else name, stage, trust_remote_code, encoder)
+    tok = load_processor(tok_dir or name, stage, trust_remote_code, encoder)
     if stage == "t2i":  # a run that trained its text encoder too (model.train_text_encoder) saved that LoRA beside
         tok.load_text_encoder_lora(adapter_dir)
     base = load_model(

@@ -13,10 +13,32 @@ from ..config import ConfigError
 RUN_FILE = "run.yaml"
 
 
+def run_folder(path: str) -> str | None:
+    """The run ``path`` belongs to: itself when it holds a run.yaml, its run when it is one of the run's
+    ``checkpoint-<step>`` folders (which hold the adapter at that step, not the recipe); None otherwise."""
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        return path
+    parent, name = os.path.split(os.path.normpath(path))
+    step = name.removeprefix("checkpoint-")
+    if step != name and step.isdigit() and os.path.isfile(os.path.join(parent, RUN_FILE)):
+        return parent
+    return None
+
+
 def run_file(run_dir: str) -> str | None:
-    """The path of ``run_dir``'s run.yaml, or None when it holds none (a plain adapter folder)."""
-    path = os.path.join(run_dir, RUN_FILE)
-    return path if os.path.isfile(path) else None
+    """The path of the run.yaml of ``run_dir`` (a run, or one of its checkpoints), or None when there is none (a
+    plain adapter folder)."""
+    folder = run_folder(run_dir)
+    return os.path.join(folder, RUN_FILE) if folder else None
+
+
+def saved_file(adapter_dir: str, name: str) -> str | None:
+    """The folder holding ``name`` (the tokenizer's or image processor's config) for ``adapter_dir``: itself, else
+    the run it is a checkpoint of; None when neither has it."""
+    for folder in (adapter_dir, run_folder(adapter_dir)):
+        if folder and os.path.isfile(os.path.join(folder, name)):
+            return folder
+    return None
 
 
 def read_recipe(run_dir: str, what: str = "give a folder written by 'deltatune train'") -> dict[str, Any]:
