@@ -78,6 +78,15 @@ def fill_geometry(model: nn.Module, config: Any, prefix: bool) -> None:
     """
     cfg = text_config(model)
     mtype = model_type(model)
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if not isinstance(embedding, nn.Embedding):  # a ViT's patch embedding: no tokens to put virtual ones beside
+        raise ConfigError(
+            f"model type {mtype!r} has no token embedding ({type(embedding).__name__}): prompt tuning, P-tuning and "
+            "prefix tuning add virtual tokens to a text model; for a vision model use vpt (visual prompt tuning)"
+        )
     layers = _first(cfg, "num_hidden_layers", "num_layers", "n_layer")
     hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
     heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
@@ -99,8 +108,8 @@ def fill_geometry(model: nn.Module, config: Any, prefix: bool) -> None:
     )
     if not prefix and config.num_layers is None:
         config.num_layers = layers
-    if not prefix and hasattr(model, "get_input_embeddings"):
-        width = model.get_input_embeddings().weight.shape[1]
+    if not prefix:
+        width = embedding.weight.shape[1]
         if width != (config.token_dim or token_dim):
             raise ConfigError(
                 f"token_dim={config.token_dim or token_dim} differs from the input embedding width {width} of "

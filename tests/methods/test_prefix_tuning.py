@@ -118,6 +118,22 @@ def test_attention_that_cannot_take_a_prefix():
     unchanged(base, reference, "deberta-v2", "seq_cls")
 
 
+@pytest.mark.parametrize("config", [dt.PromptTuningConfig(num_virtual_tokens=2), dt.PTuningConfig(num_virtual_tokens=2),
+                                    PTV2], ids=["prompt_tuning", "p_tuning", "prefix_tuning"])  # fmt: skip
+def test_token_methods_on_a_vision_model_point_to_vpt(config):
+    """A ViT has a patch embedding, no tokens: prompt tuning and P-tuning failed with an AttributeError from
+    inside torch, prefix tuning suggested those two. One refusal now, naming vpt, the model left as it was."""
+    base = tiny_model("vit", "image_cls")
+    reference = copy.deepcopy(base)
+    with pytest.raises(
+        ConfigError, match=r"model type 'vit' has no token embedding \(ViTPatchEmbeddings\): .*use vpt"
+    ):
+        dt.get_delta_model(base, config.replace(task_type=None))
+    for (name, p), (_, q) in zip(base.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert [n for n, _ in base.named_modules()] == [n for n, _ in reference.named_modules()]
+
+
 def test_prefix_longer_than_max_positions():
     """bert tiny has 64 learned positions, and a prefix shifts the real tokens' positions by n."""
     base = fresh("bert", "seq_cls")
