@@ -117,7 +117,11 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="a model's family, default targets and trainable parameters per method")
     i.add_argument("model", help="model folder, hub id, or 'minilm'")
-    i.add_argument("--task", default=None, help="CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS or TOKEN_CLS (default: guessed)")
+    i.add_argument(
+        "--task",
+        default=None,
+        help="CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, IMAGE_CLS or IMAGE_TO_TEXT (default: guessed)",
+    )
 
     d = sub.add_parser("data", help="check a data file before training (deltatune data inspect FILE)")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -13,20 +13,35 @@ from .targets import IA3_TARGETS, LORA_TARGETS, model_type
 def _build(name: str, task: str | None):
     from transformers import AutoConfig
 
-    from .train.models import auto_class, resolve_path
+    from .train.checks import check_model_path
+    from .train.models import TASKS, auto_class, resolve_path
 
-    config = AutoConfig.from_pretrained(resolve_path(name))
-    if task is None:
-        archs = " ".join(getattr(config, "architectures", None) or [])
-        task = (
-            "SEQ_2_SEQ_LM"
-            if config.is_encoder_decoder
-            else "CAUSAL_LM"
-            if "CausalLM" in archs or "LMHead" in archs
-            else "SEQ_CLS"
-        )
-    with torch.device("meta"):  # shapes only: no memory, no weights read
-        return auto_class(task).from_config(config), task
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"--task {task!r}: one of {', '.join(TASKS)}")
+    check_model_path(name, "model")
+    try:
+        config = AutoConfig.from_pretrained(resolve_path(name))
+    except (OSError, ValueError) as exc:  # a folder without config.json, an unknown model_type
+        raise ConfigError(f"model {name!r}: {str(exc).splitlines()[0]}") from None
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    guess = (
+        task
+        or ("IMAGE_CLS" if "ImageClassification" in archs else None)
+        or ("SEQ_2_SEQ_LM" if config.is_encoder_decoder else None)
+        or ("CAUSAL_LM" if "CausalLM" in archs or "LMHead" in archs else "SEQ_CLS")
+    )
+    # A guess that does not build (a vision config read as a text classifier) falls through to the task that does.
+    for candidate in [guess] if task else [guess, *(t for t in TASKS if t != guess)]:
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no weights read
+                return auto_class(candidate).from_config(config), candidate
+        except ValueError:
+            continue
+    mtype = getattr(config, "model_type", "?")
+    raise ConfigError(
+        f"--task {task} does not fit model {name!r} (model_type {mtype})" if task
+        else f"model {name!r}: no task's auto class builds model_type {mtype}"
+    )  # fmt: skip
 
 
 def describe(name: str, task: str | None = None) -> str:
@@ -47,7 +62,8 @@ def describe(name: str, task: str | None = None) -> str:
     for method in registry.names():
         fresh, _ = _build(name, task)
         try:
-            delta = get_delta_model(fresh, registry.get(method).config_class(task_type=task))
+            image = task in ("IMAGE_CLS", "IMAGE_TO_TEXT")  # PEFT has no image task type: runs record none
+            delta = get_delta_model(fresh, registry.get(method).config_class(task_type=None if image else task))
             trainable, _ = delta.get_nb_trainable_parameters()
             lines.append(f"| {method} | {trainable:,d} | {100 * trainable / total:.3f} |")
         except (ConfigError, TypeError, ValueError) as exc:

@@ -12,7 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tiny import save_tiny
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from deltatune.cli import main
 from deltatune.model import DeltaModel
@@ -174,6 +179,32 @@ def test_info_prints_a_parameter_table(capsys, cls_run):
     assert "| method (defaults) | trainable params | % of total |" in out
     lora = next(line for line in out.splitlines() if line.startswith("| lora |"))
     assert int(lora.split("|")[2].replace(",", "")) > 0
+
+
+def test_info_on_a_vision_model_and_bad_input(capsys, tmp_path):
+    """A ViT was read as a text classifier (a transformers traceback); a missing model, a file, a folder without a
+    config and an unknown or unfitting --task were tracebacks too. Now the image table, and one line each."""
+    vit = save_tiny(tmp_path / "vit", "vit", "image_cls")
+    assert main(["info", vit]) == 0
+    out = capsys.readouterr().out
+    total = sum(p.numel() for p in AutoModelForImageClassification.from_pretrained(vit).parameters())
+    assert "family (model_type): vit    task: IMAGE_CLS" in out and f"parameters: {total:,d}" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines()[8:]}
+    assert int(rows["lora"].replace(",", "")) > 0 and int(rows["vpt"].replace(",", "")) > 0
+    assert rows["prompt_tuning"].startswith("n/a: model type 'vit' has no token embedding")
+    (tmp_path / "empty").mkdir()
+    llama = save_tiny(tmp_path / "llama", "llama")
+    capsys.readouterr()
+    for args, words in [
+        ([str(tmp_path / "nowhere")], f"model '{tmp_path / 'nowhere'}': no such folder"),
+        ([cls_path := str(tmp_path / "vit" / "config.json")], f"model '{cls_path}' is a file"),
+        ([str(tmp_path / "empty")], f"model '{tmp_path / 'empty'}': "),
+        ([llama, "--task", "FOO"], "--task 'FOO': one of CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, IMAGE_CLS"),
+        ([llama, "--task", "IMAGE_CLS"], f"--task IMAGE_CLS does not fit model '{llama}' (model_type llama)"),
+    ]:
+        assert main(["info", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"deltatune info: error: {words}"), err
 
 
 def test_train_writes_the_run(cls_run):

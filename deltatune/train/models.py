@@ -34,17 +34,21 @@ def local_base_note(path: str) -> str:
     )
 
 
+TASKS = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "IMAGE_CLS": "AutoModelForImageClassification",
+    "IMAGE_TO_TEXT": "AutoModelForImageTextToText",
+}
+"""Task type -> the transformers auto class that loads its model."""
+
+
 def auto_class(task_type: str):
     import transformers
 
-    return {
-        "CAUSAL_LM": transformers.AutoModelForCausalLM,
-        "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
-        "SEQ_CLS": transformers.AutoModelForSequenceClassification,
-        "TOKEN_CLS": transformers.AutoModelForTokenClassification,
-        "IMAGE_CLS": transformers.AutoModelForImageClassification,
-        "IMAGE_TO_TEXT": transformers.AutoModelForImageTextToText,
-    }[task_type]
+    return getattr(transformers, TASKS[task_type])
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
