@@ -438,9 +438,10 @@ def _adapters(pairs: list[str]) -> dict[str, str]:
 
 
 def _serve(args) -> int:
-    from .serve import build_engine, check_bind, serve
+    from .serve import build_engine, check_bind, check_port, serve
 
     check_bind(args.host, args.api_key)  # before loading anything
+    check_port(args.host, args.port)
     engine = build_engine(args.model, _adapters(args.adapter), args.max_batch_size, args.max_wait_ms, args.dtype)
     print(f"serving {', '.join(engine.adapters())} on http://{args.host}:{args.port}/v1", flush=True)
     serve(engine, args.host, args.port, args.api_key, args.adapter_dir, args.max_tokens)
@@ -448,8 +449,9 @@ def _serve(args) -> int:
 
 
 def _board(args) -> int:
-    from .board import board
+    from .board import board, check_board
 
+    check_board(args.runs, args.host, args.port)  # before a model loads for the playground
     serve_app = None
     if args.model or args.adapter:
         from .serve import build_engine

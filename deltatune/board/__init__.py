@@ -106,6 +106,24 @@ def _forward(url: str, key: str | None, method: str, path: str, body: bytes) -> 
         return 502, json.dumps(message).encode()
 
 
+def check_board(runs_dir: str, host: str, port: int) -> None:
+    """The board's refusals, before anything loads: no runs folder, a host beyond this machine, a port it cannot
+    listen on."""
+    from ..config import ConfigError
+    from ..serve import check_bind, check_port
+
+    if not os.path.isdir(runs_dir):
+        raise ConfigError(f"--runs {runs_dir!r} is not a folder")
+    try:
+        check_bind(host, None)
+    except ConfigError:  # the board has no key of its own, and its playground forwards with the serve key
+        raise ConfigError(
+            f"--host {host}: the board has no authentication and listens on this machine only "
+            "(reach it from elsewhere through an SSH tunnel)"
+        ) from None
+    check_port(host, port)
+
+
 def board(
     runs_dir: str,
     host: str = "127.0.0.1",
@@ -117,18 +135,6 @@ def board(
     """Run the board with uvicorn until interrupted."""
     import uvicorn
 
-    from ..config import ConfigError
-
-    if not os.path.isdir(runs_dir):
-        raise ConfigError(f"--runs {runs_dir!r} is not a folder")
-    from ..serve import check_bind
-
-    try:
-        check_bind(host, None)
-    except ConfigError:  # the board has no key of its own, and its playground forwards with the serve key
-        raise ConfigError(
-            f"--host {host}: the board has no authentication and listens on this machine only "
-            "(reach it from elsewhere through an SSH tunnel)"
-        ) from None
+    check_board(runs_dir, host, port)
     app = create_app(runs_dir, serve_url, serve_key, serve_app)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -80,6 +80,23 @@ def check_bind(host: str, api_key: str | None) -> None:
         raise ConfigError(f"--host {host} listens beyond this machine: give --api-key (clients send it as Bearer)")
 
 
+def check_port(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse a port out of range, or one this host cannot listen on (in use, privileged), before anything loads."""
+    import socket
+
+    from ..config import ConfigError
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{flag} {port}: a port is 0-65535")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
 def serve(
     engine: Engine,
     host: str = "127.0.0.1",

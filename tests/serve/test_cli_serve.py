@@ -24,3 +24,21 @@ def test_bad_command_lines(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"deltatune {argv[0]}: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", ["serve", "board"])
+def test_a_port_it_cannot_listen_on_is_refused_before_the_model_loads(command, capsys):
+    """A port out of range (OverflowError from the socket) or in use (uvicorn's error) came after the model had
+    loaded; now one line first. The model named does not exist: had it been loaded, that would be the error."""
+    import socket
+
+    where = ["--model", "/no/such/model"] + (["--runs", "/"] if command == "board" else [])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for value, message in [(99999, "--port 99999: a port is 0-65535"),
+                               (port, f"--port {port}: cannot listen on 127.0.0.1:{port} (")]:  # fmt: skip
+            assert main([command, *where, "--port", str(value)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"deltatune {command}: error: {message}") and "\n" not in err, err
