@@ -50,6 +50,8 @@ STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": ("alpaca", "sharegpt", "messages", "prompt_completion"),
     "rm": ("preference", "preference_implicit", "sharegpt_preference"),
     "dpo": ("preference", "preference_implicit", "sharegpt_preference"),
+    "orpo": ("preference", "preference_implicit", "sharegpt_preference"),
+    "simpo": ("preference", "preference_implicit", "sharegpt_preference"),
     "ppo": ("prompt", "preference", "preference_implicit", "sharegpt_preference", "prompt_completion", "unpaired"),
     "kto": ("unpaired", "preference", "preference_implicit", "sharegpt_preference"),
     "pt": ("text",),

@@ -6,7 +6,8 @@ and the first rows rendered as the stage renders them, with the trained tokens b
 
 from __future__ import annotations
 
-from .formats import STAGE_FORMATS, detect, read_samples
+from ..config import ConfigError
+from .formats import FORMATS, STAGE_FORMATS, detect, read_samples
 from .load import DataError, read_rows
 from .sample import refuse_multimodal
 
@@ -57,15 +58,26 @@ def inspect(
     """
     from .encode import choose_template, lm_example, rendered, scored_example, sft_example
 
+    if show < 0:
+        raise ConfigError(f"--rows must be >= 0, got {show}")
+    if max_length < 1:
+        raise ConfigError(f"--max-length must be >= 1, got {max_length}")
+    if data_format is not None and data_format not in FORMATS:
+        raise ConfigError(f"--format {data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
+    if stage is not None and stage not in STAGE_FORMATS:  # cls, tag, seq2seq, grpo, images read their columns as is
+        raise ConfigError(
+            f"--stage {stage}: data inspect renders the stages that read text, chat or preference rows "
+            f"({', '.join(STAGE_FORMATS)})"
+        )
     rows = read_rows(path)
     fmt = data_format or detect(rows[0], columns)
     stage = stage or default_stage(fmt)
-    if stage in STAGE_FORMATS and fmt not in STAGE_FORMATS[stage]:
+    if fmt not in STAGE_FORMATS[stage]:
         raise DataError(
             f"{path}: stage {stage} does not read the {fmt} format; it reads {', '.join(STAGE_FORMATS[stage])}"
         )
     skipped: list[str] = []
-    samples = read_samples(rows, columns, data_format, tags, stage if stage in STAGE_FORMATS else None, skipped)
+    samples = read_samples(rows, columns, data_format, tags, stage, skipped)
     refuse_multimodal(samples, stage)
     shape = "" if fmt in ("text", "alpaca") else " (conversational)" if samples[0].conversational else " (standard)"
     lines = [

@@ -377,6 +377,11 @@ BAD = {
                     r"bad.jsonl:2: column 'messages' must be a non-empty list of messages, got an empty list$"),
     "output_is_a_list": ("sft", [{"instruction": "Hi?", "output": ["Hello.", "Hi."]}],
                          r"bad.jsonl:1: column 'output' must be text, got list$"),
+    "chat_for_orpo": ("orpo", [{"messages": [U, A]}],  # was a TypeError from inside the pair encoder (and simpo's)
+                      r"bad.jsonl:1: the data is in the messages format .*, which stage orpo does not read; "
+                      r"stage orpo reads: preference, preference_implicit, sharegpt_preference"),
+    "chat_for_simpo": ("simpo", [{"messages": [U, A]}],
+                       r"bad.jsonl:1: the data is in the messages format .*, which stage simpo does not read"),
     "chat_for_pt": ("pt", [{"messages": [U, A]}],
                     r"bad.jsonl:1: the data is in the messages format .*, which stage pt does not read; "
                     r"stage pt reads: text"),
@@ -438,6 +443,22 @@ def test_data_inspect(models, tmp_path, capsys):
     )
     assert main(["data", "inspect", os.path.join(FIXTURES, "multimodal.jsonl")]) == 2
     assert "multimodal.jsonl:2: a multimodal row" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rows", "-1"], "--rows must be >= 0, got -1"),  # was rows[:-1], all but the last
+        (["--max-length", "0"], "--max-length must be >= 1, got 0"),
+        (["--stage", "cls"], "--stage cls: data inspect renders the stages that read text, chat or preference rows"),
+        (["--format", "nope"], "--format 'nope' is not a known format; formats: alpaca, "),  # was blamed on dpo
+        (["--stage", "orpo"], "stage orpo does not read the messages format; it reads preference, "),
+    ],
+)
+def test_data_inspect_refuses_bad_options_in_one_line(capsys, extra, message):
+    assert main(["data", "inspect", fixture("messages"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deltatune data: error: ") and message in err and "\n" not in err, err
 
 
 def test_without_a_chat_template_plain_pairs_keep_the_plain_encoding_and_conversations_are_refused():
