@@ -165,6 +165,14 @@ def load_model(
             f"model {name_or_path!r} could not be loaded: not a local model folder, and the hub "
             f"could not provide it ({str(exc).splitlines()[0]})"
         ) from None
+    except ValueError as exc:  # a model of another kind: a Llama for seq2seq, a ViT for text classification
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        kind = str(exc).split("<class '")[-1].split("'>")[0].rpartition(".")[2].removesuffix("Config") or "?"
+        raise ConfigError(
+            f"model {name_or_path!r} is a {kind} model, which transformers' {TASKS[task_type]} does not load: "
+            f"task {task_type} needs another kind of model (or another stage for this one)"
+        ) from None
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     model.config._name_or_path = embedded.hub_id(name_or_path)  # what adapters record as their base

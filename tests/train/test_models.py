@@ -87,3 +87,19 @@ def test_the_label_map_sets_the_heads_classes_without_a_warning(tmp_path, task):
     assert seen == []
     with pytest.raises(ConfigError, match="num_labels is 7 but id2label names 5 classes"):
         load_model(path, task, num_labels=7, id2label=names)
+
+
+@pytest.mark.parametrize(
+    "family, task, words",
+    [
+        ("llama", "SEQ_2_SEQ_LM", "is a Llama model, which transformers' AutoModelForSeq2SeqLM does not load"),
+        ("vit", "SEQ_CLS", "is a ViT model, which transformers' AutoModelForSequenceClassification does not load"),
+        ("bert", "IMAGE_CLS", "is a Bert model, which transformers' AutoModelForImageClassification does not load"),
+    ],
+)
+def test_a_model_of_another_kind_is_one_line(tmp_path, family, task, words):
+    """A Llama named for seq2seq (or a ViT for text classification) was transformers' ValueError listing every
+    config class it knows; now a ConfigError naming the model, its kind and the auto class."""
+    path = save_tiny(tmp_path / family, family)
+    with pytest.raises(ConfigError, match=rf"^model '{path}' {words}: task {task} needs another kind of model"):
+        load_model(path, task)
