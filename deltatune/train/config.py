@@ -422,14 +422,46 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
 
     Relative data paths in the recipe are read relative to the current directory (as a user types them).
     """
+    if os.path.isdir(path):
+        raise ConfigError(f"recipe {path!r} is a folder; give a recipe file (.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"recipe {path!r} does not exist")
     with open(path, encoding="utf-8") as fh:
         try:
-            raw = yaml.safe_load(fh) or {}
+            raw = yaml.load(fh, Loader=_UniqueKeys) or {}  # noqa: S506 (a SafeLoader)
+        except _UniqueKeys.Twice as twice:
+            key, line, first = twice.args
+            raise ConfigError(
+                f"{path}:{line}: key {key!r} is given twice (first on line {first}); YAML would keep only the last"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: a recipe is a mapping of sections (stage, model, method, data, train, output), "
+            f"got a {type(raw).__name__}"
+        )
     return build(apply_overrides(raw, overrides or []), where=path)
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (a second ``train:`` section replaced the
+    first whole, silently)."""
+
+    class Twice(Exception):
+        """(key, its line, the line it was first given on)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: PyYAML's own refusal below names it
+            if key in seen and key != "<<":
+                raise self.Twice(key, line, seen[key])
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep)
 
 
 def field_help() -> dict[str, list[tuple[str, Any, str]]]:

@@ -187,6 +187,20 @@ def test_recipe_errors(tmp_path):
         load_recipe(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_recipe(_recipe(tmp_path, "train: {lr: [\n"))
+    with pytest.raises(ConfigError, match="is a folder; give a recipe file"):  # was "does not exist"
+        load_recipe(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"a recipe is a mapping of sections .*, got a list$"):  # a dict() error
+        load_recipe(_recipe(tmp_path, "- stage: sft\n"))
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys: a second train: section replaced the first whole (its lr gone)."""
+    path = _recipe(tmp_path, "stage: sft\ntrain: {lr: 1.0e-3}\nmodel: {name_or_path: minilm}\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:4: key 'train' is given twice \(first on line 2\)"):
+        load_recipe(path)
+    with pytest.raises(ConfigError, match=r":2: key 'lr' is given twice \(first on line 2\)"):  # within a section
+        load_recipe(_recipe(tmp_path, "stage: sft\ntrain: {lr: 1.0e-3, epochs: 1, lr: 2.0e-3}\n"))
+    assert load_recipe(_recipe(tmp_path, "stage: sft\ntrain: {lr: 1.0e-3}\n")).train.lr == 1e-3
 
 
 def test_defaults_and_field_help():
