@@ -116,6 +116,12 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
         per_class.append([ImageRow(os.path.join(folder, f), name, os.path.join(folder, f)) for f in files])
     if not any(per_class):
         raise DataError(f"image folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    empty = [name for name, rows in zip(classes, per_class) if not rows]
+    if empty:  # as torchvision's ImageFolder: a class without images would silently leave the head
+        raise DataError(
+            f"image folder {root!r}: class folder(s) {', '.join(map(repr, empty))} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+        )
     if limit:
         # round robin over the classes, so that a limit keeps every class (a sorted listing would cut the last ones)
         mixed = [r for group in itertools.zip_longest(*per_class) for r in group if r is not None]

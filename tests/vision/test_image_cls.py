@@ -228,6 +228,19 @@ def test_one_class_folder_and_unknown_augmentation(tmp_path):
         C.prepare_image_cls(_cfg(tmp_path, train=str(tmp_path / "imgs"), augment=["blur"]), None)
 
 
+def test_a_class_folder_without_images_is_refused(tmp_path):
+    """imgs/c held only a text file: the head silently had 2 classes, not 3 (torchvision's ImageFolder refuses)."""
+    for name in ("a", "b", "c"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+    _image(tmp_path / "imgs" / "a" / "1.png")
+    _image(tmp_path / "imgs" / "b" / "1.png")
+    (tmp_path / "imgs" / "c" / "notes.txt").write_text("no image here")
+    with pytest.raises(DataError, match=r"imgs': class folder\(s\) 'c' hold no images \(.*\); add images or remove"):
+        C.prepare_image_cls(_cfg(tmp_path, train=str(tmp_path / "imgs")), None)
+    _image(tmp_path / "imgs" / "c" / "1.png")
+    assert C.prepare_image_cls(_cfg(tmp_path, train=str(tmp_path / "imgs")), None).labels == ["a", "b", "c"]
+
+
 def test_eval_label_outside_training_classes(tmp_path):
     _image(tmp_path / "x.png")
     train = _jsonl(tmp_path / "t.jsonl", [{"image": "x.png", "label": "a"}, {"image": "x.png", "label": "b"}])
