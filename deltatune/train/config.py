@@ -402,6 +402,13 @@ def _validate_values(cfg: RunConfig) -> None:
         raise ConfigError(f"data.limit must be >= 1 (or null to read every row), got {d.limit}")
     if cfg.model.num_labels is not None and cfg.model.num_labels < 1:
         raise ConfigError(f"model.num_labels must be >= 1, got {cfg.model.num_labels}")
+    if not 0 <= t.seed < 2**32:  # numpy's range, which transformers' set_seed hands it to
+        raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+    if cfg.output.samples < 0 or cfg.output.sample_tokens < 1:
+        raise ConfigError(
+            f"output.samples must be >= 0 and output.sample_tokens >= 1, got {cfg.output.samples} and "
+            f"{cfg.output.sample_tokens}"
+        )
 
 
 def _validate_align(a: AlignArgs) -> None:

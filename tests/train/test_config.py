@@ -163,6 +163,10 @@ def test_method_given_as_a_name():
         ("method.r=0", r"\br must be a positive integer, got 0"),
         ("method.lora_dropout=1.5", r"lora_dropout"),
         ("train.lr=0", r"train.lr must be > 0, got 0"),
+        ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),  # was numpy's ValueError, mid-run
+        ("train.seed=4294967296", r"train.seed must be in \[0, 2\*\*32\), got 4294967296"),
+        ("output.samples=-1", r"output.samples must be >= 0 and output.sample_tokens >= 1, got -1 and 40"),
+        ("output.sample_tokens=0", r"output.samples must be >= 0 and output.sample_tokens >= 1, got 12 and 0"),
         ("train.lr=abc", r"train.lr must be float, got 'abc'"),
         ("train.batch_size=0", r"train.batch_size"),
         ("train.batch_size=2.5", r"train.batch_size must be int, got 2.5"),
