@@ -433,16 +433,21 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"recipe {path!r} is a folder; give a recipe file (.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"recipe {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            raw = yaml.load(fh, Loader=_UniqueKeys) or {}  # noqa: S506 (a SafeLoader)
-        except _UniqueKeys.Twice as twice:
-            key, line, first = twice.args
-            raise ConfigError(
-                f"{path}:{line}: key {key!r} is given twice (first on line {first}); YAML would keep only the last"
-            ) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
+    try:
+        twice = _key_twice(yaml.compose(text, Loader=yaml.SafeLoader))  # nodes only: nothing is constructed
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if twice:
+        key, line, first = twice
+        raise ConfigError(
+            f"{path}:{line}: key {key!r} is given twice (first on line {first}); YAML would keep only the last"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: a recipe is a mapping of sections (stage, model, method, data, train, output), "
@@ -451,24 +456,25 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
     return build(apply_overrides(raw, overrides or []), where=path)
 
 
-class _UniqueKeys(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (a second ``train:`` section replaced the
-    first whole, silently)."""
-
-    class Twice(Exception):
-        """(key, its line, the line it was first given on)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if not isinstance(key, (str, int, float, bool)):
-                continue  # an unhashable key: PyYAML's own refusal below names it
-            if key in seen and key != "<<":
-                raise self.Twice(key, line, seen[key])
-            seen.setdefault(key, line)
-        return super().construct_mapping(node, deep)
+def _key_twice(node) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping of a YAML node tree, as (key, its line, its first line): YAML keeps
+    the last, so a second ``train:`` section replaced the first whole, silently."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                if key.value in seen:
+                    return key.value, key.start_mark.line + 1, seen[key.value]
+                seen[key.value] = key.start_mark.line + 1
+            found = _key_twice(value)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _key_twice(item)
+            if found:
+                return found
+    return None
 
 
 def field_help() -> dict[str, list[tuple[str, Any, str]]]:

@@ -191,6 +191,9 @@ def test_recipe_errors(tmp_path):
         load_recipe(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_recipe(_recipe(tmp_path, "train: {lr: [\n"))
+    (tmp_path / "bin.yaml").write_bytes(b"stage: sft\n\xff\xfe")
+    with pytest.raises(ConfigError, match=r"bin.yaml is not UTF-8 text \(byte 11\)"):
+        load_recipe(str(tmp_path / "bin.yaml"))
     with pytest.raises(ConfigError, match="is a folder; give a recipe file"):  # was "does not exist"
         load_recipe(str(tmp_path))
     with pytest.raises(ConfigError, match=r"a recipe is a mapping of sections .*, got a list$"):  # a dict() error
