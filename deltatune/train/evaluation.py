@@ -15,7 +15,7 @@ from ..model import DeltaModel
 from .config import apply_overrides, build
 from .models import load_processor
 from .run import build_model, eval_metrics, precision_args, start_model
-from .runs import read_recipe, run_file, saved_file
+from .runs import folder_with, read_recipe, run_file
 from .table import IMAGE_STAGES, prepare
 
 
@@ -60,7 +60,7 @@ def evaluate(
         )
     saved = "preprocessor_config.json" if cfg.stage in IMAGE_STAGES else "tokenizer_config.json"
     tok = load_processor(
-        (saved_file(run_dir, saved) if cfg.stage != "t2i" else None) or cfg.model.name_or_path,
+        (folder_with(run_dir, saved) if cfg.stage != "t2i" else None) or cfg.model.name_or_path,
         cfg.stage,
         trust_remote_code,
         cfg.model.text_encoder,

@@ -32,7 +32,7 @@ from .runfolder import (
     resume_checkpoint,
     started_callback,
 )
-from .runs import RUN_FILE, read_recipe, run_file, saved_file
+from .runs import RUN_FILE, folder_with, read_recipe, run_file
 from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
 
 
@@ -449,7 +449,7 @@ def load_adapter_model(
     check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
     stage = cfg.stage if recipe_path else "sft"
     saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
-    tok_dir = saved_file(adapter_dir, saved) if stage != "t2i" else None  # t2i: the base has the UNet's
+    tok_dir = folder_with(adapter_dir, saved) if stage != "t2i" else None  # t2i: the base has the UNet's
     encoder = cfg.model.text_encoder if recipe_path else None
     tok = load_processor(tok_dir or name, stage, trust_remote_code, encoder)
     if stage == "t2i":  # a run that trained its text encoder too (model.train_text_encoder) saved that LoRA beside

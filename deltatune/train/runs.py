@@ -32,7 +32,7 @@ def run_file(run_dir: str) -> str | None:
     return os.path.join(folder, RUN_FILE) if folder else None
 
 
-def saved_file(adapter_dir: str, name: str) -> str | None:
+def folder_with(adapter_dir: str, name: str) -> str | None:
     """The folder holding ``name`` (the tokenizer's or image processor's config) for ``adapter_dir``: itself, else
     the run it is a checkpoint of; None when neither has it."""
     for folder in (adapter_dir, run_folder(adapter_dir)):
