@@ -16,18 +16,36 @@ prompt (the assistant header), as at inference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from .formats import read_samples
 from .load import DataError, Row
 from .preference import encode_lm, encode_scored
 from .sample import Message, Sample
 from .tasks import Encoded, _fit
-from .templates import IGNORE_INDEX, TEMPLATES, has_tool_support, render
+from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplateError, has_tool_support, render
 
 RAW = "raw"
 """No template: plain prompt and response strings, encoded as before chat templates."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _named(fn: _F) -> _F:
+    """A chat template's refusal of sample ``s`` (the first argument) names the row it came from."""
+
+    @functools.wraps(fn)
+    def wrapper(s: Sample, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(s, *args, **kwargs)
+        except ChatTemplateError as exc:
+            if not s.source:
+                raise
+            raise DataError(f"{s.source}: {exc}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _uses_tools(s: Sample) -> bool:
@@ -89,6 +107,7 @@ def _add_special(template: str | None) -> bool:
     return template is not None
 
 
+@_named
 def sft_example(s: Sample, tokenizer, template: str | None) -> tuple[list[int], list[int]]:
     """Ids and labels of an SFT sample: every assistant turn trains (only the completion's for prompt_completion)."""
     from .templates import encode_chat
@@ -119,6 +138,7 @@ def _lm(
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, True
 
 
+@_named
 def lm_example(
     s: Sample, response: list[Message], tokenizer, template: str | None, max_length: int
 ) -> tuple[dict[str, list[int]], bool]:
@@ -143,6 +163,7 @@ def encode_prompt_response(
     return _lm(tokenizer, template, prompt, response, tools, max_length)
 
 
+@_named
 def scored_example(
     s: Sample, response: list[Message], tokenizer, template: str | None, max_length: int
 ) -> tuple[dict[str, list[int]], bool]:
@@ -158,6 +179,7 @@ def scored_example(
     return {k: v[n - max_length :] for k, v in enc.items()}, True
 
 
+@_named
 def prompt_ids(s: Sample, tokenizer, template: str | None, max_length: int) -> list[int]:
     """PPO: the prompt's ids, rendered with the generation prompt (the assistant header) so sampling continues as
     the assistant; the end is kept when it is longer than ``max_length``."""
@@ -184,6 +206,7 @@ def mark(text: str, spans: Sequence[tuple[int, int]], left: str = "[[", right: s
     return "".join([*out, text[at:]])
 
 
+@_named
 def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tuple[str, str, list[tuple[int, int]]]]:
     """What ``stage`` trains on for ``s``: (part, text, trained character spans) per sequence (sft: one; rm, dpo,
     kto: chosen and rejected; ppo: the prompt, nothing trained in it)."""

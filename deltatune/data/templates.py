@@ -11,6 +11,7 @@ conversation trains on every assistant turn.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .load import DataError, Row
 
@@ -67,6 +68,23 @@ def has_tool_support(tokenizer) -> bool:
     return "tool_calls" in source or "tools" in source
 
 
+class ChatTemplateError(DataError):
+    """The tokenizer's chat template refused a conversation (its own ``raise_exception``: Gemma's "System role not
+    supported", Mistral's "roles must alternate user/assistant")."""
+
+
+def apply_chat_template(tokenizer, messages: list[dict], where: str = "", **kwargs: Any) -> Any:
+    """``tokenizer.apply_chat_template``, a template's refusal raised as ``ChatTemplateError`` (one line, after
+    ``where``: the row's file:line) instead of jinja2's exception."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateError as exc:
+        why = f"the model's chat template refuses this conversation: {exc}"
+        raise ChatTemplateError(f"{where}: {why}" if where else why) from None
+
+
 def render(
     messages: list[dict],
     tokenizer,
@@ -88,7 +106,7 @@ def render(
         kw = {"tools": tools} if tools else {}
 
         def apply(ms: list[dict], gen: bool = False) -> str:
-            return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen, **kw)
+            return apply_chat_template(tokenizer, ms, tokenize=False, add_generation_prompt=gen, **kw)
 
         text = apply(messages, add_generation_prompt)
         spans = []

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
+from ..data.templates import ChatTemplateError, apply_chat_template
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -276,7 +277,10 @@ def _chat_ids(tokenizer: Any, messages: Any) -> list[int]:
         clean.append({"role": m["role"], "content": content})
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template")
-    text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+    try:
+        text = apply_chat_template(tokenizer, clean, tokenize=False, add_generation_prompt=True)
+    except ChatTemplateError as exc:  # a 400 naming the template's reason, not a 500
+        raise RequestError(str(exc), param="messages") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..data.templates import apply_chat_template
 
 Messages = list[dict[str, str]]
 GENERATIVE = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
@@ -34,7 +35,7 @@ def prompt_ids(tok, prompt: str | Messages, raw: bool = False, system: str | Non
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = apply_chat_template(tok, messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(ids["input_ids"])
 
 

@@ -49,10 +49,12 @@ from ..config import ConfigError
 from ..data.load import DataError, Row
 from ..data.preference import bos_prefix
 from ..data.tasks import Collator
+from ..data.templates import apply_chat_template
 from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
 from .grpo_rewards import Reward, check_rewards, load_rewards, score
 from .ppo import context_length
+from .ppo_checkpoint import rotate
 from .prepared import Prepared, _rows
 from .report import plot_panels
 
@@ -383,7 +385,7 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
             if not getattr(tok, "chat_template", None):
                 raise DataError(f"{row.source}: {prompt_column!r} holds chat messages but the tokenizer has no chat "
                                 "template; give the prompt as text")  # fmt: skip
-            text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            text = apply_chat_template(tok, prompt, row.source, add_generation_prompt=True, tokenize=False)
             ids = tok(text, add_special_tokens=False)["input_ids"]
         elif isinstance(prompt, str) and prompt.strip():
             ids = head + tok(prompt, add_special_tokens=False)["input_ids"]
@@ -576,10 +578,7 @@ def _save_checkpoint(out: str, step: int, loop: GRPOLoop, g: torch.Generator, hi
         json.dump({"global_step": step, "stage": "grpo", "log_history": history}, fh)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-    done = sorted((int(n.split("-")[1]), n) for n in os.listdir(out) if n.startswith("checkpoint-")
-                  and n.split("-")[1].isdigit())  # fmt: skip
-    for _, name in done[: max(0, len(done) - keep)]:
-        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    rotate(out, keep)
 
 
 def _load_checkpoint(path: str, loop: GRPOLoop, g: torch.Generator):

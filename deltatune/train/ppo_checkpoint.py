@@ -58,13 +58,14 @@ def save(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _rotate(out, keep)
+    rotate(out, keep)
     if os.environ.get("DELTATUNE_TEST_KILL_AFTER_STEP") == str(step):  # the crash-resume tests' kill -9
         os.kill(os.getpid(), signal.SIGKILL)
     return final
 
 
-def _rotate(out: str, keep: int) -> None:
+def rotate(out: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (PPO's and GRPO's)."""
     steps = sorted(
         int(n[len(PREFIX) :]) for n in os.listdir(out) if n.startswith(PREFIX) and n[len(PREFIX) :].isdigit()
     )

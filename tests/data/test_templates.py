@@ -171,3 +171,46 @@ def test_tokenizer_without_chat_template():
 def test_bad_conversations(messages, error):
     with pytest.raises(DataError, match=rf"d.jsonl:4: .*{error}"):
         to_messages(Row({"messages": messages}, "d.jsonl:4"), {})
+
+
+# Gemma's templates raise "System role not supported", Mistral's "Conversation roles must alternate": jinja2's
+# TemplateError came out of deltatune as a traceback. Now one line naming the row (or the request, or the prompt).
+REFUSING = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_refuses_a_conversation_names_the_row_the_prompt_and_the_request():
+    from deltatune.data.encode import encode_sft_samples, prompt_ids, rendered
+    from deltatune.data.formats import read_samples
+    from deltatune.serve.app import _chat_ids
+    from deltatune.serve.engine import RequestError
+    from deltatune.train import chat
+
+    tok = tokenizer()
+    tok.chat_template = REFUSING
+    rows = [Row({"messages": MULTI_TURN[1:3]}, "d.jsonl:1"), Row({"messages": MULTI_TURN}, "d.jsonl:2")]
+    samples = read_samples(rows, {}, stage="sft")
+    assert len(encode_sft_samples(samples[:1], tok, None, 64).examples) == 1  # no system turn: rendered
+    why = "the model's chat template refuses this conversation: System role not supported"
+    with pytest.raises(DataError, match=rf"^d.jsonl:2: {why}$"):
+        encode_sft_samples(samples, tok, None, 64)
+    with pytest.raises(DataError, match=rf"^d.jsonl:2: {why}$"):
+        rendered(samples[1], tok, None, "sft")  # what data inspect and the report show
+    with pytest.raises(DataError, match=rf"^d.jsonl:2: {why}$"):
+        prompt_ids(samples[1], tok, None, 64)
+    with pytest.raises(DataError, match=rf"^{why}$"):  # deltatune generate --system
+        chat.prompt_ids(tok, "Hi?", system="Be terse.")
+    user = [{"role": "user", "content": "Hi?"}]
+    assert (
+        chat.prompt_ids(tok, "Hi?")
+        == tok.apply_chat_template(user, add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
+    with pytest.raises(RequestError, match=rf"^{why}$"):  # served: a 400 naming the reason, not a 500
+        _chat_ids(tok, MULTI_TURN[:2])
+    from deltatune.train.grpo import encode_prompts
+
+    with pytest.raises(DataError, match=rf"^g.jsonl:1: {why}$"):  # a GRPO prompt given as messages
+        encode_prompts([Row({"prompt": MULTI_TURN[:2]}, "g.jsonl:1")], tok, "prompt", 64, "truncate")
