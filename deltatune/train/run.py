@@ -526,7 +526,11 @@ def load_generator(
             f"'deltatune generate --adapter {adapter_dir} --image FILE'"
         )
     if task is not None and task not in GENERATIVE:
-        kind = {"SEQ_CLS": "a sequence classifier", "TOKEN_CLS": "a token tagger"}.get(task, f"a {task} model")
+        kind = {
+            "SEQ_CLS": "a sequence classifier",
+            "TOKEN_CLS": "a token tagger",
+            "IMAGE_CLS": "an image classifier",
+        }.get(task, f"a {task} model")
         raise ConfigError(
             f"{adapter_dir!r} is {kind}{f' (stage {stage})' if stage else ''}, which does not generate text; "
             f"'deltatune {command}' needs a causal or seq2seq LM run. Use 'deltatune eval --adapter {adapter_dir} "

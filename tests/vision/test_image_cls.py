@@ -102,6 +102,8 @@ def test_merge_then_reload_as_plain_model(digits, tmp_path, capsys):
     merged = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
     assert merged.config.id2label == {i: str(i) for i in range(5)}
     assert (tmp_path / "merged" / "preprocessor_config.json").is_file()
+    assert main(["generate", "--adapter", str(run), "--prompt", "hi"]) == 2  # refused before a model loads
+    assert f"'{run}' is an image classifier (stage image_cls), which does not generate text" in capsys.readouterr().err
 
 
 def test_eval_compare_rebuilds_an_image_runs_start(digits, tmp_path, capsys):
