@@ -218,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(argv).parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever torch was; 130 as shells expect
+        if args.debug:
+            raise
+        more = "; --resume continues from its newest checkpoint" if args.command == "train" else ""
+        print(f"deltatune {args.command}: interrupted{more}", file=sys.stderr)
+        return 130
     except Exception as exc:  # deltatune's own refusals become one line (exit 2); --debug shows the traceback
         if args.debug:
             raise

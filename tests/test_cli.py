@@ -207,6 +207,22 @@ def test_info_on_a_vision_model_and_bad_input(capsys, tmp_path):
         assert len(err.splitlines()) == 1 and err.startswith(f"deltatune info: error: {words}"), err
 
 
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C printed the traceback of wherever torch was; now one line (train: how to go on) and the shell's 130."""
+    import deltatune.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for command, argv in (("train", ["train", "r.yaml"]), ("eval", ["eval", "--adapter", "x"])):
+        monkeypatch.setitem(cli._COMMANDS, command, interrupted)
+        assert main(argv) == 130
+        more = "; --resume continues from its newest checkpoint" if command == "train" else ""
+        assert capsys.readouterr().err == f"deltatune {command}: interrupted{more}\n"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--debug", "eval", "--adapter", "x"])
+
+
 def test_train_writes_the_run(cls_run):
     files = set(os.listdir(cls_run.run))
     assert {"adapter_config.json", "adapter_model.safetensors", "run.yaml", "metrics.json", "report.md"} <= files
