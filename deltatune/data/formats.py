@@ -30,6 +30,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from ..config import ConfigError
 from .load import DataError, Row
 from .sample import Message, Sample
 
@@ -69,6 +70,9 @@ SHAREGPT_TAGS: dict[str, str] = {
     "system_tag": "system",
 }
 _MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+FIELDS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "prompt", "completion",
+          "chosen", "rejected", "label", "text", "tools", "images", "videos")  # fmt: skip
+"""The fields ``data.columns`` may rename (field -> the file's column)."""
 
 
 # -- detection ----------------------------------------------------------------------------------------------
@@ -142,6 +146,10 @@ def read_samples(
             call without a schema, a format the stage does not read.
     """
     c = dict(columns or {})
+    for key, known, what in ((c, FIELDS, "data.columns"), (tags or {}, SHAREGPT_TAGS, "data.tags")):
+        unknown = [k for k in key if k not in known]
+        if unknown:
+            raise ConfigError(f"{what}: unknown key {unknown[0]!r}; it renames {', '.join(known)}")
     if data_format is not None and data_format not in FORMATS:
         raise DataError(f"data.format={data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
     if data_format in ("sharegpt", "sharegpt_preference"):

@@ -408,6 +408,19 @@ def test_bad_input_is_one_line_with_file_line_and_field(models, tmp_path, capsys
     assert not out.exists()
 
 
+def test_an_unknown_key_of_data_columns_or_data_tags_is_refused():
+    """data.columns={promt: question} (a typo of the field) was ignored, and the rows then matched no format;
+    data.tags={user: human} (for user_tag) was ignored too. Now each names the key and what may be renamed."""
+    from deltatune.config import ConfigError
+
+    rows = [Row({"question": "Hi?", "answer": "Hello."}, "d.jsonl:1")]
+    with pytest.raises(ConfigError, match=r"^data.columns: unknown key 'promt'; it renames instruction, input, "):
+        read_samples(rows, {"promt": "question", "completion": "answer"})
+    with pytest.raises(ConfigError, match=r"^data.tags: unknown key 'user'; it renames role_tag, content_tag, "):
+        read_samples(rows, {"prompt": "question", "completion": "answer"}, tags={"user": "human"})
+    assert read_samples(rows, {"prompt": "question", "completion": "answer"})[0].format == "prompt_completion"
+
+
 def test_forced_format_that_does_not_fit_and_stage_that_does_not_read_it(tmp_path):
     with pytest.raises(DataError, match=r"alpaca.jsonl:1: column 'prompt' is missing"):
         read_samples(read_rows(fixture("alpaca")), data_format="preference")
