@@ -402,6 +402,9 @@ def _validate_values(cfg: RunConfig) -> None:
         raise ConfigError(f"data.limit must be >= 1 (or null to read every row), got {d.limit}")
     if cfg.model.num_labels is not None and cfg.model.num_labels < 1:
         raise ConfigError(f"model.num_labels must be >= 1, got {cfg.model.num_labels}")
+    if d.labels and len({str(x) for x in d.labels}) < len(d.labels):
+        twice = next(str(x) for i, x in enumerate(d.labels) if str(x) in map(str, d.labels[:i]))
+        raise ConfigError(f"data.labels names {twice!r} twice; each class needs its own name")
     if not 0 <= t.seed < 2**32:  # numpy's range, which transformers' set_seed hands it to
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
     if cfg.output.samples < 0 or cfg.output.sample_tokens < 1:

@@ -163,6 +163,7 @@ def test_method_given_as_a_name():
         ("method.r=0", r"\br must be a positive integer, got 0"),
         ("method.lora_dropout=1.5", r"lora_dropout"),
         ("train.lr=0", r"train.lr must be > 0, got 0"),
+        ("data.labels=[neg, pos, neg]", r"data.labels names 'neg' twice; each class needs its own name"),
         ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),  # was numpy's ValueError, mid-run
         ("train.seed=4294967296", r"train.seed must be in \[0, 2\*\*32\), got 4294967296"),
         ("output.samples=-1", r"output.samples must be >= 0 and output.sample_tokens >= 1, got -1 and 40"),
