@@ -119,7 +119,7 @@ class TrainArgs:
     seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
     precision: str = _f("auto", "auto (bf16 where the hardware has it), fp32, bf16 or fp16.")
     logging_steps: int = _f(10, "Log loss and learning rate every N steps.")
-    eval_steps: int | None = _f(None, "Evaluate every N steps (default: at the end of each epoch).")
+    eval_steps: int | None = _f(None, "Evaluate data.eval every N steps (default: at the end of each epoch).")
     save_steps: int | None = _f(None, "Checkpoint every N steps (default: at the end of each epoch).")
     save_total_limit: int = _f(2, "Keep the last K checkpoints.")
     report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
@@ -129,7 +129,7 @@ class TrainArgs:
         "", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when launched)."
     )
     fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
-    eval_on_start: bool = _f(False, "Evaluate once before training too (the report shows before and after).")
+    eval_on_start: bool = _f(False, "Evaluate data.eval once before training too (the report shows before and after).")
     sigma_sampling: str = _f(
         "uniform", "t2i flow matching: how noise levels are drawn, uniform or logit_normal (SD3's; mean 0, std 1)."
     )
@@ -405,6 +405,13 @@ def _validate_values(cfg: RunConfig) -> None:
     if d.labels and len({str(x) for x in d.labels}) < len(d.labels):
         twice = next(str(x) for i, x in enumerate(d.labels) if str(x) in map(str, d.labels[:i]))
         raise ConfigError(f"data.labels names {twice!r} twice; each class needs its own name")
+    scheduled = [k for k, on in (("eval_steps", t.eval_steps is not None), ("eval_on_start", t.eval_on_start)) if on]
+    if scheduled and not d.eval:  # transformers' Trainer refuses eval_strategy "steps" without eval data, too
+        raise ConfigError(f"train.{scheduled[0]} schedules an evaluation, but data.eval is not set; give data.eval "
+                          f"or drop train.{scheduled[0]}")  # fmt: skip
+    if t.eval_steps is not None and cfg.stage in ("ppo", "grpo"):  # their loops evaluate before and after only
+        raise ConfigError(f"train.eval_steps: {cfg.stage} evaluates data.eval after training (and before it with "
+                          "train.eval_on_start), not every N steps; drop train.eval_steps")  # fmt: skip
     if not 0 <= t.seed < 2**32:  # numpy's range, which transformers' set_seed hands it to
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
     if cfg.output.samples < 0 or cfg.output.sample_tokens < 1:

@@ -182,6 +182,20 @@ def test_bad_values_name_the_field(override, error):
         load_recipe(QUICKSTART, [override])
 
 
+def test_an_evaluation_scheduled_without_eval_data_is_refused():
+    """``train.eval_steps`` or ``train.eval_on_start`` with no ``data.eval`` was silently without effect (the run
+    trained with no evaluation at all); PPO and GRPO evaluate before and after only, so eval_steps is refused there."""
+    with pytest.raises(ConfigError, match=r"^train.eval_on_start schedules an evaluation, but data.eval is not set"):
+        load_recipe(QUICKSTART, ["data.eval=null"])  # the quick start has eval_on_start: true
+    with pytest.raises(ConfigError, match=r"^train.eval_steps schedules an evaluation, .*drop train.eval_steps$"):
+        load_recipe(QUICKSTART, ["data.eval=null", "train.eval_on_start=false", "train.eval_steps=4"])
+    assert load_recipe(QUICKSTART, ["data.eval=null", "train.eval_on_start=false"]).data.eval is None
+    assert load_recipe(QUICKSTART, ["train.eval_steps=4"]).train.eval_steps == 4
+    grpo = next(r for r in RECIPES if r.endswith("grpo-arithmetic.yaml"))
+    with pytest.raises(ConfigError, match=r"^train.eval_steps: grpo evaluates data.eval after training"):
+        load_recipe(grpo, ["train.eval_steps=4"])
+
+
 def test_section_that_is_not_a_mapping():
     with pytest.raises(ConfigError, match=r"train must be a mapping"):
         build({"train": [1, 2]})

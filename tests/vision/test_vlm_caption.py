@@ -197,7 +197,7 @@ def test_bottleneck_in_the_vision_tower_through_the_cli(data, tmp_path, capsys):
     """``method.towers: [vision]`` with bottleneck adapters: after CLIP's out_proj and mlp.fc2 of 2 blocks, none in
     the language model; the report counts them and the adapter records the full names."""
     method = "method={name: bottleneck, reduction_factor: 4, towers: [vision]}"
-    assert main(_args(data, tmp_path, "llava", method, "data.eval=")) == 0
+    assert main(_args(data, tmp_path, "llava", method, "data.eval=", "train.eval_steps=null")) == 0
     run = tmp_path / "run"
     assert "adapted layers per tower: vision: 4" in (run / "report.md").read_text()
     targets = json.loads((run / "adapter_config.json").read_text())["target_modules"]
