@@ -66,7 +66,11 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     )
 
     e = sub.add_parser("eval", help="evaluate a trained run on a data file; prints metrics as JSON on the last line")
-    e.add_argument("--adapter", required=True, help="a run folder written by 'deltatune train'")
+    e.add_argument(
+        "--adapter",
+        required=True,
+        help="a run folder written by 'deltatune train', one of its checkpoint-N, or a peft adapter folder (with --data)",
+    )
     e.add_argument("--data", help="data file to evaluate on (default: the recipe's eval file)")
     e.add_argument(
         "--compare",

@@ -392,6 +392,91 @@ def test_eval_compare_refuses_a_t2i_run(capsys, tmp_path):
     assert err.startswith("deltatune eval: error: --compare is not available for t2i runs") and "\n" not in err
 
 
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_takes_a_plain_adapter_folder(capsys, cls_run, tmp_path):
+    """An adapter folder without run.yaml (the two files peft's save_pretrained writes) is evaluated on --data: its
+    base from adapter_config.json, its stage from the task type. Copied out of a run, it scores as the run. It was
+    refused ("holds no run.yaml")."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(os.path.join(cls_run.run, name), plain / name)
+    assert main(["eval", "--adapter", cls_run.run, "--data", cls_run.test]) == 0
+    run = _last_json(capsys)
+    assert main(["eval", "--adapter", str(plain), "--data", cls_run.test]) == 0
+    got = _last_json(capsys)
+    assert got["eval_accuracy"] == run["eval_accuracy"]
+    assert got["eval_loss"] == pytest.approx(run["eval_loss"], abs=1e-6)
+
+
+def test_eval_on_a_peft_adapter_gives_peft_models_figures(capsys, cls_run, tmp_path):
+    """A LoRA classifier saved by peft itself (random B, so the delta counts; its head in modules_to_save): the
+    loss and accuracy deltatune eval prints are those of the peft model on the same rows."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(cls_run.model)
+    config = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False)
+    peft = get_peft_model(base, config).eval()
+    peft.save_pretrained(tmp_path / "peft")
+    tok = AutoTokenizer.from_pretrained(cls_run.model)
+    with open(cls_run.test, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    with torch.no_grad():
+        logits = torch.cat([peft(**tok(r["text"], return_tensors="pt")).logits for r in rows])
+    labels = torch.tensor([r["label"] for r in rows])
+    assert main(["eval", "--adapter", str(tmp_path / "peft"), "--data", cls_run.test]) == 0
+    got = _last_json(capsys)
+    assert got["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), abs=1e-5)
+    assert got["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+
+
+def test_eval_on_a_peft_causal_lm_adapter_reads_the_datas_format(capsys, tmp_path):
+    """A causal LM adapter's stage follows its data's format: plain text rows are evaluated as stage pt (blocks of
+    data.max_length), and the loss is the peft model's on those blocks."""
+    from peft import LoraConfig, get_peft_model
+
+    from deltatune.data.load import read_rows
+    from deltatune.data.tasks import encode_pt
+
+    model = save_tiny(tmp_path / "llama", "llama")
+    torch.manual_seed(0)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model), config).eval()
+    peft.save_pretrained(tmp_path / "peft")
+    data = _jsonl(tmp_path / "text.jsonl", [{"text": t} for t in GOOD + BAD])
+    blocks = encode_pt(read_rows(data), AutoTokenizer.from_pretrained(model), "text", 8).examples
+    ids = torch.tensor([b["input_ids"] for b in blocks])
+    with torch.no_grad():
+        expected = peft(input_ids=ids, labels=ids).loss.item()
+    assert main(["eval", "--adapter", str(tmp_path / "peft"), "--data", data, "data.max_length=8"]) == 0
+    assert _last_json(capsys)["eval_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_eval_on_a_plain_adapter_folder_refuses_in_one_line(capsys, cls_run, tmp_path):
+    import shutil
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(os.path.join(cls_run.run, name), plain / name)
+    cases = [
+        ([], "is an adapter folder without a recipe (run.yaml): pass --data FILE"),
+        (["--data", cls_run.test, "--compare"], "--compare rebuilds a run's start from its recipe and seed"),
+    ]
+    for extra, message in cases:
+        assert main(["eval", "--adapter", str(plain), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    assert main(["eval", "--adapter", str(tmp_path), "--data", cls_run.test]) == 2  # neither run.yaml nor adapter
+    assert "or an adapter folder (adapter_config.json)" in capsys.readouterr().err
+
+
 def test_merge_writes_a_plain_transformers_model(capsys, cls_run):
     out = str(cls_run.tmp / "merged")
     assert main(["merge", "--adapter", cls_run.run, "--out", out]) == 0

@@ -4,6 +4,7 @@ beside the run's start (the model as training began it, rebuilt from the recipe 
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import tempfile
 from typing import Any
@@ -14,7 +15,7 @@ from ..config import ConfigError
 from ..model import DeltaModel
 from .config import apply_overrides, build
 from .models import load_processor
-from .run import build_model, eval_metrics, precision_args, start_model
+from .run import adapter_field, build_model, eval_metrics, precision_args, start_model
 from .runs import folder_with, read_recipe, run_file
 from .table import IMAGE_STAGES, prepare
 
@@ -37,6 +38,11 @@ def evaluate(
     metrics come back as ``<key>_before``, and preference stages pair the two evaluations pair by pair
     (``eval_gained``, ``eval_lost``, ``eval_paired_p``), as a run with ``train.eval_on_start`` does.
 
+    ``run_dir`` may also be a plain adapter folder (peft's ``save_pretrained``: adapter_config.json, no run.yaml),
+    with ``data`` given: its base is the config's ``base_model_name_or_path`` and its stage follows the config's
+    ``task_type`` (a causal LM's: the data's format, as ``deltatune data inspect`` picks it); the overrides set
+    either (``model.name_or_path=``, ``stage=``) and the data's columns, as for a run.
+
     ``model.trust_remote_code`` in the run's run.yaml is ignored; remote model code runs only when the caller
     passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
 
@@ -46,7 +52,7 @@ def evaluate(
     """
     from transformers import Trainer, TrainingArguments, set_seed
 
-    raw, path = read_recipe(run_dir), run_file(run_dir)
+    raw, path = _recipe(run_dir, data, compare, overrides or [])
     if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
         raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
@@ -114,8 +120,48 @@ def evaluate(
             gc.collect()  # the trainer's references form cycles: free the start before the trained model loads
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        delta = DeltaModel.from_pretrained(build_model(cfg, tok, cfg.data.labels), run_dir)
+        labels = cfg.data.labels or prepared.labels  # a plain adapter's: its data's, as training would read them
+        delta = DeltaModel.from_pretrained(build_model(cfg, tok, labels), run_dir)
         after, _ = scored(delta, start_scores)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return after | {f"{k}_before": v for k, v in before.items()}
+
+
+_STAGE_OF_TASK = {"SEQ_CLS": "cls", "TOKEN_CLS": "tag", "SEQ_2_SEQ_LM": "seq2seq"}
+
+
+def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str]) -> tuple[dict[str, Any], str]:
+    """The recipe to evaluate ``run_dir`` with, and the path its errors name: a run's run.yaml, or for a plain
+    adapter folder one built from its adapter_config.json and ``data``."""
+    path = run_file(run_dir)
+    config = os.path.join(run_dir, "adapter_config.json")
+    if path is not None or not os.path.isfile(config):
+        what = "give a folder written by 'deltatune train' or an adapter folder (adapter_config.json)"
+        return read_recipe(run_dir, what), path or run_dir
+    if not data:
+        raise ConfigError(f"{run_dir!r} is an adapter folder without a recipe (run.yaml): pass --data FILE")
+    if compare:
+        raise ConfigError(
+            f"--compare rebuilds a run's start from its recipe and seed; {run_dir!r} is an adapter folder without "
+            "one (run.yaml)"
+        )
+    task = adapter_field(run_dir, "task_type")
+    if task in (None, "CAUSAL_LM"):
+        from ..data.formats import detect
+        from ..data.inspect import default_stage
+        from ..data.load import DataError, read_rows
+
+        try:  # the first row's format; a file that cannot be read is named by the stage's own reader below
+            stage = default_stage(detect(read_rows(data, limit=1)[0]))
+        except (DataError, IndexError):
+            stage = "sft"
+    elif task in _STAGE_OF_TASK:
+        stage = _STAGE_OF_TASK[task]
+    else:
+        raise ConfigError(f"{config}: task_type {task!r} is not one deltatune evaluates; pass stage=STAGE")
+    base = adapter_field(run_dir, "base_model_name_or_path")
+    if not base and not any(o.startswith("model.name_or_path=") for o in overrides):
+        raise ConfigError(f"{config} does not say which base model it was trained on; pass model.name_or_path=MODEL")
+    model = {"name_or_path": base} if base else {}
+    return {"stage": stage, "model": model, "data": {"eval": data}}, config
