@@ -168,7 +168,7 @@ def load_model(
     except ValueError as exc:  # a model of another kind: a Llama for seq2seq, a ViT for text classification
         if "Unrecognized configuration class" not in str(exc):
             raise
-        kind = str(exc).split("<class '")[-1].split("'>")[0].rpartition(".")[2].removesuffix("Config") or "?"
+        kind = _kind(path, trust_remote_code)
         raise ConfigError(
             f"model {name_or_path!r} is a {kind} model, which transformers' {TASKS[task_type]} does not load: "
             f"task {task_type} needs another kind of model (or another stage for this one)"
@@ -177,6 +177,19 @@ def load_model(
         model.config.pad_token_id = pad_token_id
     model.config._name_or_path = embedded.hub_id(name_or_path)  # what adapters record as their base
     return model
+
+
+def _kind(path: str, trust_remote_code: bool) -> str:
+    """The model family a folder's config names (``LlamaConfig``: "Llama"), read from the config itself rather than
+    from the wording of transformers' error; "?" when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return type(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)).__name__.removesuffix(
+            "Config"
+        )
+    except (OSError, ValueError):
+        return "?"
 
 
 class _HeldReport(logging.Filter):
