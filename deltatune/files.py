@@ -70,10 +70,12 @@ def check_adapter_name(name: object) -> str:
 def adapter_folder(root: str | os.PathLike[str], name: str) -> str:
     """The folder adapter ``name`` is saved to under ``root``: ``root`` itself for "default", else ``root/name``.
 
-    The name is checked, and the resolved path must lie inside ``root`` (a symlink named like the adapter that
+    The name is checked, ``root`` must not be a file, and the resolved path must lie inside ``root`` (a symlink named like the adapter that
     points elsewhere is refused too).
     """
     root = os.fspath(root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"{root!r} is a file; adapters are saved into a folder")
     if name == "default":
         return root
     folder = os.path.join(root, check_adapter_name(name))

@@ -86,6 +86,18 @@ def test_symlinked_adapter_folder_refused(tmp_path):
     assert os.listdir(elsewhere) == [] and os.listdir(save) == ["other"]
 
 
+def test_save_into_a_file_is_refused_and_leaves_it(tmp_path):
+    """save_pretrained given a file's path was os.makedirs' FileExistsError; now one line, and the file as it was."""
+    model = _model()
+    model.add_adapter("other", dt.LoraConfig(r=2, target_modules=["v_proj"]))
+    target = tmp_path / "notes.txt"
+    target.write_text("mine", encoding="utf-8")
+    for selected in (["default"], ["other"]):
+        with pytest.raises(ValueError, match=r"notes.txt' is a file; adapters are saved into a folder$"):
+            model.save_pretrained(target, selected_adapters=selected)
+    assert target.read_text(encoding="utf-8") == "mine" and os.listdir(tmp_path) == ["notes.txt"]
+
+
 def test_good_names_save_in_their_subfolder_and_load_back(tmp_path):
     """The positive side: allowed names land in <folder>/<name> and load back with the same weights."""
     model = _model()
