@@ -298,6 +298,10 @@ def _generate(args) -> int:
     if not args.prompt and not args.image:
         print("deltatune generate: error: give --prompt TEXT or --image FILE", file=sys.stderr)
         return 2
+    for flag, value in (("--num-beams", args.num_beams), ("--steps", args.steps)):
+        if value < 1:
+            print(f"deltatune generate: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     sampling = _sampling(args)
     if args.image:
         return _caption(args, sampling)
