@@ -219,7 +219,14 @@ def _message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser(argv).parse_args(argv)
+    parser = _parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    unknown = [e for e in extra if e.startswith("-")] if takes_overrides else extra
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:  # key=value after a flag (train RECIPE --overwrite train.lr=1e-3): still an override
+        args.overrides += extra
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever torch was; 130 as shells expect

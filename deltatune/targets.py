@@ -267,6 +267,12 @@ def find_targets(
             f"{method}: target_modules={targets!r}"
             + (f" with layers_to_transform={layers_to_transform!r}" if layers_to_transform is not None else "")
             + f" matches no module. Module names in this model: {', '.join(candidate_names(model))}"
+            + (
+                f" (a string is a regex matched against the full module name, as in peft; for modules named"
+                f" {targets!r} give a list: [{targets}])"
+                if isinstance(targets, str) and targets in candidate_names(model)
+                else ""
+            )
         )
     return found
 

@@ -74,6 +74,22 @@ def test_target_modules_matching_nothing_lists_real_names(model):
     assert_same(before, state(plain))
 
 
+def test_a_module_name_given_as_a_string_points_to_the_list_form(model):
+    """A string target is a regex matched against the full module name (peft's rule), so ``target_modules="q_proj"``
+    matches nothing; the message says so and shows the list form. A regex that matches nothing gets no such hint."""
+    before = state(model)
+    with pytest.raises(
+        dt.ConfigError, match=r"regex matched against the full module name.*give a list: \[q_proj\]\)$"
+    ):
+        model.add_adapter("other", lora(target_modules="q_proj"))
+    with pytest.raises(dt.ConfigError) as info:
+        model.add_adapter("other", lora(target_modules=".*nothing"))
+    assert "give a list" not in str(info.value)
+    assert_same(before, state(model))
+    model.add_adapter("other", lora(target_modules=r".*\.q_proj"))  # the regex form of the same targets
+    assert list(model.peft_config) == ["default", "other"]
+
+
 def test_exclude_modules_excluding_every_target(model):
     before = state(model)
     with pytest.raises(dt.ConfigError, match=r"exclude_modules=\['k_proj'\].*'k_proj'"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -230,7 +231,7 @@ class RunConfig:
         # A stage task PEFT has no task_type for (IMAGE_CLS) leaves it None, as PEFT's image recipes do.
         if task_type in TASK_TYPES and "task_type" in known and not section.get("task_type"):
             section["task_type"] = task_type
-        return cls(**section)
+        return cls(**_typed("method", cls, section))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -302,7 +303,7 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
         for key in section:
             if key not in known:
                 raise ConfigError(_unknown(f"{name}.{key}", key, known, where))
-        sections[name] = _check_types(name, cls(**section))
+        sections[name] = cls(**_typed(name, cls, section))
     method = raw.get("method") or {"name": "lora"}
     if isinstance(method, str):
         method = {"name": method}
@@ -315,13 +316,15 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "None": type(None)}
 
 
-def _check_types(section: str, args: Any) -> Any:
-    """Each field's value against its annotation, so ``train.lr=abc`` is a ConfigError naming ``train.lr`` rather
-    than a TypeError later. Widens where no meaning changes: an int where a float is expected, a whole float where
-    an int is (``max_steps=1e3``), one value where a list is (``report_to=none`` -> ``[none]``)."""
-    for f in dataclasses.fields(args):
-        value = getattr(args, f.name)
-        kinds = [_TYPES.get(t.strip(), object) for t in str(f.type).split("|")]  # object: any value
+def _typed(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a section's keys, known to ``cls``) checked against ``cls``'s annotations, so ``train.lr=abc``
+    is a ConfigError naming ``train.lr`` rather than a TypeError later. Widens where no meaning changes: an int where
+    a float is expected, a whole float where an int is (``max_steps=1e3``), one value where a list is
+    (``report_to=none`` -> ``[none]``). A generic type is checked as its container (``list[str]``: a list)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        kinds = [_TYPES.get(t.strip().split("[")[0], object) for t in types[key].split("|")]  # object: any value
         if isinstance(value, bool):
             ok = bool in kinds
         elif isinstance(value, int) and int not in kinds and float in kinds:
@@ -334,9 +337,11 @@ def _check_types(section: str, args: Any) -> Any:
             ok = any(isinstance(value, k) for k in kinds if k is not bool)
         if not ok:
             names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise ConfigError(f"{section}.{f.name} must be {names}, got {value!r}")
-        setattr(args, f.name, value)
-    return args
+            raise ConfigError(f"{section}.{key} must be {names}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .inf and .nan
+            raise ConfigError(f"{section}.{key} must be a finite number, got {value!r}")
+        out[key] = value
+    return out
 
 
 def _validate(cfg: RunConfig) -> None:

@@ -175,6 +175,12 @@ def test_method_given_as_a_name():
         ("data.truncation=cut", r"data.truncation must be 'truncate' or 'refuse', got 'cut'"),
         ("train.precision=fp64", r"train.precision must be"),
         ("data.packing=maybe", r"data.packing must be bool, got 'maybe'"),
+        # method fields are checked against their annotations too: these were TypeErrors from inside the method
+        ("method.target_modules=5", r"^method.target_modules must be list or str or null, got 5$"),
+        ("method.lora_dropout=nan", r"^method.lora_dropout must be float, got 'nan'$"),
+        ("method.lora_dropout=.nan", r"^method.lora_dropout must be a finite number, got nan$"),
+        ("train.lr=.inf", r"^train.lr must be a finite number, got inf$"),  # trained until the loss was nan
+        ("train.epochs=.inf", r"^train.epochs must be a finite number, got inf$"),
     ],
 )
 def test_bad_values_name_the_field(override, error):
@@ -194,6 +200,18 @@ def test_an_evaluation_scheduled_without_eval_data_is_refused():
     grpo = next(r for r in RECIPES if r.endswith("grpo-arithmetic.yaml"))
     with pytest.raises(ConfigError, match=r"^train.eval_steps: grpo evaluates data.eval after training"):
         load_recipe(grpo, ["train.eval_steps=4"])
+
+
+def test_overrides_after_a_flag_are_overrides(capsys):
+    """``train RECIPE --overwrite train.lr=0``: a key=value after a flag is an override (it was argparse's
+    "unrecognized arguments"); an unknown flag is still refused."""
+    from deltatune.cli import main
+
+    assert main(["train", QUICKSTART, "--overwrite", "train.lr=0"]) == 2
+    assert capsys.readouterr().err.strip() == "deltatune train: error: train.lr must be > 0, got 0.0"
+    with pytest.raises(SystemExit):
+        main(["train", QUICKSTART, "--overwrite", "train.lr=0", "--zzz"])
+    assert "unrecognized arguments: --zzz" in capsys.readouterr().err
 
 
 def test_section_that_is_not_a_mapping():
