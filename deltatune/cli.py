@@ -440,6 +440,11 @@ def _info(args) -> int:
 def _data(args) -> int:
     from .data.inspect import inspect
 
+    if args.model:  # a missing folder is named before any reading (it was the hub client's OSError)
+        from .train.checks import check_model_path
+
+        check_model_path(args.model, "--model")
+
     print(inspect(args.file, args.model, args.stage, args.max_length, args.template, args.data_format, show=args.rows))
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import registry
@@ -19,6 +21,15 @@ def _build(name: str, task: str | None):
     if task is not None and task not in TASKS:
         raise ConfigError(f"--task {task!r}: one of {', '.join(TASKS)}")
     check_model_path(name, "model")
+    folder = resolve_path(name)
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):  # a run or an adapter, not a model
+        from .train.run import adapter_field
+
+        base = adapter_field(folder, "base_model_name_or_path")
+        raise ConfigError(
+            f"{name!r} is an adapter folder (adapter_config.json); info describes a base model"
+            + (f": its base is {base!r}" if base else "")
+        )
     try:
         config = AutoConfig.from_pretrained(resolve_path(name))
     except (OSError, ValueError) as exc:  # a folder without config.json, an unknown model_type
@@ -67,5 +78,6 @@ def describe(name: str, task: str | None = None) -> str:
             trainable, _ = delta.get_nb_trainable_parameters()
             lines.append(f"| {method} | {trainable:,d} | {100 * trainable / total:.3f} |")
         except (ConfigError, TypeError, ValueError) as exc:
-            lines.append(f"| {method} | n/a: {str(exc).splitlines()[0][:90]} | |")
+            why = str(exc).splitlines()[0].split("; ")[0]  # its first clause: a table cell, not the whole advice
+            lines.append(f"| {method} | n/a: {why if len(why) <= 120 else why[:117] + '...'} | |")
     return "\n".join(lines)

@@ -19,8 +19,9 @@ from transformers import (
     AutoTokenizer,
 )
 
+from deltatune import LoraConfig
 from deltatune.cli import main
-from deltatune.model import DeltaModel
+from deltatune.model import DeltaModel, get_delta_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_ARGS = ["train.max_steps=2", "train.report_to=[none]", "train.lr=1e-2"]
@@ -194,6 +195,8 @@ def test_info_on_a_vision_model_and_bad_input(capsys, tmp_path):
     assert rows["prompt_tuning"].startswith("n/a: model type 'vit' has no token embedding")
     (tmp_path / "empty").mkdir()
     llama = save_tiny(tmp_path / "llama", "llama")
+    adapter = tmp_path / "adapter"
+    get_delta_model(AutoModelForCausalLM.from_pretrained(llama), LoraConfig(r=2)).save_pretrained(adapter)
     capsys.readouterr()
     for args, words in [
         ([str(tmp_path / "nowhere")], f"model '{tmp_path / 'nowhere'}': no such folder"),
@@ -201,6 +204,11 @@ def test_info_on_a_vision_model_and_bad_input(capsys, tmp_path):
         ([str(tmp_path / "empty")], f"model '{tmp_path / 'empty'}': "),
         ([llama, "--task", "FOO"], "--task 'FOO': one of CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, IMAGE_CLS"),
         ([llama, "--task", "IMAGE_CLS"], f"--task IMAGE_CLS does not fit model '{llama}' (model_type llama)"),
+        (
+            [str(adapter)],
+            f"'{adapter}' is an adapter folder (adapter_config.json); info describes a base model: its "
+            f"base is '{llama}'",
+        ),  # was "Unrecognized model ... should have a model_type key"
     ]:
         assert main(["info", *args]) == 2
         err = capsys.readouterr().err.strip()

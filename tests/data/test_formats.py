@@ -466,6 +466,7 @@ def test_data_inspect(models, tmp_path, capsys):
         (["--stage", "cls"], "--stage cls: data inspect renders the stages that read text, chat or preference rows"),
         (["--format", "nope"], "--format 'nope' is not a known format; formats: alpaca, "),  # was blamed on dpo
         (["--stage", "orpo"], "stage orpo does not read the messages format; it reads preference, "),
+        (["--model", "/nowhere/model"], "--model '/nowhere/model': no such folder"),  # was the hub client's OSError
     ],
 )
 def test_data_inspect_refuses_bad_options_in_one_line(capsys, extra, message):
