@@ -464,10 +464,11 @@ def _adapters(pairs: list[str]) -> dict[str, str]:
 
 
 def _serve(args) -> int:
-    from .serve import build_engine, check_bind, check_port, serve
+    from .serve import build_engine, check_bind, check_limits, check_port, serve
 
     check_bind(args.host, args.api_key)  # before loading anything
     check_port(args.host, args.port)
+    check_limits(args.max_batch_size, args.max_wait_ms, args.max_tokens, args.adapter_dir)
     engine = build_engine(args.model, _adapters(args.adapter), args.max_batch_size, args.max_wait_ms, args.dtype)
     print(f"serving {', '.join(engine.adapters())} on http://{args.host}:{args.port}/v1", flush=True)
     serve(engine, args.host, args.port, args.api_key, args.adapter_dir, args.max_tokens)

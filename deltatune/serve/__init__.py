@@ -80,6 +80,19 @@ def check_bind(host: str, api_key: str | None) -> None:
         raise ConfigError(f"--host {host} listens beyond this machine: give --api-key (clients send it as Bearer)")
 
 
+def check_limits(max_batch_size: int, max_wait_ms: float, max_tokens: int, adapter_dir: str | None) -> None:
+    """Refuse serve's batching and loading options out of range before anything loads (ConfigError naming the flag):
+    a batch of 0 rows left every request waiting; a runtime adapter folder that is not there failed only later."""
+    from ..config import ConfigError
+
+    for flag, value, least in (("--max-batch-size", max_batch_size, 1), ("--max-wait-ms", max_wait_ms, 0),
+                               ("--max-tokens", max_tokens, 1)):  # fmt: skip
+        if not value >= least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    if adapter_dir is not None and not os.path.isdir(adapter_dir):
+        raise ConfigError(f"--adapter-dir {adapter_dir!r}: no such folder")
+
+
 def check_port(host: str, port: int, flag: str = "--port") -> None:
     """Refuse a port out of range, or one this host cannot listen on (in use, privileged), before anything loads."""
     import socket

@@ -88,6 +88,8 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, max_wait_s: float = 0.01) -> None:
         if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model.base_model, "generate"):
             raise ValueError("deltatune serve serves causal language models (decoder-only) only")
+        if max_batch_size < 1 or not max_wait_s >= 0:  # a batch of 0 rows would leave every request waiting
+            raise ValueError(f"max_batch_size must be >= 1 and max_wait_s >= 0, got {max_batch_size} and {max_wait_s}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size

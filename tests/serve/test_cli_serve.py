@@ -16,6 +16,15 @@ from deltatune.cli import main
         (["serve", "--adapter", "a=x", "--adapter", "a=y"], "the name 'a' is given twice"),
         (["serve", "--adapter", "a=/no/such/folder"], "no adapter_config.json in '/no/such/folder'"),
         (["serve"], "no base model: pass --model"),
+        # accepted before: a batch of 0 rows left every request waiting; the others failed later or never
+        (["serve", "--model", "/no/such/model", "--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
+        (["serve", "--model", "/no/such/model", "--max-wait-ms", "-5"], "--max-wait-ms must be >= 0, got -5.0"),
+        (["serve", "--model", "/no/such/model", "--max-wait-ms", "nan"], "--max-wait-ms must be >= 0, got nan"),
+        (["serve", "--model", "/no/such/model", "--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+        (
+            ["serve", "--model", "/no/such/model", "--adapter-dir", "/no/such/dir"],
+            "--adapter-dir '/no/such/dir': no such",
+        ),
         (["board", "--runs", "/no/such/folder"], "--runs '/no/such/folder' is not a folder"),
         (["board", "--runs", "/", "--host", "0.0.0.0"], "--host 0.0.0.0: the board has no authentication"),
     ],

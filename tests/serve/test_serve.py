@@ -368,3 +368,13 @@ def test_adapters_that_train_the_shared_base_are_refused(served):
     assert "biased" not in engine.adapters()
     after = client(server).completions.create(model="base", prompt=PROMPTS[1], max_tokens=6, temperature=0)
     assert after.choices[0].text == before.choices[0].text
+
+
+def test_an_engine_with_no_room_in_a_batch_is_refused(served):
+    """max_batch_size 0 built an engine whose batches held no row: every request waited for ever."""
+    from deltatune.serve import Engine
+
+    engine = served[0]
+    for size, wait in ((0, 0.01), (4, -1.0), (4, float("nan"))):
+        with pytest.raises(ValueError, match=r"^max_batch_size must be >= 1 and max_wait_s >= 0"):
+            Engine(engine.model, engine.tokenizer, max_batch_size=size, max_wait_s=wait)
