@@ -35,6 +35,12 @@ def inside(root: str, *parts: str) -> str | None:
     return path
 
 
+def _in(folder: str, name: str) -> str:
+    """``folder/name`` resolved, or "" (which every read here takes as missing) when a symlink leads out of
+    ``folder``: a run's report.md linked to a file elsewhere is not served."""
+    return inside(folder, name) or ""
+
+
 def _read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -59,7 +65,7 @@ def history(folder: str) -> list[dict[str, Any]]:
     ``trainer_state.json``."""
     rows: list[dict[str, Any]] = []
     try:
-        with open(os.path.join(folder, LOG_FILE), encoding="utf-8") as fh:
+        with open(_in(folder, LOG_FILE), encoding="utf-8", errors="replace") as fh:  # bad bytes: a line skipped
             for line in fh:
                 try:
                     row = json.loads(line)
@@ -73,7 +79,7 @@ def history(folder: str) -> list[dict[str, Any]]:
         return rows
     states = sorted(glob.glob(os.path.join(glob.escape(folder), "checkpoint-*", "trainer_state.json")), key=_step)
     for path in reversed(states):
-        state = _read_json(path)
+        state = _read_json(_in(folder, os.path.relpath(path, folder)))
         if isinstance(state, dict) and isinstance(state.get("log_history"), list):
             return [_finite(r) for r in state["log_history"] if isinstance(r, dict)]
     return []
@@ -91,7 +97,7 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
 
 def trainable_parameters(folder: str) -> int | None:
     """The number of values in ``adapter_model.safetensors``, read from its header alone (no tensor is loaded)."""
-    path = os.path.join(folder, "adapter_model.safetensors")
+    path = _in(folder, "adapter_model.safetensors")
     try:
         with open(path, "rb") as fh:
             (size,) = struct.unpack("<Q", fh.read(8))
@@ -127,17 +133,17 @@ def _mtime(folder: str) -> float:
     newest = 0.0
     for name in (RUN_FILE, LOG_FILE, "metrics.json"):
         with contextlib.suppress(OSError):
-            newest = max(newest, os.path.getmtime(os.path.join(folder, name)))
+            newest = max(newest, os.path.getmtime(_in(folder, name)))
     return newest
 
 
 def summary(root: str, name: str) -> dict[str, Any] | None:
     """One row of the run list, or None when ``name`` is no run folder inside ``root``."""
     folder = inside(root, name)
-    if folder is None or not os.path.isfile(os.path.join(folder, RUN_FILE)):
+    if folder is None or not os.path.isfile(_in(folder, RUN_FILE)):
         return None
-    recipe = _read_yaml(os.path.join(folder, RUN_FILE)) or {}
-    metrics = _read_json(os.path.join(folder, "metrics.json"))
+    recipe = _read_yaml(_in(folder, RUN_FILE)) or {}
+    metrics = _read_json(_in(folder, "metrics.json"))
     metrics = _finite(metrics) if isinstance(metrics, dict) else None
     updated = _mtime(folder)
     live = _lock_alive(folder)
@@ -182,15 +188,15 @@ def detail(root: str, name: str) -> dict[str, Any] | None:
         return None
     folder = inside(root, name)
     assert folder is not None
-    metrics = _read_json(os.path.join(folder, "metrics.json"))
+    metrics = _read_json(_in(folder, "metrics.json"))
     try:
-        with open(os.path.join(folder, "report.md"), encoding="utf-8") as fh:
+        with open(_in(folder, "report.md"), encoding="utf-8") as fh:
             report = fh.read()
     except (OSError, UnicodeDecodeError):
         report = None
     return {
         **row,
-        "recipe": _read_yaml(os.path.join(folder, RUN_FILE)) or {},
+        "recipe": _read_yaml(_in(folder, RUN_FILE)) or {},
         "all_metrics": _finite(metrics) if isinstance(metrics, dict) else {},
         "history": history(folder),
         "report": report,

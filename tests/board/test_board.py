@@ -161,6 +161,44 @@ def test_never_serves_a_file_outside_the_runs_folder(board, tmp_path):
     assert status == 200 and b"function chart" in js
 
 
+def test_files_inside_a_run_linked_to_outside_are_not_read(board, tmp_path):
+    """A run folder inside the runs folder whose report.md, metrics.json or log are symlinks to files elsewhere: the
+    report was served (any file the board's user could read), now each is read as missing; a run.yaml linked out
+    makes it no run."""
+    root, server = board
+    secret = tmp_path / "secret.md"
+    secret.write_text("SECRET", encoding="utf-8")
+    outside = write_run(str(tmp_path), "outside", "cls", {"eval_loss": 9.0})
+    inner = write_run(root, "inner", "cls")
+    for name, target in (("report.md", secret), ("metrics.json", os.path.join(outside, "metrics.json")),
+                         ("log_history.jsonl", secret)):  # fmt: skip
+        os.symlink(target, os.path.join(inner, name))
+    linked = os.path.join(root, "linked")
+    os.makedirs(linked)
+    os.symlink(os.path.join(outside, "run.yaml"), os.path.join(linked, "run.yaml"))
+    status, data = get(server, "/api/run?name=inner")
+    assert status == 200 and data["report"] is None and data["all_metrics"] == {} and data["history"] == []
+    assert "SECRET" not in json.dumps(data)
+    assert [r["name"] for r in get(server, "/api/runs")[1]["runs"]] == ["inner"]
+    assert get(server, "/api/run?name=linked")[0] == 404
+
+
+def test_a_run_file_that_is_not_text_is_skipped_not_an_error(board):
+    """Bytes that are not UTF-8 in one run's log_history.jsonl made /api/runs a 500 for every run; now the bad
+    lines are skipped and the good ones kept."""
+    root, server = board
+    write_run(root, "fine", "cls", {"eval_loss": 1.0})
+    bad = write_run(root, "bad", "cls")
+    with open(os.path.join(bad, "log_history.jsonl"), "wb") as fh:
+        fh.write(b'{"step": 1, "loss": 2.0}\n\xff\xfe\x00garbage\n{"step": 2, "loss": 1.5}\n')
+    with open(os.path.join(bad, "metrics.json"), "wb") as fh:
+        fh.write(b"\xff\xfe")
+    status, data = get(server, "/api/runs")
+    assert status == 200 and sorted(r["name"] for r in data["runs"]) == ["bad", "fine"]
+    status, data = get(server, "/api/run?name=bad")
+    assert status == 200 and [r["loss"] for r in data["history"]] == [2.0, 1.5] and data["all_metrics"] == {}
+
+
 def test_playground_calls_are_forwarded_to_the_serve_process_with_its_key(tmp_path):
     """With --serve URL the page talks to /api/serve/v1/...; the board adds the key, the page never holds it."""
     seen = []
