@@ -338,10 +338,11 @@ def _draw(args) -> int:
         raise ConfigError(f"--out: {args.adapter!r} is not a text-to-image run (stage t2i); drop --out")
     if not args.out:
         raise ConfigError(f"{args.adapter!r} draws images (stage t2i): pass --out FILE.png")
+    loras = _lora_specs(args.lora, args.adapter_weight)  # a bad weight is named before any loading
     model, processor = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
     model.eval()
     if args.lora or args.adapter_weight != 1.0:
-        _weighted_loras(model, args.lora, args.adapter_weight)
+        _weighted_loras(model, *loras)
     from .train.runs import read_recipe
 
     length = int((read_recipe(args.adapter).get("data") or {}).get("max_length") or 77)  # as the captions trained
@@ -356,10 +357,12 @@ def _draw(args) -> int:
     return 0
 
 
-def _weighted_loras(model, specs: list[str], weight: float) -> None:
-    """``--lora PATH[:WEIGHT]`` LoRAs loaded beside the run's and all active at once, weighted (``--adapter-weight``
-    for the run's own), as diffusers' ``set_adapters``."""
-    from .diffusion import load_loras, set_adapters
+def _lora_specs(specs: list[str], weight: float) -> tuple[list[str], list[float], float]:
+    """The paths and weights of ``--lora PATH[:WEIGHT]``, and ``--adapter-weight``; ConfigError naming the flag for
+    a weight that is not a finite number (a nan weight drew a blank image)."""
+    import math
+
+    from .config import ConfigError
 
     paths, weights = [], []
     for spec in specs:
@@ -368,8 +371,20 @@ def _weighted_loras(model, specs: list[str], weight: float) -> None:
             value = float(tail) if path else 1.0
         except ValueError:  # no weight given (a colon in the path)
             path, value = "", 1.0
+        if not math.isfinite(value):
+            raise ConfigError(f"--lora {spec!r}: the weight must be a finite number, got {tail}")
         paths.append(path or spec)
         weights.append(value)
+    if not math.isfinite(weight):
+        raise ConfigError(f"--adapter-weight must be a finite number, got {weight}")
+    return paths, weights, weight
+
+
+def _weighted_loras(model, paths: list[str], weights: list[float], weight: float) -> None:
+    """``--lora PATH[:WEIGHT]`` LoRAs loaded beside the run's and all active at once, weighted (``--adapter-weight``
+    for the run's own), as diffusers' ``set_adapters``."""
+    from .diffusion import load_loras, set_adapters
+
     names = [f"lora_{i}" for i in range(len(paths))]
     if paths:
         load_loras(model, paths, weights, names)

@@ -301,6 +301,17 @@ def _metadata(metadata: dict[str, str], prefix: str | None) -> dict[str, Any]:
 
 
 # -- combining --------------------------------------------------------------------------------------------------
+def _weights(what: str, names: list[str], weights: Any) -> list[float]:
+    """One finite number per adapter (ConfigError naming ``what`` otherwise: a nan weight made every output nan)."""
+    weights = list(weights)
+    if len(weights) != len(names) or not names:
+        raise ConfigError(f"{what}: {len(names)} adapters and {len(weights)} weights; give one weight each")
+    for name, w in zip(names, weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError(f"{what}: the weight of {name!r} must be a finite number, got {w!r}")
+    return [float(w) for w in weights]
+
+
 def combine_loras(model: DeltaModel, adapters: list[str], weights: list[float], new_name: str) -> None:
     """Add ``new_name``, a LoRA whose update is exactly sum_i w_i * (update of adapter i) at every module any of
     them adapts: the ranks are concatenated (A = [A_1; A_2; ...], B = [w_1 s_1 B_1, w_2 s_2 B_2, ...], scale 1),
@@ -312,8 +323,7 @@ def combine_loras(model: DeltaModel, adapters: list[str], weights: list[float], 
     """
     from .methods.lora import LoraConfig
 
-    if len(adapters) != len(weights) or not adapters:
-        raise ConfigError(f"combine_loras: {len(adapters)} adapters and {len(weights)} weights; give one weight each")
+    weights = _weights("combine_loras", adapters, weights)
     if new_name in model.peft_config:
         raise ConfigError(f"combine_loras: an adapter named {new_name!r} exists already")
     parts = [_lora(model, name)[2] for name in adapters]
@@ -355,9 +365,8 @@ def set_adapters(
 
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     if weights is None or isinstance(weights, (int, float)):
-        weights = [1.0 if weights is None else float(weights)] * len(names)
-    if len(weights) != len(names) or not names:
-        raise ConfigError(f"set_adapters: {len(names)} adapters and {len(weights)} weights; give one weight each")
+        weights = [1.0 if weights is None else weights] * len(names)
+    weights = _weights("set_adapters", names, weights)
     configs = {name: _plain_lora(model, name) for name in names}
     layers = [(p, m) for p, m in model.get_base_model().named_modules() if isinstance(m, LORA_LAYERS)]
     merged = sorted({n for _, m in layers for n in m.merged_adapters} & set(names))

@@ -159,6 +159,10 @@ def test_two_loras_combined_with_weights_are_the_weighted_sum_of_their_updates()
     torch.testing.assert_close(out(model), out(plain), atol=1e-5, rtol=0)
     with pytest.raises(dt.ConfigError, match="one weight each"):
         dt.combine_loras(model, ["default", "b"], [1.0], "again")
+    for bad in (float("nan"), float("inf"), "0.5", True):  # nan made every output nan; a string a TypeError
+        with pytest.raises(dt.ConfigError, match=r"^combine_loras: the weight of 'b' must be a finite number, got"):
+            dt.combine_loras(model, ["default", "b"], [1.0, bad], "again")
+    assert "again" not in model.peft_config
 
 
 def test_several_loras_with_weights_match_diffusers_set_adapters(tmp_path):
@@ -193,5 +197,7 @@ def test_several_loras_with_weights_match_diffusers_set_adapters(tmp_path):
         set_adapters(ours, ["a", "b"], [0.5, 0.5])
     with pytest.raises(dt.ConfigError, match="one weight each"):
         set_adapters(ours, ["a", "b"], [0.5])
+    with pytest.raises(dt.ConfigError, match=r"^set_adapters: the weight of 'b' must be a finite number, got nan$"):
+        set_adapters(ours, ["b"], float("nan"))
     with pytest.raises(dt.ConfigError, match="'a' is given twice or taken"):
         load_loras(ours, [tmp_path / "a"], names=["a"])

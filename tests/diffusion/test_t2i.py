@@ -110,7 +110,7 @@ def test_generate_draws_what_the_plain_models_draw(runs, tmp_path, capsys):
     assert not np.array_equal(image[:, :16], image[:, 16:])
 
 
-def test_generate_draws_with_several_loras_weighted(runs, tmp_path):
+def test_generate_draws_with_several_loras_weighted(runs, tmp_path, capsys):
     """``--adapter-weight 0.7 --lora FILE:0.4``: the run's LoRA and a diffusers file active at once, weighted, is the
     drawing of the library's ``set_adapters`` with the same weights (and not of the plain sum)."""
     import numpy as np
@@ -135,6 +135,22 @@ def test_generate_draws_with_several_loras_weighted(runs, tmp_path):
         drawn[weights[0]] = (image * 255).round().to(torch.uint8).numpy().astype(int)
     image = np.asarray(Image.open(out)).astype(int)
     assert np.abs(image - drawn[0.7]).max() <= 1 and np.abs(image - drawn[1.0]).max() > 1
+    capsys.readouterr()  # a weight that is not a finite number: one line, no image (it drew a blank one)
+    for flags, words in ((["--lora", f"{tmp_path / 'style'}:nan"], ":nan': the weight must be a finite number"),
+                         (["--adapter-weight", "inf"], "--adapter-weight must be a finite number, got inf")):  # fmt: skip
+        argv = [
+            "generate",
+            "--adapter",
+            str(runs["lora"]),
+            "--prompt",
+            prompt,
+            "--out",
+            str(tmp_path / "x.png"),
+            *flags,
+        ]
+        assert main(argv) == 2 and not (tmp_path / "x.png").exists()
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
 
 
 def test_a_caption_over_the_text_encoders_context_is_cut_and_counted(pipeline, data, tmp_path, capsys):
