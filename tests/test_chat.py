@@ -102,6 +102,42 @@ def test_chat_reads_stdin_keeps_history_and_toggles_the_base(run, monkeypatch, c
     assert any("adapter off" in line for line in text) and any("unknown command" in line for line in text)
 
 
+def test_a_prompt_over_the_models_context(tmp_path, monkeypatch):
+    """GPT-2's positions are learned: a prompt past n_positions was an IndexError from inside torch. generate refuses
+    it in one line; chat drops the oldest exchanges until the conversation fits, and a message that cannot fit alone
+    is not sent, the history kept as it was."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = save_tiny(tmp_path / "gpt2", "gpt2", n_positions=96)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    long = chat.prompt_ids(tok, "word " * 100, raw=True)
+    n = len(long)  # 100 words and the tokenizer's two special tokens
+    with pytest.raises(ConfigError, match=rf"^the prompt is {n} tokens and --max-new-tokens 4: {n + 4} positions, "
+                                          r"over the model's context of 96$"):  # fmt: skip
+        chat.generate(model, tok, long, max_new_tokens=4)
+    events = []  # ("prompt", messages) for every prompt built, ("generate", ids) for every answer
+    real, answer = chat.prompt_ids, chat.generate
+    monkeypatch.setattr(chat, "prompt_ids", lambda t, p, **kw: events.append(("prompt", list(p))) or real(t, p, **kw))
+    monkeypatch.setattr(
+        chat, "generate", lambda m, t, ids, **kw: events.append(("generate", ids)) or answer(m, t, ids, **kw)
+    )
+    out = io.StringIO()
+    script = "one two\nthree four\nfive six\n" + "word " * 100 + "\nseven\n"
+    assert chat.repl(model, tok, stdin=io.StringIO(script), stdout=out, max_new_tokens=4) == 0
+    text = out.getvalue()
+    assert "oldest exchange(s) dropped: the conversation is over the model's context)" in text
+    assert "(not sent: the prompt is " in text
+    answered = [events[i - 1][1] for i, (kind, _) in enumerate(events) if kind == "generate"]
+    assert [p[-1]["content"] for p in answered] == ["one two", "three four", "five six", "seven"]  # the long one: not
+    for kind, ids in events:
+        assert kind == "prompt" or len(ids) + 4 <= 96  # every prompt answered fits: its tokens + 4 new ones
+    assert len(answered[2]) < 5  # "five six" was sent without the first exchange
+    # the refused message left the history as it was: "seven" follows the "five six" exchange (older ones may go)
+    before = answered[2] + [answered[3][-2]]
+    assert len(answered[3]) >= 3 and answered[3][:-1] == before[len(before) - len(answered[3]) + 1 :]
+
+
 def test_chat_command_reads_stdin(run, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert (

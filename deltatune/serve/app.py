@@ -59,9 +59,11 @@ def create_app(
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
+    from ..train.models import context_length
+
     app = FastAPI(title="deltatune serve", docs_url=None, redoc_url=None)
     config = engine.model.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    context = context_length(config) or 2048
     limits = Limits(max_tokens, int(context))
     app.state.engine = engine
 

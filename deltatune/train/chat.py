@@ -64,8 +64,16 @@ def generate(
     seed: int | None = None,
     num_beams: int = 1,
 ) -> str:
-    """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only."""
+    """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only.
+
+    Raises:
+        ConfigError: the prompt and ``max_new_tokens`` do not fit the model's context (a model with learned positions,
+            GPT-2's, failed with an IndexError inside torch; others answered past what they were trained on).
+    """
     check_sampling(max_new_tokens, temperature, top_p)
+    over = overflow(model, len(ids), max_new_tokens)
+    if over:
+        raise ConfigError(over)
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -83,6 +91,21 @@ def generate(
     decoder_only = not getattr(model.config, "is_encoder_decoder", False)
     new = out[0, input_ids.shape[1] :] if decoder_only else out[0]
     return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def overflow(model: torch.nn.Module, prompt: int, max_new_tokens: int) -> str | None:
+    """Why a prompt of ``prompt`` tokens and ``max_new_tokens`` more do not fit ``model``'s context, or None when they
+    do (an encoder-decoder's answer has positions of its own: only its prompt counts)."""
+    from .models import context_length
+
+    config = getattr(model, "config", None)
+    context = context_length(config) if config is not None else None
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    need = prompt + (0 if seq2seq else max_new_tokens)
+    if context is None or need <= context:
+        return None
+    asked = "" if seq2seq else f" and --max-new-tokens {max_new_tokens}"
+    return f"the prompt is {prompt} tokens{asked}: {need} positions, over the model's context of {context}"
 
 
 def adapter_off(model: torch.nn.Module):
@@ -202,11 +225,22 @@ def repl(model, tok, system: str | None = None, raw: bool = False, stdin=None, s
         if text.startswith("/"):
             print(f"(unknown command {text!r}; {HELP})", file=stdout)
             continue
+        kept, dropped = [], 0  # raw mode keeps no history
         if raw or not has_template(tok):
-            ids, history = prompt_ids(tok, text, raw=True), []
-        else:
-            history.append({"role": "user", "content": text})
-            ids = prompt_ids(tok, history, system=system)
+            ids = prompt_ids(tok, text, raw=True)
+        else:  # over the model's context the oldest exchanges go, as chat interfaces do with a long conversation
+            kept = [*history, {"role": "user", "content": text}]
+            ids = prompt_ids(tok, kept, system=system)
+            while len(kept) > 1 and overflow(model, len(ids), sampling.get("max_new_tokens", 128)):
+                kept, dropped = kept[2:], dropped + 1
+                ids = prompt_ids(tok, kept, system=system)
+        over = overflow(model, len(ids), sampling.get("max_new_tokens", 128))
+        if over:  # not sent, and the history as it was: the next message may fit
+            print(f"(not sent: {over})", file=stdout, flush=True)
+            continue
+        history = kept
+        if dropped:
+            print(f"({dropped} oldest exchange(s) dropped: the conversation is over the model's context)", file=stdout)
         with adapter_off(model) if base else nullcontext():
             answer = generate(model, tok, ids, **sampling)
         if history:

@@ -53,7 +53,7 @@ from ..data.templates import apply_chat_template
 from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
 from .grpo_rewards import Reward, check_rewards, load_rewards, score
-from .ppo import context_length
+from .models import context_length
 from .ppo_checkpoint import rotate
 from .prepared import Prepared, _rows
 from .report import plot_panels

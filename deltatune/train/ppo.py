@@ -40,6 +40,7 @@ from torch import nn
 from ..config import ConfigError
 from ..data.tasks import Collator
 from .config import AlignArgs, RunConfig
+from .models import context_length
 from .prepared import Prepared, read_splits
 from .report import plot_panels
 
@@ -382,16 +383,6 @@ def _check_reward_model(spec: str | None) -> None:
         reward_run(spec)
     else:
         reward_function(spec)
-
-
-def context_length(config) -> int | None:
-    """The most positions the model can attend over, when its config says."""
-    config = config.get_text_config()
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
