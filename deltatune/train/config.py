@@ -446,7 +446,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
     """
     if os.path.isdir(path):
         raise ConfigError(f"recipe {path!r} is a folder; give a recipe file (.yaml)")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # a pipe (/dev/stdin, a shell's <(...)) is read as a file is
         raise ConfigError(f"recipe {path!r} does not exist")
     try:
         with open(path, encoding="utf-8") as fh:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import pytest
 
@@ -212,6 +213,21 @@ def test_overrides_after_a_flag_are_overrides(capsys):
     with pytest.raises(SystemExit):
         main(["train", QUICKSTART, "--overwrite", "train.lr=0", "--zzz"])
     assert "unrecognized arguments: --zzz" in capsys.readouterr().err
+
+
+def test_a_recipe_read_from_a_pipe(tmp_path):
+    """``deltatune train /dev/stdin`` (or a shell's ``<(...)``) was "does not exist": a pipe is not a regular file."""
+    import threading
+
+    pipe = tmp_path / "recipe"
+    os.mkfifo(pipe)
+    text = Path(QUICKSTART).read_text(encoding="utf-8")
+    writer = threading.Thread(target=lambda: pipe.write_text(text, encoding="utf-8"))
+    writer.start()
+    try:
+        assert load_recipe(str(pipe), ["train.lr=0.5"]).train.lr == 0.5
+    finally:
+        writer.join()
 
 
 def test_section_that_is_not_a_mapping():
