@@ -40,8 +40,9 @@ def evaluate(
 
     ``run_dir`` may also be a plain adapter folder (peft's ``save_pretrained``: adapter_config.json, no run.yaml),
     with ``data`` given: its base is the config's ``base_model_name_or_path`` and its stage follows the config's
-    ``task_type`` (a causal LM's: the data's format, as ``deltatune data inspect`` picks it); the overrides set
-    either (``model.name_or_path=``, ``stage=``) and the data's columns, as for a run.
+    ``task_type`` (a causal LM's: the data's format, as ``deltatune data inspect`` picks it; a classifier's on
+    preference pairs: rm); the overrides set either (``model.name_or_path=``, ``stage=``) and the data's columns, as
+    for a run.
 
     ``model.trust_remote_code`` in the run's run.yaml is ignored; remote model code runs only when the caller
     passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
@@ -75,6 +76,7 @@ def evaluate(
         tok.load_text_encoder_lora(run_dir)
     eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
     prepared = prepare(eval_cfg, tok)
+    cfg.model.num_labels = cfg.model.num_labels or eval_cfg.model.num_labels  # as the stage set it (rm: 1 output)
     if prepared.loop is not None:
         raise ConfigError(
             f"stage {cfg.stage!r} runs its own loop, not the Trainer's evaluation; its metrics.json "
@@ -147,15 +149,15 @@ def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str])
             "one (run.yaml)"
         )
     task = adapter_field(run_dir, "task_type")
-    if task in (None, "CAUSAL_LM"):
-        from ..data.formats import detect
-        from ..data.inspect import default_stage
-        from ..data.load import DataError, read_rows
+    from ..data.formats import STAGE_FORMATS
 
-        try:  # the first row's format; a file that cannot be read is named by the stage's own reader below
-            stage = default_stage(detect(read_rows(data, limit=1)[0]))
-        except (DataError, IndexError):
-            stage = "sft"
+    fmt = _format(data)
+    if task in (None, "CAUSAL_LM"):
+        from ..data.inspect import default_stage
+
+        stage = default_stage(fmt) if fmt else "sft"
+    elif task == "SEQ_CLS" and fmt in STAGE_FORMATS["rm"]:  # a classifier on preference pairs: a reward model
+        stage = "rm"
     elif task in _STAGE_OF_TASK:
         stage = _STAGE_OF_TASK[task]
     else:
@@ -165,3 +167,14 @@ def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str])
         raise ConfigError(f"{config} does not say which base model it was trained on; pass model.name_or_path=MODEL")
     model = {"name_or_path": base} if base else {}
     return {"stage": stage, "model": model, "data": {"eval": data}}, config
+
+
+def _format(data: str) -> str | None:
+    """The format of ``data``'s first row (None when it cannot be told: the stage's own reader names the fault)."""
+    from ..data.formats import detect
+    from ..data.load import DataError, read_rows
+
+    try:
+        return detect(read_rows(data, limit=1)[0])
+    except (DataError, IndexError):
+        return None

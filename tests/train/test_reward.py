@@ -178,6 +178,16 @@ def test_recipe_two_steps_through_cli_then_eval(files, tmp_path, capsys):
     assert "eval_paired_p" not in scored  # one evaluation: nothing to pair it with
     assert scored["eval_accuracy"] == pytest.approx(trained["eval_accuracy"])
     assert scored["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+    # The adapter alone (a plain adapter folder, as peft saves one) on preference pairs is evaluated as a reward
+    # model: a SEQ_CLS adapter on pairs is stage rm; the same figures.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (plain / name).write_bytes((tmp_path / "run" / name).read_bytes())
+    assert main(["eval", "--adapter", str(plain), "--data", files["eval"], "data.max_length=32"]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert alone["eval_accuracy"] == scored["eval_accuracy"]
+    assert alone["eval_loss"] == pytest.approx(scored["eval_loss"], abs=1e-6)
     # --compare rebuilds the run's start from the recipe's seed: the run's own "before", and its paired figures.
     assert main(["eval", "--adapter", out, "--data", files["eval"], "--compare"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
