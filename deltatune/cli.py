@@ -69,7 +69,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     e.add_argument(
         "--adapter",
         required=True,
-        help="a run folder written by 'deltatune train', one of its checkpoint-N, or a peft adapter folder (with --data)",
+        help="a run folder written by 'deltatune train', one of its checkpoint-N, or a peft adapter folder "
+        "(with --data)",
     )
     e.add_argument("--data", help="data file to evaluate on (default: the recipe's eval file)")
     e.add_argument(

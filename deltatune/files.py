@@ -70,8 +70,8 @@ def check_adapter_name(name: object) -> str:
 def adapter_folder(root: str | os.PathLike[str], name: str) -> str:
     """The folder adapter ``name`` is saved to under ``root``: ``root`` itself for "default", else ``root/name``.
 
-    The name is checked, ``root`` must not be a file, and the resolved path must lie inside ``root`` (a symlink named like the adapter that
-    points elsewhere is refused too).
+    The name is checked, ``root`` must not be a file, and the resolved path must lie inside ``root`` (a symlink
+    named like the adapter that points elsewhere is refused too).
     """
     root = os.fspath(root)
     if os.path.exists(root) and not os.path.isdir(root):
