@@ -186,7 +186,10 @@ class DeltaLayer(nn.Module):
 
     def _merge_weights(self, name: str) -> None:
         """Fold adapter ``name`` into the base weights (called without grad, once per merge)."""
-        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
+        raise TypeError(
+            f"adapter {name!r} ({type(self).__name__}) adds a computation of its own, which cannot be folded into the "
+            "base weights (keep the adapter, or unload() it)"
+        )
 
     def _unmerge_weights(self, name: str) -> None:
         """Undo ``_merge_weights(name)``."""

@@ -19,7 +19,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from deltatune import LoraConfig
+from deltatune import BottleneckConfig, LoraConfig, PromptTuningConfig
 from deltatune.cli import main
 from deltatune.model import DeltaModel, get_delta_model
 
@@ -483,6 +483,30 @@ def test_eval_on_a_plain_adapter_folder_refuses_in_one_line(capsys, cls_run, tmp
         assert message in err and "\n" not in err
     assert main(["eval", "--adapter", str(tmp_path), "--data", cls_run.test]) == 2  # neither run.yaml nor adapter
     assert "or an adapter folder (adapter_config.json)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        (PromptTuningConfig(num_virtual_tokens=2), "prompt_tuning adapter 'default' adds virtual tokens"),
+        (BottleneckConfig(), "adapter 'default' (BottleneckLayer) adds a computation of its own"),
+    ],
+)
+def test_merge_of_a_method_that_does_not_fold_in_is_one_line(capsys, tmp_path, config, words):
+    """merge (and generate --merged) of a token method's or a bottleneck adapter was merge_adapter's TypeError with
+    its traceback; one line now, and no --out folder."""
+    llama = save_tiny(tmp_path / "llama", "llama")
+    get_delta_model(AutoModelForCausalLM.from_pretrained(llama), config).save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()
+    for argv in (["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")],
+                 ["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "hi", "--merged", "--raw"]):  # fmt: skip
+        assert main(argv) == 2
+        lines = [
+            x for x in capsys.readouterr().err.splitlines() if x and not x.startswith("Loading weights")
+        ]  # its bar
+        assert len(lines) == 1 and lines[0].startswith(f"deltatune {argv[0]}: error: cannot merge: {words}"), lines
+        assert lines[0].endswith("; use the adapter as it is (generate, serve)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_writes_a_plain_transformers_model(capsys, cls_run):

@@ -188,13 +188,17 @@ def merge(delta: DeltaModel, tok) -> tuple[torch.nn.Module, Any]:
     on ``MERGE_PROBE``)."""
     from ..methods.quant import is_quantized
 
-    if not any(is_quantized(m) for m in delta.modules()):
-        return delta.merge_and_unload(), None
-    from ..methods.quant_tools import merge_quantized
+    try:
+        if not any(is_quantized(m) for m in delta.modules()):
+            return delta.merge_and_unload(), None
+        from ..methods.quant_tools import merge_quantized
 
-    enc = tok(list(MERGE_PROBE), return_tensors="pt", padding=True)
-    device = next(delta.parameters()).device
-    return merge_quantized(delta, {k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
+        enc = tok(list(MERGE_PROBE), return_tensors="pt", padding=True)
+        device = next(delta.parameters()).device
+        return merge_quantized(delta, {k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
+    except TypeError as exc:  # merge_adapter's refusal of a method that does not fold in (token methods, adapters)
+        raise ConfigError(f"cannot merge: {str(exc).replace(' (keep the adapter, or unload() it)', '')}; use the "
+                          "adapter as it is (generate, serve)") from None  # fmt: skip
 
 
 def train(
