@@ -51,11 +51,22 @@ def auto_class(task_type: str):
     return getattr(transformers, TASKS[task_type])
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")  # fmt: skip
+"""Any one of these in a folder means it has a tokenizer of some kind."""
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_path(name_or_path)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the base "
+            "model's tokenizer files into it"
+        )  # transformers' own error was about sentencepiece not being installed
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -83,8 +94,31 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
         raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
 
 
+def not_loaded(name_or_path: str, exc: OSError) -> ConfigError:
+    """The one line for a model (or its tokenizer) that transformers could not read: a local folder's missing
+    file, or a name that is no local folder and that the hub could not provide (offline, gated, misspelt)."""
+    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if os.path.isdir(resolve_path(name_or_path)):
+        return ConfigError(f"model {name_or_path!r} could not be loaded ({why})")
+    return ConfigError(
+        f"model {name_or_path!r} could not be loaded: not a local model folder, and the hub could not provide it ({why})"
+    )
+
+
 def load_processor(name_or_path: str, stage: str, trust_remote_code: bool = False, text_encoder: str | None = None):
-    """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer."""
+    """What turns a stage's rows into model inputs: the image processor for image stages, else the tokenizer.
+
+    Raises:
+        ConfigError: the model or its tokenizer cannot be read (a folder without tokenizer files, a hub name that
+            the hub, offline or unreachable, could not provide).
+    """
+    try:
+        return _load_processor(name_or_path, stage, trust_remote_code, text_encoder)
+    except OSError as exc:
+        raise not_loaded(name_or_path, exc) from None
+
+
+def _load_processor(name_or_path: str, stage: str, trust_remote_code: bool, text_encoder: str | None):
     if stage == "t2i":
         from .t2i import T2IProcessor
 
@@ -161,10 +195,7 @@ def load_model(
         else:
             model = auto_class(task_type).from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise ConfigError(
-            f"model {name_or_path!r} could not be loaded: not a local model folder, and the hub "
-            f"could not provide it ({str(exc).splitlines()[0]})"
-        ) from None
+        raise not_loaded(name_or_path, exc) from None
     except ValueError as exc:  # a model of another kind: a Llama for seq2seq, a ViT for text classification
         if "Unrecognized configuration class" not in str(exc):
             raise

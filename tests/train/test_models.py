@@ -103,3 +103,31 @@ def test_a_model_of_another_kind_is_one_line(tmp_path, family, task, words):
     path = save_tiny(tmp_path / family, family)
     with pytest.raises(ConfigError, match=rf"^model '{path}' {words}: task {task} needs another kind of model"):
         load_model(path, task)
+
+
+def test_a_tokenizer_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    """A model folder without tokenizer files was transformers' "You need to have sentencepiece or tiktoken
+    installed" (a ValueError); a hub name the hub could not provide (offline, gated, misspelt) was its OSError with
+    a traceback, where the model's own loading said it in one line. Now one line each, naming the model."""
+    import shutil
+
+    import transformers
+
+    from deltatune.train.models import load_processor
+
+    full = save_tiny(tmp_path / "llama", "llama")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "llama" / name, bare / name)
+    with pytest.raises(ConfigError, match=rf"^model '{bare}' holds no tokenizer \(tokenizer.json, tokenizer_config"):
+        load_processor(str(bare), "sft")
+    assert load_processor(full, "sft").pad_token is not None
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(ConfigError, match=r"^model 'org/model' could not be loaded: not a local model folder, and "
+                                          r"the hub could not provide it \(We couldn't connect .* files.\)$"):  # fmt: skip
+        load_processor("org/model", "sft")
