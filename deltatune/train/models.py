@@ -66,7 +66,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the base "
             "model's tokenizer files into it"
         )  # transformers' own error was about sentencepiece not being installed
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise not_loaded(name_or_path, exc) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok

@@ -113,7 +113,7 @@ def test_a_tokenizer_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
 
     import transformers
 
-    from deltatune.train.models import load_processor
+    from deltatune.train.models import load_processor, load_tokenizer
 
     full = save_tiny(tmp_path / "llama", "llama")
     bare = tmp_path / "bare"
@@ -131,3 +131,5 @@ def test_a_tokenizer_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^model 'org/model' could not be loaded: not a local model folder, and "
                                           r"the hub could not provide it \(We couldn't connect .* files.\)$"):  # fmt: skip
         load_processor("org/model", "sft")
+    with pytest.raises(ConfigError, match=r"^model 'org/model' could not be loaded: not a local model folder"):
+        load_tokenizer("org/model")  # as serve and board --model load it
