@@ -187,7 +187,7 @@ class DeltaLayer(nn.Module):
     def _merge_weights(self, name: str) -> None:
         """Fold adapter ``name`` into the base weights (called without grad, once per merge)."""
         raise TypeError(
-            f"adapter {name!r} ({type(self).__name__}) adds a computation of its own, which cannot be folded into the "
+            f"adapter {name!r} ({type(self).__name__}) adds a computation of its own and cannot be merged into the "
             "base weights (keep the adapter, or unload() it)"
         )
 

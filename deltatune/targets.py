@@ -383,3 +383,13 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any) -> Non
             module = ModulesToSave(module)
             set_submodule(model, name, module)
         module.add(adapter_name)
+
+
+def context_length(config) -> int | None:
+    """The most positions the model can attend over, when its config says."""
+    config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

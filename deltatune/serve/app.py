@@ -59,7 +59,7 @@ def create_app(
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from ..train.models import context_length
+    from ..targets import context_length
 
     app = FastAPI(title="deltatune serve", docs_url=None, redoc_url=None)
     config = engine.model.config

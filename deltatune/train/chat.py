@@ -96,7 +96,7 @@ def generate(
 def overflow(model: torch.nn.Module, prompt: int, max_new_tokens: int) -> str | None:
     """Why a prompt of ``prompt`` tokens and ``max_new_tokens`` more do not fit ``model``'s context, or None when they
     do (an encoder-decoder's answer has positions of its own: only its prompt counts)."""
-    from .models import context_length
+    from ..targets import context_length
 
     config = getattr(model, "config", None)
     context = context_length(config) if config is not None else None

@@ -50,10 +50,10 @@ from ..data.load import DataError, Row
 from ..data.preference import bos_prefix
 from ..data.tasks import Collator
 from ..data.templates import apply_chat_template
+from ..targets import context_length
 from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
 from .grpo_rewards import Reward, check_rewards, load_rewards, score
-from .models import context_length
 from .ppo_checkpoint import rotate
 from .prepared import Prepared, _rows
 from .report import plot_panels

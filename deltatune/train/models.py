@@ -213,16 +213,6 @@ def load_model(
     return model
 
 
-def context_length(config) -> int | None:
-    """The most positions the model can attend over, when its config says."""
-    config = config.get_text_config()
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _kind(path: str, trust_remote_code: bool) -> str:
     """The model family a folder's config names (``LlamaConfig``: "Llama"), read from the config itself rather than
     from the wording of transformers' error; "?" when it cannot be read."""

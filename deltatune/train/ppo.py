@@ -39,8 +39,8 @@ from torch import nn
 
 from ..config import ConfigError
 from ..data.tasks import Collator
+from ..targets import context_length
 from .config import AlignArgs, RunConfig
-from .models import context_length
 from .prepared import Prepared, read_splits
 from .report import plot_panels
 
