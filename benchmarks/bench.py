@@ -562,12 +562,20 @@ def parser() -> argparse.ArgumentParser:
         "--methods",
         help=f"comma-separated from {', '.join(METHODS)}, or 'all' (default: {','.join(DEFAULT_METHODS)})",
     )
-    p.add_argument("--warmup", type=int, help="untimed training steps per process (default 2)")
-    p.add_argument("--steps", type=int, help="timed training steps per process (default 6)")
-    p.add_argument("--infer-steps", type=int, help="timed forward passes per latency figure (default 3)")
-    p.add_argument("--repeats", type=int, help="processes per method and side, alternating sides (default 3)")
-    p.add_argument("--startup-repeats", type=int, help="rounds of start-up timing processes; 0 skips (default 5)")
-    p.add_argument("--threads", type=int, help="torch threads per process (default: torch's, one per core)")
+    p.add_argument("--warmup", type=common.at_least(0), help="untimed training steps per process (default 2)")
+    p.add_argument("--steps", type=common.at_least(1), help="timed training steps per process (default 6)")
+    p.add_argument(
+        "--infer-steps", type=common.at_least(1), help="timed forward passes per latency figure (default 3)"
+    )
+    p.add_argument(
+        "--repeats", type=common.at_least(1), help="processes per method and side, alternating sides (default 3)"
+    )
+    p.add_argument(
+        "--startup-repeats", type=common.at_least(0), help="rounds of start-up timing processes; 0 skips (default 5)"
+    )
+    p.add_argument(
+        "--threads", type=common.at_least(1), help="torch threads per process (default: torch's, one per core)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 1 process per side, 2 steps")
     p.add_argument(

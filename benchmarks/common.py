@@ -206,6 +206,20 @@ def pick(value: str | None, known: Iterable[str], what: str = "method", default:
     return names
 
 
+def at_least(low: int):
+    """An argparse ``type``: an integer >= ``low``, else argparse's one-line error naming the option (``--steps 0``
+    ran every worker into a ZeroDivisionError, ``--eval-rows 0`` into a ValueError after loading the model)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value: 'x'"
+    return parse
+
+
 def in_process_options(
     script: str,
     doc: str,
@@ -225,8 +239,10 @@ def in_process_options(
     parser.add_argument(
         "--config", default=default, choices=["minilm", "llama-fp32", "llama-bf16", "smollm2-fp32", "smollm2-bf16"]
     )
-    parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default {rounds}; --quick: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--rounds", type=at_least(1), default=None, help=f"timed rounds (default {rounds}; --quick: 2)"
+    )
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, not speed")
     parser.add_argument("--out", help="also write the report to this file")
     if fused_loss:

@@ -353,15 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--sides", default="deltatune,peft")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=96)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--eval-rows", type=int, default=100)
-    p.add_argument("--general-blocks", type=int, default=8)
+    p.add_argument("--steps", type=common.at_least(1), default=150)
+    p.add_argument("--batch", type=common.at_least(1), default=8)
+    p.add_argument("--max-length", type=common.at_least(1), default=96)
+    p.add_argument("--max-new-tokens", type=common.at_least(1), default=48)
+    p.add_argument("--eval-rows", type=common.at_least(1), default=100)
+    p.add_argument("--general-blocks", type=common.at_least(1), default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (fp32 weights)")
-    p.add_argument("--rank", type=int, help="r of every LoRA row, alpha 2r (default: the table's r 8, alpha 16)")
+    p.add_argument(
+        "--rank", type=common.at_least(1), help="r of every LoRA row, alpha 2r (default: the table's r 8, alpha 16)"
+    )
     p.add_argument("--lr", type=float, help="one learning rate for every method (default: the LR table)")
     p.add_argument("--lr-from", help="the best rates of a --sweep run (its JSON); with --sweep, its centres")
     p.add_argument(
@@ -370,11 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         help="peft's prefix tuning runs its MLP once per step, as deltatune's (the summation-order probe)",
     )
     p.add_argument("--sweep", action="store_true", help="the lr sweep: dev loss at each rate of SWEEP x LR")
-    p.add_argument("--sweep-steps", type=int, default=20)
-    p.add_argument("--dev-rows", type=int, default=64)
-    p.add_argument("--jobs", type=int, default=1, help="worker processes at a time (give each --threads 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--sweep-steps", type=common.at_least(1), default=20)
+    p.add_argument("--dev-rows", type=common.at_least(1), default=64)
+    p.add_argument(
+        "--jobs", type=common.at_least(1), default=1, help="worker processes at a time (give each --threads 1)"
+    )
+    p.add_argument("--seed", type=common.at_least(0), default=0)
+    p.add_argument("--threads", type=common.at_least(1))
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps of 2, 2 eval rows, 8 new tokens")
     p.add_argument("--out", help="also write the markdown report here")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "SIDE"), help=argparse.SUPPRESS)
@@ -386,9 +390,6 @@ def main(argv: list[str] | None = None) -> int:
         a.lr = a.lr or LR.get(a.method, 0.0)
         print(json.dumps(worker(a)))
         return 0
-    if a.rank is not None and a.rank < 1:
-        print(f"llm_quality.py: error: --rank must be at least 1, got {a.rank}", file=sys.stderr)
-        return 2
     try:
         methods = ["base", *common.pick(a.methods, METHODS)]
     except ValueError as exc:

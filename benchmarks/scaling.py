@@ -253,11 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=["both", "length", "adapters"], default="both")
     p.add_argument("--lengths", type=_ints, default=list(LENGTHS))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per (variant, length)")
+    p.add_argument("--steps", type=common.at_least(1), default=3, help="timed training steps per (variant, length)")
     p.add_argument("--counts", type=_ints, default=list(COUNTS), help="adapters per mixed batch (the first: single)")
-    p.add_argument("--rows", type=int, default=64, help="rows of the mixed batch")
-    p.add_argument("--adapter-seq", type=int, default=32, help="tokens per row of the mixed batch")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds of the adapter part (after one warm-up)")
+    p.add_argument("--rows", type=common.at_least(1), default=64, help="rows of the mixed batch")
+    p.add_argument("--adapter-seq", type=common.at_least(1), default=32, help="tokens per row of the mixed batch")
+    p.add_argument(
+        "--rounds", type=common.at_least(1), default=3, help="timed rounds of the adapter part (after one warm-up)"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--quick", action="store_true", help="a tiny random Llama and small sizes: checks the script")

@@ -149,10 +149,17 @@ def test_rank_sets_every_lora_rows_r_and_alpha_and_nothing_else(side):
     assert vars(llm_quality.configs("ia3", side, "unused", 32)) == vars(llm_quality.configs("ia3", side, "unused"))
 
 
-def test_a_rank_below_one_is_one_line(capsys):
-    assert llm_quality.main(["--methods", "lora", "--rank", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--rank must be at least 1, got 0" in err
+@pytest.mark.parametrize(
+    "option, value, low",
+    [("--rank", "0", 1), ("--steps", "0", 1), ("--eval-rows", "0", 1), ("--jobs", "0", 1), ("--seed", "-1", 0)],
+)
+def test_a_count_out_of_range_is_refused_before_any_work(capsys, option, value, low):
+    """--steps 0 ran every worker into a ZeroDivisionError and --eval-rows 0 into a ValueError, each after loading
+    the model; --jobs 0 and --seed -1 ran too. Now argparse's error naming the option, before anything runs."""
+    with pytest.raises(SystemExit) as exit_:
+        llm_quality.main(["--methods", "lora", option, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1].endswith(f"argument {option}: must be at least {low}, got {value}")
 
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "prefix_tuning-v2", "prompt_tuning", "p_tuning"])
