@@ -188,7 +188,12 @@ def _parquet(path: str, _column: str, limit: int | None) -> list[Row]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading Parquet needs pyarrow: pip install 'deltatune[train]'") from None
-    table = pq.read_table(path)
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as exc:  # not Parquet, or cut short
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     records = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
     return [Row(r, f"{path}[{i}]") for i, r in enumerate(records)]
 

@@ -77,6 +77,11 @@ def test_parquet(tmp_path):
     rows = read_rows(path)
     assert [r.data for r in rows] == ROWS
     assert read_rows(path, limit=2)[-1].data == ROWS[1]
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "d.parquet").read_bytes()[:-20])  # cut short; not Parquet
+    (tmp_path / "text.parquet").write_text("a,b\n1,2\n", encoding="utf-8")
+    for name in ("cut.parquet", "text.parquet"):  # were pyarrow's ArrowInvalid with a traceback
+        with pytest.raises(DataError, match=rf"^{tmp_path / name}: not a readable Parquet file \("):
+            read_rows(str(tmp_path / name))
 
 
 def test_txt_is_one_document(tmp_path):
