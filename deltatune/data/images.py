@@ -112,7 +112,8 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
     per_class = []
     for name in classes:
         folder = os.path.join(root, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        # hidden files are skipped as class folders are (macOS's "._x.png" beside each image is no image)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         per_class.append([ImageRow(os.path.join(folder, f), name, os.path.join(folder, f)) for f in files])
     if not any(per_class):
         raise DataError(f"image folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

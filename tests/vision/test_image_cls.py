@@ -242,6 +242,12 @@ def test_a_class_folder_without_images_is_refused(tmp_path):
     _image(tmp_path / "imgs" / "c" / "1.png")
     assert C.prepare_image_cls(_cfg(tmp_path, train=str(tmp_path / "imgs")), None).labels == ["a", "b", "c"]
 
+    # macOS's AppleDouble files ("._1.png" beside each image, made when copying to some disks) are hidden files,
+    # skipped as hidden class folders are; they were opened as images and refused ("not an image format")
+    (tmp_path / "imgs" / "b" / "._1.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00")
+    prepared = C.prepare_image_cls(_cfg(tmp_path, train=str(tmp_path / "imgs")), None)
+    assert [Path(r.path).name for r in prepared.train.rows] == ["1.png"] * 3
+
 
 def test_eval_label_outside_training_classes(tmp_path):
     _image(tmp_path / "x.png")
