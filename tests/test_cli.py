@@ -198,6 +198,13 @@ def test_info_on_a_vision_model_and_bad_input(capsys, tmp_path):
     adapter = tmp_path / "adapter"
     get_delta_model(AutoModelForCausalLM.from_pretrained(llama), LoraConfig(r=2)).save_pretrained(adapter)
     capsys.readouterr()
+    assert main(["info", llama]) == 0  # an n/a cell keeps its first clause whole (the vpt row was cut mid-word)
+    cells = {
+        line.split("|")[1].strip(): line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines()[8:]
+    }
+    assert (
+        cells["vpt"] == "n/a: vpt: visual prompt tuning works on ViT-style models (vit, deit), got model type 'llama'"
+    )
     for args, words in [
         ([str(tmp_path / "nowhere")], f"model '{tmp_path / 'nowhere'}': no such folder"),
         ([cls_path := str(tmp_path / "vit" / "config.json")], f"model '{cls_path}' is a file"),
