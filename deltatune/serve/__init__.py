@@ -93,21 +93,21 @@ def check_limits(max_batch_size: int, max_wait_ms: float, max_tokens: int, adapt
         raise ConfigError(f"--adapter-dir {adapter_dir!r}: no such folder")
 
 
-def check_port(host: str, port: int, flag: str = "--port") -> None:
+def check_port(host: str, port: int) -> None:
     """Refuse a port out of range, or one this host cannot listen on (in use, privileged), before anything loads."""
     import socket
 
     from ..config import ConfigError
 
     if not 0 <= port <= 65535:
-        raise ConfigError(f"{flag} {port}: a port is 0-65535")
+        raise ConfigError(f"--port {port}: a port is 0-65535")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             probe.bind((host, port))
     except OSError as exc:
-        raise ConfigError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
 def serve(
