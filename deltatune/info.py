@@ -31,7 +31,7 @@ def _build(name: str, task: str | None):
             + (f": its base is {base!r}" if base else "")
         )
     try:
-        config = AutoConfig.from_pretrained(resolve_path(name))
+        config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:  # a folder without config.json, an unknown model_type
         raise ConfigError(f"model {name!r}: {str(exc).splitlines()[0]}") from None
     archs = " ".join(getattr(config, "architectures", None) or [])

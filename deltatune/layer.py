@@ -73,6 +73,15 @@ class RowAdapters:
         return self._groups[key]
 
 
+class NotMergeable(TypeError):
+    """A method whose delta cannot be folded into the base weights (a token method, an adapter with modules of its
+    own). A TypeError, as peft raises; ``why`` is the reason without the API advice, for the command line."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{why} (keep the adapter, or unload() it)")
+        self.why = why
+
+
 class DeltaLayer(nn.Module):
     """Base of every module a method injects.
 
@@ -186,9 +195,9 @@ class DeltaLayer(nn.Module):
 
     def _merge_weights(self, name: str) -> None:
         """Fold adapter ``name`` into the base weights (called without grad, once per merge)."""
-        raise TypeError(
+        raise NotMergeable(
             f"adapter {name!r} ({type(self).__name__}) adds a computation of its own and cannot be merged into the "
-            "base weights (keep the adapter, or unload() it)"
+            "base weights"
         )
 
     def _unmerge_weights(self, name: str) -> None:

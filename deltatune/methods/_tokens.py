@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..layer import DeltaLayer, checkpointing
+from ..layer import DeltaLayer, NotMergeable, checkpointing
 from ..targets import model_type
 from ._token_geometry import (
     CACHE_KEYS,
@@ -120,9 +120,8 @@ class VirtualTokens(DeltaLayer):
 
     def merge(self, name: str) -> None:
         method = self.specs[name].method if name in self.specs else "token"
-        raise TypeError(
-            f"{method} adapter {name!r} adds virtual tokens; there is nothing to merge into the base weights "
-            "(keep the adapter, or unload() it)"
+        raise NotMergeable(
+            f"{method} adapter {name!r} adds virtual tokens; there is nothing to merge into the base weights"
         )
 
     unmerge = merge

@@ -225,16 +225,16 @@ def repl(model, tok, system: str | None = None, raw: bool = False, stdin=None, s
         if text.startswith("/"):
             print(f"(unknown command {text!r}; {HELP})", file=stdout)
             continue
-        kept, dropped = [], 0  # raw mode keeps no history
+        kept, dropped, new_tokens = [], 0, sampling.get("max_new_tokens", 128)  # raw mode keeps no history
         if raw or not has_template(tok):
             ids = prompt_ids(tok, text, raw=True)
         else:  # over the model's context the oldest exchanges go, as chat interfaces do with a long conversation
             kept = [*history, {"role": "user", "content": text}]
             ids = prompt_ids(tok, kept, system=system)
-            while len(kept) > 1 and overflow(model, len(ids), sampling.get("max_new_tokens", 128)):
+            while len(kept) > 1 and overflow(model, len(ids), new_tokens):
                 kept, dropped = kept[2:], dropped + 1
                 ids = prompt_ids(tok, kept, system=system)
-        over = overflow(model, len(ids), sampling.get("max_new_tokens", 128))
+        over = overflow(model, len(ids), new_tokens)
         if over:  # not sent, and the history as it was: the next message may fit
             print(f"(not sent: {over})", file=stdout, flush=True)
             continue

@@ -414,7 +414,7 @@ def _validate_values(cfg: RunConfig) -> None:
     if scheduled and not d.eval:  # transformers' Trainer refuses eval_strategy "steps" without eval data, too
         raise ConfigError(f"train.{scheduled[0]} schedules an evaluation, but data.eval is not set; give data.eval "
                           f"or drop train.{scheduled[0]}")  # fmt: skip
-    if t.eval_steps is not None and cfg.stage in ("ppo", "grpo"):  # their loops evaluate before and after only
+    if t.eval_steps is not None and STAGES[cfg.stage].loop:  # its own loop evaluates before and after only
         raise ConfigError(f"train.eval_steps: {cfg.stage} evaluates data.eval after training (and before it with "
                           "train.eval_on_start), not every N steps; drop train.eval_steps")  # fmt: skip
     if not 0 <= t.seed < 2**32:  # numpy's range, which transformers' set_seed hands it to

@@ -148,10 +148,9 @@ def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str])
             f"--compare rebuilds a run's start from its recipe and seed; {run_dir!r} is an adapter folder without "
             "one (run.yaml)"
         )
-    task = adapter_field(run_dir, "task_type")
     from ..data.formats import STAGE_FORMATS
 
-    fmt = _format(data)
+    task, fmt = adapter_field(run_dir, "task_type"), _format(data)
     if task in (None, "CAUSAL_LM"):
         from ..data.inspect import default_stage
 

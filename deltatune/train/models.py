@@ -53,7 +53,8 @@ def auto_class(task_type: str):
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model", "merges.txt")  # fmt: skip
-"""Any one of these in a folder means it has a tokenizer of some kind."""
+"""Any one of these in a folder means it has a tokenizer of some kind (only read to explain a failed load: a
+tokenizer transformers can read is never refused for lacking them)."""
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -61,15 +62,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_path(name_or_path)
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise ConfigError(
-            f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the base "
-            "model's tokenizer files into it"
-        )  # transformers' own error was about sentencepiece not being installed
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise not_loaded(name_or_path, exc) from None
+    except ValueError:  # a folder with no tokenizer at all: transformers blames a missing sentencepiece
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise ConfigError(
+                f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the base "
+                "model's tokenizer files into it"
+            ) from None
+        raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok

@@ -186,6 +186,7 @@ def merge(delta: DeltaModel, tok) -> tuple[torch.nn.Module, Any]:
     """The adapter folded into its base: (plain model, None), or for a 4-bit base (QLoRA) the model dequantised
     and merged with the report of the error that made (``merge_quantized``: logits against the 4-bit adapter model
     on ``MERGE_PROBE``)."""
+    from ..layer import NotMergeable
     from ..methods.quant import is_quantized
 
     try:
@@ -196,9 +197,8 @@ def merge(delta: DeltaModel, tok) -> tuple[torch.nn.Module, Any]:
         enc = tok(list(MERGE_PROBE), return_tensors="pt", padding=True)
         device = next(delta.parameters()).device
         return merge_quantized(delta, {k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
-    except TypeError as exc:  # merge_adapter's refusal of a method that does not fold in (token methods, adapters)
-        raise ConfigError(f"cannot merge: {str(exc).replace(' (keep the adapter, or unload() it)', '')}; use the "
-                          "adapter as it is (generate, serve)") from None  # fmt: skip
+    except NotMergeable as exc:  # a token method or an adapter with modules of its own
+        raise ConfigError(f"cannot merge: {exc.why}; use the adapter as it is (generate, serve)") from None
 
 
 def train(

@@ -4,7 +4,8 @@ recipe validation read it without importing a model library.
 A stage is one file in train/ (``module``) with a ``prepare_<stage>(cfg, tokenizer) -> Prepared`` function: it
 reads the recipe's data, and names its collator, metrics, trainer (or its own loop). ``task`` is the model head
 the run loads (``models.auto_class``); ``images``: its inputs are images, so the model's image processor stands
-where the tokenizer stands. Adding a stage is its file plus one line here.
+where the tokenizer stands; ``loop``: it trains in a loop of its own (evaluating before and after, not every N
+steps). Adding a stage is its file plus one line here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ class Stage(NamedTuple):
     task: str
     module: str
     images: bool = False
+    loop: bool = False  # its own training loop, not the HF Trainer's: it evaluates before and after only
 
 
 STAGES: dict[str, Stage] = {
@@ -26,8 +28,8 @@ STAGES: dict[str, Stage] = {
     "seq2seq": Stage("SEQ_2_SEQ_LM", "seq2seq"),
     "rm": Stage("SEQ_CLS", "reward"),
     "dpo": Stage("CAUSAL_LM", "dpo"),
-    "ppo": Stage("CAUSAL_LM", "ppo"),
-    "grpo": Stage("CAUSAL_LM", "grpo"),
+    "ppo": Stage("CAUSAL_LM", "ppo", loop=True),
+    "grpo": Stage("CAUSAL_LM", "grpo", loop=True),
     "kto": Stage("CAUSAL_LM", "kto"),
     "orpo": Stage("CAUSAL_LM", "orpo"),
     "simpo": Stage("CAUSAL_LM", "simpo"),
