@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -203,7 +205,13 @@ def check_range(
     low_open: bool = False,
     high_open: bool = True,
 ) -> None:
-    """Raise ConfigError naming ``name`` when ``value`` lies outside [low, high) (bounds as flagged)."""
+    """Raise ConfigError naming ``name`` unless ``value`` is a finite number in [low, high) (bounds as flagged).
+
+    NaN compares false with every bound and would pass them all; infinity passes an open upper bound: both are
+    refused, as are strings and booleans (which Python counts as numbers).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     bad = (low is not None and (value <= low if low_open else value < low)) or (
         high is not None and (value >= high if high_open else value > high)
     )

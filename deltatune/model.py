@@ -74,6 +74,8 @@ class DeltaModel(nn.Module):
         super().__init__()
         if isinstance(model, DeltaModel):
             raise TypeError("model is already a DeltaModel; use add_adapter to add another adapter")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (e.g. a transformers model), got {type(model).__name__}")
         self.base_model = model
         self.peft_config: dict[str, DeltaConfig] = {}
         self.active_adapters: list[str] = []
@@ -311,11 +313,16 @@ class DeltaModel(nn.Module):
             self.active_adapters = [next(iter(self.peft_config))]
         self._apply_active()
 
-    def _check_names(self, names: list[str]) -> None:
-        for name in names:
+    def _check_names(self, names: str | list[str]) -> list[str]:
+        """``names`` (one name or a list) as a list, each the name of one of this model's adapters."""
+        listed = [names] if isinstance(names, str) else names
+        if not isinstance(listed, (list, tuple)) or not all(isinstance(n, str) for n in listed):
+            raise TypeError(f"adapter names must be a name or a list of names, got {names!r}")
+        for name in listed:
             if name not in self.peft_config:
                 known = ", ".join(self.peft_config) or "none"
                 raise ValueError(f"unknown adapter {name!r}; adapters in this model: {known}")
+        return list(listed)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make one adapter (or several, whose outputs add up) the active one(s). Only active adapters train.
@@ -323,8 +330,9 @@ class DeltaModel(nn.Module):
         An adapter merged into the base weights that is not among the new active ones would still act through the
         weights, so the model is unmerged first (as PEFT does); ``merge_adapter`` merges the new ones.
         """
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        self._check_names(names)
+        names = self._check_names(adapter_name)
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name (disable_adapter() computes as the base)")
         if any(n not in names for _, merged in self._merged() for n in merged):
             self.unmerge_adapter()
         self.active_adapters = names
@@ -378,8 +386,7 @@ class DeltaModel(nn.Module):
             ValueError: a layer to merge shares its weight with another module (tied input and output embeddings);
                 merging would change that module too. Nothing is merged.
         """
-        names = list(adapter_names or self.active_adapters)
-        self._check_names(names)
+        names = self._check_names(adapter_names or self.active_adapters)
         layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
         check_not_shared(self.base_model, layers)
         done = self._merged()
@@ -411,7 +418,7 @@ class DeltaModel(nn.Module):
         (``dequantize=False`` keeps the unadapted ones in 4 bits, which transformers cannot save);
         ``deltatune.merge_quantized`` also measures the error the merge made, or quantises the result again.
         """
-        names = list(adapter_names or self.active_adapters)
+        names = self._check_names(adapter_names or self.active_adapters)
         self.merge_adapter(names)
         for _, layer in self._layers():
             layer.set_adapters(names)
@@ -485,8 +492,7 @@ class DeltaModel(nn.Module):
         """
         if not safe_serialization:
             raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
-        names = list(selected_adapters or self.peft_config)
-        self._check_names(names)
+        names = self._check_names(selected_adapters or list(self.peft_config))
         folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
         for name in names:
             config = self.peft_config[name].replace(inference_mode=True)
@@ -565,16 +571,9 @@ class DeltaModel(nn.Module):
     # -- counting ------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), counting each shared tensor once."""
-        trainable = total = 0
-        seen: set[int] = set()
-        for p in self.base_model.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n = logical_numel(p)  # a packed 4-bit weight counts the parameters it stands for
-            total += n
-            if p.requires_grad:
-                trainable += n
+        unique = {id(p): p for p in self.base_model.parameters()}.values()
+        total = sum(logical_numel(p) for p in unique)  # a packed 4-bit weight counts the parameters it stands for
+        trainable = sum(logical_numel(p) for p in unique if p.requires_grad)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

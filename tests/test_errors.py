@@ -52,10 +52,19 @@ def saved(model, tmp_path) -> str:
 # -- configs ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field, value",
-    [("r", 0), ("r", -2), ("lora_alpha", 0), ("lora_alpha", -1.0), ("lora_dropout", -0.1), ("lora_dropout", 1.0)],
+    [("r", 0), ("r", -2), ("lora_alpha", 0), ("lora_alpha", -1.0), ("lora_dropout", -0.1), ("lora_dropout", 1.0)]
+    # NaN passes every comparison with a bound; infinity passes an open upper one; a string cannot be compared
+    + [
+        ("lora_alpha", float("nan")),
+        ("lora_alpha", float("inf")),
+        ("lora_dropout", float("nan")),
+        ("lora_alpha", "16"),
+    ]
+    + [("alpha_pattern", {"q_proj": float("nan")}), ("alpha_pattern", {"q_proj": "x"})],
 )
 def test_bad_numbers_name_the_field(field, value):
-    with pytest.raises(dt.ConfigError, match=rf"^{field} must .*got {re.escape(repr(value))}$"):
+    shown = next(iter(value.values())) if isinstance(value, dict) else value
+    with pytest.raises(dt.ConfigError, match=rf"^{field}\b.* must .*got {re.escape(repr(shown))}$"):
         dt.LoraConfig(**{field: value})
 
 
@@ -110,7 +119,28 @@ def test_unknown_adapter_in_set_adapter(model):
         model.set_adapter("nope")
     with pytest.raises(ValueError, match="'nope'"):
         model.set_adapter(["default", "nope"])
+    with pytest.raises(ValueError, match=r"at least one adapter name \(disable_adapter\(\)"):
+        model.set_adapter([])  # no active adapter: the model would compute as the base and train nothing
+    with pytest.raises(TypeError, match="a name or a list of names, got 5$"):
+        model.set_adapter(5)
     assert_same(before, state(model))
+
+
+def test_one_adapter_name_as_a_string_is_that_adapter_everywhere(model, tmp_path):
+    """Calls that take a list of names take one name as a string too (it was read as a list of its letters:
+    "unknown adapter 'd'")."""
+    model.add_adapter("other", lora(target_modules=["k_proj"]))
+    model.save_pretrained(tmp_path, selected_adapters="other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    model.merge_adapter("other")
+    assert [layer.merged_adapters for _, layer in model._layers() if "other" in layer.adapter_names][0] == ["other"]
+    with pytest.raises(TypeError, match=r"got \{'other'\}$"):
+        model.merge_adapter({"other"})
+
+
+def test_a_model_that_is_not_a_module_is_refused():
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module .*got str$"):
+        dt.get_delta_model("llama", lora())
 
 
 # -- files ------------------------------------------------------------------------------------------------------------

@@ -68,8 +68,8 @@ class BottleneckConfig(DeltaConfig):
         super().__post_init__()
         if self.config not in SUBLAYERS:
             raise ConfigError(f"config must be 'houlsby' or 'pfeiffer', got {self.config!r}")
-        if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
-            raise ConfigError(f"reduction_factor must be > 0, got {self.reduction_factor!r}")
+        check_range("reduction_factor", self.reduction_factor, 0, None, low_open=True)
+        check_range("scaling", self.scaling)
         check_positive_int("bottleneck_size", self.bottleneck_size, optional=True)
         if self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")

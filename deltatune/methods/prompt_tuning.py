@@ -50,7 +50,9 @@ class PromptTuningConfig(VirtualTokenFields, DeltaConfig):
             raise ConfigError(f"prompt_tuning_init must be one of {INITS}, got {self.prompt_tuning_init!r}")
         self.prompt_tuning_init = init
         if init == "TEXT" and not self.prompt_tuning_init_text:
-            raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, got None")
+            raise ConfigError(
+                f"prompt_tuning_init='TEXT' needs prompt_tuning_init_text, got {self.prompt_tuning_init_text!r}"
+            )
         if init == "TEXT" and not self.tokenizer_name_or_path:
             raise ConfigError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path, got None")
         if self.tokenizer_kwargs and init != "TEXT":

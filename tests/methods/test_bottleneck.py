@@ -140,7 +140,10 @@ def test_bottleneck_below_one_is_an_error_and_model_unchanged():
     "fields, match",
     [
         (dict(config="lora"), "config must be 'houlsby' or 'pfeiffer', got 'lora'"),
-        (dict(reduction_factor=0), "reduction_factor must be > 0, got 0"),
+        (dict(reduction_factor=0), r"reduction_factor must be in \(0, inf\), got 0"),
+        (dict(reduction_factor=float("nan")), "reduction_factor must be a finite number, got nan"),
+        (dict(scaling=float("inf")), "scaling must be a finite number, got inf"),
+        (dict(scaling="1"), "scaling must be a finite number, got '1'"),
         (dict(bottleneck_size=0), "bottleneck_size must be a positive integer or None, got 0"),
         (dict(non_linearity="softmax"), "non_linearity must be one of .* got 'softmax'"),
         (dict(adapter_dropout=1.0), r"adapter_dropout must be in \[0.0, 1.0\), got 1.0"),
