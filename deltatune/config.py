@@ -118,7 +118,10 @@ class DeltaConfig:
                     f"{source}: field {key!r} = {value!r} is not supported by deltatune's {cls.__name__}; "
                     "loading it would silently compute something else"
                 )
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> DeltaConfig:

@@ -206,6 +206,19 @@ def test_unsupported_config_field(model, saved):
     assert_same(before, state(model))
 
 
+@pytest.mark.parametrize("field, value", [("r", "4"), ("lora_alpha", float("nan")), ("task_type", "FOO")])
+def test_a_bad_value_in_a_config_file_names_the_file(model, saved, field, value):
+    file = os.path.join(saved, "adapter_config.json")
+    with open(file) as fh:
+        config = json.load(fh)
+    with open(file, "w") as fh:
+        json.dump({**config, field: value}, fh)  # json writes NaN, as Python's json.dump of a float nan does
+    before = state(model)
+    with pytest.raises(dt.ConfigError, match=rf"^{re.escape(file)}: {field} must .*got {re.escape(repr(value))}$"):
+        model.load_adapter(saved, "other")
+    assert_same(before, state(model))
+
+
 def test_failure_after_some_layers_were_wrapped_rolls_back():
     """DoRA is refused on the embedding only after the linear layer before it was wrapped: all of it is undone."""
 

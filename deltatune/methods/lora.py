@@ -73,7 +73,18 @@ class LoraConfig(DeltaConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+            init = self.init_lora_weights
+            moves_base = isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda", "loftq")
+            raise ConfigError(
+                f"init_lora_weights must be True, False or 'gaussian', got {init!r}"
+                + (
+                    ": that init of peft's changes the base weights too, so its adapter works only on the base peft "
+                    "changed; peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes it as a "
+                    "plain LoRA of the original base"
+                    if moves_base
+                    else ""
+                )
+            )
         for key, value in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():

@@ -117,6 +117,32 @@ def test_conv2d_matches_peft(tmp_path):
         torch.testing.assert_close(ours(x), theirs(x), atol=ATOL32, rtol=0)
 
 
+def test_a_pissa_adapter_loads_once_peft_converted_it(tmp_path):
+    """peft's PiSSA init moves the adapter's principal part out of the base weights: its adapter saved as it is works
+    only on that changed base, so loading it on the original base is refused, naming the file and the way out; the
+    same adapter converted by peft (a plain LoRA of twice the rank) loads and gives peft's outputs."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(
+        tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    ).eval()
+    theirs.save_pretrained(tmp_path / "initial")
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))  # "trained"
+    theirs.save_pretrained(tmp_path / "as_is")
+    theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with pytest.raises(dt.ConfigError, match=r"as_is/adapter_config.json: init_lora_weights .* got 'pissa': .*"
+                       r"changes the base weights too.*path_initial_model_for_weight_conversion"):  # fmt: skip
+        dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "as_is")
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama").eval(), tmp_path / "converted")
+    assert ours.peft_config["default"].r == 8
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=ATOL32, rtol=0)
+
+
 # -- GPT-2 Conv1D -----------------------------------------------------------------------------------------------------
 def test_gpt2_conv1d_fan_in_fan_out():
     """Conv1D stores W as (d_in, d_out) and computes x W + b; the update is x A^T B^T s, merged as W + s (B A)^T."""
