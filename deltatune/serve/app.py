@@ -23,6 +23,22 @@ from ..data.templates import ChatTemplateError, apply_chat_template
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI fields this server does not compute, with the value that asks for nothing: any other value is a 400, since
+# ignoring it would answer something other than what was asked (penalties, logprobs, tools, a JSON format).
+UNSUPPORTED: dict[str, Any] = {
+    "logprobs": False,
+    "top_logprobs": 0,
+    "echo": False,
+    "suffix": None,
+    "best_of": 1,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": None,
+    "tools": None,
+    "functions": None,
+    "response_format": {"type": "text"},
+}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 
 
@@ -157,16 +173,20 @@ def create_app(
         # A token adapter's virtual tokens take room in the context too.
         virtual = 0 if model == BASE else getattr(engine.model.peft_config[model], "num_virtual_tokens", 0) or 0
         request = _sampling(body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual), model)
+        stream = _flag(body, "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError(f"stream_options must be an object, got {options!r}", param="stream_options")
+        include_usage = _flag(options, "include_usage")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         request.emit = lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (text, finish))
         engine.submit(request)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            stream = _stream(request, events, rid, created, model, chat, include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream")
+        if stream:
+            events_out = _stream(request, events, rid, created, model, chat, include_usage)
+            return StreamingResponse(events_out, media_type="text/event-stream")
         text, finish = "", None
         try:
             while finish is None:
@@ -268,6 +288,10 @@ def _chat_ids(tokenizer: Any, messages: Any) -> list[int]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string 'role'", param="messages")
+        if m["role"] not in ROLES:
+            raise RequestError(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}", param="messages"
+            )
         content = m.get("content")
         if isinstance(content, list):  # the parts form: [{"type": "text", "text": ...}, ...]
             parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
@@ -288,7 +312,7 @@ def _chat_ids(tokenizer: Any, messages: Any) -> list[int]:
 
 def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does) or token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
         return list(tokenizer(prompt)["input_ids"])
@@ -298,6 +322,13 @@ def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return prompt
     raise RequestError("prompt must be a string, a list of one string, or a list of token ids", param="prompt")
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"{key} must be true or false, got {value!r}", param=key)
+    return bool(value)
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
@@ -342,8 +373,11 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop must be a string or a list of at most 4 non-empty strings", param="stop")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f"seed must be an integer, got {seed!r}", param="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
+    for key, default in UNSUPPORTED.items():
+        if body.get(key) not in (None, default, {}, []):
+            raise RequestError(f"{key} is not supported by this server; leave it out", code="unsupported", param=key)
     return Request(
         prompt_ids=prompt_ids,
         adapter=model,
@@ -353,7 +387,7 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
         stop=stop,
         seed=seed,
-        ignore_eos=bool(body.get("ignore_eos", False)),
+        ignore_eos=_flag(body, "ignore_eos"),
     )
 
 

@@ -150,6 +150,18 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
         "max_tokens negative": (400, None, {"model": "lora", "prompt": "hi", "max_tokens": -1}),
         "prompt over the context": (400, "context_length_exceeded", {"model": "lora", "prompt": "cat " * 2100}),
         "bad temperature": (400, None, {"model": "lora", "prompt": "hi", "temperature": "hot"}),
+        # torch's generator takes seeds in [-2**63, 2**64): a larger one was a 500
+        "seed out of range": (400, None, {"model": "lora", "prompt": "hi", "seed": 2**70, "temperature": 1}),
+        # a string is not a flag ("no" would have streamed)
+        "stream not a flag": (400, None, {"model": "lora", "prompt": "hi", "stream": "no"}),
+        "stream_options not an object": (
+            400,
+            None,
+            {"model": "lora", "prompt": "hi", "stream": True, "stream_options": 1},
+        ),
+        # fields the server does not compute are refused, not ignored
+        "logprobs": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 2}),
+        "frequency_penalty": (400, "unsupported", {"model": "lora", "prompt": "hi", "frequency_penalty": 0.5}),
     }
     for what, (status, code, body) in bodies.items():
         got, answer = _post(server, "/v1/completions", json.dumps(body).encode())
@@ -178,6 +190,18 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
     assert got == 400 and answer["error"]["code"] == "invalid_json"
     got, answer = _post(server, "/v1/chat/completions", json.dumps({"model": "lora", "messages": "hi"}).encode())
     assert got == 400 and answer["error"]["param"] == "messages"
+    wizard = {"model": "lora", "messages": [{"role": "wizard", "content": "hi"}]}
+    got, answer = _post(server, "/v1/chat/completions", json.dumps(wizard).encode())
+    assert got == 400 and answer["error"]["message"].startswith("messages[0].role must be one of system, ")
+    for asks_nothing in (
+        {"frequency_penalty": 0, "logprobs": False, "tools": []},
+        {"response_format": {"type": "text"}},
+    ):
+        body = {"model": "lora", "messages": CHAT, "max_tokens": 1, **asks_nothing}
+        assert _post(server, "/v1/chat/completions", json.dumps(body).encode())[0] == 200, asks_nothing
+    one = {"model": "base", "prompt": [5], "max_tokens": 1}  # one token id (it was read as a list of one string)
+    got, answer = _post(server, "/v1/completions", json.dumps(one).encode())
+    assert got == 200 and answer["usage"]["prompt_tokens"] == 1
     # Runtime loading reads only inside --adapter-dir (the fixture's adapters folder).
     outside = str(tmp_path)
     for path in (outside, "../base", "lora/../../base"):
