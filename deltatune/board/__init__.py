@@ -36,11 +36,20 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import FileResponse, JSONResponse, Response
 
+    from ..serve.guard import refusal
+
     app = FastAPI(title="deltatune board", docs_url=None, redoc_url=None)
     root = os.path.abspath(runs_dir)
     if serve_app is not None:
         app.mount("/serve", serve_app)
     playground = "/serve/v1" if serve_app is not None else "/api/serve/v1" if serve_url else None
+
+    @app.middleware("http")
+    async def _guard(request: HttpRequest, call_next):  # the board has no key: local names only, same origin only
+        refused = refusal(request.headers, None)
+        if refused:
+            return JSONResponse({"error": {"message": refused, "type": "permission_error"}}, status_code=403)
+        return await call_next(request)
 
     def missing(what: str) -> JSONResponse:
         return JSONResponse({"error": {"message": what, "type": "not_found_error"}}, status_code=404)

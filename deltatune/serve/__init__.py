@@ -6,11 +6,11 @@ requests are batched across adapters and ``app`` for the routes.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from typing import Any
 
 from .engine import BASE, Engine, Request, RequestError, check_servable
+from .guard import is_loopback
 
 __all__ = ["BASE", "Engine", "Request", "RequestError", "base_model_of", "build_engine", "serve"]
 
@@ -72,11 +72,7 @@ def check_bind(host: str, api_key: str | None) -> None:
     """Refuse to listen beyond this machine without an API key (ConfigError)."""
     from ..config import ConfigError
 
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not api_key:
+    if not is_loopback(host) and not api_key:
         raise ConfigError(f"--host {host} listens beyond this machine: give --api-key (clients send it as Bearer)")
 
 

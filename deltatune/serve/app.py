@@ -21,6 +21,7 @@ from fastapi import Request as HttpRequest  # at module level: FastAPI reads the
 
 from ..data.templates import ChatTemplateError, apply_chat_template
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
+from .guard import refusal
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -85,6 +86,9 @@ def create_app(
 
     @app.middleware("http")
     async def _auth(request: HttpRequest, call_next):
+        refused = refusal(request.headers, api_key)
+        if refused:
+            return _error(403, refused, "cross_site_request")
         if api_key and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):

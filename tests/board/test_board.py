@@ -46,10 +46,10 @@ def get(server: Server, path: str) -> tuple[int, object]:
         return exc.code, exc.read()
 
 
-def raw_get(server: Server, path: str) -> int:
+def raw_get(server: Server, path: str, host: str = "127.0.0.1", headers: str = "") -> int:
     """GET with the path sent as is (no client-side normalisation of '..')."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n".encode())
         return int(s.recv(64).split()[1])
 
 
@@ -157,6 +157,13 @@ def test_never_serves_a_file_outside_the_runs_folder(board, tmp_path):
         assert raw_get(server, path) == 404, path
     status, page = get(server, "/")
     assert status == 200 and b"deltatune board" in page
+    # DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1 is same-origin for the browser; its
+    # requests still name its host, and the board answers local names only.
+    for host in ("evil.example:8000", "evil.example", "127.0.0.1.evil.example", ""):
+        assert raw_get(server, "/api/runs", host=host) == 403, host
+    for host in ("localhost:7860", "127.0.0.1", "[::1]:7860"):
+        assert raw_get(server, "/api/runs", host=host) == 200, host
+    assert raw_get(server, "/api/runs", headers="Sec-Fetch-Site: cross-site\r\n") == 403
     status, js = get(server, "/static/app.js")
     assert status == 200 and b"function chart" in js
 
@@ -224,6 +231,22 @@ def test_playground_calls_are_forwarded_to_the_serve_process_with_its_key(tmp_pa
         with urllib.request.urlopen(req, timeout=30) as resp:
             assert json.loads(resp.read())["choices"][0]["message"]["content"] == "hi"
         assert seen == [("Bearer sekret", body)]
+        # A page on another site cannot make the user's browser use the board (and the key it holds): a cross-site
+        # POST (text/plain needs no CORS preflight, so the browser sends it) is refused before it is forwarded.
+        evil = urllib.request.Request(
+            board.url + "/api/serve/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "text/plain", "Origin": "https://evil.example"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(evil, timeout=30)
+        assert refused.value.code == 403 and b"another web origin (https://evil.example)" in refused.value.read()
+        assert len(seen) == 1
+        same = urllib.request.Request(  # the board's own page: its origin is the board's
+            board.url + "/api/serve/v1/chat/completions", data=json.dumps(body).encode(), headers={"Origin": board.url}
+        )
+        with urllib.request.urlopen(same, timeout=30) as resp:
+            assert resp.status == 200 and len(seen) == 2
     finally:
         board.stop()
         serve.stop()

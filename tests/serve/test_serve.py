@@ -231,6 +231,49 @@ def test_load_and_unload_adapters_at_run_time(served):
         api.completions.create(model="lora2", **kw)
 
 
+def _raw_post(server: Server, path: str, headers: dict, body: bytes = b"{}") -> tuple[int, bytes]:
+    """A request with exactly these headers (urllib would set Host itself)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.putrequest("POST", path, skip_host=True)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            conn.putheader(key, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_a_web_page_cannot_use_the_server(served):
+    """A page on any site can make the user's browser POST to 127.0.0.1 (a text/plain body needs no CORS preflight):
+    such a request carries the page's Origin and is refused before it runs. DNS rebinding (the page's own name
+    resolving to 127.0.0.1) is refused by the Host name. Clients that are not browsers send neither and are served."""
+    engine, server, _, _ = served
+    host = f"127.0.0.1:{server.port}"
+    body = json.dumps({"model": "lora", "prompt": "hi", "max_tokens": 1}).encode()
+    batches = engine.batches
+    for headers in (
+        {"Host": host, "Origin": "https://evil.example", "Content-Type": "text/plain"},
+        {"Host": host, "Origin": "null", "Content-Type": "text/plain"},  # a sandboxed frame or a file:// page
+        {"Host": host, "Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"},
+        {"Host": f"evil.example:{server.port}", "Content-Type": "application/json"},
+    ):
+        got, answer = _raw_post(server, "/v1/completions", headers, body)
+        assert got == 403 and json.loads(answer)["error"]["code"] == "cross_site_request", headers
+    adapters = {"name": "x", "path": "lora"}
+    got, _ = _raw_post(
+        server, "/v1/adapters", {"Host": host, "Origin": "https://evil.example"}, json.dumps(adapters).encode()
+    )
+    assert got == 403 and "x" not in engine.adapters()
+    assert engine.batches == batches  # nothing ran
+    for headers in ({"Host": host}, {"Host": f"localhost:{server.port}", "Origin": f"http://localhost:{server.port}"}):
+        got, answer = _raw_post(server, "/v1/completions", {**headers, "Content-Type": "application/json"}, body)
+        assert got == 200 and json.loads(answer)["usage"]["completion_tokens"] == 1, headers
+
+
 def test_api_key(served):
     from deltatune.serve import check_bind
     from deltatune.serve.app import create_app
@@ -245,6 +288,10 @@ def test_api_key(served):
         with pytest.raises(openai.AuthenticationError):
             client(guarded, "wrong").models.list()
         assert client(guarded, "sekret").completions.create(model="base", prompt="hi", max_tokens=2).usage
+        # With a key, any Host name is served (the server may sit behind a proxy or listen beyond this machine)
+        body = b'{"model": "base", "prompt": "hi", "max_tokens": 1}'
+        got, _ = _raw_post(guarded, "/v1/completions", {"Host": "api.example", "Authorization": "Bearer sekret"}, body)
+        assert got == 200
     finally:
         guarded.stop()
     from deltatune.config import ConfigError
