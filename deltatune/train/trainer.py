@@ -65,6 +65,17 @@ class DeltaTrainerMixin:
     def _delta_model(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
+    def train(self, *args, **kwargs):
+        """Trainer's ``train``, refusing in one line a DeltaModel with nothing to train (torch would fail in the first
+        backward pass: "element 0 of tensors does not require grad")."""
+        model = self._delta_model()
+        if hasattr(model, "peft_config") and not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                f"the model has nothing to train: its adapters ({', '.join(model.peft_config) or 'none'}) are "
+                "loaded for inference or not active; load with is_trainable=True, or call set_adapter"
+            )
+        return super().train(*args, **kwargs)
+
     def log_stat(self, key: str, value: float) -> None:
         """Add a value to a training statistic; its mean since the last log is logged with the loss."""
         self._stats[key].append(float(value))

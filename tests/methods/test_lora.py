@@ -284,6 +284,22 @@ def test_hf_trainer_two_steps(tmp_path, checkpointed):
     assert changed and all("lora_" in n for n in changed)
 
 
+def test_deltatune_trainer_refuses_a_model_with_nothing_to_train(tmp_path):
+    """An adapter loaded for inference (is_trainable=False, peft's default) has no trainable parameter: one line
+    before the first step instead of torch's "element 0 of tensors does not require grad" from the backward pass."""
+    from transformers import TrainingArguments
+
+    dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4)).save_pretrained(tmp_path / "adapter")
+    frozen = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True)
+    rows = [{"input_ids": [3, 4, 5], "labels": [3, 4, 5]}] * 2
+    with pytest.raises(ValueError, match=r"nothing to train: its adapters \(default\) .*is_trainable=True"):
+        dt.Trainer(model=frozen, args=args, train_dataset=rows).train()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    trainable = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter", is_trainable=True)
+    assert dt.Trainer(model=trainable, args=args, train_dataset=rows).train().global_step == 1
+
+
 @pytest.mark.parametrize("family, embedding", [("gpt2", "wte"), ("t5", "shared")])
 def test_merge_refused_on_tied_embedding(family, embedding):
     """Merging into an input embedding tied to the output head would change the head too (merged != unmerged)."""
