@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from .formats import FORMATS, STAGE_FORMATS, detect, read_samples
-from .load import DataError, read_rows
+from .load import DataError, Row, read_rows
 from .sample import refuse_multimodal
 
 _DEFAULT_STAGE = {"text": "pt", "prompt": "ppo", "unpaired": "kto"}
@@ -64,12 +64,15 @@ def inspect(
         raise ConfigError(f"--max-length must be >= 1, got {max_length}")
     if data_format is not None and data_format not in FORMATS:
         raise ConfigError(f"--format {data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
-    if stage is not None and stage not in STAGE_FORMATS:  # cls, tag, seq2seq, grpo, images read their columns as is
-        raise ConfigError(
-            f"--stage {stage}: data inspect renders the stages that read text, chat or preference rows "
-            f"({', '.join(STAGE_FORMATS)})"
+    if stage is not None and stage not in STAGE_FORMATS and stage not in COLUMN_STAGES:
+        raise ConfigError(  # seq2seq, grpo and the image stages read their columns as they are
+            f"--stage {stage}: data inspect reads the stages of text, chat or preference rows "
+            f"({', '.join(STAGE_FORMATS)}) and of labelled columns ({', '.join(COLUMN_STAGES)})"
         )
     rows = read_rows(path)
+    stage = stage or (None if data_format else column_stage(rows[0]))
+    if stage in COLUMN_STAGES:
+        return _labelled(path, rows, stage, model, max_length, show)
     fmt = data_format or detect(rows[0], columns)
     stage = stage or default_stage(fmt)
     if fmt not in STAGE_FORMATS[stage]:
@@ -120,12 +123,7 @@ def inspect(
                 responses = [s.chosen, s.rejected] if s.chosen is not None else [s.completion]
                 counts.append(max(len(encode(s, r, tok, template, 10**9)[0]["input_ids"]) for r in responses))
         if any(counts):
-            p = {q: percentile(counts, q) for q in (50, 90, 99, 100)}
-            lines.append(f"tokens per row: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}")
-            over = sum(c > max_length for c in counts)
-            lines.append(
-                f"rows longer than data.max_length={max_length}: {over} (cut, or refused with truncation=refuse)"
-            )
+            lines += _length_lines(counts, max_length)
     if fmt == "text":
         return "\n".join(lines)
     from .encode import mark
@@ -135,6 +133,76 @@ def inspect(
         for part, text, spans in rendered(s, tok, template, stage):
             lines += [f"[{part}]", mark(text, spans)]
     return "\n".join(lines)
+
+
+COLUMN_STAGES = {"cls": ("text", "label"), "tag": ("tokens", "ner_tags")}
+"""The stages whose rows are labelled columns (their recipe defaults, data.text_column and so on)."""
+
+
+def column_stage(row: Row) -> str | None:
+    """``cls`` for a row of text and label (sst2, trec), ``tag`` for words and their tags (wnut17), else None."""
+    return next((s for s, cols in COLUMN_STAGES.items() if all(c in row.data for c in cols)), None)
+
+
+def _labelled(path: str, rows: list[Row], stage: str, model: str | None, max_length: int, show: int) -> str:
+    """The report of a classification file: its classes (or tags) and how often each occurs, lengths, first rows."""
+    from collections import Counter
+
+    from .tasks import class_names, class_of, label_map
+
+    first, second = COLUMN_STAGES[stage]
+    if stage == "cls":
+        mapping = label_map(rows, second, None)
+        names = class_names(mapping, None)
+        counts = Counter(names[class_of(r.get(second), mapping)] for r in rows)  # type: ignore[index]
+        texts = [r.text(first) for r in rows]
+    else:
+        for r in rows:
+            if (
+                not isinstance(r.get(first), list)
+                or not isinstance(r.get(second), list)
+                or len(r.get(first)) != len(r.get(second))
+            ):
+                raise DataError(f"{r.source}: {first!r} and {second!r} must be lists of equal length")
+        counts = Counter(str(t) for r in rows for t in r.get(second))
+        names = sorted(counts)
+    what, kind = ("classes", "sequence") if stage == "cls" else ("tags", "token")
+    shares = "; ".join(f"{n}: {counts[n]:,} ({100 * counts[n] / max(1, sum(counts.values())):.1f}%)" for n in names)
+    lines = [
+        f"file: {path}",
+        f"format: {first} + {second} ({kind} classification), detected from the columns",
+        f"rows: {len(rows)}",
+        f"stage: {stage}",
+        f"{what} ({len(names)}): {shares}",
+    ]
+    if stage == "tag":
+        words = [len(r.get(first)) for r in rows]
+        lines.append(f"words per row: p50 {percentile(words, 50)}, p90 {percentile(words, 90)}, max {max(words)}")
+    if model is not None:
+        from ..train.models import load_tokenizer
+
+        tok = load_tokenizer(model)
+        if stage == "cls":
+            lengths = [len(tok(t)["input_ids"]) for t in texts]
+        else:
+            lengths = [len(tok([str(w) for w in r.get(first)], is_split_into_words=True)["input_ids"]) for r in rows]
+        lines += _length_lines(lengths, max_length)
+    for r in rows[:show]:
+        lines += ["", f"--- {r.source}"]
+        if stage == "cls":
+            lines += [f"[{first}]", r.text(first) or "", f"[{second}] {r.get(second)}"]
+        else:
+            lines.append(" ".join(f"{w}/{t}" for w, t in zip(r.get(first), r.get(second))))
+    return "\n".join(lines)
+
+
+def _length_lines(lengths: list[int], max_length: int) -> list[str]:
+    p = {q: percentile(lengths, q) for q in (50, 90, 99, 100)}
+    over = sum(n > max_length for n in lengths)
+    return [
+        f"tokens per row: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}",
+        f"rows longer than data.max_length={max_length}: {over} (cut, or refused with truncation=refuse)",
+    ]
 
 
 class _NoTokenizer:

@@ -458,12 +458,42 @@ def test_data_inspect(models, tmp_path, capsys):
     assert "multimodal.jsonl:2: a multimodal row" in capsys.readouterr().err
 
 
+def test_data_inspect_on_labelled_columns(models, tmp_path, capsys):
+    """Rows of text + label (sst2, trec) are classification data and rows of words + tags (wnut17) tagging data: inspect
+    shows each class's share, the lengths a model's tokenizer gives them, and the rows; they were reported as
+    pre-training text ("stage: pt") and as "match no known data format"."""
+    cls = write(tmp_path / "cls.jsonl", [{"text": "the cat sat", "label": "pos"}, {"text": "a dog", "label": "neg"},
+                                         {"text": "the big red house", "label": "pos"}])  # fmt: skip
+    assert main(["data", "inspect", cls, "--model", models["causal"], "--max-length", "4", "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "format: text + label (sequence classification), detected from the columns" in out
+    assert "stage: cls" in out and "classes (2): neg: 1 (33.3%); pos: 2 (66.7%)" in out
+    tok = tokenizer()
+    lengths = sorted(len(tok(t)["input_ids"]) for t in ("the cat sat", "a dog", "the big red house"))
+    assert f"tokens per row: p50 {lengths[1]}, p90 {lengths[2]}, p99 {lengths[2]}, max {lengths[2]}" in out
+    assert f"rows longer than data.max_length=4: {sum(n > 4 for n in lengths)}" in out
+    assert "[text]\nthe cat sat\n[label] pos" in out and "a dog" not in out
+    tag = write(tmp_path / "tag.jsonl", [{"tokens": ["the", "cat"], "ner_tags": ["O", "B-animal"]},
+                                         {"tokens": ["a", "dog", "ran"], "ner_tags": ["O", "B-animal", "O"]}])  # fmt: skip
+    assert main(["data", "inspect", tag]) == 0
+    out = capsys.readouterr().out
+    assert "format: tokens + ner_tags (token classification)" in out and "stage: tag" in out
+    assert "tags (2): B-animal: 2 (40.0%); O: 3 (60.0%)" in out and "words per row: p50 2, p90 3, max 3" in out
+    assert "the/O cat/B-animal" in out
+    assert main(["data", "inspect", cls, "--stage", "pt"]) == 0  # asked for: the text as pre-training text
+    assert "format: text, detected from the rows" in capsys.readouterr().out
+    uneven = write(tmp_path / "uneven.jsonl", [{"tokens": ["a", "b"], "ner_tags": ["O"]}])
+    assert main(["data", "inspect", uneven]) == 2
+    assert "uneven.jsonl:1: 'tokens' and 'ner_tags' must be lists of equal length" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--rows", "-1"], "--rows must be >= 0, got -1"),  # was rows[:-1], all but the last
         (["--max-length", "0"], "--max-length must be >= 1, got 0"),
-        (["--stage", "cls"], "--stage cls: data inspect renders the stages that read text, chat or preference rows"),
+        (["--stage", "seq2seq"], "--stage seq2seq: data inspect reads the stages of text, chat or preference rows"),
+        (["--stage", "cls"], "messages.jsonl:1: column 'label' is missing"),
         (["--format", "nope"], "--format 'nope' is not a known format; formats: alpaca, "),  # was blamed on dpo
         (["--stage", "orpo"], "stage orpo does not read the messages format; it reads preference, "),
         (["--model", "/nowhere/model"], "--model '/nowhere/model': no such folder"),  # was the hub client's OSError
