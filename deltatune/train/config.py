@@ -388,7 +388,7 @@ def _validate_values(cfg: RunConfig) -> None:
     t, d = cfg.train, cfg.data
     if t.scheduler not in SCHEDULERS:
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
-    for key in ("logging_steps", "save_total_limit"):
+    for key in ("logging_steps", "save_total_limit", "generation_max_new_tokens"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     for key in ("eval_steps", "save_steps", "eval_batch_size"):

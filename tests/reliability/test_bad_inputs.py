@@ -40,6 +40,7 @@ CASES = [
     ("scheduler", lambda t: ["train.scheduler=cosinus"], "train.scheduler"),
     ("logger-unknown", lambda t: ["train.report_to=[wandbx]"], "train.report_to: unknown logger 'wandbx'"),
     ("logging-steps-0", lambda t: ["train.logging_steps=0"], "train.logging_steps must be >= 1, got 0"),
+    ("gen-tokens-0", lambda t: ["train.generation_max_new_tokens=0"], "train.generation_max_new_tokens must be >= 1"),
     ("num-workers-neg", lambda t: ["train.num_workers=-1"], "train.num_workers must be >= 0, got -1"),
     ("save-steps-0", lambda t: ["train.save_steps=0"], "train.save_steps must be >= 1"),
     ("limit-0", lambda t: ["data.limit=0"], "data.limit must be >= 1"),
