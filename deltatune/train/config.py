@@ -437,6 +437,12 @@ def _validate_align(a: AlignArgs) -> None:
     for key in ("max_new_tokens", "ppo_epochs", "mini_batch_size", "kl_horizon"):
         if getattr(a, key) < 1:
             raise ConfigError(f"align.{key} must be >= 1, got {getattr(a, key)}")
+    for key in ("gamma", "lam"):  # a discount and GAE's lambda above 1 grow advantages without bound
+        if not 0 <= getattr(a, key) <= 1:
+            raise ConfigError(f"align.{key} must be in [0, 1], got {getattr(a, key)}")
+    for key in ("vf_coef", "init_kl_coef", "desirable_weight", "undesirable_weight"):
+        if getattr(a, key) < 0:  # a negative weight turns its loss term into one to maximise
+            raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:

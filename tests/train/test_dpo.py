@@ -206,6 +206,10 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
         ({"label_smoothing": 0.5}, r"align.label_smoothing must be in \[0, 0.5\)"),
         ({"beta": 0}, "align.beta must be > 0"),
         ({"betta": 0.1}, "did you mean 'beta'"),
+        ({"gamma": 1.5}, r"align.gamma must be in \[0, 1\], got 1.5"),
+        ({"lam": -0.1}, r"align.lam must be in \[0, 1\], got -0.1"),
+        ({"vf_coef": -1.0}, "align.vf_coef must be >= 0, got -1.0"),
+        ({"desirable_weight": -0.5}, "align.desirable_weight must be >= 0, got -0.5"),
     ],
 )
 def test_align_section_is_validated(align, message):
