@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -287,7 +288,7 @@ def _eval(args) -> int:
 def _sampling(args) -> dict:
     from .train.chat import check_sampling
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before any model is loaded
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any model is loaded
     return {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -310,6 +311,9 @@ def _generate(args) -> int:
         if value < 1:
             print(f"deltatune generate: error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    if not math.isfinite(args.guidance):  # every pixel would be nan
+        print(f"deltatune generate: error: --guidance must be a finite number, got {args.guidance}", file=sys.stderr)
+        return 2
     sampling = _sampling(args)
     if args.image:
         return _caption(args, sampling)

@@ -39,12 +39,14 @@ def prompt_ids(tok, prompt: str | Messages, raw: bool = False, system: str | Non
     return list(ids["input_ids"])
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
     """Raises ConfigError naming the option when a sampling setting is out of range."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 decodes greedily), got {temperature}")
+    if not 0 <= temperature < float("inf"):
+        raise ConfigError(f"--temperature must be a number >= 0 (0 decodes greedily), got {temperature}")
+    if seed is not None and not -(2**63) <= seed < 2**64:  # torch's generators take no other
+        raise ConfigError(f"--seed must be in [-2**63, 2**64), got {seed}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
 
