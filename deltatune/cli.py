@@ -126,6 +126,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     i.add_argument(
         "--task",
         default=None,
+        type=str.upper,  # peft's names; seq_cls reads as SEQ_CLS
         help="CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, IMAGE_CLS or IMAGE_TO_TEXT (default: guessed)",
     )
 

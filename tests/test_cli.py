@@ -211,6 +211,7 @@ def test_info_on_a_vision_model_and_bad_input(capsys, tmp_path):
         ([str(tmp_path / "empty")], f"model '{tmp_path / 'empty'}': "),
         ([llama, "--task", "FOO"], "--task 'FOO': one of CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, IMAGE_CLS"),
         ([llama, "--task", "IMAGE_CLS"], f"--task IMAGE_CLS does not fit model '{llama}' (model_type llama)"),
+        ([llama, "--task", "image_cls"], "--task IMAGE_CLS does not fit"),  # peft's names in either case
         (
             [str(adapter)],
             f"'{adapter}' is an adapter folder (adapter_config.json); info describes a base model: its "
