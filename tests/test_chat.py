@@ -181,8 +181,16 @@ def test_a_model_without_chat_template_gets_raw_text_and_a_note(tmp_path, capsys
 
 @pytest.mark.parametrize(
     "bad",
-    [["--max-new-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"], ["--num-beams", "0"], ["--steps", "0"],
-     ["--temperature", "inf"], ["--seed", str(2**70)], ["--guidance", "nan"]],  # fmt: skip
+    [
+        ["--max-new-tokens", "0"],
+        ["--temperature", "-1"],
+        ["--top-p", "0"],
+        ["--num-beams", "0"],
+        ["--steps", "0"],
+        ["--temperature", "inf"],
+        ["--seed", str(2**70)],
+        ["--guidance", "nan"],
+    ],  # fmt: skip
 )  # --num-beams 0 was a ZeroDivisionError from inside transformers' generate; --seed 2**70 torch's OverflowError
 def test_bad_sampling_options_are_one_line(run, bad, capsys):
     args = ["generate", "--adapter", str(run / "adapter"), "--model", str(run / "base"), "--prompt", "x", *bad]

@@ -147,7 +147,7 @@ def open_rgb(row: ImageRow):
         raise DataError(f"{row.source}: image {row.path!r} does not exist") from None
     except UnidentifiedImageError:
         raise DataError(f"{row.source}: cannot read image {row.path!r} (not an image format PIL can read)") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or damaged files
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # damaged, truncated, too large
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{row.source}: cannot read image {row.path!r} ({reason})") from None
     return rgb, mode

@@ -186,6 +186,18 @@ def test_corrupt_image_names_file_line_and_path(tmp_path):
     assert msg.startswith(f"{data}:2: cannot read image ") and "bad.png" in msg and "\n" not in msg
 
 
+def test_an_image_too_large_for_pil_is_one_line(tmp_path, monkeypatch):
+    """PIL refuses images over twice its MAX_IMAGE_PIXELS (about 179 megapixels) as possible decompression bombs with
+    an error that is no OSError: it was a traceback. The limit is lowered here so a small image crosses it."""
+    from PIL import Image
+
+    _image(tmp_path / "big.png", size=(12, 8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 96 pixels > 2 x 40
+    data = _jsonl(tmp_path / "d.jsonl", [{"image": "big.png", "label": "a"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: cannot read image .*big\.png' \(.*96 pixels.*\)$"):
+        I.check(I.read_image_rows(str(data)))
+
+
 def test_missing_image_and_row_without_image(tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", [{"image": "nowhere.png", "label": "a"}])
     with pytest.raises(DataError, match=r"d\.jsonl:1: image .*nowhere\.png' does not exist"):
