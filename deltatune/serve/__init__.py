@@ -51,6 +51,10 @@ def build_engine(
     from ..model import DeltaModel
     from ..train.models import load_model, load_tokenizer
 
+    for adapter, path in adapters.items():  # what the files say is checked before the base loads
+        if adapter == BASE:
+            raise ConfigError(f"--adapter {adapter}={path}: the name {BASE!r} is the base model's; choose another")
+        _named(adapter, path, check_servable, None, path, adapter)
     name = model or (base_model_of(next(iter(adapters.values()))) if adapters else None)
     if not name:
         raise ConfigError("no base model: pass --model (the first adapter does not record one)")
@@ -58,14 +62,17 @@ def build_engine(
     base = load_model(name, "CAUSAL_LM", dtype=dtype, pad_token_id=tok.pad_token_id)
     delta = DeltaModel(base, fused_loss=False)
     for adapter, path in adapters.items():
-        if adapter == BASE:
-            raise ConfigError(f"--adapter {adapter}={path}: the name {BASE!r} is the base model's; choose another")
-        try:
-            check_servable(delta, path, adapter)
-            delta.load_adapter(path, adapter)
-        except (FileNotFoundError, ValueError) as exc:
-            raise type(exc)(f"--adapter {adapter}={path}: {exc}") from None
+        _named(adapter, path, check_servable, delta, path, adapter)
+        _named(adapter, path, delta.load_adapter, path, adapter)
     return Engine(delta, tok, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000)
+
+
+def _named(adapter: str, path: str, call: Any, *args: Any) -> None:
+    """``call(*args)``, its refusal prefixed with the ``--adapter`` it is about."""
+    try:
+        call(*args)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"--adapter {adapter}={path}: {exc}") from None
 
 
 def check_bind(host: str, api_key: str | None) -> None:

@@ -346,8 +346,9 @@ class Engine:
 
 
 def check_servable(model: Any, path: str, name: str) -> None:
-    """Refuse, before loading, an adapter that trains base parameters in place (BitFit, freeze, full fine-tuning,
-    LoRA with biases): loading it would overwrite the base every served model shares.
+    """Refuse, before loading, an adapter of another task than text generation (a classifier's), or one that trains
+    base parameters in place (BitFit, freeze, full fine-tuning, LoRA with biases): loading it would overwrite the
+    base every served model shares. ``model`` None checks the first only (before the base is loaded).
 
     Raises:
         ValueError: the adapter is of that kind (the message says what to do instead).
@@ -355,6 +356,13 @@ def check_servable(model: Any, path: str, name: str) -> None:
     from .. import load_config
 
     config = load_config(path)
+    if config.task_type not in (None, "CAUSAL_LM"):
+        raise ValueError(
+            f"adapter {name!r} is a {config.task_type} adapter; serve generates text, with causal language models' "
+            "adapters ('deltatune eval' scores a classifier)"
+        )
+    if model is None:
+        return
     shared = getattr(config, "bias", "none") not in ("none", None)
     if not shared and hasattr(config, "trainable_base_parameters"):
         shared = bool(config.trainable_base_parameters(model.get_base_model()))

@@ -3,6 +3,8 @@ loading any model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from deltatune.cli import main
@@ -14,7 +16,9 @@ from deltatune.cli import main
         (["serve", "--host", "0.0.0.0", "--model", "x"], "--host 0.0.0.0 listens beyond this machine: give --api-key"),
         (["serve", "--adapter", "lora"], "--adapter 'lora': write NAME=PATH"),
         (["serve", "--adapter", "a=x", "--adapter", "a=y"], "the name 'a' is given twice"),
-        (["serve", "--adapter", "a=/no/such/folder"], "no adapter_config.json in '/no/such/folder'"),
+        (["serve", "--adapter", "a=/no/such/folder"], "no adapter_config.json at '/no/such/folder'"),
+        # the base's name was refused only once the base had loaded (the model named does not exist)
+        (["serve", "--model", "/no/such/model", "--adapter", "base=/x"], "the name 'base' is the base model's"),
         (["serve"], "no base model: pass --model"),
         # accepted before: a batch of 0 rows left every request waiting; the others failed later or never
         (["serve", "--model", "/no/such/model", "--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
@@ -33,6 +37,22 @@ def test_bad_command_lines(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"deltatune {argv[0]}: error: ") and message in err and "\n" not in err
+
+
+def test_a_classifier_adapter_is_refused_before_the_model_loads(tmp_path, capsys):
+    """A SEQ_CLS adapter was loaded into the base as a causal LM (transformers' report of newly initialised weights)
+    and then refused for tensors that fit no module; now one line from its config alone."""
+    import deltatune as dt
+
+    (tmp_path / "cls").mkdir()
+    config = dt.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]).to_dict()
+    (tmp_path / "cls" / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["serve", "--model", "/no/such/model", "--adapter", f"c={tmp_path / 'cls'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"deltatune serve: error: --adapter c={tmp_path / 'cls'}: adapter 'c' is a SEQ_CLS adapter; serve generates "
+        "text, with causal language models' adapters ('deltatune eval' scores a classifier)"
+    )
 
 
 @pytest.mark.parametrize("command", ["serve", "board"])
