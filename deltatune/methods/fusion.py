@@ -176,8 +176,8 @@ def add_fusion(model: Any, adapter_names: list[str], name: str = "fusion", **con
         ValueError: an adapter in ``adapter_names`` does not exist.
         ConfigError: they are not bottleneck adapters, or do not sit at the same sub-layers.
     """
-    model._check_names(list(adapter_names))
-    model.add_adapter(name, AdapterFusionConfig(adapter_names=list(adapter_names), **config))
+    names = model._check_names(adapter_names)  # one name as a string is a list of one
+    model.add_adapter(name, AdapterFusionConfig(adapter_names=names, **config))
     model.set_adapter(name)
 
 
