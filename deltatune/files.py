@@ -29,6 +29,13 @@ def key_prefix(config: DeltaConfig) -> str:
     return config.state_key_prefix or KEY_PREFIX
 
 
+def base_key(param: str, adapter_name: str) -> str:
+    """The file key (after the prefix) of a base parameter an adapter trains in place (its biases): the parameter's
+    name, except that PEFT drops the adapter's name from a head copy's (``classifier.modules_to_save.default.bias``
+    is saved as ``classifier.modules_to_save.bias``)."""
+    return param.replace(f".modules_to_save.{adapter_name}.", ".modules_to_save.")
+
+
 def split_heads(
     tensors: dict[str, torch.Tensor], heads: list[str] | None, prefix: str = KEY_PREFIX
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

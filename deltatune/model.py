@@ -26,6 +26,7 @@ from .config import CONFIG_NAME, DeltaConfig
 from .files import (
     AdapterLoadError,
     adapter_folder,
+    base_key,
     check_adapter_name,
     explain_missing_fields,
     key_prefix,
@@ -455,7 +456,7 @@ class DeltaModel(nn.Module):
                 out.update(layer.export_state(name, f"{prefix}{path}."))
         params = dict(self.base_model.named_parameters())
         for pname in self._base_trainables.get(name, []):
-            out[prefix + pname] = params[pname]
+            out[prefix + base_key(pname, name)] = params[pname]
         return out
 
     def _key_prefix(self, name: str) -> str:
@@ -474,7 +475,7 @@ class DeltaModel(nn.Module):
         params = dict(self.base_model.named_parameters())
         with torch.no_grad():
             for pname in self._base_trainables.get(name, []):
-                params[pname].copy_(tensors[prefix + pname])
+                params[pname].copy_(tensors[prefix + base_key(pname, name)])
             for key, target in full_copies.items():
                 target.copy_(copies[key])
 

@@ -37,6 +37,10 @@ CASES = [
     pytest.param("roberta", {"target_modules": "all-linear"}, id="roberta-all-linear"),
     pytest.param("qwen2", {"use_rslora": True}, id="qwen2-rslora"),
     pytest.param("qwen2", {"bias": "lora_only"}, id="qwen2-bias-lora-only"),
+    pytest.param("gpt2", {"bias": "all"}, id="gpt2-bias-all"),
+    # every bias trains, the classifier's copy and its frozen original too: PEFT's file names the copy's without the
+    # adapter's name (classifier.modules_to_save.bias), beside the copy's own classifier.bias
+    pytest.param("bert", {"bias": "all"}, id="bert-seq-cls-bias-all"),
     pytest.param(
         "llama",
         {
