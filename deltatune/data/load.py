@@ -89,6 +89,11 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
             rows = reader(spec, text_column, limit)
         except UnicodeDecodeError as exc:
             raise DataError(_not_utf8(spec, exc)) from None
+    elif os.path.isfile(spec):  # a file of another kind: not a hub name either
+        raise DataError(
+            f"{spec}: deltatune reads data files ending in {', '.join(EXTENSIONS)}; "
+            f"{'this one has no extension' if not ext else f'not {ext}'} (rename it if it is one of those)"
+        )
     else:
         rows = _hub(spec, limit)
     if not rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -136,6 +137,15 @@ def test_missing_file_and_folder(tmp_path):
         read_rows(str(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match="is a folder"):
         read_rows(str(tmp_path))
+
+
+@pytest.mark.parametrize("name, why", [("rows.jsonl.gz", "not .gz"), ("rows", "this one has no extension")])
+def test_a_local_file_of_another_kind_is_named_as_such(tmp_path, name, why):
+    """It was sent to the datasets hub and reported as "not a local file"."""
+    (tmp_path / name).write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / name))}: deltatune reads data files ending in "
+                       rf"\.jsonl, .*; {why} \(rename it"):  # fmt: skip
+        read_rows(str(tmp_path / name))
 
 
 def test_hub_name_while_offline(monkeypatch):
