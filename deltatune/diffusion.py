@@ -323,6 +323,7 @@ def combine_loras(model: DeltaModel, adapters: list[str], weights: list[float], 
     """
     from .methods.lora import LoraConfig
 
+    adapters = model._check_names(adapters)  # one name as a string is a list of one
     weights = _weights("combine_loras", adapters, weights)
     if new_name in model.peft_config:
         raise ConfigError(f"combine_loras: an adapter named {new_name!r} exists already")
@@ -363,7 +364,7 @@ def set_adapters(
     from .methods.lora import LORA_LAYERS
     from .targets import pattern_value
 
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = model._check_names(adapter_names)
     if weights is None or isinstance(weights, (int, float)):
         weights = [1.0 if weights is None else weights] * len(names)
     weights = _weights("set_adapters", names, weights)

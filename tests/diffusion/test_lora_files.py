@@ -163,6 +163,10 @@ def test_two_loras_combined_with_weights_are_the_weighted_sum_of_their_updates()
         with pytest.raises(dt.ConfigError, match=r"^combine_loras: the weight of 'b' must be a finite number, got"):
             dt.combine_loras(model, ["default", "b"], [1.0, bad], "again")
     assert "again" not in model.peft_config
+    dt.combine_loras(model, "b", [2.0], "twice_b")  # one name as a string (read letter by letter: "1 adapters...")
+    for layer in model.get_base_model().modules():
+        if isinstance(layer, DeltaLayer) and "b" in layer.adapter_names:
+            torch.testing.assert_close(layer.delta_weight("twice_b"), 2.0 * layer.delta_weight("b"), atol=1e-6, rtol=0)
 
 
 def test_several_loras_with_weights_match_diffusers_set_adapters(tmp_path):
