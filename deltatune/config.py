@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -67,6 +68,9 @@ class DeltaConfig:
             raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        for key in ("target_modules", "exclude_modules", "feedforward_modules"):  # a string is a regex
+            if isinstance(getattr(self, key, None), str):
+                check_regex(key, getattr(self, key))
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.modules_to_save, (set, tuple)):
@@ -199,6 +203,15 @@ def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None
         raise ConfigError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
 
 
+def check_regex(name: str, pattern: str) -> None:
+    """Raise ConfigError naming ``name`` unless ``pattern`` is a valid regular expression (re.error otherwise came
+    from deep inside the matching, after some modules were already wrapped)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{name} is not a valid regex: {pattern!r} ({exc})") from None
+
+
 def check_range(
     name: str,
     value: float,
@@ -234,6 +247,7 @@ __all__ = [
     "DeltaConfig",
     "check_positive_int",
     "check_range",
+    "check_regex",
     "field",
     "field_docs",
     "read_config_file",

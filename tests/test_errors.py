@@ -99,6 +99,23 @@ def test_a_module_name_given_as_a_string_points_to_the_list_form(model):
     assert list(model.peft_config) == ["default", "other"]
 
 
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: lora(target_modules="(q_proj"), "target_modules"),
+        (lambda: lora(target_modules=["q_proj"], exclude_modules="[v"), "exclude_modules"),
+        (lambda: lora(target_modules=["q_proj"], rank_pattern={"q_proj(": 2}), "rank_pattern key"),
+        (lambda: dt.IA3Config(target_modules=".*proj", feedforward_modules="(down"), "feedforward_modules"),
+    ],
+)
+def test_a_string_that_is_not_a_regex_names_its_field(make, field):
+    """A regex string that does not compile was re.error from inside the matching, with some layers wrapped."""
+    with pytest.raises(dt.ConfigError, match=rf"^{field} is not a valid regex: "):
+        make()
+    with pytest.raises(dt.ConfigError, match=r"^skip_modules is not a valid regex: '\(' "):
+        dt.quantize(tiny_model(FAMILY), skip_modules="(")
+
+
 def test_exclude_modules_excluding_every_target(model):
     before = state(model)
     with pytest.raises(dt.ConfigError, match=r"exclude_modules=\['k_proj'\].*'k_proj'"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import ConfigError, DeltaConfig
+from ..config import ConfigError, DeltaConfig, check_regex
 from ..layer import DeltaLayer, ModulesToSave
 from ..targets import LAYER_PATTERNS
 
@@ -67,12 +67,7 @@ class FreezeConfig(DeltaConfig):
         if not isinstance(n, int) or isinstance(n, bool) or n == 0:
             raise ConfigError(f"freeze_trainable_layers must be a non-zero integer, got {n!r}")
         if isinstance(self.freeze_trainable_modules, str):
-            try:
-                re.compile(self.freeze_trainable_modules)
-            except re.error as exc:
-                raise ConfigError(
-                    f"freeze_trainable_modules is not a valid regex: {self.freeze_trainable_modules!r} ({exc})"
-                ) from None
+            check_regex("freeze_trainable_modules", self.freeze_trainable_modules)
         elif self.freeze_trainable_modules is not None:
             self.freeze_trainable_modules = list(self.freeze_trainable_modules)
             if not self.freeze_trainable_modules:

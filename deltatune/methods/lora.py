@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
+from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, check_regex
 from ..layer import DeltaLayer, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from ._dora import dora, row_norm
@@ -86,8 +86,10 @@ class LoraConfig(DeltaConfig):
                 )
             )
         for key, value in self.rank_pattern.items():
+            check_regex("rank_pattern key", key)
             check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
+            check_regex("alpha_pattern key", key)
             check_range(f"alpha_pattern[{key!r}]", value, 0, None, low_open=True)
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, check_regex
 from ..layer import DeltaLayer, enable_checkpointing, set_submodule
 from ..targets import HEAD_NAMES, matches
 from .quant import (
@@ -131,6 +131,8 @@ def quantize(
         ImportError: the backend is not installed. In every case the model is unchanged.
     """
     _check_args(bits, quant_type, double_quant, backend)
+    if isinstance(skip_modules, str):
+        check_regex("skip_modules", skip_modules)
     dtype = _dtype(compute_dtype)
     if any(isinstance(m, DeltaLayer) for m in model.modules()) or hasattr(model, "peft_config"):
         raise QuantizationError("the model has adapters already; quantize the base model first, then add adapters")
