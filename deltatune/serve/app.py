@@ -328,6 +328,16 @@ def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     raise RequestError("prompt must be a string, a list of one string, or a list of token ids", param="prompt")
 
 
+def _asks_nothing(value: Any, default: Any) -> bool:
+    """Whether an unsupported field's value asks for nothing: absent, empty, or its default (``logprobs: 0`` asks
+    for the chosen tokens' log-probabilities, so a flag's default is matched as a flag, not as the number 0)."""
+    if value is None or value == {} or value == []:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value is default
+    return bool(value == default)
+
+
 def _flag(body: dict, key: str) -> bool:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
@@ -380,7 +390,7 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
         raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
     for key, default in UNSUPPORTED.items():
-        if body.get(key) not in (None, default, {}, []):
+        if not _asks_nothing(body.get(key), default):
             raise RequestError(f"{key} is not supported by this server; leave it out", code="unsupported", param=key)
     return Request(
         prompt_ids=prompt_ids,

@@ -161,6 +161,7 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
         ),
         # fields the server does not compute are refused, not ignored
         "logprobs": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 2}),
+        "logprobs 0": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 0}),  # the chosen tokens'
         "frequency_penalty": (400, "unsupported", {"model": "lora", "prompt": "hi", "frequency_penalty": 0.5}),
     }
     for what, (status, code, body) in bodies.items():
@@ -194,7 +195,7 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
     got, answer = _post(server, "/v1/chat/completions", json.dumps(wizard).encode())
     assert got == 400 and answer["error"]["message"].startswith("messages[0].role must be one of system, ")
     for asks_nothing in (
-        {"frequency_penalty": 0, "logprobs": False, "tools": []},
+        {"frequency_penalty": 0.0, "logprobs": False, "tools": []},
         {"response_format": {"type": "text"}},
     ):
         body = {"model": "lora", "messages": CHAT, "max_tokens": 1, **asks_nothing}
