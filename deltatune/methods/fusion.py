@@ -53,7 +53,9 @@ class AdapterFusionConfig(DeltaConfig):
             self.adapter_names = [self.adapter_names]
         self.adapter_names = list(self.adapter_names)
         if not self.adapter_names:
-            raise ConfigError("adapter_names must name at least one bottleneck adapter, got []")
+            raise ConfigError(
+                "adapter_names is empty: a fusion combines bottleneck adapters already in the model (add_fusion)"
+            )
         dup = sorted({n for n in self.adapter_names if self.adapter_names.count(n) > 1})
         if dup:
             raise ConfigError(f"adapter_names lists {dup[0]!r} more than once: {self.adapter_names!r}")
