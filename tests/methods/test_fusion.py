@@ -132,7 +132,7 @@ def test_errors_leave_model_unchanged():
         (["a", "zzz"], ValueError, "unknown adapter 'zzz'"),
         (["a", "lo"], dt.ConfigError, r"'lo' is not a bottleneck adapter \(it lives in LoraLinear layers\)"),
         (["a", "p"], dt.ConfigError, "do not sit at the same sub-layers"),
-        ([], dt.ConfigError, "at least one bottleneck adapter"),
+        ([], dt.ConfigError, "adapter_names is empty: a fusion combines bottleneck adapters already in the model"),
         (["a", "a"], dt.ConfigError, "lists 'a' more than once"),
     ]
     for names, exc, match in cases:
