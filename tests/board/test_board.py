@@ -164,6 +164,8 @@ def test_never_serves_a_file_outside_the_runs_folder(board, tmp_path):
     for host in ("localhost:7860", "127.0.0.1", "[::1]:7860"):
         assert raw_get(server, "/api/runs", host=host) == 200, host
     assert raw_get(server, "/api/runs", headers="Sec-Fetch-Site: cross-site\r\n") == 403
+    # a link to the board followed from another site: a top-level navigation, whose answer only the user sees
+    assert raw_get(server, "/", headers="Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n") == 200
     status, js = get(server, "/static/app.js")
     assert status == 200 and b"function chart" in js
 
