@@ -68,7 +68,7 @@ class DeltaConfig:
             raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        for key in ("target_modules", "exclude_modules", "feedforward_modules"):  # a string is a regex
+        for key in ("target_modules", "exclude_modules"):  # a string is a regex (exclude_modules: the methods' own)
             if isinstance(getattr(self, key, None), str):
                 check_regex(key, getattr(self, key))
         if isinstance(self.modules_to_save, str):

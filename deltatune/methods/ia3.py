@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ConfigError, DeltaConfig
+from ..config import ConfigError, DeltaConfig, check_regex
 from ..layer import DeltaLayer, linear_shape, set_submodule
 from ..targets import IA3_FEEDFORWARD, IA3_TARGETS, model_type, resolve_targets
 
@@ -46,6 +46,8 @@ class IA3Config(DeltaConfig):
         super().__post_init__()
         if isinstance(self.feedforward_modules, (set, tuple)):
             self.feedforward_modules = sorted(self.feedforward_modules)
+        if isinstance(self.feedforward_modules, str):
+            check_regex("feedforward_modules", self.feedforward_modules)
         if not isinstance(self.init_ia3_weights, bool):
             raise ConfigError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
