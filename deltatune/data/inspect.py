@@ -148,7 +148,7 @@ def _labelled(path: str, rows: list[Row], stage: str, model: str | None, max_len
     """The report of a classification file: its classes (or tags) and how often each occurs, lengths, first rows."""
     from collections import Counter
 
-    from .tasks import class_names, class_of, label_map
+    from .tasks import class_names, class_of, label_map, tag_row
 
     first, second = COLUMN_STAGES[stage]
     if stage == "cls":
@@ -158,12 +158,7 @@ def _labelled(path: str, rows: list[Row], stage: str, model: str | None, max_len
         texts = [r.text(first) for r in rows]
     else:
         for r in rows:
-            if (
-                not isinstance(r.get(first), list)
-                or not isinstance(r.get(second), list)
-                or len(r.get(first)) != len(r.get(second))
-            ):
-                raise DataError(f"{r.source}: {first!r} and {second!r} must be lists of equal length")
+            tag_row(r, first, second)
         counts = Counter(str(t) for r in rows for t in r.get(second))
         names = sorted(counts)
     what, kind = ("classes", "sequence") if stage == "cls" else ("tags", "token")

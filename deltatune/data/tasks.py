@@ -158,6 +158,14 @@ def encode_cls(
     return Encoded(out, counter[0])
 
 
+def tag_row(row: Row, tokens_column: str, tags_column: str) -> tuple[list, list]:
+    """A tagging row's words and tags; DataError naming the row unless they are lists of equal length."""
+    words, tags = row.get(tokens_column), row.get(tags_column)
+    if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
+        raise DataError(f"{row.source}: {tokens_column!r} and {tags_column!r} must be lists of equal length")
+    return words, tags
+
+
 def encode_tag(
     rows: Sequence[Row],
     tokenizer,
@@ -171,9 +179,7 @@ def encode_tag(
     word's tag, the rest (and special tokens) are -100."""
     out, counter = [], [0]
     for row in rows:
-        words, tags = row.get(tokens_column), row.get(tags_column)
-        if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
-            raise DataError(f"{row.source}: {tokens_column!r} and {tags_column!r} must be lists of equal length")
+        words, tags = tag_row(row, tokens_column, tags_column)
         enc = tokenizer([str(w) for w in words], is_split_into_words=True)
         keep = _fit(enc["input_ids"], max_length, row, truncation, counter)
         if keep < len(enc["input_ids"]):

@@ -181,7 +181,7 @@ def create_app(
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise RequestError(f"stream_options must be an object, got {options!r}", param="stream_options")
-        include_usage = _flag(options, "include_usage")
+        include_usage = _flag(options, "include_usage", "stream_options.include_usage")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         request.emit = lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (text, finish))
@@ -338,10 +338,10 @@ def _asks_nothing(value: Any, default: Any) -> bool:
     return bool(value == default)
 
 
-def _flag(body: dict, key: str) -> bool:
+def _flag(body: dict, key: str, param: str | None = None) -> bool:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise RequestError(f"{key} must be true or false, got {value!r}", param=key)
+        raise RequestError(f"{param or key} must be true or false, got {value!r}", param=param or key)
     return bool(value)
 
 

@@ -159,6 +159,11 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
             None,
             {"model": "lora", "prompt": "hi", "stream": True, "stream_options": 1},
         ),
+        "include_usage not a flag": (
+            400,
+            None,
+            {"model": "lora", "prompt": "hi", "stream": True, "stream_options": {"include_usage": "y"}},
+        ),
         # fields the server does not compute are refused, not ignored
         "logprobs": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 2}),
         "logprobs 0": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 0}),  # the chosen tokens'
@@ -169,6 +174,7 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
         assert got == status, what
         assert set(answer["error"]) == {"message", "type", "param", "code"}, what
         assert code is None or answer["error"]["code"] == code, what
+        assert answer["error"]["param"] != "include_usage", what  # named as the field it sits in
         _assert_still_serving(server)
     context = engine.model.config.max_position_embeddings
     ids = [1000] * (context - 2)  # fits with one new token, but not with prompt tuning's 3 virtual tokens
