@@ -145,7 +145,9 @@ class AlignArgs:
         "DPO, KTO, SimPO: temperature of the implicit reward; ORPO: weight of the odds-ratio term; GRPO: KL "
         "coefficient (0: no reference pass).",
     )
-    loss_type: str = _f("sigmoid", "DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023).")
+    loss_type: str = _f(
+        "sigmoid", "DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023; over per-token log-ratios)."
+    )
     label_smoothing: float = _f(
         0.0, "DPO sigmoid loss: assumed fraction of flipped preference labels (cDPO), in [0, 0.5)."
     )

@@ -5,7 +5,10 @@ With pi the policy (base + adapter) and ref the reference, and log-probs summed 
 
     h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r))
     sigmoid:  loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = label_smoothing; cDPO)
-    ipo:      loss = (h - 1 / (2 beta))^2                                        (Azar et al. 2023, arXiv:2310.12036)
+    ipo:      loss = (h_avg - 1 / (2 beta))^2                                    (Azar et al. 2023, arXiv:2310.12036)
+
+where IPO's h_avg is h with each response's log-ratio divided by its token count (per-token averages: the form the
+IPO authors' results use, and TRL's; over sums the squared target would scale with response length).
 
 The implicit rewards are beta (log pi - log ref) of each response. The reference is the same base model with the
 adapter switched off (``DeltaModel.disable_adapter``), so it costs no second copy of the weights; with
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 from ..data.preference import PairCollator
 from .config import AlignArgs, RunConfig
-from .logprobs import sequence_logprobs
+from .logprobs import response_logprobs, sequence_logprobs
 from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
 
@@ -36,6 +39,8 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and the implicit rewards.
 
@@ -47,17 +52,24 @@ def dpo_loss(
         beta: the temperature of the implicit reward.
         loss_type: "sigmoid" (DPO, with ``label_smoothing`` the cDPO variant) or "ipo".
         label_smoothing: assumed probability that a preference label is flipped (sigmoid only).
+        chosen_tokens: (B,) response token counts of the chosen responses (ipo only: it averages per token).
+        rejected_tokens: (B,) the same for the rejected responses.
 
     Returns:
         (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards are detached.
 
     Raises:
-        ValueError: an unknown loss_type.
+        ValueError: an unknown loss_type, or ipo without the token counts.
     """
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     if loss_type == "sigmoid":
+        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss averages per response token: pass chosen_tokens and rejected_tokens")
+        h = (policy_chosen - ref_chosen) / chosen_tokens.clamp(min=1) - (policy_rejected - ref_rejected) / (
+            rejected_tokens.clamp(min=1)
+        )
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type must be sigmoid or ipo, got {loss_type!r}")
@@ -107,14 +119,15 @@ class DPOTrainer(PairTrainer):
 
     def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lm = {k: inputs[k] for k in _LM_KEYS}
-        policy_c, policy_r = sequence_logprobs(model, lm).chunk(2)
+        logps, counts = response_logprobs(model, lm)
+        (policy_c, policy_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
         if "ref_chosen_logp" in inputs:
             ref_c, ref_r = inputs["ref_chosen_logp"], inputs["ref_rejected_logp"]
         else:
             with torch.no_grad(), self._delta_model().disable_adapter():
                 ref_c, ref_r = sequence_logprobs(model, lm).chunk(2)
         a = self.align
-        return dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing)
+        return dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing, n_c, n_r)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses, chosen, rejected = self._losses(model, inputs)

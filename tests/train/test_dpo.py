@@ -54,9 +54,17 @@ def test_dpo_label_smoothed_loss_by_hand():
 
 
 def test_ipo_loss_by_hand():
-    """IPO: (h - 1 / (2 beta))^2 with beta = 0.5: (h - 1)^2 for h = [1, 0, -2] is [0, 1, 9]."""
-    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo")
-    torch.testing.assert_close(losses, torch.tensor([0.0, 1.0, 9.0]))
+    """IPO over per-token averages: chosen responses of [2, 1, 4] tokens, rejected of [1, 2, 2].
+
+    pi_c - ref_c = [0.5, 0, -1] -> per token [0.25, 0, -0.25]; pi_r - ref_r = [-0.5, 0, 1] -> [-0.5, 0, 0.5];
+    h_avg = [0.75, 0, -0.75]; beta = 0.5, so (h_avg - 1)^2 = [0.0625, 1, 3.0625]. The rewards stay sums.
+    """
+    nc, nr = torch.tensor([2, 1, 4]), torch.tensor([1, 2, 2])
+    losses, chosen, _ = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo", chosen_tokens=nc, rejected_tokens=nr)
+    torch.testing.assert_close(losses, torch.tensor([0.0625, 1.0, 3.0625]))
+    torch.testing.assert_close(chosen, torch.tensor([0.25, 0.0, -0.5]))
+    with pytest.raises(ValueError, match="token"):
+        dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo")
 
 
 def test_unknown_loss_type_refused():
