@@ -193,6 +193,29 @@ def test_packed_batch_gives_the_unpacked_loss(base, tok):
     assert (loss(leaky) - alone).abs() / n > 1e-3
 
 
+def test_packing_check_passes_on_smollm2_and_refuses_what_leaks(base):
+    """`data.packing` first probes that packed examples stay apart. On SmolLM2's real logits (up to ~30) the
+    probe's rounding is ~1e-3; an absolute 1e-4 bound refused packing on the very model it is for. It still
+    refuses what leaks: a KV cache (transformers then drops the packed-sequence masks), a token method's virtual
+    tokens (prompt kind: seen by the first example of a pack only; prefix kind: in a cache)."""
+    from deltatune.config import ConfigError
+    from deltatune.train.run import _check_packing
+
+    def model(config, **base_config):
+        m = base()
+        m.config.update({"use_cache": False, **base_config})  # as train.run sets it
+        return dt.get_delta_model(m, config)
+
+    lora = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    _check_packing(model(lora))
+    with pytest.raises(ConfigError, match=r"^data.packing: model type 'llama' does not keep packed examples apart"):
+        _check_packing(model(lora, use_cache=True))
+    for config in (dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+                   dt.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"^data.packing: method {config.method} does not keep packed"):
+            _check_packing(model(config))
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_gradient_checkpointing_gives_the_same_gradients(base, batch, dora):
     """Also for DoRA, whose own backward recomputes its update inside the checkpoint's recomputation."""
