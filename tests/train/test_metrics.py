@@ -1,4 +1,5 @@
-"""Metrics against values worked out by hand on small examples (the working is in each docstring)."""
+"""Metrics against values worked out by hand on small examples (the working is in each docstring), and against
+the reference implementations (seqeval, scikit-learn) on random ones."""
 
 from __future__ import annotations
 
@@ -58,6 +59,29 @@ def test_entity_prf():
     prf = entity_prf(pred, true)
     assert prf == pytest.approx({"precision": 1 / 2, "recall": 2 / 3, "f1": 4 / 7})
     assert entity_prf([["O"]], [["O"]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_entity_prf_and_f1_equal_seqeval_and_scikit_learn():
+    """500 random batches of BIO tags (hyphenated types as WNUT's, stray I- tags, empty predictions) and of class
+    labels: the same precision, recall and F1 as seqeval's default (conlleval) scheme and scikit-learn's f1_score."""
+    import random
+
+    from seqeval.metrics import f1_score as seq_f1
+    from seqeval.metrics import precision_score, recall_score
+    from sklearn.metrics import f1_score
+
+    rng = random.Random(0)
+    tags = ["O", "B-person", "I-person", "B-creative-work", "I-creative-work", "I-location"]
+    for _ in range(500):
+        true = [[rng.choice(tags) for _ in range(rng.randint(1, 8))] for _ in range(rng.randint(1, 4))]
+        pred = [[rng.choice(tags) for _ in t] for t in true]
+        expected = {f.__name__: f(true, pred, zero_division=0) for f in (precision_score, recall_score, seq_f1)}
+        got = entity_prf(pred, true)
+        assert [got["precision"], got["recall"], got["f1"]] == pytest.approx(list(expected.values()), abs=1e-12)
+        k = rng.choice([2, 3, 5])
+        labels, preds = [rng.randrange(k) for _ in range(9)], [rng.randrange(k) for _ in range(9)]
+        average = "binary" if k == 2 else "macro"
+        assert f1(preds, labels, k) == pytest.approx(f1_score(labels, preds, average=average, zero_division=0))
 
 
 def test_rouge_l():
