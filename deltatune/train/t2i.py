@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -531,8 +532,8 @@ def sample(
     unconditional one)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if steps < 1 or guidance < 0:
-        raise ConfigError(f"--steps must be >= 1 and --guidance >= 0, got {steps} and {guidance}")
+    if steps < 1 or not 0 <= guidance < math.inf:  # a nan or infinite guidance makes every pixel nan
+        raise ConfigError(f"--steps must be >= 1 and --guidance a finite number >= 0, got {steps} and {guidance}")
     device = next(model.parameters()).device
     scheduler = (FlowMatchEulerDiscreteScheduler if processor.flow else DDIMScheduler).from_config(
         processor.scheduler.config

@@ -266,3 +266,12 @@ def test_a_pipeline_with_a_vae_trains_on_latents_and_draws_full_size_images(pipe
     from PIL import Image
 
     assert Image.open(tmp_path / "d.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("steps, guidance", [(0, 1.0), (4, -1.0), (4, math.nan), (4, math.inf)])
+def test_sample_refuses_steps_and_guidance_that_give_no_image(steps, guidance):
+    """The Python sampler checks what the CLI checks, before it touches the model (a nan guidance: nan pixels)."""
+    from deltatune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--steps must be >= 1 and --guidance a finite number >= 0"):
+        t2i.sample(None, None, ["a digit"], steps=steps, guidance=guidance)
