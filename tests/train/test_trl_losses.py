@@ -4,8 +4,11 @@ functions, fed log-probs that deltatune computes from TRL's tokens, must give th
 
 Where the two differ on purpose the test says so: TRL's ORPO takes its NLL term over the prompt and the response
 (deltatune, as the ORPO paper's L_SFT, over the response), and TRL's CPO adds an NLL term to SimPO by default
-(``cpo_alpha=1``; the SimPO paper has none, so it is 0 here)."""
+(``cpo_alpha=1``; the SimPO paper has none, so it is 0 here), and TRL's GRPO multiplies the KL term by the
+importance ratio by default (``use_bias_correction_kl``, after DeepSeek-V3.2; deltatune keeps the GRPO paper's
+k3 term, which TRL gives with it off)."""
 
+import contextlib
 import math
 
 import pytest
@@ -19,8 +22,9 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 import deltatune as dt
 from deltatune.train.dpo import dpo_loss
+from deltatune.train.grpo import grpo_loss
 from deltatune.train.kto import kl_reference_point, kto_loss
-from deltatune.train.logprobs import response_logprobs
+from deltatune.train.logprobs import response_logprobs, token_logprobs
 from deltatune.train.orpo import orpo_loss
 from deltatune.train.simpo import simpo_loss
 
@@ -55,12 +59,13 @@ def model(base) -> dt.DeltaModel:
     return model.eval()
 
 
-def trl_batch(model, cls, config, rows, tmp_path, ref_model=None, **kwargs):
-    """A TRL trainer over ``rows`` (one batch of them all; ``ref_model`` where the loss has a reference) and that
-    batch."""
+def trl_batch(model, cls, config, rows, tmp_path, ref_model=None, reward_funcs=None, **kwargs):
+    """A TRL trainer over ``rows`` (one batch of them all; ``ref_model`` where the loss has a reference,
+    ``reward_funcs`` for GRPO) and that batch."""
     args = config(str(tmp_path), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True, bf16=False,
                   **kwargs)  # fmt: skip
     extra = {"ref_model": ref_model} if ref_model is not None else {}
+    extra |= {"reward_funcs": reward_funcs} if reward_funcs is not None else {}
     trainer = dt.trl_trainer(cls)(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer(), **extra)  # fmt: skip
     batch = next(iter(trainer.get_train_dataloader()))
@@ -143,3 +148,36 @@ def test_simpo_equals_trl_cpo_without_its_nll_term(model, tmp_path):
                           for s in ("chosen", "rejected"))  # fmt: skip
     losses, _, _ = simpo_loss(pc, pr, nc, nr, 2.0, 0.7)
     assert losses.mean().item() == pytest.approx(expected, abs=ATOL)
+
+
+@pytest.mark.parametrize("trl_type, loss_norm", [("grpo", "sequence"), ("bnpo", "token")])
+def test_grpo_equals_trl(model, tmp_path, trl_type, loss_norm):
+    """Four completions of different lengths after four prompts; old log-probs off the policy's so that the ratio
+    is clipped somewhere, a reference (the adapter off) so that the KL term counts, a sampling temperature."""
+    g = torch.Generator().manual_seed(1)
+    n, p, t, temperature, vocab = 4, 5, 6, 0.7, model.config.vocab_size
+    prompts, completions = torch.randint(5, vocab, (n, p), generator=g), torch.randint(5, vocab, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[1, 3:], mask[2, 5:] = 0, 0
+    advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
+    labels = torch.cat([torch.full_like(prompts, -100), torch.where(mask.bool(), completions, -100)], 1)
+    ids = torch.cat([prompts, completions], 1)
+
+    def logps(adapter: bool) -> torch.Tensor:  # as the GRPO loop takes them: at the sampling temperature
+        with torch.no_grad(), contextlib.nullcontext() if adapter else model.disable_adapter():
+            return token_logprobs(model(input_ids=ids).logits.float() / temperature, labels)[:, p - 1 :]
+
+    policy, reference = logps(True), logps(False)
+    old = policy + 0.3 * torch.randn(policy.shape, generator=g)
+    trainer, _ = trl_batch(model, trl.GRPOTrainer, trl.GRPOConfig, [{"prompt": "hi"}] * n, tmp_path,
+                           reward_funcs=lambda completions, **_: [0.0] * len(completions), loss_type=trl_type,
+                           beta=0.04, epsilon=0.2, temperature=temperature, num_generations=n,
+                           max_completion_length=t, use_bias_correction_kl=False)  # fmt: skip
+    inputs = {"prompt_ids": prompts, "prompt_mask": torch.ones_like(prompts), "completion_ids": completions,
+              "completion_mask": mask, "advantages": advantages, "old_per_token_logps": old,
+              "ref_per_token_logps": reference}  # fmt: skip
+    with torch.no_grad():
+        expected = trainer._compute_loss(model, inputs).item()
+    loss, stats = grpo_loss(policy, old, advantages, mask, 0.2, 0.04, reference, loss_norm)
+    assert stats["clipped"] > 0 and stats["kl"] > 0
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
