@@ -8,8 +8,9 @@ gives
     loss   = NLL(c) + lambda * mean over pairs of -log sigmoid(log OR)
 
 where avg_y is the mean token log-prob of y, NLL(c) the cross-entropy of the chosen responses (a mean over all
-their tokens in the batch, as SFT computes it) and lambda = ``align.beta``. The implicit rewards logged (and used
-for the eval accuracy) are beta * avg_y. Any registered method trains; the data path is DPO's.
+their tokens in the batch, as SFT computes it: with gradient accumulation, over the whole step's) and lambda =
+``align.beta``. The implicit rewards logged (and used for the eval accuracy) are beta * avg_y. Any registered
+method trains; the data path is DPO's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .logprobs import response_logprobs
 from .pairs import PairTrainer
@@ -40,8 +42,9 @@ def orpo_loss(
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
     beta: float = 0.1,
+    nll_tokens: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ORPO loss of a batch of pairs.
+    """The ORPO loss of a batch of pairs (or of one micro-batch of an accumulated step: see ``nll_tokens``).
 
     Args:
         chosen_logps: (B,) summed response log-probs of the chosen responses under the policy.
@@ -49,6 +52,8 @@ def orpo_loss(
         chosen_tokens: (B,) response token counts of the chosen responses.
         rejected_tokens: (B,) the same for the rejected responses.
         beta: lambda, the weight of the odds-ratio term.
+        nll_tokens: the chosen tokens the NLL is a mean over (default: this batch's), so that the NLL terms of the
+            micro-batches of an accumulated step add up to the NLL of the whole step.
 
     Returns:
         (loss (scalar), log odds ratios (B,), chosen rewards (B,), rejected rewards (B,)); rewards are detached.
@@ -56,7 +61,7 @@ def orpo_loss(
     chosen_avg = chosen_logps / chosen_tokens.clamp(min=1)
     rejected_avg = rejected_logps / rejected_tokens.clamp(min=1)
     log_or = log_odds_ratio(chosen_avg, rejected_avg)
-    nll = -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+    nll = -chosen_logps.sum() / (chosen_tokens.sum().clamp(min=1) if nll_tokens is None else nll_tokens)
     loss = nll - beta * F.logsigmoid(log_or).mean()
     return loss, log_or, beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
@@ -69,10 +74,20 @@ class ORPOTrainer(PairTrainer):
         super().__init__(*args, **kwargs)
         self.align = align
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches, and the chosen responses' tokens in them all: the NLL's divisor (the Trainer
+        counts nothing for a model that does not take it, and would count the rejected responses' tokens too)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batches, sum(int((b["labels"][: len(b["labels"]) // 2, 1:] != IGNORE_INDEX).sum()) for b in batches)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS})
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
-        loss, log_or, chosen, rejected = orpo_loss(pc, pr, nc, nr, self.align.beta)
+        # In training the Trainer divides each micro-batch's loss by the accumulation steps: right for the mean over
+        # pairs, while the NLL, already over the whole step's chosen tokens, is taken that many times over to undo it.
+        loss, log_or, chosen, rejected = orpo_loss(pc, pr, nc, nr, self.align.beta, num_items_in_batch)
+        if model.training and num_items_in_batch:
+            loss = loss - (self.current_gradient_accumulation_steps - 1) * pc.sum() / num_items_in_batch
         if model.training:
             self.log_stat("nll", (-pc.sum() / nc.sum().clamp(min=1)).item())
             self.log_stat("log_odds_ratio", log_or.mean().item())
