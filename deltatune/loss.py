@@ -94,6 +94,17 @@ def causal_lm_loss(
     return cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index, num_items_in_batch)
 
 
+def token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """The Trainer's ``compute_loss_func`` for models whose logits line up with their labels (token classifiers,
+    encoder-decoders): the cross-entropy over the labelled tokens, over those of every micro-batch of an
+    accumulated step when the Trainer counts them (``num_items_in_batch``). Their own loss is a mean over each
+    micro-batch's tokens, which weighs a token of a sparsely labelled micro-batch more than one batch would."""
+    logits = outputs["logits"]
+    return cross_entropy(
+        logits.flatten(0, -2), labels.flatten().to(logits.device), num_items_in_batch=num_items_in_batch
+    )
+
+
 def _default_causal_lm_loss(model: nn.Module) -> bool:
     """True when ``model`` computes transformers' default causal-LM loss and nobody has set their own.
 

@@ -45,6 +45,7 @@ from ..data.templates import IGNORE_INDEX, render
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, data_columns
+from .trainer import TokenLossTrainer
 
 CAPTION_PROMPT = "Describe the image."
 """The user turn (after the image) of an image + caption row on a decoder-only model; ``generate --image``'s prompt
@@ -489,6 +490,7 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
         None,
         notes=notes,
         loss_only=True,
+        trainer_class=TokenLossTrainer,  # a VisionEncoderDecoderModel's own loss is a mean per micro-batch
     )
 
 

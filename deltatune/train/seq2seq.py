@@ -10,6 +10,7 @@ from ..data.tasks import Collator, encode_seq2seq
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _encode_splits, _rows
+from .trainer import TokenLossTrainer
 
 
 def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
@@ -38,6 +39,7 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
         eval_rows=eval_rows,
         notes=notes,
         loss_only=True,
+        trainer_class=TokenLossTrainer,  # T5's and BART's own loss is a mean per micro-batch
     )
 
 

@@ -9,6 +9,7 @@ from ..data.templates import IGNORE_INDEX
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _encode_splits, _logits, _rows
+from .trainer import TokenLossTrainer
 
 
 def _bio_labels(tags: list) -> list[str]:
@@ -64,5 +65,12 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
         }
 
     return Prepared(
-        train.examples, ev.examples if ev else None, Collator(tok.pad_token_id), compute, "eval_f1", names, notes=notes
+        train.examples,
+        ev.examples if ev else None,
+        Collator(tok.pad_token_id),
+        compute,
+        "eval_f1",
+        names,
+        notes=notes,
+        trainer_class=TokenLossTrainer,  # the loss over the whole step's tagged tokens
     )

@@ -164,6 +164,26 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
     that treats the model as the Trainer treats a peft model (see ``DeltaTrainerMixin``)."""
 
 
+class TokenLossTrainer(DeltaTrainer):
+    """DeltaTrainer for models whose logits line up with their labels and whose own loss is a mean per micro-batch
+    (token classifiers, encoder-decoders): the loss is ``deltatune.loss.token_loss`` over the whole step's labelled
+    tokens, so 2 micro-batches x 2 accumulated train as batches of 4 (and an encoder-decoder's loss, which ignores
+    the Trainer's token count, is not taken once per micro-batch unscaled)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        from ..loss import token_loss
+
+        super().__init__(*args, compute_loss_func=token_loss, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The Trainer takes the labels out before the forward pass: an encoder-decoder gets its decoder inputs now
+        base = self._delta_model().get_base_model()
+        if getattr(base.config, "is_encoder_decoder", False) and inputs.get("decoder_input_ids") is None:
+            decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+            inputs = {**inputs, "decoder_input_ids": decoder_input_ids}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 def trl_trainer(cls: type) -> type:
     """A TRL trainer class (``SFTTrainer``, ``DPOTrainer``, ...) taught to train a ``DeltaModel`` as it trains a
     peft model: adapter-only checkpoints (``DeltaTrainerMixin``), and TRL's fused LM head installed on the base

@@ -2,8 +2,9 @@
 whole batch, 2 micro-batches x 2 accumulated give the same logged losses and the same adapter as batches of 4.
 
 Responses of very different lengths, so that a loss averaged over tokens per micro-batch (instead of over the whole
-step's tokens) would show: ORPO's NLL term did, before it took its divisor from the step. KTO is left out: its
-reference point is, as in TRL, a statistic of each micro-batch."""
+step's tokens) would show: ORPO's NLL term and the tag stage's loss did, before they took their divisor from the
+step, and T5's own loss was taken once per micro-batch unscaled (twice the loss and gradient at 2 x 2). KTO is left
+out: its reference point is, as in TRL, a statistic of each micro-batch."""
 
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ def files(tmp_path_factory):
         "pairs": [{"prompt": words(3), "chosen": words(n), "rejected": words(13 - n)} for n in lengths],
         "sft": [{"instruction": words(3), "output": words(n)} for n in lengths],
         "pt": [{"text": words(n + 2)} for n in lengths],
-    }
-    out = {"llama": save_tiny(tmp / "llama", "llama", "causal_lm")}
+        "seq2seq": [{"source": words(3), "target": words(n)} for n in lengths],
+        "tag": [{"tokens": words(n).split(), "ner_tags": [rng.choice(["O", "B-x", "I-x"]) for _ in range(n)]}
+                for n in lengths],
+    }  # fmt: skip
+    quiet = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # both runs must compute alike
+    out = {"llama": save_tiny(tmp / "llama", "llama", "causal_lm"),
+           "t5": save_tiny(tmp / "t5", "t5", "seq2seq", dropout_rate=0.0),
+           "bert": save_tiny(tmp / "bert", "bert", "token_cls", **quiet)}  # fmt: skip
     for name, data in rows.items():
         path = tmp / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -40,17 +47,22 @@ def files(tmp_path_factory):
     return out
 
 
-STAGES = {"sft": "sft", "pt": "pt", "dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "rm": "pairs"}
+# stage -> (data, model, LoRA targets)
+DECODER = ["q_proj", "v_proj"]
+STAGES = {"sft": ("sft", "llama", DECODER), "pt": ("pt", "llama", DECODER), "dpo": ("pairs", "llama", DECODER),
+          "orpo": ("pairs", "llama", DECODER), "simpo": ("pairs", "llama", DECODER), "rm": ("pairs", "llama", DECODER),
+          "seq2seq": ("seq2seq", "t5", ["q", "v"]), "tag": ("tag", "bert", ["query", "value"])}  # fmt: skip
 
 
 def run(files, stage: str, out: str, batch_size: int, grad_accum: int) -> tuple[dict, list[tuple[float, float]]]:
     """The adapter after two steps, and each step's (loss, gradient norm) as logged (the sampler's order is the
     seed's, whatever the batch size, so both runs see the same rows at each step)."""
+    data, model, targets = STAGES[stage]
     recipe = {
         "stage": stage,
-        "model": {"name_or_path": files["llama"]},
-        "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": files[STAGES[stage]], "max_length": 32},
+        "model": {"name_or_path": files[model]},
+        "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": targets},
+        "data": {"train": files[data], "max_length": 32},
         "train": {"batch_size": batch_size, "grad_accum": grad_accum, "max_steps": 2, "lr": 1e-2, "seed": 3,
                   "logging_steps": 1, "report_to": ["none"]},
         "output": {"dir": out},

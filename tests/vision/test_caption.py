@@ -141,3 +141,28 @@ def test_generate_image_refusals_are_one_line(data, tmp_path, capsys):
         assert main(["generate", "--adapter", run, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err, err
+
+
+def test_two_accumulated_micro_batches_equal_one_batch(data, tmp_path):
+    """Captions of very different lengths: 2 micro-batches x 2 give the logged losses and gradient norms of
+    batches of 4. The VisionEncoderDecoderModel's own loss is a mean per micro-batch that ignores the Trainer's
+    token count, so the Trainer took it unscaled once per micro-batch: twice the loss and gradient at 2 x 2."""
+    model = tmp_path / "model"
+    digits.init_captioner(str(model), hidden=32, layers=2)
+    config = json.loads((model / "config.json").read_text())
+    for part in ("encoder", "decoder"):  # no dropout: both runs must compute alike
+        config[part] |= {k: 0.0 for k, v in config[part].items() if "drop" in k and isinstance(v, float)}
+    (model / "config.json").write_text(json.dumps(config))
+    texts = ["a", "a handwritten five with thin strokes and a long tail", "one", "a seven, thick, slanted and small"]
+    rows = [{"image": str(data / f"train{i}.png"), "text": t} for i, t in enumerate(texts)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    steps = {}
+    for batch, accumulate in ((4, 1), (2, 2)):
+        run = tmp_path / f"run{batch}x{accumulate}"
+        assert main(["train", str(ROOT / "recipes" / "digits-caption.yaml"), f"model.name_or_path={model}",
+                     f"data.train={tmp_path / 'rows.jsonl'}", "data.eval=null", f"output.dir={run}",
+                     "train.max_steps=2", "train.report_to=[none]", f"train.batch_size={batch}",
+                     f"train.grad_accum={accumulate}", "train.logging_steps=1"]) == 0  # fmt: skip
+        log = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+        steps[batch] = [x for h in log if "loss" in h for x in (h["loss"], h["grad_norm"])]
+    assert len(steps[4]) == 4 and steps[2] == pytest.approx(steps[4], rel=1e-5)
