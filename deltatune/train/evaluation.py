@@ -51,7 +51,9 @@ def evaluate(
         ConfigError: no evaluation data, a stage that runs its own loop (ppo, grpo), ``compare`` on a t2i run.
         DataError: bad data (file, line and column named).
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
+
+    from .trainer import DeltaTrainer
 
     raw, path = _recipe(run_dir, data, compare, overrides or [])
     if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
@@ -103,7 +105,7 @@ def evaluate(
     )
 
     def scored(model: DeltaModel, start_scores: dict | None = None) -> tuple[dict[str, Any], Any]:
-        trainer = (prepared.trainer_class or Trainer)(
+        trainer = (prepared.trainer_class or DeltaTrainer)(
             model=model, args=args, data_collator=prepared.collator, compute_metrics=prepared.compute_metrics
         )
         trainer.eval_dataset = prepared.eval

@@ -75,19 +75,24 @@ class ORPOTrainer(PairTrainer):
         self.align = align
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The step's micro-batches, and the chosen responses' tokens in them all: the NLL's divisor (the Trainer
-        counts nothing for a model that does not take it, and would count the rejected responses' tokens too)."""
+        """The step's micro-batches, and the chosen responses' tokens in them all, on every process: the NLL's
+        divisor (the Trainer counts nothing for a model that does not take it, and would count the rejected
+        responses' tokens too)."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        return batches, sum(int((b["labels"][: len(b["labels"]) // 2, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        n = sum(int((b["labels"][: len(b["labels"]) // 2, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        n = torch.tensor(n, device=device)
+        return batches, self.accelerator.gather(n).sum() if self.accelerator.num_processes > 1 else n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS})
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
-        # In training the Trainer divides each micro-batch's loss by the accumulation steps: right for the mean over
-        # pairs, while the NLL, already over the whole step's chosen tokens, is taken that many times over to undo it.
         loss, log_or, chosen, rejected = orpo_loss(pc, pr, nc, nr, self.align.beta, num_items_in_batch)
         if model.training and num_items_in_batch:
-            loss = loss - (self.current_gradient_accumulation_steps - 1) * pc.sum() / num_items_in_batch
+            # The Trainer divides each micro-batch's loss by the accumulation steps and DDP averages the processes'
+            # gradients: right for the means over pairs, while the NLL, already over every chosen token of the step,
+            # is taken that many times over to undo both.
+            times = self.current_gradient_accumulation_steps * self.accelerator.num_processes
+            loss = loss - (times - 1) * pc.sum() / num_items_in_batch
         if model.training:
             self.log_stat("nll", (-pc.sum() / nc.sum().clamp(min=1)).item())
             self.log_stat("log_odds_ratio", log_or.mean().item())

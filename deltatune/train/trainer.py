@@ -55,6 +55,7 @@ class DeltaTrainerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._stats: dict[str, list[float]] = defaultdict(list)
+        self._eval_tokens: list[torch.Tensor] | None = None  # (loss summed over label tokens, tokens) while evaluating
         base = getattr(self._delta_model(), "get_base_model", None)
         if base is not None and self.args.label_names is None:
             from transformers.utils import can_return_loss, find_labels
@@ -151,6 +152,38 @@ class DeltaTrainerMixin:
             if self.state.best_model_checkpoint and STAGING in self.state.best_model_checkpoint:
                 self.state.best_model_checkpoint = final
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The Trainer's, also adding up the loss over the batch's label tokens when the labels are per token (a
+        causal LM, an encoder-decoder, a token classifier: their loss is a mean over those tokens)."""
+        out = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        if out[0] is not None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and self._eval_tokens:
+            counted = labels[:, 1:] if getattr(self, "_loss_shifts_labels", False) else labels
+            n = counted.ne(-100).sum().to(out[0].device)
+            self._eval_tokens = [self._eval_tokens[0] + out[0].detach().float() * n, self._eval_tokens[1] + n]
+        return out
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """The Trainer's, with the loss of per-token labels a mean over every label token of the evaluation. The
+        Trainer's is a mean over batches weighted by their rows, so the eval loss (and perplexity) of a language
+        model moved with eval_batch_size, and sat off the per-token mean by how the rows' lengths vary."""
+        zero = torch.zeros((), device=self.args.device)
+        self._eval_tokens = [zero, zero.long()]
+        try:
+            out = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            total, n = self._eval_tokens
+        finally:
+            self._eval_tokens = None
+        key = f"{metric_key_prefix}_loss"
+        if key in out.metrics and n.item() > 0:
+            total, n = (self.accelerator.reduce(t, "sum") for t in (total, n))  # over the processes' shares
+            out.metrics[key] = (total / n).item()
+        return out
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
