@@ -64,13 +64,6 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             "accuracy": sum(a == b for a, b in flat) / max(len(flat), 1),
         }
 
-    return Prepared(
-        train.examples,
-        ev.examples if ev else None,
-        Collator(tok.pad_token_id),
-        compute,
-        "eval_f1",
-        names,
-        notes=notes,
-        trainer_class=TokenLossTrainer,  # the loss over the whole step's tagged tokens
-    )
+    splits = (train.examples, ev.examples if ev else None)
+    collator = Collator(tok.pad_token_id)  # the loss: over the whole step's tagged tokens (TokenLossTrainer)
+    return Prepared(*splits, collator, compute, "eval_f1", names, notes=notes, trainer_class=TokenLossTrainer)
