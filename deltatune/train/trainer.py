@@ -180,9 +180,10 @@ class DeltaTrainerMixin:
         finally:
             self._eval_tokens = None
         key = f"{metric_key_prefix}_loss"
-        if key in out.metrics and n.item() > 0:
+        if key in out.metrics:  # every process has it: all take part in the reduction
             total, n = (self.accelerator.reduce(t, "sum") for t in (total, n))  # over the processes' shares
-            out.metrics[key] = (total / n).item()
+            if n.item() > 0:
+                out.metrics[key] = (total / n).item()
         return out
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -211,7 +212,8 @@ class TokenLossTrainer(DeltaTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The Trainer takes the labels out before the forward pass: an encoder-decoder gets its decoder inputs now
         base = self._delta_model().get_base_model()
-        if getattr(base.config, "is_encoder_decoder", False) and inputs.get("decoder_input_ids") is None:
+        encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
+        if encoder_decoder and "labels" in inputs and inputs.get("decoder_input_ids") is None:
             decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
             inputs = {**inputs, "decoder_input_ids": decoder_input_ids}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
