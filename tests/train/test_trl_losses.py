@@ -10,6 +10,7 @@ k3 term, which TRL gives with it off)."""
 
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -17,8 +18,6 @@ import trl
 from datasets import Dataset
 from tiny import save_tiny, tokenizer
 from transformers import AutoModelForCausalLM
-from trl.experimental.cpo import CPOConfig, CPOTrainer
-from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 import deltatune as dt
 from deltatune.train.dpo import dpo_loss
@@ -27,6 +26,11 @@ from deltatune.train.kto import kl_reference_point, kto_loss
 from deltatune.train.logprobs import response_logprobs, token_logprobs
 from deltatune.train.orpo import orpo_loss
 from deltatune.train.simpo import simpo_loss
+
+with warnings.catch_warnings():  # TRL keeps ORPO and CPO in trl.experimental, which warns on import
+    warnings.simplefilter("ignore")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 PAIRS = [
     {"prompt": "what is your name", "chosen": " my name is delta", "rejected": " i will not say"},
