@@ -13,6 +13,7 @@ import shutil
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
@@ -157,7 +158,7 @@ class DeltaTrainerMixin:
         """The Trainer's, also adding up the loss over the batch's label tokens when the labels are per token (a
         causal LM, an encoder-decoder, a token classifier: their loss is a mean over those tokens)."""
         out = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None  # a dict, or a BatchEncoding
         if out[0] is not None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and self._eval_tokens:
             counted = labels[:, 1:] if getattr(self, "_loss_shifts_labels", False) else labels
             n = counted.ne(-100).sum().to(out[0].device)

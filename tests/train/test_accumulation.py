@@ -137,3 +137,29 @@ def test_two_orpo_processes_equal_one(files, tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_eval_loss_per_token_also_for_a_batch_encoding_collator(files, tmp_path):
+    """``deltatune.Trainer`` with a collator that returns a BatchEncoding (a Mapping, not a dict), as tokenizers'
+    ``pad`` does: the eval loss is still the per-token mean, the same at eval batch sizes 1 and 8."""
+    from transformers import AutoModelForCausalLM, BatchEncoding, TrainingArguments
+
+    import deltatune as dt
+
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(files["llama"]), dt.LoraConfig(r=2))
+    rows = [[5 + i] * n for i, n in enumerate([2, 9, 3, 12, 4, 7, 2, 10])]  # rows of very different lengths
+
+    def collate(batch):
+        width = max(len(r) for r in batch)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in batch])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch])
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+
+    losses = []
+    for size in (1, 8):
+        args = TrainingArguments(
+            str(tmp_path / str(size)), per_device_eval_batch_size=size, report_to=[], use_cpu=True
+        )
+        trainer = dt.Trainer(model=model, args=args, eval_dataset=rows, data_collator=collate)
+        losses.append(trainer.evaluate()["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
