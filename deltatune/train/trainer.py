@@ -20,6 +20,8 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..loss import token_loss
+
 STAGING = ".staging"
 
 
@@ -130,19 +132,30 @@ class DeltaTrainerMixin:
         staging = os.path.join(run_dir, STAGING)
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
+        # Every process writes into the staging folder (its RNG state): none before it is emptied, and it is moved
+        # only once all have written (else a process wrote into a folder just moved or removed: DDP's flaky crash).
+        self.accelerator.wait_for_everyone()
         self._staging = True
+        failure: OSError | None = None
         try:
             super()._save_checkpoint(model, trial)
         except OSError as exc:  # disk full, read-only, ...: the half-written checkpoint goes, the last good one stays
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            where = exc.filename or os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            raise CheckpointWriteError(
-                f"writing the checkpoint of step {self.state.global_step} failed at {where}: "
-                f"{exc.strerror or exc}; the last complete checkpoint in {run_dir} is kept (--resume continues from it)"
-            ) from None
+            failure = exc
         finally:
             self._staging = False
+        failed = torch.tensor(int(failure is not None), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            failed = self.accelerator.reduce(failed, "sum")  # also the barrier before the move
+        if failed.item():
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            name = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            where = (failure.filename if failure is not None else None) or name
+            why = (failure.strerror or failure) if failure is not None else "another process could not write its part"
+            raise CheckpointWriteError(
+                f"writing the checkpoint of step {self.state.global_step} failed at {where}: "
+                f"{why}; the last complete checkpoint in {run_dir} is kept (--resume continues from it)"
+            ) from None
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             final = os.path.join(run_dir, name)
@@ -196,28 +209,69 @@ class DeltaTrainerMixin:
 
 class DeltaTrainer(DeltaTrainerMixin, Trainer):
     """``transformers.Trainer`` for a ``DeltaModel``, exported as ``deltatune.Trainer``: a drop-in replacement
-    that treats the model as the Trainer treats a peft model (see ``DeltaTrainerMixin``)."""
+    that treats the model as the Trainer treats a peft model (see ``DeltaTrainerMixin``), and whose gradient
+    accumulation trains as one batch also where the model's own loss ignores the Trainer's item count.
+
+    The Trainer passes that count (``num_items_in_batch``) to any model whose forward takes ``**kwargs`` and then
+    leaves the loss unscaled, but many heads (sequence and token classifiers, T5, BART) take the kwargs and still
+    return a mean per micro-batch: 2 micro-batches x 2 trained twice the loss and gradient of batches of 4
+    (transformers #47688). At the first accumulated step this trainer asks the model, without gradients and in
+    eval mode: a loss that moves with the count is kept; one equal to the cross-entropy of its logits over its
+    labels becomes ``deltatune.loss.token_loss`` over the whole step's labelled tokens (or rows); any other is
+    divided by the accumulation steps, as the Trainer does for models without loss kwargs.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.compute_loss_func is None and self.model_accepts_loss_kwargs and not self._item_count_checked:
+            self._check_item_count(model, inputs, num_items_in_batch)
+        if self.compute_loss_func is token_loss:
+            # The Trainer takes the labels out before the forward pass: an encoder-decoder gets its decoder inputs now
+            base = self._delta_model().get_base_model()
+            encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
+            if encoder_decoder and "labels" in inputs and inputs.get("decoder_input_ids") is None:
+                decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+                inputs = {**inputs, "decoder_input_ids": decoder_input_ids}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    _item_count_checked = False
+
+    def _check_item_count(self, model, inputs, num_items_in_batch) -> None:
+        """Decide, once, how this model's loss takes the step's item count (see the class docstring)."""
+        accumulating = self.args.gradient_accumulation_steps > 1 or self.accelerator.num_processes > 1
+        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
+        if num_items_in_batch is None or not accumulating or not isinstance(labels, torch.Tensor):
+            return
+        self._item_count_checked = True
+        if self.label_smoother is not None:
+            return  # the Trainer's label smoother takes the count itself
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                one = model(**inputs, num_items_in_batch=1)
+                two = model(**inputs, num_items_in_batch=2)
+                if not torch.isfinite(one["loss"]):  # no labelled item in this micro-batch: ask at the next
+                    self._item_count_checked = False
+                    return
+                if not torch.isclose(one["loss"], two["loss"], rtol=1e-4):
+                    return  # the model divides by the count: the Trainer's own path is right
+                if torch.isclose(token_loss(one, labels), one["loss"], rtol=1e-5, atol=1e-6):
+                    self.compute_loss_func = token_loss
+                    return
+        except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
+            pass  # a forward that refuses the count, or logits that do not line up with the labels
+        finally:
+            model.train(was_training)
+        self.model_accepts_loss_kwargs = False  # a mean per micro-batch: the Trainer divides it by the steps
 
 
 class TokenLossTrainer(DeltaTrainer):
-    """DeltaTrainer for models whose logits line up with their labels and whose own loss is a mean per micro-batch
-    (token classifiers, encoder-decoders): the loss is ``deltatune.loss.token_loss`` over the whole step's labelled
-    tokens, so 2 micro-batches x 2 accumulated train as batches of 4 (and an encoder-decoder's loss, which ignores
-    the Trainer's token count, is not taken once per micro-batch unscaled)."""
+    """DeltaTrainer whose loss is ``deltatune.loss.token_loss`` from the start, for the stages whose models'
+    logits line up with their labels and whose own loss is a mean per micro-batch (token classifiers,
+    encoder-decoders): no check at the first step."""
 
     def __init__(self, *args, **kwargs) -> None:
-        from ..loss import token_loss
-
         super().__init__(*args, compute_loss_func=token_loss, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The Trainer takes the labels out before the forward pass: an encoder-decoder gets its decoder inputs now
-        base = self._delta_model().get_base_model()
-        encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
-        if encoder_decoder and "labels" in inputs and inputs.get("decoder_input_ids") is None:
-            decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
-            inputs = {**inputs, "decoder_input_ids": decoder_input_ids}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def trl_trainer(cls: type) -> type:

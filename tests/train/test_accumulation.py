@@ -130,9 +130,20 @@ def test_two_orpo_processes_equal_one(files, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     multi = str(tmp_path / "multi")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    ran = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29535", "-m", "deltatune.cli", "train",
+    # Process 1 writes its part of each checkpoint (its RNG state) late: the staging folder must wait for it. Moved
+    # on by process 0 alone, it crashed process 1 now and then ("parent directory ... does not exist").
+    late = tmp_path / "late_rank.py"
+    late.write_text(
+        "import sys, time\nfrom transformers import Trainer\nsave = Trainer._save_rng_state\n"
+        "def late(self, output_dir):\n    if self.args.process_index == 1:\n        time.sleep(2)\n"
+        "    return save(self, output_dir)\nTrainer._save_rng_state = late\n"
+        "from deltatune.cli import main\nsys.exit(main())\n"
+    )
+    ran = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29535", str(late), "train",
                           recipe(multi, 4)], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.returncode == 0, "\n".join(x for x in ran.stderr.splitlines() if "[rank0]" not in x)[-3000:]
+    for step in (1, 2):  # each checkpoint whole: both processes' RNG states, for --resume
+        assert {f"rng_state_{i}.pth" for i in (0, 1)} <= set(os.listdir(f"{multi}/checkpoint-{step}"))
     one, two = (load_file(f"{out}/adapter_model.safetensors") for out in (single, multi))
     assert one.keys() == two.keys()
     for k in one:
@@ -163,3 +174,69 @@ def test_eval_loss_per_token_also_for_a_batch_encoding_collator(files, tmp_path)
         trainer = dt.Trainer(model=model, args=args, eval_dataset=rows, data_collator=collate)
         losses.append(trainer.evaluate()["eval_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+PYTHON_MODELS = {  # (family, task, config overrides, LoRA targets): heads whose own loss ignores the item count
+    "seq_cls": ("bert", "seq_cls", {}, ["query", "value"]),
+    "multi_label": ("bert", "seq_cls", {}, ["query", "value"]),  # BCE: not a cross-entropy, divided by the steps
+    "token_cls": ("bert", "token_cls", {}, ["query", "value"]),
+    "t5": ("t5", "seq2seq", {"dropout_rate": 0.0}, ["q", "v"]),
+    "llama": ("llama", "causal_lm", {}, ["q_proj", "v_proj"]),  # takes the count: left to the Trainer
+}
+
+
+@pytest.mark.parametrize("case", list(PYTHON_MODELS))
+def test_deltatune_trainer_accumulates_as_one_batch_from_python(tmp_path, case):
+    """``deltatune.Trainer`` used directly, 2 micro-batches x 2 against batches of 4: the same logged loss, gradient
+    norm and adapter. The transformers Trainer passes ``num_items_in_batch`` to any forward with ``**kwargs`` and
+    then leaves the loss unscaled, so these heads (their loss a mean per micro-batch) trained twice the loss and
+    gradient (transformers #47688; peft's model under the Trainer does too)."""
+    from tiny import tiny_model
+    from transformers import TrainingArguments
+
+    import deltatune as dt
+
+    family, task, overrides, targets = PYTHON_MODELS[case]
+    if family == "bert":
+        overrides = {**overrides, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i, n in enumerate([2, 9, 3, 12, 4, 7, 2, 10]):  # rows of very different lengths
+        ids = torch.randint(5, 100, (n,), generator=g).tolist()
+        labels = {
+            "seq_cls": i % 2,
+            "multi_label": [i % 2, i // 2 % 2, 1.0],
+            "token_cls": [j % 3 for j in range(n)],
+        }.get(case, ids)
+        rows.append({"input_ids": ids, "labels": ids[: max(1, n // 2)] if case == "t5" else labels})
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch])
+        labels = [r["labels"] for r in batch]
+        if isinstance(labels[0], list) and case != "multi_label":
+            span = max(len(x) for x in labels)
+            labels = [x + [-100] * (span - len(x)) for x in labels]
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor(labels)}
+
+    results = []
+    for size, accum in ((4, 1), (2, 2)):
+        model = dt.get_delta_model(
+            tiny_model(family, task, **overrides), dt.LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
+        )
+        args = TrainingArguments(
+            str(tmp_path / str(size)), per_device_train_batch_size=size, gradient_accumulation_steps=accum,
+            max_steps=2, logging_steps=1, learning_rate=1e-2, seed=3, save_strategy="no", report_to=[], use_cpu=True,
+            disable_tqdm=True,
+        )  # fmt: skip
+        trainer = dt.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+        trainer.train()
+        logged = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+        lora = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        results.append((logged, lora))
+    (logged4, lora4), (logged22, lora22) = results
+    assert len(logged4) == 2
+    for (loss4, norm4), (loss22, norm22) in zip(logged4, logged22):
+        assert loss22 == pytest.approx(loss4, rel=1e-5) and norm22 == pytest.approx(norm4, rel=1e-4)
+    for name in lora4:
+        torch.testing.assert_close(lora22[name], lora4[name], rtol=1e-4, atol=1e-6)
