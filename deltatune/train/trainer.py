@@ -20,7 +20,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..loss import token_loss
+from ..loss import shifts_labels, token_loss
 
 STAGING = ".staging"
 
@@ -60,6 +60,8 @@ class DeltaTrainerMixin:
         self._stats: dict[str, list[float]] = defaultdict(list)
         self._eval_tokens: list[torch.Tensor] | None = None  # (loss summed over label tokens, tokens) while evaluating
         base = getattr(self._delta_model(), "get_base_model", None)
+        if base is not None and shifts_labels(base()):
+            self._loss_shifts_labels = True  # the item count over labels[..., 1:] (the Trainer's misses GPT-2)
         if base is not None and self.args.label_names is None:
             from transformers.utils import can_return_loss, find_labels
 
@@ -223,7 +225,7 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.compute_loss_func is None and self.model_accepts_loss_kwargs and not self._item_count_checked:
-            self._check_item_count(model, inputs, num_items_in_batch)
+            self._check_item_count(inputs, num_items_in_batch)
         if self.compute_loss_func is token_loss:
             # The Trainer takes the labels out before the forward pass: an encoder-decoder gets its decoder inputs now
             base = self._delta_model().get_base_model()
@@ -235,7 +237,7 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
 
     _item_count_checked = False
 
-    def _check_item_count(self, model, inputs, num_items_in_batch) -> None:
+    def _check_item_count(self, inputs, num_items_in_batch) -> None:
         """Decide, once, how this model's loss takes the step's item count (see the class docstring)."""
         accumulating = self.args.gradient_accumulation_steps > 1 or self.accelerator.num_processes > 1
         labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
@@ -244,6 +246,7 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
         self._item_count_checked = True
         if self.label_smoother is not None:
             return  # the Trainer's label smoother takes the count itself
+        model = self._delta_model()  # not DDP's wrapper: a forward of it may sync buffers across the processes
         was_training = model.training
         model.eval()
         try:

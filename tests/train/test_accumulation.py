@@ -240,3 +240,37 @@ def test_deltatune_trainer_accumulates_as_one_batch_from_python(tmp_path, case):
         assert loss22 == pytest.approx(loss4, rel=1e-5) and norm22 == pytest.approx(norm4, rel=1e-4)
     for name in lora4:
         torch.testing.assert_close(lora22[name], lora4[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_lm_losses_are_per_token_means_for_every_class_name(tmp_path, family):
+    """The logged training loss and the eval loss are the model's own mean over its predicted tokens. The
+    transformers Trainer counts a batch's items over ``labels[..., 1:]`` only where ``loss_type`` names the causal
+    loss; GPT-2's classes have none (transformers falls back to it), so every row's first token was counted too:
+    eval loss 4.07 against 4.87 on these rows, and the training loss divided alike."""
+    from tiny import tiny_model
+    from transformers import TrainingArguments
+
+    import deltatune as dt
+
+    quiet = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if family == "gpt2" else {}  # train = eval
+    base = tiny_model(family, "causal_lm", **quiet)
+    model = dt.get_delta_model(base, dt.LoraConfig(r=2, init_lora_weights=False))
+    rows = [[(7 * j + i) % 90 + 5 for j in range(n)] for i, n in enumerate([2, 9, 3, 12, 4, 7, 2, 10])]
+
+    def collate(batch):
+        width = max(len(r) for r in batch)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in batch])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch])
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    with torch.no_grad():
+        own = model(**collate(rows)).loss.item()  # the model's mean over all predicted tokens, no Trainer count
+    args = TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=3, max_steps=1, learning_rate=0.0,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = dt.Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=collate)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(own, rel=1e-6)
+    trainer.train()
+    assert [h["loss"] for h in trainer.state.log_history if "loss" in h] == [pytest.approx(own, rel=1e-5)]
