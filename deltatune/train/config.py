@@ -134,6 +134,11 @@ class TrainArgs:
     sigma_sampling: str = _f(
         "uniform", "t2i flow matching: how noise levels are drawn, uniform or logit_normal (SD3's; mean 0, std 1)."
     )
+    snr_gamma: float = _f(
+        0.0,
+        "t2i DDPM: min-SNR loss weighting with this gamma (Hang et al. 2023; diffusers' --snr_gamma, 5 is "
+        "usual); 0: unweighted.",
+    )
 
 
 @dataclass
@@ -396,7 +401,7 @@ def _validate_values(cfg: RunConfig) -> None:
     for key in ("eval_steps", "save_steps", "eval_batch_size"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1 (or null for the default), got {getattr(t, key)}")
-    for key in ("num_workers", "warmup_steps", "weight_decay", "max_grad_norm"):
+    for key in ("num_workers", "warmup_steps", "weight_decay", "max_grad_norm", "snr_gamma"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if not 0.0 <= t.warmup_ratio < 1.0:

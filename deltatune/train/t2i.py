@@ -15,6 +15,8 @@ The loss follows the base's scheduler (none: DDPM for a UNet, flow matching for 
 
 - DDPM (Ho et al. 2020): noise e ~ N(0, I), a step t uniform in [0, T), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e,
   loss = mean (model(x_t, t) - target)^2, target e (epsilon) or sqrt(abar_t) e - sqrt(1 - abar_t) x0 (v_prediction).
+  ``train.snr_gamma: g`` weighs each image's mean by min(SNR_t, g) / SNR_t (epsilon) or / (SNR_t + 1) (v), SNR_t =
+  abar_t / (1 - abar_t), 1 where SNR_t is 0 (min-SNR, Hang et al. 2023, as diffusers' training scripts).
 - Flow matching (rectified flow; Esser et al. 2024, as diffusers' SD3 training scripts) under a
   ``FlowMatchEulerDiscreteScheduler`` with T training steps: u ~ U(0, 1) (``train.sigma_sampling: uniform``) or
   sigmoid(N(0, 1)) (``logit_normal``), i = floor(u T), sigma = the scheduler's sigmas[i] ((T - i) / T unshifted),
@@ -337,9 +339,11 @@ class T2ITrainer(DeltaTrainer):
     text encoder. A text encoder with a LoRA that trains joins the optimizer and the gradient clipping, encodes the
     captions at every step, and its LoRA is saved in every checkpoint (``text_encoder_lora/``)."""
 
-    def __init__(self, *args: Any, processor: T2IProcessor, sigma_sampling: str = "uniform", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, processor: T2IProcessor, sigma_sampling: str = "uniform", snr_gamma: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.processor, self.sigma_sampling = processor, sigma_sampling
+        self.processor, self.sigma_sampling, self.snr_gamma = processor, sigma_sampling, snr_gamma
         processor.denoiser = self._delta_model()
         self.text_encoder = processor.text_encoder if processor.trains_text_encoder else None
         for module in (self.text_encoder, processor.vae):
@@ -360,7 +364,7 @@ class T2ITrainer(DeltaTrainer):
         if p.flow:
             loss = flow_matching_loss(model, p.scheduler, inputs, p.vae, sigma_sampling=self.sigma_sampling)
         else:
-            loss = denoising_loss(model, p.scheduler, inputs, p.vae)
+            loss = denoising_loss(model, p.scheduler, inputs, p.vae, snr_gamma=self.snr_gamma)
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -416,8 +420,11 @@ def _latents(pixels: torch.Tensor, vae, generator) -> torch.Tensor:
     return (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
 
 
-def denoising_loss(model, scheduler, inputs: dict[str, torch.Tensor], vae=None, generator=None) -> torch.Tensor:
-    """The DDPM loss of one batch: noise at uniform random steps, predicted by ``model`` (module docstring)."""
+def denoising_loss(
+    model, scheduler, inputs: dict[str, torch.Tensor], vae=None, generator=None, snr_gamma: float = 0.0
+) -> torch.Tensor:
+    """The DDPM loss of one batch: noise at uniform random steps, predicted by ``model``, min-SNR weighted with
+    ``snr_gamma`` > 0 (module docstring)."""
     x0 = _latents(inputs["pixel_values"], vae, generator)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     steps = scheduler.config.num_train_timesteps
@@ -430,7 +437,18 @@ def denoising_loss(model, scheduler, inputs: dict[str, torch.Tensor], vae=None, 
         target = scheduler.get_velocity(x0, noise, t)
     else:
         raise ConfigError(f"stage t2i: scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction)")
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+    if not snr_gamma:
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+    per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per_image * min_snr_weights(scheduler, t, snr_gamma)).mean()
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The min-SNR weight of each step in ``t`` for the scheduler's prediction type (module docstring)."""
+    abar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = (abar**0.5 / (1 - abar) ** 0.5) ** 2  # diffusers' compute_snr, to the rounding
+    weight = snr.clamp(max=gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1)
+    return torch.where(snr == 0, 1.0, weight)  # a zero-terminal-SNR step
 
 
 def flow_matching_loss(
@@ -456,7 +474,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     the Trainer the stage's loss.
 
     Raises:
-        ConfigError: a bad train.sigma_sampling, or model.train_text_encoder without a LoRA method or under several
+        ConfigError: a bad train.sigma_sampling, train.snr_gamma on a flow-matching base, or model.train_text_encoder without a LoRA method or under several
             processes.
         DataError: a row without an image or a caption (file:line), an unreadable image, a caption over
             data.max_length (or the text encoder's context) under data.truncation=refuse.
@@ -466,6 +484,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
     if cfg.train.sigma_sampling not in SIGMA_SAMPLING:
         raise ConfigError(f"train.sigma_sampling must be uniform or logit_normal, got {cfg.train.sigma_sampling!r}")
+    if cfg.train.snr_gamma and processor.flow:
+        raise ConfigError("train.snr_gamma weighs the DDPM loss; this base trains with flow matching: drop it")
     if cfg.model.train_text_encoder and not isinstance(processor.text_encoder, DeltaModel):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("model.train_text_encoder runs in one process for now: launch without torchrun")
@@ -509,10 +529,13 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     trained = "; its LoRA trains too (model.train_text_encoder)" if trains else ""
     notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}{trained}")
     kind = processor.scheduler.config.prediction_type if not processor.flow else None
+    snr = f", min-SNR weighted (gamma {cfg.train.snr_gamma:g})" if cfg.train.snr_gamma else ""
     notes.insert(
-        1, f"loss: flow matching, {cfg.train.sigma_sampling} sigmas" if processor.flow else f"loss: DDPM, {kind}"
+        1, f"loss: flow matching, {cfg.train.sigma_sampling} sigmas" if processor.flow else f"loss: DDPM, {kind}{snr}"
     )
-    trainer = functools.partial(T2ITrainer, processor=processor, sigma_sampling=cfg.train.sigma_sampling)
+    trainer = functools.partial(
+        T2ITrainer, processor=processor, sigma_sampling=cfg.train.sigma_sampling, snr_gamma=cfg.train.snr_gamma
+    )
     return Prepared(train, ev, collate, None, None, notes=notes, loss_only=True, trainer_class=trainer)
 
 

@@ -44,7 +44,8 @@ def runs(data, tmp_path_factory) -> dict[str, Path]:
     assert main(["merge", "--adapter", str(pre), "--out", str(base)]) == 0
     args = [f"data.train={data / 't2i-adapt-train.jsonl'}", f"data.eval={data / 't2i-adapt-test.jsonl'}"]
     recipe = str(ROOT / "recipes" / "digits-t2i-lora.yaml")
-    assert main(["train", recipe, f"model.name_or_path={base}", f"output.dir={lora}", *args, *FAST]) == 0
+    assert main(["train", recipe, f"model.name_or_path={base}", f"output.dir={lora}", *args, *FAST,
+                 "train.snr_gamma=5"]) == 0  # fmt: skip
     return {"pre": pre, "base": base, "lora": lora}
 
 
@@ -55,6 +56,7 @@ def test_both_recipes_run_two_steps_and_the_merged_base_names_its_text_encoder(r
     report = (runs["pre"] / "report.md").read_text()
     assert "8 training images with captions; text encoder minilm" in report
     assert "8 train images were resized to 16x16" in report  # the 8x8 digits
+    assert "loss: DDPM, epsilon, min-SNR weighted (gamma 5)" in (runs["lora"] / "report.md").read_text()
     assert json.loads((runs["base"] / "t2i.json").read_text()) == {"text_encoder": "minilm"}
     assert (runs["base"] / "scheduler_config.json").is_file()
     config = json.loads((runs["lora"] / "adapter_config.json").read_text())
@@ -84,6 +86,51 @@ def test_denoising_loss_by_hand(data, kind):
     with torch.no_grad():
         pred = unet(noisy, t, encoder_hidden_states=inputs["encoder_hidden_states"]).sample
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_min_snr_weights_are_diffusers(kind, rescale):
+    """``train.snr_gamma``'s weights at every step are those of diffusers' training scripts (their ``compute_snr``,
+    min(SNR, gamma) / SNR or / (SNR + 1), 1 where SNR is 0), on a zero-terminal-SNR schedule too."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind, rescale_betas_zero_snr=rescale)
+    t = torch.arange(1000)
+    snr = compute_snr(scheduler, t)  # as in train_text_to_image_lora.py with --snr_gamma 5
+    expected = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]
+    expected = expected / snr if kind == "epsilon" else expected / (snr + 1)
+    expected[snr == 0] = 1.0
+    assert bool((snr == 0).any()) == rescale
+    weights = t2i.min_snr_weights(scheduler, t, 5.0)
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)
+    assert weights.min() < 0.99  # the weighting does something
+
+
+def test_min_snr_weighted_loss_by_hand(data):
+    """The weighted loss: each image's mean squared error times its step's weight, averaged over the batch."""
+    from diffusers import DDPMScheduler
+
+    unet = t2i.load_denoiser(str(data / "unet-init")).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "pixel_values": torch.rand(16, 1, 16, 16, generator=g) * 2 - 1,
+        "encoder_hidden_states": torch.randn(16, 4, 384, generator=g),
+    }
+    loss = t2i.denoising_loss(unet, scheduler, inputs, generator=torch.Generator().manual_seed(7), snr_gamma=5.0)
+    g = torch.Generator().manual_seed(7)  # the same draws, in the same order
+    x0 = inputs["pixel_values"]
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    abar = scheduler.alphas_cumprod[t]
+    weight = torch.minimum(abar / (1 - abar), torch.tensor(5.0)) / (abar / (1 - abar))
+    with torch.no_grad():
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+    per_image = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, (per_image * weight).mean(), atol=1e-6, rtol=1e-5)
+    assert weight.min() < 0.99 and not torch.isclose(loss, per_image.mean())
 
 
 def test_generate_draws_what_the_plain_models_draw(runs, tmp_path, capsys):
@@ -183,6 +230,8 @@ def test_bad_input_is_one_line(runs, data, tmp_path, capsys):
         (["train", str(ROOT / "recipes" / "digits-t2i-pretrain.yaml"), f"model.name_or_path={data / 'unet-init'}",
           f"output.dir={tmp_path / 'r'}", f"data.train={data / 't2i-pretrain-train.jsonl'}", "data.eval=null",
           "data.max_length=3", "data.truncation=refuse", *FAST], "captions are longer than data.max_length=3"),
+        (["train", str(ROOT / "recipes" / "digits-t2i-lora.yaml"), f"output.dir={tmp_path / 's'}",
+          "train.snr_gamma=-1"], "train.snr_gamma must be >= 0, got -1"),
     ]  # fmt: skip
     for argv, words in cases:
         assert main(argv) == 2

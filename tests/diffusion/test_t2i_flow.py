@@ -133,6 +133,19 @@ def test_the_stage_trains_an_sd3_transformer_two_steps_and_draws(base, tmp_path)
     torch.testing.assert_close(drawn, ((x + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
 
 
+def test_min_snr_weighting_is_refused_on_flow_matching_in_one_line(base, tmp_path, capsys):
+    data = tmp_path / "digits"
+    digits.write(str(data))
+    argv = ["train", str(ROOT / "recipes" / "digits-t2i-lora.yaml"), f"model.name_or_path={base}",
+            f"output.dir={tmp_path / 'run'}", f"data.train={data / 't2i-adapt-train.jsonl'}", "data.eval=null",
+            "method.target_modules=null", "train.snr_gamma=5", *FAST]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()  # after transformers' "Loading weights" bar of the text encoder
+    assert "train.snr_gamma weighs the DDPM loss; this base trains with flow matching" in err.splitlines()[-1]
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_text_encoder_of_another_width_is_refused_in_one_line(base, tmp_path):
     with pytest.raises(dt.ConfigError, match="joint_attention_dim is 32, but the text encoder 'minilm' gives 384"):
         t2i.T2IProcessor(str(base), text_encoder="minilm")
