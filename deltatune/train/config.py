@@ -141,6 +141,9 @@ class TrainArgs:
     )
 
 
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero")
+
+
 @dataclass
 class AlignArgs:
     """The alignment stages' settings (dpo, ppo, grpo, kto, orpo, simpo); other stages ignore this section."""
@@ -151,10 +154,12 @@ class AlignArgs:
         "coefficient (0: no reference pass).",
     )
     loss_type: str = _f(
-        "sigmoid", "DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023; over per-token log-ratios)."
+        "sigmoid",
+        "DPO loss: sigmoid (Rafailov et al. 2023), ipo (Azar et al. 2023; over per-token log-ratios), hinge (SLiC), "
+        "robust (rDPO) or apo_zero (APO); each as TRL's loss_type of that name.",
     )
     label_smoothing: float = _f(
-        0.0, "DPO sigmoid loss: assumed fraction of flipped preference labels (cDPO), in [0, 0.5)."
+        0.0, "DPO sigmoid and robust losses: assumed fraction of flipped preference labels (cDPO, rDPO), in [0, 0.5)."
     )
     precompute_ref: bool = _f(
         False, "DPO: compute the reference log-probs once before training (one pass, no reference forward per step)."
@@ -434,10 +439,13 @@ def _validate_values(cfg: RunConfig) -> None:
 
 
 def _validate_align(a: AlignArgs) -> None:
-    if a.loss_type not in ("sigmoid", "ipo"):
-        raise ConfigError(f"align.loss_type must be sigmoid or ipo, got {a.loss_type!r}")
+    if a.loss_type not in DPO_LOSS_TYPES:
+        raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {a.loss_type!r}")
     if not 0.0 <= a.label_smoothing < 0.5:
         raise ConfigError(f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
+    if a.label_smoothing and a.loss_type not in ("sigmoid", "robust"):
+        raise ConfigError(f"align.label_smoothing is for the sigmoid and robust losses; align.loss_type is "
+                          f"{a.loss_type}: drop one of them")  # fmt: skip
     for key in ("temperature", "cliprange", "cliprange_value", "target_kl"):
         if getattr(a, key) <= 0:
             raise ConfigError(f"align.{key} must be > 0, got {getattr(a, key)}")

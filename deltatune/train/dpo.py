@@ -6,9 +6,13 @@ With pi the policy (base + adapter) and ref the reference, and log-probs summed 
     h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r))
     sigmoid:  loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = label_smoothing; cDPO)
     ipo:      loss = (h_avg - 1 / (2 beta))^2                                    (Azar et al. 2023, arXiv:2310.12036)
+    hinge:    loss = max(0, 1 - beta h)                                          (SLiC; Zhao et al. 2023)
+    robust:   loss = (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)   (rDPO, 2403.00409)
+    apo_zero: loss = 1 - sigmoid(beta hc) + sigmoid(beta hr), hc, hr the chosen and rejected log-ratios (2408.06266)
 
 where IPO's h_avg is h with each response's log-ratio divided by its token count (per-token averages: the form the
-IPO authors' results use, and TRL's; over sums the squared target would scale with response length).
+IPO authors' results use, and TRL's; over sums the squared target would scale with response length). Every loss
+equals TRL's ``DPOTrainer`` of the same ``loss_type`` (``tests/train/test_trl_losses.py``).
 
 The implicit rewards are beta (log pi - log ref) of each response. The reference is the same base model with the
 adapter switched off (``DeltaModel.disable_adapter``), so it costs no second copy of the weights; with
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preference import PairCollator
-from .config import AlignArgs, RunConfig
+from .config import DPO_LOSS_TYPES, AlignArgs, RunConfig
 from .logprobs import response_logprobs, sequence_logprobs
 from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
@@ -50,8 +54,9 @@ def dpo_loss(
         ref_chosen: (B,) chosen log-probs under the reference.
         ref_rejected: (B,) rejected log-probs under the reference.
         beta: the temperature of the implicit reward.
-        loss_type: "sigmoid" (DPO, with ``label_smoothing`` the cDPO variant) or "ipo".
-        label_smoothing: assumed probability that a preference label is flipped (sigmoid only).
+        loss_type: "sigmoid" (DPO, with ``label_smoothing`` the cDPO variant), "ipo", "hinge", "robust" or
+            "apo_zero" (module docstring).
+        label_smoothing: assumed probability that a preference label is flipped (sigmoid and robust).
         chosen_tokens: (B,) response token counts of the chosen responses (ipo only: it averages per token).
         rejected_tokens: (B,) the same for the rejected responses.
 
@@ -61,9 +66,18 @@ def dpo_loss(
     Raises:
         ValueError: an unknown loss_type, or ipo without the token counts.
     """
+    chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    h = chosen - rejected
     if loss_type == "sigmoid":
-        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (
+            1 - 2 * label_smoothing
+        )
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
     elif loss_type == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
             raise ValueError("the ipo loss averages per response token: pass chosen_tokens and rejected_tokens")
@@ -72,9 +86,9 @@ def dpo_loss(
         )
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"loss_type must be sigmoid or ipo, got {loss_type!r}")
-    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+        raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    chosen_rewards = beta * chosen.detach()
+    rejected_rewards = beta * rejected.detach()
     return losses, chosen_rewards, rejected_rewards
 
 

@@ -69,7 +69,7 @@ def test_ipo_loss_by_hand():
 
 def test_unknown_loss_type_refused():
     with pytest.raises(ValueError, match="loss_type"):
-        dpo_loss(PC, PR, RC, RR, loss_type="hinge")
+        dpo_loss(PC, PR, RC, RR, loss_type="kto_pair")
 
 
 def synthetic_pairs(n: int, seed: int) -> list[dict]:
@@ -210,7 +210,14 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
 @pytest.mark.parametrize(
     "align, message",
     [
-        ({"loss_type": "hinge"}, "align.loss_type must be sigmoid or ipo"),
+        (
+            {"loss_type": "kto_pair"},
+            "align.loss_type must be one of sigmoid, ipo, hinge, robust, apo_zero, got 'kto_pair'",
+        ),
+        (
+            {"loss_type": "ipo", "label_smoothing": 0.1},
+            "align.label_smoothing is for the sigmoid and robust losses; align.loss_type is ipo",
+        ),
         ({"label_smoothing": 0.5}, r"align.label_smoothing must be in \[0, 0.5\)"),
         ({"beta": 0}, "align.beta must be > 0"),
         ({"betta": 0.1}, "did you mean 'beta'"),

@@ -91,11 +91,14 @@ def completion_labels(ids, completion_mask):
     return torch.where(completion_mask.bool(), ids, -100)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_equals_trl(base, model, tmp_path, loss_type):
+# (TRL's sigmoid ignores label_smoothing since its cDPO form moved to "robust"; deltatune's sigmoid keeps cDPO,
+# checked by hand in test_dpo.py)
+@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2),
+                                           ("apo_zero", 0.0)])  # fmt: skip
+def test_dpo_equals_trl(base, model, tmp_path, loss_type, eps):
     ref = AutoModelForCausalLM.from_pretrained(base)  # TRL's reference: the base, as deltatune's adapter-off model
     trainer, batch = trl_batch(model, trl.DPOTrainer, trl.DPOConfig, PAIRS, tmp_path, ref, loss_type=[loss_type],
-                               beta=0.3)  # fmt: skip
+                               beta=0.3, label_smoothing=eps)  # fmt: skip
     with torch.no_grad():
         expected = trainer.compute_loss(model, batch).item()
     labels = completion_labels(batch["input_ids"], batch["completion_mask"])
@@ -103,7 +106,7 @@ def test_dpo_equals_trl(base, model, tmp_path, loss_type):
                                         for on in (True, False))  # fmt: skip
     (pc, pr), (rc, rr), (nc, nr) = policy.chunk(2), reference.chunk(2), counts.chunk(2)
     assert (nc != nr).any()  # responses of different lengths: IPO's per-token averages matter
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, 0.3, loss_type, chosen_tokens=nc, rejected_tokens=nr)
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, 0.3, loss_type, eps, chosen_tokens=nc, rejected_tokens=nr)
     assert losses.mean().item() == pytest.approx(expected, abs=ATOL)
     assert abs(expected - math.log(2)) > 0.01  # not the value at the start
 
