@@ -278,6 +278,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     # token count (num_items_in_batch). Classification heads ignore it and average per micro-batch, so for them the
     # Trainer must divide by the accumulation steps itself, or 4 x 2 would train 4 times harder than 8.
     trainer.model_accepts_loss_kwargs = prepared.loss_only
+    trainer._item_count_checked = True  # the stage knows: DeltaTrainer need not ask the model
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar)
     trainer.add_callback(started_callback(replacement))

@@ -6,6 +6,7 @@ The trainer never asks which method is active: it saves and loads through ``Delt
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -62,6 +63,11 @@ class DeltaTrainerMixin:
         base = getattr(self._delta_model(), "get_base_model", None)
         if base is not None and shifts_labels(base()):
             self._loss_shifts_labels = True  # the item count over labels[..., 1:] (the Trainer's misses GPT-2)
+        if base is not None and not hasattr(base(), "accepts_loss_kwargs"):
+            # What the Trainer reads off a bare model: DeltaModel's forward takes **kwargs whatever the base's does,
+            # and a base without them (a custom module) crashed on the item count the Trainer then passed it.
+            params = inspect.signature(base().forward).parameters.values()
+            self.model_accepts_loss_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         if base is not None and self.args.label_names is None:
             from transformers.utils import can_return_loss, find_labels
 
@@ -251,21 +257,29 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
         model.eval()
         try:
             with torch.no_grad():
-                one = model(**inputs, num_items_in_batch=1)
-                two = model(**inputs, num_items_in_batch=2)
+                try:
+                    two = model(**inputs, num_items_in_batch=2)["loss"]  # dropped before the next: one set of logits
+                    one = model(**inputs, num_items_in_batch=1)
+                except TypeError:  # a forward that refuses the count: the Trainer must not pass it
+                    self.model_accepts_loss_kwargs = False
+                    return
+                except (RuntimeError, ValueError, KeyError, IndexError):
+                    return  # a forward that runs only wrapped (FSDP's sharded weights): the Trainer's own path
                 if not torch.isfinite(one["loss"]):  # no labelled item in this micro-batch: ask at the next
                     self._item_count_checked = False
                     return
-                if not torch.isclose(one["loss"], two["loss"], rtol=1e-4):
+                if not torch.isclose(one["loss"], two, rtol=1e-4):
                     return  # the model divides by the count: the Trainer's own path is right
-                if torch.isclose(token_loss(one, labels), one["loss"], rtol=1e-5, atol=1e-6):
-                    self.compute_loss_func = token_loss
-                    return
-        except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
-            pass  # a forward that refuses the count, or logits that do not line up with the labels
+                try:
+                    same = bool(torch.isclose(token_loss(one, labels), one["loss"], rtol=1e-5, atol=1e-6))
+                except (RuntimeError, ValueError, KeyError, IndexError, TypeError):
+                    same = False  # logits that do not line up with the labels (BCE, regression)
         finally:
             model.train(was_training)
-        self.model_accepts_loss_kwargs = False  # a mean per micro-batch: the Trainer divides it by the steps
+        if same:
+            self.compute_loss_func = token_loss
+        else:
+            self.model_accepts_loss_kwargs = False  # a mean per micro-batch: the Trainer divides it by the steps
 
 
 class TokenLossTrainer(DeltaTrainer):

@@ -274,3 +274,41 @@ def test_causal_lm_losses_are_per_token_means_for_every_class_name(tmp_path, fam
     assert trainer.evaluate()["eval_loss"] == pytest.approx(own, rel=1e-6)
     trainer.train()
     assert [h["loss"] for h in trainer.state.log_history if "loss" in h] == [pytest.approx(own, rel=1e-5)]
+
+
+def test_deltatune_trainer_trains_a_module_whose_forward_takes_no_kwargs(tmp_path):
+    """A plain torch module under ``deltatune.Trainer``: the Trainer reads "accepts loss kwargs" off the base's
+    forward, not DeltaModel's (which takes ``**kwargs`` whatever the base's does), so it does not pass the item
+    count the base refused (a TypeError at the first step); 2 x 2 accumulated trains as batches of 4."""
+    from transformers import TrainingArguments
+
+    import deltatune as dt
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.proj, self.out = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, input_ids, labels=None):
+            logits = self.out(torch.tanh(self.proj(self.emb(input_ids).mean(1))))
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    rows = [{"input_ids": [i % 50, (3 * i) % 50, 7], "labels": i % 3} for i in range(8)]
+
+    def collate(batch):
+        return {key: torch.tensor([r[key] for r in batch]) for key in ("input_ids", "labels")}
+
+    logged = []
+    for size, accum in ((4, 1), (2, 2)):
+        model = dt.get_delta_model(Net(), dt.LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+        args = TrainingArguments(
+            str(tmp_path / str(size)), per_device_train_batch_size=size, gradient_accumulation_steps=accum,
+            max_steps=2, logging_steps=1, learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
+            disable_tqdm=True, remove_unused_columns=False,
+        )  # fmt: skip
+        trainer = dt.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+        trainer.train()
+        logged.append([(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h])
+    assert len(logged[0]) == 2
+    assert logged[1] == [(pytest.approx(a, rel=1e-5), pytest.approx(b, rel=1e-4)) for a, b in logged[0]]
