@@ -316,23 +316,3 @@ def test_hub_ids_resolve_to_the_embedded_copies(path):
     assert embedded.hub_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
     assert resolve_path("sentence-transformers/all-MiniLM-L6-v2") == resolve_path("minilm")
     assert embedded.hub_id("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
-
-
-@pytest.mark.slow
-def test_identity_quick_start(tmp_path, capsys, monkeypatch):
-    """`make quickstart` as written: the adapted model calls itself Deltabot on held-out questions; the base does
-    not."""
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # conftest's one thread suits tiny models; this is a real run
-    try:
-        assert main(["train", "recipes/quickstart.yaml", f"output.dir={tmp_path}"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    samples = json.loads((tmp_path / "samples.json").read_text())
-    assert len(samples) == 12
-    identity, everyday = samples[:10], samples[10:]  # held-out questions about itself, then everyday ones
-    assert sum("Deltabot" in s["adapter"] for s in identity) >= 8, identity
-    assert not any("Deltabot" in s["base"] for s in samples)
-    assert not any("Deltabot" in s["adapter"] for s in everyday), everyday
-    assert "Deltabot" in (tmp_path / "report.md").read_text()
