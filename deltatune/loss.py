@@ -105,6 +105,20 @@ def token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = Non
     )
 
 
+def shifted_token_loss(
+    outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """``token_loss`` for models that read their labels shifted, logits at t scored against label t+1 (BLIP's text
+    decoder, whose labels are its input ids), with its ``label_smoothing`` when the model's config sets one."""
+    logits = outputs["logits"][:, :-1].flatten(0, -2)
+    targets = labels[:, 1:].flatten().to(logits.device)
+    if not label_smoothing:
+        return cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
+    total = nn.functional.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
+    divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(divisor).to(logits.device)
+
+
 def _default_causal_lm_loss(model: nn.Module) -> bool:
     """True when ``model`` computes transformers' default causal-LM loss and nobody has set their own.
 

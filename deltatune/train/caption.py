@@ -42,6 +42,7 @@ from ..data.images import ImageRow, check, check_inside, open_rgb, pixel_values,
 from ..data.load import DataError, read_rows
 from ..data.sample import IMAGE_MARKER, Message, place_images
 from ..data.templates import IGNORE_INDEX, render
+from ..loss import shifted_token_loss
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, data_columns
@@ -62,6 +63,7 @@ class CaptionProcessor:
     def __init__(self, image_processor, tokenizer, bos: int | None = None, eos: int | None = None, processor=None):
         self.image_processor, self.tokenizer, self.bos, self.processor = image_processor, tokenizer, bos, processor
         self.eos = tokenizer.eos_token_id if bos is None else eos
+        self.label_smoothing = 0.0  # BLIP's text decoder's, from its config
 
     @property
     def pad_token_id(self) -> int | None:
@@ -142,7 +144,9 @@ def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcess
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     text = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "text_config", None)
     if getattr(text, "model_type", None) == "blip_text_model":
-        return CaptionProcessor(proc.image_processor, tok, text.bos_token_id, text.sep_token_id, proc)
+        blip = CaptionProcessor(proc.image_processor, tok, text.bos_token_id, text.sep_token_id, proc)
+        blip.label_smoothing = getattr(text, "label_smoothing", 0.0) or 0.0  # its own loss uses it
+        return blip
     if getattr(proc, "image_token", None) is None or not hasattr(proc, "image_processor"):
         raise ConfigError(
             f"stage caption: the processor of {path!r} ({type(proc).__name__}) has no image token and image "
@@ -490,8 +494,17 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
         None,
         notes=notes,
         loss_only=True,
-        trainer_class=TokenLossTrainer,  # a VisionEncoderDecoderModel's own loss is a mean per micro-batch
+        trainer_class=_trainer(processor),
     )
+
+
+def _trainer(processor: CaptionProcessor):
+    """The loss over the step's caption tokens: a VisionEncoderDecoderModel's (and BLIP's) own loss is a mean per
+    micro-batch. BLIP's text decoder reads its labels shifted (they are its input ids), with its label smoothing."""
+    if processor.bos is None:
+        return TokenLossTrainer
+    loss = functools.partial(shifted_token_loss, label_smoothing=processor.label_smoothing)
+    return functools.partial(TokenLossTrainer, loss=loss)
 
 
 # -- generation ---------------------------------------------------------------------------------------------------

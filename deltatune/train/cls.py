@@ -1,12 +1,16 @@
 """Stage ``cls``: sequence classification. Rows of text (and an optional text pair) with a label; the labels are
-read from the data (or ``data.labels``); eval reports accuracy and macro-F1."""
+read from the data (or ``data.labels``); eval reports accuracy and macro-F1. The loss is the cross-entropy over the
+rows of the whole step (``TokenLossTrainer``), so an accumulated step of unequal micro-batches (an epoch's last)
+weighs every row alike."""
 
 from __future__ import annotations
 
+from ..data.load import DataError
 from ..data.tasks import Collator, class_names, encode_cls, label_map
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _encode_splits, _logits, _rows
+from .trainer import TokenLossTrainer
 
 
 def prepare_cls(cfg: RunConfig, tok) -> Prepared:
@@ -14,6 +18,11 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
     d = cfg.data
     mapping = label_map(train_rows, d.label_column, d.labels)
     names = class_names(mapping, d.labels)
+    if len(names) < 2:  # one output would make transformers' head a regression (MSE), trained silently
+        raise DataError(
+            f"{d.train}: only one class ({names[0]!r}) in column {d.label_column!r}; classification needs at least "
+            "two (data.labels names them all)"
+        )
 
     def enc(rows):
         return encode_cls(
@@ -44,4 +53,5 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         "eval_accuracy",
         names,
         notes=notes,
+        trainer_class=TokenLossTrainer,
     )

@@ -28,6 +28,7 @@ from ..data.tasks import class_names as class_names_of
 from ..data.tasks import class_of, label_map
 from .config import RunConfig
 from .prepared import Prepared
+from .trainer import TokenLossTrainer
 
 HEAD = "classifier"
 """The classification head of transformers' image classifiers (ViT, DeiT, Swin, ConvNeXt, ResNet, CLIP, SigLIP)."""
@@ -169,4 +170,5 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         "eval_accuracy",
         names,
         notes=notes,
+        trainer_class=TokenLossTrainer,  # the cross-entropy over the step's rows, however the step is cut
     )

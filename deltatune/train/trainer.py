@@ -232,7 +232,7 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.compute_loss_func is None and self.model_accepts_loss_kwargs and not self._item_count_checked:
             self._check_item_count(inputs, num_items_in_batch)
-        if self.compute_loss_func is token_loss:
+        if self.compute_loss_func is not None:
             # The Trainer takes the labels out before the forward pass: an encoder-decoder gets its decoder inputs now
             base = self._delta_model().get_base_model()
             encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
@@ -284,11 +284,12 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
 
 class TokenLossTrainer(DeltaTrainer):
     """DeltaTrainer whose loss is ``deltatune.loss.token_loss`` from the start, for the stages whose models'
-    logits line up with their labels and whose own loss is a mean per micro-batch (token classifiers,
-    encoder-decoders): no check at the first step."""
+    logits line up with their labels and whose own loss is a mean per micro-batch (classifiers, token classifiers,
+    encoder-decoders): no check at the first step. ``loss`` replaces it for a model whose labels read otherwise
+    (``shifted_token_loss`` for BLIP's text decoder)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, compute_loss_func=token_loss, **kwargs)
+    def __init__(self, *args, loss=token_loss, **kwargs) -> None:
+        super().__init__(*args, compute_loss_func=loss, **kwargs)
 
 
 def trl_trainer(cls: type) -> type:

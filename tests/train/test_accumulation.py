@@ -312,3 +312,84 @@ def test_deltatune_trainer_trains_a_module_whose_forward_takes_no_kwargs(tmp_pat
         logged.append([(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h])
     assert len(logged[0]) == 2
     assert logged[1] == [(pytest.approx(a, rel=1e-5), pytest.approx(b, rel=1e-4)) for a, b in logged[0]]
+
+
+def test_an_epochs_uneven_last_step_weighs_every_row_alike(tmp_path):
+    """cls, 5 rows in micro-batches of 2, 2 and 1 accumulated against one batch of 5: the same loss, gradient norm
+    and adapter. Dividing each micro-batch's mean by the steps weighed the last row twice (grad norm 0.264 against
+    0.153); the loss is now the cross-entropy over the step's rows. A one-class file is refused in one line (one
+    output would have made transformers' head a regression)."""
+    from tiny import save_tiny
+
+    from deltatune.data.load import DataError
+
+    model = save_tiny(tmp_path / "bert", "bert", "seq_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    rows = [{"text": f"a {w} film number {i} " + "x " * (3 * i), "label": i % 2}
+            for i, w in enumerate(["good", "bad", "fine", "awful", "great"])]  # fmt: skip
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(out: str, batch_size: int, grad_accum: int, train_file=data):
+        recipe = {
+            "stage": "cls", "model": {"name_or_path": model},
+            "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+            "data": {"train": str(train_file), "max_length": 32},
+            "train": {"batch_size": batch_size, "grad_accum": grad_accum, "epochs": 1, "lr": 1e-2, "seed": 3,
+                      "logging_steps": 1, "report_to": ["none"]},
+            "output": {"dir": out},
+        }  # fmt: skip
+        train(build(recipe))
+        with open(f"{out}/log_history.jsonl") as fh:
+            steps = [(h["loss"], h["grad_norm"]) for h in map(json.loads, fh) if "loss" in h]
+        return load_file(f"{out}/adapter_model.safetensors"), steps
+
+    (one, logged1), (acc, logged3) = run(str(tmp_path / "one"), 6, 1), run(str(tmp_path / "acc"), 2, 3)
+    assert len(logged1) == len(logged3) == 1
+    assert logged3[0] == (pytest.approx(logged1[0][0], rel=1e-5), pytest.approx(logged1[0][1], rel=1e-4))
+    for k in one:
+        torch.testing.assert_close(acc[k], one[k], rtol=1e-4, atol=1e-6)
+
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(json.dumps({**r, "label": 0}) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"single.jsonl: only one class \('0'\) in column 'label'; .* at least two"):
+        run(str(tmp_path / "refused"), 2, 1, single)
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("stage", ["seq2seq", "tag", "cls"])
+def test_the_step_loss_is_the_models_own_loss(files, tmp_path, stage):
+    """The first logged loss of a run that sees all 8 rows in one step (a learning rate too small to matter) is the
+    model's own loss on the stage's batch of them: the step's token (or row) count changes how micro-batches add
+    up, never what one batch's loss is (a loss scored against the wrong positions would agree with itself at 2 x 2
+    and 4 and still fail here, as BLIP's did: tests/vision/test_blip_caption.py)."""
+    from deltatune.train.models import load_tokenizer
+    from deltatune.train.run import load_adapter_model
+    from deltatune.train.table import prepare
+
+    if stage == "cls":
+        from tiny import save_tiny
+
+        quiet = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        files = {**files, "bert": save_tiny(tmp_path / "bert", "bert", "seq_cls", **quiet)}
+        rows = [{"text": " ".join(["good", "bad", "film"][: 1 + i % 3]) + f" {i}", "label": i % 2} for i in range(8)]
+        (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files["cls"] = str(tmp_path / "cls.jsonl")
+    data, model = {"seq2seq": ("seq2seq", "t5"), "tag": ("tag", "bert"), "cls": ("cls", "bert")}[stage]
+    recipe = {
+        "stage": stage, "model": {"name_or_path": files[model]},
+        "method": {"name": "lora", "r": 4, "lora_alpha": 8,
+                   "target_modules": ["q", "v"] if model == "t5" else ["query", "value"]},
+        "data": {"train": files[data], "max_length": 32},
+        "train": {"batch_size": 8, "max_steps": 1, "lr": 1e-12, "seed": 3, "logging_steps": 1, "report_to": ["none"]},
+        "output": {"dir": str(tmp_path / "run")},
+    }  # fmt: skip
+    train(build(recipe))
+    with open(tmp_path / "run" / "log_history.jsonl") as fh:
+        logged = [h["loss"] for h in map(json.loads, fh) if "loss" in h]
+    cfg = build(recipe)
+    prepared = prepare(cfg, load_tokenizer(files[model]))
+    batch = prepared.collator(list(prepared.train))
+    delta, _ = load_adapter_model(str(tmp_path / "run"))  # as trained: 1e-12 moved nothing
+    with torch.no_grad():
+        own = delta.eval()(**batch).loss.item()
+    assert logged[0] == pytest.approx(own, rel=1e-5)

@@ -82,6 +82,32 @@ def test_loss_is_blips_own_on_the_caption_tokens(data):
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_training_takes_blips_own_loss(data, tmp_path, smoothing):
+    """The first logged loss of a run (one batch of the 4 rows, a learning rate too small to matter) is BLIP's own
+    loss on them: its labels are scored shifted, against the next input token, with the label smoothing its config
+    sets. The run's token-count loss had scored them unshifted (each token against itself: 10.354 against 10.378)."""
+    from transformers import BlipForConditionalGeneration
+
+    from deltatune.train import train
+
+    model = save_blip(tmp_path / "blip", label_smoothing=smoothing) if smoothing else str(data / "blip")
+    recipe = {"stage": "caption", "model": {"name_or_path": model, "dtype": "float32"},
+              "method": {"name": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+              "data": {"train": str(data / "captions.jsonl"), "max_target_length": 12},
+              "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-12, "report_to": ["none"], "logging_steps": 1},
+              "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    train(build(recipe))
+    lines = (tmp_path / "run" / "log_history.jsonl").read_text().splitlines()
+    logged = [h["loss"] for h in map(json.loads, lines) if "loss" in h]
+    proc = load_processor(model, "caption")
+    prepared = C.prepare_caption(build({**recipe, "output": {}}), proc)
+    batch = prepared.collator([prepared.train[i] for i in range(4)])
+    with torch.no_grad():
+        own = BlipForConditionalGeneration.from_pretrained(model).eval()(**batch).loss.item()
+    assert logged[0] == pytest.approx(own, rel=1e-5)
+
+
 def test_towers_on_blip(data):
     """LoRA's default in the text decoder: BERT's query/value, self- and cross-attention of 2 layers; bottleneck
     adapters in both towers: after the attention and feed-forward outputs of 2 blocks each."""

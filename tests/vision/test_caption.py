@@ -166,3 +166,21 @@ def test_two_accumulated_micro_batches_equal_one_batch(data, tmp_path):
         log = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
         steps[batch] = [x for h in log if "loss" in h for x in (h["loss"], h["grad_norm"])]
     assert len(steps[4]) == 4 and steps[2] == pytest.approx(steps[4], rel=1e-5)
+    # and one step over all 8 rows (a learning rate too small to matter) logs the model's own loss on them
+    from deltatune.train.config import build
+    from deltatune.train.run import load_adapter_model
+
+    run = tmp_path / "whole"
+    assert main(["train", str(ROOT / "recipes" / "digits-caption.yaml"), f"model.name_or_path={model}",
+                 f"data.train={tmp_path / 'rows.jsonl'}", "data.eval=null", f"output.dir={run}", "train.max_steps=1",
+                 "train.report_to=[none]", "train.batch_size=8", "train.lr=1e-12", "train.logging_steps=1"]) == 0  # fmt: skip
+    logged = [h["loss"] for h in map(json.loads, (run / "log_history.jsonl").read_text().splitlines()) if "loss" in h]
+    delta, processor = load_adapter_model(str(run))
+    cfg = build(
+        {"stage": "caption", "model": {"name_or_path": str(model)}, "data": {"train": str(tmp_path / "rows.jsonl")}}
+    )
+    prepared = C.prepare_caption(cfg, processor)
+    batch = prepared.collator([prepared.train[i] for i in range(8)])
+    with torch.no_grad():
+        own = delta.eval()(**batch).loss.item()
+    assert logged[0] == pytest.approx(own, rel=1e-5)

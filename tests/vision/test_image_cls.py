@@ -308,3 +308,31 @@ def test_bad_image_fails_the_cli_in_one_line(tmp_path, capsys):
                  f"data.train={data}", "data.eval=null", f"output.dir={tmp_path / 'run'}", *FAST])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "d.jsonl:2: cannot read image" in err[0] and "Traceback" not in err[0]
+
+
+def test_the_step_loss_is_the_models_own_loss(digits, tmp_path):
+    """The first logged loss of a run that sees its 10 images in one step (a learning rate too small to matter) is
+    the ViT's own loss on them: the cross-entropy over the step's rows (TokenLossTrainer), which makes an epoch's
+    uneven last step weigh every row alike, is the model's loss for one batch."""
+    from deltatune.train.config import build
+    from deltatune.train.run import load_adapter_model
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "digits-adapt-lora.yaml").read_text())
+    recipe["model"]["name_or_path"] = str(digits / "vit-init")
+    recipe["data"] = {"train": str(digits / "adapt" / "train"), "limit": 10, "augment": []}
+    recipe["train"] = {"batch_size": 10, "max_steps": 1, "lr": 1e-12, "logging_steps": 1, "report_to": ["none"]}
+    recipe["output"] = {"dir": str(tmp_path / "run")}
+    assert main(["train", str(_write(tmp_path / "r.yaml", recipe))]) == 0
+    lines = (tmp_path / "run" / "log_history.jsonl").read_text().splitlines()
+    logged = [h["loss"] for h in map(json.loads, lines) if "loss" in h]
+    delta, processor = load_adapter_model(str(tmp_path / "run"))
+    prepared = C.prepare_image_cls(build({**recipe, "output": {"dir": str(tmp_path / "other")}}), processor)
+    batch = prepared.collator([prepared.train[i] for i in range(len(prepared.train))])
+    with torch.no_grad():
+        own = delta.eval()(**batch).loss.item()
+    assert len(prepared.train) == 10 and logged[0] == pytest.approx(own, rel=1e-5)
+
+
+def _write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path

