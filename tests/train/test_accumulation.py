@@ -67,7 +67,13 @@ def run(files, stage: str, out: str, batch_size: int, grad_accum: int) -> tuple[
                   "logging_steps": 1, "report_to": ["none"]},
         "output": {"dir": out},
     }  # fmt: skip
+    return trained(recipe)
+
+
+def trained(recipe: dict) -> tuple[dict, list[tuple[float, float]]]:
+    """Train ``recipe``: its adapter, and each step's (loss, gradient norm) as logged."""
     train(build(recipe))
+    out = recipe["output"]["dir"]
     with open(f"{out}/log_history.jsonl") as fh:
         steps = [(h["loss"], h["grad_norm"]) for h in map(json.loads, fh) if "loss" in h]
     return load_file(f"{out}/adapter_model.safetensors"), steps
@@ -338,10 +344,7 @@ def test_an_epochs_uneven_last_step_weighs_every_row_alike(tmp_path):
                       "logging_steps": 1, "report_to": ["none"]},
             "output": {"dir": out},
         }  # fmt: skip
-        train(build(recipe))
-        with open(f"{out}/log_history.jsonl") as fh:
-            steps = [(h["loss"], h["grad_norm"]) for h in map(json.loads, fh) if "loss" in h]
-        return load_file(f"{out}/adapter_model.safetensors"), steps
+        return trained(recipe)
 
     (one, logged1), (acc, logged3) = run(str(tmp_path / "one"), 6, 1), run(str(tmp_path / "acc"), 2, 3)
     assert len(logged1) == len(logged3) == 1
