@@ -244,14 +244,29 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
     _item_count_checked = False
 
     def _check_item_count(self, inputs, num_items_in_batch) -> None:
-        """Decide, once, how this model's loss takes the step's item count (see the class docstring)."""
+        """Decide, once, how this model's loss takes the step's item count (see the class docstring); every
+        process decides alike (each asks with its own micro-batch, the answers are gathered)."""
         accumulating = self.args.gradient_accumulation_steps > 1 or self.accelerator.num_processes > 1
         labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
         if num_items_in_batch is None or not accumulating or not isinstance(labels, torch.Tensor):
             return
-        self._item_count_checked = True
         if self.label_smoother is not None:
+            self._item_count_checked = True
             return  # the Trainer's label smoother takes the count itself
+        answer = torch.tensor(self._ask_item_count(inputs, labels), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            answer = self.accelerator.gather(answer.view(1))
+            answer = answer.min() if bool((answer == _ASK_AGAIN).any()) else answer.max()
+        answer = int(answer)
+        self._item_count_checked = answer != _ASK_AGAIN
+        if answer == _TOKEN_LOSS:
+            self.compute_loss_func = token_loss
+        elif answer == _MEAN_PER_MICRO_BATCH:
+            self.model_accepts_loss_kwargs = False  # the Trainer divides each micro-batch's mean by the steps
+
+    def _ask_item_count(self, inputs, labels) -> int:
+        if not bool((labels != -100).any()):
+            return _ASK_AGAIN  # no labelled item in this micro-batch: nothing to tell the losses apart by
         model = self._delta_model()  # not DDP's wrapper: a forward of it may sync buffers across the processes
         was_training = model.training
         model.eval()
@@ -261,25 +276,25 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
                     two = model(**inputs, num_items_in_batch=2)["loss"]  # dropped before the next: one set of logits
                     one = model(**inputs, num_items_in_batch=1)
                 except TypeError:  # a forward that refuses the count: the Trainer must not pass it
-                    self.model_accepts_loss_kwargs = False
-                    return
+                    return _MEAN_PER_MICRO_BATCH
                 except (RuntimeError, ValueError, KeyError, IndexError):
-                    return  # a forward that runs only wrapped (FSDP's sharded weights): the Trainer's own path
-                if not torch.isfinite(one["loss"]):  # no labelled item in this micro-batch: ask at the next
-                    self._item_count_checked = False
-                    return
+                    return _TRAINERS_OWN  # a forward that runs only wrapped (FSDP's sharded weights)
+                if not torch.isfinite(one["loss"]):
+                    return _ASK_AGAIN
                 if not torch.isclose(one["loss"], two, rtol=1e-4):
-                    return  # the model divides by the count: the Trainer's own path is right
+                    return _TRAINERS_OWN  # the model divides by the count: the Trainer's own path is right
                 try:
                     same = bool(torch.isclose(token_loss(one, labels), one["loss"], rtol=1e-5, atol=1e-6))
                 except (RuntimeError, ValueError, KeyError, IndexError, TypeError):
                     same = False  # logits that do not line up with the labels (BCE, regression)
+                return _TOKEN_LOSS if same else _MEAN_PER_MICRO_BATCH
         finally:
             model.train(was_training)
-        if same:
-            self.compute_loss_func = token_loss
-        else:
-            self.model_accepts_loss_kwargs = False  # a mean per micro-batch: the Trainer divides it by the steps
+
+
+# DeltaTrainer's answers on how a model's loss takes the item count, ordered so that processes that answer
+# differently settle on the safest: the lowest asks again, then the highest of the rest.
+_ASK_AGAIN, _TRAINERS_OWN, _TOKEN_LOSS, _MEAN_PER_MICRO_BATCH = 0, 1, 2, 3
 
 
 class TokenLossTrainer(DeltaTrainer):

@@ -396,3 +396,21 @@ def test_the_step_loss_is_the_models_own_loss(files, tmp_path, stage):
     with torch.no_grad():
         own = delta.eval()(**batch).loss.item()
     assert logged[0] == pytest.approx(own, rel=1e-5)
+
+
+def test_the_item_count_question_waits_for_a_micro_batch_with_labels(tmp_path):
+    """A first micro-batch without a labelled token tells nothing (a causal LM's loss over no token is 0 whatever
+    the count): deltatune.Trainer asks again at the next, and decides there."""
+    from tiny import tiny_model
+    from transformers import TrainingArguments
+
+    import deltatune as dt
+
+    model = dt.get_delta_model(tiny_model("bert", "token_cls"), dt.LoraConfig(r=2, target_modules=["query"]))
+    args = TrainingArguments(str(tmp_path), gradient_accumulation_steps=2, report_to=[], use_cpu=True)
+    trainer = dt.Trainer(model=model, args=args)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    trainer._check_item_count({"input_ids": ids, "labels": torch.full((1, 4), -100)}, torch.tensor(3))
+    assert not trainer._item_count_checked and trainer.compute_loss_func is None
+    trainer._check_item_count({"input_ids": ids, "labels": torch.tensor([[0, 1, 2, -100]])}, torch.tensor(3))
+    assert trainer._item_count_checked and trainer.compute_loss_func is dt.loss.token_loss
