@@ -414,3 +414,58 @@ def test_the_item_count_question_waits_for_a_micro_batch_with_labels(tmp_path):
     assert not trainer._item_count_checked and trainer.compute_loss_func is None
     trainer._check_item_count({"input_ids": ids, "labels": torch.tensor([[0, 1, 2, -100]])}, torch.tensor(3))
     assert trainer._item_count_checked and trainer.compute_loss_func is dt.loss.token_loss
+
+
+DDP_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, TrainingArguments
+import deltatune as dt
+
+model_path, out, batch, accumulate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+rows = [{"input_ids": [5 + i, 9, 12 + i % 3][: 1 + i % 3], "labels": i % 2} for i in range(8)]
+
+def collate(batch):
+    width = max(len(r["input_ids"]) for r in batch)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([r["labels"] for r in batch])}
+
+model = dt.get_delta_model(AutoModelForSequenceClassification.from_pretrained(model_path),
+                           dt.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False))
+args = TrainingArguments(out, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate, max_steps=2,
+                         logging_steps=1, learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
+                         disable_tqdm=True, seed=3)
+trainer = dt.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+trainer.train()
+if trainer.is_world_process_zero():
+    logged = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+    json.dump({"logged": logged, "token_loss": trainer.compute_loss_func is not None}, open(out + ".json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_deltatune_trainer_under_two_processes_accumulates_as_one_batch(tmp_path):
+    """deltatune.Trainer from Python on a classifier, 2 processes x 2 rows x 2 accumulated against one process with
+    all 8 rows per step: the same logged losses and gradient norms (the item-count answer gathered from both
+    processes; transformers' own path takes each micro-batch's mean unscaled there too)."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny import save_tiny
+
+    quiet = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = save_tiny(tmp_path / "bert", "bert", "seq_cls", **quiet)
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(script), model, str(tmp_path / "one"), "8", "1"],
+                            capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    multi = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29536", str(script), model,
+                            str(tmp_path / "two"), "2", "2"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert multi.returncode == 0, "\n".join(x for x in multi.stderr.splitlines() if "[rank0]" not in x)[-3000:]
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert two["token_loss"] and len(one["logged"]) == 2
+    assert two["logged"] == [[pytest.approx(a, rel=1e-5), pytest.approx(b, rel=1e-4)] for a, b in one["logged"]]
