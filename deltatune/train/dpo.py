@@ -147,7 +147,7 @@ class DPOTrainer(PairTrainer):
         losses, chosen, rejected = self._losses(model, inputs)
         if model.training:
             self.log_rewards(chosen, rejected)
-        loss = losses.mean()
+        loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

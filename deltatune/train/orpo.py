@@ -93,7 +93,9 @@ class ORPOTrainer(PairTrainer):
             # is taken that many times over to undo both.
             times = self.current_gradient_accumulation_steps * self.accelerator.num_processes
             loss = loss - (times - 1) * pc.sum() / num_items_in_batch
-        if model.training:
+        if model.training:  # the odds-ratio term over the step's pairs, each alike (PairTrainer.pair_mean)
+            odds = F.logsigmoid(log_or)
+            loss = loss + self.align.beta * (odds.mean() - self.pair_mean(odds, model))
             self.log_stat("nll", (-pc.sum() / nc.sum().clamp(min=1)).item())
             self.log_stat("log_odds_ratio", log_or.mean().item())
             self.log_rewards(chosen, rejected, margins=False)

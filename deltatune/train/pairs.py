@@ -78,6 +78,26 @@ class PairTrainer(DeltaTrainer):
             out.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in change.items()})
         return out
 
+    _step_pairs: torch.Tensor | None = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches (and the Trainer's item count), counting the step's pairs on every process
+        for ``pair_mean``."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        pairs = torch.tensor(sum(len(b["input_ids"]) // 2 for b in batches), device=device)
+        self._step_pairs = self.accelerator.gather(pairs).sum() if self.accelerator.num_processes > 1 else pairs
+        return batches, num_items
+
+    def pair_mean(self, losses: torch.Tensor, model) -> torch.Tensor:
+        """The mean of a micro-batch's per-pair losses while evaluating; while training, their sum over the pairs
+        of the whole step (every micro-batch, every process), taken back against the Trainer's division by the
+        accumulation steps and DDP's averaging. Equal micro-batches get their mean either way; an epoch's last
+        step, cut unequally, weighs every pair alike (a mean per micro-batch weighed a pair of a short one more)."""
+        if not model.training or self._step_pairs is None or not int(self._step_pairs):
+            return losses.mean()
+        times = self.current_gradient_accumulation_steps * self.accelerator.num_processes
+        return losses.sum() * times / self._step_pairs
+
     def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, margins: bool = True) -> None:
         """Log the means of the chosen and rejected rewards (their margin), and how often chosen wins."""
         self.log_stat("rewards/chosen", chosen.mean().item())

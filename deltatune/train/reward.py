@@ -23,17 +23,15 @@ from .prepared import Prepared
 from .scorers import is_encoder_config
 
 
+def pairwise_losses(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry ranking loss of each pair: -log sigmoid(chosen - rejected), (B,) from the (B,) rewards of the
+    preferred and the dispreferred responses."""
+    return -F.logsigmoid(chosen.float() - rejected.float())
+
+
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry ranking loss: mean of -log sigmoid(chosen - rejected).
-
-    Args:
-        chosen: (B,) rewards of the preferred responses.
-        rejected: (B,) rewards of the dispreferred responses.
-
-    Returns:
-        The scalar mean loss; log 2 when every margin is 0.
-    """
-    return -F.logsigmoid(chosen.float() - rejected.float()).mean()
+    """The mean of ``pairwise_losses``; log 2 when every margin is 0."""
+    return pairwise_losses(chosen, rejected).mean()
 
 
 class RewardTrainer(PairTrainer):
@@ -43,7 +41,7 @@ class RewardTrainer(PairTrainer):
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         scores = model(**inputs).logits.squeeze(-1)  # (2B,): the B chosen, then the B rejected
         chosen, rejected = scores.chunk(2)
-        loss = pairwise_loss(chosen, rejected)
+        loss = self.pair_mean(pairwise_losses(chosen, rejected), model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

@@ -66,7 +66,7 @@ class SimPOTrainer(PairTrainer):
         losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, self.align.beta, self.align.simpo_gamma)
         if model.training:
             self.log_rewards(chosen, rejected)
-        loss = losses.mean()
+        loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

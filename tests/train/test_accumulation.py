@@ -469,3 +469,27 @@ def test_deltatune_trainer_under_two_processes_accumulates_as_one_batch(tmp_path
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
     assert two["token_loss"] and len(one["logged"]) == 2
     assert two["logged"] == [[pytest.approx(a, rel=1e-5), pytest.approx(b, rel=1e-4)] for a, b in one["logged"]]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "orpo", "simpo", "rm"])
+def test_an_epochs_uneven_last_step_weighs_every_pair_alike(files, tmp_path, stage):
+    """5 preference pairs in micro-batches of 2, 2 and 1 accumulated against one batch of 5: the same loss, gradient
+    norm and adapter. A mean per micro-batch, divided by the steps, weighed the last pair twice."""
+    data, model, targets = STAGES[stage]
+
+    def recipe(out: str, batch_size: int, grad_accum: int) -> dict:
+        return {
+            "stage": stage, "model": {"name_or_path": files[model]},
+            "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": targets},
+            "data": {"train": files[data], "max_length": 32, "limit": 5},
+            "train": {"batch_size": batch_size, "grad_accum": grad_accum, "epochs": 1, "lr": 1e-2, "seed": 3,
+                      "logging_steps": 1, "report_to": ["none"]},
+            "output": {"dir": out},
+        }  # fmt: skip
+
+    (one, logged1), (acc, logged3) = (trained(recipe(str(tmp_path / name), b, g)) for name, b, g in
+                                      (("one", 6, 1), ("acc", 2, 3)))  # fmt: skip
+    assert len(logged1) == len(logged3) == 1
+    assert logged3[0] == (pytest.approx(logged1[0][0], rel=1e-5), pytest.approx(logged1[0][1], rel=1e-4))
+    for k in one:
+        torch.testing.assert_close(acc[k], one[k], rtol=1e-4, atol=1e-5)  # Adam's step on a gradient near 0: noise
