@@ -279,6 +279,8 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
                     return _MEAN_PER_MICRO_BATCH
                 except (RuntimeError, ValueError, KeyError, IndexError):
                     return _TRAINERS_OWN  # a forward that runs only wrapped (FSDP's sharded weights)
+                if not isinstance(two, torch.Tensor) or not isinstance(one.get("loss"), torch.Tensor):
+                    return _TRAINERS_OWN  # no loss from the labels: the Trainer reports that itself
                 if not torch.isfinite(one["loss"]):
                     return _ASK_AGAIN
                 if not torch.isclose(one["loss"], two, rtol=1e-4):
