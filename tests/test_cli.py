@@ -493,6 +493,17 @@ def test_eval_on_a_plain_adapter_folder_refuses_in_one_line(capsys, cls_run, tmp
     assert "or an adapter folder (adapter_config.json)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override", ["method.r=16", "method=ia3", " method.lora_alpha=2"])
+def test_eval_refuses_a_method_override_in_one_line(capsys, cls_run, override):
+    """The adapter brings its method and settings, so ``method.*`` was silently ignored by eval (and ``--compare``
+    rebuilt a start with the overridden method): now refused in one line naming the override and the adapter."""
+    before = sorted(os.listdir(cls_run.run))
+    assert main(["eval", "--adapter", cls_run.run, "--data", cls_run.test, "--compare", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"override {override!r}" in err and "adapter_config.json" in err and "\n" not in err
+    assert sorted(os.listdir(cls_run.run)) == before
+
+
 @pytest.mark.parametrize(
     "config, words",
     [

@@ -48,13 +48,20 @@ def evaluate(
     passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
 
     Raises:
-        ConfigError: no evaluation data, a stage that runs its own loop (ppo, grpo), ``compare`` on a t2i run.
+        ConfigError: no evaluation data, a stage that runs its own loop (ppo, grpo), ``compare`` on a t2i run, a
+            ``method.*`` override (the adapter brings its method).
         DataError: bad data (file, line and column named).
     """
     from transformers import TrainingArguments, set_seed
 
     from .trainer import DeltaTrainer
 
+    for item in overrides or []:  # the adapter brings its method and settings; an override of them would be ignored
+        if item.split("=", 1)[0].strip().split(".")[0] == "method":
+            raise ConfigError(
+                f"override {item!r}: an evaluation reads the method and its settings from the adapter "
+                f"({os.path.join(run_dir, 'adapter_config.json')}); method overrides do not apply"
+            )
     raw, path = _recipe(run_dir, data, compare, overrides or [])
     if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
         raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None}
