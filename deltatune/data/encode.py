@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from .formats import read_samples
 from .load import DataError, Row
 from .preference import encode_lm, encode_scored
-from .sample import Message, Sample
+from .sample import Message, Sample, as_written
 from .tasks import Encoded, _fit
 from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplateError, has_tool_support, render
 
@@ -159,7 +159,7 @@ def encode_prompt_response(
     ``sample.unpaired_examples``), rendered with ``template`` (from ``choose_template``), labels -100 outside the
     response's assistant turns; whether the row was cut to ``max_length``."""
     if template == RAW:
-        return encode_lm(tokenizer, prompt[0]["content"], response[0]["content"], max_length)
+        return encode_lm(tokenizer, as_written(prompt[0]), as_written(response[0]), max_length)
     return _lm(tokenizer, template, prompt, response, tools, max_length)
 
 
@@ -170,7 +170,7 @@ def scored_example(
     """Reward-model inputs of the prompt and ``response``: the rendered conversation (or, RAW, the tokenizer's pair
     template); over-long inputs lose the start of the prompt first."""
     if template == RAW:
-        return encode_scored(tokenizer, s.messages[0]["content"], response[0]["content"], max_length)
+        return encode_scored(tokenizer, as_written(s.messages[0]), as_written(response[0]), max_length)
     text, _ = render(s.messages + response, tokenizer, template, tools=s.tools)
     enc = {k: list(v) for k, v in tokenizer(text, add_special_tokens=_add_special(template)).items()}
     n = len(enc["input_ids"])
@@ -187,7 +187,7 @@ def prompt_ids(s: Sample, tokenizer, template: str | None, max_length: int) -> l
         from .preference import bos_prefix
 
         head = bos_prefix(tokenizer)
-        ids = tokenizer(s.messages[0]["content"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(as_written(s.messages[0]), add_special_tokens=False)["input_ids"]
         return head + ids[max(0, len(ids) - (max_length - len(head))) :]
     text, _ = render(s.messages, tokenizer, template, add_generation_prompt=True, tools=s.tools)
     ids = tokenizer(text, add_special_tokens=_add_special(template))["input_ids"]
@@ -212,7 +212,7 @@ def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tup
     kto: chosen and rejected; ppo: the prompt, nothing trained in it)."""
     if stage == "ppo":
         if template == RAW:
-            return [("prompt", s.messages[0]["content"], [])]
+            return [("prompt", as_written(s.messages[0]), [])]
         text, _ = render(s.messages, tokenizer, template, add_generation_prompt=True, tools=s.tools)
         return [("prompt", text, [])]
     if s.text is not None:
@@ -228,10 +228,14 @@ def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tup
     )
     out = []
     for part, response in responses:
-        if template == RAW:
-            p, r = s.messages[0]["content"], response[0]["content"]
-            sep = " " if stage == "rm" else ""
-            out.append((part, p + sep + r, [] if stage == "rm" else [(len(p), len(p) + len(r))]))
+        if template == RAW:  # the text the model reads: the tokenizer's pair template (rm), or prompt + answer + EOS
+            p, r = as_written(s.messages[0]), as_written(response[0])
+            if stage == "rm":
+                out.append((part, tokenizer.decode(tokenizer(p, r)["input_ids"]), []))
+                continue
+            if tokenizer.eos_token_id is not None:  # encode_lm closes the answer with it
+                r += tokenizer.eos_token
+            out.append((part, p + r, [(len(p), len(p) + len(r))]))
             continue
         text, spans = render(s.messages + response, tokenizer, template, tools=s.tools, train_from=len(s.messages))
         out.append((part, text, [] if stage == "rm" else spans))

@@ -3,6 +3,8 @@
 Formats (the name is what ``data.format`` forces; by default each row's fields decide, and one file holds one):
 
 - ``alpaca``: ``instruction``, ``input``, ``output`` (+ ``system``, + ``history`` of [user, assistant] pairs).
+- ``alpaca_preference``: LLaMA-Factory's ranking rows: ``instruction``, ``input``, ``chosen``, ``rejected`` (+
+  ``system``, ``history``); the prompt is the alpaca one.
 - ``sharegpt``: ``conversations`` of ``{from, value}`` with LLaMA-Factory's roles (human, gpt, system,
   function_call, observation), renamed by ``data.tags`` as in its ``dataset_info.json``; ``system`` and ``tools``
   columns.
@@ -32,10 +34,11 @@ from typing import Any
 
 from ..config import ConfigError
 from .load import DataError, Row
-from .sample import Message, Sample
+from .sample import AS_WRITTEN, Message, Sample
 
 FORMATS: dict[str, str] = {
     "alpaca": "instruction, input, output (+ system, history)",
+    "alpaca_preference": "instruction, input, chosen, rejected (+ system, history)",
     "sharegpt": "conversations of {from, value}",
     "messages": "messages of {role, content}",
     "prompt_completion": "prompt + completion",
@@ -49,12 +52,20 @@ FORMATS: dict[str, str] = {
 
 STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": ("alpaca", "sharegpt", "messages", "prompt_completion"),
-    "rm": ("preference", "preference_implicit", "sharegpt_preference"),
-    "dpo": ("preference", "preference_implicit", "sharegpt_preference"),
-    "orpo": ("preference", "preference_implicit", "sharegpt_preference"),
-    "simpo": ("preference", "preference_implicit", "sharegpt_preference"),
-    "ppo": ("prompt", "preference", "preference_implicit", "sharegpt_preference", "prompt_completion", "unpaired"),
-    "kto": ("unpaired", "preference", "preference_implicit", "sharegpt_preference"),
+    "rm": ("preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
+    "dpo": ("preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
+    "orpo": ("preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
+    "simpo": ("preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
+    "ppo": (
+        "prompt",
+        "preference",
+        "preference_implicit",
+        "sharegpt_preference",
+        "alpaca_preference",
+        "prompt_completion",
+        "unpaired",
+    ),
+    "kto": ("unpaired", "preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
     "pt": ("text",),
 }
 """The formats each stage reads."""
@@ -83,7 +94,7 @@ def _col(columns: dict[str, str], key: str) -> str:
 
 
 def _has(row: Row, column: str) -> bool:
-    return row.data.get(column) is not None
+    return row.get(column, required=False) is not None  # (NaN, pandas' missing value, counts as missing)
 
 
 def detect(row: Row, columns: dict[str, str] | None = None) -> str:
@@ -99,7 +110,10 @@ def detect(row: Row, columns: dict[str, str] | None = None) -> str:
     if has["chosen"] and has["rejected"]:
         if conv or msgs and not has["prompt"]:
             return "sharegpt_preference"
-        return "preference" if has["prompt"] else "preference_implicit"
+        if has["prompt"]:
+            return "preference"
+        # LLaMA-Factory's alpaca ranking rows: the prompt is the instruction (and input), not a common beginning
+        return "alpaca_preference" if _has(row, _col(c, "instruction")) else "preference_implicit"
     if has["prompt"] and has["completion"]:
         return "unpaired" if has["label"] else "prompt_completion"
     if conv or msgs:
@@ -299,6 +313,11 @@ def _tools(row: Row, c: dict[str, str]) -> list[dict] | None:
         value = [value]
     if not isinstance(value, list):
         raise DataError(f"{row.source}: column {_col(c, 'tools')!r} must be a list of tool schemas")
+    for i, v in enumerate(value):
+        if not isinstance(v, dict):
+            raise DataError(
+                f"{row.source}: {_col(c, 'tools')}[{i}] must be a tool schema (a JSON object), got {type(v).__name__}"
+            )
     return [v if "function" in v else {"type": "function", "function": v} for v in value]
 
 
@@ -331,24 +350,45 @@ def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
 # -- one parser per format ----------------------------------------------------------------------------------
 
 
-def _alpaca(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
-    media = _media(row, c)
+def _alpaca_prompt(row: Row, c: dict[str, str]) -> list[Message]:
+    """An alpaca row's system, history and instruction (+ input after a blank line) as messages."""
     instruction = row.text(_col(c, "instruction"))
     extra = row.text(_col(c, "input"), required=False)
     prompt = f"{instruction}\n\n{extra}" if extra else str(instruction)
     history = row.data.get(_col(c, "history")) or []
     messages = _system_message(row, c)
+    h = _col(c, "history")
     if not isinstance(history, list):
-        raise DataError(f"{row.source}: column {_col(c, 'history')!r} must be a list of [instruction, response]")
+        raise DataError(f"{row.source}: column {h!r} must be a list of [instruction, response]")
     for i, turn in enumerate(history):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
-            raise DataError(f"{row.source}: {_col(c, 'history')}[{i}] must be a pair [instruction, response]")
+            raise DataError(f"{row.source}: {h}[{i}] must be a pair [instruction, response]")
+        for k, value in enumerate(turn):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
+                got = "empty" if isinstance(value, str) or value is None else f"a {type(value).__name__}"
+                raise DataError(f"{row.source}: {h}[{i}][{k}] must be text, got {got}")
         messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
-    messages += [
-        {"role": "user", "content": prompt},
-        {"role": "assistant", "content": row.text(_col(c, "output"))},
-    ]
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def _alpaca(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    messages = _alpaca_prompt(row, c)
+    output = row.text(_col(c, "output"))
+    if not output.strip():
+        raise DataError(f"{row.source}: column {_col(c, 'output')!r} is empty")
+    messages.append({"role": "assistant", "content": output})
     return Sample(row.source, "alpaca", messages, conversational=False, **media)
+
+
+def _alpaca_preference(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    media = _media(row, c)
+    messages = _alpaca_prompt(row, c)
+    chosen, conv_c = _turn(row.get(_col(c, "chosen")), row, _col(c, "chosen"), "assistant", media)
+    rejected, conv_r = _turn(row.get(_col(c, "rejected")), row, _col(c, "rejected"), "assistant", media)
+    s = Sample(row.source, "alpaca_preference", messages, chosen=chosen, rejected=rejected,
+               conversational=conv_c or conv_r, **media)  # fmt: skip
+    return _pair_check(s, c)
 
 
 def _sharegpt_roles(t: dict[str, str]) -> dict[str, str]:
@@ -374,7 +414,7 @@ def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
 
 def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     media = _media(row, c)
-    column = _col(c, "messages")
+    column = _col(c, "messages") if _has(row, _col(c, "messages")) else _col(c, "conversations")  # role/content
     roles = {r: r for r in _MESSAGE_ROLES}
     messages = _message_list(row.get(column), row.source, column, "role", "content", roles, media)
     return Sample(row.source, "messages", messages, tools=_tools(row, c), **media)
@@ -460,9 +500,16 @@ def _preference_implicit(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sam
         prompt = chosen_raw[:n].strip()
         if not prompt:
             raise DataError(f"{row.source}: {cc!r} and {rc!r} share no beginning, so they hold no implicit prompt")
-        s = Sample(row.source, "preference_implicit", [{"role": "user", "content": prompt}],
-                   chosen=[{"role": "assistant", "content": chosen_raw[n:].strip()}],
-                   rejected=[{"role": "assistant", "content": rejected_raw[n:].strip()}],
+        # As written, for rendering without a chat template: the whitespace between prompt and answer goes with
+        # the answers (TRL's extract_prompt), so prompt + answer is the file's text.
+        m = len(chosen_raw[:n].rstrip())
+
+        def turn(role: str, text: str, written: str) -> Message:
+            return {"role": role, "content": text.strip(), AS_WRITTEN: written}
+
+        s = Sample(row.source, "preference_implicit", [turn("user", prompt, chosen_raw[:m])],
+                   chosen=[turn("assistant", chosen_raw[n:], chosen_raw[m:])],
+                   rejected=[turn("assistant", rejected_raw[n:], rejected_raw[m:])],
                    conversational=False, tools=_tools(row, c), **media)  # fmt: skip
         return _pair_check(s, c)
     chosen, _ = _turn(chosen_raw, row, cc, "assistant", media)
@@ -500,6 +547,7 @@ def _plain(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
 
 _PARSERS = {
     "alpaca": _alpaca,
+    "alpaca_preference": _alpaca_preference,
     "sharegpt": _sharegpt,
     "messages": _messages,
     "prompt_completion": _prompt_completion,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ class Row:
 
     def get(self, column: str, required: bool = True) -> Any:
         """The value of ``column``; DataError naming the file, line and column when it is missing."""
-        if column not in self.data or self.data[column] is None:
+        value = self.data.get(column)
+        if value is None or isinstance(value, float) and math.isnan(value):  # NaN: pandas' missing value
             if not required:
                 return None
             have = ", ".join(sorted(self.data)) or "none"
@@ -160,6 +162,8 @@ def _json(path: str, _column: str, limit: int | None) -> list[Row]:
         with open(path, encoding="utf-8-sig") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # one object per line, as the datasets library also reads a .json file
+            return _jsonl(path, _column, limit)
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects")
@@ -176,7 +180,8 @@ def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
     with open(path, encoding="utf-8-sig", newline="") as fh:  # Excel writes a byte-order mark before the header
         reader = csv.DictReader(fh, delimiter="\t" if path.lower().endswith(".tsv") else ",")
         for data in reader:
-            i = reader.line_num  # the physical line (a quoted field may span lines; blank lines are skipped)
+            # The record's first physical line: its last, less the line breaks inside its quoted fields.
+            i = reader.line_num - sum(v.count("\n") for v in data.values() if isinstance(v, str))
             if None in data:
                 raise DataError(f"{path}:{i}: more fields than the header has")
             if None in data.values():  # DictReader fills the fields a short row lacks with None

@@ -14,6 +14,10 @@ Message = dict[str, Any]
 """``{"role": system|user|assistant|tool, "content": str}``, an assistant's ``tool_calls`` as transformers'
 chat templates read them (``[{"type": "function", "function": {"name", "arguments": dict}}]``)."""
 
+AS_WRITTEN = "as_written"
+"""A message key holding the text as the file wrote it, where ``content`` was cut from a longer string (an implicit
+prompt's pair): the plain-text rendering (``encode.RAW``) joins these, chat templates read ``content``."""
+
 _MARKERS = ("<image>", "<video>")
 IMAGE_MARKER = "<image>"
 """Where an image goes in a message's text (LLaMA-Factory's and LLaVA's marker)."""
@@ -51,6 +55,12 @@ class Sample:
         if self.completion is not None:
             return self.messages + self.completion, len(self.messages)
         return self.messages, 0
+
+
+def as_written(m: Message) -> str:
+    """A message's text as the file wrote it (``formats.AS_WRITTEN``), else its content: what the plain-text
+    rendering (no chat template) joins."""
+    return m.get(AS_WRITTEN, m["content"])
 
 
 def refuse_multimodal(samples: Sequence[Sample], stage: str) -> None:

@@ -113,6 +113,11 @@ def render(
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < train_from:
                 continue
+            if i == 0:  # a template renders no conversation before it, so its start cannot be told
+                raise ChatTemplateError(
+                    "messages[0].role: the conversation opens with an assistant turn, so the model's chat template "
+                    "gives no prompt before it; start it with a user (or system) turn, or drop the opening turn"
+                )
             before = apply(messages[:i], True)
             through = apply(messages[: i + 1])
             if not text.startswith(through) or not through.startswith(before):
@@ -137,8 +142,11 @@ def render(
             prefix, suffix = t.assistant.split("{content}")
             text += prefix
             start = len(text)
-            # The end-of-sequence token closes each answer, so generation learns where to stop.
+            # The end-of-sequence token closes each answer, so generation learns where to stop; once, where the
+            # template's own end marker is that token (chatml with Qwen's or SmolLM2's <|im_end|>).
             text += m["content"] + eos
+            if eos and suffix.startswith(eos):
+                suffix = suffix[len(eos) :]
             if i >= train_from:
                 spans.append((start, len(text)))
             text += suffix

@@ -171,12 +171,13 @@ def eval_prompts(cfg, limit: int) -> list[Messages]:
     prompt, or its conversation up to the last assistant turn."""
     from ..data.formats import read_samples
     from ..data.load import read_rows
+    from .prepared import data_columns
 
     d = cfg.data
     spec = d.eval or d.train
     rows = read_rows(spec, d.text_column, limit)
     prompts = []
-    for s in read_samples(rows, d.columns, d.format, d.tags):
+    for s in read_samples(rows, data_columns(d), d.format, d.tags):
         msgs = [{"role": m["role"], "content": m["content"]} for m in s.messages]
         if s.completion is None and msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]

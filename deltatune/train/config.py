@@ -86,7 +86,7 @@ class DataArgs:
     format: str | None = _f(
         None,
         "Data format (docs/data-formats.md): alpaca, sharegpt, messages, prompt_completion, prompt, preference, "
-        "preference_implicit, sharegpt_preference, unpaired, text; default: detected from the rows.",
+        "preference_implicit, sharegpt_preference, alpaca_preference, unpaired, text; default: detected from the rows.",
     )
     tags: dict = _f({}, "sharegpt role/content tag names, as LLaMA-Factory's dataset_info.json 'tags'.")
     template: str | None = _f(

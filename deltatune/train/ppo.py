@@ -399,6 +399,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
 
     d, a = cfg.data, cfg.align
     from ..data.encode import prompt_ids
+    from ..data.sample import as_written
 
     train_s, eval_s, template, data_notes = read_splits(cfg, tok)
 
@@ -409,7 +410,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     # The reward function reads a one-message prompt as the user's own words (as a reward run was trained on
     # them, and as a Python reward expects), not as the decoded chat template the policy samples after.
     plain = {
-        tok.decode(ids, skip_special_tokens=True): s.messages[0]["content"]
+        tok.decode(ids, skip_special_tokens=True): as_written(s.messages[0])
         for ids, s in zip(train + (evals or []), train_s + (eval_s or []))
         if len(s.messages) == 1 and s.messages[0]["role"] == "user"
     }

@@ -41,13 +41,14 @@ FILES = {
     "implicit_standard": ("preference_implicit_standard.jsonl", "preference_implicit", False, []),
     "implicit_conversational": ("preference_implicit_conversational.jsonl", "preference_implicit", True, []),
     "sharegpt_preference": ("sharegpt_preference.jsonl", "sharegpt_preference", True, []),
+    "alpaca_preference": ("alpaca_preference.jsonl", "alpaca_preference", False, []),
     "unpaired": ("unpaired.jsonl", "unpaired", False, []),
     "text": ("text.jsonl", "text", False, []),
     "tools_messages": ("tools_messages.jsonl", "messages", True, []),
     "tools_sharegpt": ("tools_sharegpt.jsonl", "sharegpt", True, []),
 }
 PREFERENCE = ["pref_standard", "pref_conversational", "implicit_standard", "implicit_conversational",
-              "sharegpt_preference"]  # fmt: skip
+              "sharegpt_preference", "alpaca_preference"]  # fmt: skip
 STAGE_RUNS = (
     [(k, "sft") for k in ("alpaca", "sharegpt", "sharegpt_tags", "messages", "pc_standard", "pc_conversational")]
     + [(k, "sft") for k in ("tools_messages", "tools_sharegpt")]
@@ -537,3 +538,105 @@ def test_reward_scoring_renders_pairs_as_the_reward_run_was_trained(tok):
         want = scored_example(s, s.chosen, tok, template, 64)[0]
         assert score_inputs(tok, template, "What colour is a ripe lemon?", "Yellow.", 64) == want
     assert score_inputs(tok, RAW, "Q?", "A.", 64) == encode_scored(tok, "Q?", "A.", 64)[0]
+
+
+# -- faults a hostile pass found (each test failed before its fix) ----------------------------------------------
+
+
+def test_alpaca_preference_rows_prompt_with_instruction_input_system_and_history():
+    """LLaMA-Factory's ranking rows (instruction, input, chosen, rejected) were read as implicit-prompt pairs: the
+    instruction was dropped and the answers' shared first words became the prompt ("The answer is")."""
+    row = Row({"instruction": "What is 2+2?", "input": "Show it.", "chosen": "The answer is 4.",
+               "rejected": "The answer is 5.", "system": "Be exact.", "history": [["Hi.", "Hello."]]}, "p.jsonl:3")  # fmt: skip
+    s = read_samples([row], stage="dpo")[0]
+    assert s.format == "alpaca_preference"
+    assert s.messages == [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Hi."},
+                          {"role": "assistant", "content": "Hello."},
+                          {"role": "user", "content": "What is 2+2?\n\nShow it."}]  # fmt: skip
+    assert s.chosen == [{"role": "assistant", "content": "The answer is 4."}]
+    assert s.rejected == [{"role": "assistant", "content": "The answer is 5."}]
+
+
+def test_implicit_string_pairs_keep_the_files_text_without_a_chat_template():
+    """HH-RLHF-style string pairs on a tokenizer without a chat template were encoded as "...Assistant:Yellow.":
+    the space between prompt and answer was stripped from both. TRL's split keeps it with the answers."""
+    from deltatune.data.encode import RAW, rendered
+    from deltatune.data.preference import encode_lm
+
+    plain = tokenizer()
+    plain.chat_template = None
+    chosen, rejected = "\n\nHuman: What colour is a lemon?\n\nAssistant: Yellow.", "\n\nHuman: What colour is a lemon?\n\nAssistant: Purple."  # fmt: skip
+    s = read_samples([Row({"chosen": chosen, "rejected": rejected}, "hh.jsonl:1")])[0]
+    assert s.messages[0]["content"] == "Human: What colour is a lemon?\n\nAssistant:"  # what a chat template reads
+    assert choose_template([s], plain, None, "dpo") == RAW
+    want = encode_lm(plain, "\n\nHuman: What colour is a lemon?\n\nAssistant:", " Yellow.", 512)
+    assert lm_example(s, s.chosen, plain, RAW, 512) == want
+    part, text, spans = rendered(s, plain, RAW, "dpo")[1]
+    assert part == "rejected" and text == rejected + "[SEP]" and text[spans[0][0] :] == " Purple.[SEP]"
+
+
+def test_a_conversation_opening_with_an_assistant_turn_is_one_line(tok):
+    from deltatune.data.encode import encode_sft_samples
+
+    row = Row({"messages": [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi."},
+                            {"role": "assistant", "content": "How can I help?"}]}, "a.jsonl:2")  # fmt: skip
+    with pytest.raises(DataError, match=r"^a.jsonl:2: messages\[0\].role: the conversation opens with an assistant"):
+        encode_sft_samples(read_samples([row], stage="sft"), tok, None, 64)
+
+
+def test_a_conversations_column_of_role_content_messages_is_read():
+    row = Row({"conversations": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+              "c.jsonl:1")  # fmt: skip
+    s = read_samples([row], stage="sft")[0]
+    assert s.format == "messages" and s.messages == [{"role": "user", "content": "Hi?"},
+                                                     {"role": "assistant", "content": "Hello."}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"tools": [1]}, r"t.jsonl:1: tools\[0\] must be a tool schema \(a JSON object\), got int"),
+        ({"tools": '["get_weather"]'}, r"t.jsonl:1: tools\[0\] must be a tool schema \(a JSON object\), got str"),
+        ({"instruction": "Add.", "output": "9.", "history": [["Add 4 and 5.", None]]},
+         r"t.jsonl:1: history\[0\]\[1\] must be text, got empty"),
+        ({"instruction": "Add.", "output": "9.", "history": [[["a"], "9."]]},
+         r"t.jsonl:1: history\[0\]\[0\] must be text, got a list"),
+        ({"instruction": "Add.", "output": " "}, r"t.jsonl:1: column 'output' is empty"),
+        ({"instruction": "Add.", "output": float("nan")}, r"t.jsonl:1: column 'output' is missing"),
+    ],
+)  # fmt: skip
+def test_bad_fields_found_later_are_one_line(fields, message):
+    """Each was a traceback (tools), trained Python's text ("None", "['a']"), or named a field the file lacks."""
+    row = Row({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+               **fields} if "tools" in fields else fields, "t.jsonl:1")  # fmt: skip
+    with pytest.raises(DataError, match=rf"^{message}"):
+        read_samples([row], stage="sft")
+
+
+def test_nan_is_a_missing_value():
+    """pandas writes a missing value as NaN, which JSON readers take as a float: it was trained as the text "nan"."""
+    s = read_samples([Row({"instruction": "Add 4 and 5.", "input": float("nan"), "output": "9."}, "n.jsonl:1")])[0]
+    assert s.messages[0] == {"role": "user", "content": "Add 4 and 5."}
+
+
+def test_chatml_closes_an_answer_once_when_the_eos_is_its_end_marker(tok):
+    """data.template=chatml on a model whose EOS is <|im_end|> (Qwen, SmolLM2) wrote <|im_end|><|im_end|>."""
+    im = tokenizer()
+    im.eos_token = "<|im_end|>"
+    text, spans = render(LEMON, im, "chatml")
+    assert (
+        text == "<|im_start|>user\nWhat colour is a ripe lemon?<|im_end|>\n<|im_start|>assistant\nYellow.<|im_end|>\n"
+    )
+    assert [text[a:b] for a, b in spans] == ["Yellow.<|im_end|>"]
+    assert render(LEMON, tok, "chatml")[0].endswith("Yellow.[SEP]<|im_end|>\n")  # another EOS: appended as before
+
+
+def test_output_samples_read_the_renamed_prompt_column(tmp_path):
+    """The run's before/after answers read the eval file with data.columns only, so a data.prompt_column rename
+    made them fail after training."""
+    from deltatune.train.chat import eval_prompts
+    from deltatune.train.config import build
+
+    path = write(tmp_path / "q.jsonl", [{"question": "Why?", "completion": "Because."}])
+    cfg = build({"stage": "sft", "data": {"train": path, "prompt_column": "question"}})
+    assert eval_prompts(cfg, 1) == [[{"role": "user", "content": "Why?"}]]

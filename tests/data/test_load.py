@@ -53,7 +53,17 @@ def test_csv_line_numbers_follow_the_file(tmp_path):
     path = _write(tmp_path / "d.csv", 'text,label\n"two\nlines",1\n\nlast,0\n')
     rows = read_rows(path)
     assert rows[0].data == {"text": "two\nlines", "label": "1"}
+    assert rows[0].source == f"{path}:2"  # where the record starts (it was named by its last line, 3)
     assert rows[1].source == f"{path}:5"
+
+
+def test_a_json_file_of_json_lines_is_read_as_lines(tmp_path):
+    """One object per line in a .json file (as the datasets library reads it) was refused as "Extra data"."""
+    path = _write(tmp_path / "d.json", '{"text": "a"}\n\n{"text": "b"}\n')
+    assert [(r.data, r.source) for r in read_rows(path)] == [
+        ({"text": "a"}, f"{path}:1"),
+        ({"text": "b"}, f"{path}:3"),
+    ]
 
 
 def test_csv_with_byte_order_mark(tmp_path):
