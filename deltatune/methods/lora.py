@@ -75,16 +75,10 @@ class LoraConfig(DeltaConfig):
         if self.init_lora_weights not in (True, False, "gaussian"):
             init = self.init_lora_weights
             moves_base = isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda", "loftq")
-            raise ConfigError(
-                f"init_lora_weights must be True, False or 'gaussian', got {init!r}"
-                + (
-                    ": that init of peft's changes the base weights too, so its adapter works only on the base peft "
-                    "changed; peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes it as a "
-                    "plain LoRA of the original base"
-                    if moves_base
-                    else ""
-                )
-            )
+            why = (": that init of peft's changes the base weights too, so its adapter works only on the base peft "
+                   "changed; peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes it as a "
+                   "plain LoRA of the original base") if moves_base else ""  # fmt: skip
+            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}{why}")
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
             check_positive_int(f"rank_pattern[{key!r}]", value)
@@ -194,17 +188,31 @@ class _LoraBase(DeltaLayer):
                 result = result.index_copy(0, rows, self._add(name, x.index_select(0, rows), result[rows]))
         return result
 
-    def _merge_weights(self, name: str) -> None:
+    def _merge_weights(self, name: str, base: torch.Tensor | None = None) -> None:
         self._dequantize_base()
         weight = self._weight
         delta = self.delta_weight(name).to(weight.dtype)
-        if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W + s B A||, the norm kept for unmerge
-            merged = weight + delta
-            self._dora_norm[name] = norm = row_norm(merged, self._rows_dim)
+        if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept for unmerge
+            # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
+            # _unmerged_base_weight); W itself holds them.
+            base = self._unmerged_base() if base is None else base
+            self._dora_norm[name] = norm = row_norm(base + delta, self._rows_dim)
             factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / norm
-            weight.copy_(merged * _expand(factor, weight, self._rows_dim))
+            weight.copy_((weight + delta) * _expand(factor, weight, self._rows_dim))
         else:
             weight.add_(delta)
+
+    def _unmerged_base(self) -> torch.Tensor:
+        """The base weight without the adapters merged into it (taken out, copied, merged back in turn)."""
+        merged = list(self.merged_adapters)
+        if not merged:
+            return self._weight
+        for n in reversed(merged):
+            self._unmerge_weights(n)
+        base = self._weight.detach().clone()
+        for n in merged:
+            self._merge_weights(n, base)
+        return base
 
     def _unmerge_weights(self, name: str) -> None:
         weight = self._weight
