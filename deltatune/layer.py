@@ -17,6 +17,7 @@ row's adapter instead of the active ones; ``None`` (the default) is the normal b
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,36 @@ class RowAdapters:
             else:
                 self._groups[key] = [(name, (codes == i).nonzero().flatten()) for i, name in enumerate(unique)]
         return self._groups[key]
+
+
+def row_names(adapter_names: Any, batch_size: int | None, known: Sequence[str]) -> list[str]:
+    """``adapter_names`` checked as one adapter name per row (of ``known``, or ``BASE_ROW``) of a ``batch_size``
+    batch (None: any).
+
+    Raises:
+        TypeError: not a list of strings.
+        ValueError: empty, another length than ``batch_size``, an unknown name.
+    """
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(
+            'adapter_names must be a list with one adapter name per row ("__base__" for the base model), '
+            f"got {adapter_names!r}"
+        )
+    names = list(adapter_names)
+    if not names:
+        raise ValueError("adapter_names is empty; give one adapter name per row of the batch")
+    if batch_size is not None and len(names) != batch_size:
+        raise ValueError(
+            f"adapter_names has {len(names)} names but the batch has {batch_size} rows; give one adapter name "
+            'per row ("__base__" for the base model)'
+        )
+    for name in dict.fromkeys(names):
+        if name != BASE_ROW and name not in known:
+            raise ValueError(
+                f"unknown adapter {name!r} in adapter_names; adapters in this model: {', '.join(known) or 'none'} "
+                '(and "__base__" for the base model)'
+            )
+    return names
 
 
 class NotMergeable(TypeError):
@@ -358,6 +389,18 @@ def unpack_frozen_layers(model: nn.Module) -> list[str]:
     for path, module in packed:
         set_submodule(model, path, module.unpack(dtype))
     return [n for n, _ in packed]
+
+
+def unwrapped_name(name: str) -> str:
+    """A base parameter's name as in the plain model: without the ``base_layer.`` of the deltatune layers around its
+    module, which other adapters add and remove (``k_proj.base_layer.bias`` is ``k_proj.bias``)."""
+    return re.sub(r"(\.base_layer)+\.", ".", name)
+
+
+def base_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
+    """The parameters of ``model`` with these unwrapped names (``unwrapped_name``), keyed by their current names."""
+    wanted = set(names)
+    return {n: p for n, p in model.named_parameters() if unwrapped_name(n) in wanted}
 
 
 def replace_module(root: nn.Module, path: str, module: nn.Module | None) -> None:

@@ -41,13 +41,16 @@ from .layer import (
     DeltaLayer,
     ModulesToSave,
     RowAdapters,
+    base_parameters,
     call_batch_size,
     check_not_shared,
     checkpointing,
     enable_checkpointing,
     logical_numel,
     replace_module,
+    row_names,
     unpack_frozen_layers,
+    unwrapped_name,
 )
 from .targets import HEADS_BY_TASK, add_modules_to_save
 
@@ -135,26 +138,7 @@ class DeltaModel(nn.Module):
                 layer.disabled = disabled
 
     def _check_rows(self, adapter_names: Any, batch_size: int | None) -> list[str]:
-        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError(
-                'adapter_names must be a list with one adapter name per row ("__base__" for the base model), '
-                f"got {adapter_names!r}"
-            )
-        names = list(adapter_names)
-        if not names:
-            raise ValueError("adapter_names is empty; give one adapter name per row of the batch")
-        if batch_size is not None and len(names) != batch_size:
-            raise ValueError(
-                f"adapter_names has {len(names)} names but the batch has {batch_size} rows; give one adapter name "
-                'per row ("__base__" for the base model)'
-            )
-        for name in dict.fromkeys(names):
-            if name != BASE_ROW and name not in self.peft_config:
-                known = ", ".join(self.peft_config) or "none"
-                raise ValueError(
-                    f"unknown adapter {name!r} in adapter_names; adapters in this model: {known} "
-                    '(and "__base__" for the base model)'
-                )
+        names = row_names(adapter_names, batch_size, list(self.peft_config))
         layers = [layer for _, layer in self._layers()]
         if any(layer.merged_adapters for layer in layers):
             raise ValueError(
@@ -279,7 +263,10 @@ class DeltaModel(nn.Module):
             add_modules_to_save(self.base_model, adapter_name, config)
             method.inject(self.base_model, config, adapter_name)
             self.peft_config[adapter_name] = config
-            self._base_trainables[adapter_name] = config.trainable_base_parameters(self.base_model)
+            # Unwrapped names: later adapters may wrap (or unwrap) the modules that hold these parameters.
+            self._base_trainables[adapter_name] = list(
+                map(unwrapped_name, config.trainable_base_parameters(self.base_model))
+            )
             if _tensors is not None:
                 self._import(adapter_name, _tensors, _source)
         except BaseException:
@@ -351,26 +338,33 @@ class DeltaModel(nn.Module):
                     p.requires_grad_(train)
                     if train:
                         trainable.add(id(p))
-        params = dict(self.base_model.named_parameters())
         for name in self.active_adapters:
             if not self.peft_config[name].inference_mode:
-                trainable.update(id(params[p]) for p in self._base_trainables.get(name, []) if p in params)
+                trainable.update(map(id, self._base_params(name).values()))
         for p in self.base_model.parameters():
             p.requires_grad_(id(p) in trainable)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as the base model (merged adapters are unmerged meanwhile)."""
+        with self._unmerged():
+            layers = self._layers()
+            for _, layer in layers:
+                layer.disabled = True
+            try:
+                yield
+            finally:
+                for _, layer in layers:
+                    layer.disabled = False
+
+    @contextmanager
+    def _unmerged(self) -> Iterator[None]:
+        """Within the block no adapter is merged; the merged ones are merged again after it."""
         merged = self._merged()
         self.unmerge_adapter()
-        layers = self._layers()
-        for _, layer in layers:
-            layer.disabled = True
         try:
             yield
         finally:
-            for _, layer in layers:
-                layer.disabled = False
             for layer, names in merged:
                 for name in names:
                     layer.merge(name)
@@ -454,16 +448,21 @@ class DeltaModel(nn.Module):
         for path, layer in self._layers():
             if name in layer.adapter_names:
                 out.update(layer.export_state(name, f"{prefix}{path}."))
-        params = dict(self.base_model.named_parameters())
-        for pname in self._base_trainables.get(name, []):
-            out[prefix + base_key(pname, name)] = params[pname]
+        for pname, p in self._base_params(name).items():
+            out[prefix + base_key(pname, name)] = p
         return out
+
+    def _base_params(self, name: str) -> dict[str, nn.Parameter]:
+        return base_parameters(self.base_model, self._base_trainables.get(name, []))
 
     def _key_prefix(self, name: str) -> str:
         return key_prefix(self.peft_config[name])
 
     def _import(self, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         expected = self.adapter_state_dict(name)
+        # a base parameter saved under another wrapping of its module (x.bias, x.base_layer.bias) is this one
+        alias = {unwrapped_name(k): k for k in expected}
+        tensors = {k if k in expected else alias.get(unwrapped_name(k), k): v for k, v in tensors.items()}
         prefix = self._key_prefix(name)
         base_params = {prefix + n: p for n, p in self.base_model.named_parameters()}
         full_copies = match_tensors(tensors, expected, base_params, source)
@@ -472,10 +471,9 @@ class DeltaModel(nn.Module):
         for path, layer in self._layers():
             if name in layer.adapter_names:
                 layer.import_state(name, f"{prefix}{path}.", tensors)
-        params = dict(self.base_model.named_parameters())
         with torch.no_grad():
-            for pname in self._base_trainables.get(name, []):
-                params[pname].copy_(tensors[prefix + base_key(pname, name)])
+            for pname, p in self._base_params(name).items():
+                p.copy_(tensors[prefix + base_key(pname, name)])
             for key, target in full_copies.items():
                 target.copy_(copies[key])
 
@@ -553,7 +551,8 @@ class DeltaModel(nn.Module):
         """
         self._check_names([adapter_name])
         tensors, source = read_weights(model_id, None, None, allow_pickle=False)
-        self._import(adapter_name, tensors, source)
+        with self._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
+            self._import(adapter_name, tensors, source)
 
     @classmethod
     def from_pretrained(

@@ -222,6 +222,54 @@ def test_multiple_active_adapters_add_up():
         torch.testing.assert_close(model(x), both, atol=ATOL32, rtol=0)
 
 
+@pytest.mark.parametrize("first", [dt.LoraConfig(r=2, bias="all", target_modules=["q_proj"]), dt.BitFitConfig()])
+def test_base_biases_an_adapter_trains_survive_other_adapters_wrapping_their_modules(first, tmp_path):
+    """An adapter that trains base biases named them as they were when it was added: another adapter wrapping k_proj
+    (k_proj.bias -> k_proj.base_layer.bias) froze that bias silently and made save_pretrained a KeyError, and so
+    did deleting an adapter that had wrapped it."""
+    model = dt.get_delta_model(tiny_model("opt"), first)
+    trains = {n.replace(".base_layer.", ".") for n, p in model.named_parameters() if p.requires_grad}
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+    after = {n.replace(".base_layer.", ".") for n, p in model.named_parameters() if p.requires_grad}
+    assert after == trains and any("k_proj.bias" in n for n in after)
+    with torch.no_grad():  # the biases as trained
+        for n, p in model.named_parameters():
+            if n.endswith("k_proj.base_layer.bias"):
+                p.add_(1.0)
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    model.set_adapter("default")
+    want = output_of(model.eval(), tiny_inputs("opt"))
+    # The file names the bias as its module was wrapped then; a model without adapter "b" loads it all the same.
+    loaded = dt.DeltaModel.from_pretrained(tiny_model("opt"), tmp_path).eval()
+    torch.testing.assert_close(output_of(loaded, tiny_inputs("opt")), want, atol=ATOL32, rtol=0)
+    model.delete_adapter("b")  # unwraps k_proj again
+    model.set_adapter("default")
+    assert {n.replace(".base_layer.", ".") for n, p in model.named_parameters() if p.requires_grad} == trains
+    model.save_pretrained(tmp_path / "again")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_loading_weights_into_a_merged_adapter_keeps_the_base(dora, tmp_path):
+    """load_adapter_weights into a merged adapter left the old update in the weights, and unmerge then took the new
+    one out: the base weights stayed wrong (0.53 off)."""
+    inputs = tiny_inputs("llama")
+    other = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, init_lora_weights=False, use_dora=dora))
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if "lora_" in n:
+                p.mul_(3)
+    other.save_pretrained(tmp_path)
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, init_lora_weights=False, use_dora=dora))
+    model.eval().merge_adapter()
+    model.load_adapter_weights(tmp_path, "default")
+    torch.testing.assert_close(output_of(model, inputs), output_of(other.eval(), inputs), atol=ATOL32, rtol=0)
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(
+            output_of(model, inputs), output_of(tiny_model("llama"), inputs), atol=ATOL32, rtol=0
+        )
+
+
 # -- torch.compile ----------------------------------------------------------------------------------------------------
 def test_compile_lora_linear_fullgraph():
     # aot_eager traces through dynamo and AOTAutograd like inductor does (fullgraph raises on a graph break) without
