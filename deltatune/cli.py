@@ -428,6 +428,7 @@ def _chat(args) -> int:
 
 
 def _merge(args) -> int:
+    from .train.models import stored_dtype
     from .train.run import adapter_field, load_adapter_model, merge
     from .train.runfolder import check_apart, publish_folder, staging_folder
 
@@ -436,6 +437,11 @@ def _merge(args) -> int:
     with staging_folder(args.out, args.overwrite) as staging:  # refuses a folder with files unless --overwrite
         delta, tok = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
         model, report = merge(delta, tok)
+        # Merged in float32, saved as the base is stored (a bfloat16 base stays bfloat16, half the size).
+        source = getattr(getattr(model, "config", None), "_name_or_path", None)
+        dtype = stored_dtype(source, args.trust_remote_code) if source and report is None else None
+        if dtype is not None and dtype != model.dtype:
+            model = model.to(dtype)
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
         if report is not None:  # a 4-bit base: what merging into full precision changed, kept beside the model

@@ -543,6 +543,28 @@ def test_merge_writes_a_plain_transformers_model(capsys, cls_run):
     assert (want - base).abs().max() > 1e-4  # the adapter (and trained head) changed the output
 
 
+def test_merge_saves_the_model_as_its_base_is_stored(capsys, tmp_path):
+    """A bfloat16 base was merged and saved as float32 (twice the size, and not what the base is); now merged in
+    float32 and saved in the base's own dtype."""
+    base = save_tiny(tmp_path / "llama", "llama")
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)
+    get_delta_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, init_lora_weights=False)
+    ).save_pretrained(tmp_path / "adapter")
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "config.json", encoding="utf-8") as fh:
+        assert json.load(fh)["dtype"] == "bfloat16"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    want = DeltaModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "adapter"
+    )
+    with torch.no_grad():
+        got = merged.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+        q = want.merge_and_unload().state_dict()["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16)
+    assert torch.equal(got, q)  # merged in float32, rounded once
+
+
 def test_generate_prints_text(capsys, tmp_path):
     model = save_tiny(tmp_path / "lm", "llama")
     data = _jsonl(

@@ -159,6 +159,20 @@ def resolved_dtype(dtype: str) -> str:
     return dtype
 
 
+def stored_dtype(name_or_path: str, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The floating dtype a transformers checkpoint's config records (``dtype``, formerly ``torch_dtype``), or
+    None: none recorded, or not a transformers checkpoint (a diffusers pipeline)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code)
+    except Exception:  # (the model itself loaded, so the loader has nothing more to say here)
+        return None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
 def load_model(
     name_or_path: str,
     task_type: str,
