@@ -181,6 +181,8 @@ def create_app(
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise RequestError(f"stream_options must be an object, got {options!r}", param="stream_options")
+        if options and not stream:  # as OpenAI's API answers
+            raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = _flag(options, "include_usage", "stream_options.include_usage")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
@@ -319,7 +321,10 @@ def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
+        ids = list(tokenizer(prompt)["input_ids"])
+        if not ids:  # an empty string, with a tokenizer that adds no BOS
+            raise RequestError("prompt is empty; give some text (or token ids) to continue", param="prompt")
+        return ids
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         vocab = len(tokenizer)
         if any(t < 0 or t >= vocab for t in prompt):
@@ -331,7 +336,7 @@ def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
 def _asks_nothing(value: Any, default: Any) -> bool:
     """Whether an unsupported field's value asks for nothing: absent, empty, or its default (``logprobs: 0`` asks
     for the chosen tokens' log-probabilities, so a flag's default is matched as a flag, not as the number 0)."""
-    if value is None or value == {} or value == []:
+    if value is None or value in ({}, [], ""):
         return True
     if isinstance(default, bool) or isinstance(value, bool):
         return value is default
@@ -352,6 +357,12 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise RequestError(f"{key} must be a number in [{low}, {high}], got {value!r}", param=key)
     return float(value)
+
+
+def _temperature(body: dict) -> float:
+    """The request's temperature; below 1e-5 it samples as greedy (as vLLM does): logits / 1e-300 overflow."""
+    t = _number(body, "temperature", 1.0, 0.0, 2.0)
+    return 0.0 if t < 1e-5 else t
 
 
 def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> Request:
@@ -379,8 +390,8 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
             code="context_length_exceeded",
             param=key,
         )
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n not in (None, 1) or isinstance(n, bool):
         raise RequestError(f"n must be 1 (one choice per request), got {n!r}", param="n")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
@@ -397,7 +408,7 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
         adapter=model,
         max_tokens=max_tokens,
         emit=lambda text, finish: None,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=_temperature(body),
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
         stop=stop,
         seed=seed,

@@ -135,18 +135,18 @@ class Engine:
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load the adapter saved at ``path`` as ``name`` (between batches)."""
-        if name == BASE or name in self.model.peft_config:
-            raise RequestError(f"an adapter named {name!r} is served already", 409, "adapter_exists", "name")
-        with self._changing():
+        with self._changing():  # checked under the lock: two loads of one name give the second a 409
+            if name == BASE or name in self.model.peft_config:
+                raise RequestError(f"an adapter named {name!r} is served already", 409, "adapter_exists", "name")
             check_servable(self.model, path, name)
             self.model.load_adapter(path, name)
             self.model.eval()
 
     def unload_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
-        if name not in self.model.peft_config:
-            raise RequestError(f"no adapter named {name!r} is served", 404, "model_not_found", "name")
-        with self._changing():
+        with self._changing():  # checked under the lock: two unloads of one name give the second a 404
+            if name not in self.model.peft_config:
+                raise RequestError(f"no adapter named {name!r} is served", 404, "model_not_found", "name")
             self.model.delete_adapter(name)
             self._routes.pop(name, None)
 
@@ -324,7 +324,9 @@ class Engine:
         if token in self.eos_ids and not r.ignore_eos:
             r.finish_reason = "stop"
         else:
-            r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+            # No clean-up of spaces: it may rewrite text already sent ("a ' b" -> "a'b"), so each decode must extend
+            # the one before.
+            r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             cut = min((k for k in (r.text.find(s) for s in r.stop) if k >= 0), default=-1)
             if cut >= 0:
                 r.text, r.finish_reason = r.text[:cut], "stop"
@@ -334,11 +336,11 @@ class Engine:
             r.emit(r.text[r.sent :], r.finish_reason)
             r.sent = len(r.text)
             return True
-        # Hold back what may still turn into a stop string, and a partly decoded character.
-        hold = max((len(s) - 1 for s in r.stop), default=0)
-        end = len(r.text) - hold
+        # Hold back a partly decoded character, and before it what may still turn into a stop string.
+        end = len(r.text)
         while end > r.sent and r.text[end - 1] == "\ufffd":
             end -= 1
+        end -= max((len(s) - 1 for s in r.stop), default=0)
         if end > r.sent:
             r.emit(r.text[r.sent : end], None)
             r.sent = end

@@ -168,6 +168,12 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
         "logprobs": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 2}),
         "logprobs 0": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 0}),  # the chosen tokens'
         "frequency_penalty": (400, "unsupported", {"model": "lora", "prompt": "hi", "frequency_penalty": 0.5}),
+        # as OpenAI answers (it was accepted and ignored)
+        "stream_options without stream": (
+            400,
+            None,
+            {"model": "lora", "prompt": "hi", "stream_options": {"include_usage": True}},
+        ),
     }
     for what, (status, code, body) in bodies.items():
         got, answer = _post(server, "/v1/completions", json.dumps(body).encode())
@@ -203,6 +209,7 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
     for asks_nothing in (
         {"frequency_penalty": 0.0, "logprobs": False, "tools": []},
         {"response_format": {"type": "text"}},
+        {"suffix": "", "n": None},  # were 400s
     ):
         body = {"model": "lora", "messages": CHAT, "max_tokens": 1, **asks_nothing}
         assert _post(server, "/v1/chat/completions", json.dumps(body).encode())[0] == 200, asks_nothing
@@ -456,3 +463,48 @@ def test_an_engine_with_no_room_in_a_batch_is_refused(served):
     for size, wait in ((0, 0.01), (4, -1.0), (4, float("nan"))):
         with pytest.raises(ValueError, match=r"^max_batch_size must be >= 1 and max_wait_s >= 0"):
             Engine(engine.model, engine.tokenizer, max_batch_size=size, max_wait_s=wait)
+
+
+def test_a_temperature_below_1e_5_is_greedy_and_fails_no_batch_mate(served):
+    """temperature 1e-300 divided the logits to inf and NaN: a 500 for the request and every row batched with it."""
+    _, server, _, _ = served
+    api = client(server)
+    greedy = api.completions.create(model="lora", prompt=PROMPTS[1], max_tokens=6, temperature=0).choices[0].text
+    with concurrent_requests() as pool:
+        tiny = pool.submit(api.completions.create, model="lora", prompt=PROMPTS[1], max_tokens=6, temperature=1e-300)
+        mate = pool.submit(api.completions.create, model="ia3", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert tiny.result().choices[0].text == greedy
+        assert mate.result().choices[0].finish_reason == "length"
+
+
+def concurrent_requests():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(4)
+
+
+def test_two_unloads_of_one_adapter_give_200_and_404(served):
+    """The name was checked before the lock: a second DELETE waiting behind the first then failed inside
+    delete_adapter, a plain-text 500 with a traceback. Both requests are made to wait at the lock here."""
+    from deltatune.serve.engine import RequestError
+
+    engine, _, _, folders = served
+    engine.load_adapter("twice", folders["lora"])
+    outcomes: list[str] = []
+
+    def unload() -> None:
+        try:
+            engine.unload_adapter("twice")
+            outcomes.append("200")
+        except RequestError as exc:
+            outcomes.append(f"{exc.status} {exc.code}")
+
+    with engine.lock:  # both pass any check made before the lock, then queue for it
+        threads = [threading.Thread(target=unload) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(outcomes) == ["200", "404 model_not_found"]
+    assert "twice" not in engine.adapters()
