@@ -9,6 +9,7 @@ API key stays on the server). Needs the ``serve`` extra (FastAPI, uvicorn).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -110,7 +111,7 @@ def _forward(url: str, key: str | None, method: str, path: str, body: bytes) -> 
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-    except OSError as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # (InvalidURL: a path urllib refuses)
         message = {"error": {"message": f"the serve process at {url} does not answer ({exc})", "type": "server_error"}}
         return 502, json.dumps(message).encode()
 

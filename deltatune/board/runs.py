@@ -29,7 +29,10 @@ STALE_S = 600.0
 def inside(root: str, *parts: str) -> str | None:
     """The real path of ``root/parts...`` if it lies inside ``root`` (after resolving symlinks), else None."""
     real_root = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(real_root, *parts))
+    try:
+        path = os.path.realpath(os.path.join(real_root, *parts))
+    except ValueError:  # an embedded NUL byte
+        return None
     if os.path.commonpath([real_root, path]) != real_root:
         return None
     return path
@@ -60,6 +63,27 @@ def _read_yaml(path: str) -> Any:
     return data if isinstance(data, dict) else None
 
 
+def _row(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):  # a partial line, or one nested past the parser's depth
+        return None
+
+
+def _last_step(folder: str) -> int:
+    """The step of the log's last complete line, read from its end (the listing must not grow with the log), else
+    of the whole history (a checkpoint's trainer_state.json); 0 when there is none."""
+    try:
+        with open(_in(folder, LOG_FILE), "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.seek(max(0, fh.tell() - 65536))
+            lines = fh.read().decode("utf-8", errors="replace").splitlines()[1 if size else 0 :]
+    except OSError:
+        lines = []
+    rows = [r for r in map(_row, reversed(lines)) if isinstance(r, dict)] or history(folder)[::-1]
+    return next((r["step"] for r in rows if isinstance(r.get("step"), int)), 0)
+
+
 def history(folder: str) -> list[dict[str, Any]]:
     """The run's log history: ``log_history.jsonl`` (skipping a partial last line), else the newest checkpoint's
     ``trainer_state.json``."""
@@ -67,10 +91,7 @@ def history(folder: str) -> list[dict[str, Any]]:
     try:
         with open(_in(folder, LOG_FILE), encoding="utf-8", errors="replace") as fh:  # bad bytes: a line skipped
             for line in fh:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
+                row = _row(line)
                 if isinstance(row, dict):
                     rows.append(_finite(row))
     except OSError:
@@ -90,9 +111,13 @@ def _step(path: str) -> int:
     return int(name.rpartition("-")[2]) if name.rpartition("-")[2].isdigit() else -1
 
 
-def _finite(row: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no NaN: a diverged loss is shown as missing rather than breaking the page's JSON.parse.
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+def _finite(value: Any) -> Any:
+    # JSON has no NaN: a diverged loss is shown as missing rather than breaking the page's JSON.parse (at any depth).
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def trainable_parameters(folder: str) -> int | None:
@@ -107,9 +132,10 @@ def trainable_parameters(folder: str) -> int | None:
     except (OSError, ValueError, struct.error):
         return None
     total = 0
-    for key, value in header.items():
-        if key != "__metadata__" and isinstance(value, dict):
-            total += math.prod(value.get("shape") or [1])
+    for key, value in header.items() if isinstance(header, dict) else ():
+        shape = value.get("shape") or [1] if isinstance(value, dict) else None
+        if key != "__metadata__" and isinstance(shape, list) and all(type(n) is int for n in shape):
+            total += math.prod(shape)
     return total
 
 
@@ -142,7 +168,7 @@ def summary(root: str, name: str) -> dict[str, Any] | None:
     folder = inside(root, name)
     if folder is None or not os.path.isfile(_in(folder, RUN_FILE)):
         return None
-    recipe = _read_yaml(_in(folder, RUN_FILE)) or {}
+    recipe = _finite(_read_yaml(_in(folder, RUN_FILE)) or {})
     metrics = _read_json(_in(folder, "metrics.json"))
     metrics = _finite(metrics) if isinstance(metrics, dict) else None
     updated = _mtime(folder)
@@ -156,7 +182,6 @@ def summary(root: str, name: str) -> dict[str, Any] | None:
     method = recipe.get("method") if isinstance(recipe.get("method"), dict) else {}
     model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
     headline = {k: metrics[k] for k in HEADLINE if metrics and metrics.get(k) is not None}
-    rows = history(folder)
     return {
         "name": name,
         "stage": recipe.get("stage"),
@@ -165,7 +190,7 @@ def summary(root: str, name: str) -> dict[str, Any] | None:
         "status": status,
         "metrics": headline,
         "trainable_params": trainable_parameters(folder),
-        "steps": max((r.get("step", 0) for r in rows if isinstance(r.get("step"), int)), default=0),
+        "steps": _last_step(folder),
         "updated": updated,
     }
 
@@ -176,8 +201,17 @@ def list_runs(root: str) -> list[dict[str, Any]]:
     real_root = os.path.realpath(root)
     for depth in ("*", os.path.join("*", "*")):
         for path in glob.glob(os.path.join(glob.escape(real_root), depth, RUN_FILE)):
-            names.append(os.path.relpath(os.path.dirname(path), real_root).replace(os.sep, "/"))
-    runs = [r for r in (summary(root, n) for n in names) if r is not None]
+            name = os.path.relpath(os.path.dirname(path), real_root).replace(os.sep, "/")
+            if name.encode("utf-8", errors="replace").decode() == name:  # a name that is not UTF-8: skipped
+                names.append(name)
+    runs = []
+    for name in names:
+        try:
+            row = summary(root, name)
+        except Exception:  # noqa: BLE001 (one run's odd file must not hide every run)
+            continue
+        if row is not None:
+            runs.append(row)
     return sorted(runs, key=lambda r: -r["updated"])
 
 
@@ -196,7 +230,7 @@ def detail(root: str, name: str) -> dict[str, Any] | None:
         report = None
     return {
         **row,
-        "recipe": _read_yaml(_in(folder, RUN_FILE)) or {},
+        "recipe": _finite(_read_yaml(_in(folder, RUN_FILE)) or {}),
         "all_metrics": _finite(metrics) if isinstance(metrics, dict) else {},
         "history": history(folder),
         "report": report,

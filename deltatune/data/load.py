@@ -28,9 +28,10 @@ class Row:
     """``file:line`` for error messages."""
 
     def get(self, column: str, required: bool = True) -> Any:
-        """The value of ``column``; DataError naming the file, line and column when it is missing."""
+        """The value of ``column``; DataError naming the file, line and column when it is missing. An optional
+        column's NaN (pandas' missing value) reads as missing; a required one's is the caller's to refuse."""
         value = self.data.get(column)
-        if value is None or isinstance(value, float) and math.isnan(value):  # NaN: pandas' missing value
+        if value is None or not required and isinstance(value, float) and math.isnan(value):  # pandas' missing value
             if not required:
                 return None
             have = ", ".join(sorted(self.data)) or "none"
@@ -43,6 +44,8 @@ class Row:
         value = self.get(column, required)
         if value is None or isinstance(value, str):
             return value
+        if isinstance(value, float) and math.isnan(value):
+            raise DataError(f"{self.source}: column {column!r} is NaN (a missing value)")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise DataError(f"{self.source}: column {column!r} must be text, got {type(value).__name__}")

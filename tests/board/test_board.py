@@ -208,6 +208,55 @@ def test_a_run_file_that_is_not_text_is_skipped_not_an_error(board):
     assert status == 200 and [r["loss"] for r in data["history"]] == [2.0, 1.5] and data["all_metrics"] == {}
 
 
+def test_one_odd_run_leaves_the_list_and_the_pages_whole(board):
+    """Each of these made /api/runs (every run) or a run's page a 500: a folder name that is not UTF-8, NaN nested
+    in metrics.json or run.yaml, an adapter header that is a list, a log line nested past the JSON parser's depth,
+    a NUL byte in a run name."""
+    root, server = board
+    write_run(root, "fine", "cls", {"eval_loss": 1.0})
+    write_run(os.fsencode(root).decode(), os.fsdecode(b"caf\xe9"), "cls")  # a Latin-1 name from an old archive
+    nested = write_run(root, "nested", "cls", {"eval_per_class": {"a": float("nan")}, "eval_loss": float("inf")})
+    with open(os.path.join(nested, "run.yaml"), "a") as fh:
+        fh.write("extra: {x: .inf}\n")
+    with open(os.path.join(nested, "log_history.jsonl"), "w") as fh:
+        fh.write('{"step": 1, "loss": 2.0, "per": [NaN]}\n' + "[" * 100_000 + "\n")
+    with open(os.path.join(nested, "adapter_model.safetensors"), "wb") as fh:
+        header = b"[1, 2]"
+        fh.write(len(header).to_bytes(8, "little") + header)
+    status, data = get(server, "/api/runs")
+    assert status == 200 and sorted(r["name"] for r in data["runs"]) == ["fine", "nested"]
+    status, run = get(server, "/api/run?name=nested")
+    assert status == 200 and run["all_metrics"] == {"eval_per_class": {"a": None}, "eval_loss": None}
+    assert run["recipe"]["extra"] == {"x": None} and run["history"] == [{"step": 1, "loss": 2.0, "per": [None]}]
+    assert run["steps"] == 1 and run["trainable_params"] == 0
+    assert get(server, "/api/run?name=a%00b")[0] == 404 and get(server, "/api/file?run=a%00b&name=report.md")[0] == 404
+
+
+def test_the_listing_reads_a_long_logs_last_step_from_its_end(board, monkeypatch):
+    """The list parsed every line of every run's log for its last step, again on each poll of the page."""
+    from deltatune.board import runs
+
+    root, server = board
+    folder = write_run(root, "long", "sft")
+    with open(os.path.join(folder, "log_history.jsonl"), "w") as fh:
+        fh.writelines(json.dumps({"loss": 1.0 / (i + 1), "step": i + 1}) + "\n" for i in range(20_000))
+        fh.write('{"loss": 0.1, "st')  # a partial last line
+    parsed, row = [], runs._row
+    monkeypatch.setattr(runs, "_row", lambda line: parsed.append(line) or row(line))
+    assert runs.summary(root, "long")["steps"] == 20_000
+    assert len(parsed) < 2_000
+
+
+def test_the_charts_range_is_found_without_spreading_the_points():
+    """Math.min(...points) overflowed the browser's call stack past about 120,000 points (a long GRPO log)."""
+    from pathlib import Path
+
+    import deltatune.board
+
+    source = (Path(deltatune.board.__file__).parent / "static" / "app.js").read_text(encoding="utf-8")
+    assert "Math.min(..." not in source and "Math.max(..." not in source
+
+
 def test_playground_calls_are_forwarded_to_the_serve_process_with_its_key(tmp_path):
     """With --serve URL the page talks to /api/serve/v1/...; the board adds the key, the page never holds it."""
     seen = []

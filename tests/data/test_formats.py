@@ -602,7 +602,7 @@ def test_a_conversations_column_of_role_content_messages_is_read():
         ({"instruction": "Add.", "output": "9.", "history": [[["a"], "9."]]},
          r"t.jsonl:1: history\[0\]\[0\] must be text, got a list"),
         ({"instruction": "Add.", "output": " "}, r"t.jsonl:1: column 'output' is empty"),
-        ({"instruction": "Add.", "output": float("nan")}, r"t.jsonl:1: column 'output' is missing"),
+        ({"instruction": "Add.", "output": float("nan")}, r"t.jsonl:1: column 'output' is NaN \(a missing value\)"),
     ],
 )  # fmt: skip
 def test_bad_fields_found_later_are_one_line(fields, message):
