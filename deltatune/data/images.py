@@ -130,8 +130,25 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
     return [r for rows in per_class for r in rows]
 
 
-def open_rgb(row: ImageRow):
-    """The image of ``row`` as an RGB PIL image, and the mode it was stored in (converted when not "RGB").
+def to_rgb(img, on_white: bool = True):
+    """``img`` in RGB. Transparency goes on white, as transformers' image processors convert (``convert_to_rgb``),
+    unless ``on_white`` is False (PIL's ``convert("RGB")``, as diffusers' training scripts read images); 16-bit grey
+    (mode I;16) is scaled to 8 bits, where PIL's conversion would clip all but the darkest values to white."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8), mode="L")
+    if on_white and (img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(row: ImageRow, on_white: bool = True):
+    """The image of ``row`` as an RGB PIL image (``to_rgb``), and the mode it was stored in.
 
     Raises:
         DataError: the file is missing, corrupt or not an image (the row's source and the path named).
@@ -142,7 +159,7 @@ def open_rgb(row: ImageRow):
         with Image.open(row.path) as img:
             img.load()
             mode = img.mode
-            rgb = img.convert("RGB") if mode != "RGB" else img.copy()
+            rgb = to_rgb(img, on_white)
     except FileNotFoundError:
         raise DataError(f"{row.source}: image {row.path!r} does not exist") from None
     except UnidentifiedImageError:

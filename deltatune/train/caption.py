@@ -521,7 +521,9 @@ def _generate(
     param = next(model.parameters())
     tok = processor.tokenizer
     # use_cache: a training run turned the model's cache off; without it every new token re-reads all image tokens
-    kwargs = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "use_cache": True, **kwargs}
+    kwargs = {"pad_token_id": tok.pad_token_id, "use_cache": True, **kwargs}
+    if tok.eos_token_id is not None:  # else the model's generation config's (None here would mean "never stop")
+        kwargs.setdefault("eos_token_id", tok.eos_token_id)
     if isinstance(processor, CaptionProcessor):
         pixels = pixel_values(processor.image_processor, images).to(param.device, param.dtype)
         if processor.bos is None:

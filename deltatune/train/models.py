@@ -135,7 +135,11 @@ def _load_processor(name_or_path: str, stage: str, trust_remote_code: bool, text
         if model_kind(resolve_path(name_or_path)) == "decoder-only":  # LLaVA, BLIP-2: the model's own processor
             return load_vlm_processor(resolve_path(name_or_path), trust_remote_code)
         images = load_image_processor(name_or_path, trust_remote_code)
-        return CaptionProcessor(images, load_tokenizer(name_or_path, trust_remote_code))
+        tok = load_tokenizer(name_or_path, trust_remote_code)
+        if tok.eos_token is None:  # a BERT decoder's: the model's config names its end ([SEP]); saved with the run
+            eos = _config_eos(name_or_path, trust_remote_code)
+            tok.eos_token = tok.convert_ids_to_tokens(eos) if eos is not None else None
+        return CaptionProcessor(images, tok)
     if stage in IMAGE_STAGES:
         return load_image_processor(name_or_path, trust_remote_code)
     return load_tokenizer(name_or_path, trust_remote_code)
@@ -157,6 +161,21 @@ def resolved_dtype(dtype: str) -> str:
     if dtype == "auto":
         return "bfloat16" if fast_bf16() else "float32"
     return dtype
+
+
+def _config_eos(name_or_path: str, trust_remote_code: bool) -> int | None:
+    """The end-of-text id an encoder-decoder's config (or its decoder's) names, None when none or unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    for c in (config, getattr(config, "decoder", None)):
+        eos = getattr(c, "eos_token_id", None)
+        if isinstance(eos, int):
+            return eos
+    return None
 
 
 def stored_dtype(name_or_path: str, trust_remote_code: bool = False) -> torch.dtype | None:

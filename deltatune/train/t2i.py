@@ -506,7 +506,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
                 notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to {want}")
         pixels, sizes = [], 0
         for r in rows:
-            img, _ = open_rgb(r)
+            img, _ = open_rgb(r, on_white=False)  # as diffusers' scripts read images (convert("RGB"))
             sizes += img.size != (processor.size, processor.size)
             pixels.append(processor.pixels(img))
         if sizes:

@@ -184,3 +184,50 @@ def test_two_accumulated_micro_batches_equal_one_batch(data, tmp_path):
     with torch.no_grad():
         own = delta.eval()(**batch).loss.item()
     assert logged[0] == pytest.approx(own, rel=1e-5)
+
+
+def test_a_bert_decoders_captions_end_and_stop_at_the_end_token_its_config_names(tmp_path):
+    """ViT + BERT captioners: BERT's tokenizer has no EOS, so captions were trained without an end token and
+    generate was told eos_token_id=None (never stop) over the model's own [SEP]."""
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessorPil,
+    )
+
+    from deltatune.train.embedded import resolve
+    from deltatune.train.models import load_processor
+
+    tok = AutoTokenizer.from_pretrained(resolve("minilm"))
+    assert tok.eos_token is None
+    enc = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, image_size=16,
+                    patch_size=4)  # fmt: skip
+    dec = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=37, is_decoder=True, add_cross_attention=True)  # fmt: skip
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = tok.cls_token_id, 0, tok.sep_token_id
+    torch.manual_seed(0)
+    model = VisionEncoderDecoderModel(config=config).eval()
+    model.generation_config.eos_token_id = tok.sep_token_id
+    model.generation_config.decoder_start_token_id = tok.cls_token_id
+    for part in (model, tok, ViTImageProcessorPil(size={"height": 16, "width": 16})):
+        part.save_pretrained(tmp_path / "vitbert")
+    processor = load_processor(str(tmp_path / "vitbert"), "caption")
+    ids, _ = C.encode_captions([ImageRow("x.png", None, "c.jsonl:1", "a handwritten seven")], processor.tokenizer, 16)
+    assert ids[0] == [*tok("a handwritten seven", add_special_tokens=False)["input_ids"], tok.sep_token_id]
+    with torch.no_grad():
+        model.decoder.cls.predictions.decoder.bias.zero_()
+        model.decoder.cls.predictions.decoder.bias[tok.sep_token_id] = 50.0  # [SEP] first: the caption is empty
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    pixels = processor.image_processor(images=[Image.open(image).convert("RGB")], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        assert model.generate(pixel_values=pixels, max_new_tokens=8).tolist() == [[tok.cls_token_id, tok.sep_token_id]]
+    calls = []
+    generate = model.generate
+    model.generate = lambda **kw: calls.append(kw) or generate(**kw)
+    assert C.caption(model, processor, str(image), max_new_tokens=8) == ""
+    assert calls[0].get("eos_token_id") == tok.sep_token_id

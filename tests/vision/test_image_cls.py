@@ -150,6 +150,28 @@ def _image(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 8)) -> Pa
     return path
 
 
+def test_images_convert_to_rgb_as_the_models_own_processor_does(tmp_path):
+    """Transparency went on the hidden colour (black here) where transformers' processors put it on white, and a
+    16-bit grey PNG was clipped to white (98% of the pixels)."""
+    from transformers import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[2:6, 2:6] = (255, 0, 0, 255)  # a red square on transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    row = I.ImageRow(str(tmp_path / "rgba.png"), 0, "rgba.png")
+    rgb, mode = I.open_rgb(row)
+    assert mode == "RGBA" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((3, 3)) == (255, 0, 0)
+    with Image.open(tmp_path / "rgba.png") as img:
+        torch.testing.assert_close(I.pixel_values(proc, [rgb])[0], proc(img, return_tensors="pt")["pixel_values"][0])
+    assert I.open_rgb(row, on_white=False)[0].getpixel((0, 0)) == (0, 0, 0)  # t2i: as diffusers' scripts read it
+    ramp = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # mode I;16
+    grey, mode = I.open_rgb(I.ImageRow(str(tmp_path / "deep.png"), 0, "deep.png"))
+    assert mode.startswith("I;16")
+    assert [grey.getpixel((x, 0))[0] for x in range(4)] == [round(v / 257) for v in ramp[0, :4]] == [0, 1, 2, 3]
+
+
 def test_augmentation_off_by_default_and_seeded(tmp_path):
     from transformers import ViTImageProcessorPil
 
