@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -36,8 +36,11 @@ class RowAdapters:
     (batch, seq) into rows): row j of such a batch is row j // k of the call.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], sizes: Collection[int] | None = None) -> None:
         self.names = tuple(names)
+        self.sizes = frozenset(sizes) if sizes else None
+        """The first dimensions a layer may route (the call's tensors', and generate's expansion of them); None: any
+        multiple of the rows."""
         # Per (batch, device): computed once per call, not once per layer (``nonzero`` waits for the device).
         self._codes: dict[tuple[int, torch.device], tuple[list[str], torch.Tensor]] = {}
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor | None]]] = {}
@@ -46,17 +49,26 @@ class RowAdapters:
         """The distinct names (in order of first use) and each row's index into them, a (batch,) tensor.
 
         Raises:
-            ValueError: ``batch`` is not a multiple of the number of names.
+            ValueError: rows with different adapters, and ``batch`` not a multiple of them or not one of ``sizes``
+                (the layer computes on something all rows share, e.g. relative positions).
         """
         key = (batch, device)
         if key not in self._codes:
-            n = len(self.names)
-            if batch % n:
+            n, unique = len(self.names), list(dict.fromkeys(self.names))
+            if len(unique) == 1:  # one adapter for every row: whatever the layer computes on is theirs
+                self._codes[key] = unique, torch.zeros(batch, dtype=torch.long, device=device)
+                return self._codes[key]
+            if self.sizes is None and batch % n:
                 raise ValueError(
                     f"adapter_names gives {n} rows but a layer sees a batch of {batch}, not a multiple of {n}; "
                     "give one adapter name per row of the batch"
                 )
-            unique = list(dict.fromkeys(self.names))
+            if self.sizes is not None and (batch not in self.sizes or batch % n):
+                raise ValueError(
+                    f"adapter_names routes {n} rows but a layer computes on {batch} that are not the call's rows "
+                    "(positions or relative positions every row shares), so rows with different adapters cannot be "
+                    "told apart there; leave that module out of the adapters' targets"
+                )
             index = {name: i for i, name in enumerate(unique)}
             codes = torch.tensor([index[name] for name in self.names], device=device)
             self._codes[key] = unique, codes.repeat_interleave(batch // n)  # (batch,)
@@ -205,12 +217,17 @@ class DeltaLayer(nn.Module):
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
-        """Undo ``merge(name)``, restoring the base weights. Idempotent."""
+        """Undo ``merge(name)``, restoring the base weights. Idempotent. The adapters merged after it come out first
+        and go back in after (a DoRA merge rescales the whole weight, so only the last merged one can be undone)."""
         if name not in self.merged_adapters:
             return
+        later = self.merged_adapters[self.merged_adapters.index(name) + 1 :]
         with torch.no_grad():
-            self._unmerge_weights(name)
-        self.merged_adapters.remove(name)
+            for n in [*reversed(later), name]:
+                self._unmerge_weights(n)
+            self.merged_adapters = [n for n in self.merged_adapters if n not in later and n != name]
+        for n in later:
+            self.merge(n)
 
     def _dequantize_base(self) -> None:
         """Merging writes into W. A base layer that stores W packed (4-bit, methods/quant.py) offers ``dequantize()``,
@@ -375,6 +392,18 @@ def call_batch_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
+
+
+def call_sizes(args: tuple, kwargs: dict, generating: nn.Module | None = None) -> set[int]:
+    """The first dimensions of a call's tensors (pixel values may hold several images per row), and for a generate
+    call of model ``generating`` each times its expansion (beams, or returned sequences): the batch sizes the
+    call's layers may see."""
+    sizes = {v.shape[0] for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if generating is None:
+        return sizes
+    gen = kwargs.get("generation_config") or getattr(generating, "generation_config", None)
+    expand = max(kwargs.get(k) or getattr(gen, k, None) or 1 for k in ("num_beams", "num_return_sequences"))
+    return sizes | {n * expand for n in sizes}
 
 
 def unpack_frozen_layers(model: nn.Module) -> list[str]:

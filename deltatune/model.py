@@ -43,6 +43,7 @@ from .layer import (
     RowAdapters,
     base_parameters,
     call_batch_size,
+    call_sizes,
     check_not_shared,
     checkpointing,
     enable_checkpointing,
@@ -97,7 +98,7 @@ class DeltaModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs)):
+        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs), sizes=call_sizes(args, kwargs)):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -105,16 +106,17 @@ class DeltaModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
-        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs)):
+        sizes = call_sizes(args, kwargs, generating=self.base_model)
+        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs), sizes=sizes):
             return self.base_model.generate(*args, **kwargs)
 
     @contextmanager
-    def mixed_batch(self, adapter_names: list[str], batch_size: int | None = None) -> Iterator[None]:
+    def mixed_batch(self, adapter_names: list[str], batch_size: int | None = None, sizes=None) -> Iterator[None]:
         """Within the block row i of every batch computes with adapter ``adapter_names[i]`` alone.
 
-        ``"__base__"`` rows compute as the base model. The active adapters do not matter meanwhile, except that
-        only active adapters train (their parameters require grad). A layer seeing the batch with each row
-        repeated k times in place (generate's beam search) repeats the names alike.
+        ``"__base__"`` rows compute as the base model. Only active adapters train (their parameters require grad).
+        A layer seeing each row repeated k times in place (generate's beams) repeats the names alike; one seeing
+        a first dimension not in ``sizes`` (a set: the call's tensors', from forward and generate) is refused.
 
         Raises:
             TypeError: ``adapter_names`` is not a list of strings.
@@ -125,7 +127,7 @@ class DeltaModel(nn.Module):
         names = self._check_rows(adapter_names, batch_size)
         layers = [layer for _, layer in self._layers()]
         saved = [(layer, layer.row_adapters, layer.disabled) for layer in layers]
-        rows = RowAdapters(names)
+        rows = RowAdapters(names, sizes)
         try:
             for layer in layers:
                 layer.row_adapters = rows
@@ -318,7 +320,7 @@ class DeltaModel(nn.Module):
         An adapter merged into the base weights that is not among the new active ones would still act through the
         weights, so the model is unmerged first (as PEFT does); ``merge_adapter`` merges the new ones.
         """
-        names = self._check_names(adapter_name)
+        names = list(dict.fromkeys(self._check_names(adapter_name)))  # once each: twice counted twice unmerged
         if not names:
             raise ValueError("set_adapter needs at least one adapter name (disable_adapter() computes as the base)")
         if any(n not in names for _, merged in self._merged() for n in merged):
@@ -348,14 +350,14 @@ class DeltaModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as the base model (merged adapters are unmerged meanwhile)."""
         with self._unmerged():
-            layers = self._layers()
-            for _, layer in layers:
+            saved = [(layer, layer.disabled) for _, layer in self._layers()]  # nested blocks: each restores its own
+            for layer, _ in saved:
                 layer.disabled = True
             try:
                 yield
             finally:
-                for _, layer in layers:
-                    layer.disabled = False
+                for layer, was in saved:
+                    layer.disabled = was
 
     @contextmanager
     def _unmerged(self) -> Iterator[None]:

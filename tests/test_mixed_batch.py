@@ -303,3 +303,80 @@ def test_lora_gathered_path_equals_the_row_loop_and_falls_back_where_it_must(mon
     calls.clear()
     model(**inputs, adapter_names=row_names)
     assert calls and not any(calls)  # dropout draws a mask per adapter: the loop
+
+
+def _two(family: str, **fields) -> dt.DeltaModel:
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tiny_model(family), _lora(**fields), "a")
+    model.add_adapter("b", _lora(**fields))
+    return model.eval()
+
+
+def test_a_layer_computing_on_what_rows_share_routes_one_adapter_or_refuses():
+    """T5's relative_attention_bias computes on (q_len, k_len) buckets: with q_len a multiple of the rows, a mixed
+    batch routed them by query position, silently wrong (2.8 off). GPT-2's wpe computes on (1, T) positions: even a
+    batch whose rows all name one adapter was refused. Now one adapter (or the base) for every row computes as it
+    does alone, and different adapters are refused there."""
+    t5 = _two("t5", target_modules=["q", "v", "relative_attention_bias"])
+    inputs = tiny_inputs("t5", batch=2, seq=8)
+    with pytest.raises(ValueError, match="not the call's rows"):
+        t5(**inputs, adapter_names=["a", "b"])
+    gpt2 = _two("gpt2", target_modules=["c_attn", "wpe"])
+    for model, inputs in ((t5, tiny_inputs("t5", batch=2, seq=8)), (gpt2, tiny_inputs("gpt2", batch=2))):
+        model.set_adapter("b")
+        with torch.no_grad():
+            alone = model(**inputs).logits
+            with model.disable_adapter():
+                base = model(**inputs).logits
+            assert (alone - base).abs().max() > 1e-3
+            torch.testing.assert_close(model(**inputs, adapter_names=["b", "b"]).logits, alone, atol=ATOL32, rtol=0)
+            torch.testing.assert_close(
+                model(**inputs, adapter_names=["__base__"] * 2).logits, base, atol=ATOL32, rtol=0
+            )
+    with pytest.raises(ValueError, match="not the call's rows"):
+        gpt2(**tiny_inputs("gpt2", batch=2), adapter_names=["a", "b"])
+
+
+def test_an_adapter_named_twice_is_active_once():
+    """set_adapter(["a", "a"]) counted "a" twice unmerged and once merged (0.06 apart)."""
+    model = _two("llama")
+    model.set_adapter(["a", "a"])
+    assert model.active_adapters == ["a"]
+
+
+@pytest.mark.parametrize("dora", [(True, True), (False, True)])
+def test_deleting_an_adapter_merged_before_another_keeps_the_base(dora):
+    """delete_adapter unmerged its adapter from under a DoRA merged after it, leaving the base 0.43 off for good."""
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tiny_model("llama"), _lora(use_dora=dora[0]), "a")
+    model.add_adapter("b", _lora(use_dora=dora[1]))
+    with torch.no_grad():  # magnitudes as training leaves them (at init DoRA's rescaling is 1)
+        for n, p in model.named_parameters():
+            if "magnitude" in n:
+                p.mul_(1.5)
+    model.eval()
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(**inputs).logits
+        model.set_adapter("b")
+        b_alone = model(**inputs).logits
+        model.set_adapter(["a", "b"])
+        model.merge_adapter()
+        model.delete_adapter("a")
+        torch.testing.assert_close(model(**inputs).logits, b_alone, atol=1e-5, rtol=0)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**inputs).logits, base, atol=1e-5, rtol=0)
+
+
+def test_nested_disable_adapter_blocks_each_restore_their_own():
+    model = _two("llama")
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(**inputs).logits
+            with model.disable_adapter():
+                pass
+            torch.testing.assert_close(model(**inputs).logits, base, atol=0, rtol=0)  # was the adapter's (0.48 off)
+        assert (model(**inputs).logits - base).abs().max() > 1e-3
