@@ -378,6 +378,12 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any) -> Non
         if hits and target in auto:
             config.modules_to_save = [*(config.modules_to_save or []), target]
         plan.extend(hits)
+    packed = [n for n, m in plan if any(type(sub).__name__ == "Linear4bit" for sub in m.modules())]  # ours, bnb's
+    if packed:
+        raise ConfigError(
+            f"modules_to_save: {packed[0]!r} holds 4-bit layers, which cannot train in full (QLoRA trains an adapter "
+            "beside them); keep it in full precision (quantize(skip_modules=[...])) or leave it out"
+        )
     for name, module in plan:
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)

@@ -28,6 +28,20 @@ from ..targets import LAYER_PATTERNS
 _BLOCK = re.compile(rf"(?:^|\.)(?:{'|'.join(LAYER_PATTERNS)})\.(\d+)\.")
 
 
+def trainable(model: nn.Module, names: list[str], method: str) -> list[str]:
+    """``names``; a ConfigError when one is a 4-bit layer's weight (QLoRA's base), which cannot train."""
+    from .quant import is_quantized
+
+    packed = tuple(n + "." for n, m in model.named_modules() if n and is_quantized(m))
+    bad = [p for p in names if p.startswith(packed) and not p.endswith("bias")] if packed else []
+    if bad:
+        raise ConfigError(
+            f"{method}: {bad[0]!r} is a 4-bit weight, which cannot train (QLoRA trains an adapter beside it); "
+            "train a full-precision base, or an adapter method such as LoRA"
+        )
+    return names
+
+
 def base_parameter_names(model: nn.Module) -> list[str]:
     """Names of the model's own parameters: not those inside an injected layer, except through its ``base_layer``.
 
@@ -104,7 +118,7 @@ class FreezeConfig(DeltaConfig):
                 f"freeze_trainable_modules={modules!r} matches no parameter in blocks {sorted(chosen)}; "
                 f"e.g. {', '.join(n for n in names if _block_index(n) in chosen)[:300]}"
             )
-        return picked
+        return trainable(model, picked, "freeze")
 
 
 def inject(model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[nn.Module]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import DeltaConfig
-from .freeze import base_parameter_names, inject
+from .freeze import base_parameter_names, inject, trainable
 
 
 @dataclass
@@ -23,7 +23,7 @@ class FullConfig(DeltaConfig):
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Every base parameter."""
-        return base_parameter_names(model)
+        return trainable(model, base_parameter_names(model), "full")
 
 
 CONFIG, INJECT = FullConfig, inject

@@ -85,11 +85,15 @@ def _check_args(bits: int, quant_type: str, double_quant: bool, backend: str) ->
         raise ConfigError(f"backend must be 'auto', 'torchao' or 'bitsandbytes', got {backend!r}")
 
 
+_SEQ2SEQ_HEADS = ("classification_head",)
+"""BART's and T5's sequence-classification head (dense + out_proj), kept as every task head is."""
+
+
 def _keep_reason(name: str, module: nn.Module, output: nn.Module | None, skip: list[str] | str | None) -> str | None:
     """Why the linear layer ``name`` stays in full precision, or None to quantise it."""
     if module is output:
         return "output head"
-    if any(name == h or name.endswith("." + h) or f".{h}." in f".{name}." for h in HEAD_NAMES):
+    if any(name == h or name.endswith("." + h) or f".{h}." in f".{name}." for h in (*HEAD_NAMES, *_SEQ2SEQ_HEADS)):
         return "task head"
     if skip and matches(name, skip):
         return "skip_modules"
@@ -140,6 +144,13 @@ def quantize(
     if already:
         raise QuantizationError(
             f"the model is already quantised ({len(already)} 4-bit layers, e.g. {already[0]!r}); "
+            "quantize a full-precision model"
+        )
+    weights = ((n, getattr(m, "weight", None)) for n, m in model.named_modules())
+    eight = [n for n, w in weights if isinstance(w, torch.Tensor) and not w.is_floating_point()]
+    if eight:  # transformers' 8-bit layers (bitsandbytes' Linear8bitLt is an nn.Linear holding int8 weights)
+        raise QuantizationError(
+            f"the model holds integer weights already ({len(eight)} layers, e.g. {eight[0]!r}: an 8-bit model); "
             "quantize a full-precision model"
         )
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -298,7 +309,12 @@ def merge_quantized(
     target = _dtype(dtype) if dtype is not None else first.compute_dtype or torch.float32
     was_training = model.training
     model.eval()
+    active = list(model.active_adapters)
+    if adapter_names:  # the reference is the model with the adapters that merge, not the active ones
+        model.set_adapter(adapter_names)
     reference = _logits(model, probe_inputs)
+    if adapter_names:
+        model.set_adapter(active)
     # transformers' bnb layers learn to dequantise by becoming deltatune's Linear4bit (same storage, same output).
     for name, module in layers:
         if _is_bnb_4bit(module):

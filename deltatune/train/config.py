@@ -357,6 +357,11 @@ def _typed(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate(cfg: RunConfig) -> None:
+    if cfg.model.quantization:  # its keys are deltatune.quantize's (a typo was a TypeError after the model loaded)
+        known = ["bits", "quant_type", "double_quant", "compute_dtype", "backend", "skip_modules"]
+        for key in cfg.model.quantization:
+            if key not in known:
+                raise ConfigError(_unknown(f"model.quantization.{key}", key, known, "the recipe"))
     if cfg.data.truncation not in ("truncate", "refuse"):
         raise ConfigError(f"data.truncation must be 'truncate' or 'refuse', got {cfg.data.truncation!r}")
     if cfg.data.bad_pairs not in ("refuse", "skip"):

@@ -484,9 +484,11 @@ def load_adapter_model(
     tok = load_processor(tok_dir or name, stage, trust_remote_code, encoder)
     if stage == "t2i":  # a run that trained its text encoder too (model.train_text_encoder) saved that LoRA beside
         tok.load_text_encoder_lora(adapter_dir)
+    quantized = bool(recipe_path and cfg.model.quantization)  # rebuilt from the dtype it was quantised from
     base = load_model(
         name,
         task,
+        dtype=cfg.model.dtype if quantized else "float32",
         num_labels=len(labels) if labels else num_labels,  # the head as saved (older runs may record more)
         id2label=dict(enumerate(labels)) if labels else None,
         trust_remote_code=trust_remote_code,

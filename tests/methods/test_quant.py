@@ -166,6 +166,68 @@ def test_quantize_refuses_quantized_or_adapted_models():
         dt.quantize(delta.base_model)
 
 
+def test_quantize_refuses_a_model_with_integer_weights_and_keeps_seq2seq_heads():
+    """An 8-bit model (bitsandbytes' Linear8bitLt is an nn.Linear of int8 weights) was quantised from its raw int8
+    values, its scale dropped (logits 0.94 off); BART's and T5's classification_head was quantised."""
+    model = _llama()
+    q = model.model.layers[0].self_attn.q_proj
+    q.weight = nn.Parameter(q.weight.detach().round().to(torch.int8), requires_grad=False)
+    with pytest.raises(QuantizationError, match=r"integer weights already .*'model.layers.0.self_attn.q_proj'"):
+        dt.quantize(model)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    for family in ("bart", "t5"):
+        overrides = (
+            {"d_model": 64} if family == "t5" else {"d_model": 64, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128}
+        )
+        _, summary = dt.quantize(tiny_model(family, "seq_cls", **overrides), backend=BACKENDS[0])
+        heads = {n for n in summary.kept if "classification_head" in n}
+        assert heads and all(summary.kept[n] == "task head" for n in heads), family
+        assert not any("classification_head" in n for n in summary.quantized)
+
+
+def test_methods_that_would_train_4bit_weights_are_refused_in_one_line():
+    """Full fine-tuning, freeze, or a 4-bit module in modules_to_save: a traceback from bitsandbytes ("only Tensors
+    of floating point dtype can require gradients"), or with torchao weights counted as trainable that never
+    trained."""
+    model, _ = dt.quantize(_llama(), backend=BACKENDS[0])
+    before = _state(model)
+    cases = [
+        (dt.FullConfig(), r"^full: 'model.layers.0.self_attn.q_proj.weight' is a 4-bit weight, which cannot train"),
+        (dt.FreezeConfig(freeze_trainable_layers=1), r"^freeze: 'model.layers.1.self_attn.q_proj.weight' is a 4-bit"),
+        (
+            dt.LoraConfig(r=2, target_modules=["k_proj"], modules_to_save=["q_proj"]),
+            r"^modules_to_save: 'model.layers.0.self_attn.q_proj' holds 4-bit layers",
+        ),
+    ]
+    for config, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            dt.get_delta_model(model, config)
+        assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+        after = _state(model)
+        assert after.keys() == before.keys() and all(
+            all(torch.equal(a, b) for a, b in zip(after[k], before[k])) for k in before
+        )
+    frozen = dt.get_delta_model(
+        model, dt.FreezeConfig(freeze_trainable_layers=1, freeze_trainable_modules=["input_layernorm"])
+    )
+    assert frozen.get_nb_trainable_parameters()[0] == 64  # a norm of a 4-bit model still trains
+
+
+def test_merge_report_compares_with_the_adapters_that_merge():
+    """merge_quantized(adapter_names=["b"]) with "a" active measured the merge against "a" (0.67 off, the distance
+    between the two adapters) instead of "b"."""
+    probe = tiny_inputs("llama")
+    delta = _qlora(BACKENDS[0])
+    delta.add_adapter("b", dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    delta.set_adapter("b")
+    want = output_of(delta, probe)
+    delta.set_adapter("default")
+    assert (output_of(delta, probe) - want).abs().max() > 1e-2
+    plain, report = dt.merge_quantized(delta, probe, adapter_names=["b"])
+    assert report.max_abs_diff == pytest.approx((output_of(plain, probe) - want).abs().max().item(), rel=1e-6)
+    assert report.max_abs_diff < 1e-4
+
+
 # -- LoRA on 4-bit layers -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -61,6 +61,37 @@ def test_merge_of_a_qlora_run_prints_and_records_the_merge_error(qlora_run, tmp_
     assert not any(is_quantized(m) for m in merged.modules())
 
 
+def test_a_bf16_qlora_run_reloads_onto_the_4bit_base_it_trained_on(tmp_path):
+    """A QLoRA run with model.dtype bfloat16 was reloaded (merge, eval, generate) onto its float32 checkpoint
+    quantised: 1% of the 4-bit bytes differed from the base it trained on."""
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+    from deltatune.methods import quant
+    from deltatune.train.run import load_adapter_model
+
+    base = save_tiny(tmp_path / "base", "llama", hidden_size=64, intermediate_size=128)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of a small text"}) + "\n" for i in range(4)))
+    recipe = {
+        "stage": "pt",
+        "model": {"name_or_path": base, "dtype": "bfloat16", "quantization": {"bits": 4}},
+        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj"]},
+        "data": {"train": str(data), "max_length": 8},
+        "train": {"batch_size": 4, "max_steps": 1, "report_to": ["none"]},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, _, err = cli("train", str(tmp_path / "recipe.yaml"))
+    assert code == 0, err
+    delta, _ = load_adapter_model(str(tmp_path / "run"))
+    trained, _ = dt.quantize(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), bits=4)
+    q = delta.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    want = trained.model.layers[0].self_attn.q_proj
+    assert all(torch.equal(a, b) for a, b in zip(quant._storage(q.weight), quant._storage(want.weight)))
+    assert delta.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_merge_of_a_full_precision_run_writes_no_merge_report(base, tmp_path):
     code, stdout, err = cli("merge", "--adapter", base.run, "--out", str(tmp_path / "merged"))
     assert code == 0, err

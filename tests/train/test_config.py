@@ -189,6 +189,19 @@ def test_bad_values_name_the_field(override, error):
         load_recipe(QUICKSTART, [override])
 
 
+def test_an_unknown_quantization_key_is_refused_before_the_model_loads():
+    """model.quantization={bit: 4} was a TypeError traceback from quantize(), after the model had loaded."""
+    import inspect
+
+    from deltatune import quantize
+
+    with pytest.raises(ConfigError, match=r"unknown key 'model.quantization.bit' .*did you mean 'bits'\?"):
+        load_recipe(QUICKSTART, ["model.quantization={bit: 4}"])
+    keys = list(inspect.signature(quantize).parameters)[1:]
+    cfg = load_recipe(QUICKSTART, [f"model.quantization={{{', '.join(f'{k}: null' for k in keys)}}}"])
+    assert list(cfg.model.quantization) == keys  # every key quantize() takes is known
+
+
 def test_an_evaluation_scheduled_without_eval_data_is_refused():
     """``train.eval_steps`` or ``train.eval_on_start`` with no ``data.eval`` was silently without effect (the run
     trained with no evaluation at all); PPO and GRPO evaluate before and after only, so eval_steps is refused there."""
