@@ -428,12 +428,21 @@ def _chat(args) -> int:
 
 
 def _merge(args) -> int:
-    from .train.models import stored_dtype
-    from .train.run import adapter_field, load_adapter_model, merge
+    from .config import ConfigError
+    from .train.models import resolve_path, stored_dtype
+    from .train.run import adapter_field, load_adapter_model, merge, read_recipe, run_task
     from .train.runfolder import check_apart, publish_folder, staging_folder
 
     base = args.model or adapter_field(args.adapter, "base_model_name_or_path")
     check_apart(args.out, {"the adapter's folder": args.adapter, "the base model's folder": base})
+    if run_task(args.adapter)[0] == "TEXT_TO_IMAGE":  # a run on a diffusers pipeline: the folder would lose its VAE
+        folder = resolve_path(args.model or (read_recipe(args.adapter).get("model") or {}).get("name_or_path", ""))
+        if os.path.isdir(os.path.join(folder, "vae")) and os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ConfigError(
+                "cannot merge: the run's base is a diffusers pipeline with a VAE, and merge writes the denoiser alone; "
+                "load the run's LoRA into the pipeline instead (pipe.load_lora_weights(RUN); pipe.fuse_lora()) and "
+                "save the pipeline"
+            )
     with staging_folder(args.out, args.overwrite) as staging:  # refuses a folder with files unless --overwrite
         delta, tok = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
         model, report = merge(delta, tok)
@@ -450,8 +459,6 @@ def _merge(args) -> int:
         publish_folder(staging, args.out)
     if report is not None:
         print(f"4-bit base {report} (merge_report.json)")
-    from .train.run import run_task
-
     library = f"diffusers ({type(model).__name__})" if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" else "transformers"
     print(f"merged model written to {args.out} (loads with plain {library})")
     return 0

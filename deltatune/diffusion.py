@@ -42,6 +42,8 @@ from .model import DeltaModel
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 """The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for."""
 KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te"}
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
+"""The pipeline components whose keys a diffusers LoRA file may hold side by side."""
 _DIFFUSERS_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora.down.weight": "A", ".lora.up.weight": "B"}
 _KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
 
@@ -201,6 +203,8 @@ def _split(
             suffix = next((s for s in _KOHYA_SUFFIXES if key.endswith(s)), None)
             stem = key[: -len(suffix)] if suffix else key
             head = next((h for h in heads if stem.startswith(h + "_")), None)
+            if prefix and head is None and stem.startswith("lora_"):
+                continue  # another component's (lora_te_ beside lora_unet_): the prefix picks one
             path = by_flat.get(stem[len(head) + 1 :]) if head and suffix else None
             if path is None:
                 unmatched.append(key)
@@ -214,6 +218,8 @@ def _split(
             stem = stem.split(".", 1)[1]  # "unet.down_blocks..." -> the path, whatever the component
         elif prefix is not None and stem.startswith(prefix + "."):
             stem = stem[len(prefix) + 1 :]
+        elif prefix is not None and stem.split(".", 1)[0] in _COMPONENTS:
+            continue  # another component's (text_encoder. beside unet.): the prefix picks one
         if suffix is None or stem not in names:
             unmatched.append(key)
             continue

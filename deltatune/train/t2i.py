@@ -117,8 +117,10 @@ class T2IProcessor:
 
         pipeline = _pipeline(path)
         self.denoiser_class, _, config = _denoiser_at(path)
-        recorded = _recorded_encoder(path)
-        name = text_encoder or recorded or (os.path.join(path, "text_encoder") if pipeline else None)
+        recorded = _recorded(path)
+        name = (
+            text_encoder or recorded.get("text_encoder") or (os.path.join(path, "text_encoder") if pipeline else None)
+        )
         if name is None:
             raise ConfigError(
                 f"model.text_encoder is not set and {path!r} has no text_encoder/: name the text encoder the "
@@ -136,9 +138,9 @@ class T2IProcessor:
         self.scheduler = _scheduler(path, pipeline, transformer)
         self.flow = isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)
         self.pooled = transformer  # an SD3 transformer also reads a pooled text embedding
-        self.vae = None
-        if pipeline and os.path.isdir(os.path.join(path, "vae")):
-            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval().requires_grad_(False)
+        self.pipeline = pipeline or bool(recorded.get("padded_context"))  # (a base merged from a pipeline's run too)
+        vae = pipeline and os.path.isdir(os.path.join(path, "vae"))
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval().requires_grad_(False) if vae else None
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.size = int(config["sample_size"]) * factor
         self.channels = self.vae.config.in_channels if self.vae is not None else int(config["in_channels"])
@@ -157,7 +159,8 @@ class T2IProcessor:
         """(input ids (N, L), attention mask (N, L), how many captions were cut) for the captions."""
         limit = self.caption_limit(max_length)
         full = self.tokenizer(captions, padding=True, return_tensors="pt", verbose=False)
-        enc = self.tokenizer(captions, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        pad = "max_length" if self.pooled or self.pipeline else True  # where every position is read (no mask)
+        enc = self.tokenizer(captions, padding=pad, truncation=True, max_length=limit, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"], int((full["attention_mask"].sum(-1) > limit).sum())
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -166,8 +169,10 @@ class T2IProcessor:
         Gradients flow through a text encoder that trains."""
         device = next(self.text_encoder.parameters()).device
         ids, mask = input_ids.to(device), attention_mask.to(device)
-        states = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        out = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        # A pipeline's (Stable Diffusion) conditioning is diffusers': the padded context, no mask anywhere. Else a
+        # caption padded to a fixed length (a transformer) or masked (a UNet) never depends on the ones beside it.
+        states = self.text_encoder(input_ids=ids, attention_mask=None if self.pipeline else mask).last_hidden_state
+        out = {"encoder_hidden_states": states.float()} | ({} if self.pipeline else {"encoder_attention_mask": mask})
         if self.pooled:
             weights = mask.unsqueeze(-1).to(states.dtype)  # (N, L, 1)
             out["pooled_projections"] = (states * weights).sum(1) / weights.sum(1).clamp(min=1)  # (N, d)
@@ -246,8 +251,9 @@ class T2IProcessor:
 
         self.tokenizer.save_pretrained(out)
         self.scheduler.save_config(out)
+        recorded = {"text_encoder": self.text_encoder_name, **({"padded_context": True} if self.pipeline else {})}
         with open(os.path.join(out, T2I_FILE), "w", encoding="utf-8") as fh:
-            json.dump({"text_encoder": self.text_encoder_name}, fh)
+            json.dump(recorded, fh)
         encoder = self.text_encoder if isinstance(self.text_encoder, DeltaModel) else None
         if encoder is not None:
             encoder.save_pretrained(os.path.join(out, TEXT_ENCODER_LORA))
@@ -257,14 +263,8 @@ class T2IProcessor:
 
 def _plain_lora(model: DeltaModel) -> bool:
     """Whether ``model``'s default adapter is a LoRA that diffusers' file holds whole (no DoRA, biases or heads)."""
-    config = model.peft_config.get("default")
-    return (
-        config is not None
-        and config.peft_type == "LORA"
-        and not config.use_dora
-        and config.bias == "none"
-        and not config.modules_to_save
-    )
+    c = model.peft_config.get("default")
+    return c is not None and c.peft_type == "LORA" and not c.use_dora and c.bias == "none" and not c.modules_to_save
 
 
 def _context(tokenizer, config) -> int | None:
@@ -290,12 +290,13 @@ def _check_width(config: dict[str, Any], encoder_config, path: str, name: str) -
             )
 
 
-def _recorded_encoder(path: str) -> str | None:
+def _recorded(path: str) -> dict[str, Any]:
+    """``t2i.json`` of a merged base: its text encoder, and whether it was conditioned as a pipeline (padded)."""
     try:
         with open(os.path.join(path, T2I_FILE), encoding="utf-8") as fh:
-            return json.load(fh).get("text_encoder")
-    except (OSError, ValueError, AttributeError):
-        return None
+            return dict(json.load(fh))
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 class T2IDataset(torch.utils.data.Dataset):

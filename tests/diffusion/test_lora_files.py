@@ -205,3 +205,38 @@ def test_several_loras_with_weights_match_diffusers_set_adapters(tmp_path):
         set_adapters(ours, ["b"], float("nan"))
     with pytest.raises(dt.ConfigError, match="'a' is given twice or taken"):
         load_loras(ours, [tmp_path / "a"], names=["a"])
+
+
+def test_a_prefix_picks_its_components_keys_from_a_file_holding_several(tmp_path):
+    """A file with unet. and text_encoder. keys (a t2i run that trained its text encoder writes one; so do diffusers'
+    SD scripts), or kohya's lora_unet_ and lora_te_: load_lora(unet, prefix="unet") refused the other component's
+    keys as "name no module of this UNet"."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = lora()
+    torch.manual_seed(1)
+    text_config = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=16)  # fmt: skip
+    text_encoder = CLIPTextModel(text_config).eval()
+    plain = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+    encoder = dt.get_delta_model(
+        text_encoder, dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    dt.save_diffusers_lora(model, tmp_path / "both", text_encoder=encoder)
+    assert {k.split(".")[0] for k in load_file(tmp_path / "both" / WEIGHT)} == {"unet", "text_encoder"}
+    torch.testing.assert_close(out(dt.load_lora(tiny_unet(), tmp_path / "both", prefix="unet")), out(model))
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        want = encoder(input_ids=ids).last_hidden_state
+        fresh = CLIPTextModel(text_config).eval()
+        fresh.load_state_dict(plain)
+        got = dt.load_lora(fresh, tmp_path / "both", prefix="text_encoder")(input_ids=ids)
+    torch.testing.assert_close(got.last_hidden_state, want)
+    dt.save_kohya_lora(model, tmp_path / "unet.safetensors")
+    dt.save_kohya_lora(encoder, tmp_path / "te.safetensors", prefix="text_encoder")
+    both = {**load_file(tmp_path / "unet.safetensors"), **load_file(tmp_path / "te.safetensors")}
+    save_file(both, tmp_path / "kohya.safetensors")
+    torch.testing.assert_close(
+        out(dt.load_lora(tiny_unet(), tmp_path / "kohya.safetensors", prefix="unet")), out(model)
+    )

@@ -264,6 +264,32 @@ def pipeline(tmp_path_factory) -> Path:
     return root
 
 
+def test_a_pipelines_conditioning_is_diffusers_padded_and_unmasked(pipeline):
+    """diffusers' pipelines and training script feed the UNet the prompt padded to the length, no mask; deltatune
+    padded to the longest caption and masked (the UNet's output 0.20 off), so its LoRA trained on conditioning
+    diffusers never gives."""
+    processor = t2i.T2IProcessor(str(pipeline))
+    text, _ = processor.condition(["a digit", "a handwritten digit seven"], 512)
+    assert "encoder_attention_mask" not in text and text["encoder_hidden_states"].shape[1] == processor.context == 64
+    ids = processor.tokenizer(["a digit"], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        want = processor.text_encoder(ids["input_ids"])[0]
+    torch.testing.assert_close(text["encoder_hidden_states"][:1], want, atol=1e-6, rtol=0)
+
+
+def test_merge_of_a_run_on_a_pipeline_with_a_vae_is_refused_in_one_line(pipeline, data, tmp_path, capsys):
+    """merge wrote the denoiser alone: the folder lost the pipeline's VAE, and training on it was a traceback."""
+    run = tmp_path / "run"
+    argv = ["train", str(ROOT / "recipes" / "digits-t2i-lora.yaml"), f"model.name_or_path={pipeline}",
+            f"output.dir={run}", f"data.train={data / 't2i-adapt-train.jsonl'}", "data.eval=null", *FAST]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot merge: the run's base is a diffusers pipeline with a VAE" in err and "\n" not in err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_a_pipeline_with_a_vae_trains_on_latents_and_draws_full_size_images(pipeline, data, tmp_path, capsys):
     processor = t2i.T2IProcessor(str(pipeline))
     assert processor.vae is not None and processor.size == 16 and processor.channels == 1

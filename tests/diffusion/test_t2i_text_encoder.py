@@ -77,7 +77,7 @@ def plain_encoder(pipeline: Path):
     return AutoModel.from_pretrained(pipeline / "text_encoder").eval()
 
 
-def unet_output(unet, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def unet_output(unet, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     x = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         return unet(x, torch.tensor([40]), encoder_hidden_states=states, encoder_attention_mask=mask).sample
@@ -109,7 +109,8 @@ def test_the_text_encoder_lora_trains_saves_for_diffusers_and_reloads(pipeline, 
     delta, loaded = run_module.load_adapter_model(str(run))
     assert isinstance(loaded.text_encoder, DeltaModel)
     text, _ = loaded.condition([PROMPT], 16)
-    ours = unet_output(delta.eval(), text["encoder_hidden_states"], text["encoder_attention_mask"])
+    assert "encoder_attention_mask" not in text  # a pipeline's UNet reads the padded context as diffusers feeds it
+    ours = unet_output(delta.eval(), text["encoder_hidden_states"], None)
     # diffusers' own loading of the one file (what pipe.load_lora_weights does for the UNet and the text encoder)
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(run), return_lora_metadata=True)
     unet = UNet2DConditionModel.from_pretrained(pipeline / "unet").eval()
@@ -118,22 +119,23 @@ def test_the_text_encoder_lora_trains_saves_for_diffusers_and_reloads(pipeline, 
     StableDiffusionPipeline.load_lora_into_text_encoder(
         state, alphas, encoder, prefix="text_encoder", metadata=metadata
     )
-    enc = loaded.tokenizer([PROMPT], padding=True, truncation=True, max_length=16, return_tensors="pt")
+    # diffusers' conditioning (StableDiffusionPipeline.encode_prompt, train_text_to_image_lora.py): the prompt
+    # padded to the length, no attention mask for the text encoder or the UNet
+    enc = loaded.tokenizer([PROMPT], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     with torch.no_grad():
-        states = encoder(**enc).last_hidden_state
-    torch.testing.assert_close(unet_output(unet, states, enc["attention_mask"]), ours, atol=1e-5, rtol=0)
+        states = encoder(enc["input_ids"])[0]
+    torch.testing.assert_close(unet_output(unet, states, None), ours, atol=1e-5, rtol=0)
     with loaded.disable_adapter():  # and both LoRAs matter
         off, _ = loaded.condition([PROMPT], 16)
-    assert (unet_output(delta, off["encoder_hidden_states"], off["encoder_attention_mask"]) - ours).abs().max() > 1e-5
+    assert (unet_output(delta, off["encoder_hidden_states"], None) - ours).abs().max() > 1e-5
     with delta.disable_adapter():
-        assert (
-            unet_output(delta, text["encoder_hidden_states"], text["encoder_attention_mask"]) - ours
-        ).abs().max() > 1e-5
+        assert (unet_output(delta, text["encoder_hidden_states"], None) - ours).abs().max() > 1e-5
     assert main(["generate", "--adapter", str(run), "--prompt", PROMPT, "--out", str(tmp_path / "d.png"),
                  "--steps", "2", "--compare"]) == 0  # fmt: skip
     # a merged base keeps the text encoder's LoRA beside the merged UNet, folded in when it loads
     assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 0
-    again, _ = t2i.T2IProcessor(str(tmp_path / "merged")).condition([PROMPT], 16)
+    again, _ = t2i.T2IProcessor(str(tmp_path / "merged")).condition([PROMPT], 16)  # conditioned as its pipeline
+    assert "encoder_attention_mask" not in again
     torch.testing.assert_close(again["encoder_hidden_states"], text["encoder_hidden_states"], atol=1e-5, rtol=0)
 
 
