@@ -106,7 +106,8 @@ class DeltaTrainerMixin:
 
             super()._set_signature_columns_if_needed()
             if {"args", "kwargs"} & set(self._signature_columns or []):
-                base = self._delta_model().get_base_model()
+                model = self._delta_model()
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model  # (a plain model too)
                 columns = [*inspect.signature(base.forward).parameters, "label", "label_ids", *self.label_names]
                 self._signature_columns = [c for c in dict.fromkeys(columns) if c not in ("args", "kwargs")]
 
@@ -120,10 +121,14 @@ class DeltaTrainerMixin:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_best_model(self) -> None:
+        if not hasattr(self._delta_model(), "load_adapter_weights"):  # a peft or plain model: the Trainer's way
+            return super()._load_best_model()
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         delta = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        if not hasattr(delta, "load_adapter_weights"):  # a peft or plain model: the Trainer's way
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         for name in delta.peft_config:
             folder = resume_from_checkpoint if name == "default" else os.path.join(resume_from_checkpoint, name)
             delta.load_adapter_weights(folder, name)
@@ -173,7 +178,11 @@ class DeltaTrainerMixin:
             shutil.rmtree(staging, ignore_errors=True)
             if self.state.best_model_checkpoint and STAGING in self.state.best_model_checkpoint:
                 self.state.best_model_checkpoint = final
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit)
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))  # it named the staging folder
+            best = self.state.best_model_checkpoint  # kept, as the Trainer's own rotation keeps it
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit, best_model_checkpoint=best
+            )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The Trainer's, also adding up the loss over the batch's label tokens when the labels are per token (a
@@ -183,7 +192,10 @@ class DeltaTrainerMixin:
         if out[0] is not None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and self._eval_tokens:
             counted = labels[:, 1:] if getattr(self, "_loss_shifts_labels", False) else labels
             n = counted.ne(-100).sum().to(out[0].device)
-            self._eval_tokens = [self._eval_tokens[0] + out[0].detach().float() * n, self._eval_tokens[1] + n]
+            loss = torch.where(
+                n > 0, out[0].detach().float(), 0.0
+            )  # a batch with no label token adds nothing (not nan)
+            self._eval_tokens = [self._eval_tokens[0] + loss * n, self._eval_tokens[1] + n]
         return out
 
     def evaluation_loop(
