@@ -397,6 +397,10 @@ SCHEDULERS = (
     "warmup_stable_decay",
     "greedy",
 )
+NEEDS_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+ON_EVAL = ("reduce_lr_on_plateau", "greedy")
+"""Schedules that step on the eval loss (the Trainer steps them after each evaluation)."""
+"""Schedules transformers builds only with scheduler kwargs (min_lr, num_decay_steps), which recipes do not take."""
 
 
 def _validate_values(cfg: RunConfig) -> None:
@@ -405,6 +409,14 @@ def _validate_values(cfg: RunConfig) -> None:
     t, d = cfg.train, cfg.data
     if t.scheduler not in SCHEDULERS:
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
+    if t.scheduler in NEEDS_KWARGS:  # transformers wants settings a recipe has no key for (a traceback at the start)
+        runs = ", ".join(s for s in SCHEDULERS if s not in (*NEEDS_KWARGS, *ON_EVAL))
+        raise ConfigError(f"train.scheduler={t.scheduler} needs settings a recipe does not take; use one of {runs}")
+    if t.scheduler in ON_EVAL and (not d.eval or cfg.stage in ("ppo", "grpo")):
+        raise ConfigError(
+            f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage the Trainer runs "
+            "(not ppo or grpo)"
+        )
     for key in ("logging_steps", "save_total_limit", "generation_max_new_tokens"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")

@@ -31,6 +31,7 @@ every ``train.save_steps`` steps (default: once per pass over the prompts); ``--
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -183,11 +184,9 @@ class GRPOLoop:
     Args:
         model: the policy, a DeltaModel over a causal LM whose active adapter trains.
         tokenizer: the policy's tokenizer (completions are decoded with it for the rewards).
-        rewards: the rewards (``check_rewards`` / ``load_rewards``).
-        align: the ``align`` section of the recipe.
-        lr: AdamW learning rate.
-        max_grad_norm: gradient clipping norm (0: none).
-        seed: seeds the sampling.
+        rewards, align: the rewards (``check_rewards`` / ``load_rewards``); the recipe's ``align`` section.
+        lr, weight_decay: AdamW's learning rate and weight decay (the recipe's; torch's own default decay is 0.01).
+        max_grad_norm, seed: the gradient clipping norm (0: none); the seed of the sampling.
         scheduler: a function optimizer -> LR scheduler (default: constant).
     """
 
@@ -202,12 +201,15 @@ class GRPOLoop:
         seed: int = 0,
         scheduler: Callable | None = None,
         bf16: bool = False,
+        weight_decay: float = 0.0,
     ) -> None:
         self.model, self.tokenizer, self.rewards, self.align = model, tokenizer, list(rewards), align
         self.device = next(model.parameters()).device
         self.amp = functools.partial(torch.autocast, self.device.type, torch.bfloat16, enabled=bf16)
         torch.manual_seed(seed)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr, weight_decay=weight_decay
+        )
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.max_grad_norm = max_grad_norm
         self.eos = tokenizer.eos_token_id
@@ -235,10 +237,7 @@ class GRPOLoop:
         """(N, T) completion log-probs under the current policy, or the reference (the adapter off)."""
         parts = []
         for idx in self._chunks(len(s.sequences)):
-            if reference:
-                with self.model.disable_adapter():
-                    parts.append(self._forward(s, idx)[0])
-            else:
+            with self.model.disable_adapter() if reference else contextlib.nullcontext():
                 parts.append(self._forward(s, idx)[0])
         return torch.cat(parts)
 
@@ -326,14 +325,14 @@ class GRPOLoop:
                 sums["loss"] += loss.item() / a.num_iterations
                 sums["clipped"] += st["clipped"].item()
                 sums["tokens"] += st["tokens"].item()
-                if "kl" in st:
-                    sums["kl"] += st["kl"].item()
+                sums["kl"] += st["kl"].item() if "kl" in st else 0.0
                 if it == 0:
                     sums["entropy"] += (entropy.detach() * m).sum().item()
             if self.max_grad_norm > 0:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used (logged so, as the Trainer logs)
             if self.scheduler is not None:
                 self.scheduler.step()
         tokens_once = n_tok.item()
@@ -346,7 +345,7 @@ class GRPOLoop:
             "entropy": sums["entropy"] / tokens_once,
             "completion_length": mask.sum(-1).mean().item(),
             "truncated_fraction": s.truncated.float().mean().item(),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
         }
         if a.beta > 0:
             stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
@@ -497,7 +496,9 @@ def train_grpo(
         return get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=updates)
 
     bf16 = resolved_precision(t.precision) == "bf16"  # as the Trainer's stages read train.precision
-    loop = GRPOLoop(model, tokenizer, rewards, cfg.align, t.lr, t.max_grad_norm, t.seed, scheduler, bf16)
+    loop = GRPOLoop(
+        model, tokenizer, rewards, cfg.align, t.lr, t.max_grad_norm, t.seed, scheduler, bf16, t.weight_decay
+    )
     g = torch.Generator().manual_seed(t.seed)
     history: list[dict[str, Any]] = []
     order: list[int] = []

@@ -169,6 +169,8 @@ class PPOLoop:
         lr: AdamW learning rate for the adapter and the value head.
         max_grad_norm: gradient clipping norm (0: none).
         seed: seeds the value head's init and the sampling.
+        weight_decay: AdamW's weight decay (the recipe's ``train.weight_decay``; torch's own default is 0.01).
+        scheduler: a function optimizer -> LR scheduler, stepped once per PPO step (TRL's); default: constant.
     """
 
     def __init__(
@@ -180,6 +182,8 @@ class PPOLoop:
         lr: float = 1e-5,
         max_grad_norm: float = 1.0,
         seed: int = 0,
+        weight_decay: float = 0.0,
+        scheduler: Callable | None = None,
     ) -> None:
         self.model, self.tokenizer, self.reward_fn, self.align = model, tokenizer, reward_fn, align
         self.device = next(model.parameters()).device
@@ -189,7 +193,8 @@ class PPOLoop:
         nn.init.zeros_(self.value_head.weight)  # values start at 0: no spurious advantages at the first step
         nn.init.zeros_(self.value_head.bias)
         params = [p for p in model.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=lr)
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.max_grad_norm = max_grad_norm
         self.kl_ctl = KLController(align.init_kl_coef, align.adaptive_kl, align.target_kl, align.kl_horizon)
         self.steps_done = 0
@@ -306,8 +311,12 @@ class PPOLoop:
                 logs["value_loss"].append(vl.item())
                 logs["clipfrac"].append(clipfrac.item())
                 logs["entropy"].append(masked_mean(entropy.detach(), mm).item())
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates used (logged so, as the Trainer logs)
+        if self.scheduler is not None:
+            self.scheduler.step()
         mean_kl = kl.sum(-1).mean().item()
         stats = {k: sum(v) / len(v) for k, v in logs.items()}
+        stats["lr"] = lr
         stats.update(
             reward=r.scores.mean().item(),
             kl=mean_kl,
@@ -485,9 +494,16 @@ def train_ppo(
 
     t = cfg.train
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    loop = PPOLoop(model, tokenizer, reward_fn, cfg.align, t.lr, t.max_grad_norm, t.seed)
     per_epoch = math.ceil(len(prompts) / t.batch_size)
     steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * steps)
+
+    def scheduler(opt):
+        from transformers import get_scheduler
+
+        return get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=steps)
+
+    loop = PPOLoop(model, tokenizer, reward_fn, cfg.align, t.lr, t.max_grad_norm, t.seed, t.weight_decay, scheduler)
     g = torch.Generator().manual_seed(t.seed)
     metrics: dict[str, Any] = {}
     if eval_prompts and t.eval_on_start:

@@ -40,6 +40,8 @@ def save(
         head = {k: v.detach().cpu().contiguous() for k, v in loop.value_head.state_dict().items()}
         save_file(head, os.path.join(staging, "value_head.safetensors"))
         torch.save(loop.optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
+        if loop.scheduler is not None:
+            torch.save(loop.scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
         rng = {"torch": torch.get_rng_state(), "data": generator.get_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -84,6 +86,8 @@ def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[i
     loop.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
     optimizer = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=loop.device, weights_only=True)
     loop.optimizer.load_state_dict(optimizer)
+    if loop.scheduler is not None and os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
+        loop.scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
     rng = torch.load(os.path.join(checkpoint, "rng_state.pth"), weights_only=True)
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["data"])

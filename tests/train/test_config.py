@@ -202,6 +202,18 @@ def test_an_unknown_quantization_key_is_refused_before_the_model_loads():
     assert list(cfg.model.quantization) == keys  # every key quantize() takes is known
 
 
+def test_schedules_that_cannot_run_from_a_recipe_are_refused_in_one_line():
+    """cosine_with_min_lr and warmup_stable_decay need scheduler kwargs a recipe has no key for, and the schedules
+    that step on the eval loss need an evaluation: each was a traceback once training began."""
+    for name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"):
+        with pytest.raises(ConfigError, match=rf"^train.scheduler={name} needs settings a recipe does not take"):
+            load_recipe(QUICKSTART, [f"train.scheduler={name}"])
+    for name in ("reduce_lr_on_plateau", "greedy"):
+        with pytest.raises(ConfigError, match=rf"^train.scheduler={name} steps on the eval loss"):
+            load_recipe(QUICKSTART, [f"train.scheduler={name}", "data.eval=null", "train.eval_on_start=false"])
+    assert load_recipe(QUICKSTART, ["train.scheduler=reduce_lr_on_plateau"]).train.scheduler == "reduce_lr_on_plateau"
+
+
 def test_an_evaluation_scheduled_without_eval_data_is_refused():
     """``train.eval_steps`` or ``train.eval_on_start`` with no ``data.eval`` was silently without effect (the run
     trained with no evaluation at all); PPO and GRPO evaluate before and after only, so eval_steps is refused there."""

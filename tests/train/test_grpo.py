@@ -289,7 +289,7 @@ def test_mean_reward_rises_on_a_tiny_model(base_dir):
     """'yes' starts at ~1 word in 45 (reward ~0.03); 20 GRPO steps of 8 prompts x 8 completions make it nearly every
     word (seeds 0 and 1 reach 1.0 by step 12)."""
     align = AlignArgs(num_generations=8, max_new_tokens=6, beta=0.0, mini_batch_size=64, loss_norm="token")
-    loop = GRPOLoop(policy(base_dir), word_tokenizer(), YES, align, lr=3e-2, seed=0)
+    loop = GRPOLoop(policy(base_dir), word_tokenizer(), YES, align, lr=3e-2, seed=0, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
     history = [loop.step([ITEMS[i] for i in torch.randperm(40, generator=g)[:8].tolist()]) for _ in range(20)]
     first = sum(h["reward"] for h in history[:3]) / 3
@@ -346,8 +346,16 @@ def test_resume_equals_uninterrupted(cli_files, tmp_path, capsys, monkeypatch):
     """4 steps straight, and 2 steps, a crash (what a killed run leaves: run.yaml and checkpoint-2), then --resume to
     step 4: the same adapter, because the optimizer, the data order and the sampling RNG are restored."""
     monkeypatch.chdir(ROOT)
-    common = ["recipes/grpo-arithmetic.yaml", f"model.name_or_path={cli_files['llama']}", *TINY_RUN,
-              "train.save_steps=2", "train.eval_on_start=false", "data.eval=null", "train.lr=0.05"]  # fmt: skip
+    common = [
+        "recipes/grpo-arithmetic.yaml",
+        f"model.name_or_path={cli_files['llama']}",
+        *TINY_RUN,
+        "train.save_steps=2",
+        "train.eval_on_start=false",
+        "data.eval=null",
+        "train.lr=0.05",
+        "train.weight_decay=0.01",
+    ]  # fmt: skip  (decay moves the adapter even at a step whose rewards all tie)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", *common, "train.max_steps=4", f"output.dir={straight}"]) == 0
     assert main(["train", *common, "train.max_steps=2", f"output.dir={resumed}"]) == 0
@@ -392,3 +400,20 @@ def test_bad_settings_are_one_line_and_change_nothing(cli_files, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_the_recipes_weight_decay_and_schedule_are_used_and_each_steps_rate_logged(cli_files, tmp_path, monkeypatch):
+    """GRPO's AdamW took torch's default weight decay (0.01) over the recipe's, and logged the next step's rate."""
+    monkeypatch.chdir(ROOT)
+    made = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(k) or adamw(*a, **k))
+    out = tmp_path / "run"
+    assert main(["train", "recipes/grpo-arithmetic.yaml", f"model.name_or_path={cli_files['llama']}", *TINY_RUN,
+                 "train.max_steps=4", "train.lr=0.01", "train.scheduler=linear", "train.warmup_steps=1",
+                 "train.weight_decay=0.0", "train.eval_on_start=false", "data.eval=null", f"output.dir={out}"]) == 0  # fmt: skip
+    assert made and made[0]["weight_decay"] == 0.0
+    logged = [
+        json.loads(line)["lr"] for line in (out / "log_history.jsonl").read_text().splitlines() if '"lr"' in line
+    ]
+    assert logged == pytest.approx([0.0, 0.01, 0.01 * 2 / 3, 0.01 / 3])  # the rate each update used

@@ -323,3 +323,23 @@ def test_recipe_with_the_reward_adapter_on_the_same_base(cli_files, same_base_rm
     assert "a second adapter on the policy's base" in (out / "report.md").read_text()
     assert not (out / "reward").exists()  # only the policy adapter is saved
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_the_recipes_weight_decay_and_schedule_are_used(cli_files, rm_run, tmp_path, monkeypatch):
+    """PPO's AdamW took torch's default weight decay (0.01) and kept a constant rate whatever train.scheduler and
+    the warmup said; now the recipe's, stepped once per PPO step as TRL steps it."""
+    made = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(k) or adamw(*a, **k))
+    out = tmp_path / "run"
+    assert main(["train", "recipes/ppo.yaml", f"model.name_or_path={cli_files['llama']}",
+                 f"data.train={cli_files['prompts']}", "data.eval=null", "data.max_length=16",
+                 f"align.reward_model={rm_run}", "align.max_new_tokens=4", "align.mini_batch_size=2",
+                 "train.max_steps=3", "train.batch_size=2", "train.lr=0.01", "train.scheduler=linear",
+                 "train.warmup_steps=2", "train.weight_decay=0.0", "train.eval_on_start=false",
+                 f"output.dir={out}"]) == 0  # fmt: skip
+    assert made and made[0]["weight_decay"] == 0.0
+    logged = [
+        json.loads(line)["lr"] for line in (out / "log_history.jsonl").read_text().splitlines() if '"lr"' in line
+    ]
+    assert logged == pytest.approx([0.0, 0.005, 0.01])
