@@ -315,6 +315,8 @@ def _generate(args) -> int:
     if not math.isfinite(args.guidance):  # every pixel would be nan
         print(f"deltatune generate: error: --guidance must be a finite number, got {args.guidance}", file=sys.stderr)
         return 2
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):  # before any model loads
+        chat.check_text(text, flag)
     sampling = _sampling(args)
     if args.image:
         return _caption(args, sampling)
@@ -326,7 +328,9 @@ def _generate(args) -> int:
     model.eval()
     ids = chat.prompt_ids(tok, args.prompt, raw=args.raw, system=args.system)
     if args.compare:
-        row = chat.compare(model, tok, [args.prompt], raw=args.raw, system=args.system, **sampling)[0]
+        chat.check_base(model, "--compare")
+        row = chat.compare(model, tok, [args.prompt], raw=args.raw, system=args.system, num_beams=args.num_beams,
+                           **sampling)[0]  # fmt: skip
         print(chat.side_by_side([row]))
     else:
         print(chat.generate(model, tok, ids, num_beams=args.num_beams, **sampling))

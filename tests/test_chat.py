@@ -267,3 +267,79 @@ def test_adapters_record_portable_base_names(tmp_path):
     folder.mkdir()
     assert embedded.hub_id(str(folder)) == str(folder.resolve())
     assert embedded.hub_id("org/model") == "org/model"
+
+
+def test_compare_decodes_with_the_beams_asked_for(run, capsys):
+    """--compare answered greedily whatever --num-beams said."""
+    args = ["generate", "--adapter", str(run / "adapter"), "--model", str(run / "base"), "--prompt",
+            "the big red house", "--max-new-tokens", "6"]  # fmt: skip
+    assert main(args) == 0
+    greedy = capsys.readouterr().out.strip()
+    args += ["--num-beams", "4"]
+    assert main(args) == 0
+    beams = capsys.readouterr().out.strip()
+    assert beams != greedy  # so the check below can fail
+    assert main([*args, "--compare"]) == 0
+    lines = {x.split(":", 1)[0].strip(): x.split(":", 1)[1].strip() for x in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["adapter"] == beams
+
+
+def test_no_base_answer_is_shown_for_a_run_that_trained_the_base_in_place(run, tmp_path, capsys):
+    """A freeze (or full) run's --compare and chat /base showed the trained model labelled as the base."""
+    from transformers import AutoModelForCausalLM
+
+    dt.get_delta_model(AutoModelForCausalLM.from_pretrained(run / "base"), dt.FreezeConfig()).save_pretrained(
+        tmp_path / "freeze"
+    )
+    args = ["generate", "--adapter", str(tmp_path / "freeze"), "--model", str(run / "base"), "--prompt", "the cat"]
+    assert main([*args, "--compare"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x and not x.startswith("Loading")]
+    assert len(err) == 1 and "--compare: the run trained the base model's own weights in place" in err[0]
+    model = dt.DeltaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), tmp_path / "freeze")
+    out = io.StringIO()
+    assert chat.repl(model, _tok(run), stdin=io.StringIO("/base\n"), stdout=out, max_new_tokens=2) == 0
+    assert "/base: the run trained the base model's own weights in place" in out.getvalue()
+    rows = chat.compare(model, _tok(run), ["the cat"], max_new_tokens=2)
+    assert rows[0]["base"].startswith("(none: the run trained the base model in place)")
+
+
+def test_text_that_is_not_utf8_is_one_line_or_a_skipped_chat_line(run, capsys):
+    bad = b"hi \xff".decode("utf-8", "surrogateescape")  # what Python makes of such bytes in argv or stdin
+    args = ["generate", "--adapter", str(run / "adapter"), "--model", str(run / "base"), "--prompt", bad]
+    assert main(args) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "deltatune generate: error: --prompt holds bytes that are not UTF-8 text; give it in UTF-8"
+    )
+    from transformers import AutoModelForCausalLM
+
+    model = dt.DeltaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "adapter")
+    out = io.StringIO()
+    assert chat.repl(model, _tok(run), stdin=io.StringIO(f"{bad}\nthe cat\n"), stdout=out, max_new_tokens=2) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "(not sent: the line holds bytes that are not UTF-8 text; give it in UTF-8)" and len(lines) == 2
+
+
+def test_a_runs_samples_are_prompted_with_its_built_in_template(tmp_path, capsys):
+    """An SFT run on a tokenizer without a chat template (data.template: alpaca) and output.samples failed after
+    training ("a conversation needs a chat template"), leaving no adapter, metrics or report."""
+    import os
+
+    base = save_tiny(tmp_path / "base", "llama")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(base, name)):
+            os.remove(os.path.join(base, name))
+    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ("cat", "dog")))
+    out = tmp_path / "run"
+    (tmp_path / "none.yaml").write_text("stage: sft\n")
+    assert main(["train", str(tmp_path / "none.yaml"), "stage=sft", f"model.name_or_path={base}",
+                 "method={name: lora, r: 2}", f"data.train={data}", f"data.eval={data}", "data.template=alpaca",
+                 "train.max_steps=1", "train.report_to=[none]", "output.samples=1", "output.sample_tokens=2",
+                 f"output.dir={out}"]) == 0  # fmt: skip
+    samples = json.loads((out / "samples.json").read_text())
+    assert len(samples) == 1 and "### Instruction:\nSay cat." in samples[0]["prompt"]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "metrics.json").is_file()

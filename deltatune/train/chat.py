@@ -25,9 +25,30 @@ def has_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
+def check_text(text: str | None, what: str) -> None:
+    """ConfigError naming ``what`` when ``text`` holds bytes that are not UTF-8 (a terminal's or a file's in
+    another encoding: Python hands them over as lone surrogates, which a tokenizer refuses with a traceback)."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} holds bytes that are not UTF-8 text; give it in UTF-8") from None
+
+
+def check_base(model, what: str) -> None:
+    """ConfigError when ``model``'s adapter trained base weights in place (full, freeze, BitFit, LoRA biases): its
+    adapter cannot be switched off, so there is no base answer to show."""
+    trains_base = getattr(model, "_base_trainables", {})
+    if any(trains_base.get(n) for n in getattr(model, "active_adapters", [])):
+        raise ConfigError(f"{what}: the run trained the base model's own weights in place, so there is no base model "
+                          "left to answer; load the base model on its own to compare")  # fmt: skip
+
+
 def prompt_ids(tok, prompt: str | Messages, raw: bool = False, system: str | None = None) -> list[int]:
     """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user turn) ready for
     generation: through the chat template when the tokenizer has one and ``raw`` is false, else the text as is."""
+    for m in [{"content": prompt}] if isinstance(prompt, str) else prompt:
+        check_text(m.get("content"), "the prompt")
+    check_text(system, "the system prompt")
     if raw or not has_template(tok):
         if not isinstance(prompt, str):
             raise ConfigError("a conversation needs a chat template; this tokenizer has none")
@@ -126,10 +147,19 @@ def compare(model, tok, prompts: Sequence[str | Messages], **kwargs: Any) -> lis
     model.eval()
     rows = []
     try:
+        check_base(model, "base")
+        in_place = False
+    except ConfigError:  # full, freeze, BitFit: the adapter cannot be switched off, so no base answers
+        in_place = True
+    try:
         for prompt in prompts:
             ids = prompt_ids(tok, prompt, **render)
             with adapter_off(model):
-                base = generate(model, tok, ids, **kwargs)
+                base = (
+                    "(none: the run trained the base model in place)"
+                    if in_place
+                    else generate(model, tok, ids, **kwargs)
+                )
             rows.append({"prompt": _last_user(prompt), "base": base, "adapter": generate(model, tok, ids, **kwargs)})
     finally:
         model.train(was_training)
@@ -188,8 +218,13 @@ def eval_prompts(cfg, limit: int) -> list[Messages]:
 
 def run_samples(model, tok, cfg) -> list[dict[str, str]]:
     """The before/after answers a causal-LM run shows (``output.samples`` prompts, greedy)."""
-    prompts = eval_prompts(cfg, cfg.output.samples)
-    return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=not has_template(tok))
+    prompts: list = eval_prompts(cfg, cfg.output.samples)
+    if cfg.data.template is not None:  # the run's built-in template, as it trained (also where the tokenizer has none)
+        from ..data.templates import render
+
+        prompts = [render(p, tok, cfg.data.template, add_generation_prompt=True)[0] for p in prompts]
+    raw = cfg.data.template is not None or not has_template(tok)
+    return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=raw)
 
 
 HELP = "/reset clears the history, /base toggles the adapter off and on, /quit ends (Ctrl-D too)"
@@ -222,6 +257,11 @@ def repl(model, tok, system: str | None = None, raw: bool = False, stdin=None, s
             print("(history cleared)", file=stdout)
             continue
         if text == "/base":
+            try:
+                check_base(model, "/base")
+            except ConfigError as exc:
+                print(f"({exc})", file=stdout)
+                continue
             base = not base
             print(f"(adapter {'off: the base model answers' if base else 'on'})", file=stdout)
             continue
@@ -229,6 +269,11 @@ def repl(model, tok, system: str | None = None, raw: bool = False, stdin=None, s
             print(f"(unknown command {text!r}; {HELP})", file=stdout)
             continue
         kept, dropped, new_tokens = [], 0, sampling.get("max_new_tokens", 128)  # raw mode keeps no history
+        try:
+            check_text(text, "the line")
+        except ConfigError as exc:  # skipped; the session goes on
+            print(f"(not sent: {exc})", file=stdout, flush=True)
+            continue
         if raw or not has_template(tok):
             ids = prompt_ids(tok, text, raw=True)
         else:  # over the model's context the oldest exchanges go, as chat interfaces do with a long conversation

@@ -320,9 +320,14 @@ def _samples(delta: DeltaModel, tok, cfg: RunConfig) -> list[dict[str, str]] | N
     for. The report writes them to samples.json and report.md."""
     if not cfg.output.samples or TASK_OF_STAGE[cfg.stage] != "CAUSAL_LM":
         return None
+    from ..data.load import DataError
     from .chat import run_samples
 
-    return run_samples(delta, tok, cfg)
+    try:
+        return run_samples(delta, tok, cfg)
+    except (ConfigError, DataError) as exc:  # the trained run is written whatever its samples hit
+        print(f"deltatune train: note: output.samples skipped: {exc}", file=sys.stderr)
+        return None
 
 
 def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool) -> bool:
