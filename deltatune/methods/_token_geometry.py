@@ -212,8 +212,9 @@ def _shift_positions(kwargs: dict, key: str, n: int, prepend: bool) -> None:
     if pos is None:
         return
     shifted = pos + n
-    if prepend:
-        virtual = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], n)
+    if prepend:  # the virtual tokens take the row's first positions (RoBERTa's start after its padding index)
+        first = pos.min(dim=-1, keepdim=True).values
+        virtual = first + torch.arange(n, device=pos.device, dtype=pos.dtype)
         shifted = torch.cat([virtual, shifted], dim=-1)
     kwargs[key] = shifted
 

@@ -73,6 +73,7 @@ class VirtualTokens(DeltaLayer):
         self.specs: dict[str, TokenSpec] = {}
         self._handles: list[Any] = []
         self._pending: list[tuple[int, int] | None] = []  # root calls in flight: (n, total length) to drop, or None
+        self._tuples: list[bool] = []  # root calls in flight: whether the caller asked for a tuple (return_dict=False)
         cfg = text_config(model)
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.model_type = model_type(model)
@@ -148,10 +149,13 @@ class VirtualTokens(DeltaLayer):
         active = self._active()
         if role == "root":
             self._pending.append(None)  # popped by _post_hook, which runs even when forward raises
+            self._tuples.append(False)
         if active is None:
             return None
         name, spec = active
         kwargs = _bind(module, args, kwargs)
+        if role == "root" and kwargs.get("return_dict") is False:  # trimmed as a dict, handed back as the tuple
+            kwargs["return_dict"], self._tuples[-1] = True, True
         if spec.kind == "prompt":
             if role == "root" and not self.encoder_decoder:
                 self._pending[-1] = self._prepend(module, name, spec, kwargs, labels=True)
@@ -252,20 +256,25 @@ class VirtualTokens(DeltaLayer):
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         pending = self._pending.pop() if self._pending else None
-        if pending is None or not hasattr(output, "keys"):
+        as_tuple = self._tuples.pop() if self._tuples else False
+        if not hasattr(output, "keys"):
             return None
-        n, total = pending
-        if kwargs.get("logits_to_keep"):
-            return None
-        logits = output.get("logits")
-        if isinstance(logits, torch.Tensor) and logits.dim() >= 3 and logits.shape[1] == total:
-            output["logits"] = logits[:, n:]
-        hidden = output.get("hidden_states")
-        if isinstance(hidden, tuple):
-            output["hidden_states"] = tuple(
-                h[:, n:] if isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[1] == total else h for h in hidden
-            )
-        return output
+        if kwargs.get("use_cache") is False:  # the prefix's cache is ours: the caller asked for none back
+            for key in (*CACHE_KEYS, "past_key_values"):
+                if output.get(key) is not None:
+                    output[key] = None
+        if pending is not None:
+            n, total = pending
+            logits = output.get("logits")  # (with logits_to_keep, the last positions only: real tokens)
+            if not kwargs.get("logits_to_keep") and isinstance(logits, torch.Tensor) and logits.dim() >= 3:
+                output["logits"] = logits[:, n:] if logits.shape[1] == total else logits
+            hidden = output.get("hidden_states")
+            if isinstance(hidden, tuple):
+                output["hidden_states"] = tuple(
+                    h[:, n:] if isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[1] == total else h
+                    for h in hidden
+                )
+        return output.to_tuple() if as_tuple else output
 
 
 def _absolute_positions(model: nn.Module, cfg: Any) -> int | None:

@@ -85,7 +85,9 @@ def _init_ids(config: PromptTuningConfig, rows: int, vocab: int) -> torch.Tensor
         return None
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+    # Never remote code from an adapter's config (a file someone sends you), as peft drops it too.
+    kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not ids:
         raise ConfigError("prompt_tuning_init_text tokenizes to no tokens")
