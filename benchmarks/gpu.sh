@@ -16,7 +16,8 @@ OUT=runs/gpu-bench
 DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) OUT="$2"; shift 2 ;;
+    --out) [ $# -ge 2 ] || { echo "gpu.sh: error: --out needs a folder (use --out DIR, --dry-run)" >&2; exit 2; }
+           OUT="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     *) echo "gpu.sh: error: unknown option $1 (use --out DIR, --dry-run)" >&2; exit 2 ;;
   esac

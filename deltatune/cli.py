@@ -9,7 +9,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 
 def _train_help() -> str:
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:  # key=value after a flag (train RECIPE --overwrite train.lr=1e-3): still an override
         args.overrides += extra
+    previous = _on_sigterm()
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever torch was; 130 as shells expect
@@ -248,6 +251,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """SIGTERM (kill, a scheduler's stop) as Ctrl-C, so what Ctrl-C undoes is undone too (train --overwrite puts the
+    old run back, staging folders go); the previous handler, to restore, or None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _train(args) -> int:

@@ -91,6 +91,13 @@ def test_help_lists_the_options(capsys):
         assert option in out
 
 
+def test_an_out_file_in_no_folder_is_refused_before_measuring(capsys):
+    """--out was written only after the whole measurement: a traceback then, and --json never written."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--configs", "minilm", "--methods", "lora", "--out", "/nonexistent/bench.md"])
+    assert exit_.value.code == 2 and "--out '/nonexistent/bench.md'" in capsys.readouterr().err
+
+
 def test_unknown_method_is_an_error(capsys):
     assert main(["--methods", "lora,nope"]) == 2
     err = capsys.readouterr().err

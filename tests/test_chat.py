@@ -231,7 +231,7 @@ def test_the_cache_is_made_once_and_reused(monkeypatch, tmp_path):
     assert embedded.resolve("fake") == first == embedded.resolve("org/fake-model") and len(calls) == 1
 
 
-@pytest.mark.parametrize("damage", ["truncate", "overwrite", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "delete", "manifest", "manifest-list"])
 def test_a_corrupt_cache_is_detected_and_rebuilt(monkeypatch, tmp_path, damage):
     calls = _fake_embedded(monkeypatch, tmp_path)
     from pathlib import Path
@@ -246,8 +246,10 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(monkeypatch, tmp_path, damage):
         weights.write_bytes(bytes(data))
     elif damage == "delete":
         (folder / "config.json").unlink()
-    else:
+    elif damage == "manifest":
         (folder / embedded.MANIFEST).write_text("{not json")
+    else:  # JSON, but no manifest: it was a traceback
+        (folder / embedded.MANIFEST).write_text("[1, 2]")
     assert not embedded._valid(folder)
     embedded.resolve("fake")
     assert len(calls) == 2

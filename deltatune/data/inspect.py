@@ -98,7 +98,9 @@ def inspect(
     if model is None:
         tok, template = _NoTokenizer(), template or "chatml"
         lines.append(
-            f"template: the built-in {template} template (give --model for its chat template and token counts)"
+            "template: none (pre-training reads the text as it is)"
+            if fmt == "text"
+            else f"template: the built-in {template} template (give --model for its chat template and token counts)"
         )
     else:
         from ..train.models import load_tokenizer
@@ -124,13 +126,13 @@ def inspect(
                 counts.append(max(len(encode(s, r, tok, template, 10**9)[0]["input_ids"]) for r in responses))
         if any(counts):
             lines += _length_lines(counts, max_length)
-    if fmt == "text":
-        return "\n".join(lines)
     from .encode import mark
 
     for s in samples[:show]:
         lines += ["", f"--- {s.source} (trained tokens between [[ and ]])"]
         for part, text, spans in rendered(s, tok, template, stage):
+            if fmt == "text" and len(text) > 1000:  # a document (a whole .txt file is one): its start
+                text, spans = text[:1000] + " ...", [(0, 1000)]
             lines += [f"[{part}]", mark(text, spans)]
     return "\n".join(lines)
 

@@ -143,8 +143,8 @@ def _valid(folder: Path) -> bool:
     """True when ``folder`` holds every file its manifest lists, each with the recorded size and sample hash."""
     try:
         recorded = json.loads((folder / MANIFEST).read_text())
-        return bool(recorded) and all(_sample_hash(folder / name) == h for name, h in recorded.items())
-    except (OSError, ValueError):
+        return bool(recorded) and all(_sample_hash(folder / name) == h for name, h in dict(recorded).items())
+    except (OSError, ValueError, TypeError):  # (a manifest that is not an object: corrupt too)
         return False
 
 

@@ -30,7 +30,7 @@ FINISHED_FILE = "metrics.json"  # written last by a run that completed
 
 def _sibling(folder: str, tag: str) -> str:
     """A hidden path beside ``folder``: ``<parent>/.<name>.<tag>`` (outside it, so moving the folder keeps it)."""
-    folder = os.path.abspath(folder)
+    folder = os.path.realpath(folder)  # one lock for a folder, whatever symlink names it
     parent, name = os.path.split(folder.rstrip(os.sep))
     return os.path.join(parent, f".{name}.{tag}")
 
@@ -67,7 +67,7 @@ class RunLock:
         except OSError as exc:
             raise ConfigError(f"output.dir {self.folder!r}: cannot create {parent!r} ({exc.strerror})") from None
         me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-        for _ in range(3):  # a stale lock is removed, then the creation is tried again
+        for _ in range(50):  # a stale lock is removed (or another process is removing it), then tried again
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -83,20 +83,26 @@ class RunLock:
             return self
         raise ConfigError(f"output.dir {self.folder!r} is locked by {self.path} and the lock could not be taken")
 
-    def _break_if_stale(self) -> None:
+    def _owner(self) -> dict[str, Any] | None:
+        """The lock's contents (None: the file is gone; {} when it is not a run's record)."""
         try:
             with open(self.path, encoding="utf-8") as fh:
                 owner = json.loads(fh.read() or "{}")
         except FileNotFoundError:
-            return  # released meanwhile
+            return None
         except (OSError, ValueError):
-            owner = {}
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def _break_if_stale(self) -> None:
+        owner = self._owner()
+        if owner is None:
+            return  # released meanwhile
         pid, host = owner.get("pid"), owner.get("host")
         if not isinstance(pid, int):
             # Half-written by a run that is creating it this very moment, or garbage: give it a moment.
             time.sleep(0.2)
-            with contextlib.suppress(OSError, ValueError), open(self.path, encoding="utf-8") as fh:
-                owner = json.loads(fh.read() or "{}")
+            owner = self._owner() or {}
             pid, host = owner.get("pid"), owner.get("host")
             if not isinstance(pid, int):
                 raise ConfigError(
@@ -104,8 +110,24 @@ class RunLock:
                     "delete that file if no run is writing there"
                 )
         if host == socket.gethostname() and not _alive(pid):
-            with contextlib.suppress(FileNotFoundError):  # another process broke it first: fine
-                os.remove(self.path)
+            # One process breaks it, and only while it still holds what was read: else two processes that both
+            # read the dead run's lock could each remove it, the second removing the first's fresh lock.
+            breaker = self.path + ".break"
+            try:
+                os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                with contextlib.suppress(OSError):
+                    if time.time() - os.path.getmtime(breaker) > 10:  # left by a process killed while breaking
+                        os.remove(breaker)
+                time.sleep(0.05)
+                return
+            try:
+                if self._owner() == owner:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(breaker)
             return
         where = "this host" if host == socket.gethostname() else f"host {host}"
         raise ConfigError(

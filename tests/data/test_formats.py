@@ -455,6 +455,9 @@ def test_data_inspect(models, tmp_path, capsys):
     assert f"bad pairs (an empty response, or chosen == rejected): 1, refused unless data.bad_pairs=skip: {bad}:2" in (
         capsys.readouterr().out
     )
+    assert main(["data", "inspect", fixture("text"), "--rows", "1"]) == 0  # pt: no template, its first row shown
+    out = capsys.readouterr().out
+    assert "template: none (pre-training reads the text as it is)" in out and out.count("\n[text]\n[[") == 1
     assert main(["data", "inspect", os.path.join(FIXTURES, "multimodal.jsonl")]) == 2
     assert "multimodal.jsonl:2: a multimodal row" in capsys.readouterr().err
 

@@ -248,3 +248,68 @@ def test_recipe_changes_ignore_what_the_run_derived():
     assert recipe_changes(recorded, same) == []
     changed = {**same, "train": {"seed": 2, "logging_steps": 5}, "method": {"name": "lora", "r": 4}}
     assert recipe_changes(recorded, changed) == ["method.r: 8 -> 4", "train.seed: 1 -> 2"]
+
+
+def _race_for_the_lock(folder, start, done):
+    start.wait()
+    try:
+        RunLock(folder).acquire()
+        got = True
+    except Exception:  # noqa: BLE001 (the loser's one line)
+        got = False
+    done.wait()  # the holder lives until both have tried: its lock is not stale meanwhile
+    os._exit(0 if got else 3)
+
+
+def test_two_processes_breaking_one_stale_lock_leave_one_holder(tmp_path):
+    """Both read the dead run's lock; the second then removed the first's fresh lock and took the folder too (15 of
+    40 trials). Now one process breaks a stale lock, and only while it still holds what was read."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for trial in range(12):
+        folder = tmp_path / f"run{trial}"
+        with open(_lock_path(folder), "w") as fh:
+            json.dump({"pid": dead.pid, "host": socket.gethostname()}, fh)
+        start, done = ctx.Barrier(2), ctx.Barrier(2)
+        procs = [ctx.Process(target=_race_for_the_lock, args=(str(folder), start, done)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert sorted(p.exitcode for p in procs) == [0, 3], trial  # one holder, one refused
+
+
+@pytest.mark.parametrize("content", ["12345", "[1, 2]"])
+def test_a_lock_holding_json_that_is_no_record_is_one_line(run_copy, content):
+    lock = _lock_path(run_copy.dir)
+    with open(lock, "w") as fh:
+        fh.write(content)
+    code, _, err = cli("train", run_copy.recipe, "--overwrite")
+    assert code == 2 and "which does not name its run" in one_error_line(err)
+
+
+def test_sigterm_is_an_interrupt_undoing_what_ctrl_c_undoes(monkeypatch, capsys):
+    """SIGTERM during train --overwrite left the old run hidden (only Ctrl-C put it back); now it is Ctrl-C, and the
+    previous handler comes back after the command."""
+    import signal
+
+    from deltatune import cli as cli_module
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not interrupted")
+
+    def outside(signum, frame):  # this process's own handler while the test runs (a regression fails, not kills)
+        raise RuntimeError("SIGTERM reached the handler outside the command")
+
+    before = signal.signal(signal.SIGTERM, outside)
+    try:
+        monkeypatch.setitem(cli_module._COMMANDS, "info", killed)
+        assert cli_module.main(["info", "minilm"]) == 130
+        assert "deltatune info: interrupted" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, before)
