@@ -318,7 +318,7 @@ def _sampling(args) -> dict:
 
 def _generate(args) -> int:
     from .train import chat
-    from .train.run import load_generator
+    from .train.run import load_generator, run_template
 
     if args.compare and args.merged:
         print("deltatune generate: error: --compare needs the adapter unmerged; drop --merged", file=sys.stderr)
@@ -344,11 +344,11 @@ def _generate(args) -> int:
         return _draw(args)
     model, tok = load_generator(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
     model.eval()
-    ids = chat.prompt_ids(tok, args.prompt, raw=args.raw, system=args.system)
+    render = dict(raw=args.raw, system=args.system, template=run_template(args.adapter))  # prompted as it trained
+    ids = chat.prompt_ids(tok, args.prompt, **render)
     if args.compare:
         chat.check_base(model, "--compare")
-        row = chat.compare(model, tok, [args.prompt], raw=args.raw, system=args.system, num_beams=args.num_beams,
-                           **sampling)[0]  # fmt: skip
+        row = chat.compare(model, tok, [args.prompt], num_beams=args.num_beams, **render, **sampling)[0]
         print(chat.side_by_side([row]))
     else:
         print(chat.generate(model, tok, ids, num_beams=args.num_beams, **sampling))
@@ -441,12 +441,12 @@ def _caption(args, sampling: dict) -> int:
 
 def _chat(args) -> int:
     from .train import chat
-    from .train.run import load_generator
+    from .train.run import load_generator, run_template
 
     sampling = _sampling(args)
     model, tok = load_generator(args.adapter, args.model, False, args.trust_remote_code, args.raw, "chat")
     model.eval()
-    return chat.repl(model, tok, system=args.system, raw=args.raw, **sampling)
+    return chat.repl(model, tok, system=args.system, raw=args.raw, template=run_template(args.adapter), **sampling)
 
 
 def _merge(args) -> int:

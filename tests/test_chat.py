@@ -343,5 +343,27 @@ def test_a_runs_samples_are_prompted_with_its_built_in_template(tmp_path, capsys
                  "train.max_steps=1", "train.report_to=[none]", "output.samples=1", "output.sample_tokens=2",
                  f"output.dir={out}"]) == 0  # fmt: skip
     samples = json.loads((out / "samples.json").read_text())
-    assert len(samples) == 1 and "### Instruction:\nSay cat." in samples[0]["prompt"]
+    assert len(samples) == 1 and samples[0]["prompt"] == "Say cat."
     assert (out / "adapter_model.safetensors").is_file() and (out / "metrics.json").is_file()
+
+
+def test_generate_and_chat_prompt_a_run_as_it_trained(tmp_path, monkeypatch, capsys):
+    """A run trained with data.template=alpaca was prompted at generate and chat through the tokenizer's chat
+    template (ChatML here), a format it never saw."""
+    base = save_tiny(tmp_path / "base", "llama")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ("cat", "dog")))
+    (tmp_path / "r.yaml").write_text("stage: sft\n")
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "r.yaml"), f"model.name_or_path={base}", "method={name: lora, r: 2}",
+                 f"data.train={data}", "data.template=alpaca", "train.max_steps=1", "train.report_to=[none]",
+                 f"output.dir={out}"]) == 0  # fmt: skip
+    seen = []
+    real = chat.generate
+    monkeypatch.setattr(
+        chat, "generate", lambda model, tok, ids, **kw: seen.append(tok.decode(ids)) or real(model, tok, ids, **kw)
+    )
+    assert main(["generate", "--adapter", str(out), "--prompt", "Say cat.", "--max-new-tokens", "1"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say dog.\n"))
+    assert main(["chat", "--adapter", str(out), "--max-new-tokens", "1"]) == 0
+    assert len(seen) == 2 and all("instruction :" in s and "response :" in s and "im_start" not in s for s in seen)

@@ -43,12 +43,23 @@ def check_base(model, what: str) -> None:
                           "left to answer; load the base model on its own to compare")  # fmt: skip
 
 
-def prompt_ids(tok, prompt: str | Messages, raw: bool = False, system: str | None = None) -> list[int]:
+def prompt_ids(
+    tok, prompt: str | Messages, raw: bool = False, system: str | None = None, template: str | None = None
+) -> list[int]:
     """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user turn) ready for
-    generation: through the chat template when the tokenizer has one and ``raw`` is false, else the text as is."""
+    generation: through ``template`` (a built-in one a run trained with, ``data.template``) when given, else the
+    chat template when the tokenizer has one; the text as is when ``raw``."""
     for m in [{"content": prompt}] if isinstance(prompt, str) else prompt:
         check_text(m.get("content"), "the prompt")
     check_text(system, "the system prompt")
+    if template is not None and not raw:
+        from ..data.templates import render
+
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
+        return tok(render(messages, tok, template, add_generation_prompt=True)[0], add_special_tokens=True)[
+            "input_ids"
+        ]
     if raw or not has_template(tok):
         if not isinstance(prompt, str):
             raise ConfigError("a conversation needs a chat template; this tokenizer has none")
@@ -142,7 +153,7 @@ def compare(model, tok, prompts: Sequence[str | Messages], **kwargs: Any) -> lis
 
     Returns rows ``{"prompt", "base", "adapter"}``; ``kwargs`` go to :func:`prompt_ids` (raw, system) and
     :func:`generate` (max_new_tokens, temperature, ...)."""
-    render = {k: kwargs.pop(k) for k in ("raw", "system") if k in kwargs}
+    render = {k: kwargs.pop(k) for k in ("raw", "system", "template") if k in kwargs}
     was_training = model.training
     model.eval()
     rows = []
@@ -218,19 +229,25 @@ def eval_prompts(cfg, limit: int) -> list[Messages]:
 
 def run_samples(model, tok, cfg) -> list[dict[str, str]]:
     """The before/after answers a causal-LM run shows (``output.samples`` prompts, greedy)."""
-    prompts: list = eval_prompts(cfg, cfg.output.samples)
-    if cfg.data.template is not None:  # the run's built-in template, as it trained (also where the tokenizer has none)
-        from ..data.templates import render
-
-        prompts = [render(p, tok, cfg.data.template, add_generation_prompt=True)[0] for p in prompts]
-    raw = cfg.data.template is not None or not has_template(tok)
-    return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=raw)
+    prompts = eval_prompts(cfg, cfg.output.samples)
+    template = cfg.data.template  # the run's built-in template, as it trained (also where the tokenizer has none)
+    raw = template is None and not has_template(tok)
+    return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=raw, template=template)
 
 
 HELP = "/reset clears the history, /base toggles the adapter off and on, /quit ends (Ctrl-D too)"
 
 
-def repl(model, tok, system: str | None = None, raw: bool = False, stdin=None, stdout=None, **sampling: Any) -> int:
+def repl(
+    model,
+    tok,
+    system: str | None = None,
+    raw: bool = False,
+    stdin=None,
+    stdout=None,
+    template: str | None = None,
+    **sampling: Any,
+) -> int:
     """The chat loop: each line is a user message; the history is kept (raw mode: each line stands alone)."""
     import sys
 
@@ -274,14 +291,14 @@ def repl(model, tok, system: str | None = None, raw: bool = False, stdin=None, s
         except ConfigError as exc:  # skipped; the session goes on
             print(f"(not sent: {exc})", file=stdout, flush=True)
             continue
-        if raw or not has_template(tok):
+        if raw or not (template or has_template(tok)):
             ids = prompt_ids(tok, text, raw=True)
         else:  # over the model's context the oldest exchanges go, as chat interfaces do with a long conversation
             kept = [*history, {"role": "user", "content": text}]
-            ids = prompt_ids(tok, kept, system=system)
+            ids = prompt_ids(tok, kept, system=system, template=template)
             while len(kept) > 1 and overflow(model, len(ids), new_tokens):
                 kept, dropped = kept[2:], dropped + 1
-                ids = prompt_ids(tok, kept, system=system)
+                ids = prompt_ids(tok, kept, system=system, template=template)
         over = overflow(model, len(ids), new_tokens)
         if over:  # not sent, and the history as it was: the next message may fit
             print(f"(not sent: {over})", file=stdout, flush=True)

@@ -505,6 +505,11 @@ def load_adapter_model(
     return (merge(delta, tok)[0] if merged else delta), tok
 
 
+def run_template(adapter_dir: str) -> str | None:
+    """The built-in chat template a run trained with (its recipe's ``data.template``), None for the tokenizer's."""
+    return (read_recipe(adapter_dir).get("data") or {}).get("template") if run_file(adapter_dir) else None
+
+
 def run_task(adapter_dir: str) -> tuple[str | None, str | None]:
     """(task type, stage) of a run or adapter folder, read without loading any model."""
     if run_file(adapter_dir):
@@ -574,7 +579,7 @@ def load_generator(
             "--data FILE' to score it"
         )
     delta, tok = load_adapter_model(adapter_dir, model, merged=merged, trust_remote_code=trust_remote_code)
-    if not raw and not has_template(tok):
+    if not raw and not run_template(adapter_dir) and not has_template(tok):
         print(f"deltatune {command}: note: the tokenizer has no chat template (a base model?); prompts are sent as "
               "raw text", file=sys.stderr)  # fmt: skip
     return delta, tok
