@@ -318,7 +318,8 @@ def _sampling(args) -> dict:
 
 def _generate(args) -> int:
     from .train import chat
-    from .train.run import load_generator, run_template
+    from .train.run import load_generator
+    from .train.runs import run_template
 
     if args.compare and args.merged:
         print("deltatune generate: error: --compare needs the adapter unmerged; drop --merged", file=sys.stderr)
@@ -441,7 +442,8 @@ def _caption(args, sampling: dict) -> int:
 
 def _chat(args) -> int:
     from .train import chat
-    from .train.run import load_generator, run_template
+    from .train.run import load_generator
+    from .train.runs import run_template
 
     sampling = _sampling(args)
     model, tok = load_generator(args.adapter, args.model, False, args.trust_remote_code, args.raw, "chat")

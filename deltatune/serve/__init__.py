@@ -50,21 +50,26 @@ def build_engine(
     from ..config import ConfigError
     from ..model import DeltaModel
     from ..train.models import load_model, load_tokenizer
+    from ..train.runs import run_template
 
     for adapter, path in adapters.items():  # what the files say is checked before the base loads
         if adapter == BASE:
             raise ConfigError(f"--adapter {adapter}={path}: the name {BASE!r} is the base model's; choose another")
         _named(adapter, path, check_servable, None, path, adapter)
+        _named(adapter, path, run_template, path)
     name = model or (base_model_of(next(iter(adapters.values()))) if adapters else None)
     if not name:
         raise ConfigError("no base model: pass --model (the first adapter does not record one)")
     tok = load_tokenizer(name)
     base = load_model(name, "CAUSAL_LM", dtype=dtype, pad_token_id=tok.pad_token_id)
-    delta = DeltaModel(base, fused_loss=False)
-    for adapter, path in adapters.items():
-        _named(adapter, path, check_servable, delta, path, adapter)
-        _named(adapter, path, delta.load_adapter, path, adapter)
-    return Engine(delta, tok, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000)
+    engine = Engine(DeltaModel(base, fused_loss=False), tok, max_batch_size, max_wait_ms / 1000)
+    try:
+        for adapter, path in adapters.items():
+            _named(adapter, path, engine.load_adapter, adapter, path)
+    except BaseException:
+        engine.close()
+        raise
+    return engine
 
 
 def _named(adapter: str, path: str, call: Any, *args: Any) -> None:

@@ -127,8 +127,9 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
         body = await _body(http)
-        messages = body.get("messages")
-        prompt_ids = _chat_ids(engine.tokenizer, messages)
+        model = body.get("model")
+        template = engine.templates.get(model) if isinstance(model, str) else None  # the run's data.template
+        prompt_ids = _chat_ids(engine.tokenizer, body.get("messages"), template)
         return await _complete(http, body, prompt_ids, chat=True)
 
     @app.post("/v1/completions")
@@ -286,8 +287,9 @@ async def _body(http: HttpRequest) -> dict:
     return body
 
 
-def _chat_ids(tokenizer: Any, messages: Any) -> list[int]:
-    """The prompt of a chat request: the tokenizer's chat template with the assistant's turn opened."""
+def _chat_ids(tokenizer: Any, messages: Any, template: str | None = None) -> list[int]:
+    """The prompt of a chat request, the assistant's turn opened: rendered with ``template`` (the built-in one the
+    adapter's run trained with) as ``deltatune chat`` renders it, else with the tokenizer's chat template."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content}", param="messages")
     clean = []
@@ -307,6 +309,13 @@ def _chat_ids(tokenizer: Any, messages: Any) -> list[int]:
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
         clean.append({"role": m["role"], "content": content})
+    if template is not None:
+        from ..train.chat import prompt_ids
+
+        try:
+            return prompt_ids(tokenizer, clean, template=template)
+        except ValueError as exc:  # DataError, ConfigError: a conversation the template cannot render
+            raise RequestError(str(exc), param="messages") from None
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template")
     try:

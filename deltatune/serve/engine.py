@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from ..train.runs import run_template
+
 BASE = "base"
 """The model name under which the plain base model is served."""
 _BASE_ROW = "__base__"  # DeltaModel's row name for the base model
@@ -102,6 +104,9 @@ class Engine:
         self.joined = 0  # requests that joined a running batch (continuous batching)
         self._aside: list[Request] = []  # taken from the queue while joining, but for another batch
         self._routes: dict[str, bool] = {}
+        # The built-in chat template each adapter's run trained with (its recipe's data.template), which its chat
+        # requests are rendered with; an adapter not named here is prompted through the tokenizer's template.
+        self.templates: dict[str, str] = {}
         self._changes_waiting = 0  # adapter loads/unloads waiting for the lock
         self._count_lock = threading.Lock()
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
@@ -139,8 +144,11 @@ class Engine:
             if name == BASE or name in self.model.peft_config:
                 raise RequestError(f"an adapter named {name!r} is served already", 409, "adapter_exists", "name")
             check_servable(self.model, path, name)
+            template = run_template(path)  # read before loading: a run.yaml that cannot be read changes nothing
             self.model.load_adapter(path, name)
             self.model.eval()
+            if template is not None:
+                self.templates[name] = template
 
     def unload_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
@@ -149,6 +157,7 @@ class Engine:
                 raise RequestError(f"no adapter named {name!r} is served", 404, "model_not_found", "name")
             self.model.delete_adapter(name)
             self._routes.pop(name, None)
+            self.templates.pop(name, None)
 
     @contextmanager
     def _changing(self) -> Iterator[None]:

@@ -33,7 +33,7 @@ from .runfolder import (
     resume_checkpoint,
     started_callback,
 )
-from .runs import RUN_FILE, folder_with, read_recipe, run_file
+from .runs import RUN_FILE, folder_with, read_recipe, run_file, run_template
 from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
 
 
@@ -503,11 +503,6 @@ def load_adapter_model(
         base = _quantize(base, cfg.model.quantization)
     delta = DeltaModel.from_pretrained(base, adapter_dir)
     return (merge(delta, tok)[0] if merged else delta), tok
-
-
-def run_template(adapter_dir: str) -> str | None:
-    """The built-in chat template a run trained with (its recipe's ``data.template``), None for the tokenizer's."""
-    return (read_recipe(adapter_dir).get("data") or {}).get("template") if run_file(adapter_dir) else None
 
 
 def run_task(adapter_dir: str) -> tuple[str | None, str | None]:

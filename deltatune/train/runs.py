@@ -61,3 +61,9 @@ def read_recipe(run_dir: str, what: str = "give a folder written by 'deltatune t
     if isinstance(raw.get("model"), dict):
         raw["model"] = {k: v for k, v in raw["model"].items() if k != "trust_remote_code"}
     return raw
+
+
+def run_template(adapter_dir: str) -> str | None:
+    """The built-in chat template a run trained with (its recipe's ``data.template``), None for the tokenizer's
+    (and for a plain adapter folder)."""
+    return (read_recipe(adapter_dir).get("data") or {}).get("template") if run_file(adapter_dir) else None

@@ -508,3 +508,31 @@ def test_two_unloads_of_one_adapter_give_200_and_404(served):
         t.join(timeout=30)
     assert sorted(outcomes) == ["200", "404 model_not_found"]
     assert "twice" not in engine.adapters()
+
+
+def test_chat_requests_are_rendered_with_the_template_the_run_trained_with(served):
+    """A run trained with ``data.template: alpaca`` is prompted in that format, as ``deltatune chat`` prompts it;
+    the tokenizer's own chat template (a format it never saw) was used before. A plain adapter folder keeps it."""
+    import shutil
+
+    import yaml
+
+    from deltatune.train.chat import prompt_ids
+
+    engine, server, base, folders = served
+    run = os.path.join(os.path.dirname(folders["lora"]), "alpaca-run")
+    shutil.copytree(folders["lora"], run)
+    with open(os.path.join(run, "run.yaml"), "w") as fh:
+        yaml.safe_dump({"stage": "sft", "model": {"name_or_path": base}, "data": {"template": "alpaca"}}, fh)
+    got, _ = _post(server, "/v1/adapters", json.dumps({"name": "alpaca", "path": "alpaca-run"}).encode())
+    assert got == 200 and engine.templates == {"alpaca": "alpaca"}
+    tok, api = engine.tokenizer, client(server)
+    want_ids = prompt_ids(tok, CHAT, template="alpaca")
+    chat_ids = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    assert want_ids != chat_ids["input_ids"]
+    for name, ids in (("alpaca", want_ids), ("lora", chat_ids["input_ids"])):  # same weights, two formats
+        out = api.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0)
+        assert out.usage.prompt_tokens == len(ids)
+        assert out.choices[0].message.content == generate_reference(base, folders["lora"], ids, 8, tok)
+    got, _ = _post(server, "/v1/adapters/alpaca", b"", method="DELETE")
+    assert got == 200 and engine.templates == {}
