@@ -167,6 +167,10 @@ class DeltaLayer(nn.Module):
         held = self.adapter_names
         self.active_adapters = [n for n in names if n in held]
 
+    def check_active(self, names: list[str], path: str) -> None:
+        """ValueError when ``names`` cannot be active together on this layer (the layer at ``path``); they can by
+        default, their outputs adding up."""
+
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """This adapter's parameters, keyed as PEFT saves them (relative to this layer)."""
         out: dict[str, nn.Parameter] = {}
@@ -273,15 +277,23 @@ class ModulesToSave(DeltaLayer):
         copy_.requires_grad_(True)
         self.modules_to_save[name] = copy_
 
+    def check_active(self, names: list[str], path: str) -> None:
+        held = [n for n in names if n in self.modules_to_save]  # nn.ModuleDict: `in` is by key
+        if len(held) > 1:  # as PEFT's ModulesToSaveWrapper refuses it
+            raise ValueError(_several_copies(held, repr(path)))
+
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         # PEFT saves the copy under the wrapped module's own name: "classifier.weight".
         return {k.removeprefix("modules_to_save."): v for k, v in super().adapter_parameters(name).items()}
 
-    def _current(self) -> nn.Module:
-        if not self.disabled:
-            for name in self.active_adapters:
-                return self.modules_to_save[name]
-        return self.original_module
+    def _current(self, strict: bool = True) -> nn.Module:
+        """The module that computes: the active adapter's copy (several active ones cannot add up: ValueError
+        unless not ``strict``, which gives the first), else the original."""
+        if self.disabled or not self.active_adapters:
+            return self.original_module
+        if strict and len(self.active_adapters) > 1:  # several active to train in mixed batches: rows pick one
+            raise ValueError(_several_copies(self.active_adapters, type(self.original_module).__name__))
+        return self.modules_to_save[self.active_adapters[0]]
 
     def forward(self, *args, **kwargs):
         if self.row_adapters is None or self.disabled:
@@ -318,7 +330,15 @@ class ModulesToSave(DeltaLayer):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._current(), name)
+            return getattr(self._current(strict=False), name)
+
+
+def _several_copies(names: list[str], module: str) -> str:
+    return (
+        f"adapters {names[0]!r} and {names[1]!r} each have their own copy of {module} (modules_to_save), which "
+        "replaces the module, so they cannot act together: make one active, or give each row its own adapter "
+        "with adapter_names=[...]"
+    )
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

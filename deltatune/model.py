@@ -293,18 +293,16 @@ class DeltaModel(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from the model (unmerging it first if merged).
-
-        When it was the only active adapter, the first remaining one becomes active (as in PEFT).
-        """
+        """Remove an adapter from the model (unmerging it first if merged). When it was the only active adapter,
+        the first remaining one becomes active (as in PEFT)."""
         self._check_names([adapter_name])
         self._remove(adapter_name)
         if not self.active_adapters and self.peft_config:
             self.active_adapters = [next(iter(self.peft_config))]
         self._apply_active()
 
-    def _check_names(self, names: str | list[str]) -> list[str]:
-        """``names`` (one name or a list) as a list, each the name of one of this model's adapters."""
+    def _check_names(self, names: str | list[str], together: bool = False) -> list[str]:
+        """``names`` (a name or a list) as a list of this model's adapters (that every layer lets act ``together``)."""
         listed = [names] if isinstance(names, str) else names
         if not isinstance(listed, (list, tuple)) or not all(isinstance(n, str) for n in listed):
             raise TypeError(f"adapter names must be a name or a list of names, got {names!r}")
@@ -312,6 +310,8 @@ class DeltaModel(nn.Module):
             if name not in self.peft_config:
                 known = ", ".join(self.peft_config) or "none"
                 raise ValueError(f"unknown adapter {name!r}; adapters in this model: {known}")
+        for path, layer in self._layers() if together else []:
+            layer.check_active(list(dict.fromkeys(listed)), path)
         return list(listed)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -383,7 +383,7 @@ class DeltaModel(nn.Module):
             ValueError: a layer to merge shares its weight with another module (tied input and output embeddings);
                 merging would change that module too. Nothing is merged.
         """
-        names = self._check_names(adapter_names or self.active_adapters)
+        names = self._check_names(adapter_names or self.active_adapters, together=True)
         layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
         check_not_shared(self.base_model, layers)
         done = self._merged()

@@ -102,6 +102,37 @@ def test_merged_weights_match_peft(family, tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=ATOL32, rtol=0, msg=key)
 
 
+def test_two_adapters_with_their_own_heads_cannot_compute_together():
+    """Each adapter's copy of the classifier replaces the module, so two cannot add up: peft refuses them active
+    together, and deltatune refuses a forward or a merge with both (it used the first one's head silently). Both
+    may be active to train in one mixed batch, where each row picks its own."""
+    models = []
+    for lib in (dt, peft):
+        config = lib.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"])
+        model = (dt.get_delta_model if lib is dt else peft.get_peft_model)(tiny_model("llama", "seq_cls"), config)
+        model.add_adapter("b", lib.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"]))
+        models.append(model)
+    ours, theirs = models
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        theirs.base_model.set_adapter(["default", "b"])
+    inputs = tiny_inputs("llama", "seq_cls", batch=2)
+    ours.set_adapter(["default", "b"])
+    said = r"adapters '(default|b)' and '(default|b)' each have their own copy of {} \(modules_to_save\)"
+    with pytest.raises(ValueError, match=said.format("Linear")):
+        ours(**inputs)
+    with pytest.raises(ValueError, match=said.format("'score'")):
+        ours.merge_and_unload(["b", "default"])
+    assert not ours._merged()
+    with torch.no_grad():
+        ours.base_model.score.modules_to_save["b"].weight.add_(1.0)  # b's head differs from default's
+    rows = ours(**inputs, adapter_names=["b", "default"]).logits
+    for i, name in enumerate(["b", "default"]):
+        ours.set_adapter(name)
+        alone = ours(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
+        torch.testing.assert_close(rows[i : i + 1], alone, atol=ATOL32, rtol=0)
+    assert (alone - ours(**inputs, adapter_names=["b", "b"]).logits[1:]).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("dora", [(False, True), (True, True), (True, False)])
 def test_stacked_adapters_with_dora_merge_to_their_unmerged_output_and_peft(dora, tmp_path):
     """Two adapters active on one layer, one or both DoRA: the merged model computes as the unmerged one and as
