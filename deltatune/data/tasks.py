@@ -67,7 +67,10 @@ def label_map(
     for row, v in zip(rows, values):
         _check_label(row, column, v)
     if labels:
-        return {name: i for i, name in enumerate(labels)} | {i: i for i in range(len(labels))}
+        names = {name: i for i, name in enumerate(labels)}
+        if any(class_id(name) is not None for name in labels):  # classes named by numbers: a value is a name
+            return names
+        return names | {i: i for i in range(len(labels))}  # else a whole number is an id
     # Ids may come as ints (JSON), as whole floats (1.0: pandas writes an int column with a gap as floats) or as
     # their text (CSV/TSV, where every value is text): "10" is class 10, not the third name in sorted order, and a
     # JSONL train file and a CSV eval file agree on the classes.
@@ -116,10 +119,17 @@ def class_id(value: Any) -> int | None:
 def _check_label(row: Row, column: str, value: Any) -> None:
     number = value
     if isinstance(value, str):
+        if not value.strip():  # a blank CSV cell: a class named "" would sort before every other
+            raise DataError(f"{row.source}: label in column {column!r} is empty")
         try:
             number = float(value)
         except ValueError:
             return  # a class name
+    if not isinstance(number, (bool, int, float, str)):  # a list (multi-label) or an object
+        raise DataError(
+            f"{row.source}: label in column {column!r} is a {type(value).__name__}; stage cls trains one class "
+            "per row: a class name (text) or a class id (a whole number)"
+        )
     if isinstance(number, bool) or not isinstance(number, (int, float)):
         return
     if math.isnan(number):
@@ -163,6 +173,9 @@ def tag_row(row: Row, tokens_column: str, tags_column: str) -> tuple[list, list]
     words, tags = row.get(tokens_column), row.get(tags_column)
     if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
         raise DataError(f"{row.source}: {tokens_column!r} and {tags_column!r} must be lists of equal length")
+    for column, values in ((tokens_column, words), (tags_column, tags)):
+        if any(v is None or isinstance(v, (list, dict)) for v in values):  # would train as the text "None"
+            raise DataError(f"{row.source}: {column!r} holds a null, list or object; give one word and one tag each")
     return words, tags
 
 

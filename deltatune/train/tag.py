@@ -32,6 +32,11 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
                 "(e.g. [O, B-person, I-person, ...]) so entities can be scored"
             )
         names = _bio_labels(tags)
+    if len(names) < 2:  # one class: the loss is 0 from the start, and the run would report success
+        raise DataError(
+            f"every tag in {d.tags_column!r} is {names[0] if names else 'absent'!r}: one class, nothing to learn "
+            "(set data.labels if the entity tags are named elsewhere)"
+        )
     mapping: dict = {name: i for i, name in enumerate(names)} | {i: i for i in range(len(names))}
 
     def enc(rows):

@@ -46,6 +46,36 @@ def test_label_map():
     assert given == {"pos": 0, "neg": 1, 0: 0, 1: 1}  # the recipe's order; names and ids both accepted
 
 
+@pytest.mark.parametrize("labels", [[1, 2, 3, 4, 5], ["1", "2", "3", "4", "5"], None])
+def test_classes_named_by_numbers_are_names_not_ids(tok, labels):
+    """Star ratings 1-5 named in data.labels: a value is a name, star s class s-1, in a JSONL (ints) and a CSV (text)
+    file alike. The names' map took ids as well, and the id won: stars 4 and 5 both trained as class "5", star 1 as
+    "2". A run re-read with the names it saved (["1", "2", "other"]) mapped 1 to class 1 likewise."""
+    stars = [{"t": f"s{s}", "y": s} for s in range(1, 6)]
+    for rows in (_rows(*stars), _rows(*[{**r, "y": str(r["y"])} for r in stars])):
+        mapping = label_map(rows, "y", labels and [str(x) for x in labels])
+        ids = [ex["labels"] for ex in encode_cls(rows, tok, "t", "y", mapping, 16).examples]
+        assert ids == ([0, 1, 2, 3, 4] if labels else [1, 2, 3, 4, 5])  # without names, whole numbers are ids
+    mixed = _rows({"y": 1}, {"y": 2}, {"y": "other"})
+    trained = label_map(mixed, "y", None)
+    assert trained == {"1": 0, "2": 1, "other": 2}
+    reread = label_map(mixed, "y", class_names(trained, None))
+    assert [class_of(r.get("y"), reread) for r in mixed] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [("", "label in column 'y' is empty"), (" ", "label in column 'y' is empty"),
+     (["a", "b"], "label in column 'y' is a list; stage cls trains one class per row"),
+     ({"a": 1}, "label in column 'y' is a dict")],
+)  # fmt: skip
+def test_blank_list_and_object_labels_are_refused(value, said):
+    """A blank CSV cell became a class named "" (sorted first, shifting every name); a list (multi-label) or an
+    object was a TypeError from deep in the label map."""
+    with pytest.raises(DataError, match=rf"^d.jsonl:2: {said}"):
+        label_map(_rows({"y": "a"}, {"y": value}), "y", None)
+
+
 def test_csv_ids_are_ids_not_names(tok):
     # CSV values are text: "10" is class 10, not the third of the sorted names "0" < "10" < "2".
     rows = _rows({"t": "a", "y": "0"}, {"t": "b", "y": "10"}, {"t": "c", "y": "2"})
@@ -167,6 +197,10 @@ def test_tag_errors(tok):
             encode_tag(_rows({"tokens": ["Acme"], "ner_tags": [tag]}), tok, "tokens", "ner_tags", both, 32)
     with pytest.raises(DataError, match=r"d.jsonl:1: 'tokens' and 'ner_tags' must be lists of equal length"):
         encode_tag(_rows({"tokens": ["a", "b"], "ner_tags": ["O"]}), tok, "tokens", "ner_tags", TAGS, 32)
+    for row in ({"tokens": ["a", None], "ner_tags": ["O", "O"]}, {"tokens": ["a"], "ner_tags": [None]}):
+        column = "tokens" if None in row["tokens"] else "ner_tags"  # trained as the text "None", or a class "None"
+        with pytest.raises(DataError, match=rf"d.jsonl:1: '{column}' holds a null, list or object"):
+            encode_tag(_rows(row), tok, "tokens", "ner_tags", TAGS | {"None": 3}, 32)
 
 
 # Truncation

@@ -493,3 +493,20 @@ def test_an_epochs_uneven_last_step_weighs_every_pair_alike(files, tmp_path, sta
     assert logged3[0] == (pytest.approx(logged1[0][0], rel=1e-5), pytest.approx(logged1[0][1], rel=1e-4))
     for k in one:
         torch.testing.assert_close(acc[k], one[k], rtol=1e-4, atol=1e-5)  # Adam's step on a gradient near 0: noise
+
+
+def test_tagging_data_of_one_tag_is_refused(files, tmp_path):
+    """Every tag "O": a one-output token classifier whose loss is 0 from the first step, and a run that reported
+    success (stage cls refuses one class likewise)."""
+    from deltatune.data.load import DataError
+    from deltatune.train.models import load_tokenizer
+    from deltatune.train.table import prepare
+
+    data = tmp_path / "o.jsonl"
+    data.write_text(
+        "".join(json.dumps({"tokens": ["a", "cat", str(i)], "ner_tags": ["O"] * 3}) + "\n" for i in range(4))
+    )
+    recipe = {"stage": "tag", "model": {"name_or_path": files["bert"]}, "method": {"name": "lora", "r": 2},
+              "data": {"train": str(data)}, "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    with pytest.raises(DataError, match=r"^every tag in 'ner_tags' is 'O': one class, nothing to learn"):
+        prepare(build(recipe), load_tokenizer(files["bert"]))
