@@ -106,3 +106,27 @@ def check_run(cfg: RunConfig) -> None:
     check_model_path(cfg.model.name_or_path)
     check_loggers(cfg.train.report_to)
     check_precision(cfg.train.precision)
+
+
+def check_reference(cfg: RunConfig, model, training: bool) -> None:
+    """ConfigError when ``cfg``'s stage scores the policy against the base as its reference (the adapter of
+    ``model`` switched off) and the method trains the base's own weights in place (full, freeze, BitFit, LoRA
+    biases): switching it off leaves the trained model, so the reference would move with every step (DPO's loss
+    stuck at log 2, PPO's KL at 0). A DPO run's reference taken before its first step (``align.precompute_ref``)
+    is sound while ``training``; evaluated later it is gone."""
+    from .table import STAGES
+
+    config = model.peft_config[model.active_adapter]
+    if not STAGES[cfg.stage].reference or not config.trainable_base_parameters(model.base_model):
+        return
+    precompute = cfg.stage == "dpo"
+    if precompute and training and cfg.align.precompute_ref:
+        return
+    raise ConfigError(
+        f"method.name={config.method}: stage {cfg.stage} scores the policy against the base model (the adapter "
+        "switched off) as its reference, and this method trains the base's own weights in place, so no reference "
+        "would be left; use a method that leaves them as they are (lora with bias: none, dora, ia3, bottleneck "
+        "adapters, prefix or prompt tuning)"
+        + (", or align.precompute_ref: true to score it once before training" if precompute and training else "")
+        + ("" if training else "; this run cannot be evaluated against its base")
+    )

@@ -13,6 +13,7 @@ import torch
 
 from ..config import ConfigError
 from ..model import DeltaModel
+from .checks import check_reference
 from .config import apply_overrides, build
 from .models import load_processor
 from .run import adapter_field, build_model, eval_metrics, precision_args, start_model
@@ -112,6 +113,7 @@ def evaluate(
     )
 
     def scored(model: DeltaModel, start_scores: dict | None = None) -> tuple[dict[str, Any], Any]:
+        check_reference(cfg, model, training=False)
         trainer = (prepared.trainer_class or DeltaTrainer)(
             model=model, args=args, data_collator=prepared.collator, compute_metrics=prepared.compute_metrics
         )

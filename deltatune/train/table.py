@@ -5,7 +5,9 @@ A stage is one file in train/ (``module``) with a ``prepare_<stage>(cfg, tokeniz
 reads the recipe's data, and names its collator, metrics, trainer (or its own loop). ``task`` is the model head
 the run loads (``models.auto_class``); ``images``: its inputs are images, so the model's image processor stands
 where the tokenizer stands; ``loop``: it trains in a loop of its own (evaluating before and after, not every N
-steps). Adding a stage is its file plus one line here.
+steps); ``reference``: it scores the policy against the base as its reference, the adapter switched off (so a
+method that trains the base's own weights in place leaves it none: ``checks.check_reference``). Adding a stage is
+its file plus one line here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class Stage(NamedTuple):
     module: str
     images: bool = False
     loop: bool = False  # its own training loop, not the HF Trainer's: it evaluates before and after only
+    reference: bool = False  # the base, the adapter switched off, is its reference model
 
 
 STAGES: dict[str, Stage] = {
@@ -27,10 +30,10 @@ STAGES: dict[str, Stage] = {
     "tag": Stage("TOKEN_CLS", "tag"),
     "seq2seq": Stage("SEQ_2_SEQ_LM", "seq2seq"),
     "rm": Stage("SEQ_CLS", "reward"),
-    "dpo": Stage("CAUSAL_LM", "dpo"),
-    "ppo": Stage("CAUSAL_LM", "ppo", loop=True),
-    "grpo": Stage("CAUSAL_LM", "grpo", loop=True),
-    "kto": Stage("CAUSAL_LM", "kto"),
+    "dpo": Stage("CAUSAL_LM", "dpo", reference=True),
+    "ppo": Stage("CAUSAL_LM", "ppo", loop=True, reference=True),
+    "grpo": Stage("CAUSAL_LM", "grpo", loop=True, reference=True),
+    "kto": Stage("CAUSAL_LM", "kto", reference=True),
     "orpo": Stage("CAUSAL_LM", "orpo"),
     "simpo": Stage("CAUSAL_LM", "simpo"),
     # Not PEFT task types: adapters record None; an image classifier's head trains via modules_to_save.

@@ -170,6 +170,31 @@ def test_precomputed_reference_matches_the_policy_under_bf16(files, tmp_path):
     assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "freeze"}])
+def test_a_method_training_the_base_in_place_has_no_reference(files, tmp_path, capsys, method):
+    """The reference is the base with the adapter switched off; full and freeze tuning train the base's own weights,
+    so it was the trained policy itself: the loss stayed log 2, every reward 0, while the weights moved. Refused
+    before the folder changes; with the reference scored before the first step (precompute_ref) the run learns, and
+    evaluating it later against its base (gone) is refused."""
+    out = tmp_path / "run"
+    recipe = dpo_recipe(files, str(out)) | {"method": method}
+    recipe["train"]["lr"] = 1e-3
+    with pytest.raises(ConfigError, match=rf"^method.name={method['name']}: stage dpo scores the policy against "):
+        main_train(recipe)
+    assert not out.exists()
+    recipe["align"]["precompute_ref"] = True
+    metrics = main_train(recipe)
+    assert metrics["eval_margin"] != 0.0 and metrics["eval_loss"] != pytest.approx(math.log(2), abs=1e-4)
+    assert main(["eval", "--adapter", str(out)]) == 2
+    assert "this run cannot be evaluated against its base" in capsys.readouterr().err
+
+
+def main_train(recipe: dict) -> dict:
+    from deltatune.train import train
+
+    return train(build(recipe))
+
+
 def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
     out = str(tmp_path / "run")
     code = main(["train", "recipes/hh-rlhf-dpo.yaml", f"model.name_or_path={files['llama']}", "model.dtype=float32", "train.precision=fp32",
