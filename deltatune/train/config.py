@@ -475,6 +475,8 @@ def _validate_align(a: AlignArgs) -> None:
     for key in ("vf_coef", "init_kl_coef", "desirable_weight", "undesirable_weight"):
         if getattr(a, key) < 0:  # a negative weight turns its loss term into one to maximise
             raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
+    if a.desirable_weight == a.undesirable_weight == 0:  # every KTO loss term weighted 0: nothing trains
+        raise ConfigError("align.desirable_weight and align.undesirable_weight are both 0; at least one must be > 0")
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:

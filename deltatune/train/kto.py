@@ -146,6 +146,9 @@ def _metrics(p) -> dict[str, float]:
 def balance_note(n_desirable: int, n_undesirable: int, align: AlignArgs, source: str) -> str | None:
     """A warning when lambda_D n_D / (lambda_U n_U) is outside the paper's [1, 4/3], naming the desirable_weight
     range that brings it in; None when inside."""
+    for kind in ("desirable", "undesirable"):
+        if getattr(align, f"{kind}_weight") == 0:
+            return f"align.{kind}_weight is 0: the {kind} rows of {source} teach nothing"
     ratio = align.desirable_weight * n_desirable / (align.undesirable_weight * n_undesirable)
     if 1.0 <= ratio <= 4 / 3:
         return None
@@ -196,12 +199,14 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
 
     train = enc(train_samples, "train")
     ev = enc(eval_samples, "eval") if eval_samples else None
+    for path, rows in ((cfg.data.train, train), (cfg.data.eval, ev or [])):
+        n_good = sum(e["desirable"] for e in rows)
+        if rows and (n_good == 0 or n_good == len(rows)):  # eval: its margin (the run's best-model metric) needs both
+            raise DataError(
+                f"{path}: KTO needs both desirable and undesirable rows (column {d.label_column!r}); "
+                f"found {n_good} desirable and {len(rows) - n_good} undesirable"
+            )
     n_good = sum(e["desirable"] for e in train)
-    if n_good == 0 or n_good == len(train):
-        raise DataError(
-            f"{cfg.data.train}: KTO needs both desirable and undesirable rows (column {d.label_column!r}); "
-            f"found {n_good} desirable and {len(train) - n_good} undesirable"
-        )
     warning = balance_note(n_good, len(train) - n_good, cfg.align, cfg.data.train)
     if warning:
         warnings.warn(warning, UserWarning, stacklevel=2)

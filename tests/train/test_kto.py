@@ -81,6 +81,12 @@ def test_imbalance_note():
     note = balance_note(10, 2, AlignArgs(), "t.jsonl")
     assert "= 5.00" in note and "align.desirable_weight in [0.2, 0.267]" in note
     assert balance_note(6, 5, AlignArgs(), "t.jsonl") is None
+    # A weight of 0 (allowed: that side teaches nothing) divided by zero, a traceback; both 0 trains nothing.
+    note = balance_note(10, 2, AlignArgs(undesirable_weight=0.0), "t.jsonl")
+    assert note == "align.undesirable_weight is 0: the undesirable rows of t.jsonl teach nothing"
+    with pytest.raises(ConfigError, match="align.desirable_weight and align.undesirable_weight are both 0"):
+        build({"stage": "kto", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+               "align": {"desirable_weight": 0, "undesirable_weight": 0}})  # fmt: skip
 
 
 def rows(n: int, seed: int, good_share: float = 0.5) -> list[dict]:
@@ -138,6 +144,12 @@ def test_loss_is_one_half_at_init(files, tmp_path):
 def test_bad_input_is_one_line(files, tmp_path):
     with pytest.raises(DataError, match="KTO needs both desirable and undesirable rows"):
         _prepare(build(recipe(files, str(tmp_path / "a"), train="good")), load_tokenizer(files["llama"]))
+    # An eval file of one label reported a made-up 0.0 for the other side's reward, and a margin (the run's best-model
+    # metric) that was the one side's reward.
+    one_sided = recipe(files, str(tmp_path / "e"))
+    one_sided["data"]["eval"] = files["good"]
+    with pytest.raises(DataError, match=r"good.jsonl: KTO needs both .* found 6 desirable and 0 undesirable"):
+        _prepare(build(one_sided), load_tokenizer(files["llama"]))
     with pytest.raises(ConfigError, match="stage kto needs train.batch_size >= 2"):
         _prepare(build(recipe(files, str(tmp_path / "b"), batch_size=1)), load_tokenizer(files["llama"]))
     with pytest.warns(UserWarning, match="outside the recommended"):
