@@ -446,6 +446,11 @@ def _validate_values(cfg: RunConfig) -> None:
     if t.eval_steps is not None and STAGES[cfg.stage].loop:  # its own loop evaluates before and after only
         raise ConfigError(f"train.eval_steps: {cfg.stage} evaluates data.eval after training (and before it with "
                           "train.eval_on_start), not every N steps; drop train.eval_steps")  # fmt: skip
+    if t.grad_accum != 1 and STAGES[cfg.stage].loop:  # its loop takes one update per batch of prompts
+        raise ConfigError(f"train.grad_accum: {cfg.stage} takes one update per batch of train.batch_size prompts and "
+                          "accumulates none; drop train.grad_accum (raise train.batch_size instead)")  # fmt: skip
+    if cfg.stage == "ppo" and t.precision in ("bf16", "fp16"):  # its loop has no autocast: it trained in fp32
+        raise ConfigError(f"train.precision: ppo trains in fp32 (auto and fp32 run so), got {t.precision}")
     if not 0 <= t.seed < 2**32:  # numpy's range, which transformers' set_seed hands it to
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
     if cfg.output.samples < 0 or cfg.output.sample_tokens < 1:

@@ -228,6 +228,20 @@ def test_an_evaluation_scheduled_without_eval_data_is_refused():
         load_recipe(grpo, ["train.eval_steps=4"])
 
 
+def test_settings_the_ppo_and_grpo_loops_never_read_are_refused():
+    """grad_accum 4 trained the same adapter as 1, bit for bit, in both loops (and bf16 the same as fp32 in PPO's,
+    which has no autocast), while run.yaml and the report stated them."""
+    grpo = next(r for r in RECIPES if r.endswith("grpo-arithmetic.yaml"))
+    ppo = next(r for r in RECIPES if r.endswith("ppo.yaml"))
+    for recipe, stage in ((grpo, "grpo"), (ppo, "ppo")):
+        with pytest.raises(ConfigError, match=rf"^train.grad_accum: {stage} takes one update per batch of "):
+            load_recipe(recipe, ["train.grad_accum=4"])
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ConfigError, match=rf"^train.precision: ppo trains in fp32 .*, got {precision}$"):
+            load_recipe(ppo, [f"train.precision={precision}"])
+    assert load_recipe(grpo, ["train.precision=bf16"]).train.precision == "bf16"  # GRPO's loop runs autocast
+
+
 def test_overrides_after_a_flag_are_overrides(capsys):
     """``train RECIPE --overwrite train.lr=0``: a key=value after a flag is an override (it was argparse's
     "unrecognized arguments"); an unknown flag is still refused."""
