@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
+
+from ..files import atomic_write
 
 
 def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -91,8 +94,6 @@ def write(
     if not os.path.exists(log):
         with open(log, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(h, default=float) + "\n" for h in history)
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump(metrics, fh, indent=2, sort_keys=True)
     if samples:
         with open(os.path.join(out_dir, "samples.json"), "w", encoding="utf-8") as fh:
             json.dump(samples, fh, indent=2, ensure_ascii=False)
@@ -118,6 +119,10 @@ def write(
     lines += ["## Recipe", "", "```yaml", _yaml(recipe), "```", ""]
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines))
+    # Last, and whole or not at all: it marks the run finished (runfolder.FINISHED_FILE), so a run stopped before it
+    # can still be resumed to write the rest.
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    atomic_write(os.path.join(out_dir, "metrics.json"), lambda f: Path(f).write_text(text, encoding="utf-8"))
 
 
 def _yaml(data: dict[str, Any]) -> str:

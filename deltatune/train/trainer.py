@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..loss import shifts_labels, token_loss
 
 STAGING = ".staging"
+SUMS = "deltatune_sums.json"  # in a checkpoint: the run's training loss summed over its steps, and its time so far
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,16 +78,46 @@ class DeltaTrainerMixin:
     def _delta_model(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer's ``train``, refusing in one line a DeltaModel with nothing to train (torch would fail in the first
-        backward pass: "element 0 of tensors does not require grad")."""
+        backward pass: "element 0 of tensors does not require grad"). A resumed run reports the whole run's training
+        loss and time (the Trainer's cover the steps since the resume), and evaluates on start only if it starts."""
         model = self._delta_model()
         if hasattr(model, "peft_config") and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
                 f"the model has nothing to train: its adapters ({', '.join(model.peft_config) or 'none'}) are "
                 "loaded for inference or not active; load with is_trainable=True, or call set_adapter"
             )
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # (the Trainer's error)
+        self._before = {"loss_sum": 0.0, "runtime_s": 0.0, "step": 0}
+        done = os.path.join(str(resume_from_checkpoint), SUMS)
+        if resume_from_checkpoint and os.path.isfile(done):
+            with open(done, encoding="utf-8") as fh:
+                self._before = json.load(fh)
+        self._started = time.time()
+        on_start = self.args.eval_on_start
+        self.args.eval_on_start = on_start and not resume_from_checkpoint  # its step-0 evaluation is logged already
+        try:
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.args.eval_on_start = on_start
+        if not self._before["step"]:
+            return out
+        loss_sum = self._before["loss_sum"] + out.training_loss * (out.global_step - self._before["step"])
+        loss = loss_sum / max(out.global_step, 1)
+        runtime = self._before["runtime_s"] + out.metrics.get("train_runtime", 0.0)
+        return type(out)(out.global_step, loss, {**out.metrics, "train_loss": loss, "train_runtime": runtime})
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from its checkpoint at max_steps (a run stopped while writing its outputs), the Trainer would train
+        # one step more before checking the limit.
+        if 0 < self.args.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def log_stat(self, key: str, value: float) -> None:
         """Add a value to a training statistic; its mean since the last log is logged with the loss."""
@@ -152,6 +183,14 @@ class DeltaTrainerMixin:
         failure: OSError | None = None
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:  # the run's loss and time so far, for a resumed run's totals
+                before = getattr(self, "_before", {"loss_sum": 0.0, "runtime_s": 0.0})
+                own = self._total_loss_scalar + self._tr_loss.item()  # this train() call's, logged and not
+                sums = {"loss_sum": before["loss_sum"] + own, "step": self.state.global_step,
+                        "runtime_s": before["runtime_s"] + time.time() - getattr(self, "_started", time.time())}  # fmt: skip
+                name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                with open(os.path.join(staging, name, SUMS), "w", encoding="utf-8") as fh:
+                    json.dump(sums, fh)
         except OSError as exc:  # disk full, read-only, ...: the half-written checkpoint goes, the last good one stays
             failure = exc
         finally:
@@ -401,23 +440,17 @@ curves read it while the run trains."""
 class LogFile(TrainerCallback):
     """Append every log of the Trainer (its ``log_history`` entry, with the step) to ``<output_dir>/LOG_FILE``.
 
-    A fresh run starts the file anew; a resumed run keeps the lines up to the step it resumes from and appends.
+    A fresh run starts the file anew; a resumed run starts it with the checkpoint's log history and appends.
     Each line is written and flushed whole, so a reader sees at worst a partial last line (which it skips)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         os.makedirs(args.output_dir, exist_ok=True)
-        path, kept = os.path.join(args.output_dir, LOG_FILE), []
-        if state.global_step > 0 and os.path.isfile(path):  # resumed: drop what the lost steps logged
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        if json.loads(line).get("step", 0) <= state.global_step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except (ValueError, AttributeError):
-                        continue
-        with open(path, "w", encoding="utf-8") as fh:
+        # Resumed: the history as the checkpoint recorded it, without what was logged after it was written (the
+        # lost steps', or the final evaluation's at its own step, which the resumed run logs again).
+        kept = [json.dumps(h, default=float) + "\n" for h in state.log_history] if state.global_step > 0 else []
+        with open(os.path.join(args.output_dir, LOG_FILE), "w", encoding="utf-8") as fh:
             fh.writelines(kept)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -116,6 +116,37 @@ def test_resume_after_kill_equals_uninterrupted(tiny_cls, data, tmp_path, capsys
     assert_same_adapter(adapter(tmp_path / "whole"), adapter(tmp_path / "run"), atol=1e-6)
 
 
+@pytest.mark.parametrize("stopped_after", [6, 4])
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_run(tiny_cls, data, tmp_path, stopped_after):
+    """A run stopped after its last checkpoint (step 6 = max_steps: while writing its outputs) or an earlier one: the
+    resumed run trains the steps left, none more, and reports the whole run's training loss. From checkpoint-6 the
+    Trainer trained a 7th step (max_steps 6 is no whole number of 8-step epochs), and train_loss was the mean of the
+    steps after the resume; the step-0 evaluation ran again at the resume."""
+    import shutil
+
+    from deltatune.cli import main
+
+    kw = dict(max_steps=6, save_steps=2, batch_size=4, scheduler="constant", eval_on_start=True)
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    r = recipe(tiny_cls, data, str(whole), **kw)
+    r["data"]["eval"] = data
+    metrics = train(build(r))
+    shutil.copytree(whole, run)
+    for name in os.listdir(run):  # what the run had written when it stopped: its checkpoints, recipe and log
+        if not (name.startswith("checkpoint-") and int(name.split("-")[1]) <= stopped_after) and name not in (
+            "run.yaml", "log_history.jsonl"):  # fmt: skip
+            (shutil.rmtree if (run / name).is_dir() else os.remove)(run / name)
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({**r, "output": {"dir": str(run)}}))
+    assert main(["train", str(path), "--resume"]) == 0
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["train_steps"] == 6 and resumed["train_loss"] == pytest.approx(metrics["train_loss"], rel=1e-6)
+    history = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in history if "eval_loss" in h] == [0, 6]
+    assert_same_adapter(adapter(whole), adapter(run), atol=1e-6)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cls, data, tmp_path):
     out = tmp_path / "nan"
     cfg = build(recipe(tiny_cls, data, str(out), max_steps=20, save_steps=1, lr=1e30, max_grad_norm=0.0))
@@ -194,3 +225,22 @@ def test_checkpointing_arguments_use_the_names_transformers_reads(tmp_path):
         warnings.simplefilter("error", FutureWarning)
         args = TrainingArguments(tmp_path, use_cpu=True, report_to=[], **_checkpointing(True, TrainingArguments))
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == kwargs
+
+
+def test_metrics_json_the_finished_mark_is_written_last(tmp_path, monkeypatch):
+    """metrics.json marks a run finished (--resume refuses such a run); it was written first, so a Ctrl-C while the
+    curve or report.md were written left a run that could neither be resumed nor had a report."""
+    from deltatune.train import report
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot", stopped)
+    recipe_ = {"stage": "sft", "method": {"name": "lora"}, "model": {"name_or_path": "m"}}
+    with pytest.raises(KeyboardInterrupt):
+        report.write(str(tmp_path), recipe_, {"train_loss": 1.0}, [{"loss": 1.0, "step": 1}], [], None)
+    assert not (tmp_path / "metrics.json").exists()
+    monkeypatch.undo()
+    report.write(str(tmp_path), recipe_, {"train_loss": 1.0}, [{"loss": 1.0, "step": 1}], [], None)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"train_loss": 1.0}
+    assert (tmp_path / "report.md").exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
