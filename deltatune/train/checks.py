@@ -103,9 +103,14 @@ def check_num_labels(cfg: RunConfig, labels: list[str] | None) -> None:
 
 def check_run(cfg: RunConfig) -> None:
     """The checks above that need only the recipe (the data-dependent one runs after the data is read)."""
+    from .table import STAGES
+
     check_model_path(cfg.model.name_or_path)
     check_loggers(cfg.train.report_to)
     check_precision(cfg.train.precision)
+    if STAGES[cfg.stage].loop and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run it all
+        raise ConfigError(f"stage {cfg.stage} trains in one process (its own loop shards nothing): launch it "
+                          "without torchrun")  # fmt: skip
 
 
 def check_reference(cfg: RunConfig, model, training: bool) -> None:

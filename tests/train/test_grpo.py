@@ -417,3 +417,17 @@ def test_the_recipes_weight_decay_and_schedule_are_used_and_each_steps_rate_logg
         json.loads(line)["lr"] for line in (out / "log_history.jsonl").read_text().splitlines() if '"lr"' in line
     ]
     assert logged == pytest.approx([0.0, 0.01, 0.01 * 2 / 3, 0.01 / 3])  # the rate each update used
+
+
+def test_a_launch_of_several_processes_is_refused(cli_files, tmp_path, capsys, monkeypatch):
+    """Under torchrun every process ran the whole loop on the whole data into one folder: twice the compute, each
+    step logged twice, and the processes racing on the checkpoints (one died in four tries)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    argv = ["train", "recipes/grpo-arithmetic.yaml", f"model.name_or_path={cli_files['llama']}", f"output.dir={out}"]
+    assert main(argv) == 2
+    assert "stage grpo trains in one process (its own loop shards nothing): launch it without torchrun" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
