@@ -302,7 +302,7 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
         if key not in known_top:
             raise ConfigError(_unknown(key, key, known_top, where))
     stage = raw.get("stage", "sft")
-    if stage not in STAGES:
+    if not isinstance(stage, str) or stage not in STAGES:
         raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     sections = {}
     for name, cls in _SECTIONS.items():
@@ -319,11 +319,29 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     method = raw.get("method") or {"name": "lora"}
     if isinstance(method, str):
         method = {"name": method}
+    if not isinstance(method, dict) or not isinstance(method.get("name", "lora"), str):
+        raise ConfigError(
+            f"method must be a method's name or a mapping with a name (name: lora, r: 8), got {method!r}"
+        )
     method = {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in method.items()}
     cfg = RunConfig(stage=stage, method=dict(method), **sections)
+    for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "eval"), ("output", "dir")):
+        value = getattr(sections[section], key)  # ~ as a shell expands it (the Trainer did so for output.dir alone)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(sections[section], key, os.path.expanduser(value))
     _validate(cfg)
     return cfg
 
+
+FSDP_OPTIONS = {
+    "full_shard",
+    "shard_grad_op",
+    "no_shard",
+    "hybrid_shard",
+    "hybrid_shard_zero2",
+    "offload",
+    "auto_wrap",
+}
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "None": type(None)}
 
@@ -368,6 +386,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.bad_pairs must be 'refuse' or 'skip', got {cfg.data.bad_pairs!r}")
     if cfg.data.max_length < 1:
         raise ConfigError(f"data.max_length must be >= 1, got {cfg.data.max_length}")
+    if cfg.data.max_target_length < 1:  # 0 failed inside T5's shift; a negative one cut targets from the end
+        raise ConfigError(f"data.max_target_length must be >= 1, got {cfg.data.max_target_length}")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if cfg.train.lr <= 0:
@@ -453,6 +473,13 @@ def _validate_values(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision: ppo trains in fp32 (auto and fp32 run so), got {t.precision}")
     if not 0 <= t.seed < 2**32:  # numpy's range, which transformers' set_seed hands it to
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+    if not str(cfg.output.dir).strip():
+        raise ConfigError("output.dir is empty; name the folder the run is written to")
+    unknown = sorted(set(t.fsdp.split()) - FSDP_OPTIONS)  # transformers' FSDPOption values
+    if unknown:
+        raise ConfigError(f"train.fsdp: unknown option {unknown[0]!r}; options: {', '.join(sorted(FSDP_OPTIONS))}")
+    if d.labels and any(isinstance(x, (list, dict)) for x in d.labels):
+        raise ConfigError(f"data.labels must be a list of class names, got {d.labels!r}")
     if cfg.output.samples < 0 or cfg.output.sample_tokens < 1:
         raise ConfigError(
             f"output.samples must be >= 0 and output.sample_tokens >= 1, got {cfg.output.samples} and "
@@ -503,6 +530,8 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:  # an anchor that holds itself (stage: &x [*x])
+        raise ConfigError(f"{path}: a YAML anchor refers to itself; a recipe is a tree of values") from None
     if twice:
         key, line, first = twice
         raise ConfigError(

@@ -327,3 +327,39 @@ def test_a_bad_model_dtype_is_one_line_naming_the_key():
 
     with pytest.raises(ConfigError, match="model.dtype must be float32, bfloat16, float16 or auto, got 'fp8'"):
         load_model("unused", "CAUSAL_LM", "fp8")
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [("stage=[sft]", "stage must be one of pt, sft, "),
+     ("method=[lora]", "method must be a method's name or a mapping with a name"),
+     ("method.name=[lora]", "method must be a method's name or a mapping with a name"),
+     ("data.labels=[[0],[1]]", r"data.labels must be a list of class names, got \[\[0\], \[1\]\]"),
+     ("train.fsdp=full_shard nosuch", "train.fsdp: unknown option 'nosuch'; options: auto_wrap, full_shard"),
+     ("output.dir=''", "output.dir is empty"),
+     ("data.max_target_length=0", "data.max_target_length must be >= 1, got 0"),
+     ("data.max_target_length=-5", "data.max_target_length must be >= 1, got -5")],
+)  # fmt: skip
+def test_values_of_the_wrong_shape_are_one_line(override, said):
+    """Each was a traceback (unhashable list, 'int' has no attribute 'items', transformers' FSDP error, the Trainer's
+    makedirs(''), T5's shift), or (max_target_length -5) trained on targets cut from the end, silently."""
+    with pytest.raises(ConfigError, match=f"^{said}"):
+        load_recipe(QUICKSTART, [override])
+
+
+def test_a_recursive_anchor_is_one_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stage: &x [*x]\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: a YAML anchor refers to itself"):
+        load_recipe(str(path))
+
+
+def test_a_tilde_is_the_home_folder_in_every_path(monkeypatch, tmp_path):
+    """output.dir=~/runs/x put the checkpoints in $HOME/runs/x (the Trainer expands it) and the adapter, run.yaml and
+    metrics in ./~/runs/x (deltatune did not): one run in two folders, and --resume found no checkpoint. A model or
+    data path under ~ was refused as missing."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_recipe(QUICKSTART, ["output.dir=~/runs/x", "model.name_or_path=~/m", "data.train=~/t.jsonl",
+                                   "data.eval=~/e.jsonl"])  # fmt: skip
+    assert (cfg.output.dir, cfg.model.name_or_path) == (f"{tmp_path}/runs/x", f"{tmp_path}/m")
+    assert (cfg.data.train, cfg.data.eval) == (f"{tmp_path}/t.jsonl", f"{tmp_path}/e.jsonl")
