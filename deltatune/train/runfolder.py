@@ -308,6 +308,20 @@ HARMLESS = {
 }
 
 
+def _with_defaults(method: Any) -> Any:
+    """A recipe's method section with the method's default for every key it leaves out."""
+    import dataclasses
+
+    from .. import registry
+
+    try:
+        fields = dataclasses.fields(registry.get(method["name"]).config_class)
+    except (KeyError, TypeError):  # no method or an unknown one: compared as written
+        return method
+    given = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING and f.init}
+    return given | {k: v for k, v in method.items() if k not in ("task_type",)} | {"name": method["name"]}
+
+
 def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
     """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (one level: a dict value such as model.quantization is
     compared whole)."""
@@ -320,19 +334,21 @@ def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``section.key: old -> new`` for every key that differs and matters (not in ``HARMLESS``).
+DERIVED = {"data.labels", "model.num_labels"}
+"""Keys a run records as its stage derived them (the ``data.labels`` it found, the ``model.num_labels: 1`` of a
+reward model), which a recipe need not name: left unset (None) by the new recipe, they are no change."""
 
-    A key the new recipe leaves unset (None) is not a change: a run records values its stage derived (the
-    ``data.labels`` it found, the ``model.num_labels: 1`` of a reward model), which the recipe never named.
-    """
-    a, b = _flat(old or {}), _flat(new or {})
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``section.key: old -> new`` for every key that differs and matters (not in ``HARMLESS``). A method key one
+    recipe leaves out is its default (``method.lora_dropout`` left out of the new recipe trained with 0.0)."""
+    a, b = (_flat({**r, "method": _with_defaults(r.get("method"))}) for r in (old or {}, new or {}))
     out = []
     for key in sorted(set(a) | set(b)):
         if key in HARMLESS:
             continue
         x, y = a.get(key), b.get(key)
-        if y is None:
+        if y is None and key in DERIVED:
             continue
         if x != y:
             out.append(f"{key}: {x!r} -> {y!r}")

@@ -313,3 +313,19 @@ def test_sigterm_is_an_interrupt_undoing_what_ctrl_c_undoes(monkeypatch, capsys)
         assert signal.getsignal(signal.SIGTERM) is outside
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_key_left_out_of_the_resumed_recipe_is_a_change():
+    """A recipe leaving out keys the run had set (method.lora_dropout 0.1, data.limit 6, data.template chatml) was
+    accepted: the resumed steps trained with the defaults while run.yaml kept the old values. A method key at its
+    default is the same written or not; what a stage derived (data.labels) need not be named again."""
+    from deltatune.train.runfolder import recipe_changes
+
+    old = {"method": {"name": "lora", "r": 4, "lora_dropout": 0.1}, "data": {"limit": 6, "template": "chatml",
+           "labels": ["neg", "pos"]}, "train": {"lr": 0.01}}  # fmt: skip
+    new = {"method": {"name": "lora", "r": 4}, "data": {"limit": None, "template": None, "labels": None},
+           "train": {"lr": 0.01}}  # fmt: skip
+    assert recipe_changes(old, new) == [
+        "data.limit: 6 -> None", "data.template: 'chatml' -> None", "method.lora_dropout: 0.1 -> 0.0"]  # fmt: skip
+    same = {**new, "data": old["data"], "method": {"name": "lora", "r": 4, "lora_dropout": 0.1, "lora_alpha": 8}}
+    assert recipe_changes(old, same) == []  # lora_alpha 8 is LoRA's default, written or not
