@@ -109,6 +109,7 @@ class Engine:
         self.templates: dict[str, str] = {}
         self._changes_waiting = 0  # adapter loads/unloads waiting for the lock
         self._count_lock = threading.Lock()
+        self.gen = getattr(model, "generation_config", None)  # its repetition_penalty and top_k apply (_pick)
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -241,7 +242,7 @@ class Engine:
             live = list(range(len(rows)))
             try:
                 while True:
-                    tokens = [_pick(logits[j], rows[i], generators[i]) for j, i in enumerate(live)]
+                    tokens = [_pick(logits[j], rows[i], generators[i], self.gen) for j, i in enumerate(live)]
                     keep = [j for j, i in enumerate(live) if not self._advance(rows[i], tokens[j])]
                     if len(keep) < len(live):  # finished rows leave the batch, and its cache
                         if keep:
@@ -256,7 +257,9 @@ class Engine:
                             rows += new
                             generators += [_generator(r.seed, device) if r.temperature > 0 else None for r in new]
                             new_cache, new_mask, new_logits = self._prefill(new, True, device)
-                            picked = [_pick(new_logits[j], r, generators[first + j]) for j, r in enumerate(new)]
+                            picked = [
+                                _pick(new_logits[j], r, generators[first + j], self.gen) for j, r in enumerate(new)
+                            ]
                             stay = [j for j, r in enumerate(new) if not self._advance(r, picked[j])]
                             self.joined += len(new)
                             if stay:
@@ -426,11 +429,22 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
-def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None) -> int:
-    """The next token of one row: argmax when greedy, else a draw from the tempered top-p distribution."""
+def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any = None) -> int:
+    """The next token of one row: argmax when greedy, else a draw from the tempered top-k, top-p distribution. The
+    base's generation config applies as ``generate`` applies it: its ``repetition_penalty`` always, its ``top_k``
+    when sampling."""
+    penalty = getattr(gen, "repetition_penalty", None) or 1.0
+    if penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor over the prompt and the answer so far
+        seen = torch.tensor(list(dict.fromkeys(r.prompt_ids + r.output_ids)), device=logits.device)
+        score = logits[seen]
+        logits = logits.scatter(0, seen, torch.where(score < 0, score * penalty, score / penalty))
     if g is None:
         return int(logits.argmax())
-    probs = torch.softmax(logits / r.temperature, dim=-1)
+    logits = logits / r.temperature
+    top_k = getattr(gen, "top_k", None) or 0
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if r.top_p < 1.0:
         # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top token always stays).
         sorted_p, order = probs.sort(descending=True)

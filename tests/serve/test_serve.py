@@ -536,3 +536,30 @@ def test_chat_requests_are_rendered_with_the_template_the_run_trained_with(serve
         assert out.choices[0].message.content == generate_reference(base, folders["lora"], ids, 8, tok)
     got, _ = _post(server, "/v1/adapters/alpaca", b"", method="DELETE")
     assert got == 200 and engine.templates == {}
+
+
+def test_the_bases_generation_config_applies_as_in_generate(served, monkeypatch):
+    """A base whose generation_config.json sets repetition_penalty (Qwen2.5-Instruct: 1.05) answered differently
+    through serve, which took the plain argmax, than through generate (and deltatune generate), which applies it."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.train.run import load_adapter_model
+
+    engine, server, base, folders = served
+    monkeypatch.setattr(engine.gen, "repetition_penalty", 0.2)  # < 1 favours what was seen
+    tok, api = engine.tokenizer, client(server)
+    ids = tok(PROMPTS[1])["input_ids"]
+    for name in ("base", "lora"):
+        model = (
+            AutoModelForCausalLM.from_pretrained(base)
+            if name == "base"
+            else load_adapter_model(folders[name], base)[0]
+        )
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            plain, penalised = (model.eval().generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=24,
+                                do_sample=False, pad_token_id=tok.pad_token_id, repetition_penalty=p)[0, len(ids):]
+                                for p in (1.0, 0.2))  # fmt: skip
+        assert not torch.equal(plain, penalised)  # the penalty changes this answer
+        got = api.completions.create(model=name, prompt=PROMPTS[1], max_tokens=24, temperature=0).choices[0].text
+        assert got == tok.decode(penalised, skip_special_tokens=True)
