@@ -15,17 +15,17 @@ optimizer steps over the batch minimise, per completion token t (every token of 
     KL_t = ref / pi - log(ref / pi) - 1                         (the k3 estimator of KL(pi || ref), always >= 0)
 
 with pi_old the policy that sampled (ratio 1 at the first iteration), eps = ``align.cliprange`` and beta =
-``align.beta``. The reference is the same base with the adapter off; beta = 0 skips the reference pass altogether.
-The loss over the batch is a mean over each completion's tokens then over completions (``loss_norm: sequence``, the
-paper) or one mean over all completion tokens (``loss_norm: token``, DAPO / Dr. GRPO: long completions count by
-their length). Log-probs are taken at the sampling temperature.
+``align.beta``. The reference is the same base with the adapter off; beta = 0 skips the reference pass altogether. The
+loss over the batch is a mean over each completion's tokens then over completions (``loss_norm: sequence``, the paper)
+or one mean over all completion tokens (``loss_norm: token``, DAPO / Dr. GRPO: long completions count by their
+length). Log-probs are taken at the sampling temperature.
 
 Rewards follow TRL's convention so users can bring theirs: ``f(prompts, completions, **columns) -> list[float]``,
-called with keyword arguments, one value per completion; ``prompts`` are the rows' prompts as written (text, or a
-list of chat messages, which the tokenizer's chat template turns into the model's input), ``completions`` the
-decoded texts, and every other column of the rows comes as a list of the same length. A reward may also be a
-deltatune reward-model run (stage rm), scoring (prompt, completion) texts. Checkpoints (adapter, optimizer, RNG)
-every ``train.save_steps`` steps (default: once per pass over the prompts); ``--resume`` continues from the last.
+called with keyword arguments, one value per completion; ``prompts`` are the rows' prompts as written (text, or a list
+of chat messages; the recipe's data.template, else the tokenizer's chat template, makes the model's input),
+``completions`` the decoded texts, and every other column of the rows comes as a list of the same length. A reward may
+also be a deltatune reward-model run (stage rm), scoring (prompt, completion) texts. Checkpoints (adapter, optimizer,
+RNG) every ``train.save_steps`` steps (default: once per pass over the prompts); ``--resume`` continues from the last.
 ``train.precision: bf16`` samples and computes every forward under bf16 autocast (fp32 weights and optimizer).
 """
 
@@ -50,11 +50,12 @@ from ..config import ConfigError
 from ..data.load import DataError, Row
 from ..data.preference import bos_prefix
 from ..data.tasks import Collator
-from ..data.templates import apply_chat_template
+from ..data.templates import apply_chat_template, render
 from ..targets import context_length
 from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
 from .grpo_rewards import Reward, check_rewards, load_rewards, score
+from .models import resolve_path
 from .ppo_checkpoint import rotate
 from .prepared import Prepared, _rows
 from .report import plot_panels
@@ -367,10 +368,10 @@ class GRPOLoop:
 # -- the stage -----------------------------------------------------------------------------------------------
 
 
-def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int, truncation: str):
-    """(items, number truncated): each row's prompt as ids (chat messages through the tokenizer's chat template,
-    text as is after the BOS the tokenizer adds), cut from its start to ``max_length`` tokens; the row's other
-    columns kept for the rewards.
+def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int, truncation: str, template=None):
+    """(items, number truncated): each row's prompt as ids (through ``template``, the recipe's data.template, as
+    generate and chat prompt the run; else chat messages through the tokenizer's chat template, text as is after the
+    BOS the tokenizer adds), cut from its start to ``max_length`` tokens; the row's other columns kept for rewards.
 
     Raises:
         DataError: a missing or empty prompt, chat messages without a chat template, or (truncation=refuse) an
@@ -380,16 +381,20 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
     items, truncated = [], 0
     for row in rows:
         prompt = row.get(prompt_column)
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)
+        if not chat and not (isinstance(prompt, str) and prompt.strip()):
+            raise DataError(f"{row.source}: column {prompt_column!r} must be non-empty text or a list of messages")
+        if template is not None:  # a built-in template writes no BOS: the tokenizer adds it
+            messages = prompt if chat else [{"role": "user", "content": prompt}]
+            ids = tok(render(messages, tok, template, add_generation_prompt=True)[0])["input_ids"]
+        elif chat:
             if not getattr(tok, "chat_template", None):
                 raise DataError(f"{row.source}: {prompt_column!r} holds chat messages but the tokenizer has no chat "
                                 "template; give the prompt as text")  # fmt: skip
             text = apply_chat_template(tok, prompt, row.source, add_generation_prompt=True, tokenize=False)
             ids = tok(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, str) and prompt.strip():
-            ids = head + tok(prompt, add_special_tokens=False)["input_ids"]
         else:
-            raise DataError(f"{row.source}: column {prompt_column!r} must be non-empty text or a list of messages")
+            ids = head + tok(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > max_length:
             if truncation == "refuse":
                 raise DataError(f"{row.source}: the prompt is {len(ids)} tokens, more than data.max_length="
@@ -403,9 +408,8 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
 def _check(cfg: RunConfig) -> None:
     a = cfg.align
     if a.num_generations < 2:
-        raise ConfigError(
-            f"align.num_generations must be >= 2 (advantages are relative to a group), got {a.num_generations}"
-        )
+        raise ConfigError(f"align.num_generations must be >= 2 (advantages are relative to a group), got "
+                          f"{a.num_generations}")  # fmt: skip
     if a.num_iterations < 1:
         raise ConfigError(f"align.num_iterations must be >= 1, got {a.num_iterations}")
     if a.loss_norm not in ("sequence", "token"):
@@ -424,15 +428,12 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
     """
     from transformers import AutoConfig
 
-    from .models import resolve_path
-
     _check(cfg)
     d, a = cfg.data, cfg.align
     rewards = check_rewards(a)
     train_rows, eval_rows = _rows(cfg)
-    train, cut = encode_prompts(train_rows, tok, d.prompt_column, d.max_length, d.truncation)
-    evals, cut_eval = encode_prompts(eval_rows, tok, d.prompt_column, d.max_length, d.truncation) if eval_rows else (
-        None, 0)  # fmt: skip
+    (train, cut), (evals, cut_eval) = ((encode_prompts(rows, tok, d.prompt_column, d.max_length, d.truncation,
+                                        d.template) if rows else (None, 0)) for rows in (train_rows, eval_rows))  # fmt: skip
     longest = max(len(it.ids) for it in train + (evals or []))
     try:
         config = AutoConfig.from_pretrained(resolve_path(cfg.model.name_or_path),
@@ -456,9 +457,8 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
         "rewards: " + ", ".join(f"{r.name} (weight {r.weight:g})" for r in rewards),
         "![GRPO statistics](grpo_stats.png)",
     ]  # fmt: skip
-    for split, n in (("train", cut), ("eval", cut_eval)):
-        if n:
-            notes.append(f"{n} {split} prompts were longer than data.max_length={d.max_length}; their ends were kept")
+    notes += [f"{n} {split} prompts were longer than data.max_length={d.max_length}; their ends were kept"
+              for split, n in (("train", cut), ("eval", cut_eval)) if n]  # fmt: skip
 
     def loop(model, tokenizer, run_cfg: RunConfig, checkpoint: str | None = None, started: Callable | None = None):
         return train_grpo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint, started)

@@ -431,3 +431,22 @@ def test_a_launch_of_several_processes_is_refused(cli_files, tmp_path, capsys, m
         capsys.readouterr().err
     )
     assert not out.exists()
+
+
+def test_prompts_are_rendered_with_the_recipes_template_as_generate_prompts_the_run():
+    """data.template was ignored: GRPO sampled after the raw text (or the tokenizer's chat template) while PPO, and
+    generate and chat afterwards, prompt such a run through the template."""
+    from tiny import tokenizer
+
+    from deltatune.data.load import Row
+    from deltatune.train.chat import prompt_ids
+    from deltatune.train.grpo import encode_prompts
+
+    tok = tokenizer()
+    rows = [Row({"prompt": "what is two plus two", "answer": "4"}, "p.jsonl:1"),
+            Row({"prompt": [{"role": "user", "content": "what is two plus two"}], "answer": "4"}, "p.jsonl:2")]  # fmt: skip
+    for template in ("alpaca", "chatml"):
+        items, _ = encode_prompts(rows, tok, "prompt", 64, "truncate", template)
+        want = prompt_ids(tok, "what is two plus two", template=template)
+        assert [it.ids for it in items] == [want, want] and items[0].columns == {"answer": "4"}
+    assert encode_prompts(rows[:1], tok, "prompt", 64, "truncate")[0][0].ids != want  # no template: the text as is
