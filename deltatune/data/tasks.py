@@ -246,13 +246,13 @@ def encode_seq2seq(
         keep = _fit(src["input_ids"], max_length, row, truncation, None)
         keep_t = _fit(tgt, max_target_length, row, truncation, None, "data.max_target_length")
         counter[0] += over  # a row is counted once, however many of its parts were cut
-        out.append(
-            {
-                "input_ids": src["input_ids"][:keep],
-                "attention_mask": src["attention_mask"][:keep],
-                "labels": tgt[:keep_t],
-            }
-        )
+        # Cut by the tokenizer, which keeps the end token (as the evaluation's generation tokenizes the source); a
+        # target cut without it would teach the model never to stop.
+        if keep < len(src["input_ids"]):
+            src = tokenizer(row.text(source_column), truncation=True, max_length=keep)
+        if keep_t < len(tgt):
+            tgt = tokenizer(text_target=row.text(target_column), truncation=True, max_length=keep_t)["input_ids"]
+        out.append({"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": tgt})
     return Encoded(out, counter[0])
 
 

@@ -264,6 +264,10 @@ def test_seq2seq_truncation(tok):
     enc = encode_seq2seq(rows, tok, "s", "t", max_length=4, max_target_length=5)
     assert enc.truncated == 2  # rows, not cut parts: row 1 has both cut and counts once
     assert [(len(ex["input_ids"]), len(ex["labels"])) for ex in enc.examples] == [(4, 5), (3, 5), (3, 3)]
+    # Cut as the tokenizer cuts (the evaluation's generation does): the end token stays, in source and target. A
+    # target cut without it taught the model never to stop.
+    assert enc.examples[0]["input_ids"] == tok(LONG, truncation=True, max_length=4)["input_ids"]
+    assert [tok.decode(ex["labels"]) for ex in enc.examples[:2]] == ["[CLS] one two three [SEP]"] * 2
     with pytest.raises(DataError, match=r"d.jsonl:2: 12 tokens, more than data.max_target_length=5"):
         encode_seq2seq(rows[1:], tok, "s", "t", max_length=4, max_target_length=5, truncation="refuse")
 
