@@ -245,6 +245,10 @@ def load_model(
         ) from None
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
+    elif pad_token_id is not None and task_type == "SEQ_CLS" and model.config.pad_token_id != pad_token_id:
+        # A decoder's classifier reads the last token that is not the config's pad id; the batches are padded with
+        # the tokenizer's, so with another id it read a pad token of every shorter row (eval moved with batch size).
+        model.config.pad_token_id = pad_token_id
     model.config._name_or_path = embedded.hub_id(name_or_path)  # what adapters record as their base
     return model
 

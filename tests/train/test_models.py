@@ -133,3 +133,19 @@ def test_a_tokenizer_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
         load_processor("org/model", "sft")
     with pytest.raises(ConfigError, match=r"^model 'org/model' could not be loaded: not a local model folder"):
         load_tokenizer("org/model")  # as serve and board --model load it
+
+
+def test_a_decoder_classifier_finds_its_last_token_by_the_tokenizers_pad_id(tmp_path):
+    """A config whose pad id (100) is not the tokenizer's (0, the id the batches are padded with): the classifier
+    read a pad token of every shorter row, so a run's eval moved with its batch size. A causal LM keeps its own."""
+    import torch
+
+    folder = save_tiny(tmp_path / "llama", "llama", "causal_lm", pad_token_id=100)
+    model = load_model(folder, "SEQ_CLS", num_labels=2, pad_token_id=0).eval()
+    assert model.config.pad_token_id == 0
+    short, padded = torch.tensor([[5, 6, 7]]), torch.tensor([[5, 6, 7, 0, 0]])
+    with torch.no_grad():
+        alone = model(input_ids=short).logits
+        in_batch = model(input_ids=padded, attention_mask=(padded != 0).long()).logits
+    torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=0)
+    assert load_model(folder, "CAUSAL_LM", pad_token_id=0).config.pad_token_id == 100
