@@ -116,6 +116,13 @@ def test_a_prompt_over_the_models_context(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=rf"^the prompt is {n} tokens and --max-new-tokens 4: {n + 4} positions, "
                                           r"over the model's context of 96$"):  # fmt: skip
         chat.generate(model, tok, long, max_new_tokens=4)
+    # A token adapter's virtual tokens take positions too: 90 + 4 + 3 passed the check, then an IndexError in torch.
+    prompted = dt.get_delta_model(model, dt.PromptTuningConfig(num_virtual_tokens=3)).eval()
+    with pytest.raises(ConfigError, match=r"^the prompt is 90 tokens and --max-new-tokens 4 and the adapter's 3 "
+                                          r"virtual tokens: 97 positions, over the model's context of 96$"):  # fmt: skip
+        chat.generate(prompted, tok, long[:90], max_new_tokens=4)
+    assert chat.generate(prompted, tok, long[:89], max_new_tokens=4) is not None
+    model = prompted.unload()
     events = []  # ("prompt", messages) for every prompt built, ("generate", ids) for every answer
     real, answer = chat.prompt_ids, chat.generate
     monkeypatch.setattr(chat, "prompt_ids", lambda t, p, **kw: events.append(("prompt", list(p))) or real(t, p, **kw))

@@ -135,10 +135,15 @@ def overflow(model: torch.nn.Module, prompt: int, max_new_tokens: int) -> str | 
     config = getattr(model, "config", None)
     context = context_length(config) if config is not None else None
     seq2seq = getattr(config, "is_encoder_decoder", False)
-    need = prompt + (0 if seq2seq else max_new_tokens)
+    # A token adapter's virtual tokens take positions too (a plain model's active_adapters is a method: none).
+    configs, active = getattr(model, "peft_config", {}), getattr(model, "active_adapters", None)
+    active = active if isinstance(active, list) else []
+    virtual = max((getattr(configs[n], "num_virtual_tokens", 0) or 0 for n in active if n in configs), default=0)
+    need = prompt + virtual + (0 if seq2seq else max_new_tokens)
     if context is None or need <= context:
         return None
-    asked = "" if seq2seq else f" and --max-new-tokens {max_new_tokens}"
+    asked = ("" if seq2seq else f" and --max-new-tokens {max_new_tokens}") + (
+        f" and the adapter's {virtual} virtual tokens" if virtual else "")  # fmt: skip
     return f"the prompt is {prompt} tokens{asked}: {need} positions, over the model's context of {context}"
 
 
