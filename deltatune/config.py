@@ -81,6 +81,11 @@ class DeltaConfig:
         ``bias="all"``). The default, none: the adapter's own modules are all that train."""
         return []
 
+    def for_loading(self) -> DeltaConfig:
+        """The config to build the adapter with when its weights come from a file: the same by default; a method
+        whose initialisation needs what the file makes needless (a tokenizer) leaves it out."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The config as adapter_config.json holds it (PEFT field names, plus ``peft_type``)."""
         out: dict[str, Any] = {"peft_type": self.peft_type}

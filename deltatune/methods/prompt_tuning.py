@@ -58,6 +58,10 @@ class PromptTuningConfig(VirtualTokenFields, DeltaConfig):
         if self.tokenizer_kwargs and init != "TEXT":
             raise ConfigError(f"tokenizer_kwargs is only used with prompt_tuning_init='TEXT', got {init!r}")
 
+    def for_loading(self) -> PromptTuningConfig:
+        # The file holds the table: the TEXT init's tokenizer (perhaps on another machine) is not needed.
+        return self.replace(prompt_tuning_init="RANDOM", tokenizer_kwargs=None)
+
 
 class PromptEmbedding(nn.Module):
     """The table P of virtual tokens (PEFT's ``PromptEmbedding`` layout: ``embedding.weight``)."""

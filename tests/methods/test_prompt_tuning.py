@@ -243,3 +243,27 @@ def test_token_type_ids_match_peft(tmp_path):
     inputs = {**tiny_inputs("bert", "seq_cls"), "token_type_ids": torch.ones(2, 7, dtype=torch.long)}
     torch.testing.assert_close(logits(model, inputs), logits(theirs, inputs), atol=ATOL32, rtol=0)
     assert not torch.allclose(logits(model, inputs), logits(model, tiny_inputs("bert", "seq_cls")), atol=1e-4)
+
+
+def test_a_text_init_adapter_loads_to_train_on_without_its_tokenizer(tmp_path):
+    """The file holds the table: loading with is_trainable=True re-tokenised the init text, so where the recorded
+    tokenizer path was gone (another machine) the load died in the hub client's OSError."""
+    import shutil
+
+    from tiny import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    base = save_tiny(tmp_path / "base", "llama")
+    shutil.copytree(base, tmp_path / "tok")
+    config = dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                                   prompt_tuning_init_text="the cat sat", tokenizer_name_or_path=str(tmp_path / "tok"))  # fmt: skip
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():
+        model.base_model.virtual_tokens.prompt_encoder["default"].embedding.weight.add_(1.0)  # trained
+    model.save_pretrained(tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "tok")
+    again = dt.DeltaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter",
+                                          is_trainable=True)  # fmt: skip
+    rows = again.base_model.virtual_tokens.prompt_encoder["default"].embedding.weight
+    torch.testing.assert_close(rows, model.base_model.virtual_tokens.prompt_encoder["default"].embedding.weight)
+    assert rows.requires_grad and again.peft_config["default"].prompt_tuning_init == "TEXT"  # saved as it was
