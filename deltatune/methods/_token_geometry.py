@@ -82,6 +82,8 @@ def fill_geometry(model: nn.Module, config: Any, prefix: bool) -> None:
         embedding = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         embedding = None
+    while hasattr(embedding, "base_layer") and hasattr(embedding, "adapter_names"):  # another adapter wraps it
+        embedding = embedding.base_layer
     if not isinstance(embedding, nn.Embedding):  # a ViT's patch embedding: no tokens to put virtual ones beside
         raise ConfigError(
             f"model type {mtype!r} has no token embedding ({type(embedding).__name__}): prompt tuning, P-tuning and "

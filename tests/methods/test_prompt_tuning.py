@@ -267,3 +267,25 @@ def test_a_text_init_adapter_loads_to_train_on_without_its_tokenizer(tmp_path):
     rows = again.base_model.virtual_tokens.prompt_encoder["default"].embedding.weight
     torch.testing.assert_close(rows, model.base_model.virtual_tokens.prompt_encoder["default"].embedding.weight)
     assert rows.requires_grad and again.peft_config["default"].prompt_tuning_init == "TEXT"  # saved as it was
+
+
+def test_a_token_adapter_after_a_lora_on_the_embedding(tmp_path):
+    """LoRA on embed_tokens wraps the embedding: a prompt or prefix adapter added after it was refused as "no token
+    embedding ... for a vision model use vpt" (added before it, it worked). It computes as on its own."""
+    from tiny import tiny_inputs, tiny_model
+
+    inputs = tiny_inputs("llama")
+    for i, config in enumerate(
+        (dt.PromptTuningConfig(num_virtual_tokens=3), dt.PrefixTuningConfig(num_virtual_tokens=3))
+    ):
+        alone = dt.get_delta_model(tiny_model("llama"), config).eval()
+        alone.save_pretrained(tmp_path / str(i))
+        model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(target_modules=["embed_tokens"], r=2,
+                                   init_lora_weights=False), "lora").eval()  # fmt: skip
+        model.add_adapter("fresh", config)  # refused before
+        model.load_adapter(tmp_path / str(i), "tokens")
+        model.set_adapter("tokens")
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, alone(**inputs).logits, atol=1e-6, rtol=0)
+            model.set_adapter("lora")
+            assert (model(**inputs).logits - alone(**inputs).logits).abs().max() > 1e-3
