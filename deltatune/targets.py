@@ -366,10 +366,9 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any) -> Non
     plan: list[tuple[str, nn.Module]] = []
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
     for target in wanted + auto:
+        # PEFT's rule, a plain suffix: "classifier" is DistilBERT's pre_classifier too, "norm" every *_layernorm.
         hits = [
-            (n, m)
-            for n, m in model.named_modules()
-            if (n == target or n.endswith("." + target)) and not any(n.startswith(p) for p in inner)
+            (n, m) for n, m in model.named_modules() if n.endswith(target) and not any(n.startswith(p) for p in inner)
         ]
         # PEFT writes every head name of the task (["classifier", "score"]) into the saved config; the ones
         # this model lacks are not an error.
@@ -378,6 +377,7 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any) -> Non
         if hits and target in auto:
             config.modules_to_save = [*(config.modules_to_save or []), target]
         plan.extend(hits)
+    plan = [(n, m) for n, m in plan if not any(n.startswith(o + ".") for o, _ in plan)]  # a copy holds its children
     packed = [n for n, m in plan if any(type(sub).__name__ == "Linear4bit" for sub in m.modules())]  # ours, bnb's
     if packed:
         raise ConfigError(

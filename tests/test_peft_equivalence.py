@@ -102,6 +102,42 @@ def test_merged_weights_match_peft(family, tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=ATOL32, rtol=0, msg=key)
 
 
+def test_modules_to_save_match_by_plain_suffix_as_in_peft(tmp_path):
+    """peft matches modules_to_save by a plain suffix: "norm" is also every *_layernorm, and SEQ_CLS's "classifier"
+    is DistilBERT's (new, random) pre_classifier too. deltatune took a dotted suffix: peft's trained layernorm copies
+    were written into deltatune's base weights (disable_adapter 0.25 off the base), deltatune's own file crashed
+    peft's loader, and DistilBERT's pre_classifier trained nothing and was not saved."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                 init_lora_weights=False, modules_to_save=["norm"])).eval()  # fmt: skip
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "modules_to_save.default" in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "peft").eval()
+    inputs, base = tiny_inputs("llama"), output_of(tiny_model("llama"), tiny_inputs("llama"))
+    torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=ATOL32, rtol=0)
+    with ours.disable_adapter():
+        torch.testing.assert_close(output_of(ours, inputs), base, atol=0, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours").eval()
+    torch.testing.assert_close(output_of(again, inputs), output_of(theirs, inputs), atol=ATOL32, rtol=0)
+
+    config = AutoConfig.for_model("distilbert", dim=32, n_layers=1, n_heads=4, hidden_dim=48, vocab_size=128,
+                                  max_position_embeddings=64, pad_token_id=0, num_labels=3)  # fmt: skip
+    trained = []
+    for lib in (dt, peft):
+        torch.manual_seed(0)
+        model = (dt.get_delta_model if lib is dt else peft.get_peft_model)(
+            AutoModelForSequenceClassification.from_config(config), lib.LoraConfig(task_type="SEQ_CLS", r=2,
+            target_modules=["q_lin"]))  # fmt: skip
+        trained.append(sorted(n.split(".modules_to_save")[0].split("model.")[-1] for n, p in model.named_parameters()
+                              if p.requires_grad and "lora_" not in n))  # fmt: skip
+    assert trained[0] == trained[1] and "pre_classifier" in trained[0]
+
+
 def test_two_adapters_with_their_own_heads_cannot_compute_together():
     """Each adapter's copy of the classifier replaces the module, so two cannot add up: peft refuses them active
     together, and deltatune refuses a forward or a merge with both (it used the first one's head silently). Both
