@@ -135,3 +135,23 @@ def check_reference(cfg: RunConfig, model, training: bool) -> None:
         + (", or align.precompute_ref: true to score it once before training" if precompute and training else "")
         + ("" if training else "; this run cannot be evaluated against its base")
     )
+
+
+def check_context(cfg: RunConfig, prepared, model) -> None:
+    """ConfigError naming data.max_length when the longest encoded example (with a token adapter's virtual tokens)
+    is over the model's positions: an encoder's learned positions failed in the first step, deep inside torch."""
+    from ..targets import context_length
+
+    config = getattr(model, "config", None)
+    context = context_length(config) if config is not None and hasattr(config, "get_text_config") else None
+    if context is None or getattr(config, "is_encoder_decoder", False):  # (T5's relative positions have no limit)
+        return
+    virtual = getattr(model.peft_config[model.active_adapter], "num_virtual_tokens", 0) or 0
+    for split, examples in (("train", prepared.train), ("eval", prepared.eval or [])):
+        lengths = [len(ex["input_ids"]) for ex in examples if isinstance(ex, dict) and "input_ids" in ex]
+        if lengths and max(lengths) + virtual > context:
+            extra = f" and the adapter's {virtual} virtual tokens" if virtual else ""
+            raise ConfigError(
+                f"data.max_length={cfg.data.max_length}: the longest {split} example is {max(lengths)} tokens{extra}, "
+                f"more than the model's {context} positions; set data.max_length to {context - virtual} or less"
+            )

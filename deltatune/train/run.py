@@ -19,7 +19,14 @@ from ..config import ConfigError
 from ..data.load import data_path
 from ..model import DeltaModel, get_delta_model
 from . import report
-from .checks import check_model_path, check_num_labels, check_reference, check_run, resolved_precision
+from .checks import (
+    check_context,
+    check_model_path,
+    check_num_labels,
+    check_reference,
+    check_run,
+    resolved_precision,
+)
 from .config import RunConfig, build
 from .metrics import perplexity
 from .models import load_model, load_processor, local_base_note
@@ -252,6 +259,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
         cfg.data.labels = prepared.labels
     delta, notes = start_model(cfg, tok, prepared.labels)
     check_reference(cfg, delta, training=True)
+    check_context(cfg, prepared, delta)
     if os.path.isdir(cfg.model.name_or_path):
         notes.insert(0, local_base_note(cfg.model.name_or_path))
     prepared.notes = [*prepared.notes, *notes]

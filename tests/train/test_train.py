@@ -244,3 +244,23 @@ def test_metrics_json_the_finished_mark_is_written_last(tmp_path, monkeypatch):
     report.write(str(tmp_path), recipe_, {"train_loss": 1.0}, [{"loss": 1.0, "step": 1}], [], None)
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"train_loss": 1.0}
     assert (tmp_path / "report.md").exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_examples_longer_than_the_models_positions_are_refused(tmp_path):
+    """data.max_length above an encoder's learned positions: the first step failed inside torch ("The size of
+    tensor a (772) must match the size of tensor b (512)"). One line naming the key, before the folder changes."""
+    short = save_tiny(tmp_path / "bert", "bert", "seq_cls", max_position_embeddings=16)
+    rows = [{"text": " ".join(["good"] * (5 + i)), "label": i % 2} for i in range(20)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match=r"^data.max_length=64: the longest train example is 26 tokens, more than "
+                                        r"the model's 16 positions; set data.max_length to 16 or less$"):  # fmt: skip
+        train(
+            build(recipe(short, str(data), str(out), max_steps=1) | {"data": {"train": str(data), "max_length": 64}})
+        )
+    assert not out.exists()
+    metrics = train(
+        build(recipe(short, str(data), str(out), max_steps=1) | {"data": {"train": str(data), "max_length": 16}})
+    )
+    assert metrics["train_steps"] == 1
