@@ -59,9 +59,14 @@ class RunLock:
         self.folder = folder
         self.path = _sibling(folder, "lock")
         self.held = False
+        self.created: list[str] = []  # folders made to hold the lock, deepest first: removed with it when empty
 
     def acquire(self) -> RunLock:
         parent = os.path.dirname(self.path)
+        at = os.path.abspath(parent)
+        while not os.path.exists(at):
+            self.created.append(at)
+            at = os.path.dirname(at)
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
@@ -140,6 +145,12 @@ class RunLock:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
             self.held = False
+        for folder in self.created:  # a run refused before it wrote anything leaves no empty folders behind
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: the run is there
+                break
+        self.created = []
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -329,3 +329,15 @@ def test_a_key_left_out_of_the_resumed_recipe_is_a_change():
         "data.limit: 6 -> None", "data.template: 'chatml' -> None", "method.lora_dropout: 0.1 -> 0.0"]  # fmt: skip
     same = {**new, "data": old["data"], "method": {"name": "lora", "r": 4, "lora_dropout": 0.1, "lora_alpha": 8}}
     assert recipe_changes(old, same) == []  # lora_alpha 8 is LoRA's default, written or not
+
+
+def test_a_refused_run_leaves_no_folders_it_made(base, tmp_path):
+    """output.dir=out/exp1/sweep/run3 with a data file that is missing: the one-line refusal left out/exp1/sweep/
+    created (for the run's lock). A run that starts keeps them."""
+    out = tmp_path / "out" / "exp1" / "sweep" / "run3"
+    recipe = write_recipe(tmp_path / "r.yaml", base.model, str(tmp_path / "missing.jsonl"), str(out), max_steps=1)
+    code, _, err = cli("train", recipe)
+    assert code == 2 and "missing.jsonl" in one_error_line(err)
+    assert sorted(os.listdir(tmp_path)) == ["r.yaml"]
+    recipe = write_recipe(tmp_path / "r.yaml", base.model, base.data, str(out), max_steps=1)
+    assert cli("train", recipe)[0] == 0 and (out / "adapter_model.safetensors").is_file()
