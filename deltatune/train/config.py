@@ -282,8 +282,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent, or an empty section (``train:``)
+                node[part] = {}
+            elif depth == 0 and part == "method" and isinstance(node[part], str):  # the shorthand ``method: lora``
+                node[part] = {"name": node[part]}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
         node[parts[-1]] = _coerce(value)

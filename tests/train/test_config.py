@@ -363,3 +363,14 @@ def test_a_tilde_is_the_home_folder_in_every_path(monkeypatch, tmp_path):
                                    "data.eval=~/e.jsonl"])  # fmt: skip
     assert (cfg.output.dir, cfg.model.name_or_path) == (f"{tmp_path}/runs/x", f"{tmp_path}/m")
     assert (cfg.data.train, cfg.data.eval) == (f"{tmp_path}/t.jsonl", f"{tmp_path}/e.jsonl")
+
+
+def test_overrides_into_a_shorthand_or_empty_section():
+    """``method: lora`` and an empty ``train:`` are valid recipes; overriding a key in them was refused as "'method'
+    is not a section"."""
+    raw = {"stage": "sft", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "method": "lora",
+           "train": None}  # fmt: skip
+    cfg = build(apply_overrides(raw, ["method.r=16", "train.lr=1e-3"]))
+    assert cfg.method == {"name": "lora", "r": 16} and cfg.train.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"^override 'stage.x': 'stage' is not a section"):
+        apply_overrides(raw, ["stage.x=1"])
