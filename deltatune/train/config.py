@@ -533,7 +533,10 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
         twice = _key_twice(yaml.compose(text, Loader=yaml.SafeLoader))  # nodes only: nothing is constructed
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)  # where the parser stopped: the file's line, not "<unicode string>"
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        reason = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{where}: not valid YAML: {reason}") from None
     except RecursionError:  # an anchor that holds itself (stage: &x [*x])
         raise ConfigError(f"{path}: a YAML anchor refers to itself; a recipe is a tree of values") from None
     if twice:

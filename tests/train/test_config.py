@@ -277,8 +277,12 @@ def test_section_that_is_not_a_mapping():
 def test_recipe_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(str(tmp_path / "missing.yaml"))
-    with pytest.raises(ConfigError, match="is not valid YAML"):
-        load_recipe(_recipe(tmp_path, "train: {lr: [\n"))
+    with pytest.raises(
+        ConfigError, match=r"\.yaml:2: not valid YAML: expected the node content, but found '<stream end>'$"
+    ):
+        load_recipe(_recipe(tmp_path, "train: {lr: [\n"))  # the file's line (it named "<unicode string>")
+    with pytest.raises(ConfigError, match=r"\.yaml:3: not valid YAML: mapping values are not allowed here$"):
+        load_recipe(_recipe(tmp_path, "stage: sft\ntrain:\n  lr: a: b\n"))
     (tmp_path / "bin.yaml").write_bytes(b"stage: sft\n\xff\xfe")
     with pytest.raises(ConfigError, match=r"bin.yaml is not UTF-8 text \(byte 11\)"):
         load_recipe(str(tmp_path / "bin.yaml"))
