@@ -19,14 +19,7 @@ from ..config import ConfigError
 from ..data.load import data_path
 from ..model import DeltaModel, get_delta_model
 from . import report
-from .checks import (
-    check_context,
-    check_model_path,
-    check_num_labels,
-    check_reference,
-    check_run,
-    resolved_precision,
-)
+from .checks import check_context, check_model_path, check_num_labels, check_reference, check_run, resolved_precision
 from .config import RunConfig, build
 from .metrics import perplexity
 from .models import load_model, load_processor, local_base_note
@@ -36,8 +29,10 @@ from .runfolder import (
     RunLock,
     check_apart,
     check_output_path,
+    facts_changes,
     recipe_changes,
     resume_checkpoint,
+    run_facts,
     started_callback,
 )
 from .runs import RUN_FILE, folder_with, read_recipe, run_file, run_template
@@ -251,6 +246,11 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     # A resume must not change what matters (lr, seed, method, data, ...): compared before anything is loaded.
     write_recipe = _check_resume_recipe(out, _recipe_dict(cfg), resume_changed) if resume else True
     check_run(cfg)
+    facts = run_facts(cfg)
+    changed = facts_changes(checkpoint, facts) if checkpoint else []
+    if changed and not resume_changed:
+        raise ConfigError(f"--resume: since {os.path.basename(checkpoint)} was written, {'; '.join(changed)}, so "
+                          "training would not continue as it went; pass --resume-changed to continue anyway")  # fmt: skip
     set_seed(cfg.train.seed)
     tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code, cfg.model.text_encoder)
     prepared = prepare(cfg, tok)
@@ -286,6 +286,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     # Language-model losses average over the tokens of the whole accumulated batch when the Trainer passes the
     # token count (num_items_in_batch). Classification heads ignore it and average per micro-batch, so for them the
     # Trainer must divide by the accumulation steps itself, or 4 x 2 would train 4 times harder than 8.
+    trainer.run_facts = facts  # recorded in each checkpoint, for a resume to compare
     trainer.model_accepts_loss_kwargs = prepared.loss_only
     trainer._item_count_checked = True  # the stage knows: DeltaTrainer need not ask the model
     trainer.remove_callback(ProgressCallback)

@@ -270,6 +270,40 @@ def _check_safetensors_size(path: str) -> None:
         raise ValueError("size does not match its header (truncated?)")
 
 
+def run_facts(cfg: Any) -> dict[str, Any]:
+    """What a resumed run must share with its start beyond the recipe: the number of processes (train.batch_size is
+    per process, so the global batch and the data position follow it) and the bytes of its data files."""
+    import hashlib
+
+    facts: dict[str, Any] = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    for key in ("train", "eval"):
+        path = getattr(cfg.data, key)
+        if isinstance(path, str) and os.path.isfile(path):
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            facts[f"data.{key}"] = digest.hexdigest()
+    return facts
+
+
+def facts_changes(checkpoint: str, facts: dict[str, Any]) -> list[str]:
+    """How ``facts`` (``run_facts`` now) differ from those the checkpoint recorded; none for a checkpoint that
+    recorded none (written before they were, or by a stage with its own loop)."""
+    from .trainer import SUMS
+
+    try:
+        with open(os.path.join(checkpoint, SUMS), encoding="utf-8") as fh:
+            old = json.load(fh).get("facts") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    out = []
+    for key, value in facts.items():
+        if key in old and old[key] != value:
+            out.append(f"{key} was {old[key]}, now {value}" if key == "world_size" else f"the file of {key} changed")
+    return out
+
+
 def resume_checkpoint(folder: str) -> tuple[str, list[str]]:
     """The checkpoint to resume ``folder`` from, and notes for the user (a skipped unreadable checkpoint).
 

@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..loss import shifts_labels, token_loss
 
 STAGING = ".staging"
-SUMS = "deltatune_sums.json"  # in a checkpoint: the run's training loss summed over its steps, and its time so far
+SUMS = "deltatune_sums.json"  # in a checkpoint: the run's loss summed over its steps, its time, its run_facts
 
 
 class NonFiniteLossError(RuntimeError):
@@ -187,7 +187,8 @@ class DeltaTrainerMixin:
                 before = getattr(self, "_before", {"loss_sum": 0.0, "runtime_s": 0.0})
                 own = self._total_loss_scalar + self._tr_loss.item()  # this train() call's, logged and not
                 sums = {"loss_sum": before["loss_sum"] + own, "step": self.state.global_step,
-                        "runtime_s": before["runtime_s"] + time.time() - getattr(self, "_started", time.time())}  # fmt: skip
+                        "runtime_s": before["runtime_s"] + time.time() - getattr(self, "_started", time.time()),
+                        "facts": getattr(self, "run_facts", {})}  # fmt: skip
                 name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 with open(os.path.join(staging, name, SUMS), "w", encoding="utf-8") as fh:
                     json.dump(sums, fh)

@@ -341,3 +341,27 @@ def test_a_refused_run_leaves_no_folders_it_made(base, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["r.yaml"]
     recipe = write_recipe(tmp_path / "r.yaml", base.model, base.data, str(out), max_steps=1)
     assert cli("train", recipe)[0] == 0 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_resume_after_the_data_file_or_the_processes_changed_is_refused(base, tmp_path, monkeypatch):
+    """Rows appended to data.train, or a run started in 2 processes resumed in 1 (train.batch_size is per process):
+    the resume was accepted silently and trained on another order or global batch than the run had."""
+    import shutil
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(base.data, data)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", base.model, str(data), str(out), max_steps=4, save_steps=2)
+    assert cli("train", recipe)[0] == 0
+    for name in ("metrics.json", "adapter_model.safetensors", "checkpoint-4"):  # stopped after checkpoint-2
+        (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
+    before = snapshot(out)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = cli("train", recipe, "--resume")
+    assert code == 2 and "since checkpoint-2 was written, world_size was 1, now 2, so" in one_error_line(err)
+    monkeypatch.delenv("WORLD_SIZE")
+    data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])
+    code, _, err = cli("train", recipe, "--resume")
+    assert code == 2 and "the file of data.train changed" in one_error_line(err) and "--resume-changed" in err
+    assert snapshot(out) == before
+    assert cli("train", recipe, "--resume", "--resume-changed")[0] == 0
