@@ -149,6 +149,7 @@ class TokenSpec:
     heads: int = 0
     token_dim: int = 0
     submodules: int = 1
+    classifies: bool = False  # a sequence classifier's (SEQ_CLS): a decoder's reads the row's last token
 
 
 # -- call arguments -----------------------------------------------------------------------------------------------------

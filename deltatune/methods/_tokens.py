@@ -59,11 +59,8 @@ SAVED_KEY = "prompt_embeddings"
 
 # -- the layer ----------------------------------------------------------------------------------------------------------
 class VirtualTokens(DeltaLayer):
-    """Every token adapter of one model, and the hooks that make the model account for its virtual tokens.
-
-    Args:
-        model: the base model it is attached to (hooked, not held: the layer is its child).
-    """
+    """Every token adapter of one model, and the hooks that make the model account for its virtual tokens; ``model``
+    is the base model it is attached to (hooked, not held: the layer is its child)."""
 
     adapter_attrs = ("prompt_encoder",)
 
@@ -158,6 +155,8 @@ class VirtualTokens(DeltaLayer):
             kwargs["return_dict"], self._tuples[-1] = True, True
         if spec.kind == "prompt":
             if role == "root" and not self.encoder_decoder:
+                if spec.classifies and hasattr(module, "score"):  # a decoder's classifier (an encoder's: classifier)
+                    _pads_first(kwargs)
                 self._pending[-1] = self._prepend(module, name, spec, kwargs, labels=True)
             elif role == "encoder":
                 self._prepend(module, name, spec, kwargs, labels=False)
@@ -384,3 +383,17 @@ __all__ = [
     "attach",
     "fold",
 ]
+
+
+def _pads_first(kwargs: dict) -> None:
+    """A decoder's classifier finds each row's last token in input_ids; given inputs_embeds (the virtual tokens) it
+    reads the last position, a pad of right-padded rows (as peft's does). Pads go first, positions from the mask."""
+    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    if ids is None or not isinstance(mask, torch.Tensor) or mask.shape != ids.shape or bool(mask[:, -1].all()):
+        return
+    if kwargs.get("position_ids") is None:  # as the unpadded rows count them
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    order = torch.argsort(mask.long(), dim=1, stable=True)  # pads first, the tokens in their order
+    for key in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
+        if isinstance(kwargs.get(key), torch.Tensor) and kwargs[key].shape == ids.shape:
+            kwargs[key] = kwargs[key].gather(1, order)

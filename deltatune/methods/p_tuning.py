@@ -127,7 +127,8 @@ def inject(model: nn.Module, config: PTuningConfig, adapter_name: str) -> list[n
         config.encoder_dropout,
         folded=config.inference_mode,
     )
-    return attach(model, adapter_name, encoder, TokenSpec("p_tuning", "prompt", config.num_virtual_tokens))
+    spec = TokenSpec("p_tuning", "prompt", config.num_virtual_tokens, classifies=config.task_type == "SEQ_CLS")
+    return attach(model, adapter_name, encoder, spec)
 
 
 CONFIG, INJECT = PTuningConfig, inject

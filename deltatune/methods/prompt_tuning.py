@@ -119,7 +119,7 @@ def inject(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> l
         with torch.no_grad():
             # float32 like PEFT, whatever the base dtype: the prompt is the only thing that trains.
             encoder.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
-    spec = TokenSpec("prompt_tuning", "prompt", config.num_virtual_tokens)
+    spec = TokenSpec("prompt_tuning", "prompt", config.num_virtual_tokens, classifies=config.task_type == "SEQ_CLS")
     return attach(model, adapter_name, encoder, spec)
 
 
