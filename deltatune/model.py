@@ -262,7 +262,7 @@ class DeltaModel(nn.Module):
         try:
             # Heads first: a module trained in full is no target (PEFT's order), so the first adapter sees the model
             # as every later one does, with the head already wrapped.
-            add_modules_to_save(self.base_model, adapter_name, config)
+            add_modules_to_save(self.base_model, adapter_name, config, heads=_tensors is None)  # a file names its own
             method.inject(self.base_model, config if _tensors is None else config.for_loading(), adapter_name)
             self.peft_config[adapter_name] = config
             # Unwrapped names: later adapters may wrap (or unwrap) the modules that hold these parameters.

@@ -144,7 +144,7 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
 
 # Heads that a task adds on top of the backbone; "all-linear" never adapts them.
 HEADS_BY_TASK: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score"),
+    "SEQ_CLS": ("classifier", "score", "classification_head"),  # the last: BART's, T5's (new, random: trained)
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
@@ -353,16 +353,17 @@ def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any) -> None:
-    """Wrap the modules ``config`` trains in full (its ``modules_to_save``, and the heads its task type adds) in a
-    ModulesToSave holding a copy for ``adapter_name``; the task's heads found are added to ``config.modules_to_save``.
+def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any, heads: bool = True) -> None:
+    """Wrap the modules ``config`` trains in full (its ``modules_to_save``, and with ``heads`` the heads its task type
+    adds) in a ModulesToSave holding a copy for ``adapter_name``; the task's heads found are added to
+    ``config.modules_to_save`` (an adapter loaded from a file trains and holds the ones its config names).
 
     Raises:
         ConfigError: a module the user named matches nothing.
     """
     wanted = list(config.modules_to_save or [])
-    heads = HEADS_BY_TASK.get(config.task_type or "", ())
-    auto = [h for h in heads if h not in wanted]
+    task_heads = HEADS_BY_TASK.get(config.task_type or "", ())
+    auto = [h for h in task_heads if h not in wanted] if heads else []
     plan: list[tuple[str, nn.Module]] = []
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
     for target in wanted + auto:
@@ -372,7 +373,7 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any) -> Non
         ]
         # PEFT writes every head name of the task (["classifier", "score"]) into the saved config; the ones
         # this model lacks are not an error.
-        if not hits and target in wanted and target not in heads:
+        if not hits and target in wanted and target not in task_heads:
             raise ConfigError(f"modules_to_save: {target!r} matches no module in the model")
         if hits and target in auto:
             config.modules_to_save = [*(config.modules_to_save or []), target]

@@ -138,6 +138,60 @@ def test_modules_to_save_match_by_plain_suffix_as_in_peft(tmp_path):
     assert trained[0] == trained[1] and "pre_classifier" in trained[0]
 
 
+def test_bart_classification_head_is_trained_and_saved(tmp_path):
+    """BART's (and T5's) sequence classifier is a new, random classification_head: it was neither trained nor saved
+    (all-linear even put LoRA on it), so the saved adapter gave other logits on every fresh load of the base. A peft
+    adapter of such a model (no head in its file) still loads as peft saved it."""
+    from tiny import tiny_config
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    AutoModel.from_config(tiny_config("bart", pad_token_id=1)).save_pretrained(tmp_path / "base")
+
+    def load(seed: int):  # the head drawn anew at every load, as from a base checkpoint
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3).eval()
+
+    inputs = tiny_inputs("bart", "seq_cls")
+    inputs["input_ids"][:, -1] = 2  # BART classifies at its end-of-sequence token
+    model = dt.get_delta_model(load(1), dt.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
+    assert model.peft_config["default"].modules_to_save == ["classification_head"]
+    model.save_pretrained(tmp_path / "ours")
+    for lib in (dt.DeltaModel, peft.PeftModel):
+        again = lib.from_pretrained(load(2), tmp_path / "ours").eval()
+        torch.testing.assert_close(output_of(again, inputs), output_of(model, inputs), atol=ATOL32, rtol=0)
+    theirs = peft.get_peft_model(load(3), peft.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = dt.DeltaModel.from_pretrained(load(3), tmp_path / "peft").eval()
+    torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=ATOL32, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_lora_on_a_scaled_embedding_scales_its_update(family, tmp_path):
+    """Gemma's embedding returns W[x] * sqrt(hidden) (and BART's with scale_embedding): the LoRA term was added
+    unscaled, W[x] s + dW[x] for (W + dW)[x] s, so peft's adapter computed otherwise here (logits 0.04-0.17 off) and
+    merging changed the logits. Now as peft, and as merged."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=48, vocab_size=128, head_dim=8, tie_word_embeddings=False)  # fmt: skip
+    sizes |= {"query_pre_attn_scalar": 8} if family != "gemma" else {}
+
+    def base():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **sizes)).eval()
+
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["embed_tokens", "q_proj"])
+    theirs = peft.get_peft_model(base(), config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(base(), tmp_path).eval()
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        assert (want - base()(input_ids=ids).logits).abs().max() > 0.1
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.merge_and_unload()(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
 def test_two_adapters_with_their_own_heads_cannot_compute_together():
     """Each adapter's copy of the classifier replaces the module, so two cannot add up: peft refuses them active
     together, and deltatune refuses a forward or a merge with both (it used the first one's head silently). Both

@@ -297,16 +297,11 @@ class LoraEmbedding(_LoraBase):
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        after_a = F.embedding(
-            x,
-            self.lora_embedding_A[name].T,
-            base.padding_idx,
-            base.max_norm,
-            base.norm_type,
-            base.scale_grad_by_freq,
-            base.sparse,
-        )  # (..., r)
-        return result + ((after_a @ self.lora_embedding_B[name].T) * self.scaling[name]).to(result.dtype)
+        after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type,
+                              base.scale_grad_by_freq, base.sparse)  # (..., r)  # fmt: skip
+        out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        scale = getattr(base, "embed_scale", 1.0)  # Gemma's, a scaled BART's: (W + dW)[x] * scale, as merged
+        return result + (out * scale).to(result.dtype)
 
 
 class LoraConv2d(_LoraBase):
