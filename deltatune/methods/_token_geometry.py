@@ -94,7 +94,7 @@ def fill_geometry(model: nn.Module, config: Any, prefix: bool) -> None:
     heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
     if layers is None or hidden is None or heads is None:
         raise ConfigError(f"cannot read the layer count, hidden size and heads of model type {mtype!r}")
-    token_dim = hidden
+    token_dim = hidden if prefix else embedding.weight.shape[1]  # ALBERT's, ELECTRA-small's: narrower than hidden
     if prefix:
         kv_heads = getattr(cfg, "num_key_value_heads", None)
         if kv_heads is not None:  # grouped-query attention: the prefix has the keys' width (PEFT #1901)

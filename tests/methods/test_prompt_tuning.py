@@ -289,3 +289,29 @@ def test_a_token_adapter_after_a_lora_on_the_embedding(tmp_path):
             torch.testing.assert_close(model(**inputs).logits, alone(**inputs).logits, atol=1e-6, rtol=0)
             model.set_adapter("lora")
             assert (model(**inputs).logits - alone(**inputs).logits).abs().max() > 1e-3
+
+
+def test_prompts_take_the_embedding_width_where_it_is_narrower_than_hidden(tmp_path):
+    """ALBERT and ELECTRA-small embed tokens narrower than their hidden size (prompts are prepended to the input
+    embeddings): the default token_dim (hidden) was refused, and so was the right one ("made for a different base
+    model"), peft's working adapters with it too. Now the embedding's width, and peft's file computes alike."""
+    import peft
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model("electra", embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=48, vocab_size=128, num_labels=3)  # fmt: skip
+
+    def base():
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_config(config).eval()
+
+    assert dt.get_delta_model(base(), dt.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)).peft_config[
+        "default"].token_dim == 16  # fmt: skip
+    theirs = peft.get_peft_model(
+        base(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3, token_dim=16)
+    )
+    theirs.eval().save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(base(), tmp_path).eval()
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-6, rtol=0)
