@@ -114,6 +114,8 @@ IA3_TARGETS: dict[str, list[str]] = {
     "gemma2": ["q_proj", "v_proj", "down_proj"],
     "qwen2": ["q_proj", "v_proj", "down_proj"],
     "qwen3": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj"],  # peft's w2 is in the fused experts (transformers 5): a 3-D parameter
     **dict.fromkeys(_VISION, ["k_proj", "v_proj", "fc2"]),
 }
 IA3_FEEDFORWARD: dict[str, list[str]] = {
@@ -139,6 +141,8 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
     "gemma2": ["down_proj"],
     "qwen2": ["down_proj"],
     "qwen3": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "mixtral": [],
     **dict.fromkeys(_VISION, ["fc2"]),
 }
 
@@ -291,16 +295,15 @@ BOTTLENECK_TARGETS: dict[str, dict[str, str]] = {
             "qwen2",
             "qwen3",
             "mistral",
-            "mixtral",
             "gemma",
             "gemma2",
             "olmo",
             "olmo2",
-            "starcoder2",
             "stablelm",
         ),
         _LLAMA_LIKE,
     ),
+    "starcoder2": {**_LLAMA_LIKE, "ffn": r".*\.layers\.\d+\.mlp\.c_proj"},  # (Mixtral's experts: 3-D, fused)
     **dict.fromkeys(("bart", "mbart", "opt"), _BART_LIKE),
     "gpt2": {"attn": r".*\.h\.\d+\.attn\.c_proj", "ffn": r".*\.h\.\d+\.mlp\.c_proj"},
     # ViT / DeiT (pre-LayerNorm): after the attention output and the MLP output, before each residual add

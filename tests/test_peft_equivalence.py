@@ -343,3 +343,35 @@ def test_dora_keeps_no_lora_output_for_the_backward():
         patch.setattr(_dora.DoraUpdate, "apply", _dora._update)
         plain = saved_numel(layer, x)
     assert ours == 32 * (24 + 2 + 16) and plain - ours == 32 * 24
+
+
+@pytest.mark.parametrize(("family", "extra"), [("gemma3_text", {"query_pre_attn_scalar": 8}),
+                                               ("mixtral", {"num_local_experts": 2, "num_experts_per_tok": 1}),
+                                               ("starcoder2", {})])  # fmt: skip
+def test_default_targets_of_families_peft_knows(family, extra, tmp_path):
+    """Gemma 3 and Mixtral had no IA3 default here (refused) where peft has one; Mixtral's and Starcoder2's
+    bottleneck entries named an MLP they do not have (Starcoder2's is c_fc/c_proj; Mixtral's experts are fused)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=48, vocab_size=128, head_dim=8, **extra)  # fmt: skip
+
+    def base():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **sizes)).eval()
+
+    if family == "starcoder2":
+        placed = dt.get_delta_model(base(), dt.BottleneckConfig())
+        assert {n.rsplit(".", 1)[-1] for n, m in placed.named_modules() if hasattr(m, "adapter_names")} == {
+            "c_proj", "o_proj"}  # fmt: skip
+        return
+    theirs = peft.get_peft_model(base(), peft.IA3Config(init_ia3_weights=False)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = dt.get_delta_model(base(), dt.IA3Config(init_ia3_weights=False))
+    adapted = {n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if hasattr(m, "adapter_names")}
+    assert adapted == {n.rsplit(".", 1)[-1] for n, m in theirs.named_modules() if type(m).__name__ == "Linear"
+                       and hasattr(m, "ia3_l")}  # fmt: skip
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        again = dt.DeltaModel.from_pretrained(base(), tmp_path).eval()
+        torch.testing.assert_close(again(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=ATOL32, rtol=0)
