@@ -375,3 +375,18 @@ def test_default_targets_of_families_peft_knows(family, extra, tmp_path):
     with torch.no_grad():
         again = dt.DeltaModel.from_pretrained(base(), tmp_path).eval()
         torch.testing.assert_close(again(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=ATOL32, rtol=0)
+
+
+def test_a_target_also_in_modules_to_save_is_trained_in_full_as_in_peft(tmp_path):
+    """peft skips a target that modules_to_save names (the copy trains in full); deltatune refused such a config, so
+    peft's adapter with target_modules [q_proj, lm_head] and modules_to_save [lm_head] did not load."""
+    config = dict(r=4, init_lora_weights=False, target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**config)).eval()
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    inputs = tiny_inputs("llama")
+    torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=ATOL32, rtol=0)
+    made = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**config))
+    assert not any("lm_head.lora" in n or "lora_A" in n and "lm_head" in n for n, _ in made.named_parameters())

@@ -374,6 +374,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         module = model.get_submodule(name)
         if isinstance(module, LORA_LAYERS):
             plan.append((name, module, False))
+        elif adapter_name in getattr(module, "modules_to_save", ()):  # trained in full: not a target (PEFT's rule)
+            continue
         elif isinstance(module, DeltaLayer):
             raise ConfigError(f"lora: {name} is already adapted by {type(module).__name__}; LoRA cannot wrap it")
         else:
