@@ -330,8 +330,8 @@ def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = list(tokenizer(prompt)["input_ids"])
-        if not ids:  # an empty string, with a tokenizer that adds no BOS
+        ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
+        if not ids:  # an empty string (also where the tokenizer would add a BOS: nothing to continue)
             raise RequestError("prompt is empty; give some text (or token ids) to continue", param="prompt")
         return ids
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

@@ -315,8 +315,9 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     if prepared.eval is not None:
         metrics.update(eval_metrics(trainer, delta, tok, prepared, cfg))
     before = next((h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0), None)
-    if before and prepared.metric and prepared.metric in before:
-        metrics[f"{prepared.metric}_before"] = before[prepared.metric]
+    headline = prepared.metric or "eval_loss"  # a language model's: its loss (sft, pt)
+    if before and headline in before:
+        metrics[f"{headline}_before"] = before[headline]
     samples = _samples(delta, tok, cfg) if trainer.is_world_process_zero() else None
     if trainer.is_world_process_zero():
         delta.save_pretrained(out)

@@ -67,3 +67,5 @@ def test_an_empty_prompt_is_a_400(bpe):
         _prompt_ids(bpe, "")
     assert exc.value.status == 400 and exc.value.param == "prompt"
     assert _prompt_ids(bpe, "hi") == bpe("hi")["input_ids"]
+    with pytest.raises(RequestError, match="prompt is empty"):  # a tokenizer adding special tokens gave 200
+        _prompt_ids(tokenizer(), "")

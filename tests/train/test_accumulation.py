@@ -510,3 +510,22 @@ def test_tagging_data_of_one_tag_is_refused(files, tmp_path):
               "data": {"train": str(data)}, "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
     with pytest.raises(DataError, match=r"^every tag in 'ner_tags' is 'O': one class, nothing to learn"):
         prepare(build(recipe), load_tokenizer(files["bert"]))
+
+
+def test_an_sft_run_evaluated_on_start_reports_its_loss_before(files, tmp_path, capsys):
+    """train.eval_on_start on sft or pt ran the step-0 evaluation, but metrics.json, the report and the printed
+    change had no loss before (stages with a headline metric did): the quick start's own setting."""
+    from deltatune.cli import main
+
+    recipe = {"stage": "sft", "model": {"name_or_path": files["llama"]}, "method": {"name": "lora", "r": 2},
+              "data": {"train": files["sft"], "eval": files["sft"], "max_length": 32},
+              "train": {"batch_size": 4, "max_steps": 2, "lr": 0.05, "eval_on_start": True, "report_to": ["none"]},
+              "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    assert main(["train", str(path)]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    history = [json.loads(line) for line in (tmp_path / "run" / "log_history.jsonl").read_text().splitlines()]
+    assert metrics["eval_loss_before"] == next(h["eval_loss"] for h in history if h.get("step") == 0)
+    assert metrics["eval_loss_before"] != metrics["eval_loss"]
+    assert f"eval_loss: {metrics['eval_loss_before']:.4f} before training -> " in capsys.readouterr().out
