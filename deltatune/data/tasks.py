@@ -8,6 +8,7 @@ first one's file and line.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,14 +192,15 @@ def encode_tag(
     """Token classification: words are split into sub-tokens; the first sub-token of each word carries the
     word's tag, the rest (and special tokens) are -100."""
     out, counter = [], [0]
+    split = _splits_words_as_text(tokenizer)
     for row in rows:
         words, tags = tag_row(row, tokens_column, tags_column)
-        enc = tokenizer([str(w) for w in words], is_split_into_words=True)
+        enc, word_ids = _words(tokenizer, [str(w) for w in words], split)
         keep = _fit(enc["input_ids"], max_length, row, truncation, counter)
         if keep < len(enc["input_ids"]):
-            enc = tokenizer([str(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length)
+            enc, word_ids = _words(tokenizer, [str(w) for w in words], split, truncation=True, max_length=max_length)
         token_labels, previous = [], None
-        for word in enc.word_ids():
+        for word in word_ids:
             if word is None or word == previous:
                 token_labels.append(IGNORE_INDEX)
             else:
@@ -211,6 +213,31 @@ def encode_tag(
             previous = word
         out.append({**{k: list(v) for k, v in enc.items()}, "labels": token_labels})
     return Encoded(out, counter[0])
+
+
+def _splits_words_as_text(tokenizer) -> bool:
+    """Whether words given one by one (``is_split_into_words``) become the tokens of the text they make. A byte-level
+    BPE (GPT-2's, Llama 3's, Qwen's, SmolLM's) drops each word's leading space there ("appro", "ach" for the
+    "Ġapproach" it learned), so its words are read from the text instead."""
+    words = ["in", "approaching", "weather"]
+    try:
+        return tokenizer(words, is_split_into_words=True)["input_ids"] == tokenizer(" ".join(words))["input_ids"]
+    except (TypeError, ValueError):
+        return True
+
+
+def _words(tokenizer, words: list[str], split: bool, **kw: Any) -> tuple[Any, list[int | None]]:
+    """The words' tokens and each token's word index (None for special tokens)."""
+    if split:
+        enc = tokenizer(words, is_split_into_words=True, **kw)
+        return enc, enc.word_ids()
+    enc = tokenizer(" ".join(words), return_offsets_mapping=True, **kw)
+    starts, at = [], 0
+    for w in words:
+        starts.append(at)
+        at += len(w) + 1
+    ids = [None if s == e else bisect.bisect_right(starts, e - 1) - 1 for s, e in enc.pop("offset_mapping")]
+    return enc, ids
 
 
 def encode_pt(rows: Sequence[Row], tokenizer, text_column: str, block_size: int) -> Encoded:
