@@ -21,6 +21,8 @@ def _train_help() -> str:
         "recipe keys (set in the YAML or override as section.key=value):",
         f"  stage: one of {', '.join(STAGES)}",
         "  method.name: lora | ... (deltatune info lists them); other method.* keys are that method's fields",
+        "  method.towers (default [language]): the towers of a vision-language model the method adapts (language, "
+        "vision; docs/vision.md)",
     ]
     for section, rows in field_help().items():
         for key, default, text in rows:

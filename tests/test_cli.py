@@ -96,6 +96,7 @@ def _train_help_lists_recipe_keys(out: str) -> None:
     for key in [
         "stage: one of pt, sft, cls",
         "method.name",
+        "method.towers (default [language])",  # popped before the method's config: it was not listed
         "model.name_or_path",
         "data.max_length (default 512)",
         "train.lr (default 0.0002)",
