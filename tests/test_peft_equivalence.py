@@ -13,6 +13,7 @@ from tiny import output_of, tiny_inputs, tiny_model
 from tolerances import ATOL
 
 import deltatune as dt
+from deltatune.config import ConfigError
 
 peft = pytest.importorskip("peft")
 
@@ -390,3 +391,22 @@ def test_a_target_also_in_modules_to_save_is_trained_in_full_as_in_peft(tmp_path
     torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=ATOL32, rtol=0)
     made = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**config))
     assert not any("lm_head.lora" in n or "lora_A" in n and "lm_head" in n for n, _ in made.named_parameters())
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "mica"])
+def test_an_adapter_peft_drew_with_an_init_that_leaves_the_base_loads(init, tmp_path):
+    """peft's orthogonal and MiCA inits leave the base as it is, so the file is a plain LoRA (peft reloads it onto
+    the plain base exactly); deltatune refused to read its config. Drawing a new adapter so stays refused."""
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                 init_lora_weights=init)).eval()  # fmt: skip
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True).eval()
+    inputs = tiny_inputs("llama")
+    torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=ATOL32, rtol=0)
+    assert ours.peft_config["default"].init_lora_weights == init  # saved again as peft wrote it
+    with pytest.raises(ConfigError, match=rf"^init_lora_weights='{init}' is peft's; deltatune draws True, False"):
+        dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(init_lora_weights=init))

@@ -29,6 +29,8 @@ from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from ._dora import dora, row_norm
 from ._lora_gather import gathered
 
+LOADS_ONLY = ("orthogonal", "mica")  # peft's inits that leave the base as it is: their files are plain LoRA
+
 
 @dataclass
 class LoraConfig(DeltaConfig):
@@ -72,13 +74,14 @@ class LoraConfig(DeltaConfig):
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            init = self.init_lora_weights
-            moves_base = isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda", "loftq")
+        if (init := self.init_lora_weights) not in (True, False, "gaussian", *LOADS_ONLY):
             why = (": that init of peft's changes the base weights too, so its adapter works only on the base peft "
                    "changed; peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes it as a "
-                   "plain LoRA of the original base") if moves_base else ""  # fmt: skip
+                   "plain LoRA of the original base") if str(init).split("_")[0] in ("pissa", "olora", "corda", "loftq") else ""  # fmt: skip
             raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}{why}")
+
+    def for_loading(self) -> LoraConfig:  # the file holds the weights: how peft drew them does not matter
+        return self.replace(init_lora_weights=True) if self.init_lora_weights in LOADS_ONLY else self
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
             check_positive_int(f"rank_pattern[{key!r}]", value)
@@ -363,11 +366,12 @@ def _wrap(module: nn.Module, name: str) -> _LoraBase:
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.Module]:
-    """Wrap every target module in a LoRA layer (or add to an existing one) and add adapter ``adapter_name``.
-
-    Targets are checked before the model is touched; a ConfigError from a layer's ``add`` (DoRA on an embedding)
-    comes after earlier layers were wrapped, and ``DeltaModel.add_adapter`` undoes them.
-    """
+    """Wrap every target module in a LoRA layer (or add to an existing one) and add adapter ``adapter_name``. Targets
+    are checked before the model is touched; a ConfigError from a layer's ``add`` (DoRA on an embedding) comes after
+    earlier layers were wrapped, and ``DeltaModel.add_adapter`` undoes them."""
+    if config.init_lora_weights in LOADS_ONLY:
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is peft's; deltatune draws True, False or "
+                          "'gaussian' (an adapter peft saved with it loads)")  # fmt: skip
     names = resolve_targets(model, config, LORA_TARGETS, "lora")
     plan: list[tuple[str, _LoraBase, bool]] = []
     for name in names:
