@@ -148,12 +148,20 @@ class DeltaConfig:
         return cls.from_dict(data, source=file)
 
 
+def named_adapters_hint(folder: str) -> str:
+    """Where a folder with no adapter of its own keeps the named ones (peft saves any but "default" in a sub-folder
+    of its name), as the end of a message; "" when none."""
+    inside = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME))) if (
+        os.path.isdir(folder)) else []  # fmt: skip
+    return f"; its sub-folders hold adapters: {', '.join(inside)} (load one by name)" if inside else ""
+
+
 def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     """The path and parsed contents of ``adapter_config.json`` in a folder (or of the file itself)."""
     path = os.fspath(path)
     file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}")
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}{named_adapters_hint(path)}")
     try:
         with open(file, encoding="utf-8") as fh:
             data = json.load(fh)

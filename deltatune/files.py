@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig, named_adapters_hint
 
 KEY_PREFIX = "base_model.model."
 """PEFT's prefix of an adapter's tensor keys: ``base_model.model.<module path>.lora_A.weight``. A config may set
@@ -194,7 +194,7 @@ def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | No
     if os.path.isdir(os.fspath(model_id)):
         path = os.path.join(folder, filename)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {filename} in {folder!r}")
+            raise FileNotFoundError(f"no {filename} in {folder!r}{named_adapters_hint(folder)}")
         return path
     try:
         from huggingface_hub import hf_hub_download

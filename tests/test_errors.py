@@ -264,3 +264,15 @@ def test_truncated_config_json(model, saved):
     with pytest.raises(dt.ConfigError, match=r"adapter_config\.json is not valid JSON"):
         model.load_adapter(saved, "other")
     assert_same(before, state(model))
+
+
+def test_a_folder_holding_only_named_adapters_says_so(tmp_path):
+    """peft saves an adapter not named "default" in a sub-folder of its name: loading the folder said only "no
+    adapter_config.json", not where the adapter is."""
+    from tiny import tiny_model
+
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2), adapter_name="mine")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"sub-folders hold adapters: mine \(load one by name\)$"):
+        dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "mine").peft_config

@@ -79,15 +79,15 @@ class LoraConfig(DeltaConfig):
                    "changed; peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes it as a "
                    "plain LoRA of the original base") if str(init).split("_")[0] in ("pissa", "olora", "corda", "loftq") else ""  # fmt: skip
             raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}{why}")
-
-    def for_loading(self) -> LoraConfig:  # the file holds the weights: how peft drew them does not matter
-        return self.replace(init_lora_weights=True) if self.init_lora_weights in LOADS_ONLY else self
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
             check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             check_regex("alpha_pattern key", key)
             check_range(f"alpha_pattern[{key!r}]", value, 0, None, low_open=True)
+
+    def for_loading(self) -> LoraConfig:  # the file holds the weights: how peft drew them does not matter
+        return self.replace(init_lora_weights=True) if self.init_lora_weights in LOADS_ONLY else self
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Base parameters trained and saved with the adapter: the biases, when ``bias`` asks for them."""
