@@ -518,7 +518,7 @@ class DeltaModel(nn.Module):
         Args:
             model_id: a local folder, or a hub repo id when the hub is reachable.
             adapter_name: the name to give it in this model.
-            is_trainable: False (the default, as in PEFT) freezes it for inference.
+            is_trainable: False (the default, as in PEFT) freezes it for inference and puts the model in eval mode.
             allow_pickle: read a pickle ``adapter_model.bin`` when there is no safetensors file. Pickle can run
                 arbitrary code: only for files you trust.
             subfolder: a folder inside ``model_id`` holding the adapter.
@@ -544,6 +544,8 @@ class DeltaModel(nn.Module):
             self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
         except AdapterLoadError as exc:
             raise explain_missing_fields(exc, config_file, config) from None
+        if not is_trainable:  # inference: no dropout (PEFT's load_adapter does so too)
+            self.eval()
 
     def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
         """Copy saved weights into the existing adapter ``adapter_name`` (e.g. when resuming from a checkpoint).
@@ -557,14 +559,8 @@ class DeltaModel(nn.Module):
             self._import(adapter_name, tensors, source)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | os.PathLike[str],
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        **kwargs: Any,
-    ) -> DeltaModel:
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
+                        is_trainable: bool = False, **kwargs: Any) -> DeltaModel:  # fmt: skip
         """Wrap ``model`` and load the adapter saved at ``model_id`` (see ``load_adapter``)."""
         wrapped = cls(model)
         wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)

@@ -276,3 +276,21 @@ def test_a_folder_holding_only_named_adapters_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"sub-folders hold adapters: mine \(load one by name\)$"):
         dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
     assert dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "mine").peft_config
+
+
+def test_an_adapter_loaded_for_inference_computes_without_dropout(tmp_path):
+    """DeltaModel(base) is a new module, in training mode: from_pretrained (is_trainable False) left the adapter's
+    dropout on, so two forwards on one input differed (0.31 with a bottleneck's adapter_dropout 0.3). peft's
+    load_adapter puts the model in eval mode; so does deltatune's now, and a trainable load leaves the mode alone."""
+    from tiny import tiny_inputs, tiny_model
+
+    made = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False))
+    made.save_pretrained(tmp_path)
+    inputs = tiny_inputs("llama")
+    loaded = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, loaded(**inputs).logits, atol=0, rtol=0)
+    assert (
+        not loaded.training
+        and dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True).training
+    )
