@@ -103,6 +103,8 @@ def _out_features(module: nn.Module) -> int:
     shape = linear_shape(module)
     if shape is not None:
         return shape[1]
+    if isinstance(module, nn.Embedding):  # its weight is (vocab, dim): the vocabulary is no output size
+        return module.embedding_dim
     if hasattr(module, "weight") and module.weight.dim() == 2:
         return int(module.weight.shape[0])
     raise ConfigError(f"bottleneck: cannot tell the output size of a {type(module).__name__}")

@@ -199,3 +199,15 @@ def test_two_adapters_switch_and_add():
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
 def test_learns_sst2(placement):
     check_learns(dt.BottleneckConfig(config=placement, task_type="SEQ_CLS"), lr=5e-3)
+
+
+def test_an_adapter_on_a_token_embedding_takes_its_width():
+    """nn.Embedding's weight is (vocab, dim): the adapter took the vocabulary as its width, was built, and the first
+    forward failed inside torch (mat1 and mat2 shapes cannot be multiplied)."""
+    from tiny import tiny_inputs, tiny_model
+
+    model = dt.get_delta_model(tiny_model("llama"), dt.BottleneckConfig(target_modules=["embed_tokens"]))
+    layer = model.base_model.model.embed_tokens
+    assert layer.adapter_down["default"].in_features == layer.base_layer.embedding_dim
+    with torch.no_grad():
+        assert model(**tiny_inputs("llama")).logits.shape[-1] == model.config.vocab_size
