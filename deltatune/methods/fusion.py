@@ -184,8 +184,9 @@ def add_fusion(model: Any, adapter_names: list[str], name: str = "fusion", **con
 
 
 def fusion_weights(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
-    """A fusion's attention over its adapters in the last forward pass (``model.fusion_weights(name)`` on a
-    DeltaModel): {sub-layer path: weights (N,)}.
+    """A fusion's attention over its adapters in the last forward pass that ran through it (a pass with another
+    adapter active or adapters disabled leaves them as they were; ``model.fusion_weights(name)`` on a DeltaModel):
+    {sub-layer path: weights (N,)}.
 
     Each tensor is the softmax over the N fused adapters averaged over all token positions; it sums to 1.
 
