@@ -79,8 +79,8 @@ def test_dpo_trainer_starts_at_log_2_and_saves_only_the_adapter(tmp_path):
         processing_class=tokenizer(),
     )  # fmt: skip
     trainer.train()
-    # the reference is the base (built by TRL from the base's path) and the zero-initialised LoRA equals it at step 1:
-    # every margin is 0 and the sigmoid loss is -log(sigmoid(0)) = log 2
+    # the reference is the model as given (a frozen copy, as peft's is its starting adapter): every margin is 0 at
+    # step 1 and the sigmoid loss is -log(sigmoid(0)) = log 2
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert any(not torch.equal(before[k], v) for k, v in adapter_state(model).items())
     files = set(os.listdir(os.path.join(out, "checkpoint-3")))
@@ -95,3 +95,47 @@ def test_plain_trl_trainer_is_refused_in_one_line(tmp_path):
                        processing_class=tokenizer())  # fmt: skip
     assert "\n" not in str(info.value)
     assert "forward" not in vars(model)  # nothing was patched
+
+
+def test_dpo_after_sft_takes_the_model_as_given_for_its_reference(tmp_path):
+    """TRL loads a non-peft model's reference from the base's path: after an SFT adapter (the usual SFT -> DPO), the
+    first loss was 0.705, not log 2 (and 0.693 with precompute_ref_log_probs, which TRL calls a memory switch), a
+    merge or a 4-bit base was lost. The reference is now a frozen copy of the DeltaModel as given, as peft's is."""
+    path = save_tiny(tmp_path / "base")
+    pair = {"prompt": "what is your name", "chosen": " my name is delta", "rejected": " i will not say"}
+    for precompute in (False, True):
+        model = delta_model(path)
+        with torch.no_grad():  # an adapter trained before (SFT)
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        trainer = dt.trl_trainer(trl.DPOTrainer)(
+            model=model, args=args_for(trl.DPOConfig, str(tmp_path / f"out{precompute}"),
+                                       precompute_ref_log_probs=precompute),
+            train_dataset=Dataset.from_list([pair] * 2), processing_class=tokenizer())  # fmt: skip
+        trainer.train()
+        assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_reward_trainer_evaluates_and_a_lora_on_lm_head_is_refused(tmp_path):
+    """The mixin gave TRL's RewardTrainer the base's label names over its own (none), so evaluate() computed no loss
+    and returned no metric. A LoRA on lm_head trained silently ignored under TRL's fused head (TRL refuses peft's)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = save_tiny(tmp_path / "base")
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    base.config.pad_token_id = 0
+    model = dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    pairs = Dataset.from_list([{"chosen": "my name is delta", "rejected": "i will not say"}] * 4)
+    trainer = dt.trl_trainer(trl.RewardTrainer)(model=model, args=args_for(trl.RewardConfig, str(tmp_path / "rm")),
+                                                train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer())  # fmt: skip
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and 0 <= metrics["eval_accuracy"] <= 1
+    headed = dt.get_delta_model(
+        AutoModelForCausalLM.from_pretrained(path), dt.LoraConfig(target_modules=["q_proj", "lm_head"])
+    )
+    with pytest.raises(ValueError, match=r"^an adapter on lm_head \(LoraLinear\) is not supported under TRL"):
+        dt.trl_trainer(trl.SFTTrainer)(model=headed, args=args_for(trl.SFTConfig, str(tmp_path / "sft")),
+                                       train_dataset=Dataset.from_list([{"messages": CHAT}] * 2),
+                                       processing_class=tokenizer())  # fmt: skip

@@ -69,7 +69,12 @@ class DeltaTrainerMixin:
             # and a base without them (a custom module) crashed on the item count the Trainer then passed it.
             params = inspect.signature(base().forward).parameters.values()
             self.model_accepts_loss_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        if base is not None and self.args.label_names is None:
+        # The base model's labels, unless the trainer chose its own (TRL's RewardTrainer: none, and a loss to return)
+        if (
+            base is not None
+            and self.args.label_names is None
+            and not (self.can_return_loss and self.label_names == [])
+        ):
             from transformers.utils import can_return_loss, find_labels
 
             self.label_names = find_labels(type(base()))
@@ -369,22 +374,39 @@ def trl_trainer(cls: type) -> type:
 
         trainer = dt.trl_trainer(SFTTrainer)(model=delta_model, args=SFTConfig("out"), train_dataset=ds)
 
-    TRL recognises only peft's class as an adapter model, so ``DPOTrainer`` without a ``ref_model`` builds the
-    reference from the base model's path (not the adapter-off model deltatune's own ``stage: dpo`` uses).
+    TRL recognises only peft's class as an adapter model: without a ``ref_model``, ``DPOTrainer``, ``KTOTrainer`` and
+    ``GRPOTrainer`` would load the reference from the base model's path (an adapter trained before, a merge, a
+    quantised base or added tokens all lost). The reference is a frozen copy of the DeltaModel as given, as peft's is
+    its starting adapter (a second copy of the model in memory: pass ``ref_model``, or ``precompute_ref_log_probs``).
+    A LoRA on ``lm_head`` is refused, as TRL refuses peft's: its fused head reads ``lm_head.weight`` directly.
     """
+    import copy
     import sys
+
+    from ..layer import DeltaLayer, ModulesToSave
+    from ..model import DeltaModel
 
     module = sys.modules[cls.__module__]
 
     def __init__(self, *args, **kwargs) -> None:
-        fused = getattr(module, "add_fused_lm_head", None)
-        if fused is not None:  # TRL patches the model it is given; give it the base model behind a DeltaModel
+        policy = kwargs.get("model", args[0] if args else None)
+        head = policy.get_output_embeddings() if isinstance(policy, DeltaModel) else None
+        if isinstance(head, DeltaLayer) and not isinstance(head, ModulesToSave):
+            raise ValueError(f"an adapter on lm_head ({type(head).__name__}) is not supported under TRL: its fused "
+                             "head reads lm_head.weight directly, so the adapter would never train; leave lm_head out "
+                             "of target_modules")  # fmt: skip
+        patched = {}
+        if getattr(module, "add_fused_lm_head", None) is not None:  # TRL patches the model it is given: the base
+            fused = patched["add_fused_lm_head"] = module.add_fused_lm_head
             module.add_fused_lm_head = lambda model, *a, **kw: fused(_unwrap(model), *a, **kw)
+        if isinstance(policy, DeltaModel) and getattr(module, "create_model_from_path", None) is not None:
+            patched["create_model_from_path"] = module.create_model_from_path  # (the policy is given: the reference)
+            module.create_model_from_path = lambda *a, **kw: copy.deepcopy(policy).eval().requires_grad_(False)
         try:
             super(trainer, self).__init__(*args, **kwargs)
         finally:
-            if fused is not None:
-                module.add_fused_lm_head = fused
+            for name, value in patched.items():
+                setattr(module, name, value)
 
     trainer = type(f"Delta{cls.__name__}", (DeltaTrainerMixin, cls), {"__init__": __init__, "__doc__": cls.__doc__})
     return trainer
