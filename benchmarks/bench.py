@@ -594,9 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     for flag, path in (("--out", args.out), ("--json", args.json)):  # before the measurement, not after it
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
-            p.error(f"{flag} {path!r}: {folder!r} is not a folder this process can write to")
+        common.check_out(p, flag, path)
     return run(
         args.configs,
         args.methods,

@@ -24,6 +24,7 @@ A script may set other fields per method (``method_config``'s ``fields``) and ma
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -259,6 +260,16 @@ def in_process_options(
     args.rounds = args.rounds or (2 if args.quick else rounds)
     args.command = " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
     return args
+
+
+def check_out(parser, flag: str, path: str | None) -> None:
+    """``parser.error`` before any measurement when ``path`` cannot be written: a folder, or in no writable folder
+    (found after an hour's run, the report and the files written after it were lost)."""
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if path and os.path.isdir(path):
+        parser.error(f"{flag} {path!r} is a folder; give a file name")
+    if folder and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+        parser.error(f"{flag} {path!r}: {folder!r} is not a folder this process can write to")
 
 
 def emit(text: str, out: str | None) -> None:

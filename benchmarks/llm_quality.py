@@ -383,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the markdown report here")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "SIDE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    common.check_out(p, "--out", a.out)
+    unknown = [s for s in a.sides.split(",") if s and s not in ("deltatune", "peft")]
+    if unknown:
+        p.error(f"--sides: unknown side {unknown[0]!r}; sides: deltatune, peft")
     if a.quick:
         a.steps, a.batch, a.eval_rows, a.max_new_tokens, a.general_blocks = 2, 2, 2, 8, 1
     if a.worker:

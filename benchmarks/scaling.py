@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the report here (PNGs next to it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    common.check_out(p, "--out", a.out)
     if a.worker:
         if a.threads:
             torch.set_num_threads(a.threads)

@@ -98,6 +98,23 @@ def test_an_out_file_in_no_folder_is_refused_before_measuring(capsys):
     assert exit_.value.code == 2 and "--out '/nonexistent/bench.md'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("script", "argv", "said"), [
+    ("bench", ["--configs", "minilm", "--methods", "lora", "--out", "{tmp}"], "--out '{tmp}' is a folder"),
+    ("llm_quality", ["--quick", "--out", "/nonexistent/q.md"], "--out '/nonexistent/q.md': '/nonexistent' is not a"),
+    ("llm_quality", ["--quick", "--sides", "PEFT"], "--sides: unknown side 'PEFT'; sides: deltatune, peft"),
+    ("scaling", ["--quick", "--out", "/nonexistent/s.md"], "--out '/nonexistent/s.md': '/nonexistent' is not a"),
+])  # fmt: skip
+def test_an_output_that_cannot_be_written_is_refused_before_measuring(capsys, tmp_path, script, argv, said):
+    """bench.py took a folder as --out, and llm_quality.py and scaling.py checked --out not at all: each failed after
+    the whole measurement (an hour and more), losing the report, --json and the answers paired_bleu.py reads;
+    llm_quality.py ran its base row before every worker failed on a misspelt side."""
+    sys.path.insert(0, BENCHMARKS)
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_:
+        module.main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_.value.code == 2 and said.format(tmp=tmp_path) in capsys.readouterr().err
+
+
 def test_unknown_method_is_an_error(capsys):
     assert main(["--methods", "lora,nope"]) == 2
     err = capsys.readouterr().err
