@@ -333,7 +333,8 @@ def test_the_live_log_restarts_with_a_run_and_keeps_the_steps_a_resumed_run_keep
         state.global_step = step
         log.on_log(args, state, None, logs={"loss": float(step)})
     assert history(str(tmp_path)) == [{"loss": float(s), "step": s} for s in (1, 2, 3, 4)]
-    state.global_step = 2  # resumed from checkpoint-2: the log of steps 3 and 4 is redone
+    state.global_step = 2  # resumed from checkpoint-2: its history; the log of steps 3 and 4 is redone
+    state.log_history = [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}]
     log.on_train_begin(args, state, None)
     state.global_step = 3
     log.on_log(args, state, None, logs={"loss": 0.5})

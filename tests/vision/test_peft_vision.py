@@ -62,17 +62,9 @@ def test_deltatune_file_loads_in_peft(kind, fields, tmp_path):
 
 
 # PEFT's "all-linear" on a model without output embeddings writes the head ("classifier") into target_modules
-# although modules_to_save wins and PEFT never wraps it with LoRA; deltatune refuses that file (a LoRA target that
-# is a modules_to_save copy). Left to the LoRA method's owner; strict, so the fix shows.
-_PEFT_TO_OURS = [
-    pytest.param(*c.values, marks=pytest.mark.xfail(strict=True, reason="PEFT lists the head as a LoRA target"))
-    if c.values[0] == "lora-all-linear"
-    else c
-    for c in CASES
-]
-
-
-@pytest.mark.parametrize("kind, fields", _PEFT_TO_OURS)
+# although modules_to_save wins and PEFT never wraps it with LoRA; deltatune refused that file (a LoRA target that
+# is a modules_to_save copy) until LoRA skipped such a target as PEFT does.
+@pytest.mark.parametrize("kind, fields", CASES)
 def test_peft_file_loads_in_deltatune(kind, fields, tmp_path):
     _, theirs_cfg = _configs(kind, fields)
     inputs = tiny_inputs("vit")
