@@ -50,6 +50,8 @@ class DeltaConfig:
     state_key_prefix: ClassVar[str | None] = None
     """The prefix of this adapter's tensor keys in adapter_model.safetensors; None: PEFT's usual one
     (deltatune.files.KEY_PREFIX). PEFT's prompt-learning methods use a shorter one for their extra modules."""
+    recipe_refusal: ClassVar[str | None] = None
+    """Why a recipe cannot train this method (AdapterFusion's adapters come from a model); None: it can."""
 
     task_type: str | None = None
     """One of CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION, or None."""

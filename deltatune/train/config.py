@@ -232,14 +232,12 @@ class RunConfig:
             raise ConfigError(f"method.towers must be a list of tower names (e.g. [language, vision]), got {towers!r}")
         if not name:
             raise ConfigError("method.name is missing (e.g. method: {name: lora})")
-        if name == "fusion":  # its stage-1 adapters come from a model that holds them, which no recipe key loads
-            raise ConfigError("method.name=fusion combines bottleneck adapters already trained, which a recipe cannot "
-                              "load: train each with method bottleneck, then fuse them in Python (model.add_fusion, "
-                              "docs/methods.md)")  # fmt: skip
         try:
             cls = registry.get(name).config_class
         except KeyError as exc:
             raise ConfigError(str(exc.args[0])) from None
+        if cls.recipe_refusal:  # (AdapterFusion: its adapters come from a model that holds them)
+            raise ConfigError(f"method.name={name}: {cls.recipe_refusal}")
         known = [f.name for f in dataclasses.fields(cls)]
         for key in section:
             if key not in known:

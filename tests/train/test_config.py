@@ -383,6 +383,6 @@ def test_overrides_into_a_shorthand_or_empty_section():
 def test_a_fusion_recipe_is_refused_saying_where_fusion_is_made():
     """No recipe key loads the bottleneck adapters a fusion combines: the run failed after loading the model with
     "no bottleneck adapter named 'sst2' in the model", a dead end."""
-    with pytest.raises(ConfigError, match=r"^method.name=fusion combines bottleneck adapters already trained, .*"
+    with pytest.raises(ConfigError, match=r"^method.name=fusion: it combines bottleneck adapters already trained, .*"
                                           r"model.add_fusion"):  # fmt: skip
         load_recipe(QUICKSTART, ["method={name: fusion, adapter_names: [a, b]}"])
