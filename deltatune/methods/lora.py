@@ -76,8 +76,8 @@ class LoraConfig(DeltaConfig):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if (init := self.init_lora_weights) not in (True, False, "gaussian", *LOADS_ONLY):
             why = (": that init of peft's changes the base weights too, so its adapter works only on the base peft "
-                   "changed; peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes it as a "
-                   "plain LoRA of the original base") if str(init).split("_")[0] in ("pissa", "olora", "corda", "loftq") else ""  # fmt: skip
+                   "changed; peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes a plain LoRA"
+                   ) if str(init).split("_")[0] in ("pissa", "olora", "corda", "loftq") else ""  # fmt: skip
             raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}{why}")
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
