@@ -29,12 +29,14 @@ refuse such rows (``refuse_multimodal``), stage caption trains on them (``sample
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from ..config import ConfigError
 from .load import DataError, Row
 from .sample import AS_WRITTEN, Message, Sample
+from .templates import REASONING
 
 FORMATS: dict[str, str] = {
     "alpaca": "instruction, input, output (+ system, history)",
@@ -217,8 +219,12 @@ def _content(value: Any, where: str, sample_media: dict[str, list[str]]) -> str:
                 texts.append(str(part.get("text", "")))
             elif isinstance(part, dict) and part.get("type") in ("image", "image_url", "video"):
                 kind = "videos" if part["type"] == "video" else "images"
-                ref = part.get("image_url", part.get("image", part.get("url", part.get("path", ""))))
-                sample_media[kind].append(ref.get("url", "") if isinstance(ref, dict) else str(ref))
+                # The first field given (the datasets library writes the others as null); none at all is a
+                # placeholder ({"type": "image"}, TRL's and LLaVA's) for an image of the row's images column.
+                keys = ("image_url", "image", "video", "url", "path")
+                ref = next((part[k] for k in keys if part.get(k) not in (None, "")), None)
+                if ref is not None:
+                    sample_media[kind].append(ref.get("url", "") if isinstance(ref, dict) else str(ref))
                 texts.append("<video>" if kind == "videos" else "<image>")
             else:
                 raise DataError(f"{where}: content part {part!r} is neither text nor an image")
@@ -255,10 +261,18 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
 
 
 def _message_list(
-    value: Any, source: str, column: str, role_key: str, content_key: str, roles: dict[str, str], media
+    value: Any,
+    source: str,
+    column: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str],
+    media,
+    conversation: bool = True,
 ) -> list[Message]:
     """A list of message objects -> Messages; ``roles`` maps the row's role names to ours ('function' for a
-    sharegpt function_call, whose value is the call)."""
+    sharegpt function_call, whose value is the call). An empty assistant turn is refused here, where the file's
+    field is known, unless the list is one response of a pair (``conversation`` False: data.bad_pairs decides)."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -283,6 +297,13 @@ def _message_list(
         msg: Message = {"role": ours, "content": _content(raw, f"{where}.{content_key}", media)}
         if ours == "assistant" and m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if ours == "assistant" and conversation and not msg["content"].strip() and "tool_calls" not in msg:
+            raise DataError(f"{where}.{content_key}: the assistant turn is empty")
+        for key in REASONING if ours == "assistant" else ():  # a reasoning trace, for the templates that read it
+            if m.get(key) is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
+                if not isinstance(m[key], str):
+                    raise DataError(f"{where}.{key}: a reasoning trace must be text, got {type(m[key]).__name__}")
+                msg[key] = m[key]
         if ours == "tool":
             for key in ("name", "tool_call_id"):
                 if m.get(key):
@@ -294,14 +315,14 @@ def _message_list(
 def _media(row: Row, c: dict[str, str]) -> dict[str, list[str]]:
     media: dict[str, list[str]] = {"images": [], "videos": []}
     for kind in media:
-        value = row.data.get(_col(c, kind))
+        value = row.get(_col(c, kind), required=False)
         if value:
             media[kind] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
     return media
 
 
 def _tools(row: Row, c: dict[str, str]) -> list[dict] | None:
-    value = row.data.get(_col(c, "tools"))
+    value = row.get(_col(c, "tools"), required=False)
     if value is None or value == "" or value == []:
         return None
     if isinstance(value, str):
@@ -318,7 +339,11 @@ def _tools(row: Row, c: dict[str, str]) -> list[dict] | None:
             raise DataError(
                 f"{row.source}: {_col(c, 'tools')}[{i}] must be a tool schema (a JSON object), got {type(v).__name__}"
             )
-    return [v if "function" in v else {"type": "function", "function": v} for v in value]
+    schemas = [v if "function" in v else {"type": "function", "function": v} for v in value]
+    for i, v in enumerate(schemas):
+        if not isinstance(v["function"], dict) or not isinstance(v["function"].get("name"), str):
+            raise DataError(f"{row.source}: {_col(c, 'tools')}[{i}]: a tool schema needs a function name")
+    return schemas
 
 
 def _text(row: Row, column: str) -> str:
@@ -339,11 +364,11 @@ def _turn(value: Any, row: Row, column: str, role: str, media) -> tuple[list[Mes
             f"{row.source}: column {column!r} must be text or a list of messages, got {type(value).__name__}"
         )
     roles = {r: r for r in _MESSAGE_ROLES}
-    return _message_list(value, row.source, column, "role", "content", roles, media), True
+    return _message_list(value, row.source, column, "role", "content", roles, media, role != "assistant"), True
 
 
 def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
-    system = row.data.get(_col(c, "system"))
+    system = row.get(_col(c, "system"), required=False)
     return [{"role": "system", "content": str(system)}] if system else []
 
 
@@ -475,6 +500,10 @@ def _preference(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     prompt, conv = _turn(row.get(_col(c, "prompt")), row, _col(c, "prompt"), "user", media)
     chosen, conv_c = _turn(row.get(_col(c, "chosen")), row, _col(c, "chosen"), "assistant", media)
     rejected, conv_r = _turn(row.get(_col(c, "rejected")), row, _col(c, "rejected"), "assistant", media)
+    if not conv and conv_c and conv_r and chosen[0]["role"] != "assistant" and chosen[:1] == rejected[:1]:
+        # A text prompt beside conversations that hold it (ultrafeedback_binarized): the prompt is the one they
+        # share, as TRL's maybe_extract_prompt takes it (else the user turn would be rendered twice).
+        return _preference_implicit(row, c, _t)
     s = Sample(row.source, "preference", prompt, chosen=chosen, rejected=rejected,
                conversational=conv or conv_c or conv_r, tools=_tools(row, c), **media)  # fmt: skip
     return _pair_check(s, c)
@@ -535,7 +564,7 @@ def _sharegpt_preference(row: Row, c: dict[str, str], t: dict[str, str]) -> Samp
     media = {"images": s.images, "videos": s.videos}
     for key in ("chosen", "rejected"):
         col = _col(c, key)
-        msgs = _message_list(row.get(col), row.source, col, t["role_tag"], t["content_tag"], roles, media)
+        msgs = _message_list(row.get(col), row.source, col, t["role_tag"], t["content_tag"], roles, media, False)
         setattr(s, key, msgs)
     s.format = "sharegpt_preference"
     return _pair_check(s, c)
@@ -585,8 +614,8 @@ def _check(s: Sample, stage: str | None) -> None:
             raise DataError(f"{s.source}: the conversation has no assistant message to learn from")
         if stage == "sft" and conversation[-1]["role"] != "assistant":
             raise DataError(
-                f"{s.source}: messages[{len(conversation) - 1}].role: the conversation ends with a "
-                f"{conversation[-1]['role']} turn; SFT needs it to end with an assistant turn"
+                f"{s.source}: the conversation's last message is a {conversation[-1]['role']} turn; SFT needs it to "
+                "end with an assistant turn"
             )
     for part, msgs in (("chosen", s.chosen), ("rejected", s.rejected), ("completion", s.completion)):
         if msgs is not None and (not msgs or msgs[-1]["role"] != "assistant"):

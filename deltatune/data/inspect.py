@@ -56,7 +56,7 @@ def inspect(
     Raises:
         DataError: the file or a row is bad (file:line and field named), or the stage does not read the format.
     """
-    from .encode import choose_template, lm_example, rendered, scored_example, sft_example
+    from .encode import choose_template, lm_example, prompt_ids, rendered, scored_example, sft_example
 
     if show < 0:
         raise ConfigError(f"--rows must be >= 0, got {show}")
@@ -118,6 +118,8 @@ def inspect(
         for s in samples:
             if fmt == "text":
                 counts.append(len(tok(s.text, add_special_tokens=False)["input_ids"]))
+            elif stage == "ppo":  # PPO reads the prompt alone
+                counts.append(len(prompt_ids(s, tok, template, 10**9)))
             elif stage == "sft" or s.chosen is None and s.completion is None:
                 counts.append(len(sft_example(s, tok, template)[0]) if stage == "sft" else 0)
             else:
@@ -125,7 +127,7 @@ def inspect(
                 responses = [s.chosen, s.rejected] if s.chosen is not None else [s.completion]
                 counts.append(max(len(encode(s, r, tok, template, 10**9)[0]["input_ids"]) for r in responses))
         if any(counts):
-            lines += _length_lines(counts, max_length)
+            lines += _length_lines(counts, max_length, "text" if fmt == "text" else stage)
     from .encode import mark
 
     for s in samples[:show]:
@@ -183,7 +185,7 @@ def _labelled(path: str, rows: list[Row], stage: str, model: str | None, max_len
             lengths = [len(tok(t)["input_ids"]) for t in texts]
         else:
             lengths = [len(tok([str(w) for w in r.get(first)], is_split_into_words=True)["input_ids"]) for r in rows]
-        lines += _length_lines(lengths, max_length)
+        lines += _length_lines(lengths, max_length, stage)
     for r in rows[:show]:
         lines += ["", f"--- {r.source}"]
         if stage == "cls":
@@ -193,13 +195,19 @@ def _labelled(path: str, rows: list[Row], stage: str, model: str | None, max_len
     return "\n".join(lines)
 
 
-def _length_lines(lengths: list[int], max_length: int) -> list[str]:
+def _length_lines(lengths: list[int], max_length: int, stage: str) -> list[str]:
+    """Token counts per row and what ``data.max_length`` does to them: pre-training joins the rows and cuts blocks
+    (no row is cut), PPO keeps a long prompt's end, the other stages cut or refuse a row."""
     p = {q: percentile(lengths, q) for q in (50, 90, 99, 100)}
     over = sum(n > max_length for n in lengths)
-    return [
-        f"tokens per row: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}",
-        f"rows longer than data.max_length={max_length}: {over} (cut, or refused with truncation=refuse)",
-    ]
+    what = "prompt tokens" if stage == "ppo" else "tokens"
+    if stage == "text":
+        cut = f"rows are joined and cut into blocks of data.max_length={max_length}: {sum(lengths)} tokens in all"
+    elif stage == "ppo":
+        cut = f"prompts longer than data.max_length={max_length}: {over} (their beginning is cut)"
+    else:
+        cut = f"rows longer than data.max_length={max_length}: {over} (cut, or refused with truncation=refuse)"
+    return [f"{what} per row: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}", cut]
 
 
 class _NoTokenizer:

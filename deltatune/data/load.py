@@ -179,20 +179,37 @@ def _json(path: str, _column: str, limit: int | None) -> list[Row]:
 
 
 def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
-    rows = []
-    with open(path, encoding="utf-8-sig", newline="") as fh:  # Excel writes a byte-order mark before the header
-        reader = csv.DictReader(fh, delimiter="\t" if path.lower().endswith(".tsv") else ",")
-        for data in reader:
-            # The record's first physical line: its last, less the line breaks inside its quoted fields.
-            i = reader.line_num - sum(v.count("\n") for v in data.values() if isinstance(v, str))
-            if None in data:
-                raise DataError(f"{path}:{i}: more fields than the header has")
-            if None in data.values():  # DictReader fills the fields a short row lacks with None
-                have = sum(v is not None for v in data.values())
-                raise DataError(f"{path}:{i}: {have} fields, but the header has {len(data)} ({', '.join(data)})")
-            rows.append(Row(dict(data), f"{path}:{i}"))
-            if limit and len(rows) >= limit:
-                break
+    """Rows of a CSV or TSV file, read strictly: a quote left open is refused at the line it opens on (not the rest
+    of the file read into one field); fields of any length (pandas reads them; the csv module stops at 128 KiB)."""
+    rows: list[Row] = []
+    old_limit = csv.field_size_limit(2**31 - 1)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # Excel writes a byte-order mark before the header
+            reader = csv.DictReader(fh, delimiter="\t" if path.lower().endswith(".tsv") else ",", strict=True)
+            done = 1  # the last physical line read into a record (the header's)
+            try:
+                for data in reader:
+                    # The record's first physical line: its last, less the line breaks inside its quoted fields.
+                    i = reader.line_num - sum(v.count("\n") for v in data.values() if isinstance(v, str))
+                    done = reader.line_num
+                    if None in data:
+                        raise DataError(f"{path}:{i}: more fields than the header has")
+                    if None in data.values():  # DictReader fills the fields a short row lacks with None
+                        have = sum(v is not None for v in data.values())
+                        raise DataError(
+                            f"{path}:{i}: {have} fields, but the header has {len(data)} ({', '.join(data)})"
+                        )
+                    rows.append(Row(dict(data), f"{path}:{i}"))
+                    if limit and len(rows) >= limit:
+                        break
+            except csv.Error as exc:
+                if "unexpected end of data" in str(exc):
+                    raise DataError(
+                        f"{path}:{done + 1}: a quoted field is not closed before the end of the file"
+                    ) from None
+                raise DataError(f"{path}:{done + 1}: not valid CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(old_limit)
     return rows
 
 

@@ -10,7 +10,9 @@ conversation trains on every assistant turn.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from .load import DataError, Row
@@ -83,6 +85,17 @@ def apply_chat_template(tokenizer, messages: list[dict], where: str = "", **kwar
     except TemplateError as exc:
         why = f"the model's chat template refuses this conversation: {exc}"
         raise ChatTemplateError(f"{where}: {why}" if where else why) from None
+    except TypeError as exc:  # inside the template: DeepSeek-V3's joins a tool call's arguments as a string
+        if not any(f.filename.endswith("<template>") or "jinja" in f.filename for f in _frames(exc)):
+            raise
+        why = f"the model's chat template fails on this conversation ({exc})"
+        raise ChatTemplateError(f"{where}: {why}" if where else why) from None
+
+
+def _frames(exc: BaseException) -> list:
+    import traceback
+
+    return traceback.extract_tb(exc.__traceback__)
 
 
 def render(
@@ -120,15 +133,23 @@ def render(
                 )
             before = apply(messages[:i], True)
             through = apply(messages[: i + 1])
-            if not text.startswith(through) or not through.startswith(before):
+            _check_reasoning(m, through, i)
+            span = (
+                (len(before), len(through))
+                if text.startswith(through)
+                else _relocated(text, before, through, m, partial(apply, messages[:i]))
+            )
+            if span is None or not through.startswith(before):
                 raise DataError(
-                    "the tokenizer's chat template does not render conversations prefix by prefix, so "
-                    "assistant turns cannot be located; set data.template to a built-in template"
+                    f"messages[{i}]: the tokenizer's chat template renders this assistant turn unlike the same turn "
+                    "ending the conversation, so it cannot be located; set data.template to a built-in template"
                 )
-            spans.append((len(before), len(through)))
+            spans.append(span)
         return text, spans
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}")
+    for i, m in enumerate(messages):
+        _check_reasoning(m, "", i, template)
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
         raise DataError(
             f"data.template={template} has no tool support; tool calls need a tokenizer whose chat template renders "
@@ -155,6 +176,51 @@ def render(
     if add_generation_prompt:
         text += t.generation_prefix
     return text, spans
+
+
+REASONING = ("reasoning_content", "thinking")
+"""An assistant message's reasoning trace, as chat templates read it (Qwen3 and GLM: reasoning_content; gpt-oss:
+thinking)."""
+
+
+def _check_reasoning(m: dict, rendered: str, i: int, template: str | None = None) -> None:
+    """Refuse a reasoning trace the template leaves out (the model would learn to answer without reasoning)."""
+    for key in REASONING:
+        if m.get(key) and m[key].strip() not in rendered:
+            how = f"data.template={template}" if template else "the model's chat template"
+            raise DataError(
+                f"messages[{i}].{key}: {how} does not render reasoning traces, so training would drop it; use a "
+                f"model whose chat template reads {key!r} (Qwen3, gpt-oss), or remove the field"
+            )
+
+
+def _relocated(text: str, before: str, through: str, m: dict, plain) -> tuple[int, int] | None:
+    """An earlier assistant turn's span where the template renders a turn followed by others unlike the same turn
+    ending the conversation (Qwen3 leaves out an earlier turn's think block, and Qwen3.5's generation prompt opens
+    one; Phi-3 writes its end-of-sequence after the last turn only): the turn's content after the same prompt,
+    through the end marker both renderings write after it (cut after its last line break, so no piece of the next
+    turn's marker trains), else None. ``plain()`` renders the conversation before the turn, without a generation
+    prompt: where ``before`` is not a prefix of ``text``, they must part inside the generation prompt."""
+    content = m["content"]
+    start = len(os.path.commonprefix([before, text]))
+    if start < len(before) and start < len(os.path.commonprefix([before, plain()])):
+        return None
+    k = through.find(content, start) if content else -1
+    if k < 0:
+        return None
+    lead = through[start:k]  # what the template writes between the generation prompt and the content
+    if text.startswith(lead + content, start):
+        end = start + len(lead) + len(content)
+    elif text.startswith(content, start):
+        end = start + len(content)
+    else:
+        return None
+    tail, rest = through[k + len(content) :], text[end:]
+    n = 0
+    while n < min(len(tail), len(rest)) and tail[n] == rest[n]:
+        n += 1
+    marker = tail[:n] if n == len(tail) else tail[: tail.rfind("\n", 0, n) + 1]
+    return (start, end + len(marker)) if marker else None
 
 
 def encode_chat(

@@ -368,7 +368,7 @@ BAD = {
     "empty_assistant": ("sft", [{"messages": [U, {"role": "assistant", "content": " "}]}],
                         r"bad.jsonl:1: messages\[1\].content: the assistant turn is empty"),
     "ends_with_user": ("sft", [{"messages": [U, A]}, {"messages": [U, A, U]}],
-                       r"bad.jsonl:2: messages\[2\].role: the conversation ends with a user turn"),
+                       r"bad.jsonl:2: the conversation.s last message is a user turn"),
     "chosen_is_rejected": ("dpo", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."},
                                    {"prompt": [U], "chosen": [A], "rejected": [A]}],
                            r"bad.jsonl:2: 'chosen' and 'rejected' are identical"),
