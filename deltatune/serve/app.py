@@ -39,6 +39,13 @@ UNSUPPORTED: dict[str, Any] = {
     "tools": None,
     "functions": None,
     "response_format": {"type": "text"},
+    # vLLM's sampling fields (and OpenAI's tool_choice without tools), with the values that ask for nothing
+    "top_k": (-1, 0),
+    "min_p": 0,
+    "repetition_penalty": 1,
+    "stop_token_ids": None,
+    "min_tokens": 0,
+    "tool_choice": ("none", "auto"),
 }
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 
@@ -280,8 +287,9 @@ def _usage(request: Request) -> dict[str, int]:
 async def _body(http: HttpRequest) -> dict:
     try:
         body = json.loads(await http.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past Python's stack, 5,000 digits
+        why = "nested too deep" if isinstance(exc, RecursionError) else exc
+        raise RequestError(f"the request body is not valid JSON: {why}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
     return body
@@ -308,7 +316,11 @@ def _chat_ids(tokenizer: Any, messages: Any, template: str | None = None) -> lis
             content = "".join(parts)
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
+        _utf8(content, f"messages[{i}].content", "messages")
         clean.append({"role": m["role"], "content": content})
+    source = getattr(tokenizer, "chat_template", None) if template is None else None
+    if "developer" not in (source if isinstance(source, str) else ""):  # OpenAI's newer name for the system role
+        clean = [{**m, "role": "system"} if m["role"] == "developer" else m for m in clean]
     if template is not None:
         from ..train.chat import prompt_ids
 
@@ -325,11 +337,20 @@ def _chat_ids(tokenizer: Any, messages: Any, template: str | None = None) -> lis
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _utf8(text: str, what: str, param: str) -> None:
+    """A 400 for a lone surrogate (a client cutting a string mid-emoji writes valid JSON the tokenizer refuses)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} holds a lone surrogate (\\ud800-\\udfff), not UTF-8 text", param=param) from None
+
+
 def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does) or token ids."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
+        _utf8(prompt, "prompt", "prompt")
         ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
         if not ids:  # an empty string (also where the tokenizer would add a BOS: nothing to continue)
             raise RequestError("prompt is empty; give some text (or token ids) to continue", param="prompt")
@@ -347,6 +368,8 @@ def _asks_nothing(value: Any, default: Any) -> bool:
     for the chosen tokens' log-probabilities, so a flag's default is matched as a flag, not as the number 0)."""
     if value is None or value in ({}, [], ""):
         return True
+    if isinstance(default, tuple):  # several values ask for nothing
+        return not isinstance(value, bool) and value in default
     if isinstance(default, bool) or isinstance(value, bool):
         return value is default
     return bool(value == default)

@@ -441,7 +441,8 @@ def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any 
     if g is None:
         return int(logits.argmax())
     logits = logits / r.temperature
-    top_k = getattr(gen, "top_k", None) or 0
+    top_k = getattr(gen, "top_k", None)
+    top_k = 50 if top_k is None else top_k  # generate's global default, where the model's config leaves it unset
     if 0 < top_k < logits.shape[-1]:
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
     probs = torch.softmax(logits, dim=-1)

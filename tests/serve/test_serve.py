@@ -563,3 +563,51 @@ def test_the_bases_generation_config_applies_as_in_generate(served, monkeypatch)
         assert not torch.equal(plain, penalised)  # the penalty changes this answer
         got = api.completions.create(model=name, prompt=PROMPTS[1], max_tokens=24, temperature=0).choices[0].text
         assert got == tok.decode(penalised, skip_special_tokens=True)
+
+
+def test_sampling_keeps_generates_top_k_where_the_config_leaves_it_unset():
+    """transformers 5 leaves generation_config.top_k None and generate fills in 50: serve drew from every token."""
+    from types import SimpleNamespace
+
+    from deltatune.serve.engine import _pick
+
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    top = set(logits.topk(50).indices.tolist())
+    r = SimpleNamespace(temperature=1.0, top_p=1.0, prompt_ids=[], output_ids=[])
+    g = torch.Generator().manual_seed(1)
+    draws = [_pick(logits, r, g, SimpleNamespace(top_k=None, repetition_penalty=None)) for _ in range(200)]
+    assert set(draws) <= top and len(set(draws)) > 10
+    draws = [_pick(logits, r, g, SimpleNamespace(top_k=0, repetition_penalty=None)) for _ in range(200)]
+    assert not set(draws) <= top  # top_k 0 set in the config: every token, as generate
+
+
+def test_developer_messages_and_odd_bodies_are_answered_not_500(served):
+    """The developer role was a 500 with a built-in template (it has no such role); a lone surrogate, a body nested
+    100,000 deep or a 5,000-digit number were 500s; vLLM's sampling fields were accepted and ignored."""
+    from deltatune.serve.app import _chat_ids
+
+    engine, server, _, _ = served
+    tok = engine.tokenizer
+    dev, sys_ = ([{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}] for role in ("developer", "system"))  # fmt: skip
+    for template in ("alpaca", "chatml", None):  # the tiny tokenizer's own template has no developer role either
+        assert _chat_ids(tok, dev, template) == _chat_ids(tok, sys_, template)
+    bodies = {
+        "lone surrogate": (b'{"model": "lora", "prompt": "hi \\ud83d", "max_tokens": 1}', "/v1/completions", "prompt"),
+        "surrogate in chat": (b'{"model": "lora", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+                              "/v1/chat/completions", "messages"),
+        "nested": (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "/v1/completions", None),
+        "digits": (b'{"model": "lora", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "/v1/completions", None),
+    }  # fmt: skip
+    for what, (body, path, param) in bodies.items():
+        got, answer = _post(server, path, body)
+        assert got == 400 and answer["error"]["param"] == param, what
+    for field, value in (("top_k", 1), ("min_p", 1.0), ("repetition_penalty", 5), ("stop_token_ids", [5]),
+                         ("min_tokens", 6), ("tool_choice", "required")):  # fmt: skip
+        got, answer = _post(
+            server, "/v1/completions", json.dumps({"model": "lora", "prompt": "hi", field: value}).encode()
+        )
+        assert got == 400 and answer["error"]["param"] == field, field
+    for asks_nothing in ({"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "tool_choice": "none"}, {"top_k": 0}):
+        body = {"model": "lora", "prompt": "hi", "max_tokens": 1, **asks_nothing}
+        assert _post(server, "/v1/completions", json.dumps(body).encode())[0] == 200, asks_nothing
+    _assert_still_serving(server)
