@@ -14,6 +14,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,15 +131,57 @@ def match_tensors(
     return full_copies
 
 
-def write_adapter(folder: str, tensors: dict[str, torch.Tensor], config: DeltaConfig) -> None:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder`` (created), each atomically."""
+TRAINING_STATE = "training_state.safetensors"
+"""Beside an adapter whose saved form is folded (P-tuning's or prefix tuning's encoder): the tensors going on
+training it needs (``DeltaLayer.training_state``), keyed ``<layer path>|<tensor>``; peft ignores the file."""
+
+
+def write_adapter(
+    folder: str, tensors: dict[str, torch.Tensor], config: DeltaConfig, training: dict | None = None
+) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder`` (created), each atomically,
+    and ``training`` (a training state) as TRAINING_STATE, or remove an earlier save's."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda f: save_file(tensors, f, {"format": "pt"}))
+    for name, group in ((WEIGHTS_NAME, tensors), (TRAINING_STATE, training)):
+        if group is None or name == TRAINING_STATE and not group:
+            continue
+        group = {k: v.detach().to("cpu").contiguous().clone() for k, v in group.items()}
+        atomic_write(os.path.join(folder, name), lambda f, g=group: save_file(g, f, {"format": "pt"}))
+    if not training and os.path.exists(os.path.join(folder, TRAINING_STATE)):
+        os.remove(os.path.join(folder, TRAINING_STATE))
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
     atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
+
+
+def stage_training_state(layers: dict, folder: str | os.PathLike[str], name: str) -> None:
+    """Hand TRAINING_STATE in ``folder`` (if any) to the ``layers`` (by path) it names, for adapter ``name``: the next
+    import restores an unfolded encoder instead of folding it (resuming, as ``load_adapter_weights`` does)."""
+    for path, state in read_training_state(folder).items():
+        if path not in layers:
+            raise AdapterLoadError(
+                f"{os.path.join(folder, TRAINING_STATE)}: no adapter layer at {path!r} in this model"
+            )
+        layers[path].stage_training_state(name, state)
+
+
+def read_training_state(folder: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """TRAINING_STATE in ``folder`` by layer path ({} where there is none)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(os.fspath(folder), TRAINING_STATE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        flat = load_file(path)
+    except Exception as exc:
+        raise AdapterLoadError(f"{path} is truncated or not a safetensors file: {exc}") from None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        layer, _, tensor = key.partition("|")
+        out.setdefault(layer, {})[tensor] = value
+    return out
 
 
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
@@ -234,3 +277,18 @@ def read_weights(
         return load_file(path), path
     except Exception as exc:
         raise AdapterLoadError(f"{path} is truncated or not a safetensors file: {exc}") from None
+
+
+class PushToHub:
+    """``push_to_hub`` as peft's model has it: ``save_pretrained``'s adapter files are uploaded (the base model's
+    own push_to_hub, reached through attribute passing, would upload the whole base model's weights)."""
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        from transformers.utils import PushToHubMixin
+
+        return PushToHubMixin.push_to_hub(self, repo_id, **kwargs)
+
+    def _upload_modified_files(self, *args: Any, **kwargs: Any) -> Any:
+        from transformers.utils import PushToHubMixin
+
+        return PushToHubMixin._upload_modified_files(self, *args, **kwargs)

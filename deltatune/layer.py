@@ -200,6 +200,15 @@ class DeltaLayer(nn.Module):
             for k, p in self.adapter_parameters(name).items():
                 p.copy_(tensors[prefix + k])
 
+    def training_state(self, name: str) -> dict[str, torch.Tensor]:
+        """What going on training adapter ``name`` needs beyond its saved tensors: nothing, unless the saved form is
+        folded (a token encoder's own tensors); saved beside the adapter, read back by ``load_adapter_weights``."""
+        return {}
+
+    def stage_training_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Have the next ``import_state`` of ``name`` restore ``state`` (``training_state``'s tensors)."""
+        raise ValueError(f"adapter {name!r} of {type(self).__name__} keeps no training state")
+
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter's entries (unmerging it first)."""
         if name in self.merged_adapters:

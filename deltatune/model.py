@@ -25,6 +25,7 @@ from . import loss, registry
 from .config import CONFIG_NAME, DeltaConfig
 from .files import (
     AdapterLoadError,
+    PushToHub,
     adapter_folder,
     base_key,
     check_adapter_name,
@@ -34,6 +35,7 @@ from .files import (
     read_weights,
     resolve,
     split_heads,
+    stage_training_state,
     write_adapter,
 )
 from .layer import (
@@ -56,7 +58,7 @@ from .layer import (
 from .targets import HEADS_BY_TASK, add_modules_to_save
 
 
-class DeltaModel(nn.Module):
+class DeltaModel(nn.Module, PushToHub):
     """A frozen base model with one or more named adapters.
 
     Args:
@@ -213,12 +215,9 @@ class DeltaModel(nn.Module):
         return self.base_model
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
-        """Turn on the base model's activation checkpointing, non-reentrant unless asked otherwise; ``options``
-        (transformers' ``every_n_layers``, ``offload``) pass through. ``gradient_checkpointing_enable`` is peft's name.
-
-        The reentrant variant drops gradients when no input of a checkpointed block requires grad, which is
-        the normal case with a frozen embedding; it then needs the embedding outputs to require grad.
-        """
+        """Turn on the base model's activation checkpointing, non-reentrant unless asked otherwise (the reentrant one
+        needs the frozen embedding's outputs to require grad); ``options`` (transformers' ``every_n_layers``,
+        ``offload``) pass through. ``gradient_checkpointing_enable`` is peft's name."""
         kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         enable_checkpointing(self.base_model, kwargs, **options)
         if kwargs["use_reentrant"] and hasattr(self.base_model, "enable_input_require_grads"):
@@ -484,13 +483,14 @@ class DeltaModel(nn.Module):
         save_directory: str | os.PathLike[str],
         selected_adapters: list[str] | None = None,
         safe_serialization: bool = True,
+        is_main_process: bool = True,
         **_: Any,
     ) -> None:
-        """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout).
-
-        The "default" adapter goes to ``save_directory`` itself, any other to ``save_directory/<name>``.
-        Each file is written under a temporary name and renamed, so a crash never leaves a half-written file.
-        """
+        """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout): "default" in
+        ``save_directory``, any other in ``save_directory/<name>``, each file renamed into place once written (a crash
+        never leaves a half-written file); nothing where ``is_main_process`` is False (as peft)."""
+        if not is_main_process:
+            return
         if not safe_serialization:
             raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
         names = self._check_names(selected_adapters or list(self.peft_config))
@@ -501,7 +501,9 @@ class DeltaModel(nn.Module):
                 config.base_model_name_or_path = (
                     getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
                 )
-            write_adapter(folders[name], self.adapter_state_dict(name), config)
+            training = {f"{p}|{k}": v for p, layer in self._layers() if name in layer.adapter_names
+                        for k, v in layer.training_state(name).items()}  # fmt: skip
+            write_adapter(folders[name], self.adapter_state_dict(name), config, training)
 
     def load_adapter(
         self,
@@ -548,13 +550,14 @@ class DeltaModel(nn.Module):
             self.eval()
 
     def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
-        """Copy saved weights into the existing adapter ``adapter_name`` (e.g. when resuming from a checkpoint).
+        """Copy saved weights into the existing adapter ``adapter_name`` (resuming: with its training state).
 
         Raises:
             AdapterLoadError: the file is missing, corrupt or does not fit the adapter; nothing is changed.
         """
         self._check_names([adapter_name])
         tensors, source = read_weights(model_id, None, None, allow_pickle=False)
+        stage_training_state(dict(self._layers()), model_id, adapter_name)
         with self._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
             self._import(adapter_name, tensors, source)
 

@@ -37,6 +37,7 @@ from torch import nn
 from ..config import ConfigError
 from ..layer import DeltaLayer, NotMergeable, checkpointing
 from ..targets import model_type
+from ._folding import fold_tensor
 from ._token_geometry import (
     CACHE_KEYS,
     TokenSpec,
@@ -130,6 +131,12 @@ class VirtualTokens(DeltaLayer):
 
     def import_state(self, name: str, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         self.prompt_encoder[name].fold(tensors[SAVED_KEY])
+
+    def training_state(self, name: str) -> dict[str, torch.Tensor]:
+        return getattr(self.prompt_encoder[name], "training_state", dict)()
+
+    def stage_training_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        self.prompt_encoder[name].stage(state)
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def _active(self) -> tuple[str, TokenSpec] | None:
@@ -329,17 +336,6 @@ def attach(model: nn.Module, adapter_name: str, encoder: nn.Module, spec: TokenS
     return [layer]
 
 
-def fold_tensor(encoder: nn.Module) -> torch.Tensor:
-    """The encoder's virtual tokens with any reparametrisation applied (eval mode, no gradient)."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            return encoder().detach().clone()
-    finally:
-        encoder.train(was_training)
-
-
 def fold(model: nn.Module, adapter_name: str = "default") -> None:
     """Replace a token adapter's reparametrisation (P-tuning's MLP/LSTM, prefix tuning's MLP) by its output.
 
@@ -359,16 +355,6 @@ def fold(model: nn.Module, adapter_name: str = "default") -> None:
     if layer is None or adapter_name not in layer.prompt_encoder:
         raise ValueError(f"no token adapter named {adapter_name!r} in this model")
     layer.prompt_encoder[adapter_name].fold(None)
-
-
-def folded_embedding(weight: torch.Tensor, like: nn.Parameter | None) -> nn.Embedding:
-    """An embedding table holding ``weight``, keeping ``like``'s requires_grad."""
-    table = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        table.weight.copy_(weight)
-    if like is not None:
-        table.weight.requires_grad_(like.requires_grad)
-    return table
 
 
 def warn(message: str) -> None:

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
+from ._folding import Reparametrised
 from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
-from ._tokens import attach, fold_tensor, folded_embedding
+from ._tokens import attach
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -57,7 +58,7 @@ PromptEncoderConfig = PTuningConfig
 """PEFT's name for the P-tuning config."""
 
 
-class PromptEncoder(nn.Module):
+class PromptEncoder(Reparametrised):
     """T and the encoder f, with PEFT's module names (``embedding``, ``mlp_head``, ``lstm_head``).
 
     Args:
@@ -71,6 +72,7 @@ class PromptEncoder(nn.Module):
     """
 
     kind = "prompt"
+    reparametrisation = ("lstm_head", "mlp_head")
 
     def __init__(
         self,
@@ -103,13 +105,6 @@ class PromptEncoder(nn.Module):
         if self.lstm_head is not None:
             x = self.lstm_head(x.unsqueeze(0))[0][0]  # (rows, 2 * hidden)
         return self.mlp_head(x) if self.mlp_head is not None else x
-
-    def fold(self, weight: torch.Tensor | None) -> None:
-        """Replace T and f by the table P = f(T) (or by ``weight``, saved tokens)."""
-        weight = fold_tensor(self) if weight is None else weight
-        self.embedding = folded_embedding(weight.to(self.embedding.weight.dtype), self.embedding.weight)
-        self.lstm_head = None
-        self.mlp_head = None
 
 
 def inject(model: nn.Module, config: PTuningConfig, adapter_name: str) -> list[nn.Module]:

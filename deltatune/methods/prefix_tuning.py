@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int
+from ._folding import Reparametrised
 from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
-from ._tokens import attach, fold_tensor, folded_embedding
+from ._tokens import attach
 
 
 @dataclass
@@ -50,7 +51,7 @@ class PrefixTuningConfig(VirtualTokenFields, DeltaConfig):
             raise ConfigError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
 
 
-class PrefixEncoder(nn.Module):
+class PrefixEncoder(Reparametrised):
     """The prefixes, with PEFT's module names (``embedding``, ``transform``).
 
     Args:
@@ -63,6 +64,7 @@ class PrefixEncoder(nn.Module):
     """
 
     kind = "prefix"
+    reparametrisation = ("transform",)
 
     def __init__(self, n: int, dim: int, layers: int, hidden: int, projection: bool, zero: bool = False) -> None:
         super().__init__()
@@ -82,12 +84,6 @@ class PrefixEncoder(nn.Module):
     def forward(self) -> torch.Tensor:
         x = self.embedding.weight
         return self.transform(x) if self.transform is not None else x  # (n, layers * 2 * dim)
-
-    def fold(self, weight: torch.Tensor | None) -> None:
-        """Replace E and the MLP by the flat prefixes (or by ``weight``, saved prefixes)."""
-        weight = fold_tensor(self) if weight is None else weight
-        self.embedding = folded_embedding(weight.to(self.embedding.weight.dtype), self.embedding.weight)
-        self.transform = None
 
 
 def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> list[nn.Module]:

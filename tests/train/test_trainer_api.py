@@ -69,3 +69,65 @@ def test_a_plain_or_peft_model_trains_and_resumes_as_under_the_trainer(kind, tmp
     trainer = dt.Trainer(model=model, args=args, train_dataset=ROWS)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert trainer.state.global_step == 3
+
+
+def _token_model(method: str):
+    torch.manual_seed(0)
+    config = {
+        "p_tuning_mlp": dt.PTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+        "p_tuning_lstm": dt.PTuningConfig(
+            num_virtual_tokens=3, encoder_reparameterization_type="LSTM", task_type="CAUSAL_LM"
+        ),  # fmt: skip
+        "prefix_mlp": dt.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, task_type="CAUSAL_LM"),
+    }[method]
+    return dt.get_delta_model(tiny_model("llama"), config)
+
+
+@pytest.mark.parametrize("method", ["p_tuning_mlp", "p_tuning_lstm", "prefix_mlp"])
+def test_a_token_encoder_resumes_unfolded_to_the_uninterrupted_run(method, tmp_path):
+    """The checkpoint held the folded tokens only: resuming folded the MLP/LSTM into a table, so the optimizer's
+    saved state no longer fitted (a ValueError from torch) and training would have gone on with another model."""
+    rows = [{"input_ids": [5 + i, 6, 7 + i, 8], "labels": [5 + i, 6, 7 + i, 8]} for i in range(8)]
+    whole = _token_model(method)
+    dt.Trainer(model=whole, args=_args(tmp_path / "a", max_steps=4), train_dataset=rows).train()
+    from transformers import TrainerCallback
+
+    class StopAt2(TrainerCallback):  # the run stopped after its checkpoint at step 2
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    args = _args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
+    dt.Trainer(model=_token_model(method), args=args, train_dataset=rows, callbacks=[StopAt2()]).train()
+    resumed = _token_model(method)
+    n_trainable = sum(p.requires_grad for p in resumed.parameters())
+    dt.Trainer(model=resumed, args=args, train_dataset=rows).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))  # fmt: skip
+    assert sum(p.requires_grad for p in resumed.parameters()) == n_trainable > 1  # the encoder, not a folded table
+    want, got = whole.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # The adapter file stays peft's (the folded tokens); the encoder's tensors lie beside it
+    assert (tmp_path / "b" / "checkpoint-2" / "training_state.safetensors").is_file()
+    loaded = dt.DeltaModel.from_pretrained(tiny_model("llama"), str(tmp_path / "b" / "checkpoint-2"))
+    assert sum(p.numel() for p in loaded.parameters() if p.requires_grad) == 0
+
+
+def test_push_to_hub_uploads_the_adapter_and_other_processes_save_nothing(tmp_path, monkeypatch):
+    """push_to_hub reached the base model's own (through attribute passing): it uploaded every base weight under
+    transformers' names and no adapter_config.json. save_pretrained(is_main_process=False) wrote files."""
+    import transformers.utils.hub as hub
+
+    committed = {}
+
+    class Api:  # the hub, offline: what would be committed
+        def create_repo(self, repo_id, **kw):
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def create_commit(self, repo_id, operations, **kw):
+            committed[repo_id] = sorted(op.path_in_repo for op in operations)
+
+    monkeypatch.setattr(hub, "hf_api", lambda: Api(), raising=False)
+    model = _lora()
+    model.push_to_hub("me/adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(committed["me/adapter"])
+    assert not {"model.safetensors", "config.json"} & set(committed["me/adapter"])
+    model.save_pretrained(str(tmp_path / "rank1"), is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
