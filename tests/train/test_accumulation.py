@@ -359,7 +359,7 @@ def test_an_epochs_uneven_last_step_weighs_every_row_alike(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
-@pytest.mark.parametrize("stage", ["seq2seq", "tag", "cls"])
+@pytest.mark.parametrize("stage", ["seq2seq", "tag", "cls", "cls-t5", "cls-bart"])
 def test_the_step_loss_is_the_models_own_loss(files, tmp_path, stage):
     """The first logged loss of a run that sees all 8 rows in one step (a learning rate too small to matter) is the
     model's own loss on the stage's batch of them: the step's token (or row) count changes how micro-batches add
@@ -369,11 +369,14 @@ def test_the_step_loss_is_the_models_own_loss(files, tmp_path, stage):
     from deltatune.train.run import load_adapter_model
     from deltatune.train.table import prepare
 
+    stage, _, family = stage.partition("-")  # T5's and BART's classifiers failed at step 1 (AttributeError)
     if stage == "cls":
         from tiny import save_tiny
 
-        quiet = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-        files = {**files, "bert": save_tiny(tmp_path / "bert", "bert", "seq_cls", **quiet)}
+        quiet = {"t5": {"dropout_rate": 0.0}, "bart": {"dropout": 0.0, "classifier_dropout": 0.0}}.get(
+            family, {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        )
+        files = {**files, "bert": save_tiny(tmp_path / "bert", family or "bert", "seq_cls", **quiet)}
         rows = [{"text": " ".join(["good", "bad", "film"][: 1 + i % 3]) + f" {i}", "label": i % 2} for i in range(8)]
         (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         files["cls"] = str(tmp_path / "cls.jsonl")
@@ -381,7 +384,8 @@ def test_the_step_loss_is_the_models_own_loss(files, tmp_path, stage):
     recipe = {
         "stage": stage, "model": {"name_or_path": files[model]},
         "method": {"name": "lora", "r": 4, "lora_alpha": 8,
-                   "target_modules": ["q", "v"] if model == "t5" else ["query", "value"]},
+                   "target_modules": {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"]}.get(family or model,
+                                                                                         ["query", "value"])},
         "data": {"train": files[data], "max_length": 32},
         "train": {"batch_size": 8, "max_steps": 1, "lr": 1e-12, "seed": 3, "logging_steps": 1, "report_to": ["none"]},
         "output": {"dir": str(tmp_path / "run")},
