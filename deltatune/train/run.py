@@ -418,7 +418,15 @@ def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dic
 
 
 def _recipe_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The recipe as run.yaml keeps it: a local model folder or data file by its absolute path, so eval, generate,
+    chat and merge from another folder read what the run read (not the same relative names there)."""
+    from ..data.load import data_path
+
     d = asdict(cfg)
+    for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "eval")):
+        value = d[section][key]
+        if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(data_path(value)):
+            d[section][key] = os.path.abspath(value)
     return {
         "stage": d["stage"],
         "model": d["model"],

@@ -365,3 +365,23 @@ def test_resume_after_the_data_file_or_the_processes_changed_is_refused(base, tm
     assert code == 2 and "the file of data.train changed" in one_error_line(err) and "--resume-changed" in err
     assert snapshot(out) == before
     assert cli("train", recipe, "--resume", "--resume-changed")[0] == 0
+
+
+def test_run_yaml_keeps_local_paths_absolute(tmp_path, monkeypatch):
+    """run.yaml kept ``models/base`` and ``data/eval.jsonl`` as typed: eval, generate, chat and merge run from
+    another folder with its own models/ and data/ read those (scoring the wrong model on the wrong data, exit 0)."""
+    from deltatune.train.config import build
+    from deltatune.train.run import _recipe_dict
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "eval.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = {"stage": "sft", "model": {"name_or_path": "models/base"}, "output": {"dir": "runs/x"},
+              "data": {"train": "data/eval.jsonl[0:1]", "eval": "data/eval.jsonl"}}  # fmt: skip
+    kept = _recipe_dict(build(recipe))
+    assert kept["model"]["name_or_path"] == str(tmp_path / "models" / "base")
+    assert kept["data"]["train"] == str(tmp_path / "data" / "eval.jsonl") + "[0:1]"  # the row range kept
+    assert kept["data"]["eval"] == str(tmp_path / "data" / "eval.jsonl")
+    hub = _recipe_dict(build({**recipe, "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M"}}))
+    assert hub["model"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M"  # not a local folder: as written
