@@ -5,9 +5,12 @@ combined into one with weights.
 **diffusers** (what ``pipe.load_lora_weights(folder)`` and ``unet.load_lora_adapter(folder, prefix="unet")`` read):
 one ``pytorch_lora_weights.safetensors`` with keys ``<prefix>.<module path>.lora_A.weight`` / ``.lora_B.weight``
 (prefix ``unet``, ``transformer`` or ``text_encoder``) and the LoRA config in the file's metadata
-``lora_adapter_metadata`` as ``{"<prefix>.r": ..., "<prefix>.lora_alpha": ..., ...}``. The older diffusers keys
-(``<path>.lora.down.weight`` / ``.lora.up.weight``, what diffusers' training scripts still write) are read too.
-Without metadata a module's alpha is its rank (scale 1), as diffusers assumes.
+``lora_adapter_metadata`` as ``{"<prefix>.r": ..., "<prefix>.lora_alpha": ..., ...}``. Read too: what a model's
+own ``unet.save_lora_adapter(folder)`` writes (keys without the prefix, the bare peft config as metadata), and the
+older keys ``<path>.lora.down.weight`` / ``.lora.up.weight`` and ``<path>.lora_linear_layer.down.weight`` / ``.up``
+(what diffusers' training scripts still write). Without metadata a module's alpha is its rank (scale 1), as
+diffusers assumes. A text encoder's keys naming transformers 4's ``text_model.`` level (``text_model_`` in kohya's)
+load onto a model without that level (transformers 5's CLIPTextModel), as diffusers strips it.
 
 **kohya** (sd-scripts, ai-toolkit; read by A1111 and ComfyUI): keys ``lora_unet_<module path, dots as
 underscores>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (a scalar per module: the update is
@@ -44,7 +47,16 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te"}
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
 """The pipeline components whose keys a diffusers LoRA file may hold side by side."""
-_DIFFUSERS_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora.down.weight": "A", ".lora.up.weight": "B"}
+_DIFFUSERS_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora.down.weight": "A",
+    ".lora.up.weight": "B",
+    ".lora_linear_layer.down.weight": "A",  # diffusers' DreamBooth scripts' text-encoder layout
+    ".lora_linear_layer.up.weight": "B",
+}
+_TEXT_MODEL = "text_model"
+"""The level transformers 4's CLIPTextModel had above ``encoder.`` (transformers 5's has none); files name it."""
 _KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
 
 
@@ -193,11 +205,20 @@ def _split(
     """{module path: {"A", "B", "alpha"?}} from diffusers or kohya keys, the keys that name no module of ``base``,
     and the format found ("kohya" or "diffusers")."""
     names = {n for n, _ in base.named_modules() if n}
+    flat = _TEXT_MODEL not in names  # a file's text_model. level maps onto a model without it, as diffusers does
+
+    def known(path: str) -> str | None:
+        if flat and path.startswith(_TEXT_MODEL + ".") and path[len(_TEXT_MODEL) + 1 :] in names:
+            return path[len(_TEXT_MODEL) + 1 :]
+        return path if path in names else None
+
     modules: dict[str, dict[str, Any]] = {}
     unmatched: list[str] = []
     kohya = any(k.endswith(tuple(_KOHYA_SUFFIXES)) and k.startswith("lora_") for k in tensors)
     if kohya:
         by_flat = {n.replace(".", "_"): n for n in names}
+        if flat:  # lora_te_text_model_encoder_... (transformers 4's names)
+            by_flat |= {f"{_TEXT_MODEL}_{k}": n for k, n in by_flat.items()}
         heads = [KOHYA_PREFIX.get(prefix, f"lora_{prefix}")] if prefix else list(KOHYA_PREFIX.values())
         for key, value in tensors.items():
             suffix = next((s for s in _KOHYA_SUFFIXES if key.endswith(s)), None)
@@ -214,16 +235,17 @@ def _split(
     for key, value in tensors.items():
         suffix = next((s for s in _DIFFUSERS_SUFFIXES if key.endswith(s)), None)
         stem = key[: -len(suffix)] if suffix else key
-        if prefix is None and "." in stem and stem.split(".", 1)[1] in names:
+        if prefix is None and "." in stem and known(stem.split(".", 1)[1]):
             stem = stem.split(".", 1)[1]  # "unet.down_blocks..." -> the path, whatever the component
         elif prefix is not None and stem.startswith(prefix + "."):
             stem = stem[len(prefix) + 1 :]
         elif prefix is not None and stem.split(".", 1)[0] in _COMPONENTS:
             continue  # another component's (text_encoder. beside unet.): the prefix picks one
-        if suffix is None or stem not in names:
+        path = known(stem) if suffix else None
+        if path is None:
             unmatched.append(key)
             continue
-        modules.setdefault(stem, {})[_DIFFUSERS_SUFFIXES[suffix]] = value
+        modules.setdefault(path, {})[_DIFFUSERS_SUFFIXES[suffix]] = value
     return modules, unmatched, "diffusers"
 
 
@@ -300,6 +322,8 @@ def _metadata(metadata: dict[str, str], prefix: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     components = {k.split(".", 1)[0] for k in meta if "." in k}
+    if not components:  # a model-level save (unet.save_lora_adapter(folder)): the bare peft config
+        return meta
     component = prefix or (components.pop() if len(components) == 1 else None)
     if component is None:
         return {}

@@ -55,6 +55,7 @@ TEXT_ENCODER_LORA = "text_encoder_lora"
 DENOISERS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
 """The denoisers the stage trains: their folder in a pipeline, and their prefix in diffusers' LoRA files."""
 SIGMA_SAMPLING = ("uniform", "logit_normal")
+_EXTRA_CONDITIONS = ("addition_embed_type", "class_embed_type", "num_class_embeds", "time_cond_proj_dim")
 
 
 def _pipeline(path: str) -> bool:
@@ -77,6 +78,10 @@ def _denoiser_at(path: str) -> tuple[str, str | None, dict[str, Any]]:
     name = config.get("_class_name")
     if name not in DENOISERS:
         raise ConfigError(f"model {path!r} holds a {name}; stage t2i trains {' or '.join(DENOISERS)}")
+    extra = ", ".join(f"{k}={config[k]!r}" for k in _EXTRA_CONDITIONS if config.get(k) not in (None, "text"))
+    if name == "UNet2DConditionModel" and extra:  # SDXL's text_time sizes, class labels, LCM's guidance: not given
+        why = f"its UNet reads more than the text ({extra}, as SDXL's UNet does)"
+        raise ConfigError(f"model {path!r}: {why}; stage t2i trains UNets conditioned on text alone (SD 1.x, 2.x)")
     return name, sub, config
 
 
@@ -403,12 +408,13 @@ class T2ITrainer(DeltaTrainer):
 
 def predict(model, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
     """The denoiser's output for ``x`` at steps ``t``: a UNet attends to the text states (and their mask); a
-    transformer, given ``pooled_projections``, attends to them jointly and reads the pooled embedding."""
-    states = text["encoder_hidden_states"]
+    transformer, given ``pooled_projections``, attends to them jointly and reads the pooled embedding. The inputs
+    are cast to the denoiser's dtype first, as diffusers' training scripts do."""
+    dtype = (model.get_base_model() if hasattr(model, "get_base_model") else model).dtype  # (model.dtype)
+    x, states = x.to(dtype), text["encoder_hidden_states"].to(dtype)
     if "pooled_projections" in text:
-        return model(
-            hidden_states=x, timestep=t, encoder_hidden_states=states, pooled_projections=text["pooled_projections"]
-        ).sample
+        pooled = text["pooled_projections"].to(dtype)
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=states, pooled_projections=pooled).sample
     return model(x, t, encoder_hidden_states=states, encoder_attention_mask=text.get("encoder_attention_mask")).sample
 
 
@@ -493,11 +499,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         processor.add_text_encoder_lora(cfg.method_config())
     trains = processor.trains_text_encoder
     limit = processor.caption_limit(d.max_length)
-    where = (
-        f"data.max_length={d.max_length} tokens"
-        if limit == d.max_length
-        else f"the text encoder's context of {limit} tokens"
-    )
+    where = f"the text encoder's context of {limit} tokens"
+    where = f"data.max_length={d.max_length} tokens" if limit == d.max_length else where
 
     def read(spec: str, split: str, notes: list[str]) -> T2IDataset:
         rows = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
@@ -531,9 +534,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}{trained}")
     kind = processor.scheduler.config.prediction_type if not processor.flow else None
     snr = f", min-SNR weighted (gamma {cfg.train.snr_gamma:g})" if cfg.train.snr_gamma else ""
-    notes.insert(
-        1, f"loss: flow matching, {cfg.train.sigma_sampling} sigmas" if processor.flow else f"loss: DDPM, {kind}{snr}"
-    )
+    loss = f"loss: flow matching, {cfg.train.sigma_sampling} sigmas" if processor.flow else f"loss: DDPM, {kind}{snr}"
+    notes.insert(1, loss)
     trainer = functools.partial(
         T2ITrainer, processor=processor, sigma_sampling=cfg.train.sigma_sampling, snr_gamma=cfg.train.snr_gamma
     )
@@ -558,11 +560,12 @@ def sample(
 
     if steps < 1 or not 0 <= guidance < math.inf:  # a nan or infinite guidance makes every pixel nan
         raise ConfigError(f"--steps must be >= 1 and --guidance a finite number >= 0, got {steps} and {guidance}")
-    device = next(model.parameters()).device
-    scheduler = (FlowMatchEulerDiscreteScheduler if processor.flow else DDIMScheduler).from_config(
-        processor.scheduler.config
-    )
+    kind = FlowMatchEulerDiscreteScheduler if processor.flow else DDIMScheduler
+    scheduler = kind.from_config(processor.scheduler.config)
+    if not processor.flow and steps > (n := scheduler.config.num_train_timesteps):  # DDIM steps through trained ones
+        raise ConfigError(f"--steps must be <= the base's {n} training timesteps, got {steps}")
     scheduler.set_timesteps(steps)
+    device = next(model.parameters()).device
     cond = {k: v.to(device) for k, v in processor.condition(list(prompts), max_length)[0].items()}
     if guidance != 1.0:
         uncond = {k: v.to(device) for k, v in processor.condition([""] * len(prompts), max_length)[0].items()}
@@ -590,11 +593,7 @@ def save_png(images: torch.Tensor, path: str) -> str:
 
     row = torch.cat(list(images), dim=-1)  # (C, H, N * W)
     array = (row * 255).round().to(torch.uint8)
-    img = (
-        Image.fromarray(array[0].numpy(), "L")
-        if array.shape[0] == 1
-        else Image.fromarray(array.permute(1, 2, 0).numpy())
-    )
+    img = Image.fromarray((array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)).numpy())  # L or RGB
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path
