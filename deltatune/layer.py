@@ -244,7 +244,8 @@ class DeltaLayer(nn.Module):
 
     def _dequantize_base(self) -> None:
         """Merging writes into W. A base layer that stores W packed (4-bit, methods/quant.py) offers ``dequantize()``,
-        the plain layer it stands for, which replaces it for good: unmerge then restores the dequantised W."""
+        the plain layer it stands for (a ``DequantizedLinear``, computing in the 4-bit layer's compute dtype as that
+        layer did), which replaces it for good: unmerge then restores the dequantised W."""
         dequantize = getattr(self.base_layer, "dequantize", None)
         if callable(dequantize):
             self.base_layer = dequantize()
@@ -435,9 +436,27 @@ def call_sizes(args: tuple, kwargs: dict, generating: nn.Module | None = None) -
     return sizes | {n * expand for n in sizes}
 
 
+class DequantizedLinear(nn.Linear):
+    """The plain layer a 4-bit layer's ``dequantize()`` gives, which a merge writes into (``_dequantize_base``): W in
+    the 4-bit layer's compute dtype, computing as that layer did (input cast to W's dtype, output back to the input's),
+    so a model merged in place runs as before, whatever its other weights' dtype. ``unpack(dtype)``: the plain
+    ``nn.Linear`` in ``dtype`` (``unpack_frozen_layers``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+    def unpack(self, dtype: torch.dtype | None = None) -> nn.Module:
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        for name in ("weight", "bias"):
+            p = getattr(self, name)
+            if p is not None:
+                setattr(plain, name, nn.Parameter(p.detach().to(dtype or p.dtype), requires_grad=p.requires_grad))
+        return plain.train(self.training)
+
+
 def unpack_frozen_layers(model: nn.Module) -> list[str]:
     """Replace each packed frozen layer, one offering ``unpack(dtype)`` (QLoRA's 4-bit linear layer, or one merged
-    into and dequantised that was a GPT-2 ``Conv1D``), by the plain layer it stands for, its weight in the dtype of
+    into and dequantised, a ``DequantizedLinear``), by the plain layer it stands for, its weight in the dtype of
     the model's other floating-point weights, so that transformers can save and load the model. Returns their paths.
     """
     packed = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "unpack", None))]

@@ -7,7 +7,9 @@ elementwise. For a target W (d_out x d_in) with bias b:
     feed-forward targets (the second FFN projection):          h = W (l * x) + b,   l in R^{d_in}
 
 Only the vectors l train; they start at 1, so the model starts as the base. Merging folds l into W (and into b
-for output scaling): W <- W diag(l) or diag(l) W; unmerging divides it out again (exact unless some l_i = 0).
+for output scaling): W <- W diag(l) or diag(l) W; unmerging divides it out again, exactly where l_i != 0. Where
+l_i = 0 the merge zeroed weights that cannot be restored: unmerging leaves them 0 and warns, as PEFT does (PEFT
+divides by l + 1e-8, which gives 0 there too, and never NaN).
 Several active adapters multiply their vectors. Module and key names are PEFT's (``ia3_l``), so adapters move
 between deltatune and PEFT unchanged.
 """
@@ -15,6 +17,7 @@ between deltatune and PEFT unchanged.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -110,9 +113,19 @@ class IA3Layer(DeltaLayer):
 
     def _unmerge_weights(self, name: str) -> None:
         base = self.base_layer
-        base.weight.div_(self._factor(name).to(base.weight.dtype))
+        factor = self._factor(name).to(base.weight.dtype)  # checked in W's dtype, where a tiny l may round to 0
+        zeros = int((factor == 0).sum())
+        if zeros:  # 0 / 0 would write NaN into W: what the merge zeroed stays 0
+            warnings.warn(
+                f"unmerging (IA)^3 adapter {name!r}: {zeros} entries of its vector are 0, so the weights the merge "
+                "zeroed cannot be restored and stay 0 (as with PEFT)",
+                UserWarning,
+                stacklevel=4,
+            )
+            factor = factor.masked_fill(factor == 0, 1)
+        base.weight.div_(factor)
         if not self.is_feedforward and getattr(base, "bias", None) is not None:
-            base.bias.div_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
+            base.bias.div_(factor.reshape(base.bias.shape).to(base.bias.dtype))
 
     def _row_scales(self, x: torch.Tensor) -> torch.Tensor | None:
         """A mixed-adapter batch (``row_adapters``): each row's vector (1 for rows of other adapters), shaped to

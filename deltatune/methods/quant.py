@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..layer import logical_numel
+from ..layer import DequantizedLinear, logical_numel
 
 BLOCK_SIZE = 64
 """Weights per absmax constant (the paper's block size)."""
@@ -117,8 +117,9 @@ def resolve_backend(backend: str, device: torch.device, double_quant: bool = Tru
     return backend
 
 
-def _quantize_weight(weight: torch.Tensor, backend: str, double_quant: bool) -> torch.Tensor:
-    """W (d_out, d_in) as NF4: torchao's NF4Tensor (shape d_out x d_in) or bitsandbytes' packed Params4bit."""
+def _quantize_weight(weight: torch.Tensor, backend: str, double_quant: bool, quant_type: str = "nf4") -> torch.Tensor:
+    """W (d_out, d_in) as NF4: torchao's NF4Tensor (shape d_out x d_in) or bitsandbytes' packed Params4bit (NF4, or
+    FP4 for a layer transformers loaded so)."""
     w = weight.detach().to(torch.float32).contiguous()  # quantise from fp32 so the constants keep full precision
     if backend == "torchao":
         n_blocks = w.numel() // BLOCK_SIZE
@@ -128,7 +129,7 @@ def _quantize_weight(weight: torch.Tensor, backend: str, double_quant: bool) -> 
         return _backend("torchao").to_nf4(w, BLOCK_SIZE, math.gcd(n_blocks, SCALER_BLOCK_SIZE))
     bnb = _backend("bitsandbytes")
     param = bnb.nn.Params4bit(
-        w, requires_grad=False, blocksize=BLOCK_SIZE, compress_statistics=double_quant, quant_type="nf4"
+        w, requires_grad=False, blocksize=BLOCK_SIZE, compress_statistics=double_quant, quant_type=quant_type
     )
     return param.to(weight.device)  # Params4bit quantises when it is moved
 
@@ -161,6 +162,7 @@ class Linear4bit(nn.Module):
         backend: "torchao" or "bitsandbytes", whichever made ``weight``.
         double_quant: whether the absmax constants are quantised too (recorded to quantise again alike).
         conv1d: the layer replaced a GPT-2 ``Conv1D`` (``merge_quantized`` puts one back).
+        quant_type: "nf4", or "fp4" for a bitsandbytes layer loaded so (recorded to quantise again alike).
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class Linear4bit(nn.Module):
         backend: str,
         double_quant: bool = True,
         conv1d: bool = False,
+        quant_type: str = "nf4",
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -184,17 +187,17 @@ class Linear4bit(nn.Module):
         self.backend = backend
         self.double_quant = double_quant
         self.conv1d = conv1d
+        self.quant_type = quant_type
 
     @classmethod
-    def from_linear(
-        cls, module: nn.Module, compute_dtype: torch.dtype, backend: str, double_quant: bool = True
-    ) -> Linear4bit:
+    def from_linear(cls, module: nn.Module, compute_dtype: torch.dtype, backend: str, double_quant: bool = True,
+                    quant_type: str = "nf4") -> Linear4bit:  # fmt: skip
         """Quantise an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose weight is stored d_in x d_out)."""
         conv1d = type(module).__name__ == "Conv1D"
         weight = module.weight.T if conv1d else module.weight
         d_out, d_in = weight.shape
         return cls(
-            _quantize_weight(weight, backend, double_quant),
+            _quantize_weight(weight, backend, double_quant, quant_type),
             module.bias,
             d_in,
             d_out,
@@ -202,6 +205,7 @@ class Linear4bit(nn.Module):
             backend,
             double_quant,
             conv1d,
+            quant_type,
         )
 
     @classmethod
@@ -221,9 +225,14 @@ class Linear4bit(nn.Module):
             compute,
             "bitsandbytes",
             bool(weight.quant_state.nested),
+            quant_type=weight.quant_state.quant_type,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # modeling code cast it to ``self.weight.dtype``: the packed bytes' uint8
+            raise QuantizationError(f"a 4-bit layer ({self.in_features} -> {self.out_features}) got a {x.dtype} input: "
+                                    "the model casts activations to the layer's weight dtype; keep it unquantised "
+                                    "(quantize skip_modules)")  # fmt: skip
         dtype = x.dtype
         x = x.to(self.compute_dtype)
         if self.backend == "torchao":
@@ -240,13 +249,12 @@ class Linear4bit(nn.Module):
         return _dequantize_weight(self.weight, self.backend).to(dtype or self.compute_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """The plain ``nn.Linear`` this layer stands for, its weight in ``dtype`` (default: the compute dtype).
-
-        Always an ``nn.Linear``, the layout LoRA sees, also for a layer made from a GPT-2 ``Conv1D``:
-        ``merge_quantized`` turns those back into ``Conv1D`` at the end, so the merged model loads as the original.
+        """The ``nn.Linear`` this layer stands for, its weight in ``dtype`` (default: the compute dtype): a
+        ``DequantizedLinear``, which computes as this layer did (in W's dtype, returning the input's), and ``unpack()``
+        gives the plain layer: an ``nn.Linear``, or for a layer made from a GPT-2 ``Conv1D`` the ``Conv1D`` again.
         """
         weight = self.dequantized_weight(dtype)
-        plain = (_DequantizedConv1D if self.conv1d else nn.Linear)(
+        plain = (_DequantizedConv1D if self.conv1d else DequantizedLinear)(
             self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
         )
         plain.weight = nn.Parameter(weight, requires_grad=False)
@@ -257,8 +265,7 @@ class Linear4bit(nn.Module):
     def unpack(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The layer as the base model had it before ``quantize`` (a GPT-2 ``Conv1D`` where it was one), W
         dequantised to ``dtype``: what ``merge_and_unload`` leaves in the merged model (layer.unpack_frozen_layers)."""
-        plain = self.dequantize(dtype)
-        return _as_conv1d(plain) if self.conv1d else plain
+        return self.dequantize(dtype).unpack()
 
     def __deepcopy__(self, memo: dict) -> Linear4bit:
         # torchao's NF4Tensor copies itself by quantising its dequantised values again with the default block sizes,
@@ -272,18 +279,18 @@ class Linear4bit(nn.Module):
             weight = copy.deepcopy(weight, memo)
         bias = copy.deepcopy(self.bias, memo)
         new = Linear4bit(weight, bias, self.in_features, self.out_features, self.compute_dtype, self.backend,
-                         self.double_quant, self.conv1d)  # fmt: skip
+                         self.double_quant, self.conv1d, self.quant_type)  # fmt: skip
         memo[id(self)] = new
         return new.train(self.training)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"nf4, backend={self.backend}, compute_dtype={str(self.compute_dtype).removeprefix('torch.')}"
+            f"{self.quant_type}, backend={self.backend}, compute_dtype={str(self.compute_dtype).removeprefix('torch.')}"
         )
 
 
-class _DequantizedConv1D(nn.Linear):
+class _DequantizedConv1D(DequantizedLinear):
     """A dequantised 4-bit layer that was a GPT-2 ``Conv1D``, in ``nn.Linear``'s layout (the one LoRA merges into);
     ``unpack()`` gives the ``Conv1D`` back, so a merged GPT-2 saves and loads as the original architecture."""
 

@@ -20,7 +20,6 @@ from .quant import (
     BLOCK_SIZE,
     Linear4bit,
     QuantizationError,
-    _as_conv1d,
     _backend,
     _is_4bit,
     _is_bnb_4bit,
@@ -89,12 +88,16 @@ _SEQ2SEQ_HEADS = ("classification_head",)
 """BART's and T5's sequence-classification head (dense + out_proj), kept as every task head is."""
 
 
-def _keep_reason(name: str, module: nn.Module, output: nn.Module | None, skip: list[str] | str | None) -> str | None:
+def _keep_reason(
+    name: str, module: nn.Module, output: nn.Module | None, skip: list[str] | str | None, fp32: list[str]
+) -> str | None:
     """Why the linear layer ``name`` stays in full precision, or None to quantise it."""
     if module is output:
         return "output head"
     if any(name == h or name.endswith("." + h) or f".{h}." in f".{name}." for h in (*HEAD_NAMES, *_SEQ2SEQ_HEADS)):
         return "task head"
+    if matches(name, fp32):  # T5's FFN casts its activations to wo.weight.dtype, which 4-bit storage would make uint8
+        return "the model's _keep_in_fp32_modules (transformers' 4-bit loading keeps them too)"
     if skip and matches(name, skip):
         return "skip_modules"
     d_in = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
@@ -115,7 +118,8 @@ def quantize(
     """Replace the model's linear layers by 4-bit NF4 ``Linear4bit`` layers, in place.
 
     The output head (``lm_head``), task heads (classifier, score, ...), embeddings and norms stay in full precision,
-    as does a layer whose in_features is not a multiple of the block size 64 (the summary says which and why).
+    as do the model's ``_keep_in_fp32_modules`` (T5's ``wo``, as transformers' 4-bit loading does) and a layer whose
+    in_features is not a multiple of the block size 64 (the summary says which and why).
     The keyword arguments are the recipe's ``model.quantization`` keys: ``quantize(model, **recipe["quantization"])``.
 
     Args:
@@ -157,7 +161,11 @@ def quantize(
     linears = [
         (n, m) for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
     ]
-    kept = {n: why for n, m in linears if (why := _keep_reason(n, m, output, skip_modules))}
+    fp32 = [
+        *(getattr(model, "_keep_in_fp32_modules", None) or ()),
+        *(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
+    ]
+    kept = {n: why for n, m in linears if (why := _keep_reason(n, m, output, skip_modules, fp32))}
     todo = [(n, m) for n, m in linears if n not in kept]
     device = todo[0][1].weight.device if todo else torch.device("cpu")
     chosen = resolve_backend(backend, device, double_quant)
@@ -320,7 +328,7 @@ def merge_quantized(
         if _is_bnb_4bit(module):
             set_submodule(base, name, Linear4bit.from_bnb(module))
     adapted = {n.removesuffix(".base_layer") for n, _ in _quantized_layers(base) if n.endswith(".base_layer")}
-    settings = {n: (m.compute_dtype, m.backend, m.double_quant) for n, m in _quantized_layers(base)}
+    settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type) for n, m in _quantized_layers(base)}
     conv1d = {n.removesuffix(".base_layer") for n, m in _quantized_layers(base) if m.conv1d}
     plain = model.merge_and_unload(adapter_names, dequantize=False)
     # A model transformers loaded in 4 bits forgets that it was (transformers' own call for it): its layers are
@@ -329,19 +337,17 @@ def merge_quantized(
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
         quantizer.remove_quantization_config(plain)
         plain.is_loaded_in_4bit = False
-    if requantize:
-        for name in adapted:
-            compute, backend, double = settings[name + ".base_layer"]
-            layer = Linear4bit.from_linear(plain.get_submodule(name), compute, backend, double)
+    if requantize:  # the layers a merge dequantised; those of adapters left unmerged are still the 4-bit originals
+        done = [n for n in sorted(adapted) if not isinstance(plain.get_submodule(n), Linear4bit)]
+        new = [(n, Linear4bit.from_linear(plain.get_submodule(n), *settings[n + ".base_layer"])) for n in done]
+        for name, layer in new:  # every layer quantised before any is swapped in
             layer.conv1d = name in conv1d
             set_submodule(plain, name, layer)
         dequantized, quantized = [], [n for n, _ in _quantized_layers(plain)]
-    else:
+    else:  # 4-bit layers, and those a merge dequantised (DequantizedLinear), become plain layers in ``target``
         dequantized = sorted({n.removesuffix(".base_layer") for n in settings})
-        for name, module in list(_quantized_layers(plain)):
-            set_submodule(plain, name, module.dequantize(target))
-        for name in conv1d:
-            set_submodule(plain, name, _as_conv1d(plain.get_submodule(name)))
+        for name, module in [(n, m) for n, m in plain.named_modules() if callable(getattr(m, "unpack", None))]:
+            set_submodule(plain, name, module.unpack(target))
         plain.to(target)
         quantized = []
     merged = _logits(plain, probe_inputs)

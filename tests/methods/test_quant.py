@@ -410,7 +410,8 @@ def test_merge_and_unload_of_a_4bit_model_saves_and_loads_with_transformers(fami
 
 def test_merge_and_unload_can_keep_the_unadapted_layers_in_4bit():
     plain = _qlora(BACKENDS[0]).merge_and_unload(dequantize=False)
-    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    q_proj = plain.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.Linear) and not isinstance(q_proj, Linear4bit)  # merged: dequantised
     assert isinstance(plain.model.layers[0].self_attn.k_proj, Linear4bit)  # not adapted: still 4-bit
 
 
