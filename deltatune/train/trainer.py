@@ -293,7 +293,8 @@ class DeltaTrainer(DeltaTrainerMixin, Trainer):
             # The Trainer takes the labels out before the forward pass: an encoder-decoder gets its decoder inputs now
             base = self._delta_model().get_base_model()
             encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
-            seq2seq_lm = encoder_decoder and hasattr(base, "prepare_decoder_input_ids_from_labels")  # (not a classifier)
+            # (a classifier builds its own decoder inputs)
+            seq2seq_lm = encoder_decoder and hasattr(base, "prepare_decoder_input_ids_from_labels")
             if seq2seq_lm and "labels" in inputs and inputs.get("decoder_input_ids") is None:
                 decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
                 inputs = {**inputs, "decoder_input_ids": decoder_input_ids}
