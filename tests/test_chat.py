@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -374,3 +375,18 @@ def test_generate_and_chat_prompt_a_run_as_it_trained(tmp_path, monkeypatch, cap
     monkeypatch.setattr("sys.stdin", io.StringIO("Say dog.\n"))
     assert main(["chat", "--adapter", str(out), "--max-new-tokens", "1"]) == 0
     assert len(seen) == 2 and all("instruction :" in s and "response :" in s and "im_start" not in s for s in seen)
+
+
+def test_chat_under_a_strict_utf8_stdin_skips_a_line_that_is_not_utf8(run):
+    """Under a UTF-8 locale (en_US.UTF-8) Python's stdin decodes strictly: such a line ended the whole chat with a
+    UnicodeDecodeError traceback, the answers to the lines before it lost (only the C locale escaped them)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "deltatune.cli", "chat", "--adapter", str(run / "adapter"), "--model",
+            str(run / "base"), "--max-new-tokens", "2"]  # fmt: skip
+    done = subprocess.run(args, input=b"the cat\nhi \xff there\nthe dog\n", env=env, capture_output=True, timeout=300)
+    lines = done.stdout.decode().splitlines()
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    assert len(lines) == 3 and lines[1] == "(not sent: the line holds bytes that are not UTF-8 text; give it in UTF-8)"

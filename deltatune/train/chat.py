@@ -256,6 +256,8 @@ def repl(
     """The chat loop: each line is a user message; the history is kept (raw mode: each line stands alone)."""
     import sys
 
+    if stdin is None and hasattr(sys.stdin, "reconfigure"):  # a UTF-8 locale's stdin is strict: a line not in UTF-8
+        sys.stdin.reconfigure(errors="surrogateescape")  # would end the chat; check_text refuses it alone instead
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     tty = stdin.isatty()
