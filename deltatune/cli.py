@@ -204,10 +204,10 @@ def _is_ours(exc: BaseException) -> bool:
     raised deeper, in torch or transformers, is a bug to show in full."""
     from .config import ConfigError
     from .data.load import DataError
-    from .files import AdapterLoadError
+    from .files import AdapterLoadError, write_failure
 
-    if isinstance(exc, (ConfigError, DataError, AdapterLoadError)):
-        return True
+    if isinstance(exc, (ConfigError, DataError, AdapterLoadError)) or write_failure(exc) is not None:
+        return True  # (a file that could not be written, a full disk: one line, wherever it was raised)
     if not isinstance(exc, (ValueError, KeyError, OSError)):
         return False
     import os

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -198,11 +199,47 @@ def atomic_write(path: str, write: Callable[[str], object]) -> None:
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(exc, OSError):  # disk full, read-only, no such folder: one line naming the file
-            error = OSError(f"could not write {path}: {exc.strerror or exc}")
-            error.errno = exc.errno
+        failure = write_failure(exc)
+        if failure is not None:  # disk full, read-only, no such folder: one line naming the file
+            error = OSError(f"could not write {path}: {failure.strerror or failure}")
+            error.errno = failure.errno
             raise error from None
         raise
+
+
+_WRITE_ERROR = re.compile(r"os error \d+|file write failed|No space left on device|File too large|inline_container")
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """``exc`` as the OSError it stands for where writing a file failed: an OSError, or the error safetensors,
+    torch or tokenizers raise around one (a full disk: "I/O error: No space left on device (os error 28)", "file
+    write failed"); None for anything else."""
+    if isinstance(exc, OSError):
+        return exc
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, Exception) or not _WRITE_ERROR.search(text):
+        return None
+    if "inline_container" in text:  # torch.save's zip writer: "[enforce fail at inline_container.cc:672] ..."
+        text = f"torch could not write the file in full (a full disk?): {text.split('] ', 1)[-1].lstrip('. ')}"
+    return OSError(text.removeprefix("Error while serializing: "))
+
+
+def save_folder_files(save: Callable[[str], object], folder: str) -> None:
+    """Run ``save(tmp)`` (a ``save_pretrained``) into a temporary folder inside ``folder``, then move each file it
+    wrote into ``folder``: a failure (a full disk) leaves no half-written file there, and says so in one line."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".saving-", dir=folder)
+    try:
+        save(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    except Exception as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        raise OSError(f"could not write into {folder}: {failure.strerror or failure}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def explain_missing_fields(exc: AdapterLoadError, config_file: str, config: object) -> AdapterLoadError:

@@ -17,6 +17,7 @@ import yaml
 
 from ..config import ConfigError
 from ..data.load import data_path
+from ..files import save_folder_files
 from ..model import DeltaModel, get_delta_model
 from . import report
 from .checks import check_context, check_model_path, check_num_labels, check_reference, check_run, resolved_precision
@@ -312,6 +313,9 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
         "train_steps": result.global_step,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
     }
+    if trainer.is_world_process_zero():  # before the evaluation, so a failure there loses no adapter
+        delta.save_pretrained(out)
+        save_folder_files(tok.save_pretrained, out)  # (no half-written tokenizer.json on a full disk)
     if prepared.eval is not None:
         metrics.update(eval_metrics(trainer, delta, tok, prepared, cfg))
     before = next((h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0), None)
@@ -320,8 +324,6 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
         metrics[f"{headline}_before"] = before[headline]
     samples = _samples(delta, tok, cfg) if trainer.is_world_process_zero() else None
     if trainer.is_world_process_zero():
-        delta.save_pretrained(out)
-        tok.save_pretrained(out)
         report.write(out, recipe, metrics, trainer.state.log_history, prepared.notes, prepared.metric, samples)
     return metrics
 
@@ -420,8 +422,6 @@ def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dic
 def _recipe_dict(cfg: RunConfig) -> dict[str, Any]:
     """The recipe as run.yaml keeps it: a local model folder or data file by its absolute path, so eval, generate,
     chat and merge from another folder read what the run read (not the same relative names there)."""
-    from ..data.load import data_path
-
     d = asdict(cfg)
     for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "eval")):
         value = d[section][key]

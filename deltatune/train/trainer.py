@@ -21,6 +21,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..files import write_failure
 from ..loss import shifts_labels, token_loss
 
 STAGING = ".staging"
@@ -197,8 +198,12 @@ class DeltaTrainerMixin:
                 name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 with open(os.path.join(staging, name, SUMS), "w", encoding="utf-8") as fh:
                     json.dump(sums, fh)
-        except OSError as exc:  # disk full, read-only, ...: the half-written checkpoint goes, the last good one stays
-            failure = exc
+        except (
+            Exception
+        ) as exc:  # disk full, read-only, ...: the half-written checkpoint goes, the last good one stays
+            failure = write_failure(exc)  # (safetensors and torch wrap the OSError in their own errors)
+            if failure is None:
+                raise
         finally:
             self._staging = False
         failed = torch.tensor(int(failure is not None), device=self.args.device)

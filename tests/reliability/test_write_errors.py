@@ -36,3 +36,40 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(base, tmp_path, m
     code, _, err = cli("train", recipe, "--resume")
     assert code == 0, err
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint"))[-1] == "checkpoint-3"
+
+
+def _file_size_limit(limit: int):
+    def cap():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return cap
+
+
+def test_a_real_full_disk_is_one_line_and_leaves_no_half_written_file(base, tmp_path):
+    """safetensors and tokenizers raise their own errors around the OSError (SafetensorError "I/O error: ... (os
+    error 27)", a bare Exception): a traceback, a .staging checkpoint and a truncated tokenizer.json were left.
+    RLIMIT_FSIZE stands in for the full disk: checkpoints (tens of KB) fit, tokenizer.json (711 KB) does not."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", base.model, base.data, str(out), max_steps=2, save_steps=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "deltatune.cli", "train", recipe]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, preexec_fn=_file_size_limit(200_000))
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and f"could not write into {out}" in line and "os error 27" in line, done.stderr
+    assert not (out / "tokenizer.json").exists() and (out / "adapter_model.safetensors").is_file()
+    assert not [p for p in os.listdir(out) if p.startswith(".saving")]
+    small = tmp_path / "small"  # a checkpoint that does not fit: the last one kept, no .staging left
+    recipe = write_recipe(tmp_path / "s.yaml", base.model, base.data, str(small), max_steps=2, save_steps=1)
+    done = subprocess.run(
+        args[:-1] + [recipe], env=env, capture_output=True, text=True, preexec_fn=_file_size_limit(4000)
+    )
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and "writing the checkpoint of step 1 failed" in line, line
+    assert not any(".staging" in root for root, _, _ in os.walk(small))
