@@ -35,8 +35,9 @@ from typing import Any
 
 from ..config import ConfigError
 from .load import DataError, Row
-from .sample import AS_WRITTEN, Message, Sample
-from .templates import REASONING
+from .sample import AS_WRITTEN, REASONING, Message, Sample
+from .tools import row_tools
+from .tools import tool_calls as _tool_calls
 
 FORMATS: dict[str, str] = {
     "alpaca": "instruction, input, output (+ system, history)",
@@ -232,34 +233,6 @@ def _content(value: Any, where: str, sample_media: dict[str, list[str]]) -> str:
     raise DataError(f"{where}: content must be text, got {type(value).__name__}")
 
 
-def _tool_calls(value: Any, where: str) -> list[dict]:
-    """Tool calls as transformers' chat templates read them, arguments parsed to a dict."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise DataError(
-                f"{where}: a function call must be JSON ({{name, arguments}}), got {value[:40]!r}"
-            ) from None
-    calls = value if isinstance(value, list) else [value]
-    out = []
-    for i, call in enumerate(calls):
-        fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise DataError(f"{where}[{i}]: a tool call needs a function name")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                raise DataError(f"{where}[{i}].arguments: not valid JSON") from None
-        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
-        if isinstance(call, dict) and call.get("id"):
-            entry["id"] = call["id"]
-        out.append(entry)
-    return out
-
-
 def _message_list(
     value: Any,
     source: str,
@@ -319,31 +292,6 @@ def _media(row: Row, c: dict[str, str]) -> dict[str, list[str]]:
         if value:
             media[kind] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
     return media
-
-
-def _tools(row: Row, c: dict[str, str]) -> list[dict] | None:
-    value = row.get(_col(c, "tools"), required=False)
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise DataError(f"{row.source}: column {_col(c, 'tools')!r} is not valid JSON") from None
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        raise DataError(f"{row.source}: column {_col(c, 'tools')!r} must be a list of tool schemas")
-    for i, v in enumerate(value):
-        if not isinstance(v, dict):
-            raise DataError(
-                f"{row.source}: {_col(c, 'tools')}[{i}] must be a tool schema (a JSON object), got {type(v).__name__}"
-            )
-    schemas = [v if "function" in v else {"type": "function", "function": v} for v in value]
-    for i, v in enumerate(schemas):
-        if not isinstance(v["function"], dict) or not isinstance(v["function"].get("name"), str):
-            raise DataError(f"{row.source}: {_col(c, 'tools')}[{i}]: a tool schema needs a function name")
-    return schemas
 
 
 def _text(row: Row, column: str) -> str:
@@ -434,7 +382,7 @@ def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
     )
     if messages[0]["role"] != "system":
         messages = _system_message(row, c) + messages
-    return Sample(row.source, "sharegpt", messages, tools=_tools(row, c), **media)
+    return Sample(row.source, "sharegpt", messages, tools=row_tools(row, _col(c, "tools")), **media)
 
 
 def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
@@ -442,7 +390,7 @@ def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     column = _col(c, "messages") if _has(row, _col(c, "messages")) else _col(c, "conversations")  # role/content
     roles = {r: r for r in _MESSAGE_ROLES}
     messages = _message_list(row.get(column), row.source, column, "role", "content", roles, media)
-    return Sample(row.source, "messages", messages, tools=_tools(row, c), **media)
+    return Sample(row.source, "messages", messages, tools=row_tools(row, _col(c, "tools")), **media)
 
 
 def _prompt_completion(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
@@ -450,13 +398,13 @@ def _prompt_completion(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sampl
     prompt, conv = _turn(row.get(_col(c, "prompt")), row, _col(c, "prompt"), "user", media)
     completion, conv_c = _turn(row.get(_col(c, "completion")), row, _col(c, "completion"), "assistant", media)
     return Sample(row.source, "prompt_completion", prompt, completion=completion, conversational=conv or conv_c,
-                  tools=_tools(row, c), **media)  # fmt: skip
+                  tools=row_tools(row, _col(c, "tools")), **media)  # fmt: skip
 
 
 def _prompt(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     media = _media(row, c)
     prompt, conv = _turn(row.get(_col(c, "prompt")), row, _col(c, "prompt"), "user", media)
-    return Sample(row.source, "prompt", prompt, conversational=conv, tools=_tools(row, c), **media)
+    return Sample(row.source, "prompt", prompt, conversational=conv, tools=row_tools(row, _col(c, "tools")), **media)
 
 
 def _label(row: Row, column: str) -> bool:
@@ -505,7 +453,7 @@ def _preference(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
         # share, as TRL's maybe_extract_prompt takes it (else the user turn would be rendered twice).
         return _preference_implicit(row, c, _t)
     s = Sample(row.source, "preference", prompt, chosen=chosen, rejected=rejected,
-               conversational=conv or conv_c or conv_r, tools=_tools(row, c), **media)  # fmt: skip
+               conversational=conv or conv_c or conv_r, tools=row_tools(row, _col(c, "tools")), **media)  # fmt: skip
     return _pair_check(s, c)
 
 
@@ -539,7 +487,7 @@ def _preference_implicit(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sam
         s = Sample(row.source, "preference_implicit", [turn("user", prompt, chosen_raw[:m])],
                    chosen=[turn("assistant", chosen_raw[n:], chosen_raw[m:])],
                    rejected=[turn("assistant", rejected_raw[n:], rejected_raw[m:])],
-                   conversational=False, tools=_tools(row, c), **media)  # fmt: skip
+                   conversational=False, tools=row_tools(row, _col(c, "tools")), **media)  # fmt: skip
         return _pair_check(s, c)
     chosen, _ = _turn(chosen_raw, row, cc, "assistant", media)
     rejected, _ = _turn(rejected_raw, row, rc, "assistant", media)
@@ -554,7 +502,7 @@ def _preference_implicit(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sam
             "(data.bad_pairs=skip leaves such rows out)"
         )
     s = Sample(row.source, "preference_implicit", chosen[:n], chosen=chosen[n:], rejected=rejected[n:],
-               tools=_tools(row, c), **media)  # fmt: skip
+               tools=row_tools(row, _col(c, "tools")), **media)  # fmt: skip
     return _pair_check(s, c)
 
 

@@ -10,6 +10,10 @@ from typing import Any
 
 from .load import DataError
 
+REASONING = ("reasoning_content", "thinking")
+"""An assistant message's reasoning trace, as chat templates read it (Qwen3 and GLM: reasoning_content; gpt-oss:
+thinking)."""
+
 Message = dict[str, Any]
 """``{"role": system|user|assistant|tool, "content": str}``, an assistant's ``tool_calls`` as transformers'
 chat templates read them (``[{"type": "function", "function": {"name", "arguments": dict}}]``)."""

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 from .load import DataError, Row
+from .sample import REASONING
 
 IGNORE_INDEX = -100
 
@@ -176,11 +177,6 @@ def render(
     if add_generation_prompt:
         text += t.generation_prefix
     return text, spans
-
-
-REASONING = ("reasoning_content", "thinking")
-"""An assistant message's reasoning trace, as chat templates read it (Qwen3 and GLM: reasoning_content; gpt-oss:
-thinking)."""
 
 
 def _check_reasoning(m: dict, rendered: str, i: int, template: str | None = None) -> None:

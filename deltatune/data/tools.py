@@ -1,0 +1,62 @@
+"""Tool calls and tool schemas in data rows, as transformers' chat templates read them (formats.py's helpers)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .load import DataError, Row
+
+
+def tool_calls(value: Any, where: str) -> list[dict]:
+    """Tool calls as transformers' chat templates read them, arguments parsed to a dict."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(
+                f"{where}: a function call must be JSON ({{name, arguments}}), got {value[:40]!r}"
+            ) from None
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for i, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{where}[{i}]: a tool call needs a function name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                raise DataError(f"{where}[{i}].arguments: not valid JSON") from None
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and call.get("id"):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def row_tools(row: Row, column: str) -> list[dict] | None:
+    """The row's tool schemas (its ``column``), as transformers' chat templates read them; None when it has none."""
+    value = row.get(column, required=False)
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{row.source}: column {column!r} is not valid JSON") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"{row.source}: column {column!r} must be a list of tool schemas")
+    for i, v in enumerate(value):
+        if not isinstance(v, dict):
+            raise DataError(
+                f"{row.source}: {column}[{i}] must be a tool schema (a JSON object), got {type(v).__name__}"
+            )
+    schemas = [v if "function" in v else {"type": "function", "function": v} for v in value]
+    for i, v in enumerate(schemas):
+        if not isinstance(v["function"], dict) or not isinstance(v["function"].get("name"), str):
+            raise DataError(f"{row.source}: {column}[{i}]: a tool schema needs a function name")
+    return schemas
