@@ -37,10 +37,21 @@ class RowAdapters:
     """
 
     def __init__(self, names: Sequence[str], sizes: Collection[int] | None = None) -> None:
+        """``sizes``: ``call_sizes``' answer. ValueError: rows with different adapters, one of ``sizes.shared``'s."""
         self.names = tuple(names)
         self.sizes = frozenset(sizes) if sizes else None
         """The first dimensions a layer may route (the call's tensors', and generate's expansion of them); None: any
         multiple of the rows."""
+        self.refused: dict[int, str] = dict(getattr(sizes, "refused", {}))  # first dimensions none may route: why
+        for path, layer in getattr(sizes, "shared", ()) if len(set(self.names)) > 1 else ():
+            held = [name for name in dict.fromkeys(self.names) if name in layer.adapter_names]
+            if held:
+                raise ValueError(
+                    f"adapter_names routes {len(self.names)} rows but adapter {held[0]!r} adapts {path}, which "
+                    "computes one table of relative positions for every row, not the call's rows, so rows with "
+                    "different adapters cannot be told apart there; give every row the same adapter, or leave "
+                    f"{path.rpartition('.')[2]} out of the adapter's target_modules"
+                )
         # Per (batch, device): computed once per call, not once per layer (``nonzero`` waits for the device).
         self._codes: dict[tuple[int, torch.device], tuple[list[str], torch.Tensor]] = {}
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor | None]]] = {}
@@ -50,7 +61,7 @@ class RowAdapters:
 
         Raises:
             ValueError: rows with different adapters, and ``batch`` not a multiple of them or not one of ``sizes``
-                (the layer computes on something all rows share, e.g. relative positions).
+                (the layer computes on something all rows share, e.g. relative positions), or one of ``refused``.
         """
         key = (batch, device)
         if key not in self._codes:
@@ -58,6 +69,8 @@ class RowAdapters:
             if len(unique) == 1:  # one adapter for every row: whatever the layer computes on is theirs
                 self._codes[key] = unique, torch.zeros(batch, dtype=torch.long, device=device)
                 return self._codes[key]
+            if batch in self.refused:
+                raise ValueError(self.refused[batch])
             if self.sizes is None and batch % n:
                 raise ValueError(
                     f"adapter_names gives {n} rows but a layer sees a batch of {batch}, not a multiple of {n}; "
@@ -311,20 +324,38 @@ class ModulesToSave(DeltaLayer):
         return self._routed(*args, **kwargs)
 
     def _routed(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Each row through its adapter's copy (the original for BASE_ROW or an adapter without a copy here)."""
+        """Each row through its adapter's copy (the original for BASE_ROW or an adapter without a copy here), with
+        its rows of every argument that has them (``_rows_of``: a decoder block's mask, positions)."""
         parts, order = [], []
         for name, rows in self.row_adapters.groups(x.shape[0], x.device):
             own = name in self.modules_to_save  # nn.ModuleDict has no .get
             module = self.modules_to_save[name] if own else self.original_module
             if rows is None:
                 return module(x, *args, **kwargs)
-            out = module(x.index_select(0, rows), *args, **kwargs)
+            cut = {k: self._rows_of(v, rows, x.shape[0], k) for k, v in (*enumerate(args), *kwargs.items())}
+            positional = [cut.pop(i) for i in range(len(args))]
+            out = module(x.index_select(0, rows), *positional, **cut)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"mixed-adapter batches need {type(module).__name__} to return a tensor")
             parts.append(out)
             order.append(rows)
         # Rows come out grouped by adapter; put them back in batch order.
         return torch.cat(parts).index_select(0, torch.cat(order).argsort())
+
+    def _rows_of(self, value: Any, rows: torch.Tensor, batch: int, where: int | str) -> Any:
+        """Argument ``where`` (``value``) for ``rows``: tensors of 2+ dimensions whose first is the ``batch`` cut (1-D
+        ones, e.g. cache positions, every row shares), in tuples and lists too; ValueError for any other object (a
+        key-value cache, which every row would share and the module writes into)."""
+        if isinstance(value, torch.Tensor):
+            return value.index_select(0, rows.to(value.device)) if value.dim() > 1 and len(value) == batch else value
+        if type(value) in (tuple, list):
+            return type(value)(self._rows_of(v, rows, batch, where) for v in value)
+        if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+            return value
+        raise ValueError(
+            f"a mixed-adapter batch cannot split argument {where!r} of {type(self.original_module).__name__} "
+            f"(modules_to_save), a {type(value).__name__} every row shares; call with use_cache=False, or one adapter"
+        )
 
     def merge(self, name: str) -> None:  # nothing to fold: the copy replaces the original on unwrap
         pass
@@ -424,16 +455,78 @@ def call_batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def call_sizes(args: tuple, kwargs: dict, generating: nn.Module | None = None) -> set[int]:
-    """The first dimensions of a call's tensors (pixel values may hold several images per row), and for a generate
-    call of model ``generating`` each times its expansion (beams, or returned sequences): the batch sizes the
-    call's layers may see."""
-    sizes = {v.shape[0] for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0}
-    if generating is None:
-        return sizes
-    gen = kwargs.get("generation_config") or getattr(generating, "generation_config", None)
-    expand = max(kwargs.get(k) or getattr(gen, k, None) or 1 for k in ("num_beams", "num_return_sequences"))
-    return sizes | {n * expand for n in sizes}
+class CallSizes(frozenset):
+    """``call_sizes``' answer: the first dimensions a layer may route; ``refused``: those none may, each with the
+    reason; ``shared``: (path, layer) of the layers computing one table for every row (none can route rows)."""
+
+    def __new__(cls, sizes=(), refused: dict[int, str] | None = None, shared=()) -> CallSizes:
+        self = super().__new__(cls, sizes)
+        self.refused, self.shared = dict(refused or {}), list(shared)
+        return self
+
+
+IMAGE_KEYS = ("pixel_values", "image_", "video")  # beside text, the first dimension counts images, not rows
+SHARED_TABLE = re.compile(r"rel(ative)?_")  # a module named so (relative_attention_bias): one table for every row
+
+
+def call_sizes(
+    args: tuple, kwargs: dict, generating: nn.Module | None = None, model: nn.Module | None = None
+) -> CallSizes:
+    """The first dimensions of a call's tensors, and for a generate call of model ``generating`` each times its
+    expansion (beams, or returned sequences): the batch sizes the call's layers may see. Beside text rows (``input_ids`` / ``inputs_embeds``) image tensors (``IMAGE_KEYS``) count images: they route as
+    rows only where every row holds the same number, k per row in order, told by the image tokens in ``input_ids``
+    (the config of ``model``, or ``generating``, names the token); otherwise their first dimension is ``refused``.
+    The model's layers on relative-position tables (``SHARED_TABLE``) are ``shared``.
+    """
+    model = generating if generating is not None else model
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() == 2 else None
+    text = ids if ids is not None else kwargs.get("inputs_embeds")
+    sizes, refused = set(), {}
+    for key, value in [*((None, a) for a in args), *kwargs.items()]:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        sizes.add(n := value.shape[0])
+        if isinstance(text, torch.Tensor) and key and (why := _images_unmapped(n, key, text.shape[0], ids, model)):
+            refused[n] = why
+    if generating is not None:
+        gen = kwargs.get("generation_config") or getattr(generating, "generation_config", None)
+        expand = max(kwargs.get(k) or getattr(gen, k, None) or 1 for k in ("num_beams", "num_return_sequences"))
+        sizes |= {n * expand for n in sizes}
+        refused |= {n * expand: why for n, why in refused.items()}
+    shared = [] if model is None else [
+        (re.sub(r"^base_model\.", "", path), m)
+        for path, m in model.named_modules()
+        if isinstance(m, DeltaLayer) and SHARED_TABLE.match(re.sub(r"(\.base_layer)+$", "", path).rpartition(".")[2])
+    ]  # fmt: skip
+    return CallSizes(sizes - refused.keys(), refused, shared)
+
+
+def _images_unmapped(n: int, key: str, rows: int, ids: torch.Tensor | None, model: nn.Module | None) -> str | None:
+    """Why the ``n`` images of image tensor ``key`` cannot be told apart by row (of ``rows``; ``ids`` the call's input
+    ids); None for any other tensor, or when every row holds the same number of them (k per row, in order)."""
+    if not key.startswith(IMAGE_KEYS):
+        return None
+    kind = "video" if "video" in key else "image"
+    config = getattr(model, "config", None)
+    token = getattr(config, f"{kind}_token_id", None)
+    token = getattr(config, f"{kind}_token_index", None) if token is None else token
+    if ids is None:
+        why = f"the call gives no input_ids to count each row's {kind} tokens in"
+    elif token is None:
+        why = f"the model's config names no {kind} token to count each row's {kind}s by"
+    else:
+        counts = (ids == token).sum(1).tolist()
+        total = sum(counts)
+        if counts[0] > 0 and len(set(counts)) == 1 and n % len(counts) == 0:
+            return None
+        per_row = [c * n // total for c in counts] if total and total % n == 0 else None
+        why = f"the rows hold {per_row} {kind}s" if per_row else f"the rows hold {counts} {kind} tokens"
+    return (
+        f"adapter_names routes {rows} rows but {key} holds {n} {kind}s that do not map to rows one to one or k per row in order ({why}), so a layer seeing the {kind}s (a vision-tower "
+        f"adapter) cannot tell their rows; give every row the same number of {kind}s, or run the rows with "
+        "different adapters in separate calls"
+    )
 
 
 class DequantizedLinear(nn.Linear):

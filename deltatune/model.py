@@ -100,7 +100,7 @@ class DeltaModel(nn.Module, PushToHub):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs), sizes=call_sizes(args, kwargs)):
+        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs), call_sizes(args, kwargs, model=self)):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
