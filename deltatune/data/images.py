@@ -4,7 +4,8 @@ turned into ``pixel_values`` by the model's own image processor.
 Sources:
 
 - an image folder: one sub-folder per class (``digits/train/3/0042.png``); the class names are the sub-folder
-  names in sorted order, as torchvision's ``ImageFolder`` orders them;
+  names in sorted order, and a class's images are all those under its folder (``cat/batch1/x.png`` too), as
+  torchvision's ``ImageFolder`` reads them;
 - a JSONL / JSON / CSV / TSV file with an image path column (``data.image_column``) and a label column
   (``data.label_column``). Relative paths are read relative to the data file's folder. A relative path that
   leaves that folder (``../../etc/x.png``) is refused unless ``data.allow_outside: true``; absolute paths are
@@ -12,8 +13,9 @@ Sources:
 
 Every image is opened once while preparing (``check``), so a corrupt or unreadable file stops the run before
 training with one line naming the data file and line (or the image folder) and the image path, never a PIL
-traceback. Images in another mode than RGB (grayscale "L", palette "P", "RGBA", 16-bit "I;16") are converted to
-RGB, and counted for the report. Decoding for training happens again, lazily, in ``ImageDataset`` (nothing but the
+traceback. Images are turned as their EXIF orientation says. Images in another mode than RGB (grayscale "L",
+palette "P", "RGBA", 16-bit "I;16", 32-bit "I" and float "F" grey: ``to_rgb``) are converted to RGB, and counted for
+the report. Decoding for training happens again, lazily, in ``ImageDataset`` (nothing but the
 paths is held in memory), with the optional train-time augmentation (random resized crop, horizontal flip; off by
 default) drawn from torch's generator, so the Trainer's seed fixes it. PIL and numpy only: no torchvision.
 """
@@ -113,8 +115,7 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
     for name in classes:
         folder = os.path.join(root, name)
         # hidden files are skipped as class folders are (macOS's "._x.png" beside each image is no image)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
-        per_class.append([ImageRow(os.path.join(folder, f), name, os.path.join(folder, f)) for f in files])
+        per_class.append([ImageRow(path, name, path) for path in _images_under(folder)])
     if not any(per_class):
         raise DataError(f"image folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     empty = [name for name, rows in zip(classes, per_class) if not rows]
@@ -130,10 +131,40 @@ def _folder(root: str, limit: int | None) -> list[ImageRow]:
     return [r for rows in per_class for r in rows]
 
 
+def _images_under(folder: str) -> list[str]:
+    """The image files anywhere under ``folder`` (``cat/batch1/x.png`` too), in torchvision ``ImageFolder``'s order
+    (sorted walk, sorted names); hidden files and folders are skipped (macOS's "._x.png" beside each image)."""
+    out = []
+    for root, _, files in sorted(os.walk(folder, followlinks=True)):
+        if any(part.startswith(".") for part in os.path.relpath(root, folder).split(os.sep) if part != "."):
+            continue
+        out += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS) and f[0] != "."]
+    return out
+
+
+def _to_8bit(img):
+    """A 32-bit integer (mode I) or float (mode F) grey image in 8 bits (mode L): values within 0..65535 (mode I:
+    16-bit PGM, TIFF) scaled as 16-bit (/ 257), within 0..1 (mode F) by 255, else the image's own range to 0..255.
+    PIL's conversion clips them (every value above 255 white, a 0..1 float image black)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif img.mode == "F" or lo < 0 or hi > 65535:
+        a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    else:
+        a = a / 257
+    return Image.fromarray(a.round().clip(0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(img, on_white: bool = True):
     """``img`` in RGB. Transparency goes on white, as transformers' image processors convert (``convert_to_rgb``),
     unless ``on_white`` is False (PIL's ``convert("RGB")``, as diffusers' training scripts read images); 16-bit grey
-    (mode I;16) is scaled to 8 bits, where PIL's conversion would clip all but the darkest values to white."""
+    (mode I;16) is scaled to 8 bits, where PIL's conversion would clip all but the darkest values to white, and 32-bit
+    integer or float grey (modes I, F) as ``_to_8bit`` says."""
     import numpy as np
     from PIL import Image
 
@@ -141,6 +172,8 @@ def to_rgb(img, on_white: bool = True):
         return img.copy()
     if img.mode.startswith("I;16"):
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        img = _to_8bit(img)
     if on_white and (img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -148,18 +181,20 @@ def to_rgb(img, on_white: bool = True):
 
 
 def open_rgb(row: ImageRow, on_white: bool = True):
-    """The image of ``row`` as an RGB PIL image (``to_rgb``), and the mode it was stored in.
+    """The image of ``row`` as an RGB PIL image (``to_rgb``), turned as its EXIF orientation says (as transformers'
+    ``load_image`` and datasets' ``Image`` feature turn it: a phone's portrait photo stored sideways), and the mode
+    it was stored in.
 
     Raises:
         DataError: the file is missing, corrupt or not an image (the row's source and the path named).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(row.path) as img:
             img.load()
             mode = img.mode
-            rgb = to_rgb(img, on_white)
+            rgb = to_rgb(ImageOps.exif_transpose(img), on_white)
     except FileNotFoundError:
         raise DataError(f"{row.source}: image {row.path!r} does not exist") from None
     except UnidentifiedImageError:
@@ -221,12 +256,19 @@ def pixel_values(processor, images: list) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Lazily decoded examples: ``{"pixel_values": (C, H, W), "labels": int}`` (labels omitted when None)."""
+    """Lazily decoded examples: ``{"pixel_values": (C, H, W), "labels": int}`` (labels omitted when None). With
+    ``channels=1`` (a model whose config says ``num_channels: 1``) C is 1: the image's grey (PIL's ``convert("L")``)
+    normalised with the processor's first channel's mean and std."""
 
     def __init__(
-        self, rows: list[ImageRow], labels: list[int | None], processor, augmentations: list[str] | None = None
+        self,
+        rows: list[ImageRow],
+        labels: list[int | None],
+        processor,
+        augmentations: list[str] | None = None,
+        channels: int = 3,
     ) -> None:
-        self.rows, self.labels, self.processor = rows, labels, processor
+        self.rows, self.labels, self.processor, self.channels = rows, labels, processor, channels
         self.augmentations = list(augmentations or [])
 
     def __len__(self) -> int:
@@ -236,7 +278,9 @@ class ImageDataset(torch.utils.data.Dataset):
         img, _ = open_rgb(self.rows[i])
         if self.augmentations:
             img = augment(img, self.augmentations)
-        item: dict[str, Any] = {"pixel_values": pixel_values(self.processor, [img])[0]}
+        if self.channels == 1:
+            img = img.convert("L").convert("RGB")
+        item: dict[str, Any] = {"pixel_values": pixel_values(self.processor, [img])[0][: self.channels]}
         if self.labels[i] is not None:
             item["labels"] = self.labels[i]
         return item

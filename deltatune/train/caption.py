@@ -44,6 +44,7 @@ from ..data.sample import IMAGE_MARKER, Message, place_images
 from ..data.templates import IGNORE_INDEX, render
 from ..loss import shifted_token_loss
 from . import metrics as M
+from .checks import check_new_tokens
 from .config import RunConfig
 from .prepared import Prepared, data_columns
 from .trainer import TokenLossTrainer
@@ -92,6 +93,11 @@ class VLMProcessor:
 
     def save_pretrained(self, out: str) -> None:
         self.processor.save_pretrained(out)
+
+    def inputs(self, images: list, messages: list[Message] | None):
+        """The model's inputs (``input_ids`` with the image tokens, ``pixel_values``, ...) to answer ``messages``."""
+        text, _, special = render_vlm(self, messages or [], add_generation_prompt=True)
+        return self.processor(text=[text], images=images, add_special_tokens=special, return_tensors="pt")
 
 
 def model_kind(path: str) -> str:
@@ -179,7 +185,7 @@ class CaptionDataset(torch.utils.data.Dataset):
             out.update(input_ids=[self.processor.bos, *self.labels[i]], labels=[IGNORE_INDEX, *self.labels[i]])
         return out
 
-    def references(self, n: int) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
+    def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
         """(images, prompt messages (none), caption) of the first ``n`` rows."""
         return [([r], None, r.text or "") for r in self.rows[:n]]
 
@@ -351,7 +357,7 @@ class VLMDataset(torch.utils.data.Dataset):
         pixels = self.processor.processor(images=images, return_tensors="pt")
         return {"input_ids": ids, "labels": labels, **pixels}
 
-    def references(self, n: int) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
+    def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
         """(images, prompt messages, last answer) of the first ``n`` rows."""
         return [(e.images, e.messages[:-1], e.messages[-1]["content"]) for e in self.examples[:n]]
 
@@ -431,9 +437,8 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
         text, spans, _ = render_vlm(processor, examples[0].messages, train_from=examples[0].train_from)
         notes.append(f"{split} row 1 as the model reads it (trained text in [[ ]]): {mark(text, spans)!r}")
         if cut:
-            notes.append(
-                f"{cut} {split} rows were longer than data.max_length={d.max_length} text tokens and were cut"
-            )
+            notes.append(f"{cut} {split} rows were longer than data.max_length={d.max_length} text tokens and were "
+                         "cut")  # fmt: skip
         for mode, count in sorted(modes.items()):
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
         splits.append(VLMDataset(examples, encoded, processor))
@@ -441,9 +446,8 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     images = sum(len(e.images) for e in train.examples)
     notes.insert(0, f"{len(train)} training rows with {images} images; image token {processor.image_token!r}")
     if ev is not None:
-        notes.append(
-            f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {min(len(ev), EVAL_CAPTIONS)} eval rows"
-        )
+        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {min(len(ev), EVAL_CAPTIONS)} "
+                     "eval rows")  # fmt: skip
     collator = functools.partial(collate_vlm, pad_token_id=processor.pad_token_id)
     return Prepared(train, ev, collator, None, None, notes=notes, loss_only=True)
 
@@ -474,9 +478,8 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
     tok = processor.tokenizer
     train_ids, cut = encode_captions(train_rows, tok, d.max_target_length, processor.eos)
-    eval_ids, cut_eval = (
-        (None, 0) if not eval_rows else encode_captions(eval_rows, tok, d.max_target_length, processor.eos)
-    )
+    eval_ids, cut_eval = ((None, 0) if not eval_rows
+                          else encode_captions(eval_rows, tok, d.max_target_length, processor.eos))  # fmt: skip
     if processor.bos is not None:
         notes.append(f"train row 1 as BLIP's text decoder reads it (trained in [[ ]]): "
                      f"{tok.decode([processor.bos])}[[ {tok.decode(train_ids[0])} ]]")  # fmt: skip
@@ -490,8 +493,6 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
         CaptionDataset(train_rows, train_ids, processor),
         CaptionDataset(eval_rows, eval_ids, processor) if eval_rows else None,
         functools.partial(collate, pad_token_id=processor.pad_token_id or 0),
-        None,
-        None,
         notes=notes,
         loss_only=True,
         trainer_class=_trainer(processor),
@@ -535,8 +536,7 @@ def _generate(
         kwargs = {k: v for k, v in kwargs.items() if k not in ("pad_token_id", "eos_token_id")}
         out = model.generate(pixel_values=pixels, input_ids=ids, **kwargs)[0][len(start) :]
         return tok.decode(out, skip_special_tokens=True).strip()
-    text, _, special = render_vlm(processor, messages or [], add_generation_prompt=True)
-    enc = processor.processor(text=[text], images=images, add_special_tokens=special, return_tensors="pt")
+    enc = processor.inputs(images, messages)
     enc = {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device) for k, v in enc.items()}
     out, prompt = model.generate(**enc, **kwargs)[0], enc["input_ids"][0]
     if len(out) >= len(prompt) and torch.equal(out[: len(prompt)], prompt):
@@ -562,7 +562,7 @@ def caption(
 
     Raises:
         DataError: the file is missing or not an image (its path named).
-        ConfigError: a prompt for an encoder-decoder captioner.
+        ConfigError: a prompt for an encoder-decoder captioner; ``max_new_tokens`` past the text decoder's positions.
     """
     from .chat import check_sampling, sampling_kwargs
 
@@ -577,6 +577,7 @@ def caption(
     if isinstance(processor, CaptionProcessor):  # BLIP: the prompt is the caption's start
         messages = [{"role": "user", "content": prompt}] if prompt else None
     sampling = sampling_kwargs(temperature, top_p)
+    check_new_tokens(model, processor, [img], messages, max_new_tokens, "--max-new-tokens")
     return _generate(model, processor, [img], messages, max_new_tokens=max_new_tokens, num_beams=num_beams, **sampling)
 
 
@@ -591,6 +592,7 @@ def caption_metrics(
     preds, refs = [], []
     for rows, messages, reference in dataset.references(EVAL_CAPTIONS):
         images = [open_rgb(r)[0] for r in rows]
+        check_new_tokens(model, processor, images, messages, max_new_tokens, "data.max_target_length")
         preds.append(_generate(model, processor, images, messages, max_new_tokens=max_new_tokens, do_sample=False))
         refs.append(reference)
     model.train(was_training)

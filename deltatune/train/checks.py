@@ -27,9 +27,11 @@ def check_model_path(name: str, key: str = "model.name_or_path") -> None:
     Paths (absolute, ``./``, ``~``, more than one ``/``) must be folders. With the hub offline a hub id must be in
     the local cache. Anything else is left to the hub client (whose own failure ``load_model`` reports).
     """
-    from .models import resolve_path
+    from .embedded import (
+        resolve,
+    )  # models.resolve_path; checks imports neither models nor a stage (caption imports it)
 
-    path = resolve_path(name)
+    path = resolve(name)
     if os.path.isdir(path):
         return
     if os.path.exists(path):
@@ -139,9 +141,12 @@ def check_reference(cfg: RunConfig, model, training: bool) -> None:
 
 def check_context(cfg: RunConfig, prepared, model) -> None:
     """ConfigError naming data.max_length when the longest encoded example (with a token adapter's virtual tokens)
-    is over the model's positions: an encoder's learned positions failed in the first step, deep inside torch."""
+    is over the model's positions: an encoder's learned positions failed in the first step, deep inside torch.
+    Stage caption: ``check_caption``."""
     from ..targets import context_length
 
+    if cfg.stage == "caption":
+        return check_caption(cfg, prepared, model)
     config = getattr(model, "config", None)
     context = context_length(config) if config is not None and hasattr(config, "get_text_config") else None
     if context is None or getattr(config, "is_encoder_decoder", False):  # (T5's relative positions have no limit)
@@ -155,3 +160,83 @@ def check_context(cfg: RunConfig, prepared, model) -> None:
                 f"data.max_length={cfg.data.max_length}: the longest {split} example is {max(lengths)} tokens{extra}, "
                 f"more than the model's {context} positions; set data.max_length to {context - virtual} or less"
             )
+
+
+def decoder_positions(model) -> int | None:
+    """The positions of a captioner's text decoder: a VisionEncoderDecoder's decoder's (GPT-2's n_positions, BERT's
+    max_position_embeddings), else the text config's (BLIP's text decoder, a VLM's language model); None: unknown."""
+    from ..targets import context_length
+
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        config = getattr(config, "decoder", None)  # (a T5-style text decoder's relative positions have no limit)
+    return context_length(config) if hasattr(config, "get_text_config") else None
+
+
+def check_generation(model, prompt: int, max_new_tokens: int, key: str) -> None:
+    """ConfigError naming ``key`` (``--max-new-tokens``, ``data.max_target_length``) when ``max_new_tokens`` new
+    tokens after a decoder prompt of ``prompt`` tokens (``prompt_length``) run past the text decoder's positions. The
+    last new token is read by none, so the decoder reads ``prompt + max_new_tokens - 1`` positions."""
+    positions, read = decoder_positions(model), prompt + max_new_tokens - 1
+    if positions is not None and read > positions:
+        asked = f"{key} {max_new_tokens}" if key.startswith("--") else f"{key}={max_new_tokens}"
+        raise ConfigError(
+            f"{asked}: a caption of {max_new_tokens} new tokens after a prompt of {prompt} reads {read} positions of "
+            f"the text decoder, which has {positions}; set {key} to {positions - prompt + 1} or less"
+        )
+
+
+def check_new_tokens(model, processor, images: list, messages: list | None, max_new_tokens: int, key: str) -> None:
+    """``check_generation`` for a caption of ``images`` (RGB) after ``messages``, as ``caption._generate`` feeds them
+    (its prompt counted only when the decoder's positions are known)."""
+    if decoder_positions(model) is not None:
+        check_generation(model, prompt_length(processor, images, messages), max_new_tokens, key)
+
+
+def prompt_length(processor, images: list, messages: list | None) -> int:
+    """The tokens a captioner's text decoder reads before its first new one: a VisionEncoderDecoder's start token;
+    BLIP's BOS and prompt; a decoder-only VLM's rendered prompt with its image tokens (``VLMProcessor.inputs``)."""
+    if hasattr(processor, "inputs"):
+        return int(processor.inputs(images, messages)["input_ids"].shape[1])
+    prompt = messages[0]["content"] if messages and processor.bos is not None else ""
+    return 1 + (len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0)
+
+
+def check_caption(cfg: RunConfig, prepared, model) -> None:
+    """Stage caption, before the run folder changes: ConfigError when the longest train or eval row (a caption cut
+    to data.max_target_length, after the decoder's start token or BLIP's BOS; a VLM's conversation cut to
+    data.max_length text tokens, with its image tokens) or the eval's greedy captions (data.max_target_length new
+    tokens after each prompt) run past the text decoder's learned positions, which failed deep inside torch's
+    embedding. (The datasets are read by their attributes: checks imports no stage file.)"""
+    from ..data.images import open_rgb
+
+    positions = decoder_positions(model)
+    if positions is None:
+        return
+    d = cfg.data
+    for split, ds in (("train", prepared.train), ("eval", prepared.eval)):
+        if ds is None or not len(ds):
+            continue
+        if hasattr(ds, "encoded"):  # a decoder-only VLM's rows: (ids with the image tokens, labels)
+            ids = max((ids for ids, _ in ds.encoded), key=len)
+            longest, images = len(ids), ids.count(ds.processor.image_token_id)
+            key, fix = f"data.max_length={d.max_length}", f"data.max_length to {positions - images} or less"
+        else:  # a VisionEncoderDecoder reads its start token and the caption but its end; BLIP its BOS and all
+            blip = ds.processor.bos is not None
+            longest = max(map(len, ds.labels)) + blip
+            key = f"data.max_target_length={d.max_target_length}"
+            fix = f"data.max_target_length to {positions - blip} or less"
+        if longest > positions:
+            raise ConfigError(
+                f"{key}: the longest {split} row reads {longest} positions of the text decoder, which has "
+                f"{positions}; set {fix}"
+            )
+    ev = prepared.eval
+    if ev is not None and len(
+        ev
+    ):  # the end-of-run captions of the eval rows (references' default: the ones captioned)
+        vlm = hasattr(ev, "encoded")
+        lengths = [
+            prompt_length(ev.processor, [open_rgb(r)[0] for r in rs] if vlm else [], m) for rs, m, _ in ev.references()
+        ]
+        check_generation(model, max(lengths), d.max_target_length, "data.max_target_length")

@@ -10,11 +10,15 @@ same; PEFT has no task_type for images, so the adapter's task_type stays None an
 Metrics: accuracy and macro-F1 (the mean over classes of 2 TP / (2 TP + FP + FN), over the classes that occur in
 the labels or the predictions, as scikit-learn's ``f1_score(average="macro")``). The confusion matrix of the last
 evaluation is written as ``confusion_matrix.json`` and ``confusion_matrix.png`` into the run folder and shown in
-the report.
+the report, by the training run only: ``deltatune eval`` (other data, the same run) leaves them as training wrote them.
+
+A model whose config says ``num_channels: 1`` (grey ViT, ResNet, ...) reads the images' grey (``ImageDataset``);
+one of another count than 1 or 3 is refused.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -109,6 +113,50 @@ def plot_confusion(m: np.ndarray, names: list[str], path: str) -> str | None:
     return path
 
 
+class ConfusionTrainer(TokenLossTrainer):
+    """The stage's trainer: after each evaluation it writes the confusion matrix that ``compute_metrics`` left in
+    ``confusion`` into its own output folder. That is the run folder while training; ``deltatune eval`` evaluates in
+    a scratch folder, so an evaluation on other data leaves the run's matrix (the one its report shows) alone."""
+
+    def __init__(self, *args, confusion: dict, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.confusion = confusion
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        metrics = super().evaluate(*args, **kwargs)
+        m, out = self.confusion.pop("matrix", None), self.args.output_dir
+        if m is not None and self.is_world_process_zero() and os.path.isdir(out):
+            with open(os.path.join(out, "confusion_matrix.json"), "w", encoding="utf-8") as fh:
+                json.dump({"labels": self.confusion["names"], "matrix": m.tolist()}, fh)
+            plot_confusion(m, self.confusion["names"], os.path.join(out, "confusion_matrix.png"))
+        return metrics
+
+
+def model_channels(cfg: RunConfig) -> int:
+    """The image channels the model reads (its config's ``num_channels``, a vision tower's; 3 when unsaid).
+
+    Raises:
+        ConfigError: a count other than 1 (grey) or 3 (RGB).
+    """
+    from transformers import AutoConfig
+
+    from .models import resolve_path
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return 3  # the model loader names the problem
+    n = getattr(getattr(config, "vision_config", config), "num_channels", 3)
+    if n not in (1, 3):
+        raise ConfigError(
+            f"model.name_or_path {cfg.model.name_or_path!r} reads {n}-channel images (its config's num_channels); "
+            "stage image_cls feeds RGB (3 channels) or grey (1) images"
+        )
+    return n
+
+
 def _notes_converted(notes: list[str], split: str, converted: dict[str, int]) -> None:
     for mode, count in sorted(converted.items()):
         notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
@@ -146,29 +194,28 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         notes.append(f"train-time augmentation: {', '.join(d.augment)}")
     if "modules_to_save" not in cfg.method:
         cfg.method["modules_to_save"] = [HEAD]  # the new head trains in full, whatever the method
-    out_dir = cfg.output.dir
-    n = len(names)
+    n, last = len(names), {"names": names}
+    channels = model_channels(cfg)
+    if channels == 1:
+        notes.append("the model reads one channel: images are fed as grey")
 
     def compute(p) -> dict[str, float]:
         logits = p.predictions[0] if isinstance(p.predictions, (tuple, list)) else p.predictions
         preds, labels = np.asarray(logits).argmax(-1), np.asarray(p.label_ids)
-        m = confusion(preds, labels, n)
-        if os.path.isdir(out_dir):
-            with open(os.path.join(out_dir, "confusion_matrix.json"), "w", encoding="utf-8") as fh:
-                json.dump({"labels": names, "matrix": m.tolist()}, fh)
-            plot_confusion(m, names, os.path.join(out_dir, "confusion_matrix.png"))
+        last["matrix"] = m = confusion(preds, labels, n)  # written by ConfusionTrainer (training only)
         return {"accuracy": float((preds == labels).mean()), "macro_f1": macro_f1(m)}
 
     if eval_rows:
         notes.append("confusion matrix of the last evaluation (rows: true class, columns: predicted):")
         notes.append("![confusion matrix](confusion_matrix.png)")
     return Prepared(
-        ImageDataset(train_rows, train_ids, processor, d.augment),
-        ImageDataset(eval_rows, eval_ids, processor) if eval_rows else None,
+        ImageDataset(train_rows, train_ids, processor, d.augment, channels),
+        ImageDataset(eval_rows, eval_ids, processor, channels=channels) if eval_rows else None,
         collate,
         compute,
         "eval_accuracy",
         names,
         notes=notes,
-        trainer_class=TokenLossTrainer,  # the cross-entropy over the step's rows, however the step is cut
+        # the cross-entropy over the step's rows, however the step is cut; the confusion matrix into the run folder
+        trainer_class=functools.partial(ConfusionTrainer, confusion=last),
     )

@@ -82,7 +82,8 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
     """The model's image processor (transformers' PIL backend where torchvision is missing).
 
     A model folder without ``preprocessor_config.json`` (a model saved from a config) gets ViT's processor at the
-    config's ``image_size``: resize, rescale to [0, 1], normalise with mean = std = 0.5 (to [-1, 1]).
+    config's ``image_size`` (its vision tower's, or a VisionEncoderDecoder's encoder's): resize, rescale to [0, 1],
+    normalise with mean = std = 0.5 (to [-1, 1]).
     """
     from transformers import AutoConfig, AutoImageProcessor
 
@@ -91,7 +92,8 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
         from transformers import ViTImageProcessorPil
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        size = getattr(getattr(config, "vision_config", config), "image_size", 224)
+        vision = getattr(config, "vision_config", None) or getattr(config, "encoder", None) or config
+        size = getattr(vision, "image_size", 224)
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return ViTImageProcessorPil(size={"height": height, "width": width})
     try:
@@ -249,8 +251,33 @@ def load_model(
         # A decoder's classifier reads the last token that is not the config's pad id; the batches are padded with
         # the tokenizer's, so with another id it read a pad token of every shorter row (eval moved with batch size).
         model.config.pad_token_id = pad_token_id
+    if task_type == "IMAGE_TO_TEXT":
+        _fill_start_token(model, path, trust_remote_code)
     model.config._name_or_path = embedded.hub_id(name_or_path)  # what adapters record as their base
     return model
+
+
+def _fill_start_token(model, path: str, trust_remote_code: bool) -> None:
+    """A VisionEncoderDecoder assembled from two configs (``from_encoder_decoder_configs``, or ``_pretrained``) has
+    no ``decoder_start_token_id`` and often no ``pad_token_id``; transformers' docs have the user set them from the
+    tokenizer, and without them the first step fails deep inside the model. Filled here as the docs do: the
+    tokenizer's BOS (else its CLS, a BERT decoder's, else its EOS) starts, its pad (else EOS) pads."""
+    config = model.config
+    if not hasattr(config, "decoder") or not getattr(config, "is_encoder_decoder", False):
+        return
+    if (
+        getattr(config, "decoder_start_token_id", None) is not None
+        and getattr(config, "pad_token_id", None) is not None
+    ):
+        return
+    tok = load_tokenizer(path, trust_remote_code)
+    start = next((t for t in (tok.bos_token_id, tok.cls_token_id, tok.eos_token_id) if t is not None), None)
+    if getattr(config, "decoder_start_token_id", None) is None and start is not None:
+        config.decoder_start_token_id = start
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.decoder_start_token_id = start
+    if getattr(config, "pad_token_id", None) is None and tok.pad_token_id is not None:  # (load_tokenizer: EOS)
+        config.pad_token_id = tok.pad_token_id
 
 
 def _kind(path: str, trust_remote_code: bool) -> str:
