@@ -198,9 +198,11 @@ def merge(delta: DeltaModel, tok) -> tuple[torch.nn.Module, Any]:
             return delta.merge_and_unload(), None
         from ..methods.quant_tools import merge_quantized
 
-        enc = tok(list(MERGE_PROBE), return_tensors="pt", padding=True)
-        device = next(delta.parameters()).device
-        return merge_quantized(delta, {k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
+        enc, config = tok(list(MERGE_PROBE), return_tensors="pt", padding=True), delta.get_base_model().config
+        probe = {k: enc[k].to(next(delta.parameters()).device) for k in ("input_ids", "attention_mask")}
+        if getattr(config, "is_encoder_decoder", False):  # the decoder reads its start token
+            probe["decoder_input_ids"] = torch.full_like(probe["input_ids"][:, :1], config.decoder_start_token_id or 0)
+        return merge_quantized(delta, probe)
     except NotMergeable as exc:  # a token method or an adapter with modules of its own
         raise ConfigError(f"cannot merge: {exc.why}; use the adapter as it is (generate, serve)") from None
 
@@ -420,8 +422,7 @@ def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dic
 
 
 def _recipe_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The recipe as run.yaml keeps it: a local model folder or data file by its absolute path, so eval, generate,
-    chat and merge from another folder read what the run read (not the same relative names there)."""
+    """The recipe as run.yaml keeps it: local model and data paths absolute (eval, generate, chat, merge elsewhere)."""
     d = asdict(cfg)
     for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "eval")):
         value = d[section][key]

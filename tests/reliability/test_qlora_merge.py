@@ -96,3 +96,31 @@ def test_merge_of_a_full_precision_run_writes_no_merge_report(base, tmp_path):
     code, stdout, err = cli("merge", "--adapter", base.run, "--out", str(tmp_path / "merged"))
     assert code == 0, err
     assert not (tmp_path / "merged" / "merge_report.json").exists() and "4-bit" not in stdout
+
+
+def test_merge_of_a_qlora_seq2seq_run_probes_the_decoder_too(tmp_path):
+    """The probe gave an encoder-decoder no decoder input: the merge of a T5 QLoRA run was a transformers traceback."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    base = save_tiny(tmp_path / "base", "t5", d_model=64, d_kv=16, d_ff=128)
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"source": f"say number {i}", "target": f"number {i}"}) + "\n" for i in range(8))
+    )
+    recipe = {
+        "stage": "seq2seq",
+        "model": {"name_or_path": base, "quantization": {"bits": 4, "backend": "torchao"}},
+        "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q", "v"]},
+        "data": {"train": str(data), "source_column": "source", "target_column": "target", "max_length": 16,
+                 "max_target_length": 8},
+        "train": {"batch_size": 4, "max_steps": 1, "lr": 0.01, "report_to": ["none"]},
+        "output": {"dir": str(tmp_path / "run")},
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    pytest.importorskip("torchao")
+    assert cli("train", str(tmp_path / "recipe.yaml"))[0] == 0
+    code, _, err = cli("merge", "--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["dequantized_layers"] > 0 and report["max_abs_diff"] < 1e-2
+    AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged")  # a plain transformers folder
