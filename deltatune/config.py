@@ -83,6 +83,10 @@ class DeltaConfig:
         ``bias="all"``). The default, none: the adapter's own modules are all that train."""
         return []
 
+    def uses(self) -> list[str]:
+        """The other adapters this one computes with (a fusion's members): none may be deleted while it is there."""
+        return []
+
     def for_loading(self) -> DeltaConfig:
         """The config to build the adapter with when its weights come from a file: the same by default; a method
         whose initialisation needs what the file makes needless (a tokenizer) leaves it out."""

@@ -190,8 +190,7 @@ class DeltaModel(nn.Module, PushToHub):
             return functools.partial(function, self)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """torch's full state dict (base and adapters). The plain ``transformers.Trainer`` would write it whole as the
-        checkpoint (failing on tied embeddings): that one call is refused with a hint to use ``deltatune.Trainer``."""
+        """torch's full state dict; the plain ``transformers.Trainer``'s save is refused (use ``deltatune.Trainer``)."""
         caller = sys._getframe(1)
         if caller.f_code.co_name == "_save" and caller.f_globals.get("__name__") == "transformers.trainer":
             raise TypeError(
@@ -210,8 +209,7 @@ class DeltaModel(nn.Module, PushToHub):
             )
         super().__setattr__(name, value)
 
-    def get_base_model(self) -> nn.Module:
-        """The wrapped model (with the adapter layers in it)."""
+    def get_base_model(self) -> nn.Module:  # the wrapped model (with the adapter layers in it)
         return self.base_model
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
@@ -292,9 +290,12 @@ class DeltaModel(nn.Module, PushToHub):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from the model (unmerging it first if merged). When it was the only active adapter,
-        the first remaining one becomes active (as in PEFT)."""
+        """Remove an adapter from the model (unmerging it first if merged); when it was the only active adapter, the
+        first remaining one becomes active (as in PEFT). ValueError: another adapter (a fusion) ``uses`` it."""
         self._check_names([adapter_name])
+        if users := [n for n, c in self.peft_config.items() if adapter_name in c.uses()]:
+            raise ValueError(f"adapter {adapter_name!r} is used by {users[0]!r} ({self.peft_config[users[0]].method}); "
+                             f"delete {users[0]!r} first")  # fmt: skip
         self._remove(adapter_name)
         if not self.active_adapters and self.peft_config:
             self.active_adapters = [next(iter(self.peft_config))]

@@ -63,6 +63,9 @@ class AdapterFusionConfig(DeltaConfig):
             raise ConfigError(f"adapter_names lists {dup[0]!r} more than once: {self.adapter_names!r}")
         check_range("temperature", self.temperature, 0, None, low_open=True)
 
+    def uses(self) -> list[str]:
+        return list(self.adapter_names)
+
 
 class Fusion(nn.Module):
     """Attention over adapter outputs at one sub-layer: fuse(h, deltas) -> sum_i a_i (W_v o_i + b_v)."""

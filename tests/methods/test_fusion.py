@@ -146,13 +146,18 @@ def test_errors_leave_model_unchanged():
         model.add_fusion(["a", "f"], name="g")
 
 
-def test_deleting_a_fused_adapter_gives_a_clear_error():
+def test_deleting_a_fused_adapter_is_refused_until_the_fusion_goes(tmp_path):
+    """It was deleted: the fusion stayed active and failed at the next forward, and its saved folder did not load."""
     model = _with_adapters("bert", names=("a", "b"))
     model.add_fusion(["a", "b"], name="f")
-    model.delete_adapter("b")
     model.set_adapter("f")
-    with pytest.raises(KeyError, match="'b' is not in this layer"):
-        model(**tiny_inputs("bert"))
+    before = model(**tiny_inputs("bert")).logits
+    with pytest.raises(ValueError, match=r"^adapter 'b' is used by 'f' \(fusion\); delete 'f' first$"):
+        model.delete_adapter("b")
+    assert set(model.peft_config) == {"a", "b", "f"} and torch.equal(model(**tiny_inputs("bert")).logits, before)
+    model.delete_adapter("f")
+    model.delete_adapter("b")
+    assert set(model.peft_config) == {"a"}
 
 
 def test_hidden_size_mismatch_is_an_error():
