@@ -230,6 +230,8 @@ def load_model(
         # A checkpoint whose head has another number of classes gets a new head of the right size.
         kwargs["ignore_mismatched_sizes"] = True
     path = resolve_path(name_or_path)
+    if task_type == "CAUSAL_LM" and _kind(path, trust_remote_code) in ENCODER_LMS:
+        kwargs["is_decoder"] = True  # an encoder's causal-LM class (BertLMHeadModel) masks the future only so
     try:
         if task_type in HEAD_TASKS:
             model = _load_with_new_head(auto_class(task_type), path, kwargs)
@@ -278,6 +280,12 @@ def _fill_start_token(model, path: str, trust_remote_code: bool) -> None:
             model.generation_config.decoder_start_token_id = start
     if getattr(config, "pad_token_id", None) is None and tok.pad_token_id is not None:  # (load_tokenizer: EOS)
         config.pad_token_id = tok.pad_token_id
+
+
+ENCODER_LMS = {"Bert", "Roberta", "XLMRoberta", "XLMRobertaXL", "Electra", "Camembert", "Ernie", "Data2VecText", "Xmod",
+               "MegatronBert", "RoCBert", "RemBert", "RoFormer", "BigBird", "BertGeneration"}  # fmt: skip
+"""Encoders whose causal-LM class reads every token both ways unless loaded with ``is_decoder=True`` (transformers
+only warns): MiniLM, the default model, trained as a causal LM that saw the tokens it predicts."""
 
 
 def _kind(path: str, trust_remote_code: bool) -> str:
