@@ -118,7 +118,7 @@ class TrainArgs:
     warmup_steps: int = _f(0, "Warm-up steps (overrides warmup_ratio when > 0).")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
-    precision: str = _f("auto", "auto (bf16 where the hardware has it), fp32, bf16 or fp16.")
+    precision: str = _f("auto", "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16.")
     logging_steps: int = _f(10, "Log loss and learning rate every N steps.")
     eval_steps: int | None = _f(None, "Evaluate data.eval every N steps (default: at the end of each epoch).")
     save_steps: int | None = _f(None, "Checkpoint every N steps (default: at the end of each epoch).")
