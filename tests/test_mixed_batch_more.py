@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_mixed_batch import run_alone  # (its helper: each row alone with its adapter)
 from tiny import tiny_inputs, tiny_model
 from tolerances import ATOL
 
@@ -27,19 +28,6 @@ def _two(model: torch.nn.Module, a: dict, b: dict | None = None) -> dt.DeltaMode
     torch.manual_seed(2)
     delta.add_adapter("b", _lora(**(a if b is None else b)))
     return delta.eval()
-
-
-def run_alone(model: dt.DeltaModel, name: str, fn):
-    """``fn()`` with only adapter ``name`` active ("__base__": adapters disabled); the active ones are restored."""
-    active = list(model.active_adapters)
-    try:
-        if name == "__base__":
-            with model.disable_adapter():
-                return fn()
-        model.set_adapter(name)
-        return fn()
-    finally:
-        model.set_adapter(active)
 
 
 def _llava_rows(images: list[int], seed: int = 1) -> dict:
