@@ -206,8 +206,10 @@ def _is_ours(exc: BaseException) -> bool:
     from .data.load import DataError
     from .files import AdapterLoadError, write_failure
 
-    if isinstance(exc, (ConfigError, DataError, AdapterLoadError)) or write_failure(exc) is not None:
-        return True  # (a file that could not be written, a full disk: one line, wherever it was raised)
+    if isinstance(exc, (ConfigError, DataError, AdapterLoadError)):
+        return True
+    if not isinstance(exc, OSError) and write_failure(exc) is not None:
+        return True  # a library's error around a failed write (safetensors', torch's on a full disk): one line
     if not isinstance(exc, (ValueError, KeyError, OSError)):
         return False
     import os

@@ -232,6 +232,8 @@ def save_folder_files(save: Callable[[str], object], folder: str) -> None:
     try:
         save(tmp)
         for name in os.listdir(tmp):
+            if os.path.isdir(os.path.join(folder, name)):  # an earlier save's sub-folder: replaced whole
+                shutil.rmtree(os.path.join(folder, name))
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     except Exception as exc:
         failure = write_failure(exc)

@@ -511,6 +511,8 @@ def _images_unmapped(n: int, key: str, rows: int, ids: torch.Tensor | None, mode
     config = getattr(model, "config", None)
     token = getattr(config, f"{kind}_token_id", None)
     token = getattr(config, f"{kind}_token_index", None) if token is None else token
+    if (ids is None or token is None) and n == rows:
+        return None  # no image tokens to count (BLIP): one image per row, as the tensors' sizes say
     if ids is None:
         why = f"the call gives no input_ids to count each row's {kind} tokens in"
     elif token is None:
@@ -523,9 +525,9 @@ def _images_unmapped(n: int, key: str, rows: int, ids: torch.Tensor | None, mode
         per_row = [c * n // total for c in counts] if total and total % n == 0 else None
         why = f"the rows hold {per_row} {kind}s" if per_row else f"the rows hold {counts} {kind} tokens"
     return (
-        f"adapter_names routes {rows} rows but {key} holds {n} {kind}s that do not map to rows one to one or k per row in order ({why}), so a layer seeing the {kind}s (a vision-tower "
-        f"adapter) cannot tell their rows; give every row the same number of {kind}s, or run the rows with "
-        "different adapters in separate calls"
+        f"adapter_names routes {rows} rows but {key} holds {n} {kind}s that do not map to rows one to one or k per "
+        f"row in order ({why}), so a layer seeing the {kind}s (a vision-tower adapter) cannot tell their rows; give "
+        f"every row the same number of {kind}s, or run the rows with different adapters in separate calls"
     )
 
 

@@ -122,3 +122,29 @@ def test_modules_to_save_block_gets_its_rows_of_every_argument():
         with model.disable_adapter():
             base = model(**{k: v[:1] for k, v in inputs.items()}, use_cache=False).logits
         assert (mixed[:1] - base).abs().max() > 1e-3, "adapter a (its block copy and LoRA) must change row 0"
+
+
+def test_one_image_per_row_routes_where_the_config_names_no_image_token():
+    """BLIP (no image token to count) with one image per row: the image check above refused every such mixed call."""
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    text = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                max_position_embeddings=32)  # fmt: skip
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, image_size=16,
+                  patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    blip = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    model = _two(blip, {"target_modules": ["query", "value"]})
+    g = torch.Generator().manual_seed(3)
+    inputs = {
+        "pixel_values": torch.randn(2, 3, 16, 16, generator=g),
+        "input_ids": torch.randint(3, 100, (2, 5), generator=g),
+    }
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=["a", "b"]).logits
+        for i, name in enumerate(["a", "b"]):
+            alone = run_alone(model, name, lambda i=i: model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits)
+            torch.testing.assert_close(mixed[i : i + 1], alone, atol=ATOL32, rtol=0)
+        assert not torch.allclose(
+            mixed[0], run_alone(model, "b", lambda: model(**{k: v[:1] for k, v in inputs.items()}).logits)[0]
+        )

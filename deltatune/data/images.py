@@ -143,9 +143,10 @@ def _images_under(folder: str) -> list[str]:
 
 
 def _to_8bit(img):
-    """A 32-bit integer (mode I) or float (mode F) grey image in 8 bits (mode L): values within 0..65535 (mode I:
-    16-bit PGM, TIFF) scaled as 16-bit (/ 257), within 0..1 (mode F) by 255, else the image's own range to 0..255.
-    PIL's conversion clips them (every value above 255 white, a 0..1 float image black)."""
+    """A 32-bit integer (mode I) or float (mode F) grey image in 8 bits (mode L): mode I values within 0..255 as they
+    are (8-bit values stored wide), within 0..65535 (16-bit PGM, TIFF) scaled as 16-bit (/ 257); mode F values within
+    0..1 by 255; else the image's own range to 0..255. PIL's conversion clips them (every value above 255 white, a
+    0..1 float image black)."""
     import numpy as np
     from PIL import Image
 
@@ -155,7 +156,7 @@ def _to_8bit(img):
         a = a * 255
     elif img.mode == "F" or lo < 0 or hi > 65535:
         a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    else:
+    elif hi > 255:
         a = a / 257
     return Image.fromarray(a.round().clip(0, 255).astype(np.uint8), mode="L")
 

@@ -395,9 +395,16 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         x, y = a.get(key), b.get(key)
         if y is None and key in DERIVED:
             continue
-        if x != y:
+        if x != y and not _same_path(key, x, y):
             out.append(f"{key}: {x!r} -> {y!r}")
     return out
+
+
+def _same_path(key: str, old: Any, new: Any) -> bool:
+    """A run.yaml written before local paths were kept absolute has them as typed (relative to the folder the run
+    was started in, which a resume is started in too)."""
+    paths = ("model.name_or_path", "data.train", "data.eval")
+    return key in paths and isinstance(old, str) and isinstance(new, str) and os.path.abspath(old) == new
 
 
 # -- staging -----------------------------------------------------------------------------------------------------

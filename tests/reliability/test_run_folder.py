@@ -385,3 +385,19 @@ def test_run_yaml_keeps_local_paths_absolute(tmp_path, monkeypatch):
     assert kept["data"]["eval"] == str(tmp_path / "data" / "eval.jsonl")
     hub = _recipe_dict(build({**recipe, "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M"}}))
     assert hub["model"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M"  # not a local folder: as written
+
+
+def test_a_run_yaml_with_relative_paths_resumes_unchanged(tmp_path, monkeypatch):
+    """A run.yaml written before paths were kept absolute holds them as typed: --resume called that a change."""
+    from deltatune.train.runfolder import recipe_changes
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    old = {"model": {"name_or_path": "models/base"}, "data": {"train": "data/t.jsonl"}}
+    new = {
+        "model": {"name_or_path": str(tmp_path / "models" / "base")},
+        "data": {"train": str(tmp_path / "data" / "t.jsonl")},
+    }
+    assert recipe_changes(old, new) == []
+    moved = {"model": {"name_or_path": "/elsewhere/base"}, "data": new["data"]}
+    assert recipe_changes(old, moved) == ["model.name_or_path: 'models/base' -> '/elsewhere/base'"]

@@ -73,3 +73,34 @@ def test_a_real_full_disk_is_one_line_and_leaves_no_half_written_file(base, tmp_
     line = one_error_line(done.stderr)
     assert done.returncode == 2 and "writing the checkpoint of step 1 failed" in line, line
     assert not any(".staging" in root for root, _, _ in os.walk(small))
+
+
+def test_saving_twice_through_a_temporary_folder_replaces_sub_folders(tmp_path):
+    """A save writing a sub-folder (t2i's text_encoder_lora/) failed the second time: Directory not empty."""
+    from deltatune.files import save_folder_files
+
+    def save(version):
+        def write(folder):
+            os.makedirs(os.path.join(folder, "sub"))
+            with open(os.path.join(folder, "sub", "w.txt"), "w") as fh:
+                fh.write(version)
+            with open(os.path.join(folder, "top.txt"), "w") as fh:
+                fh.write(version)
+
+        return write
+
+    save_folder_files(save("1"), str(tmp_path))
+    save_folder_files(save("2"), str(tmp_path))
+    assert (tmp_path / "sub" / "w.txt").read_text() == (tmp_path / "top.txt").read_text() == "2"
+    assert sorted(os.listdir(tmp_path)) == ["sub", "top.txt"]  # no temporary folder left
+
+
+def test_only_a_librarys_error_around_a_failed_write_is_one_line_not_any_os_error():
+    """Every OSError counted as deltatune's own refusal (a library's read error lost its traceback)."""
+    from deltatune.cli import _is_ours
+
+    try:
+        os.stat("/nonexistent/x")  # raised outside deltatune's code: a traceback, as before
+    except OSError as exc:
+        assert not _is_ours(exc)
+    assert _is_ours(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))

@@ -269,6 +269,9 @@ def test_32_bit_and_float_grey_images_keep_their_values(tmp_path):
         assert np.array_equal(_grey(tmp_path / name), as_16_bit), name
     assert np.array_equal(_grey(tmp_path / "fwide.tif"), np.round((wide.astype(np.float64) + 2) * 255 / 8))
     assert np.array_equal(_grey(tmp_path / "g32big.tif"), np.round(big / big.max() * 255))
+    narrow = (np.arange(64).reshape(8, 8) * 4).astype(np.int32)  # 8-bit values stored wide: as they are (not / 257)
+    Image.fromarray(narrow, mode="I").save(tmp_path / "g32narrow.tif")
+    assert np.array_equal(_grey(tmp_path / "g32narrow.tif"), narrow)
 
 
 def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path):
