@@ -159,12 +159,11 @@ def write_adapter(
 def stage_training_state(layers: dict, folder: str | os.PathLike[str], name: str) -> None:
     """Hand TRAINING_STATE in ``folder`` (if any) to the ``layers`` (by path) it names, for adapter ``name``: the next
     import restores an unfolded encoder instead of folding it (resuming, as ``load_adapter_weights`` does)."""
-    for path, state in read_training_state(folder).items():
-        if path not in layers:
-            raise AdapterLoadError(
-                f"{os.path.join(folder, TRAINING_STATE)}: no adapter layer at {path!r} in this model"
-            )
-        layers[path].stage_training_state(name, state)
+    states = read_training_state(folder)
+    for path in states.keys() - layers.keys():
+        raise AdapterLoadError(f"{os.path.join(folder, TRAINING_STATE)}: no adapter layer at {path!r} in this model")
+    for path, layer in layers.items():  # (None clears what an earlier, failed load left staged)
+        layer.stage_training_state(name, states.get(path))
 
 
 def read_training_state(folder: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor]]:

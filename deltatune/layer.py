@@ -218,9 +218,10 @@ class DeltaLayer(nn.Module):
         folded (a token encoder's own tensors); saved beside the adapter, read back by ``load_adapter_weights``."""
         return {}
 
-    def stage_training_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Have the next ``import_state`` of ``name`` restore ``state`` (``training_state``'s tensors)."""
-        raise ValueError(f"adapter {name!r} of {type(self).__name__} keeps no training state")
+    def stage_training_state(self, name: str, state: dict[str, torch.Tensor] | None) -> None:
+        """Have the next ``import_state`` of ``name`` restore ``state`` (``training_state``'s tensors; None: none)."""
+        if state:
+            raise ValueError(f"adapter {name!r} of {type(self).__name__} keeps no training state")
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter's entries (unmerging it first)."""

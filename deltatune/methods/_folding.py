@@ -62,6 +62,10 @@ class Reparametrised(nn.Module):
         """The tensors the adapter file does not keep: the unfolded encoder's own ({} once folded)."""
         return {} if self.folded() else {k: v.detach() for k, v in self.state_dict().items()}
 
-    def stage(self, state: dict[str, torch.Tensor]) -> None:
-        """Have the next ``fold`` of saved tokens restore ``state`` (``training_state``'s tensors) instead."""
-        self._staged = state
+    def stage(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Have the next ``fold`` of saved tokens restore ``state`` (``training_state``'s tensors) instead; None
+        clears it."""
+        if state is None:
+            self.__dict__.pop("_staged", None)
+        else:
+            self._staged = state

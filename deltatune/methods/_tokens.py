@@ -135,8 +135,11 @@ class VirtualTokens(DeltaLayer):
     def training_state(self, name: str) -> dict[str, torch.Tensor]:
         return getattr(self.prompt_encoder[name], "training_state", dict)()
 
-    def stage_training_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        self.prompt_encoder[name].stage(state)
+    def stage_training_state(self, name: str, state: dict[str, torch.Tensor] | None) -> None:
+        if name in self.prompt_encoder and hasattr(self.prompt_encoder[name], "stage"):
+            self.prompt_encoder[name].stage(state)
+        elif state:
+            raise ValueError(f"token adapter {name!r} keeps no training state")
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def _active(self) -> tuple[str, TokenSpec] | None:

@@ -156,7 +156,10 @@ class Engine:
         with self._changing():  # checked under the lock: two unloads of one name give the second a 404
             if name not in self.model.peft_config:
                 raise RequestError(f"no adapter named {name!r} is served", 404, "model_not_found", "name")
-            self.model.delete_adapter(name)
+            try:
+                self.model.delete_adapter(name)
+            except ValueError as exc:  # another adapter (a fusion) computes with it
+                raise RequestError(str(exc), 409, "adapter_in_use", "name") from None
             self._routes.pop(name, None)
             self.templates.pop(name, None)
 

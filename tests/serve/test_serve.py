@@ -611,3 +611,16 @@ def test_developer_messages_and_odd_bodies_are_answered_not_500(served):
         body = {"model": "lora", "prompt": "hi", "max_tokens": 1, **asks_nothing}
         assert _post(server, "/v1/completions", json.dumps(body).encode())[0] == 200, asks_nothing
     _assert_still_serving(server)
+
+
+def test_unloading_an_adapter_another_computes_with_is_a_409(served, monkeypatch):
+    """delete_adapter refuses a fusion's member (ValueError): serve answered that with a 500."""
+    engine, server, _, _ = served
+
+    def refuse(name):
+        raise ValueError(f"adapter {name!r} is used by 'f' (fusion); delete 'f' first")
+
+    monkeypatch.setattr(engine.model, "delete_adapter", refuse)
+    got, answer = _post(server, "/v1/adapters/lora", b"", method="DELETE")
+    assert got == 409 and answer["error"]["code"] == "adapter_in_use" and "used by 'f'" in answer["error"]["message"]
+    assert "lora" in engine.adapters()

@@ -131,3 +131,26 @@ def test_push_to_hub_uploads_the_adapter_and_other_processes_save_nothing(tmp_pa
     assert not {"model.safetensors", "config.json"} & set(committed["me/adapter"])
     model.save_pretrained(str(tmp_path / "rank1"), is_main_process=False)
     assert not (tmp_path / "rank1").exists()
+
+
+def test_a_failed_load_leaves_no_training_state_staged(tmp_path):
+    """A load failing after its training state was staged left it on the encoder: the next load of another file
+    restored the stale encoder and refused ("does not give the saved tokens")."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = _token_model("p_tuning_mlp")
+    model.save_pretrained(str(tmp_path / "a"))
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "a", bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    save_file({k: v[:1] for k, v in tensors.items()}, str(bad / "adapter_model.safetensors"))  # a wrong shape
+    with pytest.raises(dt.AdapterLoadError):
+        model.load_adapter_weights(str(bad), "default")
+    plain = tmp_path / "plain"  # peft's file alone: the tokens, folded in
+    shutil.copytree(tmp_path / "a", plain)
+    (plain / "training_state.safetensors").unlink()
+    model.load_adapter_weights(str(plain), "default")
+    encoder = model.get_base_model().virtual_tokens.prompt_encoder["default"]
+    assert encoder.folded() and torch.equal(encoder.embedding.weight, tensors["prompt_embeddings"])
