@@ -388,6 +388,13 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any, heads:
             f"modules_to_save: {packed[0]!r} holds 4-bit layers, which cannot train in full (QLoRA trains an adapter "
             "beside them); keep it in full precision (quantize(skip_modules=[...])) or leave it out"
         )
+    adapted = [(n, m) for n, m in plan if isinstance(m, DeltaLayer) and not isinstance(m, ModulesToSave)]
+    if adapted:  # its copy would hold the other adapter's layer (whose tensors this adapter's file then lacks)
+        name, layer = adapted[0]
+        raise ConfigError(
+            f"modules_to_save: {name!r} is adapted by {type(layer).__name__} (adapter "
+            f"{', '.join(map(repr, layer.adapter_names))}), so it cannot also be trained in full (as peft refuses)"
+        )
     for name, module in plan:
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)

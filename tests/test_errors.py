@@ -294,3 +294,14 @@ def test_an_adapter_loaded_for_inference_computes_without_dropout(tmp_path):
         not loaded.training
         and dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True).training
     )
+
+
+def test_modules_to_save_on_a_module_another_adapter_adapts_is_one_line_and_changes_nothing():
+    """Its copy held the other adapter's LoRA layer: loading such a file blamed it for lacking that adapter's tensors."""
+    from deltatune.config import ConfigError
+
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["lm_head"]), "head")
+    modules = [n for n, _ in model.named_modules()]
+    with pytest.raises(ConfigError, match=r"^modules_to_save: 'lm_head' is adapted by LoraLinear \(adapter 'head'\)"):
+        model.add_adapter("mts", dt.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert list(model.peft_config) == ["head"] and [n for n, _ in model.named_modules()] == modules
