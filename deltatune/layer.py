@@ -457,8 +457,7 @@ def call_batch_size(args: tuple, kwargs: dict) -> int | None:
 
 
 class CallSizes(frozenset):
-    """``call_sizes``' answer: the first dimensions a layer may route; ``refused``: those none may, each with the
-    reason; ``shared``: (path, layer) of the layers computing one table for every row (none can route rows)."""
+    """``call_sizes``' answer: first dimensions a layer may route; ``refused``: none may (why); ``shared``: layers."""
 
     def __new__(cls, sizes=(), refused: dict[int, str] | None = None, shared=()) -> CallSizes:
         self = super().__new__(cls, sizes)
@@ -514,10 +513,9 @@ def _images_unmapped(n: int, key: str, rows: int, ids: torch.Tensor | None, mode
     token = getattr(config, f"{kind}_token_index", None) if token is None else token
     if (ids is None or token is None) and n == rows:
         return None  # no image tokens to count (BLIP): one image per row, as the tensors' sizes say
-    if ids is None:
-        why = f"the call gives no input_ids to count each row's {kind} tokens in"
-    elif token is None:
-        why = f"the model's config names no {kind} token to count each row's {kind}s by"
+    if ids is None or token is None:
+        what = "the call gives no input_ids" if ids is None else f"the model's config names no {kind} token"
+        why = f"{what} to count each row's {kind}s by"
     else:
         counts = (ids == token).sum(1).tolist()
         total = sum(counts)

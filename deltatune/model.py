@@ -291,7 +291,7 @@ class DeltaModel(nn.Module, PushToHub):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from the model (unmerging it first if merged); when it was the only active adapter, the
-        first remaining one becomes active (as in PEFT). ValueError: another adapter (a fusion) ``uses`` it."""
+        first remaining one becomes active (as in PEFT). ValueError: another adapter ``uses`` it."""
         self._check_names([adapter_name])
         if users := [n for n, c in self.peft_config.items() if adapter_name in c.uses()]:
             raise ValueError(f"adapter {adapter_name!r} is used by {users[0]!r} ({self.peft_config[users[0]].method}); "
