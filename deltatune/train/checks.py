@@ -27,9 +27,8 @@ def check_model_path(name: str, key: str = "model.name_or_path") -> None:
     Paths (absolute, ``./``, ``~``, more than one ``/``) must be folders. With the hub offline a hub id must be in
     the local cache. Anything else is left to the hub client (whose own failure ``load_model`` reports).
     """
-    from .embedded import (
-        resolve,
-    )  # models.resolve_path; checks imports neither models nor a stage (caption imports it)
+    # (models.resolve_path is this; checks imports neither models nor a stage file: caption imports checks)
+    from .embedded import resolve
 
     path = resolve(name)
     if os.path.isdir(path):
@@ -232,9 +231,7 @@ def check_caption(cfg: RunConfig, prepared, model) -> None:
                 f"{positions}; set {fix}"
             )
     ev = prepared.eval
-    if ev is not None and len(
-        ev
-    ):  # the end-of-run captions of the eval rows (references' default: the ones captioned)
+    if ev is not None and len(ev):  # the end-of-run captions of the eval rows (references' default: those captioned)
         vlm = hasattr(ev, "encoded")
         lengths = [
             prompt_length(ev.processor, [open_rgb(r)[0] for r in rs] if vlm else [], m) for rs, m, _ in ev.references()
