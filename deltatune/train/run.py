@@ -28,6 +28,7 @@ from .prepared import Prepared
 from .runfolder import (
     Replacement,
     RunLock,
+    absolute_paths,
     check_apart,
     check_output_path,
     facts_changes,
@@ -423,11 +424,7 @@ def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dic
 
 def _recipe_dict(cfg: RunConfig) -> dict[str, Any]:
     """The recipe as run.yaml keeps it: local model and data paths absolute (eval, generate, chat, merge elsewhere)."""
-    d = asdict(cfg)
-    for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "eval")):
-        value = d[section][key]
-        if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(data_path(value)):
-            d[section][key] = os.path.abspath(value)
+    d = absolute_paths(asdict(cfg))
     return {
         "stage": d["stage"],
         "model": d["model"],

@@ -400,11 +400,26 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+LOCAL_PATHS = ("model.name_or_path", "data.train", "data.eval")
+"""The recipe keys that may name a local folder or file: run.yaml keeps them absolute (``absolute_paths``)."""
+
+
+def absolute_paths(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` (nested dicts) with each LOCAL_PATHS value that names an existing local path made absolute (a data
+    spec's row range kept), so eval, generate, chat and merge started from another folder read what the run read."""
+    from ..data.load import data_path
+
+    for section, key in (p.split(".") for p in LOCAL_PATHS):
+        value = recipe[section][key]
+        if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(data_path(value)):
+            recipe[section][key] = os.path.abspath(value)
+    return recipe
+
+
 def _same_path(key: str, old: Any, new: Any) -> bool:
     """A run.yaml written before local paths were kept absolute has them as typed (relative to the folder the run
     was started in, which a resume is started in too)."""
-    paths = ("model.name_or_path", "data.train", "data.eval")
-    return key in paths and isinstance(old, str) and isinstance(new, str) and os.path.abspath(old) == new
+    return key in LOCAL_PATHS and isinstance(old, str) and isinstance(new, str) and os.path.abspath(old) == new
 
 
 # -- staging -----------------------------------------------------------------------------------------------------
