@@ -15,7 +15,7 @@ IPO authors' results use, and TRL's; over sums the squared target would scale wi
 equals TRL's ``DPOTrainer`` of the same ``loss_type`` (``tests/train/test_trl_losses.py``).
 
 The implicit rewards are beta (log pi - log ref) of each response. The reference is the same base model with the
-adapter switched off (``DeltaModel.disable_adapter``), so it costs no second copy of the weights; with
+adapter switched off (``DeltaModel.disable_adapter``) and no dropout, so it costs no second copy of the weights; with
 ``align.precompute_ref`` its log-probs are computed once before training instead of at every step.
 At initialisation (adapter = identity) pi = ref, so h = 0 and the sigmoid loss is log 2.
 """
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..data.preference import PairCollator
 from .config import DPO_LOSS_TYPES, AlignArgs, RunConfig
-from .logprobs import response_logprobs, sequence_logprobs
+from .logprobs import reference_logprobs, response_logprobs, sequence_logprobs
 from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
 
@@ -138,8 +138,7 @@ class DPOTrainer(PairTrainer):
         if "ref_chosen_logp" in inputs:
             ref_c, ref_r = inputs["ref_chosen_logp"], inputs["ref_rejected_logp"]
         else:
-            with torch.no_grad(), self._delta_model().disable_adapter():
-                ref_c, ref_r = sequence_logprobs(model, lm).chunk(2)
+            ref_c, ref_r = reference_logprobs(model, self._delta_model(), lm).chunk(2)
         a = self.align
         return dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing, n_c, n_r)
 

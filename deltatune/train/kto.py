@@ -3,7 +3,7 @@
 Unpaired data: each row is a prompt x, a completion y and a label saying whether y is desirable (preference rows
 with chosen and rejected columns give one desirable and one undesirable row each). With
 r(x, y) = log pi(y|x) - log ref(y|x) (log-probs summed over the completion's tokens; the reference is the same base
-with the adapter switched off) and the reference point
+with the adapter switched off, no dropout) and the reference point
 
     z0 = max(0, mean over the batch of r(x_i, y_{i-1}))     (mismatched pairs: the KL(pi || ref) estimate; no gradient)
 
@@ -32,7 +32,7 @@ from ..data.sample import unpaired_examples
 from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
-from .logprobs import sequence_logprobs
+from .logprobs import reference_logprobs, sequence_logprobs
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -106,8 +106,7 @@ class KTOTrainer(DeltaTrainer):
     def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lm = {k: inputs[k] for k in _LM_KEYS}
         policy, policy_kl = sequence_logprobs(model, lm).chunk(2)
-        with torch.no_grad(), self._delta_model().disable_adapter():
-            ref, ref_kl = sequence_logprobs(model, lm).chunk(2)
+        ref, ref_kl = reference_logprobs(model, self._delta_model(), lm).chunk(2)
         kl = kl_reference_point(policy_kl, ref_kl)
         a = self.align
         losses, rewards = kto_loss(policy, ref, inputs["desirable"], kl, a.beta, a.desirable_weight,

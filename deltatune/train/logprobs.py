@@ -77,3 +77,17 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
     return token_logprobs(logits, batch["labels"]).sum(-1), counts
+
+
+@torch.no_grad()
+def reference_logprobs(model: torch.nn.Module, delta: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``sequence_logprobs`` of the reference: ``delta`` (the DeltaModel that ``model`` is or wraps) with its
+    adapter off, and in eval mode: no dropout (as TRL's reference has none), so a training step's reference is the
+    one ``DPOTrainer._with_ref`` precomputes, and the base's own dropout (GPT-2's, BERT's) adds no noise to it."""
+    was_training = model.training
+    model.eval()
+    try:
+        with delta.disable_adapter():
+            return sequence_logprobs(model, batch)
+    finally:
+        model.train(was_training)

@@ -67,7 +67,8 @@ def orpo_loss(
 
 
 class ORPOTrainer(PairTrainer):
-    """PairTrainer with the ORPO loss (no reference). Logs ``nll``, ``log_odds_ratio`` and the ``rewards/*``
+    """PairTrainer with the ORPO loss (no reference). Logs ``nll``, ``log_odds_ratio`` (the mean of
+    log sigmoid(log OR)), ``log_odds_chosen`` (the mean of log OR; both as TRL names them) and the ``rewards/*``
     means since the last log; eval predictions are (B, 2) [chosen reward, rejected reward]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
@@ -97,7 +98,9 @@ class ORPOTrainer(PairTrainer):
             odds = F.logsigmoid(log_or)
             loss = loss + self.align.beta * (odds.mean() - self.pair_mean(odds, model))
             self.log_stat("nll", (-pc.sum() / nc.sum().clamp(min=1)).item())
-            self.log_stat("log_odds_ratio", log_or.mean().item())
+            # TRL's names: log_odds_ratio the mean of log sigmoid(log OR), log_odds_chosen the mean of log OR
+            self.log_stat("log_odds_ratio", odds.mean().item())
+            self.log_stat("log_odds_chosen", log_or.mean().item())
             self.log_rewards(chosen, rejected, margins=False)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 

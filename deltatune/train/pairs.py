@@ -116,21 +116,26 @@ class PairTrainer(DeltaTrainer):
 
 
 def encode_pair_splits(
-    cfg: RunConfig, tok, causal: bool, pair_scorer: bool = False
+    cfg: RunConfig, tok, causal: bool, pair_scorer: bool = False, extra: dict | None = None
 ) -> tuple[Encoded, Encoded | None, list[str]]:
     """The train and (optional) eval preference rows (any preference format, ``formats.read_samples``) rendered
     with the chat template and encoded (``encode.encode_pair_samples``), and the report notes (format, first rows
-    as rendered, pairs skipped under data.bad_pairs=skip, rows truncated)."""
+    as rendered, pairs skipped under data.bad_pairs=skip, rows truncated). ``extra``: split -> {column: {file:line:
+    value}} (or None), a number per row added to each of its pairs under that column name."""
     from ..data.encode import encode_pair_samples
 
     d = cfg.data
     train_s, eval_s, template, notes = read_splits(cfg, tok, pair_scorer=pair_scorer)
 
-    def enc(samples) -> Encoded:
-        return encode_pair_samples(samples, tok, template, d.max_length, d.truncation, causal=causal)
+    def enc(samples, split: str) -> Encoded:
+        out = encode_pair_samples(samples, tok, template, d.max_length, d.truncation, causal=causal)
+        for column, values in ((extra or {}).get(split) or {}).items():
+            for s, ex in zip(samples, out.examples, strict=True):
+                ex[column] = values[s.source]
+        return out
 
-    train = enc(train_s)
-    ev = enc(eval_s) if eval_s else None
+    train = enc(train_s, "train")
+    ev = enc(eval_s, "eval") if eval_s else None
     _note_truncated(notes, "train", train.truncated, d.max_length)
     _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
     return train, ev, notes

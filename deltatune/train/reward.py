@@ -4,13 +4,18 @@ The model is ``AutoModelForSequenceClassification`` with one output (the head is
 modules_to_save of task type SEQ_CLS). For each pair it scores (prompt, chosen) and (prompt, rejected) and
 minimises the Bradley-Terry ranking loss (Stiennon et al. 2020; Ouyang et al. 2022):
 
-    loss = mean over pairs of -log sigmoid(r_chosen - r_rejected)
+    loss = mean over pairs of -log sigmoid(r_chosen - r_rejected - m)
+
+where m is the row's ``margin`` column when the data has one (how much better chosen is: TRL's ``RewardTrainer``
+reads the same column into the same loss, as in Llama 2's reward model), else 0.
 
 Eval: pairwise accuracy (the share of pairs with r_chosen > r_rejected) and the mean margin r_chosen - r_rejected.
 ``scorers.RewardScorer`` loads a finished reward run to score text for PPO and GRPO.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -22,11 +27,15 @@ from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
 from .scorers import is_encoder_config
 
+MARGIN_COLUMN = "margin"
+"""The column of a pair's required reward margin (TRL's name)."""
 
-def pairwise_losses(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry ranking loss of each pair: -log sigmoid(chosen - rejected), (B,) from the (B,) rewards of the
-    preferred and the dispreferred responses."""
-    return -F.logsigmoid(chosen.float() - rejected.float())
+
+def pairwise_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry ranking loss of each pair: -log sigmoid(chosen - rejected - margin), (B,) from the (B,) rewards
+    of the preferred and the dispreferred responses and the (B,) margins (None: 0)."""
+    diff = chosen.float() - rejected.float()
+    return -F.logsigmoid(diff if margin is None else diff - margin.float().to(diff.device))
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -35,30 +44,90 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 
 class RewardTrainer(PairTrainer):
-    """PairTrainer with the pairwise loss on the model's scalar scores."""
+    """PairTrainer with the pairwise loss on the model's scalar scores, plus, with ``center_rewards_coefficient``
+    c, c (r_chosen + r_rejected)^2 per pair (TRL's term of that name, after Eisenstein et al. 2023: it keeps the
+    rewards centred on 0)."""
+
+    def __init__(self, *args, center_rewards_coefficient: float | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.center_rewards_coefficient = center_rewards_coefficient
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        margin = inputs.get(MARGIN_COLUMN)
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         scores = model(**inputs).logits.squeeze(-1)  # (2B,): the B chosen, then the B rejected
         chosen, rejected = scores.chunk(2)
-        loss = self.pair_mean(pairwise_losses(chosen, rejected), model)
+        losses = pairwise_losses(chosen, rejected, margin)
+        if self.center_rewards_coefficient:
+            losses = losses + self.center_rewards_coefficient * (chosen.float() + rejected.float()) ** 2
+        loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 
-def _is_encoder(cfg: RunConfig) -> bool:
-    """Whether the base is an encoder (a masked-LM family such as BERT), which scores (prompt, response) through
-    its pair template rather than a chat template."""
+def _base_config(cfg: RunConfig):
+    """The base model's config; None when it does not load (the model loader reports that more clearly)."""
     from transformers import AutoConfig
 
     from .models import resolve_path
 
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError):
-        return False  # the model loader reports this more clearly
-    return is_encoder_config(config)
+        return None
+
+
+def _check_eos(config, splits: dict[str, list[dict]]) -> None:
+    """An encoder-decoder's sequence classifier (T5, BART) scores the hidden state of each input's last EOS token,
+    and transformers refuses a batch whose inputs do not all hold the same number of them, at least one.
+
+    Raises:
+        DataError: an encoded input breaks that rule.
+    """
+    from ..data.load import DataError
+
+    eos = getattr(config, "eos_token_id", None)
+    if config is None or not getattr(config, "is_encoder_decoder", False) or not isinstance(eos, int):
+        return
+    first = None
+    for split, examples in splits.items():
+        for i, ex in enumerate(examples):
+            for side in ("chosen", "rejected"):
+                n = ex[side]["input_ids"].count(eos)
+                first = n if first is None else first
+                if n != first or n == 0:
+                    raise DataError(
+                        f"stage rm on {config.model_type}: its classifier scores the last EOS token (id {eos}), so "
+                        f"every input needs the same number of them, at least one; {split} pair {i + 1}'s {side} "
+                        f"has {n}{'' if n == first else f', the first input {first}'} (plain-string rows with no "
+                        "chat template get the tokenizer's own, one per text; or set data.template)"
+                    )
+
+
+def _margins(spec: str | None, cfg: RunConfig) -> dict[str, float] | None:
+    """file:line -> the ``margin`` of each row of the data file ``spec``; None when no row has the column.
+
+    Raises:
+        DataError: some rows have the column and this one has none, or not a finite number.
+    """
+    from ..data.load import DataError, read_rows
+
+    if not spec:
+        return None
+    rows = read_rows(spec, cfg.data.text_column, cfg.data.limit)
+    if not any(MARGIN_COLUMN in r.data for r in rows):
+        return None
+    out = {}
+    for r in rows:
+        value = r.data.get(MARGIN_COLUMN)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(
+                f"{r.source}: column {MARGIN_COLUMN!r} must be a finite number (the pair's reward margin; other rows "
+                f"have one), got {value!r}"
+            )
+        out[r.source] = float(value)
+    return out
 
 
 def prepare_rm(cfg: RunConfig, tok) -> Prepared:
@@ -66,13 +135,25 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
 
     Raises:
         ConfigError: model.num_labels is set to anything but 1.
+        DataError: a bad row, or (T5, BART) an input without the EOS tokens the classifier reads.
     """
+    from functools import partial
+
     from ..config import ConfigError
 
     if cfg.model.num_labels not in (None, 1):
         raise ConfigError(f"stage rm trains a scalar reward: model.num_labels must be 1, got {cfg.model.num_labels}")
     cfg.model.num_labels = 1  # recorded in run.yaml, so eval and PPO rebuild the same head
-    train, ev, notes = encode_pair_splits(cfg, tok, causal=False, pair_scorer=_is_encoder(cfg))
+    margins = {split: _margins(getattr(cfg.data, split), cfg) for split in ("train", "eval")}
+    extra = {split: {MARGIN_COLUMN: m} if m else None for split, m in margins.items()}
+    config = _base_config(cfg)
+    pair_scorer = config is not None and is_encoder_config(config)
+    train, ev, notes = encode_pair_splits(cfg, tok, causal=False, pair_scorer=pair_scorer, extra=extra)
+    _check_eos(config, {"train": train.examples, "eval": ev.examples if ev else []})
+    for split, m in margins.items():
+        if m:
+            notes.append(f"{split}: loss -log sigmoid(r_chosen - r_rejected - margin), margin the rows' column "
+                         f"{MARGIN_COLUMN!r} (as TRL's RewardTrainer)")  # fmt: skip
 
     def compute(p) -> dict[str, float]:
         return pair_metrics(np.asarray(p.predictions))
@@ -84,5 +165,7 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
         compute,
         "eval_accuracy",
         notes=notes,
-        trainer_class=RewardTrainer,
+        trainer_class=partial(
+            RewardTrainer, center_rewards_coefficient=getattr(cfg.align, "center_rewards_coefficient", None)
+        ),
     )
