@@ -466,7 +466,7 @@ class DeltaModel(nn.Module, PushToHub):
         alias = {unwrapped_name(k): k for k in expected}
         tensors = {k if k in expected else alias.get(unwrapped_name(k), k): v for k, v in tensors.items()}
         prefix = self._key_prefix(name)
-        base_params = {prefix + n: p for n, p in self.base_model.named_parameters()}
+        base_params = {prefix + n: p for n, p in self.base_model.named_parameters(remove_duplicate=False)}
         full_copies = match_tensors(tensors, expected, base_params, source)
         copies = {k: tensors[k] for k in full_copies}
         tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}

@@ -410,3 +410,16 @@ def test_an_adapter_peft_drew_with_an_init_that_leaves_the_base_loads(init, tmp_
     assert ours.peft_config["default"].init_lora_weights == init  # saved again as peft wrote it
     with pytest.raises(ConfigError, match=rf"^init_lora_weights='{init}' is peft's; deltatune draws True, False"):
         dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(init_lora_weights=init))
+
+
+def test_a_peft_lora_on_a_tied_lm_head_loads_with_peft_s_outputs(tmp_path):
+    """peft saves `lm_head.base_layer.weight` (the tied embedding) with a LoRA on a tied lm_head; a tied parameter
+    is one module's parameter under two names, both of which a file may use."""
+    x = tiny_inputs("qwen2")
+    torch.manual_seed(0)
+    kw = dict(target_modules=["lm_head"], init_lora_weights=False, r=4)
+    theirs = peft.get_peft_model(tiny_model("qwen2", tie_word_embeddings=True), peft.LoraConfig(**kw)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("qwen2", tie_word_embeddings=True), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**x).logits, theirs(**x).logits, rtol=0, atol=0)
