@@ -50,6 +50,7 @@ def _method_help() -> list[str]:
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning of transformer models.")
     p.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback")
+    p.add_argument("--version", action="version", version=f"deltatune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
@@ -136,6 +137,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="check a data file before training (deltatune data inspect FILE)")
     dsub = d.add_subparsers(dest="data_command", required=True)
+    d.commands = dsub.choices
     di = dsub.add_parser("inspect", help="detected format, rows, token lengths, and the first rows as rendered")
     di.add_argument("file", help="the data file")
     di.add_argument("--model", help="model whose tokenizer renders and counts (default: built-in chatml, no counts)")
@@ -174,7 +176,14 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
     for command in sub.choices.values():  # --debug after the command too (SUPPRESS: the top-level value stands)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.commands = sub.choices  # (an unknown flag is named by its command, with the nearest of its flags)
     return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -232,8 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     takes_overrides = isinstance(getattr(args, "overrides", None), list)
     unknown = [e for e in extra if e.startswith("-")] if takes_overrides else extra
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # as its command says it, with the nearest of its flags (--overwite: did you mean --overwrite?)
+        import difflib
+        import re
+
+        command = parser.commands[args.command]
+        command = getattr(command, "commands", {}).get(getattr(args, "data_command", None), command)  # data inspect
+        near = difflib.get_close_matches(unknown[0].split("=")[0], re.findall(r"--[\w-]+", command.format_usage()), 1)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near[0]}?" if near else ""))
     if extra:  # key=value after a flag (train RECIPE --overwrite train.lr=1e-3): still an override
         args.overrides += extra
     previous = _on_sigterm()
@@ -274,8 +289,12 @@ def _on_sigterm():
 
 def _train(args) -> int:
     from .train import load_recipe, train
+    from .train.config import ignored_keys
 
     cfg = load_recipe(args.recipe, args.overrides)
+    for key, stages in ignored_keys(cfg):  # set, but not read by this stage: it trains as if the key were not there
+        print(f"deltatune train: note: {key} is read by stage {stages} only; stage {cfg.stage} ignores it",
+              file=sys.stderr)  # fmt: skip
     metrics = train(cfg, overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed)
     _print_change(metrics)
     samples = os.path.join(cfg.output.dir, "samples.json")

@@ -33,9 +33,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass
 class ModelArgs:
     name_or_path: str = _f("minilm", "Base model: a local folder, a hub id, or 'minilm' (the embedded MiniLM-L6).")
     num_labels: int | None = _f(
-        None,
-        "Outputs of the head: cls, tag and image_cls take the data's classes (the default; another count is "
-        "refused); rm: 1.",
+        None, "Head outputs: cls, tag, image_cls: the data's classes (the default; another count is refused); rm: 1."
     )
     dtype: str = _f(
         "float32", "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 where the machine has fast bf16)."
@@ -59,11 +57,7 @@ class DataArgs:
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair classification.")
     label_column: str = _f("label", "Label column (cls).")
     labels: list | None = _f(
-        None,
-        (
-            'The label names in class-id order; default: whole-number labels (1, 1.0, "1") are their ids, others '
-            "names in sorted order."
-        ),
+        None, 'Label names in class-id order; default: whole-number labels (1, 1.0, "1") are ids, names sorted.'
     )
     tokens_column: str = _f("tokens", "Word list column (tag).")
     tags_column: str = _f("ner_tags", "Tag list column (tag), BIO tags.")
@@ -74,9 +68,7 @@ class DataArgs:
     rejected_column: str = _f("rejected", "Dispreferred response column (rm, dpo).")
     completion_column: str = _f("completion", "Response column (kto; its label_column says desirable or not).")
     bad_pairs: str = _f(
-        "refuse",
-        "Preference rows with an empty response or chosen == rejected: 'refuse' (stop, "
-        "naming file:line) or 'skip' (counted in the report).",
+        "refuse", "Preference rows with an empty response or chosen == rejected: 'refuse' (at file:line) or 'skip'."
     )
     columns: dict = _f(
         {},
@@ -198,6 +190,7 @@ class AlignArgs:
     desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable rows (lambda_D).")
     undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable rows (lambda_U).")
     simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma (the loss wants beta * margin > gamma).")
+    center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
 
 
 @dataclass
@@ -205,8 +198,8 @@ class OutputArgs:
     dir: str = _f("runs/run", "Output folder: adapter, checkpoints, metrics.json, report.md, plot.")
     samples: int = _f(
         0,
-        "Causal LM stages: after training, answer the first N eval prompts (greedy) with the adapter off and on; "
-        "printed, and written to samples.json and report.md.",
+        "pt, sft, dpo, kto, orpo, simpo: after training, answer the first N eval prompts (greedy) with the adapter "
+        "off and on; printed, and written to samples.json and report.md.",
     )
     sample_tokens: int = _f(64, "Longest answer, in new tokens, of each output.samples answer.")
 
@@ -264,14 +257,14 @@ _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce(value: str) -> Any:
-    """A command-line value as YAML reads it (16 -> int, true -> bool, [a, b] -> list), and 1e-4 -> float too
-    (YAML 1.1 would keep it a string)."""
+    """A command-line value as YAML reads it (16 -> int, true -> bool, [a, b] -> list), and 1e-4 -> float too (YAML
+    1.1 would keep it text); quoted, it is text. A text stays as typed (YAML cut ``output.dir=a #2`` to 'a')."""
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         return value
-    if isinstance(parsed, str) and _NUMBER.match(parsed):
-        return float(parsed)
+    if isinstance(parsed, str) and not value.strip().startswith(("'", '"')):  # (quoted: YAML's unquoted text)
+        return float(value) if _NUMBER.match(value.strip()) else value.strip()
     return parsed
 
 
@@ -282,6 +275,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
         key, value = item.split("=", 1)
+        if _number_trap(value.strip()):  # (seed=0042 was 34)
+            raise ConfigError(f"override {item!r}: {_number_trap(value.strip())}")
         parts = key.strip().split(".")
         node = out
         for depth, part in enumerate(parts[:-1]):
@@ -313,8 +308,6 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     sections = {}
     for name, cls in _SECTIONS.items():
         section = raw.get(name) or {}
-        if name in ("train", "align") and isinstance(section, dict):  # YAML 1.1 reads 5e-4 as a string
-            section = {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in section.items()}
         if not isinstance(section, dict):
             raise ConfigError(f"{name} must be a mapping of keys, got {section!r}")
         known = [f.name for f in dataclasses.fields(cls)]
@@ -339,15 +332,8 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     return cfg
 
 
-FSDP_OPTIONS = {
-    "full_shard",
-    "shard_grad_op",
-    "no_shard",
-    "hybrid_shard",
-    "hybrid_shard_zero2",
-    "offload",
-    "auto_wrap",
-}
+FSDP_OPTIONS = {"full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2", "offload",
+                "auto_wrap"}  # fmt: skip
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "None": type(None)}
 
@@ -361,6 +347,8 @@ def _typed(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     for key, value in values.items():
         kinds = [_TYPES.get(t.strip().split("[")[0], object) for t in types[key].split("|")]  # object: any value
+        if isinstance(value, str) and str not in kinds and {int, float} & set(kinds) and _NUMBER.match(value):
+            value = float(value)  # YAML 1.1 reads 5e-4 as text (in any section: data.limit 1e3 was refused as '1e3')
         if isinstance(value, bool):
             ok = bool in kinds
         elif isinstance(value, int) and int not in kinds and float in kinds:
@@ -386,14 +374,12 @@ def _validate(cfg: RunConfig) -> None:
         for key in cfg.model.quantization:
             if key not in known:
                 raise ConfigError(_unknown(f"model.quantization.{key}", key, known, "the recipe"))
-    if cfg.data.truncation not in ("truncate", "refuse"):
-        raise ConfigError(f"data.truncation must be 'truncate' or 'refuse', got {cfg.data.truncation!r}")
-    if cfg.data.bad_pairs not in ("refuse", "skip"):
-        raise ConfigError(f"data.bad_pairs must be 'refuse' or 'skip', got {cfg.data.bad_pairs!r}")
-    if cfg.data.max_length < 1:
-        raise ConfigError(f"data.max_length must be >= 1, got {cfg.data.max_length}")
-    if cfg.data.max_target_length < 1:  # 0 failed inside T5's shift; a negative one cut targets from the end
-        raise ConfigError(f"data.max_target_length must be >= 1, got {cfg.data.max_target_length}")
+    for key, allowed in (("truncation", ("truncate", "refuse")), ("bad_pairs", ("refuse", "skip"))):
+        if getattr(cfg.data, key) not in allowed:
+            raise ConfigError(f"data.{key} must be {allowed[0]!r} or {allowed[1]!r}, got {getattr(cfg.data, key)!r}")
+    for key in ("max_length", "max_target_length"):  # max_target_length 0 failed inside T5's shift, < 0 cut targets
+        if getattr(cfg.data, key) < 1:  # from the end
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(cfg.data, key)}")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if cfg.train.lr <= 0:
@@ -409,24 +395,13 @@ def _validate(cfg: RunConfig) -> None:
 
 # The learning-rate schedules of transformers' SchedulerType, spelled out so that validating a recipe imports no
 # transformers; tests/reliability/test_bad_inputs.py checks the list against the installed transformers.
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "reduce_lr_on_plateau",
-    "cosine_with_min_lr",
-    "cosine_warmup_with_min_lr",
-    "warmup_stable_decay",
-    "greedy",
-)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")  # fmt: skip
 NEEDS_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+"""Schedules transformers builds only with scheduler kwargs (min_lr, num_decay_steps), which recipes do not take."""
 ON_EVAL = ("reduce_lr_on_plateau", "greedy")
 """Schedules that step on the eval loss (the Trainer steps them after each evaluation)."""
-"""Schedules transformers builds only with scheduler kwargs (min_lr, num_decay_steps), which recipes do not take."""
 
 
 def _validate_values(cfg: RunConfig) -> None:
@@ -510,11 +485,43 @@ def _validate_align(a: AlignArgs) -> None:
     for key in ("gamma", "lam"):  # a discount and GAE's lambda above 1 grow advantages without bound
         if not 0 <= getattr(a, key) <= 1:
             raise ConfigError(f"align.{key} must be in [0, 1], got {getattr(a, key)}")
-    for key in ("vf_coef", "init_kl_coef", "desirable_weight", "undesirable_weight"):
+    for key in ("vf_coef", "init_kl_coef", "desirable_weight", "undesirable_weight", "center_rewards_coefficient"):
         if getattr(a, key) < 0:  # a negative weight turns its loss term into one to maximise
             raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
     if a.desirable_weight == a.undesirable_weight == 0:  # every KTO loss term weighted 0: nothing trains
         raise ConfigError("align.desirable_weight and align.undesirable_weight are both 0; at least one must be > 0")
+
+
+# Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
+READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "data.tokens_column data.tags_column"),
+           ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
+           ("seq2seq caption", "data.max_target_length"), ("image_cls", "data.augment"),
+           ("cls tag rm image_cls", "model.num_labels"),
+           ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma"),
+           ("pt sft dpo kto orpo simpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
+           ("dpo grpo kto orpo simpo", "align.beta"),
+           ("dpo", "align.loss_type align.label_smoothing align.precompute_ref"),
+           ("ppo grpo", "align.max_new_tokens align.temperature align.mini_batch_size align.cliprange"),
+           ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
+                   "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon"),
+           ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
+                    "align.reward_funcs align.reward_weights"),
+           ("kto", "align.desirable_weight align.undesirable_weight"), ("simpo", "align.simpo_gamma"),
+           ("rm", "align.center_rewards_coefficient"))  # fmt: skip
+
+
+def ignored_keys(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(key, the stages that read it) for each key of ``READ_BY`` set to other than its default where the stage does
+    not read it (``data.packing: true`` on a cls run trained unpacked, ``output.samples`` on a ppo run wrote none, an
+    ``align`` key of another stage changed nothing): ``deltatune train`` names them, where they were silent."""
+    out = []
+    for stages, keys in READ_BY:
+        for key in keys.split():
+            section, name = key.split(".")
+            set_to = getattr(getattr(cfg, section), name)
+            if cfg.stage not in stages.split() and set_to != getattr(_SECTIONS[section](), name):
+                out.append((key, stages.replace(" ", ", ")))
+    return out
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
@@ -532,7 +539,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
     try:
-        twice = _key_twice(yaml.compose(text, Loader=yaml.SafeLoader))  # nodes only: nothing is constructed
+        trap = _yaml_trap(yaml.compose(text, Loader=yaml.SafeLoader))  # nodes only: nothing is constructed
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)  # where the parser stopped: the file's line, not "<unicode string>"
@@ -541,11 +548,8 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"{where}: not valid YAML: {reason}") from None
     except RecursionError:  # an anchor that holds itself (stage: &x [*x])
         raise ConfigError(f"{path}: a YAML anchor refers to itself; a recipe is a tree of values") from None
-    if twice:
-        key, line, first = twice
-        raise ConfigError(
-            f"{path}:{line}: key {key!r} is given twice (first on line {first}); YAML would keep only the last"
-        )
+    if trap:
+        raise ConfigError(f"{path}:{trap}")
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: a recipe is a mapping of sections (stage, model, method, data, train, output), "
@@ -554,24 +558,36 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
     return build(apply_overrides(raw, overrides or []), where=path)
 
 
-def _key_twice(node) -> tuple[str, int, int] | None:
-    """The first key given twice in one mapping of a YAML node tree, as (key, its line, its first line): YAML keeps
-    the last, so a second ``train:`` section replaced the first whole, silently."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
-                if key.value in seen:
-                    return key.value, key.start_mark.line + 1, seen[key.value]
-                seen[key.value] = key.start_mark.line + 1
-            found = _key_twice(value)
-            if found:
-                return found
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            found = _key_twice(item)
-            if found:
-                return found
+_OCTAL, _BASE60 = re.compile(r"[-+]?0[0-7_]+"), re.compile(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?")
+
+
+def _number_trap(text: str) -> str | None:
+    """Why a plain YAML value reads as another number than it shows, or None: YAML 1.1 reads 010 as the octal 8
+    (``seed: 0042`` trained with seed 34) and 1:30 as the base-60 90."""
+    digits = text.replace("_", "")
+    if _OCTAL.fullmatch(text) and int(digits, 8) != int(digits):
+        return f"{text} reads as the octal number {int(digits, 8)} in YAML 1.1; write it without the leading 0"
+    value = yaml.safe_load(text) if _BASE60.fullmatch(text) else None
+    return f"{text} reads as the base-60 number {value} in YAML 1.1; quote it" if type(value) in (int, float) else None
+
+
+def _yaml_trap(node) -> str | None:
+    """'LINE: why' for the first value of a YAML node tree that YAML reads otherwise than a recipe means: a key given
+    twice in one mapping (YAML keeps the last: a second ``train:`` section replaced the first whole, silently), or a
+    number YAML 1.1 reads in another base (``_number_trap``); None when there is none."""
+    if isinstance(node, yaml.ScalarNode):
+        why = _number_trap(node.value) if node.style is None else None  # (a quoted value is the text it shows)
+        return f"{node.start_mark.line + 1}: {why}" if why else None
+    seen: dict[str, int] = {}
+    for key, value in node.value if isinstance(node, yaml.MappingNode) else [(None, item) for item in node.value]:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+            if key.value in seen:
+                return (f"{key.start_mark.line + 1}: key {key.value!r} is given twice (first on line "
+                        f"{seen[key.value]}); YAML would keep only the last")  # fmt: skip
+            seen[key.value] = key.start_mark.line + 1
+        found = _yaml_trap(value)
+        if found:
+            return found
     return None
 
 
@@ -579,9 +595,6 @@ def field_help() -> dict[str, list[tuple[str, Any, str]]]:
     """(key, default, help) per section, for ``deltatune train --help``."""
     out = {}
     for name, cls in _SECTIONS.items():
-        rows = []
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append((f.name, default, f.metadata.get("help", "")))
-        out[name] = rows
+        defaults = cls()
+        out[name] = [(f.name, getattr(defaults, f.name), f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
     return out

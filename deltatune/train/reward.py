@@ -166,6 +166,6 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
         "eval_accuracy",
         notes=notes,
         trainer_class=partial(
-            RewardTrainer, center_rewards_coefficient=getattr(cfg.align, "center_rewards_coefficient", None)
+            RewardTrainer, center_rewards_coefficient=cfg.align.center_rewards_coefficient
         ),
     )
