@@ -72,6 +72,12 @@ def _plain_lora(model: DeltaModel, name: str) -> Any:
     return config
 
 
+def _module_path(path: str) -> str:
+    """A LoRA layer's path as its module's: without the ``.base_layer`` of another adapter's layer that wrapped it
+    later (a bottleneck's), which no file and no rank or alpha pattern names."""
+    return re.sub(r"(\.base_layer)+$", "", path)
+
+
 def _lora(model: DeltaModel, adapter_name: str | None) -> tuple[str, Any, dict[str, dict[str, Any]]]:
     """(name, config, {module path: {"A", "B", "r", "alpha", "scale"}}) of a LoRA adapter of ``model``."""
     from .targets import pattern_value
@@ -82,6 +88,7 @@ def _lora(model: DeltaModel, adapter_name: str | None) -> tuple[str, Any, dict[s
     modules: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         path, _, leaf = key.removeprefix(KEY_PREFIX).rpartition(".lora_")
+        path = _module_path(path)
         if leaf not in ("A.weight", "B.weight"):
             raise ConfigError(f"adapter {name!r} holds {key!r}, which these LoRA files have no place for")
         modules.setdefault(path, {})[leaf[0]] = value.detach()
@@ -351,7 +358,8 @@ def combine_loras(model: DeltaModel, adapters: list[str], weights: list[float], 
     Raises:
         ConfigError: a length mismatch, an adapter that is not a plain LoRA, or an existing ``new_name``.
     """
-    from .methods.lora import LoraConfig
+    from .layer import DeltaLayer
+    from .methods.lora import LORA_LAYERS, LoraConfig
 
     adapters = model._check_names(adapters)  # one name as a string is a list of one
     weights = _weights("combine_loras", adapters, weights)
@@ -359,6 +367,13 @@ def combine_loras(model: DeltaModel, adapters: list[str], weights: list[float], 
         raise ConfigError(f"combine_loras: an adapter named {new_name!r} exists already")
     parts = [_lora(model, name)[2] for name in adapters]
     paths = sorted(set().union(*parts))
+    for path in paths:  # a LoRA layer that another method's layer wrapped later takes no new LoRA
+        outer = model.get_base_model().get_submodule(path)
+        if isinstance(outer, DeltaLayer) and not isinstance(outer, LORA_LAYERS):
+            raise ConfigError(
+                f"combine_loras: {path} is wrapped by adapter {', '.join(map(repr, outer.adapter_names))} "
+                f"({type(outer).__name__}), so no LoRA can be added there; combine the LoRAs before adding it"
+            )
     state, ranks = {}, {}
     for path in paths:
         blocks = [(m[path], w) for m, w in zip(parts, weights) if path in m]
@@ -403,7 +418,7 @@ def set_adapters(
     merged = sorted({n for _, m in layers for n in m.merged_adapters} & set(names))
     if merged:
         raise ConfigError(f"set_adapters: {', '.join(merged)} is merged into the weights; unmerge_adapter() first")
-    for path, layer in layers:
+    for path, layer in ((_module_path(p), m) for p, m in layers):
         for name, weight in zip(names, weights):
             if name in layer.scaling:  # the scale inject gave this layer, times the weight
                 c = configs[name]

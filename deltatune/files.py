@@ -227,13 +227,14 @@ def save_folder_files(save: Callable[[str], object], folder: str) -> None:
     """Run ``save(tmp)`` (a ``save_pretrained``) into a temporary folder inside ``folder``, then move each file it
     wrote into ``folder``: a failure (a full disk) leaves no half-written file there, and says so in one line."""
     os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".saving-", dir=folder)
+    tmp = tempfile.mkdtemp(prefix=f"{SAVING}{os.getpid()}-", dir=folder)
     try:
         save(tmp)
         for name in os.listdir(tmp):
             if os.path.isdir(os.path.join(folder, name)):  # an earlier save's sub-folder: replaced whole
                 shutil.rmtree(os.path.join(folder, name))
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        remove_stale_saves(folder)
     except Exception as exc:
         failure = write_failure(exc)
         if failure is None:
@@ -241,6 +242,31 @@ def save_folder_files(save: Callable[[str], object], folder: str) -> None:
         raise OSError(f"could not write into {folder}: {failure.strerror or failure}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+SAVING = ".saving-"
+"""The prefix of ``save_folder_files``' temporary folder (``.saving-<pid>-<random>``) inside the folder it saves to."""
+
+
+def remove_stale_saves(folder: str) -> None:
+    """Delete the ``SAVING`` folders in ``folder`` that a save killed midway left (a power cut, SIGKILL): those of a
+    process that is gone, and those named without a process (written before names carried one)."""
+    for name in os.listdir(folder):
+        pid = name[len(SAVING) :].partition("-")[0]
+        path = os.path.join(folder, name)
+        if name.startswith(SAVING) and os.path.isdir(path) and not (pid.isdigit() and process_alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0) if pid > 0 else None  # (0 and -1 would name process groups)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return pid > 0
 
 
 def explain_missing_fields(exc: AdapterLoadError, config_file: str, config: object) -> AdapterLoadError:

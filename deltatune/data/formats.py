@@ -35,7 +35,7 @@ from typing import Any
 
 from ..config import ConfigError
 from .load import DataError, Row
-from .sample import AS_WRITTEN, REASONING, Message, Sample
+from .sample import AS_WRITTEN, REASONING, Message, Sample, says_something
 from .tools import row_tools
 from .tools import tool_calls as _tool_calls
 
@@ -270,13 +270,13 @@ def _message_list(
         msg: Message = {"role": ours, "content": _content(raw, f"{where}.{content_key}", media)}
         if ours == "assistant" and m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
-        if ours == "assistant" and conversation and not msg["content"].strip() and "tool_calls" not in msg:
-            raise DataError(f"{where}.{content_key}: the assistant turn is empty")
         for key in REASONING if ours == "assistant" else ():  # a reasoning trace, for the templates that read it
             if m.get(key) is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
                 if not isinstance(m[key], str):
                     raise DataError(f"{where}.{key}: a reasoning trace must be text, got {type(m[key]).__name__}")
                 msg[key] = m[key]
+        if ours == "assistant" and conversation and not says_something(msg):
+            raise DataError(f"{where}.{content_key}: the assistant turn is empty")
         if ours == "tool":
             for key in ("name", "tool_call_id"):
                 if m.get(key):
@@ -426,14 +426,17 @@ def _unpaired(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
 
 def _pair_check(s: Sample, c: dict[str, str]) -> Sample:
     for key, msgs in (("chosen", s.chosen), ("rejected", s.rejected)):
-        if not any(m["content"].strip() or m.get("tool_calls") for m in msgs if m["role"] == "assistant"):
+        if not any(says_something(m) for m in msgs if m["role"] == "assistant"):
             raise _BadPair(
                 f"{s.source}: column {_col(c, key)!r} is empty; a preference pair needs two responses "
                 "(data.bad_pairs=skip leaves such rows out)"
             )
 
     def flat(ms: list[Message]) -> str:
-        return json.dumps([(m["role"], m["content"].strip(), m.get("tool_calls")) for m in ms], sort_keys=True)
+        thought = [[(m.get(k) or "").strip() for k in REASONING] for m in ms]  # the same answer, reasoned otherwise
+        return json.dumps(
+            [(m["role"], m["content"].strip(), m.get("tool_calls")) for m in ms] + thought, sort_keys=True
+        )
 
     if flat(s.chosen) == flat(s.rejected):
         raise _BadPair(
@@ -546,7 +549,7 @@ def _check(s: Sample, stage: str | None) -> None:
     names = {t["function"]["name"] for t in s.tools or [] if isinstance(t.get("function"), dict)}
     for part, msgs in parts:
         for i, m in enumerate(msgs or []):
-            if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            if m["role"] == "assistant" and not says_something(m):
                 raise DataError(f"{s.source}: {part}[{i}].content: the assistant turn is empty")
             for k, call in enumerate(m.get("tool_calls") or []):
                 name = call["function"]["name"]

@@ -61,6 +61,12 @@ class Sample:
         return self.messages, 0
 
 
+def says_something(m: Message) -> bool:
+    """Whether a message holds anything to train: text, tool calls, or a reasoning trace (an assistant turn of
+    Qwen3's data may think and answer nothing; its template renders the think block, and TRL trains it)."""
+    return bool(m["content"].strip() or m.get("tool_calls") or any((m.get(k) or "").strip() for k in REASONING))
+
+
 def as_written(m: Message) -> str:
     """A message's text as the file wrote it (``formats.AS_WRITTEN``), else its content: what the plain-text
     rendering (no chat template) joins."""

@@ -201,22 +201,28 @@ def _relocated(text: str, before: str, through: str, m: dict, plain) -> tuple[in
     start = len(os.path.commonprefix([before, text]))
     if start < len(before) and start < len(os.path.commonprefix([before, plain()])):
         return None
-    k = through.find(content, start) if content else -1
-    if k < 0:
-        return None
-    lead = through[start:k]  # what the template writes between the generation prompt and the content
-    if text.startswith(lead + content, start):
-        end = start + len(lead) + len(content)
-    elif text.startswith(content, start):
-        end = start + len(content)
-    else:
-        return None
-    tail, rest = through[k + len(content) :], text[end:]
-    n = 0
-    while n < min(len(tail), len(rest)) and tail[n] == rest[n]:
-        n += 1
-    marker = tail[:n] if n == len(tail) else tail[: tail.rfind("\n", 0, n) + 1]
-    return (start, end + len(marker)) if marker else None
+    if content:  # each place the content could sit (it may occur in what the template writes before it: "think")
+        places = [k for k in range(start, len(through)) if through.startswith(content, k)]
+    else:  # a turn that only reasons (dropped here): its empty content sits where the end marker both write begins
+        first = text[start : start + 1]
+        ends = (j for j in range(start, len(through)) if through[j] == first and text.startswith(through[j:], start))
+        places = [next(ends, -1)]
+    for k in places:
+        lead = through[start:k]  # what the template writes between the generation prompt and the content
+        if text.startswith(lead + content, start):
+            end = start + len(lead) + len(content)
+        elif text.startswith(content, start):
+            end = start + len(content)
+        else:
+            continue
+        tail, rest = through[k + len(content) :], text[end:]
+        n = 0
+        while n < min(len(tail), len(rest)) and tail[n] == rest[n]:
+            n += 1
+        marker = tail[:n] if n == len(tail) else tail[: tail.rfind("\n", 0, n) + 1]
+        if marker and k >= 0:
+            return start, end + len(marker)
+    return None
 
 
 def encode_chat(

@@ -21,7 +21,7 @@ from ..files import save_folder_files
 from ..model import DeltaModel, get_delta_model
 from . import report
 from .checks import check_context, check_model_path, check_num_labels, check_reference, check_run, resolved_precision
-from .config import RunConfig, build
+from .config import RunConfig, build, ignored_keys
 from .metrics import perplexity
 from .models import load_model, load_processor, local_base_note
 from .prepared import Prepared
@@ -266,7 +266,11 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
     check_context(cfg, prepared, delta)
     if os.path.isdir(cfg.model.name_or_path):
         notes.insert(0, local_base_note(cfg.model.name_or_path))
-    prepared.notes = [*prepared.notes, *notes]
+    prepared.notes = [
+        *prepared.notes,
+        *notes,
+        *(f"{k} is read by stage {s} only; stage {cfg.stage} ignored it" for k, s in ignored_keys(cfg)),
+    ]
     if cfg.data.packing:
         _check_packing(delta)
     recipe = _recipe_dict(cfg)
@@ -402,13 +406,10 @@ def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dic
     # Training that ended on an evaluation (the Trainer evaluates at the end of each epoch, and at the last step of
     # a run cut short by max_steps) already has the final weights' metrics: another pass would repeat them.
     last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-    if last is not None and last.get("step") == trainer.state.global_step:
-        metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
-    else:
-        metrics = trainer.evaluate()
-    metrics = {
-        k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch", "_preparation_time"))
-    }
+    # (evaluate()'s dict also holds the Trainer's num_input_tokens_seen, which log() adds to it: no eval_ metric)
+    metrics = last if last is not None and last.get("step") == trainer.state.global_step else trainer.evaluate()
+    skip = ("_runtime", "_per_second", "epoch", "_preparation_time")
+    metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and not k.endswith(skip)}
     if prepared.loss_only and "eval_loss" in metrics and TASK_OF_STAGE[cfg.stage] != "TEXT_TO_IMAGE":
         metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])  # of tokens: a denoising loss has none
     if prepared.eval_rows is not None and cfg.stage == "seq2seq":

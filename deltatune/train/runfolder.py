@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..config import ConfigError
+from ..files import process_alive as _alive
 
 FINISHED_FILE = "metrics.json"  # written last by a run that completed
 
@@ -33,16 +34,6 @@ def _sibling(folder: str, tag: str) -> str:
     folder = os.path.realpath(folder)  # one lock for a folder, whatever symlink names it
     parent, name = os.path.split(folder.rstrip(os.sep))
     return os.path.join(parent, f".{name}.{tag}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 class RunLock:
@@ -275,9 +266,12 @@ def run_facts(cfg: Any) -> dict[str, Any]:
     per process, so the global batch and the data position follow it) and the bytes of its data files."""
     import hashlib
 
+    from ..data.load import data_path
+
     facts: dict[str, Any] = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     for key in ("train", "eval"):
         path = getattr(cfg.data, key)
+        path = data_path(path) if isinstance(path, str) else path  # the file of a row range (``train.jsonl[:640]``)
         if isinstance(path, str) and os.path.isfile(path):
             digest = hashlib.sha256()
             with open(path, "rb") as fh:
@@ -386,7 +380,14 @@ reward model), which a recipe need not name: left unset (None) by the new recipe
 
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``section.key: old -> new`` for every key that differs and matters (not in ``HARMLESS``). A method key one
-    recipe leaves out is its default (``method.lora_dropout`` left out of the new recipe trained with 0.0)."""
+    recipe leaves out is its default (``method.lora_dropout`` left out of the new recipe trained with 0.0).
+
+    Raises:
+        ConfigError: ``old`` (the run's run.yaml, edited by hand) is empty or not a YAML mapping.
+    """
+    if not old or not isinstance(old, dict):
+        what = "is empty" if not old else f"holds a {type(old).__name__}, not a recipe (a YAML mapping)"
+        raise ConfigError(f"--resume: the run's run.yaml {what}, so the recipe cannot be compared with it")
     a, b = (_flat({**r, "method": _with_defaults(r.get("method"))}) for r in (old or {}, new or {}))
     out = []
     for key in sorted(set(a) | set(b)):

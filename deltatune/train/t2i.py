@@ -34,6 +34,7 @@ import functools
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -66,11 +67,10 @@ def _denoiser_at(path: str) -> tuple[str, str | None, dict[str, Any]]:
     """(class name, subfolder, config) of the denoiser of a pipeline folder or a bare denoiser folder."""
     from diffusers import UNet2DConditionModel
 
-    sub = None
-    if _pipeline(path):
-        sub = next((s for s in DENOISERS.values() if os.path.isdir(os.path.join(path, s))), None)
-        if sub is None:
-            raise ConfigError(f"model {path!r} is a pipeline folder without unet/ or transformer/")
+    pipeline = _pipeline(path)
+    sub = next((s for s in DENOISERS.values() if os.path.isdir(os.path.join(path, s))), None) if pipeline else None
+    if pipeline and sub is None:
+        raise ConfigError(f"model {path!r} is a pipeline folder without unet/ or transformer/")
     try:
         config = dict(UNet2DConditionModel.load_config(path, subfolder=sub))  # any diffusers model's config.json
     except (OSError, ValueError) as exc:
@@ -104,8 +104,7 @@ def _scheduler(path: str, pipeline: bool, transformer: bool):
     folder = os.path.join(path, "scheduler") if pipeline else path
     if not os.path.isfile(os.path.join(folder, "scheduler_config.json")):
         return FlowMatchEulerDiscreteScheduler() if transformer else DDPMScheduler()
-    kind = DDPMScheduler.load_config(folder).get("_class_name")
-    flow = kind == FlowMatchEulerDiscreteScheduler.__name__
+    flow = DDPMScheduler.load_config(folder).get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__
     return (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_pretrained(folder)
 
 
@@ -123,9 +122,8 @@ class T2IProcessor:
         pipeline = _pipeline(path)
         self.denoiser_class, _, config = _denoiser_at(path)
         recorded = _recorded(path)
-        name = (
-            text_encoder or recorded.get("text_encoder") or (os.path.join(path, "text_encoder") if pipeline else None)
-        )
+        own_encoder = os.path.join(path, "text_encoder") if pipeline else None
+        name = text_encoder or recorded.get("text_encoder") or own_encoder
         if name is None:
             raise ConfigError(
                 f"model.text_encoder is not set and {path!r} has no text_encoder/: name the text encoder the "
@@ -138,6 +136,7 @@ class T2IProcessor:
         self.tokenizer = AutoTokenizer.from_pretrained(tok_folder, trust_remote_code=trust_remote_code)
         self.text_encoder: torch.nn.Module = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
         self.text_encoder.eval().requires_grad_(False)
+        self.folded: str | None = None
         self.load_text_encoder_lora(path, fold=True)  # a base merged from a run that trained its text encoder
         transformer = self.denoiser_class != "UNet2DConditionModel"
         self.scheduler = _scheduler(path, pipeline, transformer)
@@ -146,8 +145,8 @@ class T2IProcessor:
         self.pipeline = pipeline or bool(recorded.get("padded_context"))  # (a base merged from a pipeline's run too)
         vae = pipeline and os.path.isdir(os.path.join(path, "vae"))
         self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval().requires_grad_(False) if vae else None
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self.size = int(config["sample_size"]) * factor
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.size = int(config["sample_size"]) * self.factor
         self.channels = self.vae.config.in_channels if self.vae is not None else int(config["in_channels"])
         self.pad_token_id = self.tokenizer.pad_token_id
         self.context = _context(self.tokenizer, self.text_encoder.config)
@@ -233,8 +232,12 @@ class T2IProcessor:
     def load_text_encoder_lora(self, folder: str, fold: bool = False) -> bool:
         """Put the text encoder LoRA saved in ``folder/text_encoder_lora`` (a run's, a merged base's) on the text
         encoder: folded into its weights (``fold``: a base), else as an adapter that ``disable_adapter`` switches
-        off. False when the folder has none."""
+        off. False when the folder has none. A base merged from a run on a merged base nests the LoRAs folded into
+        that base (``text_encoder_lora/text_encoder_lora/...``): folded first, as they trained."""
         lora = os.path.join(folder, TEXT_ENCODER_LORA)
+        if fold and os.path.isdir(lora):
+            self.load_text_encoder_lora(lora, fold=True)
+            self.folded = lora  # (the outermost: what save_pretrained nests)
         if not os.path.isfile(os.path.join(lora, "adapter_config.json")):
             return False
         delta = DeltaModel.from_pretrained(self.text_encoder, lora).eval()
@@ -262,6 +265,8 @@ class T2IProcessor:
         encoder = self.text_encoder if isinstance(self.text_encoder, DeltaModel) else None
         if encoder is not None:
             encoder.save_pretrained(os.path.join(out, TEXT_ENCODER_LORA))
+        if self.folded:  # the LoRAs folded into the base's text encoder, nested (a run loads its own LoRA alone)
+            shutil.copytree(self.folded, os.path.join(out, TEXT_ENCODER_LORA, TEXT_ENCODER_LORA), dirs_exist_ok=True)
         if self.denoiser is not None and _plain_lora(self.denoiser):
             save_diffusers_lora(self.denoiser, out, "default", DENOISERS[self.denoiser_class], text_encoder=encoder)
 
@@ -438,12 +443,9 @@ def denoising_loss(
     t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
     pred = predict(model, scheduler.add_noise(x0, noise, t), t, inputs)
     kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
-    else:
+    if kind not in ("epsilon", "v_prediction"):
         raise ConfigError(f"stage t2i: scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction)")
+    target = noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
     if not snr_gamma:
         return torch.nn.functional.mse_loss(pred.float(), target.float())
     per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
@@ -481,8 +483,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     the Trainer the stage's loss.
 
     Raises:
-        ConfigError: a bad train.sigma_sampling, train.snr_gamma on a flow-matching base, or model.train_text_encoder without a LoRA method or under several
-            processes.
+        ConfigError: a bad train.sigma_sampling, train.snr_gamma on a flow-matching base, or
+            model.train_text_encoder without a LoRA method or under several processes.
         DataError: a row without an image or a caption (file:line), an unreadable image, a caption over
             data.max_length (or the text encoder's context) under data.truncation=refuse.
     """
@@ -534,8 +536,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}{trained}")
     kind = processor.scheduler.config.prediction_type if not processor.flow else None
     snr = f", min-SNR weighted (gamma {cfg.train.snr_gamma:g})" if cfg.train.snr_gamma else ""
-    loss = f"loss: flow matching, {cfg.train.sigma_sampling} sigmas" if processor.flow else f"loss: DDPM, {kind}{snr}"
-    notes.insert(1, loss)
+    flow = f"flow matching, {cfg.train.sigma_sampling} sigmas"
+    notes.insert(1, f"loss: {flow}" if processor.flow else f"loss: DDPM, {kind}{snr}")
     trainer = functools.partial(
         T2ITrainer, processor=processor, sigma_sampling=cfg.train.sigma_sampling, snr_gamma=cfg.train.snr_gamma
     )
@@ -569,8 +571,7 @@ def sample(
     cond = {k: v.to(device) for k, v in processor.condition(list(prompts), max_length)[0].items()}
     if guidance != 1.0:
         uncond = {k: v.to(device) for k, v in processor.condition([""] * len(prompts), max_length)[0].items()}
-    vae = processor.vae
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    vae, factor = processor.vae, processor.factor
     denoiser = model.get_base_model() if hasattr(model, "get_base_model") else model
     shape = (len(prompts), denoiser.config.in_channels, processor.size // factor, processor.size // factor)
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
@@ -591,8 +592,7 @@ def save_png(images: torch.Tensor, path: str) -> str:
     """(N, C, H, W) images in [0, 1] side by side in one PNG (grayscale for one channel)."""
     from PIL import Image
 
-    row = torch.cat(list(images), dim=-1)  # (C, H, N * W)
-    array = (row * 255).round().to(torch.uint8)
+    array = (torch.cat(list(images), dim=-1) * 255).round().to(torch.uint8)  # (C, H, N * W)
     img = Image.fromarray((array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)).numpy())  # L or RGB
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)

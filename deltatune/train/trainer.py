@@ -198,9 +198,7 @@ class DeltaTrainerMixin:
                 name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 with open(os.path.join(staging, name, SUMS), "w", encoding="utf-8") as fh:
                     json.dump(sums, fh)
-        except (
-            Exception
-        ) as exc:  # disk full, read-only, ...: the half-written checkpoint goes, the last good one stays
+        except Exception as exc:  # disk full, read-only, ...: the half-written checkpoint goes, the last good stays
             failure = write_failure(exc)  # (safetensors and torch wrap the OSError in their own errors)
             if failure is None:
                 raise

@@ -264,3 +264,13 @@ def test_examples_longer_than_the_models_positions_are_refused(tmp_path):
         build(recipe(short, str(data), str(out), max_steps=1) | {"data": {"train": str(data), "max_length": 16}})
     )
     assert metrics["train_steps"] == 1
+
+
+def test_a_key_the_stage_ignores_is_named_in_the_report(tiny_cls, data, tmp_path):
+    """``deltatune train`` prints the note; the run's report.md keeps it, so the run folder says it too."""
+    cfg = recipe(tiny_cls, data, str(tmp_path / "r"), max_steps=1)
+    cfg["align"] = {"beta": 0.5}
+    train(build(cfg))
+    assert "align.beta is read by stage dpo, grpo, kto, orpo, simpo only; stage cls ignored it" in (
+        tmp_path / "r" / "report.md"
+    ).read_text()
