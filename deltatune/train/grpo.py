@@ -54,8 +54,9 @@ from ..data.templates import apply_chat_template, render
 from ..targets import context_length
 from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
-from .grpo_rewards import Reward, check_rewards, load_rewards, score
+from .grpo_rewards import Reward, check_rewards, load_rewards, prompt_text, score
 from .models import resolve_path
+from .ppo import sample_responses
 from .ppo_checkpoint import rotate
 from .prepared import Prepared, _rows
 from .report import plot_panels
@@ -104,6 +105,7 @@ def grpo_loss(
     loss_norm: str = "sequence",
     n_sequences: int | None = None,
     n_tokens: float | None = None,
+    bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a batch of completions (or of a chunk of one: see ``n_sequences`` / ``n_tokens``).
 
@@ -119,6 +121,8 @@ def grpo_loss(
         n_sequences: the completions in the whole batch when this is a chunk of it (default: N), so that chunk
             losses add up to the batch loss.
         n_tokens: the completion tokens in the whole batch, likewise (default: mask.sum()).
+        bias_correction_kl: weight each token's KL by its ratio pi / pi_old, as TRL's GRPO does by default
+            (``use_bias_correction_kl``, after DeepSeek-V3.2; changes the gradient even at ratio 1); off: the paper.
 
     Returns:
         (loss, stats): stats holds token sums (detached) ``clipped`` (tokens where the clipped term was taken),
@@ -139,7 +143,7 @@ def grpo_loss(
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs the reference log-probs")
-        kl = k3_kl(logprobs, ref_logprobs)
+        kl = k3_kl(logprobs, ref_logprobs) * (ratio if bias_correction_kl else 1.0)
         per_token = per_token + beta * kl
         stats["kl"] = (kl * mask).sum().detach()
     if loss_norm == "sequence":
@@ -245,40 +249,16 @@ class GRPOLoop:
     @torch.no_grad()
     def sample(self, items: Sequence[PromptItem], num: int) -> Samples:
         """``num`` sampled completions of each prompt, consecutive (N = len(items) x num)."""
-        from transformers import GenerationConfig
-
-        self.model.eval()
-        P = max(len(it.ids) for it in items)
-        ids = torch.tensor([[self.pad] * (P - len(it.ids)) + it.ids for it in items], device=self.device)
-        mask = torch.tensor([[0] * (P - len(it.ids)) + [1] * len(it.ids) for it in items], device=self.device)
-        ids, mask = ids.repeat_interleave(num, 0), mask.repeat_interleave(num, 0)  # (N, P)
-        # A fresh generation config: sample from the policy itself, not a checkpoint's defaults (top-k, repetition
-        # penalty), or the importance ratio would refer to another distribution.
-        gen = GenerationConfig(
-            max_new_tokens=self.align.max_new_tokens,
-            do_sample=True,
-            temperature=self.align.temperature,
-            top_k=0,
-            top_p=self.align.top_p,
-            pad_token_id=self.pad,
-            eos_token_id=self.eos,
-            use_cache=True,
+        ids, mask, completion_mask, completion, truncated = sample_responses(
+            self.model, [it.ids for it in items], self.pad, self.eos, self.align, self.align.top_p, num
         )
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        completion = out[:, P:]
-        if completion.shape[1] == 0:
-            raise RuntimeError("the policy generated no token")
-        is_eos = completion == self.eos if self.eos is not None else torch.zeros_like(completion, dtype=torch.bool)
-        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-        completion_mask = (~after_eos).long()
-        completion = completion.masked_fill(after_eos, self.pad)
         return Samples(
             sequences=torch.cat([ids, completion], 1),
             attention_mask=torch.cat([mask, completion_mask], 1),
             completion_mask=completion_mask,
-            prompt_length=P,
+            prompt_length=ids.shape[1],
             completions=self.tokenizer.batch_decode(completion, skip_special_tokens=True),
-            truncated=~is_eos.any(-1),
+            truncated=truncated,
             items=[it for it in items for _ in range(num)],
         )
 
@@ -287,7 +267,7 @@ class GRPOLoop:
         items = s.items
         keys = sorted({k for it in items for k in it.columns})
         columns = {k: [it.columns.get(k) for it in items] for k in keys}
-        texts = self.tokenizer.batch_decode([it.ids for it in items], skip_special_tokens=True)
+        texts = [prompt_text(it.prompt, it.ids, self.tokenizer) for it in items]  # what a reward-model run scores
         return score(self.rewards, [it.prompt for it in items], texts, s.completions, columns,
                      [it.source for it in items])  # fmt: skip
 
@@ -519,7 +499,7 @@ def train_grpo(
     log_path = os.path.join(out, LOG_FILE)  # one line per step as it happens (the board's live curves read it)
     with open(log_path, "w", encoding="utf-8") as fh:  # a resumed run rewrites the steps its checkpoint holds
         fh.writelines(json.dumps(h) + "\n" for h in history)
-    start = time.perf_counter()
+    start = time.perf_counter() - metrics.pop("train_runtime_s", 0.0)  # a resumed run's: the whole run's time
     try:
         bar = tqdm(range(start_step + 1, steps + 1), desc="grpo", initial=start_step, total=steps)
         for step in bar:
@@ -535,7 +515,8 @@ def train_grpo(
             if started is not None and step == start_step + 1:
                 started()
             if step % save_every == 0:
-                _save_checkpoint(out, step, loop, g, history, order, metrics, t.save_total_limit)
+                done = {**metrics, "train_runtime_s": time.perf_counter() - start}  # (as the Trainer stages keep it)
+                _save_checkpoint(out, step, loop, g, history, order, done, t.save_total_limit)
         tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
         metrics.update(
             train_loss=sum(h["loss"] for h in history) / len(history),

@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import math
 import os
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +19,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..data.load import DataError
 from .config import AlignArgs
-
-
-class RewardError(DataError):
-    """A reward function raised, or returned something that is not one finite number per completion."""
+from .ppo import RewardError, reward_values  # noqa: F401  (RewardError: raised here too)
 
 
 @dataclass
@@ -52,17 +50,46 @@ def import_reward(spec: str) -> Callable[..., Any]:
         if module.endswith(".py"):
             if not os.path.isfile(module):
                 raise ImportError(f"no file {module}")
-            spec_ = importlib.util.spec_from_file_location(f"deltatune_reward_{abs(hash(module))}", module)
+            path = os.path.abspath(module)
+            spec_ = importlib.util.spec_from_file_location(f"deltatune_reward_{abs(hash(path))}", path)
             mod = importlib.util.module_from_spec(spec_)
+            # As when the file runs as a script: its folder's modules import (at the end of the path: it shadows
+            # nothing installed), and it is a module by its name (dataclasses and pickle look it up there).
+            if os.path.dirname(path) not in sys.path:
+                sys.path.append(os.path.dirname(path))
+            sys.modules[spec_.name] = mod
             spec_.loader.exec_module(mod)
         else:
             mod = importlib.import_module(module)
         fn = getattr(mod, name)
     except Exception as exc:  # noqa: BLE001  (user code: any error while importing is reported in one line)
-        raise ConfigError(f"{where} could not be imported: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"{where} could not be imported: {_error(exc)}") from None
     if not callable(fn):
         raise ConfigError(f"{where} is not callable")
     return fn
+
+
+def _where(exc: BaseException, file: str | None = None) -> str:
+    """``file:line`` where in the user's code ``exc`` was raised ("" when nowhere there): a SyntaxError's own line, else
+    its innermost frame in ``file`` (a reward function's source), else outside deltatune and the import machinery."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        frames = [(exc.filename, exc.lineno)]
+    else:
+        ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)
+                  if not f.filename.startswith(("<", ours)) and "importlib" not in f.filename]  # fmt: skip
+        frames = [f for f in frames if file and os.path.abspath(f[0]) == os.path.abspath(file)] or frames
+    if not frames:
+        return ""
+    path = os.path.relpath(frames[-1][0]) if not os.path.relpath(frames[-1][0]).startswith("..") else frames[-1][0]
+    return f"{path}:{frames[-1][1]}"
+
+
+def _error(exc: BaseException) -> str:
+    """``Type: message (file:line)``, the line as ``_where`` finds it."""
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.filename and exc.lineno else str(exc)
+    where = _where(exc)
+    return f"{type(exc).__name__}: {text}" + (f" ({where})" if where else "")
 
 
 def check_rewards(align: AlignArgs) -> list[Reward]:
@@ -115,26 +142,15 @@ def load_rewards(rewards: list[Reward], specs: list[str], model: nn.Module, poli
     return shared
 
 
-def _values(out: Any, name: str, n: int, sources: Sequence[str]) -> list[float]:
-    """A reward's output as n finite floats; RewardError naming the reward and the row otherwise."""
-    if isinstance(out, torch.Tensor):
-        out = out.detach().float().flatten().tolist()
-    elif hasattr(out, "tolist"):  # a numpy array
-        out = out.tolist()
-    if not isinstance(out, (list, tuple)):
-        raise RewardError(f"reward {name} returned a {type(out).__name__}, not a list of {n} numbers")
-    if len(out) != n:
-        raise RewardError(f"reward {name} returned {len(out)} values for {n} completions")
-    values = []
-    for value, source in zip(out, sources):
-        if not isinstance(value, (int, float)):  # (True / False count as 1 / 0)
-            raise RewardError(
-                f"reward {name} returned {value!r} ({type(value).__name__}) for row {source}, not a number"
-            )
-        if not math.isfinite(value):
-            raise RewardError(f"reward {name} returned {value} for row {source}; rewards must be finite numbers")
-        values.append(float(value))
-    return values
+def prompt_text(prompt: Any, ids: list[int], tokenizer) -> str:
+    """The prompt a reward-model run scores, as PPO gives it: the row's text, or its one user message, as written
+    (the scorer renders it as the reward run rendered its pairs, so not the policy's rendered input: that would be
+    templated twice); else (several messages) the policy's input decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0].get("role") == "user" and isinstance(prompt[0].get("content"), str):
+        return prompt[0]["content"]
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _call(reward: Reward, prompts: list, texts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
@@ -164,15 +180,20 @@ def score(
             out = _call(r, prompts, prompt_texts, completions, columns)
         except Exception as exc:  # noqa: BLE001  (user code: find the row and say it in one line)
             raise RewardError(_raised(r, prompts, prompt_texts, completions, columns, sources, exc)) from None
-        table.append(_values(out, r.name, n, sources))
+        table.append(reward_values(out, r.name, n, [f"row {s}" for s in sources]))
     return torch.tensor(table, dtype=torch.float32).T.reshape(n, len(rewards))
 
 
 def _raised(r: Reward, prompts, texts, completions, columns, sources, exc: Exception) -> str:
+    file = getattr(getattr(r.fn, "__code__", None), "co_filename", None)  # the reward's source: where it raised
     for i, source in enumerate(sources):
         try:
             _call(r, prompts[i : i + 1], texts[i : i + 1], completions[i : i + 1],
                   {k: v[i : i + 1] for k, v in columns.items()})  # fmt: skip
         except Exception as one:  # noqa: BLE001
-            return f"reward {r.name} raised {type(one).__name__}: {one} (row {source}, completion {completions[i]!r})"
-    return f"reward {r.name} raised {type(exc).__name__}: {exc} (on the batch of rows {sources[0]} .. {sources[-1]})"
+            where = _where(one, file)
+            return (f"reward {r.name} raised {type(one).__name__}: {one} (row {source}, completion {completions[i]!r}"
+                    + (f", at {where})" if where else ")"))  # fmt: skip
+    where = _where(exc, file)
+    return (f"reward {r.name} raised {type(exc).__name__}: {exc} (on the batch of rows {sources[0]} .. {sources[-1]}"
+            + (f", at {where})" if where else ")"))  # fmt: skip

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..data.load import DataError
 from ..data.tasks import Collator
 from ..targets import context_length
 from .config import AlignArgs, RunConfig
@@ -139,6 +140,72 @@ class KLController:
             self.value *= 1 + error * n / self.horizon
 
 
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    pad: int,
+    eos: int | None,
+    align: AlignArgs,
+    top_p=1.0,
+    repeat=1,
+) -> tuple[torch.Tensor, ...]:
+    """Sample ``repeat`` responses (consecutive) to each prompt (token ids, no padding) from the policy itself.
+
+    Returns:
+        (prompts (N, P) left-padded, their attention mask, response mask (N, R): 1 up to and including the first
+        EOS, responses (N, R) with pad after the first EOS, truncated (N,): no EOS within align.max_new_tokens).
+    """
+    from transformers import GenerationConfig
+
+    model.eval()
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (P - len(p)) + list(p) for p in prompts], device=next(model.parameters()).device)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=ids.device)
+    ids, mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+    gen = GenerationConfig(max_new_tokens=align.max_new_tokens, do_sample=True, temperature=align.temperature,
+                           top_k=0, top_p=top_p, pad_token_id=pad, eos_token_id=eos, use_cache=True)  # fmt: skip
+    # transformers fills each setting a config leaves unset from the checkpoint's generation_config (a repetition
+    # penalty, no_repeat_ngram_size, suppress_tokens, min_new_tokens...): set it aside while sampling, or the samples
+    # would come from another distribution than the policy's, the one the ratio and the KL are computed under.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, inner.generation_config = inner.generation_config, GenerationConfig()
+    try:
+        response = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, P:]
+    finally:
+        inner.generation_config = saved
+    if response.shape[1] == 0:
+        raise RuntimeError("the policy generated no token")
+    is_eos = response == eos if eos is not None else torch.zeros_like(response, dtype=torch.bool)
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return ids, mask, (~after_eos).long(), response.masked_fill(after_eos, pad), ~is_eos.any(-1)
+
+
+class RewardError(DataError):
+    """A reward function raised, or returned something that is not one finite number per completion."""
+
+
+def reward_values(out: Any, name: str, n: int, rows: Sequence[str]) -> list[float]:
+    """A reward's output as n finite floats; RewardError naming the reward and the row (``rows``: "row <source>"
+    each, or what else names an input) otherwise."""
+    if isinstance(out, torch.Tensor):
+        out = out.detach().float().flatten().tolist()
+    elif hasattr(out, "tolist"):  # a numpy array
+        out = out.tolist()
+    if not isinstance(out, (list, tuple)):
+        raise RewardError(f"reward {name} returned a {type(out).__name__}, not a list of {n} numbers")
+    if len(out) != n:
+        raise RewardError(f"reward {name} returned {len(out)} values for {n} completions")
+    values = []
+    for value, row in zip(out, rows):
+        if not isinstance(value, (int, float)):  # (True / False count as 1 / 0)
+            raise RewardError(f"reward {name} returned {value!r} ({type(value).__name__}) for {row}, not a number")
+        if not math.isfinite(value):
+            raise RewardError(f"reward {name} returned {value} for {row}; rewards must be finite numbers")
+        values.append(float(value))
+    return values
+
+
 # -- the loop ------------------------------------------------------------------------------------------------
 
 
@@ -197,7 +264,7 @@ class PPOLoop:
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.max_grad_norm = max_grad_norm
         self.kl_ctl = KLController(align.init_kl_coef, align.adaptive_kl, align.target_kl, align.kl_horizon)
-        self.steps_done = 0
+        self.steps_done, self.runtime_s = 0, 0.0  # (runtime_s: the training time before a resume)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
@@ -228,37 +295,12 @@ class PPOLoop:
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         """Sample one response per prompt (token ids, no padding) and score it."""
-        from transformers import GenerationConfig
-
-        self.model.eval()
-        P = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad] * (P - len(p)) + list(p) for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        # A fresh generation config: sample from the policy itself, not from a checkpoint's defaults (top-k, top-p,
-        # repetition penalty), or the PPO ratio would refer to another distribution.
-        gen = GenerationConfig(
-            max_new_tokens=self.align.max_new_tokens,
-            do_sample=True,
-            temperature=self.align.temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=self.pad,
-            eos_token_id=self.eos,
-            use_cache=True,
-        )
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        response = out[:, P:]
-        if response.shape[1] == 0:
-            raise RuntimeError("the policy generated no token")
-        is_eos = response == self.eos if self.eos is not None else torch.zeros_like(response, dtype=torch.bool)
-        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-        response_mask = (~after_eos).long()
-        response = response.masked_fill(after_eos, self.pad)
+        ids, mask, response_mask, response, _ = sample_responses(self.model, prompts, self.pad, self.eos, self.align)
         r = Rollout(
             sequences=torch.cat([ids, response], 1),
             attention_mask=torch.cat([mask, response_mask], 1),
             response_mask=response_mask,
-            prompt_length=P,
+            prompt_length=ids.shape[1],
             logprobs=None,
             ref_logprobs=None,
             values=None,
@@ -269,11 +311,11 @@ class PPOLoop:
         logp, values, _ = self._forward(r)
         r.logprobs, r.values = logp * response_mask, values * response_mask
         r.ref_logprobs = self.reference_logprobs(r) * response_mask
-        scores = self.reward_fn(r.prompts, r.responses)
-        scores = torch.as_tensor(scores, dtype=torch.float32).flatten().to(self.device)
-        if scores.numel() != len(prompts):
-            raise ValueError(f"the reward function returned {scores.numel()} rewards for {len(prompts)} responses")
-        r.scores = scores
+        # One finite number per response, or one line naming the reward and the response (None, NaN, text...).
+        names = [f"the response {t[:40]!r} to {p[:40]!r}" for p, t in zip(r.prompts, r.responses)]
+        name = self.align.reward_model or "function"
+        scores = reward_values(self.reward_fn(r.prompts, r.responses), name, len(prompts), names)
+        r.scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
         return r
 
     def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
@@ -377,8 +419,8 @@ def reward_function(
         raise ConfigError(f"align.reward_model {spec!r} is neither a folder nor of the form module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"align.reward_model {spec!r} could not be imported: {exc}") from None
+    except Exception as exc:  # noqa: BLE001  (user code: any error while importing it is one line)
+        raise ConfigError(f"align.reward_model {spec!r} could not be imported: {type(exc).__name__}: {exc}") from None
     if not callable(fn):
         raise ConfigError(f"align.reward_model {spec!r} is not callable")
     return fn
@@ -517,7 +559,7 @@ def train_ppo(
         first, order, history = ppo_checkpoint.load(checkpoint, loop, g)
         first += 1
     every = t.save_steps or per_epoch
-    start = time.perf_counter()
+    start = time.perf_counter() - loop.runtime_s  # a resumed run's: the whole run's time, as the Trainer stages'
     bar = tqdm(range(first, steps + 1), desc="ppo", initial=first - 1, total=steps)
     for step in bar:
         if len(order) < t.batch_size:
@@ -528,6 +570,7 @@ def train_ppo(
         if step % every == 0 and step < steps:
             from . import ppo_checkpoint
 
+            loop.runtime_s = time.perf_counter() - start
             ppo_checkpoint.save(cfg.output.dir, step, loop, g, order, history, t.save_total_limit)
     tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
     metrics.update(

@@ -3,8 +3,8 @@
 ``checkpoint-<step>/`` holds the active adapter (PEFT files), ``value_head.safetensors``, ``optimizer.pt`` (AdamW's
 moments; tensors and numbers only, read back with ``weights_only=True``), ``rng_state.pth`` (torch's global random
 state, which the rollouts sample from, and the data-order generator's) and ``trainer_state.json`` (the step, the KL
-coefficient, the prompts still to come in this pass, and the log so far; the HF Trainer's file name, so
-``runfolder.resume_checkpoint`` checks and picks PPO checkpoints as it does the Trainer's).
+coefficient, the prompts still to come in this pass, the training time so far and the log; the HF Trainer's file
+name, so ``runfolder.resume_checkpoint`` checks and picks PPO checkpoints as it does the Trainer's).
 
 A checkpoint is written into a hidden staging folder and renamed into place: one that exists is complete.
 """
@@ -50,6 +50,7 @@ def save(
             "global_step": step,
             "steps_done": loop.steps_done,
             "kl_coef": loop.kl_ctl.value,
+            "runtime_s": loop.runtime_s,
             "order": order,
             "log_history": history,
         }
@@ -95,4 +96,5 @@ def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[i
         torch.cuda.set_rng_state(rng["cuda"])
     loop.kl_ctl.value = state["kl_coef"]
     loop.steps_done = state["steps_done"]
+    loop.runtime_s = state.get("runtime_s", 0.0)  # (0: a checkpoint written before it was kept)
     return state["global_step"], list(state["order"]), list(state["log_history"])
