@@ -3,7 +3,7 @@
 A small bottleneck network sits on the output h (d) of a transformer sub-layer, before the block's residual add
 and LayerNorm, with a residual of its own:
 
-    h' = h + s * W_up f(W_down LN_b(h) + b_down) + b_up        (then LN_a on the added term, if asked)
+    h' = h + s * (W_up f(W_down LN_b(h) + b_down) + b_up)      (then LN_a on the added term, if asked)
 
 with W_down (m x d), W_up (d x m), m = bottleneck_size or d // reduction_factor, f a non-linearity and s =
 ``scaling``. Only W_down, b_down, W_up, b_up (and the optional LayerNorms) train; the base stays frozen.
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
-from ..layer import DeltaLayer, base_weight, linear_shape, set_submodule
-from ..targets import BOTTLENECK_TARGETS, find_targets, model_type
+from ..layer import DeltaLayer, linear_shape, set_submodule
+from ..targets import BOTTLENECK_TARGETS, MOE_BOTTLENECK, find_targets, fused_experts, model_type
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 SUBLAYERS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
@@ -55,7 +55,9 @@ class BottleneckConfig(DeltaConfig):
     ln_before: bool = False
     """A trainable LayerNorm on the adapter's input h (inside the adapter; the residual uses the raw h)."""
     ln_after: bool = False
-    """A trainable LayerNorm on the adapter's added term (LN(0) = 0 at init, so the start is still the base)."""
+    """A trainable LayerNorm on the adapter's added term, after its dropout, before the residual add: the adapters
+    library's ln_after with its default adapter_residual_before_ln=False. LN(0) = 0, so the start is still the base;
+    LN ignores the term's scale, so ``scaling`` then (almost) does nothing, as there."""
     scaling: float = 1.0
     """s: the adapter's term is multiplied by it."""
     adapter_dropout: float = 0.0
@@ -99,7 +101,10 @@ class BottleneckConfig(DeltaConfig):
         return m
 
 
-def _out_features(module: nn.Module) -> int:
+def _out_features(module: nn.Module, width: int | None = None) -> int:
+    """The output size of ``module``. A whole block with no weight of its own: ``width`` (the model's hidden size)
+    for a mixture of experts' block (its output goes to the residual add), else its last linear layer's (an MLP's
+    down projection)."""
     shape = linear_shape(module)
     if shape is not None:
         return shape[1]
@@ -107,6 +112,12 @@ def _out_features(module: nn.Module) -> int:
         return module.embedding_dim
     if hasattr(module, "weight") and module.weight.dim() == 2:
         return int(module.weight.shape[0])
+    if not hasattr(module, "weight"):
+        if width is not None and fused_experts(module):
+            return width
+        shapes = [shape for sub in module.modules() if (shape := linear_shape(sub)) is not None]
+        if shapes:
+            return shapes[-1][1]
     raise ConfigError(f"bottleneck: cannot tell the output size of a {type(module).__name__}")
 
 
@@ -116,9 +127,9 @@ class BottleneckLayer(DeltaLayer):
     adapter_attrs = ("adapter_down", "adapter_up", "adapter_ln_before", "adapter_ln_after", "adapter_fusion")
     supports_row_adapters = True
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, width: int | None = None) -> None:
         super().__init__(base_layer)
-        self.out_features = _out_features(base_layer)
+        self.out_features = _out_features(base_layer, width)
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_ln_before = nn.ModuleDict()
@@ -130,8 +141,12 @@ class BottleneckLayer(DeltaLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        # Modeling code reads the wrapped projection's weight (T5 checks ``self.wo.weight.dtype``).
-        return base_weight(self.base_layer)
+        # Modeling code reads the wrapped projection's weight (T5 checks ``self.wo.weight.dtype``). A whole block
+        # (an MoE block) has none: its first parameter, for the dtype and device of the adapter.
+        base = self.base_layer
+        while isinstance(base, DeltaLayer) and hasattr(base, "base_layer"):
+            base = base.base_layer
+        return base.weight if hasattr(base, "weight") else next(base.parameters())
 
     def add(
         self,
@@ -146,7 +161,7 @@ class BottleneckLayer(DeltaLayer):
     ) -> None:
         """Add adapter ``name`` with bottleneck size ``m``."""
         d = self.out_features
-        w = base_weight(self.base_layer)
+        w = self.weight
         kw = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
         down = nn.Linear(d, m, **kw)
         up = nn.Linear(m, d, **kw)
@@ -192,9 +207,8 @@ class BottleneckLayer(DeltaLayer):
         x = self.adapter_ln_before[name](h) if name in self.adapter_ln_before else h
         up = self.adapter_up[name]
         z = up(self.adapter_act[name](self.adapter_down[name](x.to(up.weight.dtype)))) * self.scaling[name]
-        if name in self.adapter_ln_after:
-            z = self.adapter_ln_after[name](z)
-        return self.adapter_dropout[name](z).to(h.dtype)
+        z = self.adapter_dropout[name](z)  # before LN_a, as the adapters library's Adapter.forward
+        return (self.adapter_ln_after[name](z) if name in self.adapter_ln_after else z).to(h.dtype)
 
     def _term(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """What adapter or fusion ``name`` adds to the sub-layer output h."""
@@ -206,8 +220,18 @@ class BottleneckLayer(DeltaLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)
+        if isinstance(h, tuple):  # a block that returns more (GPT-OSS's MoE block: output, router scores)
+            return (self._add(h[0]), *h[1:])
+        return self._add(h)
+
+    def _add(self, h: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return h
+        if h.shape[-1] != self.out_features:  # a block whose output size was guessed from its last linear layer
+            raise ValueError(
+                f"bottleneck: {type(self.base_layer).__name__} returns size {h.shape[-1]}, not the "
+                f"{self.out_features} its adapters were made for; target its output projection instead"
+            )
         if self.row_adapters is not None:
             return self._routed(h)
         out = h
@@ -231,14 +255,17 @@ class BottleneckLayer(DeltaLayer):
 def _locate(model: nn.Module, config: BottleneckConfig) -> list[str]:
     """Full names of the sub-layers to adapt: target_modules if given, else the family's entry in the table.
 
-    A family missing from the table is tried against every known layout; the error names the sub-layers that
-    no layout found.
+    A family missing from the table is tried against every known layout (a mixture of experts against Mixtral's
+    only); the error names the sub-layers that no layout found.
     """
     if config.target_modules is not None:
         return find_targets(model, config.target_modules, method="bottleneck")
     wanted = config.sublayers
     mtype = model_type(model)
     layouts = [BOTTLENECK_TARGETS[mtype]] if mtype in BOTTLENECK_TARGETS else list(BOTTLENECK_TARGETS.values())
+    moe = mtype not in BOTTLENECK_TARGETS and fused_experts(model)
+    if moe:  # another layout could find only the dense layers' MLPs: an adapter on some blocks, silently
+        layouts = [MOE_BOTTLENECK]
     names = [n for n, _ in model.named_modules() if n]
     missing: set[str] = set(wanted)
     for layout in layouts:
@@ -247,6 +274,12 @@ def _locate(model: nn.Module, config: BottleneckConfig) -> list[str]:
             return [n for kind in wanted for n in found[kind]]
         missing &= {kind for kind, hits in found.items() if not hits}
     missing = missing or set(wanted)
+    if moe:
+        raise ConfigError(
+            f"bottleneck ({config.config}): model type {mtype!r} is a mixture of experts not in "
+            f"targets.BOTTLENECK_TARGETS, and its blocks are not laid out as Mixtral's (layers.N.self_attn.o_proj, "
+            "layers.N.mlp); pass target_modules: the attention output projections and the whole MoE blocks"
+        )
     what = ", ".join(f"{_SUBLAYER_WORDS[k]} ({k})" for k in wanted if k in missing)
     tried = "; ".join(sorted({layout[k] for layout in layouts for k in wanted if k in missing}))
     known = "" if mtype in BOTTLENECK_TARGETS else f" (model type {mtype!r} is not in targets.BOTTLENECK_TARGETS)"
@@ -254,6 +287,13 @@ def _locate(model: nn.Module, config: BottleneckConfig) -> list[str]:
         f"bottleneck ({config.config}): sub-layers not found in this model{known}: {what}; patterns tried: {tried}. "
         "Add the family to targets.BOTTLENECK_TARGETS or pass target_modules"
     )
+
+
+def _width(model: nn.Module) -> int | None:
+    """The model's hidden size (the output size of a whole block), if its config says."""
+    config = getattr(model, "config", None)
+    size = getattr(config.get_text_config(), "hidden_size", None) if hasattr(config, "get_text_config") else None
+    return size if isinstance(size, int) else None
 
 
 def _existing(module: nn.Module) -> BottleneckLayer | None:
@@ -276,7 +316,7 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
         layer = _existing(module)
         new = layer is None
         if new:
-            layer = BottleneckLayer(module)  # wraps a plain module, or another method's layer (LoRA) whole
+            layer = BottleneckLayer(module, _width(model))  # a plain module, or another method's layer whole
         plan.append((name, layer, new, config.size_for(layer.out_features)))
     for name, layer, new, m in plan:
         if new:

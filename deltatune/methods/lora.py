@@ -29,7 +29,7 @@ from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from ._dora import dora, row_norm
 from ._lora_gather import gathered
 
-LOADS_ONLY = ("orthogonal", "mica")  # peft's inits that leave the base as it is: their files are plain LoRA
+LOADS_ONLY = ("orthogonal", "mica", "eva")  # peft's inits that leave the base as it is: their files are plain LoRA
 
 
 @dataclass
@@ -66,12 +66,20 @@ class LoraConfig(DeltaConfig):
     """Per-module lora_alpha overrides, keyed like rank_pattern."""
     exclude_modules: list[str] | str | None = None
     """Modules never adapted, matched like target_modules."""
+    eva_config: dict | None = None
+    """peft's EVA settings (init_lora_weights='eva'), kept as a peft file gives them; deltatune draws no EVA init."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("r", self.r)
         check_range("lora_alpha", self.lora_alpha, 0, None, low_open=True)
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        for key in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern"):  # "false": DoRA
+            if not isinstance(value := getattr(self, key), dict if key.endswith("pattern") else bool):
+                raise ConfigError(f"{key} must be a {'dict' if key.endswith('pattern') else 'bool'}, got {value!r}")
+        layers = self.layers_to_transform
+        if layers is not None and not all(type(i) is int for i in (layers if isinstance(layers, list) else [layers])):
+            raise ConfigError(f"layers_to_transform must be a block index or a list of them, got {layers!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if (init := self.init_lora_weights) not in (True, False, "gaussian", *LOADS_ONLY):
@@ -94,8 +102,8 @@ class LoraConfig(DeltaConfig):
         if self.bias == "none":
             return []
         names = []
-        for name, _ in model.named_parameters():
-            if not name.endswith("bias") or ".lora_" in name:
+        for name, _ in model.named_parameters():  # peft's rule: "bias" or "x.bias" (not DeBERTa's q_bias, v_bias)
+            if not (name == "bias" or name.endswith(".bias")) or ".lora_" in name:
                 continue
             if self.bias == "all" or name.endswith("base_layer.bias"):
                 names.append(name)
@@ -251,8 +259,6 @@ class LoraLinear(_LoraBase):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
         _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
-        if dora and (callable(getattr(self.base_layer, "dequantize", None)) or not weight.is_floating_point()):
-            raise ConfigError("use_dora is not supported on 4-bit base layers yet")
         if dora:
             with torch.no_grad():
                 w = weight.float() + self.delta_weight(name).float()
@@ -280,12 +286,7 @@ class LoraLinear(_LoraBase):
 class LoraEmbedding(_LoraBase):
     """LoRA on an ``nn.Embedding``: A (r x vocab) is looked up like an embedding, then B (dim x r)."""
 
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
-        if dora:
-            raise ConfigError("use_dora is not supported on nn.Embedding layers; leave them out of target_modules")
         self._add_common(name, r, alpha, dropout, rslora)
         weight = self._weight
         num, dim = weight.shape
@@ -312,23 +313,12 @@ class LoraConv2d(_LoraBase):
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
         base: nn.Conv2d = self.base_layer
-        if dora:
-            raise ConfigError("use_dora is not supported on nn.Conv2d layers in deltatune")
         self._add_common(name, r, alpha, dropout, rslora)
         w = base.weight
         # A sees the input exactly as the base kernel does (dilation, padding mode too), so B A merges into W.
-        self.lora_A[name] = nn.Conv2d(
-            base.in_channels,
-            r,
-            base.kernel_size,
-            base.stride,
-            base.padding,
-            base.dilation,
-            bias=False,
-            padding_mode=base.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, padding_mode=base.padding_mode)
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, bias=False, **kw, device=w.device,
+                                      dtype=w.dtype)  # fmt: skip
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False, device=w.device, dtype=w.dtype)
         _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
 
@@ -352,6 +342,10 @@ LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
 def _wrap(module: nn.Module, name: str) -> _LoraBase:
     kind = type(module).__name__
     if isinstance(module, nn.Embedding):
+        if type(module).forward is not nn.Embedding.forward and not hasattr(module, "embed_scale"):
+            raise ConfigError(f"lora: {name} ({kind}) is an embedding whose forward is not a lookup of its input "
+                              "(a learned positional embedding computes positions from it), so LoRA's update would "
+                              "not be the merged weight's; leave it out of target_modules")  # fmt: skip
         return LoraEmbedding(module)
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
@@ -361,14 +355,13 @@ def _wrap(module: nn.Module, name: str) -> _LoraBase:
     if shape is not None:
         return LoraLinear(module, fan_in_fan_out=shape[2])
     raise ConfigError(
-        f"lora: target {name} is a {kind}; LoRA adapts nn.Linear, Conv1D, nn.Embedding and nn.Conv2d layers"
+        f"lora: target {name} is a {kind}; LoRA adapts nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv2d layers"
     )
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.Module]:
     """Wrap every target module in a LoRA layer (or add to an existing one) and add adapter ``adapter_name``. Targets
-    are checked before the model is touched; a ConfigError from a layer's ``add`` (DoRA on an embedding) comes after
-    earlier layers were wrapped, and ``DeltaModel.add_adapter`` undoes them."""
+    (DoRA's among them) are checked before the model is touched."""
     if config.init_lora_weights in LOADS_ONLY:
         raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is peft's; deltatune draws True, False or "
                           "'gaussian' (an adapter peft saved with it loads)")  # fmt: skip
@@ -376,23 +369,25 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
     plan: list[tuple[str, _LoraBase, bool]] = []
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, LORA_LAYERS):
-            plan.append((name, module, False))
-        elif adapter_name in getattr(module, "modules_to_save", ()):  # trained in full: not a target (PEFT's rule)
+        if adapter_name in getattr(module, "modules_to_save", ()):  # trained in full: not a target (PEFT's rule)
             continue
-        elif isinstance(module, DeltaLayer):
+        if isinstance(module, DeltaLayer) and not isinstance(module, LORA_LAYERS):
             raise ConfigError(f"lora: {name} is already adapted by {type(module).__name__}; LoRA cannot wrap it")
-        else:
-            plan.append((name, _wrap(module, name), True))
+        layer = module if isinstance(module, LORA_LAYERS) else _wrap(module, name)
+        base = layer.base_layer
+        if config.use_dora and (not isinstance(layer, LoraLinear) or callable(getattr(base, "dequantize", None))
+                                or not base.weight.is_floating_point()):  # fmt: skip
+            raise ConfigError(f"lora: use_dora is not supported on {name} ({type(base).__name__}); DoRA adapts "
+                              "full-precision nn.Linear and GPT-2 Conv1D layers, leave it out of target_modules")  # fmt: skip
+        plan.append((name, layer, layer is not module))
     layers: list[nn.Module] = []
     for name, layer, new in plan:
         if new:
             set_submodule(model, name, layer)
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        layer.add(
-            adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, config.init_lora_weights
-        )
+        layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
+                  config.init_lora_weights)  # fmt: skip
         layers.append(layer)
     return layers
 
