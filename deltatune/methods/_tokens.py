@@ -1,28 +1,22 @@
 """Shared bookkeeping of the token methods (prompt tuning, P-tuning, prefix tuning, P-tuning v2).
 
-A token method adds n virtual tokens to every sequence, either as vectors prepended to the input
-embeddings ("prompt" kind: prompt tuning, P-tuning) or as per-layer key/value prefixes in the attention
-cache ("prefix" kind: prefix tuning, P-tuning v2). The method files only say how the virtual tokens are
-computed (an embedding table, an MLP or LSTM reparametrisation); this file makes the rest of the model
-account for them:
+A token method adds n virtual tokens to every sequence, either as vectors prepended to the input embeddings
+("prompt" kind: prompt tuning, P-tuning) or as per-layer key/value prefixes in the attention cache ("prefix" kind:
+prefix tuning, P-tuning v2). The method files only say how the virtual tokens are computed; this file makes the
+rest of the model account for them. ``VirtualTokens`` is the one ``DeltaLayer`` every token adapter of a model
+lives in (the child ``virtual_tokens`` of the base model, one encoder per adapter in ``prompt_encoder``). While one
+of its adapters is active its forward pre-hooks rewrite the model inputs and a forward hook its outputs:
 
-- ``VirtualTokens`` is the one ``DeltaLayer`` every token adapter of a model lives in (attached as the child
-  ``virtual_tokens`` of the base model, one encoder per adapter name in ``prompt_encoder``). It registers
-  forward pre-hooks (with kwargs) that rewrite the model inputs while one of its adapters is active and the
-  layer is not disabled, and a forward hook that drops the virtual positions from per-token outputs.
 - attention mask: n ones are prepended wherever the mask is n shorter than the keys the model attends to;
 - position ids: real tokens are shifted by n (virtual tokens take positions 0..n-1);
 - labels: -100 on the virtual positions (token-level labels only), so the loss is over real tokens;
 - outputs: per-token ``logits`` / ``hidden_states`` lose the virtual positions (one row per real token);
-- cache: prefixes go into a transformers ``Cache`` (``DynamicCache``, ``EncoderDecoderCache``) before the
-  first step; prompts are prepended only while the cache is empty, so ``generate`` (greedy, beam search,
-  left-padded batches) works through the base model's own loop.
+- cache: prefixes go into a transformers ``Cache`` before the first step; prompts are prepended only while the
+  cache is empty, so ``generate`` works through the base model's own loop (its input slicing, when it restarts
+  from a cache it returned, counts the n virtual tokens: see ``_prepare``).
 
-The fields the token methods' configs share, the model geometry and the call-argument plumbing (mask, positions,
-cache keys) are in _token_geometry.py.
-
-Files follow PEFT: one tensor ``prompt_embeddings`` per adapter, the *folded* virtual tokens (the output of
-any reparametrisation), so only the tokens are saved and served.
+Files follow PEFT: one tensor ``prompt_embeddings`` per adapter, the *folded* virtual tokens (the output of any
+reparametrisation). Shared fields, geometry and call-argument plumbing are in _token_geometry.py.
 """
 
 from __future__ import annotations
@@ -95,6 +89,18 @@ class VirtualTokens(DeltaLayer):
             pre("decoder", model.get_decoder())
         if prefix_module is not None and prefix_module is not model:
             pre("prefix", prefix_module)
+        prepare = getattr(model, "prepare_inputs_for_generation", None)
+        if prepare is not None:  # generate continued from a cache: it counts the virtual tokens as inputs already fed
+            model.prepare_inputs_for_generation = functools.wraps(prepare)(functools.partial(self._prepare, prepare))
+            self._handles.append(functools.partial(_unpatch, model))
+
+    def _prepare(self, prepare: Any, *args: Any, next_sequence_length: int | None = None, **kwargs: Any) -> Any:
+        """generate restarting from a cache feeds the last (inputs - cached) tokens; the cache holds n virtual tokens
+        besides the inputs (not an encoder-decoder's prompts: those are in its encoder)."""
+        active = self._active() if next_sequence_length is not None and kwargs.get("is_first_iteration") else None
+        if active and _cache_len(_given_cache(kwargs)) and (active[1].kind == "prefix" or not self.encoder_decoder):
+            next_sequence_length += active[1].n
+        return prepare(*args, next_sequence_length=next_sequence_length, **kwargs)
 
     def add(self, name: str, encoder: nn.Module, spec: TokenSpec) -> None:
         """Add adapter ``name``: ``encoder()`` returns its virtual tokens (see the method files)."""
@@ -113,7 +119,7 @@ class VirtualTokens(DeltaLayer):
     def unwrap(self) -> None:
         """The layer leaves nothing in its place; its hooks go with it."""
         for handle in self._handles:
-            handle.remove()
+            handle() if callable(handle) else handle.remove()
         self._handles.clear()
         return None
 
@@ -193,7 +199,7 @@ class VirtualTokens(DeltaLayer):
         n = spec.n
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         batch, length, _ = _batch_len(ids, embeds)
-        past = _cache_len(_given_cache(kwargs))
+        past = _cache_len(_growing(spec, _given_cache(kwargs)))
         first = past == 0
         if first:
             self._check_length(n + length)
@@ -201,6 +207,9 @@ class VirtualTokens(DeltaLayer):
                 embeds = module.get_input_embeddings()(ids)
             kwargs["inputs_embeds"] = torch.cat([self._prompts(name, spec, batch, embeds), embeds], dim=1)
             kwargs["input_ids"] = None
+            keep = kwargs.get("logits_to_keep")
+            if isinstance(keep, torch.Tensor):  # indices of real tokens (negative ones count from the end)
+                kwargs["logits_to_keep"] = torch.where(keep >= 0, keep + n, keep)
             if kwargs.get("token_type_ids") is not None:
                 tt = kwargs["token_type_ids"]
                 kwargs["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
@@ -226,7 +235,7 @@ class VirtualTokens(DeltaLayer):
         keys = ("decoder_input_ids", "decoder_inputs_embeds", "labels") if seq2seq else ()
         x = next((kwargs[k] for k in (*keys, "input_ids", "inputs_embeds") if kwargs.get(k) is not None), None)
         batch, length, _ = _batch_len(x, None)
-        cache = _given_cache(kwargs)
+        cache = _growing(spec, _given_cache(kwargs))
         if module.training and torch.is_grad_enabled() and checkpointing(module):
             # Recomputing a checkpointed layer would append its keys to the cache a second time (PEFT refuses too).
             raise ValueError(f"{spec.method} does not work with gradient checkpointing; turn it off for this model")
@@ -268,14 +277,13 @@ class VirtualTokens(DeltaLayer):
         as_tuple = self._tuples.pop() if self._tuples else False
         if not hasattr(output, "keys"):
             return None
-        if kwargs.get("use_cache") is False:  # the prefix's cache is ours: the caller asked for none back
-            for key in (*CACHE_KEYS, "past_key_values"):
-                if output.get(key) is not None:
-                    output[key] = None
+        if kwargs.get("use_cache") is False and any(output.get(k) is not None for k in CACHE_KEYS):
+            # the prefix's cache is ours and the caller asked for none: no key (beam search reorders one it finds)
+            output = type(output)(**{k: v for k, v in output.items() if k not in CACHE_KEYS})
         if pending is not None:
             n, total = pending
-            logits = output.get("logits")  # (with logits_to_keep, the last positions only: real tokens)
-            if not kwargs.get("logits_to_keep") and isinstance(logits, torch.Tensor) and logits.dim() >= 3:
+            logits, keep = output.get("logits"), kwargs.get("logits_to_keep")  # keep: real positions only
+            if isinstance(logits, torch.Tensor) and logits.dim() >= 3 and not torch.is_tensor(keep):
                 output["logits"] = logits[:, n:] if logits.shape[1] == total else logits
             hidden = output.get("hidden_states")
             if isinstance(hidden, tuple):
@@ -284,6 +292,20 @@ class VirtualTokens(DeltaLayer):
                     for h in hidden
                 )
         return output.to_tuple() if as_tuple else output
+
+
+def _growing(spec: TokenSpec, cache: Any) -> Any:
+    """``cache``, refused when it has a fixed size (a static cache is sized for the inputs and new tokens only)."""
+    if getattr(cache, "is_compileable", False):
+        raise ValueError(
+            f"{spec.method} puts {spec.n} virtual tokens in the key/value cache, which a fixed-size "
+            f"{type(cache).__name__} (cache_implementation='static') has no room for; use the default dynamic cache"
+        )
+    return cache
+
+
+def _unpatch(model: nn.Module) -> None:
+    model.__dict__.pop("prepare_inputs_for_generation", None)
 
 
 def _absolute_positions(model: nn.Module, cfg: Any) -> int | None:
@@ -308,13 +330,9 @@ def _prefix_module(model: nn.Module) -> nn.Module | None:
 
 
 # -- inject / fold ------------------------------------------------------------------------------------------------------
-def layer_of(model: nn.Module, create: bool = False) -> VirtualTokens | None:
-    """The model's VirtualTokens layer (created and attached when ``create``)."""
-    layer = getattr(model, ATTR, None) if ATTR in getattr(model, "_modules", {}) else None
-    if layer is None and create:
-        layer = VirtualTokens(model)
-        model.add_module(ATTR, layer)
-    return layer
+def layer_of(model: nn.Module) -> VirtualTokens | None:
+    """The model's VirtualTokens layer, or None."""
+    return getattr(model, ATTR, None) if ATTR in getattr(model, "_modules", {}) else None
 
 
 def attach(model: nn.Module, adapter_name: str, encoder: nn.Module, spec: TokenSpec) -> list[nn.Module]:
@@ -343,11 +361,7 @@ def fold(model: nn.Module, adapter_name: str = "default") -> None:
     """Replace a token adapter's reparametrisation (P-tuning's MLP/LSTM, prefix tuning's MLP) by its output.
 
     The outputs do not change; what is left trains (if it trains) as a plain table of virtual tokens, which is
-    also what is saved and what a loaded adapter holds.
-
-    Args:
-        model: a DeltaModel or the base model holding the adapter.
-        adapter_name: the token adapter to fold.
+    also what is saved and what a loaded adapter holds. ``model``: a DeltaModel or the base model holding it.
 
     Raises:
         ValueError: no token adapter of that name.
@@ -365,13 +379,7 @@ def warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=4)
 
 
-__all__ = [
-    "ATTR",
-    "SAVED_KEY",
-    "VirtualTokens",
-    "attach",
-    "fold",
-]
+__all__ = ["ATTR", "SAVED_KEY", "VirtualTokens", "attach", "fold"]
 
 
 def _pads_first(kwargs: dict) -> None:
