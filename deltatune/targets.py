@@ -155,10 +155,22 @@ HEADS_BY_TASK: dict[str, tuple[str, ...]] = {
 """The new heads a task puts on a model (trained in full and saved with the adapter, as PEFT adds them to
 modules_to_save); a model lacking one of them is no error."""
 
+FAMILY_HEADS: dict[str, dict[str, tuple[str, ...]]] = {
+    "SEQ_CLS": {
+        **dict.fromkeys(("deberta", "deberta-v2"), ("pooler",)),  # ContextPooler: new, outside the encoder
+        **dict.fromkeys(("modernbert", "modernbert-decoder"), ("head",)),  # dense + norm before the classifier
+        **dict.fromkeys(("xlm", "flaubert"), ("sequence_summary",)),
+        "xlnet": ("sequence_summary", "logits_proj"),
+    },
+    "TOKEN_CLS": {"modernbert": ("head",)},
+}
+"""A family's own new modules beside ``HEADS_BY_TASK``'s, outside its base model (PEFT leaves them out: random at
+every load of the base, so its adapter computes otherwise once reloaded); trained and saved as the heads are."""
+
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.dense", "embed_out", "output_layer")
 
 LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
-"""Names of the ModuleList that holds the transformer blocks, used by ``layers_to_transform``."""
+"""Names of the ModuleList that holds the transformer blocks (methods/freeze.py)."""
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -203,10 +215,20 @@ def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
 
 
 def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or LAYER_PATTERNS)
-    found = [m for p in patterns if (m := re.search(rf"(?:^|\.){re.escape(p)}\.(\d+)(?:\.|$)", name))]
-    # The outermost numbered list is the block list: T5's "block.1.layer.0.SelfAttention" is block 1, not 0.
-    return int(min(found, key=lambda m: m.start()).group(1)) if found else None
+    """The block index of module ``name``, found as PEFT finds it: without a pattern the first numbered path segment
+    after the first one (T5's "encoder.block.1.layer.0.SelfAttention.q" is in block 1); else the first pattern, in
+    list order, followed by a number (patterns are regexes, as in PEFT)."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            try:
+                found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"layers_pattern {pattern!r} is not a valid module-name pattern: {e}") from None
+            if found:
+                break
+    return int(found.group("idx")) if found else None
 
 
 def matches(
@@ -215,34 +237,47 @@ def matches(
     layers_to_transform: list[int] | int | None = None,
     layers_pattern: list[str] | str | None = None,
 ) -> bool:
-    """Whether the module ``name`` is a target (PEFT's matching rules)."""
+    """Whether the module ``name`` is a target (PEFT's matching rules: a list entry equal to the full name matches
+    whatever ``layers_to_transform`` says, and an empty ``layers_to_transform`` keeps every block)."""
     if isinstance(targets, str):
         hit = re.fullmatch(targets, name) is not None
+    elif name in targets:
+        return True
     else:
-        hit = any(name == t or name.endswith("." + t) for t in targets)
-    if not hit or layers_to_transform is None:
+        hit = any(name.endswith("." + t) for t in targets)
+    if not hit or layers_to_transform is None or layers_to_transform == []:
         return hit
     wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
     return _layer_index(name, layers_pattern) in wanted
 
 
 def all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
-    """Every linear layer but the output head and the task heads (``target_modules="all-linear"``)."""
+    """Every linear layer but the output head and the task heads (``target_modules="all-linear"``).
+
+    Unlike PEFT, not the ``out_proj`` of an ``nn.MultiheadAttention`` (SigLIP's pooling head, torchvision's ViT):
+    that module reads ``out_proj.weight`` itself, so an adapter there would change nothing until merged, and then
+    change the output."""
     skip = set(HEAD_NAMES) | set(exclude)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
+    dead = {f"{n}.out_proj".lstrip(".") for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inner):
             continue
         while isinstance(module, DeltaLayer) and hasattr(module, "base_layer"):
             module = module.base_layer
-        if not _is_linear(module) or module is output:
+        if not _is_linear(module) or module is output or name in dead:
             continue
         if any(name == s or name.endswith("." + s) or f".{s}." in f".{name}." for s in skip):
             continue
         names.append(name)
     return names
+
+
+def _all_linear(targets: Any) -> Any:
+    """``"all-linear"`` in any case, as PEFT reads it ("ALL-LINEAR" too); other targets as they are."""
+    return "all-linear" if isinstance(targets, str) and targets.lower() == "all-linear" else targets
 
 
 def find_targets(
@@ -253,6 +288,7 @@ def find_targets(
     method: str = "method",
 ) -> list[str]:
     """Full names of the modules to adapt; ConfigError (listing real names) when nothing matches."""
+    targets = _all_linear(targets)
     if targets == "all-linear":
         found = [n for n in all_linear_names(model) if matches(n, ".*", layers_to_transform, layers_pattern)]
     else:
@@ -266,6 +302,7 @@ def find_targets(
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
     found = [n for n in found if not any(n.startswith(prefix) for prefix in inner)]
     found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+    _refuse_experts(model, targets, found, method)
     if not found:
         raise ConfigError(
             f"{method}: target_modules={targets!r}"
@@ -281,12 +318,48 @@ def find_targets(
     return found
 
 
+def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(full name, module) of each 3-D parameter of a mixture of experts' fused experts (``...Experts`` modules)."""
+    return [
+        (f"{n}.{pn}" if n else pn, m)
+        for n, m in model.named_modules()
+        if "Expert" in type(m).__name__
+        for pn, p in m.named_parameters(recurse=False)
+        if p.dim() >= 3
+    ]
+
+
+def _refuse_experts(model: nn.Module, targets: list[str] | str, found: list[str], method: str) -> None:
+    """ConfigError when ``targets`` reach a mixture of experts' fused experts (transformers 5 keeps them as 3-D
+    parameters, ``gate_up_proj`` / ``down_proj`` of a ``...Experts`` module): peft adapts them (its
+    target_parameters), deltatune cannot, and adapting only the rest would train less than asked, silently."""
+    experts = fused_experts(model)
+    if targets == "all-linear":
+        hits = experts
+    elif isinstance(targets, str):
+        hits = [(n, m) for n, m in experts if re.fullmatch(targets, n)]
+    else:
+        hits = [(n, m) for n, m in experts if any(n == t or n.endswith("." + t) for t in targets)]
+    if hits:
+        name, module = hits[0]
+        rest = sorted({n.rsplit(".", 1)[-1] for n in found})
+        raise ConfigError(
+            f"{method}: target_modules={targets!r} reaches {name}, a 3-D parameter of {type(module).__name__} (the "
+            "fused experts), which deltatune cannot adapt (peft's target_parameters); name the other targets"
+            + (f": {rest}" if rest else " (attention: q_proj, k_proj, v_proj, o_proj)")
+        )
+
+
 # Where bottleneck adapters go (Houlsby et al., 2019): the output projection of each block's attention ("attn") and
 # of its feed-forward ("ffn") sub-layer, before the residual add and LayerNorm. Regexes matched against the full
 # module name. Houlsby adapts both; Pfeiffer only "ffn". T5's and BART's decoder cross-attention is left alone.
 _BERT_LIKE = {"attn": r".*\.layer\.\d+\.attention\.output\.dense", "ffn": r".*\.layer\.\d+\.output\.dense"}
 _LLAMA_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.o_proj", "ffn": r".*\.layers\.\d+\.mlp\.down_proj"}
 _BART_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.out_proj", "ffn": r".*\.layers\.\d+\.fc2"}
+MOE_BOTTLENECK = {**_LLAMA_LIKE, "ffn": r".*\.layers\.\d+\.mlp"}
+"""Mixtures of experts, and the layout tried for one not in the table: the feed-forward adapter wraps the whole MoE
+block (routed experts fused as 3-D parameters, and any shared expert), whose output goes to the residual add; a
+dense layer's MLP (Qwen MoE's mlp_only_layers, DeepSeek's first layers) is wrapped whole as well."""
 BOTTLENECK_TARGETS: dict[str, dict[str, str]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "layoutlm"), _BERT_LIKE),
     **dict.fromkeys(
@@ -303,7 +376,8 @@ BOTTLENECK_TARGETS: dict[str, dict[str, str]] = {
         ),
         _LLAMA_LIKE,
     ),
-    "starcoder2": {**_LLAMA_LIKE, "ffn": r".*\.layers\.\d+\.mlp\.c_proj"},  # (Mixtral's experts: 3-D, fused)
+    "starcoder2": {**_LLAMA_LIKE, "ffn": r".*\.layers\.\d+\.mlp\.c_proj"},
+    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe"), MOE_BOTTLENECK),
     **dict.fromkeys(("bart", "mbart", "opt"), _BART_LIKE),
     "gpt2": {"attn": r".*\.h\.\d+\.attn\.c_proj", "ffn": r".*\.h\.\d+\.mlp\.c_proj"},
     # ViT / DeiT (pre-LayerNorm): after the attention output and the MLP output, before each residual add
@@ -318,6 +392,11 @@ BOTTLENECK_TARGETS: dict[str, dict[str, str]] = {
         },
     ),
     "gpt_neox": {"attn": r".*\.layers\.\d+\.attention\.dense", "ffn": r".*\.layers\.\d+\.mlp\.dense_4h_to_h"},
+    # parallel blocks (attention and MLP both read the block's input): after each output, before the sum
+    "phi": {"attn": r".*\.layers\.\d+\.self_attn\.dense", "ffn": r".*\.layers\.\d+\.mlp\.fc2"},
+    "gptj": {"attn": r".*\.h\.\d+\.attn\.out_proj", "ffn": r".*\.h\.\d+\.mlp\.fc_out"},
+    "distilbert": {"attn": r".*\.layer\.\d+\.attention\.out_lin", "ffn": r".*\.layer\.\d+\.ffn\.lin2"},
+    "modernbert": {"attn": r".*\.layers\.\d+\.attn\.Wo", "ffn": r".*\.layers\.\d+\.mlp\.Wo"},
     "bloom": {"attn": r".*\.h\.\d+\.self_attention\.dense", "ffn": r".*\.h\.\d+\.mlp\.dense_4h_to_h"},
 }
 
@@ -334,6 +413,7 @@ def resolve_targets(model: nn.Module, config: Any, table: dict[str, list[str]], 
         ConfigError: no default for the family, or nothing left to adapt (the message lists real module names).
     """
     targets = config.target_modules if config.target_modules is not None else default_targets(model, table, method)
+    targets = _all_linear(targets)
     layers = getattr(config, "layers_to_transform", None)
     names = find_targets(model, targets, layers, getattr(config, "layers_pattern", None), method)
     exclude = getattr(config, "exclude_modules", None)
@@ -365,7 +445,8 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any, heads:
         ConfigError: a module the user named matches nothing.
     """
     wanted = list(config.modules_to_save or [])
-    task_heads = HEADS_BY_TASK.get(config.task_type or "", ())
+    task = config.task_type or ""
+    task_heads = HEADS_BY_TASK.get(task, ()) + FAMILY_HEADS.get(task, {}).get(model_type(model) or "", ())
     auto = [h for h in task_heads if h not in wanted] if heads else []
     plan: list[tuple[str, nn.Module]] = []
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]

@@ -137,6 +137,8 @@ def _head_params(base: nn.Module, config: dt.DeltaConfig) -> int:
     if config.task_type not in ("SEQ_CLS", "TOKEN_CLS"):
         return 0
     heads = [m for n, m in base.named_modules() if n.split(".")[-1] in CLS_HEADS]
+    if config.task_type == "SEQ_CLS" and base.config.model_type == "deberta-v2":
+        heads.append(base.pooler)  # DeBERTa's new ContextPooler trains with the classifier (targets.FAMILY_HEADS)
     return sum(p.numel() for m in heads for p in m.parameters())
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 
 import torch
+from safetensors import SafetensorError
 
 from ..config import ConfigError
 from . import embedded
@@ -230,6 +231,7 @@ def load_model(
         # A checkpoint whose head has another number of classes gets a new head of the right size.
         kwargs["ignore_mismatched_sizes"] = True
     path = resolve_path(name_or_path)
+    check_model_folder(name_or_path, path)
     if task_type == "CAUSAL_LM" and _kind(path, trust_remote_code) in ENCODER_LMS:
         kwargs["is_decoder"] = True  # an encoder's causal-LM class (BertLMHeadModel) masks the future only so
     try:
@@ -239,7 +241,13 @@ def load_model(
             model = auto_class(task_type).from_pretrained(path, **kwargs)
     except OSError as exc:
         raise not_loaded(name_or_path, exc) from None
-    except ValueError as exc:  # a model of another kind: a Llama for seq2seq, a ViT for text classification
+    except SafetensorError as exc:  # a truncated or corrupt weights file
+        raise ConfigError(
+            f"model {name_or_path!r} could not be loaded: a weights file is unreadable ({exc})"
+        ) from None
+    except (ValueError, RuntimeError) as exc:  # a model of another kind: a Llama for seq2seq, a ViT for text cls
+        if refusal := _refusal(name_or_path, path, str(exc), trust_remote_code):
+            raise ConfigError(refusal) from None
         if "Unrecognized configuration class" not in str(exc):
             raise
         kind = _kind(path, trust_remote_code)
@@ -257,6 +265,62 @@ def load_model(
         _fill_start_token(model, path, trust_remote_code)
     model.config._name_or_path = embedded.hub_id(name_or_path)  # what adapters record as their base
     return model
+
+
+def check_model_folder(name_or_path: str, path: str) -> None:
+    """ConfigError in one line for a local path that is no transformers model folder: a GGUF or other file, a folder
+    without config.json (an adapter's folder among them). A hub id (no such path here) passes."""
+    if os.path.isfile(path):
+        what = (
+            "a GGUF file (deltatune reads GGUF only for its own models: smollm2)"
+            if path.endswith(".gguf")
+            else "a file"
+        )
+        raise ConfigError(f"model {name_or_path!r} is {what}, not a model folder: give the folder with config.json")
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        base = _json_value(os.path.join(path, "adapter_config.json"), "base_model_name_or_path")
+        raise ConfigError(
+            f"model {name_or_path!r} is an adapter's folder (adapter_config.json), not a base model: give its base "
+            f"({base or 'base_model_name_or_path'}) as the model and load the adapter on it"
+        )
+    raise ConfigError(f"model {name_or_path!r} holds no config.json: not a transformers model folder")
+
+
+def _refusal(name_or_path: str, path: str, error: str, trusted: bool) -> str | None:
+    """The one line for transformers' multi-line refusals of a model: its own code not trusted, a model type this
+    transformers does not know, weights of other sizes than its config's; None for any other error."""
+    if "trust_remote_code" in error and not trusted:
+        return (
+            f"model {name_or_path!r} runs its own code (auto_map in its config.json): set model.trust_remote_code: "
+            "true (trust_remote_code=True) only if you trust that code"
+        )
+    if "does not recognize this architecture" in error:
+        import transformers
+
+        mtype = _json_value(os.path.join(path, "config.json"), "model_type")
+        return (
+            f"model {name_or_path!r} has a model type ({mtype!r}) that transformers {transformers.__version__} does "
+            "not know: upgrade transformers, or check config.json"
+        )
+    if "ignore_mismatched_sizes" in error:
+        return (
+            f"model {name_or_path!r}: its weights do not fit its config.json (tensors of other sizes; transformers' "
+            "report above lists them): fix config.json or the weights"
+        )
+    return None
+
+
+def _json_value(file: str, key: str):
+    """``key`` of the JSON object in ``file``; None when unreadable."""
+    import json
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _fill_start_token(model, path: str, trust_remote_code: bool) -> None:
@@ -337,4 +401,13 @@ def _load_with_new_head(cls, path: str, kwargs: dict):
     if any(key.startswith(base) for key in changed):
         for record in held.records:
             logger.handle(record)
+    # A base weight of another size was drawn anew, not read (ignore_mismatched_sizes is there for the head): a
+    # config.json that does not fit its weights would train on a random body.
+    reshaped = sorted((k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"] if k.startswith(base))
+    if reshaped:
+        key, stored, made = reshaped[0]
+        raise ConfigError(
+            f"model {path!r}: its weights do not fit its config.json: {key} is {list(stored)} in the weights but "
+            f"{list(made)} by the config ({len(reshaped)} tensors differ); fix config.json or the weights"
+        )
     return model
