@@ -62,9 +62,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``x`` shifted and scaled to mean 0 and variance 1 over the masked positions (0 elsewhere)."""
+    """``x`` shifted and scaled to mean 0 and variance 1 over the masked positions (0 elsewhere); the variance is the
+    unbiased one (n / (n - 1) times the mean square), as TRL's ``masked_whiten``."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -198,6 +200,8 @@ def reward_values(out: Any, name: str, n: int, rows: Sequence[str]) -> list[floa
         raise RewardError(f"reward {name} returned {len(out)} values for {n} completions")
     values = []
     for value, row in zip(out, rows):
+        if type(value).__module__ in ("torch", "numpy") and getattr(value, "ndim", None) == 0:
+            value = value.item()  # a 0-d tensor or a numpy scalar each (TRL's examples return them)
         if not isinstance(value, (int, float)):  # (True / False count as 1 / 0)
             raise RewardError(f"reward {name} returned {value!r} ({type(value).__name__}) for {row}, not a number")
         if not math.isfinite(value):

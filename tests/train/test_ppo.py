@@ -130,14 +130,15 @@ PROMPTS = [[4 + i, 4 + (i * 7) % 40, 4 + (i * 3) % 40] for i in range(40)]
 def test_reward_rises_with_bounded_kl(base_dir):
     """The untrained policy says 'yes' about once in 45 words; 40 PPO steps of 32 rollouts make it a habit."""
     align = AlignArgs(max_new_tokens=8, ppo_epochs=4, mini_batch_size=8, init_kl_coef=0.05)
-    loop = PPOLoop(policy(base_dir), word_tokenizer(), yes_fraction, align, lr=2e-2, seed=0)
+    # (lr 2e-2 sat on an edge: advantages 0.2% larger, TRL's unbiased whitening, took the policy to one answer, KL 30)
+    loop = PPOLoop(policy(base_dir), word_tokenizer(), yes_fraction, align, lr=1e-2, seed=0)
     g = torch.Generator().manual_seed(0)
     history = [loop.step([PROMPTS[i] for i in torch.randperm(40, generator=g)[:32].tolist()]) for _ in range(40)]
     first = history[0]["reward"]  # sampled before any update
     last = sum(h["reward"] for h in history[-10:]) / 10
     assert first < 0.1 and last > 0.3, (first, last, [round(h["reward"], 2) for h in history])
     # The KL estimate per rollout stays far below its bound for 8 tokens of a 45-word vocabulary (8 ln 45 = 30).
-    assert max(abs(h["kl"]) for h in history) < 15
+    assert max(abs(h["kl"]) for h in history) < 15, str([round(h["kl"], 1) for h in history])
     for key in ("policy_loss", "value_loss", "clipfrac", "entropy", "response_length", "kl_coef"):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history)
 
@@ -343,3 +344,17 @@ def test_the_recipes_weight_decay_and_schedule_are_used(cli_files, rm_run, tmp_p
         json.loads(line)["lr"] for line in (out / "log_history.jsonl").read_text().splitlines() if '"lr"' in line
     ]
     assert logged == pytest.approx([0.0, 0.005, 0.01])
+
+
+def test_whiten_uses_the_unbiased_variance_as_trl_s_masked_whiten():
+    """TRL's PPO (``masked_whiten``, ``masked_var(unbiased=True)``) scales advantages by the Bessel-corrected std:
+    with 8 response tokens the biased one made them sqrt(8/7), 7%, larger."""
+    from deltatune.train.ppo import whiten
+
+    x = torch.tensor([[0.5, -1.0, 2.0, 3.0], [1.5, 0.0, 9.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    kept = x[mask.bool()]
+    want = (kept - kept.mean()) / kept.std(unbiased=True)
+    got = whiten(x, mask)
+    torch.testing.assert_close(got[mask.bool()], want, rtol=1e-6, atol=1e-6)
+    assert (got[~mask.bool()] == 0).all()

@@ -20,7 +20,7 @@ from deltatune.data.load import Row
 from deltatune.train.config import AlignArgs
 from deltatune.train.grpo import GRPOLoop, PromptItem, Samples, encode_prompts
 from deltatune.train.grpo_rewards import Reward, RewardError, check_rewards, score
-from deltatune.train.ppo import PPOLoop
+from deltatune.train.ppo import PPOLoop, reward_values
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = [f"w{i}" for i in range(40)] + ["yes"]
@@ -183,6 +183,17 @@ def test_a_ppo_reward_that_is_not_a_number_is_one_line(base_dir, value, message)
     loop = PPOLoop(policy(base_dir), word_tokenizer(), lambda p, r: [1.0] * (len(p) - 1) + [value], AlignArgs())
     with pytest.raises(RewardError, match=message):
         loop.rollout([it.ids for it in ITEMS])
+
+
+def test_a_ppo_reward_of_0_d_tensors_or_numpy_scalars_is_read_as_numbers():
+    """TRL's PPO examples return a list of 0-d tensors (or numpy floats); each is its number, as torch.as_tensor
+    read them before rewards were checked one by one. A tensor of several values is still refused."""
+    import numpy as np
+
+    scores = reward_values([torch.tensor(0.5), np.float32(2), np.int64(3)], "f", 3, ["r0", "r1", "r2"])
+    assert scores == [0.5, 2.0, 3.0] and all(type(v) is float for v in scores)
+    with pytest.raises(RewardError, match="not a number"):
+        reward_values([torch.tensor([0.5, 1.0]), 1.0], "f", 2, ["r0", "r1"])
 
 
 # -- resume --------------------------------------------------------------------------------------------------
