@@ -8,6 +8,7 @@ a regex that must match the full name; ``"all-linear"`` takes every linear layer
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -330,16 +331,26 @@ def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _refuse_experts(model: nn.Module, targets: list[str] | str, found: list[str], method: str) -> None:
-    """ConfigError when ``targets`` reach a mixture of experts' fused experts (transformers 5 keeps them as 3-D
-    parameters, ``gate_up_proj`` / ``down_proj`` of a ``...Experts`` module): peft adapts them (its
-    target_parameters), deltatune cannot, and adapting only the rest would train less than asked, silently."""
+    """ConfigError when a named target reaches nothing but a mixture of experts' fused experts (transformers 5 keeps
+    them as 3-D parameters, ``gate_up_proj`` / ``down_proj`` of a ``...Experts`` module), which deltatune cannot
+    adapt: ``down_proj`` on Mixtral would adapt nothing of what it names, silently. A name that also reaches a
+    linear layer (Qwen2-MoE's shared expert) adapts that, as peft does; "all-linear" adapts the linear layers and
+    warns that the experts are left out (peft adapts them on the model types its v4-to-v5 conversion knows)."""
     experts = fused_experts(model)
+    if not experts:
+        return
     if targets == "all-linear":
-        hits = experts
-    elif isinstance(targets, str):
-        hits = [(n, m) for n, m in experts if re.fullmatch(targets, n)]
+        warnings.warn(
+            f"{method}: target_modules='all-linear' leaves out {experts[0][0]} and the other fused experts "
+            "(3-D parameters deltatune cannot adapt); it adapts the linear layers",
+            stacklevel=3,
+        )
+        return
+    if isinstance(targets, str):
+        hits = [(n, m) for n, m in experts if re.fullmatch(targets, n)] if not found else []
     else:
-        hits = [(n, m) for n, m in experts if any(n == t or n.endswith("." + t) for t in targets)]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
+        hits = [(n, m) for n, m in experts if any(n == t or n.endswith("." + t) for t in unmatched)]
     if hits:
         name, module = hits[0]
         rest = sorted({n.rsplit(".", 1)[-1] for n in found})

@@ -75,26 +75,32 @@ def test_a_family_s_new_modules_beside_the_classifier_are_trained_and_saved(fami
 MOE = {
     "mixtral": dict(num_local_experts=2, num_experts_per_tok=1),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16
+    ),
 }
 
 
-@pytest.mark.parametrize("family", list(MOE))
-@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "down_proj"], r".*\.mlp\..*"])
-def test_targets_reaching_fused_experts_are_refused_naming_them(family, targets):
-    """transformers 5 keeps a mixture of experts' experts as 3-D parameters (``mlp.experts.gate_up_proj`` /
-    ``down_proj``); peft adapts them through target_parameters, deltatune cannot. "all-linear" adapted only the
-    attention, and ["q_proj", "down_proj"] only q_proj, silently (peft: the experts too, on Qwen3-MoE). Now one line
-    names the experts' parameter, and the model is left as it was."""
+def _moe(family: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                   num_key_value_heads=2, intermediate_size=48, head_dim=8, vocab_size=128,
                                   **MOE[family])  # fmt: skip
-    base = AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("targets", [["q_proj", "down_proj"]])
+def test_targets_reaching_only_fused_experts_are_refused_naming_them(family, targets):
+    """transformers 5 keeps a mixture of experts' experts as 3-D parameters (``mlp.experts.gate_up_proj`` /
+    ``down_proj``), which deltatune cannot adapt: ["q_proj", "down_proj"] adapted only q_proj, silently. Now one line
+    names the experts' parameter, and the model is left as it was."""
+    base = _moe(family)
     before = {n: p.clone() for n, p in base.named_parameters()}
     experts = "model.layers.0.mlp.experts." + ("down_proj" if isinstance(targets, list) else "gate_up_proj")
     for cfg in (dt.LoraConfig(r=2, target_modules=targets), dt.IA3Config(target_modules=targets,
-                feedforward_modules=[] if targets != "all-linear" else None)):  # fmt: skip
+                feedforward_modules=[])):  # fmt: skip
         with pytest.raises(dt.ConfigError, match=rf"reaches {experts}, a 3-D parameter of \w+Experts \(the fused"):
             dt.get_delta_model(base, cfg)
     assert [n for n, _ in base.named_parameters()] == list(before)
@@ -102,6 +108,23 @@ def test_targets_reaching_fused_experts_are_refused_naming_them(family, targets)
     # the attention alone, named, is no error: as peft adapts it
     model = dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     assert len([n for n, _ in model.named_parameters() if "lora_A" in n]) == 4
+
+
+def test_a_name_reaching_a_linear_layer_beside_the_experts_adapts_it_as_peft():
+    """Qwen2-MoE's shared expert is a linear ``down_proj`` beside the fused experts' 3-D ``down_proj``: peft adapts
+    the shared expert's (and, with "all-linear", the linear layers alone); so does deltatune, and "all-linear" warns
+    that the experts are left out."""
+    peft = pytest.importorskip("peft")
+    ours = dt.get_delta_model(_moe("qwen2_moe"), dt.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    theirs = peft.get_peft_model(_moe("qwen2_moe"), peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    adapted = [{n.split(".lora_A")[0].split("layers.0.")[1] for n, _ in m.named_parameters() if "lora_A" in n}
+               for m in (ours, theirs)]  # fmt: skip
+    assert adapted[0] == adapted[1] == {"self_attn.q_proj", "mlp.shared_expert.down_proj"}
+    with pytest.warns(
+        UserWarning, match=r"leaves out model\.layers\.0\.mlp\.experts\.\w+ and the other fused experts"
+    ):
+        model = dt.get_delta_model(_moe("mixtral"), dt.LoraConfig(r=2, target_modules="all-linear"))
+    assert not [n for n, _ in model.named_parameters() if "experts" in n and "lora" in n]
 
 
 BOTTLENECK_SITES = {  # (family, task, config sizes, the two sites of block 0 as the model names them)
