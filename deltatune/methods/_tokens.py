@@ -100,7 +100,9 @@ class VirtualTokens(DeltaLayer):
         active = self._active() if next_sequence_length is not None and kwargs.get("is_first_iteration") else None
         if active and _cache_len(_given_cache(kwargs)) and (active[1].kind == "prefix" or not self.encoder_decoder):
             next_sequence_length += active[1].n
-        return prepare(*args, next_sequence_length=next_sequence_length, **kwargs)
+        if next_sequence_length is not None:  # (transformers 4 has no such argument: its prepare gets none)
+            kwargs["next_sequence_length"] = next_sequence_length
+        return prepare(*args, **kwargs)
 
     def add(self, name: str, encoder: nn.Module, spec: TokenSpec) -> None:
         """Add adapter ``name``: ``encoder()`` returns its virtual tokens (see the method files)."""

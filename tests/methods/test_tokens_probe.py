@@ -82,3 +82,16 @@ def test_beam_search_without_the_cache_equals_beam_search_with_it(family, task):
     cached, uncached = model.generate(input_ids=ids, **kw), model.generate(input_ids=ids, use_cache=False, **kw)
     torch.testing.assert_close(uncached.sequences, cached.sequences, atol=0, rtol=0)
     torch.testing.assert_close(torch.stack(uncached.scores), torch.stack(cached.scores), atol=1e-5, rtol=0)
+
+
+def test_the_generation_wrapper_passes_no_argument_the_model_did_not_get():
+    """transformers 4's generate passes no ``next_sequence_length`` (pyproject allows transformers >= 4.50), and
+    its T5/BART prepare forwards unknown keywords to forward: the wrapper passed None and forward refused it."""
+    from deltatune.methods._tokens import VirtualTokens
+
+    model = adapted("llama", "causal_lm", CONFIGS[0])
+    layer = next(m for m in model.modules() if isinstance(m, VirtualTokens))
+    assert layer._prepare(lambda *a, **k: k, input_ids="ids", is_first_iteration=True) == {
+        "input_ids": "ids", "is_first_iteration": True,
+    }  # fmt: skip
+    assert layer._prepare(lambda **k: k, next_sequence_length=4, is_first_iteration=False)["next_sequence_length"] == 4
