@@ -145,3 +145,13 @@ def test_the_reward_centring_coefficient_is_a_recipe_key_the_rm_trainer_gets(mon
         load_recipe(str(rm), ["align.center_rewards_coefficient=-1"])
     dpo = load_recipe(str(RECIPES / "hh-rlhf-dpo.yaml"), ["align.center_rewards_coefficient=0.01"])
     assert ignored_keys(dpo) == [("align.center_rewards_coefficient", "rm")]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_recipe_is_the_defaults(tmp_path, text):
+    """An empty or comment-only recipe has no YAML node: the trap check read None (AttributeError)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    from deltatune.train import build
+
+    assert load_recipe(str(path)) == build({})

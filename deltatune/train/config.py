@@ -539,7 +539,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
     try:
-        trap = _yaml_trap(yaml.compose(text, Loader=yaml.SafeLoader))  # nodes only: nothing is constructed
+        trap = _yaml_trap(yaml.compose(text, Loader=yaml.SafeLoader) or yaml.MappingNode("", []))  # (no object)
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)  # where the parser stopped: the file's line, not "<unicode string>"
