@@ -227,7 +227,7 @@ def save_folder_files(save: Callable[[str], object], folder: str) -> None:
     """Run ``save(tmp)`` (a ``save_pretrained``) into a temporary folder inside ``folder``, then move each file it
     wrote into ``folder``: a failure (a full disk) leaves no half-written file there, and says so in one line."""
     os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f"{SAVING}{os.getpid()}-", dir=folder)
+    tmp = tempfile.mkdtemp(prefix=f"{SAVING}{os.getpid()}@{_host()}~", dir=folder)
     try:
         save(tmp)
         for name in os.listdir(tmp):
@@ -245,16 +245,25 @@ def save_folder_files(save: Callable[[str], object], folder: str) -> None:
 
 
 SAVING = ".saving-"
-"""The prefix of ``save_folder_files``' temporary folder (``.saving-<pid>-<random>``) inside the folder it saves to."""
+"""The prefix of ``save_folder_files``' temporary folder (``.saving-<pid>@<host>~<random>``) inside the folder it
+saves to."""
+
+
+def _host() -> str:
+    import socket
+
+    return "".join(c for c in socket.gethostname() if c.isalnum() or c in ".-")[:64] or "host"
 
 
 def remove_stale_saves(folder: str) -> None:
     """Delete the ``SAVING`` folders in ``folder`` that a save killed midway left (a power cut, SIGKILL): those of a
-    process that is gone, and those named without a process (written before names carried one)."""
+    process of this host that is gone. Another host's (a shared disk) and one named without its host (an older
+    deltatune's) may be a save under way: they stay."""
     for name in os.listdir(folder):
-        pid = name[len(SAVING) :].partition("-")[0]
+        owner, done, _ = name[len(SAVING) :].partition("~")
+        pid, _, host = owner.partition("@")
         path = os.path.join(folder, name)
-        if name.startswith(SAVING) and os.path.isdir(path) and not (pid.isdigit() and process_alive(int(pid))):
+        if name.startswith(SAVING) and done and host == _host() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -49,11 +49,17 @@ def test_a_save_killed_midway_leaves_its_temporary_folder_only_until_the_next_sa
     _killed_save(run)
     left = [p.name for p in run.iterdir()]
     assert len(left) == 1 and left[0].startswith(".saving-"), left  # what a killed save leaves
-    (run / ".saving-x1y2z3").mkdir()  # a name of the earlier form (no process in it)
-    running = run / f".saving-{os.getppid()}-abcd"  # a live process's save in progress
-    running.mkdir()
+    from deltatune.files import _host
+
+    kept = [
+        run / ".saving-x1y2z3",  # a name of the earlier form (no process in it): an older deltatune's save?
+        run / f".saving-{os.getppid()}@{_host()}~abcd",  # a live process's save in progress
+        run / f".saving-{left[0].split('@')[0].removeprefix('.saving-')}@elsewhere~abcd",  # another host's
+    ]
+    for folder in kept:  # (the killed save's pid is gone here; on a host sharing the disk it may be a live save)
+        folder.mkdir()
     save_folder_files(lambda tmp: Path(tmp, "tokenizer.json").write_text("{}"), str(run))
-    assert sorted(p.name for p in run.iterdir()) == sorted([running.name, "tokenizer.json"])
+    assert sorted(p.name for p in run.iterdir()) == sorted([*(k.name for k in kept), "tokenizer.json"])
     assert (run / "tokenizer.json").read_text() == "{}"
 
 
