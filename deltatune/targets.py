@@ -159,14 +159,13 @@ modules_to_save); a model lacking one of them is no error."""
 FAMILY_HEADS: dict[str, dict[str, tuple[str, ...]]] = {
     "SEQ_CLS": {
         **dict.fromkeys(("deberta", "deberta-v2"), ("pooler",)),  # ContextPooler: new, outside the encoder
-        **dict.fromkeys(("modernbert", "modernbert-decoder"), ("head",)),  # dense + norm before the classifier
         **dict.fromkeys(("xlm", "flaubert"), ("sequence_summary",)),
         "xlnet": ("sequence_summary", "logits_proj"),
     },
-    "TOKEN_CLS": {"modernbert": ("head",)},
 }
 """A family's own new modules beside ``HEADS_BY_TASK``'s, outside its base model (PEFT leaves them out: random at
-every load of the base, so its adapter computes otherwise once reloaded); trained and saved as the heads are."""
+every load of the base, so its adapter computes otherwise once reloaded); trained and saved as the heads are.
+(ModernBERT's ``head`` before its classifiers is not one: its masked-LM checkpoints hold it.)"""
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.dense", "embed_out", "output_layer")
 
