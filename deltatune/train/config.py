@@ -179,9 +179,8 @@ class AlignArgs:
         1, "GRPO: optimisation steps per generation batch (mu); above 1 the importance ratio pi / pi_old matters."
     )
     scale_rewards: bool = _f(True, "GRPO: divide advantages by the group's reward std (false: Dr. GRPO).")
-    loss_norm: str = _f(
-        "sequence", "GRPO: 'sequence' (mean over each completion's tokens, then over completions) or 'token' mean."
-    )
+    loss_norm: str = _f("sequence", "GRPO: 'sequence' (each completion's token mean, then their mean) or 'token'.")
+    bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
     reward_funcs: list = _f(
         [],
         "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, **columns) or a rm run.",
@@ -505,7 +504,7 @@ READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "d
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
                    "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon"),
            ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
-                    "align.reward_funcs align.reward_weights"),
+                    "align.reward_funcs align.reward_weights align.bias_correction_kl"),
            ("kto", "align.desirable_weight align.undesirable_weight"), ("simpo", "align.simpo_gamma"),
            ("rm", "align.center_rewards_coefficient"))  # fmt: skip
 

@@ -296,7 +296,7 @@ class GRPOLoop:
                 m = mask[idx]
                 loss, st = grpo_loss(
                     logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,
-                    None if ref is None else ref[idx], a.loss_norm, n_seq, n_tok,
+                    None if ref is None else ref[idx], a.loss_norm, n_seq, n_tok, a.bias_correction_kl,
                 )  # fmt: skip
                 if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
                     from .trainer import NonFiniteLossError

@@ -330,3 +330,16 @@ def test_a_ppo_reward_module_that_fails_to_import_is_one_line(tmp_path, monkeypa
         reward_function("rl_probe_broken:score")
     assert str(err.value) == ("align.reward_model 'rl_probe_broken:score' could not be imported: NameError: name "
                               "'undefined_name' is not defined")  # fmt: skip
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_the_bias_corrected_kl_is_a_recipe_key_the_step_uses(base_dir, monkeypatch, on):
+    """align.bias_correction_kl (default off, the paper's; TRL's default on) reaches the loss of every GRPO step."""
+    from deltatune.train import grpo
+
+    seen = []
+    loss = grpo.grpo_loss
+    monkeypatch.setattr(grpo, "grpo_loss", lambda *a, **k: seen.append(a[-1]) or loss(*a, **k))
+    align = AlignArgs(num_generations=2, max_new_tokens=3, beta=0.1, bias_correction_kl=on)
+    GRPOLoop(policy(base_dir), word_tokenizer(), [Reward("zeros", zeros)], align, lr=0.0).step(ITEMS[:2])
+    assert seen and all(v is on for v in seen)
