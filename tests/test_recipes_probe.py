@@ -124,7 +124,6 @@ def test_a_number_yaml_reads_in_another_base_is_refused_naming_it(tmp_path):
     assert cfg.train.max_steps == 9
 
 
-
 def test_the_reward_centring_coefficient_is_a_recipe_key_the_rm_trainer_gets(monkeypatch):
     """TRL's RewardTrainer takes center_rewards_coefficient; the recipe key reaches deltatune's, is refused below 0
     and is named as ignored outside stage rm."""

@@ -165,7 +165,5 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
         compute,
         "eval_accuracy",
         notes=notes,
-        trainer_class=partial(
-            RewardTrainer, center_rewards_coefficient=cfg.align.center_rewards_coefficient
-        ),
+        trainer_class=partial(RewardTrainer, center_rewards_coefficient=cfg.align.center_rewards_coefficient),
     )
