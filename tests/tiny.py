@@ -190,3 +190,20 @@ def markdown_table(text: str, title: str) -> list[list[str]]:
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
     return [rows[0], *rows[2:]]
+
+
+POLICY_WORDS = [f"w{i}" for i in range(40)] + ["yes"]
+"""The words of ``word_tokenizer`` (after [PAD] [UNK] [BOS] [EOS]): the RL stages' tiny policies' vocabulary."""
+
+
+def word_tokenizer():
+    """A 45-token word-level tokenizer: a policy small enough that a target word starts at ~2% probability."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *POLICY_WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )

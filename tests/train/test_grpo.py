@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import save_tiny
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from tiny import save_tiny, word_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from deltatune import LoraConfig, get_delta_model
 from deltatune.cli import main
@@ -181,18 +180,6 @@ def test_the_arithmetic_recipe_rewards():
 
 
 # -- the loop on a tiny policy -------------------------------------------------------------------------------
-
-WORDS = [f"w{i}" for i in range(40)] + ["yes"]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A 45-token word-level tokenizer: a policy small enough that a target word starts at ~2% probability."""
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-from tiny import save_tiny
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from tiny import save_tiny, word_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from deltatune import LoraConfig, get_delta_model
 from deltatune.cli import main
@@ -21,7 +20,6 @@ from deltatune.train.config import AlignArgs
 from deltatune.train.ppo import KLController, PPOLoop, gae, policy_loss, reward_function, value_loss
 from deltatune.train.scorers import RewardScorer
 
-WORDS = [f"w{i}" for i in range(40)] + ["yes"]
 ONES = torch.ones(1, 3)
 
 
@@ -85,16 +83,6 @@ def test_kl_controller_by_hand():
     fixed = KLController(0.1)
     fixed.update(100.0, 10)
     assert fixed.value == 0.1
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A 45-token word-level tokenizer: a policy small enough that a target word starts at ~2% probability."""
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from tiny import word_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from deltatune import LoraConfig, get_delta_model
 from deltatune.config import ConfigError
@@ -23,16 +23,6 @@ from deltatune.train.grpo_rewards import Reward, RewardError, check_rewards, sco
 from deltatune.train.ppo import PPOLoop, reward_values
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = [f"w{i}" for i in range(40)] + ["yes"]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
 
 
 @pytest.fixture(scope="module")
