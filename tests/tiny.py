@@ -207,3 +207,27 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
     )
+
+
+def save_text_to_image_pipeline(root) -> None:
+    """A diffusers pipeline folder without a VAE at ``root``: a 16x16 grayscale UNet, a DDPM scheduler, and a tiny
+    CLIP text encoder (the kind of text encoder diffusers loads LoRAs into) with MiniLM's tokenizer."""
+    import json
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).save_pretrained(root / "unet")  # fmt: skip
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(root / "scheduler")
+    tok = tokenizer()
+    CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=32, pad_token_id=tok.pad_token_id)
+    ).save_pretrained(root / "text_encoder")  # fmt: skip
+    tok.save_pretrained(root / "tokenizer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))

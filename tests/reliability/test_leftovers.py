@@ -135,26 +135,12 @@ def test_a_resume_compares_the_file_of_a_data_row_range(tmp_path):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
     """A diffusers pipeline folder without a VAE: a 16x16 grayscale UNet, a DDPM scheduler, a tiny CLIP text encoder
-    (as tests/diffusion/test_t2i_text_encoder.py builds it)."""
+    (tiny.save_text_to_image_pipeline, as tests/diffusion/test_t2i_text_encoder.py builds it)."""
     pytest.importorskip("diffusers")
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from tiny import save_text_to_image_pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
-    torch.manual_seed(0)
-    UNet2DConditionModel(
-        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).save_pretrained(root / "unet")  # fmt: skip
-    DDPMScheduler(num_train_timesteps=100).save_pretrained(root / "scheduler")
-    tok = tokenizer()
-    CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=4, max_position_embeddings=32, pad_token_id=tok.pad_token_id)
-    ).save_pretrained(root / "text_encoder")  # fmt: skip
-    tok.save_pretrained(root / "tokenizer")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    save_text_to_image_pipeline(root)
     return root
 
 
