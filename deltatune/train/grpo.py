@@ -17,8 +17,8 @@ optimizer steps over the batch minimise, per completion token t (every token of 
 with pi_old the policy that sampled (ratio 1 at the first iteration), eps = ``align.cliprange`` and beta =
 ``align.beta``. The reference is the same base with the adapter off; beta = 0 skips the reference pass altogether. The
 loss over the batch is a mean over each completion's tokens then over completions (``loss_norm: sequence``, the paper)
-or one mean over all completion tokens (``loss_norm: token``, DAPO / Dr. GRPO: long completions count by their
-length). Log-probs are taken at the sampling temperature.
+or one mean over all completion tokens (``loss_norm: token``, DAPO's and TRL's "bnpo": long completions count by
+their length; Dr. GRPO divides by a constant, completions x max tokens). Log-probs are at the sampling temperature.
 
 Rewards follow TRL's convention so users can bring theirs: ``f(prompts, completions, **columns) -> list[float]``,
 called with keyword arguments, one value per completion; ``prompts`` are the rows' prompts as written (text, or a list
