@@ -231,3 +231,16 @@ def save_text_to_image_pipeline(root) -> None:
     ).save_pretrained(root / "text_encoder")  # fmt: skip
     tok.save_pretrained(root / "tokenizer")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+
+def grpo_batch(vocab: int) -> dict:
+    """Four completions of different lengths (6, 3, 5, 6 tokens) after four 5-token prompts, with advantages of both
+    signs: the GRPO loss tests' batch (``g``: the seeded generator, for draws that follow)."""
+    g = torch.Generator().manual_seed(1)
+    n, p, t = 4, 5, 6
+    prompts, completions = torch.randint(5, vocab, (n, p), generator=g), torch.randint(5, vocab, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[1, 3:], mask[2, 5:] = 0, 0
+    labels = torch.cat([torch.full_like(prompts, -100), torch.where(mask.bool(), completions, -100)], 1)
+    return dict(g=g, n=n, p=p, t=t, prompts=prompts, completions=completions, mask=mask, labels=labels,
+                ids=torch.cat([prompts, completions], 1), advantages=torch.tensor([1.0, -0.5, 0.3, -0.8]))  # fmt: skip

@@ -249,7 +249,7 @@ def test_the_bias_corrected_kl_equals_trls_default(tmp_path, on_policy):
     grpo_loss(bias_correction_kl=True) gives TRL's loss and gradient in both cases."""
     import trl
     from datasets import Dataset
-    from tiny import save_tiny, tokenizer
+    from tiny import grpo_batch, save_tiny, tokenizer
 
     import deltatune as dt
     from deltatune.train.grpo import grpo_loss
@@ -262,14 +262,9 @@ def test_the_bias_corrected_kl_equals_trls_default(tmp_path, on_policy):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    g = torch.Generator().manual_seed(1)
-    n, p, t, temperature, vocab = 4, 5, 6, 0.7, model.config.vocab_size
-    prompts, completions = torch.randint(5, vocab, (n, p), generator=g), torch.randint(5, vocab, (n, t), generator=g)
-    mask = torch.ones(n, t, dtype=torch.long)
-    mask[1, 3:], mask[2, 5:] = 0, 0
-    advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
-    ids = torch.cat([prompts, completions], 1)
-    labels = torch.cat([torch.full_like(prompts, -100), torch.where(mask.bool(), completions, -100)], 1)
+    b, temperature = grpo_batch(model.config.vocab_size), 0.7
+    g, n, p, t, prompts, completions, mask, advantages, labels, ids = (
+        b[k] for k in ("g", "n", "p", "t", "prompts", "completions", "mask", "advantages", "labels", "ids"))  # fmt: skip
 
     def logps(adapter: bool = True) -> torch.Tensor:
         with contextlib.nullcontext() if adapter else model.disable_adapter():

@@ -16,7 +16,7 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
-from tiny import save_tiny, tokenizer
+from tiny import grpo_batch, save_tiny, tokenizer
 from transformers import AutoModelForCausalLM
 
 import deltatune as dt
@@ -161,14 +161,9 @@ def test_simpo_equals_trl_cpo_without_its_nll_term(model, tmp_path):
 def test_grpo_equals_trl(model, tmp_path, trl_type, loss_norm):
     """Four completions of different lengths after four prompts; old log-probs off the policy's so that the ratio
     is clipped somewhere, a reference (the adapter off) so that the KL term counts, a sampling temperature."""
-    g = torch.Generator().manual_seed(1)
-    n, p, t, temperature, vocab = 4, 5, 6, 0.7, model.config.vocab_size
-    prompts, completions = torch.randint(5, vocab, (n, p), generator=g), torch.randint(5, vocab, (n, t), generator=g)
-    mask = torch.ones(n, t, dtype=torch.long)
-    mask[1, 3:], mask[2, 5:] = 0, 0
-    advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
-    labels = torch.cat([torch.full_like(prompts, -100), torch.where(mask.bool(), completions, -100)], 1)
-    ids = torch.cat([prompts, completions], 1)
+    b, temperature = grpo_batch(model.config.vocab_size), 0.7
+    g, n, p, t, prompts, completions, mask, advantages, labels, ids = (
+        b[k] for k in ("g", "n", "p", "t", "prompts", "completions", "mask", "advantages", "labels", "ids"))  # fmt: skip
 
     def logps(adapter: bool) -> torch.Tensor:  # as the GRPO loop takes them: at the sampling temperature
         with torch.no_grad(), contextlib.nullcontext() if adapter else model.disable_adapter():
