@@ -54,7 +54,7 @@ from ..data.templates import apply_chat_template, render
 from ..targets import context_length
 from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
-from .grpo_rewards import Reward, check_rewards, load_rewards, prompt_text, score
+from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, prompt_text, score
 from .models import resolve_path
 from .ppo import sample_responses
 from .ppo_checkpoint import rotate
@@ -79,13 +79,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
         eps: keeps the division finite for a group of equal rewards (whose advantages are 0 either way).
 
     Returns:
-        (N,) advantages.
+        (N,) advantages. A NaN reward (no reward applied) is left out of its group's mean and std and gets advantage
+        0, as in TRL; so does each completion of a group with one reward only (its std is undefined).
     """
     grouped = rewards.view(-1, group_size)  # (groups, G)
-    adv = grouped - grouped.mean(-1, keepdim=True)
+    adv = grouped - grouped.nanmean(-1, keepdim=True)
     if scale:
-        adv = adv / (grouped.std(-1, keepdim=True) + eps)
-    return adv.reshape(-1)
+        adv = adv / (nanstd(grouped).unsqueeze(-1) + eps)
+    return adv.nan_to_num(0.0).reshape(-1)
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -280,7 +281,7 @@ class GRPOLoop:
             s = self.sample(items, G)
             table = self.score(s)  # (N, K)
         weights = torch.tensor([r.weight for r in self.rewards])
-        rewards = (table * weights).sum(-1)  # (N,)
+        rewards = combine(table, weights, [it.source for it in s.items])  # (N,)
         advantages = group_advantages(rewards, G, a.scale_rewards).to(self.device)
         mask = s.completion_mask.float()
         n_seq, n_tok = len(rewards), mask.sum().clamp(min=1)
@@ -319,9 +320,9 @@ class GRPOLoop:
         tokens_once = n_tok.item()
         stats = {
             "loss": sums["loss"],
-            "reward": rewards.mean().item(),
-            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "frac_zero_std_groups": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),
+            "reward": rewards.nanmean().item(),
+            "reward_std": nanstd(rewards).item(),
+            "frac_zero_std_groups": (nanstd(rewards.view(-1, G)) == 0).float().mean().item(),
             "clipfrac": sums["clipped"] / max(sums["tokens"], 1.0),
             "entropy": sums["entropy"] / tokens_once,
             "completion_length": mask.sum(-1).mean().item(),
@@ -331,8 +332,8 @@ class GRPOLoop:
         if a.beta > 0:
             stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
         for k, r in enumerate(self.rewards):
-            stats[f"rewards/{r.name}/mean"] = table[:, k].mean().item()
-            stats[f"rewards/{r.name}/std"] = table[:, k].std().item() if len(table) > 1 else 0.0
+            stats[f"rewards/{r.name}/mean"] = table[:, k].nanmean().item()  # over the rows it applies to, as TRL
+            stats[f"rewards/{r.name}/std"] = nanstd(table[:, k]).item()
         return stats
 
     @torch.no_grad()
@@ -340,9 +341,9 @@ class GRPOLoop:
         """Mean weighted reward of one sampled completion per prompt (no update)."""
         weights = torch.tensor([r.weight for r in self.rewards])
         with self.amp():
-            total = [(self.score(self.sample(items[i : i + batch_size], 1)) * weights).sum(-1)
-                     for i in range(0, len(items), batch_size)]  # fmt: skip
-        return torch.cat(total).mean().item()
+            total = [combine(self.score(self.sample(part, 1)), weights, [it.source for it in part])
+                     for part in (items[i : i + batch_size] for i in range(0, len(items), batch_size))]  # fmt: skip
+        return torch.cat(total).nanmean().item()  # rows some reward applies to
 
 
 # -- the stage -----------------------------------------------------------------------------------------------

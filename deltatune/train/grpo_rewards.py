@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,8 +181,28 @@ def score(
             out = _call(r, prompts, prompt_texts, completions, columns)
         except Exception as exc:  # noqa: BLE001  (user code: find the row and say it in one line)
             raise RewardError(_raised(r, prompts, prompt_texts, completions, columns, sources, exc)) from None
-        table.append(reward_values(out, r.name, n, [f"row {s}" for s in sources]))
+        table.append(reward_values(out, r.name, n, [f"row {s}" for s in sources], none=True))
     return torch.tensor(table, dtype=torch.float32).T.reshape(n, len(rewards))
+
+
+def combine(table: torch.Tensor, weights: torch.Tensor, sources: Sequence[str] = ()) -> torch.Tensor:
+    """The weighted sum of each completion's rewards, (N, K) -> (N,), a reward of None (NaN in the table: "does not
+    apply to this row") left out, as TRL's nansum; NaN for a row no reward applies to, with a warning naming it (TRL
+    leaves such a row out of its group's baseline and gives it advantage 0: ``group_advantages``)."""
+    rewards = (table * weights).nansum(-1)
+    if (none := table.isnan().all(-1)).any():
+        rows = ", ".join(str(sources[i]) if i < len(sources) else str(i) for i in none.nonzero().flatten().tolist())
+        warnings.warn(f"every reward returned None for row {rows}: it gets no reward and advantage 0", stacklevel=2)
+        rewards[none] = math.nan
+    return rewards
+
+
+def nanstd(x: torch.Tensor) -> torch.Tensor:
+    """The Bessel-corrected std over the last dimension of the values that are not NaN (NaN where fewer than 2), as
+    TRL's ``nanstd``."""
+    n = (~x.isnan()).sum(-1, keepdim=True)
+    var = ((x - x.nanmean(-1, keepdim=True)) ** 2).nansum(-1, keepdim=True) / (n - 1)
+    return var.where(n > 1, math.nan).sqrt().squeeze(-1)
 
 
 def _raised(r: Reward, prompts, texts, completions, columns, sources, exc: Exception) -> str:

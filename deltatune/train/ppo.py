@@ -187,9 +187,9 @@ class RewardError(DataError):
     """A reward function raised, or returned something that is not one finite number per completion."""
 
 
-def reward_values(out: Any, name: str, n: int, rows: Sequence[str]) -> list[float]:
+def reward_values(out: Any, name: str, n: int, rows: Sequence[str], none: bool = False) -> list[float]:
     """A reward's output as n finite floats; RewardError naming the reward and the row (``rows``: "row <source>"
-    each, or what else names an input) otherwise."""
+    each, or what else names an input) otherwise. With ``none``, None is NaN: "does not apply" (TRL's GRPO)."""
     if isinstance(out, torch.Tensor):
         out = out.detach().float().flatten().tolist()
     elif hasattr(out, "tolist"):  # a numpy array
@@ -202,6 +202,9 @@ def reward_values(out: Any, name: str, n: int, rows: Sequence[str]) -> list[floa
     for value, row in zip(out, rows):
         if type(value).__module__ in ("torch", "numpy") and getattr(value, "ndim", None) == 0:
             value = value.item()  # a 0-d tensor or a numpy scalar each (TRL's examples return them)
+        if value is None and none:
+            values.append(math.nan)
+            continue
         if not isinstance(value, (int, float)):  # (True / False count as 1 / 0)
             raise RewardError(f"reward {name} returned {value!r} ({type(value).__name__}) for {row}, not a number")
         if not math.isfinite(value):

@@ -21,7 +21,7 @@ from deltatune.config import ConfigError
 from deltatune.train import build, train
 from deltatune.train.config import AlignArgs
 from deltatune.train.grpo import GRPOLoop, PromptItem, group_advantages, grpo_loss, k3_kl
-from deltatune.train.grpo_rewards import Reward, RewardError, check_rewards, score
+from deltatune.train.grpo_rewards import Reward, RewardError, check_rewards, combine, score
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,6 @@ def test_a_reward_that_raises_names_the_reward_and_the_row():
         ([1.0, 2.0], "reward f returned 2 values for 3 completions"),
         ([1.0, float("nan"), 0.0], "reward f returned nan for row p.jsonl:2; rewards must be finite numbers"),
         ([1.0, "abc", 0.0], r"reward f returned 'abc' \(str\) for row p.jsonl:2, not a number"),
-        ([None, 1.0, 0.0], r"reward f returned None \(NoneType\) for row p.jsonl:1, not a number"),
         ({"a": 1}, "reward f returned a dict, not a list of 3 numbers"),
     ],
 )
@@ -143,6 +142,53 @@ def test_bad_reward_values_are_one_line(value, message):
 
     with pytest.raises(RewardError, match=message):
         _score(f)
+
+
+def test_a_reward_of_none_does_not_apply_to_that_row_as_in_trl():
+    """TRL: None from a reward function is "not applicable" (NaN), left out of the weighted sum (nansum), of that
+    reward's logged mean and std, and, where no reward applies, of the group's baseline (advantage 0)."""
+    from trl.trainer.utils import nanstd
+
+    def math_only(prompts, completions, **kwargs):
+        return [None if c == "bad" else 1.0 for c in completions]
+
+    table = _score(math_only)
+    assert table[:, 0].isnan().tolist() == [False, True, False]
+    table = torch.tensor([[1.0, math.nan], [math.nan, 2.0], [3.0, 4.0], [math.nan, math.nan]] * 2)
+    with pytest.warns(UserWarning, match=r"every reward returned None for row p:4, p:8: it gets no reward"):
+        rewards = combine(table, torch.tensor([1.0, 0.5]), [f"p:{i + 1}" for i in range(8)])
+    assert rewards[:3].tolist() == [1.0, 1.0, 5.0] and rewards[3].isnan()  # by hand
+    grouped = rewards.view(-1, 4)  # TRL's sum_then_normalize with its own nanstd
+    want = (grouped - grouped.nanmean(-1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, 4), want.nan_to_num(0.0).flatten())
+    assert group_advantages(rewards, 4)[3] == 0 and group_advantages(torch.tensor([1.0, math.nan]), 2).tolist() == [0, 0]
+
+
+def test_a_step_with_rewards_that_apply_to_some_rows_logs_trls_statistics(base_dir):
+    from trl.trainer.utils import nanstd
+
+    def odd_rows(prompts, completions, **kwargs):  # applies to every other completion
+        return [None if i % 2 else yes_fraction(prompts, [c])[0] for i, c in enumerate(completions)]
+
+    seen = []
+
+    def length(prompts, completions, **kwargs):
+        seen.append(len(completions))
+        return [float(len(c.split())) for c in completions]
+
+    rewards = [Reward("odd_rows", odd_rows), Reward("length", length, 0.5)]
+    loop = GRPOLoop(policy(base_dir), word_tokenizer(), rewards, AlignArgs(num_generations=4, max_new_tokens=4),
+                    lr=1e-2, seed=0)  # fmt: skip
+    tables = []
+    original = loop.score
+    loop.score = lambda s: tables.append(original(s)) or tables[-1]
+    stats = loop.step(ITEMS[:2])
+    table = tables[0]
+    assert table[1::2, 0].isnan().all() and not table[:, 1].isnan().any() and seen == [8]
+    total = (table * torch.tensor([1.0, 0.5])).nansum(-1)
+    assert stats["reward"] == pytest.approx(total.mean().item()) and math.isfinite(stats["loss"])
+    assert stats["rewards/odd_rows/mean"] == pytest.approx(table[0::2, 0].mean().item())
+    assert stats["rewards/odd_rows/std"] == pytest.approx(nanstd(table[:, 0]).item())
 
 
 def test_reward_specs_are_checked(tmp_path):
