@@ -67,8 +67,9 @@ def orpo_loss(
 
 
 class ORPOTrainer(PairTrainer):
-    """PairTrainer with the ORPO loss (no reference). Logs ``nll``, ``log_odds_ratio`` (the mean of
-    log sigmoid(log OR)), ``log_odds_chosen`` (the mean of log OR; both as TRL names them) and the ``rewards/*``
+    """PairTrainer with the ORPO loss (no reference). Logs ``nll`` (over the responses: TRL's ``nll_loss``
+    takes the prompts too), ``log_odds_ratio`` (the mean of log sigmoid(log OR)), ``log_odds_chosen`` (the mean of
+    log OR; both as TRL names them) and the ``rewards/*``
     means since the last log; eval predictions are (B, 2) [chosen reward, rejected reward]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
@@ -101,7 +102,7 @@ class ORPOTrainer(PairTrainer):
             # TRL's names: log_odds_ratio the mean of log sigmoid(log OR), log_odds_chosen the mean of log OR
             self.log_stat("log_odds_ratio", odds.mean().item())
             self.log_stat("log_odds_chosen", log_or.mean().item())
-            self.log_rewards(chosen, rejected, margins=False)
+            self.log_rewards(chosen, rejected)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

@@ -98,12 +98,11 @@ class PairTrainer(DeltaTrainer):
         times = self.current_gradient_accumulation_steps * self.accelerator.num_processes
         return losses.sum() * times / self._step_pairs
 
-    def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, margins: bool = True) -> None:
-        """Log the means of the chosen and rejected rewards (their margin), and how often chosen wins."""
+    def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Log the means of the chosen and rejected rewards, their margin, and how often chosen wins (TRL's names)."""
         self.log_stat("rewards/chosen", chosen.mean().item())
         self.log_stat("rewards/rejected", rejected.mean().item())
-        if margins:
-            self.log_stat("rewards/margins", (chosen - rejected).mean().item())
+        self.log_stat("rewards/margins", (chosen - rejected).mean().item())
         self.log_stat("rewards/accuracies", (chosen > rejected).float().mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

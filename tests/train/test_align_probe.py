@@ -162,7 +162,9 @@ def test_orpo_logs_log_odds_as_trl_names_them(tmp_path):
     with torch.no_grad():
         ours.compute_loss(model, PairCollator(tokenizer().pad_token_id)(examples))
     model.eval()
-    for key in ("log_odds_ratio", "log_odds_chosen"):
+    keys = ("log_odds_ratio", "log_odds_chosen", *(f"rewards/{k}" for k in
+            ("chosen", "rejected", "margins", "accuracies")))  # fmt: skip
+    for key in keys:  # (ORPO logged no margins)
         assert ours._stats[key][0] == pytest.approx(float(metrics[key]), abs=2e-5), key
     assert abs(float(metrics["log_odds_ratio"]) - float(metrics["log_odds_chosen"])) > 0.05
 

@@ -161,7 +161,8 @@ def test_a_reward_of_none_does_not_apply_to_that_row_as_in_trl():
     grouped = rewards.view(-1, 4)  # TRL's sum_then_normalize with its own nanstd
     want = (grouped - grouped.nanmean(-1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
     torch.testing.assert_close(group_advantages(rewards, 4), want.nan_to_num(0.0).flatten())
-    assert group_advantages(rewards, 4)[3] == 0 and group_advantages(torch.tensor([1.0, math.nan]), 2).tolist() == [0, 0]
+    assert group_advantages(rewards, 4)[3] == 0
+    assert group_advantages(torch.tensor([1.0, math.nan]), 2).tolist() == [0, 0]  # one reward: no std
 
 
 def test_a_step_with_rewards_that_apply_to_some_rows_logs_trls_statistics(base_dir):
