@@ -96,14 +96,15 @@ class KTOCollator:
 
 
 class KTOTrainer(DeltaTrainer):
-    """DeltaTrainer with the KTO loss against the adapter-disabled base. Logs ``kl`` (z0) and the mean rewards of
-    each label since the last log; eval predictions are (B, 2) [reward, desirable]."""
+    """DeltaTrainer with the KTO loss against the adapter-disabled base. Logs ``kl`` (z0), the mean rewards and
+    policy log-probs of each label and their margin, as TRL names them (``rewards/chosen``: the desirable rows);
+    eval predictions are (B, 2) [reward, desirable]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
 
-    def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         lm = {k: inputs[k] for k in _LM_KEYS}
         policy, policy_kl = sequence_logprobs(model, lm).chunk(2)
         ref, ref_kl = reference_logprobs(model, self._delta_model(), lm).chunk(2)
@@ -111,17 +112,19 @@ class KTOTrainer(DeltaTrainer):
         a = self.align
         losses, rewards = kto_loss(policy, ref, inputs["desirable"], kl, a.beta, a.desirable_weight,
                                    a.undesirable_weight)  # fmt: skip
-        return losses, rewards, kl
+        return losses, rewards, kl, policy.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        losses, rewards, kl = self._losses(model, inputs)
+        losses, rewards, kl, policy = self._losses(model, inputs)
         good = inputs["desirable"].bool()
-        if model.training:
+        if model.training:  # TRL's names: chosen the desirable rows, rejected the undesirable
             self.log_stat("kl", kl.item())
-            if good.any():
-                self.log_stat("rewards/desirable", rewards[good].mean().item())
-            if (~good).any():
-                self.log_stat("rewards/undesirable", rewards[~good].mean().item())
+            for side, rows in (("chosen", good), ("rejected", ~good)):
+                if rows.any():
+                    self.log_stat(f"rewards/{side}", rewards[rows].mean().item())
+                    self.log_stat(f"logps/{side}", policy[rows].mean().item())
+            if good.any() and (~good).any():
+                self.log_stat("rewards/margins", (rewards[good].mean() - rewards[~good].mean()).item())
         loss = losses.mean()
         return (loss, torch.stack([rewards, good.float()], -1)) if return_outputs else loss
 

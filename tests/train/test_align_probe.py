@@ -229,5 +229,10 @@ def test_kto_reference_has_no_dropout(tmp_path, dropout_policy):
         model.eval()
         with model.disable_adapter():
             ref, ref_kl = sequence_logprobs(model, lm).chunk(2)
-    losses, _ = kto_loss(policy, ref, batch["desirable"], kl_reference_point(policy_kl, ref_kl), 0.3)
+    losses, rewards = kto_loss(policy, ref, batch["desirable"], kl_reference_point(policy_kl, ref_kl), 0.3)
     assert got == pytest.approx(losses.mean().item(), abs=1e-6)
+    good = batch["desirable"].bool()  # logged as TRL's KTOTrainer names them (test_trl_losses: its values)
+    want = {"rewards/chosen": rewards[good].mean(), "rewards/rejected": rewards[~good].mean(),
+            "logps/chosen": policy[good].mean(), "logps/rejected": policy[~good].mean(),
+            "rewards/margins": rewards[good].mean() - rewards[~good].mean()}  # fmt: skip
+    assert {k: pytest.approx(v.item(), abs=1e-5) for k, v in want.items()} == {k: trainer._stats[k][0] for k in want}

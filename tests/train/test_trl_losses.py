@@ -124,8 +124,14 @@ def test_kto_equals_trl(base, model, tmp_path):
     z0 = kl_reference_point(logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], mismatched)[0],
                             logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], mismatched, False)[0])  # fmt: skip
     assert z0 > 0  # the reference point takes part
-    losses, _ = kto_loss(policy, reference, batch["label"].bool(), z0, 0.3, 1.2, 0.8)
+    losses, rewards = kto_loss(policy, reference, batch["label"].bool(), z0, 0.3, 1.2, 0.8)
     assert losses.mean().item() == pytest.approx(expected, abs=ATOL)
+    good = batch["label"].bool()  # what TRL logs under the names deltatune's KTOTrainer logs them by
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items() if "/" in k and "logits" not in k}  # (eval mode)
+    want = {"rewards/chosen": rewards[good].mean(), "rewards/rejected": rewards[~good].mean(),
+            "logps/chosen": policy[good].mean(), "logps/rejected": policy[~good].mean()}  # fmt: skip
+    want["rewards/margins"] = want["rewards/chosen"] - want["rewards/rejected"]
+    assert logged == {k: pytest.approx(v.item(), abs=ATOL) for k, v in want.items()}
 
 
 def test_orpo_odds_ratio_term_equals_trl(model, tmp_path):
