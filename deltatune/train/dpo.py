@@ -131,7 +131,7 @@ class DPOTrainer(PairTrainer):
         model.train(was_training)
         return out
 
-    def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         lm = {k: inputs[k] for k in _LM_KEYS}
         logps, counts = response_logprobs(model, lm)
         (policy_c, policy_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
@@ -140,12 +140,16 @@ class DPOTrainer(PairTrainer):
         else:
             ref_c, ref_r = reference_logprobs(model, self._delta_model(), lm).chunk(2)
         a = self.align
-        return dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing, n_c, n_r)
+        losses, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing,
+                                            n_c, n_r)  # fmt: skip
+        return losses, chosen, rejected, logps.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        losses, chosen, rejected = self._losses(model, inputs)
-        if model.training:
+        losses, chosen, rejected, logps = self._losses(model, inputs)
+        if model.training:  # as TRL: the rewards, and the policy's summed log-probs of each side
             self.log_rewards(chosen, rejected)
+            self.log_stat("logps/chosen", logps.chunk(2)[0].mean().item())
+            self.log_stat("logps/rejected", logps.chunk(2)[1].mean().item())
         loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 

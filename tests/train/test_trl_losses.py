@@ -17,10 +17,11 @@ import torch
 import trl
 from datasets import Dataset
 from tiny import grpo_batch, save_tiny, tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 import deltatune as dt
-from deltatune.train.dpo import dpo_loss
+from deltatune.train.config import AlignArgs
+from deltatune.train.dpo import DPOTrainer, dpo_loss
 from deltatune.train.grpo import grpo_loss
 from deltatune.train.kto import kl_reference_point, kto_loss
 from deltatune.train.logprobs import response_logprobs, token_logprobs
@@ -109,6 +110,15 @@ def test_dpo_equals_trl(base, model, tmp_path, loss_type, eps):
     losses, _, _ = dpo_loss(pc, pr, rc, rr, 0.3, loss_type, eps, chosen_tokens=nc, rejected_tokens=nr)
     assert losses.mean().item() == pytest.approx(expected, abs=ATOL)
     assert abs(expected - math.log(2)) > 0.01  # not the value at the start
+    ours = DPOTrainer(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                      align=AlignArgs(beta=0.3, loss_type=loss_type, label_smoothing=eps))  # fmt: skip
+    model.train()  # (logged while training; the tiny llama and the LoRA have no dropout)
+    with torch.no_grad():
+        ours.compute_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                  "labels": labels})  # fmt: skip
+    model.eval()
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(("rewards/", "logps/"))}
+    assert len(logged) == 6 and {k: ours._stats[k][0] for k in logged} == pytest.approx(logged, abs=ATOL)
 
 
 def test_kto_equals_trl(base, model, tmp_path):
