@@ -70,10 +70,10 @@ def save(
 def rotate(out: str, keep: int) -> None:
     """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (PPO's and GRPO's)."""
     steps = sorted(
-        int(n[len(PREFIX) :]) for n in os.listdir(out) if n.startswith(PREFIX) and n[len(PREFIX) :].isdigit()
-    )
-    for step in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(os.path.join(out, f"{PREFIX}{step}"), ignore_errors=True)
+        (int(n[len(PREFIX) :]), n) for n in os.listdir(out) if n.startswith(PREFIX) and n[len(PREFIX) :].isdecimal()
+    )  # (isdecimal: "checkpoint-²" is a digit to isdigit, not to int)
+    for _, name in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
 def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[int], list[dict[str, Any]]]:

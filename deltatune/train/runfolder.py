@@ -317,7 +317,7 @@ def resume_checkpoint(folder: str) -> tuple[str, list[str]]:
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         step = name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
-        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdigit() and os.path.isdir(path):
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdecimal() and os.path.isdir(path):
             found.append((int(step), path))
     if not found:
         raise ConfigError(f"--resume: {folder!r} holds no checkpoint to resume from")

@@ -20,7 +20,7 @@ def run_folder(path: str) -> str | None:
         return path
     parent, name = os.path.split(os.path.normpath(path))
     step = name.removeprefix("checkpoint-")
-    if step != name and step.isdigit() and os.path.isfile(os.path.join(parent, RUN_FILE)):
+    if step != name and step.isdecimal() and os.path.isfile(os.path.join(parent, RUN_FILE)):
         return parent
     return None
 

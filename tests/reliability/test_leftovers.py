@@ -352,3 +352,32 @@ def test_preference_pairs_that_differ_in_their_reasoning_alone_are_a_pair():
     same = {"prompt": [U], "chosen": row["chosen"], "rejected": row["chosen"]}
     with pytest.raises(DataError, match="are identical"):
         read_samples([Row(same, "t.jsonl:1")], stage="dpo")
+
+
+# -- a checkpoint folder named with a digit int() does not read --------------------------------------------------
+
+
+def test_checkpoint_folders_named_with_superscript_digits_are_not_checkpoints(tmp_path):
+    """``"²".isdigit()`` is True and ``int("²")`` a ValueError: --resume, a run's checkpoint folder and PPO/GRPO's
+    rotation took ``checkpoint-²`` for a step (transformers' ``\\d+`` does not)."""
+    from deltatune.train.ppo_checkpoint import rotate
+    from deltatune.train.runfolder import resume_checkpoint
+    from deltatune.train.runs import run_folder
+
+    (tmp_path / "run.yaml").write_text("stage: sft\n")
+    for name in ("checkpoint-²", "checkpoint-2", "checkpoint-4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    assert resume_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-4")
+    assert run_folder(str(tmp_path / "checkpoint-²")) is None and run_folder(str(tmp_path / "checkpoint-4"))
+    rotate(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-²", "run.yaml"]
+
+
+def test_rotation_removes_a_checkpoint_named_with_leading_zeros(tmp_path):
+    for name in ("checkpoint-007", "checkpoint-8"):
+        (tmp_path / name).mkdir()
+    from deltatune.train.ppo_checkpoint import rotate
+
+    rotate(str(tmp_path), 1)
+    assert os.listdir(tmp_path) == ["checkpoint-8"]
