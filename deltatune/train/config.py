@@ -436,6 +436,9 @@ def _validate_values(cfg: RunConfig) -> None:
         raise ConfigError(f"data.limit must be >= 1 (or null to read every row), got {d.limit}")
     if cfg.model.num_labels is not None and cfg.model.num_labels < 1:
         raise ConfigError(f"model.num_labels must be >= 1, got {cfg.model.num_labels}")
+    if d.labels and (bad := [x for x in d.labels if isinstance(x, (bool, list, dict))]):  # (bool: True is 1 as a key)
+        why = "; YAML reads yes, no, on, off, true, false unquoted as booleans: quote them" * (bad[0] in (0, 1))
+        raise ConfigError(f"data.labels must be a list of class names, got {d.labels!r}{why}")
     if d.labels and len({str(x) for x in d.labels}) < len(d.labels):
         twice = next(str(x) for i, x in enumerate(d.labels) if str(x) in map(str, d.labels[:i]))
         raise ConfigError(f"data.labels names {twice!r} twice; each class needs its own name")
@@ -458,8 +461,6 @@ def _validate_values(cfg: RunConfig) -> None:
     unknown = sorted(set(t.fsdp.split()) - FSDP_OPTIONS)  # transformers' FSDPOption values
     if unknown:
         raise ConfigError(f"train.fsdp: unknown option {unknown[0]!r}; options: {', '.join(sorted(FSDP_OPTIONS))}")
-    if d.labels and any(isinstance(x, (list, dict)) for x in d.labels):
-        raise ConfigError(f"data.labels must be a list of class names, got {d.labels!r}")
     if cfg.output.samples < 0 or cfg.output.sample_tokens < 1:
         raise ConfigError(
             f"output.samples must be >= 0 and output.sample_tokens >= 1, got {cfg.output.samples} and "

@@ -338,7 +338,10 @@ def test_a_bad_model_dtype_is_one_line_naming_the_key():
     [("stage=[sft]", "stage must be one of pt, sft, "),
      ("method=[lora]", "method must be a method's name or a mapping with a name"),
      ("method.name=[lora]", "method must be a method's name or a mapping with a name"),
-     ("data.labels=[[0],[1]]", r"data.labels must be a list of class names, got \[\[0\], \[1\]\]"),
+     ("data.labels=[[0],[1]]", r"data.labels must be a list of class names, got \[\[0\], \[1\]\]$"),
+     # YAML's yes/no are True/False, and True is the key 1: the classes swapped with JSON true/false labels
+     ("data.labels=[yes,no]", r"data.labels must be a list of class names, got \[True, False\]; YAML reads yes, no"),
+     ("data.labels=[a,off]", r"data.labels must be a list of class names, got \['a', False\]; YAML reads yes"),
      ("train.fsdp=full_shard nosuch", "train.fsdp: unknown option 'nosuch'; options: auto_wrap, full_shard"),
      ("output.dir=''", "output.dir is empty"),
      ("data.max_target_length=0", "data.max_target_length must be >= 1, got 0"),
