@@ -41,6 +41,8 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
 
     app = FastAPI(title="deltatune board", docs_url=None, redoc_url=None)
     root = os.path.abspath(runs_dir)
+    if serve_url:  # the openai client's base_url form (http://127.0.0.1:8000/v1) forwarded to /v1/v1/...: a 404
+        serve_url = serve_url.rstrip("/").removesuffix("/v1")
     if serve_app is not None:
         app.mount("/serve", serve_app)
     playground = "/serve/v1" if serve_app is not None else "/api/serve/v1" if serve_url else None

@@ -21,12 +21,16 @@ def base_model_of(adapter_path: str) -> str | None:
 
     import yaml
 
+    from ..config import ConfigError
+
     run_file = os.path.join(adapter_path, "run.yaml")
     if os.path.isfile(run_file):
         with open(run_file, encoding="utf-8") as fh:
-            name = ((yaml.safe_load(fh) or {}).get("model") or {}).get("name_or_path")
-        if name:
-            return str(name)
+            model = (yaml.safe_load(fh) or {}).get("model") or {}
+        if not isinstance(model, dict):  # `model: smollm2` (a hand-written run.yaml): an AttributeError's traceback
+            raise ConfigError(f"{run_file}: model must be a mapping with name_or_path, got {model!r}; or pass --model")
+        if model.get("name_or_path"):
+            return str(model["name_or_path"])
     config = os.path.join(adapter_path, "adapter_config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"no adapter_config.json in {adapter_path!r}")

@@ -382,7 +382,7 @@ def _flag(body: dict, key: str, param: str | None = None) -> bool:
     return bool(value)
 
 
-def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+def _number(body: dict, key: str, default: float | None, low: float, high: float) -> float | None:
     value = body.get(key)
     if value is None:
         return default
@@ -441,7 +441,7 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
         max_tokens=max_tokens,
         emit=lambda text, finish: None,
         temperature=_temperature(body),
-        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        top_p=_number(body, "top_p", None, 1e-9, 1.0),  # unset: the base's generation config's, as generate
         stop=stop,
         seed=seed,
         ignore_eos=_flag(body, "ignore_eos"),
@@ -458,7 +458,10 @@ def _inside(adapter_dir: str | None, path: str) -> str:
             "path",
         )
     root = os.path.realpath(adapter_dir)
-    folder = os.path.realpath(os.path.join(root, path))
+    try:
+        folder = os.path.realpath(os.path.join(root, path))
+    except ValueError:  # an embedded NUL byte: a 500 without the error's JSON
+        raise RequestError("path holds a NUL byte", param="path") from None
     if os.path.commonpath([root, folder]) != root:
         raise RequestError(
             f"path {path!r} lies outside the server's --adapter-dir", 403, "path_outside_adapter_dir", "path"

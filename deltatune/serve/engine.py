@@ -65,7 +65,7 @@ class Request:
     max_tokens: int
     emit: Callable[[str, str | None], None]
     temperature: float = 0.0
-    top_p: float = 1.0
+    top_p: float | None = None  # None: the base's generation config's (as generate), else 1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
@@ -245,7 +245,7 @@ class Engine:
             live = list(range(len(rows)))
             try:
                 while True:
-                    tokens = [_pick(logits[j], rows[i], generators[i], self.gen) for j, i in enumerate(live)]
+                    tokens = [self._choose(logits[j], rows[i], generators[i]) for j, i in enumerate(live)]
                     keep = [j for j, i in enumerate(live) if not self._advance(rows[i], tokens[j])]
                     if len(keep) < len(live):  # finished rows leave the batch, and its cache
                         if keep:
@@ -260,9 +260,7 @@ class Engine:
                             rows += new
                             generators += [_generator(r.seed, device) if r.temperature > 0 else None for r in new]
                             new_cache, new_mask, new_logits = self._prefill(new, True, device)
-                            picked = [
-                                _pick(new_logits[j], r, generators[first + j], self.gen) for j, r in enumerate(new)
-                            ]
+                            picked = [self._choose(new_logits[j], r, generators[first + j]) for j, r in enumerate(new)]
                             stay = [j for j, r in enumerate(new) if not self._advance(r, picked[j])]
                             self.joined += len(new)
                             if stay:
@@ -277,6 +275,8 @@ class Engine:
                                 tokens += [picked[j] for j in stay]
                     if not live:
                         break
+                    if mixed:
+                        mask = _trim(cache, mask)
                     self.running = len(live)
                     mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                     names = [rows[i].adapter for i in live] if mixed else None
@@ -328,8 +328,20 @@ class Engine:
                 self._aside.append(r)
         return out
 
-    def _advance(self, r: Request, token: int) -> bool:
-        """Add ``token`` to the row, send its new text; True when the row has finished."""
+    def _choose(self, logits: torch.Tensor, r: Request, g: torch.Generator | None) -> int | None:
+        """The row's next token (``_pick``), or None when its logits cannot be sampled from (an adapter gone to NaN):
+        that row alone ends with an error, the rest of its batch goes on."""
+        try:
+            return _pick(logits, r, g, self.gen)
+        except FloatingPointError as exc:
+            r.finish_reason = f"error: model {r.adapter!r}: {exc}"
+            return None
+
+    def _advance(self, r: Request, token: int | None) -> bool:
+        """Add ``token`` to the row, send its new text; True when the row has finished (None: it failed)."""
+        if token is None:
+            r.emit("", r.finish_reason)
+            return True
         if r.cancelled.is_set():
             r.finish_reason = "cancelled"
             self.cancelled += 1
@@ -419,6 +431,19 @@ def _merge(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tenso
     return torch.cat([pad(mask, 1), pad(new_mask, 1)])
 
 
+def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading key/value columns that no live row attends to (padding left by rows that have gone); returns
+    the trimmed mask. Under steady load a mixed batch never ends, and its cache grew by a column every step for as
+    long as it ran (the width of every row, whatever its length). Positions come from the mask's cumsum, and the
+    dropped columns are 0 in every row, so no row computes otherwise."""
+    lead = int(mask.any(dim=0).int().argmax())  # the first column some row attends to
+    if lead == 0 or not _joinable(cache) or any(layer.keys.shape[2] != mask.shape[1] for layer in cache.layers):
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+    return mask[:, lead:]
+
+
 def _row_name(adapter: str) -> str:
     return _BASE_ROW if adapter == BASE else adapter
 
@@ -435,7 +460,11 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any = None) -> int:
     """The next token of one row: argmax when greedy, else a draw from the tempered top-k, top-p distribution. The
     base's generation config applies as ``generate`` applies it: its ``repetition_penalty`` always, its ``top_k``
-    when sampling."""
+    when sampling, and its ``top_p`` when the request leaves top_p unset.
+
+    Raises:
+        FloatingPointError: sampling from logits that are not finite (NaN or inf): nothing can be drawn.
+    """
     penalty = getattr(gen, "repetition_penalty", None) or 1.0
     if penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor over the prompt and the answer so far
         seen = torch.tensor(list(dict.fromkeys(r.prompt_ids + r.output_ids)), device=logits.device)
@@ -449,10 +478,14 @@ def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any 
     if 0 < top_k < logits.shape[-1]:
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if r.top_p < 1.0:
+    if not bool(torch.isfinite(probs).all()):  # torch.multinomial would fail the whole batch
+        raise FloatingPointError("its logits are not finite (NaN or inf), so no token can be sampled")
+    top_p = r.top_p if r.top_p is not None else getattr(gen, "top_p", None)
+    top_p = 1.0 if top_p is None else top_p
+    if top_p < 1.0:
         # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top token always stays).
         sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= r.top_p
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=g))
