@@ -417,7 +417,8 @@ def resolve_targets(model: nn.Module, config: Any, table: dict[str, list[str]], 
     ``config.target_modules`` (None: the family default from ``table``), narrowed by the config's optional
     ``layers_to_transform`` / ``layers_pattern`` and ``exclude_modules``. The config then records what it adapts,
     as PEFT saves it: a family default as its list, "all-linear" as the resolved names (PEFT's "all-linear" also
-    takes e.g. BERT's pooler), an explicit list or regex as given.
+    takes e.g. BERT's pooler), an explicit list or regex as given (a regex with ``layers_to_transform``, which PEFT
+    refuses, as the resolved names).
 
     Raises:
         ConfigError: no default for the family, or nothing left to adapt (the message lists real module names).
@@ -433,7 +434,10 @@ def resolve_targets(model: nn.Module, config: Any, table: dict[str, list[str]], 
             raise ConfigError(
                 f"{method}: exclude_modules={exclude!r} excludes every module that target_modules={targets!r} matches"
             )
-    config.target_modules = names if targets == "all-linear" else targets
+    # A regex narrowed by layers_to_transform is saved as the names it adapts: peft refuses the pair in its config,
+    # so the file would not load there
+    resolved = targets == "all-linear" or (isinstance(targets, str) and layers not in (None, []))
+    config.target_modules = names if resolved else targets
     return names
 
 

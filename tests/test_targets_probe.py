@@ -188,3 +188,24 @@ def test_bottleneck_on_a_block_of_unguessable_width_is_one_clear_error():
     model = dt.get_delta_model(nn.Sequential(Gated()), dt.BottleneckConfig(target_modules=["0"], bottleneck_size=2))
     with pytest.raises(ValueError, match=r"^bottleneck: Gated returns size 4, not the 1 its adapters were made for"):
         model(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("pattern", [None, "layers"])
+def test_a_regex_target_with_layers_to_transform_saves_a_file_peft_loads(tmp_path, pattern):
+    """peft's LoraConfig refuses a str target_modules with layers_to_transform (or layers_pattern); deltatune adapts
+    the blocks asked for and saved the regex and the blocks as given, a file peft refused to load. Now the file names
+    the modules adapted, and peft loads it to the same outputs."""
+    from peft import PeftModel
+
+    regex = r".*\.(q_proj|v_proj)"
+    with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+        peft.LoraConfig(target_modules=regex, layers_to_transform=[1])
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=regex, layers_to_transform=[1],
+                                                           layers_pattern=pattern, init_lora_weights=False))  # fmt: skip
+    assert _ours(model) == ["layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    model.save_pretrained(tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    assert _theirs(theirs) == _ours(model)
+    inputs = tiny_inputs("llama")
+    torch.testing.assert_close(theirs(**inputs).logits, model.eval()(**inputs).logits)
