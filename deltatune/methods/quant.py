@@ -126,7 +126,11 @@ def _quantize_weight(weight: torch.Tensor, backend: str, double_quant: bool, qua
         # torchao needs whole scaler blocks: a layer whose block count is not a multiple of 256 (small layers) uses
         # the largest block dividing it. Each scaler block adds one fp32 scale: 4 bytes, so 16 KB of weights share
         # it at 256, 4 KB at 64 (a 64x64 layer), and only an odd block count costs much (4 bytes per 64 weights).
-        return _backend("torchao").to_nf4(w, BLOCK_SIZE, math.gcd(n_blocks, SCALER_BLOCK_SIZE))
+        nf4 = _backend("torchao").to_nf4(w, BLOCK_SIZE, math.gcd(n_blocks, SCALER_BLOCK_SIZE))
+        # torchao codes a block of zeros by the code nearest 0/0 = nan (not NF4's 0), so it dequantised to its
+        # constant's rounding error (0.0085 seen): give it code 7 (0.0) twice a byte, as bitsandbytes does.
+        nf4.quantized_data.view(n_blocks, BLOCK_SIZE // 2)[(w.view(n_blocks, -1) == 0).all(1)] = 0x77
+        return nf4
     bnb = _backend("bitsandbytes")
     param = bnb.nn.Params4bit(
         w, requires_grad=False, blocksize=BLOCK_SIZE, compress_statistics=double_quant, quant_type=quant_type
@@ -196,17 +200,8 @@ class Linear4bit(nn.Module):
         conv1d = type(module).__name__ == "Conv1D"
         weight = module.weight.T if conv1d else module.weight
         d_out, d_in = weight.shape
-        return cls(
-            _quantize_weight(weight, backend, double_quant, quant_type),
-            module.bias,
-            d_in,
-            d_out,
-            compute_dtype,
-            backend,
-            double_quant,
-            conv1d,
-            quant_type,
-        )
+        w4 = _quantize_weight(weight, backend, double_quant, quant_type)
+        return cls(w4, module.bias, d_in, d_out, compute_dtype, backend, double_quant, conv1d, quant_type)
 
     @classmethod
     def from_bnb(cls, module: nn.Module) -> Linear4bit:
@@ -217,16 +212,12 @@ class Linear4bit(nn.Module):
             bnb = _backend("bitsandbytes")
             weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
         compute = module.compute_dtype or torch.float32
-        return cls(
-            weight,
-            module.bias,
-            module.in_features,
-            module.out_features,
-            compute,
-            "bitsandbytes",
-            bool(weight.quant_state.nested),
-            quant_type=weight.quant_state.quant_type,
-        )
+        nested, quant_type = bool(weight.quant_state.nested), weight.quant_state.quant_type
+        # transformers records the class a layer replaced: a GPT-2 Conv1D comes back as one when merged (else a
+        # merged GPT-2 saved nn.Linear-shaped weights that transformers cannot load into its Conv1D layers)
+        conv1d = getattr(getattr(module, "source_cls", None), "__name__", None) == "Conv1D"
+        args = (module.in_features, module.out_features, compute, "bitsandbytes", nested, conv1d)
+        return cls(weight, module.bias, *args, quant_type=quant_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():  # modeling code cast it to ``self.weight.dtype``: the packed bytes' uint8

@@ -89,11 +89,13 @@ _SEQ2SEQ_HEADS = ("classification_head",)
 
 
 def _keep_reason(
-    name: str, module: nn.Module, output: nn.Module | None, skip: list[str] | str | None, fp32: list[str]
+    name: str, module: nn.Module, output: nn.Module | None, skip: list[str] | str | None, fp32: list[str], why: dict
 ) -> str | None:
-    """Why the linear layer ``name`` stays in full precision, or None to quantise it."""
+    """Why the linear layer ``name`` stays in full precision (``why``: reasons found for the whole model), or None."""
     if module is output:
         return "output head"
+    if name in why:
+        return why[name]
     if any(name == h or name.endswith("." + h) or f".{h}." in f".{name}." for h in (*HEAD_NAMES, *_SEQ2SEQ_HEADS)):
         return "task head"
     if matches(name, fp32):  # T5's FFN casts its activations to wo.weight.dtype, which 4-bit storage would make uint8
@@ -118,8 +120,9 @@ def quantize(
     """Replace the model's linear layers by 4-bit NF4 ``Linear4bit`` layers, in place.
 
     The output head (``lm_head``), task heads (classifier, score, ...), embeddings and norms stay in full precision,
-    as do the model's ``_keep_in_fp32_modules`` (T5's ``wo``, as transformers' 4-bit loading does) and a layer whose
-    in_features is not a multiple of the block size 64 (the summary says which and why).
+    as do the model's ``_keep_in_fp32_modules`` (T5's ``wo``, as transformers' 4-bit loading does), a layer whose
+    weight is tied to another module's, ``nn.MultiheadAttention``'s ``out_proj`` and a layer whose in_features is
+    not a multiple of the block size 64 (the summary says which and why).
     The keyword arguments are the recipe's ``model.quantization`` keys: ``quantize(model, **recipe["quantization"])``.
 
     Args:
@@ -135,7 +138,8 @@ def quantize(
         The same model object, and a ``QuantSummary``.
 
     Raises:
-        ConfigError: a bad argument. QuantizationError: the model is already quantised or has adapters.
+        ConfigError: a bad argument. QuantizationError: the model is already quantised or has adapters, or a
+            layer to quantise has a nan or inf weight.
         ImportError: the backend is not installed. In every case the model is unchanged.
     """
     _check_args(bits, quant_type, double_quant, backend)
@@ -165,8 +169,22 @@ def quantize(
         *(getattr(model, "_keep_in_fp32_modules", None) or ()),
         *(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
     ]
-    kept = {n: why for n, m in linears if (why := _keep_reason(n, m, output, skip_modules, fp32))}
+    owners: dict[int, list[str]] = {}  # a weight shared with another module stays (transformers keeps tied ones)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    tied = {n: [o for o in owners[id(m.weight)] if o != f"{n}.weight"] for n, m in linears}
+    known = {n: f"weight tied to {o[0]}" for n, o in tied.items() if o}
+    for n, m in model.named_modules():  # its forward is never called: a 4-bit weight there crashed the model
+        if isinstance(m, nn.MultiheadAttention):
+            known[f"{n}.out_proj".lstrip(".")] = "nn.MultiheadAttention reads out_proj.weight itself"
+    kept = {n: why for n, m in linears if (why := _keep_reason(n, m, output, skip_modules, fp32, known))}
     todo = [(n, m) for n, m in linears if n not in kept]
+    bad = [n for n, m in todo if not torch.isfinite(m.weight).all()]
+    if bad:  # one nan or inf would make the whole layer nan: its block constants are quantised together
+        raise QuantizationError(
+            f"layer {bad[0]!r} has nan or inf weights ({len(bad)} such layers); 4 bits cannot hold them: "
+            "fix the checkpoint (an fp16 overflow?) or keep the layer in skip_modules"
+        )
     device = todo[0][1].weight.device if todo else torch.device("cpu")
     chosen = resolve_backend(backend, device, double_quant)
     before = memory_footprint(model).total_bytes
@@ -327,10 +345,16 @@ def merge_quantized(
     for name, module in layers:
         if _is_bnb_4bit(module):
             set_submodule(base, name, Linear4bit.from_bnb(module))
-    adapted = {n.removesuffix(".base_layer") for n, _ in _quantized_layers(base) if n.endswith(".base_layer")}
-    settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type) for n, m in _quantized_layers(base)}
-    conv1d = {n.removesuffix(".base_layer") for n, m in _quantized_layers(base) if m.conv1d}
+    four = list(_quantized_layers(base))
+    adapted = {n.removesuffix(".base_layer") for n, _ in four if n.endswith(".base_layer")}
+    settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type) for n, m in four}
+    conv1d = {n.removesuffix(".base_layer") for n, m in four if m.conv1d}
+    if requantize:  # PEFT adds s B A to W in fp32 and rounds the sum once, by quantising it; the merge dequantises
+        for _, m in four:  # to compute_dtype, so bf16 compute would round W + s B A to bf16 first (other 4-bit codes)
+            m.compute_dtype = torch.float32
     plain = model.merge_and_unload(adapter_names, dequantize=False)
+    for n, m in four:  # the 4-bit layers an unmerged adapter keeps compute as before
+        m.compute_dtype = settings[n][0]
     # A model transformers loaded in 4 bits forgets that it was (transformers' own call for it): its layers are
     # deltatune's or plain now, and transformers would refuse to cast it.
     quantizer = getattr(plain, "hf_quantizer", None)
