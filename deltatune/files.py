@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig, named_adapters_hint
+from .layer import unwrapped_name
 
 KEY_PREFIX = "base_model.model."
 """PEFT's prefix of an adapter's tensor keys: ``base_model.model.<module path>.lora_A.weight``. A config may set
@@ -104,11 +105,16 @@ def match_tensors(
     parameters (of ``base_params``, keyed like the file) that the file holds full copies of.
 
     PEFT saves full copies of base weights next to an adapter (the embedding matrix when embeddings are targeted:
-    save_embedding_layers); like PEFT, the caller loads them into the base model.
+    save_embedding_layers); like PEFT, the caller loads them into the base model. A copy is the parameter of that
+    name with or without the ``base_layer.`` of the adapter layers around its module (``embed_tokens.weight`` is
+    ``embed_tokens.base_layer.weight`` once another adapter's LoRA wraps the embedding, and the other way round).
 
     Raises:
         AdapterLoadError: a tensor is missing, belongs to no module of the model, or has another shape.
     """
+    unwrapped = {unwrapped_name(k): p for k, p in base_params.items()}
+    base_params = {k: base_params.get(k, unwrapped.get(unwrapped_name(k))) for k in tensors if k not in expected}
+    base_params = {k: p for k, p in base_params.items() if p is not None}
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise AdapterLoadError(
