@@ -327,7 +327,7 @@ def _alpaca_prompt(row: Row, c: dict[str, str]) -> list[Message]:
     """An alpaca row's system, history and instruction (+ input after a blank line) as messages."""
     instruction = row.text(_col(c, "instruction"))
     extra = row.text(_col(c, "input"), required=False)
-    prompt = f"{instruction}\n\n{extra}" if extra else str(instruction)
+    prompt = "\n\n".join(part for part in (instruction, extra) if part)  # an empty instruction: the input alone
     history = row.data.get(_col(c, "history")) or []
     messages = _system_message(row, c)
     h = _col(c, "history")

@@ -10,6 +10,7 @@ from ..config import ConfigError
 from .formats import FORMATS, STAGE_FORMATS, detect, read_samples
 from .load import DataError, Row, read_rows
 from .sample import refuse_multimodal
+from .templates import IGNORE_INDEX
 
 _DEFAULT_STAGE = {"text": "pt", "prompt": "ppo", "unpaired": "kto"}
 
@@ -114,20 +115,26 @@ def inspect(
         else:
             how = "the tokenizer's chat template" if template is None else f"the built-in {template} template"
         lines.append(f"template: {how}")
-        counts = []
+        counts, lost = [], 0
         for s in samples:
             if fmt == "text":
                 counts.append(len(tok(s.text, add_special_tokens=False)["input_ids"]))
             elif stage == "ppo":  # PPO reads the prompt alone
                 counts.append(len(prompt_ids(s, tok, template, 10**9)))
-            elif stage == "sft" or s.chosen is None and s.completion is None:
-                counts.append(len(sft_example(s, tok, template)[0]) if stage == "sft" else 0)
+            elif stage == "sft":
+                ids, labels = sft_example(s, tok, template)
+                counts.append(len(ids))
+                lost += all(label == IGNORE_INDEX for label in labels[:max_length])  # as encode_sft_samples drops it
+            elif s.chosen is None and s.completion is None:
+                counts.append(0)
             else:
                 encode = scored_example if stage == "rm" else lm_example
                 responses = [s.chosen, s.rejected] if s.chosen is not None else [s.completion]
                 counts.append(max(len(encode(s, r, tok, template, 10**9)[0]["input_ids"]) for r in responses))
         if any(counts):
             lines += _length_lines(counts, max_length, "text" if fmt == "text" else stage)
+        if lost:
+            lines.append(f"rows left out of training: {lost} (no response token within data.max_length={max_length})")
     from .encode import mark
 
     for s in samples[:show]:

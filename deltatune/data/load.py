@@ -188,6 +188,17 @@ def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
             reader = csv.DictReader(fh, delimiter="\t" if path.lower().endswith(".tsv") else ",", strict=True)
             done = 1  # the last physical line read into a record (the header's)
             try:
+                while reader.fieldnames == []:  # blank lines before the header (pandas skips them too)
+                    reader.fieldnames = next(reader.reader, None)  # type: ignore[assignment]
+                header = reader.fieldnames or []
+                # DictReader keeps the last of two same-named columns' values and drops the first (unnamed columns,
+                # Excel's empty trailing ones, are no column a recipe reads)
+                twice = next((name for k, name in enumerate(header) if name and name in header[:k]), None)
+                if twice is not None:
+                    raise DataError(
+                        f"{path}:{reader.line_num}: the header names column {twice!r} twice; give each column its "
+                        "own name"
+                    )
                 for data in reader:
                     # The record's first physical line: its last, less the line breaks inside its quoted fields.
                     i = reader.line_num - sum(v.count("\n") for v in data.values() if isinstance(v, str))

@@ -11,6 +11,7 @@ conversation trains on every assistant turn.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -135,12 +136,14 @@ def render(
             before = apply(messages[:i], True)
             through = apply(messages[: i + 1])
             _check_reasoning(m, through, i)
+            # A generation prompt that opens a think block the turn then renders without (DeepSeek-R1's "<think>\n",
+            # Nemotron 3's) is not a prefix of the turn: the turn is then located as an earlier one is.
             span = (
                 (len(before), len(through))
-                if text.startswith(through)
-                else _relocated(text, before, through, m, partial(apply, messages[:i]))
+                if text.startswith(through) and through.startswith(before)
+                else _relocated(text, before, through, m, partial(apply, messages[:i]), _specials(tokenizer))
             )
-            if span is None or not through.startswith(before):
+            if span is None:
                 raise DataError(
                     f"messages[{i}]: the tokenizer's chat template renders this assistant turn unlike the same turn "
                     "ending the conversation, so it cannot be located; set data.template to a built-in template"
@@ -188,19 +191,38 @@ def _check_reasoning(m: dict, rendered: str, i: int, template: str | None = None
                 f"messages[{i}].{key}: {how} does not render reasoning traces, so training would drop it; use a "
                 f"model whose chat template reads {key!r} (Qwen3, gpt-oss), or remove the field"
             )
+    thought = m["content"].split("</think>")[0].split("<think>")[-1].strip() if "</think>" in m["content"] else ""
+    if template is None and thought and thought not in rendered:  # DeepSeek-R1's cuts it off every turn
+        raise DataError(
+            f"messages[{i}].content: the model's chat template leaves out the think block written in the content, "
+            "even on the last turn, so training would drop the reasoning; use a chat template that renders it"
+        )
 
 
-def _relocated(text: str, before: str, through: str, m: dict, plain) -> tuple[int, int] | None:
+def _specials(tokenizer) -> list[str]:
+    """The tokenizer's special tokens, longest first (the end markers a template may write)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found = {t.content for t in added.values() if getattr(t, "special", False)}
+    return sorted(found | set(getattr(tokenizer, "all_special_tokens", None) or []), key=len, reverse=True)
+
+
+def _relocated(
+    text: str, before: str, through: str, m: dict, plain, specials: Sequence[str] = ()
+) -> tuple[int, int] | None:
     """An earlier assistant turn's span where the template renders a turn followed by others unlike the same turn
     ending the conversation (Qwen3 leaves out an earlier turn's think block, and Qwen3.5's generation prompt opens
     one; Phi-3 writes its end-of-sequence after the last turn only): the turn's content after the same prompt,
     through the end marker both renderings write after it (cut after its last line break, so no piece of the next
-    turn's marker trains), else None. ``plain()`` renders the conversation before the turn, without a generation
-    prompt: where ``before`` is not a prefix of ``text``, they must part inside the generation prompt."""
+    turn's marker trains), or, where each writes a special token of its own there (``specials``: gpt-oss ends a
+    turn with <|end|> and the last with <|return|>), the one the conversation writes; else None. ``plain()``
+    renders the conversation before the turn, without a generation prompt: where ``before`` is not a prefix of
+    ``text``, they must part inside the generation prompt (DeepSeek-R1's and Nemotron 3's open a think block)."""
     content = m["content"]
     start = len(os.path.commonprefix([before, text]))
     if start < len(before) and start < len(os.path.commonprefix([before, plain()])):
         return None
+    if "</think>" in content and content not in text[start:]:  # a think block written in the content, which Qwen3
+        content = content.split("</think>")[-1].lstrip("\n")  # leaves out of an earlier turn, as reasoning_content
     if content:  # each place the content could sit (it may occur in what the template writes before it: "think")
         places = [k for k in range(start, len(through)) if through.startswith(content, k)]
     else:  # a turn that only reasons (dropped here): its empty content sits where the end marker both write begins
@@ -220,6 +242,9 @@ def _relocated(text: str, before: str, through: str, m: dict, plain) -> tuple[in
         while n < min(len(tail), len(rest)) and tail[n] == rest[n]:
             n += 1
         marker = tail[:n] if n == len(tail) else tail[: tail.rfind("\n", 0, n) + 1]
+        markers = [next((t for t in specials if x.startswith(t)), "") for x in (tail, rest)]
+        if not marker and all(markers):  # two end markers (gpt-oss: <|end|> mid-conversation, <|return|> last)
+            marker = markers[1]
         if marker and k >= 0:
             return start, end + len(marker)
     return None

@@ -212,31 +212,50 @@ def side_by_side(rows: Sequence[dict[str, str]], width: int = 100) -> str:
     return "\n".join(out)
 
 
-def eval_prompts(cfg, limit: int) -> list[Messages]:
+def eval_prompts(cfg, limit: int, raw: bool = False) -> list[str | Messages]:
     """The first ``limit`` prompts of the recipe's eval file (else its train file), as conversations: each row's
-    prompt, or its conversation up to the last assistant turn."""
+    prompt, or its conversation up to the last assistant turn. ``raw`` (a run that read its rows without a chat
+    template): a one-message prompt as its text, as the file wrote it. Pre-training text (stage pt): the first line of
+    each row, then (a document of one row, a .txt file) its next lines, its first 200 characters at most."""
     from ..data.formats import read_samples
     from ..data.load import read_rows
+    from ..data.sample import as_written
     from .prepared import data_columns
 
     d = cfg.data
     spec = d.eval or d.train
     rows = read_rows(spec, d.text_column, limit)
-    prompts = []
-    for s in read_samples(rows, data_columns(d), d.format, d.tags):
+    prompts: list[str | Messages] = []
+    lines: list[list[str]] = []
+    columns = {"text": d.text_column, **data_columns(d)}  # (pre-training text may sit in another column)
+    for s in read_samples(rows, columns, d.format, d.tags):
+        if s.text is not None:
+            lines.append([_opening(line) for line in s.text.splitlines() if line.strip()])
+            continue
         msgs = [{"role": m["role"], "content": m["content"]} for m in s.messages]
         if s.completion is None and msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
-        if msgs and msgs[-1]["role"] == "user":
+        if raw and len(msgs) == 1 and msgs[0]["role"] == "user":
+            prompts.append(as_written(s.messages[0]))
+        elif msgs and msgs[-1]["role"] == "user":
             prompts.append(msgs)
+    prompts += [ls[0] for ls in lines if ls] + [line for ls in lines for line in ls[1:]]
     return prompts[:limit]
 
 
+def _opening(line: str, most: int = 200) -> str:
+    """A line of text as a prompt: its first ``most`` characters, cut at a word."""
+    line = line.strip()
+    return line if len(line) <= most else line[:most].rsplit(" ", 1)[0]
+
+
 def run_samples(model, tok, cfg) -> list[dict[str, str]]:
-    """The before/after answers a causal-LM run shows (``output.samples`` prompts, greedy)."""
-    prompts = eval_prompts(cfg, cfg.output.samples)
+    """The before/after answers a causal-LM run shows (``output.samples`` prompts, greedy), prompted as the run read
+    its rows: pre-training text and rows read without a chat template (no data.template, none in the tokenizer) as
+    plain text, the others through the run's template."""
     template = cfg.data.template  # the run's built-in template, as it trained (also where the tokenizer has none)
-    raw = template is None and not has_template(tok)
+    raw = cfg.stage == "pt" or template is None and not has_template(tok)
+    prompts = eval_prompts(cfg, cfg.output.samples, raw)
     return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=raw, template=template)
 
 
