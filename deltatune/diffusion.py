@@ -8,14 +8,16 @@ one ``pytorch_lora_weights.safetensors`` with keys ``<prefix>.<module path>.lora
 ``lora_adapter_metadata`` as ``{"<prefix>.r": ..., "<prefix>.lora_alpha": ..., ...}``. Read too: what a model's
 own ``unet.save_lora_adapter(folder)`` writes (keys without the prefix, the bare peft config as metadata), and the
 older keys ``<path>.lora.down.weight`` / ``.lora.up.weight`` and ``<path>.lora_linear_layer.down.weight`` / ``.up``
-(what diffusers' training scripts still write). Without metadata a module's alpha is its rank (scale 1), as
+(what diffusers' training scripts still write), and diffusers' attention-processor layout from before 0.21
+(``<attention>.processor.to_q_lora.down.weight``). Without metadata a module's alpha is its rank (scale 1), as
 diffusers assumes. A text encoder's keys naming transformers 4's ``text_model.`` level (``text_model_`` in kohya's)
 load onto a model without that level (transformers 5's CLIPTextModel), as diffusers strips it.
 
 **kohya** (sd-scripts, ai-toolkit; read by A1111 and ComfyUI): keys ``lora_unet_<module path, dots as
 underscores>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (a scalar per module: the update is
-scaled by alpha / r); ``lora_te_`` for the text encoder. Paths are found by matching the underscored name against
-the model's own module names, so no table per architecture is needed.
+scaled by alpha / r); ``lora_te_`` for the text encoder (a CLIP one's written with transformers 4's ``text_model_``
+names, which kohya's tools match). Paths are found by matching the underscored name against the model's own module
+names, so no table per architecture is needed.
 
 A file whose keys name a module the model lacks is refused with the list of those keys, never loaded as a silent
 no-op (diffusers logs and goes on); the model is unchanged then.
@@ -58,6 +60,23 @@ _DIFFUSERS_SUFFIXES = {
 _TEXT_MODEL = "text_model"
 """The level transformers 4's CLIPTextModel had above ``encoder.`` (transformers 5's has none); files name it."""
 _KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+_OLD_LAYOUT = re.compile(r"(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+"""diffusers' attention-processor layout (before 0.21; its converters read it still): ``<attention>.processor.to_q_lora
+.down.weight`` for a UNet, ``<self_attn>.to_q_lora.down.weight`` for a CLIP text encoder."""
+_NOT_LORA = re.compile(r"dora_scale|lora_magnitude_vector|hada_|lokr_|lora_mid|\.diff(_b)?$")
+"""Keys of DoRA, LyCORIS (LoHa, LoKr, Tucker's mid) and full weight differences: no plain LoRA's."""
+_CLIP_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _new_layout(key: str) -> str:
+    """A key of the attention-processor layout in the ``lora.down`` / ``lora.up`` one (other keys as they are):
+    ``to_out`` is the UNet's ``to_out.0``, and a text encoder's ``self_attn`` projections are its ``q_proj`` ..."""
+    m = _OLD_LAYOUT.search(key)
+    if m is None:
+        return key
+    stem, proj = key[: m.start()], m.group(2)
+    module = _CLIP_NAMES[proj] if stem.endswith("self_attn") else proj + (".0" if proj == "to_out" else "")
+    return f"{stem}.{module}.lora.{m.group(3)}.weight"
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
@@ -165,6 +184,10 @@ def save_kohya_lora(
 
     _, _, modules = _lora(model, adapter_name)
     head = KOHYA_PREFIX.get(prefix, f"lora_{prefix}")
+    base = model.get_base_model()
+    if type(base).__name__.startswith("CLIPText") and not hasattr(base, _TEXT_MODEL):
+        head += f"_{_TEXT_MODEL}"  # kohya's names are transformers 4's (lora_te_text_model_encoder_...), which A1111
+        # and ComfyUI match; transformers 5's CLIPTextModel has no text_model level, and its names match nothing there
     tensors = {}
     for path, m in modules.items():
         key = f"{head}_{path.replace('.', '_')}"
@@ -240,8 +263,9 @@ def _split(
             modules.setdefault(path, {})[_KOHYA_SUFFIXES[suffix]] = value
         return modules, unmatched, "kohya"
     for key, value in tensors.items():
-        suffix = next((s for s in _DIFFUSERS_SUFFIXES if key.endswith(s)), None)
-        stem = key[: -len(suffix)] if suffix else key
+        new = _new_layout(key)
+        suffix = next((s for s in _DIFFUSERS_SUFFIXES if new.endswith(s)), None)
+        stem = new[: -len(suffix)] if suffix else new
         if prefix is None and "." in stem and known(stem.split(".", 1)[1]):
             stem = stem.split(".", 1)[1]  # "unet.down_blocks..." -> the path, whatever the component
         elif prefix is not None and stem.startswith(prefix + "."):
@@ -279,6 +303,12 @@ def load_lora(
     delta = model if isinstance(model, DeltaModel) else DeltaModel(model)
     base = delta.get_base_model()
     modules, unmatched, kind = _split(tensors, prefix, base)
+    other = [k for k in unmatched if _NOT_LORA.search(k)]
+    if other:  # the module is there; the kind of update is not a LoRA's
+        raise ConfigError(
+            f"{path}: {len(other)} keys such as {other[0]} hold DoRA or LyCORIS (LoHa, LoKr, Tucker) parts or full "
+            "weight differences; these files load plain LoRA (lora_down / lora_up, lora_A / lora_B) only"
+        )
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else "")
         raise ConfigError(

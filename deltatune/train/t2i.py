@@ -7,9 +7,9 @@ The base (``model.name_or_path``) is a diffusers pipeline folder (``model_index.
 (``config.json`` + weights, an optional ``scheduler_config.json``; what ``deltatune merge`` writes for a t2i run). The
 text encoder is ``model.text_encoder`` (a transformers folder, a hub id, or ``minilm``), else the pipeline's own. Its
 last hidden states are the context of the UNet's cross-attention or the transformer's joint attention; a transformer
-also reads their mean over the caption's tokens as its pooled projection. Images are resized to the denoiser's
-``sample_size`` (times the VAE's factor), converted to its channels (both counted in the report) and scaled to
-[-1, 1]; x0 is the image, or its VAE latent (minus ``shift_factor``, times ``scaling_factor``).
+also reads their mean over the caption's tokens as its pooled projection. Images are cut square at the centre,
+resized to the denoiser's ``sample_size`` (times the VAE's factor), converted to its channels (all counted in the
+report) and scaled to [-1, 1]; x0 is the image, or its VAE latent (minus ``shift_factor``, times ``scaling_factor``).
 
 The loss follows the base's scheduler (none: DDPM for a UNet, flow matching for a transformer):
 
@@ -151,9 +151,7 @@ class T2IProcessor:
         self.pad_token_id = self.tokenizer.pad_token_id
         self.context = _context(self.tokenizer, self.text_encoder.config)
         _check_width(config, self.text_encoder.config, path, name)
-        self.denoiser: DeltaModel | None = None
-        """The adapted denoiser of a run in training (its trainer sets it): ``save_pretrained`` writes diffusers'
-        LoRA file of it and the text encoder together."""
+        self.denoiser: DeltaModel | None = None  # a run's, set by its trainer: save_pretrained writes its LoRA file
 
     def caption_limit(self, max_length: int) -> int:
         """The longest caption in tokens: ``max_length``, or the text encoder's context when that is shorter."""
@@ -192,9 +190,10 @@ class T2IProcessor:
     def pixels(self, image) -> torch.Tensor:
         """A PIL image as (C, H, W) in [-1, 1] at the model's size and channels."""
         import numpy as np
-        from PIL import Image
+        from PIL import Image, ImageOps
 
-        img = image.convert("L" if self.channels == 1 else "RGB").resize((self.size, self.size), Image.BICUBIC)
+        img = image.convert("L" if self.channels == 1 else "RGB")  # cut to a square at the centre, then resized:
+        img = ImageOps.fit(img, (self.size, self.size), Image.BICUBIC)  # diffusers' scripts' Resize + CenterCrop
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array[None] if self.channels == 1 else array.transpose(2, 0, 1).copy())
 
@@ -407,8 +406,7 @@ class T2ITrainer(DeltaTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.text_encoder is not None:
-            folder = os.path.join(resume_from_checkpoint, TEXT_ENCODER_LORA)
-            self.text_encoder.load_adapter_weights(folder, "default")
+            self.text_encoder.load_adapter_weights(os.path.join(resume_from_checkpoint, TEXT_ENCODER_LORA), "default")
 
 
 def predict(model, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -510,13 +508,12 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
             want = "L" if processor.channels == 1 else "RGB"
             if mode != want:
                 notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to {want}")
-        pixels, sizes = [], 0
-        for r in rows:
-            img, _ = open_rgb(r, on_white=False)  # as diffusers' scripts read images (convert("RGB"))
-            sizes += img.size != (processor.size, processor.size)
-            pixels.append(processor.pixels(img))
-        if sizes:
+        images = [open_rgb(r, on_white=False)[0] for r in rows]  # as diffusers' scripts read them (convert("RGB"))
+        pixels = [processor.pixels(img) for img in images]
+        if sizes := sum(img.size != (processor.size, processor.size) for img in images):
             notes.append(f"{sizes} {split} images were resized to {processor.size}x{processor.size}")
+        if crops := sum(img.width != img.height for img in images):
+            notes.append(f"{crops} {split} images were not square and were cut to a square at their centre first")
         captions = [r.text for r in rows]
         if trains:
             ids, mask, cut = processor.tokenize(captions, d.max_length)
@@ -556,20 +553,21 @@ def sample(
     max_length: int = 77,
 ) -> torch.Tensor:
     """Images for ``prompts`` as (N, C, H, W) in [0, 1]: DDIM (or the flow-matching Euler steps) over ``steps``
-    steps from seeded noise, with classifier-free guidance (``guidance`` 1: none; the empty caption is the
-    unconditional one)."""
+    steps from seeded noise, with classifier-free guidance above 1 (``guidance`` <= 1: none, as diffusers'; the empty
+    caption is the unconditional one)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     if steps < 1 or not 0 <= guidance < math.inf:  # a nan or infinite guidance makes every pixel nan
         raise ConfigError(f"--steps must be >= 1 and --guidance a finite number >= 0, got {steps} and {guidance}")
-    kind = FlowMatchEulerDiscreteScheduler if processor.flow else DDIMScheduler
-    scheduler = kind.from_config(processor.scheduler.config)
-    if not processor.flow and steps > (n := scheduler.config.num_train_timesteps):  # DDIM steps through trained ones
+    if not processor.flow and steps > (n := processor.scheduler.config.num_train_timesteps):  # DDIM: trained steps
         raise ConfigError(f"--steps must be <= the base's {n} training timesteps, got {steps}")
+    kind = FlowMatchEulerDiscreteScheduler if processor.flow else DDIMScheduler
+    fixed = {} if processor.flow or not processor.pipeline else {"steps_offset": 1, "clip_sample": False}
+    scheduler = kind.from_config({**processor.scheduler.config, **fixed})  # what StableDiffusionPipeline forces
     scheduler.set_timesteps(steps)
     device = next(model.parameters()).device
     cond = {k: v.to(device) for k, v in processor.condition(list(prompts), max_length)[0].items()}
-    if guidance != 1.0:
+    if guidance > 1.0:  # diffusers' pipelines guide above 1 only
         uncond = {k: v.to(device) for k, v in processor.condition([""] * len(prompts), max_length)[0].items()}
     vae, factor = processor.vae, processor.factor
     denoiser = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -579,7 +577,7 @@ def sample(
     for t in scheduler.timesteps:
         ts = torch.full((len(prompts),), t.item(), device=device)  # DDIM: integer steps; flow matching: sigma * T
         out = predict(model, x, ts, cond)
-        if guidance != 1.0:
+        if guidance > 1.0:
             free = predict(model, x, ts, uncond)
             out = free + guidance * (out - free)
         x = scheduler.step(out, t, x).prev_sample
