@@ -162,7 +162,9 @@ class T2IProcessor:
         limit = self.caption_limit(max_length)
         full = self.tokenizer(captions, padding=True, return_tensors="pt", verbose=False)
         pad = "max_length" if self.pooled or self.pipeline else True  # where every position is read (no mask)
-        enc = self.tokenizer(captions, padding=pad, truncation=True, max_length=limit, return_tensors="pt")
+        length = (self.context or limit) if self.pipeline and not self.pooled else limit  # diffusers' pipelines' pad
+        enc = self.tokenizer(captions, truncation=True, max_length=limit)  # cut at the limit, padded to the length
+        enc = self.tokenizer.pad(enc, padding=pad, max_length=length, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"], int((full["attention_mask"].sum(-1) > limit).sum())
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -203,3 +203,20 @@ def test_a_dora_or_lycoris_file_is_refused_as_such_not_as_another_architecture(t
     with pytest.raises(ConfigError, match=rf"keys such as {key}\{extra} hold DoRA or LyCORIS .* plain LoRA"):
         load_lora(unet, tmp_path / "x.safetensors")
     assert not any("lora" in n for n, _ in unet.named_modules())  # left unchanged
+
+
+def test_a_pipelines_captions_are_padded_to_the_context_however_short_data_max_length(pipeline):
+    """diffusers' pipelines pad every prompt to the text encoder's context (32 here); under data.max_length 16
+    deltatune padded to 16, so the UNet trained on 16 text states and the pipeline gives it 32. A caption over
+    16 tokens is still cut there (and counted)."""
+    processor = t2i.T2IProcessor(str(pipeline))
+    long = "a handwritten digit seven drawn with a thick black pen on a sheet of white paper, slightly tilted"
+    text, cut = processor.condition(["a digit seven", long], 16)
+    assert cut == 1 and text["encoder_hidden_states"].shape == (2, 32, 32)
+    tok = processor.tokenizer
+    ids = tok(["a digit seven"], padding="max_length", max_length=tok.model_max_length, truncation=True)
+    with torch.no_grad():  # StableDiffusionPipeline.encode_prompt: padded to the context, no attention mask
+        want = processor.text_encoder(torch.tensor(ids["input_ids"]))[0]
+    torch.testing.assert_close(text["encoder_hidden_states"][:1], want, atol=1e-6, rtol=0)
+    ids, mask, _ = processor.tokenize([long], 16)
+    assert ids.shape == (1, 32) and int(mask.sum()) == 16 and ids[0, 15] == tok.sep_token_id

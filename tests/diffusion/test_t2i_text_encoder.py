@@ -107,7 +107,9 @@ def test_the_text_encoder_lora_trains_saves_for_diffusers_and_reloads(pipeline, 
     )
     # diffusers' conditioning (StableDiffusionPipeline.encode_prompt, train_text_to_image_lora.py): the prompt
     # padded to the length, no attention mask for the text encoder or the UNet
-    enc = loaded.tokenizer([PROMPT], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    enc = loaded.tokenizer(
+        [PROMPT], padding="max_length", truncation=True, max_length=loaded.context, return_tensors="pt"
+    )  # (the pipeline's: its context, whatever data.max_length cut)
     with torch.no_grad():
         states = encoder(enc["input_ids"])[0]
     torch.testing.assert_close(unet_output(unet, states, None), ours, atol=1e-5, rtol=0)
