@@ -193,7 +193,8 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", help="send the text as it is, without the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in new tokens (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling mass (with --temperature > 0; default: the model's generation config's)")  # fmt: skip
     parser.add_argument("--seed", type=int, help="seed for sampling")
     _trust_flag(parser)
 

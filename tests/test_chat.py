@@ -390,3 +390,26 @@ def test_chat_under_a_strict_utf8_stdin_skips_a_line_that_is_not_utf8(run):
     lines = done.stdout.decode().splitlines()
     assert done.returncode == 0, done.stderr.decode()[-500:]
     assert len(lines) == 3 and lines[1] == "(not sent: the line holds bytes that are not UTF-8 text; give it in UTF-8)"
+
+
+def test_sampling_without_a_top_p_takes_the_generation_configs_as_generate(tmp_path):
+    """``--top-p`` defaulted to 1.0 and was always passed, overriding the checkpoint's own top_p (Qwen2.5-Instruct's
+    0.8, Llama-3.1-Instruct's 0.9) where transformers' generate and ``deltatune serve`` take it. Unset now, the
+    config's applies; given, it wins."""
+    from tiny import tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "m")).eval()
+    model.generation_config.top_p = 0.05  # (a nucleus of about one token: far from the whole distribution)
+    tok, ids = tokenizer(), [101, 2054, 2003, 2115]
+
+    def theirs(**kwargs) -> str:
+        torch.manual_seed(3)
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                             max_new_tokens=12, do_sample=True, temperature=1.5, pad_token_id=tok.pad_token_id,
+                             **kwargs)  # fmt: skip
+        return tok.decode(out[0, 4:], skip_special_tokens=True).strip()
+
+    ours = chat.generate(model, tok, ids, max_new_tokens=12, temperature=1.5, seed=3)
+    assert ours == theirs() and ours != theirs(top_p=1.0)
+    assert chat.generate(model, tok, ids, max_new_tokens=12, temperature=1.5, top_p=1.0, seed=3) == theirs(top_p=1.0)

@@ -71,7 +71,7 @@ def prompt_ids(
     return list(ids["input_ids"])
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float | None, seed: int | None = None) -> None:
     """Raises ConfigError naming the option when a sampling setting is out of range."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -79,13 +79,16 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: 
         raise ConfigError(f"--temperature must be a number >= 0 (0 decodes greedily), got {temperature}")
     if seed is not None and not -(2**63) <= seed < 2**64:  # torch's generators take no other
         raise ConfigError(f"--seed must be in [-2**63, 2**64), got {seed}")
-    if not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
 
 
-def sampling_kwargs(temperature: float, top_p: float) -> dict[str, Any]:
-    """``generate``'s sampling arguments: greedy at temperature 0, else sampling at ``temperature`` and ``top_p``."""
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+def sampling_kwargs(temperature: float, top_p: float | None) -> dict[str, Any]:
+    """``generate``'s sampling arguments: greedy at temperature 0, else sampling at ``temperature`` and ``top_p``
+    (None: the model's generation config's, as ``generate`` takes it; Qwen2.5-Instruct's is 0.8)."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature} | ({} if top_p is None else {"top_p": top_p})
 
 
 def generate(
@@ -94,7 +97,7 @@ def generate(
     ids: Sequence[int],
     max_new_tokens: int = 128,
     temperature: float = 0.0,
-    top_p: float = 1.0,
+    top_p: float | None = None,
     seed: int | None = None,
     num_beams: int = 1,
 ) -> str:
