@@ -87,6 +87,7 @@ class DeltaModel(nn.Module, PushToHub):
         self.peft_config: dict[str, DeltaConfig] = {}
         self.active_adapters: list[str] = []
         self._base_trainables: dict[str, list[str]] = {}  # adapter -> base parameters it trains and saves
+        self._copies: dict[str, list[str]] = {}  # adapter -> base parameters its file held copies of (saved again)
         if config is not None:
             self.add_adapter(adapter_name, config)
         if fused_loss:
@@ -108,8 +109,7 @@ class DeltaModel(nn.Module, PushToHub):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
-        sizes = call_sizes(args, kwargs, generating=self.base_model)
-        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs), sizes=sizes):
+        with self.mixed_batch(adapter_names, call_batch_size(args, kwargs), call_sizes(args, kwargs, self.base_model)):
             return self.base_model.generate(*args, **kwargs)
 
     @contextmanager
@@ -263,9 +263,8 @@ class DeltaModel(nn.Module, PushToHub):
             method.inject(self.base_model, config if _tensors is None else config.for_loading(), adapter_name)
             self.peft_config[adapter_name] = config
             # Unwrapped names: later adapters may wrap (or unwrap) the modules that hold these parameters.
-            self._base_trainables[adapter_name] = list(
-                map(unwrapped_name, config.trainable_base_parameters(self.base_model))
-            )
+            trained = config.trainable_base_parameters(self.base_model)
+            self._base_trainables[adapter_name] = list(map(unwrapped_name, trained))
             if _tensors is not None:
                 self._import(adapter_name, _tensors, _source)
         except BaseException:
@@ -287,6 +286,7 @@ class DeltaModel(nn.Module, PushToHub):
                     replace_module(self.base_model, path, original)
         self.peft_config.pop(adapter_name, None)
         self._base_trainables.pop(adapter_name, None)
+        self._copies.pop(adapter_name, None)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -438,6 +438,7 @@ class DeltaModel(nn.Module, PushToHub):
         self.peft_config.clear()
         self.active_adapters = []
         self._base_trainables.clear()
+        self._copies.clear()
         return self.base_model
 
     # -- saving and loading --------------------------------------------------------------------------------
@@ -452,6 +453,8 @@ class DeltaModel(nn.Module, PushToHub):
                 out.update(layer.export_state(name, f"{prefix}{path}."))
         for pname, p in self._base_params(name).items():
             out[prefix + base_key(pname, name)] = p
+        for pname, p in base_parameters(self.base_model, self._copies.get(name, [])).items():
+            out.setdefault(prefix + pname, p)  # (peft's save_embedding_layers: resized vocabularies; named as peft)
         return out
 
     def _base_params(self, name: str) -> dict[str, nn.Parameter]:
@@ -478,6 +481,7 @@ class DeltaModel(nn.Module, PushToHub):
                 p.copy_(tensors[prefix + base_key(pname, name)])
             for key, target in full_copies.items():
                 target.copy_(copies[key])
+        self._copies[name] = [unwrapped_name(key.removeprefix(prefix)) for key in full_copies]
 
     def save_pretrained(
         self,
@@ -580,10 +584,8 @@ class DeltaModel(nn.Module, PushToHub):
 
     def print_trainable_parameters(self) -> None:
         """Print trainable and total parameter counts, as PEFT does."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        )
+        trained, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trained:,d} || all params: {total:,d} || trainable%: {100 * trained / total:.4f}")
 
 
 def get_delta_model(
@@ -591,9 +593,7 @@ def get_delta_model(
 ) -> DeltaModel:
     """Wrap ``model`` with a new adapter of the method ``config`` belongs to; the base is frozen.
 
-    ``fused_loss``: see ``DeltaModel`` (a causal LM's cross-entropy computed by ``deltatune.loss``).
-
-    Example::
+    ``fused_loss``: see ``DeltaModel`` (a causal LM's cross-entropy computed by ``deltatune.loss``). Example::
 
         model = dt.get_delta_model(base, config)  # config: any method's, e.g. dt.<Method>Config(...)
     """

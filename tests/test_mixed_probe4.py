@@ -127,3 +127,27 @@ def test_gathered_training_gradients_keep_the_loop_s_precision_in_bf16(monkeypat
     loop = error()
     assert loop < 0.005  # bf16's own rounding
     assert fast < 1.5 * loop, (fast, loop)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens"], ["q_proj", "embed_tokens", "lm_head"]])
+def test_a_peft_file_with_embedding_copies_saves_them_again(tmp_path, targets):
+    """A peft file written with save_embedding_layers (a resized vocabulary) loaded, then saved by deltatune, lost
+    the copies: reloaded on a fresh resized base it was 0.068 off (14.8 with lm_head). Now saved again, and both
+    libraries reload it to the outputs peft's own file gives there."""
+    import peft
+
+    import deltatune as dt
+
+    trained = _resized_llama(seed=1)
+    theirs = peft.get_peft_model(trained, peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    ids = torch.tensor([[1, 130, 135, 5, 139], [2, 131, 7, 138, 9]])
+    with torch.no_grad():  # peft's file on a fresh resized base (its copies in place of the fresh rows)
+        want = peft.PeftModel.from_pretrained(_resized_llama(seed=3), tmp_path / "peft").eval()(input_ids=ids).logits
+        assert (want - _resized_llama(seed=3)(input_ids=ids).logits).abs().max() > 0.01
+    dt.DeltaModel.from_pretrained(_resized_llama(seed=2), tmp_path / "peft").save_pretrained(tmp_path / "ours")
+    again = dt.DeltaModel.from_pretrained(_resized_llama(seed=3), tmp_path / "ours").eval()
+    peft_again = peft.PeftModel.from_pretrained(_resized_llama(seed=3), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(peft_again(input_ids=ids).logits, want, atol=1e-5, rtol=0)
