@@ -33,17 +33,20 @@ def f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
 
 
 def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
-    """(type, start, end) spans of a BIO sequence, as conlleval reads it: B- starts an entity, I- continues one
-    of the same type, and an I- that cannot continue starts a new entity."""
-    spans, start, kind = set(), None, None
+    """(type, start, end) spans of a tag sequence as seqeval's default (conlleval) scheme reads it, IOB2, IOB1 and
+    IOBES alike: B- and S- start an entity, I- and E- continue one of the same type (and start one where they
+    cannot continue), E- and S- end it. A tag's first character is its prefix and the text after its first hyphen
+    its type, as seqeval splits them."""
+    spans, start, prev, prev_kind = set(), 0, "O", ""
     for i, tag in enumerate([*tags, "O"]):
-        prefix, _, t = tag.partition("-")
-        continues = prefix == "I" and kind == t
-        if start is not None and not continues:
-            spans.add((kind, start, i))
-            start, kind = None, None
-        if prefix == "B" or (prefix == "I" and not continues):
-            start, kind = i, t
+        prefix, kind = tag[:1], tag[1:].split("-", 1)[-1] or "_"
+        changed = prev not in ("O", ".") and prev_kind != kind
+        if changed or prev in ("E", "S") or (prev in ("B", "I") and prefix in ("B", "S", "O")):
+            spans.add((prev_kind, start, i))
+        starts = prefix in ("B", "S") or (prev in ("E", "S", "O") and prefix in ("E", "I"))
+        if starts or (prefix not in ("O", ".") and prev_kind != kind):
+            start = i
+        prev, prev_kind = prefix, kind
     return spans
 
 

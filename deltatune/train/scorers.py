@@ -71,8 +71,8 @@ class AdapterReward:
     scalar head: scoring switches to that adapter for one forward pass and back, so the policy, the reference and
     the reward model share one copy of the base weights.
 
-    The score is the head applied to the last hidden state of the last non-padding token, as
-    ``AutoModelForSequenceClassification`` computes it on a decoder.
+    The score is the head applied to the last hidden state of the last token that is not the pad token, as
+    ``AutoModelForSequenceClassification`` computes it on a decoder (and as the reward run trained it).
 
     Args:
         model: the policy (a DeltaModel over a causal LM of the base the reward run was trained on).
@@ -121,5 +121,9 @@ class AdapterReward:
             hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         finally:
             self.model.set_adapter(active)
-        last = mask.sum(-1) - 1  # (N,): the last real token of each row
+        # (N,): the last token of each row that is not the pad token, as the classifier picks it; where the pad is
+        # the end-of-turn token that closes the rendered pair (Llama 3's), the mask's last token scored that instead.
+        pad = self.tokenizer.pad_token_id
+        real = mask.bool() if pad is None else ids != pad
+        last = (torch.arange(ids.shape[-1], device=device) * real).argmax(-1)
         return self.head(hidden[torch.arange(len(last), device=device), last].float()).squeeze(-1).cpu()

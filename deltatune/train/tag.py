@@ -13,10 +13,11 @@ from .trainer import TokenLossTrainer
 
 
 def _bio_labels(tags: list) -> list[str]:
-    """ "O" first, then B-/I- for every entity type seen (both, even when the data shows only one of them)."""
+    """ "O" first, then B-/I- for every entity type seen (both, even when the data shows only one of them), then
+    any other tag seen (IOBES's E- and S-, a tag without a prefix)."""
     kinds = sorted({str(t).partition("-")[2] for t in tags if str(t) != "O" and "-" in str(t)})
-    plain = sorted({str(t) for t in tags if str(t) != "O" and "-" not in str(t)})
-    return ["O", *[f"{p}-{k}" for k in kinds for p in ("B", "I")], *plain]
+    names = ["O", *[f"{p}-{k}" for k in kinds for p in ("B", "I")]]
+    return names + sorted({str(t) for t in tags} - set(names))
 
 
 def prepare_tag(cfg: RunConfig, tok) -> Prepared:

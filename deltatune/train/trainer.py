@@ -31,9 +31,9 @@ SUMS = "deltatune_sums.json"  # in a checkpoint: the run's loss summed over its 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stopped before the optimizer step."""
 
-    def __init__(self, step: int, value: float) -> None:
+    def __init__(self, step: int, value: float, what: str = "training loss") -> None:
         super().__init__(
-            f"the training loss became {value} at step {step}; training stopped before that step's "
+            f"the {what} became {value} at step {step}; training stopped before that step's "
             "update, and the last checkpoint (if any) holds the last good state. Lower train.lr, "
             "check the data, or use fp32."
         )
@@ -65,6 +65,12 @@ class DeltaTrainerMixin:
         base = getattr(self._delta_model(), "get_base_model", None)
         if base is not None and shifts_labels(base()):
             self._loss_shifts_labels = True  # the item count over labels[..., 1:] (the Trainer's misses GPT-2)
+        if (
+            base is not None
+            and getattr(self, "_loss_shifts_labels", False)
+            and _scores_first_label(self._delta_model())
+        ):
+            self._loss_shifts_labels = False  # virtual tokens before the row: its first label is a target too
         if base is not None and not hasattr(base(), "accepts_loss_kwargs"):
             # What the Trainer reads off a bare model: DeltaModel's forward takes **kwargs whatever the base's does,
             # and a base without them (a custom module) crashed on the item count the Trainer then passed it.
@@ -235,16 +241,36 @@ class DeltaTrainerMixin:
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The Trainer's, also adding up the loss over the batch's label tokens when the labels are per token (a
         causal LM, an encoder-decoder, a token classifier: their loss is a mean over those tokens)."""
-        out = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         labels = inputs.get("labels") if isinstance(inputs, Mapping) else None  # a dict, or a BatchEncoding
+        real = self._real_rows(labels) if self._eval_tokens else None
+        if real is not None:  # a padded last batch: the rows repeated to fill it are not scored (nor counted)
+            labels = labels.clone()
+            labels[real:] = -100
+            inputs = {**inputs, "labels": labels}
+        out = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         if out[0] is not None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and self._eval_tokens:
-            counted = labels[:, 1:] if getattr(self, "_loss_shifts_labels", False) else labels
+            shifted = getattr(self, "_loss_shifts_labels", False)
+            counted = inputs["shift_labels"] if "shift_labels" in inputs else labels[:, 1:] if shifted else labels
             n = counted.ne(-100).sum().to(out[0].device)
             loss = torch.where(
                 n > 0, out[0].detach().float(), 0.0
             )  # a batch with no label token adds nothing (not nan)
             self._eval_tokens = [self._eval_tokens[0] + loss * n, self._eval_tokens[1] + n]
         return out
+
+    def _real_rows(self, labels) -> int | None:
+        """How many leading rows of this batch are the data's own, where the last batch of a multi-process
+        evaluation was filled up with rows from the start of the data (accelerate's ``even_batches``, which the
+        Trainer's ``gather_for_metrics`` drops again); None where every row is. Only for class or token ids: -100
+        means nothing to a float target."""
+        state, processes = self.accelerator.gradient_state, self.accelerator.num_processes
+        if processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return None
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dim() == 0:
+            return None
+        rows = labels.shape[0]  # every process's last batch is filled to the same size
+        real = min(max(state.remainder - self.accelerator.process_index * rows, 0), rows)
+        return real if real < rows else None
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -254,6 +280,9 @@ class DeltaTrainerMixin:
         model moved with eval_batch_size, and sat off the per-token mean by how the rows' lengths vary."""
         zero = torch.zeros((), device=self.args.device)
         self._eval_tokens = [zero, zero.long()]
+        # Each process's loss a mean over its own tokens: the Trainer's default divides by the count gathered from
+        # every process and multiplies by their number, a mean only where every process has as many tokens.
+        averaged, self.args.average_tokens_across_devices = self.args.average_tokens_across_devices, False
         try:
             out = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
@@ -261,6 +290,7 @@ class DeltaTrainerMixin:
             total, n = self._eval_tokens
         finally:
             self._eval_tokens = None
+            self.args.average_tokens_across_devices = averaged
         key = f"{metric_key_prefix}_loss"
         if key in out.metrics:  # every process has it: all take part in the reduction
             total, n = (self.accelerator.reduce(t, "sum") for t in (total, n))  # over the processes' shares
@@ -273,6 +303,15 @@ class DeltaTrainerMixin:
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(self.state.global_step + 1, float(loss.detach().float().mean()))
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's, stopping before the update on a NaN or infinite gradient of a finite loss (a NaN update
+        made every weight NaN, and a checkpoint written before the next step's loss showed it kept them). Not under
+        fp16's gradient scaler, which skips such a step itself."""
+        norm = super()._get_grad_norm(model, grad_norm)
+        if norm is not None and getattr(self.accelerator, "scaler", None) is None and not math.isfinite(float(norm)):
+            raise NonFiniteLossError(self.state.global_step + 1, float(norm), "gradient norm")
+        return norm
 
 
 class DeltaTrainer(DeltaTrainerMixin, Trainer):
@@ -369,6 +408,34 @@ class TokenLossTrainer(DeltaTrainer):
 
     def __init__(self, *args, loss=token_loss, **kwargs) -> None:
         super().__init__(*args, compute_loss_func=loss, **kwargs)
+
+
+def _scores_first_label(model) -> bool:
+    """Whether a causal LM's loss also scores each row's first label: a prompt or P-tuning adapter puts its virtual
+    tokens before the row (their labels -100), and the last of them predicts the first. The Trainer counts the items
+    over ``labels[..., 1:]``, so the training and eval loss of a row of 6 labels were a sum over 6 divided by 5
+    (eval loss 5.91 against the model's own 4.92). Told from the model's loss on a probe row of 4 tokens: its sum
+    (``num_items_in_batch=1``) over its mean counts the targets."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return False
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            mean = model(input_ids=ids, labels=ids)["loss"]
+            total = model(input_ids=ids, labels=ids, num_items_in_batch=1)["loss"]
+    except Exception:  # a model this probe cannot run (sharded weights, other inputs): the Trainer's count
+        return False
+    finally:
+        model.train(was_training)
+    if not all(isinstance(x, torch.Tensor) and x.numel() == 1 for x in (mean, total)):
+        return False
+    if not bool(torch.isfinite(total) and mean > 0):
+        return False
+    return round(float(total / mean)) == 4
 
 
 def trl_trainer(cls: type) -> type:
