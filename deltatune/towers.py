@@ -32,7 +32,7 @@ TOWER_NAMES = ("language", "vision", "projector")
 # model_type -> tower -> regex searched in the module path (components joined by ".").
 TOWERS: dict[str, dict[str, str]] = {
     **dict.fromkeys(
-        ("llava", "llava_next", "llava_onevision", "vipllava", "mistral3", "aya_vision"),
+        ("llava", "llava_next", "llava_onevision", "vipllava", "mistral3", "aya_vision", "gemma3", "paligemma"),
         {
             "vision": r"(^|\.)vision_tower(\.|$)",
             "projector": r"(^|\.)multi_modal_projector(\.|$)",
@@ -46,10 +46,34 @@ TOWERS: dict[str, dict[str, str]] = {
     },
     "blip": {"vision": r"(^|\.)vision_model(\.|$)", "language": r"(^|\.)text_decoder(\.|$)"},
     "vision-encoder-decoder": {"vision": r"(^|\.)encoder(\.|$)", "language": r"(^|\.)decoder(\.|$)"},
+    # SigLIP-style vision towers with q_proj / v_proj / fc1 / fc2 beside a LLaMA-style language model
+    **dict.fromkeys(
+        ("smolvlm", "idefics3", "idefics2"),
+        {
+            "vision": r"(^|\.)vision_model(\.|$)",
+            "projector": r"(^|\.)connector(\.|$)",
+            "language": r"(^|\.)(text_model|lm_head)(\.|$)",
+        },
+    ),
+    # Qwen-VL: the merger (the projector) sits inside the vision tower, so it is matched first
+    **dict.fromkeys(
+        ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+        {
+            "projector": r"(^|\.)visual\.(merger|deepstack_merger_list)(\.|$)",
+            "vision": r"(^|\.)visual(\.|$)",
+            "language": r"(^|\.)(language_model|lm_head)(\.|$)",
+        },
+    ),
 }
 
-FAMILY_AS = {"blip_text_model": "bert"}
-"""Tower families whose layers are named as another family's (BLIP's text decoder: BERT's, with cross-attention)."""
+FAMILY_AS = {
+    "blip_text_model": "bert",
+    **dict.fromkeys(("smolvlm_vision", "idefics3_vision", "idefics2_vision"), "siglip_vision_model"),
+    **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "qwen2"),
+    "qwen3_vl_text": "qwen3",
+}
+"""Tower families whose layers are named as another family's (BLIP's text decoder: BERT's, with cross-attention;
+SmolVLM's and Idefics' vision towers: SigLIP's; Qwen-VL's language models: Qwen2's, Qwen3's)."""
 
 _CLIP_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.out_proj", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}
 _BLIP_VISION = {"attn": r".*\.layers\.\d+\.self_attn\.projection", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}
@@ -70,9 +94,12 @@ _RESOLVED = ("lora", "ia3", "bottleneck")  # the methods whose default targets a
 
 
 def tower_of(model: nn.Module, name: str) -> str | None:
-    """The tower the module ``name`` sits in (None: outside every tower, or not a multi-tower model)."""
+    """The tower the module ``name`` sits in (None: outside every tower, or not a multi-tower model): the outermost
+    match, so a BERT decoder's ``decoder.bert.encoder.layer.0`` is the language tower; ties go to the table's order
+    (Qwen-VL's ``visual.merger`` is the projector)."""
     table = TOWERS.get(model_type(model) or "", {})
-    return next((tower for tower, rx in table.items() if re.search(rx, name)), None)
+    hits = [(m.start(), i, tower) for i, (tower, rx) in enumerate(table.items()) if (m := re.search(rx, name))]
+    return min(hits)[2] if hits else None
 
 
 _SUB_CONFIGS = {"language": ("text_config", "decoder"), "vision": ("vision_config", "encoder"),

@@ -222,21 +222,28 @@ def check(rows: list[ImageRow]) -> dict[str, int]:
 
 def random_resized_crop(img, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
     """A crop of random area (a fraction in ``scale`` of the image) and aspect ratio (log-uniform in ``ratio``),
-    as torchvision's RandomResizedCrop draws it (10 tries, then the centre crop); the processor resizes it after.
+    as torchvision's RandomResizedCrop draws it (10 tries, then the centre crop of the whole image with its aspect
+    ratio clamped into ``ratio``); the processor resizes it after.
     """
     w, h = img.size
     area = w * h
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision (the same draws give the same crop)
     for _ in range(10):
-        target = area * float(torch.empty(1).uniform_(*scale))
-        log_r = torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-        aspect = math.exp(float(log_r))
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
+            y = int(torch.randint(0, h - ch + 1, (1,)))  # the row first, as torchvision draws them
             x = int(torch.randint(0, w - cw + 1, (1,)))
-            y = int(torch.randint(0, h - ch + 1, (1,)))
             return img.crop((x, y, x + cw, y + ch))
-    side = min(w, h)
-    return img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    # torchvision's fallback: the centre crop of the whole image, its aspect ratio clamped into ``ratio``
+    cw, ch = w, h
+    if w / h < min(ratio):
+        ch = round(w / min(ratio))
+    elif w / h > max(ratio):
+        cw = round(h * max(ratio))
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return img.crop((x, y, x + cw, y + ch))
 
 
 def augment(img, names: list[str]):

@@ -139,13 +139,26 @@ class VisualPrompts(DeltaLayer):
 
     def _drop(self, module: nn.Module, args: tuple, output: Any) -> Any:
         prompts = self._active()
-        if prompts is None or not hasattr(output, "keys"):
+        if prompts is None:
             return None
         n, lead = prompts.shape[1], self.lead
 
         def strip(t: Any) -> Any:
             return torch.cat([t[:, :lead], t[:, lead + n :]], dim=1) if isinstance(t, torch.Tensor) else t
 
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):  # return_dict=False
+            tokens = output[0].shape[1]  # (last_hidden_state, [pooler_output], [hidden_states], [attentions])
+
+            def states(t: Any) -> bool:  # the hidden states: (batch, tokens, d) each; attentions are 4-d
+                return (
+                    isinstance(t, tuple)
+                    and all(isinstance(h, torch.Tensor) and h.dim() == 3 for h in t)
+                    and all(h.shape[1] == tokens for h in t)
+                )
+
+            return (strip(output[0]), *(tuple(map(strip, t)) if states(t) else t for t in output[1:]))
+        if not hasattr(output, "keys"):
+            return None
         if output.get("last_hidden_state") is not None:
             output["last_hidden_state"] = strip(output["last_hidden_state"])
         if isinstance(output.get("hidden_states"), tuple):

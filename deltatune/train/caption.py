@@ -46,8 +46,8 @@ from ..loss import shifted_token_loss
 from . import metrics as M
 from .checks import check_new_tokens
 from .config import RunConfig
+from .image_cls import PixelTrainer  # pixel values in the model's dtype
 from .prepared import Prepared, data_columns
-from .trainer import TokenLossTrainer
 
 CAPTION_PROMPT = "Describe the image."
 """The user turn (after the image) of an image + caption row on a decoder-only model; ``generate --image``'s prompt
@@ -373,15 +373,13 @@ def collate_vlm(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
         ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["labels"])
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     for key in batch[0]:
-        if key not in out:
-            out[key] = torch.cat([torch.as_tensor(b[key]) for b in batch])
+        if key not in out:  # the images' tensors
+            parts = [torch.as_tensor(b[key]) for b in batch]
+            if parts[0].dim() > 2:  # LLaVA-NeXT's patches per image vary: zero-padded, as its processor pads a batch
+                most = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, most - p.shape[1])) for p in parts]
+            out[key] = torch.cat(parts)
     return out
-
-
-def _image_path(path: str, root: str, source: str, allow_outside: bool) -> str:
-    if "://" in path:
-        raise DataError(f"{source}: image {path!r} is a URL; stage caption reads local image files")
-    return check_inside(path, root, source, allow_outside)
 
 
 def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
@@ -413,7 +411,9 @@ def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
                 f"{s.source}: the conversation ends with a {messages[-1]['role']} turn; stage caption needs it to end "
                 "with an answer (an assistant turn)"
             )
-        images = [ImageRow(_image_path(p, root, s.source, d.allow_outside), None, s.source) for p in s.images]
+        if url := next((p for p in s.images if "://" in p), None):
+            raise DataError(f"{s.source}: image {url!r} is a URL; stage caption reads local image files")
+        images = [ImageRow(check_inside(p, root, s.source, d.allow_outside), None, s.source) for p in s.images]
         out.append(VLMExample(s.source, images, messages, start))
     return out
 
@@ -437,8 +437,7 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
         text, spans, _ = render_vlm(processor, examples[0].messages, train_from=examples[0].train_from)
         notes.append(f"{split} row 1 as the model reads it (trained text in [[ ]]): {mark(text, spans)!r}")
         if cut:
-            notes.append(f"{cut} {split} rows were longer than data.max_length={d.max_length} text tokens and were "
-                         "cut")  # fmt: skip
+            notes.append(f"{cut} {split} rows were longer than data.max_length={d.max_length} text tokens: cut")
         for mode, count in sorted(modes.items()):
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
         splits.append(VLMDataset(examples, encoded, processor))
@@ -503,9 +502,10 @@ def _trainer(processor: CaptionProcessor):
     """The loss over the step's caption tokens: a VisionEncoderDecoderModel's (and BLIP's) own loss is a mean per
     micro-batch. BLIP's text decoder reads its labels shifted (they are its input ids), with its label smoothing."""
     if processor.bos is None:
-        return TokenLossTrainer
-    loss = functools.partial(shifted_token_loss, label_smoothing=processor.label_smoothing)
-    return functools.partial(TokenLossTrainer, loss=loss)
+        return PixelTrainer
+    return functools.partial(
+        PixelTrainer, loss=functools.partial(shifted_token_loss, label_smoothing=processor.label_smoothing)
+    )
 
 
 # -- generation ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..config import ConfigError
 from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, collate, read_image_rows
@@ -113,7 +114,20 @@ def plot_confusion(m: np.ndarray, names: list[str], path: str) -> str | None:
     return path
 
 
-class ConfusionTrainer(TokenLossTrainer):
+class PixelTrainer(TokenLossTrainer):
+    """``TokenLossTrainer`` that feeds pixel values in the model's dtype, as transformers' image pipelines cast them:
+    a CNN, Swin or BEiT loaded in bfloat16 (``model.dtype``) does not cast them itself, and fails on float32 pixels
+    without autocast. The caption stage's encoder-decoders (a Swin encoder: Donut) train with it too."""
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        inputs = super()._prepare_inputs(inputs)
+        dtype, pixels = getattr(self.model, "dtype", None), inputs.get("pixel_values")
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and pixels is not None:
+            inputs["pixel_values"] = pixels.to(dtype)
+        return inputs
+
+
+class ConfusionTrainer(PixelTrainer):
     """The stage's trainer: after each evaluation it writes the confusion matrix that ``compute_metrics`` left in
     ``confusion`` into its own output folder. That is the run folder while training; ``deltatune eval`` evaluates in
     a scratch folder, so an evaluation on other data leaves the run's matrix (the one its report shows) alone."""
@@ -140,11 +154,11 @@ def model_channels(cfg: RunConfig) -> int:
     """
     from transformers import AutoConfig
 
-    from .models import resolve_path
+    from .embedded import resolve  # models.resolve_path (models imports caption, which imports this module)
 
     try:
         config = AutoConfig.from_pretrained(
-            resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+            resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError):
         return 3  # the model loader names the problem
