@@ -269,7 +269,7 @@ def remove_stale_saves(folder: str) -> None:
         owner, done, _ = name[len(SAVING) :].partition("~")
         pid, _, host = owner.partition("@")
         path = os.path.join(folder, name)
-        if name.startswith(SAVING) and done and host == _host() and pid.isdigit() and not process_alive(int(pid)):
+        if name.startswith(SAVING) and done and host == _host() and pid.isdecimal() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 

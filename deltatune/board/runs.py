@@ -108,7 +108,7 @@ def history(folder: str) -> list[dict[str, Any]]:
 
 def _step(path: str) -> int:
     name = os.path.basename(os.path.dirname(path))
-    return int(name.rpartition("-")[2]) if name.rpartition("-")[2].isdigit() else -1
+    return int(name.rpartition("-")[2]) if name.rpartition("-")[2].isdecimal() else -1
 
 
 def _finite(value: Any) -> Any:

@@ -31,3 +31,14 @@ def test_a_serve_url_ending_in_v1_is_forwarded_to_the_same_routes(tmp_path):
                 board.stop()
     finally:
         serve.stop()
+
+
+def test_a_checkpoint_named_with_a_superscript_digit_does_not_break_the_history(tmp_path):
+    """``"²".isdigit()`` and ``int("²")`` a ValueError: a run whose log is gone and that holds ``checkpoint-²``
+    failed to list; its history is the numbered checkpoint's."""
+    from deltatune.board.runs import history
+
+    for name, step in (("checkpoint-²", 99), ("checkpoint-3", 3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": step}]}))
+    assert history(str(tmp_path)) == [{"step": 3}]

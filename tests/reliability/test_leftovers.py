@@ -381,3 +381,11 @@ def test_rotation_removes_a_checkpoint_named_with_leading_zeros(tmp_path):
 
     rotate(str(tmp_path), 1)
     assert os.listdir(tmp_path) == ["checkpoint-8"]
+
+
+def test_a_saving_folder_named_with_a_superscript_pid_is_left_alone(tmp_path):
+    from deltatune.files import SAVING, _host, remove_stale_saves
+
+    (tmp_path / f"{SAVING}²@{_host()}~x").mkdir()  # "²".isdigit(), and int("²") a ValueError
+    remove_stale_saves(str(tmp_path))
+    assert os.listdir(tmp_path) == [f"{SAVING}²@{_host()}~x"]
