@@ -322,7 +322,7 @@ class GRPOLoop:
             "loss": sums["loss"],
             "reward": rewards.nanmean().item(),
             "reward_std": nanstd(rewards).item(),
-            "frac_zero_std_groups": (nanstd(rewards.view(-1, G)) == 0).float().mean().item(),
+            "frac_zero_std_groups": nanstd(rewards.view(-1, G)).isclose(torch.zeros(())).float().mean().item(),
             "clipfrac": sums["clipped"] / max(sums["tokens"], 1.0),
             "entropy": sums["entropy"] / tokens_once,
             "completion_length": mask.sum(-1).mean().item(),

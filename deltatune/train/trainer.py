@@ -307,9 +307,11 @@ class DeltaTrainerMixin:
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's, stopping before the update on a NaN or infinite gradient of a finite loss (a NaN update
         made every weight NaN, and a checkpoint written before the next step's loss showed it kept them). Not under
-        fp16's gradient scaler, which skips such a step itself."""
+        fp16's gradient scaler or DeepSpeed, which skip such a step themselves. (transformers 5's hook: 4.x has none,
+        and there only the loss is checked.)"""
         norm = super()._get_grad_norm(model, grad_norm)
-        if norm is not None and getattr(self.accelerator, "scaler", None) is None and not math.isfinite(float(norm)):
+        scaled = getattr(self.accelerator, "scaler", None) is not None or getattr(self, "is_deepspeed_enabled", False)
+        if norm is not None and not scaled and not math.isfinite(float(norm)):  # (DeepSpeed's fp16 skips them too)
             raise NonFiniteLossError(self.state.global_step + 1, float(norm), "gradient norm")
         return norm
 

@@ -484,3 +484,15 @@ def test_prompts_are_rendered_with_the_recipes_template_as_generate_prompts_the_
         want = prompt_ids(tok, "what is two plus two", template=template)
         assert [it.ids for it in items] == [want, want] and items[0].columns == {"answer": "4"}
     assert encode_prompts(rows[:1], tok, "prompt", 64, "truncate")[0][0].ids != want  # no template: the text as is
+
+
+def test_groups_of_equal_rewards_count_as_zero_std_as_in_trl(base_dir):
+    """TRL counts a group's std as zero by torch.isclose: seven rewards of 0.1 have a float32 std of 8e-9, not 0,
+    and deltatune's exact test logged frac_zero_std_groups 0.0 where TRL logs 1.0."""
+
+    def tenth(prompts, completions, **kwargs):
+        return [0.1] * len(completions)
+
+    loop = GRPOLoop(policy(base_dir), word_tokenizer(), [Reward("tenth", tenth)],
+                    AlignArgs(num_generations=7, max_new_tokens=2), lr=1e-2)  # fmt: skip
+    assert loop.step(ITEMS[:2])["frac_zero_std_groups"] == 1.0
