@@ -164,12 +164,7 @@ class DeltaLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds."""
-        names: list[str] = []
-        for attr in self.adapter_attrs:
-            for key in getattr(self, attr):
-                if key not in names:
-                    names.append(key)
-        return names
+        return list(dict.fromkeys(key for attr in self.adapter_attrs for key in getattr(self, attr)))
 
     @property
     def merged(self) -> bool:
@@ -243,6 +238,25 @@ class DeltaLayer(nn.Module):
             self._merge_weights(name)
         self.merged_adapters.append(name)
 
+    def check_merge(self, names: list[str]) -> None:
+        """PEFT's ``safe_merge``: ValueError (PEFT's words) when merging ``names`` in turn leaves a base weight or bias
+        that is not finite. The merge is tried and undone from a copy of the base layer's tensors, exactly."""
+        if (base := getattr(self, "base_layer", None)) is None:
+            return  # nothing to check: the merge itself refuses (token methods) or copies a module (modules_to_save)
+        packed = callable(getattr(base, "dequantize", None))  # a 4-bit base, not written into: the merge replaces it
+        params, merged = dict(base.named_parameters()), list(self.merged_adapters)
+        kept = {} if packed else {k: p.detach().clone() for k, p in params.items()}
+        try:
+            for name in [n for n in names if n in self.adapter_names and n not in merged]:
+                self.merge(name)
+                if bad := [k for k, p in self.base_layer.named_parameters() if not p.isfinite().all()]:
+                    what = "weights" if "weight" in bad else "bias"  # IA3's bias: "merged bias", as PEFT says
+                    raise ValueError(f"NaNs detected in the merged {what}. The adapter {name} seems to be broken")
+        finally:
+            self.base_layer, self.merged_adapters = base, merged
+            for k, value in kept.items():
+                params[k].detach().copy_(value)
+
     def unmerge(self, name: str) -> None:
         """Undo ``merge(name)``, restoring the base weights. Idempotent. The adapters merged after it come out first
         and go back in after (a DoRA merge rescales the whole weight, so only the last merged one can be undone)."""
@@ -260,8 +274,7 @@ class DeltaLayer(nn.Module):
         """Merging writes into W. A base layer that stores W packed (4-bit, methods/quant.py) offers ``dequantize()``,
         the plain layer it stands for (a ``DequantizedLinear``, computing in the 4-bit layer's compute dtype as that
         layer did), which replaces it for good: unmerge then restores the dequantised W."""
-        dequantize = getattr(self.base_layer, "dequantize", None)
-        if callable(dequantize):
+        if callable(dequantize := getattr(self.base_layer, "dequantize", None)):
             self.base_layer = dequantize()
         elif not self.base_layer.weight.is_floating_point():
             raise TypeError(
@@ -297,13 +310,10 @@ class ModulesToSave(DeltaLayer):
         self.modules_to_save = nn.ModuleDict()
 
     def add(self, name: str) -> None:
-        copy_ = copy.deepcopy(self.original_module)
-        copy_.requires_grad_(True)
-        self.modules_to_save[name] = copy_
+        self.modules_to_save[name] = copy.deepcopy(self.original_module).requires_grad_(True)
 
     def check_active(self, names: list[str], path: str) -> None:
-        held = [n for n in names if n in self.modules_to_save]  # nn.ModuleDict: `in` is by key
-        if len(held) > 1:  # as PEFT's ModulesToSaveWrapper refuses it
+        if len(held := [n for n in names if n in self.modules_to_save]) > 1:  # as PEFT's ModulesToSaveWrapper refuses
             raise ValueError(_several_copies(held, repr(path)))
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
@@ -385,23 +395,17 @@ def _several_copies(names: list[str], module: str) -> str:
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the module at dotted path ``name`` under ``root``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def logical_numel(t: torch.Tensor) -> int:
     """How many parameters ``t`` stands for. Packed low-bit storage says so itself: ``elements_per_item`` (values per
     stored element), or the logical shape in ``quant_state.shape`` (bitsandbytes' Params4bit: two 4-bit values a byte)."""
-    per_item = getattr(t, "elements_per_item", None)
-    if per_item is not None:
+    if (per_item := getattr(t, "elements_per_item", None)) is not None:
         return t.numel() * per_item
-    shape = getattr(getattr(t, "quant_state", None), "shape", None)
-    if shape is not None:
-        n = 1
-        for d in shape:
-            n *= int(d)
-        return n
+    if (shape := getattr(getattr(t, "quant_state", None), "shape", None)) is not None:
+        return torch.Size([int(d) for d in shape]).numel()
     return t.numel()
 
 
@@ -429,10 +433,8 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 def checkpointing(model: nn.Module) -> bool:
     """Whether activation (gradient) checkpointing is on in ``model``: transformers' ``is_activation_checkpointing``
     (5.24 on), else ``is_gradient_checkpointing`` (earlier releases; 5.24 deprecates it with a warning per call)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
+    names = [n for n in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(type(model), n)]
+    return bool(getattr(model, names[0])) if names else False
 
 
 def enable_checkpointing(model: nn.Module, kwargs: dict, **options: Any) -> None:
@@ -576,12 +578,10 @@ def base_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Para
 
 def replace_module(root: nn.Module, path: str, module: nn.Module | None) -> None:
     """Put ``module`` at dotted ``path`` under ``root``; None removes what is there."""
-    if module is None:
-        parent_name, _, child = path.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        delattr(parent, child)
-    else:
-        set_submodule(root, path, module)
+    if module is not None:
+        return set_submodule(root, path, module)
+    parent, _, child = path.rpartition(".")
+    delattr(root.get_submodule(parent) if parent else root, child)
 
 
 def check_not_shared(model: nn.Module, layers: list[DeltaLayer]) -> None:

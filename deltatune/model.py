@@ -132,8 +132,7 @@ class DeltaModel(nn.Module, PushToHub):
         rows = RowAdapters(names, sizes)
         try:
             for layer in layers:
-                layer.row_adapters = rows
-                # A layer that cannot route rows holds none of these adapters (checked): it computes as the base.
+                layer.row_adapters = rows  # one that cannot route rows holds none of these (checked): computes as base
                 layer.disabled = layer.disabled or not layer.supports_row_adapters
             yield
         finally:
@@ -154,9 +153,7 @@ class DeltaModel(nn.Module, PushToHub):
         if self.training and torch.is_grad_enabled() and checkpointing(self.base_model):
             # The backward pass recomputes checkpointed blocks after the call, when the rows are no longer routed.
             raise ValueError("adapter_names does not work with gradient checkpointing in training; turn it off")
-        for name in dict.fromkeys(names):
-            if name == BASE_ROW:
-                continue
+        for name in dict.fromkeys(n for n in names if n != BASE_ROW):
             holders = [layer for layer in layers if name in layer.adapter_names]
             method = self.peft_config[name].method
             if self._base_trainables.get(name) or not holders:
@@ -164,8 +161,7 @@ class DeltaModel(nn.Module, PushToHub):
                     f"adapter {name!r} ({method}) changes the base model's own parameters (e.g. its biases), which "
                     "every row shares; it cannot be mixed with others in one batch"
                 )
-            unable = [layer for layer in holders if not layer.supports_row_adapters]
-            if unable:
+            if unable := [layer for layer in holders if not layer.supports_row_adapters]:
                 raise ValueError(
                     f"adapter {name!r} ({method}) cannot be mixed with others in one batch: its "
                     f"{type(unable[0]).__name__} layer does not route rows (only layers whose supports_row_adapters "
@@ -182,8 +178,7 @@ class DeltaModel(nn.Module, PushToHub):
         try:
             return getattr(self.base_model, name)
         except AttributeError:
-            # A method may offer functions on the model (its module's MODEL_FUNCTIONS); the registry finds them,
-            # so this file names no method.
+            # A method's functions on the model (its MODEL_FUNCTIONS), which the registry finds: no method named here
             function = registry.model_function(name) if not name.startswith("_") else None
             if function is None:
                 raise
@@ -375,20 +370,22 @@ class DeltaModel(nn.Module, PushToHub):
         return [(layer, list(layer.merged_adapters)) for _, layer in self._layers() if layer.merged_adapters]
 
     # -- merging ----------------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or the named) adapters into the base weights. Idempotent.
 
         Raises:
-            TypeError: a method whose math cannot be merged (e.g. a token method); nothing stays merged.
-            ValueError: a layer to merge shares its weight with another module (tied input and output embeddings);
-                merging would change that module too. Nothing is merged.
+            TypeError: a method whose math cannot be merged (e.g. a token method; tried first); nothing is merged.
+            ValueError: a layer to merge shares its weight with another module (tied input and output embeddings),
+                which merging would change too; with ``safe_merge`` (PEFT's), a merged weight not finite. Nothing merged.
         """
-        names = self._check_names(adapter_names or self.active_adapters, together=True)
+        names = self._check_names(self.active_adapters if adapter_names is None else adapter_names, together=True)
         layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
         check_not_shared(self.base_model, layers)
+        for layer in layers if safe_merge else []:  # every layer tried (and undone) before any is merged
+            layer.check_merge(names)
         done = self._merged()
-        try:
-            for layer in layers:
+        try:  # layers of methods that cannot merge first: they refuse before a weight is written (unmerging rounds)
+            for layer in sorted(layers, key=lambda m: type(m)._merge_weights is not DeltaLayer._merge_weights):
                 for name in names:
                     if name in layer.adapter_names:
                         layer.merge(name)
@@ -405,7 +402,8 @@ class DeltaModel(nn.Module, PushToHub):
             for name in reversed(list(layer.merged_adapters)):
                 layer.unmerge(name)
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None, *, dequantize: bool = True) -> nn.Module:
+    def merge_and_unload(self, adapter_names: list[str] | None = None, *, progressbar: bool = False,
+                         safe_merge: bool = False, dequantize: bool = True) -> nn.Module:  # fmt: skip
         """Merge the active (or named) adapters and return the plain base model with no deltatune module left.
 
         The returned model holds the merged weights (and the adapter's copies of modules_to_save); save it with
@@ -414,9 +412,10 @@ class DeltaModel(nn.Module, PushToHub):
         A 4-bit base (``deltatune.quantize``) comes back in full precision, every layer, adapted or not
         (``dequantize=False`` keeps the unadapted ones in 4 bits, which transformers cannot save);
         ``deltatune.merge_quantized`` also measures the error the merge made, or quantises the result again.
+        ``safe_merge``, ``progressbar`` (ignored) and ``adapter_names=[]`` (merging none) as in PEFT.
         """
-        names = self._check_names(adapter_names or self.active_adapters)
-        self.merge_adapter(names)
+        names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
+        self.merge_adapter(names, safe_merge)
         for _, layer in self._layers():
             layer.set_adapters(names)
         model = self._unload()

@@ -111,20 +111,17 @@ class LoraConfig(DeltaConfig):
 
 
 def _reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bool = False) -> None:
-    """Initialise A and B in place. For Embedding the roles flip (A zero, B normal), as in PEFT."""
-    with torch.no_grad():
-        if init is False:
-            return
-        if a_zero:
-            nn.init.zeros_(A)
-            nn.init.normal_(B)
-        elif init == "gaussian":
-            nn.init.normal_(A, std=1 / r)
-            nn.init.zeros_(B)
-        else:
-            # kaiming_uniform_ with a=sqrt(5) is nn.Linear's own init, which the LoRA reference code uses for A.
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
+    """Initialise A and B in place (torch.nn.init works without grad). For Embedding the roles flip (A zero, B
+    normal), as in PEFT."""
+    if init is False:
+        return
+    nn.init.zeros_(A if a_zero else B)
+    if a_zero:
+        nn.init.normal_(B)
+    elif init == "gaussian":
+        nn.init.normal_(A, std=1 / r)
+    else:  # kaiming_uniform_ with a=sqrt(5) is nn.Linear's own init, which the LoRA reference code uses for A
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
 
 class _LoraBase(DeltaLayer):
@@ -167,8 +164,8 @@ class _LoraBase(DeltaLayer):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """s * B A in the base weight's own layout."""
+    def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
+        """s * B A in the base weight's own layout (``merging``: as PEFT's get_delta_weight, see ``_factors``)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -202,7 +199,7 @@ class _LoraBase(DeltaLayer):
     def _merge_weights(self, name: str, base: torch.Tensor | None = None) -> None:
         self._dequantize_base()
         weight = self._weight
-        delta = self.delta_weight(name).to(weight.dtype)
+        delta = self.delta_weight(name, merging=True).to(weight.dtype)
         if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept for unmerge
             # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
             # _unmerged_base_weight); W itself holds them.
@@ -227,7 +224,7 @@ class _LoraBase(DeltaLayer):
 
     def _unmerge_weights(self, name: str) -> None:
         weight = self._weight
-        delta = self.delta_weight(name).to(weight.dtype)
+        delta = self.delta_weight(name, merging=True).to(weight.dtype)
         if name in self.lora_magnitude_vector:
             factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / self._dora_norm.pop(name)
             weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
@@ -237,10 +234,16 @@ class _LoraBase(DeltaLayer):
     _rows_dim = 0  # the dimension of the stored weight that indexes output features
 
 
+def _factors(A: torch.Tensor, B: torch.Tensor, merging: bool) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """A, B as ``delta_weight`` multiplies them, and the delta's dtype. ``merging`` (PEFT's get_delta_weight): on CPU
+    half-precision factors multiply and scale in float32, the delta rounded once to their dtype."""
+    if merging and A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
+        return A.float(), B.float(), A.dtype
+    return A, B, A.dtype
+
+
 def _expand(v: torch.Tensor, weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
-    shape = [1] * weight.dim()
-    shape[rows_dim] = -1
-    return v.view(shape)
+    return v.view([-1 if d == rows_dim else 1 for d in range(weight.dim())])
 
 
 class LoraLinear(_LoraBase):
@@ -265,8 +268,9 @@ class LoraLinear(_LoraBase):
                 norm = row_norm(w, self._rows_dim).to(dtype)
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (d_out, d_in)
+    def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
+        A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)
+        delta = ((B @ A) * self.scaling[name]).to(dtype)  # (d_out, d_in)
         return delta.T if self.fan_in_fan_out else delta
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -296,8 +300,9 @@ class LoraEmbedding(_LoraBase):
         self.lora_embedding_A[name] = nn.Parameter(A)
         self.lora_embedding_B[name] = nn.Parameter(B)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (vocab, dim)
+    def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
+        A, B, dtype = _factors(self.lora_embedding_A[name], self.lora_embedding_B[name], merging)
+        return ((B @ A).T * self.scaling[name]).to(dtype)  # (vocab, dim)
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -322,14 +327,13 @@ class LoraConv2d(_LoraBase):
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False, device=w.device, dtype=w.dtype)
         _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        A = self.lora_A[name].weight  # (r, c_in, kh, kw)
-        B = self.lora_B[name].weight  # (c_out, r, 1, 1)
+    def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
+        A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)  # (r, c_in, kh, kw), B 1x1
         if A.shape[2:] == (1, 1):
             delta = (B.flatten(1) @ A.flatten(1)).unsqueeze(2).unsqueeze(3)
         else:
             delta = F.conv2d(A.permute(1, 0, 2, 3), B).permute(1, 0, 2, 3)  # (c_out, c_in, kh, kw)
-        return delta * self.scaling[name]
+        return (delta * self.scaling[name]).to(dtype)
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         update = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
