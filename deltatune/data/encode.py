@@ -113,7 +113,7 @@ def sft_example(s: Sample, tokenizer, template: str | None) -> tuple[list[int], 
     from .templates import encode_chat
 
     conversation, start = s.sft()
-    return encode_chat(conversation, tokenizer, template, s.tools, start)
+    return encode_chat(conversation, tokenizer, template, s.tools, start, train_stop=True)
 
 
 def _lm(
@@ -219,7 +219,7 @@ def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tup
         return [("text", s.text, [(0, len(s.text))])]
     if stage == "sft":
         conversation, start = s.sft()
-        text, spans = render(conversation, tokenizer, template, tools=s.tools, train_from=start)
+        text, spans = render(conversation, tokenizer, template, tools=s.tools, train_from=start, train_stop=True)
         return [("conversation", text, spans)]
     responses = (
         [("chosen", s.chosen), ("rejected", s.rejected)]

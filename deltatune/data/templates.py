@@ -107,9 +107,13 @@ def render(
     add_generation_prompt: bool = False,
     tools: list[dict] | None = None,
     train_from: int = 0,
+    train_stop: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The conversation as text, and the character spans [start, end) of every assistant turn from message
     ``train_from`` on.
+
+    ``train_stop`` (SFT): where the tokenizer's template ends an assistant turn with no marker of its own (GLM's),
+    each span also covers the token the model stops on, as TRL's training template marks it (``_glm_stops``).
 
     With ``template`` None the tokenizer's own chat template renders it (with ``tools`` schemas; spans found by
     rendering each prefix, which must be a prefix of the whole); otherwise the named built-in template, which
@@ -149,6 +153,8 @@ def render(
                     "ending the conversation, so it cannot be located; set data.template to a built-in template"
                 )
             spans.append(span)
+        if train_stop and not add_generation_prompt and _is_glm(tokenizer):
+            return _glm_stops(text, spans, messages[-1])
         return text, spans
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}")
@@ -182,6 +188,30 @@ def render(
     return text, spans
 
 
+GLM_STOPS = ("<|observation|>", "<|user|>", "<|system|>")
+"""The role markers GLM-4/4.5/4.6 write after an assistant turn, which the model generates to end it."""
+
+
+def _is_glm(tokenizer) -> bool:
+    """Whether the tokenizer's chat template is GLM's, which writes no end-of-turn marker after an answer."""
+    source = tokenizer.chat_template
+    source = source if isinstance(source, str) else " ".join(dict(source).values())
+    return all(marker in source for marker in ("<|assistant|>", *GLM_STOPS[:2]))
+
+
+def _glm_stops(text: str, spans: list[tuple[int, int]], last: dict) -> tuple[str, list[tuple[int, int]]]:
+    """Each GLM answer's span through the role marker that follows it (<|observation|> after a tool call, else
+    <|user|> or <|system|>), that marker written after a conversation that ends with an answer (``last``): what
+    TRL's ``glm4moe_training`` template trains, so the model learns to stop (GLM's generation config stops on those)."""
+    if last["role"] == "assistant":
+        text += GLM_STOPS[0] if last.get("tool_calls") else GLM_STOPS[1]
+    out = []
+    for start, end in spans:
+        stop = next((m for m in GLM_STOPS if text.startswith(m, end)), "")
+        out.append((start, end + len(stop)))
+    return text, out
+
+
 def _check_reasoning(m: dict, rendered: str, i: int, template: str | None = None) -> None:
     """Refuse a reasoning trace the template leaves out (the model would learn to answer without reasoning)."""
     for key in REASONING:
@@ -191,12 +221,17 @@ def _check_reasoning(m: dict, rendered: str, i: int, template: str | None = None
                 f"messages[{i}].{key}: {how} does not render reasoning traces, so training would drop it; use a "
                 f"model whose chat template reads {key!r} (Qwen3, gpt-oss), or remove the field"
             )
-    thought = m["content"].split("</think>")[0].split("<think>")[-1].strip() if "</think>" in m["content"] else ""
+    thought = _thought(m["content"])
     if template is None and thought and thought not in rendered:  # DeepSeek-R1's cuts it off every turn
         raise DataError(
             f"messages[{i}].content: the model's chat template leaves out the think block written in the content, "
             "even on the last turn, so training would drop the reasoning; use a chat template that renders it"
         )
+
+
+def _thought(content: str) -> str:
+    """The reasoning of a think block written in the content (stripped), or ""."""
+    return content.split("</think>")[0].split("<think>")[-1].strip() if "</think>" in content else ""
 
 
 def _specials(tokenizer) -> list[str]:
@@ -229,12 +264,17 @@ def _relocated(
         first = text[start : start + 1]
         ends = (j for j in range(start, len(through)) if through[j] == first and text.startswith(through[j:], start))
         places = [next(ends, -1)]
+    # GLM writes an earlier turn's think block empty (<think></think>): its lead is then the lead without the reasoning
+    thought = next((m[key].strip() for key in REASONING if m.get(key)), "") or _thought(m["content"])
     for k in places:
         lead = through[start:k]  # what the template writes between the generation prompt and the content
+        bare = lead.replace(thought, "", 1) if thought else None
         if text.startswith(lead + content, start):
             end = start + len(lead) + len(content)
         elif text.startswith(content, start):
             end = start + len(content)
+        elif bare is not None and text.startswith(bare + content, start):
+            end = start + len(bare) + len(content)
         else:
             continue
         tail, rest = through[k + len(content) :], text[end:]
@@ -245,7 +285,7 @@ def _relocated(
         markers = [next((t for t in specials if x.startswith(t)), "") for x in (tail, rest)]
         if not marker and all(markers):  # two end markers (gpt-oss: <|end|> mid-conversation, <|return|> last)
             marker = markers[1]
-        if marker and k >= 0:
+        if (marker or not tail) and k >= 0:  # no tail: the template ends the turn with no marker (GLM)
             return start, end + len(marker)
     return None
 
@@ -256,9 +296,11 @@ def encode_chat(
     template: str | None,
     tools: list[dict] | None = None,
     train_from: int = 0,
+    train_stop: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside the assistant turns from message ``train_from`` on), untruncated."""
-    text, spans = render(messages, tokenizer, template, tools=tools, train_from=train_from)
+    """Token ids and labels (-100 outside the assistant turns from message ``train_from`` on), untruncated;
+    ``train_stop`` as ``render``'s."""
+    text, spans = render(messages, tokenizer, template, tools=tools, train_from=train_from, train_stop=train_stop)
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("SFT masking needs a fast tokenizer (with offset mapping)")
     enc = tokenizer(text, add_special_tokens=template is not None, return_offsets_mapping=True)

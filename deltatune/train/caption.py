@@ -282,25 +282,29 @@ def render_vlm(
     return text, spans, not (tok.bos_token and text.startswith(tok.bos_token))
 
 
-def align_labels(ids: list[int], own_ids: list[int], own_labels: list[int], image_id: int, source: str) -> list[int]:
-    """Labels for the processor's ``ids`` (image tokens expanded or prepended) from the labels of the tokenizer's own
-    ``own_ids`` of the same text: the text tokens pair up in order; image tokens get -100.
+def vlm_labels(enc, text: str, spans: list[tuple[int, int]], processor: VLMProcessor, special: bool, source: str):
+    """Labels for the processor's ids (``enc``: called with offsets and its text replacement offsets): a token trains
+    where it lies in an answer span once moved back past the image markers expanded before it (Idefics3 and SmolVLM
+    wrap each image in row/column and around-image tokens); image tokens and the expansions get -100.
 
     Raises:
-        DataError: the processor's text tokens differ from the tokenizer's (the row named).
+        DataError: the answers' tokens differ from the tokenizer's of the same text (the labels would be shifted).
     """
-    text = iter([(t, lab) for t, lab in zip(own_ids, own_labels) if t != image_id])
+    image, moves = processor.image_token_id, (enc.get("text_replacement_offsets") or [[]])[0]
+    moves = [(r["new_span"], r["new_span"][1] - r["span"][1]) for r in moves]
     labels = []
-    for t in ids:
-        if t == image_id:
-            labels.append(IGNORE_INDEX)
-            continue
-        own, lab = next(text, (None, IGNORE_INDEX))
-        if own != t:
-            raise DataError(f"{source}: the processor tokenizes the row differently from its tokenizer")
-        labels.append(lab)
-    if next(text, None) is not None:
-        raise DataError(f"{source}: the processor tokenizes the row differently from its tokenizer")
+    for t, (s, e) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
+        back = next((gain for (_, end), gain in reversed(moves) if end <= s), 0)  # the gains are running totals
+        keep = e > s and t != image and not any(a <= s < b for (a, b), _ in moves)
+        labels.append(int(t) if keep and any(a <= s - back and e - back <= b for a, b in spans) else IGNORE_INDEX)
+    own = processor.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    pairs = zip(own["input_ids"], own["offset_mapping"])
+    trained = [t for t, (s, e) in pairs if e > s and t != image and any(a <= s and e <= b for a, b in spans)]
+    if trained != [t for t in labels if t != IGNORE_INDEX]:
+        raise DataError(
+            f"{source}: the processor's tokens of the answers differ from its tokenizer's (it expands the image "
+            "markers without reporting where), so the labels cannot be placed"
+        )
     return labels
 
 
@@ -316,14 +320,10 @@ def encode_vlm(
     """
     text, spans, special = render_vlm(processor, example.messages, train_from=example.train_from)
     opened = [open_rgb(r) for r in example.images]
-    enc = processor.processor(text=[text], images=[img for img, _ in opened], add_special_tokens=special)
+    kw = dict(add_special_tokens=special, return_offsets_mapping=True, return_text_replacement_offsets=True)
+    enc = processor.processor(text=[text], images=[img for img, _ in opened], **kw)
     ids = [int(t) for t in enc["input_ids"][0]]
-    own = processor.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    own_labels = [
-        t if e > s and any(a <= s and e <= b for a, b in spans) else IGNORE_INDEX
-        for t, (s, e) in zip(own["input_ids"], own["offset_mapping"])
-    ]
-    labels = align_labels(ids, own["input_ids"], own_labels, processor.image_token_id, example.source)
+    labels = vlm_labels(enc, text, spans, processor, special, example.source)
     text_at = [i for i, t in enumerate(ids) if t != processor.image_token_id]
     if len(text_at) <= max_length:
         return ids, labels, False, [mode for _, mode in opened]
