@@ -134,7 +134,10 @@ def evaluate(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         labels = cfg.data.labels or prepared.labels  # a plain adapter's: its data's, as training would read them
-        delta = DeltaModel.from_pretrained(build_model(cfg, tok, labels), run_dir)
+        # The run's own loss (the fused cross-entropy its training and evaluation computed): under bf16 autocast
+        # transformers' loss rounds otherwise, and the run's eval_loss would not come back to the bit.
+        delta = DeltaModel(build_model(cfg, tok, labels), fused_loss=True)
+        delta.load_adapter(run_dir, "default")
         after, _ = scored(delta, start_scores)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
