@@ -244,3 +244,15 @@ def grpo_batch(vocab: int) -> dict:
     labels = torch.cat([torch.full_like(prompts, -100), torch.where(mask.bool(), completions, -100)], 1)
     return dict(g=g, n=n, p=p, t=t, prompts=prompts, completions=completions, mask=mask, labels=labels,
                 ids=torch.cat([prompts, completions], 1), advantages=torch.tensor([1.0, -0.5, 0.3, -0.8]))  # fmt: skip
+
+
+def trl_template(name: str) -> str:
+    """The text of one of the chat templates TRL ships (``trl/chat_templates/<name>.jinja``: its training templates
+    mark the spans TRL trains); the test is skipped without TRL."""
+    import os
+
+    import pytest
+
+    trl = pytest.importorskip("trl")
+    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{name}.jinja"), encoding="utf-8") as fh:
+        return fh.read()

@@ -5,10 +5,8 @@ character spans TRL's generation-tagged training templates mark."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from tiny import tokenizer
+from tiny import tokenizer, trl_template
 
 from deltatune.data.templates import encode_chat, render
 
@@ -19,12 +17,6 @@ MSGS = [
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "4, obviously."},
 ]
-
-
-def _trl_template(name: str) -> str:
-    trl = pytest.importorskip("trl")
-    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{name}.jinja"), encoding="utf-8") as fh:
-        return fh.read()
 
 
 def _trl_spans(template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -43,10 +35,10 @@ def test_deepseek_r1_distill_trains_each_answer_and_its_end_marker_as_trl_marks_
     row. TRL's generation block opens with the turn's header (<｜Assistant｜>), which deltatune leaves in the prompt as
     the generation prompt writes it; the rest of each span is the same characters."""
     tok = tokenizer()
-    tok.chat_template = _trl_template("deepseek_r1_distill")
+    tok.chat_template = trl_template("deepseek_r1_distill")
     tok.bos_token = "<s>"
     text, spans = render(messages, tok, None)
-    ref_text, ref_spans = _trl_spans(_trl_template("deepseek_r1_distill_training"), messages)
+    ref_text, ref_spans = _trl_spans(trl_template("deepseek_r1_distill_training"), messages)
     header = "<｜Assistant｜>"
     assert text == ref_text
     assert all(ref_text[a : a + len(header)] == header for a, _ in ref_spans)
@@ -62,9 +54,9 @@ def test_nemotron_3_trains_from_where_the_generation_prompt_parts_from_the_turn_
     """Nemotron 3 writes '<think></think>' before an answer without reasoning, and its generation prompt opens the
     block with '<think>\\n': the turn trains from the closing tag on (TRL's block adds the opening tag)."""
     tok = tokenizer()
-    tok.chat_template = _trl_template("nemotron_3_nano")
+    tok.chat_template = trl_template("nemotron_3_nano")
     text, spans = render(MSGS, tok, None)
-    ref_text, ref_spans = _trl_spans(_trl_template("nemotron_3_nano_training"), MSGS)
+    ref_text, ref_spans = _trl_spans(trl_template("nemotron_3_nano_training"), MSGS)
     assert text == ref_text
     assert spans == [(a + len("<think>"), b) for a, b in ref_spans]
     assert [text[a:b] for a, b in spans] == ["</think>Hello.<|im_end|>\n", "</think>4, obviously.<|im_end|>\n"]
@@ -162,7 +154,7 @@ def test_gpt_oss_multi_turn_trains_each_earlier_answer_through_its_end_marker_as
     tok.add_special_tokens(
         {"additional_special_tokens": ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"]}
     )
-    tok.chat_template = _trl_template("gptoss")
+    tok.chat_template = trl_template("gptoss")
     msgs = [
         {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello."},
@@ -170,7 +162,7 @@ def test_gpt_oss_multi_turn_trains_each_earlier_answer_through_its_end_marker_as
         {"role": "assistant", "content": "4.", "thinking": "Add them."},
     ]
     text, spans = render(msgs, tok, None)
-    ref_text, ref_spans = _trl_spans(_trl_template("gptoss_training"), msgs)
+    ref_text, ref_spans = _trl_spans(trl_template("gptoss_training"), msgs)
     header = "<|start|>assistant"
     assert text == ref_text
     assert spans == [(a + len(header), b) for a, b in ref_spans]
@@ -189,7 +181,7 @@ def test_a_think_block_written_in_the_content_trains_as_a_reasoning_content_fiel
     """Was: every multi-turn row refused ('messages[1]: ... cannot be located'): Qwen3 splits a think block off the
     content and leaves it out of an earlier turn. The spans are those of the same rows with reasoning_content."""
     tok = tokenizer()
-    tok.chat_template = _trl_template("qwen3")
+    tok.chat_template = trl_template("qwen3")
     text, spans = render(THINKING, tok, None)
     fields = [
         THINKING[0],

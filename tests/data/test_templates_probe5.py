@@ -5,10 +5,8 @@ train the same tokens, with the ids otherwise those of ``apply_chat_template``."
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from tiny import tokenizer
+from tiny import tokenizer, trl_template
 
 from deltatune.data.encode import rendered, sft_example
 from deltatune.data.sample import Sample
@@ -53,17 +51,11 @@ TOOL_CHAT = [
 ]
 
 
-def _trl_template(name: str) -> str:
-    trl = pytest.importorskip("trl")
-    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{name}.jinja"), encoding="utf-8") as fh:
-        return fh.read()
-
-
 def _glm_tokenizer():
     """MiniLM's tokenizer with GLM-4.5's real chat template (as TRL ships it) and its role markers as special tokens."""
     tok = tokenizer()
     tok.add_special_tokens({"additional_special_tokens": GLM_SPECIALS})
-    tok.chat_template = _trl_template("glm4moe")
+    tok.chat_template = trl_template("glm4moe")
     return tok
 
 
@@ -72,7 +64,7 @@ def _trl_labels(tok, messages, tools):
     from trl.chat_template_utils import get_training_chat_template
 
     training = get_training_chat_template(tok)
-    assert training == _trl_template("glm4moe_training")
+    assert training == trl_template("glm4moe_training")
     out = tok.apply_chat_template(
         messages, tools=tools, chat_template=training, return_dict=True, return_assistant_tokens_mask=True
     )
