@@ -145,7 +145,9 @@ def render(
             span = (
                 (len(before), len(through))
                 if text.startswith(through) and through.startswith(before)
-                else _relocated(text, before, through, m, partial(apply, messages[:i]), _specials(tokenizer))
+                else _relocated(
+                    text, before, through, m, partial(apply, messages[:i]), _specials(tokenizer), _is_glm(tokenizer)
+                )  # fmt: skip
             )
             if span is None:
                 raise DataError(
@@ -242,7 +244,7 @@ def _specials(tokenizer) -> list[str]:
 
 
 def _relocated(
-    text: str, before: str, through: str, m: dict, plain, specials: Sequence[str] = ()
+    text: str, before: str, through: str, m: dict, plain, specials: Sequence[str] = (), glm: bool = False
 ) -> tuple[int, int] | None:
     """An earlier assistant turn's span where the template renders a turn followed by others unlike the same turn
     ending the conversation (Qwen3 leaves out an earlier turn's think block, and Qwen3.5's generation prompt opens
@@ -251,7 +253,8 @@ def _relocated(
     turn's marker trains), or, where each writes a special token of its own there (``specials``: gpt-oss ends a
     turn with <|end|> and the last with <|return|>), the one the conversation writes; else None. ``plain()``
     renders the conversation before the turn, without a generation prompt: where ``before`` is not a prefix of
-    ``text``, they must part inside the generation prompt (DeepSeek-R1's and Nemotron 3's open a think block)."""
+    ``text``, they must part inside the generation prompt (DeepSeek-R1's and Nemotron 3's open a think block).
+    ``glm``: GLM's template, which writes no end marker after a turn (any other template must write one)."""
     content = m["content"]
     start = len(os.path.commonprefix([before, text]))
     if start < len(before) and start < len(os.path.commonprefix([before, plain()])):
@@ -268,7 +271,9 @@ def _relocated(
     thought = next((m[key].strip() for key in REASONING if m.get(key)), "") or _thought(m["content"])
     for k in places:
         lead = through[start:k]  # what the template writes between the generation prompt and the content
-        bare = lead.replace(thought, "", 1) if thought else None
+        opened = lead.find("<think>") + len("<think>") if "<think>" in lead else 0  # (a thought "think", "k")
+        at = lead.find(thought, opened) if thought else -1  # the reasoning inside the think block
+        bare = lead[:at] + lead[at + len(thought) :] if at >= 0 else None
         if text.startswith(lead + content, start):
             end = start + len(lead) + len(content)
         elif text.startswith(content, start):
@@ -285,7 +290,7 @@ def _relocated(
         markers = [next((t for t in specials if x.startswith(t)), "") for x in (tail, rest)]
         if not marker and all(markers):  # two end markers (gpt-oss: <|end|> mid-conversation, <|return|> last)
             marker = markers[1]
-        if (marker or not tail) and k >= 0:  # no tail: the template ends the turn with no marker (GLM)
+        if (marker or (glm and not tail)) and k >= 0:  # GLM's template ends a turn with no marker: no tail
             return start, end + len(marker)
     return None
 

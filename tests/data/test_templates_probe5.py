@@ -9,6 +9,7 @@ import pytest
 from tiny import tokenizer, trl_template
 
 from deltatune.data.encode import rendered, sft_example
+from deltatune.data.load import DataError
 from deltatune.data.sample import Sample
 from deltatune.data.templates import IGNORE_INDEX, encode_chat
 
@@ -136,3 +137,31 @@ def test_glm_multi_turn_reasoning_rows_train_as_trl_marks_them(messages):
     ids, labels = encode_chat(messages, tok, None)
     assert ids == tok.apply_chat_template(messages, return_dict=True)["input_ids"]
     assert tok.convert_ids_to_tokens([t for t in labels if t != IGNORE_INDEX]).count("<|user|>") == 0
+
+
+@pytest.mark.parametrize("thought", ["greet", "think", "k", "<"])
+def test_glm_earlier_reasoning_found_inside_the_think_block_however_short(thought):
+    """The earlier turn's reasoning was taken out of its lead at its first occurrence, which for "think" or "k" lies
+    in "<think>" itself: the row was refused where TRL trains it."""
+    tok = _glm_tokenizer()
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "reasoning_content": thought},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4.", "reasoning_content": "add"}]  # fmt: skip
+    ids, labels = sft_example(Sample(source="t.jsonl:1", format="messages", messages=messages), tok, None)
+    assert (ids, labels) == _trl_labels(tok, messages, None)
+
+
+def test_a_template_other_than_glms_still_needs_an_end_marker_after_an_earlier_turn():
+    """Accepting an earlier turn with nothing after it (GLM's template writes no end marker) is GLM's alone: another
+    template that writes <|im_end|> after every turn but a final answer trained turn 1 without its stop token."""
+    tok = tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and not loop.last %}"
+        "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}"
+        "{% if not (loop.last and m.role == 'assistant') %}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>greet</think>Hello."},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4."}]  # fmt: skip
+    with pytest.raises(DataError, match=r"messages\[1\]"):
+        encode_chat(messages, tok, None)
