@@ -108,10 +108,8 @@ def row_names(adapter_names: Any, batch_size: int | None, known: Sequence[str]) 
         ValueError: empty, another length than ``batch_size``, an unknown name.
     """
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
-        raise TypeError(
-            'adapter_names must be a list with one adapter name per row ("__base__" for the base model), '
-            f"got {adapter_names!r}"
-        )
+        per_row = 'adapter_names must be a list with one adapter name per row ("__base__" for the base model)'
+        raise TypeError(f"{per_row}, got {adapter_names!r}")
     names = list(adapter_names)
     if not names:
         raise ValueError("adapter_names is empty; give one adapter name per row of the batch")
@@ -147,6 +145,8 @@ class DeltaLayer(nn.Module):
 
     adapter_attrs: tuple[str, ...] = ()
     """Names of the ModuleDict / ParameterDict attributes holding one entry per adapter."""
+    merge_state: tuple[str, ...] = ()
+    """Names of dict attributes a merge writes besides the weights (put back after ``check_merge``'s trial)."""
     supports_row_adapters: bool = False
     """``forward`` honours ``row_adapters`` (mixed-adapter batches). DeltaModel refuses to route rows to an
     adapter held by a layer without it, and disables such a layer for a routed call that does not use it."""
@@ -246,6 +246,7 @@ class DeltaLayer(nn.Module):
         packed = callable(getattr(base, "dequantize", None))  # a 4-bit base, not written into: the merge replaces it
         params, merged = dict(base.named_parameters()), list(self.merged_adapters)
         kept = {} if packed else {k: p.detach().clone() for k, p in params.items()}
+        state = {a: dict(getattr(self, a)) for a in self.merge_state}  # (a DoRA merge's norms, redrawn by the trial)
         try:
             for name in [n for n in names if n in self.adapter_names and n not in merged]:
                 self.merge(name)
@@ -256,6 +257,8 @@ class DeltaLayer(nn.Module):
             self.base_layer, self.merged_adapters = base, merged
             for k, value in kept.items():
                 params[k].detach().copy_(value)
+            for a, value in state.items():
+                setattr(self, a, value)
 
     def unmerge(self, name: str) -> None:
         """Undo ``merge(name)``, restoring the base weights. Idempotent. The adapters merged after it come out first
@@ -277,17 +280,13 @@ class DeltaLayer(nn.Module):
         if callable(dequantize := getattr(self.base_layer, "dequantize", None)):
             self.base_layer = dequantize()
         elif not self.base_layer.weight.is_floating_point():
-            raise TypeError(
-                f"cannot merge into {type(self.base_layer).__name__}, whose weight is stored as "
-                f"{self.base_layer.weight.dtype}; for 4-bit models use deltatune.merge_quantized"
-            )
+            stored = f"{type(self.base_layer).__name__}, whose weight is stored as {self.base_layer.weight.dtype}"
+            raise TypeError(f"cannot merge into {stored}; for 4-bit models use deltatune.merge_quantized")
 
     def _merge_weights(self, name: str) -> None:
         """Fold adapter ``name`` into the base weights (called without grad, once per merge)."""
-        raise NotMergeable(
-            f"adapter {name!r} ({type(self).__name__}) adds a computation of its own and cannot be merged into the "
-            "base weights"
-        )
+        what = f"adapter {name!r} ({type(self).__name__}) adds a computation of its own"
+        raise NotMergeable(f"{what} and cannot be merged into the base weights")
 
     def _unmerge_weights(self, name: str) -> None:
         """Undo ``_merge_weights(name)``."""

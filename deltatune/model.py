@@ -416,8 +416,8 @@ class DeltaModel(nn.Module, PushToHub):
         """
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
         self.merge_adapter(names, safe_merge)
-        for _, layer in self._layers():
-            layer.set_adapters(names)
+        for _, layer in self._layers():  # a head trained in full: the active adapter's copy, whatever is merged (PEFT)
+            layer.set_adapters(self.active_adapters if isinstance(layer, ModulesToSave) else names)
         model = self._unload()
         if dequantize:
             unpack_frozen_layers(model)

@@ -182,3 +182,50 @@ def test_an_empty_adapter_names_merges_none_as_in_peft(tmp_path):
     expected = output_of(theirs.merge_and_unload(adapter_names=[]), inputs)
     torch.testing.assert_close(output_of(ours.merge_and_unload(adapter_names=[]), inputs), expected, atol=0, rtol=0)
     torch.testing.assert_close(expected, output_of(make(), inputs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("merged", [[], ["b"]])
+def test_merge_and_unload_keeps_the_active_adapters_head_copy_as_peft(tmp_path, merged):
+    """peft keeps the active adapter's copy of a module trained in full whatever adapter_names merges; deltatune put
+    back the untrained head for adapter_names=[] (logits 5.36 off) and took b's copy for ["b"]."""
+    make = lambda: tiny_model("llama", "seq_cls")  # noqa: E731
+    for name, value in (("default", 0.5), ("b", -0.25)):
+        torch.manual_seed(len(name))
+        model = dt.get_delta_model(make(), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=[
+            "score"], task_type="SEQ_CLS", init_lora_weights=False))  # fmt: skip
+        with torch.no_grad():
+            model.base_model.score.modules_to_save["default"].weight.fill_(value)
+        model.save_pretrained(tmp_path / name)
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "default")
+    theirs.load_adapter(tmp_path / "b", "b")
+    ours = dt.DeltaModel.from_pretrained(make(), tmp_path / "default")
+    ours.load_adapter(tmp_path / "b", "b")
+    inputs = tiny_inputs("llama", "seq_cls")
+    expected = output_of(theirs.merge_and_unload(adapter_names=merged), inputs)
+    plain = ours.merge_and_unload(adapter_names=merged)
+    assert bool((plain.score.weight == 0.5).all())
+    torch.testing.assert_close(output_of(plain, inputs), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_safe_merge_after_a_dora_merge_leaves_what_a_plain_merge_leaves(dtype):
+    """check_merge's trial merged "two" over the merged "default" through an unmerge and merge again, which redrew
+    default's DoRA norm; the weights came back from the copy, the norm did not: the merge and the unmerge after it
+    differed from a plain merge's (0.039 after unmerging, bf16)."""
+    out = []
+    for safe in (False, True):
+        torch.manual_seed(0)
+        model = dt.get_delta_model(tiny_model("llama").to(dtype), dt.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                                use_dora=True))  # fmt: skip
+        model.add_adapter("two", dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.normal_() if "lora_B" in n else p.mul_(1.5) if "magnitude" in n else None
+        model.merge_adapter(["default"])
+        model.merge_adapter(["default", "two"], safe_merge=safe)
+        merged = [m.base_layer.weight.clone() for _, m in model._layers()]
+        model.unmerge_adapter()
+        out.append((merged, [m.base_layer.weight.clone() for _, m in model._layers()]))
+    for plain, safe in zip(*out):
+        for a, b in zip(plain, safe):
+            assert torch.equal(a, b)

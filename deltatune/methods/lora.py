@@ -128,7 +128,7 @@ class _LoraBase(DeltaLayer):
     """Per-adapter state shared by the LoRA layer types (scaling, dropout, DoRA magnitude, merge cache)."""
 
     adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    supports_row_adapters = True
+    supports_row_adapters, merge_state = True, ("_dora_norm",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
