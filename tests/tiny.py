@@ -256,3 +256,15 @@ def trl_template(name: str) -> str:
     trl = pytest.importorskip("trl")
     with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{name}.jinja"), encoding="utf-8") as fh:
         return fh.read()
+
+
+def latent_unet():
+    """A tiny UNet on a VAE's 4x8x8 latents, cross-attending to 32-wide text states (the pipeline tests' denoiser);
+    drawn from torch's global generator, as the caller seeded it."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip

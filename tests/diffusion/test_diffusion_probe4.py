@@ -21,8 +21,8 @@ def pipeline(tmp_path_factory) -> Path:
     """A tiny Stable Diffusion pipeline folder: an RGB VAE (16x16 <-> 4x8x8, scaling factor 0.5), a UNet on its
     latents, a tiny CLIP text encoder whose tokenizer says its 32-token context, and a DDPM scheduler with its
     defaults (steps_offset 0, clip_sample true: what StableDiffusionPipeline overrides)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from tiny import tokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from tiny import latent_unet, tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = tmp_path_factory.mktemp("sd")
@@ -32,11 +32,7 @@ def pipeline(tmp_path_factory) -> Path:
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
         scaling_factor=0.5,
     ).save_pretrained(root / "vae")  # fmt: skip
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).save_pretrained(root / "unet")  # fmt: skip
+    latent_unet().save_pretrained(root / "unet")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(root / "scheduler")
     tok = tokenizer()
     tok.model_max_length = 32
@@ -128,14 +124,10 @@ def test_a_clip_text_encoders_kohya_file_has_kohya_names_and_loads_back(tmp_path
 
 
 def _unet():
-    from diffusers import UNet2DConditionModel
+    from tiny import latent_unet
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).eval()  # fmt: skip
+    return latent_unet().eval()
 
 
 def test_the_attention_processor_layout_loads_as_diffusers_loads_it(tmp_path):

@@ -243,8 +243,8 @@ def test_bad_input_is_one_line(runs, data, tmp_path, capsys):
 def pipeline(tmp_path_factory) -> Path:
     """A diffusers pipeline folder: a tiny VAE (16x16 grayscale <-> 4x8x8 latents), a UNet on the latents, a DDPM
     scheduler, and a tiny BERT text encoder with its tokenizer (tests/tiny.py)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from tiny import save_tiny, tokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from tiny import latent_unet, save_tiny, tokenizer
 
     root = tmp_path_factory.mktemp("pipeline")
     torch.manual_seed(0)
@@ -252,11 +252,7 @@ def pipeline(tmp_path_factory) -> Path:
         in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
     ).save_pretrained(root / "vae")  # fmt: skip
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).save_pretrained(root / "unet")  # fmt: skip
+    latent_unet().save_pretrained(root / "unet")
     DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction").save_pretrained(root / "scheduler")
     save_tiny(root / "text_encoder", "bert", "seq_cls")
     tokenizer().save_pretrained(root / "tokenizer")
