@@ -162,6 +162,18 @@ def balance_note(n_desirable: int, n_undesirable: int, align: AlignArgs, source:
     )
 
 
+def _unpaired_in_order(samples: list) -> list[tuple[Any, tuple]]:
+    """(sample, (prompt, completion, desirable)) of each row in TRL's order: its ``unpair_preference_dataset`` (a
+    batched map of 1000 rows) gives each 1000 preference rows' chosen completions, then their rejected ones. So the
+    mismatched neighbour (row i - 1) of a sequential batch, as eval reads them, holds another prompt's completion;
+    interleaved, each rejected row's neighbour was its own prompt's chosen answer, a matched pair in z0."""
+    out = []
+    for start in range(0, len(samples), 1000):
+        rows = [[(s, t) for t in unpaired_examples([s])] for s in samples[start : start + 1000]]
+        out += [r[0] for r in rows] + [r[1] for r in rows if len(r) > 1]
+    return out
+
+
 def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     """Unpaired rows (prompt, completion, label) -> prompt + completion with labels on the completion.
 
@@ -185,17 +197,16 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
 
     def enc(samples: list, split: str) -> list[dict[str, Any]]:
         out, truncated = [], 0
-        for s in samples:
-            for prompt, completion, good in unpaired_examples([s]):
-                ex, cut = encode_prompt_response(prompt, completion, tok, template, d.max_length, s.tools)
-                if cut and d.truncation == "refuse":
-                    raise DataError(f"{s.source}: longer than data.max_length={d.max_length} tokens "
-                                    "(set data.truncation=truncate to cut such rows)")  # fmt: skip
-                if all(lab == IGNORE_INDEX for lab in ex["labels"][1:]):
-                    raise DataError(f"{s.source}: no completion token within data.max_length={d.max_length}")
-                truncated += cut
-                n_prompt = next(i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX)
-                out.append({**ex, "n_prompt": n_prompt, "desirable": good})
+        for s, (prompt, completion, good) in _unpaired_in_order(samples):
+            ex, cut = encode_prompt_response(prompt, completion, tok, template, d.max_length, s.tools)
+            if cut and d.truncation == "refuse":
+                raise DataError(f"{s.source}: longer than data.max_length={d.max_length} tokens "
+                                "(set data.truncation=truncate to cut such rows)")  # fmt: skip
+            if all(lab == IGNORE_INDEX for lab in ex["labels"][1:]):
+                raise DataError(f"{s.source}: no completion token within data.max_length={d.max_length}")
+            truncated += cut
+            n_prompt = next(i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX)
+            out.append({**ex, "n_prompt": n_prompt, "desirable": good})
         _note_truncated(notes, split, truncated, d.max_length)
         return out
 

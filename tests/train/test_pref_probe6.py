@@ -1,0 +1,73 @@
+"""Preference stages against TRL 1.16 where a probe found them apart: KTO on preference rows read them interleaved
+(chosen 1, rejected 1, chosen 2, ...), so in a sequential eval batch each rejected row's mismatched neighbour was its
+own prompt's chosen answer, a matched pair in the reference point z0 (eval_loss 0.49962 against TRL's 0.49965 here); TRL's
+``unpair_preference_dataset`` gives each 1000 rows' chosen completions, then their rejected ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from tiny import save_tiny
+from transformers import AutoModelForCausalLM
+
+import deltatune as dt
+from deltatune.train import build
+from deltatune.train.models import load_tokenizer
+from deltatune.train.run import _training_args
+from deltatune.train.table import prepare as _prepare
+
+PAIRS = [("what is your name", "my name is delta", "i will not say"), ("hello there friend", "hi", "go away now"),
+         ("how are you", "fine thanks", "no"), ("tell me", "a story", "nothing at all")]  # fmt: skip
+CONVERSATIONAL = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+                   "rejected": [{"role": "assistant", "content": r}]} for p, c, r in PAIRS]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def trained_looking(base: str) -> dt.DeltaModel:
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def prepared(base: str, tmp_path, stage: str, rows: list[dict], align: dict | None = None, **data):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build({"stage": stage, "model": {"name_or_path": base},
+                 "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                 "data": {"train": str(path), "eval": str(path), "max_length": 64, **data}, "align": align or {},
+                 "train": {"batch_size": 4, "eval_batch_size": 4, "report_to": ["none"]},
+                 "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    tok = load_tokenizer(cfg.model.name_or_path)
+    return cfg, tok, _prepare(cfg, tok)
+
+
+def test_kto_eval_on_preference_rows_equals_trl(base, tmp_path):
+    cfg, tok, prep = prepared(base, tmp_path, "kto", CONVERSATIONAL, {"beta": 0.3})
+    model = trained_looking(base)
+    ours = prep.trainer_class(model=model, args=_training_args(cfg, prep, str(tmp_path / "run")),
+                              train_dataset=prep.train, eval_dataset=prep.eval, data_collator=prep.collator,
+                              compute_metrics=prep.compute_metrics).evaluate()  # fmt: skip
+    args = trl.KTOConfig(str(tmp_path / "trl"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                         report_to=[], use_cpu=True, bf16=False, beta=0.3, max_length=64)  # fmt: skip
+    theirs = dt.trl_trainer(trl.KTOTrainer)(model=model, ref_model=AutoModelForCausalLM.from_pretrained(base),
+                                            args=args, train_dataset=Dataset.from_list(CONVERSATIONAL),
+                                            eval_dataset=Dataset.from_list(CONVERSATIONAL),
+                                            processing_class=tok).evaluate()  # fmt: skip
+    assert theirs["eval_kl"] > 0.1  # the reference point takes part
+    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], abs=2e-6)
+    assert ours["eval_reward_desirable"] == pytest.approx(theirs["eval_rewards/chosen"], abs=2e-5)
+    assert ours["eval_reward_undesirable"] == pytest.approx(theirs["eval_rewards/rejected"], abs=2e-5)
+    assert [e["desirable"] for e in prep.eval] == [True] * 4 + [False] * 4  # TRL's order
