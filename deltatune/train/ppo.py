@@ -128,6 +128,17 @@ def value_loss(
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
+def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` in the HF Trainer's two AdamW groups (TRL's trainers' too): weight decay on
+    all but the biases and norm weights (the Trainer stages decay them so; decaying every parameter moved those)."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # (the method reads nothing of the Trainer)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]  # fmt: skip
+
+
 class KLController:
     """The KL coefficient: fixed, or adapted so the KL per rollout tracks ``target`` (Ziegler et al. 2019):
     coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon after each batch of n rollouts."""
@@ -266,8 +277,8 @@ class PPOLoop:
         self.value_head = nn.Linear(hidden, 1).to(self.device)
         nn.init.zeros_(self.value_head.weight)  # values start at 0: no spurious advantages at the first step
         nn.init.zeros_(self.value_head.bias)
-        params = [p for p in model.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        both = nn.ModuleDict({"policy": model, "value_head": self.value_head})
+        self.optimizer = torch.optim.AdamW(adamw_groups(both, weight_decay), lr=lr, weight_decay=weight_decay)
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.max_grad_norm = max_grad_norm
         self.kl_ctl = KLController(align.init_kl_coef, align.adaptive_kl, align.target_kl, align.kl_horizon)
@@ -303,18 +314,12 @@ class PPOLoop:
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         """Sample one response per prompt (token ids, no padding) and score it."""
         ids, mask, response_mask, response, _ = sample_responses(self.model, prompts, self.pad, self.eos, self.align)
+        decode = self.tokenizer.batch_decode
         r = Rollout(
-            sequences=torch.cat([ids, response], 1),
-            attention_mask=torch.cat([mask, response_mask], 1),
-            response_mask=response_mask,
-            prompt_length=ids.shape[1],
-            logprobs=None,
-            ref_logprobs=None,
-            values=None,
-            scores=None,
-            prompts=self.tokenizer.batch_decode([list(p) for p in prompts], skip_special_tokens=True),
-            responses=self.tokenizer.batch_decode(response, skip_special_tokens=True),
-        )
+            torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1), response_mask, ids.shape[1],
+            None, None, None, None,  # (logprobs, ref_logprobs, values, scores: below)
+            decode([list(p) for p in prompts], skip_special_tokens=True), decode(response, skip_special_tokens=True),
+        )  # fmt: skip
         logp, values, _ = self._forward(r)
         r.logprobs, r.values = logp * response_mask, values * response_mask
         r.ref_logprobs = self.reference_logprobs(r) * response_mask
@@ -356,22 +361,16 @@ class PPOLoop:
                     params = [p for g in self.optimizer.param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 self.optimizer.step()
-                logs["policy_loss"].append(pl.item())
-                logs["value_loss"].append(vl.item())
-                logs["clipfrac"].append(clipfrac.item())
-                logs["entropy"].append(masked_mean(entropy.detach(), mm).item())
+                for key, v in zip(logs, (pl, vl, clipfrac, masked_mean(entropy.detach(), mm))):
+                    logs[key].append(v.item())
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates used (logged so, as the Trainer logs)
         if self.scheduler is not None:
             self.scheduler.step()
         mean_kl = kl.sum(-1).mean().item()
         stats = {k: sum(v) / len(v) for k, v in logs.items()}
         stats["lr"] = lr
-        stats.update(
-            reward=r.scores.mean().item(),
-            kl=mean_kl,
-            kl_coef=self.kl_ctl.value,
-            response_length=m.sum(-1).mean().item(),
-        )
+        length = m.sum(-1).mean().item()
+        stats.update(reward=r.scores.mean().item(), kl=mean_kl, kl_coef=self.kl_ctl.value, response_length=length)
         stats["loss"] = stats["policy_loss"] + a.vf_coef * stats["value_loss"]
         self.kl_ctl.update(mean_kl, B)
         self.steps_done += 1
