@@ -1,7 +1,8 @@
 """Freeze tuning, and what the in-place baselines share (BitFit in bitfit.py, full fine-tuning in full.py).
 
 - Freeze tuning (as LLaMA-Factory's ``finetuning_type: freeze``): only the last n transformer blocks train
-  (``freeze_trainable_layers = n > 0``) or the first |n| (n < 0), optionally only some modules inside them.
+  (``freeze_trainable_layers = n > 0``) or the first |n| (n < 0), of each stack, optionally only some modules
+  inside them, and optionally some modules outside the blocks (``freeze_extra_modules``).
 - BitFit (Ben Zaken, Ravfogel, Goldberg, 2022; arXiv:2106.10199): only the bias terms train, h = W x + b with
   b trained and W frozen.
 - Full fine-tuning: every base parameter trains. A "method" only so that trainers, recipes and benchmarks treat
@@ -57,9 +58,10 @@ def base_parameter_names(model: nn.Module) -> list[str]:
     return out
 
 
-def _block_index(name: str) -> int | None:
+def _block(name: str) -> tuple[str, int] | None:
+    """(the block list's path, the block's index) of a parameter inside a numbered block, e.g. ("model.layers", 3)."""
     m = _BLOCK.search(name)
-    return int(m.group(1)) if m else None
+    return (name[: m.start(1) - 1], int(m.group(1))) if m else None
 
 
 @dataclass
@@ -70,54 +72,88 @@ class FreezeConfig(DeltaConfig):
     peft_type = "FREEZE"
 
     freeze_trainable_layers: int = 2
-    """n > 0: the last n blocks train; n < 0: the first |n|. Encoder-decoder models: block i of each stack."""
+    """n > 0: the last n blocks train; n < 0: the first |n|. A model with several stacks (an encoder and a decoder, a
+    vision tower): the last (first) n of each."""
     freeze_trainable_modules: list[str] | str | None = None
     """Within those blocks, train only these modules: a list of names under the block (e.g. ["mlp", "self_attn"])
-    or a regex searched in the parameter name. None: the whole block."""
+    or a regex searched in the parameter name. None or "all" (LLaMA-Factory's default): the whole block."""
+    freeze_extra_modules: list[str] | None = None
+    """Modules outside the blocks that train as well (LLaMA-Factory's): names such as "embed_tokens", "norm" or
+    "lm_head", matched as a whole component of the parameter's path."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         n = self.freeze_trainable_layers
         if not isinstance(n, int) or isinstance(n, bool) or n == 0:
             raise ConfigError(f"freeze_trainable_layers must be a non-zero integer, got {n!r}")
-        if isinstance(self.freeze_trainable_modules, str):
-            check_regex("freeze_trainable_modules", self.freeze_trainable_modules)
-        elif self.freeze_trainable_modules is not None:
-            self.freeze_trainable_modules = list(self.freeze_trainable_modules)
+        modules = self.freeze_trainable_modules
+        if modules == "all" or (isinstance(modules, (list, tuple)) and "all" in modules):
+            self.freeze_trainable_modules = None
+        elif isinstance(modules, str):
+            check_regex("freeze_trainable_modules", modules)
+        elif modules is not None:
+            self.freeze_trainable_modules = list(modules)
             if not self.freeze_trainable_modules:
                 raise ConfigError("freeze_trainable_modules must be None, a regex or a non-empty list, got []")
+        if isinstance(self.freeze_extra_modules, str):
+            self.freeze_extra_modules = [self.freeze_extra_modules]
+        if self.freeze_extra_modules is not None:
+            self.freeze_extra_modules = list(self.freeze_extra_modules)
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
-        """The parameters of the chosen blocks (and modules).
+        """The parameters of the chosen blocks (and modules), and of the extra modules.
 
         Raises:
-            ConfigError: the model has no numbered blocks, |freeze_trainable_layers| exceeds their number, or
-                freeze_trainable_modules matches nothing in the chosen blocks.
+            ConfigError: the model has no numbered blocks, |freeze_trainable_layers| exceeds the deepest stack's
+                blocks, or an entry of freeze_trainable_modules or freeze_extra_modules matches nothing.
         """
         names = base_parameter_names(model)
-        indices = {i for i in map(_block_index, names) if i is not None}
-        if not indices:
+        blocks = {p: b for p in names if (b := _block(p)) is not None}
+        depth: dict[str, int] = {}
+        for stack, i in blocks.values():
+            depth[stack] = max(depth.get(stack, 0), i + 1)
+        if not depth:
             raise ConfigError(
                 f"freeze: found no numbered transformer blocks (a module list named one of {LAYER_PATTERNS})"
             )
-        n_layers = max(indices) + 1
         n = self.freeze_trainable_layers
-        if abs(n) > n_layers:
-            raise ConfigError(f"freeze_trainable_layers={n} but the model has only {n_layers} layers")
-        chosen = set(range(n_layers - n, n_layers)) if n > 0 else set(range(-n))
-        picked = [p for p in names if _block_index(p) in chosen]
+        if abs(n) > max(depth.values()):
+            raise ConfigError(f"freeze_trainable_layers={n} but the model has only {max(depth.values())} layers")
+        chosen = {
+            (stack, i)
+            for stack, size in depth.items()
+            for i in (range(max(size - n, 0), size) if n > 0 else range(min(-n, size)))
+        }
+        picked = [p for p in names if blocks.get(p) in chosen]
         modules = self.freeze_trainable_modules
         if isinstance(modules, str):
             picked = [p for p in picked if re.search(modules, p)]
         elif modules is not None:
-            picked = [
-                p for p in picked if any(re.search(rf"\.{_block_index(p)}\.{re.escape(m)}\.", p) for m in modules)
-            ]
+            under = {p: p[len("{}.{}.".format(*blocks[p])) :] for p in picked}  # the path below the block
+            hits = {m: [p for p in picked if under[p].startswith(m + ".")] for m in modules}
+            missing = [m for m, found in hits.items() if not found]
+            if missing and len(missing) < len(modules):  # every entry missing: the error below lists examples
+                children = sorted({u.split(".")[0] for u in under.values()})
+                raise ConfigError(
+                    f"freeze_trainable_modules: {missing[0]!r} is not a module of the chosen blocks; "
+                    f"their modules: {', '.join(children)}"
+                )
+            picked = [p for p in picked if any(p in found for found in hits.values())]
         if not picked:
+            stacks = sorted({f"{s}.{i}" for s, i in chosen})
             raise ConfigError(
-                f"freeze_trainable_modules={modules!r} matches no parameter in blocks {sorted(chosen)}; "
-                f"e.g. {', '.join(n for n in names if _block_index(n) in chosen)[:300]}"
+                f"freeze_trainable_modules={modules!r} matches no parameter in blocks {stacks} (a list names modules "
+                f"directly under a block, a regex string searches the whole name); e.g. {', '.join(p for p in names if blocks.get(p) in chosen)[:300]}"
             )
+        for extra in self.freeze_extra_modules or []:
+            found = [p for p in names if p not in blocks and re.search(rf"(?:^|\.){re.escape(extra)}\.", p)]
+            if not found:
+                outside = sorted({p.rsplit(".", 2)[-2] for p in names if p not in blocks and "." in p})
+                raise ConfigError(
+                    f"freeze_extra_modules: {extra!r} is not a module outside the blocks; "
+                    f"those modules: {', '.join(outside)}"
+                )
+            picked += [p for p in found if p not in picked]
         return trainable(model, picked, "freeze")
 
 

@@ -1,0 +1,89 @@
+"""Probe round 6 of the non-LoRA weight methods: freeze tuning per stack and LLaMA-Factory's fields, BitFit's bias
+terms beyond ``.bias``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_model
+from torch import nn
+
+import deltatune as dt
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.base_model.named_parameters() if p.requires_grad}
+
+
+def _blocks(names: set[str]) -> set[str]:
+    return {".".join(n.split(".")[:3]) for n in names}
+
+
+@pytest.mark.parametrize("n, expected", [(1, {"encoder.block.1", "decoder.block.2"}), (-1, {"encoder.block.0", "decoder.block.0"}),
+                                         (3, {"encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1", "decoder.block.2"})])  # fmt: skip
+def test_freeze_takes_the_last_n_blocks_of_each_stack_of_unequal_depth(n, expected):
+    # a 2-block encoder and a 3-block decoder: the last block of each is encoder.block.1 and decoder.block.2
+    # (before: decoder.block.2 alone, the encoder frozen whole); n beyond a stack's depth takes all of it
+    model = dt.get_delta_model(
+        tiny_model("t5", num_layers=2, num_decoder_layers=3), dt.FreezeConfig(freeze_trainable_layers=n)
+    )
+    assert _blocks(_trainable(model)) == expected
+
+
+def test_freeze_all_and_extra_modules_as_llama_factory():
+    plain = _trainable(dt.get_delta_model(tiny_model("llama"), dt.FreezeConfig(freeze_trainable_layers=1)))
+    for modules in ("all", ["all"]):
+        config = dt.FreezeConfig(freeze_trainable_layers=1, freeze_trainable_modules=modules)
+        assert _trainable(dt.get_delta_model(tiny_model("llama"), config)) == plain
+    config = dt.FreezeConfig(freeze_trainable_layers=1, freeze_extra_modules=["norm", "embed_tokens"])
+    model = dt.get_delta_model(tiny_model("llama"), config)
+    # "norm" is model.norm only, not every block's input_layernorm (LLaMA-Factory's substring test takes those too)
+    assert _trainable(model) == plain | {"model.norm.weight", "model.embed_tokens.weight"}
+    assert dt.FreezeConfig.from_dict(config.to_dict()).freeze_extra_modules == ["norm", "embed_tokens"]
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(freeze_trainable_modules=["mlp", "mpl"]), r"'mpl' is not a module of the chosen blocks; their "
+         r"modules: input_layernorm, mlp, post_attention_layernorm, self_attn"),
+        (dict(freeze_extra_modules=["lm_haed"]), r"freeze_extra_modules: 'lm_haed' is not a module outside the "
+         r"blocks; those modules: embed_tokens, lm_head, norm"),
+    ],
+)  # fmt: skip
+def test_freeze_a_misspelt_module_is_refused_not_skipped(fields, match):
+    # before: ["mlp", "mpl"] trained the MLP alone, silently, and freeze_extra_modules was an unknown field
+    base = tiny_model("llama")
+    with pytest.raises(dt.ConfigError, match=match):
+        dt.get_delta_model(base, dt.FreezeConfig(freeze_trainable_layers=1, **fields))
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_freeze_module_list_is_anchored_at_the_block():
+    # T5's feed-forward sits at block.N.layer.1 in the encoder, block.N.layer.2 in the decoder: the list entry
+    # "DenseReluDense" is no module directly under a block (it used to match the encoder's alone, by its
+    # "layer.1." prefix); the regex form reaches both
+    with pytest.raises(dt.ConfigError, match="matches no parameter in blocks"):
+        dt.get_delta_model(
+            tiny_model("t5"), dt.FreezeConfig(freeze_trainable_layers=1, freeze_trainable_modules=["DenseReluDense"])
+        )
+    model = dt.get_delta_model(
+        tiny_model("t5"), dt.FreezeConfig(freeze_trainable_layers=1, freeze_trainable_modules=r"\.DenseReluDense\.")
+    )
+    assert _blocks(_trainable(model)) == {"encoder.block.1", "decoder.block.1"}
+    assert len(_trainable(model)) == 4  # wi and wo of each
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(5, 2))
+        self.norm = nn.LayerNorm(8)
+
+
+def test_bitfit_trains_multihead_attention_biases_not_position_tables():
+    # nn.MultiheadAttention keeps its input projection's bias as in_proj_bias (SigLIP's pooling head uses one);
+    # before, BitFit trained out_proj.bias and the LayerNorm's bias and silently left it frozen
+    names = dt.BitFitConfig().trainable_base_parameters(_Attention())
+    assert sorted(names) == ["mha.bias_k", "mha.bias_v", "mha.in_proj_bias", "mha.out_proj.bias", "norm.bias"]
