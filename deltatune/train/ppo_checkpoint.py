@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..files import adapter_folder
 
 STATE = "trainer_state.json"
@@ -86,6 +87,12 @@ def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[i
         loop.model.load_adapter_weights(adapter_folder(checkpoint, name), name)
     loop.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
     optimizer = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=loop.device, weights_only=True)
+    if len(optimizer["param_groups"]) != len(loop.optimizer.param_groups):  # torch's ValueError is a traceback
+        raise ConfigError(
+            f"{checkpoint}: optimizer.pt holds {len(optimizer['param_groups'])} parameter group(s), this run's AdamW "
+            f"{len(loop.optimizer.param_groups)} (a checkpoint of a deltatune that decayed biases and norms too); "
+            "train from the start (--overwrite)"
+        )
     loop.optimizer.load_state_dict(optimizer)
     if loop.scheduler is not None and os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
         loop.scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
