@@ -23,7 +23,8 @@ their length; Dr. GRPO divides by a constant, completions x max tokens). Log-pro
 Rewards follow TRL's convention so users can bring theirs: ``f(prompts, completions, **columns) -> list[float]``,
 called with keyword arguments, one value per completion; ``prompts`` are the rows' prompts as written (text, or a list
 of chat messages; the recipe's data.template, else the tokenizer's chat template, makes the model's input),
-``completions`` the decoded texts, and every other column of the rows comes as a list of the same length. A reward may
+``completions`` the decoded texts, every other column of the rows as a list of the same length, and TRL's
+``completion_ids``, ``trainer_state``, ``log_metric`` and ``log_extra`` (``grpo_rewards.trl_extras``). A reward may
 also be a deltatune reward-model run (stage rm), scoring (prompt, completion) texts. Checkpoints (adapter, optimizer,
 RNG) every ``train.save_steps`` steps (default: once per pass over the prompts); ``--resume`` continues from the last.
 ``train.precision: bf16`` samples and computes every forward under bf16 autocast (fp32 weights and optimizer).
@@ -54,7 +55,7 @@ from ..data.templates import apply_chat_template, render
 from ..targets import context_length
 from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
-from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, prompt_text, score
+from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, prompt_text, score, trl_extras
 from .models import resolve_path
 from .ppo import sample_responses
 from .ppo_checkpoint import rotate
@@ -182,6 +183,7 @@ class Samples:
     completions: list[str]
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
     items: list[PromptItem] = field(default_factory=list)  # one per completion
+    completion_ids: list[list[int]] = field(default_factory=list)  # up to and including the first EOS, as TRL's
 
 
 class GRPOLoop:
@@ -218,6 +220,9 @@ class GRPOLoop:
         )
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.max_grad_norm = max_grad_norm
+        from transformers import TrainerState
+
+        self.state, self.logged = TrainerState(), {}  # what rewards see as trainer_state; what they log_metric
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
@@ -261,22 +266,28 @@ class GRPOLoop:
             completions=self.tokenizer.batch_decode(completion, skip_special_tokens=True),
             truncated=truncated,
             items=[it for it in items for _ in range(num)],
+            completion_ids=[ids[m.bool()].tolist() for ids, m in zip(completion, completion_mask)],
         )
 
     def score(self, s: Samples) -> torch.Tensor:
-        """(N, K) rewards of the samples."""
+        """(N, K) rewards of the samples; reward functions get what TRL's GRPOTrainer gives them by keyword."""
         items = s.items
         keys = sorted({k for it in items for k in it.columns})
         columns = {k: [it.columns.get(k) for it in items] for k in keys}
+        if s.completion_ids:
+            columns["completion_ids"] = s.completion_ids
         texts = [prompt_text(it.prompt, it.ids, self.tokenizer) for it in items]  # what a reward-model run scores
+        extras = trl_extras(getattr(self, "state", None), getattr(self, "logged", {}))  # (a loop built bare: none)
         return score(self.rewards, [it.prompt for it in items], texts, s.completions, columns,
-                     [it.source for it in items])  # fmt: skip
+                     [it.source for it in items], extras)  # fmt: skip
 
     def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
         """One GRPO step over a batch of prompts; returns its statistics. Each forward has an autocast region of
         its own: autocast keeps bf16 copies of the trainable weights until its region ends, so none may span an update."""
         a = self.align
         G = a.num_generations
+        self.logged.clear()  # (an eval's log_metric values are not this step's)
+        self.state.global_step = getattr(self, "steps_done", 0) * a.num_iterations  # optimizer steps, as TRL's
         with self.amp():  # sampling and scoring (a reward may be a model) run under autocast, as before
             s = self.sample(items, G)
             table = self.score(s)  # (N, K)
@@ -334,7 +345,7 @@ class GRPOLoop:
         for k, r in enumerate(self.rewards):
             stats[f"rewards/{r.name}/mean"] = table[:, k].nanmean().item()  # over the rows it applies to, as TRL
             stats[f"rewards/{r.name}/std"] = nanstd(table[:, k]).item()
-        return stats
+        return stats | {name: sum(v) / len(v) for name, v in self.logged.items()}  # TRL's mean of log_metric values
 
     @torch.no_grad()
     def mean_reward(self, items: Sequence[PromptItem], batch_size: int) -> float:
@@ -480,6 +491,7 @@ def train_grpo(
     loop = GRPOLoop(
         model, tokenizer, rewards, cfg.align, t.lr, t.max_grad_norm, t.seed, scheduler, bf16, t.weight_decay
     )
+    loop.state.max_steps = updates  # (optimizer steps, as TRL's trainer_state counts them)
     g = torch.Generator().manual_seed(t.seed)
     history: list[dict[str, Any]] = []
     order: list[int] = []

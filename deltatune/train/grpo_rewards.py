@@ -154,10 +154,20 @@ def prompt_text(prompt: Any, ids: list[int], tokenizer) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _call(reward: Reward, prompts: list, texts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
+def trl_extras(state: Any, metrics: dict[str, list]) -> dict[str, Any]:
+    """The keyword arguments TRL's GRPOTrainer gives every reward function besides the columns: ``trainer_state`` (a
+    transformers TrainerState: ``global_step`` counts optimizer steps, as TRL's), ``log_metric(name, value)`` (kept in
+    ``metrics``; the step logs each name's mean) and ``log_extra(column, values)`` (TRL's completions table, which
+    deltatune does not write: accepted, not kept)."""
+    return {"trainer_state": state, "log_metric": lambda name, value: metrics.setdefault(name, []).append(value),
+            "log_extra": lambda column, values: None}  # fmt: skip
+
+
+def _call(reward: Reward, prompts: list, texts: list[str], completions: list[str], columns: dict[str, list],
+          extras: dict[str, Any]) -> Any:  # fmt: skip
     if reward.model:
         return reward.fn(texts, completions)
-    return reward.fn(prompts=prompts, completions=completions, **columns)
+    return reward.fn(prompts=prompts, completions=completions, **{**columns, **extras})
 
 
 def score(
@@ -167,20 +177,22 @@ def score(
     completions: list[str],
     columns: dict[str, list],
     sources: list[str],
+    extras: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """(N, K) rewards of N completions under K rewards.
+    """(N, K) rewards of N completions under K rewards. ``columns`` (one value per completion: the rows' columns,
+    ``completion_ids``) and ``extras`` (the same for every row: ``trl_extras``) reach each reward function by keyword.
 
     Raises:
         RewardError: a reward raised (the row it raised on is found by calling it on one row at a time) or returned
             a wrong length, a NaN/infinite value or a non-number.
     """
-    n = len(completions)
+    n, extras = len(completions), extras or {}
     table = []
     for r in rewards:
         try:
-            out = _call(r, prompts, prompt_texts, completions, columns)
+            out = _call(r, prompts, prompt_texts, completions, columns, extras)
         except Exception as exc:  # noqa: BLE001  (user code: find the row and say it in one line)
-            raise RewardError(_raised(r, prompts, prompt_texts, completions, columns, sources, exc)) from None
+            raise RewardError(_raised(r, prompts, prompt_texts, completions, columns, extras, sources, exc)) from None
         table.append(reward_values(out, r.name, n, [f"row {s}" for s in sources], none=True))
     return torch.tensor(table, dtype=torch.float32).T.reshape(n, len(rewards))
 
@@ -205,12 +217,12 @@ def nanstd(x: torch.Tensor) -> torch.Tensor:
     return var.where(n > 1, math.nan).sqrt().squeeze(-1)
 
 
-def _raised(r: Reward, prompts, texts, completions, columns, sources, exc: Exception) -> str:
+def _raised(r: Reward, prompts, texts, completions, columns, extras, sources, exc: Exception) -> str:
     file = getattr(getattr(r.fn, "__code__", None), "co_filename", None)  # the reward's source: where it raised
     for i, source in enumerate(sources):
         try:
             _call(r, prompts[i : i + 1], texts[i : i + 1], completions[i : i + 1],
-                  {k: v[i : i + 1] for k, v in columns.items()})  # fmt: skip
+                  {k: v[i : i + 1] for k, v in columns.items()}, extras)  # fmt: skip
         except Exception as one:  # noqa: BLE001
             where = _where(one, file)
             return (f"reward {r.name} raised {type(one).__name__}: {one} (row {source}, completion {completions[i]!r}"

@@ -1,0 +1,80 @@
+"""GRPO against TRL 1.16's GRPOTrainer, round 6: what a reward function is given besides the columns
+(completion_ids, trainer_state, log_metric, log_extra), as TRL's ``_calculate_rewards`` gives it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_grpo import ITEMS, base_dir, policy  # noqa: F401  (base_dir: the module's tiny policy fixture)
+from tiny import word_tokenizer
+
+from deltatune.train import build
+from deltatune.train.config import AlignArgs
+from deltatune.train.grpo import GRPOLoop, train_grpo
+from deltatune.train.grpo_rewards import Reward
+
+
+def trl_completion_ids(completion: torch.Tensor, eos: int) -> list[list[int]]:
+    """TRL's completion_ids_list from generate's completions (GRPOTrainer._generate_single_turn, transformers path):
+    the tokens up to and including the first EOS."""
+    is_eos = torch.isin(completion, torch.tensor([eos]))
+    eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long)
+    eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
+    mask = torch.arange(is_eos.size(1)).expand(is_eos.size(0), -1) <= eos_idx.unsqueeze(1)
+    return [c[m].tolist() for c, m in zip(completion, mask)]
+
+
+def test_rewards_get_completion_ids_and_log_metric_as_trl_gives_them(base_dir):  # noqa: F811
+    """A TRL reward function that reads ``completion_ids`` or calls ``log_metric`` raised TypeError (a missing
+    argument) and stopped the run: deltatune gave the columns only."""
+    seen = []
+
+    def by_ids(prompts, completions, completion_ids, log_metric, log_extra, **kwargs):
+        seen.append(completion_ids)
+        log_metric("probe/mean_ids", sum(map(len, completion_ids)) / len(completion_ids))
+        log_metric("probe/mean_ids", 0.0)  # two values in one step: TRL logs their mean
+        log_extra("probe_column", [0] * len(completions))
+        return [float(len(ids)) for ids in completion_ids]
+
+    tok = word_tokenizer()
+    loop = GRPOLoop(policy(base_dir), tok, [Reward("by_ids", by_ids)], AlignArgs(num_generations=6, max_new_tokens=16),
+                    lr=1e-2, seed=0)  # fmt: skip
+    samples = []
+    sample = loop.sample
+    loop.sample = lambda items, num: samples.append(sample(items, num)) or samples[-1]
+    stats = loop.step(ITEMS[:3])
+    s = samples[0]
+    assert s.truncated.any() and not s.truncated.all()  # the guard: some completions end at an EOS, some do not
+    want = trl_completion_ids(s.sequences[:, s.prompt_length :], tok.eos_token_id)
+    assert seen == [want]
+    assert [tok.decode(ids, skip_special_tokens=True) for ids in want] == s.completions
+    mean_length = sum(map(len, want)) / len(want)  # TRL's completions/mean_length, from the same lists
+    assert stats["completion_length"] == pytest.approx(mean_length)
+    assert stats["probe/mean_ids"] == pytest.approx(mean_length / 2)
+    assert stats["reward"] == pytest.approx(mean_length)
+
+
+def test_rewards_get_trainer_state_counting_optimizer_steps_as_trl(base_dir, tmp_path, monkeypatch):  # noqa: F811
+    """TRL gives ``trainer_state`` (a transformers TrainerState) for reward shaping over the run: at the k-th
+    generation batch (from 0) its global_step is k x num_iterations optimizer steps, max_steps the run's optimizer
+    steps. Such a reward raised TypeError in deltatune."""
+    from transformers import TrainerState
+
+    from deltatune.train import grpo
+
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)  # (the plot is most of the run's time)
+    steps = []
+
+    def shaped(prompts, completions, trainer_state, **kwargs):
+        assert isinstance(trainer_state, TrainerState)
+        steps.append((trainer_state.global_step, trainer_state.max_steps))
+        return [trainer_state.global_step / trainer_state.max_steps] * len(completions)
+
+    cfg = build({"stage": "grpo", "model": {"name_or_path": base_dir}, "method": {"name": "lora"},
+                 "data": {"train": "unused.jsonl"}, "output": {"dir": str(tmp_path / "run")},
+                 "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "save_steps": 10},
+                 "align": {"num_generations": 2, "max_new_tokens": 2, "num_iterations": 2, "beta": 0.0,
+                           "reward_funcs": ["unused:shaped"]}})  # fmt: skip
+    _, history = train_grpo(policy(base_dir), word_tokenizer(), cfg, ITEMS[:4], None, [Reward("shaped", shaped)])
+    assert steps == [(0, 6), (2, 6), (4, 6)]
+    assert [h["reward"] for h in history] == pytest.approx([0.0, 1 / 3, 2 / 3])
