@@ -179,6 +179,13 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
             kind = type(module).__name__
             raise ConfigError(f"ia3: target {name} is a {kind}; IA3 adapts nn.Linear and GPT-2 Conv1D layers")
         plan.append((name, IA3Layer(module, _is_feedforward(name, feedforward), fan_in_fan_out=shape[2]), True))
+    targets = config.target_modules
+    if config.feedforward_modules is None and isinstance(targets, list) and not set(feedforward) <= set(targets):
+        # The family default is no subset of the given targets (["k_proj", "v_proj"] on Llama): written as it is,
+        # the saved config fails IA3Config's subset check (ours on save, PEFT's on load). Write instead the layers
+        # it made feed-forward: none, or a regex of their full names (PEFT fullmatches a string).
+        hits = [name for name, layer, _ in plan if layer.is_feedforward]
+        feedforward = "|".join(re.escape(name) for name in hits) if hits else []
     config.feedforward_modules = feedforward
     for name, layer, new in plan:
         if new:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import output_of, tiny_inputs, tiny_model
 from torch import nn
 
 import deltatune as dt
@@ -87,3 +87,35 @@ def test_bitfit_trains_multihead_attention_biases_not_position_tables():
     # before, BitFit trained out_proj.bias and the LayerNorm's bias and silently left it frozen
     names = dt.BitFitConfig().trainable_base_parameters(_Attention())
     assert sorted(names) == ["mha.bias_k", "mha.bias_v", "mha.in_proj_bias", "mha.out_proj.bias", "norm.bias"]
+
+
+def _ia3_vectors(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "ia3_l" in name:
+                p.copy_(1 + 0.5 * torch.rand(p.shape, generator=g))
+
+
+@pytest.mark.parametrize(
+    "family, targets, written",
+    [("llama", ["k_proj", "v_proj"], []), ("gpt2", ["c_attn", "c_proj"], r"transformer\.h\.0\.mlp\.c_proj|transformer\.h\.1\.mlp\.c_proj")],
+)  # fmt: skip
+def test_ia3_targets_without_the_family_feedforward_save_and_load_in_peft(family, targets, written, tmp_path):
+    # Before: the family default (Llama's ["down_proj"]) was written as feedforward_modules beside target_modules
+    # ["k_proj", "v_proj"], and save_pretrained raised "feedforward_modules must be a subset of target_modules"
+    # (PEFT writes the same and then cannot load its own file). Now the layers it made feed-forward are written.
+    peft = pytest.importorskip("peft")
+
+    inputs = tiny_inputs(family)
+    ours = dt.get_delta_model(tiny_model(family), dt.IA3Config(target_modules=targets))
+    theirs = peft.get_peft_model(tiny_model(family), peft.IA3Config(target_modules=targets)).eval()
+    _ia3_vectors(ours, 1)
+    _ia3_vectors(theirs, 1)
+    ref = output_of(theirs, inputs)
+    assert torch.equal(output_of(ours, inputs), ref)
+    ours.save_pretrained(tmp_path)
+    assert dt.load_config(tmp_path).feedforward_modules == written
+    loaded = peft.PeftModel.from_pretrained(tiny_model(family), tmp_path).eval()
+    assert torch.equal(output_of(loaded, inputs), ref)
+    assert torch.equal(output_of(dt.DeltaModel.from_pretrained(tiny_model(family), tmp_path), inputs), ref)
