@@ -22,6 +22,7 @@ adapters it fuses.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -64,7 +65,9 @@ class BottleneckConfig(DeltaConfig):
     """Dropout on the adapter's term, in [0, 1)."""
     init_weights: bool | str = True
     """True: W_down ~ N(0, 0.01^2), W_up and biases 0 (starts exactly as the base). 'houlsby': W_up ~ N(0, 0.01^2)
-    as well (the paper's near-identity init). False: nn.Linear's random init (changes outputs; for tests)."""
+    as well (the paper's near-identity init). The adapters library's 'bert' (W_down, W_up ~ N(0, 0.02^2), biases 0:
+    not the base at the start) and 'mam_adapter' (W_down as nn.Linear's kaiming-uniform, W_up and biases 0).
+    False: nn.Linear's random init (changes outputs; for tests)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,8 +79,10 @@ class BottleneckConfig(DeltaConfig):
         if self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
         check_range("adapter_dropout", self.adapter_dropout, 0.0, 1.0)
-        if self.init_weights not in (True, False, "houlsby"):
-            raise ConfigError(f"init_weights must be True, False or 'houlsby', got {self.init_weights!r}")
+        if self.init_weights not in (True, False, "houlsby", "bert", "mam_adapter"):
+            raise ConfigError(
+                f"init_weights must be True, False, 'houlsby', 'bert' or 'mam_adapter', got {self.init_weights!r}"
+            )
 
     @property
     def sublayers(self) -> tuple[str, ...]:
@@ -165,7 +170,17 @@ class BottleneckLayer(DeltaLayer):
         kw = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
         down = nn.Linear(d, m, **kw)
         up = nn.Linear(m, d, **kw)
-        if init is not False:
+        if init in ("bert", "mam_adapter"):  # the adapters library's, drawn in its order: W_down, then W_up
+            with torch.no_grad():
+                if init == "bert":
+                    nn.init.normal_(down.weight, std=0.02)
+                    nn.init.normal_(up.weight, std=0.02)
+                else:
+                    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+                    nn.init.zeros_(up.weight)
+                nn.init.zeros_(down.bias)
+                nn.init.zeros_(up.bias)
+        elif init is not False:
             with torch.no_grad():
                 # Houlsby's init: zero-mean normal, std 1e-2, truncated at two standard deviations.
                 nn.init.trunc_normal_(down.weight, std=1e-2, a=-2e-2, b=2e-2)

@@ -3,12 +3,15 @@ terms beyond ``.bias``."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny import output_of, tiny_inputs, tiny_model
 from torch import nn
 
 import deltatune as dt
+from deltatune.methods.bottleneck import BottleneckLayer
 
 
 def _trainable(model) -> set[str]:
@@ -119,3 +122,33 @@ def test_ia3_targets_without_the_family_feedforward_save_and_load_in_peft(family
     loaded = peft.PeftModel.from_pretrained(tiny_model(family), tmp_path).eval()
     assert torch.equal(output_of(loaded, inputs), ref)
     assert torch.equal(output_of(dt.DeltaModel.from_pretrained(tiny_model(family), tmp_path), inputs), ref)
+
+
+def _adapters_library_init(d: int, m: int, init: str) -> tuple[nn.Linear, nn.Linear]:
+    """The adapters library's Adapter.__init__ draws, in its order (LayerNorms draw nothing)."""
+    down, up = nn.Linear(d, m), nn.Linear(m, d)
+    with torch.no_grad():
+        if init == "bert":  # Adapter.init_bert_weights applied to adapter_down, then adapter_up
+            down.weight.normal_(mean=0.0, std=0.02)
+            down.bias.zero_()
+            up.weight.normal_(mean=0.0, std=0.02)
+            up.bias.zero_()
+        else:  # "mam_adapter"
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            nn.init.zeros_(down.bias)
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+    return down, up
+
+
+@pytest.mark.parametrize("init", ["bert", "mam_adapter"])
+def test_bottleneck_init_weights_of_the_adapters_library(init):
+    # before: init_weights="bert" (the adapters library's default) and "mam_adapter" were refused
+    layer = BottleneckLayer(nn.Linear(12, 24))
+    torch.manual_seed(3)
+    layer.add("a", 6, "relu", True, False, 1.0, 0.0, dt.BottleneckConfig(init_weights=init).init_weights)
+    torch.manual_seed(3)
+    down, up = _adapters_library_init(24, 6, init)
+    for ours, theirs in ((layer.adapter_down["a"], down), (layer.adapter_up["a"], up)):
+        assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+    assert (up.weight.abs().sum() > 0) == (init == "bert")  # "bert" does not start as the base
