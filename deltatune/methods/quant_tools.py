@@ -338,7 +338,16 @@ def merge_quantized(
     active = list(model.active_adapters)
     if adapter_names:  # the reference is the model with the adapters that merge, not the active ones
         model.set_adapter(adapter_names)
-    reference = _logits(model, probe_inputs)
+    # bitsandbytes repacks a layer on its first eval forward on a CPU with AVX512-BF16 (its scales rounded to bf16
+    # for good) and computes it in bf16 whatever the compute dtype: the reference is the layers as they merge.
+    repacking = [m for _, m in layers if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in repacking:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        reference = _logits(model, probe_inputs)
+    finally:
+        for m in repacking:
+            m.support_avx512bf16_for_cpu = True
     if adapter_names:
         model.set_adapter(active)
     # transformers' bnb layers learn to dequantise by becoming deltatune's Linear4bit (same storage, same output).
