@@ -174,8 +174,8 @@ class _LoraBase(DeltaLayer):
             return result
         if self.row_adapters is not None:
             return self._routed(x, result)
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
+        if not self.merged:  # as peft: a layer holding a merged adapter computes as its (merged) weights alone
+            for name in self.active_adapters:
                 result = self._add(name, x, result)
         return result
 
