@@ -1,5 +1,5 @@
 """PPO probed against TRL's PPOTrainer (trl/experimental/ppo, the last TRL to ship it; 1.16 has none): what its
-optimizer decays, and what a checkpoint of the optimizer before that holds."""
+optimizer decays, and what a checkpoint of the optimizer before that holds; where the score lands."""
 
 from __future__ import annotations
 
@@ -51,3 +51,40 @@ def test_a_checkpoint_of_one_adamw_group_is_refused_in_one_line(base_dir, tmp_pa
         ConfigError, match=r"checkpoint-1: optimizer.pt holds 1 parameter group\(s\), this run's AdamW 2"
     ):
         ppo_checkpoint.load(folder, loop, g)
+
+
+def test_the_score_lands_on_the_eos_token_and_nothing_after_it_counts(base_dir, monkeypatch):  # noqa: F811
+    """Response [w5, EOS, pad, pad] scored 2 and a truncated [w6 w7 w8 w9] scored -1, KL coefficient 0.5:
+    r_t = -0.5 (log pi - log ref) on response tokens, 0 after EOS, the score added on the EOS token (on the last
+    token when no EOS). TRL's PPOTrainer adds it one past EOS, on the first pad (its open issue #3750; the fix
+    proposed there is this placement), and bootstraps V there: with V = 0, gamma 1, lambda 0.95 its EOS-token
+    advantage is 0.95 * score where the textbook's, and ours, is the score."""
+    import deltatune.train.ppo as ppo
+
+    loop = PPOLoop(policy(base_dir), word_tokenizer(), yes_fraction, AlignArgs(init_kl_coef=0.5, ppo_epochs=1))
+    prompt, response = torch.tensor([[5, 6], [7, 8]]), torch.tensor([[9, 3, 0, 0], [10, 11, 12, 13]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    r = ppo.Rollout(torch.cat([prompt, response], 1), torch.cat([torch.ones_like(prompt), mask], 1), mask, 2,
+                    None, None, None, torch.tensor([2.0, -1.0]), [], [])  # fmt: skip
+    logp, values, _ = loop._forward(r)
+    r.logprobs, r.values = logp.detach() * mask, values.detach() * mask
+    r.ref_logprobs = loop.reference_logprobs(r) * mask
+    seen, gae = {}, ppo.gae
+    monkeypatch.setattr(loop, "rollout", lambda prompts: r)
+    monkeypatch.setattr(ppo, "gae", lambda rewards, *a: gae(seen.setdefault("rewards", rewards.clone()), *a))
+    loop.step([[5, 6], [7, 8]])
+    want = -0.5 * (r.logprobs - r.ref_logprobs)
+    want[0, 1] += 2.0
+    want[1, 3] -= 1.0
+    torch.testing.assert_close(seen["rewards"], want)
+    assert (seen["rewards"][0, 2:] == 0).all()
+    # V = 0: ours, A at EOS = its reward; TRL's (score one past EOS, nextvalues unmasked): -0.5 kl + 0.95 * 2.
+    zeros, kl_eos = torch.zeros(2, 4), want[0, 1] - 2.0
+    adv, _ = ppo.gae(want, zeros, mask.float(), 1.0, 0.95)
+    torch.testing.assert_close(adv[0, 1], want[0, 1])
+    trl_rewards, trl_last = want.clone(), torch.zeros(2)
+    trl_rewards[0, 1], trl_rewards[0, 2] = kl_eos, 2.0
+    for t in reversed(range(4)):  # TRL's loop (trl/experimental/ppo/ppo_trainer.py, "compute advantages")
+        trl_last = trl_rewards[:, t] + (zeros[:, t + 1] if t < 3 else 0.0) - zeros[:, t] + 0.95 * trl_last
+        if t == 1:
+            torch.testing.assert_close(trl_last[0], kl_eos + 0.95 * 2.0)
