@@ -39,7 +39,8 @@ UNSUPPORTED: dict[str, Any] = {
     "tools": None,
     "functions": None,
     "response_format": {"type": "text"},
-    # vLLM's sampling fields (and OpenAI's tool_choice without tools), with the values that ask for nothing
+    # vLLM's sampling fields (and OpenAI's tool_choice without tools), with the values that ask for nothing; the
+    # first three, given so, override the base's generation config (top_k -1: no top-k, where the config says 20)
     "top_k": (-1, 0),
     "min_p": 0,
     "repetition_penalty": 1,
@@ -391,10 +392,11 @@ def _number(body: dict, key: str, default: float | None, low: float, high: float
     return float(value)
 
 
-def _temperature(body: dict) -> float:
-    """The request's temperature; below 1e-5 it samples as greedy (as vLLM does): logits / 1e-300 overflow."""
-    t = _number(body, "temperature", 1.0, 0.0, 2.0)
-    return 0.0 if t < 1e-5 else t
+def _temperature(body: dict) -> float | None:
+    """The request's temperature (None: the generation config's, ``default_temperature``); below 1e-5 it samples as
+    greedy (as vLLM does): logits / 1e-300 overflow."""
+    t = _number(body, "temperature", None, 0.0, 2.0)
+    return t if t is None or t >= 1e-5 else 0.0
 
 
 def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> Request:
@@ -440,8 +442,12 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
         adapter=model,
         max_tokens=max_tokens,
         emit=lambda text, finish: None,
+        # Each left unset is the base's generation config's, as generate and vLLM take them.
         temperature=_temperature(body),
-        top_p=_number(body, "top_p", None, 1e-9, 1.0),  # unset: the base's generation config's, as generate
+        top_p=_number(body, "top_p", None, 1e-9, 1.0),
+        top_k=0 if body.get("top_k") in (-1, 0) else None,  # the values UNSUPPORTED lets pass: no top-k
+        min_p=_number(body, "min_p", None, 0.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", None, 1.0, 1.0),
         stop=stop,
         seed=seed,
         ignore_eos=_flag(body, "ignore_eos"),

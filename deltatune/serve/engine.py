@@ -18,7 +18,8 @@ next batch), since its adapter is the model's active one for the whole batch. On
 waiting, nothing more joins, so the running batch drains and that request is not starved.
 
 Per-row sampling keeps answers independent of the batch: greedy rows take the argmax; sampled rows scale by their
-temperature, keep their top-p nucleus, and draw from their own ``torch.Generator`` seeded by the request's seed.
+temperature, keep their top-k, top-p and min-p cut, and draw from their own ``torch.Generator`` seeded by the
+request's seed.
 Positions are ``cumsum(mask) - 1`` (the same as transformers' ``generate``), so a left-padded row sees the same
 positions as when served alone.
 """
@@ -64,8 +65,11 @@ class Request:
     adapter: str
     max_tokens: int
     emit: Callable[[str, str | None], None]
-    temperature: float = 0.0
+    temperature: float | None = 0.0  # None: the base's generation config's (``Engine.submit`` fills it in)
     top_p: float | None = None  # None: the base's generation config's (as generate), else 1
+    top_k: int | None = None  # None: the config's (else 50, generate's default); 0 or -1: no top-k (vLLM's)
+    min_p: float | None = None  # None: the config's
+    repetition_penalty: float | None = None  # None: the config's
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
@@ -179,6 +183,8 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         """Queue a request; its ``emit`` callback receives the text as it is generated."""
+        if request.temperature is None:
+            request.temperature = default_temperature(self.gen)
         self.pending.put(request)
 
     def close(self) -> None:
@@ -457,15 +463,32 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
+def default_temperature(gen: Any) -> float:
+    """The temperature of a request that leaves it unset: greedy (0) where the generation config says
+    ``do_sample: false`` (as ``generate``), else the config's temperature (as ``generate`` and vLLM), else 1
+    (OpenAI's default; ``generate`` decodes greedily there, vLLM samples at 1)."""
+    if getattr(gen, "do_sample", None) is False:
+        return 0.0
+    t = getattr(gen, "temperature", None)
+    t = 1.0 if t is None else float(t)
+    return 0.0 if t < 1e-5 else t
+
+
+def _setting(r: Request, gen: Any, key: str) -> Any:
+    """The request's own ``key``, else the generation config's (None where neither sets it)."""
+    value = getattr(r, key, None)
+    return getattr(gen, key, None) if value is None else value
+
+
 def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any = None) -> int:
-    """The next token of one row: argmax when greedy, else a draw from the tempered top-k, top-p distribution. The
-    base's generation config applies as ``generate`` applies it: its ``repetition_penalty`` always, its ``top_k``
-    when sampling, and its ``top_p`` when the request leaves top_p unset.
+    """The next token of one row: argmax when greedy, else a draw from the tempered top-k, top-p, min-p
+    distribution. Each setting the request leaves unset is the base's generation config's, applied as ``generate``
+    applies it (vLLM's too): ``repetition_penalty`` always, ``top_k``, ``top_p`` and ``min_p`` when sampling.
 
     Raises:
         FloatingPointError: sampling from logits that are not finite (NaN or inf): nothing can be drawn.
     """
-    penalty = getattr(gen, "repetition_penalty", None) or 1.0
+    penalty = _setting(r, gen, "repetition_penalty") or 1.0
     if penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor over the prompt and the answer so far
         seen = torch.tensor(list(dict.fromkeys(r.prompt_ids + r.output_ids)), device=logits.device)
         score = logits[seen]
@@ -473,14 +496,14 @@ def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any 
     if g is None:
         return int(logits.argmax())
     logits = logits / r.temperature
-    top_k = getattr(gen, "top_k", None)
+    top_k = _setting(r, gen, "top_k")
     top_k = 50 if top_k is None else top_k  # generate's global default, where the model's config leaves it unset
     if 0 < top_k < logits.shape[-1]:
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if not bool(torch.isfinite(probs).all()):  # torch.multinomial would fail the whole batch
         raise FloatingPointError("its logits are not finite (NaN or inf), so no token can be sampled")
-    top_p = r.top_p if r.top_p is not None else getattr(gen, "top_p", None)
+    top_p = _setting(r, gen, "top_p")
     top_p = 1.0 if top_p is None else top_p
     if top_p < 1.0:
         # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top token always stays).
@@ -488,4 +511,7 @@ def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any 
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    min_p = _setting(r, gen, "min_p")
+    if min_p:  # tokens less likely than min_p times the top token's probability are dropped (the top one stays)
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=g))
