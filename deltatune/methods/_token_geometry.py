@@ -100,6 +100,12 @@ def fill_geometry(model: nn.Module, config: Any, prefix: bool) -> None:
         if kv_heads is not None:  # grouped-query attention: the prefix has the keys' width (PEFT #1901)
             head_dim = getattr(cfg, "head_dim", None) or hidden // heads
             token_dim, heads = head_dim * kv_heads, kv_heads
+        elif getattr(cfg, "is_encoder_decoder", False):
+            # The prefix is on the decoder's self-attention; PEFT reads the encoder's numbers and fails where they
+            # differ: a deeper decoder, other decoder heads, T5's d_kv * heads != d_model (t5-3b, t5-11b).
+            layers = max(layers, _first(cfg, "num_decoder_layers", "decoder_layers") or 0)
+            heads = _first(cfg, "decoder_attention_heads") or heads
+            token_dim = (_first(cfg, "d_kv") or hidden // heads) * heads
         elif hidden % heads:
             raise ConfigError(f"model type {mtype!r}: hidden size {hidden} is not divisible by {heads} heads")
     # A prefix depends on the layer count and the heads; prompt tokens only on their width (the rest is recorded).

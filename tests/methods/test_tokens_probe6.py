@@ -1,0 +1,86 @@
+"""Token methods on encoder-decoder models against peft 0.21.2: the prefix geometry of the decoder it goes into."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tiny import tiny_inputs, tiny_model
+from tolerances import ATOL
+
+import deltatune as dt
+
+ATOL32 = ATOL[torch.float32]
+PREFIX = dt.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)
+PTV2 = dt.PrefixTuningConfig(num_virtual_tokens=3)
+# Decoders PEFT's geometry (read from the encoder) does not fit: it fails in the attention on each of them.
+UNLIKE_THE_ENCODER = [
+    pytest.param("t5", dict(d_kv=16), id="t5-d_kv-times-heads-not-d_model"),  # as t5-3b, t5-11b
+    pytest.param("t5", dict(num_decoder_layers=3), id="t5-deeper-decoder"),  # its own generate fails (transformers)
+    pytest.param("bart", dict(decoder_attention_heads=2), id="bart-fewer-decoder-heads"),
+    pytest.param("bart", dict(decoder_layers=3), id="bart-deeper-decoder"),
+]
+
+
+def _adapted(family: str, overrides: dict, config: dt.PrefixTuningConfig) -> dt.DeltaModel:
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tiny_model(family, "seq2seq", **overrides), config.replace(task_type="SEQ_2_SEQ_LM"))
+    return model.eval()
+
+
+def _peft_from(path, family: str, overrides: dict):
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(tiny_model(family, "seq2seq", **overrides), path).eval()
+
+
+@pytest.mark.parametrize("config", [pytest.param(PREFIX, id="prefix"), pytest.param(PTV2, id="ptv2")])
+@pytest.mark.parametrize(("family", "overrides"), UNLIKE_THE_ENCODER)
+def test_a_prefix_takes_the_decoders_geometry_and_its_file_computes_the_same_in_peft(
+    family, overrides, config, tmp_path
+):
+    model = _adapted(family, overrides, config)
+    inputs = tiny_inputs(family, "seq2seq")
+    with torch.no_grad():
+        ours = model(**inputs, labels=inputs["decoder_input_ids"])
+        base = tiny_model(family, "seq2seq", **overrides)(**inputs).logits
+    assert torch.isfinite(ours.loss)
+    assert not torch.allclose(ours.logits, base, atol=1e-3), "the prefix should change the outputs"
+    model.save_pretrained(tmp_path)
+    theirs = _peft_from(tmp_path, family, overrides)  # peft builds the prefix from the saved geometry
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs).logits, ours.logits, atol=ATOL32, rtol=0)
+    if overrides.get("num_decoder_layers"):
+        return  # transformers 5.25 sizes T5's generation cache by the encoder's layers: the base model fails too
+    steps, start = 3, model.base_model.config.decoder_start_token_id
+    dec = torch.full((inputs["input_ids"].shape[0], 1), start, dtype=torch.long)
+    enc = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)
+        for _ in range(steps):  # greedy by full forwards
+            dec = torch.cat([dec, model(**enc, decoder_input_ids=dec).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, dec)
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"), [("t5", dict(num_decoder_layers=1)), ("bart", dict(decoder_layers=1))]
+)
+def test_a_shallower_decoder_keeps_pefts_geometry(family, overrides, tmp_path):
+    """As distilbart-12-6: PEFT's prefix has the encoder's layer count, the decoder reads the first ones."""
+    peft = pytest.importorskip("peft")
+    model = _adapted(family, overrides, PTV2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            tiny_model(family, "seq2seq", **overrides),
+            peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM"),
+        ).eval()
+    ours_cfg, their_cfg = model.peft_config["default"], theirs.peft_config["default"]
+    for field in ("num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules"):
+        assert getattr(ours_cfg, field) == getattr(their_cfg, field), field
+    inputs = tiny_inputs(family, "seq2seq")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, theirs(**inputs).logits, atol=ATOL32, rtol=0)
