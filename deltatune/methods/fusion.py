@@ -212,7 +212,37 @@ def fusion_weights(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-MODEL_FUNCTIONS = {"add_fusion": add_fusion, "fusion_weights": fusion_weights}
+def fusion_regularization_loss(model: Any, adapter_name: str | None = None) -> torch.Tensor:
+    """The adapters library's fusion regulariser (its ``get_fusion_regularization_loss``, which its AdapterTrainer
+    adds to the loss while a fusion trains): 0.01 * sum over sub-layers of ||I - W_v||_F^2, keeping W_v near the
+    identity. ``model.fusion_regularization_loss(name)``; None: every fusion whose W_v trains.
+
+    Raises:
+        ValueError: ``adapter_name`` is not a fusion in the model.
+    """
+    values = [
+        layer.adapter_fusion[name].value.weight
+        for layer in model.base_model.modules()
+        if isinstance(layer, BottleneckLayer)
+        for name in layer.adapter_fusion
+        if (
+            name == adapter_name if adapter_name is not None else layer.adapter_fusion[name].value.weight.requires_grad
+        )
+    ]
+    if adapter_name is not None and not values:
+        raise ValueError(f"{adapter_name!r} is not an AdapterFusion in this model")
+    loss = torch.zeros((), device=values[0].device if values else None)
+    for w in values:
+        eye = torch.eye(w.shape[0], device=w.device, dtype=w.dtype)
+        loss = loss + 0.01 * (eye - w).float().pow(2).sum()
+    return loss
+
+
+MODEL_FUNCTIONS = {
+    "add_fusion": add_fusion,
+    "fusion_weights": fusion_weights,
+    "fusion_regularization_loss": fusion_regularization_loss,
+}
 """Functions DeltaModel offers as its own methods (``model.add_fusion(...)``), found through the registry."""
 
 CONFIG, INJECT = AdapterFusionConfig, inject

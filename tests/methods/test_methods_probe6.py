@@ -152,3 +152,26 @@ def test_bottleneck_init_weights_of_the_adapters_library(init):
     for ours, theirs in ((layer.adapter_down["a"], down), (layer.adapter_up["a"], up)):
         assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
     assert (up.weight.abs().sum() > 0) == (init == "bert")  # "bert" does not start as the base
+
+
+def test_fusion_regularization_loss_is_the_adapters_librarys():
+    # adapters' get_fusion_regularization_loss: 0.01 * sum over fusion layers of ((I - W_v) ** 2).sum(); absent before
+    model = dt.DeltaModel(tiny_model("bert"))
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(10 + i)
+        model.add_adapter(name, dt.BottleneckConfig(reduction_factor=4, init_weights=False))
+    model.add_fusion(["a", "b"], name="fused")
+    assert model.fusion_regularization_loss("fused").item() == 0.0  # W_v = I exactly at the start
+    values = [m.adapter_fusion["fused"].value.weight for m in model.modules() if isinstance(m, BottleneckLayer)]
+    assert len(values) == 4  # two blocks, Houlsby: attention and feed-forward
+    with torch.no_grad():
+        for k, w in enumerate(values):
+            w.fill_diagonal_(1.0 + 0.5 * k)  # off the identity by 0.5 k on each of d = 32 diagonal entries
+    expected = 0.01 * 32 * sum((0.5 * k) ** 2 for k in range(4))  # 0.01 * 32 * 3.5 = 1.12
+    loss = model.fusion_regularization_loss("fused")
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    torch.testing.assert_close(model.fusion_regularization_loss(), loss)  # None: every fusion that trains
+    loss.backward()
+    assert values[1].grad is not None
+    with pytest.raises(ValueError, match="'a' is not an AdapterFusion in this model"):
+        model.fusion_regularization_loss("a")
