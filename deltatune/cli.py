@@ -367,9 +367,10 @@ def _generate(args) -> int:
 
     if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" or args.out:
         return _draw(args)
-    model, tok = load_generator(args.adapter, args.model, args.merged, args.trust_remote_code, args.raw, "generate")
+    raw = _raw(args)
+    model, tok = load_generator(args.adapter, args.model, args.merged, args.trust_remote_code, raw, "generate")
     model.eval()
-    render = dict(raw=args.raw, system=args.system, template=run_template(args.adapter))  # prompted as it trained
+    render = dict(raw=raw, system=args.system, template=run_template(args.adapter))  # prompted as it trained
     ids = chat.prompt_ids(tok, args.prompt, **render)
     if args.compare:
         chat.check_base(model, "--compare")
@@ -470,9 +471,18 @@ def _chat(args) -> int:
     from .train.runs import run_template
 
     sampling = _sampling(args)
-    model, tok = load_generator(args.adapter, args.model, False, args.trust_remote_code, args.raw, "chat")
+    raw = _raw(args)
+    model, tok = load_generator(args.adapter, args.model, False, args.trust_remote_code, raw, "chat")
     model.eval()
-    return chat.repl(model, tok, system=args.system, raw=args.raw, template=run_template(args.adapter), **sampling)
+    return chat.repl(model, tok, system=args.system, raw=raw, template=run_template(args.adapter), **sampling)
+
+
+def _raw(args) -> bool:
+    """Whether the prompt goes as it is: ``--raw``, or a seq2seq model's (trained and evaluated on the plain source
+    text, as transformers' text2text pipeline sends it; a chat template its tokenizer has would change the input)."""
+    from .train.run import run_task
+
+    return args.raw or run_task(args.adapter)[0] == "SEQ_2_SEQ_LM"
 
 
 def _merge(args) -> int:

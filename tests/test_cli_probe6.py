@@ -1,0 +1,49 @@
+"""``deltatune generate`` and ``chat`` on a seq2seq run: the prompt goes as the run trained on it."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import torch
+from test_cli import _jsonl, _run
+from tiny import save_tiny
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from deltatune.cli import main
+from deltatune.model import DeltaModel
+
+
+def test_generate_on_a_seq2seq_run_sends_the_plain_source_text(capsys, tmp_path):
+    """A T5 run trains and evaluates on the plain source text; its tokenizer here has a chat template (as T5Gemma's
+    has), which generate applied to the prompt: another input, another answer ('hackett ...' for 'kellan ...')."""
+    model = save_tiny(tmp_path / "t5", "t5")
+    rows = [{"source": f"translate {w} now", "target": f"{w} done"} for w in ["cat", "dog", "tree", "house"]]
+    data = _jsonl(tmp_path / "pairs.jsonl", rows)
+    recipe = tmp_path / "s2s.yaml"
+    recipe.write_text(
+        f"stage: seq2seq\nmodel: {{name_or_path: {model}}}\nmethod: {{name: lora, r: 4, init_lora_weights: false}}\n"
+        f"data: {{train: {data}, max_length: 32, source_column: source, target_column: target}}\n"
+        "train: {batch_size: 2}\n",
+        encoding="utf-8",
+    )
+    run = _run(tmp_path, str(recipe), "train.max_steps=1")
+    tok = AutoTokenizer.from_pretrained(run)
+    assert tok.chat_template
+    capsys.readouterr()
+    assert main(["generate", "--adapter", run, "--prompt", "translate cat now", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    delta = DeltaModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(model), run).eval()
+    enc = tok("translate cat now", return_tensors="pt", return_token_type_ids=False)  # as encode_seq2seq reads it
+    with torch.no_grad():
+        out = delta.generate(**enc, max_new_tokens=8, do_sample=False)
+    expected = tok.decode(out[0], skip_special_tokens=True).strip()
+    assert expected and printed == expected
+    # chat: each line alone, as the run saw its sources (no history, no template)
+    old = sys.stdin
+    sys.stdin = io.StringIO("translate cat now\n/quit\n")
+    try:
+        assert main(["chat", "--adapter", run, "--max-new-tokens", "8"]) == 0
+    finally:
+        sys.stdin = old
+    assert expected in capsys.readouterr().out
