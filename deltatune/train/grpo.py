@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerState
 
 from ..config import ConfigError
 from ..data.load import DataError, Row
@@ -220,11 +221,13 @@ class GRPOLoop:
         )
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.max_grad_norm = max_grad_norm
-        from transformers import TrainerState
-
         self.state, self.logged = TrainerState(), {}  # what rewards see as trainer_state; what they log_metric
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        # A completion ends at the first of these, as TRL's eos_token_ids: the tokenizer's EOS and the generation
+        # config's (where Gemma's <end_of_turn>, Phi-3's <|end|>, Llama 3's <|eom_id|> are listed)
+        ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stops = torch.tensor(sorted({self.eos, *(ends if isinstance(ends, list) else [ends])} - {None}))
 
     # The model runs in eval mode throughout (no dropout), so pi_old, pi and the reference are computed alike.
     def _forward(self, s: Samples, idx: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +261,11 @@ class GRPOLoop:
         ids, mask, completion_mask, completion, truncated = sample_responses(
             self.model, [it.ids for it in items], self.pad, self.eos, self.align, self.align.top_p, num
         )
+        if len(self.stops) > 1:  # (sample_responses stops at the tokenizer's EOS only)
+            stop = torch.isin(completion, self.stops.to(completion.device))
+            after = (stop.cumsum(-1) - stop.long()) > 0  # strictly after the first end
+            completion, truncated = completion.masked_fill(after, self.pad), ~stop.any(-1)
+            completion_mask = (~after).long()
         return Samples(
             sequences=torch.cat([ids, completion], 1),
             attention_mask=torch.cat([mask, completion_mask], 1),
@@ -328,14 +336,13 @@ class GRPOLoop:
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used (logged so, as the Trainer logs)
             if self.scheduler is not None:
                 self.scheduler.step()
-        tokens_once = n_tok.item()
         stats = {
             "loss": sums["loss"],
             "reward": rewards.nanmean().item(),
             "reward_std": nanstd(rewards).item(),
             "frac_zero_std_groups": nanstd(rewards.view(-1, G)).isclose(torch.zeros(())).float().mean().item(),
             "clipfrac": sums["clipped"] / max(sums["tokens"], 1.0),
-            "entropy": sums["entropy"] / tokens_once,
+            "entropy": sums["entropy"] / n_tok.item(),
             "completion_length": mask.sum(-1).mean().item(),
             "truncated_fraction": s.truncated.float().mean().item(),
             "lr": lr,
@@ -476,6 +483,9 @@ def train_grpo(
     from transformers import get_scheduler
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .runfolder import resume_checkpoint
+    from .trainer import LOG_FILE
+
     t, out = cfg.train, cfg.output.dir
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     shared = load_rewards(rewards, cfg.align.reward_funcs, model, cfg.model.name_or_path, tokenizer)
@@ -498,16 +508,12 @@ def train_grpo(
     metrics: dict[str, Any] = {}
     start_step = 0
     if checkpoint is None and os.path.isdir(out) and get_last_checkpoint(out):
-        from .runfolder import resume_checkpoint
-
         checkpoint = resume_checkpoint(out)[0]  # the newest checkpoint that reads
     if checkpoint:
         start_step, history, order, metrics = _load_checkpoint(checkpoint, loop, g)
     elif eval_prompts and t.eval_on_start:
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     save_every = t.save_steps or per_epoch
-    from .trainer import LOG_FILE
-
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, LOG_FILE)  # one line per step as it happens (the board's live curves read it)
     with open(log_path, "w", encoding="utf-8") as fh:  # a resumed run rewrites the steps its checkpoint holds

@@ -1,5 +1,6 @@
 """GRPO against TRL 1.16's GRPOTrainer, round 6: what a reward function is given besides the columns
-(completion_ids, trainer_state, log_metric, log_extra), as TRL's ``_calculate_rewards`` gives it."""
+(completion_ids, trainer_state, log_metric, log_extra), as TRL's ``_calculate_rewards`` gives it; completions end at
+any EOS id of the generation config, as TRL's ``eos_token_ids``."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from deltatune.train.grpo import GRPOLoop, train_grpo
 from deltatune.train.grpo_rewards import Reward
 
 
-def trl_completion_ids(completion: torch.Tensor, eos: int) -> list[list[int]]:
+def trl_completion_ids(completion: torch.Tensor, eos_token_ids: list[int]) -> list[list[int]]:
     """TRL's completion_ids_list from generate's completions (GRPOTrainer._generate_single_turn, transformers path):
-    the tokens up to and including the first EOS."""
-    is_eos = torch.isin(completion, torch.tensor([eos]))
+    the tokens up to and including the first of any EOS id."""
+    is_eos = torch.isin(completion, torch.tensor(eos_token_ids))
     eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long)
     eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
     mask = torch.arange(is_eos.size(1)).expand(is_eos.size(0), -1) <= eos_idx.unsqueeze(1)
@@ -45,7 +46,7 @@ def test_rewards_get_completion_ids_and_log_metric_as_trl_gives_them(base_dir): 
     stats = loop.step(ITEMS[:3])
     s = samples[0]
     assert s.truncated.any() and not s.truncated.all()  # the guard: some completions end at an EOS, some do not
-    want = trl_completion_ids(s.sequences[:, s.prompt_length :], tok.eos_token_id)
+    want = trl_completion_ids(s.sequences[:, s.prompt_length :], [tok.eos_token_id])
     assert seen == [want]
     assert [tok.decode(ids, skip_special_tokens=True) for ids in want] == s.completions
     mean_length = sum(map(len, want)) / len(want)  # TRL's completions/mean_length, from the same lists
@@ -78,3 +79,33 @@ def test_rewards_get_trainer_state_counting_optimizer_steps_as_trl(base_dir, tmp
     _, history = train_grpo(policy(base_dir), word_tokenizer(), cfg, ITEMS[:4], None, [Reward("shaped", shaped)])
     assert steps == [(0, 6), (2, 6), (4, 6)]
     assert [h["reward"] for h in history] == pytest.approx([0.0, 1 / 3, 2 / 3])
+
+
+def test_a_completion_ends_at_any_eos_id_of_the_generation_config_as_trl(base_dir, monkeypatch):  # noqa: F811
+    """TRL's eos_token_ids are the tokenizer's EOS and every id of the model's generation_config.eos_token_id
+    (Gemma-it's <end_of_turn>, Phi-3's <|end|>, Llama 3's <|eom_id|> are listed only there); a completion ends at the
+    first of them. deltatune ended it at the tokenizer's EOS only: the reward, the loss and the logged length took
+    the tokens after an <end_of_turn> (here 4 of 32 completions ran past token 10; mean length 13.47, TRL's 12.66)."""
+    from deltatune.train import grpo
+
+    raw = []
+    sample = grpo.sample_responses
+    monkeypatch.setattr(grpo, "sample_responses", lambda *a: raw.append(sample(*a)) or raw[-1])
+    seen = []
+
+    def by_ids(prompts, completions, completion_ids, **kwargs):
+        seen.extend(completion_ids)
+        return [float(len(ids)) for ids in completion_ids]
+
+    tok, model = word_tokenizer(), policy(base_dir)
+    model.get_base_model().generation_config.eos_token_id = [3, 10]  # the tokenizer's EOS and another end
+    loop = GRPOLoop(model, tok, [Reward("by_ids", by_ids)], AlignArgs(num_generations=8, max_new_tokens=16),
+                    lr=1e-2, seed=0)  # fmt: skip
+    stats = loop.step(ITEMS[:4])
+    generated = raw[0][3]  # what generate sampled, pad after the tokenizer's EOS
+    want = trl_completion_ids(generated, [3, 10])
+    assert any(10 in ids[:-1] for ids in trl_completion_ids(generated, [3]))  # the guard: some run past token 10
+    assert seen == want
+    assert stats["completion_length"] == pytest.approx(sum(map(len, want)) / len(want))  # completions/mean_length
+    clipped = [ids[-1] not in (3, 10, tok.pad_token_id) for ids in want]  # TRL's completions/clipped_ratio
+    assert stats["truncated_fraction"] == pytest.approx(sum(clipped) / len(clipped))
