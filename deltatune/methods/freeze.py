@@ -72,8 +72,8 @@ class FreezeConfig(DeltaConfig):
     peft_type = "FREEZE"
 
     freeze_trainable_layers: int = 2
-    """n > 0: the last n blocks train; n < 0: the first |n|. A model with several stacks (an encoder and a decoder, a
-    vision tower): the last (first) n of each."""
+    """n > 0: the last n blocks train; n < 0: the first |n|. A model with several stacks (an encoder and a decoder):
+    the last (first) n of each; a vision tower's beside a language model's stay frozen, as in LLaMA-Factory."""
     freeze_trainable_modules: list[str] | str | None = None
     """Within those blocks, train only these modules: a list of names under the block (e.g. ["mlp", "self_attn"])
     or a regex searched in the parameter name. None or "all" (LLaMA-Factory's default): the whole block."""
@@ -112,6 +112,9 @@ class FreezeConfig(DeltaConfig):
         depth: dict[str, int] = {}
         for stack, i in blocks.values():
             depth[stack] = max(depth.get(stack, 0), i + 1)
+        text = {s: d for s, d in depth.items() if not re.search(r"vision|visual", s)}
+        if text and len(text) < len(depth):  # a vision tower stays frozen (LLaMA-Factory's freeze_vision_tower)
+            depth = text
         if not depth:
             raise ConfigError(
                 f"freeze: found no numbered transformer blocks (a module list named one of {LAYER_PATTERNS})"

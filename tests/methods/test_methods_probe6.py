@@ -175,3 +175,22 @@ def test_fusion_regularization_loss_is_the_adapters_librarys():
     assert values[1].grad is not None
     with pytest.raises(ValueError, match="'a' is not an AdapterFusion in this model"):
         model.fusion_regularization_loss("a")
+
+
+class _VisionLanguage(nn.Module):
+    """A vision tower of 3 blocks beside a language model of 2 (a VLM's layout, Linear layers as blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision_tower = nn.Module()
+        self.vision_tower.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.language_model = nn.Module()
+        self.language_model.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+
+@pytest.mark.parametrize("n", [1, -1])
+def test_freeze_leaves_a_vision_tower_frozen(n):
+    # LLaMA-Factory freezes the vision tower (freeze_vision_tower) and counts the language model's layers
+    names = dt.FreezeConfig(freeze_trainable_layers=n).trainable_base_parameters(_VisionLanguage())
+    block = 1 if n > 0 else 0
+    assert names == [f"language_model.layers.{block}.weight", f"language_model.layers.{block}.bias"]
