@@ -87,6 +87,8 @@ class FreezeConfig(DeltaConfig):
         if not isinstance(n, int) or isinstance(n, bool) or n == 0:
             raise ConfigError(f"freeze_trainable_layers must be a non-zero integer, got {n!r}")
         modules = self.freeze_trainable_modules
+        if isinstance(modules, str) and re.fullmatch(r"[\w.]+(?:\s*,\s*[\w.]+)+", modules):
+            modules = [m.strip() for m in modules.split(",")]  # LLaMA-Factory's "mlp,self_attn" (no name has a comma)
         if modules == "all" or (isinstance(modules, (list, tuple)) and "all" in modules):
             self.freeze_trainable_modules = None
         elif isinstance(modules, str):
@@ -96,7 +98,7 @@ class FreezeConfig(DeltaConfig):
             if not self.freeze_trainable_modules:
                 raise ConfigError("freeze_trainable_modules must be None, a regex or a non-empty list, got []")
         if isinstance(self.freeze_extra_modules, str):
-            self.freeze_extra_modules = [self.freeze_extra_modules]
+            self.freeze_extra_modules = [m.strip() for m in self.freeze_extra_modules.split(",")]
         if self.freeze_extra_modules is not None:
             self.freeze_extra_modules = list(self.freeze_extra_modules)
 

@@ -194,3 +194,15 @@ def test_freeze_leaves_a_vision_tower_frozen(n):
     names = dt.FreezeConfig(freeze_trainable_layers=n).trainable_base_parameters(_VisionLanguage())
     block = 1 if n > 0 else 0
     assert names == [f"language_model.layers.{block}.weight", f"language_model.layers.{block}.bias"]
+
+
+def test_freeze_comma_separated_names_as_llama_factory_writes_them():
+    # LLaMA-Factory's YAML writes lists as "mlp,self_attn"; as a regex that string matched nothing (ConfigError)
+    config = dt.FreezeConfig(
+        freeze_trainable_layers=1, freeze_trainable_modules="mlp, self_attn", freeze_extra_modules="embed_tokens,norm"
+    )
+    assert config.freeze_trainable_modules == ["mlp", "self_attn"]
+    assert config.freeze_extra_modules == ["embed_tokens", "norm"]
+    names = config.trainable_base_parameters(tiny_model("llama"))
+    assert {n.split(".")[3] for n in names if ".layers." in n} == {"mlp", "self_attn"}
+    assert {n for n in names if ".layers." not in n} == {"model.embed_tokens.weight", "model.norm.weight"}
