@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import os
 import re
@@ -47,6 +48,23 @@ UNSUPPORTED: dict[str, Any] = {
     "stop_token_ids": None,
     "min_tokens": 0,
     "tool_choice": ("none", "auto"),
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "chat_template": None,
+    "bad_words": None,
+    "allowed_token_ids": None,
+    "prompt_logprobs": None,
+    "truncate_prompt_tokens": None,
+    "use_beam_search": False,
+    "length_penalty": 1,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "structured_outputs": None,
+    "audio": None,
+    "prediction": None,
 }
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 
@@ -137,13 +155,14 @@ def create_app(
         body = await _body(http)
         model = body.get("model")
         template = engine.templates.get(model) if isinstance(model, str) else None  # the run's data.template
-        prompt_ids = _chat_ids(engine.tokenizer, body.get("messages"), template)
+        prompt_ids = _chat_ids(engine.tokenizer, body.get("messages"), template, _rendering(body, template))
         return await _complete(http, body, prompt_ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await _body(http)
-        prompt_ids = _prompt_ids(engine.tokenizer, body.get("prompt"))
+        special = _flag(body, "add_special_tokens") if body.get("add_special_tokens") is not None else True
+        prompt_ids = _prompt_ids(engine.tokenizer, body.get("prompt"), special)
         return await _complete(http, body, prompt_ids, chat=False)
 
     @app.post("/v1/adapters")
@@ -296,9 +315,48 @@ async def _body(http: HttpRequest) -> dict:
     return body
 
 
-def _chat_ids(tokenizer: Any, messages: Any, template: str | None = None) -> list[int]:
+# vLLM's chat fields that change how the prompt is rendered, with vLLM's defaults.
+RENDERING: dict[str, Any] = {
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+    "add_special_tokens": False,
+    "chat_template_kwargs": {},
+}
+
+
+def _rendering(body: dict, template: str | None) -> dict[str, Any]:
+    """vLLM's rendering fields of a chat request, checked: the tokenizer's chat template takes them (its own
+    variables, such as Qwen3's ``enable_thinking``, in ``chat_template_kwargs``); a run's built-in template only
+    their defaults."""
+    out = {key: body.get(key, default) for key, default in RENDERING.items()}
+    out = {key: default if out[key] is None else out[key] for key, default in RENDERING.items()}
+    for key in ("add_generation_prompt", "continue_final_message", "add_special_tokens"):
+        _flag(out, key)
+    kwargs = out["chat_template_kwargs"]
+    if not isinstance(kwargs, dict):
+        raise RequestError(f"chat_template_kwargs must be an object, got {kwargs!r}", param="chat_template_kwargs")
+    if out["add_generation_prompt"] and out["continue_final_message"]:  # as vLLM answers
+        raise RequestError(
+            "continue_final_message continues the last message: set add_generation_prompt to false with it",
+            param="continue_final_message",
+        )
+    changed = [key for key, default in RENDERING.items() if out[key] != default]
+    if template is not None and changed:
+        raise RequestError(
+            f"{changed[0]} is not served for this model: its chat requests are rendered with the built-in "
+            f"template {template!r} its run trained with",
+            code="unsupported",
+            param=changed[0],
+        )
+    return out
+
+
+def _chat_ids(
+    tokenizer: Any, messages: Any, template: str | None = None, rendering: dict[str, Any] | None = None
+) -> list[int]:
     """The prompt of a chat request, the assistant's turn opened: rendered with ``template`` (the built-in one the
-    adapter's run trained with) as ``deltatune chat`` renders it, else with the tokenizer's chat template."""
+    adapter's run trained with) as ``deltatune chat`` renders it, else with the tokenizer's chat template (with
+    ``rendering``'s options, vLLM's: ``RENDERING``)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content}", param="messages")
     clean = []
@@ -331,11 +389,26 @@ def _chat_ids(tokenizer: Any, messages: Any, template: str | None = None) -> lis
             raise RequestError(str(exc), param="messages") from None
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template")
+    options = {**RENDERING, **(rendering or {})}
+    kwargs = options["chat_template_kwargs"]
+    named = inspect.signature(tokenizer.apply_chat_template).parameters
+    taken = [k for k in kwargs if not isinstance(k, str) or (k in named and k != "kwargs") or k == "messages"]
+    if taken:  # apply_chat_template's own arguments (tokenize, tools, ...), not the template's variables
+        raise RequestError(f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs")
     try:
-        text = apply_chat_template(tokenizer, clean, tokenize=False, add_generation_prompt=True)
+        text = apply_chat_template(
+            tokenizer,
+            clean,
+            tokenize=False,
+            add_generation_prompt=options["add_generation_prompt"],
+            continue_final_message=options["continue_final_message"],
+            **kwargs,
+        )
     except ChatTemplateError as exc:  # a 400 naming the template's reason, not a 500
         raise RequestError(str(exc), param="messages") from None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except ValueError as exc:  # continue_final_message without a final message to continue
+        raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
+    return list(tokenizer(text, add_special_tokens=options["add_special_tokens"])["input_ids"])
 
 
 def _utf8(text: str, what: str, param: str) -> None:
@@ -346,13 +419,14 @@ def _utf8(text: str, what: str, param: str) -> None:
         raise RequestError(f"{what} holds a lone surrogate (\\ud800-\\udfff), not UTF-8 text", param=param) from None
 
 
-def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
-    """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does) or token ids."""
+def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True) -> list[int]:
+    """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does, the tokenizer's
+    special tokens added unless ``special`` is false, vLLM's ``add_special_tokens``) or token ids."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
         _utf8(prompt, "prompt", "prompt")
-        ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
+        ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"]) if prompt else []
         if not ids:  # an empty string (also where the tokenizer would add a BOS: nothing to continue)
             raise RequestError("prompt is empty; give some text (or token ids) to continue", param="prompt")
         return ids

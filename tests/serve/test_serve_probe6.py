@@ -133,3 +133,70 @@ def test_repetition_penalty_1_overrides_the_config(sampled, monkeypatch):
     assert plain != penalised
     assert _complete(server, temperature=0, repetition_penalty=1) == plain
     assert _complete(server, temperature=0) == penalised
+
+
+THINKING = (  # Qwen3's switch, in the tiny template's shape
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}"
+)
+
+
+def _post(server, path: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def test_vllms_chat_rendering_fields_are_applied_not_ignored(served, monkeypatch):
+    """chat_template_kwargs (Qwen3's enable_thinking: false), continue_final_message, add_generation_prompt and
+    add_special_tokens were accepted and ignored: the prompt was the default rendering (25 tokens where
+    enable_thinking false renders 32)."""
+    engine, server, _, _ = served
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "chat_template", THINKING)
+    chat = [{"role": "user", "content": "Hi there"}]
+    prefill = [*chat, {"role": "assistant", "content": "Well"}]
+
+    def want(messages, special=False, **kw) -> int:
+        return len(tok(tok.apply_chat_template(messages, tokenize=False, **kw), add_special_tokens=special).input_ids)
+
+    cases = [
+        ({}, chat, want(chat, add_generation_prompt=True)),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, chat,
+         want(chat, add_generation_prompt=True, enable_thinking=False)),
+        ({"add_generation_prompt": False, "continue_final_message": True}, prefill,
+         want(prefill, continue_final_message=True)),
+        ({"add_generation_prompt": False}, chat, want(chat)),
+        ({"add_special_tokens": True}, chat, want(chat, True, add_generation_prompt=True)),
+    ]  # fmt: skip
+    assert len({n for _, _, n in cases}) == len(cases)  # each field changes the prompt
+    for fields, messages, n in cases:
+        body = {"model": "lora", "messages": messages, "max_tokens": 1, **fields}
+        status, answer = _post(server, "/v1/chat/completions", body)
+        assert status == 200 and answer["usage"]["prompt_tokens"] == n, fields
+    plain = {"model": "lora", "prompt": "the cat", "max_tokens": 1}
+    n = [_post(server, "/v1/completions", {**plain, "add_special_tokens": s})[1]["usage"]["prompt_tokens"]
+         for s in (True, False)]  # fmt: skip
+    assert n == [len(tok("the cat").input_ids), len(tok("the cat", add_special_tokens=False).input_ids)]
+
+
+def test_vllm_fields_the_server_does_not_compute_are_refused_not_ignored(served):
+    """include_stop_str_in_output, skip_special_tokens false, guided_json, ... answered 200 as if not sent."""
+    _, server, _, _ = served
+    chat = {"model": "lora", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    for field, value in (("include_stop_str_in_output", True), ("skip_special_tokens", False),
+                         ("guided_json", {"type": "object"}), ("use_beam_search", True), ("chat_template", "{{ 1 }}"),
+                         ("continue_final_message", True), ("chat_template_kwargs", {"tokenize": True})):  # fmt: skip
+        status, answer = _post(server, "/v1/chat/completions", {**chat, field: value})
+        assert status == 400 and answer["error"]["param"] == field, field
+    for field, value in (("include_stop_str_in_output", False), ("skip_special_tokens", True)):
+        assert _post(server, "/v1/chat/completions", {**chat, field: value})[0] == 200, field
