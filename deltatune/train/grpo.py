@@ -525,7 +525,7 @@ def train_grpo(
             if len(order) < t.batch_size:
                 order += torch.randperm(len(prompts), generator=g).tolist()
             batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
-            loop.steps_done = step - 1
+            loop.steps_done, loop.state.epoch = step - 1, (step - 1) / per_epoch  # (TRL's epoch: the same)
             tick = time.perf_counter()
             history.append({"step": step, **loop.step(batch), "step_time_s": time.perf_counter() - tick})
             bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", refresh=False)

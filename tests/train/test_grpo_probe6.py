@@ -58,7 +58,7 @@ def test_rewards_get_completion_ids_and_log_metric_as_trl_gives_them(base_dir): 
 def test_rewards_get_trainer_state_counting_optimizer_steps_as_trl(base_dir, tmp_path, monkeypatch):  # noqa: F811
     """TRL gives ``trainer_state`` (a transformers TrainerState) for reward shaping over the run: at the k-th
     generation batch (from 0) its global_step is k x num_iterations optimizer steps, max_steps the run's optimizer
-    steps. Such a reward raised TypeError in deltatune."""
+    steps, its epoch the passes over the prompts. Such a reward raised TypeError in deltatune."""
     from transformers import TrainerState
 
     from deltatune.train import grpo
@@ -68,7 +68,7 @@ def test_rewards_get_trainer_state_counting_optimizer_steps_as_trl(base_dir, tmp
 
     def shaped(prompts, completions, trainer_state, **kwargs):
         assert isinstance(trainer_state, TrainerState)
-        steps.append((trainer_state.global_step, trainer_state.max_steps))
+        steps.append((trainer_state.global_step, trainer_state.max_steps, trainer_state.epoch))
         return [trainer_state.global_step / trainer_state.max_steps] * len(completions)
 
     cfg = build({"stage": "grpo", "model": {"name_or_path": base_dir}, "method": {"name": "lora"},
@@ -77,7 +77,7 @@ def test_rewards_get_trainer_state_counting_optimizer_steps_as_trl(base_dir, tmp
                  "align": {"num_generations": 2, "max_new_tokens": 2, "num_iterations": 2, "beta": 0.0,
                            "reward_funcs": ["unused:shaped"]}})  # fmt: skip
     _, history = train_grpo(policy(base_dir), word_tokenizer(), cfg, ITEMS[:4], None, [Reward("shaped", shaped)])
-    assert steps == [(0, 6), (2, 6), (4, 6)]
+    assert steps == [(0, 6, 0.0), (2, 6, 0.5), (4, 6, 1.0)]  # 4 prompts: an epoch is 2 steps
     assert [h["reward"] for h in history] == pytest.approx([0.0, 1 / 3, 2 / 3])
 
 
