@@ -33,7 +33,32 @@ from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
 from ..layer import DeltaLayer, linear_shape, set_submodule
 from ..targets import BOTTLENECK_TARGETS, MOE_BOTTLENECK, find_targets, fused_experts, model_type
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "leakyrelu": nn.LeakyReLU,
+}
+
+
+def _activations() -> list[str]:
+    """The names the adapters library takes (case aside): ours, and transformers' ACT2FN less those with weights."""
+    from transformers.activations import ACT2CLS
+
+    return sorted(set(ACTIVATIONS) | {n for n in ACT2CLS if n not in ("prelu", "xielu")})
+
+
+def _activation(name: str) -> nn.Module:
+    key = name.lower()
+    if key in ACTIVATIONS:
+        return ACTIVATIONS[key]()
+    from transformers.activations import get_activation
+
+    return get_activation(key)
+
+
 SUBLAYERS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 _SUBLAYER_WORDS = {"attn": "attention output", "ffn": "feed-forward output"}
 
@@ -52,7 +77,8 @@ class BottleneckConfig(DeltaConfig):
     bottleneck_size: int | None = None
     """Bottleneck size m, overriding reduction_factor."""
     non_linearity: str = "relu"
-    """The non-linearity f between the projections: 'relu', 'gelu', 'swish' (= 'silu') or 'tanh'."""
+    """The non-linearity f between the projections: 'relu', 'gelu', 'swish' (= 'silu'), 'tanh', 'leakyrelu', or any
+    other name of transformers' ACT2FN ('gelu_new', ...), case aside, as the adapters library takes them."""
     ln_before: bool = False
     """A trainable LayerNorm on the adapter's input h (inside the adapter; the residual uses the raw h)."""
     ln_after: bool = False
@@ -76,8 +102,8 @@ class BottleneckConfig(DeltaConfig):
         check_range("reduction_factor", self.reduction_factor, 0, None, low_open=True)
         check_range("scaling", self.scaling)
         check_positive_int("bottleneck_size", self.bottleneck_size, optional=True)
-        if self.non_linearity not in ACTIVATIONS:
-            raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
+        if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in _activations():
+            raise ConfigError(f"non_linearity must be one of {_activations()}, got {self.non_linearity!r}")
         check_range("adapter_dropout", self.adapter_dropout, 0.0, 1.0)
         if self.init_weights not in (True, False, "houlsby", "bert", "mam_adapter"):
             raise ConfigError(
@@ -196,7 +222,7 @@ class BottleneckLayer(DeltaLayer):
             self.adapter_ln_before[name] = nn.LayerNorm(d, **kw)
         if ln_after:
             self.adapter_ln_after[name] = nn.LayerNorm(d, **kw)
-        self.adapter_act[name] = ACTIVATIONS[act]()
+        self.adapter_act[name] = _activation(act)
         self.adapter_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
 

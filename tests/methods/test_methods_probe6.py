@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny import output_of, tiny_inputs, tiny_model
 from torch import nn
+from transformers.activations import get_activation
 
 import deltatune as dt
 from deltatune.methods.bottleneck import BottleneckLayer
@@ -206,3 +207,16 @@ def test_freeze_comma_separated_names_as_llama_factory_writes_them():
     names = config.trainable_base_parameters(tiny_model("llama"))
     assert {n.split(".")[3] for n in names if ".layers." in n} == {"mlp", "self_attn"}
     assert {n for n in names if ".layers." not in n} == {"model.embed_tokens.weight", "model.norm.weight"}
+
+
+@pytest.mark.parametrize("name", ["LeakyReLU", "gelu_new", "Swish"])
+def test_bottleneck_takes_the_adapters_librarys_non_linearities(name):
+    # adapters lower-cases the name, maps "leakyrelu" to F.leaky_relu and asks transformers' get_activation for the
+    # rest; "leakyrelu" and "gelu_new" were refused, "Swish" too (case)
+    config = dt.BottleneckConfig(non_linearity=name, init_weights=False)
+    layer = BottleneckLayer(nn.Linear(8, 8))
+    layer.add("a", 4, config.non_linearity, False, False, 1.0, 0.0, False)
+    f = nn.functional.leaky_relu if name == "LeakyReLU" else get_activation(name.lower())
+    h = torch.randn(3, 8)
+    down, up = layer.adapter_down["a"], layer.adapter_up["a"]
+    torch.testing.assert_close(layer.delta("a", h), up(f(down(h))), rtol=0, atol=0)
