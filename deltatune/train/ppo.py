@@ -479,11 +479,13 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     except OSError:
         config = None  # the model loader reports this more clearly
     context = context_length(config) if config is not None else None
-    if context is not None and longest + a.max_new_tokens > context:
+    virtual = getattr(cfg.method_config(), "num_virtual_tokens", 0) or 0  # a token adapter's take positions too
+    if context is not None and longest + virtual + a.max_new_tokens > context:
+        also = f" and the adapter's {virtual} virtual tokens" if virtual else ""
         raise ConfigError(
             f"align.max_new_tokens={a.max_new_tokens} plus the longest prompt ({longest} tokens, data.max_length="
-            f"{d.max_length}) is {longest + a.max_new_tokens} positions, more than the model's context of {context}; "
-            "lower align.max_new_tokens or data.max_length"
+            f"{d.max_length}){also} is {longest + virtual + a.max_new_tokens} positions, more than the model's "
+            f"context of {context}; lower align.max_new_tokens or data.max_length"
         )
     _check_reward_model(a.reward_model)
     notes = [

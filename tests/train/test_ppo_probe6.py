@@ -88,3 +88,29 @@ def test_the_score_lands_on_the_eos_token_and_nothing_after_it_counts(base_dir, 
         trl_last = trl_rewards[:, t] + (zeros[:, t + 1] if t < 3 else 0.0) - zeros[:, t] + 0.95 * trl_last
         if t == 1:
             torch.testing.assert_close(trl_last[0], kl_eos + 0.95 * 2.0)
+
+
+def test_a_token_adapters_virtual_tokens_count_in_the_context_check(tmp_path, capsys):
+    """GPT-2 with 48 positions, prompt tuning with 20 virtual tokens, prompts of at most 16 tokens and 28 new ones:
+    16 + 28 = 44 passed the check, prompt and virtual tokens fit (36), then sampling ran past position 48: an
+    IndexError inside torch's embedding. Now refused before the model loads, naming the key and the virtual tokens."""
+    import json
+
+    from tiny import save_tiny
+
+    from deltatune.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me about the {w} cat"}) + "\n" for w in "abcd"))
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(json.dumps({
+        "stage": "ppo", "model": {"name_or_path": save_tiny(tmp_path / "gpt2", "gpt2", "causal_lm", n_positions=48)},
+        "method": {"name": "prompt_tuning", "num_virtual_tokens": 20},
+        "data": {"train": str(prompts), "max_length": 16}, "train": {"max_steps": 1, "batch_size": 2},
+        "align": {"reward_model": "test_ppo:yes_fraction", "max_new_tokens": 28, "mini_batch_size": 2},
+        "output": {"dir": str(tmp_path / "run")},
+    }))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "align.max_new_tokens=28" in err and "the adapter's 20 virtual tokens" in err and "context of 48" in err
+    assert not (tmp_path / "run").exists()
