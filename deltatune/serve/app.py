@@ -79,10 +79,11 @@ def _error(status: int, message: str, code: str, param: str | None = None):
 
 
 class Limits:
-    """What a request may ask: ``max_tokens`` up to ``max_tokens``, prompt + completion within ``context``."""
+    """What a request may ask: ``max_tokens`` up to ``max_tokens``, prompt + completion within ``context``; left
+    unset, at most ``default`` too (the generation config's ``max_new_tokens``, as generate and vLLM take it)."""
 
-    def __init__(self, max_tokens: int, context: int) -> None:
-        self.max_tokens, self.context = max_tokens, context
+    def __init__(self, max_tokens: int, context: int, default: int | None = None) -> None:
+        self.max_tokens, self.context, self.default = max_tokens, context, default
 
 
 def create_app(
@@ -204,7 +205,9 @@ def create_app(
             )
         # A token adapter's virtual tokens take room in the context too.
         virtual = 0 if model == BASE else getattr(engine.model.peft_config[model], "num_virtual_tokens", 0) or 0
-        request = _sampling(body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual), model)
+        default = getattr(engine.gen, "max_new_tokens", None)  # the config's, for a request that sets none
+        default = default if isinstance(default, int) and default > 0 else None
+        request = _sampling(body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual, default), model)
         stream = _flag(body, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
@@ -486,7 +489,7 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
     room = limits.context - len(prompt_ids)
     max_tokens = body.get(key)
     if max_tokens is None:
-        max_tokens = min(limits.max_tokens, room)
+        max_tokens = min(limits.max_tokens, room, limits.default or room)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise RequestError(f"{key} must be a positive integer, got {max_tokens!r}", param=key)
     if max_tokens > limits.max_tokens:

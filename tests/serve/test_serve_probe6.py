@@ -200,3 +200,23 @@ def test_vllm_fields_the_server_does_not_compute_are_refused_not_ignored(served)
         assert status == 400 and answer["error"]["param"] == field, field
     for field, value in (("include_stop_str_in_output", False), ("skip_special_tokens", True)):
         assert _post(server, "/v1/chat/completions", {**chat, field: value})[0] == 200, field
+
+
+def test_unset_max_tokens_is_at_most_the_generation_configs_max_new_tokens(served, monkeypatch):
+    """A generation_config.json with max_new_tokens 3: generate (and vLLM) stop there when the caller sets no
+    limit; serve went on to --max-tokens (64 here)."""
+    from transformers import AutoModelForCausalLM
+
+    engine, server, base, _ = served
+    monkeypatch.setattr(engine.gen, "max_new_tokens", 3)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    model.generation_config.max_new_tokens = 3
+    tok = engine.tokenizer
+    x = torch.tensor([tok("the cat sat on")["input_ids"]])
+    with torch.no_grad():  # max_new_tokens from the config, as a caller that sets none gets
+        want = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=0)
+    want = _text(tok, want[0, x.shape[1] :].tolist())
+    status, answer = _post(server, "/v1/completions", {"model": "base", "prompt": "the cat sat on", "temperature": 0})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3 and answer["choices"][0]["text"] == want
+    asked = {"model": "base", "prompt": "the cat sat on", "temperature": 0, "max_tokens": 5}
+    assert _post(server, "/v1/completions", asked)[1]["usage"]["completion_tokens"] == 5  # asked for: as asked
