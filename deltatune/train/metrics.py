@@ -140,5 +140,5 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n:
 
 
 def perplexity(loss: float) -> float:
-    """exp(mean token loss); inf past a loss of 50 (where exp overflows a float's use)."""
-    return math.exp(loss) if loss < 50 else float("inf")
+    """exp(mean token loss); inf past a loss of 50 (where exp overflows a float's use); nan for a nan loss."""
+    return float("inf") if loss >= 50 else math.exp(loss)

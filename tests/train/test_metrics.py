@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from deltatune.train.metrics import accuracy, bleu, entities, entity_prf, f1, rouge_l
+from deltatune.train.metrics import accuracy, bleu, entities, entity_prf, f1, perplexity, rouge_l
 
 
 def test_accuracy():
@@ -166,3 +166,10 @@ def test_bleu_and_rouge_l_equal_sacrebleu_and_rouge_score(seed):
     for p, rs in zip(preds, refs):
         for r in rs:
             assert rouge_l(p, r) == pytest.approx(scorer.score(r, p)["rougeL"].fmeasure, abs=1e-12)
+
+
+def test_perplexity_is_exp_of_the_loss_inf_past_overflow_and_nan_for_a_nan_loss():
+    """A diverged run's nan eval loss read as perplexity inf (``nan < 50`` is false), a finite-looking verdict."""
+    assert perplexity(math.log(7.5)) == pytest.approx(7.5, rel=1e-12)
+    assert perplexity(60.0) == math.inf
+    assert math.isnan(perplexity(math.nan))
