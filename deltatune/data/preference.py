@@ -2,8 +2,9 @@
 
 Two encodings of a (prompt, response) text pair:
 
-- ``encode_scored`` for a scoring model (the reward model): the tokenizer's own pair template, so an encoder
-  sees ``[CLS] prompt [SEP] response [SEP]`` with token types and a decoder the two texts one after the other.
+- ``encode_scored`` for a scoring model (the reward model): an encoder's tokenizer's own pair template,
+  ``[CLS] prompt [SEP] response [SEP]`` with token types; a decoder's, ``encode_lm``'s ids (the response closed by
+  EOS, where the score is read, as TRL's RewardTrainer appends it).
 - ``encode_lm`` for a causal LM (DPO): ``prompt ids + response ids + EOS`` with labels -100 on the prompt, so
   summed label log-probs are the response's log-probability given the prompt.
 
@@ -118,11 +119,17 @@ def _cut_prompt(tokenizer, prompt: str, drop: int) -> str:
 
 
 def encode_scored(tokenizer, prompt: str, response: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
-    """Model inputs for scoring ``response`` to ``prompt`` (the tokenizer's pair template), and whether it was cut.
+    """Model inputs for scoring ``response`` to ``prompt``, and whether it was cut.
 
-    Over-long inputs lose the start of the prompt first; a response that alone exceeds ``max_length`` is cut at
-    its end.
+    An encoder's tokenizer (one that ends its encodings with EOS: BERT's [SEP], T5's and BART's </s>) gives its
+    pair template. Over-long inputs lose the start of the prompt first; a response that alone exceeds
+    ``max_length`` is cut at its end. A decoder's (GPT-2, Llama, Qwen) gives ``encode_lm``'s ids: its pair template
+    joined the texts with no EOS (Llama's with a second BOS), so the score was read at the response's last word
+    where TRL's RewardTrainer, which appends the EOS, reads it at the EOS.
     """
+    if tokenizer.eos_token_id is not None and _no_eos_after(tokenizer):
+        enc, cut = encode_lm(tokenizer, prompt, response, max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, cut
 
     def enc(p: str, **kw: Any) -> dict[str, list[int]]:
         out = tokenizer(p, response, **kw) if p else tokenizer(response, **kw)
@@ -137,6 +144,12 @@ def encode_scored(tokenizer, prompt: str, response: str, max_length: int) -> tup
     if len(ids["input_ids"]) > max_length:  # the response alone is too long, or offsets merged at the cut
         ids = enc(prompt, truncation="longest_first" if prompt else True, max_length=max_length)
     return ids, True
+
+
+def _no_eos_after(tokenizer) -> bool:
+    """Whether the tokenizer ends its encodings with no EOS (a decoder's: GPT-2, Llama, Qwen)."""
+    probe = tokenizer("a")["input_ids"]
+    return not probe or probe[-1] != tokenizer.eos_token_id
 
 
 def bos_prefix(tokenizer) -> list[int]:

@@ -1,7 +1,10 @@
 """Preference stages against TRL 1.16 where a probe found them apart: KTO on preference rows read them interleaved
-(chosen 1, rejected 1, chosen 2, ...), so in a sequential eval batch each rejected row's mismatched neighbour was its
-own prompt's chosen answer, a matched pair in the reference point z0 (eval_loss 0.49962 against TRL's 0.49965 here); TRL's
-``unpair_preference_dataset`` gives each 1000 rows' chosen completions, then their rejected ones."""
+(chosen 1, rejected 1, chosen 2, ...), so in a sequential eval batch each rejected row's mismatched neighbour was
+its own prompt's chosen answer, a matched pair in the reference point z0 (eval_loss 0.49962 against TRL's 0.49965
+here); TRL's ``unpair_preference_dataset`` gives each 1000 rows' chosen completions, then their rejected ones. A
+reward model on a decoder without a chat template scored the tokenizer's pair template, with no EOS, so its reward
+was read at the response's last word; TRL's RewardTrainer appends the EOS and reads it there (a probe's first
+reward: 0.037 against TRL's 0.188)."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
-from tiny import save_tiny
-from transformers import AutoModelForCausalLM
+from tiny import save_tiny, tiny_config, word_tokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import deltatune as dt
 from deltatune.train import build
 from deltatune.train.models import load_tokenizer
+from deltatune.train.reward import RewardTrainer
 from deltatune.train.run import _training_args
 from deltatune.train.table import prepare as _prepare
 
@@ -71,3 +75,29 @@ def test_kto_eval_on_preference_rows_equals_trl(base, tmp_path):
     assert ours["eval_reward_desirable"] == pytest.approx(theirs["eval_rewards/chosen"], abs=2e-5)
     assert ours["eval_reward_undesirable"] == pytest.approx(theirs["eval_rewards/rejected"], abs=2e-5)
     assert [e["desirable"] for e in prep.eval] == [True] * 4 + [False] * 4  # TRL's order
+
+
+def test_reward_model_on_a_decoder_without_template_reads_the_eos_as_trl(tmp_path):
+    """The word tokenizer adds no special token and has no chat template (RAW rows); its pad is not its EOS, so the
+    classifier reads the last real token: TRL's appended EOS."""
+    tok = word_tokenizer()
+    config = tiny_config("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, num_labels=1)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rows = [{"prompt": "w1 w2 w3", "chosen": " w4 w5", "rejected": " w6"}, {"prompt": "w7", "chosen": " w8 w9 w10",
+            "rejected": " w11 w12"}]  # fmt: skip
+    cfg, tok, prep = prepared(str(tmp_path / "m"), tmp_path, "rm", rows)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    args = trl.RewardConfig(str(tmp_path / "trl"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                            report_to=[], use_cpu=True, bf16=False)  # fmt: skip
+    theirs = dt.trl_trainer(trl.RewardTrainer)(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                               eval_dataset=Dataset.from_list(rows), processing_class=tok)  # fmt: skip
+    batch, ours = next(iter(theirs.get_eval_dataloader())), prep.collator(prep.eval)
+    assert ours["input_ids"].tolist() == batch["input_ids"].tolist()  # [w1 w2 w3 w4 w5 EOS] ...
+    assert ours["input_ids"][0, 5] == tok.eos_token_id
+    trainer = RewardTrainer(model=model, args=_training_args(cfg, prep, str(tmp_path / "run")), eval_dataset=prep.eval)
+    with torch.no_grad():
+        expected = theirs.compute_loss(model, dict(batch)).item()
+        assert trainer.compute_loss(model, ours).item() == pytest.approx(expected, abs=1e-6)
