@@ -5,8 +5,10 @@ one finite number per completion stops the run with one line naming the reward a
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -167,7 +169,8 @@ def _call(reward: Reward, prompts: list, texts: list[str], completions: list[str
           extras: dict[str, Any]) -> Any:  # fmt: skip
     if reward.model:
         return reward.fn(texts, completions)
-    return reward.fn(prompts=prompts, completions=completions, **{**columns, **extras})
+    out = reward.fn(prompts=prompts, completions=completions, **{**columns, **extras})
+    return asyncio.run(out) if inspect.iscoroutine(out) else out  # an async reward function, awaited as TRL awaits it
 
 
 def score(

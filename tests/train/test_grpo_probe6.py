@@ -109,3 +109,22 @@ def test_a_completion_ends_at_any_eos_id_of_the_generation_config_as_trl(base_di
     assert stats["completion_length"] == pytest.approx(sum(map(len, want)) / len(want))  # completions/mean_length
     clipped = [ids[-1] not in (3, 10, tok.pad_token_id) for ids in want]  # TRL's completions/clipped_ratio
     assert stats["truncated_fraction"] == pytest.approx(sum(clipped) / len(clipped))
+
+
+def test_an_async_reward_function_is_awaited_as_trl_awaits_it():
+    """TRL 1.16 awaits a reward function defined with ``async def`` (GRPOTrainer._calculate_rewards); deltatune called
+    it and got a coroutine: 'reward lengths returned a coroutine, not a list of 2 numbers'. Its errors still name the
+    row."""
+    from deltatune.train.grpo_rewards import RewardError, score
+
+    async def lengths(prompts, completions, answer, **kwargs):
+        if "boom" in completions:
+            raise ValueError("no")
+        return [len(c) + a for c, a in zip(completions, answer)]
+
+    table = score([Reward("lengths", lengths)], ["p", "q"], ["p", "q"], ["ab", "abc"], {"answer": [10, 20]},
+                  ["d.jsonl:1", "d.jsonl:2"])  # fmt: skip
+    assert table.flatten().tolist() == [12.0, 23.0]
+    with pytest.raises(RewardError, match=r"reward lengths raised ValueError: no \(row d.jsonl:2, completion 'boom'"):
+        score([Reward("lengths", lengths)], ["p", "q"], ["p", "q"], ["ab", "boom"], {"answer": [1, 2]},
+              ["d.jsonl:1", "d.jsonl:2"])  # fmt: skip
