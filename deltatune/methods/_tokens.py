@@ -313,12 +313,12 @@ def _unpatch(model: nn.Module) -> None:
 def _absolute_positions(model: nn.Module, cfg: Any) -> int | None:
     """The number of learned absolute positions (GPT-2, BERT, OPT, BART), or None for relative / rotary ones."""
     names = ("wpe", "position_embeddings", "embed_positions")
-    if not any(n.rsplit(".", 1)[-1] in names for n, _ in model.named_modules()):
+    table = next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names), None)
+    if table is None:
         return None
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if limit is not None and model_type(model) in ("roberta", "xlm-roberta", "camembert"):
-        limit -= (getattr(cfg, "pad_token_id", None) or 0) + 1  # RoBERTa's positions start after padding_idx
-    return limit
+    pad = getattr(table, "padding_idx", None)  # RoBERTa's family (MPNet, data2vec-text, ...): positions start after it
+    return limit - pad - 1 if limit is not None and pad is not None else limit
 
 
 def _prefix_module(model: nn.Module) -> nn.Module | None:

@@ -84,3 +84,21 @@ def test_a_shallower_decoder_keeps_pefts_geometry(family, overrides, tmp_path):
     inputs = tiny_inputs(family, "seq2seq")
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, theirs(**inputs).logits, atol=ATOL32, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["mpnet", "data2vec-text", "roberta-prelayernorm"])
+def test_positions_after_the_padding_index_are_counted_for_robertas_whole_family(model_type):
+    """Their positions start after padding_idx (as RoBERTa's): 66 embeddings, pad 1 -> 64 positions for n + input."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=66, pad_token_id=1, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(config).eval()
+    model = dt.get_delta_model(base, dt.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        assert model(input_ids=torch.full((1, 61), 5)).logits.shape == (1, 3)  # 64 positions: the whole table
+        with pytest.raises(ValueError, match=f"65 positions needed .* model type '{model_type}' has only 64"):
+            model(input_ids=torch.full((1, 62), 5))
