@@ -352,7 +352,7 @@ class GRPOLoop:
         for k, r in enumerate(self.rewards):
             stats[f"rewards/{r.name}/mean"] = table[:, k].nanmean().item()  # over the rows it applies to, as TRL
             stats[f"rewards/{r.name}/std"] = nanstd(table[:, k]).item()
-        return stats | {name: sum(v) / len(v) for name, v in self.logged.items()}  # TRL's mean of log_metric values
+        return stats | {k: float(sum(v)) / len(v) for k, v in self.logged.items()}  # TRL's mean of log_metric values
 
     @torch.no_grad()
     def mean_reward(self, items: Sequence[PromptItem], batch_size: int) -> float:

@@ -4,6 +4,8 @@ any EOS id of the generation config, as TRL's ``eos_token_ids``."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_grpo import ITEMS, base_dir, policy  # noqa: F401  (base_dir: the module's tiny policy fixture)
@@ -33,7 +35,7 @@ def test_rewards_get_completion_ids_and_log_metric_as_trl_gives_them(base_dir): 
     def by_ids(prompts, completions, completion_ids, log_metric, log_extra, **kwargs):
         seen.append(completion_ids)
         log_metric("probe/mean_ids", sum(map(len, completion_ids)) / len(completion_ids))
-        log_metric("probe/mean_ids", 0.0)  # two values in one step: TRL logs their mean
+        log_metric("probe/mean_ids", torch.tensor(0.0))  # two values in one step: TRL logs their mean (a tensor too)
         log_extra("probe_column", [0] * len(completions))
         return [float(len(ids)) for ids in completion_ids]
 
@@ -52,6 +54,7 @@ def test_rewards_get_completion_ids_and_log_metric_as_trl_gives_them(base_dir): 
     mean_length = sum(map(len, want)) / len(want)  # TRL's completions/mean_length, from the same lists
     assert stats["completion_length"] == pytest.approx(mean_length)
     assert stats["probe/mean_ids"] == pytest.approx(mean_length / 2)
+    assert json.loads(json.dumps(stats))["probe/mean_ids"] == stats["probe/mean_ids"]  # the log line writes it
     assert stats["reward"] == pytest.approx(mean_length)
 
 
