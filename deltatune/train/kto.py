@@ -7,7 +7,8 @@ with the adapter switched off, no dropout) and the reference point
 
     z0 = max(0, mean over the batch of r(x_i, y_{i-1}))     (mismatched pairs: the KL(pi || ref) estimate; no gradient)
 
-each row's loss is a value function of its reward relative to z0:
+(under DDP the mean of every process's mean, as TRL gathers it); each row's loss is a value function of its
+reward relative to z0:
 
     desirable:    lambda_D * (1 - sigmoid(beta * (r(x, y) - z0)))
     undesirable:  lambda_U * (1 - sigmoid(beta * (z0 - r(x, y))))
@@ -21,6 +22,7 @@ brings it in. The implicit reward beta * r is logged per label; eval reports its
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,9 +41,18 @@ from .trainer import DeltaTrainer
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
 
 
-def kl_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
-    """z0 = max(0, mean(log pi - log ref)) over mismatched (prompt, completion) pairs, detached (a scalar)."""
-    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+def kl_reference_point(
+    policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, gather: Callable | None = None
+) -> torch.Tensor:
+    """z0 = max(0, mean(log pi - log ref)) over mismatched (prompt, completion) pairs, detached (a scalar).
+
+    ``gather``: with several processes, the all-gather of a (1,) tensor: z0 is then the mean of every process's
+    mean, clamped after (as TRL gathers it), the same on every process; each process's own z0 clamped a negative
+    mean of one process to 0 that the others' would have outweighed."""
+    kl = (policy_kl_logps - ref_kl_logps).mean().detach()
+    if gather is not None:
+        kl = gather(kl.reshape(1)).mean()
+    return kl.clamp(min=0)
 
 
 def kto_loss(
@@ -108,7 +119,8 @@ class KTOTrainer(DeltaTrainer):
         lm = {k: inputs[k] for k in _LM_KEYS}
         policy, policy_kl = sequence_logprobs(model, lm).chunk(2)
         ref, ref_kl = reference_logprobs(model, self._delta_model(), lm).chunk(2)
-        kl = kl_reference_point(policy_kl, ref_kl)
+        gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
+        kl = kl_reference_point(policy_kl, ref_kl, gather)
         a = self.align
         losses, rewards = kto_loss(policy, ref, inputs["desirable"], kl, a.beta, a.desirable_weight,
                                    a.undesirable_weight)  # fmt: skip

@@ -4,7 +4,8 @@ its own prompt's chosen answer, a matched pair in the reference point z0 (eval_l
 here); TRL's ``unpair_preference_dataset`` gives each 1000 rows' chosen completions, then their rejected ones. A
 reward model on a decoder without a chat template scored the tokenizer's pair template, with no EOS, so its reward
 was read at the response's last word; TRL's RewardTrainer appends the EOS and reads it there (a probe's first
-reward: 0.037 against TRL's 0.188)."""
+reward: 0.037 against TRL's 0.188). KTO's reference point under DDP was each process's own, clamped at 0 there;
+TRL's is the mean of every process's mean, clamped after."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import torch
 import trl
 from datasets import Dataset
 from tiny import save_tiny, tiny_config, word_tokenizer
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
 
 import deltatune as dt
 from deltatune.train import build
+from deltatune.train.config import AlignArgs
+from deltatune.train.kto import KTOTrainer, kl_reference_point
 from deltatune.train.models import load_tokenizer
 from deltatune.train.reward import RewardTrainer
 from deltatune.train.run import _training_args
@@ -101,3 +104,24 @@ def test_reward_model_on_a_decoder_without_template_reads_the_eos_as_trl(tmp_pat
     with torch.no_grad():
         expected = theirs.compute_loss(model, dict(batch)).item()
         assert trainer.compute_loss(model, ours).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kto_reference_point_is_the_mean_over_every_process(base, tmp_path, monkeypatch):
+    """Two processes' mismatched log-ratio means -0.5 (here) and 1.5: TRL's z0 = max(0, mean(-0.5, 1.5)) = 0.5 on
+    both; each process's own gave 0 here and 1.5 there."""
+    policy, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.0])  # log-ratios 0 and -1: mean -0.5
+    assert kl_reference_point(policy, ref).item() == 0.0
+    both = kl_reference_point(policy, ref, lambda t: torch.cat([t, torch.tensor([1.5])]))
+    assert both.item() == pytest.approx(0.5)
+    trainer = KTOTrainer(model=trained_looking(base), args=TrainingArguments(str(tmp_path), report_to=[],
+                         use_cpu=True), align=AlignArgs(beta=0.3))  # fmt: skip
+    gathered = []
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda t: gathered.append(t) or torch.cat([t, t + 1.0]))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0], [5, 6, 11, 0], [9, 10, 7, 8]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, -100, 11, -100], [-100, -100, 11, -100], [-100, -100, 7, 8]])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "desirable": torch.tensor([True, False])}
+    with torch.no_grad():
+        _, _, kl, _ = trainer._losses(trainer.model, batch)
+    assert len(gathered) == 1 and kl.item() == pytest.approx(max(0.0, gathered[0].item() + 0.5), abs=1e-6)
