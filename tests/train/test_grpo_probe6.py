@@ -131,3 +131,41 @@ def test_an_async_reward_function_is_awaited_as_trl_awaits_it():
     with pytest.raises(RewardError, match=r"reward lengths raised ValueError: no \(row d.jsonl:2, completion 'boom'"):
         score([Reward("lengths", lengths)], ["p", "q"], ["p", "q"], ["ab", "boom"], {"answer": [1, 2]},
               ["d.jsonl:1", "d.jsonl:2"])  # fmt: skip
+
+
+def test_log_probs_and_entropy_equal_trls_on_a_left_padded_batch(base_dir, tmp_path):  # noqa: F811
+    """The loop's log-probs and entropies of sampled completions (prompts of two lengths, so left padding; sampling
+    temperature 0.7) equal TRL's _get_per_token_logps_and_entropies on the same batch (TRL passes no position ids:
+    rotary positions shifted by the padding give the same scores)."""
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base_dir), config)  # (TRL: no lm_head adapter)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    tok, zeros = word_tokenizer(), lambda completions, **_: [0.0] * len(completions)
+    loop = GRPOLoop(model, tok, [Reward("zeros", zeros)], AlignArgs(num_generations=3, max_new_tokens=8,
+                    temperature=0.7), seed=0)  # fmt: skip
+    short = type(ITEMS[1])(ITEMS[1].ids[:2], "p", {}, "p.jsonl:2")
+    s = loop.sample([ITEMS[0], short], 3)
+    logp, entropy = loop._forward(s, slice(0, None))
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=6, report_to=[], use_cpu=True, bf16=False,
+                          temperature=0.7, num_generations=3, max_completion_length=8)  # fmt: skip
+    trainer = dt.trl_trainer(trl.GRPOTrainer)(model=model, args=args, processing_class=tok, reward_funcs=zeros,
+                                              train_dataset=Dataset.from_list([{"prompt": "hi"}] * 6))  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        want, want_entropy, _ = trainer._get_per_token_logps_and_entropies(
+            model, s.sequences, s.attention_mask, s.sequences.shape[1] - s.prompt_length, compute_entropy=True
+        )
+    m = s.completion_mask.bool()
+    assert s.attention_mask[:, 0].eq(0).any()  # the guard: some rows are left-padded
+    torch.testing.assert_close(logp[m], want[m], atol=2e-6, rtol=0)
+    torch.testing.assert_close(entropy[m], want_entropy[m], atol=2e-6, rtol=0)
