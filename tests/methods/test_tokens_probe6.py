@@ -102,3 +102,60 @@ def test_positions_after_the_padding_index_are_counted_for_robertas_whole_family
         assert model(input_ids=torch.full((1, 61), 5)).logits.shape == (1, 3)  # 64 positions: the whole table
         with pytest.raises(ValueError, match=f"65 positions needed .* model type '{model_type}' has only 64"):
             model(input_ids=torch.full((1, 62), 5))
+
+
+SEEDED = {
+    "prompt": (dt.PromptTuningConfig(num_virtual_tokens=3), "PromptTuningConfig", {}),
+    "lstm": (
+        dt.PTuningConfig(num_virtual_tokens=3, encoder_reparameterization_type="LSTM", encoder_hidden_size=8,
+                         encoder_dropout=0.3),
+        "PromptEncoderConfig",
+        dict(encoder_reparameterization_type="LSTM", encoder_hidden_size=8, encoder_dropout=0.3),
+    ),
+    "prefix": (PREFIX, "PrefixTuningConfig", dict(prefix_projection=True, encoder_hidden_size=16)),
+}  # fmt: skip
+TASKS = {"seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
+
+
+@pytest.mark.parametrize("method", list(SEEDED))
+@pytest.mark.parametrize(("family", "task"), [("t5", "seq2seq"), ("bart", "seq2seq"), ("bert", "seq_cls")])
+def test_the_same_seed_starts_the_same_tokens_as_peft_and_a_training_step_has_its_loss(family, task, method):
+    """Same seed: the same initial tensors as peft, and in train mode (dropout on) the same loss and gradients."""
+    peft = pytest.importorskip("peft")
+    ours_cfg, name, fields = SEEDED[method]
+    overrides = dict(dropout_rate=0.2) if family == "t5" else {}
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(tiny_model(family, task, **overrides), ours_cfg.replace(task_type=TASKS[task]))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            tiny_model(family, task, **overrides),
+            getattr(peft, name)(num_virtual_tokens=3, task_type=TASKS[task], **fields),
+        )
+    if task == "seq_cls":
+        from _token_checks import _peft_cache_shim
+
+        _peft_cache_shim(theirs)
+
+    def tensors(model) -> dict:
+        return {
+            k.split("prompt_encoder.default.")[-1]: p for k, p in model.named_parameters() if "prompt_encoder" in k
+        }
+
+    a, b = tensors(ours), tensors(theirs)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    inputs = tiny_inputs(family, task)
+    inputs["attention_mask"][1, :2] = 0
+    labels = inputs.pop("decoder_input_ids") if task == "seq2seq" else torch.tensor([0, 2])
+    losses = []
+    for model in (ours.train(), theirs.train()):
+        torch.manual_seed(3)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
+    for key in a:
+        torch.testing.assert_close(a[key].grad, b[key].grad, atol=1e-6, rtol=0)
