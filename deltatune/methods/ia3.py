@@ -144,7 +144,7 @@ class IA3Layer(DeltaLayer):
         if self.row_adapters is not None and not self.disabled:
             scale = self._row_scales(x)
         else:
-            live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+            live = [] if self.disabled or self.merged else self.active_adapters  # merged: its weights alone (peft)
             scale = self.ia3_l[live[0]].flatten() if live else None
             for name in live[1:]:
                 scale = scale * self.ia3_l[name].flatten()
