@@ -224,10 +224,10 @@ class GRPOLoop:
         self.state, self.logged = TrainerState(), {}  # what rewards see as trainer_state; what they log_metric
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-        # A completion ends at the first of these, as TRL's eos_token_ids: the tokenizer's EOS and the generation
-        # config's (where Gemma's <end_of_turn>, Phi-3's <|end|>, Llama 3's <|eom_id|> are listed)
+        # a completion ends at the first EOS of these, as TRL's eos_token_ids (Gemma's <end_of_turn> is only there)
         ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.stops = torch.tensor(sorted({self.eos, *(ends if isinstance(ends, list) else [ends])} - {None}))
+        ends = {self.eos, *(ends if isinstance(ends, list) else [ends])} - {None}
+        self.stops = torch.tensor(sorted(ends), dtype=torch.long)
 
     # The model runs in eval mode throughout (no dropout), so pi_old, pi and the reference are computed alike.
     def _forward(self, s: Samples, idx: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +261,7 @@ class GRPOLoop:
         ids, mask, completion_mask, completion, truncated = sample_responses(
             self.model, [it.ids for it in items], self.pad, self.eos, self.align, self.align.top_p, num
         )
-        if len(self.stops) > 1:  # (sample_responses stops at the tokenizer's EOS only)
+        if self.stops.tolist() != [self.eos]:  # (sample_responses stops at the tokenizer's EOS only)
             stop = torch.isin(completion, self.stops.to(completion.device))
             after = (stop.cumsum(-1) - stop.long()) > 0  # strictly after the first end
             completion, truncated = completion.masked_fill(after, self.pad), ~stop.any(-1)
