@@ -190,7 +190,8 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     """Unpaired rows (prompt, completion, label) -> prompt + completion with labels on the completion.
 
     Raises:
-        ConfigError: train.batch_size < 2 (the reference point needs mismatched pairs within a batch).
+        ConfigError: train.batch_size or eval_batch_size < 2 (the reference point needs mismatched pairs within a
+            batch).
         DataError: a bad row, or a training file without both desirable and undesirable rows.
     """
     from functools import partial
@@ -198,11 +199,13 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     from ..config import ConfigError
 
     d = cfg.data
-    if cfg.train.batch_size < 2:
-        raise ConfigError(
-            f"stage kto needs train.batch_size >= 2 (its reference point comes from mismatched pairs within a "
-            f"batch), got {cfg.train.batch_size}"
-        )
+    for key in ("batch_size", "eval_batch_size"):  # (an eval batch of one paired each row with itself)
+        size = getattr(cfg.train, key)
+        if size is not None and size < 2:
+            raise ConfigError(
+                f"stage kto needs train.{key} >= 2 (its reference point comes from mismatched pairs within a "
+                f"batch), got {size}"
+            )
     # Every data format with a prompt and labelled completions (or preference pairs, unpaired as TRL does) is read
     # through data/formats.py and rendered with the chat template, the loss on the completion's assistant tokens.
     train_samples, eval_samples, template, notes = read_splits(cfg, tok, "kto")

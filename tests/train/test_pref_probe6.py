@@ -5,7 +5,8 @@ here); TRL's ``unpair_preference_dataset`` gives each 1000 rows' chosen completi
 reward model on a decoder without a chat template scored the tokenizer's pair template, with no EOS, so its reward
 was read at the response's last word; TRL's RewardTrainer appends the EOS and reads it there (a probe's first
 reward: 0.037 against TRL's 0.188). KTO's reference point under DDP was each process's own, clamped at 0 there;
-TRL's is the mean of every process's mean, clamped after."""
+TRL's is the mean of every process's mean, clamped after. A KTO eval batch of one row paired the row with itself in
+z0 (TRL's mismatched pairs come from blocks of the train batch size): refused as a train batch of one is."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tiny import save_tiny, tiny_config, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
 
 import deltatune as dt
+from deltatune.config import ConfigError
 from deltatune.train import build
 from deltatune.train.config import AlignArgs
 from deltatune.train.kto import KTOTrainer, kl_reference_point
@@ -49,13 +51,13 @@ def trained_looking(base: str) -> dt.DeltaModel:
     return model
 
 
-def prepared(base: str, tmp_path, stage: str, rows: list[dict], align: dict | None = None, **data):
+def prepared(base: str, tmp_path, stage: str, rows: list[dict], align: dict | None = None, eval_batch_size: int = 4):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = build({"stage": stage, "model": {"name_or_path": base},
                  "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-                 "data": {"train": str(path), "eval": str(path), "max_length": 64, **data}, "align": align or {},
-                 "train": {"batch_size": 4, "eval_batch_size": 4, "report_to": ["none"]},
+                 "data": {"train": str(path), "eval": str(path), "max_length": 64}, "align": align or {},
+                 "train": {"batch_size": 4, "eval_batch_size": eval_batch_size, "report_to": ["none"]},
                  "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
     tok = load_tokenizer(cfg.model.name_or_path)
     return cfg, tok, _prepare(cfg, tok)
@@ -125,3 +127,8 @@ def test_kto_reference_point_is_the_mean_over_every_process(base, tmp_path, monk
     with torch.no_grad():
         _, _, kl, _ = trainer._losses(trainer.model, batch)
     assert len(gathered) == 1 and kl.item() == pytest.approx(max(0.0, gathered[0].item() + 0.5), abs=1e-6)
+
+
+def test_kto_eval_batch_of_one_is_refused(base, tmp_path):
+    with pytest.raises(ConfigError, match=r"stage kto needs train.eval_batch_size >= 2 .*, got 1"):
+        prepared(base, tmp_path, "kto", CONVERSATIONAL, eval_batch_size=1)
