@@ -30,6 +30,14 @@ def test_keys_the_stage_does_not_read_are_named():
     assert ignored_keys(ppo) == [("output.samples", "pt, sft, dpo, kto, orpo, simpo"), ("align.loss_type", "dpo")]
     kto = load_recipe(str(RECIPES / "kto.yaml"), ["align.precompute_ref=true", "align.simpo_gamma=1.0"])
     assert ignored_keys(kto) == [("align.precompute_ref", "dpo"), ("align.simpo_gamma", "simpo")]
+    # PPO's and GRPO's own loops run no checkpointed forward: the memory asked for was not saved, silently
+    grpo = load_recipe(str(RECIPES / "grpo-arithmetic.yaml"), ["model.gradient_checkpointing=true"])
+    assert ignored_keys(grpo) == [
+        (
+            "model.gradient_checkpointing",
+            "pt, sft, cls, tag, seq2seq, rm, dpo, kto, orpo, simpo, image_cls, caption, t2i",
+        )
+    ]
     # A key set to its default, or read by the stage, is not named; no shipped recipe sets a key its stage ignores.
     assert ignored_keys(load_recipe(str(sst2), ["data.packing=false", "align.beta=0.1"])) == []
     for path in sorted(RECIPES.glob("*.yaml")):

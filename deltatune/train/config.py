@@ -507,13 +507,13 @@ READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "d
            ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
                     "align.reward_funcs align.reward_weights align.bias_correction_kl"),
            ("kto", "align.desirable_weight align.undesirable_weight"), ("simpo", "align.simpo_gamma"),
-           ("rm", "align.center_rewards_coefficient"))  # fmt: skip
+           ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward
+           (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"))  # fmt: skip
 
 
 def ignored_keys(cfg: RunConfig) -> list[tuple[str, str]]:
     """(key, the stages that read it) for each key of ``READ_BY`` set to other than its default where the stage does
-    not read it (``data.packing: true`` on a cls run trained unpacked, ``output.samples`` on a ppo run wrote none, an
-    ``align`` key of another stage changed nothing): ``deltatune train`` names them, where they were silent."""
+    not read it (``data.packing: true`` on cls, an ``align`` key of another stage): ``deltatune train`` names them."""
     out = []
     for stages, keys in READ_BY:
         for key in keys.split():
