@@ -69,8 +69,8 @@ def orpo_loss(
 class ORPOTrainer(PairTrainer):
     """PairTrainer with the ORPO loss (no reference). Logs ``nll`` (over the responses: TRL's ``nll_loss``
     takes the prompts too), ``log_odds_ratio`` (the mean of log sigmoid(log OR)), ``log_odds_chosen`` (the mean of
-    log OR; both as TRL names them) and the ``rewards/*``
-    means since the last log; eval predictions are (B, 2) [chosen reward, rejected reward]."""
+    log OR; both as TRL names them), the ``rewards/*`` and the ``logps/*`` (mean token log-probs, as TRL's) means
+    since the last log; eval predictions are (B, 2) [chosen reward, rejected reward]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -103,6 +103,8 @@ class ORPOTrainer(PairTrainer):
             self.log_stat("log_odds_ratio", odds.mean().item())
             self.log_stat("log_odds_chosen", log_or.mean().item())
             self.log_rewards(chosen, rejected)
+            self.log_stat("logps/chosen", (pc / nc.clamp(min=1)).mean().item())  # TRL's: mean token log-probs
+            self.log_stat("logps/rejected", (pr / nr.clamp(min=1)).mean().item())
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

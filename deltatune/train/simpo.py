@@ -53,8 +53,9 @@ def simpo_loss(
 
 
 class SimPOTrainer(PairTrainer):
-    """PairTrainer with the SimPO loss (no reference). Logs the ``rewards/*`` means since the last log; eval
-    predictions are (B, 2) [chosen reward, rejected reward]."""
+    """PairTrainer with the SimPO loss (no reference). Logs the ``rewards/*`` and ``logps/*`` (mean token log-probs)
+    means since the last log, as TRL's CPOTrainer names them; eval predictions are (B, 2) [chosen reward, rejected
+    reward]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -64,8 +65,10 @@ class SimPOTrainer(PairTrainer):
         logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS})
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
         losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, self.align.beta, self.align.simpo_gamma)
-        if model.training:
+        if model.training:  # TRL's CPOTrainer's names; its logps are the mean token log-probs (loss_type simpo)
             self.log_rewards(chosen, rejected)
+            self.log_stat("logps/chosen", (pc / nc.clamp(min=1)).mean().item())
+            self.log_stat("logps/rejected", (pr / nr.clamp(min=1)).mean().item())
         loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 

@@ -11,26 +11,36 @@ z0 (TRL's mismatched pairs come from blocks of the train batch size): refused as
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 import trl
 from datasets import Dataset
-from tiny import save_tiny, tiny_config, word_tokenizer
+from tiny import save_tiny, tiny_config, tokenizer, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
 
 import deltatune as dt
 from deltatune.config import ConfigError
+from deltatune.data.preference import PairCollator
 from deltatune.train import build
 from deltatune.train.config import AlignArgs
 from deltatune.train.kto import KTOTrainer, kl_reference_point
 from deltatune.train.models import load_tokenizer
+from deltatune.train.orpo import ORPOTrainer as DeltaORPOTrainer
 from deltatune.train.reward import RewardTrainer
 from deltatune.train.run import _training_args
+from deltatune.train.simpo import SimPOTrainer
 from deltatune.train.table import prepare as _prepare
+
+with warnings.catch_warnings():  # TRL keeps ORPO and CPO in trl.experimental, which warns on import
+    warnings.simplefilter("ignore")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 PAIRS = [("what is your name", "my name is delta", "i will not say"), ("hello there friend", "hi", "go away now"),
          ("how are you", "fine thanks", "no"), ("tell me", "a story", "nothing at all")]  # fmt: skip
+PLAIN = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS[:2]]
 CONVERSATIONAL = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
                    "rejected": [{"role": "assistant", "content": r}]} for p, c, r in PAIRS]  # fmt: skip
 
@@ -132,3 +142,34 @@ def test_kto_reference_point_is_the_mean_over_every_process(base, tmp_path, monk
 def test_kto_eval_batch_of_one_is_refused(base, tmp_path):
     with pytest.raises(ConfigError, match=r"stage kto needs train.eval_batch_size >= 2 .*, got 1"):
         prepared(base, tmp_path, "kto", CONVERSATIONAL, eval_batch_size=1)
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_orpo_and_simpo_log_trls_logps(base, tmp_path, stage):
+    """TRL's ORPOTrainer and CPOTrainer (loss_type simpo) log logps/chosen and logps/rejected, the mean token
+    log-probs of each side, with the rewards; deltatune logged the rewards only."""
+    model = trained_looking(base).eval()
+    cls, config, extra = (ORPOTrainer, ORPOConfig, {}) if stage == "orpo" else (CPOTrainer, CPOConfig,
+                                                                               {"loss_type": "simpo"})  # fmt: skip
+    args = config(str(tmp_path / "trl"), per_device_train_batch_size=2, report_to=[], use_cpu=True, bf16=False,
+                  beta=2.0, **extra)  # fmt: skip
+    theirs = dt.trl_trainer(cls)(model=model, args=args, train_dataset=Dataset.from_list(PLAIN),
+                                 processing_class=tokenizer())  # fmt: skip
+    batch = next(iter(theirs.get_train_dataloader()))
+    with torch.no_grad():
+        _, metrics = theirs.get_batch_loss_metrics(model, batch)
+    sides = [{"input_ids": batch[f"{s}_input_ids"][i][batch[f"{s}_attention_mask"][i].bool()].tolist(),
+              "labels": batch[f"{s}_labels"][i][batch[f"{s}_attention_mask"][i].bool()].tolist()}
+             for s in ("chosen", "rejected") for i in range(2)]  # fmt: skip
+    for side in sides:
+        side["attention_mask"] = [1] * len(side["input_ids"])
+    inputs = PairCollator(tokenizer().pad_token_id)([{"chosen": sides[i], "rejected": sides[2 + i]} for i in range(2)])
+    trainer_class = DeltaORPOTrainer if stage == "orpo" else SimPOTrainer
+    ours = trainer_class(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                         align=AlignArgs(beta=2.0, simpo_gamma=0.5))  # fmt: skip
+    model.train()  # (logged while training; the tiny llama and the LoRA have no dropout)
+    with torch.no_grad():
+        ours.compute_loss(model, inputs)
+    model.eval()
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"):
+        assert ours._stats[key][0] == pytest.approx(float(metrics[key]), abs=2e-5), key
