@@ -203,8 +203,8 @@ class VirtualTokens(DeltaLayer):
         batch, length, _ = _batch_len(ids, embeds)
         past = _cache_len(_growing(spec, _given_cache(kwargs)))
         first = past == 0
+        self._check_length(past + length + (n if first else 0))  # generated tokens count too
         if first:
-            self._check_length(n + length)
             if embeds is None:
                 embeds = module.get_input_embeddings()(ids)
             kwargs["inputs_embeds"] = torch.cat([self._prompts(name, spec, batch, embeds), embeds], dim=1)
@@ -242,12 +242,12 @@ class VirtualTokens(DeltaLayer):
             # Recomputing a checkpointed layer would append its keys to the cache a second time (PEFT refuses too).
             raise ValueError(f"{spec.method} does not work with gradient checkpointing; turn it off for this model")
         if _cache_len(cache) == 0:
-            self._check_length(spec.n + length)
             cache = self._fill(module, name, spec, batch, cache)
             for key in CACHE_KEYS:
                 kwargs.pop(key, None)
             kwargs[self.cache_key] = cache
         past = _cache_len(cache)
+        self._check_length(past + length)  # the virtual tokens, the generated tokens and the input
         _extend_mask(kwargs, "decoder_attention_mask" if seq2seq else "attention_mask", spec.n, past + length)
         if not seq2seq:
             _shift_positions(kwargs, "position_ids", spec.n, prepend=False)
@@ -270,8 +270,9 @@ class VirtualTokens(DeltaLayer):
     def _check_length(self, total: int) -> None:
         if self.absolute_positions is not None and total > self.absolute_positions:
             raise ValueError(
-                f"{total} positions needed (virtual tokens + input) but model type {self.model_type!r} has only "
-                f"{self.absolute_positions} position embeddings; shorten the input or use fewer virtual tokens"
+                f"{total} positions needed (virtual tokens + input so far) but model type {self.model_type!r} has only "
+                f"{self.absolute_positions} position embeddings; shorten the input or max_new_tokens, or use fewer "
+                "virtual tokens"
             )
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

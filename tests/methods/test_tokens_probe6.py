@@ -159,3 +159,27 @@ def test_the_same_seed_starts_the_same_tokens_as_peft_and_a_training_step_has_it
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
     for key in a:
         torch.testing.assert_close(a[key].grad, b[key].grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("family", "task", "config", "length", "steps"),
+    [
+        ("gpt2", "causal_lm", dt.PromptTuningConfig(num_virtual_tokens=3), 50, 14),
+        ("gpt2", "causal_lm", PTV2, 50, 14),
+        ("bart", "seq2seq", PTV2, 10, 63),  # the prefix takes decoder positions
+    ],
+    ids=["gpt2-prompt", "gpt2-ptv2", "bart-ptv2"],
+)
+def test_generating_past_the_position_table_is_refused_in_one_line(family, task, config, length, steps):
+    """The base model generates these 64 positions; n more do not fit (it failed inside torch's embedding)."""
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tiny_model(family, task), config.replace(task_type="CAUSAL_LM" if task == "causal_lm"
+                                                                         else "SEQ_2_SEQ_LM")).eval()  # fmt: skip
+    ids = torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        with model.disable_adapter():
+            model.generate(input_ids=ids, **kwargs)
+        with pytest.raises(ValueError, match=f"65 positions needed .* model type '{family}' has only 64"):
+            model.generate(input_ids=ids, **kwargs)
+        model.generate(input_ids=ids, **{**kwargs, "max_new_tokens": steps - 2})  # 64 positions: the whole table
