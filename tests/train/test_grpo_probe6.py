@@ -169,3 +169,22 @@ def test_log_probs_and_entropy_equal_trls_on_a_left_padded_batch(base_dir, tmp_p
     assert s.attention_mask[:, 0].eq(0).any()  # the guard: some rows are left-padded
     torch.testing.assert_close(logp[m], want[m], atol=2e-6, rtol=0)
     torch.testing.assert_close(entropy[m], want_entropy[m], atol=2e-6, rtol=0)
+
+
+def test_a_tokenizer_without_eos_stops_at_the_generation_configs(base_dir):  # noqa: F811
+    """With no EOS on the tokenizer, completions ran to max_new_tokens whatever they sampled: they end at the
+    generation config's EOS (TRL's eos_token_ids hold it too)."""
+    tok, model = word_tokenizer(), policy(base_dir)
+    tok.eos_token = None
+    model.get_base_model().generation_config.eos_token_id = 3
+    seen = []
+
+    def by_ids(prompts, completions, completion_ids, **kwargs):
+        seen.extend(completion_ids)
+        return [0.0] * len(completions)
+
+    loop = GRPOLoop(model, tok, [Reward("by_ids", by_ids)], AlignArgs(num_generations=8, max_new_tokens=16),
+                    lr=1e-2, seed=0)  # fmt: skip
+    stats = loop.step(ITEMS[:4])
+    assert all(3 not in ids[:-1] for ids in seen) and any(ids[-1] == 3 for ids in seen)
+    assert stats["truncated_fraction"] == sum(ids[-1] != 3 for ids in seen) / len(seen) < 1
