@@ -47,3 +47,30 @@ def test_generate_on_a_seq2seq_run_sends_the_plain_source_text(capsys, tmp_path)
     finally:
         sys.stdin = old
     assert expected in capsys.readouterr().out
+
+
+def test_seq2seq_generation_metrics_pad_the_sources_as_training_does(tmp_path):
+    """A tokenizer that pads on the left (Gemma's, T5Gemma's) moved a shorter source's tokens to later positions in
+    the eval's batched generation, so BART's learned positions read other inputs than training's right-padded
+    batches: four rows scored against their own one-by-one generations gave ROUGE-L 0.34, not 1."""
+    from deltatune.data.load import Row
+    from deltatune.train.config import build
+    from deltatune.train.seq2seq import generation_metrics
+
+    path = save_tiny(tmp_path / "bart", "bart", init_std=0.5)  # wide enough that the answers follow the input
+    model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    sources = ["cat", "the big red dog sat on the old mat under a tree", "blue house", "a quiet green tree by a house"]
+    alone = []
+    for source in sources:
+        enc = tok(source, return_tensors="pt", return_token_type_ids=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=8, do_sample=False, num_beams=1)
+        alone.append(tok.decode(out[0], skip_special_tokens=True))
+    assert len(set(alone)) == len(alone)
+    rows = [Row({"source": s, "target": a}, f"rows.jsonl:{i + 1}") for i, (s, a) in enumerate(zip(sources, alone))]
+    cfg = build({"stage": "seq2seq", "model": {"name_or_path": path}, "method": {"name": "lora"},
+                 "data": {"train": "rows.jsonl", "source_column": "source", "target_column": "target", "max_length": 32},
+                 "train": {"generation_max_new_tokens": 8}})  # fmt: skip
+    assert generation_metrics(model, tok, rows, cfg, batch_size=4) == {"eval_rougeL": 1.0, "eval_bleu": 1.0}

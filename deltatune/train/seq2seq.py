@@ -58,6 +58,7 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
             [str(r.get(d.source_column)) for r in chunk],
             return_tensors="pt",
             padding=True,
+            padding_side="right",  # as the run's batches (Collator); left padding moves BART's learned positions
             truncation=True,
             max_length=d.max_length,
         )
