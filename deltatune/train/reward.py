@@ -46,7 +46,8 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 class RewardTrainer(PairTrainer):
     """PairTrainer with the pairwise loss on the model's scalar scores, plus, with ``center_rewards_coefficient``
     c, c (r_chosen + r_rejected)^2 per pair (TRL's term of that name, after Eisenstein et al. 2023: it keeps the
-    rewards centred on 0)."""
+    rewards centred on 0). Logs ``accuracy``, ``margin`` and ``min_reward``, ``mean_reward``, ``max_reward`` (means
+    since the last log), as TRL's RewardTrainer."""
 
     def __init__(self, *args, center_rewards_coefficient: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -60,6 +61,11 @@ class RewardTrainer(PairTrainer):
         losses = pairwise_losses(chosen, rejected, margin)
         if self.center_rewards_coefficient:
             losses = losses + self.center_rewards_coefficient * (chosen.float() + rejected.float()) ** 2
+        if model.training:  # TRL's RewardTrainer's names
+            self.log_stat("accuracy", (chosen > rejected).float().mean().item())
+            self.log_stat("margin", (chosen - rejected).float().mean().item())
+            for name, value in (("min", scores.min()), ("mean", scores.float().mean()), ("max", scores.max())):
+                self.log_stat(f"{name}_reward", value.item())
         loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 

@@ -1,12 +1,13 @@
 """Preference stages against TRL 1.16 where a probe found them apart: KTO on preference rows read them interleaved
-(chosen 1, rejected 1, chosen 2, ...), so in a sequential eval batch each rejected row's mismatched neighbour was
-its own prompt's chosen answer, a matched pair in the reference point z0 (eval_loss 0.49962 against TRL's 0.49965
-here); TRL's ``unpair_preference_dataset`` gives each 1000 rows' chosen completions, then their rejected ones. A
-reward model on a decoder without a chat template scored the tokenizer's pair template, with no EOS, so its reward
-was read at the response's last word; TRL's RewardTrainer appends the EOS and reads it there (a probe's first
-reward: 0.037 against TRL's 0.188). KTO's reference point under DDP was each process's own, clamped at 0 there;
-TRL's is the mean of every process's mean, clamped after. A KTO eval batch of one row paired the row with itself in
-z0 (TRL's mismatched pairs come from blocks of the train batch size): refused as a train batch of one is."""
+(chosen 1, rejected 1, chosen 2, ...), so in a sequential eval batch each rejected row's mismatched neighbour was its
+own prompt's chosen answer, a matched pair in the reference point z0 (eval_loss 0.49962 against TRL's 0.49965 here);
+TRL's ``unpair_preference_dataset`` gives each 1000 rows' chosen completions, then their rejected ones. A reward
+model on a decoder without a chat template scored the tokenizer's pair template, with no EOS, so its reward was read
+at the response's last word; TRL's RewardTrainer appends the EOS and reads it there (a probe's first reward: 0.037
+against TRL's 0.188); its training logged none of TRL's accuracy, margin, min/mean/max_reward. KTO's reference point
+under DDP was each process's own, clamped at 0 there; TRL's is the mean of every process's mean, clamped after. A KTO
+eval batch of one row paired the row with itself in z0 (TRL's mismatched pairs come from blocks of the train batch
+size): refused as a train batch of one is."""
 
 from __future__ import annotations
 
@@ -116,6 +117,12 @@ def test_reward_model_on_a_decoder_without_template_reads_the_eos_as_trl(tmp_pat
     with torch.no_grad():
         expected = theirs.compute_loss(model, dict(batch)).item()
         assert trainer.compute_loss(model, ours).item() == pytest.approx(expected, abs=1e-6)
+        model.train()  # (the tiny llama has no dropout) logged in training, as TRL's RewardTrainer names them
+        theirs.compute_loss(model, dict(batch))
+        trainer.compute_loss(model, ours)
+    model.eval()
+    logged = {k: v[-1] for k, v in theirs._metrics["train"].items() if k != "num_tokens"}
+    assert len(logged) == 5 and {k: trainer._stats[k][0] for k in logged} == pytest.approx(logged, abs=1e-6)
 
 
 def test_kto_reference_point_is_the_mean_over_every_process(base, tmp_path, monkeypatch):
