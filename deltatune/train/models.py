@@ -411,3 +411,19 @@ def _load_with_new_head(cls, path: str, kwargs: dict):
             f"{list(made)} by the config ({len(reshaped)} tensors differ); fix config.json or the weights"
         )
     return model
+
+
+def upcast_adapters(delta: torch.nn.Module) -> int:
+    """A half-precision base's adapter weights (LoRA, DoRA, IA3, bottleneck, fusion, VPT) in float32, as peft keeps
+    them (``autocast_adapter_dtype``) and LLaMA-Factory trains them: AdamW's steps on bf16 weights round away (an IA3
+    vector at 1.0 cannot grow by less than 0.0039). Token encoders are float32 already; the base's own weights (full,
+    freeze, BitFit, a trained head's copy) stay as loaded. Returns how many tensors were cast."""
+    from ..layer import DeltaLayer, ModulesToSave
+
+    cast = 0
+    for layer in (m for m in delta.modules() if isinstance(m, DeltaLayer) and not isinstance(m, ModulesToSave)):
+        for name in layer.adapter_names:
+            for p in layer.adapter_parameters(name).values():
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data, cast = p.data.float(), cast + 1
+    return cast

@@ -23,7 +23,7 @@ from . import report
 from .checks import check_context, check_model_path, check_num_labels, check_reference, check_run, resolved_precision
 from .config import RunConfig, build, ignored_keys
 from .metrics import perplexity
-from .models import load_model, load_processor, local_base_note
+from .models import load_model, load_processor, local_base_note, upcast_adapters
 from .prepared import Prepared
 from .runfolder import (
     Replacement,
@@ -167,6 +167,8 @@ def start_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> tuple[D
     config = towers.restrict(model, asked, cfg.method.get("towers"))
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
     delta = get_delta_model(model, config, fused_loss=True)
+    if not cfg.train.fsdp:  # adapters in fp32 on a half-precision base (FSDP flattens a layer in one dtype)
+        upcast_adapters(delta)
     if config is asked:
         return delta, []
     per_tower = ", ".join(f"{t}: {n}" for t, n in sorted(towers.counts(delta).items()))  # targets resolved per tower

@@ -1,0 +1,78 @@
+"""A half-precision base trains its adapters in float32 (peft's ``autocast_adapter_dtype``, LLaMA-Factory's upcast):
+AdamW's steps on bf16 adapter weights round away."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import save_tiny, tiny_inputs, tiny_model
+
+import deltatune as dt
+from deltatune.train import build, train
+from deltatune.train.models import upcast_adapters
+
+METHODS = {
+    "lora": lambda: dt.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]),
+    "dora": lambda: dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False),
+    "ia3": lambda: dt.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "bottleneck": lambda: dt.BottleneckConfig(),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_upcast_casts_the_adapters_alone_and_the_model_computes_as_before(method):
+    task = "seq_cls" if method == "lora" else "causal_lm"
+    delta = dt.get_delta_model(tiny_model("llama", task).to(torch.bfloat16), METHODS[method]()).eval()
+    inputs = tiny_inputs("llama", task)
+    with torch.no_grad():
+        before = delta(**inputs).logits.float()
+    assert upcast_adapters(delta) > 0
+    for name, p in delta.named_parameters():
+        adapter = any(k in name for k in ("lora_", "ia3_", "adapter_"))
+        assert p.dtype == (torch.float32 if adapter else torch.bfloat16), name  # a head's copy stays as loaded
+    with torch.no_grad():
+        after = delta(**inputs).logits
+    assert after.dtype == torch.bfloat16
+    torch.testing.assert_close(after.float(), before, atol=0.05, rtol=0)  # bf16 rounding of the update's path
+
+
+def test_ia3_vectors_move_under_adamw_only_in_float32():
+    """5 AdamW steps at lr 3e-3 from 1.0: in bf16 a step up rounds back to 1 (the spacing above 1 is 0.0078)."""
+    changed = {}
+    for upcast in (False, True):
+        torch.manual_seed(0)
+        delta = dt.get_delta_model(tiny_model("llama").to(torch.bfloat16), METHODS["ia3"]()).train()
+        if upcast:
+            upcast_adapters(delta)
+        params = [p for p in delta.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+        inputs = tiny_inputs("llama")
+        for _ in range(5):
+            delta(**inputs, labels=inputs["input_ids"]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        changed[upcast] = (sum(int((p > 1).sum()) for p in params), sum(p.numel() for p in params))
+    grew, total = changed[True]
+    assert changed[False][0] == 0 and grew > total // 4  # about half the entries move up: none in bf16
+
+
+def test_a_bf16_run_trains_and_saves_float32_adapters(tmp_path):
+    base = save_tiny(tmp_path / "bert", "bert", "seq_cls")
+    rows = [{"text": f"a {w} film {i}", "label": i % 2} for i, w in enumerate(["good", "bad", "fine", "dull"] * 4)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "stage": "cls",
+        "model": {"name_or_path": base, "dtype": "bfloat16"},
+        "method": {"name": "ia3", "target_modules": ["key", "value", "output.dense"]},
+        "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 16},
+        "train": {"batch_size": 8, "lr": 3e-3, "seed": 0, "max_steps": 2, "report_to": ["none"]},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    train(build(recipe))
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    vectors = {k: v for k, v in saved.items() if "ia3_l" in k}
+    assert vectors and {v.dtype for v in vectors.values()} == {torch.float32}
+    assert any((v != 1).any() for v in vectors.values())
