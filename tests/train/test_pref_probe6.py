@@ -7,7 +7,8 @@ at the response's last word; TRL's RewardTrainer appends the EOS and reads it th
 against TRL's 0.188); its training logged none of TRL's accuracy, margin, min/mean/max_reward. KTO's reference point
 under DDP was each process's own, clamped at 0 there; TRL's is the mean of every process's mean, clamped after. A KTO
 eval batch of one row paired the row with itself in z0 (TRL's mismatched pairs come from blocks of the train batch
-size): refused as a train batch of one is."""
+size): refused as a train batch of one is. ORPO and SimPO logged TRL's rewards but not its logps/chosen and
+logps/rejected."""
 
 from __future__ import annotations
 
