@@ -58,7 +58,7 @@ from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, prompt_text, score, trl_extras
 from .models import resolve_path
-from .ppo import sample_responses
+from .ppo import adamw_groups, sample_responses
 from .ppo_checkpoint import rotate
 from .prepared import Prepared, _rows
 from .report import plot_panels
@@ -157,9 +157,6 @@ def grpo_loss(
     return loss, stats
 
 
-# -- rewards -------------------------------------------------------------------------------------------------
-
-
 # -- the loop ------------------------------------------------------------------------------------------------
 
 
@@ -194,7 +191,8 @@ class GRPOLoop:
         model: the policy, a DeltaModel over a causal LM whose active adapter trains.
         tokenizer: the policy's tokenizer (completions are decoded with it for the rewards).
         rewards, align: the rewards (``check_rewards`` / ``load_rewards``); the recipe's ``align`` section.
-        lr, weight_decay: AdamW's learning rate and weight decay (the recipe's; torch's own default decay is 0.01).
+        lr, weight_decay: AdamW's learning rate and weight decay (the recipe's; not on biases and norm weights, as the
+            HF Trainer's and TRL's AdamW).
         max_grad_norm, seed: the gradient clipping norm (0: none); the seed of the sampling.
         scheduler: a function optimizer -> LR scheduler (default: constant).
     """
@@ -216,9 +214,7 @@ class GRPOLoop:
         self.device = next(model.parameters()).device
         self.amp = functools.partial(torch.autocast, self.device.type, torch.bfloat16, enabled=bf16)
         torch.manual_seed(seed)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr, weight_decay=weight_decay
-        )
+        self.optimizer = torch.optim.AdamW(adamw_groups(model, weight_decay), lr, weight_decay=weight_decay)
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.max_grad_norm = max_grad_norm
         self.state, self.logged = TrainerState(), {}  # what rewards see as trainer_state; what they log_metric
@@ -422,7 +418,7 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
 
     Raises:
         ConfigError: a bad align setting (G < 2, ...), a reward that cannot be imported, or the longest prompt plus
-            align.max_new_tokens beyond the model's context.
+            a token adapter's virtual tokens plus align.max_new_tokens beyond the model's context.
         DataError: a missing or empty prompt.
     """
     from transformers import AutoConfig
@@ -440,11 +436,13 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
     except OSError:
         config = None  # the model loader reports this more clearly
     context = context_length(config) if config is not None else None
-    if context is not None and longest + a.max_new_tokens > context:
+    virtual = getattr(cfg.method_config(), "num_virtual_tokens", 0) or 0  # a token adapter's take positions too
+    if context is not None and longest + virtual + a.max_new_tokens > context:
+        also = f" and the adapter's {virtual} virtual tokens" if virtual else ""
         raise ConfigError(
-            f"the longest prompt ({longest} tokens, data.max_length={d.max_length}) plus align.max_new_tokens="
-            f"{a.max_new_tokens} is {longest + a.max_new_tokens} positions, more than the model's context of "
-            f"{context}; lower data.max_length or align.max_new_tokens"
+            f"align.max_new_tokens={a.max_new_tokens} plus the longest prompt ({longest} tokens, data.max_length="
+            f"{d.max_length}){also} is {longest + virtual + a.max_new_tokens} positions, more than the model's "
+            f"context of {context}; lower align.max_new_tokens or data.max_length"
         )
     notes = [
         f"GRPO: {cfg.train.batch_size} prompts x {a.num_generations} completions per step, {a.max_new_tokens} new "
