@@ -502,7 +502,8 @@ def _merge(args) -> int:
                 "save the pipeline"
             )
     with staging_folder(args.out, args.overwrite) as staging:  # refuses a folder with files unless --overwrite
-        delta, tok = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
+        delta, tok = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code,
+                                        dtype="float32")  # fmt: skip
         model, report = merge(delta, tok)
         # Merged in float32, saved as the base is stored (a bfloat16 base stays bfloat16, half the size).
         source = getattr(getattr(model, "config", None), "_name_or_path", None)

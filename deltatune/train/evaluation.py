@@ -15,7 +15,7 @@ from ..config import ConfigError
 from ..model import DeltaModel
 from .checks import check_reference
 from .config import apply_overrides, build
-from .models import load_processor
+from .models import load_processor, reload_as_trained
 from .run import adapter_field, build_model, eval_metrics, precision_args, start_model
 from .runs import folder_with, read_recipe, run_file
 from .table import IMAGE_STAGES, prepare
@@ -138,6 +138,7 @@ def evaluate(
         # transformers' loss rounds otherwise, and the run's eval_loss would not come back to the bit.
         delta = DeltaModel(build_model(cfg, tok, labels), fused_loss=True)
         delta.load_adapter(run_dir, "default")
+        reload_as_trained(delta, run_dir)  # its adapter in float32 on a half-precision base, as the run trained it
         after, _ = scored(delta, start_scores)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

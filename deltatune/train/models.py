@@ -427,3 +427,10 @@ def upcast_adapters(delta: torch.nn.Module) -> int:
                 if p.dtype in (torch.float16, torch.bfloat16):
                     p.data, cast = p.data.float(), cast + 1
     return cast
+
+
+def reload_as_trained(delta: torch.nn.Module, adapter_dir: str, name: str = "default") -> None:
+    """A run's adapter as its training held it: in float32 on a half-precision base (``upcast_adapters``), its
+    weights read again from ``adapter_dir`` so that the file's float32 values are not rounded to the base's dtype."""
+    if upcast_adapters(delta):
+        delta.load_adapter_weights(adapter_dir, name)

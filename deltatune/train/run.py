@@ -23,7 +23,7 @@ from . import report
 from .checks import check_context, check_model_path, check_num_labels, check_reference, check_run, resolved_precision
 from .config import RunConfig, build, ignored_keys
 from .metrics import perplexity
-from .models import load_model, load_processor, local_base_note, upcast_adapters
+from .models import load_model, load_processor, local_base_note, reload_as_trained, upcast_adapters
 from .prepared import Prepared
 from .runfolder import (
     Replacement,
@@ -479,12 +479,11 @@ def _keeps_packed_apart(model: DeltaModel, adapter: bool) -> bool:
     return bool((packed - alone).abs().max() <= 0.05 * (after - alone).abs().max())
 
 
-def load_adapter_model(
-    adapter_dir: str, model: str | None = None, merged: bool = False, trust_remote_code: bool = False
-):
-    """Base model + the adapter saved in ``adapter_dir`` (a run folder or a plain adapter folder), and its
-    tokenizer. The base comes from ``model``, else the run's recipe, else the adapter config's
-    ``base_model_name_or_path``. With ``merged`` the adapter is folded in and a plain model returned.
+def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool = False,
+                       trust_remote_code: bool = False, dtype: str | None = None):  # fmt: skip
+    """Base model + the adapter saved in ``adapter_dir`` (a run folder or a plain adapter folder) and its tokenizer.
+    The base: ``model``, else the run's recipe's, else the adapter config's; in ``dtype``, else the run's model.dtype
+    (a plain folder: float32), its adapter as the run trained it (``reload_as_trained``); ``merged``: folded in.
 
     Remote model code runs only with ``trust_remote_code=True`` from the caller; a run folder's run.yaml saying
     ``trust_remote_code: true`` is ignored (a folder someone sends you must not run code)."""
@@ -513,7 +512,7 @@ def load_adapter_model(
     base = load_model(
         name,
         task,
-        dtype=cfg.model.dtype if quantized else "float32",
+        dtype=dtype if dtype and not quantized else cfg.model.dtype if recipe_path else "float32",
         num_labels=len(labels) if labels else num_labels,  # the head as saved (older runs may record more)
         id2label=dict(enumerate(labels)) if labels else None,
         trust_remote_code=trust_remote_code,
@@ -522,6 +521,7 @@ def load_adapter_model(
     if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on
         base = _quantize(base, cfg.model.quantization)
     delta = DeltaModel.from_pretrained(base, adapter_dir)
+    reload_as_trained(delta, adapter_dir)
     return (merge(delta, tok)[0] if merged else delta), tok
 
 

@@ -76,3 +76,44 @@ def test_a_bf16_run_trains_and_saves_float32_adapters(tmp_path):
     vectors = {k: v for k, v in saved.items() if "ia3_l" in k}
     assert vectors and {v.dtype for v in vectors.values()} == {torch.float32}
     assert any((v != 1).any() for v in vectors.values())
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    """A finished bf16 sft run of a tiny Llama with LoRA, evaluated at its end."""
+    root = tmp_path_factory.mktemp("bf16")
+    base = save_tiny(root / "llama", "llama")
+    rows = [{"prompt": f"count {i}", "completion": f" {i} {i + 1} {i + 2}"} for i in range(24)]
+    for name, part in (("train", rows[:16]), ("eval", rows[16:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    recipe = {
+        "stage": "sft",
+        "model": {"name_or_path": base, "dtype": "bfloat16"},
+        "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 64},
+        "train": {"batch_size": 4, "lr": 1e-2, "seed": 0, "max_steps": 3, "report_to": ["none"]},
+        "output": {"dir": str(root / "run")},
+    }
+    train(build(recipe))
+    return str(root / "run")
+
+
+def test_a_bf16_runs_adapter_reloads_as_it_trained_for_generate_and_eval(bf16_run):
+    """generate/chat/scoring loaded a bf16 run in float32 (logits 0.003 off the run's), and once the run trained
+    its adapter in fp32, eval read it rounded to bf16: neither was the model the run evaluated."""
+    from deltatune.train.evaluation import evaluate
+    from deltatune.train.run import load_adapter_model
+
+    saved = load_file(f"{bf16_run}/adapter_model.safetensors")
+    delta, _ = load_adapter_model(bf16_run)
+    assert delta.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+    loaded = {k: v for k, v in delta.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved)
+    for key, value in saved.items():  # the file's float32 values, not their bf16 rounding
+        ours = next(v for k, v in loaded.items() if k.replace(".default", "").endswith(key.split("base_model.")[-1]))
+        assert ours.dtype == torch.float32 and torch.equal(ours, value), key
+    merged_base, _ = load_adapter_model(bf16_run, dtype="float32")  # deltatune merge: merged in float32
+    assert merged_base.get_base_model().model.embed_tokens.weight.dtype == torch.float32
+    with open(f"{bf16_run}/metrics.json", encoding="utf-8") as fh:
+        run_loss = json.load(fh)["eval_loss"]
+    assert evaluate(bf16_run)["eval_loss"] == run_loss
