@@ -23,7 +23,8 @@ their length; Dr. GRPO divides by a constant, completions x max tokens). Log-pro
 Rewards follow TRL's convention so users can bring theirs: ``f(prompts, completions, **columns) -> list[float]``,
 called with keyword arguments, one value per completion; ``prompts`` are the rows' prompts as written (text, or a list
 of chat messages; the recipe's data.template, else the tokenizer's chat template, makes the model's input),
-``completions`` the decoded texts, every other column of the rows as a list of the same length, and TRL's
+``completions`` the decoded texts (after chat prompts each one assistant message, as TRL's: ``[{"role":
+"assistant", "content": text}]``), every other column of the rows as a list of the same length, and TRL's
 ``completion_ids``, ``trainer_state``, ``log_metric`` and ``log_extra`` (``grpo_rewards.trl_extras``). A reward may
 also be a deltatune reward-model run (stage rm), scoring (prompt, completion) texts. Checkpoints (adapter, optimizer,
 RNG) every ``train.save_steps`` steps (default: once per pass over the prompts); ``--resume`` continues from the last.
@@ -56,7 +57,7 @@ from ..data.templates import apply_chat_template, render
 from ..targets import context_length
 from .checks import resolved_precision
 from .config import AlignArgs, RunConfig
-from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, prompt_text, score, trl_extras
+from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
 from .ppo_checkpoint import rotate
@@ -280,10 +281,9 @@ class GRPOLoop:
         columns = {k: [it.columns.get(k) for it in items] for k in keys}
         if s.completion_ids:
             columns["completion_ids"] = s.completion_ids
-        texts = [prompt_text(it.prompt, it.ids, self.tokenizer) for it in items]  # what a reward-model run scores
+        prompts, texts, completions = reward_inputs(items, s.completions, s.completion_ids, self.tokenizer)
         extras = trl_extras(getattr(self, "state", None), getattr(self, "logged", {}))  # (a loop built bare: none)
-        return score(self.rewards, [it.prompt for it in items], texts, s.completions, columns,
-                     [it.source for it in items], extras)  # fmt: skip
+        return score(self.rewards, prompts, texts, completions, columns, [it.source for it in items], extras)
 
     def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
         """One GRPO step over a batch of prompts; returns its statistics. Each forward has an autocast region of

@@ -165,10 +165,51 @@ def trl_extras(state: Any, metrics: dict[str, list]) -> dict[str, Any]:
             "log_extra": lambda column, values: None}  # fmt: skip
 
 
-def _call(reward: Reward, prompts: list, texts: list[str], completions: list[str], columns: dict[str, list],
+def reward_inputs(items: Sequence, texts: list[str], completion_ids: list[list[int]], tokenizer) -> tuple[list, ...]:
+    """(prompts, prompt texts, completions) for the rewards of completions ``texts`` of ``items`` (each with its
+    row's ``prompt`` as written and its ``ids``): the prompts, what a reward-model run scores (``prompt_text``), and
+    the ``completions`` TRL's GRPOTrainer gives reward functions: the texts after text prompts; after chat prompts
+    (TRL asks the batch's first) each as one assistant message, ``[{"role": "assistant", "content": text}]``, or, where
+    the tokenizer has a ``response_template``, the message its ``parse_response`` reads from the completion's ids after
+    the prompt's (reasoning, tool calls; the text where that fails), as TRL's ``parse_response``."""
+    prompts = [it.prompt for it in items]
+    plain = [prompt_text(it.prompt, it.ids, tokenizer) for it in items]
+    if not prompts or not (isinstance(prompts[0], list) and all(isinstance(m, dict) for m in prompts[0])):
+        return prompts, plain, list(texts)
+    if getattr(tokenizer, "response_template", None) is None or len(completion_ids) != len(texts):
+        return prompts, plain, [[{"role": "assistant", "content": text}] for text in texts]
+    return prompts, plain, [[_parsed(tokenizer, *a)] for a in zip(completion_ids, [it.ids for it in items], texts)]
+
+
+def _parsed(tokenizer, ids: list[int], prefix: list[int], text: str) -> dict[str, Any]:
+    try:
+        parsed = tokenizer.parse_response(ids, prefix=prefix, tools=[])
+        if parsed is None:  # (a completion cut so short that not even its content is there)
+            raise ValueError("nothing parsed")
+        if isinstance(parsed.get("content"), str):  # transformers#42249: an EOS left on the content
+            parsed["content"] = parsed["content"].removesuffix(tokenizer.eos_token)
+        parsed["content"] = parsed.get("content") or ""
+        for call in parsed.get("tool_calls") or []:  # a malformed call reads as text, as TRL's _validate_tool_calls
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError("malformed tool call")
+            fn["arguments"] = {} if fn.get("arguments") is None else fn["arguments"]
+        if not isinstance(parsed.get("tool_calls", []), list):
+            raise ValueError("tool_calls not a list")
+    except (ValueError, TypeError):
+        return {"role": "assistant", "content": text}
+    return parsed
+
+
+def _text(completion: Any) -> str:
+    """A completion's text, given as text or as TRL's one assistant message."""
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
+def _call(reward: Reward, prompts: list, texts: list[str], completions: list, columns: dict[str, list],
           extras: dict[str, Any]) -> Any:  # fmt: skip
     if reward.model:
-        return reward.fn(texts, completions)
+        return reward.fn(texts, [_text(c) for c in completions])
     out = reward.fn(prompts=prompts, completions=completions, **{**columns, **extras})
     return asyncio.run(out) if inspect.iscoroutine(out) else out  # an async reward function, awaited as TRL awaits it
 
@@ -177,12 +218,13 @@ def score(
     rewards: Sequence[Reward],
     prompts: list,
     prompt_texts: list[str],
-    completions: list[str],
+    completions: list,
     columns: dict[str, list],
     sources: list[str],
     extras: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """(N, K) rewards of N completions under K rewards. ``columns`` (one value per completion: the rows' columns,
+    """(N, K) rewards of N completions (texts, or ``trl_completions``' messages: reward-model runs score the texts)
+    under K rewards. ``columns`` (one value per completion: the rows' columns,
     ``completion_ids``) and ``extras`` (the same for every row: ``trl_extras``) reach each reward function by keyword.
 
     Raises:
@@ -228,7 +270,7 @@ def _raised(r: Reward, prompts, texts, completions, columns, extras, sources, ex
                   {k: v[i : i + 1] for k, v in columns.items()}, extras)  # fmt: skip
         except Exception as one:  # noqa: BLE001
             where = _where(one, file)
-            return (f"reward {r.name} raised {type(one).__name__}: {one} (row {source}, completion {completions[i]!r}"
+            return (f"reward {r.name} raised {type(one).__name__}: {one} (row {source}, completion {_text(completions[i])!r}"
                     + (f", at {where})" if where else ")"))  # fmt: skip
     where = _where(exc, file)
     return (f"reward {r.name} raised {type(exc).__name__}: {exc} (on the batch of rows {sources[0]} .. {sources[-1]}"

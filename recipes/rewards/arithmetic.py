@@ -1,7 +1,8 @@
 """Small arithmetic word problems with exact answers, and the rewards that check them (for recipes/grpo-arithmetic.yaml).
 
 Rewards follow TRL's convention, ``f(prompts, completions, **columns) -> list[float]``, so the recipe names them as
-``recipes/rewards/arithmetic.py:exact_answer``; ``answer`` is a column of the data rows.
+``recipes/rewards/arithmetic.py:exact_answer``; ``answer`` is a column of the data rows. A completion is its text, or
+(after a chat prompt, as these rows' are) one assistant message ``[{"role": "assistant", "content": text}]``: both read.
 
 Regenerate the data files (seeded, so the same files come out; train and test share no problem):
 
@@ -78,16 +79,21 @@ def parse(completion: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def text(completion) -> str:
+    """The completion's text: as given, or the content of its assistant message (a chat prompt's completion)."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def exact_answer(prompts, completions, answer, **kwargs) -> list[float]:
     """1 when the completion's final answer (see ``parse``) is the exact answer, else 0."""
-    return [1.0 if parse(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
+    return [1.0 if parse(text(c)) == int(a) else 0.0 for c, a in zip(completions, answer)]
 
 
 def answer_format(prompts, completions, **kwargs) -> list[float]:
     """1 when the completion ends with an 'Answer: N' line, 0.5 when it has one elsewhere, 0.25 for a looser
     'the answer is N' (a foothold: the base model writes that, never the line), else 0."""
     out = []
-    for c in completions:
+    for c in map(text, completions):
         lines = [line for line in c.strip().splitlines() if line.strip()]
         if lines and ANSWER_LINE.match(lines[-1]):
             out.append(1.0)

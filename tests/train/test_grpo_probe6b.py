@@ -1,14 +1,98 @@
-"""GRPO against TRL 1.16's GRPOTrainer, round 6b: AdamW spares biases and norm weights as the HF Trainer's
-create_optimizer; the context check counts a token adapter's virtual tokens."""
+"""GRPO against TRL 1.16's GRPOTrainer, round 6b: after chat prompts reward functions get each completion as one
+assistant message (``_generate_and_score_completions``), parsed by a tokenizer's response_template as TRL's
+``parse_response``; AdamW spares biases and norm weights as the HF Trainer's create_optimizer; the context check counts
+a token adapter's virtual tokens."""
 
 from __future__ import annotations
 
 import json
 
+from test_grpo import ROOT, base_dir, policy  # noqa: F401  (base_dir: the module's tiny policy fixture)
 from tiny import save_tiny, word_tokenizer
 
 from deltatune.train.config import AlignArgs
-from deltatune.train.grpo import GRPOLoop
+from deltatune.train.grpo import GRPOLoop, PromptItem, Samples
+from deltatune.train.grpo_rewards import Reward
+
+CHAT = [{"role": "user", "content": "w1 w2"}]
+
+
+def test_after_chat_prompts_rewards_get_trls_assistant_messages(base_dir):  # noqa: F811
+    """TRL's documented conversational reward reads ``completion[0]["content"]``: deltatune gave the text, so that
+    reward raised TypeError (string indices) and stopped the run. Text prompts still give text."""
+    tok, seen = word_tokenizer(), []
+
+    def trl_format_reward(completions, completion_ids, **kwargs):  # as in TRL's docs, conversational format
+        seen.append((completions, completion_ids))
+        return [float("w1" in c[0]["content"]) for c in completions]
+
+    loop = GRPOLoop(policy(base_dir), tok, [Reward("fmt", trl_format_reward)], AlignArgs(num_generations=3,
+                    max_new_tokens=4), seed=0)  # fmt: skip
+    loop.step([PromptItem([2, 5, 6], CHAT, {}, "p.jsonl:1"), PromptItem([2, 7], CHAT, {}, "p.jsonl:2")])
+    completions, ids = seen[0]
+    assert completions == [[{"role": "assistant", "content": tok.decode(i, skip_special_tokens=True)}] for i in ids]
+    assert len(completions) == 6
+
+    texts = []
+    loop.rewards = [Reward("text", lambda prompts, completions, **kw: texts.append(completions) or [0.0] * 3)]
+    loop.step([PromptItem([2, 5, 6], "w1 w2", {}, "p.jsonl:1")])
+    assert len(texts[0]) == 3 and all(isinstance(c, str) for c in texts[0])
+
+
+def test_the_arithmetic_rewards_read_text_and_assistant_messages():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("arithmetic", ROOT / "recipes" / "rewards" / "arithmetic.py")
+    a = module_from_spec(spec)
+    spec.loader.exec_module(a)
+    texts = ["5 + 10 = 15\nAnswer: 15", "The answer is 15.", "none"]
+    messages = [[{"role": "assistant", "content": t}] for t in texts]
+    for completions in (texts, messages):
+        assert a.exact_answer(None, completions, [15, 15, 15]) == [1.0, 1.0, 0.0]
+        assert a.answer_format(None, completions) == [1.0, 0.25, 0.0]
+
+
+def _template_tokenizer():
+    """A word tokenizer whose response_template reads reasoning between ``think`` and ``done``, JSON tool calls
+    between ``tool`` and ``end`` and the content up to [EOS], after the assistant header ``<a>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<a>", "think", "done", "tool", "end", '{"name":', '"f",', '"f"}', '"arguments":', "{}}", "hi", "there"]
+    tk = Tokenizer(
+        models.WordLevel({t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *words])}, "[UNK]")
+    )
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                  eos_token="[EOS]")  # fmt: skip
+    tok.response_template = {"defaults": {"role": "assistant"}, "start_anchor": "<a>", "fields": {
+        "reasoning_content": {"open": "think", "close_pattern": r"done\s*", "content": "text"},
+        "tool_calls": {"open": "tool", "close_pattern": r"end\s*", "repeats": True, "content": "json",
+                       "transform": {"type": "function", "function": "{content}"}},
+        "content": {"close_pattern": r"\[EOS\]\s*", "content": "text"}}}  # fmt: skip
+    return tok
+
+
+def test_a_response_template_parses_completions_as_trls_parse_response():
+    """With a tokenizer that has a response_template, TRL gives ``parse_response(tokenizer, completion_ids,
+    prefix=prompt_ids)``: reasoning and tool calls apart, a malformed call or a failed parse as the decoded text."""
+    from trl.chat_template_utils import parse_response
+
+    tok = _template_tokenizer()
+    prompt = [2, 4]  # [BOS] <a>: the assistant header the chat template writes
+    completions = ["think hi done there [EOS]", 'hi tool {"name": "f", "arguments": {}} end [EOS]',
+                   'tool {"name": "f"} end [EOS]', 'tool "arguments": {}} end [EOS]', "hi there", "think hi"]  # fmt: skip
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in completions]
+    seen = []
+    loop = GRPOLoop.__new__(GRPOLoop)
+    loop.tokenizer, loop.rewards = tok, [Reward("r", lambda completions, **kw: seen.extend(completions) or [0.0] * 6)]
+    items = [PromptItem(prompt, CHAT, {}, f"p.jsonl:{i}") for i in range(6)]
+    texts = tok.batch_decode(ids, skip_special_tokens=True)
+    loop.score(Samples(None, None, None, 2, texts, None, items, ids))
+    want = [[parse_response(tok, i, prefix=prompt, tools=[])] for i in ids]
+    assert seen == want
+    assert want[0][0]["reasoning_content"] == "hi" and want[1][0]["tool_calls"][0]["function"]["name"] == "f"
+    assert want[2][0]["tool_calls"][0]["function"]["arguments"] == {} and want[3][0]["content"] == texts[3]
 
 
 def test_weight_decay_spares_biases_and_norm_weights_as_the_hf_trainer():
