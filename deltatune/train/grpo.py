@@ -491,10 +491,7 @@ def train_grpo(
     steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
     updates = steps * cfg.align.num_iterations
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * updates)
-
-    def scheduler(opt):
-        return get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=updates)
-
+    scheduler = functools.partial(get_scheduler, t.scheduler, num_warmup_steps=warmup, num_training_steps=updates)
     bf16 = resolved_precision(t.precision) == "bf16"  # as the Trainer's stages read train.precision
     loop = GRPOLoop(
         model, tokenizer, rewards, cfg.align, t.lr, t.max_grad_norm, t.seed, scheduler, bf16, t.weight_decay
@@ -586,6 +583,9 @@ def _load_checkpoint(path: str, loop: GRPOLoop, g: torch.Generator):
     if not os.path.isfile(state_file):
         raise ConfigError(f"--resume: {path!r} is not a GRPO checkpoint (no {STATE_FILE})")
     state = torch.load(state_file, map_location="cpu", weights_only=True)
+    if len(state["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):  # one before c1a4e8e
+        raise ConfigError(f"--resume: {path!r} was written by an older deltatune whose AdamW also decayed biases and "
+                          "norm weights (one parameter group, now two); finish it with that version or start anew")  # fmt: skip
     for name in loop.model.peft_config:
         loop.model.load_adapter_weights(path if name == "default" else os.path.join(path, name), name)
     loop.optimizer.load_state_dict(state["optimizer"])

@@ -1,15 +1,18 @@
 """GRPO against TRL 1.16's GRPOTrainer, round 6b: after chat prompts reward functions get each completion as one
 assistant message (``_generate_and_score_completions``), parsed by a tokenizer's response_template as TRL's
 ``parse_response``; AdamW spares biases and norm weights as the HF Trainer's create_optimizer; the context check counts
-a token adapter's virtual tokens."""
+a token adapter's virtual tokens; a checkpoint of the one AdamW group before that is refused in one line."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from test_grpo import ROOT, base_dir, policy  # noqa: F401  (base_dir: the module's tiny policy fixture)
 from tiny import save_tiny, word_tokenizer
 
+from deltatune.config import ConfigError
 from deltatune.train.config import AlignArgs
 from deltatune.train.grpo import GRPOLoop, PromptItem, Samples
 from deltatune.train.grpo_rewards import Reward
@@ -144,3 +147,20 @@ def test_a_token_adapters_virtual_tokens_count_in_the_context_check(tmp_path, ca
     err = capsys.readouterr().err
     assert "align.max_new_tokens=28" in err and "the adapter's 20 virtual tokens" in err and "context of 48" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_one_adamw_group_is_refused_in_one_line(base_dir, tmp_path):  # noqa: F811
+    """A checkpoint written before c1a4e8e holds AdamW's state in one parameter group: --resume raised torch's
+    ValueError from inside load_state_dict (a traceback). Now one line naming the checkpoint; today's resume."""
+    from deltatune.train.grpo import _load_checkpoint, _save_checkpoint
+
+    old, g = GRPOLoop(policy(base_dir), word_tokenizer(), [], AlignArgs()), torch.Generator()
+    old.optimizer = torch.optim.AdamW([p for p in old.model.parameters() if p.requires_grad])  # as before c1a4e8e
+    _save_checkpoint(str(tmp_path), 1, old, g, [], [], {}, 5)
+    loop = GRPOLoop(policy(base_dir), word_tokenizer(), [], AlignArgs())
+    with pytest.raises(
+        ConfigError, match=r"^--resume: '.*checkpoint-1' was written by an older deltatune whose AdamW"
+    ):
+        _load_checkpoint(str(tmp_path / "checkpoint-1"), loop, g)
+    _save_checkpoint(str(tmp_path), 2, loop, g, [{"step": 2}], [], {}, 5)
+    assert _load_checkpoint(str(tmp_path / "checkpoint-2"), loop, g)[:2] == (2, [{"step": 2}])
