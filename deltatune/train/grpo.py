@@ -366,7 +366,8 @@ class GRPOLoop:
 def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int, truncation: str, template=None):
     """(items, number truncated): each row's prompt as ids (through ``template``, the recipe's data.template, as
     generate and chat prompt the run; else chat messages through the tokenizer's chat template, text as is after the
-    BOS the tokenizer adds), cut from its start to ``max_length`` tokens; the row's other columns kept for rewards.
+    BOS the tokenizer adds), cut from its start to ``max_length`` tokens; the row's other columns kept for rewards
+    (not ``completion`` nor ``completion_ids``, which TRL leaves out).
 
     Raises:
         DataError: a missing or empty prompt, chat messages without a chat template, or (truncation=refuse) an
@@ -395,7 +396,7 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
                 raise DataError(f"{row.source}: the prompt is {len(ids)} tokens, more than data.max_length="
                                 f"{max_length} (set data.truncation=truncate to keep its end)")  # fmt: skip
             ids, truncated = ids[len(ids) - max_length :], truncated + 1
-        columns = {k: v for k, v in row.data.items() if k != prompt_column}
+        columns = {k: v for k, v in row.data.items() if k not in (prompt_column, "completion", "completion_ids")}
         items.append(PromptItem(ids, prompt, columns, row.source))
     return items, truncated
 

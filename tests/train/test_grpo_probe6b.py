@@ -164,3 +164,16 @@ def test_a_checkpoint_of_one_adamw_group_is_refused_in_one_line(base_dir, tmp_pa
         _load_checkpoint(str(tmp_path / "checkpoint-1"), loop, g)
     _save_checkpoint(str(tmp_path), 2, loop, g, [{"step": 2}], [], {}, 5)
     assert _load_checkpoint(str(tmp_path / "checkpoint-2"), loop, g)[:2] == (2, [{"step": 2}])
+
+
+def test_a_rows_completion_columns_are_left_out_of_the_reward_arguments_as_trl_does():
+    """TRL passes every column but prompt, completion and completion_ids: a prompt-completion dataset's own
+    ``completion`` reached a reward as a keyword (one without **kwargs raised), and could shadow TRL's ids."""
+    from tiny import tokenizer
+
+    from deltatune.data.load import Row
+    from deltatune.train.grpo import encode_prompts
+
+    row = Row({"prompt": "two plus two", "completion": "4", "completion_ids": [7], "answer": "4"}, "p.jsonl:1")
+    items, _ = encode_prompts([row], tokenizer(), "prompt", 64, "truncate")
+    assert items[0].columns == {"answer": "4"}
