@@ -12,6 +12,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -211,7 +212,21 @@ def _call(reward: Reward, prompts: list, texts: list[str], completions: list, co
     if reward.model:
         return reward.fn(texts, [_text(c) for c in completions])
     out = reward.fn(prompts=prompts, completions=completions, **{**columns, **extras})
-    return asyncio.run(out) if inspect.iscoroutine(out) else out  # an async reward function, awaited as TRL awaits it
+    return _await(out) if inspect.iscoroutine(out) else out
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def _await(coroutine: Any) -> Any:
+    """An async reward's result, run on one event loop that a daemon thread keeps for the process, as TRL keeps one
+    for its trainer: what a reward binds to the loop (a rate-limiting semaphore, an HTTP client's pool) lives from
+    one step to the next, and a run started inside a running loop (a notebook) works."""
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_LOOP.run_forever, name="deltatune-rewards", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coroutine, _LOOP).result()
 
 
 def score(

@@ -177,3 +177,30 @@ def test_a_rows_completion_columns_are_left_out_of_the_reward_arguments_as_trl_d
     row = Row({"prompt": "two plus two", "completion": "4", "completion_ids": [7], "answer": "4"}, "p.jsonl:1")
     items, _ = encode_prompts([row], tokenizer(), "prompt", 64, "truncate")
     assert items[0].columns == {"answer": "4"}
+
+
+def test_async_rewards_run_on_one_event_loop_across_steps_and_inside_a_running_loop():
+    """Each call ran asyncio.run, a new loop each step: a reward's semaphore (bound to the loop of its first use)
+    failed at the second step, and a run started inside a running loop (a notebook) failed at the first."""
+    import asyncio
+
+    from deltatune.train.grpo_rewards import score
+
+    limit = asyncio.Semaphore(1)
+
+    async def judge(prompts, completions, **kwargs):
+        async def one(c):
+            async with limit:
+                await asyncio.sleep(0)
+                return float(len(c))
+
+        return await asyncio.gather(*(one(c) for c in completions))
+
+    rewards = [Reward("judge", judge)]
+    for _ in range(2):
+        assert score(rewards, ["p", "p"], ["p", "p"], ["ab", "abc"], {}, ["0", "1"]).flatten().tolist() == [2.0, 3.0]
+
+    async def notebook():
+        return score(rewards, ["p"], ["p"], ["ab"], {}, ["0"])
+
+    assert asyncio.run(notebook()).flatten().tolist() == [2.0]
