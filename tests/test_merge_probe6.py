@@ -46,3 +46,32 @@ def test_merging_one_adapter_leaves_the_unmerged_active_ones_out_of_the_forward_
         assert (merged - before).abs().max() > 0.01  # the case tells the two readings apart
     ours.unmerge_adapter()
     torch.testing.assert_close(output_of(ours, inputs), before, atol=ATOL32, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["linear", "embedding", "conv2d"])
+def test_fp32_adapters_on_a_bf16_base_compute_and_merge_as_peft_by_default(case, tmp_path):
+    """peft keeps a bf16 base's LoRA in fp32 (autocast_adapter_dtype) and adds its fp32 update to the bf16 output,
+    rounding once; a deltatune run now trains so. deltatune rounded the update's factors to bf16 first (5,719 of
+    16,384 outputs of a 256 x 256 layer off peft's), a Conv2d LoRA crashed on the bf16 input, and a merge rounded
+    the delta before adding it (841 of 3,072 merged entries off)."""
+    from test_merge_probe5 import _convs
+
+    from deltatune.train.models import reload_as_trained
+
+    targets = {"linear": ["q_proj", "v_proj"], "embedding": ["embed_tokens"], "conv2d": ["conv", "point"]}[case]
+    make = (lambda: _convs(torch.bfloat16)) if case == "conv2d" else (lambda: tiny_model("llama").to(torch.bfloat16))
+    config = dict(r=4, lora_alpha=7, init_lora_weights=False, target_modules=targets)
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(**config)).eval()
+    assert {p.dtype for n, p in theirs.named_parameters() if "lora_" in n} == {torch.float32}
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(make(), tmp_path)
+    reload_as_trained(ours, str(tmp_path))
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)} if case == "conv2d" else tiny_inputs("llama")
+    with torch.no_grad():
+        out = ours(**inputs) if case == "conv2d" else ours(**inputs).logits
+        ref = theirs(**inputs) if case == "conv2d" else theirs(**inputs).logits
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    merged, peft_merged = ours.merge_and_unload(), theirs.merge_and_unload()
+    for key, value in peft_merged.state_dict().items():
+        assert torch.equal(merged.state_dict()[key], value), key

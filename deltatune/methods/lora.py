@@ -199,7 +199,7 @@ class _LoraBase(DeltaLayer):
     def _merge_weights(self, name: str, base: torch.Tensor | None = None) -> None:
         self._dequantize_base()
         weight = self._weight
-        delta = self.delta_weight(name, merging=True).to(weight.dtype)
+        delta = self.delta_weight(name, merging=True)  # an fp32 adapter's delta added to a bf16 W rounds once (peft)
         if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept for unmerge
             # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
             # _unmerged_base_weight); W itself holds them.
@@ -224,7 +224,7 @@ class _LoraBase(DeltaLayer):
 
     def _unmerge_weights(self, name: str) -> None:
         weight = self._weight
-        delta = self.delta_weight(name, merging=True).to(weight.dtype)
+        delta = self.delta_weight(name, merging=True)
         if name in self.lora_magnitude_vector:
             factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / self._dora_norm.pop(name)
             weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
@@ -277,9 +277,10 @@ class LoraLinear(_LoraBase):
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         x_in = self.lora_dropout[name](x).to(A.dtype)
         if name in self.lora_magnitude_vector:
-            return result + dora(self, name, x_in, result).to(result.dtype)
-        # Scale the rank-r activations rather than the (tokens, d_out) output: r/d_out of the work; then one fused
-        # multiply-add for the (tokens, d_out) update instead of a product and a sum.
+            return (result + dora(self, name, x_in, result)).to(result.dtype)
+        if A.dtype != result.dtype:  # an fp32 adapter on a half-precision base: its fp32 update rounded once (peft)
+            return (result + F.linear(F.linear(x_in, A), B) * s).to(result.dtype)
+        # s on the rank-r activations (r/d_out of the work), then one fused multiply-add for the (tokens, d_out) update
         h = F.linear(x_in, A) * s  # (..., r)
         out = torch.addmm(
             result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]).to(result.dtype), B.T.to(result.dtype)
@@ -302,7 +303,7 @@ class LoraEmbedding(_LoraBase):
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_embedding_A[name], self.lora_embedding_B[name], merging)
-        return ((B @ A).T * self.scaling[name]).to(dtype)  # (vocab, dim)
+        return ((B @ A).T * self.scaling[name]).to(self._weight.dtype if merging else dtype)  # (vocab, dim), as peft
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -310,7 +311,7 @@ class LoraEmbedding(_LoraBase):
                               base.scale_grad_by_freq, base.sparse)  # (..., r)  # fmt: skip
         out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
         scale = getattr(base, "embed_scale", 1.0)  # Gemma's, a scaled BART's: (W + dW)[x] * scale, as merged
-        return result + (out * scale).to(result.dtype)
+        return (result + out * scale).to(result.dtype)
 
 
 class LoraConv2d(_LoraBase):
@@ -336,8 +337,8 @@ class LoraConv2d(_LoraBase):
         return (delta * self.scaling[name]).to(dtype)
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        update = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
-        return result + update.to(result.dtype)
+        x_in = self.lora_dropout[name](x).to(self.lora_A[name].weight.dtype)  # a half-precision base's input
+        return (result + self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]).to(result.dtype)
 
 
 LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
