@@ -183,3 +183,22 @@ def test_generating_past_the_position_table_is_refused_in_one_line(family, task,
         with pytest.raises(ValueError, match=f"65 positions needed .* model type '{family}' has only 64"):
             model.generate(input_ids=ids, **kwargs)
         model.generate(input_ids=ids, **{**kwargs, "max_new_tokens": steps - 2})  # 64 positions: the whole table
+
+
+def test_the_position_limit_is_read_off_the_table_fsmt_holding_pad_plus_one_more_rows():
+    """FSMT's position table has max_position_embeddings + padding_idx + 1 rows, positions after the pad: the
+    limit was taken as max - pad - 1 (2 positions short at pad 1); RoBERTa's table (max rows) keeps max - pad - 1."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from deltatune.methods._tokens import _absolute_positions
+
+    class Model(nn.Module):
+        def __init__(self, rows: int, pad: int) -> None:
+            super().__init__()
+            self.embed_positions = nn.Embedding(rows, 4, padding_idx=pad)
+
+    cfg = SimpleNamespace(max_position_embeddings=64)
+    assert _absolute_positions(Model(64 + 1 + 1, 1), cfg) == 64  # FSMT
+    assert _absolute_positions(Model(64, 1), cfg) == 62  # RoBERTa: 514 rows hold 512 positions
