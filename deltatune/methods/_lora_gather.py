@@ -39,6 +39,9 @@ def gathered(layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | Non
     scale = torch.tensor([layer.scaling.get(name, 0.0) for name in unique], device=x.device, dtype=opmath)[codes]
     rows = x.shape[0]
     x3 = x.reshape(rows, -1, x.shape[-1]).to(dtype)
+    if dtype != result.dtype:  # fp32 adapters on a half-precision base: as the loop, the update in fp32 rounded once
+        update = torch.bmm(torch.bmm(x3, A[index].transpose(1, 2)), B[index].transpose(1, 2)) * scale.view(rows, 1, 1)
+        return (result.reshape(rows, -1, result.shape[-1]) + update).to(result.dtype).view(result.shape)
     h = (torch.bmm(x3, A[index].to(dtype).transpose(1, 2)) * scale.view(rows, 1, 1)).to(dtype)  # (rows, tokens, r)
     B_rows = B[index].to(dtype).transpose(1, 2).to(result.dtype)  # (rows, r, d_out)
     out = torch.baddbmm(result.reshape(rows, -1, result.shape[-1]), h.to(result.dtype), B_rows)

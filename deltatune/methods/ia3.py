@@ -107,9 +107,9 @@ class IA3Layer(DeltaLayer):
 
     def _merge_weights(self, name: str) -> None:
         base = self.base_layer
-        base.weight.mul_(self._factor(name).to(base.weight.dtype))
+        base.weight.mul_(self._factor(name))  # an fp32 l on a bf16 W: the product rounded once, as peft
         if not self.is_feedforward and getattr(base, "bias", None) is not None:
-            base.bias.mul_(self.ia3_l[name].detach().reshape(base.bias.shape).to(base.bias.dtype))
+            base.bias.mul_(self.ia3_l[name].detach().reshape(base.bias.shape))
 
     def _unmerge_weights(self, name: str) -> None:
         base = self.base_layer

@@ -205,7 +205,7 @@ class _LoraBase(DeltaLayer):
             # _unmerged_base_weight); W itself holds them.
             base = self._unmerged_base() if base is None else base
             self._dora_norm[name] = norm = row_norm(base + delta, self._rows_dim)
-            factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / norm
+            factor = self.lora_magnitude_vector[name].detach() / norm  # fp32 m: unrounded, as peft
             weight.copy_((weight + delta) * _expand(factor, weight, self._rows_dim))
         else:
             weight.add_(delta)
@@ -226,7 +226,7 @@ class _LoraBase(DeltaLayer):
         weight = self._weight
         delta = self.delta_weight(name, merging=True)
         if name in self.lora_magnitude_vector:
-            factor = self.lora_magnitude_vector[name].detach().to(weight.dtype) / self._dora_norm.pop(name)
+            factor = self.lora_magnitude_vector[name].detach() / self._dora_norm.pop(name)
             weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
         else:
             weight.sub_(delta)
