@@ -319,7 +319,8 @@ def _absolute_positions(model: nn.Module, cfg: Any) -> int | None:
         return None
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     pad = getattr(table, "padding_idx", None)  # RoBERTa's family (MPNet, data2vec-text, ...): positions start after it
-    return table.num_embeddings - pad - 1 if pad is not None else limit  # (FSMT's table: max + pad + 1 rows)
+    rows = getattr(table, "num_embeddings", None) or limit  # FSMT's table: max + pad + 1 rows; M2M100's has none
+    return rows - pad - 1 if rows is not None and pad is not None else limit
 
 
 def _prefix_module(model: nn.Module) -> nn.Module | None:

@@ -202,3 +202,10 @@ def test_the_position_limit_is_read_off_the_table_fsmt_holding_pad_plus_one_more
     cfg = SimpleNamespace(max_position_embeddings=64)
     assert _absolute_positions(Model(64 + 1 + 1, 1), cfg) == 64  # FSMT
     assert _absolute_positions(Model(64, 1), cfg) == 62  # RoBERTa: 514 rows hold 512 positions
+
+    class Sinusoidal(nn.Module):  # M2M100's, NLLB's, XGLM's: a padding index and no num_embeddings (it grows)
+        padding_idx = 1
+
+    model = nn.Module()
+    model.embed_positions = Sinusoidal()
+    assert _absolute_positions(model, cfg) == 62  # was an AttributeError in every forward
