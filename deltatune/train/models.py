@@ -431,6 +431,11 @@ def upcast_adapters(delta: torch.nn.Module) -> int:
 
 def reload_as_trained(delta: torch.nn.Module, adapter_dir: str, name: str = "default") -> None:
     """A run's adapter as its training held it: in float32 on a half-precision base (``upcast_adapters``), its
-    weights read again from ``adapter_dir`` so that the file's float32 values are not rounded to the base's dtype."""
+    weights read again from ``adapter_dir`` so that the file's float32 values are not rounded to the base's dtype.
+    A run under FSDP trained them in the base's dtype: left so."""
+    from .runs import read_recipe, run_file
+
+    if run_file(adapter_dir) and (read_recipe(adapter_dir).get("train") or {}).get("fsdp"):
+        return
     if upcast_adapters(delta):
         delta.load_adapter_weights(adapter_dir, name)

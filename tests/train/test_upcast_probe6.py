@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import save_tiny, tiny_inputs, tiny_model
+from transformers import AutoModelForCausalLM
 
 import deltatune as dt
 from deltatune.train import build, train
@@ -117,3 +118,23 @@ def test_a_bf16_runs_adapter_reloads_as_it_trained_for_generate_and_eval(bf16_ru
     with open(f"{bf16_run}/metrics.json", encoding="utf-8") as fh:
         run_loss = json.load(fh)["eval_loss"]
     assert evaluate(bf16_run)["eval_loss"] == run_loss
+
+
+def test_a_run_trained_under_fsdp_reloads_its_adapter_in_the_bases_dtype(bf16_run, tmp_path):
+    """FSDP runs keep the adapters in the base's dtype (it flattens a layer in one dtype): reading one back in fp32
+    would evaluate a model it never trained."""
+    import shutil
+
+    import yaml
+
+    from deltatune.train.models import reload_as_trained
+
+    run = tmp_path / "fsdp"
+    shutil.copytree(bf16_run, run)
+    recipe = yaml.safe_load((run / "run.yaml").read_text())
+    recipe["train"]["fsdp"] = "full_shard"
+    (run / "run.yaml").write_text(yaml.safe_dump(recipe))
+    base = AutoModelForCausalLM.from_pretrained(recipe["model"]["name_or_path"], dtype=torch.bfloat16)
+    delta = dt.DeltaModel.from_pretrained(base, run)
+    reload_as_trained(delta, str(run))
+    assert {p.dtype for n, p in delta.named_parameters() if "lora_" in n} == {torch.bfloat16}
