@@ -237,3 +237,27 @@ def check_caption(cfg: RunConfig, prepared, model) -> None:
             prompt_length(ev.processor, [open_rgb(r)[0] for r in rs] if vlm else [], m) for rs, m, _ in ev.references()
         ]
         check_generation(model, max(lengths), d.max_target_length, "data.max_target_length")
+
+
+def check_rollout_context(cfg: RunConfig, longest: int, model_path: str) -> None:
+    """PPO's and GRPO's check before the model loads: ConfigError naming align.max_new_tokens when the longest prompt
+    (``longest`` tokens), a token adapter's virtual tokens and the new tokens are over the positions of the model at
+    ``model_path`` (the sampling failed inside torch). An unreadable config is left to the model loader."""
+    from transformers import AutoConfig
+
+    from ..targets import context_length
+
+    a, d = cfg.align, cfg.data
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError:
+        return
+    context = context_length(config)
+    virtual = getattr(cfg.method_config(), "num_virtual_tokens", 0) or 0  # a token adapter's take positions too
+    if context is not None and longest + virtual + a.max_new_tokens > context:
+        also = f" and the adapter's {virtual} virtual tokens" if virtual else ""
+        raise ConfigError(
+            f"align.max_new_tokens={a.max_new_tokens} plus the longest prompt ({longest} tokens, data.max_length="
+            f"{d.max_length}){also} is {longest + virtual + a.max_new_tokens} positions, more than the model's "
+            f"context of {context}; lower align.max_new_tokens or data.max_length"
+        )

@@ -54,8 +54,7 @@ from ..data.load import DataError, Row
 from ..data.preference import bos_prefix
 from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
-from ..targets import context_length
-from .checks import resolved_precision
+from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
@@ -422,7 +421,6 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
             a token adapter's virtual tokens plus align.max_new_tokens beyond the model's context.
         DataError: a missing or empty prompt.
     """
-    from transformers import AutoConfig
 
     _check(cfg)
     d, a = cfg.data, cfg.align
@@ -431,20 +429,7 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
     (train, cut), (evals, cut_eval) = ((encode_prompts(rows, tok, d.prompt_column, d.max_length, d.truncation,
                                         d.template) if rows else (None, 0)) for rows in (train_rows, eval_rows))  # fmt: skip
     longest = max(len(it.ids) for it in train + (evals or []))
-    try:
-        config = AutoConfig.from_pretrained(resolve_path(cfg.model.name_or_path),
-                                            trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
-    except OSError:
-        config = None  # the model loader reports this more clearly
-    context = context_length(config) if config is not None else None
-    virtual = getattr(cfg.method_config(), "num_virtual_tokens", 0) or 0  # a token adapter's take positions too
-    if context is not None and longest + virtual + a.max_new_tokens > context:
-        also = f" and the adapter's {virtual} virtual tokens" if virtual else ""
-        raise ConfigError(
-            f"align.max_new_tokens={a.max_new_tokens} plus the longest prompt ({longest} tokens, data.max_length="
-            f"{d.max_length}){also} is {longest + virtual + a.max_new_tokens} positions, more than the model's "
-            f"context of {context}; lower align.max_new_tokens or data.max_length"
-        )
+    check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
     notes = [
         f"GRPO: {cfg.train.batch_size} prompts x {a.num_generations} completions per step, {a.max_new_tokens} new "
         f"tokens at most, {a.num_iterations} optimizer step(s) per generation batch, clip {a.cliprange}, "

@@ -40,7 +40,7 @@ from torch import nn
 from ..config import ConfigError
 from ..data.load import DataError
 from ..data.tasks import Collator
-from ..targets import context_length
+from .checks import check_rollout_context
 from .config import AlignArgs, RunConfig
 from .prepared import Prepared, read_splits
 from .report import plot_panels
@@ -450,8 +450,6 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
             model cannot be found.
         DataError: a prompt is missing or empty.
     """
-    from transformers import AutoConfig
-
     from .models import resolve_path
 
     d, a = cfg.data, cfg.align
@@ -472,21 +470,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
         if len(s.messages) == 1 and s.messages[0]["role"] == "user"
     }
     longest = max(len(p) for p in train + (evals or []))
-    try:
-        config = AutoConfig.from_pretrained(
-            resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
-        )
-    except OSError:
-        config = None  # the model loader reports this more clearly
-    context = context_length(config) if config is not None else None
-    virtual = getattr(cfg.method_config(), "num_virtual_tokens", 0) or 0  # a token adapter's take positions too
-    if context is not None and longest + virtual + a.max_new_tokens > context:
-        also = f" and the adapter's {virtual} virtual tokens" if virtual else ""
-        raise ConfigError(
-            f"align.max_new_tokens={a.max_new_tokens} plus the longest prompt ({longest} tokens, data.max_length="
-            f"{d.max_length}){also} is {longest + virtual + a.max_new_tokens} positions, more than the model's "
-            f"context of {context}; lower align.max_new_tokens or data.max_length"
-        )
+    check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
     _check_reward_model(a.reward_model)
     notes = [
         f"PPO: {a.ppo_epochs} epochs of mini-batches of {a.mini_batch_size} per batch of {cfg.train.batch_size} "
