@@ -6,6 +6,7 @@ The trainer never asks which method is active: it saves and loads through ``Delt
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -71,6 +72,11 @@ class DeltaTrainerMixin:
             and _scores_first_label(self._delta_model())
         ):
             self._loss_shifts_labels = False  # virtual tokens before the row: its first label is a target too
+        if base is not None and self.label_smoother is not None and _is_causal_lm(base()):
+            # The Trainer shifts the smoothed labels only for a model whose own class name is a causal LM's (or a
+            # peft model's base): a DeltaModel's loss was scored unshifted, token t against label t (5.91, not 4.91)
+            self.label_smoother = functools.partial(self.label_smoother, shift_labels=True)
+            self._loss_shifts_labels = True  # its item count over labels[..., 1:], as the smoother scores them
         if base is not None and not hasattr(base(), "accepts_loss_kwargs"):
             # What the Trainer reads off a bare model: DeltaModel's forward takes **kwargs whatever the base's does,
             # and a base without them (a custom module) crashed on the item count the Trainer then passed it.
@@ -410,6 +416,12 @@ class TokenLossTrainer(DeltaTrainer):
 
     def __init__(self, *args, loss=token_loss, **kwargs) -> None:
         super().__init__(*args, compute_loss_func=loss, **kwargs)
+
+
+def _is_causal_lm(model) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def _scores_first_label(model) -> bool:

@@ -1,0 +1,51 @@
+"""Probe 7 of the training loop: ``deltatune.Trainer`` against transformers' Trainer on a peft model, same data,
+seed and arguments. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from tiny import tiny_model
+from transformers import Trainer, TrainingArguments
+
+import deltatune as dt
+
+
+def collate(batch):
+    width = max(len(r["input_ids"]) for r in batch)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch])
+    mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
+    labels = torch.tensor([r["input_ids"] + [-100] * (width - len(r["input_ids"])) for r in batch])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _rows(lengths=(3, 8, 5, 6)):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(5, 100, (n,), generator=g).tolist()} for n in lengths]
+
+
+def _pair(tmp_path, family="llama", task="causal_lm", **kw):
+    """(deltatune's trainer on a DeltaModel, transformers' on a peft model): the same LoRA, data and arguments."""
+    out = []
+    for kind in ("dt", "peft"):
+        torch.manual_seed(0)
+        config = dict(r=2, target_modules=["q_proj", "query"], init_lora_weights=False)
+        base = tiny_model(family, task)
+        model = dt.get_delta_model(base, dt.LoraConfig(**config)) if kind == "dt" else peft.get_peft_model(
+            base, peft.LoraConfig(**config))  # fmt: skip
+        args = TrainingArguments(str(tmp_path / kind), per_device_train_batch_size=2, per_device_eval_batch_size=4,
+                                 report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+                                 label_names=["labels"], **kw)  # fmt: skip
+        rows = _rows()
+        cls = dt.Trainer if kind == "dt" else Trainer
+        out.append(cls(model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=collate))
+    return out
+
+
+def test_label_smoothing_scores_a_causal_lm_against_the_next_token(tmp_path):
+    """The Trainer shifts the smoothed labels only for a causal LM's class (a peft model's base): a DeltaModel's
+    loss was scored token t against label t, eval and training loss 5.906 against the Trainer's 4.909."""
+    ours, ref = _pair(tmp_path, label_smoothing_factor=0.1, gradient_accumulation_steps=2, max_steps=1)
+    assert ours.evaluate()["eval_loss"] == pytest.approx(ref.evaluate()["eval_loss"], rel=1e-6)
+    assert ours.train().training_loss == pytest.approx(ref.train().training_loss, rel=1e-6)
