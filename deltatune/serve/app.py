@@ -21,13 +21,14 @@ from typing import Any
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
 from ..data.templates import ChatTemplateError, apply_chat_template
-from .engine import BASE, UNLOADED, Engine, Request, RequestError
+from .engine import BASE, UNLOADED, Engine, Request, RequestError, logprobs_json
 from .guard import refusal
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # OpenAI fields this server does not compute, with the value that asks for nothing: any other value is a 400, since
-# ignoring it would answer something other than what was asked (penalties, logprobs, tools, a JSON format).
+# ignoring it would answer something other than what was asked (penalties, tools, a JSON format). The first three
+# are served where their endpoint defines them (_logprobs): chat's logprobs and top_logprobs, a completion's echo.
 UNSUPPORTED: dict[str, Any] = {
     "logprobs": False,
     "top_logprobs": 0,
@@ -164,7 +165,11 @@ def create_app(
         body = await _body(http)
         special = _flag(body, "add_special_tokens") if body.get("add_special_tokens") is not None else True
         prompt_ids = _prompt_ids(engine.tokenizer, body.get("prompt"), special)
-        return await _complete(http, body, prompt_ids, chat=False)
+        echo = None
+        if _flag(body, "echo"):  # the prompt as given, or its token ids decoded (as vLLM echoes them)
+            prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
+            echo = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt_ids)
+        return await _complete(http, body, prompt_ids, chat=False, echo=echo)
 
     @app.post("/v1/adapters")
     async def load(http: HttpRequest):
@@ -194,7 +199,7 @@ def create_app(
         await run_in_threadpool(engine.unload_adapter, name)
         return {"id": name, "object": "model", "deleted": True}
 
-    async def _complete(http: HttpRequest, body: dict, prompt_ids: list[int], chat: bool):
+    async def _complete(http: HttpRequest, body: dict, prompt_ids: list[int], chat: bool, echo: str | None = None):
         model = body.get("model")
         if not isinstance(model, str):
             raise RequestError("model must name a served model (GET /v1/models lists them)", param="model")
@@ -207,7 +212,10 @@ def create_app(
         virtual = 0 if model == BASE else getattr(engine.model.peft_config[model], "num_virtual_tokens", 0) or 0
         default = getattr(engine.gen, "max_new_tokens", None)  # the config's, for a request that sets none
         default = default if isinstance(default, int) and default > 0 else None
-        request = _sampling(body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual, default), model)
+        request = _sampling(
+            body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual, default), model, chat
+        )
+        request.prompt_logprobs = echo is not None and request.logprobs is not None
         stream = _flag(body, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
@@ -216,19 +224,20 @@ def create_app(
             raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = _flag(options, "include_usage", "stream_options.include_usage")
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
-        request.emit = lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (text, finish))
+        events: asyncio.Queue[tuple[str, str | None, int]] = asyncio.Queue()
+        rows = request.logprob_rows  # the engine thread appends to it: each event says how many rows go with it
+        request.emit = lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (text, finish, len(rows)))
         engine.submit(request)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if stream:
-            events_out = _stream(request, events, rid, created, model, chat, include_usage)
+            events_out = _stream(request, events, rid, created, model, chat, include_usage, echo, engine.tokenizer)
             return StreamingResponse(events_out, media_type="text/event-stream")
-        text, finish = "", None
+        text, finish, n = echo or "", None, 0
         try:
             while finish is None:
                 try:
-                    piece, finish = await asyncio.wait_for(events.get(), timeout=0.5)
+                    piece, finish, n = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         request.cancelled.set()
@@ -242,7 +251,8 @@ def create_app(
             return _error(404, finish.removeprefix("error: "), "model_not_found", "model")
         if finish.startswith("error"):
             return _error(500, finish, "generation_failed")
-        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        logprobs = None if request.logprobs is None else logprobs_json(engine.tokenizer, rows[:n], chat)
+        choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -259,22 +269,33 @@ def create_app(
     return app
 
 
-async def _stream(request: Request, events, rid: str, created: int, model: str, chat: bool, include_usage: bool):
-    """Server-sent events: one chunk per piece of text, a last chunk with the finish reason, then ``[DONE]``.
+async def _stream(
+    request: Request, events, rid: str, created: int, model: str, chat: bool, include_usage: bool, echo, tokenizer
+):
+    """Server-sent events: one chunk per piece of text (the echoed prompt first), with its tokens' log-probabilities
+    where asked, a last chunk with the finish reason, then ``[DONE]``.
 
     When the client goes away the generator is closed; the ``finally`` cancels the request, and the engine drops
     its row at the next step, freeing the slot.
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+    rows, done, offset = request.logprob_rows, 0, 0
+
+    def chunk(text: str | None, finish: str | None, first: bool = False, n: int = 0) -> str:
+        nonlocal done, offset
+        logprobs = None
+        if request.logprobs is not None and n > done:
+            logprobs = logprobs_json(tokenizer, rows[done:n], chat, offset)
+            offset += sum(len(t) for t in logprobs.get("tokens", []))
+            done = n
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         data = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
         if include_usage:
             data["usage"] = None
@@ -285,13 +306,14 @@ async def _stream(request: Request, events, rid: str, created: int, model: str, 
         if chat:
             yield chunk(None, None, first=True)
         while finish is None:
-            piece, finish = await events.get()
+            piece, finish, n = await events.get()
             if finish is not None and finish.startswith("error"):
                 error = {"message": finish, "type": "server_error", "param": None, "code": "generation_failed"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 break
+            piece, echo = (echo or "") + piece, None
             if piece or finish is not None:
-                yield chunk(piece, finish)
+                yield chunk(piece, finish, n=n)
         if include_usage:
             data = {"id": rid, "object": kind, "created": created, "model": model, "choices": []}
             data["usage"] = _usage(request)
@@ -476,7 +498,7 @@ def _temperature(body: dict) -> float | None:
     return t if t is None or t >= 1e-5 else 0.0
 
 
-def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> Request:
+def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str, chat: bool = True) -> Request:
     """A Request from the body's sampling fields, each checked (a 400 naming the field)."""
     if len(prompt_ids) >= limits.context:
         raise RequestError(
@@ -511,8 +533,9 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
         raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
+    served = ("logprobs", "top_logprobs") if chat else ("logprobs", "echo")
     for key, default in UNSUPPORTED.items():
-        if not _asks_nothing(body.get(key), default):
+        if key not in served and not _asks_nothing(body.get(key), default):
             raise RequestError(f"{key} is not supported by this server; leave it out", code="unsupported", param=key)
     return Request(
         prompt_ids=prompt_ids,
@@ -528,7 +551,24 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str) -> 
         stop=stop,
         seed=seed,
         ignore_eos=_flag(body, "ignore_eos"),
+        logprobs=_logprobs(body, chat),
     )
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token a request asks for with each token's log-probability (None: none): chat's
+    ``top_logprobs`` under ``logprobs: true``, a completion's ``logprobs``; at most 20 (vLLM's and OpenAI's)."""
+    key = "top_logprobs" if chat else "logprobs"
+    k = None if body.get(key) is False else body.get(key)  # false asks for nothing, as before
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):
+        raise RequestError(f"{key} must be an integer in [0, 20], got {k!r}", param=key)
+    if not chat:
+        return k
+    if not _flag(body, "logprobs"):
+        if k:  # as OpenAI and vLLM answer
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return k or 0
 
 
 def _inside(adapter_dir: str | None, path: str) -> str:

@@ -73,12 +73,16 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # the alternatives per token to report with each token's log-probability (None: no)
+    prompt_logprobs: bool = False  # the prompt's tokens' too (a completion's echo)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled by the engine
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0
     finish_reason: str | None = None
+    # (token, its log-probability (None: a prompt's first token), [(token, log-probability)] the most likely first)
+    logprob_rows: list[tuple[int, float | None, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class Engine:
@@ -252,7 +256,7 @@ class Engine:
             try:
                 while True:
                     tokens = [self._choose(logits[j], rows[i], generators[i]) for j, i in enumerate(live)]
-                    keep = [j for j, i in enumerate(live) if not self._advance(rows[i], tokens[j])]
+                    keep = [j for j, i in enumerate(live) if not self._advance(rows[i], tokens[j], logits[j])]
                     if len(keep) < len(live):  # finished rows leave the batch, and its cache
                         if keep:
                             index = torch.tensor(keep, device=device)
@@ -267,7 +271,7 @@ class Engine:
                             generators += [_generator(r.seed, device) if r.temperature > 0 else None for r in new]
                             new_cache, new_mask, new_logits = self._prefill(new, True, device)
                             picked = [self._choose(new_logits[j], r, generators[first + j]) for j, r in enumerate(new)]
-                            stay = [j for j, r in enumerate(new) if not self._advance(r, picked[j])]
+                            stay = [j for j, r in enumerate(new) if not self._advance(r, picked[j], new_logits[j])]
                             self.joined += len(new)
                             if stay:
                                 index = torch.tensor(stay, device=device)
@@ -304,6 +308,15 @@ class Engine:
         cache = DynamicCache()
         self.running = len(rows)
         logits = self._forward(ids, mask, cache, [r.adapter for r in rows] if mixed else None)
+        for r in rows:
+            if r.prompt_logprobs:  # echo: each prompt token's log-probability given the tokens before it
+                x = torch.tensor([r.prompt_ids], device=device)
+                names = {"adapter_names": [_row_name(r.adapter)]} if mixed else {}
+                every = self.model(input_ids=x, attention_mask=torch.ones_like(x), **names).logits[0].float()
+                every = every[-len(r.prompt_ids) :]  # a token adapter's virtual tokens come first
+                r.logprob_rows[:0] = [(r.prompt_ids[0], None, [])] + [
+                    _logprob_row(every[i], t, r.logprobs or 0) for i, t in enumerate(r.prompt_ids[1:])
+                ]
         return cache, mask, logits
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, adapters: list[str] | None) -> Any:
@@ -343,8 +356,9 @@ class Engine:
             r.finish_reason = f"error: model {r.adapter!r}: {exc}"
             return None
 
-    def _advance(self, r: Request, token: int | None) -> bool:
-        """Add ``token`` to the row, send its new text; True when the row has finished (None: it failed)."""
+    def _advance(self, r: Request, token: int | None, logits: torch.Tensor | None = None) -> bool:
+        """Add ``token`` to the row (with its log-probability under ``logits``, where asked), send its new text; True
+        when the row has finished (None: it failed)."""
         if token is None:
             r.emit("", r.finish_reason)
             return True
@@ -354,6 +368,8 @@ class Engine:
             r.emit("", "cancelled")
             return True
         r.output_ids.append(token)
+        if r.logprobs is not None and logits is not None:
+            r.logprob_rows.append(_logprob_row(logits, token, r.logprobs))
         if token in self.eos_ids and not r.ignore_eos:
             r.finish_reason = "stop"
         else:
@@ -448,6 +464,36 @@ def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
     return mask[:, lead:]
+
+
+def _logprob_row(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """``token``'s log-probability and the ``k`` most likely tokens', of the model's own distribution (vLLM's default
+    ``logprobs_mode``, raw_logprobs: before penalties, temperature, top-k, top-p), -inf as OpenAI's -9999."""
+    lp = torch.log_softmax(logits.float(), dim=-1).clamp(min=-9999.0)
+    top = lp.topk(k) if k else None
+    return token, float(lp[token]), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
+
+
+def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0) -> dict[str, Any]:
+    """``rows`` (``Request.logprob_rows``) as OpenAI's ``logprobs``: a chat choice's ``content``, or a completion's
+    ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token's among them) and ``text_offset`` (from
+    ``offset``). Each token is decoded alone, as vLLM shows it."""
+    name = {t: tokenizer.decode([t]) for row in rows for t in (row[0], *(i for i, _ in row[2]))}
+    if chat:
+        item = lambda t, lp: {"token": name[t], "logprob": lp, "bytes": list(name[t].encode("utf-8"))}  # noqa: E731
+        return {"content": [{**item(t, lp), "top_logprobs": [item(*a) for a in top]} for t, lp, top in rows]}
+    tokens = [name[t] for t, _, _ in rows]
+    offsets = [offset + sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    tops = [
+        None if lp is None else dict(sorted({**dict(top), t: lp}.items(), key=lambda a: -a[1])) for t, lp, top in rows
+    ]
+    tops = [None if d is None else {name[i]: lp for i, lp in d.items()} for d in tops]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in rows],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 def _row_name(adapter: str) -> str:

@@ -1,0 +1,126 @@
+"""Probe 7 of ``deltatune serve``: log-probabilities as OpenAI and vLLM answer them. Chat's ``logprobs: true`` with
+``top_logprobs: k`` and a completion's ``logprobs: k`` (with ``echo``, the prompt's tokens too), streamed or not,
+are the model's own log-softmax (vLLM's default ``logprobs_mode``, raw_logprobs), equal to transformers' forward
+pass over the same adapter; they were a 400 ``unsupported``."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+CHAT = [{"role": "user", "content": "the small dog sat"}]
+
+
+def _post(server, path: str, body: dict):
+    request = urllib.request.Request(
+        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            raw = answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+    if not body.get("stream"):
+        return 200, json.loads(raw)
+    return 200, [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
+
+
+def _log_softmax(base: str, folder: str, ids: list[int]) -> torch.Tensor:
+    """transformers' forward over ``ids`` with the adapter loaded alone: log_softmax at every position."""
+    from deltatune.train.run import load_adapter_model
+
+    model = load_adapter_model(folder, base)[0].eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[-len(ids) :], dim=-1)  # a token adapter's virtual tokens come first
+
+
+def test_chat_logprobs_are_the_adapters_log_softmax(served):
+    engine, server, base, folders = served
+    tok = engine.tokenizer
+    prompt = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    prompt = prompt["input_ids"]
+    body = {"model": "lora", "messages": CHAT, "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    status, answer = _post(server, "/v1/chat/completions", body)
+    assert status == 200
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert len(content) == answer["usage"]["completion_tokens"] == 5
+    ids = [tok.convert_tokens_to_ids(c["token"]) for c in content]
+    want = _log_softmax(base, folders["lora"], prompt + ids)
+    for i, c in enumerate(content):
+        row = want[len(prompt) + i - 1]
+        assert c["logprob"] == pytest.approx(float(row[ids[i]]), abs=1e-4)
+        assert c["bytes"] == list(c["token"].encode("utf-8"))
+        top = row.topk(3)
+        assert [a["token"] for a in c["top_logprobs"]] == [tok.decode([t]) for t in top.indices.tolist()]
+        assert [a["logprob"] for a in c["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert c["top_logprobs"][0]["token"] == c["token"]  # greedy: the most likely token
+    assert answer["choices"][0]["message"]["content"] == tok.decode(ids, skip_special_tokens=True)
+    status, chunks = _post(server, "/v1/chat/completions", {**body, "stream": True})
+    streamed = [c for chunk in chunks for c in (chunk["choices"][0]["logprobs"] or {}).get("content", [])]
+    assert streamed == content
+
+
+def test_completion_logprobs_with_echo_are_the_token_adapters_log_softmax(served):
+    """A prompt-tuning adapter (its batch of its own, virtual tokens ahead of the prompt), the prompt echoed."""
+    engine, server, base, folders = served
+    tok = engine.tokenizer
+    prompt = tok("the cat sat on")["input_ids"]
+    body = {"model": "prompt", "prompt": "the cat sat on", "max_tokens": 4, "temperature": 0, "logprobs": 2}
+    status, answer = _post(server, "/v1/completions", {**body, "echo": True})
+    assert status == 200
+    text, logprobs = answer["choices"][0]["text"], answer["choices"][0]["logprobs"]
+    ids = prompt + [tok.convert_tokens_to_ids(t) for t in logprobs["tokens"][len(prompt) :]]
+    assert logprobs["tokens"] == [tok.decode([t]) for t in ids] and len(ids) == len(prompt) + 4
+    assert text.startswith("the cat sat on") and text == "the cat sat on" + tok.decode(ids[len(prompt) :])
+    want = _log_softmax(base, folders["prompt"], ids)
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    for i in range(1, len(ids)):
+        assert logprobs["token_logprobs"][i] == pytest.approx(float(want[i - 1, ids[i]]), abs=1e-4)
+        top = logprobs["top_logprobs"][i]  # the 2 most likely, and the chosen token among them
+        best = want[i - 1].topk(2)
+        assert list(top)[:2] == [tok.decode([t]) for t in best.indices.tolist()] or len(top) == 3
+        assert tok.decode([ids[i]]) in top and len(top) in (2, 3)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+    assert logprobs["text_offset"] == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(len(ids))]
+    status, plain = _post(server, "/v1/completions", body)  # without echo: the answer's tokens alone
+    assert plain["choices"][0]["logprobs"]["token_logprobs"] == logprobs["token_logprobs"][len(prompt) :]
+    status, chunks = _post(server, "/v1/completions", {**body, "echo": True, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    merged = {key: [] for key in logprobs}
+    for chunk in chunks:
+        for key, values in (chunk["choices"][0]["logprobs"] or {}).items():
+            merged[key] += values
+    assert merged == logprobs
+
+
+def test_logprobs_limits_are_a_400_naming_the_field(served):
+    _, server, _, _ = served
+    chat = {"model": "lora", "messages": CHAT, "max_tokens": 1}
+    for fields, param in (
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": "2"}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true (OpenAI's and vLLM's 400)
+        ({"logprobs": 1}, "logprobs"),
+        ({"echo": True}, "echo"),  # a completion's field
+    ):
+        status, answer = _post(server, "/v1/chat/completions", {**chat, **fields})
+        assert status == 400 and answer["error"]["param"] == param, fields
+    status, answer = _post(server, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 0})
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert status == 200 and len(content) == 1 and content[0]["top_logprobs"] == []
+    completion = {"model": "lora", "prompt": "the cat", "max_tokens": 1}
+    for fields, param in (({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2},
+                          "top_logprobs"), ({"echo": 1}, "echo")):  # fmt: skip
+        status, answer = _post(server, "/v1/completions", {**completion, **fields})
+        assert status == 400 and answer["error"]["param"] == param, fields
+    status, answer = _post(server, "/v1/completions", {**completion, "logprobs": 0})
+    logprobs = answer["choices"][0]["logprobs"]
+    assert status == 200 and list(logprobs["top_logprobs"][0]) == logprobs["tokens"]  # the chosen token's alone
+    for nothing in ({}, {"logprobs": None}, {"logprobs": False}):
+        assert _post(server, "/v1/completions", {**completion, **nothing})[1]["choices"][0]["logprobs"] is None
