@@ -5,9 +5,13 @@ with chosen and rejected columns give one desirable and one undesirable row each
 r(x, y) = log pi(y|x) - log ref(y|x) (log-probs summed over the completion's tokens; the reference is the same base
 with the adapter switched off, no dropout) and the reference point
 
-    z0 = max(0, mean over the batch of r(x_i, y_{i-1}))     (mismatched pairs: the KL(pi || ref) estimate; no gradient)
+    z0 = max(0, mean over the batch of r(x_i, y'_i))     (mismatched pairs: the KL(pi || ref) estimate; no gradient)
 
-(under DDP the mean of every process's mean, as TRL gathers it); each row's loss is a value function of its
+(under DDP the mean of every process's mean, as TRL gathers it). y'_i is the completion of the row before, within
+each training batch (shuffled rows: its mismatched completions are the batch's own); eval rows are read in order, and
+each is paired, as TRL pairs it when preparing the data, with the row before in its block of ``train.batch_size``
+rows (the block's first with its last), whatever ``train.eval_batch_size`` is. Each row's loss is a value function
+of its
 reward relative to z0:
 
     desirable:    lambda_D * (1 - sigmoid(beta * (r(x, y) - z0)))
@@ -84,10 +88,26 @@ def kto_loss(
     return torch.where(desirable.bool(), good, bad), beta * logratio.detach()
 
 
+def _completion(e: dict[str, Any]) -> list[int]:
+    return e["input_ids"][e["n_prompt"] :]
+
+
+def pair_in_blocks(rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """The rows, each with ``kl_completion``: the completion of the row before it within its block of ``size`` rows
+    (the block's first row takes its last's), as TRL's KTOTrainer pairs a dataset in blocks of the train batch size
+    when preparing it."""
+    out = []
+    for start in range(0, len(rows), size):
+        block = rows[start : start + size]
+        out += [{**e, "kl_completion": _completion(block[i - 1])} for i, e in enumerate(block)]
+    return out
+
+
 class KTOCollator:
-    """B rows -> one batch of 2B sequences: the B (prompt, completion) rows, then the B mismatched pairs
-    (prompt i, completion i-1) that estimate the reference point; ``desirable`` (B,) holds the labels. A mismatched
-    completion is cut to fit ``max_length`` after its new prompt."""
+    """B rows -> one batch of 2B sequences: the B (prompt, completion) rows, then the B mismatched pairs that
+    estimate the reference point (prompt i with a row's ``kl_completion`` where it has one, else with completion
+    i-1 of the batch); ``desirable`` (B,) holds the labels. A mismatched completion is cut to fit ``max_length``
+    after its new prompt."""
 
     def __init__(self, pad_token_id: int, max_length: int) -> None:
         self._pad, self.max_length = Collator(pad_token_id), max_length
@@ -95,8 +115,8 @@ class KTOCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [{k: e[k] for k in _LM_KEYS} for e in examples]
         for i, e in enumerate(examples):
-            other = examples[i - 1]
-            prompt, completion = e["input_ids"][: e["n_prompt"]], other["input_ids"][other["n_prompt"] :]
+            prompt = e["input_ids"][: e["n_prompt"]]
+            completion = e["kl_completion"] if "kl_completion" in e else _completion(examples[i - 1])
             completion = completion[: max(0, self.max_length - len(prompt))]
             ids = prompt + completion
             seqs.append({"input_ids": ids, "attention_mask": [1] * len(ids),
@@ -190,8 +210,8 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     """Unpaired rows (prompt, completion, label) -> prompt + completion with labels on the completion.
 
     Raises:
-        ConfigError: train.batch_size or eval_batch_size < 2 (the reference point needs mismatched pairs within a
-            batch).
+        ConfigError: train.batch_size < 2 (the reference point needs mismatched pairs within a batch; an eval batch
+            of one is fine: eval rows are paired in blocks of train.batch_size, as TRL pairs them).
         DataError: a bad row, or a training file without both desirable and undesirable rows.
     """
     from functools import partial
@@ -199,13 +219,11 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     from ..config import ConfigError
 
     d = cfg.data
-    for key in ("batch_size", "eval_batch_size"):  # (an eval batch of one paired each row with itself)
-        size = getattr(cfg.train, key)
-        if size is not None and size < 2:
-            raise ConfigError(
-                f"stage kto needs train.{key} >= 2 (its reference point comes from mismatched pairs within a "
-                f"batch), got {size}"
-            )
+    if cfg.train.batch_size < 2:
+        raise ConfigError(
+            "stage kto needs train.batch_size >= 2 (its reference point comes from mismatched pairs within a batch), "
+            f"got {cfg.train.batch_size}"
+        )
     # Every data format with a prompt and labelled completions (or preference pairs, unpaired as TRL does) is read
     # through data/formats.py and rendered with the chat template, the loss on the completion's assistant tokens.
     train_samples, eval_samples, template, notes = read_splits(cfg, tok, "kto")
@@ -226,7 +244,7 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
         return out
 
     train = enc(train_samples, "train")
-    ev = enc(eval_samples, "eval") if eval_samples else None
+    ev = pair_in_blocks(enc(eval_samples, "eval"), cfg.train.batch_size) if eval_samples else None
     for path, rows in ((cfg.data.train, train), (cfg.data.eval, ev or [])):
         n_good = sum(e["desirable"] for e in rows)
         if rows and (n_good == 0 or n_good == len(rows)):  # eval: its margin (the run's best-model metric) needs both
@@ -242,7 +260,8 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     a = cfg.align
     notes.append(
         f"KTO: beta={a.beta}, lambda_D={a.desirable_weight}, lambda_U={a.undesirable_weight}; reference = the base "
-        "with the adapter off; reference point from mismatched pairs within each batch"
+        "with the adapter off; reference point from mismatched pairs within each batch (eval: within blocks of "
+        f"train.batch_size={cfg.train.batch_size} rows, as TRL pairs them)"
     )
     return Prepared(
         train,
