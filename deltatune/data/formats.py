@@ -267,6 +267,8 @@ def _message_list(
         if ours == "function":
             out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(raw, f"{where}.{content_key}")})
             continue
+        if raw is None and ours != "assistant":  # (null beside an assistant's tool calls is OpenAI's own shape)
+            raise DataError(f"{where}.{content_key}: the {ours} message has no content (null or missing)")
         msg: Message = {"role": ours, "content": _content(raw, f"{where}.{content_key}", media)}
         if ours == "assistant" and m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")

@@ -74,7 +74,8 @@ def has_tool_support(tokenizer) -> bool:
 
 class ChatTemplateError(DataError):
     """The tokenizer's chat template refused a conversation (its own ``raise_exception``: Gemma's "System role not
-    supported", Mistral's "roles must alternate user/assistant")."""
+    supported", Mistral's "roles must alternate user/assistant"), or renders it unlike the row (a reasoning trace or
+    tool call left out, a turn that cannot be located); ``encode`` puts the row's file:line before it."""
 
 
 def apply_chat_template(tokenizer, messages: list[dict], where: str = "", **kwargs: Any) -> Any:
@@ -140,6 +141,7 @@ def render(
             before = apply(messages[:i], True)
             through = apply(messages[: i + 1])
             _check_reasoning(m, through, i)
+            _check_calls(m, through[len(os.path.commonprefix([before, through])) :], i)
             # A generation prompt that opens a think block the turn then renders without (DeepSeek-R1's "<think>\n",
             # Nemotron 3's) is not a prefix of the turn: the turn is then located as an earlier one is.
             span = (
@@ -150,7 +152,7 @@ def render(
                 )  # fmt: skip
             )
             if span is None:
-                raise DataError(
+                raise ChatTemplateError(
                     f"messages[{i}]: the tokenizer's chat template renders this assistant turn unlike the same turn "
                     "ending the conversation, so it cannot be located; set data.template to a built-in template"
                 )
@@ -163,7 +165,7 @@ def render(
     for i, m in enumerate(messages):
         _check_reasoning(m, "", i, template)
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-        raise DataError(
+        raise ChatTemplateError(
             f"data.template={template} has no tool support; tool calls need a tokenizer whose chat template renders "
             "them (leave data.template unset)"
         )
@@ -219,16 +221,28 @@ def _check_reasoning(m: dict, rendered: str, i: int, template: str | None = None
     for key in REASONING:
         if m.get(key) and m[key].strip() not in rendered:
             how = f"data.template={template}" if template else "the model's chat template"
-            raise DataError(
+            raise ChatTemplateError(
                 f"messages[{i}].{key}: {how} does not render reasoning traces, so training would drop it; use a "
                 f"model whose chat template reads {key!r} (Qwen3, gpt-oss), or remove the field"
             )
     thought = _thought(m["content"])
     if template is None and thought and thought not in rendered:  # DeepSeek-R1's cuts it off every turn
-        raise DataError(
+        raise ChatTemplateError(
             f"messages[{i}].content: the model's chat template leaves out the think block written in the content, "
             "even on the last turn, so training would drop the reasoning; use a chat template that renders it"
         )
+
+
+def _check_calls(m: dict, turn: str, i: int) -> None:
+    """Refuse a tool call the template leaves out of the turn it renders (``turn``): DeepSeek-R1's writes calls only
+    for a null content, LFM2's only the content; the model would learn to answer with nothing in its place."""
+    for k, call in enumerate(m.get("tool_calls") or []):
+        name = call["function"]["name"]
+        if name not in turn:
+            raise ChatTemplateError(
+                f"messages[{i}].tool_calls[{k}]: the model's chat template does not render this call to {name!r}, "
+                "so training would drop it; use a model whose chat template renders tool_calls"
+            )
 
 
 def _thought(content: str) -> str:

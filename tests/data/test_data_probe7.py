@@ -1,0 +1,93 @@
+"""Data probe 7: what reaches the model and which tokens train, against TRL's training templates and the shapes
+LLaMA-Factory and OpenAI write (tool calls a template leaves out, null contents, refusals naming their row)."""
+
+from __future__ import annotations
+
+import pytest
+from tiny import tokenizer, trl_template
+
+from deltatune.data.encode import encode_sft_samples
+from deltatune.data.formats import read_samples
+from deltatune.data.load import DataError, Row
+from deltatune.data.templates import IGNORE_INDEX
+
+TOOLS = [{"type": "function", "function": {"name": "multiply", "description": "Multiply two integers.",
+          "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]  # fmt: skip
+CALL = [{"type": "function", "function": {"name": "multiply", "arguments": {"a": 2, "b": 3}}}]
+TOOL_CHAT = [
+    {"role": "user", "content": "What is 2 * 3?"},
+    {"role": "assistant", "content": None, "tool_calls": CALL},
+    {"role": "tool", "content": "6"},
+    {"role": "assistant", "content": "It is 6."},
+]
+
+
+def _samples(rows: list[dict]) -> list:
+    return read_samples([Row(r, f"t.jsonl:{i + 3}") for i, r in enumerate(rows)], stage="sft")
+
+
+@pytest.mark.parametrize("name", ["deepseek_r1_distill", "lfm2"])
+def test_a_tool_call_the_template_does_not_render_is_refused_naming_the_row_and_the_call(name):
+    """Was: the call trained as nothing. DeepSeek-R1-Distill's template writes a call only for a null content (which
+    transformers drops), LFM2's only the content: the rendered turn held '<｜end▁of▁sentence｜>' (DeepSeek) or
+    '<|im_end|>' (LFM2) and no call, so the model learnt to answer a tool question with an empty turn."""
+    tok = tokenizer()
+    tok.chat_template = trl_template(name)
+    samples = _samples([{"messages": TOOL_CHAT, "tools": TOOLS}])
+    with pytest.raises(DataError, match=r"^t.jsonl:3: messages\[1\].tool_calls\[0\]: .* does not render this call to 'multiply'"):  # fmt: skip
+        encode_sft_samples(samples, tok, None, 512)
+
+
+def test_a_template_that_renders_the_call_still_trains_it_as_trl_marks_it():
+    """Qwen2.5's template writes the call: the call and the answer train through their <|im_end|>, the tokens
+    TRL's generation-tagged copy marks."""
+    tok = tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = trl_template("qwen2_5")
+    (ex,) = encode_sft_samples(_samples([{"messages": TOOL_CHAT, "tools": TOOLS}]), tok, None, 512).examples
+    ref = tok.apply_chat_template(TOOL_CHAT, tools=TOOLS, chat_template=trl_template("qwen2_5_training"),
+                                  return_dict=True, return_assistant_tokens_mask=True)  # fmt: skip
+    assert ex["input_ids"] == list(ref["input_ids"])
+    ours = [i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX]
+    theirs = [i for i, bit in enumerate(ref["assistant_masks"]) if bit]
+    assert ours == theirs  # (MiniLM's WordPiece writes no token for the line break)
+    assert tok.decode([ex["input_ids"][i] for i in ours]) == (
+        '< tool _ call > { " name " : " multiply ", " arguments " : { " a " : 2, " b " : 3 } } < / tool _ call > '
+        "<|im_end|> it is 6. <|im_end|>"
+    )
+
+
+def test_a_refusal_found_while_rendering_names_the_row():
+    """Was: 'messages[1].reasoning_content: the model's chat template does not render reasoning traces ...' with no
+    file or line: the row-level refusals of the renderer (a reasoning trace or tool call left out, a turn that cannot
+    be located) were not prefixed as the template's own refusals are."""
+    tok = tokenizer()
+    thought = {"role": "assistant", "content": "Hello.", "reasoning_content": "They greet me."}
+    samples = _samples([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."}]},
+                        {"messages": [{"role": "user", "content": "Hi"}, thought]}])  # fmt: skip
+    with pytest.raises(DataError, match=r"^t.jsonl:4: messages\[1\].reasoning_content: the model's chat template"):
+        encode_sft_samples(samples, tok, None, 512)
+    with pytest.raises(DataError, match=r"^t.jsonl:4: messages\[1\].reasoning_content: data.template=chatml"):
+        encode_sft_samples(samples, tok, "chatml", 512)
+
+
+@pytest.mark.parametrize(
+    "row, where",
+    [
+        ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello."}]}, r"messages\[0\].content: the system message"),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "Hello."}]},
+         r"messages\[0\].content: the user message"),
+        ({"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "Hello."}]},
+         r"conversations\[0\].value: the user message"),
+        ({"prompt": [{"role": "user", "content": None}], "completion": "Hello."}, r"prompt\[0\].content: the user message"),
+    ],
+)  # fmt: skip
+def test_a_null_or_missing_content_outside_an_assistant_turn_is_refused_naming_the_key(row, where):
+    """Was: read as "" and trained: an empty user turn, or an empty system turn that replaced the template's default
+    system prompt (Qwen2.5's, SmolLM2's) without a word. TRL passes the null to the template, which fails on it."""
+    with pytest.raises(DataError, match=rf"^t.jsonl:3: {where} has no content \(null or missing\)"):
+        _samples([row])
+    # an assistant's null content beside its tool calls is OpenAI's own shape, read as before
+    (s,) = _samples([{"messages": TOOL_CHAT, "tools": TOOLS}])
+    assert s.messages[1] == {"role": "assistant", "content": "", "tool_calls": CALL}
