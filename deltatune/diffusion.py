@@ -63,8 +63,9 @@ _KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "
 _OLD_LAYOUT = re.compile(r"(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 """diffusers' attention-processor layout (before 0.21; its converters read it still): ``<attention>.processor.to_q_lora
 .down.weight`` for a UNet, ``<self_attn>.to_q_lora.down.weight`` for a CLIP text encoder."""
-_NOT_LORA = re.compile(r"dora_scale|lora_magnitude_vector|hada_|lokr_|lora_mid|\.diff(_b)?$")
-"""Keys of DoRA, LyCORIS (LoHa, LoKr, Tucker's mid) and full weight differences: no plain LoRA's."""
+_NOT_LORA = re.compile(r"dora_scale|magnitude_vector|hada_|lokr_|lora_mid|\.diff(_b)?$|(_B|[._]up|layer\.up)\.bias$")
+"""Keys of DoRA, LyCORIS (LoHa, LoKr, Tucker's mid), full weight differences and LoRA biases (peft's
+``lora_bias``, ``lora_B.bias``): no plain LoRA's."""
 _CLIP_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
@@ -306,8 +307,9 @@ def load_lora(
     other = [k for k in unmatched if _NOT_LORA.search(k)]
     if other:  # the module is there; the kind of update is not a LoRA's
         raise ConfigError(
-            f"{path}: {len(other)} keys such as {other[0]} hold DoRA or LyCORIS (LoHa, LoKr, Tucker) parts or full "
-            "weight differences; these files load plain LoRA (lora_down / lora_up, lora_A / lora_B) only"
+            f"{path}: {len(other)} keys such as {other[0]} hold DoRA or LyCORIS (LoHa, LoKr, Tucker) parts, LoRA "
+            "biases (lora_bias) or full weight differences; these files load plain LoRA (lora_down / lora_up, "
+            "lora_A / lora_B weights) only"
         )
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else "")

@@ -17,14 +17,14 @@ The loss follows the base's scheduler (none: DDPM for a UNet, flow matching for 
   loss = mean (model(x_t, t) - target)^2, target e (epsilon) or sqrt(abar_t) e - sqrt(1 - abar_t) x0 (v_prediction).
   ``train.snr_gamma: g`` weighs each image's mean by min(SNR_t, g) / SNR_t (epsilon) or / (SNR_t + 1) (v), SNR_t =
   abar_t / (1 - abar_t), 1 where SNR_t is 0 (min-SNR, Hang et al. 2023, as diffusers' training scripts).
-- Flow matching (rectified flow; Esser et al. 2024, as diffusers' SD3 training scripts) under a
-  ``FlowMatchEulerDiscreteScheduler`` with T training steps: u ~ U(0, 1) (``train.sigma_sampling: uniform``) or
-  sigmoid(N(0, 1)) (``logit_normal``), i = floor(u T), sigma = the scheduler's sigmas[i] ((T - i) / T unshifted),
-  x_t = (1 - sigma) x0 + sigma e, loss = mean (model(x_t, sigma T) - (e - x0))^2.
+- Flow matching (rectified flow; Esser et al. 2024, as diffusers' Flux script, and its SD3 script under
+  ``--precondition_outputs 0``: its default weighs each image by sigma^2) under a ``FlowMatchEulerDiscreteScheduler``
+  with T training steps: u ~ U(0, 1) (``train.sigma_sampling: uniform``) or sigmoid(N(0, 1)) (``logit_normal``),
+  i = floor(u T), sigma = the scheduler's sigmas[i] ((T - i) / T unshifted), x_t = (1 - sigma) x0 + sigma e,
+  loss = mean (model(x_t, sigma T) - (e - x0))^2.
 
-Sampling (``deltatune generate --adapter RUN --prompt ... --out img.png``) runs DDIM, or the flow-matching Euler
-steps, over ``--steps`` steps with classifier-free guidance ``--guidance`` (the empty caption as the unconditional
-one); ``--compare`` puts the base's image beside the adapter's, from the same noise.
+Sampling (``sample``, ``deltatune generate``) runs DDIM or the flow-matching Euler steps from seeded noise with
+classifier-free guidance (the empty caption as the unconditional one), as diffusers' pipelines do.
 """
 
 from __future__ import annotations
@@ -221,14 +221,9 @@ class T2IProcessor:
                 "model.train_text_encoder trains a LoRA on the text encoder beside the denoiser's LoRA: it needs "
                 f"method.name: lora (without use_dora), got {kind}"
             )
-        config = LoraConfig(
-            r=method.r,
-            lora_alpha=method.lora_alpha,
-            lora_dropout=method.lora_dropout,
-            use_rslora=method.use_rslora,
-            target_modules=TEXT_ENCODER_TARGETS.get(model_type(self.text_encoder) or ""),
-        )
-        self.text_encoder = get_delta_model(self.text_encoder, config)
+        fields = {k: getattr(method, k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
+        targets = TEXT_ENCODER_TARGETS.get(model_type(self.text_encoder) or "")
+        self.text_encoder = get_delta_model(self.text_encoder, LoraConfig(**fields, target_modules=targets))
 
     def load_text_encoder_lora(self, folder: str, fold: bool = False) -> bool:
         """Put the text encoder LoRA saved in ``folder/text_encoder_lora`` (a run's, a merged base's) on the text
@@ -533,10 +528,9 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     ev = read(d.eval, "eval", notes) if d.eval else None
     trained = "; its LoRA trains too (model.train_text_encoder)" if trains else ""
     notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}{trained}")
-    kind = processor.scheduler.config.prediction_type if not processor.flow else None
     snr = f", min-SNR weighted (gamma {cfg.train.snr_gamma:g})" if cfg.train.snr_gamma else ""
-    flow = f"flow matching, {cfg.train.sigma_sampling} sigmas"
-    notes.insert(1, f"loss: {flow}" if processor.flow else f"loss: DDPM, {kind}{snr}")
+    kind = f"flow matching, {cfg.train.sigma_sampling} sigmas" if processor.flow else None
+    notes.insert(1, f"loss: {kind or f'DDPM, {processor.scheduler.config.prediction_type}{snr}'}")
     trainer = functools.partial(
         T2ITrainer, processor=processor, sigma_sampling=cfg.train.sigma_sampling, snr_gamma=cfg.train.snr_gamma
     )
@@ -566,14 +560,19 @@ def sample(
     kind = FlowMatchEulerDiscreteScheduler if processor.flow else DDIMScheduler
     fixed = {} if processor.flow or not processor.pipeline else {"steps_offset": 1, "clip_sample": False}
     scheduler = kind.from_config({**processor.scheduler.config, **fixed})  # what StableDiffusionPipeline forces
-    scheduler.set_timesteps(steps)
+    denoiser = model.get_base_model() if hasattr(model, "get_base_model") else model
+    side, c = processor.size // processor.factor, scheduler.config
+    if processor.flow and c.get("use_dynamic_shifting"):  # SD3's pipeline: mu from the image's tokens
+        m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)  # its calculate_shift
+        tokens = (side // (getattr(denoiser.config, "patch_size", None) or 1)) ** 2
+        scheduler.set_timesteps(steps, mu=tokens * m + c.base_shift - m * c.base_image_seq_len)
+    else:
+        scheduler.set_timesteps(steps)
     device = next(model.parameters()).device
     cond = {k: v.to(device) for k, v in processor.condition(list(prompts), max_length)[0].items()}
     if guidance > 1.0:  # diffusers' pipelines guide above 1 only
         uncond = {k: v.to(device) for k, v in processor.condition([""] * len(prompts), max_length)[0].items()}
-    vae, factor = processor.vae, processor.factor
-    denoiser = model.get_base_model() if hasattr(model, "get_base_model") else model
-    shape = (len(prompts), denoiser.config.in_channels, processor.size // factor, processor.size // factor)
+    vae, shape = processor.vae, (len(prompts), denoiser.config.in_channels, side, side)
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
     x = torch.randn(shape, generator=generator).to(device)
     for t in scheduler.timesteps:
