@@ -451,8 +451,9 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """The min-SNR weight of each step in ``t`` for the scheduler's prediction type (module docstring)."""
     abar = scheduler.alphas_cumprod.to(t.device)[t].float()
     snr = (abar**0.5 / (1 - abar) ** 0.5) ** 2  # diffusers' compute_snr, to the rounding
-    weight = snr.clamp(max=gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1)
-    return torch.where(snr == 0, 1.0, weight)  # a zero-terminal-SNR step
+    if scheduler.config.prediction_type != "epsilon":  # v: 0 at a zero-terminal-SNR step, as diffusers' (its limit)
+        return snr.clamp(max=gamma) / (snr + 1)
+    return torch.where(snr == 0, 1.0, snr.clamp(max=gamma) / snr)  # 1 at SNR 0 (the limit; diffusers' is nan)
 
 
 def flow_matching_loss(
