@@ -212,10 +212,9 @@ def create_app(
         virtual = 0 if model == BASE else getattr(engine.model.peft_config[model], "num_virtual_tokens", 0) or 0
         default = getattr(engine.gen, "max_new_tokens", None)  # the config's, for a request that sets none
         default = default if isinstance(default, int) and default > 0 else None
-        request = _sampling(
-            body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual, default), model, chat
-        )
-        request.prompt_logprobs = echo is not None and request.logprobs is not None
+        # n choices: n rows, a seeded one's i-th drawn with seed + i (as vLLM's)
+        requests = [_sampling(body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual, default), model, chat)
+                    for _ in range(_choices(body))]  # fmt: skip
         stream = _flag(body, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
@@ -224,108 +223,105 @@ def create_app(
             raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = _flag(options, "include_usage", "stream_options.include_usage")
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, str | None, int]] = asyncio.Queue()
-        rows = request.logprob_rows  # the engine thread appends to it: each event says how many rows go with it
-        request.emit = lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (text, finish, len(rows)))
-        engine.submit(request)
+        events: asyncio.Queue[tuple[int, str, str | None, int]] = asyncio.Queue()
+        for i, r in enumerate(requests):
+            if r.seed is not None:  # past 2**64 - 1, torch's generators take it from the other end
+                r.seed = r.seed + i if r.seed + i < 2**64 else r.seed + i - 2**64
+            r.prompt_logprobs = echo is not None and r.logprobs is not None
+            # The engine thread appends to logprob_rows: each event says how many rows go with its text.
+            put = lambda text, finish, i=i, rows=r.logprob_rows: (i, text, finish, len(rows))  # noqa: E731
+            r.emit = lambda text, finish, put=put: loop.call_soon_threadsafe(events.put_nowait, put(text, finish))
+            engine.submit(r)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
+        head = {"id": rid, "created": int(time.time()), "model": model}
         if stream:
-            events_out = _stream(request, events, rid, created, model, chat, include_usage, echo, engine.tokenizer)
-            return StreamingResponse(events_out, media_type="text/event-stream")
-        text, finish, n = echo or "", None, 0
+            out = _stream(requests, events, head, chat, include_usage, echo, engine.tokenizer)
+            return StreamingResponse(out, media_type="text/event-stream")
+        texts, finish, counts = [echo or ""] * len(requests), [None] * len(requests), [0] * len(requests)
         try:
-            while finish is None:
+            while None in finish:
                 try:
-                    piece, finish, n = await asyncio.wait_for(events.get(), timeout=0.5)
+                    i, piece, finish[i], counts[i] = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
-                        request.cancelled.set()
-                        return JSONResponse({}, status_code=499)
+                        return JSONResponse({}, status_code=499)  # the finally cancels every row
                     continue
-                text += piece
+                texts[i] += piece
+                failed = finish[i] if finish[i] and finish[i].startswith("error") else None
+                if failed and failed.endswith(UNLOADED):
+                    return _error(404, failed.removeprefix("error: "), "model_not_found", "model")
+                if failed:
+                    return _error(500, failed, "generation_failed")
         finally:
-            if finish is None:
-                request.cancelled.set()
-        if finish.endswith(UNLOADED):
-            return _error(404, finish.removeprefix("error: "), "model_not_found", "model")
-        if finish.startswith("error"):
-            return _error(500, finish, "generation_failed")
-        logprobs = None if request.logprobs is None else logprobs_json(engine.tokenizer, rows[:n], chat)
-        choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": _usage(request),
-        }
+            for r in requests:
+                r.cancelled.set()  # a finished row is gone already
+        choices = []
+        for i, r in enumerate(requests):
+            logprobs = (
+                None if r.logprobs is None else logprobs_json(engine.tokenizer, r.logprob_rows[: counts[i]], chat)
+            )
+            choices.append({"index": i, "finish_reason": finish[i], "logprobs": logprobs})
+            choices[-1].update({"message": {"role": "assistant", "content": texts[i]}} if chat else {"text": texts[i]})
+        kind = "chat.completion" if chat else "text_completion"
+        return {**head, "object": kind, "choices": choices, "usage": _usage(requests)}
 
     return app
 
 
-async def _stream(
-    request: Request, events, rid: str, created: int, model: str, chat: bool, include_usage: bool, echo, tokenizer
-):
-    """Server-sent events: one chunk per piece of text (the echoed prompt first), with its tokens' log-probabilities
-    where asked, a last chunk with the finish reason, then ``[DONE]``.
+async def _stream(requests: list[Request], events, head: dict, chat: bool, include_usage: bool, echo, tokenizer):
+    """Server-sent events: one chunk per piece of text of a choice (the echoed prompt first), with its tokens'
+    log-probabilities where asked, a last chunk per choice with its finish reason, then ``[DONE]``.
 
-    When the client goes away the generator is closed; the ``finally`` cancels the request, and the engine drops
-    its row at the next step, freeing the slot.
+    When the client goes away the generator is closed; the ``finally`` cancels the requests, and the engine drops
+    their rows at the next step, freeing the slots.
     """
-    kind = "chat.completion.chunk" if chat else "text_completion"
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    done, offset, echoed = [0] * len(requests), [0] * len(requests), [echo is None] * len(requests)
 
-    rows, done, offset = request.logprob_rows, 0, 0
-
-    def chunk(text: str | None, finish: str | None, first: bool = False, n: int = 0) -> str:
-        nonlocal done, offset
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, n: int = 0) -> str:
         logprobs = None
-        if request.logprobs is not None and n > done:
-            logprobs = logprobs_json(tokenizer, rows[done:n], chat, offset)
-            offset += sum(len(t) for t in logprobs.get("tokens", []))
-            done = n
+        if requests[i].logprobs is not None and n > done[i]:
+            logprobs = logprobs_json(tokenizer, requests[i].logprob_rows[done[i] : n], chat, offset[i])
+            offset[i] += sum(len(t) for t in logprobs.get("tokens", []))
+            done[i] = n
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-        data = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+        data = {**head, "choices": [choice]}
         if include_usage:
             data["usage"] = None
         return f"data: {json.dumps(data)}\n\n"
 
-    finish = None
+    left = len(requests)
     try:
-        if chat:
-            yield chunk(None, None, first=True)
-        while finish is None:
-            piece, finish, n = await events.get()
+        for i in range(len(requests) if chat else 0):
+            yield chunk(i, None, None, first=True)
+        while left:
+            i, piece, finish, n = await events.get()
             if finish is not None and finish.startswith("error"):
                 error = {"message": finish, "type": "server_error", "param": None, "code": "generation_failed"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 break
-            piece, echo = (echo or "") + piece, None
+            if not echoed[i]:
+                piece, echoed[i] = echo + piece, True
+            left -= finish is not None
             if piece or finish is not None:
-                yield chunk(piece, finish, n=n)
+                yield chunk(i, piece, finish, n=n)
         if include_usage:
-            data = {"id": rid, "object": kind, "created": created, "model": model, "choices": []}
-            data["usage"] = _usage(request)
-            yield f"data: {json.dumps(data)}\n\n"
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(requests)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        if finish is None:
-            request.cancelled.set()
+        for r in requests:
+            r.cancelled.set()  # a finished row is gone already
 
 
-def _usage(request: Request) -> dict[str, int]:
-    prompt, completion = len(request.prompt_ids), len(request.output_ids)
+def _usage(requests: list[Request]) -> dict[str, int]:
+    """The prompt counted once, every choice's tokens (as OpenAI and vLLM count ``n`` choices)."""
+    prompt, completion = len(requests[0].prompt_ids), sum(len(r.output_ids) for r in requests)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -523,9 +519,6 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str, cha
             code="context_length_exceeded",
             param=key,
         )
-    n = body.get("n")
-    if n not in (None, 1) or isinstance(n, bool):
-        raise RequestError(f"n must be 1 (one choice per request), got {n!r}", param="n")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -553,6 +546,14 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str, cha
         ignore_eos=_flag(body, "ignore_eos"),
         logprobs=_logprobs(body, chat),
     )
+
+
+def _choices(body: dict) -> int:
+    """``n``, the choices to answer: 1 to 128 (OpenAI's limit)."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128):
+        raise RequestError(f"n must be an integer in [1, 128], got {n!r}", param="n")
+    return n or 1
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:

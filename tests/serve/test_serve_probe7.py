@@ -124,3 +124,38 @@ def test_logprobs_limits_are_a_400_naming_the_field(served):
     assert status == 200 and list(logprobs["top_logprobs"][0]) == logprobs["tokens"]  # the chosen token's alone
     for nothing in ({}, {"logprobs": None}, {"logprobs": False}):
         assert _post(server, "/v1/completions", {**completion, **nothing})[1]["choices"][0]["logprobs"] is None
+
+
+def test_n_choices_as_openai_and_vllm_answer_them(served):
+    """n > 1 was a 400: now n choices, a seeded request's i-th drawn with seed + i (vLLM's), the prompt counted once
+    in usage, every choice streamed under its index."""
+    _, server, _, _ = served
+    body = {"model": "ia3", "prompt": "the cat sat", "max_tokens": 5, "temperature": 1.0, "seed": 7}
+    alone = [_post(server, "/v1/completions", {**body, "seed": 7 + i})[1] for i in range(3)]
+    status, answer = _post(server, "/v1/completions", {**body, "n": 3, "logprobs": 1})
+    assert status == 200 and [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in answer["choices"]]
+    assert texts == [a["choices"][0]["text"] for a in alone] and len(set(texts)) > 1
+    assert answer["usage"]["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"]
+    assert answer["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    assert [len(c["logprobs"]["tokens"]) for c in answer["choices"]] == [
+        a["usage"]["completion_tokens"] for a in alone
+    ]
+    chat = {"model": "lora", "messages": CHAT, "max_tokens": 4, "temperature": 0, "n": 2}
+    status, answer = _post(server, "/v1/chat/completions", chat)
+    greedy = [c["message"]["content"] for c in answer["choices"]]
+    assert status == 200 and len(greedy) == 2 and greedy[0] == greedy[1]
+    options = {"stream": True, "stream_options": {"include_usage": True}}
+    status, chunks = _post(server, "/v1/chat/completions", {**chat, **options})
+    streamed, finish = ["", ""], [None, None]
+    for c in chunks[:-1]:
+        choice = c["choices"][0]
+        streamed[choice["index"]] += choice["delta"].get("content", "")
+        finish[choice["index"]] = choice["finish_reason"] or finish[choice["index"]]
+    assert streamed == greedy and finish == [c["finish_reason"] for c in answer["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == answer["usage"]
+    top = {**body, "seed": 2**64 - 1, "n": 2}  # seed + 1 past torch's range: wraps, fails no batch
+    assert _post(server, "/v1/completions", top)[0] == 200
+    for n in (0, 129, True, 1.5):
+        status, answer = _post(server, "/v1/completions", {**body, "n": n})
+        assert status == 400 and answer["error"]["param"] == "n", n
