@@ -2,25 +2,21 @@
 loaded through ``AutoModelForImageTextToText``.
 
 Encoder-decoder captioners (``VisionEncoderDecoderModel``: ViT + GPT-2 and the like). Rows hold an image path
-(``data.image_column``) and a caption (``data.text_column``). The image goes through the model's image processor into
-``pixel_values``; the caption, tokenized and ended with EOS, is the ``labels``. The decoder reads the labels shifted
-right (the model does it), so the loss is on the caption tokens only: there is no prompt to mask, padding is -100.
+(``data.image_column``) and a caption (``data.text_column``), tokenized and ended with EOS as the ``labels``, which the
+decoder reads shifted right: the loss is on the caption tokens only (no prompt to mask, padding -100).
 
 BLIP (``BlipForConditionalGeneration``) takes image + caption rows too, but its text decoder reads the text as
 ``input_ids`` (the image by cross-attention) and shifts the labels itself: the ids are its BOS, the caption and its SEP
 (where its ``generate`` stops), the labels the same with -100 on the BOS. It captions from the BOS, or from a prompt
 (``generate --prompt``: the caption's first words, as transformers' conditional captioning).
 
-Decoder-only vision-language models (LLaVA's ``LlavaForConditionalGeneration``, BLIP-2 with OPT). The model's
-processor (``AutoProcessor``: tokenizer, image processor, chat template) makes one sequence of a conversation. Rows
-are image + caption rows (the user turn is ``<image>`` and ``CAPTION_PROMPT``, the caption is the answer) or
-conversation rows (alpaca, sharegpt, messages, prompt_completion with an ``images`` column and ``<image>`` markers;
-``data.sample.place_images``). The conversation is rendered with the processor's chat template (content parts
-``{"type": "image"}`` / ``{"type": "text"}``), else the tokenizer's, else ``data.template`` (default ``plain``); an
-answer the template leaves open is closed with EOS, so the model learns to stop. The processor expands each marker
-into the model's image tokens (LLaVA: one per patch feature) or puts them before the text itself (BLIP-2: the query
-tokens). The labels are the answers' tokens (every assistant turn, EOS included) and -100 elsewhere: the prompt, the
-image tokens, the padding. ``data.max_length`` caps the text tokens (image tokens come on top).
+Decoder-only vision-language models (LLaVA, BLIP-2 with OPT, Idefics3, Qwen2-VL, Gemma 3, ...): the model's processor
+(tokenizer, image processor, chat template) makes one sequence of a conversation: image + caption rows (the user turn
+``<image>`` and ``CAPTION_PROMPT``, the caption the answer) or conversation rows with an ``images`` column
+(``data.sample.place_images``), rendered with the processor's chat template, else the tokenizer's, else
+``data.template``; an answer the template leaves open is closed with EOS. The processor expands each marker into the
+image tokens (BLIP-2: its query tokens before the text). The labels are the answers' tokens (EOS included), -100
+elsewhere; the processor's per-token modality ids go with them. ``data.max_length`` caps the text tokens.
 
 Eval: the loss and perplexity, and BLEU-4 and ROUGE-L (metrics.py) of greedy captions of the first ``EVAL_CAPTIONS``
 eval rows (at most ``data.max_target_length`` new tokens) against their captions. Which tower trains is
@@ -54,6 +50,7 @@ CAPTION_PROMPT = "Describe the image."
 when none is given."""
 EVAL_CAPTIONS = 64
 """Eval rows captioned (greedy) for BLEU-4 and ROUGE-L."""
+TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")
 
 
 class CaptionProcessor:
@@ -61,10 +58,10 @@ class CaptionProcessor:
     decoder's ``bos`` (what a caption starts from) and ``eos`` (its SEP, where ``generate`` stops), and its processor
     (saved as it is: a run folder then holds no image processor of its own, so its base's processor loads again)."""
 
-    def __init__(self, image_processor, tokenizer, bos: int | None = None, eos: int | None = None, processor=None):
+    def __init__(self, image_processor, tokenizer, bos=None, eos=None, processor=None, label_smoothing: float = 0.0):
         self.image_processor, self.tokenizer, self.bos, self.processor = image_processor, tokenizer, bos, processor
         self.eos = tokenizer.eos_token_id if bos is None else eos
-        self.label_smoothing = 0.0  # BLIP's text decoder's, from its config
+        self.label_smoothing = label_smoothing  # BLIP's text decoder's, from its config
 
     @property
     def pad_token_id(self) -> int | None:
@@ -84,8 +81,13 @@ class VLMProcessor:
         self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
         self.image_token = str(processor.image_token)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        # the image tokens (Gemma 3's marker is its <start_of_image>, which stays text; its image tokens are others)
+        self.image_ids = set(getattr(processor, "image_token_ids", None) or [self.image_token_id]) - {None}
         # BLIP-2's processor puts the query tokens before the text itself: the text carries no marker
         self.prepends = getattr(processor, "num_query_tokens", None) is not None
+        # per-token modality ids the model reads (Qwen2-VL's M-RoPE, Gemma 3's image attention), named as its text call
+        keys = processor(text=["x"]).keys() if getattr(processor, "return_mm_token_type_ids", False) else ()
+        self.types = next((k for k in TOKEN_TYPES if k in keys), None)
 
     @property
     def pad_token_id(self) -> int | None:
@@ -150,18 +152,15 @@ def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcess
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     text = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "text_config", None)
     if getattr(text, "model_type", None) == "blip_text_model":
-        blip = CaptionProcessor(proc.image_processor, tok, text.bos_token_id, text.sep_token_id, proc)
-        blip.label_smoothing = getattr(text, "label_smoothing", 0.0) or 0.0  # its own loss uses it
-        return blip
+        smoothing = getattr(text, "label_smoothing", 0.0) or 0.0  # its own loss uses it
+        return CaptionProcessor(proc.image_processor, tok, text.bos_token_id, text.sep_token_id, proc, smoothing)
     if getattr(proc, "image_token", None) is None or not hasattr(proc, "image_processor"):
         raise ConfigError(
             f"stage caption: the processor of {path!r} ({type(proc).__name__}) has no image token and image "
             "processor; a vision-language model's processor has both"
         )
     if not getattr(tok, "is_fast", False):
-        raise ConfigError(
-            f"stage caption: the tokenizer of {path!r} is not a fast tokenizer (the labels need offsets)"
-        )
+        raise ConfigError(f"stage caption: the tokenizer of {path!r} is not a fast one (the labels need offsets)")
     return VLMProcessor(proc)
 
 
@@ -194,12 +193,15 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, tor
     """Stack pixel values; pad labels with -100 (no loss on padding) and any ``input_ids`` with ``pad_token_id``."""
     out = {"pixel_values": torch.stack([b["pixel_values"] for b in batch])}
     if "input_ids" in batch[0]:
-        out.update(collate_vlm([{k: b[k] for k in ("input_ids", "labels")} for b in batch], pad_token_id))
-    else:
-        width = max(len(b["labels"]) for b in batch)
-        out["labels"] = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        for i, b in enumerate(batch):
-            out["labels"][i, : len(b["labels"])] = torch.tensor(b["labels"])
+        return {**out, **collate_vlm([{k: b[k] for k in ("input_ids", "labels")} for b in batch], pad_token_id)}
+    return {**out, "labels": _pad([b["labels"] for b in batch], IGNORE_INDEX)}
+
+
+def _pad(rows: list[list[int]], value: int, width: int = 0) -> torch.Tensor:
+    """The rows right-padded with ``value`` to ``width`` (at least the longest row's)."""
+    out = torch.full((len(rows), max(width, *map(len, rows))), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
     return out
 
 
@@ -324,7 +326,7 @@ def encode_vlm(
     enc = processor.processor(text=[text], images=[img for img, _ in opened], **kw)
     ids = [int(t) for t in enc["input_ids"][0]]
     labels = vlm_labels(enc, text, spans, processor, special, example.source)
-    text_at = [i for i, t in enumerate(ids) if t != processor.image_token_id]
+    text_at = [i for i, t in enumerate(ids) if t not in processor.image_ids]
     if len(text_at) <= max_length:
         return ids, labels, False, [mode for _, mode in opened]
     if truncation == "refuse":
@@ -333,7 +335,7 @@ def encode_vlm(
             "(data.truncation=refuse)"
         )
     end = text_at[max_length]
-    if processor.image_token_id in ids[end:]:
+    if processor.image_ids.intersection(ids[end:]):
         raise DataError(
             f"{example.source}: cutting the row to data.max_length={max_length} text tokens would cut an image; "
             "raise data.max_length"
@@ -353,9 +355,12 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ids, labels = self.encoded[i]
-        images = [open_rgb(r)[0] for r in self.examples[i].images]
-        pixels = self.processor.processor(images=images, return_tensors="pt")
-        return {"input_ids": ids, "labels": labels, **pixels}
+        proc, types = self.processor.processor, self.processor.types
+        pixels = proc(images=[open_rgb(r)[0] for r in self.examples[i].images], return_tensors="pt")
+        out = {k: v for k, v in pixels.items() if k not in ("input_ids", "attention_mask", *TOKEN_TYPES)}
+        if types:  # an images-only call also writes (Gemma 3) text ids of its own: the row's are made here
+            out[types] = proc.create_mm_token_type_ids([ids])[0]
+        return {"input_ids": ids, "labels": labels, **out}
 
     def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
         """(images, prompt messages, last answer) of the first ``n`` rows."""
@@ -364,16 +369,13 @@ class VLMDataset(torch.utils.data.Dataset):
 
 def collate_vlm(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ids (``pad_token_id``, attention 0) and labels (-100); concatenate the images' tensors."""
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["labels"])
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ids = [b["input_ids"] for b in batch]
+    out = {"input_ids": _pad(ids, pad_token_id), "attention_mask": _pad([[1] * len(i) for i in ids], 0)}
+    out["labels"] = _pad([b["labels"] for b in batch], IGNORE_INDEX)
     for key in batch[0]:
-        if key not in out:  # the images' tensors
+        if key in TOKEN_TYPES:  # the padding's type: text (0)
+            out[key] = _pad([b[key] for b in batch], 0, out["input_ids"].shape[1])
+        elif key not in out:  # the images' tensors
             parts = [torch.as_tensor(b[key]) for b in batch]
             if parts[0].dim() > 2:  # LLaVA-NeXT's patches per image vary: zero-padded, as its processor pads a batch
                 most = max(p.shape[1] for p in parts)
@@ -445,8 +447,7 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     images = sum(len(e.images) for e in train.examples)
     notes.insert(0, f"{len(train)} training rows with {images} images; image token {processor.image_token!r}")
     if ev is not None:
-        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {min(len(ev), EVAL_CAPTIONS)} "
-                     "eval rows")  # fmt: skip
+        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {min(len(ev), EVAL_CAPTIONS)} rows")
     collator = functools.partial(collate_vlm, pad_token_id=processor.pad_token_id)
     return Prepared(train, ev, collator, None, None, notes=notes, loss_only=True)
 
@@ -460,9 +461,8 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
     d = cfg.data
     if not d.train:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
-    for split in (d.train, d.eval):
-        if split and os.path.isdir(split):
-            raise DataError(f"{split} is a folder; captions come from a data file (image and caption columns)")
+    if folder := next((s for s in (d.train, d.eval) if s and os.path.isdir(s)), None):
+        raise DataError(f"{folder} is a folder; captions come from a data file (image and caption columns)")
     if isinstance(processor, VLMProcessor):
         return _prepare_vlm(cfg, processor)
 
