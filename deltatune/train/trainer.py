@@ -93,6 +93,8 @@ class DeltaTrainerMixin:
             self.label_names = find_labels(type(base()))
             self.can_return_loss = can_return_loss(type(base()))
 
+        self.add_callback(Regularizer)
+
     def _delta_model(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
@@ -527,6 +529,19 @@ class ProgressBar(ProgressCallback):
             post["eval_loss"] = f"{logs['eval_loss']:.4f}"
         if post:
             self.training_bar.set_postfix(post, refresh=True)
+
+
+class Regularizer(TrainerCallback):
+    """A model's own regulariser, ``model.regularization_loss()`` (a scalar, or None when nothing asks for one),
+    trained as the adapters library's AdapterTrainer trains its fusion regulariser: backpropagated after each
+    optimizer step, once per step whatever the accumulation, so that its gradient joins the next step's (the Trainer
+    has zeroed the gradients by then)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        hook = getattr(model, "regularization_loss", None)
+        loss = hook() if callable(hook) else None
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.backward()
 
 
 class KillAfterSave(TrainerCallback):

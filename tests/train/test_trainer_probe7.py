@@ -7,7 +7,7 @@ import peft
 import pytest
 import torch
 from tiny import tiny_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import deltatune as dt
 
@@ -49,3 +49,40 @@ def test_label_smoothing_scores_a_causal_lm_against_the_next_token(tmp_path):
     ours, ref = _pair(tmp_path, label_smoothing_factor=0.1, gradient_accumulation_steps=2, max_steps=1)
     assert ours.evaluate()["eval_loss"] == pytest.approx(ref.evaluate()["eval_loss"], rel=1e-6)
     assert ours.train().training_loss == pytest.approx(ref.train().training_loss, rel=1e-6)
+
+
+class _AdapterTrainerCallback(TrainerCallback):
+    """The adapters library's AdapterTrainerCallback.on_step_end, for a model whose fusion trains."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        model.fusion_regularization_loss().backward()
+
+
+def test_a_models_regulariser_trains_as_the_adapters_library_trains_its_fusion_regulariser(tmp_path):
+    """The adapters library's AdapterTrainer backpropagates the fusion regulariser 0.01 ||I - W_v||^2 after each
+    optimizer step; deltatune's trainers never added it. They now train whatever the model's generic
+    ``regularization_loss()`` returns, as the AdapterTrainer does."""
+    rows = [{"input_ids": [5 + i, 9, 3 * i + 4, 7], "labels": i % 2} for i in range(4)]
+
+    def fused():
+        torch.manual_seed(0)
+        model = dt.DeltaModel(tiny_model("bert", "seq_cls"))
+        for name in ("a", "b"):
+            model.add_adapter(name, dt.BottleneckConfig(config="pfeiffer", reduction_factor=4, init_weights=False))
+        model.add_fusion(["a", "b"], name="f", init_weights=False)  # W_v away from I: the regulariser pulls
+        return model
+
+    def trained(cls, regularised, callbacks=()):
+        model = fused()
+        if regularised:
+            model.regularization_loss = model.fusion_regularization_loss
+        args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=0.05,
+                                 report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", remove_unused_columns=False)  # fmt: skip
+        cls(model=model, args=args, train_dataset=rows, callbacks=list(callbacks)).train()
+        return [p.detach().clone() for n, p in model.named_parameters() if "value" in n]
+
+    reference = trained(Trainer, False, [_AdapterTrainerCallback()])
+    ours = trained(dt.Trainer, True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, reference))
+    plain = trained(dt.Trainer, False)  # no regulariser asked for: nothing added
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(plain, reference))
