@@ -138,6 +138,49 @@ def match_tensors(
     return full_copies
 
 
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+"""The module names whose being targeted makes peft save the embedding matrices beside the adapter."""
+
+
+def embedding_copies(
+    model: torch.nn.Module, config: DeltaConfig, save: bool | str = "auto"
+) -> dict[str, torch.Tensor]:
+    """The base embedding weights peft's ``save_pretrained(save_embedding_layers=save)`` writes beside an adapter,
+    keyed by their names in ``model``: the input and output embeddings' (where an adapter wraps one, its base layer's).
+
+    "auto" (peft's default) saves them when ``config`` targets ``embed_tokens`` or ``lm_head`` (an adapter on a
+    resized vocabulary computes with rows that a fresh resize draws anew), or when the vocabulary differs from the
+    config.json in the folder ``base_model_name_or_path`` (peft also asks the hub there; deltatune does not)."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) and targets != "all-linear":
+        names = [n for n, _ in model.named_modules() if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYERS)})$", n)]
+        targeted = any(re.fullmatch(targets, n) for n in names)
+    else:
+        targeted = bool(targets) and any(e in targets for e in EMBEDDING_LAYERS)
+    if save == "auto":
+        save = targeted or _vocab_resized(model, config.base_model_name_or_path)
+    if not save or not hasattr(model, "get_input_embeddings"):
+        return {}
+    kinds, paths = (torch.nn.Linear, torch.nn.Embedding), {id(m): n for n, m in model.named_modules()}
+    out: dict[str, torch.Tensor] = {}
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        base = getattr(layer, "base_layer", None)  # wrapped by an adapter: its base layer (the only one if targeted)
+        module = base if isinstance(base, kinds) else None if targeted else layer
+        if isinstance(module, kinds) and id(module) in paths:
+            out.update({f"{paths[id(module)]}.{n}".lstrip("."): p for n, p in module.named_parameters()})
+    return out
+
+
+def _vocab_resized(model: torch.nn.Module, base: str | None) -> bool:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab or not base or not os.path.isfile(os.path.join(base, "config.json")):
+        return False
+    try:
+        return vocab != type(model.config).from_pretrained(base).vocab_size
+    except Exception:  # an unreadable or foreign config.json: as peft, assume the vocabulary was kept
+        return False
+
+
 TRAINING_STATE = "training_state.safetensors"
 """Beside an adapter whose saved form is folded (P-tuning's or prefix tuning's encoder): the tensors going on
 training it needs (``DeltaLayer.training_state``), keyed ``<layer path>|<tensor>``; peft ignores the file."""

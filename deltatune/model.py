@@ -29,6 +29,7 @@ from .files import (
     adapter_folder,
     base_key,
     check_adapter_name,
+    embedding_copies,
     explain_missing_fields,
     key_prefix,
     match_tensors,
@@ -482,32 +483,29 @@ class DeltaModel(nn.Module, PushToHub):
                 target.copy_(copies[key])
         self._copies[name] = [unwrapped_name(key.removeprefix(prefix)) for key in full_copies]
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike[str],
-        selected_adapters: list[str] | None = None,
-        safe_serialization: bool = True,
-        is_main_process: bool = True,
-        **_: Any,
-    ) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        save_embedding_layers: bool | str = "auto", **_: Any) -> None:  # fmt: skip
         """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout): "default" in
         ``save_directory``, any other in ``save_directory/<name>``, each file renamed into place once written (a crash
-        never leaves a half-written file); nothing where ``is_main_process`` is False (as peft)."""
+        never leaves a half-written file); nothing where ``is_main_process`` is False (as peft).
+        ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter."""
         if not is_main_process:
             return
         if not safe_serialization:
             raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
         names = self._check_names(selected_adapters or list(self.peft_config))
         folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
+        path = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
         for name in names:
-            config = self.peft_config[name].replace(inference_mode=True)
-            if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = (
-                    getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
-                )
+            given = self.peft_config[name]
+            config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
             training = {f"{p}|{k}": v for p, layer in self._layers() if name in layer.adapter_names
                         for k, v in layer.training_state(name).items()}  # fmt: skip
-            write_adapter(folders[name], self.adapter_state_dict(name), config, training)
+            tensors = self.adapter_state_dict(name)
+            for pname, p in embedding_copies(self.base_model, config, save_embedding_layers).items():
+                tensors.setdefault(self._key_prefix(name) + pname, p)
+            write_adapter(folders[name], tensors, config, training)
 
     def load_adapter(
         self,
