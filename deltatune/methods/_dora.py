@@ -53,7 +53,7 @@ def dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Tensor) 
     scale = layer.lora_magnitude_vector[name] / norm  # (d_out,)
     if isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training:
         bias = getattr(layer.base_layer, "bias", None)
-        base = result.to(A.dtype) - bias if bias is not None else result.to(A.dtype)
+        base = (result - bias if bias is not None else result).to(A.dtype)  # in result's dtype, as peft
     else:  # dropout changed the input: W x is recomputed on the dropped-out x, as PEFT does
         base = F.linear(x_in, weight.T if layer.fan_in_fan_out else weight)
     h = F.linear(x_in, A)

@@ -3,9 +3,9 @@
 The row loop (``_LoraBase._routed``) runs one pair of matmuls per adapter present in the batch, on copies of that
 adapter's rows: with 64 adapters in a batch of 64 rows that is 64 small products and 128 copies per layer. Here
 each row gathers its own adapter's A and B (a copy of r x (d_in + d_out) numbers per row, small beside the
-activations), and one ``bmm`` and one ``baddbmm`` compute every row's update at once:
+activations), and two ``bmm`` compute every row's update at once:
 
-    out[i] = result[i] + s[i] * (x[i] A[i]^T) B[i]^T
+    out[i] = result[i] + s[i] * ((x[i] A[i]^T) B[i]^T)
 
 with s[i] = 0 for a row whose adapter this layer does not hold (``BASE_ROW``, or a model whose adapters target
 different layers). The arithmetic per row is the loop's; only the order of the batch's work changes.
@@ -39,13 +39,9 @@ def gathered(layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | Non
     scale = torch.tensor([layer.scaling.get(name, 0.0) for name in unique], device=x.device, dtype=opmath)[codes]
     rows = x.shape[0]
     x3 = x.reshape(rows, -1, x.shape[-1]).to(dtype)
-    if dtype != result.dtype:  # fp32 adapters on a half-precision base: as the loop, the update in fp32 rounded once
-        update = torch.bmm(torch.bmm(x3, A[index].transpose(1, 2)), B[index].transpose(1, 2)) * scale.view(rows, 1, 1)
-        return (result.reshape(rows, -1, result.shape[-1]) + update).to(result.dtype).view(result.shape)
-    h = (torch.bmm(x3, A[index].to(dtype).transpose(1, 2)) * scale.view(rows, 1, 1)).to(dtype)  # (rows, tokens, r)
-    B_rows = B[index].to(dtype).transpose(1, 2).to(result.dtype)  # (rows, r, d_out)
-    out = torch.baddbmm(result.reshape(rows, -1, result.shape[-1]), h.to(result.dtype), B_rows)
-    return out.view(result.shape)
+    update = torch.bmm(torch.bmm(x3, A[index].to(dtype).transpose(1, 2)), B[index].to(dtype).transpose(1, 2))
+    update = (update * scale.view(rows, 1, 1)).to(dtype)  # B A x * s in the adapter's dtype, as peft's
+    return (result.reshape(rows, -1, result.shape[-1]) + update).to(result.dtype).view(result.shape)  # rounded once
 
 
 def _plain(layer, names: list[str]) -> bool:

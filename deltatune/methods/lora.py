@@ -174,14 +174,24 @@ class _LoraBase(DeltaLayer):
             return result
         if self.row_adapters is not None:
             return self._routed(x, result)
-        if not self.merged:  # as peft: a layer holding a merged adapter computes as its (merged) weights alone
-            for name in self.active_adapters:
-                result = self._add(name, x, result)
-        return result
+        if self.merged:  # as peft: a layer holding a merged adapter computes as its (merged) weights alone
+            return result
+        dtype = result.dtype
+        for name in self.active_adapters:  # peft's order: fp32 updates summed onto a bf16 base output, rounded once
+            if name in self.lora_A:  # the input cast to each adapter's dtype in turn, as peft's
+                x = x.to(self.lora_A[name].weight.dtype)
+            result = self._add(name, x, result)
+        return result.to(dtype)
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` (the base output for ``x``) plus adapter ``name``'s update: the one path every call takes."""
-        raise NotImplementedError
+        """``result`` (the base output for ``x``) plus adapter ``name``'s update s * B A x, in peft's operations and
+        order: the sum in the wider of the two dtypes, rounded by the caller. A mixed batch's row rounds as the
+        adapter alone (peft's _mixed_batch_forward rounds an fp32 update to a bf16 base's dtype before adding it)."""
+        x_in = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))  # peft casts, then drops out
+        if name in self.lora_magnitude_vector:
+            return result + dora(self, name, x_in, result)
+        out = self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]
+        return result + out
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (``row_adapters``): each adapter's update computed on its own rows only."""
@@ -191,9 +201,10 @@ class _LoraBase(DeltaLayer):
             if name not in self.scaling:  # BASE_ROW, or an adapter this layer does not hold
                 continue
             if rows is None:
-                result = self._add(name, x, result)
+                result = self._add(name, x, result).to(result.dtype)
             else:
-                result = result.index_copy(0, rows, self._add(name, x.index_select(0, rows), result[rows]))
+                part = self._add(name, x.index_select(0, rows), result[rows])
+                result = result.index_copy(0, rows, part.to(result.dtype))
         return result
 
     def _merge_weights(self, name: str, base: torch.Tensor | None = None) -> None:
@@ -273,20 +284,6 @@ class LoraLinear(_LoraBase):
         delta = ((B @ A) * self.scaling[name]).to(dtype)  # (d_out, d_in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        x_in = self.lora_dropout[name](x).to(A.dtype)
-        if name in self.lora_magnitude_vector:
-            return (result + dora(self, name, x_in, result)).to(result.dtype)
-        if A.dtype != result.dtype:  # an fp32 adapter on a half-precision base: its fp32 update rounded once (peft)
-            return (result + F.linear(F.linear(x_in, A), B) * s).to(result.dtype)
-        # s on the rank-r activations (r/d_out of the work), then one fused multiply-add for the (tokens, d_out) update
-        h = F.linear(x_in, A) * s  # (..., r)
-        out = torch.addmm(
-            result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]).to(result.dtype), B.T.to(result.dtype)
-        )
-        return out.view(result.shape)
-
 
 class LoraEmbedding(_LoraBase):
     """LoRA on an ``nn.Embedding``: A (r x vocab) is looked up like an embedding, then B (dim x r)."""
@@ -310,8 +307,9 @@ class LoraEmbedding(_LoraBase):
         after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)  # (..., r)  # fmt: skip
         out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
-        scale = getattr(base, "embed_scale", 1.0)  # Gemma's, a scaled BART's: (W + dW)[x] * scale, as merged
-        return (result + out * scale).to(result.dtype)
+        if (scale := getattr(base, "embed_scale", None)) is not None:  # Gemma's, a scaled BART's: (W + dW)[x] * scale
+            out = out * torch.as_tensor(scale, dtype=self._weight.dtype, device=out.device).to(out.dtype)  # as peft
+        return result + out
 
 
 class LoraConv2d(_LoraBase):
@@ -335,10 +333,6 @@ class LoraConv2d(_LoraBase):
         else:
             delta = F.conv2d(A.permute(1, 0, 2, 3), B).permute(1, 0, 2, 3)  # (c_out, c_in, kh, kw)
         return (delta * self.scaling[name]).to(dtype)
-
-    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        x_in = self.lora_dropout[name](x).to(self.lora_A[name].weight.dtype)  # a half-precision base's input
-        return (result + self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]).to(result.dtype)
 
 
 LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
