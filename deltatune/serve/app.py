@@ -67,7 +67,8 @@ UNSUPPORTED: dict[str, Any] = {
     "audio": None,
     "prediction": None,
 }
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+# OpenAI's: a wrong key (401) and an unknown model (404) are an invalid_request_error too, told apart by their code.
+_TYPES = {403: "permission_error"}
 
 
 def _error(status: int, message: str, code: str, param: str | None = None):
@@ -222,6 +223,8 @@ def create_app(
         if options and not stream:  # as OpenAI's API answers
             raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = _flag(options, "include_usage", "stream_options.include_usage")
+        # vLLM's: with include_usage, every chunk counts its choice's tokens so far
+        every = include_usage and _flag(options, "continuous_usage_stats", "stream_options.continuous_usage_stats")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, str, str | None, int]] = asyncio.Queue()
         for i, r in enumerate(requests):
@@ -235,7 +238,7 @@ def create_app(
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "created": int(time.time()), "model": model}
         if stream:
-            out = _stream(requests, events, head, chat, include_usage, echo, engine.tokenizer)
+            out = _stream(requests, events, head, chat, 2 if every else int(include_usage), echo, engine.tokenizer)
             return StreamingResponse(out, media_type="text/event-stream")
         texts, finish, counts = [echo or ""] * len(requests), [None] * len(requests), [0] * len(requests)
         try:
@@ -268,9 +271,10 @@ def create_app(
     return app
 
 
-async def _stream(requests: list[Request], events, head: dict, chat: bool, include_usage: bool, echo, tokenizer):
+async def _stream(requests: list[Request], events, head: dict, chat: bool, include_usage: int, echo, tokenizer):
     """Server-sent events: one chunk per piece of text of a choice (the echoed prompt first), with its tokens'
-    log-probabilities where asked, a last chunk per choice with its finish reason, then ``[DONE]``.
+    log-probabilities where asked, a last chunk per choice with its finish reason, then ``[DONE]``. Usage:
+    ``include_usage`` 1 in a last chunk, 2 in every chunk too (the choice's so far).
 
     When the client goes away the generator is closed; the ``finally`` cancels the requests, and the engine drops
     their rows at the next step, freeing the slots.
@@ -293,7 +297,7 @@ async def _stream(requests: list[Request], events, head: dict, chat: bool, inclu
             choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         data = {**head, "choices": [choice]}
         if include_usage:
-            data["usage"] = None
+            data["usage"] = _usage([requests[i]]) if include_usage == 2 else None
         return f"data: {json.dumps(data)}\n\n"
 
     left = len(requests)
@@ -443,7 +447,7 @@ def _utf8(text: str, what: str, param: str) -> None:
 def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True) -> list[int]:
     """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does, the tokenizer's
     special tokens added unless ``special`` is false, vLLM's ``add_special_tokens``) or token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):  # a batch of one
         prompt = prompt[0]
     if isinstance(prompt, str):
         _utf8(prompt, "prompt", "prompt")
@@ -456,7 +460,7 @@ def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True) -> list[int]:
         if any(t < 0 or t >= vocab for t in prompt):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return prompt
-    raise RequestError("prompt must be a string, a list of one string, or a list of token ids", param="prompt")
+    raise RequestError("prompt must be a string or a list of token ids, or a list of one of them", param="prompt")
 
 
 def _asks_nothing(value: Any, default: Any) -> bool:

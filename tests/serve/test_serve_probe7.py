@@ -159,3 +159,38 @@ def test_n_choices_as_openai_and_vllm_answer_them(served):
     for n in (0, 129, True, 1.5):
         status, answer = _post(server, "/v1/completions", {**body, "n": n})
         assert status == 400 and answer["error"]["param"] == "n", n
+
+
+def test_openai_error_types_a_batch_of_one_token_list_and_continuous_usage(served):
+    """An unknown model answered type not_found_error (OpenAI: invalid_request_error, code model_not_found); a
+    prompt [[ids]] (lm-evaluation-harness's local-completions, batch size 1) was a 400; vLLM's
+    stream_options.continuous_usage_stats was accepted and ignored (usage null in every chunk)."""
+    engine, server, _, _ = served
+    status, answer = _post(server, "/v1/completions", {"model": "nope", "prompt": "hi"})
+    assert status == 404 and answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["code"] == "model_not_found"
+    ids = engine.tokenizer("the cat sat")["input_ids"]
+    body = {"model": "lora", "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    flat = _post(server, "/v1/completions", {**body, "prompt": ids})
+    status, nested = _post(server, "/v1/completions", {**body, "prompt": [ids]})
+    assert (
+        status == 200 and nested["choices"] == flat[1]["choices"] and len(nested["choices"][0]["logprobs"]["tokens"])
+    )
+    stream = {
+        "model": "lora",
+        "prompt": "the cat",
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    status, chunks = _post(server, "/v1/completions", {**stream, "stream_options": {"include_usage": True,
+                                                                                      "continuous_usage_stats": True}})  # fmt: skip
+    counts = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
+    assert (
+        status == 200
+        and counts == sorted(counts)
+        and counts[-1] == 4
+        and chunks[-1]["usage"]["completion_tokens"] == 4
+    )
+    assert all(c["usage"]["prompt_tokens"] == len(engine.tokenizer("the cat")["input_ids"]) for c in chunks)
