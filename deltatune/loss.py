@@ -42,7 +42,8 @@ class _CrossEntropy(torch.autograd.Function):
             valid = t != ignore_index
             safe = torch.where(valid, t, 0).unsqueeze(1)  # (c, 1)
             logp = torch.log_softmax(x, dim=1, dtype=torch.float32)  # one fused pass, a cache-sized buffer
-            total -= (logp.gather(1, safe).squeeze(1) * valid).sum()
+            # (where, not times valid: an ignored row's -inf logit at id 0 made the loss -inf * 0 = nan)
+            total -= torch.where(valid, logp.gather(1, safe).squeeze(1), 0.0).sum()
             if need_grad:  # softmax - onehot(target), scaled; ignored rows get no gradient
                 g = logp.exp_()
                 g.scatter_add_(1, safe, -valid.unsqueeze(1).to(g.dtype))

@@ -86,3 +86,22 @@ def test_a_models_regulariser_trains_as_the_adapters_library_trains_its_fusion_r
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, reference))
     plain = trained(dt.Trainer, False)  # no regulariser asked for: nothing added
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(plain, reference))
+
+
+def test_the_fused_loss_ignores_a_padded_positions_minus_inf_logit_as_transformers_loss_does():
+    """A padded position (label -100) whose logit at token id 0 is -inf (a masked vocabulary, an fp16 overflow)
+    made the fused loss nan (-inf times 0), where transformers' ForCausalLMLoss skips the position: 1.64 there."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from deltatune.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    logits[1, 2:, 0] = float("-inf")
+    labels = torch.tensor([[1, 2, 3, 4], [5, 6, -100, -100]])
+    ours, ref = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    got, want = causal_lm_loss(ours, labels, 7), ForCausalLMLoss(ref, labels, 7)
+    got.backward()
+    want.backward()
+    assert torch.isfinite(want) and got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(ours.grad, ref.grad)
