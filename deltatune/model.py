@@ -15,7 +15,7 @@ import functools
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -476,7 +476,8 @@ class DeltaModel(nn.Module, PushToHub):
         for path, layer in self._layers():
             if name in layer.adapter_names:
                 layer.import_state(name, f"{prefix}{path}.", tensors)
-        with torch.no_grad():
+        # a copy replaces the base weight: one merged into (another adapter's update) is unmerged first, merged after
+        with torch.no_grad(), self._unmerged() if full_copies else nullcontext():
             for pname, p in self._base_params(name).items():
                 p.copy_(tensors[prefix + base_key(pname, name)])
             for key, target in full_copies.items():
