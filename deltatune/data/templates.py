@@ -326,6 +326,8 @@ def encode_chat(
     ids = enc["input_ids"]
     labels = []
     for tok_id, (start, end) in zip(ids, enc["offset_mapping"]):
-        inside = end > start and any(s <= start and end <= e for s, e in spans)
+        # Every token overlapping a span trains, as transformers' assistant mask marks it: a token that opens the answer
+        # with the last character of the prompt (" Hello" after "Assistant: ") is the answer's first word.
+        inside = any(start < e and end > s for s, e in spans)
         labels.append(tok_id if inside else IGNORE_INDEX)
     return ids, labels

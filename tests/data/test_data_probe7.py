@@ -91,3 +91,40 @@ def test_a_null_or_missing_content_outside_an_assistant_turn_is_refused_naming_t
     # an assistant's null content beside its tool calls is OpenAI's own shape, read as before
     (s,) = _samples([{"messages": TOOL_CHAT, "tools": TOOLS}])
     assert s.messages[1] == {"role": "assistant", "content": "", "tool_calls": CALL}
+
+
+SPACED = (  # a generation prompt ending in a space: the answer's first word is one token with it (" Hello")
+    "{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: {% generation %}"
+    "{{ m.content }}{{ eos_token }}{{ '\\n' }}{% endgeneration %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+def _bpe_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer (a word takes the space before it), skipped where it is not installed."""
+    from transformers import AutoTokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.train.models import resolve_path
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_path("smollm2"))
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+def test_the_token_that_opens_an_answer_with_the_prompts_last_space_trains_as_transformers_marks_it():
+    """Was: ' Hello' (its space the generation prompt's) was left out of the labels of every answer, only tokens
+    wholly inside an answer trained: the first word of each answer never trained. transformers' assistant mask (TRL's
+    assistant_only_loss) marks every token overlapping the answer."""
+    tok = _bpe_tokenizer()
+    tok.chat_template = SPACED.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]  # fmt: skip
+    (ex,) = encode_sft_samples(_samples([{"messages": chat}]), tok, None, 512).examples
+    ref = tok.apply_chat_template(chat, chat_template=SPACED, return_dict=True, return_assistant_tokens_mask=True)
+    assert ex["input_ids"] == list(ref["input_ids"])
+    trained = [i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX]
+    marked = [i for i, bit in enumerate(ref["assistant_masks"]) if bit]
+    assert trained == marked
+    assert tok.decode([ex["input_ids"][i] for i in trained]) == " Hello there.<|im_end|>\n Goodbye.<|im_end|>\n"
