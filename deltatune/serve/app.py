@@ -33,39 +33,28 @@ UNSUPPORTED: dict[str, Any] = {
     "logprobs": False,
     "top_logprobs": 0,
     "echo": False,
-    "suffix": None,
     "best_of": 1,
     "frequency_penalty": 0,
     "presence_penalty": 0,
-    "logit_bias": None,
-    "tools": None,
-    "functions": None,
     "response_format": {"type": "text"},
     # vLLM's sampling fields (and OpenAI's tool_choice without tools), with the values that ask for nothing; the
     # first three, given so, override the base's generation config (top_k -1: no top-k, where the config says 20)
     "top_k": (-1, 0),
     "min_p": 0,
     "repetition_penalty": 1,
-    "stop_token_ids": None,
     "min_tokens": 0,
     "tool_choice": ("none", "auto"),
     "include_stop_str_in_output": False,
     "skip_special_tokens": True,
     "spaces_between_special_tokens": True,
-    "chat_template": None,
-    "bad_words": None,
-    "allowed_token_ids": None,
-    "prompt_logprobs": None,
-    "truncate_prompt_tokens": None,
     "use_beam_search": False,
     "length_penalty": 1,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
-    "guided_grammar": None,
-    "structured_outputs": None,
-    "audio": None,
-    "prediction": None,
+    "return_tokens_as_token_ids": False,  # vLLM's token names of logprobs, "token_id:123"
+    **dict.fromkeys(  # the fields whose nothing is null (one name a line would take 17 lines)
+        "suffix logit_bias tools functions audio prediction stop_token_ids chat_template "  # noqa: SIM905
+        "bad_words allowed_token_ids prompt_logprobs truncate_prompt_tokens guided_json guided_regex guided_choice "
+        "guided_grammar structured_outputs".split()
+    ),
 }
 # OpenAI's: a wrong key (401) and an unknown model (404) are an invalid_request_error too, told apart by their code.
 _TYPES = {403: "permission_error"}
@@ -159,18 +148,20 @@ def create_app(
         model = body.get("model")
         template = engine.templates.get(model) if isinstance(model, str) else None  # the run's data.template
         prompt_ids = _chat_ids(engine.tokenizer, body.get("messages"), template, _rendering(body, template))
-        return await _complete(http, body, prompt_ids, chat=True)
+        return await _complete(http, body, [prompt_ids], chat=True)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await _body(http)
         special = _flag(body, "add_special_tokens") if body.get("add_special_tokens") is not None else True
-        prompt_ids = _prompt_ids(engine.tokenizer, body.get("prompt"), special)
+        prompts = body.get("prompt")  # one, or a batch: a list of strings or of token id lists
+        batch = isinstance(prompts, list) and prompts and all(isinstance(p, (str, list)) for p in prompts)
+        prompts = prompts if batch else [prompts]
+        ids = [_prompt_ids(engine.tokenizer, p, special) for p in prompts]
         echo = None
         if _flag(body, "echo"):  # the prompt as given, or its token ids decoded (as vLLM echoes them)
-            prompt = body["prompt"][0] if isinstance(body["prompt"], list) else body["prompt"]
-            echo = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt_ids)
-        return await _complete(http, body, prompt_ids, chat=False, echo=echo)
+            echo = [p if isinstance(p, str) else engine.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+        return await _complete(http, body, ids, chat=False, echo=echo)
 
     @app.post("/v1/adapters")
     async def load(http: HttpRequest):
@@ -200,7 +191,7 @@ def create_app(
         await run_in_threadpool(engine.unload_adapter, name)
         return {"id": name, "object": "model", "deleted": True}
 
-    async def _complete(http: HttpRequest, body: dict, prompt_ids: list[int], chat: bool, echo: str | None = None):
+    async def _complete(http: HttpRequest, body: dict, prompts: list[list[int]], chat: bool, echo: list | None = None):
         model = body.get("model")
         if not isinstance(model, str):
             raise RequestError("model must name a served model (GET /v1/models lists them)", param="model")
@@ -213,9 +204,10 @@ def create_app(
         virtual = 0 if model == BASE else getattr(engine.model.peft_config[model], "num_virtual_tokens", 0) or 0
         default = getattr(engine.gen, "max_new_tokens", None)  # the config's, for a request that sets none
         default = default if isinstance(default, int) and default > 0 else None
-        # n choices: n rows, a seeded one's i-th drawn with seed + i (as vLLM's)
-        requests = [_sampling(body, prompt_ids, Limits(limits.max_tokens, limits.context - virtual, default), model, chat)
-                    for _ in range(_choices(body))]  # fmt: skip
+        # n choices per prompt: n rows, a seeded one's i-th drawn with seed + i (as vLLM's); choice p * n + i
+        n, room = _choices(body), Limits(limits.max_tokens, limits.context - virtual, default)
+        requests = [_sampling(body, ids, room, model, chat) for ids in prompts for _ in range(n)]
+        echoes = [None if echo is None else echo[k // n] for k in range(len(requests))]
         stream = _flag(body, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
@@ -229,7 +221,7 @@ def create_app(
         events: asyncio.Queue[tuple[int, str, str | None, int]] = asyncio.Queue()
         for i, r in enumerate(requests):
             if r.seed is not None:  # past 2**64 - 1, torch's generators take it from the other end
-                r.seed = r.seed + i if r.seed + i < 2**64 else r.seed + i - 2**64
+                r.seed = r.seed + i % n if r.seed + i % n < 2**64 else r.seed + i % n - 2**64
             r.prompt_logprobs = echo is not None and r.logprobs is not None
             # The engine thread appends to logprob_rows: each event says how many rows go with its text.
             put = lambda text, finish, i=i, rows=r.logprob_rows: (i, text, finish, len(rows))  # noqa: E731
@@ -238,9 +230,11 @@ def create_app(
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "created": int(time.time()), "model": model}
         if stream:
-            out = _stream(requests, events, head, chat, 2 if every else int(include_usage), echo, engine.tokenizer)
+            out = _stream(
+                requests, n, events, head, chat, 2 if every else int(include_usage), echoes, engine.tokenizer
+            )
             return StreamingResponse(out, media_type="text/event-stream")
-        texts, finish, counts = [echo or ""] * len(requests), [None] * len(requests), [0] * len(requests)
+        texts, finish, counts = [e or "" for e in echoes], [None] * len(requests), [0] * len(requests)
         try:
             while None in finish:
                 try:
@@ -266,12 +260,12 @@ def create_app(
             choices.append({"index": i, "finish_reason": finish[i], "logprobs": logprobs})
             choices[-1].update({"message": {"role": "assistant", "content": texts[i]}} if chat else {"text": texts[i]})
         kind = "chat.completion" if chat else "text_completion"
-        return {**head, "object": kind, "choices": choices, "usage": _usage(requests)}
+        return {**head, "object": kind, "choices": choices, "usage": _usage(requests, n)}
 
     return app
 
 
-async def _stream(requests: list[Request], events, head: dict, chat: bool, include_usage: int, echo, tokenizer):
+async def _stream(requests: list[Request], n: int, events, head, chat: bool, include_usage: int, echoes, tokenizer):
     """Server-sent events: one chunk per piece of text of a choice (the echoed prompt first), with its tokens'
     log-probabilities where asked, a last chunk per choice with its finish reason, then ``[DONE]``. Usage:
     ``include_usage`` 1 in a last chunk, 2 in every chunk too (the choice's so far).
@@ -280,7 +274,7 @@ async def _stream(requests: list[Request], events, head: dict, chat: bool, inclu
     their rows at the next step, freeing the slots.
     """
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-    done, offset, echoed = [0] * len(requests), [0] * len(requests), [echo is None] * len(requests)
+    done, offset = [0] * len(requests), [0] * len(requests)
 
     def chunk(i: int, text: str | None, finish: str | None, first: bool = False, n: int = 0) -> str:
         logprobs = None
@@ -297,7 +291,7 @@ async def _stream(requests: list[Request], events, head: dict, chat: bool, inclu
             choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         data = {**head, "choices": [choice]}
         if include_usage:
-            data["usage"] = _usage([requests[i]]) if include_usage == 2 else None
+            data["usage"] = _usage([requests[i]], 1) if include_usage == 2 else None
         return f"data: {json.dumps(data)}\n\n"
 
     left = len(requests)
@@ -305,27 +299,26 @@ async def _stream(requests: list[Request], events, head: dict, chat: bool, inclu
         for i in range(len(requests) if chat else 0):
             yield chunk(i, None, None, first=True)
         while left:
-            i, piece, finish, n = await events.get()
+            i, piece, finish, count = await events.get()
             if finish is not None and finish.startswith("error"):
                 error = {"message": finish, "type": "server_error", "param": None, "code": "generation_failed"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 break
-            if not echoed[i]:
-                piece, echoed[i] = echo + piece, True
+            piece, echoes[i] = (echoes[i] or "") + piece, None
             left -= finish is not None
             if piece or finish is not None:
-                yield chunk(i, piece, finish, n=n)
+                yield chunk(i, piece, finish, n=count)
         if include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(requests)})}\n\n"
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(requests, n)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for r in requests:
             r.cancelled.set()  # a finished row is gone already
 
 
-def _usage(requests: list[Request]) -> dict[str, int]:
-    """The prompt counted once, every choice's tokens (as OpenAI and vLLM count ``n`` choices)."""
-    prompt, completion = len(requests[0].prompt_ids), sum(len(r.output_ids) for r in requests)
+def _usage(requests: list[Request], n: int) -> dict[str, int]:
+    """Each prompt counted once, every choice's tokens (as OpenAI and vLLM count ``n`` choices per prompt)."""
+    prompt, completion = sum(len(r.prompt_ids) for r in requests[::n]), sum(len(r.output_ids) for r in requests)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -447,8 +440,6 @@ def _utf8(text: str, what: str, param: str) -> None:
 def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True) -> list[int]:
     """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does, the tokenizer's
     special tokens added unless ``special`` is false, vLLM's ``add_special_tokens``) or token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):  # a batch of one
-        prompt = prompt[0]
     if isinstance(prompt, str):
         _utf8(prompt, "prompt", "prompt")
         ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"]) if prompt else []
@@ -460,7 +451,7 @@ def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True) -> list[int]:
         if any(t < 0 or t >= vocab for t in prompt):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return prompt
-    raise RequestError("prompt must be a string or a list of token ids, or a list of one of them", param="prompt")
+    raise RequestError("prompt must be a string or a list of token ids, or a list of those", param="prompt")
 
 
 def _asks_nothing(value: Any, default: Any) -> bool:

@@ -194,3 +194,29 @@ def test_openai_error_types_a_batch_of_one_token_list_and_continuous_usage(serve
         and chunks[-1]["usage"]["completion_tokens"] == 4
     )
     assert all(c["usage"]["prompt_tokens"] == len(engine.tokenizer("the cat")["input_ids"]) for c in chunks)
+
+
+def test_a_batch_of_prompts_answers_n_choices_per_prompt(served):
+    """A completion's prompt list of strings or of token id lists (OpenAI's and vLLM's batch) was a 400: now the
+    choices of prompt p are p * n .. p * n + n - 1, each as that prompt alone with seed + i, every prompt counted in
+    usage, each echo its own prompt; vLLM's return_tokens_as_token_ids (logprobs named "token_id:N") is refused."""
+    engine, server, _, _ = served
+    other = engine.tokenizer("a big red dog")["input_ids"]
+    body = {"model": "lora", "max_tokens": 3, "temperature": 1.0, "seed": 5, "echo": True}
+    alone = [_post(server, "/v1/completions", {**body, "prompt": p, "seed": 5 + i})[1]
+             for p in ("the cat", other) for i in range(2)]  # fmt: skip
+    status, answer = _post(server, "/v1/completions", {**body, "prompt": ["the cat", other], "n": 2})
+    assert status == 200 and [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in answer["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert answer["choices"][2]["text"].startswith(engine.tokenizer.decode(other))
+    assert answer["usage"]["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"] + len(other)
+    assert answer["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    status, chunks = _post(server, "/v1/completions", {**body, "prompt": ["the cat", other], "n": 2, "stream": True})
+    texts = ["", "", "", ""]
+    for c in chunks:
+        texts[c["choices"][0]["index"]] += c["choices"][0]["text"]
+    assert texts == [c["text"] for c in answer["choices"]]
+    for bad in (["the cat", 3], [[1, 2], []], []):
+        assert _post(server, "/v1/completions", {**body, "prompt": bad})[1]["error"]["param"] == "prompt", bad
+    refused = {**body, "prompt": "the cat", "logprobs": 1, "return_tokens_as_token_ids": True}
+    assert _post(server, "/v1/completions", refused)[1]["error"]["param"] == "return_tokens_as_token_ids"
