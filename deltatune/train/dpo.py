@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..data.preference import PairCollator
 from .config import DPO_LOSS_TYPES, AlignArgs, RunConfig
-from .logprobs import reference_logprobs, response_logprobs, sequence_logprobs
+from .logprobs import reference_logprobs, response_logprobs, sequence_logprobs, token_means
 from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
 
@@ -95,8 +95,10 @@ def dpo_loss(
 class DPOTrainer(PairTrainer):
     """PairTrainer with the DPO loss against the adapter-disabled base.
 
-    Logs ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies`` (means since the
-    last log) with the loss. Eval predictions are (B, 2) [chosen reward, rejected reward].
+    Logs ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+    ``logps/rejected``, ``logits/chosen``, ``logits/rejected`` (the mean logit over the vocabulary, over each side's
+    response tokens), ``entropy`` and ``mean_token_accuracy`` (means since the last log, as TRL's DPOTrainer) with the
+    loss. Eval predictions are (B, 2) [chosen reward, rejected reward].
     """
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
@@ -131,9 +133,9 @@ class DPOTrainer(PairTrainer):
         model.train(was_training)
         return out
 
-    def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _losses(self, model, inputs, stats: dict | None = None) -> tuple[torch.Tensor, ...]:
         lm = {k: inputs[k] for k in _LM_KEYS}
-        logps, counts = response_logprobs(model, lm)
+        logps, counts = response_logprobs(model, lm, stats)
         (policy_c, policy_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
         if "ref_chosen_logp" in inputs:
             ref_c, ref_r = inputs["ref_chosen_logp"], inputs["ref_rejected_logp"]
@@ -145,11 +147,18 @@ class DPOTrainer(PairTrainer):
         return losses, chosen, rejected, logps.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        losses, chosen, rejected, logps = self._losses(model, inputs)
-        if model.training:  # as TRL: the rewards, and the policy's summed log-probs of each side
+        stats = {} if model.training else None
+        losses, chosen, rejected, logps = self._losses(model, inputs, stats)
+        if model.training:  # as TRL: the rewards, the policy's summed log-probs of each side and its token stats
             self.log_rewards(chosen, rejected)
             self.log_stat("logps/chosen", logps.chunk(2)[0].mean().item())
             self.log_stat("logps/rejected", logps.chunk(2)[1].mean().item())
+            n = len(chosen)
+            sides = [token_means(stats, inputs["labels"], rows) for rows in (slice(0, n), slice(n, None))]
+            self.log_stat("logits/chosen", sides[0]["mean_logits"])
+            self.log_stat("logits/rejected", sides[1]["mean_logits"])
+            self.log_stat("entropy", token_means(stats, inputs["labels"])["entropy"])
+            self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
         loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 

@@ -38,7 +38,7 @@ from ..data.sample import unpaired_examples
 from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
-from .logprobs import reference_logprobs, sequence_logprobs
+from .logprobs import reference_logprobs, sequence_logprobs, token_means
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -127,17 +127,18 @@ class KTOCollator:
 
 
 class KTOTrainer(DeltaTrainer):
-    """DeltaTrainer with the KTO loss against the adapter-disabled base. Logs ``kl`` (z0), the mean rewards and
-    policy log-probs of each label and their margin, as TRL names them (``rewards/chosen``: the desirable rows);
+    """DeltaTrainer with the KTO loss against the adapter-disabled base. Logs ``kl`` (z0), the mean rewards,
+    policy log-probs and logits (over the vocabulary and the completion tokens) of each label, their reward margin
+    and the completions' ``entropy``, as TRL names them (``rewards/chosen``: the desirable rows);
     eval predictions are (B, 2) [reward, desirable]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
 
-    def _losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _losses(self, model, inputs, stats: dict | None = None) -> tuple[torch.Tensor, ...]:
         lm = {k: inputs[k] for k in _LM_KEYS}
-        policy, policy_kl = sequence_logprobs(model, lm).chunk(2)
+        policy, policy_kl = sequence_logprobs(model, lm, stats).chunk(2)
         ref, ref_kl = reference_logprobs(model, self._delta_model(), lm).chunk(2)
         gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
         kl = kl_reference_point(policy_kl, ref_kl, gather)
@@ -147,14 +148,19 @@ class KTOTrainer(DeltaTrainer):
         return losses, rewards, kl, policy.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        losses, rewards, kl, policy = self._losses(model, inputs)
+        stats = {} if model.training else None
+        losses, rewards, kl, policy = self._losses(model, inputs, stats)
         good = inputs["desirable"].bool()
         if model.training:  # TRL's names: chosen the desirable rows, rejected the undesirable
             self.log_stat("kl", kl.item())
+            n, labels = len(good), inputs["labels"]
+            stats = {k: v[:n] for k, v in stats.items()}  # (the rows, not their mismatched pairs)
+            self.log_stat("entropy", token_means(stats, labels[:n])["entropy"])
             for side, rows in (("chosen", good), ("rejected", ~good)):
                 if rows.any():
                     self.log_stat(f"rewards/{side}", rewards[rows].mean().item())
                     self.log_stat(f"logps/{side}", policy[rows].mean().item())
+                    self.log_stat(f"logits/{side}", token_means(stats, labels[:n], rows)["mean_logits"])
             if good.any() and (~good).any():
                 self.log_stat("rewards/margins", (rewards[good].mean() - rewards[~good].mean()).item())
         loss = losses.mean()

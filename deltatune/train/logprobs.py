@@ -24,20 +24,29 @@ def _chunks(logits: torch.Tensor, rows: int) -> list[tuple[int, slice]]:
 
 
 class _PickedLogprobs(torch.autograd.Function):
-    """out[b, t] = log_softmax(logits[b, t])[targets[b, t]] in fp32, for t < T - 1 (targets: (B, T - 1), >= 0)."""
+    """out[b, t] = log_softmax(logits[b, t])[targets[b, t]] in fp32, for t < T - 1 (targets: (B, T - 1), >= 0).
+    ``stats``, a dict or None: filled with (B, T - 1) ``mean_logits`` (over the vocabulary), ``entropy`` and
+    ``top1`` (the target is the argmax), from each chunk's log-softmax while it is at hand (no gradient)."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
         rows = targets.shape[1]
         out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        if stats is not None:
+            stats.update({k: torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+                          for k in ("mean_logits", "entropy", "top1")})  # fmt: skip
         for b, s in _chunks(logits, rows):
             logp = torch.log_softmax(logits[b, s], dim=-1, dtype=torch.float32)  # (c, V)
             out[b, s] = logp.gather(-1, targets[b, s].unsqueeze(-1)).squeeze(-1)
+            if stats is not None:
+                stats["mean_logits"][b, s] = logits[b, s].float().mean(-1)
+                stats["entropy"][b, s] = -(logp.exp() * logp).sum(-1)
+                stats["top1"][b, s] = (logits[b, s].argmax(-1) == targets[b, s]).float()
         ctx.save_for_backward(logits, targets)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, targets = ctx.saved_tensors
         rows = targets.shape[1]
         grad = torch.empty_like(logits)
@@ -47,36 +56,52 @@ class _PickedLogprobs(torch.autograd.Function):
             g = g_all[b, s].unsqueeze(-1)  # (c, 1)
             d = torch.log_softmax(logits[b, s], dim=-1, dtype=torch.float32).exp_().mul_(-g)  # -g * softmax
             grad[b, s] = d.scatter_add_(-1, targets[b, s].unsqueeze(-1), g)  # + g * onehot(target)
-        return grad, None
+        return grad, None, None
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
     """log p(labels[t] | tokens < t) per position, 0 where the label is -100.
 
     Args:
         logits: (B, T, V) logits of a causal LM over the sequence, in any float dtype (computed in fp32).
         labels: (B, T) token ids, -100 where nothing is scored.
+        stats: a dict to fill with (B, T - 1) ``mean_logits``, ``entropy`` and ``top1`` per position, for the
+            ``token_means`` of TRL's logged metrics; None: none are computed.
 
     Returns:
         (B, T - 1) fp32: position t holds the log-prob of ``labels[:, t + 1]``.
     """
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    return _PickedLogprobs.apply(logits, labels.clamp(min=0)) * mask
+    return _PickedLogprobs.apply(logits, labels.clamp(min=0), stats) * mask
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-probs of each sequence's label tokens: (B,). ``batch`` holds input_ids, attention_mask, labels."""
+def token_means(stats: dict, labels: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> dict[str, float]:
+    """The ``stats`` of ``token_logprobs`` averaged over the label tokens of ``rows`` (all of them pooled, as TRL
+    pools its ``logits/*``, ``entropy`` and ``mean_token_accuracy``); 0.0 where the rows have no label token."""
+    mask = (labels[:, 1:] != IGNORE_INDEX)[rows].float()
+    n = mask.sum().item()
+    return {k: (v[rows] * mask).sum().item() / n if n else 0.0 for k, v in stats.items()}
+
+
+def sequence_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None
+) -> torch.Tensor:
+    """Summed log-probs of each sequence's label tokens: (B,). ``batch`` holds input_ids, attention_mask, labels;
+    ``stats``: see ``token_logprobs``."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_logprobs(logits, batch["labels"]).sum(-1)
+    return token_logprobs(logits, batch["labels"], stats).sum(-1)
 
 
-def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs (B,), number of label tokens (B,)) of each sequence: the average log-prob of a response
-    (ORPO, SimPO) is their ratio. ``batch`` holds input_ids, attention_mask, labels."""
+    (ORPO, SimPO) is their ratio. ``batch`` holds input_ids, attention_mask, labels; ``stats``: see
+    ``token_logprobs``."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-    return token_logprobs(logits, batch["labels"]).sum(-1), counts
+    return token_logprobs(logits, batch["labels"], stats).sum(-1), counts
 
 
 @torch.no_grad()

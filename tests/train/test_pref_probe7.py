@@ -12,11 +12,14 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
-from tiny import save_tiny
-from transformers import AutoModelForCausalLM
+from tiny import save_tiny, tiny_config, word_tokenizer
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 import deltatune as dt
 from deltatune.train import build
+from deltatune.train.config import AlignArgs
+from deltatune.train.dpo import DPOTrainer
+from deltatune.train.kto import KTOCollator, KTOTrainer
 from deltatune.train.models import load_tokenizer
 from deltatune.train.run import _training_args
 from deltatune.train.table import prepare as _prepare
@@ -78,3 +81,85 @@ def test_kto_eval_pairs_rows_in_blocks_of_the_train_batch_as_trl(base, tmp_path,
                                                 processing_class=tok).evaluate()  # fmt: skip
     assert theirs["eval_kl"] > 0.01  # the reference point takes part
     assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], abs=2e-6)
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory) -> str:
+    """A tiny llama on the 45-word tokenizer (no chat template): its greedy answer to "w1 w2 w3" is "w18 w17 w24",
+    so a chosen response of those words has top-1 tokens (TRL's mean_token_accuracy above 0)."""
+    tok = word_tokenizer()
+    config = tiny_config("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    path = tmp_path_factory.mktemp("words") / "m"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def lightly_trained(base: str) -> dt.DeltaModel:
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+WORD_PAIRS = [{"prompt": "w1 w2 w3", "chosen": " w18 w17 w24", "rejected": " w6"},
+              {"prompt": "w7", "chosen": " w8 w9 w10", "rejected": " w11 w12"}]  # fmt: skip
+WORD_ROWS = [{"prompt": "w1 w2 w3", "completion": " w18 w17 w24", "label": True},
+             {"prompt": "w7", "completion": " w11 w12", "label": False},
+             {"prompt": "w13 w14", "completion": " w15", "label": True}]  # fmt: skip
+
+
+def trl_logged(cls, config, model, base, rows, tmp_path, **kwargs) -> tuple[dict, dict[str, float]]:
+    """TRL's trainer's batch of all ``rows`` and what it logs for it in training (its loss backed up: the metrics
+    are logged in the forward)."""
+    args = config(str(tmp_path / "trl"), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
+                  bf16=False, beta=0.3, **kwargs)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(cls)(model=model, ref_model=AutoModelForCausalLM.from_pretrained(base), args=args,
+                                      train_dataset=Dataset.from_list(rows), processing_class=word_tokenizer())  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()  # (the tiny llama and the LoRA have no dropout)
+    with torch.no_grad():
+        trainer.compute_loss(model, batch)
+    return batch, {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+
+
+def test_dpo_logs_trls_logits_entropy_and_token_accuracy(word_model, tmp_path):
+    """TRL's DPOTrainer logs logits/chosen, logits/rejected (the mean logit over the vocabulary, over each side's
+    response tokens), entropy (over both sides' tokens) and mean_token_accuracy (the chosen tokens that are the
+    argmax); deltatune logged none of them."""
+    model = lightly_trained(word_model)
+    batch, logged = trl_logged(trl.DPOTrainer, trl.DPOConfig, model, word_model, WORD_PAIRS, tmp_path)
+    assert logged["mean_token_accuracy"] > 0.2 and len(logged) == 10
+    labels = torch.where(batch["completion_mask"].bool(), batch["input_ids"], -100)
+    ours = DPOTrainer(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                      align=AlignArgs(beta=0.3))  # fmt: skip
+    with torch.no_grad():
+        ours.compute_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                  "labels": labels})  # fmt: skip
+    assert {k: ours._stats[k][0] for k in logged} == pytest.approx(logged, abs=2e-5)
+
+
+def test_kto_logs_trls_logits_and_entropy(word_model, tmp_path):
+    model = lightly_trained(word_model)
+    batch, logged = trl_logged(trl.KTOTrainer, trl.KTOConfig, model, word_model, WORD_ROWS, tmp_path)
+    assert len(logged) == 9  # kl, entropy, and logits, logps, rewards of each side, rewards/margins
+    rows = []
+    for i, label in enumerate(batch["label"].tolist()):
+        real = batch["attention_mask"][i].bool()
+        ids, completion = batch["input_ids"][i][real].tolist(), batch["completion_mask"][i][real].tolist()
+        n = completion.index(1)
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * n + ids[n:],
+                     "n_prompt": n, "desirable": bool(label)})  # fmt: skip
+    ours = KTOTrainer(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                      align=AlignArgs(beta=0.3))  # fmt: skip
+    with torch.no_grad():
+        ours.compute_loss(model, KTOCollator(word_tokenizer().pad_token_id, 64)(rows))
+    assert {k: ours._stats[k][0] for k in logged} == pytest.approx(logged, abs=2e-5)
