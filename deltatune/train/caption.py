@@ -511,20 +511,16 @@ def _trainer(processor: CaptionProcessor):
 # -- generation ---------------------------------------------------------------------------------------------------
 
 
-def _generate(
-    model: torch.nn.Module,
-    processor: CaptionProcessor | VLMProcessor,
-    images: list,
-    messages: list[Message] | None,
-    **kwargs: Any,
-) -> str:
+def _generate(model, processor: CaptionProcessor | VLMProcessor, images: list, messages: list | None, **kwargs) -> str:
     """The model's text for RGB ``images`` (and, decoder-only, the prompt ``messages``): the new tokens decoded."""
-    param = next(model.parameters())
-    tok = processor.tokenizer
+    param, tok = next(model.parameters()), processor.tokenizer
     # use_cache: a training run turned the model's cache off; without it every new token re-reads all image tokens
     kwargs = {"pad_token_id": tok.pad_token_id, "use_cache": True, **kwargs}
-    if tok.eos_token_id is not None:  # else the model's generation config's (None here would mean "never stop")
-        kwargs.setdefault("eos_token_id", tok.eos_token_id)
+    # the tokenizer's EOS and the generation config's stops (Gemma 3's <end_of_turn>, which ends its answers)
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = [s for s in dict.fromkeys([tok.eos_token_id, *(own if isinstance(own, list) else [own])]) if s is not None]
+    if stops:  # none: never stop
+        kwargs.setdefault("eos_token_id", stops if len(stops) > 1 else stops[0])
     if isinstance(processor, CaptionProcessor):
         pixels = pixel_values(processor.image_processor, images).to(param.device, param.dtype)
         if processor.bos is None:

@@ -149,3 +149,20 @@ def test_gemma3s_image_tokens_are_not_text_tokens_and_a_cut_through_them_is_refu
     start = ids.index(soft)  # a cut at the marker would leave the row the image but none of its tokens
     with pytest.raises(DataError, match=r"^c\.jsonl:1: cutting the row .* would cut an image"):
         C.encode_vlm(vlm, example, start - 1)
+
+
+def test_captions_stop_where_the_models_generation_config_stops(tmp_path):
+    """Gemma 3's answers end with <end_of_turn>, one of its generation config's stops ([<eos>, <end_of_turn>]) but
+    not its tokenizer's EOS: captions (generate --image, the eval's BLEU) stopped at the tokenizer's EOS alone and ran
+    on past the answer. Here the stops are Qwen2-VL's EOS and ',' (a token the random model says): the caption is
+    transformers' own generate on the processor's inputs, which stops where the generation config says."""
+    model, processor = qwen2_vl()
+    vlm, example = C.VLMProcessor(processor), _rows(tmp_path, [(56, 56)])[0]
+    tok, image = processor.tokenizer, example.images[0].path
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids(",")]
+    text, _, special = C.render_vlm(vlm, example.messages[:1], add_generation_prompt=True)
+    enc = processor(text=[text], images=[Image.open(image).convert("RGB")], add_special_tokens=special,
+                    return_tensors="pt")  # fmt: skip
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False)[0][enc["input_ids"].shape[1] :]
+    assert tok.convert_ids_to_tokens(out) == ["digit", "zero", ","]  # stopped at the generation config's ','
+    assert C.caption(model, vlm, image, max_new_tokens=6) == "digit zero ,"
