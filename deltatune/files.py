@@ -130,12 +130,25 @@ def match_tensors(
         )
     full_copies = {k: base_params[k] for k in tensors if k not in expected}
     for key, target in {**expected, **full_copies}.items():
-        if tuple(tensors[key].shape) != tuple(target.shape):
-            raise AdapterLoadError(
-                f"{source}: {key} has shape {tuple(tensors[key].shape)} in the file but "
-                f"{tuple(target.shape)} in this model; the adapter was made for a different base model"
+        got, want = tuple(tensors[key].shape), tuple(target.shape)
+        if got == want:
+            continue
+        rank = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}.get(_factor(key), -1)
+        if len(got) == len(want) > rank >= 0 and all(g == w for i, (g, w) in enumerate(zip(got, want)) if i != rank):
+            raise AdapterLoadError(  # only the rank differs: the config's r (or rank_pattern) is not the file's
+                f"{source}: {key} has rank {got[rank]} in the file but {want[rank]} by the config's r / rank_pattern; "
+                "the config does not belong to these tensors"
             )
+        raise AdapterLoadError(
+            f"{source}: {key} has shape {got} in the file but {want} in this model; the adapter was made for a "
+            "different base model"
+        )
     return full_copies
+
+
+def _factor(key: str) -> str:
+    """The LoRA factor a file key names (``...q_proj.lora_A.weight`` -> ``lora_A``), else ""."""
+    return next((p for p in reversed(key.split(".")) if p.startswith("lora_")), "")
 
 
 EMBEDDING_LAYERS = ("embed_tokens", "lm_head")

@@ -80,3 +80,21 @@ def test_embedding_copies_loaded_beside_a_merged_adapter_keep_its_update(tmp_pat
     ours.unmerge_adapter()
     base = tiny_model("llama").get_input_embeddings().weight
     torch.testing.assert_close(ours.get_input_embeddings().base_layer.weight, base, atol=1e-5, rtol=0)
+
+
+def test_a_config_whose_r_is_not_the_file_s_is_named_so(tmp_path):
+    """A file whose adapter_config.json says r=4 beside rank-2 tensors was blamed on "a different base model"; the
+    base fits, the config does not. (peft: a size-mismatch RuntimeError.)"""
+    import json
+
+    kw = dict(target_modules=["q_proj"], init_lora_weights=False)
+    peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, **kw)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(dt.AdapterLoadError) as err:
+        dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path}/adapter_model.safetensors: {key} has rank 2 in the file but 4 by the config's r / rank_pattern; "
+        "the config does not belong to these tensors"
+    )
