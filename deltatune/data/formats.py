@@ -129,7 +129,9 @@ def detect(row: Row, columns: dict[str, str] | None = None) -> str:
         return "prompt"
     if has["text"]:
         return "text"
-    fields = ", ".join(sorted(row.data)) or "none"
+    fields = ", ".join(sorted(k for k in row.data if _has(row, k))) or "none"
+    nulls = sorted(k for k in row.data if not _has(row, k))
+    fields += f"; null: {', '.join(nulls)}" if nulls else ""
     raise DataError(
         f"{row.source}: the row's fields ({fields}) match no known data format; formats: "
         + "; ".join(f"{k} ({v})" for k, v in FORMATS.items())

@@ -34,6 +34,8 @@ class Row:
         if value is None or not required and isinstance(value, float) and math.isnan(value):  # pandas' missing value
             if not required:
                 return None
+            if column in self.data:  # written, as null (the datasets library writes a column a row lacks so)
+                raise DataError(f"{self.source}: column {column!r} is null")
             have = ", ".join(sorted(self.data)) or "none"
             raise DataError(f"{self.source}: column {column!r} is missing (columns in this row: {have})")
         return self.data[column]

@@ -128,3 +128,18 @@ def test_the_token_that_opens_an_answer_with_the_prompts_last_space_trains_as_tr
     marked = [i for i, bit in enumerate(ref["assistant_masks"]) if bit]
     assert trained == marked
     assert tok.decode([ex["input_ids"][i] for i in trained]) == " Hello there.<|im_end|>\n Goodbye.<|im_end|>\n"
+
+
+def test_a_null_field_is_named_as_null_not_as_missing(tmp_path):
+    """Was: 'column 'output' is missing (columns in this row: instruction, output)' for a row that has it as null
+    (the datasets library writes a column a row lacks so), and a row of nulls 'match no known data format' listing
+    the null fields as its fields."""
+    from deltatune.data.load import read_rows
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"instruction": "Add 4 and 5.", "output": "9."}\n{"instruction": "Double it.", "output": null}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: column 'output' is null$"):
+        read_samples(read_rows(str(path)), stage="sft")
+    path.write_text('{"instruction": null, "output": null}\n')
+    with pytest.raises(DataError, match=rf"^{path}:1: the row's fields \(none; null: instruction, output\) match no"):
+        read_samples(read_rows(str(path)), stage="sft")
