@@ -1,7 +1,7 @@
 """Stage ``cls``: sequence classification. Rows of text (and an optional text pair) with a label; the labels are
-read from the data (or ``data.labels``); eval reports accuracy and macro-F1. The loss is the cross-entropy over the
-rows of the whole step (``TokenLossTrainer``), so an accumulated step of unequal micro-batches (an epoch's last)
-weighs every row alike."""
+read from the data (or ``data.labels``); eval reports accuracy and F1 (class 1's for two classes, else macro-F1).
+The loss is the cross-entropy over the rows of the whole step (``TokenLossTrainer``), so an accumulated step of
+unequal micro-batches (an epoch's last) weighs every row alike."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class DeltaTrainerMixin:
             and _scores_first_label(self._delta_model())
         ):
             self._loss_shifts_labels = False  # virtual tokens before the row: its first label is a target too
-        if base is not None and self.label_smoother is not None and _is_causal_lm(base()):
+        if base is not None and getattr(self, "label_smoother", None) is not None and _is_causal_lm(base()):
             # The Trainer shifts the smoothed labels only for a model whose own class name is a causal LM's (or a
             # peft model's base): a DeltaModel's loss was scored unshifted, token t against label t (5.91, not 4.91)
             self.label_smoother = functools.partial(self.label_smoother, shift_labels=True)
