@@ -178,6 +178,8 @@ def read_samples(
     first: tuple[str, str] | None = None
     for row in rows:
         fmt = data_format or detect(row, c)
+        if tags and fmt == "messages" and not data_format:  # role/content messages with tags: LLaMA-Factory's sharegpt
+            fmt = "sharegpt"
         if first is None:
             first = (fmt, row.source)
             if stage and stage in STAGE_FORMATS and fmt not in STAGE_FORMATS[stage]:

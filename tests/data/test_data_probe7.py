@@ -143,3 +143,16 @@ def test_a_null_field_is_named_as_null_not_as_missing(tmp_path):
     path.write_text('{"instruction": null, "output": null}\n')
     with pytest.raises(DataError, match=rf"^{path}:1: the row's fields \(none; null: instruction, output\) match no"):
         read_samples(read_rows(str(path)), stage="sft")
+
+
+def test_data_tags_read_a_file_of_role_content_messages_as_sharegpt_without_data_format():
+    """Was: data.tags {role_tag: role, content_tag: content, user_tag: human, assistant_tag: bot} on a messages file
+    (LLaMA-Factory's OpenAI-style sharegpt entry) detected it as messages and refused: "unknown role='human' (...;
+    data.tags renames sharegpt roles)", the tags it had been given left unread unless data.format was set too."""
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "human", "assistant_tag": "bot"}
+    rows = [Row({"messages": [{"role": "human", "content": "Hi"}, {"role": "bot", "content": "Hello."}]}, "t.jsonl:1")]
+    want = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert [s.messages for s in read_samples(rows, tags=tags, stage="sft")] == [want]
+    assert read_samples(rows, tags=tags, stage="sft") == read_samples(rows, None, "sharegpt", tags, "sft")
+    plain = [Row({"messages": want}, "t.jsonl:1")]
+    assert read_samples(plain, stage="sft")[0].format == "messages"  # without tags: as before
