@@ -231,10 +231,11 @@ def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
 
 
 def _split(
-    tensors: dict[str, torch.Tensor], prefix: str | None, base: nn.Module
+    tensors: dict[str, torch.Tensor], prefix: str | None, base: nn.Module, source: str = "the file"
 ) -> tuple[dict[str, dict[str, Any]], list[str], str]:
     """{module path: {"A", "B", "alpha"?}} from diffusers or kohya keys, the keys that name no module of ``base``,
-    and the format found ("kohya" or "diffusers")."""
+    and the format found ("kohya" or "diffusers"). Without a prefix, keys of two components that both fit ``base``
+    (``text_encoder.`` and ``text_encoder_2.``) are refused: one would overwrite the other."""
     names = {n for n, _ in base.named_modules() if n}
     flat = _TEXT_MODEL not in names  # a file's text_model. level maps onto a model without it, as diffusers does
 
@@ -263,12 +264,18 @@ def _split(
                 continue
             modules.setdefault(path, {})[_KOHYA_SUFFIXES[suffix]] = value
         return modules, unmatched, "kohya"
+    heads: dict[str, str] = {}  # component -> its first key
     for key, value in tensors.items():
         new = _new_layout(key)
         suffix = next((s for s in _DIFFUSERS_SUFFIXES if new.endswith(s)), None)
         stem = new[: -len(suffix)] if suffix else new
         if prefix is None and "." in stem and known(stem.split(".", 1)[1]):
-            stem = stem.split(".", 1)[1]  # "unet.down_blocks..." -> the path, whatever the component
+            head, stem = stem.split(".", 1)  # "unet.down_blocks..." -> the path, whatever the component
+            if heads.setdefault(head, key) and len(heads) > 1:
+                raise ConfigError(
+                    f"{source}: keys of {' and '.join(map(repr, heads))} both fit this {type(base).__name__} "
+                    f"(such as {', '.join(heads.values())}); pass prefix= to pick the component"
+                )
         elif prefix is not None and stem.startswith(prefix + "."):
             stem = stem[len(prefix) + 1 :]
         elif prefix is not None and stem.split(".", 1)[0] in _COMPONENTS:
@@ -303,7 +310,7 @@ def load_lora(
     tensors, metadata = read_lora_file(path)
     delta = model if isinstance(model, DeltaModel) else DeltaModel(model)
     base = delta.get_base_model()
-    modules, unmatched, kind = _split(tensors, prefix, base)
+    modules, unmatched, kind = _split(tensors, prefix, base, os.fspath(path))
     other = [k for k in unmatched if _NOT_LORA.search(k)]
     if other:  # the module is there; the kind of update is not a LoRA's
         raise ConfigError(

@@ -93,3 +93,25 @@ def test_a_lora_file_with_lora_biases_is_refused_as_such(tmp_path):
     diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(theirs))
     with pytest.raises(ConfigError, match=r"lora_B\.bias hold .* LoRA biases \(lora_bias\)"):
         dt.load_lora(tiny_unet(), tmp_path)
+
+
+def test_a_file_with_two_text_encoders_loras_needs_a_prefix(tmp_path):
+    """SDXL's LoRA files hold text_encoder. and text_encoder_2. keys; without a prefix both fit a CLIP text encoder
+    of the same width, and the second silently overwrote the first (the model got text_encoder_2's LoRA)."""
+    from safetensors.torch import save_file
+    from test_t2i_interop_more import tiny_clip
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for component in ("text_encoder", "text_encoder_2"):
+        key = f"{component}.encoder.layers.0.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(2, 32, generator=g)
+        tensors[f"{key}.lora_B.weight"] = torch.randn(32, 2, generator=g)
+    save_file(tensors, tmp_path / "sdxl.safetensors")
+    with pytest.raises(ConfigError, match=r"'text_encoder' and 'text_encoder_2' both fit .* pass prefix="):
+        dt.load_lora(tiny_clip(), tmp_path / "sdxl.safetensors")
+    model = dt.load_lora(tiny_clip(), tmp_path / "sdxl.safetensors", prefix="text_encoder")
+    layer = model.get_base_model().encoder.layers[0].self_attn.q_proj
+    assert torch.equal(
+        layer.lora_A["default"].weight, tensors["text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight"]
+    )
