@@ -96,6 +96,8 @@ def read_image_rows(
             raise DataError(f"{row.source}: {kind} has no image (column {image_column!r} is missing or empty)")
         if not isinstance(value, str):
             raise DataError(f"{row.source}: column {image_column!r} must be an image path, got {type(value).__name__}")
+        if "://" in value:  # else joined to the data folder and reported missing there ("data/https:/...")
+            raise DataError(f"{row.source}: image {value!r} is a URL; the vision stages read local image files")
         path = check_inside(value, root, row.source, allow_outside)
         label = row.get(label_column) if label_column else None
         text = None

@@ -166,3 +166,13 @@ def test_captions_stop_where_the_models_generation_config_stops(tmp_path):
     out = model.generate(**enc, max_new_tokens=6, do_sample=False)[0][enc["input_ids"].shape[1] :]
     assert tok.convert_ids_to_tokens(out) == ["digit", "zero", ","]  # stopped at the generation config's ','
     assert C.caption(model, vlm, image, max_new_tokens=6) == "digit zero ,"
+
+
+@pytest.mark.parametrize("text_column", [None, "text"], ids=["image_cls", "caption"])
+def test_an_image_url_is_named_as_a_url_in_one_line(text_column, tmp_path):
+    """It was joined to the data folder and reported missing there: "image '.../https:/x.org/a.png' does not exist"."""
+    from deltatune.data.images import read_image_rows
+
+    (tmp_path / "d.jsonl").write_text('{"image": "https://x.org/a.png", "label": 1, "text": "a seven"}\n')
+    with pytest.raises(DataError, match=r"/d\.jsonl:1: image 'https://x\.org/a\.png' is a URL; .*local image files$"):
+        read_image_rows(str(tmp_path / "d.jsonl"), text_column=text_column)
