@@ -503,8 +503,9 @@ def _sampling(body: dict, prompt_ids: list[int], limits: Limits, model: str, cha
     max_tokens = body.get(key)
     if max_tokens is None:
         max_tokens = min(limits.max_tokens, room, limits.default or room)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise RequestError(f"{key} must be a positive integer, got {max_tokens!r}", param=key)
+    low = 0 if not chat and body.get("echo") is True else 1  # 0: the echoed prompt alone (vLLM's, OpenAI's)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < low:
+        raise RequestError(f"{key} must be an integer of at least {low}, got {max_tokens!r}", param=key)
     if max_tokens > limits.max_tokens:
         raise RequestError(f"{key} is {max_tokens}; this server allows at most {limits.max_tokens}", param=key)
     if max_tokens > room:

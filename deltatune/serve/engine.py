@@ -312,8 +312,9 @@ class Engine:
             if r.prompt_logprobs:  # echo: each prompt token's log-probability given the tokens before it
                 x = torch.tensor([r.prompt_ids], device=device)
                 names = {"adapter_names": [_row_name(r.adapter)]} if mixed else {}
-                every = self.model(input_ids=x, attention_mask=torch.ones_like(x), **names).logits[0].float()
-                every = every[-len(r.prompt_ids) :]  # a token adapter's virtual tokens come first
+                every = self.model(input_ids=x, attention_mask=torch.ones_like(x), **names).logits[0]
+                # A token adapter's virtual tokens come first; each row goes to float32 alone (no second copy).
+                every = every[-len(r.prompt_ids) :]
                 r.logprob_rows[:0] = [(r.prompt_ids[0], None, [])] + [
                     _logprob_row(every[i], t, r.logprobs or 0) for i, t in enumerate(r.prompt_ids[1:])
                 ]
@@ -366,6 +367,10 @@ class Engine:
             r.finish_reason = "cancelled"
             self.cancelled += 1
             r.emit("", "cancelled")
+            return True
+        if r.max_tokens == 0:  # a completion's echo alone: the prompt scored, nothing generated (as vLLM)
+            r.finish_reason = "length"
+            r.emit("", "length")
             return True
         r.output_ids.append(token)
         if r.logprobs is not None and logits is not None:

@@ -220,3 +220,23 @@ def test_a_batch_of_prompts_answers_n_choices_per_prompt(served):
         assert _post(server, "/v1/completions", {**body, "prompt": bad})[1]["error"]["param"] == "prompt", bad
     refused = {**body, "prompt": "the cat", "logprobs": 1, "return_tokens_as_token_ids": True}
     assert _post(server, "/v1/completions", refused)[1]["error"]["param"] == "return_tokens_as_token_ids"
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(served):
+    """echo with max_tokens 0 (vLLM's and OpenAI's way to score a prompt, as lm-evaluation-harness does) was a 400:
+    now the prompt's text and log-probabilities, nothing generated; max_tokens 0 without echo stays a 400."""
+    engine, server, base, folders = served
+    ids = engine.tokenizer("the cat sat on")["input_ids"]
+    body = {"model": "ia3", "prompt": "the cat sat on", "max_tokens": 0, "logprobs": 1, "echo": True}
+    status, answer = _post(server, "/v1/completions", body)
+    choice = answer["choices"][0]
+    assert status == 200 and choice["text"] == "the cat sat on" and choice["finish_reason"] == "length"
+    assert answer["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    want = _log_softmax(base, folders["ia3"], ids)
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        [float(want[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4
+    )
+    status, answer = _post(server, "/v1/completions", {**body, "echo": False})
+    assert status == 400 and answer["error"]["param"] == "max_tokens"
+    status, answer = _post(server, "/v1/chat/completions", {"model": "ia3", "messages": CHAT, "max_tokens": 0})
+    assert status == 400 and answer["error"]["param"] == "max_tokens"
