@@ -270,13 +270,13 @@ class LoraLinear(_LoraBase):
         self._add_common(name, r, alpha, dropout, rslora)
         weight = self._weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)  # drawn as peft's: in fp32 on the CPU, then
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)  # moved (a bf16 draw rounds differently)
         _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
-        if dora:
+        self.lora_A[name].to(weight.device, dtype), self.lora_B[name].to(weight.device, dtype)
+        if dora:  # ||W + s B A|| in the base's dtype, as peft's
             with torch.no_grad():
-                w = weight.float() + self.delta_weight(name).float()
-                norm = row_norm(w, self._rows_dim).to(dtype)
+                norm = row_norm(weight.to(dtype) + self.delta_weight(name), self._rows_dim).to(dtype)
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
@@ -292,11 +292,10 @@ class LoraEmbedding(_LoraBase):
         self._add_common(name, r, alpha, dropout, rslora)
         weight = self._weight
         num, dim = weight.shape
-        A = torch.randn(r, num, device=weight.device, dtype=weight.dtype)
-        B = torch.randn(dim, r, device=weight.device, dtype=weight.dtype)
+        A, B = torch.randn(r, num), torch.randn(dim, r)  # as peft's: in fp32 on the CPU, then moved
         _reset(A, B, init, r, a_zero=True)
-        self.lora_embedding_A[name] = nn.Parameter(A)
-        self.lora_embedding_B[name] = nn.Parameter(B)
+        self.lora_embedding_A[name] = nn.Parameter(A.to(weight.device, weight.dtype))
+        self.lora_embedding_B[name] = nn.Parameter(B.to(weight.device, weight.dtype))
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_embedding_A[name], self.lora_embedding_B[name], merging)
@@ -321,10 +320,10 @@ class LoraConv2d(_LoraBase):
         w = base.weight
         # A sees the input exactly as the base kernel does (dilation, padding mode too), so B A merges into W.
         kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, padding_mode=base.padding_mode)
-        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, bias=False, **kw, device=w.device,
-                                      dtype=w.dtype)  # fmt: skip
-        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False, device=w.device, dtype=w.dtype)
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, bias=False, **kw)  # drawn as Linear's
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False)
         _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        self.lora_A[name].to(w.device, w.dtype), self.lora_B[name].to(w.device, w.dtype)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)  # (r, c_in, kh, kw), B 1x1

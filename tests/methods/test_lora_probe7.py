@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -162,3 +163,34 @@ def test_gradients_of_two_active_adapters_equal_peft_s(tmp_path):
     assert len(grads[0][1]) == len(grads[1][1]) == 4
     for (_, g1), (_, g2) in zip(grads[0][1], grads[1][1]):
         assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("init", [True, False])
+@pytest.mark.parametrize(
+    "family, targets, dora",
+    [
+        ("llama", ["q_proj", "v_proj", "embed_tokens"], False),
+        ("llama", ["q_proj", "v_proj"], True),
+        ("gpt2", ["c_attn"], True),
+    ],
+)
+def test_adapters_drawn_on_a_bf16_base_are_peft_s_for_the_same_seed(init, family, targets, dora):
+    """peft draws A and B in float32 and rounds them to the base's dtype; deltatune drew in bf16, where a draw just
+    under the bound came out as -bound (0.5 -> -0.5 in 3 of 12 tensors), and took DoRA's norm of W + s B A in float32
+    where peft sums it in bf16 (magnitudes a bf16 ulp off)."""
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=init, target_modules=targets, use_dora=dora)
+    weights = []
+    for lib, prefix in ((peft, "base_model.model."), (dt, "base_model.")):
+        torch.manual_seed(7)
+        model = (peft.get_peft_model if lib is peft else dt.get_delta_model)(
+            tiny_model(family).to(BF16), lib.LoraConfig(**kw)
+        )
+        if lib is dt:
+            upcast_adapters(model)  # a run's fp32 adapters, as peft's autocast_adapter_dtype
+        names = ((n.replace(prefix, "", 1).removesuffix(".weight"), p) for n, p in model.named_parameters())
+        weights.append({n: p for n, p in names if "lora_" in n})
+    theirs, ours = weights
+    assert ours.keys() == theirs.keys() and len(ours) == {"llama": 10 + 2 * dora, "gpt2": 6}[family]
+    for name, peft_s in theirs.items():
+        assert ours[name].dtype == peft_s.dtype == torch.float32
+        assert torch.equal(ours[name], peft_s), name
