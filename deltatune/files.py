@@ -122,13 +122,13 @@ def match_tensors(
             + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
             + "; was it saved with another config or for another model?"
         )
-    unexpected = [k for k in tensors if k not in expected and k not in base_params]
+    unexpected = [k for k in tensors if k not in expected and k not in base_params and not _head_echo(k, expected)]
     if unexpected:
         raise AdapterLoadError(
             f"{source}: tensor {unexpected[0]!r} does not belong to any module of this model"
             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
         )
-    full_copies = {k: base_params[k] for k in tensors if k not in expected}
+    full_copies = {k: base_params[k] for k in tensors if k not in expected and k in base_params}
     for key, target in {**expected, **full_copies}.items():
         got, want = tuple(tensors[key].shape), tuple(target.shape)
         if got == want:
@@ -144,6 +144,14 @@ def match_tensors(
             "different base model"
         )
     return full_copies
+
+
+def _head_echo(key: str, expected: dict[str, torch.Tensor]) -> bool:
+    """Whether ``key`` repeats a head copy's tensor under its wrapper's name (``embed_tokens.modules_to_save.weight``
+    for ``embed_tokens.weight``): peft's save_embedding_layers writes such keys for a head it trains in full, and its
+    loading leaves them out."""
+    head, mark, rest = key.partition(".modules_to_save.")
+    return bool(mark) and (f"{head}.{rest}" in expected or f"{head}.{rest.partition('.')[2]}" in expected)
 
 
 def _factor(key: str) -> str:
@@ -178,7 +186,7 @@ def embedding_copies(
     out: dict[str, torch.Tensor] = {}
     for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
         base = getattr(layer, "base_layer", None)  # wrapped by an adapter: its base layer (the only one if targeted)
-        module = base if isinstance(base, kinds) else None if targeted else layer
+        module = base if isinstance(base, kinds) else None if targeted else getattr(layer, "original_module", layer)
         if isinstance(module, kinds) and id(module) in paths:
             out.update({f"{paths[id(module)]}.{n}".lstrip("."): p for n, p in module.named_parameters()})
     return out

@@ -98,3 +98,36 @@ def test_a_config_whose_r_is_not_the_file_s_is_named_so(tmp_path):
         f"{tmp_path}/adapter_model.safetensors: {key} has rank 2 in the file but 4 by the config's r / rank_pattern; "
         "the config does not belong to these tensors"
     )
+
+
+def test_a_peft_file_with_resized_heads_trained_in_full_loads(tmp_path):
+    """A vocabulary resized from the base's config.json and its embeddings trained in full (modules_to_save: the
+    usual setup for new chat tokens): peft's file also holds each head under its wrapper's names
+    (``embed_tokens.modules_to_save.weight``, ``embed_tokens.original_module.weight``). deltatune refused it ("does
+    not belong to any module"); now it loads with peft's outputs, the adapter on and off, and saves those keys as peft
+    does but the repeated copy, which peft's loading leaves out too."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+
+    def base(seed: int) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(140, mean_resizing=False)
+        return model
+
+    kw = dict(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False)
+    theirs = peft.get_peft_model(base(1), peft.LoraConfig(**kw)).eval()
+    with torch.no_grad():
+        for p in (p for name, p in theirs.named_parameters() if "modules_to_save" in name):
+            p.add_(0.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    assert "base_model.model.model.embed_tokens.modules_to_save.weight" in _keys(tmp_path / "peft")
+    ours = dt.DeltaModel.from_pretrained(base(2), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=1e-6, rtol=0)
+        with ours.disable_adapter(), theirs.disable_adapter():
+            torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=1e-6, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    echo = {f"base_model.model.{h}.modules_to_save.weight" for h in ("model.embed_tokens", "lm_head")}
+    assert _keys(tmp_path / "ours") == _keys(tmp_path / "peft") - echo
