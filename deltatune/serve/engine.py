@@ -482,8 +482,8 @@ def _logprob_row(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, 
 def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0) -> dict[str, Any]:
     """``rows`` (``Request.logprob_rows``) as OpenAI's ``logprobs``: a chat choice's ``content``, or a completion's
     ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token's among them) and ``text_offset`` (from
-    ``offset``). Each token is decoded alone, as vLLM shows it."""
-    name = {t: tokenizer.decode([t]) for row in rows for t in (row[0], *(i for i, _ in row[2]))}
+    ``offset``). Each token is decoded alone, as vLLM shows it (``_token_text``)."""
+    name = {t: _token_text(tokenizer, t) for row in rows for t in (row[0], *(i for i, _ in row[2]))}
     if chat:
         item = lambda t, lp: {"token": name[t], "logprob": lp, "bytes": list(name[t].encode("utf-8"))}  # noqa: E731
         return {"content": [{**item(t, lp), "top_logprobs": [item(*a) for a in top]} for t, lp, top in rows]}
@@ -499,6 +499,14 @@ def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0) -> di
         "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def _token_text(tokenizer: Any, token: int) -> str:
+    """``token`` decoded alone, with the leading spaces a SentencePiece piece's "▁" stands for, which decode drops
+    at the start of a text ("▁the" decodes to "the"): vLLM restores them, OpenAI shows them (" the")."""
+    text, piece = tokenizer.decode([token]), tokenizer.convert_ids_to_tokens(token)
+    marks = len(piece) - len(piece.lstrip("\u2581")) if isinstance(piece, str) else 0
+    return " " * (marks - (len(text) - len(text.lstrip(" ")))) + text
 
 
 def _row_name(adapter: str) -> str:

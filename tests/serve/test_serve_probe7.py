@@ -240,3 +240,22 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(served):
     assert status == 400 and answer["error"]["param"] == "max_tokens"
     status, answer = _post(server, "/v1/chat/completions", {"model": "ia3", "messages": CHAT, "max_tokens": 0})
     assert status == 400 and answer["error"]["param"] == "max_tokens"
+
+
+def test_a_sentencepiece_tokens_leading_space_is_kept_in_its_name():
+    """decode([id]) drops the space a SentencePiece piece's "▁" stands for at the start of a text (Llama 2,
+    Mistral): " the" was named "the", so the names did not add up to the text (vLLM restores the spaces)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deltatune.serve.engine import logprobs_json
+
+    spm = Tokenizer(models.WordLevel({"\u2581the": 0, "\u2581cat": 1, "ts": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    spm.pre_tokenizer, spm.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm)
+    rows = [(0, -0.5, [(0, -0.5), (2, -1.0)]), (1, -0.25, []), (2, -2.0, [])]
+    out = logprobs_json(tok, rows, chat=False)
+    assert out["tokens"] == [" the", " cat", "ts"] and out["text_offset"] == [0, 4, 8]
+    assert out["top_logprobs"][0] == {" the": -0.5, "ts": -1.0}
+    chat = logprobs_json(tok, rows, chat=True)["content"][0]
+    assert chat["token"] == " the" and chat["bytes"] == [32, 116, 104, 101]
