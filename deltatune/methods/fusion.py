@@ -238,10 +238,19 @@ def fusion_regularization_loss(model: Any, adapter_name: str | None = None) -> t
     return loss
 
 
+def regularization_loss(model: Any) -> torch.Tensor | None:
+    """The model-level regulariser deltatune's trainers backpropagate after each optimizer step (their
+    ``Regularizer`` callback, as the adapters library's AdapterTrainerCallback does): the fusion regulariser while a
+    fusion's W_v trains, None otherwise."""
+    loss = fusion_regularization_loss(model)
+    return loss if loss.requires_grad else None
+
+
 MODEL_FUNCTIONS = {
     "add_fusion": add_fusion,
     "fusion_weights": fusion_weights,
     "fusion_regularization_loss": fusion_regularization_loss,
+    "regularization_loss": regularization_loss,
 }
 """Functions DeltaModel offers as its own methods (``model.add_fusion(...)``), found through the registry."""
 

@@ -58,34 +58,32 @@ class _AdapterTrainerCallback(TrainerCallback):
         model.fusion_regularization_loss().backward()
 
 
-def test_a_models_regulariser_trains_as_the_adapters_library_trains_its_fusion_regulariser(tmp_path):
+def test_a_fusions_regulariser_trains_as_the_adapters_library_trains_it(tmp_path):
     """The adapters library's AdapterTrainer backpropagates the fusion regulariser 0.01 ||I - W_v||^2 after each
-    optimizer step; deltatune's trainers never added it. They now train whatever the model's generic
-    ``regularization_loss()`` returns, as the AdapterTrainer does."""
+    optimizer step; deltatune's trainers never added it. They now train the model's ``regularization_loss()``
+    (fusion's, through the registry), as the AdapterTrainer does."""
     rows = [{"input_ids": [5 + i, 9, 3 * i + 4, 7], "labels": i % 2} for i in range(4)]
 
-    def fused():
+    def trained(cls, callbacks=(), fusion=True):
         torch.manual_seed(0)
         model = dt.DeltaModel(tiny_model("bert", "seq_cls"))
         for name in ("a", "b"):
             model.add_adapter(name, dt.BottleneckConfig(config="pfeiffer", reduction_factor=4, init_weights=False))
-        model.add_fusion(["a", "b"], name="f", init_weights=False)  # W_v away from I: the regulariser pulls
-        return model
-
-    def trained(cls, regularised, callbacks=()):
-        model = fused()
-        if regularised:
-            model.regularization_loss = model.fusion_regularization_loss
+        if fusion:
+            model.add_fusion(["a", "b"], name="f", init_weights=False)  # W_v away from I: the regulariser pulls
+        assert (model.regularization_loss() is not None) == fusion
         args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=0.05,
                                  report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", remove_unused_columns=False)  # fmt: skip
         cls(model=model, args=args, train_dataset=rows, callbacks=list(callbacks)).train()
-        return [p.detach().clone() for n, p in model.named_parameters() if "value" in n]
+        return [p.detach().clone() for n, p in model.named_parameters() if "value" in n or "adapter" in n]
 
-    reference = trained(Trainer, False, [_AdapterTrainerCallback()])
-    ours = trained(dt.Trainer, True)
+    reference = trained(Trainer, [_AdapterTrainerCallback()])
+    ours = trained(dt.Trainer)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, reference))
-    plain = trained(dt.Trainer, False)  # no regulariser asked for: nothing added
+    plain = trained(Trainer)  # the plain Trainer adds no regulariser: W_v ends elsewhere
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(plain, reference))
+    # without a fusion the hook answers None and the two trainers agree
+    assert all(torch.equal(a, b) for a, b in zip(trained(dt.Trainer, fusion=False), trained(Trainer, fusion=False)))
 
 
 def test_the_fused_loss_ignores_a_padded_positions_minus_inf_logit_as_transformers_loss_does():
