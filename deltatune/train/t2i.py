@@ -16,7 +16,7 @@ The loss follows the base's scheduler (none: DDPM for a UNet, flow matching for 
 - DDPM (Ho et al. 2020): noise e ~ N(0, I), a step t uniform in [0, T), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e,
   loss = mean (model(x_t, t) - target)^2, target e (epsilon) or sqrt(abar_t) e - sqrt(1 - abar_t) x0 (v_prediction).
   ``train.snr_gamma: g`` weighs each image's mean by min(SNR_t, g) / SNR_t (epsilon) or / (SNR_t + 1) (v), SNR_t =
-  abar_t / (1 - abar_t), 1 where SNR_t is 0 (min-SNR, Hang et al. 2023, as diffusers' training scripts).
+  abar_t / (1 - abar_t), at SNR_t 0 the limit, 1 (epsilon) or 0 (min-SNR, Hang et al. 2023, as diffusers' scripts).
 - Flow matching (rectified flow; Esser et al. 2024, as diffusers' Flux script, and its SD3 script under
   ``--precondition_outputs 0``: its default weighs each image by sigma^2) under a ``FlowMatchEulerDiscreteScheduler``
   with T training steps: u ~ U(0, 1) (``train.sigma_sampling: uniform``) or sigmoid(N(0, 1)) (``logit_normal``),
