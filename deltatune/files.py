@@ -222,7 +222,9 @@ def write_adapter(
         atomic_write(os.path.join(folder, name), lambda f, g=group: save_file(g, f, {"format": "pt"}))
     if not training and os.path.exists(os.path.join(folder, TRAINING_STATE)):
         os.remove(os.path.join(folder, TRAINING_STATE))
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+    # fields sorted as peft writes them, but not what they hold: rank_pattern's first matching key wins (peft sorts
+    # those too, and its file of {"v_proj": 2, "layers.*": 6} then reloads with rank 6 where it trained rank 2)
+    text = json.dumps(dict(sorted(config.to_dict().items())), indent=2)
     atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
 
 

@@ -131,3 +131,23 @@ def test_a_peft_file_with_resized_heads_trained_in_full_loads(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     echo = {f"base_model.model.{h}.modules_to_save.weight" for h in ("model.embed_tokens", "lm_head")}
     assert _keys(tmp_path / "ours") == _keys(tmp_path / "peft") - echo
+
+
+def test_rank_pattern_keeps_its_order_in_the_file(tmp_path):
+    """rank_pattern's first matching key wins; the file sorted its keys (as peft's does), so {"v_proj": 2,
+    "layers.*": 6} reloaded as rank 6 for v_proj and the adapter did not load, in deltatune or peft. Now the file
+    keeps the order (the fields are still sorted) and both reload it to the saved outputs."""
+    import json
+
+    from tiny import output_of, tiny_inputs
+
+    pattern = {"v_proj": 2, "layers.*": 6}
+    kw = dict(r=4, target_modules=["q_proj", "v_proj"], rank_pattern=pattern, init_lora_weights=False)
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**kw)).eval()
+    ours.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(saved["rank_pattern"]) == list(pattern) and list(saved) == sorted(saved)
+    x = tiny_inputs("llama")
+    for loaded in (dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path),
+                   peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)):  # fmt: skip
+        torch.testing.assert_close(output_of(loaded.eval(), x), output_of(ours, x), atol=0, rtol=0)
