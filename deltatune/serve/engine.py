@@ -545,14 +545,16 @@ def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any 
     applies it (vLLM's too): ``repetition_penalty`` always, ``top_k``, ``top_p`` and ``min_p`` when sampling.
 
     Raises:
-        FloatingPointError: sampling from logits that are not finite (NaN or inf): nothing can be drawn.
+        FloatingPointError: logits that are NaN (or inf, sampling): no token can be chosen.
     """
     penalty = _setting(r, gen, "repetition_penalty") or 1.0
     if penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor over the prompt and the answer so far
         seen = torch.tensor(list(dict.fromkeys(r.prompt_ids + r.output_ids)), device=logits.device)
         score = logits[seen]
         logits = logits.scatter(0, seen, torch.where(score < 0, score * penalty, score / penalty))
-    if g is None:
+    if g is None:  # argmax takes a NaN for the largest: a NaN row would answer its garbage as text
+        if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
+            raise FloatingPointError("its logits are NaN or inf, so no token can be chosen")
         return int(logits.argmax())
     logits = logits / r.temperature
     top_k = _setting(r, gen, "top_k")

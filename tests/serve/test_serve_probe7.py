@@ -259,3 +259,36 @@ def test_a_sentencepiece_tokens_leading_space_is_kept_in_its_name():
     assert out["top_logprobs"][0] == {" the": -0.5, "ts": -1.0}
     chat = logprobs_json(tok, rows, chat=True)["content"][0]
     assert chat["token"] == " the" and chat["bytes"] == [32, 116, 104, 101]
+
+
+def test_a_greedy_row_whose_logits_are_nan_fails_alone(served, tmp_path):
+    """A sampled NaN row fails alone with a 500 generation_failed (probe 4), but a greedy one took argmax's pick of
+    a NaN and answered 200 with three tokens of garbage; with logprobs, a bare 500 (NaN is not JSON)."""
+    from serving import Server
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+    from deltatune.serve import build_engine
+    from deltatune.serve.app import create_app
+
+    _, _, base, folders = served
+    model = dt.get_delta_model(
+        AutoModelForCausalLM.from_pretrained(base), dt.LoraConfig(r=4, target_modules=["o_proj"])
+    )
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.fill_(float("nan"))
+    model.save_pretrained(str(tmp_path / "nan"))
+    engine = build_engine(base, {"nan": str(tmp_path / "nan"), "lora": folders["lora"]}, max_wait_ms=0)
+    server = Server(create_app(engine, max_tokens=8))
+    try:
+        for extra in ({}, {"logprobs": 1}):
+            body = {"model": "nan", "prompt": "the cat", "max_tokens": 3, "temperature": 0, **extra}
+            status, answer = _post(server, "/v1/completions", body)
+            assert status == 500 and answer["error"]["code"] == "generation_failed", extra
+        status, answer = _post(server, "/v1/completions", {**body, "model": "lora"})
+        assert status == 200 and answer["usage"]["completion_tokens"] == 3
+    finally:
+        server.stop()
+        engine.close()
