@@ -321,6 +321,11 @@ def encode_vlm(
             split an image (the row named).
     """
     text, spans, special = render_vlm(processor, example.messages, train_from=example.train_from)
+    if (n := text.count(processor.image_token)) > len(example.images):  # the processor's error was a traceback
+        raise DataError(
+            f"{example.source}: {n} image markers ({processor.image_token!r}) for {len(example.images)} image(s): "
+            "a caption or message holds the marker's text"
+        )
     opened = [open_rgb(r) for r in example.images]
     kw = dict(add_special_tokens=special, return_offsets_mapping=True, return_text_replacement_offsets=True)
     enc = processor.processor(text=[text], images=[img for img, _ in opened], **kw)
@@ -344,8 +349,7 @@ def encode_vlm(
 
 
 class VLMDataset(torch.utils.data.Dataset):
-    """Encoded conversations, images decoded lazily: ``{"input_ids", "labels", "pixel_values", ...}`` (the
-    processor's image outputs, one entry per image)."""
+    """Encoded conversations, images decoded lazily: ``{"input_ids", "labels", "pixel_values", ...}``."""
 
     def __init__(self, examples: list[VLMExample], encoded: list[tuple[list[int], list[int]]], processor) -> None:
         self.examples, self.encoded, self.processor = examples, encoded, processor

@@ -9,6 +9,8 @@ data.max_length, and a cut through them was not refused."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +178,16 @@ def test_an_image_url_is_named_as_a_url_in_one_line(text_column, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"image": "https://x.org/a.png", "label": 1, "text": "a seven"}\n')
     with pytest.raises(DataError, match=r"/d\.jsonl:1: image 'https://x\.org/a\.png' is a URL; .*local image files$"):
         read_image_rows(str(tmp_path / "d.jsonl"), text_column=text_column)
+
+
+@pytest.mark.parametrize("family, marker", [("llava", "<image>"), ("qwen2_vl", "<|image_pad|>")])
+def test_a_caption_holding_the_image_marker_is_one_line(family, marker, tmp_path):
+    """The processor counted one marker more than images and stopped with its own ValueError (a traceback)."""
+    from tiny_vlm import save_vlm
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(save_vlm(tmp_path / "llava")) if family == "llava" else qwen2_vl()[1]
+    example = _rows(tmp_path, [(56, 56)])[0]
+    example.messages[1]["content"] = f"a {marker} seven"
+    with pytest.raises(DataError, match=rf"^c\.jsonl:1: 2 image markers \('{re.escape(marker)}'\) for 1 image\(s\)"):
+        C.encode_vlm(C.VLMProcessor(processor), example, 512)
