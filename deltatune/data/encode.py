@@ -25,7 +25,7 @@ from .load import DataError, Row
 from .preference import encode_lm, encode_scored
 from .sample import Message, Sample, as_written
 from .tasks import Encoded, _fit
-from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplateError, has_tool_support, render
+from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplateError, apply_chat_template, has_tool_support, render
 
 RAW = "raw"
 """No template: plain prompt and response strings, encoded as before chat templates."""
@@ -189,9 +189,21 @@ def prompt_ids(s: Sample, tokenizer, template: str | None, max_length: int) -> l
         head = bos_prefix(tokenizer)
         ids = tokenizer(as_written(s.messages[0]), add_special_tokens=False)["input_ids"]
         return head + ids[max(0, len(ids) - (max_length - len(head))) :]
-    text, _ = render(s.messages, tokenizer, template, add_generation_prompt=True, tools=s.tools)
-    ids = tokenizer(text, add_special_tokens=_add_special(template))["input_ids"]
+    ids = tokenizer(_prompt_text(s, tokenizer, template), add_special_tokens=_add_special(template))["input_ids"]
     return ids[max(0, len(ids) - max_length) :]
+
+
+def _prompt_text(s: Sample, tokenizer, template: str | None) -> str:
+    """The prompt rendered for sampling: through the generation prompt, or, where it ends with an assistant turn (a
+    prefill), continuing that turn, as TRL's ``maybe_apply_chat_template`` renders it (``continue_final_message``)."""
+    n = len(s.messages)
+    if s.messages[-1]["role"] != "assistant":
+        return render(s.messages, tokenizer, template, add_generation_prompt=True, tools=s.tools, train_from=n)[0]
+    if template is None:
+        kw = {"tools": s.tools} if s.tools else {}
+        return apply_chat_template(tokenizer, s.messages, tokenize=False, continue_final_message=True, **kw)
+    text, spans = render(s.messages, tokenizer, template, tools=s.tools, train_from=n - 1)
+    return text[: spans[-1][0]] + s.messages[-1]["content"]
 
 
 # -- what the report and ``deltatune data inspect`` show ---------------------------------------------------
@@ -213,8 +225,7 @@ def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tup
     if stage == "ppo":
         if template == RAW:
             return [("prompt", as_written(s.messages[0]), [])]
-        text, _ = render(s.messages, tokenizer, template, add_generation_prompt=True, tools=s.tools)
-        return [("prompt", text, [])]
+        return [("prompt", _prompt_text(s, tokenizer, template), [])]
     if s.text is not None:
         return [("text", s.text, [(0, len(s.text))])]
     if stage == "sft":

@@ -156,3 +156,25 @@ def test_data_tags_read_a_file_of_role_content_messages_as_sharegpt_without_data
     assert read_samples(rows, tags=tags, stage="sft") == read_samples(rows, None, "sharegpt", tags, "sft")
     plain = [Row({"messages": want}, "t.jsonl:1")]
     assert read_samples(plain, stage="sft")[0].format == "messages"  # without tags: as before
+
+
+def test_a_ppo_prompt_ending_with_an_assistant_turn_is_continued_as_trl_renders_it():
+    """Was: a prefill ('Let me think.') closed and followed by a new assistant header, so the policy sampled a second
+    answer after a finished one: '...Let me think.<|im_end|>\\n<|im_start|>assistant\\n'. TRL's
+    maybe_apply_chat_template continues the final message (continue_final_message); a built-in template as well."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    from deltatune.data.encode import prompt_ids, rendered
+
+    tok = tokenizer()
+    prompt = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Let me think."}]
+    (s,) = read_samples([Row({"prompt": prompt}, "t.jsonl:1")], stage="ppo")
+    ref = maybe_apply_chat_template({"prompt": prompt}, tok)["prompt"]
+    assert ref.endswith("<|im_start|>assistant\nLet me think.")
+    assert prompt_ids(s, tok, None, 512) == tok(ref, add_special_tokens=False)["input_ids"]
+    assert rendered(s, tok, None, "ppo") == [("prompt", ref, [])]
+    built_in = tok.decode(prompt_ids(s, tok, "chatml", 512), skip_special_tokens=True)
+    assert built_in.endswith("assistant let me think.")  # (MiniLM lowercases)
+    (q,) = read_samples([Row({"prompt": prompt[:1]}, "t.jsonl:2")], stage="ppo")  # a user turn: the header, as before
+    ref = maybe_apply_chat_template({"prompt": prompt[:1]}, tok)["prompt"]
+    assert prompt_ids(q, tok, None, 512) == tok(ref, add_special_tokens=False)["input_ids"]
