@@ -47,6 +47,9 @@ from .model import DeltaModel
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 """The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for."""
 KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te"}
+_KOHYA_HEADS = {**{k: (v,) for k, v in KOHYA_PREFIX.items()}, "text_encoder": ("lora_te", "lora_te1")}
+_KOHYA_HEADS["text_encoder_2"] = ("lora_te2",)
+"""The heads of kohya's keys that each component reads: SDXL's files name its text encoders lora_te1_, lora_te2_."""
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
 """The pipeline components whose keys a diffusers LoRA file may hold side by side."""
 _DIFFUSERS_SUFFIXES = {
@@ -246,12 +249,21 @@ def _split(
 
     modules: dict[str, dict[str, Any]] = {}
     unmatched: list[str] = []
+    fits: dict[str, str] = {}  # without a prefix: each component whose keys fit, and its first key
+
+    def fit(head: str, key: str) -> None:
+        if fits.setdefault(head, key) and len(fits) > 1:
+            raise ConfigError(
+                f"{source}: keys of {' and '.join(map(repr, fits))} both fit this {type(base).__name__} "
+                f"(such as {', '.join(fits.values())}); pass prefix= to pick the component"
+            )
+
     kohya = any(k.endswith(tuple(_KOHYA_SUFFIXES)) and k.startswith("lora_") for k in tensors)
     if kohya:
         by_flat = {n.replace(".", "_"): n for n in names}
         if flat:  # lora_te_text_model_encoder_... (transformers 4's names)
             by_flat |= {f"{_TEXT_MODEL}_{k}": n for k, n in by_flat.items()}
-        heads = [KOHYA_PREFIX.get(prefix, f"lora_{prefix}")] if prefix else list(KOHYA_PREFIX.values())
+        heads = _KOHYA_HEADS.get(prefix, (f"lora_{prefix}",)) if prefix else sum(_KOHYA_HEADS.values(), ())
         for key, value in tensors.items():
             suffix = next((s for s in _KOHYA_SUFFIXES if key.endswith(s)), None)
             stem = key[: -len(suffix)] if suffix else key
@@ -262,20 +274,17 @@ def _split(
             if path is None:
                 unmatched.append(key)
                 continue
+            if prefix is None:
+                fit(head, key)
             modules.setdefault(path, {})[_KOHYA_SUFFIXES[suffix]] = value
         return modules, unmatched, "kohya"
-    heads: dict[str, str] = {}  # component -> its first key
     for key, value in tensors.items():
         new = _new_layout(key)
         suffix = next((s for s in _DIFFUSERS_SUFFIXES if new.endswith(s)), None)
         stem = new[: -len(suffix)] if suffix else new
         if prefix is None and "." in stem and known(stem.split(".", 1)[1]):
             head, stem = stem.split(".", 1)  # "unet.down_blocks..." -> the path, whatever the component
-            if heads.setdefault(head, key) and len(heads) > 1:
-                raise ConfigError(
-                    f"{source}: keys of {' and '.join(map(repr, heads))} both fit this {type(base).__name__} "
-                    f"(such as {', '.join(heads.values())}); pass prefix= to pick the component"
-                )
+            fit(head, key)
         elif prefix is not None and stem.startswith(prefix + "."):
             stem = stem[len(prefix) + 1 :]
         elif prefix is not None and stem.split(".", 1)[0] in _COMPONENTS:

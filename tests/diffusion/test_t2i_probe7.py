@@ -115,3 +115,32 @@ def test_a_file_with_two_text_encoders_loras_needs_a_prefix(tmp_path):
     assert torch.equal(
         layer.lora_A["default"].weight, tensors["text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight"]
     )
+
+
+def test_sdxls_kohya_text_encoder_keys_load_as_diffusers_loads_them(tmp_path):
+    """SDXL's kohya files name its text encoders lora_te1_ and lora_te2_; prefix="text_encoder" (or
+    "text_encoder_2") found "no LoRA tensors in the file". Now each loads into the same outputs as diffusers'
+    StableDiffusionXLPipeline loader gives, and without a prefix the two are refused (both fit one CLIP)."""
+    from safetensors.torch import save_file
+    from test_t2i_interop_more import clip_out, tiny_clip
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for head in ("lora_te1", "lora_te2"):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            key = f"{head}_text_model_encoder_layers_0_self_attn_{proj}"
+            tensors[f"{key}.lora_down.weight"] = torch.randn(2, 32, generator=g)
+            tensors[f"{key}.lora_up.weight"] = torch.randn(32, 2, generator=g)
+            tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    file = tmp_path / "sdxl.safetensors"
+    save_file(tensors, file)
+    state, alphas = diffusers.StableDiffusionXLPipeline.lora_state_dict(str(file))
+    outputs = []
+    for prefix in ("text_encoder", "text_encoder_2"):
+        theirs = tiny_clip()
+        diffusers.StableDiffusionXLPipeline.load_lora_into_text_encoder(state, alphas, theirs, prefix=prefix)
+        outputs.append(clip_out(theirs))
+        torch.testing.assert_close(clip_out(dt.load_lora(tiny_clip(), file, prefix=prefix)), outputs[-1])
+    assert (outputs[0] - outputs[1]).abs().max() > 0.1
+    with pytest.raises(ConfigError, match=r"'lora_te1' and 'lora_te2' both fit .* pass prefix="):
+        dt.load_lora(tiny_clip(), file)
