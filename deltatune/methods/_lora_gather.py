@@ -41,7 +41,9 @@ def gathered(layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | Non
     x3 = x.reshape(rows, -1, x.shape[-1]).to(dtype)
     update = torch.bmm(torch.bmm(x3, A[index].to(dtype).transpose(1, 2)), B[index].to(dtype).transpose(1, 2))
     update = (update * scale.view(rows, 1, 1)).to(dtype)  # B A x * s in the adapter's dtype, as peft's
-    return (result.reshape(rows, -1, result.shape[-1]) + update).to(result.dtype).view(result.shape)  # rounded once
+    if layer._rounds_update():  # as each row's adapter alone (a 4-bit base's, as peft's)
+        update = update.to(result.dtype)
+    return (result.reshape(rows, -1, result.shape[-1]) + update).to(result.dtype).view(result.shape)
 
 
 def _plain(layer, names: list[str]) -> bool:

@@ -28,6 +28,7 @@ from ..layer import DeltaLayer, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from ._dora import dora, row_norm
 from ._lora_gather import gathered
+from .quant import is_quantized
 
 LOADS_ONLY = ("orthogonal", "mica", "eva")  # peft's inits that leave the base as it is: their files are plain LoRA
 
@@ -191,7 +192,12 @@ class _LoraBase(DeltaLayer):
         if name in self.lora_magnitude_vector:
             return result + dora(self, name, x_in, result)
         out = self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]
-        return result + out
+        return result + (out.to(result.dtype) if self._rounds_update() else out)
+
+    def _rounds_update(self) -> bool:
+        """Whether an update is rounded to the base output's dtype before it is added: peft's QLoRA (bitsandbytes)
+        layer does so outside autocast, its plain layers add first and round once."""
+        return is_quantized(self.base_layer) and not torch.is_autocast_enabled()
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (``row_adapters``): each adapter's update computed on its own rows only."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import tiny_inputs, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -194,3 +194,48 @@ def test_adapters_drawn_on_a_bf16_base_are_peft_s_for_the_same_seed(init, family
     for name, peft_s in theirs.items():
         assert ours[name].dtype == peft_s.dtype == torch.float32
         assert torch.equal(ours[name], peft_s), name
+
+
+def test_lora_on_a_bitsandbytes_4bit_base_computes_as_peft_s_qlora_layer(tmp_path):
+    """peft's bitsandbytes layer rounds each adapter's fp32 update to the bf16 compute dtype before adding it (outside
+    autocast); deltatune added first and rounded once (1,355 of 1,792 logits a bf16 ulp off). A mixed batch's rows
+    are each adapter's alone, on the gathered path too."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from deltatune.methods.quant import BACKENDS
+
+    if "bitsandbytes" not in BACKENDS:
+        pytest.skip("bitsandbytes does not run on this CPU")
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=BF16)
+
+    def base() -> nn.Module:
+        return AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=quant, device_map="cpu", dtype=BF16
+        )
+
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(**kw))
+    theirs.add_adapter("b", peft.LoraConfig(**{**kw, "lora_alpha": 5}))
+    theirs.save_pretrained(tmp_path / "adapters")
+    ours = dt.DeltaModel.from_pretrained(base(), tmp_path / "adapters")
+    ours.load_adapter(tmp_path / "adapters" / "b", "b")
+    assert type(ours.base_model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert all(p.dtype == torch.float32 for n, p in ours.named_parameters() if "lora_" in n)
+    inputs = tiny_inputs("llama", batch=3)
+    with torch.no_grad():
+        for active in ("default", ["default", "b"]):
+            ours.set_adapter(active)
+            theirs.base_model.set_adapter(active)
+            _equal(ours(**inputs).logits, theirs(**inputs).logits)
+        names = ["b", "__base__", "default"]
+        mixed = ours(**inputs, adapter_names=names).logits
+        for i, name in enumerate(names):
+            row = {k: v[i : i + 1] for k, v in inputs.items()}
+            if name == "__base__":
+                with theirs.disable_adapter():
+                    _equal(mixed[i : i + 1], theirs(**row).logits)
+            else:
+                theirs.base_model.set_adapter(name)
+                _equal(mixed[i : i + 1], theirs(**row).logits)
