@@ -307,12 +307,14 @@ def load_lora(
     """Load a diffusers- or kohya-format LoRA file (or folder) into ``model`` as ``adapter_name``.
 
     ``model`` is a DeltaModel or a plain denoiser / text encoder (wrapped then). ``prefix`` picks a component's
-    keys (``unet``, ``transformer``, ``text_encoder``); None takes the keys whose path fits the model. Ranks and
-    alphas are read per module (kohya's ``.alpha``; diffusers' metadata, else alpha = rank).
+    keys (``unet``, ``transformer``, ``text_encoder``, SDXL's ``text_encoder_2``: kohya's ``lora_te1_`` and
+    ``lora_te2_`` are these two); None takes the keys whose path fits the model. Ranks and alphas are read per module
+    (kohya's ``.alpha``; diffusers' metadata, else alpha = rank).
 
     Raises:
         ConfigError: the file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
-            another architecture), a module without its A or B, or nothing at all; the model is unchanged.
+            another architecture), keys of two components that both fit (without a prefix), a module without its A
+            or B, or nothing at all; the model is unchanged.
     """
     from .methods.lora import LoraConfig
 
