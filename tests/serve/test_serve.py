@@ -165,8 +165,6 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
             {"model": "lora", "prompt": "hi", "stream": True, "stream_options": {"include_usage": "y"}},
         ),
         # fields the server does not compute are refused, not ignored
-        "logprobs": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 2}),
-        "logprobs 0": (400, "unsupported", {"model": "lora", "prompt": "hi", "logprobs": 0}),  # the chosen tokens'
         "frequency_penalty": (400, "unsupported", {"model": "lora", "prompt": "hi", "frequency_penalty": 0.5}),
         # as OpenAI answers (it was accepted and ignored)
         "stream_options without stream": (
