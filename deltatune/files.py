@@ -413,9 +413,17 @@ def read_weights(
                 "only unless you pass allow_pickle=True for a file you trust"
             ) from None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True), path
-        except Exception as exc:
-            raise AdapterLoadError(f"{path} could not be read (truncated or corrupt?): {exc}") from None
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's own message runs to paragraphs: its unpickler's reason is the one line
+            found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n\n|$)", str(exc), re.S)
+            why = " ".join((found.group(1) if found else str(exc)).split())
+            raise AdapterLoadError(
+                f"{path} could not be read as tensors (truncated, corrupt or other objects): {why}"
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            what = type(tensors).__name__ if not isinstance(tensors, dict) else "dict with values other than tensors"
+            raise AdapterLoadError(f"{path} holds a {what}, not an adapter's named tensors") from None
+        return tensors, path
     from safetensors.torch import load_file
 
     try:

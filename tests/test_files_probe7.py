@@ -1,7 +1,10 @@
 """Adapter files against peft 0.21.2, seventh pass: the embedding matrices peft's save_pretrained writes beside an
-adapter (save_embedding_layers)."""
+adapter (save_embedding_layers) and the head keys it writes with them, copies loaded beside a merged adapter,
+rank_pattern's order in the file, and one-line errors for a config whose r is not the file's and for pickles."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -151,3 +154,23 @@ def test_rank_pattern_keeps_its_order_in_the_file(tmp_path):
     for loaded in (dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path),
                    peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)):  # fmt: skip
         torch.testing.assert_close(output_of(loaded.eval(), x), output_of(ours, x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"w": torch.nn.Linear(2, 2)}, r"could not be read as tensors \(.*\): Unsupported global: GLOBAL torch\.nn\.modules"
+         r"\.linear\.Linear was not an allowed global by default$"),
+        ([torch.zeros(2)], r"holds a list, not an adapter's named tensors$"),
+    ],
+)  # fmt: skip
+def test_a_pickle_that_is_no_adapter_is_one_line(tmp_path, content, message):
+    """allow_pickle=True on a .bin holding other objects gave torch's paragraphs (ANSI codes, advice to pass
+    weights_only=False, which deltatune has no way to), or a list an AttributeError from deep inside: now one line."""
+    peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(content, tmp_path / "adapter_model.bin")
+    with pytest.raises(dt.AdapterLoadError) as err:
+        dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, allow_pickle=True)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"{tmp_path}/adapter_model.bin ")
+    assert re.search(message, str(err.value))
