@@ -274,6 +274,12 @@ def _message_list(
         if raw is None and ours != "assistant":  # (null beside an assistant's tool calls is OpenAI's own shape)
             raise DataError(f"{where}.{content_key}: the {ours} message has no content (null or missing)")
         msg: Message = {"role": ours, "content": _content(raw, f"{where}.{content_key}", media)}
+        weight = m.get("weight") if ours == "assistant" and conversation else None  # OpenAI's fine-tuning format
+        if weight is not None and not (isinstance(weight, float) and math.isnan(weight)):
+            if weight not in (0, 1) or isinstance(weight, bool):
+                raise DataError(f"{where}.weight: must be 0 (the turn is not trained) or 1, got {weight!r}")
+            if weight == 0:
+                msg["weight"] = 0
         if ours == "assistant" and m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
         for key in REASONING if ours == "assistant" else ():  # a reasoning trace, for the templates that read it

@@ -131,7 +131,7 @@ def render(
         text = apply(messages, add_generation_prompt)
         spans = []
         for i, m in enumerate(messages):
-            if m["role"] != "assistant" or i < train_from:
+            if m["role"] != "assistant" or i < train_from or m.get("weight") == 0:
                 continue
             if i == 0:  # a template renders no conversation before it, so its start cannot be told
                 raise ChatTemplateError(
@@ -182,7 +182,7 @@ def render(
             text += m["content"] + eos
             if eos and suffix.startswith(eos):
                 suffix = suffix[len(eos) :]
-            if i >= train_from:
+            if i >= train_from and m.get("weight") != 0:
                 spans.append((start, len(text)))
             text += suffix
         else:

@@ -178,3 +178,18 @@ def test_a_ppo_prompt_ending_with_an_assistant_turn_is_continued_as_trl_renders_
     (q,) = read_samples([Row({"prompt": prompt[:1]}, "t.jsonl:2")], stage="ppo")  # a user turn: the header, as before
     ref = maybe_apply_chat_template({"prompt": prompt[:1]}, tok)["prompt"]
     assert prompt_ids(q, tok, None, 512) == tok(ref, add_special_tokens=False)["input_ids"]
+
+
+def test_an_assistant_turn_of_weight_0_is_not_trained_as_openais_fine_tuning_format_has_it():
+    """Was: OpenAI's chat fine-tuning rows mark the assistant turns not to learn from with "weight": 0; every turn
+    trained regardless. Now such a turn is context only (both template paths); other weights are refused."""
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bad answer.", "weight": 0},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Good answer.", "weight": 1}]  # fmt: skip
+    tok = tokenizer()
+    for template in (None, "chatml"):
+        (ex,) = encode_sft_samples(_samples([{"messages": chat}]), tok, template, 512).examples
+        trained = tok.decode([lab for lab in ex["labels"] if lab != IGNORE_INDEX])
+        assert trained.startswith("good answer.") and "bad" not in trained
+        assert "bad answer" in tok.decode(ex["input_ids"])  # still read as context
+    with pytest.raises(DataError, match=r"^t.jsonl:3: messages\[1\].weight: must be 0 \(the turn is not trained\)"):
+        _samples([{"messages": [chat[0], {**chat[1], "weight": 0.5}]}])
