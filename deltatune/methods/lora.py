@@ -245,8 +245,8 @@ class _LoraBase(DeltaLayer):
         if name in self.lora_magnitude_vector:
             factor = self.lora_magnitude_vector[name].detach() / self._dora_norm.pop(name)
             weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
-        else:
-            weight.sub_(delta)
+        else:  # the delta rounded, then subtracted: peft's unmerge (its merge adds, then rounds)
+            weight.sub_(delta.to(weight.dtype))
 
     _rows_dim = 0  # the dimension of the stored weight that indexes output features
 
