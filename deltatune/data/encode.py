@@ -202,8 +202,8 @@ def _prompt_text(s: Sample, tokenizer, template: str | None) -> str:
     if template is None:
         kw = {"tools": s.tools} if s.tools else {}
         return apply_chat_template(tokenizer, s.messages, tokenize=False, continue_final_message=True, **kw)
-    text, spans = render(s.messages, tokenizer, template, tools=s.tools, train_from=n - 1)
-    return text[: spans[-1][0]] + s.messages[-1]["content"]
+    head, _ = render(s.messages[:-1], tokenizer, template, add_generation_prompt=True, tools=s.tools, train_from=n)
+    return head + s.messages[-1]["content"]  # (a built-in template's generation prompt is its assistant prefix)
 
 
 # -- what the report and ``deltatune data inspect`` show ---------------------------------------------------
