@@ -146,22 +146,36 @@ class ConfusionTrainer(PixelTrainer):
         return metrics
 
 
+def _config(cfg: RunConfig):
+    """The model's config; None where it does not load (the model loader names the problem)."""
+    from transformers import AutoConfig
+
+    from .embedded import resolve  # models.resolve_path (models imports caption, which imports this module)
+
+    try:
+        return AutoConfig.from_pretrained(
+            resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+
+
+def heads(config) -> list[str]:
+    """The new heads, trained in full: ``classifier``, and a LeViT-with-teacher checkpoint's ``classifier_distill``
+    (AutoModelForImageClassification loads that class for it; its logits are the two heads' mean, so a head left out
+    stays frozen at its random init for the new classes). DeiT's ``cls_classifier`` and ``distillation_classifier``
+    end with ``classifier``, which PEFT's modules_to_save matches."""
+    teacher = "LevitForImageClassificationWithTeacher" in (getattr(config, "architectures", None) or [])
+    return [HEAD, "classifier_distill"] if teacher else [HEAD]
+
+
 def model_channels(cfg: RunConfig) -> int:
     """The image channels the model reads (its config's ``num_channels``, a vision tower's; 3 when unsaid).
 
     Raises:
         ConfigError: a count other than 1 (grey) or 3 (RGB).
     """
-    from transformers import AutoConfig
-
-    from .embedded import resolve  # models.resolve_path (models imports caption, which imports this module)
-
-    try:
-        config = AutoConfig.from_pretrained(
-            resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
-        )
-    except (OSError, ValueError):
-        return 3  # the model loader names the problem
+    config = _config(cfg)
     n = getattr(getattr(config, "vision_config", config), "num_channels", 3)
     if n not in (1, 3):
         raise ConfigError(
@@ -207,7 +221,7 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     if d.augment:
         notes.append(f"train-time augmentation: {', '.join(d.augment)}")
     if "modules_to_save" not in cfg.method:
-        cfg.method["modules_to_save"] = [HEAD]  # the new head trains in full, whatever the method
+        cfg.method["modules_to_save"] = heads(_config(cfg))  # the new head trains in full, whatever the method
     n, last = len(names), {"names": names}
     channels = model_channels(cfg)
     if channels == 1:

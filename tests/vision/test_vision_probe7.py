@@ -191,3 +191,39 @@ def test_a_caption_holding_the_image_marker_is_one_line(family, marker, tmp_path
     example.messages[1]["content"] = f"a {marker} seven"
     with pytest.raises(DataError, match=rf"^c\.jsonl:1: 2 image markers \('{re.escape(marker)}'\) for 1 image\(s\)"):
         C.encode_vlm(C.VLMProcessor(processor), example, 512)
+
+
+def test_a_levit_with_teacher_trains_both_heads(tmp_path, capsys):
+    """AutoModelForImageClassification loads a LeViT checkpoint saved as LevitForImageClassificationWithTeacher
+    (facebook/levit-*) as that class, whose logits are the mean of ``classifier`` and ``classifier_distill``. The stage
+    trained ``classifier`` only: the distillation head, re-initialised for the new classes, stayed random."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import LevitConfig, LevitForImageClassificationWithTeacher, ViTImageProcessorPil
+
+    from deltatune.cli import main
+
+    config = LevitConfig(image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+                         key_dim=[8, 8, 8], num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    LevitForImageClassificationWithTeacher(config).save_pretrained(tmp_path / "levit")
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "levit")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    recipe = tmp_path / "levit.yaml"
+    recipe.write_text(f"stage: image_cls\nmodel: {{name_or_path: {tmp_path / 'levit'}}}\n"
+                      "method: {name: lora, r: 2, target_modules: [linear]}\n")  # fmt: skip
+    args = ["train", str(recipe), f"data.train={tmp_path / 'data'}", "model.dtype=float32", "train.max_steps=1",
+            "train.batch_size=4", "train.report_to=[none]", f"output.dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["modules_to_save"] == [
+        "classifier",
+        "classifier_distill",
+    ]
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert saved["base_model.model.classifier_distill.linear.weight"].shape == (2, 32)
