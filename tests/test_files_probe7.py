@@ -174,3 +174,19 @@ def test_a_pickle_that_is_no_adapter_is_one_line(tmp_path, content, message):
         dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, allow_pickle=True)
     assert "\n" not in str(err.value) and str(err.value).startswith(f"{tmp_path}/adapter_model.bin ")
     assert re.search(message, str(err.value))
+
+
+@pytest.mark.parametrize("field, value", [("target_modules", [5]), ("modules_to_save", 5), ("exclude_modules", 1)])
+def test_a_module_name_field_that_is_no_string_is_named(tmp_path, field, value):
+    """adapter_config.json with a number where module names go failed deep inside the matching ("argument of type
+    'int' is not iterable", "can only concatenate str (not "int") to str"); now one line naming file and field."""
+    import json
+
+    peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(dt.ConfigError) as err:
+        dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path}/adapter_config.json: {field} must be a string or a list of strings (module names), got {value!r}"
+    )
