@@ -396,7 +396,7 @@ def _draw(args) -> int:
     model, processor = load_adapter_model(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
     model.eval()
     if args.lora or args.adapter_weight != 1.0:
-        _weighted_loras(model, *loras)
+        _weighted_loras(model, processor, *loras)
     from .train.runs import read_recipe
 
     length = int((read_recipe(args.adapter).get("data") or {}).get("max_length") or 77)  # as the captions trained
@@ -434,15 +434,14 @@ def _lora_specs(specs: list[str], weight: float) -> tuple[list[str], list[float]
     return paths, weights, weight
 
 
-def _weighted_loras(model, paths: list[str], weights: list[float], weight: float) -> None:
+def _weighted_loras(model, processor, paths: list[str], weights: list[float], weight: float) -> None:
     """``--lora PATH[:WEIGHT]`` LoRAs loaded beside the run's and all active at once, weighted (``--adapter-weight``
-    for the run's own), as diffusers' ``set_adapters``."""
-    from .diffusion import load_loras, set_adapters
+    for the run's own), as diffusers' ``load_lora_weights`` and ``set_adapters``: text-encoder keys on its encoder."""
+    from .diffusion import load_pipeline_loras
+    from .train.t2i import DENOISERS
 
-    names = [f"lora_{i}" for i in range(len(paths))]
-    if paths:
-        load_loras(model, paths, weights, names)
-    set_adapters(model, ["default", *names], [weight, *weights])
+    prefix = DENOISERS[processor.denoiser_class]
+    processor.text_encoder = load_pipeline_loras(model, processor.text_encoder, prefix, paths, weights, weight)
 
 
 def _caption(args, sampling: dict) -> int:

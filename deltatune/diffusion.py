@@ -515,3 +515,52 @@ def load_loras(
             delta.delete_adapter(name)
         raise
     return delta
+
+
+def load_pipeline_loras(
+    model: DeltaModel,
+    text_encoder: nn.Module,
+    prefix: str,
+    paths: list[str],
+    weights: list[float],
+    weight: float = 1.0,
+) -> nn.Module:
+    """``generate --lora``: LoRAs loaded beside a run's own (``default``) as diffusers' ``load_lora_weights`` loads
+    them into a pipeline: a file's denoiser keys (``prefix``: ``unet`` or ``transformer``) onto ``model``, its text
+    encoder keys (kohya's ``lora_te_``, diffusers' ``text_encoder.``) onto ``text_encoder``; every LoRA active at once,
+    weighted as ``set_adapters`` (``weight`` for the run's own) on both. Returns the text encoder (a DeltaModel when
+    it holds a LoRA). On an error neither model keeps any of them.
+
+    Raises:
+        ConfigError: what ``load_loras``, ``load_lora`` and ``set_adapters`` refuse.
+    """
+    names = [f"lora_{i}" for i in range(len(paths))]
+    parts = [_encoder_parts(p) for p in paths]  # SDXL's second encoder's part is left out: the stage has one
+    on_encoder = [i for i, found in enumerate(parts) if "text_encoder" in found]
+    encoder = text_encoder
+    try:
+        for i, path in enumerate(paths):  # a file with text-encoder keys names its denoiser's part by prefix
+            load_loras(model, [path], [weights[i]], [names[i]], prefix if parts[i] else None)
+        for i in on_encoder:
+            encoder = load_lora(encoder, paths[i], names[i], "text_encoder")
+        set_adapters(model, ["default", *names], [weight, *weights])
+        if on_encoder:
+            own = ["default"] if "default" in encoder.peft_config else []
+            chosen = [weights[i] for i in on_encoder]
+            set_adapters(encoder, own + [names[i] for i in on_encoder], [weight] * len(own) + chosen)
+    except BaseException:
+        for name in names:
+            for delta in (model, encoder):
+                if isinstance(delta, DeltaModel) and name in delta.peft_config:
+                    delta.delete_adapter(name)
+        raise
+    return encoder
+
+
+def _encoder_parts(path: str) -> set[str]:
+    """The text encoders a LoRA file (not a deltatune/PEFT adapter folder) holds keys for."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return set()
+    heads = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "text_encoder.": "text_encoder"}
+    heads |= {"lora_te2_": "text_encoder_2", "text_encoder_2.": "text_encoder_2"}
+    return {part for k in read_lora_file(path)[0] for h, part in heads.items() if k.startswith(h)}

@@ -202,6 +202,43 @@ def test_generate_draws_with_several_loras_weighted(runs, tmp_path, capsys):
         assert words in err and "\n" not in err, err
 
 
+def test_generate_loads_a_files_text_encoder_part_as_diffusers_pipeline_does(runs, tmp_path):
+    """``--lora FILE`` whose file holds denoiser and text-encoder keys (diffusers' ``unet.`` and ``text_encoder.``, a
+    kohya file's ``lora_unet_`` and ``lora_te_``, as most community SD LoRAs): both parts load, each on its model, as
+    ``pipe.load_lora_weights`` loads them, weighted on both; it was refused as 'keys that name no module'."""
+    import numpy as np
+    from PIL import Image
+
+    import deltatune as dt
+    from deltatune.diffusion import load_lora, set_adapters
+    from deltatune.train.run import load_adapter_model
+
+    torch.manual_seed(6)
+    _, fresh = load_adapter_model(str(runs["lora"]))
+    unet = dt.get_delta_model(
+        t2i.load_denoiser(str(runs["base"])), dt.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False)
+    )
+    encoder = dt.get_delta_model(
+        fresh.text_encoder, dt.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False)
+    )
+    dt.save_diffusers_lora(unet, tmp_path / "both", text_encoder=encoder)
+    out, prompt = tmp_path / "both.png", "a handwritten digit seven"
+    assert main(["generate", "--adapter", str(runs["lora"]), "--prompt", prompt, "--out", str(out), "--steps", "3",
+                 "--seed", "1", "--adapter-weight", "0.7", "--lora", f"{tmp_path / 'both'}:0.4"]) == 0  # fmt: skip
+    delta, processor = load_adapter_model(str(runs["lora"]))
+    load_lora(delta.eval(), tmp_path / "both", "style", prefix="unet")
+    set_adapters(delta, ["default", "style"], [0.7, 0.4])
+    drawn = {}
+    for part in ("unet only", "both"):
+        if part == "both":
+            processor.text_encoder = load_lora(processor.text_encoder, tmp_path / "both", "style", "text_encoder")
+            set_adapters(processor.text_encoder, ["style"], [0.4])
+        image = t2i.sample(delta, processor, [prompt], steps=3, seed=1, max_length=16)[0, 0]
+        drawn[part] = (image * 255).round().to(torch.uint8).numpy().astype(int)
+    image = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(image - drawn["both"]).max() <= 1 and np.abs(image - drawn["unet only"]).max() > 1
+
+
 def test_a_caption_over_the_text_encoders_context_is_cut_and_counted(pipeline, data, tmp_path, capsys):
     """The tiny BERT reads 64 positions: with data.max_length=512 a longer caption is cut to 64 tokens (not passed on
     to fail in its position embeddings) and counted in the report, or refused in one line. The text encoder's LoRA
