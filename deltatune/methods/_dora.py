@@ -48,8 +48,9 @@ def dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Tensor) 
     (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x."""
     A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     weight = layer._weight.to(A.dtype)
-    with torch.no_grad():
-        norm = row_norm(weight + layer.delta_weight(name).to(A.dtype), layer._rows_dim)
+    with torch.no_grad():  # B A (bf16 under autocast) cast to A's dtype, then scaled: peft's order
+        lora_weight = (B @ A).to(A.dtype)
+        norm = row_norm(weight + s * (lora_weight.T if layer.fan_in_fan_out else lora_weight), layer._rows_dim)
     scale = layer.lora_magnitude_vector[name] / norm  # (d_out,)
     if isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training:
         bias = getattr(layer.base_layer, "bias", None)

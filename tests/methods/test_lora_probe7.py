@@ -63,18 +63,18 @@ def _inputs(kind: str, rows: int = 4) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(BF16)
 
 
-def _pair(kind: str, tmp_path, upcast: bool = True, dora: bool = False, ranks=(4, 2)):
+def _pair(kind: str, tmp_path, upcast: bool = True, dora: bool = False, ranks=(4, 2), base_dtype=BF16):
     """peft's model and deltatune's on the same bf16 base, each with adapters "default" and "b" (peft's weights)."""
     kw = dict(target_modules=["layer"], init_lora_weights=False, use_dora=dora, fan_in_fan_out=kind == "conv1d")
     theirs = peft.get_peft_model(
-        Net(kind).to(BF16), peft.LoraConfig(r=ranks[0], lora_alpha=8, **kw), autocast_adapter_dtype=upcast
+        Net(kind).to(base_dtype), peft.LoraConfig(r=ranks[0], lora_alpha=8, **kw), autocast_adapter_dtype=upcast
     )
     torch.manual_seed(1)
     theirs.add_adapter(
         "b", peft.LoraConfig(r=ranks[1], lora_alpha=5, use_rslora=True, **kw), autocast_adapter_dtype=upcast
     )
     theirs.save_pretrained(tmp_path)
-    ours = dt.DeltaModel.from_pretrained(Net(kind).to(BF16), tmp_path)
+    ours = dt.DeltaModel.from_pretrained(Net(kind).to(base_dtype), tmp_path)
     ours.load_adapter(tmp_path / "b", "b")
     if upcast and upcast_adapters(ours):  # the files' float32 values, not their bf16 roundings
         ours.load_adapter_weights(tmp_path, "default")
@@ -257,3 +257,27 @@ def test_merge_then_unmerge_leaves_peft_s_weights(kind, tmp_path):
         theirs.unmerge_adapter()
         _equal(ours.base_model.layer.base_layer.weight, theirs.base_model.model.layer.base_layer.weight)
         _equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dora_under_bf16_autocast_computes_as_peft(kind, tmp_path):
+    """On a float32 base under bf16 autocast peft casts B A (a bf16 product) to float32 before scaling it for DoRA's
+    norm; deltatune scaled it in bf16 (norms 7e-4 off where s = 5 / sqrt(2)). Logits and gradients now peft's."""
+    ours, theirs = _pair(kind, tmp_path, dora=True, base_dtype=torch.float32)
+    x = _inputs(kind).float()
+    results = []
+    for model, setter in ((ours, ours.set_adapter), (theirs, theirs.base_model.set_adapter)):
+        setter(["default", "b"])
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        model.train()
+        with torch.autocast("cpu", dtype=BF16):
+            out = model(x)
+        (out.float() ** 2).mean().backward()
+        grads = [p.grad for n, p in sorted(model.named_parameters()) if p.grad is not None]
+        results.append((out, grads))
+    (out, grads), (peft_out, peft_grads) = results
+    _equal(out, peft_out)
+    assert len(grads) == len(peft_grads) == 6
+    for mine, peft_s in zip(grads, peft_grads):
+        assert torch.equal(mine, peft_s)
