@@ -309,12 +309,18 @@ def _is_bnb_4bit(module: nn.Module) -> bool:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is a 4-bit layer (deltatune's ``Linear4bit`` or bitsandbytes')."""
+    """Whether ``module`` is a quantised layer: 4-bit (deltatune's ``Linear4bit`` or bitsandbytes') or bitsandbytes'
+    8-bit ``Linear8bitLt`` (LoRA rounds its update to such a layer's output dtype before adding it, as peft's)."""
+    return _is_4bit_layer(module) or (type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith(
+        "bitsandbytes"))  # fmt: skip
+
+
+def _is_4bit_layer(module: nn.Module) -> bool:
     return isinstance(module, Linear4bit) or _is_bnb_4bit(module)
 
 
 def _quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    return ((n, m) for n, m in model.named_modules() if is_quantized(m))
+    return ((n, m) for n, m in model.named_modules() if _is_4bit_layer(m))
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
