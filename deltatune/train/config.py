@@ -133,33 +133,29 @@ class TrainArgs:
     )
 
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                  "aot", "aot_unpaired", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the DPO losses that read label_smoothing
 
 
 @dataclass
 class AlignArgs:
     """The alignment stages' settings (dpo, ppo, grpo, kto, orpo, simpo); other stages ignore this section."""
 
-    beta: float = _f(
-        0.1,
-        "DPO, KTO, SimPO: temperature of the implicit reward; ORPO: weight of the odds-ratio term; GRPO: KL "
-        "coefficient (0: no reference pass).",
-    )
-    loss_type: str = _f(
-        "sigmoid",
-        "DPO loss: sigmoid (Rafailov et al. 2023), ipo (Azar et al. 2023; over per-token log-ratios), hinge (SLiC), "
-        "robust (rDPO) or apo_zero (APO); each as TRL's loss_type of that name.",
-    )
+    beta: float = _f(0.1, "DPO, KTO, SimPO: temperature of the implicit reward; ORPO: weight of the odds-ratio "
+                     "term; GRPO: KL coefficient (0: no reference pass).")  # fmt: skip
+    loss_type: str | list = _f("sigmoid", "DPO loss: one of " + ", ".join(DPO_LOSS_TYPES) + ", each as TRL's "
+                               "loss_type of that name; or a list of them, summed by align.loss_weights")  # fmt: skip
+    loss_weights: list | None = _f(None, "DPO: one weight per align.loss_type in the list (default: 1 each).")
+    discopop_tau: float = _f(0.05, "DPO discopop: temperature of the mixing coefficient (TRL's discopop_tau).")
     label_smoothing: float = _f(
-        0.0, "DPO sigmoid and robust losses: assumed fraction of flipped preference labels (cDPO, rDPO), in [0, 0.5)."
+        0.0, "DPO sigmoid, robust, exo_pair, aot, aot_unpaired: assumed fraction of flipped labels, in [0, 0.5)."
     )
     precompute_ref: bool = _f(
         False, "DPO: compute the reference log-probs once before training (one pass, no reference forward per step)."
     )
-    reward_model: str | None = _f(
-        None,
-        "PPO: a reward-model run folder (stage rm), or 'module:function' scoring (prompts, responses) -> rewards.",
-    )
+    reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
+                                  "(prompts, responses) -> rewards.")  # fmt: skip
     max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")
     temperature: float = _f(1.0, "PPO, GRPO: sampling temperature of the rollouts.")
     ppo_epochs: int = _f(4, "PPO: optimisation passes over each batch of rollouts.")
@@ -195,11 +191,8 @@ class AlignArgs:
 @dataclass
 class OutputArgs:
     dir: str = _f("runs/run", "Output folder: adapter, checkpoints, metrics.json, report.md, plot.")
-    samples: int = _f(
-        0,
-        "pt, sft, dpo, kto, orpo, simpo: after training, answer the first N eval prompts (greedy) with the adapter "
-        "off and on; printed, and written to samples.json and report.md.",
-    )
+    samples: int = _f(0, "pt, sft, dpo, kto, orpo, simpo: after training, answer the first N eval prompts (greedy) "
+                      "with the adapter off and on; printed, and written to samples.json and report.md.")  # fmt: skip
     sample_tokens: int = _f(64, "Longest answer, in new tokens, of each output.samples answer.")
 
 
@@ -318,9 +311,8 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     if isinstance(method, str):
         method = {"name": method}
     if not isinstance(method, dict) or not isinstance(method.get("name", "lora"), str):
-        raise ConfigError(
-            f"method must be a method's name or a mapping with a name (name: lora, r: 8), got {method!r}"
-        )
+        raise ConfigError(f"method must be a method's name or a mapping with a name (name: lora, r: 8), "
+                          f"got {method!r}")  # fmt: skip
     method = {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in method.items()}
     cfg = RunConfig(stage=stage, method=dict(method), **sections)
     for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "eval"), ("output", "dir")):
@@ -413,10 +405,8 @@ def _validate_values(cfg: RunConfig) -> None:
         runs = ", ".join(s for s in SCHEDULERS if s not in (*NEEDS_KWARGS, *ON_EVAL))
         raise ConfigError(f"train.scheduler={t.scheduler} needs settings a recipe does not take; use one of {runs}")
     if t.scheduler in ON_EVAL and (not d.eval or cfg.stage in ("ppo", "grpo")):
-        raise ConfigError(
-            f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage the Trainer runs "
-            "(not ppo or grpo)"
-        )
+        raise ConfigError(f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage "
+                          "the Trainer runs (not ppo or grpo)")  # fmt: skip
     for key in ("logging_steps", "save_total_limit", "generation_max_new_tokens"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
@@ -469,14 +459,21 @@ def _validate_values(cfg: RunConfig) -> None:
 
 
 def _validate_align(a: AlignArgs) -> None:
-    if a.loss_type not in DPO_LOSS_TYPES:
-        raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {a.loss_type!r}")
-    if not 0.0 <= a.label_smoothing < 0.5:
-        raise ConfigError(f"align.label_smoothing must be in [0, 0.5), got {a.label_smoothing}")
-    if a.label_smoothing and a.loss_type not in ("sigmoid", "robust"):
-        raise ConfigError(f"align.label_smoothing is for the sigmoid and robust losses; align.loss_type is "
+    kinds = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
+    if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
+        raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
+                          f"{a.loss_type!r}")  # fmt: skip
+    weights = kinds if a.loss_weights is None else a.loss_weights
+    if len(weights) != len(kinds) or a.loss_weights and {type(w) for w in weights} - {int, float}:
+        raise ConfigError(f"align.loss_weights must be {len(kinds)} numbers, one per align.loss_type, got "
+                          f"{a.loss_weights!r}")  # fmt: skip
+    if not 0.0 <= a.label_smoothing < 0.5 or (a.label_smoothing == 0 and "exo_pair" in kinds):
+        raise ConfigError(f"align.label_smoothing must be in {'(' * ('exo_pair' in kinds) or '['}0, 0.5) for "
+                          f"{a.loss_type}, got {a.label_smoothing}")  # fmt: skip
+    if a.label_smoothing and not set(kinds) & set(SMOOTHED):
+        raise ConfigError(f"align.label_smoothing is for the {', '.join(SMOOTHED)} losses; align.loss_type is "
                           f"{a.loss_type}: drop one of them")  # fmt: skip
-    for key in ("temperature", "cliprange", "cliprange_value", "target_kl"):
+    for key in ("temperature", "cliprange", "cliprange_value", "target_kl", "discopop_tau"):
         if getattr(a, key) <= 0:
             raise ConfigError(f"align.{key} must be > 0, got {getattr(a, key)}")
     for key in ("max_new_tokens", "ppo_epochs", "mini_batch_size", "kl_horizon"):
@@ -500,7 +497,7 @@ READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "d
            ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma"),
            ("pt sft dpo kto orpo simpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
            ("dpo grpo kto orpo simpo", "align.beta"),
-           ("dpo", "align.loss_type align.label_smoothing align.precompute_ref"),
+           ("dpo", "align.loss_type align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref"),
            ("ppo grpo", "align.max_new_tokens align.temperature align.mini_batch_size align.cliprange"),
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
                    "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon"),
@@ -551,10 +548,8 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
     if trap:
         raise ConfigError(f"{path}:{trap}")
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: a recipe is a mapping of sections (stage, model, method, data, train, output), "
-            f"got a {type(raw).__name__}"
-        )
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (stage, model, method, data, train, output), "
+                          f"got a {type(raw).__name__}")  # fmt: skip
     return build(apply_overrides(raw, overrides or []), where=path)
 
 

@@ -12,7 +12,9 @@ With pi the policy (base + adapter) and ref the reference, and log-probs summed 
 
 where IPO's h_avg is h with each response's log-ratio divided by its token count (per-token averages: the form the
 IPO authors' results use, and TRL's; over sums the squared target would scale with response length). Every loss
-equals TRL's ``DPOTrainer`` of the same ``loss_type`` (``tests/train/test_trl_losses.py``).
+equals TRL's ``DPOTrainer`` of the same ``loss_type`` (``tests/train/test_trl_losses.py``), and so do TRL 1.16's
+others (exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_down, discopop, sft, sigmoid_norm: their
+formulas in docs/training.md) and its weighted lists of loss types (``tests/train/test_dpo_losses7.py``).
 
 The implicit rewards are beta (log pi - log ref) of each response. The reference is the same base model with the
 adapter switched off (``DeltaModel.disable_adapter``) and no dropout, so it costs no second copy of the weights; with
@@ -21,6 +23,8 @@ At initialisation (adapter = identity) pi = ref, so h = 0 and the sigmoid loss i
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -41,10 +45,12 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
+    loss_weights: Sequence[float] | None = None,
+    discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and the implicit rewards.
 
@@ -54,42 +60,73 @@ def dpo_loss(
         ref_chosen: (B,) chosen log-probs under the reference.
         ref_rejected: (B,) rejected log-probs under the reference.
         beta: the temperature of the implicit reward.
-        loss_type: "sigmoid" (DPO, with ``label_smoothing`` the cDPO variant), "ipo", "hinge", "robust" or
-            "apo_zero" (module docstring).
-        label_smoothing: assumed probability that a preference label is flipped (sigmoid and robust).
-        chosen_tokens: (B,) response token counts of the chosen responses (ipo only: it averages per token).
+        loss_type: one of ``DPO_LOSS_TYPES`` (module docstring), or a list of them: the sum of their losses
+            weighted by ``loss_weights`` (TRL's multi-loss, e.g. MPO's sigmoid, bco_pair, sft).
+        label_smoothing: assumed probability that a preference label is flipped (sigmoid, robust, exo_pair, aot,
+            aot_unpaired).
+        chosen_tokens: (B,) response token counts of the chosen responses (ipo, sigmoid_norm, sft).
         rejected_tokens: (B,) the same for the rejected responses.
+        loss_weights: one weight per loss type (default 1 each).
+        discopop_tau: the temperature of DiscoPOP's mixing coefficient.
 
     Returns:
         (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards are detached.
 
     Raises:
-        ValueError: an unknown loss_type, or ipo without the token counts.
+        ValueError: an unknown loss_type, or a per-token loss without the token counts.
     """
+    kinds = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(kinds) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(kinds):
+        raise ValueError(f"loss_weights has {len(weights)} weights for {len(kinds)} loss types")
     chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
+    losses = sum(w * _losses_of(k, *pairs, beta, label_smoothing, discopop_tau) for k, w in zip(kinds, weights))
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def _losses_of(kind, pc, pr, rc, rr, nc, nr, beta, eps, tau) -> torch.Tensor:
+    """One loss type's per-pair losses, as TRL 1.16's DPOTrainer computes them (its reverse_kl scores)."""
+    chosen, rejected = pc - rc, pr - rr
     h = chosen - rejected
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
-        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (
-            1 - 2 * label_smoothing
-        )
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    elif loss_type == "apo_zero":
-        losses = 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
-    elif loss_type == "ipo":
-        if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError("the ipo loss averages per response token: pass chosen_tokens and rejected_tokens")
-        h = (policy_chosen - ref_chosen) / chosen_tokens.clamp(min=1) - (policy_rejected - ref_rejected) / (
-            rejected_tokens.clamp(min=1)
-        )
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
-    chosen_rewards = beta * chosen.detach()
-    rejected_rewards = beta * rejected.detach()
-    return losses, chosen_rewards, rejected_rewards
+
+    def smoothed(x):  # cDPO's form (Mitchell 2023): eps of the labels flipped
+        return -(1 - eps) * F.logsigmoid(beta * x) - eps * F.logsigmoid(-beta * x)
+
+    if kind in ("ipo", "sigmoid_norm", "sft") and (nc is None or nr is None):
+        raise ValueError(f"the {kind} loss takes per-token means: pass chosen_tokens and rejected_tokens")
+    if kind == "sigmoid":
+        return smoothed(h)
+    if kind == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    if kind == "hinge":
+        return torch.relu(1 - beta * h)
+    if kind == "apo_zero":
+        return 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+    if kind == "apo_down":
+        return torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * h)
+    if kind in ("ipo", "sigmoid_norm"):
+        h_avg = chosen / nc.clamp(min=1) - rejected / nr.clamp(min=1)
+        return (h_avg - 1 / (2 * beta)) ** 2 if kind == "ipo" else -F.logsigmoid(beta * h_avg)
+    if kind == "exo_pair":  # KL(softmax(beta [hc, hr]) || [1 - eps, eps]) (Ji et al. 2024, eq. 16)
+        e, q, q_r = torch.tensor(eps, device=h.device), torch.sigmoid(beta * h), torch.sigmoid(-beta * h)
+        return q * (F.logsigmoid(beta * h) - torch.log1p(-e)) + q_r * (F.logsigmoid(-beta * h) - torch.log(e))
+    if kind == "nca_pair":
+        return -F.logsigmoid(beta * chosen) - 0.5 * F.logsigmoid(-beta * chosen) - 0.5 * F.logsigmoid(-beta * rejected)
+    if kind == "bco_pair":
+        return -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
+    if kind == "sppo_hard":  # SPPO with hard preference probabilities 1 and 0
+        return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+    if kind == "aot":  # the batch's policy margins against its reference margins, each sorted
+        return smoothed(torch.sort(pc - pr, dim=0)[0] - torch.sort(rc - rr, dim=0)[0])
+    if kind == "aot_unpaired":  # the batch's chosen log-ratios against its rejected ones, each sorted
+        return smoothed(torch.sort(chosen, dim=0)[0] - torch.sort(rejected, dim=0)[0])
+    if kind == "discopop":  # logistic and exponential losses mixed by sigmoid(beta h / tau)
+        m = torch.sigmoid(beta * h / tau)
+        return -F.logsigmoid(beta * h) * (1 - m) + torch.exp(-beta * h) * m
+    if kind == "sft":  # the chosen responses' mean token NLL over the batch, the same for every pair
+        return (-pc.sum() / nc.sum().clamp(min=1)).expand(len(pc))
+    raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {kind!r}")
 
 
 class DPOTrainer(PairTrainer):
@@ -143,7 +180,7 @@ class DPOTrainer(PairTrainer):
             ref_c, ref_r = reference_logprobs(model, self._delta_model(), lm).chunk(2)
         a = self.align
         losses, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing,
-                                            n_c, n_r)  # fmt: skip
+                                            n_c, n_r, a.loss_weights, a.discopop_tau)  # fmt: skip
         return losses, chosen, rejected, logps.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -188,7 +225,7 @@ def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
                 raise DataError(f"a {split} pair has no response token within data.max_length={d.max_length}")
     a = cfg.align
     notes.append(
-        f"DPO loss {a.loss_type} with beta={a.beta}"
+        f"DPO loss {a.loss_type if isinstance(a.loss_type, str) else ' + '.join(a.loss_type)} with beta={a.beta}"
         + (f", label_smoothing={a.label_smoothing}" if a.label_smoothing else "")
         + "; reference = the base with the adapter off"
         + (", log-probs precomputed once" if a.precompute_ref else "")
