@@ -471,8 +471,8 @@ def _validate_align(a: AlignArgs) -> None:
         raise ConfigError(f"align.label_smoothing must be in {'(' * ('exo_pair' in kinds) or '['}0, 0.5) for "
                           f"{a.loss_type}, got {a.label_smoothing}")  # fmt: skip
     if a.label_smoothing and not set(kinds) & set(SMOOTHED):
-        raise ConfigError(f"align.label_smoothing is for the {', '.join(SMOOTHED)} losses; align.loss_type is "
-                          f"{a.loss_type}: drop one of them")  # fmt: skip
+        raise ConfigError(f"align.label_smoothing is for the sigmoid and robust losses; align.loss_type is "
+                          f"{a.loss_type}: drop one of them (exo_pair, aot, aot_unpaired read it too)")  # fmt: skip
     for key in ("temperature", "cliprange", "cliprange_value", "target_kl", "discopop_tau"):
         if getattr(a, key) <= 0:
             raise ConfigError(f"align.{key} must be > 0, got {getattr(a, key)}")

@@ -108,7 +108,8 @@ def test_loss_and_gradient_equal_trl(trl_dpo, loss_type, weights, eps, tau):
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "align.loss_weights must be 2 numbers"),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, "x"]}, "align.loss_weights must be 2 numbers"),
     ({"loss_type": "exo_pair"}, "align.label_smoothing must be in (0, 0.5) for exo_pair, got 0.0"),
-    ({"loss_type": "nca_pair", "label_smoothing": 0.1}, "align.label_smoothing is for the sigmoid, robust, exo_pair"),
+    ({"loss_type": "nca_pair", "label_smoothing": 0.1}, "align.label_smoothing is for the sigmoid and robust losses; "
+     "align.loss_type is nca_pair: drop one of them (exo_pair, aot, aot_unpaired read it too)"),
     ({"loss_type": "discopop", "discopop_tau": 0}, "align.discopop_tau must be > 0, got 0"),
 ])  # fmt: skip
 def test_recipe_refusals_name_the_key(align, message):
