@@ -41,12 +41,10 @@ class ModelArgs:
     quantization: dict | None = _f(None, "Quantise the base, e.g. {bits: 4} for QLoRA (keys of deltatune.quantize).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (only for models you trust).")
-    text_encoder: str | None = _f(
-        None, "t2i: the frozen text encoder (a folder, hub id or 'minilm'); default: the base's."
-    )
-    train_text_encoder: bool = _f(
-        False, "t2i: also train a LoRA (method lora's r, lora_alpha) on the text encoder's attention projections."
-    )
+    text_encoder: str | None = _f(None, "t2i: the frozen text encoder (a folder, hub id or 'minilm'); default: "
+                                  "the base's.")  # fmt: skip
+    train_text_encoder: bool = _f(False, "t2i: also train a LoRA (method lora's r, lora_alpha) on the text "
+                                  "encoder's attention projections.")  # fmt: skip
 
 
 @dataclass
@@ -136,6 +134,8 @@ class TrainArgs:
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                   "aot", "aot_unpaired", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the DPO losses that read label_smoothing
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
 @dataclass
@@ -148,6 +148,8 @@ class AlignArgs:
                                "loss_type of that name; or a list of them, summed by align.loss_weights")  # fmt: skip
     loss_weights: list | None = _f(None, "DPO: one weight per align.loss_type in the list (default: 1 each).")
     discopop_tau: float = _f(0.05, "DPO discopop: temperature of the mixing coefficient (TRL's discopop_tau).")
+    f_divergence_type: str = _f("reverse_kl", "DPO: f-DPO's divergence, " + ", ".join(F_DIVERGENCES) + " (TRL's).")
+    f_alpha_divergence_coef: float = _f(0.5, "DPO f_divergence_type alpha_divergence: its alpha (TRL's default).")
     label_smoothing: float = _f(
         0.0, "DPO sigmoid, robust, exo_pair, aot, aot_unpaired: assumed fraction of flipped labels, in [0, 0.5)."
     )
@@ -177,10 +179,8 @@ class AlignArgs:
     scale_rewards: bool = _f(True, "GRPO: divide advantages by the group's reward std (false: Dr. GRPO).")
     loss_norm: str = _f("sequence", "GRPO: 'sequence' (each completion's token mean, then their mean) or 'token'.")
     bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
-    reward_funcs: list = _f(
-        [],
-        "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, **columns) or a rm run.",
-    )
+    reward_funcs: list = _f([], "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, "
+                            "**columns) or a rm run.")  # fmt: skip
     reward_weights: list | None = _f(None, "GRPO: the weight of each reward in the sum (default: 1 each).")
     desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable rows (lambda_D).")
     undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable rows (lambda_U).")
@@ -470,6 +470,10 @@ def _validate_align(a: AlignArgs) -> None:
     if not 0.0 <= a.label_smoothing < 0.5 or (a.label_smoothing == 0 and "exo_pair" in kinds):
         raise ConfigError(f"align.label_smoothing must be in {'(' * ('exo_pair' in kinds) or '['}0, 0.5) for "
                           f"{a.loss_type}, got {a.label_smoothing}")  # fmt: skip
+    others = set(kinds) - set(F_DIVERGENCE_LOSSES) if a.f_divergence_type != "reverse_kl" else set()
+    if a.f_divergence_type not in F_DIVERGENCES or others:
+        raise ConfigError(f"align.f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, other than reverse_kl "
+                          f"only with the {', '.join(F_DIVERGENCE_LOSSES)} losses; got {a.f_divergence_type}")  # fmt: skip
     if a.label_smoothing and not set(kinds) & set(SMOOTHED):
         raise ConfigError(f"align.label_smoothing is for the sigmoid and robust losses; align.loss_type is "
                           f"{a.loss_type}: drop one of them (exo_pair, aot, aot_unpaired read it too)")  # fmt: skip
@@ -497,7 +501,8 @@ READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "d
            ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma"),
            ("pt sft dpo kto orpo simpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
            ("dpo grpo kto orpo simpo", "align.beta"),
-           ("dpo", "align.loss_type align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref"),
+           ("dpo", "align.loss_type align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref "
+                   "align.f_divergence_type align.f_alpha_divergence_coef"),
            ("ppo grpo", "align.max_new_tokens align.temperature align.mini_batch_size align.cliprange"),
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
                    "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon"),

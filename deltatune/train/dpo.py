@@ -24,6 +24,7 @@ At initialisation (adapter = identity) pi = ref, so h = 0 and the sigmoid loss i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preference import PairCollator
-from .config import DPO_LOSS_TYPES, AlignArgs, RunConfig
+from .config import DPO_LOSS_TYPES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, AlignArgs, RunConfig
 from .logprobs import reference_logprobs, response_logprobs, sequence_logprobs, token_means
 from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
@@ -51,6 +52,8 @@ def dpo_loss(
     rejected_tokens: torch.Tensor | None = None,
     loss_weights: Sequence[float] | None = None,
     discopop_tau: float = 0.05,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and the implicit rewards.
 
@@ -68,6 +71,10 @@ def dpo_loss(
         rejected_tokens: (B,) the same for the rejected responses.
         loss_weights: one weight per loss type (default 1 each).
         discopop_tau: the temperature of DiscoPOP's mixing coefficient.
+        f_divergence: f-DPO's divergence (Wang et al. 2023, arXiv:2309.16240): reverse_kl (DPO's), forward_kl,
+            js_divergence or alpha_divergence (of ``f_alpha``); it replaces each log-ratio u by f'(exp u) in the
+            losses of ``F_DIVERGENCE_LOSSES``, as TRL's ``f_divergence_type``.
+        f_alpha: the alpha of alpha_divergence.
 
     Returns:
         (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards are detached.
@@ -80,15 +87,33 @@ def dpo_loss(
     if len(weights) != len(kinds):
         raise ValueError(f"loss_weights has {len(weights)} weights for {len(kinds)} loss types")
     chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-    pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
+    if f_divergence != "reverse_kl" and set(kinds) - set(F_DIVERGENCE_LOSSES):
+        raise ValueError(f"f_divergence {f_divergence} is for the {', '.join(F_DIVERGENCE_LOSSES)} losses only")
+    scores = _f_scores(chosen, f_divergence, f_alpha), _f_scores(rejected, f_divergence, f_alpha)
+    pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, *scores)
     losses = sum(w * _losses_of(k, *pairs, beta, label_smoothing, discopop_tau) for k, w in zip(kinds, weights))
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
-def _losses_of(kind, pc, pr, rc, rr, nc, nr, beta, eps, tau) -> torch.Tensor:
-    """One loss type's per-pair losses, as TRL 1.16's DPOTrainer computes them (its reverse_kl scores)."""
+def _f_scores(u: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """f'(exp u) of the log-ratios u, as TRL's DPOTrainer computes it (alpha's exponent clamped as there)."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return u
+    if kind == "forward_kl":
+        return 1 - torch.exp(-u)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(u)
+    if kind == "alpha_divergence":
+        clamp = {torch.float16: 11.0, torch.bfloat16: 80.0}.get(u.dtype, 80.0)
+        return (torch.exp(torch.clamp(((alpha - 1.0) * u).float(), max=clamp)) - 1.0).to(u.dtype) / (alpha - 1.0)
+    raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {kind!r}")
+
+
+def _losses_of(kind, pc, pr, rc, rr, nc, nr, sc, sr, beta, eps, tau) -> torch.Tensor:
+    """One loss type's per-pair losses, as TRL 1.16's DPOTrainer computes them; sc, sr: the f-DPO scores of the
+    chosen and rejected log-ratios (the log-ratios themselves under reverse_kl)."""
     chosen, rejected = pc - rc, pr - rr
-    h = chosen - rejected
+    h = sc - sr
 
     def smoothed(x):  # cDPO's form (Mitchell 2023): eps of the labels flipped
         return -(1 - eps) * F.logsigmoid(beta * x) - eps * F.logsigmoid(-beta * x)
@@ -104,9 +129,9 @@ def _losses_of(kind, pc, pr, rc, rr, nc, nr, beta, eps, tau) -> torch.Tensor:
     if kind == "apo_zero":
         return 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
     if kind == "apo_down":
-        return torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * h)
+        return torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected))
     if kind in ("ipo", "sigmoid_norm"):
-        h_avg = chosen / nc.clamp(min=1) - rejected / nr.clamp(min=1)
+        h_avg = sc / nc.clamp(min=1) - sr / nr.clamp(min=1)
         return (h_avg - 1 / (2 * beta)) ** 2 if kind == "ipo" else -F.logsigmoid(beta * h_avg)
     if kind == "exo_pair":  # KL(softmax(beta [hc, hr]) || [1 - eps, eps]) (Ji et al. 2024, eq. 16)
         e, q, q_r = torch.tensor(eps, device=h.device), torch.sigmoid(beta * h), torch.sigmoid(-beta * h)
@@ -180,7 +205,8 @@ class DPOTrainer(PairTrainer):
             ref_c, ref_r = reference_logprobs(model, self._delta_model(), lm).chunk(2)
         a = self.align
         losses, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing,
-                                            n_c, n_r, a.loss_weights, a.discopop_tau)  # fmt: skip
+                                            n_c, n_r, a.loss_weights, a.discopop_tau, a.f_divergence_type,
+                                            a.f_alpha_divergence_coef)  # fmt: skip
         return losses, chosen, rejected, logps.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

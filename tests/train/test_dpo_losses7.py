@@ -58,16 +58,16 @@ class Given:
         return SimpleNamespace(log_probs=self.per_token, entropy=z, mean_logits=z, is_top1=z.bool())
 
 
-def batch(seed: int):
+def batch(seed: int, dtype: torch.dtype = torch.float64, spread: float = 4.0):
     """(TRL's inputs, per-token policy log-probs (2B, T-1) as a leaf, reference sums (2B,), response token counts
-    (2B,)): prompts of 1-3 tokens, responses of 1 to the rest, chosen rows first."""
+    (2B,)): prompts of 1-3 tokens, responses of 1 to the rest, chosen rows first; log-ratios of std ``spread``."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(1, 4, (2 * B,), generator=g)
     length = torch.stack([torch.randint(1, T - int(p) + 1, (1,), generator=g)[0] for p in prompt])
     pos = torch.arange(T)
     mask = ((pos >= prompt[:, None]) & (pos < (prompt + length)[:, None])).long()
-    per_token = (-3 * torch.rand(2 * B, T - 1, generator=g, dtype=torch.float64)) * mask[:, 1:]
-    ref = per_token.sum(1) + 4 * torch.randn(2 * B, generator=g, dtype=torch.float64)
+    per_token = (-3 * torch.rand(2 * B, T - 1, generator=g, dtype=dtype)) * mask[:, 1:]
+    ref = per_token.sum(1) + spread * torch.randn(2 * B, generator=g, dtype=dtype)
     inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long), "attention_mask": torch.ones(2 * B, T).long(),
               "completion_mask": mask, "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}  # fmt: skip
     return inputs, per_token.requires_grad_(), ref, mask[:, 1:].sum(1)
@@ -85,19 +85,36 @@ CASES = [
 
 @pytest.mark.parametrize("loss_type, weights, eps, tau", CASES)
 def test_loss_and_gradient_equal_trl(trl_dpo, loss_type, weights, eps, tau):
+    check(trl_dpo, loss_type, weights, eps, tau, len(CASES) + CASES.index((loss_type, weights, eps, tau)))
+
+
+@pytest.mark.parametrize("f, alpha, dtype", [("forward_kl", 0.5, torch.float64), ("js_divergence", 0.5, torch.float64),
+                                             ("alpha_divergence", 0.3, torch.float32),  # (TRL's takes no fp64)
+                                             ("alpha_divergence", 1.0, torch.float64)])  # fmt: skip
+@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("ipo", 0.0), ("exo_pair", 0.1), ("discopop", 0.0),
+                                            (["robust", "sigmoid_norm", "hinge", "sft"], 0.2)])  # fmt: skip
+def test_f_divergences_equal_trl(trl_dpo, f, alpha, dtype, loss_type, eps):
+    check(trl_dpo, loss_type, None, eps, 0.5, 7, f, alpha, dtype, spread=1.0)  # (forward_kl's exp(-u) grows fast)
+
+
+def check(trl_dpo, loss_type, weights, eps, tau, seed, f="reverse_kl", alpha=0.5, dtype=torch.float64,
+          spread=4.0) -> None:  # fmt: skip
+    """TRL's loss and gradient against ``dpo_loss``'s on ``batch(seed)`` (to 1e-6, relative in fp32)."""
     kinds = [loss_type] if isinstance(loss_type, str) else loss_type
     trl_dpo.beta, trl_dpo.loss_types, trl_dpo.label_smoothing = BETA, kinds, eps
     trl_dpo.loss_weights, trl_dpo.args.discopop_tau = weights or [1.0] * len(kinds), tau
-    inputs, per_token, ref, counts = batch(len(CASES) + CASES.index((loss_type, weights, eps, tau)))
+    trl_dpo.f_divergence_type, trl_dpo.f_alpha_divergence_coef = f, alpha
+    inputs, per_token, ref, counts = batch(seed, dtype, spread)
     expected = trl_dpo._compute_loss(Given(per_token), inputs, False)
     (want,) = torch.autograd.grad(expected, per_token)
     policy = per_token.sum(1)
     losses, _, _ = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], BETA, loss_type, eps, counts[:B], counts[B:],
-                            weights, tau)  # fmt: skip
+                            weights, tau, f, alpha)  # fmt: skip
     (got,) = torch.autograd.grad(losses.mean(), per_token)
-    assert losses.mean().item() == pytest.approx(expected.item(), abs=1e-6)
+    rel = 1e-6 if dtype == torch.float32 else 0
+    assert torch.isfinite(expected) and losses.mean().item() == pytest.approx(expected.item(), abs=1e-6, rel=rel)
     on = inputs["completion_mask"][:, 1:].bool()  # (elsewhere the stand-in's zeros are no token's log-prob)
-    assert torch.allclose(got[on], want[on], atol=1e-6, rtol=0) and want.abs().max() > 1e-3
+    assert torch.allclose(got[on], want[on], atol=1e-6, rtol=rel) and want.abs().max() > 1e-3
     assert (counts[:B] != counts[B:]).any()  # responses of different lengths: the per-token losses see it
 
 
@@ -111,6 +128,8 @@ def test_loss_and_gradient_equal_trl(trl_dpo, loss_type, weights, eps, tau):
     ({"loss_type": "nca_pair", "label_smoothing": 0.1}, "align.label_smoothing is for the sigmoid and robust losses; "
      "align.loss_type is nca_pair: drop one of them (exo_pair, aot, aot_unpaired read it too)"),
     ({"loss_type": "discopop", "discopop_tau": 0}, "align.discopop_tau must be > 0, got 0"),
+    ({"f_divergence_type": "js"}, "align.f_divergence_type must be one of reverse_kl, forward_kl, js_divergence"),
+    ({"f_divergence_type": "forward_kl", "loss_type": ["sigmoid", "bco_pair"]}, "other than reverse_kl only with"),
 ])  # fmt: skip
 def test_recipe_refusals_name_the_key(align, message):
     raw = {"stage": "dpo", "model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}, "align": align}
