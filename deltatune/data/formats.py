@@ -336,10 +336,10 @@ def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
 
 
 def _alpaca_prompt(row: Row, c: dict[str, str]) -> list[Message]:
-    """An alpaca row's system, history and instruction (+ input after a blank line) as messages."""
+    """An alpaca row's system, history and instruction (+ input on the next line, as LLaMA-Factory joins them)."""
     instruction = row.text(_col(c, "instruction"))
     extra = row.text(_col(c, "input"), required=False)
-    prompt = "\n\n".join(part for part in (instruction, extra) if part)  # an empty instruction: the input alone
+    prompt = "\n".join(part for part in (instruction, extra) if part)  # an empty instruction: the input alone
     history = row.data.get(_col(c, "history")) or []
     messages = _system_message(row, c)
     h = _col(c, "history")

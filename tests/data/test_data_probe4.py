@@ -220,7 +220,7 @@ def test_an_alpaca_row_with_an_empty_instruction_asks_its_input_alone():
             Row({"instruction": "Translate.", "input": "cat", "output": "chat"}, "t.jsonl:2")]  # fmt: skip
     assert [s.messages[0]["content"] for s in read_samples(rows, stage="sft")] == [
         "Translate: cat",
-        "Translate.\n\ncat",
+        "Translate.\ncat",  # LLaMA-Factory's AlpacaDatasetConverter: "\n".join(query), one newline
     ]
 
 

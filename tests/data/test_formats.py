@@ -555,7 +555,7 @@ def test_alpaca_preference_rows_prompt_with_instruction_input_system_and_history
     assert s.format == "alpaca_preference"
     assert s.messages == [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Hi."},
                           {"role": "assistant", "content": "Hello."},
-                          {"role": "user", "content": "What is 2+2?\n\nShow it."}]  # fmt: skip
+                          {"role": "user", "content": "What is 2+2?\nShow it."}]  # fmt: skip
     assert s.chosen == [{"role": "assistant", "content": "The answer is 4."}]
     assert s.rejected == [{"role": "assistant", "content": "The answer is 5."}]
 

@@ -68,7 +68,7 @@ def test_alpaca_row(tok, template):
     row = Row({"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."}, "d.jsonl:1")
     messages = to_messages(row, {})
     assert messages == [
-        {"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+        {"role": "user", "content": "Add the numbers.\n2 and 3"},  # LLaMA-Factory joins them with one newline
         {"role": "assistant", "content": "The sum is 5."},
     ]
     _expect_answers(tok, messages, template)
