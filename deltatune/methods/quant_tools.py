@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, check_regex
-from ..layer import DeltaLayer, enable_checkpointing, set_submodule
+from ..layer import DeltaLayer, DequantizedLinear, enable_checkpointing, set_submodule
 from ..targets import HEAD_NAMES, matches
 from .quant import (
     _DTYPES,
@@ -22,8 +22,10 @@ from .quant import (
     QuantizationError,
     _backend,
     _is_4bit,
+    _is_4bit_layer,
     _is_bnb_4bit,
     _quantized_layers,
+    is_quantized,
     memory_footprint,
     resolve_backend,
 )
@@ -55,14 +57,11 @@ class QuantSummary:
         return self.quantized_bytes / max(self.quantized_params, 1)
 
     def __str__(self) -> str:
-        lines = [
-            f"quantised {len(self.quantized)} layers to NF4 ({self.backend}, compute "
-            f"{str(self.compute_dtype).removeprefix('torch.')}): {self.quantized_params:,d} parameters in "
-            f"{self.quantized_bytes:,d} bytes ({self.bytes_per_param:.3f} bytes/parameter)",
-            f"model: {self.bytes_before:,d} -> {self.bytes_after:,d} bytes",
-        ]
-        lines += [f"kept in full precision: {name} ({why})" for name, why in self.kept.items()]
-        return "\n".join(lines)
+        return "\n".join([f"quantised {len(self.quantized)} layers to NF4 ({self.backend}, compute "
+                          f"{str(self.compute_dtype).removeprefix('torch.')}): {self.quantized_params:,d} parameters in "
+                          f"{self.quantized_bytes:,d} bytes ({self.bytes_per_param:.3f} bytes/parameter)",
+                          f"model: {self.bytes_before:,d} -> {self.bytes_after:,d} bytes",
+                          *(f"kept in full precision: {name} ({why})" for name, why in self.kept.items())])  # fmt: skip
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:
@@ -74,14 +73,13 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
 
 
 def _check_args(bits: int, quant_type: str, double_quant: bool, backend: str) -> None:
-    if bits != 4:
-        raise ConfigError(f"bits must be 4 (NF4), got {bits!r}")
-    if quant_type != "nf4":
-        raise ConfigError(f"quant_type must be 'nf4', got {quant_type!r}")
-    if not isinstance(double_quant, bool):
-        raise ConfigError(f"double_quant must be true or false, got {double_quant!r}")
-    if backend not in ("auto", *BACKENDS):
-        raise ConfigError(f"backend must be 'auto', 'torchao' or 'bitsandbytes', got {backend!r}")
+    for bad, what in ((bits != 4, f"bits must be 4 (NF4), got {bits!r}"),
+                      (quant_type != "nf4", f"quant_type must be 'nf4', got {quant_type!r}"),
+                      (not isinstance(double_quant, bool), f"double_quant must be true or false, got {double_quant!r}"),
+                      (backend not in ("auto", *BACKENDS),
+                       f"backend must be 'auto', 'torchao' or 'bitsandbytes', got {backend!r}")):  # fmt: skip
+        if bad:
+            raise ConfigError(what)
 
 
 _SEQ2SEQ_HEADS = ("classification_head",)
@@ -193,16 +191,8 @@ def quantize(
     for name, layer in new:
         set_submodule(model, name, layer)
     footprint = memory_footprint(model)
-    return model, QuantSummary(
-        chosen,
-        dtype,
-        [n for n, _ in new],
-        kept,
-        before,
-        footprint.total_bytes,
-        footprint.quantized_params,
-        footprint.quantized_bytes,
-    )
+    after = (footprint.total_bytes, footprint.quantized_params, footprint.quantized_bytes)
+    return model, QuantSummary(chosen, dtype, [n for n, _ in new], kept, before, *after)
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -228,10 +218,8 @@ def prepare_for_kbit_training(
         QuantizationError: the model has adapters already (freezing would freeze them too).
     """
     if any(isinstance(m, DeltaLayer) for m in model.modules()) or hasattr(model, "peft_config"):
-        raise QuantizationError(
-            "prepare_for_kbit_training freezes every parameter: call it on the base model, "
-            "before adding adapters (as with PEFT)"
-        )
+        raise QuantizationError("prepare_for_kbit_training freezes every parameter: call it on the base model, "
+                                "before adding adapters (as with PEFT)")  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p):
@@ -267,14 +255,9 @@ class MergeReport:
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready values (dtype as its name, the layer lists as counts)."""
-        return {
-            "max_abs_diff": self.max_abs_diff,
-            "mean_abs_diff": self.mean_abs_diff,
-            "requantized": self.requantized,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "dequantized_layers": len(self.dequantized),
-            "quantized_layers": len(self.quantized),
-        }
+        return {"max_abs_diff": self.max_abs_diff, "mean_abs_diff": self.mean_abs_diff, "requantized": self.requantized,
+                "dtype": str(self.dtype).removeprefix("torch."), "dequantized_layers": len(self.dequantized),
+                "quantized_layers": len(self.quantized)}  # fmt: skip
 
     def __str__(self) -> str:
         what = "merged and re-quantised" if self.requantized else "merged into full precision"
@@ -305,7 +288,8 @@ def merge_quantized(
     Each 4-bit layer is dequantised to ``dtype``; LoRA updates are added to the layers they adapt (LoRA's merge
     dequantises through ``Linear4bit.dequantize``); the result is a model with no deltatune module and no 4-bit layer.
     With ``requantize`` the merged layers are quantised again with their own settings (and layers without an update
-    stay as they were), which is what PEFT's merge of a 4-bit model does.
+    stay as they were), which is what PEFT's merge of a 4-bit model does. bitsandbytes' 8-bit layers merge as PEFT's
+    (W = int8 x row scale / 127 in fp32, plus s B A; with ``requantize`` an 8-bit layer again, the same bytes).
     The report compares the logits of the adapter model and of the merged model on ``probe_inputs`` (eval mode).
 
     Args:
@@ -321,18 +305,19 @@ def merge_quantized(
 
     Raises:
         ImportError: the backend that made the 4-bit weights is not installed; the model is unchanged.
-        QuantizationError: the model has no 4-bit layer.
+        QuantizationError: the model has no 4-bit or 8-bit layer.
     """
     if not hasattr(model, "merge_and_unload") or not hasattr(model, "peft_config"):
         raise TypeError(f"merge_quantized takes a DeltaModel (with adapters), got {type(model).__name__}")
     base = model.get_base_model()  # names below are relative to it, as in the model merge_and_unload returns
     layers = list(_quantized_layers(base))
-    if not layers:
-        raise QuantizationError("the model has no 4-bit layer; use model.merge_and_unload()")
-    for backend in {getattr(m, "backend", "bitsandbytes") for _, m in layers}:
+    eight = [(n, m) for n, m in base.named_modules() if is_quantized(m) and not _is_4bit_layer(m)]  # Linear8bitLt
+    if not layers and not eight:
+        raise QuantizationError("the model has no 4-bit or 8-bit layer; use model.merge_and_unload()")
+    for backend in {getattr(m, "backend", "bitsandbytes") for _, m in layers + eight}:
         _backend(backend)  # before anything changes
-    first = next(m for _, m in layers)
-    target = _dtype(dtype) if dtype is not None else first.compute_dtype or torch.float32
+    first = layers[0][1].compute_dtype if layers else getattr(base, "dtype", None)  # an 8-bit model: its own dtype
+    target = _dtype(dtype) if dtype is not None else first or torch.float32
     was_training = model.training
     model.eval()
     active = list(model.active_adapters)
@@ -354,6 +339,10 @@ def merge_quantized(
     for name, module in layers:
         if _is_bnb_4bit(module):
             set_submodule(base, name, Linear4bit.from_bnb(module))
+    # 8-bit layers merge as peft's: W = int8 x row scale / 127 in fp32, W + s B A quantised again (with requantize)
+    plain8 = {n: _dequantize_8bit(m) for n, m in eight}
+    for name, layer in plain8.items():
+        set_submodule(base, name, layer)
     four = list(_quantized_layers(base))
     adapted = {n.removesuffix(".base_layer") for n, _ in four if n.endswith(".base_layer")}
     settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type) for n, m in four}
@@ -367,7 +356,7 @@ def merge_quantized(
     # A model transformers loaded in 4 bits forgets that it was (transformers' own call for it): its layers are
     # deltatune's or plain now, and transformers would refuse to cast it.
     quantizer = getattr(plain, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config") and not (requantize and eight):
         quantizer.remove_quantization_config(plain)
         plain.is_loaded_in_4bit = False
     if requantize:  # the layers a merge dequantised; those of adapters left unmerged are still the 4-bit originals
@@ -376,9 +365,19 @@ def merge_quantized(
         for name, layer in new:  # every layer quantised before any is swapped in
             layer.conv1d = name in conv1d
             set_submodule(plain, name, layer)
+        int8, back = (
+            _backend("bitsandbytes").nn.Int8Params,
+            {id(p): old for (_, old), p in zip(eight, plain8.values())},
+        )
+        for name, m in [(n, m) for n, m in plain.named_modules() if id(m) in back]:  # unchanged: the original back
+            if not torch.equal(m.weight, _dequantize_8bit(old := back[id(m)]).weight):  # peft's Int8Params(W + s B A)
+                w, fp16 = m.weight.data.cpu(), old.weight.has_fp16_weights
+                old.weight = int8(w, requires_grad=False, has_fp16_weights=fp16).to(old.weight.device)
+                old.state.reset_grads()
+            set_submodule(plain, name, old)
         dequantized, quantized = [], [n for n, _ in _quantized_layers(plain)]
     else:  # 4-bit layers, and those a merge dequantised (DequantizedLinear), become plain layers in ``target``
-        dequantized = sorted({n.removesuffix(".base_layer") for n in settings})
+        dequantized = sorted({n.removesuffix(".base_layer") for n in [*settings, *plain8]})
         for name, module in [(n, m) for n, m in plain.named_modules() if callable(getattr(m, "unpack", None))]:
             set_submodule(plain, name, module.unpack(target))
         plain.to(target)
@@ -389,10 +388,13 @@ def merge_quantized(
     return plain, MergeReport(diff.max().item(), diff.mean().item(), requantize, target, dequantized, quantized)
 
 
-__all__ = [
-    "MergeReport",
-    "QuantSummary",
-    "merge_quantized",
-    "prepare_for_kbit_training",
-    "quantize",
-]
+def _dequantize_8bit(module: nn.Module) -> DequantizedLinear:
+    state, weight = module.state, module.weight
+    scb = state.SCB if state.SCB is not None else weight.SCB
+    w = _backend("bitsandbytes").functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+    plain = DequantizedLinear(module.in_features, module.out_features, bias=False, device="meta")
+    plain.weight, plain.bias = nn.Parameter(w, requires_grad=False), module.bias
+    return plain
+
+
+__all__ = ["MergeReport", "QuantSummary", "merge_quantized", "prepare_for_kbit_training", "quantize"]

@@ -39,6 +39,11 @@ def _pair(tmp_path, bits: int, dtype: torch.dtype):
     return ours, theirs
 
 
+def _scb(layer) -> torch.Tensor:
+    """An 8-bit layer's row scales (bitsandbytes moves them from the weight to the layer's state on a forward)."""
+    return layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+
+
 # -- fault 1: on an 8-bit base in bf16 the fp32 LoRA update was added unrounded (1,232 of 1,792 logits off peft's) ----
 @pytest.mark.parametrize(("bits", "dtype"), [(8, torch.bfloat16), (8, torch.float32), (4, torch.bfloat16)])
 def test_lora_on_a_bnb_base_equals_peft_bit_for_bit_in_logits_and_gradients(tmp_path, bits, dtype):
@@ -59,3 +64,40 @@ def test_lora_on_a_bnb_base_equals_peft_bit_for_bit_in_logits_and_gradients(tmp_
     ours.eval(), theirs.eval()  # a 4-bit layer repacks for bitsandbytes' CPU kernel on its first eval forward
     with torch.no_grad():
         assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+
+
+# -- fault 2: merge_quantized refused an 8-bit model ("no 4-bit layer; use merge_and_unload", which refused it too) --
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_quantized_of_an_8bit_base_requantizes_as_peft_byte_for_byte(tmp_path, dtype):
+    import bitsandbytes as bnb
+
+    ours, theirs = _pair(tmp_path, 8, dtype)
+    inputs = tiny_inputs("llama")
+    k_proj = ours.get_base_model().model.layers[0].self_attn.k_proj  # no adapter: kept as it is
+    peft_merged = theirs.merge_and_unload()
+    plain, report = dt.merge_quantized(ours, inputs, requantize=True)
+    assert plain.model.layers[0].self_attn.k_proj is k_proj
+    for name, module in peft_merged.named_modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            mine = plain.get_submodule(name)
+            assert isinstance(mine, bnb.nn.Linear8bitLt), name
+            assert torch.equal(mine.weight.data, module.weight.data) and torch.equal(_scb(mine), _scb(module))
+    plain.eval(), peft_merged.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs).logits, peft_merged(**inputs).logits)
+    assert report.requantized and 0 < report.max_abs_diff < 0.05
+
+
+def test_merge_quantized_of_an_8bit_base_into_full_precision_adds_the_update_to_the_dequantized_weight(tmp_path):
+    import bitsandbytes as bnb
+
+    ours, _ = _pair(tmp_path, 8, torch.float32)
+    layer = ours.get_base_model().model.layers[1].mlp.down_proj
+    base = layer.base_layer
+    w = bnb.functional.int8_vectorwise_dequant(base.weight.data, _scb(base))  # int8 x row scale / 127
+    expected = w + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+    plain, report = dt.merge_quantized(ours, tiny_inputs("llama"))
+    assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in plain.modules())
+    down = plain.model.layers[1].mlp.down_proj
+    assert type(down) is torch.nn.Linear and torch.equal(down.weight, expected)
+    assert "model.layers.1.mlp.down_proj" in report.dequantized and report.max_abs_diff < 0.05
