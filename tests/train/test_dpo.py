@@ -237,7 +237,7 @@ def test_recipe_two_steps_through_cli(files, tmp_path, capsys):
     [
         (
             {"loss_type": "kto_pair"},
-            "align.loss_type must be one of sigmoid, ipo, hinge, robust, apo_zero, got 'kto_pair'",
+            "align.loss_type must be one of sigmoid, ipo, .*, got 'kto_pair'",
         ),
         (
             {"loss_type": "ipo", "label_smoothing": 0.1},
