@@ -32,6 +32,8 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS
 # so loading refuses it rather than silently computing something else.
 _IGNORABLE_VALUES: tuple[Any, ...] = (None, False, {}, [], "", 0)
 _IGNORABLE_KEYS = frozenset({"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "revision"})
+_NAME_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "feedforward_modules")
+"""Fields naming modules: a string (a regex or a name) or a list of names."""
 
 
 class ConfigError(ValueError):
@@ -77,6 +79,12 @@ class DeltaConfig:
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        for key in _NAME_FIELDS:  # matched against module names later, where a number fails deep inside (a TypeError)
+            value = getattr(self, key, None)
+            if value is not None and not all(
+                isinstance(v, str) for v in (value if isinstance(value, list) else [value])
+            ):
+                raise ConfigError(f"{key} must be a string or a list of strings (module names), got {value!r}")
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Names of base-model parameters this adapter trains in place and saves (BitFit's biases, LoRA's

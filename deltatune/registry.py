@@ -140,14 +140,7 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter config") -> De
         cls = get_by_peft_type(str(data["peft_type"])).config_class
     except KeyError as exc:
         raise ConfigError(f"{source}: {exc.args[0]}") from None
-    for key in _NAME_FIELDS:  # matched against module names later, where a number fails deep inside (a TypeError)
-        value = data.get(key)
-        if value is not None and not all(isinstance(v, str) for v in (value if isinstance(value, list) else [value])):
-            raise ConfigError(f"{source}: {key} must be a string or a list of strings (module names), got {value!r}")
     return cls.from_dict(data, source=source)
-
-
-_NAME_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "feedforward_modules")
 
 
 def from_pretrained(path: str | os.PathLike[str]) -> DeltaConfig:

@@ -190,3 +190,11 @@ def test_a_module_name_field_that_is_no_string_is_named(tmp_path, field, value):
     assert str(err.value) == (
         f"{tmp_path}/adapter_config.json: {field} must be a string or a list of strings (module names), got {value!r}"
     )
+
+
+@pytest.mark.parametrize("kw", [{"target_modules": 5}, {"target_modules": [5]}, {"modules_to_save": [3]}])
+def test_a_config_with_a_number_where_module_names_go_is_one_line_at_construction(kw):
+    """``LoraConfig(target_modules=5)`` passed construction and failed deep in the matching with a TypeError."""
+    field, value = next(iter(kw.items()))
+    with pytest.raises(dt.ConfigError, match=rf"^{field} must be a string or a list of strings \(module names\), got"):
+        dt.LoraConfig(**kw)
