@@ -163,10 +163,8 @@ def quantize(
     linears = [
         (n, m) for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
     ]
-    fp32 = [
-        *(getattr(model, "_keep_in_fp32_modules", None) or ()),
-        *(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
-    ]
+    fp32 = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
+            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]  # fmt: skip
     owners: dict[int, list[str]] = {}  # a weight shared with another module stays (transformers keeps tied ones)
     for n, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(n)
@@ -270,9 +268,7 @@ class MergeReport:
 def _logits(model: nn.Module, inputs: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
 
 
 def merge_quantized(
@@ -340,8 +336,7 @@ def merge_quantized(
         if _is_bnb_4bit(module):
             set_submodule(base, name, Linear4bit.from_bnb(module))
     # 8-bit layers merge as peft's: W = int8 x row scale / 127 in fp32, W + s B A quantised again (with requantize)
-    plain8 = {n: _dequantize_8bit(m) for n, m in eight}
-    for name, layer in plain8.items():
+    for name, layer in (plain8 := {n: _dequantize_8bit(m) for n, m in eight}).items():
         set_submodule(base, name, layer)
     four = list(_quantized_layers(base))
     adapted = {n.removesuffix(".base_layer") for n, _ in four if n.endswith(".base_layer")}
@@ -380,7 +375,12 @@ def merge_quantized(
         dequantized = sorted({n.removesuffix(".base_layer") for n in [*settings, *plain8]})
         for name, module in [(n, m) for n, m in plain.named_modules() if callable(getattr(m, "unpack", None))]:
             set_submodule(plain, name, module.unpack(target))
-        plain.to(target)
+        kept = {
+            (m, n): b for m in plain.modules() for n, b in m._buffers.items() if n in m._non_persistent_buffers_set
+        }
+        plain.to(target)  # the weights; non-persistent buffers (rotary inv_freq) keep their dtype, as on a reload
+        for (m, n), b in kept.items():
+            m._buffers[n] = b
         quantized = []
     merged = _logits(plain, probe_inputs)
     plain.train(was_training)
@@ -389,8 +389,7 @@ def merge_quantized(
 
 
 def _dequantize_8bit(module: nn.Module) -> DequantizedLinear:
-    state, weight = module.state, module.weight
-    scb = state.SCB if state.SCB is not None else weight.SCB
+    weight, scb = module.weight, module.state.SCB if module.state.SCB is not None else module.weight.SCB
     w = _backend("bitsandbytes").functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
     plain = DequantizedLinear(module.in_features, module.out_features, bias=False, device="meta")
     plain.weight, plain.bias = nn.Parameter(w, requires_grad=False), module.bias
