@@ -379,14 +379,17 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
         chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)
         if not chat and not (isinstance(prompt, str) and prompt.strip()):
             raise DataError(f"{row.source}: column {prompt_column!r} must be non-empty text or a list of messages")
+        prefill = chat and prompt[-1].get("role") == "assistant"  # continued, as TRL's maybe_apply_chat_template
         if template is not None:  # a built-in template writes no BOS: the tokenizer adds it
             messages = prompt if chat else [{"role": "user", "content": prompt}]
-            ids = tok(render(messages, tok, template, add_generation_prompt=True)[0])["input_ids"]
+            text, spans = render(messages, tok, template, not prefill, train_from=len(messages) - prefill)
+            ids = tok(text[: spans[-1][0]] + messages[-1]["content"] if prefill else text)["input_ids"]
         elif chat:
             if not getattr(tok, "chat_template", None):
                 raise DataError(f"{row.source}: {prompt_column!r} holds chat messages but the tokenizer has no chat "
                                 "template; give the prompt as text")  # fmt: skip
-            text = apply_chat_template(tok, prompt, row.source, add_generation_prompt=True, tokenize=False)
+            text = apply_chat_template(tok, prompt, row.source, add_generation_prompt=not prefill,
+                                       continue_final_message=prefill, tokenize=False)  # fmt: skip
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = head + tok(prompt, add_special_tokens=False)["input_ids"]
