@@ -486,7 +486,6 @@ def test_prompts_are_rendered_with_the_recipes_template_as_generate_prompts_the_
     assert encode_prompts(rows[:1], tok, "prompt", 64, "truncate")[0][0].ids != want  # no template: the text as is
 
 
-
 def test_a_prompt_ending_with_an_assistant_turn_is_continued_as_trl_renders_it():
     """A prefill (messages ending with an assistant turn) was closed and followed by a new assistant header; TRL's
     maybe_apply_chat_template continues it (continue_final_message), and so does a built-in template now."""
@@ -505,6 +504,7 @@ def test_a_prompt_ending_with_an_assistant_turn_is_continued_as_trl_renders_it()
     full = render(prompt, tok, "chatml")[0]  # the whole conversation, closed: the prefill is its text up to the close
     ids = encode_prompts(rows, tok, "prompt", 64, "truncate", "chatml")[0][0].ids
     assert ids == tok(full[: full.rindex("let me think") + len("let me think")])["input_ids"]
+
 
 def test_groups_of_equal_rewards_count_as_zero_std_as_in_trl(base_dir):
     """TRL counts a group's std as zero by torch.isclose: seven rewards of 0.1 have a float32 std of 8e-9, not 0,
