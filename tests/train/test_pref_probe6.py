@@ -146,8 +146,6 @@ def test_kto_reference_point_is_the_mean_over_every_process(base, tmp_path, monk
     assert len(gathered) == 1 and kl.item() == pytest.approx(max(0.0, gathered[0].item() + 0.5), abs=1e-6)
 
 
-
-
 @pytest.mark.parametrize("stage", ["orpo", "simpo"])
 def test_orpo_and_simpo_log_trls_logps(base, tmp_path, stage):
     """TRL's ORPOTrainer and CPOTrainer (loss_type simpo) log logps/chosen and logps/rejected, the mean token
