@@ -235,6 +235,17 @@ class Linear4bit(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.to(dtype)
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.backend == "bitsandbytes":  # W's constants beside it, as bitsandbytes' Linear4bit saves them
+            for key, value in self.weight.quant_state.as_dict(packed=True).items():
+                destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(f"{prefix}weight.")]:  # the constants saved beside W
+            state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W (d_out x d_in) in ``dtype`` (default: the compute dtype)."""
         return _dequantize_weight(self.weight, self.backend).to(dtype or self.compute_dtype)
@@ -385,12 +396,5 @@ def memory_footprint(model: nn.Module) -> MemoryFootprint:
     return MemoryFootprint(total, quantized, quantized_params, params)
 
 
-__all__ = [
-    "BLOCK_SIZE",
-    "Linear4bit",
-    "MemoryFootprint",
-    "QuantizationError",
-    "is_quantized",
-    "memory_footprint",
-    "resolve_backend",
-]
+__all__ = ["BLOCK_SIZE", "Linear4bit", "MemoryFootprint", "QuantizationError", "is_quantized", "memory_footprint",
+           "resolve_backend"]  # fmt: skip

@@ -348,10 +348,10 @@ def merge_quantized(
     plain = model.merge_and_unload(adapter_names, dequantize=False)
     for n, m in four:  # the 4-bit layers an unmerged adapter keeps compute as before
         m.compute_dtype = settings[n][0]
-    # A model transformers loaded in 4 bits forgets that it was (transformers' own call for it): its layers are
-    # deltatune's or plain now, and transformers would refuse to cast it.
+    # A model transformers loaded quantised forgets that it was (else transformers would refuse to cast its plain
+    # layers); requantised, it keeps its config, so it saves and loads again in 4 or 8 bits as peft's merge.
     quantizer = getattr(plain, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config") and not (requantize and eight):
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config") and not requantize:
         quantizer.remove_quantization_config(plain)
         plain.is_loaded_in_4bit = False
     if requantize:  # the layers a merge dequantised; those of adapters left unmerged are still the 4-bit originals

@@ -118,3 +118,23 @@ def test_merged_model_computes_as_it_does_once_saved_and_loaded(tmp_path, bits):
     plain.eval(), again.eval()
     with torch.no_grad():
         assert torch.equal(plain(**inputs).logits, again(**inputs).logits)
+
+
+# -- fault 4: a re-quantised 4-bit merge saved its packed bytes without their constants or the quantisation config:
+# transformers could not load it (size mismatch); peft's merge saves and loads in 4 bits --------------------------
+def test_requantized_4bit_merge_saves_and_loads_as_peft_s(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ours, theirs = _pair(tmp_path, 4, torch.bfloat16)
+    inputs = tiny_inputs("llama")
+    plain, _ = dt.merge_quantized(ours, inputs, requantize=True)
+    plain.save_pretrained(tmp_path / "ours")
+    theirs.merge_and_unload().save_pretrained(tmp_path / "peft")
+    ours_back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu")
+    peft_back = AutoModelForCausalLM.from_pretrained(tmp_path / "peft", device_map="cpu")
+    assert ours_back.is_loaded_in_4bit
+    for model in (plain, ours_back, peft_back):
+        model.train()  # bitsandbytes' layers repack for its CPU kernel on an eval forward; deltatune's do not
+    with torch.no_grad():
+        logits = plain(**inputs).logits
+        assert torch.equal(ours_back(**inputs).logits, logits) and torch.equal(peft_back(**inputs).logits, logits)
