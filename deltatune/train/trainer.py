@@ -73,6 +73,9 @@ class DeltaTrainerMixin:
         ):
             self._loss_shifts_labels = False  # virtual tokens before the row: its first label is a target too
         if base is not None and getattr(self, "label_smoother", None) is not None and _is_causal_lm(base()):
+            if _scores_first_label(self._delta_model()):  # the virtual tokens' logit for it is not in the output
+                raise ValueError("label smoothing does not score a prompt-tuned causal LM's first label (its logit "
+                                 "sits on a virtual token): set label_smoothing_factor 0 or use another method")  # fmt: skip
             # The Trainer shifts the smoothed labels only for a model whose own class name is a causal LM's (or a
             # peft model's base): a DeltaModel's loss was scored unshifted, token t against label t (5.91, not 4.91)
             self.label_smoother = functools.partial(self.label_smoother, shift_labels=True)

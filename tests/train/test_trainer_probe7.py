@@ -103,3 +103,13 @@ def test_the_fused_loss_ignores_a_padded_positions_minus_inf_logit_as_transforme
     want.backward()
     assert torch.isfinite(want) and got.item() == pytest.approx(want.item(), rel=1e-6)
     torch.testing.assert_close(ours.grad, ref.grad)
+
+
+def test_label_smoothing_on_a_prompt_tuned_causal_lm_is_refused_in_one_line(tmp_path):
+    """The shifted smoother cannot score the first label (its logit sits on the last virtual token), so smoothed and
+    unsmoothed losses would cover different tokens (transformers' Trainer on peft crashes on a size mismatch)."""
+    model = dt.get_delta_model(tiny_model("llama"), dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="^label smoothing does not score a prompt-tuned causal LM's first label"):
+        dt.Trainer(model=model, args=args, eval_dataset=_rows(), data_collator=collate)
+    dt.Trainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True), data_collator=collate)
