@@ -286,7 +286,7 @@ def render_vlm(
 
 def vlm_labels(enc, text: str, spans: list[tuple[int, int]], processor: VLMProcessor, special: bool, source: str):
     """Labels for the processor's ids (``enc``: called with offsets and its text replacement offsets): a token trains
-    where it lies in an answer span once moved back past the image markers expanded before it (Idefics3 and SmolVLM
+    where it overlaps an answer span (as transformers' assistant mask marks it) once moved back past the image markers expanded before it (Idefics3 and SmolVLM
     wrap each image in row/column and around-image tokens); image tokens and the expansions get -100.
 
     Raises:
@@ -298,10 +298,10 @@ def vlm_labels(enc, text: str, spans: list[tuple[int, int]], processor: VLMProce
     for t, (s, e) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
         back = next((gain for (_, end), gain in reversed(moves) if end <= s), 0)  # the gains are running totals
         keep = e > s and t != image and not any(a <= s < b for (a, b), _ in moves)
-        labels.append(int(t) if keep and any(a <= s - back and e - back <= b for a, b in spans) else IGNORE_INDEX)
+        labels.append(int(t) if keep and any(s - back < b and e - back > a for a, b in spans) else IGNORE_INDEX)
     own = processor.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     pairs = zip(own["input_ids"], own["offset_mapping"])
-    trained = [t for t, (s, e) in pairs if e > s and t != image and any(a <= s and e <= b for a, b in spans)]
+    trained = [t for t, (s, e) in pairs if e > s and t != image and any(s < b and e > a for a, b in spans)]
     if trained != [t for t in labels if t != IGNORE_INDEX]:
         raise DataError(
             f"{source}: the processor's tokens of the answers differ from its tokenizer's (it expands the image "

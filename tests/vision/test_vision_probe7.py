@@ -224,3 +224,34 @@ def test_a_levit_with_teacher_trains_both_heads(tmp_path):
         "classifier",
         "classifier_distill",
     }
+
+
+def test_a_vlm_answers_first_word_trains_when_its_token_takes_the_prompts_last_space():
+    """Was: only tokens wholly inside an answer trained, so ' seven' after 'Assistant: ' (LLaVA's 'ASSISTANT: ',
+    SmolVLM's 'Assistant: ') never did; transformers' assistant mask, which processors share, marks every token
+    overlapping the answer, as the text stages label them."""
+    import types
+
+    from transformers import AutoTokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.data.templates import IGNORE_INDEX
+    from deltatune.train.caption import vlm_labels
+    from deltatune.train.models import resolve_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_path("smollm2"))  # byte-level BPE: a word takes its space
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    text = "User: <image>\nWhat digit?\nAssistant: seven<|im_end|>\n"
+    spans = [(text.index("seven"), len(text))]
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    batch = {
+        "input_ids": [enc["input_ids"]],
+        "offset_mapping": [enc["offset_mapping"]],
+        "text_replacement_offsets": [[]],
+    }
+    labels = vlm_labels(
+        batch, text, spans, types.SimpleNamespace(image_token_id=-1, tokenizer=tok), False, "c.jsonl:1"
+    )
+    assert [tok.decode([t]) for t in labels if t != IGNORE_INDEX] == [" seven", "<|im_end|>", "\n"]
