@@ -288,10 +288,19 @@ def lengths(examples: Sequence[dict[str, Any]]) -> list[int]:
 
 
 def encode_pair_samples(
-    samples: Sequence[Sample], tokenizer, template: str | None, max_length: int, truncation: str, causal: bool
+    samples: Sequence[Sample],
+    tokenizer,
+    template: str | None,
+    max_length: int,
+    truncation: str,
+    causal: bool,
+    shared_prompt: bool = False,
 ):
     """Each preference sample as ``{"chosen": inputs, "rejected": inputs}`` (``lm_example`` when ``causal``, else
-    ``scored_example``); rows cut to ``max_length`` are counted, or refused with ``truncation="refuse"``."""
+    ``scored_example``); rows cut to ``max_length`` are counted, or refused with ``truncation="refuse"``.
+    ``shared_prompt`` (DPO): both answers start where the earlier one does, as TRL's DPOTrainer splits a pair at the
+    shorter of its two prompt lengths (``' Hello'`` taking the prompt's last space makes the other side's answer
+    start at that ``' '``); ORPO's and SimPO's trainers split each side at its own."""
 
     encode = lm_example if causal else scored_example
     out, truncated = [], 0
@@ -304,8 +313,18 @@ def encode_pair_samples(
                 "(set data.truncation=truncate to cut such rows)"
             )
         truncated += cut_c or cut_r
+        if shared_prompt and not (cut_c or cut_r):
+            _answers_from_the_shorter_prompt(chosen, rejected)
         out.append({"chosen": chosen, "rejected": rejected})
     return Encoded(out, truncated)
+
+
+def _answers_from_the_shorter_prompt(*sides: dict[str, list[int]]) -> None:
+    firsts = [next((i for i, lab in enumerate(x["labels"]) if lab != IGNORE_INDEX), len(x["labels"])) for x in sides]
+    n = min(firsts)
+    if all(x["input_ids"][:n] == sides[0]["input_ids"][:n] for x in sides):
+        for x, first in zip(sides, firsts):
+            x["labels"][n:first] = x["input_ids"][n:first]
 
 
 def scorer_template(recipe: dict[str, Any], tokenizer, encoder: bool) -> str | None:

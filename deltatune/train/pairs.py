@@ -127,7 +127,7 @@ def encode_pair_splits(
     train_s, eval_s, template, notes = read_splits(cfg, tok, pair_scorer=pair_scorer)
 
     def enc(samples, split: str) -> Encoded:
-        out = encode_pair_samples(samples, tok, template, d.max_length, d.truncation, causal=causal)
+        out = encode_pair_samples(samples, tok, template, d.max_length, d.truncation, causal, cfg.stage == "dpo")
         for column, values in ((extra or {}).get(split) or {}).items():
             for s, ex in zip(samples, out.examples, strict=True):
                 ex[column] = values[s.source]

@@ -163,3 +163,44 @@ def test_kto_logs_trls_logits_and_entropy(word_model, tmp_path):
     with torch.no_grad():
         ours.compute_loss(model, KTOCollator(word_tokenizer().pad_token_id, 64)(rows))
     assert {k: ours._stats[k][0] for k in logged} == pytest.approx(logged, abs=2e-5)
+
+
+def test_a_dpo_pairs_answers_start_where_trls_dpo_trainer_splits_the_pair():
+    """TRL's DPOTrainer splits both sides at the shorter of their prompt lengths: where the chosen answer's first
+    token takes the generation prompt's last space (' Hello' after 'Assistant: ') and the rejected's does not ('42'
+    splits off ' '), the rejected answer starts at that ' ' too. deltatune's rejected side left it out (one token's
+    log-prob short). ORPO's and SimPO's trainers split each side at its own prompt (unchanged)."""
+    from transformers import AutoTokenizer
+    from trl.data_utils import common_prefix_length
+
+    from deltatune.config import ConfigError
+    from deltatune.data.encode import encode_pair_samples
+    from deltatune.data.sample import Sample
+    from deltatune.data.templates import IGNORE_INDEX
+    from deltatune.train.models import resolve_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_path("smollm2"))  # byte-level BPE: a word takes its space
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: "
+                         "{{ m.content }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}Assistant: {% endif %}")  # fmt: skip
+    prompt = [{"role": "user", "content": "Hi"}]
+    chosen, rejected = (
+        [{"role": "assistant", "content": "Hello there."}],
+        [{"role": "assistant", "content": "42 is it."}],
+    )
+
+    def ids(messages, **kw):
+        return list(tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+    p, pc, pr = ids(prompt, add_generation_prompt=True), ids(prompt + chosen), ids(prompt + rejected)
+    n = min(common_prefix_length(p, pc), common_prefix_length(p, pr))
+    s = Sample("p.jsonl:1", "preference", prompt, chosen=chosen, rejected=rejected)
+    for shared, want in ((True, {"chosen": pc[n:], "rejected": pr[n:]}), (False, {"rejected": pr[len(p) :]})):
+        (pair,) = encode_pair_samples([s], tok, None, 512, "truncate", True, shared).examples
+        for side, completion in want.items():
+            got = [t for t, lab in zip(pair[side]["input_ids"], pair[side]["labels"]) if lab != IGNORE_INDEX]
+            assert got == completion, (shared, side)
+    assert tok.decode(pr[n : n + 1]) == " "  # the case the test is about
