@@ -535,15 +535,18 @@ def load_pipeline_loras(
         ConfigError: what ``load_loras``, ``load_lora`` and ``set_adapters`` refuse.
     """
     names = [f"lora_{i}" for i in range(len(paths))]
-    parts = [_encoder_parts(p) for p in paths]  # SDXL's second encoder's part is left out: the stage has one
+    parts = [_parts(p) for p in paths]  # SDXL's second encoder's part is left out: the stage has one
     on_encoder = [i for i, found in enumerate(parts) if "text_encoder" in found]
+    on_denoiser = [i for i, found in enumerate(parts) if "denoiser" in found or "text_encoder" not in found]
     encoder = text_encoder
     try:
-        for i, path in enumerate(paths):  # a file with text-encoder keys names its denoiser's part by prefix
-            load_loras(model, [path], [weights[i]], [names[i]], prefix if parts[i] else None)
+        for i in on_denoiser:  # a file with text-encoder keys names its denoiser's part by prefix
+            load_loras(model, [paths[i]], [weights[i]], [names[i]], prefix if parts[i] != {"denoiser"} else None)
         for i in on_encoder:
             encoder = load_lora(encoder, paths[i], names[i], "text_encoder")
-        set_adapters(model, ["default", *names], [weight, *weights])
+        set_adapters(
+            model, ["default", *(names[i] for i in on_denoiser)], [weight, *(weights[i] for i in on_denoiser)]
+        )
         if on_encoder:
             own = ["default"] if "default" in encoder.peft_config else []
             chosen = [weights[i] for i in on_encoder]
@@ -557,10 +560,11 @@ def load_pipeline_loras(
     return encoder
 
 
-def _encoder_parts(path: str) -> set[str]:
-    """The text encoders a LoRA file (not a deltatune/PEFT adapter folder) holds keys for."""
+def _parts(path: str) -> set[str]:
+    """The components a LoRA file holds keys for: ``text_encoder``, ``text_encoder_2``, ``denoiser`` (any other key;
+    a deltatune/PEFT adapter folder is the denoiser's)."""
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return set()
+        return {"denoiser"}
     heads = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "text_encoder.": "text_encoder"}
     heads |= {"lora_te2_": "text_encoder_2", "text_encoder_2.": "text_encoder_2"}
-    return {part for k in read_lora_file(path)[0] for h, part in heads.items() if k.startswith(h)}
+    return {next((part for h, part in heads.items() if k.startswith(h)), "denoiser") for k in read_lora_file(path)[0]}

@@ -237,6 +237,25 @@ def test_generate_loads_a_files_text_encoder_part_as_diffusers_pipeline_does(run
         drawn[part] = (image * 255).round().to(torch.uint8).numpy().astype(int)
     image = np.asarray(Image.open(out)).astype(int)
     assert np.abs(image - drawn["both"]).max() <= 1 and np.abs(image - drawn["unet only"]).max() > 1
+    # a file with the text encoder's part alone loads there (diffusers warns that the UNet has none); was refused
+    _, fresh = load_adapter_model(str(runs["lora"]))
+    encoder = dt.get_delta_model(
+        fresh.text_encoder, dt.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)
+    )
+    from safetensors.torch import load_file, save_file
+
+    dt.save_diffusers_lora(unet, tmp_path / "pair", text_encoder=encoder)
+    tensors = load_file(tmp_path / "pair" / "pytorch_lora_weights.safetensors")
+    (tmp_path / "te").mkdir()
+    te_keys = {k: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    save_file(te_keys, tmp_path / "te" / "pytorch_lora_weights.safetensors")
+    assert main(["generate", "--adapter", str(runs["lora"]), "--prompt", prompt, "--out", str(out), "--steps", "3",
+                 "--seed", "1", "--lora", f"{tmp_path / 'te'}:0.5"]) == 0  # fmt: skip
+    delta, processor = load_adapter_model(str(runs["lora"]))
+    processor.text_encoder = load_lora(processor.text_encoder, tmp_path / "te", "te", "text_encoder")
+    set_adapters(processor.text_encoder, ["te"], [0.5])
+    want = (t2i.sample(delta.eval(), processor, [prompt], steps=3, seed=1, max_length=16)[0, 0] * 255).round()
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - want.to(torch.uint8).numpy().astype(int)).max() <= 1
 
 
 def test_a_caption_over_the_text_encoders_context_is_cut_and_counted(pipeline, data, tmp_path, capsys):
