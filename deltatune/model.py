@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -356,10 +356,12 @@ class DeltaModel(nn.Module, PushToHub):
                     layer.disabled = was
 
     @contextmanager
-    def _unmerged(self) -> Iterator[None]:
-        """Within the block no adapter is merged; the merged ones are merged again after it."""
-        merged = self._merged()
-        self.unmerge_adapter()
+    def _unmerged(self, into: Iterable[torch.Tensor] | None = None) -> Iterator[None]:
+        """Within the block no adapter is merged (none merged ``into`` those tensors); merged again after it."""
+        ids = None if into is None else {id(t) for t in into}  # only those: unmerge + merge rounds a bf16 weight
+        merged = [(lay, n) for lay, n in self._merged() if ids is None or any(id(p) in ids for p in lay.parameters())]
+        for layer, name in [(layer, name) for layer, names in merged for name in reversed(names)]:
+            layer.unmerge(name)
         try:
             yield
         finally:
@@ -477,7 +479,7 @@ class DeltaModel(nn.Module, PushToHub):
             if name in layer.adapter_names:
                 layer.import_state(name, f"{prefix}{path}.", tensors)
         # a copy replaces the base weight: one merged into (another adapter's update) is unmerged first, merged after
-        with torch.no_grad(), self._unmerged() if full_copies else nullcontext():
+        with torch.no_grad(), self._unmerged(full_copies.values()) if full_copies else nullcontext():
             for pname, p in self._base_params(name).items():
                 p.copy_(tensors[prefix + base_key(pname, name)])
             for key, target in full_copies.items():

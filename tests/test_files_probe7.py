@@ -198,3 +198,30 @@ def test_a_config_with_a_number_where_module_names_go_is_one_line_at_constructio
     field, value = next(iter(kw.items()))
     with pytest.raises(dt.ConfigError, match=rf"^{field} must be a string or a list of strings \(module names\), got"):
         dt.LoraConfig(**kw)
+
+
+def test_loading_embedding_copies_leaves_other_merged_layers_as_they_were(tmp_path):
+    """A file with embedding copies unmerged and merged again every merged layer, not only the embeddings: on a bf16
+    base with an fp32 adapter, unmerge then merge rounds, so a merged q_proj drifted (365 of 4,096 weights)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+
+    for name, targets in (("a", ["q_proj", "v_proj"]), ("b", ["embed_tokens"])):
+        torch.manual_seed(ord(name))
+        config = dt.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        dt.get_delta_model(load(), config).save_pretrained(tmp_path / name)
+    model = dt.DeltaModel.from_pretrained(load(), tmp_path / "a", adapter_name="a")
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()  # as a run trains them (and peft's autocast_adapter_dtype)
+    model.merge_adapter()
+    q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    before = q.detach().clone()
+    for i in range(3):
+        model.load_adapter(tmp_path / "b", adapter_name=f"b{i}")
+        assert torch.equal(q, before), i

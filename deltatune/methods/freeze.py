@@ -30,14 +30,16 @@ _BLOCK = re.compile(rf"(?:^|\.)(?:{'|'.join(LAYER_PATTERNS)})\.(\d+)\.")
 
 
 def trainable(model: nn.Module, names: list[str], method: str) -> list[str]:
-    """``names``; a ConfigError when one is a 4-bit layer's weight (QLoRA's base), which cannot train."""
+    """``names``; a ConfigError when one is a 4-bit or 8-bit layer's weight (QLoRA's base), which cannot train."""
     from .quant import is_quantized
 
-    packed = tuple(n + "." for n, m in model.named_modules() if n and is_quantized(m))
-    bad = [p for p in names if p.startswith(packed) and not p.endswith("bias")] if packed else []
+    packed = {n + ".": m for n, m in model.named_modules() if n and is_quantized(m)}
+    bad = [p for p in names if p.startswith(tuple(packed)) and not p.endswith("bias")] if packed else []
     if bad:
+        layer = next(m for n, m in packed.items() if bad[0].startswith(n))
+        kind = "an 8-bit" if "8bit" in type(layer).__name__ else "a 4-bit"
         raise ConfigError(
-            f"{method}: {bad[0]!r} is a 4-bit weight, which cannot train (QLoRA trains an adapter beside it); "
+            f"{method}: {bad[0]!r} is {kind} weight, which cannot train (QLoRA trains an adapter beside it); "
             "train a full-precision base, or an adapter method such as LoRA"
         )
     return names

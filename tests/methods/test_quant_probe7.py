@@ -138,3 +138,14 @@ def test_requantized_4bit_merge_saves_and_loads_as_peft_s(tmp_path):
     with torch.no_grad():
         logits = plain(**inputs).logits
         assert torch.equal(ours_back(**inputs).logits, logits) and torch.equal(peft_back(**inputs).logits, logits)
+
+
+def test_full_fine_tuning_of_an_8bit_base_is_refused_naming_it_8bit(tmp_path):
+    """Since 991967a counted 8-bit layers as quantized, the refusal called an 8-bit weight 'a 4-bit weight'."""
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    model = _load(tmp_path / "base", 8, torch.float32)
+    with pytest.raises(
+        dt.ConfigError, match=r"^full: 'model\.layers\.0\.self_attn\.q_proj\.weight' is an 8-bit weight"
+    ):
+        dt.get_delta_model(model, dt.FullConfig())
