@@ -274,12 +274,12 @@ async def _stream(requests: list[Request], n: int, events, head, chat: bool, inc
     their rows at the next step, freeing the slots.
     """
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-    done, offset = [0] * len(requests), [0] * len(requests)
+    done, offset, states = [0] * len(requests), [0] * len(requests), [{} for _ in requests]
 
     def chunk(i: int, text: str | None, finish: str | None, first: bool = False, n: int = 0) -> str:
         logprobs = None
         if requests[i].logprobs is not None and n > done[i]:
-            logprobs = logprobs_json(tokenizer, requests[i].logprob_rows[done[i] : n], chat, offset[i])
+            logprobs = logprobs_json(tokenizer, requests[i].logprob_rows[done[i] : n], chat, offset[i], states[i])
             offset[i] += sum(len(t) for t in logprobs.get("tokens", []))
             done[i] = n
         if chat:

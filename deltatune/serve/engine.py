@@ -479,15 +479,18 @@ def _logprob_row(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, 
     return token, float(lp[token]), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
 
 
-def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0) -> dict[str, Any]:
+def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0, state: dict | None = None) -> dict:
     """``rows`` (``Request.logprob_rows``) as OpenAI's ``logprobs``: a chat choice's ``content``, or a completion's
     ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token's among them) and ``text_offset`` (from
-    ``offset``). Each token is decoded alone, as vLLM shows it (``_token_text``)."""
+    ``offset``). Each token is decoded alone, as vLLM shows it (``_token_text``); the chosen tokens' names add up to
+    the text (``_chosen_names``; ``state`` carries a character left incomplete from a stream's earlier chunk)."""
     name = {t: _token_text(tokenizer, t) for row in rows for t in (row[0], *(i for i, _ in row[2]))}
+    chosen = _chosen_names(tokenizer, [row[0] for row in rows], name, {} if state is None else state)
     if chat:
-        item = lambda t, lp: {"token": name[t], "logprob": lp, "bytes": list(name[t].encode("utf-8"))}  # noqa: E731
-        return {"content": [{**item(t, lp), "top_logprobs": [item(*a) for a in top]} for t, lp, top in rows]}
-    tokens = [name[t] for t, _, _ in rows]
+        item = lambda token, lp: {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}  # noqa: E731
+        top_items = [[item(name[a], v) for a, v in top] for _, _, top in rows]
+        return {"content": [{**item(n, row[1]), "top_logprobs": t} for row, n, t in zip(rows, chosen, top_items)]}
+    tokens = chosen
     offsets = [offset + sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
     tops = [
         None if lp is None else dict(sorted({**dict(top), t: lp}.items(), key=lambda a: -a[1])) for t, lp, top in rows
@@ -499,6 +502,24 @@ def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0) -> di
         "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def _chosen_names(tokenizer: Any, ids: list[int], name: dict[int, str], state: dict) -> list[str]:
+    """Each token's own name, except a character split over byte-level or byte-fallback tokens (its pieces decode to
+    U+FFFD alone): "" for the pieces before the last, the whole character for the last, so that the names add up to
+    the text as vLLM's LogprobsProcessor corrects them (a bad byte sequence gives up after 4 pieces)."""
+    out, pending = [], state.setdefault("pending", [])
+    for t in ids:
+        if not pending and "\ufffd" not in name[t]:
+            out.append(name[t])
+            continue
+        pending.append(t)
+        text = tokenizer.decode(pending)
+        complete = not text.endswith("\ufffd") or len(pending) == 4
+        out.append(text if complete else "")
+        if complete:
+            pending.clear()
+    return out
 
 
 def _token_text(tokenizer: Any, token: int) -> str:
@@ -545,7 +566,8 @@ def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any 
     applies it (vLLM's too): ``repetition_penalty`` always, ``top_k``, ``top_p`` and ``min_p`` when sampling.
 
     Raises:
-        FloatingPointError: logits that are NaN (or inf, sampling): no token can be chosen.
+        FloatingPointError: logits that are NaN (or +inf, sampling): no token can be chosen (greedy takes a +inf's
+            argmax, as ``generate`` and vLLM).
     """
     penalty = _setting(r, gen, "repetition_penalty") or 1.0
     if penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor over the prompt and the answer so far
@@ -553,8 +575,8 @@ def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any 
         score = logits[seen]
         logits = logits.scatter(0, seen, torch.where(score < 0, score * penalty, score / penalty))
     if g is None:  # argmax takes a NaN for the largest: a NaN row would answer its garbage as text
-        if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
-            raise FloatingPointError("its logits are NaN or inf, so no token can be chosen")
+        if bool(torch.isnan(logits).any()):
+            raise FloatingPointError("its logits are NaN, so no token can be chosen")
         return int(logits.argmax())
     logits = logits / r.temperature
     top_k = _setting(r, gen, "top_k")

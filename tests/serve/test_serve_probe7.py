@@ -292,3 +292,45 @@ def test_a_greedy_row_whose_logits_are_nan_fails_alone(served, tmp_path):
     finally:
         server.stop()
         engine.close()
+
+
+def test_logprob_names_of_a_character_split_over_tokens_add_up_to_the_text_streamed_or_not():
+    """Byte-level pieces of one character each decoded alone to U+FFFD: ' café 你好 🙂!' had names 13 characters long
+    and '!' at text_offset 12 (it is at 10). vLLM names the piece completing a character by the character, "" before;
+    a stream whose chunk ends inside a character carries it to the next."""
+    from transformers import AutoTokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.serve.engine import logprobs_json
+    from deltatune.train.models import resolve_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_path("smollm2"))  # byte-level BPE
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    text = " café 你好 🙂!"
+    rows = [(t, -1.0, [(t, -1.0)]) for t in tok(text, add_special_tokens=False)["input_ids"]]
+    whole = logprobs_json(tok, rows, chat=False)
+    assert "".join(whole["tokens"]) == text and whole["text_offset"][-1] == text.index("!")
+    content = logprobs_json(tok, rows, chat=True)["content"]
+    assert bytes(b for c in content for b in c["bytes"]).decode("utf-8") == text
+    split = next(i for i, t in enumerate(whole["tokens"]) if t == "") + 1  # a chunk ending inside '你'
+    state, offset, streamed = {}, 0, []
+    for part in (rows[:split], rows[split:]):
+        got = logprobs_json(tok, part, chat=False, offset=offset, state=state)
+        offset += sum(len(t) for t in got["tokens"])
+        streamed += got["tokens"]
+    assert streamed == whole["tokens"]
+
+
+def test_greedy_takes_the_argmax_of_a_positive_infinite_logit_as_generate_does():
+    """413cdf5 refused any +inf logit when greedy; generate and vLLM take the argmax there (NaN stays refused)."""
+    from types import SimpleNamespace
+
+    from deltatune.serve.engine import _pick
+
+    r = SimpleNamespace(prompt_ids=[1], output_ids=[], temperature=0.0, repetition_penalty=None)
+    logits = torch.tensor([0.0, float("inf"), 1.0])
+    assert _pick(logits, r, None) == 1
+    with pytest.raises(FloatingPointError, match="NaN"):
+        _pick(torch.tensor([0.0, float("nan"), 1.0]), r, None)
