@@ -32,12 +32,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass
 @dataclass
 class ModelArgs:
     name_or_path: str = _f("minilm", "Base model: a local folder, a hub id, or 'minilm' (the embedded MiniLM-L6).")
-    num_labels: int | None = _f(
-        None, "Head outputs: cls, tag, image_cls: the data's classes (the default; another count is refused); rm: 1."
-    )
-    dtype: str = _f(
-        "float32", "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 where the machine has fast bf16)."
-    )
+    num_labels: int | None = _f(None, "Head outputs: cls, tag, image_cls: the data's classes (the default; another "
+                                "count is refused); rm: 1.")  # fmt: skip
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 where the machine has "
+                    "fast bf16).")  # fmt: skip
     quantization: dict | None = _f(None, "Quantise the base, e.g. {bits: 4} for QLoRA (keys of deltatune.quantize).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (only for models you trust).")
@@ -54,9 +52,8 @@ class DataArgs:
     text_column: str = _f("text", "Text column (cls, pt).")
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair classification.")
     label_column: str = _f("label", "Label column (cls).")
-    labels: list | None = _f(
-        None, 'Label names in class-id order; default: whole-number labels (1, 1.0, "1") are ids, names sorted.'
-    )
+    labels: list | None = _f(None, 'Label names in class-id order; default: whole-number labels (1, 1.0, "1") are '
+                             "ids, names sorted.")  # fmt: skip
     tokens_column: str = _f("tokens", "Word list column (tag).")
     tags_column: str = _f("ner_tags", "Tag list column (tag), BIO tags.")
     source_column: str = _f("source", "Source text column (seq2seq).")
@@ -65,9 +62,8 @@ class DataArgs:
     chosen_column: str = _f("chosen", "Preferred response column (rm, dpo).")
     rejected_column: str = _f("rejected", "Dispreferred response column (rm, dpo).")
     completion_column: str = _f("completion", "Response column (kto; its label_column says desirable or not).")
-    bad_pairs: str = _f(
-        "refuse", "Preference rows with an empty response or chosen == rejected: 'refuse' (at file:line) or 'skip'."
-    )
+    bad_pairs: str = _f("refuse", "Preference rows with an empty response or chosen == rejected: 'refuse' (at "
+                        "file:line) or 'skip'.")  # fmt: skip
     columns: dict = _f(
         {},
         "Renamed fields -> column: {messages, conversations, instruction, input, output, system, history, "
@@ -97,9 +93,8 @@ class TrainArgs:
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run the epochs).")
     batch_size: int = _f(8, "Examples per device per step.")
-    eval_batch_size: int | None = _f(
-        None, "Examples per device per eval step (default: batch_size); seq2seq's generations (default: 16)."
-    )
+    eval_batch_size: int | None = _f(None, "Examples per device per eval step (default: batch_size); seq2seq's "
+                                     "generations (default: 16).")  # fmt: skip
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     lr: float = _f(2e-4, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -116,23 +111,19 @@ class TrainArgs:
     report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     generation_max_new_tokens: int = _f(64, "seq2seq eval: tokens to generate per example.")
-    fsdp: str = _f(
-        "", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when launched)."
-    )
+    fsdp: str = _f("", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when "
+                   "launched).")  # fmt: skip
     fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
     eval_on_start: bool = _f(False, "Evaluate data.eval once before training too (the report shows before and after).")
-    sigma_sampling: str = _f(
-        "uniform", "t2i flow matching: how noise levels are drawn, uniform or logit_normal (SD3's; mean 0, std 1)."
-    )
-    snr_gamma: float = _f(
-        0.0,
-        "t2i DDPM: min-SNR loss weighting with this gamma (Hang et al. 2023; diffusers' --snr_gamma, 5 is "
-        "usual); 0: unweighted.",
-    )
+    sigma_sampling: str = _f("uniform", "t2i flow matching: how noise levels are drawn, uniform or logit_normal "
+                             "(SD3's; mean 0, std 1).")  # fmt: skip
+    snr_gamma: float = _f(0.0, "t2i DDPM: min-SNR loss weighting with this gamma (Hang et al. 2023; diffusers' "
+                          "--snr_gamma, 5 is usual); 0: unweighted.")  # fmt: skip
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                   "aot", "aot_unpaired", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # (stage kto; its default sigmoid, DPO's, reads as kto)
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the DPO losses that read label_smoothing
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
@@ -145,7 +136,8 @@ class AlignArgs:
     beta: float = _f(0.1, "DPO, KTO, SimPO: temperature of the implicit reward; ORPO: weight of the odds-ratio "
                      "term; GRPO: KL coefficient (0: no reference pass).")  # fmt: skip
     loss_type: str | list = _f("sigmoid", "DPO loss: one of " + ", ".join(DPO_LOSS_TYPES) + ", each as TRL's "
-                               "loss_type of that name; or a list of them, summed by align.loss_weights")  # fmt: skip
+                               "loss_type of that name; or a list of them, summed by align.loss_weights. KTO: kto "
+                               "(the default) or apo_zero_unpaired, as TRL's KTO loss_type.")  # fmt: skip
     loss_weights: list | None = _f(None, "DPO: one weight per align.loss_type in the list (default: 1 each).")
     discopop_tau: float = _f(0.05, "DPO discopop: temperature of the mixing coefficient (TRL's discopop_tau).")
     f_divergence_type: str = _f("reverse_kl", "DPO: f-DPO's divergence, " + ", ".join(F_DIVERGENCES) + " (TRL's).")
@@ -153,9 +145,8 @@ class AlignArgs:
     label_smoothing: float = _f(
         0.0, "DPO sigmoid, robust, exo_pair, aot, aot_unpaired: assumed fraction of flipped labels, in [0, 0.5)."
     )
-    precompute_ref: bool = _f(
-        False, "DPO: compute the reference log-probs once before training (one pass, no reference forward per step)."
-    )
+    precompute_ref: bool = _f(False, "DPO: compute the reference log-probs once before training (one pass, no "
+                              "reference forward per step).")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
                                   "(prompts, responses) -> rewards.")  # fmt: skip
     max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")
@@ -378,7 +369,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
     _validate_values(cfg)
-    _validate_align(cfg.align)
+    _validate_align(cfg.align, cfg.stage)
     if cfg.align.beta < 0 or (cfg.align.beta == 0 and cfg.stage != "grpo"):
         raise ConfigError(f"align.beta must be > 0 (>= 0 for grpo), got {cfg.align.beta}")
     cfg.method_config()  # the method section validates itself
@@ -458,8 +449,11 @@ def _validate_values(cfg: RunConfig) -> None:
         )
 
 
-def _validate_align(a: AlignArgs) -> None:
+def _validate_align(a: AlignArgs, stage: str) -> None:
     kinds = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
+    if stage == "kto" and a.loss_type not in ("sigmoid", *KTO_LOSS_TYPES):
+        raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
+    kinds = ["sigmoid"] if stage == "kto" else kinds  # (the DPO checks below see DPO's default)
     if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
                           f"{a.loss_type!r}")  # fmt: skip
@@ -521,7 +515,8 @@ def ignored_keys(cfg: RunConfig) -> list[tuple[str, str]]:
         for key in keys.split():
             section, name = key.split(".")
             set_to = getattr(getattr(cfg, section), name)
-            if cfg.stage not in stages.split() and set_to != getattr(_SECTIONS[section](), name):
+            kto_loss = cfg.stage == "kto" and key == "align.loss_type"  # (validated as a KTO loss: read)
+            if cfg.stage not in stages.split() and set_to != getattr(_SECTIONS[section](), name) and not kto_loss:
                 out.append((key, stages.replace(" ", ", ")))
     return out
 

@@ -21,6 +21,10 @@ and the batch loss is the mean over rows. beta = ``align.beta``, lambda_D / lamb
 ``align.undesirable_weight``. The paper recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3] (n_D, n_U the numbers of
 desirable and undesirable rows); outside that range training goes on with a warning that says which desirable_weight
 brings it in. The implicit reward beta * r is logged per label; eval reports its mean per label and the margin.
+
+``align.loss_type: apo_zero_unpaired`` (TRL's; the unpaired APO-zero of D'Oosterlinck et al. 2024, arXiv:2408.06266)
+drops the reference point: desirable lambda_D * (1 - sigmoid(beta * r)), undesirable lambda_U * sigmoid(beta * r), with
+no mismatched pairs (no KL pass; ``kl`` logs 0) and so any train.batch_size.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row KTO losses and implicit rewards.
 
@@ -78,11 +83,14 @@ def kto_loss(
         beta: temperature of the implicit reward.
         desirable_weight: lambda_D.
         undesirable_weight: lambda_U.
+        loss_type: "kto", or "apo_zero_unpaired" (``kl`` unused: 1 - sigmoid(beta r) and sigmoid(beta r)).
 
     Returns:
         (losses (B,), rewards beta * (log pi - log ref) (B,), detached).
     """
     logratio = policy_logps - ref_logps
+    if loss_type == "apo_zero_unpaired":
+        kl = 0.0  # (its undesirable loss sigmoid(beta r) is KTO's 1 - sigmoid(beta (0 - r)))
     good = desirable_weight * (1 - torch.sigmoid(beta * (logratio - kl)))
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratio)))
     return torch.where(desirable.bool(), good, bad), beta * logratio.detach()
@@ -107,14 +115,14 @@ class KTOCollator:
     """B rows -> one batch of 2B sequences: the B (prompt, completion) rows, then the B mismatched pairs that
     estimate the reference point (prompt i with a row's ``kl_completion`` where it has one, else with completion
     i-1 of the batch); ``desirable`` (B,) holds the labels. A mismatched completion is cut to fit ``max_length``
-    after its new prompt."""
+    after its new prompt. ``kl=False`` (apo_zero_unpaired): the B rows alone."""
 
-    def __init__(self, pad_token_id: int, max_length: int) -> None:
-        self._pad, self.max_length = Collator(pad_token_id), max_length
+    def __init__(self, pad_token_id: int, max_length: int, kl: bool = True) -> None:
+        self._pad, self.max_length, self.kl = Collator(pad_token_id), max_length, kl
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [{k: e[k] for k in _LM_KEYS} for e in examples]
-        for i, e in enumerate(examples):
+        for i, e in enumerate(examples if self.kl else []):
             prompt = e["input_ids"][: e["n_prompt"]]
             completion = e["kl_completion"] if "kl_completion" in e else _completion(examples[i - 1])
             completion = completion[: max(0, self.max_length - len(prompt))]
@@ -137,14 +145,16 @@ class KTOTrainer(DeltaTrainer):
         self.align = align
 
     def _losses(self, model, inputs, stats: dict | None = None) -> tuple[torch.Tensor, ...]:
-        lm = {k: inputs[k] for k in _LM_KEYS}
-        policy, policy_kl = sequence_logprobs(model, lm, stats).chunk(2)
-        ref, ref_kl = reference_logprobs(model, self._delta_model(), lm).chunk(2)
-        gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
-        kl = kl_reference_point(policy_kl, ref_kl, gather)
-        a = self.align
+        lm, a = {k: inputs[k] for k in _LM_KEYS}, self.align
+        policy, ref = sequence_logprobs(model, lm, stats), reference_logprobs(model, self._delta_model(), lm)
+        if kto_loss_type(a) == "apo_zero_unpaired":  # (TRL logs kl 0 for it)
+            kl = torch.zeros((), device=policy.device)
+        else:
+            (policy, policy_kl), (ref, ref_kl) = policy.chunk(2), ref.chunk(2)
+            gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
+            kl = kl_reference_point(policy_kl, ref_kl, gather)
         losses, rewards = kto_loss(policy, ref, inputs["desirable"], kl, a.beta, a.desirable_weight,
-                                   a.undesirable_weight)  # fmt: skip
+                                   a.undesirable_weight, kto_loss_type(a))  # fmt: skip
         return losses, rewards, kl, policy.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -173,6 +183,11 @@ class KTOTrainer(DeltaTrainer):
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), out.detach().float(), torch.zeros(out.shape[0], device=out.device)
+
+
+def kto_loss_type(align: AlignArgs) -> str:
+    """The KTO loss of ``align.loss_type``: apo_zero_unpaired, or kto (its default, the DPO default sigmoid)."""
+    return "apo_zero_unpaired" if align.loss_type == "apo_zero_unpaired" else "kto"
 
 
 def _metrics(p) -> dict[str, float]:
@@ -217,15 +232,16 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
 
     Raises:
         ConfigError: train.batch_size < 2 (the reference point needs mismatched pairs within a batch; an eval batch
-            of one is fine: eval rows are paired in blocks of train.batch_size, as TRL pairs them).
+            of one is fine: eval rows are paired in blocks of train.batch_size, as TRL pairs them), unless
+            align.loss_type is apo_zero_unpaired (no reference point; TRL refuses it only where it computes one).
         DataError: a bad row, or a training file without both desirable and undesirable rows.
     """
     from functools import partial
 
     from ..config import ConfigError
 
-    d = cfg.data
-    if cfg.train.batch_size < 2:
+    d, kl = cfg.data, kto_loss_type(cfg.align) == "kto"
+    if cfg.train.batch_size < 2 and kl:
         raise ConfigError(
             "stage kto needs train.batch_size >= 2 (its reference point comes from mismatched pairs within a batch), "
             f"got {cfg.train.batch_size}"
@@ -250,7 +266,8 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
         return out
 
     train = enc(train_samples, "train")
-    ev = pair_in_blocks(enc(eval_samples, "eval"), cfg.train.batch_size) if eval_samples else None
+    ev = enc(eval_samples, "eval") if eval_samples else None
+    ev = pair_in_blocks(ev, cfg.train.batch_size) if ev and kl else ev
     for path, rows in ((cfg.data.train, train), (cfg.data.eval, ev or [])):
         n_good = sum(e["desirable"] for e in rows)
         if rows and (n_good == 0 or n_good == len(rows)):  # eval: its margin (the run's best-model metric) needs both
@@ -264,15 +281,16 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
         warnings.warn(warning, UserWarning, stacklevel=2)
         notes.append(warning)
     a = cfg.align
+    point = ("reference point from mismatched pairs within each batch (eval: within blocks of "
+             f"train.batch_size={cfg.train.batch_size} rows, as TRL pairs them)")  # fmt: skip
     notes.append(
-        f"KTO: beta={a.beta}, lambda_D={a.desirable_weight}, lambda_U={a.undesirable_weight}; reference = the base "
-        "with the adapter off; reference point from mismatched pairs within each batch (eval: within blocks of "
-        f"train.batch_size={cfg.train.batch_size} rows, as TRL pairs them)"
+        f"KTO ({kto_loss_type(a)}): beta={a.beta}, lambda_D={a.desirable_weight}, lambda_U={a.undesirable_weight}; "
+        f"reference = the base with the adapter off; {point if kl else 'no reference point (apo_zero_unpaired)'}"
     )
     return Prepared(
         train,
         ev,
-        KTOCollator(tok.pad_token_id, d.max_length),
+        KTOCollator(tok.pad_token_id, d.max_length, kl),
         _metrics,
         "eval_margin",
         notes=notes,
