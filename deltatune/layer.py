@@ -1,10 +1,9 @@
 """What every injected module shares: per-adapter state keyed by name, activation, merge, save keys.
 
-A method's layer subclasses ``DeltaLayer`` (one level, no deeper) and lists in ``adapter_attrs`` the
-``nn.ModuleDict`` / ``nn.ParameterDict`` attributes that hold one entry per adapter name. With that,
-``DeltaModel`` can switch, disable, delete, save and load any method's adapters without knowing
-which method it is. Saved keys follow PEFT: the attribute path with the adapter name removed
-(``lora_A.default.weight`` -> ``lora_A.weight``).
+A method's layer subclasses ``DeltaLayer`` (one level, no deeper) and lists in ``adapter_attrs`` the ``nn.ModuleDict``
+/ ``nn.ParameterDict`` attributes that hold one entry per adapter name. With that, ``DeltaModel`` can switch, disable,
+delete, save and load any method's adapters without knowing which method it is. Saved keys follow PEFT: the attribute
+path with the adapter name removed (``lora_A.default.weight`` -> ``lora_A.weight``).
 
 ``ModulesToSave`` is the one layer that is not a method: it keeps a full trainable copy of a module
 (a new classification head) per adapter, as PEFT's ModulesToSaveWrapper does, with the same keys.
@@ -44,8 +43,7 @@ class RowAdapters:
         multiple of the rows."""
         self.refused: dict[int, str] = dict(getattr(sizes, "refused", {}))  # first dimensions none may route: why
         for path, layer in getattr(sizes, "shared", ()) if len(set(self.names)) > 1 else ():
-            held = [name for name in dict.fromkeys(self.names) if name in layer.adapter_names]
-            if held:
+            if held := [name for name in dict.fromkeys(self.names) if name in layer.adapter_names]:
                 raise ValueError(
                     f"adapter_names routes {len(self.names)} rows but adapter {held[0]!r} adapts {path}, which "
                     "computes one table of relative positions for every row, not the call's rows, so rows with "
@@ -92,10 +90,8 @@ class RowAdapters:
         key = (batch, device)
         if key not in self._groups:
             unique, codes = self.codes(batch, device)
-            if len(unique) == 1:
-                self._groups[key] = [(unique[0], None)]
-            else:
-                self._groups[key] = [(name, (codes == i).nonzero().flatten()) for i, name in enumerate(unique)]
+            one = len(unique) == 1
+            self._groups[key] = [(n, None if one else (codes == i).nonzero().flatten()) for i, n in enumerate(unique)]
         return self._groups[key]
 
 
@@ -157,6 +153,7 @@ class DeltaLayer(nn.Module):
             self.base_layer = base_layer
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.safe_merged: dict[str, bool] = {}  # whether each adapter was last merged with PEFT's safe_merge
         self.disabled = False
         self.row_adapters: RowAdapters | None = None  # set by DeltaModel for the length of a mixed-batch call
 
@@ -238,6 +235,11 @@ class DeltaLayer(nn.Module):
             self._merge_weights(name)
         self.merged_adapters.append(name)
 
+    def merge_as(self, name: str, safe: bool) -> None:
+        """``merge(name)`` as PEFT's with ``safe_merge=safe``, kept in ``safe_merged`` for ``_merge_weights`` and redos."""
+        self.safe_merged[name] = self.safe_merged.get(name, False) if name in self.merged_adapters else safe
+        self.merge(name)
+
     def check_merge(self, names: list[str]) -> None:
         """PEFT's ``safe_merge``: ValueError (PEFT's words) when merging ``names`` in turn leaves a base weight or bias
         that is not finite. The merge is tried and undone from a copy of the base layer's tensors, exactly."""
@@ -246,10 +248,10 @@ class DeltaLayer(nn.Module):
         packed = callable(getattr(base, "dequantize", None))  # a 4-bit base, not written into: the merge replaces it
         params, merged = dict(base.named_parameters()), list(self.merged_adapters)
         kept = {} if packed else {k: p.detach().clone() for k, p in params.items()}
-        state = {a: dict(getattr(self, a)) for a in self.merge_state}  # (a DoRA merge's norms, redrawn by the trial)
+        state = {a: dict(getattr(self, a)) for a in ("safe_merged", *self.merge_state)}  # (DoRA's norms, say)
         try:
             for name in [n for n in names if n in self.adapter_names and n not in merged]:
-                self.merge(name)
+                self.merge_as(name, True)
                 if bad := [k for k, p in self.base_layer.named_parameters() if not p.isfinite().all()]:
                     what = "weights" if "weight" in bad else "bias"  # IA3's bias: "merged bias", as PEFT says
                     raise ValueError(f"NaNs detected in the merged {what}. The adapter {name} seems to be broken")
@@ -543,8 +545,7 @@ class DequantizedLinear(nn.Linear):
     def unpack(self, dtype: torch.dtype | None = None) -> nn.Module:
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         for name in ("weight", "bias"):
-            p = getattr(self, name)
-            if p is not None:
+            if (p := getattr(self, name)) is not None:
                 setattr(plain, name, nn.Parameter(p.detach().to(dtype or p.dtype), requires_grad=p.requires_grad))
         return plain.train(self.training)
 

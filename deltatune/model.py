@@ -391,7 +391,7 @@ class DeltaModel(nn.Module, PushToHub):
             for layer in sorted(layers, key=lambda m: type(m)._merge_weights is not DeltaLayer._merge_weights):
                 for name in names:
                     if name in layer.adapter_names:
-                        layer.merge(name)
+                        layer.merge_as(name, safe_merge)
         except TypeError:
             self.unmerge_adapter()
             for layer, merged in done:

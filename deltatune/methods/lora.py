@@ -1,17 +1,15 @@
 """LoRA (Hu et al., 2021; arXiv:2106.09685), with rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024).
 
-A frozen weight W (d_out x d_in) gets a trainable low-rank update: h = W x + s * B A x, with
-A (r x d_in), B (d_out x r) and s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)).
-Init: A Kaiming-uniform as in the paper, B = 0, so the model starts exactly as the base.
-Merging sets W <- W + s * B A (zero added latency); unmerging subtracts it again.
+A frozen weight W (d_out x d_in) gets a trainable low-rank update: h = W x + s * B A x, with A (r x d_in),
+B (d_out x r) and s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). Init: A Kaiming-uniform as in the paper,
+B = 0, so the model starts exactly as the base. Merging sets W <- W + s * B A (zero added latency); unmerging
+subtracts it again. DoRA splits the merged weight into a magnitude m (d_out, trained) and a direction:
+W' = m * (W + s B A) / ||W + s B A||_row, the norm treated as a constant in the backward pass (as in the paper and
+PEFT). m starts as ||W||_row, so the model again starts as the base.
 
-DoRA splits the merged weight into a magnitude m (d_out, trained) and a direction:
-W' = m * (W + s B A) / ||W + s B A||_row, the norm treated as a constant in the backward pass (as in
-the paper and PEFT). m starts as ||W||_row, so the model again starts as the base.
-
-Layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weights stored transposed), ``nn.Embedding``
-(A gathers rows like an embedding) and ``nn.Conv2d`` (A a conv with the base kernel, B a 1x1 conv).
-Module and key names are PEFT's, so adapters move between deltatune and PEFT unchanged.
+Layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weights stored transposed), ``nn.Embedding`` (A gathers rows
+like an embedding) and ``nn.Conv2d`` (A a conv with the base kernel, B a 1x1 conv). Module and key names are PEFT's,
+so adapters move between deltatune and PEFT unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, check_regex
-from ..layer import DeltaLayer, linear_shape, set_submodule
+from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from ._dora import dora, row_norm
 from ._lora_gather import gathered
@@ -213,21 +211,24 @@ class _LoraBase(DeltaLayer):
                 result = result.index_copy(0, rows, part.to(result.dtype))
         return result
 
-    def _merge_weights(self, name: str, base: torch.Tensor | None = None) -> None:
+    def _merge_weights(self, name: str, base: torch.Tensor | None = None, safe: bool | None = None) -> None:
+        safe = self.safe_merged.get(name, False) if safe is None else safe
         self._dequantize_base()
         weight = self._weight
-        delta = self.delta_weight(name, merging=True)  # an fp32 adapter's delta added to a bf16 W rounds once (peft)
+        delta = self.delta_weight(name, merging=True)
         if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept for unmerge
             # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
-            # _unmerged_base_weight); W itself holds them.
-            base = self._unmerged_base() if base is None else base
+            # _unmerged_base_weight, which merges them back with this merge's safe_merge); W itself holds them.
+            base = self._unmerged_base(safe) if base is None else base
             self._dora_norm[name] = norm = row_norm(base + delta, self._rows_dim)
             factor = self.lora_magnitude_vector[name].detach() / norm  # fp32 m: unrounded, as peft
             weight.copy_((weight + delta) * _expand(factor, weight, self._rows_dim))
+        elif safe and not isinstance(self.base_layer, DequantizedLinear):  # peft's bitsandbytes merge: plain's sum
+            weight.add_(delta.to(weight.dtype))  # peft's safe merge: an fp32 delta rounded to a bf16 W, then added
         else:
-            weight.add_(delta)
+            weight.add_(delta)  # peft's plain merge: added in fp32, rounded once
 
-    def _unmerged_base(self) -> torch.Tensor:
+    def _unmerged_base(self, safe: bool) -> torch.Tensor:
         """The base weight without the adapters merged into it (taken out, copied, merged back in turn)."""
         merged = list(self.merged_adapters)
         if not merged:
@@ -236,7 +237,7 @@ class _LoraBase(DeltaLayer):
             self._unmerge_weights(n)
         base = self._weight.detach().clone()
         for n in merged:
-            self._merge_weights(n, base)
+            self._merge_weights(n, base, safe)
         return base
 
     def _unmerge_weights(self, name: str) -> None:
