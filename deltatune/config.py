@@ -70,15 +70,14 @@ class DeltaConfig:
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
+        for key in ("target_modules", *_NAME_FIELDS):  # a set or tuple of names reads as a list (sorted, a set)
+            if isinstance(value := getattr(self, key, None), (set, tuple)):
+                setattr(self, key, sorted(value) if isinstance(value, set) or key == "target_modules" else list(value))
         for key in ("target_modules", "exclude_modules"):  # a string is a regex (exclude_modules: the methods' own)
             if isinstance(getattr(self, key, None), str):
                 check_regex(key, getattr(self, key))
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = list(self.modules_to_save)
         for key in _NAME_FIELDS:  # matched against module names later, where a number fails deep inside (a TypeError)
             value = getattr(self, key, None)
             if value is not None and not all(

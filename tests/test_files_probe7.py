@@ -225,3 +225,12 @@ def test_loading_embedding_copies_leaves_other_merged_layers_as_they_were(tmp_pa
     for i in range(3):
         model.load_adapter(tmp_path / "b", adapter_name=f"b{i}")
         assert torch.equal(q, before), i
+
+
+@pytest.mark.parametrize("kw", [{"exclude_modules": ("k_proj",)}, {"exclude_modules": {"k_proj"}},
+                                {"layers_to_transform": [0], "layers_pattern": ("layers",)}])  # fmt: skip
+def test_a_tuple_or_set_of_module_names_reads_as_a_list_as_peft_takes_it(kw):
+    """1a92963's check refused tuples and sets that peft (and deltatune before it) accept."""
+    config = dt.LoraConfig(target_modules=["q_proj"], **kw)
+    field, value = next((k, v) for k, v in kw.items() if k != "layers_to_transform")
+    assert getattr(config, field) == sorted(value)

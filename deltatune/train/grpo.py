@@ -382,8 +382,8 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
         prefill = chat and prompt[-1].get("role") == "assistant"  # continued, as TRL's maybe_apply_chat_template
         if template is not None:  # a built-in template writes no BOS: the tokenizer adds it
             messages = prompt if chat else [{"role": "user", "content": prompt}]
-            text, spans = render(messages, tok, template, not prefill, train_from=len(messages) - prefill)
-            ids = tok(text[: spans[-1][0]] + messages[-1]["content"] if prefill else text)["input_ids"]
+            head = render(messages[: len(messages) - prefill], tok, template, True, train_from=len(messages))[0]
+            ids = tok(head + messages[-1]["content"] if prefill else head)["input_ids"]  # (as encode._prompt_text)
         elif chat:
             if not getattr(tok, "chat_template", None):
                 raise DataError(f"{row.source}: {prompt_column!r} holds chat messages but the tokenizer has no chat "
