@@ -474,7 +474,8 @@ def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
 def _logprob_row(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
     """``token``'s log-probability and the ``k`` most likely tokens', of the model's own distribution (vLLM's default
     ``logprobs_mode``, raw_logprobs: before penalties, temperature, top-k, top-p), -inf as OpenAI's -9999."""
-    lp = torch.log_softmax(logits.float(), dim=-1).clamp(min=-9999.0)
+    inf = torch.isposinf(logits)  # the limit: the +inf tokens share all the mass (greedy picks one of them)
+    lp = torch.log_softmax(torch.where(inf, 0.0, -torch.inf) if inf.any() else logits.float(), -1).clamp(min=-9999.0)
     top = lp.topk(k) if k else None
     return token, float(lp[token]), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
 
@@ -566,8 +567,7 @@ def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any 
     applies it (vLLM's too): ``repetition_penalty`` always, ``top_k``, ``top_p`` and ``min_p`` when sampling.
 
     Raises:
-        FloatingPointError: logits that are NaN (or +inf, sampling): no token can be chosen (greedy takes a +inf's
-            argmax, as ``generate`` and vLLM).
+        FloatingPointError: NaN logits (+inf, sampling; greedy takes its argmax, as generate): no token to choose.
     """
     penalty = _setting(r, gen, "repetition_penalty") or 1.0
     if penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor over the prompt and the answer so far

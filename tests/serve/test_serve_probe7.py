@@ -334,3 +334,6 @@ def test_greedy_takes_the_argmax_of_a_positive_infinite_logit_as_generate_does()
     assert _pick(logits, r, None) == 1
     with pytest.raises(FloatingPointError, match="NaN"):
         _pick(torch.tensor([0.0, float("nan"), 1.0]), r, None)
+    from deltatune.serve.engine import _logprob_row  # its log-probability: the limit, all the mass on +inf (was nan)
+
+    assert _logprob_row(logits, 1, 2) == (1, 0.0, [(1, 0.0), (0, -9999.0)])
