@@ -145,6 +145,8 @@ class AlignArgs:
     label_smoothing: float = _f(
         0.0, "DPO sigmoid, robust, exo_pair, aot, aot_unpaired: assumed fraction of flipped labels, in [0, 0.5)."
     )
+    ld_alpha: float | None = _f(None, "DPO: LD-DPO's alpha in [0, 1] (TRL's ld_alpha): each pair's response tokens "
+                                "beyond the shorter one's count weigh alpha in the summed log-probs; null: off.")  # fmt: skip
     precompute_ref: bool = _f(False, "DPO: compute the reference log-probs once before training (one pass, no "
                               "reference forward per step).")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
@@ -468,6 +470,8 @@ def _validate_align(a: AlignArgs, stage: str) -> None:
     if a.f_divergence_type not in F_DIVERGENCES or others:
         raise ConfigError(f"align.f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, other than reverse_kl "
                           f"only with the {', '.join(F_DIVERGENCE_LOSSES)} losses; got {a.f_divergence_type}")  # fmt: skip
+    if a.ld_alpha is not None and not 0 <= a.ld_alpha <= 1:
+        raise ConfigError(f"align.ld_alpha must be in [0, 1] (or null: off), got {a.ld_alpha}")
     if a.label_smoothing and not set(kinds) & set(SMOOTHED):
         raise ConfigError(f"align.label_smoothing is for the sigmoid and robust losses; align.loss_type is "
                           f"{a.loss_type}: drop one of them (exo_pair, aot, aot_unpaired read it too)")  # fmt: skip
@@ -495,7 +499,7 @@ READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "d
            ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma"),
            ("pt sft dpo kto orpo simpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
            ("dpo grpo kto orpo simpo", "align.beta"),
-           ("dpo", "align.loss_type align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref "
+           ("dpo", "align.loss_type align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref align.ld_alpha "
                    "align.f_divergence_type align.f_alpha_divergence_coef"),
            ("ppo grpo", "align.max_new_tokens align.temperature align.mini_batch_size align.cliprange"),
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "

@@ -19,6 +19,9 @@ formulas in docs/training.md) and its weighted lists of loss types (``tests/trai
 The implicit rewards are beta (log pi - log ref) of each response. The reference is the same base model with the
 adapter switched off (``DeltaModel.disable_adapter``) and no dropout, so it costs no second copy of the weights; with
 ``align.precompute_ref`` its log-probs are computed once before training instead of at every step.
+``align.ld_alpha`` (LD-DPO, Liu et al. 2024, arXiv:2409.06411; TRL's ld_alpha) weighs each pair's response tokens
+beyond the shorter response's count by alpha in the summed log-probs of the policy and the reference (precomputed
+too), so the longer response's verbose tail counts less; the sft loss keeps the plain sums, as TRL's.
 At initialisation (adapter = identity) pi = ref, so h = 0 and the sigmoid loss is log 2.
 """
 
@@ -32,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preference import PairCollator
+from ..data.templates import IGNORE_INDEX
 from .config import DPO_LOSS_TYPES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, AlignArgs, RunConfig
-from .logprobs import reference_logprobs, response_logprobs, sequence_logprobs, token_means
+from .logprobs import model_token_logprobs, reference_logprobs, sequence_logprobs, summed, token_means
 from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
 
@@ -54,6 +58,7 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
+    sft_chosen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and the implicit rewards.
 
@@ -75,6 +80,8 @@ def dpo_loss(
             js_divergence or alpha_divergence (of ``f_alpha``); it replaces each log-ratio u by f'(exp u) in the
             losses of ``F_DIVERGENCE_LOSSES``, as TRL's ``f_divergence_type``.
         f_alpha: the alpha of alpha_divergence.
+        sft_chosen: (B,) the chosen responses' plain summed log-probs for the sft loss, where ``policy_chosen`` holds
+            LD-DPO's weighted ones (default: ``policy_chosen``).
 
     Returns:
         (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards are detached.
@@ -91,7 +98,9 @@ def dpo_loss(
         raise ValueError(f"f_divergence {f_divergence} is for the {', '.join(F_DIVERGENCE_LOSSES)} losses only")
     scores = _f_scores(chosen, f_divergence, f_alpha), _f_scores(rejected, f_divergence, f_alpha)
     pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, *scores)
-    losses = sum(w * _losses_of(k, *pairs, beta, label_smoothing, discopop_tau) for k, w in zip(kinds, weights))
+    sft = pairs if sft_chosen is None else (sft_chosen, *pairs[1:])
+    losses = sum(w * _losses_of(k, *(sft if k == "sft" else pairs), beta, label_smoothing, discopop_tau)
+                 for k, w in zip(kinds, weights))  # fmt: skip
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
@@ -189,24 +198,25 @@ class DPOTrainer(PairTrainer):
             for i in starts:
                 chunk = examples[i : i + size]
                 batch = {k: v.to(device) for k, v in self.data_collator(chunk).items() if k in _LM_KEYS}
-                ref_c, ref_r = sequence_logprobs(model, batch).chunk(2)
+                ref_c, ref_r = sequence_logprobs(model, batch, ld_alpha=self.align.ld_alpha).chunk(2)
                 for ex, c, r in zip(chunk, ref_c.tolist(), ref_r.tolist()):
                     out.append({**ex, "ref_chosen_logp": c, "ref_rejected_logp": r})
         model.train(was_training)
         return out
 
     def _losses(self, model, inputs, stats: dict | None = None) -> tuple[torch.Tensor, ...]:
-        lm = {k: inputs[k] for k in _LM_KEYS}
-        logps, counts = response_logprobs(model, lm, stats)
+        lm, a = {k: inputs[k] for k in _LM_KEYS}, self.align
+        per_token = model_token_logprobs(model, lm, stats)
+        logps, counts = summed(per_token, lm["labels"], a.ld_alpha), (lm["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
         (policy_c, policy_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
         if "ref_chosen_logp" in inputs:
             ref_c, ref_r = inputs["ref_chosen_logp"], inputs["ref_rejected_logp"]
         else:
-            ref_c, ref_r = reference_logprobs(model, self._delta_model(), lm).chunk(2)
-        a = self.align
+            ref_c, ref_r = reference_logprobs(model, self._delta_model(), lm, a.ld_alpha).chunk(2)
+        plain = per_token[: len(policy_c)].sum(-1) if a.ld_alpha is not None else None
         losses, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing,
                                             n_c, n_r, a.loss_weights, a.discopop_tau, a.f_divergence_type,
-                                            a.f_alpha_divergence_coef)  # fmt: skip
+                                            a.f_alpha_divergence_coef, plain)  # fmt: skip
         return losses, chosen, rejected, logps.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -255,6 +265,7 @@ def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
         + (f", label_smoothing={a.label_smoothing}" if a.label_smoothing else "")
         + "; reference = the base with the adapter off"
         + (", log-probs precomputed once" if a.precompute_ref else "")
+        + (f"; LD-DPO ld_alpha={a.ld_alpha}" if a.ld_alpha is not None else "")
     )
     return Prepared(
         train.examples,

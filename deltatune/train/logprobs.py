@@ -84,13 +84,32 @@ def token_means(stats: dict, labels: torch.Tensor, rows: torch.Tensor | slice = 
     return {k: (v[rows] * mask).sum().item() / n if n else 0.0 for k, v in stats.items()}
 
 
-def sequence_logprobs(
+def summed(per_token: torch.Tensor, labels: torch.Tensor, ld_alpha: float | None = None) -> torch.Tensor:
+    """(B,) sums of ``token_logprobs``' (B, T - 1) per-token log-probs. ``ld_alpha`` (LD-DPO, Liu et al. 2024,
+    arXiv:2409.06411, as TRL's DPOTrainer): the rows are B chosen then B rejected responses, and each pair's label
+    tokens beyond the shorter response's count weigh ``ld_alpha`` (the first that many weigh 1); None: plain sums."""
+    if ld_alpha is None:
+        return per_token.sum(-1)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    shared = torch.minimum(*mask.sum(-1).chunk(2)).repeat(2)
+    tail = mask & (mask.cumsum(-1) > shared[:, None])
+    return (per_token * torch.where(tail, ld_alpha, mask.to(per_token.dtype))).sum(-1)
+
+
+def model_token_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None
 ) -> torch.Tensor:
-    """Summed log-probs of each sequence's label tokens: (B,). ``batch`` holds input_ids, attention_mask, labels;
-    ``stats``: see ``token_logprobs``."""
+    """``token_logprobs`` (B, T - 1) of ``model`` on ``batch`` (input_ids, attention_mask, labels)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_logprobs(logits, batch["labels"], stats).sum(-1)
+    return token_logprobs(logits, batch["labels"], stats)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None, ld_alpha: float | None = None
+) -> torch.Tensor:
+    """Summed log-probs of each sequence's label tokens: (B,). ``batch`` holds input_ids, attention_mask, labels;
+    ``stats``: see ``token_logprobs``; ``ld_alpha``: see ``summed``."""
+    return summed(model_token_logprobs(model, batch, stats), batch["labels"], ld_alpha)
 
 
 def response_logprobs(
@@ -105,14 +124,17 @@ def response_logprobs(
 
 
 @torch.no_grad()
-def reference_logprobs(model: torch.nn.Module, delta: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def reference_logprobs(
+    model: torch.nn.Module, delta: Any, batch: dict[str, torch.Tensor], ld_alpha: float | None = None
+) -> torch.Tensor:
     """``sequence_logprobs`` of the reference: ``delta`` (the DeltaModel that ``model`` is or wraps) with its
     adapter off, and in eval mode: no dropout (as TRL's reference has none), so a training step's reference is the
-    one ``DPOTrainer._with_ref`` precomputes, and the base's own dropout (GPT-2's, BERT's) adds no noise to it."""
+    one ``DPOTrainer._with_ref`` precomputes, and the base's own dropout (GPT-2's, BERT's) adds no noise to it.
+    ``ld_alpha``: see ``summed``."""
     was_training = model.training
     model.eval()
     try:
         with delta.disable_adapter():
-            return sequence_logprobs(model, batch)
+            return sequence_logprobs(model, batch, ld_alpha=ld_alpha)
     finally:
         model.train(was_training)

@@ -14,10 +14,17 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 import deltatune as dt
 from deltatune.config import ConfigError
+from deltatune.data.preference import PairCollator
 from deltatune.train import build
 from deltatune.train.config import AlignArgs
+from deltatune.train.dpo import DPOTrainer, dpo_loss
 from deltatune.train.kto import KTOCollator, KTOTrainer, kto_loss
+from deltatune.train.logprobs import reference_logprobs, summed
 
+PAIRS = [
+    {"prompt": "what is your name", "chosen": " my name is delta", "rejected": " i will not say"},
+    {"prompt": "hello there friend", "chosen": " hi", "rejected": " go away now please you"},
+]
 ROWS = [
     {"prompt": "what is your name", "completion": " my name is delta", "label": True},
     {"prompt": "hello there friend", "completion": " go away now please you", "label": False},
@@ -138,3 +145,93 @@ def test_apo_zero_unpaired_trainer_equals_trl(base, model, tmp_path):
     model.eval()
     assert got == pytest.approx(expected, abs=2e-5) and abs(expected - 0.5 * 1.1) > 1e-3  # (not the start's value)
     assert len(logged) == 8 and {k: ours._stats[k][0] for k in logged} == pytest.approx(logged, abs=2e-5)
+
+
+@pytest.fixture(scope="module")
+def trl_dpo(base, tmp_path_factory):
+    """A TRL DPOTrainer whose settings each test sets; ``Given`` stands in for its model and reference model."""
+    args = trl.DPOConfig(str(tmp_path_factory.mktemp("trl_dpo")), report_to=[], use_cpu=True, bf16=False,
+                         per_device_train_batch_size=2)  # fmt: skip
+    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args,
+                             train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer())  # fmt: skip
+    trainer.precompute_ref_logps = False
+    return trainer
+
+
+LD_CASES = [("sigmoid", 0.5), ("sigmoid", 0.0), ("sigmoid", 1.0), ("ipo", 0.3), ("sigmoid_norm", 0.7), ("aot", 0.5),
+            (["sigmoid", "sft"], 0.5), (["robust", "bco_pair", "sft"], 0.2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type, alpha", LD_CASES)
+def test_ld_dpo_loss_and_gradient_equal_trl(trl_dpo, loss_type, alpha):
+    """LD-DPO's weighted sums of the policy's and the reference's per-token log-probs (the reference's also as TRL
+    precomputes them), through dpo_loss, against TRL's _compute_loss: loss and gradient to 1e-6."""
+    seed = 100 + LD_CASES.index((loss_type, alpha))
+    mask, per_token, _ = token_batch(seed, 2 * B)
+    _, ref_token, _ = token_batch(seed, 2 * B)  # (the same lengths, other log-probs)
+    ref_token = (ref_token.detach() + 0.5 * torch.randn(ref_token.shape, dtype=torch.float64)) * mask[:, 1:]
+    kinds = [loss_type] if isinstance(loss_type, str) else loss_type
+    trl_dpo.beta, trl_dpo.loss_types, trl_dpo.loss_weights, trl_dpo.ld_alpha = BETA, kinds, [1.0] * len(kinds), alpha
+    trl_dpo.label_smoothing, trl_dpo.ref_model = 0.2 * ("robust" in kinds), Given(ref_token)
+    inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long), "attention_mask": torch.ones(2 * B, T).long(),
+              "completion_mask": mask}  # fmt: skip
+    expected = trl_dpo._compute_loss(Given(per_token), inputs, False)
+    (want,) = torch.autograd.grad(expected, per_token)
+    labels = torch.where(mask.bool(), 1, -100)
+    policy, ref, counts = summed(per_token, labels, alpha), summed(ref_token, labels, alpha), mask[:, 1:].sum(1)
+    assert torch.allclose(torch.cat(trl_dpo.compute_ref_log_probs(Given(ref_token), inputs)), ref, atol=1e-12)
+    losses, _, _ = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], BETA, loss_type, 0.2 * ("robust" in kinds),
+                            counts[:B], counts[B:], sft_chosen=per_token[:B].sum(1))  # fmt: skip
+    (got,) = torch.autograd.grad(losses.mean(), per_token)
+    assert losses.mean().item() == pytest.approx(expected.item(), abs=1e-6) and want.abs().max() > 1e-3
+    on = mask[:, 1:].bool()  # (elsewhere the stand-in's zeros are no token's log-prob)
+    assert torch.allclose(got[on], want[on], atol=1e-6)
+    assert (counts[:B] != counts[B:]).any()  # pairs with a tail that the weight sees
+    if alpha < 1:  # (the weighting counts)
+        assert not torch.allclose(policy, per_token.sum(1))
+
+
+def test_ld_alpha_in_recipes():
+    raw = {"stage": "dpo", "model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}}
+    assert build({**raw, "align": {"ld_alpha": 0.5}}).align.ld_alpha == 0.5
+    assert build(raw).align.ld_alpha is None
+    with pytest.raises(ConfigError, match=r"align.ld_alpha must be in \[0, 1\] \(or null: off\), got 1.5"):
+        build({**raw, "align": {"ld_alpha": 1.5}})
+    from deltatune.train.config import ignored_keys
+
+    assert ignored_keys(build({**raw, "stage": "kto", "align": {"ld_alpha": 0.5}})) == [("align.ld_alpha", "dpo")]
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_ld_dpo_trainer_equals_trl(base, model, tmp_path, precompute):
+    """TRL's DPOTrainer with ld_alpha and deltatune's on a real batch (sigmoid + sft), the reference computed each
+    step or precomputed before training by each trainer."""
+    kinds, alpha = ["sigmoid", "sft"], 0.4
+    args = trl.DPOConfig(str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, bf16=False,
+                         loss_type=kinds, beta=BETA, ld_alpha=alpha, precompute_ref_log_probs=precompute)  # fmt: skip
+    trainer = dt.trl_trainer(trl.DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(PAIRS),
+                                             ref_model=AutoModelForCausalLM.from_pretrained(base),
+                                             processing_class=tokenizer())  # fmt: skip
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        expected = trainer.compute_loss(model, inputs).item()
+    labels = torch.where(inputs["completion_mask"].bool(), inputs["input_ids"], -100)
+    seqs = []
+    for i in range(4):
+        real = inputs["attention_mask"][i].bool()
+        seqs.append({"input_ids": inputs["input_ids"][i][real].tolist(), "labels": labels[i][real].tolist()})
+        seqs[-1]["attention_mask"] = [1] * len(seqs[-1]["input_ids"])
+    pairs = [{"chosen": seqs[i], "rejected": seqs[2 + i]} for i in range(2)]
+    collate = PairCollator(tokenizer().pad_token_id)
+    ours = DPOTrainer(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                      align=AlignArgs(beta=BETA, loss_type=kinds, ld_alpha=alpha, precompute_ref=precompute),
+                      train_dataset=pairs, data_collator=collate)  # fmt: skip
+    with torch.no_grad():
+        got = ours.compute_loss(model, collate(ours.train_dataset)).item()
+        plain = ours.compute_loss(model, collate(pairs), return_outputs=True)  # (no ref columns: computed here)
+    assert got == pytest.approx(expected, abs=2e-5) and plain[0].item() == pytest.approx(expected, abs=2e-5)
+    lm = collate(pairs)
+    with torch.no_grad():
+        ld, sums = reference_logprobs(model, model, lm, alpha), reference_logprobs(model, model, lm)
+    assert (ld - sums).abs().max() > 1e-2  # the pairs' tails weigh less in the reference too
