@@ -22,6 +22,7 @@ with a model: ``quantize``, ``prepare_for_kbit_training``, ``merge_quantized``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import math
@@ -40,14 +41,8 @@ BLOCK_SIZE = 64
 SCALER_BLOCK_SIZE = 256
 """Absmax constants per 8-bit block in double quantisation (the paper's block size)."""
 BACKENDS = ("torchao", "bitsandbytes")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 _NF4_MODULES = ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor")
 _INSTALL = {"torchao": "pip install 'deltatune[quant]' (torchao)", "bitsandbytes": "pip install bitsandbytes"}
 
@@ -61,10 +56,8 @@ def _backend(name: str) -> Any:
     """The module that implements ``name``: torchao's nf4 tensor module, or bitsandbytes. ImportError if missing."""
     paths = _NF4_MODULES if name == "torchao" else ("bitsandbytes",)
     for path in paths:
-        try:
+        with contextlib.suppress(ImportError):
             return importlib.import_module(path)
-        except ImportError:
-            continue
     raise ImportError(f"quantisation backend {name!r} is not installed: {_INSTALL[name]}")
 
 
@@ -242,9 +235,12 @@ class Linear4bit(nn.Module):
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(f"{prefix}weight.")]:  # the constants saved beside W
-            state_dict.pop(key)
+        keys = [k for k in state_dict if k.startswith(prefix + "weight.")]  # W's constants: its quant state
+        saved = {k.removeprefix(prefix + "weight."): state_dict.pop(k) for k in keys}
         super()._load_from_state_dict(state_dict, prefix, *args)
+        if saved and self.backend == "bitsandbytes":
+            qs = _backend("bitsandbytes").functional.QuantState
+            self.weight.quant_state = qs.from_dict(saved, self.weight.device)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W (d_out x d_in) in ``dtype`` (default: the compute dtype)."""

@@ -138,6 +138,16 @@ def test_requantized_4bit_merge_saves_and_loads_as_peft_s(tmp_path):
     with torch.no_grad():
         logits = plain(**inputs).logits
         assert torch.equal(ours_back(**inputs).logits, logits) and torch.equal(peft_back(**inputs).logits, logits)
+    # its state dict loaded into another requantised merge: the bytes came with the other's constants (0.219 off)
+    other, _ = _pair(tmp_path / "2", 4, torch.bfloat16)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.requires_grad:
+                p.mul_(-2.0)  # another adapter: other merged bytes and constants
+    other, _ = dt.merge_quantized(other, inputs, requantize=True)
+    other.load_state_dict(plain.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(other.train()(**inputs).logits, logits)
 
 
 def test_full_fine_tuning_of_an_8bit_base_is_refused_naming_it_8bit(tmp_path):
