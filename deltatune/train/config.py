@@ -499,7 +499,8 @@ READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "d
            ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma"),
            ("pt sft dpo kto orpo simpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
            ("dpo grpo kto orpo simpo", "align.beta"),
-           ("dpo", "align.loss_type align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref align.ld_alpha "
+           ("dpo kto", "align.loss_type"),
+           ("dpo", "align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref align.ld_alpha "
                    "align.f_divergence_type align.f_alpha_divergence_coef"),
            ("ppo grpo", "align.max_new_tokens align.temperature align.mini_batch_size align.cliprange"),
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
@@ -519,8 +520,7 @@ def ignored_keys(cfg: RunConfig) -> list[tuple[str, str]]:
         for key in keys.split():
             section, name = key.split(".")
             set_to = getattr(getattr(cfg, section), name)
-            kto_loss = cfg.stage == "kto" and key == "align.loss_type"  # (validated as a KTO loss: read)
-            if cfg.stage not in stages.split() and set_to != getattr(_SECTIONS[section](), name) and not kto_loss:
+            if cfg.stage not in stages.split() and set_to != getattr(_SECTIONS[section](), name):
                 out.append((key, stages.replace(" ", ", ")))
     return out
 
