@@ -72,7 +72,8 @@ def test_merge_and_unmerge_on_a_bf16_base_with_fp32_adapters_are_peft_s_bit_for_
 @pytest.mark.parametrize("safe", [False, True])
 def test_an_adapter_merged_after_a_deleted_one_is_merged_again_as_it_was(safe, tmp_path):
     """Deleting a merged adapter unmerges the ones merged after it and merges them again: with the safe_merge they
-    were merged with, so the weights are peft's after unmerging both and merging the kept one again so."""
+    were merged with, so the weights are peft's after unmerging both and merging the kept one again so (peft itself
+    refuses to delete a merged adapter; deltatune unmerges it first)."""
     ours, theirs, names = _pair("lora+lora", tmp_path)
     ours.merge_adapter(names, safe_merge=safe)
     theirs.merge_adapter(names, safe_merge=safe)

@@ -460,7 +460,7 @@ def _validate_align(a: AlignArgs, stage: str) -> None:
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
                           f"{a.loss_type!r}")  # fmt: skip
     weights = kinds if a.loss_weights is None else a.loss_weights
-    if len(weights) != len(kinds) or a.loss_weights and {type(w) for w in weights} - {int, float}:
+    if stage == "dpo" and (len(weights) != len(kinds) or a.loss_weights and {type(w) for w in weights} - {int, float}):
         raise ConfigError(f"align.loss_weights must be {len(kinds)} numbers, one per align.loss_type, got "
                           f"{a.loss_weights!r}")  # fmt: skip
     if not 0.0 <= a.label_smoothing < 0.5 or (a.label_smoothing == 0 and "exo_pair" in kinds):
