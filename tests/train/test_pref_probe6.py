@@ -51,14 +51,14 @@ def base(tmp_path_factory) -> str:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
 
 
-def trained_looking(base: str) -> dt.DeltaModel:
+def trained_looking(base: str, std: float = 0.5) -> dt.DeltaModel:
     torch.manual_seed(0)
     config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)
+                p.normal_(0, std)
     return model
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
+from test_pref_probe6 import trained_looking
 from tiny import save_tiny, tiny_config, word_tokenizer
 from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -33,17 +34,6 @@ CONVERSATIONAL = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
-
-
-def trained_looking(base: str) -> dt.DeltaModel:
-    torch.manual_seed(0)
-    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return model
 
 
 def prepared(base: str, tmp_path, stage: str, rows: list[dict], align: dict, train: dict):
@@ -97,17 +87,6 @@ def word_model(tmp_path_factory) -> str:
     return str(path)
 
 
-def lightly_trained(base: str) -> dt.DeltaModel:
-    torch.manual_seed(0)
-    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
-
-
 WORD_PAIRS = [{"prompt": "w1 w2 w3", "chosen": " w18 w17 w24", "rejected": " w6"},
               {"prompt": "w7", "chosen": " w8 w9 w10", "rejected": " w11 w12"}]  # fmt: skip
 WORD_ROWS = [{"prompt": "w1 w2 w3", "completion": " w18 w17 w24", "label": True},
@@ -135,7 +114,7 @@ def test_dpo_logs_trls_logits_entropy_and_token_accuracy(word_model, tmp_path):
     """TRL's DPOTrainer logs logits/chosen, logits/rejected (the mean logit over the vocabulary, over each side's
     response tokens), entropy (over both sides' tokens) and mean_token_accuracy (the chosen tokens that are the
     argmax); deltatune logged none of them."""
-    model = lightly_trained(word_model)
+    model = trained_looking(word_model, std=0.05)
     batch, logged = trl_logged(trl.DPOTrainer, trl.DPOConfig, model, word_model, WORD_PAIRS, tmp_path)
     assert logged["mean_token_accuracy"] > 0.2 and len(logged) == 10
     labels = torch.where(batch["completion_mask"].bool(), batch["input_ids"], -100)
@@ -148,7 +127,7 @@ def test_dpo_logs_trls_logits_entropy_and_token_accuracy(word_model, tmp_path):
 
 
 def test_kto_logs_trls_logits_and_entropy(word_model, tmp_path):
-    model = lightly_trained(word_model)
+    model = trained_looking(word_model, std=0.05)
     batch, logged = trl_logged(trl.KTOTrainer, trl.KTOConfig, model, word_model, WORD_ROWS, tmp_path)
     assert len(logged) == 9  # kl, entropy, and logits, logps, rewards of each side, rewards/margins
     rows = []
