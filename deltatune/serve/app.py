@@ -21,8 +21,9 @@ from typing import Any
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
 from ..data.templates import ChatTemplateError, apply_chat_template
-from .engine import BASE, UNLOADED, Engine, Request, RequestError, logprobs_json
+from .engine import BASE, UNLOADED, Engine, Request, RequestError
 from .guard import refusal
+from .logprob_names import logprobs_json
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 
 from ..train.runs import run_template
+from .logprob_names import logprob_row as _logprob_row
+from .logprob_names import logprobs_json as logprobs_json  # noqa: F401 (served from here before)
 
 BASE = "base"
 """The model name under which the plain base model is served."""
@@ -469,66 +471,6 @@ def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
     return mask[:, lead:]
-
-
-def _logprob_row(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
-    """``token``'s log-probability and the ``k`` most likely tokens', of the model's own distribution (vLLM's default
-    ``logprobs_mode``, raw_logprobs: before penalties, temperature, top-k, top-p), -inf as OpenAI's -9999."""
-    inf = torch.isposinf(logits)  # the limit: the +inf tokens share all the mass (greedy picks one of them)
-    lp = torch.log_softmax(torch.where(inf, 0.0, -torch.inf) if inf.any() else logits.float(), -1).clamp(min=-9999.0)
-    top = lp.topk(k) if k else None
-    return token, float(lp[token]), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
-
-
-def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0, state: dict | None = None) -> dict:
-    """``rows`` (``Request.logprob_rows``) as OpenAI's ``logprobs``: a chat choice's ``content``, or a completion's
-    ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token's among them) and ``text_offset`` (from
-    ``offset``). Each token is decoded alone, as vLLM shows it (``_token_text``); the chosen tokens' names add up to
-    the text (``_chosen_names``; ``state`` carries a character left incomplete from a stream's earlier chunk)."""
-    name = {t: _token_text(tokenizer, t) for row in rows for t in (row[0], *(i for i, _ in row[2]))}
-    chosen = _chosen_names(tokenizer, [row[0] for row in rows], name, {} if state is None else state)
-    if chat:
-        item = lambda token, lp: {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}  # noqa: E731
-        top_items = [[item(name[a], v) for a, v in top] for _, _, top in rows]
-        return {"content": [{**item(n, row[1]), "top_logprobs": t} for row, n, t in zip(rows, chosen, top_items)]}
-    tokens = chosen
-    offsets = [offset + sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
-    tops = [
-        None if lp is None else dict(sorted({**dict(top), t: lp}.items(), key=lambda a: -a[1])) for t, lp, top in rows
-    ]
-    tops = [None if d is None else {name[i]: lp for i, lp in d.items()} for d in tops]
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp for _, lp, _ in rows],
-        "top_logprobs": tops,
-        "text_offset": offsets,
-    }
-
-
-def _chosen_names(tokenizer: Any, ids: list[int], name: dict[int, str], state: dict) -> list[str]:
-    """Each token's own name, except a character split over byte-level or byte-fallback tokens (its pieces decode to
-    U+FFFD alone): "" for the pieces before the last, the whole character for the last, so that the names add up to
-    the text as vLLM's LogprobsProcessor corrects them (a bad byte sequence gives up after 4 pieces)."""
-    out, pending = [], state.setdefault("pending", [])
-    for t in ids:
-        if not pending and "\ufffd" not in name[t]:
-            out.append(name[t])
-            continue
-        pending.append(t)
-        text = tokenizer.decode(pending)
-        complete = not text.endswith("\ufffd") or len(pending) == 4
-        out.append(text if complete else "")
-        if complete:
-            pending.clear()
-    return out
-
-
-def _token_text(tokenizer: Any, token: int) -> str:
-    """``token`` decoded alone, with the leading spaces a SentencePiece piece's "▁" stands for, which decode drops
-    at the start of a text ("▁the" decodes to "the"): vLLM restores them, OpenAI shows them (" the")."""
-    text, piece = tokenizer.decode([token]), tokenizer.convert_ids_to_tokens(token)
-    marks = len(piece) - len(piece.lstrip("\u2581")) if isinstance(piece, str) else 0
-    return " " * (marks - (len(text) - len(text.lstrip(" ")))) + text
 
 
 def _row_name(adapter: str) -> str:

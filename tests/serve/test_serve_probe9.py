@@ -1,0 +1,76 @@
+"""Probe 9 of ``deltatune serve``: log-probability names and order as vLLM gives them, and the sampling fields
+OpenAI and vLLM define (penalties, ``logit_bias``, ``min_tokens``, ``top_k``, ``min_p``), which were a 400
+``unsupported``, computed with their references' formulas (transformers' logits processors where they share one)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+CHAT = [{"role": "user", "content": "the small dog sat"}]
+
+
+def _post(server, path: str, body: dict):
+    request = urllib.request.Request(
+        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return 200, json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def _smollm2():
+    from transformers import AutoTokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.train.models import resolve_path
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_path("smollm2"))  # byte-level BPE
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+def test_top_logprobs_below_the_floor_are_ordered_by_logit():
+    """Every log-probability under -9999 is reported as -9999 (OpenAI's), but the top k were chosen after that
+    floor, so among them the order was topk's pick among ties ([0, 1, 2, 3]); vLLM ranks them by the raw values."""
+    from deltatune.serve.logprob_names import logprob_row
+
+    logits = torch.tensor([0.0, -20000.0, -30000.0, -15000.0])
+    token, lp, top = logprob_row(logits, 2, 4)
+    assert (token, lp) == (2, -9999.0)
+    assert [i for i, _ in top] == [0, 3, 1, 2] and [v for _, v in top] == [0.0, -9999.0, -9999.0, -9999.0]
+
+
+def test_alternatives_at_a_split_character_are_named_in_context_as_vllm_names_them():
+    """' 你' is ' ' + E4 BD + A0 in byte-level pieces. The chosen pieces were named ' ', '', '你' (probe 7), but each
+    alternative by itself ('\\ufffd'), and a completion's top_logprobs key of the completing piece stayed '\\ufffd'
+    while its token was '你'. vLLM names every candidate in the context of the tokens chosen before it: the A1 piece
+    after E4 BD is '佡', E4 BB after ' ' completes nothing (''); so does our chosen one's key."""
+    from deltatune.serve.logprob_names import logprobs_json
+
+    tok = _smollm2()
+    a1 = tok.convert_tokens_to_ids("\u00a1")  # the byte A1 alone
+    rows = [
+        (216, -0.1, [(216, -0.1), (26411, -3.0)]),  # ' ', ' é'
+        (18645, -0.2, [(18645, -0.2), (15076, -2.0)]),  # E4 BD, E4 BB
+        (250, -0.3, [(250, -0.3), (a1, -1.5)]),  # A0, A1
+    ]
+    assert [tok.decode([t]) for t in (18645, 15076, 250, a1)] == ["\ufffd"] * 4
+    out = logprobs_json(tok, rows, chat=False)
+    assert out["tokens"] == [" ", "", "你"]
+    assert out["top_logprobs"][2] == {"你": -0.3, "佡": -1.5}  # was {"\ufffd": -1.5}: both pieces one key
+    assert out["top_logprobs"][0] == {" ": -0.1, " é": -3.0}
+    content = logprobs_json(tok, rows, chat=True)["content"]
+    assert [[t["token"] for t in c["top_logprobs"]] for c in content] == [[" ", " é"], ["", ""], ["你", "佡"]]
+    assert content[2]["top_logprobs"][1]["bytes"] == list("佡".encode())
+    state, streamed = {}, []  # a stream whose chunk ends inside '你' names them alike
+    for part in (rows[:2], rows[2:]):
+        streamed += logprobs_json(tok, part, chat=True, state=state)["content"]
+    assert streamed == content
