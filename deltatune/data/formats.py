@@ -83,7 +83,8 @@ SHAREGPT_TAGS: dict[str, str] = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
-_MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"}
+"""OpenAI's roles (``function``: the result of a deprecated ``function_call``, a tool message)."""
 FIELDS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "prompt", "completion",
           "chosen", "rejected", "label", "text", "tools", "images", "videos")  # fmt: skip
 """The fields ``data.columns`` may rename (field -> the file's column)."""
@@ -282,6 +283,10 @@ def _message_list(
                 msg["weight"] = 0
         if ours == "assistant" and m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if ours == "assistant" and m.get("function_call"):  # OpenAI's deprecated single call
+            if msg.get("tool_calls"):
+                raise DataError(f"{where}: both tool_calls and function_call; write the call in one of them")
+            msg["tool_calls"] = _tool_calls(m["function_call"], f"{where}.function_call")
         for key in REASONING if ours == "assistant" else ():  # a reasoning trace, for the templates that read it
             if m.get(key) is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
                 if not isinstance(m[key], str):
@@ -323,7 +328,7 @@ def _turn(value: Any, row: Row, column: str, role: str, media) -> tuple[list[Mes
         raise DataError(
             f"{row.source}: column {column!r} must be text or a list of messages, got {type(value).__name__}"
         )
-    roles = {r: r for r in _MESSAGE_ROLES}
+    roles = _MESSAGE_ROLES
     return _message_list(value, row.source, column, "role", "content", roles, media, role != "assistant"), True
 
 
@@ -400,7 +405,7 @@ def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
 def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     media = _media(row, c)
     column = _col(c, "messages") if _has(row, _col(c, "messages")) else _col(c, "conversations")  # role/content
-    roles = {r: r for r in _MESSAGE_ROLES}
+    roles = _MESSAGE_ROLES
     messages = _message_list(row.get(column), row.source, column, "role", "content", roles, media)
     return Sample(row.source, "messages", messages, tools=row_tools(row, _col(c, "tools")), **media)
 

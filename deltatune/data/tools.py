@@ -37,8 +37,11 @@ def tool_calls(value: Any, where: str) -> list[dict]:
 
 
 def row_tools(row: Row, column: str) -> list[dict] | None:
-    """The row's tool schemas (its ``column``), as transformers' chat templates read them; None when it has none."""
+    """The row's tool schemas (its ``column``; else OpenAI's deprecated ``functions`` column), as transformers' chat
+    templates read them; None when it has none."""
     value = row.get(column, required=False)
+    if (value is None or value == "" or value == []) and column == "tools":
+        column, value = "functions", row.get("functions", required=False)
     if value is None or value == "" or value == []:
         return None
     if isinstance(value, str):
