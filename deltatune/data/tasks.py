@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -251,7 +252,11 @@ def encode_pt(rows: Sequence[Row], tokenizer, text_column: str, block_size: int)
             stream.append(eos)
     blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
     if not blocks:
-        raise DataError(f"the text holds {len(stream)} tokens, fewer than one block of data.max_length={block_size}")
+        where = re.sub(r"(:\d+|\[\d+\])$", "", rows[0].source) if rows else "the data"  # the file, not its line
+        raise DataError(
+            f"{where}: the text holds {len(stream)} tokens, fewer than one block of data.max_length={block_size} "
+            "(the remainder shorter than a block is dropped, as transformers' run_clm drops it)"
+        )
     return Encoded([{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks])
 
 
