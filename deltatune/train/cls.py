@@ -6,7 +6,7 @@ unequal micro-batches (an epoch's last) weighs every row alike."""
 from __future__ import annotations
 
 from ..data.load import DataError
-from ..data.tasks import Collator, class_names, encode_cls, label_map
+from ..data.tasks import Collator, class_id, class_names, encode_cls, label_map
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _encode_splits, _logits, _rows
@@ -36,7 +36,7 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
             d.text_pair_column,
         )
 
-    notes: list[str] = []
+    notes: list[str] = [] if d.labels else _score_note(names)
     train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
     n = len(names)
 
@@ -55,3 +55,23 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         notes=notes,
         trainer_class=TokenLossTrainer,
     )
+
+
+def _score_note(names: list[str]) -> list[str]:
+    """The report's note for a label column of fractions (STS-B's 3.8): each distinct value is a class, where
+    run_glue trains a float column as a regression (num_labels 1), which deltatune does not."""
+
+    def fraction(name: str) -> bool:
+        try:
+            return class_id(name) is None and float(name) == float(name)
+        except ValueError:
+            return False
+
+    seen = [n for n in names if fraction(n)]
+    if not seen:
+        return []
+    return [
+        f"{len(seen)} of the {len(names)} classes are fractions ({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}):"
+        " each distinct value is a class, named as text (run_glue trains a float label column as a regression, "
+        "num_labels 1, which no deltatune stage does); data.labels fixes the classes and their order"
+    ]

@@ -24,3 +24,28 @@ def test_a_split_shorter_than_one_block_names_its_file(tok):
     rows = _rows({"text": "good morning"}, file="/data/eval.jsonl")
     with pytest.raises(DataError, match=r"^/data/eval.jsonl: the text holds 3 tokens, fewer than one block of "):
         encode_pt(rows, tok, "text", block_size=8)
+
+
+def test_a_score_column_is_named_in_the_report_as_one_class_per_score(tok, tmp_path):
+    """STS-B's similarity scores (0.0 to 5.0) are a regression target for run_glue (a float label column:
+    num_labels 1). deltatune trains each distinct score as a class named by its text (half stars are classes,
+    tests/data/test_tasks.py), and said nothing: 6 rows of scores trained a 6-class head without a word. The report
+    now says so; whole floats (1.0, pandas' ints) and data.labels give no note."""
+    import json
+
+    from deltatune.train import build
+    from deltatune.train.cls import prepare_cls
+
+    def notes(labels, named=None):
+        path = tmp_path / "sts.jsonl"
+        path.write_text("".join(json.dumps({"text": f"a pair {i}", "label": v}) + "\n" for i, v in enumerate(labels)))
+        data = {"train": str(path), "max_length": 16, **({"labels": named} if named else {})}
+        return [n for n in prepare_cls(build({"stage": "cls", "data": data}), tok).notes if "fraction" in n]
+
+    said = notes([0.0, 3.8, 5.0, 2.5, 1.25, 4.2])
+    assert said == [
+        "4 of the 6 classes are fractions (1.25, 2.5, 3.8, ...): each distinct value is a class, named as text "
+        "(run_glue trains a float label column as a regression, num_labels 1, which no deltatune stage does); "
+        "data.labels fixes the classes and their order"
+    ]
+    assert notes([0.0, 1.0, 2.0]) == [] and notes(["0.5", "1"], named=["0.5", "1"]) == []
