@@ -10,6 +10,7 @@ conversation trains on every assistant turn.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,6 +131,12 @@ def render(
 
         text = apply(messages, add_generation_prompt)
         spans = []
+
+        @functools.cache
+        def header() -> str:  # the generation prompt after the first user turn: the assistant header
+            k = next((k for k, m in enumerate(messages) if m["role"] == "user"), -1)
+            return apply(messages[: k + 1], True)[len(apply(messages[: k + 1])) :] if k >= 0 else ""
+
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < train_from or m.get("weight") == 0:
                 continue
@@ -156,6 +163,8 @@ def render(
                     f"messages[{i}]: the tokenizer's chat template renders this assistant turn unlike the same turn "
                     "ending the conversation, so it cannot be located; set data.template to a built-in template"
                 )
+            if text.startswith(header(), span[0]):
+                span = _without_header(span, text, before, apply(messages[:i]), header())
             spans.append(span)
         if train_stop and not add_generation_prompt and _is_glm(tokenizer):
             return _glm_stops(text, spans, messages[-1])
@@ -190,6 +199,17 @@ def render(
     if add_generation_prompt:
         text += t.generation_prefix
     return text, spans
+
+
+def _without_header(span: tuple[int, int], text: str, before: str, plain: str, header: str) -> tuple[int, int]:
+    """``span`` less the assistant ``header`` (the generation prompt the template writes after a user turn) it opens
+    with, where the generation prompt before the turn wrote none (``before`` is the conversation before it, ``plain``):
+    DiffusionGemma's after a tool response ends at ``<tool_response|>`` while the answer that follows opens
+    ``<|turn>model\n``; TRL's ``diffusion_gemma_training`` leaves that header untrained, as a generation prompt is."""
+    start, end = span
+    if header and text.startswith(header, start) and start == len(before) and before == plain:
+        return start + len(header), end
+    return span
 
 
 GLM_STOPS = ("<|observation|>", "<|user|>", "<|system|>")

@@ -50,3 +50,45 @@ def test_openais_deprecated_function_call_rows_train_the_call_as_tool_calls_rows
     both = {**legacy["messages"][1], "tool_calls": call}
     with pytest.raises(DataError, match=r"^t.jsonl:3: messages\[1\]: both tool_calls and function_call"):
         _samples([{"messages": [legacy["messages"][0], both], "functions": [SCHEMA]}])
+
+
+MULTIPLY = [{"type": "function", "function": {"name": "multiply", "description": "Multiply two integers.",
+             "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]  # fmt: skip
+CALL = [{"type": "function", "function": {"name": "multiply", "arguments": {"a": 2, "b": 3}}}]
+TOOL_CHAT = [
+    {"role": "user", "content": "What is 2 * 3?"},
+    {"role": "assistant", "content": "", "tool_calls": CALL},
+    {"role": "tool", "name": "multiply", "content": "6"},
+    {"role": "assistant", "content": "It is 6."},
+]
+
+
+def _trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
+    runs, cur = [], []
+    for i, bit in zip(ids, trained):
+        if bit:
+            cur.append(i)
+        elif cur:
+            runs, cur = runs + [cur], []
+    return runs + [cur] if cur else runs
+
+
+def test_diffusion_gemmas_answer_after_a_tool_response_trains_without_the_header_its_prompt_leaves_out():
+    """Was: after a tool response DiffusionGemma's generation prompt writes nothing (the prompt ends at
+    <tool_response|>), while the answer that follows opens <|turn>model\\n: that header trained with the answer.
+    Now the answer trains as TRL's diffusion_gemma_training marks it ('It is 6.<turn|>\\n'); the ids are unchanged."""
+    tok = tokenizer()
+    specials = ["<|turn>", "<turn|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                "<tool_response|>", '<|"|>']  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = trl_template("diffusion_gemma")
+    (ex,) = encode_sft_samples(_samples([{"messages": TOOL_CHAT, "tools": MULTIPLY}]), tok, None, 512).examples
+    ref = tok.apply_chat_template(TOOL_CHAT, tools=MULTIPLY, chat_template=trl_template("diffusion_gemma_training"),
+                                  return_dict=True, return_assistant_tokens_mask=True)  # fmt: skip
+    assert ex["input_ids"] == list(ref["input_ids"])
+    ours = _trained_runs(ex["input_ids"], [lab != IGNORE_INDEX for lab in ex["labels"]])
+    theirs = _trained_runs(ex["input_ids"], [bool(b) for b in ref["assistant_masks"]])
+    assert ours[-1] == theirs[-1]
+    assert tok.decode(ours[-1]) == "it is 6. <turn|>"
+    # (the call's run also trains the <|tool_response> the template writes where the model stops to call)
+    assert tok.decode(ours[0]) == tok.decode(theirs[0]) + " <|tool_response>"
