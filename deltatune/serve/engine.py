@@ -40,6 +40,7 @@ import torch
 from ..train.runs import run_template
 from .logprob_names import logprob_row as _logprob_row
 from .logprob_names import logprobs_json as logprobs_json  # noqa: F401 (served from here before)
+from .sampling import _generator, _pick, default_temperature
 
 BASE = "base"
 """The model name under which the plain base model is served."""
@@ -72,6 +73,7 @@ class Request:
     top_k: int | None = None  # None: the config's (else 50, generate's default); 0 or -1: no top-k (vLLM's)
     min_p: float | None = None  # None: the config's
     repetition_penalty: float | None = None  # None: the config's
+    logit_bias: dict[int, float] | None = None  # {token id: added to its logit} (OpenAI's)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
@@ -475,68 +477,3 @@ def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
 
 def _row_name(adapter: str) -> str:
     return _BASE_ROW if adapter == BASE else adapter
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
-
-
-def default_temperature(gen: Any) -> float:
-    """The temperature of a request that leaves it unset: greedy (0) where the generation config says
-    ``do_sample: false`` (as ``generate``), else the config's temperature (as ``generate`` and vLLM), else 1
-    (OpenAI's default; ``generate`` decodes greedily there, vLLM samples at 1)."""
-    if getattr(gen, "do_sample", None) is False:
-        return 0.0
-    t = getattr(gen, "temperature", None)
-    t = 1.0 if t is None else float(t)
-    return 0.0 if t < 1e-5 else t
-
-
-def _setting(r: Request, gen: Any, key: str) -> Any:
-    """The request's own ``key``, else the generation config's (None where neither sets it)."""
-    value = getattr(r, key, None)
-    return getattr(gen, key, None) if value is None else value
-
-
-def _pick(logits: torch.Tensor, r: Request, g: torch.Generator | None, gen: Any = None) -> int:
-    """The next token of one row: argmax when greedy, else a draw from the tempered top-k, top-p, min-p
-    distribution. Each setting the request leaves unset is the base's generation config's, applied as ``generate``
-    applies it (vLLM's too): ``repetition_penalty`` always, ``top_k``, ``top_p`` and ``min_p`` when sampling.
-
-    Raises:
-        FloatingPointError: NaN logits (+inf, sampling; greedy takes its argmax, as generate): no token to choose.
-    """
-    penalty = _setting(r, gen, "repetition_penalty") or 1.0
-    if penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor over the prompt and the answer so far
-        seen = torch.tensor(list(dict.fromkeys(r.prompt_ids + r.output_ids)), device=logits.device)
-        score = logits[seen]
-        logits = logits.scatter(0, seen, torch.where(score < 0, score * penalty, score / penalty))
-    if g is None:  # argmax takes a NaN for the largest: a NaN row would answer its garbage as text
-        if bool(torch.isnan(logits).any()):
-            raise FloatingPointError("its logits are NaN, so no token can be chosen")
-        return int(logits.argmax())
-    logits = logits / r.temperature
-    top_k = _setting(r, gen, "top_k")
-    top_k = 50 if top_k is None else top_k  # generate's global default, where the model's config leaves it unset
-    if 0 < top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # torch.multinomial would fail the whole batch
-        raise FloatingPointError("its logits are not finite (NaN or inf), so no token can be sampled")
-    top_p = _setting(r, gen, "top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if top_p < 1.0:
-        # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top token always stays).
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    min_p = _setting(r, gen, "min_p")
-    if min_p:  # tokens less likely than min_p times the top token's probability are dropped (the top one stays)
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=g))

@@ -4,6 +4,7 @@ OpenAI and vLLM define (penalties, ``logit_bias``, ``min_tokens``, ``top_k``, ``
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.error
 import urllib.request
@@ -74,3 +75,61 @@ def test_alternatives_at_a_split_character_are_named_in_context_as_vllm_names_th
     for part in (rows[:2], rows[2:]):
         streamed += logprobs_json(tok, part, chat=True, state=state)["content"]
     assert streamed == content
+
+
+def _generate(base: str, ids: list[int], bias: dict[int, float], seed: int | None = None, n: int = 6) -> list[int]:
+    """transformers' generate on the base with ``sequence_bias`` (each token's bias added to its logit): greedy, or
+    sampled under ``torch.manual_seed(seed)`` at temperature 1 with generate's top-k 50."""
+    model = _model(base)
+    x = torch.tensor([ids])
+    kw = {"do_sample": False} if seed is None else {"do_sample": True, "temperature": 1.0, "top_k": 50}
+    if bias:
+        kw["sequence_bias"] = {(t,): b for t, b in bias.items()}
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, pad_token_id=0, **kw)
+    return out[0, len(ids) :].tolist()
+
+
+def test_logit_bias_is_added_to_the_logits_as_openai_and_generates_sequence_bias(served):
+    """OpenAI's logit_bias ({token id: -100..100} added to the logit before sampling) was a 400 unsupported. Greedy
+    and seeded answers equal transformers' generate with the same sequence_bias; the log-probabilities stay the
+    model's own (vLLM's raw_logprobs)."""
+    engine, server, base, _ = served
+    tok = engine.tokenizer
+    ids = tok("the cat sat on")["input_ids"]
+    plain = _generate(base, ids, {})
+    bias = {plain[0]: -100.0, plain[2]: -100.0, 1000: 3.5}  # its first pick banned, a token favoured
+    body = {"model": "base", "prompt": ids, "max_tokens": 6, "ignore_eos": True}
+    wire = {str(t): b for t, b in bias.items()}
+    for seed in (None, 3):
+        want = _generate(base, ids, bias, seed)
+        assert want != _generate(base, ids, {}, seed)  # the bias changes the answer
+        sampling = {"temperature": 0} if seed is None else {"seed": seed, "temperature": 1.0}
+        status, answer = _post(server, "/v1/completions", {**body, **sampling, "logit_bias": wire, "logprobs": 0})
+        assert status == 200, answer
+        choice = answer["choices"][0]
+        assert choice["text"] == tok.decode(want, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert plain[0] not in want and 1000 in want
+    first = _post(server, "/v1/completions", {**body, "temperature": 0, "logit_bias": wire, "logprobs": 0})[1]
+    raw = torch.log_softmax(_logits(base, ids), -1)  # the chosen token's own log-probability, not the biased one
+    chosen = first["choices"][0]["logprobs"]["token_logprobs"][0]
+    assert chosen == pytest.approx(float(raw[_generate(base, ids, bias)[0]]), abs=1e-4)
+    chat = {"model": "lora", "messages": CHAT, "max_tokens": 1}
+    for wrong in ({"abc": 1}, {"-1": 1}, {str(len(tok) * 10): 1}, {"5": 101}, {"5": "x"}, {"5": True}, [5]):
+        status, answer = _post(server, "/v1/chat/completions", {**chat, "logit_bias": wrong})
+        assert status == 400 and answer["error"]["param"] == "logit_bias", wrong
+    assert _post(server, "/v1/chat/completions", {**chat, "logit_bias": {"5": -100, "6": 100}})[0] == 200
+
+
+def _logits(base: str, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return _model(base)(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+@functools.cache
+def _model(base: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base).eval()

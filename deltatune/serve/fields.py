@@ -1,0 +1,183 @@
+"""A completion request's sampling fields, each checked as OpenAI and vLLM check it (a 400 naming the field), and
+turned into an engine ``Request``: the limits on ``max_tokens``, ``n``, ``stop``, ``seed``, the sampling settings
+(applied by ``sampling``), log-probabilities, and the fields this server does not compute (refused, not ignored)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .engine import Request, RequestError
+
+# OpenAI fields this server does not compute, with the value that asks for nothing: any other value is a 400, since
+# ignoring it would answer something other than what was asked (penalties, tools, a JSON format). The first three are served
+# where their endpoint defines them (_logprobs): chat's logprobs and top_logprobs, a completion's echo.
+UNSUPPORTED: dict[str, Any] = {
+    "logprobs": False,
+    "top_logprobs": 0,
+    "echo": False,
+    "best_of": 1,
+    "response_format": {"type": "text"},
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    # vLLM's sampling fields (and OpenAI's tool_choice without tools), with the values that ask for nothing; the
+    # first three, given so, override the base's generation config (top_k -1: no top-k, where the config says 20)
+    "top_k": (-1, 0),
+    "min_p": 0,
+    "repetition_penalty": 1,
+    "min_tokens": 0,
+    "tool_choice": ("none", "auto"),
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "use_beam_search": False,
+    "length_penalty": 1,
+    "return_tokens_as_token_ids": False,  # vLLM's token names of logprobs, "token_id:123"
+    **dict.fromkeys(  # the fields whose nothing is null (one name a line would take 17 lines)
+        "suffix tools functions audio prediction stop_token_ids chat_template "  # noqa: SIM905
+        "bad_words allowed_token_ids prompt_logprobs truncate_prompt_tokens guided_json guided_regex guided_choice "
+        "guided_grammar structured_outputs".split()
+    ),
+}
+
+
+class Limits:
+    """What a request may ask: ``max_tokens`` up to ``max_tokens``, prompt + completion within ``context``; left
+    unset, at most ``default`` too (the generation config's ``max_new_tokens``, as generate and vLLM take it)."""
+
+    def __init__(self, max_tokens: int, context: int, default: int | None = None, vocab: int = 2**31) -> None:
+        self.max_tokens, self.context, self.default, self.vocab = max_tokens, context, default, vocab
+
+
+def _asks_nothing(value: Any, default: Any) -> bool:
+    """Whether an unsupported field's value asks for nothing: absent, empty, or its default (``logprobs: 0`` asks
+    for the chosen tokens' log-probabilities, so a flag's default is matched as a flag, not as the number 0)."""
+    if value is None or value in ({}, [], ""):
+        return True
+    if isinstance(default, tuple):  # several values ask for nothing
+        return not isinstance(value, bool) and value in default
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value is default
+    return bool(value == default)
+
+
+def flag(body: dict, key: str, param: str | None = None) -> bool:
+    """A true-or-false field (left out: false); anything else is a 400 naming it (``param``, else ``key``)."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"{param or key} must be true or false, got {value!r}", param=param or key)
+    return bool(value)
+
+
+def _number(body: dict, key: str, default: float | None, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise RequestError(f"{key} must be a number in [{low}, {high}], got {value!r}", param=key)
+    return float(value)
+
+
+def _temperature(body: dict) -> float | None:
+    """The request's temperature (None: the generation config's, ``default_temperature``); below 1e-5 it samples as
+    greedy (as vLLM does): logits / 1e-300 overflow."""
+    t = _number(body, "temperature", None, 0.0, 2.0)
+    return t if t is None or t >= 1e-5 else 0.0
+
+
+def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, chat: bool = True) -> Request:
+    """A Request from the body's sampling fields, each checked (a 400 naming the field)."""
+    if len(prompt_ids) >= limits.context:
+        raise RequestError(
+            f"the prompt has {len(prompt_ids)} tokens; the context holds {limits.context} with this model "
+            "(a token adapter's virtual tokens take room too)",
+            code="context_length_exceeded",
+            param="messages" if "messages" in body else "prompt",
+        )
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    room = limits.context - len(prompt_ids)
+    max_tokens = body.get(key)
+    if max_tokens is None:
+        max_tokens = min(limits.max_tokens, room, limits.default or room)
+    low = 0 if not chat and body.get("echo") is True else 1  # 0: the echoed prompt alone (vLLM's, OpenAI's)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < low:
+        raise RequestError(f"{key} must be an integer of at least {low}, got {max_tokens!r}", param=key)
+    if max_tokens > limits.max_tokens:
+        raise RequestError(f"{key} is {max_tokens}; this server allows at most {limits.max_tokens}", param=key)
+    if max_tokens > room:
+        raise RequestError(
+            f"the prompt ({len(prompt_ids)} tokens) plus {key} ({max_tokens}) exceeds this model's context "
+            f"({limits.context})",
+            code="context_length_exceeded",
+            param=key,
+        )
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop must be a string or a list of at most 4 non-empty strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
+    served = ("logprobs", "top_logprobs") if chat else ("logprobs", "echo")
+    for key, default in UNSUPPORTED.items():
+        if key not in served and not _asks_nothing(body.get(key), default):
+            raise RequestError(f"{key} is not supported by this server; leave it out", code="unsupported", param=key)
+    return Request(
+        prompt_ids=prompt_ids,
+        adapter=model,
+        max_tokens=max_tokens,
+        emit=lambda text, finish: None,
+        # Each left unset is the base's generation config's, as generate and vLLM take them.
+        temperature=_temperature(body),
+        top_p=_number(body, "top_p", None, 1e-9, 1.0),
+        top_k=0 if body.get("top_k") in (-1, 0) else None,  # the values UNSUPPORTED lets pass: no top-k
+        min_p=_number(body, "min_p", None, 0.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", None, 1.0, 1.0),
+        logit_bias=_logit_bias(body, limits.vocab),
+        stop=stop,
+        seed=seed,
+        ignore_eos=flag(body, "ignore_eos"),
+        logprobs=_logprobs(body, chat),
+    )
+
+
+def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: {token id as a string: a number in [-100, 100]}, added to that token's logit before
+    the penalties and sampling (vLLM's order); an id outside the vocabulary or a value out of range is a 400."""
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise RequestError(f"logit_bias must be an object of token ids to numbers, got {bias!r}", param="logit_bias")
+    parsed: dict[int, float] = {}
+    for key, value in bias.items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < vocab:
+            raise RequestError(f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise RequestError(
+                f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}", param="logit_bias"
+            )
+        parsed[token] = parsed.get(token, 0.0) + float(value)
+    return parsed or None
+
+
+def choices_of(body: dict) -> int:
+    """``n``, the choices to answer: 1 to 128 (OpenAI's limit)."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128):
+        raise RequestError(f"n must be an integer in [1, 128], got {n!r}", param="n")
+    return n or 1
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token a request asks for with each token's log-probability (None: none): chat's
+    ``top_logprobs`` under ``logprobs: true``, a completion's ``logprobs``; at most 20 (vLLM's and OpenAI's)."""
+    key = "top_logprobs" if chat else "logprobs"
+    k = None if body.get(key) is False else body.get(key)  # false asks for nothing, as before
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):
+        raise RequestError(f"{key} must be an integer in [0, 20], got {k!r}", param=key)
+    if not chat:
+        return k
+    if not flag(body, "logprobs"):
+        if k:  # as OpenAI and vLLM answer
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return k or 0

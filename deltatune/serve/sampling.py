@@ -1,0 +1,88 @@
+"""How one row of a served batch picks its next token: the request's sampling settings, each left unset the base's
+generation config's, applied in vLLM's order (logit_bias, then the repetition penalty, then greedy argmax or
+temperature, top-k, top-p, min-p and a draw from the row's own generator)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def default_temperature(gen: Any) -> float:
+    """The temperature of a request that leaves it unset: greedy (0) where the generation config says
+    ``do_sample: false`` (as ``generate``), else the config's temperature (as ``generate`` and vLLM), else 1
+    (OpenAI's default; ``generate`` decodes greedily there, vLLM samples at 1)."""
+    if getattr(gen, "do_sample", None) is False:
+        return 0.0
+    t = getattr(gen, "temperature", None)
+    t = 1.0 if t is None else float(t)
+    return 0.0 if t < 1e-5 else t
+
+
+def _setting(r: Any, gen: Any, key: str) -> Any:
+    """The request's own ``key``, else the generation config's (None where neither sets it)."""
+    value = getattr(r, key, None)
+    return getattr(gen, key, None) if value is None else value
+
+
+def adjusted(logits: torch.Tensor, r: Any, gen: Any = None) -> torch.Tensor:
+    """The row's logits after the settings that change greedy's pick too, in vLLM's order: ``logit_bias`` added
+    (OpenAI's; vLLM's LogitBiasLogitsProcessor), then ``repetition_penalty`` over the prompt and the answer so far
+    (transformers' RepetitionPenaltyLogitsProcessor, vLLM's: a positive logit divided by it, a negative one
+    multiplied)."""
+    bias = getattr(r, "logit_bias", None)
+    if bias:
+        ids = torch.tensor(list(bias), device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
+    penalty = _setting(r, gen, "repetition_penalty") or 1.0
+    if penalty != 1.0:
+        seen = torch.tensor(list(dict.fromkeys(r.prompt_ids + r.output_ids)), device=logits.device)
+        score = logits[seen]
+        logits = logits.scatter(0, seen, torch.where(score < 0, score * penalty, score / penalty))
+    return logits
+
+
+def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = None) -> int:
+    """The next token of one row: argmax when greedy, else a draw from the tempered top-k, top-p, min-p
+    distribution, both of the ``adjusted`` logits. Each setting the request leaves unset is the base's generation
+    config's, applied as ``generate`` applies it (vLLM's too): ``repetition_penalty`` always, ``top_k``, ``top_p``
+    and ``min_p`` when sampling.
+
+    Raises:
+        FloatingPointError: NaN logits (+inf, sampling; greedy takes its argmax, as generate): no token to choose.
+    """
+    logits = adjusted(logits, r, gen)
+    if g is None:  # argmax takes a NaN for the largest: a NaN row would answer its garbage as text
+        if bool(torch.isnan(logits).any()):
+            raise FloatingPointError("its logits are NaN, so no token can be chosen")
+        return int(logits.argmax())
+    logits = logits / r.temperature
+    top_k = _setting(r, gen, "top_k")
+    top_k = 50 if top_k is None else top_k  # generate's global default, where the model's config leaves it unset
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # torch.multinomial would fail the whole batch
+        raise FloatingPointError("its logits are not finite (NaN or inf), so no token can be sampled")
+    top_p = _setting(r, gen, "top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if top_p < 1.0:
+        # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top token always stays).
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    min_p = _setting(r, gen, "min_p")
+    if min_p:  # tokens less likely than min_p times the top token's probability are dropped (the top one stays)
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+    return int(torch.multinomial(probs, 1, generator=g))
