@@ -17,6 +17,7 @@ UNSUPPORTED: dict[str, Any] = {
     "echo": False,
     "best_of": 1,
     "response_format": {"type": "text"},
+    "modalities": ["text"],  # ["text", "audio"] asks for spoken output too
     "frequency_penalty": 0,
     "presence_penalty": 0,
     # vLLM's sampling fields (and OpenAI's tool_choice without tools), with the values that ask for nothing; the
@@ -117,6 +118,8 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
         raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
+    if not isinstance(body.get("user", ""), (str, type(None))):  # OpenAI's end-user id, a string (both APIs check)
+        raise RequestError(f"user must be a string, got {body['user']!r}", param="user")
     served = ("logprobs", "top_logprobs") if chat else ("logprobs", "echo")
     for key, default in UNSUPPORTED.items():
         if key not in served and not _asks_nothing(body.get(key), default):

@@ -133,3 +133,16 @@ def _model(base: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(base).eval()
+
+
+def test_a_user_that_is_not_a_string_and_audio_modalities_are_400s(served):
+    """OpenAI's user is a string (OpenAI and vLLM refuse another type; it answered 200), and modalities ["text",
+    "audio"] asks for spoken output too, which was ignored (a text answer, 200), where `audio` itself is refused."""
+    _, server, _, _ = served
+    chat = {"model": "lora", "messages": CHAT, "max_tokens": 1}
+    for field, value in (("user", 5), ("user", {"id": "x"}), ("modalities", ["text", "audio"])):
+        status, answer = _post(server, "/v1/chat/completions", {**chat, field: value})
+        assert status == 400 and answer["error"]["param"] == field, (field, value)
+        assert set(answer["error"]) == {"message", "type", "param", "code"}
+    for field, value in (("user", "bob"), ("user", None), ("modalities", ["text"]), ("unknown_field", 1)):
+        assert _post(server, "/v1/chat/completions", {**chat, field: value})[0] == 200, (field, value)
