@@ -136,13 +136,37 @@ def evaluate(
         labels = cfg.data.labels or prepared.labels  # a plain adapter's: its data's, as training would read them
         # The run's own loss (the fused cross-entropy its training and evaluation computed): under bf16 autocast
         # transformers' loss rounds otherwise, and the run's eval_loss would not come back to the bit.
-        delta = DeltaModel(build_model(cfg, tok, labels), fused_loss=True)
+        base = build_model(cfg, tok, labels)
+        if labels and run_file(run_dir) is None and not cfg.data.labels:  # a plain adapter's classes: the data's
+            _check_head(run_dir, base, labels, cfg.data.eval)
+        delta = DeltaModel(base, fused_loss=True)
         delta.load_adapter(run_dir, "default")
         reload_as_trained(delta, run_dir)  # its adapter in float32 on a half-precision base, as the run trained it
         after, _ = scored(delta, start_scores)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return after | {f"{k}_before": v for k, v in before.items()}
+
+
+def _check_head(run_dir: str, model: torch.nn.Module, labels: list[str], data: str) -> None:
+    """Refuse a plain adapter whose saved head has another number of classes than its evaluation data shows (a
+    subset of them): its load would fail as 'made for a different base model', and no order of the data's names
+    could be trusted to be the one it trained."""
+    path = os.path.join(run_dir, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    with safe_open(path, "pt") as fh:
+        for key in fh.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+            name = key.removeprefix("base_model.model.")
+            param, saved = params.get(name), fh.get_slice(key).get_shape()
+            if param is not None and param.shape[0] == len(labels) and saved and saved[0] != len(labels):
+                raise ConfigError(
+                    f"{path}: the head ({name.rsplit('.', 1)[0]}) has {saved[0]} classes, {data} shows {len(labels)} "
+                    f"({', '.join(labels)}); pass data.labels=[...] naming all {saved[0]} in the order it trained them"
+                )
 
 
 _STAGE_OF_TASK = {"SEQ_CLS": "cls", "TOKEN_CLS": "tag", "SEQ_2_SEQ_LM": "seq2seq"}

@@ -49,3 +49,39 @@ def test_a_score_column_is_named_in_the_report_as_one_class_per_score(tok, tmp_p
         "data.labels fixes the classes and their order"
     ]
     assert notes([0.0, 1.0, 2.0]) == [] and notes(["0.5", "1"], named=["0.5", "1"]) == []
+
+
+def test_a_plain_adapters_head_of_more_classes_than_the_data_shows_is_named(tok, tmp_path):
+    """A peft adapter folder (no run.yaml) takes its classes from the evaluation data. A 3-class head evaluated on
+    rows of classes 0 and 1 built a 2-class model and failed loading it: 'classifier.weight has shape (3, 32) in
+    the file but (2, 32) in this model; the adapter was made for a different base model', which it was not. Now
+    refused naming the head, its 3 classes and data.labels; with data.labels the loss is peft's own on the rows."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tiny import save_tiny
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from deltatune.config import ConfigError
+    from deltatune.train.evaluation import evaluate
+
+    base = save_tiny(tmp_path / "bert", "bert", "seq_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = AutoConfig.from_pretrained(base, num_labels=3)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    rows = [{"text": f"a film {i}", "label": i % 2} for i in range(4)]
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = [f"model.name_or_path={base}"]
+    with pytest.raises(ConfigError, match=r"adapter_model.safetensors: the head \(classifier\) has 3 classes, .*two"
+                       r".jsonl shows 2 \(0, 1\); pass data.labels=\[...\] naming all 3"):  # fmt: skip
+        evaluate(str(tmp_path / "adapter"), str(data), over)
+    got = evaluate(str(tmp_path / "adapter"), str(data), [*over, "data.labels=[0,1,2]"])
+    batch = tok([r["text"] for r in rows], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        own = peft_model.eval()(**batch, labels=torch.tensor([r["label"] for r in rows])).loss.item()
+    assert got["eval_loss"] == pytest.approx(own, rel=1e-5)
