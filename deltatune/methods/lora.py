@@ -26,9 +26,9 @@ from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from ._dora import dora, row_norm
 from ._lora_gather import gathered
+from ._lora_init import LOADS_ONLY, check_init, check_target, convert_to_plain_lora, init_from_base, is_from_base
+from ._lora_init import reset as _reset
 from .quant import is_quantized
-
-LOADS_ONLY = ("orthogonal", "mica", "eva")  # peft's inits that leave the base as it is: their files are plain LoRA
 
 
 @dataclass
@@ -54,7 +54,8 @@ class LoraConfig(DeltaConfig):
     """Weight-decomposed LoRA (Liu et al., 2024): a trained magnitude per output row."""
     init_lora_weights: bool | str = True
     """True: A Kaiming-uniform, B zero (starts as the base). 'gaussian': A ~ N(0, 1/r), B zero.
-    False: both random (the adapter changes outputs from the start; for tests)."""
+    False: both random (the adapter changes outputs from the start; for tests). 'pissa', 'pissa_niter_K', 'olora':
+    A and B from the base weight's SVD / QR, the base left as the residual (methods/_lora_init.py)."""
     layers_to_transform: list[int] | int | None = None
     """Only adapt the blocks with these indices."""
     layers_pattern: list[str] | str | None = None
@@ -81,11 +82,7 @@ class LoraConfig(DeltaConfig):
             raise ConfigError(f"layers_to_transform must be a block index or a list of them, got {layers!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if (init := self.init_lora_weights) not in (True, False, "gaussian", *LOADS_ONLY):
-            why = (": that init of peft's changes the base weights too, so its adapter works only on the base peft "
-                   "changed; peft's save_pretrained(path_initial_model_for_weight_conversion=...) writes a plain LoRA"
-                   ) if str(init).split("_")[0] in ("pissa", "olora", "corda", "loftq") else ""  # fmt: skip
-            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}{why}")
+        check_init(self.init_lora_weights)
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
             check_positive_int(f"rank_pattern[{key!r}]", value)
@@ -107,20 +104,6 @@ class LoraConfig(DeltaConfig):
             if self.bias == "all" or name.endswith("base_layer.bias"):
                 names.append(name)
         return names
-
-
-def _reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bool = False) -> None:
-    """Initialise A and B in place (torch.nn.init works without grad). For Embedding the roles flip (A zero, B
-    normal), as in PEFT."""
-    if init is False:
-        return
-    nn.init.zeros_(A if a_zero else B)
-    if a_zero:
-        nn.init.normal_(B)
-    elif init == "gaussian":
-        nn.init.normal_(A, std=1 / r)
-    else:  # kaiming_uniform_ with a=sqrt(5) is nn.Linear's own init, which the LoRA reference code uses for A
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
 
 class _LoraBase(DeltaLayer):
@@ -279,7 +262,10 @@ class LoraLinear(_LoraBase):
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)  # drawn as peft's: in fp32 on the CPU, then
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)  # moved (a bf16 draw rounds differently)
-        _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        if is_from_base(init):  # PiSSA / OLoRA: the base weight becomes the residual
+            init_from_base(self, name, init)
+        else:
+            _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
         self.lora_A[name].to(weight.device, dtype), self.lora_B[name].to(weight.device, dtype)
         if dora:  # ||W + s B A|| in the base's dtype, as peft's
             with torch.no_grad():
@@ -384,6 +370,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
                                 or not base.weight.is_floating_point()):  # fmt: skip
             raise ConfigError(f"lora: use_dora is not supported on {name} ({type(base).__name__}); DoRA adapts "
                               "full-precision nn.Linear and GPT-2 Conv1D layers, leave it out of target_modules")  # fmt: skip
+        check_target(layer, name, config.init_lora_weights, pattern_value(config.rank_pattern, name, config.r))
         plan.append((name, layer, layer is not module))
     layers: list[nn.Module] = []
     for name, layer, new in plan:
@@ -398,3 +385,4 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
 
 
 CONFIG, INJECT = LoraConfig, inject
+MODEL_FUNCTIONS = {"convert_to_plain_lora": convert_to_plain_lora}  # model.convert_to_plain_lora(initial, out_dir)

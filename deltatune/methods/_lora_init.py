@@ -1,0 +1,198 @@
+"""LoRA's initialisations, those drawn at random and those computed from the base weight, and the conversion of a
+trained PiSSA / OLoRA adapter into a plain LoRA.
+
+PiSSA (Meng et al., 2024; arXiv:2404.02948) takes the top r singular triplets of W: with W = V S U^T,
+B = V_r sqrt(S_r / s), A = sqrt(S_r / s) U_r^T, and the base becomes the residual W - s B A, so the model starts as
+the base. ``"pissa_niter_K"`` draws the triplets with ``torch.svd_lowrank`` (K subspace iterations, the global torch
+RNG). OLoRA (Büyükakyüz, 2024; arXiv:2406.01775) takes W = Q R: B = Q_r, A = R_r, base W - s B A. Both are peft
+0.21.2's ``pissa_init`` / ``olora_init`` operation for operation, so the same seed gives the same numbers.
+
+The trained adapter then needs the residual base. ``convert_to_plain_lora`` writes what peft's
+``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes: W_res + s B A = W + s (B A - B0 A0), a
+plain LoRA of rank 2r, A' = [A; A0], B' = [B, -B0], which loads on the original base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
+
+LOADS_ONLY = ("orthogonal", "mica", "eva")  # peft's inits that leave the base as it is: their files are plain LoRA
+FROM_BASE = ("pissa", "olora")  # computed from the base weight, which they change (pissa_niter_K too)
+
+
+def is_from_base(init: object) -> bool:
+    """Whether ``init`` is PiSSA (exact or ``pissa_niter_K``) or OLoRA."""
+    return isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
+
+
+def check_init(init: object) -> None:
+    """ConfigError unless ``init`` is an init_lora_weights deltatune draws (or a peft one whose files load)."""
+    if init in (True, False, "gaussian", "pissa", "olora", *LOADS_ONLY):
+        return
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        if init.removeprefix("pissa_niter_").isdigit():
+            return  # peft's int() would take "-1", which svd_lowrank refuses deep inside torch
+        raise ConfigError(f"init_lora_weights={init!r}: 'pissa_niter_K' takes a number of iterations K >= 0")
+    why = (": that init of peft's changes the base weights, from data (CorDA) or by quantizing them (LoftQ); "
+           "deltatune draws 'pissa', 'pissa_niter_K' and 'olora'") if str(init).split("_")[0] in ("corda", "loftq") else ""  # fmt: skip
+    raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora', "
+                      f"got {init!r}{why}")  # fmt: skip
+
+
+def reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bool = False) -> None:
+    """Initialise A and B in place (torch.nn.init works without grad). For Embedding the roles flip (A zero, B
+    normal), as in PEFT, which draws an embedding so for every init but False (PiSSA and OLoRA included)."""
+    if init is False:
+        return
+    nn.init.zeros_(A if a_zero else B)
+    if a_zero:
+        nn.init.normal_(B)
+    elif init == "gaussian":
+        nn.init.normal_(A, std=1 / r)
+    else:  # kaiming_uniform_ with a=sqrt(5) is nn.Linear's own init, which the LoRA reference code uses for A
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+
+
+def check_target(layer: nn.Module, name: str, init: object, r: int) -> None:
+    """ConfigError, before the model is touched, where a base-computed init cannot adapt ``layer`` (at ``name``)."""
+    if not is_from_base(init):
+        return
+    kind = type(layer).__name__
+    if kind == "LoraEmbedding":
+        return  # peft draws an embedding's adapter as for True and leaves its weight alone
+    base = layer.base_layer
+    if kind == "LoraConv2d":  # peft: "Unknown initialization init_lora_weights='pissa'"
+        raise ConfigError(f"lora: init_lora_weights={init!r} is not defined for {name} (Conv2d), as in peft; "
+                          "leave it out of target_modules")  # fmt: skip
+    weight = base.weight
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or callable(
+        getattr(base, "dequantize", None)
+    ):
+        raise ConfigError(f"lora: init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight; {name} is "
+                          f"{type(base).__name__} ({weight.dtype}): initialise on the full-precision base, then "
+                          "quantize the residual it leaves")  # fmt: skip
+    if init == "olora" and layer.fan_in_fan_out:
+        raise ConfigError(f"lora: init_lora_weights='olora' on {name}, a GPT-2 Conv1D: peft's olora_init factors the "
+                          "stored (d_in, d_out) weight as if it were (d_out, d_in) (its forward then fails, or a "
+                          "square one starts away from the base); use 'pissa'")  # fmt: skip
+    if r > (rank := min(weight.shape)):
+        raise ConfigError(f"lora: r={r} on {name} exceeds its weight's rank bound {rank} ({tuple(weight.shape)}); "
+                          f"init_lora_weights={init!r} takes r <= {rank} factors")  # fmt: skip
+
+
+def init_from_base(layer: nn.Module, name: str, init: str) -> None:
+    """PiSSA or OLoRA for adapter ``name`` of a ``LoraLinear``: A and B (float32) from the base weight, which becomes
+    the residual W - s B A in its own dtype. peft's pissa_init / olora_init, step for step."""
+    with torch.no_grad():
+        _init_from_base(layer, name, init)
+
+
+def _init_from_base(layer: nn.Module, name: str, init: str) -> None:
+    base, A, B = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
+    scaling, r, dtype = layer.scaling[name], A.out_features, base.weight.dtype
+    if init == "olora":  # peft factors the stored weight as it is (check_target refuses Conv1D)
+        weight = base.weight.to(torch.float32)
+        Q, R = torch.linalg.qr(weight.data)
+        A.weight.data, B.weight.data = R[:r].contiguous(), Q[:, :r].contiguous()
+        residual = weight.data - scaling * B.weight @ A.weight
+    else:
+        weight = base.weight.to(torch.float32)
+        weight = weight.T if layer.fan_in_fan_out else weight
+        if init == "pissa":  # W = V S U^T
+            V, S, Uh = torch.linalg.svd(weight.data, full_matrices=False)
+            Vr, Sr, Uhr = V[:, :r], S[:r], Uh[:r]
+        else:
+            Vr, Sr, Ur = torch.svd_lowrank(weight.data, r, niter=int(init.removeprefix("pissa_niter_")))
+            Uhr = Ur.t()
+        Sr /= scaling
+        A.weight.data = torch.diag(torch.sqrt(Sr)) @ Uhr
+        B.weight.data = Vr @ torch.diag(torch.sqrt(Sr))
+        residual = weight.data - scaling * B.weight.data @ A.weight.data
+        residual = residual.to(dtype)
+        residual = residual.T if layer.fan_in_fan_out else residual
+    base.weight.data = residual.to(dtype)
+
+
+def convert_to_plain_lora(
+    model: nn.Module, initial: str | os.PathLike[str] | dict[str, torch.Tensor], out_dir: str | os.PathLike[str],
+    adapter_name: str = "default",
+) -> None:  # fmt: skip
+    """Write adapter ``adapter_name`` of ``model`` (a DeltaModel with a PiSSA / OLoRA adapter, trained) to ``out_dir``
+    as the plain LoRA that peft's ``save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial)``
+    writes: rank 2r, A' = [A; A0], B' = [B, -B0], lora_alpha doubled (times sqrt 2 with rsLoRA; rank_pattern and
+    alpha_pattern doubled), init_lora_weights True, so it loads on the original base. ``initial``: the folder the
+    adapter was saved to right after its init (its config is rewritten with init_lora_weights True, as peft's), or
+    its tensors. Other tensors (heads trained in full, biases) are written as they are; an adapter on an embedding
+    (which its init left alone) is padded with zeros to rank 2r.
+
+    Raises:
+        ConfigError: rsLoRA with rank_pattern or alpha_pattern (peft refuses it), or a DoRA adapter.
+        FileNotFoundError: ``initial`` holds no adapter_model.safetensors.
+    """
+    config = model.peft_config[adapter_name]
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ConfigError("convert_to_plain_lora: not supported with rank_pattern or alpha_pattern together with "
+                          "use_rslora (peft's path_initial_model_for_weight_conversion refuses it)")  # fmt: skip
+    if config.use_dora:
+        raise ConfigError(
+            f"convert_to_plain_lora: adapter {adapter_name!r} is DoRA, whose update no plain LoRA equals"
+        )
+    if isinstance(initial, dict):
+        start = initial
+    else:
+        start = load_file(os.path.join(initial, WEIGHTS_NAME))
+        _write(initial, None, config.replace(init_lora_weights=True))
+    tensors = model.adapter_state_dict(adapter_name)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        value = value.detach()
+        if key.endswith(("lora_A.weight", "lora_B.weight")) and key in start:
+            lora_a = key.endswith("lora_A.weight")
+            other = start[key].to(value.device, value.dtype)
+            out[key] = torch.cat([value, other] if lora_a else [value, -other], dim=0 if lora_a else 1)
+        elif key.endswith(("lora_embedding_A", "lora_embedding_B")):
+            lora_a = key.endswith("lora_embedding_A")
+            out[key] = torch.cat([value, torch.zeros_like(value)], dim=0 if lora_a else 1)
+        else:
+            out[key] = value
+    scale = math.sqrt(2) if config.use_rslora else 2
+    plain = config.replace(
+        init_lora_weights=True, inference_mode=True, r=config.r * 2, lora_alpha=config.lora_alpha * scale,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+    )  # fmt: skip
+    path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
+    _write(out_dir, out, plain.replace(base_model_name_or_path=plain.base_model_name_or_path or path))
+
+
+def _write(folder: str | os.PathLike[str], tensors: dict[str, torch.Tensor] | None, config: DeltaConfig) -> None:
+    """``adapter_model.safetensors`` (unless None) and ``adapter_config.json`` as ``files.write_adapter`` writes them
+    (methods do not import files.py), each renamed into place once written."""
+    os.makedirs(folder, exist_ok=True)
+    text = json.dumps(dict(sorted(config.to_dict().items())), indent=2)
+    writes = [(CONFIG_NAME, lambda f: Path(f).write_text(text, encoding="utf-8"))]
+    if tensors is not None:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        writes.append((WEIGHTS_NAME, lambda f: save_file(tensors, f, {"format": "pt"})))
+    mask = os.umask(0)
+    os.umask(mask)
+    for name, write in writes:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the adapter from other users
+            os.replace(tmp, os.path.join(folder, name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)

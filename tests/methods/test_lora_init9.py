@@ -1,0 +1,175 @@
+"""PiSSA, pissa_niter_K and OLoRA inits (methods/_lora_init.py) against peft 0.21.2 on the same seeds: A, B, the
+residual base and the logits to the bit; peft's plain save and reload; peft's conversion to a plain LoRA of rank 2r
+(save_pretrained(path_initial_model_for_weight_conversion=...)), which loads on the original base."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import output_of, tiny_inputs, tiny_model
+from torch import nn
+
+import deltatune as dt
+from deltatune.config import ConfigError
+from deltatune.methods._lora_init import convert_to_plain_lora
+
+warnings.filterwarnings("ignore", module="peft")
+
+
+def _pair(family: str, dtype: torch.dtype = torch.float32, **kw):
+    kw = {"r": 4, "lora_alpha": 8, **kw}
+    torch.manual_seed(3)
+    p = peft.get_peft_model(tiny_model(family).to(dtype), peft.LoraConfig(**kw), autocast_adapter_dtype=False)
+    torch.manual_seed(3)
+    d = dt.get_delta_model(tiny_model(family).to(dtype), dt.LoraConfig(**kw))
+    return p, d
+
+
+def _tensors(model, prefix: str) -> dict[str, torch.Tensor]:
+    return {k.replace(".default", "").removeprefix(prefix): v for k, v in model.state_dict().items()}
+
+
+def _train(model) -> None:
+    """The same made-up training step on either library's adapter (the parameters in name order)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, q in sorted((n, q) for n, q in model.named_parameters() if "lora_" in n and q.requires_grad):
+            q.add_(torch.randn(q.shape, generator=g).to(q.dtype) * 0.05)
+
+
+@pytest.mark.parametrize(
+    "family,init,dtype",
+    [
+        ("llama", "pissa", torch.float32),
+        ("llama", "pissa_niter_2", torch.bfloat16),
+        ("llama", "olora", torch.float32),
+        ("llama", "olora", torch.bfloat16),
+        ("gpt2", "pissa", torch.bfloat16),
+        ("gpt2", "pissa_niter_1", torch.float32),
+    ],
+)
+def test_init_is_peft_to_the_bit(family, init, dtype):
+    targets = ["q_proj", "v_proj", "embed_tokens"] if family == "llama" else None  # an embedding: drawn as True
+    p, d = _pair(family, dtype, init_lora_weights=init, target_modules=targets)
+    theirs, ours = _tensors(p, "base_model.model."), _tensors(d, "base_model.")
+    assert theirs.keys() == ours.keys()
+    assert [k for k in theirs if not torch.equal(theirs[k], ours[k])] == []  # A, B and the residual base weights
+    inputs = tiny_inputs(family)
+    assert torch.equal(output_of(d, inputs), output_of(p, inputs))
+    base = output_of(tiny_model(family).to(dtype), inputs)
+    assert (output_of(d, inputs).float() - base.float()).abs().max() < (0.01 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_dora_on_a_pissa_residual_is_peft():
+    p, d = _pair("llama", init_lora_weights="olora", use_dora=True)
+    inputs = tiny_inputs("llama")
+    assert torch.equal(output_of(d, inputs), output_of(p, inputs))
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    "model,kw,words",
+    [
+        (_Conv, dict(init_lora_weights="pissa", target_modules=["conv"]), "conv (Conv2d)"),  # peft: "Unknown init"
+        (lambda: tiny_model("gpt2"), dict(init_lora_weights="olora"), "GPT-2 Conv1D"),  # peft: a shape error
+        (lambda: tiny_model("llama"), dict(init_lora_weights="pissa", r=40), "r=40"),  # q_proj is 32 x 32
+        (lambda: tiny_model("llama").double(), dict(init_lora_weights="olora"), "torch.float64"),  # peft: TypeError
+    ],
+)
+def test_refused_in_one_line_before_the_model_changes(model, kw, words):
+    base = model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        dt.get_delta_model(base, dt.LoraConfig(r=kw.pop("r", 4), **kw))
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("init", ["corda", "loftq", "pissa_niter_x", "pissa_niter_-1"])
+def test_other_inits_refused(init):
+    with pytest.raises(ConfigError, match="init_lora_weights"):
+        dt.LoraConfig(init_lora_weights=init)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_plain_save_is_peft_and_reloads_as_peft_on_the_original_base(init, tmp_path):
+    """peft's plain save keeps init_lora_weights='pissa'; loading it re-runs the init on the base it is given, so
+    the file gives the trained model on the ORIGINAL base (on the residual base peft subtracts twice)."""
+    p, d = _pair("llama", init_lora_weights=init)
+    _train(p), _train(d)
+    inputs = tiny_inputs("llama")
+    trained = output_of(p, inputs)
+    p.save_pretrained(tmp_path / "p"), d.save_pretrained(tmp_path / "d")
+    theirs = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "d" / "adapter_model.safetensors")
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert json.loads((tmp_path / "d" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    for folder in ("p", "d"):
+        theirs = output_of(peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / folder), inputs)
+        ours = output_of(dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / folder), inputs)
+        assert torch.equal(ours, theirs) and torch.equal(ours, trained)
+
+
+@pytest.mark.parametrize(
+    "init,dtype,rslora",
+    [("pissa", torch.float32, False), ("olora", torch.bfloat16, False), ("pissa", torch.float32, True)],
+)
+def test_conversion_is_peft_and_loads_on_the_original_base(init, dtype, rslora, tmp_path):
+    p, d = _pair("llama", dtype, init_lora_weights=init, use_rslora=rslora, lora_alpha=6)
+    p.save_pretrained(tmp_path / "p" / "init"), d.save_pretrained(tmp_path / "d" / "init")
+    _train(p), _train(d)
+    p.save_pretrained(tmp_path / "p" / "out", path_initial_model_for_weight_conversion=str(tmp_path / "p" / "init"))
+    d.convert_to_plain_lora(tmp_path / "d" / "init", tmp_path / "d" / "out")  # lora.py MODEL_FUNCTIONS
+    theirs = load_file(tmp_path / "p" / "out" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "d" / "out" / "adapter_model.safetensors")
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert next(iter(ours.values())).shape[0] == 8  # rank 2r
+    for name in ("out", "init"):
+        their_config = json.loads((tmp_path / "p" / name / "adapter_config.json").read_text())
+        our_config = json.loads((tmp_path / "d" / name / "adapter_config.json").read_text())
+        for key in ("r", "lora_alpha", "init_lora_weights", "use_rslora"):
+            assert our_config[key] == their_config[key], (name, key)
+    inputs = tiny_inputs("llama")
+    trained = output_of(d, inputs)
+    for folder in ("p", "d"):  # on the original base, as a plain LoRA (no init re-run)
+        kw = dict(autocast_adapter_dtype=False)
+        theirs = output_of(
+            peft.PeftModel.from_pretrained(tiny_model("llama").to(dtype), tmp_path / folder / "out", **kw), inputs
+        )
+        ours = output_of(
+            dt.DeltaModel.from_pretrained(tiny_model("llama").to(dtype), tmp_path / folder / "out"), inputs
+        )
+        assert torch.equal(ours, theirs)
+        assert (ours.float() - trained.float()).abs().max() < (0.02 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_conversion_keeps_an_embedding_adapter(tmp_path):
+    """peft's conversion drops lora_embedding_A / B (its file then reloads the embedding untrained: 0.48 off the
+    trained logits here); deltatune pads them to rank 2r with zeros."""
+    _, d = _pair("llama", init_lora_weights="pissa", target_modules=["q_proj", "embed_tokens"])
+    initial = {k: v.clone() for k, v in d.adapter_state_dict().items()}
+    _train(d)
+    inputs = tiny_inputs("llama")
+    trained = output_of(d, inputs)
+    convert_to_plain_lora(d, initial, tmp_path)
+    theirs = output_of(peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path), inputs)
+    ours = output_of(dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path), inputs)
+    assert torch.equal(ours, theirs) and (ours - trained).abs().max() < 1e-5
+
+
+def test_conversion_refuses_rslora_with_patterns_as_peft(tmp_path):
+    _, d = _pair("llama", init_lora_weights="pissa", use_rslora=True, rank_pattern={"v_proj": 2})
+    with pytest.raises(ConfigError, match="rank_pattern or alpha_pattern"):
+        convert_to_plain_lora(d, d.adapter_state_dict(), tmp_path)
