@@ -158,6 +158,8 @@ def render(
                     text, before, through, m, partial(apply, messages[:i]), _specials(tokenizer), _is_glm(tokenizer)
                 )  # fmt: skip
             )
+            if span is None and i + 1 < len(messages):
+                span = _placed(text, messages, i, apply, add_generation_prompt, _specials(tokenizer))
             if span is None:
                 raise ChatTemplateError(
                     f"messages[{i}]: the tokenizer's chat template renders this assistant turn unlike the same turn "
@@ -317,16 +319,46 @@ def _relocated(
         else:
             continue
         tail, rest = through[k + len(content) :], text[end:]
-        n = 0
-        while n < min(len(tail), len(rest)) and tail[n] == rest[n]:
-            n += 1
-        marker = tail[:n] if n == len(tail) else tail[: tail.rfind("\n", 0, n) + 1]
-        markers = [next((t for t in specials if x.startswith(t)), "") for x in (tail, rest)]
-        if not marker and all(markers):  # two end markers (gpt-oss: <|end|> mid-conversation, <|return|> last)
-            marker = markers[1]
+        marker = _end_marker(tail, rest, specials)
         if (marker or (glm and not tail)) and k >= 0:  # GLM's template ends a turn with no marker: no tail
             return start, end + len(marker)
     return None
+
+
+def _end_marker(tail: str, rest: str, specials: Sequence[str]) -> str:
+    """The end marker of a turn: what the template writes after it ending the conversation (``tail``) and in the
+    conversation (``rest``) alike, cut after its last line break (so no piece of the next turn's marker trains); or,
+    where each writes a special token of its own there (gpt-oss: <|end|> mid-conversation, <|return|> last), the one
+    the conversation writes; else ""."""
+    n = len(os.path.commonprefix([tail, rest]))
+    marker = tail[:n] if n == len(tail) else tail[: tail.rfind("\n", 0, n) + 1]
+    markers = [next((t for t in specials if x.startswith(t)), "") for x in (tail, rest)]
+    return markers[1] if not marker and all(markers) else marker
+
+
+def _placed(
+    text: str, messages: list[dict], i: int, apply, gen: bool, specials: Sequence[str]
+) -> tuple[int, int] | None:
+    """An earlier assistant turn's span where the conversation before it renders otherwise than the conversation cut
+    after it (Qwen3.5 and 3.6 write a think block on each turn after the last user query, which a later user turn
+    moves: ``user, call, tool, answer, user, answer`` renders the call bare, the conversation cut at the answer
+    with the block): the turn's content where the whole conversation writes it, found by rendering it with the
+    content swapped for a mark, through the end marker the turn ending the conversation writes; else None."""
+    m, content = messages[i], messages[i]["content"]
+    mark = next(x for x in ("\u2603", "\u2604") if not content.startswith(x) and not content.endswith(x))
+    swapped = [*messages[:i], {**m, "content": mark}, *messages[i + 1 :]]
+    other = apply(swapped, gen)
+    start = len(os.path.commonprefix([text, other]))
+    end = len(text) - len(os.path.commonprefix([text[start:][::-1], other[start:][::-1]]))
+    through, marked = apply(messages[: i + 1]), apply(swapped[: i + 1])
+    k = len(os.path.commonprefix([through, marked]))
+    if text[start:end] != content or through[k : k + len(content)] != content:
+        return None
+    marker = _end_marker(through[k + len(content) :], text[end:], specials)
+    calls = [call["function"]["name"] for call in m.get("tool_calls") or []]
+    if not marker or any(name not in text[start : end + len(marker)] for name in calls):
+        return None  # (DiffusionGemma writes the call, then the tool's response, then the content)
+    return start, end + len(marker)
 
 
 def encode_chat(

@@ -92,3 +92,42 @@ def test_diffusion_gemmas_answer_after_a_tool_response_trains_without_the_header
     assert tok.decode(ours[-1]) == "it is 6. <turn|>"
     # (the call's run also trains the <|tool_response> the template writes where the model stops to call)
     assert tok.decode(ours[0]) == tok.decode(theirs[0]) + " <|tool_response>"
+
+
+AGENT_CHAT = [
+    {"role": "user", "content": "What is 2 * 3?"},
+    {"role": "assistant", "content": "Let me compute.", "tool_calls": CALL},
+    {"role": "tool", "name": "multiply", "content": "6"},
+    {"role": "assistant", "content": "It is 6."},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "Welcome."},
+]
+
+
+@pytest.mark.parametrize("name", ["qwen3_5_nothink", "qwen3_6"])
+def test_qwen3_5_agent_rows_with_a_later_user_turn_train_each_answer_through_its_end_marker(name):
+    """Was refused ('messages[3]: ... cannot be located'): Qwen3.5/3.6 write a think block on each turn after the last
+    user query, so the conversation cut at the answer after the tool response renders the call turn with one, the
+    whole conversation (a later user turn) without. Now each earlier answer trains as the whole conversation writes
+    it, through its <|im_end|>\\n, as an earlier Qwen3 turn does; the ids are apply_chat_template's."""
+    from deltatune.data.templates import encode_chat, render
+
+    tok = tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tok.chat_template = trl_template(name)
+    text, spans = render(AGENT_CHAT, tok, None, tools=MULTIPLY, train_stop=True)
+    assert text == tok.apply_chat_template(AGENT_CHAT, tools=MULTIPLY, tokenize=False)
+    call = "<tool_call>\n<function=multiply>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\n3\n</parameter>\n</function>\n</tool_call>"  # fmt: skip
+    last = "Welcome.<|im_end|>\n" if name == "qwen3_5_nothink" else "\n</think>\n\nWelcome.<|im_end|>\n"
+    assert [text[s:e] for s, e in spans] == [f"Let me compute.\n\n{call}<|im_end|>\n", "It is 6.<|im_end|>\n", last]
+    ids, _ = encode_chat(AGENT_CHAT, tok, None, MULTIPLY)
+    assert ids == tok.apply_chat_template(AGENT_CHAT, tools=MULTIPLY, return_dict=True)["input_ids"]
+
+
+def test_a_turn_whose_call_and_content_the_template_writes_apart_is_still_refused():
+    """DiffusionGemma writes an earlier turn's call, then the tool's response, then the turn's content: no one span
+    holds the turn, so it is refused rather than trained without its call."""
+    tok = tokenizer()
+    tok.chat_template = trl_template("diffusion_gemma")
+    with pytest.raises(DataError, match=r"^t.jsonl:3: messages\[1\]: .* cannot be located"):
+        encode_sft_samples(_samples([{"messages": AGENT_CHAT, "tools": MULTIPLY}]), tok, None, 512)
