@@ -259,6 +259,42 @@ def augment(img, names: list[str]):
     return img
 
 
+# torchvision's InterpolationMode names -> PIL's filters (its pil_modes_mapping), for diffusers' --image_interpolation_mode
+INTERPOLATIONS = {"nearest": 0, "nearest_exact": 0, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5, "lanczos": 1}
+T2I_AUGMENTATIONS = ("random_crop", "hflip")
+"""Stage t2i's ``data.augment``: diffusers' scripts' RandomCrop (without ``--center_crop``) and ``--random_flip``."""
+
+
+def t2i_resize(img, size: int, interpolation: str = "lanczos"):
+    """torchvision's ``Resize(size, interpolation)`` on a PIL image, as diffusers' text-to-image scripts resize: the
+    short side to ``size``, the long side to int(size * long / short) (truncated); an image already that size is
+    returned as it is."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new = (size, int(size * long / short))
+    new_w, new_h = new if w <= h else new[::-1]
+    return img if (new_w, new_h) == (w, h) else img.resize((new_w, new_h), INTERPOLATIONS[interpolation])
+
+
+def t2i_crop(img, size: int, augment: tuple[str, ...] | list[str] = ()):
+    """A ``size`` square of a resized image (``t2i_resize``): torchvision's CenterCrop (top and left rounded,
+    half to even), or with ``random_crop`` its RandomCrop (the row, then the column, from torch's generator; no draw
+    when the image is the square already); then with ``hflip`` mirrored when torch.rand(1) < 0.5, as
+    ``train_text_to_image_lora.py``'s Compose draws them."""
+    from PIL import ImageOps
+
+    w, h = img.size
+    if "random_crop" not in augment:
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    elif (w, h) == (size, size):
+        top = left = 0
+    else:
+        top = int(torch.randint(0, h - size + 1, size=(1,)).item())
+        left = int(torch.randint(0, w - size + 1, size=(1,)).item())
+    img = img if (w, h) == (size, size) else img.crop((left, top, left + size, top + size))
+    return ImageOps.mirror(img) if "hflip" in augment and float(torch.rand(1)) < 0.5 else img
+
+
 def pixel_values(processor, images: list) -> torch.Tensor:
     """The processor's ``pixel_values`` for a list of RGB PIL images: (batch, channels, height, width)."""
     out = processor(images=images, return_tensors="pt")
@@ -306,6 +342,8 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "AUGMENTATIONS",
+    "INTERPOLATIONS",
+    "T2I_AUGMENTATIONS",
     "ImageDataset",
     "ImageRow",
     "augment",
@@ -314,4 +352,6 @@ __all__ = [
     "open_rgb",
     "pixel_values",
     "read_image_rows",
+    "t2i_crop",
+    "t2i_resize",
 ]

@@ -7,21 +7,12 @@ The base (``model.name_or_path``) is a diffusers pipeline folder (``model_index.
 (``config.json`` + weights, an optional ``scheduler_config.json``; what ``deltatune merge`` writes for a t2i run). The
 text encoder is ``model.text_encoder`` (a transformers folder, a hub id, or ``minilm``), else the pipeline's own. Its
 last hidden states are the context of the UNet's cross-attention or the transformer's joint attention; a transformer
-also reads their mean over the caption's tokens as its pooled projection. Images are cut square at the centre,
-resized to the denoiser's ``sample_size`` (times the VAE's factor), converted to its channels (all counted in the
-report) and scaled to [-1, 1]; x0 is the image, or its VAE latent (minus ``shift_factor``, times ``scaling_factor``).
-
-The loss follows the base's scheduler (none: DDPM for a UNet, flow matching for a transformer):
-
-- DDPM (Ho et al. 2020): noise e ~ N(0, I), a step t uniform in [0, T), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e,
-  loss = mean (model(x_t, t) - target)^2, target e (epsilon) or sqrt(abar_t) e - sqrt(1 - abar_t) x0 (v_prediction).
-  ``train.snr_gamma: g`` weighs each image's mean by min(SNR_t, g) / SNR_t (epsilon) or / (SNR_t + 1) (v), SNR_t =
-  abar_t / (1 - abar_t), at SNR_t 0 the limit, 1 (epsilon) or 0 (min-SNR, Hang et al. 2023, as diffusers' scripts).
-- Flow matching (rectified flow; Esser et al. 2024, as diffusers' Flux script, and its SD3 script under
-  ``--precondition_outputs 0``: its default weighs each image by sigma^2) under a ``FlowMatchEulerDiscreteScheduler``
-  with T training steps: u ~ U(0, 1) (``train.sigma_sampling: uniform``) or sigmoid(N(0, 1)) (``logit_normal``),
-  i = floor(u T), sigma = the scheduler's sigmas[i] ((T - i) / T unshifted), x_t = (1 - sigma) x0 + sigma e,
-  loss = mean (model(x_t, sigma T) - (e - x0))^2.
+also reads their mean over the caption's tokens as its pooled projection. Images are resized (short side to
+the denoiser's ``sample_size`` times the VAE's factor), cropped square (centre, or at random) and optionally flipped,
+in the order and with the interpolation of diffusers' scripts (``deltatune.data.images.t2i_resize``), converted to
+its channels and scaled to [-1, 1]; x0 is the image, or its VAE latent (times ``scaling_factor``, after minus
+``shift_factor`` for a transformer, as SD3's). The loss, by the base's scheduler (none: DDPM for a UNet, flow matching
+for a transformer), is ``t2i_noise``'s.
 
 Sampling (``sample``, ``deltatune generate``) runs DDIM or the flow-matching Euler steps from seeded noise with
 classifier-free guidance (the empty caption as the unconditional one), as diffusers' pipelines do.
@@ -34,6 +25,7 @@ import functools
 import json
 import math
 import os
+import random
 import shutil
 from typing import Any
 
@@ -42,11 +34,13 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from ..config import ConfigError
-from ..data.images import check, open_rgb, read_image_rows
+from ..data.images import INTERPOLATIONS, T2I_AUGMENTATIONS, check, open_rgb, read_image_rows, t2i_crop, t2i_resize
 from ..data.load import DataError
 from ..model import DeltaModel
 from .config import RunConfig
 from .prepared import Prepared
+from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
+from .t2i_noise import min_snr_weights as min_snr_weights  # (t2i.min_snr_weights, as before the split)
 from .trainer import DeltaTrainer
 
 T2I_FILE = "t2i.json"
@@ -55,7 +49,6 @@ TEXT_ENCODER_LORA = "text_encoder_lora"
 """The folder, in a run, its checkpoints and a base merged from it, holding the text encoder's LoRA (PEFT layout)."""
 DENOISERS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
 """The denoisers the stage trains: their folder in a pipeline, and their prefix in diffusers' LoRA files."""
-SIGMA_SAMPLING = ("uniform", "logit_normal")
 _EXTRA_CONDITIONS = ("addition_embed_type", "class_embed_type", "num_class_embeds", "time_cond_proj_dim")
 
 
@@ -148,6 +141,7 @@ class T2IProcessor:
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.size = int(config["sample_size"]) * self.factor
         self.channels = self.vae.config.in_channels if self.vae is not None else int(config["in_channels"])
+        self.interpolation = "bilinear" if transformer else "lanczos"  # the SD3 script's; the SD scripts' default
         self.pad_token_id = self.tokenizer.pad_token_id
         self.context = _context(self.tokenizer, self.text_encoder.config)
         _check_width(config, self.text_encoder.config, path, name)
@@ -189,15 +183,23 @@ class T2IProcessor:
         parts = [self.encode(ids[i : i + 64], mask[i : i + 64]) for i in range(0, len(captions), 64)]
         return {k: torch.cat([p[k].cpu() for p in parts]) for k in parts[0]}, cut
 
-    def pixels(self, image) -> torch.Tensor:
-        """A PIL image as (C, H, W) in [-1, 1] at the model's size and channels."""
-        import numpy as np
-        from PIL import Image, ImageOps
+    def resized(self, image, interpolation: str | None = None):
+        """A PIL image in the model's channels, its short side resized to the model's size (``t2i_resize``) with
+        ``interpolation`` (default ``self.interpolation``)."""
+        img = image.convert("L" if self.channels == 1 else "RGB")
+        return t2i_resize(img, self.size, interpolation or self.interpolation)
 
-        img = image.convert("L" if self.channels == 1 else "RGB")  # cut to a square at the centre, then resized:
-        img = ImageOps.fit(img, (self.size, self.size), Image.BICUBIC)  # diffusers' scripts' Resize + CenterCrop
-        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    def tensor(self, image, augment: tuple[str, ...] | list[str] = ()) -> torch.Tensor:
+        """A resized image (``resized``) cropped square (``t2i_crop``: centre, or random with its flip) as
+        (C, H, W) in [-1, 1]."""
+        import numpy as np
+
+        array = np.asarray(t2i_crop(image, self.size, augment), dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array[None] if self.channels == 1 else array.transpose(2, 0, 1).copy())
+
+    def pixels(self, image, interpolation: str | None = None) -> torch.Tensor:
+        """A PIL image as (C, H, W) in [-1, 1] at the model's size and channels: resized, then cut at the centre."""
+        return self.tensor(self.resized(image, interpolation))
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -307,16 +309,23 @@ def _recorded(path: str) -> dict[str, Any]:
 
 class T2IDataset(torch.utils.data.Dataset):
     """``{"pixel_values": (C, H, W)}`` plus the caption's row of each text column: its encoding (``encode``), or its
-    tokens (``input_ids``, ``attention_mask``) when the text encoder trains and encodes them at every step."""
+    tokens (``input_ids``, ``attention_mask``) when the text encoder trains and encodes them at every step. With
+    ``make`` the pixels are resized images that ``make`` crops (and flips) at every read; with ``drop`` > 0 each read
+    takes the empty caption's row (``empty``) with that probability (Python's ``random``, as diffusers' scripts'
+    ``--proportion_empty_prompts``)."""
 
-    def __init__(self, pixels: list[torch.Tensor], text: dict[str, torch.Tensor]) -> None:
-        self.pixels, self.text = pixels, text
+    def __init__(self, pixels: list, text: dict[str, torch.Tensor], make=None, empty=None, drop: float = 0.0) -> None:
+        self.pixels, self.text, self.make, self.empty, self.drop = pixels, text, make, empty, drop
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixels[i], **{k: v[i] for k, v in self.text.items()}}
+        pixels = self.make(self.pixels[i]) if self.make else self.pixels[i]
+        row = {k: v[i] for k, v in self.text.items()}
+        if self.drop and random.random() < self.drop:
+            row = {k: v[0] for k, v in self.empty.items()}
+        return {"pixel_values": pixels, **row}
 
 
 def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -346,11 +355,9 @@ class T2ITrainer(DeltaTrainer):
     text encoder. A text encoder with a LoRA that trains joins the optimizer and the gradient clipping, encodes the
     captions at every step, and its LoRA is saved in every checkpoint (``text_encoder_lora/``)."""
 
-    def __init__(
-        self, *args: Any, processor: T2IProcessor, sigma_sampling: str = "uniform", snr_gamma: float = 0.0, **kwargs
-    ) -> None:
+    def __init__(self, *args: Any, processor: T2IProcessor, loss_options: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.processor, self.sigma_sampling, self.snr_gamma = processor, sigma_sampling, snr_gamma
+        self.processor, self.loss_options = processor, dict(loss_options or {})  # (t2i_noise.loss_options)
         processor.denoiser = self._delta_model()
         self.text_encoder = processor.text_encoder if processor.trains_text_encoder else None
         for module in (self.text_encoder, processor.vae):
@@ -369,9 +376,9 @@ class T2ITrainer(DeltaTrainer):
             p.text_encoder.train(model.training)
             inputs = {**inputs, **p.encode(inputs["input_ids"], inputs["attention_mask"])}
         if p.flow:
-            loss = flow_matching_loss(model, p.scheduler, inputs, p.vae, sigma_sampling=self.sigma_sampling)
+            loss = flow_matching_loss(model, p.scheduler, inputs, p.vae, **self.loss_options)
         else:
-            loss = denoising_loss(model, p.scheduler, inputs, p.vae, snr_gamma=self.snr_gamma)
+            loss = denoising_loss(model, p.scheduler, inputs, p.vae, **self.loss_options)
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -406,91 +413,29 @@ class T2ITrainer(DeltaTrainer):
             self.text_encoder.load_adapter_weights(os.path.join(resume_from_checkpoint, TEXT_ENCODER_LORA), "default")
 
 
-def predict(model, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The denoiser's output for ``x`` at steps ``t``: a UNet attends to the text states (and their mask); a
-    transformer, given ``pooled_projections``, attends to them jointly and reads the pooled embedding. The inputs
-    are cast to the denoiser's dtype first, as diffusers' training scripts do."""
-    dtype = (model.get_base_model() if hasattr(model, "get_base_model") else model).dtype  # (model.dtype)
-    x, states = x.to(dtype), text["encoder_hidden_states"].to(dtype)
-    if "pooled_projections" in text:
-        pooled = text["pooled_projections"].to(dtype)
-        return model(hidden_states=x, timestep=t, encoder_hidden_states=states, pooled_projections=pooled).sample
-    return model(x, t, encoder_hidden_states=states, encoder_attention_mask=text.get("encoder_attention_mask")).sample
-
-
-def _latents(pixels: torch.Tensor, vae, generator) -> torch.Tensor:
-    """x0: the images, or their VAE latents (sampled, minus the shift factor, times the scaling factor)."""
-    if vae is None:
-        return pixels
-    with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
-    return (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
-
-
-def denoising_loss(
-    model, scheduler, inputs: dict[str, torch.Tensor], vae=None, generator=None, snr_gamma: float = 0.0
-) -> torch.Tensor:
-    """The DDPM loss of one batch: noise at uniform random steps, predicted by ``model``, min-SNR weighted with
-    ``snr_gamma`` > 0 (module docstring)."""
-    x0 = _latents(inputs["pixel_values"], vae, generator)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    steps = scheduler.config.num_train_timesteps
-    t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
-    pred = predict(model, scheduler.add_noise(x0, noise, t), t, inputs)
-    kind = scheduler.config.prediction_type
-    if kind not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"stage t2i: scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction)")
-    target = noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
-    if not snr_gamma:
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
-    per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return (per_image * min_snr_weights(scheduler, t, snr_gamma)).mean()
-
-
-def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """The min-SNR weight of each step in ``t`` for the scheduler's prediction type (module docstring)."""
-    abar = scheduler.alphas_cumprod.to(t.device)[t].float()
-    snr = (abar**0.5 / (1 - abar) ** 0.5) ** 2  # diffusers' compute_snr, to the rounding
-    if scheduler.config.prediction_type != "epsilon":  # v: 0 at a zero-terminal-SNR step, as diffusers' (its limit)
-        return snr.clamp(max=gamma) / (snr + 1)
-    return torch.where(snr == 0, 1.0, snr.clamp(max=gamma) / snr)  # 1 at SNR 0 (the limit; diffusers' is nan)
-
-
-def flow_matching_loss(
-    model, scheduler, inputs: dict[str, torch.Tensor], vae=None, generator=None, sigma_sampling: str = "uniform"
-) -> torch.Tensor:
-    """The flow-matching loss of one batch (module docstring); the noise, then u, drawn from ``generator``."""
-    x0 = _latents(inputs["pixel_values"], vae, generator)
-    n, steps = x0.shape[0], scheduler.config.num_train_timesteps
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    if sigma_sampling == "logit_normal":  # diffusers' compute_density_for_timestep_sampling, mean 0, std 1
-        u = torch.sigmoid(torch.normal(0.0, 1.0, (n,), generator=generator, device=x0.device))
-    else:
-        u = torch.rand((n,), generator=generator, device=x0.device)
-    index = (u * steps).long().clamp(max=steps - 1).cpu()
-    t = scheduler.timesteps[index].to(x0.device)
-    sigma = scheduler.sigmas[index].to(x0.device, x0.dtype).view(n, *[1] * (x0.dim() - 1))
-    pred = predict(model, (1 - sigma) * x0 + sigma * noise, t, inputs)
-    return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
-
-
 def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     """Read images and captions, encode the captions once (or tokenize them, when the text encoder trains), give
     the Trainer the stage's loss.
 
     Raises:
-        ConfigError: a bad train.sigma_sampling, train.snr_gamma on a flow-matching base, or
-            model.train_text_encoder without a LoRA method or under several processes.
+        ConfigError: a bad loss key (``t2i_noise.loss_options``), a bad data.augment, interpolation or caption
+            dropout, or model.train_text_encoder without a LoRA method or under several processes.
         DataError: a row without an image or a caption (file:line), an unreadable image, a caption over
             data.max_length (or the text encoder's context) under data.truncation=refuse.
     """
     d = cfg.data
     if not d.train:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
-    if cfg.train.sigma_sampling not in SIGMA_SAMPLING:
-        raise ConfigError(f"train.sigma_sampling must be uniform or logit_normal, got {cfg.train.sigma_sampling!r}")
-    if cfg.train.snr_gamma and processor.flow:
-        raise ConfigError("train.snr_gamma weighs the DDPM loss; this base trains with flow matching: drop it")
+    options = loss_options(cfg.train, processor.flow)
+    augment = list(d.augment)  # (diffusers' scripts' RandomCrop without --center_crop, and --random_flip)
+    if bad := [a for a in augment if a not in T2I_AUGMENTATIONS]:
+        raise ConfigError(f"data.augment: stage t2i takes {', '.join(T2I_AUGMENTATIONS)}, got {bad[0]!r}")
+    interp = getattr(d, "image_interpolation_mode", None) or processor.interpolation
+    if interp not in INTERPOLATIONS:
+        raise ConfigError(f"data.image_interpolation_mode must be one of {', '.join(INTERPOLATIONS)}, got {interp!r}")
+    drop = getattr(d, "proportion_empty_prompts", 0.0) or 0.0
+    if not 0 <= drop <= 1:
+        raise ConfigError(f"data.proportion_empty_prompts must be in [0, 1], got {drop}")
     if cfg.model.train_text_encoder and not isinstance(processor.text_encoder, DeltaModel):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("model.train_text_encoder runs in one process for now: launch without torchrun")
@@ -507,12 +452,15 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
             if mode != want:
                 notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to {want}")
         images = [open_rgb(r, on_white=False)[0] for r in rows]  # as diffusers' scripts read them (convert("RGB"))
-        pixels = [processor.pixels(img) for img in images]
+        random_ops = split == "train" and augment  # (eval: the centre, unflipped)
+        resized = [processor.resized(img, interp) for img in images]
+        pixels = resized if random_ops else [processor.tensor(img) for img in resized]
         if sizes := sum(img.size != (processor.size, processor.size) for img in images):
-            notes.append(f"{sizes} {split} images were resized to {processor.size}x{processor.size}")
+            notes.append(f"{sizes} {split} images were resized to {processor.size}x{processor.size} ({interp})")
         if crops := sum(img.width != img.height for img in images):
-            notes.append(f"{crops} {split} images were not square and were cut to a square at their centre first")
-        captions = [r.text for r in rows]
+            how = "at random at every step" if random_ops and "random_crop" in augment else "at their centre"
+            notes.append(f"{crops} {split} images were not square: short side resized, then cropped {how}")
+        captions = [r.text for r in rows] + [""]  # (the last: the empty caption, for data.proportion_empty_prompts)
         if trains:
             ids, mask, cut = processor.tokenize(captions, d.max_length)
             text = {"input_ids": ids, "attention_mask": mask}
@@ -522,19 +470,19 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
             raise DataError(f"{spec}: {cut} captions are longer than {where}")
         if cut:
             notes.append(f"{cut} {split} captions were longer than {where} and were cut")
-        return T2IDataset(pixels, text)
+        empty, text = {k: v[-1:] for k, v in text.items()}, {k: v[:-1] for k, v in text.items()}
+        make = functools.partial(processor.tensor, augment=augment) if random_ops else None
+        return T2IDataset(pixels, text, make, empty, drop if split == "train" else 0.0)
 
     notes: list[str] = []
     train = read(d.train, "train", notes)
     ev = read(d.eval, "eval", notes) if d.eval else None
     trained = "; its LoRA trains too (model.train_text_encoder)" if trains else ""
     notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}{trained}")
-    snr = f", min-SNR weighted (gamma {cfg.train.snr_gamma:g})" if cfg.train.snr_gamma else ""
-    kind = f"flow matching, {cfg.train.sigma_sampling} sigmas" if processor.flow else None
-    notes.insert(1, f"loss: {kind or f'DDPM, {processor.scheduler.config.prediction_type}{snr}'}")
-    trainer = functools.partial(
-        T2ITrainer, processor=processor, sigma_sampling=cfg.train.sigma_sampling, snr_gamma=cfg.train.snr_gamma
-    )
+    notes.insert(1, describe(options, processor.flow, processor.scheduler.config.get("prediction_type")))
+    if augment or drop:
+        notes.insert(2, f"train-time: {', '.join([*augment, *[f'{drop:g} of captions empty'] * bool(drop)])}")
+    trainer = functools.partial(T2ITrainer, processor=processor, loss_options=options)
     return Prepared(train, ev, collate, None, None, notes=notes, loss_only=True, trainer_class=trainer)
 
 
@@ -584,7 +532,7 @@ def sample(
             out = free + guidance * (out - free)
         x = scheduler.step(out, t, x).prev_sample
     if vae is not None:
-        x = vae.decode(x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)).sample
+        x = vae.decode(x / vae.config.scaling_factor + shift_factor(denoiser, vae)).sample  # (a UNet's: none)
     return ((x.float().cpu() + 1) / 2).clamp(0, 1)
 
 
