@@ -27,6 +27,9 @@ class Encoded:
     truncated: int = 0
     dropped: int = 0
     """Rows left with nothing to learn from after truncation (SFT: the prompt fills max_length)."""
+    cut_sources: int = 0
+    cut_targets: int = 0
+    """seq2seq: rows whose source, and whose target, was cut (``truncated`` counts a row once)."""
 
 
 def _fit(
@@ -270,7 +273,7 @@ def encode_seq2seq(
     truncation: str = "truncate",
 ) -> Encoded:
     """Conditional generation: the source as encoder input, the target's ids as labels."""
-    out, counter = [], [0]
+    out, counter, cut = [], [0], [0, 0]
     for row in rows:
         src = tokenizer(row.text(source_column))
         tgt = tokenizer(text_target=row.text(target_column))["input_ids"]
@@ -278,6 +281,8 @@ def encode_seq2seq(
         keep = _fit(src["input_ids"], max_length, row, truncation, None)
         keep_t = _fit(tgt, max_target_length, row, truncation, None, "data.max_target_length")
         counter[0] += over  # a row is counted once, however many of its parts were cut
+        cut[0] += keep < len(src["input_ids"])
+        cut[1] += keep_t < len(tgt)
         # Cut by the tokenizer, which keeps the end token (as the evaluation's generation tokenizes the source); a
         # target cut without it would teach the model never to stop.
         if keep < len(src["input_ids"]):
@@ -285,7 +290,7 @@ def encode_seq2seq(
         if keep_t < len(tgt):
             tgt = tokenizer(text_target=row.text(target_column), truncation=True, max_length=keep_t)["input_ids"]
         out.append({"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": tgt})
-    return Encoded(out, counter[0])
+    return Encoded(out, counter[0], cut_sources=cut[0], cut_targets=cut[1])
 
 
 def pack(examples: list[dict[str, Any]], block_size: int) -> list[dict[str, Any]]:

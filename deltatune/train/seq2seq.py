@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..data.load import Row
-from ..data.tasks import Collator, encode_seq2seq
+from ..data.tasks import Collator, Encoded, encode_seq2seq
 from . import metrics as M
 from .config import RunConfig
-from .prepared import Prepared, _encode_splits, _rows
+from .prepared import Prepared, _rows
 from .trainer import TokenLossTrainer
 
 
@@ -28,8 +28,16 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
             d.truncation,
         )
 
-    notes: list[str] = []
-    train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
+    train, ev = enc(train_rows), enc(eval_rows) if eval_rows else None
+    notes = [_cut_note(split, e, d.max_length, d.max_target_length) for split, e in (("train", train), ("eval", ev))]
+    notes = [n for n in notes if n]
+    new_tokens = cfg.train.generation_max_new_tokens
+    # run_summarization generates up to the target length (val_max_target_length); a shorter cap cuts predictions
+    if ev and (longer := sum(len(ex["labels"]) > new_tokens for ex in ev.examples)):
+        notes.append(
+            f"{longer} of the {len(ev.examples)} eval targets are longer than train.generation_max_new_tokens="
+            f"{new_tokens} tokens: their generations stop there, which lowers ROUGE-L and BLEU"
+        )
     return Prepared(
         train.examples,
         ev.examples if ev else None,
@@ -41,6 +49,16 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
         loss_only=True,
         trainer_class=TokenLossTrainer,  # T5's and BART's own loss is a mean per micro-batch
     )
+
+
+def _cut_note(split: str, enc: Encoded | None, max_length: int, max_target_length: int) -> str | None:
+    """The report's line for rows cut, naming the limit each part passed (a target's is data.max_target_length)."""
+    if not enc or not enc.truncated:
+        return None
+    parts = [f"{n} {what} longer than {key}={limit}" for n, what, key, limit in (
+        (enc.cut_sources, "sources", "data.max_length", max_length),
+        (enc.cut_targets, "targets", "data.max_target_length", max_target_length)) if n]  # fmt: skip
+    return f"{enc.truncated} {split} rows were truncated ({', '.join(parts)} tokens)"
 
 
 @torch.no_grad()

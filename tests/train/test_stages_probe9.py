@@ -85,3 +85,33 @@ def test_a_plain_adapters_head_of_more_classes_than_the_data_shows_is_named(tok,
     with torch.no_grad():
         own = peft_model.eval()(**batch, labels=torch.tensor([r["label"] for r in rows])).loss.item()
     assert got["eval_loss"] == pytest.approx(own, rel=1e-5)
+
+
+def test_seq2seq_notes_name_the_limit_each_part_passed_and_a_generation_cap_below_the_targets(tok, tmp_path):
+    """Rows of a 4-token source and targets of 5, 22 and 42 tokens, data.max_length 32, max_target_length 16: the
+    report said '2 train rows were longer than data.max_length=32 tokens and were truncated', a limit no source
+    reached. It now names the target's limit. And an eval target longer than train.generation_max_new_tokens
+    (8 here; 64 by default against max_target_length 128) can never be generated whole, which lowers ROUGE-L
+    and BLEU where run_summarization generates up to the target length: the report says how many."""
+    import json
+
+    from deltatune.train import build
+    from deltatune.train.seq2seq import prepare_seq2seq
+
+    path = tmp_path / "s2s.jsonl"
+    path.write_text(
+        "".join(json.dumps({"source": "a b", "target": " ".join(["word"] * n)}) + "\n" for n in (3, 20, 40))
+    )
+    data = {"train": str(path), "eval": str(path), "max_length": 32, "max_target_length": 16}
+    cfg = build({"stage": "seq2seq", "data": data, "train": {"generation_max_new_tokens": 8}})
+    assert prepare_seq2seq(cfg, tok).notes == [
+        "2 train rows were truncated (2 targets longer than data.max_target_length=16 tokens)",
+        "2 eval rows were truncated (2 targets longer than data.max_target_length=16 tokens)",
+        "2 of the 3 eval targets are longer than train.generation_max_new_tokens=8 tokens: their generations stop "
+        "there, which lowers ROUGE-L and BLEU",
+    ]
+    cfg = build({"stage": "seq2seq", "data": {**data, "max_length": 2}, "train": {"generation_max_new_tokens": 16}})
+    assert prepare_seq2seq(cfg, tok).notes[0] == (
+        "3 train rows were truncated (3 sources longer than data.max_length=2, 2 targets longer than "
+        "data.max_target_length=16 tokens)"
+    )
