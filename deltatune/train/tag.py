@@ -3,6 +3,7 @@ reports entity-level F1, precision and recall (and per-token accuracy)."""
 
 from __future__ import annotations
 
+from ..config import ConfigError
 from ..data.load import DataError
 from ..data.tasks import Collator, encode_tag
 from ..data.templates import IGNORE_INDEX
@@ -21,6 +22,11 @@ def _bio_labels(tags: list) -> list[str]:
 
 
 def prepare_tag(cfg: RunConfig, tok) -> Prepared:
+    if not getattr(tok, "is_fast", True):  # its words' tokens are found through word ids or offsets: a fast one's
+        raise ConfigError(
+            f"model {cfg.model.name_or_path!r}: stage tag needs a fast (Rust) tokenizer to align each word's tag with "
+            f"its first sub-token; {type(tok).__name__} is a Python one (transformers' run_ner refuses it likewise)"
+        )
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
     if d.labels:

@@ -115,3 +115,22 @@ def test_seq2seq_notes_name_the_limit_each_part_passed_and_a_generation_cap_belo
         "3 train rows were truncated (3 sources longer than data.max_length=2, 2 targets longer than "
         "data.max_target_length=16 tokens)"
     )
+
+
+def test_tag_refuses_a_python_tokenizer_in_one_line(tmp_path):
+    """A tokenizer without the Rust backend (ByT5's, a Python one in transformers 5) has no offsets or word ids to
+    align a word's tag with its first sub-token: stage tag stopped in transformers with KeyError 'offset_mapping'.
+    transformers' run_ner refuses such a tokenizer up front; so does deltatune now, naming the model and class."""
+    import json
+
+    from transformers import ByT5Tokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.train import build
+    from deltatune.train.tag import prepare_tag
+
+    path = tmp_path / "tag.jsonl"
+    path.write_text(json.dumps({"tokens": ["hi", "there"], "ner_tags": ["O", "B-x"]}) + "\n")
+    cfg = build({"stage": "tag", "model": {"name_or_path": "google/byt5-small"}, "data": {"train": str(path)}})
+    with pytest.raises(ConfigError, match=r"^model 'google/byt5-small': stage tag needs a fast .* ByT5Tokenizer is"):
+        prepare_tag(cfg, ByT5Tokenizer())
