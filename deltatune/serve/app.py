@@ -355,11 +355,15 @@ def _chat_ids(
             parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
                 raise RequestError(f"messages[{i}].content: only text parts are served", param="messages")
-            content = "".join(parts)
+            content = "\n".join(parts)  # as vLLM joins them for a template that reads a string
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
         _utf8(content, f"messages[{i}].content", "messages")
         clean.append({"role": m["role"], "content": content})
+        for key in ("name", "tool_call_id") if template is None else ():  # vLLM hands them to the chat template
+            if isinstance(m.get(key), str) and (key == "name" or m["role"] == "tool"):
+                _utf8(m[key], f"messages[{i}].{key}", "messages")
+                clean[-1][key] = m[key]
     source = getattr(tokenizer, "chat_template", None) if template is None else None
     if "developer" not in (source if isinstance(source, str) else ""):  # OpenAI's newer name for the system role
         clean = [{**m, "role": "system"} if m["role"] == "developer" else m for m in clean]

@@ -146,3 +146,30 @@ def test_a_user_that_is_not_a_string_and_audio_modalities_are_400s(served):
         assert set(answer["error"]) == {"message", "type", "param", "code"}
     for field, value in (("user", "bob"), ("user", None), ("modalities", ["text"]), ("unknown_field", 1)):
         assert _post(server, "/v1/chat/completions", {**chat, field: value})[0] == 200, (field, value)
+
+
+NAMED = (  # a chat template that reads the participant's name and a tool result's call id
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m.name is defined %} {{ m.name }}{% endif %}"
+    "{% if m.tool_call_id is defined %} [{{ m.tool_call_id }}]{% endif %}{{ '\\n' + m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_text_parts_join_by_newline_and_name_reaches_the_template_as_vllm(served, monkeypatch):
+    """Text parts were joined with "" ("a" "b" -> "ab"; vLLM: "a\\nb"), and a message's name and a tool message's
+    tool_call_id were dropped before the template (vLLM passes both)."""
+    from deltatune.serve.app import _chat_ids
+
+    engine = served[0]
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "chat_template", NAMED)
+    messages = [
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "tool", "tool_call_id": "call1", "content": "42"},
+        {"role": "user", "name": 7, "content": "c"},  # not a string: left out, as vLLM does
+    ]
+    want = (
+        "<|im_start|>user ann\na\nb<|im_end|>\n<|im_start|>tool [call1]\n42<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
+    )
+    want += "<|im_start|>assistant\n"
+    assert _chat_ids(tok, messages) == tok(want, add_special_tokens=False)["input_ids"]
