@@ -16,7 +16,9 @@ Decoder-only vision-language models (LLaVA, BLIP-2 with OPT, Idefics3, Qwen2-VL,
 (``data.sample.place_images``), rendered with the processor's chat template, else the tokenizer's, else
 ``data.template``; an answer the template leaves open is closed with EOS. The processor expands each marker into the
 image tokens (BLIP-2: its query tokens before the text). The labels are the answers' tokens (EOS included), -100
-elsewhere; the processor's per-token modality ids go with them. ``data.max_length`` caps the text tokens.
+elsewhere; the processor's per-token modality ids go with them. ``data.max_length`` caps the text tokens. PaliGemma
+reads one prompt (a prefix attended both ways) and one answer, as its processor's text and suffix. (The batches:
+caption_batch.py.)
 
 Eval: the loss and perplexity, and BLEU-4 and ROUGE-L (metrics.py) of greedy captions of the first ``EVAL_CAPTIONS``
 eval rows (at most ``data.max_target_length`` new tokens) against their captions. Which tower trains is
@@ -28,7 +30,6 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,9 +38,22 @@ from ..config import ConfigError
 from ..data.images import ImageRow, check, check_inside, open_rgb, pixel_values, read_image_rows
 from ..data.load import DataError, read_rows
 from ..data.sample import IMAGE_MARKER, Message, place_images
-from ..data.templates import IGNORE_INDEX, render
+from ..data.templates import IGNORE_INDEX
 from ..loss import shifted_token_loss
 from . import metrics as M
+from .caption_batch import (  # noqa: F401 (the batch builders, read by the tests as caption's)
+    EVAL_CAPTIONS,
+    TOKEN_TYPES,
+    VLMDataset,
+    VLMExample,
+    VLMProcessor,
+    _pad,
+    collate_vlm,
+    encode_vlm,
+    render_vlm,
+    shown,
+    vlm_labels,
+)
 from .checks import check_new_tokens
 from .config import RunConfig
 from .image_cls import PixelTrainer  # pixel values in the model's dtype
@@ -48,9 +62,6 @@ from .prepared import Prepared, data_columns
 CAPTION_PROMPT = "Describe the image."
 """The user turn (after the image) of an image + caption row on a decoder-only model; ``generate --image``'s prompt
 when none is given."""
-EVAL_CAPTIONS = 64
-"""Eval rows captioned (greedy) for BLEU-4 and ROUGE-L."""
-TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")
 
 
 class CaptionProcessor:
@@ -70,36 +81,6 @@ class CaptionProcessor:
     def save_pretrained(self, out: str) -> None:
         for part in [self.processor] if self.processor is not None else [self.image_processor, self.tokenizer]:
             part.save_pretrained(out)
-
-
-class VLMProcessor:
-    """A decoder-only vision-language model's processor (``AutoProcessor``: LlavaProcessor, Blip2Processor, ...) and
-    the run's ``data.template`` (None: the processor's or the tokenizer's chat template, else ``plain``)."""
-
-    def __init__(self, processor, template: str | None = None) -> None:
-        self.processor, self.template = processor, template
-        self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
-        self.image_token = str(processor.image_token)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        # the image tokens (Gemma 3's marker is its <start_of_image>, which stays text; its image tokens are others)
-        self.image_ids = set(getattr(processor, "image_token_ids", None) or [self.image_token_id]) - {None}
-        # BLIP-2's processor puts the query tokens before the text itself: the text carries no marker
-        self.prepends = getattr(processor, "num_query_tokens", None) is not None
-        # per-token modality ids the model reads (Qwen2-VL's M-RoPE, Gemma 3's image attention), named as its text call
-        keys = processor(text=["x"]).keys() if getattr(processor, "return_mm_token_type_ids", False) else ()
-        self.types = next((k for k in TOKEN_TYPES if k in keys), None)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.tokenizer.pad_token_id
-
-    def save_pretrained(self, out: str) -> None:
-        self.processor.save_pretrained(out)
-
-    def inputs(self, images: list, messages: list[Message] | None):
-        """The model's inputs (``input_ids`` with the image tokens, ``pixel_values``, ...) to answer ``messages``."""
-        text, _, special = render_vlm(self, messages or [], add_generation_prompt=True)
-        return self.processor(text=[text], images=images, add_special_tokens=special, return_tensors="pt")
 
 
 def model_kind(path: str) -> str:
@@ -197,14 +178,6 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, tor
     return {**out, "labels": _pad([b["labels"] for b in batch], IGNORE_INDEX)}
 
 
-def _pad(rows: list[list[int]], value: int, width: int = 0) -> torch.Tensor:
-    """The rows right-padded with ``value`` to ``width`` (at least the longest row's)."""
-    out = torch.full((len(rows), max(width, *map(len, rows))), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
-
-
 def encode_captions(
     rows: list[ImageRow], tokenizer, max_length: int, eos: int | None = None
 ) -> tuple[list[list[int]], int]:
@@ -223,169 +196,6 @@ def encode_captions(
 
 
 # -- decoder-only vision-language models ------------------------------------------------------------------------
-
-
-@dataclass
-class VLMExample:
-    """One conversation with its images: ``<image>`` markers placed, answers from message ``train_from`` on train."""
-
-    source: str
-    images: list[ImageRow]
-    messages: list[Message]
-    train_from: int = 0
-
-
-def _parts(text: str) -> list[dict[str, str]]:
-    """A message's text as content parts, an image part at each marker (what processors' chat templates read)."""
-    parts: list[dict[str, str]] = []
-    for i, piece in enumerate(text.split(IMAGE_MARKER)):
-        if i:
-            parts.append({"type": "image"})
-        if piece.strip():
-            parts.append({"type": "text", "text": piece.strip()})
-    return parts
-
-
-def _close(text: str, spans: list[tuple[int, int]], tok) -> tuple[str, list[tuple[int, int]]]:
-    """Each answer span that does not end with a special token (LLaVA's template ends it with a space) gets EOS."""
-    eos, out = tok.eos_token, []
-    for start, end in reversed(spans):  # from the end: an insertion moves only the spans after it
-        body = text[start:end].rstrip()
-        if not eos or any(body.endswith(t) for t in tok.all_special_tokens):
-            out.append((start, end))
-            continue
-        cut = start + len(body)
-        text = text[:cut] + eos + text[cut:]
-        out = [(a + len(eos), b + len(eos)) for a, b in out] + [(start, cut + len(eos))]
-    return text, out[::-1]
-
-
-def render_vlm(
-    processor: VLMProcessor, messages: list[Message], add_generation_prompt: bool = False, train_from: int = 0
-) -> tuple[str, list[tuple[int, int]], bool]:
-    """The conversation as the model reads it (image markers unexpanded), the character spans [start, end) of the
-    answers from message ``train_from`` on, and whether the tokenizer adds its special tokens: yes (LLaVA's and
-    BLIP-2's processors add the BOS by default) unless the text already starts with the BOS."""
-    tok = processor.tokenizer
-    if processor.prepends:  # BLIP-2: the processor puts the image tokens before the text, which holds no marker
-        messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, "").strip()} for m in messages]
-    if processor.template is None and getattr(processor.processor, "chat_template", None):
-        parted = [{**m, "content": _parts(m["content"])} for m in messages]
-        text, spans = _close(
-            *render(parted, processor.processor, None, add_generation_prompt, train_from=train_from), tok
-        )
-    else:
-        plain = [{**m, "content": m["content"].replace(IMAGE_MARKER, processor.image_token)} for m in messages]
-        if processor.template is None and getattr(tok, "chat_template", None):
-            text, spans = _close(*render(plain, tok, None, add_generation_prompt, train_from=train_from), tok)
-        else:
-            template = processor.template or "plain"
-            text, spans = render(plain, tok, template, add_generation_prompt, train_from=train_from)
-    return text, spans, not (tok.bos_token and text.startswith(tok.bos_token))
-
-
-def vlm_labels(enc, text: str, spans: list[tuple[int, int]], processor: VLMProcessor, special: bool, source: str):
-    """Labels for the processor's ids (``enc``: called with offsets and its text replacement offsets): a token trains
-    where it overlaps an answer span (as transformers' assistant mask marks it) once moved back past the image markers expanded before it (Idefics3 and SmolVLM
-    wrap each image in row/column and around-image tokens); image tokens and the expansions get -100.
-
-    Raises:
-        DataError: the answers' tokens differ from the tokenizer's of the same text (the labels would be shifted).
-    """
-    image, moves = processor.image_token_id, (enc.get("text_replacement_offsets") or [[]])[0]
-    moves = [(r["new_span"], r["new_span"][1] - r["span"][1]) for r in moves]
-    labels = []
-    for t, (s, e) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
-        back = next((gain for (_, end), gain in reversed(moves) if end <= s), 0)  # the gains are running totals
-        keep = e > s and t != image and not any(a <= s < b for (a, b), _ in moves)
-        labels.append(int(t) if keep and any(s - back < b and e - back > a for a, b in spans) else IGNORE_INDEX)
-    own = processor.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    pairs = zip(own["input_ids"], own["offset_mapping"])
-    trained = [t for t, (s, e) in pairs if e > s and t != image and any(s < b and e > a for a, b in spans)]
-    if trained != [t for t in labels if t != IGNORE_INDEX]:
-        raise DataError(
-            f"{source}: the processor's tokens of the answers differ from its tokenizer's (it expands the image "
-            "markers without reporting where), so the labels cannot be placed"
-        )
-    return labels
-
-
-def encode_vlm(
-    processor: VLMProcessor, example: VLMExample, max_length: int, truncation: str = "truncate"
-) -> tuple[list[int], list[int], bool, list[str]]:
-    """(input ids with the image tokens, labels, whether the text was cut to ``max_length`` tokens, the images'
-    stored modes).
-
-    Raises:
-        DataError: an unreadable image, a row over ``max_length`` under ``truncation="refuse"`` or whose cut would
-            split an image (the row named).
-    """
-    text, spans, special = render_vlm(processor, example.messages, train_from=example.train_from)
-    if (n := text.count(processor.image_token)) > len(example.images):  # the processor's error was a traceback
-        raise DataError(
-            f"{example.source}: {n} image markers ({processor.image_token!r}) for {len(example.images)} image(s): "
-            "a caption or message holds the marker's text"
-        )
-    opened = [open_rgb(r) for r in example.images]
-    kw = dict(add_special_tokens=special, return_offsets_mapping=True, return_text_replacement_offsets=True)
-    enc = processor.processor(text=[text], images=[img for img, _ in opened], **kw)
-    ids = [int(t) for t in enc["input_ids"][0]]
-    labels = vlm_labels(enc, text, spans, processor, special, example.source)
-    text_at = [i for i, t in enumerate(ids) if t not in processor.image_ids]
-    if len(text_at) <= max_length:
-        return ids, labels, False, [mode for _, mode in opened]
-    if truncation == "refuse":
-        raise DataError(
-            f"{example.source}: {len(text_at)} text tokens, more than data.max_length={max_length} "
-            "(data.truncation=refuse)"
-        )
-    end = text_at[max_length]
-    if processor.image_ids.intersection(ids[end:]):
-        raise DataError(
-            f"{example.source}: cutting the row to data.max_length={max_length} text tokens would cut an image; "
-            "raise data.max_length"
-        )
-    return ids[:end], labels[:end], True, [mode for _, mode in opened]
-
-
-class VLMDataset(torch.utils.data.Dataset):
-    """Encoded conversations, images decoded lazily: ``{"input_ids", "labels", "pixel_values", ...}``."""
-
-    def __init__(self, examples: list[VLMExample], encoded: list[tuple[list[int], list[int]]], processor) -> None:
-        self.examples, self.encoded, self.processor = examples, encoded, processor
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        ids, labels = self.encoded[i]
-        proc, types = self.processor.processor, self.processor.types
-        pixels = proc(images=[open_rgb(r)[0] for r in self.examples[i].images], return_tensors="pt")
-        out = {k: v for k, v in pixels.items() if k not in ("input_ids", "attention_mask", *TOKEN_TYPES)}
-        if types:  # an images-only call also writes (Gemma 3) text ids of its own: the row's are made here
-            out[types] = proc.create_mm_token_type_ids([ids])[0]
-        return {"input_ids": ids, "labels": labels, **out}
-
-    def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
-        """(images, prompt messages, last answer) of the first ``n`` rows."""
-        return [(e.images, e.messages[:-1], e.messages[-1]["content"]) for e in self.examples[:n]]
-
-
-def collate_vlm(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ids (``pad_token_id``, attention 0) and labels (-100); concatenate the images' tensors."""
-    ids = [b["input_ids"] for b in batch]
-    out = {"input_ids": _pad(ids, pad_token_id), "attention_mask": _pad([[1] * len(i) for i in ids], 0)}
-    out["labels"] = _pad([b["labels"] for b in batch], IGNORE_INDEX)
-    for key in batch[0]:
-        if key in TOKEN_TYPES:  # the padding's type: text (0)
-            out[key] = _pad([b[key] for b in batch], 0, out["input_ids"].shape[1])
-        elif key not in out:  # the images' tensors
-            parts = [torch.as_tensor(b[key]) for b in batch]
-            if parts[0].dim() > 2:  # LLaVA-NeXT's patches per image vary: zero-padded, as its processor pads a batch
-                most = max(p.shape[1] for p in parts)
-                parts = [torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, most - p.shape[1])) for p in parts]
-            out[key] = torch.cat(parts)
-    return out
 
 
 def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
@@ -440,7 +250,7 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
             ids, labels, was_cut, stored = encode_vlm(processor, ex, d.max_length, d.truncation)
             encoded.append((ids, labels))
             cut, modes = cut + was_cut, modes + Counter(m for m in stored if m != "RGB")
-        text, spans, _ = render_vlm(processor, examples[0].messages, train_from=examples[0].train_from)
+        text, spans = shown(processor, examples[0])
         notes.append(f"{split} row 1 as the model reads it (trained text in [[ ]]): {mark(text, spans)!r}")
         if cut:
             notes.append(f"{cut} {split} rows were longer than data.max_length={d.max_length} text tokens: cut")
