@@ -350,7 +350,8 @@ def _chat_ids(
             raise RequestError(
                 f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}", param="messages"
             )
-        content = m.get("content")
+        calls = _tool_calls(m, i, template)
+        content = "" if m.get("content") is None and calls else m.get("content")
         if isinstance(content, list):  # the parts form: [{"type": "text", "text": ...}, ...]
             parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
@@ -364,6 +365,8 @@ def _chat_ids(
             if isinstance(m.get(key), str) and (key == "name" or m["role"] == "tool"):
                 _utf8(m[key], f"messages[{i}].{key}", "messages")
                 clean[-1][key] = m[key]
+        if calls:
+            clean[-1]["tool_calls"] = calls
     source = getattr(tokenizer, "chat_template", None) if template is None else None
     if "developer" not in (source if isinstance(source, str) else ""):  # OpenAI's newer name for the system role
         clean = [{**m, "role": "system"} if m["role"] == "developer" else m for m in clean]
@@ -396,6 +399,31 @@ def _chat_ids(
     except ValueError as exc:  # continue_final_message without a final message to continue
         raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
     return list(tokenizer(text, add_special_tokens=options["add_special_tokens"])["input_ids"])
+
+
+def _tool_calls(m: dict, i: int, template: str | None) -> list | None:
+    """An assistant message's ``tool_calls`` (None: none), as vLLM hands them to the chat template: each function's
+    JSON ``arguments`` parsed into an object. A run's built-in template renders none: there they are a 400."""
+    calls = m.get("tool_calls")
+    if not calls or m["role"] != "assistant":  # vLLM reads them on assistant messages only
+        return None
+    if template is not None:
+        raise RequestError(f"messages[{i}].tool_calls: the built-in template {template!r} renders no tool calls",
+                           code="unsupported", param="messages")  # fmt: skip
+    if not isinstance(calls, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls
+    ):
+        raise RequestError(f"messages[{i}].tool_calls must be a list of {{id, type, function}}", param="messages")
+    out = []
+    for call in calls:
+        function = dict(call["function"])
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"] or "{}")
+            except (ValueError, RecursionError):
+                raise RequestError(f"messages[{i}].tool_calls: arguments is not JSON", param="messages") from None
+        out.append({**call, "function": function})
+    return out
 
 
 def _utf8(text: str, what: str, param: str) -> None:

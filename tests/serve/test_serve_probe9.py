@@ -173,3 +173,36 @@ def test_chat_text_parts_join_by_newline_and_name_reaches_the_template_as_vllm(s
     )
     want += "<|im_start|>assistant\n"
     assert _chat_ids(tok, messages) == tok(want, add_special_tokens=False)["input_ids"]
+
+
+CALLS = (  # a chat template that renders an assistant's tool calls (their arguments read as an object)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\\n' + m['content'] }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments.city }}</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_an_assistants_tool_calls_reach_the_template_with_their_arguments_parsed(served, monkeypatch):
+    """A conversation's earlier tool call was dropped (rendered as an empty assistant turn), and one with content
+    null was a 400; vLLM hands tool_calls to the template, each function's JSON arguments parsed into an object."""
+    from deltatune.serve.app import _chat_ids
+
+    _, server, _, _ = served
+    tok = served[0].tokenizer
+    monkeypatch.setattr(tok, "chat_template", CALLS)
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "oslo"}'}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "cold"},
+    ]
+    want = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<tool_call>weather oslo</tool_call><|im_end|>\n"
+    want += "<|im_start|>tool\ncold<|im_end|>\n<|im_start|>assistant\n"
+    assert _chat_ids(tok, messages) == tok(want, add_special_tokens=False)["input_ids"]
+    chat = {"model": "lora", "max_tokens": 1}
+    assert _post(server, "/v1/chat/completions", {**chat, "messages": messages})[0] == 200
+    bad = {**call, "function": {"name": "weather", "arguments": "{oslo"}}
+    for calls in ([bad], "x", [5]):
+        wrong = [messages[0], {"role": "assistant", "content": "", "tool_calls": calls}]
+        status, answer = _post(server, "/v1/chat/completions", {**chat, "messages": wrong})
+        assert status == 400 and answer["error"]["param"] == "messages", calls
