@@ -158,7 +158,7 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
             raise RequestError(
                 f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}", param="logit_bias"
             )
-        parsed[token] = parsed.get(token, 0.0) + float(value)
+        parsed[token] = float(value)  # "5" and "05": the last one, as vLLM reads them
     return parsed or None
 
 

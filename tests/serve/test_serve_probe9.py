@@ -121,6 +121,9 @@ def test_logit_bias_is_added_to_the_logits_as_openai_and_generates_sequence_bias
         status, answer = _post(server, "/v1/chat/completions", {**chat, "logit_bias": wrong})
         assert status == 400 and answer["error"]["param"] == "logit_bias", wrong
     assert _post(server, "/v1/chat/completions", {**chat, "logit_bias": {"5": -100, "6": 100}})[0] == 200
+    from deltatune.serve.fields import _logit_bias
+
+    assert _logit_bias({"logit_bias": {"5": 1, "05": -100}}, 10) == {5: -100.0}  # vLLM's int(key): the last one
 
 
 def _logits(base: str, ids: list[int]) -> torch.Tensor:
