@@ -44,8 +44,8 @@ class ImageRow:
     label: Any
     source: str
     """``file:line`` of the data row, or the image path itself for an image folder."""
-    text: str | None = None
-    """A caption (image-to-text), when the source has one."""
+    text: str | list[str] | None = None
+    """A caption (image-to-text), when the source has one; text-to-image rows may hold several (a list)."""
 
 
 def check_inside(path: str, root: str, source: str, allow_outside: bool) -> str:
@@ -69,6 +69,7 @@ def read_image_rows(
     limit: int | None = None,
     allow_outside: bool = False,
     text_column: str | None = None,
+    caption_lists: bool = False,
 ) -> list[ImageRow]:
     """Read the image examples of an image folder or a data file.
 
@@ -79,6 +80,7 @@ def read_image_rows(
         limit: read at most this many examples.
         allow_outside: accept relative image paths that lead outside the data file's folder.
         text_column: the caption column (image-to-text); a row without it is refused.
+        caption_lists: a caption may also be a list of captions (text-to-image, as diffusers' scripts take them).
 
     Raises:
         DataError: a missing source, a folder with no class sub-folders or no images, a row without an image path
@@ -103,7 +105,8 @@ def read_image_rows(
         text = None
         if text_column:
             text = row.get(text_column)
-            if not isinstance(text, str) or not text.strip():
+            listed = caption_lists and isinstance(text, list) and text and all(isinstance(t, str) for t in text)
+            if not (listed and all(t.strip() for t in text)) and (not isinstance(text, str) or not text.strip()):
                 raise DataError(f"{row.source}: column {text_column!r} must be a non-empty caption, got {text!r}")
         out.append(ImageRow(path, label, row.source, text))
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -314,17 +315,22 @@ class T2IDataset(torch.utils.data.Dataset):
     takes the empty caption's row (``empty``) with that probability (Python's ``random``, as diffusers' scripts'
     ``--proportion_empty_prompts``)."""
 
-    def __init__(self, pixels: list, text: dict[str, torch.Tensor], make=None, empty=None, drop: float = 0.0) -> None:
+    def __init__(
+        self, pixels: list, text: dict[str, torch.Tensor], make=None, empty=None, drop: float = 0.0, choices=None
+    ) -> None:
         self.pixels, self.text, self.make, self.empty, self.drop = pixels, text, make, empty, drop
+        self.choices = choices  # per image: its text row, or a list of rows (its captions) to draw one from
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         pixels = self.make(self.pixels[i]) if self.make else self.pixels[i]
-        row = {k: v[i] for k, v in self.text.items()}
-        if self.drop and random.random() < self.drop:
-            row = {k: v[0] for k, v in self.empty.items()}
+        j = self.choices[i] if self.choices is not None else i
+        if self.drop and random.random() < self.drop:  # (first, as the SDXL script's encode_prompt draws)
+            return {"pixel_values": pixels, **{k: v[0] for k, v in self.empty.items()}}
+        j = random.choice(j) if isinstance(j, list) else j
+        row = {k: v[j] for k, v in self.text.items()}
         return {"pixel_values": pixels, **row}
 
 
@@ -446,7 +452,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     where = f"data.max_length={d.max_length} tokens" if limit == d.max_length else where
 
     def read(spec: str, split: str, notes: list[str]) -> T2IDataset:
-        rows = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
+        rows = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, d.text_column, caption_lists=True)
         for mode, count in sorted(check(rows).items()):
             want = "L" if processor.channels == 1 else "RGB"
             if mode != want:
@@ -460,7 +466,13 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         if crops := sum(img.width != img.height for img in images):
             how = "at random at every step" if random_ops and "random_crop" in augment else "at their centre"
             notes.append(f"{crops} {split} images were not square: short side resized, then cropped {how}")
-        captions = [r.text for r in rows] + [""]  # (the last: the empty caption, for data.proportion_empty_prompts)
+        # A row's list of captions: one at random at each read, as diffusers' scripts (eval: the first, as theirs)
+        per_row = [r.text if isinstance(r.text, list) else [r.text] for r in rows]
+        per_row = per_row if split == "train" else [c[:1] for c in per_row]
+        starts = list(itertools.accumulate((len(c) for c in per_row), initial=0))
+        listed = [isinstance(r.text, list) and split == "train" for r in rows]  # (a list of one draws too)
+        choices = [list(range(a, a + len(c))) if lst else a for a, c, lst in zip(starts, per_row, listed)]
+        captions = [*(c for row in per_row for c in row), ""]  # (the last, empty: data.proportion_empty_prompts)
         if trains:
             ids, mask, cut = processor.tokenize(captions, d.max_length)
             text = {"input_ids": ids, "attention_mask": mask}
@@ -472,7 +484,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
             notes.append(f"{cut} {split} captions were longer than {where} and were cut")
         empty, text = {k: v[-1:] for k, v in text.items()}, {k: v[:-1] for k, v in text.items()}
         make = functools.partial(processor.tensor, augment=augment) if random_ops else None
-        return T2IDataset(pixels, text, make, empty, drop if split == "train" else 0.0)
+        return T2IDataset(pixels, text, make, empty, drop if split == "train" else 0.0, choices)
 
     notes: list[str] = []
     train = read(d.train, "train", notes)

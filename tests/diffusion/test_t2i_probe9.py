@@ -252,3 +252,34 @@ def test_augment_and_caption_dropout_reach_the_dataset(shifted):
         ConfigError, match="data.augment: stage t2i takes random_crop, hflip, got 'random_resized_crop'"
     ):
         t2i.prepare_t2i(cfg, processor)
+
+
+def test_a_row_may_hold_several_captions_one_drawn_at_each_read_as_diffusers(shifted, tmp_path):
+    """diffusers' scripts take a list of captions per image: random.choice at each training read, the first
+    otherwise; deltatune refused such a row ("must be a non-empty caption, got [...]")."""
+    import shutil
+
+    shutil.copy(shifted / "0.png", tmp_path / "0.png")
+    rows = [
+        {"image": "0.png", "text": ["a red thing", "a blue thing", "a green thing"]},
+        {"image": "0.png", "text": "one"},
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    processor = t2i.T2IProcessor(str(shifted))
+    data = {"train": str(tmp_path / "d.jsonl"), "eval": str(tmp_path / "d.jsonl"), "max_length": 16}
+    prepared = t2i.prepare_t2i(
+        build({"stage": "t2i", "model": {"name_or_path": str(shifted)}, "data": data}), processor
+    )
+    want, _ = processor.condition(["a red thing", "a blue thing", "a green thing", "one"], 16)
+    random.seed(3)
+    got = [prepared.train[0]["encoder_hidden_states"] for _ in range(6)]
+    random.seed(3)
+    for states in got:
+        torch.testing.assert_close(states, want["encoder_hidden_states"][random.choice([0, 1, 2])])
+    torch.testing.assert_close(prepared.train[1]["encoder_hidden_states"], want["encoder_hidden_states"][3])
+    torch.testing.assert_close(prepared.eval[0]["encoder_hidden_states"], want["encoder_hidden_states"][0])
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "0.png", "text": ["a thing", " "]}) + "\n")
+    from deltatune.data.load import DataError
+
+    with pytest.raises(DataError, match=r"d.jsonl:1: column 'text' must be a non-empty caption"):
+        t2i.prepare_t2i(build({"stage": "t2i", "model": {"name_or_path": str(shifted)}, "data": data}), processor)
