@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig, named_adapters_hint
-from .layer import unwrapped_name
+from .layer import ModulesToSave, unwrapped_name
 
 KEY_PREFIX = "base_model.model."
 """PEFT's prefix of an adapter's tensor keys: ``base_model.model.<module path>.lora_A.weight``. A config may set
@@ -228,6 +228,41 @@ def write_adapter(
     atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
 
 
+def save_adapters(
+    model: Any, save_directory: str | os.PathLike[str], names: list[str], save_embedding_layers: bool | str
+) -> None:
+    """``DeltaModel.save_pretrained``'s files: each adapter of ``names`` in its folder (``adapter_folder``), its config
+    in inference mode and naming the base model, the embedding copies peft's ``save_embedding_layers`` asks for
+    (``embedding_copies``) and its training state. ``names`` empty: the folder alone, as peft (which writes its
+    model card there)."""
+    folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
+    if not names:
+        adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
+        os.makedirs(save_directory, exist_ok=True)
+    path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
+    for name in names:
+        given = model.peft_config[name]
+        config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
+        training = {f"{p}|{k}": v for p, layer in model._layers() if name in layer.adapter_names
+                    for k, v in layer.training_state(name).items()}  # fmt: skip
+        tensors = model.adapter_state_dict(name)
+        for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
+            tensors.setdefault(key_prefix(config) + pname, p)
+        write_adapter(folders[name], tensors, config, training)
+
+
+def upcast_adapter(layers: list[Any], name: str) -> bool:
+    """peft's ``autocast_adapter_dtype`` on load: adapter ``name``'s float16 / bfloat16 tensors in the adapter
+    ``layers`` (DeltaLayers; peft's tuner layers, so not a head's full copy) made float32. True when any was."""
+    cast = False
+    for layer in layers:
+        if name in layer.adapter_names and not isinstance(layer, ModulesToSave):
+            for p in layer.adapter_parameters(name).values():
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data, cast = p.data.float(), True
+    return cast
+
+
 def stage_training_state(layers: dict, folder: str | os.PathLike[str], name: str) -> None:
     """Hand TRAINING_STATE in ``folder`` (if any) to the ``layers`` (by path) it names, for adapter ``name``: the next
     import restores an unfolded encoder instead of folding it (resuming, as ``load_adapter_weights`` does)."""
@@ -395,9 +430,21 @@ def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | No
 
 
 def read_weights(
+    model_id: str | os.PathLike[str],
+    subfolder: str | None,
+    revision: str | None,
+    allow_pickle: bool,
+    device: str | torch.device | None = None,
+) -> tuple[dict[str, torch.Tensor], str]:
+    """An adapter's tensors and the file they came from: safetensors, or a pickle only with ``allow_pickle``; read
+    onto ``device`` (peft's ``torch_device``; None: the CPU)."""
+    tensors, path = _read_weights(model_id, subfolder, revision, allow_pickle)
+    return ({k: v.to(device) for k, v in tensors.items()} if device is not None else tensors), path
+
+
+def _read_weights(
     model_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, allow_pickle: bool
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """An adapter's tensors and the file they came from: safetensors, or a pickle only with ``allow_pickle``."""
     try:
         path = resolve(model_id, WEIGHTS_NAME, subfolder, revision)
     except FileNotFoundError:

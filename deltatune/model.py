@@ -26,18 +26,17 @@ from .config import CONFIG_NAME, DeltaConfig
 from .files import (
     AdapterLoadError,
     PushToHub,
-    adapter_folder,
     base_key,
     check_adapter_name,
-    embedding_copies,
     explain_missing_fields,
     key_prefix,
     match_tensors,
     read_weights,
     resolve,
+    save_adapters,
     split_heads,
     stage_training_state,
-    write_adapter,
+    upcast_adapter,
 )
 from .layer import (
     BASE_ROW,
@@ -449,7 +448,7 @@ class DeltaModel(nn.Module, PushToHub):
         name = adapter_name or self.active_adapter
         self._check_names([name])
         out: dict[str, torch.Tensor] = {}
-        prefix = self._key_prefix(name)
+        prefix = key_prefix(self.peft_config[name])
         for path, layer in self._layers():
             if name in layer.adapter_names:
                 out.update(layer.export_state(name, f"{prefix}{path}."))
@@ -462,15 +461,12 @@ class DeltaModel(nn.Module, PushToHub):
     def _base_params(self, name: str) -> dict[str, nn.Parameter]:
         return base_parameters(self.base_model, self._base_trainables.get(name, []))
 
-    def _key_prefix(self, name: str) -> str:
-        return key_prefix(self.peft_config[name])
-
     def _import(self, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         expected = self.adapter_state_dict(name)
         # a base parameter saved under another wrapping of its module (x.bias, x.base_layer.bias) is this one
         alias = {unwrapped_name(k): k for k in expected}
         tensors = {k if k in expected else alias.get(unwrapped_name(k), k): v for k, v in tensors.items()}
-        prefix = self._key_prefix(name)
+        prefix = key_prefix(self.peft_config[name])
         base_params = {prefix + n: p for n, p in self.base_model.named_parameters(remove_duplicate=False)}
         full_copies = match_tensors(tensors, expected, base_params, source)
         copies = {k: tensors[k] for k in full_copies}
@@ -491,24 +487,15 @@ class DeltaModel(nn.Module, PushToHub):
                         save_embedding_layers: bool | str = "auto", **_: Any) -> None:  # fmt: skip
         """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout): "default" in
         ``save_directory``, any other in ``save_directory/<name>``, each file renamed into place once written (a crash
-        never leaves a half-written file); nothing where ``is_main_process`` is False (as peft).
+        never leaves a half-written file); nothing where ``is_main_process`` is False, and no adapter but the folder
+        for ``selected_adapters=[]`` (as peft).
         ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter."""
         if not is_main_process:
             return
         if not safe_serialization:
             raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
-        names = self._check_names(selected_adapters or list(self.peft_config))
-        folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
-        path = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
-        for name in names:
-            given = self.peft_config[name]
-            config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
-            training = {f"{p}|{k}": v for p, layer in self._layers() if name in layer.adapter_names
-                        for k, v in layer.training_state(name).items()}  # fmt: skip
-            tensors = self.adapter_state_dict(name)
-            for pname, p in embedding_copies(self.base_model, config, save_embedding_layers).items():
-                tensors.setdefault(self._key_prefix(name) + pname, p)
-            write_adapter(folders[name], tensors, config, training)
+        names = self._check_names(list(self.peft_config) if selected_adapters is None else selected_adapters)
+        save_adapters(self, save_directory, names, save_embedding_layers)
 
     def load_adapter(
         self,
@@ -519,6 +506,9 @@ class DeltaModel(nn.Module, PushToHub):
         subfolder: str | None = None,
         revision: str | None = None,
         modules_to_save: bool = True,
+        torch_device: str | torch.device | None = None,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = False,
     ) -> None:
         """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error.
 
@@ -532,6 +522,10 @@ class DeltaModel(nn.Module, PushToHub):
             revision: hub revision.
             modules_to_save: False loads the body alone: the heads it trained in full (its ``modules_to_save``,
                 e.g. a classifier with another number of labels) are left out, and so is a task type that adds one.
+            torch_device, low_cpu_mem_usage, autocast_adapter_dtype: peft's. The file is read onto ``torch_device``
+                (the adapter then sits on its base layers' devices, as peft's); ``low_cpu_mem_usage`` draws no
+                initial weights (the random state is left as it was); ``autocast_adapter_dtype=True`` keeps a
+                half-precision base's adapter in float32 (peft's default; deltatune's, False, the base's dtype).
 
         Raises:
             FileNotFoundError: no adapter there.
@@ -542,15 +536,18 @@ class DeltaModel(nn.Module, PushToHub):
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
         config_file = resolve(model_id, CONFIG_NAME, subfolder, revision)
         config = registry.from_pretrained(config_file).replace(inference_mode=not is_trainable)
-        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle)
+        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device)
         if not modules_to_save:
             tensors = split_heads(tensors, config.modules_to_save, key_prefix(config))[0]
             task = None if config.task_type in HEADS_BY_TASK else config.task_type
             config = config.replace(modules_to_save=None, task_type=task)
         try:
-            self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
+            with torch.random.fork_rng(devices=[]) if low_cpu_mem_usage else nullcontext():  # peft's meta weights
+                self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
         except AdapterLoadError as exc:
             raise explain_missing_fields(exc, config_file, config) from None
+        if autocast_adapter_dtype and upcast_adapter([layer for _, layer in self._layers()], adapter_name):
+            self._import(adapter_name, tensors, source)  # the file's values again, unrounded
         if not is_trainable:  # inference: no dropout (PEFT's load_adapter does so too)
             self.eval()
 

@@ -45,6 +45,10 @@ METHODS: dict[str, str] = {
 }
 """Method name (what a recipe writes: ``method: {name: lora}``) -> the module that implements it."""
 
+HELPERS: list[str] = ["deltatune.methods._lora_combine"]
+"""Modules beside the method modules that offer DeltaModel functions (their ``MODEL_FUNCTIONS``): LoRA's
+``add_weighted_adapter``. Imported the first time such a function is asked for."""
+
 
 @dataclass(frozen=True)
 class Method:
@@ -150,12 +154,14 @@ def from_pretrained(path: str | os.PathLike[str]) -> DeltaConfig:
 
 
 def model_function(attribute: str) -> Callable[..., Any] | None:
-    """A function a method offers on DeltaModel (``MODEL_FUNCTIONS`` in its module, e.g. fusion's ``add_fusion``).
+    """A function a method offers on DeltaModel (``MODEL_FUNCTIONS`` in its module or a ``HELPERS`` one, e.g.
+    fusion's ``add_fusion``).
 
     DeltaModel calls it with itself first; None when no method offers ``attribute``.
     """
-    for method in _load_all():
-        found = getattr(method.module, "MODEL_FUNCTIONS", {}).get(attribute)
+    modules = [method.module for method in _load_all()]
+    for module in modules + [importlib.import_module(helper) for helper in HELPERS]:
+        found = getattr(module, "MODEL_FUNCTIONS", {}).get(attribute)
         if found is not None:
             return found
     return None
@@ -166,6 +172,7 @@ def _load_all() -> list[Method]:
 
 
 __all__ = [
+    "HELPERS",
     "METHODS",
     "Method",
     "config_from_dict",

@@ -1,0 +1,212 @@
+"""peft's ``LoraModel.add_weighted_adapter`` on a DeltaModel: a new LoRA made of several, by peft 0.21.2's rules.
+
+The new adapter's config is the first adapter's with ``r = lora_alpha =`` the new rank, the union of the target
+modules and no rank or alpha pattern; it is injected as any adapter is (drawing its init as peft's does, so that the
+random masks of the dare combinations that follow are peft's under the same seed), then its A and B are written
+at every module it adapts:
+
+- ``cat``: A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...] (rank: the sum), exact;
+- ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: A and B combined separately, each
+  with weights sqrt(|w_i s_i|) (the sign on A's), by peft's merge_utils (equal ranks only);
+- ``svd`` and the ``*_svd`` ones: the updates s_i B_i A_i combined, then a truncated SVD at ``svd_rank`` (default:
+  the largest rank), optionally clamped at the ``svd_clamp`` quantile.
+
+``add_weighted_adapter`` reaches DeltaModel through ``MODEL_FUNCTIONS`` (the registry's hook), as fusion's do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..layer import ModulesToSave
+from .lora import LORA_LAYERS, LoraConfig, LoraConv2d, LoraEmbedding
+
+EQUAL_RANKS = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+DENSITY = {"ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
+           "magnitude_prune_svd"}  # fmt: skip
+
+
+# -- peft.utils.merge_utils, the same operations in the same order (same numbers, same random draws) ----------------
+def _prune(tensor: torch.Tensor, density: float, random: bool) -> torch.Tensor:
+    if density >= 1:  # peft warns and keeps all
+        return tensor
+    if random:  # DARE: a Bernoulli mask, the kept values rescaled by 1 / density
+        return tensor * torch.bernoulli(torch.full_like(tensor, density)) / density
+    mask = torch.zeros_like(tensor).reshape(-1)
+    mask[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel()), largest=True)[1]] = 1
+    return tensor * mask.reshape(tensor.shape)
+
+
+def combine(kind: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float | None,
+            sign_method: str) -> torch.Tensor:  # fmt: skip
+    """peft's task_arithmetic / ties / dare_linear / dare_ties / magnitude_prune over ``tensors`` (``kind`` with any
+    ``_svd`` suffix dropped; "svd" alone is task arithmetic)."""
+    kind = kind.removesuffix("_svd") if kind != "svd" else "linear"
+    if kind != "linear":
+        tensors = [_prune(t, density, random=kind.startswith("dare")) for t in tensors]
+    stacked = torch.stack(tensors, dim=0)
+    weighted = stacked * weights.view(weights.shape + (1,) * (stacked.dim() - weights.dim()))
+    if not kind.endswith("ties"):
+        return weighted.sum(dim=0)
+    sign = stacked.sign()  # TIES: elect a sign per entry, keep the entries that agree, average them
+    magnitude = stacked.sum(dim=0) if sign_method == "total" else sign.sum(dim=0)
+    agree = sign == torch.where(magnitude >= 0, 1, -1)
+    return (weighted * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
+
+
+# -- the model function ----------------------------------------------------------------------------------------------
+def add_weighted_adapter(
+    model: Any,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+) -> None:
+    """Add ``adapter_name``, a LoRA combining the LoRA ``adapters`` with ``weights`` (``model.add_weighted_adapter``;
+    peft's arguments and defaults). It is not made active (``set_adapter``); it saves and loads as any LoRA.
+
+    Raises:
+        ValueError: an unknown adapter; ``adapter_name`` taken (peft returns without a word); a non-LoRA adapter;
+            unequal ranks for the equal-rank combinations; targets given as a list by one adapter and a regex by
+            another; two adapters with their own copy of one module (modules_to_save); a weight count other than
+            the adapters' (peft pairs them silently); a missing density, or an unknown combination or sign method.
+    """
+    names = model._check_names(adapters)
+    if not names:
+        raise ValueError("add_weighted_adapter: no adapters to combine")
+    if adapter_name in model.peft_config:
+        raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists already")
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"add_weighted_adapter: {len(names)} adapters and {len(weights)} weights; give one each")
+    for name in names:
+        if not isinstance(config := model.peft_config[name], LoraConfig):
+            raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is a {config.method} adapter")
+    if combination_type not in EQUAL_RANKS + SVD + ("cat",):
+        raise ValueError(f"add_weighted_adapter: invalid combination_type {combination_type!r}; one of "
+                         f"{', '.join(('cat',) + EQUAL_RANKS + SVD)}")  # fmt: skip
+    kind = "linear" if len(names) == 1 else combination_type  # peft: one adapter is combined linearly
+    if kind in DENSITY and (density is None or isinstance(density, bool) or not density >= 0):
+        raise ValueError(f"add_weighted_adapter: combination_type {kind!r} needs a density >= 0, got {density!r}")
+    if "ties" in kind and majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"add_weighted_adapter: majority_sign_method must be 'total' or 'frequency', "
+                         f"got {majority_sign_method!r}")  # fmt: skip
+    for path, layer in model._layers():
+        if isinstance(layer, ModulesToSave) and len(held := [n for n in names if n in layer.adapter_names]) > 1:
+            raise ValueError(f"add_weighted_adapter: adapters {held[0]!r} and {held[1]!r} each train their own "
+                             f"copy of {path} (modules_to_save), which cannot be combined")  # fmt: skip
+    configs = [model.peft_config[n] for n in names]
+    ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
+    if kind in EQUAL_RANKS and len(set(ranks)) != 1:
+        raise ValueError(f"add_weighted_adapter: combination_type {kind!r} needs equal ranks; "
+                         + ", ".join(f"{n!r} has r={r}" for n, r in zip(names, ranks)))  # fmt: skip
+    rank = sum(ranks) if kind == "cat" else (svd_rank or max(ranks)) if kind in SVD else ranks[0]
+    kinds = {type(c.target_modules) for c in configs}
+    if len(kinds) > 1:
+        regex = next(n for n, c in zip(names, configs) if isinstance(c.target_modules, str))
+        listed = next(n for n, c in zip(names, configs) if not isinstance(c.target_modules, str))
+        raise ValueError(f"add_weighted_adapter: {regex!r} gives target_modules as a regex, {listed!r} as a list of "
+                         "names; peft combines them only alike")  # fmt: skip
+    if kinds == {str}:
+        targets: Any = "|".join(f"({c.target_modules})" for c in configs)
+    else:
+        targets = sorted(set().union(*(c.target_modules for c in configs)))
+    config = configs[0].replace(r=rank, lora_alpha=rank, target_modules=targets, alpha_pattern={}, rank_pattern={})
+    model.add_adapter(adapter_name, config)
+    with torch.no_grad():
+        for path, layer in model._layers():
+            if isinstance(layer, LORA_LAYERS) and adapter_name in layer.scaling:
+                held = [(n, w) for n, w in zip(names, weights) if n in layer.scaling]
+                if not held:  # peft: "No matching LoRAs found"; left zero here (it adds nothing)
+                    A, B = _factors(layer, adapter_name)
+                    A.data, B.data = A.data * 0.0, B.data * 0.0
+                    continue
+                args = (kind, held, density, majority_sign_method, path)
+                if kind == "cat":
+                    new = _cat(layer, adapter_name, held)
+                elif kind in SVD:
+                    new = _svd(layer, adapter_name, *args, rank, svd_clamp, svd_full_matrices, svd_driver)
+                else:
+                    new = _equal_ranks(layer, *args, rank)
+                for p, value in zip(_factors(layer, adapter_name), new):
+                    p.data = value
+
+
+def _factors(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(layer, LoraEmbedding):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def _pad(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r', ...) and B (d, r', ...) with zero rows and columns up to ``rank`` (no change to B A): a module whose
+    rank a rank_pattern made smaller, or an SVD with fewer singular values than the rank. peft leaves such a
+    factor at its smaller shape, which a saved file then does not fit."""
+    missing = rank - A.shape[0]
+    if missing <= 0:
+        return A, B
+    return torch.cat([A, A.new_zeros((missing, *A.shape[1:]))]), torch.cat(
+        [B, B.new_zeros((B.shape[0], missing, *B.shape[2:]))], 1
+    )
+
+
+def _cat(layer: Any, name: str, held: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    A, B = (t.data * 0.0 for t in _factors(layer, name))
+    As = torch.cat([_factors(layer, n)[0].data * w * layer.scaling[n] for n, w in held], dim=0)
+    Bs = torch.cat([_factors(layer, n)[1].data for n, _ in held], dim=1)
+    A[: As.shape[0]] = As
+    B[:, : Bs.shape[1]] = Bs
+    return A, B
+
+
+def _equal_ranks(layer: Any, kind: str, held: list[tuple[str, float]], density: float | None, sign_method: str,
+                 path: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    factors = [[t.data for t in _factors(layer, n)] for n, _ in held]
+    if len({a.shape for a, _ in factors}) > 1:
+        raise ValueError(f"add_weighted_adapter: {kind!r} needs equal ranks, but at {path} " + ", ".join(
+            f"{n!r} has r={a.shape[0]}" for (n, _), (a, _) in zip(held, factors)))  # fmt: skip
+    scaled = [w * layer.scaling[n] for n, w in held]
+    on_a = torch.tensor([math.sqrt(abs(s)) * (1 if s >= 0 else -1) for s in scaled])  # the sign on one side only
+    on_b = torch.tensor([math.sqrt(abs(s)) for s in scaled])
+    dtype = factors[0][0].dtype
+    A = combine(kind, [a for a, _ in factors], on_a.to(factors[0][0].device), density, sign_method).to(dtype)
+    B = combine(kind, [b for _, b in factors], on_b.to(factors[0][1].device), density, sign_method).to(dtype)
+    return _pad(A, B, rank)
+
+
+def _svd(layer: Any, name: str, kind: str, held: list[tuple[str, float]], density: float | None, sign_method: str,
+         path: str, rank: int, clamp: float | None, full: bool, driver: str | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    deltas = [layer.delta_weight(n, merging=True) for n, _ in held]  # s_i B_i A_i, the base weight's layout
+    delta = combine(kind, deltas, torch.tensor([w for _, w in held]).to(deltas[0].device), density, sign_method)
+    conv = isinstance(layer, LoraConv2d)
+    if conv:
+        delta = delta.squeeze() if layer.base_layer.weight.shape[2:4] == (1, 1) else delta.flatten(start_dim=1)
+    if getattr(layer, "fan_in_fan_out", False) or isinstance(layer, LoraEmbedding):
+        delta = delta.T
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=full, driver=driver)  # kohya's svd_merge_lora, as peft
+    U = U[:, :rank] @ torch.diag(S[:rank])
+    Vh = Vh[:rank, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
+        U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
+    Vh, U = _pad(Vh, U, rank)
+    if conv:
+        A, B = _factors(layer, name)
+        U, Vh = U.reshape(B.shape), Vh.reshape(A.shape)
+    return Vh, U
+
+
+MODEL_FUNCTIONS = {"add_weighted_adapter": add_weighted_adapter}
+"""Offered on DeltaModel through the registry's hook (``registry.model_function``)."""
+
+__all__ = ["add_weighted_adapter", "combine"]
