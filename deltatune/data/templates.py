@@ -297,6 +297,8 @@ def _relocated(
         return None
     if "</think>" in content and content not in text[start:]:  # a think block written in the content, which Qwen3
         content = content.split("</think>")[-1].lstrip("\n")  # leaves out of an earlier turn, as reasoning_content
+    if content not in through[start:]:  # Qwen3.5's and Nemotron 3's write it trimmed
+        content = content.strip()
     if content:  # each place the content could sit (it may occur in what the template writes before it: "think")
         places = [k for k in range(start, len(through)) if through.startswith(content, k)]
     else:  # a turn that only reasons (dropped here): its empty content sits where the end marker both write begins
@@ -352,9 +354,10 @@ def _placed(
     end = len(text) - len(os.path.commonprefix([text[start:][::-1], other[start:][::-1]]))
     through, marked = apply(messages[: i + 1]), apply(swapped[: i + 1])
     k = len(os.path.commonprefix([through, marked]))
-    if text[start:end] != content or through[k : k + len(content)] != content:
+    written = text[start:end]  # (Qwen3.5's and Nemotron 3's trim it)
+    if written not in (content, content.strip()) or through[k : k + len(written)] != written:
         return None
-    marker = _end_marker(through[k + len(content) :], text[end:], specials)
+    marker = _end_marker(through[k + len(written) :], text[end:], specials)
     calls = [call["function"]["name"] for call in m.get("tool_calls") or []]
     if not marker or any(name not in text[start : end + len(marker)] for name in calls):
         return None  # (DiffusionGemma writes the call, then the tool's response, then the content)

@@ -131,3 +131,21 @@ def test_a_turn_whose_call_and_content_the_template_writes_apart_is_still_refuse
     tok.chat_template = trl_template("diffusion_gemma")
     with pytest.raises(DataError, match=r"^t.jsonl:3: messages\[1\]: .* cannot be located"):
         encode_sft_samples(_samples([{"messages": AGENT_CHAT, "tools": MULTIPLY}]), tok, None, 512)
+
+
+@pytest.mark.parametrize(("name", "lead", "trim"), [("qwen3_5_nothink", "", str.strip), ("nemotron_3_nano", "</think>", str.rstrip)])  # fmt: skip
+@pytest.mark.parametrize("first", ["Hello.\n", "\nHello.", " Hello.  "])
+def test_answers_with_edge_whitespace_that_the_template_trims_train_as_the_bare_answers_do(name, lead, trim, first):
+    """Was refused ('messages[1]: ... cannot be located'): Qwen3.5's and Nemotron 3's templates trim an answer, so a
+    multi-turn row whose earlier answer ends with a line break (as many files write them) could not be located. Now it
+    trains what the template writes, as the same row with the bare answers does."""
+    from deltatune.data.templates import render
+
+    tok = tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tok.chat_template = trl_template(name)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Bye.\n"}]  # fmt: skip
+    text, found = render(chat, tok, None, train_stop=True)
+    assert text == tok.apply_chat_template(chat, tokenize=False)
+    assert [text[s:e] for s, e in found] == [f"{lead}{trim(first)}<|im_end|>\n", f"{lead}Bye.<|im_end|>\n"]
