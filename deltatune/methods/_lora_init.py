@@ -1,5 +1,5 @@
-"""LoRA's initialisations, those drawn at random and those computed from the base weight, and the conversion of a
-trained PiSSA / OLoRA adapter into a plain LoRA.
+"""LoRA's initialisations, those drawn at random and those computed from the base weight, the conversion of a
+trained PiSSA / OLoRA adapter into a plain LoRA, and the checks of lora_bias (a bias on lora_B, as peft's).
 
 PiSSA (Meng et al., 2024; arXiv:2404.02948) takes the top r singular triplets of W: with W = V S U^T,
 B = V_r sqrt(S_r / s), A = sqrt(S_r / s) U_r^T, and the base becomes the residual W - s B A, so the model starts as
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
+from ..layer import NotMergeable
 
 LOADS_ONLY = ("orthogonal", "mica", "eva")  # peft's inits that leave the base as it is: their files are plain LoRA
 FROM_BASE = ("pissa", "olora")  # computed from the base weight, which they change (pissa_niter_K too)
@@ -35,8 +36,13 @@ def is_from_base(init: object) -> bool:
     return isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
 
 
-def check_init(init: object) -> None:
-    """ConfigError unless ``init`` is an init_lora_weights deltatune draws (or a peft one whose files load)."""
+def check_init(init: object, lora_bias: bool = False, use_dora: bool = False) -> None:
+    """ConfigError unless ``init`` is an init_lora_weights deltatune draws (or a peft one whose files load), and
+    ``lora_bias`` goes with it as peft's LoraConfig allows."""
+    if lora_bias and init not in (True, False):  # peft's LoraConfig refuses these two
+        raise ConfigError(f"lora_bias=True is only supported with init_lora_weights=True or False, got {init!r}")
+    if lora_bias and use_dora:
+        raise ConfigError("lora_bias=True is not supported with use_dora (as peft)")
     if init in (True, False, "gaussian", "pissa", "olora", *LOADS_ONLY):
         return
     if isinstance(init, str) and init.startswith("pissa_niter_"):
@@ -63,11 +69,14 @@ def reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bo
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
 
-def check_target(layer: nn.Module, name: str, init: object, r: int) -> None:
-    """ConfigError, before the model is touched, where a base-computed init cannot adapt ``layer`` (at ``name``)."""
+def check_target(layer: nn.Module, name: str, config: DeltaConfig, r: int) -> None:
+    """ConfigError, before the model is touched, where ``config`` (a LoraConfig) cannot adapt ``layer`` at ``name``:
+    lora_bias on an embedding, a base-computed init where peft's is not defined or would compute wrongly."""
+    init, kind = config.init_lora_weights, type(layer).__name__
+    if config.lora_bias and kind == "LoraEmbedding":  # peft: "lora_bias=True is not supported for Embedding."
+        raise ConfigError(f"lora: lora_bias=True is not supported on {name}, an embedding (as peft)")
     if not is_from_base(init):
         return
-    kind = type(layer).__name__
     if kind == "LoraEmbedding":
         return  # peft draws an embedding's adapter as for True and leaves its weight alone
     base = layer.base_layer
@@ -88,6 +97,32 @@ def check_target(layer: nn.Module, name: str, init: object, r: int) -> None:
     if r > (rank := min(weight.shape)):
         raise ConfigError(f"lora: r={r} on {name} exceeds its weight's rank bound {rank} ({tuple(weight.shape)}); "
                           f"init_lora_weights={init!r} takes r <= {rank} factors")  # fmt: skip
+
+
+def reset_bias(lora_b: nn.Module, init: bool | str) -> None:
+    """Zero lora_B's bias (lora_bias) unless init is False, which keeps nn.Linear's draw, as peft."""
+    if lora_b.bias is not None and init is not False:
+        nn.init.zeros_(lora_b.bias)
+
+
+def lora_b_bias(layer: nn.Module, name: str | None = None) -> torch.Tensor | None:
+    """Adapter ``name``'s lora_B bias (lora_bias), or None; without a name, any adapter's in ``layer``."""
+    names = [name] if name is not None else list(layer.lora_B)
+    return next((b for n in names if n in layer.lora_B and (b := layer.lora_B[n].bias) is not None), None)
+
+
+def check_bias_merge(layer: nn.Module, name: str) -> None:
+    """NotMergeable (peft's words; a RuntimeError there), before any weight is written, where adapter ``name`` has a
+    lora_B bias and the base layer none."""
+    if lora_b_bias(layer, name) is not None and layer.bias is None:
+        raise NotMergeable("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+
+
+def add_bias(layer: nn.Module, name: str, sign: int) -> None:
+    """Merge (sign 1) or unmerge (-1) adapter ``name``'s lora_B bias: b +/-= s * b_B in the base bias's dtype, as
+    peft's merges (safe or not) and unmerge."""
+    if (bias := lora_b_bias(layer, name)) is not None:
+        layer.base_layer.bias.add_(bias * layer.scaling[name] * sign)
 
 
 def init_from_base(layer: nn.Module, name: str, init: str) -> None:

@@ -24,10 +24,9 @@ from torch import nn
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, check_regex
 from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
+from . import _lora_init as inits
 from ._dora import dora, row_norm
 from ._lora_gather import gathered
-from ._lora_init import LOADS_ONLY, check_init, check_target, convert_to_plain_lora, init_from_base, is_from_base
-from ._lora_init import reset as _reset
 from .quant import is_quantized
 
 
@@ -66,6 +65,8 @@ class LoraConfig(DeltaConfig):
     """Per-module lora_alpha overrides, keyed like rank_pattern."""
     exclude_modules: list[str] | str | None = None
     """Modules never adapted, matched like target_modules."""
+    lora_bias: bool = False
+    """A trained bias on lora_B (saved as lora_B.bias; scaled with the update, merged into the base bias), as peft."""
     eva_config: dict | None = None
     """peft's EVA settings (init_lora_weights='eva'), kept as a peft file gives them; deltatune draws no EVA init."""
 
@@ -74,7 +75,7 @@ class LoraConfig(DeltaConfig):
         check_positive_int("r", self.r)
         check_range("lora_alpha", self.lora_alpha, 0, None, low_open=True)
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
-        for key in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern"):  # "false": DoRA
+        for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern"):  # fmt: skip
             if not isinstance(value := getattr(self, key), dict if key.endswith("pattern") else bool):
                 raise ConfigError(f"{key} must be a {'dict' if key.endswith('pattern') else 'bool'}, got {value!r}")
         layers = self.layers_to_transform
@@ -82,7 +83,7 @@ class LoraConfig(DeltaConfig):
             raise ConfigError(f"layers_to_transform must be a block index or a list of them, got {layers!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        check_init(self.init_lora_weights)
+        inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora)
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
             check_positive_int(f"rank_pattern[{key!r}]", value)
@@ -91,7 +92,7 @@ class LoraConfig(DeltaConfig):
             check_range(f"alpha_pattern[{key!r}]", value, 0, None, low_open=True)
 
     def for_loading(self) -> LoraConfig:  # the file holds the weights: how peft drew them does not matter
-        return self.replace(init_lora_weights=True) if self.init_lora_weights in LOADS_ONLY else self
+        return self.replace(init_lora_weights=True) if self.init_lora_weights in inits.LOADS_ONLY else self
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Base parameters trained and saved with the adapter: the biases, when ``bias`` asks for them."""
@@ -182,7 +183,8 @@ class _LoraBase(DeltaLayer):
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A mixed-adapter batch (``row_adapters``): each adapter's update computed on its own rows only."""
-        if isinstance(self, LoraLinear) and (out := gathered(self, x, result)) is not None:
+        plain = isinstance(self, LoraLinear) and inits.lora_b_bias(self) is None  # (the batched path has no biases)
+        if plain and (out := gathered(self, x, result)) is not None:
             return out  # every row's own adapter in two batched matmuls (methods/_lora_gather.py)
         for name, rows in self.row_adapters.groups(x.shape[0], x.device):
             if name not in self.scaling:  # BASE_ROW, or an adapter this layer does not hold
@@ -196,6 +198,7 @@ class _LoraBase(DeltaLayer):
 
     def _merge_weights(self, name: str, base: torch.Tensor | None = None, safe: bool | None = None) -> None:
         safe = self.safe_merged.get(name, False) if safe is None else safe
+        inits.check_bias_merge(self, name)
         self._dequantize_base()
         weight = self._weight
         delta = self.delta_weight(name, merging=True)
@@ -210,6 +213,7 @@ class _LoraBase(DeltaLayer):
             weight.add_(delta.to(weight.dtype))  # peft's safe merge: an fp32 delta rounded to a bf16 W, then added
         else:
             weight.add_(delta)  # peft's plain merge: added in fp32, rounded once
+        inits.add_bias(self, name, 1)
 
     def _unmerged_base(self, safe: bool) -> torch.Tensor:
         """The base weight without the adapters merged into it (taken out, copied, merged back in turn)."""
@@ -231,6 +235,7 @@ class _LoraBase(DeltaLayer):
             weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
         else:  # the delta rounded, then subtracted: peft's unmerge (its merge adds, then rounds)
             weight.sub_(delta.to(weight.dtype))
+        inits.add_bias(self, name, -1)
 
     _rows_dim = 0  # the dimension of the stored weight that indexes output features
 
@@ -256,16 +261,18 @@ class LoraLinear(_LoraBase):
         self._rows_dim = 1 if fan_in_fan_out else 0
         self.in_features, self.out_features, _ = linear_shape(base_layer)
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
+    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str,
+            bias: bool = False) -> None:  # fmt: skip
         self._add_common(name, r, alpha, dropout, rslora)
         weight = self._weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)  # drawn as peft's: in fp32 on the CPU, then
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)  # moved (a bf16 draw rounds differently)
-        if is_from_base(init):  # PiSSA / OLoRA: the base weight becomes the residual
-            init_from_base(self, name, init)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias)  # moved (a bf16 draw rounds differently)
+        if inits.is_from_base(init):  # PiSSA / OLoRA: the base weight becomes the residual
+            inits.init_from_base(self, name, init)
         else:
-            _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+            inits.reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        inits.reset_bias(self.lora_B[name], init)
         self.lora_A[name].to(weight.device, dtype), self.lora_B[name].to(weight.device, dtype)
         if dora:  # ||W + s B A|| in the base's dtype, as peft's
             with torch.no_grad():
@@ -281,12 +288,13 @@ class LoraLinear(_LoraBase):
 class LoraEmbedding(_LoraBase):
     """LoRA on an ``nn.Embedding``: A (r x vocab) is looked up like an embedding, then B (dim x r)."""
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
+    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str,
+            bias: bool = False) -> None:  # fmt: skip
         self._add_common(name, r, alpha, dropout, rslora)
         weight = self._weight
         num, dim = weight.shape
         A, B = torch.randn(r, num), torch.randn(dim, r)  # as peft's: in fp32 on the CPU, then moved
-        _reset(A, B, init, r, a_zero=True)
+        inits.reset(A, B, init, r, a_zero=True)
         self.lora_embedding_A[name] = nn.Parameter(A.to(weight.device, weight.dtype))
         self.lora_embedding_B[name] = nn.Parameter(B.to(weight.device, weight.dtype))
 
@@ -307,15 +315,17 @@ class LoraEmbedding(_LoraBase):
 class LoraConv2d(_LoraBase):
     """LoRA on an ``nn.Conv2d``: A is a conv with the base kernel/stride/padding into r channels, B a 1x1 conv."""
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str) -> None:
+    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str,
+            bias: bool = False) -> None:  # fmt: skip
         base: nn.Conv2d = self.base_layer
         self._add_common(name, r, alpha, dropout, rslora)
         w = base.weight
         # A sees the input exactly as the base kernel does (dilation, padding mode too), so B A merges into W.
         kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, padding_mode=base.padding_mode)
         self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, bias=False, **kw)  # drawn as Linear's
-        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False)
-        _reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=bias)
+        inits.reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        inits.reset_bias(self.lora_B[name], init)
         self.lora_A[name].to(w.device, w.dtype), self.lora_B[name].to(w.device, w.dtype)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
@@ -353,7 +363,7 @@ def _wrap(module: nn.Module, name: str) -> _LoraBase:
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.Module]:
     """Wrap every target module in a LoRA layer (or add to an existing one) and add adapter ``adapter_name``. Targets
     (DoRA's among them) are checked before the model is touched."""
-    if config.init_lora_weights in LOADS_ONLY:
+    if config.init_lora_weights in inits.LOADS_ONLY:
         raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is peft's; deltatune draws True, False or "
                           "'gaussian' (an adapter peft saved with it loads)")  # fmt: skip
     names = resolve_targets(model, config, LORA_TARGETS, "lora")
@@ -370,7 +380,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
                                 or not base.weight.is_floating_point()):  # fmt: skip
             raise ConfigError(f"lora: use_dora is not supported on {name} ({type(base).__name__}); DoRA adapts "
                               "full-precision nn.Linear and GPT-2 Conv1D layers, leave it out of target_modules")  # fmt: skip
-        check_target(layer, name, config.init_lora_weights, pattern_value(config.rank_pattern, name, config.r))
+        inits.check_target(layer, name, config, pattern_value(config.rank_pattern, name, config.r))
         plan.append((name, layer, layer is not module))
     layers: list[nn.Module] = []
     for name, layer, new in plan:
@@ -379,10 +389,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
-                  config.init_lora_weights)  # fmt: skip
+                  config.init_lora_weights, config.lora_bias)  # fmt: skip
         layers.append(layer)
     return layers
 
 
 CONFIG, INJECT = LoraConfig, inject
-MODEL_FUNCTIONS = {"convert_to_plain_lora": convert_to_plain_lora}  # model.convert_to_plain_lora(initial, out_dir)
+MODEL_FUNCTIONS = {"convert_to_plain_lora": inits.convert_to_plain_lora}  # model.convert_to_plain_lora(initial, out)

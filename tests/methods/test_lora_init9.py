@@ -173,3 +173,69 @@ def test_conversion_refuses_rslora_with_patterns_as_peft(tmp_path):
     _, d = _pair("llama", init_lora_weights="pissa", use_rslora=True, rank_pattern={"v_proj": 2})
     with pytest.raises(ConfigError, match="rank_pattern or alpha_pattern"):
         convert_to_plain_lora(d, d.adapter_state_dict(), tmp_path)
+
+
+# -- lora_bias ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family,init,dtype",
+    [("gpt2", True, torch.float32), ("qwen2", False, torch.float32), ("qwen2", True, torch.bfloat16)],
+)
+def test_lora_bias_is_peft(family, init, dtype, tmp_path):
+    """A bias on lora_B (drawn by nn.Linear, zeroed unless init is False), scaled with the update, saved as
+    lora_B.bias and merged into the base bias: peft's to the bit, files both ways."""
+    p, d = _pair(family, dtype, init_lora_weights=init, lora_bias=True)
+    inputs = tiny_inputs(family)
+    assert torch.equal(output_of(d, inputs), output_of(p, inputs))
+    _train(p), _train(d)
+    assert torch.equal(output_of(d, inputs), output_of(p, inputs))
+    p.save_pretrained(tmp_path / "p"), d.save_pretrained(tmp_path / "d")
+    theirs = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "d" / "adapter_model.safetensors")
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert any(k.endswith("lora_B.bias") for k in ours)
+    loaded = dt.DeltaModel.from_pretrained(tiny_model(family).to(dtype), tmp_path / "p")
+    assert torch.equal(output_of(loaded, inputs), output_of(d, inputs))
+    merged_p, merged_d = p.merge_and_unload().state_dict(), d.merge_and_unload().state_dict()
+    assert merged_p.keys() == merged_d.keys() and all(torch.equal(merged_p[k], merged_d[k]) for k in merged_p)
+
+
+def test_lora_bias_unmerges_and_routes_rows_as_each_adapter_alone():
+    _, d = _pair("qwen2", init_lora_weights=False, lora_bias=True)
+    d.add_adapter("other", dt.LoraConfig(r=4, init_lora_weights=False, lora_bias=True))
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    inputs = tiny_inputs("qwen2")
+    alone = []
+    for name in ("default", "other"):
+        d.set_adapter(name)
+        alone.append(output_of(d, inputs))
+    with torch.no_grad():  # each row through its own adapter: the batched path has no biases, the loop has
+        mixed = d(**inputs, adapter_names=["default", "other"]).logits
+    torch.testing.assert_close(mixed, torch.stack([alone[0][0], alone[1][1]]), atol=1e-6, rtol=0)
+    d.merge_adapter(), d.unmerge_adapter()
+    after = d.state_dict()
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+def test_lora_bias_merge_refused_without_a_base_bias():
+    """peft: RuntimeError 'Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.'"""
+    _, d = _pair("llama", init_lora_weights=False, lora_bias=True)
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    with pytest.raises(TypeError, match="Impossible to merge LoRA with `lora_bias=True`"):
+        d.merge_adapter()
+    assert all(torch.equal(before[k], v) for k, v in d.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        (dict(target_modules=["embed_tokens"]), "embed_tokens, an embedding"),
+        (dict(init_lora_weights="pissa"), "only supported with init_lora_weights=True or False"),
+        (dict(use_dora=True), "not supported with use_dora"),
+        (dict(lora_bias="true"), "lora_bias must be a bool"),
+    ],
+)
+def test_lora_bias_refusals_as_peft(kw, words):
+    with pytest.raises(ConfigError, match=words):
+        dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, **{"lora_bias": True, **kw}))
