@@ -194,8 +194,9 @@ def encode_tag(
     truncation: str = "truncate",
 ) -> Encoded:
     """Token classification: words are split into sub-tokens; the first sub-token of each word carries the
-    word's tag, the rest (and special tokens) are -100."""
-    out, counter = [], [0]
+    word's tag, the rest (and special tokens) are -100. A row left without a tagged token (no words, or none
+    that tokenizes) is dropped and counted: alone in a batch its loss would be 0/0, NaN."""
+    out, counter, dropped = [], [0], 0
     split = _splits_words_as_text(tokenizer)
     for row in rows:
         words, tags = tag_row(row, tokens_column, tags_column)
@@ -215,8 +216,11 @@ def encode_tag(
                     raise DataError(f"{row.source}: tag {tag!r} is not in the label set {names}")
                 token_labels.append(labels[key])
             previous = word
+        if all(label == IGNORE_INDEX for label in token_labels):
+            dropped += 1
+            continue
         out.append({**{k: list(v) for k, v in enc.items()}, "labels": token_labels})
-    return Encoded(out, counter[0])
+    return Encoded(out, counter[0], dropped)
 
 
 def _splits_words_as_text(tokenizer) -> bool:

@@ -59,6 +59,11 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
 
     notes: list[str] = []
     train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
+    for split, e in (("train", train), ("eval", ev)):
+        if e is not None and e.dropped:
+            notes.append(f"{e.dropped} {split} rows were dropped: no word with a token to tag (an empty row?)")
+    if not train.examples:
+        raise DataError(f"{d.train}: no row has a word with a token to tag")
 
     def compute(p) -> dict[str, float]:
         preds = _logits(p.predictions).argmax(-1)
@@ -76,6 +81,6 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             "accuracy": sum(a == b for a, b in flat) / max(len(flat), 1),
         }
 
-    splits = (train.examples, ev.examples if ev else None)
+    splits = (train.examples, ev.examples if ev and ev.examples else None)
     collator = Collator(tok.pad_token_id)  # the loss: over the whole step's tagged tokens (TokenLossTrainer)
     return Prepared(*splits, collator, compute, "eval_f1", names, notes=notes, trainer_class=TokenLossTrainer)

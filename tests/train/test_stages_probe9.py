@@ -134,3 +134,33 @@ def test_tag_refuses_a_python_tokenizer_in_one_line(tmp_path):
     cfg = build({"stage": "tag", "model": {"name_or_path": "google/byt5-small"}, "data": {"train": str(path)}})
     with pytest.raises(ConfigError, match=r"^model 'google/byt5-small': stage tag needs a fast .* ByT5Tokenizer is"):
         prepare_tag(cfg, ByT5Tokenizer())
+
+
+def test_a_tag_row_without_words_is_dropped_and_noted_not_a_nan_loss(tok, tmp_path):
+    """A row of no words (an empty sentence) has every label -100: alone in a micro-batch (batch_size 1) its loss
+    was 0/0, and the run stopped at step 1 with 'the training loss became nan ... Lower train.lr' (run_ner's loss
+    is NaN there too). Such a row has nothing to learn or score: it is dropped, and the report counts it."""
+    import json
+
+    import torch
+    from tiny import tiny_model
+
+    from deltatune.loss import token_loss
+    from deltatune.train import build
+    from deltatune.train.tag import prepare_tag
+
+    rows = [{"tokens": ["a", "cat"], "ner_tags": ["O", "B-x"]}, {"tokens": [], "ner_tags": []}]
+    path = tmp_path / "tag.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = prepare_tag(build({"stage": "tag", "data": {"train": str(path), "eval": str(path)}}), tok)
+    assert [n for n in prepared.notes if "dropped" in n] == [
+        "1 train rows were dropped: no word with a token to tag (an empty row?)",
+        "1 eval rows were dropped: no word with a token to tag (an empty row?)",
+    ]
+    model = tiny_model("bert", "token_cls")
+    for example in prepared.train:
+        batch = prepared.collator([example])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"] % 128, attention_mask=batch["attention_mask"]).logits
+        assert torch.isfinite(token_loss({"logits": logits}, batch["labels"]))
+    assert len(prepared.train) == len(prepared.eval) == 1
