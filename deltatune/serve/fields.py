@@ -69,12 +69,18 @@ def flag(body: dict, key: str, param: str | None = None) -> bool:
     return bool(value)
 
 
-def _number(body: dict, key: str, default: float | None, low: float, high: float) -> float | None:
+def _number(
+    body: dict, key: str, default: float | None, low: float, high: float, open_low: bool = False
+) -> float | None:
+    """The body's number ``key`` in [low, high] ((low, high] with ``open_low``), else a 400 naming it."""
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise RequestError(f"{key} must be a number in [{low}, {high}], got {value!r}", param=key)
+    inside = isinstance(value, (int, float)) and (low < value if open_low else low <= value) and value <= high
+    if isinstance(value, bool) or not inside:
+        raise RequestError(
+            f"{key} must be a number in {'(' if open_low else '['}{low}, {high}], got {value!r}", param=key
+        )
     return float(value)
 
 
@@ -131,7 +137,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         emit=lambda text, finish: None,
         # Each left unset is the base's generation config's, as generate and vLLM take them.
         temperature=_temperature(body),
-        top_p=_number(body, "top_p", None, 1e-9, 1.0),
+        top_p=_number(body, "top_p", None, 0.0, 1.0, open_low=True),  # vLLM's (0, 1]: the top token always stays
         top_k=0 if body.get("top_k") in (-1, 0) else None,  # the values UNSUPPORTED lets pass: no top-k
         min_p=_number(body, "min_p", None, 0.0, 1.0),
         repetition_penalty=_number(body, "repetition_penalty", None, 1.0, 1.0),

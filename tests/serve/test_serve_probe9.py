@@ -209,3 +209,15 @@ def test_an_assistants_tool_calls_reach_the_template_with_their_arguments_parsed
         wrong = [messages[0], {"role": "assistant", "content": "", "tool_calls": calls}]
         status, answer = _post(server, "/v1/chat/completions", {**chat, "messages": wrong})
         assert status == 400 and answer["error"]["param"] == "messages", calls
+
+
+def test_top_p_is_any_number_in_vllms_half_open_unit_interval(served):
+    """top_p 1e-12 was a 400 ([1e-09, 1.0]); vLLM takes (0, 1]: the nucleus is then the most likely token alone, so
+    a sampled answer is the greedy one. top_p 0 stays a 400 (vLLM's too)."""
+    _, server, _, _ = served
+    body = {"model": "base", "prompt": "the cat sat on", "max_tokens": 4, "ignore_eos": True}
+    status, greedy = _post(server, "/v1/completions", {**body, "temperature": 0})
+    status, answer = _post(server, "/v1/completions", {**body, "temperature": 1.5, "top_p": 1e-12, "seed": 1})
+    assert status == 200 and answer["choices"][0]["text"] == greedy["choices"][0]["text"]
+    status, answer = _post(server, "/v1/completions", {**body, "top_p": 0})
+    assert status == 400 and answer["error"]["param"] == "top_p" and "(0.0, 1.0]" in answer["error"]["message"]
