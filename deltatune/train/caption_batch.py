@@ -276,8 +276,9 @@ def collate_vlm(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
             out[key] = _pad([b[key] for b in batch], 0, out["input_ids"].shape[1])
         elif key not in out:  # the images' tensors
             parts = [torch.as_tensor(b[key]) for b in batch]
-            if parts[0].dim() > 2:  # LLaVA-NeXT's patches per image vary: zero-padded, as its processor pads a batch
-                most = max(p.shape[1] for p in parts)
-                parts = [torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, most - p.shape[1])) for p in parts]
-            out[key] = torch.cat(parts)
+            # zero-padded at the end of each dimension, as their processors pad a batch: LLaVA-NeXT's patches per
+            # image vary, Pixtral's (Mistral 3's) image heights and widths (padded below and to the right)
+            most = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+            pads = [[x for d, m in reversed(list(enumerate(most, 1))) for x in (0, m - p.shape[d])] for p in parts]
+            out[key] = torch.cat([torch.nn.functional.pad(p, pad) if any(pad) else p for p, pad in zip(parts, pads)])
     return out

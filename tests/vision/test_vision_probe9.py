@@ -236,3 +236,23 @@ def test_paligemma_trains_two_steps_through_the_cli(tmp_path, capsys):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "'<image><bos>Describe the image.\\n[[a handwritten five thin strokes<eos>]]'" in report
     assert "adapted layers per tower: language: 4" in report
+
+
+def test_images_of_different_sizes_batch_as_pixtrals_image_processor_pads_them():
+    """Mistral 3's Pixtral image processor keeps each image's aspect (a 16 x 32 and a 32 x 16 image) and pads a batch
+    with zeros below and to the right (``image_sizes`` says where each ends). The collator padded only the second
+    dimension (LLaVA-NeXT's patches) and stopped in ``torch.cat`` ("Sizes of tensors must match"); its batch now
+    equals the image processor's own. (Pixtral's processor needs torchvision, not installed here: the rows carry what
+    its image processor gives each row, as the dataset's images-only processor call does.)"""
+    from transformers import PixtralImageProcessorPil
+
+    images = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": 4, "width": 4})
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(16, 32), (32, 16)]]
+    rows = [{"input_ids": [1] * n, "labels": [-100] * n, **images(images=[p], return_tensors="pt")}
+            for p, n in zip(pictures, (3, 5))]  # fmt: skip
+    reference = images(images=pictures, return_tensors="pt")
+    batch = C.collate_vlm(rows, 0)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["image_sizes"].tolist() == [[16, 32], [32, 16]]
+    for name in reference:
+        assert torch.equal(batch[name], reference[name]), name
