@@ -285,9 +285,11 @@ class DeltaModel(nn.Module, PushToHub):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from the model (unmerging it first if merged); when it was the only active adapter, the
-        first remaining one becomes active (as in PEFT). ValueError: another adapter ``uses`` it."""
+        """Remove an adapter from the model; when it was the only active adapter, the first remaining one becomes
+        active (as in PEFT). ValueError: another adapter ``uses`` it, or it is merged (unmerge first, as PEFT)."""
         self._check_names([adapter_name])
+        if any(adapter_name in names for _, names in self._merged()):
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() first")
         if users := [n for n, c in self.peft_config.items() if adapter_name in c.uses()]:
             raise ValueError(f"adapter {adapter_name!r} is used by {users[0]!r} ({self.peft_config[users[0]].method}); "
                              f"delete {users[0]!r} first")  # fmt: skip

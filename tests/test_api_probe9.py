@@ -1,6 +1,7 @@
 """The DeltaModel API against peft 0.21.2's PeftModel / LoraModel: ``add_weighted_adapter`` (every combination type,
-the same weights, config and logits as peft's, dare's random masks included under one seed), ``load_adapter``'s
-torch_device / low_cpu_mem_usage / autocast_adapter_dtype and ``save_pretrained(selected_adapters=[])``."""
+the same weights, config and logits as peft's, dare's random masks included under one seed), ``delete_adapter`` of a
+merged adapter, ``load_adapter``'s torch_device / low_cpu_mem_usage / autocast_adapter_dtype and
+``save_pretrained(selected_adapters=[])``."""
 
 from __future__ import annotations
 
@@ -171,6 +172,20 @@ def test_what_peft_refuses_is_refused_in_one_line_naming_the_adapter(call, messa
     with pytest.raises(ValueError, match=message) as info:
         call(model)
     assert "\n" not in str(info.value) and set(model.peft_config) == before
+
+
+def test_deleting_a_merged_adapter_is_refused_as_peft(tmp_path):
+    """deltatune unmerged it and deleted it; peft refuses ("Cannot delete adapter(s) ['a'] while they are merged")."""
+    ours, theirs = _pair(tmp_path, dict(r=4, target_modules=["q_proj"]), dict(r=4, target_modules=["v_proj"]))
+    for model in (ours, theirs):
+        (model if model is ours else model.base_model).set_adapter(["a", "b"])
+        model.merge_adapter()
+        with pytest.raises(ValueError, match="merged"):
+            model.delete_adapter("a")
+    assert set(ours.peft_config) == {"a", "b"}
+    ours.unmerge_adapter()
+    ours.delete_adapter("a")
+    assert set(ours.peft_config) == {"b"}
 
 
 @pytest.fixture(scope="module")
