@@ -398,6 +398,7 @@ def _chat_ids(
         raise RequestError(str(exc), param="messages") from None
     except ValueError as exc:  # continue_final_message without a final message to continue
         raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
+    _utf8(text, "the rendered chat (a tool call's arguments, chat_template_kwargs)", "messages")  # else a 500
     return list(tokenizer(text, add_special_tokens=options["add_special_tokens"])["input_ids"])
 
 

@@ -221,3 +221,14 @@ def test_top_p_is_any_number_in_vllms_half_open_unit_interval(served):
     assert status == 200 and answer["choices"][0]["text"] == greedy["choices"][0]["text"]
     status, answer = _post(server, "/v1/completions", {**body, "top_p": 0})
     assert status == 400 and answer["error"]["param"] == "top_p" and "(0.0, 1.0]" in answer["error"]["message"]
+
+
+def test_a_lone_surrogate_in_a_tool_calls_arguments_or_template_kwargs_is_a_400(served, monkeypatch):
+    """JSON's "\\ud800" parsed from a tool call's arguments (or a chat_template_kwargs value) reached the tokenizer
+    through the template: a 500 with the tokenizer's TypeError, where one in a message's content is a 400."""
+    _, server, _, _ = served
+    monkeypatch.setattr(served[0].tokenizer, "chat_template", CALLS)
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "\\ud800"}'}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    status, answer = _post(server, "/v1/chat/completions", {"model": "lora", "max_tokens": 1, "messages": messages})
+    assert status == 400 and answer["error"]["param"] == "messages", answer
