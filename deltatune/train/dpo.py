@@ -22,6 +22,7 @@ adapter switched off (``DeltaModel.disable_adapter``) and no dropout, so it cost
 ``align.ld_alpha`` (LD-DPO, Liu et al. 2024, arXiv:2409.06411; TRL's ld_alpha) weighs each pair's response tokens
 beyond the shorter response's count by alpha in the summed log-probs of the policy and the reference (precomputed
 too), so the longer response's verbose tail counts less; the sft loss keeps the plain sums, as TRL's.
+``use_weighting`` (WPO, Zhou et al. 2024, arXiv:2406.11827; TRL's) multiplies each pair's loss by ``wpo_weights``.
 At initialisation (adapter = identity) pi = ref, so h = 0 and the sigmoid loss is log 2.
 """
 
@@ -59,6 +60,7 @@ def dpo_loss(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
     sft_chosen: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and the implicit rewards.
 
@@ -82,6 +84,7 @@ def dpo_loss(
         f_alpha: the alpha of alpha_divergence.
         sft_chosen: (B,) the chosen responses' plain summed log-probs for the sft loss, where ``policy_chosen`` holds
             LD-DPO's weighted ones (default: ``policy_chosen``).
+        weights: (B,) WPO's pair weights (``wpo_weights``) multiplying each pair's loss; None: unweighted.
 
     Returns:
         (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards are detached.
@@ -90,9 +93,9 @@ def dpo_loss(
         ValueError: an unknown loss_type, or a per-token loss without the token counts.
     """
     kinds = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(kinds) if loss_weights is None else list(loss_weights)
-    if len(weights) != len(kinds):
-        raise ValueError(f"loss_weights has {len(weights)} weights for {len(kinds)} loss types")
+    loss_w = [1.0] * len(kinds) if loss_weights is None else list(loss_weights)
+    if len(loss_w) != len(kinds):
+        raise ValueError(f"loss_weights has {len(loss_w)} weights for {len(kinds)} loss types")
     chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     if f_divergence != "reverse_kl" and set(kinds) - set(F_DIVERGENCE_LOSSES):
         raise ValueError(f"f_divergence {f_divergence} is for the {', '.join(F_DIVERGENCE_LOSSES)} losses only")
@@ -100,8 +103,29 @@ def dpo_loss(
     pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, *scores)
     sft = pairs if sft_chosen is None else (sft_chosen, *pairs[1:])
     losses = sum(w * _losses_of(k, *(sft if k == "sft" else pairs), beta, label_smoothing, discopop_tau)
-                 for k, w in zip(kinds, weights))  # fmt: skip
+                 for k, w in zip(kinds, loss_w))  # fmt: skip
+    if weights is not None:
+        losses = losses * weights
     return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def wpo_weights(per_token: torch.Tensor, labels: torch.Tensor, log_sum_sq_probs: torch.Tensor) -> torch.Tensor:
+    """WPO's pair weights (Zhou et al. 2024, arXiv:2406.11827, eq. 2; TRL's ``use_weighting``), no gradient: each
+    response's exp(mean over its tokens of log p(y_t) - log sum_v p_v^2) (how likely the policy's own sampling, sharpened
+    by sum_v p_v^2, makes it, per token), the chosen response's times the rejected one's.
+
+    Args:
+        per_token: (2B, T - 1) ``token_logprobs`` of B chosen then B rejected responses under the policy.
+        labels: (2B, T) their labels (-100 outside the responses).
+        log_sum_sq_probs: (2B, T - 1) log sum_v p_v^2 at each position (``token_logprobs``' stats).
+
+    Returns:
+        (B,) the weights.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX
+    mean = ((per_token.detach() - log_sum_sq_probs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    chosen, rejected = mean.exp().chunk(2)
+    return chosen * rejected
 
 
 def _f_scores(u: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
@@ -175,6 +199,7 @@ class DPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
+        self.wpo = _use_weighting(align)
         if align.precompute_ref and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
             self.train_dataset = self._with_ref(self.train_dataset)
             if self.eval_dataset is not None:
@@ -206,6 +231,7 @@ class DPOTrainer(PairTrainer):
 
     def _losses(self, model, inputs, stats: dict | None = None) -> tuple[torch.Tensor, ...]:
         lm, a = {k: inputs[k] for k in _LM_KEYS}, self.align
+        stats = {} if stats is None and self.wpo else stats
         per_token = model_token_logprobs(model, lm, stats)
         logps, counts = summed(per_token, lm["labels"], a.ld_alpha), (lm["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
         (policy_c, policy_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
@@ -216,7 +242,9 @@ class DPOTrainer(PairTrainer):
         plain = per_token[: len(policy_c)].sum(-1) if a.ld_alpha is not None else None
         losses, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing,
                                             n_c, n_r, a.loss_weights, a.discopop_tau, a.f_divergence_type,
-                                            a.f_alpha_divergence_coef, plain)  # fmt: skip
+                                            a.f_alpha_divergence_coef, plain,
+                                            wpo_weights(per_token, lm["labels"], stats["log_sum_sq_probs"])
+                                            if self.wpo else None)  # fmt: skip
         return losses, chosen, rejected, logps.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -234,6 +262,19 @@ class DPOTrainer(PairTrainer):
             self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
         loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+
+
+def _use_weighting(align: AlignArgs) -> bool:
+    """Whether ``align.use_weighting`` (WPO) is on; refused with aot and aot_unpaired, as TRL refuses them (they sort
+    the batch's pairs, so a pair's weight would meet another pair's loss)."""
+    from ..config import ConfigError
+
+    on = bool(getattr(align, "use_weighting", False))  # (an AlignArgs field once config.py declares it)
+    kinds = {align.loss_type} if isinstance(align.loss_type, str) else set(align.loss_type)
+    if on and kinds & {"aot", "aot_unpaired"}:
+        raise ConfigError("align.use_weighting (WPO) does not apply to align.loss_type aot or aot_unpaired: they sort "
+                          "the batch's pairs, which would misalign the per-pair weights (TRL refuses it too)")  # fmt: skip
+    return on
 
 
 def _metrics(p) -> dict[str, float]:
@@ -260,12 +301,14 @@ def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
             ):
                 raise DataError(f"a {split} pair has no response token within data.max_length={d.max_length}")
     a = cfg.align
+    wpo = _use_weighting(a)
     notes.append(
         f"DPO loss {a.loss_type if isinstance(a.loss_type, str) else ' + '.join(a.loss_type)} with beta={a.beta}"
         + (f", label_smoothing={a.label_smoothing}" if a.label_smoothing else "")
         + "; reference = the base with the adapter off"
         + (", log-probs precomputed once" if a.precompute_ref else "")
         + (f"; LD-DPO ld_alpha={a.ld_alpha}" if a.ld_alpha is not None else "")
+        + ("; WPO weighting" if wpo else "")
     )
     return Prepared(
         train.examples,

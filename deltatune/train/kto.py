@@ -7,7 +7,8 @@ with the adapter switched off, no dropout) and the reference point
 
     z0 = max(0, mean over the batch of r(x_i, y'_i))     (mismatched pairs: the KL(pi || ref) estimate; no gradient)
 
-(under DDP the mean of every process's mean, as TRL gathers it). y'_i is the completion of the row before, within
+(under DDP the mean of every process's mean, as TRL gathers it; the policy's forward of the mismatched pairs runs
+under no_grad, as TRL's). y'_i is the completion of the row before, within
 each training batch (shuffled rows: its mismatched completions are the batch's own); eval rows are read in order, and
 each is paired, as TRL pairs it when preparing the data, with the row before in its block of ``train.batch_size``
 rows (the block's first with its last), whatever ``train.eval_batch_size`` is. Each row's loss is a value function
@@ -146,14 +147,17 @@ class KTOTrainer(DeltaTrainer):
 
     def _losses(self, model, inputs, stats: dict | None = None) -> tuple[torch.Tensor, ...]:
         lm, a = {k: inputs[k] for k in _LM_KEYS}, self.align
-        policy, ref = sequence_logprobs(model, lm, stats), reference_logprobs(model, self._delta_model(), lm)
+        ref, n = reference_logprobs(model, self._delta_model(), lm), len(inputs["desirable"])
+        rows, mismatched = _halves(lm, n)
         if kto_loss_type(a) == "apo_zero_unpaired":  # (TRL logs kl 0 for it)
-            kl = torch.zeros((), device=policy.device)
-        else:
-            (policy, policy_kl), (ref, ref_kl) = policy.chunk(2), ref.chunk(2)
+            kl = torch.zeros((), device=ref.device)
+        else:  # the mismatched pairs only set z0, which takes no gradient: their forward builds no graph (as TRL's)
+            with torch.no_grad():
+                policy_kl = sequence_logprobs(model, mismatched)
             gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
-            kl = kl_reference_point(policy_kl, ref_kl, gather)
-        losses, rewards = kto_loss(policy, ref, inputs["desirable"], kl, a.beta, a.desirable_weight,
+            kl = kl_reference_point(policy_kl, ref[n:], gather)
+        policy = sequence_logprobs(model, rows, stats)
+        losses, rewards = kto_loss(policy, ref[:n], inputs["desirable"], kl, a.beta, a.desirable_weight,
                                    a.undesirable_weight, kto_loss_type(a))  # fmt: skip
         return losses, rewards, kl, policy.detach()
 
@@ -163,14 +167,14 @@ class KTOTrainer(DeltaTrainer):
         good = inputs["desirable"].bool()
         if model.training:  # TRL's names: chosen the desirable rows, rejected the undesirable
             self.log_stat("kl", kl.item())
-            n, labels = len(good), inputs["labels"]
-            stats = {k: v[:n] for k, v in stats.items()}  # (the rows, not their mismatched pairs)
-            self.log_stat("entropy", token_means(stats, labels[:n])["entropy"])
+            rows = {k: inputs[k] for k in ("attention_mask", "labels")}
+            labels = _halves(rows, len(good))[0]["labels"]  # (the rows' own, as their stats)
+            self.log_stat("entropy", token_means(stats, labels)["entropy"])
             for side, rows in (("chosen", good), ("rejected", ~good)):
                 if rows.any():
                     self.log_stat(f"rewards/{side}", rewards[rows].mean().item())
                     self.log_stat(f"logps/{side}", policy[rows].mean().item())
-                    self.log_stat(f"logits/{side}", token_means(stats, labels[:n], rows)["mean_logits"])
+                    self.log_stat(f"logits/{side}", token_means(stats, labels, rows)["mean_logits"])
             if good.any() and (~good).any():
                 self.log_stat("rewards/margins", (rewards[good].mean() - rewards[~good].mean()).item())
         loss = losses.mean()
@@ -183,6 +187,18 @@ class KTOTrainer(DeltaTrainer):
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), out.detach().float(), torch.zeros(out.shape[0], device=out.device)
+
+
+def _halves(batch: dict[str, torch.Tensor], n: int) -> tuple[dict[str, torch.Tensor], ...]:
+    """A ``KTOCollator`` batch's first ``n`` rows (the rows) and the rest (their mismatched pairs, if any), each
+    without the columns that are padding in all of its rows (right padding: no real token moves)."""
+    out = []
+    for rows in (slice(0, n), slice(n, None)):
+        part = {k: v[rows] for k, v in batch.items()}
+        real = part["attention_mask"].any(0).nonzero()
+        width = int(real.max()) + 1 if len(real) else 0
+        out.append({k: v[:, :width] for k, v in part.items()})
+    return tuple(out)
 
 
 def kto_loss_type(align: AlignArgs) -> str:

@@ -25,8 +25,9 @@ def _chunks(logits: torch.Tensor, rows: int) -> list[tuple[int, slice]]:
 
 class _PickedLogprobs(torch.autograd.Function):
     """out[b, t] = log_softmax(logits[b, t])[targets[b, t]] in fp32, for t < T - 1 (targets: (B, T - 1), >= 0).
-    ``stats``, a dict or None: filled with (B, T - 1) ``mean_logits`` (over the vocabulary), ``entropy`` and
-    ``top1`` (the target is the argmax), from each chunk's log-softmax while it is at hand (no gradient)."""
+    ``stats``, a dict or None: filled with (B, T - 1) ``mean_logits`` (over the vocabulary), ``entropy``, ``top1``
+    (the target is the argmax) and ``log_sum_sq_probs`` (log sum_v p_v^2, WPO's), from each chunk's log-softmax while
+    it is at hand (no gradient)."""
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
@@ -34,13 +35,15 @@ class _PickedLogprobs(torch.autograd.Function):
         out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
         if stats is not None:
             stats.update({k: torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-                          for k in ("mean_logits", "entropy", "top1")})  # fmt: skip
+                          for k in ("mean_logits", "entropy", "top1", "log_sum_sq_probs")})  # fmt: skip
         for b, s in _chunks(logits, rows):
             logp = torch.log_softmax(logits[b, s], dim=-1, dtype=torch.float32)  # (c, V)
             out[b, s] = logp.gather(-1, targets[b, s].unsqueeze(-1)).squeeze(-1)
             if stats is not None:
                 stats["mean_logits"][b, s] = logits[b, s].float().mean(-1)
-                stats["entropy"][b, s] = -(logp.exp() * logp).sum(-1)
+                p = logp.exp()
+                stats["entropy"][b, s] = -(p * logp).sum(-1)
+                stats["log_sum_sq_probs"][b, s] = p.square().sum(-1).log()
                 stats["top1"][b, s] = (logits[b, s].argmax(-1) == targets[b, s]).float()
         ctx.save_for_backward(logits, targets)
         return out
@@ -65,8 +68,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, stats: dict | Non
     Args:
         logits: (B, T, V) logits of a causal LM over the sequence, in any float dtype (computed in fp32).
         labels: (B, T) token ids, -100 where nothing is scored.
-        stats: a dict to fill with (B, T - 1) ``mean_logits``, ``entropy`` and ``top1`` per position, for the
-            ``token_means`` of TRL's logged metrics; None: none are computed.
+        stats: a dict to fill with (B, T - 1) ``mean_logits``, ``entropy``, ``top1`` and ``log_sum_sq_probs`` per
+            position, for the ``token_means`` of TRL's logged metrics and WPO's weights; None: none are computed.
 
     Returns:
         (B, T - 1) fp32: position t holds the log-prob of ``labels[:, t + 1]``.

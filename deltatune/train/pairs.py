@@ -4,11 +4,13 @@ trainer base whose eval predictions are (chosen, rejected) scores, and the pairw
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ..data.tasks import Encoded
+from ..data.templates import IGNORE_INDEX
 from .config import RunConfig
 from .prepared import _note_truncated, read_splits
 from .trainer import DeltaTrainer
@@ -126,15 +128,59 @@ def encode_pair_splits(
     d = cfg.data
     train_s, eval_s, template, notes = read_splits(cfg, tok, pair_scorer=pair_scorer)
 
+    dpo, fell_back = cfg.stage == "dpo", {}
+
     def enc(samples, split: str) -> Encoded:
-        out = encode_pair_samples(samples, tok, template, d.max_length, d.truncation, causal, cfg.stage == "dpo")
+        # (dpo: whole, so that both sides split at the shared prompt before either is cut)
+        out = encode_pair_samples(samples, tok, template, _WHOLE if dpo else d.max_length, d.truncation, causal, dpo)
         for column, values in ((extra or {}).get(split) or {}).items():
             for s, ex in zip(samples, out.examples, strict=True):
                 ex[column] = values[s.source]
+        if not dpo:
+            return out
+
+        def end_kept(s) -> dict:  # (the cut of the other stages: the prompt's end and each answer's start)
+            return encode_pair_samples([s], tok, template, d.max_length, d.truncation, causal, True).examples[0]
+
+        out, fell_back[split] = keep_start(samples, out, d.max_length, d.truncation, end_kept)
         return out
 
     train = enc(train_s, "train")
     ev = enc(eval_s, "eval") if eval_s else None
-    _note_truncated(notes, "train", train.truncated, d.max_length)
-    _note_truncated(notes, "eval", ev.truncated if ev else 0, d.max_length)
+    for split, e in (("train", train), ("eval", ev)):
+        _note_truncated(notes, split, e.truncated if e else 0, d.max_length)
+        if fell_back.get(split):
+            notes.append(f"{fell_back[split]} {split} pairs have a prompt that alone fills data.max_length="
+                         f"{d.max_length}, which TRL's DPOTrainer drops: they keep the prompt's end and the answers' "
+                         "start")  # fmt: skip
     return train, ev, notes
+
+
+_WHOLE = 1 << 62  # a max_length that cuts nothing
+
+
+def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_kept: Callable) -> tuple[Encoded, int]:
+    """DPO's pairs, encoded whole and split at their shared prompt, cut as TRL 1.16's DPOTrainer cuts them: each
+    side's first ``max_length`` tokens (its collator's ``keep_start``, its default). A pair whose prompt alone fills
+    ``max_length``, which TRL's dataset filter drops (nothing of its answers would train), is ``end_kept(sample)``
+    instead; how many, with the pairs. ``truncation="refuse"``: a pair with a side longer than ``max_length`` is
+    refused, naming its file and line."""
+    from ..data.load import DataError
+
+    kept, cut, fell_back = [], 0, 0
+    for s, ex in zip(samples, encoded.examples, strict=True):
+        if max(len(ex[k]["input_ids"]) for k in ("chosen", "rejected")) <= max_length:
+            kept.append(ex)
+            continue
+        if truncation == "refuse":
+            raise DataError(f"{s.source}: longer than data.max_length={max_length} tokens "
+                            "(set data.truncation=truncate to cut such rows)")  # fmt: skip
+        firsts = [next((i for i, lab in enumerate(ex[k]["labels"]) if lab != IGNORE_INDEX), _WHOLE)
+                  for k in ("chosen", "rejected")]  # fmt: skip
+        cut += 1
+        if min(firsts) < max_length:
+            kept.append({**ex, **{k: {f: v[:max_length] for f, v in ex[k].items()} for k in ("chosen", "rejected")}})
+        else:
+            kept.append({**ex, **end_kept(s)})
+            fell_back += 1
+    return Encoded(kept, cut), fell_back
