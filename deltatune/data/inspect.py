@@ -115,7 +115,7 @@ def inspect(
         else:
             how = "the tokenizer's chat template" if template is None else f"the built-in {template} template"
         lines.append(f"template: {how}")
-        counts, lost = [], 0
+        counts, lost, unweighted = [], 0, 0
         for s in samples:
             if fmt == "text":
                 counts.append(len(tok(s.text, add_special_tokens=False)["input_ids"]))
@@ -124,7 +124,12 @@ def inspect(
             elif stage == "sft":
                 ids, labels = sft_example(s, tok, template)
                 counts.append(len(ids))
-                lost += all(label == IGNORE_INDEX for label in labels[:max_length])  # as encode_sft_samples drops it
+                if all(label == IGNORE_INDEX for label in labels):  # every answer of OpenAI's weight 0
+                    unweighted += 1
+                else:
+                    lost += all(
+                        label == IGNORE_INDEX for label in labels[:max_length]
+                    )  # as encode_sft_samples drops it
             elif s.chosen is None and s.completion is None:
                 counts.append(0)
             else:
@@ -135,6 +140,8 @@ def inspect(
             lines += _length_lines(counts, max_length, "text" if fmt == "text" else stage)
         if lost:
             lines.append(f"rows left out of training: {lost} (no response token within data.max_length={max_length})")
+        if unweighted:
+            lines.append(f"rows left out of training: {unweighted} (every answer has weight 0, nothing to learn)")
     from .encode import mark
 
     for s in samples[:show]:

@@ -149,3 +149,21 @@ def test_answers_with_edge_whitespace_that_the_template_trims_train_as_the_bare_
     text, found = render(chat, tok, None, train_stop=True)
     assert text == tok.apply_chat_template(chat, tokenize=False)
     assert [text[s:e] for s, e in found] == [f"{lead}{trim(first)}<|im_end|>\n", f"{lead}Bye.<|im_end|>\n"]
+
+
+def test_data_inspect_names_rows_whose_every_answer_has_weight_0_apart_from_rows_cut_by_max_length(tmp_path):
+    """Was: a row whose only answer has OpenAI's weight 0 (training leaves it out: nothing trains) was counted as
+    'no response token within data.max_length', though it fits. Now it is counted under its own reason."""
+    import json
+
+    from tiny import minilm_path
+
+    from deltatune.data.inspect import inspect
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo.", "weight": 0}]
+    rows = [{"messages": chat}, {"messages": [chat[0], {"role": "assistant", "content": "Hello."}]}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    report = inspect(str(path), minilm_path(), "sft", max_length=64, template="chatml", show=0).splitlines()
+    assert report[-1] == "rows left out of training: 1 (every answer has weight 0, nothing to learn)"
+    assert not any("no response token" in line for line in report)
