@@ -117,8 +117,8 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
             code="context_length_exceeded",
             param=key,
         )
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop  # "" is a 400, as [""] (vLLM's)
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop must be a string or a list of at most 4 non-empty strings", param="stop")
     seed = body.get("seed")

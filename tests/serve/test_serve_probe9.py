@@ -232,3 +232,19 @@ def test_a_lone_surrogate_in_a_tool_calls_arguments_or_template_kwargs_is_a_400(
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
     status, answer = _post(server, "/v1/chat/completions", {"model": "lora", "max_tokens": 1, "messages": messages})
     assert status == 400 and answer["error"]["param"] == "messages", answer
+
+
+def test_an_empty_stop_string_is_a_400_alone_or_in_a_list_as_vllm(served):
+    """stop [""] was a 400 but stop "" answered 200 as if no stop were given; vLLM refuses both ("stop cannot
+    contain an empty string"). A stop string across two tokens still cuts the text before it, finish_reason stop."""
+    _, server, _, _ = served
+    body = {"model": "base", "prompt": "the cat sat on", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    for stop in ("", [""], ["x", ""]):
+        status, answer = _post(server, "/v1/completions", {**body, "stop": stop})
+        assert status == 400 and answer["error"]["param"] == "stop", stop
+    for stop in (None, []):
+        assert _post(server, "/v1/completions", {**body, "stop": stop})[0] == 200, stop
+    text = _post(server, "/v1/completions", body)[1]["choices"][0]["text"]
+    space = text.index(" ", 1)  # a stop string from one word into the next: two tokens
+    status, answer = _post(server, "/v1/completions", {**body, "stop": [text[space - 2 : space + 2]]})
+    assert answer["choices"][0]["text"] == text[: space - 2] and answer["choices"][0]["finish_reason"] == "stop"
