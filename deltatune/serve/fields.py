@@ -43,7 +43,8 @@ UNSUPPORTED: dict[str, Any] = {
 
 class Limits:
     """What a request may ask: ``max_tokens`` up to ``max_tokens``, prompt + completion within ``context``; left
-    unset, at most ``default`` too (the generation config's ``max_new_tokens``, as generate and vLLM take it)."""
+    unset, at most ``default`` too (the generation config's ``max_new_tokens``, as generate and vLLM take it);
+    ``vocab``, the logits' width, bounds ``logit_bias``'s token ids."""
 
     def __init__(self, max_tokens: int, context: int, default: int | None = None, vocab: int = 2**31) -> None:
         self.max_tokens, self.context, self.default, self.vocab = max_tokens, context, default, vocab
