@@ -99,6 +99,23 @@ def check_target(layer: nn.Module, name: str, config: DeltaConfig, r: int) -> No
                           f"init_lora_weights={init!r} takes r <= {rank} factors")  # fmt: skip
 
 
+def check_untied(model: nn.Module, targets: list[tuple[str, nn.Module]], init: object) -> None:
+    """ConfigError where a base-computed init would write the residual into a weight another module shares (tied
+    input and output embeddings): that module would change too (peft's does so; a tiny GPT-2 then starts 0.24 off
+    its base)."""
+    if not is_from_base(init):
+        return
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for name, layer in targets:
+        shared = [o for o in owners.get(id(layer.base_layer.weight), []) if not o.startswith(name + ".")]
+        if shared and type(layer).__name__ == "LoraLinear":
+            raise ConfigError(f"lora: init_lora_weights={init!r} on {name}, whose weight is also {shared[0]} (tied "
+                              "embeddings): the residual would change that module too; load the base with "
+                              "tie_word_embeddings=False, or leave it out of target_modules")  # fmt: skip
+
+
 def reset_bias(lora_b: nn.Module, init: bool | str) -> None:
     """Zero lora_B's bias (lora_bias) unless init is False, which keeps nn.Linear's draw, as peft."""
     if lora_b.bias is not None and init is not False:

@@ -97,6 +97,28 @@ def test_refused_in_one_line_before_the_model_changes(model, kw, words):
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_tied_output_weight_is_refused(init):
+    """peft writes the residual into GPT-2's lm_head, which is its token embedding too: its model starts 0.24 off the
+    base. Refused in one line, the model unchanged."""
+    base = tiny_model("gpt2")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"lm_head, whose weight is also transformer\.wte\.weight \(tied"):
+        dt.get_delta_model(base, dt.LoraConfig(r=4, init_lora_weights=init, target_modules=["lm_head"]))
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_a_4bit_base_is_refused():
+    """peft: TypeError 'Please initialize PiSSA under float32, float16, or bfloat16'."""
+    from deltatune.methods import quant
+
+    if not any(quant._available(b) for b in quant.BACKENDS):
+        pytest.skip("no 4-bit backend installed")
+    model, _ = dt.quantize(tiny_model("llama", hidden_size=64, intermediate_size=128))
+    with pytest.raises(ConfigError, match=r"q_proj is Linear4bit \(torch.uint8\): initialise on the full-precision"):
+        dt.get_delta_model(model, dt.LoraConfig(r=4, init_lora_weights="pissa"))
+
+
 @pytest.mark.parametrize("init", ["corda", "loftq", "pissa_niter_x", "pissa_niter_-1"])
 def test_other_inits_refused(init):
     with pytest.raises(ConfigError, match="init_lora_weights"):
