@@ -361,6 +361,9 @@ def _placed(
     calls = [call["function"]["name"] for call in m.get("tool_calls") or []]
     if not marker or any(name not in text[start : end + len(marker)] for name in calls):
         return None  # (DiffusionGemma writes the call, then the tool's response, then the content)
+    thought = next((m[key].strip() for key in REASONING if m.get(key)), "") or _thought(content)
+    if thought and thought in text:  # a reasoning the conversation writes, outside the span: not left untrained
+        return None
     return start, end + len(marker)
 
 

@@ -167,3 +167,21 @@ def test_data_inspect_names_rows_whose_every_answer_has_weight_0_apart_from_rows
     report = inspect(str(path), minilm_path(), "sft", max_length=64, template="chatml", show=0).splitlines()
     assert report[-1] == "rows left out of training: 1 (every answer has weight 0, nothing to learn)"
     assert not any("no response token" in line for line in report)
+
+
+def test_an_earlier_turn_found_by_its_content_is_refused_where_its_reasoning_would_be_left_untrained():
+    """Finding a turn where the whole conversation writes its content (the Qwen3.5 rows above) trains the content
+    through its end marker; where the conversation also writes the turn's reasoning before it, that span would
+    leave the reasoning untrained, so such a turn is refused instead."""
+    from deltatune.data.templates import ChatTemplateError, render
+
+    tok = tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'user' %}<u>{{ m.content }}</u>{% else %}<a>{% if loop.last %}[last]"
+        "{% endif %}<r>{{ m.reasoning_content }}</r>{{ m.content }}</a>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet."},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Bye.", "reasoning_content": "Part."}]  # fmt: skip
+    with pytest.raises(ChatTemplateError, match=r"^messages\[1\]: .* cannot be located"):
+        render(chat, tok, None)
