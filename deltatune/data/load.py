@@ -170,8 +170,12 @@ def _json(path: str, _column: str, limit: int | None) -> list[Row]:
         if exc.msg == "Extra data":  # one object per line, as the datasets library also reads a .json file
             return _jsonl(path, _column, limit)
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if isinstance(data, dict):  # one object: one row, as the datasets library reads it (one line or spread out)
+        with open(path, encoding="utf-8-sig") as fh:
+            line = next((i for i, text in enumerate(fh, 1) if text.strip()), 1)
+        return [Row(data, f"{path}:{line}")]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects")
+        raise DataError(f"{path}: expected a JSON list of objects (or one object), got {type(data).__name__}")
     rows = []
     for i, item in enumerate(data[:limit] if limit else data):
         if not isinstance(item, dict):

@@ -185,3 +185,20 @@ def test_an_earlier_turn_found_by_its_content_is_refused_where_its_reasoning_wou
             {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Bye.", "reasoning_content": "Part."}]  # fmt: skip
     with pytest.raises(ChatTemplateError, match=r"^messages\[1\]: .* cannot be located"):
         render(chat, tok, None)
+
+
+@pytest.mark.parametrize("body", ['{"instruction": "Hi", "output": "Hello."}\n',
+                                  '\n{\n  "instruction": "Hi",\n  "output": "Hello."\n}\n'])  # fmt: skip
+def test_a_json_file_of_one_object_is_one_row_as_the_datasets_library_reads_it(tmp_path, body):
+    """Was refused ('expected a JSON list of objects'): a .json file holding one row (a one-line JSON Lines file, or
+    one object spread over lines), which ``datasets.load_dataset("json")`` reads as one row."""
+    from deltatune.data.load import read_rows
+
+    path = tmp_path / "one.json"
+    path.write_text(body, encoding="utf-8")
+    (row,) = read_rows(str(path))
+    assert row.data == {"instruction": "Hi", "output": "Hello."}
+    assert row.source == f"{path}:{1 if body.startswith('{') else 2}"
+    path.write_text('"just text"', encoding="utf-8")
+    with pytest.raises(DataError, match=r"one.json: expected a JSON list of objects \(or one object\), got str$"):
+        read_rows(str(path))
