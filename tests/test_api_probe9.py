@@ -231,3 +231,21 @@ def test_save_pretrained_of_no_selected_adapter_writes_none(saved, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         model.save_pretrained(tmp_path / "file", selected_adapters=[])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kind", ["svd", "cat", "ties"])
+def test_a_bf16_base_s_adapters_combine_as_peft_s_in_either_dtype(kind, autocast, tmp_path):
+    """bf16 adapters (deltatune's default, peft's autocast_adapter_dtype=False) or fp32 ones: peft's dtypes and values."""
+    make = lambda: tiny_model("llama").to(torch.bfloat16)  # noqa: E731
+    torch.manual_seed(0)
+    src = peft.get_peft_model(
+        tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a"
+    )
+    src.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=5, target_modules=["q_proj"], init_lora_weights=False))
+    src.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "a", "a", autocast_adapter_dtype=autocast)
+    theirs.load_adapter(tmp_path / "b", "b", autocast_adapter_dtype=autocast)
+    ours = dt.DeltaModel.from_pretrained(make(), tmp_path / "a", "a", autocast_adapter_dtype=autocast)
+    ours.load_adapter(tmp_path / "b", "b", autocast_adapter_dtype=autocast)
+    _combine_both(ours, theirs, "llama", ["a", "b"], [1.0, 0.5], combination_type=kind, density=0.5)
