@@ -157,10 +157,12 @@ def _check_head(run_dir: str, model: torch.nn.Module, labels: list[str], data: s
         return
     from safetensors import safe_open
 
+    from ..files import KEY_PREFIX
+
     params = dict(model.named_parameters())
     with safe_open(path, "pt") as fh:
         for key in fh.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-            name = key.removeprefix("base_model.model.")
+            name = key.removeprefix(KEY_PREFIX)
             param, saved = params.get(name), fh.get_slice(key).get_shape()
             if param is not None and param.shape[0] == len(labels) and saved and saved[0] != len(labels):
                 raise ConfigError(
