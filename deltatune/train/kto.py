@@ -98,7 +98,8 @@ def kto_loss(
 
 
 def _completion(e: dict[str, Any]) -> list[int]:
-    return e["input_ids"][e["n_prompt"] :]
+    """A row's completion for another row's mismatched pair: whole, as TRL's (cut after its new prompt)."""
+    return e["completion_ids"] if "completion_ids" in e else e["input_ids"][e["n_prompt"] :]
 
 
 def pair_in_blocks(rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
@@ -267,18 +268,30 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     train_samples, eval_samples, template, notes = read_splits(cfg, tok, "kto")
 
     def enc(samples: list, split: str) -> list[dict[str, Any]]:
-        out, truncated = [], 0
+        # As TRL 1.16's KTOTrainer: a row's first max_length tokens (its collator's cut), its whole completion the
+        # mismatched pair's; a row whose prompt alone fills max_length, which TRL drops, keeps the prompt's end.
+        out, truncated, fell_back = [], 0, 0
         for s, (prompt, completion, good) in _unpaired_in_order(samples):
-            ex, cut = encode_prompt_response(prompt, completion, tok, template, d.max_length, s.tools)
+            ex, _ = encode_prompt_response(prompt, completion, tok, template, 1 << 62, s.tools)
+            n_prompt = next((i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
+            whole, cut = ex["input_ids"][n_prompt:], len(ex["input_ids"]) > d.max_length
             if cut and d.truncation == "refuse":
                 raise DataError(f"{s.source}: longer than data.max_length={d.max_length} tokens "
                                 "(set data.truncation=truncate to cut such rows)")  # fmt: skip
+            if cut and n_prompt < d.max_length:
+                ex = {k: v[: d.max_length] for k, v in ex.items()}
+            elif cut:
+                ex, _ = encode_prompt_response(prompt, completion, tok, template, d.max_length, s.tools)
+                fell_back += 1
             if all(lab == IGNORE_INDEX for lab in ex["labels"][1:]):
                 raise DataError(f"{s.source}: no completion token within data.max_length={d.max_length}")
             truncated += cut
             n_prompt = next(i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX)
-            out.append({**ex, "n_prompt": n_prompt, "desirable": good})
+            out.append({**ex, "n_prompt": n_prompt, "desirable": good, "completion_ids": whole})
         _note_truncated(notes, split, truncated, d.max_length)
+        if fell_back:
+            notes.append(f"{fell_back} {split} rows have a prompt that alone fills data.max_length={d.max_length}, "
+                         "which TRL's KTOTrainer drops: they keep the prompt's end and the completion's start")  # fmt: skip
         return out
 
     train = enc(train_samples, "train")

@@ -316,3 +316,36 @@ def test_kto_mismatched_rows_run_without_a_graph_and_give_the_same_loss(model, t
     assert kl > 0.01 and loss.item() == pytest.approx(joint.item(), abs=1e-6)
     assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want)) and max(w.abs().max() for w in want) > 1e-3
     assert sorted(calls) == [(n, False), (n, True), (2 * n, False)]  # the KL rows, the rows, the reference of both
+
+
+@pytest.mark.parametrize("max_length", [36, 1000])
+def test_kto_cut_rows_have_trls_loss(base, model, tmp_path, max_length):
+    """KTO on the preference rows unpaired (6 rows; at 36, three cut): deltatune kept each row's end and paired a
+    row with its neighbour's cut completion; TRL 1.16's KTOTrainer keeps each row's first max_length tokens and
+    pairs it with the neighbour's whole completion, cut after the new prompt. Now the same eval loss (and z0)."""
+    from deltatune.train.models import load_tokenizer
+    from deltatune.train.run import _training_args
+    from deltatune.train.table import prepare
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CUT_CONVERSATIONAL))
+    cfg = dt.train.build({"stage": "kto", "model": {"name_or_path": base}, "align": {"beta": BETA},
+                          "data": {"train": str(path), "eval": str(path), "max_length": max_length},
+                          "train": {"batch_size": 2, "eval_batch_size": 2, "report_to": ["none"]},
+                          "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    tok = load_tokenizer(base)
+    prep = prepare(cfg, tok)
+    assert sum(len(e["input_ids"]) == max_length for e in prep.train) == (3 if max_length == 36 else 0)
+    ours = prep.trainer_class(model=model, args=_training_args(cfg, prep, str(tmp_path / "run")),
+                              train_dataset=prep.train, eval_dataset=prep.eval, data_collator=prep.collator,
+                              compute_metrics=prep.compute_metrics).evaluate()  # fmt: skip
+    args = trl.KTOConfig(str(tmp_path / "trl"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                         report_to=[], use_cpu=True, bf16=False, beta=BETA, max_length=max_length)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = dt.trl_trainer(trl.KTOTrainer)(model=model, ref_model=AutoModelForCausalLM.from_pretrained(base),
+                                                args=args, train_dataset=Dataset.from_list(CUT_CONVERSATIONAL),
+                                                eval_dataset=Dataset.from_list(CUT_CONVERSATIONAL),
+                                                processing_class=tok).evaluate()  # fmt: skip
+    assert theirs["eval_kl"] > 0.01
+    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], abs=2e-6)
