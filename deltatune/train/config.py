@@ -20,13 +20,17 @@ from typing import Any
 import yaml
 
 from ..config import TASK_TYPES, ConfigError
+from .config_align import (  # noqa: F401  (the align section, a room of its own; names kept here)
+    DPO_LOSS_TYPES,
+    F_DIVERGENCE_LOSSES,
+    F_DIVERGENCES,
+    KTO_LOSS_TYPES,
+    SMOOTHED,
+    AlignArgs,
+    _f,
+    validate_align,
+)
 from .table import STAGES
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass field's help text)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass
@@ -85,7 +89,13 @@ class DataArgs:
     limit: int | None = _f(None, "Read at most this many rows of each file.")
     image_column: str = _f("image", "Image path column (image_cls); relative paths read from the data file's folder.")
     allow_outside: bool = _f(False, "image_cls: accept relative image paths ('../x.png') outside the data folder.")
-    augment: list = _f([], "image_cls train-time augmentation: random_resized_crop, hflip (none by default).")
+    augment: list = _f([], "image_cls train-time augmentation: random_resized_crop, hflip; t2i: random_crop, hflip "
+                       "(none by default).")  # fmt: skip
+    image_interpolation_mode: str | None = _f(None, "t2i: resize filter, as diffusers' --image_interpolation_mode: "
+                                              "nearest, nearest_exact, bilinear, bicubic, box, hamming, lanczos "
+                                              "(default: lanczos for a UNet, bilinear for SD3).")  # fmt: skip
+    proportion_empty_prompts: float = _f(0.0, "t2i: chance a training image is read with the empty caption "
+                                         "(diffusers' --proportion_empty_prompts).")  # fmt: skip
 
 
 @dataclass
@@ -115,70 +125,18 @@ class TrainArgs:
                    "launched).")  # fmt: skip
     fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
     eval_on_start: bool = _f(False, "Evaluate data.eval once before training too (the report shows before and after).")
-    sigma_sampling: str = _f("uniform", "t2i flow matching: how noise levels are drawn, uniform or logit_normal "
-                             "(SD3's; mean 0, std 1).")  # fmt: skip
+    sigma_sampling: str = _f("uniform", "t2i flow matching: how noise levels are drawn and weighted, diffusers' "
+                             "--weighting_scheme: uniform (none), logit_normal, mode, sigma_sqrt, cosmap.")  # fmt: skip
     snr_gamma: float = _f(0.0, "t2i DDPM: min-SNR loss weighting with this gamma (Hang et al. 2023; diffusers' "
                           "--snr_gamma, 5 is usual); 0: unweighted.")  # fmt: skip
-
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-                  "aot", "aot_unpaired", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # (stage kto; its default sigmoid, DPO's, reads as kto)
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the DPO losses that read label_smoothing
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-
-
-@dataclass
-class AlignArgs:
-    """The alignment stages' settings (dpo, ppo, grpo, kto, orpo, simpo); other stages ignore this section."""
-
-    beta: float = _f(0.1, "DPO, KTO, SimPO: temperature of the implicit reward; ORPO: weight of the odds-ratio "
-                     "term; GRPO: KL coefficient (0: no reference pass).")  # fmt: skip
-    loss_type: str | list = _f("sigmoid", "DPO loss: one of " + ", ".join(DPO_LOSS_TYPES) + ", each as TRL's "
-                               "loss_type of that name; or a list of them, summed by align.loss_weights. KTO: kto "
-                               "(the default) or apo_zero_unpaired, as TRL's KTO loss_type.")  # fmt: skip
-    loss_weights: list | None = _f(None, "DPO: one weight per align.loss_type in the list (default: 1 each).")
-    discopop_tau: float = _f(0.05, "DPO discopop: temperature of the mixing coefficient (TRL's discopop_tau).")
-    f_divergence_type: str = _f("reverse_kl", "DPO: f-DPO's divergence, " + ", ".join(F_DIVERGENCES) + " (TRL's).")
-    f_alpha_divergence_coef: float = _f(0.5, "DPO f_divergence_type alpha_divergence: its alpha (TRL's default).")
-    label_smoothing: float = _f(
-        0.0, "DPO sigmoid, robust, exo_pair, aot, aot_unpaired: assumed fraction of flipped labels, in [0, 0.5)."
-    )
-    ld_alpha: float | None = _f(None, "DPO: LD-DPO's alpha in [0, 1] (TRL's ld_alpha): each pair's response tokens "
-                                "beyond the shorter one's count weigh alpha in the summed log-probs; null: off.")  # fmt: skip
-    precompute_ref: bool = _f(False, "DPO: compute the reference log-probs once before training (one pass, no "
-                              "reference forward per step).")  # fmt: skip
-    reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
-                                  "(prompts, responses) -> rewards.")  # fmt: skip
-    max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")
-    temperature: float = _f(1.0, "PPO, GRPO: sampling temperature of the rollouts.")
-    ppo_epochs: int = _f(4, "PPO: optimisation passes over each batch of rollouts.")
-    mini_batch_size: int = _f(4, "PPO: rollouts per gradient step within a PPO epoch; GRPO: completions per forward.")
-    cliprange: float = _f(0.2, "PPO, GRPO: clip range of the policy ratio.")
-    cliprange_value: float = _f(0.2, "PPO: clip range of the value update.")
-    vf_coef: float = _f(0.1, "PPO: weight of the value loss.")
-    gamma: float = _f(1.0, "PPO: discount factor.")
-    lam: float = _f(0.95, "PPO: GAE lambda.")
-    init_kl_coef: float = _f(0.2, "PPO: coefficient of the per-token KL penalty against the reference.")
-    adaptive_kl: bool = _f(False, "PPO: adapt the KL coefficient towards target_kl (Ziegler et al. 2019).")
-    target_kl: float = _f(6.0, "PPO: target KL per rollout for the adaptive controller.")
-    kl_horizon: int = _f(10000, "PPO: horizon of the adaptive KL controller.")
-    num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
-    top_p: float = _f(1.0, "GRPO: nucleus sampling of the completions (1: sample from the whole distribution).")
-    num_iterations: int = _f(
-        1, "GRPO: optimisation steps per generation batch (mu); above 1 the importance ratio pi / pi_old matters."
-    )
-    scale_rewards: bool = _f(True, "GRPO: divide advantages by the group's reward std (false: Dr. GRPO).")
-    loss_norm: str = _f("sequence", "GRPO: 'sequence' (each completion's token mean, then their mean) or 'token'.")
-    bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
-    reward_funcs: list = _f([], "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, "
-                            "**columns) or a rm run.")  # fmt: skip
-    reward_weights: list | None = _f(None, "GRPO: the weight of each reward in the sum (default: 1 each).")
-    desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable rows (lambda_D).")
-    undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable rows (lambda_U).")
-    simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma (the loss wants beta * margin > gamma).")
-    center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
+    noise_offset: float = _f(0.0, "t2i DDPM: offset noise, one N(0, 1) per image and channel times this (diffusers' "
+                             "--noise_offset).")  # fmt: skip
+    input_perturbation: float = _f(0.0, "t2i DDPM: extra input noise times this (diffusers' --input_perturbation).")
+    logit_mean: float = _f(0.0, "t2i flow matching, sigma_sampling logit_normal: its mean (diffusers' --logit_mean).")
+    logit_std: float = _f(1.0, "t2i flow matching, sigma_sampling logit_normal: its std (diffusers' --logit_std).")
+    mode_scale: float = _f(1.29, "t2i flow matching, sigma_sampling mode: its scale (diffusers' --mode_scale).")
+    precondition_outputs: bool = _f(False, "t2i flow matching: the loss on x0 = x_t - sigma v (diffusers' SD3 "
+                                    "script's --precondition_outputs).")  # fmt: skip
 
 
 @dataclass
@@ -371,7 +329,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
     _validate_values(cfg)
-    _validate_align(cfg.align, cfg.stage)
+    validate_align(cfg.align, cfg.stage)
     if cfg.align.beta < 0 or (cfg.align.beta == 0 and cfg.stage != "grpo"):
         raise ConfigError(f"align.beta must be > 0 (>= 0 for grpo), got {cfg.align.beta}")
     cfg.method_config()  # the method section validates itself
@@ -451,52 +409,14 @@ def _validate_values(cfg: RunConfig) -> None:
         )
 
 
-def _validate_align(a: AlignArgs, stage: str) -> None:
-    kinds = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
-    if stage == "kto" and a.loss_type not in ("sigmoid", *KTO_LOSS_TYPES):
-        raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
-    kinds = ["sigmoid"] if stage == "kto" else kinds  # (the DPO checks below see DPO's default)
-    if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
-        raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
-                          f"{a.loss_type!r}")  # fmt: skip
-    weights = kinds if a.loss_weights is None else a.loss_weights
-    if stage == "dpo" and (len(weights) != len(kinds) or a.loss_weights and {type(w) for w in weights} - {int, float}):
-        raise ConfigError(f"align.loss_weights must be {len(kinds)} numbers, one per align.loss_type, got "
-                          f"{a.loss_weights!r}")  # fmt: skip
-    if not 0.0 <= a.label_smoothing < 0.5 or (a.label_smoothing == 0 and "exo_pair" in kinds):
-        raise ConfigError(f"align.label_smoothing must be in {'(' * ('exo_pair' in kinds) or '['}0, 0.5) for "
-                          f"{a.loss_type}, got {a.label_smoothing}")  # fmt: skip
-    others = set(kinds) - set(F_DIVERGENCE_LOSSES) if a.f_divergence_type != "reverse_kl" else set()
-    if a.f_divergence_type not in F_DIVERGENCES or others:
-        raise ConfigError(f"align.f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, other than reverse_kl "
-                          f"only with the {', '.join(F_DIVERGENCE_LOSSES)} losses; got {a.f_divergence_type}")  # fmt: skip
-    if a.ld_alpha is not None and not 0 <= a.ld_alpha <= 1:
-        raise ConfigError(f"align.ld_alpha must be in [0, 1] (or null: off), got {a.ld_alpha}")
-    if a.label_smoothing and not set(kinds) & set(SMOOTHED):
-        raise ConfigError(f"align.label_smoothing is for the sigmoid and robust losses; align.loss_type is "
-                          f"{a.loss_type}: drop one of them (exo_pair, aot, aot_unpaired read it too)")  # fmt: skip
-    for key in ("temperature", "cliprange", "cliprange_value", "target_kl", "discopop_tau"):
-        if getattr(a, key) <= 0:
-            raise ConfigError(f"align.{key} must be > 0, got {getattr(a, key)}")
-    for key in ("max_new_tokens", "ppo_epochs", "mini_batch_size", "kl_horizon"):
-        if getattr(a, key) < 1:
-            raise ConfigError(f"align.{key} must be >= 1, got {getattr(a, key)}")
-    for key in ("gamma", "lam"):  # a discount and GAE's lambda above 1 grow advantages without bound
-        if not 0 <= getattr(a, key) <= 1:
-            raise ConfigError(f"align.{key} must be in [0, 1], got {getattr(a, key)}")
-    for key in ("vf_coef", "init_kl_coef", "desirable_weight", "undesirable_weight", "center_rewards_coefficient"):
-        if getattr(a, key) < 0:  # a negative weight turns its loss term into one to maximise
-            raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
-    if a.desirable_weight == a.undesirable_weight == 0:  # every KTO loss term weighted 0: nothing trains
-        raise ConfigError("align.desirable_weight and align.undesirable_weight are both 0; at least one must be > 0")
-
-
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
 READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "data.tokens_column data.tags_column"),
            ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
-           ("seq2seq caption", "data.max_target_length"), ("image_cls", "data.augment"),
+           ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),
-           ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma"),
+           ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma train.noise_offset "
+                   "train.input_perturbation train.logit_mean train.logit_std train.mode_scale "
+                   "train.precondition_outputs data.image_interpolation_mode data.proportion_empty_prompts"),
            ("pt sft dpo kto orpo simpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
            ("dpo grpo kto orpo simpo", "align.beta"),
            ("dpo kto", "align.loss_type"),

@@ -1,0 +1,117 @@
+"""The ``align`` section of a recipe: the alignment stages' keys (dpo, ppo, grpo, kto, orpo, simpo) and their checks.
+
+Split from train/config.py (which re-exports every name here) when that file reached its line limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass field's help text)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                  "aot", "aot_unpaired", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # (stage kto; its default sigmoid, DPO's, reads as kto)
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the DPO losses that read label_smoothing
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+@dataclass
+class AlignArgs:
+    """The alignment stages' settings (dpo, ppo, grpo, kto, orpo, simpo); other stages ignore this section."""
+
+    beta: float = _f(0.1, "DPO, KTO, SimPO: temperature of the implicit reward; ORPO: weight of the odds-ratio "
+                     "term; GRPO: KL coefficient (0: no reference pass).")  # fmt: skip
+    loss_type: str | list = _f("sigmoid", "DPO loss: one of " + ", ".join(DPO_LOSS_TYPES) + ", each as TRL's "
+                               "loss_type of that name; or a list of them, summed by align.loss_weights. KTO: kto "
+                               "(the default) or apo_zero_unpaired, as TRL's KTO loss_type.")  # fmt: skip
+    loss_weights: list | None = _f(None, "DPO: one weight per align.loss_type in the list (default: 1 each).")
+    discopop_tau: float = _f(0.05, "DPO discopop: temperature of the mixing coefficient (TRL's discopop_tau).")
+    f_divergence_type: str = _f("reverse_kl", "DPO: f-DPO's divergence, " + ", ".join(F_DIVERGENCES) + " (TRL's).")
+    f_alpha_divergence_coef: float = _f(0.5, "DPO f_divergence_type alpha_divergence: its alpha (TRL's default).")
+    label_smoothing: float = _f(
+        0.0, "DPO sigmoid, robust, exo_pair, aot, aot_unpaired: assumed fraction of flipped labels, in [0, 0.5)."
+    )
+    ld_alpha: float | None = _f(None, "DPO: LD-DPO's alpha in [0, 1] (TRL's ld_alpha): each pair's response tokens "
+                                "beyond the shorter one's count weigh alpha in the summed log-probs; null: off.")  # fmt: skip
+    precompute_ref: bool = _f(False, "DPO: compute the reference log-probs once before training (one pass, no "
+                              "reference forward per step).")  # fmt: skip
+    reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
+                                  "(prompts, responses) -> rewards.")  # fmt: skip
+    max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")
+    temperature: float = _f(1.0, "PPO, GRPO: sampling temperature of the rollouts.")
+    ppo_epochs: int = _f(4, "PPO: optimisation passes over each batch of rollouts.")
+    mini_batch_size: int = _f(4, "PPO: rollouts per gradient step within a PPO epoch; GRPO: completions per forward.")
+    cliprange: float = _f(0.2, "PPO, GRPO: clip range of the policy ratio.")
+    cliprange_value: float = _f(0.2, "PPO: clip range of the value update.")
+    vf_coef: float = _f(0.1, "PPO: weight of the value loss.")
+    gamma: float = _f(1.0, "PPO: discount factor.")
+    lam: float = _f(0.95, "PPO: GAE lambda.")
+    init_kl_coef: float = _f(0.2, "PPO: coefficient of the per-token KL penalty against the reference.")
+    adaptive_kl: bool = _f(False, "PPO: adapt the KL coefficient towards target_kl (Ziegler et al. 2019).")
+    target_kl: float = _f(6.0, "PPO: target KL per rollout for the adaptive controller.")
+    kl_horizon: int = _f(10000, "PPO: horizon of the adaptive KL controller.")
+    num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
+    top_p: float = _f(1.0, "GRPO: nucleus sampling of the completions (1: sample from the whole distribution).")
+    num_iterations: int = _f(
+        1, "GRPO: optimisation steps per generation batch (mu); above 1 the importance ratio pi / pi_old matters."
+    )
+    scale_rewards: bool = _f(True, "GRPO: divide advantages by the group's reward std (false: Dr. GRPO).")
+    loss_norm: str = _f("sequence", "GRPO: 'sequence' (each completion's token mean, then their mean) or 'token'.")
+    bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
+    reward_funcs: list = _f([], "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, "
+                            "**columns) or a rm run.")  # fmt: skip
+    reward_weights: list | None = _f(None, "GRPO: the weight of each reward in the sum (default: 1 each).")
+    desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable rows (lambda_D).")
+    undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable rows (lambda_U).")
+    simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma (the loss wants beta * margin > gamma).")
+    center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
+
+
+def validate_align(a: AlignArgs, stage: str) -> None:
+    kinds = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
+    if stage == "kto" and a.loss_type not in ("sigmoid", *KTO_LOSS_TYPES):
+        raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
+    kinds = ["sigmoid"] if stage == "kto" else kinds  # (the DPO checks below see DPO's default)
+    if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
+        raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
+                          f"{a.loss_type!r}")  # fmt: skip
+    weights = kinds if a.loss_weights is None else a.loss_weights
+    if stage == "dpo" and (len(weights) != len(kinds) or a.loss_weights and {type(w) for w in weights} - {int, float}):
+        raise ConfigError(f"align.loss_weights must be {len(kinds)} numbers, one per align.loss_type, got "
+                          f"{a.loss_weights!r}")  # fmt: skip
+    if not 0.0 <= a.label_smoothing < 0.5 or (a.label_smoothing == 0 and "exo_pair" in kinds):
+        raise ConfigError(f"align.label_smoothing must be in {'(' * ('exo_pair' in kinds) or '['}0, 0.5) for "
+                          f"{a.loss_type}, got {a.label_smoothing}")  # fmt: skip
+    others = set(kinds) - set(F_DIVERGENCE_LOSSES) if a.f_divergence_type != "reverse_kl" else set()
+    if a.f_divergence_type not in F_DIVERGENCES or others:
+        raise ConfigError(f"align.f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, other than reverse_kl "
+                          f"only with the {', '.join(F_DIVERGENCE_LOSSES)} losses; got {a.f_divergence_type}")  # fmt: skip
+    if a.ld_alpha is not None and not 0 <= a.ld_alpha <= 1:
+        raise ConfigError(f"align.ld_alpha must be in [0, 1] (or null: off), got {a.ld_alpha}")
+    if a.label_smoothing and not set(kinds) & set(SMOOTHED):
+        raise ConfigError(f"align.label_smoothing is for the sigmoid and robust losses; align.loss_type is "
+                          f"{a.loss_type}: drop one of them (exo_pair, aot, aot_unpaired read it too)")  # fmt: skip
+    for key in ("temperature", "cliprange", "cliprange_value", "target_kl", "discopop_tau"):
+        if getattr(a, key) <= 0:
+            raise ConfigError(f"align.{key} must be > 0, got {getattr(a, key)}")
+    for key in ("max_new_tokens", "ppo_epochs", "mini_batch_size", "kl_horizon"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"align.{key} must be >= 1, got {getattr(a, key)}")
+    for key in ("gamma", "lam"):  # a discount and GAE's lambda above 1 grow advantages without bound
+        if not 0 <= getattr(a, key) <= 1:
+            raise ConfigError(f"align.{key} must be in [0, 1], got {getattr(a, key)}")
+    for key in ("vf_coef", "init_kl_coef", "desirable_weight", "undesirable_weight", "center_rewards_coefficient"):
+        if getattr(a, key) < 0:  # a negative weight turns its loss term into one to maximise
+            raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
+    if a.desirable_weight == a.undesirable_weight == 0:  # every KTO loss term weighted 0: nothing trains
+        raise ConfigError("align.desirable_weight and align.undesirable_weight are both 0; at least one must be > 0")
