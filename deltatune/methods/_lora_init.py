@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
-from ..layer import NotMergeable
+from ..layer import DeltaLayer, NotMergeable
 
 LOADS_ONLY = ("orthogonal", "mica", "eva")  # peft's inits that leave the base as it is: their files are plain LoRA
 FROM_BASE = ("pissa", "olora")  # computed from the base weight, which they change (pissa_niter_K too)
@@ -99,10 +99,21 @@ def check_target(layer: nn.Module, name: str, config: DeltaConfig, r: int) -> No
                           f"init_lora_weights={init!r} takes r <= {rank} factors")  # fmt: skip
 
 
-def check_untied(model: nn.Module, targets: list[tuple[str, nn.Module]], init: object) -> None:
-    """ConfigError where a base-computed init would write the residual into a weight another module shares (tied
-    input and output embeddings): that module would change too (peft's does so; a tiny GPT-2 then starts 0.24 off
-    its base)."""
+def check_base_kept(model: nn.Module, adapter_name: str, targets: list[tuple[str, nn.Module]], init: object) -> None:
+    """ConfigError where a base-computed init would change what another computes with, before the model changes:
+    another adapter on the model (peft warns and goes on; its outputs change), an adapter added beside one whose init
+    left the residual, or a weight another module shares (tied input and output embeddings: peft's changes that
+    module too, and a tiny GPT-2 starts 0.24 off its base)."""
+    for path, module in model.named_modules():
+        others = [n for n in module.adapter_names if n != adapter_name] if isinstance(module, DeltaLayer) else []
+        if mutated := [n for n in others if n in getattr(module, "_from_base", ())]:
+            raise ConfigError(f"lora: adapter {mutated[0]!r} was initialised from the base (PiSSA / OLoRA) and left "
+                              f"{path} as its residual, which a new adapter would compute with; convert it to a plain "
+                              "LoRA first (convert_to_plain_lora) and load that on the original base")  # fmt: skip
+        if others and is_from_base(init):
+            raise ConfigError(f"lora: init_lora_weights={init!r} writes a residual into the base weights, which adapter "
+                              f"{others[0]!r} on {path} computes with (peft warns and goes on); load it on its own "
+                              "base, or convert it to a plain LoRA (convert_to_plain_lora)")  # fmt: skip
     if not is_from_base(init):
         return
     owners: dict[int, list[str]] = {}
@@ -147,6 +158,7 @@ def init_from_base(layer: nn.Module, name: str, init: str) -> None:
     the residual W - s B A in its own dtype. peft's pissa_init / olora_init, step for step."""
     with torch.no_grad():
         _init_from_base(layer, name, init)
+    layer.__dict__.setdefault("_from_base", set()).add(name)  # (check_base_kept)
 
 
 def _init_from_base(layer: nn.Module, name: str, init: str) -> None:
@@ -210,7 +222,7 @@ def convert_to_plain_lora(
         value = value.detach()
         if key.endswith(("lora_A.weight", "lora_B.weight")) and key in start:
             lora_a = key.endswith("lora_A.weight")
-            other = start[key].to(value.device, value.dtype)
+            other = start[key].to(value.device)  # torch.cat promotes mixed dtypes, as in peft
             out[key] = torch.cat([value, other] if lora_a else [value, -other], dim=0 if lora_a else 1)
         elif key.endswith(("lora_embedding_A", "lora_embedding_B")):
             lora_a = key.endswith("lora_embedding_A")

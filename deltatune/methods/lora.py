@@ -382,7 +382,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
                               "full-precision nn.Linear and GPT-2 Conv1D layers, leave it out of target_modules")  # fmt: skip
         inits.check_target(layer, name, config, pattern_value(config.rank_pattern, name, config.r))
         plan.append((name, layer, layer is not module))
-    inits.check_untied(model, [(name, layer) for name, layer, _ in plan], config.init_lora_weights)
+    inits.check_base_kept(model, adapter_name, [(n, layer) for n, layer, _ in plan], config.init_lora_weights)
     layers: list[nn.Module] = []
     for name, layer, new in plan:
         if new:

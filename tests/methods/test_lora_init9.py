@@ -108,6 +108,20 @@ def test_a_tied_output_weight_is_refused(init):
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 
+def test_a_residual_beside_another_adapter_is_refused():
+    """peft warns ("PiSSA changes the base weights of the model and should thus not be used with other adapters") and
+    the other adapter's outputs change; refused both ways, the model unchanged."""
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, init_lora_weights=False))
+    inputs = tiny_inputs("llama")
+    before = output_of(model, inputs)
+    with pytest.raises(ConfigError, match=r"writes a residual into the base weights, which adapter 'default' on"):
+        model.add_adapter("pissa", dt.LoraConfig(r=4, init_lora_weights="pissa"))
+    assert torch.equal(output_of(model, inputs), before) and list(model.peft_config) == ["default"]
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, init_lora_weights="olora"))
+    with pytest.raises(ConfigError, match=r"adapter 'default' was initialised from the base \(PiSSA / OLoRA\)"):
+        model.add_adapter("plain", dt.LoraConfig(r=4))
+
+
 def test_a_4bit_base_is_refused():
     """peft: TypeError 'Please initialize PiSSA under float32, float16, or bfloat16'."""
     from deltatune.methods import quant
