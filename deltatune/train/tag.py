@@ -33,7 +33,7 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
         names = list(d.labels)
     else:
         tags = [t for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])]
-        if any(isinstance(t, int) for t in tags):
+        if any(isinstance(t, (int, float)) for t in tags):  # 3.0: ids through pandas (a list with a NaN)
             raise DataError(
                 f"{d.tags_column!r} holds integer tag ids; set data.labels to their BIO names in id order "
                 "(e.g. [O, B-person, I-person, ...]) so entities can be scored"

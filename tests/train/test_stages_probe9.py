@@ -164,3 +164,20 @@ def test_a_tag_row_without_words_is_dropped_and_noted_not_a_nan_loss(tok, tmp_pa
             logits = model(input_ids=batch["input_ids"] % 128, attention_mask=batch["attention_mask"]).logits
         assert torch.isfinite(token_loss({"logits": logits}, batch["labels"]))
     assert len(prepared.train) == len(prepared.eval) == 1
+
+
+def test_tag_ids_written_as_floats_are_refused_as_ids(tok, tmp_path):
+    """Tag ids as floats (3.0: how pandas writes an id list that held a NaN) were read as tag names: 'O' plus the
+    classes '0.0', '3.0', ..., trained, and scored as entities of type '.0' (seqeval's split of '3.0'): an entity
+    F1 of nothing. Integer ids were already refused asking for data.labels; float ids now are too."""
+    import json
+
+    from deltatune.train import build
+    from deltatune.train.tag import prepare_tag
+
+    path = tmp_path / "tag.jsonl"
+    path.write_text(json.dumps({"tokens": ["a", "cat"], "ner_tags": [0.0, 3.0]}) + "\n")
+    with pytest.raises(DataError, match=r"'ner_tags' holds integer tag ids; set data.labels"):
+        prepare_tag(build({"stage": "tag", "data": {"train": str(path)}}), tok)
+    cfg = build({"stage": "tag", "data": {"train": str(path), "labels": ["O", "B-x", "I-x", "B-y"]}})
+    assert prepare_tag(cfg, tok).train[0]["labels"][1:3] == [0, 3]
