@@ -24,11 +24,18 @@ def tool_calls(value: Any, where: str) -> list[dict]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise DataError(f"{where}[{i}]: a tool call needs a function name")
         args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                raise DataError(f"{where}[{i}].arguments: not valid JSON") from None
+        for _ in range(2):  # (arguments written as JSON text, then encoded again as a JSON string: decoded twice)
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError:
+                    raise DataError(f"{where}[{i}].arguments: not valid JSON") from None
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise DataError(
+                f"{where}[{i}].arguments: must be a JSON object of the call's parameters, got {type(args).__name__}"
+            )
         entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
         if isinstance(call, dict) and call.get("id"):
             entry["id"] = call["id"]

@@ -202,3 +202,25 @@ def test_a_json_file_of_one_object_is_one_row_as_the_datasets_library_reads_it(t
     path.write_text('"just text"', encoding="utf-8")
     with pytest.raises(DataError, match=r"one.json: expected a JSON list of objects \(or one object\), got str$"):
         read_rows(str(path))
+
+
+def test_tool_call_arguments_encoded_twice_train_as_the_json_object_and_non_objects_are_refused():
+    """Was: arguments written as JSON text and encoded again as a JSON string (as some converted agent sets hold them)
+    reached Qwen2.5's template as a string, which it writes through tojson: the call trained
+    '"arguments": "{\\"a\\": 2, ...}"', escaped. Now they decode to the object, and the row trains as the plain one;
+    arguments that are no object (a list, a number) are refused naming the call."""
+    import json
+
+    def row(arguments):
+        call = [{"type": "function", "function": {"name": "multiply", "arguments": arguments}}]
+        return {"messages": [TOOL_CHAT[0], {"role": "assistant", "content": None, "tool_calls": call}, *TOOL_CHAT[2:]],
+                "tools": MULTIPLY}  # fmt: skip
+
+    tok = _qwen25()
+    twice, once = (
+        encode_sft_samples(_samples([row(args)]), tok, None, 512).examples[0]
+        for args in (json.dumps(json.dumps({"a": 2, "b": 3})), {"a": 2, "b": 3})
+    )
+    assert twice == once
+    with pytest.raises(DataError, match=r"^t.jsonl:3: messages\[1\].tool_calls\[0\].arguments: must be a JSON object"):
+        _samples([row("[2, 3]")])
