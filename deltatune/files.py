@@ -229,19 +229,34 @@ def write_adapter(
 
 
 def save_adapters(
-    model: Any, save_directory: str | os.PathLike[str], names: list[str], save_embedding_layers: bool | str
+    model: Any,
+    save_directory: str | os.PathLike[str],
+    names: list[str],
+    save_embedding_layers: bool | str,
+    path_initial_model_for_weight_conversion: str | None = None,
+    **_: Any,
 ) -> None:
     """``DeltaModel.save_pretrained``'s files: each adapter of ``names`` in its folder (``adapter_folder``), its config
     in inference mode and naming the base model, the embedding copies peft's ``save_embedding_layers`` asks for
     (``embedding_copies``) and its training state. ``names`` empty: the folder alone, as peft (which writes its
-    model card there)."""
+    model card there). ``path_initial_model_for_weight_conversion`` (peft's: a LoRA saved right after its init):
+    each adapter written as the plain LoRA of its change since (the LoRA method's
+    ``convert_to_plain_lora``, as peft's conversion)."""
     folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
     if not names:
         adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
         os.makedirs(save_directory, exist_ok=True)
     path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
+    initial = path_initial_model_for_weight_conversion
     for name in names:
         given = model.peft_config[name]
+        if initial is not None:  # the method's own conversion, found as any method's model function
+            convert = getattr(model, "convert_to_plain_lora", None) if given.peft_type == "LORA" else None
+            if convert is None:
+                raise ValueError(f"adapter {name!r} ({given.method}): path_initial_model_for_weight_conversion "
+                                 "converts LoRA adapters only")  # fmt: skip
+            convert(initial, folders[name], name)
+            continue
         config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
         training = {f"{p}|{k}": v for p, layer in model._layers() if name in layer.adapter_names
                     for k, v in layer.training_state(name).items()}  # fmt: skip

@@ -486,18 +486,19 @@ class DeltaModel(nn.Module, PushToHub):
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True,
-                        save_embedding_layers: bool | str = "auto", **_: Any) -> None:  # fmt: skip
+                        save_embedding_layers: bool | str = "auto", **kwargs: Any) -> None:  # fmt: skip
         """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout): "default" in
         ``save_directory``, any other in ``save_directory/<name>``, each file renamed into place once written (a crash
         never leaves a half-written file); nothing where ``is_main_process`` is False, and no adapter but the folder
         for ``selected_adapters=[]`` (as peft).
-        ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter."""
+        ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter;
+        ``path_initial_model_for_weight_conversion``: peft's, the adapter's change since that initial save."""
         if not is_main_process:
             return
         if not safe_serialization:
             raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
         names = self._check_names(list(self.peft_config) if selected_adapters is None else selected_adapters)
-        save_adapters(self, save_directory, names, save_embedding_layers)
+        save_adapters(self, save_directory, names, save_embedding_layers, **kwargs)
 
     def load_adapter(
         self,

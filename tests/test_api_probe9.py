@@ -5,10 +5,12 @@ merged adapter, ``load_adapter``'s torch_device / low_cpu_mem_usage / autocast_a
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_merge_probe5 import _convs
 from tiny import tiny_inputs, tiny_model
 
@@ -249,3 +251,38 @@ def test_a_bf16_base_s_adapters_combine_as_peft_s_in_either_dtype(kind, autocast
     ours = dt.DeltaModel.from_pretrained(make(), tmp_path / "a", "a", autocast_adapter_dtype=autocast)
     ours.load_adapter(tmp_path / "b", "b", autocast_adapter_dtype=autocast)
     _combine_both(ours, theirs, "llama", ["a", "b"], [1.0, 0.5], combination_type=kind, density=0.5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_save_pretrained_converts_from_the_initial_adapter_as_peft(init, tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=...) was swallowed: the PiSSA / OLoRA file was written
+    (it loads only by redoing the init on the original base) where peft writes the plain LoRA of rank 2r."""
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**config))
+    torch.manual_seed(3)
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**config))
+    for model, side in ((theirs, "p"), (ours, "d")):
+        model.save_pretrained(tmp_path / side / "init")
+        with torch.no_grad():  # the same made-up training step on both
+            g = torch.Generator().manual_seed(5)
+            for _, q in sorted((n, q) for n, q in model.named_parameters() if "lora_" in n and q.requires_grad):
+                q.add_(torch.randn(q.shape, generator=g) * 0.05)
+        model.save_pretrained(
+            tmp_path / side / "out", path_initial_model_for_weight_conversion=tmp_path / side / "init"
+        )
+    want = load_file(tmp_path / "p" / "out" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "d" / "out" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert next(iter(got.values())).shape[0] == 8  # rank 2r
+    for name in ("out", "init"):
+        want_config = json.loads((tmp_path / "p" / name / "adapter_config.json").read_text())
+        got_config = json.loads((tmp_path / "d" / name / "adapter_config.json").read_text())
+        assert [got_config[k] for k in ("r", "lora_alpha", "init_lora_weights")] == [
+            want_config[k] for k in ("r", "lora_alpha", "init_lora_weights")
+        ]
+    plain = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "d" / "out")
+    torch.testing.assert_close(_out(plain, tiny_inputs("llama")), _out(ours, tiny_inputs("llama")))
+    ia3 = dt.get_delta_model(tiny_model("llama"), dt.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), "i")
+    with pytest.raises(ValueError, match="adapter 'i' \\(ia3\\): path_initial_model_for_weight_conversion converts"):
+        ia3.save_pretrained(tmp_path / "i", path_initial_model_for_weight_conversion=tmp_path / "d" / "init")
