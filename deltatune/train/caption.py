@@ -238,6 +238,11 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     from ..data.encode import mark
 
     d = cfg.data
+    if d.template is not None and processor.prefix_lm:
+        raise ConfigError(
+            f"data.template={d.template!r}: PaliGemma reads its processor's prompt and answer (text and suffix), no "
+            "chat template; leave data.template unset"
+        )
     processor.template = d.template
     notes: list[str] = []
     splits: list[VLMDataset | None] = []

@@ -256,3 +256,21 @@ def test_images_of_different_sizes_batch_as_pixtrals_image_processor_pads_them()
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["image_sizes"].tolist() == [[16, 32], [32, 16]]
     for name in reference:
         assert torch.equal(batch[name], reference[name]), name
+
+
+def test_a_chat_template_for_paligemma_is_refused_in_one_line(tmp_path):
+    """``data.template`` has nothing to render on PaliGemma (its processor lays out the prompt and the answer): it
+    was ignored without a word; now named."""
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+
+    _, processor = paligemma()
+    rows = [{"image": p.name, "text": c} for p, c in zip(_images(tmp_path), CAPTIONS)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"stage": "caption", "model": {"name_or_path": "unused"}, "data": {"train": str(tmp_path / "c.jsonl")}}
+    cfg = build({**recipe, "data": {**recipe["data"], "template": "chatml"}})
+    with pytest.raises(
+        ConfigError, match=r"^data.template='chatml': PaliGemma reads its processor's prompt and answer"
+    ):
+        C.prepare_caption(cfg, C.VLMProcessor(processor))
+    assert len(C.prepare_caption(build(recipe), C.VLMProcessor(processor)).train) == 2
