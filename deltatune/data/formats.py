@@ -368,7 +368,8 @@ def _alpaca(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     if not output.strip():
         raise DataError(f"{row.source}: column {_col(c, 'output')!r} is empty")
     messages.append({"role": "assistant", "content": output})
-    return Sample(row.source, "alpaca", messages, conversational=False, **media)
+    tools = row_tools(row, _col(c, "tools"))  # (LLaMA-Factory's alpaca rows may name tools too)
+    return Sample(row.source, "alpaca", messages, conversational=False, tools=tools, **media)
 
 
 def _alpaca_preference(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
@@ -377,7 +378,7 @@ def _alpaca_preference(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sampl
     chosen, conv_c = _turn(row.get(_col(c, "chosen")), row, _col(c, "chosen"), "assistant", media)
     rejected, conv_r = _turn(row.get(_col(c, "rejected")), row, _col(c, "rejected"), "assistant", media)
     s = Sample(row.source, "alpaca_preference", messages, chosen=chosen, rejected=rejected,
-               conversational=conv_c or conv_r, **media)  # fmt: skip
+               conversational=conv_c or conv_r, tools=row_tools(row, _col(c, "tools")), **media)  # fmt: skip
     return _pair_check(s, c)
 
 

@@ -224,3 +224,15 @@ def test_tool_call_arguments_encoded_twice_train_as_the_json_object_and_non_obje
     assert twice == once
     with pytest.raises(DataError, match=r"^t.jsonl:3: messages\[1\].tool_calls\[0\].arguments: must be a JSON object"):
         _samples([row("[2, 3]")])
+
+
+def test_an_alpaca_rows_tools_column_reaches_the_template_as_llama_factory_reads_it():
+    """Was: an alpaca row's ``tools`` column (LLaMA-Factory's alpaca converter reads it) was dropped without a word,
+    so the schemas never reached the system prompt. Now the row renders as the same messages row with its tools."""
+    tok = _qwen25()
+    alpaca = {"instruction": "Weather in Paris?", "output": "Sunny.", "tools": [SCHEMA]}
+    messages = {"messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny."}],
+                "tools": [SCHEMA]}  # fmt: skip
+    (a,), (m,) = (encode_sft_samples(_samples([r]), tok, None, 512).examples for r in (alpaca, messages))
+    assert a == m
+    assert "get _ weather" in tok.decode(a["input_ids"])
