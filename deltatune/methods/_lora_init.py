@@ -127,6 +127,38 @@ def check_base_kept(model: nn.Module, adapter_name: str, targets: list[tuple[str
                               "tie_word_embeddings=False, or leave it out of target_modules")  # fmt: skip
 
 
+def for_loading(config: DeltaConfig) -> DeltaConfig:
+    """LoraConfig.for_loading: peft's inits that leave the base alone drawn as True; PiSSA / OLoRA drawn again, as
+    peft's load does (the residual of the base given), the replaced base weights kept until the file's tensors are
+    in (``settle``), so that a refused load leaves the model as it was."""
+    if config.init_lora_weights in LOADS_ONLY:
+        return config.replace(init_lora_weights=True)
+    loading = config.replace()
+    loading._loading = True
+    return loading
+
+
+def bias_parameters(bias: str, model: nn.Module) -> list[str]:
+    """The base parameters LoRA's ``bias`` option trains and saves: peft's rule, a parameter named "bias" or "x.bias"
+    (not DeBERTa's q_bias, v_bias); "lora_only": those of the adapted layers."""
+    if bias == "none":
+        return []
+    names = []
+    for name, _ in model.named_parameters():
+        if not (name == "bias" or name.endswith(".bias")) or ".lora_" in name:
+            continue
+        if bias == "all" or name.endswith("base_layer.bias"):
+            names.append(name)
+    return names
+
+
+def settle(layer: nn.Module, name: str, restore: bool) -> None:
+    """Drop the base weight a load's init replaced (the load went through), or put it back (``restore``)."""
+    original = layer.__dict__.get("_pre_init", {}).pop(name, None)
+    if original is not None and restore:
+        layer.base_layer.weight.data = original
+
+
 def reset_bias(lora_b: nn.Module, init: bool | str) -> None:
     """Zero lora_B's bias (lora_bias) unless init is False, which keeps nn.Linear's draw, as peft."""
     if lora_b.bias is not None and init is not False:
@@ -156,8 +188,11 @@ def add_bias(layer: nn.Module, name: str, sign: int) -> None:
 def init_from_base(layer: nn.Module, name: str, init: str) -> None:
     """PiSSA or OLoRA for adapter ``name`` of a ``LoraLinear``: A and B (float32) from the base weight, which becomes
     the residual W - s B A in its own dtype. peft's pissa_init / olora_init, step for step."""
+    original = layer.base_layer.weight.data  # (replaced, not written into: kept while a load may fail)
     with torch.no_grad():
         _init_from_base(layer, name, init)
+    if layer.__dict__.pop("_keep_base", False):
+        layer.__dict__.setdefault("_pre_init", {})[name] = original
     layer.__dict__.setdefault("_from_base", set()).add(name)  # (check_base_kept)
 
 

@@ -91,20 +91,12 @@ class LoraConfig(DeltaConfig):
             check_regex("alpha_pattern key", key)
             check_range(f"alpha_pattern[{key!r}]", value, 0, None, low_open=True)
 
-    def for_loading(self) -> LoraConfig:  # the file holds the weights: how peft drew them does not matter
-        return self.replace(init_lora_weights=True) if self.init_lora_weights in inits.LOADS_ONLY else self
+    def for_loading(self) -> LoraConfig:  # the file holds the weights (PiSSA's and OLoRA's residual is drawn again)
+        return inits.for_loading(self)
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Base parameters trained and saved with the adapter: the biases, when ``bias`` asks for them."""
-        if self.bias == "none":
-            return []
-        names = []
-        for name, _ in model.named_parameters():  # peft's rule: "bias" or "x.bias" (not DeBERTa's q_bias, v_bias)
-            if not (name == "bias" or name.endswith(".bias")) or ".lora_" in name:
-                continue
-            if self.bias == "all" or name.endswith("base_layer.bias"):
-                names.append(name)
-        return names
+        return inits.bias_parameters(self.bias, model)
 
 
 class _LoraBase(DeltaLayer):
@@ -130,9 +122,14 @@ class _LoraBase(DeltaLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
+        inits.settle(self, name, restore=True)  # a refused load: the base weight its init replaced comes back
         self.scaling.pop(name, None)
         if name in self.lora_dropout:
             del self.lora_dropout[name]
+
+    def import_state(self, name: str, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        super().import_state(name, prefix, tensors)
+        inits.settle(self, name, restore=False)  # the file passed its checks: the residual stays
 
     @property
     def _weight(self) -> torch.Tensor:
@@ -389,6 +386,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
             set_submodule(model, name, layer)
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        layer._keep_base = getattr(config, "_loading", False)  # (a load that fails puts the base back)
         layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
                   config.init_lora_weights, config.lora_bias)  # fmt: skip
         layers.append(layer)

@@ -275,3 +275,22 @@ def test_lora_bias_merge_refused_without_a_base_bias():
 def test_lora_bias_refusals_as_peft(kw, words):
     with pytest.raises(ConfigError, match=words):
         dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, **{"lora_bias": True, **kw}))
+
+
+def test_a_refused_pissa_load_leaves_the_base_as_it_was(tmp_path):
+    """Loading runs the init (the base's residual) before the file's tensors are checked: a refused file left the
+    base 0.047 off on a tiny Llama. The replaced weights are kept until the tensors are in, then dropped."""
+    from safetensors.torch import save_file
+
+    dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, init_lora_weights="pissa")).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    model = dt.DeltaModel(tiny_model("llama"))
+    model.load_adapter(tmp_path, "good")
+    assert not any(getattr(m, "_pre_init", None) for m in model.modules())  # nothing kept once loaded
+    key = next(iter(tensors))
+    save_file({**tensors, key: tensors[key][:, :-1].contiguous()}, tmp_path / "adapter_model.safetensors")
+    base = tiny_model("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(dt.AdapterLoadError):
+        dt.DeltaModel(base).load_adapter(tmp_path, "bad")
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
