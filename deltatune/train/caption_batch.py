@@ -190,6 +190,13 @@ def vlm_labels(enc, text: str, spans: list[tuple[int, int]], processor: VLMProce
     return labels
 
 
+def _one_row(images: list) -> list:
+    """A row's images as one sample's (a list in a list) where it has several, as a batch of conversations gives them
+    (the processor's chat template, TRL's collator): LLaVA-OneVision reads a multi-image row's images whole, a flat
+    list as that many single-image rows, each cut into any-resolution patches."""
+    return [images] if len(images) > 1 else images
+
+
 def encode_vlm(
     processor: VLMProcessor, example: VLMExample, max_length: int, truncation: str = "truncate"
 ) -> tuple[list[int], list[int], bool, list[str]]:
@@ -217,7 +224,7 @@ def encode_vlm(
         ids, labels = [int(t) for t in enc["input_ids"][0]], [int(t) for t in enc["labels"][0]]
     else:
         kw = dict(add_special_tokens=special, return_offsets_mapping=True, return_text_replacement_offsets=True)
-        enc = processor.processor(text=[text], images=images, **kw)
+        enc = processor.processor(text=[text], images=_one_row(images), **kw)
         ids = [int(t) for t in enc["input_ids"][0]]
         labels = vlm_labels(enc, text, spans, processor, special, example.source)
     text_at = [i for i, t in enumerate(ids) if t not in processor.image_ids]
@@ -251,9 +258,10 @@ class VLMDataset(torch.utils.data.Dataset):
         proc, types = self.processor.processor, self.processor.types
         images = [open_rgb(r)[0] for r in self.examples[i].images]
         # (PaliGemma's processor reads no images without a text: its image processor makes its pixel values)
-        pixels = (self.processor.image_processor if self.processor.prefix_lm else proc)(
-            images=images, return_tensors="pt"
-        )
+        if self.processor.prefix_lm:
+            pixels = self.processor.image_processor(images=images, return_tensors="pt")
+        else:
+            pixels = proc(images=_one_row(images), return_tensors="pt")
         out = {k: v for k, v in pixels.items() if k not in ("input_ids", "attention_mask", *TOKEN_TYPES)}
         if self.processor.prefix_lm:  # its processor's token_type_ids: 1 on the suffix, which is what trains
             out[types] = [int(t != IGNORE_INDEX) for t in labels]

@@ -274,3 +274,70 @@ def test_a_chat_template_for_paligemma_is_refused_in_one_line(tmp_path):
     ):
         C.prepare_caption(cfg, C.VLMProcessor(processor))
     assert len(C.prepare_caption(build(recipe), C.VLMProcessor(processor)).train) == 2
+
+
+def onevision():
+    """A tiny LLaVA-OneVision (SigLIP at 16 px: 16 image tokens per view; any-resolution grids up to 32 x 32) and its
+    processor, without the video processor (it needs torchvision, not installed here; images never reach it)."""
+    from tiny_vlm import LLAVA_TEMPLATE, word_tokenizer
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+    )
+
+    class ImagesOnly(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            return None if name == "video_processor" else super().check_argument_for_proper_class(name, arg)
+
+    tok = word_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    grids = [[16, 16], [16, 32], [32, 16], [32, 32]]
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=37, image_size=16, patch_size=4)  # fmt: skip
+    text = dict(model_type="qwen2", **_LLAMA, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=grids,
+        vision_feature_select_strategy="full",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    images = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=grids)
+    processor = ImagesOnly(images, tok, None, num_image_tokens=16, vision_feature_select_strategy="full",
+                           chat_template=LLAVA_TEMPLATE)  # fmt: skip
+    return model, processor
+
+
+def test_a_multi_image_row_reads_its_images_as_one_samples(tmp_path):
+    """LLaVA-OneVision cuts a lone image into any-resolution views but reads a multi-image sample's images whole
+    (``batch_num_images``). The stage handed the processor a row's two images as a flat list, which it reads as two
+    single-image samples: 105 text and image tokens where the processor's chat template and TRL's collator (a list of
+    images per sample) give 47, the images cut into views the model reads as separate single images. Now the batch
+    (a one-image row beside a two-image row), logits and loss equal the processor's own call on images per sample."""
+    model, processor = onevision()
+    rng, paths = np.random.default_rng(0), []
+    for i, size in enumerate([(16, 32), (32, 16), (16, 16)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    answer = {"role": "assistant", "content": "a thin two"}
+    examples = [
+        C.VLMExample("c:1", [ImageRow(str(paths[0]), None, "c:1")],
+                     [{"role": "user", "content": "<image>\nDescribe the image."}, answer]),
+        C.VLMExample("c:2", [ImageRow(str(p), None, "c:2") for p in paths[1:]],
+                     [{"role": "user", "content": "<image> <image>\nDescribe the image."}, answer]),
+    ]  # fmt: skip
+    vlm = C.VLMProcessor(processor)
+    encoded = [C.encode_vlm(vlm, e, 512)[:2] for e in examples]
+    batch = C.collate_vlm([C.VLMDataset(examples, encoded, vlm)[i] for i in (0, 1)], vlm.pad_token_id)
+    images = [[Image.open(r.path).convert("RGB") for r in e.images] for e in examples]
+    texts = [C.render_vlm(vlm, e.messages)[0] for e in examples]
+    reference = processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
+    assert reference["batch_num_images"].tolist() == [1, 2] and len(encoded[1][0]) == 47
+    for name in reference:
+        assert torch.equal(batch[name], reference[name]), name
+    with torch.no_grad():
+        ours, theirs = model(**batch), model(**reference, labels=batch["labels"])
+    assert torch.equal(ours.logits, theirs.logits) and ours.loss.item() == theirs.loss.item()
