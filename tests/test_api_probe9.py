@@ -286,3 +286,17 @@ def test_save_pretrained_converts_from_the_initial_adapter_as_peft(init, tmp_pat
     ia3 = dt.get_delta_model(tiny_model("llama"), dt.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), "i")
     with pytest.raises(ValueError, match="adapter 'i' \\(ia3\\): path_initial_model_for_weight_conversion converts"):
         ia3.save_pretrained(tmp_path / "i", path_initial_model_for_weight_conversion=tmp_path / "d" / "init")
+
+
+@pytest.mark.parametrize("kind", ["cat", "linear", "svd"])
+def test_a_module_no_adapter_holds_gets_a_zero_update_where_peft_stops(kind, tmp_path):
+    """b's exclude_modules is not copied into the new config (a's is), so the union targets a module none holds:
+    peft stops ("No matching LoRAs found" / IndexError); its combined update there is zero."""
+    ours, _ = _pair(
+        tmp_path, dict(r=4, target_modules=["q_proj"]),
+        dict(r=4, target_modules=["v_proj"], exclude_modules=["model.layers.1.self_attn.v_proj"]),
+    )  # fmt: skip
+    ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "new", combination_type=kind)
+    state = ours.adapter_state_dict("new")
+    assert all(not v.any() for k, v in state.items() if ".layers.1.self_attn.v_proj." in k)
+    assert all(v.any() for k, v in state.items() if ".layers.1.self_attn.v_proj." not in k)
