@@ -10,7 +10,6 @@ conversation trains on every assistant turn.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,10 +131,14 @@ def render(
         text = apply(messages, add_generation_prompt)
         spans = []
 
-        @functools.cache
-        def header() -> str:  # the generation prompt after the first user turn: the assistant header
-            k = next((k for k, m in enumerate(messages) if m["role"] == "user"), -1)
-            return apply(messages[: k + 1], True)[len(apply(messages[: k + 1])) :] if k >= 0 else ""
+        def header() -> str:  # the generation prompt after the first user turn (the assistant header), per template
+            key = (str(tokenizer.chat_template), bool(tools))
+            if key not in _HEADERS:
+                k = next((k for k, m in enumerate(messages) if m["role"] == "user"), -1)
+                if k < 0:
+                    return ""
+                _HEADERS[key] = apply(messages[: k + 1], True)[len(apply(messages[: k + 1])) :]
+            return _HEADERS[key]
 
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < train_from or m.get("weight") == 0:
@@ -212,6 +215,10 @@ def _without_header(span: tuple[int, int], text: str, before: str, plain: str, h
     if header and text.startswith(header, start) and start == len(before) and before == plain:
         return start + len(header), end
     return span
+
+
+_HEADERS: dict[tuple[str, bool], str] = {}
+"""The assistant header each chat template's generation prompt writes (``render``'s ``header``)."""
 
 
 GLM_STOPS = ("<|observation|>", "<|user|>", "<|system|>")
