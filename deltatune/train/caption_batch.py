@@ -63,7 +63,7 @@ class VLMProcessor:
                                  return_tensors="pt")  # fmt: skip
         else:
             text, _, special = render_vlm(self, messages or [], add_generation_prompt=True)
-            enc = self.processor(text=[text], images=images, add_special_tokens=special, return_tensors="pt")
+            enc = self.processor(text=[text], images=_one_row(images), add_special_tokens=special, return_tensors="pt")
         return {k: v for k, v in enc.items() if k != "labels"}  # (PaliGemma's are all -100: nothing to score)
 
 

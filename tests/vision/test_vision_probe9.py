@@ -341,3 +341,8 @@ def test_a_multi_image_row_reads_its_images_as_one_samples(tmp_path):
     with torch.no_grad():
         ours, theirs = model(**batch), model(**reference, labels=batch["labels"])
     assert torch.equal(ours.logits, theirs.logits) and ours.loss.item() == theirs.loss.item()
+    # the eval's captions and generate --image read a two-image prompt the same way
+    prompt = C.render_vlm(vlm, examples[1].messages[:1], add_generation_prompt=True)[0]
+    inputs = vlm.inputs(images[1], examples[1].messages[:1])
+    own = processor(text=[prompt], images=[images[1]], return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [2] and torch.equal(inputs["input_ids"], own["input_ids"])
