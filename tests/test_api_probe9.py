@@ -300,3 +300,18 @@ def test_a_module_no_adapter_holds_gets_a_zero_update_where_peft_stops(kind, tmp
     state = ours.adapter_state_dict("new")
     assert all(not v.any() for k, v in state.items() if ".layers.1.self_attn.v_proj." in k)
     assert all(v.any() for k, v in state.items() if ".layers.1.self_attn.v_proj." not in k)
+
+
+def test_an_svd_rank_beyond_the_layer_s_size_is_padded_and_exact(tmp_path):
+    """svd_rank 40 on 32-wide layers: 32 singular values, padded with zeros to rank 40 (peft keeps rank-32 factors
+    in its rank-40 adapter: the same logits, but its saved file does not load); B A is 0.7 dW_a - 1.3 dW_b."""
+    ours, _ = _pair(tmp_path, dict(r=4, target_modules=["q_proj"]), dict(r=4, lora_alpha=5, target_modules=["q_proj"]))
+    ours.add_weighted_adapter(["a", "b"], [0.7, -1.3], "new", svd_rank=40, svd_full_matrices=False)
+    layer = ours.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.lora_A["new"].weight.shape[0] == 40 and layer.lora_B["new"].weight.shape[1] == 40
+    want = 0.7 * layer.delta_weight("a") - 1.3 * layer.delta_weight("b")
+    torch.testing.assert_close(layer.delta_weight("new"), want, rtol=0, atol=1e-5)
+    ours.save_pretrained(tmp_path / "ours", selected_adapters=["new"])
+    again = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "ours" / "new")
+    ours.set_adapter("new")
+    torch.testing.assert_close(_out(again, tiny_inputs("llama")), _out(ours, tiny_inputs("llama")), rtol=0, atol=0)
