@@ -294,3 +294,16 @@ def test_a_refused_pissa_load_leaves_the_base_as_it_was(tmp_path):
     with pytest.raises(dt.AdapterLoadError):
         dt.DeltaModel(base).load_adapter(tmp_path, "bad")
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_lora_bias_on_a_conv_is_peft():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(r=2, lora_alpha=4, target_modules=["conv"], lora_bias=True, init_lora_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(_Conv(), peft.LoraConfig(**kw))
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(_Conv(), dt.LoraConfig(**kw))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        merged_p, merged_d = theirs.merge_and_unload(), ours.merge_and_unload()
+        assert torch.equal(merged_d.conv.bias, merged_p.conv.bias) and torch.equal(merged_d(x), merged_p(x))
