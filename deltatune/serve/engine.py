@@ -17,9 +17,9 @@ running one) up to ``max_batch_size`` rows. A token-method batch runs batch-at-a
 next batch), since its adapter is the model's active one for the whole batch. Once a request for another group is
 waiting, nothing more joins, so the running batch drains and that request is not starved.
 
-Per-row sampling keeps answers independent of the batch: greedy rows take the argmax; sampled rows scale by their
-temperature, keep their top-k, top-p and min-p cut, and draw from their own ``torch.Generator`` seeded by the
-request's seed.
+Per-row sampling keeps answers independent of the batch: each row's penalties and ``min_tokens`` count its own
+tokens; greedy rows take the argmax; sampled rows scale by their temperature, keep their top-k, top-p and min-p
+cut, and draw from their own ``torch.Generator`` seeded by the request's seed.
 Positions are ``cumsum(mask) - 1`` (the same as transformers' ``generate``), so a left-padded row sees the same
 positions as when served alone.
 """
@@ -73,6 +73,9 @@ class Request:
     top_k: int | None = None  # None: the config's (else 50, generate's default); 0 or -1: no top-k (vLLM's)
     min_p: float | None = None  # None: the config's
     repetition_penalty: float | None = None  # None: the config's
+    frequency_penalty: float = 0.0  # OpenAI's, over the tokens this row generated (as vLLM)
+    presence_penalty: float = 0.0
+    min_tokens: int = 0  # no EOS and no stop string before this many tokens (vLLM's)
     logit_bias: dict[int, float] | None = None  # {token id: added to its logit} (OpenAI's)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -84,6 +87,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0
+    stop_from: int = 0  # where a stop string may end at the earliest: the text of the first min_tokens tokens
     finish_reason: str | None = None
     # (token, its log-probability (None: a prompt's first token), [(token, log-probability)] the most likely first)
     logprob_rows: list[tuple[int, float | None, list[tuple[int, float]]]] = field(default_factory=list)
@@ -356,7 +360,7 @@ class Engine:
         """The row's next token (``_pick``), or None when its logits cannot be sampled from (an adapter gone to NaN):
         that row alone ends with an error, the rest of its batch goes on."""
         try:
-            return _pick(logits, r, g, self.gen)
+            return _pick(logits, r, g, self.gen, self.eos_ids)
         except FloatingPointError as exc:
             r.finish_reason = f"error: model {r.adapter!r}: {exc}"
             return None
@@ -385,7 +389,10 @@ class Engine:
             # No clean-up of spaces: it may rewrite text already sent ("a ' b" -> "a'b"), so each decode must extend
             # the one before.
             r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            cut = min((k for k in (r.text.find(s) for s in r.stop) if k >= 0), default=-1)
+            if len(r.output_ids) <= r.min_tokens:  # vLLM's: a stop string must end in text after them
+                r.stop_from = len(r.text)
+            ends = (r.text.find(s, max(r.stop_from - len(s) + 1, 0)) for s in r.stop)
+            cut = min((k for k in ends if k >= 0), default=-1)
             if cut >= 0:
                 r.text, r.finish_reason = r.text[:cut], "stop"
             elif len(r.output_ids) >= r.max_tokens:

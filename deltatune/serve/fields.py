@@ -1,6 +1,7 @@
 """A completion request's sampling fields, each checked as OpenAI and vLLM check it (a 400 naming the field), and
 turned into an engine ``Request``: the limits on ``max_tokens``, ``n``, ``stop``, ``seed``, the sampling settings
-(applied by ``sampling``), log-probabilities, and the fields this server does not compute (refused, not ignored)."""
+(applied by ``sampling``: vLLM's penalties, ``top_k``, ``min_p`` and ``min_tokens`` too), log-probabilities, and the
+fields this server does not compute (refused, not ignored)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from .engine import Request, RequestError
 
 # OpenAI fields this server does not compute, with the value that asks for nothing: any other value is a 400, since
-# ignoring it would answer something other than what was asked (penalties, tools, a JSON format). The first three are served
+# ignoring it would answer something other than what was asked (tools, a JSON format). The first three are served
 # where their endpoint defines them (_logprobs): chat's logprobs and top_logprobs, a completion's echo.
 UNSUPPORTED: dict[str, Any] = {
     "logprobs": False,
@@ -18,14 +19,7 @@ UNSUPPORTED: dict[str, Any] = {
     "best_of": 1,
     "response_format": {"type": "text"},
     "modalities": ["text"],  # ["text", "audio"] asks for spoken output too
-    "frequency_penalty": 0,
-    "presence_penalty": 0,
-    # vLLM's sampling fields (and OpenAI's tool_choice without tools), with the values that ask for nothing; the
-    # first three, given so, override the base's generation config (top_k -1: no top-k, where the config says 20)
-    "top_k": (-1, 0),
-    "min_p": 0,
-    "repetition_penalty": 1,
-    "min_tokens": 0,
+    # vLLM's fields (and OpenAI's tool_choice without tools), with the values that ask for nothing
     "tool_choice": ("none", "auto"),
     "include_stop_str_in_output": False,
     "skip_special_tokens": True,
@@ -79,10 +73,28 @@ def _number(
         return default
     inside = isinstance(value, (int, float)) and (low < value if open_low else low <= value) and value <= high
     if isinstance(value, bool) or not inside:
-        raise RequestError(
-            f"{key} must be a number in {'(' if open_low else '['}{low}, {high}], got {value!r}", param=key
-        )
+        where = f"in {'(' if open_low else '['}{low}, {high}]" if high < float("inf") else f"greater than {low}"
+        raise RequestError(f"{key} must be a number {where}, got {value!r}", param=key)
     return float(value)
+
+
+def _top_k(body: dict) -> int | None:
+    """vLLM's ``top_k``: a positive integer, or -1 or 0 for no top-k (0 then, whatever the generation config says);
+    None: the config's."""
+    k = body.get("top_k")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < -1):
+        raise RequestError(f"top_k must be -1 or 0 (no top-k) or a positive integer, got {k!r}", param="top_k")
+    return None if k is None else max(k, 0)
+
+
+def _min_tokens(body: dict, max_tokens: int) -> int:
+    """vLLM's ``min_tokens``: an integer in [0, max_tokens]."""
+    n = body.get("min_tokens")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise RequestError(f"min_tokens must be an integer of at least 0, got {n!r}", param="min_tokens")
+    if n is not None and n > max_tokens:
+        raise RequestError(f"min_tokens must be at most max_tokens ({max_tokens}), got {n}", param="min_tokens")
+    return n or 0
 
 
 def _temperature(body: dict) -> float | None:
@@ -139,9 +151,13 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         # Each left unset is the base's generation config's, as generate and vLLM take them.
         temperature=_temperature(body),
         top_p=_number(body, "top_p", None, 0.0, 1.0, open_low=True),  # vLLM's (0, 1]: the top token always stays
-        top_k=0 if body.get("top_k") in (-1, 0) else None,  # the values UNSUPPORTED lets pass: no top-k
+        # min_p 0, top_k -1 or 0 and repetition_penalty 1 ask for none of it, whatever the config says (as vLLM)
+        top_k=_top_k(body),
         min_p=_number(body, "min_p", None, 0.0, 1.0),
-        repetition_penalty=_number(body, "repetition_penalty", None, 1.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", None, 0.0, float("inf"), open_low=True),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),  # OpenAI's and vLLM's range
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        min_tokens=_min_tokens(body, max_tokens),
         logit_bias=_logit_bias(body, limits.vocab),
         stop=stop,
         seed=seed,

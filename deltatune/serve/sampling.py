@@ -1,9 +1,10 @@
 """How one row of a served batch picks its next token: the request's sampling settings, each left unset the base's
-generation config's, applied in vLLM's order (logit_bias, then the repetition penalty, then greedy argmax or
-temperature, top-k, top-p, min-p and a draw from the row's own generator)."""
+generation config's, applied in vLLM's order (min_tokens and logit_bias, then the repetition, frequency and presence
+penalties, then greedy argmax or temperature, top-k, top-p, min-p and a draw from the row's own generator)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -35,11 +36,16 @@ def _setting(r: Any, gen: Any, key: str) -> Any:
     return getattr(gen, key, None) if value is None else value
 
 
-def adjusted(logits: torch.Tensor, r: Any, gen: Any = None) -> torch.Tensor:
-    """The row's logits after the settings that change greedy's pick too, in vLLM's order: ``logit_bias`` added
-    (OpenAI's; vLLM's LogitBiasLogitsProcessor), then ``repetition_penalty`` over the prompt and the answer so far
-    (transformers' RepetitionPenaltyLogitsProcessor, vLLM's: a positive logit divided by it, a negative one
-    multiplied)."""
+def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int] = ()) -> torch.Tensor:
+    """The row's logits after the settings that change greedy's pick too, in vLLM's order (a new tensor: the
+    reported log-probabilities stay the model's own): the ``eos`` ids masked while fewer than ``min_tokens`` tokens
+    are generated (transformers' MinNewTokensLengthLogitsProcessor; not under ``ignore_eos``, as vLLM), ``logit_bias``
+    added (OpenAI's), ``repetition_penalty`` over the prompt and the answer so far (transformers'
+    RepetitionPenaltyLogitsProcessor, vLLM's: a positive logit divided by it, a negative one multiplied), then
+    OpenAI's ``frequency_penalty`` times each token's count in the answer so far and ``presence_penalty`` once per
+    token in it subtracted (vLLM's: the prompt does not count)."""
+    if eos and len(r.output_ids) < (getattr(r, "min_tokens", 0) or 0) and not getattr(r, "ignore_eos", False):
+        logits = logits.index_fill(0, torch.tensor(sorted(eos), device=logits.device), float("-inf"))
     bias = getattr(r, "logit_bias", None)
     if bias:
         ids = torch.tensor(list(bias), device=logits.device)
@@ -49,10 +55,17 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None) -> torch.Tensor:
         seen = torch.tensor(list(dict.fromkeys(r.prompt_ids + r.output_ids)), device=logits.device)
         score = logits[seen]
         logits = logits.scatter(0, seen, torch.where(score < 0, score * penalty, score / penalty))
+    frequency, presence = getattr(r, "frequency_penalty", 0) or 0, getattr(r, "presence_penalty", 0) or 0
+    if (frequency or presence) and r.output_ids:
+        ids, counts = torch.tensor(r.output_ids, device=logits.device).unique(return_counts=True)
+        if frequency:  # two subtractions, as vLLM rounds them
+            logits = logits.index_add(0, ids, counts.to(logits.dtype) * -frequency)
+        if presence:
+            logits = logits.index_add(0, ids, torch.full_like(ids, -presence, dtype=logits.dtype))
     return logits
 
 
-def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = None) -> int:
+def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = None, eos: Collection[int] = ()) -> int:
     """The next token of one row: argmax when greedy, else a draw from the tempered top-k, top-p, min-p
     distribution, both of the ``adjusted`` logits. Each setting the request leaves unset is the base's generation
     config's, applied as ``generate`` applies it (vLLM's too): ``repetition_penalty`` always, ``top_k``, ``top_p``
@@ -61,7 +74,7 @@ def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = No
     Raises:
         FloatingPointError: NaN logits (+inf, sampling; greedy takes its argmax, as generate): no token to choose.
     """
-    logits = adjusted(logits, r, gen)
+    logits = adjusted(logits, r, gen, eos)
     if g is None:  # argmax takes a NaN for the largest: a NaN row would answer its garbage as text
         if bool(torch.isnan(logits).any()):
             raise FloatingPointError("its logits are NaN, so no token can be chosen")

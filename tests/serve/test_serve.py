@@ -165,7 +165,8 @@ def test_bad_requests_get_openai_errors(served, tmp_path):
             {"model": "lora", "prompt": "hi", "stream": True, "stream_options": {"include_usage": "y"}},
         ),
         # fields the server does not compute are refused, not ignored
-        "frequency_penalty": (400, "unsupported", {"model": "lora", "prompt": "hi", "frequency_penalty": 0.5}),
+        "best_of": (400, "unsupported", {"model": "lora", "prompt": "hi", "best_of": 2}),
+        "frequency_penalty past 2": (400, None, {"model": "lora", "prompt": "hi", "frequency_penalty": 3}),
         # as OpenAI answers (it was accepted and ignored)
         "stream_options without stream": (
             400,
@@ -599,8 +600,8 @@ def test_developer_messages_and_odd_bodies_are_answered_not_500(served):
     for what, (body, path, param) in bodies.items():
         got, answer = _post(server, path, body)
         assert got == 400 and answer["error"]["param"] == param, what
-    for field, value in (("top_k", 1), ("min_p", 1.0), ("repetition_penalty", 5), ("stop_token_ids", [5]),
-                         ("min_tokens", 6), ("tool_choice", "required")):  # fmt: skip
+    for field, value in (("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0), ("stop_token_ids", [5]),
+                         ("min_tokens", -1), ("tool_choice", "required")):  # fmt: skip
         got, answer = _post(
             server, "/v1/completions", json.dumps({"model": "lora", "prompt": "hi", field: value}).encode()
         )
