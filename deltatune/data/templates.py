@@ -354,7 +354,7 @@ def _placed(
     with the block): the turn's content where the whole conversation writes it, found by rendering it with the
     content swapped for a mark, through the end marker the turn ending the conversation writes; else None."""
     m, content = messages[i], messages[i]["content"]
-    mark = next(x for x in ("\u2603", "\u2604") if not content.startswith(x) and not content.endswith(x))
+    mark = next(x for x in ("\u2603", "\u2604", "\u2605") if x not in (content[:1], content[-1:]))  # (3 > 2 ends)
     swapped = [*messages[:i], {**m, "content": mark}, *messages[i + 1 :]]
     other = apply(swapped, gen)
     start = len(os.path.commonprefix([text, other]))
