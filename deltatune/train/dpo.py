@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from ..data.preference import PairCollator
 from ..data.templates import IGNORE_INDEX
 from .config import DPO_LOSS_TYPES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, AlignArgs, RunConfig
-from .logprobs import model_token_logprobs, reference_logprobs, sequence_logprobs, summed, token_means
+from .logprobs import (
+    model_token_logprobs,
+    reference_logprobs,
+    router_aux_coef,
+    sequence_logprobs,
+    summed,
+    token_means,
+)
 from .pairs import PairTrainer, encode_pair_splits, pair_metrics
 from .prepared import Prepared
 
@@ -199,7 +206,7 @@ class DPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
-        self.wpo = _use_weighting(align)
+        self.wpo, self.router_coef = _use_weighting(align), router_aux_coef(self.model)
         if align.precompute_ref and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
             self.train_dataset = self._with_ref(self.train_dataset)
             if self.eval_dataset is not None:
@@ -229,10 +236,10 @@ class DPOTrainer(PairTrainer):
         model.train(was_training)
         return out
 
-    def _losses(self, model, inputs, stats: dict | None = None) -> tuple[torch.Tensor, ...]:
+    def _losses(self, model, inputs, stats: dict | None = None, aux: list | None = None) -> tuple[torch.Tensor, ...]:
         lm, a = {k: inputs[k] for k in _LM_KEYS}, self.align
         stats = {} if stats is None and self.wpo else stats
-        per_token = model_token_logprobs(model, lm, stats)
+        per_token = model_token_logprobs(model, lm, stats, aux)
         logps, counts = summed(per_token, lm["labels"], a.ld_alpha), (lm["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
         (policy_c, policy_r), (n_c, n_r) = logps.chunk(2), counts.chunk(2)
         if "ref_chosen_logp" in inputs:
@@ -248,8 +255,8 @@ class DPOTrainer(PairTrainer):
         return losses, chosen, rejected, logps.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats = {} if model.training else None
-        losses, chosen, rejected, logps = self._losses(model, inputs, stats)
+        stats, aux = {} if model.training else None, [] if self.router_coef else None
+        losses, chosen, rejected, logps = self._losses(model, inputs, stats, aux)
         if model.training:  # as TRL: the rewards, the policy's summed log-probs of each side and its token stats
             self.log_rewards(chosen, rejected)
             self.log_stat("logps/chosen", logps.chunk(2)[0].mean().item())
@@ -261,6 +268,10 @@ class DPOTrainer(PairTrainer):
             self.log_stat("entropy", token_means(stats, inputs["labels"])["entropy"])
             self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
         loss = self.pair_mean(losses, model)
+        if aux:  # a Mixture-of-Experts model's load-balancing loss over the step's sequences, as TRL adds it
+            loss = loss + self.router_coef * aux[0]
+            if model.training:
+                self.log_stat("aux_loss", aux[0].item())
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

@@ -43,7 +43,7 @@ from ..data.sample import unpaired_examples
 from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
-from .logprobs import reference_logprobs, sequence_logprobs, token_means
+from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs, token_means
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -144,9 +144,9 @@ class KTOTrainer(DeltaTrainer):
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.align = align
+        self.align, self.router_coef = align, router_aux_coef(self.model)
 
-    def _losses(self, model, inputs, stats: dict | None = None) -> tuple[torch.Tensor, ...]:
+    def _losses(self, model, inputs, stats: dict | None = None, aux: list | None = None) -> tuple[torch.Tensor, ...]:
         lm, a = {k: inputs[k] for k in _LM_KEYS}, self.align
         ref, n = reference_logprobs(model, self._delta_model(), lm), len(inputs["desirable"])
         rows, mismatched = _halves(lm, n)
@@ -157,19 +157,18 @@ class KTOTrainer(DeltaTrainer):
                 policy_kl = sequence_logprobs(model, mismatched)
             gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
             kl = kl_reference_point(policy_kl, ref[n:], gather)
-        policy = sequence_logprobs(model, rows, stats)
+        policy = sequence_logprobs(model, rows, stats, aux=aux)
         losses, rewards = kto_loss(policy, ref[:n], inputs["desirable"], kl, a.beta, a.desirable_weight,
                                    a.undesirable_weight, kto_loss_type(a))  # fmt: skip
         return losses, rewards, kl, policy.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats = {} if model.training else None
-        losses, rewards, kl, policy = self._losses(model, inputs, stats)
+        stats, aux = {} if model.training else None, [] if self.router_coef else None
+        losses, rewards, kl, policy = self._losses(model, inputs, stats, aux)
         good = inputs["desirable"].bool()
         if model.training:  # TRL's names: chosen the desirable rows, rejected the undesirable
             self.log_stat("kl", kl.item())
-            rows = {k: inputs[k] for k in ("attention_mask", "labels")}
-            labels = _halves(rows, len(good))[0]["labels"]  # (the rows' own, as their stats)
+            labels = inputs["labels"][: len(good)]  # (the rows', as their stats)
             self.log_stat("entropy", token_means(stats, labels)["entropy"])
             for side, rows in (("chosen", good), ("rejected", ~good)):
                 if rows.any():
@@ -179,6 +178,10 @@ class KTOTrainer(DeltaTrainer):
             if good.any() and (~good).any():
                 self.log_stat("rewards/margins", (rewards[good].mean() - rewards[~good].mean()).item())
         loss = losses.mean()
+        if aux:  # a Mixture-of-Experts model's load-balancing loss over the rows (not their mismatched pairs), as TRL
+            loss = loss + self.router_coef * aux[0]
+            if model.training:
+                self.log_stat("aux_loss", aux[0].item())
         return (loss, torch.stack([rewards, good.float()], -1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -191,15 +194,8 @@ class KTOTrainer(DeltaTrainer):
 
 
 def _halves(batch: dict[str, torch.Tensor], n: int) -> tuple[dict[str, torch.Tensor], ...]:
-    """A ``KTOCollator`` batch's first ``n`` rows (the rows) and the rest (their mismatched pairs, if any), each
-    without the columns that are padding in all of its rows (right padding: no real token moves)."""
-    out = []
-    for rows in (slice(0, n), slice(n, None)):
-        part = {k: v[rows] for k, v in batch.items()}
-        real = part["attention_mask"].any(0).nonzero()
-        width = int(real.max()) + 1 if len(real) else 0
-        out.append({k: v[:, :width] for k, v in part.items()})
-    return tuple(out)
+    """A ``KTOCollator`` batch's first ``n`` rows (the rows) and the rest (their mismatched pairs, if any)."""
+    return {k: v[:n] for k, v in batch.items()}, {k: v[n:] for k, v in batch.items()}
 
 
 def kto_loss_type(align: AlignArgs) -> str:

@@ -100,19 +100,37 @@ def summed(per_token: torch.Tensor, labels: torch.Tensor, ld_alpha: float | None
 
 
 def model_token_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None, aux: list | None = None
 ) -> torch.Tensor:
-    """``token_logprobs`` (B, T - 1) of ``model`` on ``batch`` (input_ids, attention_mask, labels)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_logprobs(logits, batch["labels"], stats)
+    """``token_logprobs`` (B, T - 1) of ``model`` on ``batch`` (input_ids, attention_mask, labels). ``aux``, a list
+    or None: the forward returns a Mixture-of-Experts model's router logits, and its load-balancing loss over the
+    batch (``aux_loss``) is appended to ``aux``."""
+    extra = {"output_router_logits": True} if aux is not None else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+    if aux is not None:
+        aux.append(out.aux_loss)
+    return token_logprobs(out.logits, batch["labels"], stats)
+
+
+def router_aux_coef(model: torch.nn.Module) -> float:
+    """The weight of a Mixture-of-Experts model's load-balancing loss in TRL 1.16's DPO and KTO losses: the
+    architecture's own ``router_aux_loss_coef`` where its config declares ``output_router_logits`` (Mixtral's 0.001),
+    else 0 (no such loss)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0) if hasattr(text, "output_router_logits") else 0.0
 
 
 def sequence_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], stats: dict | None = None, ld_alpha: float | None = None
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    stats: dict | None = None,
+    ld_alpha: float | None = None,
+    aux: list | None = None,
 ) -> torch.Tensor:
     """Summed log-probs of each sequence's label tokens: (B,). ``batch`` holds input_ids, attention_mask, labels;
-    ``stats``: see ``token_logprobs``; ``ld_alpha``: see ``summed``."""
-    return summed(model_token_logprobs(model, batch, stats), batch["labels"], ld_alpha)
+    ``stats``: see ``token_logprobs``; ``ld_alpha``: see ``summed``; ``aux``: see ``model_token_logprobs``."""
+    return summed(model_token_logprobs(model, batch, stats, aux), batch["labels"], ld_alpha)
 
 
 def response_logprobs(

@@ -349,3 +349,82 @@ def test_kto_cut_rows_have_trls_loss(base, model, tmp_path, max_length):
                                                 processing_class=tok).evaluate()  # fmt: skip
     assert theirs["eval_kl"] > 0.01
     assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], abs=2e-6)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> tuple[str, dt.DeltaModel]:
+    """A tiny Mixtral (4 experts, 2 per token, router_aux_loss_coef 0.05) and a LoRA policy on it."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok, path = tokenizer(), str(tmp_path_factory.mktemp("moe"))
+    config = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.05, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                           eos_token_id=tok.sep_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    policy = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(path), config)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return path, policy.eval()
+
+
+def test_dpo_on_a_mixture_of_experts_adds_the_router_loss_as_trl(moe, tmp_path):
+    """TRL 1.16's DPOTrainer adds router_aux_loss_coef times the load-balancing loss of the policy's forward (the
+    architecture's own coefficient, where the config declares output_router_logits): 0.824964 here, where deltatune
+    gave 0.723555 (the DPO loss alone). Now equal, and aux_loss logged as TRL logs it."""
+    path, model = moe
+    args = trl.DPOConfig(str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, bf16=False,
+                         beta=BETA)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = dt.trl_trainer(trl.DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(PAIRS),
+                                                ref_model=AutoModelForCausalLM.from_pretrained(path),
+                                                processing_class=tokenizer())  # fmt: skip
+    batch = next(iter(theirs.get_train_dataloader()))
+    with torch.no_grad():
+        expected = theirs.compute_loss(model, batch).item()
+    pairs, collate = trl_batch_as_pairs(batch), PairCollator(tokenizer().pad_token_id)
+    ours = DPOTrainer(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                      align=align(beta=BETA))  # fmt: skip
+    model.train()  # (logged while training; no dropout here)
+    with torch.no_grad():
+        got = ours.compute_loss(model, collate(pairs)).item()
+    model.eval()
+    assert ours.router_coef == 0.05 and got == pytest.approx(expected, abs=2e-5)
+    assert ours._stats["aux_loss"][0] == pytest.approx(theirs._metrics["eval"]["aux_loss"][-1], abs=1e-5)
+    assert 0.05 * ours._stats["aux_loss"][0] > 0.05
+
+
+def test_kto_on_a_mixture_of_experts_adds_the_router_loss_as_trl(moe, tmp_path):
+    """The same for TRL's KTOTrainer: the load-balancing loss of the rows' forward (not their mismatched pairs')."""
+    from deltatune.train.models import load_tokenizer
+    from deltatune.train.run import _training_args
+    from deltatune.train.table import prepare
+
+    path, model = moe
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in CUT_CONVERSATIONAL))
+    cfg = dt.train.build({"stage": "kto", "model": {"name_or_path": path}, "align": {"beta": BETA},
+                          "data": {"train": str(rows), "eval": str(rows), "max_length": 64},
+                          "train": {"batch_size": 2, "eval_batch_size": 2, "report_to": ["none"]},
+                          "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    tok = load_tokenizer(path)
+    prep = prepare(cfg, tok)
+    ours = prep.trainer_class(model=model, args=_training_args(cfg, prep, str(tmp_path / "run")),
+                              train_dataset=prep.train, eval_dataset=prep.eval, data_collator=prep.collator,
+                              compute_metrics=prep.compute_metrics).evaluate()  # fmt: skip
+    args = trl.KTOConfig(str(tmp_path / "trl"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                         report_to=[], use_cpu=True, bf16=False, beta=BETA, max_length=64)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = dt.trl_trainer(trl.KTOTrainer)(model=model, ref_model=AutoModelForCausalLM.from_pretrained(path),
+                                                args=args, train_dataset=Dataset.from_list(CUT_CONVERSATIONAL),
+                                                eval_dataset=Dataset.from_list(CUT_CONVERSATIONAL),
+                                                processing_class=tok).evaluate()  # fmt: skip
+    assert theirs["eval_aux_loss"] > 1.0
+    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], abs=2e-6)
