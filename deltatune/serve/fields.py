@@ -87,13 +87,13 @@ def _top_k(body: dict) -> int | None:
     return None if k is None else max(k, 0)
 
 
-def _min_tokens(body: dict, max_tokens: int) -> int:
-    """vLLM's ``min_tokens``: an integer in [0, max_tokens]."""
+def _min_tokens(body: dict, max_tokens: int, key: str) -> int:
+    """vLLM's ``min_tokens``: an integer in [0, max_tokens] (``key``: the field that set it, or max_tokens)."""
     n = body.get("min_tokens")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
         raise RequestError(f"min_tokens must be an integer of at least 0, got {n!r}", param="min_tokens")
     if n is not None and n > max_tokens:
-        raise RequestError(f"min_tokens must be at most max_tokens ({max_tokens}), got {n}", param="min_tokens")
+        raise RequestError(f"min_tokens must be at most {key} ({max_tokens}), got {n}", param="min_tokens")
     return n or 0
 
 
@@ -140,9 +140,9 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     if not isinstance(body.get("user", ""), (str, type(None))):  # OpenAI's end-user id, a string (both APIs check)
         raise RequestError(f"user must be a string, got {body['user']!r}", param="user")
     served = ("logprobs", "top_logprobs") if chat else ("logprobs", "echo")
-    for key, default in UNSUPPORTED.items():
-        if key not in served and not _asks_nothing(body.get(key), default):
-            raise RequestError(f"{key} is not supported by this server; leave it out", code="unsupported", param=key)
+    for name, default in UNSUPPORTED.items():
+        if name not in served and not _asks_nothing(body.get(name), default):
+            raise RequestError(f"{name} is not supported by this server; leave it out", code="unsupported", param=name)
     return Request(
         prompt_ids=prompt_ids,
         adapter=model,
@@ -157,7 +157,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         repetition_penalty=_number(body, "repetition_penalty", None, 0.0, float("inf"), open_low=True),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),  # OpenAI's and vLLM's range
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        min_tokens=_min_tokens(body, max_tokens),
+        min_tokens=_min_tokens(body, max_tokens, key),
         logit_bias=_logit_bias(body, limits.vocab),
         stop=stop,
         seed=seed,

@@ -203,3 +203,6 @@ def test_out_of_range_values_are_400s_naming_the_field(served):
     assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
     chat = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "min_tokens": 2}
     assert _post(server, chat, "/v1/chat/completions")[0] == 200
+    del chat["max_tokens"]  # the limit named as the request set it
+    status, answer = _post(server, {**chat, "max_completion_tokens": 1}, "/v1/chat/completions")
+    assert status == 400 and "at most max_completion_tokens (1)" in answer["error"]["message"]
