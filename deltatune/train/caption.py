@@ -377,7 +377,8 @@ def caption(
 
     Raises:
         DataError: the file is missing or not an image (its path named).
-        ConfigError: a prompt for an encoder-decoder captioner; ``max_new_tokens`` past the text decoder's positions.
+        ConfigError: a prompt for an encoder-decoder captioner, or with more image markers than the one image;
+            ``max_new_tokens`` past the text decoder's positions.
     """
     from .chat import check_sampling, sampling_kwargs
 
@@ -391,6 +392,8 @@ def caption(
     messages = [{"role": "user", "content": text if IMAGE_MARKER in text else f"{IMAGE_MARKER}\n{text}"}]
     if isinstance(processor, CaptionProcessor):  # BLIP: the prompt is the caption's start
         messages = [{"role": "user", "content": prompt}] if prompt else None
+    elif (n := text.count(IMAGE_MARKER)) > 1:  # the processor's error was a traceback
+        raise ConfigError(f"--prompt: {n} {IMAGE_MARKER} markers for the one image of --image; place one or none")
     sampling = sampling_kwargs(temperature, top_p)
     check_new_tokens(model, processor, [img], messages, max_new_tokens, "--max-new-tokens")
     return _generate(model, processor, [img], messages, max_new_tokens=max_new_tokens, num_beams=num_beams, **sampling)

@@ -346,3 +346,14 @@ def test_a_multi_image_row_reads_its_images_as_one_samples(tmp_path):
     inputs = vlm.inputs(images[1], examples[1].messages[:1])
     own = processor(text=[prompt], images=[images[1]], return_tensors="pt")
     assert inputs["batch_num_images"].tolist() == [2] and torch.equal(inputs["input_ids"], own["input_ids"])
+
+
+def test_a_prompt_with_more_markers_than_the_image_is_one_line(tmp_path):
+    """``generate --image x.png --prompt '<image> <image> what ?'``: the processor's ValueError ("Found total 2
+    <image> tokens and 1 images") came out as a traceback; now one line naming --prompt."""
+    from deltatune.config import ConfigError
+
+    model, processor = paligemma()
+    path = str(_images(tmp_path, 1)[0])
+    with pytest.raises(ConfigError, match=r"^--prompt: 2 <image> markers for the one image of --image"):
+        C.caption(model, C.VLMProcessor(processor), path, max_new_tokens=2, prompt="<image> <image> what ?")
