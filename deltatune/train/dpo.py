@@ -46,7 +46,7 @@ from .logprobs import (
     summed,
     token_means,
 )
-from .pairs import PairTrainer, encode_pair_splits, pair_metrics
+from .pairs import PairTrainer, count_tokens, encode_pair_splits, pair_metrics
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -267,6 +267,7 @@ class DPOTrainer(PairTrainer):
             self.log_stat("logits/rejected", sides[1]["mean_logits"])
             self.log_stat("entropy", token_means(stats, inputs["labels"])["entropy"])
             self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
+            count_tokens(self, inputs["attention_mask"])
         loss = self.pair_mean(losses, model)
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the step's sequences, as TRL adds it
             loss = loss + self.router_coef * aux[0]

@@ -44,6 +44,7 @@ from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs, token_means
+from .pairs import count_tokens
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -170,6 +171,7 @@ class KTOTrainer(DeltaTrainer):
             self.log_stat("kl", kl.item())
             labels = inputs["labels"][: len(good)]  # (the rows', as their stats)
             self.log_stat("entropy", token_means(stats, labels)["entropy"])
+            count_tokens(self, inputs["attention_mask"][: len(good)])
             for side, rows in (("chosen", good), ("rejected", ~good)):
                 if rows.any():
                     self.log_stat(f"rewards/{side}", rewards[rows].mean().item())

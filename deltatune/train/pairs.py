@@ -116,6 +116,16 @@ class PairTrainer(DeltaTrainer):
         return loss.detach(), scores.detach().float(), torch.zeros(scores.shape[0], device=scores.device)
 
 
+def count_tokens(trainer: DeltaTrainer, attention_mask: torch.Tensor) -> None:
+    """TRL's ``num_tokens`` (its DPO and KTO trainers): the training tokens seen so far, every process's (the real
+    ones of ``attention_mask``, a training micro-batch's), logged as the latest total rather than a mean."""
+    n = attention_mask.sum()
+    if trainer.accelerator.num_processes > 1:
+        n = trainer.accelerator.gather(n.reshape(1)).sum()
+    trainer.train_tokens = getattr(trainer, "train_tokens", 0) + int(n)
+    trainer._stats["num_tokens"] = [float(trainer.train_tokens)]
+
+
 def encode_pair_splits(
     cfg: RunConfig, tok, causal: bool, pair_scorer: bool = False, extra: dict | None = None
 ) -> tuple[Encoded, Encoded | None, list[str]]:

@@ -428,3 +428,39 @@ def test_kto_on_a_mixture_of_experts_adds_the_router_loss_as_trl(moe, tmp_path):
                                                 processing_class=tok).evaluate()  # fmt: skip
     assert theirs["eval_aux_loss"] > 1.0
     assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], abs=2e-6)
+
+
+def test_num_tokens_is_logged_as_trl(base, model, tmp_path):
+    """TRL's DPOTrainer and KTOTrainer log ``num_tokens``, the training tokens seen so far (the real tokens of every
+    training micro-batch: a DPO pair's both sides, a KTO batch's rows without their mismatched pairs); deltatune
+    logged none. Now the same running total."""
+    from deltatune.train.kto import KTOCollator, KTOTrainer
+
+    args = trl.DPOConfig(str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = dt.trl_trainer(trl.DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(PAIRS),
+                                                ref_model=AutoModelForCausalLM.from_pretrained(base),
+                                                processing_class=tokenizer())  # fmt: skip
+    batch = next(iter(theirs.get_train_dataloader()))
+    ours = DPOTrainer(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                      align=align())  # fmt: skip
+    collated = PairCollator(tokenizer().pad_token_id)(trl_batch_as_pairs(batch))
+    model.train()
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                theirs.compute_loss(model, batch)
+                ours.compute_loss(model, collated)
+        total = [2.0 * batch["attention_mask"].sum().item()]
+        assert ours._stats["num_tokens"] == theirs._metrics["train"]["num_tokens"] == total
+        kto = KTOTrainer(model=model, args=TrainingArguments(str(tmp_path / "k"), report_to=[], use_cpu=True),
+                         align=AlignArgs())  # fmt: skip
+        rows = [{**s, "n_prompt": s["labels"].index(next(x for x in s["labels"] if x != -100)), "desirable": i % 2 == 0}
+                for i, s in enumerate(p[k] for p in trl_batch_as_pairs(batch) for k in ("chosen", "rejected"))]  # fmt: skip
+        kto_batch = KTOCollator(tokenizer().pad_token_id, 64)(rows)
+        with torch.no_grad():
+            kto.compute_loss(model, kto_batch)
+        assert kto._stats["num_tokens"] == [float(sum(len(r["input_ids"]) for r in rows))]
+    finally:
+        model.eval()
