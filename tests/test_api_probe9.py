@@ -315,3 +315,16 @@ def test_an_svd_rank_beyond_the_layer_s_size_is_padded_and_exact(tmp_path):
     again = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path / "ours" / "new")
     ours.set_adapter("new")
     torch.testing.assert_close(_out(again, tiny_inputs("llama")), _out(ours, tiny_inputs("llama")), rtol=0, atol=0)
+
+
+def test_ranks_that_differ_at_one_module_are_refused_and_the_model_kept():
+    """peft checks the largest ranks (4 and 4) and then stops in torch.stack at the module where a rank_pattern made
+    one of them 2; refused here in one line naming the module, and no half-made adapter is left."""
+    pattern = {"layers.0.self_attn.q_proj": 2}
+    model = dt.get_delta_model(
+        tiny_model("llama"), dt.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern=pattern), "a"
+    )
+    model.add_adapter("b", dt.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"at model.layers.0.self_attn.q_proj 'a' has r=2, 'b' has r=4"):
+        model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "n", "linear")
+    assert list(model.peft_config) == ["a", "b"] and not any(".n." in k for k in model.state_dict())

@@ -123,6 +123,18 @@ def add_weighted_adapter(
         targets = sorted(set().union(*(c.target_modules for c in configs)))
     config = configs[0].replace(r=rank, lora_alpha=rank, target_modules=targets, alpha_pattern={}, rank_pattern={})
     model.add_adapter(adapter_name, config)
+    try:
+        _write(model, adapter_name, kind, names, weights, rank, density, majority_sign_method, svd_clamp,
+               svd_full_matrices, svd_driver)  # fmt: skip
+    except BaseException:  # (a module where the adapters' ranks differ): the model as it was
+        model.delete_adapter(adapter_name)
+        raise
+
+
+def _write(model: Any, adapter_name: str, kind: str, names: list[str], weights: list[float], rank: int,
+           density: float | None, majority_sign_method: str, svd_clamp: float | None, svd_full_matrices: bool,
+           svd_driver: str | None) -> None:  # fmt: skip
+    """The new adapter's A and B at every module it adapts."""
     with torch.no_grad():
         for path, layer in model._layers():
             if isinstance(layer, LORA_LAYERS) and adapter_name in layer.scaling:
