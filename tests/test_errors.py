@@ -214,11 +214,11 @@ def test_unsupported_config_field(model, saved):
     file = os.path.join(saved, "adapter_config.json")
     with open(file) as fh:
         config = json.load(fh)
-    config["lora_bias"] = True  # PEFT's trainable bias on lora_B: deltatune does not compute it
+    config["use_qalora"] = True  # PEFT's QA-LoRA pooling: deltatune does not compute it
     with open(file, "w") as fh:
         json.dump(config, fh)
     before = state(model)
-    with pytest.raises(dt.ConfigError, match=r"'lora_bias' = True"):
+    with pytest.raises(dt.ConfigError, match=r"'use_qalora' = True"):
         model.load_adapter(saved, "other")
     assert_same(before, state(model))
 
