@@ -396,7 +396,7 @@ def test_a_target_also_in_modules_to_save_is_trained_in_full_as_in_peft(tmp_path
 @pytest.mark.parametrize("init", ["orthogonal", "mica"])
 def test_an_adapter_peft_drew_with_an_init_that_leaves_the_base_loads(init, tmp_path):
     """peft's orthogonal and MiCA inits leave the base as it is, so the file is a plain LoRA (peft reloads it onto
-    the plain base exactly); deltatune refused to read its config. Drawing a new adapter so stays refused."""
+    the plain base exactly); deltatune refused to read its config. Drawing a new MiCA adapter stays refused."""
     theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                  init_lora_weights=init)).eval()  # fmt: skip
     with torch.no_grad():
@@ -408,8 +408,9 @@ def test_an_adapter_peft_drew_with_an_init_that_leaves_the_base_loads(init, tmp_
     inputs = tiny_inputs("llama")
     torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=ATOL32, rtol=0)
     assert ours.peft_config["default"].init_lora_weights == init  # saved again as peft wrote it
-    with pytest.raises(ConfigError, match=rf"^init_lora_weights='{init}' is peft's; deltatune draws True, False"):
-        dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(init_lora_weights=init))
+    if init == "mica":  # (orthogonal is drawn as peft draws it: tests/methods/test_lora_init9.py)
+        with pytest.raises(ConfigError, match=rf"^init_lora_weights='{init}' is peft's; deltatune draws True, False"):
+            dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(init_lora_weights=init))
 
 
 def test_a_peft_lora_on_a_tied_lm_head_loads_with_peft_s_outputs(tmp_path):

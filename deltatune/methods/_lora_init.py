@@ -27,7 +27,7 @@ from torch import nn
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from ..layer import DeltaLayer, NotMergeable
 
-LOADS_ONLY = ("orthogonal", "mica", "eva")  # peft's inits that leave the base as it is: their files are plain LoRA
+LOADS_ONLY = ("mica", "eva")  # peft's inits that leave the base as it is, not drawn here: their files are plain LoRA
 FROM_BASE = ("pissa", "olora")  # computed from the base weight, which they change (pissa_niter_K too)
 
 
@@ -43,7 +43,7 @@ def check_init(init: object, lora_bias: bool = False, use_dora: bool = False) ->
         raise ConfigError(f"lora_bias=True is only supported with init_lora_weights=True or False, got {init!r}")
     if lora_bias and use_dora:
         raise ConfigError("lora_bias=True is not supported with use_dora (as peft)")
-    if init in (True, False, "gaussian", "pissa", "olora", *LOADS_ONLY):
+    if init in (True, False, "gaussian", "orthogonal", "pissa", "olora", *LOADS_ONLY):
         return
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         if init.removeprefix("pissa_niter_").isdigit():
@@ -65,6 +65,11 @@ def reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bo
         nn.init.normal_(B)
     elif init == "gaussian":
         nn.init.normal_(A, std=1 / r)
+    elif init == "orthogonal":  # peft's orthogonal_init: B A = 0 from two halves of one random orthogonal Q
+        Q, _ = torch.linalg.qr(torch.randn(r, r))
+        with torch.no_grad():
+            A.copy_(torch.randn(A.shape[1], r // 2).mm(Q[0::2, :]).T / 10.0)
+            B.copy_(torch.randn(r // 2, B.shape[0]).T.mm(Q[1::2, :]) / 10.0)
     else:  # kaiming_uniform_ with a=sqrt(5) is nn.Linear's own init, which the LoRA reference code uses for A
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
@@ -75,14 +80,18 @@ def check_target(layer: nn.Module, name: str, config: DeltaConfig, r: int) -> No
     init, kind = config.init_lora_weights, type(layer).__name__
     if config.lora_bias and kind == "LoraEmbedding":  # peft: "lora_bias=True is not supported for Embedding."
         raise ConfigError(f"lora: lora_bias=True is not supported on {name}, an embedding (as peft)")
-    if not is_from_base(init):
-        return
-    if kind == "LoraEmbedding":
+    if kind == "LoraEmbedding" or not (is_from_base(init) or init == "orthogonal"):
         return  # peft draws an embedding's adapter as for True and leaves its weight alone
     base = layer.base_layer
     if kind == "LoraConv2d":  # peft: "Unknown initialization init_lora_weights='pissa'"
         raise ConfigError(f"lora: init_lora_weights={init!r} is not defined for {name} (Conv2d), as in peft; "
                           "leave it out of target_modules")  # fmt: skip
+    if init == "orthogonal":  # peft: "Orthogonal initialization requires the LoRA rank to be even, got 3 instead."
+        if r % 2:
+            raise ConfigError(
+                f"lora: init_lora_weights='orthogonal' on {name} needs an even rank, got r={r} (as peft)"
+            )
+        return
     weight = base.weight
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or callable(
         getattr(base, "dequantize", None)

@@ -361,8 +361,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
     """Wrap every target module in a LoRA layer (or add to an existing one) and add adapter ``adapter_name``. Targets
     (DoRA's among them) are checked before the model is touched."""
     if config.init_lora_weights in inits.LOADS_ONLY:
-        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is peft's; deltatune draws True, False or "
-                          "'gaussian' (an adapter peft saved with it loads)")  # fmt: skip
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is peft's; deltatune draws True, False, "
+                          "'gaussian', 'orthogonal', 'pissa' or 'olora' (an adapter peft saved with it loads)")  # fmt: skip
     names = resolve_targets(model, config, LORA_TARGETS, "lora")
     plan: list[tuple[str, _LoraBase, bool]] = []
     for name in names:

@@ -51,6 +51,8 @@ def _train(model) -> None:
         ("llama", "olora", torch.bfloat16),
         ("gpt2", "pissa", torch.bfloat16),
         ("gpt2", "pissa_niter_1", torch.float32),
+        ("llama", "orthogonal", torch.float32),  # B A = 0, the base left alone
+        ("gpt2", "orthogonal", torch.bfloat16),
     ],
 )
 def test_init_is_peft_to_the_bit(family, init, dtype):
@@ -87,6 +89,8 @@ class _Conv(nn.Module):
         (lambda: tiny_model("gpt2"), dict(init_lora_weights="olora"), "GPT-2 Conv1D"),  # peft: a shape error
         (lambda: tiny_model("llama"), dict(init_lora_weights="pissa", r=40), "r=40"),  # q_proj is 32 x 32
         (lambda: tiny_model("llama").double(), dict(init_lora_weights="olora"), "torch.float64"),  # peft: TypeError
+        (lambda: tiny_model("llama"), dict(init_lora_weights="orthogonal", r=3), "even rank, got r=3"),  # peft too
+        (_Conv, dict(init_lora_weights="orthogonal", target_modules=["conv"]), "conv (Conv2d)"),
     ],
 )
 def test_refused_in_one_line_before_the_model_changes(model, kw, words):
