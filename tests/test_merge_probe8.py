@@ -70,14 +70,18 @@ def test_merge_and_unmerge_on_a_bf16_base_with_fp32_adapters_are_peft_s_bit_for_
 
 
 @pytest.mark.parametrize("safe", [False, True])
-def test_an_adapter_merged_after_a_deleted_one_is_merged_again_as_it_was(safe, tmp_path):
-    """Deleting a merged adapter unmerges the ones merged after it and merges them again: with the safe_merge they
-    were merged with, so the weights are peft's after unmerging both and merging the kept one again so (peft itself
-    refuses to delete a merged adapter; deltatune unmerges it first)."""
+def test_a_merged_adapter_is_not_deleted_and_peft_s_order_gives_peft_s_weights(safe, tmp_path):
+    """Deleting a merged adapter is refused, as peft refuses it, leaving the weights as they were; peft's order
+    (unmerge, delete, merge the kept one with the safe_merge it had) gives peft's weights."""
     ours, theirs, names = _pair("lora+lora", tmp_path)
     ours.merge_adapter(names, safe_merge=safe)
     theirs.merge_adapter(names, safe_merge=safe)
-    ours.delete_adapter("default")
-    theirs.unmerge_adapter()
-    theirs.merge_adapter(["b"], safe_merge=safe)
+    before = {k: v.clone() for k, v in ours.get_base_model().state_dict().items()}
+    with pytest.raises(ValueError, match="'default' is merged into the base weights; unmerge_adapter"):
+        ours.delete_adapter("default")
+    assert all(torch.equal(before[k], v) for k, v in ours.get_base_model().state_dict().items())
+    for model in (ours, theirs):
+        model.unmerge_adapter()
+        model.delete_adapter("default")
+        model.merge_adapter(["b"], safe_merge=safe)
     _assert_base_weights_equal(ours.get_base_model(), theirs.get_base_model())

@@ -346,8 +346,9 @@ def test_an_adapter_named_twice_is_active_once():
 
 
 @pytest.mark.parametrize("dora", [(True, True), (False, True)])
-def test_deleting_an_adapter_merged_before_another_keeps_the_base(dora):
-    """delete_adapter unmerged its adapter from under a DoRA merged after it, leaving the base 0.43 off for good."""
+def test_deleting_an_adapter_merged_before_another_is_refused_and_keeps_the_base(dora):
+    """delete_adapter unmerged its adapter from under a DoRA merged after it (the base 0.43 off for good); now it is
+    refused while merged, as peft, and the model answers as before; unmerged first, the rest is b alone."""
     torch.manual_seed(0)
     model = dt.get_delta_model(tiny_model("llama"), _lora(use_dora=dora[0]), "a")
     model.add_adapter("b", _lora(use_dora=dora[1]))
@@ -364,7 +365,13 @@ def test_deleting_an_adapter_merged_before_another_keeps_the_base(dora):
         b_alone = model(**inputs).logits
         model.set_adapter(["a", "b"])
         model.merge_adapter()
+        both = model(**inputs).logits
+        with pytest.raises(ValueError, match="'a' is merged"):
+            model.delete_adapter("a")
+        torch.testing.assert_close(model(**inputs).logits, both, atol=0, rtol=0)
+        model.unmerge_adapter()
         model.delete_adapter("a")
+        model.merge_adapter()
         torch.testing.assert_close(model(**inputs).logits, b_alone, atol=1e-5, rtol=0)
         model.unmerge_adapter()
         with model.disable_adapter():
