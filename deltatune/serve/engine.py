@@ -391,8 +391,8 @@ class Engine:
             r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             if len(r.output_ids) <= r.min_tokens:  # vLLM's: a stop string must end in text after them
                 r.stop_from = len(r.text)
-            ends = (r.text.find(s, max(r.stop_from - len(s) + 1, 0)) for s in r.stop)
-            cut = min((k for k in ends if k >= 0), default=-1)
+            # The first stop string in the request's order that the new text completes (vLLM's check_stop_strings)
+            cut = next((k for s in r.stop if (k := r.text.find(s, max(r.stop_from - len(s) + 1, 0))) >= 0), -1)
             if cut >= 0:
                 r.text, r.finish_reason = r.text[:cut], "stop"
             elif len(r.output_ids) >= r.max_tokens:

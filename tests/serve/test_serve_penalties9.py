@@ -206,3 +206,22 @@ def test_out_of_range_values_are_400s_naming_the_field(served):
     del chat["max_tokens"]  # the limit named as the request set it
     status, answer = _post(server, {**chat, "max_completion_tokens": 1}, "/v1/chat/completions")
     assert status == 400 and "at most max_completion_tokens (1)" in answer["error"]["message"]
+
+
+def test_two_stop_strings_completed_by_one_token_cut_at_the_first_listed_as_vllm():
+    """WordPiece's one token 'hello' completes both 'lo' and 'he': vLLM's check_stop_strings takes the first of the
+    request's list that the new text holds ('hel'); serve cut at the earliest position ('')."""
+    from tiny import tokenizer
+
+    from deltatune.serve.engine import Engine, Request
+
+    tok = tokenizer()
+    ids = tok("hello", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1
+    for stop, want in ((["lo", "he"], "hel"), (["he", "lo"], ""), (["x", "ll"], "he")):
+        sent: list[str] = []
+        r = Request(
+            prompt_ids=[1], adapter="base", max_tokens=4, emit=lambda t, f, sent=sent: sent.append(t), stop=stop
+        )
+        assert Engine._advance(SimpleNamespace(tokenizer=tok, eos_ids=set()), r, ids[0])
+        assert (r.text, "".join(sent), r.finish_reason) == (want, want, "stop"), stop
