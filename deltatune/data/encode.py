@@ -360,14 +360,18 @@ def encode_sft_samples(
     samples: Sequence[Any], tokenizer, template: str | None, max_length: int, truncation: str = "truncate"
 ) -> Encoded:
     """SFT samples (``formats.Sample``) -> ids and labels on the assistant turns (the completion's only, for
-    prompt_completion rows); rows left with no trained token after truncation are dropped and counted."""
-    out, counter, dropped = [], [0], 0
+    prompt_completion rows); rows left with no trained token after truncation are dropped and counted, apart from
+    rows with no trained token at any length (every answer weighted 0)."""
+    out, counter, dropped, unweighted = [], [0], 0, 0
     for s in samples:
         ids, labels = sft_example(s, tokenizer, template)
+        if all(label == IGNORE_INDEX for label in labels):
+            unweighted += 1
+            continue
         keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
         ids, labels = ids[:keep], labels[:keep]
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1
             continue
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return Encoded(out, counter[0], dropped)
+    return Encoded(out, counter[0], dropped, unweighted=unweighted)

@@ -30,6 +30,8 @@ class Encoded:
     cut_sources: int = 0
     cut_targets: int = 0
     """seq2seq: rows whose source, and whose target, was cut (``truncated`` counts a row once)."""
+    unweighted: int = 0
+    """SFT: rows dropped whatever the length, every answer weighted 0 (OpenAI's ``weight``): nothing trains."""
 
 
 def _fit(

@@ -21,8 +21,12 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
     for split, e in (("train", train), ("eval", ev)):
         if e is not None and e.dropped:
             notes.append(f"{e.dropped} {split} rows were dropped: no response token fits within data.max_length")
+        if e is not None and e.unweighted:
+            notes.append(f"{e.unweighted} {split} rows were dropped: every answer has weight 0 (nothing to train)")
     if not train.examples:
-        raise DataError(f"no training row has a response token within data.max_length={d.max_length}")
+        why = [f"{train.dropped} with none within data.max_length={d.max_length}"] * bool(train.dropped)
+        why += [f"{train.unweighted} with every answer weighted 0"] * bool(train.unweighted)
+        raise DataError(f"no training row has a response token to train ({'; '.join(why) or 'no rows'})")
     train_ex = train.examples
     if d.packing:
         train_ex = pack(train_ex, d.max_length)
