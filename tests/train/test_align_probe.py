@@ -224,8 +224,9 @@ def test_kto_reference_has_no_dropout(tmp_path, dropout_policy):
     torch.manual_seed(7)
     with torch.no_grad():
         got = trainer.compute_loss(model, batch).item()
-        torch.manual_seed(7)
-        policy, policy_kl = sequence_logprobs(model, lm).chunk(2)
+        torch.manual_seed(7)  # the mismatched (KL) rows first, under no_grad, then the rows: TRL's order
+        policy_kl = sequence_logprobs(model, {k: v[4:] for k, v in lm.items()})
+        policy = sequence_logprobs(model, {k: v[:4] for k, v in lm.items()})
         model.eval()
         with model.disable_adapter():
             ref, ref_kl = sequence_logprobs(model, lm).chunk(2)
