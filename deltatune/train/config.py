@@ -421,7 +421,7 @@ READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "d
            ("dpo grpo kto orpo simpo", "align.beta"),
            ("dpo kto", "align.loss_type"),
            ("dpo", "align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref align.ld_alpha "
-                   "align.f_divergence_type align.f_alpha_divergence_coef"),
+                   "align.f_divergence_type align.f_alpha_divergence_coef align.use_weighting"),
            ("ppo grpo", "align.max_new_tokens align.temperature align.mini_batch_size align.cliprange"),
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
                    "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon"),

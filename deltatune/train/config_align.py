@@ -45,6 +45,8 @@ class AlignArgs:
                                 "beyond the shorter one's count weigh alpha in the summed log-probs; null: off.")  # fmt: skip
     precompute_ref: bool = _f(False, "DPO: compute the reference log-probs once before training (one pass, no "
                               "reference forward per step).")  # fmt: skip
+    use_weighting: bool = _f(False, "DPO: WPO's weighting (TRL's use_weighting): each pair's loss times its responses' "
+                             "length-normalised probabilities under the policy, no gradient through them.")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
                                   "(prompts, responses) -> rewards.")  # fmt: skip
     max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")
@@ -96,6 +98,9 @@ def validate_align(a: AlignArgs, stage: str) -> None:
     if a.f_divergence_type not in F_DIVERGENCES or others:
         raise ConfigError(f"align.f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, other than reverse_kl "
                           f"only with the {', '.join(F_DIVERGENCE_LOSSES)} losses; got {a.f_divergence_type}")  # fmt: skip
+    if a.use_weighting and stage == "dpo" and set(kinds) & {"aot", "aot_unpaired"}:
+        raise ConfigError("align.use_weighting (WPO) does not apply to align.loss_type aot or aot_unpaired: they sort "
+                          "the batch's pairs, which would misalign the per-pair weights (TRL refuses it too)")  # fmt: skip
     if a.ld_alpha is not None and not 0 <= a.ld_alpha <= 1:
         raise ConfigError(f"align.ld_alpha must be in [0, 1] (or null: off), got {a.ld_alpha}")
     if a.label_smoothing and not set(kinds) & set(SMOOTHED):

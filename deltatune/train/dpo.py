@@ -281,7 +281,7 @@ def _use_weighting(align: AlignArgs) -> bool:
     the batch's pairs, so a pair's weight would meet another pair's loss)."""
     from ..config import ConfigError
 
-    on = bool(getattr(align, "use_weighting", False))  # (an AlignArgs field once config.py declares it)
+    on = align.use_weighting
     kinds = {align.loss_type} if isinstance(align.loss_type, str) else set(align.loss_type)
     if on and kinds & {"aot", "aot_unpaired"}:
         raise ConfigError("align.use_weighting (WPO) does not apply to align.loss_type aot or aot_unpaired: they sort "

@@ -28,3 +28,13 @@ def test_another_stage_names_the_t2i_keys_as_ignored():
 def test_a_misspelt_t2i_key_is_refused_naming_the_nearest():
     with pytest.raises(ConfigError, match="noise_ofset.*noise_offset"):
         build({"stage": "t2i", "train": {"noise_ofset": 0.1}})
+
+
+def test_wpo_is_a_dpo_recipe_key_refused_with_the_sorting_losses_and_named_ignored_elsewhere():
+    dpo = build({"stage": "dpo", "model": {"name_or_path": "smollm2"}, "align": {"use_weighting": True}})
+    assert dpo.align.use_weighting and ignored_keys(dpo) == []
+    kto = build({"stage": "kto", "model": {"name_or_path": "smollm2"}, "align": {"use_weighting": True}})
+    assert ignored_keys(kto) == [("align.use_weighting", "dpo")]
+    with pytest.raises(ConfigError, match=r"align.use_weighting \(WPO\) does not apply to align.loss_type aot"):
+        build({"stage": "dpo", "model": {"name_or_path": "smollm2"},
+               "align": {"use_weighting": True, "loss_type": ["sigmoid", "aot"]}})  # fmt: skip
