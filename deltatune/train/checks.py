@@ -218,7 +218,7 @@ def check_caption(cfg: RunConfig, prepared, model) -> None:
             continue
         if hasattr(ds, "encoded"):  # a decoder-only VLM's rows: (ids with the image tokens, labels)
             ids = max((ids for ids, _ in ds.encoded), key=len)
-            longest, images = len(ids), ids.count(ds.processor.image_token_id)
+            longest, images = len(ids), sum(t in ds.processor.image_ids for t in ids)  # (not Gemma 3's marker alone)
             key, fix = f"data.max_length={d.max_length}", f"data.max_length to {positions - images} or less"
         else:  # a VisionEncoderDecoder reads its start token and the caption but its end; BLIP its BOS and all
             blip = ds.processor.bos is not None
