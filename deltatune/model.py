@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import loss, registry
+from . import loss, registry, status
 from .config import CONFIG_NAME, DeltaConfig
 from .files import (
     AdapterLoadError,
@@ -47,11 +47,8 @@ from .layer import (
     call_batch_size,
     call_sizes,
     check_not_shared,
-    checkpointing,
     enable_checkpointing,
-    logical_numel,
     replace_module,
-    row_names,
     unpack_frozen_layers,
     unwrapped_name,
 )
@@ -126,7 +123,7 @@ class DeltaModel(nn.Module, PushToHub):
                 weights (unmerge first); inside ``disable_adapter``; gradient checkpointing while training; or an
                 adapter whose method cannot route rows (token methods, or methods that train the base in place).
         """
-        names = self._check_rows(adapter_names, batch_size)
+        names = status.check_rows(self, adapter_names, batch_size)
         layers = [layer for _, layer in self._layers()]
         saved = [(layer, layer.row_adapters, layer.disabled) for layer in layers]
         rows = RowAdapters(names, sizes)
@@ -139,35 +136,6 @@ class DeltaModel(nn.Module, PushToHub):
             for layer, previous, disabled in saved:
                 layer.row_adapters = previous
                 layer.disabled = disabled
-
-    def _check_rows(self, adapter_names: Any, batch_size: int | None) -> list[str]:
-        names = row_names(adapter_names, batch_size, list(self.peft_config))
-        layers = [layer for _, layer in self._layers()]
-        if any(layer.merged_adapters for layer in layers):
-            raise ValueError(
-                "adapter_names cannot be used while adapters are merged into the base weights (the merged update "
-                "would reach every row); call unmerge_adapter() first"
-            )
-        if any(layer.disabled for layer in layers):
-            raise ValueError('adapter_names cannot be used inside disable_adapter(); use "__base__" rows instead')
-        if self.training and torch.is_grad_enabled() and checkpointing(self.base_model):
-            # The backward pass recomputes checkpointed blocks after the call, when the rows are no longer routed.
-            raise ValueError("adapter_names does not work with gradient checkpointing in training; turn it off")
-        for name in dict.fromkeys(n for n in names if n != BASE_ROW):
-            holders = [layer for layer in layers if name in layer.adapter_names]
-            method = self.peft_config[name].method
-            if self._base_trainables.get(name) or not holders:
-                raise ValueError(
-                    f"adapter {name!r} ({method}) changes the base model's own parameters (e.g. its biases), which "
-                    "every row shares; it cannot be mixed with others in one batch"
-                )
-            if unable := [layer for layer in holders if not layer.supports_row_adapters]:
-                raise ValueError(
-                    f"adapter {name!r} ({method}) cannot be mixed with others in one batch: its "
-                    f"{type(unable[0]).__name__} layer does not route rows (only layers whose supports_row_adapters "
-                    "is True do)"
-                )
-        return names
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -327,21 +295,25 @@ class DeltaModel(nn.Module, PushToHub):
 
     def _apply_active(self) -> None:
         """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train."""
-        for _, layer in self._layers():
-            layer.set_adapters(self.active_adapters)
-        trainable: set[int] = set()
-        for _, layer in self._layers():
-            for name in layer.adapter_names:
-                train = name in self.active_adapters and not self.peft_config[name].inference_mode
-                for p in layer.adapter_parameters(name).values():
-                    p.requires_grad_(train)
-                    if train:
-                        trainable.add(id(p))
-        for name in self.active_adapters:
-            if not self.peft_config[name].inference_mode:
-                trainable.update(map(id, self._base_params(name).values()))
-        for p in self.base_model.parameters():
-            p.requires_grad_(id(p) in trainable)
+        status.apply_active(self)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """peft's: turn the named adapters' parameters' ``requires_grad`` on (or off), active or not (``status``)."""
+        status.set_requires_grad(self, adapter_names, requires_grad)
+
+    def enable_adapter_layers(self) -> None:
+        """peft's: every layer acts again; the active adapters' parameters train (``status.enable_layers``)."""
+        status.enable_layers(self, True)
+
+    def disable_adapter_layers(self) -> None:
+        """peft's: the model computes as the base model until ``enable_adapter_layers``; merged adapters are
+        unmerged, no adapter parameter trains (``disable_adapter`` is the block form)."""
+        status.enable_layers(self, False)
+
+    @property
+    def active_peft_config(self) -> DeltaConfig:
+        """The first active adapter's config (peft's)."""
+        return self.peft_config[self.active_adapter]
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -512,6 +484,10 @@ class DeltaModel(nn.Module, PushToHub):
         torch_device: str | torch.device | None = None,
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = False,
+        ephemeral_gpu_offload: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        *,
+        _config: DeltaConfig | None = None,
     ) -> None:
         """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error.
 
@@ -529,6 +505,8 @@ class DeltaModel(nn.Module, PushToHub):
                 (the adapter then sits on its base layers' devices, as peft's); ``low_cpu_mem_usage`` draws no
                 initial weights (the random state is left as it was); ``autocast_adapter_dtype=True`` keeps a
                 half-precision base's adapter in float32 (peft's default; deltatune's, False, the base's dtype).
+            ephemeral_gpu_offload: peft's; no effect (deltatune keeps no module offloaded to move to the GPU).
+            key_mapping: peft's: {regex: replacement} rewriting the file's keys, less their prefix (``status.remap_keys``).
 
         Raises:
             FileNotFoundError: no adapter there.
@@ -537,9 +515,14 @@ class DeltaModel(nn.Module, PushToHub):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
-        config_file = resolve(model_id, CONFIG_NAME, subfolder, revision)
-        config = registry.from_pretrained(config_file).replace(inference_mode=not is_trainable)
+        config_file = (
+            "" if _config is not None else resolve(model_id, CONFIG_NAME, subfolder, revision)
+        )  # from_pretrained's
+        config = (registry.from_pretrained(config_file) if _config is None else _config).replace(
+            inference_mode=not is_trainable
+        )
         tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device)
+        tensors = status.remap_keys(tensors, key_mapping) if key_mapping else tensors
         if not modules_to_save:
             tensors = split_heads(tensors, config.modules_to_save, key_prefix(config))[0]
             task = None if config.task_type in HEADS_BY_TASK else config.task_type
@@ -568,19 +551,27 @@ class DeltaModel(nn.Module, PushToHub):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
-                        is_trainable: bool = False, **kwargs: Any) -> DeltaModel:  # fmt: skip
-        """Wrap ``model`` and load the adapter saved at ``model_id`` (see ``load_adapter``)."""
+                        is_trainable: bool = False, config: DeltaConfig | None = None, **kwargs: Any) -> DeltaModel:  # fmt: skip
+        """Wrap ``model`` and load the adapter saved at ``model_id`` (see ``load_adapter``); ``config`` (peft's) is
+        used instead of the folder's ``adapter_config.json`` (the caller's object is left unchanged)."""
+        if config is not None and not isinstance(config, DeltaConfig):
+            raise ValueError(f"config must be a DeltaConfig (a method's config class), got {type(config).__name__}")
         wrapped = cls(model)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, _config=config, **kwargs)
         return wrapped
 
-    # -- counting ------------------------------------------------------------------------------------------
+    # -- status --------------------------------------------------------------------------------------------
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """peft's: each adapter layer's status (``deltatune.status.TunerLayerStatus``, peft's fields and values)."""
+        return status.layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """peft's: the model's adapter status summed up (``deltatune.status.TunerModelStatus``)."""
+        return status.model_status(self)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), counting each shared tensor once."""
-        unique = {id(p): p for p in self.base_model.parameters()}.values()
-        total = sum(logical_numel(p) for p in unique)  # a packed 4-bit weight counts the parameters it stands for
-        trainable = sum(logical_numel(p) for p in unique if p.requires_grad)
-        return trainable, total
+        return status.count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         """Print trainable and total parameter counts, as PEFT does."""

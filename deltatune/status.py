@@ -1,0 +1,258 @@
+"""What a DeltaModel's adapters are doing: which parameters train, whether the layers act, and peft's reports of it.
+
+Setting it: ``apply_active`` (exactly the active, trainable adapters' parameters train; run after every change of
+the active adapters), peft 0.21.2's ``set_requires_grad`` and ``enable_adapter_layers`` / ``disable_adapter_layers``.
+Reporting it: the parameter counts and peft's ``TunerLayerStatus`` / ``TunerModelStatus`` (the same fields, and the
+same values for the same model, as ``PeftModel.get_layer_status`` / ``get_model_status``).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from .files import KEY_PREFIX
+from .layer import BASE_ROW, DeltaLayer, ModulesToSave, checkpointing, logical_numel, row_names
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+Irregular = Literal["irregular"]
+
+
+@dataclass
+class TunerLayerStatus:
+    """peft's ``TunerLayerStatus``: one adapter layer (``name`` as peft's, under its tuner's ``model.``)."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, bool | Irregular]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | None
+
+
+@dataclass
+class TunerModelStatus:
+    """peft's ``TunerModelStatus``: the layers' statuses summed up ("irregular" where the layers disagree)."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: bool | Irregular
+    active_adapters: list[str] | Irregular
+    merged_adapters: list[str] | Irregular
+    requires_grad: dict[str, bool | Irregular]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | None | Irregular
+
+
+# peft's module_type is its layer's repr up to "(": its LoRA layers prefix the tuner's name ("lora.Linear"), its other
+# tuners' do not (IA3's "Linear"); its layer classes are named after the base layer, GPT-2's Conv1D wrapped as Linear.
+_REPR_PREFIX = {"LORA": "lora."}
+_PEFT_CLASS = {"Conv1D": "Linear", "DequantizedLinear": "Linear4bit"}
+
+
+# -- setting ------------------------------------------------------------------------------------------------------------
+def _set_grad(layer: DeltaLayer, names: Iterable[str], flag: bool) -> None:
+    for name in names:
+        for p in layer.adapter_parameters(name).values():
+            p.requires_grad_(flag)
+
+
+def apply_active(model: DeltaModel) -> None:
+    """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train."""
+    layers = [layer for _, layer in model._layers()]
+    for layer in layers:
+        layer.set_adapters(model.active_adapters)
+    trainable: set[int] = set()
+    for layer in layers:
+        for name in layer.adapter_names:
+            train = name in model.active_adapters and not model.peft_config[name].inference_mode
+            _set_grad(layer, [name], train)
+            trainable.update(map(id, layer.adapter_parameters(name).values()) if train else ())
+    for name in model.active_adapters:
+        if not model.peft_config[name].inference_mode:
+            trainable.update(map(id, model._base_params(name).values()))
+    for p in model.base_model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def set_requires_grad(model: DeltaModel, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+    """peft's ``set_requires_grad``: the adapters' own parameters in every layer (a base parameter an adapter trains in
+    place, e.g. ``bias="all"``, is left as it is, as peft's). An unknown name is refused (peft skips it)."""
+    if not isinstance(requires_grad, bool):
+        raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
+    names = model._check_names(adapter_names if isinstance(adapter_names, str) else list(adapter_names))
+    for _, layer in model._layers():
+        _set_grad(layer, [n for n in names if n in layer.adapter_names], requires_grad)
+
+
+def enable_layers(model: DeltaModel, enabled: bool) -> None:
+    """peft's ``enable_adapter_layers`` / ``disable_adapter_layers``: every layer acts (the active adapters' parameters
+    then train, frozen or not before, the others do not) or computes as the base layer (no adapter parameter trains).
+    Disabling unmerges first: peft's disabled layer unmerges itself at its next forward."""
+    if not enabled:
+        for name in model.active_adapters:
+            if model._base_trainables.get(name):
+                warnings.warn(
+                    f"adapter {name!r} changed the base model's own parameters (e.g. its biases) in place; disabling "
+                    "the adapter layers leaves them, so the output is not the base model's",
+                    stacklevel=3,
+                )
+        model.unmerge_adapter()
+    for _, layer in model._layers():
+        layer.disabled = not enabled
+        held = layer.adapter_names
+        _set_grad(layer, [n for n in held if n in model.active_adapters], enabled)
+        if not isinstance(layer, ModulesToSave):  # peft's wrapper of a full copy leaves the inactive copies alone
+            _set_grad(layer, [n for n in held if n not in model.active_adapters], False)
+
+
+def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """peft's ``key_mapping``: each key less its ``files.KEY_PREFIX`` (or a token method's ``base_model.``) prefix is rewritten by the
+    first pattern (a regular expression) that matches it, then given its prefix back."""
+    out = {}
+    for key, value in tensors.items():
+        prefix = next((p for p in (KEY_PREFIX, "base_model.") if key.startswith(p)), "")
+        rest = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            new, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = new
+                break
+        out[prefix + rest] = value
+    return out
+
+
+def check_rows(model: DeltaModel, adapter_names: object, batch_size: int | None) -> list[str]:
+    """``adapter_names`` (one per row) as a list, when the adapters' state lets each row pick its adapter: none merged,
+    the layers enabled, no checkpointing in training, and every named adapter's layers able to route rows."""
+    names = row_names(adapter_names, batch_size, list(model.peft_config))
+    layers = [layer for _, layer in model._layers()]
+    if any(layer.merged_adapters for layer in layers):
+        raise ValueError(
+            "adapter_names cannot be used while adapters are merged into the base weights (the merged update "
+            "would reach every row); call unmerge_adapter() first"
+        )
+    if any(layer.disabled for layer in layers):
+        raise ValueError(
+            "adapter_names cannot be used while the adapter layers are disabled (disable_adapter(), "
+            'disable_adapter_layers()); use "__base__" rows instead'
+        )
+    if model.training and torch.is_grad_enabled() and checkpointing(model.base_model):
+        # The backward pass recomputes checkpointed blocks after the call, when the rows are no longer routed.
+        raise ValueError("adapter_names does not work with gradient checkpointing in training; turn it off")
+    for name in dict.fromkeys(n for n in names if n != BASE_ROW):
+        holders = [layer for layer in layers if name in layer.adapter_names]
+        method = model.peft_config[name].method
+        if model._base_trainables.get(name) or not holders:
+            raise ValueError(
+                f"adapter {name!r} ({method}) changes the base model's own parameters (e.g. its biases), which "
+                "every row shares; it cannot be mixed with others in one batch"
+            )
+        if unable := [layer for layer in holders if not layer.supports_row_adapters]:
+            raise ValueError(
+                f"adapter {name!r} ({method}) cannot be mixed with others in one batch: its "
+                f"{type(unable[0]).__name__} layer does not route rows (only layers whose supports_row_adapters "
+                "is True do)"
+            )
+    return names
+
+
+# -- reporting ----------------------------------------------------------------------------------------------------------
+def count_parameters(model: DeltaModel) -> tuple[int, int]:
+    """(trainable parameters, all parameters), counting each shared tensor once."""
+    unique = {id(p): p for p in model.base_model.parameters()}.values()
+    total = sum(logical_numel(p) for p in unique)  # a packed 4-bit weight counts the parameters it stands for
+    trainable = sum(logical_numel(p) for p in unique if p.requires_grad)
+    return trainable, total
+
+
+def _agree(values: list) -> bool | Irregular:
+    if all(v is True for v in values):
+        return True
+    return False if all(v is False for v in values) else "irregular"
+
+
+def _module_type(layer: DeltaLayer, peft_type: str) -> str:
+    if isinstance(layer, ModulesToSave):
+        return "ModulesToSaveWrapper"
+    base = getattr(layer, "base_layer", None)
+    if base is None:  # a layer with no base layer of its own (virtual tokens): peft has no such layer
+        return type(layer).__name__
+    kind = type(base).__name__
+    return _REPR_PREFIX.get(peft_type, "") + _PEFT_CLASS.get(kind, kind)
+
+
+def layer_status(model: DeltaModel) -> list[TunerLayerStatus]:
+    """peft's ``get_layer_status``. ValueError when the model has no adapter layer (in-place methods only)."""
+    out = []
+    for path, layer in model._layers():
+        params = {n: list(layer.adapter_parameters(n).values()) for n in layer.adapter_names}
+        out.append(
+            TunerLayerStatus(
+                name=f"model.{path}",
+                module_type=_module_type(layer, model.peft_config[layer.adapter_names[0]].peft_type),
+                enabled=not layer.disabled,
+                # peft's adapter layers all hold the model's list, its full copies the one they have
+                active_adapters=list((layer if isinstance(layer, ModulesToSave) else model).active_adapters),
+                merged_adapters=list(layer.merged_adapters),
+                requires_grad={n: _agree([p.requires_grad for p in ps]) for n, ps in params.items() if ps},
+                available_adapters=sorted(params),
+                devices={n: sorted({p.device.type for p in ps}) for n, ps in params.items()},
+                quantization_backend=None,  # peft's LoRA and IA3 layers name none, on a 4-bit base too
+            )
+        )
+    if not out:
+        adapters = ", ".join(model.peft_config) or "none"
+        raise ValueError(f"no adapter layers in the model (adapters: {adapters}); in-place methods inject none")
+    return out
+
+
+def model_status(model: DeltaModel) -> TunerModelStatus:
+    """peft's ``get_model_status``, summed up from ``layer_status`` as peft does."""
+    layers = layer_status(model)
+    trainable, total = count_parameters(model)
+    kinds = sorted({type(c).__name__.removesuffix("Config") + "Model" for c in model.peft_config.values()})
+    enabled = {s.enabled for s in layers}
+    actives = {tuple(s.active_adapters) for s in layers}
+    merged_all = {n for s in layers for n in s.merged_adapters}
+    merged: list[str] | Irregular = sorted(merged_all)
+    if any((set(s.available_adapters) - set(s.merged_adapters)) & merged_all for s in layers):
+        merged = "irregular"
+    grads: dict[str, list] = collections.defaultdict(list)
+    devices: dict[str, set[str]] = collections.defaultdict(set)
+    for s in layers:
+        for key, value in s.requires_grad.items():
+            grads[key].append(value)
+        for key, value in s.devices.items():
+            devices[key].update(value)
+    return TunerModelStatus(
+        base_model_type=type(model.get_base_model()).__name__,
+        adapter_model_type="+".join(kinds),  # peft's tuner class ("LoraModel"); deltatune may mix methods
+        peft_types={n: c.peft_type for n, c in model.peft_config.items()},
+        trainable_params=trainable,
+        total_params=total,
+        num_adapter_layers=len(layers),
+        enabled=enabled.pop() if len(enabled) == 1 else "irregular",
+        active_adapters=list(actives.pop()) if len(actives) == 1 else "irregular",
+        merged_adapters=merged,
+        requires_grad={k: _agree(v) for k, v in grads.items()},
+        available_adapters=sorted({n for s in layers for n in s.available_adapters}),
+        devices={k: sorted(v) for k, v in devices.items()},
+        quantization_backend=None,
+    )
