@@ -534,7 +534,9 @@ class DeltaModel(nn.Module, PushToHub):
             raise explain_missing_fields(exc, config_file, config) from None
         if autocast_adapter_dtype and upcast_adapter([layer for _, layer in self._layers()], adapter_name):
             self._import(adapter_name, tensors, source)  # the file's values again, unrounded
-        if not is_trainable:  # inference: no dropout (PEFT's load_adapter does so too)
+        if is_trainable:  # its parameters train though it is not active, as peft's (until set_adapter picks others)
+            status.set_requires_grad(self, adapter_name)
+        else:  # inference: no dropout (PEFT's load_adapter does so too)
             self.eval()
 
     def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:

@@ -181,3 +181,15 @@ def test_key_mapping_and_ephemeral_gpu_offload_as_peft(tmp_path):
     assert json.loads((renamed / "adapter_config.json").read_text())["peft_type"] == "LORA"
     with pytest.raises(dt.AdapterLoadError):
         dt.DeltaModel.from_pretrained(tiny_model("llama"), renamed)
+
+
+def test_load_adapter_is_trainable_makes_an_inactive_adapter_train_as_peft(tmp_path):
+    _both("LoraConfig", LORA)[1].save_pretrained(tmp_path)
+    ours, theirs = _both("LoraConfig", dict(LORA_B, modules_to_save=None))
+    for model in (ours, theirs):
+        model.load_adapter(tmp_path / "a", "x", is_trainable=True)
+    _same_status(ours, theirs)
+    assert ours.get_model_status().requires_grad == {"a": True, "x": True}  # a: b's q_proj, v_proj; x: q_proj, head
+    for model in (ours, theirs):
+        model.set_adapter("x")
+    _same_status(ours, theirs)
