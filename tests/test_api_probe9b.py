@@ -193,3 +193,15 @@ def test_load_adapter_is_trainable_makes_an_inactive_adapter_train_as_peft(tmp_p
     for model in (ours, theirs):
         model.set_adapter("x")
     _same_status(ours, theirs)
+
+
+def test_a_token_methods_layers_disable_too_beyond_peft():
+    """peft's prompt-learning model has no disable_adapter_layers (AttributeError); deltatune's disables its prompt."""
+    inputs = tiny_inputs("llama")
+    model = dt.get_delta_model(tiny_model("llama"), dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    prompted = output_of(model, inputs)
+    model.disable_adapter_layers()
+    assert torch.equal(output_of(model, inputs), output_of(tiny_model("llama"), inputs))
+    assert model.get_model_status().requires_grad == {"default": False}
+    model.enable_adapter_layers()
+    assert torch.equal(output_of(model, inputs), prompted)
