@@ -25,6 +25,7 @@ LEVELS = {
     "loss": 1,
     "targets": 2,
     "files": 2,
+    "status": 2.5,
     "methods": 3,
     "towers": 3,
     "registry": 4,
@@ -42,6 +43,7 @@ LEVELS = {
 ``model``: the trainers use both, and neither uses the other. ``towers`` (which tower of a vision-language model a
 config adapts) is per-family knowledge beside the methods. The board shows what serve serves, so it sits above it.
 ``diffusion`` (LoRA files as diffusion users trade them) reads and writes DeltaModels, below the trainers' t2i stage.
+``status`` (peft's layer and model status, enabling and trainability over the injected layers) reads layers only.
 ``import deltatune`` (the lazy public API) is neutral."""
 
 KNOWN_UPWARD = {
