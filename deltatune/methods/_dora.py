@@ -67,3 +67,21 @@ def row_norm(weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
     """L2 norm of each output row of a weight stored with outputs along ``rows_dim``."""
     w = weight.transpose(0, rows_dim) if rows_dim else weight
     return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+
+
+def merge_weight(layer: nn.Module, name: str, weight: torch.Tensor, delta: torch.Tensor, base: torch.Tensor) -> None:
+    """W <- m (W + s B A) / ||W0 + s B A|| in place, ``base`` = W0 (without the adapters merged before), the norm
+    kept for the unmerge. m (fp32: unrounded, as peft) is (d_out,) or a conv's (1, c_out, 1, 1)."""
+    layer._dora_norm[name] = norm = row_norm(base + delta, layer._rows_dim)
+    factor = layer.lora_magnitude_vector[name].detach().flatten() / norm
+    weight.copy_((weight + delta) * _expand(factor, weight, layer._rows_dim))
+
+
+def unmerge_weight(layer: nn.Module, name: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """W <- W / (m / ||W0 + s B A||) - s B A in place, with the norm the merge kept."""
+    factor = layer.lora_magnitude_vector[name].detach().flatten() / layer._dora_norm.pop(name)
+    weight.copy_(weight / _expand(factor, weight, layer._rows_dim) - delta)
+
+
+def _expand(v: torch.Tensor, weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
+    return v.view([-1 if d == rows_dim else 1 for d in range(weight.dim())])

@@ -25,7 +25,8 @@ from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, 
 from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from . import _lora_init as inits
-from ._dora import dora, row_norm
+from ._dora import dora, merge_weight, row_norm, unmerge_weight
+from ._dora_layers import conv_dora, embedding_scale, init_magnitude
 from ._lora_gather import gathered
 from .quant import is_quantized
 
@@ -169,7 +170,7 @@ class _LoraBase(DeltaLayer):
         adapter alone (peft's _mixed_batch_forward rounds an fp32 update to a bf16 base's dtype before adding it)."""
         x_in = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))  # peft casts, then drops out
         if name in self.lora_magnitude_vector:
-            return result + dora(self, name, x_in, result)
+            return result + self._dora(self, name, x_in, result)
         out = self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]
         return result + (out.to(result.dtype) if self._rounds_update() else out)
 
@@ -202,10 +203,7 @@ class _LoraBase(DeltaLayer):
         if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept for unmerge
             # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
             # _unmerged_base_weight, which merges them back with this merge's safe_merge); W itself holds them.
-            base = self._unmerged_base(safe) if base is None else base
-            self._dora_norm[name] = norm = row_norm(base + delta, self._rows_dim)
-            factor = self.lora_magnitude_vector[name].detach() / norm  # fp32 m: unrounded, as peft
-            weight.copy_((weight + delta) * _expand(factor, weight, self._rows_dim))
+            merge_weight(self, name, weight, delta, self._unmerged_base(safe) if base is None else base)
         elif safe and not isinstance(self.base_layer, DequantizedLinear):  # peft's bitsandbytes merge: plain's sum
             weight.add_(delta.to(weight.dtype))  # peft's safe merge: an fp32 delta rounded to a bf16 W, then added
         else:
@@ -228,13 +226,12 @@ class _LoraBase(DeltaLayer):
         weight = self._weight
         delta = self.delta_weight(name, merging=True)
         if name in self.lora_magnitude_vector:
-            factor = self.lora_magnitude_vector[name].detach() / self._dora_norm.pop(name)
-            weight.copy_(weight / _expand(factor, weight, self._rows_dim) - delta)
+            unmerge_weight(self, name, weight, delta)
         else:  # the delta rounded, then subtracted: peft's unmerge (its merge adds, then rounds)
             weight.sub_(delta.to(weight.dtype))
         inits.add_bias(self, name, -1)
 
-    _rows_dim = 0  # the dimension of the stored weight that indexes output features
+    _rows_dim, _dora = 0, staticmethod(dora)  # the stored weight's dimension that indexes outputs; DoRA's update
 
 
 def _factors(A: torch.Tensor, B: torch.Tensor, merging: bool) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
@@ -243,10 +240,6 @@ def _factors(A: torch.Tensor, B: torch.Tensor, merging: bool) -> tuple[torch.Ten
     if merging and A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
         return A.float(), B.float(), A.dtype
     return A, B, A.dtype
-
-
-def _expand(v: torch.Tensor, weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
-    return v.view([-1 if d == rows_dim else 1 for d in range(weight.dim())])
 
 
 class LoraLinear(_LoraBase):
@@ -285,6 +278,8 @@ class LoraLinear(_LoraBase):
 class LoraEmbedding(_LoraBase):
     """LoRA on an ``nn.Embedding``: A (r x vocab) is looked up like an embedding, then B (dim x r)."""
 
+    _rows_dim = 1  # DoRA's norm: per embedding dimension, over the vocabulary (as peft's)
+
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str,
             bias: bool = False) -> None:  # fmt: skip
         self._add_common(name, r, alpha, dropout, rslora)
@@ -294,23 +289,30 @@ class LoraEmbedding(_LoraBase):
         inits.reset(A, B, init, r, a_zero=True)
         self.lora_embedding_A[name] = nn.Parameter(A.to(weight.device, weight.dtype))
         self.lora_embedding_B[name] = nn.Parameter(B.to(weight.device, weight.dtype))
+        if dora:  # m: one per embedding dimension, the norm over the vocabulary (peft's DoraEmbeddingLayer)
+            self.lora_magnitude_vector[name] = init_magnitude(self, name)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_embedding_A[name], self.lora_embedding_B[name], merging)
-        return ((B @ A).T * self.scaling[name]).to(self._weight.dtype if merging else dtype)  # (vocab, dim), as peft
+        rounded = merging and name not in self.lora_magnitude_vector  # peft's DoRA merges the delta unrounded
+        return ((B @ A).T * self.scaling[name]).to(self._weight.dtype if rounded else dtype)  # (vocab, dim), as peft
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)  # (..., r)  # fmt: skip
-        out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        out = after_a @ self.lora_embedding_B[name].T
+        dora = embedding_scale(self, name) if name in self.lora_magnitude_vector else None  # m / ||W + s dW||
+        out = (out if dora is None else dora * out) * self.scaling[name]
         if (scale := getattr(base, "embed_scale", None)) is not None:  # Gemma's, a scaled BART's: (W + dW)[x] * scale
             out = out * torch.as_tensor(scale, dtype=self._weight.dtype, device=out.device).to(out.dtype)  # as peft
-        return result + out
+        return result + out if dora is None else dora * result + out
 
 
 class LoraConv2d(_LoraBase):
     """LoRA on an ``nn.Conv2d``: A is a conv with the base kernel/stride/padding into r channels, B a 1x1 conv."""
+
+    _dora = staticmethod(conv_dora)
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str,
             bias: bool = False) -> None:  # fmt: skip
@@ -324,6 +326,8 @@ class LoraConv2d(_LoraBase):
         inits.reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
         inits.reset_bias(self.lora_B[name], init)
         self.lora_A[name].to(w.device, w.dtype), self.lora_B[name].to(w.device, w.dtype)
+        if dora:  # m stored (1, c_out, 1, 1), as peft's DoraConv2dLayer
+            self.lora_magnitude_vector[name] = init_magnitude(self, name)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)  # (r, c_in, kh, kw), B 1x1
@@ -373,10 +377,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
             raise ConfigError(f"lora: {name} is already adapted by {type(module).__name__}; LoRA cannot wrap it")
         layer = module if isinstance(module, LORA_LAYERS) else _wrap(module, name)
         base = layer.base_layer
-        if config.use_dora and (not isinstance(layer, LoraLinear) or callable(getattr(base, "dequantize", None))
-                                or not base.weight.is_floating_point()):  # fmt: skip
+        if config.use_dora and (callable(getattr(base, "dequantize", None)) or not base.weight.is_floating_point()):
             raise ConfigError(f"lora: use_dora is not supported on {name} ({type(base).__name__}); DoRA adapts "
-                              "full-precision nn.Linear and GPT-2 Conv1D layers, leave it out of target_modules")  # fmt: skip
+                              "full-precision layers, leave it out of target_modules")  # fmt: skip
         inits.check_target(layer, name, config, pattern_value(config.rank_pattern, name, config.r))
         plan.append((name, layer, layer is not module))
     inits.check_base_kept(model, adapter_name, [(n, layer) for n, layer, _ in plan], config.init_lora_weights)

@@ -1,0 +1,168 @@
+"""DoRA on nn.Embedding and nn.Conv2d layers against peft 0.21.2's DoraEmbeddingLayer / DoraConv2dLayer, to the bit:
+the same seed draws the same adapter (the conv's magnitude stored (1, c_out, 1, 1), the embedding's one per
+dimension), files load both ways, and outputs, gradients, merge and unmerge are peft's, on fp32 and bf16 bases.
+deltatune refused use_dora on these layers ("DoRA adapts full-precision nn.Linear and GPT-2 Conv1D layers")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.train.models import upcast_adapters
+
+peft = pytest.importorskip("peft")
+
+BF16 = torch.bfloat16
+KINDS = ["embedding", "scaled-embedding", "conv2d", "conv1x1"]
+
+
+class ScaledEmbedding(nn.Embedding):
+    """A scaled BART's / Gemma's embedding: W[x] * embed_scale, which DoRA's update is scaled by too."""
+
+    embed_scale = 32**0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.embed_scale
+
+
+class Net(nn.Module):
+    def __init__(self, kind: str, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = {
+            "embedding": lambda: nn.Embedding(30, 20),
+            "scaled-embedding": lambda: ScaledEmbedding(30, 20),
+            "conv2d": lambda: nn.Conv2d(3, 6, 3, padding=1),
+            "conv1x1": lambda: nn.Conv2d(3, 6, 1),  # peft's 1x1 delta is a matmul, its 3x3 one a conv
+        }[kind]()
+        with torch.no_grad():
+            for p in self.layer.parameters():
+                p.copy_(torch.randn_like(p))
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _inputs(kind: str, dtype: torch.dtype = torch.float32, rows: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if kind.endswith("embedding"):
+        return torch.randint(0, 30, (rows, 9), generator=g)
+    return torch.randn((rows, 3, 7, 7), generator=g).to(dtype)
+
+
+def _config(cls, **extra):
+    return cls(**{"target_modules": ["layer"], "r": 4, "lora_alpha": 8, "init_lora_weights": False, "use_dora": True,
+                  **extra})  # fmt: skip
+
+
+def _step(model, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    torch.manual_seed(5)  # the same dropout mask for both
+    out = model(x)
+    (out.float() ** 2).sum().backward()
+    grads = {n.split("layer.")[1].replace(".weight", "").replace(".default", ""): p.grad
+             for n, p in model.named_parameters() if p.grad is not None}  # fmt: skip
+    return out, grads
+
+
+def _weight(model) -> torch.Tensor:
+    return next(p for n, p in model.named_parameters() if n.endswith("base_layer.weight"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_dora_draw_file_step_and_merge_equal_peft(kind, dtype, tmp_path):
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(Net(kind, dtype), _config(peft.LoraConfig), autocast_adapter_dtype=False)
+    theirs.save_pretrained(tmp_path / "peft")
+    torch.manual_seed(3)
+    drawn = dt.get_delta_model(Net(kind, dtype), _config(dt.LoraConfig))
+    want, got = peft.get_peft_model_state_dict(theirs), drawn.adapter_state_dict()
+    assert want.keys() == got.keys() and len(want) == 3
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    magnitude = next(v for k, v in want.items() if "magnitude" in k)
+    assert magnitude.shape == ((1, 6, 1, 1) if kind.startswith("conv") else (20,))
+
+    ours = dt.DeltaModel.from_pretrained(Net(kind, dtype), tmp_path / "peft", is_trainable=True)
+    x = _inputs(kind, dtype)
+    (out, grads), (peft_out, peft_grads) = _step(ours, x), _step(theirs, x)
+    assert (out.float() - Net(kind, dtype)(x).float()).abs().max() > 0.1  # the adapter does change the output
+    assert torch.equal(out, peft_out) and out.dtype == dtype
+    assert grads.keys() == peft_grads.keys() and len(grads) == 3
+    assert all(torch.equal(grads[k], peft_grads[k]) for k in grads), [k for k in grads]
+
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        ours.merge_adapter(), theirs.merge_adapter()
+        assert torch.equal(_weight(ours), _weight(theirs))
+        assert torch.equal(ours(x), theirs(x))
+        ours.unmerge_adapter(), theirs.unmerge_adapter()
+        assert torch.equal(_weight(ours), _weight(theirs))
+
+    drawn.save_pretrained(tmp_path / "ours")  # our file in peft
+    loaded = peft.PeftModel.from_pretrained(Net(kind, dtype), tmp_path / "ours", autocast_adapter_dtype=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), drawn.eval()(x))
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv1x1"])
+def test_conv_dora_with_dropout_trains_as_peft(kind):
+    """With dropout in training peft computes the base conv again on the dropped-out input (no bias)."""
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(Net(kind), _config(peft.LoraConfig, lora_dropout=0.5))
+    torch.manual_seed(3)
+    ours = dt.get_delta_model(Net(kind), _config(dt.LoraConfig, lora_dropout=0.5))
+    x = _inputs(kind)
+    (out, grads), (peft_out, peft_grads) = _step(ours, x), _step(theirs, x)
+    assert torch.equal(out, peft_out)
+    assert grads.keys() == peft_grads.keys() and all(torch.equal(grads[k], peft_grads[k]) for k in grads)
+
+
+def _pair(kind: str, tmp_path):
+    """peft's default fp32 adapters "default" and "b" (rsLoRA, rank 2) on a bf16 base, and deltatune's from its files."""
+    theirs = peft.get_peft_model(Net(kind, BF16), _config(peft.LoraConfig))
+    torch.manual_seed(1)
+    theirs.add_adapter("b", _config(peft.LoraConfig, r=2, lora_alpha=5, use_rslora=True))
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(Net(kind, BF16), tmp_path)
+    ours.load_adapter(tmp_path / "b", "b")
+    assert upcast_adapters(ours)  # the files' float32 values, as peft's autocast_adapter_dtype
+    ours.load_adapter_weights(tmp_path, "default")
+    ours.load_adapter_weights(tmp_path / "b", "b")
+    return ours.eval(), theirs.eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_dora_adapters_on_a_bf16_base_active_together_and_merged_as_peft(kind, tmp_path):
+    ours, theirs = _pair(kind, tmp_path)
+    x = _inputs(kind, BF16)
+    with torch.no_grad():
+        for active in ("default", ["default", "b"], ["b", "default"]):
+            ours.set_adapter(active)
+            theirs.base_model.set_adapter(active)
+            assert torch.equal(ours(x), theirs(x))
+        ours.merge_adapter(), theirs.merge_adapter()  # ["b", "default"]: each norm of the unmerged base (peft's)
+        assert torch.equal(_weight(ours), _weight(theirs))
+        ours.unmerge_adapter(), theirs.unmerge_adapter()
+        assert torch.equal(_weight(ours), _weight(theirs))
+
+
+@pytest.mark.parametrize("kind", ["embedding", "scaled-embedding", "conv2d"])
+def test_mixed_batch_rows_compute_as_their_dora_adapter_alone(kind, tmp_path):
+    """peft refuses adapter_names with DoRA; deltatune gives each row its adapter's output alone (as on linear)."""
+    ours, theirs = _pair(kind, tmp_path)
+    x = _inputs(kind, BF16)
+    names = ["b", "__base__", "default", "b"]
+    with torch.no_grad():
+        mixed = ours(x, adapter_names=names)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with theirs.disable_adapter():
+                    alone = theirs(x[i : i + 1])
+            else:
+                theirs.base_model.set_adapter(name)
+                alone = theirs(x[i : i + 1])
+            assert torch.equal(mixed[i : i + 1], alone), (i, name)
