@@ -9,6 +9,7 @@ first one's file and line.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import re
 from collections.abc import Sequence
@@ -135,7 +136,7 @@ def _check_label(row: Row, column: str, value: Any) -> None:
     if not isinstance(number, (bool, int, float, str)):  # a list (multi-label) or an object
         raise DataError(
             f"{row.source}: label in column {column!r} is a {type(value).__name__}; stage cls trains one class "
-            "per row: a class name (text) or a class id (a whole number)"
+            "per row: a class name (text) or a class id (a whole number), or a row's list of them (multi-label)"
         )
     if isinstance(number, bool) or not isinstance(number, (int, float)):
         return
@@ -154,8 +155,11 @@ def encode_cls(
     max_length: int,
     truncation: str = "truncate",
     text_pair_column: str | None = None,
+    problem: str = "single_label",
 ) -> Encoded:
-    """Sequence classification: ``input_ids`` (+ mask, token types) and an integer ``labels``."""
+    """Sequence classification: ``input_ids`` (+ mask, token types) and ``labels``: a class id; for ``problem``
+    "regression" the row's number (``labels`` unused); for "multi_label" a multi-hot list of floats, one per class
+    of ``labels`` (transformers' problem types)."""
     out, counter = [], [0]
     for row in rows:
         text = row.text(text_column)
@@ -165,14 +169,65 @@ def encode_cls(
         if keep < len(enc["input_ids"]):
             enc = tokenizer(text, pair, truncation=True, max_length=max_length)
         label = row.get(label_column)
-        cid = class_of(label, labels)
-        if cid is None:
-            raise DataError(
-                f"{row.source}: label {label!r} in column {label_column!r} is not in the label set "
-                f"{sorted({str(k) for k in labels})}"
-            )
-        out.append({**{k: list(v) for k, v in enc.items()}, "labels": cid})
+        if problem == "regression":
+            target: Any = regression_target(row, label_column)
+        elif problem == "multi_label":
+            hot = [0.0] * (max(labels.values()) + 1)
+            for one in label_list(row, label_column):
+                hot[_class_in(row, label_column, one, labels)] = 1.0
+            target = hot
+        else:
+            target = _class_in(row, label_column, label, labels)
+        out.append({**{k: list(v) for k, v in enc.items()}, "labels": target})
     return Encoded(out, counter[0])
+
+
+def _class_in(row: Row, column: str, label: Any, labels: dict[Any, int]) -> int:
+    cid = class_of(label, labels)
+    if cid is None:
+        raise DataError(
+            f"{row.source}: label {label!r} in column {column!r} is not in the label set "
+            f"{sorted({str(k) for k in labels})}"
+        )
+    return cid
+
+
+def label_list(row: Row, column: str) -> list[Any]:
+    """A multi-label row's labels (a list of class names or ids; a single one counts as a list of one).
+
+    Raises:
+        DataError: a label named twice in one row (a multi-hot vector such as [0, 1, 1] read as ids names 1 twice).
+    """
+    value = row.get(column)
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        _check_label(row, column, v)
+    keys = [str(class_id(v)) if class_id(v) is not None else str(v) for v in values]
+    if len(set(keys)) < len(keys):
+        raise DataError(
+            f"{row.source}: label list {value!r} in column {column!r} names a class twice; a multi-label row lists "
+            "its classes (names or ids), not a multi-hot vector"
+        )
+    return values
+
+
+def regression_target(row: Row, column: str) -> float:
+    """A regression row's label (model.num_labels 1): a finite number, or its text (CSV).
+
+    Raises:
+        DataError: a label that is not a number, or is NaN or infinite.
+    """
+    value = row.get(column)
+    number = None
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number):
+        raise DataError(
+            f"{row.source}: label {value!r} in column {column!r} is not a finite number; a regression "
+            "(model.num_labels 1) reads a number per row"
+        )
+    return number
 
 
 def tag_row(row: Row, tokens_column: str, tags_column: str) -> tuple[list, list]:

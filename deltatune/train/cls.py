@@ -1,12 +1,24 @@
 """Stage ``cls``: sequence classification. Rows of text (and an optional text pair) with a label; the labels are
 read from the data (or ``data.labels``); eval reports accuracy and F1 (class 1's for two classes, else macro-F1).
 The loss is the cross-entropy over the rows of the whole step (``TokenLossTrainer``), so an accumulated step of
-unequal micro-batches (an epoch's last) weighs every row alike."""
+unequal micro-batches (an epoch's last) weighs every row alike.
+
+transformers' other two problem types: ``model.num_labels: 1`` is a regression (a number per row, MSE on the one
+logit, Pearson/Spearman as GLUE's STS-B); a label column of lists is multi-label (BCE with logits on multi-hot
+targets, micro/macro F1 at 0.5 and subset accuracy). Both losses are over the step's rows alike, as the CE's."""
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ConfigError
 from ..data.load import DataError
-from ..data.tasks import Collator, class_id, class_names, encode_cls, label_map
+from ..data.tasks import Collator, class_id, class_names, encode_cls, label_list, label_map
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _encode_splits, _logits, _rows
@@ -16,12 +28,29 @@ from .trainer import TokenLossTrainer
 def prepare_cls(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
-    mapping = label_map(train_rows, d.label_column, d.labels)
-    names = class_names(mapping, d.labels)
-    if len(names) < 2:  # one output would make transformers' head a regression (MSE), trained silently
+    problem = _problem(cfg, train_rows)
+    if problem == "regression":
+        if d.labels:  # classes for a head of one output: a recipe that means one thing and asks for another
+            raise ConfigError(
+                f"data.labels names classes ({', '.join(map(str, d.labels[:4]))}), but model.num_labels: 1 trains "
+                "a regression on the label column's numbers; leave out one or the other"
+            )
+        mapping: dict[Any, int] = {}
+        names: list[str] | None = None
+    elif problem == "multi_label":
+        lists = [label_list(r, d.label_column) for r in train_rows]
+        flat_rows = [r for r, ls in zip(train_rows, lists) for _ in ls]
+        flat = [v for ls in lists for v in ls]
+        mapping = label_map(flat_rows, d.label_column, d.labels, flat) if flat or d.labels else {}
+        names = class_names(mapping, d.labels) if mapping else []
+    else:
+        mapping = label_map(train_rows, d.label_column, d.labels)
+        names = class_names(mapping, d.labels)
+    if names is not None and len(names) < 2:  # one output would make transformers' head a regression (MSE)
         raise DataError(
-            f"{d.train}: only one class ({names[0]!r}) in column {d.label_column!r}; classification needs at least "
-            "two (data.labels names them all)"
+            f"{d.train}: {f'only one class ({names[0]!r})' if names else 'no class'} in column {d.label_column!r}; "
+            "classification needs at "
+            "least two (data.labels names them all; model.num_labels: 1 trains the column as a regression)"
         )
 
     def enc(rows):
@@ -34,32 +63,75 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
             d.max_length,
             d.truncation,
             d.text_pair_column,
+            problem,
         )
 
-    notes: list[str] = [] if d.labels else _score_note(names)
+    notes: list[str] = [] if d.labels or names is None else _score_note(names)
     train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
-    n = len(names)
+    n = len(names or [])
 
     def compute(p) -> dict[str, float]:
-        preds = _logits(p.predictions).argmax(-1).tolist()
-        labels = p.label_ids.tolist()
+        logits = np.asarray(_logits(p.predictions), dtype=np.float64)
+        if problem == "regression":
+            preds, labels = logits.reshape(-1).tolist(), np.asarray(p.label_ids, np.float64).reshape(-1).tolist()
+            mse = sum((a - b) ** 2 for a, b in zip(preds, labels)) / max(len(labels), 1)
+            return {"pearson": M.pearson(preds, labels), "spearman": M.spearman(preds, labels), "mse": mse}
+        if problem == "multi_label":  # a sigmoid of 0.5 and over is a class: a logit of 0 and over
+            hot = (logits >= 0).astype(int).tolist()
+            return M.multi_label_scores(hot, (np.asarray(p.label_ids) > 0.5).astype(int).tolist())
+        preds, labels = logits.argmax(-1).tolist(), p.label_ids.tolist()
         return {"accuracy": M.accuracy(preds, labels), "f1": M.f1(preds, labels, n)}
 
+    headline = {"regression": "eval_pearson", "multi_label": "eval_f1_micro"}.get(problem, "eval_accuracy")
+    loss = {"regression": regression_loss, "multi_label": multi_label_loss}.get(problem)
     return Prepared(
         train.examples,
         ev.examples if ev else None,
         Collator(tok.pad_token_id),
         compute,
-        "eval_accuracy",
+        headline,
         names,
         notes=notes,
-        trainer_class=TokenLossTrainer,
+        trainer_class=partial(TokenLossTrainer, loss=loss) if loss else TokenLossTrainer,
     )
+
+
+def _problem(cfg: RunConfig, rows) -> str:
+    """transformers' problem type of the run: "regression" for ``model.num_labels: 1`` (as transformers reads one
+    output), "multi_label" for a label column of lists, else "single_label"."""
+    if cfg.model.num_labels == 1:
+        return "regression"
+    if any(isinstance(r.get(cfg.data.label_column), list) for r in rows):
+        return "multi_label"
+    return "single_label"
+
+
+def _step_mean(total: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+    """A sum over the micro-batch over the step's count of targets (the Trainer's, every label of the step), or over
+    the micro-batch's own count (evaluation): every row of an accumulated step weighs alike."""
+    count = labels.numel() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(count, device=total.device)
+
+
+def regression_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """transformers' loss for ``problem_type`` "regression" with one output: MSE of the logit and the label."""
+    logits = outputs["logits"].float().reshape(-1)
+    labels = labels.reshape(-1).to(logits)
+    return _step_mean(nn.functional.mse_loss(logits, labels, reduction="sum"), labels, num_items_in_batch)
+
+
+def multi_label_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """transformers' loss for ``problem_type`` "multi_label_classification": BCE with logits, over every class of
+    every row."""
+    logits = outputs["logits"].float()
+    labels = labels.to(logits)
+    total = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+    return _step_mean(total, labels, num_items_in_batch)
 
 
 def _score_note(names: list[str]) -> list[str]:
     """The report's note for a label column of fractions (STS-B's 3.8): each distinct value is a class, where
-    run_glue trains a float column as a regression (num_labels 1), which deltatune does not."""
+    run_glue trains a float column as a regression (num_labels 1), which ``model.num_labels: 1`` asks for."""
 
     def fraction(name: str) -> bool:
         try:
@@ -72,6 +144,6 @@ def _score_note(names: list[str]) -> list[str]:
         return []
     return [
         f"{len(seen)} of the {len(names)} classes are fractions ({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}):"
-        " each distinct value is a class, named as text (run_glue trains a float label column as a regression, "
-        "num_labels 1, which no deltatune stage does); data.labels fixes the classes and their order"
+        " each distinct value is a class, named as text (run_glue trains a float label column as a regression: "
+        "model.num_labels: 1 asks for one); data.labels fixes the classes and their order"
     ]

@@ -165,6 +165,11 @@ def _check_head(run_dir: str, model: torch.nn.Module, labels: list[str], data: s
             name = key.removeprefix(KEY_PREFIX)
             param, saved = params.get(name), fh.get_slice(key).get_shape()
             if param is not None and param.shape[0] == len(labels) and saved and saved[0] != len(labels):
+                if saved[0] == 1:  # transformers' regression head (run_glue's STS-B)
+                    raise ConfigError(
+                        f"{path}: the head ({name.rsplit('.', 1)[0]}) has 1 output, a regression; {data} shows "
+                        f"{len(labels)} classes: pass model.num_labels=1 to score its labels as numbers"
+                    )
                 raise ConfigError(
                     f"{path}: the head ({name.rsplit('.', 1)[0]}) has {saved[0]} classes, {data} shows {len(labels)} "
                     f"({', '.join(labels)}); pass data.labels=[...] naming all {saved[0]} in the order it trained them"

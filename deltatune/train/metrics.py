@@ -1,4 +1,5 @@
-"""Evaluation metrics: accuracy and F1, entity-level F1 for BIO tagging, ROUGE-L and BLEU for generation.
+"""Evaluation metrics: accuracy and F1 (single- and multi-label), Pearson and Spearman (regression), entity-level
+F1 for BIO tagging, ROUGE-L and BLEU for generation.
 
 Small, exact implementations of the standard definitions (tested against hand-worked values), so the trainers need
 no extra dependency. BLEU and ROUGE-L give the numbers people compare against: sacrebleu's default corpus BLEU
@@ -30,6 +31,59 @@ def f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
         return class_f1(1)
     present = sorted(set(labels) | set(preds))
     return sum(class_f1(c) for c in present) / max(len(present), 1)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r (scipy's ``pearsonr`` statistic, GLUE's STS-B metric); nan when either side is constant."""
+    n = len(x)
+    mx, my = sum(x) / max(n, 1), sum(y) / max(n, 1)
+    dx, dy = [a - mx for a in x], [b - my for b in y]
+    sxx, syy = math.fsum(a * a for a in dx), math.fsum(b * b for b in dy)
+    if n < 2 or sxx == 0 or syy == 0:
+        return float("nan")
+    return max(-1.0, min(1.0, math.fsum(a * b for a, b in zip(dx, dy)) / math.sqrt(sxx * syy)))
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given their average rank (scipy's ``rankdata``)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho (scipy's ``spearmanr``): Pearson's r of the average ranks."""
+    return pearson(ranks(x), ranks(y))
+
+
+def multi_label_scores(preds: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Multi-hot predictions against multi-hot labels, as sklearn scores indicator matrices: micro F1 (over every
+    row's every class), macro F1 (the mean over the classes, a class never predicted nor true scoring 0, sklearn's
+    ``zero_division`` default) and subset accuracy (rows whose classes are all right, ``accuracy_score``)."""
+    n = len(labels[0]) if labels else 0
+    tp, fp, fn = [0] * n, [0] * n, [0] * n
+    for p, t in zip(preds, labels):
+        for c in range(n):
+            tp[c] += p[c] and t[c]
+            fp[c] += p[c] and not t[c]
+            fn[c] += t[c] and not p[c]
+
+    def f(a: int, b: int, c: int) -> float:
+        return 2 * a / (2 * a + b + c) if a else 0.0
+
+    return {
+        "f1_micro": f(sum(tp), sum(fp), sum(fn)),
+        "f1_macro": sum(f(*z) for z in zip(tp, fp, fn)) / max(n, 1),
+        "subset_accuracy": accuracy([tuple(p) for p in preds], [tuple(t) for t in labels]),  # type: ignore[misc]
+    }
 
 
 def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
