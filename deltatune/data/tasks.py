@@ -183,6 +183,7 @@ def encode_cls(
 
 
 def _class_in(row: Row, column: str, label: Any, labels: dict[Any, int]) -> int:
+    _check_label(row, column, label)  # an eval file's list or object, which no class map holds (unhashable)
     cid = class_of(label, labels)
     if cid is None:
         raise DataError(

@@ -28,7 +28,7 @@ from .trainer import TokenLossTrainer
 def prepare_cls(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
-    problem = _problem(cfg, train_rows)
+    problem = _problem(cfg, [*train_rows, *(eval_rows or [])])
     if problem == "regression":
         if d.labels:  # classes for a head of one output: a recipe that means one thing and asks for another
             raise ConfigError(
@@ -98,7 +98,7 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
 
 def _problem(cfg: RunConfig, rows) -> str:
     """transformers' problem type of the run: "regression" for ``model.num_labels: 1`` (as transformers reads one
-    output), "multi_label" for a label column of lists, else "single_label"."""
+    output), "multi_label" for a label column of lists (in the train or the eval file), else "single_label"."""
     if cfg.model.num_labels == 1:
         return "regression"
     if any(isinstance(r.get(cfg.data.label_column), list) for r in rows):

@@ -219,3 +219,25 @@ def test_fractions_without_num_labels_1_stay_classes(tiny_cls, tmp_path):
         tiny_cls, "cls", False, None))  # fmt: skip
     assert prepared.labels == ["0.0", "0.6", "1.25", "2.5", "3.8", "4.2", "5.0"]
     assert any("model.num_labels: 1 asks for one" in n for n in prepared.notes)
+
+
+def test_an_eval_file_of_lists_makes_the_run_multi_label_and_an_object_is_named(tiny_cls, tmp_path):
+    """Train labels one per row, eval labels lists (or an object): a TypeError 'unhashable type: list' from deep in
+    the class map. Lists in either file make the run multi-label (a single label a list of one); an object is
+    named."""
+    from deltatune.train.cls import prepare_cls
+    from deltatune.train.models import load_processor
+
+    tok = load_processor(tiny_cls, "cls", False, None)
+    train_file = _write(tmp_path / "train.jsonl", ["a", "b", "a", "b"])
+
+    def prepared(eval_labels):
+        data = {"train": train_file, "eval": _write(tmp_path / "eval.jsonl", eval_labels), "max_length": 16}
+        return prepare_cls(build({"stage": "cls", "data": data}), tok)
+
+    p = prepared([["a"], ["b", "a"], [], "b"])
+    assert p.metric == "eval_f1_micro" and p.labels == ["a", "b"]
+    assert [ex["labels"] for ex in p.train] == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+    assert [ex["labels"] for ex in p.eval] == [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(DataError, match=r"eval.jsonl:2: label in column 'label' is a dict; stage cls trains one"):
+        prepared(["a", {"x": 1}, "a", "b"])
