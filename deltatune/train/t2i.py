@@ -461,8 +461,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         random_ops = split == "train" and augment  # (eval: the centre, unflipped)
         resized = [processor.resized(img, interp) for img in images]
         pixels = resized if random_ops else [processor.tensor(img) for img in resized]
-        if sizes := sum(img.size != (processor.size, processor.size) for img in images):
-            notes.append(f"{sizes} {split} images were resized to {processor.size}x{processor.size} ({interp})")
+        if sizes := sum(min(img.size) != processor.size for img in images):
+            notes.append(f"{sizes} {split} images were resized, short side to {processor.size} ({interp})")
         if crops := sum(img.width != img.height for img in images):
             how = "at random at every step" if random_ops and "random_crop" in augment else "at their centre"
             notes.append(f"{crops} {split} images were not square: short side resized, then cropped {how}")

@@ -55,7 +55,7 @@ def test_both_recipes_run_two_steps_and_the_merged_base_names_its_text_encoder(r
         assert metrics["train_steps"] == 2 and math.isfinite(metrics["eval_loss"]) and "eval_perplexity" not in metrics
     report = (runs["pre"] / "report.md").read_text()
     assert "8 training images with captions; text encoder minilm" in report
-    assert "8 train images were resized to 16x16" in report  # the 8x8 digits
+    assert "8 train images were resized, short side to 16 (lanczos)" in report  # the 8x8 digits
     assert "loss: DDPM, epsilon, min-SNR weighted (gamma 5)" in (runs["lora"] / "report.md").read_text()
     assert json.loads((runs["base"] / "t2i.json").read_text()) == {"text_encoder": "minilm"}
     assert (runs["base"] / "scheduler_config.json").is_file()

@@ -156,7 +156,7 @@ def test_the_recipe_keys_reach_the_losses_and_the_other_losss_keys_are_refused()
 
     cfg = build({"stage": "t2i", "train": {"sigma_sampling": "cosmap"}})
     assert loss_options(cfg.train, flow=True)["sigma_sampling"] == "cosmap"
-    cfg.train.sigma_sampling, cfg.train.noise_offset = "uniform", 0.1  # (noise_offset: the key config.py is to add)
+    cfg.train.sigma_sampling, cfg.train.noise_offset = "uniform", 0.1
     with pytest.raises(ConfigError, match="train.noise_offset shapes the DDPM noise; this base trains with flow"):
         loss_options(cfg.train, flow=True)
     assert loss_options(cfg.train, flow=False) == {"snr_gamma": 0.0, "noise_offset": 0.1, "input_perturbation": 0.0}
@@ -225,10 +225,12 @@ def test_augment_and_caption_dropout_reach_the_dataset(shifted):
     cfg = build({"stage": "t2i", "model": {"name_or_path": str(shifted)}, "data": {
         "train": str(shifted / "data.jsonl"), "eval": str(shifted / "data.jsonl"), "augment": ["random_crop", "hflip"],
         "max_length": 16}})  # fmt: skip
-    cfg.data.proportion_empty_prompts = 0.5  # (the key deltatune/train/config.py is to add)
+    cfg.data.proportion_empty_prompts = 0.5
     prepared = t2i.prepare_t2i(cfg, processor)
     train, ev = prepared.train, prepared.eval
     assert any("train-time: random_crop, hflip, 0.5 of captions empty" in n for n in prepared.notes)
+    assert not any("images were resized" in n for n in prepared.notes)  # (short sides of 16: only cropped)
+    assert "4 train images were not square: short side resized, then cropped at random at every step" in prepared.notes
     empty, _ = processor.condition([""], 16)
     full, _ = processor.condition([f"picture number {i}" for i in range(4)], 16)
     resized = t2i_resize(photo(28, 16, seed=1), 16)  # row 1: 28 x 16, kept whole until read
