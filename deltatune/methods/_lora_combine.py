@@ -92,6 +92,9 @@ def add_weighted_adapter(
     for name in names:
         if not isinstance(config := model.peft_config[name], LoraConfig):
             raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is a {config.method} adapter")
+        if config.lora_bias:  # peft copies the flag and leaves the new lora_B.bias at its init: the biases lost
+            raise ValueError(f"add_weighted_adapter: {name!r} has lora_bias, which no combination carries (peft leaves "
+                             "the combined adapter's bias at its init, not the sum); merge it instead")  # fmt: skip
     if combination_type not in EQUAL_RANKS + SVD + ("cat",):
         raise ValueError(f"add_weighted_adapter: invalid combination_type {combination_type!r}; one of "
                          f"{', '.join(('cat',) + EQUAL_RANKS + SVD)}")  # fmt: skip

@@ -1,6 +1,9 @@
 """How one row of a served batch picks its next token: the request's sampling settings, each left unset the base's
 generation config's, applied in vLLM's order (min_tokens and logit_bias, then the repetition, frequency and presence
-penalties, then greedy argmax or temperature, top-k, top-p, min-p and a draw from the row's own generator)."""
+penalties, then greedy argmax or temperature, top-k, top-p, min-p and a draw from the row's own generator). One
+step differs from vLLM's V1 sampler on purpose: min-p comes after top-k and top-p, as transformers' ``generate``
+orders them (vLLM applies it before), so a base's generation config setting both samples as ``generate`` does; it
+matters only where a row sets both top-p and min-p (docs/serve.md)."""
 
 from __future__ import annotations
 
