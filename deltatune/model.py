@@ -503,7 +503,7 @@ class DeltaModel(nn.Module, PushToHub):
                 e.g. a classifier with another number of labels) are left out, and so is a task type that adds one.
             torch_device, low_cpu_mem_usage, autocast_adapter_dtype: peft's. The file is read onto ``torch_device``
                 (the adapter then sits on its base layers' devices, as peft's); ``low_cpu_mem_usage`` draws no
-                initial weights (the random state is left as it was); ``autocast_adapter_dtype=True`` keeps a
+                initial weights (the random state is left as it was; peft's still draws an embedding's); ``autocast_adapter_dtype=True`` keeps a
                 half-precision base's adapter in float32 (peft's default; deltatune's, False, the base's dtype).
             ephemeral_gpu_offload: peft's; no effect (deltatune keeps no module offloaded to move to the GPU).
             key_mapping: peft's: {regex: replacement} rewriting the file's keys, less their prefix (``status.remap_keys``).
