@@ -34,7 +34,10 @@ def f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson's r (scipy's ``pearsonr`` statistic, GLUE's STS-B metric); nan when either side is constant."""
+    """Pearson's r (scipy's ``pearsonr`` statistic, GLUE's STS-B metric); nan when either side is constant or holds
+    a NaN or an infinity (as scipy's; a NaN prediction would otherwise clamp to r = 1)."""
+    if not all(math.isfinite(v) for v in (*x, *y)):
+        return float("nan")
     n = len(x)
     mx, my = sum(x) / max(n, 1), sum(y) / max(n, 1)
     dx, dy = [a - mx for a in x], [b - my for b in y]
@@ -60,7 +63,9 @@ def ranks(values: Sequence[float]) -> list[float]:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rho (scipy's ``spearmanr``): Pearson's r of the average ranks."""
+    """Spearman's rho (scipy's ``spearmanr``): Pearson's r of the average ranks; nan for a NaN (which has no rank)."""
+    if any(math.isnan(v) for v in (*x, *y)):
+        return float("nan")
     return pearson(ranks(x), ranks(y))
 
 

@@ -241,3 +241,14 @@ def test_an_eval_file_of_lists_makes_the_run_multi_label_and_an_object_is_named(
     assert [ex["labels"] for ex in p.eval] == [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]
     with pytest.raises(DataError, match=r"eval.jsonl:2: label in column 'label' is a dict; stage cls trains one"):
         prepared(["a", {"x": 1}, "a", "b"])
+
+
+def test_a_nan_prediction_gives_scipys_nan_not_a_perfect_correlation():
+    """A NaN logit (an fp16 overflow in eval) clamped to Pearson r = 1.0 (min(1.0, nan) is 1.0) and ranked as a
+    number for Spearman (0.8); scipy gives nan for both. An infinity ranks last, as scipy ranks it."""
+    x, y = [1.0, float("nan"), 3.0, 2.0], [1.0, 2.0, 3.0, 5.0]
+    assert np.isnan(M.pearson(x, y)) and np.isnan(pearsonr(x, y).statistic)
+    assert np.isnan(M.spearman(x, y)) and np.isnan(spearmanr(x, y).statistic)
+    inf = [float("inf"), 1.0, 2.0, 3.0]
+    assert np.isnan(M.pearson(inf, y))
+    assert M.spearman(inf, y) == pytest.approx(spearmanr(inf, y).statistic, abs=1e-12)
