@@ -136,7 +136,8 @@ def _check_label(row: Row, column: str, value: Any) -> None:
     if not isinstance(number, (bool, int, float, str)):  # a list (multi-label) or an object
         raise DataError(
             f"{row.source}: label in column {column!r} is a {type(value).__name__}; stage cls trains one class "
-            "per row: a class name (text) or a class id (a whole number), or a row's list of them (multi-label)"
+            "per row: a class name (text) or a class id (a whole number); a list of them is a multi-label row "
+            "(text classification only)"
         )
     if isinstance(number, bool) or not isinstance(number, (int, float)):
         return
