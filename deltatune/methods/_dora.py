@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._dora_layers import base_weight
+
 
 def _update(scale: torch.Tensor, base: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
     return (scale - 1) * base + scale * F.linear(h, B) * s
@@ -47,7 +49,7 @@ def dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Tensor) 
     lora.py imports this file) for adapter ``name``, on the (dropped-out) input ``x_in``:
     (m / ||W + s B A|| - 1) * W x + (m / ||W + s B A||) * s * B A x."""
     A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
-    weight = layer._weight.to(A.dtype)
+    weight = base_weight(layer.base_layer).to(A.dtype)  # a quantised W dequantised (QDoRA)
     with torch.no_grad():  # B A (bf16 under autocast) cast to A's dtype, then scaled: peft's order
         lora_weight = (B @ A).to(A.dtype)
         norm = row_norm(weight + s * (lora_weight.T if layer.fan_in_fan_out else lora_weight), layer._rows_dim)
@@ -85,3 +87,18 @@ def unmerge_weight(layer: nn.Module, name: str, weight: torch.Tensor, delta: tor
 
 def _expand(v: torch.Tensor, weight: torch.Tensor, rows_dim: int) -> torch.Tensor:
     return v.view([-1 if d == rows_dim else 1 for d in range(weight.dim())])
+
+
+def add_dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` plus DoRA's addition for adapter ``name`` (``layer._dora``: a linear's or a conv's), the sum rounded
+    to ``result``'s dtype where peft's quantised layers round it (outside autocast)."""
+    out = result + layer._dora(layer, name, x_in, result)
+    return out.to(result.dtype) if layer._rounds_update() else out
+
+
+def linear_magnitude(layer: nn.Module, name: str, dtype: torch.dtype) -> nn.Parameter:
+    """m = ||W + s B A|| of a linear's adapter ``name`` in ``dtype`` (the base's; a quantised W dequantised), as
+    peft's DoraLinearLayer.update_layer."""
+    with torch.no_grad():
+        weight = base_weight(layer.base_layer).to(dtype)
+        return nn.Parameter(row_norm(weight + layer.delta_weight(name), layer._rows_dim).to(dtype))

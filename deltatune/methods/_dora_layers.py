@@ -5,7 +5,8 @@ Embedding: W (vocab, dim) looks up rows, so DoRA's magnitude m is one value per 
 norm taken over the vocabulary; the output is (m / ||W + s dW||) * (W[x] + s (A^T[x] B^T)) (times embed_scale).
 Conv2d: m is stored (1, c_out, 1, 1) as peft's, the norm of each output channel's kernel; the update is
 (m / ||W + s B A|| - 1) * conv(x, W) + (m / ||W + s B A||) * s * B(A(x)), the norm detached (as the paper).
-The linear layers' DoRA is in _dora.py.
+A quantised linear base (QDoRA: 4-bit or bitsandbytes' 8-bit) gives its W dequantised for the norm and the
+magnitude, as peft's dequantize_module_weight. The linear layers' DoRA is in _dora.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .quant import Linear4bit, _backend, _dequantize_weight, _is_bnb_4bit, is_quantized
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """W of ``base``, dequantised where it is stored quantised (peft's dequantize_module_weight: a 4-bit W in the
+    dtype it was quantised from, an 8-bit one as int8 x row scale / 127 in fp32)."""
+    if isinstance(base, Linear4bit):
+        return _dequantize_weight(base.weight, base.backend)
+    if _is_bnb_4bit(base):
+        return _dequantize_weight(base.weight, "bitsandbytes")
+    if is_quantized(base):  # bitsandbytes' Linear8bitLt: its row scales move to its state on a forward
+        scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB
+        return _backend("bitsandbytes").functional.int8_vectorwise_dequant(
+            base.weight.data, scb.to(base.weight.device)
+        )
+    return base.weight
 
 
 def embedding_lora_weight(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

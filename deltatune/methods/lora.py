@@ -25,7 +25,7 @@ from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, 
 from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from . import _lora_init as inits
-from ._dora import dora, merge_weight, row_norm, unmerge_weight
+from ._dora import add_dora, dora, linear_magnitude, merge_weight, unmerge_weight
 from ._dora_layers import conv_dora, embedding_scale, init_magnitude
 from ._lora_gather import gathered
 from .quant import is_quantized
@@ -170,7 +170,7 @@ class _LoraBase(DeltaLayer):
         adapter alone (peft's _mixed_batch_forward rounds an fp32 update to a bf16 base's dtype before adding it)."""
         x_in = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))  # peft casts, then drops out
         if name in self.lora_magnitude_vector:
-            return result + self._dora(self, name, x_in, result)
+            return add_dora(self, name, x_in, result)
         out = self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]
         return result + (out.to(result.dtype) if self._rounds_update() else out)
 
@@ -265,9 +265,7 @@ class LoraLinear(_LoraBase):
         inits.reset_bias(self.lora_B[name], init)
         self.lora_A[name].to(weight.device, dtype), self.lora_B[name].to(weight.device, dtype)
         if dora:  # ||W + s B A|| in the base's dtype, as peft's
-            with torch.no_grad():
-                norm = row_norm(weight.to(dtype) + self.delta_weight(name), self._rows_dim).to(dtype)
-            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+            self.lora_magnitude_vector[name] = linear_magnitude(self, name, dtype)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)
@@ -377,7 +375,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
             raise ConfigError(f"lora: {name} is already adapted by {type(module).__name__}; LoRA cannot wrap it")
         layer = module if isinstance(module, LORA_LAYERS) else _wrap(module, name)
         base = layer.base_layer
-        if config.use_dora and (callable(getattr(base, "dequantize", None)) or not base.weight.is_floating_point()):
+        if config.use_dora and not is_quantized(base) and not base.weight.is_floating_point():
             raise ConfigError(f"lora: use_dora is not supported on {name} ({type(base).__name__}); DoRA adapts "
                               "full-precision layers, leave it out of target_modules")  # fmt: skip
         inits.check_target(layer, name, config, pattern_value(config.rank_pattern, name, config.r))

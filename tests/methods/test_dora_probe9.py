@@ -166,3 +166,106 @@ def test_mixed_batch_rows_compute_as_their_dora_adapter_alone(kind, tmp_path):
                 theirs.base_model.set_adapter(name)
                 alone = theirs(x[i : i + 1])
             assert torch.equal(mixed[i : i + 1], alone), (i, name)
+
+
+# -- QDoRA: DoRA on 4-bit and 8-bit bases (peft's bnb Linear4bit / Linear8bitLt with use_dora) ---------------------
+def _bnb_on_cpu() -> bool:
+    from deltatune.methods import quant
+
+    return quant._available("bitsandbytes") and quant._bnb_runs_on(torch.device("cpu"))
+
+
+QDORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+             use_dora=True)  # fmt: skip
+
+
+def _bnb_model(path, bits: int, dtype: torch.dtype, compute: torch.dtype):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type="nf4")
+         if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=dtype)
+
+
+@pytest.mark.skipif(not _bnb_on_cpu(), reason="bitsandbytes does not run on this CPU")
+@pytest.mark.parametrize(
+    "bits, dtype, compute",
+    [
+        (4, torch.float32, torch.float32),
+        (4, BF16, BF16),
+        (4, torch.float32, BF16),
+        (8, torch.float32, None),
+        (8, BF16, None),
+    ],  # fmt: skip
+)
+def test_qdora_on_a_bnb_base_trains_as_peft_and_files_load_both_ways(bits, dtype, compute, tmp_path):
+    """W dequantised for the norm and the magnitude (peft's dequantize_module_weight); logits and every gradient
+    peft's to the bit in training mode, peft's file loads in deltatune and deltatune's in peft."""
+    from tiny import tiny_inputs, tiny_model
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(_bnb_model(tmp_path / "base", bits, dtype, compute), peft.LoraConfig(**QDORA))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = dt.DeltaModel.from_pretrained(_bnb_model(tmp_path / "base", bits, dtype, compute), tmp_path / "peft",
+                                         is_trainable=True)  # fmt: skip
+    inputs = tiny_inputs("llama")
+    ours.train(), theirs.train()  # (bitsandbytes repacks a 4-bit W for its CPU kernel on an eval forward)
+    a, b = ours(**inputs, labels=inputs["input_ids"]), theirs(**inputs, labels=inputs["input_ids"])
+    assert a.logits.dtype == dtype and torch.equal(a.logits, b.logits)
+    a.loss.backward(), b.loss.backward()
+    grads = {n.split("base_model.")[-1].replace(".default", "").replace(".weight", ""): p.grad
+             for n, p in ours.named_parameters() if p.requires_grad}  # fmt: skip
+    peft_grads = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): p.grad
+                  for n, p in theirs.named_parameters() if p.requires_grad}  # fmt: skip
+    assert grads.keys() == peft_grads.keys() and len(grads) == 18
+    assert all(torch.equal(grads[k], peft_grads[k]) for k in grads)
+
+    ours.save_pretrained(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(_bnb_model(tmp_path / "base", bits, dtype, compute), tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(loaded.train()(**inputs).logits, ours(**inputs).logits)
+
+
+@pytest.mark.skipif(not _bnb_on_cpu(), reason="bitsandbytes does not run on this CPU")
+def test_qdora_norm_reads_a_4bit_weight_bitsandbytes_repacked_for_its_cpu_kernel(tmp_path):
+    """On CPU bitsandbytes repacks a 4-bit W on the first eval forward; the W DoRA's norm uses is
+    read back unpacked (peft 0.21.2 dequantises the repacked bytes as they lie: W 0.13 off, eval logits 0.03)."""
+    from tiny import tiny_model
+
+    from deltatune.methods._dora_layers import base_weight
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    ours = dt.get_delta_model(_bnb_model(tmp_path / "base", 4, torch.float32, torch.float32), dt.LoraConfig(**QDORA))
+    layer = ours.base_model.model.layers[0].self_attn.q_proj.base_layer
+    before = base_weight(layer).clone()
+    with torch.no_grad():
+        layer.eval()(torch.randn(2, 64))  # an eval forward on an input that needs no grad
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False)  # repacked
+    after = base_weight(layer)  # bitsandbytes' repacking keeps the block constants in bf16: W to 3e-4 (of 0.05)
+    assert 0 < (after - before).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torchao", "bitsandbytes"])
+@pytest.mark.parametrize("compute", [torch.float32, BF16], ids=["fp32", "bf16"])
+def test_qdora_on_deltatune_s_4bit_layers_merges_to_its_unmerged_output(backend, compute):
+    """deltatune's own 4-bit layers (dt.quantize): DoRA's norm of the dequantised W; the merge (into the dequantised
+    layer, as LoRA's) computes as the adapter model, within the compute dtype's rounding."""
+    from tiny import tiny_inputs, tiny_model
+
+    if backend == "bitsandbytes" and not _bnb_on_cpu():
+        pytest.skip("bitsandbytes does not run on this CPU")
+    pytest.importorskip("torchao") if backend == "torchao" else None
+    torch.manual_seed(0)
+    model, _ = dt.quantize(tiny_model("llama", hidden_size=64, intermediate_size=128), backend=backend,
+                           compute_dtype=compute)  # fmt: skip
+    ours = dt.get_delta_model(model, dt.LoraConfig(**QDORA)).eval()
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        plain = tiny_model("llama", hidden_size=64, intermediate_size=128)(**inputs).logits
+        y = ours(**inputs).logits
+        assert (y.float() - plain.float()).abs().max() > 0.05  # the adapter changes the output
+        ours.merge_adapter()
+        tol = 1e-6 if compute == torch.float32 else 1e-2
+        torch.testing.assert_close(ours(**inputs).logits.float(), y.float(), atol=tol, rtol=0)
