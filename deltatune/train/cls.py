@@ -75,7 +75,8 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         if problem == "regression":
             preds, labels = logits.reshape(-1).tolist(), np.asarray(p.label_ids, np.float64).reshape(-1).tolist()
             mse = sum((a - b) ** 2 for a, b in zip(preds, labels)) / max(len(labels), 1)
-            return {"pearson": M.pearson(preds, labels), "spearman": M.spearman(preds, labels), "mse": mse}
+            r, rho = M.pearson(preds, labels), M.spearman(preds, labels)  # run_glue's STS-B keys, and the MSE
+            return {"pearson": r, "spearmanr": rho, "combined_score": (r + rho) / 2, "mse": mse}
         if problem == "multi_label":  # a sigmoid of 0.5 and over is a class: a logit of 0 and over
             hot = (logits >= 0).astype(int).tolist()
             return M.multi_label_scores(hot, (np.asarray(p.label_ids) > 0.5).astype(int).tolist())

@@ -134,19 +134,21 @@ def test_a_regression_run_trains_mse_reports_pearson_and_reloads(tiny_cls, tmp_p
     (tmp_path / "sts.yaml").write_text(yaml.safe_dump(_recipe(tiny_cls, data, run, num_labels=1)))
     assert main(["train", str(tmp_path / "sts.yaml")]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert {"eval_pearson", "eval_spearman", "eval_mse"} <= metrics.keys() and "eval_accuracy" not in metrics
+    assert {"eval_pearson", "eval_spearmanr", "eval_combined_score", "eval_mse"} <= metrics.keys()
+    assert "eval_accuracy" not in metrics
     batch = _rows_batch(run)
     ours = _our_logits(run, batch)
     assert ours.shape == (8, 1)
     torch.testing.assert_close(_peft_logits(tiny_cls, run, 1, batch, "regression"), ours, rtol=0, atol=1e-5)
     pred = ours.reshape(-1).double().numpy()
     assert metrics["eval_pearson"] == pytest.approx(pearsonr(pred, SCORES).statistic, abs=1e-4)
-    assert metrics["eval_spearman"] == pytest.approx(spearmanr(pred, SCORES).statistic, abs=1e-4)
+    assert metrics["eval_spearmanr"] == pytest.approx(spearmanr(pred, SCORES).statistic, abs=1e-4)
+    assert metrics["eval_combined_score"] == pytest.approx((metrics["eval_pearson"] + metrics["eval_spearmanr"]) / 2)
     assert metrics["eval_mse"] == pytest.approx(float(np.mean((pred - SCORES) ** 2)), rel=1e-4)
     capsys.readouterr()
     assert main(["eval", "--adapter", run]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("eval_loss", "eval_pearson", "eval_spearman", "eval_mse"):
+    for key in ("eval_loss", "eval_pearson", "eval_spearmanr", "eval_combined_score", "eval_mse"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-5), key
     # peft's folder alone (no run.yaml): its head of one output is named, and model.num_labels=1 scores it.
     plain = tmp_path / "plain"
