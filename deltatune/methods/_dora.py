@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dora_layers import base_weight
+from .quant import _is_bnb_4bit
 
 
 def _update(scale: torch.Tensor, base: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -96,9 +97,20 @@ def add_dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Tens
     return out.to(result.dtype) if layer._rounds_update() else out
 
 
-def linear_magnitude(layer: nn.Module, name: str, dtype: torch.dtype) -> nn.Parameter:
-    """m = ||W + s B A|| of a linear's adapter ``name`` in ``dtype`` (the base's; a quantised W dequantised), as
-    peft's DoraLinearLayer.update_layer."""
-    with torch.no_grad():
-        weight = base_weight(layer.base_layer).to(dtype)
-        return nn.Parameter(row_norm(weight + layer.delta_weight(name), layer._rows_dim).to(dtype))
+def place_linear(layer: nn.Module, name: str, dtype: torch.dtype, dora: bool) -> None:
+    """Move a linear's new adapter ``name`` (drawn in fp32) to the base's device and ``dtype`` and, with ``dora``,
+    add m = ||W + s B A|| (a quantised W dequantised), as peft's update_layer. peft moves an adapter on a
+    bitsandbytes 4-bit layer to its compute dtype (a bf16 one rounds the draw and m) and autocast_adapter_dtype
+    takes it back to fp32: the same here."""
+    base = layer.base_layer
+    compute = getattr(base, "compute_dtype", None) if _is_bnb_4bit(base) else None
+    for module in (layer.lora_A[name], layer.lora_B[name]):
+        module.to(base.weight.device, compute or dtype)
+    if dora:
+        with torch.no_grad():
+            total = base_weight(base) + layer.delta_weight(name)  # in the wider dtype, as peft's
+            layer.lora_magnitude_vector[name] = nn.Parameter(row_norm(total, layer._rows_dim).to(total.dtype))
+    if compute not in (None, dtype):
+        layer.lora_A[name].to(dtype), layer.lora_B[name].to(dtype)
+        if dora:
+            layer.lora_magnitude_vector[name].data = layer.lora_magnitude_vector[name].data.to(dtype)

@@ -25,7 +25,7 @@ from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, 
 from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from . import _lora_init as inits
-from ._dora import add_dora, dora, linear_magnitude, merge_weight, unmerge_weight
+from ._dora import add_dora, dora, merge_weight, place_linear, unmerge_weight
 from ._dora_layers import conv_dora, embedding_scale, init_magnitude
 from ._lora_gather import gathered
 from .quant import is_quantized
@@ -263,9 +263,7 @@ class LoraLinear(_LoraBase):
         else:
             inits.reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
         inits.reset_bias(self.lora_B[name], init)
-        self.lora_A[name].to(weight.device, dtype), self.lora_B[name].to(weight.device, dtype)
-        if dora:  # ||W + s B A|| in the base's dtype, as peft's
-            self.lora_magnitude_vector[name] = linear_magnitude(self, name, dtype)
+        place_linear(self, name, dtype, dora)  # moved to the base's device and dtype, DoRA's m = ||W + s B A||
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)

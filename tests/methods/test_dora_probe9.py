@@ -269,3 +269,24 @@ def test_qdora_on_deltatune_s_4bit_layers_merges_to_its_unmerged_output(backend,
         ours.merge_adapter()
         tol = 1e-6 if compute == torch.float32 else 1e-2
         torch.testing.assert_close(ours(**inputs).logits.float(), y.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.skipif(not _bnb_on_cpu(), reason="bitsandbytes does not run on this CPU")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16-base", "fp32-base"])
+def test_an_adapter_drawn_on_a_bnb_4bit_base_with_bf16_compute_is_peft_s(dtype, dora, tmp_path):
+    """peft moves a new adapter to a bnb 4-bit layer's compute dtype (rounding the fp32 draw to bf16, m computed from
+    it) before autocast_adapter_dtype takes it back to fp32; deltatune kept the unrounded draw (A 2.4e-4 off)."""
+    from tiny import tiny_model
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    config = {**QDORA, "use_dora": dora}
+    model = _bnb_model(tmp_path / "base", 4, dtype, BF16)
+    torch.manual_seed(3)
+    want = peft.get_peft_model_state_dict(peft.get_peft_model(model, peft.LoraConfig(**config)))
+    model = _bnb_model(tmp_path / "base", 4, dtype, BF16)
+    torch.manual_seed(3)
+    got = dt.get_delta_model(model, dt.LoraConfig(**config)).adapter_state_dict()
+    assert want.keys() == got.keys() and len(want) == 12 + 6 * dora, len(want)
+    assert all(got[k].dtype == want[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in want)
