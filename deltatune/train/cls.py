@@ -93,7 +93,7 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         headline,
         names,
         notes=notes,
-        trainer_class=partial(TokenLossTrainer, loss=loss) if loss else TokenLossTrainer,
+        trainer_class=partial(FloatTargetTrainer, loss=loss) if loss else TokenLossTrainer,
     )
 
 
@@ -105,6 +105,16 @@ def _problem(cfg: RunConfig, rows) -> str:
     if any(isinstance(r.get(cfg.data.label_column), list) for r in rows):
         return "multi_label"
     return "single_label"
+
+
+class FloatTargetTrainer(TokenLossTrainer):
+    """``TokenLossTrainer`` for float targets (a regression's numbers, multi-hot rows): every target counts. The
+    Trainer counts the labels other than -100, the ignore index of class ids, which left a regression target of
+    -100.0 (a score from -100 to 100) out: the train and eval loss of a batch holding one were its MSE x 4/3."""
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        ones = [{**b, "labels": torch.ones_like(b["labels"])} if "labels" in b else b for b in batch_samples]
+        return super()._get_num_items_in_batch(ones, device)
 
 
 def _step_mean(total: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
