@@ -45,7 +45,7 @@ def test_a_score_column_is_named_in_the_report_as_one_class_per_score(tok, tmp_p
     said = notes([0.0, 3.8, 5.0, 2.5, 1.25, 4.2])
     assert said == [
         "4 of the 6 classes are fractions (1.25, 2.5, 3.8, ...): each distinct value is a class, named as text "
-        "(run_glue trains a float label column as a regression, num_labels 1, which no deltatune stage does); "
+        "(run_glue trains a float label column as a regression: model.num_labels: 1 asks for one); "
         "data.labels fixes the classes and their order"
     ]
     assert notes([0.0, 1.0, 2.0]) == [] and notes(["0.5", "1"], named=["0.5", "1"]) == []
