@@ -12,7 +12,6 @@ magnitude, as peft's dequantize_module_weight. The linear layers' DoRA is in _do
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .quant import Linear4bit, _backend, _dequantize_weight, _is_bnb_4bit, is_quantized
@@ -92,7 +91,6 @@ def conv_dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Ten
     scale = layer.lora_magnitude_vector[name] / norm
     if isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training:
         base_result = result if base.bias is None else result - base.bias.view(1, -1, 1, 1)
-    else:  # dropout changed the input: W x recomputed on it, as peft's (with its conv_fn's arguments)
-        kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
-        base_result = F.conv2d(x_in, weight, bias=None, **kw)
+    else:  # dropout changed the input: W x recomputed on it, as peft's (padded as the base pads, as A does here)
+        base_result = base._conv_forward(x_in, weight, None)
     return (scale - 1) * base_result + scale * layer.lora_B[name](layer.lora_A[name](x_in)) * s

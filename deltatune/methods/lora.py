@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, check_regex
-from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
+from ..layer import DeltaLayer, DequantizedLinear, NotMergeable, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from . import _lora_init as inits
 from ._dora import add_dora, dora, merge_weight, place_linear, unmerge_weight
@@ -318,7 +318,7 @@ class LoraConv2d(_LoraBase):
         # A sees the input exactly as the base kernel does (dilation, padding mode too), so B A merges into W.
         kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, padding_mode=base.padding_mode)
         self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, bias=False, **kw)  # drawn as Linear's
-        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=bias)
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), groups=base.groups, bias=bias)  # as peft
         inits.reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
         inits.reset_bias(self.lora_B[name], init)
         self.lora_A[name].to(w.device, w.dtype), self.lora_B[name].to(w.device, w.dtype)
@@ -326,6 +326,8 @@ class LoraConv2d(_LoraBase):
             self.lora_magnitude_vector[name] = init_magnitude(self, name)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
+        if self.base_layer.groups > 1:  # B A is not a kernel of W's shape (peft's NotImplementedError)
+            raise NotMergeable(f"adapter {name!r} is on a grouped Conv2d, which peft cannot merge either")
         A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)  # (r, c_in, kh, kw), B 1x1
         if A.shape[2:] == (1, 1):
             delta = (B.flatten(1) @ A.flatten(1)).unsqueeze(2).unsqueeze(3)
@@ -346,8 +348,6 @@ def _wrap(module: nn.Module, name: str) -> _LoraBase:
                               "not be the merged weight's; leave it out of target_modules")  # fmt: skip
         return LoraEmbedding(module)
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise ConfigError(f"lora: {name} is a grouped Conv2d (groups={module.groups}); not supported")
         return LoraConv2d(module)
     shape = linear_shape(module)
     if shape is not None:
@@ -376,7 +376,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         if config.use_dora and not is_quantized(base) and not base.weight.is_floating_point():
             raise ConfigError(f"lora: use_dora is not supported on {name} ({type(base).__name__}); DoRA adapts "
                               "full-precision layers, leave it out of target_modules")  # fmt: skip
-        inits.check_target(layer, name, config, pattern_value(config.rank_pattern, name, config.r))
+        if (r := pattern_value(config.rank_pattern, name, config.r)) % getattr(base, "groups", 1):  # as peft
+            raise ConfigError(f"lora: {name} is a Conv2d with groups={base.groups}; r={r} must be a multiple of it")
+        inits.check_target(layer, name, config, r)
         plan.append((name, layer, layer is not module))
     inits.check_base_kept(model, adapter_name, [(n, layer) for n, layer, _ in plan], config.init_lora_weights)
     layers: list[nn.Module] = []

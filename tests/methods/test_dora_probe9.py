@@ -290,3 +290,74 @@ def test_an_adapter_drawn_on_a_bnb_4bit_base_with_bf16_compute_is_peft_s(dtype, 
     got = dt.get_delta_model(model, dt.LoraConfig(**config)).adapter_state_dict()
     assert want.keys() == got.keys() and len(want) == 12 + 6 * dora, len(want)
     assert all(got[k].dtype == want[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in want)
+
+
+class GroupedNet(nn.Module):
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        with torch.no_grad():
+            for p in self.layer.parameters():
+                p.copy_(torch.randn_like(p))
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_a_grouped_conv_is_adapted_as_peft_and_not_merged(dora, dtype, tmp_path):
+    """peft adapts a grouped Conv2d (B a grouped 1x1 conv; DoRA's norm from its B A reshaped, as peft's) and refuses
+    to merge it; deltatune refused the layer ("grouped Conv2d (groups=2); not supported")."""
+    kw = dict(target_modules=["layer"], r=4, lora_alpha=8, init_lora_weights=False, use_dora=dora, lora_dropout=0.5)
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(GroupedNet(dtype), peft.LoraConfig(**kw), autocast_adapter_dtype=False)
+    torch.manual_seed(3)
+    ours = dt.get_delta_model(GroupedNet(dtype), dt.LoraConfig(**kw))
+    want, got = peft.get_peft_model_state_dict(theirs), ours.adapter_state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+    (out, grads), (peft_out, peft_grads) = _step(ours, x), _step(theirs, x)
+    assert torch.equal(out, peft_out)
+    assert grads.keys() == peft_grads.keys() and all(torch.equal(grads[k], peft_grads[k]) for k in grads)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        before = ours(x)
+        with pytest.raises(TypeError, match="^adapter 'default' is on a grouped Conv2d, which peft cannot merge"):
+            ours.merge_adapter()
+        assert torch.equal(ours(x), before) and torch.equal(before, theirs(x))
+
+
+def test_a_grouped_conv_needs_a_rank_that_groups_divide():
+    net = GroupedNet()
+    with pytest.raises(dt.ConfigError, match=r"^lora: layer is a Conv2d with groups=2; r=3 must be a multiple of it"):
+        dt.get_delta_model(net, dt.LoraConfig(target_modules=["layer"], r=3))
+    assert type(net.layer) is nn.Conv2d
+
+
+def test_conv_dora_with_dropout_pads_the_recomputed_base_as_the_base_conv():
+    """Training with dropout, DoRA's W x is computed again on the dropped-out input: padded as the base pads (here
+    reflect; as A pads, so the update stays the merged weight's). peft's F.conv2d pads with zeros there."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"))
+    model = dt.get_delta_model(net, dt.LoraConfig(target_modules=["0"], r=4, init_lora_weights=False, use_dora=True,
+                                                  lora_dropout=0.5)).train()  # fmt: skip
+    layer = model.base_model[0]
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].mul_(1.5)  # m / ||W + s B A|| = 1 at the start: W x would not count
+    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    out = model(x)
+    torch.manual_seed(5)
+    dropped = layer.lora_dropout["default"](x)
+    with torch.no_grad():
+        base, s = layer.base_layer, layer.scaling["default"]
+        delta = layer.delta_weight("default")
+        norm = (base.weight + delta).flatten(1).norm(dim=1).view(1, -1, 1, 1)
+        scale = layer.lora_magnitude_vector["default"] / norm
+        w_dropped = base._conv_forward(dropped, base.weight, None)  # reflect-padded
+        lora = layer.lora_B["default"](layer.lora_A["default"](dropped)) * s
+        want = base(x) + (scale - 1) * w_dropped + scale * lora
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
