@@ -361,3 +361,19 @@ def test_conv_dora_with_dropout_pads_the_recomputed_base_as_the_base_conv():
         lora = layer.lora_B["default"](layer.lora_A["default"](dropped)) * s
         want = base(x) + (scale - 1) * w_dropped + scale * lora
     torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "grouped"])
+def test_dora_on_embeddings_and_convs_under_bf16_autocast_trains_as_peft(kind):
+    def net() -> nn.Module:
+        return GroupedNet() if kind == "grouped" else Net(kind)
+
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(net(), _config(peft.LoraConfig, lora_dropout=0.3))
+    torch.manual_seed(3)
+    ours = dt.get_delta_model(net(), _config(dt.LoraConfig, lora_dropout=0.3))
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1)) if kind == "grouped" else _inputs(kind)
+    with torch.autocast("cpu", dtype=BF16):
+        (out, grads), (peft_out, peft_grads) = _step(ours, x), _step(theirs, x)
+    assert torch.equal(out, peft_out)
+    assert grads.keys() == peft_grads.keys() and all(torch.equal(grads[k], peft_grads[k]) for k in grads)
