@@ -311,7 +311,8 @@ def _train(args) -> int:
 
 def _print_change(metrics: dict) -> None:
     """The main metric before training and after, and for preference stages the pairs won and lost between."""
-    main_key = next((k for k in ("eval_accuracy", "eval_f1", "eval_rougeL", "eval_loss") if k in metrics), None)
+    keys = ("eval_accuracy", "eval_f1", "eval_pearson", "eval_f1_micro", "eval_rougeL", "eval_loss")  # (cls: 3 kinds)
+    main_key = next((k for k in keys if k in metrics), None)
     if main_key and f"{main_key}_before" in metrics:
         print(f"{main_key}: {metrics[main_key + '_before']:.4f} before training -> {metrics[main_key]:.4f} after")
     if "eval_paired_p" in metrics:  # preference stages: the same pairs before and after

@@ -21,7 +21,16 @@ from typing import Any
 
 RUN_FILE = "run.yaml"
 LOG_FILE = "log_history.jsonl"  # deltatune.train.trainer.LOG_FILE (not imported: the board needs no torch)
-HEADLINE = ("eval_accuracy", "eval_f1", "eval_rougeL", "eval_reward_accuracy", "eval_loss", "train_loss")
+HEADLINE = (
+    "eval_accuracy",
+    "eval_f1",
+    "eval_pearson",
+    "eval_f1_micro",
+    "eval_rougeL",
+    "eval_reward_accuracy",
+    "eval_loss",
+    "train_loss",
+)
 STALE_S = 600.0
 """A run with no metrics.json whose files have not changed for this long is taken as stopped (failed)."""
 
