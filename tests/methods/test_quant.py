@@ -320,13 +320,6 @@ def test_deepcopy_keeps_the_4bit_weights(backend):
     )
 
 
-def test_lora_rejects_dora_on_4bit_layers():
-    model, _ = dt.quantize(_llama(), backend=BACKENDS[0])
-    with pytest.raises(ConfigError, match="use_dora"):
-        dt.get_delta_model(model, dt.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
-
-
 def test_prepare_for_kbit_training():
     model = _llama().to(torch.bfloat16)
     model, _ = dt.quantize(model, compute_dtype="bfloat16", backend=BACKENDS[0])
