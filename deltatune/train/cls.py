@@ -99,12 +99,29 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
 
 def _problem(cfg: RunConfig, rows) -> str:
     """transformers' problem type of the run: "regression" for ``model.num_labels: 1`` (as transformers reads one
-    output), "multi_label" for a label column of lists (in the train or the eval file), else "single_label"."""
+    output), "multi_label" for ``data.multi_label`` or a label column of lists (in the train or the eval file; then
+    set, so run.yaml records it for an evaluation on rows of one label each), else "single_label"."""
+    d = cfg.data
+    lists = any(isinstance(r.get(d.label_column), list) for r in rows)
     if cfg.model.num_labels == 1:
+        if d.multi_label:
+            raise ConfigError("data.multi_label: true asks for classes, but model.num_labels: 1 trains a regression")
         return "regression"
-    if any(isinstance(r.get(cfg.data.label_column), list) for r in rows):
-        return "multi_label"
-    return "single_label"
+    if lists and d.multi_label is False:
+        raise ConfigError(f"data.multi_label is false, but column {d.label_column!r} holds lists of labels")
+    if lists:
+        d.multi_label = True
+    return "multi_label" if d.multi_label else "single_label"
+
+
+def set_problem_type(model: Any, cfg: RunConfig) -> Any:
+    """``model`` with a cls run's ``problem_type`` in its config as run_glue's saved model has it (its first forward
+    sets it), so transformers' pipeline scores a merged model as trained: a regression's score raw (not a sigmoid of
+    it), a sigmoid per class of a multi-label row (not a softmax). The other stages' models as they are."""
+    if cfg.stage == "cls":
+        single = "multi_label_classification" if cfg.data.multi_label else "single_label_classification"
+        model.config.problem_type = "regression" if cfg.model.num_labels == 1 else single
+    return model
 
 
 class FloatTargetTrainer(TokenLossTrainer):

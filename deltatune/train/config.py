@@ -58,6 +58,8 @@ class DataArgs:
     label_column: str = _f("label", "Label column (cls).")
     labels: list | None = _f(None, 'Label names in class-id order; default: whole-number labels (1, 1.0, "1") are '
                              "ids, names sorted.")  # fmt: skip
+    multi_label: bool | None = _f(None, "cls: each row's label a list of classes (BCE with logits); default: true "
+                                  "when the data's labels are lists")  # fmt: skip
     tokens_column: str = _f("tokens", "Word list column (tag).")
     tags_column: str = _f("ner_tags", "Tag list column (tag), BIO tags.")
     source_column: str = _f("source", "Source text column (seq2seq).")
@@ -410,7 +412,7 @@ def _validate_values(cfg: RunConfig) -> None:
 
 
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
-READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column"), ("tag", "data.tokens_column data.tags_column"),
+READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
            ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),

@@ -21,6 +21,7 @@ from ..files import save_folder_files
 from ..model import DeltaModel, get_delta_model
 from . import report
 from .checks import check_context, check_model_path, check_num_labels, check_reference, check_run, resolved_precision
+from .cls import set_problem_type
 from .config import RunConfig, build, ignored_keys
 from .metrics import perplexity
 from .models import load_model, load_processor, local_base_note, reload_as_trained, upcast_adapters
@@ -151,7 +152,7 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
         cfg.model.trust_remote_code,
         getattr(tok, "pad_token_id", None),  # an image processor has none
     )
-    model = _quantize(model, cfg.model.quantization)
+    model = set_problem_type(_quantize(model, cfg.model.quantization), cfg)  # cls's, saved by a merge
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache while training (it would also disable packed-sequence masks)
     return model
@@ -518,8 +519,8 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
         trust_remote_code=trust_remote_code,
         pad_token_id=getattr(tok, "pad_token_id", None),
     )
-    if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on
-        base = _quantize(base, cfg.model.quantization)
+    if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on; cls's problem type
+        base = set_problem_type(_quantize(base, cfg.model.quantization), cfg)
     delta = DeltaModel.from_pretrained(base, adapter_dir)
     reload_as_trained(delta, adapter_dir)
     return (merge(delta, tok)[0] if merged else delta), tok
@@ -583,11 +584,8 @@ def load_generator(
             f"'deltatune generate --adapter {adapter_dir} --image FILE'"
         )
     if task is not None and task not in GENERATIVE:
-        kind = {
-            "SEQ_CLS": "a sequence classifier",
-            "TOKEN_CLS": "a token tagger",
-            "IMAGE_CLS": "an image classifier",
-        }.get(task, f"a {task} model")
+        kind = {"SEQ_CLS": "a sequence classifier", "TOKEN_CLS": "a token tagger",
+                "IMAGE_CLS": "an image classifier"}.get(task, f"a {task} model")  # fmt: skip
         raise ConfigError(
             f"{adapter_dir!r} is {kind}{f' (stage {stage})' if stage else ''}, which does not generate text; "
             f"'deltatune {command}' needs a causal or seq2seq LM run. Use 'deltatune eval --adapter {adapter_dir} "

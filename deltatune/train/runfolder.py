@@ -373,9 +373,9 @@ def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-DERIVED = {"data.labels", "model.num_labels"}
+DERIVED = {"data.labels", "model.num_labels", "data.multi_label"}
 """Keys a run records as its stage derived them (the ``data.labels`` it found, the ``model.num_labels: 1`` of a
-reward model), which a recipe need not name: left unset (None) by the new recipe, they are no change."""
+reward model, cls's ``data.multi_label`` of a label column of lists), which a recipe need not name: left unset (None) by the new recipe, they are no change."""
 
 
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
