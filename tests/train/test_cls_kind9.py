@@ -72,6 +72,9 @@ def test_data_multi_label_said_or_refused(tiny_cls, tmp_path):
     assert p.metric == "eval_f1_micro" and [ex["labels"] for ex in p.train][:2] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
     with pytest.raises(ConfigError, match=r"^data.multi_label is false, but column 'label' holds lists of labels$"):
         prepared(TAGS, multi_label=False)
+    with pytest.raises(ConfigError, match=r"^data.multi_label: true asks for classes, but model.num_labels: 1 "):
+        prepare_cls(build({"stage": "cls", "model": {"num_labels": 1}, "data": {
+            "train": _jsonl(tmp_path / "d.jsonl", [1.0, 2.0, 3.0, 4.0]), "multi_label": True}}), tok)  # fmt: skip
 
 
 @pytest.mark.parametrize(("kind", "labels", "num_labels"), [("regression", [0.0, 3.8, 5.0, 2.5], 1),
