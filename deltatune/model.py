@@ -357,6 +357,10 @@ class DeltaModel(nn.Module, PushToHub):
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names, together=True)
         layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
         check_not_shared(self.base_model, layers)
+        for layer in layers:  # a layer type's own refusals (a bias to merge into a base without one), before any write
+            for check in getattr(layer, "merge_checks", ()):
+                for name in (n for n in names if n in layer.adapter_names):
+                    check(layer, name)
         for layer in layers if safe_merge else []:  # every layer tried (and undone) before any is merged
             layer.check_merge(names)
         done = self._merged()

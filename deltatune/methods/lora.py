@@ -104,7 +104,7 @@ class _LoraBase(DeltaLayer):
     """Per-adapter state shared by the LoRA layer types (scaling, dropout, DoRA magnitude, merge cache)."""
 
     adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    supports_row_adapters, merge_state = True, ("_dora_norm",)
+    supports_row_adapters, merge_state, merge_checks = True, ("_dora_norm",), (inits.check_bias_merge,)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
