@@ -237,7 +237,7 @@ class DeltaModel(nn.Module, PushToHub):
             raise
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
-        self._apply_active()
+        status.apply_active(self, keep=True, new=adapter_name)
 
     def _remove(self, adapter_name: str) -> None:
         """Delete an adapter everywhere; layers left with no adapter give back their original module."""
@@ -264,7 +264,7 @@ class DeltaModel(nn.Module, PushToHub):
         self._remove(adapter_name)
         if not self.active_adapters and self.peft_config:
             self.active_adapters = [next(iter(self.peft_config))]
-        self._apply_active()
+        status.apply_active(self, keep=True)
 
     def _check_names(self, names: str | list[str], together: bool = False) -> list[str]:
         """``names`` (a name or a list) as a list of this model's adapters (that every layer lets act ``together``)."""

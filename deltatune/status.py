@@ -67,21 +67,28 @@ _PEFT_CLASS = {"Conv1D": "Linear", "DequantizedLinear": "Linear4bit"}
 
 
 # -- setting ------------------------------------------------------------------------------------------------------------
+def _own(layer: DeltaLayer) -> Iterable[tuple[str, torch.nn.Parameter]]:
+    return ((n, p) for n in layer.adapter_names for p in layer.adapter_parameters(n).values())
+
+
 def _set_grad(layer: DeltaLayer, names: Iterable[str], flag: bool) -> None:
     for name in names:
         for p in layer.adapter_parameters(name).values():
             p.requires_grad_(flag)
 
 
-def apply_active(model: DeltaModel) -> None:
-    """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train."""
+def apply_active(model: DeltaModel, keep: bool = False, new: str | None = None) -> None:
+    """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train, and with
+    ``keep`` (add_adapter, delete_adapter: peft's set_adapter alone freezes the others) an inactive adapter made
+    trainable (``load_adapter(is_trainable=True)``, ``set_requires_grad``) still trains; ``new``, just added, does not."""
     layers = [layer for _, layer in model._layers()]
+    kept = {n for layer in layers for n, p in _own(layer) if p.requires_grad and n != new} if keep else set()
     for layer in layers:
         layer.set_adapters(model.active_adapters)
     trainable: set[int] = set()
     for layer in layers:
         for name in layer.adapter_names:
-            train = name in model.active_adapters and not model.peft_config[name].inference_mode
+            train = name in kept or name in model.active_adapters and not model.peft_config[name].inference_mode
             _set_grad(layer, [name], train)
             trainable.update(map(id, layer.adapter_parameters(name).values()) if train else ())
     for name in model.active_adapters:

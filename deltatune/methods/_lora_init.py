@@ -187,6 +187,12 @@ def check_bias_merge(layer: nn.Module, name: str) -> None:
         raise NotMergeable("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
 
 
+def check_conv_merge(layer: nn.Module, name: str) -> None:
+    """NotMergeable where the base Conv2d is grouped: B A is not a kernel of W's shape (peft's NotImplementedError)."""
+    if layer.base_layer.groups > 1:
+        raise NotMergeable(f"adapter {name!r} is on a grouped Conv2d, which peft cannot merge either")
+
+
 def add_bias(layer: nn.Module, name: str, sign: int) -> None:
     """Merge (sign 1) or unmerge (-1) adapter ``name``'s lora_B bias: b +/-= s * b_B in the base bias's dtype, as
     peft's merges (safe or not) and unmerge."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, check_regex
-from ..layer import DeltaLayer, DequantizedLinear, NotMergeable, linear_shape, set_submodule
+from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from . import _lora_init as inits
 from ._dora import add_dora, dora, merge_weight, place_linear, unmerge_weight
@@ -308,7 +308,7 @@ class LoraEmbedding(_LoraBase):
 class LoraConv2d(_LoraBase):
     """LoRA on an ``nn.Conv2d``: A is a conv with the base kernel/stride/padding into r channels, B a 1x1 conv."""
 
-    _dora = staticmethod(conv_dora)
+    _dora, merge_checks = staticmethod(conv_dora), (inits.check_bias_merge, inits.check_conv_merge)
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str,
             bias: bool = False) -> None:  # fmt: skip
@@ -326,8 +326,7 @@ class LoraConv2d(_LoraBase):
             self.lora_magnitude_vector[name] = init_magnitude(self, name)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
-        if self.base_layer.groups > 1:  # B A is not a kernel of W's shape (peft's NotImplementedError)
-            raise NotMergeable(f"adapter {name!r} is on a grouped Conv2d, which peft cannot merge either")
+        inits.check_conv_merge(self, name)
         A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)  # (r, c_in, kh, kw), B 1x1
         if A.shape[2:] == (1, 1):
             delta = (B.flatten(1) @ A.flatten(1)).unsqueeze(2).unsqueeze(3)
