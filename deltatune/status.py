@@ -13,16 +13,14 @@ import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 
 from .files import KEY_PREFIX
 from .layer import BASE_ROW, DeltaLayer, ModulesToSave, checkpointing, logical_numel, row_names
 
-if TYPE_CHECKING:
-    from .model import DeltaModel
-
+DeltaModel = Any  # model.DeltaModel, which imports this module (not imported back: no cycle, even for type checkers)
 Irregular = Literal["irregular"]
 
 
