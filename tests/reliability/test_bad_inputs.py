@@ -45,7 +45,11 @@ CASES = [
     ("save-steps-0", lambda t: ["train.save_steps=0"], "train.save_steps must be >= 1"),
     ("limit-0", lambda t: ["data.limit=0"], "data.limit must be >= 1"),
     ("lr-text", lambda t: ["train.lr=fast"], "train.lr must be float"),
-    ("num-labels-small", lambda t: ["model.num_labels=1"], "model.num_labels is 1 but the data has 2 classes"),
+    (
+        "num-labels-1-multi",
+        lambda t: ["model.num_labels=1", "data.multi_label=true"],
+        "data.multi_label: true asks for classes, but model.num_labels: 1 trains a regression",
+    ),  # (1 alone: regression)
     ("num-labels-large", lambda t: ["model.num_labels=3"], "model.num_labels is 3 but the data has 2 classes"),
     ("data-missing", lambda t: [f"data.train={t / 'nope.jsonl'}"], "nope.jsonl' does not exist"),
     (
