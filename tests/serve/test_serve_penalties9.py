@@ -7,27 +7,18 @@ formula; per choice with n > 1 and in mixed batches; the reported log-probabilit
 from __future__ import annotations
 
 import functools
-import json
 import threading
-import urllib.error
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
 import torch
+from test_serve_probe9 import _post as post_at
 
 PROMPT = "the cat sat on"
 
 
 def _post(server, body: dict, path: str = "/v1/completions"):
-    request = urllib.request.Request(
-        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return 200, json.loads(answer.read())
-    except urllib.error.HTTPError as refused:
-        return refused.code, json.loads(refused.read())
+    return post_at(server, path, body)
 
 
 @functools.cache
