@@ -199,17 +199,24 @@ def create_app(
                 requests, n, events, head, chat, 2 if every else int(include_usage), echoes, engine.tokenizer
             )
             return StreamingResponse(out, media_type="text/event-stream")
-        texts, finish, counts = [e or "" for e in echoes], [None] * len(requests), [0] * len(requests)
+        # Pieces joined at the end; the choices left counted down, not searched for (a scan of every choice per
+        # event was quadratic in prompts x n).
+        pieces, finish, counts = [[e or ""] for e in echoes], [None] * len(requests), [0] * len(requests)
+        left = len(requests)
         try:
-            while None in finish:
+            while left:
                 try:
-                    i, piece, finish[i], counts[i] = await asyncio.wait_for(events.get(), timeout=0.5)
+                    i, piece, reason, counts[i] = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return JSONResponse({}, status_code=499)  # the finally cancels every row
                     continue
-                texts[i] += piece
-                failed = finish[i] if finish[i] and finish[i].startswith("error") else None
+                pieces[i].append(piece)
+                if reason is None:
+                    continue
+                left -= finish[i] is None
+                finish[i] = reason
+                failed = reason if reason.startswith("error") else None
                 if failed and failed.endswith(UNLOADED):
                     return _error(404, failed.removeprefix("error: "), "model_not_found", "model")
                 if failed:
@@ -217,7 +224,7 @@ def create_app(
         finally:
             for r in requests:
                 r.cancelled.set()  # a finished row is gone already
-        choices = []
+        choices, texts = [], ["".join(p) for p in pieces]
         for i, r in enumerate(requests):
             logprobs = (
                 None if r.logprobs is None else logprobs_json(engine.tokenizer, r.logprob_rows[: counts[i]], chat)
