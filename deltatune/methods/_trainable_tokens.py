@@ -1,0 +1,263 @@
+"""Trainable tokens: LoRA's ``trainable_token_indices`` (peft 0.21.2's TrainableTokensLayer and its wrapper).
+
+Only the listed rows of an embedding matrix E (vocab x d) train: each adapter keeps their values V (k x d) as a
+parameter, started as E[ids] (so the model starts as the base), and the layer computes with E' = E with rows ``ids``
+replaced by V (``index_copy``: the gradient reaches V only; E stays frozen). Merging writes V into E's rows and
+unmerging writes the kept originals back. A list of ids adapts the input embedding; a dict {module name: ids} the
+modules whose names end with each key (peft's matching): embeddings, or an untied output embedding (``lm_head``).
+When the model ties its output embedding to the input one (``tie_word_embeddings``), the output layer gets a tied
+layer that reads the input layer's V and ids: the logits see the trained rows too, and nothing of it is saved.
+
+Saved as peft saves it: ``<prefix><embedding path>.token_adapter.trainable_tokens_delta`` (V; "delta" is peft's
+name for the replacement rows). Where deltatune differs from peft, on purpose: a refusal (ConfigError) for ids out
+of range, negative, repeated or empty (peft fails with an IndexError, a RuntimeError, or not at all for repeats),
+and for a module that is not an embedding (peft takes any nn.Linear, e.g. an o_proj, and treats its output
+features as tokens); an output embedding's bias is added (peft's F.linear drops it: a BERT MLM decoder's bias).
+Two active adapters with disjoint ids compute together (peft's set_adapter refuses the pair; its layer computes them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from ..layer import DeltaLayer, ModulesToSave, set_submodule
+
+KEY = "token_adapter.trainable_tokens_delta"
+"""An adapter's saved tensor, relative to its layer (peft's TrainableTokensWrapper layout)."""
+
+
+class TrainableTokens(DeltaLayer):
+    """An embedding (or output embedding) whose listed rows train, one set of rows per adapter.
+
+    ``trainable_tokens_delta[name]`` holds an adapter's rows; ``tied[name]``, the layer whose rows a tied output
+    embedding reads (nothing of its own: not saved, not counted)."""
+
+    adapter_attrs = ("trainable_tokens_delta", "tied")
+    merges_tied = True  # a merge writes the rows into a weight the tied output embedding shares, as it should
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.trainable_tokens_delta = nn.ParameterDict()
+        self.trainable_tokens_original: dict[str, torch.Tensor] = {}  # E[ids] as the adapter found it, for unmerge
+        self.token_indices: dict[str, list[int]] = {}
+        self.tied: dict[str, TrainableTokens] = {}  # a plain dict: the source layer is not a child of this one
+
+    @property
+    def weight(self) -> torch.Tensor:  # modeling code reads ``embed_tokens.weight`` (its dtype, device)
+        return self.base_layer.weight
+
+    def add(self, name: str, ids: list[int]) -> None:
+        """Adapter ``name`` trains rows ``ids``, started as the base's (peft's init_weights=True)."""
+        originals = self.base_layer.weight[ids]
+        self.token_indices[name] = list(ids)
+        self.trainable_tokens_delta[name] = nn.Parameter(originals.detach().clone(), requires_grad=True)
+        self.trainable_tokens_original[name] = originals.detach().clone()
+
+    def tie(self, name: str, source: TrainableTokens) -> None:
+        """Adapter ``name`` reads its rows from ``source`` (the input embedding this output embedding is tied to)."""
+        self.tied[name] = source
+
+    def _rows(self, name: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """(ids, trained rows, original rows) of adapter ``name``, its own or its tied source's."""
+        layer = self.tied.get(name, self)
+        return layer.token_indices[name], layer.trainable_tokens_delta[name], layer.trainable_tokens_original[name]
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return {KEY: self.trainable_tokens_delta[name]} if name in self.trainable_tokens_delta else {}
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.token_indices.pop(name, None)
+        self.trainable_tokens_original.pop(name, None)
+
+    def check_active(self, names: list[str], path: str) -> None:
+        """peft's ``_check_overlapping_tokens``: adapters (with those merged) whose ids overlap cannot act together."""
+        seen: set[int] = set()
+        for name in dict.fromkeys([*self.merged_adapters, *(n for n in names if n in self.adapter_names)]):
+            ids = set(self._rows(name)[0])
+            if seen & ids:
+                raise ValueError(
+                    f"Token indices of adapter {name} are already defined and would result in undefined merging "
+                    f"behavior. Only disjunct token indices are currently supported ({path}: trainable_token_indices)"
+                )
+            seen |= ids
+
+    def weight_with(self, names: list[str]) -> torch.Tensor:
+        """The base weight with each adapter's rows written in (peft's get_merged_weights: differentiable in V)."""
+        W = self.base_layer.weight
+        for name in names:
+            ids, rows, _ = self._rows(name)
+            W = W.index_copy(0, torch.tensor(ids).to(W.device), rows.to(W))
+        return W
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = self.active_adapters
+        if self.disabled or self.merged or not names:  # as peft: a merged layer computes as its weight alone
+            return self.base_layer(x, *args, **kwargs)
+        self.check_active(names, type(self.base_layer).__name__)
+        W, base = self.weight_with(names), self.base_layer
+        if not isinstance(base, nn.Embedding):  # an output embedding (lm_head): its bias kept, unlike peft's
+            return F.linear(x, W, base.bias)
+        out = F.embedding(x, W, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        if (scale := getattr(base, "embed_scale", None)) is not None:  # Gemma's scaled embedding, as peft
+            out = out * torch.as_tensor(scale, dtype=W.dtype, device=out.device).to(out.dtype)
+        return out
+
+    def _merge_weights(self, name: str) -> None:
+        ids, rows, _ = self._rows(name)
+        weight = self.base_layer.weight
+        weight.index_copy_(0, torch.tensor(ids, device=weight.device), rows.to(weight))
+
+    def _unmerge_weights(self, name: str) -> None:
+        ids, _, originals = self._rows(name)
+        weight = self.base_layer.weight
+        weight.index_copy_(0, torch.tensor(ids, device=weight.device), originals.to(weight))
+
+
+def _check_ids(ids: Any, where: str) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(type(i) is int for i in ids):
+        raise ConfigError(f"trainable_token_indices{where} must be a list of token ids (ints), got {ids!r}")
+    if not ids:
+        raise ConfigError(f"trainable_token_indices{where} is empty; list the token ids to train")
+    if len(set(ids)) < len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise ConfigError(f"trainable_token_indices{where} lists token id {twice} twice")
+    return list(ids)
+
+
+def check_indices(spec: Any) -> dict[str, list[int]] | list[int] | None:
+    """``trainable_token_indices`` checked: None, a list of token ids, or {module name: list of token ids}.
+
+    Raises:
+        ConfigError: another type, an id that is not an int, an empty or repeated list, an empty module name.
+    """
+    if spec is None or isinstance(spec, (list, tuple)):
+        return None if spec is None else _check_ids(spec, "")
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(
+            "trainable_token_indices must be a list of token ids or a dict {embedding module name: [token ids]}, "
+            f"got {spec!r}"
+        )
+    for key, ids in spec.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"trainable_token_indices keys must be module names, got {key!r}")
+        _check_ids(ids, f"[{key!r}]")
+    return spec
+
+
+def _tied_names(model: nn.Module, embedding: nn.Module | None, path: str) -> list[str]:
+    """The modules whose weight is the input embedding's (at ``path``), where the model's config ties them (peft's
+    ``_get_module_names_tied_with_embedding``: ``tie_word_embeddings`` False means no tying); the outermost of a
+    module and the layers wrapped around it."""
+    if embedding is None or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return []
+    weight, names = embedding.weight, []
+    for n, m in model.named_modules():
+        inside = n == path or n.startswith(path + ".") or any(n.startswith(t + ".") for t in names)
+        if not inside and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight is weight:
+            names.append(n)
+    return names
+
+
+def _check_target(model: nn.Module, path: str, module: nn.Module, ids: list[int], name: str) -> None:
+    """ConfigError unless ``module`` at ``path`` can train rows ``ids`` for adapter ``name``."""
+    kind = type(module).__name__
+    if isinstance(module, ModulesToSave) or (
+        isinstance(module, DeltaLayer) and not isinstance(module, TrainableTokens)
+    ):
+        raise ConfigError(f"trainable_token_indices cannot be applied to {path}, already adapted by {kind}")
+    if any(isinstance(model.get_submodule(path[:i]), DeltaLayer) for i in range(len(path)) if path[i] == "."):
+        raise ConfigError(
+            f"trainable_token_indices names {path}, a module inside an adapter layer; name the embedding"
+        )
+    if isinstance(module, TrainableTokens):
+        if name in module.adapter_names:
+            raise ConfigError(f"trainable_token_indices names {path} twice (two keys match it)")
+        module = module.base_layer
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    if isinstance(module, nn.Embedding):
+        if type(module).forward is not nn.Embedding.forward and not hasattr(module, "embed_scale"):
+            raise ConfigError(f"trainable_token_indices: {path} ({kind}) does not look up its input (a learned "
+                              "positional embedding computes positions from it); name a token embedding")  # fmt: skip
+    elif not (isinstance(module, nn.Linear) and (module is output or getattr(output, "base_layer", None) is module)):
+        raise ConfigError(f"trainable_token_indices: {path} is a {kind}, not an embedding; name the input embedding "
+                          "(or an untied output embedding, lm_head)")  # fmt: skip
+    if not module.weight.is_floating_point():
+        raise ConfigError(f"trainable_token_indices: {path} stores its weight as {module.weight.dtype}")
+    rows = module.weight.shape[0]
+    if bad := [i for i in ids if not 0 <= i < rows]:
+        raise ConfigError(f"trainable_token_indices: token id {bad[0]} is out of range for {path} ({rows} rows)")
+
+
+def add_tokens(model: nn.Module, config: Any, adapter_name: str) -> list[nn.Module]:
+    """Wrap the modules ``config.trainable_token_indices`` names and add adapter ``adapter_name`` to them (peft's
+    ``set_additional_trainable_modules``: the input embedding, or each dict key; then the output embedding tied to it).
+    Everything is checked before the model is touched.
+
+    Raises:
+        ConfigError: see ``check_indices`` and ``_check_target``; a key that matches no module (peft's words); a key
+            that is also in modules_to_save (peft's words).
+    """
+    spec = check_indices(config.trainable_token_indices)
+    if spec is None:
+        return []
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    paths = {m: n for n, m in model.named_modules()}
+    if isinstance(spec, list):
+        spec = {paths.get(embedding, "embed_tokens"): spec}
+    for key in spec:
+        if key in (config.modules_to_save or []):
+            raise ConfigError(
+                "The embedding layer is already marked to be trained fully, either specify "
+                f"`modules_to_save=[..., \"{key}\", ...]` or `trainable_tokens={{'{key}': x}}` but not both."
+            )
+    emb_path = paths.get(embedding, "")
+    if isinstance(embedding, TrainableTokens):
+        embedding = embedding.base_layer
+    tied = _tied_names(model, embedding, emb_path)
+    skip: set[str] = set()
+    if len(spec) > 1 and tied:  # peft: a key for a tied module with the embedding's ids is left to the tying
+        keys = [k for k in spec if emb_path.endswith(k) or any(t.endswith(k) or k in t.split(".") for t in tied)]
+        if len(keys) >= 2 and all(spec[k] == spec[keys[0]] for k in keys):
+            skip = set(keys) & set(tied)
+        elif len(keys) >= 2:
+            tied = []  # peft: different ids on tied layers, each trains its own rows, no tying
+    plan: list[tuple[str, nn.Module, list[int]]] = []
+    for key, ids in spec.items():
+        if key in skip:
+            continue
+        found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n.endswith(key)]
+        if not found:
+            raise ConfigError(f"trainable_token_indices: Target modules {{{key!r}}} not found in the base model. "
+                              "Please check the target modules and try again.")  # fmt: skip
+        for path, module in found:
+            _check_target(model, path, module, ids, adapter_name)
+            plan.append((path, module, ids))
+    wraps_embedding = any(m is embedding or getattr(m, "base_layer", None) is embedding for _, m, _ in plan)
+    tied = [t for t in tied if wraps_embedding and t not in {p for p, _, _ in plan}]
+    for path in tied:
+        module = model.get_submodule(path)
+        if isinstance(module, DeltaLayer) and not isinstance(module, TrainableTokens):
+            raise ConfigError(f"trainable_token_indices cannot be tied to {path} (the output embedding), already "
+                              f"adapted by {type(module).__name__}")  # fmt: skip
+    layers: list[nn.Module] = []
+    for path, module, ids in plan:
+        layer = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
+        if layer is not module:
+            set_submodule(model, path, layer)
+        layer.add(adapter_name, ids)
+        layers.append(layer)
+    source = next(lay for lay in layers if lay.base_layer is embedding) if tied else None
+    for path in tied:
+        module = model.get_submodule(path)
+        layer = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
+        if layer is not module:
+            set_submodule(model, path, layer)
+        layer.tie(adapter_name, source)
+        layers.append(layer)
+    return layers
