@@ -2,7 +2,8 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` answers with
 server-sent events as the OpenAI clients expect), ``POST /v1/adapters`` and ``DELETE /v1/adapters/{name}`` (load and
-unload at run time, from inside ``adapter_dir`` only), and ``GET /health`` (rows running and waiting). Errors are
+unload at run time, from inside ``adapter_dir`` only; vLLM's ``POST /v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter`` too), and ``GET /health`` (rows running and waiting). Errors are
 OpenAI's JSON shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for a bad request.
 """
 
@@ -56,7 +57,7 @@ def create_app(
         max_tokens: the largest ``max_tokens`` a request may ask for.
     """
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     from ..targets import context_length
 
@@ -99,25 +100,34 @@ def create_app(
             "cancelled": engine.cancelled,
         }
 
+    base_path = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+
     @app.get("/v1/models")
     async def models() -> dict:
+        """vLLM's model cards: the base's ``root`` is its path and ``max_model_len`` its context; an adapter's
+        ``root`` is its folder and ``parent`` the base (``max_model_len`` null, as vLLM's LoRA cards); ``method``
+        is deltatune's own."""
         data = []
         for name in engine.adapters():
-            method = "base" if name == BASE else engine.model.peft_config[name].method
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": "deltatune", "method": method})
+            base = name == BASE
+            card = {"id": name, "object": "model", "created": 0, "owned_by": "deltatune"}
+            card.update(root=base_path if base else engine.paths.get(name), parent=None if base else BASE)
+            card.update(max_model_len=int(context) if base else None)
+            data.append({**card, "method": "base" if base else engine.model.peft_config[name].method})
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
         body = await _body(http)
-        model = body.get("model")
-        template = engine.templates.get(model) if isinstance(model, str) else None  # the run's data.template
+        model = _served(body)  # a 404 before the messages are read, as vLLM checks the model first
+        template = engine.templates.get(model)  # the run's data.template
         prompt_ids = _chat_ids(engine.tokenizer, body.get("messages"), template, _rendering(body, template))
         return await _complete(http, body, [prompt_ids], chat=True)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await _body(http)
+        _served(body)
         special = flag(body, "add_special_tokens") if body.get("add_special_tokens") is not None else True
         prompts = body.get("prompt")  # one, or a batch: a list of strings or of token id lists
         batch = isinstance(prompts, list) and prompts and all(isinstance(p, (str, list)) for p in prompts)
@@ -128,14 +138,12 @@ def create_app(
             echo = [p if isinstance(p, str) else engine.tokenizer.decode(i) for p, i in zip(prompts, ids)]
         return await _complete(http, body, ids, chat=False, echo=echo)
 
-    @app.post("/v1/adapters")
-    async def load(http: HttpRequest):
-        body = await _body(http)
-        name, path = body.get("name"), body.get("path")
+    async def _load(name: Any, path: Any, keys: tuple[str, str] = ("name", "path")) -> None:
+        """Load adapter ``name`` from ``path`` (inside ``adapter_dir``); ``keys`` name the body's two fields."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise RequestError(f"name must be 1-64 letters, digits, '-' or '_', got {name!r}", param="name")
+            raise RequestError(f"{keys[0]} must be 1-64 letters, digits, '-' or '_', got {name!r}", param=keys[0])
         if not isinstance(path, str) or not path:
-            raise RequestError("path must be a folder inside the server's --adapter-dir", param="path")
+            raise RequestError(f"{keys[1]} must be a folder inside the server's --adapter-dir", param=keys[1])
         folder = _inside(adapter_dir, path)
         from fastapi.concurrency import run_in_threadpool
 
@@ -147,6 +155,12 @@ def create_app(
             raise RequestError(
                 f"adapter {name!r} could not be loaded from {path!r}: {exc}", 400, "adapter_load_failed"
             ) from None
+
+    @app.post("/v1/adapters")
+    async def load(http: HttpRequest):
+        body = await _body(http)
+        await _load(body.get("name"), body.get("path"))
+        name = body["name"]
         return {"id": name, "object": "model", "method": engine.model.peft_config[name].method}
 
     @app.delete("/v1/adapters/{name}")
@@ -156,8 +170,45 @@ def create_app(
         await run_in_threadpool(engine.unload_adapter, name)
         return {"id": name, "object": "model", "deleted": True}
 
-    async def _complete(http: HttpRequest, body: dict, prompts: list[list[int]], chat: bool, echo: list | None = None):
+    # vLLM's runtime LoRA routes (its VLLM_ALLOW_RUNTIME_LORA_UPDATING; here --adapter-dir): any method's adapter,
+    # a plain-text answer, a name served already a 400 and an unknown one a 404, as vLLM answers them.
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(http: HttpRequest):
+        body = await _body(http)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            raise RequestError("Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
+        if flag(body, "load_inplace"):
+            raise RequestError("load_inplace is not supported by this server; unload the adapter first",
+                               code="unsupported", param="load_inplace")  # fmt: skip
+        try:
+            await _load(name, path, ("lora_name", "lora_path"))
+        except RequestError as exc:
+            if exc.code == "adapter_exists":  # vLLM's 400 (deltatune's own route answers 409)
+                raise RequestError(
+                    f"The lora adapter {name!r} has already been loaded.", 400, exc.code, "lora_name"
+                ) from None
+            raise
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(http: HttpRequest):
+        name = (await _body(http)).get("lora_name")
+        if not isinstance(name, str) or not name:
+            raise RequestError("'lora_name' needs to be provided to unload a LoRA adapter.", param="lora_name")
+        from fastapi.concurrency import run_in_threadpool
+
+        try:
+            await run_in_threadpool(engine.unload_adapter, name)
+        except RequestError as exc:
+            raise RequestError(str(exc), exc.status, exc.code, "lora_name") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def _served(body: dict) -> str:
+        """The served model a request names; left out (null or ""), the base, as vLLM serves it."""
         model = body.get("model")
+        if model is None or model == "":
+            return BASE
         if not isinstance(model, str):
             raise RequestError("model must name a served model (GET /v1/models lists them)", param="model")
         if model not in engine.adapters():
@@ -165,6 +216,10 @@ def create_app(
             raise RequestError(
                 f"model {model!r} is not served; served models: {known}", 404, "model_not_found", "model"
             )
+        return model
+
+    async def _complete(http: HttpRequest, body: dict, prompts: list[list[int]], chat: bool, echo: list | None = None):
+        model = _served(body)
         # A token adapter's virtual tokens take room in the context too.
         virtual = 0 if model == BASE else getattr(engine.model.peft_config[model], "num_virtual_tokens", 0) or 0
         default = getattr(engine.gen, "max_new_tokens", None)  # the config's, for a request that sets none
@@ -174,12 +229,16 @@ def create_app(
         requests = [to_request(body, ids, room, model, chat) for ids in prompts for _ in range(n)]
         echoes = [None if echo is None else echo[k // n] for k in range(len(requests))]
         stream = flag(body, "stream")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
             raise RequestError(f"stream_options must be an object, got {options!r}", param="stream_options")
         if options and not stream:  # as OpenAI's API answers
             raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
-        include_usage = flag(options, "include_usage", "stream_options.include_usage")
+        # vLLM's StreamOptions: include_usage left out of a given object is true (null: false)
+        include_usage = options is not None and (
+            "include_usage" not in options or flag(options, "include_usage", "stream_options.include_usage")
+        )
+        options = options or {}
         # vLLM's: with include_usage, every chunk counts its choice's tokens so far
         every = include_usage and flag(options, "continuous_usage_stats", "stream_options.continuous_usage_stats")
         loop = asyncio.get_running_loop()

@@ -123,6 +123,7 @@ class Engine:
         # The built-in chat template each adapter's run trained with (its recipe's data.template), which its chat
         # requests are rendered with; an adapter not named here is prompted through the tokenizer's template.
         self.templates: dict[str, str] = {}
+        self.paths: dict[str, str] = {}  # each adapter's folder (vLLM's ``root`` in /v1/models)
         self._changes_waiting = 0  # adapter loads/unloads waiting for the lock
         self._count_lock = threading.Lock()
         self.gen = getattr(model, "generation_config", None)  # its repetition_penalty and top_k apply (_pick)
@@ -164,6 +165,7 @@ class Engine:
             template = run_template(path)  # read before loading: a run.yaml that cannot be read changes nothing
             self.model.load_adapter(path, name)
             self.model.eval()
+            self.paths[name] = path
             if template is not None:
                 self.templates[name] = template
 
@@ -178,6 +180,7 @@ class Engine:
                 raise RequestError(str(exc), 409, "adapter_in_use", "name") from None
             self._routes.pop(name, None)
             self.templates.pop(name, None)
+            self.paths.pop(name, None)
 
     @contextmanager
     def _changing(self) -> Iterator[None]:

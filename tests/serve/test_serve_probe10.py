@@ -3,6 +3,11 @@ what vLLM's OpenAI server does that deltatune did otherwise (each test names vLL
 
 from __future__ import annotations
 
+import json
+import os
+import urllib.error
+import urllib.request
+
 from test_serve_probe7 import _post
 
 CHAT = [{"role": "user", "content": "the small dog sat"}]
@@ -38,3 +43,99 @@ def test_the_non_stream_wait_is_linear_in_the_choices(served, monkeypatch):
     assert [c["finish_reason"] for c in answer["choices"]] == ["length"] * 320
     assert answer["usage"] == {"prompt_tokens": 120, "completion_tokens": 320, "total_tokens": 440}
     assert _Counted.compared <= len(prompts) * n  # was 51,360
+
+
+def test_a_request_without_a_model_is_served_by_the_base_and_an_unknown_one_is_a_404_first(served):
+    """vLLM's ``model`` is optional: left out (or null, or ""), the base model answers (``check_model`` passes an
+    empty name); deltatune answered a 400. And vLLM checks the model before it renders the messages: an unknown
+    model with messages the template cannot take was a 400 about the messages, not the 404."""
+    body = {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+    status, want = _post(server := served[1], "/v1/completions", {**body, "model": "base"})
+    for model in ({}, {"model": None}, {"model": ""}):
+        status, answer = _post(server, "/v1/completions", {**body, **model})
+        assert status == 200 and answer["model"] == "base", model
+        assert answer["choices"] == want["choices"] and answer["usage"] == want["usage"]
+    chat = {"messages": CHAT, "max_tokens": 2, "temperature": 0}
+    status, answer = _post(server, "/v1/chat/completions", chat)
+    assert status == 200 and answer["model"] == "base"
+    status, answer = _post(server, "/v1/chat/completions", {"model": "nope", "messages": [{"role": "wizard"}]})
+    assert status == 404 and answer["error"]["code"] == "model_not_found"
+    status, answer = _post(server, "/v1/chat/completions", {"model": 5, "messages": CHAT})
+    assert status == 400 and answer["error"]["param"] == "model"
+
+
+def test_stream_options_given_include_usage_unless_it_says_false(served):
+    """vLLM's StreamOptions defaults ``include_usage`` to true: ``{"continuous_usage_stats": true}`` alone puts the
+    usage in every chunk and in a last one, ``{}`` in a last one (vLLM's ``should_include_usage``); deltatune
+    gave none. ``include_usage`` false or null, or no ``stream_options``, still give none."""
+    server = served[1]
+    body = {"model": "lora", "prompt": "the cat", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    body["stream"] = True
+    status, chunks = _post(server, "/v1/completions", {**body, "stream_options": {"continuous_usage_stats": True}})
+    assert status == 200 and chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all(c["usage"] is not None for c in chunks) and chunks[-2]["usage"]["completion_tokens"] == 3
+    status, chunks = _post(server, "/v1/completions", {**body, "stream_options": {}})
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 3
+    assert all(c["usage"] is None for c in chunks[:-1])
+    for off in ({"stream_options": {"include_usage": False, "continuous_usage_stats": True}},
+                {"stream_options": {"include_usage": None}}, {"stream_options": None}, {}):  # fmt: skip
+        status, chunks = _post(server, "/v1/completions", {**body, **off})
+        assert status == 200 and all(c["choices"] and "usage" not in c for c in chunks), off
+
+
+def test_models_list_root_parent_and_max_model_len_as_vllm(served):
+    """vLLM's model cards: the base's ``root`` is the model's path and ``max_model_len`` its context; a LoRA's
+    ``root`` is its folder and ``parent`` the base's id (vLLM's ``show_available_models``). deltatune gave none of
+    the three. An adapter loaded at run time is listed with its folder, and gone once unloaded."""
+    engine, server, base, folders = served
+    from urllib.request import urlopen
+
+    with urlopen(server.url + "/v1/models", timeout=30) as answer:
+        cards = {c["id"]: c for c in json.loads(answer.read())["data"]}
+    context = engine.model.config.max_position_embeddings
+    assert (cards["base"]["root"], cards["base"]["parent"], cards["base"]["max_model_len"]) == (base, None, context)
+    for name, folder in folders.items():
+        assert os.path.realpath(cards[name]["root"]) == os.path.realpath(folder) and cards[name]["parent"] == "base"
+        assert cards[name]["max_model_len"] is None
+
+
+def _post_text(server, path: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(
+        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+def test_vllm_runtime_lora_routes_load_and_unload(served, tmp_path):
+    """vLLM's ``POST /v1/load_lora_adapter`` {lora_name, lora_path} and ``POST /v1/unload_lora_adapter``
+    {lora_name} (behind VLLM_ALLOW_RUNTIME_LORA_UPDATING) were 404s. Now: plain-text success as vLLM answers it,
+    a name loaded already a 400 and an unknown one a 404 (vLLM's ``_check_*_lora_adapter_request``), a missing
+    field a 400; deltatune's --adapter-dir fence holds (a 403 outside it)."""
+    engine, server, _, _ = served
+    status, text = _post_text(server, "/v1/load_lora_adapter", {"lora_name": "lora3", "lora_path": "lora"})
+    assert (status, text) == (200, "Success: LoRA adapter 'lora3' added successfully.")
+    kw = {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}
+    assert (
+        _post(server, "/v1/completions", {**kw, "model": "lora3"})[1]["choices"]
+        == _post(server, "/v1/completions", {**kw, "model": "lora"})[1]["choices"]
+    )
+    status, text = _post_text(server, "/v1/load_lora_adapter", {"lora_name": "lora3", "lora_path": "lora"})
+    assert status == 400 and "has already been loaded" in json.loads(text)["error"]["message"]
+    for body in (
+        {"lora_name": "x"},
+        {"lora_path": "lora"},
+        {"lora_name": "x", "lora_path": "lora", "load_inplace": True},
+    ):
+        assert _post_text(server, "/v1/load_lora_adapter", body)[0] == 400, body
+    status, text = _post_text(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)})
+    assert status == 403 and "x" not in engine.adapters()
+    status, text = _post_text(server, "/v1/unload_lora_adapter", {"lora_name": "lora3"})
+    assert (status, text) == (200, "Success: LoRA adapter 'lora3' removed successfully.")
+    assert "lora3" not in engine.adapters()
+    status, text = _post_text(server, "/v1/unload_lora_adapter", {"lora_name": "lora3"})
+    assert status == 404 and json.loads(text)["error"]["param"] == "lora_name"
+    assert _post_text(server, "/v1/unload_lora_adapter", {})[0] == 400
