@@ -524,40 +524,53 @@ def load_pipeline_loras(
     paths: list[str],
     weights: list[float],
     weight: float = 1.0,
-) -> nn.Module:
+    text_encoder_2: nn.Module | None = None,
+) -> Any:
     """``generate --lora``: LoRAs loaded beside a run's own (``default``) as diffusers' ``load_lora_weights`` loads
     them into a pipeline: a file's denoiser keys (``prefix``: ``unet`` or ``transformer``) onto ``model``, its text
-    encoder keys (kohya's ``lora_te_``, diffusers' ``text_encoder.``) onto ``text_encoder``; every LoRA active at once,
-    weighted as ``set_adapters`` (``weight`` for the run's own) on both. Returns the text encoder (a DeltaModel when
-    it holds a LoRA). On an error neither model keeps any of them.
+    encoder keys (kohya's ``lora_te_`` / ``lora_te1_``, diffusers' ``text_encoder.``) onto ``text_encoder`` and SDXL's
+    second encoder's (``lora_te2_``, ``text_encoder_2.``) onto ``text_encoder_2``; every LoRA active at once, weighted
+    as ``set_adapters`` (``weight`` for the run's own) on each. Returns the text encoder (a DeltaModel when it holds a
+    LoRA), or both encoders when ``text_encoder_2`` is given. On an error no model keeps any of them.
 
     Raises:
-        ConfigError: what ``load_loras``, ``load_lora`` and ``set_adapters`` refuse.
+        ConfigError: a file with a second text encoder's part and no ``text_encoder_2`` (diffusers' one-encoder
+            pipelines drop that part: the LoRA would draw otherwise than it trained), or what ``load_loras``,
+            ``load_lora`` and ``set_adapters`` refuse.
     """
     names = [f"lora_{i}" for i in range(len(paths))]
-    parts = [_parts(p) for p in paths]  # SDXL's second encoder's part is left out: the stage has one
-    on_encoder = [i for i, found in enumerate(parts) if "text_encoder" in found]
-    on_denoiser = [i for i, found in enumerate(parts) if "denoiser" in found or "text_encoder" not in found]
-    encoder = text_encoder
+    parts = [_parts(p) for p in paths]
+    for path, found in zip(paths, parts):
+        if "text_encoder_2" in found and text_encoder_2 is None:
+            raise ConfigError(
+                f"--lora {path}: the file holds keys of text_encoder_2 (kohya's lora_te2_), an SDXL LoRA's second text "
+                "encoder; this pipeline has no second text encoder, and without that part the LoRA draws otherwise"
+            )
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    on_denoiser = [i for i, found in enumerate(parts) if "denoiser" in found or not found & set(encoders)]
     try:
         for i in on_denoiser:  # a file with text-encoder keys names its denoiser's part by prefix
             load_loras(model, [paths[i]], [weights[i]], [names[i]], prefix if parts[i] != {"denoiser"} else None)
-        for i in on_encoder:
-            encoder = load_lora(encoder, paths[i], names[i], "text_encoder")
         set_adapters(
             model, ["default", *(names[i] for i in on_denoiser)], [weight, *(weights[i] for i in on_denoiser)]
         )
-        if on_encoder:
-            own = ["default"] if "default" in encoder.peft_config else []
-            chosen = [weights[i] for i in on_encoder]
-            set_adapters(encoder, own + [names[i] for i in on_encoder], [weight] * len(own) + chosen)
+        for part in encoders:
+            on = [i for i, found in enumerate(parts) if part in found]
+            for i in on:
+                encoders[part] = load_lora(encoders[part], paths[i], names[i], part)
+            if on:
+                own = ["default"] if "default" in encoders[part].peft_config else []
+                chosen = [weights[i] for i in on]
+                set_adapters(encoders[part], own + [names[i] for i in on], [weight] * len(own) + chosen)
     except BaseException:
         for name in names:
-            for delta in (model, encoder):
+            for delta in (model, *encoders.values()):
                 if isinstance(delta, DeltaModel) and name in delta.peft_config:
                     delta.delete_adapter(name)
         raise
-    return encoder
+    return (
+        encoders["text_encoder"] if text_encoder_2 is None else (encoders["text_encoder"], encoders["text_encoder_2"])
+    )
 
 
 def _parts(path: str) -> set[str]:
