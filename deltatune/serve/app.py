@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import json
 import os
 import re
@@ -21,14 +20,13 @@ from typing import Any
 
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
-from ..data.templates import ChatTemplateError, apply_chat_template
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
 from .fields import Limits, choices_of, flag, to_request
 from .guard import refusal
 from .logprob_names import logprobs_json
+from .prompts import _chat_ids, _prompt_ids, _rendering
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-ROLES = ("system", "developer", "user", "assistant", "tool")
 # OpenAI's: a wrong key (401) and an unknown model (404) are an invalid_request_error too, told apart by their code.
 _TYPES = {403: "permission_error"}
 
@@ -362,160 +360,6 @@ async def _body(http: HttpRequest) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
     return body
-
-
-# vLLM's chat fields that change how the prompt is rendered, with vLLM's defaults.
-RENDERING: dict[str, Any] = {
-    "add_generation_prompt": True,
-    "continue_final_message": False,
-    "add_special_tokens": False,
-    "chat_template_kwargs": {},
-}
-
-
-def _rendering(body: dict, template: str | None) -> dict[str, Any]:
-    """vLLM's rendering fields of a chat request, checked: the tokenizer's chat template takes them (its own
-    variables, such as Qwen3's ``enable_thinking``, in ``chat_template_kwargs``); a run's built-in template only
-    their defaults."""
-    out = {key: body.get(key, default) for key, default in RENDERING.items()}
-    out = {key: default if out[key] is None else out[key] for key, default in RENDERING.items()}
-    for key in ("add_generation_prompt", "continue_final_message", "add_special_tokens"):
-        flag(out, key)
-    kwargs = out["chat_template_kwargs"]
-    if not isinstance(kwargs, dict):
-        raise RequestError(f"chat_template_kwargs must be an object, got {kwargs!r}", param="chat_template_kwargs")
-    if out["add_generation_prompt"] and out["continue_final_message"]:  # as vLLM answers
-        raise RequestError(
-            "continue_final_message continues the last message: set add_generation_prompt to false with it",
-            param="continue_final_message",
-        )
-    changed = [key for key, default in RENDERING.items() if out[key] != default]
-    if template is not None and changed:
-        raise RequestError(
-            f"{changed[0]} is not served for this model: its chat requests are rendered with the built-in "
-            f"template {template!r} its run trained with",
-            code="unsupported",
-            param=changed[0],
-        )
-    return out
-
-
-def _chat_ids(
-    tokenizer: Any, messages: Any, template: str | None = None, rendering: dict[str, Any] | None = None
-) -> list[int]:
-    """The prompt of a chat request, the assistant's turn opened: rendered with ``template`` (the built-in one the
-    adapter's run trained with) as ``deltatune chat`` renders it, else with the tokenizer's chat template (with
-    ``rendering``'s options, vLLM's: ``RENDERING``)."""
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list of {role, content}", param="messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a string 'role'", param="messages")
-        if m["role"] not in ROLES:
-            raise RequestError(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}", param="messages"
-            )
-        calls = _tool_calls(m, i, template)
-        content = "" if m.get("content") is None and calls else m.get("content")
-        if isinstance(content, list):  # the parts form: [{"type": "text", "text": ...}, ...]
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
-                raise RequestError(f"messages[{i}].content: only text parts are served", param="messages")
-            content = "\n".join(parts)  # as vLLM joins them for a template that reads a string
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string", param="messages")
-        _utf8(content, f"messages[{i}].content", "messages")
-        clean.append({"role": m["role"], "content": content})
-        for key in ("name", "tool_call_id") if template is None else ():  # vLLM hands them to the chat template
-            if isinstance(m.get(key), str) and (key == "name" or m["role"] == "tool"):
-                _utf8(m[key], f"messages[{i}].{key}", "messages")
-                clean[-1][key] = m[key]
-        if calls:
-            clean[-1]["tool_calls"] = calls
-    source = getattr(tokenizer, "chat_template", None) if template is None else None
-    if "developer" not in (source if isinstance(source, str) else ""):  # OpenAI's newer name for the system role
-        clean = [{**m, "role": "system"} if m["role"] == "developer" else m for m in clean]
-    if template is not None:
-        from ..train.chat import prompt_ids
-
-        try:
-            return prompt_ids(tokenizer, clean, template=template)
-        except ValueError as exc:  # DataError, ConfigError: a conversation the template cannot render
-            raise RequestError(str(exc), param="messages") from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise RequestError("this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template")
-    options = {**RENDERING, **(rendering or {})}
-    kwargs = options["chat_template_kwargs"]
-    named = inspect.signature(tokenizer.apply_chat_template).parameters
-    taken = [k for k in kwargs if not isinstance(k, str) or (k in named and k != "kwargs") or k == "messages"]
-    if taken:  # apply_chat_template's own arguments (tokenize, tools, ...), not the template's variables
-        raise RequestError(f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs")
-    try:
-        text = apply_chat_template(
-            tokenizer,
-            clean,
-            tokenize=False,
-            add_generation_prompt=options["add_generation_prompt"],
-            continue_final_message=options["continue_final_message"],
-            **kwargs,
-        )
-    except ChatTemplateError as exc:  # a 400 naming the template's reason, not a 500
-        raise RequestError(str(exc), param="messages") from None
-    except ValueError as exc:  # continue_final_message without a final message to continue
-        raise RequestError(f"continue_final_message: {exc}", param="continue_final_message") from None
-    _utf8(text, "the rendered chat (a tool call's arguments, chat_template_kwargs)", "messages")  # else a 500
-    return list(tokenizer(text, add_special_tokens=options["add_special_tokens"])["input_ids"])
-
-
-def _tool_calls(m: dict, i: int, template: str | None) -> list | None:
-    """An assistant message's ``tool_calls`` (None: none), as vLLM hands them to the chat template: each function's
-    JSON ``arguments`` parsed into an object. A run's built-in template renders none: there they are a 400."""
-    calls = m.get("tool_calls")
-    if not calls or m["role"] != "assistant":  # vLLM reads them on assistant messages only
-        return None
-    if template is not None:
-        raise RequestError(f"messages[{i}].tool_calls: the built-in template {template!r} renders no tool calls",
-                           code="unsupported", param="messages")  # fmt: skip
-    if not isinstance(calls, list) or not all(
-        isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls
-    ):
-        raise RequestError(f"messages[{i}].tool_calls must be a list of {{id, type, function}}", param="messages")
-    out = []
-    for call in calls:
-        function = dict(call["function"])
-        if isinstance(function.get("arguments"), str):
-            try:
-                function["arguments"] = json.loads(function["arguments"] or "{}")
-            except (ValueError, RecursionError):
-                raise RequestError(f"messages[{i}].tool_calls: arguments is not JSON", param="messages") from None
-        out.append({**call, "function": function})
-    return out
-
-
-def _utf8(text: str, what: str, param: str) -> None:
-    """A 400 for a lone surrogate (a client cutting a string mid-emoji writes valid JSON the tokenizer refuses)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(f"{what} holds a lone surrogate (\\ud800-\\udfff), not UTF-8 text", param=param) from None
-
-
-def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True) -> list[int]:
-    """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does, the tokenizer's
-    special tokens added unless ``special`` is false, vLLM's ``add_special_tokens``) or token ids."""
-    if isinstance(prompt, str):
-        _utf8(prompt, "prompt", "prompt")
-        ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"]) if prompt else []
-        if not ids:  # an empty string (also where the tokenizer would add a BOS: nothing to continue)
-            raise RequestError("prompt is empty; give some text (or token ids) to continue", param="prompt")
-        return ids
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = len(tokenizer)
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        return prompt
-    raise RequestError("prompt must be a string or a list of token ids, or a list of those", param="prompt")
 
 
 def _inside(adapter_dir: str | None, path: str) -> str:

@@ -139,7 +139,8 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
     if not isinstance(body.get("user", ""), (str, type(None))):  # OpenAI's end-user id, a string (both APIs check)
         raise RequestError(f"user must be a string, got {body['user']!r}", param="user")
-    served = ("logprobs", "top_logprobs") if chat else ("logprobs", "echo")
+    # chat's tools and tool_choice are checked where the prompt is rendered (prompts._tools)
+    served = ("logprobs", "top_logprobs", "tools", "tool_choice") if chat else ("logprobs", "echo")
     for name, default in UNSUPPORTED.items():
         if name not in served and not _asks_nothing(body.get(name), default):
             raise RequestError(f"{name} is not supported by this server; leave it out", code="unsupported", param=name)

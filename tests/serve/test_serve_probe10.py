@@ -139,3 +139,43 @@ def test_vllm_runtime_lora_routes_load_and_unload(served, tmp_path):
     status, text = _post_text(server, "/v1/unload_lora_adapter", {"lora_name": "lora3"})
     assert status == 404 and json.loads(text)["error"]["param"] == "lora_name"
     assert _post_text(server, "/v1/unload_lora_adapter", {})[0] == 400
+
+
+def test_tools_under_tool_choice_none_reach_the_chat_template_as_vllm_renders_them(served, monkeypatch):
+    """vLLM renders a request's ``tools`` into the prompt under ``tool_choice: "none"`` (each tool as pydantic dumps
+    its ChatCompletionToolsParam, a left-out description or parameters null) and answers plain text; deltatune
+    refused tools. A ``tool_choice`` other than "none" without tools is vLLM's 400 naming it (deltatune passed
+    "auto"); tools under "auto" (the default with tools), "required" or a named tool stay a 400 (vLLM's answer
+    without --enable-auto-tool-choice; guided decoding). Checked on Qwen2.5's template, which prints each tool."""
+    from tiny import trl_template
+
+    engine, server, _, _ = served
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "chat_template", trl_template("qwen2_5"))
+    seen = []
+    monkeypatch.setattr(engine, "submit", lambda r: (seen.append(r.prompt_ids), r.emit("ok", "stop")))
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    tools = [{"type": "function", "function": weather}, {"function": {"name": "now", "description": "the time"}}]
+    body = {"model": "lora", "messages": CHAT, "max_tokens": 2, "tools": tools, "tool_choice": "none"}
+    status, answer = _post(server, "/v1/chat/completions", body)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "ok"
+    dumped = [  # vLLM's tool.model_dump()
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "description": None, "parameters": weather["parameters"]},
+        },
+        {"type": "function", "function": {"name": "now", "description": "the time", "parameters": None}},
+    ]
+    text = tok.apply_chat_template(CHAT, tools=dumped, add_generation_prompt=True, tokenize=False)
+    assert '"description": null' in text and seen == [tok(text, add_special_tokens=False)["input_ids"]]
+    refused = {
+        "auto without tools": ({"tool_choice": "auto", "tools": None}, "tool_choice", "invalid_request"),
+        "required without tools": ({"tool_choice": "required", "tools": None}, "tool_choice", "invalid_request"),
+        "tools under the default auto": ({"tool_choice": None}, "tool_choice", "unsupported"),
+        "tools under required": ({"tool_choice": "required"}, "tool_choice", "unsupported"),
+        "a tool without a name": ({"tools": [{"function": {"description": "x"}}]}, "tools", "invalid_request"),
+    }
+    for what, (change, param, code) in refused.items():
+        status, answer = _post(server, "/v1/chat/completions", {**body, **change})
+        assert status == 400 and (answer["error"]["param"], answer["error"]["code"]) == (param, code), what
+    assert len(seen) == 1
