@@ -143,7 +143,11 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     served = ("logprobs", "top_logprobs", "tools", "tool_choice") if chat else ("logprobs", "echo")
     for name, default in UNSUPPORTED.items():
         if name not in served and not _asks_nothing(body.get(name), default):
-            raise RequestError(f"{name} is not supported by this server; leave it out", code="unsupported", param=name)
+            why = f"{name} is not supported by this server; leave it out"
+            kind = body[name].get("type") if name == "response_format" and isinstance(body[name], dict) else None
+            if isinstance(kind, str):  # json_object, json_schema: vLLM's guided decoding, which is not served here
+                why = f'response_format {kind!r} is not supported by this server (no guided decoding); send "text"'
+            raise RequestError(why, code="unsupported", param=name)
     return Request(
         prompt_ids=prompt_ids,
         adapter=model,

@@ -179,3 +179,17 @@ def test_tools_under_tool_choice_none_reach_the_chat_template_as_vllm_renders_th
         status, answer = _post(server, "/v1/chat/completions", {**body, **change})
         assert status == 400 and (answer["error"]["param"], answer["error"]["code"]) == (param, code), what
     assert len(seen) == 1
+
+
+def test_a_json_response_format_is_refused_naming_the_format(served):
+    """vLLM serves ``response_format`` json_object and json_schema by guided decoding, which deltatune does not do:
+    the 400 said "response_format is not supported; leave it out", as if the field itself were unknown. It now
+    names the format refused and what passes ("text", which the existing tests already let through)."""
+    server = served[1]
+    for kind in ("json_object", "json_schema"):
+        body = {"model": "lora", "messages": CHAT, "max_tokens": 1, "response_format": {"type": kind}}
+        status, answer = _post(server, "/v1/chat/completions", body)
+        assert status == 400 and answer["error"]["code"] == "unsupported"
+        assert f"response_format '{kind}'" in answer["error"]["message"] and '"text"' in answer["error"]["message"]
+    body["response_format"] = {"type": "text"}
+    assert _post(server, "/v1/chat/completions", body)[0] == 200
