@@ -196,6 +196,8 @@ def _agree(values: list) -> bool | Irregular:
 def _module_type(layer: DeltaLayer, peft_type: str) -> str:
     if isinstance(layer, ModulesToSave):
         return "ModulesToSaveWrapper"
+    if peft_class := getattr(layer, "peft_class", None):  # a layer that stands for one peft class (trainable tokens)
+        return peft_class
     base = getattr(layer, "base_layer", None)
     if base is None:  # a layer with no base layer of its own (virtual tokens): peft has no such layer
         return type(layer).__name__
@@ -207,10 +209,12 @@ def layer_status(model: DeltaModel) -> list[TunerLayerStatus]:
     """peft's ``get_layer_status``. ValueError when the model has no adapter layer (in-place methods only)."""
     out = []
     for path, layer in model._layers():
-        params = {n: list(layer.adapter_parameters(n).values()) for n in layer.adapter_names}
+        # a layer may report parameters it reads but does not own (a tied output embedding's rows), as peft's layer
+        shown = getattr(layer, "status_parameters", layer.adapter_parameters)
+        params = {n: list(shown(n).values()) for n in layer.adapter_names}
         out.append(
             TunerLayerStatus(
-                name=f"model.{path}",
+                name=f"model.{path}{getattr(layer, 'status_suffix', '')}",  # peft's name of the layer inside a wrapper
                 module_type=_module_type(layer, model.peft_config[layer.adapter_names[0]].peft_type),
                 enabled=not layer.disabled,
                 # peft's adapter layers all hold the model's list, its full copies the one they have

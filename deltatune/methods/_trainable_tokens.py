@@ -70,6 +70,12 @@ class TrainableTokens(DeltaLayer):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return {KEY: self.trainable_tokens_delta[name]} if name in self.trainable_tokens_delta else {}
 
+    # peft's get_layer_status names the TrainableTokensLayer inside its wrapper, and shows a tied layer's rows as its
+    peft_class, status_suffix = "TrainableTokensLayer", ".token_adapter"
+
+    def status_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return {KEY: self._rows(name)[1]}
+
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.token_indices.pop(name, None)
