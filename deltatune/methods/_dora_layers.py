@@ -1,9 +1,11 @@
-"""DoRA on ``nn.Embedding`` and ``nn.Conv2d`` LoRA layers, in peft 0.21.2's operations and order (its
-``DoraEmbeddingLayer`` and ``DoraConv2dLayer``), so outputs, gradients and files match peft's to the bit.
+"""DoRA on ``nn.Embedding`` and ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` LoRA layers, in peft 0.21.2's operations
+and order (its ``DoraEmbeddingLayer`` and ``_DoraConvNdLayer``), so outputs, gradients and files match peft's to the
+bit.
 
 Embedding: W (vocab, dim) looks up rows, so DoRA's magnitude m is one value per embedding dimension (dim,), the
 norm taken over the vocabulary; the output is (m / ||W + s dW||) * (W[x] + s (A^T[x] B^T)) (times embed_scale).
-Conv2d: m is stored (1, c_out, 1, 1) as peft's, the norm of each output channel's kernel; the update is
+Conv: m is stored (1, c_out, 1, ...) as peft's (one 1 per kernel dimension), the norm of each output channel's
+kernel; the update is
 (m / ||W + s B A|| - 1) * conv(x, W) + (m / ||W + s B A||) * s * B(A(x)), the norm detached (as the paper).
 A quantised linear base (QDoRA: 4-bit or bitsandbytes' 8-bit) gives its W dequantised for the norm and the
 magnitude, as peft's dequantize_module_weight. The linear layers' DoRA is in _dora.py.
@@ -38,14 +40,14 @@ def embedding_lora_weight(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def conv_lora_weight(layer: nn.Module, name: str) -> torch.Tensor:
-    """B A reshaped to the base kernel's shape, as peft's DoraConv2dLayer forms it."""
+    """B A reshaped to the base kernel's shape, as peft's _DoraConvNdLayer forms it."""
     A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
     r = A.shape[0]
     return torch.mm(B.view([-1, r]), A.view([r, -1])).reshape(layer._weight.shape)
 
 
 def conv_norm(weight: torch.Tensor) -> torch.Tensor:
-    """||W||_2 of each output channel's kernel, shaped (1, c_out, 1, 1) as peft's magnitude."""
+    """||W||_2 of each output channel's kernel, shaped (1, c_out, 1, ...) as peft's magnitude."""
     return weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(1, 0)
 
 
@@ -53,7 +55,7 @@ def init_magnitude(layer: nn.Module, name: str) -> nn.Parameter:
     """m = ||W + s dW|| of an embedding's or a conv's adapter ``name``, as peft's update_layer computes it."""
     weight, s = layer._weight, layer.scaling[name]
     with torch.no_grad():
-        if weight.dim() == 4:
+        if weight.dim() >= 3:  # a conv's kernel (c_out, c_in / groups, *k)
             A = layer.lora_A[name].weight
             half = A.dtype == torch.float16  # peft multiplies fp16 factors in fp32 and rounds the product
             lora_weight = conv_lora_weight(layer, name) if not half else _half_product(layer, name)
@@ -84,13 +86,13 @@ def embedding_scale(layer: nn.Module, name: str) -> torch.Tensor:
 
 def conv_dora(layer: nn.Module, name: str, x_in: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """DoRA's addition to a conv's output ``result`` (= conv(x, W) + bias) for adapter ``name`` on the (dropped-out)
-    input ``x_in``, as peft's DoraConv2dLayer.forward."""
+    input ``x_in``, as peft's _DoraConvNdLayer.forward."""
     base = layer.base_layer
     weight, s = layer._weight, layer.scaling[name]
     norm = conv_norm(weight + s * conv_lora_weight(layer, name).detach()).detach()
     scale = layer.lora_magnitude_vector[name] / norm
     if isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training:
-        base_result = result if base.bias is None else result - base.bias.view(1, -1, 1, 1)
+        base_result = result if base.bias is None else result - base.bias.view(1, -1, *(1,) * (result.dim() - 2))
     else:  # dropout changed the input: W x recomputed on it, as peft's (padded as the base pads, as A does here)
         base_result = base._conv_forward(x_in, weight, None)
     return (scale - 1) * base_result + scale * layer.lora_B[name](layer.lora_A[name](x_in)) * s

@@ -8,13 +8,13 @@ W' = m * (W + s B A) / ||W + s B A||_row, the norm treated as a constant in the 
 PEFT). m starts as ||W||_row, so the model again starts as the base.
 
 Layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weights stored transposed), ``nn.Embedding`` (A gathers rows
-like an embedding) and ``nn.Conv2d`` (A a conv with the base kernel, B a 1x1 conv). Module and key names are PEFT's,
-so adapters move between deltatune and PEFT unchanged.
+like an embedding) and ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (A a conv with the base kernel, B a 1-kernel conv;
+methods/_lora_conv.py, which also holds the layers' shared base). Module and key names are PEFT's, so adapters move
+between deltatune and PEFT unchanged.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range, check_regex
-from ..layer import DeltaLayer, DequantizedLinear, linear_shape, set_submodule
+from ..layer import DeltaLayer, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
+from . import _lora_conv as convs
 from . import _lora_init as inits
-from ._dora import add_dora, dora, merge_weight, place_linear, unmerge_weight
-from ._dora_layers import conv_dora, embedding_scale, init_magnitude
+from ._dora import place_linear
+from ._dora_layers import embedding_scale, init_magnitude
+from ._lora_conv import LoraConv1d, LoraConv2d, LoraConv3d, LoraConvNd, _factors, _LoraBase, conv_layer
 from ._lora_gather import gathered
 from .quant import is_quantized
 
@@ -100,148 +102,6 @@ class LoraConfig(DeltaConfig):
         return inits.bias_parameters(self.bias, model)
 
 
-class _LoraBase(DeltaLayer):
-    """Per-adapter state shared by the LoRA layer types (scaling, dropout, DoRA magnitude, merge cache)."""
-
-    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    supports_row_adapters, merge_state, merge_checks = True, ("_dora_norm",), (inits.check_bias_merge,)
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self._dora_norm: dict[str, torch.Tensor] = {}  # the row norms a DoRA merge divided by, for unmerge
-
-    def _add_common(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
-        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA: alpha / sqrt(r)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        inits.settle(self, name, restore=True)  # a refused load: the base weight its init replaced comes back
-        self.scaling.pop(name, None)
-        if name in self.lora_dropout:
-            del self.lora_dropout[name]
-
-    def import_state(self, name: str, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        super().import_state(name, prefix, tensors)
-        inits.settle(self, name, restore=False)  # the file passed its checks: the residual stays
-
-    @property
-    def _weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # Modeling code reads the wrapped layer's weight and bias (T5 checks ``self.wo.weight.dtype``), as PEFT allows.
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
-
-    def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
-        """s * B A in the base weight's own layout (``merging``: as PEFT's get_delta_weight, see ``_factors``)."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        if self.row_adapters is not None:
-            return self._routed(x, result)
-        if self.merged:  # as peft: a layer holding a merged adapter computes as its (merged) weights alone
-            return result
-        dtype = result.dtype
-        for name in self.active_adapters:  # peft's order: fp32 updates summed onto a bf16 base output, rounded once
-            if name in self.lora_A:  # the input cast to each adapter's dtype in turn, as peft's
-                x = x.to(self.lora_A[name].weight.dtype)
-            result = self._add(name, x, result)
-        return result.to(dtype)
-
-    def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` (the base output for ``x``) plus adapter ``name``'s update s * B A x, in peft's operations and
-        order: the sum in the wider of the two dtypes, rounded by the caller. A mixed batch's row rounds as the
-        adapter alone (peft's _mixed_batch_forward rounds an fp32 update to a bf16 base's dtype before adding it)."""
-        x_in = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))  # peft casts, then drops out
-        if name in self.lora_magnitude_vector:
-            return add_dora(self, name, x_in, result)
-        out = self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]
-        return result + (out.to(result.dtype) if self._rounds_update() else out)
-
-    def _rounds_update(self) -> bool:
-        """Whether an update is rounded to the base output's dtype before it is added: peft's QLoRA (bitsandbytes)
-        layer does so outside autocast, its plain layers add first and round once."""
-        return is_quantized(self.base_layer) and not torch.is_autocast_enabled()
-
-    def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """A mixed-adapter batch (``row_adapters``): each adapter's update computed on its own rows only."""
-        plain = isinstance(self, LoraLinear) and inits.lora_b_bias(self) is None  # (the batched path has no biases)
-        if plain and (out := gathered(self, x, result)) is not None:
-            return out  # every row's own adapter in two batched matmuls (methods/_lora_gather.py)
-        for name, rows in self.row_adapters.groups(x.shape[0], x.device):
-            if name not in self.scaling:  # BASE_ROW, or an adapter this layer does not hold
-                continue
-            if rows is None:
-                result = self._add(name, x, result).to(result.dtype)
-            else:
-                part = self._add(name, x.index_select(0, rows), result[rows])
-                result = result.index_copy(0, rows, part.to(result.dtype))
-        return result
-
-    def _merge_weights(self, name: str, base: torch.Tensor | None = None, safe: bool | None = None) -> None:
-        safe = self.safe_merged.get(name, False) if safe is None else safe
-        inits.check_bias_merge(self, name)
-        self._dequantize_base()
-        weight = self._weight
-        delta = self.delta_weight(name, merging=True)
-        if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept for unmerge
-            # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
-            # _unmerged_base_weight, which merges them back with this merge's safe_merge); W itself holds them.
-            merge_weight(self, name, weight, delta, self._unmerged_base(safe) if base is None else base)
-        elif safe and not isinstance(self.base_layer, DequantizedLinear):  # peft's bitsandbytes merge: plain's sum
-            weight.add_(delta.to(weight.dtype))  # peft's safe merge: an fp32 delta rounded to a bf16 W, then added
-        else:
-            weight.add_(delta)  # peft's plain merge: added in fp32, rounded once
-        inits.add_bias(self, name, 1)
-
-    def _unmerged_base(self, safe: bool) -> torch.Tensor:
-        """The base weight without the adapters merged into it (taken out, copied, merged back in turn)."""
-        merged = list(self.merged_adapters)
-        if not merged:
-            return self._weight
-        for n in reversed(merged):
-            self._unmerge_weights(n)
-        base = self._weight.detach().clone()
-        for n in merged:
-            self._merge_weights(n, base, safe)
-        return base
-
-    def _unmerge_weights(self, name: str) -> None:
-        weight = self._weight
-        delta = self.delta_weight(name, merging=True)
-        if name in self.lora_magnitude_vector:
-            unmerge_weight(self, name, weight, delta)
-        else:  # the delta rounded, then subtracted: peft's unmerge (its merge adds, then rounds)
-            weight.sub_(delta.to(weight.dtype))
-        inits.add_bias(self, name, -1)
-
-    _rows_dim, _dora = 0, staticmethod(dora)  # the stored weight's dimension that indexes outputs; DoRA's update
-
-
-def _factors(A: torch.Tensor, B: torch.Tensor, merging: bool) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """A, B as ``delta_weight`` multiplies them, and the delta's dtype. ``merging`` (PEFT's get_delta_weight): on CPU
-    half-precision factors multiply and scale in float32, the delta rounded once to their dtype."""
-    if merging and A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
-        return A.float(), B.float(), A.dtype
-    return A, B, A.dtype
-
-
 class LoraLinear(_LoraBase):
     """LoRA around an ``nn.Linear`` or a GPT-2 ``Conv1D`` (``fan_in_fan_out``: weight stored (d_in, d_out))."""
 
@@ -264,6 +124,9 @@ class LoraLinear(_LoraBase):
             inits.reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
         inits.reset_bias(self.lora_B[name], init)
         place_linear(self, name, dtype, dora)  # moved to the base's device and dtype, DoRA's m = ||W + s B A||
+
+    def _gathered(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
+        return gathered(self, x, result) if inits.lora_b_bias(self) is None else None  # (batched: no lora_B bias)
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)
@@ -305,37 +168,8 @@ class LoraEmbedding(_LoraBase):
         return result + out if dora is None else dora * result + out
 
 
-class LoraConv2d(_LoraBase):
-    """LoRA on an ``nn.Conv2d``: A is a conv with the base kernel/stride/padding into r channels, B a 1x1 conv."""
-
-    _dora, merge_checks = staticmethod(conv_dora), (inits.check_bias_merge, inits.check_conv_merge)
-
-    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str,
-            bias: bool = False) -> None:  # fmt: skip
-        base: nn.Conv2d = self.base_layer
-        self._add_common(name, r, alpha, dropout, rslora)
-        w = base.weight
-        # A sees the input exactly as the base kernel does (dilation, padding mode too), so B A merges into W.
-        kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, padding_mode=base.padding_mode)
-        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, bias=False, **kw)  # drawn as Linear's
-        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), groups=base.groups, bias=bias)  # as peft
-        inits.reset(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
-        inits.reset_bias(self.lora_B[name], init)
-        self.lora_A[name].to(w.device, w.dtype), self.lora_B[name].to(w.device, w.dtype)
-        if dora:  # m stored (1, c_out, 1, 1), as peft's DoraConv2dLayer
-            self.lora_magnitude_vector[name] = init_magnitude(self, name)
-
-    def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
-        inits.check_conv_merge(self, name)
-        A, B, dtype = _factors(self.lora_A[name].weight, self.lora_B[name].weight, merging)  # (r, c_in, kh, kw), B 1x1
-        if A.shape[2:] == (1, 1):
-            delta = (B.flatten(1) @ A.flatten(1)).unsqueeze(2).unsqueeze(3)
-        else:
-            delta = F.conv2d(A.permute(1, 0, 2, 3), B).permute(1, 0, 2, 3)  # (c_out, c_in, kh, kw)
-        return (delta * self.scaling[name]).to(dtype)
-
-
-LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
+LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConvNd)
+CONV_LAYERS = (LoraConv1d, LoraConv2d, LoraConv3d)  # (methods/_lora_conv.py; importers name them from here)
 
 
 def _wrap(module: nn.Module, name: str) -> _LoraBase:
@@ -346,13 +180,13 @@ def _wrap(module: nn.Module, name: str) -> _LoraBase:
                               "(a learned positional embedding computes positions from it), so LoRA's update would "
                               "not be the merged weight's; leave it out of target_modules")  # fmt: skip
         return LoraEmbedding(module)
-    if isinstance(module, nn.Conv2d):
-        return LoraConv2d(module)
+    if (conv := conv_layer(module)) is not None:
+        return conv
     shape = linear_shape(module)
     if shape is not None:
         return LoraLinear(module, fan_in_fan_out=shape[2])
     raise ConfigError(
-        f"lora: target {name} is a {kind}; LoRA adapts nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv2d layers"
+        f"lora: target {name} is a {kind}; LoRA adapts nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d layers"
     )
 
 
@@ -375,8 +209,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         if config.use_dora and not is_quantized(base) and not base.weight.is_floating_point():
             raise ConfigError(f"lora: use_dora is not supported on {name} ({type(base).__name__}); DoRA adapts "
                               "full-precision layers, leave it out of target_modules")  # fmt: skip
-        if (r := pattern_value(config.rank_pattern, name, config.r)) % getattr(base, "groups", 1):  # as peft
-            raise ConfigError(f"lora: {name} is a Conv2d with groups={base.groups}; r={r} must be a multiple of it")
+        convs.check_target(layer, name, config, r := pattern_value(config.rank_pattern, name, config.r))  # as peft
         inits.check_target(layer, name, config, r)
         plan.append((name, layer, layer is not module))
     inits.check_base_kept(model, adapter_name, [(n, layer) for n, layer, _ in plan], config.init_lora_weights)
