@@ -119,8 +119,11 @@ def create_app(
         body = await _body(http)
         model = _served(body)  # a 404 before the messages are read, as vLLM checks the model first
         template = engine.templates.get(model)  # the run's data.template
-        prompt_ids = _chat_ids(engine.tokenizer, body.get("messages"), template, _rendering(body, template))
-        return await _complete(http, body, [prompt_ids], chat=True)
+        rendering = _rendering(body, template)
+        prompt_ids = _chat_ids(engine.tokenizer, body.get("messages"), template, rendering)
+        # vLLM's get_chat_request_role: without a generation prompt, the answer goes on in the last message's role
+        role = "assistant" if rendering["add_generation_prompt"] else body["messages"][-1]["role"]
+        return await _complete(http, body, [prompt_ids], chat=True, role=role)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
@@ -216,7 +219,9 @@ def create_app(
             )
         return model
 
-    async def _complete(http: HttpRequest, body: dict, prompts: list[list[int]], chat: bool, echo: list | None = None):
+    async def _complete(
+        http: HttpRequest, body: dict, prompts: list[list[int]], chat: bool, echo: list | None = None, role: str = ""
+    ):
         model = _served(body)
         # A token adapter's virtual tokens take room in the context too.
         virtual = 0 if model == BASE else getattr(engine.model.peft_config[model], "num_virtual_tokens", 0) or 0
@@ -253,7 +258,7 @@ def create_app(
         head = {"id": rid, "created": int(time.time()), "model": model}
         if stream:
             out = _stream(
-                requests, n, events, head, chat, 2 if every else int(include_usage), echoes, engine.tokenizer
+                requests, n, events, head, chat, 2 if every else int(include_usage), echoes, engine.tokenizer, role
             )
             return StreamingResponse(out, media_type="text/event-stream")
         # Pieces joined at the end; the choices left counted down, not searched for (a scan of every choice per
@@ -287,14 +292,16 @@ def create_app(
                 None if r.logprobs is None else logprobs_json(engine.tokenizer, r.logprob_rows[: counts[i]], chat)
             )
             choices.append({"index": i, "finish_reason": finish[i], "logprobs": logprobs})
-            choices[-1].update({"message": {"role": "assistant", "content": texts[i]}} if chat else {"text": texts[i]})
+            choices[-1].update({"message": {"role": role, "content": texts[i]}} if chat else {"text": texts[i]})
         kind = "chat.completion" if chat else "text_completion"
         return {**head, "object": kind, "choices": choices, "usage": _usage(requests, n)}
 
     return app
 
 
-async def _stream(requests: list[Request], n: int, events, head, chat: bool, include_usage: int, echoes, tokenizer):
+async def _stream(
+    requests: list[Request], n: int, events, head, chat: bool, include_usage: int, echoes, tokenizer, role: str = ""
+):
     """Server-sent events: one chunk per piece of text of a choice (the echoed prompt first), with its tokens'
     log-probabilities where asked, a last chunk per choice with its finish reason, then ``[DONE]``. Usage:
     ``include_usage`` 1 in a last chunk, 2 in every chunk too (the choice's so far).
@@ -312,7 +319,7 @@ async def _stream(requests: list[Request], n: int, events, head, chat: bool, inc
             offset[i] += sum(len(t) for t in logprobs.get("tokens", []))
             done[i] = n
         if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            delta: dict[str, Any] = {"role": role, "content": ""} if first else {}
             if text:
                 delta["content"] = text
             choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}

@@ -193,3 +193,19 @@ def test_a_json_response_format_is_refused_naming_the_format(served):
         assert f"response_format '{kind}'" in answer["error"]["message"] and '"text"' in answer["error"]["message"]
     body["response_format"] = {"type": "text"}
     assert _post(server, "/v1/chat/completions", body)[0] == 200
+
+
+def test_without_a_generation_prompt_the_answer_takes_the_last_messages_role(served):
+    """vLLM's ``get_chat_request_role``: with ``add_generation_prompt: false`` the model goes on in the last
+    message's turn, and the answer's (and the stream's first delta's) role is that message's; deltatune always said
+    "assistant". With the generation prompt (the default) it stays "assistant"."""
+    server = served[1]
+    body = {"model": "lora", "messages": CHAT, "max_tokens": 2, "temperature": 0}
+    for extra, role in (({}, "assistant"), ({"add_generation_prompt": False}, "user")):
+        status, answer = _post(server, "/v1/chat/completions", {**body, **extra})
+        assert status == 200 and answer["choices"][0]["message"]["role"] == role, extra
+        status, chunks = _post(server, "/v1/chat/completions", {**body, **extra, "stream": True})
+        assert chunks[0]["choices"][0]["delta"] == {"role": role, "content": ""}, extra
+    prefill = [*CHAT, {"role": "assistant", "content": "it"}]
+    extra = {"messages": prefill, "add_generation_prompt": False, "continue_final_message": True}
+    assert _post(server, "/v1/chat/completions", {**body, **extra})[1]["choices"][0]["message"]["role"] == "assistant"
