@@ -219,6 +219,7 @@ class DeltaModel(nn.Module, PushToHub):
         method = registry.method_of(config)
         grads = {p: p.requires_grad for p in self.base_model.parameters()}
         config = config.replace()  # our own copy: the caller's object is never changed
+        undo = getattr(method.module, "PREPARE", lambda *_: lambda: None)(self.base_model, config)  # reshape first
         try:
             # Heads first: a module trained in full is no target (PEFT's order), so the first adapter sees the model
             # as every later one does, with the head already wrapped.
@@ -232,6 +233,7 @@ class DeltaModel(nn.Module, PushToHub):
                 self._import(adapter_name, _tensors, _source)
         except BaseException:
             self._remove(adapter_name)
+            undo()  # the model's own structure back (a method's PREPARE, e.g. stacked copies of its layers)
             for p, flag in grads.items():
                 p.requires_grad_(flag)
             raise

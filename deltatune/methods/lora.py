@@ -30,6 +30,7 @@ from ._dora import place_linear
 from ._dora_layers import embedding_scale, init_magnitude
 from ._lora_conv import LoraConv1d, LoraConv2d, LoraConv3d, LoraConvNd, _factors, _LoraBase, conv_layer
 from ._lora_gather import gathered
+from ._lora_replicate import PREPARE, check_map  # noqa: F401 (PREPARE: DeltaModel runs it before inject)
 from .quant import is_quantized
 
 
@@ -68,6 +69,9 @@ class LoraConfig(DeltaConfig):
     """Per-module lora_alpha overrides, keyed like rank_pattern."""
     exclude_modules: list[str] | str | None = None
     """Modules never adapted, matched like target_modules."""
+    layer_replication: list[list[int]] | None = None
+    """[start, end) ranges of the base's layers stacked into a deeper model, e.g. [[0, 4], [2, 5]] (peft's); the copies
+    share the base weights, each gets its own LoRA (methods/_lora_replicate.py)."""
     lora_bias: bool = False
     """A trained bias on lora_B (saved as lora_B.bias; scaled with the update, merged into the base bias), as peft."""
     eva_config: dict | None = None
@@ -86,6 +90,7 @@ class LoraConfig(DeltaConfig):
             raise ConfigError(f"layers_to_transform must be a block index or a list of them, got {layers!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        check_map(self.layer_replication)
         inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora)
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
