@@ -1,11 +1,11 @@
 """``deltatune train|eval|generate|chat|merge|info|data``: parse, call one function, print the result.
 
-Heavy libraries are imported inside the commands, so ``deltatune --help`` answers at once.
+Heavy libraries are imported inside the commands, so ``deltatune --help`` answers at once. The commands and their
+flags (the parser and its help texts) are ``cli_parser.py``'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -13,199 +13,7 @@ import signal
 import sys
 import threading
 
-
-def _train_help() -> str:
-    from .train.config import STAGES, field_help
-
-    lines = [
-        "recipe keys (set in the YAML or override as section.key=value):",
-        f"  stage: one of {', '.join(STAGES)}",
-        "  method.name: lora | ... (deltatune info lists them); other method.* keys are that method's fields",
-        "  method.towers (default [language]): the towers of a vision-language model the method adapts (language, "
-        "vision; docs/vision.md)",
-    ]
-    for section, rows in field_help().items():
-        for key, default, text in rows:
-            lines.append(f"  {section}.{key} (default {default!r}): {text}")
-    lines += _method_help()
-    return "\n".join(lines)
-
-
-def _method_help() -> list[str]:
-    """Every registered method's fields (read from the source: Python drops attribute docstrings); the fields all
-    methods share are listed once."""
-    from . import registry
-    from .config import DeltaConfig, field_docs
-
-    shared = {name for name, _, _ in field_docs(DeltaConfig)}
-    lines = ["", "method fields (method.name=NAME, then method.KEY=VALUE):"]
-    lines += [f"  every method: {key} (default {default!r}): {text}" for key, default, text in field_docs(DeltaConfig)]
-    for name in registry.names():
-        for key, default, text in field_docs(registry.get(name).config_class):
-            if key not in shared:
-                lines.append(f"  {name}: {key} (default {default!r}): {text}")
-    return lines
-
-
-def _parser(argv: list[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning of transformer models.")
-    p.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback")
-    p.add_argument("--version", action="version", version=f"deltatune {_version()}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser(
-        "train",
-        help="run a recipe",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tune with a YAML recipe. Example:\n  deltatune train recipes/sst2-lora.yaml "
-        "method.r=16 train.lr=1e-4",
-        epilog=_train_help() if "train" in argv else None,
-    )
-    t.add_argument("recipe", help="the recipe YAML")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
-    t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
-    t.add_argument(
-        "--resume-changed",
-        action="store_true",
-        help="with --resume: continue although the recipe differs from the run's (lr, seed, method, data, ...)",
-    )
-
-    e = sub.add_parser("eval", help="evaluate a trained run on a data file; prints metrics as JSON on the last line")
-    e.add_argument(
-        "--adapter",
-        required=True,
-        help="a run folder written by 'deltatune train', one of its checkpoint-N, or a peft adapter folder "
-        "(with --data)",
-    )
-    e.add_argument("--data", help="data file to evaluate on (default: the recipe's eval file)")
-    e.add_argument(
-        "--compare",
-        action="store_true",
-        help="also evaluate the run's start (the base and the method's initial delta, from the recipe's seed) on "
-        "the same rows: <key>_before, and preference runs pair the two pair by pair",
-    )
-    e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.text_column=sentence)")
-    _trust_flag(e)
-
-    g = sub.add_parser(
-        "generate",
-        help="answer a prompt with an adapter (through the model's chat template); --compare adds the base's answer",
-    )
-    g.add_argument("--prompt", help="the prompt text (a user message, unless --raw); with --image: about the image")
-    g.add_argument("--image", help="an image file to caption (a stage caption run)")
-    g.add_argument("--compare", action="store_true", help="also print the base model's answer (adapter off)")
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--merged", action="store_true", help="merge the adapter into the weights first")
-    g.add_argument("--out", help="text-to-image runs: the PNG to write (with --compare: base | adapter)")
-    g.add_argument("--steps", type=int, default=50, help="text-to-image: DDIM sampling steps (default 50)")
-    g.add_argument("--guidance", type=float, default=1.0, help="text-to-image: classifier-free guidance (1: none)")
-    g.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="PATH[:WEIGHT]",
-        help="text-to-image: another LoRA (a t2i run, a diffusers or kohya file) active with the run's, weighted "
-        "(default 1); repeat for more",
-    )
-    g.add_argument("--adapter-weight", type=float, default=1.0, help="text-to-image: the run's own LoRA's weight")
-    _generation_flags(g)
-
-    c = sub.add_parser(
-        "chat",
-        help="talk to an adapter: history kept, /reset clears it, /base toggles the adapter off and on, /quit",
-        description="An interactive chat with a trained adapter. Reads one message per line from stdin when it is "
-        "not a terminal (so it can be scripted).",
-    )
-    _generation_flags(c)
-
-    m = sub.add_parser("merge", help="fold an adapter into its base and save a plain transformers model")
-    m.add_argument("--adapter", required=True, help="adapter or run folder")
-    m.add_argument("--out", required=True, help="output folder for the merged model")
-    m.add_argument("--model", help="base model (default: the one the adapter was trained on)")
-    m.add_argument("--overwrite", action="store_true", help="replace what --out holds (only once the merge succeeded)")
-    _trust_flag(m)
-
-    i = sub.add_parser("info", help="a model's family, default targets and trainable parameters per method")
-    i.add_argument("model", help="model folder, hub id, or 'minilm'")
-    i.add_argument(
-        "--task",
-        default=None,
-        type=str.upper,  # peft's names; seq_cls reads as SEQ_CLS
-        help="CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, IMAGE_CLS or IMAGE_TO_TEXT (default: guessed)",
-    )
-
-    d = sub.add_parser("data", help="check a data file before training (deltatune data inspect FILE)")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    d.commands = dsub.choices
-    di = dsub.add_parser("inspect", help="detected format, rows, token lengths, and the first rows as rendered")
-    di.add_argument("file", help="the data file")
-    di.add_argument("--model", help="model whose tokenizer renders and counts (default: built-in chatml, no counts)")
-    di.add_argument("--stage", help="render as this stage does (default: the format's usual stage)")
-    di.add_argument("--max-length", type=int, default=512, help="data.max_length: rows longer are counted")
-    di.add_argument("--template", help="data.template: chatml, alpaca or plain (default: the tokenizer's)")
-    di.add_argument("--format", dest="data_format", help="data.format (default: detected from the rows)")
-    di.add_argument("--rows", type=int, default=2, help="how many rows to render (default 2)")
-
-    sv = sub.add_parser(
-        "serve",
-        help="serve a base model and its adapters with an OpenAI-compatible API (needs deltatune[serve])",
-        description="One base in memory, every adapter beside it; concurrent requests for different adapters are "
-        "batched together. Example:\n  deltatune serve --model smollm2 --adapter identity=runs/identity",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sv.add_argument("--model", help="base model: folder, hub id or alias (default: the first adapter's base)")
-    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter to serve (repeat)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", help="required Bearer key (needed when --host is not a loopback address)")
-    sv.add_argument("--adapter-dir", help="folder from which POST /v1/adapters may load adapters at run time")
-    sv.add_argument("--max-batch-size", type=int, default=32, help="most rows decoded together (default 32)")
-    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10)")
-    sv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
-    sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-
-    bd = sub.add_parser("board", help="web board over a runs folder: runs, live curves, compare, playground")
-    bd.add_argument("--runs", default="runs", help="the folder holding run folders (default runs/)")
-    bd.add_argument("--host", default="127.0.0.1")
-    bd.add_argument("--port", type=int, default=7860)
-    bd.add_argument("--serve", dest="serve_url", help="playground: a running 'deltatune serve' (its URL)")
-    bd.add_argument("--serve-key", help="the API key of that serve process (kept on the board's side)")
-    bd.add_argument("--model", help="playground: start a serve engine inside the board on this base model")
-    bd.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="with --model: an adapter")
-
-    for command in sub.choices.values():  # --debug after the command too (SUPPRESS: the top-level value stands)
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.commands = sub.choices  # (an unknown flag is named by its command, with the nearest of its flags)
-    return p
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _generation_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="adapter or run folder")
-    parser.add_argument("--model", help="base model (default: the one the adapter was trained on)")
-    parser.add_argument("--system", help="a system message (chat models)")
-    parser.add_argument("--raw", action="store_true", help="send the text as it is, without the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in new tokens (default 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples")
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="nucleus sampling mass (with --temperature > 0; default: the model's generation config's)")  # fmt: skip
-    parser.add_argument("--seed", type=int, help="seed for sampling")
-    _trust_flag(parser)
-
-
-def _trust_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let transformers run the base model's own Python code (only for models you trust); a run folder's "
-        "run.yaml never turns this on",
-    )
+from .cli_parser import _parser
 
 
 def _is_ours(exc: BaseException) -> bool:
@@ -343,7 +151,7 @@ def _sampling(args) -> dict:
 
 def _generate(args) -> int:
     from .train import chat
-    from .train.run import load_generator
+    from .train.run_load import load_generator
     from .train.runs import run_template
 
     if args.compare and args.merged:
@@ -364,7 +172,7 @@ def _generate(args) -> int:
     sampling = _sampling(args)
     if args.image:
         return _caption(args, sampling)
-    from .train.run import run_task
+    from .train.run_load import run_task
 
     if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" or args.out:
         return _draw(args)
@@ -386,7 +194,7 @@ def _draw(args) -> int:
     import torch
 
     from .config import ConfigError
-    from .train.run import load_adapter_model, run_task
+    from .train.run_load import load_adapter_model, run_task
     from .train.t2i import sample, save_png
 
     if run_task(args.adapter)[0] != "TEXT_TO_IMAGE":
@@ -448,7 +256,7 @@ def _weighted_loras(model, processor, paths: list[str], weights: list[float], we
 def _caption(args, sampling: dict) -> int:
     from .data.images import ImageRow, open_rgb
     from .train.caption import caption
-    from .train.run import load_captioner
+    from .train.run_load import load_captioner
 
     open_rgb(ImageRow(os.path.abspath(args.image), None, args.image))  # a bad file is named before any loading
     model, processor = load_captioner(args.adapter, args.model, args.trust_remote_code, args.prompt is not None)
@@ -467,7 +275,7 @@ def _caption(args, sampling: dict) -> int:
 
 def _chat(args) -> int:
     from .train import chat
-    from .train.run import load_generator
+    from .train.run_load import load_generator
     from .train.runs import run_template
 
     sampling = _sampling(args)
@@ -480,7 +288,7 @@ def _chat(args) -> int:
 def _raw(args) -> bool:
     """Whether the prompt goes as it is: ``--raw``, or a seq2seq model's (trained and evaluated on the plain source
     text, as transformers' text2text pipeline sends it; a chat template its tokenizer has would change the input)."""
-    from .train.run import run_task
+    from .train.run_load import run_task
 
     return args.raw or run_task(args.adapter)[0] == "SEQ_2_SEQ_LM"
 
@@ -488,8 +296,9 @@ def _raw(args) -> bool:
 def _merge(args) -> int:
     from .config import ConfigError
     from .train.models import resolve_path, stored_dtype
-    from .train.run import adapter_field, load_adapter_model, merge, read_recipe, run_task
+    from .train.run_load import adapter_field, load_adapter_model, merge, run_task
     from .train.runfolder import check_apart, publish_folder, staging_folder
+    from .train.runs import read_recipe
 
     base = args.model or adapter_field(args.adapter, "base_model_name_or_path")
     check_apart(args.out, {"the adapter's folder": args.adapter, "the base model's folder": base})

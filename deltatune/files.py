@@ -169,17 +169,19 @@ def embedding_copies(
     """The base embedding weights peft's ``save_pretrained(save_embedding_layers=save)`` writes beside an adapter,
     keyed by their names in ``model``: the input and output embeddings' (where an adapter wraps one, its base layer's).
 
-    "auto" (peft's default) saves them when ``config`` targets ``embed_tokens`` or ``lm_head`` (an adapter on a
-    resized vocabulary computes with rows that a fresh resize draws anew), or when the vocabulary differs from the
-    config.json in the folder ``base_model_name_or_path`` (peft also asks the hub there; deltatune does not)."""
+    "auto" (peft's default) saves them when ``config`` targets ``embed_tokens`` or ``lm_head`` and trains no token
+    rows (an adapter on a resized vocabulary computes with rows that a fresh resize draws anew), or when the
+    vocabulary differs from the config.json in the folder ``base_model_name_or_path`` (peft also asks the hub there;
+    deltatune does not)."""
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str) and targets != "all-linear":
         names = [n for n, _ in model.named_modules() if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYERS)})$", n)]
         targeted = any(re.fullmatch(targets, n) for n in names)
     else:
         targeted = bool(targets) and any(e in targets for e in EMBEDDING_LAYERS)
-    if save == "auto":
-        save = targeted or _vocab_resized(model, config.base_model_name_or_path)
+    if save == "auto":  # (peft: not for an adapter that trains embedding rows, trainable_token_indices, itself)
+        tokens = getattr(config, "trainable_token_indices", None) is not None
+        save = (targeted and not tokens) or _vocab_resized(model, config.base_model_name_or_path)
     if not save or not hasattr(model, "get_input_embeddings"):
         return {}
     kinds, paths = (torch.nn.Linear, torch.nn.Embedding), {id(m): n for n, m in model.named_modules()}

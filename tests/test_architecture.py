@@ -36,6 +36,7 @@ LEVELS = {
     "train": 6,
     "serve": 7,
     "board": 8,
+    "cli_parser": 8.5,
     "cli": 9,
 }
 """DESIGN.md's arrows as levels: a unit (a top-level module or sub-package) may import only units of a lower level
@@ -44,6 +45,7 @@ LEVELS = {
 config adapts) is per-family knowledge beside the methods. The board shows what serve serves, so it sits above it.
 ``diffusion`` (LoRA files as diffusion users trade them) reads and writes DeltaModels, below the trainers' t2i stage.
 ``status`` (peft's layer and model status, enabling and trainability over the injected layers) reads layers only.
+``cli_parser`` (the commands, their flags and help texts) sits just below ``cli``, which alone imports it.
 ``import deltatune`` (the lazy public API) is neutral."""
 
 KNOWN_UPWARD = {
@@ -259,7 +261,7 @@ def test_model_py_names_no_method_and_the_peft_prefix_lives_in_files_py():
 
 def test_train_help_lists_every_method_field_with_its_doc():
     from deltatune import registry
-    from deltatune.cli import _method_help
+    from deltatune.cli_parser import _method_help
     from deltatune.config import DeltaConfig, field_docs
 
     text = "\n".join(_method_help())

@@ -323,7 +323,7 @@ def test_the_live_log_restarts_with_a_run_and_keeps_the_steps_a_resumed_run_keep
     from types import SimpleNamespace
 
     from deltatune.board.runs import history
-    from deltatune.train.trainer import LogFile
+    from deltatune.train.trainer_callbacks import LogFile
 
     args, log = SimpleNamespace(output_dir=str(tmp_path)), LogFile()
     state = SimpleNamespace(is_world_process_zero=True, global_step=0)

@@ -208,3 +208,16 @@ def test_a_1x1x1_conv3d_merges_where_peft_s_matmul_shortcut_fails():
         before = ours(x)
         ours.merge_adapter()
         assert torch.allclose(ours(x), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [1, 3], ids=["conv1d", "conv3d"])
+def test_lora_bias_on_a_conv_without_a_bias_refuses_the_merge_before_any_layer_merges(dim):
+    """peft's RuntimeError ("Impossible to merge LoRA with `lora_bias=True` ..."), as the merge pre-pass raises it:
+    the Linear beside the conv is not merged first."""
+    net = Net(dim)
+    net.conv.bias = None
+    model = dt.get_delta_model(net, dt.LoraConfig(target_modules=["out", "conv"], r=2, lora_bias=True))
+    weight = net.out.base_layer.weight.clone()
+    with pytest.raises(NotMergeable, match=r"^Impossible to merge LoRA with `lora_bias=True` because the base layer"):
+        model.merge_adapter()
+    assert torch.equal(net.out.base_layer.weight, weight) and not net.out.merged_adapters

@@ -37,7 +37,7 @@ def test_merge_of_a_qlora_run_prints_and_records_the_merge_error(qlora_run, tmp_
     from transformers import AutoModelForCausalLM
 
     from deltatune.methods.quant import is_quantized
-    from deltatune.train.run import MERGE_PROBE, load_adapter_model
+    from deltatune.train.run_load import MERGE_PROBE, load_adapter_model
 
     out = tmp_path / "merged"
     code, stdout, err = cli("merge", "--adapter", qlora_run, "--out", str(out))

@@ -1,0 +1,180 @@
+"""A trained run loaded back: its base rebuilt as the run trained it, with the saved adapter, for ``generate``,
+``chat``, ``merge`` and the reward scorers (a run folder, one of its checkpoint-N, or a plain peft adapter folder);
+``merge`` folds it into its base.
+
+``load_generator`` and ``load_captioner`` refuse, before any model loads, a run that does not generate what the
+command asks; ``run_task`` and ``adapter_field`` read a folder without loading a model. ``_quantize`` (the recipe's
+``model.quantization``) is shared with ``run.py``, which builds the base the same way when a run starts.
+Split from run.py in session 46 to give it headroom; it imports nothing of run.py (run.py re-exports
+``load_adapter_model`` and ``adapter_field`` for the modules that read them there).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from ..model import DeltaModel
+from .checks import check_model_path
+from .cls import set_problem_type
+from .config import build
+from .models import load_model, load_processor, reload_as_trained
+from .runs import folder_with, read_recipe, run_file, run_template
+from .table import IMAGE_STAGES, TASK_OF_STAGE
+
+
+def _quantize(model: torch.nn.Module, quantization: dict | None) -> torch.nn.Module:
+    """The base quantised as the recipe's ``model.quantization`` says (QLoRA), or as it is."""
+    if not quantization:
+        return model
+    from .. import quantize
+
+    result = quantize(model, **quantization)
+    return result[0] if isinstance(result, tuple) else result
+
+
+MERGE_PROBE = ("The quick brown fox jumps over the lazy dog.", "Adapters are small; the base model is large.")
+"""The text on which ``merge`` measures what merging a 4-bit model changed."""
+
+
+def merge(delta: DeltaModel, tok) -> tuple[torch.nn.Module, Any]:
+    """The adapter folded into its base: (plain model, None), or for a 4-bit base (QLoRA) the model dequantised
+    and merged with the report of the error that made (``merge_quantized``: logits against the 4-bit adapter model
+    on ``MERGE_PROBE``)."""
+    from ..layer import NotMergeable
+    from ..methods.quant import is_quantized
+
+    try:
+        if not any(is_quantized(m) for m in delta.modules()):
+            return delta.merge_and_unload(), None
+        from ..methods.quant_tools import merge_quantized
+
+        enc, config = tok(list(MERGE_PROBE), return_tensors="pt", padding=True), delta.get_base_model().config
+        probe = {k: enc[k].to(next(delta.parameters()).device) for k in ("input_ids", "attention_mask")}
+        if getattr(config, "is_encoder_decoder", False):  # the decoder reads its start token
+            probe["decoder_input_ids"] = torch.full_like(probe["input_ids"][:, :1], config.decoder_start_token_id or 0)
+        return merge_quantized(delta, probe)
+    except NotMergeable as exc:  # a token method or an adapter with modules of its own
+        raise ConfigError(f"cannot merge: {exc.why}; use the adapter as it is (generate, serve)") from None
+
+
+def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool = False,
+                       trust_remote_code: bool = False, dtype: str | None = None):  # fmt: skip
+    """Base model + the adapter saved in ``adapter_dir`` (a run folder or a plain adapter folder) and its tokenizer.
+    The base: ``model``, else the run's recipe's, else the adapter config's; in ``dtype``, else the run's model.dtype
+    (a plain folder: float32), its adapter as the run trained it (``reload_as_trained``); ``merged``: folded in.
+
+    Remote model code runs only with ``trust_remote_code=True`` from the caller; a run folder's run.yaml saying
+    ``trust_remote_code: true`` is ignored (a folder someone sends you must not run code)."""
+    from ..registry import from_pretrained
+
+    config = from_pretrained(adapter_dir)
+    recipe_path = run_file(adapter_dir)
+    labels, num_labels = None, None
+    if recipe_path:
+        cfg = build(read_recipe(adapter_dir), where=recipe_path)
+        name, task, labels = model or cfg.model.name_or_path, TASK_OF_STAGE[cfg.stage], cfg.data.labels
+        num_labels = cfg.model.num_labels
+    else:
+        name, task = model or config.base_model_name_or_path, config.task_type or "CAUSAL_LM"
+    if not name:
+        raise ConfigError(f"{adapter_dir!r} does not say which base model it was trained on; pass --model")
+    check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
+    stage = cfg.stage if recipe_path else "sft"
+    saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
+    tok_dir = folder_with(adapter_dir, saved) if stage != "t2i" else None  # t2i: the base has the UNet's
+    encoder = cfg.model.text_encoder if recipe_path else None
+    tok = load_processor(tok_dir or name, stage, trust_remote_code, encoder)
+    if stage == "t2i":  # a run that trained its text encoder too (model.train_text_encoder) saved that LoRA beside
+        tok.load_text_encoder_lora(adapter_dir)
+    quantized = bool(recipe_path and cfg.model.quantization)  # rebuilt from the dtype it was quantised from
+    base = load_model(
+        name,
+        task,
+        dtype=dtype if dtype and not quantized else cfg.model.dtype if recipe_path else "float32",
+        num_labels=len(labels) if labels else num_labels,  # the head as saved (older runs may record more)
+        id2label=dict(enumerate(labels)) if labels else None,
+        trust_remote_code=trust_remote_code,
+        pad_token_id=getattr(tok, "pad_token_id", None),
+    )
+    if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on; cls's problem type
+        base = set_problem_type(_quantize(base, cfg.model.quantization), cfg)
+    delta = DeltaModel.from_pretrained(base, adapter_dir)
+    reload_as_trained(delta, adapter_dir)
+    return (merge(delta, tok)[0] if merged else delta), tok
+
+
+def run_task(adapter_dir: str) -> tuple[str | None, str | None]:
+    """(task type, stage) of a run or adapter folder, read without loading any model."""
+    if run_file(adapter_dir):
+        stage = read_recipe(adapter_dir).get("stage")
+        return TASK_OF_STAGE.get(stage), stage
+    return adapter_field(adapter_dir, "task_type"), None
+
+
+def adapter_field(adapter_dir: str, key: str) -> Any:
+    """One field of a folder's adapter_config.json, None when it or the file is missing or unreadable (the loader
+    names what is wrong)."""
+    import json
+
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return config.get(key) if isinstance(config, dict) else None
+
+
+def load_captioner(adapter_dir: str, model: str | None, trust_remote_code: bool, prompt: bool = False):
+    """The adapted captioner and its processor for ``generate --image`` (a decoder-only model's with the run's
+    ``data.template``); refuses, before loading, runs that are not stage caption and a ``prompt`` for an
+    encoder-decoder captioner."""
+    task, stage = run_task(adapter_dir)
+    if task != "IMAGE_TO_TEXT":
+        raise ConfigError(
+            f"--image: {adapter_dir!r} is not an image captioner ({f'stage {stage}' if stage else task or 'unknown'}); "
+            "--image needs a stage caption run. Drop --image and give --prompt"
+        )
+    recipe = read_recipe(adapter_dir) if run_file(adapter_dir) else {}
+    if prompt:
+        from .caption import model_kind
+        from .models import resolve_path
+
+        if model_kind(resolve_path(model or (recipe.get("model") or {}).get("name_or_path", ""))) != "decoder-only":
+            raise ConfigError("--prompt: an encoder-decoder captioner reads no prompt; drop --prompt")
+    delta, processor = load_adapter_model(adapter_dir, model, trust_remote_code=trust_remote_code)
+    if hasattr(processor, "template"):
+        processor.template = (recipe.get("data") or {}).get("template")
+    return delta, processor
+
+
+def load_generator(
+    adapter_dir: str, model: str | None, merged: bool, trust_remote_code: bool, raw: bool, command: str
+):
+    """The adapted model and its tokenizer for ``generate``/``chat``; refuses runs that do not generate text and
+    says once when a model without a chat template gets the prompt as raw text."""
+    from .chat import GENERATIVE, has_template
+
+    task, stage = run_task(adapter_dir)  # refused before any model is loaded
+    if task == "IMAGE_TO_TEXT":
+        raise ConfigError(
+            f"{adapter_dir!r} is an image captioner (stage {stage}); give it an image: "
+            f"'deltatune generate --adapter {adapter_dir} --image FILE'"
+        )
+    if task is not None and task not in GENERATIVE:
+        kind = {"SEQ_CLS": "a sequence classifier", "TOKEN_CLS": "a token tagger",
+                "IMAGE_CLS": "an image classifier"}.get(task, f"a {task} model")  # fmt: skip
+        raise ConfigError(
+            f"{adapter_dir!r} is {kind}{f' (stage {stage})' if stage else ''}, which does not generate text; "
+            f"'deltatune {command}' needs a causal or seq2seq LM run. Use 'deltatune eval --adapter {adapter_dir} "
+            "--data FILE' to score it"
+        )
+    delta, tok = load_adapter_model(adapter_dir, model, merged=merged, trust_remote_code=trust_remote_code)
+    if not raw and not run_template(adapter_dir) and not has_template(tok):
+        print(f"deltatune {command}: note: the tokenizer has no chat template (a base model?); prompts are sent as "
+              "raw text", file=sys.stderr)  # fmt: skip
+    return delta, tok

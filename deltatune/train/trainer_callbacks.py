@@ -1,0 +1,100 @@
+"""The callbacks a deltatune run adds to the HF Trainer: the progress bar (loss, learning rate, tokens/s), a model's
+own regulariser trained once per step, the run's live log file (``LOG_FILE``, which the board's curves read) and the
+crash-resume test's kill hook.
+
+``trainer.py`` adds ``Regularizer`` to every DeltaTrainer; ``run.py`` adds the rest (``callbacks()``, ``ProgressBar``).
+Split from trainer.py in session 46 to give it headroom; nothing here knows the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import torch
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's tqdm bar with loss, learning rate and throughput (tokens/s) as its postfix."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        post = {}
+        if "loss" in logs:
+            post["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            post["lr"] = f"{logs['learning_rate']:.2e}"
+        elapsed = time.perf_counter() - self._t0
+        tokens = state.num_input_tokens_seen - self._tokens0
+        if tokens and elapsed > 0:
+            post["tok/s"] = f"{tokens / elapsed:,.0f}"
+        if "eval_loss" in logs:
+            post["eval_loss"] = f"{logs['eval_loss']:.4f}"
+        if post:
+            self.training_bar.set_postfix(post, refresh=True)
+
+
+class Regularizer(TrainerCallback):
+    """A model's own regulariser, ``model.regularization_loss()`` (a scalar, or None when nothing asks for one),
+    trained as the adapters library's AdapterTrainer trains its fusion regulariser: backpropagated after each
+    optimizer step, once per step whatever the accumulation, so that its gradient joins the next step's (the Trainer
+    has zeroed the gradients by then)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        hook = getattr(model, "regularization_loss", None)
+        loss = hook() if callable(hook) else None
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.backward()
+
+
+class KillAfterSave(TrainerCallback):
+    """Test hook for the crash-resume test: SIGKILL this process right after the checkpoint of step N is written,
+    as a power cut would. Active only when DELTATUNE_TEST_KILL_AFTER_STEP is set."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+LOG_FILE = "log_history.jsonl"
+"""The run's log history, one JSON object per Trainer log (loss, eval metrics) as it happens: the board's live
+curves read it while the run trains."""
+
+
+class LogFile(TrainerCallback):
+    """Append every log of the Trainer (its ``log_history`` entry, with the step) to ``<output_dir>/LOG_FILE``.
+
+    A fresh run starts the file anew; a resumed run starts it with the checkpoint's log history and appends.
+    Each line is written and flushed whole, so a reader sees at worst a partial last line (which it skips)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        # Resumed: the history as the checkpoint recorded it, without what was logged after it was written (the
+        # lost steps', or the final evaluation's at its own step, which the resumed run logs again).
+        kept = [json.dumps(h, default=float) + "\n" for h in state.log_history] if state.global_step > 0 else []
+        with open(os.path.join(args.output_dir, LOG_FILE), "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            line = json.dumps({**logs, "step": state.global_step}, default=float)
+            with open(os.path.join(args.output_dir, LOG_FILE), "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+
+def callbacks() -> list[TrainerCallback]:
+    step = os.environ.get("DELTATUNE_TEST_KILL_AFTER_STEP")
+    return [LogFile(), *([KillAfterSave(int(step))] if step else [])]
