@@ -31,6 +31,7 @@ from ._dora_layers import embedding_scale, init_magnitude
 from ._lora_conv import LoraConv1d, LoraConv2d, LoraConv3d, LoraConvNd, _factors, _LoraBase, conv_layer
 from ._lora_gather import gathered
 from ._lora_replicate import PREPARE, check_map  # noqa: F401 (PREPARE: DeltaModel runs it before inject)
+from ._trainable_tokens import add_tokens, check_indices
 from .quant import is_quantized
 
 
@@ -76,6 +77,8 @@ class LoraConfig(DeltaConfig):
     """A trained bias on lora_B (saved as lora_B.bias; scaled with the update, merged into the base bias), as peft."""
     eva_config: dict | None = None
     """peft's EVA settings (init_lora_weights='eva'), kept as a peft file gives them; deltatune draws no EVA init."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Token ids whose input-embedding rows train (or {embedding module name: ids}), as peft's; a tied lm_head follows."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +94,7 @@ class LoraConfig(DeltaConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         check_map(self.layer_replication)
+        check_indices(self.trainable_token_indices)
         inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora)
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
@@ -228,7 +232,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
                   config.init_lora_weights, config.lora_bias)  # fmt: skip
         layers.append(layer)
-    return layers
+    return layers + add_tokens(model, config, adapter_name)  # trainable_token_indices (methods/_trainable_tokens.py)
 
 
 CONFIG, INJECT = LoraConfig, inject
