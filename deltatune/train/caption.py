@@ -10,8 +10,9 @@ BLIP (``BlipForConditionalGeneration``) takes image + caption rows too, but its 
 (where its ``generate`` stops), the labels the same with -100 on the BOS. It captions from the BOS, or from a prompt
 (``generate --prompt``: the caption's first words, as transformers' conditional captioning).
 
-Decoder-only vision-language models (LLaVA, BLIP-2 with OPT, Idefics3, Qwen2-VL, Gemma 3, ...): the model's processor
-(tokenizer, image processor, chat template) makes one sequence of a conversation: image + caption rows (the user turn
+Decoder-only vision-language models (LLaVA, BLIP-2 with OPT, Idefics2/3, SmolVLM, Qwen2-VL, Gemma 3, ...): the
+model's processor (tokenizer, image processor, chat template) makes one sequence of a conversation: image + caption
+rows (the user turn
 ``<image>`` and ``CAPTION_PROMPT``, the caption the answer) or conversation rows with an ``images`` column
 (``data.sample.place_images``), rendered with the processor's chat template, else the tokenizer's, else
 ``data.template``; an answer the template leaves open is closed with EOS. The processor expands each marker into the

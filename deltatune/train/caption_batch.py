@@ -165,14 +165,15 @@ def shown(processor: VLMProcessor, example: VLMExample) -> tuple[str, list[tuple
 
 
 def vlm_labels(enc, text: str, spans: list[tuple[int, int]], processor: VLMProcessor, special: bool, source: str):
-    """Labels for the processor's ids (``enc``: called with offsets and its text replacement offsets): a token trains
-    where it overlaps an answer span (as transformers' assistant mask marks it) once moved back past the image markers expanded before it (Idefics3 and SmolVLM
-    wrap each image in row/column and around-image tokens); image tokens and the expansions get -100.
+    """Labels for the processor's ids (``enc``: called with offsets and its text replacement offsets, or for
+    Idefics2's processor, which reports none, ``_expansions``): a token trains where it overlaps an answer span (as
+    transformers' assistant mask marks it) once moved back past the image markers expanded before it (Idefics2/3 and
+    SmolVLM wrap each image in around-image and row/column tokens); image tokens and the expansions get -100.
 
     Raises:
         DataError: the answers' tokens differ from the tokenizer's of the same text (the labels would be shifted).
     """
-    image, moves = processor.image_token_id, (enc.get("text_replacement_offsets") or [[]])[0]
+    image, moves = processor.image_token_id, (enc.get("text_replacement_offsets") or [_expansions(processor, text)])[0]
     moves = [(r["new_span"], r["new_span"][1] - r["span"][1]) for r in moves]
     labels = []
     for t, (s, e) in zip(enc["input_ids"][0], enc["offset_mapping"][0]):
@@ -188,6 +189,49 @@ def vlm_labels(enc, text: str, spans: list[tuple[int, int]], processor: VLMProce
             "markers without reporting where), so the labels cannot be placed"
         )
     return labels
+
+
+def _expansions(processor: VLMProcessor, text: str) -> list[dict[str, tuple[int, int]]]:
+    """Where Idefics2's processor expands ``text``, as ``text_replacement_offsets`` (which Idefics3's reports and
+    Idefics2's does not): each run of characters it writes, ``new_span`` in its text, over the ``span`` of ``text`` it
+    replaced. Its steps are replayed on (character, position in ``text``) pairs: each marker becomes
+    ``<fake_token_around_image>`` + ``image_seq_len`` image tokens + the fake token (five times with image
+    splitting), adjacent fake tokens merge into one, and a fake token followed by a word gets a space. [] for other
+    processors (their tokens then fail ``vlm_labels``' check unless the expansion changed nothing)."""
+    from transformers import Idefics2Processor
+
+    proc = processor.processor
+    if not isinstance(proc, Idefics2Processor):
+        return []
+    fake, marker = proc.fake_image_token, proc.image_token
+    block = (fake + marker * proc.image_seq_len + fake) * (5 if proc.image_processor.do_image_splitting else 1)
+    chars: list[tuple[str, int | None]] = []
+    at = 0  # where the piece starts in text
+    for i, piece in enumerate(text.split(marker)):
+        chars += [(c, None) for c in block] if i else []
+        chars += [(c, at + k) for k, c in enumerate(piece)]
+        at += len(piece) + len(marker)
+
+    def edit(pattern: str, keep: int, insert: str) -> None:  # keep the match's first ``keep`` characters, then insert
+        nonlocal chars
+        out, end, flat = [], 0, "".join(c for c, _ in chars)
+        for m in re.finditer(pattern, flat):
+            out += chars[end : m.start() + keep] + [(c, None) for c in insert]
+            end = m.end()
+        chars = out + chars[end:]
+
+    edit(re.escape(fake + fake), len(fake), "")  # str.replace(fake + fake, fake): left to right, not overlapping
+    edit(rf"{re.escape(fake)}(?=[^\s<])", len(fake), " ")
+    runs, start, before = [], None, 0
+    for k, (_, at) in enumerate([*chars, ("", len(text))]):
+        if at is None and start is None:
+            start = k
+        elif at is not None:
+            if start is not None:
+                runs.append({"span": (before, at), "new_span": (start, k)})
+                start = None
+            before = at + 1
+    return runs
 
 
 def _one_row(images: list) -> list:
