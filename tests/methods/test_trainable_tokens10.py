@@ -149,7 +149,7 @@ def test_merge_unmerge_and_merge_and_unload_equal_peft(case):
     torch.testing.assert_close(ours(**x).logits, unmerged, atol=1e-5, rtol=0)
     ours.unmerge_adapter()
     assert torch.equal(embedding, before)  # the rows exactly (q_proj's LoRA unmerge rounds: compared closely)
-    torch.testing.assert_close(ours(**x).logits, unmerged, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours(**x).logits, unmerged, atol=1e-5, rtol=0)
     merged, reference = ours.merge_and_unload(), theirs.merge_and_unload()
     assert not any(isinstance(m, TrainableTokens) for m in merged.modules())
     assert torch.equal(merged(**x).logits, reference(**x).logits)
