@@ -217,18 +217,24 @@ def check_caption(cfg: RunConfig, prepared, model) -> None:
         if ds is None or not len(ds):
             continue
         if hasattr(ds, "encoded"):  # a decoder-only VLM's rows: (ids with the image tokens, labels)
-            ids = max((ids for ids, _ in ds.encoded), key=len)
-            longest, images = len(ids), sum(t in ds.processor.image_ids for t in ids)  # (not Gemma 3's marker alone)
-            key, fix = f"data.max_length={d.max_length}", f"data.max_length to {positions - images} or less"
+            longest = max(len(ids) for ids, _ in ds.encoded)
+            # every row over the positions must fit once its text is cut, with its own image tokens (not Gemma 3's
+            # marker alone; Aya Vision's tiles and Pixtral's rows vary with the image: the longest row's need not be
+            # the most), so the row with the most image tokens among those over sets the bound
+            over = [ids for ids, _ in ds.encoded if len(ids) > positions]
+            images = max((sum(t in ds.processor.image_ids for t in ids) for ids in over), default=0)
+            key, fix = f"data.max_length={d.max_length}", f"set data.max_length to {positions - images} or less"
+            if images >= positions:  # no cut of the text helps
+                fix = f"a row's {images} image tokens alone fill them: give smaller images"
         else:  # a VisionEncoderDecoder reads its start token and the caption but its end; BLIP its BOS and all
             blip = ds.processor.bos is not None
             longest = max(map(len, ds.labels)) + blip
             key = f"data.max_target_length={d.max_target_length}"
-            fix = f"data.max_target_length to {positions - blip} or less"
+            fix = f"set data.max_target_length to {positions - blip} or less"
         if longest > positions:
             raise ConfigError(
                 f"{key}: the longest {split} row reads {longest} positions of the text decoder, which has "
-                f"{positions}; set {fix}"
+                f"{positions}; {fix}"
             )
     ev = prepared.eval
     if ev is not None and len(ev):  # the end-of-run captions of the eval rows (references' default: those captioned)

@@ -241,3 +241,56 @@ def test_a_row_the_replayed_expansion_does_not_match_is_still_refused(folders):
     processor.__class__ = type("Longer", (type(processor),), {"__call__": longer})
     with pytest.raises(DataError, match=r"^d:1: the processor's tokens of the answers differ from its tokenizer's"):
         C.encode_vlm(vlm, example, 128)
+
+
+def aya_vision_processor():
+    """Aya Vision's processor at toy size: GotOCR2's image processor cuts an image into up to 4 tiles of 16 px (and a
+    global view), 4 image tokens per tile after the 2x downsampling; each tile is announced by ``TILE_<n>``, which
+    the tokenizer splits (here TILE and an unknown ``_1``: text tokens inside the image's span)."""
+    from transformers import AyaVisionProcessor, GotOcr2ImageProcessorPil
+
+    tok = word_tokenizer()
+    specials = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", *specials]})
+    images = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1,
+                                      max_patches=4)  # fmt: skip
+    return AyaVisionProcessor(images, tok, patch_size=4, img_size=16, downsample_factor=2)
+
+
+def test_the_suggested_max_length_fits_every_row_when_images_take_different_token_counts(tmp_path):
+    """Aya Vision's (and Pixtral's) image tokens vary with the image: a 32 x 32 image is 4 tiles and a global view, a
+    16 x 16 one the global view alone. check_caption suggested data.max_length from the longest row's image tokens;
+    a row over the positions with more image tokens (a larger image, a shorter caption) still did not fit after
+    following it. Now the bound is the most image tokens of any row over the positions, worked by hand: positions P,
+    the big-image row's i_A image tokens, data.max_length = P - i_A; both rows then fit."""
+    from types import SimpleNamespace
+
+    from transformers import AyaVisionConfig
+
+    from deltatune.config import ConfigError
+    from deltatune.train.checks import check_caption
+
+    vlm = C.VLMProcessor(aya_vision_processor())
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (size, caption) in enumerate([(32, "a thin two"), (16, " ".join(["a thin two strokes"] * 9))]):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        user = {"role": "user", "content": f"<image>\n{C.CAPTION_PROMPT}"}
+        rows.append(C.VLMExample(f"c:{i + 1}", [ImageRow(str(tmp_path / f"{i}.png"), None, f"c:{i + 1}")],
+                                 [user, {"role": "assistant", "content": caption}]))  # fmt: skip
+    encoded = [C.encode_vlm(vlm, r, 512)[:2] for r in rows]
+    (big, _), (small, _) = encoded
+    i_big, i_small = (sum(t in vlm.image_ids for t in ids) for ids in (big, small))
+    assert i_big > i_small and len(small) > len(big)  # the longest row is not the one with the most image tokens
+    positions = len(big) - 1  # both rows over
+    config = AyaVisionConfig()
+    config.text_config.max_position_embeddings = positions
+    model = SimpleNamespace(config=config)
+    cfg = SimpleNamespace(data=SimpleNamespace(max_length=512, max_target_length=8))
+    data = SimpleNamespace(train=C.VLMDataset(rows, encoded, vlm), eval=None)
+    with pytest.raises(ConfigError, match=rf"reads {len(small)} positions .* to {positions - i_big} or less$"):
+        check_caption(cfg, data, model)
+    cfg.data.max_length = positions - i_big
+    cut = [C.encode_vlm(vlm, r, cfg.data.max_length)[:2] for r in rows]
+    assert max(len(ids) for ids, _ in cut) <= positions
+    check_caption(cfg, SimpleNamespace(train=C.VLMDataset(rows, cut, vlm), eval=None), model)
