@@ -23,7 +23,8 @@ never trained on), written beside ``--out`` as JSON that ``--lr-from`` reads (a 
 on those rates: the next grid around a best at its edge); ``--lr`` overrides them all. ``--autocast``
 trains under bf16 autocast over fp32 weights (both sides alike; decoding and the losses stay fp32). Method names and the configs:
 benchmarks/common.py, with the fields of ``configs`` over them (``lora-4bit`` and ``lora-rslora`` on every linear layer here,
-``prefix_tuning`` with 10 tokens and an MLP of width 256, ``prompt_tuning`` initialised from a text). peft's token
+``prefix_tuning`` with 10 tokens and an MLP of width 256, ``prompt_tuning`` initialised from a text; ``lora-4bit-loftq``:
+``lora-4bit`` with its adapter started by LoftQ, deltatune only, see ``LOFTQ``). peft's token
 rows generate through ``peft_generate_compat`` (peft 0.21.2 and transformers 5.24 name the KV cache differently);
 ``--peft-prefix-mlp-once`` runs peft's prefix-tuning MLP once per step, as deltatune does (``peft_prefix_mlp_once``).
 """
@@ -49,6 +50,7 @@ PROMPT = "Describe this restaurant in one sentence: {source}"
 
 LR = {
     "full": 1.5e-4, "lora": 6e-3, "lora-all-linear": 3e-3, "lora-rslora": 1.5e-3, "lora-dora": 6e-3, "lora-4bit": 3e-3,
+    "lora-4bit-loftq": 3e-3,
     "ia3": 3e-2, "bottleneck-houlsby": 3e-3, "bottleneck-pfeiffer": 3e-3, "prefix_tuning": 1e-3,
     "prefix_tuning-v2": 3e-2, "prompt_tuning": 3e-2, "p_tuning": 3e-2, "freeze": 1.5e-4, "bitfit": 1e-3,
 }  # fmt: skip
@@ -57,7 +59,10 @@ are the methods, in the report's order."""
 METHODS = list(LR)
 SWEEP = (1 / 3, 1.0, 3.0)
 """The sweep's rates, as multiples of each method's centre in ``LR``."""
-NO_PEFT = {m for m in METHODS if not common.peft_has(m)}
+LOFTQ = {"lora-4bit-loftq": "lora-4bit"}
+"""Rows that are another row with its adapter started by LoftQ (``replace_lora_weights_loftq``: A, B from the top-r
+SVD of W - Q, Q the layer's own NF4 weight, so the model starts at Q + s B A ~= W); deltatune only."""
+NO_PEFT = {m for m in METHODS if not common.peft_has(m)} | set(LOFTQ)
 PROMPT_INIT = "Describe the restaurant from its name, food, price, area and rating."
 
 
@@ -74,6 +79,7 @@ def configs(method: str, side: str, path: str, rank: int | None = None) -> Any:
             "prompt_tuning_init": "TEXT", "tokenizer_name_or_path": path, "prompt_tuning_init_text": PROMPT_INIT,
         },
     }  # fmt: skip
+    method = LOFTQ.get(method, method)
     if rank is not None and common.method(method) == "lora":
         fields[method] = {**fields.get(method, {}), "r": rank, "lora_alpha": 2 * rank}
     return common.method_config(method, side, "CAUSAL_LM", **common.MODULES["smollm2"], fields=fields)
@@ -219,7 +225,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     base = load_model("smollm2", "CAUSAL_LM", a.dtype)
     base.config.use_cache = False
     config = configs(a.method, a.side, path, a.rank) if a.method != "base" else None
-    if a.method in common.QUANTIZED:
+    if LOFTQ.get(a.method, a.method) in common.QUANTIZED:
         if a.side == "deltatune":
             base = dt.quantize(base, bits=4, quant_type="nf4", double_quant=True)[0]
         else:
@@ -238,6 +244,10 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
             peft_prefix_mlp_once(model)
     else:
         model = dt.get_delta_model(base, config)
+        if a.method in LOFTQ:
+            from deltatune.methods._loftq import replace_lora_weights_loftq
+
+            replace_lora_weights_loftq(model, path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if config is not None else 0
     test = _rows("test.jsonl", a.eval_rows)
     refs = references(test)

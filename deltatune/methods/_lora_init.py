@@ -26,14 +26,15 @@ from torch import nn
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from ..layer import DeltaLayer, NotMergeable
+from . import _loftq
 
 LOADS_ONLY = ("mica", "eva")  # peft's inits that leave the base as it is, not drawn here: their files are plain LoRA
 FROM_BASE = ("pissa", "olora")  # computed from the base weight, which they change (pissa_niter_K too)
 
 
 def is_from_base(init: object) -> bool:
-    """Whether ``init`` is PiSSA (exact or ``pissa_niter_K``) or OLoRA."""
-    return isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
+    """Whether ``init`` is PiSSA (exact or ``pissa_niter_K``), OLoRA or LoftQ."""
+    return isinstance(init, str) and (init in ("olora", "loftq") or init.startswith("pissa"))
 
 
 def check_init(init: object, lora_bias: bool = False, use_dora: bool = False) -> None:
@@ -43,16 +44,16 @@ def check_init(init: object, lora_bias: bool = False, use_dora: bool = False) ->
         raise ConfigError(f"lora_bias=True is only supported with init_lora_weights=True or False, got {init!r}")
     if lora_bias and use_dora:
         raise ConfigError("lora_bias=True is not supported with use_dora (as peft)")
-    if init in (True, False, "gaussian", "orthogonal", "pissa", "olora", *LOADS_ONLY):
+    if init in (True, False, "gaussian", "orthogonal", "pissa", "olora", "loftq", *LOADS_ONLY):
         return
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         if init.removeprefix("pissa_niter_").isdigit():
             return  # peft's int() would take "-1", which svd_lowrank refuses deep inside torch
         raise ConfigError(f"init_lora_weights={init!r}: 'pissa_niter_K' takes a number of iterations K >= 0")
-    why = (": that init of peft's changes the base weights, from data (CorDA) or by quantizing them (LoftQ); "
-           "deltatune draws 'pissa', 'pissa_niter_K' and 'olora'") if str(init).split("_")[0] in ("corda", "loftq") else ""  # fmt: skip
-    raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora', "
-                      f"got {init!r}{why}")  # fmt: skip
+    why = (": that init of peft's changes the base weights from data (CorDA); deltatune draws 'pissa', "
+           "'pissa_niter_K', 'olora' and 'loftq'") if str(init).split("_")[0] == "corda" else ""  # fmt: skip
+    raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora' or "
+                      f"'loftq', got {init!r}{why}")  # fmt: skip
 
 
 def reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bool = False) -> None:
@@ -80,6 +81,9 @@ def check_target(layer: nn.Module, name: str, config: DeltaConfig, r: int) -> No
     init, kind = config.init_lora_weights, type(layer).__name__
     if config.lora_bias and kind == "LoraEmbedding":  # peft: "lora_bias=True is not supported for Embedding."
         raise ConfigError(f"lora: lora_bias=True is not supported on {name}, an embedding (as peft)")
+    if init == "loftq":  # (the checked loftq_config travels to init_from_base on the layer)
+        layer.__dict__["_loftq"] = cfg = _loftq.check_layer(layer, name, getattr(config, "loftq_config", None))
+        config.loftq_config = cfg  # peft's LoftQConfig as the dict its __post_init__ (and a saved file) has
     if kind == "LoraEmbedding" or not (is_from_base(init) or init == "orthogonal"):
         return  # peft draws an embedding's adapter as for True and leaves its weight alone
     base = layer.base_layer
@@ -201,8 +205,9 @@ def add_bias(layer: nn.Module, name: str, sign: int) -> None:
 
 
 def init_from_base(layer: nn.Module, name: str, init: str) -> None:
-    """PiSSA or OLoRA for adapter ``name`` of a ``LoraLinear``: A and B (float32) from the base weight, which becomes
-    the residual W - s B A in its own dtype. peft's pissa_init / olora_init, step for step."""
+    """PiSSA, OLoRA or LoftQ for adapter ``name`` of a ``LoraLinear``: A and B (float32) from the base weight, which
+    becomes the residual W - s B A (LoftQ: the quantised Q) in its own dtype. peft's pissa_init / olora_init /
+    loftq_init, step for step (LoftQ: methods/_loftq.py)."""
     original = layer.base_layer.weight.data  # (replaced, not written into: kept while a load may fail)
     with torch.no_grad():
         _init_from_base(layer, name, init)
@@ -214,6 +219,9 @@ def init_from_base(layer: nn.Module, name: str, init: str) -> None:
 def _init_from_base(layer: nn.Module, name: str, init: str) -> None:
     base, A, B = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
     scaling, r, dtype = layer.scaling[name], A.out_features, base.weight.dtype
+    if init == "loftq":
+        _loftq.init_layer(layer, name, layer.__dict__.pop("_loftq"))
+        return
     if init == "olora":  # peft factors the stored weight as it is (check_target refuses Conv1D)
         weight = base.weight.to(torch.float32)
         Q, R = torch.linalg.qr(weight.data)
@@ -261,6 +269,9 @@ def convert_to_plain_lora(
         raise ConfigError(
             f"convert_to_plain_lora: adapter {adapter_name!r} is DoRA, whose update no plain LoRA equals"
         )
+    if config.init_lora_weights == "loftq":  # peft warns that its conversion is for PiSSA / CorDA / OLoRA, and goes on
+        raise ConfigError(f"convert_to_plain_lora: adapter {adapter_name!r} is LoftQ: its base is the quantised Q, "
+                          "not W minus the initial adapter, so no plain LoRA on W equals it; save Q with it")  # fmt: skip
     if isinstance(initial, dict):
         start = initial
     else:

@@ -77,6 +77,9 @@ class LoraConfig(DeltaConfig):
     """A trained bias on lora_B (saved as lora_B.bias; scaled with the update, merged into the base bias), as peft."""
     eva_config: dict | None = None
     """peft's EVA settings (init_lora_weights='eva'), kept as a peft file gives them; deltatune draws no EVA init."""
+    loftq_config: dict = field(default_factory=dict)
+    """LoftQ's settings for init_lora_weights='loftq': {'loftq_bits': 4 or 8, 'loftq_iter': rounds} (or peft's
+    LoftQConfig); the base becomes its quantised Q, the adapter the error's top-r SVD (methods/_loftq.py)."""
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Token ids whose input-embedding rows train (or {embedding module name: ids}), as peft's; a tied lm_head follows."""
 

@@ -137,7 +137,7 @@ def test_a_4bit_base_is_refused():
         dt.get_delta_model(model, dt.LoraConfig(r=4, init_lora_weights="pissa"))
 
 
-@pytest.mark.parametrize("init", ["corda", "loftq", "pissa_niter_x", "pissa_niter_-1"])
+@pytest.mark.parametrize("init", ["corda", "pissa_niter_x", "pissa_niter_-1"])  # loftq: tests/methods/test_loftq10.py
 def test_other_inits_refused(init):
     with pytest.raises(ConfigError, match="init_lora_weights"):
         dt.LoraConfig(init_lora_weights=init)
