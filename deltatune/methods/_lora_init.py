@@ -37,9 +37,11 @@ def is_from_base(init: object) -> bool:
     return isinstance(init, str) and (init in ("olora", "loftq") or init.startswith("pissa"))
 
 
-def check_init(init: object, lora_bias: bool = False, use_dora: bool = False) -> None:
+def check_init(init: object, lora_bias: bool = False, use_dora: bool = False, loftq_config: object = None) -> None:
     """ConfigError unless ``init`` is an init_lora_weights deltatune draws (or a peft one whose files load), and
-    ``lora_bias`` goes with it as peft's LoraConfig allows."""
+    ``lora_bias`` goes with it as peft's LoraConfig allows; ``loftq_config`` (when given) checked for 'loftq'."""
+    if init == "loftq" and loftq_config is not None:
+        _loftq.settings(loftq_config)
     if lora_bias and init not in (True, False):  # peft's LoraConfig refuses these two
         raise ConfigError(f"lora_bias=True is only supported with init_lora_weights=True or False, got {init!r}")
     if lora_bias and use_dora:

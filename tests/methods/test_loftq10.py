@@ -225,3 +225,13 @@ def test_dora_with_loftq_is_peft(monkeypatch):
     assert len(keys) == 4 and all(torch.equal(theirs[k], ours[k.removesuffix(".weight")]) for k in keys)
     inputs = tiny_inputs("llama")
     assert torch.equal(output_of(p, inputs), output_of(d, inputs))
+
+
+def test_check_init_refuses_a_missing_loftq_config_when_the_config_passes_it():
+    """LoraConfig.__post_init__ passing its loftq_config makes the refusal peft's config-time one."""
+    from deltatune.methods._lora_init import check_init
+
+    with pytest.raises(ConfigError, match="`loftq_config` must be specified"):
+        check_init("loftq", loftq_config={})
+    check_init("loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 3})
+    check_init("loftq")  # (not passed: the check waits for get_delta_model)
