@@ -594,7 +594,7 @@ def check_not_shared(model: nn.Module, layers: list[DeltaLayer]) -> None:
         shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
         if len(shared) > 1:
             raise ValueError(
-                f"cannot merge into {shared[0]}: the same weight is {', '.join(shared[1:])} (tied embeddings), "
-                "which merging would change too. Load the base with tie_word_embeddings=False and a copied "
-                "output weight, or keep the adapter unmerged"
+                f"cannot merge into {shared[0]}: the same weight is {', '.join(shared[1:])} (tied embeddings, or "
+                "copies of one layer made by layer_replication), which merging would change too. Untie them (a base "
+                "loaded with tie_word_embeddings=False and a copied output weight), or keep the adapter unmerged"
             )

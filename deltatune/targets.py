@@ -207,7 +207,7 @@ def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
             continue
         while isinstance(module, DeltaLayer) and hasattr(module, "base_layer"):
             module = module.base_layer
-        if name and (_is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))):
+        if name and (_is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d))):
             short = name.rsplit(".", 1)[-1]
             if short not in seen:
                 seen.append(short)

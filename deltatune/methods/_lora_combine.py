@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..layer import ModulesToSave
-from .lora import LORA_LAYERS, LoraConfig, LoraConv2d, LoraEmbedding
+from .lora import LORA_LAYERS, LoraConfig, LoraConvNd, LoraEmbedding
 
 EQUAL_RANKS = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -203,9 +203,10 @@ def _svd(layer: Any, name: str, kind: str, held: list[tuple[str, float]], densit
          path: str, rank: int, clamp: float | None, full: bool, driver: str | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     deltas = [layer.delta_weight(n, merging=True) for n, _ in held]  # s_i B_i A_i, the base weight's layout
     delta = combine(kind, deltas, torch.tensor([w for _, w in held]).to(deltas[0].device), density, sign_method)
-    conv = isinstance(layer, LoraConv2d)
+    conv = isinstance(layer, LoraConvNd)  # Conv1d/2d/3d (peft's svd path knows Conv2d only: it fails on the others)
     if conv:
-        delta = delta.squeeze() if layer.base_layer.weight.shape[2:4] == (1, 1) else delta.flatten(start_dim=1)
+        kernel = layer.base_layer.weight.shape[2:]
+        delta = delta.squeeze() if kernel == (1,) * len(kernel) else delta.flatten(start_dim=1)
     if getattr(layer, "fan_in_fan_out", False) or isinstance(layer, LoraEmbedding):
         delta = delta.T
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full, driver=driver)  # kohya's svd_merge_lora, as peft
