@@ -294,3 +294,53 @@ def test_the_suggested_max_length_fits_every_row_when_images_take_different_toke
     cut = [C.encode_vlm(vlm, r, cfg.data.max_length)[:2] for r in rows]
     assert max(len(ids) for ids, _ in cut) <= positions
     check_caption(cfg, SimpleNamespace(train=C.VLMDataset(rows, cut, vlm), eval=None), model)
+
+
+def test_a_row_whose_image_tokens_alone_fill_the_positions_asks_for_smaller_images(tmp_path):
+    """No data.max_length can help then (it cuts text only): one line saying so, not a suggestion of 0 or less."""
+    from types import SimpleNamespace
+
+    from transformers import AyaVisionConfig
+
+    from deltatune.config import ConfigError
+    from deltatune.train.checks import check_caption
+
+    vlm = C.VLMProcessor(aya_vision_processor())
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "0.png")
+    user = {"role": "user", "content": f"<image>\n{C.CAPTION_PROMPT}"}
+    row = C.VLMExample("c:1", [ImageRow(str(tmp_path / "0.png"), None, "c:1")],
+                       [user, {"role": "assistant", "content": "a two"}])  # fmt: skip
+    ids, labels = C.encode_vlm(vlm, row, 512)[:2]
+    images = sum(t in vlm.image_ids for t in ids)
+    config = AyaVisionConfig()
+    config.text_config.max_position_embeddings = images
+    cfg = SimpleNamespace(data=SimpleNamespace(max_length=512, max_target_length=8))
+    with pytest.raises(ConfigError, match=rf"which has {images}; a row's {images} image tokens alone fill them: give "
+                       "smaller images$") as err:  # fmt: skip
+        check_caption(cfg, SimpleNamespace(train=C.VLMDataset([row], [(ids, labels)], vlm), eval=None),
+                      SimpleNamespace(config=config))  # fmt: skip
+    assert "\n" not in str(err.value)
+
+
+def test_idefics2_trains_two_steps_and_captions_through_the_cli(folders, tmp_path, capsys):
+    """The stage end to end on Idefics2 (every row was refused): the report shows the row with the answer trained,
+    LoRA on the language tower, and ``generate --image`` captions with the run."""
+    import json
+
+    from deltatune.cli import main
+
+    root = folders["root"]
+    rows = [{"image": str(root / f"{i}.png"), "text": c} for i, c in enumerate(CAPTIONS)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = Path(__file__).resolve().parent.parent.parent / "recipes" / "llava-caption-lora.yaml"
+    args = ["train", str(recipe), f"model.name_or_path={folders['idefics2']}", f"data.train={tmp_path / 'c.jsonl'}",
+            f"output.dir={tmp_path / 'run'}", "model.dtype=float32", "train.max_steps=2", "train.report_to=[none]",
+            "train.batch_size=2", "train.logging_steps=1", "train.save_steps=1000", "method.towers=[language]",
+            "data.eval=", "train.eval_steps=null"]  # fmt: skip
+    assert main(args) == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Assistant:[[ a handwritten seven<end_of_utterance>\\n]]" in report
+    assert "adapted layers per tower: language: 4" in report
+    capsys.readouterr()
+    argv = ["generate", "--adapter", str(tmp_path / "run"), "--image", str(root / "0.png"), "--max-new-tokens", "3"]
+    assert main(argv) == 0 and capsys.readouterr().out.strip()
