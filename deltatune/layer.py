@@ -448,91 +448,6 @@ def enable_checkpointing(model: nn.Module, kwargs: dict, **options: Any) -> None
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def call_batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The batch size of a forward / generate call: its input ids, embeddings or first tensor argument."""
-    for key in ("input_ids", "inputs_embeds", "pixel_values"):
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key].shape[0]
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return None
-
-
-class CallSizes(frozenset):
-    """``call_sizes``' answer: first dimensions a layer may route; ``refused``: none may (why); ``shared``: layers."""
-
-    def __new__(cls, sizes=(), refused: dict[int, str] | None = None, shared=()) -> CallSizes:
-        self = super().__new__(cls, sizes)
-        self.refused, self.shared = dict(refused or {}), list(shared)
-        return self
-
-
-IMAGE_KEYS = ("pixel_values", "image_", "video")  # beside text, the first dimension counts images, not rows
-SHARED_TABLE = re.compile(r"rel(ative)?_")  # a module named so (relative_attention_bias): one table for every row
-
-
-def call_sizes(
-    args: tuple, kwargs: dict, generating: nn.Module | None = None, model: nn.Module | None = None
-) -> CallSizes:
-    """The first dimensions of a call's tensors, and for a generate call of model ``generating`` each times its
-    expansion (beams, or returned sequences): the batch sizes the call's layers may see. Beside text rows (``input_ids`` / ``inputs_embeds``) image tensors (``IMAGE_KEYS``) count images: they route as
-    rows only where every row holds the same number, k per row in order, told by the image tokens in ``input_ids``
-    (the config of ``model``, or ``generating``, names the token); otherwise their first dimension is ``refused``.
-    The model's layers on relative-position tables (``SHARED_TABLE``) are ``shared``.
-    """
-    model = generating if generating is not None else model
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() == 2 else None
-    text = ids if ids is not None else kwargs.get("inputs_embeds")
-    sizes, refused = set(), {}
-    for key, value in [*((None, a) for a in args), *kwargs.items()]:
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            continue
-        sizes.add(n := value.shape[0])
-        if isinstance(text, torch.Tensor) and key and (why := _images_unmapped(n, key, text.shape[0], ids, model)):
-            refused[n] = why
-    if generating is not None:
-        gen = kwargs.get("generation_config") or getattr(generating, "generation_config", None)
-        expand = max(kwargs.get(k) or getattr(gen, k, None) or 1 for k in ("num_beams", "num_return_sequences"))
-        sizes |= {n * expand for n in sizes}
-        refused |= {n * expand: why for n, why in refused.items()}
-    shared = [] if model is None else [
-        (re.sub(r"^base_model\.", "", path), m)
-        for path, m in model.named_modules()
-        if isinstance(m, DeltaLayer) and SHARED_TABLE.match(re.sub(r"(\.base_layer)+$", "", path).rpartition(".")[2])
-    ]  # fmt: skip
-    return CallSizes(sizes - refused.keys(), refused, shared)
-
-
-def _images_unmapped(n: int, key: str, rows: int, ids: torch.Tensor | None, model: nn.Module | None) -> str | None:
-    """Why the ``n`` images of image tensor ``key`` cannot be told apart by row (of ``rows``; ``ids`` the call's input
-    ids); None for any other tensor, or when every row holds the same number of them (k per row, in order)."""
-    if not key.startswith(IMAGE_KEYS):
-        return None
-    kind = "video" if "video" in key else "image"
-    config = getattr(model, "config", None)
-    token = getattr(config, f"{kind}_token_id", None)
-    token = getattr(config, f"{kind}_token_index", None) if token is None else token
-    if (ids is None or token is None) and n == rows:
-        return None  # no image tokens to count (BLIP): one image per row, as the tensors' sizes say
-    if ids is None or token is None:
-        what = "the call gives no input_ids" if ids is None else f"the model's config names no {kind} token"
-        why = f"{what} to count each row's {kind}s by"
-    else:
-        counts = (ids == token).sum(1).tolist()
-        total = sum(counts)
-        if counts[0] > 0 and len(set(counts)) == 1 and n % len(counts) == 0:
-            return None
-        per_row = [c * n // total for c in counts] if total and total % n == 0 else None
-        why = f"the rows hold {per_row} {kind}s" if per_row else f"the rows hold {counts} {kind} tokens"
-    return (
-        f"adapter_names routes {rows} rows but {key} holds {n} {kind}s that do not map to rows one to one or k per "
-        f"row in order ({why}), so a layer seeing the {kind}s (a vision-tower adapter) cannot tell their rows; give "
-        f"every row the same number of {kind}s, or run the rows with different adapters in separate calls"
-    )
-
-
 class DequantizedLinear(nn.Linear):
     """The plain layer a 4-bit layer's ``dequantize()`` gives, which a merge writes into (``_dequantize_base``): W in
     the 4-bit layer's compute dtype, computing as that layer did (input cast to W's dtype, output back to the input's),
@@ -585,12 +500,17 @@ def replace_module(root: nn.Module, path: str, module: nn.Module | None) -> None
 
 
 def check_not_shared(model: nn.Module, layers: list[DeltaLayer]) -> None:
-    """Refuse to merge into a layer whose weight another module shares (tied input and output embeddings)."""
+    """Refuse to merge into a layer whose weight another module shares (tied input and output embeddings), unless
+    the layer says the sharer should see the merge (``merges_tied``: trainable tokens' rows, as peft)."""
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
     for layer in layers:
-        weight = getattr(getattr(layer, "base_layer", None), "weight", None)
+        weight = (
+            None
+            if getattr(layer, "merges_tied", False)
+            else getattr(getattr(layer, "base_layer", None), "weight", None)
+        )
         shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
         if len(shared) > 1:
             raise ValueError(

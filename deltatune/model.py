@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import loss, registry, status
+from .calls import call_batch_size, call_sizes
 from .config import CONFIG_NAME, DeltaConfig
 from .files import (
     AdapterLoadError,
@@ -44,8 +45,6 @@ from .layer import (
     ModulesToSave,
     RowAdapters,
     base_parameters,
-    call_batch_size,
-    call_sizes,
     check_not_shared,
     enable_checkpointing,
     replace_module,

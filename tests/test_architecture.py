@@ -23,6 +23,7 @@ LEVELS = {
     "config": 0,
     "layer": 1,
     "loss": 1,
+    "calls": 1.5,
     "targets": 2,
     "files": 2,
     "status": 2.5,
