@@ -14,7 +14,6 @@ from tiny import tiny_config, tiny_inputs, tiny_model
 from transformers import BertForMaskedLM
 
 import deltatune as dt
-import deltatune.model as dt_model
 from deltatune.config import ConfigError
 from deltatune.methods._trainable_tokens import KEY, TrainableTokens
 
@@ -123,22 +122,8 @@ def test_peft_config_with_trainable_token_indices_is_read_not_refused_or_dropped
     assert config.to_dict()["trainable_token_indices"] == {"embed_tokens": [1]}
 
 
-def _tied_merge_allowed():  # deltatune.layer.check_not_shared refuses to merge into a shared weight (see the report)
-    layer = TrainableTokens(torch.nn.Embedding(4, 2))
-    model = torch.nn.Module()
-    model.a, model.b = layer, torch.nn.Linear(2, 4, bias=False)
-    model.b.weight = layer.base_layer.weight
-    try:
-        dt_model.check_not_shared(model, [layer])
-    except ValueError:
-        return False
-    return True
-
-
-@pytest.mark.parametrize("case", ["llama", pytest.param("llama-tied", id="llama-tied"), "bert"])
+@pytest.mark.parametrize("case", ["llama", "llama-tied", "bert"])
 def test_merge_unmerge_and_merge_and_unload_equal_peft(case):
-    if case == "llama-tied" and not _tied_merge_allowed():
-        pytest.xfail("needs layer.check_not_shared to let a TrainableTokens layer (merges_tied) merge")
     ours, theirs = ours_and_theirs(case)
     x = inputs(case)
     embedding = ours.base_model.get_submodule(CASES[case][4]).base_layer.weight
