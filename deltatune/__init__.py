@@ -43,6 +43,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "combine_loras": (".diffusion", "combine_loras"),
     "fold_virtual_tokens": (".methods._tokens", "fold"),
     "get_delta_model": (".model", "get_delta_model"),
+    "get_peft_model_state_dict": (".adapter_io", "get_peft_model_state_dict"),
     "load_config": (".registry", "from_pretrained"),
     "load_lora": (".diffusion", "load_lora"),
     "memory_footprint": (".methods.quant", "memory_footprint"),
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "quantize": (".methods.quant_tools", "quantize"),
     "save_diffusers_lora": (".diffusion", "save_diffusers_lora"),
     "save_kohya_lora": (".diffusion", "save_kohya_lora"),
+    "set_peft_model_state_dict": (".adapter_io", "set_peft_model_state_dict"),
     "trl_trainer": (".train.trainer", "trl_trainer"),
 }
 
@@ -77,6 +79,7 @@ __all__ = [
     "combine_loras",
     "fold_virtual_tokens",
     "get_delta_model",
+    "get_peft_model_state_dict",
     "load_config",
     "load_lora",
     "memory_footprint",
@@ -85,6 +88,7 @@ __all__ = [
     "quantize",
     "save_diffusers_lora",
     "save_kohya_lora",
+    "set_peft_model_state_dict",
     "trl_trainer",
 ]
 
@@ -103,6 +107,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .adapter_io import get_peft_model_state_dict, set_peft_model_state_dict
     from .config import ConfigError, DeltaConfig
     from .diffusion import combine_loras, load_lora, save_diffusers_lora, save_kohya_lora
     from .files import AdapterLoadError

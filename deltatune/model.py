@@ -15,30 +15,16 @@ import functools
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import loss, registry, status
+from . import adapter_io, loss, registry, status
 from .calls import call_batch_size, call_sizes
-from .config import CONFIG_NAME, DeltaConfig
-from .files import (
-    AdapterLoadError,
-    PushToHub,
-    base_key,
-    check_adapter_name,
-    explain_missing_fields,
-    key_prefix,
-    match_tensors,
-    read_weights,
-    resolve,
-    save_adapters,
-    split_heads,
-    stage_training_state,
-    upcast_adapter,
-)
+from .config import DeltaConfig
+from .files import PushToHub, check_adapter_name
 from .layer import (
     BASE_ROW,
     DeltaLayer,
@@ -51,7 +37,7 @@ from .layer import (
     unpack_frozen_layers,
     unwrapped_name,
 )
-from .targets import HEADS_BY_TASK, add_modules_to_save
+from .targets import add_modules_to_save
 
 
 class DeltaModel(nn.Module, PushToHub):
@@ -280,19 +266,23 @@ class DeltaModel(nn.Module, PushToHub):
             layer.check_active(list(dict.fromkeys(listed)), path)
         return list(listed)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make one adapter (or several, whose outputs add up) the active one(s). Only active adapters train.
 
+        As peft's: the active adapters' parameters then require grad, one loaded for inference
+        (``load_adapter(is_trainable=False)``) too, unless ``inference_mode=True`` freezes them; the others are frozen.
         An adapter merged into the base weights that is not among the new active ones would still act through the
         weights, so the model is unmerged first (as PEFT does); ``merge_adapter`` merges the new ones.
         """
         names = list(dict.fromkeys(self._check_names(adapter_name)))  # once each: twice counted twice unmerged
         if not names:
             raise ValueError("set_adapter needs at least one adapter name (disable_adapter() computes as the base)")
+        if not isinstance(inference_mode, bool):
+            raise TypeError(f"inference_mode must be True or False, got {inference_mode!r}")
         if any(n not in names for _, merged in self._merged() for n in merged):
             self.unmerge_adapter()
         self.active_adapters = names
-        self._apply_active()
+        status.apply_active(self, inference_mode=inference_mode)
 
     def _apply_active(self) -> None:
         """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train."""
@@ -421,140 +411,15 @@ class DeltaModel(nn.Module, PushToHub):
         self._copies.clear()
         return self.base_model
 
-    # -- saving and loading --------------------------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """An adapter's tensors with PEFT's keys (``<files.KEY_PREFIX><path>.<the layer's own names>``)."""
-        name = adapter_name or self.active_adapter
-        self._check_names([name])
-        out: dict[str, torch.Tensor] = {}
-        prefix = key_prefix(self.peft_config[name])
-        for path, layer in self._layers():
-            if name in layer.adapter_names:
-                out.update(layer.export_state(name, f"{prefix}{path}."))
-        for pname, p in self._base_params(name).items():
-            out[prefix + base_key(pname, name)] = p
-        for pname, p in base_parameters(self.base_model, self._copies.get(name, [])).items():
-            out.setdefault(prefix + pname, p)  # (peft's save_embedding_layers: resized vocabularies; named as peft)
-        return out
+    # -- saving and loading (deltatune/adapter_io.py: PEFT's files and state dicts) -----------------------
+    adapter_state_dict = adapter_io.adapter_state_dict
+    _import = adapter_io.import_tensors
+    save_pretrained = adapter_io.save_pretrained
+    load_adapter = adapter_io.load_adapter
+    load_adapter_weights = adapter_io.load_adapter_weights
 
     def _base_params(self, name: str) -> dict[str, nn.Parameter]:
         return base_parameters(self.base_model, self._base_trainables.get(name, []))
-
-    def _import(self, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-        expected = self.adapter_state_dict(name)
-        # a base parameter saved under another wrapping of its module (x.bias, x.base_layer.bias) is this one
-        alias = {unwrapped_name(k): k for k in expected}
-        tensors = {k if k in expected else alias.get(unwrapped_name(k), k): v for k, v in tensors.items()}
-        prefix = key_prefix(self.peft_config[name])
-        base_params = {prefix + n: p for n, p in self.base_model.named_parameters(remove_duplicate=False)}
-        full_copies = match_tensors(tensors, expected, base_params, source)
-        copies = {k: tensors[k] for k in full_copies}
-        tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}
-        for path, layer in self._layers():
-            if name in layer.adapter_names:
-                layer.import_state(name, f"{prefix}{path}.", tensors)
-        # a copy replaces the base weight: one merged into (another adapter's update) is unmerged first, merged after
-        with torch.no_grad(), self._unmerged(full_copies.values()) if full_copies else nullcontext():
-            for pname, p in self._base_params(name).items():
-                p.copy_(tensors[prefix + base_key(pname, name)])
-            for key, target in full_copies.items():
-                target.copy_(copies[key])
-        self._copies[name] = [unwrapped_name(key.removeprefix(prefix)) for key in full_copies]
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True,
-                        save_embedding_layers: bool | str = "auto", **kwargs: Any) -> None:  # fmt: skip
-        """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout): "default" in
-        ``save_directory``, any other in ``save_directory/<name>``, each file renamed into place once written (a crash
-        never leaves a half-written file); nothing where ``is_main_process`` is False, and no adapter but the folder
-        for ``selected_adapters=[]`` (as peft).
-        ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter;
-        ``path_initial_model_for_weight_conversion``: peft's, the adapter's change since that initial save."""
-        if not is_main_process:
-            return
-        if not safe_serialization:
-            raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
-        names = self._check_names(list(self.peft_config) if selected_adapters is None else selected_adapters)
-        save_adapters(self, save_directory, names, save_embedding_layers, **kwargs)
-
-    def load_adapter(
-        self,
-        model_id: str | os.PathLike[str],
-        adapter_name: str,
-        is_trainable: bool = False,
-        allow_pickle: bool = False,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        modules_to_save: bool = True,
-        torch_device: str | torch.device | None = None,
-        low_cpu_mem_usage: bool = False,
-        autocast_adapter_dtype: bool = False,
-        ephemeral_gpu_offload: bool = False,
-        key_mapping: dict[str, str] | None = None,
-        *,
-        _config: DeltaConfig | None = None,
-    ) -> None:
-        """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error.
-
-        Args:
-            model_id: a local folder, or a hub repo id when the hub is reachable.
-            adapter_name: the name to give it in this model.
-            is_trainable: False (the default, as in PEFT) freezes it for inference and puts the model in eval mode.
-            allow_pickle: read a pickle ``adapter_model.bin`` when there is no safetensors file. Pickle can run
-                arbitrary code: only for files you trust.
-            subfolder: a folder inside ``model_id`` holding the adapter.
-            revision: hub revision.
-            modules_to_save: False loads the body alone: the heads it trained in full (its ``modules_to_save``,
-                e.g. a classifier with another number of labels) are left out, and so is a task type that adds one.
-            torch_device, low_cpu_mem_usage, autocast_adapter_dtype: peft's. The file is read onto ``torch_device``
-                (the adapter then sits on its base layers' devices, as peft's); ``low_cpu_mem_usage`` draws no
-                initial weights (the random state is left as it was; peft's still draws an embedding's); ``autocast_adapter_dtype=True`` keeps a
-                half-precision base's adapter in float32 (peft's default; deltatune's, False, the base's dtype).
-            ephemeral_gpu_offload: peft's; no effect (deltatune keeps no module offloaded to move to the GPU).
-            key_mapping: peft's: {regex: replacement} rewriting the file's keys, less their prefix (``status.remap_keys``).
-
-        Raises:
-            FileNotFoundError: no adapter there.
-            AdapterLoadError: a file is truncated or corrupt, or the adapter does not fit this model.
-        """
-        check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
-        config_file = (
-            "" if _config is not None else resolve(model_id, CONFIG_NAME, subfolder, revision)
-        )  # from_pretrained's
-        config = (registry.from_pretrained(config_file) if _config is None else _config).replace(
-            inference_mode=not is_trainable
-        )
-        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device)
-        tensors = status.remap_keys(tensors, key_mapping) if key_mapping else tensors
-        if not modules_to_save:
-            tensors = split_heads(tensors, config.modules_to_save, key_prefix(config))[0]
-            task = None if config.task_type in HEADS_BY_TASK else config.task_type
-            config = config.replace(modules_to_save=None, task_type=task)
-        try:
-            with torch.random.fork_rng(devices=[]) if low_cpu_mem_usage else nullcontext():  # peft's meta weights
-                self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
-        except AdapterLoadError as exc:
-            raise explain_missing_fields(exc, config_file, config) from None
-        if autocast_adapter_dtype and upcast_adapter([layer for _, layer in self._layers()], adapter_name):
-            self._import(adapter_name, tensors, source)  # the file's values again, unrounded
-        if is_trainable:  # its parameters train though it is not active, as peft's (until set_adapter picks others)
-            status.set_requires_grad(self, adapter_name)
-        else:  # inference: no dropout (PEFT's load_adapter does so too)
-            self.eval()
-
-    def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
-        """Copy saved weights into the existing adapter ``adapter_name`` (resuming: with its training state).
-
-        Raises:
-            AdapterLoadError: the file is missing, corrupt or does not fit the adapter; nothing is changed.
-        """
-        self._check_names([adapter_name])
-        tensors, source = read_weights(model_id, None, None, allow_pickle=False)
-        stage_training_state(dict(self._layers()), model_id, adapter_name)
-        with self._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
-            self._import(adapter_name, tensors, source)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",

@@ -75,22 +75,30 @@ def _set_grad(layer: DeltaLayer, names: Iterable[str], flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def apply_active(model: DeltaModel, keep: bool = False, new: str | None = None) -> None:
+def apply_active(
+    model: DeltaModel, keep: bool = False, new: str | None = None, inference_mode: bool | None = None
+) -> None:
     """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train, and with
     ``keep`` (add_adapter, delete_adapter: peft's set_adapter alone freezes the others) an inactive adapter made
-    trainable (``load_adapter(is_trainable=True)``, ``set_requires_grad``) still trains; ``new``, just added, does not."""
+    trainable (``load_adapter(is_trainable=True)``, ``set_requires_grad``) still trains; ``new``, just added, does not.
+    An active adapter is trainable unless its config's ``inference_mode`` (or ``inference_mode`` when given: peft's
+    ``set_adapter`` argument, which overrides the config's) is True."""
     layers = [layer for _, layer in model._layers()]
     kept = {n for layer in layers for n, p in _own(layer) if p.requires_grad and n != new} if keep else set()
+    frozen = {
+        n: model.peft_config[n].inference_mode if inference_mode is None else inference_mode
+        for n in model.active_adapters
+    }
     for layer in layers:
         layer.set_adapters(model.active_adapters)
     trainable: set[int] = set()
     for layer in layers:
         for name in layer.adapter_names:
-            train = name in kept or name in model.active_adapters and not model.peft_config[name].inference_mode
+            train = name in kept or name in frozen and not frozen[name]
             _set_grad(layer, [name], train)
             trainable.update(map(id, layer.adapter_parameters(name).values()) if train else ())
     for name in model.active_adapters:
-        if not model.peft_config[name].inference_mode:
+        if not frozen[name]:
             trainable.update(map(id, model._base_params(name).values()))
     for p in model.base_model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -98,10 +106,13 @@ def apply_active(model: DeltaModel, keep: bool = False, new: str | None = None) 
 
 def set_requires_grad(model: DeltaModel, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
     """peft's ``set_requires_grad``: the adapters' own parameters in every layer (a base parameter an adapter trains in
-    place, e.g. ``bias="all"``, is left as it is, as peft's). An unknown name is refused (peft skips it)."""
+    place, e.g. ``bias="all"``, is left as it is, as peft's). A name of no adapter is skipped, as peft's."""
     if not isinstance(requires_grad, bool):
         raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
-    names = model._check_names(adapter_names if isinstance(adapter_names, str) else list(adapter_names))
+    listed = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if not all(isinstance(n, str) for n in listed):
+        raise TypeError(f"adapter names must be a name or a list of names, got {adapter_names!r}")
+    names = [n for n in listed if n in model.peft_config]
     for _, layer in model._layers():
         _set_grad(layer, [n for n in names if n in layer.adapter_names], requires_grad)
 

@@ -30,6 +30,7 @@ LEVELS = {
     "methods": 3,
     "towers": 3,
     "registry": 4,
+    "adapter_io": 4.5,
     "model": 5,
     "data": 5,
     "diffusion": 5.5,

@@ -1,0 +1,238 @@
+"""Saving and loading a DeltaModel's adapters: PEFT's files, and peft's state-dict functions.
+
+The DeltaModel methods ``adapter_state_dict``, ``save_pretrained``, ``load_adapter`` and ``load_adapter_weights`` are
+these functions (the class binds them), and ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` are peft's
+module-level functions of the same names over a DeltaModel. Split from model.py in session 46 (model.py was at its
+limit); it reads the model through its attributes and never imports model.py.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from . import registry, status
+from .config import CONFIG_NAME, DeltaConfig
+from .files import (
+    AdapterLoadError,
+    base_key,
+    check_adapter_name,
+    embedding_copies,
+    explain_missing_fields,
+    key_prefix,
+    match_tensors,
+    read_weights,
+    resolve,
+    save_adapters,
+    split_heads,
+    stage_training_state,
+    upcast_adapter,
+)
+from .layer import base_parameters, unwrapped_name
+from .targets import HEADS_BY_TASK
+
+DeltaModel = Any  # model.DeltaModel, which imports this module
+
+
+def adapter_state_dict(model: DeltaModel, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """An adapter's tensors with PEFT's keys (``<files.KEY_PREFIX><path>.<the layer's own names>``)."""
+    name = adapter_name or model.active_adapter
+    model._check_names([name])
+    out: dict[str, torch.Tensor] = {}
+    prefix = key_prefix(model.peft_config[name])
+    for path, layer in model._layers():
+        if name in layer.adapter_names:
+            out.update(layer.export_state(name, f"{prefix}{path}."))
+    for pname, p in model._base_params(name).items():
+        out[prefix + base_key(pname, name)] = p
+    for pname, p in base_parameters(model.base_model, model._copies.get(name, [])).items():
+        out.setdefault(prefix + pname, p)  # (peft's save_embedding_layers: resized vocabularies; named as peft)
+    return out
+
+
+def import_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    expected = adapter_state_dict(model, name)
+    # a base parameter saved under another wrapping of its module (x.bias, x.base_layer.bias) is this one
+    alias = {unwrapped_name(k): k for k in expected}
+    tensors = {k if k in expected else alias.get(unwrapped_name(k), k): v for k, v in tensors.items()}
+    prefix = key_prefix(model.peft_config[name])
+    base_params = {prefix + n: p for n, p in model.base_model.named_parameters(remove_duplicate=False)}
+    full_copies = match_tensors(tensors, expected, base_params, source)
+    copies = {k: tensors[k] for k in full_copies}
+    tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}
+    for path, layer in model._layers():
+        if name in layer.adapter_names:
+            layer.import_state(name, f"{prefix}{path}.", tensors)
+    # a copy replaces the base weight: one merged into (another adapter's update) is unmerged first, merged after
+    with torch.no_grad(), model._unmerged(full_copies.values()) if full_copies else nullcontext():
+        for pname, p in model._base_params(name).items():
+            p.copy_(tensors[prefix + base_key(pname, name)])
+        for key, target in full_copies.items():
+            target.copy_(copies[key])
+    model._copies[name] = [unwrapped_name(key.removeprefix(prefix)) for key in full_copies]
+
+
+def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None,
+                    safe_serialization: bool = True, is_main_process: bool = True,
+                    save_embedding_layers: bool | str = "auto", **kwargs: Any) -> None:  # fmt: skip
+    """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout): "default" in
+    ``save_directory``, any other in ``save_directory/<name>``, each file renamed into place once written (a crash
+    never leaves a half-written file); nothing where ``is_main_process`` is False, and no adapter but the folder
+    for ``selected_adapters=[]`` (as peft).
+    ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter;
+    ``path_initial_model_for_weight_conversion``: peft's, the adapter's change since that initial save."""
+    if not is_main_process:
+        return
+    if not safe_serialization:
+        raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
+    names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)
+    save_adapters(model, save_directory, names, save_embedding_layers, **kwargs)
+
+
+def load_adapter(
+    model: DeltaModel,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    modules_to_save: bool = True,
+    torch_device: str | torch.device | None = None,
+    low_cpu_mem_usage: bool = False,
+    autocast_adapter_dtype: bool = False,
+    ephemeral_gpu_offload: bool = False,
+    key_mapping: dict[str, str] | None = None,
+    *,
+    _config: DeltaConfig | None = None,
+) -> None:
+    """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error.
+
+    Args:
+        model_id: a local folder, or a hub repo id when the hub is reachable.
+        adapter_name: the name to give it in this model. An adapter of that name already there gets the file's
+            tensors (its config, activity and trainability stay; a config with other shapes is refused), as peft's.
+        is_trainable: False (the default, as in PEFT) freezes it for inference and puts the model in eval mode.
+        allow_pickle: read a pickle ``adapter_model.bin`` when there is no safetensors file. Pickle can run
+            arbitrary code: only for files you trust.
+        subfolder: a folder inside ``model_id`` holding the adapter.
+        revision: hub revision.
+        modules_to_save: False loads the body alone: the heads it trained in full (its ``modules_to_save``,
+            e.g. a classifier with another number of labels) are left out, and so is a task type that adds one.
+        torch_device, low_cpu_mem_usage, autocast_adapter_dtype: peft's. The file is read onto ``torch_device``
+            (the adapter then sits on its base layers' devices, as peft's); ``low_cpu_mem_usage`` draws no
+            initial weights (the random state is left as it was; peft's still draws an embedding's); ``autocast_adapter_dtype=True`` keeps a
+            half-precision base's adapter in float32 (peft's default; deltatune's, False, the base's dtype).
+        ephemeral_gpu_offload: peft's; no effect (deltatune keeps no module offloaded to move to the GPU).
+        key_mapping: peft's: {regex: replacement} rewriting the file's keys, less their prefix (``status.remap_keys``).
+
+    Raises:
+        FileNotFoundError: no adapter there.
+        AdapterLoadError: a file is truncated or corrupt, or the adapter does not fit this model.
+    """
+    check_adapter_name(adapter_name)
+    if adapter_name in model.peft_config:  # peft's: the file's tensors into that adapter; its config and flags stay
+        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device)
+        tensors = status.remap_keys(tensors, key_mapping) if key_mapping else tensors
+        config = model.peft_config[adapter_name]
+        tensors = tensors if modules_to_save else split_heads(tensors, config.modules_to_save, key_prefix(config))[0]
+        with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
+            import_tensors(model, adapter_name, tensors, source)
+        if not is_trainable:
+            model.eval()
+        return
+    config_file = (
+        "" if _config is not None else resolve(model_id, CONFIG_NAME, subfolder, revision)
+    )  # from_pretrained's
+    config = (registry.from_pretrained(config_file) if _config is None else _config).replace(
+        inference_mode=not is_trainable
+    )
+    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device)
+    tensors = status.remap_keys(tensors, key_mapping) if key_mapping else tensors
+    if not modules_to_save:
+        tensors = split_heads(tensors, config.modules_to_save, key_prefix(config))[0]
+        task = None if config.task_type in HEADS_BY_TASK else config.task_type
+        config = config.replace(modules_to_save=None, task_type=task)
+    try:
+        with torch.random.fork_rng(devices=[]) if low_cpu_mem_usage else nullcontext():  # peft's meta weights
+            model.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
+    except AdapterLoadError as exc:
+        raise explain_missing_fields(exc, config_file, config) from None
+    if autocast_adapter_dtype and upcast_adapter([layer for _, layer in model._layers()], adapter_name):
+        import_tensors(model, adapter_name, tensors, source)  # the file's values again, unrounded
+    if is_trainable:  # its parameters train though it is not active, as peft's (until set_adapter picks others)
+        status.set_requires_grad(model, adapter_name)
+    else:  # inference: no dropout (PEFT's load_adapter does so too)
+        model.eval()
+
+
+def load_adapter_weights(model: DeltaModel, model_id: str | os.PathLike[str], adapter_name: str) -> None:
+    """Copy saved weights into the existing adapter ``adapter_name`` (resuming: with its training state).
+
+    Raises:
+        AdapterLoadError: the file is missing, corrupt or does not fit the adapter; nothing is changed.
+    """
+    model._check_names([adapter_name])
+    tensors, source = read_weights(model_id, None, None, allow_pickle=False)
+    stage_training_state(dict(model._layers()), model_id, adapter_name)
+    with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
+        import_tensors(model, adapter_name, tensors, source)
+
+
+def get_peft_model_state_dict(
+    model: DeltaModel,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, torch.Tensor]:
+    """peft's function of that name over a DeltaModel: adapter ``adapter_name``'s tensors as ``save_pretrained``
+    writes them (peft's keys, no adapter name in them; the embedding copies ``save_embedding_layers`` asks for).
+
+    ``unwrap_compiled`` is accepted (a DeltaModel is never a compiled wrapper). ``state_dict=`` (peft's: pick the
+    tensors out of a state dict given) is refused: a DeltaModel's own ``state_dict`` keys are not peft's.
+    """
+    if state_dict is not None:
+        raise ValueError("get_peft_model_state_dict: state_dict= is not supported for a DeltaModel; leave it None")
+    model._check_names([adapter_name])
+    config = model.peft_config[adapter_name]
+    out = {k: v.detach() for k, v in adapter_state_dict(model, adapter_name).items()}
+    for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
+        out.setdefault(key_prefix(config) + pname, p.detach())
+    return out
+
+
+def set_peft_model_state_dict(
+    model: DeltaModel,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> Any:
+    """peft's function of that name over a DeltaModel: the tensors (``get_peft_model_state_dict``'s keys, or an
+    ``adapter_model.safetensors`` file's) into the existing adapter ``adapter_name``; the model is unchanged on error.
+
+    ``ignore_mismatched_sizes=True`` (peft's) keeps the adapter's own value for each tensor of another shape, with a
+    warning naming it. ``low_cpu_mem_usage`` is accepted (the adapter's tensors exist already). Unlike peft's, whose
+    load is not strict, a missing or unknown tensor is refused (AdapterLoadError); the returned ``_IncompatibleKeys``
+    (torch's, as peft's) therefore lists none.
+    """
+    model._check_names([adapter_name])
+    tensors = dict(peft_model_state_dict)
+    if ignore_mismatched_sizes:
+        expected = adapter_state_dict(model, adapter_name)
+        for key, value in tensors.items():
+            if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+                warnings.warn(
+                    f"{key}: shape {tuple(value.shape)} in the state dict, {tuple(expected[key].shape)} in the "
+                    "model; the model's value is kept (ignore_mismatched_sizes)",
+                    stacklevel=2,
+                )
+                tensors[key] = expected[key].detach().clone()
+    with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
+        import_tensors(model, adapter_name, tensors, "state dict")
+    return torch.nn.modules.module._IncompatibleKeys([], [])

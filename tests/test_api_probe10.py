@@ -1,0 +1,118 @@
+"""The DeltaModel API against peft 0.21.2's PeftModel: ``set_adapter`` of an adapter loaded for inference (peft trains
+it unless ``inference_mode=True``), ``set_requires_grad`` of unknown names (skipped), ``load_adapter`` onto an existing
+adapter name (its tensors reloaded) and peft's module functions ``get_peft_model_state_dict`` /
+``set_peft_model_state_dict`` (``ignore_mismatched_sizes``), on one tiny model with LoRA and a trained head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_api_probe9b import _same_status
+from tiny import output_of, tiny_inputs, tiny_model
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+
+LORA = dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+
+
+def _saved(tmp_path, seed: int = 0, **overrides):
+    """A peft adapter with random tensors (and a trained head) saved at tmp_path/<seed>; its folder."""
+    torch.manual_seed(seed)
+    src = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**{**LORA, **overrides}))
+    src.save_pretrained(tmp_path / str(seed))
+    return tmp_path / str(seed)
+
+
+def _load(path, **kwargs):
+    """The folder loaded by peft and by deltatune as adapter "a" (``kwargs``: from_pretrained's)."""
+    theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), path, adapter_name="a", **kwargs)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), path, adapter_name="a", **kwargs)
+    return ours, theirs
+
+
+def _trainable(model) -> int:
+    return model.get_nb_trainable_parameters()[0]
+
+
+def test_set_adapter_trains_an_adapter_loaded_for_inference_unless_inference_mode_as_peft(tmp_path):
+    ours, theirs = _load(_saved(tmp_path))
+    for model in (ours, theirs):
+        model.load_adapter(_saved(tmp_path, 1), "b")  # for inference too
+    _same_status(ours, theirs)
+    assert _trainable(ours) == 0
+    steps = [
+        lambda m: m.set_adapter("b"),
+        lambda m: m.set_adapter("a", inference_mode=True),
+        lambda m: m.set_adapter("a"),
+    ]
+    for step in steps:
+        step(ours)
+        step(theirs)
+        _same_status(ours, theirs)
+        assert _trainable(ours) == _trainable(theirs)
+    assert _trainable(ours) > 0 and ours.peft_config["a"].inference_mode == theirs.peft_config["a"].inference_mode
+    inputs = tiny_inputs("llama")
+    ours(**inputs, labels=inputs["input_ids"]).loss.backward()  # the adapter set active trains
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+    with pytest.raises(TypeError, match="inference_mode must be True or False"):
+        ours.set_adapter("b", inference_mode="yes")
+
+
+def test_set_requires_grad_skips_a_name_of_no_adapter_as_peft(tmp_path):
+    ours, theirs = _load(_saved(tmp_path), is_trainable=True)
+    for model in (ours, theirs):
+        model.set_requires_grad(["a", "nope"], requires_grad=False)
+    _same_status(ours, theirs)
+    for model in (ours, theirs):
+        model.set_requires_grad("nope")
+    _same_status(ours, theirs)
+    with pytest.raises(TypeError, match="requires_grad must be True or False"):
+        ours.set_requires_grad("a", requires_grad="no")
+
+
+def test_load_adapter_onto_an_existing_name_reloads_its_tensors_as_peft(tmp_path):
+    ours, theirs = _load(_saved(tmp_path), is_trainable=True)
+    other = _saved(tmp_path, 1)
+    inputs = tiny_inputs("llama")
+    for model in (ours, theirs):
+        model.train()
+        model.load_adapter(other, "a")  # for inference (the default): the model goes to eval, the flags stay
+    assert not ours.training and not theirs.training
+    _same_status(ours, theirs)
+    assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))
+    fresh = dt.DeltaModel.from_pretrained(tiny_model("llama"), other)
+    assert torch.equal(output_of(ours, inputs), output_of(fresh, inputs))
+    before = output_of(ours, inputs)
+    with pytest.raises(dt.AdapterLoadError, match="rank|shape"):  # another r: refused, the model unchanged
+        ours.load_adapter(_saved(tmp_path, 2, r=2), "a")
+    assert torch.equal(output_of(ours, inputs), before)
+
+
+def test_peft_state_dict_functions_over_a_delta_model_as_peft(tmp_path):
+    ours, theirs = _load(_saved(tmp_path))
+    mine, want = (
+        dt.get_peft_model_state_dict(ours, adapter_name="a"),
+        peft.get_peft_model_state_dict(theirs, adapter_name="a"),
+    )
+    assert mine.keys() == want.keys()
+    assert all(torch.equal(mine[k], want[k]) for k in want)
+    torch.manual_seed(1)
+    new = {k: torch.randn_like(v) for k, v in want.items()}
+    for model, function in ((ours, dt.set_peft_model_state_dict), (theirs, peft.set_peft_model_state_dict)):
+        result = function(model, new, adapter_name="a")
+        assert result.unexpected_keys == []
+    inputs = tiny_inputs("llama")
+    assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))
+    key = next(k for k in new if "lora_A" in k)
+    odd = {**new, key: torch.randn(2, new[key].shape[1])}
+    for model, function in ((ours, dt.set_peft_model_state_dict), (theirs, peft.set_peft_model_state_dict)):
+        function(model, {k: v * 2 for k, v in odd.items()}, adapter_name="a", ignore_mismatched_sizes=True)
+    assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))  # the mismatched tensor kept, as peft's
+    before = output_of(ours, inputs)
+    with pytest.raises(dt.AdapterLoadError):  # not ignored: refused, the model unchanged
+        dt.set_peft_model_state_dict(ours, odd, adapter_name="a")
+    assert torch.equal(output_of(ours, inputs), before)
+    with pytest.raises(ValueError, match="state_dict= is not supported"):
+        dt.get_peft_model_state_dict(ours, state_dict={}, adapter_name="a")
