@@ -24,7 +24,7 @@ from torch import nn
 from . import adapter_io, loss, registry, status
 from .calls import call_batch_size, call_sizes
 from .config import DeltaConfig
-from .files import PushToHub, check_adapter_name
+from .files import PushToHub, check_adapter_name, upcast_adapter
 from .layer import (
     BASE_ROW,
     DeltaLayer,
@@ -452,12 +452,22 @@ class DeltaModel(nn.Module, PushToHub):
 
 
 def get_delta_model(
-    model: nn.Module, config: DeltaConfig, adapter_name: str = "default", fused_loss: bool = False
+    model: nn.Module,
+    config: DeltaConfig,
+    adapter_name: str = "default",
+    fused_loss: bool = False,
+    *,
+    autocast_adapter_dtype: bool = False,
 ) -> DeltaModel:
     """Wrap ``model`` with a new adapter of the method ``config`` belongs to; the base is frozen.
 
-    ``fused_loss``: see ``DeltaModel`` (a causal LM's cross-entropy computed by ``deltatune.loss``). Example::
+    ``fused_loss``: see ``DeltaModel`` (a causal LM's cross-entropy computed by ``deltatune.loss``).
+    ``autocast_adapter_dtype=True``: peft's ``get_peft_model`` default, a float16 / bfloat16 base's adapter layers kept
+    in float32 (their initial values the same as peft's); deltatune's default, False, keeps the base's dtype. Example::
 
         model = dt.get_delta_model(base, config)  # config: any method's, e.g. dt.<Method>Config(...)
     """
-    return DeltaModel(model, config, adapter_name, fused_loss=fused_loss)
+    wrapped = DeltaModel(model, config, adapter_name, fused_loss=fused_loss)
+    if autocast_adapter_dtype:
+        upcast_adapter([layer for _, layer in wrapped._layers()], adapter_name)
+    return wrapped

@@ -116,3 +116,22 @@ def test_peft_state_dict_functions_over_a_delta_model_as_peft(tmp_path):
     assert torch.equal(output_of(ours, inputs), before)
     with pytest.raises(ValueError, match="state_dict= is not supported"):
         dt.get_peft_model_state_dict(ours, state_dict={}, adapter_name="a")
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_get_delta_model_autocast_adapter_dtype_as_get_peft_model(autocast):
+    config = dict(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(
+        tiny_model("llama").to(torch.bfloat16), peft.LoraConfig(**config), autocast_adapter_dtype=autocast
+    )
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(
+        tiny_model("llama").to(torch.bfloat16), dt.LoraConfig(**config), autocast_adapter_dtype=autocast
+    )
+    mine, want = dt.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert {k: (v.dtype, v.shape) for k, v in mine.items()} == {k: (v.dtype, v.shape) for k, v in want.items()}
+    assert all(torch.equal(mine[k], want[k]) for k in want)
+    assert all(p.requires_grad for k, p in ours.named_parameters() if "lora_" in k)
+    inputs = tiny_inputs("llama")
+    assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))
