@@ -302,6 +302,13 @@ class DeltaModel(nn.Module, PushToHub):
         status.enable_layers(self, False)
 
     @property
+    def modules_to_save(self) -> set[str] | None:
+        """peft's: the ``modules_to_save`` of every adapter's config together, None when none has any. A task type's
+        head is the module the model has (peft lists both of its guesses, ``classifier`` and ``score``)."""
+        names = {n for c in self.peft_config.values() for n in getattr(c, "modules_to_save", None) or ()}
+        return names or None
+
+    @property
     def active_peft_config(self) -> DeltaConfig:
         """The first active adapter's config (peft's)."""
         return self.peft_config[self.active_adapter]

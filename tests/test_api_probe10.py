@@ -135,3 +135,16 @@ def test_get_delta_model_autocast_adapter_dtype_as_get_peft_model(autocast):
     assert all(p.requires_grad for k, p in ours.named_parameters() if "lora_" in k)
     inputs = tiny_inputs("llama")
     assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))
+
+
+def test_modules_to_save_of_the_model_as_peft():
+    made = []
+    for kwargs in (dict(modules_to_save=["lm_head"]), dict()):
+        theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], **kwargs))
+        ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=4, target_modules=["q_proj"], **kwargs))
+        assert ours.modules_to_save == theirs.modules_to_save
+        made.append((ours, theirs))
+    (ours, theirs), _ = made
+    for model, config in ((ours, dt.LoraConfig), (theirs, peft.LoraConfig)):
+        model.add_adapter("b", config(r=2, target_modules=["v_proj"], modules_to_save=["embed_tokens"]))
+    assert ours.modules_to_save == theirs.modules_to_save == {"lm_head", "embed_tokens"}
