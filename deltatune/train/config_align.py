@@ -22,6 +22,10 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "exo_pair", "
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # (stage kto; its default sigmoid, DPO's, reads as kto)
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the DPO losses that read label_smoothing
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+GRPO_LOSS_TYPES = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "dr_grpo"}
+"""TRL's GRPO loss_type names deltatune has, and the align.loss_norm each means (bnpo: over the whole batch, as
+dapo; TRL's bnpo is over each device micro-batch, the same when the batch is one)."""
+GRPO_REFUSED = ("cispo", "sapo", "luspo", "vespo")  # TRL's other GRPO losses: refused by name
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
@@ -33,7 +37,8 @@ class AlignArgs:
                      "term; GRPO: KL coefficient (0: no reference pass).")  # fmt: skip
     loss_type: str | list = _f("sigmoid", "DPO loss: one of " + ", ".join(DPO_LOSS_TYPES) + ", each as TRL's "
                                "loss_type of that name; or a list of them, summed by align.loss_weights. KTO: kto "
-                               "(the default) or apo_zero_unpaired, as TRL's KTO loss_type.")  # fmt: skip
+                               "(the default) or apo_zero_unpaired, as TRL's KTO loss_type. GRPO: grpo, dapo, bnpo or "
+                               "dr_grpo, as TRL's (sets align.loss_norm; the default, sigmoid: loss_norm decides).")  # fmt: skip
     loss_weights: list | None = _f(None, "DPO: one weight per align.loss_type in the list (default: 1 each).")
     discopop_tau: float = _f(0.05, "DPO discopop: temperature of the mixing coefficient (TRL's discopop_tau).")
     f_divergence_type: str = _f("reverse_kl", "DPO: f-DPO's divergence, " + ", ".join(F_DIVERGENCES) + " (TRL's).")
@@ -67,8 +72,20 @@ class AlignArgs:
     num_iterations: int = _f(
         1, "GRPO: optimisation steps per generation batch (mu); above 1 the importance ratio pi / pi_old matters."
     )
-    scale_rewards: bool = _f(True, "GRPO: divide advantages by the group's reward std (false: Dr. GRPO).")
-    loss_norm: str = _f("sequence", "GRPO: 'sequence' (each completion's token mean, then their mean) or 'token'.")
+    scale_rewards: bool | str = _f(True, "GRPO: divide advantages by the reward std of their group (true, 'group'), "
+                                   "of the whole batch ('batch') or not at all (false, 'none': Dr. GRPO), as TRL's.")  # fmt: skip
+    loss_norm: str = _f("sequence", "GRPO: 'sequence' (each completion's token mean, then their mean; TRL's grpo), "
+                        "'token' (TRL's dapo) or 'dr_grpo' (token sum / (completions x max_new_tokens)).")  # fmt: skip
+    cliprange_high: float | None = _f(None, "GRPO: upper clip range, ratio <= 1 + cliprange_high (DAPO's clip-higher, "
+                                      "TRL's epsilon_high); null: align.cliprange.")  # fmt: skip
+    delta: float | None = _f(None, "GRPO: two-sided clip (INTELLECT-2, TRL's delta): the unclipped ratio is capped at "
+                             "delta (> 1 + cliprange); null: off.")  # fmt: skip
+    importance_sampling_level: str = _f("token", "GRPO: 'token' (a ratio per token) or 'sequence' (GSPO: one per "
+                                        "completion, the exp of its mean log-ratio), as TRL's.")  # fmt: skip
+    mask_truncated_completions: bool = _f(False, "GRPO: completions with no EOS within max_new_tokens count in no "
+                                          "loss term (DAPO; TRL's).")  # fmt: skip
+    top_entropy_quantile: float = _f(1.0, "GRPO: the policy term counts on the top rho of completion tokens by "
+                                     "entropy, over each forward's chunk (TRL's; 1: all).")  # fmt: skip
     bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
     reward_funcs: list = _f([], "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, "
                             "**columns) or a rm run.")  # fmt: skip
@@ -83,7 +100,9 @@ def validate_align(a: AlignArgs, stage: str) -> None:
     kinds = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
     if stage == "kto" and a.loss_type not in ("sigmoid", *KTO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
-    kinds = ["sigmoid"] if stage == "kto" else kinds  # (the DPO checks below see DPO's default)
+    if stage == "grpo":
+        _validate_grpo(a)
+    kinds = ["sigmoid"] if stage in ("kto", "grpo") else kinds  # (the DPO checks below see DPO's default)
     if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
                           f"{a.loss_type!r}")  # fmt: skip
@@ -120,3 +139,33 @@ def validate_align(a: AlignArgs, stage: str) -> None:
             raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
     if a.desirable_weight == a.undesirable_weight == 0:  # every KTO loss term weighted 0: nothing trains
         raise ConfigError("align.desirable_weight and align.undesirable_weight are both 0; at least one must be > 0")
+
+
+def grpo_loss_norm(a: AlignArgs) -> str:
+    """The GRPO loss normalisation: align.loss_type's, as TRL names it, where set; else align.loss_norm."""
+    return GRPO_LOSS_TYPES.get(a.loss_type, a.loss_norm) if isinstance(a.loss_type, str) else a.loss_norm
+
+
+def _validate_grpo(a: AlignArgs) -> None:
+    if a.loss_type in GRPO_REFUSED:
+        raise ConfigError(f"align.loss_type {a.loss_type} (TRL's GRPO) is not in deltatune; use grpo, dapo, bnpo or "
+                          "dr_grpo")  # fmt: skip
+    if a.loss_type != "sigmoid" and a.loss_type not in GRPO_LOSS_TYPES:
+        raise ConfigError(f"align.loss_type for stage grpo must be grpo, dapo, bnpo or dr_grpo, got {a.loss_type!r}")
+    if a.loss_type in GRPO_LOSS_TYPES and a.loss_norm != "sequence" and a.loss_norm != GRPO_LOSS_TYPES[a.loss_type]:
+        raise ConfigError(f"align.loss_type {a.loss_type} and align.loss_norm {a.loss_norm} disagree; set one of them")
+    if a.loss_norm not in ("sequence", "token", "dr_grpo"):
+        raise ConfigError(f"align.loss_norm must be sequence or token, or dr_grpo, got {a.loss_norm!r}")
+    if a.scale_rewards not in (True, False, "group", "batch", "none"):
+        raise ConfigError(
+            f"align.scale_rewards must be group, batch or none (or true / false), got {a.scale_rewards!r}"
+        )
+    if a.cliprange_high is not None and a.cliprange_high <= 0:
+        raise ConfigError(f"align.cliprange_high must be > 0 (or null: align.cliprange), got {a.cliprange_high}")
+    if a.delta is not None and a.delta <= 1:
+        raise ConfigError(f"align.delta must be > 1 (the cap of the unclipped ratio; null: off), got {a.delta}")
+    if a.importance_sampling_level not in ("token", "sequence"):
+        raise ConfigError(f"align.importance_sampling_level must be token or sequence, got "
+                          f"{a.importance_sampling_level!r}")  # fmt: skip
+    if not 0 <= a.top_entropy_quantile <= 1:
+        raise ConfigError(f"align.top_entropy_quantile must be in [0, 1], got {a.top_entropy_quantile}")

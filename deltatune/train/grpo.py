@@ -56,6 +56,9 @@ from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
+from .config_align import _validate_grpo as validate_grpo
+from .config_align import grpo_loss_norm
+from .grpo_loss import group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401  (k3_kl: re-exported)
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
@@ -66,95 +69,6 @@ from .report import plot_panels
 STATE_FILE = "grpo_state.pt"
 STATS = ("reward", "reward_std", "kl", "clipfrac", "entropy", "completion_length", "loss", "step_time_s")
 """The statistics plotted in grpo_stats.png, then each reward's mean."""
-
-
-# -- the math ------------------------------------------------------------------------------------------------
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """Group-relative advantages.
-
-    Args:
-        rewards: (N,) rewards, N = groups x group_size, each group's completions consecutive.
-        group_size: G.
-        scale: divide by the group's std (Bessel-corrected) plus ``eps``; False is Dr. GRPO (no division).
-        eps: keeps the division finite for a group of equal rewards (whose advantages are 0 either way).
-
-    Returns:
-        (N,) advantages. A NaN reward (no reward applied) is left out of its group's mean and std and gets advantage
-        0, as in TRL; so does each completion of a group with one reward only (its std is undefined).
-    """
-    grouped = rewards.view(-1, group_size)  # (groups, G)
-    adv = grouped - grouped.nanmean(-1, keepdim=True)
-    if scale:
-        adv = adv / (nanstd(grouped).unsqueeze(-1) + eps)
-    return adv.nan_to_num(0.0).reshape(-1)
-
-
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref) (Schulman 2020): exp(ref - pi) - (ref - pi) - 1, in log-probs."""
-    d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
-
-
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange: float = 0.2,
-    beta: float = 0.0,
-    ref_logprobs: torch.Tensor | None = None,
-    loss_norm: str = "sequence",
-    n_sequences: int | None = None,
-    n_tokens: float | None = None,
-    bias_correction_kl: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The GRPO loss of a batch of completions (or of a chunk of one: see ``n_sequences`` / ``n_tokens``).
-
-    Args:
-        logprobs: (N, T) log pi(o_t) of the completion tokens under the policy being trained.
-        old_logprobs: (N, T) the same under the policy that sampled (fixed).
-        advantages: (N,) one advantage per completion.
-        mask: (N, T) 1 on completion tokens.
-        cliprange: eps of clip(ratio, 1 - eps, 1 + eps).
-        beta: KL coefficient; 0 needs no ``ref_logprobs``.
-        ref_logprobs: (N, T) log ref(o_t) (when beta > 0).
-        loss_norm: "sequence" (mean per completion, then over completions) or "token" (mean over all tokens).
-        n_sequences: the completions in the whole batch when this is a chunk of it (default: N), so that chunk
-            losses add up to the batch loss.
-        n_tokens: the completion tokens in the whole batch, likewise (default: mask.sum()).
-        bias_correction_kl: weight each token's KL by its ratio pi / pi_old, as TRL's GRPO does by default
-            (``use_bias_correction_kl``, after DeepSeek-V3.2; changes the gradient even at ratio 1); off: the paper.
-
-    Returns:
-        (loss, stats): stats holds token sums (detached) ``clipped`` (tokens where the clipped term was taken),
-        ``kl`` (summed k3 KL; absent when beta = 0) and ``tokens``.
-
-    Raises:
-        ValueError: an unknown loss_norm, or beta > 0 without reference log-probs.
-    """
-    if loss_norm not in ("sequence", "token"):
-        raise ValueError(f"loss_norm must be sequence or token, got {loss_norm!r}")
-    mask = mask.float()
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.unsqueeze(-1)  # (N, 1): every token of a completion shares its advantage
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    stats = {"clipped": ((clipped < unclipped).float() * mask).sum().detach(), "tokens": mask.sum().detach()}
-    if beta > 0:
-        if ref_logprobs is None:
-            raise ValueError("beta > 0 needs the reference log-probs")
-        kl = k3_kl(logprobs, ref_logprobs) * (ratio if bias_correction_kl else 1.0)
-        per_token = per_token + beta * kl
-        stats["kl"] = (kl * mask).sum().detach()
-    if loss_norm == "sequence":
-        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        loss = per_sequence.sum() / (n_sequences or mask.shape[0])
-    else:
-        loss = (per_token * mask).sum() / (n_tokens if n_tokens is not None else mask.sum().clamp(min=1))
-    return loss, stats
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
@@ -298,7 +212,9 @@ class GRPOLoop:
         rewards = combine(table, weights, [it.source for it in s.items])  # (N,)
         advantages = group_advantages(rewards, G, a.scale_rewards).to(self.device)
         mask = s.completion_mask.float()
-        n_seq, n_tok = len(rewards), mask.sum().clamp(min=1)
+        if a.mask_truncated_completions:  # (TRL's: out of every loss term and token count)
+            mask = mask * (~s.truncated).float().unsqueeze(1).to(mask.device)
+        n_seq, n_tok, norm = len(rewards), mask.sum().clamp(min=1), grpo_loss_norm(a)
         with self.amp():
             old = self._logprobs(s) if a.num_iterations > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None
@@ -309,9 +225,16 @@ class GRPOLoop:
                 with self.amp():
                     logp, entropy = self._forward(s, idx)
                 m = mask[idx]
+                top = (
+                    high_entropy_mask(entropy.detach(), m, a.top_entropy_quantile)
+                    if a.top_entropy_quantile < 1
+                    else None
+                )
                 loss, st = grpo_loss(
                     logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,
-                    None if ref is None else ref[idx], a.loss_norm, n_seq, n_tok, a.bias_correction_kl,
+                    None if ref is None else ref[idx], norm, n_seq, n_tok, a.bias_correction_kl,
+                    cliprange_high=a.cliprange_high, delta=a.delta, max_tokens=a.max_new_tokens, token_mask=top,
+                    importance_sampling_level=a.importance_sampling_level,
                 )  # fmt: skip
                 if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
                     from .trainer import NonFiniteLossError
@@ -338,7 +261,7 @@ class GRPOLoop:
             "frac_zero_std_groups": nanstd(rewards.view(-1, G)).isclose(torch.zeros(())).float().mean().item(),
             "clipfrac": sums["clipped"] / max(sums["tokens"], 1.0),
             "entropy": sums["entropy"] / n_tok.item(),
-            "completion_length": mask.sum(-1).mean().item(),
+            "completion_length": s.completion_mask.float().sum(-1).mean().item(),  # (masked ones too, as TRL)
             "truncated_fraction": s.truncated.float().mean().item(),
             "lr": lr,
         }
@@ -410,8 +333,7 @@ def _check(cfg: RunConfig) -> None:
                           f"{a.num_generations}")  # fmt: skip
     if a.num_iterations < 1:
         raise ConfigError(f"align.num_iterations must be >= 1, got {a.num_iterations}")
-    if a.loss_norm not in ("sequence", "token"):
-        raise ConfigError(f"align.loss_norm must be sequence or token, got {a.loss_norm!r}")
+    validate_grpo(a)
     if not 0 < a.top_p <= 1:
         raise ConfigError(f"align.top_p must be in (0, 1], got {a.top_p}")
 
@@ -438,8 +360,9 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
         f"tokens at most, {a.num_iterations} optimizer step(s) per generation batch, clip {a.cliprange}, "
         + (f"KL coefficient {a.beta} (k3 estimator; reference = the base with the adapter off)" if a.beta > 0
            else "no KL term (beta 0: no reference pass)")
-        + f", {a.loss_norm}-mean loss, advantages " + ("scaled by the group std" if a.scale_rewards else
-                                                      "not scaled (Dr. GRPO)"),
+        + f", {grpo_loss_norm(a)} loss normalisation, advantages "
+        + {"group": "scaled by the group std", "batch": "scaled by the batch std", "none": "not scaled (Dr. GRPO)"}[
+            {True: "group", False: "none"}.get(a.scale_rewards, a.scale_rewards)],
         "rewards: " + ", ".join(f"{r.name} (weight {r.weight:g})" for r in rewards),
         "![GRPO statistics](grpo_stats.png)",
     ]  # fmt: skip

@@ -1,0 +1,146 @@
+"""The math of stage ``grpo`` (split from train/grpo.py, the loop, at its line limit): group-relative advantages,
+the k3 KL estimate, the high-entropy token mask and the clipped policy loss, each as TRL 1.16's GRPOTrainer computes
+it (``_generate_and_score_completions``, ``get_high_entropy_mask``, ``_compute_loss``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .grpo_rewards import nanstd
+
+LOSS_NORMS = ("sequence", "token", "dr_grpo")
+"""How the per-token losses reduce: TRL's loss_type grpo, dapo (and bnpo over one micro-batch), dr_grpo."""
+SCALES = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool | str = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantages.
+
+    Args:
+        rewards: (N,) rewards, N = groups x group_size, each group's completions consecutive.
+        group_size: G.
+        scale: TRL's scale_rewards: "group" (or True) divides by the group's std (Bessel-corrected) plus ``eps``;
+            "batch" by the std of all N rewards (PPO Lite) plus ``eps``; "none" (or False) not at all (Dr. GRPO).
+            The baseline is the group's mean either way.
+        eps: keeps the division finite for a group of equal rewards (whose advantages are 0 either way).
+
+    Returns:
+        (N,) advantages. A NaN reward (no reward applied) is left out of its group's mean and std and gets advantage
+        0, as in TRL; so does each completion of a group with one reward only (its std is undefined).
+    """
+    scale = {True: "group", False: "none"}.get(scale, scale)
+    if scale not in SCALES:
+        raise ValueError(f"scale_rewards must be group, batch or none (or true / false), got {scale!r}")
+    grouped = rewards.view(-1, group_size)  # (groups, G)
+    adv = grouped - grouped.nanmean(-1, keepdim=True)
+    if scale == "group":
+        adv = adv / (nanstd(grouped).unsqueeze(-1) + eps)
+    elif scale == "batch":
+        adv = adv / (nanstd(rewards) + eps)
+    return adv.nan_to_num(0.0).reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref) (Schulman 2020): exp(ref - pi) - (ref - pi) - 1, in log-probs."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """(N, T) bool: the completion tokens whose entropy is at least the ``1 - quantile`` quantile of the entropies
+    of all completion tokens in ``mask`` (Wang et al. 2025, "Beyond the 80/20 rule": only the top-rho forking tokens
+    train), as TRL's get_high_entropy_mask with top_entropy_quantile = ``quantile``."""
+    values = entropy[mask.bool()].float()
+    if values.numel() == 0:
+        return torch.zeros_like(entropy, dtype=torch.bool)
+    threshold = torch.quantile(values, 1 - quantile)
+    return ((entropy * mask.float()) >= threshold) & mask.bool()
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    loss_norm: str = "sequence",
+    n_sequences: int | None = None,
+    n_tokens: float | None = None,
+    bias_correction_kl: bool = False,
+    cliprange_high: float | None = None,
+    delta: float | None = None,
+    importance_sampling_level: str = "token",
+    max_tokens: int | None = None,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of a batch of completions (or of a chunk of one: see ``n_sequences`` / ``n_tokens``).
+
+    Args:
+        logprobs: (N, T) log pi(o_t) of the completion tokens under the policy being trained.
+        old_logprobs: (N, T) the same under the policy that sampled (fixed).
+        advantages: (N,) one advantage per completion.
+        mask: (N, T) 1 on completion tokens.
+        cliprange: eps of clip(ratio, 1 - eps, 1 + eps_high) (TRL's epsilon).
+        beta: KL coefficient; 0 needs no ``ref_logprobs``.
+        ref_logprobs: (N, T) log ref(o_t) (when beta > 0).
+        loss_norm: "sequence" (mean per completion, then over completions: TRL's grpo), "token" (mean over all
+            tokens: dapo, bnpo) or "dr_grpo" (sum over tokens / (completions x ``max_tokens``)).
+        n_sequences: the completions in the whole batch when this is a chunk of it (default: N), so that chunk
+            losses add up to the batch loss.
+        n_tokens: the completion tokens in the whole batch, likewise (default: mask.sum()).
+        bias_correction_kl: weight each token's KL by its ratio pi / pi_old, as TRL's GRPO does by default
+            (``use_bias_correction_kl``, after DeepSeek-V3.2; changes the gradient even at ratio 1); off: the paper.
+        cliprange_high: the upper eps (DAPO's clip-higher, TRL's epsilon_high); None: ``cliprange``.
+        delta: INTELLECT-2's two-sided clip (TRL's delta): the unclipped ratio is capped at delta; None: off.
+        importance_sampling_level: "token" (a ratio per token) or "sequence" (GSPO: one ratio per completion, the
+            exp of its mean log-ratio).
+        max_tokens: the completion length limit (loss_norm dr_grpo).
+        token_mask: (N, T) the tokens whose policy term counts (``high_entropy_mask``); the KL term counts on all.
+
+    Returns:
+        (loss, stats): stats holds token sums (detached) ``clipped`` (tokens where the clipped term was taken),
+        ``kl`` (summed k3 KL; absent when beta = 0) and ``tokens``.
+
+    Raises:
+        ValueError: an unknown loss_norm or importance_sampling_level, beta > 0 without reference log-probs, or
+            dr_grpo without max_tokens.
+    """
+    if loss_norm not in LOSS_NORMS:
+        raise ValueError(f"loss_norm must be one of {', '.join(LOSS_NORMS)}, got {loss_norm!r}")
+    if loss_norm == "dr_grpo" and not max_tokens:
+        raise ValueError("loss_norm dr_grpo needs max_tokens (the completion length limit)")
+    mask = mask.float()
+    log_ratio = logprobs - old_logprobs
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (N, 1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)
+    high = cliprange if cliprange_high is None else cliprange_high
+    adv = advantages.unsqueeze(-1)  # (N, 1): every token of a completion shares its advantage
+    clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * adv
+    unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    counted = mask if token_mask is None else mask * token_mask.float()
+    if token_mask is not None:
+        per_token = per_token * token_mask.float()
+    took = (clipped < unclipped).float().expand_as(mask)
+    stats = {"clipped": (took * counted).sum().detach(), "tokens": mask.sum().detach()}
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        kl = k3_kl(logprobs, ref_logprobs) * (ratio if bias_correction_kl else 1.0)
+        per_token = per_token + beta * kl
+        stats["kl"] = (kl * mask).sum().detach()
+    if loss_norm == "sequence":
+        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = per_sequence.sum() / (n_sequences or mask.shape[0])
+    elif loss_norm == "token":
+        loss = (per_token * mask).sum() / (n_tokens if n_tokens is not None else mask.sum().clamp(min=1))
+    else:
+        loss = (per_token * mask).sum() / ((n_sequences or mask.shape[0]) * max_tokens)
+    return loss, stats
