@@ -40,6 +40,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "QuantizationError": (".methods.quant", "QuantizationError"),
     "Trainer": (".train.trainer", "DeltaTrainer"),
     "VisualPromptConfig": (".methods.vpt", "VisualPromptConfig"),
+    "cast_mixed_precision_params": (".status", "cast_mixed_precision_params"),
     "combine_loras": (".diffusion", "combine_loras"),
     "fold_virtual_tokens": (".methods._tokens", "fold"),
     "get_delta_model": (".model", "get_delta_model"),
@@ -76,6 +77,7 @@ __all__ = [
     "QuantizationError",
     "Trainer",
     "VisualPromptConfig",
+    "cast_mixed_precision_params",
     "combine_loras",
     "fold_virtual_tokens",
     "get_delta_model",
@@ -127,5 +129,6 @@ if TYPE_CHECKING:
     from .methods.vpt import VisualPromptConfig
     from .model import DeltaModel, get_delta_model
     from .registry import from_pretrained as load_config
+    from .status import cast_mixed_precision_params
     from .train.trainer import DeltaTrainer as Trainer
     from .train.trainer import trl_trainer

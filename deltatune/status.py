@@ -189,6 +189,17 @@ def check_rows(model: DeltaModel, adapter_names: object, batch_size: int | None)
     return names
 
 
+def cast_mixed_precision_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """peft's function of that name: every frozen parameter of ``model`` (a DeltaModel or any module) cast to ``dtype``
+    (float16 / bfloat16, for mixed-precision training), every trainable one to float32. Unlike peft's, a parameter
+    that is not floating point (a packed 4-bit weight) is left as it is (peft's cast would destroy it)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"cast_mixed_precision_params: dtype must be a floating torch.dtype, got {dtype!r}")
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.to(torch.float32 if p.requires_grad else dtype)
+
+
 # -- reporting ----------------------------------------------------------------------------------------------------------
 def count_parameters(model: DeltaModel) -> tuple[int, int]:
     """(trainable parameters, all parameters), counting each shared tensor once."""

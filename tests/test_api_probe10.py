@@ -148,3 +148,20 @@ def test_modules_to_save_of_the_model_as_peft():
     for model, config in ((ours, dt.LoraConfig), (theirs, peft.LoraConfig)):
         model.add_adapter("b", config(r=2, target_modules=["v_proj"], modules_to_save=["embed_tokens"]))
     assert ours.modules_to_save == theirs.modules_to_save == {"lm_head", "embed_tokens"}
+
+
+def test_cast_mixed_precision_params_as_peft():
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA))
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA))
+    peft.cast_mixed_precision_params(theirs, torch.bfloat16)
+    dt.cast_mixed_precision_params(ours, torch.bfloat16)
+    dtypes = [(p.dtype, p.requires_grad, p.shape) for p in ours.parameters()]
+    assert dtypes == [(p.dtype, p.requires_grad, p.shape) for p in theirs.parameters()]
+    assert {d for d, _, _ in dtypes} == {torch.float32, torch.bfloat16}
+    inputs = tiny_inputs("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as mixed-precision training computes (the head is float32)
+        assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        dt.cast_mixed_precision_params(ours, torch.int8)
