@@ -145,7 +145,7 @@ def create_app(
             raise RequestError(f"{keys[0]} must be 1-64 letters, digits, '-' or '_', got {name!r}", param=keys[0])
         if not isinstance(path, str) or not path:
             raise RequestError(f"{keys[1]} must be a folder inside the server's --adapter-dir", param=keys[1])
-        folder = _inside(adapter_dir, path)
+        folder = _inside(adapter_dir, path, keys[1])
         from fastapi.concurrency import run_in_threadpool
 
         try:
@@ -182,6 +182,10 @@ def create_app(
         if flag(body, "load_inplace"):
             raise RequestError("load_inplace is not supported by this server; unload the adapter first",
                                code="unsupported", param="load_inplace")  # fmt: skip
+        if name in engine.adapters():  # vLLM checks the name before the path
+            raise RequestError(
+                f"The lora adapter {name!r} has already been loaded.", 400, "adapter_exists", "lora_name"
+            )
         try:
             await _load(name, path, ("lora_name", "lora_path"))
         except RequestError as exc:
@@ -243,7 +247,7 @@ def create_app(
         )
         options = options or {}
         # vLLM's: with include_usage, every chunk counts its choice's tokens so far
-        every = include_usage and flag(options, "continuous_usage_stats", "stream_options.continuous_usage_stats")
+        every = flag(options, "continuous_usage_stats", "stream_options.continuous_usage_stats") and include_usage
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, str, str | None, int]] = asyncio.Queue()
         for i, r in enumerate(requests):
@@ -369,22 +373,23 @@ async def _body(http: HttpRequest) -> dict:
     return body
 
 
-def _inside(adapter_dir: str | None, path: str) -> str:
-    """``path`` (relative to ``adapter_dir``, or absolute) resolved, if it lies inside ``adapter_dir``."""
+def _inside(adapter_dir: str | None, path: str, param: str = "path") -> str:
+    """``path`` (relative to ``adapter_dir``, or absolute) resolved, if it lies inside ``adapter_dir``; ``param``
+    names the body's field in the errors."""
     if not adapter_dir:
         raise RequestError(
             "loading adapters at run time is off; start the server with --adapter-dir",
             403,
             "adapter_dir_unset",
-            "path",
+            param,
         )
     root = os.path.realpath(adapter_dir)
     try:
         folder = os.path.realpath(os.path.join(root, path))
     except ValueError:  # an embedded NUL byte: a 500 without the error's JSON
-        raise RequestError("path holds a NUL byte", param="path") from None
+        raise RequestError(f"{param} holds a NUL byte", param=param) from None
     if os.path.commonpath([root, folder]) != root:
         raise RequestError(
-            f"path {path!r} lies outside the server's --adapter-dir", 403, "path_outside_adapter_dir", "path"
+            f"{param} {path!r} lies outside the server's --adapter-dir", 403, "path_outside_adapter_dir", param
         )
     return folder

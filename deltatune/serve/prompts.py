@@ -58,15 +58,16 @@ def _tools(body: dict) -> list[dict] | None:
     """A chat request's ``tools`` as vLLM hands them to the chat template (None: none), checked as vLLM checks
     them: a ``tool_choice`` other than "none" needs tools (a 400 naming it); with tools, only "none" is served
     (the tools rendered into the prompt, the answer plain text: vLLM's answer without --enable-auto-tool-choice
-    is a 400 for "auto", its default with tools; "required" and a named tool need guided decoding, which this
-    server does not do). Each tool as pydantic dumps vLLM's ChatCompletionToolsParam: ``{"type": "function",
+    is a 400 for "auto", its default with tools when the key is left out, while an explicit null is no choice and
+    the tools are rendered; "required" and a named tool need guided decoding, which this server does not do). Each tool as pydantic dumps vLLM's ChatCompletionToolsParam: ``{"type": "function",
     "function": {"name", "description", "parameters", ...its other keys}}``, a key left out null."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None or tools == []:  # [] asks for nothing (vLLM refuses an empty list; deltatune lets it pass)
         if choice is not None and choice != "none":
-            raise RequestError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+            why = "`tools` must not be an empty array" if tools == [] else "`tools` must be set"
+            raise RequestError(f"When using `tool_choice`, {why}.", param="tool_choice")
         return None
-    if choice != "none":
+    if "tool_choice" not in body or choice not in ("none", None):  # vLLM: only a left-out choice defaults to auto
         raise RequestError(
             f"tool_choice {'auto' if choice is None else choice!r}{' (the default with tools)' * (choice is None)} "
             'is not supported by this server, which parses no tool calls; send tool_choice "none" to have the '

@@ -171,14 +171,22 @@ def test_tools_under_tool_choice_none_reach_the_chat_template_as_vllm_renders_th
     refused = {
         "auto without tools": ({"tool_choice": "auto", "tools": None}, "tool_choice", "invalid_request"),
         "required without tools": ({"tool_choice": "required", "tools": None}, "tool_choice", "invalid_request"),
-        "tools under the default auto": ({"tool_choice": None}, "tool_choice", "unsupported"),
+        "tools under the default auto": ({"tool_choice": "<left out>"}, "tool_choice", "unsupported"),
+        "auto with an empty tools": ({"tool_choice": "auto", "tools": []}, "tool_choice", "invalid_request"),
         "tools under required": ({"tool_choice": "required"}, "tool_choice", "unsupported"),
         "a tool without a name": ({"tools": [{"function": {"description": "x"}}]}, "tools", "invalid_request"),
     }
     for what, (change, param, code) in refused.items():
-        status, answer = _post(server, "/v1/chat/completions", {**body, **change})
+        sent = {k: v for k, v in {**body, **change}.items() if v != "<left out>"}
+        status, answer = _post(server, "/v1/chat/completions", sent)
         assert status == 400 and (answer["error"]["param"], answer["error"]["code"]) == (param, code), what
+        if what == "auto with an empty tools":  # not "must be set": they were, as an empty list
+            assert "`tools` must not be an empty array" in answer["error"]["message"]
     assert len(seen) == 1
+    # vLLM defaults tool_choice to "auto" only where the key is left out: an explicit null is no choice, and the
+    # tools are rendered as under "none" (review 10b)
+    status, answer = _post(server, "/v1/chat/completions", {**body, "tool_choice": None})
+    assert status == 200 and seen[1] == seen[0]
 
 
 def test_a_json_response_format_is_refused_naming_the_format(served):
@@ -209,3 +217,21 @@ def test_without_a_generation_prompt_the_answer_takes_the_last_messages_role(ser
     prefill = [*CHAT, {"role": "assistant", "content": "it"}]
     extra = {"messages": prefill, "add_generation_prompt": False, "continue_final_message": True}
     assert _post(server, "/v1/chat/completions", {**body, **extra})[1]["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_vllm_load_route_checks_the_name_first_and_names_its_own_fields(served, tmp_path):
+    """vLLM's load route answers a name loaded already with its 400 before it looks at the path (deltatune checked
+    the --adapter-dir fence first: a 403), and its errors name the route's field ``lora_path``, not ``path``; an
+    unusable ``continuous_usage_stats`` is a 400 even when ``include_usage`` is false (vLLM's request model checks
+    it; it was read only with usage on). Review 10b."""
+    engine, server, _, _ = served
+    status, text = _post_text(server, "/v1/load_lora_adapter", {"lora_name": "lora", "lora_path": str(tmp_path)})
+    assert status == 400 and "has already been loaded" in json.loads(text)["error"]["message"]
+    status, text = _post_text(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)})
+    error = json.loads(text)["error"]
+    assert status == 403 and error["param"] == "lora_path" and error["message"].startswith("lora_path ")
+    assert "x" not in engine.adapters()
+    body = {"model": "lora", "prompt": "the cat", "max_tokens": 2, "stream": True}
+    body["stream_options"] = {"include_usage": False, "continuous_usage_stats": "junk"}
+    status, answer = _post(server, "/v1/completions", body)
+    assert status == 400 and answer["error"]["param"] == "stream_options.continuous_usage_stats"
