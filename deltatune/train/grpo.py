@@ -259,9 +259,17 @@ class GRPOLoop:
             "reward": rewards.nanmean().item(),
             "reward_std": nanstd(rewards).item(),
             "frac_zero_std_groups": nanstd(rewards.view(-1, G)).isclose(torch.zeros(())).float().mean().item(),
+            "frac_reward_zero_std": (  # TRL's: of the std its advantages divide by (scale_rewards batch: the batch's)
+                nanstd(rewards if a.scale_rewards == "batch" else rewards.view(-1, G)).isclose(torch.zeros(()))
+            )
+            .float()
+            .mean()
+            .item(),
             "clipfrac": sums["clipped"] / max(sums["tokens"], 1.0),
             "entropy": sums["entropy"] / n_tok.item(),
             "completion_length": s.completion_mask.float().sum(-1).mean().item(),  # (masked ones too, as TRL)
+            "completions/mean_length": s.completion_mask.float().sum(-1).mean().item(),  # (TRL's names of these)
+            "clip_ratio/region_mean": sums["clipped"] / max(sums["tokens"], 1.0),
             "truncated_fraction": s.truncated.float().mean().item(),
             "lr": lr,
         }

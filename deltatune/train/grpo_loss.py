@@ -125,11 +125,10 @@ def grpo_loss(
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * adv
     unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    counted = mask if token_mask is None else mask * token_mask.float()
     if token_mask is not None:
         per_token = per_token * token_mask.float()
-    took = (clipped < unclipped).float().expand_as(mask)
-    stats = {"clipped": (took * counted).sum().detach(), "tokens": mask.sum().detach()}
+    took = (clipped < unclipped).float().expand_as(mask)  # (over every completion token, as TRL's clip_ratio)
+    stats = {"clipped": (took * mask).sum().detach(), "tokens": mask.sum().detach()}
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs the reference log-probs")

@@ -185,7 +185,7 @@ def test_a_loop_steps_loss_equals_trls_on_the_same_completions(model, tmp_path, 
     a_id, eos, pad = tok.convert_tokens_to_ids("a"), tok.eos_token_id, tok.pad_token_id
     body = [[a_id + i] * (1 + i % 3) + [eos] for i in range(8)]
     body[2] = [a_id + 7, a_id + 8, a_id + 9, a_id + 10]  # truncated
-    rewards = [1.0, 0.0, 2.5, 0.5, 3.0, 2.0, 0.0, 1.0]
+    rewards = [1.0, 0.0, 2.5, 0.5, 2.0, 2.0, 2.0, 2.0]  # (the second group's all equal)
     prompt = tok("hi")["input_ids"]
 
     def rollout(prompts, trainer):
@@ -220,3 +220,6 @@ def test_a_loop_steps_loss_equals_trls_on_the_same_completions(model, tmp_path, 
     stats = loop.step([item, item])
     model.eval()
     assert stats["loss"] == pytest.approx(expected.item(), abs=1e-6)
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # TRL's names, TRL's values
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean"):
+        assert stats[key] == pytest.approx(logged[key], abs=1e-6), key
