@@ -402,10 +402,11 @@ class DeltaModel(nn.Module, PushToHub):
         return model
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging; returns the original base model."""
+        """Remove every adapter without merging; returns the base model with its original weights. A module trained in
+        full (``modules_to_save``, e.g. a head) is the active adapter's copy, as peft's unload returns it."""
         self.unmerge_adapter()
         for _, layer in self._layers():
-            layer.set_adapters([])
+            layer.set_adapters(self.active_adapters if isinstance(layer, ModulesToSave) else [])
         return self._unload()
 
     def _unload(self) -> nn.Module:

@@ -165,3 +165,26 @@ def test_cast_mixed_precision_params_as_peft():
         assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
         dt.cast_mixed_precision_params(ours, torch.int8)
+
+
+@pytest.mark.parametrize("active", ["a", "b"])
+def test_unload_keeps_the_active_adapters_trained_head_as_peft(active):
+    """peft's unload() returns the model with the active adapter's copy of a modules_to_save head (not merged)."""
+    made = []
+    for lib in (peft, dt):
+        torch.manual_seed(0)
+        base = tiny_model("llama")
+        model = (peft.get_peft_model if lib is peft else dt.get_delta_model)(
+            base, lib.LoraConfig(**LORA), adapter_name="a"
+        )
+        model.add_adapter("b", lib.LoraConfig(**{**LORA, "r": 2}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(0.1 if ".a." in name else -0.2)
+        model.set_adapter(active)
+        made.append(model.unload())
+    inputs = tiny_inputs("llama")
+    assert torch.equal(output_of(made[0], inputs), output_of(made[1], inputs))
+    assert type(made[1].lm_head) is torch.nn.Linear
+    assert not torch.equal(made[1].lm_head.weight, tiny_model("llama").lm_head.weight)
