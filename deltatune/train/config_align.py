@@ -101,7 +101,7 @@ def validate_align(a: AlignArgs, stage: str) -> None:
     if stage == "kto" and a.loss_type not in ("sigmoid", *KTO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
     if stage == "grpo":
-        _validate_grpo(a)
+        validate_grpo(a)
     kinds = ["sigmoid"] if stage in ("kto", "grpo") else kinds  # (the DPO checks below see DPO's default)
     if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
@@ -146,7 +146,7 @@ def grpo_loss_norm(a: AlignArgs) -> str:
     return GRPO_LOSS_TYPES.get(a.loss_type, a.loss_norm) if isinstance(a.loss_type, str) else a.loss_norm
 
 
-def _validate_grpo(a: AlignArgs) -> None:
+def validate_grpo(a: AlignArgs) -> None:
     if a.loss_type in GRPO_REFUSED:
         raise ConfigError(f"align.loss_type {a.loss_type} (TRL's GRPO) is not in deltatune; use grpo, dapo, bnpo or "
                           "dr_grpo")  # fmt: skip

@@ -19,6 +19,7 @@ with pi_old the policy that sampled (ratio 1 at the first iteration), eps = ``al
 loss over the batch is a mean over each completion's tokens then over completions (``loss_norm: sequence``, the paper)
 or one mean over all completion tokens (``loss_norm: token``, DAPO's and TRL's "bnpo": long completions count by
 their length; Dr. GRPO divides by a constant, completions x max tokens). Log-probs are at the sampling temperature.
+TRL's other GRPO options (clip-higher, delta, GSPO, the top-entropy mask, masked truncations) are in grpo_loss.py.
 
 Rewards follow TRL's convention so users can bring theirs: ``f(prompts, completions, **columns) -> list[float]``,
 called with keyword arguments, one value per completion; ``prompts`` are the rows' prompts as written (text, or a list
@@ -56,7 +57,7 @@ from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
-from .config_align import _validate_grpo as validate_grpo
+from .config_align import validate_grpo
 from .config_align import grpo_loss_norm
 from .grpo_loss import group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401  (k3_kl: re-exported)
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
