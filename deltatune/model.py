@@ -185,9 +185,16 @@ class DeltaModel(nn.Module, PushToHub):
         return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, DeltaLayer)]
 
     def add_adapter(
-        self, adapter_name: str, config: DeltaConfig, *, _tensors: dict | None = None, _source: str = ""
+        self,
+        adapter_name: str,
+        config: DeltaConfig,
+        *,
+        autocast_adapter_dtype: bool = False,
+        _tensors: dict | None = None,
+        _source: str = "",
     ) -> None:
         """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``.
+        ``autocast_adapter_dtype=True`` (peft's default) keeps a float16 / bfloat16 base's adapter layers in float32.
 
         Raises:
             ValueError: an adapter named ``adapter_name`` exists.
@@ -225,6 +232,8 @@ class DeltaModel(nn.Module, PushToHub):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         status.apply_active(self, keep=True, new=adapter_name)
+        if autocast_adapter_dtype:
+            upcast_adapter([layer for _, layer in self._layers()], adapter_name)
 
     def _remove(self, adapter_name: str) -> None:
         """Delete an adapter everywhere; layers left with no adapter give back their original module."""

@@ -188,3 +188,26 @@ def test_unload_keeps_the_active_adapters_trained_head_as_peft(active):
     assert torch.equal(output_of(made[0], inputs), output_of(made[1], inputs))
     assert type(made[1].lm_head) is torch.nn.Linear
     assert not torch.equal(made[1].lm_head.weight, tiny_model("llama").lm_head.weight)
+
+
+def test_add_adapter_autocast_adapter_dtype_as_peft():
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    made = []
+    for lib in (peft, dt):
+        torch.manual_seed(0)
+        base = tiny_model("llama").to(torch.bfloat16)
+        model = (peft.get_peft_model if lib is peft else dt.get_delta_model)(base, lib.LoraConfig(**config))
+        model.add_adapter("b", lib.LoraConfig(**{**config, "r": 2}), autocast_adapter_dtype=True)
+        model.add_adapter("c", lib.LoraConfig(**config), autocast_adapter_dtype=False)
+        made.append(model)
+    ours, theirs = made[1], made[0]
+    for name in ("b", "c"):
+        mine = dt.get_peft_model_state_dict(ours, adapter_name=name)
+        want = peft.get_peft_model_state_dict(theirs, adapter_name=name)
+        assert {k: v.dtype for k, v in mine.items()} == {k: v.dtype for k, v in want.items()}
+        assert all(torch.equal(mine[k], want[k]) for k in want)
+    _same_status(ours, theirs)
+    for model in made:
+        model.set_adapter("b")
+    inputs = tiny_inputs("llama")
+    assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))
