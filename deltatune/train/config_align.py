@@ -150,9 +150,14 @@ def validate_grpo(a: AlignArgs) -> None:
     if a.loss_type in GRPO_REFUSED:
         raise ConfigError(f"align.loss_type {a.loss_type} (TRL's GRPO) is not in deltatune; use grpo, dapo, bnpo or "
                           "dr_grpo")  # fmt: skip
-    if a.loss_type != "sigmoid" and a.loss_type not in GRPO_LOSS_TYPES:
+    if not isinstance(a.loss_type, str) or a.loss_type != "sigmoid" and a.loss_type not in GRPO_LOSS_TYPES:
         raise ConfigError(f"align.loss_type for stage grpo must be grpo, dapo, bnpo or dr_grpo, got {a.loss_type!r}")
-    if a.loss_type in GRPO_LOSS_TYPES and a.loss_norm != "sequence" and a.loss_norm != GRPO_LOSS_TYPES[a.loss_type]:
+    if (
+        isinstance(a.loss_type, str)
+        and a.loss_type in GRPO_LOSS_TYPES
+        and a.loss_norm != "sequence"
+        and a.loss_norm != GRPO_LOSS_TYPES[a.loss_type]
+    ):
         raise ConfigError(f"align.loss_type {a.loss_type} and align.loss_norm {a.loss_norm} disagree; set one of them")
     if a.loss_norm not in ("sequence", "token", "dr_grpo"):
         raise ConfigError(f"align.loss_norm must be sequence or token, or dr_grpo, got {a.loss_norm!r}")
