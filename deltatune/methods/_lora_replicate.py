@@ -114,8 +114,8 @@ def replicate(model: nn.Module, config: Any) -> Callable[[], None]:
             raise ConfigError(
                 f"layer_replication: range [{start}, {end}) goes past the last of the model's {len(layers)} layers"
             )
-    if any(getattr(m, "adapter_names", None) for m in layers.modules()):
-        raise ConfigError("layer_replication must come with the model's first adapter: its layers hold adapters")
+    if any(getattr(m, "adapter_names", None) for m in model.modules()):  # prefix / prompt ones sit outside the layers
+        raise ConfigError("layer_replication must come with the model's first adapter: the model holds adapters")
     new: list[nn.Module] = []
     for start, end in layer_map:
         for i in range(start, end):

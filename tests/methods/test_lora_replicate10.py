@@ -222,3 +222,18 @@ def test_a_bare_gpt2_base_model_replicates_its_h_list_as_peft():
     with torch.no_grad():
         theirs, ours = (m(**x).last_hidden_state for m in models)
     assert len(models[1].base_model.h) == 4 and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("first", ["prefix", "prompt"])
+def test_a_map_after_a_prefix_or_prompt_adapter_is_refused_and_changes_nothing(first):
+    """A prefix-tuning adapter holds keys and values for the base's layers and lives outside the layer list: a later
+    adapter that stacked copies of the layers was accepted, and the prefix adapter's forward then failed inside
+    transformers (7 against 10 positions). The map must come with the first adapter (review 10a)."""
+    x = tiny_inputs("llama")
+    kind = dt.PrefixTuningConfig if first == "prefix" else dt.PromptTuningConfig
+    model = dt.get_delta_model(tiny_model("llama"), kind(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    before = output_of(model, x)
+    with pytest.raises(dt.ConfigError, match="must come with the model's first adapter"):
+        model.add_adapter("rep", dt.LoraConfig(r=2, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]))
+    assert len(model.base_model.model.layers) == 2 and list(model.peft_config) == ["default"]
+    assert torch.equal(output_of(model, x), before)
