@@ -109,8 +109,9 @@ def load_adapter(
     key_mapping: dict[str, str] | None = None,
     *,
     _config: DeltaConfig | None = None,
-) -> None:
-    """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error.
+) -> Any:
+    """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error. Returns
+    torch's ``_IncompatibleKeys``, as peft's, with no key in it (a missing or unknown tensor is refused).
 
     Args:
         model_id: a local folder, or a hub repo id when the hub is reachable.
@@ -144,7 +145,7 @@ def load_adapter(
             import_tensors(model, adapter_name, tensors, source)
         if not is_trainable:
             model.eval()
-        return
+        return _no_incompatible_keys()
     config_file = (
         "" if _config is not None else resolve(model_id, CONFIG_NAME, subfolder, revision)
     )  # from_pretrained's
@@ -168,6 +169,13 @@ def load_adapter(
         status.set_requires_grad(model, adapter_name)
     else:  # inference: no dropout (PEFT's load_adapter does so too)
         model.eval()
+    return _no_incompatible_keys()
+
+
+def _no_incompatible_keys() -> Any:
+    """What peft's ``load_adapter`` / ``set_peft_model_state_dict`` return (torch's ``_IncompatibleKeys``): empty
+    lists, since deltatune refuses a file with a missing or unknown tensor instead of loading the rest."""
+    return torch.nn.modules.module._IncompatibleKeys([], [])
 
 
 def load_adapter_weights(model: DeltaModel, model_id: str | os.PathLike[str], adapter_name: str) -> None:
@@ -235,4 +243,4 @@ def set_peft_model_state_dict(
                 tensors[key] = expected[key].detach().clone()
     with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
         import_tensors(model, adapter_name, tensors, "state dict")
-    return torch.nn.modules.module._IncompatibleKeys([], [])
+    return _no_incompatible_keys()

@@ -211,3 +211,12 @@ def test_add_adapter_autocast_adapter_dtype_as_peft():
         model.set_adapter("b")
     inputs = tiny_inputs("llama")
     assert torch.equal(output_of(ours, inputs), output_of(theirs, inputs))
+
+
+def test_load_adapter_returns_the_incompatible_keys_as_peft(tmp_path):
+    ours, theirs = _load(_saved(tmp_path), is_trainable=True)
+    # a new adapter, then onto it again (peft filters its missing keys by the adapter name as a substring: onto "a",
+    # whose name is in every key, it would list the other adapters' keys)
+    for name in ("second", "second"):
+        mine, want = ours.load_adapter(_saved(tmp_path, 1), name), theirs.load_adapter(_saved(tmp_path, 1), name)
+        assert (mine.missing_keys, mine.unexpected_keys) == (want.missing_keys, want.unexpected_keys) == ([], [])
