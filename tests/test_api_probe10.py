@@ -1,7 +1,9 @@
 """The DeltaModel API against peft 0.21.2's PeftModel: ``set_adapter`` of an adapter loaded for inference (peft trains
 it unless ``inference_mode=True``), ``set_requires_grad`` of unknown names (skipped), ``load_adapter`` onto an existing
-adapter name (its tensors reloaded) and peft's module functions ``get_peft_model_state_dict`` /
-``set_peft_model_state_dict`` (``ignore_mismatched_sizes``), on one tiny model with LoRA and a trained head."""
+adapter name (its tensors reloaded) and its return value, ``unload`` with a trained head, ``modules_to_save``,
+``autocast_adapter_dtype`` of ``get_delta_model`` / ``add_adapter``, and peft's module functions
+``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` (``ignore_mismatched_sizes``) /
+``cast_mixed_precision_params``, on one tiny model with LoRA and a trained head."""
 
 from __future__ import annotations
 
