@@ -39,8 +39,11 @@ quickstart: $(VENV)/.installed
 quickstart-minilm: $(VENV)/.installed
 	$(BIN)/deltatune train recipes/sentiment-minilm.yaml --overwrite
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (2: the CI machine's cores; torch keeps one thread each, see
+# tests/conftest.py), whole files to a worker so module-scoped fixtures are built once. TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 style: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix deltatune tests benchmarks
