@@ -501,20 +501,26 @@ def replace_module(root: nn.Module, path: str, module: nn.Module | None) -> None
 
 def check_not_shared(model: nn.Module, layers: list[DeltaLayer]) -> None:
     """Refuse to merge into a layer whose weight another module shares (tied input and output embeddings), unless
-    the layer says the sharer should see the merge (``merges_tied``: trainable tokens' rows, as peft)."""
+    the layer says each sharer computes with what the merge writes (``merge_agrees_with(other)``: trainable tokens'
+    rows, read by a tied output embedding that holds none of its own, as peft)."""
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
     for layer in layers:
-        weight = (
-            None
-            if getattr(layer, "merges_tied", False)
-            else getattr(getattr(layer, "base_layer", None), "weight", None)
-        )
+        weight = getattr(getattr(layer, "base_layer", None), "weight", None)
         shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
-        if len(shared) > 1:
+        others = [m for m in map(lambda n: _holder(model, n), shared) if m is not layer]
+        if len(shared) > 1 and not (hasattr(layer, "merge_agrees_with") and all(map(layer.merge_agrees_with, others))):
             raise ValueError(
                 f"cannot merge into {shared[0]}: the same weight is {', '.join(shared[1:])} (tied embeddings, or "
                 "copies of one layer made by layer_replication), which merging would change too. Untie them (a base "
                 "loaded with tie_word_embeddings=False and a copied output weight), or keep the adapter unmerged"
             )
+
+
+def _holder(model: nn.Module, parameter: str) -> nn.Module:
+    """The module that holds ``parameter`` (a dotted name), the adapter layer around it where one wraps it."""
+    path = parameter.rpartition(".")[0]
+    while path.endswith(".base_layer") or path == "base_layer":
+        path = path.removesuffix("base_layer").removesuffix(".")
+    return model.get_submodule(path)

@@ -488,7 +488,7 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any, heads:
         name, layer = adapted[0]
         raise ConfigError(
             f"modules_to_save: {name!r} is adapted by {type(layer).__name__} (adapter "
-            f"{', '.join(map(repr, layer.adapter_names))}), so it cannot also be trained in full (as peft refuses)"
+            f"{', '.join(map(repr, layer.adapter_names))}), so it cannot also be trained in full"
         )
     for name, module in plan:
         if not isinstance(module, ModulesToSave):

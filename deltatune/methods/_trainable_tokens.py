@@ -38,7 +38,6 @@ class TrainableTokens(DeltaLayer):
     embedding reads (nothing of its own: not saved, not counted)."""
 
     adapter_attrs = ("trainable_tokens_delta", "tied")
-    merges_tied = True  # a merge writes the rows into a weight the tied output embedding shares, as it should
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -61,6 +60,20 @@ class TrainableTokens(DeltaLayer):
     def tie(self, name: str, source: TrainableTokens) -> None:
         """Adapter ``name`` reads its rows from ``source`` (the input embedding this output embedding is tied to)."""
         self.tied[name] = source
+
+    def merge_agrees_with(self, other: nn.Module) -> bool:
+        """Whether this layer and ``other``, which hold one weight, compute with what a merge writes into it: one is
+        a tied output embedding that reads the other's rows and holds none of its own (with ids of their own, each
+        would see the other's rows once merged: refused, where peft merges them)."""
+
+        def reads(a: nn.Module, b: nn.Module) -> bool:
+            return (
+                isinstance(a, TrainableTokens)
+                and not a.trainable_tokens_delta
+                and all(s is b for s in a.tied.values())
+            )
+
+        return reads(other, self) or reads(self, other)
 
     def _rows(self, name: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """(ids, trained rows, original rows) of adapter ``name``, its own or its tied source's."""

@@ -350,3 +350,23 @@ def test_seq2seq_shared_embeddings_equal_peft(family, targets):
     x["input_ids"][:, :3] = x["decoder_input_ids"][:, :3] = torch.tensor(IDS)
     assert torch.equal(ours(**x).logits, theirs(**x).logits)
     assert sum(isinstance(m, TrainableTokens) for m in ours.modules()) == 4
+
+
+def test_a_tied_pair_with_ids_of_their_own_is_not_merged():
+    """Tied embeddings, ``{"embed_tokens": [9, 11], "lm_head": [7]}``: each layer trains its own rows, and a merge
+    writes both sets into the one shared weight, so the embedding would read row 7 and the head rows 9 and 11. peft
+    merges (its merged logits 34.55 off its unmerged ones); deltatune refuses, as for any shared weight, and stays
+    as it was. The same ids on both (the tying) still merge (the test above). Review 10a."""
+    spec = {"embed_tokens": [9, 11], "lm_head": [7]}
+    ours = dt.get_delta_model(
+        base("llama-tied"), dt.LoraConfig(**{**fields("llama-tied"), "trainable_token_indices": spec})
+    )
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "trainable_tokens" in name:
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+    x = inputs("llama-tied", ids=[9, 11, 7])
+    before = ours(**x).logits.detach()
+    with pytest.raises(ValueError, match="cannot merge into model.embed_tokens"):
+        ours.merge_adapter()
+    assert torch.equal(ours(**x).logits, before) and not any(m.merged_adapters for _, m in ours._layers())
