@@ -222,3 +222,23 @@ def test_load_adapter_returns_the_incompatible_keys_as_peft(tmp_path):
     for name in ("second", "second"):
         mine, want = ours.load_adapter(_saved(tmp_path, 1), name), theirs.load_adapter(_saved(tmp_path, 1), name)
         assert (mine.missing_keys, mine.unexpected_keys) == (want.missing_keys, want.unexpected_keys) == ([], [])
+
+
+def test_load_adapter_takes_peft_positional_arguments(tmp_path):
+    """peft's order: (model_id, adapter_name, is_trainable, torch_device, autocast_adapter_dtype, ...)."""
+    folder = _saved(tmp_path)
+    made = []
+    for lib in (peft, dt):
+        model = (peft.PeftModel if lib is peft else dt.DeltaModel).from_pretrained(
+            tiny_model("llama").to(torch.bfloat16), folder, adapter_name="a"
+        )
+        model.load_adapter(folder, "b", True, "cpu", True)
+        made.append(model)
+    theirs, ours = made
+    mine, want = (
+        dt.get_peft_model_state_dict(ours, adapter_name="b"),
+        peft.get_peft_model_state_dict(theirs, adapter_name="b"),
+    )
+    assert {k: v.dtype for k, v in mine.items()} == {k: v.dtype for k, v in want.items()}
+    assert torch.float32 in {v.dtype for v in mine.values()}
+    assert _trainable(ours) == _trainable(theirs) > 0
