@@ -98,7 +98,7 @@ class LoraConfig(DeltaConfig):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         check_map(self.layer_replication)
         check_indices(self.trainable_token_indices)
-        inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora)
+        inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora, self.loftq_config)
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
             check_positive_int(f"rank_pattern[{key!r}]", value)

@@ -114,9 +114,8 @@ def test_bad_loftq_config_is_one_line_and_changes_nothing(loftq_config, words):
     int8 quantization is supported", "Number of iterations must be greater than 0" (its loftq_init)."""
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = dt.LoraConfig(r=4, init_lora_weights="loftq", loftq_config=loftq_config)
-    with pytest.raises(ConfigError, match=words):
-        dt.get_delta_model(model, config)
+    with pytest.raises(ConfigError, match=words):  # at the config, as peft's LoraConfig, or at the model (None)
+        dt.get_delta_model(model, dt.LoraConfig(r=4, init_lora_weights="loftq", loftq_config=loftq_config))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -235,3 +234,6 @@ def test_check_init_refuses_a_missing_loftq_config_when_the_config_passes_it():
         check_init("loftq", loftq_config={})
     check_init("loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 3})
     check_init("loftq")  # (not passed: the check waits for get_delta_model)
+    with pytest.raises(ConfigError, match="`loftq_config` must be specified"):  # the config passes it, as peft's
+        dt.LoraConfig(init_lora_weights="loftq")
+    assert dt.LoraConfig(init_lora_weights="loftq", loftq_config=dt.LoftQConfig(loftq_bits=8)).loftq_config
