@@ -79,7 +79,7 @@ class AlignArgs:
     cliprange_high: float | None = _f(None, "GRPO: upper clip range, ratio <= 1 + cliprange_high (DAPO's clip-higher, "
                                       "TRL's epsilon_high); null: align.cliprange.")  # fmt: skip
     delta: float | None = _f(None, "GRPO: two-sided clip (INTELLECT-2, TRL's delta): the unclipped ratio is capped at "
-                             "delta (> 1 + cliprange); null: off.")  # fmt: skip
+                             "delta (> 1; TRL recommends > 1 + cliprange); null: off.")  # fmt: skip
     importance_sampling_level: str = _f("token", "GRPO: 'token' (a ratio per token) or 'sequence' (GSPO: one per "
                                         "completion, the exp of its mean log-ratio), as TRL's.")  # fmt: skip
     mask_truncated_completions: bool = _f(False, "GRPO: completions with no EOS within max_new_tokens count in no "

@@ -218,7 +218,7 @@ class GRPOLoop:
         with self.amp():
             old = self._logprobs(s) if a.num_iterations > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None
-        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
+        sums = {"loss": 0.0, "clipped": 0.0, "clip_units": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
         for it in range(a.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for idx in self._chunks(n_seq):
@@ -243,6 +243,7 @@ class GRPOLoop:
                 loss.backward()
                 sums["loss"] += loss.item() / a.num_iterations
                 sums["clipped"] += st["clipped"].item()
+                sums["clip_units"] += st["clip_units"].item()
                 sums["tokens"] += st["tokens"].item()
                 sums["kl"] += st["kl"].item() if "kl" in st else 0.0
                 if it == 0:
@@ -265,11 +266,11 @@ class GRPOLoop:
             .float()
             .mean()
             .item(),
-            "clipfrac": sums["clipped"] / max(sums["tokens"], 1.0),
+            "clipfrac": sums["clipped"] / max(sums["clip_units"], 1.0),
             "entropy": sums["entropy"] / n_tok.item(),
             "completion_length": s.completion_mask.float().sum(-1).mean().item(),  # (masked ones too, as TRL)
             "completions/mean_length": s.completion_mask.float().sum(-1).mean().item(),  # (TRL's names of these)
-            "clip_ratio/region_mean": sums["clipped"] / max(sums["tokens"], 1.0),
+            "clip_ratio/region_mean": sums["clipped"] / max(sums["clip_units"], 1.0),
             "truncated_fraction": s.truncated.float().mean().item(),
             "lr": lr,
         }

@@ -102,8 +102,8 @@ def grpo_loss(
         token_mask: (N, T) the tokens whose policy term counts (``high_entropy_mask``); the KL term counts on all.
 
     Returns:
-        (loss, stats): stats holds token sums (detached) ``clipped`` (tokens where the clipped term was taken),
-        ``kl`` (summed k3 KL; absent when beta = 0) and ``tokens``.
+        (loss, stats): stats holds sums (detached) ``clipped`` (tokens, or completions under GSPO, in TRL's clip
+        region) over ``clip_units`` of them, ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``.
 
     Raises:
         ValueError: an unknown loss_norm or importance_sampling_level, beta > 0 without reference log-probs, or
@@ -123,12 +123,16 @@ def grpo_loss(
     high = cliprange if cliprange_high is None else cliprange_high
     adv = advantages.unsqueeze(-1)  # (N, 1): every token of a completion shares its advantage
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * adv
-    unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * adv
-    per_token = -torch.minimum(unclipped, clipped)
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token = -torch.minimum(capped * adv, clipped)
     if token_mask is not None:
         per_token = per_token * token_mask.float()
-    took = (clipped < unclipped).float().expand_as(mask)  # (over every completion token, as TRL's clip_ratio)
-    stats = {"clipped": (took * mask).sum().detach(), "tokens": mask.sum().detach()}
+    # TRL's clip_ratio/region_mean: its region test on the (delta-capped) ratio, over the completion tokens, or
+    # over the completions when the ratio is one per completion (GSPO)
+    took = (((capped < 1 - cliprange) & (adv < 0)) | ((capped > 1 + high) & (adv > 0))).float().detach()
+    units = mask.sum() if took.shape[-1] > 1 else torch.tensor(float(took.shape[0]))
+    stats = {"clipped": (took * mask).sum() if took.shape[-1] > 1 else took.sum(), "clip_units": units}
+    stats["tokens"] = mask.sum().detach()
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs the reference log-probs")
