@@ -139,10 +139,13 @@ def load_adapter(
     if adapter_name in model.peft_config:  # peft's: the file's tensors into that adapter; its config and flags stay
         tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device)
         tensors = status.remap_keys(tensors, key_mapping) if key_mapping else tensors
-        config = model.peft_config[adapter_name]
-        tensors = tensors if modules_to_save else split_heads(tensors, config.modules_to_save, key_prefix(config))[0]
+        if not modules_to_save:  # which of the file's tensors are heads is its config's to say, not this adapter's
+            raise AdapterLoadError(f"{model_id}: load_adapter(modules_to_save=False) onto the existing adapter "
+                                   f"{adapter_name!r} is not supported; load it under a new name, or with its heads")  # fmt: skip
         with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
             import_tensors(model, adapter_name, tensors, source)
+            if autocast_adapter_dtype and upcast_adapter([layer for _, layer in model._layers()], adapter_name):
+                import_tensors(model, adapter_name, tensors, source)  # the file's values again, unrounded
         if not is_trainable:
             model.eval()
         return _no_incompatible_keys()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -280,15 +281,16 @@ class DeltaModel(nn.Module, PushToHub):
 
         As peft's: the active adapters' parameters then require grad, one loaded for inference
         (``load_adapter(is_trainable=False)``) too, unless ``inference_mode=True`` freezes them; the others are frozen.
-        An adapter merged into the base weights that is not among the new active ones would still act through the
-        weights, so the model is unmerged first (as PEFT does); ``merge_adapter`` merges the new ones.
+        A merged model is unmerged first, with peft's warning (an adapter merged into the base weights would act
+        through them, and could not train); ``merge_adapter`` merges the new ones.
         """
         names = list(dict.fromkeys(self._check_names(adapter_name)))  # once each: twice counted twice unmerged
         if not names:
             raise ValueError("set_adapter needs at least one adapter name (disable_adapter() computes as the base)")
         if not isinstance(inference_mode, bool):
             raise TypeError(f"inference_mode must be True or False, got {inference_mode!r}")
-        if any(n not in names for _, merged in self._merged() for n in merged):
+        if any(merged for _, merged in self._merged()):  # as peft, whichever adapters: a merged one would not train
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.unmerge_adapter()
         self.active_adapters = names
         status.apply_active(self, inference_mode=inference_mode)

@@ -78,27 +78,39 @@ def _set_grad(layer: DeltaLayer, names: Iterable[str], flag: bool) -> None:
 def apply_active(
     model: DeltaModel, keep: bool = False, new: str | None = None, inference_mode: bool | None = None
 ) -> None:
-    """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train, and with
-    ``keep`` (add_adapter, delete_adapter: peft's set_adapter alone freezes the others) an inactive adapter made
-    trainable (``load_adapter(is_trainable=True)``, ``set_requires_grad``) still trains; ``new``, just added, does not.
-    An active adapter is trainable unless its config's ``inference_mode`` (or ``inference_mode`` when given: peft's
-    ``set_adapter`` argument, which overrides the config's) is True."""
+    """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train: an active
+    adapter is trainable unless its config's ``inference_mode`` (or ``inference_mode`` when given: peft's
+    ``set_adapter`` argument, which overrides the config's) is True. With ``keep`` (add_adapter, delete_adapter:
+    peft's set_adapter alone re-decides the others) an adapter whose activity this call does not change keeps its
+    trainability (an inactive one made trainable by ``load_adapter(is_trainable=True)`` or ``set_requires_grad``, an
+    active one frozen by ``set_adapter(inference_mode=True)``); ``new``, just added, follows the rule."""
     layers = [layer for _, layer in model._layers()]
-    kept = {n for layer in layers for n, p in _own(layer) if p.requires_grad and n != new} if keep else set()
+    # with keep, an adapter that was there and stays as active (or inactive) as it was keeps its requires_grad either
+    # way (peft's add_adapter and delete_adapter touch no other adapter: a set_adapter(inference_mode=True) freeze,
+    # a load_adapter(is_trainable=True) of an inactive one, both hold); one made active here follows the rule below
+    was_active = {n for layer in layers for n in layer.active_adapters}
+    held = {n: False for layer in layers for n, _ in _own(layer)}  # adapters with parameters of their own in layers
+    held |= {n: True for layer in layers for n, p in _own(layer) if p.requires_grad}
     frozen = {
         n: model.peft_config[n].inference_mode if inference_mode is None else inference_mode
         for n in model.active_adapters
     }
     for layer in layers:
         layer.set_adapters(model.active_adapters)
+
+    def trains(name: str) -> bool:
+        if keep and name != new and name in held and (name in was_active) == (name in frozen):
+            return held[name]
+        return name in frozen and not frozen[name]
+
     trainable: set[int] = set()
     for layer in layers:
         for name in layer.adapter_names:
-            train = name in kept or name in frozen and not frozen[name]
+            train = trains(name)
             _set_grad(layer, [name], train)
             trainable.update(map(id, layer.adapter_parameters(name).values()) if train else ())
     for name in model.active_adapters:
-        if not frozen[name]:
+        if trains(name):
             trainable.update(map(id, model._base_params(name).values()))
     for p in model.base_model.parameters():
         p.requires_grad_(id(p) in trainable)

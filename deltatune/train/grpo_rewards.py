@@ -139,9 +139,9 @@ def load_rewards(rewards: list[Reward], specs: list[str], model: nn.Module, poli
     shared = []
     for r, spec in zip(rewards, specs):
         if r.model and r.fn is None:
-            r.fn = reward_function(spec, device, model, policy_name, tokenizer)
+            name = f"reward_{len(shared)}" if shared else "reward"  # each reward run its own adapter in the policy
+            r.fn = reward_function(spec, device, model, policy_name, tokenizer, adapter_name=name)
             if isinstance(r.fn, AdapterReward):
-                r.fn.adapter_name = f"reward_{len(shared)}" if shared else r.fn.adapter_name
                 shared.append(r.fn)
     return shared
 

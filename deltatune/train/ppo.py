@@ -399,6 +399,7 @@ def reward_function(
     policy: nn.Module | None = None,
     policy_name: str | None = None,
     tokenizer=None,
+    adapter_name: str = "reward",
 ) -> RewardFn:
     """The reward named by ``align.reward_model``: a reward run folder (stage rm) or ``module:function``.
 
@@ -418,7 +419,7 @@ def reward_function(
 
         same_base = reward_run(spec).get("model", {}).get("name_or_path") == policy_name
         if policy is not None and same_base:
-            return AdapterReward(policy, spec, tokenizer)
+            return AdapterReward(policy, spec, tokenizer, adapter_name)  # (adapter_name: its name in the policy)
         return RewardScorer(spec, device=device)
     module, _, name = spec.rpartition(":")
     if not module:

@@ -1,0 +1,102 @@
+"""peft 0.21.2's PeftModel on what review 10d found after today's API commits: a set_adapter(inference_mode=True)
+freeze held through later add/load/delete of other adapters; set_adapter on a merged model unmerges (an adapter
+loaded for inference and made trainable was left merged: backward failed); autocast_adapter_dtype on a load onto an
+existing name; load_adapter(modules_to_save=False) onto an existing name refused in one line; GRPO's second reward
+run on the policy's base loaded under its own name (it went into the first one's)."""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+from tiny import output_of, tiny_inputs, tiny_model
+
+import deltatune as dt
+from deltatune.files import AdapterLoadError
+
+
+def _saved(tmp_path, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    model.to(dtype).save_pretrained(tmp_path / "c")
+    return tmp_path / "c"
+
+
+def _trainable(model) -> int:
+    return model.get_nb_trainable_parameters()[0]
+
+
+def test_an_inference_mode_freeze_holds_through_other_adapters_as_peft(tmp_path):
+    folder = _saved(tmp_path)
+    counts = {}
+    for lib, cfg, make in ((dt, dt.LoraConfig, dt.get_delta_model), (peft, peft.LoraConfig, peft.get_peft_model)):
+        model = make(tiny_model("llama"), cfg(r=4, target_modules=["q_proj"]), adapter_name="a")
+        log = [_trainable(model)]
+        model.set_adapter("a", inference_mode=True)
+        log.append(_trainable(model))
+        model.add_adapter("b", cfg(r=2, target_modules=["v_proj"]))
+        log.append(_trainable(model))
+        model.load_adapter(str(folder), "c")
+        model.delete_adapter("b")
+        log.append(_trainable(model))
+        model.set_adapter("a")  # peft's default inference_mode=False: it trains again
+        log.append(_trainable(model))
+        counts[lib.__name__] = log
+    assert counts["deltatune"] == counts["peft"] and counts["peft"][1:4] == [0, 0, 0] and counts["peft"][-1] > 0
+
+
+def test_set_adapter_unmerges_a_merged_model_and_the_adapter_trains_as_peft(tmp_path):
+    folder = _saved(tmp_path)
+    x = tiny_inputs("llama")
+    grads = {}
+    for lib, load in ((dt, dt.DeltaModel.from_pretrained), (peft, peft.PeftModel.from_pretrained)):
+        model = load(tiny_model("llama"), str(folder))  # for inference
+        model.merge_adapter()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.set_adapter("default")
+        assert any("Unmerging the model first" in str(w.message) for w in seen)
+        model(**x).logits.sum().backward()
+        grads[lib.__name__] = sorted(
+            n[n.index("layers.") :] for n, p in model.named_parameters() if p.grad is not None
+        )
+    assert grads["deltatune"] == grads["peft"] and len(grads["peft"]) == 4
+
+
+def test_autocast_on_a_load_onto_an_existing_name_upcasts_as_peft(tmp_path):
+    folder = _saved(tmp_path, torch.bfloat16)
+    dtypes = {}
+    for lib, load in ((dt, dt.DeltaModel.from_pretrained), (peft, peft.PeftModel.from_pretrained)):
+        model = load(tiny_model("llama").to(torch.bfloat16), str(folder), autocast_adapter_dtype=False)
+        model.load_adapter(str(folder), "default", autocast_adapter_dtype=True)
+        dtypes[lib.__name__] = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert dtypes["deltatune"] == dtypes["peft"] == {torch.float32}
+
+
+def test_a_bodies_only_load_onto_an_existing_name_is_one_line_and_changes_nothing(tmp_path):
+    folder = _saved(tmp_path)
+    model = dt.DeltaModel.from_pretrained(tiny_model("llama"), str(folder))
+    x = tiny_inputs("llama")
+    before = output_of(model, x)
+    with pytest.raises(AdapterLoadError, match="modules_to_save=False.*onto the existing adapter 'default'"):
+        model.load_adapter(str(folder), "default", modules_to_save=False)
+    assert torch.equal(output_of(model, x), before)
+
+
+def test_grpo_loads_each_reward_run_on_the_policys_base_under_its_own_name(monkeypatch):
+    from deltatune.train import grpo_rewards, ppo, scorers
+
+    names = []
+
+    class Fake(scorers.AdapterReward):
+        def __init__(self, model, run_dir, tokenizer, adapter_name="reward"):
+            names.append(adapter_name)
+
+    monkeypatch.setattr(scorers, "AdapterReward", Fake)
+    monkeypatch.setattr(scorers, "reward_run", lambda spec: {"model": {"name_or_path": "base"}})
+    monkeypatch.setattr(ppo.os.path, "isdir", lambda spec: True)
+    rewards = [grpo_rewards.Reward(n, None, 1.0, True) for n in ("r1", "r2", "r3")]
+    shared = grpo_rewards.load_rewards(rewards, ["a", "b", "c"], torch.nn.Linear(1, 1), "base", None)
+    assert names == ["reward", "reward_1", "reward_2"] and len(shared) == 3
