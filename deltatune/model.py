@@ -418,6 +418,7 @@ class DeltaModel(nn.Module, PushToHub):
         self.unmerge_adapter()
         for _, layer in self._layers():
             layer.set_adapters(self.active_adapters if isinstance(layer, ModulesToSave) else [])
+            layer.disabled = False  # (peft's unload gives the active copy after disable_adapter_layers too)
         return self._unload()
 
     def _unload(self) -> nn.Module:

@@ -100,3 +100,23 @@ def test_grpo_loads_each_reward_run_on_the_policys_base_under_its_own_name(monke
     rewards = [grpo_rewards.Reward(n, None, 1.0, True) for n in ("r1", "r2", "r3")]
     shared = grpo_rewards.load_rewards(rewards, ["a", "b", "c"], torch.nn.Linear(1, 1), "base", None)
     assert names == ["reward", "reward_1", "reward_2"] and len(shared) == 3
+
+
+def test_unload_after_disable_adapter_layers_gives_the_active_head_as_peft(tmp_path):
+    heads = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+        model = peft.get_peft_model(tiny_model("llama"), cfg)
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save["default"].weight.normal_()
+        model.save_pretrained(tmp_path / name)
+        heads[name] = model.base_model.model.lm_head.modules_to_save["default"].weight.detach().clone()
+    got = {}
+    for lib, load in ((dt, dt.DeltaModel.from_pretrained), (peft, peft.PeftModel.from_pretrained)):
+        model = load(tiny_model("llama"), str(tmp_path / "a"), adapter_name="a", is_trainable=True)
+        model.load_adapter(str(tmp_path / "b"), "b")
+        model.set_adapter("b")
+        model.disable_adapter_layers()
+        got[lib.__name__] = model.unload().lm_head.weight.detach()
+    assert torch.equal(got["deltatune"], heads["b"]) and torch.equal(got["peft"], heads["b"])
