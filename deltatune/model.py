@@ -258,10 +258,13 @@ class DeltaModel(nn.Module, PushToHub):
         if users := [n for n, c in self.peft_config.items() if adapter_name in c.uses()]:
             raise ValueError(f"adapter {adapter_name!r} is used by {users[0]!r} ({self.peft_config[users[0]].method}); "
                              f"delete {users[0]!r} first")  # fmt: skip
+        active = adapter_name in self.active_adapters
         self._remove(adapter_name)
         if not self.active_adapters and self.peft_config:
             self.active_adapters = [next(iter(self.peft_config))]
-        status.apply_active(self, keep=True)
+        # peft: deleting an active adapter sets the remaining ones in each layer (trainable, the others frozen);
+        # deleting an inactive one touches no other adapter
+        status.apply_active(self, inference_mode=False) if active else status.apply_active(self, keep=True)
 
     def _check_names(self, names: str | list[str], together: bool = False) -> list[str]:
         """``names`` (a name or a list) as a list of this model's adapters (that every layer lets act ``together``)."""
@@ -407,6 +410,7 @@ class DeltaModel(nn.Module, PushToHub):
         self.merge_adapter(names, safe_merge)
         for _, layer in self._layers():  # a head trained in full: the active adapter's copy, whatever is merged (PEFT)
             layer.set_adapters(self.active_adapters if isinstance(layer, ModulesToSave) else names)
+            layer.disabled = False  # (after disable_adapter_layers too, as peft)
         model = self._unload()
         if dequantize:
             unpack_frozen_layers(model)

@@ -80,38 +80,34 @@ def apply_active(
 ) -> None:
     """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train: an active
     adapter is trainable unless its config's ``inference_mode`` (or ``inference_mode`` when given: peft's
-    ``set_adapter`` argument, which overrides the config's) is True. With ``keep`` (add_adapter, delete_adapter:
-    peft's set_adapter alone re-decides the others) an adapter whose activity this call does not change keeps its
-    trainability (an inactive one made trainable by ``load_adapter(is_trainable=True)`` or ``set_requires_grad``, an
-    active one frozen by ``set_adapter(inference_mode=True)``); ``new``, just added, follows the rule."""
+    ``set_adapter`` argument, which overrides the config's) is True. With ``keep`` (add_adapter, and delete_adapter
+    of an inactive adapter, which in peft touch no other adapter) every adapter but ``new`` keeps each parameter's
+    ``requires_grad`` as it was (a set_adapter(inference_mode=True) freeze, a load_adapter(is_trainable=True) of an
+    inactive one, a hand-frozen lora_A, a base bias BitFit trains); ``new``, just added, follows the rule."""
     layers = [layer for _, layer in model._layers()]
-    # with keep, an adapter that was there and stays as active (or inactive) as it was keeps its requires_grad either
-    # way (peft's add_adapter and delete_adapter touch no other adapter: a set_adapter(inference_mode=True) freeze,
-    # a load_adapter(is_trainable=True) of an inactive one, both hold); one made active here follows the rule below
-    was_active = {n for layer in layers for n in layer.active_adapters}
-    held = {n: False for layer in layers for n, _ in _own(layer)}  # adapters with parameters of their own in layers
-    held |= {n: True for layer in layers for n, p in _own(layer) if p.requires_grad}
     frozen = {
         n: model.peft_config[n].inference_mode if inference_mode is None else inference_mode
         for n in model.active_adapters
     }
+    kept: dict[int, bool] = {}  # id(parameter) -> its requires_grad, for the adapters keep holds as they were
+    if keep:
+        for name in (n for n in model.peft_config if n != new):
+            own = [
+                p for layer in layers if name in layer.adapter_names for p in layer.adapter_parameters(name).values()
+            ]
+            kept |= {id(p): p.requires_grad for p in [*own, *model._base_params(name).values()]}
     for layer in layers:
         layer.set_adapters(model.active_adapters)
-
-    def trains(name: str) -> bool:
-        if keep and name != new and name in held and (name in was_active) == (name in frozen):
-            return held[name]
-        return name in frozen and not frozen[name]
-
-    trainable: set[int] = set()
+    trainable: set[int] = {i for i, flag in kept.items() if flag}
     for layer in layers:
         for name in layer.adapter_names:
-            train = trains(name)
-            _set_grad(layer, [name], train)
-            trainable.update(map(id, layer.adapter_parameters(name).values()) if train else ())
+            for p in layer.adapter_parameters(name).values():
+                p.requires_grad_(kept[id(p)] if id(p) in kept else name in frozen and not frozen[name])
+                trainable |= {id(p)} if p.requires_grad else set()
     for name in model.active_adapters:
-        if trains(name):
-            trainable.update(map(id, model._base_params(name).values()))
+        if name not in frozen or frozen[name] or (keep and name != new):
+            continue
+        trainable.update(map(id, model._base_params(name).values()))
     for p in model.base_model.parameters():
         p.requires_grad_(id(p) in trainable)
 

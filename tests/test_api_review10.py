@@ -120,3 +120,57 @@ def test_unload_after_disable_adapter_layers_gives_the_active_head_as_peft(tmp_p
         model.disable_adapter_layers()
         got[lib.__name__] = model.unload().lm_head.weight.detach()
     assert torch.equal(got["deltatune"], heads["b"]) and torch.equal(got["peft"], heads["b"])
+
+
+def _names(model) -> list[str]:
+    return sorted(n[n.index("layers.") :] if "layers." in n else n.rpartition(".")[2] for n, p in
+                  model.named_parameters() if p.requires_grad)  # fmt: skip
+
+
+def test_keep_holds_each_parameters_flag_and_base_parameters_as_peft():
+    """Review 10e: with add/delete of another adapter, a hand-frozen lora_A (LoRA-FA) trained again (the adapter
+    was kept as one flag), and an inference_mode freeze of LoRA with bias='all' was undone for its biases' sake."""
+    for lib, cfg, make in ((dt, dt.LoraConfig, dt.get_delta_model), (peft, peft.LoraConfig, peft.get_peft_model)):
+        model = make(tiny_model("llama"), cfg(r=4, target_modules=["q_proj"]), adapter_name="a")
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.requires_grad_(False)
+        want = _names(model)
+        model.add_adapter("b", cfg(r=2, target_modules=["v_proj"]))
+        model.delete_adapter("b")
+        assert _names(model) == want and want and not any("lora_A" in n for n in want), lib.__name__
+
+
+@pytest.mark.parametrize("kind", ["BitFitConfig", "FreezeConfig", "FullConfig"])
+def test_an_inference_mode_freeze_of_a_method_training_base_parameters_holds(kind):
+    """BitFit, freeze and full train the base's own parameters: set_adapter(inference_mode=True) froze them, and the
+    next add/delete of another adapter made them train again (review 10e)."""
+    model = dt.get_delta_model(tiny_model("opt"), getattr(dt, kind)(), adapter_name="a")  # (opt: biases)
+    model.set_adapter("a", inference_mode=True)
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["v_proj"]))
+    assert _trainable(model) == 0
+    model.delete_adapter("b")
+    assert _trainable(model) == 0
+
+
+def test_deleting_an_active_adapter_sets_the_remaining_ones_trainable_as_peft():
+    counts = {}
+    for lib, cfg, make in ((dt, dt.LoraConfig, dt.get_delta_model), (peft, peft.LoraConfig, peft.get_peft_model)):
+        model = make(tiny_model("llama"), cfg(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+        model.add_adapter("b", cfg(r=2, target_modules=["v_proj"]))
+        (model.base_model if lib is peft else model).set_adapter(["a", "b"], inference_mode=True)
+        model.delete_adapter("a")
+        counts[lib.__name__] = _trainable(model)
+    assert counts["deltatune"] == counts["peft"] > 0
+
+
+def test_merge_and_unload_after_disable_adapter_layers_gives_the_active_head_as_peft():
+    x = tiny_inputs("llama")
+    cfg = dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**cfg))
+    with torch.no_grad():
+        model.base_model.lm_head.modules_to_save["default"].weight.normal_()
+    want = output_of(model, x)
+    model.disable_adapter_layers()
+    torch.testing.assert_close(output_of(model.merge_and_unload(), x), want, atol=1e-5, rtol=1e-5)

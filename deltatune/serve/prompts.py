@@ -64,8 +64,10 @@ def _tools(body: dict) -> list[dict] | None:
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None or tools == []:  # [] asks for nothing (vLLM refuses an empty list; deltatune lets it pass)
         if choice is not None and choice != "none":
-            why = "`tools` must not be an empty array" if tools == [] else "`tools` must be set"
-            raise RequestError(f"When using `tool_choice`, {why}.", param="tool_choice")
+            if tools == []:  # vLLM's words (it refuses [] even without a choice; deltatune lets that pass)
+                raise RequestError("`tools` must not be an empty array. Either provide at least one tool or omit "
+                                   "the field entirely.", param="tools")  # fmt: skip
+            raise RequestError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
         return None
     if "tool_choice" not in body or choice not in ("none", None):  # vLLM: only a left-out choice defaults to auto
         raise RequestError(

@@ -172,7 +172,7 @@ def test_tools_under_tool_choice_none_reach_the_chat_template_as_vllm_renders_th
         "auto without tools": ({"tool_choice": "auto", "tools": None}, "tool_choice", "invalid_request"),
         "required without tools": ({"tool_choice": "required", "tools": None}, "tool_choice", "invalid_request"),
         "tools under the default auto": ({"tool_choice": "<left out>"}, "tool_choice", "unsupported"),
-        "auto with an empty tools": ({"tool_choice": "auto", "tools": []}, "tool_choice", "invalid_request"),
+        "auto with an empty tools": ({"tool_choice": "auto", "tools": []}, "tools", "invalid_request"),
         "tools under required": ({"tool_choice": "required"}, "tool_choice", "unsupported"),
         "a tool without a name": ({"tools": [{"function": {"description": "x"}}]}, "tools", "invalid_request"),
     }
