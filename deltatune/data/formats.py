@@ -29,15 +29,13 @@ refuse such rows (``refuse_multimodal``), stage caption trains on them (``sample
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
-from typing import Any
 
 from ..config import ConfigError
+from .formats_messages import _MESSAGE_ROLES, _col, _media, _message_list, _system_message, _text, _turn
 from .load import DataError, Row
 from .sample import AS_WRITTEN, REASONING, Message, Sample, says_something
 from .tools import row_tools
-from .tools import tool_calls as _tool_calls
 
 FORMATS: dict[str, str] = {
     "alpaca": "instruction, input, output (+ system, history)",
@@ -83,18 +81,12 @@ SHAREGPT_TAGS: dict[str, str] = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
-_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"}
-"""OpenAI's roles (``function``: the result of a deprecated ``function_call``, a tool message)."""
 FIELDS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "prompt", "completion",
           "chosen", "rejected", "label", "text", "tools", "images", "videos")  # fmt: skip
 """The fields ``data.columns`` may rename (field -> the file's column)."""
 
 
 # -- detection ----------------------------------------------------------------------------------------------
-
-
-def _col(columns: dict[str, str], key: str) -> str:
-    return columns.get(key, key)
 
 
 def _has(row: Row, column: str) -> bool:
@@ -207,134 +199,6 @@ def read_samples(
 
 class _BadPair(Exception):
     """An empty response, or chosen == rejected (a row ``data.bad_pairs=skip`` may leave out)."""
-
-
-# -- messages -----------------------------------------------------------------------------------------------
-
-
-def _content(value: Any, where: str, sample_media: dict[str, list[str]]) -> str:
-    """Text content; OpenAI content parts are joined (their images noted)."""
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if isinstance(part, dict) and part.get("type") == "text":
-                texts.append(str(part.get("text", "")))
-            elif isinstance(part, dict) and part.get("type") in ("image", "image_url", "video"):
-                kind = "videos" if part["type"] == "video" else "images"
-                # The first field given (the datasets library writes the others as null); none at all is a
-                # placeholder ({"type": "image"}, TRL's and LLaVA's) for an image of the row's images column.
-                keys = ("image_url", "image", "video", "url", "path")
-                ref = next((part[k] for k in keys if part.get(k) not in (None, "")), None)
-                if ref is not None:
-                    sample_media[kind].append(ref.get("url", "") if isinstance(ref, dict) else str(ref))
-                texts.append("<video>" if kind == "videos" else "<image>")
-            else:
-                raise DataError(f"{where}: content part {part!r} is neither text nor an image")
-        return "".join(texts)
-    raise DataError(f"{where}: content must be text, got {type(value).__name__}")
-
-
-def _message_list(
-    value: Any,
-    source: str,
-    column: str,
-    role_key: str,
-    content_key: str,
-    roles: dict[str, str],
-    media,
-    conversation: bool = True,
-) -> list[Message]:
-    """A list of message objects -> Messages; ``roles`` maps the row's role names to ours ('function' for a
-    sharegpt function_call, whose value is the call). An empty assistant turn is refused here, where the file's
-    field is known, unless the list is one response of a pair (``conversation`` False: data.bad_pairs decides)."""
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        got = "an empty list" if isinstance(value, list) else type(value).__name__
-        raise DataError(f"{source}: column {column!r} must be a non-empty list of messages, got {got}")
-    out: list[Message] = []
-    for i, m in enumerate(value):
-        where = f"{source}: {column}[{i}]"
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: a message must be an object, got {type(m).__name__}")
-        role = m.get(role_key, m.get("role", m.get("from")))
-        if role not in roles:
-            raise DataError(
-                f"{where}.{role_key}: unknown role={role!r} (known roles: {', '.join(map(repr, roles))}; "
-                "data.tags renames sharegpt roles)"
-            )
-        ours = roles[role]
-        raw = m.get(content_key, m.get("content", m.get("value")))
-        if ours == "function":
-            out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(raw, f"{where}.{content_key}")})
-            continue
-        if raw is None and ours != "assistant":  # (null beside an assistant's tool calls is OpenAI's own shape)
-            raise DataError(f"{where}.{content_key}: the {ours} message has no content (null or missing)")
-        msg: Message = {"role": ours, "content": _content(raw, f"{where}.{content_key}", media)}
-        weight = m.get("weight") if ours == "assistant" and conversation else None  # OpenAI's fine-tuning format
-        if weight is not None and not (isinstance(weight, float) and math.isnan(weight)):
-            if weight not in (0, 1) or isinstance(weight, bool):
-                raise DataError(f"{where}.weight: must be 0 (the turn is not trained) or 1, got {weight!r}")
-            if weight == 0:
-                msg["weight"] = 0
-        if ours == "assistant" and m.get("tool_calls"):
-            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
-        if ours == "assistant" and m.get("function_call"):  # OpenAI's deprecated single call
-            if msg.get("tool_calls"):
-                raise DataError(f"{where}: both tool_calls and function_call; write the call in one of them")
-            msg["tool_calls"] = _tool_calls(m["function_call"], f"{where}.function_call")
-        for key in REASONING if ours == "assistant" else ():  # a reasoning trace, for the templates that read it
-            if m.get(key) is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
-                if not isinstance(m[key], str):
-                    raise DataError(f"{where}.{key}: a reasoning trace must be text, got {type(m[key]).__name__}")
-                msg[key] = m[key]
-        if ours == "assistant" and conversation and not says_something(msg):
-            raise DataError(f"{where}.{content_key}: the assistant turn is empty")
-        if ours == "tool":
-            for key in ("name", "tool_call_id"):
-                if m.get(key):
-                    msg[key] = m[key]
-        out.append(msg)
-    return out
-
-
-def _media(row: Row, c: dict[str, str]) -> dict[str, list[str]]:
-    media: dict[str, list[str]] = {"images": [], "videos": []}
-    for kind in media:
-        value = row.get(_col(c, kind), required=False)
-        if value:
-            media[kind] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return media
-
-
-def _text(row: Row, column: str) -> str:
-    value = row.get(column)
-    if not isinstance(value, str):
-        raise DataError(f"{row.source}: column {column!r} must be text, got {type(value).__name__}")
-    return value
-
-
-def _turn(value: Any, row: Row, column: str, role: str, media) -> tuple[list[Message], bool]:
-    """A TRL field: a string (one ``role`` message) or a list of messages; and whether it was a list."""
-    if isinstance(value, str):
-        if role == "user" and not value.strip():
-            raise DataError(f"{row.source}: column {column!r} is empty")
-        return [{"role": role, "content": value}], False
-    if not isinstance(value, (list, dict)):
-        raise DataError(
-            f"{row.source}: column {column!r} must be text or a list of messages, got {type(value).__name__}"
-        )
-    roles = _MESSAGE_ROLES
-    return _message_list(value, row.source, column, "role", "content", roles, media, role != "assistant"), True
-
-
-def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
-    system = row.get(_col(c, "system"), required=False)
-    return [{"role": "system", "content": str(system)}] if system else []
 
 
 # -- one parser per format ----------------------------------------------------------------------------------
