@@ -50,6 +50,7 @@ class AlignArgs:
                                 "beyond the shorter one's count weigh alpha in the summed log-probs; null: off.")  # fmt: skip
     precompute_ref: bool = _f(False, "DPO: compute the reference log-probs once before training (one pass, no "
                               "reference forward per step).")  # fmt: skip
+    precompute_ref_log_probs: bool = _f(False, "DPO: TRL's name for align.precompute_ref (either one turns it on).")
     use_weighting: bool = _f(False, "DPO: WPO's weighting (TRL's use_weighting): each pair's loss times its responses' "
                              "length-normalised probabilities under the policy, no gradient through them.")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
@@ -93,6 +94,8 @@ class AlignArgs:
     desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable rows (lambda_D).")
     undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable rows (lambda_U).")
     simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma (the loss wants beta * margin > gamma).")
+    cpo_alpha: float = _f(0.0, "SimPO: weight of the chosen responses' NLL added to the loss (TRL's CPO cpo_alpha; "
+                          "TRL's default 1, 0 here: the SimPO paper's loss).")  # fmt: skip
     center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
 
 
@@ -102,7 +105,11 @@ def validate_align(a: AlignArgs, stage: str) -> None:
         raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
     if stage == "grpo":
         validate_grpo(a)
-    kinds = ["sigmoid"] if stage in ("kto", "grpo") else kinds  # (the DPO checks below see DPO's default)
+    if stage == "simpo" and a.loss_type not in ("sigmoid", "simpo"):
+        raise ConfigError(f"align.loss_type for stage simpo must be simpo (TRL's CPO loss_type simpo; the default "
+                          f"sigmoid reads as simpo): TRL's CPO losses sigmoid, hinge and ipo are not built, got "
+                          f"{a.loss_type!r}")  # fmt: skip
+    kinds = ["sigmoid"] if stage in ("kto", "grpo", "simpo") else kinds  # (the DPO checks below see DPO's default)
     if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
                           f"{a.loss_type!r}")  # fmt: skip
@@ -134,7 +141,9 @@ def validate_align(a: AlignArgs, stage: str) -> None:
     for key in ("gamma", "lam"):  # a discount and GAE's lambda above 1 grow advantages without bound
         if not 0 <= getattr(a, key) <= 1:
             raise ConfigError(f"align.{key} must be in [0, 1], got {getattr(a, key)}")
-    for key in ("vf_coef", "init_kl_coef", "desirable_weight", "undesirable_weight", "center_rewards_coefficient"):
+    nonnegative = ("vf_coef", "init_kl_coef", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
+                   "cpo_alpha")  # fmt: skip
+    for key in nonnegative:
         if getattr(a, key) < 0:  # a negative weight turns its loss term into one to maximise
             raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
     if a.desirable_weight == a.undesirable_weight == 0:  # every KTO loss term weighted 0: nothing trains

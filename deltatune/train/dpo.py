@@ -18,7 +18,8 @@ formulas in docs/training.md) and its weighted lists of loss types (``tests/trai
 
 The implicit rewards are beta (log pi - log ref) of each response. The reference is the same base model with the
 adapter switched off (``DeltaModel.disable_adapter``) and no dropout, so it costs no second copy of the weights; with
-``align.precompute_ref`` its log-probs are computed once before training instead of at every step.
+``align.precompute_ref`` (TRL's name: ``precompute_ref_log_probs``) its log-probs are computed once before training
+instead of at every step.
 ``align.ld_alpha`` (LD-DPO, Liu et al. 2024, arXiv:2409.06411; TRL's ld_alpha) weighs each pair's response tokens
 beyond the shorter response's count by alpha in the summed log-probs of the policy and the reference (precomputed
 too), so the longer response's verbose tail counts less; the sft loss keeps the plain sums, as TRL's.
@@ -207,7 +208,7 @@ class DPOTrainer(PairTrainer):
         super().__init__(*args, **kwargs)
         self.align = align
         self.wpo, self.router_coef = _use_weighting(align), router_aux_coef(self.model)
-        if align.precompute_ref and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
+        if _precompute(align) and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
             self.train_dataset = self._with_ref(self.train_dataset)
             if self.eval_dataset is not None:
                 self.eval_dataset = self._with_ref(self.eval_dataset)
@@ -276,6 +277,12 @@ class DPOTrainer(PairTrainer):
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 
+def _precompute(align: AlignArgs) -> bool:
+    """Whether the reference log-probs are computed once: ``align.precompute_ref`` or TRL's name for it,
+    ``align.precompute_ref_log_probs``."""
+    return align.precompute_ref or align.precompute_ref_log_probs
+
+
 def _use_weighting(align: AlignArgs) -> bool:
     """Whether ``align.use_weighting`` (WPO) is on; refused with aot and aot_unpaired, as TRL refuses them (they sort
     the batch's pairs, so a pair's weight would meet another pair's loss)."""
@@ -318,7 +325,7 @@ def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
         f"DPO loss {a.loss_type if isinstance(a.loss_type, str) else ' + '.join(a.loss_type)} with beta={a.beta}"
         + (f", label_smoothing={a.label_smoothing}" if a.label_smoothing else "")
         + "; reference = the base with the adapter off"
-        + (", log-probs precomputed once" if a.precompute_ref else "")
+        + (", log-probs precomputed once" if _precompute(a) else "")
         + (f"; LD-DPO ld_alpha={a.ld_alpha}" if a.ld_alpha is not None else "")
         + ("; WPO weighting" if wpo else "")
     )

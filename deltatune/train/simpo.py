@@ -8,6 +8,12 @@ is pushed apart by at least a target margin gamma:
 
 with avg_y the mean token log-prob of y, beta = ``align.beta`` (the paper uses 2 to 2.5) and gamma =
 ``align.simpo_gamma``. Any registered method trains; the data path is DPO's.
+
+As TRL's ``CPOTrainer`` with ``loss_type="simpo"``: ``align.label_smoothing`` eps gives the conservative form
+-(1 - eps) log sigmoid(x) - eps log sigmoid(-x) of the same x, and ``align.cpo_alpha`` adds alpha times the NLL of
+the chosen responses (the mean over their tokens in the micro-batch, as CPO's cross-entropy; CPO's default is 1,
+deltatune's 0, the SimPO paper's loss). ``align.loss_type`` is simpo (or the default sigmoid, read as simpo); CPO's
+own sigmoid, hinge and ipo losses are refused by name.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AlignArgs, RunConfig
-from .logprobs import response_logprobs
+from .logprobs import response_logprobs, token_means
 from .pairs import PairTrainer
 from .prepared import Prepared
 
@@ -32,6 +38,7 @@ def simpo_loss(
     rejected_tokens: torch.Tensor,
     beta: float = 2.0,
     gamma: float = 0.5,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair SimPO losses and the implicit rewards.
 
@@ -42,34 +49,45 @@ def simpo_loss(
         rejected_tokens: (B,) the same for the rejected responses.
         beta: the reward scale.
         gamma: the target reward margin.
+        label_smoothing: eps, the assumed fraction of flipped labels (TRL's CPO simpo form).
 
     Returns:
         (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards beta * avg_y are detached.
     """
     chosen = beta * chosen_logps / chosen_tokens.clamp(min=1)
     rejected = beta * rejected_logps / rejected_tokens.clamp(min=1)
-    losses = -F.logsigmoid(chosen - rejected - gamma)
+    x = chosen - rejected - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
     return losses, chosen.detach(), rejected.detach()
 
 
 class SimPOTrainer(PairTrainer):
-    """PairTrainer with the SimPO loss (no reference). Logs the ``rewards/*`` and ``logps/*`` (mean token log-probs)
-    means since the last log, as TRL's CPOTrainer names them; eval predictions are (B, 2) [chosen reward, rejected
-    reward]."""
+    """PairTrainer with the SimPO loss (no reference). Logs the ``rewards/*``, ``logps/*`` (mean token log-probs),
+    ``logits/*`` (the mean logit over each side's response tokens, as deltatune's DPO) and ``nll_loss`` (the chosen
+    responses' mean token NLL, whatever ``align.cpo_alpha``: TRL logs 0 where cpo_alpha is 0) means since the last
+    log, as TRL's CPOTrainer names them; eval predictions are (B, 2) [chosen reward, rejected reward]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS})
+        a, stats = self.align, {} if model.training else None
+        logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS}, stats)
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
-        losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, self.align.beta, self.align.simpo_gamma)
+        losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, a.beta, a.simpo_gamma, a.label_smoothing)
+        nll = -pc.sum() / nc.sum().clamp(min=1)  # (CPO's cross-entropy: a mean over the micro-batch's chosen tokens)
         if model.training:  # TRL's CPOTrainer's names; its logps are the mean token log-probs (loss_type simpo)
             self.log_rewards(chosen, rejected)
             self.log_stat("logps/chosen", (pc / nc.clamp(min=1)).mean().item())
             self.log_stat("logps/rejected", (pr / nr.clamp(min=1)).mean().item())
+            n = len(pc)
+            for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
+                self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows)["mean_logits"])
+            self.log_stat("nll_loss", nll.item())
         loss = self.pair_mean(losses, model)
+        if a.cpo_alpha:
+            loss = loss + a.cpo_alpha * nll
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 
@@ -82,5 +100,8 @@ def prepare_simpo(cfg: RunConfig, tok) -> Prepared:
     p = prepare_dpo(cfg, tok)
     a = cfg.align
     notes = [n for n in p.notes if not n.startswith("DPO")]
-    notes.append(f"SimPO: beta={a.beta}, target margin gamma={a.simpo_gamma}; no reference model")
+    notes.append(f"SimPO: beta={a.beta}, target margin gamma={a.simpo_gamma}"
+                 + (f", label_smoothing={a.label_smoothing}" if a.label_smoothing else "")
+                 + (f", + {a.cpo_alpha} x NLL of the chosen responses (CPO's cpo_alpha)" if a.cpo_alpha else "")
+                 + "; no reference model")  # fmt: skip
     return dataclasses.replace(p, notes=notes, trainer_class=partial(SimPOTrainer, align=cfg.align))

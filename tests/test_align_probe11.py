@@ -1,0 +1,149 @@
+"""Probe 11 of the preference stages against TRL 1.16: SimPO as TRL's CPOTrainer with loss_type simpo (its cpo_alpha
+NLL term, its label_smoothing, its metric names), the recipe keys under TRL's names (align.cpo_alpha,
+align.loss_type simpo, align.precompute_ref_log_probs), and one-line refusals of what is not built.
+
+TRL runs on the same tiny Llama, LoRA (not zero) and batch as deltatune: loss and the gradient of every LoRA weight
+compared by max abs diff."""
+
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny import save_tiny, tokenizer
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+import deltatune as dt
+from deltatune.config import ConfigError
+from deltatune.train import build
+from deltatune.train.config import AlignArgs
+from deltatune.train.dpo import DPOTrainer
+from deltatune.train.simpo import SimPOTrainer, simpo_loss
+
+with warnings.catch_warnings():  # TRL keeps CPO in trl.experimental, which warns on import
+    warnings.simplefilter("ignore")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+PAIRS = [
+    {"prompt": "what is your name", "chosen": " my name is delta", "rejected": " i will not say"},
+    {"prompt": "hello there friend", "chosen": " hi", "rejected": " go away now please you"},
+]
+ATOL = 2e-5  # fp32 sums in another order (TRL's full log-softmax against deltatune's chunked one)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def model(base) -> dt.DeltaModel:
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():  # a trained-looking adapter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _pad(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def _lm_batch(batch) -> dict[str, torch.Tensor]:
+    """TRL CPO's separate chosen / rejected rows as deltatune's pair batch: chosen rows, then rejected, one width."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    out = {}
+    for key, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+        out[key] = torch.cat([_pad(batch[f"{s}_{key}"], width, pad) for s in ("chosen", "rejected")])
+    return out
+
+
+@pytest.mark.parametrize("cpo_alpha, eps, gamma", [(1.0, 0.0, 0.5), (0.5, 0.2, 0.7), (0.0, 0.1, 0.0)])
+def test_simpo_equals_trl_cpo_simpo_loss_gradient_and_metrics(model, tmp_path, cpo_alpha, eps, gamma):
+    args = CPOConfig(str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, bf16=False,
+                     loss_type="simpo", beta=2.0, simpo_gamma=gamma, cpo_alpha=cpo_alpha, label_smoothing=eps)  # fmt: skip
+    trl = dt.trl_trainer(CPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(PAIRS),
+                                     processing_class=tokenizer())  # fmt: skip
+    batch = next(iter(trl.get_train_dataloader()))
+    model.train()  # (the tiny llama and the LoRA have no dropout)
+    model.zero_grad(set_to_none=True)
+    expected, metrics = trl.get_batch_loss_metrics(model, batch)
+    expected.backward()
+    want = _grads(model)
+    ours = SimPOTrainer(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                        align=AlignArgs(beta=2.0, simpo_gamma=gamma, cpo_alpha=cpo_alpha, label_smoothing=eps))  # fmt: skip
+    got = ours.compute_loss(model, _lm_batch(batch))
+    got.backward()
+    grads = _grads(model)
+    assert abs(got.item() - expected.item()) < ATOL
+    assert want.keys() == grads.keys() and len(want) == 8
+    assert max((want[k] - grads[k]).abs().max().item() for k in want) < 1e-5
+    assert max(v.abs().max().item() for v in want.values()) > 1e-2  # (a gradient that is there)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected"):  # fmt: skip
+        assert ours._stats[key][0] == pytest.approx(metrics[key], abs=ATOL), key
+    # nll_loss: TRL logs 0 where cpo_alpha is 0 (it skips the term); deltatune the chosen responses' NLL all the same
+    if cpo_alpha:
+        assert ours._stats["nll_loss"][0] == pytest.approx(metrics["nll_loss"], abs=ATOL)
+    assert ours._stats["nll_loss"][0] > 1 and {"logits/chosen", "logits/rejected"} <= ours._stats.keys()
+
+
+def test_simpo_label_smoothing_by_hand():
+    """beta = 2, gamma = 0.5, eps = 0.25 on one pair of mean log-probs -1 and -2: x = 2 * 1 - 0.5 = 1.5;
+    -0.75 log sigmoid(1.5) - 0.25 log sigmoid(-1.5) = 0.75 * 0.201413 + 0.25 * 1.701413 = 0.576413."""
+    losses, _, _ = simpo_loss(torch.tensor([-2.0]), torch.tensor([-6.0]), torch.tensor([2]), torch.tensor([3]),
+                              beta=2.0, gamma=0.5, label_smoothing=0.25)  # fmt: skip
+    assert losses.item() == pytest.approx(0.576413, abs=1e-6)
+
+
+RAW = {"model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}}
+
+
+def test_recipes_take_trls_simpo_keys():
+    a = build({**RAW, "stage": "simpo", "align": {"loss_type": "simpo", "cpo_alpha": 1.0, "label_smoothing": 0.1,
+                                                  "simpo_gamma": 0.3}}).align  # fmt: skip
+    assert (a.loss_type, a.cpo_alpha, a.label_smoothing, a.simpo_gamma) == ("simpo", 1.0, 0.1, 0.3)
+    assert build({**RAW, "stage": "simpo"}).align.cpo_alpha == 0.0  # (the SimPO paper's loss; TRL's CPO default: 1)
+
+
+@pytest.mark.parametrize("stage, align, message", [
+    ("simpo", {"loss_type": "hinge"}, "align.loss_type for stage simpo must be simpo"),
+    ("simpo", {"loss_type": "ipo"}, "TRL's CPO losses sigmoid, hinge and ipo are not built, got 'ipo'"),
+    ("simpo", {"cpo_alpha": -1}, "align.cpo_alpha must be >= 0, got -1"),
+    ("simpo", {"label_smoothing": 0.5}, "align.label_smoothing must be in [0, 0.5)"),
+    ("dpo", {"loss_type": "simpo"}, "align.loss_type must be one of sigmoid"),
+    ("dpo", {"rpo_alpha": 0.5}, "unknown key 'align.rpo_alpha'"),  # (TRL 1.16 has no rpo_alpha: loss_type sft)
+    ("dpo", {"reference_free": True}, "unknown key 'align.reference_free'"),  # (nor reference_free)
+])  # fmt: skip
+def test_refusals_name_the_key_in_one_line(stage, align, message):
+    with pytest.raises(ConfigError) as info:
+        build({**RAW, "stage": stage, "align": align})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_precompute_ref_log_probs_is_trls_name_for_precompute_ref(model, tmp_path):
+    tok = tokenizer()
+    rows = []
+    for p in PAIRS:
+        ids = {s: tok(p["prompt"] + p[s])["input_ids"] for s in ("chosen", "rejected")}
+        n = len(tok(p["prompt"])["input_ids"])
+        rows.append({s: {"input_ids": v, "attention_mask": [1] * len(v), "labels": [-100] * n + v[n:]}
+                     for s, v in ids.items()})  # fmt: skip
+    from deltatune.data.preference import PairCollator
+
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=2)
+    refs = []
+    for align in (AlignArgs(precompute_ref=True), AlignArgs(precompute_ref_log_probs=True)):
+        t = DPOTrainer(model=model, args=args, train_dataset=rows, data_collator=PairCollator(tok.pad_token_id),
+                       align=align)  # fmt: skip
+        refs.append([(ex["ref_chosen_logp"], ex["ref_rejected_logp"]) for ex in t.train_dataset])
+    assert refs[0] == refs[1] and all(c < 0 and r < 0 for c, r in refs[0])
