@@ -20,7 +20,8 @@ the adapter and writes the report as for every stage. The value head is saved ne
 (``value_head.safetensors``). Checkpoints (``checkpoint-<step>/``: adapter, value head, optimizer, KL coefficient,
 data order, random states and the history so far) are written every ``train.save_steps`` steps (default: at the
 end of each pass over the prompts), published whole by a rename and rotated to ``train.save_total_limit``;
-``--resume`` continues from one and ends where the uninterrupted run would.
+``--resume`` continues from one and ends where the uninterrupted run would. The math (GAE, the losses, whitening,
+the KL controller, sampling) lives in ppo_math.py; this file re-exports it.
 """
 
 from __future__ import annotations
@@ -38,10 +39,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..data.load import DataError
 from ..data.tasks import Collator
 from .checks import check_rollout_context
 from .config import AlignArgs, RunConfig
+from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and tests import from here)
+    KLController,
+    RewardError,
+    adamw_groups,
+    gae,
+    masked_mean,
+    policy_loss,
+    reward_values,
+    sample_responses,
+    value_loss,
+    whiten,
+)
 from .prepared import Prepared, read_splits
 from .report import plot_panels
 
@@ -49,179 +61,11 @@ RewardFn = Callable[[Sequence[str], Sequence[str]], Any]
 """(prompts, responses) texts -> one reward per pair (a list or a (N,) tensor)."""
 
 
-# -- the math ------------------------------------------------------------------------------------------------
+# -- the statistics --------------------------------------------------------------------------------------------
 
 
 STATS = ("reward", "kl", "policy_loss", "value_loss", "clipfrac", "entropy", "response_length", "kl_coef")
 """The statistics plotted in ppo_stats.png."""
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is 1."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``x`` shifted and scaled to mean 0 and variance 1 over the masked positions (0 elsewhere); the variance is the
-    unbiased one (n / (n - 1) times the mean square), as TRL's ``masked_whiten``."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens.
-
-    delta_t = r_t + gamma V_{t+1} - V_t (V after the last token is 0); A_t = delta_t + gamma lam A_{t+1}.
-
-    Args:
-        rewards: (B, T) per-token rewards.
-        values: (B, T) value estimates.
-        mask: (B, T) 1 on response tokens (a prefix of each row), 0 after the response ended.
-        gamma: discount.
-        lam: GAE lambda.
-
-    Returns:
-        (advantages, returns), both (B, T), 0 where ``mask`` is 0; returns = advantages + values.
-    """
-    T = rewards.shape[1]
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        cont = mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # 0 when the episode ends at t
-        next_value = values[:, t + 1] * cont if t + 1 < T else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * cont * last
-        adv[:, t] = last
-    adv = adv * mask
-    return adv, (adv + values) * mask
-
-
-def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped surrogate loss and the fraction of tokens where clipping was active.
-
-    Args:
-        logprobs: (B, T) log pi(y_t) under the policy being trained.
-        old_logprobs: (B, T) the same under the policy that sampled (fixed).
-        advantages: (B, T).
-        mask: (B, T) response tokens.
-        cliprange: eps of clip(ratio, 1 - eps, 1 + eps).
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    return loss, clipfrac
-
-
-def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
-) -> torch.Tensor:
-    """0.5 * masked mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)."""
-    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
-
-
-def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The trainable parameters of ``model`` in the HF Trainer's two AdamW groups (TRL's trainers' too): weight decay on
-    all but the biases and norm weights (the Trainer stages decay them so; decaying every parameter moved those)."""
-    from transformers import Trainer
-
-    decay = set(Trainer.get_decay_parameter_names(None, model))  # (the method reads nothing of the Trainer)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]  # fmt: skip
-
-
-class KLController:
-    """The KL coefficient: fixed, or adapted so the KL per rollout tracks ``target`` (Ziegler et al. 2019):
-    coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon after each batch of n rollouts."""
-
-    def __init__(self, init: float, adaptive: bool = False, target: float = 6.0, horizon: int = 10000) -> None:
-        self.value, self.adaptive, self.target, self.horizon = init, adaptive, target, horizon
-
-    def update(self, kl: float, n: int) -> None:
-        """Adapt the coefficient after a batch of ``n`` rollouts whose mean KL was ``kl`` (no-op when fixed)."""
-        if self.adaptive:
-            error = min(max(kl / self.target - 1, -0.2), 0.2)
-            self.value *= 1 + error * n / self.horizon
-
-
-@torch.no_grad()
-def sample_responses(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    pad: int,
-    eos: int | None,
-    align: AlignArgs,
-    top_p=1.0,
-    repeat=1,
-) -> tuple[torch.Tensor, ...]:
-    """Sample ``repeat`` responses (consecutive) to each prompt (token ids, no padding) from the policy itself.
-
-    Returns:
-        (prompts (N, P) left-padded, their attention mask, response mask (N, R): 1 up to and including the first
-        EOS, responses (N, R) with pad after the first EOS, truncated (N,): no EOS within align.max_new_tokens).
-    """
-    from transformers import GenerationConfig
-
-    model.eval()
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (P - len(p)) + list(p) for p in prompts], device=next(model.parameters()).device)
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=ids.device)
-    ids, mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
-    gen = GenerationConfig(max_new_tokens=align.max_new_tokens, do_sample=True, temperature=align.temperature,
-                           top_k=0, top_p=top_p, pad_token_id=pad, eos_token_id=eos, use_cache=True)  # fmt: skip
-    # transformers fills each setting a config leaves unset from the checkpoint's generation_config (a repetition
-    # penalty, no_repeat_ngram_size, suppress_tokens, min_new_tokens...): set it aside while sampling, or the samples
-    # would come from another distribution than the policy's, the one the ratio and the KL are computed under.
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved, inner.generation_config = inner.generation_config, GenerationConfig()
-    try:
-        response = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, P:]
-    finally:
-        inner.generation_config = saved
-    if response.shape[1] == 0:
-        raise RuntimeError("the policy generated no token")
-    is_eos = response == eos if eos is not None else torch.zeros_like(response, dtype=torch.bool)
-    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    return ids, mask, (~after_eos).long(), response.masked_fill(after_eos, pad), ~is_eos.any(-1)
-
-
-class RewardError(DataError):
-    """A reward function raised, or returned something that is not one finite number per completion."""
-
-
-def reward_values(out: Any, name: str, n: int, rows: Sequence[str], none: bool = False) -> list[float]:
-    """A reward's output as n finite floats; RewardError naming the reward and the row (``rows``: "row <source>"
-    each, or what else names an input) otherwise. With ``none``, None is NaN: "does not apply" (TRL's GRPO)."""
-    if isinstance(out, torch.Tensor):
-        out = out.detach().float().flatten().tolist()
-    elif hasattr(out, "tolist"):  # a numpy array
-        out = out.tolist()
-    if not isinstance(out, (list, tuple)):
-        raise RewardError(f"reward {name} returned a {type(out).__name__}, not a list of {n} numbers")
-    if len(out) != n:
-        raise RewardError(f"reward {name} returned {len(out)} values for {n} completions")
-    values = []
-    for value, row in zip(out, rows):
-        if type(value).__module__ in ("torch", "numpy") and getattr(value, "ndim", None) == 0:
-            value = value.item()  # a 0-d tensor or a numpy scalar each (TRL's examples return them)
-        if value is None and none:
-            values.append(math.nan)
-            continue
-        if not isinstance(value, (int, float)):  # (True / False count as 1 / 0)
-            raise RewardError(f"reward {name} returned {value!r} ({type(value).__name__}) for {row}, not a number")
-        if not math.isfinite(value):
-            raise RewardError(f"reward {name} returned {value} for {row}; rewards must be finite numbers")
-        values.append(float(value))
-    return values
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
