@@ -68,6 +68,16 @@ class AlignArgs:
     adaptive_kl: bool = _f(False, "PPO: adapt the KL coefficient towards target_kl (Ziegler et al. 2019).")
     target_kl: float = _f(6.0, "PPO: target KL per rollout for the adaptive controller.")
     kl_horizon: int = _f(10000, "PPO: horizon of the adaptive KL controller.")
+    kl_estimator: str = _f("k1", "PPO: the per-token KL estimate, k1 (log pi - log ref) or k3 ((ref / pi - 1) - "
+                           "log(ref / pi), lower variance), as TRL's kl_estimator.")  # fmt: skip
+    missing_eos_penalty: float | None = _f(None, "PPO: subtracted from the score of a response with no EOS within "
+                                           "max_new_tokens (TRL's missing_eos_penalty); null: none.")  # fmt: skip
+    whiten_rewards: bool = _f(False, "PPO: whiten the per-token rewards (scale to variance 1 over the batch's response "
+                              "tokens, mean kept) before GAE, as TRL's whiten_rewards.")  # fmt: skip
+    kl_coef: float | None = _f(None, "PPO: TRL's name for align.init_kl_coef (set one of them).")
+    num_ppo_epochs: int | None = _f(None, "PPO: TRL's name for align.ppo_epochs (set one of them).")
+    num_mini_batches: int | None = _f(None, "PPO: TRL's: mini-batches per batch of rollouts; sets align."
+                                      "mini_batch_size to train.batch_size / num_mini_batches.")  # fmt: skip
     num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
     top_p: float = _f(1.0, "GRPO: nucleus sampling of the completions (1: sample from the whole distribution).")
     num_iterations: int = _f(
@@ -105,6 +115,7 @@ def validate_align(a: AlignArgs, stage: str) -> None:
         raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
     if stage == "grpo":
         validate_grpo(a)
+    validate_ppo(a)  # (first: it copies TRL's names onto the keys checked below)
     if stage == "simpo" and a.loss_type not in ("sigmoid", "simpo"):
         raise ConfigError(f"align.loss_type for stage simpo must be simpo (TRL's CPO loss_type simpo; the default "
                           f"sigmoid reads as simpo): TRL's CPO losses sigmoid, hinge and ipo are not built, got "
@@ -148,6 +159,29 @@ def validate_align(a: AlignArgs, stage: str) -> None:
             raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
     if a.desirable_weight == a.undesirable_weight == 0:  # every KTO loss term weighted 0: nothing trains
         raise ConfigError("align.desirable_weight and align.undesirable_weight are both 0; at least one must be > 0")
+
+
+PPO_TRL_NAMES = {"kl_coef": "init_kl_coef", "num_ppo_epochs": "ppo_epochs"}
+"""TRL's PPOConfig names a recipe may use for deltatune's align keys; ``validate_ppo`` copies them over."""
+
+
+def validate_ppo(a: AlignArgs) -> None:
+    """PPO's keys; TRL's names (``PPO_TRL_NAMES``) are copied onto deltatune's, both set differently is an error."""
+    if a.kl_estimator not in ("k1", "k3"):
+        raise ConfigError(f"align.kl_estimator must be k1 or k3 (TRL's), got {a.kl_estimator!r}")
+    if a.missing_eos_penalty is not None and a.missing_eos_penalty < 0:
+        raise ConfigError(f"align.missing_eos_penalty must be >= 0 (or null: none), got {a.missing_eos_penalty}")
+    if a.num_mini_batches is not None and a.num_mini_batches < 1:
+        raise ConfigError(f"align.num_mini_batches must be >= 1 (or null: align.mini_batch_size), got "
+                          f"{a.num_mini_batches}")  # fmt: skip
+    for trl, ours in PPO_TRL_NAMES.items():
+        value, default = getattr(a, trl), AlignArgs.__dataclass_fields__[ours].default
+        if value is None:
+            continue
+        if getattr(a, ours) not in (default, value):
+            raise ConfigError(f"align.{trl} (TRL's name) and align.{ours} are both set, to {value} and "
+                              f"{getattr(a, ours)}; set one of them")  # fmt: skip
+        setattr(a, ours, value)
 
 
 def grpo_loss_norm(a: AlignArgs) -> str:
