@@ -127,6 +127,13 @@ class TrainArgs:
                    "launched).")  # fmt: skip
     fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
     eval_on_start: bool = _f(False, "Evaluate data.eval once before training too (the report shows before and after).")
+    optim: str | None = _f(None, "Optimizer, by TrainingArguments' optim name (adamw_torch, sgd, adafactor, ...); "
+                           "default: the Trainer's (adamw_torch_fused).")  # fmt: skip
+    neftune_noise_alpha: float | None = _f(None, "pt, sft: NEFTune (Jain et al. 2023), uniform noise of this alpha "
+                                           "on the input embeddings while training, as TrainingArguments' "
+                                           "neftune_noise_alpha (5 is usual); null: off.")  # fmt: skip
+    label_smoothing_factor: float | None = _f(None, "pt, sft: label smoothing of the token loss, as "
+                                              "TrainingArguments' label_smoothing_factor (0.1 is usual); null: off.")  # fmt: skip
     sigma_sampling: str = _f("uniform", "t2i flow matching: how noise levels are drawn and weighted, diffusers' "
                              "--weighting_scheme: uniform (none), logit_normal, mode, sigma_sqrt, cosmap.")  # fmt: skip
     snr_gamma: float = _f(0.0, "t2i DDPM: min-SNR loss weighting with this gamma (Hang et al. 2023; diffusers' "
@@ -258,7 +265,9 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
         known = [f.name for f in dataclasses.fields(cls)]
         for key in section:
             if key not in known:
-                raise ConfigError(_unknown(f"{name}.{key}", key, known, where))
+                hint = HF_NAMES.get(key) if name == "train" else None
+                raise ConfigError(f"unknown key 'train.{key}' in {where}: {hint}" if hint else
+                                  _unknown(f"{name}.{key}", key, known, where))  # fmt: skip
         sections[name] = cls(**_typed(name, cls, section))
     method = raw.get("method") or {"name": "lora"}
     if isinstance(method, str):
@@ -275,6 +284,24 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     _validate(cfg)
     return cfg
 
+
+HF_NAMES = {
+    **{k: f"{k} (TrainingArguments', SFTConfig's) is {v} in a recipe" for k, v in (
+        ("learning_rate", "train.lr"), ("num_train_epochs", "train.epochs"),
+        ("per_device_train_batch_size", "train.batch_size"), ("per_device_eval_batch_size", "train.eval_batch_size"),
+        ("gradient_accumulation_steps", "train.grad_accum"), ("lr_scheduler_type", "train.scheduler"),
+        ("dataloader_num_workers", "train.num_workers"), ("output_dir", "output.dir"),
+        ("bf16", "train.precision (bf16)"), ("fp16", "train.precision (fp16)"),
+        ("gradient_checkpointing", "model.gradient_checkpointing"),
+        ("eval_strategy", "train.eval_steps (null: each epoch; no data.eval: none)"),
+        ("save_strategy", "train.save_steps (null: each epoch)"),
+        ("data_seed", "train.seed (it seeds the data order too)"),
+        ("resume_from_checkpoint", "deltatune train --resume (the last checkpoint of output.dir)"),
+        ("max_length", "data.max_length"), ("max_seq_length", "data.max_length"), ("packing", "data.packing"))},
+    "completion_only_loss": "sft always trains on the response tokens only (TRL's completion_only_loss=True); drop it",
+    "assistant_only_loss": "sft always trains on the assistant's turns only (TRL's assistant_only_loss=True); drop it",
+}  # fmt: skip
+"""TrainingArguments' and SFTConfig's names for what a recipe spells otherwise: the unknown-key error names the key."""
 
 FSDP_OPTIONS = {"full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2", "offload",
                 "auto_wrap"}  # fmt: skip
@@ -369,6 +396,19 @@ def _validate_values(cfg: RunConfig) -> None:
     for key in ("num_workers", "warmup_steps", "weight_decay", "max_grad_norm", "snr_gamma"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.neftune_noise_alpha is not None and t.neftune_noise_alpha <= 0:
+        raise ConfigError(f"train.neftune_noise_alpha must be > 0 (or null for off), got {t.neftune_noise_alpha}")
+    if t.label_smoothing_factor is not None and not 0.0 <= t.label_smoothing_factor < 1.0:
+        raise ConfigError(f"train.label_smoothing_factor must be in [0, 1), got {t.label_smoothing_factor}")
+    if t.optim is not None:
+        # (imported only when set: a plain recipe's validation imports no transformers)
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if t.optim not in names:
+            near = difflib.get_close_matches(t.optim, names, n=1)
+            raise ConfigError(f"train.optim: unknown optimizer {t.optim!r}" +
+                              (f"; did you mean {near[0]!r}?" if near else f"; one of {', '.join(names)}"))  # fmt: skip
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.max_steps == 0 or t.max_steps < -1:
@@ -412,7 +452,7 @@ def _validate_values(cfg: RunConfig) -> None:
 
 
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
-READ_BY = (("sft", "data.packing"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
+READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
            ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),

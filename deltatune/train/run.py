@@ -137,8 +137,19 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         eval_on_start=t.eval_on_start and has_eval,
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config or None,
+        **({"optim": t.optim} if t.optim else {}),  # (null: the Trainer's default)
+        **_lm_args(cfg),
         **precision_args(cfg),
     )
+
+
+def _lm_args(cfg: RunConfig) -> dict[str, Any]:
+    """NEFTune and label smoothing, for the stages whose loss is the Trainer's token loss (pt, sft); other stages
+    ignore the keys (named in the report: ``ignored_keys``)."""
+    t = cfg.train
+    if cfg.stage not in ("pt", "sft"):
+        return {}
+    return {"neftune_noise_alpha": t.neftune_noise_alpha, "label_smoothing_factor": t.label_smoothing_factor or 0.0}
 
 
 def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.nn.Module:
