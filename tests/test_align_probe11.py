@@ -204,3 +204,39 @@ def test_every_dpo_loss_type_equals_trl_on_a_real_batch_with_gradients(trl_dpo, 
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"):  # fmt: skip
         assert ours._stats[key][0] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("key", ["precompute_ref_log_probs", "precompute_ref"])
+def test_kto_refuses_precomputed_reference_in_one_line(key):
+    """TRL's KTOConfig has precompute_ref_log_probs; deltatune's KTO does not build it (it was silently ignored)."""
+    with pytest.raises(ConfigError) as info:
+        build({**RAW, "stage": "kto", "align": {key: True}})
+    assert "align.precompute_ref_log_probs is not built for stage kto" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_orpo_logs_logits_per_side_as_trl_names_them(model, tmp_path):
+    """ORPO's logits/chosen and logits/rejected: the mean logit over the vocabulary, over each side's response tokens
+    (as DPO's), by hand from the model's logits; with the rest of TRL's ORPO names (nll_loss aside: see orpo.py)."""
+    from deltatune.train.orpo import ORPOTrainer
+
+    tok = tokenizer()
+    pairs = [(tok(p["prompt"] + p[s])["input_ids"], len(tok(p["prompt"])["input_ids"])) for s in ("chosen", "rejected")
+             for p in PAIRS]  # fmt: skip
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.tensor([v + [0] * (width - len(v)) for v, _ in pairs])
+    mask = torch.tensor([[1] * len(v) + [0] * (width - len(v)) for v, _ in pairs])
+    labels = torch.tensor([[-100] * n + v[n:] + [-100] * (width - len(v)) for v, n in pairs])
+    ours = ORPOTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                       align=AlignArgs(beta=0.3))  # fmt: skip
+    model.train()
+    with torch.no_grad():
+        ours.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].mean(-1)
+    on = labels[:, 1:] != -100
+    for side, rows in (("chosen", slice(0, 2)), ("rejected", slice(2, None))):
+        want = logits[rows][on[rows]].mean().item()
+        assert ours._stats[f"logits/{side}"][0] == pytest.approx(want, abs=1e-5)
+    trl_names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected", "logits/chosen", "logits/rejected", "log_odds_ratio", "log_odds_chosen"}  # fmt: skip
+    assert trl_names <= ours._stats.keys()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
-from .logprobs import response_logprobs
+from .logprobs import response_logprobs, token_means
 from .pairs import PairTrainer
 from .prepared import Prepared
 
@@ -69,8 +69,9 @@ def orpo_loss(
 class ORPOTrainer(PairTrainer):
     """PairTrainer with the ORPO loss (no reference). Logs ``nll`` (over the responses: TRL's ``nll_loss``
     takes the prompts too), ``log_odds_ratio`` (the mean of log sigmoid(log OR)), ``log_odds_chosen`` (the mean of
-    log OR; both as TRL names them), the ``rewards/*`` and the ``logps/*`` (mean token log-probs, as TRL's) means
-    since the last log; eval predictions are (B, 2) [chosen reward, rejected reward]."""
+    log OR; both as TRL names them), the ``rewards/*``, the ``logps/*`` (mean token log-probs, as TRL's) and the
+    ``logits/*`` (the mean logit over each side's response tokens, as deltatune's and TRL's DPO: TRL's ORPO takes the
+    prompt and padding positions too) means since the last log; eval predictions are (B, 2) [chosen reward, rejected reward]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -86,7 +87,8 @@ class ORPOTrainer(PairTrainer):
         return batches, self.accelerator.gather(n).sum() if self.accelerator.num_processes > 1 else n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS})
+        stats = {} if model.training else None
+        logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS}, stats)
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
         loss, log_or, chosen, rejected = orpo_loss(pc, pr, nc, nr, self.align.beta, num_items_in_batch)
         if model.training and num_items_in_batch:
@@ -105,6 +107,9 @@ class ORPOTrainer(PairTrainer):
             self.log_rewards(chosen, rejected)
             self.log_stat("logps/chosen", (pc / nc.clamp(min=1)).mean().item())  # TRL's: mean token log-probs
             self.log_stat("logps/rejected", (pr / nr.clamp(min=1)).mean().item())
+            n = len(pc)
+            for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
+                self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows)["mean_logits"])
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 
