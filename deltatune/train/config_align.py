@@ -138,7 +138,7 @@ def validate_align(a: AlignArgs, stage: str) -> None:
     if a.use_weighting and stage == "dpo" and set(kinds) & {"aot", "aot_unpaired"}:
         raise ConfigError("align.use_weighting (WPO) does not apply to align.loss_type aot or aot_unpaired: they sort "
                           "the batch's pairs, which would misalign the per-pair weights (TRL refuses it too)")  # fmt: skip
-    if stage == "kto" and (a.precompute_ref or a.precompute_ref_log_probs):  # (TRL's KTOConfig has the key)
+    if stage == "kto" and a.precompute_ref_log_probs:  # (TRL's KTOConfig has the key)
         raise ConfigError("align.precompute_ref_log_probs is not built for stage kto: its reference (of each row and "
                           "of the batch's mismatched pairs) runs at every step; drop the key")  # fmt: skip
     if a.ld_alpha is not None and not 0 <= a.ld_alpha <= 1:
