@@ -295,7 +295,9 @@ def create_app(
             logprobs = (
                 None if r.logprobs is None else logprobs_json(engine.tokenizer, r.logprob_rows[: counts[i]], chat)
             )
-            choices.append({"index": i, "finish_reason": finish[i], "logprobs": logprobs})
+            choices.append(
+                {"index": i, "finish_reason": finish[i], "stop_reason": r.stop_reason, "logprobs": logprobs}
+            )
             choices[-1].update({"message": {"role": role, "content": texts[i]}} if chat else {"text": texts[i]})
         kind = "chat.completion" if chat else "text_completion"
         return {**head, "object": kind, "choices": choices, "usage": _usage(requests, n)}
@@ -329,6 +331,7 @@ async def _stream(
             choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
             choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+        choice["stop_reason"] = requests[i].stop_reason if finish is not None else None  # vLLM's, in every chunk
         data = {**head, "choices": [choice]}
         if include_usage:
             data["usage"] = _usage([requests[i]], 1) if include_usage == 2 else None

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..train.runs import run_template
+from .detok import Detokenizer
 from .logprob_names import logprob_row as _logprob_row
 from .logprob_names import logprobs_json as logprobs_json  # noqa: F401 (served from here before)
 from .sampling import _generator, _pick, default_temperature
@@ -78,6 +79,10 @@ class Request:
     min_tokens: int = 0  # no EOS and no stop string before this many tokens (vLLM's)
     logit_bias: dict[int, float] | None = None  # {token id: added to its logit} (OpenAI's)
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: tokens that end the answer (not EOS's)
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string, or stop token's text, ends the answer's text
+    skip_special_tokens: bool = True  # vLLM's: special tokens left out of the text
+    spaces_between_special_tokens: bool = True  # vLLM's; a fast tokenizer decodes alike either way (docs/serve.md)
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # the alternatives per token to report with each token's log-probability (None: no)
@@ -89,6 +94,8 @@ class Request:
     sent: int = 0
     stop_from: int = 0  # where a stop string may end at the earliest: the text of the first min_tokens tokens
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS, length)
+    detok: Detokenizer | None = None
     # (token, its log-probability (None: a prompt's first token), [(token, log-probability)] the most likely first)
     logprob_rows: list[tuple[int, float | None, list[tuple[int, float]]]] = field(default_factory=list)
 
@@ -386,18 +393,25 @@ class Engine:
         r.output_ids.append(token)
         if r.logprobs is not None and logits is not None:
             r.logprob_rows.append(_logprob_row(logits, token, r.logprobs))
+        if r.detok is None:
+            r.detok = Detokenizer(self.tokenizer, r.prompt_ids, r.skip_special_tokens)
+        # vLLM's check_stop: EOS (not under ignore_eos), then the request's stop_token_ids (its stop_reason)
         if token in self.eos_ids and not r.ignore_eos:
             r.finish_reason = "stop"
+        elif token in r.stop_token_ids:
+            r.finish_reason, r.stop_reason = "stop", token
+        if r.finish_reason is not None:  # a stop token's text is the answer's only with include_stop_str_in_output
+            if r.include_stop_str_in_output:
+                r.text = r.detok.text(r.output_ids)
         else:
-            # No clean-up of spaces: it may rewrite text already sent ("a ' b" -> "a'b"), so each decode must extend
-            # the one before.
-            r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            r.text = r.detok.text(r.output_ids)
             if len(r.output_ids) <= r.min_tokens:  # vLLM's: a stop string must end in text after them
                 r.stop_from = len(r.text)
             # The first stop string in the request's order that the new text completes (vLLM's check_stop_strings)
-            cut = next((k for s in r.stop if (k := r.text.find(s, max(r.stop_from - len(s) + 1, 0))) >= 0), -1)
-            if cut >= 0:
-                r.text, r.finish_reason = r.text[:cut], "stop"
+            hit = next(((k, s) for s in r.stop if (k := r.text.find(s, max(r.stop_from - len(s) + 1, 0))) >= 0), None)
+            if hit is not None:
+                cut = hit[0] + len(hit[1]) if r.include_stop_str_in_output else hit[0]
+                r.text, r.finish_reason, r.stop_reason = r.text[:cut], "stop", hit[1]
             elif len(r.output_ids) >= r.max_tokens:
                 r.finish_reason = "length"
         if r.finish_reason is not None:
@@ -408,7 +422,7 @@ class Engine:
         end = len(r.text)
         while end > r.sent and r.text[end - 1] == "\ufffd":
             end -= 1
-        end -= max((len(s) - 1 for s in r.stop), default=0)
+        end -= 0 if r.include_stop_str_in_output else max((len(s) - 1 for s in r.stop), default=0)
         if end > r.sent:
             r.emit(r.text[r.sent : end], None)
             r.sent = end

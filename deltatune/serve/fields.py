@@ -21,14 +21,11 @@ UNSUPPORTED: dict[str, Any] = {
     "modalities": ["text"],  # ["text", "audio"] asks for spoken output too
     # vLLM's fields (and OpenAI's tool_choice without tools), with the values that ask for nothing
     "tool_choice": ("none", "auto"),
-    "include_stop_str_in_output": False,
-    "skip_special_tokens": True,
-    "spaces_between_special_tokens": True,
     "use_beam_search": False,
     "length_penalty": 1,
     "return_tokens_as_token_ids": False,  # vLLM's token names of logprobs, "token_id:123"
     **dict.fromkeys(  # the fields whose nothing is null (one name a line would take 17 lines)
-        "suffix tools functions audio prediction stop_token_ids chat_template "  # noqa: SIM905
+        "suffix tools functions audio prediction chat_template "  # noqa: SIM905
         "bad_words allowed_token_ids prompt_logprobs truncate_prompt_tokens guided_json guided_regex guided_choice "
         "guided_grammar structured_outputs".split()
     ),
@@ -165,10 +162,28 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         min_tokens=_min_tokens(body, max_tokens, key),
         logit_bias=_logit_bias(body, limits.vocab),
         stop=stop,
+        stop_token_ids=_token_ids(body, "stop_token_ids", limits.vocab),
+        include_stop_str_in_output=flag(body, "include_stop_str_in_output"),
+        skip_special_tokens=body.get("skip_special_tokens") is None or flag(body, "skip_special_tokens"),
+        spaces_between_special_tokens=body.get("spaces_between_special_tokens") is None
+        or flag(body, "spaces_between_special_tokens"),
         seed=seed,
         ignore_eos=flag(body, "ignore_eos"),
         logprobs=_logprobs(body, chat),
     )
+
+
+def _token_ids(body: dict, key: str, vocab: int) -> list[int]:
+    """vLLM's ``stop_token_ids``: a list of token ids in [0, vocab) (null: none), else a 400 naming it."""
+    ids = body.get(key)
+    if ids is None:
+        return []
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise RequestError(f"{key} must be a list of token ids, got {ids!r}", param=key)
+    if any(not 0 <= t < vocab for t in ids):
+        raise RequestError(f"{key} holds {next(t for t in ids if not 0 <= t < vocab)}, not a token id in [0, {vocab})",
+                           param=key)  # fmt: skip
+    return ids
 
 
 def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:

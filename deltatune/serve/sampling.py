@@ -41,14 +41,18 @@ def _setting(r: Any, gen: Any, key: str) -> Any:
 
 def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int] = ()) -> torch.Tensor:
     """The row's logits after the settings that change greedy's pick too, in vLLM's order (a new tensor: the
-    reported log-probabilities stay the model's own): the ``eos`` ids masked while fewer than ``min_tokens`` tokens
-    are generated (transformers' MinNewTokensLengthLogitsProcessor; not under ``ignore_eos``, as vLLM), ``logit_bias``
+    reported log-probabilities stay the model's own): the ``eos`` ids and the request's ``stop_token_ids`` masked
+    while fewer than ``min_tokens`` tokens are generated (transformers' MinNewTokensLengthLogitsProcessor, vLLM's
+    all_stop_token_ids; EOS not under ``ignore_eos``, as vLLM), ``logit_bias``
     added (OpenAI's), ``repetition_penalty`` over the prompt and the answer so far (transformers'
     RepetitionPenaltyLogitsProcessor, vLLM's: a positive logit divided by it, a negative one multiplied), then
     OpenAI's ``frequency_penalty`` times each token's count in the answer so far and ``presence_penalty`` once per
     token in it subtracted (vLLM's: the prompt does not count)."""
-    if eos and len(r.output_ids) < (getattr(r, "min_tokens", 0) or 0) and not getattr(r, "ignore_eos", False):
-        logits = logits.index_fill(0, torch.tensor(sorted(eos), device=logits.device), float("-inf"))
+    stops = set(eos) | set(getattr(r, "stop_token_ids", None) or ())  # vLLM's all_stop_token_ids
+    if getattr(r, "ignore_eos", False):
+        stops -= set(eos)
+    if stops and len(r.output_ids) < (getattr(r, "min_tokens", 0) or 0):
+        logits = logits.index_fill(0, torch.tensor(sorted(stops), device=logits.device), float("-inf"))
     bias = getattr(r, "logit_bias", None)
     if bias:
         ids = torch.tensor(list(bias), device=logits.device)

@@ -1,0 +1,186 @@
+"""Probe 11 of ``deltatune serve`` against vLLM's OpenAI server: incremental detokenisation (a first token's leading
+space kept, as vLLM decodes the answer after the prompt; deltas that add up to the answer, no U+FFFD in one), vLLM's
+``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens`` and ``stop_reason`` (they were a 400 or
+missing). Through the app in process (an ASGI call, no socket), on a tiny random llama with SmolLM2's tokenizer or a
+SentencePiece-style one."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+
+SMOL = sorted(glob.glob("/root/.cache/deltatune/smollm2-*/tokenizer.json"))
+
+
+def _smol():
+    from transformers import AutoTokenizer
+
+    if not SMOL:
+        pytest.skip("SmolLM2's tokenizer is not cached")
+    return AutoTokenizer.from_pretrained(SMOL[0].rsplit("/", 1)[0])
+
+
+def _metaspace():
+    """A Llama-2-style tokenizer: '▁' marks a space, and the decoder strips the first token's."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁Say": 3, "▁world": 4, "▁hello": 5, "lo": 6, "▁": 7}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _serve(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.model import DeltaModel
+    from deltatune.serve.app import create_app
+    from deltatune.serve.engine import Engine
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    engine = Engine(DeltaModel(LlamaForCausalLM(config).eval(), fused_loss=False), tok, max_wait_s=0.001)
+    return engine, create_app(engine, max_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    engine, app = _serve(_smol())
+    yield engine, app
+    engine.close()
+
+
+def _call(app, path: str, body: dict):
+    """POST ``body`` to the ASGI ``app``: (status, JSON answer, or a stream's chunks)."""
+
+    async def go():
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
+                 "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+                 "headers": [(b"content-type", b"application/json"), (b"host", b"127.0.0.1")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+        sent, status, parts = [False], [0], []
+
+        async def receive():
+            if not sent[0]:
+                sent[0] = True
+                return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                parts.append(message.get("body", b""))
+
+        await app(scope, receive, send)
+        return status[0], b"".join(parts).decode()
+
+    status, text = asyncio.run(go())
+    if body.get("stream") and status == 200:
+        return status, [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
+    return status, json.loads(text)
+
+
+def _drive(engine, tok, ids: list[int], **fields):
+    """Feed ``ids`` to a row as if the model chose them: (its deltas, the request)."""
+    from deltatune.serve.engine import Request
+
+    deltas: list[str] = []
+    r = Request(prompt_ids=tok("Say it:")["input_ids"], adapter="base", max_tokens=len(ids) + 5,
+                emit=lambda text, finish: deltas.append(text), **fields)  # fmt: skip
+    for t in ids:
+        if engine._advance(r, t):
+            break
+    return deltas, r
+
+
+def test_a_first_token_keeps_its_leading_space():
+    tok = _metaspace()
+    engine, app = _serve(tok)
+    try:
+        body = {"prompt": [1, 3], "max_tokens": 1, "temperature": 0, "logit_bias": {"4": 100}}
+        status, answer = _call(app, "/v1/completions", body)
+        assert status == 200
+        # vLLM decodes after the prompt: "Say" then " world"; "▁world" decoded alone is "world"
+        assert answer["choices"][0]["text"] == " world" == tok.decode([3, 4])[len(tok.decode([3])) :]
+        _, chunks = _call(app, "/v1/completions", {**body, "stream": True})
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == " world"
+    finally:
+        engine.close()
+
+
+def test_deltas_add_up_to_the_answer_and_never_hold_a_broken_character(smol):
+    engine, _ = smol
+    tok = engine.tokenizer
+    text = " héllo wörld, 日本語 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # some character is split over tokens
+    deltas, r = _drive(engine, tok, ids)
+    assert "".join(deltas) == r.text == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_stop_token_ids_end_the_answer_with_their_stop_reason(smol):
+    engine, app = smol
+    x = engine.tokenizer.convert_tokens_to_ids("Ġworld")
+    body = {"prompt": "Say it:", "max_tokens": 5, "temperature": 0, "logit_bias": {str(x): 100}}
+    status, answer = _call(app, "/v1/completions", {**body, "stop_token_ids": [x]})
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == ("", "stop", x)
+    assert answer["usage"]["completion_tokens"] == 1  # the stop token counts, its text is left out (vLLM's)
+    _, answer = _call(app, "/v1/completions", {**body, "stop_token_ids": [x], "include_stop_str_in_output": True})
+    assert answer["choices"][0]["text"] == " world"
+    # min_tokens masks them too (vLLM's all_stop_token_ids): the first two tokens are something else
+    _, answer = _call(app, "/v1/completions", {**body, "stop_token_ids": [x], "min_tokens": 2})
+    assert answer["usage"]["completion_tokens"] == 3 and answer["choices"][0]["stop_reason"] == x
+    # length: stop_reason null, in chat's stream too (every chunk has the key, as vLLM's)
+    _, answer = _call(app, "/v1/completions", body)
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["choices"][0]["stop_reason"] is None
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "stop_token_ids": [x]}
+    _, chunks = _call(app, "/v1/chat/completions", {**chat, "max_tokens": 5, "logit_bias": {str(x): 100}})
+    last = [c["choices"][0] for c in chunks if c["choices"]]
+    assert [c["stop_reason"] for c in last] == [None] * (len(last) - 1) + [x]
+
+
+def test_a_stop_string_over_tokens_is_the_stop_reason_and_kept_on_request(smol):
+    engine, _ = smol
+    tok = engine.tokenizer
+    ids = tok(" Hello world, friend", add_special_tokens=False)["input_ids"]
+    deltas, r = _drive(engine, tok, ids, stop=["o w"])
+    assert (r.text, "".join(deltas), r.finish_reason, r.stop_reason) == (" Hell", " Hell", "stop", "o w")
+    deltas, r = _drive(engine, tok, ids, stop=["o w"], include_stop_str_in_output=True)
+    assert (r.text, "".join(deltas), r.stop_reason) == (" Hello w", " Hello w", "o w")
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(smol):
+    engine, app = smol
+    tok = engine.tokenizer
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    body = {"prompt": "Say it:", "max_tokens": 2, "temperature": 0, "logit_bias": {str(start): 100}}
+    _, answer = _call(app, "/v1/completions", body)
+    assert answer["choices"][0]["text"] == ""
+    status, answer = _call(app, "/v1/completions", {**body, "skip_special_tokens": False})
+    assert status == 200, answer
+    assert answer["choices"][0]["text"] == "<|im_start|><|im_start|>" == tok.decode([start, start])
+    status, answer = _call(app, "/v1/completions", {**body, "spaces_between_special_tokens": False})
+    assert status == 200 and answer["choices"][0]["text"] == ""
+
+
+@pytest.mark.parametrize("bad", [5, [1.5], [-1], [10**9], [True]])
+def test_a_bad_stop_token_ids_is_a_400_naming_it(smol, bad):
+    status, answer = _call(smol[1], "/v1/completions", {"prompt": "hi", "max_tokens": 1, "stop_token_ids": bad})
+    assert status == 400
+    assert answer["error"]["param"] == "stop_token_ids" and "stop_token_ids" in answer["error"]["message"]
