@@ -54,7 +54,9 @@ def reference(cfg, out, **args) -> tuple[dict, list[float]]:
         build_model(cfg, tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     )
     name = lambda k: k.replace(".default", "").removeprefix("base_model.model.")  # noqa: E731  (peft's)
-    ours = {k.replace(".default", "").removeprefix("base_model."): v for k, v in start.state_dict().items() if "lora_" in k}
+    ours = {
+        k.replace(".default", "").removeprefix("base_model."): v for k, v in start.state_dict().items() if "lora_" in k
+    }
     with torch.no_grad():
         for k, v in ref.named_parameters():
             if "lora_" in k:
@@ -124,3 +126,15 @@ def test_neftune_and_label_smoothing_are_named_ignored_on_a_stage_that_does_not_
     cfg = build({"stage": "dpo", "train": {"neftune_noise_alpha": 5, "label_smoothing_factor": 0.1}})
     assert ("train.neftune_noise_alpha", "pt, sft") in ignored_keys(cfg)
     assert ("train.label_smoothing_factor", "pt, sft") in ignored_keys(cfg)
+
+
+def test_deltatune_eval_scores_a_label_smoothed_run_as_its_training_evaluated(files, tmp_path):
+    """A run with label smoothing reports the smoothed eval loss, as Trainer.evaluate does; ``deltatune eval`` of
+    the run scored the plain loss (10.33847 against the run's 10.33789 here) until it took the run's smoothing too."""
+    from deltatune.train.evaluation import evaluate
+
+    raw = recipe(files, tmp_path / "run", label_smoothing_factor=0.1)
+    raw["data"]["eval"] = files["sft"]
+    metrics = train(build(raw))
+    again = evaluate(str(tmp_path / "run"))
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)

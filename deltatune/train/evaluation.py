@@ -16,7 +16,7 @@ from ..model import DeltaModel
 from .checks import check_reference
 from .config import apply_overrides, build
 from .models import load_processor, reload_as_trained
-from .run import adapter_field, build_model, eval_metrics, precision_args, start_model
+from .run import _lm_args, adapter_field, build_model, eval_metrics, precision_args, start_model
 from .runs import folder_with, read_recipe, run_file
 from .table import IMAGE_STAGES, prepare
 
@@ -108,6 +108,8 @@ def evaluate(
         label_names=["labels"],
         prediction_loss_only=prepared.loss_only,
         use_cpu=not torch.cuda.is_available(),
+        # The run's label smoothing, as its own evaluation scored the loss (no NEFTune: it acts in training only)
+        label_smoothing_factor=_lm_args(cfg).get("label_smoothing_factor", 0.0),
         # The run's autocast, as its own evaluation ran; a GPU's fp16 run evaluated on a CPU runs in fp32.
         **(precision_args(cfg) if cfg.train.precision != "fp16" or torch.cuda.is_available() else {}),
     )
