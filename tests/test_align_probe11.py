@@ -240,3 +240,53 @@ def test_orpo_logs_logits_per_side_as_trl_names_them(model, tmp_path):
     trl_names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected", "logits/chosen", "logits/rejected", "log_odds_ratio", "log_odds_chosen"}  # fmt: skip
     assert trl_names <= ours._stats.keys()
+
+
+ROWS = [
+    {"prompt": "what is your name", "completion": " my name is delta", "label": True},
+    {"prompt": "hello there friend", "completion": " go away now please you", "label": False},
+    {"prompt": "how are you", "completion": " fine thanks", "label": True},
+    {"prompt": "tell me", "completion": " no", "label": False},
+]
+
+
+@pytest.mark.parametrize("loss_type, wd, wu", [("kto", 1.2, 0.8), ("kto", 1.0, 1.0), ("apo_zero_unpaired", 0.7, 1.5)])
+def test_kto_equals_trl_on_a_real_batch_with_gradients(base, model, tmp_path, loss_type, wd, wu):
+    import trl
+
+    from deltatune.train.kto import KTOTrainer
+
+    args = trl.KTOConfig(str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False,
+                         beta=0.3, desirable_weight=wd, undesirable_weight=wu, loss_type=loss_type)  # fmt: skip
+    trainer = dt.trl_trainer(trl.KTOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(ROWS),
+                                             ref_model=AutoModelForCausalLM.from_pretrained(base),
+                                             processing_class=tokenizer())  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    model.zero_grad(set_to_none=True)
+    expected = trainer.compute_loss(model, batch)
+    expected.backward()
+    want = _grads(model)
+    kl = loss_type == "kto"
+    seqs = [(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])]
+    if kl:
+        seqs.append((batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"]))
+    width = max(ids.shape[1] for ids, _, _ in seqs)
+    lm = {"input_ids": torch.cat([_pad(ids, width, 0) for ids, _, _ in seqs]),
+          "attention_mask": torch.cat([_pad(m, width, 0) for _, m, _ in seqs]),
+          "labels": torch.cat([_pad(torch.where(c.bool(), ids, -100), width, -100) for ids, _, c in seqs]),
+          "desirable": batch["label"].bool()}  # fmt: skip
+    align = AlignArgs(beta=0.3, desirable_weight=wd, undesirable_weight=wu, loss_type=loss_type)
+    ours = KTOTrainer(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True),
+                      align=align)  # fmt: skip
+    got = ours.compute_loss(model, lm)
+    got.backward()
+    grads = _grads(model)
+    assert abs(got.item() - expected.item()) < ATOL
+    assert want.keys() == grads.keys() and len(want) == 8
+    assert max((want[k] - grads[k]).abs().max().item() for k in want) < 1e-5
+    assert max(v.abs().max().item() for v in want.values()) > 1e-3
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "logits/chosen", "logits/rejected", "entropy"):  # fmt: skip
+        assert ours._stats[key][0] == pytest.approx(metrics[key], abs=1e-4), key
