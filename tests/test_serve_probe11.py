@@ -184,3 +184,32 @@ def test_a_bad_stop_token_ids_is_a_400_naming_it(smol, bad):
     status, answer = _call(smol[1], "/v1/completions", {"prompt": "hi", "max_tokens": 1, "stop_token_ids": bad})
     assert status == 400
     assert answer["error"]["param"] == "stop_token_ids" and "stop_token_ids" in answer["error"]["message"]
+
+
+def test_prompt_logprobs_are_the_models_log_softmax_with_vllms_ranks(smol):
+    engine, app = smol
+    tok = engine.tokenizer
+    ids = tok("the quick brown fox")["input_ids"]
+    status, answer = _call(app, "/v1/completions", {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 2})
+    assert status == 200, answer
+    rows = answer["choices"][0]["prompt_logprobs"]
+    model = engine.model.get_base_model()
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    assert len(rows) == len(ids) and rows[0] is None
+    worst = 0.0
+    for i, row in enumerate(rows[1:]):
+        lp = want[i]
+        top = lp.topk(2).indices.tolist()
+        assert list(row) == [str(t) for t in dict.fromkeys([ids[i + 1], *top])]  # the prompt's token first
+        mine = row[str(ids[i + 1])]
+        assert mine["rank"] == int((lp > lp[ids[i + 1]]).sum()) + 1
+        assert mine["decoded_token"] == tok.decode([ids[i + 1]])
+        assert [row[str(t)]["rank"] for t in top] == [1, 2]
+        worst = max(worst, *(abs(v["logprob"] - float(lp[int(t)])) for t, v in row.items()))
+    assert worst < 1e-5
+    _, answer = _call(app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                                                     "prompt_logprobs": 0})  # fmt: skip
+    assert answer["prompt_logprobs"][0] is None and all(len(r) == 1 for r in answer["prompt_logprobs"][1:])
+    status, answer = _call(app, "/v1/completions", {"prompt": ids, "prompt_logprobs": 1, "stream": True})
+    assert status == 400 and answer["error"]["param"] == "prompt_logprobs"

@@ -23,7 +23,7 @@ from fastapi import Request as HttpRequest  # at module level: FastAPI reads the
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
 from .fields import Limits, choices_of, flag, to_request
 from .guard import refusal
-from .logprob_names import logprobs_json
+from .logprob_names import logprobs_json, prompt_logprobs_json
 from .prompts import _chat_ids, _prompt_ids, _rendering
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -299,8 +299,13 @@ def create_app(
                 {"index": i, "finish_reason": finish[i], "stop_reason": r.stop_reason, "logprobs": logprobs}
             )
             choices[-1].update({"message": {"role": role, "content": texts[i]}} if chat else {"text": texts[i]})
+            if r.prompt_top is not None and not chat:  # vLLM's, per choice of a completion
+                choices[-1]["prompt_logprobs"] = prompt_logprobs_json(engine.tokenizer, r.prompt_rows)
         kind = "chat.completion" if chat else "text_completion"
-        return {**head, "object": kind, "choices": choices, "usage": _usage(requests, n)}
+        answer = {**head, "object": kind, "choices": choices, "usage": _usage(requests, n)}
+        if chat and requests[0].prompt_top is not None:  # vLLM's, once for a chat's one prompt
+            answer["prompt_logprobs"] = prompt_logprobs_json(engine.tokenizer, requests[0].prompt_rows)
+        return answer
 
     return app
 

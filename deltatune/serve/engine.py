@@ -41,6 +41,7 @@ from ..train.runs import run_template
 from .detok import Detokenizer
 from .logprob_names import logprob_row as _logprob_row
 from .logprob_names import logprobs_json as logprobs_json  # noqa: F401 (served from here before)
+from .logprob_names import prompt_row
 from .sampling import _generator, _pick, default_temperature
 
 BASE = "base"
@@ -87,6 +88,7 @@ class Request:
     ignore_eos: bool = False
     logprobs: int | None = None  # the alternatives per token to report with each token's log-probability (None: no)
     prompt_logprobs: bool = False  # the prompt's tokens' too (a completion's echo)
+    prompt_top: int | None = None  # vLLM's prompt_logprobs: the alternatives per prompt token (None: not asked)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled by the engine
     output_ids: list[int] = field(default_factory=list)
@@ -96,6 +98,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS, length)
     detok: Detokenizer | None = None
+    prompt_rows: list[dict[int, tuple[float, int]] | None] = field(default_factory=list)  # {token: (logprob, rank)}
     # (token, its log-probability (None: a prompt's first token), [(token, log-probability)] the most likely first)
     logprob_rows: list[tuple[int, float | None, list[tuple[int, float]]]] = field(default_factory=list)
 
@@ -327,15 +330,20 @@ class Engine:
         self.running = len(rows)
         logits = self._forward(ids, mask, cache, [r.adapter for r in rows] if mixed else None)
         for r in rows:
-            if r.prompt_logprobs:  # echo: each prompt token's log-probability given the tokens before it
+            if r.prompt_logprobs or r.prompt_top is not None:  # each prompt token's given the tokens before it
                 x = torch.tensor([r.prompt_ids], device=device)
                 names = {"adapter_names": [_row_name(r.adapter)]} if mixed else {}
                 every = self.model(input_ids=x, attention_mask=torch.ones_like(x), **names).logits[0]
                 # A token adapter's virtual tokens come first; each row goes to float32 alone (no second copy).
                 every = every[-len(r.prompt_ids) :]
-                r.logprob_rows[:0] = [(r.prompt_ids[0], None, [])] + [
-                    _logprob_row(every[i], t, r.logprobs or 0) for i, t in enumerate(r.prompt_ids[1:])
-                ]
+                if r.prompt_top is not None:  # vLLM's prompt_logprobs
+                    r.prompt_rows = [None] + [
+                        prompt_row(every[i], t, r.prompt_top) for i, t in enumerate(r.prompt_ids[1:])
+                    ]
+                if r.prompt_logprobs:  # a completion's echo
+                    r.logprob_rows[:0] = [(r.prompt_ids[0], None, [])] + [
+                        _logprob_row(every[i], t, r.logprobs or 0) for i, t in enumerate(r.prompt_ids[1:])
+                    ]
         return cache, mask, logits
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, adapters: list[str] | None) -> Any:

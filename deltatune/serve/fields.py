@@ -26,7 +26,7 @@ UNSUPPORTED: dict[str, Any] = {
     "return_tokens_as_token_ids": False,  # vLLM's token names of logprobs, "token_id:123"
     **dict.fromkeys(  # the fields whose nothing is null (one name a line would take 17 lines)
         "suffix tools functions audio prediction chat_template "  # noqa: SIM905
-        "bad_words allowed_token_ids prompt_logprobs truncate_prompt_tokens guided_json guided_regex guided_choice "
+        "bad_words allowed_token_ids truncate_prompt_tokens guided_json guided_regex guided_choice "
         "guided_grammar structured_outputs".split()
     ),
 }
@@ -170,6 +170,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         seed=seed,
         ignore_eos=flag(body, "ignore_eos"),
         logprobs=_logprobs(body, chat),
+        prompt_top=_prompt_logprobs(body),
     )
 
 
@@ -203,6 +204,19 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
             )
         parsed[token] = float(value)  # "5" and "05": the last one, as vLLM reads them
     return parsed or None
+
+
+def _prompt_logprobs(body: dict) -> int | None:
+    """vLLM's ``prompt_logprobs``: the alternatives to report with each prompt token's log-probability, 0 to 20
+    (vLLM's default max_logprobs; its -1, the whole vocabulary, is refused here too); not with ``stream`` (vLLM's)."""
+    k = body.get("prompt_logprobs")
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
+        raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {k!r}", param="prompt_logprobs")
+    if body.get("stream") is True:
+        raise RequestError("prompt_logprobs is not available when stream is enabled", param="prompt_logprobs")
+    return k
 
 
 def choices_of(body: dict) -> int:

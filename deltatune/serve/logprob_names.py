@@ -24,6 +24,27 @@ def logprob_row(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, l
     return token, floor(float(lp[token])), pairs
 
 
+def prompt_row(logits: torch.Tensor, token: int, k: int) -> dict[int, tuple[float, int]]:
+    """vLLM's ``prompt_logprobs`` entry of one prompt token: {token id: (log-probability, rank)} for the prompt's
+    token (its rank: 1 + the tokens more likely) and the ``k`` most likely (ranks 1 to k), of the model's own
+    log-softmax, -inf as -9999 (vLLM's clamp_prompt_logprobs)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k) if k else None
+    ids = [token] + ([] if top is None else top.indices.tolist())
+    ranks = [int((lp > lp[token]).sum()) + 1] + list(range(1, k + 1))
+    return {t: (max(float(lp[t]), FLOOR), rank) for t, rank in zip(ids, ranks)}  # a top one overwrites, as vLLM
+
+
+def prompt_logprobs_json(tokenizer: Any, rows: list) -> list:
+    """``Request.prompt_rows`` as vLLM answers ``prompt_logprobs``: null for the first token, then for each prompt
+    token {"token id": {"logprob", "rank", "decoded_token"}} (its token decoded alone)."""
+    return [
+        None if row is None
+        else {str(t): {"logprob": v, "rank": rank, "decoded_token": tokenizer.decode([t])} for t, (v, rank) in row.items()}
+        for row in rows
+    ]  # fmt: skip
+
+
 def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0, state: dict | None = None) -> dict:
     """``rows`` (``Request.logprob_rows``) as OpenAI's ``logprobs``: a chat choice's ``content``, or a completion's
     ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token's among them) and ``text_offset`` (from
