@@ -117,6 +117,9 @@ def test_a_first_token_keeps_its_leading_space():
         assert answer["choices"][0]["text"] == " world" == tok.decode([3, 4])[len(tok.decode([3])) :]
         _, chunks = _call(app, "/v1/completions", {**body, "stream": True})
         assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == " world"
+        _, answer = _call(app, "/v1/completions", {**body, "max_tokens": 3, "logprobs": 0})
+        logprobs = answer["choices"][0]["logprobs"]  # the tokens' names add up to the text again
+        assert "".join(logprobs["tokens"]) == answer["choices"][0]["text"] == " world world world"
     finally:
         engine.close()
 
