@@ -290,3 +290,39 @@ def test_kto_equals_trl_on_a_real_batch_with_gradients(base, model, tmp_path, lo
     for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
                 "logits/chosen", "logits/rejected", "entropy"):  # fmt: skip
         assert ours._stats[key][0] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+def test_dpo_eval_metrics_carry_trls_eval_names(trl_dpo, model, tmp_path):
+    """TRL's DPOTrainer.evaluate reports eval_rewards/chosen, /rejected, /margins, /accuracies: deltatune's eval (of
+    dpo, orpo and simpo: one compute_metrics) reports them too, with the same values on the same pairs."""
+    from transformers import EvalPrediction
+
+    from deltatune.train.dpo import _metrics
+
+    trainer, batch = trl_dpo
+    trainer.beta, trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = 0.3, ["sigmoid"], [1.0], 0.0
+    trainer.ld_alpha, trainer.f_divergence_type = None, "reverse_kl"
+    model.eval()
+    theirs = trainer.evaluate(eval_dataset=trainer.train_dataset)
+    labels = torch.where(batch["completion_mask"].bool(), batch["input_ids"], -100)
+    lm = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    ours = DPOTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                      align=AlignArgs(beta=0.3))  # fmt: skip
+    with torch.no_grad():
+        _, scores = ours.compute_loss(model, lm, return_outputs=True)
+    got = {f"eval_{k}": v for k, v in _metrics(EvalPrediction(scores.numpy(), None)).items()}
+    names = [f"eval_rewards/{k}" for k in ("chosen", "rejected", "margins", "accuracies")]
+    assert theirs["eval_rewards/margins"] != 0
+    assert {k: got[k] for k in names} == pytest.approx({k: theirs[k] for k in names}, abs=2e-5)
+
+
+def test_kto_eval_metrics_carry_trls_eval_names():
+    """[reward, desirable] predictions of rows 0.5, 1.5 (desirable) and -1.0 (undesirable): chosen 1.0, rejected -1.0,
+    margin 2.0, under deltatune's names and TRL's."""
+    from transformers import EvalPrediction
+
+    from deltatune.train.kto import _metrics
+
+    got = _metrics(EvalPrediction(torch.tensor([[0.5, 1.0], [1.5, 1.0], [-1.0, 0.0]]).numpy(), None))
+    assert got == {"reward_desirable": 1.0, "reward_undesirable": -1.0, "margin": 2.0, "rewards/chosen": 1.0,
+                   "rewards/rejected": -1.0, "rewards/margins": 2.0}  # fmt: skip

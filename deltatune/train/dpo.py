@@ -297,11 +297,19 @@ def _use_weighting(align: AlignArgs) -> bool:
 
 
 def _metrics(p) -> dict[str, float]:
+    """The eval metrics of dpo, orpo and simpo: ``pair_metrics``, the mean rewards, and the same under TRL's eval
+    names (``eval_rewards/chosen``, ``/rejected``, ``/margins``, ``/accuracies``: over all the eval pairs, where TRL
+    averages its batches' means)."""
     rewards = np.asarray(p.predictions)  # (N, 2): implicit rewards of [chosen, rejected]
+    chosen, rejected = float(rewards[:, 0].mean()), float(rewards[:, 1].mean())
     return {
         **pair_metrics(rewards),
-        "reward_chosen": float(rewards[:, 0].mean()),
-        "reward_rejected": float(rewards[:, 1].mean()),
+        "reward_chosen": chosen,
+        "reward_rejected": rejected,
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": float((rewards[:, 0] - rewards[:, 1]).mean()),
+        "rewards/accuracies": float((rewards[:, 0] > rewards[:, 1]).mean()),
     }
 
 

@@ -210,7 +210,9 @@ def _metrics(p) -> dict[str, float]:
     good = out[:, 1] > 0.5
     d = float(out[good, 0].mean()) if good.any() else 0.0
     u = float(out[~good, 0].mean()) if (~good).any() else 0.0
-    return {"reward_desirable": d, "reward_undesirable": u, "margin": d - u}
+    # (and under TRL's eval names: rewards/chosen the desirable rows', rewards/rejected the undesirable rows')
+    return {"reward_desirable": d, "reward_undesirable": u, "margin": d - u, "rewards/chosen": d,
+            "rewards/rejected": u, "rewards/margins": d - u}  # fmt: skip
 
 
 def balance_note(n_desirable: int, n_undesirable: int, align: AlignArgs, source: str) -> str | None:
