@@ -49,8 +49,11 @@ from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and
     gae,
     masked_mean,
     policy_loss,
+    ppo_advantages,
+    ppo_rewards,
     reward_values,
     sample_responses,
+    value_clipfrac,
     value_loss,
     whiten,
 )
@@ -85,6 +88,7 @@ class Rollout:
     scores: torch.Tensor | None  # (B,) reward model scores
     prompts: list[str]
     responses: list[str]
+    truncated: torch.Tensor | None = None  # (B,) True where the response has no EOS (align.missing_eos_penalty)
 
 
 class PPOLoop:
@@ -100,6 +104,7 @@ class PPOLoop:
         seed: seeds the value head's init and the sampling.
         weight_decay: AdamW's weight decay (the recipe's ``train.weight_decay``; torch's own default is 0.01).
         scheduler: a function optimizer -> LR scheduler, stepped once per PPO step (TRL's); default: constant.
+        grad_accum: micro-batches per mini-batch, their gradients summed (each loss / grad_accum) before the step.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class PPOLoop:
         seed: int = 0,
         weight_decay: float = 0.0,
         scheduler: Callable | None = None,
+        grad_accum: int = 1,
     ) -> None:
         self.model, self.tokenizer, self.reward_fn, self.align = model, tokenizer, reward_fn, align
         self.device = next(model.parameters()).device
@@ -124,7 +130,7 @@ class PPOLoop:
         both = nn.ModuleDict({"policy": model, "value_head": self.value_head})
         self.optimizer = torch.optim.AdamW(adamw_groups(both, weight_decay), lr=lr, weight_decay=weight_decay)
         self.scheduler = scheduler(self.optimizer) if scheduler else None
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.grad_accum = max_grad_norm, grad_accum
         self.kl_ctl = KLController(align.init_kl_coef, align.adaptive_kl, align.target_kl, align.kl_horizon)
         self.steps_done, self.runtime_s = 0, 0.0  # (runtime_s: the training time before a resume)
         self.eos = tokenizer.eos_token_id
@@ -157,7 +163,9 @@ class PPOLoop:
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         """Sample one response per prompt (token ids, no padding) and score it."""
-        ids, mask, response_mask, response, _ = sample_responses(self.model, prompts, self.pad, self.eos, self.align)
+        ids, mask, response_mask, response, truncated = sample_responses(
+            self.model, prompts, self.pad, self.eos, self.align
+        )
         decode = self.tokenizer.batch_decode
         r = Rollout(
             torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1), response_mask, ids.shape[1],
@@ -172,50 +180,82 @@ class PPOLoop:
         name = self.align.reward_model or "function"
         scores = reward_values(self.reward_fn(r.prompts, r.responses), name, len(prompts), names)
         r.scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        r.truncated = truncated
         return r
 
     def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
         """One PPO step: a batch of rollouts, then ``ppo_epochs`` passes of clipped updates. Returns statistics."""
-        a = self.align
-        r = self.rollout(prompts)
-        m = r.response_mask.float()
-        kl = (r.logprobs - r.ref_logprobs) * m  # (B, R) per-token KL estimate log pi_old - log ref
-        rewards = -self.kl_ctl.value * kl
-        last = (m.sum(-1).long() - 1).clamp(min=0)  # index of each response's last token
-        rewards[torch.arange(len(last)), last] += r.scores
-        advantages, returns = gae(rewards, r.values, m, a.gamma, a.lam)
-        advantages = whiten(advantages, m)
-        B = len(prompts)
-        logs: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": []}
-        for _ in range(a.ppo_epochs):
-            for idx in torch.randperm(B).split(a.mini_batch_size):
-                sub = _select(r, idx)
-                logp, values, entropy = self._forward(sub)
-                mm = m[idx]
-                pl, clipfrac = policy_loss(logp, r.logprobs[idx], advantages[idx], mm, a.cliprange)
-                vl = value_loss(values, r.values[idx], returns[idx], mm, a.cliprange_value)
-                loss = pl + a.vf_coef * vl
-                if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
-                    from .trainer import NonFiniteLossError
+        return self.update(self.rollout(prompts))
 
-                    raise NonFiniteLossError(self.steps_done + 1, float(loss))
+    def update(self, r: Rollout) -> dict[str, float]:
+        """The optimisation half of a step on a scored rollout: rewards, GAE, then ``ppo_epochs`` passes over
+        mini-batches (``grad_accum`` micro-batches each, one optimizer step per mini-batch), as TRL's loop.
+
+        Returns the step's statistics: deltatune's keys and TRL's (objective/kl, policy/approxkl_avg, ...); TRL's
+        per-token averages are over response tokens (TRL's also count the padding after an EOS)."""
+        a = self.align
+        m = r.response_mask.float()
+        scores = r.scores
+        if a.missing_eos_penalty is not None and r.truncated is not None:
+            scores = scores - a.missing_eos_penalty * r.truncated.float()
+        t = ppo_rewards(r.logprobs, r.ref_logprobs, scores, m, self.kl_ctl.value, a.kl_estimator, a.whiten_rewards)
+        advantages, returns = gae(t["rewards"], r.values, m, a.gamma, a.lam)  # (as ppo_math.ppo_advantages)
+        advantages = whiten(advantages, m)
+        B = len(r.sequences)
+        mini = a.mini_batch_size if a.num_mini_batches is None else B // a.num_mini_batches
+        if a.num_mini_batches is not None and B % a.num_mini_batches:
+            raise ConfigError(f"train.batch_size {B} is not a multiple of align.num_mini_batches {a.num_mini_batches}")
+        keys = ("policy_loss", "value_loss", "clipfrac", "entropy", "approxkl", "vf_clipfrac", "ratio")
+        logs: dict[str, list[float]] = {k: [] for k in keys}
+        for _ in range(a.ppo_epochs):
+            for idx in torch.randperm(B).split(mini):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                micro = idx.split(math.ceil(len(idx) / self.grad_accum))
+                for sub_idx in micro:
+                    sub = _select(r, sub_idx)
+                    logp, values, entropy = self._forward(sub)
+                    mm = m[sub_idx]
+                    pl, clipfrac = policy_loss(logp, r.logprobs[sub_idx], advantages[sub_idx], mm, a.cliprange)
+                    vl = value_loss(values, r.values[sub_idx], returns[sub_idx], mm, a.cliprange_value)
+                    loss = pl + a.vf_coef * vl
+                    if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
+                        from .trainer import NonFiniteLossError
+
+                        raise NonFiniteLossError(self.steps_done + 1, float(loss))
+                    (loss / len(micro)).backward()  # (accelerate's backward divides so under accumulation)
+                    with torch.no_grad():
+                        diff = (logp - r.logprobs[sub_idx]) * mm
+                        vc = value_clipfrac(values, r.values[sub_idx], returns[sub_idx], mm, a.cliprange_value)
+                        stats = (pl, vl, clipfrac, masked_mean(entropy, mm), 0.5 * masked_mean(diff**2, mm), vc,
+                                 masked_mean(diff.exp(), mm))  # fmt: skip
+                    for key, v in zip(keys, stats):
+                        logs[key].append(v.item())
                 if self.max_grad_norm > 0:
                     params = [p for g in self.optimizer.param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 self.optimizer.step()
-                for key, v in zip(logs, (pl, vl, clipfrac, masked_mean(entropy.detach(), mm))):
-                    logs[key].append(v.item())
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates used (logged so, as the Trainer logs)
         if self.scheduler is not None:
             self.scheduler.step()
-        mean_kl = kl.sum(-1).mean().item()
         stats = {k: sum(v) / len(v) for k, v in logs.items()}
-        stats["lr"] = lr
-        length = m.sum(-1).mean().item()
-        stats.update(reward=r.scores.mean().item(), kl=mean_kl, kl_coef=self.kl_ctl.value, response_length=length)
+        ratios = torch.tensor(logs["ratio"])
+        mean_kl = t["kl"].sum(-1).mean().item()
+        non_score = t["non_score_reward"].sum(-1).mean().item()
+        stats.update(lr=lr, reward=r.scores.mean().item(), kl=mean_kl, kl_coef=self.kl_ctl.value)
+        stats.update(response_length=m.sum(-1).mean().item())
         stats["loss"] = stats["policy_loss"] + a.vf_coef * stats["value_loss"]
+        stats.update({  # TRL's PPO trainer's names
+            "objective/kl": mean_kl, "objective/entropy": (-r.logprobs * m).sum(-1).mean().item(),
+            "objective/non_score_reward": non_score, "objective/rlhf_reward": non_score + scores.mean().item(),
+            "objective/scores": scores.mean().item(), "policy/approxkl_avg": stats["approxkl"],
+            "policy/clipfrac_avg": stats["clipfrac"], "loss/policy_avg": stats["policy_loss"],
+            "loss/value_avg": stats["value_loss"], "val/clipfrac_avg": stats["vf_clipfrac"],
+            "policy/entropy_avg": stats["entropy"], "val/ratio": stats["ratio"],
+            "val/ratio_var": ratios.var().item() if len(ratios) > 1 else 0.0,
+            "val/num_eos_tokens": int((r.sequences[:, r.prompt_length :] == self.eos).logical_and(m > 0).sum()),
+        })  # fmt: skip
+        for key in ("approxkl", "vf_clipfrac", "ratio"):
+            del stats[key]
         self.kl_ctl.update(mean_kl, B)
         self.steps_done += 1
         return stats
@@ -317,6 +357,9 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     longest = max(len(p) for p in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
     _check_reward_model(a.reward_model)
+    if a.num_mini_batches is not None and cfg.train.batch_size % a.num_mini_batches:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not a multiple of align.num_mini_batches "
+                          f"{a.num_mini_batches}")  # fmt: skip
     notes = [
         f"PPO: {a.ppo_epochs} epochs of mini-batches of {a.mini_batch_size} per batch of {cfg.train.batch_size} "
         f"rollouts, {a.max_new_tokens} new tokens each; KL coefficient {a.init_kl_coef}"
@@ -382,7 +425,9 @@ def train_ppo(
 
         return get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=steps)
 
-    loop = PPOLoop(model, tokenizer, reward_fn, cfg.align, t.lr, t.max_grad_norm, t.seed, t.weight_decay, scheduler)
+    loop = PPOLoop(
+        model, tokenizer, reward_fn, cfg.align, t.lr, t.max_grad_norm, t.seed, t.weight_decay, scheduler, t.grad_accum
+    )
     g = torch.Generator().manual_seed(t.seed)
     metrics: dict[str, Any] = {}
     if eval_prompts and t.eval_on_start:

@@ -21,13 +21,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, shift_mean: bool = True) -> torch.Tensor:
     """``x`` shifted and scaled to mean 0 and variance 1 over the masked positions (0 elsewhere); the variance is the
-    unbiased one (n / (n - 1) times the mean square), as TRL's ``masked_whiten``."""
+    unbiased one (n / (n - 1) times the mean square), as TRL's ``masked_whiten``. With ``shift_mean`` False the mean
+    is added back (scaled only: TRL's whiten_rewards)."""
     mean = masked_mean(x, mask)
     n = mask.sum()
     var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from the sampled tokens' log-probs (Schulman, "Approximating KL divergence"),
+    as TRL's kl_estimator: k1 = -log r, k3 = (r - 1) - log r, with r = ref / pi."""
+    logr = ref_logprobs - logprobs
+    return -logr if estimator == "k1" else logr.exp() - 1 - logr
 
 
 def gae(
@@ -60,6 +69,58 @@ def gae(
     return adv, (adv + values) * mask
 
 
+def ppo_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+    whiten_rewards: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-token rewards of a scored rollout, as TRL's PPO trainer (steps 4-5 of its loop): r_t = -kl_coef * KL_t,
+    plus the score on each response's last token (its EOS, or the last when it has none; TRL puts it one past the
+    EOS, on the first pad: huggingface/trl#3750), optionally whitened over the response tokens (mean kept).
+
+    Args:
+        logprobs, ref_logprobs: (B, R) under the sampling policy and the reference.
+        scores: (B,) the reward of each response (any missing_eos_penalty already taken).
+        mask: (B, R) 1 on response tokens (a prefix of each row).
+
+    Returns:
+        kl, non_score_reward, rewards: each (B, R), 0 off the mask.
+    """
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    non_score = -kl_coef * kl
+    rewards = non_score.clone()
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # index of each response's last token
+    rewards[torch.arange(len(last), device=rewards.device), last] += scores
+    if whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    return {"kl": kl, "non_score_reward": non_score, "rewards": rewards}
+
+
+def ppo_advantages(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    kl_estimator: str = "k1",
+    whiten_rewards: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``ppo_rewards``, then GAE with V = 0 after each response's last token and the advantages whitened over the
+    batch's response tokens (TRL's step 6): the dict adds advantages and returns, (B, R) each, 0 off the mask.
+    PPOLoop.update runs these same three steps."""
+    out = ppo_rewards(logprobs, ref_logprobs, scores, mask, kl_coef, kl_estimator, whiten_rewards)
+    advantages, out["returns"] = gae(out["rewards"], values * mask, mask, gamma, lam)
+    out["advantages"] = whiten(advantages, mask)
+    return out
+
+
 def policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +147,14 @@ def value_loss(
     """0.5 * masked mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)."""
     clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def value_clipfrac(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> torch.Tensor:
+    """The fraction of response tokens where the clipped value term is the larger (TRL's val/clipfrac)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    return masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask)
 
 
 def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
