@@ -216,3 +216,16 @@ def test_prompt_logprobs_are_the_models_log_softmax_with_vllms_ranks(smol):
     assert answer["prompt_logprobs"][0] is None and all(len(r) == 1 for r in answer["prompt_logprobs"][1:])
     status, answer = _call(app, "/v1/completions", {"prompt": ids, "prompt_logprobs": 1, "stream": True})
     assert status == 400 and answer["error"]["param"] == "prompt_logprobs"
+
+
+def test_more_than_four_stop_strings_are_served_as_vllm_serves_them(smol):
+    engine, _ = smol
+    tok = engine.tokenizer
+    ids = tok(" Hello world, friend", add_special_tokens=False)["input_ids"]
+    stop = ["zz", "yy", "xx", "ww", "ld,"]
+    _, r = _drive(engine, tok, ids, stop=stop)
+    assert (r.text, r.stop_reason) == (" Hello wor", "ld,")
+    status, answer = _call(smol[1], "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop": stop})
+    assert status == 200, answer
+    status, answer = _call(smol[1], "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop": ["a", ""]})
+    assert status == 400 and answer["error"]["param"] == "stop"

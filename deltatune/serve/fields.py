@@ -129,8 +129,9 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         )
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop  # "" is a 400, as [""] (vLLM's)
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("stop must be a string or a list of at most 4 non-empty strings", param="stop")
+    # Any number of them, as vLLM (OpenAI's API takes up to 4)
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop must be a non-empty string or a list of non-empty strings", param="stop")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
         raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
