@@ -85,7 +85,8 @@ def trl_targets(responses, logprobs, ref_logprobs, values, scores, args, fix_375
     ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, INVALID_LOGPROB)
     sequence_lengths_p1 = sequence_lengths + 1
     padding_mask_p1 = response_idxs > (sequence_lengths_p1.unsqueeze(1))
-    values = torch.masked_fill(values, padding_mask if fix_3750 else padding_mask_p1, 0)
+    value_mask = padding_mask if fix_3750 else padding_mask_p1  # (the positions after the episode, values 0)
+    values = torch.masked_fill(values, value_mask, 0)
     logr = ref_logprobs - logprobs
     kl = -logr if args.kl_estimator == "k1" else (logr.exp() - 1) - logr
     non_score_reward = -args.kl_coef * kl
@@ -146,13 +147,13 @@ def trl_update(model, value_head, optimizer, query_responses, context_length, t,
                 new_logprobs = torch.log_softmax(logits, -1).gather(-1, mb_responses.unsqueeze(-1)).squeeze(-1)
                 new_logprobs = torch.masked_fill(new_logprobs, t.padding_mask[micro_batch_inds], INVALID_LOGPROB)
                 vpred = vpred_temp[:, context_length - 1 : -1].squeeze(-1)
-                vpred = torch.masked_fill(vpred, t.padding_mask_p1[micro_batch_inds], 0)
+                vpred = torch.masked_fill(vpred, t.value_mask[micro_batch_inds], 0)
                 vpredclipped = torch.clamp(vpred, mb_values - args.cliprange_value, mb_values + args.cliprange_value)
                 vf_losses1 = torch.square(vpred - mb_return)
                 vf_losses2 = torch.square(vpredclipped - mb_return)
                 vf_loss_max = torch.max(vf_losses1, vf_losses2)
-                vf_loss = 0.5 * masked_mean(vf_loss_max, ~t.padding_mask_p1[micro_batch_inds])
-                vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), ~t.padding_mask_p1[micro_batch_inds])
+                vf_loss = 0.5 * masked_mean(vf_loss_max, ~t.value_mask[micro_batch_inds])
+                vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), ~t.value_mask[micro_batch_inds])
                 logprobs_diff = new_logprobs - mb_logprobs
                 ratio = torch.exp(logprobs_diff)
                 pg_losses = -mb_advantage * ratio
@@ -352,11 +353,14 @@ STEP_SETTINGS = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("eos_rows", [False, True], ids=["no_eos", "eos"])
 @pytest.mark.parametrize("kw", STEP_SETTINGS, ids=["k1_accum", "k3_whiten_minibatches"])
-def test_one_step_equals_trls_from_the_same_start(kw):
-    """One PPO step (update half) on a fixed rollout with no EOS: the LoRA and value-head parameters after it equal
-    those after TRL's loop from the same start with the same AdamW (max abs diff < 1e-6), and the step's metrics
-    TRL's (1e-5). TRL clips no gradient: train.max_grad_norm 0 here."""
+def test_one_step_equals_trls_from_the_same_start(kw, eos_rows):
+    """One PPO step (update half) on a fixed rollout: the LoRA and value-head parameters after it equal those after
+    TRL's loop from the same start with the same AdamW (max abs diff < 1e-6), and the step's metrics TRL's (1e-5).
+    TRL clips no gradient: train.max_grad_norm 0 here. With an EOS in row 0, against TRL with the score on the EOS
+    (fix_3750); then TRL's token averages that count the padding after the EOS differ (approxkl, ratio, entropy;
+    its objective/entropy adds 1 per pad: 2 pads over 4 rows, 0.5 lower), the rest agree."""
     kw = dict(kw)
     grad_accum = kw.pop("grad_accum")
     align = AlignArgs(init_kl_coef=0.1, cliprange=0.1, cliprange_value=0.05, vf_coef=0.5, **kw)
@@ -365,7 +369,7 @@ def test_one_step_equals_trls_from_the_same_start(kw):
     loop = PPOLoop(model, _Tok(), lambda p, r: [0.0] * len(p), align, lr=3e-2, max_grad_norm=0.0,
                    grad_accum=grad_accum)  # fmt: skip
     torch.nn.init.normal_(loop.value_head.weight, std=0.3)
-    r = _fixed_rollout(loop, eos_rows=False)
+    r = _fixed_rollout(loop, eos_rows=eos_rows)
     ref_model, ref_head = copy.deepcopy(model), copy.deepcopy(loop.value_head)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -381,14 +385,14 @@ def test_one_step_equals_trls_from_the_same_start(kw):
         per_device_train_batch_size=B // align.num_mini_batches // grad_accum,
     )  # fmt: skip
     m = r.response_mask.bool()
-    t = trl_targets(r.sequences[:, 4:], r.logprobs, r.ref_logprobs, r.values, r.scores, args)
+    t = trl_targets(r.sequences[:, 4:], r.logprobs, r.ref_logprobs, r.values, r.scores, args, fix_3750=eos_rows)
     both = torch.nn.ModuleDict({"policy": ref_model, "value_head": ref_head})
     opt = torch.optim.AdamW(adamw_groups(both, 0.0), lr=3e-2, weight_decay=0.0)
     torch.manual_seed(7)
     perms = [torch.randperm(B) for _ in range(args.num_ppo_epochs)]  # (the loop's shuffles, torch's not numpy's)
     want = trl_update(ref_model, ref_head, opt, r.sequences, 4, t, args, perms)
 
-    assert m.all()
+    assert m.sum() == 20 - 2 * eos_rows
     moved = 0.0
     for (name, p), q in zip(
         [(n, p) for n, p in model.named_parameters() if p.requires_grad],
@@ -399,8 +403,12 @@ def test_one_step_equals_trls_from_the_same_start(kw):
     assert moved > 1e-3  # (the step did move them)
     for a, b in zip(loop.value_head.parameters(), ref_head.parameters()):
         assert (a - b).abs().max() < 1e-6
+    padded = ("policy/approxkl_avg", "val/ratio", "val/ratio_var", "policy/entropy_avg", "objective/entropy")
     for key, value in want.items():
-        assert stats[key] == pytest.approx(value, abs=1e-5), key
+        if not (eos_rows and key in padded):
+            assert stats[key] == pytest.approx(value, abs=1e-5), key
+    if eos_rows:
+        assert stats["objective/entropy"] - 0.5 == pytest.approx(want["objective/entropy"], abs=1e-5)
     assert want["policy/clipfrac_avg"] > 0 or want["val/clipfrac_avg"] > 0  # (clipping was exercised)
 
 
