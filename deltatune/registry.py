@@ -41,6 +41,7 @@ METHODS: dict[str, str] = {
         "bitfit",
         "full",
         "vpt",
+        "trainable_tokens",
     )
 }
 """Method name (what a recipe writes: ``method: {name: lora}``) -> the module that implements it."""

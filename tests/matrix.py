@@ -307,6 +307,21 @@ def fusion_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> in
     return sites * 3 * (d * d + d) + _head_params(base, config)
 
 
+# -- trainable tokens (peft's TRAINABLE_TOKENS): three ids the family's test inputs hold; changed: drawn from N(0, 1) --
+def _trainable_tokens(family: str, changed: bool) -> dt.DeltaConfig:
+    from tiny import tiny_inputs
+
+    from deltatune.methods.trainable_tokens import TrainableTokensConfig
+
+    ids = list(dict.fromkeys(tiny_inputs(family, TASKS[family])["input_ids"][0].tolist()))[:3]
+    return TrainableTokensConfig(token_indices=ids, init_weights=not changed, task_type=task_type(family))
+
+
+def trainable_tokens_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
+    """k rows x the embedding width (a tied output embedding reads the same rows: nothing more)."""
+    return len(config.token_indices) * base.get_input_embeddings().weight.shape[1] + _head_params(base, config)
+
+
 METHODS: list[MethodRow] = [
     MethodRow("lora", _lora(), trainable=lora_trainable, families=WITH_VLM),
     MethodRow("lora-rslora", _lora(use_rslora=True), trainable=lora_trainable, families=WITH_VLM),
@@ -371,6 +386,7 @@ METHODS: list[MethodRow] = [
         families=tuple(f for f in FAMILIES if f not in ("llama", "mistral", "t5")),  # no bias terms at all
     ),
     MethodRow("full", _in_place(dt.FullConfig), False, trainable=full_trainable, in_place=True),
+    MethodRow("trainable_tokens", _trainable_tokens, trainable=trainable_tokens_trainable, families=TEXT),
     # visual prompt tuning: prompt tokens after the class token of a ViT, at the input or before every block
     *(
         MethodRow(f"vpt-{kind}", _vpt(kind == "deep"), False, None, trainable=vpt_trainable, families=tuple(VISION))

@@ -38,6 +38,7 @@ class TrainableTokens(DeltaLayer):
     embedding reads (nothing of its own: not saved, not counted)."""
 
     adapter_attrs = ("trainable_tokens_delta", "tied")
+    supports_row_adapters = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -45,54 +46,95 @@ class TrainableTokens(DeltaLayer):
         self.trainable_tokens_original: dict[str, torch.Tensor] = {}  # E[ids] as the adapter found it, for unmerge
         self.token_indices: dict[str, list[int]] = {}
         self.tied: dict[str, TrainableTokens] = {}  # a plain dict: the source layer is not a child of this one
+        self.saves_tied: set[str] = set()  # tied adapters whose rows this layer saves too (peft's TRAINABLE_TOKENS)
+        self.keys: dict[str, str] = {}  # an adapter's saved key where it is not KEY (the stand-alone method's)
 
     @property
-    def weight(self) -> torch.Tensor:  # modeling code reads ``embed_tokens.weight`` (its dtype, device)
-        return self.base_layer.weight
+    def weight(self) -> torch.Tensor:
+        """What the layer computes with, as peft shows it: LoRA's adapters (peft's TrainableTokensWrapper) give the
+        base weight with their active rows written in (differentiable in V), unless disabled or merged (the base's
+        own, rows merged in or not); the stand-alone method's (peft's TrainableTokensLayer) the base weight."""
+        names = [n for n in self.active_adapters if n not in self.keys]
+        if self.disabled or self.merged or self.row_adapters is not None or not names:
+            return self.base_layer.weight
+        return self.weight_with(names)
 
-    def add(self, name: str, ids: list[int]) -> None:
-        """Adapter ``name`` trains rows ``ids``, started as the base's (peft's init_weights=True)."""
-        originals = self.base_layer.weight[ids]
+    def add(self, name: str, ids: list[int], init_weights: bool = True, key: str = KEY) -> None:
+        """Adapter ``name`` trains rows ``ids``, started as the base's (peft's init_weights=True) or drawn from
+        N(0, 1) (init_weights=False, as peft: ``torch.randn`` in the weight's dtype and device)."""
+        weight = self.base_layer.weight
+        originals = weight[ids].detach().clone()
+        values = (
+            originals.clone()
+            if init_weights
+            else torch.randn(originals.shape, dtype=weight.dtype, device=weight.device)
+        )
         self.token_indices[name] = list(ids)
-        self.trainable_tokens_delta[name] = nn.Parameter(originals.detach().clone(), requires_grad=True)
-        self.trainable_tokens_original[name] = originals.detach().clone()
+        self._keyed(name, key)
+        self.trainable_tokens_delta[name] = nn.Parameter(values, requires_grad=True)
+        self.trainable_tokens_original[name] = originals
 
-    def tie(self, name: str, source: TrainableTokens) -> None:
-        """Adapter ``name`` reads its rows from ``source`` (the input embedding this output embedding is tied to)."""
+    def tie(self, name: str, source: TrainableTokens, saved: bool = False, key: str = KEY) -> None:
+        """Adapter ``name`` reads its rows from ``source`` (the input embedding this output embedding is tied to);
+        ``saved``: its file holds them under this layer's key too (peft's stand-alone method writes the tied
+        layer's view of the shared ParameterDict; LoRA's wrapper writes nothing for it)."""
         self.tied[name] = source
+        self._keyed(name, key)
+        if saved:
+            self.saves_tied.add(name)
+
+    def export_state(self, name: str, prefix: str) -> dict[str, torch.Tensor]:
+        if name in self.tied:
+            return {prefix + self.keys.get(name, KEY): self._rows(name)[1]} if name in self.saves_tied else {}
+        return super().export_state(name, prefix)
+
+    def import_state(self, name: str, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        if name not in self.tied:  # a tied layer's copy is its source's rows, which the source imports
+            super().import_state(name, prefix, tensors)
 
     def merge_agrees_with(self, other: nn.Module) -> bool:
-        """Whether this layer and ``other``, which hold one weight, compute with what a merge writes into it: one is
-        a tied output embedding that reads the other's rows and holds none of its own (with ids of their own, each
-        would see the other's rows once merged: refused, where peft merges them)."""
+        """Whether this layer and ``other``, which hold one weight, compute with what a merge writes into it: both
+        read one layer's rows (one is that layer, or both are tied to it: T5's encoder and decoder embeddings and its
+        output embedding) and hold none of their own besides (with ids of their own, each would see the other's rows
+        once merged: refused, where peft merges them)."""
 
-        def reads(a: nn.Module, b: nn.Module) -> bool:
-            return (
-                isinstance(a, TrainableTokens)
-                and not a.trainable_tokens_delta
-                and all(s is b for s in a.tied.values())
-            )
+        def root(a: nn.Module) -> nn.Module | None:  # the layer whose rows ``a`` computes with
+            if not isinstance(a, TrainableTokens) or (a.trainable_tokens_delta and a.tied):
+                return None
+            sources = {id(s): s for s in a.tied.values()}
+            return a if not sources else next(iter(sources.values())) if len(sources) == 1 else None
 
-        return reads(other, self) or reads(self, other)
+        return root(self) is not None and root(self) is root(other)
 
     def _rows(self, name: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """(ids, trained rows, original rows) of adapter ``name``, its own or its tied source's."""
         layer = self.tied.get(name, self)
         return layer.token_indices[name], layer.trainable_tokens_delta[name], layer.trainable_tokens_original[name]
 
-    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        return {KEY: self.trainable_tokens_delta[name]} if name in self.trainable_tokens_delta else {}
+    def _keyed(self, name: str, key: str) -> None:
+        if key != KEY:
+            self.keys[name] = key
 
-    # peft's get_layer_status names the TrainableTokensLayer inside its wrapper, and shows a tied layer's rows as its
-    peft_class, status_suffix = "TrainableTokensLayer", ".token_adapter"
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        rows = self.trainable_tokens_delta
+        return {self.keys.get(name, KEY): rows[name]} if name in rows else {}
+
+    # peft's get_layer_status names the TrainableTokensLayer (inside LoRA's wrapper), and shows a tied layer's rows
+    peft_class = "TrainableTokensLayer"
+
+    @property
+    def status_suffix(self) -> str:
+        return "" if self.keys and len(self.keys) == len(self.adapter_names) else ".token_adapter"
 
     def status_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        return {KEY: self._rows(name)[1]}
+        return {self.keys.get(name, KEY): self._rows(name)[1]}
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.token_indices.pop(name, None)
         self.trainable_tokens_original.pop(name, None)
+        self.saves_tied.discard(name)
+        self.keys.pop(name, None)
 
     def check_active(self, names: list[str], path: str) -> None:
         """peft's ``_check_overlapping_tokens``: adapters (with those merged) whose ids overlap cannot act together."""
@@ -115,10 +157,29 @@ class TrainableTokens(DeltaLayer):
         return W
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.row_adapters is not None and not self.disabled and not self.merged:
+            return self._routed(x, *args, **kwargs)
         names = self.active_adapters
         if self.disabled or self.merged or not names:  # as peft: a merged layer computes as its weight alone
             return self.base_layer(x, *args, **kwargs)
         self.check_active(names, type(self.base_layer).__name__)
+        return self._compute(x, names, *args, **kwargs)
+
+    def _routed(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A mixed-adapter batch: each row with its adapter's rows (the base for BASE_ROW or an adapter this layer
+        does not hold), as peft's TrainableTokensWrapper._mixed_batch_forward."""
+        parts, order = [], []
+        for name, rows in self.row_adapters.groups(x.shape[0], x.device):
+            part = x if rows is None else x.index_select(0, rows)
+            held = name in self.adapter_names
+            out = self._compute(part, [name], *args, **kwargs) if held else self.base_layer(part, *args, **kwargs)
+            if rows is None:
+                return out
+            parts.append(out)
+            order.append(rows)
+        return torch.cat(parts).index_select(0, torch.cat(order).argsort())
+
+    def _compute(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         W, base = self.weight_with(names), self.base_layer
         if not isinstance(base, nn.Embedding):  # an output embedding (lm_head): its bias kept, unlike peft's
             return F.linear(x, W, base.bias)
@@ -138,14 +199,15 @@ class TrainableTokens(DeltaLayer):
         weight.index_copy_(0, torch.tensor(ids, device=weight.device), originals.to(weight))
 
 
-def _check_ids(ids: Any, where: str) -> list[int]:
+def check_ids(ids: Any, where: str, label: str = "trainable_token_indices") -> list[int]:
+    """``ids`` as a list of distinct token ids (ConfigError naming ``label``/``where`` otherwise)."""
     if not isinstance(ids, (list, tuple)) or not all(type(i) is int for i in ids):
-        raise ConfigError(f"trainable_token_indices{where} must be a list of token ids (ints), got {ids!r}")
+        raise ConfigError(f"{label}{where} must be a list of token ids (ints), got {ids!r}")
     if not ids:
-        raise ConfigError(f"trainable_token_indices{where} is empty; list the token ids to train")
+        raise ConfigError(f"{label}{where} is empty; list the token ids to train")
     if len(set(ids)) < len(ids):
         twice = next(i for i in ids if ids.count(i) > 1)
-        raise ConfigError(f"trainable_token_indices{where} lists token id {twice} twice")
+        raise ConfigError(f"{label}{where} lists token id {twice} twice")
     return list(ids)
 
 
@@ -156,7 +218,7 @@ def check_indices(spec: Any) -> dict[str, list[int]] | list[int] | None:
         ConfigError: another type, an id that is not an int, an empty or repeated list, an empty module name.
     """
     if spec is None or isinstance(spec, (list, tuple)):
-        return None if spec is None else _check_ids(spec, "")
+        return None if spec is None else check_ids(spec, "")
     if not isinstance(spec, dict) or not spec:
         raise ConfigError(
             "trainable_token_indices must be a list of token ids or a dict {embedding module name: [token ids]}, "
@@ -165,7 +227,7 @@ def check_indices(spec: Any) -> dict[str, list[int]] | list[int] | None:
     for key, ids in spec.items():
         if not isinstance(key, str) or not key:
             raise ConfigError(f"trainable_token_indices keys must be module names, got {key!r}")
-        _check_ids(ids, f"[{key!r}]")
+        check_ids(ids, f"[{key!r}]")
     return spec
 
 
@@ -183,34 +245,32 @@ def _tied_names(model: nn.Module, embedding: nn.Module | None, path: str) -> lis
     return names
 
 
-def _check_target(model: nn.Module, path: str, module: nn.Module, ids: list[int], name: str) -> None:
+def _check_target(model: nn.Module, path: str, module: nn.Module, ids: list[int], name: str, label: str) -> None:
     """ConfigError unless ``module`` at ``path`` can train rows ``ids`` for adapter ``name``."""
     kind = type(module).__name__
     if isinstance(module, ModulesToSave) or (
         isinstance(module, DeltaLayer) and not isinstance(module, TrainableTokens)
     ):
-        raise ConfigError(f"trainable_token_indices cannot be applied to {path}, already adapted by {kind}")
+        raise ConfigError(f"{label} cannot be applied to {path}, already adapted by {kind}")
     if any(isinstance(model.get_submodule(path[:i]), DeltaLayer) for i in range(len(path)) if path[i] == "."):
-        raise ConfigError(
-            f"trainable_token_indices names {path}, a module inside an adapter layer; name the embedding"
-        )
+        raise ConfigError(f"{label} names {path}, a module inside an adapter layer; name the embedding")
     if isinstance(module, TrainableTokens):
         if name in module.adapter_names:
-            raise ConfigError(f"trainable_token_indices names {path} twice (two keys match it)")
+            raise ConfigError(f"{label} names {path} twice (two keys match it)")
         module = module.base_layer
     output = getattr(model, "get_output_embeddings", lambda: None)()
     if isinstance(module, nn.Embedding):
         if type(module).forward is not nn.Embedding.forward and not hasattr(module, "embed_scale"):
-            raise ConfigError(f"trainable_token_indices: {path} ({kind}) does not look up its input (a learned "
+            raise ConfigError(f"{label}: {path} ({kind}) does not look up its input (a learned "
                               "positional embedding computes positions from it); name a token embedding")  # fmt: skip
     elif not (isinstance(module, nn.Linear) and (module is output or getattr(output, "base_layer", None) is module)):
-        raise ConfigError(f"trainable_token_indices: {path} is a {kind}, not an embedding; name the input embedding "
+        raise ConfigError(f"{label}: {path} is a {kind}, not an embedding; name the input embedding "
                           "(or an untied output embedding, lm_head)")  # fmt: skip
     if not module.weight.is_floating_point():
-        raise ConfigError(f"trainable_token_indices: {path} stores its weight as {module.weight.dtype}")
+        raise ConfigError(f"{label}: {path} stores its weight as {module.weight.dtype}")
     rows = module.weight.shape[0]
     if bad := [i for i in ids if not 0 <= i < rows]:
-        raise ConfigError(f"trainable_token_indices: token id {bad[0]} is out of range for {path} ({rows} rows)")
+        raise ConfigError(f"{label}: token id {bad[0]} is out of range for {path} ({rows} rows)")
 
 
 def add_tokens(model: nn.Module, config: Any, adapter_name: str) -> list[nn.Module]:
@@ -235,7 +295,26 @@ def add_tokens(model: nn.Module, config: Any, adapter_name: str) -> list[nn.Modu
                 "The embedding layer is already marked to be trained fully, either specify "
                 f"`modules_to_save=[..., \"{key}\", ...]` or `trainable_tokens={{'{key}': x}}` but not both."
             )
-    emb_path = paths.get(embedding, "")
+    return place_tokens(model, spec, adapter_name)
+
+
+def place_tokens(
+    model: nn.Module,
+    spec: dict[str, list[int]],
+    adapter_name: str,
+    label: str = "trainable_token_indices",
+    init_weights: bool = True,
+    save_tied: bool = False,
+    saved_as: str = KEY,
+) -> list[nn.Module]:
+    """Wrap the modules whose names end with each key of ``spec`` and add adapter ``adapter_name`` training the
+    key's ids there; then tie the output embedding to the input one where the model ties them (LoRA's
+    ``trainable_token_indices`` and the stand-alone method share this). ``label`` names the config field in the
+    refusals; ``save_tied``: the tied layers save the rows under their own key too, and ``saved_as`` is the saved
+    tensor's name in each layer (peft's stand-alone files: ``trainable_tokens_delta``, no wrapper).
+    Everything is checked before the model is touched."""
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    emb_path = next((n for n, m in model.named_modules() if m is embedding), "")
     if isinstance(embedding, TrainableTokens):
         embedding = embedding.base_layer
     tied = _tied_names(model, embedding, emb_path)
@@ -252,24 +331,24 @@ def add_tokens(model: nn.Module, config: Any, adapter_name: str) -> list[nn.Modu
             continue
         found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n.endswith(key)]
         if not found:
-            raise ConfigError(f"trainable_token_indices: Target modules {{{key!r}}} not found in the base model. "
+            raise ConfigError(f"{label}: Target modules {{{key!r}}} not found in the base model. "
                               "Please check the target modules and try again.")  # fmt: skip
         for path, module in found:
-            _check_target(model, path, module, ids, adapter_name)
+            _check_target(model, path, module, ids, adapter_name, label)
             plan.append((path, module, ids))
     wraps_embedding = any(m is embedding or getattr(m, "base_layer", None) is embedding for _, m, _ in plan)
     tied = [t for t in tied if wraps_embedding and t not in {p for p, _, _ in plan}]
     for path in tied:
         module = model.get_submodule(path)
         if isinstance(module, DeltaLayer) and not isinstance(module, TrainableTokens):
-            raise ConfigError(f"trainable_token_indices cannot be tied to {path} (the output embedding), already "
+            raise ConfigError(f"{label} cannot be tied to {path} (the output embedding), already "
                               f"adapted by {type(module).__name__}")  # fmt: skip
     layers: list[nn.Module] = []
     for path, module, ids in plan:
         layer = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
         if layer is not module:
             set_submodule(model, path, layer)
-        layer.add(adapter_name, ids)
+        layer.add(adapter_name, ids, init_weights, saved_as)
         layers.append(layer)
     source = next(lay for lay in layers if lay.base_layer is embedding) if tied else None
     for path in tied:
@@ -277,6 +356,6 @@ def add_tokens(model: nn.Module, config: Any, adapter_name: str) -> list[nn.Modu
         layer = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
         if layer is not module:
             set_submodule(model, path, layer)
-        layer.tie(adapter_name, source)
+        layer.tie(adapter_name, source, save_tied, saved_as)
         layers.append(layer)
     return layers
