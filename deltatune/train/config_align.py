@@ -76,6 +76,7 @@ class AlignArgs:
                               "tokens, mean kept) before GAE, as TRL's whiten_rewards.")  # fmt: skip
     kl_coef: float | None = _f(None, "PPO: TRL's name for align.init_kl_coef (set one of them).")
     num_ppo_epochs: int | None = _f(None, "PPO: TRL's name for align.ppo_epochs (set one of them).")
+    response_length: int | None = _f(None, "PPO: TRL's name for align.max_new_tokens (set one of them).")
     num_mini_batches: int | None = _f(None, "PPO: TRL's: mini-batches per batch of rollouts; sets align."
                                       "mini_batch_size to train.batch_size / num_mini_batches.")  # fmt: skip
     num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
@@ -164,7 +165,7 @@ def validate_align(a: AlignArgs, stage: str) -> None:
         raise ConfigError("align.desirable_weight and align.undesirable_weight are both 0; at least one must be > 0")
 
 
-PPO_TRL_NAMES = {"kl_coef": "init_kl_coef", "num_ppo_epochs": "ppo_epochs"}
+PPO_TRL_NAMES = {"kl_coef": "init_kl_coef", "num_ppo_epochs": "ppo_epochs", "response_length": "max_new_tokens"}
 """TRL's PPOConfig names a recipe may use for deltatune's align keys; ``validate_ppo`` copies them over."""
 
 
