@@ -413,12 +413,13 @@ def test_one_step_equals_trls_from_the_same_start(kw, eos_rows):
 
 
 def test_trl_names_are_accepted_and_checked():
-    """align.kl_coef / num_ppo_epochs (TRL's names) set init_kl_coef / ppo_epochs; both set differently is one
-    line; kl_estimator other than k1 / k3 and a negative missing_eos_penalty are refused."""
-    a = AlignArgs(kl_coef=0.05, num_ppo_epochs=2)
+    """align.kl_coef / num_ppo_epochs / response_length (TRL's names) set init_kl_coef / ppo_epochs / max_new_tokens;
+    both set differently is one line; kl_estimator other than k1 / k3 and a negative missing_eos_penalty are refused."""
+    a = AlignArgs(kl_coef=0.05, num_ppo_epochs=2, response_length=7)
     validate_align(a, "ppo")
-    assert (a.init_kl_coef, a.ppo_epochs) == (0.05, 2)
+    assert (a.init_kl_coef, a.ppo_epochs, a.max_new_tokens) == (0.05, 2, 7)
     for bad, words in ((dict(kl_coef=0.05, init_kl_coef=0.3), "align.kl_coef"),
+                       (dict(response_length=7, max_new_tokens=9), "align.response_length"),
                        (dict(kl_estimator="k2"), "align.kl_estimator"),
                        (dict(missing_eos_penalty=-1.0), "align.missing_eos_penalty"),
                        (dict(num_mini_batches=0), "align.num_mini_batches")):  # fmt: skip
