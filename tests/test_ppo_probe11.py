@@ -360,7 +360,7 @@ def test_one_step_equals_trls_from_the_same_start(kw, eos_rows):
     TRL's loop from the same start with the same AdamW (max abs diff < 1e-6), and the step's metrics TRL's (1e-5).
     TRL clips no gradient: train.max_grad_norm 0 here. With an EOS in row 0, against TRL with the score on the EOS
     (fix_3750); then TRL's token averages that count the padding after the EOS differ (approxkl, ratio, entropy;
-    its objective/entropy adds 1 per pad: 2 pads over 4 rows, 0.5 lower), the rest agree."""
+    its objective/entropy counts -1 per pad: 2 pads over 4 rows, 0.5 lower), the rest agree."""
     kw = dict(kw)
     grad_accum = kw.pop("grad_accum")
     align = AlignArgs(init_kl_coef=0.1, cliprange=0.1, cliprange_value=0.05, vf_coef=0.5, **kw)
