@@ -2,9 +2,9 @@
 
 The page is three static files shipped in ``deltatune/board/static`` (no CDN, no build step); it polls a small
 JSON API. Routes: ``/`` and ``/static/<file>`` (the page), ``/api/runs`` (the run list), ``/api/run?name=...``
-(one run: recipe, metrics, log history, report), ``/api/config`` (where the playground sends requests), and, when
-a serve process is named, ``/api/serve/v1/...`` forwarded to it (so the page needs no cross-origin calls and the
-API key stays on the server). Needs the ``serve`` extra (FastAPI, uvicorn).
+(one run: recipe, metrics, log history thinned to ``&points=`` rows of each kind, report), ``/api/config`` (where
+the playground sends requests), and, when a serve process is named, ``/api/serve/v1/...`` forwarded to it (so the
+page needs no cross-origin calls and the API key stays on the server). Needs the ``serve`` extra (FastAPI, uvicorn).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
         return {"runs": await run_in_threadpool(runs_.list_runs, root)}
 
     @app.get("/api/run")
-    async def run(name: str):
-        data = await run_in_threadpool(runs_.detail, root, name)
+    async def run(name: str, points: int = runs_.MAX_POINTS):  # points: the most log rows of a kind; 0: all
+        data = await run_in_threadpool(runs_.detail, root, name, points)
         if data is None:
             return missing(f"no run {name!r} in the runs folder")
         # A plain dict would go through FastAPI's jsonable_encoder, which walks every log line (15 s at 200k lines)

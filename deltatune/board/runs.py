@@ -15,7 +15,9 @@ import json
 import math
 import os
 import socket
+import stat
 import struct
+import threading
 import time
 from typing import Any
 
@@ -31,6 +33,9 @@ HEADLINE = (
     "eval_loss",
     "train_loss",
 )
+MAX_POINTS = 2000
+"""The most log rows of one kind (the same keys: train logs, eval logs) a run's page is sent; a longer log is thinned
+evenly, first and last row kept (TensorBoard keeps 1,000 scalars per tag, by reservoir sampling)."""
 STALE_S = 600.0
 """A run with no metrics.json whose files have not changed for this long is taken as stopped (failed)."""
 
@@ -49,8 +54,10 @@ def inside(root: str, *parts: str) -> str | None:
 
 def _in(folder: str, name: str) -> str:
     """``folder/name`` resolved, or "" (which every read here takes as missing) when a symlink leads out of
-    ``folder``: a run's report.md linked to a file elsewhere is not served."""
-    return inside(folder, name) or ""
+    ``folder`` (a run's report.md linked to a file elsewhere is not served) or it is there but no regular file (a
+    FIFO named log_history.jsonl blocked the reading thread for good)."""
+    path = inside(folder, name) or ""
+    return path if not os.path.exists(path) or os.path.isfile(path) else ""
 
 
 def _read_json(path: str) -> Any:
@@ -96,15 +103,7 @@ def _last_step(folder: str) -> int:
 def history(folder: str) -> list[dict[str, Any]]:
     """The run's log history: ``log_history.jsonl`` (skipping a partial last line), else the newest checkpoint's
     ``trainer_state.json``."""
-    rows: list[dict[str, Any]] = []
-    try:
-        with open(_in(folder, LOG_FILE), encoding="utf-8", errors="replace") as fh:  # bad bytes: a line skipped
-            for line in fh:
-                row = _row(line)
-                if isinstance(row, dict):
-                    rows.append(_finite(row))
-    except OSError:
-        pass
+    rows = _log_rows(_in(folder, LOG_FILE))
     if rows:
         return rows
     states = sorted(glob.glob(os.path.join(glob.escape(folder), "checkpoint-*", "trainer_state.json")), key=_step)
@@ -113,6 +112,64 @@ def history(folder: str) -> list[dict[str, Any]]:
         if isinstance(state, dict) and isinstance(state.get("log_history"), list):
             return [_finite(r) for r in state["log_history"] if isinstance(r, dict)]
     return []
+
+
+_LOGS: dict[str, tuple[tuple[int, int], int, bytes, list[dict[str, Any]]]] = {}
+_LOGS_LOCK = threading.Lock()
+
+
+def _log_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a log file, parsing only what was appended since the last read (a page polls every second; a
+    100,000-line log took a second to parse each time). The cache is dropped when the file is another one, shorter,
+    or its last read line is no longer where it was (a run restarted, or resumed, rewrites the log)."""
+    try:
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return []
+            with _LOGS_LOCK:
+                ident, offset, last, rows = _LOGS.get(path, ((-1, -1), 0, b"", []))
+            if ident != (info.st_dev, info.st_ino) or offset > info.st_size:
+                offset, last, rows = 0, b"", []
+            fh.seek(offset - len(last))
+            if fh.read(len(last)) != last:
+                offset, last, rows = 0, b"", []
+                fh.seek(0)
+            data = fh.read()
+    except OSError:
+        return []
+    end = data.rfind(b"\n") + 1  # whole lines only are kept; a last line without its newline is read each time
+    rows = rows + _parse(data[:end])
+    if end:
+        with _LOGS_LOCK:
+            if len(_LOGS) >= 16:  # many runs open in turn: the oldest cached log is let go
+                _LOGS.pop(next(iter(_LOGS)))
+            _LOGS[path] = ((info.st_dev, info.st_ino), offset + end, data[max(0, end - 256) : end], rows)
+    return rows + _parse(data[end:])
+
+
+def _parse(data: bytes) -> list[dict[str, Any]]:
+    rows = []
+    for line in data.decode("utf-8", errors="replace").splitlines():  # bad bytes: a line skipped
+        row = _row(line)
+        if isinstance(row, dict):
+            rows.append(_finite(row))
+    return rows
+
+
+def downsample(rows: list[dict[str, Any]], limit: int = MAX_POINTS) -> list[dict[str, Any]]:
+    """At most ``limit`` rows of each kind (rows with the same keys), evenly spaced, the first and last kept; the
+    order of the log kept. ``limit`` < 2 keeps every row."""
+    kinds: dict[frozenset[str], list[int]] = {}
+    for i, row in enumerate(rows):
+        kinds.setdefault(frozenset(row), []).append(i)
+    if limit < 2 or all(len(v) <= limit for v in kinds.values()):
+        return rows
+    keep: set[int] = set()
+    for index in kinds.values():
+        n = len(index)
+        keep.update(index if n <= limit else (index[round(i * (n - 1) / (limit - 1))] for i in range(limit)))
+    return [rows[i] for i in sorted(keep)]
 
 
 def _step(path: str) -> int:
@@ -224,14 +281,16 @@ def list_runs(root: str) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: -r["updated"])
 
 
-def detail(root: str, name: str) -> dict[str, Any] | None:
-    """A run's summary plus its recipe, every final metric, its log history and its report (markdown)."""
+def detail(root: str, name: str, points: int = MAX_POINTS) -> dict[str, Any] | None:
+    """A run's summary plus its recipe, every final metric, its log history (at most ``points`` rows of each kind,
+    see ``downsample``; ``history_rows`` counts them all) and its report (markdown)."""
     row = summary(root, name)
     if row is None:
         return None
     folder = inside(root, name)
     assert folder is not None
     metrics = _read_json(_in(folder, "metrics.json"))
+    rows = history(folder)
     try:
         with open(_in(folder, "report.md"), encoding="utf-8") as fh:
             report = fh.read()
@@ -241,6 +300,7 @@ def detail(root: str, name: str) -> dict[str, Any] | None:
         **row,
         "recipe": _finite(_read_yaml(_in(folder, RUN_FILE)) or {}),
         "all_metrics": _finite(metrics) if isinstance(metrics, dict) else {},
-        "history": history(folder),
+        "history": downsample(rows, points),
+        "history_rows": len(rows),
         "report": report,
     }

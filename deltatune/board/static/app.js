@@ -8,12 +8,15 @@ const POLL_MS = Number(new URLSearchParams(location.search).get("poll")) || 1000
 let timer = null;
 let selected = new Set();
 let config = { playground: null };
+// The chart settings, kept across polls and page loads: TensorBoard's smoothing weight (0.6 its default) and x axis.
+const settings = { smoothing: 0.6, x: "step" };
+try { Object.assign(settings, JSON.parse(localStorage.getItem("deltatune-board") || "{}")); } catch (e) { /* none */ }
 
 function el(tag, attrs, ...children) {
   const node = tag === "svg" || ["path", "line", "text", "g", "polyline", "circle"].includes(tag)
     ? document.createElementNS("http://www.w3.org/2000/svg", tag) : document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === "onclick" || k === "onchange") node[k] = v; else node.setAttribute(k, v);
+    if (k === "onclick" || k === "onchange" || k === "oninput") node[k] = v; else node.setAttribute(k, v);
   }
   for (const c of children.flat()) {
     if (c === null || c === undefined) continue;
@@ -35,12 +38,25 @@ function fmt(v) {
   return String(v);
 }
 
+// TensorBoard's smoothing (its classicSmoothing): an exponential moving average debiased as Adam's moments are, so
+// the first points are not pulled towards 0; a constant series and values that are not finite are left as they are.
+function smooth(ys, weight) {
+  let last = 0, n = 0;
+  const constant = ys.every(y => y === ys[0]);
+  return ys.map(y => {
+    if (constant || !Number.isFinite(y)) return y;
+    last = last * weight + (1 - weight) * y;
+    n += 1;
+    return weight === 1 ? last : last / (1 - Math.pow(weight, n));
+  });
+}
+
 // -- charts ---------------------------------------------------------------------------------------------
 // series: [{label, points: [[x, y], ...]}]; draws lines on shared axes, as SVG.
 function chart(title, series, id) {
   const W = 560, H = 260, L = 52, R = 12, T = 22, B = 30;
   const all = series.flatMap(s => s.points);
-  const svg = el("svg", { width: W, height: H, class: "chart", id: id || "", "data-points": String(all.length) });
+  const svg = el("svg", { width: W, height: H, class: "chart", id: id || "", "data-points": String(all.length), "data-x": settings.x });
   svg.append(el("text", { x: L, y: 15 }, title));
   if (!all.length) {
     svg.append(el("text", { x: W / 2 - 40, y: H / 2 }, "no points yet"));
@@ -55,16 +71,24 @@ function chart(title, series, id) {
   const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
   svg.append(el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" }));
   svg.append(el("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" }));
+  svg.append(el("text", { x: W - R, y: H - B - 4, "text-anchor": "end", class: "axis-name" }, settings.x));
   for (const t of [0, 0.5, 1]) {
     const y = y0 + t * (y1 - y0), x = x0 + t * (x1 - x0);
     svg.append(el("text", { x: 2, y: sy(y) + 4 }, y.toPrecision(3)));
-    svg.append(el("text", { x: sx(x) - 8, y: H - 10 }, Math.round(x)));
+    svg.append(el("text", { x: sx(x) - 8, y: H - 10 }, x1 - x0 < 10 ? +x.toFixed(2) : Math.round(x)));  // epochs
   }
+  const line = pts => pts.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
   series.forEach((s, i) => {
     if (!s.points.length) return;
     const color = COLORS[i % COLORS.length];
-    const d = s.points.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
-    svg.append(el("polyline", { points: d, fill: "none", stroke: color, "stroke-width": 2, "data-label": s.label }));
+    const w = settings.smoothing;
+    if (w > 0 && s.points.length > 2) {  // as TensorBoard: the raw curve faint behind the smoothed one
+      svg.append(el("polyline", { points: line(s.points), fill: "none", stroke: color, "stroke-opacity": 0.25, "data-raw": s.label }));
+      const ys = smooth(s.points.map(p => p[1]), w);
+      svg.append(el("polyline", { points: line(s.points.map((p, j) => [p[0], ys[j]])), fill: "none", stroke: color, "stroke-width": 2, "data-label": s.label }));
+      return;
+    }
+    svg.append(el("polyline", { points: line(s.points), fill: "none", stroke: color, "stroke-width": 2, "data-label": s.label }));
     if (s.points.length < 40) s.points.forEach(p => svg.append(el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color })));
   });
   return svg;
@@ -75,17 +99,48 @@ function legend(series) {
     series.map((s, i) => el("span", {}, el("i", { style: `background:${COLORS[i % COLORS.length]}` }), s.label)));
 }
 
+// The x axis is the setting's (step or epoch); a row without it is left out.
 function seriesOf(history, key) {
-  return history.filter(h => typeof h[key] === "number" && typeof h.step === "number").map(h => [h.step, h[key]]);
+  const x = settings.x;
+  return history.filter(h => typeof h[key] === "number" && typeof h[x] === "number").map(h => [h[x], h[key]]);
 }
 
+// Every scalar the log holds, as TensorBoard shows every tag: the learning rate and grad norm first, then the rest
+// (timings, counters and the axes left out).
 function metricKeys(history) {
   const keys = new Set();
   for (const h of history) for (const [k, v] of Object.entries(h)) {
-    if (typeof v === "number" && (k.startsWith("eval_") || k === "loss" || k === "reward" || k.endsWith("accuracy"))
-        && !/runtime|per_second|epoch/.test(k)) keys.add(k);
+    if (typeof v === "number" && !/^(step|epoch)$|runtime|per_second|total_flos|num_tokens|_steps$/.test(k)) keys.add(k);
   }
-  return [...keys];
+  const first = ["learning_rate", "grad_norm"].filter(k => keys.has(k));
+  return [...first, ...[...keys].filter(k => !first.includes(k)).sort()];
+}
+
+function save() {
+  try { localStorage.setItem("deltatune-board", JSON.stringify(settings)); } catch (e) { /* private mode */ }
+}
+
+// The smoothing slider and the x axis choice, above the charts of a run and of a comparison.
+function controls() {
+  const slider = el("input", { type: "range", id: "smoothing", min: "0", max: "0.999", step: "0.001", value: String(settings.smoothing) });
+  const shown = el("span", { id: "smoothing-value" }, settings.smoothing.toFixed(3));
+  slider.oninput = () => { settings.smoothing = Number(slider.value); shown.textContent = settings.smoothing.toFixed(3); };
+  slider.onchange = () => { save(); render(); };
+  const axis = el("select", { id: "x-axis" }, ["step", "epoch"].map(k => el("option", { value: k }, k)));
+  axis.value = settings.x;
+  axis.onchange = () => { settings.x = axis.value; save(); render(); };
+  return el("p", { class: "controls" }, el("label", {}, "smoothing ", slider, " "), shown, el("label", {}, " x axis ", axis));
+}
+
+function ago(t) {
+  const s = Math.max(0, Date.now() / 1000 - t);
+  return !t ? "" : s < 90 ? `${Math.round(s)} s ago` : s < 5400 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
+}
+
+function flatTable(id, obj) {
+  const flat = flatten(obj, "", {});
+  return el("table", { id }, el("tr", {}, el("th", {}, "recipe key"), el("th", {}, "value")),
+    Object.keys(flat).sort().map(k => el("tr", {}, el("td", {}, k), el("td", {}, flat[k]))));
 }
 
 // -- views ----------------------------------------------------------------------------------------------
@@ -102,7 +157,7 @@ async function viewRuns(view) {
       el("td", {}, box),
       el("td", {}, el("a", { href: `#run/${encodeURIComponent(r.name)}` }, r.name)),
       el("td", {}, r.stage), el("td", {}, r.method), el("td", {}, r.model),
-      el("td", { class: `status-${r.status}` }, r.status),
+      el("td", { class: `status-${r.status}`, title: `updated ${ago(r.updated)}` }, r.status),
       el("td", { class: "num" }, fmt(r.steps)),
       el("td", { class: "num" }, fmt(r.trainable_params)),
       el("td", {}, metrics)));
@@ -119,15 +174,17 @@ async function viewRun(view, name) {
   const loss = [{ label: "train loss", points: seriesOf(r.history, "loss") },
                 { label: "eval loss", points: seriesOf(r.history, "eval_loss") }];
   const others = metricKeys(r.history).filter(k => k !== "loss" && k !== "eval_loss");
+  const thinned = r.history_rows > r.history.length ? ` · curves of ${fmt(r.history.length)} of ${fmt(r.history_rows)} log rows` : "";
   const metrics = el("table", { id: "metrics-table" }, el("tr", {}, el("th", {}, "metric"), el("th", {}, "value")),
     Object.entries(r.all_metrics).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, fmt(v)))));
   const trainable = r.trainable_params === null ? "trainable parameters: when saved" : `${fmt(r.trainable_params)} trainable parameters`;
   view.replaceChildren(el("div", {},
     el("h2", {}, `Run ${r.name} `, el("span", { class: `status-${r.status}`, id: "run-status" }, r.status)),
-    el("p", {}, `${r.stage} · ${r.method} · ${r.model} · ${trainable} · step ${r.steps}`),
-    legend(loss), chart("loss", loss, "loss-chart"),
+    el("p", { id: "run-facts" }, `${r.stage} · ${r.method} · ${r.model} · ${trainable} · step ${r.steps} · updated ${ago(r.updated)}${thinned}`),
+    controls(), legend(loss), chart("loss", loss, "loss-chart"),
     others.map(k => chart(k, [{ label: k, points: seriesOf(r.history, k) }])),
     el("h3", {}, "Final metrics"), Object.keys(r.all_metrics).length ? metrics : el("p", { class: "muted" }, "not yet"),
+    el("h3", {}, "Recipe (run.yaml)"), flatTable("recipe-table", r.recipe),
     r.report ? [el("h3", {}, "report.md"), el("pre", {}, r.report)] : null));
 }
 
@@ -144,7 +201,11 @@ async function viewCompare(view, names) {
     view.replaceChildren(el("p", { class: "muted" }, "Select runs on the Runs page, then press Compare selected."));
     return;
   }
-  const runs = await Promise.all(names.map(n => getJSON("/api/run?name=" + encodeURIComponent(n))));
+  // A run deleted (or renamed) since it was picked is named, not the end of the comparison.
+  const got = await Promise.allSettled(names.map(n => getJSON("/api/run?name=" + encodeURIComponent(n))));
+  const runs = got.filter(g => g.status === "fulfilled").map(g => g.value);
+  const lost = names.filter((n, i) => got[i].status === "rejected");
+  const gone = lost.length ? el("p", { class: "error", id: "compare-missing" }, `not found: ${lost.join(", ")}`) : null;
   const keys = [...new Set(runs.flatMap(r => Object.keys(r.all_metrics)))].sort();
   const metrics = el("table", { id: "compare-metrics" }, el("tr", {}, el("th", {}, "metric"), runs.map(r => el("th", {}, r.name))),
     el("tr", {}, el("td", {}, "trainable params"), runs.map(r => el("td", { class: "num" }, fmt(r.trainable_params)))),
@@ -156,7 +217,7 @@ async function viewCompare(view, names) {
     differing.map(k => el("tr", {}, el("td", {}, k), flat.map(f => el("td", { class: "changed" }, f[k] ?? "")))));
   const losses = runs.map(r => ({ label: `${r.name} loss`, points: seriesOf(r.history, "loss") }));
   const evals = runs.map(r => ({ label: `${r.name} eval loss`, points: seriesOf(r.history, "eval_loss") }));
-  view.replaceChildren(el("div", {}, el("h2", {}, `Compare ${runs.length} runs`), metrics,
+  view.replaceChildren(el("div", {}, el("h2", {}, `Compare ${runs.length} runs`), gone, metrics, controls(),
     el("h3", {}, "Training loss"), legend(losses), chart("train loss", losses, "compare-loss"),
     el("h3", {}, "Eval loss"), legend(evals), chart("eval loss", evals, "compare-eval"),
     el("h3", {}, `Recipe differences (${differing.length})`), differing.length ? diff : el("p", { class: "muted" }, "same recipe")));
@@ -222,7 +283,17 @@ async function render() {
     view.replaceChildren(el("p", { class: "error" }, e.message));
   }
   document.body.dataset.rendered = String(Date.now());
-  if (poll) timer = setTimeout(render, POLL_MS);
+  if (poll) timer = setTimeout(repoll, POLL_MS);
+}
+
+// A poll waits while the smoothing slider is held or the x axis list is open: redrawing would take them away.
+let holding = false;
+addEventListener("pointerdown", () => { holding = true; });
+addEventListener("pointerup", () => { holding = false; });
+function repoll() {
+  const a = document.activeElement;
+  if (holding || (a && a.tagName === "SELECT" && a.id === "x-axis")) timer = setTimeout(repoll, POLL_MS);
+  else render();
 }
 
 window.addEventListener("hashchange", render);
