@@ -229,3 +229,13 @@ def test_more_than_four_stop_strings_are_served_as_vllm_serves_them(smol):
     assert status == 200, answer
     status, answer = _call(smol[1], "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop": ["a", ""]})
     assert status == 400 and answer["error"]["param"] == "stop"
+
+
+def test_a_temperature_above_2_samples_as_vllm_and_a_negative_one_is_a_400(smol):
+    engine, app = smol
+    body = {"prompt": "hi", "max_tokens": 4, "temperature": 3.5, "seed": 11, "top_k": -1}
+    status, first = _call(app, "/v1/completions", body)
+    assert status == 200, first
+    assert _call(app, "/v1/completions", body)[1]["choices"][0]["text"] == first["choices"][0]["text"]  # seeded
+    status, answer = _call(app, "/v1/completions", {**body, "temperature": -0.5})
+    assert status == 400 and answer["error"]["param"] == "temperature"

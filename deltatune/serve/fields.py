@@ -97,7 +97,7 @@ def _min_tokens(body: dict, max_tokens: int, key: str) -> int:
 def _temperature(body: dict) -> float | None:
     """The request's temperature (None: the generation config's, ``default_temperature``); below 1e-5 it samples as
     greedy (as vLLM does): logits / 1e-300 overflow."""
-    t = _number(body, "temperature", None, 0.0, 2.0)
+    t = _number(body, "temperature", None, 0.0, float("inf"))  # no upper bound, as vLLM (OpenAI's API: up to 2)
     return t if t is None or t >= 1e-5 else 0.0
 
 
