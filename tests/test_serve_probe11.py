@@ -239,3 +239,37 @@ def test_a_temperature_above_2_samples_as_vllm_and_a_negative_one_is_a_400(smol)
     assert _call(app, "/v1/completions", body)[1]["choices"][0]["text"] == first["choices"][0]["text"]  # seeded
     status, answer = _call(app, "/v1/completions", {**body, "temperature": -0.5})
     assert status == 400 and answer["error"]["param"] == "temperature"
+
+
+def test_allowed_token_ids_mask_every_other_token_as_vllm(smol):
+    engine, app = smol
+    tok = engine.tokenizer
+    ids = tok("the quick brown fox")["input_ids"]
+    allowed = [100, 2000, 30000]
+    body = {"prompt": ids, "max_tokens": 1, "temperature": 0, "allowed_token_ids": allowed, "logprobs": 0}
+    status, answer = _call(app, "/v1/completions", body)
+    assert status == 200, answer
+    with torch.no_grad():
+        logits = engine.model.get_base_model()(torch.tensor([ids])).logits[0, -1].float()
+    want = allowed[int(logits[allowed].argmax())]
+    assert answer["choices"][0]["text"] == tok.decode([want])
+    # the reported log-probability stays the model's own (vLLM's raw_logprobs)
+    lp = float(torch.log_softmax(logits, -1)[want])
+    assert answer["choices"][0]["logprobs"]["token_logprobs"][0] == pytest.approx(lp, abs=1e-5)
+    status, answer = _call(app, "/v1/completions", {**body, "allowed_token_ids": []})
+    assert status == 400 and answer["error"]["param"] == "allowed_token_ids"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(smol):
+    engine, app = smol
+    ids = engine.tokenizer("one two three four five six seven")["input_ids"]
+    body = {"prompt": ids, "max_tokens": 4, "temperature": 0}
+    _, whole = _call(app, "/v1/completions", {**body, "prompt": ids[-3:]})
+    status, answer = _call(app, "/v1/completions", {**body, "truncate_prompt_tokens": 3})
+    assert status == 200, answer
+    assert answer["usage"]["prompt_tokens"] == 3 and answer["choices"][0]["text"] == whole["choices"][0]["text"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "truncate_prompt_tokens": 2}
+    assert _call(app, "/v1/chat/completions", chat)[1]["usage"]["prompt_tokens"] == 2
+    for bad in (0, -2, 1.5):
+        status, answer = _call(app, "/v1/completions", {**body, "truncate_prompt_tokens": bad})
+        assert status == 400 and answer["error"]["param"] == "truncate_prompt_tokens", bad

@@ -26,7 +26,7 @@ UNSUPPORTED: dict[str, Any] = {
     "return_tokens_as_token_ids": False,  # vLLM's token names of logprobs, "token_id:123"
     **dict.fromkeys(  # the fields whose nothing is null (one name a line would take 17 lines)
         "suffix tools functions audio prediction chat_template "  # noqa: SIM905
-        "bad_words allowed_token_ids truncate_prompt_tokens guided_json guided_regex guided_choice "
+        "bad_words guided_json guided_regex guided_choice "
         "guided_grammar structured_outputs".split()
     ),
 }
@@ -110,6 +110,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
             code="context_length_exceeded",
             param="messages" if "messages" in body else "prompt",
         )
+    prompt_ids = _truncated(body, prompt_ids, limits.context)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     room = limits.context - len(prompt_ids)
     max_tokens = body.get(key)
@@ -164,6 +165,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         logit_bias=_logit_bias(body, limits.vocab),
         stop=stop,
         stop_token_ids=_token_ids(body, "stop_token_ids", limits.vocab),
+        allowed_token_ids=_token_ids(body, "allowed_token_ids", limits.vocab, empty=False) or None,
         include_stop_str_in_output=flag(body, "include_stop_str_in_output"),
         skip_special_tokens=body.get("skip_special_tokens") is None or flag(body, "skip_special_tokens"),
         spaces_between_special_tokens=body.get("spaces_between_special_tokens") is None
@@ -175,13 +177,29 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     )
 
 
-def _token_ids(body: dict, key: str, vocab: int) -> list[int]:
-    """vLLM's ``stop_token_ids``: a list of token ids in [0, vocab) (null: none), else a 400 naming it."""
+def _truncated(body: dict, prompt_ids: list[int], context: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last k tokens (-1: the context's worth), else a 400."""
+    k = body.get("truncate_prompt_tokens")
+    if k is None:
+        return prompt_ids
+    if isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or k >= 1):
+        raise RequestError(
+            f"truncate_prompt_tokens must be -1 (the context) or a positive integer, got {k!r}",
+            param="truncate_prompt_tokens",
+        )
+    return prompt_ids[-(context if k == -1 else k) :]
+
+
+def _token_ids(body: dict, key: str, vocab: int, empty: bool = True) -> list[int]:
+    """vLLM's ``stop_token_ids`` and ``allowed_token_ids``: a list of token ids in [0, vocab) (null: none; ``empty``
+    False: [] is a 400 too, as vLLM refuses an empty allowed_token_ids), else a 400 naming it."""
     ids = body.get(key)
     if ids is None:
         return []
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise RequestError(f"{key} must be a list of token ids, got {ids!r}", param=key)
+    if not ids and not empty:
+        raise RequestError(f"{key} is empty: no token could be generated", param=key)
     if any(not 0 <= t < vocab for t in ids):
         raise RequestError(f"{key} holds {next(t for t in ids if not 0 <= t < vocab)}, not a token id in [0, {vocab})",
                            param=key)  # fmt: skip

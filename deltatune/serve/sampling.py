@@ -41,13 +41,18 @@ def _setting(r: Any, gen: Any, key: str) -> Any:
 
 def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int] = ()) -> torch.Tensor:
     """The row's logits after the settings that change greedy's pick too, in vLLM's order (a new tensor: the
-    reported log-probabilities stay the model's own): the ``eos`` ids and the request's ``stop_token_ids`` masked
+    reported log-probabilities stay the model's own): every token but the ``allowed_token_ids`` masked (vLLM's), the
+    ``eos`` ids and the request's ``stop_token_ids`` masked
     while fewer than ``min_tokens`` tokens are generated (transformers' MinNewTokensLengthLogitsProcessor, vLLM's
     all_stop_token_ids; EOS not under ``ignore_eos``, as vLLM), ``logit_bias``
     added (OpenAI's), ``repetition_penalty`` over the prompt and the answer so far (transformers'
     RepetitionPenaltyLogitsProcessor, vLLM's: a positive logit divided by it, a negative one multiplied), then
     OpenAI's ``frequency_penalty`` times each token's count in the answer so far and ``presence_penalty`` once per
     token in it subtracted (vLLM's: the prompt does not count)."""
+    allowed = getattr(r, "allowed_token_ids", None)
+    if allowed:  # vLLM's allowed_token_ids: every other token masked, first
+        keep = torch.tensor(allowed, device=logits.device)
+        logits = torch.full_like(logits, float("-inf")).index_copy(0, keep, logits[keep])
     stops = set(eos) | set(getattr(r, "stop_token_ids", None) or ())  # vLLM's all_stop_token_ids
     if getattr(r, "ignore_eos", False):
         stops -= set(eos)
