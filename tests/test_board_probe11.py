@@ -123,6 +123,24 @@ def test_a_fifo_where_a_run_file_should_be_does_not_hang_the_board(tmp_path):
     assert [r["name"] for r in listed] == ["odd"] and detail["history"] == [] and detail["report"] is None
 
 
+def test_a_list_of_many_runs_parses_only_the_recipes_that_changed(tmp_path, monkeypatch):
+    """300 runs, the list polled each second: every poll parsed every run.yaml again and resolved every file's path
+    twice (1.2 s a poll here). Now a recipe is parsed again only when its file changed."""
+    import yaml as yaml_
+
+    for k in range(300):
+        write_run(tmp_path, f"r{k:03d}", [{"loss": 1.0, "step": k + 1}], {"train": {"lr": k / 1000}})
+    first = runs.list_runs(str(tmp_path))
+    loads: list[str] = []
+    load = yaml_.load
+    monkeypatch.setattr(yaml_, "load", lambda stream, Loader: loads.append(stream.name) or load(stream, Loader))
+    assert runs.list_runs(str(tmp_path)) == first and loads == []
+    changed = write_run(tmp_path, "r007", None, {"stage": "dpo", "train": {"lr": 0.5}})
+    listed = {r["name"]: r for r in runs.list_runs(str(tmp_path))}
+    assert loads == [str(changed / "run.yaml")] and listed["r007"]["stage"] == "dpo" and len(listed) == 300
+    assert runs.detail(str(tmp_path), "r007")["recipe"]["train"] == {"lr": 0.5}
+
+
 def reference_smoothing(ys: list[float], weight: float) -> list[float]:
     """TensorBoard's classicSmoothing (tensorboard/webapp/widgets/line_chart_v2/data_transformer.ts) transcribed."""
     last, n, out = 0.0, 0, []

@@ -40,6 +40,11 @@ STALE_S = 600.0
 """A run with no metrics.json whose files have not changed for this long is taken as stopped (failed)."""
 
 
+_LOGS: dict[str, tuple[tuple[int, int], int, bytes, list[dict[str, Any]]]] = {}
+_RECIPES: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}  # callers copy (_finite), never change
+_LOGS_LOCK = threading.Lock()
+
+
 def inside(root: str, *parts: str) -> str | None:
     """The real path of ``root/parts...`` if it lies inside ``root`` (after resolving symlinks), else None."""
     real_root = os.path.realpath(root)
@@ -56,6 +61,14 @@ def _in(folder: str, name: str) -> str:
     """``folder/name`` resolved, or "" (which every read here takes as missing) when a symlink leads out of
     ``folder`` (a run's report.md linked to a file elsewhere is not served) or it is there but no regular file (a
     FIFO named log_history.jsonl blocked the reading thread for good)."""
+    if os.sep not in name and name not in ("", ".", ".."):  # the common case, without resolving the folder again
+        path = os.path.join(folder, name)  # (realpath twice per file was most of the time of a list of many runs)
+        try:
+            mode = os.lstat(path).st_mode
+        except (OSError, ValueError):
+            return path  # missing: every read takes it as such
+        if not stat.S_ISLNK(mode):
+            return path if stat.S_ISREG(mode) else ""
     path = inside(folder, name) or ""
     return path if not os.path.exists(path) or os.path.isfile(path) else ""
 
@@ -69,14 +82,31 @@ def _read_json(path: str) -> Any:
 
 
 def _read_yaml(path: str) -> Any:
+    """A run.yaml's mapping, or None; parsed again only when the file changed (its size, time or inode): the list of
+    many runs, polled each second, spent most of its time parsing recipes that had not changed."""
     import yaml
 
     try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    with _LOGS_LOCK:
+        cached = _RECIPES.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None  # (not kept: a file being written is read again)
+    with _LOGS_LOCK:
+        if len(_RECIPES) >= 4096:
+            _RECIPES.pop(next(iter(_RECIPES)))
+        _RECIPES[path] = (key, data)
+    return data
 
 
 def _row(line: str) -> Any:
@@ -112,10 +142,6 @@ def history(folder: str) -> list[dict[str, Any]]:
         if isinstance(state, dict) and isinstance(state.get("log_history"), list):
             return [_finite(r) for r in state["log_history"] if isinstance(r, dict)]
     return []
-
-
-_LOGS: dict[str, tuple[tuple[int, int], int, bytes, list[dict[str, Any]]]] = {}
-_LOGS_LOCK = threading.Lock()
 
 
 def _log_rows(path: str) -> list[dict[str, Any]]:
