@@ -46,11 +46,13 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "fold_virtual_tokens": (".methods._tokens", "fold"),
     "get_delta_model": (".model", "get_delta_model"),
     "get_peft_model_state_dict": (".adapter_io", "get_peft_model_state_dict"),
+    "inject_adapter_in_model": (".model", "inject_adapter_in_model"),
     "load_config": (".registry", "from_pretrained"),
     "load_lora": (".diffusion", "load_lora"),
     "memory_footprint": (".methods.quant", "memory_footprint"),
     "merge_quantized": (".methods.quant_tools", "merge_quantized"),
     "prepare_for_kbit_training": (".methods.quant_tools", "prepare_for_kbit_training"),
+    "prepare_model_for_kbit_training": (".methods.quant_tools", "prepare_for_kbit_training"),  # peft's name
     "quantize": (".methods.quant_tools", "quantize"),
     "replace_lora_weights_loftq": (".methods._loftq", "replace_lora_weights_loftq"),
     "save_diffusers_lora": (".diffusion", "save_diffusers_lora"),
@@ -85,11 +87,13 @@ __all__ = [
     "fold_virtual_tokens",
     "get_delta_model",
     "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "load_config",
     "load_lora",
     "memory_footprint",
     "merge_quantized",
     "prepare_for_kbit_training",
+    "prepare_model_for_kbit_training",
     "quantize",
     "replace_lora_weights_loftq",
     "save_diffusers_lora",
@@ -130,8 +134,9 @@ if TYPE_CHECKING:
     from .methods.prompt_tuning import PromptTuningConfig
     from .methods.quant import Linear4bit, QuantizationError, memory_footprint
     from .methods.quant_tools import merge_quantized, prepare_for_kbit_training, quantize
+    from .methods.quant_tools import prepare_for_kbit_training as prepare_model_for_kbit_training
     from .methods.vpt import VisualPromptConfig
-    from .model import DeltaModel, get_delta_model
+    from .model import DeltaModel, get_delta_model, inject_adapter_in_model
     from .registry import from_pretrained as load_config
     from .status import cast_mixed_precision_params
     from .train.trainer import DeltaTrainer as Trainer

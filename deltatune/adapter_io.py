@@ -16,9 +16,12 @@ from typing import Any
 import torch
 
 from . import registry, status
-from .config import CONFIG_NAME, DeltaConfig
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig
 from .files import (
     AdapterLoadError,
+    _head_echo,
+    adapter_folder,
+    atomic_write,
     base_key,
     check_adapter_name,
     embedding_copies,
@@ -82,15 +85,21 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
     """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout): "default" in
     ``save_directory``, any other in ``save_directory/<name>``, each file renamed into place once written (a crash
     never leaves a half-written file); nothing where ``is_main_process`` is False, and no adapter but the folder
-    for ``selected_adapters=[]`` (as peft).
+    for ``selected_adapters=[]`` (as peft). ``safe_serialization=False`` (peft's): ``adapter_model.bin`` (``torch.save``)
+    instead of ``adapter_model.safetensors``, which it replaces.
     ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter;
     ``path_initial_model_for_weight_conversion``: peft's, the adapter's change since that initial save."""
     if not is_main_process:
         return
-    if not safe_serialization:
-        raise ValueError("deltatune writes safetensors only (pickle files can run code when loaded)")
     names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)
     save_adapters(model, save_directory, names, save_embedding_layers, **kwargs)
+    for name in names if not safe_serialization else []:  # peft's torch.save file, in place of the safetensors one
+        from safetensors.torch import load_file
+
+        folder = adapter_folder(save_directory, name)
+        tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
+        atomic_write(os.path.join(folder, PICKLE_WEIGHTS_NAME), lambda f, t=tensors: torch.save(t, f))
+        os.remove(os.path.join(folder, WEIGHTS_NAME))  # (peft leaves an older one, which its loading then prefers)
 
 
 def load_adapter(
@@ -103,7 +112,7 @@ def load_adapter(
     ephemeral_gpu_offload: bool = False,
     low_cpu_mem_usage: bool = False,
     key_mapping: dict[str, str] | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = True,
     subfolder: str | None = None,
     revision: str | None = None,
     modules_to_save: bool = True,
@@ -118,8 +127,9 @@ def load_adapter(
         adapter_name: the name to give it in this model. An adapter of that name already there gets the file's
             tensors (its config, activity and trainability stay; a config with other shapes is refused), as peft's.
         is_trainable: False (the default, as in PEFT) freezes it for inference and puts the model in eval mode.
-        allow_pickle: read a pickle ``adapter_model.bin`` when there is no safetensors file. Pickle can run
-            arbitrary code: only for files you trust.
+        allow_pickle: read an ``adapter_model.bin`` (``save_pretrained(safe_serialization=False)``'s, peft's) when
+            there is no safetensors file, as peft does: ``torch.load(weights_only=True)``, whose unpickler builds
+            tensors and plain containers only. False refuses such a file.
         subfolder: a folder inside ``model_id`` holding the adapter.
         revision: hub revision.
         modules_to_save: False loads the body alone: the heads it trained in full (its ``modules_to_save``,
@@ -188,55 +198,72 @@ def load_adapter_weights(model: DeltaModel, model_id: str | os.PathLike[str], ad
         AdapterLoadError: the file is missing, corrupt or does not fit the adapter; nothing is changed.
     """
     model._check_names([adapter_name])
-    tensors, source = read_weights(model_id, None, None, allow_pickle=False)
+    tensors, source = read_weights(model_id, None, None, allow_pickle=True)  # (torch.load(weights_only=True))
     stage_training_state(dict(model._layers()), model_id, adapter_name)
     with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
         import_tensors(model, adapter_name, tensors, source)
 
 
 def get_peft_model_state_dict(
-    model: DeltaModel,
+    model: DeltaModel | torch.nn.Module,
     state_dict: dict[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
     unwrap_compiled: bool = False,
     save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
     """peft's function of that name over a DeltaModel: adapter ``adapter_name``'s tensors as ``save_pretrained``
-    writes them (peft's keys, no adapter name in them; the embedding copies ``save_embedding_layers`` asks for).
+    writes them (peft's keys, no adapter name in them; the embedding copies ``save_embedding_layers`` asks for). On a
+    model given to ``inject_adapter_in_model`` the keys are its module paths, without peft's ``base_model.model.``.
 
     ``unwrap_compiled`` is accepted (a DeltaModel is never a compiled wrapper). ``state_dict=`` (peft's: pick the
     tensors out of a state dict given) is refused: a DeltaModel's own ``state_dict`` keys are not peft's.
     """
     if state_dict is not None:
         raise ValueError("get_peft_model_state_dict: state_dict= is not supported for a DeltaModel; leave it None")
+    model, strip = _delta_of(model, "get_peft_model_state_dict")
     model._check_names([adapter_name])
     config = model.peft_config[adapter_name]
     out = {k: v.detach() for k, v in adapter_state_dict(model, adapter_name).items()}
     for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
         out.setdefault(key_prefix(config) + pname, p.detach())
-    return out
+    return {k.removeprefix(key_prefix(config)) if strip else k: v for k, v in out.items()}
 
 
 def set_peft_model_state_dict(
-    model: DeltaModel,
+    model: DeltaModel | torch.nn.Module,
     peft_model_state_dict: dict[str, torch.Tensor],
     adapter_name: str = "default",
     ignore_mismatched_sizes: bool = False,
     low_cpu_mem_usage: bool = False,
 ) -> Any:
-    """peft's function of that name over a DeltaModel: the tensors (``get_peft_model_state_dict``'s keys, or an
-    ``adapter_model.safetensors`` file's) into the existing adapter ``adapter_name``; the model is unchanged on error.
+    """peft's function of that name over a DeltaModel (or a model given to ``inject_adapter_in_model``): the tensors
+    (``get_peft_model_state_dict``'s keys, or an ``adapter_model.safetensors`` file's) into the existing adapter
+    ``adapter_name``.
 
-    ``ignore_mismatched_sizes=True`` (peft's) keeps the adapter's own value for each tensor of another shape, with a
-    warning naming it. ``low_cpu_mem_usage`` is accepted (the adapter's tensors exist already). Unlike peft's, whose
-    load is not strict, a missing or unknown tensor is refused (AdapterLoadError); the returned ``_IncompatibleKeys``
-    (torch's, as peft's) therefore lists none.
+    As peft's, the load is not strict: a tensor the adapter does not have is left out and an adapter tensor the dict
+    lacks keeps its value; both are named in the returned ``_IncompatibleKeys`` (torch's, as peft's:
+    ``unexpected_keys`` as given, ``missing_keys`` the adapter's keys as ``get_peft_model_state_dict`` names them; peft's
+    also lists every base model weight) and in a warning. ``ignore_mismatched_sizes=True`` (peft's) keeps the adapter's
+    own value for each tensor of another shape, with a warning naming it; without it a shape that differs is refused
+    (AdapterLoadError) and the model is unchanged. ``low_cpu_mem_usage`` is accepted (the adapter's tensors exist).
     """
+    model, strip = _delta_of(model, "set_peft_model_state_dict")
     model._check_names([adapter_name])
-    tensors = dict(peft_model_state_dict)
+    prefix = key_prefix(model.peft_config[adapter_name])
+    given = {(prefix + k if strip else k): k for k in peft_model_state_dict}
+    tensors = {k: peft_model_state_dict[v] for k, v in given.items()}
+    expected = adapter_state_dict(model, adapter_name)
+    alias = {unwrapped_name(k): k for k in expected}
+    base = {unwrapped_name(prefix + n) for n, _ in model.base_model.named_parameters(remove_duplicate=False)}
+    known = [k for k in tensors if alias.get(unwrapped_name(k), k) in expected or unwrapped_name(k) in base]
+    unexpected = [given[k] for k in tensors if k not in known and not _head_echo(k, expected)]
+    tensors = {k: v for k, v in tensors.items() if k in known}
+    present = {alias.get(unwrapped_name(k), k) for k in tensors}
+    missing = [k for k in expected if k not in present]
+    tensors.update({k: expected[k].detach().clone() for k in missing})  # kept as they are
     if ignore_mismatched_sizes:
-        expected = adapter_state_dict(model, adapter_name)
         for key, value in tensors.items():
+            key = alias.get(unwrapped_name(key), key)
             if key in expected and tuple(value.shape) != tuple(expected[key].shape):
                 warnings.warn(
                     f"{key}: shape {tuple(value.shape)} in the state dict, {tuple(expected[key].shape)} in the "
@@ -246,4 +273,27 @@ def set_peft_model_state_dict(
                 tensors[key] = expected[key].detach().clone()
     with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
         import_tensors(model, adapter_name, tensors, "state dict")
-    return _no_incompatible_keys()
+    missing = [k.removeprefix(prefix) if strip else k for k in missing]
+    if missing or unexpected:
+        warnings.warn(
+            f"set_peft_model_state_dict (adapter {adapter_name!r}): {len(unexpected)} unexpected key(s) left out"
+            f"{f' (first {unexpected[0]!r})' if unexpected else ''}, {len(missing)} adapter tensor(s) missing, kept as "
+            f"they were{f' (first {missing[0]!r})' if missing else ''}",
+            stacklevel=2,
+        )
+    return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def _delta_of(model: Any, caller: str) -> tuple[Any, bool]:
+    """The DeltaModel that ``model`` is, or that ``inject_adapter_in_model`` made of it (then True: keys without
+    peft's prefix, as peft's on an injected model)."""
+    if isinstance(getattr(model, "peft_config", None), dict) and hasattr(model, "adapter_state_dict"):
+        return model, False
+    injected = getattr(model, "__dict__", {}).get(INJECTED)
+    if injected is None:
+        raise TypeError(f"{caller}: {type(model).__name__} is neither a DeltaModel nor a model given to "
+                        "deltatune.inject_adapter_in_model")  # fmt: skip
+    return injected, True
+
+
+INJECTED = "_deltatune_model"  # where inject_adapter_in_model keeps the DeltaModel, out of the module tree

@@ -189,6 +189,7 @@ class DeltaModel(nn.Module, PushToHub):
         self,
         adapter_name: str,
         config: DeltaConfig,
+        low_cpu_mem_usage: bool = False,
         *,
         autocast_adapter_dtype: bool = False,
         _tensors: dict | None = None,
@@ -196,6 +197,7 @@ class DeltaModel(nn.Module, PushToHub):
     ) -> None:
         """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``.
         ``autocast_adapter_dtype=True`` (peft's default) keeps a float16 / bfloat16 base's adapter layers in float32.
+        ``low_cpu_mem_usage`` (peft's, third as in peft) is accepted; the initial weights are drawn as usual.
 
         Raises:
             ValueError: an adapter named ``adapter_name`` exists.
@@ -250,8 +252,8 @@ class DeltaModel(nn.Module, PushToHub):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from the model; when it was the only active adapter, the first remaining one becomes
-        active (as in PEFT). ValueError: another adapter ``uses`` it, or it is merged (unmerge first, as PEFT)."""
+        """Remove an adapter from the model; when it was the only active adapter, the first remaining one by name becomes
+        active (as peft's layers choose). ValueError: another adapter ``uses`` it, or it is merged (unmerge first, as PEFT)."""
         self._check_names([adapter_name])
         if any(adapter_name in names for _, names in self._merged()):
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() first")
@@ -260,8 +262,8 @@ class DeltaModel(nn.Module, PushToHub):
                              f"delete {users[0]!r} first")  # fmt: skip
         active = adapter_name in self.active_adapters
         self._remove(adapter_name)
-        if not self.active_adapters and self.peft_config:
-            self.active_adapters = [next(iter(self.peft_config))]
+        if not self.active_adapters and self.peft_config:  # peft's layers pick the first of their adapters by name
+            self.active_adapters = [min(self.peft_config)]
         # peft: deleting an active adapter sets the remaining ones in each layer (trainable, the others frozen);
         # deleting an inactive one touches no other adapter
         status.apply_active(self, inference_mode=False) if active else status.apply_active(self, keep=True)
@@ -482,16 +484,61 @@ def get_delta_model(
     fused_loss: bool = False,
     *,
     autocast_adapter_dtype: bool = False,
+    mixed: bool = False,
+    low_cpu_mem_usage: bool = False,
 ) -> DeltaModel:
     """Wrap ``model`` with a new adapter of the method ``config`` belongs to; the base is frozen.
 
     ``fused_loss``: see ``DeltaModel`` (a causal LM's cross-entropy computed by ``deltatune.loss``).
     ``autocast_adapter_dtype=True``: peft's ``get_peft_model`` default, a float16 / bfloat16 base's adapter layers kept
-    in float32 (their initial values the same as peft's); deltatune's default, False, keeps the base's dtype. Example::
+    in float32 (their initial values the same as peft's); deltatune's default, False, keeps the base's dtype.
+    ``mixed`` (peft's ``PeftMixedModel``, adapters of several methods in one model) is accepted: every DeltaModel may
+    mix methods. ``low_cpu_mem_usage`` (peft's: the new adapter's tensors on the meta device, for a load to fill) is
+    accepted; the initial weights are drawn as usual (nothing to save on the CPU), so the model can also train. Example::
 
         model = dt.get_delta_model(base, config)  # config: any method's, e.g. dt.<Method>Config(...)
     """
+    for flag, value in (("mixed", mixed), ("low_cpu_mem_usage", low_cpu_mem_usage)):
+        if not isinstance(value, bool):
+            raise TypeError(f"get_delta_model: {flag} must be True or False, got {value!r}")
     wrapped = DeltaModel(model, config, adapter_name, fused_loss=fused_loss)
     if autocast_adapter_dtype:
         upcast_adapter([layer for _, layer in wrapped._layers()], adapter_name)
     return wrapped
+
+
+def inject_adapter_in_model(
+    peft_config: DeltaConfig,
+    model: torch.nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> torch.nn.Module:
+    """peft's ``inject_adapter_in_model``: the adapter's layers put into ``model`` itself (no wrapper), which is
+    returned, its base parameters frozen and the adapter's trainable. A second call on the same model adds another
+    adapter and makes it the active one (the earlier ones keep their ``requires_grad``, as peft's). ``get_peft_model_state_dict`` /
+    ``set_peft_model_state_dict`` read and write the model's adapters, keyed by module path as peft's.
+
+    ``low_cpu_mem_usage`` is accepted (the initial weights are drawn: the CPU has no meta-device saving to make).
+    ``state_dict`` (peft's: target the modules a checkpoint's keys name) is not supported: give ``target_modules``.
+    """
+    if state_dict is not None:
+        raise ValueError("inject_adapter_in_model: state_dict= is not supported; set the config's target_modules")
+    if not isinstance(peft_config, DeltaConfig):
+        raise TypeError(
+            f"peft_config must be a DeltaConfig (a method's config class), got {type(peft_config).__name__}"
+        )
+    if isinstance(model, DeltaModel):
+        raise TypeError("inject_adapter_in_model takes the plain model; use add_adapter on a DeltaModel")
+    held = model.__dict__.get(adapter_io.INJECTED)
+    if held is not None:  # as peft's new tuner: the new adapter active and trainable, every other flag as it was
+        grads = {p: p.requires_grad for p in model.parameters()}
+        held.add_adapter(adapter_name, peft_config)
+        held.set_adapter(adapter_name)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        return model
+    wrapped = DeltaModel(model, peft_config, adapter_name)
+    model.__dict__[adapter_io.INJECTED] = wrapped  # a plain attribute: no submodule, so no cycle in the module tree
+    model.__dict__.setdefault("peft_config", wrapped.peft_config)  # peft's tuner sets it on the model too
+    return model

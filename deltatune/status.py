@@ -96,18 +96,30 @@ def apply_active(
                 p for layer in layers if name in layer.adapter_names for p in layer.adapter_parameters(name).values()
             ]
             kept |= {id(p): p.requires_grad for p in [*own, *model._base_params(name).values()]}
+    # peft's wrapper of a full copy (a head) touches two copies when the active adapter changes: the one it had active
+    # is frozen, the new one follows the rule; any other copy keeps its flag (load_adapter(is_trainable=True) of an
+    # inactive adapter trains its copy until it is active and then inactive again)
+    before = {id(layer): list(layer.active_adapters) for layer in layers if isinstance(layer, ModulesToSave)}
     for layer in layers:
         layer.set_adapters(model.active_adapters)
     trainable: set[int] = {i for i, flag in kept.items() if flag}
     for layer in layers:
         for name in layer.adapter_names:
+            untouched = id(layer) in before and name not in (*before[id(layer)], *layer.active_adapters, new)
             for p in layer.adapter_parameters(name).values():
-                p.requires_grad_(kept[id(p)] if id(p) in kept else name in frozen and not frozen[name])
+                if id(p) in kept or untouched:
+                    p.requires_grad_(kept.get(id(p), p.requires_grad))
+                else:
+                    p.requires_grad_(name in frozen and not frozen[name])
                 trainable |= {id(p)} if p.requires_grad else set()
     for name in model.active_adapters:
         if name not in frozen or frozen[name] or (keep and name != new):
             continue
         trainable.update(map(id, model._base_params(name).values()))
+    # a head's original module computes only while no copy is active: then (bias="all") it gets no gradient (peft's
+    # wrapper freezes it)
+    trainable -= {id(p) for m in layers if isinstance(m, ModulesToSave) and m.active_adapters
+                  for p in m.original_module.parameters()}  # fmt: skip
     for p in model.base_model.parameters():
         p.requires_grad_(id(p) in trainable)
 
@@ -142,7 +154,8 @@ def enable_layers(model: DeltaModel, enabled: bool) -> None:
         layer.disabled = not enabled
         held = layer.adapter_names
         _set_grad(layer, [n for n in held if n in model.active_adapters], enabled)
-        if not isinstance(layer, ModulesToSave):  # peft's wrapper of a full copy leaves the inactive copies alone
+        # peft: enabling leaves a wrapper's inactive full copies (a head) alone; disabling freezes every copy
+        if not enabled or not isinstance(layer, ModulesToSave):
             _set_grad(layer, [n for n in held if n not in model.active_adapters], False)
 
 
