@@ -20,6 +20,10 @@ Formats (the name is what ``data.format`` forces; by default each row's fields d
 - ``unpaired``: KTO's ``prompt`` + ``completion`` + ``label`` (true: desirable).
 - ``text``: plain ``text`` for pre-training.
 
+As LLaMA-Factory reads them, a conversation (alpaca, sharegpt, messages) with a label (its ``kto_tag``) is an
+``unpaired`` row in stage kto (the last turn the completion), and any conversation a ``prompt`` row in stage ppo
+(the turns before the last answer); ``data.columns`` takes its dataset_info.json keys (``LLAMAFACTORY_COLUMNS``).
+
 A standard (string) prompt becomes one user message and a string response one assistant message, so every stage
 renders the same chat template for the same pair whatever its shape. Images and videos (``images``/``videos``
 columns, ``<image>``/``<video>`` markers) are kept as paths in ``Sample.images``/``Sample.videos``; the text stages
@@ -158,10 +162,15 @@ def read_samples(
             call without a schema, a format the stage does not read.
     """
     c = dict(columns or {})
-    for key, known, what in ((c, FIELDS, "data.columns"), (tags or {}, SHAREGPT_TAGS, "data.tags")):
+    for key, known, what in (
+        (c, FIELDS + tuple(LLAMAFACTORY_COLUMNS), "data.columns"),
+        (tags or {}, SHAREGPT_TAGS, "data.tags"),
+    ):
         unknown = [k for k in key if k not in known]
         if unknown:
             raise ConfigError(f"{what}: unknown key {unknown[0]!r}; it renames {', '.join(known)}")
+    data_format = "messages" if data_format == "openai" else data_format  # (LLaMA-Factory's formatting: openai)
+    c = _llamafactory_columns(c, rows, data_format)
     if data_format is not None and data_format not in FORMATS:
         raise DataError(f"data.format={data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
     if data_format in ("sharegpt", "sharegpt_preference"):
@@ -173,12 +182,20 @@ def read_samples(
         fmt = data_format or detect(row, c)
         if tags and fmt == "messages" and not data_format:  # role/content messages with tags: LLaMA-Factory's sharegpt
             fmt = "sharegpt"
+        inner = _conversation_to_reshape(row, c, fmt, data_format, stage, tags)
+        if inner:
+            fmt = "prompt" if stage == "ppo" and data_format != "unpaired" else "unpaired"
         if first is None:
             first = (fmt, row.source)
             if stage and stage in STAGE_FORMATS and fmt not in STAGE_FORMATS[stage]:
                 raise DataError(
                     f"{row.source}: the data is in the {fmt} format ({FORMATS[fmt]}), which stage {stage} does not "
                     f"read; stage {stage} reads: {', '.join(STAGE_FORMATS[stage])}"
+                    + (
+                        f" (or {fmt} rows with a {_col(c, 'label')!r} column: data.columns' label, LLaMA-Factory's kto_tag)"
+                        if stage == "kto" and fmt in ("alpaca", "sharegpt", "messages")
+                        else ""
+                    )
                 )
         elif fmt != first[0]:
             raise DataError(
@@ -186,7 +203,12 @@ def read_samples(
                 f"{first[0]} format ({FORMATS[first[0]]}); one file holds one format"
             )
         try:
-            sample = _PARSERS[fmt](row, c, t)
+            if not inner:
+                sample = _PARSERS[fmt](row, c, t)
+            else:
+                sample = (
+                    _unpaired_turn(_PARSERS[inner](row, c, t), row, c) if fmt == "unpaired" else _ppo(inner, row, c, t)
+                )
         except _BadPair as exc:
             if skipped is None:
                 raise DataError(str(exc)) from None
@@ -195,6 +217,68 @@ def read_samples(
         _check(sample, stage)
         out.append(sample)
     return out
+
+
+LLAMAFACTORY_COLUMNS = {"query": "input", "response": "output", "kto_tag": "label"}
+"""LLaMA-Factory's dataset_info.json column keys that ``data.columns`` takes beside its own fields (its ``prompt``
+is the alpaca instruction when ``query`` or ``response`` is given too, or the format is alpaca's)."""
+
+
+def _llamafactory_columns(c: dict[str, str], rows: Sequence[Row], data_format: str | None) -> dict[str, str]:
+    """``data.columns`` with LLaMA-Factory's keys as ours: query -> input, response -> output, kto_tag -> label, and,
+    beside query or response or in a forced alpaca format (its alpaca vocabulary), prompt -> instruction."""
+    lf = {k: c.pop(k) for k in LLAMAFACTORY_COLUMNS if k in c}
+    if "query" in lf or "response" in lf or data_format in ("alpaca", "alpaca_preference"):
+        prompt = c.pop("prompt", "instruction")
+        # ("prompt" may be data.prompt_column's default, not the user's: LLaMA-Factory's default is "instruction")
+        if prompt == "prompt" and rows and (_has(rows[0], "instruction") or not _has(rows[0], "prompt")):
+            prompt = "instruction"
+        c.setdefault("instruction", prompt)
+    for key, value in lf.items():
+        c[LLAMAFACTORY_COLUMNS[key]] = value
+    return c
+
+
+def _conversation_to_reshape(
+    row: Row, c: dict[str, str], fmt: str, data_format: str | None, stage: str | None, tags: dict[str, str] | None
+) -> str | None:
+    """The conversation format (alpaca, sharegpt or messages) of a row LLaMA-Factory reads otherwise than SFT
+    does: a KTO row (with a label: its ``kto_tag``) in stage kto or under data.format=unpaired, and any conversation
+    in stage ppo (a prompt); None for any other row."""
+    if fmt == "unpaired" and data_format and not (_has(row, _col(c, "prompt")) and _has(row, _col(c, "completion"))):
+        fmt = detect(row, c)
+        fmt = "sharegpt" if tags and fmt == "messages" else fmt
+    elif not (stage == "kto" and _has(row, _col(c, "label")) or stage == "ppo"):
+        return None
+    return fmt if fmt in ("alpaca", "sharegpt", "messages") else None
+
+
+def _ppo(fmt: str, row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
+    """A conversation as PPO's prompt: every turn before its last answer (LLaMA-Factory's converter; PPO samples
+    the answer itself, so an alpaca output may be empty or missing)."""
+    if fmt == "alpaca":
+        return Sample(row.source, "prompt", _alpaca_prompt(row, c), conversational=False,
+                      tools=row_tools(row, _col(c, "tools")), **_media(row, c))  # fmt: skip
+    s = _PARSERS[fmt](row, c, t)
+    s.messages = s.messages[:-1] if s.messages[-1]["role"] == "assistant" else s.messages
+    if not any(m["role"] != "system" for m in s.messages):
+        raise DataError(f"{s.source}: the conversation holds no prompt before its answer")
+    s.format = "prompt"
+    return s
+
+
+def _unpaired_turn(s: Sample, row: Row, c: dict[str, str]) -> Sample:
+    """A conversation with a label as KTO's unpaired row: the last turn is the completion the label judges, the
+    rest its prompt (LLaMA-Factory's KTO converter)."""
+    conversation, _ = s.sft()
+    if conversation[-1]["role"] != "assistant":
+        raise DataError(
+            f"{s.source}: the conversation's last message is a {conversation[-1]['role']} turn; KTO reads the last "
+            f"assistant turn as the completion that column {_col(c, 'label')!r} labels"
+        )
+    s.messages, s.completion = conversation[:-1], conversation[-1:]
+    s.format, s.label = "unpaired", _label(row, _col(c, "label"))
+    return s
 
 
 class _BadPair(Exception):

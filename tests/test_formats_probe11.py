@@ -1,0 +1,195 @@
+"""Probe 11 of the data formats: what LLaMA-Factory users bring (dataset_info.json column keys, KTO rows as a
+conversation with a kto_tag) read as LLaMA-Factory reads them, and encoded as TRL encodes the same rows."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import pytest
+
+from deltatune.config import ConfigError
+from deltatune.data.encode import encode_prompt_response
+from deltatune.data.formats import read_samples
+from deltatune.data.load import DataError, read_rows
+from deltatune.data.sample import unpaired_examples
+
+ROLE_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+
+
+def _rows(tmp_path, rows: list[dict]):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return read_rows(str(path))
+
+
+def _u(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _a(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _smollm2():
+    folders = glob.glob("/root/.cache/deltatune/smollm2-*/")
+    if not folders:
+        pytest.skip("SmolLM2's converted folder is not cached")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folders[0])
+
+
+# -- dataset_info.json's column keys -------------------------------------------------------------------------
+
+
+def test_llamafactory_alpaca_columns_read_as_there(tmp_path):
+    """dataset_info.json's alpaca columns {prompt, query, response, system, history} name the instruction, input,
+    output, system and history columns (LLaMA-Factory's parser.DatasetAttr); the row reads as the same row written
+    with alpaca's own names."""
+    lf = {"q": "Add the numbers.", "i": "4 and 5", "r": "9.", "s": "Be brief.", "h": [["Hi.", "Hello."]]}
+    ours = {"instruction": "Add the numbers.", "input": "4 and 5", "output": "9.", "system": "Be brief.",
+            "history": [["Hi.", "Hello."]]}  # fmt: skip
+    columns = {"prompt": "q", "query": "i", "response": "r", "system": "s", "history": "h"}
+    got = read_samples(_rows(tmp_path, [lf]), columns, stage="sft")[0]
+    want = read_samples(_rows(tmp_path, [ours]), stage="sft")[0]
+    assert (got.format, got.messages) == ("alpaca", want.messages)
+    assert got.messages[-2:] == [_u("Add the numbers.\n4 and 5"), _a("9.")]  # LLaMA-Factory's "prompt\nquery"
+
+
+def test_llamafactory_columns_with_the_prompt_columns_default(tmp_path):
+    """The trainers pass data.prompt_column's default ("prompt") beside the user's columns; with only query and
+    response given, the instruction is LLaMA-Factory's default column, "instruction"."""
+    row = {"instruction": "Add the numbers.", "question": "4 and 5", "answer": "9."}
+    columns = {"prompt": "prompt", "label": "label", "query": "question", "response": "answer"}
+    s = read_samples(_rows(tmp_path, [row]), columns, stage="sft")[0]
+    assert s.messages == [_u("Add the numbers.\n4 and 5"), _a("9.")]
+
+
+def test_unknown_column_key_names_the_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.columns: unknown key 'audios'.*query, response, kto_tag"):
+        read_samples(_rows(tmp_path, [{"instruction": "a", "output": "b"}]), {"audios": "a"})
+
+
+# -- KTO rows as LLaMA-Factory writes them ------------------------------------------------------------------
+
+
+def test_llamafactory_kto_sharegpt_reads_last_turn_as_completion(tmp_path):
+    """kto_en_demo's shape: messages of {role, content} (tags), a bool label (kto_tag); LLaMA-Factory's converter
+    takes the last message as the response and the rest as the prompt."""
+    rows = [
+        {"messages": [_u("Hi."), _a("Hello."), _u("Name a fruit.")] + [_a("A lemon.")], "label": True},
+        {"messages": [_u("Name a colour."), _a("Seven.")], "label": False},
+    ]
+    samples = read_samples(_rows(tmp_path, rows), {"kto_tag": "label"}, "sharegpt", ROLE_TAGS, "kto")
+    assert [s.format for s in samples] == ["unpaired", "unpaired"]
+    assert unpaired_examples(samples) == [
+        ([_u("Hi."), _a("Hello."), _u("Name a fruit.")], [_a("A lemon.")], True),
+        ([_u("Name a colour.")], [_a("Seven.")], False),
+    ]
+
+
+def test_llamafactory_kto_detected_and_forced(tmp_path):
+    """Without data.format: a messages file with a label column is KTO data in stage kto; forced
+    data.format=unpaired reads a from/value sharegpt file with a kto_tag column the same way."""
+    got = read_samples(_rows(tmp_path, [{"messages": [_u("Hi."), _a("Hello.")], "label": 0}]), stage="kto")[0]
+    assert (got.messages, got.completion, got.label) == ([_u("Hi.")], [_a("Hello.")], False)
+    row = {"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}], "kto_tag": True}
+    got = read_samples(_rows(tmp_path, [row]), {"kto_tag": "kto_tag"}, "unpaired")[0]
+    assert (got.format, got.messages, got.completion, got.label) == ("unpaired", [_u("Hi.")], [_a("Hello.")], True)
+
+
+def test_llamafactory_kto_alpaca(tmp_path):
+    row = {"instruction": "Add.", "input": "4 and 5", "output": "9.", "history": [["Hi.", "Hello."]], "kto_tag": False}
+    s = read_samples(_rows(tmp_path, [row]), {"kto_tag": "kto_tag"}, stage="kto")[0]
+    assert (s.messages, s.completion, s.label, s.conversational) == (
+        [_u("Hi."), _a("Hello."), _u("Add.\n4 and 5")], [_a("9.")], False, False)  # fmt: skip
+
+
+def test_kto_conversation_bad_rows_one_line(tmp_path):
+    rows = _rows(tmp_path, [{"messages": [_u("Hi."), _a("Hello."), _u("Bye.")], "label": True}])
+    with pytest.raises(DataError, match=r"t.jsonl:1: the conversation's last message is a user turn; KTO"):
+        read_samples(rows, stage="kto")
+    rows = _rows(tmp_path, [{"messages": [_u("Hi."), _a("Hello.")], "label": "maybe"}])
+    with pytest.raises(DataError, match=r"t.jsonl:1: column 'label' must be true or false"):
+        read_samples(rows, stage="kto")
+    rows = _rows(tmp_path, [{"instruction": "Add.", "output": "9.", "kto_tag": True}])
+    with pytest.raises(DataError, match=r"t.jsonl:1: .*stage kto does not read.*alpaca rows with a 'label' column"):
+        read_samples(rows, stage="kto")
+
+
+def test_sft_keeps_a_label_column_out(tmp_path):
+    """Outside stage kto a label column beside a conversation changes nothing (LLaMA-Factory reads kto_tag only
+    where the dataset names it; SFT trains every assistant turn)."""
+    s = read_samples(_rows(tmp_path, [{"messages": [_u("Hi."), _a("Hello.")], "label": True}]), stage="sft")[0]
+    assert (s.format, s.completion, s.label) == ("messages", None, None)
+
+
+def test_kto_conversation_tokens_equal_trl(tmp_path):
+    """The KTO row's ids equal apply_chat_template's on the whole conversation, and the labels cover exactly the
+    tokens after the prompt rendered with the generation prompt (TRL's prompt/completion split)."""
+    tok = _smollm2()
+    conv = [{"role": "system", "content": "Be brief."}, _u("Hi."), _a("Hello."), _u("Name a fruit."), _a("A lemon.")]
+    s = read_samples(_rows(tmp_path, [{"messages": conv, "label": True}]), stage="kto")[0]
+    (prompt, completion, good) = unpaired_examples([s])[0]
+    ex, cut = encode_prompt_response(prompt, completion, tok, None, 4096, s.tools)
+    full = tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+    head = tok.apply_chat_template(conv[:-1], tokenize=True, return_dict=True, add_generation_prompt=True)
+    n = len(head["input_ids"])
+    assert full[:n] == head["input_ids"] and not cut and good
+    assert ex["input_ids"] == full
+    trained = [i for i, lab in enumerate(ex["labels"]) if lab != -100]
+    assert trained == list(range(n, len(full)))
+    assert tok.decode(full[n:]) == "A lemon.<|im_end|>\n"
+
+
+# -- PPO prompts from conversations, as LLaMA-Factory's PPO reads its alpaca and sharegpt data ------------------
+
+
+def test_llamafactory_ppo_prompts(tmp_path):
+    """LLaMA-Factory's PPO takes every turn before the last answer as the prompt; an alpaca output may be empty
+    (its 'unsupervised' rows) or missing."""
+    rows = [{"instruction": "Add.", "input": "4 and 5", "output": "9.", "system": "Be brief."},
+            {"instruction": "Double 9.", "output": ""}, {"instruction": "Halve 8."}]  # fmt: skip
+    got = [(s.format, s.messages, s.conversational) for s in read_samples(_rows(tmp_path, rows), stage="ppo")]
+    assert got == [
+        ("prompt", [{"role": "system", "content": "Be brief."}, _u("Add.\n4 and 5")], False),
+        ("prompt", [_u("Double 9.")], False),
+        ("prompt", [_u("Halve 8.")], False),
+    ]
+    conv = [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]
+    conv += [{"from": "human", "value": "Name a fruit."}, {"from": "gpt", "value": "A lemon."}]
+    s = read_samples(_rows(tmp_path, [{"conversations": conv}]), stage="ppo")[0]
+    assert (s.format, s.messages) == ("prompt", [_u("Hi."), _a("Hello."), _u("Name a fruit.")])
+    with pytest.raises(DataError, match=r"t.jsonl:1: the conversation holds no prompt before its answer"):
+        read_samples(_rows(tmp_path, [{"messages": [{"role": "system", "content": "S."}, _a("Hi.")]}]), stage="ppo")
+
+
+def test_ppo_prompt_ids_equal_the_generation_prompt(tmp_path):
+    """The prompt's ids are apply_chat_template's with the generation prompt (TRL's prompt-only rows)."""
+    from deltatune.data.encode import choose_template, prompt_ids
+
+    tok = _smollm2()
+    conv = [_u("Hi."), _a("Hello."), _u("Name a fruit."), _a("A lemon.")]
+    samples = read_samples(_rows(tmp_path, [{"messages": conv}]), stage="ppo")
+    template = choose_template(samples, tok, None, "ppo")
+    want = tok.apply_chat_template(conv[:-1], tokenize=True, return_dict=True, add_generation_prompt=True)
+    assert prompt_ids(samples[0], tok, template, 4096) == want["input_ids"]
+
+
+def test_llamafactory_openai_formatting_is_messages(tmp_path):
+    """dataset_info.json's "formatting": "openai" copied into data.format reads OpenAI messages."""
+    conv = [{"role": "system", "content": "Be brief."}, _u("Hi."), _a("Hello.")]
+    s = read_samples(_rows(tmp_path, [{"messages": conv}]), data_format="openai", stage="sft")[0]
+    assert (s.format, s.messages) == ("messages", conv)
+
+
+def test_llamafactory_alpaca_ranking_prompt_column(tmp_path):
+    """An alpaca ranking entry names only its instruction column ({prompt: q, chosen, rejected}) with formatting
+    alpaca: LLaMA-Factory's prompt is "q\\ninput", so the input column is not lost."""
+    row = {"q": "Add.", "input": "4 and 5", "chosen": "9.", "rejected": "8."}
+    s = read_samples(_rows(tmp_path, [row]), {"prompt": "q"}, "alpaca_preference", stage="dpo")[0]
+    assert (s.messages, s.chosen, s.rejected) == ([_u("Add.\n4 and 5")], [_a("9.")], [_a("8.")])
+    row = {"instruction": "Add.", "input": "4 and 5", "output": "9.", "prompt": "unused"}
+    s = read_samples(_rows(tmp_path, [row]), {"prompt": "prompt"}, "alpaca", stage="sft")[0]
+    assert s.messages == [_u("Add.\n4 and 5"), _a("9.")]
