@@ -38,6 +38,10 @@ def base(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def model(base) -> dt.DeltaModel:
+    return _lora(base)
+
+
+def _lora(base: str) -> dt.DeltaModel:
     torch.manual_seed(0)
     config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
@@ -292,16 +296,21 @@ def test_kto_equals_trl_on_a_real_batch_with_gradients(base, model, tmp_path, lo
         assert ours._stats[key][0] == pytest.approx(metrics[key], abs=1e-4), key
 
 
-def test_dpo_eval_metrics_carry_trls_eval_names(trl_dpo, model, tmp_path):
+def test_dpo_eval_metrics_carry_trls_eval_names(base, tmp_path):
     """TRL's DPOTrainer.evaluate reports eval_rewards/chosen, /rejected, /margins, /accuracies: deltatune's eval (of
     dpo, orpo and simpo: one compute_metrics) reports them too, with the same values on the same pairs."""
+    import trl
     from transformers import EvalPrediction
 
     from deltatune.train.dpo import _metrics
 
-    trainer, batch = trl_dpo
-    trainer.beta, trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = 0.3, ["sigmoid"], [1.0], 0.0
-    trainer.ld_alpha, trainer.f_divergence_type = None, "reverse_kl"
+    model = _lora(base)  # (its own: TRL's trainers patch the model they are given)
+    args = trl.DPOConfig(str(tmp_path / "trl"), per_device_eval_batch_size=2, report_to=[], use_cpu=True, bf16=False,
+                         beta=0.3)  # fmt: skip
+    trainer = dt.trl_trainer(trl.DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(PAIRS),
+                                             ref_model=AutoModelForCausalLM.from_pretrained(base),
+                                             processing_class=tokenizer())  # fmt: skip
+    batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
     model.eval()
     theirs = trainer.evaluate(eval_dataset=trainer.train_dataset)
     labels = torch.where(batch["completion_mask"].bool(), batch["input_ids"], -100)
