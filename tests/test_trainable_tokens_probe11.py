@@ -310,3 +310,42 @@ def test_recipe_method_trainable_tokens():
     assert model.get_nb_trainable_parameters()[0] == 3 * 32
     with pytest.raises(ConfigError, match="unknown key 'method.token_ids'"):
         build({"stage": "sft", "method": {"name": "trainable_tokens", "token_ids": [3]}}).method_config()
+
+
+def test_status_as_peft():
+    theirs = peft.get_peft_model(base("llama-tied"), peft.TrainableTokensConfig(token_indices=IDS))
+    ours = dt.get_delta_model(base("llama-tied"), TrainableTokensConfig(token_indices=IDS))
+    from dataclasses import asdict
+
+    assert asdict(ours.get_model_status()) == asdict(theirs.get_model_status())
+    assert [asdict(s) for s in ours.get_layer_status()] == [asdict(s) for s in theirs.get_layer_status()]
+
+
+def test_cli_trains_saves_and_merges_method_trainable_tokens(tmp_path):
+    """``method: {name: trainable_tokens}`` through ``deltatune train`` and ``deltatune merge``: the merged model's
+    embedding differs from the base in the listed rows alone, which are the saved rows."""
+    from safetensors.torch import load_file
+    from tiny import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.cli import main
+
+    model = save_tiny(tmp_path / "m", "llama", "causal_lm")
+    rows = [{"prompt": "hi", "completion": "hello there"}, {"prompt": "bye", "completion": "see you"}] * 4
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [101, 102, 7592]  # [CLS], [SEP] (not in the rendered rows: no gradient), "hello" in the MiniLM vocabulary
+    (tmp_path / "r.yaml").write_text(
+        f"stage: sft\nmodel: {{name_or_path: {model}}}\nmethod: {{name: trainable_tokens, token_indices: {ids}}}\n"
+        f"data: {{train: {tmp_path / 't.jsonl'}, max_length: 32}}\ntrain: {{batch_size: 4}}\n"
+    )
+    out = tmp_path / "run"
+    args = ["train.max_steps=2", "train.report_to=[none]", "train.lr=1e-1", f"output.dir={out}"]
+    assert main(["train", str(tmp_path / "r.yaml"), *args]) == 0
+    adapter = next(out.rglob("adapter_config.json")).parent
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "TRAINABLE_TOKENS"
+    saved = load_file(adapter / "adapter_model.safetensors")[f"base_model.model.model.embed_tokens.{KEY}"]
+    assert main(["merge", "--adapter", str(adapter), "--model", model, "--out", str(tmp_path / "merged")]) == 0
+    before = AutoModelForCausalLM.from_pretrained(model).get_input_embeddings().weight
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").get_input_embeddings().weight
+    assert (after != before).any(dim=1).nonzero().flatten().tolist() == [7592]
+    assert torch.equal(after[ids], saved)
