@@ -40,6 +40,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "PromptTuningConfig": (".methods.prompt_tuning", "PromptTuningConfig"),
     "QuantizationError": (".methods.quant", "QuantizationError"),
     "Trainer": (".train.trainer", "DeltaTrainer"),
+    "TrainableTokensConfig": (".methods.trainable_tokens", "TrainableTokensConfig"),
     "VisualPromptConfig": (".methods.vpt", "VisualPromptConfig"),
     "cast_mixed_precision_params": (".status", "cast_mixed_precision_params"),
     "combine_loras": (".diffusion", "combine_loras"),
@@ -80,6 +81,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "QuantizationError",
+    "TrainableTokensConfig",
     "Trainer",
     "VisualPromptConfig",
     "cast_mixed_precision_params",
@@ -135,6 +137,7 @@ if TYPE_CHECKING:
     from .methods.quant import Linear4bit, QuantizationError, memory_footprint
     from .methods.quant_tools import merge_quantized, prepare_for_kbit_training, quantize
     from .methods.quant_tools import prepare_for_kbit_training as prepare_model_for_kbit_training
+    from .methods.trainable_tokens import TrainableTokensConfig
     from .methods.vpt import VisualPromptConfig
     from .model import DeltaModel, get_delta_model, inject_adapter_in_model
     from .registry import from_pretrained as load_config

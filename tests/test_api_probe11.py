@@ -271,3 +271,10 @@ def test_prepare_model_for_kbit_training_as_peft_on_a_kbit_model(kwargs):
     assert dt.prepare_model_for_kbit_training(models[1], **kwargs) is models[1]
     assert state(models[1]) == state(models[0])
     assert set(state(models[1])[0].values()) == {torch.float32}
+
+
+def test_trainable_tokens_config_exported_as_peft_exports_it():
+    ours = dt.get_delta_model(tiny_model("llama"), dt.TrainableTokensConfig(token_indices=[1, 5]))
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.TrainableTokensConfig(token_indices=[1, 5]))
+    assert "TrainableTokensConfig" in dt.__all__
+    assert _count(ours) == _count(theirs) == 2 * 32
