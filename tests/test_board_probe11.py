@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,29 @@ def test_a_list_of_many_runs_parses_only_the_recipes_that_changed(tmp_path, monk
     assert runs.detail(str(tmp_path), "r007")["recipe"]["train"] == {"lr": 0.5}
 
 
+def test_a_run_that_ended_without_finishing_is_shown_stopped_or_failed_with_its_reason(tmp_path):
+    """A run that raised (or was stopped with Ctrl-C) a minute ago was shown *running* for ten minutes, its lock
+    gone and its files unchanged. With train's ``stopped.json`` (see the report's diff for train/run.py) it is
+    *failed* with the error's line, or *stopped*; a stopped.json older than the log (the run was resumed since)
+    leaves the usual rules."""
+    now = time.time()
+    for name, end, when in (("crashed", {"reason": "DataError: train.jsonl:3: no text", "interrupted": False}, now),
+                            ("ctrl-c", {"reason": "KeyboardInterrupt", "interrupted": True}, now),
+                            ("resumed", {"reason": "KeyboardInterrupt", "interrupted": True}, now - 60),
+                            ("odd", ["not", "a", "mapping"], now)):  # fmt: skip
+        folder = write_run(tmp_path, name, [{"loss": 1.0, "step": 1}])
+        (folder / "stopped.json").write_text(json.dumps(end), encoding="utf-8")
+        os.utime(folder / "stopped.json", (when, when))
+        for f in ("run.yaml", "log_history.jsonl"):
+            os.utime(folder / f, (now - 30, now - 30))
+    os.utime(tmp_path / "resumed" / "log_history.jsonl", (now, now))
+    listed = {r["name"]: (r["status"], r["reason"]) for r in runs.list_runs(str(tmp_path))}
+    assert listed == {"crashed": ("failed", "DataError: train.jsonl:3: no text"),
+                      "ctrl-c": ("stopped", "KeyboardInterrupt"), "resumed": ("running", None), "odd": ("running", None)}  # fmt: skip
+    (tmp_path / "crashed" / "metrics.json").write_text('{"eval_loss": 1.0}', encoding="utf-8")
+    assert runs.summary(str(tmp_path), "crashed")["status"] == "finished"
+
+
 def reference_smoothing(ys: list[float], weight: float) -> list[float]:
     """TensorBoard's classicSmoothing (tensorboard/webapp/widgets/line_chart_v2/data_transformer.ts) transcribed."""
     last, n, out = 0.0, 0, []
@@ -248,6 +272,7 @@ def test_hostile_text_is_shown_as_text_and_the_run_page_has_what_a_run_page_has(
     evil_name = "x<script>document.title='pwned'</script>"
     folder = write_run(tmp_path, evil_name, rows, {"train": {"lr": 0.001, "note": EVIL}})
     (folder / "report.md").write_text(EVIL, encoding="utf-8")
+    (folder / "stopped.json").write_text(json.dumps({"reason": EVIL, "interrupted": False}), encoding="utf-8")
     write_run(tmp_path, "plain", rows, {"train": {"lr": 0.002}})
     server = Server(create_app(str(tmp_path)))
     from urllib.parse import quote
@@ -265,6 +290,7 @@ def test_hostile_text_is_shown_as_text_and_the_run_page_has_what_a_run_page_has(
             page.goto(server.url + "/?poll=100000#run/" + quote(evil_name, safe=""))
             page.wait_for_selector("#recipe-table")
             recipe = page.inner_text("#recipe-table")
+            assert "onerror" in page.inner_text("#run-reason") and page.inner_text("#run-status") == "failed"
             assert "train.note" in recipe and "onerror" in recipe and "train.lr" in recipe
             assert page.query_selector("#smoothing") and page.query_selector("#x-axis")
             assert page.query_selector('polyline[data-label="learning_rate"]')

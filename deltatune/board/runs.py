@@ -36,6 +36,10 @@ HEADLINE = (
 MAX_POINTS = 2000
 """The most log rows of one kind (the same keys: train logs, eval logs) a run's page is sent; a longer log is thinned
 evenly, first and last row kept (TensorBoard keeps 1,000 scalars per tag, by reservoir sampling)."""
+STOPPED_FILE = "stopped.json"
+"""Written by ``train`` when a run ends without finishing: {"reason": "...", "interrupted": bool} (Ctrl-C or a
+signal: *stopped*; an error: *failed*, with its one line). Taken into account only while it is newer than the run's
+recipe and log (a resumed run logs again after it)."""
 STALE_S = 600.0
 """A run with no metrics.json whose files have not changed for this long is taken as stopped (failed)."""
 
@@ -255,6 +259,17 @@ def _mtime(folder: str) -> float:
     return newest
 
 
+def _ended(folder: str, updated: float) -> dict[str, Any] | None:
+    """The run's ``STOPPED_FILE`` when it is there and no older than its recipe and log, else None."""
+    path = _in(folder, STOPPED_FILE)
+    try:
+        fresh = os.path.getmtime(path) >= updated
+    except OSError:
+        return None
+    data = _read_json(path) if fresh else None
+    return data if isinstance(data, dict) else None
+
+
 def summary(root: str, name: str) -> dict[str, Any] | None:
     """One row of the run list, or None when ``name`` is no run folder inside ``root``."""
     folder = inside(root, name)
@@ -265,8 +280,13 @@ def summary(root: str, name: str) -> dict[str, Any] | None:
     metrics = _finite(metrics) if isinstance(metrics, dict) else None
     updated = _mtime(folder)
     live = _lock_alive(folder)
+    ended = _ended(folder, updated) if metrics is None and not live else None
+    reason = None
     if metrics is not None:
         status = "finished"
+    elif ended is not None:
+        status = "stopped" if ended.get("interrupted") is True else "failed"
+        reason = ended.get("reason") if isinstance(ended.get("reason"), str) else None
     elif live or (live is None and time.time() - updated < STALE_S):
         status = "running"
     else:
@@ -280,6 +300,7 @@ def summary(root: str, name: str) -> dict[str, Any] | None:
         "method": method.get("name"),
         "model": model.get("name_or_path"),
         "status": status,
+        "reason": reason,
         "metrics": headline,
         "trainable_params": trainable_parameters(folder),
         "steps": _last_step(folder),

@@ -157,7 +157,7 @@ async function viewRuns(view) {
       el("td", {}, box),
       el("td", {}, el("a", { href: `#run/${encodeURIComponent(r.name)}` }, r.name)),
       el("td", {}, r.stage), el("td", {}, r.method), el("td", {}, r.model),
-      el("td", { class: `status-${r.status}`, title: `updated ${ago(r.updated)}` }, r.status),
+      el("td", { class: `status-${r.status}`, title: `${r.reason ? r.reason + " · " : ""}updated ${ago(r.updated)}` }, r.status),
       el("td", { class: "num" }, fmt(r.steps)),
       el("td", { class: "num" }, fmt(r.trainable_params)),
       el("td", {}, metrics)));
@@ -180,6 +180,7 @@ async function viewRun(view, name) {
   const trainable = r.trainable_params === null ? "trainable parameters: when saved" : `${fmt(r.trainable_params)} trainable parameters`;
   view.replaceChildren(el("div", {},
     el("h2", {}, `Run ${r.name} `, el("span", { class: `status-${r.status}`, id: "run-status" }, r.status)),
+    r.reason ? el("p", { class: "error", id: "run-reason" }, r.reason) : null,
     el("p", { id: "run-facts" }, `${r.stage} · ${r.method} · ${r.model} · ${trainable} · step ${r.steps} · updated ${ago(r.updated)}${thinned}`),
     controls(), legend(loss), chart("loss", loss, "loss-chart"),
     others.map(k => chart(k, [{ label: k, points: seriesOf(r.history, k) }])),
