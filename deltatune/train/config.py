@@ -432,7 +432,7 @@ def _validate_values(cfg: RunConfig) -> None:
     if t.eval_steps is not None and STAGES[cfg.stage].loop:  # its own loop evaluates before and after only
         raise ConfigError(f"train.eval_steps: {cfg.stage} evaluates data.eval after training (and before it with "
                           "train.eval_on_start), not every N steps; drop train.eval_steps")  # fmt: skip
-    if t.grad_accum != 1 and STAGES[cfg.stage].loop:  # its loop takes one update per batch of prompts
+    if t.grad_accum != 1 and STAGES[cfg.stage].loop and cfg.stage != "ppo":  # ppo: micro-batches per mini-batch
         raise ConfigError(f"train.grad_accum: {cfg.stage} takes one update per batch of train.batch_size prompts and "
                           "accumulates none; drop train.grad_accum (raise train.batch_size instead)")  # fmt: skip
     if cfg.stage == "ppo" and t.precision in ("bf16", "fp16"):  # its loop has no autocast: it trained in fp32
@@ -464,9 +464,12 @@ READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.
            ("dpo kto grpo", "align.loss_type"),
            ("dpo", "align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref align.ld_alpha "
                    "align.f_divergence_type align.f_alpha_divergence_coef align.use_weighting"),
-           ("ppo grpo", "align.max_new_tokens align.temperature align.mini_batch_size align.cliprange"),
+           ("ppo grpo", "align.max_new_tokens align.response_length align.temperature align.mini_batch_size "
+                        "align.cliprange"),
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
-                   "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon"),
+                   "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon align.kl_estimator "
+                   "align.missing_eos_penalty align.whiten_rewards align.kl_coef align.num_ppo_epochs "
+                   "align.num_mini_batches"),
            ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
                     "align.reward_funcs align.reward_weights align.bias_correction_kl align.cliprange_high align.delta "
                     "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile"),
