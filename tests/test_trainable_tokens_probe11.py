@@ -349,3 +349,12 @@ def test_cli_trains_saves_and_merges_method_trainable_tokens(tmp_path):
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").get_input_embeddings().weight
     assert (after != before).any(dim=1).nonzero().flatten().tolist() == [7592]
     assert torch.equal(after[ids], saved)
+
+
+def test_overlapping_adapters_refused_in_peft_words_naming_no_lora_field():
+    ours = dt.get_delta_model(base("llama"), TrainableTokensConfig(token_indices=IDS))
+    ours.add_adapter("b", TrainableTokensConfig(token_indices=[9, 11]))
+    with pytest.raises(ValueError, match="Token indices of adapter b are already defined") as info:
+        ours.set_adapter(["default", "b"])
+        ours(**inputs("llama"))
+    assert "trainable_token_indices" not in str(info.value) and "\n" not in str(info.value)

@@ -144,7 +144,7 @@ class TrainableTokens(DeltaLayer):
             if seen & ids:
                 raise ValueError(
                     f"Token indices of adapter {name} are already defined and would result in undefined merging "
-                    f"behavior. Only disjunct token indices are currently supported ({path}: trainable_token_indices)"
+                    f"behavior. Only disjunct token indices are currently supported ({path})"
                 )
             seen |= ids
 
