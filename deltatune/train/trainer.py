@@ -288,7 +288,28 @@ class DeltaTrainerMixin:
     ):
         """The Trainer's, with the loss of per-token labels a mean over every label token of the evaluation. The
         Trainer's is a mean over batches weighted by their rows, so the eval loss (and perplexity) of a language
-        model moved with eval_batch_size, and sat off the per-token mean by how the rows' lengths vary."""
+        model moved with eval_batch_size, and sat off the per-token mean by how the rows' lengths vary.
+
+        The random generators come out as they went in: the Trainer's evaluation drew from torch's (each pass over a
+        DataLoader draws its base seed), so dropout and NEFTune noise after it moved with data.eval and eval_steps,
+        and a run resumed from a checkpoint written just before an evaluation (an epoch's last step) trained on
+        another stream than the run it continues."""
+        import random
+
+        import numpy as np
+
+        states = random.getstate(), np.random.get_state()
+        devices = [self.args.device.index or 0] if self.args.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return self._evaluation_loop(
+                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+                )
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+
+    def _evaluation_loop(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix):
         zero = torch.zeros((), device=self.args.device)
         self._eval_tokens = [zero, zero.long()]
         # Each process's loss a mean over its own tokens: the Trainer's default divides by the count gathered from
