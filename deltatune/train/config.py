@@ -73,12 +73,14 @@ class DataArgs:
     columns: dict = _f(
         {},
         "Renamed fields -> column: {messages, conversations, instruction, input, output, system, history, "
-        "prompt, completion, chosen, rejected, label, tools, images} (docs/data-formats.md).",
+        "prompt, completion, chosen, rejected, label, tools, images}, or LLaMA-Factory's dataset_info.json keys "
+        "(query, response, kto_tag) (docs/data-formats.md).",
     )
     format: str | None = _f(
         None,
         "Data format (docs/data-formats.md): alpaca, sharegpt, messages, prompt_completion, prompt, preference, "
-        "preference_implicit, sharegpt_preference, alpaca_preference, unpaired, text; default: detected from the rows.",
+        "preference_implicit, sharegpt_preference, alpaca_preference, unpaired, text (openai: messages); default: "
+        "detected from the rows.",
     )
     tags: dict = _f({}, "sharegpt role/content tag names, as LLaMA-Factory's dataset_info.json 'tags'.")
     template: str | None = _f(
