@@ -270,7 +270,7 @@ def test_hostile_text_is_shown_as_text_and_the_run_page_has_what_a_run_page_has(
     ]
     rows.append({"eval_loss": 1.5, f"eval_{EVIL}": 0.5, "epoch": 2.0, "step": 8})
     evil_name = "x<script>document.title='pwned'</script>"
-    folder = write_run(tmp_path, evil_name, rows, {"train": {"lr": 0.001, "note": EVIL}})
+    folder = write_run(tmp_path, evil_name, rows, {"model": {}, "train": {"lr": 0.001, "note": EVIL}})
     (folder / "report.md").write_text(EVIL, encoding="utf-8")
     (folder / "stopped.json").write_text(json.dumps({"reason": EVIL, "interrupted": False}), encoding="utf-8")
     write_run(tmp_path, "plain", rows, {"train": {"lr": 0.002}})
@@ -291,6 +291,11 @@ def test_hostile_text_is_shown_as_text_and_the_run_page_has_what_a_run_page_has(
             page.wait_for_selector("#recipe-table")
             recipe = page.inner_text("#recipe-table")
             assert "onerror" in page.inner_text("#run-reason") and page.inner_text("#run-status") == "failed"
+            assert "null" not in page.inner_text("#run-facts")  # a recipe without model.name_or_path: "?"
+            anchors = page.evaluate(
+                "[...document.querySelectorAll('#loss-chart text[text-anchor]')].map(t => t.getAttribute('text-anchor'))"
+            )
+            assert anchors[-3:] == ["start", "middle", "end"]  # the last x label ends inside the chart, not cut off
             assert "train.note" in recipe and "onerror" in recipe and "train.lr" in recipe
             assert page.query_selector("#smoothing") and page.query_selector("#x-axis")
             assert page.query_selector('polyline[data-label="learning_rate"]')

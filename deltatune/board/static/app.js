@@ -75,7 +75,8 @@ function chart(title, series, id) {
   for (const t of [0, 0.5, 1]) {
     const y = y0 + t * (y1 - y0), x = x0 + t * (x1 - x0);
     svg.append(el("text", { x: 2, y: sy(y) + 4 }, y.toPrecision(3)));
-    svg.append(el("text", { x: sx(x) - 8, y: H - 10 }, x1 - x0 < 10 ? +x.toFixed(2) : Math.round(x)));  // epochs
+    const anchor = ["start", "middle", "end"][t * 2];  // the last tick's label ends at the axis, inside the chart
+    svg.append(el("text", { x: sx(x), y: H - 10, "text-anchor": anchor }, x1 - x0 < 10 ? +x.toFixed(2) : Math.round(x)));
   }
   const line = pts => pts.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
   series.forEach((s, i) => {
@@ -181,7 +182,7 @@ async function viewRun(view, name) {
   view.replaceChildren(el("div", {},
     el("h2", {}, `Run ${r.name} `, el("span", { class: `status-${r.status}`, id: "run-status" }, r.status)),
     r.reason ? el("p", { class: "error", id: "run-reason" }, r.reason) : null,
-    el("p", { id: "run-facts" }, `${r.stage} · ${r.method} · ${r.model} · ${trainable} · step ${r.steps} · updated ${ago(r.updated)}${thinned}`),
+    el("p", { id: "run-facts" }, `${[r.stage, r.method, r.model].map(v => v ?? "?").join(" · ")} · ${trainable} · step ${r.steps} · updated ${ago(r.updated)}${thinned}`),
     controls(), legend(loss), chart("loss", loss, "loss-chart"),
     others.map(k => chart(k, [{ label: k, points: seriesOf(r.history, k) }])),
     el("h3", {}, "Final metrics"), Object.keys(r.all_metrics).length ? metrics : el("p", { class: "muted" }, "not yet"),
