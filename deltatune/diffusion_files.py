@@ -1,0 +1,239 @@
+"""Reading LoRA files as diffusion users trade them (diffusers' layouts and kohya's) into a DeltaModel over a
+diffusers denoiser or a text encoder; split from ``diffusion.py`` (session 47), which writes them, combines several
+LoRAs and re-exports these names. The formats are described in ``diffusion.py``'s docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .files import KEY_PREFIX
+from .model import DeltaModel
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for."""
+KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te"}
+_KOHYA_HEADS = {**{k: (v,) for k, v in KOHYA_PREFIX.items()}, "text_encoder": ("lora_te", "lora_te1")}
+_KOHYA_HEADS["text_encoder_2"] = ("lora_te2",)
+"""The heads of kohya's keys that each component reads: SDXL's files name its text encoders lora_te1_, lora_te2_."""
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
+"""The pipeline components whose keys a diffusers LoRA file may hold side by side."""
+_DIFFUSERS_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora.down.weight": "A",
+    ".lora.up.weight": "B",
+    ".lora_linear_layer.down.weight": "A",  # diffusers' DreamBooth scripts' text-encoder layout
+    ".lora_linear_layer.up.weight": "B",
+}
+_TEXT_MODEL = "text_model"
+"""The level transformers 4's CLIPTextModel had above ``encoder.`` (transformers 5's has none); files name it."""
+_KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+_OLD_LAYOUT = re.compile(r"(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+"""diffusers' attention-processor layout (before 0.21; its converters read it still): ``<attention>.processor.to_q_lora
+.down.weight`` for a UNet, ``<self_attn>.to_q_lora.down.weight`` for a CLIP text encoder."""
+_NOT_LORA = re.compile(r"dora_scale|magnitude_vector|hada_|lokr_|lora_mid|\.diff(_b)?$|(_B|[._]up|layer\.up)\.bias$")
+"""Keys of DoRA, LyCORIS (LoHa, LoKr, Tucker's mid), full weight differences and LoRA biases (peft's
+``lora_bias``, ``lora_B.bias``): no plain LoRA's."""
+_CLIP_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _new_layout(key: str) -> str:
+    """A key of the attention-processor layout in the ``lora.down`` / ``lora.up`` one (other keys as they are):
+    ``to_out`` is the UNet's ``to_out.0``, and a text encoder's ``self_attn`` projections are its ``q_proj`` ..."""
+    m = _OLD_LAYOUT.search(key)
+    if m is None:
+        return key
+    stem, proj = key[: m.start()], m.group(2)
+    module = _CLIP_NAMES[proj] if stem.endswith("self_attn") else proj + (".0" if proj == "to_out" else "")
+    return f"{stem}.{module}.lora.{m.group(3)}.weight"
+
+
+def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a LoRA safetensors file, or of the one LoRA file in a folder
+    (``pytorch_lora_weights.safetensors`` first). Safetensors only: a pickle can run code when loaded.
+
+    Raises:
+        ConfigError: nothing to read there, or several candidate files in the folder.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if WEIGHT_NAME in files:
+            files = [WEIGHT_NAME]
+        if len(files) != 1:
+            found = ", ".join(files) or "none"
+            raise ConfigError(f"{path}: expected one LoRA .safetensors file in the folder, found {found}")
+        path = os.path.join(path, files[0])
+    if not os.path.isfile(path):
+        raise ConfigError(f"LoRA file {path!r} does not exist")
+    try:
+        with safe_open(path, "pt") as fh:
+            names = fh.keys()  # (a safe_open handle is not iterable)
+            return {k: fh.get_tensor(k) for k in names}, dict(fh.metadata() or {})
+    except Exception as exc:  # noqa: BLE001  (a corrupt or foreign file: one line naming it)
+        raise ConfigError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _split(
+    tensors: dict[str, torch.Tensor], prefix: str | None, base: nn.Module, source: str = "the file"
+) -> tuple[dict[str, dict[str, Any]], list[str], str]:
+    """{module path: {"A", "B", "alpha"?}} from diffusers or kohya keys, the keys that name no module of ``base``,
+    and the format found ("kohya" or "diffusers"). Without a prefix, keys of two components that both fit ``base``
+    (``text_encoder.`` and ``text_encoder_2.``) are refused: one would overwrite the other."""
+    names = {n for n, _ in base.named_modules() if n}
+    flat = _TEXT_MODEL not in names  # a file's text_model. level maps onto a model without it, as diffusers does
+
+    def known(path: str) -> str | None:
+        if flat and path.startswith(_TEXT_MODEL + ".") and path[len(_TEXT_MODEL) + 1 :] in names:
+            return path[len(_TEXT_MODEL) + 1 :]
+        return path if path in names else None
+
+    modules: dict[str, dict[str, Any]] = {}
+    unmatched: list[str] = []
+    fits: dict[str, str] = {}  # without a prefix: each component whose keys fit, and its first key
+
+    def fit(head: str, key: str) -> None:
+        if fits.setdefault(head, key) and len(fits) > 1:
+            raise ConfigError(
+                f"{source}: keys of {' and '.join(map(repr, fits))} both fit this {type(base).__name__} "
+                f"(such as {', '.join(fits.values())}); pass prefix= to pick the component"
+            )
+
+    kohya = any(k.endswith(tuple(_KOHYA_SUFFIXES)) and k.startswith("lora_") for k in tensors)
+    if kohya:
+        by_flat = {n.replace(".", "_"): n for n in names}
+        if flat:  # lora_te_text_model_encoder_... (transformers 4's names)
+            by_flat |= {f"{_TEXT_MODEL}_{k}": n for k, n in by_flat.items()}
+        heads = _KOHYA_HEADS.get(prefix, (f"lora_{prefix}",)) if prefix else sum(_KOHYA_HEADS.values(), ())
+        for key, value in tensors.items():
+            suffix = next((s for s in _KOHYA_SUFFIXES if key.endswith(s)), None)
+            stem = key[: -len(suffix)] if suffix else key
+            head = next((h for h in heads if stem.startswith(h + "_")), None)
+            if prefix and head is None and stem.startswith("lora_"):
+                continue  # another component's (lora_te_ beside lora_unet_): the prefix picks one
+            path = by_flat.get(stem[len(head) + 1 :]) if head and suffix else None
+            if path is None:
+                unmatched.append(key)
+                continue
+            if prefix is None:
+                fit(head, key)
+            modules.setdefault(path, {})[_KOHYA_SUFFIXES[suffix]] = value
+        return modules, unmatched, "kohya"
+    for key, value in tensors.items():
+        new = _new_layout(key)
+        suffix = next((s for s in _DIFFUSERS_SUFFIXES if new.endswith(s)), None)
+        stem = new[: -len(suffix)] if suffix else new
+        if prefix is None and "." in stem and known(stem.split(".", 1)[1]):
+            head, stem = stem.split(".", 1)  # "unet.down_blocks..." -> the path, whatever the component
+            fit(head, key)
+        elif prefix is not None and stem.startswith(prefix + "."):
+            stem = stem[len(prefix) + 1 :]
+        elif prefix is not None and stem.split(".", 1)[0] in _COMPONENTS:
+            continue  # another component's (text_encoder. beside unet.): the prefix picks one
+        path = known(stem) if suffix else None
+        if path is None:
+            unmatched.append(key)
+            continue
+        modules.setdefault(path, {})[_DIFFUSERS_SUFFIXES[suffix]] = value
+    return modules, unmatched, "diffusers"
+
+
+def load_lora(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    prefix: str | None = None,
+    is_trainable: bool = False,
+) -> DeltaModel:
+    """Load a diffusers- or kohya-format LoRA file (or folder) into ``model`` as ``adapter_name``.
+
+    ``model`` is a DeltaModel or a plain denoiser / text encoder (wrapped then). ``prefix`` picks a component's
+    keys (``unet``, ``transformer``, ``text_encoder``, SDXL's ``text_encoder_2``: kohya's ``lora_te1_`` and
+    ``lora_te2_`` are these two); None takes the keys whose path fits the model. Ranks and alphas are read per module
+    (kohya's ``.alpha``; diffusers' metadata, else alpha = rank).
+
+    Raises:
+        ConfigError: the file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
+            another architecture), keys of two components that both fit (without a prefix), a module without its A
+            or B, or nothing at all; the model is unchanged.
+    """
+    from .methods.lora import LoraConfig
+
+    tensors, metadata = read_lora_file(path)
+    delta = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    base = delta.get_base_model()
+    modules, unmatched, kind = _split(tensors, prefix, base, os.fspath(path))
+    other = [k for k in unmatched if _NOT_LORA.search(k)]
+    if other:  # the module is there; the kind of update is not a LoRA's
+        raise ConfigError(
+            f"{path}: {len(other)} keys such as {other[0]} hold DoRA or LyCORIS (LoHa, LoKr, Tucker) parts, LoRA "
+            "biases (lora_bias) or full weight differences; these files load plain LoRA (lora_down / lora_up, "
+            "lora_A / lora_B weights) only"
+        )
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else "")
+        raise ConfigError(
+            f"{path}: {len(unmatched)} of {len(tensors)} keys name no module of this {type(base).__name__}: {shown}; "
+            "a LoRA for another architecture or component?"
+        )
+    if not modules:
+        raise ConfigError(f"{path}: no LoRA tensors in the file")
+    incomplete = sorted(p for p, m in modules.items() if "A" not in m or "B" not in m)
+    if incomplete:
+        raise ConfigError(f"{path}: module {incomplete[0]} has no {'B' if 'A' in modules[incomplete[0]] else 'A'}")
+    from .targets import pattern_value
+
+    meta = {} if kind == "kohya" else _metadata(metadata, prefix)  # kohya files carry no config, only alphas
+    ranks = {p: m["A"].shape[0] for p, m in modules.items()}
+    alphas = {}
+    for p, m in modules.items():
+        if kind == "kohya":  # kohya scales by alpha / r, as deltatune's lora_alpha does: the value carries over
+            alphas[p] = float(m["alpha"]) if "alpha" in m else float(ranks[p])
+        else:
+            alphas[p] = float(pattern_value(meta.get("alpha_pattern", {}), p, meta.get("lora_alpha", ranks[p])))
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(modules),
+        use_rslora=bool(meta.get("use_rslora", False)),
+        rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
+        alpha_pattern={re.escape(p): v for p, v in alphas.items() if v != alpha},
+        inference_mode=not is_trainable,
+    )
+    state = {}
+    for p, m in modules.items():
+        state[f"{KEY_PREFIX}{p}.lora_A.weight"] = m["A"]
+        state[f"{KEY_PREFIX}{p}.lora_B.weight"] = m["B"]
+    delta.add_adapter(adapter_name, config, _tensors=state, _source=os.fspath(path))
+    return delta
+
+
+def _metadata(metadata: dict[str, str], prefix: str | None) -> dict[str, Any]:
+    """The LoRA config diffusers stored in the file's metadata for this component ({} when none)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    components = {k.split(".", 1)[0] for k in meta if "." in k}
+    if not components:  # a model-level save (unet.save_lora_adapter(folder)): the bare peft config
+        return meta
+    component = prefix or (components.pop() if len(components) == 1 else None)
+    if component is None:
+        return {}
+    return {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(component + ".")}
