@@ -193,3 +193,32 @@ def test_llamafactory_alpaca_ranking_prompt_column(tmp_path):
     row = {"instruction": "Add.", "input": "4 and 5", "output": "9.", "prompt": "unused"}
     s = read_samples(_rows(tmp_path, [row]), {"prompt": "prompt"}, "alpaca", stage="sft")[0]
     assert s.messages == [_u("Add.\n4 and 5"), _a("9.")]
+
+
+def test_llamafactory_ranking_under_its_formatting(tmp_path):
+    """dataset_info.json's {"formatting": "sharegpt", "ranking": true} copied as data.format=sharegpt: the rows hold
+    chosen and rejected, so they are the sharegpt ranking rows (alpaca's likewise); the ids equal
+    apply_chat_template's and the labels cover the answer after the generation prompt (TRL's DPO split)."""
+    from deltatune.data.encode import choose_template, lm_example
+
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a fruit."}]
+    row = {"conversations": conv, "chosen": {"from": "gpt", "value": "A lemon."}, "rejected": {"from": "gpt",
+           "value": "A stone."}}  # fmt: skip
+    s = read_samples(_rows(tmp_path, [row]), data_format="sharegpt", stage="dpo")[0]
+    prompt = [{"role": "system", "content": "Be brief."}, _u("Name a fruit.")]
+    assert (s.format, s.messages, s.chosen, s.rejected) == ("sharegpt_preference", prompt, [_a("A lemon.")],
+                                                            [_a("A stone.")])  # fmt: skip
+    row = {"instruction": "Add.", "input": "4 and 5", "chosen": "9.", "rejected": "8."}
+    got = read_samples(_rows(tmp_path, [row]), data_format="alpaca", stage="dpo")[0]
+    assert (got.format, got.messages, got.chosen) == ("alpaca_preference", [_u("Add.\n4 and 5")], [_a("9.")])
+    tok = _smollm2()
+    ex, _ = lm_example(s, s.rejected, tok, choose_template([s], tok, None, "dpo"), 4096)
+    full = tok.apply_chat_template(prompt + [_a("A stone.")], tokenize=True, return_dict=True)["input_ids"]
+    n = len(tok.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
+    assert ex["input_ids"] == full
+    assert [i for i, lab in enumerate(ex["labels"]) if lab != -100] == list(range(n, len(full)))
+
+
+def test_text_rows_in_sft_point_to_stage_pt(tmp_path):
+    with pytest.raises(DataError, match=r"t.jsonl:1: the data is in the text format .*stage pt trains on text"):
+        read_samples(_rows(tmp_path, [{"text": "The lemon tree grows in warm places."}]), stage="sft")

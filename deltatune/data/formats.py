@@ -22,7 +22,8 @@ Formats (the name is what ``data.format`` forces; by default each row's fields d
 
 As LLaMA-Factory reads them, a conversation (alpaca, sharegpt, messages) with a label (its ``kto_tag``) is an
 ``unpaired`` row in stage kto (the last turn the completion), and any conversation a ``prompt`` row in stage ppo
-(the turns before the last answer); ``data.columns`` takes its dataset_info.json keys (``LLAMAFACTORY_COLUMNS``).
+(the turns before the last answer); ``data.columns`` takes its dataset_info.json keys (``LLAMAFACTORY_COLUMNS``), and
+``data.format`` its formatting (alpaca, sharegpt: their ranking rows too; openai: messages).
 
 A standard (string) prompt becomes one user message and a string response one assistant message, so every stage
 renders the same chat template for the same pair whatever its shape. Images and videos (``images``/``videos``
@@ -182,6 +183,8 @@ def read_samples(
         fmt = data_format or detect(row, c)
         if tags and fmt == "messages" and not data_format:  # role/content messages with tags: LLaMA-Factory's sharegpt
             fmt = "sharegpt"
+        if fmt in ("alpaca", "sharegpt") and _has(row, _col(c, "chosen")) and _has(row, _col(c, "rejected")):
+            fmt += "_preference"  # (LLaMA-Factory's formatting, forced, with its ranking rows)
         inner = _conversation_to_reshape(row, c, fmt, data_format, stage, tags)
         if inner:
             fmt = "prompt" if stage == "ppo" and data_format != "unpaired" else "unpaired"
@@ -190,12 +193,7 @@ def read_samples(
             if stage and stage in STAGE_FORMATS and fmt not in STAGE_FORMATS[stage]:
                 raise DataError(
                     f"{row.source}: the data is in the {fmt} format ({FORMATS[fmt]}), which stage {stage} does not "
-                    f"read; stage {stage} reads: {', '.join(STAGE_FORMATS[stage])}"
-                    + (
-                        f" (or {fmt} rows with a {_col(c, 'label')!r} column: data.columns' label, LLaMA-Factory's kto_tag)"
-                        if stage == "kto" and fmt in ("alpaca", "sharegpt", "messages")
-                        else ""
-                    )
+                    f"read; stage {stage} reads: {', '.join(STAGE_FORMATS[stage])}{_stage_hint(fmt, stage, c)}"
                 )
         elif fmt != first[0]:
             raise DataError(
@@ -279,6 +277,13 @@ def _unpaired_turn(s: Sample, row: Row, c: dict[str, str]) -> Sample:
     s.messages, s.completion = conversation[:-1], conversation[-1:]
     s.format, s.label = "unpaired", _label(row, _col(c, "label"))
     return s
+
+
+def _stage_hint(fmt: str, stage: str, c: dict[str, str]) -> str:
+    """What would read ``fmt`` rows, where something would, for the refusal of a format the stage does not read."""
+    if stage == "kto" and fmt in ("alpaca", "sharegpt", "messages"):
+        return f" (or {fmt} rows with a {_col(c, 'label')!r} column: data.columns' label, LLaMA-Factory's kto_tag)"
+    return " (stage pt trains on text, as TRL's SFT on a text dataset does)" if fmt == "text" else ""
 
 
 class _BadPair(Exception):
