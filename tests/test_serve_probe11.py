@@ -273,3 +273,23 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(smol):
     for bad in (0, -2, 1.5):
         status, answer = _call(app, "/v1/completions", {**body, "truncate_prompt_tokens": bad})
         assert status == 400 and answer["error"]["param"] == "truncate_prompt_tokens", bad
+
+
+def test_return_tokens_as_token_ids_names_logprobs_by_id_as_vllm(smol):
+    engine, app = smol
+    tok = engine.tokenizer
+    body = {"prompt": "日本語 é", "max_tokens": 4, "temperature": 0, "logprobs": 2, "return_tokens_as_token_ids": True}
+    status, answer = _call(app, "/v1/completions", body)
+    assert status == 200, answer
+    logprobs = answer["choices"][0]["logprobs"]
+    ids = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
+    assert all(t.startswith("token_id:") for t in logprobs["tokens"])
+    assert tok.decode(ids) == answer["choices"][0]["text"]
+    assert all(all(k.startswith("token_id:") for k in top) for top in logprobs["top_logprobs"])
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True, "top_logprobs": 1}
+    _, answer = _call(app, "/v1/chat/completions", {**chat, "return_tokens_as_token_ids": True})
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert all(c["token"].startswith("token_id:") and c["bytes"] == list(c["token"].encode()) for c in content)
+    _, chunks = _call(app, "/v1/completions", {**body, "stream": True})
+    streamed = [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]  # fmt: skip
+    assert streamed == [f"token_id:{t}" for t in ids]

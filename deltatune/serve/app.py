@@ -293,7 +293,9 @@ def create_app(
         choices, texts = [], ["".join(p) for p in pieces]
         for i, r in enumerate(requests):
             logprobs = (
-                None if r.logprobs is None else logprobs_json(engine.tokenizer, r.logprob_rows[: counts[i]], chat)
+                None
+                if r.logprobs is None
+                else logprobs_json(engine.tokenizer, r.logprob_rows[: counts[i]], chat, as_ids=r.token_ids_as_names)
             )
             choices.append(
                 {"index": i, "finish_reason": finish[i], "stop_reason": r.stop_reason, "logprobs": logprobs}
@@ -326,7 +328,8 @@ async def _stream(
     def chunk(i: int, text: str | None, finish: str | None, first: bool = False, n: int = 0) -> str:
         logprobs = None
         if requests[i].logprobs is not None and n > done[i]:
-            logprobs = logprobs_json(tokenizer, requests[i].logprob_rows[done[i] : n], chat, offset[i], states[i])
+            rows, as_ids = requests[i].logprob_rows[done[i] : n], requests[i].token_ids_as_names
+            logprobs = logprobs_json(tokenizer, rows, chat, offset[i], states[i], as_ids)
             offset[i] += sum(len(t) for t in logprobs.get("tokens", []))
             done[i] = n
         if chat:

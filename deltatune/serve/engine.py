@@ -89,6 +89,7 @@ class Request:
     ignore_eos: bool = False
     logprobs: int | None = None  # the alternatives per token to report with each token's log-probability (None: no)
     prompt_logprobs: bool = False  # the prompt's tokens' too (a completion's echo)
+    token_ids_as_names: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
     prompt_top: int | None = None  # vLLM's prompt_logprobs: the alternatives per prompt token (None: not asked)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled by the engine

@@ -23,7 +23,6 @@ UNSUPPORTED: dict[str, Any] = {
     "tool_choice": ("none", "auto"),
     "use_beam_search": False,
     "length_penalty": 1,
-    "return_tokens_as_token_ids": False,  # vLLM's token names of logprobs, "token_id:123"
     **dict.fromkeys(  # the fields whose nothing is null (one name a line would take 17 lines)
         "suffix tools functions audio prediction chat_template "  # noqa: SIM905
         "bad_words guided_json guided_regex guided_choice "
@@ -174,6 +173,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         ignore_eos=flag(body, "ignore_eos"),
         logprobs=_logprobs(body, chat),
         prompt_top=_prompt_logprobs(body),
+        token_ids_as_names=flag(body, "return_tokens_as_token_ids"),  # vLLM's logprobs names, "token_id:123"
     )
 
 

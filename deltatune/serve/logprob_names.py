@@ -45,20 +45,28 @@ def prompt_logprobs_json(tokenizer: Any, rows: list) -> list:
     ]  # fmt: skip
 
 
-def logprobs_json(tokenizer: Any, rows: list, chat: bool, offset: int = 0, state: dict | None = None) -> dict:
+def logprobs_json(
+    tokenizer: Any, rows: list, chat: bool, offset: int = 0, state: dict | None = None, as_ids: bool = False
+) -> dict:
     """``rows`` (``Request.logprob_rows``) as OpenAI's ``logprobs``: a chat choice's ``content``, or a completion's
     ``tokens``, ``token_logprobs``, ``top_logprobs`` (the chosen token's among them) and ``text_offset`` (from
     ``offset``). Each token is decoded alone, as vLLM shows it (``_token_text``); the chosen tokens' names add up to
     the text (``_chosen_names``), and an alternative that decodes alone to an incomplete character is named in the
     context of the tokens chosen before it (``_in_context``), as vLLM's LogprobsProcessor names every candidate;
-    ``state`` carries a stream's earlier chunks (a character left incomplete, the tokens chosen last)."""
+    ``state`` carries a stream's earlier chunks (a character left incomplete, the tokens chosen last). ``as_ids``
+    (vLLM's return_tokens_as_token_ids): every token named "token_id:<id>" instead."""
     state = {} if state is None else state
-    name = {t: _token_text(tokenizer, t) for row in rows for t in (row[0], *(i for i, _ in row[2]))}
-    chosen = _chosen_names(tokenizer, [row[0] for row in rows], name, state)
+    every = {t for row in rows for t in (row[0], *(i for i, _ in row[2]))}
+    name = {t: f"token_id:{t}" if as_ids else _token_text(tokenizer, t) for t in every}
+    if as_ids:
+        chosen = [name[row[0]] for row in rows]
+    else:
+        chosen = _chosen_names(tokenizer, [row[0] for row in rows], name, state)
     context, named = state.setdefault("context", []), []
     for (token, _, top), own in zip(rows, chosen):
         ctx = context[-4:]  # a UTF-8 character spans at most 4 bytes
-        at = {a: own if a == token else _in_context(tokenizer, a, ctx) if name[a].endswith("\ufffd") else name[a]
+        split = not as_ids  # a name "token_id:<id>" is never a piece of a character
+        at = {a: own if a == token else _in_context(tokenizer, a, ctx) if split and name[a].endswith("\ufffd") else name[a]
               for a, _ in top}  # fmt: skip
         named.append(at | {token: own})
         context.append(token)
