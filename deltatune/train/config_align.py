@@ -107,6 +107,8 @@ class AlignArgs:
     simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma (the loss wants beta * margin > gamma).")
     cpo_alpha: float = _f(0.0, "SimPO: weight of the chosen responses' NLL added to the loss (TRL's CPO cpo_alpha; "
                           "TRL's default 1, 0 here: the SimPO paper's loss).")  # fmt: skip
+    alpha: float = _f(0.0, "SimPO: AlphaPO's alpha (TRL's CPO alpha): rewards (1 - p^-alpha) / alpha of each response's "
+                      "length-normalised likelihood p; 0: SimPO's log p.")  # fmt: skip
     center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
 
 
@@ -121,6 +123,8 @@ def validate_align(a: AlignArgs, stage: str) -> None:
         raise ConfigError(f"align.loss_type for stage simpo must be simpo (TRL's CPO loss_type simpo; the default "
                           f"sigmoid reads as simpo): TRL's CPO losses sigmoid, hinge and ipo are not built, got "
                           f"{a.loss_type!r}")  # fmt: skip
+    if a.alpha and stage != "simpo":
+        raise ConfigError(f"align.alpha (AlphaPO, TRL's CPO alpha) is for stage simpo only, got {a.alpha} on {stage}")
     kinds = ["sigmoid"] if stage in ("kto", "grpo", "simpo") else kinds  # (the DPO checks below see DPO's default)
     if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "

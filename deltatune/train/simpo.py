@@ -12,7 +12,8 @@ with avg_y the mean token log-prob of y, beta = ``align.beta`` (the paper uses 2
 As TRL's ``CPOTrainer`` with ``loss_type="simpo"``: ``align.label_smoothing`` eps gives the conservative form
 -(1 - eps) log sigmoid(x) - eps log sigmoid(-x) of the same x, and ``align.cpo_alpha`` adds alpha times the NLL of
 the chosen responses (the mean over their tokens in the micro-batch, as CPO's cross-entropy; CPO's default is 1,
-deltatune's 0, the SimPO paper's loss). ``align.loss_type`` is simpo (or the default sigmoid, read as simpo); CPO's
+deltatune's 0, the SimPO paper's loss), and ``align.alpha`` is AlphaPO's reward shape (``simpo_loss``).
+``align.loss_type`` is simpo (or the default sigmoid, read as simpo); CPO's
 own sigmoid, hinge and ipo losses are refused by name.
 """
 
@@ -39,6 +40,7 @@ def simpo_loss(
     beta: float = 2.0,
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
+    alpha: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair SimPO losses and the implicit rewards.
 
@@ -50,12 +52,18 @@ def simpo_loss(
         beta: the reward scale.
         gamma: the target reward margin.
         label_smoothing: eps, the assumed fraction of flipped labels (TRL's CPO simpo form).
+        alpha: AlphaPO's alpha (Gupta et al. 2025, arXiv:2501.03884; TRL's CPO ``alpha``): each mean token log-prob
+            a becomes (1 - exp(a)^-alpha) / alpha before the scaling by beta; 0: SimPO's a itself.
 
     Returns:
         (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards beta * avg_y are detached.
     """
-    chosen = beta * chosen_logps / chosen_tokens.clamp(min=1)
-    rejected = beta * rejected_logps / rejected_tokens.clamp(min=1)
+
+    def reward(avg: torch.Tensor) -> torch.Tensor:  # (1 - p^-alpha) / alpha of p = exp(avg), as TRL's CPO
+        return avg if alpha == 0 else -torch.expm1(-alpha * avg) / alpha
+
+    chosen = beta * reward(chosen_logps / chosen_tokens.clamp(min=1))
+    rejected = beta * reward(rejected_logps / rejected_tokens.clamp(min=1))
     x = chosen - rejected - gamma
     losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
     return losses, chosen.detach(), rejected.detach()
@@ -75,7 +83,7 @@ class SimPOTrainer(PairTrainer):
         a, stats = self.align, {} if model.training else None
         logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS}, stats)
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
-        losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, a.beta, a.simpo_gamma, a.label_smoothing)
+        losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, a.beta, a.simpo_gamma, a.label_smoothing, a.alpha)
         nll = -pc.sum() / nc.sum().clamp(min=1)  # (CPO's cross-entropy: a mean over the micro-batch's chosen tokens)
         if model.training:  # TRL's CPOTrainer's names; its logps are the mean token log-probs (loss_type simpo)
             self.log_rewards(chosen, rejected)
@@ -102,6 +110,7 @@ def prepare_simpo(cfg: RunConfig, tok) -> Prepared:
     notes = [n for n in p.notes if not n.startswith("DPO")]
     notes.append(f"SimPO: beta={a.beta}, target margin gamma={a.simpo_gamma}"
                  + (f", label_smoothing={a.label_smoothing}" if a.label_smoothing else "")
+                 + (f", AlphaPO alpha={a.alpha}" if a.alpha else "")
                  + (f", + {a.cpo_alpha} x NLL of the chosen responses (CPO's cpo_alpha)" if a.cpo_alpha else "")
                  + "; no reference model")  # fmt: skip
     return dataclasses.replace(p, notes=notes, trainer_class=partial(SimPOTrainer, align=cfg.align))
