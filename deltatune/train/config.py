@@ -299,7 +299,9 @@ HF_NAMES = {
         ("save_strategy", "train.save_steps (null: each epoch)"),
         ("data_seed", "train.seed (it seeds the data order too)"),
         ("resume_from_checkpoint", "deltatune train --resume (the last checkpoint of output.dir)"),
-        ("max_length", "data.max_length"), ("max_seq_length", "data.max_length"), ("packing", "data.packing"))},
+        ("max_length", "data.max_length"), ("max_seq_length", "data.max_length"), ("packing", "data.packing"),
+        ("padding_free", "data.packing (rows packed into data.max_length blocks, position ids restarting per row)"),
+        ("dataset_text_field", "data.text_column"))},
     "completion_only_loss": "sft always trains on the response tokens only (TRL's completion_only_loss=True); drop it",
     "assistant_only_loss": "sft always trains on the assistant's turns only (TRL's assistant_only_loss=True); drop it",
 }  # fmt: skip
