@@ -278,3 +278,26 @@ def test_trainable_tokens_config_exported_as_peft_exports_it():
     theirs = peft.get_peft_model(tiny_model("llama"), peft.TrainableTokensConfig(token_indices=[1, 5]))
     assert "TrainableTokensConfig" in dt.__all__
     assert _count(ours) == _count(theirs) == 2 * 32
+
+
+def test_delete_activates_the_next_adapters_head_where_peft_leaves_it_out():
+    """Kept on purpose: peft's head wrapper that does not hold the deleted adapter is not told of the new active one
+    (its delete_adapter returns early), so that adapter's head copy neither computes nor trains; deltatune's does both."""
+    configs = [dict(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+               dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])]  # fmt: skip
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**configs[0]))
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**configs[0]))
+    for model, lib in ((ours, dt), (theirs, peft)):
+        model.add_adapter("a1", lib.LoraConfig(**configs[1]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.delete_adapter("default")
+    assert theirs.active_adapter == "a1" and theirs.base_model.model.lm_head.active_adapters == []
+    difference = _trainable_names(ours, True) - _trainable_names(theirs, False)
+    assert difference == {"base_model.lm_head.modules_to_save.a1.weight"}
+    with torch.no_grad():
+        ours.base_model.lm_head.modules_to_save["a1"].weight.add_(1.0)
+    inputs = tiny_inputs("llama")
+    with ours.disable_adapter():
+        plain = output_of(ours, inputs)
+    assert (output_of(ours, inputs) - plain).abs().max() > 0.1  # a1's head computes
