@@ -165,12 +165,23 @@ def test_precompute_ref_log_probs_is_trls_name_for_precompute_ref(model, tmp_pat
     from deltatune.data.preference import PairCollator
 
     args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=2)
-    refs = []
-    for align in (AlignArgs(precompute_ref=True), AlignArgs(precompute_ref_log_probs=True)):
-        t = DPOTrainer(model=model, args=args, train_dataset=rows, data_collator=PairCollator(tok.pad_token_id),
-                       align=align)  # fmt: skip
+    refs, sizes, collate = [], [], PairCollator(tok.pad_token_id)
+
+    def counted(examples):  # (the pairs of each reference forward)
+        sizes.append(len(examples))
+        return collate(examples)
+
+    aligns = AlignArgs(precompute_ref=True), AlignArgs(precompute_ref_log_probs=True)
+    for align in (*aligns, AlignArgs(precompute_ref_log_probs=True, precompute_ref_batch_size=1)):
+        t = DPOTrainer(model=model, args=args, train_dataset=rows, data_collator=counted, align=align)
         refs.append([(ex["ref_chosen_logp"], ex["ref_rejected_logp"]) for ex in t.train_dataset])
     assert refs[0] == refs[1] and all(c < 0 and r < 0 for c, r in refs[0])
+    assert sizes == [2, 2, 1, 1]
+    # one pair per forward (TRL's precompute_ref_batch_size): no padding, the same sums to fp32 rounding
+    assert torch.tensor(refs[2]).sub(torch.tensor(refs[0])).abs().max() < 1e-5
+    assert build({**RAW, "stage": "dpo", "align": {"precompute_ref_batch_size": 16}}).align.precompute_ref_batch_size
+    with pytest.raises(ConfigError, match=r"align.precompute_ref_batch_size must be >= 1 \(or null\), got 0"):
+        build({**RAW, "stage": "dpo", "align": {"precompute_ref_batch_size": 0}})
 
 
 @pytest.fixture(scope="module")

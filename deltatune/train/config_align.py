@@ -51,6 +51,8 @@ class AlignArgs:
     precompute_ref: bool = _f(False, "DPO: compute the reference log-probs once before training (one pass, no "
                               "reference forward per step).")  # fmt: skip
     precompute_ref_log_probs: bool = _f(False, "DPO: TRL's name for align.precompute_ref (either one turns it on).")
+    precompute_ref_batch_size: int | None = _f(None, "DPO: pairs per forward of the precomputed reference (TRL's); "
+                                               "null: train.eval_batch_size.")  # fmt: skip
     use_weighting: bool = _f(False, "DPO: WPO's weighting (TRL's use_weighting): each pair's loss times its responses' "
                              "length-normalised probabilities under the policy, no gradient through them.")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
@@ -146,6 +148,8 @@ def validate_align(a: AlignArgs, stage: str) -> None:
     if stage == "kto" and a.precompute_ref_log_probs:  # (TRL's KTOConfig has the key)
         raise ConfigError("align.precompute_ref_log_probs is not built for stage kto: its reference (of each row and "
                           "of the batch's mismatched pairs) runs at every step; drop the key")  # fmt: skip
+    if a.precompute_ref_batch_size is not None and a.precompute_ref_batch_size < 1:
+        raise ConfigError(f"align.precompute_ref_batch_size must be >= 1 (or null), got {a.precompute_ref_batch_size}")
     if a.ld_alpha is not None and not 0 <= a.ld_alpha <= 1:
         raise ConfigError(f"align.ld_alpha must be in [0, 1] (or null: off), got {a.ld_alpha}")
     if a.label_smoothing and not set(kinds) & set(SMOOTHED):

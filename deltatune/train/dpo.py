@@ -224,7 +224,7 @@ class DPOTrainer(PairTrainer):
         was_training = model.training
         model.eval()  # no dropout in the reference
         device = next(model.parameters()).device
-        size = self.args.per_device_eval_batch_size
+        size = self.align.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         out = []
         starts = tqdm(range(0, len(examples), size), desc="reference log-probs", disable=self.args.disable_tqdm)
         with model.disable_adapter(), self.accelerator.autocast():
