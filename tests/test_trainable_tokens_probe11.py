@@ -358,3 +358,15 @@ def test_overlapping_adapters_refused_in_peft_words_naming_no_lora_field():
         ours.set_adapter(["default", "b"])
         ours(**inputs("llama"))
     assert "trainable_token_indices" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_seq_cls_trains_the_new_head_where_peft_leaves_it_frozen():
+    """A difference kept on purpose: task_type SEQ_CLS trains (and saves) the classifier beside the rows, as every
+    deltatune method does; peft's TrainableTokensConfig has no modules_to_save, so its new head stays random and frozen
+    (and peft, loading deltatune's file, ignores the head, with a warning about modules_to_save)."""
+    config = dict(token_indices=IDS, task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(base("bert"), peft.TrainableTokensConfig(**config))
+    ours = dt.get_delta_model(base("bert"), TrainableTokensConfig(**config))
+    assert theirs.get_nb_trainable_parameters()[0] == 3 * 32
+    assert ours.get_nb_trainable_parameters()[0] == 3 * 32 + 32 * 3 + 3
+    assert ours.peft_config["default"].modules_to_save == ["classifier"]
