@@ -222,3 +222,21 @@ def test_llamafactory_ranking_under_its_formatting(tmp_path):
 def test_text_rows_in_sft_point_to_stage_pt(tmp_path):
     with pytest.raises(DataError, match=r"t.jsonl:1: the data is in the text format .*stage pt trains on text"):
         read_samples(_rows(tmp_path, [{"text": "The lemon tree grows in warm places."}]), stage="sft")
+
+
+def test_data_inspect_reads_llamafactory_kto_and_ppo_rows(tmp_path):
+    """`deltatune data inspect --stage kto|ppo` reads what the stages read (it refused these formats up front)."""
+    from deltatune.data.inspect import inspect
+
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text(json.dumps({"messages": [_u("Hi."), _a("Hello.")], "label": True}) + "\n")
+    out = inspect(str(kto), stage="kto")
+    assert "format: unpaired (conversational)" in out and "[[Hello.]]" in out
+    ppo = tmp_path / "ppo.jsonl"
+    ppo.write_text(json.dumps({"instruction": "Add.", "input": "4 and 5"}) + "\n")
+    assert "format: prompt (standard)" in inspect(str(ppo), stage="ppo")
+    with pytest.raises(DataError, match=r"stage kto does not read the alpaca format; .*with a 'label' column"):
+        inspect(
+            str(_rows(tmp_path, [{"instruction": "Add.", "output": "9."}])[0].source.rsplit(":", 1)[0]), stage="kto"
+        )
+    assert "format: messages" in inspect(str(kto), data_format="openai", stage="sft")

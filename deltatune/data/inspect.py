@@ -7,7 +7,7 @@ and the first rows rendered as the stage renders them, with the trained tokens b
 from __future__ import annotations
 
 from ..config import ConfigError
-from .formats import FORMATS, STAGE_FORMATS, detect, read_samples
+from .formats import FORMATS, STAGE_FORMATS, _stage_hint, detect, read_samples
 from .load import DataError, Row, read_rows
 from .sample import refuse_multimodal
 from .templates import IGNORE_INDEX
@@ -63,6 +63,7 @@ def inspect(
         raise ConfigError(f"--rows must be >= 0, got {show}")
     if max_length < 1:
         raise ConfigError(f"--max-length must be >= 1, got {max_length}")
+    data_format = "messages" if data_format == "openai" else data_format  # (LLaMA-Factory's formatting: openai)
     if data_format is not None and data_format not in FORMATS:
         raise ConfigError(f"--format {data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
     if stage is not None and stage not in STAGE_FORMATS and stage not in COLUMN_STAGES:
@@ -76,12 +77,17 @@ def inspect(
         return _labelled(path, rows, stage, model, max_length, show)
     fmt = data_format or detect(rows[0], columns)
     stage = stage or default_stage(fmt)
-    if fmt not in STAGE_FORMATS[stage]:
-        raise DataError(
-            f"{path}: stage {stage} does not read the {fmt} format; it reads {', '.join(STAGE_FORMATS[stage])}"
-        )
     skipped: list[str] = []
-    samples = read_samples(rows, columns, data_format, tags, stage, skipped)
+    try:  # (a format the stage reads only reshaped, as LLaMA-Factory's KTO and PPO rows, is read_samples' to tell)
+        samples = read_samples(rows, columns, data_format, tags, stage, skipped)
+    except DataError:
+        if fmt not in STAGE_FORMATS[stage]:
+            raise DataError(
+                f"{path}: stage {stage} does not read the {fmt} format; it reads {', '.join(STAGE_FORMATS[stage])}"
+                + _stage_hint(fmt, stage, columns or {})
+            ) from None
+        raise
+    fmt = samples[0].format
     refuse_multimodal(samples, stage)
     shape = "" if fmt in ("text", "alpaca") else " (conversational)" if samples[0].conversational else " (standard)"
     lines = [
