@@ -57,6 +57,53 @@ def _new_layout(key: str) -> str:
     return f"{stem}.{module}.lora.{m.group(3)}.weight"
 
 
+_SGM_BLOCK = re.compile(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)|middle_block_(\d+)_(.+)")
+"""kohya's SDXL names: the blocks of Stability's generative-models (SGM) UNet, ``lora_unet_input_blocks_4_1_...``."""
+_SGM_ALONE = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+              "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+              "label_emb_0_2": "add_embedding_linear_2"}  # fmt: skip
+_SGM_RESNET = (("in_layers_2", "conv1"), ("out_layers_3", "conv2"), ("emb_layers_1", "time_emb_proj"),
+               ("skip_connection", "conv_shortcut"))  # fmt: skip
+
+
+def _sgm_name(flat: str, base: nn.Module, key: str) -> str:
+    """An SGM UNet module name (underscored, after ``lora_unet_``) as the diffusers UNet's, as diffusers'
+    ``_maybe_map_sgm_blocks_to_diffusers`` and ``_convert_unet_lora_key`` map it: input block i is down block
+    (i - 1) // (L + 1), layer (i - 1) % (L + 1), output block i up block i // (L + 1), layer i % (L + 1), with L the
+    UNet's ``layers_per_block``; inner 0 / 1 / 2 are its resnets / attentions / up- or downsamplers; the middle
+    block's 0, 1, 2 are resnets 0, attentions 0, resnets 1; a resnet's SGM layers get their diffusers names."""
+    if flat in _SGM_ALONE:
+        return _SGM_ALONE[flat]
+    per_block = getattr(getattr(base, "config", None), "layers_per_block", None)
+    if not isinstance(per_block, int):
+        raise ConfigError(
+            f"{key}: an SGM (SDXL) UNet key; this {type(base).__name__} has no single int layers_per_block "
+            f"({per_block!r}) to map its block numbers by"
+        )
+    m, n = _SGM_BLOCK.match(flat), per_block + 1
+    if m.group(1) is None:  # the middle block: resnet, attention, resnet
+        i, rest = int(m.group(5)), m.group(6)
+        name = {0: "mid_block_resnets_0", 1: "mid_block_attentions_0", 2: "mid_block_resnets_1"}.get(i)
+        if name is None:
+            raise ConfigError(f"{key}: SGM middle block {i} does not exist (0, 1, 2)")
+    else:
+        i, inner, rest = int(m.group(2)), int(m.group(3)), m.group(4)
+        if inner > 2:
+            raise ConfigError(f"{key}: SGM block {m.group(1)}_{i} has no inner layer {inner} (0, 1, 2)")
+        if m.group(1) == "input_blocks":
+            block, layer = (i - 1) // n, (i - 1) % n
+            inner_name = (
+                "downsamplers_0" if rest == "op" else f"{('resnets', 'attentions', 'upsamplers')[inner]}_{layer}"
+            )
+            name, rest = f"down_blocks_{block}_{inner_name}", "conv" if rest == "op" else rest
+        else:
+            block, layer = i // n, i % n
+            name = f"up_blocks_{block}_{('resnets', 'attentions', 'upsamplers')[inner]}_{layer if inner < 2 else 0}"
+    for sgm, diffusers in _SGM_RESNET:
+        rest = diffusers if rest == sgm else rest
+    return f"{name}_{rest}"
+
+
 def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a LoRA safetensors file, or of the one LoRA file in a folder
     (``pytorch_lora_weights.safetensors`` first). Safetensors only: a pickle can run code when loaded.
@@ -122,7 +169,14 @@ def _split(
             head = next((h for h in heads if stem.startswith(h + "_")), None)
             if prefix and head is None and stem.startswith("lora_"):
                 continue  # another component's (lora_te_ beside lora_unet_): the prefix picks one
-            path = by_flat.get(stem[len(head) + 1 :]) if head and suffix else None
+            flat_name = stem[len(head) + 1 :] if head else ""
+            if (
+                head == "lora_unet"
+                and flat_name not in by_flat
+                and (_SGM_BLOCK.match(flat_name) or flat_name in _SGM_ALONE)
+            ):
+                flat_name = _sgm_name(flat_name, base, key)
+            path = by_flat.get(flat_name) if head and suffix else None
             if path is None:
                 unmatched.append(key)
                 continue

@@ -1,0 +1,94 @@
+"""Probe 11 of the diffusion side against diffusers 0.42: kohya's SDXL (SGM-named) LoRA files, diffusers' adapter
+switching on a tiny UNet, and the t2i losses checked term by term against diffusers' training scripts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from deltatune.config import ConfigError  # noqa: E402
+from deltatune.diffusion import load_lora  # noqa: E402
+
+
+def _sdxl_unet():
+    """A tiny UNet shaped as SDXL's (layers_per_block 2; a plain first block, then cross-attention)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).eval()  # fmt: skip
+
+
+SGM = {  # kohya's SDXL key (SGM UNet names) -> the diffusers UNet's module
+    "input_blocks_0_0": "conv_in",
+    "input_blocks_1_0_emb_layers_1": "down_blocks.0.resnets.0.time_emb_proj",
+    "input_blocks_2_0_in_layers_2": "down_blocks.0.resnets.1.conv1",
+    "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_5_1_proj_in": "down_blocks.1.attentions.1.proj_in",
+    "input_blocks_5_0_out_layers_3": "down_blocks.1.resnets.1.conv2",
+    "middle_block_1_transformer_blocks_0_attn2_to_k": "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+    "middle_block_2_emb_layers_1": "mid_block.resnets.1.time_emb_proj",
+    "output_blocks_0_1_transformer_blocks_0_ff_net_2": "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+    "output_blocks_2_1_transformer_blocks_0_attn2_to_out_0": "up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_out.0",
+    "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+    "output_blocks_3_0_skip_connection": "up_blocks.1.resnets.0.conv_shortcut",
+    "time_embed_0": "time_embedding.linear_1",
+    "out_2": "conv_out",
+}  # fmt: skip
+
+
+def _sgm_file(tmp_path, unet) -> str:
+    from safetensors.torch import save_file
+
+    g, tensors = torch.Generator().manual_seed(5), {}
+    for sgm, path in SGM.items():
+        w, r = unet.get_submodule(path).weight, 2
+        down = (r, w.shape[1], *w.shape[2:]) if w.dim() == 4 else (r, w.shape[1])
+        up = (w.shape[0], r, 1, 1) if w.dim() == 4 else (w.shape[0], r)
+        tensors[f"lora_unet_{sgm}.lora_down.weight"] = torch.randn(down, generator=g) * 0.3
+        tensors[f"lora_unet_{sgm}.lora_up.weight"] = torch.randn(up, generator=g) * 0.3
+        tensors[f"lora_unet_{sgm}.alpha"] = torch.tensor(
+            1.0
+        )  # scale 1 / 2; one rank, one alpha: diffusers 0.42 drops per-module alphas
+    save_file(tensors, tmp_path / "sdxl.safetensors")
+    return str(tmp_path / "sdxl.safetensors")
+
+
+def test_a_kohya_sdxl_file_with_sgm_block_names_loads_as_diffusers_loads_it(tmp_path):
+    """kohya's SDXL LoRAs name the SGM UNet's blocks (``lora_unet_input_blocks_4_1_...``, ``middle_block``,
+    ``output_blocks``), which diffusers renumbers by the UNet's layers_per_block; deltatune refused every such key
+    as "a LoRA for another architecture"."""
+    from diffusers import StableDiffusionXLPipeline
+
+    file, g = _sgm_file(tmp_path, _sdxl_unet()), torch.Generator().manual_seed(1)
+    x, c, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g), 10
+    theirs = _sdxl_unet()
+    state, alphas = StableDiffusionXLPipeline.lora_state_dict(file, unet_config=theirs.config)
+    StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, theirs)
+    mine = load_lora(_sdxl_unet(), file, prefix="unet")
+    assert sorted(p.rpartition(".lora_A")[0] for p in mine.adapter_state_dict() if "lora_A" in p) == sorted(
+        f"base_model.model.{p}" for p in SGM.values()
+    )
+    with torch.no_grad():
+        want = theirs(x, t, encoder_hidden_states=c).sample
+        assert (want - _sdxl_unet()(x, t, encoder_hidden_states=c).sample).abs().max() > 0.1
+        diff = (mine(x, t, encoder_hidden_states=c).sample - want).abs().max()
+    assert diff < 1e-5, diff
+
+
+def test_an_sgm_block_the_unet_lacks_is_refused_naming_the_key(tmp_path):
+    from safetensors.torch import save_file
+
+    key = "lora_unet_middle_block_3_proj_in"
+    save_file({f"{key}.lora_down.weight": torch.zeros(2, 32), f"{key}.lora_up.weight": torch.zeros(32, 2)},
+              tmp_path / "x.safetensors")  # fmt: skip
+    unet = _sdxl_unet()
+    with pytest.raises(ConfigError, match=rf"{key}\.lora_down\.weight: SGM middle block 3 does not exist"):
+        load_lora(unet, tmp_path / "x.safetensors")
+    assert not any("lora" in n for n, _ in unet.named_modules())
