@@ -107,11 +107,12 @@ def test_the_cached_log_follows_a_log_rewritten_in_place(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_fifo_where_a_run_file_should_be_does_not_hang_the_board(tmp_path):
-    """A FIFO named log_history.jsonl (or metrics.json, report.md) in a run folder: open() waited for a writer for
-    ever, and the run list never answered. Now a file that is not a regular file is read as missing."""
+    """A FIFO named log_history.jsonl (or metrics.json, report.md) in a run folder, or named as its lock beside it:
+    open() waited for a writer for ever, and the run list never answered. Now a file that is not a regular file is read as missing."""
     folder = write_run(tmp_path, "odd")
     for name in ("log_history.jsonl", "metrics.json", "report.md", "adapter_model.safetensors"):
         os.mkfifo(folder / name)
+    os.mkfifo(tmp_path / ".odd.lock")  # where train keeps the run's lock
     out: list = []
     thread = threading.Thread(
         target=lambda: out.append((runs.list_runs(str(tmp_path)), runs.detail(str(tmp_path), "odd")))

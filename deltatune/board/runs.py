@@ -78,6 +78,8 @@ def _in(folder: str, name: str) -> str:
 
 
 def _read_json(path: str) -> Any:
+    if not os.path.isfile(path):  # (a FIFO named .<run>.lock beside a run blocked the list for good)
+        return None
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
