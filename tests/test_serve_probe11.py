@@ -293,3 +293,27 @@ def test_return_tokens_as_token_ids_names_logprobs_by_id_as_vllm(smol):
     _, chunks = _call(app, "/v1/completions", {**body, "stream": True})
     streamed = [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]  # fmt: skip
     assert streamed == [f"token_id:{t}" for t in ids]
+
+
+def test_bad_words_mask_a_words_last_token_after_its_first_ones_as_vllm(smol):
+    from types import SimpleNamespace
+
+    from deltatune.serve.fields import bad_words_ids
+    from deltatune.serve.sampling import adjusted
+
+    engine, app = smol
+    tok = engine.tokenizer
+    logits = torch.zeros(len(tok))
+    r = SimpleNamespace(output_ids=[5, 7], prompt_ids=[1], bad_words_ids=[[7, 9], [8, 10], [11]])
+    out = adjusted(logits, r)
+    assert torch.isinf(out[[9, 11]]).all() and out[10] == 0 and int(torch.isinf(out).sum()) == 2
+    x = tok.convert_tokens_to_ids("Ġworld")
+    assert bad_words_ids(tok, {"bad_words": ["world"]}) == [tok.encode("world"), [x]]  # as written, and " world"
+    body = {"prompt": "Say it:", "max_tokens": 2, "temperature": 0, "logit_bias": {str(x): 100}, "logprobs": 0,
+            "return_tokens_as_token_ids": True}  # fmt: skip
+    _, answer = _call(app, "/v1/completions", body)
+    assert answer["choices"][0]["logprobs"]["tokens"] == [f"token_id:{x}"] * 2
+    _, answer = _call(app, "/v1/completions", {**body, "bad_words": ["world"]})
+    assert f"token_id:{x}" not in answer["choices"][0]["logprobs"]["tokens"]
+    status, answer = _call(app, "/v1/completions", {**body, "bad_words": "x"})
+    assert status == 400 and answer["error"]["param"] == "bad_words"

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
-from .fields import Limits, choices_of, flag, to_request
+from .fields import Limits, bad_words_ids, choices_of, flag, to_request
 from .guard import refusal
 from .logprob_names import logprobs_json, prompt_logprobs_json
 from .prompts import _chat_ids, _prompt_ids, _rendering
@@ -234,6 +234,9 @@ def create_app(
         # n choices per prompt: n rows, a seeded one's i-th drawn with seed + i (as vLLM's); choice p * n + i
         n, room = choices_of(body), Limits(limits.max_tokens, limits.context - virtual, default, limits.vocab)
         requests = [to_request(body, ids, room, model, chat) for ids in prompts for _ in range(n)]
+        banned = bad_words_ids(engine.tokenizer, body)
+        for r in requests:
+            r.bad_words_ids = banned
         echoes = [None if echo is None else echo[k // n] for k in range(len(requests))]
         stream = flag(body, "stream")
         options = body.get("stream_options")

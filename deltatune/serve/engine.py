@@ -82,6 +82,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: tokens that end the answer (not EOS's)
     allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens that may be generated (None: any)
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # vLLM's bad_words, tokenized (fields.bad_words_ids)
     include_stop_str_in_output: bool = False  # vLLM's: the stop string, or stop token's text, ends the answer's text
     skip_special_tokens: bool = True  # vLLM's: special tokens left out of the text
     spaces_between_special_tokens: bool = True  # vLLM's; a fast tokenizer decodes alike either way (docs/serve.md)

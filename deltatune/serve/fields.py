@@ -25,7 +25,7 @@ UNSUPPORTED: dict[str, Any] = {
     "length_penalty": 1,
     **dict.fromkeys(  # the fields whose nothing is null (one name a line would take 17 lines)
         "suffix tools functions audio prediction chat_template "  # noqa: SIM905
-        "bad_words guided_json guided_regex guided_choice "
+        "guided_json guided_regex guided_choice "
         "guided_grammar structured_outputs".split()
     ),
 }
@@ -175,6 +175,24 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         prompt_top=_prompt_logprobs(body),
         token_ids_as_names=flag(body, "return_tokens_as_token_ids"),  # vLLM's logprobs names, "token_id:123"
     )
+
+
+def bad_words_ids(tokenizer: Any, body: dict) -> list[list[int]]:
+    """vLLM's ``bad_words``: each word's token ids, as written and after a space (where that is another first token of
+    as many tokens), as vLLM's SamplingParams.update_from_tokenizer tokenizes them; a 400 unless a list of strings."""
+    words = body.get("bad_words")
+    if words is None:
+        return []
+    if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+        raise RequestError("bad_words must be a list of non-empty strings", param="bad_words")
+    out: list[list[int]] = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out.append(plain)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    return out
 
 
 def _truncated(body: dict, prompt_ids: list[int], context: int) -> list[int]:

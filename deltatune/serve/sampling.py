@@ -41,7 +41,8 @@ def _setting(r: Any, gen: Any, key: str) -> Any:
 
 def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int] = ()) -> torch.Tensor:
     """The row's logits after the settings that change greedy's pick too, in vLLM's order (a new tensor: the
-    reported log-probabilities stay the model's own): every token but the ``allowed_token_ids`` masked (vLLM's), the
+    reported log-probabilities stay the model's own): every token but the ``allowed_token_ids`` masked (vLLM's), and
+    the last token of each of the ``bad_words`` whose other tokens end the answer so far (vLLM's), the
     ``eos`` ids and the request's ``stop_token_ids`` masked
     while fewer than ``min_tokens`` tokens are generated (transformers' MinNewTokensLengthLogitsProcessor, vLLM's
     all_stop_token_ids; EOS not under ``ignore_eos``, as vLLM), ``logit_bias``
@@ -53,6 +54,9 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int]
     if allowed:  # vLLM's allowed_token_ids: every other token masked, first
         keep = torch.tensor(allowed, device=logits.device)
         logits = torch.full_like(logits, float("-inf")).index_copy(0, keep, logits[keep])
+    banned = [w[-1] for w in getattr(r, "bad_words_ids", None) or () if _ends_with(r.output_ids, w[:-1])]
+    if banned:  # vLLM's bad_words: a word's last token, where the answer ends with the tokens before it
+        logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
     stops = set(eos) | set(getattr(r, "stop_token_ids", None) or ())  # vLLM's all_stop_token_ids
     if getattr(r, "ignore_eos", False):
         stops -= set(eos)
@@ -75,6 +79,10 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int]
         if presence:
             logits = logits.index_add(0, ids, torch.full_like(ids, -presence, dtype=logits.dtype))
     return logits
+
+
+def _ends_with(ids: list[int], tail: list[int]) -> bool:
+    return not tail or (len(ids) >= len(tail) and ids[-len(tail) :] == tail)
 
 
 def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = None, eos: Collection[int] = ()) -> int:
