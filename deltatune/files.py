@@ -1,9 +1,9 @@
 """Adapter files on disk or on the hub: the layout rules (PEFT's key prefix, one sub-folder per non-default
 adapter, heads apart from bodies), atomic writes, local-or-hub resolution, safe reading.
 
-Reading prefers ``adapter_model.safetensors``; a pickle ``adapter_model.bin`` can run code when loaded, so it
-is read only when the caller passes ``allow_pickle=True``. A truncated or corrupt file is an AdapterLoadError
-naming the file, never a traceback from deep inside safetensors.
+Reading prefers ``adapter_model.safetensors``; a pickle ``adapter_model.bin`` is read with
+``torch.load(weights_only=True)`` (tensors only, as peft reads it) unless the caller passes ``allow_pickle=False``.
+A truncated or corrupt file is an AdapterLoadError naming the file, never a traceback from deep inside safetensors.
 """
 
 from __future__ import annotations
@@ -453,8 +453,8 @@ def read_weights(
     allow_pickle: bool,
     device: str | torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """An adapter's tensors and the file they came from: safetensors, or a pickle only with ``allow_pickle``; read
-    onto ``device`` (peft's ``torch_device``; None: the CPU)."""
+    """An adapter's tensors and the file they came from: safetensors, or a pickle unless ``allow_pickle`` is False;
+    read onto ``device`` (peft's ``torch_device``; None: the CPU)."""
     tensors, path = _read_weights(model_id, subfolder, revision, allow_pickle)
     return ({k: v.to(device) for k, v in tensors.items()} if device is not None else tensors), path
 
@@ -473,8 +473,8 @@ def _read_weights(
             ) from None
         if not allow_pickle:
             raise AdapterLoadError(
-                f"{path} is a pickle file, which can run arbitrary code when loaded; deltatune reads safetensors "
-                "only unless you pass allow_pickle=True for a file you trust"
+                f"{path} is a pickle file and allow_pickle=False was given; pass allow_pickle=True to read it "
+                "(with torch.load(weights_only=True), as peft reads it)"
             ) from None
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
