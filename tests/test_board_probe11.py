@@ -180,11 +180,12 @@ def reference_smoothing(ys: list[float], weight: float) -> list[float]:
     return out
 
 
-def run_js(expression: str) -> object:
-    """``expression`` evaluated by node after app.js's functions (its DOM start-up left out)."""
+def run_js(expression: str, stored: str = "null") -> object:
+    """``expression`` evaluated by node after app.js's functions (its DOM start-up left out), ``stored`` the
+    settings the browser kept (JSON text, or null)."""
     source = APP_JS.read_text(encoding="utf-8")
     source = source[: source.index("window.addEventListener")]
-    stub = "const location = { search: '' }; const localStorage = { getItem: () => null, setItem() {} };\n"
+    stub = f"const location = {{ search: '' }}; const localStorage = {{ getItem: () => {stored}, setItem() {{}} }};\n"
     stub += "function addEventListener() {}\n"
     script = stub + source + f"\nprocess.stdout.write(JSON.stringify({expression}));\n"
     done = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=30)
@@ -213,6 +214,12 @@ def test_the_curves_are_smoothed_as_tensorboard_smooths_them():
     assert constant == [0.3, 0.3, 0.3]  # a constant stays exactly itself
     assert keys == ["learning_rate", "grad_norm", "eval_accuracy", "eval_loss", "loss"]  # every scalar, lr first
     assert by_epoch == [[0.5, 2]]
+    odd = json.dumps(json.dumps({"smoothing": "abc", "x": "<b>"}))  # a stored setting gone odd: the defaults' kind
+    assert run_js("settings", odd) == {"smoothing": 0, "x": "step"}
+    assert run_js("settings", json.dumps(json.dumps({"smoothing": 5, "x": "epoch"}))) == {
+        "smoothing": 0.999,
+        "x": "epoch",
+    }
 
 
 def test_app_js_sets_text_from_run_folders_as_text_only():

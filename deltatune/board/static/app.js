@@ -11,6 +11,8 @@ let config = { playground: null };
 // The chart settings, kept across polls and page loads: TensorBoard's smoothing weight (0.6 its default) and x axis.
 const settings = { smoothing: 0.6, x: "step" };
 try { Object.assign(settings, JSON.parse(localStorage.getItem("deltatune-board") || "{}")); } catch (e) { /* none */ }
+settings.smoothing = Math.min(0.999, Math.max(0, Number(settings.smoothing) || 0));  // a stored value gone odd
+if (settings.x !== "epoch") settings.x = "step";
 
 function el(tag, attrs, ...children) {
   const node = tag === "svg" || ["path", "line", "text", "g", "polyline", "circle"].includes(tag)
