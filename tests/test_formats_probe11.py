@@ -240,3 +240,26 @@ def test_data_inspect_reads_llamafactory_kto_and_ppo_rows(tmp_path):
             str(_rows(tmp_path, [{"instruction": "Add.", "output": "9."}])[0].source.rsplit(":", 1)[0]), stage="kto"
         )
     assert "format: messages" in inspect(str(kto), data_format="openai", stage="sft")
+
+
+# -- a folder of data files (dataset_info.json's file_name may name one) -----------------------------------------
+
+
+def test_a_folder_of_data_files_reads_as_one_dataset(tmp_path):
+    """LLaMA-Factory loads every file of a file_name folder (of one kind); rows keep their own file:line."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "b.jsonl").write_text(json.dumps({"instruction": "B.", "output": "2."}) + "\n")
+    (folder / "a.jsonl").write_text(
+        "".join(json.dumps({"instruction": f"A{i}.", "output": "1."}) + "\n" for i in (1, 2))
+    )
+    rows = read_rows(str(folder))
+    assert [r.source.rsplit("/", 1)[1] for r in rows] == ["a.jsonl:1", "a.jsonl:2", "b.jsonl:1"]
+    assert [r.data["instruction"] for r in read_rows(str(folder), limit=2)] == ["A1.", "A2."]
+    assert len(read_samples(rows, stage="sft")) == 3
+    (folder / "c.csv").write_text("instruction,output\nC.,3.\n")
+    with pytest.raises(DataError, match=r"d: a data folder holds files of one kind, this one .csv, .jsonl"):
+        read_rows(str(folder))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty is a folder holding no data file"):
+        read_rows(str(tmp_path / "empty"))

@@ -69,7 +69,8 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
     """Read every row of a data file (or hub dataset ``name[:split]``).
 
     Args:
-        spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet or .txt, or a datasets-hub name. A file path
+        spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet or .txt, a folder of such files (all of one
+            kind, read in name order), or a datasets-hub name. A file path
             may end in a row range, as the datasets hub's split slicing has it: ``train.jsonl[1000:2000]`` is rows
             1000 to 1999 counted from 0 (blank lines not counted), a Python slice (either end may be left out or be
             negative). Each row still names its own line of the file.
@@ -84,7 +85,7 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
         ranged = _RANGE.fullmatch(spec)
         return _row_range(spec, ranged["path"], ranged["range"], text_column, limit)  # type: ignore[index]
     if os.path.isdir(spec):
-        raise DataError(f"{spec} is a folder; give a data file (.jsonl, .csv, .parquet, .txt)")
+        return _folder(spec, text_column, limit)
     ext = os.path.splitext(spec)[1].lower()
     if ext in EXTENSIONS:
         if not os.path.isfile(spec):
@@ -105,6 +106,24 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
         rows = _hub(spec, limit)
     if not rows:
         raise DataError(f"{spec} holds no rows")
+    return rows
+
+
+def _folder(folder: str, text_column: str, limit: int | None) -> list[Row]:
+    """The rows of every data file in ``folder`` (not its sub-folders), in name order, each row naming its own file
+    and line: LLaMA-Factory's dataset_info.json ``file_name`` may name such a folder, its files all of one kind."""
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS) and not f.startswith("."))
+    files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
+    if not files:
+        raise DataError(f"{folder} is a folder holding no data file ({', '.join(EXTENSIONS)}); give a data file")
+    kinds = sorted({os.path.splitext(f)[1].lower() for f in files})
+    if len(kinds) > 1:
+        raise DataError(f"{folder}: a data folder holds files of one kind, this one {', '.join(kinds)}")
+    rows: list[Row] = []
+    for f in files:
+        if limit is not None and len(rows) >= limit:
+            break
+        rows += read_rows(os.path.join(folder, f), text_column, None if limit is None else limit - len(rows))
     return rows
 
 
