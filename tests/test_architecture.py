@@ -33,6 +33,7 @@ LEVELS = {
     "adapter_io": 4.5,
     "model": 5,
     "data": 5,
+    "diffusion_files": 5.25,
     "diffusion": 5.5,
     "info": 7,
     "train": 6,
@@ -45,7 +46,8 @@ LEVELS = {
 (cli -> serve/board -> train -> model -> registry -> methods -> config/layer/targets). ``data`` sits beside
 ``model``: the trainers use both, and neither uses the other. ``towers`` (which tower of a vision-language model a
 config adapts) is per-family knowledge beside the methods. The board shows what serve serves, so it sits above it.
-``diffusion`` (LoRA files as diffusion users trade them) reads and writes DeltaModels, below the trainers' t2i stage.
+``diffusion`` (LoRA files as diffusion users trade them) reads and writes DeltaModels, below the trainers' t2i stage;
+``diffusion_files`` (reading diffusers', kohya's and peft's LoRA file layouts) sits just below it.
 ``status`` (peft's layer and model status, enabling and trainability over the injected layers) reads layers only.
 ``cli_parser`` (the commands, their flags and help texts) sits just below ``cli``, which alone imports it.
 ``import deltatune`` (the lazy public API) is neutral."""
