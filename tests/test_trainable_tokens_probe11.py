@@ -370,3 +370,22 @@ def test_seq_cls_trains_the_new_head_where_peft_leaves_it_frozen():
     assert theirs.get_nb_trainable_parameters()[0] == 3 * 32
     assert ours.get_nb_trainable_parameters()[0] == 3 * 32 + 32 * 3 + 3
     assert ours.peft_config["default"].modules_to_save == ["classifier"]
+
+
+@pytest.mark.parametrize("targets", [["lm_head"], ["embed_tokens", "lm_head"]])
+def test_an_lm_head_target_saves_no_embedding_copy_as_peft(targets, tmp_path):
+    """peft's save_embedding_layers="auto" writes no embedding matrix beside a TRAINABLE_TOKENS adapter (failed on
+    HEAD's file: deltatune wrote lm_head.base_layer.weight and embed_tokens.base_layer.weight)."""
+    from safetensors.torch import load_file
+
+    config = dict(token_indices=IDS, target_modules=targets)
+    peft.get_peft_model(base("llama"), peft.TrainableTokensConfig(**config)).save_pretrained(tmp_path / "theirs")
+    dt.get_delta_model(base("llama"), TrainableTokensConfig(**config)).save_pretrained(tmp_path / "ours")
+    keys = [sorted(load_file(tmp_path / side / "adapter_model.safetensors")) for side in ("ours", "theirs")]
+    assert (
+        keys[0]
+        == keys[1]
+        == sorted(
+            f"base_model.model.{t}.{KEY}" for t in ("model.embed_tokens", "lm_head") if t.endswith(tuple(targets))
+        )
+    )

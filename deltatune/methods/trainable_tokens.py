@@ -51,6 +51,12 @@ class TrainableTokensConfig(DeltaConfig):
             self.token_indices = list(self.token_indices)
         check_ids(self.token_indices, "", "token_indices")
 
+    @property
+    def trainable_token_indices(self) -> list[int]:
+        """The rows it trains, under LoRA's field name, for code asking whether an adapter trains embedding rows
+        (peft's ``save_embedding_layers="auto"``, files.embedding_copies: no embedding copy beside such an adapter)."""
+        return self.token_indices
+
 
 def inject(model: nn.Module, config: TrainableTokensConfig, adapter_name: str) -> list[nn.Module]:
     """Wrap the target embeddings (and the output embedding tied to the input one) and add ``adapter_name``.
