@@ -389,3 +389,16 @@ def test_an_lm_head_target_saves_no_embedding_copy_as_peft(targets, tmp_path):
             f"base_model.model.{t}.{KEY}" for t in ("model.embed_tokens", "lm_head") if t.endswith(tuple(targets))
         )
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_init_weights_false_draws_peft_rows_from_one_seed(dtype):
+    """The random rows (init_weights=False) are peft's to the bit from the same seed, in the base's dtype."""
+    torch.manual_seed(7)
+    theirs = peft.get_peft_model(
+        base("llama").to(dtype), peft.TrainableTokensConfig(token_indices=IDS, init_weights=False)
+    )
+    torch.manual_seed(7)
+    ours = dt.get_delta_model(base("llama").to(dtype), TrainableTokensConfig(token_indices=IDS, init_weights=False))
+    (mine,), (its,) = ours.adapter_state_dict().values(), peft.get_peft_model_state_dict(theirs).values()
+    assert mine.dtype == its.dtype == dtype and torch.equal(mine, its)
