@@ -393,12 +393,20 @@ def test_an_lm_head_target_saves_no_embedding_copy_as_peft(targets, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_init_weights_false_draws_peft_rows_from_one_seed(dtype):
-    """The random rows (init_weights=False) are peft's to the bit from the same seed, in the base's dtype."""
+    """The random rows (init_weights=False) are peft's to the bit from the same seed: drawn in the base's dtype, kept
+    in float32 with autocast_adapter_dtype=True (get_peft_model's default; deltatune's default keeps the base's)."""
+    spec = TrainableTokensConfig(token_indices=IDS, init_weights=False)
     torch.manual_seed(7)
     theirs = peft.get_peft_model(
         base("llama").to(dtype), peft.TrainableTokensConfig(token_indices=IDS, init_weights=False)
     )
     torch.manual_seed(7)
-    ours = dt.get_delta_model(base("llama").to(dtype), TrainableTokensConfig(token_indices=IDS, init_weights=False))
-    (mine,), (its,) = ours.adapter_state_dict().values(), peft.get_peft_model_state_dict(theirs).values()
-    assert mine.dtype == its.dtype == dtype and torch.equal(mine, its)
+    ours = dt.get_delta_model(base("llama").to(dtype), spec, autocast_adapter_dtype=True)
+    torch.manual_seed(7)
+    kept = dt.get_delta_model(base("llama").to(dtype), spec)
+    (mine,), (its,), (own,) = (
+        m.values()
+        for m in (ours.adapter_state_dict(), peft.get_peft_model_state_dict(theirs), kept.adapter_state_dict())
+    )
+    assert mine.dtype == its.dtype == torch.float32 and torch.equal(mine, its)
+    assert own.dtype == dtype and torch.equal(own.float(), its)
