@@ -29,7 +29,7 @@ def test_keys_the_stage_does_not_read_are_named():
     ppo = load_recipe(str(RECIPES / "ppo.yaml"), ["output.samples=2", "align.loss_type=ipo"])
     assert ignored_keys(ppo) == [
         ("output.samples", "pt, sft, dpo, kto, orpo, simpo"),
-        ("align.loss_type", "dpo, kto, grpo"),
+        ("align.loss_type", "dpo, kto, grpo, simpo"),
     ]
     kto = load_recipe(str(RECIPES / "kto.yaml"), ["align.precompute_ref=true", "align.simpo_gamma=1.0",
                                                    "align.loss_weights=[1.0,2.0]"])  # fmt: skip

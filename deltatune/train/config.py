@@ -465,9 +465,11 @@ READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.
                    "train.precondition_outputs data.image_interpolation_mode data.proportion_empty_prompts"),
            ("pt sft dpo kto orpo simpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
            ("dpo grpo kto orpo simpo", "align.beta"),
-           ("dpo kto grpo", "align.loss_type"),
-           ("dpo", "align.loss_weights align.discopop_tau align.label_smoothing align.precompute_ref align.ld_alpha "
-                   "align.f_divergence_type align.f_alpha_divergence_coef align.use_weighting"),
+           ("dpo kto grpo simpo", "align.loss_type"),
+           ("dpo", "align.loss_weights align.discopop_tau align.precompute_ref align.precompute_ref_log_probs "
+                   "align.precompute_ref_batch_size align.ld_alpha align.f_divergence_type "
+                   "align.f_alpha_divergence_coef align.use_weighting"),
+           ("dpo simpo", "align.label_smoothing"),
            ("ppo grpo", "align.max_new_tokens align.response_length align.temperature align.mini_batch_size "
                         "align.cliprange"),
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
@@ -477,7 +479,8 @@ READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.
            ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
                     "align.reward_funcs align.reward_weights align.bias_correction_kl align.cliprange_high align.delta "
                     "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile"),
-           ("kto", "align.desirable_weight align.undesirable_weight"), ("simpo", "align.simpo_gamma"),
+           ("kto", "align.desirable_weight align.undesirable_weight"),
+           ("simpo", "align.simpo_gamma align.cpo_alpha align.alpha"),
            ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward
            (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"))  # fmt: skip
 
