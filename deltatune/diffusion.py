@@ -228,11 +228,15 @@ def combine_loras(model: DeltaModel, adapters: list[str], weights: list[float], 
 
 # -- several at once --------------------------------------------------------------------------------------------
 def set_adapters(
-    model: DeltaModel, adapter_names: str | list[str], weights: float | list[float] | None = None
+    model: DeltaModel,
+    adapter_names: str | list[str],
+    weights: float | dict[str, Any] | list[float | dict[str, Any]] | None = None,
 ) -> None:
     """Make several LoRAs active at once with weights, as diffusers' ``set_adapters(names, weights)``: the output is
     base + sum_i w_i * delta_i (adapter i's scale alpha / r at every layer multiplied by w_i, as peft does it).
-    ``weights`` None gives each adapter 1 (the plain sum), one number gives it to all. A weight stays with its
+    ``weights`` None gives each adapter 1 (the plain sum), one number gives it to all. An adapter's weight on a UNet
+    may be per block as diffusers takes it: ``{"down": 0.5, "mid": 1, "up": {"block_0": [1, 0.5, 0]}}`` (one weight
+    per transformer of a block with attentions, 1 where not given; ``_block_weights``). A weight stays with its
     adapter until set again; it changes no saved file, and ``combine_loras`` reads the unweighted updates.
 
     Raises:
@@ -244,9 +248,14 @@ def set_adapters(
     from .targets import pattern_value
 
     names = model._check_names(adapter_names)
-    if weights is None or isinstance(weights, (int, float)):
+    if weights is None or isinstance(weights, (int, float, dict)):
         weights = [1.0 if weights is None else weights] * len(names)
-    weights = _weights("set_adapters", names, weights)
+    weights = [1.0 if w is None else w for w in weights]  # diffusers' None: 1
+    blocks = {
+        i: _block_weights(model.get_base_model(), w, names[i]) for i, w in enumerate(weights) if isinstance(w, dict)
+    }
+    weights = _weights("set_adapters", names, [1.0 if isinstance(w, dict) else w for w in weights])
+    weights = [blocks.get(i, w) for i, w in enumerate(weights)]
     configs = {name: _plain_lora(model, name) for name in names}
     layers = [(p, m) for p, m in model.get_base_model().named_modules() if isinstance(m, LORA_LAYERS)]
     merged = sorted({n for _, m in layers for n in m.merged_adapters} & set(names))
@@ -258,8 +267,54 @@ def set_adapters(
                 c = configs[name]
                 r = pattern_value(c.rank_pattern, path, c.r)
                 alpha = pattern_value(c.alpha_pattern, path, c.lora_alpha)
-                layer.scaling[name] = float(weight) * alpha / (math.sqrt(r) if c.use_rslora else r)
+                w = _module_weight(weight, path)
+                layer.scaling[name] = float(w) * alpha / (math.sqrt(r) if c.use_rslora else r)
     model.set_adapter(names)
+
+
+def _block_weights(unet: nn.Module, given: dict[str, Any], name: str) -> dict[str, float]:
+    """diffusers' per-block weights of a UNet (``{"down": 0.5, "mid": 1, "up": {"block_0": [1, 0.5, 0]}}``, its
+    ``_maybe_expand_lora_scales``) as ``{"down_blocks.1.attentions.0": 0.5, ...}``: one weight per transformer of each
+    block with attentions (``layers_per_block`` down, one more up), 1 where not given. A block with no attentions,
+    or a key other than down / mid / up, is refused (diffusers ignores the first silently)."""
+    what = f"set_adapters: the weights of {name!r}"
+    per = getattr(getattr(unet, "config", None), "layers_per_block", None)
+    if not hasattr(unet, "down_blocks") or not isinstance(per, int):
+        raise ConfigError(f"{what} are per block (down / mid / up); this {type(unet).__name__} takes one number")
+    unknown = sorted(set(given) - {"down", "mid", "up"})
+    if unknown:
+        raise ConfigError(f"{what} name {unknown[0]!r}; a UNet's blocks are down, mid and up")
+    mid = given.get("mid", 1.0)
+    mid = mid[0] if isinstance(mid, list) and len(mid) == 1 else mid
+    out = {"mid_block.attentions.0": mid}
+    for side, blocks, n in (("down", unet.down_blocks, per), ("up", unet.up_blocks, per + 1)):
+        ids = [f"block_{i}" for i, b in enumerate(blocks) if hasattr(b, "attentions")]
+        side_weights = given.get(side, 1.0)
+        side_weights = side_weights if isinstance(side_weights, dict) else dict.fromkeys(ids, side_weights)
+        extra = sorted(set(side_weights) - set(ids))
+        if extra:
+            raise ConfigError(f"{what}: {side}.{extra[0]} is no {side} block with attentions here ({', '.join(ids)})")
+        for block in ids:
+            w = side_weights.get(block, 1.0)
+            w = w * n if isinstance(w, list) and len(w) == 1 else w if isinstance(w, list) else [w] * n
+            if len(w) != n:
+                raise ConfigError(f"{what}: {side}.{block} takes {n} weights (one per transformer), got {len(w)}")
+            out |= {f"{side}_blocks.{block[6:]}.attentions.{j}": v for j, v in enumerate(w)}
+    _weights(what, list(out), list(out.values()))
+    return out
+
+
+def _module_weight(weight: float | dict[str, float], path: str) -> float:
+    """An adapter's weight at module ``path``, as diffusers' ``set_weights_and_activate_adapters`` picks it from
+    expanded block weights: the first block that names it, else its block's attention of the same index, else 1
+    (diffusers fails on a module outside the blocks, such as conv_in)."""
+    if not isinstance(weight, dict):
+        return weight
+    found = next((w for block, w in weight.items() if block in path), None)
+    if found is not None:
+        return found
+    parts = path.split(".")
+    return weight.get(f"{parts[0]}.{parts[1]}.attentions.{parts[3]}", 1.0) if len(parts) > 3 else 1.0
 
 
 def load_loras(

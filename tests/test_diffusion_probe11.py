@@ -8,8 +8,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
+import deltatune as dt  # noqa: E402
 from deltatune.config import ConfigError  # noqa: E402
-from deltatune.diffusion import load_lora  # noqa: E402
+from deltatune.diffusion import WEIGHT_NAME, load_lora  # noqa: E402
 
 
 def _sdxl_unet():
@@ -92,3 +93,82 @@ def test_an_sgm_block_the_unet_lacks_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match=rf"{key}\.lora_down\.weight: SGM middle block 3 does not exist"):
         load_lora(unet, tmp_path / "x.safetensors")
     assert not any("lora" in n for n, _ in unet.named_modules())
+
+
+def _two_loras(tmp_path):
+    """Two LoRAs on the SDXL-shaped UNet (attention projections and the resnets' conv1), saved in diffusers' format."""
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(10 + i)
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"]
+        config = dt.LoraConfig(r=2, lora_alpha=3 + i, target_modules=targets, init_lora_weights=False)
+        dt.save_diffusers_lora(dt.get_delta_model(_sdxl_unet(), config), tmp_path / name)
+    theirs = _sdxl_unet()
+    for name in ("a", "b"):
+        theirs.load_lora_adapter(str(tmp_path / name), prefix="unet", adapter_name=name, weight_name=WEIGHT_NAME)
+    ours = dt.DeltaModel(_sdxl_unet())
+    for name in ("a", "b"):
+        load_lora(ours, tmp_path / name, name, prefix="unet")
+    return ours, theirs
+
+
+def _out(unet):
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, 10, encoder_hidden_states=c).sample
+
+
+BLOCKS = {"down": 0.3, "mid": [-0.5], "up": {"block_0": [1.5, 0.0, 0.7]}}
+
+
+def test_per_block_weights_merge_disable_and_delete_match_diffusers(tmp_path):
+    """diffusers' ``unet.set_adapters(names, [{"down": ..., "mid": ..., "up": {"block_0": [...]}}, w])`` weighs each
+    block's transformers (and, as diffusers does, a block's resnets by its attention of the same index); deltatune
+    refused a dict as "must be a finite number". Then fuse_lora / unfuse_lora (merge_adapter / unmerge_adapter),
+    disable_lora (disable_adapter), delete_adapters (delete_adapter): diffusers' outputs."""
+    from deltatune.diffusion import set_adapters
+
+    ours, theirs = _two_loras(tmp_path)
+    theirs.set_adapters(["a", "b"], [BLOCKS, 0.6])
+    set_adapters(ours, ["a", "b"], [BLOCKS, 0.6])
+    want = _out(theirs)
+    theirs.set_adapters(["a", "b"], [1.0, 0.6])
+    assert (want - _out(theirs)).abs().max() > 0.05  # the block weights changed the output
+    assert (_out(ours) - want).abs().max() < 1e-5
+    theirs.set_adapters(["a", "b"], [BLOCKS, 0.6])
+    theirs.fuse_lora()
+    ours.merge_adapter()
+    fused = _out(theirs)
+    assert (_out(ours) - fused).abs().max() < 1e-5
+    theirs.unfuse_lora()
+    ours.unmerge_adapter()
+    assert (_out(ours) - want).abs().max() < 1e-5
+    theirs.disable_lora()
+    with ours.disable_adapter():
+        assert (_out(ours) - _out(theirs)).abs().max() < 1e-6
+    theirs.enable_lora()
+    theirs.delete_adapters("a")
+    ours.delete_adapter("a")
+    theirs.set_adapters("b", 0.6)
+    set_adapters(ours, "b", 0.6)
+    assert (_out(ours) - _out(theirs)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"left": 1.0}, r"name 'left'; a UNet's blocks are down, mid and up"),
+        ({"down": {"block_0": 1.0}}, r"down\.block_0 is no down block with attentions here \(block_1\)"),
+        ({"up": {"block_0": [1.0, 2.0]}}, r"up\.block_0 takes 3 weights \(one per transformer\), got 2"),
+        ({"mid": float("nan")}, r"the weight of 'mid_block\.attentions\.0' must be a finite number"),
+    ],
+)
+def test_bad_block_weights_are_refused_in_one_line(tmp_path, weights, message):
+    """diffusers ignores a block without attentions silently; deltatune names it, and changes nothing."""
+    from deltatune.diffusion import set_adapters
+
+    ours, _ = _two_loras(tmp_path)
+    before = _out(ours)
+    with pytest.raises(ConfigError, match=rf"^set_adapters: the weights of 'a'.*{message}"):
+        set_adapters(ours, ["a", "b"], [weights, 1.0])
+    assert torch.equal(_out(ours), before)
