@@ -310,14 +310,6 @@ def test_layer_and_model_status_equal_peft():
     assert asdict(theirs.get_model_status()) == asdict(ours.get_model_status())
 
 
-def test_mixed_adapter_batch_refused_in_one_line():
-    ours = dt.get_delta_model(base("llama"), dt.LoraConfig(**fields("llama")))
-    ours.add_adapter("b", dt.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="its TrainableTokens layer does not route rows") as info:
-        ours(**inputs("llama"), adapter_names=["default", "b"])
-    assert "\n" not in str(info.value)
-
-
 def test_auto_save_keeps_no_embedding_copy_when_tokens_train_as_peft(tmp_path):
     """peft's save_embedding_layers="auto": an lm_head target saves the embeddings, unless the adapter trains token
     rows (trainable_token_indices: the point is a small file)."""
