@@ -272,6 +272,38 @@ def set_adapters(
     model.set_adapter(names)
 
 
+def fuse_lora(
+    model: DeltaModel, lora_scale: float = 1.0, adapter_names: list[str] | None = None, safe_fusing: bool = False
+) -> None:
+    """diffusers' ``fuse_lora(lora_scale, safe_fusing, adapter_names)``: the active LoRAs' scales (their
+    ``set_adapters`` weights included) times ``lora_scale`` at every layer, as peft's ``scale_layer``, then the
+    active (or named) LoRAs merged into the weights. ``model.unmerge_adapter()`` is diffusers' ``unfuse_lora``; as
+    there, the scale stays multiplied until ``set_adapters`` sets it again.
+
+    Raises:
+        ConfigError: a ``lora_scale`` that is not a finite number, or a named adapter that is not a plain LoRA;
+            nothing changed then. What ``merge_adapter`` raises (the scales are restored then).
+    """
+    from .methods.lora import LORA_LAYERS
+
+    scale = _weights("fuse_lora", ["lora_scale"], [lora_scale])[0]
+    names = model._check_names(model.active_adapters if adapter_names is None else adapter_names)
+    for name in names:
+        _plain_lora(model, name)
+    layers = [m for _, m in model.get_base_model().named_modules() if isinstance(m, LORA_LAYERS)]
+    before = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        for name in model.active_adapters:
+            if name in layer.scaling:
+                layer.scaling[name] *= scale
+    try:
+        model.merge_adapter(names, safe_merge=safe_fusing)
+    except BaseException:
+        for layer, scaling in zip(layers, before):
+            layer.scaling.update(scaling)
+        raise
+
+
 def _block_weights(unet: nn.Module, given: dict[str, Any], name: str) -> dict[str, float]:
     """diffusers' per-block weights of a UNet (``{"down": 0.5, "mid": 1, "up": {"block_0": [1, 0.5, 0]}}``, its
     ``_maybe_expand_lora_scales``) as ``{"down_blocks.1.attentions.0": 0.5, ...}``: one weight per transformer of each

@@ -172,3 +172,64 @@ def test_bad_block_weights_are_refused_in_one_line(tmp_path, weights, message):
     with pytest.raises(ConfigError, match=rf"^set_adapters: the weights of 'a'.*{message}"):
         set_adapters(ours, ["a", "b"], [weights, 1.0])
     assert torch.equal(_out(ours), before)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_the_ddpm_loss_is_train_text_to_image_lora_py_term_by_term(kind):
+    """diffusers' train_text_to_image(_lora).py on fixed draws: noise e, offset noise (noise_offset times one N(0, 1)
+    per image and channel), input perturbation (the input gets e + p * fresh N(0, I), the target names e), t, then
+    min-SNR weights from diffusers.training_utils.compute_snr: min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from deltatune.train.t2i_noise import denoising_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=kind)
+    unet, g = _sdxl_unet(), torch.Generator().manual_seed(4)
+    x0, c = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 32, generator=g)
+    inputs = {"pixel_values": x0, "encoder_hidden_states": c}
+    opts = {"snr_gamma": 5.0, "noise_offset": 0.1, "input_perturbation": 0.2}
+    with torch.no_grad():
+        mine = denoising_loss(unet, scheduler, inputs, generator=torch.Generator().manual_seed(7), **opts)
+        g = torch.Generator().manual_seed(7)  # the same draws, in the scripts' order
+        noise = torch.randn(x0.shape, generator=g)
+        noise = noise + 0.1 * torch.randn((3, 4, 1, 1), generator=g)
+        new_noise = noise + 0.2 * torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 100, (3,), generator=g).long()
+        abar = scheduler.alphas_cumprod[t].view(3, 1, 1, 1)
+        noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * new_noise
+        target = noise if kind == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        pred = unet(noisy, t, encoder_hidden_states=c).sample
+        snr = compute_snr(scheduler, t)
+        weights = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]
+        weights = weights / snr if kind == "epsilon" else weights / (snr + 1)
+        want = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * weights
+        plain = torch.nn.functional.mse_loss(pred, target)
+    assert abs(float(mine) - float(want.mean())) < 1e-6, (float(mine), float(want.mean()))
+    assert abs(float(want.mean()) - float(plain)) > 1e-3  # the weights mattered
+
+
+def test_fuse_lora_with_a_lora_scale_equals_diffusers(tmp_path):
+    """diffusers' ``fuse_lora(lora_scale=0.5)`` folds the active LoRAs in at half their (weighted) scale; deltatune's
+    merge_adapter had no scale (a diffusers user had to re-weight by hand, per block too). unfuse restores the base
+    and, as in diffusers, leaves the scale multiplied; a nan scale is refused with nothing changed."""
+    from deltatune.diffusion import fuse_lora, set_adapters
+
+    ours, theirs = _two_loras(tmp_path)
+    theirs.set_adapters(["a", "b"], [BLOCKS, 0.6])
+    set_adapters(ours, ["a", "b"], [BLOCKS, 0.6])
+    before = _out(ours)
+    with pytest.raises(ConfigError, match=r"^fuse_lora: the weight of 'lora_scale' must be a finite number, got nan"):
+        fuse_lora(ours, float("nan"))
+    assert torch.equal(_out(ours), before)
+    theirs.fuse_lora(lora_scale=0.5)
+    fuse_lora(ours, 0.5)
+    want = _out(theirs)
+    assert (want - before).abs().max() > 0.05
+    assert (_out(ours) - want).abs().max() < 1e-5
+    theirs.unfuse_lora()
+    ours.unmerge_adapter()
+    assert (_out(ours) - _out(theirs)).abs().max() < 1e-5
+    with ours.disable_adapter():
+        theirs.disable_lora()
+        assert (_out(ours) - _out(theirs)).abs().max() < 1e-6
