@@ -109,11 +109,16 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
     return rows
 
 
+def folder_files(folder: str) -> list[str]:
+    """The data files a data folder is read from, in name order: not its sub-folders, not hidden files."""
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS) and not f.startswith("."))
+    return [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]
+
+
 def _folder(folder: str, text_column: str, limit: int | None) -> list[Row]:
     """The rows of every data file in ``folder`` (not its sub-folders), in name order, each row naming its own file
     and line: LLaMA-Factory's dataset_info.json ``file_name`` may name such a folder, its files all of one kind."""
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS) and not f.startswith("."))
-    files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
+    files = [os.path.basename(f) for f in folder_files(folder)]
     if not files:
         raise DataError(f"{folder} is a folder holding no data file ({', '.join(EXTENSIONS)}); give a data file")
     kinds = sorted({os.path.splitext(f)[1].lower() for f in files})

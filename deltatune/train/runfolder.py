@@ -266,18 +266,25 @@ def run_facts(cfg: Any) -> dict[str, Any]:
     per process, so the global batch and the data position follow it) and the bytes of its data files."""
     import hashlib
 
-    from ..data.load import data_path
+    from ..data.load import data_path, folder_files
 
     facts: dict[str, Any] = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     for key in ("train", "eval"):
         path = getattr(cfg.data, key)
         path = data_path(path) if isinstance(path, str) else path  # the file of a row range (``train.jsonl[:640]``)
-        if isinstance(path, str) and os.path.isfile(path):
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
+        if not isinstance(path, str):
+            continue
+        files = [path] if os.path.isfile(path) else folder_files(path) if os.path.isdir(path) else []
+        if not files:
+            continue
+        digest = hashlib.sha256()
+        for file in files:
+            if file != path:  # a folder of data files: their names (the row order) and bytes
+                digest.update(os.path.basename(file).encode() + b"\0")
+            with open(file, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
-            facts[f"data.{key}"] = digest.hexdigest()
+        facts[f"data.{key}"] = digest.hexdigest()
     return facts
 
 

@@ -129,6 +129,33 @@ def test_a_resume_compares_the_file_of_a_data_row_range(tmp_path):
     assert changed == ["the file of data.train changed", "the file of data.eval changed"]
 
 
+def test_a_resume_compares_the_files_of_a_data_folder(tmp_path):
+    """data.train may name a folder of data files (LLaMA-Factory's file_name): only files were hashed, so a run whose
+    folder gained, lost or changed a file since its checkpoint resumed on other data in silence."""
+    from types import SimpleNamespace
+
+    from deltatune.train.runfolder import facts_changes, run_facts
+    from deltatune.train.trainer import SUMS
+
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"part{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[i::2]), encoding="utf-8")
+    cfg = SimpleNamespace(data=SimpleNamespace(train=str(folder), eval=None))
+    facts = run_facts(cfg)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / SUMS).write_text(json.dumps({"facts": facts}), encoding="utf-8")
+    assert facts_changes(str(checkpoint), run_facts(cfg)) == []
+    (folder / "notes.md").write_text("not a data file", encoding="utf-8")  # not read, so no change
+    assert facts_changes(str(checkpoint), run_facts(cfg)) == []
+    (folder / "part1.jsonl").rename(folder / "part0b.jsonl")  # the same bytes in another row order
+    assert facts_changes(str(checkpoint), run_facts(cfg)) == ["the file of data.train changed"]
+    (folder / "part0b.jsonl").rename(folder / "part1.jsonl")
+    (folder / "part2.jsonl").write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    assert facts_changes(str(checkpoint), run_facts(cfg)) == ["the file of data.train changed"]
+
+
 # -- 3. a t2i base merged from a run on a merged base ------------------------------------------------------------
 
 
