@@ -600,7 +600,7 @@ def test_developer_messages_and_odd_bodies_are_answered_not_500(served):
     for what, (body, path, param) in bodies.items():
         got, answer = _post(server, path, body)
         assert got == 400 and answer["error"]["param"] == param, what
-    for field, value in (("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0), ("stop_token_ids", [5]),
+    for field, value in (("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0), ("stop_token_ids", [-1]),
                          ("min_tokens", -1), ("tool_choice", "required")):  # fmt: skip
         got, answer = _post(
             server, "/v1/completions", json.dumps({"model": "lora", "prompt": "hi", field: value}).encode()

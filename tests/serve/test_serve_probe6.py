@@ -190,11 +190,11 @@ def test_vllms_chat_rendering_fields_are_applied_not_ignored(served, monkeypatch
 
 
 def test_vllm_fields_the_server_does_not_compute_are_refused_not_ignored(served):
-    """include_stop_str_in_output, skip_special_tokens false, guided_json, ... answered 200 as if not sent."""
+    """guided_json, use_beam_search, ... answered 200 as if not sent (include_stop_str_in_output and
+    skip_special_tokens false are served since 8b508ba)."""
     _, server, _, _ = served
     chat = {"model": "lora", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    for field, value in (("include_stop_str_in_output", True), ("skip_special_tokens", False),
-                         ("guided_json", {"type": "object"}), ("use_beam_search", True), ("chat_template", "{{ 1 }}"),
+    for field, value in (("guided_json", {"type": "object"}), ("use_beam_search", True), ("chat_template", "{{ 1 }}"),
                          ("continue_final_message", True), ("chat_template_kwargs", {"tokenize": True})):  # fmt: skip
         status, answer = _post(server, "/v1/chat/completions", {**chat, field: value})
         assert status == 400 and answer["error"]["param"] == field, field

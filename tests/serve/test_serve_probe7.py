@@ -199,7 +199,7 @@ def test_openai_error_types_a_batch_of_one_token_list_and_continuous_usage(serve
 def test_a_batch_of_prompts_answers_n_choices_per_prompt(served):
     """A completion's prompt list of strings or of token id lists (OpenAI's and vLLM's batch) was a 400: now the
     choices of prompt p are p * n .. p * n + n - 1, each as that prompt alone with seed + i, every prompt counted in
-    usage, each echo its own prompt; vLLM's return_tokens_as_token_ids (logprobs named "token_id:N") is refused."""
+    usage, each echo its own prompt; vLLM's return_tokens_as_token_ids names logprobs "token_id:N" (13d6e70)."""
     engine, server, _, _ = served
     other = engine.tokenizer("a big red dog")["input_ids"]
     body = {"model": "lora", "max_tokens": 3, "temperature": 1.0, "seed": 5, "echo": True}
@@ -218,8 +218,8 @@ def test_a_batch_of_prompts_answers_n_choices_per_prompt(served):
     assert texts == [c["text"] for c in answer["choices"]]
     for bad in (["the cat", 3], [[1, 2], []], []):
         assert _post(server, "/v1/completions", {**body, "prompt": bad})[1]["error"]["param"] == "prompt", bad
-    refused = {**body, "prompt": "the cat", "logprobs": 1, "return_tokens_as_token_ids": True}
-    assert _post(server, "/v1/completions", refused)[1]["error"]["param"] == "return_tokens_as_token_ids"
+    named = {**body, "prompt": "the cat", "logprobs": 1, "return_tokens_as_token_ids": True}
+    assert _post(server, "/v1/completions", named)[1]["choices"][0]["logprobs"]["tokens"][0].startswith("token_id:")
 
 
 def test_echo_with_max_tokens_0_scores_the_prompt_alone(served):
