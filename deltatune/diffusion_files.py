@@ -33,6 +33,7 @@ _DIFFUSERS_SUFFIXES = {
     ".lora.up.weight": "B",
     ".lora_linear_layer.down.weight": "A",  # diffusers' DreamBooth scripts' text-encoder layout
     ".lora_linear_layer.up.weight": "B",
+    ".lora_magnitude_vector": "m",  # DoRA's magnitude (peft's layout, which diffusers' load_lora_adapter reads)
 }
 _TEXT_MODEL = "text_model"
 """The level transformers 4's CLIPTextModel had above ``encoder.`` (transformers 5's has none); files name it."""
@@ -243,6 +244,10 @@ def load_lora(
         )
     if not modules:
         raise ConfigError(f"{path}: no LoRA tensors in the file")
+    dora = sorted(p for p, m in modules.items() if "m" in m)
+    if dora and len(dora) != len(modules):
+        plain = next(p for p in sorted(modules) if "m" not in modules[p])
+        raise ConfigError(f"{path}: module {dora[0]} has a DoRA magnitude (lora_magnitude_vector) and {plain} none")
     incomplete = sorted(p for p, m in modules.items() if "A" not in m or "B" not in m)
     if incomplete:
         raise ConfigError(f"{path}: module {incomplete[0]} has no {'B' if 'A' in modules[incomplete[0]] else 'A'}")
@@ -263,6 +268,7 @@ def load_lora(
         lora_alpha=alpha,
         target_modules=sorted(modules),
         use_rslora=bool(meta.get("use_rslora", False)),
+        use_dora=bool(dora),
         rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
         alpha_pattern={re.escape(p): v for p, v in alphas.items() if v != alpha},
         inference_mode=not is_trainable,
@@ -271,6 +277,8 @@ def load_lora(
     for p, m in modules.items():
         state[f"{KEY_PREFIX}{p}.lora_A.weight"] = m["A"]
         state[f"{KEY_PREFIX}{p}.lora_B.weight"] = m["B"]
+        if dora:
+            state[f"{KEY_PREFIX}{p}.lora_magnitude_vector"] = m["m"]
     delta.add_adapter(adapter_name, config, _tensors=state, _source=os.fspath(path))
     return delta
 

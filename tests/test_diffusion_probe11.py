@@ -233,3 +233,25 @@ def test_fuse_lora_with_a_lora_scale_equals_diffusers(tmp_path):
     with ours.disable_adapter():
         theirs.disable_lora()
         assert (_out(ours) - _out(theirs)).abs().max() < 1e-6
+
+
+def test_a_diffusers_dora_file_loads_with_diffusers_outputs(tmp_path):
+    """A DoRA trained with diffusers + peft (``unet.add_adapter(LoraConfig(use_dora=True))``, saved by
+    ``save_lora_adapter``: ``lora_magnitude_vector`` keys) loads in diffusers; deltatune refused it as "DoRA or
+    LyCORIS parts"."""
+    from peft import LoraConfig
+
+    theirs = _sdxl_unet()
+    torch.manual_seed(3)
+    targets = ["to_q", "to_v", "conv1"]
+    theirs.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.3)
+    theirs.save_lora_adapter(str(tmp_path / "dora"))
+    want = _out(theirs)
+    assert (want - _out(_sdxl_unet())).abs().max() > 0.05
+    mine = load_lora(_sdxl_unet(), tmp_path / "dora")
+    assert mine.peft_config["default"].use_dora
+    assert (_out(mine) - want).abs().max() < 1e-5
