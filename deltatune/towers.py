@@ -55,6 +55,12 @@ TOWERS: dict[str, dict[str, str]] = {
             "language": r"(^|\.)(text_model|lm_head)(\.|$)",
         },
     ),
+    # Llama 3.2 Vision: a tiled vision model whose features the language model reads by cross-attention layers
+    "mllama": {
+        "vision": r"(^|\.)vision_model(\.|$)",
+        "projector": r"(^|\.)multi_modal_projector(\.|$)",
+        "language": r"(^|\.)(language_model|lm_head)(\.|$)",
+    },
     # Qwen-VL: the merger (the projector) sits inside the vision tower, so it is matched first
     **dict.fromkeys(
         ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
@@ -71,9 +77,11 @@ FAMILY_AS = {
     **dict.fromkeys(("smolvlm_vision", "idefics3_vision", "idefics2_vision"), "siglip_vision_model"),
     **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "qwen2"),
     "qwen3_vl_text": "qwen3",
+    "mllama_text_model": "llama",
 }
 """Tower families whose layers are named as another family's (BLIP's text decoder: BERT's, with cross-attention;
-SmolVLM's and Idefics' vision towers: SigLIP's; Qwen-VL's language models: Qwen2's, Qwen3's)."""
+SmolVLM's and Idefics' vision towers: SigLIP's; Qwen-VL's language models: Qwen2's, Qwen3's; Llama 3.2 Vision's: LLaMA's, its
+cross-attention layers' q_proj / v_proj among them)."""
 
 _CLIP_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.out_proj", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}
 _BLIP_VISION = {"attn": r".*\.layers\.\d+\.self_attn\.projection", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}

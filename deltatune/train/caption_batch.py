@@ -288,6 +288,22 @@ def encode_vlm(
     return ids[:end], labels[:end], True, [mode for _, mode in opened]
 
 
+def _cross_attention_mask(proc, ids: list[int], tiles: torch.Tensor) -> torch.Tensor:
+    """Llama 3.2 Vision's (mllama's) ``cross_attention_mask`` for one row, (1, tokens, images, tiles), as its
+    processor's call with text makes it: a token attends to the tiles of the last image before it (of each image in a
+    run of consecutive ones), a token before the first image to none. ``tiles``: the images-only call's
+    ``aspect_ratio_mask`` (1 on each image's tiles)."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    sparse = get_cross_attention_token_mask(ids, proc.image_token_id)
+    counts = [int(n) for n in torch.as_tensor(tiles)[0].sum(-1).tolist()]
+    most = proc.image_processor.max_image_tiles
+    return torch.from_numpy(convert_sparse_cross_attention_mask_to_dense([sparse], [counts], most, len(ids)))
+
+
 class VLMDataset(torch.utils.data.Dataset):
     """Encoded conversations, images decoded lazily: ``{"input_ids", "labels", "pixel_values", ...}``."""
 
@@ -311,6 +327,8 @@ class VLMDataset(torch.utils.data.Dataset):
             out[types] = [int(t != IGNORE_INDEX) for t in labels]
         elif types:  # an images-only call also writes (Gemma 3) text ids of its own: the row's are made here
             out[types] = proc.create_mm_token_type_ids([ids])[0]
+        if "cross_attention_mask" in getattr(proc, "model_input_names", ()):  # made by a call with text: made here
+            out["cross_attention_mask"] = _cross_attention_mask(proc, ids, out["aspect_ratio_mask"])
         return {"input_ids": ids, "labels": labels, **out}
 
     def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
@@ -328,6 +346,9 @@ def collate_vlm(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
             out[key] = _pad([b[key] for b in batch], 0, out["input_ids"].shape[1])
         elif key not in out:  # the images' tensors
             parts = [torch.as_tensor(b[key]) for b in batch]
+            if key == "cross_attention_mask":  # the padding attends as the row's last token (the processor's batch)
+                width = out["input_ids"].shape[1]
+                parts = [torch.cat([p, p[:, -1:].expand(-1, width - p.shape[1], -1, -1)], 1) for p in parts]
             # zero-padded at the end of each dimension, as their processors pad a batch: LLaVA-NeXT's patches per
             # image vary, Pixtral's (Mistral 3's) image heights and widths (padded below and to the right)
             most = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
