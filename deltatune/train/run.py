@@ -8,6 +8,7 @@ A finished run loaded back (for generate, chat, merge, the reward scorers) is ru
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from dataclasses import asdict
@@ -211,11 +212,37 @@ def train(
     lock = RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else None  # one lock per run, not per rank
     if lock is not None:
         lock.acquire()
+    started = _recipe_stamp(out)
     try:
         return _train(cfg, overwrite, resume, resume_changed)
+    except BaseException as exc:  # the board shows the run stopped or failed with this line, not running
+        if lock is not None:
+            _mark_stopped(out, exc, started)
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _recipe_stamp(out: str) -> tuple[int, int] | None:
+    with contextlib.suppress(OSError):
+        st = os.stat(os.path.join(out, RUN_FILE))
+        return st.st_ino, st.st_mtime_ns
+    return None
+
+
+def _mark_stopped(out: str, exc: BaseException, before: tuple[int, int] | None) -> None:
+    """``stopped.json`` (the board's ``STOPPED_FILE``): why this run ended early, written only when this attempt
+    wrote the run's recipe (a refused start never marks an older run); never fails the run's own error."""
+    now = _recipe_stamp(out)
+    if now is None or now == before:
+        return
+    reason = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:500]
+    path = os.path.join(out, "stopped.json")
+    with contextlib.suppress(OSError):
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump({"reason": reason, "interrupted": isinstance(exc, KeyboardInterrupt | SystemExit)}, fh)
+        os.replace(path + ".tmp", path)
 
 
 def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) -> dict[str, Any]:

@@ -158,6 +158,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cls, data, tmp_path)
     assert checkpoints and checkpoints[-1] == step - 1
     last = adapter(out / f"checkpoint-{step - 1}")
     assert all(torch.isfinite(t).all() for t in last.values())
+    ended = json.loads((out / "stopped.json").read_text())  # the board shows the run failed, with this line
+    assert ended == {"reason": f"NonFiniteLossError: {info.value}".splitlines()[0], "interrupted": False}
+    with pytest.raises(Exception, match="already holds files"):  # a refused start leaves the old mark as it was
+        train(cfg)
+    assert json.loads((out / "stopped.json").read_text()) == ended
+    (out / "stopped.json").unlink()
+    with pytest.raises(Exception, match="already holds files"):
+        train(cfg)
+    assert not (out / "stopped.json").exists()  # nor marks a run it never started
 
 
 @pytest.mark.slow
