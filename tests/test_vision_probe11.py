@@ -269,3 +269,16 @@ def test_lora_and_the_trained_head_on_a_cnn_and_swin_equal_peft_on_the_processor
     torch.testing.assert_close(a.logits, b.logits, atol=ATOL[torch.float32], rtol=0)
     torch.testing.assert_close(a.loss, b.loss, atol=ATOL[torch.float32], rtol=0)
     assert (a.logits - plain.logits).abs().max() > 1e-2
+
+
+def test_an_image_the_processor_refuses_is_one_line_naming_the_row(tmp_path):
+    """Qwen2.5-VL's image processor refuses an image wider than 200 times its height: its ValueError was a traceback
+    from inside transformers, in training and in ``generate --image``."""
+    from deltatune.data.load import DataError
+
+    model, processor = qwen2_5_vl()
+    vlm, example = C.VLMProcessor(processor), _rows(tmp_path, [(2, 600)])[0]
+    with pytest.raises(DataError, match=r"^c\.jsonl:1: \w+ refuses the row's images: absolute aspect ratio must be"):
+        C.encode_vlm(vlm, example, 512)
+    with pytest.raises(DataError, match=r"^--image: \w+ refuses the row's images: absolute aspect ratio must be"):
+        C.caption(model, vlm, example.images[0].path, max_new_tokens=2)

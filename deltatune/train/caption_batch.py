@@ -59,12 +59,26 @@ class VLMProcessor:
     def inputs(self, images: list, messages: list[Message] | None):
         """The model's inputs (``input_ids`` with the image tokens, ``pixel_values``, ...) to answer ``messages``."""
         if self.prefix_lm:  # the prefix alone: its token_type_ids all 0, as transformers' generation example has it
-            enc = self.processor(text=[prefix_and_suffix(messages or [], "--prompt")[0]], images=images,
-                                 return_tensors="pt")  # fmt: skip
+            enc = call(self, "--image", text=[prefix_and_suffix(messages or [], "--prompt")[0]], images=images,
+                       return_tensors="pt")  # fmt: skip
         else:
             text, _, special = render_vlm(self, messages or [], add_generation_prompt=True)
-            enc = self.processor(text=[text], images=_one_row(images), add_special_tokens=special, return_tensors="pt")
+            enc = call(self, "--image", text=[text], images=_one_row(images), add_special_tokens=special,
+                       return_tensors="pt")  # fmt: skip
         return {k: v for k, v in enc.items() if k != "labels"}  # (PaliGemma's are all -100: nothing to score)
+
+
+def call(processor: VLMProcessor, source: str, **kwargs: Any):
+    """``processor``'s call on a row's text and images.
+
+    Raises:
+        DataError: the processor refuses them (Qwen2-VL: an image wider than 200 times its height), ``source`` named.
+    """
+    try:
+        return processor.processor(**kwargs)
+    except ValueError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "ValueError"
+        raise DataError(f"{source}: {type(processor.processor).__name__} refuses the row's images: {reason}") from None
 
 
 def _pad(rows: list[list[int]], value: int, width: int = 0) -> torch.Tensor:
@@ -264,11 +278,11 @@ def encode_vlm(
     opened = [open_rgb(r) for r in example.images]
     images = [img for img, _ in opened]
     if processor.prefix_lm:  # the processor's own ids and labels (-100 where its token_type_ids are 0: the prefix)
-        enc = processor.processor(text=[prefix], images=images, suffix=[answer])
+        enc = call(processor, example.source, text=[prefix], images=images, suffix=[answer])
         ids, labels = [int(t) for t in enc["input_ids"][0]], [int(t) for t in enc["labels"][0]]
     else:
         kw = dict(add_special_tokens=special, return_offsets_mapping=True, return_text_replacement_offsets=True)
-        enc = processor.processor(text=[text], images=_one_row(images), **kw)
+        enc = call(processor, example.source, text=[text], images=_one_row(images), **kw)
         ids = [int(t) for t in enc["input_ids"][0]]
         labels = vlm_labels(enc, text, spans, processor, special, example.source)
     text_at = [i for i, t in enumerate(ids) if t not in processor.image_ids]
