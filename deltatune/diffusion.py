@@ -51,14 +51,14 @@ from .model import DeltaModel
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
-def _plain_lora(model: DeltaModel, name: str) -> Any:
-    """The config of adapter ``name``, checked to be a plain LoRA (no DoRA, no other method)."""
+def _plain_lora(model: DeltaModel, name: str, dora: bool = False) -> Any:
+    """The config of adapter ``name``, checked to be a plain LoRA (no other method; no DoRA unless ``dora``)."""
     model._check_names([name])
     config = model.peft_config[name]
     if config.peft_type != "LORA":
         raise ConfigError(f"adapter {name!r} is {config.peft_type}, not LoRA: these files hold LoRA adapters only")
-    if config.use_dora:
-        raise ConfigError(f"adapter {name!r} is DoRA; kohya and diffusers LoRA files hold plain LoRA updates")
+    if config.use_dora and not dora:
+        raise ConfigError(f"adapter {name!r} is DoRA; kohya's files and this call take plain LoRA updates only")
     return config
 
 
@@ -68,20 +68,23 @@ def _module_path(path: str) -> str:
     return re.sub(r"(\.base_layer)+$", "", path)
 
 
-def _lora(model: DeltaModel, adapter_name: str | None) -> tuple[str, Any, dict[str, dict[str, Any]]]:
-    """(name, config, {module path: {"A", "B", "r", "alpha", "scale"}}) of a LoRA adapter of ``model``."""
+def _lora(
+    model: DeltaModel, adapter_name: str | None, dora: bool = False
+) -> tuple[str, Any, dict[str, dict[str, Any]]]:
+    """(name, config, {module path: {"A", "B", "r", "alpha", "scale"}, and DoRA's magnitude "m" with ``dora``}) of
+    a LoRA adapter of ``model``."""
     from .targets import pattern_value
 
     name = adapter_name or model.active_adapter
-    config = _plain_lora(model, name)
+    config = _plain_lora(model, name, dora)
     tensors = model.adapter_state_dict(name)
     modules: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         path, _, leaf = key.removeprefix(KEY_PREFIX).rpartition(".lora_")
         path = _module_path(path)
-        if leaf not in ("A.weight", "B.weight"):
+        if leaf not in ("A.weight", "B.weight", *(("magnitude_vector",) if config.use_dora else ())):
             raise ConfigError(f"adapter {name!r} holds {key!r}, which these LoRA files have no place for")
-        modules.setdefault(path, {})[leaf[0]] = value.detach()
+        modules.setdefault(path, {})[leaf[0]] = value.detach()  # A, B, m(agnitude)
     for path, m in modules.items():
         r = m["A"].shape[0]
         alpha = float(pattern_value(config.alpha_pattern, path, config.lora_alpha))
@@ -93,11 +96,13 @@ def _diffusers_part(
     model: DeltaModel, adapter_name: str | None, prefix: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One component's tensors (``<prefix>.<path>.lora_A.weight`` ...) and metadata (``<prefix>.r`` ...)."""
-    _, config, modules = _lora(model, adapter_name)
+    _, config, modules = _lora(model, adapter_name, dora=True)
     tensors = {}
     for path, m in modules.items():
         tensors[f"{prefix}.{path}.lora_A.weight"] = m["A"].cpu().contiguous()
         tensors[f"{prefix}.{path}.lora_B.weight"] = m["B"].cpu().contiguous()
+        if "m" in m:  # DoRA's magnitude, in peft's layout (diffusers' load_lora_adapter reads it)
+            tensors[f"{prefix}.{path}.lora_magnitude_vector"] = m["m"].cpu().contiguous()
     ranks = Counter(m["r"] for m in modules.values())
     alphas = Counter(m["alpha"] for m in modules.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
@@ -106,6 +111,7 @@ def _diffusers_part(
         "lora_alpha": alpha,
         "target_modules": sorted(modules),
         "use_rslora": config.use_rslora,
+        **({"use_dora": True} if config.use_dora else {}),
         "rank_pattern": {re.escape(p): m["r"] for p, m in modules.items() if m["r"] != r},
         "alpha_pattern": {re.escape(p): m["alpha"] for p, m in modules.items() if m["alpha"] != alpha},
     }
@@ -123,10 +129,11 @@ def save_diffusers_lora(
     format: ``folder/pytorch_lora_weights.safetensors``, keys ``<prefix>.<path>.lora_A.weight``, the config in the
     metadata. ``pipe.load_lora_weights(folder)`` / ``unet.load_lora_adapter(folder, prefix=prefix)`` load it with
     the same outputs. ``text_encoder``: a DeltaModel over the pipeline's text encoder whose active LoRA goes into
-    the same file under ``text_encoder.`` keys, as diffusers' training scripts write it. Returns the file's path.
+    the same file under ``text_encoder.`` keys, as diffusers' training scripts write it. A DoRA's magnitudes go in
+    as ``<prefix>.<path>.lora_magnitude_vector`` (peft's layout, which diffusers loads as a DoRA). Returns the path.
 
     Raises:
-        ConfigError: an adapter is not a plain LoRA (DoRA, another method).
+        ConfigError: an adapter is not a LoRA (another method).
     """
     from safetensors.torch import save_file
 

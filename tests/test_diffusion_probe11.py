@@ -255,3 +255,29 @@ def test_a_diffusers_dora_file_loads_with_diffusers_outputs(tmp_path):
     mine = load_lora(_sdxl_unet(), tmp_path / "dora")
     assert mine.peft_config["default"].use_dora
     assert (_out(mine) - want).abs().max() < 1e-5
+
+
+def test_a_dora_saved_in_diffusers_format_loads_in_diffusers_with_the_same_outputs(tmp_path):
+    """save_diffusers_lora refused a DoRA ("kohya and diffusers LoRA files hold plain LoRA updates"), though
+    diffusers' load_lora_adapter reads DoRA (peft's lora_magnitude_vector keys); the round trip back is exact."""
+    from deltatune.diffusion import save_diffusers_lora, save_kohya_lora
+
+    torch.manual_seed(6)
+    config = dt.LoraConfig(r=2, lora_alpha=3, target_modules=["to_k", "conv1"], use_dora=True, init_lora_weights=False)
+    ours = dt.get_delta_model(_sdxl_unet(), config).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.8)
+    save_diffusers_lora(ours, tmp_path / "d")
+    theirs = _sdxl_unet()
+    theirs.load_lora_adapter(str(tmp_path / "d"), prefix="unet", weight_name=WEIGHT_NAME)
+    want = _out(ours)
+    assert (want - _out(_sdxl_unet())).abs().max() > 0.05
+    assert (_out(theirs) - want).abs().max() < 1e-5
+    assert torch.equal(_out(load_lora(_sdxl_unet(), tmp_path / "d")), want)
+    with pytest.raises(ConfigError, match="adapter 'default' is DoRA; kohya's files"):
+        save_kohya_lora(ours, tmp_path / "k.safetensors")
+    from deltatune.train import t2i
+
+    assert t2i._plain_lora(ours)  # a t2i run's folder gets the diffusers file too (it wrote none for a DoRA)

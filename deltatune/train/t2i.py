@@ -252,7 +252,7 @@ class T2IProcessor:
     def save_pretrained(self, out: str) -> None:
         """The tokenizer, the scheduler's config, ``t2i.json`` (the text encoder) and the text encoder's LoRA if it
         has one, so the run (or a base merged from it) names everything it needs. For a run whose denoiser trained
-        a plain LoRA, also diffusers' ``pytorch_lora_weights.safetensors`` with both LoRAs (``unet.`` or
+        a LoRA (DoRA too), also diffusers' ``pytorch_lora_weights.safetensors`` with both LoRAs (``unet.`` or
         ``transformer.`` keys, and ``text_encoder.`` keys)."""
         from ..diffusion import save_diffusers_lora
 
@@ -271,9 +271,9 @@ class T2IProcessor:
 
 
 def _plain_lora(model: DeltaModel) -> bool:
-    """Whether ``model``'s default adapter is a LoRA that diffusers' file holds whole (no DoRA, biases or heads)."""
+    """Whether ``model``'s default adapter is a LoRA that diffusers' file holds whole (DoRA too; no biases or heads)."""
     c = model.peft_config.get("default")
-    return c is not None and c.peft_type == "LORA" and not c.use_dora and c.bias == "none" and not c.modules_to_save
+    return c is not None and c.peft_type == "LORA" and c.bias == "none" and not c.modules_to_save
 
 
 def _context(tokenizer, config) -> int | None:
