@@ -282,3 +282,42 @@ def test_an_image_the_processor_refuses_is_one_line_naming_the_row(tmp_path):
         C.encode_vlm(vlm, example, 512)
     with pytest.raises(DataError, match=r"^--image: \w+ refuses the row's images: absolute aspect ratio must be"):
         C.caption(model, vlm, example.images[0].path, max_new_tokens=2)
+
+
+def test_swiftformers_two_heads_train_in_full_and_equal_peft(tmp_path):
+    """SwiftFormer's heads are ``head`` and ``dist_head`` (its logits their mean): the stage put ``classifier`` into
+    modules_to_save, which matched no module, and every run was refused ("'classifier' matches no module")."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForImageClassification, SwiftFormerConfig
+
+    from deltatune.train.config import build
+    from deltatune.train.image_cls import prepare_image_cls
+
+    config = SwiftFormerConfig(depths=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32], num_labels=2)
+    torch.manual_seed(0)
+    AutoModelForImageClassification.from_config(config).save_pretrained(tmp_path / "swift")
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (40, 90, 200) if c == "a" else (200, 9, 9)).save(tmp_path / "data" / c / "0.png")
+    targets = ["to_query", "to_key"]
+    cfg = build({"stage": "image_cls", "model": {"name_or_path": str(tmp_path / "swift")},
+                 "method": {"name": "lora", "target_modules": targets}, "data": {"train": str(tmp_path / "data")}})  # fmt: skip
+    prepare_image_cls(cfg, processor=None)
+    assert cfg.method["modules_to_save"] == ["head", "dist_head"]
+    lora = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+    load = lambda: AutoModelForImageClassification.from_pretrained(tmp_path / "swift").eval()  # noqa: E731
+    ours = dt.get_delta_model(load(), dt.LoraConfig(**lora, modules_to_save=cfg.method["modules_to_save"])).eval()
+    trained = {n.split(".")[0] for n, p in ours.base_model.named_parameters() if p.requires_grad and "lora" not in n}
+    assert trained == {"head", "dist_head"}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "head" in name and p.requires_grad:
+                p.add_(0.5)
+    ours.save_pretrained(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(load(), tmp_path / "adapter").eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    with torch.no_grad():
+        a, b, plain = ours(pixel_values=x, labels=y), theirs(pixel_values=x, labels=y), load()(pixel_values=x)
+    torch.testing.assert_close(a.logits, b.logits, atol=ATOL[torch.float32], rtol=0)
+    torch.testing.assert_close(a.loss, b.loss, atol=ATOL[torch.float32], rtol=0)
+    assert (a.logits - plain.logits).abs().max() > 0.1
