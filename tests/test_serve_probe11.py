@@ -317,3 +317,22 @@ def test_bad_words_mask_a_words_last_token_after_its_first_ones_as_vllm(smol):
     assert f"token_id:{x}" not in answer["choices"][0]["logprobs"]["tokens"]
     status, answer = _call(app, "/v1/completions", {**body, "bad_words": "x"})
     assert status == 400 and answer["error"]["param"] == "bad_words"
+
+
+def test_allowed_token_ids_that_min_tokens_masks_all_are_a_400_not_a_500(smol):
+    """allowed_token_ids all stop tokens under min_tokens left no token to generate: sampling ended in a 500 and
+    greedy answered token 0, one the request had masked."""
+    engine, app = smol
+    eos = sorted(engine.eos_ids)
+    body = {"prompt": "the cat", "max_tokens": 2, "min_tokens": 1, "allowed_token_ids": eos}
+    for temperature in (0, 1.0):
+        status, answer = _call(app, "/v1/completions", {**body, "temperature": temperature})
+        assert status == 400 and answer["error"]["param"] == "allowed_token_ids", answer
+        assert "min_tokens 1 masks" in answer["error"]["message"]
+    status, answer = _call(app, "/v1/completions", {**body, "temperature": 0, "ignore_eos": True})
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "length"  # EOS is then no stop token
+    word = engine.tokenizer.decode([100])
+    masked = {"prompt": "the cat", "max_tokens": 1, "temperature": 0, "allowed_token_ids": [100], "bad_words": [word]}
+    if engine.tokenizer(word, add_special_tokens=False)["input_ids"] == [100]:  # the word is that one token
+        status, answer = _call(app, "/v1/completions", masked)
+        assert status != 200 or answer["choices"][0]["text"] != engine.tokenizer.decode([0]), answer

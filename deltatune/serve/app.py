@@ -237,6 +237,15 @@ def create_app(
         banned = bad_words_ids(engine.tokenizer, body)
         for r in requests:
             r.bad_words_ids = banned
+        first = requests[0] if requests else None
+        if first is not None and first.allowed_token_ids and first.min_tokens:
+            stops = set(first.stop_token_ids or ()) | (set() if first.ignore_eos else engine.eos_ids)
+            if set(first.allowed_token_ids) <= stops:  # min_tokens masks them all: nothing could be generated
+                raise RequestError(
+                    f"allowed_token_ids are all stop tokens (EOS or stop_token_ids), which min_tokens "
+                    f"{first.min_tokens} masks, so no token could be generated",
+                    param="allowed_token_ids",
+                )
         echoes = [None if echo is None else echo[k // n] for k in range(len(requests))]
         stream = flag(body, "stream")
         options = body.get("stream_options")

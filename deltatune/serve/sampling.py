@@ -98,6 +98,8 @@ def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = No
     if g is None:  # argmax takes a NaN for the largest: a NaN row would answer its garbage as text
         if bool(torch.isnan(logits).any()):
             raise FloatingPointError("its logits are NaN, so no token can be chosen")
+        if not bool((logits > float("-inf")).any()):  # argmax of all -inf is token 0, one the settings masked
+            raise FloatingPointError("the request's settings mask every token, so no token can be chosen")
         return int(logits.argmax())
     logits = logits / r.temperature
     top_k = _setting(r, gen, "top_k")
