@@ -78,10 +78,11 @@ FAMILY_AS = {
     **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "qwen2"),
     "qwen3_vl_text": "qwen3",
     "mllama_text_model": "llama",
+    **dict.fromkeys(("cohere", "cohere2"), "llama"),
 }
 """Tower families whose layers are named as another family's (BLIP's text decoder: BERT's, with cross-attention;
 SmolVLM's and Idefics' vision towers: SigLIP's; Qwen-VL's language models: Qwen2's, Qwen3's; Llama 3.2 Vision's: LLaMA's, its
-cross-attention layers' q_proj / v_proj among them)."""
+cross-attention layers' q_proj / v_proj among them; Aya Vision's Cohere: LLaMA's)"""
 
 _CLIP_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.out_proj", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}
 _BLIP_VISION = {"attn": r".*\.layers\.\d+\.self_attn\.projection", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}

@@ -111,7 +111,42 @@ def qwen2_5_vl():
                              chat_template=QWEN_TEMPLATE)  # fmt: skip
 
 
-FAMILIES = {"mllama": (mllama, [(16, 32), (16, 16)]), "qwen2_5_vl": (qwen2_5_vl, [(56, 56), (56, 84)])}
+AYA_TEMPLATE = (  # Aya Vision's turns, shortened: an image is <image>, which its processor expands into tiles
+    "{{ bos_token }}{% for message in messages %}<|START_OF_TURN_TOKEN|>{{ message['role'] }}: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{% elif message['role'] == 'assistant' %}"
+    "{% generation %}{{ c['text'] }}{{ eos_token }}{% endgeneration %}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "\n{% endfor %}{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|>assistant: {% endif %}"
+)
+
+
+def aya_vision():
+    """A tiny Aya Vision (SigLIP over 16 px tiles, up to 4 and a global view, 4 tokens each; a Cohere 2 language
+    model): its image tokens vary with the image (here 27 for a 32 x 32 image, 17 for a 16 x 32 one)."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
+    from transformers import GotOcr2ImageProcessorPil as Tiles
+
+    specials = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
+    tok = _tokenizer(["<image>", "<|START_OF_TURN_TOKEN|>", *specials])
+    images = Tiles(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1, max_patches=4)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=37, image_size=16, patch_size=4)  # fmt: skip
+    text = dict(model_type="cohere2", **_LLAMA, head_dim=8, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    config = AyaVisionConfig(vision_config=vision, text_config=text, downsample_factor=2, vision_feature_layer=-1,
+                             image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"))  # fmt: skip
+    torch.manual_seed(0)
+    model = AyaVisionForConditionalGeneration(config).eval()
+    return model, AyaVisionProcessor(images, tok, patch_size=4, img_size=16, downsample_factor=2,
+                                     chat_template=AYA_TEMPLATE)  # fmt: skip
+
+
+FAMILIES = {
+    "mllama": (mllama, [(16, 32), (16, 16)]),
+    "qwen2_5_vl": (qwen2_5_vl, [(56, 56), (56, 84)]),
+    "aya_vision": (aya_vision, [(32, 32), (16, 32)]),
+}
+ENDS = {"mllama": "<|eot_id|>", "qwen2_5_vl": "<|im_end|>", "aya_vision": "</s>"}
 
 
 def _rows(tmp_path, sizes) -> list[C.VLMExample]:
@@ -150,7 +185,7 @@ def test_the_batch_loss_and_logits_are_the_processors_own_through_the_model(fami
     for name in reference:
         assert torch.equal(batch[name], reference[name]), name
     tok = vlm.tokenizer
-    end = "<|eot_id|>" if family == "mllama" else "<|im_end|>"
+    end = ENDS[family]
     for row, caption in zip(batch["labels"], CAPTIONS):
         assert tok.convert_ids_to_tokens([t for t in row.tolist() if t != -100]) == [*caption.split(), end]
     with torch.no_grad():
