@@ -212,30 +212,25 @@ def train(
     lock = RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else None  # one lock per run, not per rank
     if lock is not None:
         lock.acquire()
-    started = _recipe_stamp(out)
+    attempt: dict[str, Replacement] = {}
     try:
-        return _train(cfg, overwrite, resume, resume_changed)
+        return _train(cfg, overwrite, resume, resume_changed, attempt)
     except BaseException as exc:  # the board shows the run stopped or failed with this line, not running
-        if lock is not None:
-            _mark_stopped(out, exc, started)
+        folder = attempt.get("folder")
+        # Marked once the folder changed (every check passed) and still holds this run: not an old run put back
+        # by --overwrite, nor a refused start; a failed --resume is marked too.
+        if lock is not None and folder is not None and folder.begun and (folder.is_started or not folder.replace):
+            _mark_stopped(out, exc)
         raise
     finally:
         if lock is not None:
             lock.release()
 
 
-def _recipe_stamp(out: str) -> tuple[int, int] | None:
-    with contextlib.suppress(OSError):
-        st = os.stat(os.path.join(out, RUN_FILE))
-        return st.st_ino, st.st_mtime_ns
-    return None
-
-
-def _mark_stopped(out: str, exc: BaseException, before: tuple[int, int] | None) -> None:
-    """``stopped.json`` (the board's ``STOPPED_FILE``): why this run ended early, written only when this attempt
-    wrote the run's recipe (a refused start never marks an older run); never fails the run's own error."""
-    now = _recipe_stamp(out)
-    if now is None or now == before:
+def _mark_stopped(out: str, exc: BaseException) -> None:
+    """``stopped.json`` (the board's ``STOPPED_FILE``): why this run ended early, its error's first line and whether
+    it was interrupted; never fails the run's own error."""
+    if not os.path.isfile(os.path.join(out, RUN_FILE)):
         return
     reason = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:500]
     path = os.path.join(out, "stopped.json")
@@ -245,7 +240,9 @@ def _mark_stopped(out: str, exc: BaseException, before: tuple[int, int] | None) 
         os.replace(path + ".tmp", path)
 
 
-def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) -> dict[str, Any]:
+def _train(
+    cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool, attempt: dict[str, Any]
+) -> dict[str, Any]:
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
@@ -287,7 +284,7 @@ def _train(cfg: RunConfig, overwrite: bool, resume: bool, resume_changed: bool) 
         for note in resume_notes:
             print(f"deltatune: --resume: {note}", file=sys.stderr)
         prepared.notes = [*prepared.notes, *(f"resume: {n}" for n in resume_notes)]
-    replacement = Replacement(out, overwrite)
+    replacement = attempt["folder"] = Replacement(out, overwrite)
     if prepared.loop is not None:
         return _run_loop(cfg, prepared, delta, tok, replacement, checkpoint, write_recipe)
     args = _training_args(cfg, prepared, out)

@@ -177,9 +177,10 @@ class Replacement:
         self.replace = replace and lead and os.path.isdir(folder)
         self.existed = os.path.isdir(folder) or not lead
         self.aside = _sibling(folder, f"replaced-{os.getpid()}")
-        self.is_started = False
+        self.is_started = self.begun = False
 
     def begin(self) -> None:
+        self.begun = True
         if self.replace:
             os.rename(self.folder, self.aside)
         os.makedirs(self.folder, exist_ok=True)

@@ -167,6 +167,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cls, data, tmp_path)
     with pytest.raises(Exception, match="already holds files"):
         train(cfg)
     assert not (out / "stopped.json").exists()  # nor marks a run it never started
+    with pytest.raises(NonFiniteLossError):  # a failed --resume is marked too (its run.yaml is not rewritten)
+        train(cfg, resume=True)
+    assert json.loads((out / "stopped.json").read_text())["reason"].startswith("NonFiniteLossError: ")
 
 
 @pytest.mark.slow
