@@ -37,7 +37,12 @@ from .trainer import TokenLossTrainer
 
 HEAD = "classifier"
 """The classification head of transformers' image classifiers (ViT, DeiT, Swin, ConvNeXt, ResNet, CLIP, SigLIP)."""
-OTHER_HEADS = {"swiftformer": ["head", "dist_head"], "pp_lcnet": ["head"], "imagegpt": ["score"]}
+OTHER_HEADS = {
+    "swiftformer": ["head", "dist_head"],
+    "pp_lcnet": ["head"],
+    "imagegpt": ["score"],
+    "perceiver": ["final_layer"],
+}
 """Image classifiers whose heads are named otherwise (SwiftFormer's logits: the mean of its two heads')."""
 
 
@@ -166,7 +171,7 @@ def heads(config) -> list[str]:
     """The new heads, trained in full: ``classifier``, and a LeViT-with-teacher checkpoint's ``classifier_distill``
     (AutoModelForImageClassification loads that class for it; its logits are the two heads' mean, so a head left out
     stays frozen at its random init for the new classes). DeiT's ``cls_classifier`` and ``distillation_classifier``
-    end with ``classifier``, which PEFT's modules_to_save matches. SwiftFormer's, PP-LCNet's and ImageGPT's heads are
+    end with ``classifier``, which PEFT's modules_to_save matches. SwiftFormer's, PP-LCNet's, ImageGPT's and Perceiver's heads are
     named otherwise (``OTHER_HEADS``): ``classifier`` matched no module there, and the run was refused."""
     teacher = "LevitForImageClassificationWithTeacher" in (getattr(config, "architectures", None) or [])
     if getattr(config, "model_type", None) in OTHER_HEADS:
