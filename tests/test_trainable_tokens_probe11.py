@@ -410,3 +410,97 @@ def test_init_weights_false_draws_peft_rows_from_one_seed(dtype):
     )
     assert mine.dtype == its.dtype == torch.float32 and torch.equal(mine, its)
     assert own.dtype == dtype and torch.equal(own.float(), its)
+
+
+# A second adapter on a tied model (review 11d): the tied output embedding was found by ``m.weight is weight``, and
+# an active LoRA adapter's ``.weight`` is a fresh tensor, so lm_head.base_layer matched and a second token layer was
+# nested inside the first (every forward then failed: 'TrainableTokens' object has no attribute 'bias').
+TIED = ["llama-tied", "gpt2", "t5"]
+LORA_TARGETS = {"llama-tied": ["q_proj"], "gpt2": ["c_attn"], "t5": ["q"]}
+
+
+def two_lora(case: str, how: str, tmp_path):
+    """(deltatune, peft) with LoRA adapters "a" ([3, 5]) and "b" ([4, 9]) training token rows, tensors set to one
+    draw; ``how``: added (add_adapter) or loaded from peft's files (from_pretrained + load_adapter, as serve does)."""
+
+    def spec(ids):
+        return dict(r=2, target_modules=LORA_TARGETS[case], trainable_token_indices=ids, init_lora_weights=False)
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(base(case), peft.LoraConfig(**spec([3, 5])), adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(**spec([4, 9])))
+    if how == "add":
+        ours = dt.get_delta_model(base(case), dt.LoraConfig(**spec([3, 5])), adapter_name="a")
+        ours.add_adapter("b", dt.LoraConfig(**spec([4, 9])))
+        for name in ("a", "b"):
+            same_values(ours, theirs, name)
+    else:
+        for name in ("a", "b"):
+            theirs.set_adapter(name)
+            theirs.save_pretrained(tmp_path / name, selected_adapters=[name])
+        folder = (lambda n: tmp_path / n / n) if (tmp_path / "b" / "b").is_dir() else (lambda n: tmp_path / n)
+        ours = dt.DeltaModel.from_pretrained(base(case), str(folder("a")), adapter_name="a")
+        ours.load_adapter(str(folder("b")), adapter_name="b")
+    return ours.eval(), theirs.eval()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float rounding (LoRA's mixed-batch paths sum in another order, T5 a row alone or in a pair 5e-6 apart): 1e-5 of the largest logit."""
+    return bool((a - b).abs().max() <= 1e-5 * b.abs().max())
+
+
+def tokens_layers(model) -> list[str]:
+    from deltatune.methods._trainable_tokens import TrainableTokens
+
+    return [n for n, m in model.named_modules() if isinstance(m, TrainableTokens)]
+
+
+@pytest.mark.parametrize("how", ["add", "load"])
+@pytest.mark.parametrize("case", TIED)
+def test_second_lora_token_adapter_on_a_tied_model_equals_peft(case, how, tmp_path):
+    ours, theirs = two_lora(case, how, tmp_path)
+    assert not [n for n in tokens_layers(ours) if ".base_layer" in n]  # no token layer nested in another
+    x = inputs(case, [3, 5, 9, 4])
+    outs = {}
+    for name in ("a", "b", "a"):
+        ours.set_adapter(name)
+        theirs.set_adapter(name)
+        outs[name] = logits(ours, x)
+        assert close(outs[name], logits(theirs, x)), name
+    assert (outs["a"] - outs["b"]).abs().max() > 1e-3
+    n = x["input_ids"].shape[0]
+    rows = (["b", "a", "__base__"] * n)[:n]
+    mixed = ours(**x, adapter_names=rows).logits
+    assert close(mixed, theirs(**x, adapter_names=rows).logits)
+    assert close(mixed[0], outs["b"][0])
+    ours.set_adapter("b")
+    theirs.set_adapter("b")
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    merged = theirs.get_input_embeddings().token_adapter.base_layer.weight
+    assert torch.equal(ours.get_input_embeddings().base_layer.weight, merged)
+    assert (logits(ours, x) - logits(theirs, x)).abs().max() < 1e-5
+    ours.unmerge_adapter()
+    assert torch.equal(ours.get_input_embeddings().base_layer.weight, base(case).get_input_embeddings().weight)
+    assert close(logits(ours, x), outs["b"])
+
+
+@pytest.mark.parametrize("case", TIED)
+def test_two_stand_alone_token_adapters_on_a_tied_model(case):
+    """The stand-alone method's second adapter on a tied model: one token layer each (none nested), each adapter's
+    logits those of the plain model with its rows written in, the pair together both rows."""
+    ours, _ = pair(case)
+    torch.manual_seed(1)
+    ours.add_adapter("b", TrainableTokensConfig(token_indices=[4, 6], init_weights=False))
+    ours.add_adapter("c", dt.LoraConfig(r=2, target_modules=LORA_TARGETS[case], trainable_token_indices=[7]))
+    assert not [n for n in tokens_layers(ours) if ".base_layer" in n]
+    x = inputs(case, [4, 6, 3, 7])
+    key = f"base_model.model.{CASES[case][3]}."
+    for names in (["default"], ["b"], ["default", "b"]):
+        ours.set_adapter(names if len(names) > 1 else names[0])
+        by_hand = base(case)
+        with torch.no_grad():
+            for name in names:
+                ids = ours.peft_config[name].token_indices
+                by_hand.get_input_embeddings().weight[ids] = ours.adapter_state_dict(name)[key + KEY]
+        assert (logits(ours, x) - logits(by_hand, x)).abs().max() < 1e-5, names

@@ -234,15 +234,23 @@ def check_indices(spec: Any) -> dict[str, list[int]] | list[int] | None:
 def _tied_names(model: nn.Module, embedding: nn.Module | None, path: str) -> list[str]:
     """The modules whose weight is the input embedding's (at ``path``), where the model's config ties them (peft's
     ``_get_module_names_tied_with_embedding``: ``tie_word_embeddings`` False means no tying); the outermost of a
-    module and the layers wrapped around it."""
+    module and the layers wrapped around it. Compared by the base parameter under any adapter layers: a token
+    layer's ``.weight`` is a fresh tensor while its LoRA adapter is active (peft's wrapper's view)."""
     if embedding is None or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         return []
-    weight, names = embedding.weight, []
+    weight, names = _plain(embedding).weight, []
     for n, m in model.named_modules():
         inside = n == path or n.startswith(path + ".") or any(n.startswith(t + ".") for t in names)
-        if not inside and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight is weight:
+        if not inside and getattr(_plain(m), "weight", None) is weight:
             names.append(n)
     return names
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    """The base module under the adapter layers wrapped around ``module``."""
+    while isinstance(module, DeltaLayer) and isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
 
 
 def _check_target(model: nn.Module, path: str, module: nn.Module, ids: list[int], name: str, label: str) -> None:
