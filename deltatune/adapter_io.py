@@ -254,8 +254,9 @@ def set_peft_model_state_dict(
     tensors = {k: peft_model_state_dict[v] for k, v in given.items()}
     expected = adapter_state_dict(model, adapter_name)
     alias = {unwrapped_name(k): k for k in expected}
-    base = {unwrapped_name(prefix + n) for n, _ in model.base_model.named_parameters(remove_duplicate=False)}
-    known = [k for k in tensors if alias.get(unwrapped_name(k), k) in expected or unwrapped_name(k) in base]
+    # a base weight by its name in the model as it is (peft's): ``q_proj.weight`` of a wrapped q_proj is unexpected
+    base = {prefix + n for n, _ in model.base_model.named_parameters(remove_duplicate=False)}
+    known = [k for k in tensors if alias.get(unwrapped_name(k), k) in expected or k in base]
     unexpected = [given[k] for k in tensors if k not in known and not _head_echo(k, expected)]
     tensors = {k: v for k, v in tensors.items() if k in known}
     present = {alias.get(unwrapped_name(k), k) for k in tensors}

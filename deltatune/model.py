@@ -194,6 +194,7 @@ class DeltaModel(nn.Module, PushToHub):
         autocast_adapter_dtype: bool = False,
         _tensors: dict | None = None,
         _source: str = "",
+        _heads: bool = True,
     ) -> None:
         """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``.
         ``autocast_adapter_dtype=True`` (peft's default) keeps a float16 / bfloat16 base's adapter layers in float32.
@@ -218,7 +219,8 @@ class DeltaModel(nn.Module, PushToHub):
         try:
             # Heads first: a module trained in full is no target (PEFT's order), so the first adapter sees the model
             # as every later one does, with the head already wrapped.
-            add_modules_to_save(self.base_model, adapter_name, config, heads=_tensors is None)  # a file names its own
+            # a file names its own heads; inject_adapter_in_model adds none (task_type is a PeftModel's, as peft's)
+            add_modules_to_save(self.base_model, adapter_name, config, heads=_heads and _tensors is None)
             method.inject(self.base_model, config if _tensors is None else config.for_loading(), adapter_name)
             self.peft_config[adapter_name] = config
             # Unwrapped names: later adapters may wrap (or unwrap) the modules that hold these parameters.
@@ -521,6 +523,8 @@ def inject_adapter_in_model(
 
     ``low_cpu_mem_usage`` is accepted (the initial weights are drawn: the CPU has no meta-device saving to make).
     ``state_dict`` (peft's: target the modules a checkpoint's keys name) is not supported: give ``target_modules``.
+    The config's ``task_type`` adds no head copy (peft's ``PeftModelFor...`` classes add those, this function does
+    not); the modules the config's ``modules_to_save`` names are trained in full, as in peft.
     """
     if state_dict is not None:
         raise ValueError("inject_adapter_in_model: state_dict= is not supported; set the config's target_modules")
@@ -533,12 +537,13 @@ def inject_adapter_in_model(
     held = model.__dict__.get(adapter_io.INJECTED)
     if held is not None:  # as peft's new tuner: the new adapter active and trainable, every other flag as it was
         grads = {p: p.requires_grad for p in model.parameters()}
-        held.add_adapter(adapter_name, peft_config)
+        held.add_adapter(adapter_name, peft_config, _heads=False)
         held.set_adapter(adapter_name)
         for p, flag in grads.items():
             p.requires_grad_(flag)
         return model
-    wrapped = DeltaModel(model, peft_config, adapter_name)
+    wrapped = DeltaModel(model)
+    wrapped.add_adapter(adapter_name, peft_config, _heads=False)
     model.__dict__[adapter_io.INJECTED] = wrapped  # a plain attribute: no submodule, so no cycle in the module tree
     model.__dict__.setdefault("peft_config", wrapped.peft_config)  # peft's tuner sets it on the model too
     return model
