@@ -39,7 +39,26 @@ def _metaspace():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def _serve(tok):
+def _vllm_text(tok, prompt: list[int], answer: list[int], skip: bool = True, spaces: bool = True) -> str:
+    """vLLM's FastIncrementalDetokenizer: tokenizers' DecodeStream primed with the prompt, each answer token's text;
+    with special tokens kept and spaces_between_special_tokens false, an added token after another is its content."""
+    from tokenizers.decoders import DecodeStream
+
+    stream, added = DecodeStream(skip_special_tokens=skip), tok.added_tokens_decoder
+    for t in prompt:
+        stream.step(tok._tokenizer, t)
+    out, last = [], False
+    for t in answer:
+        piece = stream.step(tok._tokenizer, t) or ""
+        if not (skip or spaces):
+            if t in added and last:
+                piece = added[t].content
+            last = t in added
+        out.append(piece)
+    return "".join(out)
+
+
+def _serve(tok, gen_eos=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from deltatune.model import DeltaModel
@@ -50,7 +69,10 @@ def _serve(tok):
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    engine = Engine(DeltaModel(LlamaForCausalLM(config).eval(), fused_loss=False), tok, max_wait_s=0.001)
+    model = LlamaForCausalLM(config).eval()
+    if gen_eos is not None:  # the generation config's EOS ids (Llama 3's [<|end_of_text|>, <|eot_id|>], say)
+        model.generation_config.eos_token_id = gen_eos
+    engine = Engine(DeltaModel(model, fused_loss=False), tok, max_wait_s=0.001)
     return engine, create_app(engine, max_tokens=64)
 
 
@@ -178,8 +200,12 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(smol):
     status, answer = _call(app, "/v1/completions", {**body, "skip_special_tokens": False})
     assert status == 200, answer
     assert answer["choices"][0]["text"] == "<|im_start|><|im_start|>" == tok.decode([start, start])
-    status, answer = _call(app, "/v1/completions", {**body, "spaces_between_special_tokens": False})
-    assert status == 200 and answer["choices"][0]["text"] == ""
+    # kept special tokens in a row: SmolLM2's byte-level decoder puts no space between them either way (vLLM's
+    # DecodeStream gives the same text), so spaces_between_special_tokens false leaves it as it is
+    status, answer = _call(app, "/v1/completions", {**body, "skip_special_tokens": False,
+                                                     "spaces_between_special_tokens": False})  # fmt: skip
+    assert status == 200 and answer["choices"][0]["text"] == _vllm_text(tok, [], [start, start], False, False)
+    assert answer["choices"][0]["text"] == "<|im_start|><|im_start|>"
 
 
 @pytest.mark.parametrize("bad", [5, [1.5], [-1], [10**9], [True]])
@@ -206,7 +232,7 @@ def test_prompt_logprobs_are_the_models_log_softmax_with_vllms_ranks(smol):
         top = lp.topk(2).indices.tolist()
         assert list(row) == [str(t) for t in dict.fromkeys([ids[i + 1], *top])]  # the prompt's token first
         mine = row[str(ids[i + 1])]
-        assert mine["rank"] == int((lp > lp[ids[i + 1]]).sum()) + 1
+        assert mine["rank"] == int((lp >= lp[ids[i + 1]]).sum())  # vLLM's batched_count_greater_than
         assert mine["decoded_token"] == tok.decode([ids[i + 1]])
         assert [row[str(t)]["rank"] for t in top] == [1, 2]
         worst = max(worst, *(abs(v["logprob"] - float(lp[int(t)])) for t, v in row.items()))
@@ -329,10 +355,146 @@ def test_allowed_token_ids_that_min_tokens_masks_all_are_a_400_not_a_500(smol):
         status, answer = _call(app, "/v1/completions", {**body, "temperature": temperature})
         assert status == 400 and answer["error"]["param"] == "allowed_token_ids", answer
         assert "min_tokens 1 masks" in answer["error"]["message"]
+    # vLLM's min_tokens masks EOS under ignore_eos too (update_from_generation_config adds it to all_stop_token_ids)
     status, answer = _call(app, "/v1/completions", {**body, "temperature": 0, "ignore_eos": True})
+    assert status == 400 and answer["error"]["param"] == "allowed_token_ids", answer
+    status, answer = _call(app, "/v1/completions", {**body, "temperature": 0, "ignore_eos": True, "min_tokens": 0})
     assert status == 200 and answer["choices"][0]["finish_reason"] == "length"  # EOS is then no stop token
     word = engine.tokenizer.decode([100])
     masked = {"prompt": "the cat", "max_tokens": 1, "temperature": 0, "allowed_token_ids": [100], "bad_words": [word]}
     if engine.tokenizer(word, add_special_tokens=False)["input_ids"] == [100]:  # the word is that one token
         status, answer = _call(app, "/v1/completions", masked)
         assert status != 200 or answer["choices"][0]["text"] != engine.tokenizer.decode([0]), answer
+
+
+def test_truncate_prompt_tokens_cuts_a_prompt_longer_than_the_context_first_as_vllm(smol):
+    """vLLM truncates before its length check (a 201-token prompt cut to 10 is served) and refuses a k above the
+    context (_validate_truncation_size): the check came first (a 400) and k = 500 was taken."""
+    engine, app = smol
+    ids = engine.tokenizer(" word" * 200)["input_ids"]
+    assert len(ids) > 128  # the context
+    body = {"prompt": ids, "max_tokens": 2, "temperature": 0}
+    status, answer = _call(app, "/v1/completions", {**body, "truncate_prompt_tokens": 10})
+    assert status == 200 and answer["usage"]["prompt_tokens"] == 10, answer
+    _, short = _call(app, "/v1/completions", {**body, "prompt": ids[-10:]})
+    assert answer["choices"][0]["text"] == short["choices"][0]["text"]
+    # -1 keeps the context's worth (128 tokens), which leaves no room: a 400 about those 128, as vLLM
+    status, answer = _call(app, "/v1/completions", {**body, "truncate_prompt_tokens": -1})
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+    assert "has 128 tokens" in answer["error"]["message"]
+    for k in (129, 500):
+        status, answer = _call(app, "/v1/completions", {**body, "prompt": ids[:20], "truncate_prompt_tokens": k})
+        assert status == 400 and answer["error"]["param"] == "truncate_prompt_tokens", answer
+    status, answer = _call(app, "/v1/completions", {**body, "prompt": ids[:20], "truncate_prompt_tokens": 128})
+    assert status == 200 and answer["usage"]["prompt_tokens"] == 20
+
+
+def test_an_answer_starting_with_a_skipped_special_token_keeps_the_next_words_space():
+    """The first token that is not a skipped special one decides whether the answer is decoded after the prompt
+    ([<unk>, ▁world, ▁hello] was "world hello"; vLLM's primed DecodeStream gives " world hello")."""
+    from deltatune.serve.engine import Request
+
+    tok = _metaspace()
+    engine, _ = _serve(tok)
+    try:
+        for answer in ([0, 4, 5], [2, 4], [1, 0, 5], [4, 5]):
+            deltas: list[str] = []
+            r = Request(prompt_ids=[1, 3], adapter="base", max_tokens=len(answer), ignore_eos=True,
+                        emit=lambda text, finish, d=deltas: d.append(text))  # fmt: skip
+            for t in answer:
+                engine._advance(r, t)
+            want = _vllm_text(tok, [1, 3], answer)
+            assert "".join(deltas) == r.text == want, (answer, deltas, want)  # stream and the whole answer
+        assert want == " world hello"
+    finally:
+        engine.close()
+
+
+def test_spaces_between_special_tokens_false_joins_kept_added_tokens_as_vllm():
+    """A WordPiece decoder puts a space before each token; vLLM's spaces_between_special_tokens false (with
+    skip_special_tokens false) gives an added token right after another as its bare content: "[CLS][SEP]"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deltatune.serve.engine import Request
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hello": 3, "world": 4}
+    tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    engine, _ = _serve(tok)
+    try:
+        answer = [3, 1, 2, 4]
+        for spaces, want in ((True, "hello [CLS] [SEP] world"), (False, "hello [CLS][SEP] world")):
+            deltas: list[str] = []
+            r = Request(prompt_ids=[3], adapter="base", max_tokens=9, skip_special_tokens=False,
+                        spaces_between_special_tokens=spaces, emit=lambda text, finish, d=deltas: d.append(text))  # fmt: skip
+            for t in answer:
+                engine._advance(r, t)
+            # vLLM's primed decoder also puts a space before the first word (a WordPiece answer is decoded alone
+            # here: docs/serve.md)
+            assert "".join(deltas) == r.text == want == _vllm_text(tok, [3], answer, False, spaces)[1:]
+    finally:
+        engine.close()
+
+
+def test_bad_words_that_mask_every_allowed_token_are_a_400_and_a_later_mask_says_so(smol):
+    engine, app = smol
+    x = engine.tokenizer.convert_tokens_to_ids("Ġworld")
+    body = {"prompt": "Say it:", "max_tokens": 2, "allowed_token_ids": [x], "bad_words": ["world"]}
+    for temperature in (0, 1.0):  # "world" after a space is Ġworld alone: masked at every step
+        status, answer = _call(app, "/v1/completions", {**body, "temperature": temperature})
+        assert status == 400 and answer["error"]["param"] == "allowed_token_ids", answer
+        assert "bad_words" in answer["error"]["message"]
+    # "world world" masks Ġworld only after a Ġworld: the second token has none left, an error that says why
+    for temperature in (0, 1.0):
+        status, answer = _call(app, "/v1/completions", {**body, "bad_words": ["world world"], "temperature": temperature})  # fmt: skip
+        message = answer["error"]["message"]
+        assert status == 500 and "allowed_token_ids, bad_words" in message and "output token 2" in message, answer
+
+
+def test_min_tokens_masks_eos_under_ignore_eos_and_config_eos_ids_are_stop_token_ids_as_vllm():
+    """vLLM's all_stop_token_ids hold the tokenizer's EOS and the generation config's under ignore_eos too (min_tokens
+    masks them); the config's other EOS ids are stop_token_ids (stop_reason: the id), not under ignore_eos."""
+    tok = _smol()
+    other = tok.convert_tokens_to_ids("<|im_start|>")
+    engine, app = _serve(tok, gen_eos=[tok.eos_token_id, other])
+    try:
+        for eos in (tok.eos_token_id, other):
+            body = {"prompt": "hi", "max_tokens": 3, "min_tokens": 2, "ignore_eos": True, "temperature": 0,
+                    "logit_bias": {str(eos): 100}, "logprobs": 0, "return_tokens_as_token_ids": True}  # fmt: skip
+            status, answer = _call(app, "/v1/completions", body)
+            tokens = answer["choices"][0]["logprobs"]["tokens"]
+            assert status == 200 and f"token_id:{eos}" not in tokens[:2] and tokens[2] == f"token_id:{eos}", tokens
+            assert answer["choices"][0]["finish_reason"] == "length"
+            status, answer = _call(app, "/v1/completions", {**body, "ignore_eos": False, "min_tokens": 0})
+            choice = answer["choices"][0]
+            stop = None if eos == tok.eos_token_id else other  # vLLM: the primary EOS's stop_reason is null
+            assert (choice["finish_reason"], choice["stop_reason"], choice["text"]) == ("stop", stop, ""), choice
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("temperature", [1e39, float("inf")])
+def test_a_temperature_above_float32s_largest_is_a_400_naming_it(smol, temperature):
+    engine, app = smol
+    body = {"prompt": "hi", "max_tokens": 1, "allowed_token_ids": [100, 200], "temperature": temperature}
+    status, answer = _call(app, "/v1/completions", body)  # json.dumps writes inf as Infinity
+    assert status == 400 and answer["error"]["param"] == "temperature", answer
+    status, answer = _call(app, "/v1/completions", {**body, "temperature": 3e38})
+    assert status == 200 and answer["choices"][0]["text"] in (
+        engine.tokenizer.decode([100]),
+        engine.tokenizer.decode([200]),
+    )
+
+
+def test_a_prompt_tokens_rank_counts_the_tokens_at_least_as_likely_as_vllm():
+    """vLLM's rank is batched_count_greater_than, a >= count: a token tied with a more likely one ranks below it."""
+    from deltatune.serve.logprob_names import prompt_row
+
+    logits = torch.tensor([1.0, 2.0, 2.0, 0.0, 3.0])
+    lp = torch.log_softmax(logits, -1)
+    for token, rank in ((1, 3), (2, 3), (4, 1), (3, 5)):
+        row = prompt_row(logits, token, 0)
+        assert row[token][1] == rank == int((lp >= lp[token]).sum())
+        assert abs(row[token][0] - float(lp[token])) < 1e-7

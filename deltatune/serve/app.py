@@ -238,14 +238,8 @@ def create_app(
         for r in requests:
             r.bad_words_ids = banned
         first = requests[0] if requests else None
-        if first is not None and first.allowed_token_ids and first.min_tokens:
-            stops = set(first.stop_token_ids or ()) | (set() if first.ignore_eos else engine.eos_ids)
-            if set(first.allowed_token_ids) <= stops:  # min_tokens masks them all: nothing could be generated
-                raise RequestError(
-                    f"allowed_token_ids are all stop tokens (EOS or stop_token_ids), which min_tokens "
-                    f"{first.min_tokens} masks, so no token could be generated",
-                    param="allowed_token_ids",
-                )
+        if first is not None and first.allowed_token_ids:
+            _first_token_possible(first, banned, engine.eos_ids)
         echoes = [None if echo is None else echo[k // n] for k in range(len(requests))]
         stream = flag(body, "stream")
         options = body.get("stream_options")
@@ -377,6 +371,21 @@ async def _stream(
     finally:
         for r in requests:
             r.cancelled.set()  # a finished row is gone already
+
+
+def _first_token_possible(r: Request, banned: list[list[int]], eos: set[int]) -> None:
+    """A 400 naming allowed_token_ids where the settings mask every allowed token at the first step: one-token
+    bad_words, and under min_tokens the stop tokens (EOS even under ignore_eos, and stop_token_ids: vLLM's
+    all_stop_token_ids). Sampling over nothing was a 500."""
+    allowed = set(r.allowed_token_ids or ())
+    words = {w[0] for w in banned if len(w) == 1}
+    stops = (set(r.stop_token_ids or ()) | eos) if r.min_tokens else set()
+    if not allowed - words - stops:
+        why = [*(["one-token bad_words"] if allowed & words else []), *(["stop tokens (EOS or stop_token_ids), which "
+               f"min_tokens {r.min_tokens} masks"] if allowed & stops else [])]  # fmt: skip
+        raise RequestError(
+            f"allowed_token_ids are all {' or '.join(why)}, so no token could be generated", param="allowed_token_ids"
+        )
 
 
 def _usage(requests: list[Request], n: int) -> dict[str, int]:

@@ -2,7 +2,7 @@
 ``skip_special_tokens`` asks, and a first token's SentencePiece space kept. A SentencePiece decoder strips the space
 of the first token it decodes ("▁Paris" alone is "Paris"); vLLM primes its decoder (tokenizers' ``DecodeStream``)
 with the prompt, so after "The capital is" the answer is " Paris". Here an answer whose first token carries such a
-space ("▁") is decoded after the prompt's last few tokens, whose text is cut off again. A WordPiece tokenizer's space
+space ("▁") is decoded after the prompt's last few tokens (the first token that is not a skipped special one decides), whose text is cut off again. A WordPiece tokenizer's space
 between words is no token's own: its answer is decoded alone, with no separator before its first word, where vLLM's
 primed decoder would put one (docs/serve.md)."""
 
@@ -16,8 +16,17 @@ _CONTEXT = (5, 24)  # the prompt tokens decoded before the answer: at least 5, m
 class Detokenizer:
     """The text of ``prompt_ids``' answer so far (``text``), decoded in the prompt's context."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
         self.tokenizer, self.skip, self.prompt_ids = tokenizer, skip_special_tokens, prompt_ids
+        # vLLM's FastIncrementalDetokenizer: with special tokens kept and no spaces between them, an added token
+        # right after another is its raw text (a WordPiece decoder's " [SEP]" after "[CLS]" is "[SEP]")
+        self.joined = set() if skip_special_tokens or spaces_between_special_tokens else _added(tokenizer)
         self.context: list[int] | None = None  # None: the answer is decoded alone; set at its first token
 
     def _prime(self, first: int) -> list[int]:
@@ -36,10 +45,25 @@ class Detokenizer:
             self.context = prompt_ids[-n:]
         return self.context
 
-    def _decode(self, ids: list[int]) -> str:
+    def _skipped(self) -> set[int]:
+        """The special tokens that decode to no text (none unless ``skip_special_tokens``)."""
+        if not self.skip:
+            return set()
+        if not hasattr(self, "_special"):
+            self._special = set(getattr(self.tokenizer, "all_special_ids", None) or ())
+        return self._special
+
+    def _decode(self, ids: list[int], start: int = 0) -> str:
         # No clean-up of spaces: it may rewrite text already sent ("a ' b" -> "a'b"), so each decode must extend the
         # one before.
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+        # An added token after another one of the answer (``start``: where it begins; vLLM primes its decoder with
+        # the prompt without that rule) starts a piece decoded on its own: no space before it.
+        cuts = [i for i in range(start + 1, len(ids)) if ids[i] in self.joined and ids[i - 1] in self.joined]
+        pieces = zip([0, *cuts], [*cuts, len(ids)])
+        decode = self.tokenizer.decode
+        return "".join(
+            decode(ids[a:b], skip_special_tokens=self.skip, clean_up_tokenization_spaces=False) for a, b in pieces
+        )
 
     def text(self, output_ids: list[int]) -> str:
         """The answer's text: decoded after the context, less the context's own text (the answer alone where the
@@ -47,8 +71,19 @@ class Detokenizer:
         if not output_ids:
             return ""
         if self.context is None:
-            self.context = self._prime(output_ids[0])
+            # The first token with text decides: a skipped special token before it adds none (vLLM's DecodeStream,
+            # primed with the prompt, keeps the next word's space after a skipped <unk> or </s>).
+            first = next((t for t in output_ids if t not in self._skipped()), None)
+            if first is None:
+                return self._decode(output_ids)
+            self.context = self._prime(first)
         if not self.context:
             return self._decode(output_ids)
-        whole = self._decode(self.context + output_ids)
+        whole = self._decode(self.context + output_ids, len(self.context))
         return whole[len(self.prefix) :] if whole.startswith(self.prefix) else self._decode(output_ids)
+
+
+def _added(tokenizer: Any) -> set[int]:
+    """The tokenizer's added tokens' ids (vLLM's ``get_added_tokens_decoder``: special or not)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)
+    return set(decoder) if isinstance(decoder, dict) else set(getattr(tokenizer, "all_special_ids", ()) or ())

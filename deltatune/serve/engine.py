@@ -85,7 +85,7 @@ class Request:
     bad_words_ids: list[list[int]] = field(default_factory=list)  # vLLM's bad_words, tokenized (fields.bad_words_ids)
     include_stop_str_in_output: bool = False  # vLLM's: the stop string, or stop token's text, ends the answer's text
     skip_special_tokens: bool = True  # vLLM's: special tokens left out of the text
-    spaces_between_special_tokens: bool = True  # vLLM's; a fast tokenizer decodes alike either way (docs/serve.md)
+    spaces_between_special_tokens: bool = True  # vLLM's: false joins added tokens in a row where kept (detok)
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # the alternatives per token to report with each token's log-probability (None: no)
@@ -142,8 +142,12 @@ class Engine:
         self.gen = getattr(model, "generation_config", None)  # its repetition_penalty and top_k apply (_pick)
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
+        # vLLM's: the tokenizer's EOS ends a row with stop_reason null, the generation config's other EOS ids are
+        # stop_token_ids (stop_reason: the id), none of them under ignore_eos; all of them are all_stop_token_ids,
+        # which min_tokens masks, under ignore_eos too (update_from_generation_config).
+        self.eos_ids = eos | ({tokenizer.eos_token_id} - {None})
         # transformers 5.24 renamed the forward's cache argument to ``cache`` (and warns on ``past_key_values``).
         params = inspect.signature(model.get_base_model().forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -405,10 +409,11 @@ class Engine:
         if r.logprobs is not None and logits is not None:
             r.logprob_rows.append(_logprob_row(logits, token, r.logprobs))
         if r.detok is None:
-            r.detok = Detokenizer(self.tokenizer, r.prompt_ids, r.skip_special_tokens)
-        # vLLM's check_stop: EOS (not under ignore_eos), then the request's stop_token_ids (its stop_reason)
+            r.detok = Detokenizer(self.tokenizer, r.prompt_ids, r.skip_special_tokens, r.spaces_between_special_tokens)
+        # vLLM's check_stop: EOS (not under ignore_eos; the generation config's other EOS ids are stop_token_ids
+        # there, with their stop_reason), then the request's stop_token_ids (their stop_reason)
         if token in self.eos_ids and not r.ignore_eos:
-            r.finish_reason = "stop"
+            r.finish_reason, r.stop_reason = "stop", None if token == self.tokenizer.eos_token_id else token
         elif token in r.stop_token_ids:
             r.finish_reason, r.stop_reason = "stop", token
         if r.finish_reason is not None:  # a stop token's text is the answer's only with include_stop_str_in_output

@@ -93,15 +93,20 @@ def _min_tokens(body: dict, max_tokens: int, key: str) -> int:
     return n or 0
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
 def _temperature(body: dict) -> float | None:
     """The request's temperature (None: the generation config's, ``default_temperature``); below 1e-5 it samples as
-    greedy (as vLLM does): logits / 1e-300 overflow."""
-    t = _number(body, "temperature", None, 0.0, float("inf"))  # no upper bound, as vLLM (OpenAI's API: up to 2)
+    greedy (as vLLM does): logits / 1e-300 overflow. Above float32's largest number (the logits' type) it is a 400:
+    it would turn into inf there, and a masked token's -inf / inf into NaN."""
+    t = _number(body, "temperature", None, 0.0, _FLOAT32_MAX)  # no bound of 2, as vLLM (OpenAI's API: up to 2)
     return t if t is None or t >= 1e-5 else 0.0
 
 
 def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, chat: bool = True) -> Request:
     """A Request from the body's sampling fields, each checked (a 400 naming the field)."""
+    prompt_ids = _truncated(body, prompt_ids, limits.context)  # first, as vLLM: a long prompt cut to fit is served
     if len(prompt_ids) >= limits.context:
         raise RequestError(
             f"the prompt has {len(prompt_ids)} tokens; the context holds {limits.context} with this model "
@@ -109,7 +114,6 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
             code="context_length_exceeded",
             param="messages" if "messages" in body else "prompt",
         )
-    prompt_ids = _truncated(body, prompt_ids, limits.context)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     room = limits.context - len(prompt_ids)
     max_tokens = body.get(key)
@@ -203,6 +207,12 @@ def _truncated(body: dict, prompt_ids: list[int], context: int) -> list[int]:
     if isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or k >= 1):
         raise RequestError(
             f"truncate_prompt_tokens must be -1 (the context) or a positive integer, got {k!r}",
+            param="truncate_prompt_tokens",
+        )
+    if k > context:  # vLLM's _validate_truncation_size
+        raise RequestError(
+            f"truncate_prompt_tokens ({k}) is greater than this model's context ({context}); select a smaller "
+            "truncation size",
             param="truncate_prompt_tokens",
         )
     return prompt_ids[-(context if k == -1 else k) :]

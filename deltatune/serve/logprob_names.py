@@ -26,12 +26,12 @@ def logprob_row(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, l
 
 def prompt_row(logits: torch.Tensor, token: int, k: int) -> dict[int, tuple[float, int]]:
     """vLLM's ``prompt_logprobs`` entry of one prompt token: {token id: (log-probability, rank)} for the prompt's
-    token (its rank: 1 + the tokens more likely) and the ``k`` most likely (ranks 1 to k), of the model's own
+    token (its rank: the tokens at least as likely, itself included, vLLM's ``>=`` count) and the ``k`` most likely (ranks 1 to k), of the model's own
     log-softmax, -inf as -9999 (vLLM's clamp_prompt_logprobs)."""
     lp = torch.log_softmax(logits.float(), -1)
     top = lp.topk(k) if k else None
     ids = [token] + ([] if top is None else top.indices.tolist())
-    ranks = [int((lp > lp[token]).sum()) + 1] + list(range(1, k + 1))
+    ranks = [int((lp >= lp[token]).sum())] + list(range(1, k + 1))  # vLLM's batched_count_greater_than: >=
     return {t: (max(float(lp[t]), FLOOR), rank) for t, rank in zip(ids, ranks)}  # a top one overwrites, as vLLM
 
 

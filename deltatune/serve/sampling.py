@@ -45,7 +45,7 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int]
     the last token of each of the ``bad_words`` whose other tokens end the answer so far (vLLM's), the
     ``eos`` ids and the request's ``stop_token_ids`` masked
     while fewer than ``min_tokens`` tokens are generated (transformers' MinNewTokensLengthLogitsProcessor, vLLM's
-    all_stop_token_ids; EOS not under ``ignore_eos``, as vLLM), ``logit_bias``
+    all_stop_token_ids; EOS under ``ignore_eos`` too, as vLLM), ``logit_bias``
     added (OpenAI's), ``repetition_penalty`` over the prompt and the answer so far (transformers'
     RepetitionPenaltyLogitsProcessor, vLLM's: a positive logit divided by it, a negative one multiplied), then
     OpenAI's ``frequency_penalty`` times each token's count in the answer so far and ``presence_penalty`` once per
@@ -57,9 +57,8 @@ def adjusted(logits: torch.Tensor, r: Any, gen: Any = None, eos: Collection[int]
     banned = [w[-1] for w in getattr(r, "bad_words_ids", None) or () if _ends_with(r.output_ids, w[:-1])]
     if banned:  # vLLM's bad_words: a word's last token, where the answer ends with the tokens before it
         logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
-    stops = set(eos) | set(getattr(r, "stop_token_ids", None) or ())  # vLLM's all_stop_token_ids
-    if getattr(r, "ignore_eos", False):
-        stops -= set(eos)
+    # vLLM's all_stop_token_ids: EOS too under ignore_eos (update_from_generation_config adds it regardless)
+    stops = set(eos) | set(getattr(r, "stop_token_ids", None) or ())
     if stops and len(r.output_ids) < (getattr(r, "min_tokens", 0) or 0):
         logits = logits.index_fill(0, torch.tensor(sorted(stops), device=logits.device), float("-inf"))
     bias = getattr(r, "logit_bias", None)
@@ -95,11 +94,14 @@ def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = No
         FloatingPointError: NaN logits (+inf, sampling; greedy takes its argmax, as generate): no token to choose.
     """
     logits = adjusted(logits, r, gen, eos)
-    if g is None:  # argmax takes a NaN for the largest: a NaN row would answer its garbage as text
-        if bool(torch.isnan(logits).any()):
-            raise FloatingPointError("its logits are NaN, so no token can be chosen")
-        if not bool((logits > float("-inf")).any()):  # argmax of all -inf is token 0, one the settings masked
-            raise FloatingPointError("the request's settings mask every token, so no token can be chosen")
+    if g is None and bool(torch.isnan(logits).any()):  # argmax takes a NaN for the largest: garbage as text
+        raise FloatingPointError("its logits are NaN, so no token can be chosen")
+    if not bool((logits > float("-inf")).any() | torch.isnan(logits).any()):  # all -inf: argmax would be token 0
+        raise FloatingPointError(
+            f"the request's settings (allowed_token_ids, bad_words, min_tokens' stop tokens) mask every "
+            f"token at output token {len(r.output_ids) + 1}, so no token can be chosen"
+        )
+    if g is None:
         return int(logits.argmax())
     logits = logits / r.temperature
     top_k = _setting(r, gen, "top_k")
