@@ -366,3 +366,18 @@ def test_kto_eval_metrics_carry_trls_eval_names():
     got = _metrics(EvalPrediction(torch.tensor([[0.5, 1.0], [1.5, 1.0], [-1.0, 0.0]]).numpy(), None))
     assert got == {"reward_desirable": 1.0, "reward_undesirable": -1.0, "margin": 2.0, "rewards/chosen": 1.0,
                    "rewards/rejected": -1.0, "rewards/margins": 2.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", ["precompute_ref", "precompute_ref_log_probs"])
+def test_check_reference_takes_either_precompute_name(base, key):
+    """A DPO run whose method trains the base in place (full) is sound with its reference precomputed: TRL's name,
+    align.precompute_ref_log_probs, is accepted as deltatune's is (HEAD refused it); neither: one line."""
+    from deltatune.train.checks import check_reference
+
+    full = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.FullConfig())
+    raw = {**RAW, "stage": "dpo", "method": {"name": "full"}}
+    check_reference(build({**raw, "align": {key: True}}), full, training=True)
+    with pytest.raises(ConfigError, match="method.name=full: stage dpo scores the policy against the base"):
+        check_reference(build({**raw, "align": {key: True}}), full, training=False)
+    with pytest.raises(ConfigError, match=r"or align.precompute_ref: true to score it once"):
+        check_reference(build(raw), full, training=True)

@@ -433,3 +433,91 @@ def test_num_mini_batches_must_divide_the_batch():
     r = _fixed_rollout(loop, eos_rows=True)
     with pytest.raises(ConfigError, match="align.num_mini_batches"):
         loop.update(r)
+
+
+# -- review 11a: grad_accum micro-batches, num_mini_batches, TRL's names ---------------------------------------
+
+
+RAW = {"model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}}
+
+
+@pytest.mark.parametrize("mini, grad_accum, words", [(4, 3, "mini-batch of 4"), (3, 2, "mini-batch of 3"),
+                                                      (3, 1, None), (4, 2, None), (4, 4, None)])  # fmt: skip
+def test_grad_accum_must_split_every_mini_batch_evenly(mini, grad_accum, words):
+    """train.grad_accum splits each mini-batch into grad_accum equal micro-batches (each loss / grad_accum, as
+    accelerate's): a grad_accum that does not divide a mini-batch is one line, before any forward (HEAD split 4 rows
+    by grad_accum 3 into 2 + 2, and 3 rows by 2 into 2 + 1 with each micro mean / 2: rows weighed 1/4, 1/4, 1/2)."""
+    align = AlignArgs(ppo_epochs=1, mini_batch_size=mini)
+    validate_align(align, "ppo")
+    loop = PPOLoop(_policy(), _Tok(), lambda p, r: [0.0] * len(p), align, lr=0.0, max_grad_norm=0.0,
+                   grad_accum=grad_accum)  # fmt: skip
+    r = _fixed_rollout(loop, eos_rows=False)
+    sizes = []
+    forward = loop._forward
+    loop._forward = lambda sub, with_values=True: (sizes.append(len(sub.sequences)), forward(sub, with_values))[1]
+    if words:
+        with pytest.raises(ConfigError, match=f"train.grad_accum {grad_accum} does not divide PPO's {words}"):
+            loop.update(r)
+        assert sizes == []
+        return
+    loop.update(r)
+    want = [mini // grad_accum] * grad_accum + [(4 - mini) // grad_accum] * grad_accum * (mini < 4)
+    assert sorted(sizes) == sorted(want)
+
+
+def test_grad_accum_checks_the_last_mini_batch_before_the_model_loads():
+    """prepare_ppo's check (config_align.ppo_micro_batches, no model): the last mini-batch counts too."""
+    from deltatune.train.config_align import ppo_micro_batches
+
+    assert ppo_micro_batches(AlignArgs(mini_batch_size=4), 6, 2) == 4  # 4 + 2: both split in two
+    with pytest.raises(ConfigError, match=r"last mini-batch \(train.batch_size 5\) of 1 rollouts"):
+        ppo_micro_batches(AlignArgs(mini_batch_size=4), 5, 2)
+    with pytest.raises(ConfigError, match="train.grad_accum 4 does not divide PPO's mini-batch of 2"):
+        ppo_micro_batches(AlignArgs(num_mini_batches=4), 8, 4)
+
+
+def test_num_mini_batches_sets_mini_batch_size():
+    """align.num_mini_batches sets align.mini_batch_size to train.batch_size / num_mini_batches (run.yaml and the
+    report then state the size the loop uses); a different mini_batch_size set beside it is one line."""
+    a = AlignArgs(num_mini_batches=4)
+    validate_align(a, "ppo", batch_size=8)
+    assert a.mini_batch_size == 2
+    same = AlignArgs(num_mini_batches=4, mini_batch_size=2)
+    validate_align(same, "ppo", batch_size=8)
+    assert same.mini_batch_size == 2
+    with pytest.raises(ConfigError, match=r"align.mini_batch_size 4 and align.num_mini_batches 4 .* = 2\) are both"):
+        validate_align(AlignArgs(num_mini_batches=4, mini_batch_size=4), "ppo", batch_size=8)  # (4: the default)
+    with pytest.raises(ConfigError, match="train.batch_size 6 is not a multiple of align.num_mini_batches 4"):
+        validate_align(AlignArgs(num_mini_batches=4), "ppo", batch_size=6)
+    grpo = AlignArgs(num_mini_batches=4)  # (grpo reads mini_batch_size as completions per forward)
+    validate_align(grpo, "grpo", batch_size=8)
+    assert grpo.mini_batch_size == 4
+
+
+@pytest.mark.parametrize("align, words", [
+    ({"kl_coef": -1}, "align.kl_coef must be >= 0, got -1"),
+    ({"num_ppo_epochs": 0}, "align.num_ppo_epochs must be >= 1, got 0"),
+    ({"response_length": 0}, "align.response_length must be >= 1, got 0"),
+    ({"ppo_epochs": 4, "num_ppo_epochs": 2}, "align.num_ppo_epochs .TRL's name. and align.ppo_epochs are both set"),
+    ({"init_kl_coef": 0.2, "kl_coef": 0.1}, "align.kl_coef .TRL's name. and align.init_kl_coef are both set"),
+])  # fmt: skip
+def test_trl_names_name_the_key_written(align, words):
+    """A bad TRL-named key is named as the recipe wrote it; one set beside deltatune's, even to deltatune's default
+    (ppo_epochs: 4), is refused rather than silently winning."""
+    from deltatune.train.config import build
+
+    with pytest.raises(ConfigError, match=words):
+        build({**RAW, "stage": "ppo", "align": align})
+
+
+def test_trl_names_on_other_stages():
+    """On dpo, kl_coef is named ignored as written (not also align.init_kl_coef); grpo reads response_length."""
+    from deltatune.train.config import build, ignored_keys
+
+    cfg = build({**RAW, "stage": "dpo", "align": {"kl_coef": 0.1}})
+    assert ignored_keys(cfg) == [("align.kl_coef", "ppo")]
+    assert cfg.align.init_kl_coef == 0.2
+    cfg = build({**RAW, "stage": "grpo", "align": {"response_length": 9}})
+    assert cfg.align.max_new_tokens == 9 and ignored_keys(cfg) == []
+    cfg = build({**RAW, "stage": "ppo", "align": {"ppo_epochs": 2, "num_ppo_epochs": 2, "kl_coef": 0.2}})
+    assert (cfg.align.ppo_epochs, cfg.align.init_kl_coef) == (2, 0.2)

@@ -118,15 +118,17 @@ def check_reference(cfg: RunConfig, model, training: bool) -> None:
     """ConfigError when ``cfg``'s stage scores the policy against the base as its reference (the adapter of
     ``model`` switched off) and the method trains the base's own weights in place (full, freeze, BitFit, LoRA
     biases): switching it off leaves the trained model, so the reference would move with every step (DPO's loss
-    stuck at log 2, PPO's KL at 0). A DPO run's reference taken before its first step (``align.precompute_ref``)
-    is sound while ``training``; evaluated later it is gone."""
+    stuck at log 2, PPO's KL at 0). A DPO run's reference taken before its first step (``align.precompute_ref`` or
+    TRL's ``precompute_ref_log_probs``) is sound while ``training``; evaluated later it is gone."""
     from .table import STAGES
 
     config = model.peft_config[model.active_adapter]
     if not STAGES[cfg.stage].reference or not config.trainable_base_parameters(model.base_model):
         return
+    from .config_align import precomputes_ref
+
     precompute = cfg.stage == "dpo"
-    if precompute and training and cfg.align.precompute_ref:
+    if precompute and training and precomputes_ref(cfg.align):  # (or TRL's name, precompute_ref_log_probs)
         return
     raise ConfigError(
         f"method.name={config.method}: stage {cfg.stage} scores the policy against the base model (the adapter "

@@ -5,7 +5,8 @@ Split from train/config.py (which re-exports every name here) when that file rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..config import ConfigError
@@ -80,7 +81,8 @@ class AlignArgs:
     num_ppo_epochs: int | None = _f(None, "PPO: TRL's name for align.ppo_epochs (set one of them).")
     response_length: int | None = _f(None, "PPO: TRL's name for align.max_new_tokens (set one of them).")
     num_mini_batches: int | None = _f(None, "PPO: TRL's: mini-batches per batch of rollouts; sets align."
-                                      "mini_batch_size to train.batch_size / num_mini_batches.")  # fmt: skip
+                                      "mini_batch_size to train.batch_size / num_mini_batches (a "
+                                      "different mini_batch_size set beside it is refused).")  # fmt: skip
     num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
     top_p: float = _f(1.0, "GRPO: nucleus sampling of the completions (1: sample from the whole distribution).")
     num_iterations: int = _f(
@@ -114,13 +116,41 @@ class AlignArgs:
     center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
 
 
-def validate_align(a: AlignArgs, stage: str) -> None:
+def _recording(init: Any) -> Any:
+    """AlignArgs' __init__, keeping the names of the keys it was given (``given``): a key of the recipe set to its
+    default is told apart from one left out (TRL's names set beside deltatune's, align.mini_batch_size)."""
+
+    @functools.wraps(init)
+    def __init__(self: AlignArgs, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._given = frozenset([f.name for f in fields(AlignArgs)][: len(args)]) | frozenset(kwargs)
+
+    return __init__
+
+
+AlignArgs.__init__ = _recording(AlignArgs.__init__)  # type: ignore[method-assign]
+
+
+def given(a: AlignArgs, key: str) -> bool:
+    """Whether ``key`` was set when ``a`` was built (a recipe's align section names it), even to its default."""
+    return key in getattr(a, "_given", ())
+
+
+def precomputes_ref(a: AlignArgs) -> bool:
+    """Whether DPO's reference log-probs are computed once before training: ``align.precompute_ref`` or TRL's name
+    for it, ``align.precompute_ref_log_probs``."""
+    return bool(a.precompute_ref or a.precompute_ref_log_probs)
+
+
+def validate_align(a: AlignArgs, stage: str, batch_size: int | None = None) -> None:
+    """ConfigError naming the key, in one line, for a bad ``align`` value for ``stage``. ``batch_size`` (the recipe's
+    train.batch_size): PPO's align.num_mini_batches sets align.mini_batch_size from it."""
     kinds = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
     if stage == "kto" and a.loss_type not in ("sigmoid", *KTO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
     if stage == "grpo":
         validate_grpo(a)
-    validate_ppo(a)  # (first: it copies TRL's names onto the keys checked below)
+    validate_ppo(a, stage, batch_size)  # (first: it copies TRL's names onto the keys checked below)
     if stage == "simpo" and a.loss_type not in ("sigmoid", "simpo"):
         raise ConfigError(f"align.loss_type for stage simpo must be simpo (TRL's CPO loss_type simpo; the default "
                           f"sigmoid reads as simpo): TRL's CPO losses sigmoid, hinge and ipo are not built, got "
@@ -175,10 +205,14 @@ def validate_align(a: AlignArgs, stage: str) -> None:
 
 PPO_TRL_NAMES = {"kl_coef": "init_kl_coef", "num_ppo_epochs": "ppo_epochs", "response_length": "max_new_tokens"}
 """TRL's PPOConfig names a recipe may use for deltatune's align keys; ``validate_ppo`` copies them over."""
+_TRL_READ_BY = {"kl_coef": ("ppo",), "num_ppo_epochs": ("ppo",), "response_length": ("ppo", "grpo")}
+_TRL_LEAST = {"kl_coef": 0, "num_ppo_epochs": 1, "response_length": 1}
 
 
-def validate_ppo(a: AlignArgs) -> None:
-    """PPO's keys; TRL's names (``PPO_TRL_NAMES``) are copied onto deltatune's, both set differently is an error."""
+def validate_ppo(a: AlignArgs, stage: str = "ppo", batch_size: int | None = None) -> None:
+    """PPO's keys. TRL's names (``PPO_TRL_NAMES``) are checked under their own names and copied onto deltatune's
+    where ``stage`` reads them; both given (``given``), to different values, is an error. On stage ppo with
+    ``batch_size``, align.num_mini_batches sets align.mini_batch_size to batch_size / num_mini_batches."""
     if a.kl_estimator not in ("k1", "k3"):
         raise ConfigError(f"align.kl_estimator must be k1 or k3 (TRL's), got {a.kl_estimator!r}")
     if a.missing_eos_penalty is not None and a.missing_eos_penalty < 0:
@@ -187,13 +221,50 @@ def validate_ppo(a: AlignArgs) -> None:
         raise ConfigError(f"align.num_mini_batches must be >= 1 (or null: align.mini_batch_size), got "
                           f"{a.num_mini_batches}")  # fmt: skip
     for trl, ours in PPO_TRL_NAMES.items():
-        value, default = getattr(a, trl), AlignArgs.__dataclass_fields__[ours].default
+        value = getattr(a, trl)
         if value is None:
             continue
-        if getattr(a, ours) not in (default, value):
+        if value < _TRL_LEAST[trl]:
+            raise ConfigError(f"align.{trl} must be >= {_TRL_LEAST[trl]}, got {value}")
+        if stage not in _TRL_READ_BY[trl]:
+            continue  # (ignored_keys names the key as written)
+        if given(a, ours) and getattr(a, ours) != value:
             raise ConfigError(f"align.{trl} (TRL's name) and align.{ours} are both set, to {value} and "
                               f"{getattr(a, ours)}; set one of them")  # fmt: skip
         setattr(a, ours, value)
+    if stage == "ppo" and batch_size is not None:
+        a.mini_batch_size = ppo_mini_batch(a, batch_size)
+
+
+def ppo_mini_batch(a: AlignArgs, batch_size: int) -> int:
+    """PPO's rollouts per mini-batch: train.batch_size / align.num_mini_batches where that is set (a different
+    align.mini_batch_size given beside it, or a batch it does not divide, is a ConfigError), else
+    align.mini_batch_size."""
+    if a.num_mini_batches is None:
+        return a.mini_batch_size
+    if batch_size % a.num_mini_batches:
+        raise ConfigError(f"train.batch_size {batch_size} is not a multiple of align.num_mini_batches "
+                          f"{a.num_mini_batches}")  # fmt: skip
+    mini = batch_size // a.num_mini_batches
+    if given(a, "mini_batch_size") and a.mini_batch_size != mini:
+        raise ConfigError(f"align.mini_batch_size {a.mini_batch_size} and align.num_mini_batches {a.num_mini_batches} "
+                          f"(mini-batches of train.batch_size {batch_size} / {a.num_mini_batches} = {mini}) are both "
+                          "set; set one of them")  # fmt: skip
+    return mini
+
+
+def ppo_micro_batches(a: AlignArgs, batch_size: int, grad_accum: int) -> int:
+    """PPO's mini-batch size (``ppo_mini_batch``), checked against train.grad_accum: every mini-batch of a batch of
+    ``batch_size`` rollouts (the last one too) splits into ``grad_accum`` equal micro-batches, or ConfigError."""
+    mini = ppo_mini_batch(a, batch_size)
+    first, last = min(mini, batch_size), batch_size % mini
+    if first % grad_accum or last % grad_accum:
+        size = first if first % grad_accum else last
+        where = "mini-batch" if size == first else f"last mini-batch (train.batch_size {batch_size})"
+        raise ConfigError(f"train.grad_accum {grad_accum} does not divide PPO's {where} of {size} rollouts "
+                          f"(align.mini_batch_size / num_mini_batches): each mini-batch is split into grad_accum "
+                          "equal micro-batches; set train.grad_accum to a divisor of it")  # fmt: skip
+    return mini
 
 
 def grpo_loss_norm(a: AlignArgs) -> str:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..data.preference import PairCollator
 from ..data.templates import IGNORE_INDEX
 from .config import DPO_LOSS_TYPES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, AlignArgs, RunConfig
+from .config_align import precomputes_ref
 from .logprobs import (
     model_token_logprobs,
     reference_logprobs,
@@ -278,9 +279,9 @@ class DPOTrainer(PairTrainer):
 
 
 def _precompute(align: AlignArgs) -> bool:
-    """Whether the reference log-probs are computed once: ``align.precompute_ref`` or TRL's name for it,
-    ``align.precompute_ref_log_probs``."""
-    return align.precompute_ref or align.precompute_ref_log_probs
+    """Whether the reference log-probs are computed once (``config_align.precomputes_ref``: check_reference reads
+    the same)."""
+    return precomputes_ref(align)
 
 
 def _use_weighting(align: AlignArgs) -> bool:

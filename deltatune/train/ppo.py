@@ -42,6 +42,7 @@ from ..config import ConfigError
 from ..data.tasks import Collator
 from .checks import check_rollout_context
 from .config import AlignArgs, RunConfig
+from .config_align import ppo_micro_batches
 from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and tests import from here)
     KLController,
     RewardError,
@@ -104,7 +105,8 @@ class PPOLoop:
         seed: seeds the value head's init and the sampling.
         weight_decay: AdamW's weight decay (the recipe's ``train.weight_decay``; torch's own default is 0.01).
         scheduler: a function optimizer -> LR scheduler, stepped once per PPO step (TRL's); default: constant.
-        grad_accum: micro-batches per mini-batch, their gradients summed (each loss / grad_accum) before the step.
+        grad_accum: equal micro-batches per mini-batch, their gradients summed (each loss / grad_accum) before the
+            step; it must divide every mini-batch (``config_align.ppo_micro_batches``), else ConfigError.
     """
 
     def __init__(
@@ -202,16 +204,13 @@ class PPOLoop:
         advantages, returns = gae(t["rewards"], r.values, m, a.gamma, a.lam)  # (as ppo_math.ppo_advantages)
         advantages = whiten(advantages, m)
         B = len(r.sequences)
-        mini = a.mini_batch_size if a.num_mini_batches is None else B // a.num_mini_batches
-        if a.num_mini_batches is not None and B % a.num_mini_batches:
-            raise ConfigError(f"train.batch_size {B} is not a multiple of align.num_mini_batches {a.num_mini_batches}")
+        mini = ppo_micro_batches(a, B, self.grad_accum)
         keys = ("policy_loss", "value_loss", "clipfrac", "entropy", "approxkl", "vf_clipfrac", "ratio")
         logs: dict[str, list[float]] = {k: [] for k in keys}
         for _ in range(a.ppo_epochs):
             for idx in torch.randperm(B).split(mini):
                 self.optimizer.zero_grad(set_to_none=True)
-                micro = idx.split(math.ceil(len(idx) / self.grad_accum))
-                for sub_idx in micro:
+                for sub_idx in idx.split(len(idx) // self.grad_accum):  # (grad_accum equal ones)
                     sub = _select(r, sub_idx)
                     logp, values, entropy = self._forward(sub)
                     mm = m[sub_idx]
@@ -222,7 +221,7 @@ class PPOLoop:
                         from .trainer import NonFiniteLossError
 
                         raise NonFiniteLossError(self.steps_done + 1, float(loss))
-                    (loss / len(micro)).backward()  # (accelerate's backward divides so under accumulation)
+                    (loss / self.grad_accum).backward()  # (accelerate's backward divides so under accumulation)
                     with torch.no_grad():
                         diff = (logp - r.logprobs[sub_idx]) * mm
                         vc = value_clipfrac(values, r.values[sub_idx], returns[sub_idx], mm, a.cliprange_value)
@@ -357,11 +356,9 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     longest = max(len(p) for p in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
     _check_reward_model(a.reward_model)
-    if a.num_mini_batches is not None and cfg.train.batch_size % a.num_mini_batches:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not a multiple of align.num_mini_batches "
-                          f"{a.num_mini_batches}")  # fmt: skip
+    mini = ppo_micro_batches(a, cfg.train.batch_size, cfg.train.grad_accum)  # (before the model loads)
     notes = [
-        f"PPO: {a.ppo_epochs} epochs of mini-batches of {a.mini_batch_size} per batch of {cfg.train.batch_size} "
+        f"PPO: {a.ppo_epochs} epochs of mini-batches of {mini} per batch of {cfg.train.batch_size} "
         f"rollouts, {a.max_new_tokens} new tokens each; KL coefficient {a.init_kl_coef}"
         + (f" adapted towards {a.target_kl}" if a.adaptive_kl else " (fixed)")
         + "; reference = the base with the adapter off",
