@@ -110,6 +110,7 @@ def test_a_recipe_key_of_the_trainer_trains_as_the_trainer_does(files, tmp_path,
         ("padding_free", True, "is data.packing (rows packed into data.max_length blocks"),
         ("completion_only_loss", True, "sft always trains on the response tokens only"),
         ("optim", "adamw_trch", "train.optim: unknown optimizer 'adamw_trch'; did you mean 'adamw_torch'?"),
+        ("optim", "adamw", "train.optim: unknown optimizer 'adamw'; did you mean 'adamw_torch'?"),  # not grokadamw
         ("neftune_noise_alpha", 0, "train.neftune_noise_alpha must be > 0"),
         ("label_smoothing_factor", 1.0, "train.label_smoothing_factor must be in [0, 1)"),
     ],
@@ -127,6 +128,10 @@ def test_neftune_and_label_smoothing_are_named_ignored_on_a_stage_that_does_not_
     cfg = build({"stage": "dpo", "train": {"neftune_noise_alpha": 5, "label_smoothing_factor": 0.1}})
     assert ("train.neftune_noise_alpha", "pt, sft") in ignored_keys(cfg)
     assert ("train.label_smoothing_factor", "pt, sft") in ignored_keys(cfg)
+    for stage in ("ppo", "grpo"):  # their own loops step AdamW: train.optim trained nothing else there (review C)
+        named = dict(ignored_keys(build({"stage": stage, "train": {"optim": "sgd"}})))
+        assert "train.optim" in named and stage not in named["train.optim"].split(", ")
+    assert "train.optim" not in dict(ignored_keys(build({"stage": "dpo", "train": {"optim": "sgd"}})))
 
 
 def test_deltatune_eval_scores_a_label_smoothed_run_as_its_training_evaluated(files, tmp_path):

@@ -410,7 +410,9 @@ def _validate_values(cfg: RunConfig) -> None:
 
         names = [o.value for o in OptimizerNames]
         if t.optim not in names:
-            near = difflib.get_close_matches(t.optim, names, n=1)
+            near = difflib.get_close_matches(t.optim, names, n=1, cutoff=0.6)
+            if t.optim.startswith("adamw") and "adamw_torch" in names:  # (grokadamw is the closest spelling)
+                near = ["adamw_torch"]
             raise ConfigError(f"train.optim: unknown optimizer {t.optim!r}" +
                               (f"; did you mean {near[0]!r}?" if near else f"; one of {', '.join(names)}"))  # fmt: skip
     if not 0.0 <= t.warmup_ratio < 1.0:
@@ -456,7 +458,8 @@ def _validate_values(cfg: RunConfig) -> None:
 
 
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
-READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
+READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
+           ("pt sft cls tag seq2seq rm dpo kto orpo simpo image_cls caption t2i", "train.optim"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
            ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),
