@@ -50,7 +50,13 @@ class Detokenizer:
         if not self.skip:
             return set()
         if not hasattr(self, "_special"):
-            self._special = set(getattr(self.tokenizer, "all_special_ids", None) or ())
+            added = (
+                getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+            )  # tokenizers skips those marked special
+            special = (
+                {t for t, a in added.items() if getattr(a, "special", False)} if isinstance(added, dict) else set()
+            )
+            self._special = special | set(getattr(self.tokenizer, "all_special_ids", None) or ())
         return self._special
 
     def _decode(self, ids: list[int], start: int = 0) -> str:
