@@ -325,3 +325,96 @@ def test_hostile_text_is_shown_as_text_and_the_run_page_has_what_a_run_page_has(
             browser.close()
     finally:
         server.stop()
+
+
+# -- review 11b ------------------------------------------------------------------------------------------------------
+def test_a_recipe_rewritten_in_place_with_its_size_and_time_put_back_is_read_again(tmp_path):
+    """The recipe cache was keyed on inode, size and modification time: run.yaml rewritten in place at the same size,
+    its modification time put back (an editor, rsync -t, a restore), was shown as it had been. Its ctime is in the key."""
+    folder = write_run(tmp_path, "r", None, {"train": {"lr": 0.1}})
+    recipe = folder / "run.yaml"
+    assert runs.detail(str(tmp_path), "r")["recipe"]["train"] == {"lr": 0.1}
+    before = os.stat(recipe)
+    time.sleep(0.05)  # the kernel's file clock is coarse (a few ms): the rewrite gets a later ctime
+    text = recipe.read_text(encoding="utf-8")
+    with open(recipe, "r+", encoding="utf-8") as fh:  # in place: the same inode
+        fh.write(text.replace("lr: 0.1", "lr: 0.7"))
+    os.utime(recipe, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(recipe)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert runs.detail(str(tmp_path), "r")["recipe"]["train"] == {"lr": 0.7}
+    assert [r["name"] for r in runs.list_runs(str(tmp_path))] == ["r"]
+
+
+FAKE_DOM = (
+    "globalThis.Node = class { constructor(t) { this.tag = t; this.attrs = {}; this.kids = []; } "
+    "setAttribute(k, v) { this.attrs[k] = String(v); } append(...c) { this.kids.push(...c); } }, "
+    "globalThis.document = { createElementNS: (ns, t) => new Node(t), createElement: t => new Node(t), "
+    "createTextNode: s => new Node('#text') }"
+)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node")
+def test_a_series_of_two_points_or_one_is_smoothed_as_tensorboard_smooths_it():
+    """``s.points.length > 2`` left series of two points unsmoothed; TensorBoard smooths every series: [1, 0] at 0.6 is
+    [1, 0.375] (hand-worked: 0.4 * 0 + 0.6 * 0.4 = 0.24, debiased by 1 - 0.36: 0.375). Drawn on the chart's axes
+    (y from 0 at 230 px to 1 at 22 px): the smoothed line ends at 230 - 0.375 * 208 = 152."""
+    got = run_js(
+        f"({FAKE_DOM}, [0.6, 0].map(w => (settings.smoothing = w, chart('loss', "
+        "[{label: 'a', points: [[1, 1], [2, 0]]}, {label: 'b', points: [[1.5, 0.5]]}]).kids"
+        ".filter(k => k.tag === 'polyline' || k.tag === 'circle').map(k => k.attrs))))"
+    )
+    smoothed, plain = got
+    lines = {(a.get("data-label"), a.get("data-raw")): a["points"] for a in smoothed if "points" in a}
+    assert lines == {("a", None): "52.0,22.0 548.0,152.0", (None, "a"): "52.0,22.0 548.0,230.0",
+                     ("b", None): "300.0,126.0", (None, "b"): "300.0,126.0"}  # fmt: skip
+    assert [(a["cx"], a["cy"]) for a in smoothed if "cx" in a] == [("52", "22"), ("548", "152"), ("300", "126")]
+    assert [a["points"] for a in plain if "points" in a] == ["52.0,22.0 548.0,230.0", "300.0,126.0"]  # weight 0: raw
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Chromium")
+def test_polls_pause_only_while_the_slider_is_held_or_the_x_axis_list_is_open(tmp_path):
+    """Polling paused while ``holding`` (set by pointerdown, cleared only by pointerup) or while the x axis list had the
+    focus: a touch pan (pointerdown then pointercancel) and a list opened and closed with Escape (left focused) stopped
+    the polls for good. Now pointercancel and the window's blur release the hold, and the list pauses the polls from a
+    mousedown on it until a change, a blur, Escape or Enter."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from serving import Server
+
+    write_run(tmp_path, "r", [{"loss": 1 / s, "epoch": s / 4, "step": s} for s in range(1, 9)])
+    server = Server(create_app(str(tmp_path)))
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+    def polls(page) -> bool:  # a page polled each 50 ms renders again within 0.4 s unless paused
+        before = page.evaluate("document.body.dataset.rendered")
+        try:
+            page.wait_for_function(f"document.body.dataset.rendered !== {json.dumps(before)}", timeout=400)
+        except playwright.Error:
+            return False
+        return True
+
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+            page = browser.new_page()
+            page.goto(server.url + "/?poll=50#run/r")
+            page.wait_for_selector("#loss-chart")
+            assert polls(page)
+            page.evaluate("dispatchEvent(new PointerEvent('pointerdown', {pointerType: 'mouse'}))")
+            assert not polls(page)  # the slider held
+            page.evaluate("dispatchEvent(new PointerEvent('pointerup', {pointerType: 'mouse'}))")
+            assert polls(page)
+            page.evaluate("dispatchEvent(new PointerEvent('pointerdown', {pointerType: 'touch'}))")
+            page.evaluate("dispatchEvent(new PointerEvent('pointercancel', {pointerType: 'touch'}))")
+            assert polls(page)  # a touch pan ends in pointercancel
+            page.click("#x-axis")
+            assert not polls(page)  # the list open
+            page.keyboard.press("Escape")
+            assert polls(page)  # closed with Escape, the list still focused
+            page.click("#x-axis")
+            page.select_option("#x-axis", "epoch")  # an option picked: a change
+            page.wait_for_function("document.querySelector('#loss-chart').dataset.x === 'epoch'")
+            assert polls(page)
+            browser.close()
+    finally:
+        server.stop()

@@ -88,15 +88,16 @@ def _read_json(path: str) -> Any:
 
 
 def _read_yaml(path: str) -> Any:
-    """A run.yaml's mapping, or None; parsed again only when the file changed (its size, time or inode): the list of
-    many runs, polled each second, spent most of its time parsing recipes that had not changed."""
+    """A run.yaml's mapping, or None; parsed again only when the file changed (its size, times or inode): the list of
+    many runs, polled each second, spent most of its time parsing recipes that had not changed. The change time is in
+    the key: a file rewritten in place at the same size with its modification time put back has a new ctime."""
     import yaml
 
     try:
         info = os.stat(path)
     except OSError:
         return None
-    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
     with _LOGS_LOCK:
         cached = _RECIPES.get(path)
     if cached is not None and cached[0] == key:

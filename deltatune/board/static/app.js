@@ -85,14 +85,14 @@ function chart(title, series, id) {
     if (!s.points.length) return;
     const color = COLORS[i % COLORS.length];
     const w = settings.smoothing;
-    if (w > 0 && s.points.length > 2) {  // as TensorBoard: the raw curve faint behind the smoothed one
+    let pts = s.points;
+    if (w > 0) {  // every series, as TensorBoard (two points too): the raw curve faint behind the smoothed one
       svg.append(el("polyline", { points: line(s.points), fill: "none", stroke: color, "stroke-opacity": 0.25, "data-raw": s.label }));
       const ys = smooth(s.points.map(p => p[1]), w);
-      svg.append(el("polyline", { points: line(s.points.map((p, j) => [p[0], ys[j]])), fill: "none", stroke: color, "stroke-width": 2, "data-label": s.label }));
-      return;
+      pts = s.points.map((p, j) => [p[0], ys[j]]);
     }
-    svg.append(el("polyline", { points: line(s.points), fill: "none", stroke: color, "stroke-width": 2, "data-label": s.label }));
-    if (s.points.length < 40) s.points.forEach(p => svg.append(el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color })));
+    svg.append(el("polyline", { points: line(pts), fill: "none", stroke: color, "stroke-width": 2, "data-label": s.label }));
+    if (pts.length < 40) pts.forEach(p => svg.append(el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color })));
   });
   return svg;
 }
@@ -131,7 +131,11 @@ function controls() {
   slider.onchange = () => { save(); render(); };
   const axis = el("select", { id: "x-axis" }, ["step", "epoch"].map(k => el("option", { value: k }, k)));
   axis.value = settings.x;
-  axis.onchange = () => { settings.x = axis.value; save(); render(); };
+  // The list is open from a mousedown on it until a change, a blur, Escape or Enter (or CHOOSING_MS): polls wait.
+  axis.onmousedown = () => { choosing = Date.now(); };
+  axis.onblur = () => { choosing = 0; };
+  axis.onkeyup = e => { if (e.key === "Escape" || e.key === "Enter") choosing = 0; };  // (the open list eats keydown)
+  axis.onchange = () => { choosing = 0; settings.x = axis.value; save(); render(); };
   return el("p", { class: "controls" }, el("label", {}, "smoothing ", slider, " "), shown, el("label", {}, " x axis ", axis));
 }
 
@@ -290,13 +294,17 @@ async function render() {
   if (poll) timer = setTimeout(repoll, POLL_MS);
 }
 
-// A poll waits while the smoothing slider is held or the x axis list is open: redrawing would take them away.
-let holding = false;
+// A poll waits while the smoothing slider is held or the x axis list is open: redrawing would take them away. A
+// pointer is held until it is up or cancelled (a touch pan ends in pointercancel) or the window loses focus; the list
+// is open from a mousedown on it (controls()), never longer than CHOOSING_MS (a list closed on the option it showed
+// sends no event); a list that is only focused holds nothing.
+let holding = false, choosing = 0;
+const CHOOSING_MS = 15000;
 addEventListener("pointerdown", () => { holding = true; });
-addEventListener("pointerup", () => { holding = false; });
+for (const type of ["pointerup", "pointercancel", "blur"]) addEventListener(type, () => { holding = false; });
 function repoll() {
-  const a = document.activeElement;
-  if (holding || (a && a.tagName === "SELECT" && a.id === "x-axis")) timer = setTimeout(repoll, POLL_MS);
+  if (choosing && Date.now() - choosing > CHOOSING_MS) choosing = 0;
+  if (holding || choosing) timer = setTimeout(repoll, POLL_MS);
   else render();
 }
 
