@@ -180,13 +180,33 @@ class TrainableTokens(DeltaLayer):
         return torch.cat(parts).index_select(0, torch.cat(order).argsort())
 
     def _compute(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        W, base = self.weight_with(names), self.base_layer
+        """peft's lookup (or output projection) with E' (E with the adapters' rows written in). A lookup builds no E'
+        (a vocab-size copy per call): the base's lookup with the listed tokens' rows swapped in, equal to the bit in
+        values and gradients. An output projection builds it (logits bit-equal to peft's, which a separate product
+        for the listed columns is not)."""
+        base = self.base_layer
         if not isinstance(base, nn.Embedding):  # an output embedding (lm_head): its bias kept, unlike peft's
-            return F.linear(x, W, base.bias)
-        out = F.embedding(x, W, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            return F.linear(x, self.weight_with(names), base.bias)
+        plain = base.max_norm is None and not base.scale_grad_by_freq and not base.sparse
+        if plain and all(base.padding_idx not in self._rows(n)[0] for n in names):
+            out = self._swapped(x, F.embedding(x, base.weight, base.padding_idx), names)
+        else:  # max_norm renorms the looked-up rows, the others scale or route gradients by E''s rows: as peft
+            W = self.weight_with(names)
+            out = F.embedding(
+                x, W, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )
         if (scale := getattr(base, "embed_scale", None)) is not None:  # Gemma's scaled embedding, as peft
-            out = out * torch.as_tensor(scale, dtype=W.dtype, device=out.device).to(out.dtype)
+            out = out * torch.as_tensor(scale, dtype=out.dtype, device=out.device)
         return out
+
+    def _swapped(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``out`` (the base's lookup of ``x``) with each listed token's vector its adapter's row."""
+        ids = torch.tensor([i for n in names for i in self._rows(n)[0]], dtype=x.dtype, device=x.device)
+        rows = torch.cat([self._rows(n)[1] for n in names]).to(out)
+        ids, order = ids.sort()
+        at = torch.searchsorted(ids, x).clamp_(max=len(ids) - 1)
+        hit = ids[at] == x
+        return torch.where(hit.unsqueeze(-1), rows[order[at]], out)
 
     def _merge_weights(self, name: str) -> None:
         ids, rows, _ = self._rows(name)
