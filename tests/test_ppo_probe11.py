@@ -521,3 +521,23 @@ def test_trl_names_on_other_stages():
     assert cfg.align.max_new_tokens == 9 and ignored_keys(cfg) == []
     cfg = build({**RAW, "stage": "ppo", "align": {"ppo_epochs": 2, "num_ppo_epochs": 2, "kl_coef": 0.2}})
     assert (cfg.align.ppo_epochs, cfg.align.init_kl_coef) == (2, 0.2)
+
+
+def test_prepare_ppo_states_the_loops_mini_batch_and_checks_grad_accum(tmp_path):
+    """The report's PPO note states the mini-batch the loop uses (train.batch_size / num_mini_batches: HEAD stated
+    align.mini_batch_size, 4); an uneven train.grad_accum is refused by prepare_ppo, before any model loads."""
+    import json
+
+    from tiny import save_tiny, tokenizer
+
+    from deltatune.train.config import build
+    from deltatune.train.ppo import prepare_ppo
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me about the {w} cat"}) + "\n" for w in "abcdefgh"))
+    raw = {"stage": "ppo", "model": {"name_or_path": save_tiny(tmp_path / "llama")}, "data": {"train": str(prompts)},
+           "align": {"reward_model": "operator:add", "num_mini_batches": 4}}  # fmt: skip
+    notes = prepare_ppo(build({**raw, "train": {"batch_size": 8}}), tokenizer()).notes
+    assert notes[0].startswith("PPO: 4 epochs of mini-batches of 2 per batch of 8 rollouts")
+    with pytest.raises(ConfigError, match="train.grad_accum 4 does not divide PPO's mini-batch of 2 rollouts"):
+        prepare_ppo(build({**raw, "train": {"batch_size": 8, "grad_accum": 4}}), tokenizer())
