@@ -362,7 +362,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
     _validate_values(cfg)
-    validate_align(cfg.align, cfg.stage)
+    validate_align(cfg.align, cfg.stage, cfg.train.batch_size)
     if cfg.align.beta < 0 or (cfg.align.beta == 0 and cfg.stage != "grpo"):
         raise ConfigError(f"align.beta must be > 0 (>= 0 for grpo), got {cfg.align.beta}")
     cfg.method_config()  # the method section validates itself

@@ -77,7 +77,8 @@ def test_the_penalties_and_min_tokens_in_vllms_order_by_hand():
     # repetition first, over {4, 1, 2}: 3 -> 1.5, 2 -> 1, -1 -> -2; then 1: 1 - 1.25, 2: -2 - 0.75
     assert adjusted(logits, r, None, {0}).tolist() == [1.0, -0.25, -2.75, 0.5, 1.5, 1.0]
     r.frequency_penalty, r.presence_penalty, r.ignore_eos, r.min_tokens = -2.0, 0.0, True, 9  # negative: favoured
-    assert adjusted(logits, r, None, {0}).tolist() == [1.0, 5.0, 0.0, 0.5, 1.5, 1.0]  # ignore_eos: nothing masked
+    masked = [float("-inf"), 5.0, 0.0, 0.5, 1.5, 1.0]  # EOS masked under min_tokens even with ignore_eos, as vLLM
+    assert adjusted(logits, r, None, {0}).tolist() == masked
     assert torch.equal(logits, kept)
 
 
