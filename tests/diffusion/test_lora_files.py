@@ -122,13 +122,13 @@ def test_a_lora_for_another_architecture_is_refused_listing_its_keys(tmp_path):
     from safetensors.torch import save_file
 
     foreign = {
-        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32),
-        "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4),
-        "lora_unet_input_blocks_1_1_proj_in.alpha": torch.tensor(4.0),
+        "lora_unet_input_blocks_1_1_proj_nope.lora_down.weight": torch.zeros(4, 32),
+        "lora_unet_input_blocks_1_1_proj_nope.lora_up.weight": torch.zeros(32, 4),
+        "lora_unet_input_blocks_1_1_proj_nope.alpha": torch.tensor(4.0),
     }
     save_file(foreign, tmp_path / "sdxl.safetensors")
     model = dt.DeltaModel(tiny_unet())
-    with pytest.raises(dt.ConfigError, match=r"3 of 3 keys name no module .*lora_unet_input_blocks_1_1_proj_in"):
+    with pytest.raises(dt.ConfigError, match=r"3 of 3 keys name no module .*lora_unet_input_blocks_1_1_proj_nope"):
         dt.load_lora(model, tmp_path / "sdxl.safetensors")
     assert not model.peft_config and torch.equal(out(model), out(tiny_unet()))
     # diffusers-format keys for another model: the same refusal
