@@ -104,7 +104,7 @@ def _read_yaml(path: str) -> Any:
         return cached[1]
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            data = yaml.safe_load(fh)  # (parsed again only when the file changes: the cache above)
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict):
