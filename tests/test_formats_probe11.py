@@ -263,3 +263,121 @@ def test_a_folder_of_data_files_reads_as_one_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty is a folder holding no data file"):
         read_rows(str(tmp_path / "empty"))
+
+
+# -- review 11c: inspect's errors and columns, mixed files in kto/ppo, openai ranking rows, folders ---------------
+
+
+def _file(tmp_path, name: str, rows: list[dict]) -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_data_inspect_passes_a_row_error_through(tmp_path):
+    """A bad second row is named as it is (it was replaced by a false "stage kto does not read the alpaca format")."""
+    from deltatune.data.inspect import inspect
+
+    kto = _file(tmp_path, "kto.jsonl", [{"instruction": "Q", "output": "A", "label": True},
+                                        {"instruction": "Q2", "output": "A2", "label": "yes"}])  # fmt: skip
+    with pytest.raises(DataError, match=r"kto.jsonl:2: column 'label' must be true or false .*got 'yes'"):
+        inspect(kto, stage="kto")
+    conv = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
+    bad = [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]
+    ppo = _file(tmp_path, "ppo.jsonl", [{"conversations": conv}, {"conversations": bad}])
+    with pytest.raises(DataError, match=r"ppo.jsonl:2: conversations\[1\].from: unknown role='bot'"):
+        inspect(ppo, stage="ppo")
+    sft = _file(tmp_path, "sft.jsonl", [{"text": "Lemons grow in warm places."}])  # the first row's format: reworded
+    with pytest.raises(DataError, match=r"sft.jsonl: stage sft does not read the text format; it reads alpaca"):
+        inspect(sft, stage="sft")
+
+
+def test_data_inspect_maps_llamafactory_columns_before_detecting(tmp_path):
+    """{prompt: q, query: i, response: r} is an alpaca entry: inspect renders it for sft with its response (it
+    detected "prompt" on the raw columns and rendered a PPO prompt without the response)."""
+    from deltatune.data.inspect import inspect
+
+    path = _file(tmp_path, "lf.jsonl", [{"q": "Add the numbers.", "i": "4 and 5", "r": "9."}])
+    out = inspect(path, columns={"prompt": "q", "query": "i", "response": "r"})
+    assert "format: alpaca, detected from the rows" in out and "stage: sft" in out
+    assert "Add the numbers.\n4 and 5" in out and "[[9." in out
+
+
+@pytest.mark.parametrize(
+    "stage, rows",
+    [
+        (
+            "kto",
+            [{"instruction": "Q1", "output": "A1", "label": True}, {"messages": [_u("Q2"), _a("A2")], "label": 0}],
+        ),
+        (
+            "kto",
+            [{"prompt": "Q3", "completion": "A3", "label": True}, {"instruction": "Q1", "output": "A1", "label": 1}],
+        ),
+        ("ppo", [{"prompt": "Q"}, {"instruction": "Q1", "output": "A1"}]),
+        ("ppo", [{"prompt": "Q"}, {"messages": [_u("Q2"), _a("A2")]}]),
+        ("ppo", [{"instruction": "Q1", "output": "A1"}, {"conversations": [{"from": "human", "value": "Q"}]}]),
+    ],
+)
+def test_kto_and_ppo_refuse_a_file_that_mixes_formats(tmp_path, stage, rows):
+    """Every row was reshaped to unpaired / prompt before the one-format check, so mixed files passed (refused at
+    1a6bf35, as the docs say): the row's own format is compared with the first row's."""
+    with pytest.raises(
+        DataError, match=r"t.jsonl:2: this row is in the \w+ format .* but .*t.jsonl:1 began the file in"
+    ):
+        read_samples(_rows(tmp_path, rows), stage=stage)
+
+
+def test_kto_and_ppo_still_read_one_reshaped_format(tmp_path):
+    rows = [{"instruction": "Q1", "output": "A1", "label": True}, {"instruction": "Q2", "output": "A2", "label": 0}]
+    got = read_samples(_rows(tmp_path, rows), stage="kto")
+    assert [(s.format, s.messages, s.completion, s.label) for s in got] == [
+        ("unpaired", [_u("Q1")], [_a("A1")], True), ("unpaired", [_u("Q2")], [_a("A2")], False)]  # fmt: skip
+    got = read_samples(_rows(tmp_path, [{"instruction": "Q1"}, {"instruction": "Q2", "output": "A2"}]), stage="ppo")
+    assert [(s.format, s.messages) for s in got] == [("prompt", [_u("Q1")]), ("prompt", [_u("Q2")])]
+
+
+@pytest.mark.parametrize("data_format", ["openai", None])
+def test_openai_ranking_rows_read_by_dpo(tmp_path, data_format):
+    """LLaMA-Factory's OpenAIDatasetConverter reads {messages, chosen, rejected} of role/content (formatting openai,
+    ranking true); dpo refused them (openai) or named role 'user' unknown (detected)."""
+    conv = [{"role": "system", "content": "Be brief."}, _u("Name a fruit.")]
+    row = {"messages": conv, "chosen": _a("A lemon."), "rejected": _a("A stone.")}
+    s = read_samples(_rows(tmp_path, [row]), data_format=data_format, stage="dpo")[0]
+    assert (s.format, s.messages, s.chosen, s.rejected) == ("sharegpt_preference", conv, [_a("A lemon.")],
+                                                            [_a("A stone.")])  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"t.jsonl:1: chosen\[0\].role: unknown role='bot' \(known roles: 'system', 'user'"
+    ):
+        read_samples(_rows(tmp_path, [dict(row, chosen={"role": "bot", "content": "x"})]), data_format=data_format,
+                     stage="dpo")  # fmt: skip
+
+
+def test_a_folder_row_range_and_json_with_jsonl(tmp_path):
+    """folder[0:2] is its first two rows across its files (it fell through to a hub error); .json beside .jsonl is
+    one kind, as LLaMA-Factory reads both as json (refused)."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": f"a{i}"}) + "\n" for i in (1, 2)))
+    (folder / "b.json").write_text(json.dumps([{"text": "b1"}, {"text": "b2"}]))
+    rows = read_rows(str(folder))
+    assert [r.data["text"] for r in rows] == ["a1", "a2", "b1", "b2"]
+    assert [r.source.rsplit("/", 1)[1] for r in read_rows(f"{folder}[1:3]")] == ["a.jsonl:2", "b.json[0]"]
+    assert [r.data["text"] for r in read_rows(f"{folder}[-1:]")] == ["b2"]
+    from deltatune.data.load import data_path
+
+    assert data_path(f"{folder}[:640]") == str(folder)
+
+
+def test_format_note_names_the_given_format_and_the_reshaped_one(tmp_path):
+    """data.format=sharegpt in stage kto: the note said "unpaired (conversational), set by data.format"."""
+    from deltatune.data.encode import format_note
+
+    conv = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
+    got = read_samples(_rows(tmp_path, [{"conversations": conv, "label": True}]), data_format="sharegpt", stage="kto")
+    assert format_note(got, "sharegpt", "kto") == (
+        "data format: sharegpt, set by data.format; read by stage kto as unpaired (conversational)"
+    )
+    got = read_samples(_rows(tmp_path, [{"conversations": conv}]), data_format="sharegpt", stage="sft")
+    assert format_note(got, "sharegpt", "sft") == "data format: sharegpt (conversational), set by data.format"
+    assert format_note(got, None, "sft") == "data format: sharegpt (conversational), detected from the rows"

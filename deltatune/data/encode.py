@@ -253,10 +253,14 @@ def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tup
     return out
 
 
-def format_note(samples: Sequence[Sample], forced: bool) -> str:
-    """The report line naming the data format."""
+def format_note(samples: Sequence[Sample], forced: bool | str | None, stage: str | None = None) -> str:
+    """The report line naming the data format (``forced``: data.format, or whether it was given); a format the
+    stage reshaped (LLaMA-Factory's KTO and PPO rows) is named as given and as the stage reads it."""
     s = samples[0]
     shape = "" if s.format in ("text", "alpaca") else " (conversational)" if s.conversational else " (standard)"
+    given = "messages" if forced == "openai" else forced
+    if isinstance(given, str) and given != s.format and not given.startswith(s.format.split("_")[0]):
+        return f"data format: {forced}, set by data.format; read by stage {stage or 'this'} as {s.format}{shape}"
     how = "set by data.format" if forced else "detected from the rows"
     return f"data format: {s.format}{shape}, {how}"
 

@@ -178,27 +178,31 @@ def read_samples(
         c.setdefault("conversations", c.get("messages", "conversations"))
     t = {**SHAREGPT_TAGS, **(tags or {})}
     out: list[Sample] = []
-    first: tuple[str, str] | None = None
+    first: tuple[str, str, str] | None = None
     for row in rows:
         fmt = data_format or detect(row, c)
         if tags and fmt == "messages" and not data_format:  # role/content messages with tags: LLaMA-Factory's sharegpt
             fmt = "sharegpt"
-        if fmt in ("alpaca", "sharegpt") and _has(row, _col(c, "chosen")) and _has(row, _col(c, "rejected")):
-            fmt += "_preference"  # (LLaMA-Factory's formatting, forced, with its ranking rows)
+        ranking = _has(row, _col(c, "chosen")) and _has(row, _col(c, "rejected"))
+        if fmt in ("alpaca", "sharegpt", "messages") and ranking:
+            # (LLaMA-Factory's formatting, forced, with its ranking rows; openai's messages read as its converter)
+            fmt = "alpaca_preference" if fmt == "alpaca" else "sharegpt_preference"
         inner = _conversation_to_reshape(row, c, fmt, data_format, stage, tags)
+        written = inner or fmt  # the row's own format, before a stage reshapes it (one file holds one)
         if inner:
             fmt = "prompt" if stage == "ppo" and data_format != "unpaired" else "unpaired"
         if first is None:
-            first = (fmt, row.source)
+            first = (fmt, row.source, written)
             if stage and stage in STAGE_FORMATS and fmt not in STAGE_FORMATS[stage]:
-                raise DataError(
+                raise StageFormatError(
                     f"{row.source}: the data is in the {fmt} format ({FORMATS[fmt]}), which stage {stage} does not "
                     f"read; stage {stage} reads: {', '.join(STAGE_FORMATS[stage])}{_stage_hint(fmt, stage, c)}"
                 )
-        elif fmt != first[0]:
+        elif fmt != first[0] or written != first[2]:
+            was, now = (first[2], written) if written != first[2] else (first[0], fmt)
             raise DataError(
-                f"{row.source}: this row is in the {fmt} format ({FORMATS[fmt]}) but {first[1]} began the file in the "
-                f"{first[0]} format ({FORMATS[first[0]]}); one file holds one format"
+                f"{row.source}: this row is in the {now} format ({FORMATS[now]}) but {first[1]} began the file in the "
+                f"{was} format ({FORMATS[was]}); one file holds one format"
             )
         try:
             if not inner:
@@ -284,6 +288,10 @@ def _stage_hint(fmt: str, stage: str, c: dict[str, str]) -> str:
     if stage == "kto" and fmt in ("alpaca", "sharegpt", "messages"):
         return f" (or {fmt} rows with a {_col(c, 'label')!r} column: data.columns' label, LLaMA-Factory's kto_tag)"
     return " (stage pt trains on text, as TRL's SFT on a text dataset does)" if fmt == "text" else ""
+
+
+class StageFormatError(DataError):
+    """The file's first row is in a format the stage does not read (``data inspect`` words it for its options)."""
 
 
 class _BadPair(Exception):
@@ -481,12 +489,17 @@ def _preference_implicit(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sam
 
 
 def _sharegpt_preference(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
-    s = _sharegpt(row, c, t)
-    roles = _sharegpt_roles(t)
+    column = _col(c, "conversations") if _has(row, _col(c, "conversations")) else _col(c, "messages")
+    items = row.data.get(column)
+    head = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+    if t["role_tag"] not in head and "role" in head:  # OpenAI messages (LLaMA-Factory's openai ranking rows)
+        s, (role, content, roles) = _messages(row, c, t), ("role", "content", _MESSAGE_ROLES)
+    else:
+        s, (role, content, roles) = _sharegpt(row, c, t), (t["role_tag"], t["content_tag"], _sharegpt_roles(t))
     media = {"images": s.images, "videos": s.videos}
     for key in ("chosen", "rejected"):
         col = _col(c, key)
-        msgs = _message_list(row.get(col), row.source, col, t["role_tag"], t["content_tag"], roles, media, False)
+        msgs = _message_list(row.get(col), row.source, col, role, content, roles, media, False)
         setattr(s, key, msgs)
     s.format = "sharegpt_preference"
     return _pair_check(s, c)

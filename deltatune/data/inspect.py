@@ -7,7 +7,7 @@ and the first rows rendered as the stage renders them, with the trained tokens b
 from __future__ import annotations
 
 from ..config import ConfigError
-from .formats import FORMATS, STAGE_FORMATS, _stage_hint, detect, read_samples
+from .formats import FORMATS, STAGE_FORMATS, StageFormatError, _llamafactory_columns, _stage_hint, detect, read_samples
 from .load import DataError, Row, read_rows
 from .sample import refuse_multimodal
 from .templates import IGNORE_INDEX
@@ -57,7 +57,7 @@ def inspect(
     Raises:
         DataError: the file or a row is bad (file:line and field named), or the stage does not read the format.
     """
-    from .encode import choose_template, lm_example, prompt_ids, rendered, scored_example, sft_example
+    from .encode import choose_template, format_note, lm_example, prompt_ids, rendered, scored_example, sft_example
 
     if show < 0:
         raise ConfigError(f"--rows must be >= 0, got {show}")
@@ -75,24 +75,22 @@ def inspect(
     stage = stage or (None if data_format else column_stage(rows[0]))
     if stage in COLUMN_STAGES:
         return _labelled(path, rows, stage, model, max_length, show)
-    fmt = data_format or detect(rows[0], columns)
+    mapped = _llamafactory_columns(dict(columns or {}), rows, data_format)  # (LLaMA-Factory's keys, as training)
+    fmt = data_format or detect(rows[0], mapped)
     stage = stage or default_stage(fmt)
     skipped: list[str] = []
     try:  # (a format the stage reads only reshaped, as LLaMA-Factory's KTO and PPO rows, is read_samples' to tell)
         samples = read_samples(rows, columns, data_format, tags, stage, skipped)
-    except DataError:
-        if fmt not in STAGE_FORMATS[stage]:
-            raise DataError(
-                f"{path}: stage {stage} does not read the {fmt} format; it reads {', '.join(STAGE_FORMATS[stage])}"
-                + _stage_hint(fmt, stage, columns or {})
-            ) from None
-        raise
+    except StageFormatError:  # (the first row's format; a bad row's own error passes as it is)
+        raise DataError(
+            f"{path}: stage {stage} does not read the {fmt} format; it reads {', '.join(STAGE_FORMATS[stage])}"
+            + _stage_hint(fmt, stage, mapped)
+        ) from None
     fmt = samples[0].format
     refuse_multimodal(samples, stage)
-    shape = "" if fmt in ("text", "alpaca") else " (conversational)" if samples[0].conversational else " (standard)"
     lines = [
         f"file: {path}",
-        f"format: {fmt}{shape}, {'set by --format' if data_format else 'detected from the rows'}",
+        format_note(samples, data_format, stage).replace("data format:", "format:").replace("data.format", "--format"),
         f"rows: {len(samples) + len(skipped)}",
         f"stage: {stage}",
     ]

@@ -58,9 +58,10 @@ _RANGE = re.compile(r"(?P<path>.+?)\[(?P<range>[^\[\]]*)\]")
 
 
 def data_path(spec: str) -> str:
-    """The file or folder a data spec names: its row range (``train.jsonl[1000:2000]``) dropped."""
+    """The file or folder a data spec names: its row range (``train.jsonl[1000:2000]``, ``folder[:640]``) dropped."""
     ranged = _RANGE.fullmatch(spec)
-    if ranged and not os.path.exists(spec) and ranged["path"].lower().endswith(EXTENSIONS):
+    path = ranged and ranged["path"]
+    if path and not os.path.exists(spec) and (path.lower().endswith(EXTENSIONS) or os.path.isdir(path)):
         return ranged["path"]
     return spec
 
@@ -70,10 +71,11 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
 
     Args:
         spec: a path ending in .jsonl, .json, .csv, .tsv, .parquet or .txt, a folder of such files (all of one
-            kind, read in name order), or a datasets-hub name. A file path
-            may end in a row range, as the datasets hub's split slicing has it: ``train.jsonl[1000:2000]`` is rows
-            1000 to 1999 counted from 0 (blank lines not counted), a Python slice (either end may be left out or be
-            negative). Each row still names its own line of the file.
+            kind, .json and .jsonl counting as one, read in name order), or a datasets-hub name. A file or folder
+            path may end in a row range, as the datasets hub's split slicing has it: ``train.jsonl[1000:2000]`` is
+            rows 1000 to 1999 counted from 0 (blank lines not counted; a folder's rows counted across its files in
+            name order), a Python slice (either end may be left out or be negative). Each row still names its own
+            line of its file.
         text_column: the column name given to lines of a .txt file.
         limit: read at most this many rows (of the range, when one is given).
 
@@ -117,12 +119,13 @@ def folder_files(folder: str) -> list[str]:
 
 def _folder(folder: str, text_column: str, limit: int | None) -> list[Row]:
     """The rows of every data file in ``folder`` (not its sub-folders), in name order, each row naming its own file
-    and line: LLaMA-Factory's dataset_info.json ``file_name`` may name such a folder, its files all of one kind."""
+    and line: LLaMA-Factory's dataset_info.json ``file_name`` may name such a folder, its files all of one kind
+    (.json and .jsonl together)."""
     files = [os.path.basename(f) for f in folder_files(folder)]
     if not files:
         raise DataError(f"{folder} is a folder holding no data file ({', '.join(EXTENSIONS)}); give a data file")
     kinds = sorted({os.path.splitext(f)[1].lower() for f in files})
-    if len(kinds) > 1:
+    if len({k.replace(".jsonl", ".json") for k in kinds}) > 1:  # (.json, .jsonl: one kind, json to LLaMA-Factory)
         raise DataError(f"{folder}: a data folder holds files of one kind, this one {', '.join(kinds)}")
     rows: list[Row] = []
     for f in files:

@@ -84,7 +84,7 @@ def read_splits(cfg: RunConfig, tok, stage: str | None = None, pair_scorer: bool
         splits.append(samples)
     train, ev = splits
     template = choose_template(train + (ev or []), tok, d.template, stage, pair_scorer)
-    notes.insert(0, format_note(train, d.format is not None))
+    notes.insert(0, format_note(train, d.format, stage))
     for split, samples in (("train", train), ("eval", ev)):
         if samples:
             notes.append(first_row_note(split, samples[0], tok, template, stage))
