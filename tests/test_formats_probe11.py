@@ -381,3 +381,15 @@ def test_format_note_names_the_given_format_and_the_reshaped_one(tmp_path):
     got = read_samples(_rows(tmp_path, [{"conversations": conv}]), data_format="sharegpt", stage="sft")
     assert format_note(got, "sharegpt", "sft") == "data format: sharegpt (conversational), set by data.format"
     assert format_note(got, None, "sft") == "data format: sharegpt (conversational), detected from the rows"
+
+
+def test_ppo_reads_the_prompt_of_a_pair_whose_answer_is_empty(tmp_path):
+    """recipes/ppo.yaml as written (hh_rlhf, data.limit 256) failed "train.jsonl:76: column 'chosen' is empty":
+    PPO checked answers it never reads (review A). The preference stages still refuse the row."""
+    rows = [{"prompt": "Hi there", "chosen": "Hello.", "rejected": "Go."},
+            {"prompt": "Name a fruit", "chosen": "", "rejected": "A rock."}]  # fmt: skip
+    samples = read_samples(_rows(tmp_path, rows), stage="ppo")
+    assert [s.messages for s in samples] == [read_samples(_rows(tmp_path, [{"prompt": p}]), stage="ppo")[0].messages
+                                           for p in ("Hi there", "Name a fruit")]  # fmt: skip
+    with pytest.raises(DataError, match=r":2: column 'chosen' is empty"):
+        read_samples(_rows(tmp_path, rows), stage="dpo")

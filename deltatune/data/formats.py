@@ -212,10 +212,13 @@ def read_samples(
                     _unpaired_turn(_PARSERS[inner](row, c, t), row, c) if fmt == "unpaired" else _ppo(inner, row, c, t)
                 )
         except _BadPair as exc:
-            if skipped is None:
+            if stage == "ppo" and fmt == "preference":  # PPO reads the prompt alone: an empty answer is no fault
+                sample = _prompt(row, c, t)
+            elif skipped is None:
                 raise DataError(str(exc)) from None
-            skipped.append(row.source)
-            continue
+            else:
+                skipped.append(row.source)
+                continue
         _check(sample, stage)
         out.append(sample)
     return out
