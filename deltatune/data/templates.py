@@ -299,6 +299,8 @@ def _relocated(
     ``text``, they must part inside the generation prompt (DeepSeek-R1's and Nemotron 3's open a think block).
     ``glm``: GLM's template, which writes no end marker after a turn (any other template must write one)."""
     content = m["content"]
+    if not isinstance(content, str):  # a vision-language row's parts: their text is what the template writes of it
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     start = len(os.path.commonprefix([before, text]))
     if start < len(before) and start < len(os.path.commonprefix([before, plain()])):
         return None

@@ -214,3 +214,14 @@ def test_a_template_that_refuses_a_conversation_names_the_row_the_prompt_and_the
 
     with pytest.raises(DataError, match=rf"^g.jsonl:1: {why}$"):  # a GRPO prompt given as messages
         encode_prompts([Row({"prompt": MULTI_TURN[:2]}, "g.jsonl:1")], tok, "prompt", 64, "truncate")
+
+
+def test_an_earlier_turn_given_as_content_parts_is_relocated_as_its_text():
+    """A vision-language row's assistant content is a list of parts: where the generation prompt is no prefix of the
+    rendered turn, the relocation failed "'in <string>' requires string as left operand, not list"."""
+    from deltatune.data.templates import _relocated
+
+    text, before, through = "U: hi\nA: hello<end>\nU: more\n", "U: hi\nA: ", "U: hi\nA: hello<end>\n"
+    spans = [_relocated(text, before, through, {"role": "assistant", "content": c}, lambda: "U: hi\n")
+             for c in ("hello", [{"type": "text", "text": "hello"}])]  # fmt: skip
+    assert spans == [(len(before), len("U: hi\nA: hello<end>\n")), spans[0]]
