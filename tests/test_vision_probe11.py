@@ -358,15 +358,14 @@ def test_swiftformers_two_heads_train_in_full_and_equal_peft(tmp_path):
     assert (a.logits - plain.logits).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("kind", ["pp_lcnet", "imagegpt", "perceiver"])
+@pytest.mark.parametrize("kind", ["pp_lcnet", "perceiver"])
 def test_heads_named_otherwise_are_what_trains_in_full(kind):
     """The stage's head for models whose head is not ``classifier`` (was refused: "'classifier' matches no module");
     the module it names is the one ``ignore_mismatched_sizes`` re-initialises for new classes (out_features = 3)."""
-    from transformers import AutoModelForImageClassification, ImageGPTConfig, PerceiverConfig, PPLCNetConfig
+    from transformers import AutoModelForImageClassification, PerceiverConfig, PPLCNetConfig
 
     config = {
         "pp_lcnet": lambda: PPLCNetConfig(num_labels=3),
-        "imagegpt": lambda: ImageGPTConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=16, n_positions=16, num_labels=3),
         "perceiver": lambda: PerceiverConfig(num_latents=4, d_latents=32, d_model=16, num_blocks=1, image_size=8,
                                              num_self_attends_per_block=1, num_self_attention_heads=2,
                                              num_cross_attention_heads=1, num_labels=3),
@@ -386,3 +385,29 @@ def test_heads_named_otherwise_are_what_trains_in_full(kind):
     delta = dt.get_delta_model(model, dt.LoraConfig(target_modules=[some], modules_to_save=names))
     full = {n for n, p in delta.base_model.named_parameters() if p.requires_grad and "lora_" not in n}
     assert full and all(any(f".{h}." in f".{n}" for h in names) for n in full)
+
+
+def test_imagegpt_is_refused_in_one_line_before_any_example(tmp_path):
+    """fd87f18 let ImageGPT's ``score`` head through, and the run then failed at the first example with a KeyError
+    from deep inside: its image processor gives colour-cluster input_ids, which its classifier reads, not the
+    pixel_values the stage feeds (review E)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ImageGPTConfig, ImageGPTForImageClassification, ImageGPTImageProcessorPil
+
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+    from deltatune.train.image_cls import prepare_image_cls
+
+    config = ImageGPTConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=17, n_positions=16, num_labels=2)
+    ImageGPTForImageClassification(config).save_pretrained(tmp_path / "igpt")
+    clusters = np.random.default_rng(0).uniform(-1, 1, (16, 3))
+    processor = ImageGPTImageProcessorPil(clusters=clusters, size={"height": 4, "width": 4})
+    for c, colour in (("a", (40, 90, 200)), ("b", (200, 9, 9))):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "data" / c / "0.png")
+    cfg = build({"stage": "image_cls", "model": {"name_or_path": str(tmp_path / "igpt")},
+                 "method": {"name": "lora", "target_modules": ["c_attn"]}, "data": {"train": str(tmp_path / "data")}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"ImageGPT reads its image processor's colour-cluster input_ids") as info:
+        prepare_image_cls(cfg, processor=processor)
+    assert "\n" not in str(info.value) and "modules_to_save" not in cfg.method

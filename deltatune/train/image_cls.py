@@ -40,7 +40,6 @@ HEAD = "classifier"
 OTHER_HEADS = {
     "swiftformer": ["head", "dist_head"],
     "pp_lcnet": ["head"],
-    "imagegpt": ["score"],
     "perceiver": ["final_layer"],
 }
 """Image classifiers whose heads are named otherwise (SwiftFormer's logits: the mean of its two heads')."""
@@ -171,7 +170,7 @@ def heads(config) -> list[str]:
     """The new heads, trained in full: ``classifier``, and a LeViT-with-teacher checkpoint's ``classifier_distill``
     (AutoModelForImageClassification loads that class for it; its logits are the two heads' mean, so a head left out
     stays frozen at its random init for the new classes). DeiT's ``cls_classifier`` and ``distillation_classifier``
-    end with ``classifier``, which PEFT's modules_to_save matches. SwiftFormer's, PP-LCNet's, ImageGPT's and Perceiver's heads are
+    end with ``classifier``, which PEFT's modules_to_save matches. SwiftFormer's, PP-LCNet's and Perceiver's heads are
     named otherwise (``OTHER_HEADS``): ``classifier`` matched no module there, and the run was refused."""
     teacher = "LevitForImageClassificationWithTeacher" in (getattr(config, "architectures", None) or [])
     if getattr(config, "model_type", None) in OTHER_HEADS:
@@ -230,6 +229,10 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         _notes_converted(notes, "eval", check(eval_rows))
     if d.augment:
         notes.append(f"train-time augmentation: {', '.join(d.augment)}")
+    if getattr(_config(cfg), "model_type", None) == "imagegpt":  # (its forward refuses pixel_values)
+        raise ConfigError(f"model.name_or_path {cfg.model.name_or_path!r}: ImageGPT reads its image processor's "
+                          "colour-cluster input_ids, not pixel_values, which stage image_cls feeds; choose another "
+                          "image classifier")  # fmt: skip
     if "modules_to_save" not in cfg.method:
         cfg.method["modules_to_save"] = heads(_config(cfg))  # the new head trains in full, whatever the method
     n, last = len(names), {"names": names}
