@@ -111,6 +111,7 @@ def test_a_recipe_key_of_the_trainer_trains_as_the_trainer_does(files, tmp_path,
         ("completion_only_loss", True, "sft always trains on the response tokens only"),
         ("optim", "adamw_trch", "train.optim: unknown optimizer 'adamw_trch'; did you mean 'adamw_torch'?"),
         ("optim", "adamw", "train.optim: unknown optimizer 'adamw'; did you mean 'adamw_torch'?"),  # not grokadamw
+        ("optim", "adamw_torch_fuse", "did you mean 'adamw_torch_fused'?"),  # difflib's answer kept (review F)
         ("neftune_noise_alpha", 0, "train.neftune_noise_alpha must be > 0"),
         ("label_smoothing_factor", 1.0, "train.label_smoothing_factor must be in [0, 1)"),
     ],

@@ -411,7 +411,7 @@ def _validate_values(cfg: RunConfig) -> None:
         names = [o.value for o in OptimizerNames]
         if t.optim not in names:
             near = difflib.get_close_matches(t.optim, names, n=1, cutoff=0.6)
-            if t.optim.startswith("adamw") and "adamw_torch" in names:  # (grokadamw is the closest spelling)
+            if t.optim == "adamw" and "adamw_torch" in names:  # (grokadamw is the closest spelling)
                 near = ["adamw_torch"]
             raise ConfigError(f"train.optim: unknown optimizer {t.optim!r}" +
                               (f"; did you mean {near[0]!r}?" if near else f"; one of {', '.join(names)}"))  # fmt: skip
