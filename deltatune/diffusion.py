@@ -247,7 +247,7 @@ def set_adapters(
     adapter until set again; it changes no saved file, and ``combine_loras`` reads the unweighted updates.
 
     Raises:
-        ConfigError: a weight count that does not match, an adapter that is not a plain LoRA, or one merged into
+        ConfigError: a weight count that does not match, an adapter that is not a LoRA (DoRA is one), or one merged into
             the weights (unmerge first: a merged update cannot be re-weighted in place).
         ValueError: an unknown adapter name.
     """
@@ -263,7 +263,7 @@ def set_adapters(
     }
     weights = _weights("set_adapters", names, [1.0 if isinstance(w, dict) else w for w in weights])
     weights = [blocks.get(i, w) for i, w in enumerate(weights)]
-    configs = {name: _plain_lora(model, name) for name in names}
+    configs = {name: _plain_lora(model, name, dora=True) for name in names}
     layers = [(p, m) for p, m in model.get_base_model().named_modules() if isinstance(m, LORA_LAYERS)]
     merged = sorted({n for _, m in layers for n in m.merged_adapters} & set(names))
     if merged:
@@ -288,7 +288,7 @@ def fuse_lora(
     there, the scale stays multiplied until ``set_adapters`` sets it again.
 
     Raises:
-        ConfigError: a ``lora_scale`` that is not a finite number, or a named adapter that is not a plain LoRA;
+        ConfigError: a ``lora_scale`` that is not a finite number, or a named adapter that is not a LoRA (DoRA is);
             nothing changed then. What ``merge_adapter`` raises (the scales are restored then).
     """
     from .methods.lora import LORA_LAYERS
@@ -296,7 +296,7 @@ def fuse_lora(
     scale = _weights("fuse_lora", ["lora_scale"], [lora_scale])[0]
     names = model._check_names(model.active_adapters if adapter_names is None else adapter_names)
     for name in names:
-        _plain_lora(model, name)
+        _plain_lora(model, name, dora=True)
     layers = [m for _, m in model.get_base_model().named_modules() if isinstance(m, LORA_LAYERS)]
     before = [dict(layer.scaling) for layer in layers]
     for layer in layers:

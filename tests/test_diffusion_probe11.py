@@ -281,3 +281,37 @@ def test_a_dora_saved_in_diffusers_format_loads_in_diffusers_with_the_same_outpu
     from deltatune.train import t2i
 
     assert t2i._plain_lora(ours)  # a t2i run's folder gets the diffusers file too (it wrote none for a DoRA)
+
+
+def test_set_adapters_and_fuse_lora_take_a_dora_as_diffusers_does(tmp_path):
+    """diffusers' set_adapters (per block too) and fuse_lora(lora_scale) work on a DoRA; deltatune refused both
+    ("adapter 'a' is DoRA; kohya's files and this call take plain LoRA updates only")."""
+    from peft import LoraConfig
+
+    from deltatune.diffusion import fuse_lora, set_adapters
+
+    theirs = _sdxl_unet()
+    torch.manual_seed(3)
+    targets = ["to_q", "to_v", "conv1", "proj_in"]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=True, init_lora_weights=False)
+    theirs.add_adapter(config, adapter_name="a")
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.3)
+    theirs.save_lora_adapter(str(tmp_path / "dora"), adapter_name="a")
+    ours = load_lora(_sdxl_unet(), tmp_path / "dora", "a")
+    full = _out(theirs)
+    theirs.set_adapters(["a"], [BLOCKS])
+    set_adapters(ours, ["a"], [BLOCKS])
+    want = _out(theirs)
+    assert (want - full).abs().max() > 0.05
+    assert (_out(ours) - want).abs().max() < 1e-5
+    theirs.fuse_lora(lora_scale=0.5)
+    fuse_lora(ours, 0.5)
+    want = _out(theirs)
+    assert (want - full).abs().max() > 0.05
+    assert (_out(ours) - want).abs().max() < 1e-5
+    theirs.unfuse_lora()
+    ours.unmerge_adapter()
+    assert (_out(ours) - _out(theirs)).abs().max() < 1e-5
