@@ -315,3 +315,46 @@ def test_set_adapters_and_fuse_lora_take_a_dora_as_diffusers_does(tmp_path):
     theirs.unfuse_lora()
     ours.unmerge_adapter()
     assert (_out(ours) - _out(theirs)).abs().max() < 1e-5
+
+
+def test_a_t2i_dora_runs_folder_gets_the_diffusers_file_with_its_magnitudes(tmp_path):
+    """The t2i processor's save_pretrained (what a run's folder gets) wrote no pytorch_lora_weights.safetensors for
+    a DoRA before 30a0c25; now it holds the lora_magnitude_vector keys and loads in diffusers with the same outputs."""
+    import json
+
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file
+    from tiny import tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from deltatune.train import t2i
+
+    root = tmp_path / "sd"
+    _sdxl_unet().save_pretrained(root / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(root / "scheduler")
+    tok = tokenizer()
+    tok.model_max_length = 32
+    CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                       num_attention_heads=4, max_position_embeddings=32, pad_token_id=tok.pad_token_id)
+    ).save_pretrained(root / "text_encoder")  # fmt: skip
+    tok.save_pretrained(root / "tokenizer")
+    components = {"unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", type(tok).__name__]}  # fmt: skip
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", **components}))
+    processor = t2i.T2IProcessor(str(root))
+    torch.manual_seed(6)
+    config = dt.LoraConfig(r=2, lora_alpha=3, target_modules=["to_k", "conv1"], use_dora=True, init_lora_weights=False)
+    processor.denoiser = dt.get_delta_model(t2i.load_denoiser(str(root)), config).eval()
+    with torch.no_grad():
+        for name, p in processor.denoiser.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.8)
+    processor.save_pretrained(str(tmp_path / "run"))
+    keys = list(load_file(tmp_path / "run" / WEIGHT_NAME))
+    assert any(k.startswith("unet.") and "lora_magnitude_vector" in k for k in keys), keys[:4]
+    theirs = _sdxl_unet()
+    theirs.load_lora_adapter(str(tmp_path / "run"), prefix="unet", weight_name=WEIGHT_NAME)
+    want = _out(processor.denoiser)
+    assert (want - _out(_sdxl_unet())).abs().max() > 0.05
+    assert (_out(theirs) - want).abs().max() < 1e-5
