@@ -367,5 +367,9 @@ def collate_vlm(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
             # image vary, Pixtral's (Mistral 3's) image heights and widths (padded below and to the right)
             most = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
             pads = [[x for d, m in reversed(list(enumerate(most, 1))) for x in (0, m - p.shape[d])] for p in parts]
-            out[key] = torch.cat([torch.nn.functional.pad(p, pad) if any(pad) else p for p, pad in zip(parts, pads)])
+            padded = [torch.nn.functional.pad(p, pad) if any(pad) else p for p, pad in zip(parts, pads)]
+            if key == "aspect_ratio_mask":  # mllama's padded image keeps tile 0 (its processor's batch)
+                for p, q in zip(parts, padded):
+                    q[:, p.shape[1] :, 0] = 1
+            out[key] = torch.cat(padded)
     return out
