@@ -174,3 +174,19 @@ def test_a_run_resumed_at_an_epochs_last_step_trains_on_as_the_uninterrupted_run
     for other in (resumed, tmp_path / "no_eval"):
         b = load_file(str(other / "adapter_model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), other.name
+
+
+def test_save_total_limit_null_keeps_every_checkpoint(tmp_path):
+    """train.save_total_limit: null (the Trainer's default: keep every checkpoint) was refused "must be int"; PPO's
+    and GRPO's rotation keep every one too."""
+    from deltatune.train.ppo_checkpoint import rotate
+
+    assert build({"train": {"save_total_limit": None}}).train.save_total_limit is None
+    with pytest.raises(ConfigError, match=r"^train.save_total_limit must be >= 1"):
+        build({"train": {"save_total_limit": 0}})
+    for step in (1, 2, 3):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    rotate(str(tmp_path), None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    rotate(str(tmp_path), 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]

@@ -121,7 +121,7 @@ class TrainArgs:
     logging_steps: int = _f(10, "Log loss and learning rate every N steps.")
     eval_steps: int | None = _f(None, "Evaluate data.eval every N steps (default: at the end of each epoch).")
     save_steps: int | None = _f(None, "Checkpoint every N steps (default: at the end of each epoch).")
-    save_total_limit: int = _f(2, "Keep the last K checkpoints.")
+    save_total_limit: int | None = _f(2, "Keep the last K checkpoints (null: keep every one, the Trainer's default).")
     report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     generation_max_new_tokens: int = _f(64, "seq2seq eval: tokens to generate per example.")
@@ -391,12 +391,13 @@ def _validate_values(cfg: RunConfig) -> None:
     if t.scheduler in ON_EVAL and (not d.eval or cfg.stage in ("ppo", "grpo")):
         raise ConfigError(f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage "
                           "the Trainer runs (not ppo or grpo)")  # fmt: skip
-    for key in ("logging_steps", "save_total_limit", "generation_max_new_tokens"):
+    for key in ("logging_steps", "generation_max_new_tokens"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_steps", "save_steps", "eval_batch_size"):
+    for key in ("eval_steps", "save_steps", "eval_batch_size", "save_total_limit"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1 (or null for the default), got {getattr(t, key)}")
+            null = "keep every checkpoint" if key == "save_total_limit" else "the default"
+            raise ConfigError(f"train.{key} must be >= 1 (or null: {null}), got {getattr(t, key)}")
     for key in ("num_workers", "warmup_steps", "weight_decay", "max_grad_norm", "snr_gamma"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")

@@ -472,7 +472,9 @@ def train_grpo(
     return metrics, history
 
 
-def _save_checkpoint(out: str, step: int, loop: GRPOLoop, g: torch.Generator, history, order, metrics, keep: int):
+def _save_checkpoint(
+    out: str, step: int, loop: GRPOLoop, g: torch.Generator, history, order, metrics, keep: int | None
+):
     """``checkpoint-<step>/``: the adapter, and the optimizer, scheduler, RNG and history to resume from; written to a
     staging folder and renamed into place, so a checkpoint folder is complete or absent."""
     final = os.path.join(out, f"checkpoint-{step}")

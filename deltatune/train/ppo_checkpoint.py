@@ -27,7 +27,13 @@ PREFIX = "checkpoint-"
 
 
 def save(
-    out: str, step: int, loop, generator: torch.Generator, order: list[int], history: list[dict[str, Any]], keep: int
+    out: str,
+    step: int,
+    loop,
+    generator: torch.Generator,
+    order: list[int],
+    history: list[dict[str, Any]],
+    keep: int | None,
 ) -> str:
     """Write ``<out>/checkpoint-<step>`` for ``loop`` (a PPOLoop) and keep the newest ``keep`` checkpoints."""
     from safetensors.torch import save_file
@@ -68,8 +74,10 @@ def save(
     return final
 
 
-def rotate(out: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (PPO's and GRPO's)."""
+def rotate(out: str, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders of ``out`` (PPO's and GRPO's; None: none)."""
+    if keep is None:
+        return
     steps = sorted(
         (int(n[len(PREFIX) :]), n) for n in os.listdir(out) if n.startswith(PREFIX) and n[len(PREFIX) :].isdecimal()
     )  # (isdecimal: "checkpoint-²" is a digit to isdigit, not to int)
