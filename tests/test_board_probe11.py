@@ -426,3 +426,43 @@ def test_polls_pause_only_while_the_slider_is_held_or_the_x_axis_list_is_open(tm
             browser.close()
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Chromium")
+def test_a_poll_answering_after_the_list_opened_does_not_rebuild_it(tmp_path):
+    """A poll already asked when the x axis list was opened drew its answer anyway: the controls were rebuilt under
+    the pointer and the list closed (a loaded machine's CI run met it). Such an answer is dropped now; the list stays
+    the same element, and the polls go on once it closes."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from serving import Server
+
+    write_run(tmp_path, "r", [{"loss": 1 / s, "epoch": s / 4, "step": s} for s in range(1, 9)])
+    server = Server(create_app(str(tmp_path)))
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+    slow = """const f = window.fetch; window.fetch = (...a) => new Promise(r => setTimeout(() => r(f(...a)),
+              String(a[0]).includes("/api/run?") && window.slowRuns ? 1500 : 0));"""  # a run's answer 1.5 s late
+
+    def rendered(page) -> str:
+        return page.evaluate("document.body.dataset.rendered")
+
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+            page = browser.new_page()
+            page.add_init_script(slow)
+            page.goto(server.url + "/?poll=1000#run/r")
+            page.wait_for_selector("#x-axis")
+            page.evaluate("window.slowRuns = true")
+            before = rendered(page)
+            page.wait_for_function(f"document.body.dataset.rendered !== {json.dumps(before)}", timeout=8000)
+            drawn = rendered(page)  # a render just landed: the next poll asks in 1 s and is answered 1.5 s later
+            page.evaluate("window.list = document.querySelector('#x-axis')")
+            page.wait_for_timeout(1300)  # that poll under way
+            page.click("#x-axis")
+            page.wait_for_timeout(2500)  # its answer has come
+            assert rendered(page) == drawn and page.evaluate("document.querySelector('#x-axis') === window.list")
+            page.keyboard.press("Escape")
+            page.wait_for_function(f"document.body.dataset.rendered !== {json.dumps(drawn)}", timeout=8000)
+            browser.close()
+    finally:
+        server.stop()

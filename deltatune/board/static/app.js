@@ -185,6 +185,7 @@ async function viewRun(view, name) {
   const metrics = el("table", { id: "metrics-table" }, el("tr", {}, el("th", {}, "metric"), el("th", {}, "value")),
     Object.entries(r.all_metrics).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, fmt(v)))));
   const trainable = r.trainable_params === null ? "trainable parameters: when saved" : `${fmt(r.trainable_params)} trainable parameters`;
+  if (held()) return;
   view.replaceChildren(el("div", {},
     el("h2", {}, `Run ${r.name} `, el("span", { class: `status-${r.status}`, id: "run-status" }, r.status)),
     r.reason ? el("p", { class: "error", id: "run-reason" }, r.reason) : null,
@@ -225,6 +226,7 @@ async function viewCompare(view, names) {
     differing.map(k => el("tr", {}, el("td", {}, k), flat.map(f => el("td", { class: "changed" }, f[k] ?? "")))));
   const losses = runs.map(r => ({ label: `${r.name} loss`, points: seriesOf(r.history, "loss") }));
   const evals = runs.map(r => ({ label: `${r.name} eval loss`, points: seriesOf(r.history, "eval_loss") }));
+  if (held()) return;
   view.replaceChildren(el("div", {}, el("h2", {}, `Compare ${runs.length} runs`), gone, metrics, controls(),
     el("h3", {}, "Training loss"), legend(losses), chart("train loss", losses, "compare-loss"),
     el("h3", {}, "Eval loss"), legend(evals), chart("eval loss", evals, "compare-eval"),
@@ -276,8 +278,10 @@ async function viewPlay(view) {
 }
 
 // -- routing --------------------------------------------------------------------------------------------
-async function render() {
+async function render(polled = false) {
   clearTimeout(timer);
+  polling = polled === true;
+  dropped = false;
   const view = document.getElementById("view");
   const [page, arg] = (location.hash.slice(1) || "runs").split(/\/(.*)/s);
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.id === `nav-${page === "run" ? "runs" : page}`);
@@ -290,7 +294,7 @@ async function render() {
   } catch (e) {
     view.replaceChildren(el("p", { class: "error" }, e.message));
   }
-  document.body.dataset.rendered = String(Date.now());
+  if (!dropped) document.body.dataset.rendered = String(Date.now());
   if (poll) timer = setTimeout(repoll, POLL_MS);
 }
 
@@ -298,14 +302,20 @@ async function render() {
 // pointer is held until it is up or cancelled (a touch pan ends in pointercancel) or the window loses focus; the list
 // is open from a mousedown on it (controls()), never longer than CHOOSING_MS (a list closed on the option it showed
 // sends no event); a list that is only focused holds nothing.
-let holding = false, choosing = 0;
+let holding = false, choosing = 0, polling = false, dropped = false;
 const CHOOSING_MS = 15000;
+// A poll's answer that lands after the slider was grabbed or the list opened is dropped (a later poll draws): drawing
+// it would rebuild the controls under the pointer and close the list.
+function held() {
+  dropped = polling && Boolean(holding || choosing);
+  return dropped;
+}
 addEventListener("pointerdown", () => { holding = true; });
 for (const type of ["pointerup", "pointercancel", "blur"]) addEventListener(type, () => { holding = false; });
 function repoll() {
   if (choosing && Date.now() - choosing > CHOOSING_MS) choosing = 0;
   if (holding || choosing) timer = setTimeout(repoll, POLL_MS);
-  else render();
+  else render(true);
 }
 
 window.addEventListener("hashchange", render);
