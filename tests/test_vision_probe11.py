@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+from test_vision_probe7 import CAPTIONS, _rows  # noqa: E402  (the caption rows of probe 7's families)
 from tiny_vlm import _LLAMA, word_tokenizer  # noqa: E402
 from tolerances import ATOL  # noqa: E402
 
@@ -32,7 +33,6 @@ from deltatune.data.images import collate as collate_images  # noqa: E402
 from deltatune.train import caption as C  # noqa: E402
 from deltatune.train.image_cls import heads  # noqa: E402
 
-CAPTIONS = ["a handwritten seven", "a thin two strokes"]
 MLLAMA = ["<|image|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # Llama 3.2 Vision Instruct's chat template, shortened to what a caption row uses (no system turn, no dates)
 MLLAMA_TEMPLATE = (
@@ -147,18 +147,6 @@ FAMILIES = {
     "aya_vision": (aya_vision, [(32, 32), (16, 32)]),
 }
 ENDS = {"mllama": "<|eot_id|>", "qwen2_5_vl": "<|im_end|>", "aya_vision": "</s>"}
-
-
-def _rows(tmp_path, sizes) -> list[C.VLMExample]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i, (size, caption) in enumerate(zip(sizes, CAPTIONS)):
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
-        user = {"role": "user", "content": f"<image>\n{C.CAPTION_PROMPT}"}
-        out.append(C.VLMExample(f"c.jsonl:{i + 1}", [ImageRow(str(path), None, f"c.jsonl:{i + 1}")],
-                                [user, {"role": "assistant", "content": caption}]))  # fmt: skip
-    return out
 
 
 def _batch_and_reference(processor, examples):
