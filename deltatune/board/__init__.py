@@ -45,6 +45,7 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
         serve_url = serve_url.rstrip("/").removesuffix("/v1")
     if serve_app is not None:
         app.mount("/serve", serve_app)
+    app.add_middleware(_Head)
     playground = "/serve/v1" if serve_app is not None else "/api/serve/v1" if serve_url else None
 
     @app.middleware("http")
@@ -103,6 +104,27 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
             return Response(content, status_code=status, media_type="application/json")
 
     return app
+
+
+class _Head:
+    """HEAD answered as GET without the body (curl -I, a monitor's check, a browser's probe got 405): the route's own
+    status and headers, Content-Length included, as HTTP says (RFC 9110, 9.3.2)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # the rest of the body follows: nothing is sent until the last part
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def _forward(url: str, key: str | None, method: str, path: str, body: bytes) -> tuple[int, bytes]:

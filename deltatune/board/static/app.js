@@ -12,7 +12,10 @@ let config = { playground: null };
 const settings = { smoothing: 0.6, x: "step" };
 try { Object.assign(settings, JSON.parse(localStorage.getItem("deltatune-board") || "{}")); } catch (e) { /* none */ }
 settings.smoothing = Math.min(0.999, Math.max(0, Number(settings.smoothing) || 0));  // a stored value gone odd
-if (settings.x !== "epoch") settings.x = "step";
+// TensorBoard's x axes (step, relative, wall) and the epoch; relative and wall read each log row's wall_time (seconds
+// since 1970, written by the trainer's log since session 48; an older log has none, and its charts say so).
+const AXES = ["step", "epoch", "relative", "wall"];
+if (!AXES.includes(settings.x)) settings.x = "step";
 
 function el(tag, attrs, ...children) {
   const node = tag === "svg" || ["path", "line", "text", "g", "polyline", "circle"].includes(tag)
@@ -61,7 +64,8 @@ function chart(title, series, id) {
   const svg = el("svg", { width: W, height: H, class: "chart", id: id || "", "data-points": String(all.length), "data-x": settings.x });
   svg.append(el("text", { x: L, y: 15 }, title));
   if (!all.length) {
-    svg.append(el("text", { x: W / 2 - 40, y: H / 2 }, "no points yet"));
+    const none = settings.x === "relative" || settings.x === "wall" ? "no log rows with a time (an older log)" : "no points yet";
+    svg.append(el("text", { x: W / 2 - 40, y: H / 2 }, none));
     return svg;
   }
   // A loop: spreading 150,000 points into Math.min overflows the call stack.
@@ -78,7 +82,7 @@ function chart(title, series, id) {
     const y = y0 + t * (y1 - y0), x = x0 + t * (x1 - x0);
     svg.append(el("text", { x: 2, y: sy(y) + 4 }, y.toPrecision(3)));
     const anchor = ["start", "middle", "end"][t * 2];  // the last tick's label ends at the axis, inside the chart
-    svg.append(el("text", { x: sx(x), y: H - 10, "text-anchor": anchor }, x1 - x0 < 10 ? +x.toFixed(2) : Math.round(x)));
+    svg.append(el("text", { x: sx(x), y: H - 10, "text-anchor": anchor }, tick(x, x1 - x0)));
   }
   const line = pts => pts.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
   series.forEach((s, i) => {
@@ -92,9 +96,25 @@ function chart(title, series, id) {
       pts = s.points.map((p, j) => [p[0], ys[j]]);
     }
     svg.append(el("polyline", { points: line(pts), fill: "none", stroke: color, "stroke-width": 2, "data-label": s.label }));
-    if (pts.length < 40) pts.forEach(p => svg.append(el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color })));
+    // A line of one point is invisible: TensorBoard draws it as a dot (radius 4), and draws no dots on longer lines.
+    if (pts.length === 1) svg.append(el("circle", { cx: sx(pts[0][0]), cy: sy(pts[0][1]), r: 4, fill: color, "data-dot": s.label }));
   });
   return svg;
+}
+
+// An x tick's label: seconds as a duration on the relative axis, a clock time (with the date past a day) on the wall
+// axis, else the number.
+function tick(x, span) {
+  if (settings.x === "relative") {
+    const a = Math.abs(x);
+    return a < 120 ? `${+x.toFixed(1)} s` : a < 7200 ? `${+(x / 60).toFixed(1)} min` : `${+(x / 3600).toFixed(1)} h`;
+  }
+  if (settings.x === "wall") {
+    const d = new Date(x * 1000), pad = n => String(n).padStart(2, "0");
+    const clock = `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+    return span > 86400 ? `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${clock}` : clock;
+  }
+  return span < 10 ? +x.toFixed(2) : Math.round(x);
 }
 
 function legend(series) {
@@ -102,10 +122,13 @@ function legend(series) {
     series.map((s, i) => el("span", {}, el("i", { style: `background:${COLORS[i % COLORS.length]}` }), s.label)));
 }
 
-// The x axis is the setting's (step or epoch); a row without it is left out.
+// The x axis is the setting's: step, epoch, wall (the row's wall_time) or relative (seconds since the run's first
+// row with a time, as TensorBoard's relative axis counts from a run's first point); a row without it is left out.
 function seriesOf(history, key) {
-  const x = settings.x;
-  return history.filter(h => typeof h[key] === "number" && typeof h[x] === "number").map(h => [h[x], h[key]]);
+  const x = settings.x === "relative" || settings.x === "wall" ? "wall_time" : settings.x;
+  const first = history.find(h => typeof h.wall_time === "number");
+  const t0 = settings.x === "relative" && first ? first.wall_time : 0;
+  return history.filter(h => typeof h[key] === "number" && typeof h[x] === "number").map(h => [h[x] - t0, h[key]]);
 }
 
 // Every scalar the log holds, as TensorBoard shows every tag: the learning rate and grad norm first, then the rest
@@ -113,7 +136,7 @@ function seriesOf(history, key) {
 function metricKeys(history) {
   const keys = new Set();
   for (const h of history) for (const [k, v] of Object.entries(h)) {
-    if (typeof v === "number" && !/^(step|epoch)$|runtime|per_second|total_flos|num_tokens|_steps$/.test(k)) keys.add(k);
+    if (typeof v === "number" && !/^(step|epoch|wall_time)$|runtime|per_second|total_flos|num_tokens|_steps$/.test(k)) keys.add(k);
   }
   const first = ["learning_rate", "grad_norm"].filter(k => keys.has(k));
   return [...first, ...[...keys].filter(k => !first.includes(k)).sort()];
@@ -129,7 +152,7 @@ function controls() {
   const shown = el("span", { id: "smoothing-value" }, settings.smoothing.toFixed(3));
   slider.oninput = () => { settings.smoothing = Number(slider.value); shown.textContent = settings.smoothing.toFixed(3); };
   slider.onchange = () => { save(); render(); };
-  const axis = el("select", { id: "x-axis" }, ["step", "epoch"].map(k => el("option", { value: k }, k)));
+  const axis = el("select", { id: "x-axis" }, AXES.map(k => el("option", { value: k }, k)));
   axis.value = settings.x;
   // The list is open from a mousedown on it until a change, a blur, Escape or Enter (or CHOOSING_MS): polls wait.
   axis.onmousedown = () => { choosing = Date.now(); };
