@@ -426,6 +426,7 @@ def load_pipeline_loras(
             )
     encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     on_denoiser = [i for i, found in enumerate(parts) if "denoiser" in found or not found & set(encoders)]
+    warned = set(on_denoiser)  # a file's dropped dora_scale keys are named once, by its first part loaded
     try:
         for i in on_denoiser:  # a file with text-encoder keys names its denoiser's part by prefix
             load_loras(model, [paths[i]], [weights[i]], [names[i]], prefix if parts[i] != {"denoiser"} else None)
@@ -435,7 +436,8 @@ def load_pipeline_loras(
         for part in encoders:
             on = [i for i, found in enumerate(parts) if part in found]
             for i in on:
-                encoders[part] = load_lora(encoders[part], paths[i], names[i], part)
+                encoders[part] = load_lora(encoders[part], paths[i], names[i], part, _warn=i not in warned)
+                warned.add(i)
             if on:
                 own = ["default"] if "default" in encoders[part].peft_config else []
                 chosen = [weights[i] for i in on]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -41,8 +42,8 @@ _KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "
 _OLD_LAYOUT = re.compile(r"(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 """diffusers' attention-processor layout (before 0.21; its converters read it still): ``<attention>.processor.to_q_lora
 .down.weight`` for a UNet, ``<self_attn>.to_q_lora.down.weight`` for a CLIP text encoder."""
-_NOT_LORA = re.compile(r"dora_scale|magnitude_vector|hada_|lokr_|lora_mid|\.diff(_b)?$|(_B|[._]up|layer\.up)\.bias$")
-"""Keys of DoRA, LyCORIS (LoHa, LoKr, Tucker's mid), full weight differences and LoRA biases (peft's
+_NOT_LORA = re.compile(r"magnitude_vector|hada_|lokr_|lora_mid|\.diff(_b)?$|(_B|[._]up|layer\.up)\.bias$")
+"""Keys of peft's DoRA outside a component, LyCORIS (LoHa, LoKr, Tucker's mid), full weight differences and LoRA biases (peft's
 ``lora_bias``, ``lora_B.bias``): no plain LoRA's."""
 _CLIP_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
@@ -210,13 +211,17 @@ def load_lora(
     adapter_name: str = "default",
     prefix: str | None = None,
     is_trainable: bool = False,
+    *,
+    _warn: bool = True,
 ) -> DeltaModel:
     """Load a diffusers- or kohya-format LoRA file (or folder) into ``model`` as ``adapter_name``.
 
     ``model`` is a DeltaModel or a plain denoiser / text encoder (wrapped then). ``prefix`` picks a component's
     keys (``unet``, ``transformer``, ``text_encoder``, SDXL's ``text_encoder_2``: kohya's ``lora_te1_`` and
     ``lora_te2_`` are these two); None takes the keys whose path fits the model. Ranks and alphas are read per module
-    (kohya's ``.alpha``; diffusers' metadata, else alpha = rank).
+    (kohya's ``.alpha``; diffusers' metadata, else alpha = rank). Keys holding ``dora_scale`` (kohya's DoRA) are
+    dropped with one warning naming them, and the rest loads as a plain LoRA, as diffusers' ``load_lora_weights``
+    does (``_warn=False``: no warning, for a file whose other components warned already).
 
     Raises:
         ConfigError: the file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
@@ -226,6 +231,7 @@ def load_lora(
     from .methods.lora import LoraConfig
 
     tensors, metadata = read_lora_file(path)
+    tensors = drop_dora_scale(tensors, path, _warn)
     delta = model if isinstance(model, DeltaModel) else DeltaModel(model)
     base = delta.get_base_model()
     modules, unmatched, kind = _split(tensors, prefix, base, os.fspath(path))
@@ -281,6 +287,20 @@ def load_lora(
             state[f"{KEY_PREFIX}{p}.lora_magnitude_vector"] = m["m"]
     delta.add_adapter(adapter_name, config, _tensors=state, _source=os.fspath(path))
     return delta
+
+
+def drop_dora_scale(tensors: dict[str, torch.Tensor], path: Any, warn: bool = True) -> dict[str, torch.Tensor]:
+    """``tensors`` without the keys holding ``dora_scale``, which diffusers' ``lora_state_dict`` filters out with a
+    warning ("a DoRA checkpoint that is not compatible"): the LoRA loads without DoRA's magnitudes, as there."""
+    dropped = sorted(k for k in tensors if "dora_scale" in k)
+    if dropped and warn:
+        shown = ", ".join(dropped[:3]) + (f" (and {len(dropped) - 3} more)" if len(dropped) > 3 else "")
+        warnings.warn(
+            f"{os.fspath(path)}: {len(dropped)} dora_scale keys dropped ({shown}): DoRA's magnitudes are not loaded, "
+            "the file loads as a plain LoRA, as diffusers' load_lora_weights loads it",
+            stacklevel=3,
+        )
+    return {k: v for k, v in tensors.items() if "dora_scale" not in k} if dropped else tensors
 
 
 def _metadata(metadata: dict[str, str], prefix: str | None) -> dict[str, Any]:
