@@ -242,8 +242,11 @@ def set_peft_model_state_dict(
 
     As peft's, the load is not strict: a tensor the adapter does not have is left out and an adapter tensor the dict
     lacks keeps its value; both are named in the returned ``_IncompatibleKeys`` (torch's, as peft's:
-    ``unexpected_keys`` as given, ``missing_keys`` the adapter's keys as ``get_peft_model_state_dict`` names them; peft's
-    also lists every base model weight) and in a warning. ``ignore_mismatched_sizes=True`` (peft's) keeps the adapter's
+    ``unexpected_keys`` as given, ``missing_keys`` the adapter's parameters by their names in the model, adapter name
+    included, as peft's: ``base_model.model.<path>.lora_A.default.weight``) and in a warning. peft's ``missing_keys``
+    also lists every base weight and every other adapter's tensors, which a state dict for one adapter never holds and
+    which peft's own ``load_adapter`` and transformers filter out (``"lora_" in k and adapter_name in k``); they are
+    left out here on purpose. ``ignore_mismatched_sizes=True`` (peft's) keeps the adapter's
     own value for each tensor of another shape, with a warning naming it; without it a shape that differs is refused
     (AdapterLoadError) and the model is unchanged. ``low_cpu_mem_usage`` is accepted (the adapter's tensors exist).
     """
@@ -274,15 +277,35 @@ def set_peft_model_state_dict(
                 tensors[key] = expected[key].detach().clone()
     with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
         import_tensors(model, adapter_name, tensors, "state dict")
-    missing = [k.removeprefix(prefix) if strip else k for k in missing]
     if missing or unexpected:
+        first = missing[0].removeprefix(prefix) if strip and missing else (missing or [""])[0]
         warnings.warn(
             f"set_peft_model_state_dict (adapter {adapter_name!r}): {len(unexpected)} unexpected key(s) left out"
             f"{f' (first {unexpected[0]!r})' if unexpected else ''}, {len(missing)} adapter tensor(s) missing, kept as "
-            f"they were{f' (first {missing[0]!r})' if missing else ''}",
+            f"they were{f' (first {first!r})' if missing else ''}",
             stacklevel=2,
         )
-    return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+    return torch.nn.modules.module._IncompatibleKeys(
+        _in_model_names(model, expected, missing, prefix, strip), unexpected
+    )
+
+
+def _in_model_names(model: DeltaModel, expected: dict, keys: list[str], prefix: str, strip: bool) -> list[str]:
+    """Saved keys as peft's ``missing_keys`` names them: the parameter's name in the model, adapter name included
+    (``base_model.model.<path>.lora_A.default.weight``; on an injected model ``<path>.lora_A.default.weight``), so
+    the filter peft's ``load_adapter`` and transformers apply (``"lora_" in k and adapter_name in k``) keeps them. A
+    tensor saved in a folded form (no parameter of its own) keeps its saved key."""
+    names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+    out = []
+    for key in keys:
+        name = names.get(id(expected[key]))
+        if name is None:
+            out.append(key.removeprefix(prefix) if strip else key)
+        elif name.startswith("base_model."):
+            out.append(name.removeprefix("base_model.") if strip else "base_model.model." + name[len("base_model.") :])
+        else:
+            out.append(name)
+    return out
 
 
 def _delta_of(model: Any, caller: str) -> tuple[Any, bool]:

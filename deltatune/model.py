@@ -220,7 +220,11 @@ class DeltaModel(nn.Module, PushToHub):
             # Heads first: a module trained in full is no target (PEFT's order), so the first adapter sees the model
             # as every later one does, with the head already wrapped.
             # a file names its own heads; inject_adapter_in_model adds none (task_type is a PeftModel's, as peft's)
-            add_modules_to_save(self.base_model, adapter_name, config, heads=_heads and _tensors is None)
+            # a saved config's names this model lacks are passed over (kept in the config), as peft loads such a file
+            names = [n for n, _ in self.base_model.named_modules()]
+            present = [t for t in config.modules_to_save or [] if any(n.endswith(t) for n in names)]
+            heads = config if _tensors is None else config.replace(modules_to_save=present or None)
+            add_modules_to_save(self.base_model, adapter_name, heads, heads=_heads and _tensors is None)
             method.inject(self.base_model, config if _tensors is None else config.for_loading(), adapter_name)
             self.peft_config[adapter_name] = config
             # Unwrapped names: later adapters may wrap (or unwrap) the modules that hold these parameters.

@@ -1,7 +1,6 @@
 """QLoRA's model-level tools over the 4-bit format of quant.py: ``quantize`` a model's linear layers to NF4,
 ``prepare_for_kbit_training`` (PEFT's preparation), and ``merge_quantized`` (fold an adapter into a 4-bit base,
-reporting the error merging introduced). The math of the format is in quant.py's docstring.
-"""
+reporting the error merging introduced). The math of the format is in quant.py's docstring."""
 
 from __future__ import annotations
 
@@ -197,16 +196,15 @@ def quantize(
 def prepare_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
 ) -> nn.Module:
-    """Make a 4-bit model ready for adapter training (PEFT's ``prepare_model_for_kbit_training``).
+    """Make a quantised model ready for adapter training (PEFT's ``prepare_model_for_kbit_training``, step for step).
 
-    Freezes every parameter; casts the full-precision half-precision ones (norms, biases, embeddings, heads) to fp32
-    for stable training, leaving the 4-bit weights as they are; with gradient checkpointing, turns it on
-    (non-reentrant unless asked otherwise) and makes the input embeddings' output require grad, which checkpointed
-    blocks need when everything before them is frozen.
+    Freezes every parameter and casts the half-precision ones (not 4-bit weights) to fp32, except on a GPTQ / AQLM /
+    EETQ / HQQ / torchao model, as peft; only a quantised model (deltatune's or bitsandbytes' layers, peft's flags) gets
+    gradient checkpointing (non-reentrant unless asked) and input embeddings whose output requires grad, as peft.
 
     Args:
-        model: the quantised base model, before adapters are added.
-        use_gradient_checkpointing: turn on the model's gradient checkpointing.
+        model: the base model, before adapters are added.
+        use_gradient_checkpointing: turn on the model's gradient checkpointing (a quantised model only).
         gradient_checkpointing_kwargs: passed to the checkpointing (e.g. ``{"use_reentrant": True}``).
 
     Returns:
@@ -218,11 +216,14 @@ def prepare_for_kbit_training(
     if any(isinstance(m, DeltaLayer) for m in model.modules()) or hasattr(model, "peft_config"):
         raise QuantizationError("prepare_for_kbit_training freezes every parameter: call it on the base model, "
                                 "before adding adapters (as with PEFT)")  # fmt: skip
+    method = "hqq" if getattr(model, "hqq_quantized", False) else getattr(model, "quantization_method", None)
+    own_format = method in ("gptq", "aqlm", "eetq", "hqq", "torchao")  # peft casts nothing on these
+    kbit = own_format or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p):
+        if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p) and not own_format:
             p.data = p.data.to(torch.float32)
-    if use_gradient_checkpointing:
+    if use_gradient_checkpointing and (kbit or any(is_quantized(m) for m in model.modules())):
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()

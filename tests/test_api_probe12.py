@@ -1,0 +1,89 @@
+"""The DeltaModel API and adapter files against peft 0.21.2 (session 48): ``set_peft_model_state_dict``'s
+``missing_keys`` by peft's in-model names, ``prepare_model_for_kbit_training`` on a model that is not quantised, a
+saved ``modules_to_save`` naming a module the model lacks, and the loading options and config fields peft writes; on
+tiny Llama / BERT models with LoRA."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tiny import tiny_inputs, tiny_model
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+
+LORA = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+# -- 1. set_peft_model_state_dict: missing_keys as peft names them -------------------------------------------------
+@pytest.mark.parametrize("injected", [False, True])
+def test_set_peft_model_state_dict_missing_keys_are_peft_in_model_names(injected):
+    torch.manual_seed(0)
+    if injected:
+        theirs = peft.inject_adapter_in_model(peft.LoraConfig(**LORA), tiny_model("llama"), adapter_name="aa")
+        ours = dt.inject_adapter_in_model(dt.LoraConfig(**LORA), tiny_model("llama"), adapter_name="aa")
+    else:
+        theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA), adapter_name="aa")
+        ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA), adapter_name="aa")
+    state = dict(peft.get_peft_model_state_dict(theirs, adapter_name="aa"))
+    for key in sorted(state)[:3]:
+        del state[key]
+    want = peft.set_peft_model_state_dict(theirs, state, adapter_name="aa")
+    with pytest.warns(UserWarning, match=r"3 adapter tensor\(s\) missing"):
+        got = dt.set_peft_model_state_dict(ours, state, adapter_name="aa")
+    # the filter peft's load_adapter and transformers' integration apply to peft's list
+    adapter_keys = [k for k in want.missing_keys if "lora_" in k and "aa" in k]
+    assert len(adapter_keys) == 3 and got.missing_keys == adapter_keys
+    assert len(want.missing_keys) > 3  # peft's also lists every base weight (left out here on purpose)
+    assert got.unexpected_keys == want.unexpected_keys == []
+
+
+# -- 2. prepare_model_for_kbit_training checkpoints a quantised model only, as peft --------------------------------
+def _prepared_state(model):
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
+    model.train()
+    model(**tiny_inputs("llama"))
+    hook.remove()
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    return dtypes, [p.requires_grad for p in model.parameters()], model.is_gradient_checkpointing, seen
+
+
+@pytest.mark.parametrize("flag", [None, "gptq"])
+def test_prepare_model_for_kbit_training_leaves_a_model_that_is_not_quantised_unchecked_as_peft(flag):
+    models = [tiny_model("llama").to(torch.bfloat16) for _ in range(2)]
+    for model in models:
+        model.quantization_method = flag  # peft's flag for a GPTQ model: checkpointing, and no fp32 cast
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers 5.25 deprecates is_gradient_checkpointing
+        peft.prepare_model_for_kbit_training(models[0])
+        assert dt.prepare_model_for_kbit_training(models[1]) is models[1]
+        ours, theirs = _prepared_state(models[1]), _prepared_state(models[0])
+    assert ours == theirs
+    assert ours[2] is (flag == "gptq") and ours[3] == [flag == "gptq"]
+    assert set(ours[0].values()) == {torch.bfloat16 if flag else torch.float32}
+    assert not any(ours[1])
+
+
+# -- 3. a saved modules_to_save naming a module the model lacks loads, as peft's -----------------------------------
+def test_saved_modules_to_save_naming_an_absent_module_loads_as_peft_and_is_kept(tmp_path):
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA, modules_to_save=["lm_head", "score"]))
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    theirs.save_pretrained(tmp_path)  # "score" (a SEQ_CLS head) matches nothing in a causal LM: peft passes it over
+    back = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    with torch.no_grad():
+        want, got = back(**inputs).logits, ours(**inputs).logits
+    assert torch.equal(got, want) and not torch.equal(got, tiny_model("llama")(**inputs).logits)
+    assert ours.peft_config["default"].modules_to_save == back.peft_config["default"].modules_to_save
+    ours.save_pretrained(tmp_path / "again")
+    assert dt.LoraConfig.from_pretrained(tmp_path / "again").modules_to_save == ["lm_head", "score"]
+    # a name given fresh that matches nothing stays refused (a typo; peft passes it over silently): kept on purpose
+    with pytest.raises(dt.ConfigError, match="'score' matches no module"):
+        dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA, modules_to_save=["score"]))
