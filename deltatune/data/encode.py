@@ -262,6 +262,8 @@ def format_note(samples: Sequence[Sample], forced: bool | str | None, stage: str
     if isinstance(given, str) and given != s.format and not given.startswith(s.format.split("_")[0]):
         return f"data format: {forced}, set by data.format; read by stage {stage or 'this'} as {s.format}{shape}"
     how = "set by data.format" if forced else "detected from the rows"
+    if s.written and not forced:  # a conversation the stage reshaped: named as the rows hold it, as a forced one is
+        return f"data format: {s.written}, {how}; read by stage {stage or 'this'} as {s.format}{shape}"
     return f"data format: {s.format}{shape}, {how}"
 
 

@@ -220,6 +220,7 @@ def read_samples(
                 skipped.append(row.source)
                 continue
         _check(sample, stage)
+        sample.written = inner
         out.append(sample)
     return out
 

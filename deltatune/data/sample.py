@@ -53,6 +53,9 @@ class Sample:
     images: list[str] = field(default_factory=list)
     """Image paths (or URLs) of a multimodal row, for the vision stages."""
     videos: list[str] = field(default_factory=list)
+    written: str | None = None
+    """The row's own format where the stage reshaped it (``format`` is then what the stage reads): a KTO
+    conversation with a label read as unpaired, a PPO conversation as prompt."""
 
     def sft(self) -> tuple[list[Message], int]:
         """(conversation, index of the first message whose assistant turns train)."""

@@ -31,6 +31,9 @@ class Template:
     assistant: str
     generation_prefix: str
     """What precedes the assistant's content; a prompt for generation ends with it."""
+    suffix_trains: bool = False
+    """Whether what the assistant pattern writes after the content trains with it: chatml's ``<|im_end|>\n``, as
+    the model's own chat template (a turn is what it renders, through the line break) and TRL train it."""
 
 
 TEMPLATES: dict[str, Template] = {
@@ -39,6 +42,7 @@ TEMPLATES: dict[str, Template] = {
         user="<|im_start|>user\n{content}<|im_end|>\n",
         assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
         generation_prefix="<|im_start|>assistant\n",
+        suffix_trains=True,
     ),
     "alpaca": Template(
         system="{content}\n\n",
@@ -196,8 +200,9 @@ def render(
             text += m["content"] + eos
             if eos and suffix.startswith(eos):
                 suffix = suffix[len(eos) :]
+            end = len(text) + (len(suffix) if t.suffix_trains else 0)
             if i >= train_from and m.get("weight") != 0:
-                spans.append((start, len(text)))
+                spans.append((start, end))
             text += suffix
         else:
             text += getattr(t, m["role"]).format(content=m["content"])
