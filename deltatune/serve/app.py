@@ -123,7 +123,8 @@ def create_app(
         prompt_ids = _chat_ids(engine.tokenizer, body.get("messages"), template, rendering)
         # vLLM's get_chat_request_role: without a generation prompt, the answer goes on in the last message's role
         role = "assistant" if rendering["add_generation_prompt"] else body["messages"][-1]["role"]
-        return await _complete(http, body, [prompt_ids], chat=True, role=role)
+        echo = [_echoed(body["messages"][-1], role)] if flag(body, "echo") else None
+        return await _complete(http, body, [prompt_ids], chat=True, echo=echo, role=role)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
@@ -259,7 +260,7 @@ def create_app(
         for i, r in enumerate(requests):
             if r.seed is not None:  # past 2**64 - 1, torch's generators take it from the other end
                 r.seed = r.seed + i % n if r.seed + i % n < 2**64 else r.seed + i % n - 2**64
-            r.prompt_logprobs = echo is not None and r.logprobs is not None
+            r.prompt_logprobs = echo is not None and r.logprobs is not None and not chat  # a chat echoes text alone
             # The engine thread appends to logprob_rows: each event says how many rows go with its text.
             put = lambda text, finish, i=i, rows=r.logprob_rows: (i, text, finish, len(rows))  # noqa: E731
             r.emit = lambda text, finish, put=put: loop.call_soon_threadsafe(events.put_nowait, put(text, finish))
@@ -355,6 +356,10 @@ async def _stream(
     try:
         for i in range(len(requests) if chat else 0):
             yield chunk(i, None, None, first=True)
+        for i in range(len(requests) if chat else 0):  # vLLM's: a chat's echo in a chunk of its own, after the roles
+            if echoes[i]:
+                yield chunk(i, echoes[i], None)
+            echoes[i] = None
         while left:
             i, piece, finish, count = await events.get()
             if finish is not None and finish.startswith("error"):
@@ -386,6 +391,15 @@ def _first_token_possible(r: Request, banned: list[list[int]], eos: set[int]) ->
         raise RequestError(
             f"allowed_token_ids are all {' or '.join(why)}, so no token could be generated", param="allowed_token_ids"
         )
+
+
+def _echoed(last: dict, role: str) -> str:
+    """vLLM's chat ``echo``: the last message's text (its text parts joined by newlines), where its role is the
+    answer's (an assistant message answered by the assistant, say), else nothing."""
+    content = last.get("content")
+    if last["role"] != role or content is None:
+        return ""
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
 
 
 def _usage(requests: list[Request], n: int) -> dict[str, int]:

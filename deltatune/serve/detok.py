@@ -2,9 +2,10 @@
 ``skip_special_tokens`` asks, and a first token's SentencePiece space kept. A SentencePiece decoder strips the space
 of the first token it decodes ("▁Paris" alone is "Paris"); vLLM primes its decoder (tokenizers' ``DecodeStream``)
 with the prompt, so after "The capital is" the answer is " Paris". Here an answer whose first token carries such a
-space ("▁") is decoded after the prompt's last few tokens (the first token that is not a skipped special one decides), whose text is cut off again. A WordPiece tokenizer's space
-between words is no token's own: its answer is decoded alone, with no separator before its first word, where vLLM's
-primed decoder would put one (docs/serve.md)."""
+space ("▁") is decoded after the prompt's last few tokens (the first token that is not a skipped special one
+decides), whose text is cut off again. So is a WordPiece (BERT) answer whose first token goes on a word ("##s"): after
+"the cat" it is "s", as vLLM's primed decoder gives it (alone it decoded to "##s"). A WordPiece answer that starts a
+word is decoded alone, with no separator before it, where vLLM's primed decoder puts one (" sat"; docs/serve.md)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ class Detokenizer:
 
     def _prime(self, first: int) -> list[int]:
         """The prompt tokens to decode before the answer: none unless its first token carries a SentencePiece
-        space; then at least 5, more while their text ends inside a character (at most 24)."""
+        space or goes on a WordPiece word; then at least 5, more while their text ends inside a character (at
+        most 24)."""
         piece = self.tokenizer.convert_ids_to_tokens(first)
-        if not (isinstance(piece, str) and piece.startswith("\u2581")):
+        if not (isinstance(piece, str) and piece.startswith(("\u2581", _continues(self.tokenizer)))):
             return []
         prompt_ids = self.prompt_ids
         n, self.context, self.prefix = _CONTEXT[0], prompt_ids[-_CONTEXT[0] :], ""
@@ -93,3 +95,11 @@ def _added(tokenizer: Any) -> set[int]:
     """The tokenizer's added tokens' ids (vLLM's ``get_added_tokens_decoder``: special or not)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None)
     return set(decoder) if isinstance(decoder, dict) else set(getattr(tokenizer, "all_special_ids", ()) or ())
+
+
+def _continues(tokenizer: Any) -> str:
+    """The prefix of a token that goes on a word ("##"), where the tokenizer's decoder is WordPiece's; else "\u2581"
+    (the SentencePiece space, which ``_prime`` checks already)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    prefix = getattr(decoder, "prefix", None) if type(decoder).__name__ == "WordPiece" else None
+    return prefix if isinstance(prefix, str) and prefix else "\u2581"

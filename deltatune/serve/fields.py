@@ -11,7 +11,7 @@ from .engine import Request, RequestError
 
 # OpenAI fields this server does not compute, with the value that asks for nothing: any other value is a 400, since
 # ignoring it would answer something other than what was asked (tools, a JSON format). The first three are served
-# where their endpoint defines them (_logprobs): chat's logprobs and top_logprobs, a completion's echo.
+# where their endpoint defines them (_logprobs): chat's logprobs and top_logprobs, echo on both.
 UNSUPPORTED: dict[str, Any] = {
     "logprobs": False,
     "top_logprobs": 0,
@@ -142,7 +142,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     if not isinstance(body.get("user", ""), (str, type(None))):  # OpenAI's end-user id, a string (both APIs check)
         raise RequestError(f"user must be a string, got {body['user']!r}", param="user")
     # chat's tools and tool_choice are checked where the prompt is rendered (prompts._tools)
-    served = ("logprobs", "top_logprobs", "tools", "tool_choice") if chat else ("logprobs", "echo")
+    served = ("logprobs", "top_logprobs", "tools", "tool_choice", "echo") if chat else ("logprobs", "echo")
     for name, default in UNSUPPORTED.items():
         if name not in served and not _asks_nothing(body.get(name), default):
             why = f"{name} is not supported by this server; leave it out"
@@ -235,8 +235,8 @@ def _token_ids(body: dict, key: str, vocab: int, empty: bool = True) -> list[int
 
 
 def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
-    """OpenAI's ``logit_bias``: {token id as a string: a number in [-100, 100]}, added to that token's logit before
-    the penalties and sampling (vLLM's order); an id outside the vocabulary or a value out of range is a 400."""
+    """OpenAI's ``logit_bias``: {token id as a string: a number}, clamped to [-100, 100] as vLLM clamps it, added to
+    that token's logit before the penalties and sampling (vLLM's order); an id outside the vocabulary is a 400."""
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, dict):
         raise RequestError(f"logit_bias must be an object of token ids to numbers, got {bias!r}", param="logit_bias")
@@ -245,11 +245,10 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
         token = int(key) if key.isascii() and key.isdigit() else -1
         if not 0 <= token < vocab:
             raise RequestError(f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-            raise RequestError(
-                f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}", param="logit_bias"
-            )
-        parsed[token] = float(value)  # "5" and "05": the last one, as vLLM reads them
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f"logit_bias[{key!r}] must be a number, got {value!r}", param="logit_bias")
+        # vLLM's from_optional: clamped to [-100, 100] (its expression: NaN becomes -100), not refused
+        parsed[token] = min(100.0, max(-100.0, float(value)))  # "5" and "05": the last one, as vLLM reads them
     return parsed or None
 
 

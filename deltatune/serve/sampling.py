@@ -90,17 +90,19 @@ def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = No
     config's, applied as ``generate`` applies it (vLLM's too): ``repetition_penalty`` always, ``top_k``, ``top_p``
     and ``min_p`` when sampling.
 
+    Every token masked: token 0, as vLLM's sampler gives it.
+
     Raises:
         FloatingPointError: NaN logits (+inf, sampling; greedy takes its argmax, as generate): no token to choose.
     """
     logits = adjusted(logits, r, gen, eos)
     if g is None and bool(torch.isnan(logits).any()):  # argmax takes a NaN for the largest: garbage as text
         raise FloatingPointError("its logits are NaN, so no token can be chosen")
-    if not bool((logits > float("-inf")).any() | torch.isnan(logits).any()):  # all -inf: argmax would be token 0
-        raise FloatingPointError(
-            f"the request's settings (allowed_token_ids, bad_words, min_tokens' stop tokens) mask every "
-            f"token at output token {len(r.output_ids) + 1}, so no token can be chosen"
-        )
+    if not bool((logits > float("-inf")).any() | torch.isnan(logits).any()):
+        # The settings (allowed_token_ids, bad_words, min_tokens' stop tokens) mask every token at this step: token 0,
+        # as vLLM's sampler takes it, greedy (the argmax of all -inf) or sampled (its softmax all NaN, whose argmax
+        # is the first). A mask that leaves nothing at the first token is a 400 before (app._first_token_possible).
+        return 0
     if g is None:
         return int(logits.argmax())
     logits = logits / r.temperature

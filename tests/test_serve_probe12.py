@@ -1,0 +1,153 @@
+"""Probe 12 of ``deltatune serve`` against vLLM's OpenAI server: ``logit_bias`` clamped to [-100, 100] (it was a
+400), a mask that leaves no token mid-answer takes token 0 as vLLM's sampler (it was a 500), chat's ``echo`` (it was a
+400 unsupported), and a WordPiece answer that starts inside a word ("##s"). Through the app in process (an ASGI call,
+no socket, the helpers of test_serve_probe11), on a tiny random llama with SmolLM2's or MiniLM's tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+
+from test_serve_probe11 import _call, _serve, _smol, _vllm_text  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smol():
+    engine, app = _serve(_smol())
+    yield engine, app
+    engine.close()
+
+
+def _ids(answer: dict) -> list[int]:
+    """A completion choice's token ids, from its logprobs under return_tokens_as_token_ids."""
+    return [int(t.removeprefix("token_id:")) for t in answer["choices"][0]["logprobs"]["tokens"]]
+
+
+def test_logit_bias_outside_100_is_clamped_as_vllm(smol):
+    """vLLM's SamplingParams.from_optional clamps each bias with min(100.0, max(-100.0, bias)); a bias of 1e9 or -500
+    was a 400 here."""
+    engine, app = smol
+    ids = engine.tokenizer("the cat")["input_ids"]
+    body = {"prompt": ids, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+            "return_tokens_as_token_ids": True}  # fmt: skip
+    plain = _ids(_call(app, "/v1/completions", body)[1])
+    x = 1000  # a token greedy does not pick
+    assert x not in plain
+    for wire, clamped in ((1e9, 100.0), (250, 100.0), (-500, -100.0), (-1e30, -100.0)):
+        vllm = min(100.0, max(-100.0, wire))  # vLLM's expression
+        assert vllm == clamped
+        status, got = _call(app, "/v1/completions", {**body, "logit_bias": {str(x): wire, str(plain[0]): -wire}})
+        _, want = _call(app, "/v1/completions", {**body, "logit_bias": {str(x): vllm, str(plain[0]): -vllm}})
+        assert status == 200, got
+        assert _ids(got) == _ids(want) and (_ids(got)[0] == x) == (wire > 0), (wire, _ids(got))
+        assert torch.equal(torch.tensor(got["choices"][0]["logprobs"]["token_logprobs"]),
+                           torch.tensor(want["choices"][0]["logprobs"]["token_logprobs"]))  # fmt: skip
+    from deltatune.serve.fields import _logit_bias
+
+    assert _logit_bias({"logit_bias": {"5": 1e9, "6": -101, "7": 3}}, 10) == {5: 100.0, 6: -100.0, 7: 3.0}
+    for wrong in (
+        {"5": "x"},
+        {"5": True},
+        {"abc": 1},
+        {str(len(engine.tokenizer) * 10): 1},
+    ):  # not a number, not a token id: still a 400
+        status, answer = _call(app, "/v1/completions", {**body, "logit_bias": wrong})
+        assert status == 400 and answer["error"]["param"] == "logit_bias", wrong
+
+
+def test_a_mask_that_leaves_no_token_mid_answer_takes_token_0_as_vllms_sampler(smol):
+    """allowed_token_ids [Ġworld] with bad_words ["world world"] masks every token at the second step. vLLM's sampler
+    takes the argmax of all -inf (greedy) or of softmax's all-NaN probabilities over exponential noise (sampled):
+    token 0, and the row goes on. Here that step ended the whole request with a 500."""
+    engine, app = smol
+    tok = engine.tokenizer
+    x = tok.convert_tokens_to_ids("Ġworld")
+    masked = torch.full((len(tok),), float("-inf"))
+    greedy = int(masked.argmax())  # vLLM's greedy_sample
+    q = torch.empty_like(masked).exponential_(generator=torch.Generator().manual_seed(0))
+    sampled = int(masked.softmax(-1).div_(q).argmax())  # vLLM's random_sample
+    assert greedy == sampled == 0
+    body = {"prompt": "Say it:", "max_tokens": 3, "allowed_token_ids": [x], "bad_words": ["world world"],
+            "logprobs": 0, "return_tokens_as_token_ids": True, "ignore_eos": True}  # fmt: skip
+    for temperature in (0, 1.0):
+        status, answer = _call(app, "/v1/completions", {**body, "temperature": temperature, "seed": 1})
+        assert status == 200, answer
+        # Ġworld, then token 0 (every token masked), then Ġworld again (the answer no longer ends with Ġworld)
+        assert _ids(answer) == [x, 0, x], answer
+        want = _vllm_text(tok, tok("Say it:")["input_ids"], [x, 0, x])
+        assert answer["choices"][0]["text"] == want and answer["choices"][0]["finish_reason"] == "length"
+    # without ignore_eos token 0 is what it is: SmolLM2's EOS ends the answer there, as vLLM's check_stop
+    if 0 in engine.eos_ids:
+        status, answer = _call(app, "/v1/completions", {**body, "temperature": 0, "ignore_eos": False})
+        assert status == 200 and _ids(answer) == [x, 0] and answer["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_echo_starts_the_answer_with_the_last_message_of_its_role_as_vllm(smol):
+    """vLLM's chat echo: where the last message's role is the answer's, each choice's content starts with that
+    message's text (parts joined by newlines); in a stream it is a chunk of its own after the role chunks. It was a
+    400 unsupported."""
+    engine, app = smol
+    said = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Sure, "}]
+    body = {"messages": said, "max_tokens": 4, "temperature": 0, "n": 2, "seed": 3, "ignore_eos": True}
+    status, plain = _call(app, "/v1/chat/completions", body)
+    assert status == 200, plain
+    status, echoed = _call(app, "/v1/chat/completions", {**body, "echo": True})
+    assert status == 200, echoed
+    for a, b in zip(plain["choices"], echoed["choices"]):
+        assert b["message"]["content"] == "Sure, " + a["message"]["content"]
+    assert echoed["usage"] == plain["usage"]  # the echo is no generated token
+    parts = [
+        {**said[0]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]},
+    ]
+    _, answer = _call(app, "/v1/chat/completions", {**body, "n": 1, "messages": parts, "echo": True})
+    assert answer["choices"][0]["message"]["content"].startswith("A\nB")
+    # the answer's role is the assistant's, the last message the user's: nothing to echo (as vLLM)
+    _, answer = _call(app, "/v1/chat/completions", {**body, "messages": said[:1], "echo": True})
+    _, want = _call(app, "/v1/chat/completions", {**body, "messages": said[:1]})
+    assert [c["message"] for c in answer["choices"]] == [c["message"] for c in want["choices"]]
+    # continue_final_message: the answer's role is the last message's, so its text comes first
+    cont = {**body, "n": 1, "add_generation_prompt": False, "continue_final_message": True}
+    _, answer = _call(app, "/v1/chat/completions", {**cont, "echo": True})
+    _, want = _call(app, "/v1/chat/completions", cont)
+    assert answer["choices"][0]["message"]["content"] == "Sure, " + want["choices"][0]["message"]["content"]
+    status, chunks = _call(app, "/v1/chat/completions", {**body, "echo": True, "stream": True})
+    assert status == 200
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    assert [d["delta"] for d in deltas[:4]] == [{"role": "assistant", "content": ""}] * 2 + [{"content": "Sure, "}] * 2
+    assert [d["index"] for d in deltas[:4]] == [0, 1, 0, 1]
+    for i, choice in enumerate(echoed["choices"]):
+        text = "".join(d["delta"].get("content", "") for d in deltas if d["index"] == i)
+        assert text == choice["message"]["content"]
+    status, answer = _call(app, "/v1/chat/completions", {**body, "echo": 1})
+    assert status == 400 and answer["error"]["param"] == "echo"
+
+
+def test_a_wordpiece_answer_that_goes_on_a_word_joins_it_as_vllms_decoder():
+    """A WordPiece (BERT) answer whose first token is "##s" decoded alone to "##s"; vLLM's DecodeStream, primed with
+    the prompt, gives "s" (the prompt's last word goes on)."""
+    from tiny import tokenizer
+
+    from deltatune.serve.engine import Request
+
+    tok = tokenizer()
+    engine, _ = _serve(tok)
+    try:
+        prompt = tok("the cat")["input_ids"]
+        for answer in (["##s", "sat", "."], ["##ty", "##s"], ["sat", "on"]):
+            ids = tok.convert_tokens_to_ids(answer)
+            deltas: list[str] = []
+            r = Request(prompt_ids=prompt, adapter="base", max_tokens=len(ids), ignore_eos=True,
+                        emit=lambda text, finish, d=deltas: d.append(text))  # fmt: skip
+            for t in ids:
+                engine._advance(r, t)
+            want = _vllm_text(tok, prompt, ids)
+            if answer[0].startswith("##"):
+                assert "".join(deltas) == r.text == want, (answer, deltas, want)
+            else:  # a first word: vLLM's space before it is not kept (docs/serve.md)
+                assert "".join(deltas) == r.text == want[1:] and want.startswith(" "), (answer, deltas, want)
+        assert tok.decode(tok.convert_tokens_to_ids(["##s"])) == "##s"  # what decoding alone gave
+    finally:
+        engine.close()
