@@ -30,6 +30,14 @@ from .config_align import (  # noqa: F401  (the align section, a room of its own
     _f,
     validate_align,
 )
+from .config_train import (  # noqa: F401  (the train section, a room of its own; names kept here)
+    FSDP_OPTIONS,
+    NEEDS_KWARGS,
+    ON_EVAL,
+    SCHEDULERS,
+    TrainArgs,
+    validate_train,
+)
 from .table import STAGES
 
 
@@ -100,54 +108,6 @@ class DataArgs:
                                               "(default: lanczos for a UNet, bilinear for SD3).")  # fmt: skip
     proportion_empty_prompts: float = _f(0.0, "t2i: chance a training image is read with the empty caption "
                                          "(diffusers' --proportion_empty_prompts).")  # fmt: skip
-
-
-@dataclass
-class TrainArgs:
-    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run the epochs).")
-    batch_size: int = _f(8, "Examples per device per step.")
-    eval_batch_size: int | None = _f(None, "Examples per device per eval step (default: batch_size); seq2seq's "
-                                     "generations (default: 16).")  # fmt: skip
-    grad_accum: int = _f(1, "Gradient accumulation steps.")
-    lr: float = _f(2e-4, "Peak learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    scheduler: str = _f("linear", "LR schedule: linear, cosine, constant, constant_with_warmup, ...")
-    warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up.")
-    warmup_steps: int = _f(0, "Warm-up steps (overrides warmup_ratio when > 0).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
-    precision: str = _f("auto", "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16.")
-    logging_steps: int = _f(10, "Log loss and learning rate every N steps.")
-    eval_steps: int | None = _f(None, "Evaluate data.eval every N steps (default: at the end of each epoch).")
-    save_steps: int | None = _f(None, "Checkpoint every N steps (default: at the end of each epoch).")
-    save_total_limit: int | None = _f(2, "Keep the last K checkpoints (null: keep every one, the Trainer's default).")
-    report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
-    num_workers: int = _f(0, "DataLoader worker processes.")
-    generation_max_new_tokens: int = _f(64, "seq2seq eval: tokens to generate per example.")
-    fsdp: str = _f("", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when "
-                   "launched).")  # fmt: skip
-    fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
-    eval_on_start: bool = _f(False, "Evaluate data.eval once before training too (the report shows before and after).")
-    optim: str | None = _f(None, "Optimizer, by TrainingArguments' optim name (adamw_torch, sgd, adafactor, ...); "
-                           "default: the Trainer's (adamw_torch_fused).")  # fmt: skip
-    neftune_noise_alpha: float | None = _f(None, "pt, sft: NEFTune (Jain et al. 2023), uniform noise of this alpha "
-                                           "on the input embeddings while training, as TrainingArguments' "
-                                           "neftune_noise_alpha (5 is usual); null: off.")  # fmt: skip
-    label_smoothing_factor: float | None = _f(None, "pt, sft: label smoothing of the token loss, as "
-                                              "TrainingArguments' label_smoothing_factor (0.1 is usual); null: off.")  # fmt: skip
-    sigma_sampling: str = _f("uniform", "t2i flow matching: how noise levels are drawn and weighted, diffusers' "
-                             "--weighting_scheme: uniform (none), logit_normal, mode, sigma_sqrt, cosmap.")  # fmt: skip
-    snr_gamma: float = _f(0.0, "t2i DDPM: min-SNR loss weighting with this gamma (Hang et al. 2023; diffusers' "
-                          "--snr_gamma, 5 is usual); 0: unweighted.")  # fmt: skip
-    noise_offset: float = _f(0.0, "t2i DDPM: offset noise, one N(0, 1) per image and channel times this (diffusers' "
-                             "--noise_offset).")  # fmt: skip
-    input_perturbation: float = _f(0.0, "t2i DDPM: extra input noise times this (diffusers' --input_perturbation).")
-    logit_mean: float = _f(0.0, "t2i flow matching, sigma_sampling logit_normal: its mean (diffusers' --logit_mean).")
-    logit_std: float = _f(1.0, "t2i flow matching, sigma_sampling logit_normal: its std (diffusers' --logit_std).")
-    mode_scale: float = _f(1.29, "t2i flow matching, sigma_sampling mode: its scale (diffusers' --mode_scale).")
-    precondition_outputs: bool = _f(False, "t2i flow matching: the loss on x0 = x_t - sigma v (diffusers' SD3 "
-                                    "script's --precondition_outputs).")  # fmt: skip
 
 
 @dataclass
@@ -302,13 +262,14 @@ HF_NAMES = {
         ("max_length", "data.max_length"), ("max_seq_length", "data.max_length"), ("packing", "data.packing"),
         ("padding_free", "data.packing (rows packed into data.max_length blocks, position ids restarting per row)"),
         ("dataset_text_field", "data.text_column"))},
+    "torch_compile": "torch_compile (TrainingArguments') is not taken by a recipe: a DeltaModel's adapters are not "
+    "compiled by the Trainer's torch.compile of its base; drop it",
+    "gradient_checkpointing_kwargs": "a recipe's model.gradient_checkpointing always runs use_reentrant=False (the "
+    "checkpointing that trains adapters on a frozen base); drop it",
     "completion_only_loss": "sft always trains on the response tokens only (TRL's completion_only_loss=True); drop it",
     "assistant_only_loss": "sft always trains on the assistant's turns only (TRL's assistant_only_loss=True); drop it",
 }  # fmt: skip
 """TrainingArguments' and SFTConfig's names for what a recipe spells otherwise: the unknown-key error names the key."""
-
-FSDP_OPTIONS = {"full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2", "offload",
-                "auto_wrap"}  # fmt: skip
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "None": type(None)}
 
@@ -368,33 +329,14 @@ def _validate(cfg: RunConfig) -> None:
     cfg.method_config()  # the method section validates itself
 
 
-# The learning-rate schedules of transformers' SchedulerType, spelled out so that validating a recipe imports no
-# transformers; tests/reliability/test_bad_inputs.py checks the list against the installed transformers.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-              "warmup_stable_decay", "greedy")  # fmt: skip
-NEEDS_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
-"""Schedules transformers builds only with scheduler kwargs (min_lr, num_decay_steps), which recipes do not take."""
-ON_EVAL = ("reduce_lr_on_plateau", "greedy")
-"""Schedules that step on the eval loss (the Trainer steps them after each evaluation)."""
-
-
 def _validate_values(cfg: RunConfig) -> None:
     """Values that transformers, torch's DataLoader or the data reader would otherwise refuse deep inside (or
     accept silently), checked here so the message names the recipe key."""
     t, d = cfg.train, cfg.data
-    if t.scheduler not in SCHEDULERS:
-        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
-    if t.scheduler in NEEDS_KWARGS:  # transformers wants settings a recipe has no key for (a traceback at the start)
-        runs = ", ".join(s for s in SCHEDULERS if s not in (*NEEDS_KWARGS, *ON_EVAL))
-        raise ConfigError(f"train.scheduler={t.scheduler} needs settings a recipe does not take; use one of {runs}")
-    if t.scheduler in ON_EVAL and (not d.eval or cfg.stage in ("ppo", "grpo")):
-        raise ConfigError(f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage "
-                          "the Trainer runs (not ppo or grpo)")  # fmt: skip
-    for key in ("logging_steps", "generation_max_new_tokens"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_steps", "save_steps", "eval_batch_size", "save_total_limit"):
+    validate_train(cfg)
+    if t.generation_max_new_tokens < 1:
+        raise ConfigError(f"train.generation_max_new_tokens must be >= 1, got {t.generation_max_new_tokens}")
+    for key in ("eval_batch_size", "save_total_limit"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             null = "keep every checkpoint" if key == "save_total_limit" else "the default"
             raise ConfigError(f"train.{key} must be >= 1 (or null: {null}), got {getattr(t, key)}")
@@ -460,7 +402,8 @@ def _validate_values(cfg: RunConfig) -> None:
 
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
 READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
-           ("pt sft cls tag seq2seq rm dpo kto orpo simpo image_cls caption t2i", "train.optim"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
+           ("pt sft cls tag seq2seq rm dpo kto orpo simpo image_cls caption t2i",
+            "train.optim train.dataloader_drop_last train.dataloader_pin_memory"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
            ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),

@@ -1,0 +1,171 @@
+"""The ``train`` section of a recipe: the loop's keys (steps, batch, optimizer, schedule, checkpoints) and their
+checks.
+
+Split from train/config.py (which re-exports every name here) when that file neared its line limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigError
+from .config_align import _f
+from .table import STAGES
+
+
+@dataclass
+class TrainArgs:
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run the epochs).")
+    batch_size: int = _f(8, "Examples per device per step.")
+    eval_batch_size: int | None = _f(None, "Examples per device per eval step (default: batch_size); seq2seq's "
+                                     "generations (default: 16).")  # fmt: skip
+    grad_accum: int = _f(1, "Gradient accumulation steps.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW's beta1, as TrainingArguments' adam_beta1.")
+    adam_beta2: float = _f(0.999, "AdamW's beta2, as TrainingArguments' adam_beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW's epsilon, as TrainingArguments' adam_epsilon.")
+    scheduler: str = _f("linear", "LR schedule: linear, cosine, constant, constant_with_warmup, ...")
+    lr_scheduler_kwargs: dict = _f({}, "The schedule's own settings, as TrainingArguments' lr_scheduler_kwargs "
+                                   "(cosine_with_restarts: num_cycles; cosine_with_min_lr: min_lr or min_lr_rate; "
+                                   "polynomial: power, lr_end; warmup_stable_decay: num_decay_steps).")  # fmt: skip
+    warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up.")
+    warmup_steps: int = _f(0, "Warm-up steps (overrides warmup_ratio when > 0).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
+    precision: str = _f("auto", "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16.")
+    logging_steps: int | float = _f(10, "Log loss and learning rate every N steps (a fraction < 1: of the run's "
+                                    "steps, as the Trainer reads it).")  # fmt: skip
+    eval_steps: int | float | None = _f(None, "Evaluate data.eval every N steps (a fraction < 1: of the run's "
+                                        "steps; default: at the end of each epoch).")  # fmt: skip
+    save_steps: int | float | None = _f(None, "Checkpoint every N steps (a fraction < 1: of the run's steps; "
+                                        "default: at the end of each epoch).")  # fmt: skip
+    save_total_limit: int | None = _f(2, "Keep the last K checkpoints (null: keep every one, the Trainer's default).")
+    report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    dataloader_drop_last: bool = _f(False, "Drop each epoch's last incomplete batch (TrainingArguments' key).")
+    dataloader_pin_memory: bool = _f(True, "Pin the batches' memory for the GPU copy (TrainingArguments' key).")
+    load_best_model_at_end: bool = _f(False, "After training, load the checkpoint with the best evaluation (kept by "
+                                      "the rotation); the run's adapter is that one. Needs data.eval, and "
+                                      "checkpoints where evaluations are (save_steps a multiple of eval_steps, or "
+                                      "both null: each epoch).")  # fmt: skip
+    metric_for_best_model: str | None = _f(None, "The evaluation metric that picks the best checkpoint ('loss', "
+                                           "'accuracy', ...; default: loss).")  # fmt: skip
+    greater_is_better: bool | None = _f(None, "Whether a higher metric_for_best_model is better (default: false "
+                                        "for a metric ending in loss, else true).")  # fmt: skip
+    generation_max_new_tokens: int = _f(64, "seq2seq eval: tokens to generate per example.")
+    fsdp: str = _f("", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when "
+                   "launched).")  # fmt: skip
+    fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
+    eval_on_start: bool = _f(False, "Evaluate data.eval once before training too (the report shows before and after).")
+    optim: str | None = _f(None, "Optimizer, by TrainingArguments' optim name (adamw_torch, sgd, adafactor, ...); "
+                           "default: the Trainer's (adamw_torch_fused).")  # fmt: skip
+    neftune_noise_alpha: float | None = _f(None, "pt, sft: NEFTune (Jain et al. 2023), uniform noise of this alpha "
+                                           "on the input embeddings while training, as TrainingArguments' "
+                                           "neftune_noise_alpha (5 is usual); null: off.")  # fmt: skip
+    label_smoothing_factor: float | None = _f(None, "pt, sft: label smoothing of the token loss, as "
+                                              "TrainingArguments' label_smoothing_factor (0.1 is usual); null: off.")  # fmt: skip
+    sigma_sampling: str = _f("uniform", "t2i flow matching: how noise levels are drawn and weighted, diffusers' "
+                             "--weighting_scheme: uniform (none), logit_normal, mode, sigma_sqrt, cosmap.")  # fmt: skip
+    snr_gamma: float = _f(0.0, "t2i DDPM: min-SNR loss weighting with this gamma (Hang et al. 2023; diffusers' "
+                          "--snr_gamma, 5 is usual); 0: unweighted.")  # fmt: skip
+    noise_offset: float = _f(0.0, "t2i DDPM: offset noise, one N(0, 1) per image and channel times this (diffusers' "
+                             "--noise_offset).")  # fmt: skip
+    input_perturbation: float = _f(0.0, "t2i DDPM: extra input noise times this (diffusers' --input_perturbation).")
+    logit_mean: float = _f(0.0, "t2i flow matching, sigma_sampling logit_normal: its mean (diffusers' --logit_mean).")
+    logit_std: float = _f(1.0, "t2i flow matching, sigma_sampling logit_normal: its std (diffusers' --logit_std).")
+    mode_scale: float = _f(1.29, "t2i flow matching, sigma_sampling mode: its scale (diffusers' --mode_scale).")
+    precondition_outputs: bool = _f(False, "t2i flow matching: the loss on x0 = x_t - sigma v (diffusers' SD3 "
+                                    "script's --precondition_outputs).")  # fmt: skip
+
+
+# The learning-rate schedules of transformers' SchedulerType, spelled out so that validating a recipe imports no
+# transformers; tests/reliability/test_bad_inputs.py checks the list against the installed transformers.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")  # fmt: skip
+NEEDS_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+"""Schedules transformers builds only with scheduler kwargs (min_lr, num_decay_steps): train.lr_scheduler_kwargs."""
+ON_EVAL = ("reduce_lr_on_plateau", "greedy")
+"""Schedules that step on the eval loss (the Trainer steps them after each evaluation)."""
+
+FSDP_OPTIONS = {"full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2", "offload",
+                "auto_wrap"}  # fmt: skip
+
+
+def validate_train(cfg: Any) -> None:
+    """The ``train`` keys a Trainer would otherwise refuse deep inside, or accept and ignore: the schedule and its
+    kwargs, the step counts (a fraction < 1 is of the run's steps), AdamW's settings, and the best-checkpoint keys."""
+    t, d, loop = cfg.train, cfg.data, STAGES[cfg.stage].loop
+    if t.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
+    if t.scheduler in ON_EVAL and (not d.eval or loop):
+        raise ConfigError(f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage "
+                          "the Trainer runs (not ppo or grpo)")  # fmt: skip
+    if loop and (t.lr_scheduler_kwargs or t.scheduler in NEEDS_KWARGS):  # (its loop builds the schedule without them)
+        raise ConfigError(f"train.lr_scheduler_kwargs: {cfg.stage}'s own loop builds its schedule without kwargs; "
+                          f"drop them, and use a schedule that needs none")  # fmt: skip
+    if t.lr_scheduler_kwargs or t.scheduler in NEEDS_KWARGS:
+        _check_schedule(t.scheduler, t.lr_scheduler_kwargs)
+    for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-8)):
+        value = getattr(t, key)
+        if not (0.0 <= value < 1.0 if key != "adam_epsilon" else value >= 0.0):
+            raise ConfigError(f"train.{key} must be {'>= 0' if key == 'adam_epsilon' else 'in [0, 1)'}, got {value}")
+        if loop and value != default:  # (its loop's AdamW takes torch's defaults)
+            raise ConfigError(f"train.{key}: {cfg.stage}'s own loop runs torch's AdamW with its defaults; drop it")
+    for key in ("logging_steps", "eval_steps", "save_steps"):
+        value = getattr(t, key)
+        if value is None:
+            continue
+        if value <= 0:  # (a fraction in (0, 1) is of the run's steps: docs/training.md)
+            null = "" if key == "logging_steps" else " (or null: the default)"
+            raise ConfigError(f"train.{key} must be >= 1{null}, got {value}")
+        if value > 1 and value != int(value):  # (the Trainer refuses it too, as a traceback)
+            raise ConfigError(f"train.{key} must be a whole number when over 1 (a fraction only below 1), got {value}")
+        if value < 1 and loop and key == "save_steps":  # (ppo's and grpo's loops count their own steps)
+            raise ConfigError(f"train.save_steps: {cfg.stage}'s own loop takes a whole number of steps, got {value}")
+        setattr(t, key, int(value) if value >= 1 else float(value))
+    if t.load_best_model_at_end:
+        _check_best(cfg)
+
+
+def _check_best(cfg: Any) -> None:
+    """``load_best_model_at_end``: the Trainer picks the best of the checkpoints it evaluated, so every checkpoint must
+    sit on an evaluation (its own check, named by recipe key here, before any model loads)."""
+    t = cfg.train
+    if STAGES[cfg.stage].loop or not cfg.data.eval:
+        why = f"{cfg.stage}'s own loop keeps no best checkpoint" if STAGES[cfg.stage].loop else "data.eval is not set"
+        raise ConfigError(f"train.load_best_model_at_end picks the checkpoint with the best evaluation, but {why}; "
+                          "drop it")  # fmt: skip
+    if (t.eval_steps is None) != (t.save_steps is None):
+        raise ConfigError("train.load_best_model_at_end needs a checkpoint at each evaluation: set train.save_steps "
+                          "and train.eval_steps together, or neither (both each epoch)")  # fmt: skip
+    if t.eval_steps is None:
+        return
+    save, evals = t.save_steps, t.eval_steps
+    mixed = (save < 1) != (evals < 1)
+    if mixed or round(save * 1_000_000) % round(evals * 1_000_000):
+        raise ConfigError(f"train.load_best_model_at_end needs a checkpoint at each evaluation: train.save_steps "
+                          f"({save}) must be a multiple of train.eval_steps ({evals}), both whole or both fractions")  # fmt: skip
+
+
+def _check_schedule(name: str, kwargs: dict) -> None:
+    """Build the schedule once on a throwaway optimizer, so a missing, unknown or bad ``lr_scheduler_kwargs`` key is
+    one line naming it here rather than a traceback when training starts."""
+    import torch
+    from transformers import get_scheduler
+
+    if kwargs and name in ("constant", "constant_with_warmup"):  # (transformers passes them none: silently unused)
+        raise ConfigError(f"train.lr_scheduler_kwargs: the {name} schedule takes none, got {sorted(kwargs)}")
+    if name in NEEDS_KWARGS and not kwargs:
+        need = "num_decay_steps" if name == "warmup_stable_decay" else "min_lr or min_lr_rate"
+        raise ConfigError(f"train.scheduler={name} needs train.lr_scheduler_kwargs ({need}), e.g. "
+                          f"train.lr_scheduler_kwargs={{{need.split()[0]}: ...}}")  # fmt: skip
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=kwargs)
+    except (TypeError, ValueError) as exc:
+        why = " ".join(str(exc).split()).replace("through the `lr_scheduler_kwargs`", "")
+        raise ConfigError(f"train.lr_scheduler_kwargs {kwargs} for the {name} schedule: {why}") from None

@@ -1,0 +1,149 @@
+"""Probe 12 of the training loop: a recipe's train section against transformers' Trainer on a peft model (same start,
+data, seed and arguments), for the Trainer keys a recipe refused as unknown until now: AdamW's betas and epsilon, the
+schedule's kwargs, the best checkpoint loaded at the end, the dataloader keys, and steps given as a fraction."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer_probe11 import files, recipe  # noqa: F401  (files: the module's fixture, a tiny llama and rows)
+from transformers import Trainer, TrainingArguments, set_seed
+
+from deltatune.config import ConfigError
+from deltatune.train import build, train
+
+
+def reference(cfg, out, **args) -> tuple[Trainer, dict]:
+    """transformers' Trainer on a peft LoRA holding the run's start (its seed, its data as the run encodes it), after
+    training with ``args``: the trainer, and the adapter in the run's key names."""
+    from deltatune.train.models import load_processor
+    from deltatune.train.run import build_model, start_model
+    from deltatune.train.table import prepare
+
+    set_seed(cfg.train.seed)  # as the run draws its start
+    tok = load_processor(cfg.model.name_or_path, "sft")
+    prepared = prepare(cfg, tok)
+    start, _ = start_model(cfg, tok)
+    ref = peft.get_peft_model(
+        build_model(cfg, tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    ours = {k.replace(".default", ""): v for k, v in start.state_dict().items() if "lora_" in k}
+    with torch.no_grad():
+        for k, v in ref.named_parameters():
+            if "lora_" in k:
+                v.copy_(ours[k.replace(".default", "").replace("base_model.model.", "base_model.", 1)])
+    t = cfg.train
+    targs = TrainingArguments(str(out), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+                              max_steps=t.max_steps, learning_rate=t.lr, seed=t.seed, data_seed=t.seed,
+                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                              remove_unused_columns=False, **args)  # fmt: skip
+    trainer = Trainer(model=ref, args=targs, train_dataset=prepared.train, data_collator=prepared.collator)
+    trainer.train()
+    return trainer, peft.get_peft_model_state_dict(ref)
+
+
+def logged(out, key: str) -> list[float]:
+    with open(out / "log_history.jsonl") as fh:
+        return [h[key] for h in map(json.loads, fh) if key in h and "eval_loss" not in h]
+
+
+def test_adam_betas_and_epsilon_train_as_the_trainers(files, tmp_path):  # noqa: F811
+    """adam_beta1 / adam_beta2 / adam_epsilon were refused as unknown keys. Set, the run's AdamW state after 2 steps
+    (the checkpoint's optimizer.pt) and adapter equal the Trainer's with those arguments; the defaults would not."""
+    keys = {"adam_beta1": 0.5, "adam_beta2": 0.9, "adam_epsilon": 1e-3}
+    raw = recipe(files, tmp_path / "ours", save_steps=2, **keys)
+    train(build(raw))
+    adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    state = torch.load(tmp_path / "ours" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    trainer, ref = reference(build(raw), tmp_path / "ref", **keys)
+    ref_state = trainer.optimizer.state_dict()
+    assert [g["betas"] for g in state["param_groups"]] == [(0.5, 0.9)] * len(state["param_groups"])
+    assert [(g["betas"], g["eps"]) for g in state["param_groups"]] == [
+        (tuple(g["betas"]), g["eps"]) for g in ref_state["param_groups"]
+    ]
+    assert state["state"].keys() == ref_state["state"].keys()
+    for i, s in state["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert (s[name] - ref_state["state"][i][name]).abs().max() < 1e-6
+    diff = max((adapter[k] - ref[k]).abs().max().item() for k in ref)
+    _, plain = reference(build(raw), tmp_path / "plain")  # the keys left out: the test can tell
+    moved = max((plain[k] - ref[k]).abs().max().item() for k in ref)
+    assert diff < 1e-5 < moved, (diff, moved)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "kwargs"),
+    [
+        ("cosine_with_restarts", {"num_cycles": 2}),
+        ("cosine_with_min_lr", {"min_lr_rate": 0.3}),
+        ("polynomial", {"power": 2.0, "lr_end": 1e-4}),
+    ],
+)
+def test_lr_scheduler_kwargs_give_the_trainers_lr_at_every_step(files, tmp_path, scheduler, kwargs):  # noqa: F811
+    """lr_scheduler_kwargs was refused, and with it cosine_with_min_lr; the learning rate logged at each of 6 steps
+    equals the Trainer's with the same kwargs (exactly), and differs from the schedule without them."""
+    raw = recipe(files, tmp_path / "ours", max_steps=6, grad_accum=1, warmup_steps=1, scheduler=scheduler,
+                 lr_scheduler_kwargs=kwargs)  # fmt: skip
+    train(build(raw))
+    lrs = logged(tmp_path / "ours", "learning_rate")
+    trainer, _ = reference(build(raw), tmp_path / "ref", warmup_steps=1, lr_scheduler_type=scheduler,
+                           lr_scheduler_kwargs=kwargs)  # fmt: skip
+    ref = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(lrs) == 6 and lrs == ref
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    plain_name = "cosine" if scheduler == "cosine_with_min_lr" else scheduler
+    plain = get_scheduler(plain_name, opt, num_warmup_steps=1, num_training_steps=6)
+    without = []
+    for _ in range(6):
+        without.append(plain.get_last_lr()[0])
+        opt.step()
+        plain.step()
+    assert lrs != pytest.approx(without, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        ({"scheduler": "cosine_with_min_lr"}, "train.scheduler=cosine_with_min_lr needs train.lr_scheduler_kwargs"),
+        ({"scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 1, "min_lr_rate": 0.1}},
+         "Only one of min_lr or min_lr_rate should be set"),
+        ({"scheduler": "cosine", "lr_scheduler_kwargs": {"num_cycle": 2}}, "unexpected keyword argument 'num_cycle'"),
+        ({"scheduler": "constant", "lr_scheduler_kwargs": {"num_cycles": 2}}, "the constant schedule takes none"),
+        ({"adam_beta2": 1.0}, "train.adam_beta2 must be in [0, 1), got 1.0"),
+        ({"adam_epsilon": -1e-8}, "train.adam_epsilon must be >= 0"),
+        ({"load_best_model_at_end": True}, "train.load_best_model_at_end picks the checkpoint with the best "
+         "evaluation, but data.eval is not set"),
+        ({"torch_compile": True}, "torch_compile (TrainingArguments') is not taken by a recipe"),
+        ({"logging_steps": 2.5}, "train.logging_steps must be a whole number when over 1"),
+        ({"save_steps": -0.5}, "train.save_steps must be >= 1 (or null: the default), got -0.5"),
+    ],
+)  # fmt: skip
+def test_a_bad_trainer_key_is_refused_in_one_line_naming_it(keys, says):
+    with pytest.raises(ConfigError) as err:
+        build({"train": keys})
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert f"train.{next(iter(keys))}" in str(err.value) or "lr_scheduler_kwargs" in str(err.value)
+
+
+def test_load_best_model_at_end_refuses_checkpoints_off_the_evaluations():
+    base = {"data": {"train": "x.jsonl", "eval": "x.jsonl"}}
+    for keys in ({"eval_steps": 2}, {"eval_steps": 2, "save_steps": 3}, {"eval_steps": 0.5, "save_steps": 2}):
+        with pytest.raises(ConfigError, match=r"^train.load_best_model_at_end needs a checkpoint at each evaluation"):
+            build({**base, "train": {"load_best_model_at_end": True, **keys}})
+    with pytest.raises(ConfigError, match=r"^train.load_best_model_at_end picks .* grpo's own loop keeps no best"):
+        build({**base, "stage": "grpo", "train": {"load_best_model_at_end": True}})
+    ok = build({**base, "train": {"load_best_model_at_end": True, "eval_steps": 0.25, "save_steps": 0.5}})
+    assert (ok.train.eval_steps, ok.train.save_steps) == (0.25, 0.5)
+    assert build({**base, "train": {"load_best_model_at_end": True, "eval_steps": 2, "save_steps": 4}})
+    assert build({**base, "train": {"load_best_model_at_end": True}}).train.load_best_model_at_end
+    for stage in ("ppo", "grpo"):  # their own loops
+        with pytest.raises(ConfigError, match=rf"^train.adam_beta1: {stage}'s own loop runs torch's AdamW"):
+            build({"stage": stage, "train": {"adam_beta1": 0.8}})
+        with pytest.raises(ConfigError, match=rf"^train.lr_scheduler_kwargs: {stage}'s own loop"):
+            build({"stage": stage, "train": {"scheduler": "cosine", "lr_scheduler_kwargs": {"num_cycles": 1}}})
