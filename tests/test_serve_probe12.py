@@ -151,3 +151,63 @@ def test_a_wordpiece_answer_that_goes_on_a_word_joins_it_as_vllms_decoder():
         assert tok.decode(tok.convert_tokens_to_ids(["##s"])) == "##s"  # what decoding alone gave
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from tiny import tokenizer
+
+    engine, app = _serve(tokenizer())
+    yield engine, app
+    engine.close()
+
+
+def test_a_bad_word_of_no_token_and_an_infinite_or_huge_number_are_a_400_not_a_500(minilm):
+    """A bad word the tokenizer drops (a zero-width space) indexed an empty list: a 500 (vLLM's 400: "bad_words
+    entries must tokenize to at least one token"). repetition_penalty inf was served (vLLM: "must be a finite
+    number"), and an integer past float's range an OverflowError, a 500. A huge logit_bias is clamped, as vLLM's
+    min/max take it."""
+    engine, app = minilm
+    assert engine.tokenizer.encode("\u200b", add_special_tokens=False) == []
+    body = {"prompt": "the cat", "max_tokens": 2}
+    status, answer = _call(app, "/v1/completions", {**body, "bad_words": ["\u200b"]})
+    assert status == 400 and answer["error"]["param"] == "bad_words", answer
+    for value in (float("inf"), 10**400):
+        status, answer = _call(app, "/v1/completions", {**body, "repetition_penalty": value})
+        assert status == 400 and answer["error"]["param"] == "repetition_penalty", answer
+        assert "finite" in answer["error"]["message"]
+    assert _call(app, "/v1/completions", {**body, "repetition_penalty": 1e300})[0] == 200  # finite: vLLM serves it
+    from deltatune.serve.fields import _logit_bias
+
+    huge = {"1": 10**400, "2": -(10**400), "3": float("inf"), "4": float("nan")}
+    assert _logit_bias({"logit_bias": huge}, 10) == {t: min(100.0, max(-100.0, v)) for t, v in ((1, 10**400),
+           (2, -(10**400)), (3, float("inf")), (4, float("nan")))} == {1: 100.0, 2: -100.0, 3: 100.0, 4: -100.0}  # fmt: skip
+    assert _call(app, "/v1/completions", {**body, "logit_bias": {"5": 10**400}})[0] == 200
+
+
+def test_tokenize_and_detokenize_answer_as_vllms_routes(minilm):
+    """vLLM's /tokenize (a completion's prompt, or a chat's messages rendered as a chat request renders them) and
+    /detokenize were a 404."""
+    engine, app = minilm
+    tok = engine.tokenizer
+    status, answer = _call(app, "/tokenize", {"prompt": "the cat sat", "return_token_strs": True})
+    ids = tok("the cat sat")["input_ids"]
+    assert status == 200 and answer == {"count": len(ids), "max_model_len": 128, "tokens": ids,
+                                        "token_strs": tok.convert_ids_to_tokens(ids)}, answer  # fmt: skip
+    _, answer = _call(app, "/tokenize", {"prompt": "the cat sat", "add_special_tokens": False})
+    assert answer["tokens"] == ids[1:-1] and answer["token_strs"] is None
+    assert _call(app, "/tokenize", {"prompt": ""})[1]["tokens"] == tok("")["input_ids"]  # vLLM tokenizes "" too
+    messages = [{"role": "user", "content": "hi there"}]
+    _, answer = _call(app, "/tokenize", {"messages": messages})
+    want = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    assert answer["tokens"] == want["input_ids"]
+    _, chat = _call(app, "/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+    assert chat["usage"]["prompt_tokens"] == answer["count"]  # the prompt a chat request computes with
+    status, answer = _call(app, "/detokenize", {"tokens": ids})
+    assert status == 200 and answer == {"prompt": tok.decode(ids)} and answer["prompt"] == "[CLS] the cat sat [SEP]"
+    for path, bad, param in (("/detokenize", {"tokens": [len(tok)]}, "tokens"), ("/detokenize", {"tokens": "1"},
+                             "tokens"), ("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"prompt": "a",
+                             "model": "nope"}, "model"), ("/tokenize", {"messages": messages, "add_generation_prompt":
+                             True, "continue_final_message": True}, "continue_final_message")):  # fmt: skip
+        status, answer = _call(app, path, bad)
+        assert status in (400, 404) and answer["error"]["param"] == param, (path, bad, answer)

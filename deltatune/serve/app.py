@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over an ``Engine`` (FastAPI on uvicorn).
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` answers with
-server-sent events as the OpenAI clients expect), ``POST /v1/adapters`` and ``DELETE /v1/adapters/{name}`` (load and
+server-sent events as the OpenAI clients expect), vLLM's ``POST /tokenize`` and ``/detokenize``, ``POST /v1/adapters`` and ``DELETE /v1/adapters/{name}`` (load and
 unload at run time, from inside ``adapter_dir`` only; vLLM's ``POST /v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` too), and ``GET /health`` (rows running and waiting). Errors are
 OpenAI's JSON shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for a bad request.
@@ -24,7 +24,7 @@ from .engine import BASE, UNLOADED, Engine, Request, RequestError
 from .fields import Limits, bad_words_ids, choices_of, flag, to_request
 from .guard import refusal
 from .logprob_names import logprobs_json, prompt_logprobs_json
-from .prompts import _chat_ids, _prompt_ids, _rendering
+from .prompts import _chat_ids, _prompt_ids, _rendering, _utf8
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # OpenAI's: a wrong key (401) and an unknown model (404) are an invalid_request_error too, told apart by their code.
@@ -139,6 +139,39 @@ def create_app(
         if flag(body, "echo"):  # the prompt as given, or its token ids decoded (as vLLM echoes them)
             echo = [p if isinstance(p, str) else engine.tokenizer.decode(i) for p, i in zip(prompts, ids)]
         return await _complete(http, body, ids, chat=False, echo=echo)
+
+    # vLLM's tokenizer routes (outside /v1, as vLLM's): a served model's prompt as its requests would tokenize it
+    @app.post("/tokenize")
+    async def tokenize(http: HttpRequest):
+        """vLLM's: a completion's ``prompt`` (``add_special_tokens`` default true) or a chat's ``messages`` (rendered
+        as a chat request is, vLLM's rendering fields included) into ``{count, max_model_len, tokens, token_strs}``;
+        ``token_strs`` the tokens' pieces with ``return_token_strs``, else null."""
+        body = await _body(http)
+        model = _served(body)
+        if "messages" in body:
+            template = engine.templates.get(model)
+            ids = _chat_ids(engine.tokenizer, body.get("messages"), template, _rendering(body, template))
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):  # vLLM's TokenizeCompletionRequest: a string ("" too)
+                raise RequestError(f"prompt must be a string (or send messages), got {prompt!r}", param="prompt")
+            _utf8(prompt, "prompt", "prompt")
+            special = flag(body, "add_special_tokens") if body.get("add_special_tokens") is not None else True
+            ids = list(engine.tokenizer(prompt, add_special_tokens=special)["input_ids"])
+        strs = engine.tokenizer.convert_ids_to_tokens(ids) if flag(body, "return_token_strs") else None
+        return {"count": len(ids), "max_model_len": int(context), "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(http: HttpRequest):
+        """vLLM's: ``tokens`` (ids in the vocabulary) decoded, special tokens kept: ``{prompt}``."""
+        body = await _body(http)
+        _served(body)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise RequestError(f"tokens must be a list of token ids, got {tokens!r}", param="tokens")
+        if any(not 0 <= t < len(engine.tokenizer) for t in tokens):
+            raise RequestError(f"tokens must lie in [0, {len(engine.tokenizer)})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(tokens)}
 
     async def _load(name: Any, path: Any, keys: tuple[str, str] = ("name", "path")) -> None:
         """Load adapter ``name`` from ``path`` (inside ``adapter_dir``); ``keys`` name the body's two fields."""

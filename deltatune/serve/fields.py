@@ -5,6 +5,7 @@ fields this server does not compute (refused, not ignored)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .engine import Request, RequestError
@@ -67,11 +68,22 @@ def _number(
     value = body.get(key)
     if value is None:
         return default
+    # inf is no bound a value may reach (vLLM: repetition_penalty "must be a finite number"), nor an integer past
+    # float's range (float() of it raised OverflowError: a 500)
     inside = isinstance(value, (int, float)) and (low < value if open_low else low <= value) and value <= high
-    if isinstance(value, bool) or not inside:
-        where = f"in {'(' if open_low else '['}{low}, {high}]" if high < float("inf") else f"greater than {low}"
+    if isinstance(value, bool) or not inside or not _finite(value):
+        where = (
+            f"in {'(' if open_low else '['}{low}, {high}]" if high < float("inf") else f"greater than {low} and finite"
+        )
         raise RequestError(f"{key} must be a number {where}, got {value!r}", param=key)
     return float(value)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of 309 digits or more
+        return False
 
 
 def _top_k(body: dict) -> int | None:
@@ -193,6 +205,8 @@ def bad_words_ids(tokenizer: Any, body: dict) -> list[list[int]]:
     for word in words:
         plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
         spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if not plain:  # vLLM's 400 (a word the tokenizer drops, such as a zero-width space, was a 500)
+            raise RequestError(f"bad_words entry {word!r} tokenizes to no token", param="bad_words")
         out.append(plain)
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
             out.append(spaced)
@@ -248,7 +262,7 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(f"logit_bias[{key!r}] must be a number, got {value!r}", param="logit_bias")
         # vLLM's from_optional: clamped to [-100, 100] (its expression: NaN becomes -100), not refused
-        parsed[token] = min(100.0, max(-100.0, float(value)))  # "5" and "05": the last one, as vLLM reads them
+        parsed[token] = float(min(100.0, max(-100.0, value)))  # "5" and "05": the last one, as vLLM reads them
     return parsed or None
 
 
