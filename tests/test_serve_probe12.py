@@ -211,3 +211,20 @@ def test_tokenize_and_detokenize_answer_as_vllms_routes(minilm):
                              True, "continue_final_message": True}, "continue_final_message")):  # fmt: skip
         status, answer = _call(app, path, bad)
         assert status in (400, 404) and answer["error"]["param"] == param, (path, bad, answer)
+
+
+def test_seed_minus_1_is_no_seed_as_vllm(minilm):
+    """vLLM's SamplingParams.__post_init__ turns seed -1 into None (unseeded); here it seeded every draw with -1, so
+    two requests with seed -1 gave the same answer."""
+    from deltatune.serve.fields import Limits, to_request
+
+    limits = Limits(64, 128)
+    assert to_request({"seed": -1}, [1, 2], limits, "base").seed is None
+    assert to_request({"seed": -2}, [1, 2], limits, "base").seed == -2
+    engine, app = minilm
+    body = {"prompt": "the cat", "max_tokens": 8, "temperature": 1.0, "top_k": 0, "ignore_eos": True, "n": 4}
+    texts = [c["text"] for c in _call(app, "/v1/completions", {**body, "seed": -1})[1]["choices"]]
+    again = [c["text"] for c in _call(app, "/v1/completions", {**body, "seed": -1})[1]["choices"]]
+    assert texts != again  # 4 x 8 tokens drawn over a 30,522-token vocabulary: equal only by a fluke
+    seeded = [c["text"] for c in _call(app, "/v1/completions", {**body, "seed": 5})[1]["choices"]]
+    assert seeded == [c["text"] for c in _call(app, "/v1/completions", {**body, "seed": 5})[1]["choices"]]

@@ -151,6 +151,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
         raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
+    seed = None if seed == -1 else seed  # vLLM's SamplingParams: -1 is no seed (each answer drawn anew)
     if not isinstance(body.get("user", ""), (str, type(None))):  # OpenAI's end-user id, a string (both APIs check)
         raise RequestError(f"user must be a string, got {body['user']!r}", param="user")
     # chat's tools and tool_choice are checked where the prompt is rendered (prompts._tools)
