@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import registry, status
-from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from .files import (
     AdapterLoadError,
     _head_echo,
@@ -176,6 +176,10 @@ def load_adapter(
             model.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
     except AdapterLoadError as exc:
         raise explain_missing_fields(exc, config_file, config) from None
+    except ConfigError as exc:  # the file's config does not fit this model (e.g. its target_modules): name the file
+        if not config_file or str(exc).startswith(config_file):
+            raise
+        raise ConfigError(f"{config_file}: {exc}") from None
     if autocast_adapter_dtype and upcast_adapter([layer for _, layer in model._layers()], adapter_name):
         import_tensors(model, adapter_name, tensors, source)  # the file's values again, unrounded
     if is_trainable:  # its parameters train though it is not active, as peft's (until set_adapter picks others)

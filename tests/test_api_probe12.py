@@ -5,6 +5,7 @@ tiny Llama / BERT models with LoRA."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -87,3 +88,16 @@ def test_saved_modules_to_save_naming_an_absent_module_loads_as_peft_and_is_kept
     # a name given fresh that matches nothing stays refused (a typo; peft passes it over silently): kept on purpose
     with pytest.raises(dt.ConfigError, match="'score' matches no module"):
         dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA, modules_to_save=["score"]))
+
+
+# -- 4. a saved config that does not fit the model names its file --------------------------------------------------
+def test_a_saved_config_whose_targets_match_nothing_names_its_file(tmp_path):
+    torch.manual_seed(0)
+    peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA)).save_pretrained(tmp_path)
+    with pytest.raises(peft.tuners.tuners_utils.NoMatchingPeftModuleError):  # peft's: no file named
+        peft.PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path)
+    model = dt.DeltaModel(tiny_model("gpt2"))
+    file = re.escape(str(tmp_path / "adapter_config.json"))
+    with pytest.raises(dt.ConfigError, match=rf"^{file}: lora: target_modules=\[.*\] matches no module"):
+        model.load_adapter(tmp_path, "default")
+    assert model.peft_config == {} and not any("lora" in n for n, _ in model.named_parameters())
