@@ -147,3 +147,51 @@ def test_load_best_model_at_end_refuses_checkpoints_off_the_evaluations():
             build({"stage": stage, "train": {"adam_beta1": 0.8}})
         with pytest.raises(ConfigError, match=rf"^train.lr_scheduler_kwargs: {stage}'s own loop"):
             build({"stage": stage, "train": {"scheduler": "cosine", "lr_scheduler_kwargs": {"num_cycles": 1}}})
+
+
+def test_load_best_model_at_end_leaves_the_best_checkpoints_adapter_and_fractions_of_steps_count(files, tmp_path):  # noqa: F811
+    """load_best_model_at_end was refused as unknown. With greater_is_better on the eval loss (so the best is the
+    worst: not the last step), the run's adapter file and the model it evaluates at the end are the checkpoint the
+    Trainer's rule picks from the logged evaluations (the highest eval_loss), kept by the rotation; eval_steps and
+    save_steps 0.25 of 4 steps evaluate and save at every step, logging_steps 0.5 logs at steps 2 and 4, as the
+    Trainer reads fractions (they were refused as not int)."""
+    out = tmp_path / "run"
+    raw = recipe(files, out, max_steps=4, eval_steps=0.25, save_steps=0.25, logging_steps=0.5, save_total_limit=2,
+                 load_best_model_at_end=True, greater_is_better=True)  # fmt: skip
+    raw["data"]["eval"] = files["sft"]
+    metrics = train(build(raw))
+    with open(out / "log_history.jsonl") as fh:
+        history = [json.loads(line) for line in fh]
+    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    assert sorted(evals) == [1, 2, 3, 4]
+    assert [h["step"] for h in history if "loss" in h and "eval_loss" not in h] == [2, 4]
+    best = max(evals, key=evals.get)
+    assert best != 4 and len(set(evals.values())) == 4
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == [f"checkpoint-{best}",
+                                                                                          "checkpoint-4"]  # fmt: skip
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(out / f"checkpoint-{best}")
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    kept = load_file(str(out / f"checkpoint-{best}" / "adapter_model.safetensors"))
+    last = load_file(str(out / "checkpoint-4" / "adapter_model.safetensors"))
+    assert all(torch.equal(adapter[k], kept[k]) for k in kept)
+    assert not all(torch.equal(adapter[k], last[k]) for k in last)
+    assert metrics["eval_loss"] == pytest.approx(evals[best], rel=1e-6)  # the model in memory is the best one too
+
+
+def test_dataloader_drop_last_and_pin_memory_reach_the_trainer(files, tmp_path):  # noqa: F811
+    """dataloader_drop_last / dataloader_pin_memory were refused as unknown. 8 rows in batches of 3 make 3 steps an
+    epoch, 2 with the last incomplete batch dropped, as the Trainer counts them."""
+    from types import SimpleNamespace
+
+    from deltatune.train.run import _training_args
+
+    steps = []
+    for drop in (False, True):
+        raw = recipe(files, tmp_path / f"drop{drop}", batch_size=3, grad_accum=1, max_steps=-1, epochs=1,
+                     dataloader_drop_last=drop)  # fmt: skip
+        steps.append(train(build(raw))["train_steps"])
+    assert steps == [3, 2]
+    cfg = build({"train": {"dataloader_pin_memory": False, "dataloader_drop_last": True}})
+    args = _training_args(cfg, SimpleNamespace(eval=None, loss_only=True), str(tmp_path / "args"))
+    assert (args.dataloader_pin_memory, args.dataloader_drop_last) == (False, True)

@@ -420,9 +420,12 @@ def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dic
     """The final evaluation's metrics (eval_*), with the stage's generation metrics (seq2seq, caption)."""
     # Training that ended on an evaluation (the Trainer evaluates at the end of each epoch, and at the last step of
     # a run cut short by max_steps) already has the final weights' metrics: another pass would repeat them.
-    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    # With load_best_model_at_end the weights are the best checkpoint's: its step's evaluation (not the last step's).
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    step = int(best.rsplit("-", 1)[1]) if best else trainer.state.global_step
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h and h.get("step") == step), None)
     # (evaluate()'s dict also holds the Trainer's num_input_tokens_seen, which log() adds to it: no eval_ metric)
-    metrics = last if last is not None and last.get("step") == trainer.state.global_step else trainer.evaluate()
+    metrics = last if last is not None else trainer.evaluate()
     skip = ("_runtime", "_per_second", "epoch", "_preparation_time")
     metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and not k.endswith(skip)}
     if prepared.loss_only and "eval_loss" in metrics and TASK_OF_STAGE[cfg.stage] != "TEXT_TO_IMAGE":
