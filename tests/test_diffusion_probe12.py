@@ -4,10 +4,16 @@ them, ``train.prediction_type`` and DreamBooth's prior preservation replayed by 
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -15,6 +21,7 @@ from diffusion.test_lora_files import out, tiny_unet  # noqa: E402
 from tolerances import ATOL  # noqa: E402
 
 import deltatune as dt  # noqa: E402
+from deltatune.train import t2i  # noqa: E402
 
 ATOL32 = ATOL[torch.float32]
 KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn{}_to_{}"
@@ -74,3 +81,167 @@ def test_a_kohya_dora_file_with_a_text_encoder_part_warns_once_in_generate_lora(
         load_pipeline_loras(model, clip, "unet", [file], [1.0])
     dropped = [w for w in caught if "dora_scale keys dropped" in str(w.message)]
     assert len(dropped) == 1 and "7 dora_scale keys" in str(dropped[0].message), [str(w.message) for w in caught]
+
+
+# -- train.prediction_type and DreamBooth's prior preservation ----------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """tests/tiny.py's pipeline folder (16x16 grayscale UNet, DDPM epsilon scheduler of 100 steps, tiny CLIP)."""
+    from tiny import save_text_to_image_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    save_text_to_image_pipeline(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from deltatune.data import digits
+
+    out = tmp_path_factory.mktemp("digits")
+    digits.write(str(out))
+    return out
+
+
+def _prepare(pipeline: Path, data: Path, **keys):
+    """prepare_t2i on the LoRA recipe with ``keys`` (section.key: value) set on the RunConfig: the keys config.py
+    does not list yet are set as attributes, as t2i reads them (getattr with a default)."""
+    from deltatune.train.config import load_recipe
+
+    cfg = load_recipe(str(ROOT / "recipes" / "digits-t2i-lora.yaml"),
+                      [f"model.name_or_path={pipeline}", f"data.train={data / 't2i-adapt-train.jsonl'}",
+                       "data.eval=null", "data.limit=6"])  # fmt: skip
+    for key, value in keys.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    processor = t2i.T2IProcessor(str(pipeline))
+    return processor, t2i.prepare_t2i(cfg, processor)
+
+
+def _hand_target(scheduler, x0, noise, t, kind):
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return noise if kind == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+
+@pytest.mark.parametrize("snr_gamma", [0.0, 5.0])
+def test_train_prediction_type_v_on_an_epsilon_base_is_the_scripts_loss_by_hand(pipeline, data, snr_gamma):
+    """train_text_to_image_lora.py --prediction_type v_prediction [--snr_gamma 5] on an epsilon base: the scheduler's
+    prediction_type is registered as v_prediction, the target is the velocity, and min-SNR divides by SNR + 1.
+    HEAD ignored the key: it trained against the noise (epsilon)."""
+    from diffusers.training_utils import compute_snr
+
+    processor, prep = _prepare(pipeline, data, train__prediction_type="v_prediction", train__snr_gamma=snr_gamma)
+    scheduler = processor.scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert "loss: DDPM, v_prediction" in prep.notes[1]
+    options = prep.trainer_class.keywords["loss_options"]
+    batch = prep.collator([prep.train[i] for i in range(3)])
+    unet = t2i.load_denoiser(str(pipeline)).eval()
+    with torch.no_grad():
+        loss = t2i.denoising_loss(unet, scheduler, batch, generator=torch.Generator().manual_seed(7), **options)
+        g = torch.Generator().manual_seed(7)  # the script's draws: noise, then the steps
+        x0 = batch["pixel_values"]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 100, (3,), generator=g)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=batch["encoder_hidden_states"]).sample
+    target = _hand_target(scheduler, x0, noise, t, "v_prediction")
+    if snr_gamma:
+        snr = compute_snr(scheduler, t)
+        weights = torch.stack([snr, snr_gamma * torch.ones_like(t)], dim=1).min(dim=1)[0] / (snr + 1)
+        want = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * weights).mean()
+    else:
+        want = torch.nn.functional.mse_loss(pred.float(), target.float())
+    assert (loss - want).abs().item() <= 1e-6 * want.item(), (loss, want)
+    eps = torch.nn.functional.mse_loss(pred, noise)
+    assert (eps - want).abs() > 1e-3  # (the epsilon loss HEAD computed is another number)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [({"train__prediction_type": "sample"}, "train.prediction_type must be one of epsilon, v_prediction, got 'sample'"),
+     ({"train__with_prior_preservation": True}, "needs data.class_data_dir"),
+     ({"train__with_prior_preservation": True, "data__class_data_dir": "x"}, "needs data.class_prompt"),
+     ({"train__with_prior_preservation": True, "data__class_data_dir": "x", "data__class_prompt": "a digit",
+       "train__prior_loss_weight": -1.0}, "train.prior_loss_weight must be a finite number >= 0, got -1.0")],
+)  # fmt: skip
+def test_bad_prediction_type_and_prior_keys_are_one_line(pipeline, data, keys, message):
+    from deltatune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _prepare(pipeline, data, **keys)
+
+
+def _class_folder(tmp_path: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(11)
+    for i in range(n):
+        pixels = (torch.rand(20, 20, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).convert("RGB").save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_prior_preservation_is_train_dreambooth_lora_pys_loss_by_hand(pipeline, data, tmp_path, weight):
+    """train_dreambooth_lora.py --with_prior_preservation: the batch is the instances then their class images (the
+    class prompt's states), noised as one; loss = mse(instance half) + prior_loss_weight * mse(class half)."""
+    folder = _class_folder(tmp_path, 2)
+    processor, prep = _prepare(
+        pipeline, data, train__with_prior_preservation=True, train__prior_loss_weight=weight,
+        data__class_data_dir=str(folder), data__class_prompt="a photo of a digit", data__num_class_images=2,
+    )  # fmt: skip
+    assert len(prep.train) == 6  # max(6 instances, 2 class images)
+    assert any("prior preservation: 2 class images with 'a photo of a digit'" in n for n in prep.notes)
+    batch = prep.collator([prep.train[i] for i in range(3)])
+    assert batch["pixel_values"].shape[0] == 6 and int(batch["prior_split"]) == 3
+    class_states = processor.condition(["a photo of a digit"], 16)[0]["encoder_hidden_states"]
+    torch.testing.assert_close(batch["encoder_hidden_states"][3:], class_states.expand(3, -1, -1), atol=0, rtol=0)
+    first = processor.pixels(Image.open(folder / "00.png"), processor.interpolation)
+    torch.testing.assert_close(batch["pixel_values"][3], first, atol=0, rtol=0)  # instance 0's class image: 00.png
+    torch.testing.assert_close(batch["pixel_values"][4], processor.pixels(Image.open(folder / "01.png")))
+    torch.testing.assert_close(batch["pixel_values"][5], first, atol=0, rtol=0)  # (2 mod 2)
+    options = prep.trainer_class.keywords["loss_options"]
+    unet = t2i.load_denoiser(str(pipeline)).eval()
+    with torch.no_grad():
+        loss = t2i.denoising_loss(
+            unet, processor.scheduler, batch, generator=torch.Generator().manual_seed(3), **options
+        )
+        g = torch.Generator().manual_seed(3)
+        x0 = batch["pixel_values"]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 100, (6,), generator=g)
+        noisy = processor.scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=batch["encoder_hidden_states"]).sample
+    model_pred, model_pred_prior = torch.chunk(pred, 2, dim=0)  # the script's lines
+    target, target_prior = torch.chunk(noise, 2, dim=0)
+    want = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    want = want + weight * F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+    assert (loss - want).abs().item() <= 1e-6 * want.item(), (loss, want)
+    assert (F.mse_loss(pred, noise) - want).abs() > 1e-4 or weight != 1.0  # (not the plain mean of the batch)
+
+
+def test_too_few_class_images_are_drawn_by_the_base_first(pipeline, data, tmp_path):
+    """The script fills class_data_dir up to --num_class_images with the base pipeline's drawings of the class
+    prompt (named index-sha1.jpg); then two steps train on instance + class batches."""
+    folder = _class_folder(tmp_path, 1)
+    processor, prep = _prepare(
+        pipeline, data, train__with_prior_preservation=True, data__class_data_dir=str(folder),
+        data__class_prompt="a digit", data__num_class_images=3,
+    )  # fmt: skip
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 3 and files[0] == "00.png" and files[1].startswith("1-") and files[2].startswith("2-")
+    assert any("3 class images (2 drawn by the base now)" in n for n in prep.notes)
+    drawn = t2i.sample(t2i.load_denoiser(str(pipeline)), processor, ["a digit"] * 2, 50, 7.5, 0, 16)
+    saved = torch.tensor(np.asarray(Image.open(folder / files[1]).convert("L")), dtype=torch.float32) / 255
+    assert (saved - drawn[0, 0]).abs().mean() < 0.05  # (a JPEG of the base's first drawing)
+    assert len(prep.train) == 6
+    with torch.no_grad():
+        unet = t2i.load_denoiser(str(pipeline))
+        batch = prep.collator([prep.train[i] for i in range(4)])
+        loss = t2i.denoising_loss(unet, processor.scheduler, batch, **prep.trainer_class.keywords["loss_options"])
+    assert math.isfinite(loss.item())

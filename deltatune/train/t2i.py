@@ -38,10 +38,12 @@ from ..config import ConfigError
 from ..data.images import INTERPOLATIONS, T2I_AUGMENTATIONS, check, open_rgb, read_image_rows, t2i_crop, t2i_resize
 from ..data.load import DataError
 from ..model import DeltaModel
+from . import t2i_noise
 from .config import RunConfig
 from .prepared import Prepared
 from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
 from .t2i_noise import min_snr_weights as min_snr_weights  # (t2i.min_snr_weights, as before the split)
+from .t2i_prior import prior_collate, prior_options, with_prior
 from .trainer import DeltaTrainer
 
 T2I_FILE = "t2i.json"
@@ -424,15 +426,17 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     the Trainer the stage's loss.
 
     Raises:
-        ConfigError: a bad loss key (``t2i_noise.loss_options``), a bad data.augment, interpolation or caption
-            dropout, or model.train_text_encoder without a LoRA method or under several processes.
+        ConfigError: a bad loss key (``t2i_noise.loss_options``), train.prediction_type or prior-preservation key
+            (``t2i_prior.prior_options``), a bad data.augment, interpolation or caption dropout, or
+            model.train_text_encoder without a LoRA method or under several processes.
         DataError: a row without an image or a caption (file:line), an unreadable image, a caption over
             data.max_length (or the text encoder's context) under data.truncation=refuse.
     """
     d = cfg.data
     if not d.train:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
-    options = loss_options(cfg.train, processor.flow)
+    options, prior = loss_options(cfg.train, processor.flow), prior_options(cfg)  # (t2i_prior: DreamBooth's)
+    options |= {"prior_loss_weight": prior["weight"]} if prior else {}
     augment = list(d.augment)  # (diffusers' scripts' RandomCrop without --center_crop, and --random_flip)
     if bad := [a for a in augment if a not in T2I_AUGMENTATIONS]:
         raise ConfigError(f"data.augment: stage t2i takes {', '.join(T2I_AUGMENTATIONS)}, got {bad[0]!r}")
@@ -488,6 +492,16 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
 
     notes: list[str] = []
     train = read(d.train, "train", notes)
+    if prior:  # class images resized as the instances, and cropped (and flipped) as they are, at each read
+        tensor = functools.partial(processor.tensor, augment=augment)
+        resize = functools.partial(processor.resized, interpolation=interp)
+        load = (lambda img: resize(img)) if augment else (lambda img: tensor(resize(img)))
+        train = with_prior(
+            train, processor, prior, cfg, load, tensor if augment else None, notes, load_denoiser, sample
+        )
+    t2i_noise.set_prediction_type(
+        cfg.train, processor.scheduler, processor.flow
+    )  # (after the base drew any class images)
     ev = read(d.eval, "eval", notes) if d.eval else None
     trained = "; its LoRA trains too (model.train_text_encoder)" if trains else ""
     notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}{trained}")
@@ -495,7 +509,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     if augment or drop:
         notes.insert(2, f"train-time: {', '.join([*augment, *[f'{drop:g} of captions empty'] * bool(drop)])}")
     trainer = functools.partial(T2ITrainer, processor=processor, loss_options=options)
-    return Prepared(train, ev, collate, None, None, notes=notes, loss_only=True, trainer_class=trainer)
+    batch = prior_collate if prior else collate
+    return Prepared(train, ev, batch, None, None, notes=notes, loss_only=True, trainer_class=trainer)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ their ``diffusers.training_utils``).
   without it; loss = mean (model(x_t, t) - target)^2, target e (epsilon, e before the perturbation) or
   sqrt(abar_t) e - sqrt(1 - abar_t) x0 (v_prediction). Draw order: e, the offset, the perturbation, t.
   ``snr_gamma`` g weighs each image's mean by min(SNR_t, g) / SNR_t (epsilon) or / (SNR_t + 1) (v), SNR_t =
-  abar_t / (1 - abar_t), at SNR_t 0 the limit, 1 (epsilon) or 0 (min-SNR, Hang et al. 2023).
+  abar_t / (1 - abar_t), at SNR_t 0 the limit, 1 (epsilon) or 0 (min-SNR, Hang et al. 2023). ``prediction_type``
+  (diffusers' ``--prediction_type``) sets the scheduler's epsilon or v_prediction for training.
 - Flow matching (rectified flow; Esser et al. 2024): e ~ N(0, I), then u by the ``sigma_sampling`` scheme
   (diffusers' ``--weighting_scheme``): ``uniform`` (diffusers' ``none``), ``sigma_sqrt`` and ``cosmap``: u ~ U(0, 1);
   ``logit_normal``: sigmoid(N(logit_mean, logit_std)); ``mode``: 1 - u - mode_scale (cos^2(pi u / 2) - 1 + u);
@@ -16,6 +17,11 @@ their ``diffusers.training_utils``).
   weighted by sigma^-2 (``sigma_sqrt``), 2 / (pi (1 - 2 sigma + 2 sigma^2)) (``cosmap``), else 1; the target is
   e - x0, or, with ``precondition_outputs`` (SD3's script's default; EDM's preconditioning), the prediction becomes
   x_t - sigma model(x_t) and the target x0.
+- DreamBooth's prior preservation (Ruiz et al. 2023; ``train_dreambooth_lora.py``): a batch of B instance images
+  then B class images (``inputs["prior_split"]`` = B) is noised as one; loss = the instance half's loss + w times
+  the class half's plain mean squared error (w: ``prior_loss_weight``; the instance half keeps its weighting, the
+  class half is unweighted, as ``train_dreambooth_lora_sdxl.py`` with ``--snr_gamma``; flow matching: each half
+  its own sigma weights, as ``train_dreambooth_lora_sd3.py``).
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ def denoising_loss(
     snr_gamma: float = 0.0,
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
+    prior_loss_weight: float = 1.0,
 ) -> torch.Tensor:
     """The DDPM loss of one batch (module docstring), its draws from ``generator`` in diffusers' order."""
     x0 = latents(inputs["pixel_values"], vae, generator, shift_factor(model, vae))
@@ -97,10 +104,25 @@ def denoising_loss(
     if kind not in ("epsilon", "v_prediction"):
         raise ConfigError(f"stage t2i: scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction)")
     target = noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
-    if not snr_gamma:
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
-    per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return (per_image * min_snr_weights(scheduler, t, snr_gamma)).mean()
+    error = (pred.float() - target.float()).pow(2)
+    weights = min_snr_weights(scheduler, t, snr_gamma) if snr_gamma else None
+    return _with_prior(error, weights, inputs, prior_loss_weight)
+
+
+def _with_prior(error: torch.Tensor, weights, inputs: dict, prior_loss_weight: float) -> torch.Tensor:
+    """The batch's loss from the squared errors (N, ...) and each image's weight (None: 1): the weighted mean, or
+    with a prior half (``inputs["prior_split"]``) the instance half's plus ``prior_loss_weight`` times the class
+    half's unweighted mean, each half's mean as diffusers' ``F.mse_loss`` (module docstring)."""
+
+    def mean(e: torch.Tensor, w) -> torch.Tensor:
+        return e.mean() if w is None else (e.flatten(1).mean(1) * w).mean()
+
+    split = inputs.get("prior_split")
+    if split is None:
+        return mean(error, weights)
+    n = int(split)
+    instance = mean(error[:n], None if weights is None else weights[:n])
+    return instance + prior_loss_weight * error[n:].mean()
 
 
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -145,6 +167,7 @@ def flow_matching_loss(
     logit_std: float = 1.0,
     mode_scale: float = 1.29,
     precondition_outputs: bool = False,
+    prior_loss_weight: float = 1.0,
 ) -> torch.Tensor:
     """The flow-matching loss of one batch (module docstring); the noise, then u, drawn from ``generator``."""
     x0 = latents(inputs["pixel_values"], vae, generator, shift_factor(model, vae))
@@ -160,8 +183,8 @@ def flow_matching_loss(
         pred, target = pred * -sigma.float() + noisy.float(), x0.float()
     else:
         target = (noise - x0).float()
-    weight = sigma_weights(sigma_sampling, sigma).float()
-    return (weight * (pred - target) ** 2).flatten(1).mean(1).mean()
+    error = (sigma_weights(sigma_sampling, sigma).float() * (pred - target) ** 2).flatten(1).mean(1)
+    return _with_prior(error, None, inputs, prior_loss_weight)  # (the sigma weights in both halves, as SD3's script)
 
 
 DDPM_KEYS = {"snr_gamma": 0.0, "noise_offset": 0.0, "input_perturbation": 0.0}
@@ -199,6 +222,30 @@ def loss_options(train, flow: bool) -> dict:
     if flow:
         out["precondition_outputs"] = bool(out["precondition_outputs"])
     return out
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""``train.prediction_type``: what a DDPM denoiser learns to predict (diffusers' scripts' ``--prediction_type``)."""
+
+
+def set_prediction_type(train, scheduler, flow: bool) -> None:
+    """``train.prediction_type`` (None: the base scheduler's) registered in the scheduler's config, as diffusers'
+    scripts ``register_to_config`` it: the loss's target follows, and the run's saved scheduler config names it.
+
+    Raises:
+        ConfigError: a value other than epsilon or v_prediction, or any value on a flow-matching base.
+    """
+    kind = getattr(train, "prediction_type", None)
+    if kind is None:
+        return
+    if flow:
+        raise ConfigError(
+            f"train.prediction_type ({kind!r}) sets a DDPM scheduler's target; this base trains with flow matching "
+            "(its target is e - x0): drop it"
+        )
+    if kind not in PREDICTION_TYPES:
+        raise ConfigError(f"train.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {kind!r}")
+    scheduler.register_to_config(prediction_type=kind)
 
 
 def describe(options: dict, flow: bool, prediction_type: str | None) -> str:

@@ -1,0 +1,144 @@
+"""Stage ``t2i``'s DreamBooth prior preservation (Ruiz et al. 2023), as diffusers' ``train_dreambooth_lora.py``:
+each training image (an instance) is read with a class image and the class prompt, the batch is the B instances
+then their B class images, and the loss adds ``train.prior_loss_weight`` times the class half's
+(``t2i_noise``'s ``prior_split``).
+
+Keys (diffusers' flags): ``train.with_prior_preservation``, ``train.prior_loss_weight`` (1.0), ``data.class_data_dir``
+(a folder of class images: its image files, sorted by name), ``data.class_prompt``, ``data.num_class_images``
+(100). When the folder holds fewer than ``data.num_class_images``, the missing ones are drawn first with the base
+(``t2i.sample``: 50 steps, guidance 7.5, as the pipeline's defaults), in batches of 4, and saved there as
+``<index>-<sha1 of the pixels>.jpg``, as the script does. The dataset is as long as the larger of the two; item i
+pairs instance i mod N and class image i mod M, as the script's ``DreamBoothDataset``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from ..data.images import IMAGE_EXTENSIONS, ImageRow, open_rgb
+
+SAMPLE_BATCH = 4
+"""Class images drawn at once (the script's ``--sample_batch_size``)."""
+
+
+def prior_options(cfg) -> dict[str, Any] | None:
+    """The prior-preservation settings of a recipe (None without ``train.with_prior_preservation``).
+
+    Raises:
+        ConfigError: no data.class_data_dir or data.class_prompt, a data.num_class_images < 1, a
+            train.prior_loss_weight that is negative or not finite.
+    """
+    if not getattr(cfg.train, "with_prior_preservation", False):
+        return None
+    folder, prompt = getattr(cfg.data, "class_data_dir", None), getattr(cfg.data, "class_prompt", None)
+    count, weight = getattr(cfg.data, "num_class_images", 100), getattr(cfg.train, "prior_loss_weight", 1.0)
+    if not folder:
+        raise ConfigError("train.with_prior_preservation needs data.class_data_dir: a folder of class images")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError("train.with_prior_preservation needs data.class_prompt: the prompt of the class images")
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError(f"data.num_class_images must be an integer >= 1, got {count!r}")
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"train.prior_loss_weight must be a finite number >= 0, got {weight!r}")
+    return {"folder": str(folder), "prompt": prompt, "count": count, "weight": float(weight)}
+
+
+def class_images(folder: str) -> list[str]:
+    """The image files directly in ``folder``, sorted by name (hidden files skipped)."""
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    return [os.path.join(folder, f) for f in names]
+
+
+def draw_class_images(draw, options: dict[str, Any], seed: int) -> int:
+    """Fill ``options["folder"]`` up to ``options["count"]`` images of the class prompt that ``draw(prompts, seed)``
+    gives as (N, C, H, W) in [0, 1] (the base's drawings); returns how many were drawn. Batch k is seeded
+    ``seed + k``."""
+    have = len(class_images(options["folder"]))
+    missing = options["count"] - have
+    if missing <= 0:
+        return 0
+    from PIL import Image
+
+    os.makedirs(options["folder"], exist_ok=True)
+    for k, start in enumerate(range(0, missing, SAMPLE_BATCH)):
+        images = draw([options["prompt"]] * min(SAMPLE_BATCH, missing - start), seed + k)
+        for i, image in enumerate((images * 255).round().to(torch.uint8)):
+            array = (image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)).numpy()
+            img = Image.fromarray(array).convert("RGB")
+            digest = hashlib.sha1(img.tobytes()).hexdigest()  # noqa: S324  (a file name, as the script's)
+            img.save(os.path.join(options["folder"], f"{have + start + i}-{digest}.jpg"))
+    return missing
+
+
+class PriorDataset(torch.utils.data.Dataset):
+    """Item i: ``{"instance": instances[i mod N], "class": class row i mod M}``; the class row is the class image's
+    pixels (``make`` applied at each read when given) and the class prompt's text row."""
+
+    def __init__(self, instances, pixels: list, text: dict[str, torch.Tensor], make=None) -> None:
+        self.instances, self.pixels, self.text, self.make = instances, pixels, text, make
+
+    def __len__(self) -> int:
+        return max(len(self.instances), len(self.pixels))
+
+    def __getitem__(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        pixels = self.pixels[i % len(self.pixels)]
+        row = {"pixel_values": self.make(pixels) if self.make else pixels, **{k: v[0] for k, v in self.text.items()}}
+        return {"instance": self.instances[i % len(self.instances)], "class": row}
+
+
+def prior_collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """The instances' rows, then their class rows, stacked, and ``prior_split`` (how many instances); a batch of
+    plain rows (eval) is stacked as it is."""
+    if "instance" not in batch[0]:
+        return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+    rows = [b["instance"] for b in batch] + [b["class"] for b in batch]
+    return {**{k: torch.stack([r[k] for r in rows]) for k in rows[0]}, "prior_split": torch.tensor(len(batch))}
+
+
+def with_prior(
+    train, processor, options: dict[str, Any], cfg, resize, make, notes: list[str], load, sample
+) -> PriorDataset:
+    """The training set ``train`` paired with the class images and the class prompt's text row (its tokens when the
+    text encoder trains); ``resize`` turns a PIL image into what the dataset holds, ``make`` (or None) turns that
+    into pixels at each read. Missing class images are drawn first by the base denoiser (``load(path)``) with
+    ``sample`` (``t2i``'s, passed in: this room sits below the stage).
+
+    Raises:
+        ConfigError: no class image can be read or drawn.
+    """
+    from .embedded import resolve
+
+    drawn = 0
+    if len(class_images(options["folder"])) < options["count"]:
+        base = load(resolve(cfg.model.name_or_path)).eval()
+        d = cfg.data.max_length
+
+        def draw(prompts: list[str], seed: int) -> torch.Tensor:
+            steps = 50 if processor.flow else min(50, processor.scheduler.config.num_train_timesteps)
+            return sample(base, processor, prompts, steps=steps, guidance=7.5, seed=seed, max_length=d)
+
+        drawn = draw_class_images(draw, options, cfg.train.seed)
+        del base
+    files = class_images(options["folder"])[: options["count"]]
+    if not files:
+        raise ConfigError(f"data.class_data_dir {options['folder']!r} holds no class images")
+    images = [resize(open_rgb(ImageRow(f, None, f), on_white=False)[0]) for f in files]
+    if processor.trains_text_encoder:
+        ids, mask, _ = processor.tokenize([options["prompt"]], cfg.data.max_length)
+        text = {"input_ids": ids, "attention_mask": mask}
+    else:
+        text = processor.condition([options["prompt"]], cfg.data.max_length)[0]
+    fresh = f" ({drawn} drawn by the base now)" if drawn else ""
+    notes.append(
+        f"prior preservation: {len(files)} class images{fresh} with {options['prompt']!r}, prior loss weight "
+        f"{options['weight']:g}; each batch holds its images' class images too"
+    )
+    return PriorDataset(train, images, text, make)
