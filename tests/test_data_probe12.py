@@ -4,11 +4,13 @@ multi-turn encodings (mask_history, train_on_prompt, tool calls, cutoff_len) on 
 
 from __future__ import annotations
 
+import copy
 import glob
+import json
 
 import pytest
 
-from deltatune.data.encode import format_note, lm_example, sft_example
+from deltatune.data.encode import encode_sft_samples, format_note, lm_example, sft_example
 from deltatune.data.formats import read_samples
 from deltatune.data.load import Row
 from deltatune.data.sample import Sample
@@ -109,3 +111,140 @@ def test_a_detected_reshaped_format_is_named_as_the_rows_hold_it(row, stage, exp
     assert format_note(read_samples([Row(row, "d.jsonl:1")], {}, forced, stage=stage), forced, stage) == (
         expected.replace("detected from the rows", "set by data.format")
     )
+
+
+# -- LLaMA-Factory's mask_history and train_on_prompt (its supervised processor) --------------------------------
+
+
+def _llamafactory_qwen(tok, system: str, turns: list[str], mask_history=False, train_on_prompt=False):
+    """LLaMA-Factory's encoding of (user, assistant) pairs with its ``qwen`` template (no cutoff): each pair is
+    source = [system turn, on the first] + user turn + assistant header, target = answer + ``<|im_end|>\\n``, each
+    tokenized alone; sources train only with train_on_prompt, targets all but the last with mask_history."""
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids, labels = [], []
+    pairs = list(zip(turns[::2], turns[1::2]))
+    for k, (user, answer) in enumerate(pairs):
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if k == 0 else ""
+        source = enc(f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+        target = enc(f"{answer}<|im_end|>\n")
+        ids += source + target
+        labels += (source if train_on_prompt else [IGNORE_INDEX] * len(source)) + (
+            [IGNORE_INDEX] * len(target) if mask_history and k < len(pairs) - 1 else target
+        )
+    return ids, labels
+
+
+@pytest.mark.parametrize("mask_history, train_on_prompt", [(False, False), (True, False), (False, True), (True, True)])
+def test_mask_history_and_train_on_prompt_equal_llamafactorys(smol, mask_history, train_on_prompt):
+    """LLaMA-Factory's ``mask_history`` (the last turn trains alone) and ``train_on_prompt`` (every token trains)
+    were missing; the ids and labels now equal its qwen template's on SmolLM2's chatml (a system prompt, two turns).
+    (Its mask_history with train_on_prompt trains the earlier prompts, not the earlier answers: so does ours.)"""
+    turns = ["Name a colour.", "Blue.", "Another?", "Green."]
+    want = _llamafactory_qwen(smol, "Be brief.", turns, mask_history, train_on_prompt)
+    s = Sample("t.jsonl:1", "messages", TURNS)
+    assert sft_example(s, smol, None, mask_history, train_on_prompt) == want
+    assert sft_example(s, smol, "chatml", mask_history, train_on_prompt) == want
+    enc = encode_sft_samples([s], smol, None, 512, mask_history=mask_history, train_on_prompt=train_on_prompt)
+    assert (enc.examples[0]["input_ids"], enc.examples[0]["labels"]) == want
+
+
+def test_mask_history_keeps_the_last_turn_when_a_row_is_cut(smol):
+    """Cut to data.max_length, a row keeps its start (TRL's truncation), which may leave its answers out (the row is
+    then dropped and counted); under mask_history it keeps its end, the turn it trains (LLaMA-Factory fills its
+    cutoff_len from the last turn back)."""
+    long = [
+        SYSTEM,
+        *[{"role": r, "content": f"Turn {k} " + "word " * 20} for k, r in enumerate(["user", "assistant"] * 3)],
+    ]
+    long[-1] = {"role": "assistant", "content": "Done."}
+    s = Sample("t.jsonl:4", "messages", long)
+    ids, labels = sft_example(s, smol, None)
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)  # the first answer's first token
+    start = encode_sft_samples([s], smol, None, first + 3)
+    assert start.truncated == 1 and start.examples[0]["input_ids"] == ids[: first + 3]
+    dropped = encode_sft_samples([s], smol, None, first)
+    assert dropped.dropped == 1 and not dropped.examples
+    full_ids, _ = sft_example(s, smol, None, mask_history=True)
+    n = len(full_ids) - 20
+    assert "Done." not in smol.decode(
+        _trained(*[encode_sft_samples([s], smol, None, n).examples[0][k] for k in ("input_ids", "labels")])
+    )
+    kept = encode_sft_samples([s], smol, None, n, mask_history=True)
+    assert kept.truncated == 1 and kept.examples[0]["input_ids"] == full_ids[-n:]
+    assert smol.decode(_trained(kept.examples[0]["input_ids"], kept.examples[0]["labels"])) == "Done.<|im_end|>\n"
+
+
+# -- LLaMA-Factory's tool rows (function_call / observation) against its qwen formatter --------------------------
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}  # fmt: skip
+CLOCK = {"name": "get_time", "description": "The time in a city.",
+         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}  # fmt: skip
+QWEN_TOOL_PROMPT = (  # LLaMA-Factory's tool_utils.QWEN_TOOL_PROMPT (Qwen2.5's own words)
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tools}"
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}'
+    "\n</tool_call>"
+)
+
+
+def _call(name: str, city: str) -> dict:
+    return {"name": name, "arguments": {"city": city}}
+
+
+def _llamafactory_tools(tok, system: str | None, turns: list[tuple[str, str]], tools: list[dict]):
+    """LLaMA-Factory's qwen template on a sharegpt tool row: the tools appended to the system prompt (its default
+    when the row has none), a function_call target written as <tool_call> blocks, an observation a user turn of
+    <tool_response>; human and observation turns are sources (-100), function_call and gpt turns targets."""
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    listed = "".join("\n" + json.dumps({"type": "function", "function": t}, ensure_ascii=False) for t in tools)
+    head = (
+        system or "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    ) + QWEN_TOOL_PROMPT.format(tools=listed)
+    ids, labels, opened = [], [], "<|im_end|>\n<|im_start|>assistant\n"
+    for k, (role, value) in enumerate(turns):
+        if role == "human":
+            text = (f"<|im_start|>system\n{head}<|im_end|>\n" if k == 0 else "") + f"<|im_start|>user\n{value}{opened}"
+        elif role == "observation":
+            text = f"<|im_start|>user\n<tool_response>\n{value}\n</tool_response>{opened}"
+        elif role == "function_call":
+            calls = json.loads(value)
+            calls = calls if isinstance(calls, list) else [calls]
+            text = "\n".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls)
+            text += "<|im_end|>\n"
+        else:
+            text = f"{value}<|im_end|>\n"
+        part = enc(text)
+        ids += part
+        labels += [IGNORE_INDEX] * len(part) if role in ("human", "observation") else part
+    return ids, labels
+
+
+@pytest.mark.parametrize(
+    "system, turns",
+    [
+        (None, [("human", "Weather in Paris?"), ("function_call", json.dumps(_call("get_weather", "Paris"))),
+                ("observation", '{"temp": 21}'), ("gpt", "It is 21 degrees.")]),
+        (None, [("human", "Weather and time in Oslo?"),
+                ("function_call", json.dumps([_call("get_weather", "Oslo"), _call("get_time", "Oslo")])),
+                ("observation", "snow, 9:00"), ("gpt", "Snowing; it is nine.")]),
+        ("Be brief.", [("human", "Hi"), ("gpt", "Hello."), ("human", "Weather in Rome?"),
+                       ("function_call", json.dumps(_call("get_weather", "Rome"))), ("observation", "sunny"),
+                       ("gpt", "Sunny.")]),
+    ],
+)  # fmt: skip
+def test_tool_rows_equal_llamafactorys_qwen_formatter(smol, system, turns):
+    """A glaive-style sharegpt row (function_call, observation, a tools column as a JSON string), rendered with
+    Qwen2.5's chat template: ids and labels equal LLaMA-Factory's qwen template (single, parallel and multi-turn
+    calls, with and without a system prompt)."""
+    from tiny import trl_template
+
+    tok = copy.deepcopy(smol)
+    tok.chat_template = trl_template("qwen2_5")
+    row = {"conversations": [{"from": r, "value": v} for r, v in turns], "tools": json.dumps([WEATHER, CLOCK])}
+    if system:
+        row["system"] = system
+    samples = read_samples([Row(row, "glaive.json:1")], {}, None, stage="sft")
+    ex = encode_sft_samples(samples, tok, None, 4096).examples[0]
+    assert (ex["input_ids"], ex["labels"]) == _llamafactory_tools(tok, system, turns, [WEATHER, CLOCK])

@@ -108,12 +108,23 @@ def _add_special(template: str | None) -> bool:
 
 
 @_named
-def sft_example(s: Sample, tokenizer, template: str | None) -> tuple[list[int], list[int]]:
-    """Ids and labels of an SFT sample: every assistant turn trains (only the completion's for prompt_completion)."""
+def sft_example(
+    s: Sample, tokenizer, template: str | None, mask_history: bool = False, train_on_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Ids and labels of an SFT sample: every assistant turn trains (only the completion's for prompt_completion).
+
+    LLaMA-Factory's options: ``mask_history`` trains the last assistant turn only; ``train_on_prompt`` trains every
+    token, the prompts and the template's markers too (with ``mask_history``, all but the earlier answers)."""
     from .templates import encode_chat
 
     conversation, start = s.sft()
-    return encode_chat(conversation, tokenizer, template, s.tools, start, train_stop=True)
+    if mask_history:
+        start = max(start, max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=0))
+    ids, labels = encode_chat(conversation, tokenizer, template, s.tools, start, train_stop=True)
+    if not train_on_prompt:
+        return ids, labels
+    every = encode_chat(conversation, tokenizer, template, s.tools, 0, train_stop=True)[1] if mask_history else labels
+    return ids, [IGNORE_INDEX if e != lab else i for i, e, lab in zip(ids, every, labels)]  # (e != lab: history)
 
 
 def _lm(
@@ -363,19 +374,28 @@ def encode_sft(
 
 
 def encode_sft_samples(
-    samples: Sequence[Any], tokenizer, template: str | None, max_length: int, truncation: str = "truncate"
+    samples: Sequence[Any],
+    tokenizer,
+    template: str | None,
+    max_length: int,
+    truncation: str = "truncate",
+    mask_history: bool = False,
+    train_on_prompt: bool = False,
 ) -> Encoded:
     """SFT samples (``formats.Sample``) -> ids and labels on the assistant turns (the completion's only, for
     prompt_completion rows); rows left with no trained token after truncation are dropped and counted, apart from
-    rows with no trained token at any length (every answer weighted 0)."""
+    rows with no trained token at any length (every answer weighted 0). ``mask_history`` and ``train_on_prompt``
+    as ``sft_example``'s; an over-long row keeps its first ``max_length`` tokens, under ``mask_history`` its last
+    (the turn it trains: LLaMA-Factory keeps the last turns first)."""
     out, counter, dropped, unweighted = [], [0], 0, 0
     for s in samples:
-        ids, labels = sft_example(s, tokenizer, template)
+        ids, labels = sft_example(s, tokenizer, template, mask_history, train_on_prompt)
         if all(label == IGNORE_INDEX for label in labels):
             unweighted += 1
             continue
         keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
-        ids, labels = ids[:keep], labels[:keep]
+        cut = slice(len(ids) - keep, None) if mask_history else slice(keep)
+        ids, labels = ids[cut], labels[cut]
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1
             continue

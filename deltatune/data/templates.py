@@ -396,10 +396,13 @@ def encode_chat(
         raise DataError("SFT masking needs a fast tokenizer (with offset mapping)")
     enc = tokenizer(text, add_special_tokens=template is not None, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    labels = []
+    labels, k, spans = [], 0, sorted(spans)
     for tok_id, (start, end) in zip(ids, enc["offset_mapping"]):
         # Every token overlapping a span trains, as transformers' assistant mask marks it: a token that opens the answer
-        # with the last character of the prompt (" Hello" after "Assistant: ") is the answer's first word.
-        inside = any(start < e and end > s for s, e in spans)
+        # with the last character of the prompt (" Hello" after "Assistant: ") is the answer's first word. (The spans
+        # and the offsets both ascend: one sweep, not every span per token, for a row of hundreds of turns.)
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        inside = k < len(spans) and start < spans[k][1] and end > spans[k][0]
         labels.append(tok_id if inside else IGNORE_INDEX)
     return ids, labels
