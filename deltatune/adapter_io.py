@@ -88,7 +88,12 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
     for ``selected_adapters=[]`` (as peft). ``safe_serialization=False`` (peft's): ``adapter_model.bin`` (``torch.save``)
     instead of ``adapter_model.safetensors``, which it replaces.
     ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter;
-    ``path_initial_model_for_weight_conversion``: peft's, the adapter's change since that initial save."""
+    ``path_initial_model_for_weight_conversion``: peft's, the adapter's change since that initial save. peft's
+    positional order (``save_pretrained(folder, False, ["a"])``: safe_serialization before selected_adapters) is
+    taken too, told apart by the bool."""
+    if isinstance(selected_adapters, bool):  # peft's positional order: (save_directory, safe_serialization, selected)
+        selected_adapters, safe_serialization = (None if safe_serialization is True else safe_serialization), (
+            selected_adapters)  # fmt: skip
     if not is_main_process:
         return
     names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)

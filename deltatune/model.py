@@ -188,9 +188,10 @@ class DeltaModel(nn.Module, PushToHub):
     def add_adapter(
         self,
         adapter_name: str,
-        config: DeltaConfig,
+        config: DeltaConfig | None = None,
         low_cpu_mem_usage: bool = False,
         *,
+        peft_config: DeltaConfig | None = None,
         autocast_adapter_dtype: bool = False,
         _tensors: dict | None = None,
         _source: str = "",
@@ -199,12 +200,16 @@ class DeltaModel(nn.Module, PushToHub):
         """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``.
         ``autocast_adapter_dtype=True`` (peft's default) keeps a float16 / bfloat16 base's adapter layers in float32.
         ``low_cpu_mem_usage`` (peft's, third as in peft) is accepted; the initial weights are drawn as usual.
+        ``peft_config=`` is peft's name for ``config`` (``add_adapter(adapter_name=..., peft_config=...)``).
 
         Raises:
             ValueError: an adapter named ``adapter_name`` exists.
             ConfigError: the config does not fit the model (e.g. target_modules match nothing).
             AdapterLoadError: (when loading) the saved tensors do not fit. In every case the model is unchanged.
         """
+        if (config is None) == (peft_config is None):
+            raise TypeError("add_adapter takes one config: config= (or peft's name for it, peft_config=)")
+        config = config if peft_config is None else peft_config
         if not isinstance(config, DeltaConfig):
             raise TypeError(f"config must be a DeltaConfig (a method's config class), got {type(config).__name__}")
         check_adapter_name(adapter_name)

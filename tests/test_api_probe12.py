@@ -5,6 +5,7 @@ tiny Llama / BERT models with LoRA."""
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -101,3 +102,27 @@ def test_a_saved_config_whose_targets_match_nothing_names_its_file(tmp_path):
     with pytest.raises(dt.ConfigError, match=rf"^{file}: lora: target_modules=\[.*\] matches no module"):
         model.load_adapter(tmp_path, "default")
     assert model.peft_config == {} and not any("lora" in n for n, _ in model.named_parameters())
+
+
+# -- 5. peft's spellings of add_adapter and save_pretrained ---------------------------------------------------------
+def test_add_adapter_peft_config_keyword_and_save_pretrained_peft_positional_order(tmp_path):
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA))
+    theirs.add_adapter(adapter_name="b", peft_config=peft.LoraConfig(r=2, target_modules=["o_proj"]))
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA))
+    ours.add_adapter(adapter_name="b", peft_config=dt.LoraConfig(r=2, target_modules=["o_proj"]))
+    assert list(ours.peft_config) == list(theirs.peft_config) == ["default", "b"]
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    with pytest.raises(TypeError, match="add_adapter takes one config"):
+        ours.add_adapter("c", dt.LoraConfig(**LORA), peft_config=dt.LoraConfig(**LORA))
+    # peft's order: save_pretrained(save_directory, safe_serialization, selected_adapters)
+    theirs.save_pretrained(tmp_path / "peft", False, ["b"])
+    ours.save_pretrained(tmp_path / "ours", False, ["b"])
+    assert os.listdir(tmp_path / "ours") == ["b"]
+    assert sorted(os.listdir(tmp_path / "ours" / "b")) == ["adapter_config.json", "adapter_model.bin"]
+    mine = torch.load(tmp_path / "ours" / "b" / "adapter_model.bin", weights_only=True)
+    want = torch.load(tmp_path / "peft" / "b" / "adapter_model.bin", weights_only=True)
+    state = dt.get_peft_model_state_dict(ours, adapter_name="b")
+    assert mine.keys() == want.keys() == state.keys() and all(torch.equal(mine[k], state[k]) for k in mine)
+    ours.save_pretrained(tmp_path / "bin", False)  # all adapters, as .bin
+    assert sorted(os.listdir(tmp_path / "bin")) == ["adapter_config.json", "adapter_model.bin", "b"]
