@@ -123,9 +123,6 @@ def _chat_ids(
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
         _utf8(content, f"messages[{i}].content", "messages")
         clean.append({"role": m["role"], "content": content})
-        for key in ("name", "tool_call_id"):
-            if m.get(key) is not None and not isinstance(m[key], str):  # vLLM's pydantic messages: a 400 (was ignored)
-                raise RequestError(f"messages[{i}].{key} must be a string, got {m[key]!r}", param="messages")
         for key in ("name", "tool_call_id") if template is None else ():  # vLLM hands them to the chat template
             if isinstance(m.get(key), str) and (key == "name" or m["role"] == "tool"):
                 _utf8(m[key], f"messages[{i}].{key}", "messages")
