@@ -96,6 +96,24 @@ def _on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
+def _check_exists(path: str) -> None:
+    """A missing ``--adapter`` folder named as missing, with the nearest name beside it (a typo in runs/idnetity read
+    "no adapter_config.json at ..." or "holds no run.yaml", as if the folder were there but wrong)."""
+    if os.path.exists(path):
+        return
+    import difflib
+
+    from .config import ConfigError
+
+    parent, name = os.path.split(os.path.normpath(path))
+    try:
+        near = difflib.get_close_matches(name, os.listdir(parent or "."), 1)
+    except OSError:
+        near = []
+    hint = f"; did you mean {os.path.join(parent, near[0])!r}?" if near else ""
+    raise ConfigError(f"--adapter {path!r} does not exist{hint}")
+
+
 def _train(args) -> int:
     from .train import load_recipe, train
     from .train.config import ignored_keys
@@ -129,6 +147,7 @@ def _print_change(metrics: dict) -> None:
 
 
 def _eval(args) -> int:
+    _check_exists(args.adapter)  # before the imports of torch: at once
     from .train import evaluate
 
     metrics = evaluate(args.adapter, args.data, args.overrides, args.trust_remote_code, compare=args.compare)
@@ -150,6 +169,7 @@ def _sampling(args) -> dict:
 
 
 def _generate(args) -> int:
+    _check_exists(args.adapter)  # before the imports of torch: at once
     from .train import chat
     from .train.run_load import load_generator
     from .train.runs import run_template
@@ -274,6 +294,7 @@ def _caption(args, sampling: dict) -> int:
 
 
 def _chat(args) -> int:
+    _check_exists(args.adapter)  # before the imports of torch: at once
     from .train import chat
     from .train.run_load import load_generator
     from .train.runs import run_template
@@ -294,6 +315,7 @@ def _raw(args) -> bool:
 
 
 def _merge(args) -> int:
+    _check_exists(args.adapter)  # before the imports of torch: at once
     from .config import ConfigError
     from .train.models import resolve_path, stored_dtype
     from .train.run_load import adapter_field, load_adapter_model, merge, run_task

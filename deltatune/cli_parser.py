@@ -44,8 +44,25 @@ def _method_help() -> list[str]:
     return lines
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of a choice (a command, a --dtype) names the nearest one: ``deltatune trian``
+    said only "invalid choice" (Python 3.14's suggest_on_error does this; 3.10-3.13 have none). Subparsers are made
+    of this class too (add_subparsers takes the parser's class)."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            import difflib
+
+            near = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], 1)
+            if not near or "did you mean" in exc.message:
+                raise
+            raise argparse.ArgumentError(action, f"{exc.message}; did you mean {near[0]!r}?") from None
+
+
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning of transformer models.")
+    p = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning of transformer models.")
     p.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback")
     p.add_argument("--version", action="version", version=f"deltatune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,7 +76,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         epilog=_train_help() if "train" in argv else None,
     )
     t.add_argument("recipe", help="the recipe YAML")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    # default: argparse takes a nargs="*" positional without one as required ("required: recipe, overrides")
+    t.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
     t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     t.add_argument(
@@ -82,7 +100,9 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         help="also evaluate the run's start (the base and the method's initial delta, from the recipe's seed) on "
         "the same rows: <key>_before, and preference runs pair the two pair by pair",
     )
-    e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.text_column=sentence)")
+    e.add_argument(
+        "overrides", nargs="*", default=[], help="section.key=value overrides (e.g. data.text_column=sentence)"
+    )
     _trust_flag(e)
 
     g = sub.add_parser(

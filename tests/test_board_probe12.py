@@ -128,3 +128,83 @@ def test_the_page_switches_to_relative_time_and_says_when_a_log_has_no_times(tmp
             browser.close()
     finally:
         server.stop()
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------------
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """The one error line of ``deltatune ARGV``, asserting argparse's exit 2."""
+    from deltatune.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage:") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_a_mistyped_command_or_choice_names_the_nearest(capsys):
+    """``deltatune trian`` said "invalid choice" and listed the commands; now the nearest is named too, as Python 3.14's
+    suggest_on_error does (--dtype bf16: bfloat16; a word near nothing: no guess)."""
+    assert _refused(["trian", "r.yaml"], capsys).endswith("invalid choice: 'trian' (choose from 'train', 'eval', "
+                                                           "'generate', 'chat', 'merge', 'info', 'data', 'serve', "
+                                                           "'board'); did you mean 'train'?")  # fmt: skip
+    assert _refused(["data", "inspct", "x"], capsys).endswith("did you mean 'inspect'?")
+    assert _refused(["serve", "--dtype", "bf16"], capsys).endswith("did you mean 'bfloat16'?")
+    assert "did you mean" not in _refused(["zzzz"], capsys)
+
+
+def test_train_without_a_recipe_names_the_recipe_alone(capsys):
+    """``deltatune train`` said "the following arguments are required: recipe, overrides": overrides are optional
+    (argparse takes a nargs="*" positional without a default as required)."""
+    assert _refused(["train"], capsys) == "deltatune train: error: the following arguments are required: recipe"
+    from deltatune.cli_parser import _parser
+
+    assert _parser(["train"]).parse_args(["train", "r.yaml"]).overrides == []
+    assert _parser(["eval"]).parse_args(["eval", "--adapter", "x"]).overrides == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--adapter", "{runs}/idnetity"],
+        ["generate", "--adapter", "{runs}/idnetity", "--prompt", "hi"],
+        ["chat", "--adapter", "{runs}/idnetity"],
+        ["merge", "--adapter", "{runs}/idnetity", "--out", "{runs}/merged"],
+    ],
+)
+def test_a_missing_adapter_folder_is_named_missing_with_the_nearest_name(argv, tmp_path, capsys):
+    """A typo in --adapter read "holds no run.yaml" (eval) or "no adapter_config.json at" (generate, chat, merge), as
+    if the folder were there but wrong; now it is named as missing, with the nearest folder beside it; nothing is
+    written."""
+    from deltatune.cli import main
+
+    (tmp_path / "identity").mkdir()
+    runs = str(tmp_path)
+    assert main([a.format(runs=runs) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"deltatune {argv[0]}: error: --adapter '{runs}/idnetity' does not exist; did you mean '{runs}/identity'?\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["identity"]
+    assert main(["eval", "--adapter", str(tmp_path / "zz" / "q")]) == 2  # a parent missing too: no guess
+    assert capsys.readouterr().err.endswith(f"--adapter '{tmp_path / 'zz' / 'q'}' does not exist\n")
+
+
+def test_help_and_version_answer_at_once_and_true(capsys):
+    """Every command's --help exits 0 and lists its flags; --version is the installed distribution's."""
+    from importlib.metadata import version
+
+    from deltatune.cli import main
+    from deltatune.cli_parser import _parser
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"deltatune {version('deltatune')}\n"
+    for command in _parser([]).commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and out.startswith(f"usage: deltatune {command}"), command
