@@ -193,10 +193,11 @@ def _call(name: str, city: str) -> dict:
     return {"name": name, "arguments": {"city": city}}
 
 
-def _llamafactory_tools(tok, system: str | None, turns: list[tuple[str, str]], tools: list[dict]):
+def _llamafactory_tools(tok, system: str | None, turns: list[tuple[str, str]], tools: list[dict], mask_history=False):
     """LLaMA-Factory's qwen template on a sharegpt tool row: the tools appended to the system prompt (its default
     when the row has none), a function_call target written as <tool_call> blocks, an observation a user turn of
-    <tool_response>; human and observation turns are sources (-100), function_call and gpt turns targets."""
+    <tool_response>; human and observation turns are sources (-100), function_call and gpt turns targets (with
+    mask_history, the last alone)."""
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     listed = "".join("\n" + json.dumps({"type": "function", "function": t}, ensure_ascii=False) for t in tools)
     head = (
@@ -217,7 +218,8 @@ def _llamafactory_tools(tok, system: str | None, turns: list[tuple[str, str]], t
             text = f"{value}<|im_end|>\n"
         part = enc(text)
         ids += part
-        labels += [IGNORE_INDEX] * len(part) if role in ("human", "observation") else part
+        source = role in ("human", "observation") or (mask_history and k < len(turns) - 1)
+        labels += [IGNORE_INDEX] * len(part) if source else part
     return ids, labels
 
 
@@ -246,5 +248,8 @@ def test_tool_rows_equal_llamafactorys_qwen_formatter(smol, system, turns):
     if system:
         row["system"] = system
     samples = read_samples([Row(row, "glaive.json:1")], {}, None, stage="sft")
-    ex = encode_sft_samples(samples, tok, None, 4096).examples[0]
-    assert (ex["input_ids"], ex["labels"]) == _llamafactory_tools(tok, system, turns, [WEATHER, CLOCK])
+    for mask_history in (False, True):
+        ex = encode_sft_samples(samples, tok, None, 4096, mask_history=mask_history).examples[0]
+        assert (ex["input_ids"], ex["labels"]) == _llamafactory_tools(
+            tok, system, turns, [WEATHER, CLOCK], mask_history
+        )
