@@ -195,3 +195,63 @@ def test_dataloader_drop_last_and_pin_memory_reach_the_trainer(files, tmp_path):
     cfg = build({"train": {"dataloader_pin_memory": False, "dataloader_drop_last": True}})
     args = _training_args(cfg, SimpleNamespace(eval=None, loss_only=True), str(tmp_path / "args"))
     assert (args.dataloader_pin_memory, args.dataloader_drop_last) == (False, True)
+
+
+def test_trainable_token_rows_on_a_tied_head_train_under_trls_fused_head(tmp_path):
+    """A tied-embedding model with LoRA's trainable_token_indices was refused by trl_trainer (an adapter on lm_head),
+    so it could not run TRL's DPO/KTO/GRPO; the fused head reads only lm_head.weight (and .bias, which the token
+    layer lacked: an AttributeError inside TRL), and the token layer's weight holds its rows differentiably. Its rows'
+    gradients under the fused head equal the unfused loss's (max abs diff ~6e-7 of ~0.6), and a DPO step trains
+    them with the base weights unchanged. A LoRA on lm_head is still refused (its rows would never train)."""
+    import trl
+    from datasets import Dataset
+    from test_align_probe11 import PAIRS
+    from tiny import save_tiny, tokenizer
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+
+    base = save_tiny(tmp_path / "tied", tie_word_embeddings=True)
+
+    def lora(**extra) -> dt.DeltaModel:
+        torch.manual_seed(0)
+        config = dt.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM", **extra)
+        return dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
+
+    model = lora(trainable_token_indices=[5, 7, 9])
+    tied = model.get_base_model()
+    assert tied.lm_head.base_layer.weight is tied.model.embed_tokens.base_layer.weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    args = trl.DPOConfig(str(tmp_path / "dpo"), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                         use_cpu=True, bf16=False, learning_rate=1e-2, save_strategy="no")  # fmt: skip
+    trainer = dt.trl_trainer(trl.DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(PAIRS),
+                                             processing_class=tokenizer())  # fmt: skip
+    ids = torch.tensor([[1, 5, 7, 3, 9, 2, 5], [4, 9, 9, 7, 1, 5, 6]])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    model.train()
+
+    def grads(**fused) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(input_ids=ids, labels=labels, **fused).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, fused = grads(), grads(fused_lm_head=True)
+    assert type(model(input_ids=ids, labels=labels, fused_lm_head=True)).__name__ == "FusedCausalLMOutput"  # TRL's
+    rows = next(n for n in plain if "trainable_tokens" in n)
+    assert plain[rows].abs().max() > 0.1
+    assert max((plain[n] - fused[n]).abs().max().item() for n in plain) < 1e-5
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    after = dict(model.named_parameters())
+    assert not torch.equal(before[rows], after[rows])
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n and "trainable_tokens" not in n)
+    torch.manual_seed(0)
+    on_head = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base),
+                                 dt.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"^an adapter on lm_head \(\w+\) is not supported under TRL"):
+        dt.trl_trainer(trl.DPOTrainer)(model=on_head, args=args, train_dataset=Dataset.from_list(PAIRS),
+                                       processing_class=tokenizer())  # fmt: skip

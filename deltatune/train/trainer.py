@@ -490,7 +490,8 @@ def trl_trainer(cls: type) -> type:
     ``GRPOTrainer`` would load the reference from the base model's path (an adapter trained before, a merge, a
     quantised base or added tokens all lost). The reference is a frozen copy of the DeltaModel as given, as peft's is
     its starting adapter (a second copy of the model in memory: pass ``ref_model``, or ``precompute_ref_log_probs``).
-    A LoRA on ``lm_head`` is refused, as TRL refuses peft's: its fused head reads ``lm_head.weight`` directly.
+    A LoRA on ``lm_head`` is refused, as TRL refuses peft's: its fused head reads ``lm_head.weight`` directly (token
+    rows trained on ``lm_head``, tied or not, are in that weight: they pass, see ``_fused_head``).
     """
     import copy
     import sys
@@ -504,9 +505,7 @@ def trl_trainer(cls: type) -> type:
         policy = kwargs.get("model", args[0] if args else None)
         head = policy.get_output_embeddings() if isinstance(policy, DeltaModel) else None
         if isinstance(head, DeltaLayer) and not isinstance(head, ModulesToSave):
-            raise ValueError(f"an adapter on lm_head ({type(head).__name__}) is not supported under TRL: its fused "
-                             "head reads lm_head.weight directly, so the adapter would never train; leave lm_head out "
-                             "of target_modules")  # fmt: skip
+            _fused_head(head)
         patched = {}
         if getattr(module, "add_fused_lm_head", None) is not None:  # TRL patches the model it is given: the base
             fused = patched["add_fused_lm_head"] = module.add_fused_lm_head
@@ -522,6 +521,21 @@ def trl_trainer(cls: type) -> type:
 
     trainer = type(f"Delta{cls.__name__}", (DeltaTrainerMixin, cls), {"__init__": __init__, "__doc__": cls.__doc__})
     return trainer
+
+
+def _fused_head(head) -> None:
+    """TRL's fused head never calls lm_head: it reads ``lm_head.weight`` and ``lm_head.bias``. A delta layer there
+    trains only where its ``weight`` is what it computes with: trainable token rows (LoRA's trainable_token_indices,
+    on a tied or an untied head) are written into it differentiably, so they train as under the unfused loss. Any
+    other (a LoRA on lm_head shows the base weight) would never train: refused in one line."""
+    weight = getattr(head, "weight", None)
+    base = getattr(head, "base_layer", None)
+    if weight is None or base is None or weight is getattr(base, "weight", None):
+        raise ValueError(f"an adapter on lm_head ({type(head).__name__}) is not supported under TRL: its fused "
+                         "head reads lm_head.weight directly, so the adapter would never train; leave lm_head out "
+                         "of target_modules")  # fmt: skip
+    if not hasattr(head, "bias"):  # the base layer's, which the fused head reads too (an attribute, not a parameter)
+        object.__setattr__(head, "bias", getattr(base, "bias", None))
 
 
 def _unwrap(model):
