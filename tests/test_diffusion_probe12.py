@@ -4,6 +4,7 @@ them, ``train.prediction_type`` and DreamBooth's prior preservation replayed by 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
@@ -236,7 +237,7 @@ def test_too_few_class_images_are_drawn_by_the_base_first(pipeline, data, tmp_pa
     files = sorted(p.name for p in folder.iterdir())
     assert len(files) == 3 and files[0] == "00.png" and files[1].startswith("1-") and files[2].startswith("2-")
     assert any("3 class images (2 drawn by the base now)" in n for n in prep.notes)
-    drawn = t2i.sample(t2i.load_denoiser(str(pipeline)), processor, ["a digit"] * 2, 50, 7.5, 0, 16)
+    drawn = t2i.sample(t2i.load_denoiser(str(pipeline)), processor, ["a digit"], 50, 7.5, 0, 16)  # (the first)
     saved = torch.tensor(np.asarray(Image.open(folder / files[1]).convert("L")), dtype=torch.float32) / 255
     assert (saved - drawn[0, 0]).abs().mean() < 0.05  # (a JPEG of the base's first drawing)
     assert len(prep.train) == 6
@@ -245,3 +246,53 @@ def test_too_few_class_images_are_drawn_by_the_base_first(pipeline, data, tmp_pa
         batch = prep.collator([prep.train[i] for i in range(4)])
         loss = t2i.denoising_loss(unet, processor.scheduler, batch, **prep.trainer_class.keywords["loss_options"])
     assert math.isfinite(loss.item())
+
+
+def test_a_run_with_prior_v_prediction_and_the_text_encoder_loads_in_diffusers_pipeline_equal(
+    pipeline, data, tmp_path
+):
+    """Two steps (no warm-up: the first step moves the LoRAs) of a run with prior preservation, v_prediction and
+    model.train_text_encoder; diffusers' StableDiffusionPipeline.load_lora_weights on the run folder gives the
+    text states (encode_prompt) and UNet outputs deltatune's reload gives, and the run records v_prediction."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from deltatune.train import run as run_module
+    from deltatune.train.config import load_recipe
+
+    out = tmp_path / "run"
+    cfg = load_recipe(str(ROOT / "recipes" / "digits-t2i-lora.yaml"),
+                      [f"model.name_or_path={pipeline}", f"data.train={data / 't2i-adapt-train.jsonl'}",
+                       "data.eval=null", "data.limit=4", "train.max_steps=2", "train.batch_size=2",
+                       "train.warmup_ratio=0", "train.report_to=[none]", f"output.dir={out}",
+                       "model.train_text_encoder=true"])  # fmt: skip
+    cfg.train.with_prior_preservation, cfg.train.prediction_type = True, "v_prediction"
+    cfg.data.class_data_dir, cfg.data.class_prompt = str(_class_folder(tmp_path, 2)), "a digit"
+    cfg.data.num_class_images = 2
+    run_module.train(cfg)
+    report = (out / "report.md").read_text()
+    assert "loss: DDPM, v_prediction" in report and "prior preservation: 2 class images" in report
+    assert json.loads((out / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    pipe = StableDiffusionPipeline(
+        vae=None, text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(pipeline / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(pipeline / "unet"),
+        scheduler=DDPMScheduler.from_pretrained(pipeline / "scheduler"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.load_lora_weights(str(out))
+    pipe.tokenizer.model_max_length = 32  # (MiniLM's tokenizer says 512; the tiny CLIP reads 32, as deltatune pads)
+    delta, loaded = run_module.load_adapter_model(str(out))
+    prompt = "a handwritten digit seven"
+    text = loaded.condition([prompt], 16)[0]["encoder_hidden_states"]
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+        theirs = pipe.unet(x, torch.tensor([40]), encoder_hidden_states=states).sample
+        ours = delta.eval()(x, torch.tensor([40]), encoder_hidden_states=text).sample
+    assert (states - text).abs().max().item() <= 1e-6 and (theirs - ours).abs().max().item() <= 1e-6
+    with loaded.disable_adapter():
+        assert (loaded.condition([prompt], 16)[0]["encoder_hidden_states"] - text).abs().max() > 1e-3
+    assert loaded.scheduler.config.prediction_type == "epsilon"  # the base's, until the run's is put on it
+    loaded.use_run_scheduler(str(out))
+    assert loaded.scheduler.config.prediction_type == "v_prediction"

@@ -245,6 +245,17 @@ class T2IProcessor:
         self.text_encoder = delta.merge_and_unload() if fold else delta
         return True
 
+    def use_run_scheduler(self, folder: str) -> None:
+        """The ``prediction_type`` a run in ``folder`` trained with (its ``scheduler_config.json``, which records
+        ``train.prediction_type``) on this processor's scheduler, so the run draws (and merges) as it trained."""
+        try:
+            with open(os.path.join(folder, "scheduler_config.json"), encoding="utf-8") as fh:
+                kind = json.load(fh).get("prediction_type")
+        except (OSError, ValueError, AttributeError):
+            return
+        if not self.flow and kind in ("epsilon", "v_prediction"):
+            self.scheduler.register_to_config(prediction_type=kind)
+
     def disable_adapter(self) -> contextlib.AbstractContextManager:
         """Within the block the text encoder computes without its LoRA (if it has one)."""
         if isinstance(self.text_encoder, DeltaModel):
