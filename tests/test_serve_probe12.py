@@ -228,3 +228,36 @@ def test_seed_minus_1_is_no_seed_as_vllm(minilm):
     assert texts != again  # 4 x 8 tokens drawn over a 30,522-token vocabulary: equal only by a fluke
     seeded = [c["text"] for c in _call(app, "/v1/completions", {**body, "seed": 5})[1]["choices"]]
     assert seeded == [c["text"] for c in _call(app, "/v1/completions", {**body, "seed": 5})[1]["choices"]]
+
+
+def test_return_token_ids_gives_the_prompts_and_each_choices_ids_as_vllm(minilm):
+    """vLLM's return_token_ids: a completion choice's prompt_token_ids and token_ids, a chat's prompt_token_ids at
+    the top; in a stream each chunk's new ids, the prompt's in a choice's first chunk. It was ignored silently."""
+    engine, app = minilm
+    tok = engine.tokenizer
+    body = {"prompt": "the cat", "max_tokens": 5, "temperature": 1.0, "seed": 4, "n": 2, "ignore_eos": True,
+            "logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True}  # fmt: skip
+    status, answer = _call(app, "/v1/completions", body)
+    assert status == 200, answer
+    for c in answer["choices"]:
+        named = [int(t.removeprefix("token_id:")) for t in c["logprobs"]["tokens"]]
+        assert c["token_ids"] == named and len(named) == 5 and c["prompt_token_ids"] == tok("the cat")["input_ids"]
+    status, chunks = _call(app, "/v1/completions", {**body, "stream": True})
+    for i, c in enumerate(answer["choices"]):
+        mine = [ch["choices"][0] for ch in chunks if ch["choices"] and ch["choices"][0]["index"] == i]
+        assert sum((m["token_ids"] for m in mine), []) == c["token_ids"]
+        assert mine[0]["prompt_token_ids"] == c["prompt_token_ids"] and "prompt_token_ids" not in mine[1]
+    messages = [{"role": "user", "content": "hi"}]
+    chat = {"messages": messages, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    _, answer = _call(app, "/v1/chat/completions", chat)
+    assert answer["prompt_token_ids"] == _call(app, "/tokenize", {"messages": messages})[1]["tokens"]
+    ids = answer["choices"][0]["token_ids"]
+    vllm = _vllm_text(
+        tok, answer["prompt_token_ids"], ids
+    )  # the ids' text (less a first word's space: kept on purpose)
+    assert len(ids) == 3 and answer["choices"][0]["message"]["content"] == vllm.removeprefix(" ")
+    _, chunks = _call(app, "/v1/chat/completions", {**chat, "stream": True})
+    assert chunks[0]["prompt_token_ids"] == answer["prompt_token_ids"]
+    assert sum((ch["choices"][0].get("token_ids", []) for ch in chunks if ch["choices"]), []) == ids
+    _, plain = _call(app, "/v1/chat/completions", {**chat, "return_token_ids": False})
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]

@@ -289,21 +289,21 @@ def create_app(
         # vLLM's: with include_usage, every chunk counts its choice's tokens so far
         every = flag(options, "continuous_usage_stats", "stream_options.continuous_usage_stats") and include_usage
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, str, str | None, int]] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, str, str | None, int, int]] = asyncio.Queue()
+        ids = flag(body, "return_token_ids")  # vLLM's: the prompt's and each choice's token ids with the text
         for i, r in enumerate(requests):
             if r.seed is not None:  # past 2**64 - 1, torch's generators take it from the other end
                 r.seed = r.seed + i % n if r.seed + i % n < 2**64 else r.seed + i % n - 2**64
             r.prompt_logprobs = echo is not None and r.logprobs is not None and not chat  # a chat echoes text alone
-            # The engine thread appends to logprob_rows: each event says how many rows go with its text.
-            put = lambda text, finish, i=i, rows=r.logprob_rows: (i, text, finish, len(rows))  # noqa: E731
+            # The engine thread appends to logprob_rows and output_ids: each event says how many go with its text.
+            put = lambda text, finish, i=i, r=r: (i, text, finish, len(r.logprob_rows), len(r.output_ids))  # noqa: E731
             r.emit = lambda text, finish, put=put: loop.call_soon_threadsafe(events.put_nowait, put(text, finish))
             engine.submit(r)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "created": int(time.time()), "model": model}
         if stream:
-            out = _stream(
-                requests, n, events, head, chat, 2 if every else int(include_usage), echoes, engine.tokenizer, role
-            )
+            usage = 2 if every else int(include_usage)
+            out = _stream(requests, n, events, head, chat, usage, echoes, engine.tokenizer, role, ids)
             return StreamingResponse(out, media_type="text/event-stream")
         # Pieces joined at the end; the choices left counted down, not searched for (a scan of every choice per
         # event was quadratic in prompts x n).
@@ -312,7 +312,7 @@ def create_app(
         try:
             while left:
                 try:
-                    i, piece, reason, counts[i] = await asyncio.wait_for(events.get(), timeout=0.5)
+                    i, piece, reason, counts[i], _ = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return JSONResponse({}, status_code=499)  # the finally cancels every row
@@ -341,10 +341,14 @@ def create_app(
                 {"index": i, "finish_reason": finish[i], "stop_reason": r.stop_reason, "logprobs": logprobs}
             )
             choices[-1].update({"message": {"role": role, "content": texts[i]}} if chat else {"text": texts[i]})
+            if ids:  # vLLM's return_token_ids: a completion's prompt per choice, a chat's once at the top
+                choices[-1].update({} if chat else {"prompt_token_ids": r.prompt_ids}, token_ids=list(r.output_ids))
             if r.prompt_top is not None and not chat:  # vLLM's, per choice of a completion
                 choices[-1]["prompt_logprobs"] = prompt_logprobs_json(engine.tokenizer, r.prompt_rows)
         kind = "chat.completion" if chat else "text_completion"
         answer = {**head, "object": kind, "choices": choices, "usage": _usage(requests, n)}
+        if chat and ids:
+            answer["prompt_token_ids"] = requests[0].prompt_ids
         if chat and requests[0].prompt_top is not None:  # vLLM's, once for a chat's one prompt
             answer["prompt_logprobs"] = prompt_logprobs_json(engine.tokenizer, requests[0].prompt_rows)
         return answer
@@ -353,19 +357,30 @@ def create_app(
 
 
 async def _stream(
-    requests: list[Request], n: int, events, head, chat: bool, include_usage: int, echoes, tokenizer, role: str = ""
+    requests: list[Request],
+    n: int,
+    events,
+    head,
+    chat: bool,
+    include_usage: int,
+    echoes,
+    tokenizer,
+    role: str = "",
+    ids: bool = False,
 ):
     """Server-sent events: one chunk per piece of text of a choice (the echoed prompt first), with its tokens'
     log-probabilities where asked, a last chunk per choice with its finish reason, then ``[DONE]``. Usage:
-    ``include_usage`` 1 in a last chunk, 2 in every chunk too (the choice's so far).
+    ``include_usage`` 1 in a last chunk, 2 in every chunk too (the choice's so far). ``ids`` (vLLM's
+    return_token_ids): each chunk's new token ids, the prompt's in a choice's first chunk (a chat's: at the top).
 
     When the client goes away the generator is closed; the ``finally`` cancels the requests, and the engine drops
     their rows at the next step, freeing the slots.
     """
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     done, offset, states = [0] * len(requests), [0] * len(requests), [{} for _ in requests]
+    sent = [-1] * len(requests)  # the choice's token ids sent so far (-1: no chunk yet)
 
-    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, n: int = 0) -> str:
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, n: int = 0, t: int = 0) -> str:
         logprobs = None
         if requests[i].logprobs is not None and n > done[i]:
             rows, as_ids = requests[i].logprob_rows[done[i] : n], requests[i].token_ids_as_names
@@ -381,6 +396,11 @@ async def _stream(
             choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         choice["stop_reason"] = requests[i].stop_reason if finish is not None else None  # vLLM's, in every chunk
         data = {**head, "choices": [choice]}
+        if ids and sent[i] < 0:
+            (data if chat else choice)["prompt_token_ids"] = requests[i].prompt_ids
+        if ids and not first:
+            choice["token_ids"] = requests[i].output_ids[max(sent[i], 0) : t]
+        sent[i] = max(sent[i], t)
         if include_usage:
             data["usage"] = _usage([requests[i]], 1) if include_usage == 2 else None
         return f"data: {json.dumps(data)}\n\n"
@@ -394,7 +414,7 @@ async def _stream(
                 yield chunk(i, echoes[i], None)
             echoes[i] = None
         while left:
-            i, piece, finish, count = await events.get()
+            i, piece, finish, count, tokens = await events.get()
             if finish is not None and finish.startswith("error"):
                 error = {"message": finish, "type": "server_error", "param": None, "code": "generation_failed"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
@@ -402,7 +422,7 @@ async def _stream(
             piece, echoes[i] = (echoes[i] or "") + piece, None
             left -= finish is not None
             if piece or finish is not None:
-                yield chunk(i, piece, finish, n=count)
+                yield chunk(i, piece, finish, n=count, t=tokens)
         if include_usage:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(requests, n)})}\n\n"
         yield "data: [DONE]\n\n"
