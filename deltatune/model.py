@@ -12,6 +12,7 @@ Files use PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import warnings
@@ -209,7 +210,7 @@ class DeltaModel(nn.Module, PushToHub):
         """
         if (config is None) == (peft_config is None):
             raise TypeError("add_adapter takes one config: config= (or peft's name for it, peft_config=)")
-        config = config if peft_config is None else peft_config
+        config = _from_peft(config if peft_config is None else peft_config)
         if not isinstance(config, DeltaConfig):
             raise TypeError(f"config must be a DeltaConfig (a method's config class), got {type(config).__name__}")
         check_adapter_name(adapter_name)
@@ -463,6 +464,7 @@ class DeltaModel(nn.Module, PushToHub):
                         is_trainable: bool = False, config: DeltaConfig | None = None, **kwargs: Any) -> DeltaModel:  # fmt: skip
         """Wrap ``model`` and load the adapter saved at ``model_id`` (see ``load_adapter``); ``config`` (peft's) is
         used instead of the folder's ``adapter_config.json`` (the caller's object is left unchanged)."""
+        config = _from_peft(config)
         if config is not None and not isinstance(config, DeltaConfig):
             raise ValueError(f"config must be a DeltaConfig (a method's config class), got {type(config).__name__}")
         wrapped = cls(model)
@@ -486,6 +488,15 @@ class DeltaModel(nn.Module, PushToHub):
         """Print trainable and total parameter counts, as PEFT does."""
         trained, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trained:,d} || all params: {total:,d} || trainable%: {100 * trained / total:.4f}")
+
+
+def _from_peft(config: Any) -> Any:
+    """A peft config object (``peft.LoraConfig(...)``) as deltatune's, read from the adapter_config.json it would
+    save (its ``to_dict``, sets as lists), so peft's calls run as written; anything else as given."""
+    if type(config).__module__.split(".")[0] != "peft" or not callable(getattr(config, "to_dict", None)):
+        return config
+    data = json.loads(json.dumps(config.to_dict(), default=sorted))
+    return registry.config_from_dict(data, source=f"peft's {type(config).__name__}")
 
 
 def get_delta_model(
@@ -537,6 +548,7 @@ def inject_adapter_in_model(
     """
     if state_dict is not None:
         raise ValueError("inject_adapter_in_model: state_dict= is not supported; set the config's target_modules")
+    peft_config = _from_peft(peft_config)
     if not isinstance(peft_config, DeltaConfig):
         raise TypeError(
             f"peft_config must be a DeltaConfig (a method's config class), got {type(peft_config).__name__}"

@@ -126,3 +126,33 @@ def test_add_adapter_peft_config_keyword_and_save_pretrained_peft_positional_ord
     assert mine.keys() == want.keys() == state.keys() and all(torch.equal(mine[k], state[k]) for k in mine)
     ours.save_pretrained(tmp_path / "bin", False)  # all adapters, as .bin
     assert sorted(os.listdir(tmp_path / "bin")) == ["adapter_config.json", "adapter_model.bin", "b"]
+
+
+# -- 6. peft's config objects are taken, as the adapter_config.json they would save --------------------------------
+def test_peft_config_objects_are_taken_as_the_file_they_would_save(tmp_path):
+    inputs = tiny_inputs("llama")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_rslora=True)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), copy_of := peft.LoraConfig(**config.to_dict()))
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(tiny_model("llama"), config)  # was: TypeError "must be a DeltaConfig ... got LoraConfig"
+    assert isinstance(ours.peft_config["default"], dt.LoraConfig) and config.to_dict() == copy_of.to_dict()
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)  # the same init draws, too
+    ia3 = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    theirs.save_pretrained(tmp_path)
+    back = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, config=peft.LoraConfig(**config.to_dict()))
+    with torch.no_grad():
+        assert torch.equal(back(**inputs).logits, theirs(**inputs).logits)
+    ours.add_adapter("i", ia3)
+    assert isinstance(ours.peft_config["i"], dt.IA3Config) and ours.peft_config["i"].feedforward_modules == [
+        "down_proj"
+    ]
+    injected = dt.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["q_proj"]), tiny_model("llama"))
+    assert sorted(dt.get_peft_model_state_dict(injected)) == sorted(
+        peft.get_peft_model_state_dict(
+            peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["q_proj"]), tiny_model("llama"))
+        )
+    )
+    with pytest.raises(dt.ConfigError, match=r"^peft's LoHaConfig: unknown peft_type 'LOHA'; deltatune reads: "):
+        dt.get_delta_model(tiny_model("llama"), peft.LoHaConfig(target_modules=["q_proj"]))
