@@ -253,3 +253,25 @@ def test_tool_rows_equal_llamafactorys_qwen_formatter(smol, system, turns):
         assert (ex["input_ids"], ex["labels"]) == _llamafactory_tools(
             tok, system, turns, [WEATHER, CLOCK], mask_history
         )
+
+
+def test_llamafactory_ranking_rows_with_the_built_in_chatml_equal_its_pairwise_encoding(smol):
+    """A sharegpt ranking row (LLaMA-Factory's dpo_en_demo shape: a system turn, history, chosen and rejected
+    gpt messages) under stage dpo with data.template=chatml: each side is its qwen template's prompt ids + answer ids,
+    labels on the answer through ``<|im_end|>\\n`` (the built-in chatml left the ``\\n`` out)."""
+    from deltatune.data.encode import encode_pair_samples
+
+    row = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                             {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Colour?"}],
+           "chosen": {"from": "gpt", "value": "Blue."}, "rejected": {"from": "gpt", "value": "I will not."}}  # fmt: skip
+    samples = read_samples([Row(row, "dpo_en_demo.json:1")], {}, "sharegpt", stage="dpo")
+    prompt = smol(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello."
+        "<|im_end|>\n<|im_start|>user\nColour?<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    )["input_ids"]
+    pair = encode_pair_samples(samples, smol, "chatml", 512, "truncate", causal=True).examples[0]
+    for side, answer in (("chosen", "Blue."), ("rejected", "I will not.")):
+        target = smol(f"{answer}<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        assert pair[side]["input_ids"] == prompt + target
+        assert pair[side]["labels"] == [IGNORE_INDEX] * len(prompt) + target
