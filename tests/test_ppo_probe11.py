@@ -516,7 +516,7 @@ def test_trl_names_on_other_stages():
 
     cfg = build({**RAW, "stage": "dpo", "align": {"kl_coef": 0.1}})
     assert ignored_keys(cfg) == [("align.kl_coef", "ppo")]
-    assert cfg.align.init_kl_coef == 0.2
+    assert cfg.align.init_kl_coef == AlignArgs().init_kl_coef  # (the default: kl_coef is not copied on dpo)
     cfg = build({**RAW, "stage": "grpo", "align": {"response_length": 9}})
     assert cfg.align.max_new_tokens == 9 and ignored_keys(cfg) == []
     cfg = build({**RAW, "stage": "ppo", "align": {"ppo_epochs": 2, "num_ppo_epochs": 2, "kl_coef": 0.2}})

@@ -67,14 +67,20 @@ class AlignArgs:
     vf_coef: float = _f(0.1, "PPO: weight of the value loss.")
     gamma: float = _f(1.0, "PPO: discount factor.")
     lam: float = _f(0.95, "PPO: GAE lambda.")
-    init_kl_coef: float = _f(0.2, "PPO: coefficient of the per-token KL penalty against the reference.")
+    init_kl_coef: float = _f(0.05, "PPO: coefficient of the per-token KL penalty against the reference (TRL's "
+                             "PPOConfig kl_coef default; its old PPOv1 init_kl_coef was 0.2).")  # fmt: skip
     adaptive_kl: bool = _f(False, "PPO: adapt the KL coefficient towards target_kl (Ziegler et al. 2019).")
     target_kl: float = _f(6.0, "PPO: target KL per rollout for the adaptive controller.")
     kl_horizon: int = _f(10000, "PPO: horizon of the adaptive KL controller.")
     kl_estimator: str = _f("k1", "PPO: the per-token KL estimate, k1 (log pi - log ref) or k3 ((ref / pi - 1) - "
                            "log(ref / pi), lower variance), as TRL's kl_estimator.")  # fmt: skip
-    missing_eos_penalty: float | None = _f(None, "PPO: subtracted from the score of a response with no EOS within "
-                                           "max_new_tokens (TRL's missing_eos_penalty); null: none.")  # fmt: skip
+    missing_eos_penalty: float | None = _f(None, "PPO: subtracted from the score of a response with no EOS (or no "
+                                           "align.stop_token_id) within max_new_tokens (TRL's missing_eos_penalty); "
+                                           "null: none.")  # fmt: skip
+    stop_token: str | None = _f(None, "PPO: TRL's stop_token: eos, or null; both stop the responses at the EOS here "
+                                "(TRL's null samples past it).")  # fmt: skip
+    stop_token_id: int | None = _f(None, "PPO: responses stop at this token id, not the EOS, and end with it (TRL's "
+                                   "stop_token_id); null: the tokenizer's EOS.")  # fmt: skip
     whiten_rewards: bool = _f(False, "PPO: whiten the per-token rewards (scale to variance 1 over the batch's response "
                               "tokens, mean kept) before GAE, as TRL's whiten_rewards.")  # fmt: skip
     kl_coef: float | None = _f(None, "PPO: TRL's name for align.init_kl_coef (set one of them).")
@@ -204,7 +210,8 @@ def validate_align(a: AlignArgs, stage: str, batch_size: int | None = None) -> N
 
 
 PPO_TRL_NAMES = {"kl_coef": "init_kl_coef", "num_ppo_epochs": "ppo_epochs", "response_length": "max_new_tokens"}
-"""TRL's PPOConfig names a recipe may use for deltatune's align keys; ``validate_ppo`` copies them over."""
+"""TRL's PPOConfig names a recipe may use for deltatune's align keys; ``validate_ppo`` moves them over (the TRL name
+is then null, so run.yaml holds deltatune's name alone)."""
 _TRL_READ_BY = {"kl_coef": ("ppo",), "num_ppo_epochs": ("ppo",), "response_length": ("ppo", "grpo")}
 _TRL_LEAST = {"kl_coef": 0, "num_ppo_epochs": 1, "response_length": 1}
 
@@ -212,11 +219,17 @@ _TRL_LEAST = {"kl_coef": 0, "num_ppo_epochs": 1, "response_length": 1}
 def validate_ppo(a: AlignArgs, stage: str = "ppo", batch_size: int | None = None) -> None:
     """PPO's keys. TRL's names (``PPO_TRL_NAMES``) are checked under their own names and copied onto deltatune's
     where ``stage`` reads them; both given (``given``), to different values, is an error. On stage ppo with
-    ``batch_size``, align.num_mini_batches sets align.mini_batch_size to batch_size / num_mini_batches."""
+    ``batch_size``, align.num_mini_batches sets align.mini_batch_size to batch_size / num_mini_batches (and is then
+    null: a saved run.yaml holds the size it ran with, reusable with another train.batch_size)."""
     if a.kl_estimator not in ("k1", "k3"):
         raise ConfigError(f"align.kl_estimator must be k1 or k3 (TRL's), got {a.kl_estimator!r}")
     if a.missing_eos_penalty is not None and a.missing_eos_penalty < 0:
         raise ConfigError(f"align.missing_eos_penalty must be >= 0 (or null: none), got {a.missing_eos_penalty}")
+    if a.stop_token not in (None, "eos") or a.stop_token is not None and a.stop_token_id is not None:
+        why = "not both (TRL's rule)" if a.stop_token == "eos" else f"got {a.stop_token!r}"
+        raise ConfigError(f"align.stop_token must be eos or null (align.stop_token_id names another token), {why}")
+    if a.stop_token_id is not None and (type(a.stop_token_id) is not int or a.stop_token_id < 0):
+        raise ConfigError(f"align.stop_token_id must be a token id >= 0 (or null: the EOS), got {a.stop_token_id!r}")
     if a.num_mini_batches is not None and a.num_mini_batches < 1:
         raise ConfigError(f"align.num_mini_batches must be >= 1 (or null: align.mini_batch_size), got "
                           f"{a.num_mini_batches}")  # fmt: skip
@@ -232,8 +245,10 @@ def validate_ppo(a: AlignArgs, stage: str = "ppo", batch_size: int | None = None
             raise ConfigError(f"align.{trl} (TRL's name) and align.{ours} are both set, to {value} and "
                               f"{getattr(a, ours)}; set one of them")  # fmt: skip
         setattr(a, ours, value)
+        setattr(a, trl, None)  # run.yaml keeps deltatune's name alone: reused with one of the two changed, no clash
     if stage == "ppo" and batch_size is not None:
         a.mini_batch_size = ppo_mini_batch(a, batch_size)
+        a.num_mini_batches = None  # (as TRL's names: run.yaml keeps the size, reusable with another batch_size)
 
 
 def ppo_mini_batch(a: AlignArgs, batch_size: int) -> int:

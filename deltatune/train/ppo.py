@@ -135,8 +135,10 @@ class PPOLoop:
         self.max_grad_norm, self.grad_accum = max_grad_norm, grad_accum
         self.kl_ctl = KLController(align.init_kl_coef, align.adaptive_kl, align.target_kl, align.kl_horizon)
         self.steps_done, self.runtime_s = 0, 0.0  # (runtime_s: the training time before a resume)
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        # align.stop_token_id (TRL's): sampling stops at it and the response ends with it, in place of the EOS
+        self.eos = tokenizer.eos_token_id if align.stop_token_id is None else align.stop_token_id
+        check_stop_token(align, model.get_input_embeddings().num_embeddings)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # The model runs in eval mode throughout (no dropout), so pi_old, pi and the reference are computed alike.
     def _forward(self, r: Rollout, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,6 +318,13 @@ def reward_function(
     return fn
 
 
+def check_stop_token(align: AlignArgs, vocab: int) -> None:
+    """ConfigError when align.stop_token_id is not a token of a vocabulary of ``vocab`` (generate's IndexError)."""
+    if align.stop_token_id is not None and align.stop_token_id >= vocab:
+        raise ConfigError(f"align.stop_token_id {align.stop_token_id} is not a token id (the vocabulary has {vocab} "
+                          "tokens)")  # fmt: skip
+
+
 def _check_reward_model(spec: str | None) -> None:
     """Fail before any model is loaded when align.reward_model names nothing usable."""
     if spec and os.path.isdir(spec):
@@ -356,12 +365,18 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     longest = max(len(p) for p in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
     _check_reward_model(a.reward_model)
+    check_stop_token(a, len(tok))
     mini = ppo_micro_batches(a, cfg.train.batch_size, cfg.train.grad_accum)  # (before the model loads)
     notes = [
         f"PPO: {a.ppo_epochs} epochs of mini-batches of {mini} per batch of {cfg.train.batch_size} "
         f"rollouts, {a.max_new_tokens} new tokens each; KL coefficient {a.init_kl_coef}"
         + (f" adapted towards {a.target_kl}" if a.adaptive_kl else " (fixed)")
-        + "; reference = the base with the adapter off",
+        + "; reference = the base with the adapter off"
+        + (
+            f"; responses stop at token id {a.stop_token_id} (align.stop_token_id)"
+            if a.stop_token_id is not None
+            else ""
+        ),
         "![PPO statistics](ppo_stats.png)",
         *data_notes,
     ]
