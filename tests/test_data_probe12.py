@@ -275,3 +275,20 @@ def test_llamafactory_ranking_rows_with_the_built_in_chatml_equal_its_pairwise_e
         target = smol(f"{answer}<|im_end|>\n", add_special_tokens=False)["input_ids"]
         assert pair[side]["input_ids"] == prompt + target
         assert pair[side]["labels"] == [IGNORE_INDEX] * len(prompt) + target
+
+
+# -- sharegpt rows with odd role orders and odd values: one line naming file:line and the field -----------------
+
+
+def test_an_empty_function_call_names_the_sharegpt_field():
+    """A function_call turn whose value is ``[]`` was refused as ``messages[1].content: the assistant turn is empty``,
+    a field the sharegpt row does not have."""
+    from deltatune.data.load import DataError
+
+    row = {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "[]"},
+                             {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}],
+           "tools": json.dumps([WEATHER])}  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"^glaive.json:3: conversations\[1\]\.value: the function_call turn holds no call"
+    ):
+        read_samples([Row(row, "glaive.json:3")], {}, None, stage="sft")

@@ -77,7 +77,12 @@ def _message_list(
         ours = roles[role]
         raw = m.get(content_key, m.get("content", m.get("value")))
         if ours == "function":
-            out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(raw, f"{where}.{content_key}")})
+            calls = _tool_calls(raw, f"{where}.{content_key}")
+            if not calls:  # (was "messages[i].content: the assistant turn is empty", a field the row does not have)
+                raise DataError(
+                    f"{where}.{content_key}: the {role} turn holds no call ([]); write {{name, arguments}}"
+                )
+            out.append({"role": "assistant", "content": "", "tool_calls": calls})
             continue
         if raw is None and ours != "assistant":  # (null beside an assistant's tool calls is OpenAI's own shape)
             raise DataError(f"{where}.{content_key}: the {ours} message has no content (null or missing)")
