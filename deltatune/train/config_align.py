@@ -39,7 +39,8 @@ class AlignArgs:
     loss_type: str | list = _f("sigmoid", "DPO loss: one of " + ", ".join(DPO_LOSS_TYPES) + ", each as TRL's "
                                "loss_type of that name; or a list of them, summed by align.loss_weights. KTO: kto "
                                "(the default) or apo_zero_unpaired, as TRL's KTO loss_type. GRPO: grpo, dapo, bnpo or "
-                               "dr_grpo, as TRL's (sets align.loss_norm; the default, sigmoid: loss_norm decides).")  # fmt: skip
+                               "dr_grpo, as TRL's (sets align.loss_norm; the default, sigmoid: loss_norm decides). "
+                               "CPO: sigmoid, hinge, ipo or simpo, as TRL's CPO loss_type.")  # fmt: skip
     loss_weights: list | None = _f(None, "DPO: one weight per align.loss_type in the list (default: 1 each).")
     discopop_tau: float = _f(0.05, "DPO discopop: temperature of the mixing coefficient (TRL's discopop_tau).")
     f_divergence_type: str = _f("reverse_kl", "DPO: f-DPO's divergence, " + ", ".join(F_DIVERGENCES) + " (TRL's).")
@@ -49,13 +50,17 @@ class AlignArgs:
     )
     ld_alpha: float | None = _f(None, "DPO: LD-DPO's alpha in [0, 1] (TRL's ld_alpha): each pair's response tokens "
                                 "beyond the shorter one's count weigh alpha in the summed log-probs; null: off.")  # fmt: skip
-    precompute_ref: bool = _f(False, "DPO: compute the reference log-probs once before training (one pass, no "
+    precompute_ref: bool = _f(False, "DPO, KTO: compute the reference log-probs once before training (one pass, no "
                               "reference forward per step).")  # fmt: skip
-    precompute_ref_log_probs: bool = _f(False, "DPO: TRL's name for align.precompute_ref (either one turns it on).")
-    precompute_ref_batch_size: int | None = _f(None, "DPO: pairs per forward of the precomputed reference (TRL's); "
-                                               "null: train.eval_batch_size.")  # fmt: skip
+    precompute_ref_log_probs: bool = _f(False, "DPO, KTO: TRL's name for align.precompute_ref (either one turns it "
+                                        "on).")  # fmt: skip
+    precompute_ref_batch_size: int | None = _f(None, "DPO, KTO: pairs (rows) per forward of the precomputed "
+                                               "reference (TRL's); null: train.eval_batch_size (KTO's train rows: "
+                                               "train.batch_size, as TRL's).")  # fmt: skip
     use_weighting: bool = _f(False, "DPO: WPO's weighting (TRL's use_weighting): each pair's loss times its responses' "
                              "length-normalised probabilities under the policy, no gradient through them.")  # fmt: skip
+    disable_dropout: bool = _f(True, "DPO, KTO, ORPO, SimPO, CPO: every dropout module of the model (the adapter's "
+                               "lora_dropout too) set to 0 for the run, as TRL's disable_dropout (its default).")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
                                   "(prompts, responses) -> rewards.")  # fmt: skip
     max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")
@@ -115,10 +120,10 @@ class AlignArgs:
     desirable_weight: float = _f(1.0, "KTO: weight of the loss on desirable rows (lambda_D).")
     undesirable_weight: float = _f(1.0, "KTO: weight of the loss on undesirable rows (lambda_U).")
     simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma (the loss wants beta * margin > gamma).")
-    cpo_alpha: float = _f(0.0, "SimPO: weight of the chosen responses' NLL added to the loss (TRL's CPO cpo_alpha; "
-                          "TRL's default 1, 0 here: the SimPO paper's loss).")  # fmt: skip
-    alpha: float = _f(0.0, "SimPO: AlphaPO's alpha (TRL's CPO alpha): rewards (1 - p^-alpha) / alpha of each response's "
-                      "length-normalised likelihood p; 0: SimPO's log p.")  # fmt: skip
+    cpo_alpha: float = _f(0.0, "SimPO, CPO: weight of the chosen responses' NLL added to the loss (TRL's CPO "
+                          "cpo_alpha; TRL's default 1 on stage cpo, 0 on simpo: the SimPO paper's loss).")  # fmt: skip
+    alpha: float = _f(0.0, "SimPO, CPO: AlphaPO's alpha (TRL's CPO alpha): rewards (1 - p^-alpha) / alpha of each "
+                      "response's (length-normalised) likelihood p; 0: log p.")  # fmt: skip
     center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
 
 
@@ -159,11 +164,14 @@ def validate_align(a: AlignArgs, stage: str, batch_size: int | None = None) -> N
     validate_ppo(a, stage, batch_size)  # (first: it copies TRL's names onto the keys checked below)
     if stage == "simpo" and a.loss_type not in ("sigmoid", "simpo"):
         raise ConfigError(f"align.loss_type for stage simpo must be simpo (TRL's CPO loss_type simpo; the default "
-                          f"sigmoid reads as simpo): TRL's CPO losses sigmoid, hinge and ipo are not built, got "
-                          f"{a.loss_type!r}")  # fmt: skip
-    if a.alpha and stage != "simpo":
-        raise ConfigError(f"align.alpha (AlphaPO, TRL's CPO alpha) is for stage simpo only, got {a.alpha} on {stage}")
-    kinds = ["sigmoid"] if stage in ("kto", "grpo", "simpo") else kinds  # (the DPO checks below see DPO's default)
+                          f"sigmoid reads as simpo; stage cpo has the others): TRL's CPO losses sigmoid, hinge and ipo "
+                          f"are not built, got {a.loss_type!r}")  # fmt: skip
+    if stage == "cpo":
+        validate_cpo(a)
+    if a.alpha and stage not in ("simpo", "cpo"):
+        raise ConfigError(f"align.alpha (AlphaPO, TRL's CPO alpha) is for stages simpo and cpo only, got {a.alpha} on "
+                          f"{stage}")  # fmt: skip
+    kinds = ["sigmoid"] if stage in ("kto", "grpo", "simpo", "cpo") else kinds  # (the DPO checks: DPO's default)
     if not kinds or not set(kinds) <= set(DPO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
                           f"{a.loss_type!r}")  # fmt: skip
@@ -181,9 +189,6 @@ def validate_align(a: AlignArgs, stage: str, batch_size: int | None = None) -> N
     if a.use_weighting and stage == "dpo" and set(kinds) & {"aot", "aot_unpaired"}:
         raise ConfigError("align.use_weighting (WPO) does not apply to align.loss_type aot or aot_unpaired: they sort "
                           "the batch's pairs, which would misalign the per-pair weights (TRL refuses it too)")  # fmt: skip
-    if stage == "kto" and a.precompute_ref_log_probs:  # (TRL's KTOConfig has the key)
-        raise ConfigError("align.precompute_ref_log_probs is not built for stage kto: its reference (of each row and "
-                          "of the batch's mismatched pairs) runs at every step; drop the key")  # fmt: skip
     if a.precompute_ref_batch_size is not None and a.precompute_ref_batch_size < 1:
         raise ConfigError(f"align.precompute_ref_batch_size must be >= 1 (or null), got {a.precompute_ref_batch_size}")
     if a.ld_alpha is not None and not 0 <= a.ld_alpha <= 1:
@@ -207,6 +212,19 @@ def validate_align(a: AlignArgs, stage: str, batch_size: int | None = None) -> N
             raise ConfigError(f"align.{key} must be >= 0, got {getattr(a, key)}")
     if a.desirable_weight == a.undesirable_weight == 0:  # every KTO loss term weighted 0: nothing trains
         raise ConfigError("align.desirable_weight and align.undesirable_weight are both 0; at least one must be > 0")
+
+
+def validate_cpo(a: AlignArgs) -> None:
+    """Stage cpo's keys: align.loss_type one of TRL's CPO losses, label_smoothing only with the two that read it; and
+    align.cpo_alpha, left out, set to TRL's default 1 (the CPO paper's loss; stage simpo's default is 0)."""
+    if a.loss_type not in ("sigmoid", "hinge", "ipo", "simpo"):
+        raise ConfigError(f"align.loss_type for stage cpo must be sigmoid, hinge, ipo or simpo (TRL's CPO loss_type), "
+                          f"got {a.loss_type!r}")  # fmt: skip
+    if a.label_smoothing and a.loss_type in ("hinge", "ipo"):
+        raise ConfigError(f"align.label_smoothing is for CPO's sigmoid and simpo losses; align.loss_type is "
+                          f"{a.loss_type}: drop one of them")  # fmt: skip
+    if not given(a, "cpo_alpha"):
+        a.cpo_alpha = 1.0
 
 
 PPO_TRL_NAMES = {"kl_coef": "init_kl_coef", "num_ppo_epochs": "ppo_epochs", "response_length": "max_new_tokens"}

@@ -48,7 +48,7 @@ from .logprobs import (
     summed,
     token_means,
 )
-from .pairs import PairTrainer, count_tokens, encode_pair_splits, pair_metrics
+from .pairs import PairTrainer, count_tokens, disable_dropout, encode_pair_splits, pair_metrics
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -208,6 +208,8 @@ class DPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
+        if align.disable_dropout:  # (before the precomputed reference: TRL's order)
+            disable_dropout(self.model)
         self.wpo, self.router_coef = _use_weighting(align), router_aux_coef(self.model)
         if _precompute(align) and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
             self.train_dataset = self._with_ref(self.train_dataset)

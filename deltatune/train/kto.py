@@ -43,8 +43,9 @@ from ..data.sample import unpaired_examples
 from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
+from .config_align import precomputes_ref
 from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs, token_means
-from .pairs import count_tokens
+from .pairs import count_tokens, disable_dropout
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -134,6 +135,9 @@ class KTOCollator:
                          "labels": [IGNORE_INDEX] * len(prompt) + completion})  # fmt: skip
         batch = self._pad(seqs)
         batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+        for key in ("ref_logp", "ref_kl_logp"):  # (the precomputed reference's, ``KTOTrainer._with_ref``)
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples])
         return batch
 
 
@@ -146,10 +150,50 @@ class KTOTrainer(DeltaTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align, self.router_coef = align, router_aux_coef(self.model)
+        if align.disable_dropout:
+            disable_dropout(self.model)
+        if precomputes_ref(align) and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
+            size, given_size = self.args.per_device_train_batch_size, align.precompute_ref_batch_size
+            self.train_dataset = self._with_ref(self._paired(self.train_dataset), given_size or size)
+            if self.eval_dataset is not None:
+                eval_size = given_size or self.args.per_device_eval_batch_size
+                self.eval_dataset = self._with_ref(self._paired(self.eval_dataset), eval_size)
+
+    def _paired(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows, each with its mismatched pair's completion fixed (``pair_in_blocks`` of the train batch size, as
+        TRL's KTOTrainer pairs them), so that the pair's reference log-prob can be precomputed; apo_zero_unpaired
+        (no pairs) and rows already paired (eval's) as they are."""
+        if kto_loss_type(self.align) != "kto" or all("kl_completion" in e for e in rows):
+            return rows
+        return pair_in_blocks(rows, self.args.per_device_train_batch_size)
+
+    @torch.no_grad()
+    def _with_ref(self, rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+        """The rows with the reference's summed completion log-probs of each (``ref_logp``) and of its mismatched
+        pair (``ref_kl_logp``, kto only) added, ``size`` rows per forward, adapter off, no dropout, under the run's
+        autocast (as ``DPOTrainer._with_ref``); TRL's ``precompute_ref_log_probs`` (``ref_logps``, ``ref_KL_logps``)."""
+        from tqdm.auto import tqdm
+
+        model = self._delta_model()
+        device, out = next(model.parameters()).device, []
+        starts = tqdm(range(0, len(rows), size), desc="reference log-probs", disable=self.args.disable_tqdm)
+        with self.accelerator.autocast():
+            for i in starts:
+                chunk = rows[i : i + size]
+                batch = {k: v.to(device) for k, v in self.data_collator(chunk).items() if k in _LM_KEYS}
+                ref = reference_logprobs(model, model, batch).tolist()
+                for j, e in enumerate(chunk):
+                    kl = {"ref_kl_logp": ref[len(chunk) + j]} if len(ref) > len(chunk) else {}
+                    out.append({**e, "ref_logp": ref[j], **kl})
+        return out
 
     def _losses(self, model, inputs, stats: dict | None = None, aux: list | None = None) -> tuple[torch.Tensor, ...]:
         lm, a = {k: inputs[k] for k in _LM_KEYS}, self.align
-        ref, n = reference_logprobs(model, self._delta_model(), lm), len(inputs["desirable"])
+        n = len(inputs["desirable"])
+        if "ref_logp" in inputs:  # (precomputed: align.precompute_ref_log_probs)
+            ref = torch.cat([inputs["ref_logp"], inputs.get("ref_kl_logp", inputs["ref_logp"][:0])])
+        else:
+            ref = reference_logprobs(model, self._delta_model(), lm)
         rows, mismatched = _halves(lm, n)
         if kto_loss_type(a) == "apo_zero_unpaired":  # (TRL logs kl 0 for it)
             kl = torch.zeros((), device=ref.device)

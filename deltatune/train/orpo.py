@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .logprobs import response_logprobs, token_means
-from .pairs import PairTrainer
+from .pairs import PairTrainer, disable_dropout
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -76,6 +76,8 @@ class ORPOTrainer(PairTrainer):
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.align = align
+        if align.disable_dropout:
+            disable_dropout(self.model)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches, and the chosen responses' tokens in them all, on every process: the NLL's

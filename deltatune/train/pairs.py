@@ -116,6 +116,16 @@ class PairTrainer(DeltaTrainer):
         return loss.detach(), scores.detach().float(), torch.zeros(scores.shape[0], device=scores.device)
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every ``nn.Dropout`` of ``model`` set to p = 0 (the adapter's own, LoRA's lora_dropout, included): the policy's
+    forwards then match its reference's, which runs without dropout. As TRL's ``disable_dropout_in_model``, which its
+    DPO, KTO, CPO and ORPO trainers apply by default (``disable_dropout=True``); a model's functional dropout (the
+    attention's ``attention_dropout``) is left as TRL leaves it. ``align.disable_dropout`` turns it on (the default)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def count_tokens(trainer: DeltaTrainer, attention_mask: torch.Tensor) -> None:
     """TRL's ``num_tokens`` (its DPO and KTO trainers): the training tokens seen so far, every process's (the real
     ones of ``attention_mask``, a training micro-batch's), logged as the latest total rather than a mean."""
@@ -138,19 +148,24 @@ def encode_pair_splits(
     d = cfg.data
     train_s, eval_s, template, notes = read_splits(cfg, tok, pair_scorer=pair_scorer)
 
+    # The causal stages (dpo, orpo, simpo, cpo) keep each side's first max_length tokens, as TRL's DPOTrainer (its
+    # default keep_start) and its CPO and ORPO trainers (the prompt whole, the answer cut) do; dpo splits the two
+    # sides at their shared prompt first, as TRL's DPOTrainer; ORPO's and CPO's split each side at its own.
     dpo, fell_back = cfg.stage == "dpo", {}
 
     def enc(samples, split: str) -> Encoded:
-        # (dpo: whole, so that both sides split at the shared prompt before either is cut)
-        out = encode_pair_samples(samples, tok, template, _WHOLE if dpo else d.max_length, d.truncation, causal, dpo)
+        # (causal: whole, so that the cut keeps the start; dpo: both sides split at the shared prompt before the cut)
+        out = encode_pair_samples(
+            samples, tok, template, _WHOLE if causal else d.max_length, d.truncation, causal, dpo
+        )
         for column, values in ((extra or {}).get(split) or {}).items():
             for s, ex in zip(samples, out.examples, strict=True):
                 ex[column] = values[s.source]
-        if not dpo:
+        if not causal:
             return out
 
         def end_kept(s) -> dict:  # (the cut of the other stages: the prompt's end and each answer's start)
-            return encode_pair_samples([s], tok, template, d.max_length, d.truncation, causal, True).examples[0]
+            return encode_pair_samples([s], tok, template, d.max_length, d.truncation, causal, dpo).examples[0]
 
         out, fell_back[split] = keep_start(samples, out, d.max_length, d.truncation, end_kept)
         return out
@@ -170,9 +185,10 @@ _WHOLE = 1 << 62  # a max_length that cuts nothing
 
 
 def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_kept: Callable) -> tuple[Encoded, int]:
-    """DPO's pairs, encoded whole and split at their shared prompt, cut as TRL 1.16's DPOTrainer cuts them: each
-    side's first ``max_length`` tokens (its collator's ``keep_start``, its default). A pair whose prompt alone fills
-    ``max_length``, which TRL's dataset filter drops (nothing of its answers would train), is ``end_kept(sample)``
+    """The causal stages' pairs, encoded whole (DPO's split at their shared prompt), cut as TRL 1.16's DPOTrainer cuts
+    them: each side's first ``max_length`` tokens (its collator's ``keep_start``, its default; TRL's CPO and ORPO keep
+    the prompt whole and cut the answer: the same tokens). A pair whose prompt alone fills ``max_length``, which TRL's
+    DPO dataset filter drops (nothing of its answers would train), is ``end_kept(sample)``
     instead; how many, with the pairs. ``truncation="refuse"``: a pair with a side longer than ``max_length`` is
     refused, naming its file and line."""
     from ..data.load import DataError

@@ -14,7 +14,7 @@ As TRL's ``CPOTrainer`` with ``loss_type="simpo"``: ``align.label_smoothing`` ep
 the chosen responses (the mean over their tokens in the micro-batch, as CPO's cross-entropy; CPO's default is 1,
 deltatune's 0, the SimPO paper's loss), and ``align.alpha`` is AlphaPO's reward shape (``simpo_loss``).
 ``align.loss_type`` is simpo (or the default sigmoid, read as simpo); CPO's
-own sigmoid, hinge and ipo losses are refused by name.
+own sigmoid, hinge and ipo losses (``cpo_loss``, here beside the trainer that runs them) are stage cpo's (cpo.py).
 """
 
 from __future__ import annotations
@@ -26,10 +26,53 @@ import torch.nn.functional as F
 
 from .config import AlignArgs, RunConfig
 from .logprobs import response_logprobs, token_means
-from .pairs import PairTrainer
+from .pairs import PairTrainer, disable_dropout
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def alphapo(logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape (Gupta et al. 2025, arXiv:2501.03884): (1 - p^-alpha) / alpha of p = exp(logps), as
+    TRL's CPO; alpha 0: the log-probs themselves."""
+    return logps if alpha == 0 else -torch.expm1(-alpha * logps) / alpha
+
+
+def cpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    alpha: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair CPO losses of ``loss_type`` sigmoid, hinge or ipo (module docstring), as TRL's ``cpo_loss``.
+
+    Args:
+        chosen_logps: (B,) the chosen responses' log-probs under the policy (summed; per-token means for ipo).
+        rejected_logps: (B,) the same for the rejected responses.
+        beta: the temperature (IPO's regularisation tau).
+        loss_type: sigmoid, hinge or ipo.
+        label_smoothing: eps of the sigmoid loss.
+        alpha: AlphaPO's alpha (``alphapo``).
+
+    Returns:
+        (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards beta * l are detached.
+
+    Raises:
+        ValueError: another loss_type.
+    """
+    chosen, rejected = alphapo(chosen_logps, alpha), alphapo(rejected_logps, alpha)
+    u = chosen - rejected
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * u) - label_smoothing * F.logsigmoid(-beta * u)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * u)
+    elif loss_type == "ipo":
+        losses = (u - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be sigmoid, hinge or ipo (simpo: simpo_loss), got {loss_type!r}")
+    return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
 def simpo_loss(
@@ -59,11 +102,8 @@ def simpo_loss(
         (losses (B,), chosen rewards (B,), rejected rewards (B,)); the rewards beta * avg_y are detached.
     """
 
-    def reward(avg: torch.Tensor) -> torch.Tensor:  # (1 - p^-alpha) / alpha of p = exp(avg), as TRL's CPO
-        return avg if alpha == 0 else -torch.expm1(-alpha * avg) / alpha
-
-    chosen = beta * reward(chosen_logps / chosen_tokens.clamp(min=1))
-    rejected = beta * reward(rejected_logps / rejected_tokens.clamp(min=1))
+    chosen = beta * alphapo(chosen_logps / chosen_tokens.clamp(min=1), alpha)
+    rejected = beta * alphapo(rejected_logps / rejected_tokens.clamp(min=1), alpha)
     x = chosen - rejected - gamma
     losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
     return losses, chosen.detach(), rejected.detach()
@@ -73,22 +113,31 @@ class SimPOTrainer(PairTrainer):
     """PairTrainer with the SimPO loss (no reference). Logs the ``rewards/*``, ``logps/*`` (mean token log-probs),
     ``logits/*`` (the mean logit over each side's response tokens, as deltatune's DPO) and ``nll_loss`` (the chosen
     responses' mean token NLL, whatever ``align.cpo_alpha``: TRL logs 0 where cpo_alpha is 0) means since the last
-    log, as TRL's CPOTrainer names them; eval predictions are (B, 2) [chosen reward, rejected reward]."""
+    log, as TRL's CPOTrainer names them; eval predictions are (B, 2) [chosen reward, rejected reward].
+    ``loss_type``: simpo, or stage cpo's sigmoid, hinge or ipo (``cpo.cpo_loss``; ``logps/*`` then the summed
+    log-probs, the means for ipo, as TRL's)."""
 
-    def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
+    def __init__(self, *args, align: AlignArgs, loss_type: str = "simpo", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.align = align
+        self.align, self.loss_type = align, loss_type
+        if align.disable_dropout:
+            disable_dropout(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a, stats = self.align, {} if model.training else None
         logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS}, stats)
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
-        losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, a.beta, a.simpo_gamma, a.label_smoothing, a.alpha)
+        mean = self.loss_type in ("simpo", "ipo")  # (TRL's CPO: per-token means for these two, else sums)
+        lc, lr = (pc / nc.clamp(min=1), pr / nr.clamp(min=1)) if mean else (pc, pr)
+        if self.loss_type == "simpo":
+            losses, chosen, rejected = simpo_loss(pc, pr, nc, nr, a.beta, a.simpo_gamma, a.label_smoothing, a.alpha)
+        else:
+            losses, chosen, rejected = cpo_loss(lc, lr, a.beta, self.loss_type, a.label_smoothing, a.alpha)
         nll = -pc.sum() / nc.sum().clamp(min=1)  # (CPO's cross-entropy: a mean over the micro-batch's chosen tokens)
         if model.training:  # TRL's CPOTrainer's names; its logps are the mean token log-probs (loss_type simpo)
             self.log_rewards(chosen, rejected)
-            self.log_stat("logps/chosen", (pc / nc.clamp(min=1)).mean().item())
-            self.log_stat("logps/rejected", (pr / nr.clamp(min=1)).mean().item())
+            self.log_stat("logps/chosen", lc.mean().item())
+            self.log_stat("logps/rejected", lr.mean().item())
             n = len(pc)
             for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
                 self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows)["mean_logits"])

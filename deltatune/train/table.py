@@ -36,6 +36,7 @@ STAGES: dict[str, Stage] = {
     "kto": Stage("CAUSAL_LM", "kto", reference=True),
     "orpo": Stage("CAUSAL_LM", "orpo"),
     "simpo": Stage("CAUSAL_LM", "simpo"),
+    "cpo": Stage("CAUSAL_LM", "cpo"),
     # Not PEFT task types: adapters record None; an image classifier's head trains via modules_to_save.
     "image_cls": Stage("IMAGE_CLS", "image_cls", images=True),
     "caption": Stage("IMAGE_TO_TEXT", "caption", images=True),
