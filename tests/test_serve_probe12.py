@@ -261,3 +261,34 @@ def test_return_token_ids_gives_the_prompts_and_each_choices_ids_as_vllm(minilm)
     assert sum((ch["choices"][0].get("token_ids", []) for ch in chunks if ch["choices"]), []) == ids
     _, plain = _call(app, "/v1/chat/completions", {**chat, "return_token_ids": False})
     assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+
+
+def test_documents_reach_the_chat_template_as_vllm():
+    """vLLM hands a chat request's documents to the chat template (RAG templates: Command-R's, Granite's); here they
+    were dropped silently, so the prompt left them out."""
+    from tiny import tokenizer
+
+    tok = tokenizer()
+    tok.chat_template = (
+        "{% for d in documents or [] %}<doc>{{ d.title }}: {{ d.text }}</doc>\n{% endfor %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    engine, app = _serve(tok)
+    try:
+        messages = [{"role": "user", "content": "what colour is the sky"}]
+        documents = [{"title": "sky", "text": "the sky is blue"}, {"title": "sea", "text": "so is the sea"}]
+        want = tok.apply_chat_template(messages, documents=documents, add_generation_prompt=True, tokenize=False)
+        assert "the sky is blue" in want
+        status, answer = _call(app, "/tokenize", {"messages": messages, "documents": documents})
+        assert status == 200 and answer["tokens"] == tok(want, add_special_tokens=False)["input_ids"], answer
+        body = {"messages": messages, "documents": documents, "max_tokens": 1}
+        status, answer = _call(app, "/v1/chat/completions", body)
+        assert status == 200 and answer["usage"]["prompt_tokens"] == len(
+            tok(want, add_special_tokens=False)["input_ids"]
+        )
+        for bad in ("x", [1], [{"title": 5}]):
+            status, answer = _call(app, "/v1/chat/completions", {**body, "documents": bad})
+            assert status == 400 and answer["error"]["param"] == "documents", bad
+    finally:
+        engine.close()

@@ -1,6 +1,6 @@
 """The prompt of a request: a chat's messages rendered with the tokenizer's chat template and vLLM's rendering fields
-(``add_generation_prompt``, ``continue_final_message``, ``add_special_tokens``, ``chat_template_kwargs``; ``tools``
-under ``tool_choice: "none"``), or with the built-in template an adapter's run trained with; a completion's prompt
+(``add_generation_prompt``, ``continue_final_message``, ``add_special_tokens``, ``chat_template_kwargs``,
+``documents``; ``tools`` under ``tool_choice: "none"``), or with the built-in template an adapter's run trained with; a completion's prompt
 text or token ids. Split from app.py in session 46, at its limit."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ RENDERING: dict[str, Any] = {
     "add_special_tokens": False,
     "chat_template_kwargs": {},
     "tools": None,  # OpenAI's tools, rendered into the prompt under tool_choice "none" (_tools)
+    "documents": None,  # vLLM's: [{"title": ..., "text": ...}] handed to the chat template (RAG templates)
 }
 
 
@@ -33,6 +34,12 @@ def _rendering(body: dict, template: str | None) -> dict[str, Any]:
     out = {key: body.get(key, default) for key, default in RENDERING.items()}
     out = {key: default if out[key] is None else out[key] for key, default in RENDERING.items()}
     out["tools"] = _tools(body)
+    documents = out["documents"]
+    if documents is not None and not (
+        isinstance(documents, list)
+        and all(isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in documents)
+    ):  # vLLM's list[dict[str, str]]
+        raise RequestError("documents must be a list of objects of strings ({title, text})", param="documents")
     for key in ("add_generation_prompt", "continue_final_message", "add_special_tokens"):
         flag(out, key)
     kwargs = out["chat_template_kwargs"]
@@ -155,6 +162,7 @@ def _chat_ids(
             add_generation_prompt=options["add_generation_prompt"],
             continue_final_message=options["continue_final_message"],
             tools=options["tools"],
+            documents=options["documents"],
             **kwargs,
         )
     except ChatTemplateError as exc:  # a 400 naming the template's reason, not a 500
