@@ -255,9 +255,9 @@ def set_peft_model_state_dict(
     included, as peft's: ``base_model.model.<path>.lora_A.default.weight``) and in a warning. peft's ``missing_keys``
     also lists every base weight and every other adapter's tensors, which a state dict for one adapter never holds and
     which peft's own ``load_adapter`` and transformers filter out (``"lora_" in k and adapter_name in k``); they are
-    left out here on purpose. ``ignore_mismatched_sizes=True`` (peft's) keeps the adapter's
-    own value for each tensor of another shape, with a warning naming it; without it a shape that differs is refused
-    (AdapterLoadError) and the model is unchanged. ``low_cpu_mem_usage`` is accepted (the adapter's tensors exist).
+    left out here on purpose. ``ignore_mismatched_sizes=True`` (peft's) keeps the adapter's own value for each tensor
+    of another shape, with a warning naming it (and in ``missing_keys``, as peft's); without it a shape that differs
+    is refused (AdapterLoadError) and the model is unchanged. ``low_cpu_mem_usage`` is accepted (the adapter's tensors exist).
     """
     model, strip = _delta_of(model, "set_peft_model_state_dict")
     model._check_names([adapter_name])
@@ -274,8 +274,9 @@ def set_peft_model_state_dict(
     present = {alias.get(unwrapped_name(k), k) for k in tensors}
     missing = [k for k in expected if k not in present]
     tensors.update({k: expected[k].detach().clone() for k in missing})  # kept as they are
+    kept: set[str] = set()  # mismatched, the model's value kept: in missing_keys too, as peft's
     if ignore_mismatched_sizes:
-        for key, value in tensors.items():
+        for key, value in list(tensors.items()):
             key = alias.get(unwrapped_name(key), key)
             if key in expected and tuple(value.shape) != tuple(expected[key].shape):
                 warnings.warn(
@@ -284,6 +285,7 @@ def set_peft_model_state_dict(
                     stacklevel=2,
                 )
                 tensors[key] = expected[key].detach().clone()
+                kept.add(key)
     with model._unmerged():  # a merged adapter's old update comes out of the weights before the new one goes in
         import_tensors(model, adapter_name, tensors, "state dict")
     if missing or unexpected:
@@ -295,7 +297,7 @@ def set_peft_model_state_dict(
             stacklevel=2,
         )
     return torch.nn.modules.module._IncompatibleKeys(
-        _in_model_names(model, expected, missing, prefix, strip), unexpected
+        _in_model_names(model, expected, [k for k in expected if k in kept or k in missing], prefix, strip), unexpected
     )
 
 

@@ -156,3 +156,20 @@ def test_peft_config_objects_are_taken_as_the_file_they_would_save(tmp_path):
     )
     with pytest.raises(dt.ConfigError, match=r"^peft's LoHaConfig: unknown peft_type 'LOHA'; deltatune reads: "):
         dt.get_delta_model(tiny_model("llama"), peft.LoHaConfig(target_modules=["q_proj"]))
+
+
+def test_a_mismatched_tensor_kept_by_ignore_mismatched_sizes_is_a_missing_key_as_peft():
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA))
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA))
+    state = dict(peft.get_peft_model_state_dict(theirs))
+    odd = sorted(state)[0]
+    state[odd] = torch.zeros(2, 32)
+    want = peft.set_peft_model_state_dict(theirs, state, ignore_mismatched_sizes=True)
+    with pytest.warns(UserWarning, match="the model's value is kept"):
+        got = dt.set_peft_model_state_dict(ours, state, ignore_mismatched_sizes=True)
+    assert (
+        got.missing_keys
+        == [k for k in want.missing_keys if "lora_" in k]
+        == [odd.replace(".weight", ".default.weight")]
+    )
