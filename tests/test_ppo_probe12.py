@@ -284,3 +284,16 @@ def test_prepare_ppo_checks_the_stop_token_before_the_model_loads(tmp_path):
     notes = prepare_ppo(build({**raw, "align": {**raw["align"], "stop_token_id": 5}}), tok).notes
     assert notes[0].endswith("; responses stop at token id 5 (align.stop_token_id)")
     assert "KL coefficient 0.05 (fixed)" in notes[0]
+
+
+def test_a_sampled_pad_token_stays_in_the_response():
+    """Kept on purpose: a pad token the policy samples before its EOS (pad != eos, pad a normal vocabulary entry) is a
+    response token here (mask 1 up to the EOS), where TRL's sequence length is "first pad - 1", so its padding mask
+    ends the response before the pad (a response opening with the pad is all padding to TRL, its score on token 0)."""
+    generated = torch.tensor([[5, PAD, 6, EOS, 4], [PAD, 6, 6, 6, 6]])
+    _, _, mask, response, truncated = sample_responses(_Fixed(generated), [[4, 5], [6]], PAD, EOS, AlignArgs())
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]] and truncated.tolist() == [False, True]
+    trl = truncate_response(EOS, PAD, generated)
+    assert torch.equal(response, trl)  # (the same tokens; only where the response ends differs)
+    seq_len = first_true_indices(trl == PAD) - 1
+    assert seq_len.tolist() == [0, -1]  # TRL: one token, and none
