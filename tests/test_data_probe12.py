@@ -292,3 +292,16 @@ def test_an_empty_function_call_names_the_sharegpt_field():
         DataError, match=r"^glaive.json:3: conversations\[1\]\.value: the function_call turn holds no call"
     ):
         read_samples([Row(row, "glaive.json:3")], {}, None, stage="sft")
+
+
+@pytest.mark.parametrize("name", ["qwen2_5", "qwen2_5_vl", "qwen3_instruct_2507", "qwen3_vl"])
+def test_built_in_chatml_equals_qwens_own_templates_on_a_multi_turn_row_with_a_system_prompt(smol, name):
+    """The chatml models' own templates (TRL's copies) render a system prompt and two turns as the built-in chatml
+    does: the same ids, and the labels their own template gives (each answer through ``<|im_end|>\\n``)."""
+    from tiny import trl_template
+
+    tok = copy.deepcopy(smol)
+    tok.chat_template = trl_template(name)
+    s = Sample("t.jsonl:1", "messages", TURNS)
+    assert sft_example(s, tok, "chatml") == sft_example(s, tok, None)
+    assert sft_example(s, tok, "chatml")[0] == tok.apply_chat_template(TURNS, tokenize=True, return_dict=False)
