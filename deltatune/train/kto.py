@@ -358,7 +358,8 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
              f"train.batch_size={cfg.train.batch_size} rows, as TRL pairs them)")  # fmt: skip
     notes.append(
         f"KTO ({kto_loss_type(a)}): beta={a.beta}, lambda_D={a.desirable_weight}, lambda_U={a.undesirable_weight}; "
-        f"reference = the base with the adapter off; {point if kl else 'no reference point (apo_zero_unpaired)'}"
+        f"reference = the base with the adapter off{', log-probs precomputed once' if precomputes_ref(a) else ''}; "
+        f"{point if kl else 'no reference point (apo_zero_unpaired)'}"
     )
     return Prepared(
         train,
