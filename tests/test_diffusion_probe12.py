@@ -296,3 +296,38 @@ def test_a_run_with_prior_v_prediction_and_the_text_encoder_loads_in_diffusers_p
     assert loaded.scheduler.config.prediction_type == "epsilon"  # the base's, until the run's is put on it
     loaded.use_run_scheduler(str(out))
     assert loaded.scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "cosmap"])
+def test_flow_matching_prior_preservation_is_the_sd3_scripts_loss_by_hand(sampling):
+    """train_dreambooth_lora_sd3.py --with_prior_preservation: each half's weighted squared error, instance mean +
+    prior_loss_weight * class mean. (The script multiplies each half by the whole batch's weighting, which
+    broadcasts wrongly past one image per half; here each half takes its own images' weights, its intent.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from diffusion.test_t2i_flow import inputs as flow_inputs
+    from diffusion.test_t2i_flow import tiny_sd3
+
+    model, scheduler = tiny_sd3(), FlowMatchEulerDiscreteScheduler()
+    batch = {k: torch.cat([v, v[:1]]) for k, v in flow_inputs().items()}  # 2 instances, 2 class rows
+    batch["prior_split"] = torch.tensor(2)
+    with torch.no_grad():
+        loss = t2i.flow_matching_loss(model, scheduler, batch, generator=torch.Generator().manual_seed(5),
+                                      sigma_sampling=sampling, prior_loss_weight=0.7)  # fmt: skip
+        g = torch.Generator().manual_seed(5)
+        x0 = batch["pixel_values"]
+        noise = torch.randn(x0.shape, generator=g)
+        u = compute_density_for_timestep_sampling("none", 4, generator=g)
+        sigma = (1000 - (u * 1000).long()).float() / 1000
+        s = sigma.view(4, 1, 1, 1)
+        pred = model(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000,
+                     encoder_hidden_states=batch["encoder_hidden_states"],
+                     pooled_projections=batch["pooled_projections"]).sample  # fmt: skip
+    weighting = compute_loss_weighting_for_sd3(sampling if sampling != "uniform" else "none", s)
+    model_pred, model_pred_prior = torch.chunk(pred, 2, dim=0)
+    target, target_prior = torch.chunk(noise - x0, 2, dim=0)
+    w, w_prior = torch.chunk(weighting, 2, dim=0)
+    prior = torch.mean((w_prior.float() * (model_pred_prior.float() - target_prior.float()) ** 2).reshape(2, -1), 1)
+    want = torch.mean((w.float() * (model_pred.float() - target.float()) ** 2).reshape(2, -1), 1).mean()
+    want = want + 0.7 * prior.mean()
+    assert (loss - want).abs().item() <= 1e-5 * want.item(), (loss, want)
