@@ -255,3 +255,12 @@ def test_trainable_token_rows_on_a_tied_head_train_under_trls_fused_head(tmp_pat
     with pytest.raises(ValueError, match=r"^an adapter on lm_head \(\w+\) is not supported under TRL"):
         dt.trl_trainer(trl.DPOTrainer)(model=on_head, args=args, train_dataset=Dataset.from_list(PAIRS),
                                        processing_class=tokenizer())  # fmt: skip
+
+
+def test_dataloader_keys_are_named_ignored_on_the_stages_with_their_own_loop():
+    from deltatune.train.config import ignored_keys
+
+    for stage in ("ppo", "grpo"):
+        named = dict(ignored_keys(build({"stage": stage, "train": {"dataloader_drop_last": True}})))
+        assert "train.dataloader_drop_last" in named and stage not in named["train.dataloader_drop_last"].split(", ")
+    assert not ignored_keys(build({"stage": "dpo", "train": {"dataloader_pin_memory": False}}))

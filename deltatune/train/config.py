@@ -402,7 +402,7 @@ def _validate_values(cfg: RunConfig) -> None:
 
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
 READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
-           ("pt sft cls tag seq2seq rm dpo kto orpo simpo image_cls caption t2i",
+           (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
             "train.optim train.dataloader_drop_last train.dataloader_pin_memory"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
            ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
