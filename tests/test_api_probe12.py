@@ -5,6 +5,7 @@ tiny Llama / BERT models with LoRA."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -173,3 +174,29 @@ def test_a_mismatched_tensor_kept_by_ignore_mismatched_sizes_is_a_missing_key_as
         == [k for k in want.missing_keys if "lora_" in k]
         == [odd.replace(".weight", ".default.weight")]
     )
+
+
+# -- 7. fields deltatune does not know in a peft file -----------------------------------------------------------------
+def test_an_unknown_field_is_ignored_at_its_default_and_refused_in_one_line_when_set(tmp_path):
+    """Kept on purpose: peft 0.21.2 ignores a field it does not know whatever its value (with a warning); deltatune
+    ignores it only at a value that changes nothing (None, False, [], {}) and otherwise names the file and the field,
+    since a newer peft's field may change the math."""
+    torch.manual_seed(0)
+    peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA)).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    inputs = tiny_inputs("llama")
+    for value in (None, 3):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "future_field": value}))
+        with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['future_field'\]"):
+            theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+        if value is None:
+            ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+            with torch.no_grad():
+                assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+            continue
+        model = dt.DeltaModel(tiny_model("llama"))
+        with pytest.raises(
+            dt.ConfigError, match=r"adapter_config.json: field 'future_field' = 3 is not supported by "
+        ):
+            model.load_adapter(tmp_path, "default")
+        assert model.peft_config == {}
