@@ -305,3 +305,19 @@ def test_built_in_chatml_equals_qwens_own_templates_on_a_multi_turn_row_with_a_s
     s = Sample("t.jsonl:1", "messages", TURNS)
     assert sft_example(s, tok, "chatml") == sft_example(s, tok, None)
     assert sft_example(s, tok, "chatml")[0] == tok.apply_chat_template(TURNS, tokenize=True, return_dict=False)
+
+
+@pytest.mark.parametrize("mask_history, train_on_prompt", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_first_row_note_marks_what_mask_history_and_train_on_prompt_train(smol, mask_history, train_on_prompt):
+    """The report's first row (``first_row_note``) marks the characters ``sft_example`` trains under each option."""
+    from deltatune.data.encode import first_row_note, rendered
+
+    s = Sample("t.jsonl:1", "messages", TURNS)
+    [(_, text, spans)] = rendered(s, smol, None, "sft", mask_history, train_on_prompt)
+    assert "".join(text[a:b] for a, b in spans) == smol.decode(
+        _trained(*sft_example(s, smol, None, mask_history, train_on_prompt))
+    )
+    body = first_row_note("train", s, smol, None, "sft", mask_history, train_on_prompt).split("```text", 1)[1]
+    assert body.count("[[") == len(spans) == (1 if train_on_prompt != mask_history else 2)
+    trained = [part.split("]]")[0] for part in body.split("[[")[1:]]
+    assert "Green.<|im_end|>" in trained[-1] and any("Blue." in t for t in trained) != mask_history

@@ -117,14 +117,20 @@ def sft_example(
     token, the prompts and the template's markers too (with ``mask_history``, all but the earlier answers)."""
     from .templates import encode_chat
 
-    conversation, start = s.sft()
-    if mask_history:
-        start = max(start, max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=0))
+    conversation, start = _trained_from(s, mask_history)
     ids, labels = encode_chat(conversation, tokenizer, template, s.tools, start, train_stop=True)
     if not train_on_prompt:
         return ids, labels
     every = encode_chat(conversation, tokenizer, template, s.tools, 0, train_stop=True)[1] if mask_history else labels
     return ids, [IGNORE_INDEX if e != lab else i for i, e, lab in zip(ids, every, labels)]  # (e != lab: history)
+
+
+def _trained_from(s: Sample, mask_history: bool) -> tuple[list[Message], int]:
+    """``s.sft()``, its first trained message moved to the last assistant turn under ``mask_history``."""
+    conversation, start = s.sft()
+    if mask_history:
+        start = max(start, max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=0))
+    return conversation, start
 
 
 def _lm(
@@ -230,9 +236,11 @@ def mark(text: str, spans: Sequence[tuple[int, int]], left: str = "[[", right: s
 
 
 @_named
-def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tuple[str, str, list[tuple[int, int]]]]:
-    """What ``stage`` trains on for ``s``: (part, text, trained character spans) per sequence (sft: one; rm, dpo,
-    kto: chosen and rejected; ppo: the prompt, nothing trained in it)."""
+def rendered(
+    s: Sample, tokenizer, template: str | None, stage: str, mask_history: bool = False, train_on_prompt: bool = False
+) -> list[tuple[str, str, list[tuple[int, int]]]]:
+    """What ``stage`` trains on for ``s``: (part, text, trained character spans) per sequence (sft: one, with
+    ``sft_example``'s options; rm, dpo, kto: chosen and rejected; ppo: the prompt, nothing trained in it)."""
     if stage == "ppo":
         if template == RAW:
             return [("prompt", as_written(s.messages[0]), [])]
@@ -240,8 +248,14 @@ def rendered(s: Sample, tokenizer, template: str | None, stage: str) -> list[tup
     if s.text is not None:
         return [("text", s.text, [(0, len(s.text))])]
     if stage == "sft":
-        conversation, start = s.sft()
+        conversation, start = _trained_from(s, mask_history)
         text, spans = render(conversation, tokenizer, template, tools=s.tools, train_from=start, train_stop=True)
+        if train_on_prompt:  # every character but the earlier answers mask_history leaves out
+            every = (
+                render(conversation, tokenizer, template, tools=s.tools, train_stop=True)[1] if mask_history else []
+            )
+            edges = [0, *[x for span in every if span not in spans for x in span], len(text)]
+            spans = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if a < b]
         return [("conversation", text, spans)]
     responses = (
         [("chosen", s.chosen), ("rejected", s.rejected)]
@@ -278,8 +292,17 @@ def format_note(samples: Sequence[Sample], forced: bool | str | None, stage: str
     return f"data format: {s.format}{shape}, {how}"
 
 
-def first_row_note(split: str, s: Sample, tokenizer, template: str | None, stage: str) -> str:
-    """The report note showing the first row of a split as rendered, trained spans between [[ and ]]."""
+def first_row_note(
+    split: str,
+    s: Sample,
+    tokenizer,
+    template: str | None,
+    stage: str,
+    mask_history: bool = False,
+    train_on_prompt: bool = False,
+) -> str:
+    """The report note showing the first row of a split as rendered, trained spans between [[ and ]] (sft: with
+    ``sft_example``'s options)."""
     how = {RAW: "no chat template (plain text)", None: "the tokenizer's chat template"}.get(
         template, f"the built-in {template} template"
     )
@@ -288,7 +311,7 @@ def first_row_note(split: str, s: Sample, tokenizer, template: str | None, stage
         "ppo": "the policy samples its response after it",
     }.get(stage, "trained tokens between [[ and ]]")
     lines = [f"first {split} row ({s.source}) as rendered with {how}; {what}:"]
-    for part, text, spans in rendered(s, tokenizer, template, stage):
+    for part, text, spans in rendered(s, tokenizer, template, stage, mask_history, train_on_prompt):
         lines += ["", f"  {part}:", "", "  ```text", *["  " + line for line in mark(text, spans).split("\n")], "  ```"]
     return "\n".join(lines)
 
