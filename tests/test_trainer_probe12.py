@@ -260,3 +260,14 @@ def test_dataloader_keys_are_named_ignored_on_the_stages_with_their_own_loop():
         named = dict(ignored_keys(build({"stage": stage, "train": {"dataloader_drop_last": True}})))
         assert "train.dataloader_drop_last" in named and stage not in named["train.dataloader_drop_last"].split(", ")
     assert not ignored_keys(build({"stage": "dpo", "train": {"dataloader_pin_memory": False}}))
+
+
+def test_a_best_metric_the_evaluation_does_not_report_is_one_line(files, tmp_path):  # noqa: F811
+    """metric_for_best_model naming a metric sft's evaluation has not (accuracy) was the Trainer's KeyError, a
+    traceback after the first evaluation: now one line naming the key and the metrics there are."""
+    raw = recipe(files, tmp_path / "run", max_steps=1, eval_steps=1, save_steps=1, load_best_model_at_end=True,
+                 metric_for_best_model="accuracy")  # fmt: skip
+    raw["data"]["eval"] = files["sft"]
+    with pytest.raises(ConfigError, match=r"^metric_for_best_model \(train.metric_for_best_model in a recipe\) is "
+                       r"'accuracy', which this evaluation does not report; it reports loss$"):  # fmt: skip
+        train(build(raw))

@@ -174,6 +174,20 @@ class DeltaTrainerMixin:
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
+    def _determine_best_metric(self, metrics, trial):
+        """The Trainer's; a ``metric_for_best_model`` the evaluation does not report is one line naming it and the
+        metrics it does (the Trainer's KeyError came as a traceback after the first evaluation)."""
+        try:
+            return super()._determine_best_metric(metrics, trial)
+        except KeyError:
+            from ..config import ConfigError
+
+            skip = ("_runtime", "_per_second", "_preparation_time")
+            have = [k.removeprefix("eval_") for k in metrics if k.startswith("eval_") and not k.endswith(skip)]
+            raise ConfigError(f"metric_for_best_model (train.metric_for_best_model in a recipe) is "
+                              f"{self.args.metric_for_best_model!r}, which this evaluation does not report; it "
+                              f"reports {', '.join(have)}")  from None  # fmt: skip
+
     def _load_best_model(self) -> None:
         if not hasattr(self._delta_model(), "load_adapter_weights"):  # a peft or plain model: the Trainer's way
             return super()._load_best_model()
