@@ -28,6 +28,7 @@ from .files import (
     explain_missing_fields,
     key_prefix,
     match_tensors,
+    pick_tensors,
     read_weights,
     resolve,
     save_adapters,
@@ -224,15 +225,19 @@ def get_peft_model_state_dict(
     writes them (peft's keys, no adapter name in them; the embedding copies ``save_embedding_layers`` asks for). On a
     model given to ``inject_adapter_in_model`` the keys are its module paths, without peft's ``base_model.model.``.
 
-    ``unwrap_compiled`` is accepted (a DeltaModel is never a compiled wrapper). ``state_dict=`` (peft's: pick the
-    tensors out of a state dict given) is refused: a DeltaModel's own ``state_dict`` keys are not peft's.
+    ``unwrap_compiled`` is accepted (a DeltaModel is never a compiled wrapper). ``state_dict=`` (peft's): the tensors
+    are picked out of that state dict (keyed as the model's own ``state_dict`` or as peft's, ``files.pick_tensors``),
+    e.g. one gathered from sharded (FSDP / ZeRO-3) parameters.
     """
-    if state_dict is not None:
-        raise ValueError("get_peft_model_state_dict: state_dict= is not supported for a DeltaModel; leave it None")
     model, strip = _delta_of(model, "get_peft_model_state_dict")
     model._check_names([adapter_name])
     config = model.peft_config[adapter_name]
-    out = {k: v.detach() for k, v in adapter_state_dict(model, adapter_name).items()}
+    given = (
+        adapter_state_dict(model, adapter_name)
+        if state_dict is None
+        else pick_tensors(model, adapter_name, state_dict)
+    )
+    out = {k: v.detach() for k, v in given.items()}
     for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
         out.setdefault(key_prefix(config) + pname, p.detach())
     return {k.removeprefix(key_prefix(config)) if strip else k: v for k, v in out.items()}

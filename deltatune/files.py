@@ -236,6 +236,7 @@ def save_adapters(
     names: list[str],
     save_embedding_layers: bool | str,
     path_initial_model_for_weight_conversion: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
     **_: Any,
 ) -> None:
     """``DeltaModel.save_pretrained``'s files: each adapter of ``names`` in its folder (``adapter_folder``), its config
@@ -243,7 +244,8 @@ def save_adapters(
     (``embedding_copies``) and its training state. ``names`` empty: the folder alone, as peft (which writes its
     model card there). ``path_initial_model_for_weight_conversion`` (peft's: a LoRA saved right after its init):
     each adapter written as the plain LoRA of its change since (the LoRA method's
-    ``convert_to_plain_lora``, as peft's conversion)."""
+    ``convert_to_plain_lora``, as peft's conversion). ``state_dict`` (peft's): the tensors are taken from it
+    (``pick_tensors``), e.g. a full state dict gathered from sharded (FSDP / ZeRO-3) parameters."""
     folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
     if not names:
         adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
@@ -262,10 +264,37 @@ def save_adapters(
         config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
         training = {f"{p}|{k}": v for p, layer in model._layers() if name in layer.adapter_names
                     for k, v in layer.training_state(name).items()}  # fmt: skip
-        tensors = model.adapter_state_dict(name)
+        tensors = model.adapter_state_dict(name) if state_dict is None else pick_tensors(model, name, state_dict)
         for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
             tensors.setdefault(key_prefix(config) + pname, p)
         write_adapter(folders[name], tensors, config, training)
+
+
+def pick_tensors(model: Any, name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors (its saved keys) taken from ``state_dict``, a state dict of the model keyed by its
+    parameters' names: deltatune's (``base_model.<path>``), peft's (``base_model.model.<path>``) or, on a model given
+    to ``inject_adapter_in_model``, its own (``<path>``), as peft's
+    ``get_peft_model_state_dict(state_dict=...)`` picks them.
+
+    Raises:
+        ValueError: the state dict lacks one of the adapter's tensors, or the adapter saves a folded form (no
+            parameter of its own) that a state dict cannot give; named.
+    """
+    expected = model.adapter_state_dict(name)
+    names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+    out = {}
+    for key, tensor in expected.items():
+        own = names.get(id(tensor))
+        if own is None:
+            raise ValueError(f"state_dict=: adapter {name!r} saves {key} in a folded form, not a parameter; "
+                             "leave state_dict out")  # fmt: skip
+        path = own.removeprefix("base_model.")  # (the plain model's own name, after inject_adapter_in_model)
+        found = [k for k in (own, "base_model.model." + path, path) if k in state_dict]
+        if not found:
+            raise ValueError(f"state_dict=: no {own!r} (or peft's 'base_model.model.{path}') in it, adapter "
+                             f"{name!r}'s {key}")  # fmt: skip
+        out[key] = state_dict[found[0]]
+    return out
 
 
 def upcast_adapter(layers: list[Any], name: str) -> bool:

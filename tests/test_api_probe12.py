@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import tiny_inputs, tiny_model
 
 import deltatune as dt
@@ -200,3 +201,29 @@ def test_an_unknown_field_is_ignored_at_its_default_and_refused_in_one_line_when
         ):
             model.load_adapter(tmp_path, "default")
         assert model.peft_config == {}
+
+
+# -- 8. state_dict= (peft's: the tensors picked out of a gathered state dict) ----------------------------------------
+def test_state_dict_argument_picks_the_tensors_as_peft(tmp_path):
+    kw = dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**kw))
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**kw))
+    dt.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    gathered = {k: v * 2 for k, v in theirs.state_dict().items()}  # peft's keys, values the model does not hold
+    want = peft.get_peft_model_state_dict(theirs, state_dict=gathered)
+    for given in (gathered, {k: v * 2 for k, v in ours.state_dict().items()}):  # peft's keys, then deltatune's
+        got = dt.get_peft_model_state_dict(ours, state_dict=given)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    theirs.save_pretrained(tmp_path / "peft", state_dict=gathered)
+    ours.save_pretrained(tmp_path / "ours", state_dict=gathered)  # was: state_dict= silently ignored
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert mine.keys() == file.keys() and all(torch.equal(mine[k], file[k]) for k in file)
+    injected = dt.inject_adapter_in_model(dt.LoraConfig(**LORA), tiny_model("llama"))
+    plain = {k: v + 1 for k, v in injected.state_dict().items()}  # the plain model's own names
+    got = dt.get_peft_model_state_dict(injected, state_dict=plain)
+    now = dt.get_peft_model_state_dict(injected)
+    assert got.keys() == now.keys() and len(got) == 8 and all(torch.equal(got[k], now[k] + 1) for k in got)
+    with pytest.raises(ValueError, match=r"^state_dict=: no 'base_model\.model\.layers\.0\.self_attn\.q_proj\.lora_A"):
+        dt.get_peft_model_state_dict(ours, state_dict={})
