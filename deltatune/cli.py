@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever torch was; 130 as shells expect
         if args.debug:
             raise
-        more = "; --resume continues from its newest checkpoint" if args.command == "train" else ""
-        print(f"deltatune {args.command}: interrupted{more}", file=sys.stderr)
+        print(f"deltatune {args.command}: interrupted{_resumable(args)}", file=sys.stderr)
         return 130
     except Exception as exc:  # deltatune's own refusals become one line (exit 2); --debug shows the traceback
         if args.debug:
@@ -82,6 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _resumable(args) -> str:
+    """How an interrupted train goes on: from its newest checkpoint, or, stopped before its first one (the run folder
+    is not kept then), not at all ("--resume continues" sent the user to a refusal: no run to continue)."""
+    if args.command != "train":
+        return ""
+    out = getattr(args, "out_dir", None)  # set once the recipe is read
+    if out and not any(name.startswith("checkpoint-") for name in _listdir(out)):
+        return " before its first checkpoint; nothing to resume"
+    return "; --resume continues from its newest checkpoint"
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _on_sigterm():
@@ -119,6 +136,7 @@ def _train(args) -> int:
     from .train.config import ignored_keys
 
     cfg = load_recipe(args.recipe, args.overrides)
+    args.out_dir = cfg.output.dir  # (an interruption's line says whether a checkpoint is there to resume)
     for key, stages in ignored_keys(cfg):  # set, but not read by this stage: it trains as if the key were not there
         print(f"deltatune train: note: {key} is read by stage {stages} only; stage {cfg.stage} ignores it",
               file=sys.stderr)  # fmt: skip

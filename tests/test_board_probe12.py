@@ -208,3 +208,31 @@ def test_help_and_version_answer_at_once_and_true(capsys):
             main([command, "--help"])
         out = capsys.readouterr().out
         assert exit_.value.code == 0 and out.startswith(f"usage: deltatune {command}"), command
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_send_the_user_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before a run's first checkpoint (its folder is not kept then) said "--resume continues from its newest
+    checkpoint", and --resume then refused: "does not exist; there is no run to continue". Now the line says there is
+    nothing to resume; after a checkpoint it still points to --resume. Exit 130 both times."""
+    from types import SimpleNamespace
+
+    import deltatune.train
+    import deltatune.train.config
+    from deltatune.cli import main
+
+    out = tmp_path / "run"
+    recipe = str(tmp_path / "r.yaml")  # read by the stand-in below (the real reading imports torch: 15 s here)
+    cfg = SimpleNamespace(stage="cls", output=SimpleNamespace(dir=str(out)))
+
+    def interrupted(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    names = vars(deltatune.train)  # (setattr would read the lazy names first: the import of torch)
+    monkeypatch.setitem(names, "load_recipe", lambda path, overrides: cfg)
+    monkeypatch.setitem(names, "train", interrupted)
+    monkeypatch.setattr(deltatune.train.config, "ignored_keys", lambda cfg: [])
+    assert main(["train", recipe]) == 130
+    assert capsys.readouterr().err == "deltatune train: interrupted before its first checkpoint; nothing to resume\n"
+    (out / "checkpoint-2").mkdir(parents=True)
+    assert main(["train", recipe]) == 130
+    assert capsys.readouterr().err == "deltatune train: interrupted; --resume continues from its newest checkpoint\n"
