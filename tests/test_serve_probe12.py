@@ -292,3 +292,23 @@ def test_documents_reach_the_chat_template_as_vllm():
             assert status == 400 and answer["error"]["param"] == "documents", bad
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("thinking_token_budget", 5),
+        ("repetition_detection", {"max_pattern_size": 4}),
+        ("logits_processors", ["my.module.Processor"]),
+        ("structural_tag", '{"type": "structural_tag"}'),
+        ("prompt_embeds", "AAAA"),
+    ],
+)
+def test_vllm_fields_that_change_the_answer_are_refused_not_ignored(minilm, field, value):
+    """vLLM's thinking_token_budget, repetition_detection, logits_processors, structural_tag and prompt_embeds were
+    ignored silently (an answer other than the one asked for); a 400 unsupported naming the field, null served."""
+    _, app = minilm
+    body = {"prompt": "the cat", "max_tokens": 1}
+    status, answer = _call(app, "/v1/completions", {**body, field: value})
+    assert status == 400 and answer["error"]["param"] == field and answer["error"]["code"] == "unsupported", answer
+    assert _call(app, "/v1/completions", {**body, field: None})[0] == 200

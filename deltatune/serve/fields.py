@@ -27,7 +27,10 @@ UNSUPPORTED: dict[str, Any] = {
     **dict.fromkeys(  # the fields whose nothing is null (one name a line would take 17 lines)
         "suffix tools functions audio prediction chat_template "  # noqa: SIM905
         "guided_json guided_regex guided_choice "
-        "guided_grammar structured_outputs".split()
+        "guided_grammar structured_outputs structural_tag "
+        # vLLM's: custom logits processors, prompt embeddings (each off by default there), a thinking budget and
+        # repetition detection, which change the answer: refused rather than ignored
+        "logits_processors prompt_embeds thinking_token_budget repetition_detection".split()
     ),
 }
 
