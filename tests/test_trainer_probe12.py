@@ -271,3 +271,31 @@ def test_a_best_metric_the_evaluation_does_not_report_is_one_line(files, tmp_pat
     with pytest.raises(ConfigError, match=r"^metric_for_best_model \(train.metric_for_best_model in a recipe\) is "
                        r"'accuracy', which this evaluation does not report; it reports loss$"):  # fmt: skip
         train(build(raw))
+
+
+def test_a_run_written_before_the_new_keys_resumes_without_a_change_named(tmp_path):
+    """A run.yaml of an older deltatune has no train.adam_beta1, lr_scheduler_kwargs, ... : each was named as changed
+    (None -> 0.9) and the resume refused without --resume-changed, though the run trained with those defaults."""
+    import yaml
+
+    from deltatune.train.run import RUN_FILE, _check_resume_recipe, _recipe_dict
+
+    recipe_now = _recipe_dict(build({"train": {"max_steps": 2}}))
+    old = {**recipe_now, "train": dict(recipe_now["train"])}
+    for key in (
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "lr_scheduler_kwargs",
+        "load_best_model_at_end",
+        "metric_for_best_model",
+        "greater_is_better",
+        "dataloader_drop_last",
+        "dataloader_pin_memory",
+    ):
+        del old["train"][key]
+    (tmp_path / RUN_FILE).write_text(yaml.safe_dump(old))
+    assert _check_resume_recipe(str(tmp_path), recipe_now, False) is False
+    changed = {**recipe_now, "train": {**recipe_now["train"], "adam_beta2": 0.95}}
+    with pytest.raises(ConfigError, match=r"train.adam_beta2: 0.999 -> 0.95"):
+        _check_resume_recipe(str(tmp_path), changed, False)

@@ -376,6 +376,11 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
         raise ConfigError(
             f"--resume: {path} cannot be read ({type(exc).__name__}); the run cannot be compared"
         ) from None
+    if old and isinstance(old, dict):  # a key its run.yaml lacks (an older deltatune's) trained as its default
+        from .config import _SECTIONS
+
+        defaults = {name: asdict(cls()) for name, cls in _SECTIONS.items()}
+        old = {**old, **{k: {**d, **old[k]} for k, d in defaults.items() if isinstance(old.get(k), dict)}}
     changes = recipe_changes(old, recipe)
     if changes and not resume_changed:
         raise ConfigError(
