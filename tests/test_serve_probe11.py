@@ -446,11 +446,10 @@ def test_bad_words_that_mask_every_allowed_token_are_a_400_and_a_later_mask_says
         status, answer = _call(app, "/v1/completions", {**body, "temperature": temperature})
         assert status == 400 and answer["error"]["param"] == "allowed_token_ids", answer
         assert "bad_words" in answer["error"]["message"]
-    # "world world" masks Ġworld only after a Ġworld: the second token has none left, an error that says why
+    # "world world" masks Ġworld only after a Ġworld: the second token has none left, token 0 as vLLM's sampler
     for temperature in (0, 1.0):
         status, answer = _call(app, "/v1/completions", {**body, "bad_words": ["world world"], "temperature": temperature})  # fmt: skip
-        message = answer["error"]["message"]
-        assert status == 500 and "allowed_token_ids, bad_words" in message and "output token 2" in message, answer
+        assert status == 200 and answer["usage"]["completion_tokens"] >= 1, answer  # tests/test_serve_probe12
 
 
 def test_min_tokens_masks_eos_under_ignore_eos_and_config_eos_ids_are_stop_token_ids_as_vllm():
