@@ -257,7 +257,6 @@ HF_NAMES = {
         ("gradient_checkpointing", "model.gradient_checkpointing"),
         ("eval_strategy", "train.eval_steps (null: each epoch; no data.eval: none)"),
         ("save_strategy", "train.save_steps (null: each epoch)"),
-        ("data_seed", "train.seed (it seeds the data order too)"),
         ("resume_from_checkpoint", "deltatune train --resume (the last checkpoint of output.dir)"),
         ("max_length", "data.max_length"), ("max_seq_length", "data.max_length"), ("packing", "data.packing"),
         ("padding_free", "data.packing (rows packed into data.max_length blocks, position ids restarting per row)"),

@@ -35,6 +35,7 @@ class TrainArgs:
     warmup_steps: int = _f(0, "Warm-up steps (overrides warmup_ratio when > 0).")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
+    data_seed: int | None = _f(None, "Seed of the data order alone, as TrainingArguments' data_seed (default: seed).")
     precision: str = _f("auto", "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16.")
     logging_steps: int | float = _f(10, "Log loss and learning rate every N steps (a fraction < 1: of the run's "
                                     "steps, as the Trainer reads it).")  # fmt: skip
@@ -115,6 +116,10 @@ def validate_train(cfg: Any) -> None:
             raise ConfigError(f"train.{key} must be {'>= 0' if key == 'adam_epsilon' else 'in [0, 1)'}, got {value}")
         if loop and value != default:  # (its loop's AdamW takes torch's defaults)
             raise ConfigError(f"train.{key}: {cfg.stage}'s own loop runs torch's AdamW with its defaults; drop it")
+    if t.data_seed is not None and not 0 <= t.data_seed < 2**32:  # numpy's range, as train.seed
+        raise ConfigError(f"train.data_seed must be in [0, 2**32) (or null: train.seed), got {t.data_seed}")
+    if t.data_seed is not None and loop:  # (their loops draw the prompt order from train.seed)
+        raise ConfigError(f"train.data_seed: {cfg.stage}'s own loop orders its prompts by train.seed; drop it")
     for key in ("logging_steps", "eval_steps", "save_steps"):
         value = getattr(t, key)
         if value is None:

@@ -123,7 +123,7 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
-        data_seed=t.seed,
+        data_seed=t.seed if t.data_seed is None else t.data_seed,
         logging_steps=t.logging_steps,
         eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
         eval_steps=t.eval_steps,
