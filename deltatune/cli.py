@@ -420,7 +420,8 @@ def _serve(args) -> int:
 def _board(args) -> int:
     from .board import board, check_board
 
-    check_board(args.runs, args.host, args.port)  # before a model loads for the playground
+    model = bool(args.model or args.adapter)  # before a model loads for the playground
+    check_board(args.runs, args.host, args.port, args.serve_url, args.serve_key, model)
     serve_app = None
     if args.model or args.adapter:
         from .serve import build_engine

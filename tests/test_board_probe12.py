@@ -236,3 +236,26 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_send_the_user_to_resume(tmp
     (out / "checkpoint-2").mkdir(parents=True)
     assert main(["train", recipe]) == 130
     assert capsys.readouterr().err == "deltatune train: interrupted; --resume continues from its newest checkpoint\n"
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--serve", "127.0.0.1:8000"], "--serve '127.0.0.1:8000': give the serve process's URL, e.g. http://"),
+        (["--serve", "localhost"], "--serve 'localhost': give the serve process's URL"),
+        (["--serve-key", "k"], "--serve-key is the key of the serve process named by --serve: give --serve URL too"),
+        (["--serve", "http://127.0.0.1:8000", "--model", "m"], "--serve names a running serve process and --model"),
+    ],
+)
+def test_the_board_refuses_a_playground_named_twice_or_half(flags, words, tmp_path, capsys):
+    """--serve without http:// started the board, and every playground call answered 502 "unknown url type"; --serve
+    with --model silently dropped --serve; --serve-key alone was ignored. Now one line each, before anything starts
+    (and before a model loads)."""
+    from deltatune.board import check_board
+    from deltatune.cli import main
+
+    assert main(["board", "--runs", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune board: error: ") and words in err and err.count("\n") == 1
+    check_board(str(tmp_path), "127.0.0.1", 0, "http://127.0.0.1:8000/v1", "key")  # the openai client's form: taken
+    check_board(str(tmp_path), "127.0.0.1", 0, None, None, True)

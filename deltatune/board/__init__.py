@@ -144,14 +144,32 @@ def _forward(url: str, key: str | None, method: str, path: str, body: bytes) -> 
         return 502, json.dumps(message).encode()
 
 
-def check_board(runs_dir: str, host: str, port: int) -> None:
+def check_board(
+    runs_dir: str,
+    host: str,
+    port: int,
+    serve_url: str | None = None,
+    serve_key: str | None = None,
+    model: bool = False,
+) -> None:
     """The board's refusals, before anything loads: no runs folder, a host beyond this machine, a port it cannot
-    listen on."""
+    listen on, a playground named twice or half (--serve with --model; --serve-key alone; --serve without http://,
+    which every playground call answered with "unknown url type")."""
+    from urllib.parse import urlsplit
+
     from ..config import ConfigError
     from ..serve import check_bind, check_port
 
     if not os.path.isdir(runs_dir):
         raise ConfigError(f"--runs {runs_dir!r} is not a folder")
+    if serve_url is not None and model:
+        raise ConfigError("--serve names a running serve process and --model starts one in the board: give one")
+    if serve_key is not None and serve_url is None:
+        raise ConfigError("--serve-key is the key of the serve process named by --serve: give --serve URL too")
+    if serve_url is not None and (
+        urlsplit(serve_url).scheme not in ("http", "https") or not urlsplit(serve_url).netloc
+    ):
+        raise ConfigError(f"--serve {serve_url!r}: give the serve process's URL, e.g. http://127.0.0.1:8000")
     try:
         check_bind(host, None)
     except ConfigError:  # the board has no key of its own, and its playground forwards with the serve key
@@ -173,6 +191,6 @@ def board(
     """Run the board with uvicorn until interrupted."""
     import uvicorn
 
-    check_board(runs_dir, host, port)
+    check_board(runs_dir, host, port, serve_url, serve_key, serve_app is not None)
     app = create_app(runs_dir, serve_url, serve_key, serve_app)
     uvicorn.run(app, host=host, port=port, log_level="warning")
