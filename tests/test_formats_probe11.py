@@ -231,10 +231,13 @@ def test_data_inspect_reads_llamafactory_kto_and_ppo_rows(tmp_path):
     kto = tmp_path / "kto.jsonl"
     kto.write_text(json.dumps({"messages": [_u("Hi."), _a("Hello.")], "label": True}) + "\n")
     out = inspect(str(kto), stage="kto")
-    assert "format: unpaired (conversational)" in out and "[[Hello.]]" in out
+    assert "format: messages, detected from the rows; read by stage kto as unpaired (conversational)" in out
+    assert "[[Hello.<|im_end|>\n]]" in out
     ppo = tmp_path / "ppo.jsonl"
     ppo.write_text(json.dumps({"instruction": "Add.", "input": "4 and 5"}) + "\n")
-    assert "format: prompt (standard)" in inspect(str(ppo), stage="ppo")
+    assert "format: alpaca, detected from the rows; read by stage ppo as prompt (standard)" in inspect(
+        str(ppo), stage="ppo"
+    )
     with pytest.raises(DataError, match=r"stage kto does not read the alpaca format; .*with a 'label' column"):
         inspect(
             str(_rows(tmp_path, [{"instruction": "Add.", "output": "9."}])[0].source.rsplit(":", 1)[0]), stage="kto"

@@ -448,7 +448,7 @@ def test_data_inspect(models, tmp_path, capsys):
     assert "<|im_start|>assistant\n[[Yellow.<|im_end|>\n]]" in out
     assert main(["data", "inspect", fixture("pref_conversational")]) == 0
     out = capsys.readouterr().out
-    assert "format: preference (conversational)" in out and "stage: dpo" in out and "[[Purple.]]" in out
+    assert "format: preference (conversational)" in out and "stage: dpo" in out and "[[Purple.<|im_end|>\n]]" in out
     bad = write(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."},
                                            {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}])  # fmt: skip
     assert main(["data", "inspect", bad]) == 0
@@ -630,7 +630,7 @@ def test_chatml_closes_an_answer_once_when_the_eos_is_its_end_marker(tok):
     assert (
         text == "<|im_start|>user\nWhat colour is a ripe lemon?<|im_end|>\n<|im_start|>assistant\nYellow.<|im_end|>\n"
     )
-    assert [text[a:b] for a, b in spans] == ["Yellow.<|im_end|>"]
+    assert [text[a:b] for a, b in spans] == ["Yellow.<|im_end|>\n"]  # through its line break, as SmolLM2's own
     assert render(LEMON, tok, "chatml")[0].endswith("Yellow.[SEP]<|im_end|>\n")  # another EOS: appended as before
 
 

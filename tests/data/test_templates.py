@@ -2,7 +2,7 @@
 
 The check is exact: the labelled positions form one contiguous run per assistant turn, and each run's ids are
 the tokens of that turn's content plus its end marker (the chat template's ``<|im_end|>``, or EOS for the
-built-in templates). Everything else, the system and user turns and the role headers, is -100.
+built-in templates, chatml's followed by its ``<|im_end|>``). Everything else, the system and user turns and the role headers, is -100.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _tokens(tok, text: str) -> list[int]:
 
 def _expect_answers(tok, messages, template: str | None) -> None:
     ids, labels = encode_chat(messages, tok, template)
-    marker = IM_END if template is None else EOS
+    marker = {None: IM_END, "chatml": EOS + IM_END}.get(template, EOS)  # chatml trains its own end marker too
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     runs = _runs(ids, labels)
     assert runs == [_tokens(tok, a + marker) for a in answers]
@@ -128,21 +128,26 @@ def test_tokenizer_template_renders_the_text(tok):
 
 
 @pytest.mark.parametrize(
-    "template, expected",
+    "template, expected, trained",
     [
         (
             "chatml",
             "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
             "<|im_start|>assistant\nBlue.[SEP]<|im_end|>\n",
+            "Blue.[SEP]<|im_end|>\n",  # through the end marker's line break, as the model's own chatml trains it
         ),
-        ("alpaca", "You are terse.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.[SEP]\n\n"),
-        ("plain", "You are terse.\nName a colour.\nBlue.[SEP]\n"),
+        (
+            "alpaca",
+            "You are terse.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.[SEP]\n\n",
+            "Blue.[SEP]",
+        ),
+        ("plain", "You are terse.\nName a colour.\nBlue.[SEP]\n", "Blue.[SEP]"),
     ],
 )
-def test_built_in_templates_render_the_text(tok, template, expected):
+def test_built_in_templates_render_the_text(tok, template, expected, trained):
     text, spans = render(MULTI_TURN[:3], tok, template)
     assert text == expected
-    assert [text[s:e] for s, e in spans] == ["Blue.[SEP]"]
+    assert [text[s:e] for s, e in spans] == [trained]
     prompt, _ = render(MULTI_TURN[:2], tok, template, add_generation_prompt=True)
     assert prompt.endswith(TEMPLATES[template].generation_prefix)
     assert text.startswith(prompt)
