@@ -62,6 +62,7 @@ STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "dpo": ("preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
     "orpo": ("preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
     "simpo": ("preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
+    "cpo": ("preference", "preference_implicit", "sharegpt_preference", "alpaca_preference"),
     "ppo": (
         "prompt",
         "preference",
