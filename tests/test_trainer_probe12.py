@@ -315,3 +315,17 @@ def test_data_seed_orders_the_data_alone_as_the_trainers(files, tmp_path):  # no
     assert diff < 1e-5 < moved, (diff, moved)
     with pytest.raises(ConfigError, match=r"^train.data_seed: grpo's own loop orders its prompts by train.seed"):
         build({"stage": "grpo", "train": {"data_seed": 1}})
+
+
+def test_checking_a_schedule_while_validating_warns_nothing():
+    """The schedule built once to check its kwargs printed transformers' warning (num_stable_steps over
+    num_training_steps) while the recipe was validated, before the run printed it again."""
+    import warnings
+
+    import transformers.optimization  # noqa: F401  (its import's own warnings are not the check's)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = build({"train": {"scheduler": "warmup_stable_decay",
+                               "lr_scheduler_kwargs": {"num_decay_steps": 2, "num_stable_steps": 5}}})  # fmt: skip
+    assert cfg.train.lr_scheduler_kwargs == {"num_decay_steps": 2, "num_stable_steps": 5}

@@ -6,6 +6,7 @@ Split from train/config.py (which re-exports every name here) when that file nea
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,7 +171,9 @@ def _check_schedule(name: str, kwargs: dict) -> None:
                           f"train.lr_scheduler_kwargs={{{need.split()[0]}: ...}}")  # fmt: skip
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     try:
-        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=kwargs)
+        with warnings.catch_warnings():  # (its warnings come again when the run builds the schedule)
+            warnings.simplefilter("ignore")
+            get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=kwargs)
     except (TypeError, ValueError) as exc:
         why = " ".join(str(exc).split()).replace("through the `lr_scheduler_kwargs`", "")
         raise ConfigError(f"train.lr_scheduler_kwargs {kwargs} for the {name} schedule: {why}") from None
