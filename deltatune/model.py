@@ -491,7 +491,7 @@ class DeltaModel(nn.Module, PushToHub):
 
 
 def _from_peft(config: Any) -> Any:
-    """A peft config object (``peft.LoraConfig(...)``) as deltatune's, read from the adapter_config.json it would
+    """A peft config object (one of peft's config classes) as deltatune's, read from the adapter_config.json it would
     save (its ``to_dict``, sets as lists), so peft's calls run as written; anything else as given."""
     if type(config).__module__.split(".")[0] != "peft" or not callable(getattr(config, "to_dict", None)):
         return config
