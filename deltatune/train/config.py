@@ -261,8 +261,8 @@ HF_NAMES = {
         ("max_length", "data.max_length"), ("max_seq_length", "data.max_length"), ("packing", "data.packing"),
         ("padding_free", "data.packing (rows packed into data.max_length blocks, position ids restarting per row)"),
         ("dataset_text_field", "data.text_column"))},
-    "torch_compile": "torch_compile (TrainingArguments') is not taken by a recipe: a DeltaModel's adapters are not "
-    "compiled by the Trainer's torch.compile of its base; drop it",
+    "torch_compile": "torch_compile (TrainingArguments') is not taken by a recipe: a run compiled whole (the adapter "
+    "layers, their checkpoints and resume) is not checked; drop it",
     "gradient_checkpointing_kwargs": "a recipe's model.gradient_checkpointing always runs use_reentrant=False (the "
     "checkpointing that trains adapters on a frozen base); drop it",
     "completion_only_loss": "sft always trains on the response tokens only (TRL's completion_only_loss=True); drop it",
