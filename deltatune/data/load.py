@@ -180,7 +180,9 @@ def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise DataError(
+                    f"{path}:{i}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+                ) from None
             if not isinstance(data, dict):
                 raise DataError(f"{path}:{i}: expected a JSON object, got {type(data).__name__}")
             rows.append(Row(data, f"{path}:{i}"))

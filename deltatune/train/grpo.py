@@ -443,7 +443,14 @@ def train_grpo(
             batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
             loop.steps_done, loop.state.epoch = step - 1, (step - 1) / per_epoch  # (TRL's epoch: the same)
             tick = time.perf_counter()
-            history.append({"step": step, **loop.step(batch), "step_time_s": time.perf_counter() - tick})
+            history.append(
+                {
+                    "step": step,
+                    **loop.step(batch),
+                    "step_time_s": time.perf_counter() - tick,
+                    "wall_time": round(time.time(), 3),
+                }
+            )
             bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", refresh=False)
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(history[-1]) + "\n")

@@ -459,7 +459,7 @@ def train_ppo(
         if len(order) < t.batch_size:
             order += torch.randperm(len(prompts), generator=g).tolist()
         batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
-        history.append({"step": step, **loop.step(batch)})
+        history.append({"step": step, **loop.step(batch), "wall_time": round(time.time(), 3)})
         bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", kl=f"{history[-1]['kl']:.2f}", refresh=False)
         if step % every == 0 and step < steps:
             from . import ppo_checkpoint
