@@ -18,6 +18,7 @@ import torch
 from . import registry, status
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from .files import (
+    KEY_PREFIX,
     AdapterLoadError,
     _head_echo,
     adapter_folder,
@@ -318,7 +319,7 @@ def _in_model_names(model: DeltaModel, expected: dict, keys: list[str], prefix: 
         if name is None:
             out.append(key.removeprefix(prefix) if strip else key)
         elif name.startswith("base_model."):
-            out.append(name.removeprefix("base_model.") if strip else "base_model.model." + name[len("base_model.") :])
+            out.append(name.removeprefix("base_model.") if strip else KEY_PREFIX + name[len("base_model.") :])
         else:
             out.append(name)
     return out

@@ -289,7 +289,7 @@ def pick_tensors(model: Any, name: str, state_dict: dict[str, torch.Tensor]) -> 
             raise ValueError(f"state_dict=: adapter {name!r} saves {key} in a folded form, not a parameter; "
                              "leave state_dict out")  # fmt: skip
         path = own.removeprefix("base_model.")  # (the plain model's own name, after inject_adapter_in_model)
-        found = [k for k in (own, "base_model.model." + path, path) if k in state_dict]
+        found = [k for k in (own, KEY_PREFIX + path, path) if k in state_dict]
         if not found:
             raise ValueError(f"state_dict=: no {own!r} (or peft's 'base_model.model.{path}') in it, adapter "
                              f"{name!r}'s {key}")  # fmt: skip
