@@ -18,6 +18,7 @@ import torch
 from . import registry, status
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from .files import (
+    HUB_KWARGS,
     KEY_PREFIX,
     AdapterLoadError,
     _head_echo,
@@ -125,6 +126,7 @@ def load_adapter(
     modules_to_save: bool = True,
     *,
     _config: DeltaConfig | None = None,
+    **kwargs: Any,
 ) -> Any:
     """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error. Returns
     torch's ``_IncompatibleKeys``, as peft's, with no key in it (a missing or unknown tensor is refused).
@@ -147,14 +149,22 @@ def load_adapter(
             half-precision base's adapter in float32 (peft's default; deltatune's, False, the base's dtype).
         ephemeral_gpu_offload: peft's; no effect (deltatune keeps no module offloaded to move to the GPU).
         key_mapping: peft's: {regex: replacement} rewriting the file's keys, less their prefix (``status.remap_keys``).
+        kwargs: peft's hub arguments (``files.HUB_KWARGS``: token, cache_dir, local_files_only, ...), for a hub repo;
+            peft's dispatch arguments (device_map, max_memory, offload_folder, offload_dir, offload_index) are
+            accepted with no effect (deltatune offloads nothing; the adapter sits on its base layers' devices).
 
     Raises:
         FileNotFoundError: no adapter there.
         AdapterLoadError: a file is truncated or corrupt, or the adapter does not fit this model.
     """
+    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+    for key in ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index"):
+        kwargs.pop(key, None)
+    if kwargs:
+        raise TypeError(f"load_adapter() got an unexpected keyword argument {next(iter(kwargs))!r}")
     check_adapter_name(adapter_name)
     if adapter_name in model.peft_config:  # peft's: the file's tensors into that adapter; its config and flags stay
-        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device)
+        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device, hub)
         tensors = status.remap_keys(tensors, key_mapping) if key_mapping else tensors
         if not modules_to_save:  # which of the file's tensors are heads is its config's to say, not this adapter's
             raise AdapterLoadError(f"{model_id}: load_adapter(modules_to_save=False) onto the existing adapter "
@@ -167,12 +177,12 @@ def load_adapter(
             model.eval()
         return _no_incompatible_keys()
     config_file = (
-        "" if _config is not None else resolve(model_id, CONFIG_NAME, subfolder, revision)
+        "" if _config is not None else resolve(model_id, CONFIG_NAME, subfolder, revision, hub)
     )  # from_pretrained's
     config = (registry.from_pretrained(config_file) if _config is None else _config).replace(
         inference_mode=not is_trainable
     )
-    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device)
+    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device, hub)
     tensors = status.remap_keys(tensors, key_mapping) if key_mapping else tensors
     if not modules_to_save:
         tensors = split_heads(tensors, config.modules_to_save, key_prefix(config))[0]

@@ -457,8 +457,19 @@ def _umask() -> int:
     return mask
 
 
-def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | None, revision: str | None) -> str:
-    """A local file path for ``filename`` in a folder or (when reachable) a hub repo."""
+HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download", "proxies", "repo_type", "use_auth_token")
+"""peft's hub-download arguments of ``from_pretrained`` / ``load_adapter``: passed to ``hf_hub_download`` for a hub
+repo; a local folder needs none of them (as with peft)."""
+
+
+def resolve(
+    model_id: str | os.PathLike[str],
+    filename: str,
+    subfolder: str | None,
+    revision: str | None,
+    hub: dict | None = None,
+) -> str:
+    """A local file path for ``filename`` in a folder or (when reachable) a hub repo (``hub``: ``HUB_KWARGS``)."""
     folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     if os.path.isdir(os.fspath(model_id)):
         path = os.path.join(folder, filename)
@@ -468,7 +479,9 @@ def resolve(model_id: str | os.PathLike[str], filename: str, subfolder: str | No
     try:
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(os.fspath(model_id), filename, subfolder=subfolder, revision=revision)
+        hub = dict(hub or {})
+        hub.setdefault("token", hub.pop("use_auth_token", None))  # (peft's older spelling)
+        return hf_hub_download(os.fspath(model_id), filename, subfolder=subfolder, revision=revision, **hub)
     except Exception as exc:  # offline, unknown repo, missing file: one clear message
         raise FileNotFoundError(
             f"{model_id!r} is not a local folder and {filename} could not be fetched from the hub ({type(exc).__name__})"
@@ -481,21 +494,22 @@ def read_weights(
     revision: str | None,
     allow_pickle: bool,
     device: str | torch.device | None = None,
+    hub: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """An adapter's tensors and the file they came from: safetensors, or a pickle unless ``allow_pickle`` is False;
     read onto ``device`` (peft's ``torch_device``; None: the CPU)."""
-    tensors, path = _read_weights(model_id, subfolder, revision, allow_pickle)
+    tensors, path = _read_weights(model_id, subfolder, revision, allow_pickle, hub)
     return ({k: v.to(device) for k, v in tensors.items()} if device is not None else tensors), path
 
 
 def _read_weights(
-    model_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, allow_pickle: bool
+    model_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, allow_pickle: bool, hub: dict | None
 ) -> tuple[dict[str, torch.Tensor], str]:
     try:
-        path = resolve(model_id, WEIGHTS_NAME, subfolder, revision)
+        path = resolve(model_id, WEIGHTS_NAME, subfolder, revision, hub)
     except FileNotFoundError:
         try:
-            path = resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision)
+            path = resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision, hub)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {os.fspath(model_id)!r}"

@@ -227,3 +227,30 @@ def test_state_dict_argument_picks_the_tensors_as_peft(tmp_path):
     assert got.keys() == now.keys() and len(got) == 8 and all(torch.equal(got[k], now[k] + 1) for k in got)
     with pytest.raises(ValueError, match=r"^state_dict=: no 'base_model\.model\.layers\.0\.self_attn\.q_proj\.lora_A"):
         dt.get_peft_model_state_dict(ours, state_dict={})
+
+
+# -- 9. peft's hub and dispatch arguments of from_pretrained / load_adapter ------------------------------------------
+def test_hub_and_dispatch_arguments_are_taken_as_peft(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA)).save_pretrained(tmp_path)
+    inputs = tiny_inputs("llama")
+    kw = dict(token=None, cache_dir=str(tmp_path / "cache"), local_files_only=True, device_map="cpu", max_memory=None)
+    theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, **kw)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, **kw)  # was: TypeError for each of them
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+    calls = []
+
+    def download(repo_id, filename, **options):  # the hub, as hf_hub_download answers from its cache
+        calls.append((repo_id, filename, options))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    ours.load_adapter("someone/adapter", "hub", use_auth_token="t", cache_dir="c", revision="v1")
+    assert [c[:2] for c in calls] == [
+        ("someone/adapter", "adapter_config.json"),
+        ("someone/adapter", "adapter_model.safetensors"),
+    ]
+    assert all(c[2] == dict(subfolder=None, revision="v1", cache_dir="c", token="t") for c in calls)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tokn'"):
+        ours.load_adapter(tmp_path, "x", tokn="t")
