@@ -293,9 +293,7 @@ def test_a_run_with_prior_v_prediction_and_the_text_encoder_loads_in_diffusers_p
     assert (states - text).abs().max().item() <= 1e-6 and (theirs - ours).abs().max().item() <= 1e-6
     with loaded.disable_adapter():
         assert (loaded.condition([prompt], 16)[0]["encoder_hidden_states"] - text).abs().max() > 1e-3
-    assert loaded.scheduler.config.prediction_type == "epsilon"  # the base's, until the run's is put on it
-    loaded.use_run_scheduler(str(out))
-    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.scheduler.config.prediction_type == "v_prediction"  # run_load put the run's on the base's
 
 
 @pytest.mark.parametrize("sampling", ["uniform", "cosmap"])

@@ -98,6 +98,10 @@ class DataArgs:
     max_target_length: int = _f(128, "Longest target in tokens (seq2seq).")
     truncation: str = _f("truncate", "Rows over max_length: 'truncate' (counted in the report) or 'refuse'.")
     packing: bool = _f(False, "SFT: pack short examples into max_length blocks (attention kept per example).")
+    mask_history: bool = _f(False, "SFT: train the last assistant turn only (LLaMA-Factory's mask_history); an "
+                            "over-long row keeps its end.")  # fmt: skip
+    train_on_prompt: bool = _f(False, "SFT: train every token, the prompts and template markers too "
+                               "(LLaMA-Factory's train_on_prompt).")  # fmt: skip
     limit: int | None = _f(None, "Read at most this many rows of each file.")
     image_column: str = _f("image", "Image path column (image_cls); relative paths read from the data file's folder.")
     allow_outside: bool = _f(False, "image_cls: accept relative image paths ('../x.png') outside the data folder.")
@@ -108,13 +112,19 @@ class DataArgs:
                                               "(default: lanczos for a UNet, bilinear for SD3).")  # fmt: skip
     proportion_empty_prompts: float = _f(0.0, "t2i: chance a training image is read with the empty caption "
                                          "(diffusers' --proportion_empty_prompts).")  # fmt: skip
+    class_data_dir: str | None = _f(None, "t2i prior preservation: the folder of class images, filled up to "
+                                    "data.num_class_images by the base (diffusers' --class_data_dir).")  # fmt: skip
+    class_prompt: str | None = _f(None, "t2i prior preservation: the class images' prompt (--class_prompt).")
+    num_class_images: int = _f(100, "t2i prior preservation: class images used, drawn when the folder has fewer "
+                               "(--num_class_images).")  # fmt: skip
 
 
 @dataclass
 class OutputArgs:
     dir: str = _f("runs/run", "Output folder: adapter, checkpoints, metrics.json, report.md, plot.")
-    samples: int = _f(0, "pt, sft, dpo, kto, orpo, simpo: after training, answer the first N eval prompts (greedy) "
-                      "with the adapter off and on; printed, and written to samples.json and report.md.")  # fmt: skip
+    samples: int = _f(0, "pt, sft, dpo, kto, orpo, simpo, cpo: after training, answer the first N eval prompts "
+                      "(greedy) with the adapter off and on; printed, and written to samples.json and "
+                      "report.md.")  # fmt: skip
     sample_tokens: int = _f(64, "Longest answer, in new tokens, of each output.samples answer.")
 
 
@@ -400,7 +410,7 @@ def _validate_values(cfg: RunConfig) -> None:
 
 
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
-READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
+READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
            (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
             "train.optim train.dataloader_drop_last train.dataloader_pin_memory"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
            ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
@@ -408,25 +418,28 @@ READ_BY = (("sft", "data.packing"), ("pt sft", "train.neftune_noise_alpha train.
            ("cls tag rm image_cls", "model.num_labels"),
            ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma train.noise_offset "
                    "train.input_perturbation train.logit_mean train.logit_std train.mode_scale "
-                   "train.precondition_outputs data.image_interpolation_mode data.proportion_empty_prompts"),
-           ("pt sft dpo kto orpo simpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
-           ("dpo grpo kto orpo simpo", "align.beta"),
-           ("dpo kto grpo simpo", "align.loss_type"),
-           ("dpo", "align.loss_weights align.discopop_tau align.precompute_ref align.precompute_ref_log_probs "
-                   "align.precompute_ref_batch_size align.ld_alpha align.f_divergence_type "
+                   "train.precondition_outputs data.image_interpolation_mode data.proportion_empty_prompts "
+                   "train.prediction_type train.with_prior_preservation train.prior_loss_weight data.class_data_dir "
+                   "data.class_prompt data.num_class_images"),
+           ("pt sft dpo kto orpo simpo cpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
+           ("dpo grpo kto orpo simpo cpo", "align.beta"),
+           ("dpo kto grpo simpo cpo", "align.loss_type"),
+           ("dpo", "align.loss_weights align.discopop_tau align.ld_alpha align.f_divergence_type "
                    "align.f_alpha_divergence_coef align.use_weighting"),
-           ("dpo simpo", "align.label_smoothing"),
+           ("dpo kto", "align.precompute_ref align.precompute_ref_log_probs align.precompute_ref_batch_size"),
+           ("dpo kto orpo simpo cpo", "align.disable_dropout"),
+           ("dpo simpo cpo", "align.label_smoothing"),
            ("ppo grpo", "align.max_new_tokens align.response_length align.temperature align.mini_batch_size "
                         "align.cliprange"),
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
                    "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon align.kl_estimator "
                    "align.missing_eos_penalty align.whiten_rewards align.kl_coef align.num_ppo_epochs "
-                   "align.num_mini_batches"),
+                   "align.num_mini_batches align.stop_token align.stop_token_id"),
            ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
                     "align.reward_funcs align.reward_weights align.bias_correction_kl align.cliprange_high align.delta "
                     "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile"),
            ("kto", "align.desirable_weight align.undesirable_weight"),
-           ("simpo", "align.simpo_gamma align.cpo_alpha align.alpha"),
+           ("simpo cpo", "align.simpo_gamma align.cpo_alpha align.alpha"),
            ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward
            (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"))  # fmt: skip
 

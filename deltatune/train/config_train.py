@@ -81,6 +81,12 @@ class TrainArgs:
     mode_scale: float = _f(1.29, "t2i flow matching, sigma_sampling mode: its scale (diffusers' --mode_scale).")
     precondition_outputs: bool = _f(False, "t2i flow matching: the loss on x0 = x_t - sigma v (diffusers' SD3 "
                                     "script's --precondition_outputs).")  # fmt: skip
+    prediction_type: str | None = _f(None, "t2i DDPM: train against epsilon or v_prediction whatever the base's "
+                                     "scheduler says (diffusers' --prediction_type); null: the scheduler's.")  # fmt: skip
+    with_prior_preservation: bool = _f(False, "t2i: DreamBooth's prior preservation with data.class_data_dir and "
+                                       "data.class_prompt (diffusers' --with_prior_preservation).")  # fmt: skip
+    prior_loss_weight: float = _f(1.0, "t2i prior preservation: the class images' loss weight (diffusers' "
+                                  "--prior_loss_weight).")  # fmt: skip
 
 
 # The learning-rate schedules of transformers' SchedulerType, spelled out so that validating a recipe imports no

@@ -87,7 +87,7 @@ def read_splits(cfg: RunConfig, tok, stage: str | None = None, pair_scorer: bool
     notes.insert(0, format_note(train, d.format, stage))
     for split, samples in (("train", train), ("eval", ev)):
         if samples:
-            notes.append(first_row_note(split, samples[0], tok, template, stage))
+            notes.append(first_row_note(split, samples[0], tok, template, stage, d.mask_history, d.train_on_prompt))
     return train, ev, template, notes
 
 

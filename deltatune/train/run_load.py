@@ -91,6 +91,7 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
     tok = load_processor(tok_dir or name, stage, trust_remote_code, encoder)
     if stage == "t2i":  # a run that trained its text encoder too (model.train_text_encoder) saved that LoRA beside
         tok.load_text_encoder_lora(adapter_dir)
+        tok.use_run_scheduler(adapter_dir)  # the prediction_type it trained with (train.prediction_type)
     quantized = bool(recipe_path and cfg.model.quantization)  # rebuilt from the dtype it was quantised from
     base = load_model(
         name,

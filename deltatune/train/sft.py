@@ -15,7 +15,9 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
     train_s, eval_s, template, notes = read_splits(cfg, tok, "sft")
 
     def enc(samples):
-        return encode_sft_samples(samples, tok, template, d.max_length, d.truncation)
+        return encode_sft_samples(
+            samples, tok, template, d.max_length, d.truncation, d.mask_history, d.train_on_prompt
+        )
 
     train, ev = _encode_splits(enc, train_s, eval_s, d.max_length, notes)
     for split, e in (("train", train), ("eval", ev)):

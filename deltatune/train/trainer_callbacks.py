@@ -90,7 +90,10 @@ class LogFile(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            line = json.dumps({**logs, "step": state.global_step}, default=float)
+            now = round(time.time(), 3)  # the board's relative and wall x axes (TensorBoard's wall_time)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["wall_time"] = now  # kept in trainer_state.json: a resumed log keeps its times
+            line = json.dumps({**logs, "step": state.global_step, "wall_time": now}, default=float)
             with open(os.path.join(args.output_dir, LOG_FILE), "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
 

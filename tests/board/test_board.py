@@ -326,16 +326,20 @@ def test_the_live_log_restarts_with_a_run_and_keeps_the_steps_a_resumed_run_keep
     from deltatune.train.trainer_callbacks import LogFile
 
     args, log = SimpleNamespace(output_dir=str(tmp_path)), LogFile()
-    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0, log_history=[])
     (tmp_path / "log_history.jsonl").write_text('{"step": 9, "loss": 9.0}\n')  # an older run's
     log.on_train_begin(args, state, None)
     for step in (1, 2, 3, 4):
         state.global_step = step
         log.on_log(args, state, None, logs={"loss": float(step)})
-    assert history(str(tmp_path)) == [{"loss": float(s), "step": s} for s in (1, 2, 3, 4)]
+    rows = history(str(tmp_path))
+    assert all(isinstance(r.pop("wall_time"), float) for r in rows)  # each row's time (the board's time axes)
+    assert rows == [{"loss": float(s), "step": s} for s in (1, 2, 3, 4)]
     state.global_step = 2  # resumed from checkpoint-2: its history; the log of steps 3 and 4 is redone
     state.log_history = [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}]
     log.on_train_begin(args, state, None)
     state.global_step = 3
     log.on_log(args, state, None, logs={"loss": 0.5})
-    assert history(str(tmp_path)) == [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}, {"loss": 0.5, "step": 3}]
+    rows = history(str(tmp_path))
+    assert "wall_time" not in rows[0] and isinstance(rows[2].pop("wall_time"), float)
+    assert rows == [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}, {"loss": 0.5, "step": 3}]
