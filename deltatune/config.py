@@ -31,7 +31,9 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS
 # field holds its "off" value we can ignore it; any other value would change the adapter's meaning,
 # so loading refuses it rather than silently computing something else.
 _IGNORABLE_VALUES: tuple[Any, ...] = (None, False, {}, [], "", 0)
-_IGNORABLE_KEYS = frozenset({"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "revision"})
+_IGNORABLE_KEYS = frozenset(
+    {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "revision", "runtime_config"}
+)  # (peft drops runtime_config from a file: runtime only)
 _NAME_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "feedforward_modules")
 """Fields naming modules: a string (a regex or a name) or a list of names."""
 

@@ -203,6 +203,22 @@ def test_an_unknown_field_is_ignored_at_its_default_and_refused_in_one_line_when
         assert model.peft_config == {}
 
 
+def test_a_saved_runtime_config_is_dropped_as_peft_drops_it(tmp_path):
+    """peft's config ``runtime_config`` is "only valid at runtime": a file holding one loads, the field dropped. It was
+    refused as a field deltatune does not support."""
+    torch.manual_seed(0)
+    peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**LORA)).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "runtime_config": {"ephemeral_gpu_offload": 1}}))
+    inputs = tiny_inputs("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+
+
 # -- 8. state_dict= (peft's: the tensors picked out of a gathered state dict) ----------------------------------------
 def test_state_dict_argument_picks_the_tensors_as_peft(tmp_path):
     kw = dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
