@@ -312,3 +312,148 @@ def test_vllm_fields_that_change_the_answer_are_refused_not_ignored(minilm, fiel
     status, answer = _call(app, "/v1/completions", {**body, field: value})
     assert status == 400 and answer["error"]["param"] == field and answer["error"]["code"] == "unsupported", answer
     assert _call(app, "/v1/completions", {**body, field: None})[0] == 200
+
+
+def test_completion_echo_with_return_token_ids_gives_the_prompt_as_ids_alone_as_vllm(minilm):
+    """vLLM's completion serving sets prompt_text = "" under return_token_ids (streamed and not): the echoed prompt
+    comes back as prompt_token_ids, not in ``text``; its log-probability rows stay. Here ``text`` began with the
+    prompt."""
+    engine, app = minilm
+    tok = engine.tokenizer
+    body = {"prompt": "the cat", "max_tokens": 3, "temperature": 0, "ignore_eos": True, "echo": True, "logprobs": 1}
+    _, plain = _call(app, "/v1/completions", {k: v for k, v in body.items() if k != "echo"})
+    _, echoed = _call(app, "/v1/completions", body)
+    status, ids = _call(app, "/v1/completions", {**body, "return_token_ids": True})
+    assert status == 200, ids
+    choice = ids["choices"][0]
+    assert echoed["choices"][0]["text"].startswith("the cat")  # echo alone: the prompt's text first
+    assert choice["text"] == plain["choices"][0]["text"] and choice["prompt_token_ids"] == tok("the cat")["input_ids"]
+    assert choice["logprobs"] == echoed["choices"][0]["logprobs"]  # the prompt's rows kept, as vLLM's
+    assert len(choice["logprobs"]["tokens"]) == len(choice["prompt_token_ids"]) + 3
+    _, nothing = _call(app, "/v1/completions", {**body, "max_tokens": 0, "return_token_ids": True})
+    assert nothing["choices"][0]["text"] == "" and nothing["choices"][0]["token_ids"] == []
+    status, chunks = _call(app, "/v1/completions", {**body, "return_token_ids": True, "stream": True})
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert status == 200 and "".join(texts) == choice["text"] and not texts[0].startswith("the")
+
+
+def test_tokenize_refuses_chat_template_as_chat_does_and_renders_tools_as_vllm():
+    """/tokenize ignored chat_template (chat completions answer a 400), and refused tools with a 400 about
+    tool_choice 'auto'; vLLM's TokenizeChatRequest has tools and no tool_choice, and renders them. A non-list
+    ``tools`` on chat named tool_choice."""
+    from tiny import tokenizer
+
+    tok = tokenizer()
+    tok.chat_template = (
+        "{% for t in tools or [] %}<tool>{{ t.function.name }}</tool>\n{% endfor %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    engine, app = _serve(tok)
+    try:
+        messages = [{"role": "user", "content": "hi"}]
+        tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+        status, answer = _call(app, "/tokenize", {"messages": messages, "tools": tools})
+        want = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        assert "<tool>weather</tool>" in want
+        assert status == 200 and answer["tokens"] == tok(want, add_special_tokens=False)["input_ids"], answer
+        chat = {"messages": messages, "tools": tools, "tool_choice": "none", "max_tokens": 1, "return_token_ids": True}
+        assert _call(app, "/v1/chat/completions", chat)[1]["prompt_token_ids"] == answer["tokens"]
+        for path in ("/tokenize", "/v1/chat/completions"):
+            status, answer = _call(app, path, {"messages": messages, "chat_template": "{{ 'XYZ' }}", "max_tokens": 1})
+            assert status == 400 and answer["error"]["param"] == "chat_template", (path, answer)
+            assert answer["error"]["code"] == "unsupported"
+            status, answer = _call(app, path, {"messages": messages, "tools": "x", "max_tokens": 1})
+            assert status == 400 and answer["error"]["param"] == "tools", (path, answer)
+        assert _call(app, "/tokenize", {"messages": messages, "chat_template": None})[0] == 200
+    finally:
+        engine.close()
+
+
+def test_thinking_budget_minus_1_and_repetition_detection_off_are_served_as_vllm(minilm):
+    """vLLM's validate_thinking_token_budget turns -1 into None (no budget) and RepetitionDetectionParams'
+    max_pattern_size 0 disables it: both ask for nothing, and were a 400 unsupported here."""
+    _, app = minilm
+    body = {"prompt": "the cat", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    _, plain = _call(app, "/v1/completions", body)
+    for field, value in (("thinking_token_budget", -1), ("repetition_detection", {"max_pattern_size": 0}),
+                         ("repetition_detection", {"max_pattern_size": 0, "min_pattern_size": 0, "min_count": 0})):  # fmt: skip
+        status, answer = _call(app, "/v1/completions", {**body, field: value})
+        assert status == 200 and answer["choices"][0]["text"] == plain["choices"][0]["text"], (field, value, answer)
+    for field, value in (("thinking_token_budget", 0), ("thinking_token_budget", True),
+                         ("repetition_detection", {"max_pattern_size": 0, "min_pattern_size": 2})):  # fmt: skip
+        status, answer = _call(app, "/v1/completions", {**body, field: value})
+        assert status == 400 and answer["error"]["param"] == field, (field, value, answer)
+
+
+def test_a_messages_name_or_tool_call_id_that_is_no_string_is_a_400(minilm):
+    """vLLM's message types all read ``name: str`` (a tool message's ``tool_call_id: str``), and pydantic coerces no
+    number to a string: a 400. Here it was dropped silently (d7f65fe, backed out in 2cc8e6e, restored)."""
+    _, app = minilm
+    for message in (
+        {"role": "user", "content": "hi", "name": 7},
+        {"role": "tool", "content": "hi", "tool_call_id": [1]},
+    ):
+        status, answer = _call(app, "/v1/chat/completions", {"messages": [message], "max_tokens": 1})
+        assert status == 400 and answer["error"]["param"] == "messages", answer
+        assert "must be a string" in answer["error"]["message"]
+    message = {"role": "user", "content": "hi", "name": "ann"}
+    assert _call(app, "/v1/chat/completions", {"messages": [message], "max_tokens": 1})[0] == 200
+
+
+def test_a_chat_streams_echo_chunk_carries_no_token_ids_as_vllm(minilm):
+    """vLLM's chat echo chunk is a DeltaMessage with the content alone; under return_token_ids it carried
+    "token_ids": [] here."""
+    _, app = minilm
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "sure ,"}]
+    body = {"messages": said, "max_tokens": 2, "echo": True, "stream": True, "return_token_ids": True,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    status, chunks = _call(app, "/v1/chat/completions", body)
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert status == 200 and choices[1]["delta"] == {"content": "sure ,"} and "token_ids" not in choices[1]
+    assert len(sum((c.get("token_ids", []) for c in choices), [])) == 2
+
+
+def test_a_wordpiece_answer_after_an_added_token_joins_it_as_vllm():
+    """A prompt ending in [MASK], special tokens kept and spaces_between_special_tokens false: an answer starting
+    "##s" gave "##s" (the prompt's context decoded with the added-token cut, the answer's without, so its text was
+    no prefix); vLLM's primed DecodeStream gives "s"."""
+    from tiny import tokenizer
+
+    from deltatune.serve.engine import Request
+
+    tok = tokenizer()
+    engine, _ = _serve(tok)
+    try:
+        prompt = tok("the cat")["input_ids"] + [tok.mask_token_id]
+        for answer in (["##s"], ["##s", "[SEP]", "##s"], ["##ty", "sat"]):
+            ids = tok.convert_tokens_to_ids(answer)
+            deltas: list[str] = []
+            r = Request(prompt_ids=prompt, adapter="base", max_tokens=len(ids), ignore_eos=True,
+                        skip_special_tokens=False, spaces_between_special_tokens=False,
+                        emit=lambda text, finish, d=deltas: d.append(text))  # fmt: skip
+            for t in ids:
+                engine._advance(r, t)
+            want = _vllm_text(tok, prompt, ids, skip=False, spaces=False)
+            assert "".join(deltas) == want and not want.startswith("#"), (answer, deltas, want)
+    finally:
+        engine.close()
+
+
+def test_logit_bias_keys_are_read_with_int_and_a_list_is_a_400_as_vllm(minilm):
+    """vLLM's from_optional reads each key with int(): " 5" and "+5" are token 5 (they were a 400 here); its
+    dict type refuses a list (``"logit_bias": []`` was served here)."""
+    engine, app = minilm
+    body = {"prompt": "the cat", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    tok_id = engine.tokenizer.convert_tokens_to_ids("sat")
+    _, want = _call(app, "/v1/completions", {**body, "logit_bias": {str(tok_id): 100}})
+    for key in (" 5", "+5", "5 ", "05"):
+        assert int(key) == 5  # vLLM's reading
+        wire = key.replace("5", str(tok_id))
+        status, answer = _call(app, "/v1/completions", {**body, "logit_bias": {wire: 100}})
+        assert status == 200 and answer["choices"][0]["text"] == want["choices"][0]["text"] == "sat sat", answer
+    for bad in ([], ["5"], {"-1": 1}, {"5.0": 1}):
+        status, answer = _call(app, "/v1/completions", {**body, "logit_bias": bad})
+        assert status == 400 and answer["error"]["param"] == "logit_bias", (bad, answer)
+    assert _call(app, "/v1/completions", {**body, "logit_bias": {}})[0] == 200
+    assert _call(app, "/v1/completions", {**body, "logit_bias": None})[0] == 200

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
-from .fields import Limits, bad_words_ids, choices_of, flag, to_request
+from .fields import Limits, _asks_nothing, bad_words_ids, choices_of, flag, to_request
 from .guard import refusal
 from .logprob_names import logprobs_json, prompt_logprobs_json
 from .prompts import _chat_ids, _prompt_ids, _rendering, _utf8
@@ -138,19 +138,29 @@ def create_app(
         echo = None
         if flag(body, "echo"):  # the prompt as given, or its token ids decoded (as vLLM echoes them)
             echo = [p if isinstance(p, str) else engine.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+            if flag(body, "return_token_ids"):  # vLLM's: the prompt comes back as prompt_token_ids alone
+                echo = ["" for _ in echo]
         return await _complete(http, body, ids, chat=False, echo=echo)
 
     # vLLM's tokenizer routes (outside /v1, as vLLM's): a served model's prompt as its requests would tokenize it
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest):
         """vLLM's: a completion's ``prompt`` (``add_special_tokens`` default true) or a chat's ``messages`` (rendered
-        as a chat request is, vLLM's rendering fields included) into ``{count, max_model_len, tokens, token_strs}``;
-        ``token_strs`` the tokens' pieces with ``return_token_strs``, else null."""
+        as a chat request is, vLLM's rendering fields included; ``tools`` rendered as under tool_choice "none") into
+        ``{count, max_model_len, tokens, token_strs}``; ``token_strs`` the tokens' pieces with ``return_token_strs``,
+        else null."""
         body = await _body(http)
         model = _served(body)
         if "messages" in body:
+            if not _asks_nothing(body.get("chat_template"), None):  # as a chat request answers it (was ignored)
+                raise RequestError(
+                    "chat_template is not supported by this server; leave it out", code="unsupported",
+                    param="chat_template",
+                )  # fmt: skip
             template = engine.templates.get(model)
-            ids = _chat_ids(engine.tokenizer, body.get("messages"), template, _rendering(body, template))
+            # vLLM's TokenizeChatRequest has tools and no tool_choice: the tools are rendered (tool_choice "none")
+            rendering = _rendering({**body, "tool_choice": "none"}, template)
+            ids = _chat_ids(engine.tokenizer, body.get("messages"), template, rendering)
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):  # vLLM's TokenizeCompletionRequest: a string ("" too)
@@ -380,7 +390,9 @@ async def _stream(
     done, offset, states = [0] * len(requests), [0] * len(requests), [{} for _ in requests]
     sent = [-1] * len(requests)  # the choice's token ids sent so far (-1: no chunk yet)
 
-    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, n: int = 0, t: int = 0) -> str:
+    def chunk(
+        i: int, text: str | None, finish: str | None, first: bool = False, n: int = 0, t: int = 0, echo: bool = False
+    ) -> str:
         logprobs = None
         if requests[i].logprobs is not None and n > done[i]:
             rows, as_ids = requests[i].logprob_rows[done[i] : n], requests[i].token_ids_as_names
@@ -398,7 +410,7 @@ async def _stream(
         data = {**head, "choices": [choice]}
         if ids and sent[i] < 0:
             (data if chat else choice)["prompt_token_ids"] = requests[i].prompt_ids
-        if ids and not first:
+        if ids and not first and not echo:  # vLLM's chat echo chunk and role chunk carry no token_ids
             choice["token_ids"] = requests[i].output_ids[max(sent[i], 0) : t]
         sent[i] = max(sent[i], t)
         if include_usage:
@@ -411,7 +423,7 @@ async def _stream(
             yield chunk(i, None, None, first=True)
         for i in range(len(requests) if chat else 0):  # vLLM's: a chat's echo in a chunk of its own, after the roles
             if echoes[i]:
-                yield chunk(i, echoes[i], None)
+                yield chunk(i, echoes[i], None, echo=True)
             echoes[i] = None
         while left:
             i, piece, finish, count, tokens = await events.get()

@@ -40,7 +40,7 @@ class Detokenizer:
         prompt_ids = self.prompt_ids
         n, self.context, self.prefix = _CONTEXT[0], prompt_ids[-_CONTEXT[0] :], ""
         while True:
-            self.prefix = self._decode(self.context)
+            self.prefix = self._decode(self.context, len(self.context))  # no cut inside the prompt, as vLLM's
             if not self.prefix.endswith("\ufffd") or n >= min(len(prompt_ids), _CONTEXT[1]):
                 break
             n += 1

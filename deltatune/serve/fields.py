@@ -10,6 +10,11 @@ from typing import Any
 
 from .engine import Request, RequestError
 
+
+class _Off(dict):
+    """An object field's value that asks for nothing: each of these keys left out or at this value."""
+
+
 # OpenAI fields this server does not compute, with the value that asks for nothing: any other value is a 400, since
 # ignoring it would answer something other than what was asked (tools, a JSON format). The first three are served
 # where their endpoint defines them (_logprobs): chat's logprobs and top_logprobs, echo on both.
@@ -28,10 +33,13 @@ UNSUPPORTED: dict[str, Any] = {
         "suffix tools functions audio prediction chat_template "  # noqa: SIM905
         "guided_json guided_regex guided_choice "
         "guided_grammar structured_outputs structural_tag "
-        # vLLM's: custom logits processors, prompt embeddings (each off by default there), a thinking budget and
-        # repetition detection, which change the answer: refused rather than ignored
-        "logits_processors prompt_embeds thinking_token_budget repetition_detection".split()
+        # vLLM's: custom logits processors, prompt embeddings (each off by default there)
+        "logits_processors prompt_embeds".split()
     ),
+    # vLLM's thinking budget and repetition detection change the answer: refused unless off (-1: no budget, vLLM's
+    # validate_thinking_token_budget; max_pattern_size 0: disabled, vLLM's RepetitionDetectionParams)
+    "thinking_token_budget": (-1,),
+    "repetition_detection": _Off(max_pattern_size=0, min_pattern_size=0),
 }
 
 
@@ -49,6 +57,8 @@ def _asks_nothing(value: Any, default: Any) -> bool:
     for the chosen tokens' log-probabilities, so a flag's default is matched as a flag, not as the number 0)."""
     if value is None or value in ({}, [], ""):
         return True
+    if isinstance(default, _Off) and isinstance(value, dict):  # repetition_detection: the keys that switch it on
+        return all(value.get(k, v) == v and not isinstance(value.get(k), bool) for k, v in default.items())
     if isinstance(default, tuple):  # several values ask for nothing
         return not isinstance(value, bool) and value in default
     if isinstance(default, bool) or isinstance(value, bool):
@@ -255,12 +265,17 @@ def _token_ids(body: dict, key: str, vocab: int, empty: bool = True) -> list[int
 def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
     """OpenAI's ``logit_bias``: {token id as a string: a number}, clamped to [-100, 100] as vLLM clamps it, added to
     that token's logit before the penalties and sampling (vLLM's order); an id outside the vocabulary is a 400."""
-    bias = body.get("logit_bias") or {}
-    if not isinstance(bias, dict):
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):  # vLLM's dict type: [] is a 400 too
         raise RequestError(f"logit_bias must be an object of token ids to numbers, got {bias!r}", param="logit_bias")
     parsed: dict[int, float] = {}
     for key, value in bias.items():
-        token = int(key) if key.isascii() and key.isdigit() else -1
+        try:  # vLLM's int(token): " 5" and "+5" are token 5
+            token = int(key)
+        except ValueError:
+            token = -1
         if not 0 <= token < vocab:
             raise RequestError(f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)):

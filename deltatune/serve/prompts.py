@@ -76,6 +76,8 @@ def _tools(body: dict) -> list[dict] | None:
                                    "the field entirely.", param="tools")  # fmt: skip
             raise RequestError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
         return None
+    if not isinstance(tools, list):  # vLLM's pydantic checks the type before the choice
+        raise RequestError(f"tools must be a list of {{type, function}}, got {tools!r}", param="tools")
     if "tool_choice" not in body or choice not in ("none", None):  # vLLM: only a left-out choice defaults to auto
         raise RequestError(
             f"tool_choice {'auto' if choice is None else choice!r}{' (the default with tools)' * (choice is None)} "
@@ -84,8 +86,6 @@ def _tools(body: dict) -> list[dict] | None:
             code="unsupported",
             param="tool_choice",
         )
-    if not isinstance(tools, list):
-        raise RequestError(f"tools must be a list of {{type, function}}, got {tools!r}", param="tools")
     out = []
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -130,6 +130,9 @@ def _chat_ids(
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
         _utf8(content, f"messages[{i}].content", "messages")
         clean.append({"role": m["role"], "content": content})
+        for key in ("name", "tool_call_id"):  # vLLM's message types: name: str (pydantic coerces no number)
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise RequestError(f"messages[{i}].{key} must be a string, got {m[key]!r}", param="messages")
         for key in ("name", "tool_call_id") if template is None else ():  # vLLM hands them to the chat template
             if isinstance(m.get(key), str) and (key == "name" or m["role"] == "tool"):
                 _utf8(m[key], f"messages[{i}].{key}", "messages")

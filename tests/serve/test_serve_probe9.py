@@ -169,13 +169,18 @@ def test_chat_text_parts_join_by_newline_and_name_reaches_the_template_as_vllm(s
     messages = [
         {"role": "user", "name": "ann", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         {"role": "tool", "tool_call_id": "call1", "content": "42"},
-        {"role": "user", "name": 7, "content": "c"},  # not a string: left out, as vLLM does
+        {"role": "user", "content": "c"},
     ]
     want = (
         "<|im_start|>user ann\na\nb<|im_end|>\n<|im_start|>tool [call1]\n42<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
     )
     want += "<|im_start|>assistant\n"
     assert _chat_ids(tok, messages) == tok(want, add_special_tokens=False)["input_ids"]
+    # a name that is not a string is a 400, as vLLM's pydantic messages (name: str) answer (tests/test_serve_probe12)
+    from deltatune.serve.engine import RequestError
+
+    with pytest.raises(RequestError, match=r"messages\[0\]\.name must be a string"):
+        _chat_ids(tok, [{"role": "user", "name": 7, "content": "c"}])
 
 
 CALLS = (  # a chat template that renders an assistant's tool calls (their arguments read as an object)
