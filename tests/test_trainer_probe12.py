@@ -137,9 +137,9 @@ def test_load_best_model_at_end_refuses_checkpoints_off_the_evaluations():
             build({**base, "train": {"load_best_model_at_end": True, **keys}})
     with pytest.raises(ConfigError, match=r"^train.load_best_model_at_end picks .* grpo's own loop keeps no best"):
         build({**base, "stage": "grpo", "train": {"load_best_model_at_end": True}})
-    ok = build({**base, "train": {"load_best_model_at_end": True, "eval_steps": 0.25, "save_steps": 0.5}})
-    assert (ok.train.eval_steps, ok.train.save_steps) == (0.25, 0.5)
-    assert build({**base, "train": {"load_best_model_at_end": True, "eval_steps": 2, "save_steps": 4}})
+    ok = build({**base, "train": {"load_best_model_at_end": True, "eval_steps": 0.25, "save_steps": 0.25}})
+    assert (ok.train.eval_steps, ok.train.save_steps) == (0.25, 0.25)
+    assert build({**base, "train": {"load_best_model_at_end": True, "eval_steps": 2, "save_steps": 2.0}})
     assert build({**base, "train": {"load_best_model_at_end": True}}).train.load_best_model_at_end
     for stage in ("ppo", "grpo"):  # their own loops
         with pytest.raises(ConfigError, match=rf"^train.adam_beta1: {stage}'s own loop runs torch's AdamW"):
@@ -268,8 +268,8 @@ def test_a_best_metric_the_evaluation_does_not_report_is_one_line(files, tmp_pat
     raw = recipe(files, tmp_path / "run", max_steps=1, eval_steps=1, save_steps=1, load_best_model_at_end=True,
                  metric_for_best_model="accuracy")  # fmt: skip
     raw["data"]["eval"] = files["sft"]
-    with pytest.raises(ConfigError, match=r"^metric_for_best_model \(train.metric_for_best_model in a recipe\) is "
-                       r"'accuracy', which this evaluation does not report; it reports loss$"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^train.metric_for_best_model is 'accuracy', which stage sft's evaluation "
+                       r"during training does not report \(.*\); it reports loss$"):  # fmt: skip
         train(build(raw))
 
 
@@ -329,3 +329,115 @@ def test_checking_a_schedule_while_validating_warns_nothing():
         cfg = build({"train": {"scheduler": "warmup_stable_decay",
                                "lr_scheduler_kwargs": {"num_decay_steps": 2, "num_stable_steps": 5}}})  # fmt: skip
     assert cfg.train.lr_scheduler_kwargs == {"num_decay_steps": 2, "num_stable_steps": 5}
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "kwargs", "floats"),
+    [
+        ("reduce_lr_on_plateau", "{mode: max, patience: 0, min_lr: 1e-6}", {"mode": "max", "patience": 0, "min_lr": 1e-6}),
+        ("cosine_with_min_lr", "{min_lr: 1e-5}", {"min_lr": 1e-5}),
+        ("polynomial", "{lr_end: 1e-7, power: 2}", {"lr_end": 1e-7, "power": 2}),
+    ],
+)  # fmt: skip
+def test_schedule_kwargs_yaml_reads_as_text_are_numbers_from_a_recipe_file(tmp_path, scheduler, kwargs, floats):
+    """YAML 1.1 reads 1e-6 (no dot) as text: from a recipe file, reduce_lr_on_plateau's min_lr passed the check and
+    was torch's TypeError at the first evaluation, cosine_with_min_lr's was refused with a wrong cause. The rate of
+    each step equals transformers' schedule built with the numbers (exact), through a plateau's steps too."""
+    from transformers import get_scheduler
+
+    from deltatune.train.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"data: {{train: x.jsonl, eval: x.jsonl}}\ntrain: {{scheduler: {scheduler}, lr: 1e-3, "
+                    f"lr_scheduler_kwargs: {kwargs}}}\n")  # fmt: skip
+    cfg = load_recipe(str(path))
+    assert cfg.train.lr_scheduler_kwargs == floats
+
+    def rates(kw: dict) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+        sched = get_scheduler(scheduler, opt, num_warmup_steps=1, num_training_steps=6, scheduler_specific_kwargs=kw)
+        out = []
+        for _ in range(6):
+            opt.step()
+            sched.step(*[1.0] * (scheduler == "reduce_lr_on_plateau"))  # (a flat metric: the plateau cuts)
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    assert rates(cfg.train.lr_scheduler_kwargs) == rates(floats)
+
+
+def test_load_best_model_at_end_needs_a_checkpoint_on_every_evaluation():
+    """save_steps a multiple of eval_steps (4 of 2, fractions 0.5 of 0.25) passed: an evaluation off a checkpoint
+    that scored best left the Trainer's best_model_checkpoint None, and the run ended with the last step's adapter
+    (review: best at step 3, checkpoint-10 kept). Now checkpoints must be the evaluations' steps, in one line."""
+    base = {"data": {"train": "x.jsonl", "eval": "x.jsonl"}}
+    for evals, save in ((2, 4), (0.25, 0.5), (2, 1), (0.5, 2), (3, None)):
+        with pytest.raises(ConfigError) as err:
+            build({**base, "train": {"load_best_model_at_end": True, "eval_steps": evals, "save_steps": save}})
+        assert str(err.value) == (f"train.load_best_model_at_end needs a checkpoint at each evaluation: "
+                                  f"train.save_steps ({save}) must equal train.eval_steps ({evals}), or both be "
+                                  "null (each epoch)")  # fmt: skip
+    from deltatune.train.config import field_help
+
+    help_text = dict((k, h) for k, _, h in field_help()["train"])["load_best_model_at_end"]
+    assert "save_steps equal to eval_steps" in help_text and "multiple" not in help_text
+
+
+def test_best_model_keys_and_adam_keys_unread_are_named_ignored():
+    """metric_for_best_model / greater_is_better without load_best_model_at_end (and, for the metric, no plateau
+    schedule), either on ppo or grpo, and adam_beta* with optim sgd trained as if absent, unnamed; an empty metric
+    name was taken."""
+    from deltatune.train.config import ignored_keys
+
+    ev = {"train": "x.jsonl", "eval": "x.jsonl"}
+    named = dict(
+        ignored_keys(build({"data": ev, "train": {"metric_for_best_model": "loss", "greater_is_better": True}}))
+    )
+    assert named == {"train.metric_for_best_model": "sft with train.load_best_model_at_end or train.scheduler "
+                     "reduce_lr_on_plateau or greedy", "train.greater_is_better": "sft with train.load_best_model_at_end"}  # fmt: skip
+    plateau = build({"data": ev, "train": {"scheduler": "reduce_lr_on_plateau", "metric_for_best_model": "loss"}})
+    assert ignored_keys(plateau) == []  # (the plateau steps on it)
+    best = build({"data": ev, "train": {"load_best_model_at_end": True, "metric_for_best_model": "loss",
+                                       "greater_is_better": False}})  # fmt: skip
+    assert ignored_keys(best) == []
+    for stage in ("ppo", "grpo"):
+        named = dict(ignored_keys(build({"stage": stage, "train": {"metric_for_best_model": "loss"}})))
+        assert stage not in named["train.metric_for_best_model"].split(", ")
+    sgd = build({"train": {"optim": "sgd", "adam_beta1": 0.5, "adam_epsilon": 1e-3}})
+    assert ignored_keys(sgd) == [("train.adam_beta1", "sft with an Adam train.optim"),
+                                 ("train.adam_epsilon", "sft with an Adam train.optim")]  # fmt: skip
+    assert ignored_keys(build({"train": {"optim": "adamw_torch", "adam_beta1": 0.5}})) == []
+    with pytest.raises(ConfigError, match=r"^train.metric_for_best_model is empty; name an evaluation metric"):
+        build({"data": ev, "train": {"load_best_model_at_end": True, "metric_for_best_model": ""}})
+
+
+def test_a_best_metric_only_the_final_evaluation_reports_is_refused_before_the_model_loads(files, tmp_path):  # noqa: F811
+    """perplexity is sft's final evaluation's, not the Trainer's evaluations': refused only after the first one
+    (the model loaded and a step trained); now before the model loads, and nothing is written."""
+    out = tmp_path / "run"
+    raw = recipe(files, out, max_steps=2, eval_steps=1, save_steps=1, load_best_model_at_end=True,
+                 metric_for_best_model="eval_perplexity")  # fmt: skip
+    raw["data"]["eval"] = files["sft"]
+    from unittest import mock
+
+    loads = mock.patch("deltatune.train.run.start_model", side_effect=AssertionError("the model loaded"))
+    with (
+        loads,
+        pytest.raises(ConfigError, match=r"^train.metric_for_best_model is 'eval_perplexity', which stage sft"),
+    ):
+        train(build(raw))
+    assert not out.exists()
+
+
+def test_a_run_yaml_without_a_whole_section_names_none_of_its_keys_changed(tmp_path):
+    """A run.yaml of an older deltatune without the align section named each align key changed (None -> 0.1)."""
+    import yaml
+
+    from deltatune.train.run import RUN_FILE, _check_resume_recipe, _recipe_dict
+
+    now = _recipe_dict(build({"train": {"max_steps": 2}}))
+    (tmp_path / RUN_FILE).write_text(yaml.safe_dump({k: v for k, v in now.items() if k != "align"}))
+    assert _check_resume_recipe(str(tmp_path), now, False) is False
+    changed = {**now, "align": {**now["align"], "beta": 0.5}}
+    with pytest.raises(ConfigError, match=r"in align.beta: 0.1 -> 0.5; pass --resume-changed"):
+        _check_resume_recipe(str(tmp_path), changed, False)

@@ -192,6 +192,12 @@ def _coerce(value: str) -> Any:
     return parsed
 
 
+def _numbers(mapping: dict[str, Any]) -> dict[str, Any]:
+    """A recipe file's mapping with each number YAML 1.1 keeps as text (1e-4: no dot) a float, as ``_coerce`` reads
+    a command-line value: the ``method`` section, ``train.lr_scheduler_kwargs``."""
+    return {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in mapping.items()}
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides to a raw recipe dict (a new dict; the input is unchanged)."""
     out = copy.deepcopy(raw)  # nested sections (model.quantization.bits=4) must not write into the caller's dict
@@ -247,7 +253,9 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     if not isinstance(method, dict) or not isinstance(method.get("name", "lora"), str):
         raise ConfigError(f"method must be a method's name or a mapping with a name (name: lora, r: 8), "
                           f"got {method!r}")  # fmt: skip
-    method = {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in method.items()}
+    method = _numbers(method)
+    t = sections["train"]  # (YAML 1.1 reads min_lr: 1e-6 as text there too: torch's TypeError mid-run)
+    t.lr_scheduler_kwargs = _numbers(t.lr_scheduler_kwargs)
     cfg = RunConfig(stage=stage, method=dict(method), **sections)
     for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "eval"), ("output", "dir")):
         value = getattr(sections[section], key)  # ~ as a shell expands it (the Trainer did so for output.dir alone)
@@ -412,7 +420,8 @@ def _validate_values(cfg: RunConfig) -> None:
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
 READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
            (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
-            "train.optim train.dataloader_drop_last train.dataloader_pin_memory"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
+            "train.optim train.dataloader_drop_last train.dataloader_pin_memory train.metric_for_best_model "
+            "train.greater_is_better"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
            ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),
@@ -454,7 +463,28 @@ def ignored_keys(cfg: RunConfig) -> list[tuple[str, str]]:
             set_to = getattr(getattr(cfg, section), name)
             if cfg.stage not in stages.split() and set_to != getattr(_SECTIONS[section](), name):
                 out.append((key, stages.replace(" ", ", ")))
+    return out + ([] if STAGES[cfg.stage].loop else _unread_here(cfg))
+
+
+def _unread_here(cfg: RunConfig) -> list[tuple[str, str]]:
+    """``ignored_keys``' keys that a Trainer stage reads only with another key: the best-model keys without
+    load_best_model_at_end (metric_for_best_model is a plateau schedule's metric too), AdamW's with another optim."""
+    t, out = cfg.train, []
+    if t.metric_for_best_model is not None and not t.load_best_model_at_end and t.scheduler not in ON_EVAL:
+        out.append(("train.metric_for_best_model", f"{cfg.stage} with train.load_best_model_at_end or train.scheduler "
+                    f"{' or '.join(ON_EVAL)}"))  # fmt: skip
+    if t.greater_is_better is not None and not t.load_best_model_at_end:
+        out.append(("train.greater_is_better", f"{cfg.stage} with train.load_best_model_at_end"))
+    if t.optim in NO_ADAM:  # (their builders take no betas and no epsilon: transformers' trainer_optimizer.py)
+        defaults = TrainArgs()
+        for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            if getattr(t, key) != getattr(defaults, key):
+                out.append((f"train.{key}", f"{cfg.stage} with an Adam train.optim"))
     return out
+
+
+NO_ADAM = ("sgd", "adagrad", "rmsprop", "adafactor")
+"""train.optim names whose optimizer takes none of train.adam_beta1, adam_beta2, adam_epsilon."""
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:

@@ -51,8 +51,8 @@ class TrainArgs:
     dataloader_pin_memory: bool = _f(True, "Pin the batches' memory for the GPU copy (TrainingArguments' key).")
     load_best_model_at_end: bool = _f(False, "After training, load the checkpoint with the best evaluation (kept by "
                                       "the rotation); the run's adapter is that one. Needs data.eval, and "
-                                      "checkpoints where evaluations are (save_steps a multiple of eval_steps, or "
-                                      "both null: each epoch).")  # fmt: skip
+                                      "a checkpoint at each evaluation (save_steps equal to eval_steps, or both "
+                                      "null: each epoch).")  # fmt: skip
     metric_for_best_model: str | None = _f(None, "The evaluation metric that picks the best checkpoint ('loss', "
                                            "'accuracy', ...; default: loss).")  # fmt: skip
     greater_is_better: bool | None = _f(None, "Whether a higher metric_for_best_model is better (default: false "
@@ -139,28 +139,26 @@ def validate_train(cfg: Any) -> None:
         if value < 1 and loop and key == "save_steps":  # (ppo's and grpo's loops count their own steps)
             raise ConfigError(f"train.save_steps: {cfg.stage}'s own loop takes a whole number of steps, got {value}")
         setattr(t, key, int(value) if value >= 1 else float(value))
+    if t.metric_for_best_model is not None and not t.metric_for_best_model.strip():
+        raise ConfigError("train.metric_for_best_model is empty; name an evaluation metric (loss, accuracy, ...) or "
+                          "drop it (default: loss)")  # fmt: skip
     if t.load_best_model_at_end:
         _check_best(cfg)
 
 
 def _check_best(cfg: Any) -> None:
-    """``load_best_model_at_end``: the Trainer picks the best of the checkpoints it evaluated, so every checkpoint must
-    sit on an evaluation (its own check, named by recipe key here, before any model loads)."""
+    """``load_best_model_at_end``: the Trainer keeps the best evaluation's checkpoint only if that step wrote one (else
+    its best_model_checkpoint stays None and the run ends with the last step's adapter, silently), and its own check
+    wants each checkpoint on an evaluation: both hold with checkpoints on exactly the evaluation steps."""
     t = cfg.train
     if STAGES[cfg.stage].loop or not cfg.data.eval:
         why = f"{cfg.stage}'s own loop keeps no best checkpoint" if STAGES[cfg.stage].loop else "data.eval is not set"
         raise ConfigError(f"train.load_best_model_at_end picks the checkpoint with the best evaluation, but {why}; "
                           "drop it")  # fmt: skip
-    if (t.eval_steps is None) != (t.save_steps is None):
-        raise ConfigError("train.load_best_model_at_end needs a checkpoint at each evaluation: set train.save_steps "
-                          "and train.eval_steps together, or neither (both each epoch)")  # fmt: skip
-    if t.eval_steps is None:
-        return
-    save, evals = t.save_steps, t.eval_steps
-    mixed = (save < 1) != (evals < 1)
-    if mixed or round(save * 1_000_000) % round(evals * 1_000_000):
+    if t.eval_steps != t.save_steps:  # (null: both each epoch; a fraction is of the same step count)
         raise ConfigError(f"train.load_best_model_at_end needs a checkpoint at each evaluation: train.save_steps "
-                          f"({save}) must be a multiple of train.eval_steps ({evals}), both whole or both fractions")  # fmt: skip
+                          f"({t.save_steps}) must equal train.eval_steps ({t.eval_steps}), or both be null (each "
+                          "epoch)")  # fmt: skip
 
 
 def _check_schedule(name: str, kwargs: dict) -> None:

@@ -273,6 +273,7 @@ def _train(
     set_seed(cfg.train.seed)
     tok = load_processor(cfg.model.name_or_path, cfg.stage, cfg.model.trust_remote_code, cfg.model.text_encoder)
     prepared = prepare(cfg, tok)
+    _check_best_metric(cfg, prepared)  # (before the model loads)
     if prepared.labels:
         check_num_labels(cfg, prepared.labels)
         cfg.data.labels = prepared.labels
@@ -380,7 +381,8 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
         from .config import _SECTIONS
 
         defaults = {name: asdict(cls()) for name, cls in _SECTIONS.items()}
-        old = {**old, **{k: {**d, **old[k]} for k, d in defaults.items() if isinstance(old.get(k), dict)}}
+        sections = {k: {**d, **(old.get(k) or {})} for k, d in defaults.items() if isinstance(old.get(k) or {}, dict)}
+        old = {**old, **sections}  # (a whole section it lacks: each key its default, not each named changed)
     changes = recipe_changes(old, recipe)
     if changes and not resume_changed:
         raise ConfigError(
@@ -419,6 +421,15 @@ def _run_loop(
     tok.save_pretrained(out)
     report.write(out, recipe, metrics, history, prepared.notes, prepared.metric)
     return metrics
+
+
+def _check_best_metric(cfg: RunConfig, prepared: Prepared) -> None:
+    """A ``train.metric_for_best_model`` that a loss-only stage's evaluation does not report (perplexity, ROUGE: the
+    final evaluation's only) is one line before training, not after the first evaluation (trainer.py's)."""
+    metric = cfg.train.metric_for_best_model
+    if metric and prepared.loss_only and prepared.compute_metrics is None and metric.removeprefix("eval_") != "loss":
+        raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation during "
+                          "training does not report (the final evaluation adds its other metrics); it reports loss")  # fmt: skip
 
 
 def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:
