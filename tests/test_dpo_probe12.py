@@ -5,6 +5,7 @@ reference (TRL's precompute_ref_log_probs: the rows' and their mismatched pairs'
 TRL runs on the same tiny Llama, LoRA (not zero) and batch as deltatune: loss and the gradient of every LoRA weight
 compared by max abs diff; the helpers and rows are test_align_probe11's."""
 
+import json
 import warnings
 
 import pytest
@@ -354,3 +355,86 @@ def test_simpo_orpo_cpo_cut_pairs_keep_the_start_as_trls_cpo(base, tmp_path, max
     assert cut >= 3
     note = f"1 train pairs have a prompt that alone fills data.max_length={max_length}"
     assert any(n.startswith(note) for n in ours.notes) == (max_length == 32)
+
+
+def _rm_lora(base: str, dropout: float) -> dt.DeltaModel:
+    """A one-output sequence classifier of the tiny Llama with a trained-looking LoRA (``lora_dropout``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.config.pad_token_id = 0
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=dropout, task_type="SEQ_CLS")
+    model = dt.get_delta_model(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_rm_runs_without_dropout_as_trls_reward_trainer(base, tmp_path):
+    """lora_dropout 0.5: TRL's RewardTrainer (RewardConfig.disable_dropout, default true) sets every nn.Dropout to 0;
+    deltatune's rm (align.disable_dropout, default true) equals its loss and the gradient of every trained weight.
+    HEAD kept the LoRA's dropout on in rm: another loss, other gradients; align.disable_dropout: false keeps it."""
+    from deltatune.train.config import build
+    from deltatune.train.reward import RewardTrainer, prepare_rm
+
+    theirs, ours = _rm_lora(base, 0.5), _rm_lora(base, 0.5)
+    args = trl.RewardConfig(str(tmp_path / "trl"), per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                            bf16=False)  # fmt: skip
+    pairs = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in PAIRS]
+    trainer = dt.trl_trainer(trl.RewardTrainer)(model=theirs, args=args, train_dataset=Dataset.from_list(pairs),
+                                                processing_class=tokenizer())  # fmt: skip
+    assert set(_dropouts(theirs)) == {0.0}
+    batch = next(iter(trainer.get_train_dataloader()))
+    theirs.train()
+    expected = trainer.compute_loss(theirs, dict(batch))
+    expected.backward()
+    t = RewardTrainer(model=ours, args=_args(tmp_path / "dt"))
+    assert set(_dropouts(ours)) == {0.0}
+    ours.train()
+    got = t.compute_loss(ours, {k: batch[k] for k in ("input_ids", "attention_mask")})
+    got.backward()
+    assert abs(got.item() - expected.item()) < ATOL
+    want, have = _grads(theirs), _grads(ours)
+    assert want.keys() == have.keys() and len(want) == 9  # 8 LoRA weights and the score head
+    assert max(v.abs().max().item() for v in want.values()) > 1e-3
+    assert max((want[k] - have[k]).abs().max().item() for k in want) < 1e-5
+    # the stage passes align.disable_dropout: false keeps the model's dropout (two training forwards then differ)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    for off, want_p in ((True, 0.0), (False, 0.5)):
+        cfg = build({"stage": "rm", "model": {"name_or_path": base}, "data": {"train": str(data)},
+                     "align": {"disable_dropout": off}})  # fmt: skip
+        kept = _rm_lora(base, 0.5)
+        t = prepare_rm(cfg, tokenizer()).trainer_class(model=kept, args=_args(tmp_path / "kept"))
+        assert set(_dropouts(kept)) == {want_p}
+    kept.train()
+    with torch.no_grad():
+        lm = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        a, b = t.compute_loss(kept, lm).item(), t.compute_loss(kept, lm).item()
+    assert a != b and abs(a - expected.item()) > 1e-4
+
+
+def test_kto_report_says_how_its_pairs_are_made(tmp_path):
+    """The report's KTO line: without a precomputed reference the mismatched pairs are made within each (shuffled)
+    batch; with one they are fixed once in blocks of train.batch_size rows of the data, as TRL pairs them (HEAD said
+    'within each batch' either way)."""
+    from deltatune.train.config import build
+    from deltatune.train.kto import prepare_kto
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    lines = {}
+    for pre in (False, True):
+        cfg = build({"stage": "kto", "model": {"name_or_path": "x"}, "data": {"train": str(data)},
+                     "train": {"batch_size": 2}, "align": {"precompute_ref_log_probs": pre}})  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            notes = prepare_kto(cfg, tokenizer()).notes
+        (lines[pre],) = [n for n in notes if n.startswith("KTO (")]
+    assert lines[False].endswith("reference point from mismatched pairs within each batch (eval: within blocks of "
+                                 "train.batch_size=2 rows, as TRL pairs them)")  # fmt: skip
+    assert lines[True].endswith("log-probs precomputed once; reference point from mismatched pairs fixed in blocks of "
+                                "train.batch_size=2 rows of the data, train and eval, as TRL pairs them")  # fmt: skip

@@ -59,8 +59,9 @@ class AlignArgs:
                                                "train.batch_size, as TRL's).")  # fmt: skip
     use_weighting: bool = _f(False, "DPO: WPO's weighting (TRL's use_weighting): each pair's loss times its responses' "
                              "length-normalised probabilities under the policy, no gradient through them.")  # fmt: skip
-    disable_dropout: bool = _f(True, "DPO, KTO, ORPO, SimPO, CPO: every dropout module of the model (the adapter's "
-                               "lora_dropout too) set to 0 for the run, as TRL's disable_dropout (its default).")  # fmt: skip
+    disable_dropout: bool = _f(True, "DPO, KTO, ORPO, SimPO, CPO, RM: every dropout module of the model (the "
+                               "adapter's lora_dropout too) set to 0 on the model, not restored after training, as "
+                               "TRL's disable_dropout (its default).")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
                                   "(prompts, responses) -> rewards.")  # fmt: skip
     max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")

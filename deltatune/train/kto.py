@@ -354,8 +354,10 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
         warnings.warn(warning, UserWarning, stacklevel=2)
         notes.append(warning)
     a = cfg.align
-    point = ("reference point from mismatched pairs within each batch (eval: within blocks of "
-             f"train.batch_size={cfg.train.batch_size} rows, as TRL pairs them)")  # fmt: skip
+    blocks = f"blocks of train.batch_size={cfg.train.batch_size} rows"
+    point = (f"reference point from mismatched pairs fixed in {blocks} of the data, train and eval, as TRL pairs them"
+             if precomputes_ref(a) else f"reference point from mismatched pairs within each batch (eval: within "
+             f"{blocks}, as TRL pairs them)")  # fmt: skip
     notes.append(
         f"KTO ({kto_loss_type(a)}): beta={a.beta}, lambda_D={a.desirable_weight}, lambda_U={a.undesirable_weight}; "
         f"reference = the base with the adapter off{', log-probs precomputed once' if precomputes_ref(a) else ''}; "

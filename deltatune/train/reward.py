@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..data.preference import PairCollator
 from .config import RunConfig
 from .pairs import PairTrainer, encode_pair_splits, pair_metrics
+from .pairs import disable_dropout as _disable_dropout
 from .prepared import Prepared
 from .scorers import is_encoder_config
 
@@ -47,11 +48,16 @@ class RewardTrainer(PairTrainer):
     """PairTrainer with the pairwise loss on the model's scalar scores, plus, with ``center_rewards_coefficient``
     c, c (r_chosen + r_rejected)^2 per pair (TRL's term of that name, after Eisenstein et al. 2023: it keeps the
     rewards centred on 0). Logs ``accuracy``, ``margin`` and ``min_reward``, ``mean_reward``, ``max_reward`` (means
-    since the last log), as TRL's RewardTrainer."""
+    since the last log), as TRL's RewardTrainer. With ``disable_dropout`` (align.disable_dropout, true by default as
+    TRL's RewardConfig) every nn.Dropout of the model, the adapter's lora_dropout too, is set to 0 on the model."""
 
-    def __init__(self, *args, center_rewards_coefficient: float | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, center_rewards_coefficient: float | None = None, disable_dropout: bool = True, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
+        if disable_dropout:
+            _disable_dropout(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         margin = inputs.get(MARGIN_COLUMN)
@@ -171,5 +177,9 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
         compute,
         "eval_accuracy",
         notes=notes,
-        trainer_class=partial(RewardTrainer, center_rewards_coefficient=cfg.align.center_rewards_coefficient),
+        trainer_class=partial(
+            RewardTrainer,
+            center_rewards_coefficient=cfg.align.center_rewards_coefficient,
+            disable_dropout=cfg.align.disable_dropout,
+        ),
     )
