@@ -320,6 +320,7 @@ def test_stages_with_their_own_loop_leave_a_log_history_for_the_board(tmp_path):
 
 
 def test_the_live_log_restarts_with_a_run_and_keeps_the_steps_a_resumed_run_keeps(tmp_path):
+    import copy
     from types import SimpleNamespace
 
     from deltatune.board.runs import history
@@ -327,19 +328,33 @@ def test_the_live_log_restarts_with_a_run_and_keeps_the_steps_a_resumed_run_keep
 
     args, log = SimpleNamespace(output_dir=str(tmp_path)), LogFile()
     state = SimpleNamespace(is_world_process_zero=True, global_step=0, log_history=[])
+
+    def trainer_log(logs: dict) -> None:  # as Trainer.log: the row joins state.log_history, then the callbacks run
+        state.log_history.append({**logs, "step": state.global_step})
+        log.on_log(args, state, None, logs=logs)
+
     (tmp_path / "log_history.jsonl").write_text('{"step": 9, "loss": 9.0}\n')  # an older run's
     log.on_train_begin(args, state, None)
     for step in (1, 2, 3, 4):
         state.global_step = step
-        log.on_log(args, state, None, logs={"loss": float(step)})
+        trainer_log({"loss": float(step)})
     rows = history(str(tmp_path))
-    assert all(isinstance(r.pop("wall_time"), float) for r in rows)  # each row's time (the board's time axes)
-    assert rows == [{"loss": float(s), "step": s} for s in (1, 2, 3, 4)]
-    state.global_step = 2  # resumed from checkpoint-2: its history; the log of steps 3 and 4 is redone
-    state.log_history = [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}]
+    times = [r["wall_time"] for r in rows]
+    assert all(isinstance(t, float) for t in times)  # each row's time (the board's time axes)
+    assert [t["wall_time"] for t in state.log_history] == times  # kept in trainer_state.json's rows too
+    assert [{k: v for k, v in r.items() if k != "wall_time"} for r in rows] == [
+        {"loss": float(s), "step": s} for s in (1, 2, 3, 4)
+    ]
+    state.global_step = 2  # resumed from checkpoint-2: its history (with its times); steps 3 and 4 are redone
+    state.log_history = copy.deepcopy(state.log_history[:2])
     log.on_train_begin(args, state, None)
     state.global_step = 3
-    log.on_log(args, state, None, logs={"loss": 0.5})
+    trainer_log({"loss": 0.5})
     rows = history(str(tmp_path))
-    assert "wall_time" not in rows[0] and isinstance(rows[2].pop("wall_time"), float)
-    assert rows == [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}, {"loss": 0.5, "step": 3}]
+    assert [r["wall_time"] for r in rows[:2]] == times[:2]  # the earlier rows keep their times
+    assert isinstance(rows[2].pop("wall_time"), float)
+    assert [{k: v for k, v in r.items() if k != "wall_time"} for r in rows] == [
+        {"loss": 1.0, "step": 1},
+        {"loss": 2.0, "step": 2},
+        {"loss": 0.5, "step": 3},
+    ]
