@@ -150,8 +150,8 @@ def test_mask_history_and_train_on_prompt_equal_llamafactorys(smol, mask_history
 
 def test_mask_history_keeps_the_last_turn_when_a_row_is_cut(smol):
     """Cut to data.max_length, a row keeps its start (TRL's truncation), which may leave its answers out (the row is
-    then dropped and counted); under mask_history it keeps its end, the turn it trains (LLaMA-Factory fills its
-    cutoff_len from the last turn back)."""
+    then dropped and counted); under mask_history it keeps its last turn from the start of that turn's prompt (it
+    kept its last tokens: the middle of an earlier turn)."""
     long = [
         SYSTEM,
         *[{"role": r, "content": f"Turn {k} " + "word " * 20} for k, r in enumerate(["user", "assistant"] * 3)],
@@ -170,8 +170,226 @@ def test_mask_history_keeps_the_last_turn_when_a_row_is_cut(smol):
         _trained(*[encode_sft_samples([s], smol, None, n).examples[0][k] for k in ("input_ids", "labels")])
     )
     kept = encode_sft_samples([s], smol, None, n, mask_history=True)
-    assert kept.truncated == 1 and kept.examples[0]["input_ids"] == full_ids[-n:]
+    last_turn = smol(f"<|im_start|>user\n{long[-2]['content']}<|im_end|>\n<|im_start|>assistant\nDone.<|im_end|>\n")
+    assert kept.truncated == 1 and kept.examples[0]["input_ids"] == last_turn["input_ids"]
     assert smol.decode(_trained(kept.examples[0]["input_ids"], kept.examples[0]["labels"])) == "Done.<|im_end|>\n"
+
+
+# -- probe 12c: weight 0 under train_on_prompt, mask_history's cut (LLaMA-Factory's infer_seqlen), EOS, notes ------
+
+
+def _infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """LLaMA-Factory's processor_utils.infer_seqlen, as written there."""
+    if target_len * 2 < cutoff_len:  # truncate source
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:  # truncate target
+        max_target_len = cutoff_len - source_len
+    else:  # truncate both
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    max_source_len = max(cutoff_len - new_target_len, 0)
+    new_source_len = min(max_source_len, source_len)
+    return new_source_len, new_target_len
+
+
+def _llamafactory(tok, system, turns, cutoff=10**9, mask_history=False, train_on_prompt=False, loss_mask=None):
+    """LLaMA-Factory's SupervisedDatasetProcessor._encode_data_example with its qwen template (no efficient_eos):
+    pairs reversed under mask_history, each cut by infer_seqlen to what cutoff_len leaves, a loss_mask 0 answer at
+    -100 whatever train_on_prompt."""
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = []
+    for k, (user, answer) in enumerate(zip(turns[::2], turns[1::2])):
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if k == 0 else ""
+        pairs.append(
+            (enc(f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"), enc(f"{answer}<|im_end|>\n"))
+        )
+    masks = loss_mask or [1] * len(pairs)
+    order = list(range(len(pairs)))[::-1] if mask_history else list(range(len(pairs)))
+    ids, labels, total = [], [], 0
+    for turn_idx, k in enumerate(order):
+        if total >= cutoff:
+            break
+        ns, nt = _infer_seqlen(len(pairs[k][0]), len(pairs[k][1]), cutoff - total)
+        source, target = pairs[k][0][:ns], pairs[k][1][:nt]
+        total += ns + nt
+        source_label = source if train_on_prompt else [IGNORE_INDEX] * ns
+        masked = (mask_history and turn_idx != 0) or masks[k] == 0
+        target_label = [IGNORE_INDEX] * nt if masked else target
+        if mask_history:
+            ids, labels = source + target + ids, source_label + target_label + labels
+        else:
+            ids, labels = ids + source + target, labels + source_label + target_label
+    return ids, labels
+
+
+def _rows(system, turns, weights=None):
+    msgs = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(turns)]
+    for k, w in enumerate(weights or []):
+        if w == 0:
+            msgs[2 * k + 1]["weight"] = 0
+    return Sample("t.jsonl:1", "messages", [{"role": "system", "content": system}, *msgs])
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_train_on_prompt_keeps_a_weight_0_answer_untrained(smol, mask_history):
+    """train_on_prompt trained an answer marked weight 0 (LLaMA-Factory keeps a loss_mask 0 answer at -100 under it:
+    only the prompts switch to training); ids and labels now equal its encoding, and the first-row note marks the
+    same characters."""
+    from deltatune.data.encode import rendered
+
+    turns = ["Name a colour.", "Blue.", "Another?", "Green.", "More?", "Red."]
+    s = _rows("Be brief.", turns, [1, 0, 1])
+    want = _llamafactory(
+        smol, "Be brief.", turns, mask_history=mask_history, train_on_prompt=True, loss_mask=[1, 0, 1]
+    )
+    for template in (None, "chatml"):
+        assert sft_example(s, smol, template, mask_history, True) == want
+    assert "Green." not in smol.decode(_trained(*want))
+    [(_, text, spans)] = rendered(s, smol, None, "sft", mask_history, True)
+    assert "".join(text[a:b] for a, b in spans) == smol.decode(_trained(*want))
+    enc = encode_sft_samples([s], smol, None, 512, mask_history=mask_history, train_on_prompt=True)
+    assert (enc.examples[0]["input_ids"], enc.examples[0]["labels"]) == want
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_a_row_of_weight_0_answers_is_dropped_under_train_on_prompt(smol, mask_history):
+    """A row whose every answer has weight 0 (under mask_history: whose last one has) is dropped and counted in
+    ``unweighted`` with train_on_prompt too (it was kept, its prompts and the weight-0 answers trained)."""
+    s = _rows("Be brief.", ["Hi", "Yo.", "Again", "Yo again."], [1 if mask_history else 0, 0])
+    for train_on_prompt in (False, True):
+        enc = encode_sft_samples([s], smol, None, 512, mask_history=mask_history, train_on_prompt=train_on_prompt)
+        assert (len(enc.examples), enc.unweighted, enc.dropped) == (0, 1, 0)
+
+
+def test_infer_seqlen_equals_llamafactorys():
+    from deltatune.data.encode import infer_seqlen
+
+    cases = [(s, t, c) for s in (0, 1, 7, 20, 63) for t in (0, 1, 9, 30, 200) for c in (1, 16, 64, 100)]
+    assert all(infer_seqlen(*x) == _infer_seqlen(*x) for x in cases)
+
+
+LONG = " ".join(str(i) for i in range(200))
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+@pytest.mark.parametrize(
+    "turns, cutoff",
+    [
+        (["Write numbers.", LONG], 64),  # one turn, its answer past the cutoff: the prompt and the answer's start
+        (["Write numbers.", LONG], 100),
+        (["Hi", "Hello.", "Write numbers.", LONG], 64),  # the last turn alone does not fit: the same
+        (["Write numbers.", LONG, "Again, short.", "1 2 3"], 40),  # the last turn fits: from its prompt's start
+    ],
+)
+def test_mask_history_cuts_a_row_as_llamafactorys_infer_seqlen(smol, turns, cutoff, train_on_prompt):
+    """Under mask_history an over-long row kept only the tail of its last answer (no prompt, no assistant header,
+    every token trained). It now keeps the last turn from its prompt's start, and where that alone is too long, the
+    prompt and the answer's start as LLaMA-Factory's infer_seqlen splits them: its ids and labels there (where the
+    last turn fits, LLaMA-Factory goes on filling cutoff_len with earlier turns cut at their ends: the kept turn is
+    its sequence's end)."""
+    s = _rows("Be brief.", turns)
+    want = _llamafactory(smol, "Be brief.", turns, cutoff, mask_history=True, train_on_prompt=train_on_prompt)
+    enc = encode_sft_samples([s], smol, None, cutoff, mask_history=True, train_on_prompt=train_on_prompt)
+    got = (enc.examples[0]["input_ids"], enc.examples[0]["labels"])
+    assert enc.truncated == 1 and len(got[0]) <= cutoff
+    head = "<|im_start|>system\nBe brief.<|im_end|>\n" if len(turns) == 2 else ""
+    last_len = len(smol(f"{head}<|im_start|>user\n{turns[-2]}<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    last_len += len(smol(f"{turns[-1]}<|im_end|>\n")["input_ids"])
+    if last_len > cutoff:
+        assert got == want
+    else:  # the last turn whole: LLaMA-Factory's sequence ends with it
+        full = _llamafactory(smol, "Be brief.", turns, mask_history=True, train_on_prompt=train_on_prompt)
+        assert got == (full[0][-last_len:], full[1][-last_len:]) == (want[0][-last_len:], want[1][-last_len:])
+        assert smol.decode(got[0]).startswith("<|im_start|>user\nAgain, short.")
+    assert "<|im_start|>assistant\n" in smol.decode(got[0])
+
+
+@pytest.mark.parametrize("eos", ["minilm", "<|endoftext|>"])
+def test_chatml_trains_nothing_after_a_tokenizer_eos_that_is_not_im_end(smol, eos):
+    """The built-in chatml writes ``answer EOS <|im_end|>\n`` where the tokenizer's EOS is another token (MiniLM's
+    [SEP], SmolLM2 with EOS <|endoftext|>, Qwen2.5 base's shape): ``<|im_end|>\n`` trained after the EOS, tokens
+    the model never generates. The answer now trains through its EOS, as TRL's completion does (SFTTrainer's add_eos
+    appends the EOS and nothing after it)."""
+    from tiny import tokenizer
+
+    if eos == "minilm":
+        tok = tokenizer()
+    else:
+        tok = copy.deepcopy(smol)
+        tok.eos_token = eos
+    s = Sample("t.jsonl:1", "messages", [{"role": "user", "content": "Name a colour."},
+                                         {"role": "assistant", "content": "Blue."}])  # fmt: skip
+    trained = _trained(*sft_example(s, tok, "chatml"))
+    assert trained == tok("Blue." + tok.eos_token, add_special_tokens=False)["input_ids"]
+    assert trained[-1] == tok.eos_token_id
+
+
+def _prepare(tmp_path, rows, max_length=512, **data):
+    from tiny import minilm_path
+    from transformers import AutoTokenizer
+
+    from deltatune.train.config import build
+    from deltatune.train.sft import prepare_sft
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows), encoding="utf-8")
+    cfg = build({"stage": "sft", "model": {"name_or_path": "smollm2"},
+                 "data": {"train": str(path), "template": "chatml", "max_length": max_length, **data}})  # fmt: skip
+    return prepare_sft(cfg, AutoTokenizer.from_pretrained(minilm_path()))
+
+
+def test_mask_history_notes_say_what_a_row_keeps_and_why_it_was_dropped(tmp_path):
+    """Under mask_history a row whose last answer has weight 0 was noted as "every answer has weight 0" (its first
+    one had weight 1); the truncation line now says such rows keep their last turn."""
+    hi, ok = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+    quiet = [hi, ok, hi, {"role": "assistant", "content": "Yo.", "weight": 0}]
+    long = [{"role": "user", "content": "word " * 80}, ok, hi, ok]
+    notes = _prepare(tmp_path, [quiet, [hi, ok], long], 40, mask_history=True).notes
+    assert "1 train rows were dropped: their last answer (data.mask_history trains it alone) has weight 0 " \
+           "(nothing to train)" in notes  # fmt: skip
+    assert "1 train rows were longer than data.max_length=40 tokens and were truncated to their last turn " \
+           "(data.mask_history)" in notes  # fmt: skip
+    from deltatune.data.load import DataError
+
+    with pytest.raises(DataError, match=r"\(1 with their last answer weighted 0\)$"):
+        _prepare(tmp_path, [quiet], mask_history=True)
+
+
+@pytest.mark.parametrize("value", ['{"name": ""}', "{}", {}, "null", None, {"name": "  "}])
+def test_a_bad_function_call_value_names_the_sharegpt_field(value):
+    """A function_call value with no usable name was refused naming fields the sharegpt row does not have
+    (``messages[1].tool_calls[0].function.name``, ``value[0]`` of a value that is no list)."""
+    from deltatune.data.load import DataError
+
+    row = {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": value},
+                             {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}],
+           "tools": json.dumps([WEATHER])}  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"^glaive.json:3: conversations\[1\]\.value: a tool call needs a function name"
+    ):
+        read_samples([Row(row, "glaive.json:3")], {}, None, stage="sft")
+
+
+def test_a_sharegpt_call_with_no_schema_names_the_sharegpt_field():
+    from deltatune.data.load import DataError
+
+    row = {"system": "Be brief.", "conversations": [{"from": "human", "value": "Weather?"},
+           {"from": "function_call", "value": '{"name": "get_time", "arguments": {}}'},
+           {"from": "observation", "value": "9:00"}, {"from": "gpt", "value": "Nine."}], "tools": json.dumps([WEATHER])}  # fmt: skip
+    with pytest.raises(DataError, match=r"^glaive.json:3: conversations\[1\]\.value: the call to 'get_time' has no"):
+        read_samples([Row(row, "glaive.json:3")], {}, None, stage="sft")
+
+
+def test_the_docs_kto_report_line_matches_its_example_row():
+    """docs/data-formats.md's report line for LLaMA-Factory's KTO rows named sharegpt beside a messages row."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "data-formats.md").read_text(encoding="utf-8")
+    part = doc[doc.index("LLaMA-Factory's KTO rows") :]
+    line = re.search(r"`(data format: [^`]+)`", part).group(1)
+    row = json.loads(part.split("```json\n", 1)[1].split("\n", 1)[0])
+    assert line == format_note(read_samples([Row(row, "d.jsonl:1")], {}, None, stage="kto"), None, "kto")
 
 
 # -- LLaMA-Factory's tool rows (function_call / observation) against its qwen formatter --------------------------

@@ -114,15 +114,30 @@ def sft_example(
     """Ids and labels of an SFT sample: every assistant turn trains (only the completion's for prompt_completion).
 
     LLaMA-Factory's options: ``mask_history`` trains the last assistant turn only; ``train_on_prompt`` trains every
-    token, the prompts and the template's markers too (with ``mask_history``, all but the earlier answers)."""
+    token, the prompts and the template's markers too, but no answer that would not train without it (an earlier
+    one under ``mask_history``, one weighted 0: LLaMA-Factory keeps a masked answer at -100 under it)."""
+    return _sft(s, tokenizer, template, mask_history, train_on_prompt)[:2]
+
+
+@_named
+def _sft(
+    s: Sample, tokenizer, template: str | None, mask_history: bool, train_on_prompt: bool
+) -> tuple[list[int], list[int], list[int]]:
+    """``sft_example``'s ids and labels, and the answers' labels (the labels without ``train_on_prompt``)."""
     from .templates import encode_chat
 
     conversation, start = _trained_from(s, mask_history)
-    ids, labels = encode_chat(conversation, tokenizer, template, s.tools, start, train_stop=True)
+    ids, answers = encode_chat(conversation, tokenizer, template, s.tools, start, train_stop=True)
     if not train_on_prompt:
-        return ids, labels
-    every = encode_chat(conversation, tokenizer, template, s.tools, 0, train_stop=True)[1] if mask_history else labels
-    return ids, [IGNORE_INDEX if e != lab else i for i, e, lab in zip(ids, every, labels)]  # (e != lab: history)
+        return ids, answers, answers
+    every = answers
+    if mask_history or any(m.get("weight") == 0 for m in conversation):  # every answer, trained or not
+        every = encode_chat(_unweighted(conversation), tokenizer, template, s.tools, s.sft()[1], train_stop=True)[1]
+    return ids, [IGNORE_INDEX if e != a else i for i, e, a in zip(ids, every, answers)], answers
+
+
+def _unweighted(conversation: list[Message]) -> list[Message]:
+    return [{k: v for k, v in m.items() if k != "weight"} for m in conversation]
 
 
 def _trained_from(s: Sample, mask_history: bool) -> tuple[list[Message], int]:
@@ -131,6 +146,29 @@ def _trained_from(s: Sample, mask_history: bool) -> tuple[list[Message], int]:
     if mask_history:
         start = max(start, max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=0))
     return conversation, start
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """LLaMA-Factory's split of ``cutoff_len`` between a prompt (source) and its answer (target), each kept from its
+    start: a short answer whole, else a short prompt whole, else both in proportion to their lengths."""
+    if target_len * 2 < cutoff_len:
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target_len = cutoff_len - source_len
+    else:
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    return min(max(cutoff_len - new_target_len, 0), source_len), new_target_len
+
+
+def _last_turn(s: Sample, tokenizer, template: str | None, answers: list[int]) -> tuple[int, int]:
+    """Under ``mask_history``: where the last turn's prompt starts in the ids (after the answer before it, else 0)
+    and where its answer starts (its first trained token in ``answers``)."""
+    from .templates import encode_chat
+
+    a = next(i for i, lab in enumerate(answers) if lab != IGNORE_INDEX)
+    every = encode_chat(_unweighted(s.sft()[0]), tokenizer, template, s.tools, 0, train_stop=True)[1]
+    return next((i + 1 for i in range(a - 1, -1, -1) if every[i] != IGNORE_INDEX), 0), a
 
 
 def _lm(
@@ -250,10 +288,9 @@ def rendered(
     if stage == "sft":
         conversation, start = _trained_from(s, mask_history)
         text, spans = render(conversation, tokenizer, template, tools=s.tools, train_from=start, train_stop=True)
-        if train_on_prompt:  # every character but the earlier answers mask_history leaves out
-            every = (
-                render(conversation, tokenizer, template, tools=s.tools, train_stop=True)[1] if mask_history else []
-            )
+        if train_on_prompt:  # every character but the answers left out (earlier ones under mask_history, weight 0)
+            every = render(_unweighted(conversation), tokenizer, template, tools=s.tools, train_from=s.sft()[1],
+                           train_stop=True)[1]  # fmt: skip
             edges = [0, *[x for span in every if span not in spans for x in span], len(text)]
             spans = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if a < b]
         return [("conversation", text, spans)]
@@ -409,16 +446,25 @@ def encode_sft_samples(
     prompt_completion rows); rows left with no trained token after truncation are dropped and counted, apart from
     rows with no trained token at any length (every answer weighted 0). ``mask_history`` and ``train_on_prompt``
     as ``sft_example``'s; an over-long row keeps its first ``max_length`` tokens, under ``mask_history`` its last
-    (the turn it trains: LLaMA-Factory keeps the last turns first)."""
+    turn: from the start of that turn's prompt, or, where that is too long, the prompt's start and the answer's
+    start as LLaMA-Factory's ``infer_seqlen`` splits them. A row whose answers would train nothing (every answer
+    weighted 0; the last, under ``mask_history``) is counted in ``unweighted``, whatever ``train_on_prompt``."""
     out, counter, dropped, unweighted = [], [0], 0, 0
     for s in samples:
-        ids, labels = sft_example(s, tokenizer, template, mask_history, train_on_prompt)
-        if all(label == IGNORE_INDEX for label in labels):
+        ids, labels, answers = _sft(s, tokenizer, template, mask_history, train_on_prompt)
+        if all(label == IGNORE_INDEX for label in answers):
             unweighted += 1
             continue
         keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
-        cut = slice(len(ids) - keep, None) if mask_history else slice(keep)
-        ids, labels = ids[cut], labels[cut]
+        if mask_history and keep < len(ids):
+            p, a = _last_turn(s, tokenizer, template, answers)
+            if len(ids) - p <= max_length:
+                ids, labels = ids[p:], labels[p:]
+            else:
+                ns, nt = infer_seqlen(a - p, len(ids) - a, max_length)
+                ids, labels = ids[p : p + ns] + ids[a : a + nt], labels[p : p + ns] + labels[a : a + nt]
+        else:
+            ids, labels = ids[:keep], labels[:keep]
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1
             continue

@@ -364,9 +364,12 @@ def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
     messages = _message_list(
         row.get(column), row.source, column, t["role_tag"], t["content_tag"], _sharegpt_roles(t), media
     )
+    tools = row_tools(row, _col(c, "tools"))
+    for i, m in enumerate(messages):  # a call with no schema named by the row's field (``_check`` names messages[i])
+        _check_calls(m, tools, f"{row.source}: {column}[{i}].{t['content_tag']}")
     if messages[0]["role"] != "system":
         messages = _system_message(row, c) + messages
-    return Sample(row.source, "sharegpt", messages, tools=row_tools(row, _col(c, "tools")), **media)
+    return Sample(row.source, "sharegpt", messages, tools=tools, **media)
 
 
 def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
@@ -532,22 +535,25 @@ _PARSERS = {
 # -- checks -------------------------------------------------------------------------------------------------
 
 
+def _check_calls(m: Message, tools: list[dict] | None, where: str) -> None:
+    """Each tool call of ``m`` names a schema in ``tools``; ``where`` (its ``{k}``: the call's index) names it."""
+    names = {t["function"]["name"] for t in tools or [] if isinstance(t.get("function"), dict)}
+    for k, call in enumerate(m.get("tool_calls") or []):
+        if (name := call["function"]["name"]) not in names:
+            raise DataError(
+                f"{where.replace('{k}', str(k))}: the call to {name!r} has no matching schema in the row's "
+                f"'tools' column (tools given: {', '.join(sorted(names)) or 'none'})"
+            )
+
+
 def _check(s: Sample, stage: str | None) -> None:
     """Empty assistant turns, tool calls without a schema, and (SFT) the last turn."""
     parts = [("messages", s.messages), ("completion", s.completion), ("chosen", s.chosen), ("rejected", s.rejected)]
-    names = {t["function"]["name"] for t in s.tools or [] if isinstance(t.get("function"), dict)}
     for part, msgs in parts:
         for i, m in enumerate(msgs or []):
             if m["role"] == "assistant" and not says_something(m):
                 raise DataError(f"{s.source}: {part}[{i}].content: the assistant turn is empty")
-            for k, call in enumerate(m.get("tool_calls") or []):
-                name = call["function"]["name"]
-                if name not in names:
-                    have = ", ".join(sorted(names)) or "none"
-                    raise DataError(
-                        f"{s.source}: {part}[{i}].tool_calls[{k}].function.name: the call to {name!r} has no matching "
-                        f"schema in the row's 'tools' column (tools given: {have})"
-                    )
+            _check_calls(m, s.tools, f"{s.source}: {part}[{i}].tool_calls[{{k}}].function.name")
     if stage == "sft" or stage is None and s.format in STAGE_FORMATS["sft"]:
         conversation, start = s.sft()
         if not any(m["role"] == "assistant" for m in conversation[start:]):

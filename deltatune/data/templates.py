@@ -33,7 +33,8 @@ class Template:
     """What precedes the assistant's content; a prompt for generation ends with it."""
     suffix_trains: bool = False
     """Whether what the assistant pattern writes after the content trains with it: chatml's ``<|im_end|>\n``, as
-    the model's own chat template (a turn is what it renders, through the line break) and TRL train it."""
+    the model's own chat template (a turn is what it renders, through the line break) and TRL train it; only where
+    the tokenizer has no EOS or the suffix opens with it (an answer ends at its EOS: nothing after it trains)."""
 
 
 TEMPLATES: dict[str, Template] = {
@@ -198,9 +199,12 @@ def render(
             # The end-of-sequence token closes each answer, so generation learns where to stop; once, where the
             # template's own end marker is that token (chatml with Qwen's or SmolLM2's <|im_end|>).
             text += m["content"] + eos
+            # The suffix trains only where it goes on from that token (or there is none): with another EOS (MiniLM's
+            # [SEP]) the answer ends at it, as TRL's completion does (its add_eos), and nothing after it trains.
+            trains = t.suffix_trains and (not eos or suffix.startswith(eos))
             if eos and suffix.startswith(eos):
                 suffix = suffix[len(eos) :]
-            end = len(text) + (len(suffix) if t.suffix_trains else 0)
+            end = len(text) + (len(suffix) if trains else 0)
             if i >= train_from and m.get("weight") != 0:
                 spans.append((start, end))
             text += suffix

@@ -17,24 +17,26 @@ def tool_calls(value: Any, where: str) -> list[dict]:
             raise DataError(
                 f"{where}: a function call must be JSON ({{name, arguments}}), got {value[:40]!r}"
             ) from None
-    calls = value if isinstance(value, list) else [value]
+    listed = isinstance(value, list)
     out = []
-    for i, call in enumerate(calls):
+    for i, call in enumerate(value if listed else [value]):
+        at = f"{where}[{i}]" if listed else where  # (a single call is the field itself: no [0] the row lacks)
         fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise DataError(f"{where}[{i}]: a tool call needs a function name")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            got = json.dumps(call)[:60] if isinstance(call, (dict, list, type(None))) else repr(call)[:60]
+            raise DataError(f"{at}: a tool call needs a function name, got {got}")
         args = fn.get("arguments", {})
         for _ in range(2):  # (arguments written as JSON text, then encoded again as a JSON string: decoded twice)
             if isinstance(args, str):
                 try:
                     args = json.loads(args) if args.strip() else {}
                 except json.JSONDecodeError:
-                    raise DataError(f"{where}[{i}].arguments: not valid JSON") from None
+                    raise DataError(f"{at}.arguments: not valid JSON") from None
         if args is None:
             args = {}
         if not isinstance(args, dict):
             raise DataError(
-                f"{where}[{i}].arguments: must be a JSON object of the call's parameters, got {type(args).__name__}"
+                f"{at}.arguments: must be a JSON object of the call's parameters, got {type(args).__name__}"
             )
         entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
         if isinstance(call, dict) and call.get("id"):

@@ -20,14 +20,18 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
         )
 
     train, ev = _encode_splits(enc, train_s, eval_s, d.max_length, notes)
+    if d.mask_history:  # (prepared's truncation line) what such a row keeps
+        cut = "and were truncated"
+        notes[:] = [n + " to their last turn (data.mask_history)" if n.endswith(cut) else n for n in notes]
+    weight0 = "their last answer (data.mask_history trains it alone)" if d.mask_history else "every answer"
     for split, e in (("train", train), ("eval", ev)):
         if e is not None and e.dropped:
             notes.append(f"{e.dropped} {split} rows were dropped: no response token fits within data.max_length")
         if e is not None and e.unweighted:
-            notes.append(f"{e.unweighted} {split} rows were dropped: every answer has weight 0 (nothing to train)")
+            notes.append(f"{e.unweighted} {split} rows were dropped: {weight0} has weight 0 (nothing to train)")
     if not train.examples:
         why = [f"{train.dropped} with none within data.max_length={d.max_length}"] * bool(train.dropped)
-        why += [f"{train.unweighted} with every answer weighted 0"] * bool(train.unweighted)
+        why += [f"{train.unweighted} with {weight0.split(' (')[0]} weighted 0"] * bool(train.unweighted)
         raise DataError(f"no training row has a response token to train ({'; '.join(why) or 'no rows'})")
     train_ex = train.examples
     if d.packing:
