@@ -265,7 +265,7 @@ def test_a_run_with_prior_v_prediction_and_the_text_encoder_loads_in_diffusers_p
                       [f"model.name_or_path={pipeline}", f"data.train={data / 't2i-adapt-train.jsonl'}",
                        "data.eval=null", "data.limit=4", "train.max_steps=2", "train.batch_size=2",
                        "train.warmup_ratio=0", "train.report_to=[none]", f"output.dir={out}",
-                       "model.train_text_encoder=true"])  # fmt: skip
+                       "model.train_text_encoder=true", "train.save_steps=2"])  # fmt: skip
     cfg.train.with_prior_preservation, cfg.train.prediction_type = True, "v_prediction"
     cfg.data.class_data_dir, cfg.data.class_prompt = str(_class_folder(tmp_path, 2)), "a digit"
     cfg.data.num_class_images = 2
@@ -294,6 +294,20 @@ def test_a_run_with_prior_v_prediction_and_the_text_encoder_loads_in_diffusers_p
     with loaded.disable_adapter():
         assert (loaded.condition([prompt], 16)[0]["encoder_hidden_states"] - text).abs().max() > 1e-3
     assert loaded.scheduler.config.prediction_type == "v_prediction"  # run_load put the run's on the base's
+    # A drawing: diffusers' pipeline (DDIM, v_prediction, the run's LoRAs) from the same latents, 4 steps, guidance
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    latents = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        drawn = pipe(prompt, num_inference_steps=4, guidance_scale=7.5, latents=latents, output_type="latent").images
+    theirs = ((drawn.float() + 1) / 2).clamp(0, 1)
+    ours = t2i.sample(delta, loaded, [prompt], 4, 7.5, 0, 16)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    # its checkpoint (the same weights at step 2) holds no scheduler_config.json: it draws as its run trained too
+    at, from_checkpoint = run_module.load_adapter_model(str(out / "checkpoint-2"))
+    assert from_checkpoint.scheduler.config.prediction_type == "v_prediction"  # (HEAD: the base's epsilon)
+    assert (t2i.sample(at.eval(), from_checkpoint, [prompt], 4, 7.5, 0, 16) - ours).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("sampling", ["uniform", "cosmap"])
@@ -329,3 +343,38 @@ def test_flow_matching_prior_preservation_is_the_sd3_scripts_loss_by_hand(sampli
     want = torch.mean((w.float() * (model_pred.float() - target.float()) ** 2).reshape(2, -1), 1).mean()
     want = want + 0.7 * prior.mean()
     assert (loss - want).abs().item() <= 1e-5 * want.item(), (loss, want)
+
+
+def test_bad_settings_are_refused_before_any_class_image_is_drawn(pipeline, data, tmp_path):
+    """HEAD drew (and saved) the missing class images with the base and only then refused a bad
+    train.prediction_type or an unreadable class image: the folder was changed by a refused run. Now nothing is
+    drawn before all is checked."""
+    from deltatune.config import ConfigError
+    from deltatune.data.load import DataError
+
+    prior = {"train__with_prior_preservation": True, "data__class_prompt": "a digit", "data__num_class_images": 2}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="train.prediction_type must be one of epsilon, v_prediction, got 'sample'"):
+        _prepare(pipeline, data, train__prediction_type="sample", data__class_data_dir=str(empty), **prior)
+    assert list(empty.iterdir()) == []
+    folder = _class_folder(tmp_path, 1)
+    (folder / "zz.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"zz\.png"):
+        _prepare(pipeline, data, data__class_data_dir=str(folder), **{**prior, "data__num_class_images": 4})
+    assert sorted(p.name for p in folder.iterdir()) == ["00.png", "zz.png"]
+
+
+def test_a_class_data_dir_that_is_a_file_or_cannot_be_made_is_one_line(pipeline, data, tmp_path):
+    """data.class_data_dir naming a file gave os.makedirs' FileExistsError traceback; a folder that cannot be made
+    (here: under a file) gave its OSError. Now one ConfigError naming the key, before the base is loaded."""
+    from deltatune.config import ConfigError
+
+    file = tmp_path / "split.json"
+    file.write_text("{}")
+    prior = {"train__with_prior_preservation": True, "data__class_prompt": "a digit", "data__num_class_images": 1}
+    with pytest.raises(ConfigError, match=r"data.class_data_dir '.*split.json' is a file: give a folder"):
+        _prepare(pipeline, data, data__class_data_dir=str(file), **prior)
+    with pytest.raises(ConfigError, match=r"data.class_data_dir '.*split.json/x': cannot make the folder"):
+        _prepare(pipeline, data, data__class_data_dir=str(file / "x"), **prior)
+    assert file.read_text() == "{}"

@@ -246,14 +246,9 @@ class T2IProcessor:
         return True
 
     def use_run_scheduler(self, folder: str) -> None:
-        """The ``prediction_type`` a run in ``folder`` trained with (its ``scheduler_config.json``, which records
-        ``train.prediction_type``) on this processor's scheduler, so the run draws (and merges) as it trained."""
-        try:
-            with open(os.path.join(folder, "scheduler_config.json"), encoding="utf-8") as fh:
-                kind = json.load(fh).get("prediction_type")
-        except (OSError, ValueError, AttributeError):
-            return
-        if not self.flow and kind in ("epsilon", "v_prediction"):
+        """The ``prediction_type`` a run in ``folder`` (or a checkpoint of it) trained with (``t2i_noise.
+        run_prediction_type``: ``train.prediction_type``) on this processor's scheduler, so it draws as it trained."""
+        if not self.flow and (kind := t2i_noise.run_prediction_type(folder)) in ("epsilon", "v_prediction"):
             self.scheduler.register_to_config(prediction_type=kind)
 
     def disable_adapter(self) -> contextlib.AbstractContextManager:
@@ -447,6 +442,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     if not d.train:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
     options, prior = loss_options(cfg.train, processor.flow), prior_options(cfg)  # (t2i_prior: DreamBooth's)
+    kind = t2i_noise.check_prediction_type(cfg.train, processor.flow)  # (all checked before any class image is drawn)
     options |= {"prior_loss_weight": prior["weight"]} if prior else {}
     augment = list(d.augment)  # (diffusers' scripts' RandomCrop without --center_crop, and --random_flip)
     if bad := [a for a in augment if a not in T2I_AUGMENTATIONS]:
@@ -503,6 +499,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
 
     notes: list[str] = []
     train = read(d.train, "train", notes)
+    ev = read(d.eval, "eval", notes) if d.eval else None
     if prior:  # class images resized as the instances, and cropped (and flipped) as they are, at each read
         tensor = functools.partial(processor.tensor, augment=augment)
         resize = functools.partial(processor.resized, interpolation=interp)
@@ -510,10 +507,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         train = with_prior(
             train, processor, prior, cfg, load, tensor if augment else None, notes, load_denoiser, sample
         )
-    t2i_noise.set_prediction_type(
-        cfg.train, processor.scheduler, processor.flow
-    )  # (after the base drew any class images)
-    ev = read(d.eval, "eval", notes) if d.eval else None
+    if kind is not None:  # (after the base drew any class images, with its own)
+        processor.scheduler.register_to_config(prediction_type=kind)
     trained = "; its LoRA trains too (model.train_text_encoder)" if trains else ""
     notes.insert(0, f"{len(train)} training images with captions; text encoder {processor.text_encoder_name}{trained}")
     notes.insert(1, describe(options, processor.flow, processor.scheduler.config.get("prediction_type")))

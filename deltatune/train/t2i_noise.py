@@ -26,7 +26,9 @@ their ``diffusers.training_utils``).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 
@@ -228,16 +230,15 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 """``train.prediction_type``: what a DDPM denoiser learns to predict (diffusers' scripts' ``--prediction_type``)."""
 
 
-def set_prediction_type(train, scheduler, flow: bool) -> None:
-    """``train.prediction_type`` (None: the base scheduler's) registered in the scheduler's config, as diffusers'
-    scripts ``register_to_config`` it: the loss's target follows, and the run's saved scheduler config names it.
+def check_prediction_type(train, flow: bool) -> str | None:
+    """``train.prediction_type`` when it is valid for this base (None: not set), checked before anything is drawn.
 
     Raises:
         ConfigError: a value other than epsilon or v_prediction, or any value on a flow-matching base.
     """
     kind = getattr(train, "prediction_type", None)
     if kind is None:
-        return
+        return None
     if flow:
         raise ConfigError(
             f"train.prediction_type ({kind!r}) sets a DDPM scheduler's target; this base trains with flow matching "
@@ -245,7 +246,37 @@ def set_prediction_type(train, scheduler, flow: bool) -> None:
         )
     if kind not in PREDICTION_TYPES:
         raise ConfigError(f"train.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {kind!r}")
-    scheduler.register_to_config(prediction_type=kind)
+    return kind
+
+
+def set_prediction_type(train, scheduler, flow: bool) -> None:
+    """``train.prediction_type`` (None: the base scheduler's) registered in the scheduler's config, as diffusers'
+    scripts ``register_to_config`` it: the loss's target follows, and the run's saved scheduler config names it.
+
+    Raises:
+        ConfigError: as ``check_prediction_type``.
+    """
+    if (kind := check_prediction_type(train, flow)) is not None:
+        scheduler.register_to_config(prediction_type=kind)
+
+
+def run_prediction_type(folder: str) -> str | None:
+    """The ``prediction_type`` the run in ``folder`` trained with: its ``scheduler_config.json``, else its
+    ``run.yaml``'s ``train.prediction_type``; a checkpoint folder (which holds neither) reads its run folder's."""
+    import yaml
+
+    places = [folder]
+    if os.path.basename(os.path.normpath(folder)).startswith("checkpoint-"):
+        places.append(os.path.dirname(os.path.abspath(folder)))
+    for place in places:
+        for name in ("scheduler_config.json", "run.yaml"):
+            try:
+                with open(os.path.join(place, name), encoding="utf-8") as fh:
+                    read = json.load(fh) if name.endswith(".json") else (yaml.safe_load(fh) or {}).get("train")
+                return read.get("prediction_type")
+            except (OSError, ValueError, AttributeError, yaml.YAMLError):
+                continue
+    return None
 
 
 def describe(options: dict, flow: bool, prediction_type: str | None) -> str:

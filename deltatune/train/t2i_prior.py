@@ -31,8 +31,8 @@ def prior_options(cfg) -> dict[str, Any] | None:
     """The prior-preservation settings of a recipe (None without ``train.with_prior_preservation``).
 
     Raises:
-        ConfigError: no data.class_data_dir or data.class_prompt, a data.num_class_images < 1, a
-            train.prior_loss_weight that is negative or not finite.
+        ConfigError: no data.class_data_dir (or one that is a file) or data.class_prompt, a data.num_class_images
+            < 1, a train.prior_loss_weight that is negative or not finite.
     """
     if not getattr(cfg.train, "with_prior_preservation", False):
         return None
@@ -40,6 +40,8 @@ def prior_options(cfg) -> dict[str, Any] | None:
     count, weight = getattr(cfg.data, "num_class_images", 100), getattr(cfg.train, "prior_loss_weight", 1.0)
     if not folder:
         raise ConfigError("train.with_prior_preservation needs data.class_data_dir: a folder of class images")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"data.class_data_dir {str(folder)!r} is a file: give a folder of class images")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError("train.with_prior_preservation needs data.class_prompt: the prompt of the class images")
     if not isinstance(count, int) or count < 1:
@@ -67,7 +69,7 @@ def draw_class_images(draw, options: dict[str, Any], seed: int) -> int:
         return 0
     from PIL import Image
 
-    os.makedirs(options["folder"], exist_ok=True)
+    writable_folder(options["folder"])
     for k, start in enumerate(range(0, missing, SAMPLE_BATCH)):
         images = draw([options["prompt"]] * min(SAMPLE_BATCH, missing - start), seed + k)
         for i, image in enumerate((images * 255).round().to(torch.uint8)):
@@ -76,6 +78,20 @@ def draw_class_images(draw, options: dict[str, Any], seed: int) -> int:
             digest = hashlib.sha1(img.tobytes()).hexdigest()  # noqa: S324  (a file name, as the script's)
             img.save(os.path.join(options["folder"], f"{have + start + i}-{digest}.jpg"))
     return missing
+
+
+def writable_folder(folder: str) -> None:
+    """Make ``folder`` (data.class_data_dir) if it is missing, and check that drawings can be saved there.
+
+    Raises:
+        ConfigError: the folder cannot be made or written (the key and the OS's reason).
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data.class_data_dir {folder!r}: cannot make the folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"data.class_data_dir {folder!r}: cannot write the missing class images there")
 
 
 class PriorDataset(torch.utils.data.Dataset):
@@ -112,12 +128,17 @@ def with_prior(
     ``sample`` (``t2i``'s, passed in: this room sits below the stage).
 
     Raises:
-        ConfigError: no class image can be read or drawn.
+        ConfigError: no class image can be read or drawn, a class_data_dir that cannot be made or written.
+        DataError: a class image that cannot be read (before any is drawn).
     """
     from .embedded import resolve
 
+    count, folder = options["count"], options["folder"]
+    have = class_images(folder)[:count]  # read before any is drawn: a bad one is refused with the folder unchanged
+    read = {f: resize(open_rgb(ImageRow(f, None, f), on_white=False)[0]) for f in have}
     drawn = 0
-    if len(class_images(options["folder"])) < options["count"]:
+    if len(have) < count:
+        writable_folder(folder)
         base = load(resolve(cfg.model.name_or_path)).eval()
         d = cfg.data.max_length
 
@@ -127,10 +148,10 @@ def with_prior(
 
         drawn = draw_class_images(draw, options, cfg.train.seed)
         del base
-    files = class_images(options["folder"])[: options["count"]]
+    files = class_images(folder)[:count]
     if not files:
-        raise ConfigError(f"data.class_data_dir {options['folder']!r} holds no class images")
-    images = [resize(open_rgb(ImageRow(f, None, f), on_white=False)[0]) for f in files]
+        raise ConfigError(f"data.class_data_dir {folder!r} holds no class images")
+    images = [read[f] if f in read else resize(open_rgb(ImageRow(f, None, f), on_white=False)[0]) for f in files]
     if processor.trains_text_encoder:
         ids, mask, _ = processor.tokenize([options["prompt"]], cfg.data.max_length)
         text = {"input_ids": ids, "attention_mask": mask}
