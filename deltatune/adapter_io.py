@@ -83,7 +83,7 @@ def import_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor
 
 
 def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None,
-                    safe_serialization: bool = True, is_main_process: bool = True,
+                    safe_serialization: bool = True, *args: Any, is_main_process: bool = True,
                     save_embedding_layers: bool | str = "auto", **kwargs: Any) -> None:  # fmt: skip
     """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout): "default" in
     ``save_directory``, any other in ``save_directory/<name>``, each file renamed into place once written (a crash
@@ -91,12 +91,27 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
     for ``selected_adapters=[]`` (as peft). ``safe_serialization=False`` (peft's): ``adapter_model.bin`` (``torch.save``)
     instead of ``adapter_model.safetensors``, which it replaces.
     ``save_embedding_layers``: peft's (``files.embedding_copies``), the embedding matrices beside the adapter;
-    ``path_initial_model_for_weight_conversion``: peft's, the adapter's change since that initial save. peft's
-    positional order (``save_pretrained(folder, False, ["a"])``: safe_serialization before selected_adapters) is
-    taken too, told apart by the bool."""
+    ``path_initial_model_for_weight_conversion``: peft's, the adapter's change since that initial save;
+    ``state_dict``: peft's, the tensors taken from it (``files.pick_tensors``). peft's positional order
+    (``save_pretrained(folder, safe_serialization, selected_adapters, save_embedding_layers, is_main_process,
+    path_initial_model_for_weight_conversion)``) is taken too, told apart by the bool second; in deltatune's order
+    (selected_adapters second) the arguments after safe_serialization are keyword-only, so no call means the other."""
     if isinstance(selected_adapters, bool):  # peft's positional order: (save_directory, safe_serialization, selected)
         selected_adapters, safe_serialization = (None if safe_serialization is True else safe_serialization), (
             selected_adapters)  # fmt: skip
+        rest = ("save_embedding_layers", "is_main_process", "path_initial_model_for_weight_conversion")
+        if len(args) > len(rest):
+            raise TypeError(f"save_pretrained() takes at most {len(rest) + 3} positional arguments in peft's order "
+                            f"(save_directory, safe_serialization, selected_adapters, {', '.join(rest)})")  # fmt: skip
+        given = dict(zip(rest, args))
+        save_embedding_layers = given.pop("save_embedding_layers", save_embedding_layers)
+        is_main_process = given.pop("is_main_process", is_main_process)
+        kwargs.update(given)
+    elif args:
+        raise TypeError("save_pretrained(): in deltatune's order (save_directory, selected_adapters, "
+                        "safe_serialization) the rest is keyword-only: pass is_main_process=, save_embedding_layers= "
+                        "by name, or use peft's order (save_directory, safe_serialization, selected_adapters, "
+                        "save_embedding_layers, is_main_process)")  # fmt: skip
     if not is_main_process:
         return
     names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)
@@ -238,19 +253,17 @@ def get_peft_model_state_dict(
 
     ``unwrap_compiled`` is accepted (a DeltaModel is never a compiled wrapper). ``state_dict=`` (peft's): the tensors
     are picked out of that state dict (keyed as the model's own ``state_dict`` or as peft's, ``files.pick_tensors``),
-    e.g. one gathered from sharded (FSDP / ZeRO-3) parameters.
+    e.g. one gathered from sharded (FSDP / ZeRO-3) parameters; the embedding copies too, as peft's. Prompt learning's
+    ``prompt_embeddings`` (no parameter of their own) are the live value, as peft's, which ignores the state dict there.
     """
     model, strip = _delta_of(model, "get_peft_model_state_dict")
     model._check_names([adapter_name])
     config = model.peft_config[adapter_name]
-    given = (
-        adapter_state_dict(model, adapter_name)
-        if state_dict is None
-        else pick_tensors(model, adapter_name, state_dict)
-    )
-    out = {k: v.detach() for k, v in given.items()}
+    given = adapter_state_dict(model, adapter_name)
     for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
-        out.setdefault(key_prefix(config) + pname, p.detach())
+        given.setdefault(key_prefix(config) + pname, p)
+    given = given if state_dict is None else pick_tensors(model, adapter_name, state_dict, given, injected=strip)
+    out = {k: v.detach() for k, v in given.items()}
     return {k.removeprefix(key_prefix(config)) if strip else k: v for k, v in out.items()}
 
 

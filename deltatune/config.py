@@ -187,6 +187,30 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
     return file, data
 
 
+def json_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` (a config's ``to_dict``, e.g. peft's) as the adapter_config.json it saves reads back: paths as
+    strings, sets as sorted lists; a value JSON cannot hold is refused in one line naming its field (ConfigError)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        raise TypeError(f"a {type(value).__name__}")
+
+    out = {}
+    for key, value in data.items():
+        try:
+            out[key] = json.loads(json.dumps(value, default=plain))
+        except (TypeError, ValueError) as exc:
+            shown = repr(value).replace("\n", " ")
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise ConfigError(
+                f"{source}: field {key!r} = {shown} cannot be written to {CONFIG_NAME} ({exc})"
+            ) from None
+    return out
+
+
 def field_docs(cls: type) -> list[tuple[str, Any, str]]:
     """(field, default, doc) for every field of a config dataclass, the doc being the string written under the
     field in the source (an attribute docstring). Python drops those strings, so they are read back from the

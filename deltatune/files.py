@@ -244,8 +244,8 @@ def save_adapters(
     (``embedding_copies``) and its training state. ``names`` empty: the folder alone, as peft (which writes its
     model card there). ``path_initial_model_for_weight_conversion`` (peft's: a LoRA saved right after its init):
     each adapter written as the plain LoRA of its change since (the LoRA method's
-    ``convert_to_plain_lora``, as peft's conversion). ``state_dict`` (peft's): the tensors are taken from it
-    (``pick_tensors``), e.g. a full state dict gathered from sharded (FSDP / ZeRO-3) parameters."""
+    ``convert_to_plain_lora``, as peft's conversion). ``state_dict`` (peft's): the tensors, embedding copies
+    included, are taken from it (``pick_tensors``), e.g. a full state dict gathered from sharded (FSDP / ZeRO-3) parameters."""
     folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
     if not names:
         adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
@@ -264,35 +264,51 @@ def save_adapters(
         config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
         training = {f"{p}|{k}": v for p, layer in model._layers() if name in layer.adapter_names
                     for k, v in layer.training_state(name).items()}  # fmt: skip
-        tensors = model.adapter_state_dict(name) if state_dict is None else pick_tensors(model, name, state_dict)
+        tensors = model.adapter_state_dict(name)
         for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
             tensors.setdefault(key_prefix(config) + pname, p)
+        tensors = tensors if state_dict is None else pick_tensors(model, name, state_dict, tensors)
         write_adapter(folders[name], tensors, config, training)
 
 
-def pick_tensors(model: Any, name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors (its saved keys) taken from ``state_dict``, a state dict of the model keyed by its
-    parameters' names: deltatune's (``base_model.<path>``), peft's (``base_model.model.<path>``) or, on a model given
-    to ``inject_adapter_in_model``, its own (``<path>``), as peft's
-    ``get_peft_model_state_dict(state_dict=...)`` picks them.
+def pick_tensors(
+    model: Any,
+    name: str,
+    state_dict: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor] | None = None,
+    injected: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors (its saved keys; ``expected``, default its ``adapter_state_dict``, e.g. with the
+    embedding copies added) taken from ``state_dict``, a state dict of the model keyed by its parameters' names:
+    deltatune's (``base_model.<path>``), peft's (``base_model.model.<path>``, with peft's own module names: DoRA's
+    ``lora_magnitude_vector.<name>.weight``, trainable tokens' ``token_adapter.``) or, on a model given to
+    ``inject_adapter_in_model`` (``injected``), its own (``<path>``), as peft's
+    ``get_peft_model_state_dict(state_dict=...)`` picks them. A tensor saved in a folded form (no parameter of its
+    own: prompt learning's ``prompt_embeddings``) is the live value, as peft's, which ignores the state dict there.
 
     Raises:
-        ValueError: the state dict lacks one of the adapter's tensors, or the adapter saves a folded form (no
-            parameter of its own) that a state dict cannot give; named.
+        ValueError: the state dict lacks one of the adapter's tensors; named by the model's own name for it.
     """
-    expected = model.adapter_state_dict(name)
+    expected = model.adapter_state_dict(name) if expected is None else expected
     names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+    magnitude = re.compile(rf"\.lora_magnitude_vector\.{re.escape(name)}\.weight$")
+    peft_names = {magnitude.sub(f".lora_magnitude_vector.{name}", k).replace(".token_adapter.", "."): k
+                  for k in state_dict}  # fmt: skip
     out = {}
     for key, tensor in expected.items():
         own = names.get(id(tensor))
         if own is None:
-            raise ValueError(f"state_dict=: adapter {name!r} saves {key} in a folded form, not a parameter; "
-                             "leave state_dict out")  # fmt: skip
+            out[key] = tensor
+            continue
         path = own.removeprefix("base_model.")  # (the plain model's own name, after inject_adapter_in_model)
         found = [k for k in (own, KEY_PREFIX + path, path) if k in state_dict]
+        found += [peft_names[k] for k in (KEY_PREFIX + path, path) if k in peft_names]
         if not found:
-            raise ValueError(f"state_dict=: no {own!r} (or peft's 'base_model.model.{path}') in it, adapter "
-                             f"{name!r}'s {key}")  # fmt: skip
+            mine, theirs = (path, path) if injected else (own, KEY_PREFIX + path)  # (injected: the model's own)
+            theirs = re.sub(rf"\.lora_magnitude_vector\.{re.escape(name)}$", r"\g<0>.weight", theirs)
+            theirs = re.sub(r"(^|\.)(trainable_tokens_delta\.[^.]+)$", r"\1token_adapter.\2", theirs)
+            mine = repr(mine) if mine == theirs else f"{mine!r} (or peft's {theirs!r})"
+            raise ValueError(f"state_dict=: no {mine} in it, adapter {name!r}'s {key}")
         out[key] = state_dict[found[0]]
     return out
 

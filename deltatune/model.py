@@ -12,7 +12,6 @@ Files use PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import warnings
@@ -25,7 +24,7 @@ from torch import nn
 
 from . import adapter_io, loss, registry, status
 from .calls import call_batch_size, call_sizes
-from .config import DeltaConfig
+from .config import DeltaConfig, json_fields
 from .files import PushToHub, check_adapter_name, upcast_adapter
 from .layer import (
     BASE_ROW,
@@ -492,11 +491,12 @@ class DeltaModel(nn.Module, PushToHub):
 
 def _from_peft(config: Any) -> Any:
     """A peft config object (one of peft's config classes) as deltatune's, read from the adapter_config.json it would
-    save (its ``to_dict``, sets as lists), so peft's calls run as written; anything else as given."""
+    save (its ``to_dict`` through ``config.json_fields``: paths as strings, sets as lists), so peft's calls run as
+    written; anything else as given."""
     if type(config).__module__.split(".")[0] != "peft" or not callable(getattr(config, "to_dict", None)):
         return config
-    data = json.loads(json.dumps(config.to_dict(), default=sorted))
-    return registry.config_from_dict(data, source=f"peft's {type(config).__name__}")
+    source = f"peft's {type(config).__name__}"
+    return registry.config_from_dict(json_fields(config.to_dict(), source), source=source)
 
 
 def get_delta_model(

@@ -270,3 +270,122 @@ def test_hub_and_dispatch_arguments_are_taken_as_peft(tmp_path, monkeypatch):
     assert all(c[2] == dict(subfolder=None, revision="v1", cache_dir="c", token="t") for c in calls)
     with pytest.raises(TypeError, match="unexpected keyword argument 'tokn'"):
         ours.load_adapter(tmp_path, "x", tokn="t")
+
+
+# -- 10. fixes after review (f117a29, 645851e, 8fecacf) ---------------------------------------------------------------
+def _tree(folder):
+    return sorted(
+        os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs if f != "README.md"
+    )
+
+
+def test_save_pretrained_takes_peft_full_positional_order_and_refuses_a_4th_positional_in_its_own(tmp_path):
+    models = []
+    for lib, get in ((peft, peft.get_peft_model), (dt, dt.get_delta_model)):
+        torch.manual_seed(0)
+        model = get(tiny_model("llama"), lib.LoraConfig(**LORA))
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+        models.append(model)
+    calls = [
+        (True, ["b"], False),
+        (True, ["b"], "auto", False),
+        (False, None, "auto", True),
+        (True, ["b"], True, True),
+    ]
+    for i, args in enumerate(calls):
+        theirs, ours = tmp_path / f"peft{i}", tmp_path / f"ours{i}"
+        models[0].save_pretrained(theirs, *args)
+        models[1].save_pretrained(ours, *args)  # was: the 4th taken as is_main_process, the 5th as embeddings
+        assert _tree(ours) == _tree(theirs), args
+    assert _tree(tmp_path / "ours0") == ["b/adapter_config.json", "b/adapter_model.safetensors"]
+    assert not os.path.exists(tmp_path / "ours1") and _tree(tmp_path / "peft1") == []  # (peft leaves empty folders)
+    with pytest.raises(TypeError, match="keyword-only"):  # deltatune's order: no positional after safe_serialization
+        models[1].save_pretrained(tmp_path / "x", ["b"], True, False)
+    assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("kind", ["dora", "tokens"])
+@pytest.mark.parametrize("injected", [False, True])
+def test_state_dict_keyed_as_peft_gives_dora_magnitudes_and_trainable_tokens(kind, injected):
+    kw = dict(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    kw.update(use_dora=True) if kind == "dora" else kw.update(trainable_token_indices={"embed_tokens": [3, 5]})
+    torch.manual_seed(0)
+    if injected:
+        theirs = peft.inject_adapter_in_model(peft.LoraConfig(**kw), tiny_model("llama"))
+        ours = dt.inject_adapter_in_model(dt.LoraConfig(**kw), tiny_model("llama"))
+    else:
+        theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**kw))
+        ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**kw))
+    gathered = {k: v + 1 for k, v in theirs.state_dict().items()}
+    want = peft.get_peft_model_state_dict(theirs, state_dict=gathered)
+    got = dt.get_peft_model_state_dict(ours, state_dict=gathered)  # was: ValueError, no such key
+    assert got.keys() == want.keys() and len(got) in (5, 6)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
+    # a missing tensor is named by the model's own name (an injected model's: its module path, no wrapper prefix)
+    # and by peft's
+    mine = "model.embed_tokens.trainable_tokens_delta.default"
+    theirs = "model.embed_tokens.token_adapter.trainable_tokens_delta.default"
+    if kind == "dora":
+        mine = "model.layers.1.self_attn.q_proj.lora_magnitude_vector.default"
+        theirs = mine + ".weight"
+    prefix = "" if injected else "base_model."
+    message = f"^state_dict=: no '{prefix}{mine}' \\(or peft's '{prefix and 'base_model.model.'}{theirs}'\\) in it"
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        dt.get_peft_model_state_dict(ours, state_dict={k: v for k, v in gathered.items() if theirs not in k})
+    shown = re.escape(f"{prefix}model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    with pytest.raises(ValueError, match=rf"^state_dict=: no '{shown}'"):
+        dt.get_peft_model_state_dict(ours, state_dict={k: v for k, v in gathered.items() if "layers.0" not in k})
+
+
+def test_state_dict_gives_the_embedding_copies_too_as_peft(tmp_path):
+    kw = dict(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**kw))
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**kw))
+    gathered = {k: v + 1 for k, v in theirs.state_dict().items()}  # (under ZeRO-3 the live weight is a shard)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "Setting save_embedding_layers to True ..."
+        want = peft.get_peft_model_state_dict(theirs, state_dict=gathered)
+        theirs.save_pretrained(tmp_path / "peft", state_dict=gathered)
+    embed = "base_model.model.model.embed_tokens.base_layer.weight"
+    for given in (gathered, {k: v + 1 for k, v in ours.state_dict().items()}):
+        got = dt.get_peft_model_state_dict(ours, state_dict=given)
+        assert got.keys() == want.keys() and torch.equal(got[embed], want[embed])  # was: the live weight (1 off)
+    ours.save_pretrained(tmp_path / "ours", state_dict=gathered)
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert mine.keys() == file.keys() and all(torch.equal(mine[k], file[k]) for k in file)
+
+
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_prompt_learning_save_with_state_dict_saves_the_live_prompt_as_peft(tmp_path, method):
+    models = []
+    for lib, get in ((peft, peft.get_peft_model), (dt, dt.get_delta_model)):
+        torch.manual_seed(0)
+        models.append(get(tiny_model("llama"), getattr(lib, method)(num_virtual_tokens=3, task_type="CAUSAL_LM")))
+    dt.set_peft_model_state_dict(models[1], peft.get_peft_model_state_dict(models[0]))
+    for model, folder in zip(models, ("peft", "ours")):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.save_pretrained(tmp_path / folder, state_dict={k: v + 1 for k, v in model.state_dict().items()})
+        assert not [w for w in seen if "state_dict" in str(w.message)]  # peft ignores it there, silently
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")  # was: ValueError, leave state_dict out
+    file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert mine.keys() == file.keys() == {"prompt_embeddings"}
+    assert torch.equal(mine["prompt_embeddings"], file["prompt_embeddings"])
+
+
+def test_a_peft_config_with_a_path_or_a_set_is_taken_and_another_value_named(tmp_path):
+    from pathlib import Path
+
+    from deltatune.config import ConfigError
+
+    config = peft.LoraConfig(r=2, target_modules={"v_proj", "q_proj"}, base_model_name_or_path=Path(tmp_path))
+    ours = dt.get_delta_model(tiny_model("llama"), config)  # was: TypeError 'PosixPath' object is not iterable
+    assert ours.peft_config["default"].target_modules == ["q_proj", "v_proj"]
+    assert ours.peft_config["default"].base_model_name_or_path == os.fspath(tmp_path)
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"])
+    config.layers_pattern = object()
+    with pytest.raises(ConfigError, match=r"^peft's LoraConfig: field 'layers_pattern' = <object object at .*"):
+        dt.get_delta_model(tiny_model("llama"), config)
