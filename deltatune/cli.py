@@ -84,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resumable(args) -> str:
-    """How an interrupted train goes on: from its newest checkpoint, or, stopped before its first one (the run folder
-    is not kept then), not at all ("--resume continues" sent the user to a refusal: no run to continue)."""
+    """How an interrupted train goes on: from its newest checkpoint, or, stopped before its first one, not at all
+    ("--resume continues" sent the user to a refusal). Stopped after its first step, the run folder is kept
+    (run.yaml, log_history.jsonl, stopped.json) and a plain re-run refuses it: the line names --overwrite then
+    (stopped before that step, the new folder is not kept and a plain re-run starts it)."""
     if args.command != "train":
         return ""
     out = getattr(args, "out_dir", None)  # set once the recipe is read
-    if out and not any(name.startswith("checkpoint-") for name in _listdir(out)):
-        return " before its first checkpoint; nothing to resume"
+    names = _listdir(out) if out else []
+    if out and not any(name.startswith("checkpoint-") for name in names):
+        return " before its first checkpoint; nothing to resume" + " (--overwrite starts it again)" * bool(names)
     return "; --resume continues from its newest checkpoint"
 
 

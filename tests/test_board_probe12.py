@@ -211,9 +211,10 @@ def test_help_and_version_answer_at_once_and_true(capsys):
 
 
 def test_ctrl_c_before_the_first_checkpoint_does_not_send_the_user_to_resume(tmp_path, monkeypatch, capsys):
-    """Ctrl-C before a run's first checkpoint (its folder is not kept then) said "--resume continues from its newest
-    checkpoint", and --resume then refused: "does not exist; there is no run to continue". Now the line says there is
-    nothing to resume; after a checkpoint it still points to --resume. Exit 130 both times."""
+    """Ctrl-C before a run's first step (no folder is kept then; after it one is: tests/test_diffusion_probe12.py)
+    said "--resume continues from its newest checkpoint", and --resume then refused: "does not exist; there is no
+    run to continue". Now the line says there is nothing to resume; after a checkpoint it still points to --resume.
+    Exit 130 both times."""
     from types import SimpleNamespace
 
     import deltatune.train

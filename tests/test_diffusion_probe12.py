@@ -378,3 +378,32 @@ def test_a_class_data_dir_that_is_a_file_or_cannot_be_made_is_one_line(pipeline,
     with pytest.raises(ConfigError, match=r"data.class_data_dir '.*split.json/x': cannot make the folder"):
         _prepare(pipeline, data, data__class_data_dir=str(file / "x"), **prior)
     assert file.read_text() == "{}"
+
+
+def test_ctrl_c_before_the_first_checkpoint_names_overwrite_the_folder_being_kept(pipeline, data, tmp_path,
+                                                                                  monkeypatch, capsys):  # fmt: skip
+    """A real run stopped (Ctrl-C) after its first step keeps its folder (run.yaml, stopped.json): a plain re-run is
+    refused (it needs --overwrite) and --resume is refused (no checkpoint). HEAD's line said only "nothing to resume"
+    and its docstring that the folder is not kept; the line now names --overwrite, which starts it again."""
+    from deltatune.cli import main
+
+    loss = t2i.T2ITrainer.compute_loss
+
+    def interrupted(self, *args, **kwargs):  # after the first step (before it, the new folder is not kept)
+        if self.state.global_step >= 1:
+            raise KeyboardInterrupt
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(t2i.T2ITrainer, "compute_loss", interrupted)
+    out = tmp_path / "run"
+    argv = ["train", str(ROOT / "recipes" / "digits-t2i-lora.yaml"), f"model.name_or_path={pipeline}",
+            f"data.train={data / 't2i-adapt-train.jsonl'}", "data.eval=null", "data.limit=4", "train.max_steps=2",
+            "train.batch_size=2", "train.report_to=[none]", f"output.dir={out}"]  # fmt: skip
+    line = (
+        "deltatune train: interrupted before its first checkpoint; nothing to resume (--overwrite starts it again)\n"
+    )
+    assert main(argv) == 130 and capsys.readouterr().err.endswith(line)
+    assert {"run.yaml", "stopped.json"} <= {p.name for p in out.iterdir()}
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # (the kept folder is refused)
+    assert main([*argv, "--resume"]) == 2 and "no checkpoint" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 130 and capsys.readouterr().err.endswith(line)
