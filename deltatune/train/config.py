@@ -99,7 +99,8 @@ class DataArgs:
     truncation: str = _f("truncate", "Rows over max_length: 'truncate' (counted in the report) or 'refuse'.")
     packing: bool = _f(False, "SFT: pack short examples into max_length blocks (attention kept per example).")
     mask_history: bool = _f(False, "SFT: train the last assistant turn only (LLaMA-Factory's mask_history); an "
-                            "over-long row keeps its end.")  # fmt: skip
+                            "over-long row keeps that turn from its prompt's start (cut as LLaMA-Factory's "
+                            "infer_seqlen where it alone is too long).")  # fmt: skip
     train_on_prompt: bool = _f(False, "SFT: train every token, the prompts and template markers too "
                                "(LLaMA-Factory's train_on_prompt).")  # fmt: skip
     limit: int | None = _f(None, "Read at most this many rows of each file.")

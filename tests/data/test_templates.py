@@ -2,7 +2,7 @@
 
 The check is exact: the labelled positions form one contiguous run per assistant turn, and each run's ids are
 the tokens of that turn's content plus its end marker (the chat template's ``<|im_end|>``, or EOS for the
-built-in templates, chatml's followed by its ``<|im_end|>``). Everything else, the system and user turns and the role headers, is -100.
+built-in templates, chatml's followed by its ``<|im_end|>`` where the EOS is no ``<|im_end|>``, untrained). Everything else, the system and user turns and the role headers, is -100.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _tokens(tok, text: str) -> list[int]:
 
 def _expect_answers(tok, messages, template: str | None) -> None:
     ids, labels = encode_chat(messages, tok, template)
-    marker = {None: IM_END, "chatml": EOS + IM_END}.get(template, EOS)  # chatml trains its own end marker too
+    marker = IM_END if template is None else EOS  # (chatml's <|im_end|>\n after MiniLM's [SEP] does not train)
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     runs = _runs(ids, labels)
     assert runs == [_tokens(tok, a + marker) for a in answers]
@@ -134,7 +134,7 @@ def test_tokenizer_template_renders_the_text(tok):
             "chatml",
             "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
             "<|im_start|>assistant\nBlue.[SEP]<|im_end|>\n",
-            "Blue.[SEP]<|im_end|>\n",  # through the end marker's line break, as the model's own chatml trains it
+            "Blue.[SEP]",  # through the EOS: the <|im_end|>\n after MiniLM's [SEP] does not train (TRL's add_eos)
         ),
         (
             "alpaca",
