@@ -5,18 +5,23 @@ reference (TRL's precompute_ref_log_probs: the rows' and their mismatched pairs'
 TRL runs on the same tiny Llama, LoRA (not zero) and batch as deltatune: loss and the gradient of every LoRA weight
 compared by max abs diff; the helpers and rows are test_align_probe11's."""
 
+import copy
+import dataclasses
+import inspect
 import json
 import warnings
 
 import pytest
 import torch
 import trl
+import yaml
 from datasets import Dataset
 from test_align_probe11 import ATOL, PAIRS, ROWS, _grads, _lm_batch, _pad
 from tiny import save_tiny, tokenizer
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import deltatune as dt
+from deltatune.train import run as run_module
 from deltatune.train.config import AlignArgs
 from deltatune.train.dpo import DPOTrainer
 from deltatune.train.kto import KTOTrainer
@@ -438,3 +443,81 @@ def test_kto_report_says_how_its_pairs_are_made(tmp_path):
                                  "train.batch_size=2 rows, as TRL pairs them)")  # fmt: skip
     assert lines[True].endswith("log-probs precomputed once; reference point from mismatched pairs fixed in blocks of "
                                 "train.batch_size=2 rows of the data, train and eval, as TRL pairs them")  # fmt: skip
+
+
+PPO_RAW = {"stage": "ppo", "model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}, "train": {"batch_size": 8},
+           "align": {"kl_coef": 0.1, "num_mini_batches": 4, "num_ppo_epochs": 2}}  # fmt: skip
+
+
+def _old_ppo_align() -> tuple[dict, dict]:
+    """(today's run.yaml align section of PPO_RAW, the one a deltatune before 805dd7e wrote: TRL's names kept beside
+    the deltatune names they were copied to, num_mini_batches beside the mini_batch_size it set)."""
+    from deltatune.train.config import build
+
+    new = dataclasses.asdict(build(copy.deepcopy(PPO_RAW)).align)
+    assert (new["init_kl_coef"], new["ppo_epochs"], new["mini_batch_size"]) == (0.1, 2, 2)
+    assert new["kl_coef"] is new["num_ppo_epochs"] is new["num_mini_batches"] is None
+    return new, {**new, "kl_coef": 0.1, "num_mini_batches": 4, "num_ppo_epochs": 2}
+
+
+def test_an_old_run_yaml_align_reads_as_today_writes_it():
+    """old_run_align (what a --resume compares): a pre-805dd7e PPO run.yaml equals today's for the same recipe
+    (HEAD compared it as written: align.kl_coef: 0.1 -> None; align.num_mini_batches: 4 -> None, refused); a key an
+    old run.yaml lacks is what that run trained with (dpo..rm: dropout kept; ppo: init_kl_coef 0.2), on the stages
+    that read it; a refusal where an old default meets today's says the default changed."""
+    from deltatune.train.config_align import default_changed, old_run_align
+
+    new, old = _old_ppo_align()
+    assert old_run_align(old, "ppo", 8) == new and old != new
+    assert old_run_align(new, "ppo", 8) == new  # (today's run.yaml as it is)
+    bare = {k: v for k, v in new.items() if k not in ("disable_dropout", "init_kl_coef")}
+    for stage in ("dpo", "kto", "orpo", "simpo", "cpo", "rm"):
+        assert old_run_align(bare, stage)["disable_dropout"] is False
+    assert old_run_align(bare, "ppo")["init_kl_coef"] == 0.2
+    assert "disable_dropout" not in old_run_align(bare, "sft") and "init_kl_coef" not in old_run_align(bare, "dpo")
+    assert old_run_align(bare, "dpo") is not bare and "disable_dropout" not in bare
+    assert old_run_align(["x"], "ppo") == ["x"]  # (not a mapping: the comparison names it)
+    assert default_changed("align.init_kl_coef", 0.2, 0.05) == (
+        " (its default was 0.2, 0.05 since 805dd7e (TRL's PPOConfig kl_coef); set align.init_kl_coef: 0.2 to "
+        "continue as the run began)"
+    )
+    assert default_changed("align.disable_dropout", False, True).startswith(" (its default was false, true since ")
+    assert default_changed("align.init_kl_coef", 0.3, 0.05) == default_changed("align.init_kl_coef", 0.2, 0.1) == ""
+    assert default_changed("train.lr", 0.2, 0.05) == ""
+
+
+_RESUME_PATCHED = "old_run_align" in inspect.getsource(run_module._check_resume_recipe)
+
+
+@pytest.mark.skipif(not _RESUME_PATCHED, reason="needs run.py's call of old_run_align (fix12a report's diff)")
+def test_resume_of_a_run_started_before_the_align_keys(tmp_path):
+    """--resume with the same recipe: a pre-805dd7e PPO run continues (was refused for TRL's names); a pre-a388979
+    dpo run with lora_dropout trained with dropout, so today's default (off) is a change, refused with why (HEAD
+    accepted it silently); an old PPO run's init_kl_coef 0.2 against today's 0.05 is refused, saying the default
+    changed."""
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+    from deltatune.train.run import _check_resume_recipe, _recipe_dict
+
+    def resume(old: dict, raw: dict) -> bool:
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+        return _check_resume_recipe(str(tmp_path), _recipe_dict(build(copy.deepcopy(raw))), False)
+
+    recipe = _recipe_dict(build(copy.deepcopy(PPO_RAW)))
+    assert resume({**recipe, "align": _old_ppo_align()[1]}, PPO_RAW) is False
+    raw = {"stage": "dpo", "model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"},
+           "method": {"name": "lora", "lora_dropout": 0.1}}  # fmt: skip
+    old = _recipe_dict(build(copy.deepcopy(raw)))
+    del old["align"]["disable_dropout"]
+    with pytest.raises(ConfigError, match=r"align\.disable_dropout: False -> True \(its default was false, true "):
+        resume(old, raw)
+    assert resume(old, {**raw, "align": {"disable_dropout": False}}) is False
+    raw = {k: v for k, v in PPO_RAW.items() if k != "align"}
+    old = _recipe_dict(build(copy.deepcopy(raw)))
+    old["align"]["init_kl_coef"] = 0.2
+    with pytest.raises(ConfigError, match=r"align\.init_kl_coef: 0\.2 -> 0\.05 \(its default was 0\.2, 0\.05 since"):
+        resume(old, raw)
+    del old["align"]["init_kl_coef"]  # (a run.yaml without the key: 0.2 too)
+    with pytest.raises(ConfigError, match=r"align\.init_kl_coef: 0\.2 -> 0\.05"):
+        resume(old, raw)
+    assert resume(old, {**raw, "align": {"init_kl_coef": 0.2}}) is False

@@ -334,3 +334,50 @@ def validate_grpo(a: AlignArgs) -> None:
                           f"{a.importance_sampling_level!r}")  # fmt: skip
     if not 0 <= a.top_entropy_quantile <= 1:
         raise ConfigError(f"align.top_entropy_quantile must be in [0, 1], got {a.top_entropy_quantile}")
+
+
+BEFORE_KEY: dict[str, tuple[Any, str]] = {
+    "disable_dropout": (False, "dpo kto orpo simpo cpo rm"),  # (a388979; rm since cf33061)
+    "init_kl_coef": (0.2, "ppo"),
+}
+"""An align key that a run.yaml written before it existed lacks: what that run trained with instead (dropout kept),
+on the stages that read it; ``old_run_align`` fills it in, so that a --resume compares like with like."""
+DEFAULT_WAS: dict[str, tuple[Any, str]] = {
+    "init_kl_coef": (0.2, "805dd7e (TRL's PPOConfig kl_coef)"),
+    "disable_dropout": (False, "a388979, rm's since cf33061 (TRL's disable_dropout: the model's dropout off)"),
+}
+"""An align key whose default changed: its default before, and when and why."""
+
+
+def old_run_align(align: dict[str, Any], stage: str | None, batch_size: Any = None) -> dict[str, Any]:
+    """A run's run.yaml ``align`` section as today's ``validate_align`` writes it: a key it lacks at its
+    ``BEFORE_KEY`` behaviour on ``stage``; TRL's names (``PPO_TRL_NAMES``), which a run.yaml written before 805dd7e
+    kept beside the deltatune names they were copied to, moved over as ``validate_ppo`` moves them (null), and, on
+    ppo with ``batch_size`` (the run's train.batch_size), align.num_mini_batches null beside the
+    align.mini_batch_size it set. A new dict; anything but a mapping is returned as it is (the comparison names it)."""
+    if not isinstance(align, dict):
+        return align
+    out = dict(align)
+    for key, (before, stages) in BEFORE_KEY.items():
+        if key not in out and stage in stages.split():
+            out[key] = before
+    for trl, ours in PPO_TRL_NAMES.items():
+        if out.get(trl) is not None and stage in _TRL_READ_BY[trl]:
+            out[ours], out[trl] = out[trl], None
+    n = out.get("num_mini_batches")
+    if stage == "ppo" and type(batch_size) is int and type(n) is int and n >= 1 and batch_size % n == 0:
+        out["mini_batch_size"], out["num_mini_batches"] = batch_size // n, None
+    return out
+
+
+def default_changed(key: str, old: Any, new: Any) -> str:
+    """A note for a resume's ``align.key: old -> new`` where ``old`` was the key's default before it changed and
+    ``new`` is today's (``DEFAULT_WAS``); "" otherwise."""
+    name = key.removeprefix("align.")
+    if not key.startswith("align.") or name not in DEFAULT_WAS or old != DEFAULT_WAS[name][0]:
+        return ""
+    if new != getattr(AlignArgs(), name):
+        return ""
+    was, why = DEFAULT_WAS[name]
+    was, new = (str(v).lower() if isinstance(v, bool) else v for v in (was, new))  # (as a recipe spells them)
+    return f" (its default was {was}, {new} since {why}; set {key}: {was} to continue as the run began)"
