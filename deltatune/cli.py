@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from .cli_parser import _parser
+from .cli_parser import NEAR, _parser
 
 
 def _is_ours(exc: BaseException) -> bool:
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
         command = parser.commands[args.command]
         command = getattr(command, "commands", {}).get(getattr(args, "data_command", None), command)  # data inspect
-        near = difflib.get_close_matches(unknown[0].split("=")[0], re.findall(r"--[\w-]+", command.format_usage()), 1)
+        flags = re.findall(r"--[\w-]+", command.format_usage())
+        near = difflib.get_close_matches(unknown[0].split("=")[0], flags, 1, NEAR)  # (0.6: --dtype -> --adapter)
         command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near[0]}?" if near else ""))
     if extra:  # key=value after a flag (train RECIPE --overwrite train.lr=1e-3): still an override
         args.overrides += extra
@@ -423,7 +424,7 @@ def _serve(args) -> int:
 def _board(args) -> int:
     from .board import board, check_board
 
-    model = bool(args.model or args.adapter)  # before a model loads for the playground
+    model = "--model" if args.model else "--adapter" if args.adapter else ""  # (the flag named in a refusal)
     check_board(args.runs, args.host, args.port, args.serve_url, args.serve_key, model)
     serve_app = None
     if args.model or args.adapter:

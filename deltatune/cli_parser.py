@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 
+NEAR = 0.8
+"""difflib's cutoff for a mistyped flag's nearest flag (its default 0.6 took --dtype for --adapter)."""
+
 
 def _train_help() -> str:
     from .train.config import STAGES, field_help
@@ -59,6 +62,24 @@ class _Parser(argparse.ArgumentParser):
             if not near or "did you mean" in exc.message:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}; did you mean {near[0]!r}?") from None
+
+    def parse_known_args(self, args=None, namespace=None):  # (argparse's signature)
+        self._given = list(args) if args is not None else []  # (error names the nearest flag of a mistyped one)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):  # (argparse's: it exits)
+        """argparse's refusal; a missing required flag beside a mistyped one (``--adaptr x``) names the nearest
+        flag too: argparse refuses the missing one before the unknown one is reported."""
+        if message.startswith("the following arguments are required"):
+            import difflib
+
+            flags = list(self._option_string_actions)
+            unknown = [w.split("=")[0] for w in getattr(self, "_given", []) if w.startswith("--")]
+            for flag in (f for f in unknown if f not in flags):
+                if near := difflib.get_close_matches(flag, flags, 1, NEAR):
+                    message += f"; unrecognized argument {flag}: did you mean {near[0]}?"
+                    break
+        super().error(message)
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:

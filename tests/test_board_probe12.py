@@ -260,3 +260,49 @@ def test_the_board_refuses_a_playground_named_twice_or_half(flags, words, tmp_pa
     assert err.startswith("deltatune board: error: ") and words in err and err.count("\n") == 1
     check_board(str(tmp_path), "127.0.0.1", 0, "http://127.0.0.1:8000/v1", "key")  # the openai client's form: taken
     check_board(str(tmp_path), "127.0.0.1", 0, None, None, True)
+
+
+@pytest.mark.parametrize(
+    "flags, words, wrong",
+    [
+        (["--serve", "http://127.0.0.1:8000", "--adapter", "x"], "--serve names a running serve process and --adapter "
+         "starts one in the board: give one", "--model"),
+        (["--serve-key", "k", "--model", "x"], "--serve-key is the key of a serve process named by --serve; the engine "
+         "--model starts in the board takes none: drop --serve-key", "give --serve"),
+    ],
+)  # fmt: skip
+def test_the_boards_playground_refusals_name_the_flags_given(flags, words, wrong, tmp_path, capsys):
+    """--serve with --adapter (no --model) was refused naming --model, which the user did not give; --serve-key with
+    --model said "give --serve URL too", which was then refused (--serve with --model). Each line is true now."""
+    from deltatune.cli import main
+
+    assert main(["board", "--runs", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"deltatune board: error: {words}\n" and wrong not in err
+
+
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        (["generate", "--adapter", "a", "--dtype", "bf16"], "unrecognized arguments: --dtype bf16\n"),
+        (
+            ["generate", "--adaptr", "x"],
+            "required: --adapter; unrecognized argument --adaptr: did you mean --adapter?\n",
+        ),
+        (["generate", "--prompt", "p", "--adaptr=x"], "unrecognized argument --adaptr: did you mean --adapter?\n"),
+        (
+            ["generate", "--adapter", "a", "--promt", "p"],
+            "unrecognized arguments: --promt p; did you mean --prompt?\n",
+        ),
+    ],
+)
+def test_a_mistyped_flag_names_its_nearest_flag_only_when_near(argv, want, capsys):
+    """generate --dtype bf16 suggested --adapter (difflib's 0.6 cutoff); --adaptr x said only "required: --adapter"
+    (argparse refuses the missing flag before the unknown one is seen). Now a cutoff of 0.8 and the nearest flag
+    beside the missing one."""
+    from deltatune.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: deltatune generate") and err.endswith(want), err

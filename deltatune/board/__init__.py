@@ -150,11 +150,12 @@ def check_board(
     port: int,
     serve_url: str | None = None,
     serve_key: str | None = None,
-    model: bool = False,
+    model: bool | str = False,
 ) -> None:
     """The board's refusals, before anything loads: no runs folder, a host beyond this machine, a port it cannot
     listen on, a playground named twice or half (--serve with --model; --serve-key alone; --serve without http://,
-    which every playground call answered with "unknown url type")."""
+    which every playground call answered with "unknown url type"). ``model``: the board starts an engine (the flag
+    that asks for it, --model or --adapter, named in the refusal)."""
     from urllib.parse import urlsplit
 
     from ..config import ConfigError
@@ -162,8 +163,12 @@ def check_board(
 
     if not os.path.isdir(runs_dir):
         raise ConfigError(f"--runs {runs_dir!r} is not a folder")
+    flag = model if isinstance(model, str) else "--model"
     if serve_url is not None and model:
-        raise ConfigError("--serve names a running serve process and --model starts one in the board: give one")
+        raise ConfigError(f"--serve names a running serve process and {flag} starts one in the board: give one")
+    if serve_key is not None and serve_url is None and model:
+        raise ConfigError(f"--serve-key is the key of a serve process named by --serve; the engine {flag} starts in "
+                          "the board takes none: drop --serve-key")  # fmt: skip
     if serve_key is not None and serve_url is None:
         raise ConfigError("--serve-key is the key of the serve process named by --serve: give --serve URL too")
     if serve_url is not None and (
