@@ -150,7 +150,8 @@ def test_the_reward_centring_coefficient_is_a_recipe_key_the_rm_trainer_gets(mon
     monkeypatch.setattr(reward, "_margins", lambda *a: None)
     monkeypatch.setattr(reward, "_base_config", lambda *a: None)
     tok = type("Tok", (), {"pad_token_id": 0})()
-    assert reward.prepare_rm(cfg, tok).trainer_class.keywords == {"center_rewards_coefficient": 0.01}
+    keywords = reward.prepare_rm(cfg, tok).trainer_class.keywords
+    assert keywords == {"center_rewards_coefficient": 0.01, "disable_dropout": True}  # (TRL's RewardConfig default)
     assert ignored_keys(cfg) == []
     with pytest.raises(ConfigError, match="align.center_rewards_coefficient must be >= 0"):
         load_recipe(str(rm), ["align.center_rewards_coefficient=-1"])

@@ -437,7 +437,7 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
            ("dpo", "align.loss_weights align.discopop_tau align.ld_alpha align.f_divergence_type "
                    "align.f_alpha_divergence_coef align.use_weighting"),
            ("dpo kto", "align.precompute_ref align.precompute_ref_log_probs align.precompute_ref_batch_size"),
-           ("dpo kto orpo simpo cpo", "align.disable_dropout"),
+           ("dpo kto orpo simpo cpo rm", "align.disable_dropout"),
            ("dpo simpo cpo", "align.label_smoothing"),
            ("ppo grpo", "align.max_new_tokens align.response_length align.temperature align.mini_batch_size "
                         "align.cliprange"),

@@ -379,7 +379,11 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
         ) from None
     if old and isinstance(old, dict):  # a key its run.yaml lacks (an older deltatune's) trained as its default
         from .config import _SECTIONS
+        from .config_align import old_run_align
 
+        if isinstance(old.get("align"), dict):  # (but BEFORE_KEY's; TRL's names moved as validate_ppo moves them)
+            train = old.get("train") if isinstance(old.get("train"), dict) else {}
+            old = {**old, "align": old_run_align(old["align"], old.get("stage"), train.get("batch_size"))}
         defaults = {name: asdict(cls()) for name, cls in _SECTIONS.items()}
         sections = {k: {**d, **(old.get(k) or {})} for k, d in defaults.items() if isinstance(old.get(k) or {}, dict)}
         old = {**old, **sections}  # (a whole section it lacks: each key its default, not each named changed)

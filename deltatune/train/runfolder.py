@@ -396,6 +396,8 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if not old or not isinstance(old, dict):
         what = "is empty" if not old else f"holds a {type(old).__name__}, not a recipe (a YAML mapping)"
         raise ConfigError(f"--resume: the run's run.yaml {what}, so the recipe cannot be compared with it")
+    from .config_align import default_changed
+
     a, b = (_flat({**r, "method": _with_defaults(r.get("method"))}) for r in (old or {}, new or {}))
     out = []
     for key in sorted(set(a) | set(b)):
@@ -405,7 +407,7 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if y is None and key in DERIVED:
             continue
         if x != y and not _same_path(key, x, y):
-            out.append(f"{key}: {x!r} -> {y!r}")
+            out.append(f"{key}: {x!r} -> {y!r}{default_changed(key, x, y)}")
     return out
 
 
