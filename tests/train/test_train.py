@@ -284,6 +284,6 @@ def test_a_key_the_stage_ignores_is_named_in_the_report(tiny_cls, data, tmp_path
     cfg["align"] = {"beta": 0.5}
     train(build(cfg))
     assert (
-        "align.beta is read by stage dpo, grpo, kto, orpo, simpo only; stage cls ignored it"
+        "align.beta is read by stage dpo, grpo, kto, orpo, simpo, cpo only; stage cls ignored it"
         in (tmp_path / "r" / "report.md").read_text()
     )
