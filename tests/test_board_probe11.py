@@ -368,9 +368,8 @@ def test_a_series_of_two_points_or_one_is_smoothed_as_tensorboard_smooths_it():
     lines = {(a.get("data-label"), a.get("data-raw")): a["points"] for a in smoothed if "points" in a}
     assert lines == {("a", None): "52.0,22.0 548.0,152.0", (None, "a"): "52.0,22.0 548.0,230.0",
                      ("b", None): "300.0,126.0", (None, "b"): "300.0,126.0"}  # fmt: skip
-    assert [(a["cx"], a["cy"]) for a in smoothed if "cx" in a] == [
-        ("300", "126")
-    ]  # TensorBoard: one-point series only
+    # TensorBoard dots a one-point series only
+    assert [(a["cx"], a["cy"]) for a in smoothed if "cx" in a] == [("300", "126")]
     assert [a["points"] for a in plain if "points" in a] == ["52.0,22.0 548.0,230.0", "300.0,126.0"]  # weight 0: raw
 
 

@@ -179,9 +179,8 @@ def test_the_attention_processor_layout_loads_as_diffusers_loads_it(tmp_path):
     torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "extra", [".hada_w1_a", ".diff"]
-)  # .dora_scale: dropped with a warning as diffusers (probe12)
+# (.dora_scale: dropped with a warning, as diffusers drops it: test_diffusion_probe12)
+@pytest.mark.parametrize("extra", [".hada_w1_a", ".diff"])
 def test_a_dora_or_lycoris_file_is_refused_as_such_not_as_another_architecture(tmp_path, extra):
     """A kohya file for this very UNet with DoRA's dora_scale (or LyCORIS' LoHa parts, or full differences) was
     refused as "a LoRA for another architecture or component?"; the modules are there, the update is not a LoRA's."""
