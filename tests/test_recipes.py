@@ -22,7 +22,7 @@ ELSEWHERE = {"rm": "tests/train/test_reward.py", "dpo": "tests/train/test_dpo.py
              "image_cls": "tests/vision/test_image_cls.py", "grpo": "tests/train/test_grpo.py",
              "kto": "tests/train/test_kto.py", "orpo": "tests/train/test_orpo.py",
              "simpo": "tests/train/test_simpo.py", "caption": "tests/vision/test_caption.py",
-             "t2i": "tests/diffusion/test_t2i.py"}  # fmt: skip
+             "t2i": "tests/diffusion/test_t2i.py", "cpo": "tests/test_recipes.py (ALSO)"}  # fmt: skip
 
 
 def _stage(path: Path) -> str:
@@ -35,14 +35,14 @@ def test_every_recipe_has_a_run_test():
 
 
 # Recipes of an ELSEWHERE stage whose test there runs another recipe: run here on a tiny model of their kind.
-ALSO = {"hh-rlhf-rm-smollm2": ("llama", "seq_cls")}
+ALSO = {"hh-rlhf-rm-smollm2": ("llama", "seq_cls"), "cpo": ("llama", "causal_lm")}
 
 
 def test_causal_lm_recipes_run_offline_on_the_embedded_llm():
     """Every recipe that trains a causal LM names `smollm2` (runs here as written); hub ids go in the comments."""
     for path in RECIPES:
         raw = yaml.safe_load(path.read_text())
-        if raw["stage"] in ("pt", "sft", "dpo", "ppo", "grpo", "kto", "orpo", "simpo"):
+        if raw["stage"] in ("pt", "sft", "dpo", "ppo", "grpo", "kto", "orpo", "simpo", "cpo"):
             assert raw["model"]["name_or_path"] == "smollm2", path.name
 
 
