@@ -110,9 +110,10 @@ def resolve_backend(backend: str, device: torch.device, double_quant: bool = Tru
     return backend
 
 
-def _quantize_weight(weight: torch.Tensor, backend: str, double_quant: bool, quant_type: str = "nf4") -> torch.Tensor:
+def _quantize_weight(weight: torch.Tensor, backend: str, double_quant: bool, quant_type: str = "nf4",
+                     quant_storage: torch.dtype = torch.uint8) -> torch.Tensor:  # fmt: skip
     """W (d_out, d_in) as NF4: torchao's NF4Tensor (shape d_out x d_in) or bitsandbytes' packed Params4bit (NF4, or
-    FP4 for a layer transformers loaded so)."""
+    FP4, its bytes in ``quant_storage``, for a layer transformers loaded so)."""
     w = weight.detach().to(torch.float32).contiguous()  # quantise from fp32 so the constants keep full precision
     if backend == "torchao":
         n_blocks = w.numel() // BLOCK_SIZE
@@ -125,9 +126,8 @@ def _quantize_weight(weight: torch.Tensor, backend: str, double_quant: bool, qua
         nf4.quantized_data.view(n_blocks, BLOCK_SIZE // 2)[(w.view(n_blocks, -1) == 0).all(1)] = 0x77
         return nf4
     bnb = _backend("bitsandbytes")
-    param = bnb.nn.Params4bit(
-        w, requires_grad=False, blocksize=BLOCK_SIZE, compress_statistics=double_quant, quant_type=quant_type
-    )
+    kwargs = {"blocksize": BLOCK_SIZE, "compress_statistics": double_quant, "quant_type": quant_type}
+    param = bnb.nn.Params4bit(w, requires_grad=False, quant_storage=quant_storage, **kwargs)
     return param.to(weight.device)  # Params4bit quantises when it is moved
 
 
@@ -160,6 +160,7 @@ class Linear4bit(nn.Module):
         double_quant: whether the absmax constants are quantised too (recorded to quantise again alike).
         conv1d: the layer replaced a GPT-2 ``Conv1D`` (``merge_quantized`` puts one back).
         quant_type: "nf4", or "fp4" for a bitsandbytes layer loaded so (recorded to quantise again alike).
+        quant_storage: the dtype bitsandbytes packs the bytes in (transformers' bnb_4bit_quant_storage), kept alike.
     """
 
     def __init__(
@@ -173,6 +174,7 @@ class Linear4bit(nn.Module):
         double_quant: bool = True,
         conv1d: bool = False,
         quant_type: str = "nf4",
+        quant_storage: torch.dtype = torch.uint8,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -184,17 +186,19 @@ class Linear4bit(nn.Module):
         self.backend = backend
         self.double_quant = double_quant
         self.conv1d = conv1d
-        self.quant_type = quant_type
+        self.quant_type, self.quant_storage = quant_type, quant_storage
 
     @classmethod
     def from_linear(cls, module: nn.Module, compute_dtype: torch.dtype, backend: str, double_quant: bool = True,
-                    quant_type: str = "nf4") -> Linear4bit:  # fmt: skip
+                    quant_type: str = "nf4", quant_storage: torch.dtype = torch.uint8) -> Linear4bit:  # fmt: skip
         """Quantise an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose weight is stored d_in x d_out)."""
         conv1d = type(module).__name__ == "Conv1D"
         weight = module.weight.T if conv1d else module.weight
         d_out, d_in = weight.shape
-        w4 = _quantize_weight(weight, backend, double_quant, quant_type)
-        return cls(w4, module.bias, d_in, d_out, compute_dtype, backend, double_quant, conv1d, quant_type)
+        w4 = _quantize_weight(weight, backend, double_quant, quant_type, quant_storage)
+        return cls(
+            w4, module.bias, d_in, d_out, compute_dtype, backend, double_quant, conv1d, quant_type, quant_storage
+        )
 
     @classmethod
     def from_bnb(cls, module: nn.Module) -> Linear4bit:
@@ -210,7 +214,7 @@ class Linear4bit(nn.Module):
         # merged GPT-2 saved nn.Linear-shaped weights that transformers cannot load into its Conv1D layers)
         conv1d = getattr(getattr(module, "source_cls", None), "__name__", None) == "Conv1D"
         args = (module.in_features, module.out_features, compute, "bitsandbytes", nested, conv1d)
-        return cls(weight, module.bias, *args, quant_type=quant_type)
+        return cls(weight, module.bias, *args, quant_type=quant_type, quant_storage=weight.data.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():  # modeling code cast it to ``self.weight.dtype``: the packed bytes' uint8
@@ -277,7 +281,7 @@ class Linear4bit(nn.Module):
             weight = copy.deepcopy(weight, memo)
         bias = copy.deepcopy(self.bias, memo)
         new = Linear4bit(weight, bias, self.in_features, self.out_features, self.compute_dtype, self.backend,
-                         self.double_quant, self.conv1d, self.quant_type)  # fmt: skip
+                         self.double_quant, self.conv1d, self.quant_type, self.quant_storage)  # fmt: skip
         memo[id(self)] = new
         return new.train(self.training)
 

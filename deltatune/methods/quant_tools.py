@@ -341,7 +341,7 @@ def merge_quantized(
         set_submodule(base, name, layer)
     four = list(_quantized_layers(base))
     adapted = {n.removesuffix(".base_layer") for n, _ in four if n.endswith(".base_layer")}
-    settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type) for n, m in four}
+    settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type, m.quant_storage) for n, m in four}
     conv1d = {n.removesuffix(".base_layer") for n, m in four if m.conv1d}
     if requantize:  # PEFT adds s B A to W in fp32 and rounds the sum once, by quantising it; the merge dequantises
         for _, m in four:  # to compute_dtype, so bf16 compute would round W + s B A to bf16 first (other 4-bit codes)
