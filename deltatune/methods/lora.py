@@ -15,6 +15,8 @@ between deltatune and PEFT unchanged.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +84,11 @@ class LoraConfig(DeltaConfig):
     LoftQConfig); the base becomes its quantised Q, the adapter the error's top-r SVD (methods/_loftq.py)."""
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Token ids whose input-embedding rows train (or {embedding module name: ids}), as peft's; a tied lm_head follows."""
+    ensure_weight_tying: bool = False
+    """peft's: tie the adapters of a tied embedding / lm_head. Accepted where nothing tied is adapted (peft then only
+    warns); adapting a tied embedding or lm_head with it is refused (deltatune does not tie adapters)."""
+    target_parameters: list[str] | None = None
+    """peft's LoRA on bare parameters (fused MoE experts, through its ParamWrapper): only None or [] (refused)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,6 +103,14 @@ class LoraConfig(DeltaConfig):
             raise ConfigError(f"layers_to_transform must be a block index or a list of them, got {layers!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.layers_pattern and self.layers_to_transform is None:  # as peft's ValueError
+            raise ConfigError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (the block indices "
+                              "it names); without it nothing is narrowed")  # fmt: skip
+        if self.target_parameters:
+            raise ConfigError(f"target_parameters={self.target_parameters!r} (peft's LoRA on nn.Parameter, e.g. fused "
+                              "MoE experts) is not supported by deltatune; adapt the linear layers with target_modules")  # fmt: skip
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ConfigError(f"ensure_weight_tying must be a bool, got {self.ensure_weight_tying!r}")
         check_map(self.layer_replication)
         check_indices(self.trainable_token_indices)
         inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora, self.loftq_config)
@@ -209,6 +224,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is peft's; deltatune draws True, False, "
                           "'gaussian', 'orthogonal', 'pissa' or 'olora' (an adapter peft saved with it loads)")  # fmt: skip
     names = resolve_targets(model, config, LORA_TARGETS, "lora")
+    _check_patterns(config, names)
+    _check_tying(model, config, names)
     plan: list[tuple[str, _LoraBase, bool]] = []
     for name in names:
         module = model.get_submodule(name)
@@ -236,6 +253,36 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
                   config.init_lora_weights, config.lora_bias)  # fmt: skip
         layers.append(layer)
     return layers + add_tokens(model, config, adapter_name)  # trainable_token_indices (methods/_trainable_tokens.py)
+
+
+def _check_patterns(config: LoraConfig, names: list[str]) -> None:
+    """peft's RuntimeWarning for rank_pattern / alpha_pattern keys that match no targeted module (ignored)."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr)
+        unmatched = sorted(k for k in patterns if not any(re.match(rf"(.*\.)?({k})$", n) for n in names))
+        if unmatched:
+            warnings.warn(f"lora: the following {attr} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}", RuntimeWarning, stacklevel=4)  # fmt: skip
+
+
+def _check_tying(model: nn.Module, config: LoraConfig, names: list[str]) -> None:
+    """ensure_weight_tying as peft's: a warning where nothing tied is adapted; a tied embedding / lm_head adapted
+    (a target or in modules_to_save) is refused, as deltatune does not tie the two adapters."""
+    if not config.ensure_weight_tying:
+        return
+    get_in, get_out = (getattr(model, f"get_{s}_embeddings", None) for s in ("input", "output"))
+    ends = [getattr(m, "base_layer", m) for m in (get_in() if get_in else None, get_out() if get_out else None)]
+    weights = [getattr(m, "weight", None) for m in ends]
+    if weights[0] is None or weights[0] is not weights[1]:
+        warnings.warn("lora: ensure_weight_tying is set, but no tied modules were found in the model", stacklevel=4)
+        return
+    adapted = [n for n in [*names, *(config.modules_to_save or [])] if n.split(".")[-1] in ("embed_tokens", "lm_head")]
+    if not adapted:
+        warnings.warn("lora: ensure_weight_tying is set, but no tied modules are in modules_to_save or "
+                      "target_modules", stacklevel=4)  # fmt: skip
+        return
+    raise ConfigError(f"lora: ensure_weight_tying with {adapted[0]} adapted (its weight is tied to the other end's): "
+                      "deltatune does not tie the adapters; set ensure_weight_tying=False or leave it out")  # fmt: skip
 
 
 CONFIG, INJECT = LoraConfig, inject
