@@ -77,8 +77,8 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
             mse = sum((a - b) ** 2 for a, b in zip(preds, labels)) / max(len(labels), 1)
             r, rho = M.pearson(preds, labels), M.spearman(preds, labels)  # run_glue's STS-B keys, and the MSE
             return {"pearson": r, "spearmanr": rho, "combined_score": (r + rho) / 2, "mse": mse}
-        if problem == "multi_label":  # a sigmoid of 0.5 and over is a class: a logit of 0 and over
-            hot = (logits >= 0).astype(int).tolist()
+        if problem == "multi_label":  # a sigmoid over 0.5 is a class: a logit over 0 (run_classification's p > 0)
+            hot = (logits > 0).astype(int).tolist()
             return M.multi_label_scores(hot, (np.asarray(p.label_ids) > 0.5).astype(int).tolist())
         preds, labels = logits.argmax(-1).tolist(), p.label_ids.tolist()
         return {"accuracy": M.accuracy(preds, labels), "f1": M.f1(preds, labels, n)}
