@@ -92,3 +92,34 @@ def test_a_typo_in_the_quantisation_keys_is_one_line_and_changes_nothing(kwargs,
         dt.quantize(model, backend="bitsandbytes", **kwargs)
     assert "\n" not in str(info.value)
     assert torch.equal(output_of(model, tiny_inputs("llama")), before)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_lora_on_quantize_equals_peft_on_transformers_bnb_4bit_in_logits_and_gradients(tmp_path, compute_dtype):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    inputs = tiny_inputs("llama")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    dt.quantize(model, backend="bitsandbytes", compute_dtype=compute_dtype)
+    config = dt.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    ours = dt.get_delta_model(model, config)
+    ours.save_pretrained(tmp_path / "adapter")  # the same LoRA init for peft
+    base = _bnb(tmp_path / "base", bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
+    for layer in base.modules():  # _bnb computes in fp32
+        if hasattr(layer, "compute_dtype"):
+            layer.compute_dtype = compute_dtype
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
+    a = ours.base_model.model.layers[0].self_attn.q_proj.base_layer.weight
+    b = theirs.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(a.data, b.data)  # the same packed NF4 bytes as transformers' loading
+    out = [m.train()(**inputs, labels=inputs["input_ids"]) for m in (ours, theirs)]
+    for o in out:
+        o.loss.backward()
+    assert torch.equal(out[0].logits, out[1].logits)  # max abs diff 0.0, fp32 and bf16 compute
+    grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in (ours, theirs)]
+    assert len(grads[0]) == len(grads[1]) == 12
+    assert all(torch.equal(g, h) for g, h in zip(*grads))
