@@ -135,3 +135,34 @@ def test_seq2seq_labels_are_run_summarizations(tok):
         assert batch[key].tolist() == want[key].tolist(), key
     assert batch["labels"][0, -1] == IGNORE_INDEX and batch["labels"][1, -1] == tok.sep_token_id
     assert (got.truncated, got.cut_sources, got.cut_targets) == (2, 1, 1)
+
+
+def _run_ner_all_tokens(tok, row: dict, max_length: int) -> list[int]:
+    """run_ner's tokenize_and_align_labels with label_all_tokens True: a later sub-token carries its word's tag, a
+    B- tag as its I- counterpart (b_to_i_label)."""
+    b_to_i = [
+        NAMES.index(f"I-{n[2:]}") if n.startswith("B-") and f"I-{n[2:]}" in NAMES else i for i, n in enumerate(NAMES)
+    ]
+    enc = tok(row["tokens"], truncation=True, max_length=max_length, is_split_into_words=True)
+    out, previous = [], None
+    for word in enc.word_ids():
+        if word is None:
+            out.append(IGNORE_INDEX)
+        else:
+            tag = NAMES.index(row["ner_tags"][word])
+            out.append(tag if word != previous else b_to_i[tag])
+        previous = word
+    return out
+
+
+@pytest.mark.parametrize("max_length", [64, 6])
+def test_tag_label_all_tokens_is_run_ners(tok, max_length):
+    """run_ner's --label_all_tokens (encode_tag's ``label_all_tokens``; no recipe key yet): every sub-token of a word
+    is labelled, B-PER's later pieces I-PER; special tokens stay -100."""
+    rows = [Row(r, f"t.jsonl:{i}") for i, r in enumerate(ROWS, 1)]
+    mapping = {n: i for i, n in enumerate(NAMES)} | {i: i for i in range(len(NAMES))}  # as prepare_tag's
+    got = encode_tag(rows, tok, "tokens", "ner_tags", mapping, max_length, label_all_tokens=True)
+    for row, ex in zip(ROWS, got.examples):
+        assert ex["labels"] == _run_ner_all_tokens(tok, row, max_length)
+    first = got.examples[0]["labels"]
+    assert NAMES.index("B-LOC") in first and (max_length == 6 or NAMES.index("I-LOC") in first)  # a B- split

@@ -251,12 +251,17 @@ def encode_tag(
     labels: dict[str, int],
     max_length: int,
     truncation: str = "truncate",
+    label_all_tokens: bool = False,
 ) -> Encoded:
     """Token classification: words are split into sub-tokens; the first sub-token of each word carries the
-    word's tag, the rest (and special tokens) are -100. A row left without a tagged token (no words, or none
-    that tokenizes) is dropped and counted: alone in a batch its loss would be 0/0, NaN."""
+    word's tag, the rest (and special tokens) are -100; with ``label_all_tokens`` (run_ner's) the rest carry it too,
+    a B- tag as its I- (where ``labels`` has one). A row left without a tagged token (no words, or none that
+    tokenizes) is dropped and counted: alone in a batch its loss would be 0/0, NaN."""
     out, counter, dropped = [], [0], 0
     split = _splits_words_as_text(tokenizer)
+    inside = {
+        i: labels.get(f"I-{k[2:]}", i) if k.startswith("B-") else i for k, i in labels.items() if isinstance(k, str)
+    }
     for row in rows:
         words, tags = tag_row(row, tokens_column, tags_column)
         enc, word_ids = _words(tokenizer, [str(w) for w in words], split)
@@ -265,8 +270,10 @@ def encode_tag(
             enc, word_ids = _words(tokenizer, [str(w) for w in words], split, truncation=True, max_length=max_length)
         token_labels, previous = [], None
         for word in word_ids:
-            if word is None or word == previous:
+            if word is None or (word == previous and not label_all_tokens):
                 token_labels.append(IGNORE_INDEX)
+            elif word == previous:  # a later sub-token of the word: its tag, B- as I- (run_ner's b_to_i_label)
+                token_labels.append(inside.get(token_labels[-1], token_labels[-1]))
             else:
                 tag = tags[word]
                 key = tag if tag in labels else str(tag)
