@@ -166,3 +166,15 @@ def test_tag_label_all_tokens_is_run_ners(tok, max_length):
         assert ex["labels"] == _run_ner_all_tokens(tok, row, max_length)
     first = got.examples[0]["labels"]
     assert NAMES.index("B-LOC") in first and (max_length == 6 or NAMES.index("I-LOC") in first)  # a B- split
+
+
+def test_seq2seq_source_prefix_is_run_summarizations(tok):
+    """run_summarization's --source_prefix ("summarize: " for T5) goes before each source, inside max_length
+    (encode_seq2seq's ``source_prefix``; no recipe key yet)."""
+    data = [{"src": "the cat sat on the mat today", "tgt": "cat"}, {"src": "hi", "tgt": "one"}]
+    got = encode_seq2seq(
+        [Row(r, f"s.jsonl:{i}") for i, r in enumerate(data, 1)], tok, "src", "tgt", 8, 4, source_prefix="summarize: "
+    )
+    for r, ex in zip(data, got.examples):
+        assert ex["input_ids"] == tok("summarize: " + r["src"], max_length=8, truncation=True)["input_ids"]
+    assert (got.truncated, got.cut_sources) == (1, 1)

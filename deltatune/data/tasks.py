@@ -341,11 +341,14 @@ def encode_seq2seq(
     max_length: int,
     max_target_length: int,
     truncation: str = "truncate",
+    source_prefix: str = "",
 ) -> Encoded:
-    """Conditional generation: the source as encoder input, the target's ids as labels."""
+    """Conditional generation: the source (after ``source_prefix``, run_summarization's "summarize: " for T5) as
+    encoder input, the target's ids as labels."""
     out, counter, cut = [], [0], [0, 0]
     for row in rows:
-        src = tokenizer(row.text(source_column))
+        source = source_prefix + row.text(source_column)
+        src = tokenizer(source)
         tgt = tokenizer(text_target=row.text(target_column))["input_ids"]
         over = len(src["input_ids"]) > max_length or len(tgt) > max_target_length
         keep = _fit(src["input_ids"], max_length, row, truncation, None)
@@ -356,7 +359,7 @@ def encode_seq2seq(
         # Cut by the tokenizer, which keeps the end token (as the evaluation's generation tokenizes the source); a
         # target cut without it would teach the model never to stop.
         if keep < len(src["input_ids"]):
-            src = tokenizer(row.text(source_column), truncation=True, max_length=keep)
+            src = tokenizer(source, truncation=True, max_length=keep)
         if keep_t < len(tgt):
             tgt = tokenizer(text_target=row.text(target_column), truncation=True, max_length=keep_t)["input_ids"]
         out.append({"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": tgt})
