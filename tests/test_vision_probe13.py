@@ -195,3 +195,35 @@ def test_a_missing_or_unreadable_caption_image_is_one_line_naming_file_and_line(
         with pytest.raises(DataError) as err:
             C.prepare_caption(cfg, proc)
         assert where in str(err.value) and why in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("shape", ["prompt_completion", "messages"])
+def test_one_image_in_an_image_column_beside_a_conversation_is_trls_batch(shape, llava, tmp_path):
+    """TRL's vision collator reads a row's ``image`` (one image) as its ``images``; such a row (messages or
+    prompt + completion, no caption column) was read as an image + caption row and refused: "column 'text' is
+    missing"."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    proc = load_processor(str(llava / "llava"), "caption")
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what digit is it ?"}]}]
+    completion = [{"role": "assistant", "content": [{"type": "text", "text": "five"}]}]
+    turns = (
+        {"prompt": prompt, "completion": completion}
+        if shape == "prompt_completion"
+        else {"messages": prompt + completion}
+    )
+    (tmp_path / "0.png").write_bytes((llava / "1.png").read_bytes())
+    (tmp_path / "r.jsonl").write_text(json.dumps({"image": "0.png", **turns}) + "\n")
+    cfg = build({"stage": "caption", "model": {"name_or_path": str(llava / "llava")},
+                 "data": {"train": str(tmp_path / "r.jsonl")}})  # fmt: skip
+    prepared = C.prepare_caption(cfg, proc)
+    ours = prepared.collator([prepared.train[0]])
+    with Image.open(tmp_path / "0.png") as img:
+        img.load()
+        example = {"image": img.copy(), "prompt": prompt, "completion": completion}
+    ref = DataCollatorForVisionLanguageModeling(proc.processor, completion_only_loss=True)([example])
+    tok = proc.tokenizer
+    assert torch.equal(ours["pixel_values"], ref["pixel_values"])
+    assert ours["input_ids"][0].tolist() == [tok.bos_token_id, *ref["input_ids"][0].tolist(), tok.eos_token_id]
+    assert ours["labels"][0].tolist() == [-100, *ref["labels"][0].tolist(), tok.eos_token_id]
+    assert tok.convert_ids_to_tokens([t for t in ours["labels"][0].tolist() if t != -100]) == ["five", "</s>"]

@@ -199,9 +199,14 @@ def encode_captions(
 # -- decoder-only vision-language models ------------------------------------------------------------------------
 
 
+CONVERSATION_FIELDS = ("messages", "conversations", "prompt", "instruction")
+"""The fields of the conversation formats (``data.columns`` may rename them)."""
+
+
 def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
     """The rows of ``spec``: image + caption rows when the first row has ``data.image_column``, else conversations
-    with an ``images`` column.
+    with an ``images`` column; a conversation (no caption column) with one image in ``data.image_column`` instead,
+    as TRL's vision collator reads an ``image`` column.
 
     Raises:
         DataError: a row without an image or a caption, a format that holds no conversation, markers and images that
@@ -211,12 +216,17 @@ def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
 
     d = cfg.data
     rows = read_rows(spec, limit=d.limit)
-    if d.image_column in rows[0].data:
+    columns, first = data_columns(d), rows[0].data
+    # TRL's collator reads one image in an ``image`` column beside messages or prompt + completion as ``images``
+    talk = d.text_column not in first and any(columns.get(k, k) in first for k in CONVERSATION_FIELDS)
+    if talk and d.image_column in first and columns.get("images", "images") not in first:
+        columns = {**columns, "images": d.image_column}
+    elif d.image_column in first:
         user = {"role": "user", "content": f"{IMAGE_MARKER}\n{CAPTION_PROMPT}"}
         read = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
         return [VLMExample(r.source, [r], [user, {"role": "assistant", "content": r.text}]) for r in read]
     root, out = os.path.dirname(os.path.abspath(spec)), []
-    for s in read_samples(rows, data_columns(d), d.format, d.tags):
+    for s in read_samples(rows, columns, d.format, d.tags):
         if s.format not in STAGE_FORMATS["sft"]:
             raise DataError(
                 f"{s.source}: a {s.format} row; stage caption reads image + caption rows (columns {d.image_column!r}, "
