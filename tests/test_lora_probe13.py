@@ -103,3 +103,17 @@ def test_target_parameters_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="target_parameters="):
         dt.LoraConfig.from_pretrained(tmp_path)
     assert dt.LoraConfig(target_parameters=None).target_parameters is None
+
+
+@pytest.mark.parametrize("exclude", [["nothing"], "nothing", ["k_proj"]])
+def test_exclude_modules_that_excludes_nothing_warns_as_peft(exclude):
+    """peft warns when exclude_modules matches no module of the model (one it excludes from the targets or not)."""
+    _, theirs = _warnings(lambda: peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
+        target_modules=["q_proj"], exclude_modules=exclude)))  # fmt: skip
+    model, ours = _warnings(lambda: dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(
+        target_modules=["q_proj"], exclude_modules=exclude)))  # fmt: skip
+    warned = exclude != ["k_proj"]
+    assert any("no modules were excluded" in m for m in theirs) == warned, theirs
+    assert [m for m in ours if "exclude_modules" in m] == ([f"lora: exclude_modules={exclude!r} excludes no module of "
+                                                            "the model"] if warned else [])  # fmt: skip
+    assert sum(type(m).__name__ == "LoraLinear" for m in model.modules()) == 2
