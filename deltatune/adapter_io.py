@@ -165,15 +165,15 @@ def load_adapter(
         ephemeral_gpu_offload: peft's; no effect (deltatune keeps no module offloaded to move to the GPU).
         key_mapping: peft's: {regex: replacement} rewriting the file's keys, less their prefix (``status.remap_keys``).
         kwargs: peft's hub arguments (``files.HUB_KWARGS``: token, cache_dir, local_files_only, ...), for a hub repo;
-            peft's dispatch arguments (device_map, max_memory, offload_folder, offload_dir, offload_index) are
-            accepted with no effect (deltatune offloads nothing; the adapter sits on its base layers' devices).
+            peft's dispatch arguments (device_map, max_memory, offload_folder, offload_dir, offload_index) and
+            use_safetensors (peft reads adapter_model.safetensors whenever there is one) are accepted with no effect.
 
     Raises:
         FileNotFoundError: no adapter there.
         AdapterLoadError: a file is truncated or corrupt, or the adapter does not fit this model.
     """
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-    for key in ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index"):
+    for key in ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index", "use_safetensors"):
         kwargs.pop(key, None)
     if kwargs:
         raise TypeError(f"load_adapter() got an unexpected keyword argument {next(iter(kwargs))!r}")
