@@ -22,6 +22,7 @@ from deltatune.data.tasks import Collator, encode_seq2seq, encode_tag
 from deltatune.data.templates import IGNORE_INDEX
 from deltatune.train import build
 from deltatune.train.cls import prepare_cls
+from deltatune.train.seq2seq import prepare_seq2seq
 from deltatune.train.tag import prepare_tag
 
 NAMES = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -157,7 +158,7 @@ def _run_ner_all_tokens(tok, row: dict, max_length: int) -> list[int]:
 
 @pytest.mark.parametrize("max_length", [64, 6])
 def test_tag_label_all_tokens_is_run_ners(tok, max_length):
-    """run_ner's --label_all_tokens (encode_tag's ``label_all_tokens``; no recipe key yet): every sub-token of a word
+    """run_ner's --label_all_tokens (the recipe's data.label_all_tokens, encode_tag's ``label_all_tokens``): every sub-token of a word
     is labelled, B-PER's later pieces I-PER; special tokens stay -100."""
     rows = [Row(r, f"t.jsonl:{i}") for i, r in enumerate(ROWS, 1)]
     mapping = {n: i for i, n in enumerate(NAMES)} | {i: i for i in range(len(NAMES))}  # as prepare_tag's
@@ -170,7 +171,7 @@ def test_tag_label_all_tokens_is_run_ners(tok, max_length):
 
 def test_seq2seq_source_prefix_is_run_summarizations(tok):
     """run_summarization's --source_prefix ("summarize: " for T5) goes before each source, inside max_length
-    (encode_seq2seq's ``source_prefix``; no recipe key yet)."""
+    (the recipe's data.source_prefix, encode_seq2seq's ``source_prefix``)."""
     data = [{"src": "the cat sat on the mat today", "tgt": "cat"}, {"src": "hi", "tgt": "one"}]
     got = encode_seq2seq(
         [Row(r, f"s.jsonl:{i}") for i, r in enumerate(data, 1)], tok, "src", "tgt", 8, 4, source_prefix="summarize: "
@@ -178,3 +179,23 @@ def test_seq2seq_source_prefix_is_run_summarizations(tok):
     for r, ex in zip(data, got.examples):
         assert ex["input_ids"] == tok("summarize: " + r["src"], max_length=8, truncation=True)["input_ids"]
     assert (got.truncated, got.cut_sources) == (1, 1)
+
+
+def test_the_recipe_keys_reach_the_stages(tok, tmp_path):
+    """data.label_all_tokens (tag) and data.source_prefix (seq2seq) from a recipe: prepared rows equal the encoders'
+    with the option, and differ from those without it."""
+    data = _write(tmp_path / "t.jsonl", ROWS)
+    mapping = {n: i for i, n in enumerate(NAMES)} | {i: i for i in range(len(NAMES))}
+    rows = [Row(r, f"t.jsonl:{i}") for i, r in enumerate(ROWS, 1)]
+    raw = {"stage": "tag", "data": {"train": data, "labels": NAMES, "label_all_tokens": True}}
+    prepared = prepare_tag(build(raw), tok)
+    want = encode_tag(rows, tok, "tokens", "ner_tags", mapping, 128, label_all_tokens=True).examples
+    assert [e["labels"] for e in prepared.train] == [e["labels"] for e in want]
+    assert (
+        prepared.train[0]["labels"] != encode_tag(rows, tok, "tokens", "ner_tags", mapping, 128).examples[0]["labels"]
+    )
+    pairs = [{"source": "the cat sat on the mat", "target": "cat"}]
+    data = _write(tmp_path / "s.jsonl", pairs)
+    raw = {"stage": "seq2seq", "data": {"train": data, "source_prefix": "summarize: "}}
+    prepared = prepare_seq2seq(build(raw), tok)
+    assert prepared.train[0]["input_ids"] == tok("summarize: " + pairs[0]["source"])["input_ids"]

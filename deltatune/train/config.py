@@ -70,6 +70,8 @@ class DataArgs:
                                   "when the data's labels are lists")  # fmt: skip
     tokens_column: str = _f("tokens", "Word list column (tag).")
     tags_column: str = _f("ner_tags", "Tag list column (tag), BIO tags.")
+    label_all_tokens: bool = _f(False, "tag: every sub-token of a word carries its tag (B- as I-), as run_ner's "
+                                "--label_all_tokens.")  # fmt: skip
     source_column: str = _f("source", "Source text column (seq2seq).")
     target_column: str = _f("target", "Target text column (seq2seq).")
     prompt_column: str = _f("prompt", "Prompt column (rm, dpo, ppo).")
@@ -96,6 +98,8 @@ class DataArgs:
     )
     max_length: int = _f(512, "Longest sequence in tokens (the block size for pt and packing).")
     max_target_length: int = _f(128, "Longest target in tokens (seq2seq).")
+    source_prefix: str = _f("", "seq2seq: text before every source, as run_summarization's --source_prefix "
+                            "('summarize: ' for T5).")  # fmt: skip
     truncation: str = _f("truncate", "Rows over max_length: 'truncate' (counted in the report) or 'refuse'.")
     packing: bool = _f(False, "SFT: pack short examples into max_length blocks (attention kept per example).")
     mask_history: bool = _f(False, "SFT: train the last assistant turn only (LLaMA-Factory's mask_history); an "
@@ -422,8 +426,8 @@ def _validate_values(cfg: RunConfig) -> None:
 READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
            (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
             "train.optim train.dataloader_drop_last train.dataloader_pin_memory train.metric_for_best_model "
-            "train.greater_is_better"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column"),
-           ("seq2seq", "data.source_column data.target_column train.generation_max_new_tokens"),
+            "train.greater_is_better"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens"),
+           ("seq2seq", "data.source_column data.target_column data.source_prefix train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),
            ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma train.noise_offset "

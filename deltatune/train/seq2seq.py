@@ -26,6 +26,7 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
             d.max_length,
             d.max_target_length,
             d.truncation,
+            d.source_prefix,
         )
 
     train, ev = enc(train_rows), enc(eval_rows) if eval_rows else None
@@ -73,7 +74,7 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         enc = tok(
-            [str(r.get(d.source_column)) for r in chunk],
+            [d.source_prefix + str(r.get(d.source_column)) for r in chunk],
             return_tensors="pt",
             padding=True,
             padding_side="right",  # as the run's batches (Collator); left padding moves BART's learned positions

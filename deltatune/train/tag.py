@@ -55,6 +55,7 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             mapping,
             d.max_length,
             d.truncation,
+            d.label_all_tokens,
         )
 
     notes: list[str] = []
