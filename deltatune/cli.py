@@ -222,10 +222,11 @@ def _generate(args) -> int:
     model, tok = load_generator(args.adapter, args.model, args.merged, args.trust_remote_code, raw, "generate")
     model.eval()
     render = dict(raw=raw, system=args.system, template=run_template(args.adapter))  # prompted as it trained
-    ids = chat.prompt_ids(tok, args.prompt, **render)
+    prompt = _source_prefix(args) + args.prompt
+    ids = chat.prompt_ids(tok, prompt, **render)
     if args.compare:
         chat.check_base(model, "--compare")
-        row = chat.compare(model, tok, [args.prompt], num_beams=args.num_beams, **render, **sampling)[0]
+        row = chat.compare(model, tok, [prompt], num_beams=args.num_beams, **render, **sampling)[0]
         print(chat.side_by_side([row]))
     else:
         print(chat.generate(model, tok, ids, num_beams=args.num_beams, **sampling))
@@ -325,15 +326,33 @@ def _chat(args) -> int:
     raw = _raw(args)
     model, tok = load_generator(args.adapter, args.model, False, args.trust_remote_code, raw, "chat")
     model.eval()
-    return chat.repl(model, tok, system=args.system, raw=raw, template=run_template(args.adapter), **sampling)
+    template, prefix = run_template(args.adapter), _source_prefix(args)
+    return chat.repl(model, tok, system=args.system, raw=raw, template=template, prefix=prefix, **sampling)
 
 
 def _raw(args) -> bool:
-    """Whether the prompt goes as it is: ``--raw``, or a seq2seq model's (trained and evaluated on the plain source
-    text, as transformers' text2text pipeline sends it; a chat template its tokenizer has would change the input)."""
+    """Whether the prompt goes as it is: ``--raw``, or a seq2seq model's (trained and evaluated on the source text
+    after its data.source_prefix, as transformers' text2text pipeline sends it; a chat template its tokenizer has
+    would change the input)."""
     from .train.run_load import run_task
 
     return args.raw or run_task(args.adapter)[0] == "SEQ_2_SEQ_LM"
+
+
+def _source_prefix(args) -> str:
+    """A seq2seq run's ``data.source_prefix`` ("summarize: "), put before the prompt as before every source it
+    trained on; none with ``--raw`` (the prompt exactly as typed) or for a folder without a run.yaml."""
+    from .config import ConfigError
+    from .train.run_load import run_task
+    from .train.runs import read_recipe
+
+    if args.raw or run_task(args.adapter)[0] != "SEQ_2_SEQ_LM":
+        return ""
+    try:
+        prefix = (read_recipe(args.adapter).get("data") or {}).get("source_prefix")
+    except ConfigError:  # an adapter folder alone: no recipe to read it from
+        return ""
+    return prefix if isinstance(prefix, str) else ""
 
 
 def _merge(args) -> int:

@@ -199,3 +199,63 @@ def test_the_recipe_keys_reach_the_stages(tok, tmp_path):
     raw = {"stage": "seq2seq", "data": {"train": data, "source_prefix": "summarize: "}}
     prepared = prepare_seq2seq(build(raw), tok)
     assert prepared.train[0]["input_ids"] == tok("summarize: " + pairs[0]["source"])["input_ids"]
+
+
+def test_a_seq2seq_runs_source_prefix_reaches_generate_chat_and_the_generation_metrics(tmp_path, capsys):
+    """data.source_prefix goes before every source the run saw, so deltatune generate and chat put it before the
+    prompt (not with --raw), and the eval's generations read it too: targets made from the prefixed sources score
+    1.0 with the prefix, less without it."""
+    import io
+    import sys
+
+    import torch
+    from test_cli import _jsonl, _run
+    from tiny import save_tiny
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from deltatune.cli import main
+    from deltatune.model import DeltaModel
+    from deltatune.train.seq2seq import generation_metrics
+
+    model = save_tiny(tmp_path / "bart", "bart", init_std=0.5)  # wide enough that the answers follow the input
+    rows = [{"source": f"{w} now", "target": f"{w} done"} for w in ["cat", "dog", "tree", "house"]]
+    recipe = tmp_path / "s2s.yaml"
+    recipe.write_text(
+        f"stage: seq2seq\nmodel: {{name_or_path: {model}}}\nmethod: {{name: lora, r: 4, init_lora_weights: false}}\n"
+        f"data: {{train: {_jsonl(tmp_path / 'pairs.jsonl', rows)}, max_length: 32, source_column: source, "
+        "target_column: target, source_prefix: 'translate: '}\ntrain: {batch_size: 2}\n",
+        encoding="utf-8",
+    )
+    run = _run(tmp_path, str(recipe), "train.max_steps=1")
+    tok = AutoTokenizer.from_pretrained(run)
+    delta = DeltaModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(model), run).eval()
+
+    def answer(text):
+        enc = tok(text, return_tensors="pt", return_token_type_ids=False)
+        with torch.no_grad():
+            out = delta.generate(**enc, max_new_tokens=8, do_sample=False, num_beams=1)
+        return tok.decode(out[0], skip_special_tokens=True).strip()
+
+    expected, bare = answer("translate: cat now"), answer("cat now")
+    assert expected and expected != bare
+    capsys.readouterr()
+    assert main(["generate", "--adapter", run, "--prompt", "cat now", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == expected
+    assert main(["generate", "--adapter", run, "--prompt", "cat now", "--max-new-tokens", "8", "--raw"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == bare
+    old = sys.stdin
+    sys.stdin = io.StringIO("cat now\n/quit\n")
+    try:
+        assert main(["chat", "--adapter", run, "--max-new-tokens", "8"]) == 0
+    finally:
+        sys.stdin = old
+    assert expected in capsys.readouterr().out
+    sources = ["cat now", "the big red dog sat on the old mat", "blue house"]
+    targets = [answer("translate: " + s) for s in sources]
+    scored = [Row({"source": s, "target": t}, f"rows.jsonl:{i}") for i, (s, t) in enumerate(zip(sources, targets), 1)]
+    for prefix, rouge in (("translate: ", 1.0), ("", None)):
+        cfg = build({"stage": "seq2seq", "model": {"name_or_path": model}, "method": {"name": "lora"},
+                     "data": {"train": "rows.jsonl", "source_column": "source", "target_column": "target",
+                              "max_length": 32, "source_prefix": prefix}, "train": {"generation_max_new_tokens": 8}})  # fmt: skip
+        got = generation_metrics(delta, tok, scored, cfg, batch_size=3)["eval_rougeL"]
+        assert got == rouge if rouge else got < 1.0

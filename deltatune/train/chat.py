@@ -273,9 +273,11 @@ def repl(
     stdin=None,
     stdout=None,
     template: str | None = None,
+    prefix: str = "",
     **sampling: Any,
 ) -> int:
-    """The chat loop: each line is a user message; the history is kept (raw mode: each line stands alone)."""
+    """The chat loop: each line is a user message; the history is kept (raw mode: each line stands alone, after
+    ``prefix``: a seq2seq run's data.source_prefix)."""
     import sys
 
     if stdin is None and hasattr(sys.stdin, "reconfigure"):  # a UTF-8 locale's stdin is strict: a line not in UTF-8
@@ -321,7 +323,7 @@ def repl(
             print(f"(not sent: {exc})", file=stdout, flush=True)
             continue
         if raw or not (template or has_template(tok)):
-            ids = prompt_ids(tok, text, raw=True)
+            ids = prompt_ids(tok, prefix + text, raw=True)
         else:  # over the model's context the oldest exchanges go, as chat interfaces do with a long conversation
             kept = [*history, {"role": "user", "content": text}]
             ids = prompt_ids(tok, kept, system=system, template=template)
