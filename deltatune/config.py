@@ -184,6 +184,12 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
         raise ConfigError(f"{file} is not valid JSON (truncated?): {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{file} holds a JSON {type(data).__name__}, not an object")
+    if data.get("layers_pattern") and data.get("layers_to_transform") is None:  # deltatune saved it before b2dcbc3
+        import warnings  # (a config refuses it now, as peft's; alone it narrowed nothing, so the file reads as it ran)
+
+        warnings.warn(f"{file}: layers_pattern={data['layers_pattern']!r} without layers_to_transform narrowed "
+                      "nothing; read without it", stacklevel=2)  # fmt: skip
+        data = {k: v for k, v in data.items() if k != "layers_pattern"}
     return file, data
 
 

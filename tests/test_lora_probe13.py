@@ -117,3 +117,22 @@ def test_exclude_modules_that_excludes_nothing_warns_as_peft(exclude):
     assert [m for m in ours if "exclude_modules" in m] == ([f"lora: exclude_modules={exclude!r} excludes no module of "
                                                             "the model"] if warned else [])  # fmt: skip
     assert sum(type(m).__name__ == "LoraLinear" for m in model.modules()) == 2
+
+
+def test_a_file_saved_with_layers_pattern_alone_still_loads_as_it_ran(tmp_path):
+    """deltatune saved layers_pattern without layers_to_transform before the config refused it (b2dcbc3); alone it
+    narrowed nothing, so such a file reads without it (one warning naming the file) and gives the same outputs as
+    the adapter saved without it. (peft refuses such a file: it never wrote one.)"""
+    import json
+
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "layers_pattern": "layers"}))
+    loaded, caught = _warnings(lambda: dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path))
+    assert [m for m in caught if "layers_pattern='layers' without layers_to_transform narrowed nothing" in m]
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    assert dt.LoraConfig.from_pretrained(tmp_path).layers_pattern is None
