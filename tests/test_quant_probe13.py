@@ -43,29 +43,31 @@ def _bnb(folder, **kw):
 
 # -- fault: merge_quantized(requantize=True) packed transformers' bnb_4bit_quant_storage=bf16 layers in uint8 (peft
 # keeps bf16, the storage FSDP needs); the dequantised weights were equal, the bytes' dtype and shape were not.
-def test_requantized_merge_keeps_bnb_4bit_quant_storage_as_peft(tmp_path):
+@pytest.mark.parametrize("storage, kind", [(torch.bfloat16, "nf4"), (torch.float16, "fp4")])
+def test_requantized_merge_keeps_bnb_4bit_quant_storage_as_peft(tmp_path, storage, kind):
+    """With the default autocast_adapter_dtype (False) the adapters are float32 as peft's (review 13G: a bf16 / fp16
+    storage dtype made them bf16 / fp16, 1.5e-3 off peft's outputs), and the merge keeps the storage."""
     torch.manual_seed(0)
     tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
     inputs = tiny_inputs("llama")
     config = dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
-    ours = dt.get_delta_model(_bnb(tmp_path / "base", bnb_4bit_quant_storage=torch.bfloat16), config,
-                              autocast_adapter_dtype=True)  # fmt: skip
+    bnb = dict(bnb_4bit_quant_storage=storage, bnb_4bit_quant_type=kind)
+    ours = dt.get_delta_model(_bnb(tmp_path / "base", **bnb), config)
     ours.save_pretrained(tmp_path / "adapter")
-    theirs = peft.PeftModel.from_pretrained(_bnb(tmp_path / "base", bnb_4bit_quant_storage=torch.bfloat16),
-                                            tmp_path / "adapter")  # fmt: skip
+    theirs = peft.PeftModel.from_pretrained(_bnb(tmp_path / "base", **bnb), tmp_path / "adapter")
     assert torch.equal(output_of(ours.train(), inputs), output_of(theirs.train(), inputs))
     plain, _ = dt.merge_quantized(ours.eval(), inputs, requantize=True)
     merged = theirs.eval().merge_and_unload()
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         a, b = plain.model.layers[0].get_submodule(name), merged.model.layers[0].get_submodule(name)
-        assert a.weight.dtype == b.weight.dtype == torch.bfloat16, name
+        assert a.weight.dtype == b.weight.dtype == storage, name
         assert torch.equal(a.weight.data.view(torch.uint8), b.weight.data.view(torch.uint8)), name  # same bytes
         assert torch.equal(a.dequantized_weight(torch.float32), quant._dequantize_weight(b.weight, "bitsandbytes"))
     plain.save_pretrained(tmp_path / "merged")  # and it loads back in 4 bits with its storage
     from transformers import AutoModelForCausalLM
 
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
-    assert back.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert back.model.layers[0].self_attn.q_proj.weight.dtype == storage
 
 
 def test_adapter_trained_on_4bit_loads_on_the_full_precision_base_as_peft(tmp_path):

@@ -142,7 +142,8 @@ class LoraLinear(_LoraBase):
             bias: bool = False) -> None:  # fmt: skip
         self._add_common(name, r, alpha, dropout, rslora)
         weight = self._weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        packed = getattr(weight, "quant_state", None) is not None  # bnb's 4-bit bytes, stored as bf16 too: no dtype
+        dtype = weight.dtype if weight.is_floating_point() and not packed else torch.float32
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)  # drawn as peft's: in fp32 on the CPU, then
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias)  # moved (a bf16 draw rounds differently)
         if inits.is_from_base(init):  # PiSSA / OLoRA: the base weight becomes the residual
