@@ -227,3 +227,16 @@ def test_one_image_in_an_image_column_beside_a_conversation_is_trls_batch(shape,
     assert ours["input_ids"][0].tolist() == [tok.bos_token_id, *ref["input_ids"][0].tolist(), tok.eos_token_id]
     assert ours["labels"][0].tolist() == [-100, *ref["labels"][0].tolist(), tok.eos_token_id]
     assert tok.convert_ids_to_tokens([t for t in ours["labels"][0].tolist() if t != -100]) == ["five", "</s>"]
+
+
+def test_a_conversation_with_both_an_image_column_and_images_is_one_line(llava, tmp_path):
+    """A conversation row holding both ``image`` (data.image_column) and ``images`` was refused as a caption row
+    missing its 'text' column; now one line names both columns (review 13H)."""
+    messages = [{"role": "user", "content": "<image>what digit is it ?"}, {"role": "assistant", "content": "five"}]
+    (tmp_path / "r.jsonl").write_text(json.dumps({"image": "0.png", "images": ["0.png"], "messages": messages}) + "\n")
+    cfg = build({"stage": "caption", "model": {"name_or_path": str(llava / "llava")},
+                 "data": {"train": str(tmp_path / "r.jsonl")}})  # fmt: skip
+    with pytest.raises(DataError) as info:
+        C.vlm_examples(str(tmp_path / "r.jsonl"), cfg)
+    assert str(info.value) == (f"{tmp_path / 'r.jsonl'}:1: both 'image' (data.image_column) and 'images' hold the "
+                               "images of a conversation; give one")  # fmt: skip

@@ -219,7 +219,10 @@ def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
     columns, first = data_columns(d), rows[0].data
     # TRL's collator reads one image in an ``image`` column beside messages or prompt + completion as ``images``
     talk = d.text_column not in first and any(columns.get(k, k) in first for k in CONVERSATION_FIELDS)
-    if talk and d.image_column in first and columns.get("images", "images") not in first:
+    if talk and d.image_column in first and columns.get("images", "images") in first:
+        raise DataError(f"{rows[0].source}: both {d.image_column!r} (data.image_column) and "
+                        f"{columns.get('images', 'images')!r} hold the images of a conversation; give one")  # fmt: skip
+    if talk and d.image_column in first:
         columns = {**columns, "images": d.image_column}
     elif d.image_column in first:
         user = {"role": "user", "content": f"{IMAGE_MARKER}\n{CAPTION_PROMPT}"}
