@@ -266,25 +266,27 @@ def test_prompt_encoder_in_inference_mode_trains_nothing_unlike_peft():
 
 
 # -- 6. prepare_model_for_kbit_training ------------------------------------------------------------------------------
+def kbit_state(model):
+    """What prepare_model_for_kbit_training leaves: dtypes, trainability, checkpointing, input grads (one forward)."""
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
+    model.train()
+    model(**tiny_inputs("llama"))
+    hook.remove()
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    return dtypes, [p.requires_grad for p in model.parameters()], model.is_gradient_checkpointing, seen
+
+
 @pytest.mark.parametrize("kwargs", [{"gradient_checkpointing_kwargs": {"use_reentrant": True}},
                                     {"use_gradient_checkpointing": False}])  # fmt: skip
 def test_prepare_model_for_kbit_training_as_peft_on_a_kbit_model(kwargs):
-    def state(model):
-        seen = []
-        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
-        model.train()
-        model(**tiny_inputs("llama"))
-        hook.remove()
-        dtypes = {n: p.dtype for n, p in model.named_parameters()}
-        return dtypes, [p.requires_grad for p in model.parameters()], model.is_gradient_checkpointing, seen
-
     models = [tiny_model("llama").to(torch.bfloat16) for _ in range(2)]
     for model in models:
         model.is_loaded_in_4bit = True  # what peft reads (bitsandbytes sets it)
     peft.prepare_model_for_kbit_training(models[0], **kwargs)
     assert dt.prepare_model_for_kbit_training(models[1], **kwargs) is models[1]
-    assert state(models[1]) == state(models[0])
-    assert set(state(models[1])[0].values()) == {torch.float32}
+    assert kbit_state(models[1]) == kbit_state(models[0])
+    assert set(kbit_state(models[1])[0].values()) == {torch.float32}
 
 
 def test_trainable_tokens_config_exported_as_peft_exports_it():

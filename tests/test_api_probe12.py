@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_api_probe11 import kbit_state
 from tiny import tiny_inputs, tiny_model
 
 import deltatune as dt
@@ -46,16 +47,6 @@ def test_set_peft_model_state_dict_missing_keys_are_peft_in_model_names(injected
 
 
 # -- 2. prepare_model_for_kbit_training checkpoints a quantised model only, as peft --------------------------------
-def _prepared_state(model):
-    seen = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
-    model.train()
-    model(**tiny_inputs("llama"))
-    hook.remove()
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    return dtypes, [p.requires_grad for p in model.parameters()], model.is_gradient_checkpointing, seen
-
-
 @pytest.mark.parametrize("flag", [None, "gptq"])
 def test_prepare_model_for_kbit_training_leaves_a_model_that_is_not_quantised_unchecked_as_peft(flag):
     models = [tiny_model("llama").to(torch.bfloat16) for _ in range(2)]
@@ -65,7 +56,7 @@ def test_prepare_model_for_kbit_training_leaves_a_model_that_is_not_quantised_un
         warnings.simplefilter("ignore")  # transformers 5.25 deprecates is_gradient_checkpointing
         peft.prepare_model_for_kbit_training(models[0])
         assert dt.prepare_model_for_kbit_training(models[1]) is models[1]
-        ours, theirs = _prepared_state(models[1]), _prepared_state(models[0])
+        ours, theirs = kbit_state(models[1]), kbit_state(models[0])
     assert ours == theirs
     assert ours[2] is (flag == "gptq") and ours[3] == [flag == "gptq"]
     assert set(ours[0].values()) == {torch.bfloat16 if flag else torch.float32}
