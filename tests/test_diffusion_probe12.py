@@ -108,8 +108,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def _prepare(pipeline: Path, data: Path, **keys):
-    """prepare_t2i on the LoRA recipe with ``keys`` (section.key: value) set on the RunConfig: the keys config.py
-    does not list yet are set as attributes, as t2i reads them (getattr with a default)."""
+    """prepare_t2i on the LoRA recipe with ``keys`` (section__key: value) set on the built RunConfig, past the
+    recipe's own checks: what prepare_t2i itself checks and reads."""
     from deltatune.train.config import load_recipe
 
     cfg = load_recipe(str(ROOT / "recipes" / "digits-t2i-lora.yaml"),

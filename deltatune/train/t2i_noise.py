@@ -236,7 +236,7 @@ def check_prediction_type(train, flow: bool) -> str | None:
     Raises:
         ConfigError: a value other than epsilon or v_prediction, or any value on a flow-matching base.
     """
-    kind = getattr(train, "prediction_type", None)
+    kind = train.prediction_type
     if kind is None:
         return None
     if flow:

@@ -34,10 +34,10 @@ def prior_options(cfg) -> dict[str, Any] | None:
         ConfigError: no data.class_data_dir (or one that is a file) or data.class_prompt, a data.num_class_images
             < 1, a train.prior_loss_weight that is negative or not finite.
     """
-    if not getattr(cfg.train, "with_prior_preservation", False):
+    if not cfg.train.with_prior_preservation:
         return None
-    folder, prompt = getattr(cfg.data, "class_data_dir", None), getattr(cfg.data, "class_prompt", None)
-    count, weight = getattr(cfg.data, "num_class_images", 100), getattr(cfg.train, "prior_loss_weight", 1.0)
+    folder, prompt = cfg.data.class_data_dir, cfg.data.class_prompt
+    count, weight = cfg.data.num_class_images, cfg.train.prior_loss_weight
     if not folder:
         raise ConfigError("train.with_prior_preservation needs data.class_data_dir: a folder of class images")
     if os.path.exists(folder) and not os.path.isdir(folder):
