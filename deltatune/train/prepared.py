@@ -91,17 +91,20 @@ def read_splits(cfg: RunConfig, tok, stage: str | None = None, pair_scorer: bool
     return train, ev, template, notes
 
 
-def _note_truncated(notes: list[str], split: str, count: int, max_length: int) -> None:
+def _note_truncated(notes: list[str], split: str, count: int, max_length: int, kept: str = "") -> None:
     if count:
-        notes.append(f"{count} {split} rows were longer than data.max_length={max_length} tokens and were truncated")
+        notes.append(
+            f"{count} {split} rows were longer than data.max_length={max_length} tokens and were truncated{kept}"
+        )
 
 
-def _encode_splits(enc, train_rows, eval_rows, max_length: int, notes: list[str]):
-    """Encode the train and (optional) eval rows with ``enc``; note truncated rows of each in the report."""
+def _encode_splits(enc, train_rows, eval_rows, max_length: int, notes: list[str], kept: str = ""):
+    """Encode the train and (optional) eval rows with ``enc``; note truncated rows of each in the report (``kept``:
+    what a cut row keeps, after the note's "were truncated")."""
     train = enc(train_rows)
     ev = enc(eval_rows) if eval_rows else None
-    _note_truncated(notes, "train", train.truncated, max_length)
-    _note_truncated(notes, "eval", ev.truncated if ev else 0, max_length)
+    _note_truncated(notes, "train", train.truncated, max_length, kept)
+    _note_truncated(notes, "eval", ev.truncated if ev else 0, max_length, kept)
     return train, ev
 
 

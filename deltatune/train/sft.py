@@ -19,10 +19,8 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
             samples, tok, template, d.max_length, d.truncation, d.mask_history, d.train_on_prompt
         )
 
-    train, ev = _encode_splits(enc, train_s, eval_s, d.max_length, notes)
-    if d.mask_history:  # (prepared's truncation line) what such a row keeps
-        cut = "and were truncated"
-        notes[:] = [n + " to their last turn (data.mask_history)" if n.endswith(cut) else n for n in notes]
+    kept = " to their last turn (data.mask_history)" if d.mask_history else ""
+    train, ev = _encode_splits(enc, train_s, eval_s, d.max_length, notes, kept)
     weight0 = "their last answer (data.mask_history trains it alone)" if d.mask_history else "every answer"
     for split, e in (("train", train), ("eval", ev)):
         if e is not None and e.dropped:
