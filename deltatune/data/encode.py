@@ -161,14 +161,40 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return min(max(cutoff_len - new_target_len, 0), source_len), new_target_len
 
 
-def _last_turn(s: Sample, tokenizer, template: str | None, answers: list[int]) -> tuple[int, int]:
-    """Under ``mask_history``: where the last turn's prompt starts in the ids (after the answer before it, else 0)
-    and where its answer starts (its first trained token in ``answers``)."""
+def _turns(s: Sample, tokenizer, template: str | None, n: int) -> list[tuple[int, int, int]]:
+    """Under ``mask_history``: each turn of the ``n`` ids as (source start, target start, target end), LLaMA-Factory's
+    (prompt, response) pairs: a target is a run of answer tokens, its source what comes between it and the answer
+    before it (the first from 0, the system prompt with it); tokens after the last answer close the last target."""
     from .templates import encode_chat
 
-    a = next(i for i, lab in enumerate(answers) if lab != IGNORE_INDEX)
     every = encode_chat(_unweighted(s.sft()[0]), tokenizer, template, s.tools, 0, train_stop=True)[1]
-    return next((i + 1 for i in range(a - 1, -1, -1) if every[i] != IGNORE_INDEX), 0), a
+    out, src = [], 0
+    for i in range(n):
+        trained = every[i] != IGNORE_INDEX
+        if trained and (i == 0 or every[i - 1] == IGNORE_INDEX):
+            out.append((src, i, i))
+        if trained:
+            out[-1] = (*out[-1][:2], i + 1)
+            src = i + 1
+    return out[:-1] + [(*out[-1][:2], n)]
+
+
+def _fill_from_the_last(
+    ids: list[int], labels: list[int], turns: list[tuple[int, int, int]], max_length: int
+) -> tuple[list[int], list[int]]:
+    """LLaMA-Factory's mask_history cut: the turns from the last back, each cut by ``infer_seqlen`` to what
+    ``max_length`` leaves (its source's start and its target's start), until nothing is left."""
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    total = 0
+    for s0, t0, t1 in reversed(turns):
+        if total >= max_length:
+            break
+        ns, nt = infer_seqlen(t0 - s0, t1 - t0, max_length - total)
+        out_ids = ids[s0 : s0 + ns] + ids[t0 : t0 + nt] + out_ids
+        out_labels = labels[s0 : s0 + ns] + labels[t0 : t0 + nt] + out_labels
+        total += ns + nt
+    return out_ids, out_labels
 
 
 def _lm(
@@ -445,9 +471,9 @@ def encode_sft_samples(
     """SFT samples (``formats.Sample``) -> ids and labels on the assistant turns (the completion's only, for
     prompt_completion rows); rows left with no trained token after truncation are dropped and counted, apart from
     rows with no trained token at any length (every answer weighted 0). ``mask_history`` and ``train_on_prompt``
-    as ``sft_example``'s; an over-long row keeps its first ``max_length`` tokens, under ``mask_history`` its last
-    turn: from the start of that turn's prompt, or, where that is too long, the prompt's start and the answer's
-    start as LLaMA-Factory's ``infer_seqlen`` splits them. A row whose answers would train nothing (every answer
+    as ``sft_example``'s; an over-long row keeps its first ``max_length`` tokens, under ``mask_history`` its turns
+    from the last back, as LLaMA-Factory encodes them: each turn's prompt start and answer start as its
+    ``infer_seqlen`` splits what ``max_length`` leaves (the last turn whole where it fits, earlier ones cut). A row whose answers would train nothing (every answer
     weighted 0; the last, under ``mask_history``) is counted in ``unweighted``, whatever ``train_on_prompt``."""
     out, counter, dropped, unweighted = [], [0], 0, 0
     for s in samples:
@@ -457,12 +483,7 @@ def encode_sft_samples(
             continue
         keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
         if mask_history and keep < len(ids):
-            p, a = _last_turn(s, tokenizer, template, answers)
-            if len(ids) - p <= max_length:
-                ids, labels = ids[p:], labels[p:]
-            else:
-                ns, nt = infer_seqlen(a - p, len(ids) - a, max_length)
-                ids, labels = ids[p : p + ns] + ids[a : a + nt], labels[p : p + ns] + labels[a : a + nt]
+            ids, labels = _fill_from_the_last(ids, labels, _turns(s, tokenizer, template, len(ids)), max_length)
         else:
             ids, labels = ids[:keep], labels[:keep]
         if all(label == IGNORE_INDEX for label in labels):
