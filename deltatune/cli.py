@@ -405,10 +405,7 @@ def _info(args) -> int:
 def _data(args) -> int:
     from .data.inspect import inspect
 
-    if args.model:  # a missing folder is named before any reading (it was the hub client's OSError)
-        from .train.checks import check_model_path
-
-        check_model_path(args.model, "--model")
+    _check_model(args.model)  # a missing folder is named before any reading (it was the hub client's OSError)
 
     print(inspect(args.file, args.model, args.stage, args.max_length, args.template, args.data_format, show=args.rows))
     return 0
@@ -428,12 +425,22 @@ def _adapters(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _check_model(model: str | None) -> None:
+    """A ``--model`` path that is no folder named as missing before anything loads (an absolute path went to the hub
+    client, whose refusal spoke of repo ids)."""
+    if model:
+        from .train.checks import check_model_path
+
+        check_model_path(model, "--model")
+
+
 def _serve(args) -> int:
     from .serve import build_engine, check_bind, check_limits, check_port, serve
 
     check_bind(args.host, args.api_key)  # before loading anything
     check_port(args.host, args.port)
     check_limits(args.max_batch_size, args.max_wait_ms, args.max_tokens, args.adapter_dir)
+    _check_model(args.model)
     engine = build_engine(args.model, _adapters(args.adapter), args.max_batch_size, args.max_wait_ms, args.dtype)
     print(f"serving {', '.join(engine.adapters())} on http://{args.host}:{args.port}/v1", flush=True)
     serve(engine, args.host, args.port, args.api_key, args.adapter_dir, args.max_tokens)
@@ -445,6 +452,7 @@ def _board(args) -> int:
 
     model = "--model" if args.model else "--adapter" if args.adapter else ""  # (the flag named in a refusal)
     check_board(args.runs, args.host, args.port, args.serve_url, args.serve_key, model)
+    _check_model(args.model)
     serve_app = None
     if args.model or args.adapter:
         from .serve import build_engine

@@ -30,6 +30,12 @@ def _build(name: str, task: str | None):
             f"{name!r} is an adapter folder (adapter_config.json); info describes a base model"
             + (f": its base is {base!r}" if base else "")
         )
+    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+        pipeline = os.path.isfile(os.path.join(folder, "model_index.json"))  # a diffusers pipeline: its parts have one
+        raise ConfigError(
+            f"model {name!r}: the folder holds no config.json"
+            + ("; it is a diffusers pipeline (model_index.json): name its denoiser's subfolder" if pipeline else "")
+        )
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:  # a folder without config.json, an unknown model_type

@@ -27,6 +27,7 @@ from ..config import ConfigError
 from ..files import process_alive as _alive
 
 FINISHED_FILE = "metrics.json"  # written last by a run that completed
+STOPPED_FILE = "stopped.json"  # why a run ended early (train's); the board's STOPPED_FILE
 
 
 def _sibling(folder: str, tag: str) -> str:
@@ -164,7 +165,9 @@ def check_output_path(folder: str) -> None:
 class Replacement:
     """The life of a run folder while a new run takes it over.
 
-    ``begin()`` (after every check passed): the old run, if any, is renamed aside; the folder is created.
+    ``begin()`` (after every check passed): the old run, if any, is renamed aside; the folder is created. A run
+    resumed in its folder drops the ``STOPPED_FILE`` of its last stop: it runs again (and is marked anew if it stops
+    again), so finished it holds no stale word of a stop.
     ``started()`` (the new run made its first step): the old run is deleted.
     ``failed()``: before ``started``, the new run's partial folder is deleted and the old run put back, so the
     folder is as it was; after ``started``, the new run's checkpoints stay.
@@ -184,6 +187,9 @@ class Replacement:
         if self.replace:
             os.rename(self.folder, self.aside)
         os.makedirs(self.folder, exist_ok=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.folder, STOPPED_FILE))
 
     def started(self) -> None:
         if not self.is_started:

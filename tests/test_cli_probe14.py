@@ -1,0 +1,92 @@
+"""Probe 14 of the CLI, ``info`` and the run folder (a hostile tester): a folder without config.json, a ``--model``
+path that is no folder (serve, board), and a resumed run that finishes without the stopped.json of its last stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import save_tiny
+
+from deltatune.cli import main
+from deltatune.train import trainer as trainer_module
+from deltatune.train.runfolder import STOPPED_FILE, Replacement
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_info_on_a_folder_without_config_json_is_one_line_naming_it(capsys, tmp_path, pipeline):
+    """HEAD showed transformers' "Unrecognized model in ... Should have a `model_type` key in its config.json" for a
+    folder that has no config.json at all. Now the folder and the missing file; a diffusers pipeline is named too."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a model\n")
+    if pipeline:
+        (folder / "model_index.json").write_text("{}")
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"deltatune info: error: model '{folder}': the folder holds no config.json"), err
+    assert "\n" not in err and "model_type" not in err
+    assert ("diffusers pipeline" in err) is pipeline
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing changed
+
+
+@pytest.mark.parametrize("command", ["serve", "board"])
+def test_model_path_that_is_no_folder_is_named_missing_not_sent_to_the_hub(capsys, tmp_path, command):
+    """``serve --model /abs/missing`` said "not a local model folder, and the hub could not provide it (Repo id must be
+    in the form 'repo_name' ...)": an absolute path is no hub id. Now one line naming --model as missing, before any
+    model loads; a file is named as a file."""
+    missing, file = tmp_path / "missing", tmp_path / "file"
+    file.write_text("x")
+    extra = ["--runs", str(tmp_path)] if command == "board" else []
+    assert main([command, "--model", str(missing), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"deltatune {command}: error: --model '{missing}': no such folder"
+    assert main([command, "--model", str(file), *extra]) == 2
+    assert f"--model '{file}' is a file" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_begin_of_a_resumed_run_drops_its_stopped_json(tmp_path):
+    """The folder a resumed run begins in loses the stopped.json of its last stop; an overwritten run's goes with it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / STOPPED_FILE).write_text(json.dumps({"reason": "KeyboardInterrupt: ", "interrupted": True}))
+    (folder / "run.yaml").write_text("stage: cls\n")
+    Replacement(str(folder), False).begin()
+    assert sorted(p.name for p in folder.iterdir()) == ["run.yaml"]
+
+
+def test_a_resumed_run_that_finishes_keeps_no_stopped_json(capsys, tmp_path, monkeypatch):
+    """A run stopped (Ctrl-C) after its checkpoint-1 has stopped.json; resumed to its end it wrote metrics.json and
+    kept HEAD's stopped.json beside it (a finished folder saying "stopped"). Now it is gone, as in a run that never
+    stopped; a plain finished run has none either."""
+    model = save_tiny(tmp_path / "m", "bert", "seq_cls")
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(["a fine film", "dull", "I loved it", "grim"])]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "cls.yaml"
+    recipe.write_text(
+        f"stage: cls\nmodel: {{name_or_path: {model}}}\n"
+        "method: {name: lora, r: 2, target_modules: [query]}\n"
+        f"data: {{train: {data}, max_length: 16}}\ntrain: {{batch_size: 4, max_steps: 2, save_steps: 1}}\n"
+    )
+    out = tmp_path / "run"
+    argv = ["train", str(recipe), "train.report_to=[none]", f"output.dir={out}"]
+    step = trainer_module.DeltaTrainer.training_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step >= 1:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.DeltaTrainer, "training_step", interrupted)
+        assert main(argv) == 130
+    names = {p.name for p in out.iterdir()}
+    assert {STOPPED_FILE, "checkpoint-1", "run.yaml"} <= names and "metrics.json" not in names
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "metrics.json" in names and STOPPED_FILE not in names
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 2
