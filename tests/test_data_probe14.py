@@ -85,3 +85,47 @@ def test_mask_history_fills_the_cutoff_with_earlier_turns_as_llamafactory(smol, 
     trained = [i for i, lab in zip(*got) if lab != IGNORE_INDEX]
     if not train_on_prompt:
         assert smol.decode(trained) == "Three.<|im_end|>\n"
+
+
+# -- a conversation that opens with an assistant turn (a sharegpt greeting) ---------------------------------------
+
+GREETING = {
+    "conversations": [
+        {"from": "gpt", "value": "Hi! How can I help?"},
+        {"from": "human", "value": "Name a colour."},
+        {"from": "gpt", "value": "Blue."},
+    ]
+}
+
+
+@pytest.mark.parametrize("name", ["qwen2_5", "smollm2"])
+def test_an_opening_gpt_turn_trains_as_trls_assistant_mask(smol, name):
+    """A sharegpt row opening with a gpt turn was refused under the tokenizer's own template ("messages[0].role")
+    while the built-in chatml trained it; apply_chat_template renders it, and TRL's training template
+    (qwen2_5_training, its {% generation %} spans: assistant_only_loss) trains it: the same ids and labels now."""
+    import copy
+
+    from tiny import trl_template
+
+    from deltatune.data.formats import read_samples
+    from deltatune.data.load import Row
+
+    [s] = read_samples([Row(GREETING, "t.jsonl:1")], {}, stage="sft")
+    tok = copy.deepcopy(smol)
+    if name == "qwen2_5":
+        tok.chat_template = trl_template("qwen2_5")
+    ids, labels = sft_example(s, tok, None)
+    ref = tok.apply_chat_template(
+        s.messages,
+        chat_template=trl_template("qwen2_5_training") if name == "qwen2_5" else None,
+        return_dict=True,
+        return_assistant_tokens_mask=name == "qwen2_5",
+    )
+    assert ids == ref["input_ids"]
+    if name == "qwen2_5":
+        mask = ref["assistant_masks"]  # (each run opens with the header's line break, which deltatune leaves out)
+        want = [i if m and j and mask[j - 1] else IGNORE_INDEX for j, (i, m) in enumerate(zip(ref["input_ids"], mask))]
+        assert labels == want
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    assert trained == "Hi! How can I help?<|im_end|>\nBlue.<|im_end|>\n"
+    assert sft_example(s, tok, "chatml")[1].count(IGNORE_INDEX) < len(ids)  # (the built-in one trains it too)

@@ -148,11 +148,9 @@ def render(
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < train_from or m.get("weight") == 0:
                 continue
-            if i == 0:  # a template renders no conversation before it, so its start cannot be told
-                raise ChatTemplateError(
-                    "messages[0].role: the conversation opens with an assistant turn, so the model's chat template "
-                    "gives no prompt before it; start it with a user (or system) turn, or drop the opening turn"
-                )
+            if i == 0:  # an opening answer (a sharegpt greeting): no conversation before it renders, so it is
+                spans.append(_opening(text, messages, apply, add_generation_prompt, _specials(tokenizer)))
+                continue  # found where the whole conversation writes its content, as TRL's assistant masks train it
             before = apply(messages[:i], True)
             through = apply(messages[: i + 1])
             _check_reasoning(m, through, i)
@@ -354,6 +352,22 @@ def _end_marker(tail: str, rest: str, specials: Sequence[str]) -> str:
     marker = tail[:n] if n == len(tail) else tail[: tail.rfind("\n", 0, n) + 1]
     markers = [next((t for t in specials if x.startswith(t)), "") for x in (tail, rest)]
     return markers[1] if not marker and all(markers) else marker
+
+
+def _opening(text: str, messages: list[dict], apply, gen: bool, specials: Sequence[str]) -> tuple[int, int]:
+    """The span of an assistant turn that opens the conversation (``_placed``'s), its reasoning and calls checked;
+    refused where the template writes it so that it cannot be located."""
+    m = messages[0]
+    through = apply(messages[:1])
+    _check_reasoning(m, through, 0)
+    _check_calls(m, through, 0)
+    span = _placed(text, messages, 0, apply, gen, specials)
+    if span is None:
+        raise ChatTemplateError(
+            "messages[0].role: the conversation opens with an assistant turn, which the model's chat template "
+            "renders so that it cannot be located; start it with a user (or system) turn, or drop the opening turn"
+        )
+    return span
 
 
 def _placed(
