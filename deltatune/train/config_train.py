@@ -33,8 +33,9 @@ class TrainArgs:
                                    "(cosine_with_restarts: num_cycles; cosine_with_min_lr: min_lr or min_lr_rate; "
                                    "polynomial: power, lr_end; warmup_stable_decay: num_decay_steps).")  # fmt: skip
     warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up.")
-    warmup_steps: int = _f(0, "Warm-up steps (overrides warmup_ratio when > 0).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    warmup_steps: int | float = _f(0, "Warm-up steps (overrides warmup_ratio when > 0); a fraction < 1 is of the "
+                                   "run's steps, as transformers 5's warmup_steps reads it (warmup_ratio's).")  # fmt: skip
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).")
     seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
     data_seed: int | None = _f(None, "Seed of the data order alone, as TrainingArguments' data_seed (default: seed).")
     precision: str = _f("auto", "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16.")
@@ -139,11 +140,28 @@ def validate_train(cfg: Any) -> None:
         if value < 1 and loop and key == "save_steps":  # (ppo's and grpo's loops count their own steps)
             raise ConfigError(f"train.save_steps: {cfg.stage}'s own loop takes a whole number of steps, got {value}")
         setattr(t, key, int(value) if value >= 1 else float(value))
+    _check_warmup(t)
     if t.metric_for_best_model is not None and not t.metric_for_best_model.strip():
         raise ConfigError("train.metric_for_best_model is empty; name an evaluation metric (loss, accuracy, ...) or "
                           "drop it (default: loss)")  # fmt: skip
     if t.load_best_model_at_end:
         _check_best(cfg)
+
+
+def _check_warmup(t: TrainArgs) -> None:
+    """A ``warmup_steps`` fraction, as transformers 5 reads it (it folded warmup_ratio into warmup_steps): kept as
+    train.warmup_ratio, which every stage's loop reads; over 1 a whole number, as for the other step counts."""
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.warmup_steps > 1 and t.warmup_steps != int(t.warmup_steps):  # (the Trainer would cut 1.5 to 1 silently)
+        raise ConfigError(f"train.warmup_steps must be a whole number when over 1 (a fraction only below 1), got "
+                          f"{t.warmup_steps}")  # fmt: skip
+    if 0 < t.warmup_steps < 1:
+        if t.warmup_ratio:
+            raise ConfigError(f"train.warmup_steps {t.warmup_steps} is a fraction of the run's steps, as "
+                              f"train.warmup_ratio ({t.warmup_ratio}) is: give one of them")  # fmt: skip
+        t.warmup_ratio, t.warmup_steps = float(t.warmup_steps), 0
+    t.warmup_steps = int(t.warmup_steps)
 
 
 def _check_best(cfg: Any) -> None:
@@ -181,3 +199,29 @@ def _check_schedule(name: str, kwargs: dict) -> None:
     except (TypeError, ValueError) as exc:
         why = " ".join(str(exc).split()).replace("through the `lr_scheduler_kwargs`", "")
         raise ConfigError(f"train.lr_scheduler_kwargs {kwargs} for the {name} schedule: {why}") from None
+
+
+EVAL_METRICS = {
+    ("cls", "eval_accuracy"): ("accuracy", "f1"),
+    ("cls", "eval_pearson"): ("pearson", "spearmanr", "combined_score", "mse"),
+    ("cls", "eval_f1_micro"): ("f1_micro", "f1_macro", "subset_accuracy"),
+    ("tag", "eval_f1"): ("f1", "precision", "recall", "accuracy"),
+    ("image_cls", "eval_accuracy"): ("accuracy", "macro_f1"),
+}
+"""(stage, its headline metric) -> what the stage's compute_metrics reports at each evaluation, besides the loss and
+the Trainer's timings (tests/test_trainer_probe14.py checks each against the stage's function). A stage not here
+(the preference stages, whose trainers add their own) is checked at its first evaluation (trainer.py)."""
+TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
+
+
+def check_best_metric(cfg: Any, headline: str | None) -> None:
+    """A ``train.metric_for_best_model`` that the stage's evaluation during training does not report: one line naming
+    the key and the metrics it does report, before the model loads (the Trainer's KeyError came at the first
+    evaluation). ``headline`` is the stage's ``Prepared.metric``."""
+    metric = cfg.train.metric_for_best_model
+    reported = EVAL_METRICS.get((cfg.stage, headline))
+    if not metric or reported is None:
+        return
+    if metric.removeprefix("eval_") not in ("loss", *reported, *TIMINGS):
+        raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation does not "
+                          f"report; it reports loss, {', '.join(reported)}")  # fmt: skip

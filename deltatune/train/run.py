@@ -25,6 +25,7 @@ from . import report
 from .checks import check_context, check_num_labels, check_reference, check_run, resolved_precision
 from .cls import set_problem_type
 from .config import RunConfig, ignored_keys
+from .config_train import check_best_metric
 from .metrics import perplexity
 from .models import load_model, load_processor, local_base_note, upcast_adapters
 from .prepared import Prepared
@@ -429,11 +430,13 @@ def _run_loop(
 
 def _check_best_metric(cfg: RunConfig, prepared: Prepared) -> None:
     """A ``train.metric_for_best_model`` that a loss-only stage's evaluation does not report (perplexity, ROUGE: the
-    final evaluation's only) is one line before training, not after the first evaluation (trainer.py's)."""
+    final evaluation's only), or that a stage's compute_metrics does not, is one line before training, not after the
+    first evaluation (trainer.py's)."""
     metric = cfg.train.metric_for_best_model
     if metric and prepared.loss_only and prepared.compute_metrics is None and metric.removeprefix("eval_") != "loss":
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation during "
                           "training does not report (the final evaluation adds its other metrics); it reports loss")  # fmt: skip
+    check_best_metric(cfg, prepared.metric)  # (a stage with compute_metrics: what it reports)
 
 
 def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:

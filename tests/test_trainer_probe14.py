@@ -1,0 +1,136 @@
+"""Probe 14 of the training loop: a recipe's train keys against transformers 5's TrainingArguments / Trainer. A
+warmup_steps fraction (transformers 5 folded warmup_ratio into warmup_steps), a metric_for_best_model that a stage's
+compute_metrics does not report (refused before the model loads), and ``deltatune eval`` of a dataloader_drop_last
+run (the Trainer drops an evaluation's last partial batch too)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_trainer_probe11 import files, recipe  # noqa: F401  (files: the module's fixture, a tiny llama and rows)
+from test_trainer_probe12 import reference
+from tiny import save_tiny
+from transformers import EvalPrediction
+
+from deltatune.config import ConfigError
+from deltatune.train import build, train
+from deltatune.train.config_train import EVAL_METRICS, check_best_metric
+
+
+def _rates(out) -> list[float]:
+    with open(out / "log_history.jsonl") as fh:
+        return [h["learning_rate"] for h in map(json.loads, fh) if "learning_rate" in h]
+
+
+def test_a_warmup_steps_fraction_warms_up_as_the_trainers(files, tmp_path):  # noqa: F811
+    """transformers 5 reads warmup_steps below 1 as a fraction of the run's steps (its warmup_ratio is gone): a recipe's
+    warmup_steps: 0.5 was refused ("must be int"). Now each step's learning rate equals the Trainer's, exactly."""
+    raw = recipe(files, tmp_path / "ours", max_steps=6, grad_accum=1, warmup_steps=0.5, save_steps=6)
+    train(build(raw))
+    ours = _rates(tmp_path / "ours")
+    trainer, _ = reference(build(raw), tmp_path / "ref", warmup_steps=0.5)
+    theirs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(ours) == 6 and ours == theirs, (ours, theirs)
+    assert ours[0] == 0 < ours[1] < ours[2] < ours[3] == max(ours)  # ceil(6 * 0.5) = 3 warm-up steps: it acted
+    assert build(recipe(files, tmp_path / "r", warmup_steps=0.5)).train.warmup_ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"warmup_steps": 1.5}, r"^train.warmup_steps must be a whole number when over 1 \(a fraction only below 1\)"),
+        ({"warmup_steps": 0.2, "warmup_ratio": 0.1}, r"^train.warmup_steps 0.2 is a fraction of the run's steps, as "
+         r"train.warmup_ratio \(0.1\) is: give one of them$"),
+    ],
+)  # fmt: skip
+def test_a_warmup_steps_the_trainer_would_cut_or_double_is_one_line(files, tmp_path, keys, message):  # noqa: F811
+    with pytest.raises(ConfigError, match=message):
+        build(recipe(files, tmp_path / "r", **keys))
+
+
+def _texts(path, labels) -> str:
+    texts = ["a good film", "a bad film", "a fine film", "a dull film"]
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_cls(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "bert", "bert", "seq_cls")
+
+
+def test_a_best_metric_a_cls_run_does_not_report_is_refused_before_the_model_loads(tiny_cls, tmp_path, monkeypatch):
+    """A cls run's compute_metrics reports accuracy and f1: metric_for_best_model f1_macro (a multi-label run's) was
+    the Trainer's KeyError at the first evaluation, after the model loaded and a step trained. Now one line before."""
+    import deltatune.train.run as run
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(run, "start_model", loaded)
+    data = _texts(tmp_path / "d.jsonl", ["pos", "neg", "pos", "neg"])
+    raw = {"stage": "cls", "model": {"name_or_path": tiny_cls}, "data": {"train": data, "eval": data, "max_length": 16},
+           "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]}, "output": {"dir": str(tmp_path / "o")},
+           "train": {"max_steps": 1, "eval_steps": 1, "save_steps": 1, "load_best_model_at_end": True,
+                     "metric_for_best_model": "f1_macro", "report_to": ["none"]}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^train.metric_for_best_model is 'f1_macro', which stage cls's evaluation "
+                       r"does not report; it reports loss, accuracy, f1$"):  # fmt: skip
+        train(build(raw))
+    for ok in ("f1", "eval_accuracy", "loss", "runtime"):  # what the stage does report passes
+        raw["train"]["metric_for_best_model"] = ok
+        check_best_metric(build(raw), "eval_accuracy")
+
+
+def test_the_reported_metrics_table_is_each_stage_s_compute_metrics(tiny_cls, tmp_path):
+    """EVAL_METRICS (what the check above reads) against the keys each stage's compute_metrics returns, on
+    predictions of the stage's shapes: a stage that reports another metric fails here, not a user's run."""
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, SwiftFormerConfig
+
+    from deltatune.train.models import load_processor
+    from deltatune.train.table import prepare
+
+    rng = np.random.default_rng(0)
+    got = {}
+    tok = load_processor(tiny_cls, "cls", False, None)
+    for labels, pred, ids, heads in (
+        (["a", "b", "a", "c"], rng.normal(size=(4, 3)), np.array([0, 1, 0, 2]), None),
+        ([1.0, 2.0, 3.0, 4.0], rng.normal(size=(4, 1)), np.array([1.0, 2.0, 3.0, 4.0]), 1),
+        ([["a"], ["b", "a"], [], ["c"]], rng.normal(size=(4, 3)), np.eye(4, 3)[[0, 1, 3, 2]], None),
+    ):
+        data = {"train": _texts(tmp_path / "c.jsonl", labels)}
+        p = prepare(build({"stage": "cls", "model": {"num_labels": heads}, "data": data}), tok)
+        got[("cls", p.metric)] = p.compute_metrics(EvalPrediction(pred, ids))
+    tags = tmp_path / "t.jsonl"
+    tags.write_text(json.dumps({"tokens": ["a", "film"], "ner_tags": ["B-X", "O"]}) + "\n")
+    p = prepare(build({"stage": "tag", "data": {"train": str(tags)}}), tok)
+    n = len(p.labels)
+    got[("tag", p.metric)] = p.compute_metrics(
+        EvalPrediction(rng.normal(size=(2, 4, n)), np.array([[0, 1, -100, -100]] * 2))
+    )
+    config = SwiftFormerConfig(depths=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32], num_labels=2)
+    AutoModelForImageClassification.from_config(config).save_pretrained(tmp_path / "swift")
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (40, 90, 200) if c == "a" else (200, 9, 9)).save(tmp_path / "img" / c / "0.png")
+    cfg = build({"stage": "image_cls", "model": {"name_or_path": str(tmp_path / "swift")},
+                 "method": {"name": "lora", "target_modules": ["to_query"]}, "data": {"train": str(tmp_path / "img")}})  # fmt: skip
+    p = prepare(cfg, None)
+    got[("image_cls", p.metric)] = p.compute_metrics(EvalPrediction(rng.normal(size=(2, 2)), np.array([0, 1])))
+    assert {k: tuple(v) for k, v in got.items()} == EVAL_METRICS
+
+
+def test_eval_drops_the_last_partial_batch_of_a_drop_last_run_as_the_trainer(files, tmp_path):  # noqa: F811
+    """The Trainer's dataloader_drop_last drops an evaluation's last partial batch too (get_eval_dataloader): the run's
+    own eval_loss (the Trainer's evaluate, 6 of 8 rows in batches of 3) and ``deltatune eval``'s (every row) differed.
+    Now ``deltatune eval`` scores as the run did, to float rounding; without the key it scores all 8 (the test can tell)."""
+    from deltatune.train.evaluation import evaluate
+
+    raw = recipe(files, tmp_path / "run", max_steps=1, eval_batch_size=3, dataloader_drop_last=True)
+    raw["data"]["eval"] = files["sft"]
+    ours = train(build(raw))["eval_loss"]
+    again = evaluate(str(tmp_path / "run"))["eval_loss"]
+    whole = evaluate(str(tmp_path / "run"), overrides=["train.dataloader_drop_last=false"])["eval_loss"]
+    assert abs(again - ours) < 1e-6 < abs(whole - ours), (ours, again, whole)
