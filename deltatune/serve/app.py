@@ -380,7 +380,8 @@ async def _stream(
 ):
     """Server-sent events: one chunk per piece of text of a choice (the echoed prompt first), with its tokens'
     log-probabilities where asked, a last chunk per choice with its finish reason, then ``[DONE]``. Usage:
-    ``include_usage`` 1 in a last chunk, 2 in every chunk too (the choice's so far). ``ids`` (vLLM's
+    ``include_usage`` 1 in a last chunk, 2 in every chunk too (the choice's tokens up to that chunk: 0 in a chat's
+    role and echo chunks). ``ids`` (vLLM's
     return_token_ids): each chunk's new token ids, the prompt's in a choice's first chunk (a chat's: at the top).
 
     When the client goes away the generator is closed; the ``finally`` cancels the requests, and the engine drops
@@ -413,8 +414,11 @@ async def _stream(
         if ids and not first and not echo:  # vLLM's chat echo chunk and role chunk carry no token_ids
             choice["token_ids"] = requests[i].output_ids[max(sent[i], 0) : t]
         sent[i] = max(sent[i], t)
-        if include_usage:
-            data["usage"] = _usage([requests[i]], 1) if include_usage == 2 else None
+        if include_usage == 2:  # the choice's tokens up to this chunk (the engine may be further on), as vLLM's
+            p = len(requests[i].prompt_ids)
+            data["usage"] = {"prompt_tokens": p, "completion_tokens": t, "total_tokens": p + t}
+        elif include_usage:
+            data["usage"] = None
         return f"data: {json.dumps(data)}\n\n"
 
     left = len(requests)

@@ -5,6 +5,7 @@ fields this server does not compute (refused, not ignored)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -144,6 +145,8 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     max_tokens = body.get(key)
     if max_tokens is None:
         max_tokens = min(limits.max_tokens, room, limits.default or room)
+        if not chat and "max_tokens" not in body:  # vLLM's CompletionRequest, OpenAI's legacy API: 16 (null: none)
+            max_tokens = min(max_tokens, 16)
     low = 0 if not chat and body.get("echo") is True else 1  # 0: the echoed prompt alone (vLLM's, OpenAI's)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < low:
         raise RequestError(f"{key} must be an integer of at least {low}, got {max_tokens!r}", param=key)
@@ -263,8 +266,9 @@ def _token_ids(body: dict, key: str, vocab: int, empty: bool = True) -> list[int
 
 
 def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
-    """OpenAI's ``logit_bias``: {token id as a string: a number}, clamped to [-100, 100] as vLLM clamps it, added to
-    that token's logit before the penalties and sampling (vLLM's order); an id outside the vocabulary is a 400."""
+    """OpenAI's ``logit_bias``: {token id as a string: a number (or a numeric string, as vLLM's pydantic model reads
+    it)}, clamped to [-100, 100] as vLLM clamps it, added to that token's logit before the penalties and sampling
+    (vLLM's order); an id outside the vocabulary is a 400."""
     bias = body.get("logit_bias")
     if bias is None:
         return None
@@ -278,6 +282,9 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
             token = -1
         if not 0 <= token < vocab:
             raise RequestError(f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
+        if isinstance(value, str) and value.isascii():  # vLLM's pydantic float: "5", " 5 ", "1e3", "inf" (lax mode)
+            with contextlib.suppress(ValueError):  # not a number: the 400 below
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(f"logit_bias[{key!r}] must be a number, got {value!r}", param="logit_bias")
         # vLLM's from_optional: clamped to [-100, 100] (its expression: NaN becomes -100), not refused
@@ -287,14 +294,16 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
 
 def _prompt_logprobs(body: dict) -> int | None:
     """vLLM's ``prompt_logprobs``: the alternatives to report with each prompt token's log-probability, 0 to 20
-    (vLLM's default max_logprobs; its -1, the whole vocabulary, is refused here too); not with ``stream`` (vLLM's)."""
+    (vLLM's default max_logprobs; its -1, the whole vocabulary, is refused here too); with ``stream`` 0 only (vLLM's)."""
     k = body.get("prompt_logprobs")
     if k is None:
         return None
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
         raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {k!r}", param="prompt_logprobs")
-    if body.get("stream") is True:
-        raise RequestError("prompt_logprobs is not available when stream is enabled", param="prompt_logprobs")
+    if body.get("stream") is True:  # vLLM's check_logprobs: 0 streams (no prompt log-probabilities sent), as vLLM
+        if k:
+            raise RequestError("prompt_logprobs is not available when stream is enabled", param="prompt_logprobs")
+        return None
     return k
 
 
