@@ -90,3 +90,48 @@ def test_a_resumed_run_that_finishes_keeps_no_stopped_json(capsys, tmp_path, mon
     names = {p.name for p in out.iterdir()}
     assert "metrics.json" in names and STOPPED_FILE not in names
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == 2
+
+
+def _board_client(root):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from deltatune.board import create_app
+
+    return TestClient(create_app(str(root)), base_url="http://127.0.0.1")
+
+
+def test_board_serves_runs_by_the_names_its_list_gives_only(tmp_path):
+    """``/api/run?name=`` ("", ".", "a/..") answered the runs folder itself as a run (its run.yaml; the list never
+    shows it) and "a/." run a again under another name. Now 404 for each, as for "../x"; the listed names still
+    answer, and a run named by a symlink out of the folder is not read. (TensorBoard's runs, too, are only the
+    names its listing gives.)"""
+    root = tmp_path / "runs"
+    for name in ("a", "g/b"):
+        (root / name).mkdir(parents=True)
+        (root / name / "run.yaml").write_text("stage: sft\n")
+    (root / "run.yaml").write_text("stage: sft\n")  # the runs folder is itself no run
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "run.yaml").write_text("stage: sft\n")
+    (root / "link").symlink_to(outside)
+    client = _board_client(root)
+    assert sorted(r["name"] for r in client.get("/api/runs").json()["runs"]) == ["a", "g/b"]
+    for name in ("a", "g/b"):
+        assert client.get("/api/run", params={"name": name}).status_code == 200
+    for name in ("", ".", "a/..", "a/.", "a/", "./a", "g//b", "../outside", "link", str(outside), "g/b/.."):
+        response = client.get("/api/run", params={"name": name})
+        assert response.status_code == 404, name
+        assert response.json()["error"]["message"] == f"no run {name!r} in the runs folder"
+        assert client.get("/api/file", params={"run": name, "name": "training_curve.png"}).status_code == 404
+
+
+def test_board_shows_a_report_with_a_stray_byte(tmp_path):
+    """A report.md with a byte that is not UTF-8 was not shown at all (None); now shown with U+FFFD in its place, as
+    the log's lines are read."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "run.yaml").write_text("stage: sft\n")
+    (folder / "report.md").write_bytes(b"# report\nloss fell \xff to 0.5\n")
+    data = _board_client(tmp_path).get("/api/run", params={"name": "a"}).json()
+    assert data["report"] == "# report\nloss fell \ufffd to 0.5\n"

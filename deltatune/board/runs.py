@@ -274,7 +274,12 @@ def _ended(folder: str, updated: float) -> dict[str, Any] | None:
 
 
 def summary(root: str, name: str) -> dict[str, Any] | None:
-    """One row of the run list, or None when ``name`` is no run folder inside ``root``."""
+    """One row of the run list, or None when ``name`` is no run folder inside ``root``: a name as the list gives it
+    (one or two parts, none empty, ``.`` or ``..``; "", "." and "a/.." named the runs folder itself, "a/." a run
+    again under another name)."""
+    parts = name.split("/")
+    if len(parts) > 2 or any(part in ("", ".", "..") or os.sep in part for part in parts):
+        return None
     folder = inside(root, name)
     if folder is None or not os.path.isfile(_in(folder, RUN_FILE)):
         return None
@@ -342,9 +347,9 @@ def detail(root: str, name: str, points: int = MAX_POINTS) -> dict[str, Any] | N
     metrics = _read_json(_in(folder, "metrics.json"))
     rows = history(folder)
     try:
-        with open(_in(folder, "report.md"), encoding="utf-8") as fh:
-            report = fh.read()
-    except (OSError, UnicodeDecodeError):
+        with open(_in(folder, "report.md"), "rb") as fh:
+            report = fh.read().decode("utf-8", errors="replace")  # a stray byte: shown as U+FFFD, as in the log
+    except OSError:
         report = None
     return {
         **row,
