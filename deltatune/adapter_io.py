@@ -26,6 +26,7 @@ from .files import (
     atomic_write,
     base_key,
     check_adapter_name,
+    dora_weight_name,
     embedding_copies,
     explain_missing_fields,
     key_prefix,
@@ -123,6 +124,44 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
         tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
         atomic_write(os.path.join(folder, PICKLE_WEIGHTS_NAME), lambda f, t=tensors: torch.save(t, f))
         os.remove(os.path.join(folder, WEIGHTS_NAME))  # (peft leaves an older one, which its loading then prefers)
+
+
+def create_or_update_model_card(model: DeltaModel, output_dir: str | os.PathLike[str]) -> None:
+    """peft's: write or update ``output_dir/README.md``, a Hugging Face model card with peft's metadata
+    (``library_name: peft``, as the files load with peft; ``base_model``; the tags ``transformers``, ``lora`` for a
+    LoRA, ``base_model:adapter:<base>`` and the base model's ``model_tags``; ``pipeline_tag: text-generation`` for a
+    causal-LM task type) and deltatune's version under "Framework versions". An existing card keeps its text and its
+    other fields. ``save_pretrained`` does not call it (peft's does): a save writes the adapter's files alone."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from transformers import PreTrainedModel
+
+    from . import __version__
+
+    filename = os.path.join(output_dir, "README.md")
+    card = ModelCard.load(filename) if os.path.exists(filename) else ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    base = model.get_base_model()
+    config = model.active_peft_config if model.active_adapters else None
+    tags = set(getattr(base, "model_tags", None) or [])
+    tags |= {"transformers"} if isinstance(base, PreTrainedModel) else set()
+    tags |= {"lora"} if config is not None and config.peft_type == "LORA" else set()
+    tags |= {f"base_model:adapter:{base.name_or_path}"} if hasattr(base, "name_or_path") else set()
+    if tags:
+        card.data["tags"] = sorted(tags)
+    if not card.data.pipeline_tag and config is not None and config.task_type == "CAUSAL_LM":
+        card.data.pipeline_tag = "text-generation"
+    base_config = getattr(base, "config", None)
+    if callable(getattr(base_config, "to_dict", None)) and "_name_or_path" in base_config.to_dict():
+        card.data["base_model"] = base_config.to_dict()["_name_or_path"]
+    lines, heading = card.text.splitlines(), "### Framework versions"
+    if f"- deltatune {__version__}" not in lines:
+        if heading in lines:
+            lines.insert(lines.index(heading) + 2, f"- deltatune {__version__}")
+        else:
+            lines.append(f"{heading}\n\n- deltatune {__version__}")
+    card.text = "\n".join(lines)
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write(filename, card.save)  # never half-written
 
 
 def load_adapter(
@@ -326,11 +365,16 @@ def set_peft_model_state_dict(
             stacklevel=2,
         )
     return torch.nn.modules.module._IncompatibleKeys(
-        _in_model_names(model, expected, [k for k in expected if k in kept or k in missing], prefix, strip), unexpected
+        _in_model_names(
+            model, adapter_name, expected, [k for k in expected if k in kept or k in missing], prefix, strip
+        ),
+        unexpected,
     )
 
 
-def _in_model_names(model: DeltaModel, expected: dict, keys: list[str], prefix: str, strip: bool) -> list[str]:
+def _in_model_names(
+    model: DeltaModel, adapter_name: str, expected: dict, keys: list[str], prefix: str, strip: bool
+) -> list[str]:
     """Saved keys as peft's ``missing_keys`` names them: the parameter's name in the model, adapter name included
     (``base_model.model.<path>.lora_A.default.weight``; on an injected model ``<path>.lora_A.default.weight``), so
     the filter peft's ``load_adapter`` and transformers apply (``"lora_" in k and adapter_name in k``) keeps them. A
@@ -345,6 +389,7 @@ def _in_model_names(model: DeltaModel, expected: dict, keys: list[str], prefix: 
             out.append(name.removeprefix("base_model.") if strip else KEY_PREFIX + name[len("base_model.") :])
         else:
             out.append(name)
+        out[-1] = dora_weight_name(out[-1], adapter_name)  # e.g. DoRA's magnitude, a module's .weight in peft
     return out
 
 

@@ -305,12 +305,19 @@ def pick_tensors(
         found += [peft_names[k] for k in (KEY_PREFIX + path, path) if k in peft_names]
         if not found:
             mine, theirs = (path, path) if injected else (own, KEY_PREFIX + path)  # (injected: the model's own)
-            theirs = re.sub(rf"\.lora_magnitude_vector\.{re.escape(name)}$", r"\g<0>.weight", theirs)
-            theirs = re.sub(r"(^|\.)(trainable_tokens_delta\.[^.]+)$", r"\1token_adapter.\2", theirs)
+            theirs = re.sub(
+                r"(^|\.)(trainable_tokens_delta\.[^.]+)$", r"\1token_adapter.\2", dora_weight_name(theirs, name)
+            )
             mine = repr(mine) if mine == theirs else f"{mine!r} (or peft's {theirs!r})"
             raise ValueError(f"state_dict=: no {mine} in it, adapter {name!r}'s {key}")
         out[key] = state_dict[found[0]]
     return out
+
+
+def dora_weight_name(path: str, name: str) -> str:
+    """peft's name of a parameter of adapter ``name`` that deltatune's model names ``path``: DoRA's magnitude is a
+    module's ``.weight`` there (``lora_magnitude_vector.<name>.weight``); any other name as it is."""
+    return re.sub(rf"\.lora_magnitude_vector\.{re.escape(name)}$", r"\g<0>.weight", path)
 
 
 def upcast_adapter(layers: list[Any], name: str) -> bool:

@@ -336,6 +336,13 @@ class DeltaModel(nn.Module, PushToHub):
         return names or None
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """peft's: some adapter is active and the layers are not disabled (by ``disable_adapter`` or
+        ``disable_adapter_layers``; peft's answers True after the latter, a flag it does not read)."""
+        layers = [layer for _, layer in self._layers()]
+        return bool(self.active_adapters) and not (layers and all(layer.disabled for layer in layers))
+
+    @property
     def active_peft_config(self) -> DeltaConfig:
         """The first active adapter's config (peft's)."""
         return self.peft_config[self.active_adapter]
@@ -452,6 +459,7 @@ class DeltaModel(nn.Module, PushToHub):
     adapter_state_dict = adapter_io.adapter_state_dict
     _import = adapter_io.import_tensors
     save_pretrained = adapter_io.save_pretrained
+    create_or_update_model_card = adapter_io.create_or_update_model_card
     load_adapter = adapter_io.load_adapter
     load_adapter_weights = adapter_io.load_adapter_weights
 
@@ -460,14 +468,20 @@ class DeltaModel(nn.Module, PushToHub):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
-                        is_trainable: bool = False, config: DeltaConfig | None = None, **kwargs: Any) -> DeltaModel:  # fmt: skip
-        """Wrap ``model`` and load the adapter saved at ``model_id`` (see ``load_adapter``); ``config`` (peft's) is
-        used instead of the folder's ``adapter_config.json`` (the caller's object is left unchanged)."""
+                        is_trainable: bool = False, config: DeltaConfig | None = None,
+                        autocast_adapter_dtype: bool = False, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
+                        **kwargs: Any) -> DeltaModel:  # fmt: skip
+        """Wrap ``model`` and load the adapter saved at ``model_id`` (see ``load_adapter``, which documents the other
+        arguments; peft's positional order); ``config`` (peft's) is used instead of the folder's
+        ``adapter_config.json`` (the caller's object is left unchanged)."""
         config = _from_peft(config)
         if config is not None and not isinstance(config, DeltaConfig):
             raise ValueError(f"config must be a DeltaConfig (a method's config class), got {type(config).__name__}")
         wrapped = cls(model)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, _config=config, **kwargs)
+        options = dict(autocast_adapter_dtype=autocast_adapter_dtype, ephemeral_gpu_offload=ephemeral_gpu_offload,
+                       low_cpu_mem_usage=low_cpu_mem_usage, key_mapping=key_mapping)  # fmt: skip
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, _config=config, **options, **kwargs)
         return wrapped
 
     # -- status --------------------------------------------------------------------------------------------

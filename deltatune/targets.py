@@ -429,7 +429,8 @@ def resolve_targets(model: nn.Module, config: Any, table: dict[str, list[str]], 
     names = find_targets(model, targets, layers, getattr(config, "layers_pattern", None), method)
     exclude = getattr(config, "exclude_modules", None)
     if exclude:
-        if not any(matches(n, exclude) for n, _ in model.named_modules() if n):  # peft's warning
+        inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, DeltaLayer))  # adapter internals
+        if not any(matches(n, exclude) for n, _ in model.named_modules() if n and not n.startswith(inside)):  # peft's
             warnings.warn(f"{method}: exclude_modules={exclude!r} excludes no module of the model", stacklevel=3)
         names = [n for n in names if not matches(n, exclude)]
         if not names:
