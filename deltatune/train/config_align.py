@@ -64,8 +64,10 @@ class AlignArgs:
                                "TRL's disable_dropout (its default).")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), or 'module:function' scoring "
                                   "(prompts, responses) -> rewards.")  # fmt: skip
-    max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt.")
-    temperature: float = _f(1.0, "PPO, GRPO: sampling temperature of the rollouts.")
+    max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt (left out on stage ppo: 53, TRL's "
+                             "PPOConfig response_length).")  # fmt: skip
+    temperature: float = _f(1.0, "PPO, GRPO: sampling temperature of the rollouts (left out on stage ppo: 0.7, TRL's "
+                            "PPOConfig temperature; GRPO's is 1).")  # fmt: skip
     ppo_epochs: int = _f(4, "PPO: optimisation passes over each batch of rollouts.")
     mini_batch_size: int = _f(4, "PPO: rollouts per gradient step within a PPO epoch; GRPO: completions per forward.")
     cliprange: float = _f(0.2, "PPO, GRPO: clip range of the policy ratio.")
@@ -141,6 +143,7 @@ def _recording(init: Any) -> Any:
 
 
 AlignArgs.__init__ = _recording(AlignArgs.__init__)  # type: ignore[method-assign]
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(AlignArgs)}  # (the list and dict fields: MISSING, unused)
 
 
 def given(a: AlignArgs, key: str) -> bool:
@@ -233,10 +236,16 @@ PPO_TRL_NAMES = {"kl_coef": "init_kl_coef", "num_ppo_epochs": "ppo_epochs", "res
 is then null, so run.yaml holds deltatune's name alone)."""
 _TRL_READ_BY = {"kl_coef": ("ppo",), "num_ppo_epochs": ("ppo",), "response_length": ("ppo", "grpo")}
 _TRL_LEAST = {"kl_coef": 0, "num_ppo_epochs": 1, "response_length": 1}
+PPO_DEFAULTS: dict[str, Any] = {"temperature": 0.7, "max_new_tokens": 53}
+"""Stage ppo's defaults of the keys it shares with grpo, where TRL's PPOConfig (temperature 0.7, response_length 53)
+differs from the GRPOConfig values the dataclass holds; ``validate_ppo`` sets them on a ppo recipe that leaves the key
+(and TRL's name for it) out."""
 
 
 def validate_ppo(a: AlignArgs, stage: str = "ppo", batch_size: int | None = None) -> None:
-    """PPO's keys. TRL's names (``PPO_TRL_NAMES``) are checked under their own names and copied onto deltatune's
+    """PPO's keys. On stage ppo a key of ``PPO_DEFAULTS`` left out takes TRL's PPOConfig value (on a stage that reads
+    neither, one at that value goes back to the dataclass default: a ppo run.yaml reused there names no ignored key).
+    TRL's names (``PPO_TRL_NAMES``) are checked under their own names and copied onto deltatune's
     where ``stage`` reads them; both given (``given``), to different values, is an error. On stage ppo with
     ``batch_size``, align.num_mini_batches sets align.mini_batch_size to batch_size / num_mini_batches (and is then
     null: a saved run.yaml holds the size it ran with, reusable with another train.batch_size)."""
@@ -252,6 +261,11 @@ def validate_ppo(a: AlignArgs, stage: str = "ppo", batch_size: int | None = None
     if a.num_mini_batches is not None and a.num_mini_batches < 1:
         raise ConfigError(f"align.num_mini_batches must be >= 1 (or null: align.mini_batch_size), got "
                           f"{a.num_mini_batches}")  # fmt: skip
+    for key, value in PPO_DEFAULTS.items():
+        if stage == "ppo" and not given(a, key) and getattr(a, key) == _FIELD_DEFAULTS[key]:
+            setattr(a, key, value)  # (a key left out; TRL's name for it, given, overrides it below)
+        elif stage not in ("ppo", "grpo") and getattr(a, key) == value:
+            setattr(a, key, _FIELD_DEFAULTS[key])  # (unread here: a ppo run.yaml's default is no key set by hand)
     for trl, ours in PPO_TRL_NAMES.items():
         value = getattr(a, trl)
         if value is None:
@@ -344,6 +358,8 @@ BEFORE_KEY: dict[str, tuple[Any, str]] = {
 on the stages that read it; ``old_run_align`` fills it in, so that a --resume compares like with like."""
 DEFAULT_WAS: dict[str, tuple[Any, str]] = {
     "init_kl_coef": (0.2, "805dd7e (TRL's PPOConfig kl_coef)"),
+    "temperature": (1.0, "probe 14 on stage ppo (TRL's PPOConfig temperature; grpo's stays 1.0)"),
+    "max_new_tokens": (32, "probe 14 on stage ppo (TRL's PPOConfig response_length; grpo's stays 32)"),
     "disable_dropout": (False, "a388979, rm's since cf33061 (TRL's disable_dropout: the model's dropout off)"),
 }
 """An align key whose default changed: its default before, and when and why."""
@@ -376,7 +392,7 @@ def default_changed(key: str, old: Any, new: Any) -> str:
     name = key.removeprefix("align.")
     if not key.startswith("align.") or name not in DEFAULT_WAS or old != DEFAULT_WAS[name][0]:
         return ""
-    if new != getattr(AlignArgs(), name):
+    if new not in (_FIELD_DEFAULTS[name], PPO_DEFAULTS.get(name)):
         return ""
     was, why = DEFAULT_WAS[name]
     was, new = (str(v).lower() if isinstance(v, bool) else v for v in (was, new))  # (as a recipe spells them)

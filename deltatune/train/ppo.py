@@ -253,7 +253,7 @@ class PPOLoop:
             "loss/value_avg": stats["value_loss"], "val/clipfrac_avg": stats["vf_clipfrac"],
             "policy/entropy_avg": stats["entropy"], "val/ratio": stats["ratio"],
             "val/ratio_var": ratios.var().item() if len(ratios) > 1 else 0.0,
-            "val/num_eos_tokens": int((r.sequences[:, r.prompt_length :] == self.eos).logical_and(m > 0).sum()),
+            "val/num_eos_tokens": num_eos_tokens(r, self.tokenizer.eos_token_id),
         })  # fmt: skip
         for key in ("approxkl", "vf_clipfrac", "ratio"):
             del stats[key]
@@ -266,6 +266,15 @@ class PPOLoop:
         """Mean reward of sampled responses to ``prompts`` (no update)."""
         scores = [self.rollout(prompts[i : i + batch_size]).scores for i in range(0, len(prompts), batch_size)]
         return torch.cat(scores).mean().item()
+
+
+def num_eos_tokens(r: Rollout, eos: int | None) -> int:
+    """TRL's val/num_eos_tokens: the tokenizer's EOS tokens in the responses, with align.stop_token_id too (TRL
+    counts processing_class.eos_token_id, not the stop token), up to each response's end (TRL's raw responses hold
+    only padding after it; a pad that is the EOS is not counted here)."""
+    if eos is None:
+        return 0
+    return int((r.sequences[:, r.prompt_length :] == eos).logical_and(r.response_mask > 0).sum())
 
 
 def _select(r: Rollout, idx: torch.Tensor) -> Rollout:
