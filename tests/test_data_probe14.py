@@ -129,3 +129,27 @@ def test_an_opening_gpt_turn_trains_as_trls_assistant_mask(smol, name):
     trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
     assert trained == "Hi! How can I help?<|im_end|>\nBlue.<|im_end|>\n"
     assert sft_example(s, tok, "chatml")[1].count(IGNORE_INDEX) < len(ids)  # (the built-in one trains it too)
+
+
+# -- a tokenizer with no EOS: chatml's <|im_end|> trains in its place, and generation stops on it -------------------
+
+
+def test_stop_ids_hold_the_chatml_marker_a_tokenizer_without_eos_trains(smol):
+    """With no EOS, the built-in chatml trains each answer through ``<|im_end|>\\n`` (nothing else ends it), but
+    generation had no stop id: it ran to max_new_tokens. ``stop_ids`` now names the marker's id (and only the EOS
+    where there is one, or the template is the tokenizer's own)."""
+    import copy
+
+    from deltatune.data.templates import stop_ids
+
+    tok = copy.deepcopy(smol)
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    s = Sample("t.jsonl:1", "messages", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}])
+    ids, labels = sft_example(s, tok, "chatml")
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(trained) == "Yo.<|im_end|>\n" and trained[-2] == im_end
+    assert stop_ids(tok, "chatml") == [im_end]
+    assert stop_ids(tok, "alpaca") == [] and stop_ids(tok, None) == []
+    assert stop_ids(smol, "chatml") == [smol.eos_token_id] == stop_ids(smol, None)

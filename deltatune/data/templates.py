@@ -55,6 +55,20 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+def stop_ids(tokenizer, template: str | None) -> list[int]:
+    """The token ids generation stops on for a model trained with ``template`` (``data.template``; None: the
+    tokenizer's own, whose stops are the generation config's): the tokenizer's EOS, and where the built-in template's
+    end marker trains in its place (chatml's ``<|im_end|>`` with a tokenizer that has no EOS), that marker's id,
+    when it is one token."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    t = TEMPLATES.get(template or "")
+    if t is None or eos or not t.suffix_trains:
+        return eos
+    marker = t.assistant.split("{content}")[1].strip()
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return list(ids) if len(ids) == 1 else []
+
+
 def to_messages(row: Row, columns: dict[str, str]) -> list[dict[str, str]]:
     """The row (alpaca, sharegpt or messages) as chat messages. ``columns`` maps fields (messages, instruction,
     input, output, system) to the row's column names. ``formats.read_samples`` is the full reader."""
@@ -154,7 +168,8 @@ def render(
             before = apply(messages[:i], True)
             through = apply(messages[: i + 1])
             _check_reasoning(m, through, i)
-            _check_calls(m, through[len(os.path.commonprefix([before, through])) :], i)
+            if m.get("tool_calls"):  # (the common prefix is a sweep of the whole text: only where there are calls)
+                _check_calls(m, through[len(os.path.commonprefix([before, through])) :], i)
             # A generation prompt that opens a think block the turn then renders without (DeepSeek-R1's "<think>\n",
             # Nemotron 3's) is not a prefix of the turn: the turn is then located as an earlier one is.
             span = (
