@@ -115,3 +115,30 @@ def test_prompt_logprobs_0_streams_as_vllm(smol):
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
     status, answer = _call(app, "/v1/completions", {**body, "prompt_logprobs": 1, "stream": True})
     assert status == 400 and answer["error"]["param"] == "prompt_logprobs"
+
+
+def test_echo_scores_the_prompt_as_vllms_prompt_logprobs(smol):
+    """vLLM's to_sampling_params: echo without prompt_logprobs sets prompt_logprobs to the answer's k (a completion's
+    logprobs, a chat's top_logprobs, 0 left out), so the answer carries prompt_logprobs, as with that k asked for.
+    Here echo gave none."""
+    engine, app = smol
+    body = {"prompt": "the cat sat", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    _, echoed = _call(app, "/v1/completions", {**body, "echo": True, "logprobs": 2})
+    _, asked = _call(app, "/v1/completions", {**body, "prompt_logprobs": 2})
+    got, want = echoed["choices"][0]["prompt_logprobs"], asked["choices"][0]["prompt_logprobs"]
+    assert got == want and got[0] is None and len(got) == echoed["usage"]["prompt_tokens"]
+    # the prompt's rows of the echoed logprobs are these numbers
+    chosen = [row[str(t)]["logprob"] for row, t in zip(got[1:], engine.tokenizer("the cat sat")["input_ids"][1:])]
+    assert chosen == echoed["choices"][0]["logprobs"]["token_logprobs"][1:3]
+    _, plain = _call(app, "/v1/completions", {**body, "echo": True})  # no logprobs: none (vLLM's None)
+    assert "prompt_logprobs" not in plain["choices"][0]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    _, echoed = _call(app, "/v1/chat/completions", {**chat, "echo": True})
+    _, asked = _call(app, "/v1/chat/completions", {**chat, "prompt_logprobs": 0})
+    assert echoed["prompt_logprobs"] == asked["prompt_logprobs"] and echoed["prompt_logprobs"][0] is None
+    assert all(len(row) == 1 for row in echoed["prompt_logprobs"][1:])  # top_logprobs 0: the prompt's token alone
+    _, echoed = _call(app, "/v1/chat/completions", {**chat, "echo": True, "logprobs": True, "top_logprobs": 3})
+    _, asked = _call(app, "/v1/chat/completions", {**chat, "prompt_logprobs": 3})
+    assert echoed["prompt_logprobs"] == asked["prompt_logprobs"]
+    _, plain = _call(app, "/v1/chat/completions", chat)
+    assert "prompt_logprobs" not in plain

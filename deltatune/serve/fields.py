@@ -205,7 +205,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         seed=seed,
         ignore_eos=flag(body, "ignore_eos"),
         logprobs=_logprobs(body, chat),
-        prompt_top=_prompt_logprobs(body),
+        prompt_top=_prompt_logprobs(body, chat),
         token_ids_as_names=flag(body, "return_tokens_as_token_ids"),  # vLLM's logprobs names, "token_id:123"
     )
 
@@ -292,12 +292,14 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
     return parsed or None
 
 
-def _prompt_logprobs(body: dict) -> int | None:
+def _prompt_logprobs(body: dict, chat: bool) -> int | None:
     """vLLM's ``prompt_logprobs``: the alternatives to report with each prompt token's log-probability, 0 to 20
     (vLLM's default max_logprobs; its -1, the whole vocabulary, is refused here too); with ``stream`` 0 only (vLLM's)."""
     k = body.get("prompt_logprobs")
-    if k is None:
-        return None
+    if k is None:  # vLLM's to_sampling_params: echo scores the prompt with the answer's k (a chat's top_logprobs,
+        # 0 left out; a completion's logprobs, none left out), not sent in a stream (checked by _logprobs before)
+        k = (body.get("top_logprobs") or 0) if chat else _logprobs(body, chat)
+        return k if body.get("echo") is True and body.get("stream") is not True else None
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
         raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {k!r}", param="prompt_logprobs")
     if body.get("stream") is True:  # vLLM's check_logprobs: 0 streams (no prompt log-probabilities sent), as vLLM
