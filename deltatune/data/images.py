@@ -6,8 +6,10 @@ Sources:
 - an image folder: one sub-folder per class (``digits/train/3/0042.png``); the class names are the sub-folder
   names in sorted order, and a class's images are all those under its folder (``cat/batch1/x.png`` too), as
   torchvision's ``ImageFolder`` reads them;
-- a JSONL / JSON / CSV / TSV file with an image path column (``data.image_column``) and a label column
-  (``data.label_column``). Relative paths are read relative to the data file's folder. A relative path that
+- a JSONL / JSON / CSV / TSV / Parquet file with an image path column (``data.image_column``) and a label column
+  (``data.label_column``). The column may hold datasets' ``Image`` feature as exported (``{"bytes": ..., "path":
+  ...}``, Parquet's and ``Dataset.to_parquet``'s): the bytes when present (base64 text in JSON), else the path, as
+  datasets' ``Image.decode_example`` reads it. Relative paths are read relative to the data file's folder. A relative path that
   leaves that folder (``../../etc/x.png``) is refused unless ``data.allow_outside: true``; absolute paths are
   taken as given (the user wrote them).
 
@@ -22,6 +24,7 @@ default) drawn from torch's generator, so the Trainer's seed fixes it. PIL and n
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import os
@@ -46,6 +49,8 @@ class ImageRow:
     """``file:line`` of the data row, or the image path itself for an image folder."""
     text: str | list[str] | None = None
     """A caption (image-to-text), when the source has one; text-to-image rows may hold several (a list)."""
+    data: bytes | None = None
+    """The encoded image itself (datasets' ``{"bytes": ...}``), read instead of ``path`` when given."""
 
 
 def check_inside(path: str, root: str, source: str, allow_outside: bool) -> str:
@@ -96,11 +101,10 @@ def read_image_rows(
         if value is None or (isinstance(value, str) and not value.strip()):
             kind = "caption row" if text_column else "row"
             raise DataError(f"{row.source}: {kind} has no image (column {image_column!r} is missing or empty)")
-        if not isinstance(value, str):
-            raise DataError(f"{row.source}: column {image_column!r} must be an image path, got {type(value).__name__}")
-        if "://" in value:  # else joined to the data folder and reported missing there ("data/https:/...")
+        data, value = image_value(value, row.source, image_column)
+        if data is None and "://" in value:  # else joined to the data folder and reported missing ("data/https:/")
             raise DataError(f"{row.source}: image {value!r} is a URL; the vision stages read local image files")
-        path = check_inside(value, root, row.source, allow_outside)
+        path = value if data is not None else check_inside(value, root, row.source, allow_outside)
         label = row.get(label_column) if label_column else None
         text = None
         if text_column:
@@ -108,8 +112,40 @@ def read_image_rows(
             listed = caption_lists and isinstance(text, list) and text and all(isinstance(t, str) for t in text)
             if not (listed and all(t.strip() for t in text)) and (not isinstance(text, str) or not text.strip()):
                 raise DataError(f"{row.source}: column {text_column!r} must be a non-empty caption, got {text!r}")
-        out.append(ImageRow(path, label, row.source, text))
+        out.append(ImageRow(path, label, row.source, text, data))
     return out
+
+
+def image_value(value: Any, source: str, column: str) -> tuple[bytes | None, str]:
+    """An image column's value as (encoded bytes or None, path): a path, or datasets' ``Image`` feature as exported,
+    ``{"bytes": ..., "path": ...}``: its bytes when present (base64 text where JSON holds them), else its path, as
+    datasets' ``Image.decode_example`` reads it (the path then names the image in messages).
+
+    Raises:
+        DataError: neither a path nor such a dict (``source`` and ``column`` named).
+    """
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"} and (value.get("bytes") or value.get("path")):
+        data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, str):
+            import base64
+            import binascii
+
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise DataError(f"{source}: column {column!r}: its 'bytes' text is not base64") from None
+        if data is not None and not isinstance(data, (bytes, bytearray)):
+            raise DataError(f"{source}: column {column!r}: 'bytes' must be the image file's bytes, got "
+                            f"{type(data).__name__}")  # fmt: skip
+        if data:
+            return bytes(data), path if isinstance(path, str) and path else "<image bytes>"
+        value = path
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(
+            f"{source}: column {column!r} must be an image path or datasets' {{'bytes', 'path'}} image, got "
+            f"{type(value).__name__}"
+        )
+    return None, value
 
 
 def _folder(root: str, limit: int | None) -> list[ImageRow]:
@@ -197,7 +233,7 @@ def open_rgb(row: ImageRow, on_white: bool = True):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(row.path) as img:
+        with Image.open(io.BytesIO(row.data) if row.data is not None else row.path) as img:
             img.load()
             mode = img.mode
             rgb = to_rgb(ImageOps.exif_transpose(img), on_white)
@@ -351,6 +387,7 @@ __all__ = [
     "ImageRow",
     "augment",
     "check",
+    "image_value",
     "collate",
     "open_rgb",
     "pixel_values",

@@ -57,15 +57,16 @@ def _fit(
 
 
 MAX_CLASSES = 1_000_000
-"""A class id past this is refused: one output per id up to the largest would be the head (an id column, or a
-regression target, read as class ids)."""
+"""An id past this is refused: a column of such numbers is an id or a score column, not classes."""
 
 
 def label_map(
     rows: Sequence[Row], column: str, labels: list[str] | None, values: list[Any] | None = None
 ) -> dict[Any, int]:
-    """Label value -> class id. Whole-number labels are their own ids; names map to their index in ``labels``
-    (or in the sorted set of names seen). ``values``: the rows' labels when they are not ``row.get(column)``.
+    """Label value -> class id. Without ``labels``, the distinct values seen, sorted, are the classes 0, 1, ... in
+    that order (run_glue's ``label_list.sort()`` and ``label_to_id``): whole numbers sorted as numbers (ids 0..k-1
+    stay themselves; {1, 2} are two classes, not three with an empty class 0), names sorted as text. With
+    ``labels``, a name maps to its index. ``values``: the rows' labels when they are not ``row.get(column)``.
 
     Raises:
         DataError: a label is NaN, a negative number (which would otherwise become one more class name), or an id
@@ -80,8 +81,8 @@ def label_map(
             return names
         return names | {i: i for i in range(len(labels))}  # else a whole number is an id
     # Ids may come as ints (JSON), as whole floats (1.0: pandas writes an int column with a gap as floats) or as
-    # their text (CSV/TSV, where every value is text): "10" is class 10, not the third name in sorted order, and a
-    # JSONL train file and a CSV eval file agree on the classes.
+    # their text (CSV/TSV, where every value is text): "10" sorts after "2" as the number it is (run_classification
+    # sorts the text, "10" < "2"), and a JSONL train file and a CSV eval file agree on the classes.
     ids = [class_id(v) for v in values]
     if all(i is not None for i in ids):
         top = max(ids)  # type: ignore[type-var]
@@ -89,18 +90,49 @@ def label_map(
             row = rows[ids.index(top)]
             raise DataError(
                 f"{row.source}: label {values[ids.index(top)]!r} in column {column!r} would be class id {top:,}: "
-                f"one output per id up to it (more than {MAX_CLASSES:,}); is the column an id or a score?"
+                f"more than {MAX_CLASSES:,}; is the column an id or a score?"
             )
-        return {i: i for i in range(top + 1)}  # type: ignore[operator]
+        return {i: k for k, i in enumerate(sorted(set(ids)))}  # type: ignore[type-var]
     names = sorted({str(v) for v in values})
     return {name: i for i, name in enumerate(names)}
 
 
+def split_off(rows: Sequence[Any], val_size: float, seed: int, has_eval: bool = False) -> tuple[list, list | None]:
+    """The rows as (train, validation): ``val_size`` of them (a fraction in (0, 1), or a count >= 1) held out as
+    datasets' ``train_test_split(test_size=val_size, seed=seed)`` holds them out (LLaMA-Factory's ``val_size``;
+    run_image_classification's ``train_val_split``): numpy's ``default_rng(seed).permutation``, its first
+    ceil(val_size * n) the validation rows, the rest the train rows, in that order. ``val_size`` 0: (rows, None).
+
+    Raises:
+        ConfigError: ``val_size`` with data.eval, or a value that is neither.
+        DataError: too few rows to leave one on each side.
+    """
+    from ..config import ConfigError
+
+    if not val_size:
+        return list(rows), None
+    if has_eval:
+        raise ConfigError(f"data.val_size={val_size} splits a validation set off data.train, but data.eval is set; "
+                          "give one or the other")  # fmt: skip
+    whole = float(val_size).is_integer() and val_size >= 1
+    if isinstance(val_size, bool) or not (whole or 0 < val_size < 1):
+        raise ConfigError(f"data.val_size must be a fraction in (0, 1) or a count of rows >= 1, got {val_size!r}")
+    n = len(rows)
+    n_val = int(val_size) if whole else math.ceil(val_size * n)
+    if not 0 < n_val < n:
+        raise DataError(f"data.val_size={val_size} holds out {n_val} of the {n} training rows; leave at least one "
+                        "on each side")  # fmt: skip
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
 def class_names(mapping: dict[Any, int], labels: list[str] | None) -> list[str]:
-    """The classes of a ``label_map`` in id order: ``labels`` when given, the names seen, or the ids as text."""
+    """The classes of a ``label_map`` in id order: ``labels`` when given, else the values seen, as text."""
     if labels:
         return [str(x) for x in labels]
-    named = {v: str(k) for k, v in mapping.items() if not isinstance(k, int)}
+    named = {v: str(k) for k, v in mapping.items()}
     return [named.get(i, str(i)) for i in range(max(mapping.values()) + 1)]
 
 

@@ -205,8 +205,9 @@ CONVERSATION_FIELDS = ("messages", "conversations", "prompt", "instruction")
 
 def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
     """The rows of ``spec``: image + caption rows when the first row has ``data.image_column``, else conversations
-    with an ``images`` column; a conversation (no caption column) with one image in ``data.image_column`` instead,
-    as TRL's vision collator reads an ``image`` column.
+    with an ``images`` column; a conversation with one image in ``data.image_column`` instead, as TRL's vision
+    collator reads an ``image`` column. A row with messages is a conversation even beside a caption column (TRL's
+    collator reads messages before text); prompt / instruction rows only without one.
 
     Raises:
         DataError: a row without an image or a caption, a format that holds no conversation, markers and images that
@@ -217,13 +218,21 @@ def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
     d = cfg.data
     rows = read_rows(spec, limit=d.limit)
     columns, first = data_columns(d), rows[0].data
-    # TRL's collator reads one image in an ``image`` column beside messages or prompt + completion as ``images``
-    talk = d.text_column not in first and any(columns.get(k, k) in first for k in CONVERSATION_FIELDS)
+    # TRL's collator reads one image in an ``image`` column beside messages or prompt + completion as ``images``; it
+    # reads messages before a text column (a caption's), and a text column before prompt + completion
+    messages = any(columns.get(k, k) in first for k in CONVERSATION_FIELDS[:2])
+    talk = messages or (d.text_column not in first and any(columns.get(k, k) in first for k in CONVERSATION_FIELDS))
     if talk and d.image_column in first and columns.get("images", "images") in first:
         raise DataError(f"{rows[0].source}: both {d.image_column!r} (data.image_column) and "
                         f"{columns.get('images', 'images')!r} hold the images of a conversation; give one")  # fmt: skip
     if talk and d.image_column in first:
         columns = {**columns, "images": d.image_column}
+        for row in rows:  # place_images' errors called it the images column, and a list of several passed
+            one = row.get(d.image_column, required=False)
+            if isinstance(one, list) or not isinstance(one, str) or not one.strip():
+                held = f"a list of {len(one)}" if isinstance(one, list) else f"{one!r}"
+                raise DataError(f"{row.source}: column {d.image_column!r} (data.image_column) holds one image path per "
+                                f"conversation, got {held}; several images go in an 'images' column")  # fmt: skip
     elif d.image_column in first:
         user = {"role": "user", "content": f"{IMAGE_MARKER}\n{CAPTION_PROMPT}"}
         read = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..data.load import DataError
-from ..data.tasks import Collator, class_id, class_names, encode_cls, label_list, label_map
+from ..data.tasks import Collator, class_id, class_names, encode_cls, label_list, label_map, split_off
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _encode_splits, _logits, _rows
@@ -52,6 +52,11 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
             "classification needs at "
             "least two (data.labels names them all; model.num_labels: 1 trains the column as a regression)"
         )
+
+    # data.val_size: a validation split off the train file, after its classes are read (a class seen only there
+    # stays a class). (getattr until config.py lists the key.)
+    train_rows, held = split_off(train_rows, getattr(d, "val_size", 0.0), cfg.train.seed, bool(d.eval))
+    eval_rows = eval_rows if held is None else held
 
     def enc(rows):
         return encode_cls(

@@ -30,7 +30,7 @@ from ..config import ConfigError
 from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, collate, read_image_rows
 from ..data.load import DataError
 from ..data.tasks import class_names as class_names_of
-from ..data.tasks import class_of, label_map
+from ..data.tasks import class_of, label_map, split_off
 from .config import RunConfig
 from .prepared import Prepared
 from .trainer import TokenLossTrainer
@@ -221,9 +221,14 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
             f"{d.train}: only one class ({names[0]!r}); image classification needs at least two "
             f"(one {where} per class)"
         )
+    # data.val_size: a validation split off the train images, after the classes are read from all of them
+    held = split_off(train_rows, getattr(d, "val_size", 0.0), cfg.train.seed, bool(d.eval))
+    train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     train_ids = _ids(train_rows, mapping, d.label_column)
     eval_ids = _ids(eval_rows, mapping, d.label_column) if eval_rows else None
     notes = [f"{len(train_rows)} training images in {len(names)} classes"]
+    if held[1] is not None:
+        notes.append(f"data.val_size: {len(eval_rows or [])} of the train file's images held out for evaluation")
     _notes_converted(notes, "train", check(train_rows))
     if eval_rows:
         _notes_converted(notes, "eval", check(eval_rows))

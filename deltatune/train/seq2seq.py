@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..data.load import Row
-from ..data.tasks import Collator, Encoded, encode_seq2seq
+from ..data.tasks import Collator, Encoded, encode_seq2seq, split_off
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _rows
@@ -15,6 +15,8 @@ from .trainer import TokenLossTrainer
 
 def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
+    held = split_off(train_rows, getattr(cfg.data, "val_size", 0.0), cfg.train.seed, bool(cfg.data.eval))
+    train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     d = cfg.data
 
     def enc(rows):
