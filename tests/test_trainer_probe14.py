@@ -9,14 +9,30 @@ import json
 
 import numpy as np
 import pytest
+import test_trainer_probe12
 from test_trainer_probe11 import files, recipe  # noqa: F401  (files: the module's fixture, a tiny llama and rows)
-from test_trainer_probe12 import reference
 from tiny import save_tiny
 from transformers import EvalPrediction
 
 from deltatune.config import ConfigError
 from deltatune.train import build, train
 from deltatune.train.config_train import EVAL_METRICS, check_best_metric
+
+
+def reference(cfg, out, **args):
+    """probe 12's reference Trainer (a peft LoRA holding the run's start), with ``args`` over its own arguments
+    (its logging_steps too)."""
+    from transformers import TrainingArguments
+
+    def arguments(*a, **kw):
+        return TrainingArguments(*a, **{**kw, **args})
+
+    given = test_trainer_probe12.TrainingArguments
+    test_trainer_probe12.TrainingArguments = arguments
+    try:
+        return test_trainer_probe12.reference(cfg, out)
+    finally:
+        test_trainer_probe12.TrainingArguments = given
 
 
 def _rates(out) -> list[float]:
@@ -134,3 +150,67 @@ def test_eval_drops_the_last_partial_batch_of_a_drop_last_run_as_the_trainer(fil
     again = evaluate(str(tmp_path / "run"))["eval_loss"]
     whole = evaluate(str(tmp_path / "run"), overrides=["train.dataloader_drop_last=false"])["eval_loss"]
     assert abs(again - ours) < 1e-6 < abs(whole - ours), (ours, again, whole)
+
+
+def test_logging_first_step_logs_the_steps_the_trainer_logs(files, tmp_path):  # noqa: F811
+    """logging_first_step was refused as an unknown key ("did you mean 'logging_steps'?"). Set, the run logs the
+    steps the Trainer logs (1, then every logging_steps), with its losses and learning rates."""
+    raw = recipe(files, tmp_path / "ours", max_steps=4, grad_accum=1, logging_steps=3, logging_first_step=True)
+    train(build(raw))
+    with open(tmp_path / "ours" / "log_history.jsonl") as fh:
+        ours = [h for h in map(json.loads, fh) if "loss" in h]
+    trainer, _ = reference(build(raw), tmp_path / "ref", logging_steps=3, logging_first_step=True)
+    theirs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in ours] == [h["step"] for h in theirs] == [1, 3]
+    assert [h["learning_rate"] for h in ours] == [h["learning_rate"] for h in theirs]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, theirs)) < 1e-5
+
+
+def test_eval_accumulation_steps_is_passed_and_scores_alike(tiny_cls, tmp_path):
+    """eval_accumulation_steps was refused as an unknown key. Set, a cls run's evaluation (its predictions moved off
+    the device every batch) reports what it reports without it, and the Trainer was given the key."""
+    data = _texts(tmp_path / "d.jsonl", ["pos", "neg", "pos", "neg"])
+    metrics = []
+    for steps in (None, 1):
+        raw = {"stage": "cls", "model": {"name_or_path": tiny_cls}, "output": {"dir": str(tmp_path / f"o{steps}")},
+               "data": {"train": data, "eval": data, "max_length": 16},
+               "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+               "train": {"max_steps": 1, "batch_size": 2, "eval_batch_size": 1, "eval_accumulation_steps": steps,
+                         "report_to": ["none"]}}  # fmt: skip
+        metrics.append(train(build(raw)))
+    from deltatune.train.evaluation import evaluate
+
+    assert metrics[0]["eval_accuracy"] == metrics[1]["eval_accuracy"]
+    assert abs(metrics[0]["eval_loss"] - metrics[1]["eval_loss"]) < 1e-6
+    assert evaluate(str(tmp_path / "o1"))["eval_accuracy"] == metrics[1]["eval_accuracy"]
+    from deltatune.train.run import _training_args
+
+    assert (
+        _training_args(build(raw), type("P", (), {"eval": None, "loss_only": False})(), "x").eval_accumulation_steps
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("save_only_model", "a checkpoint keeps the optimizer, schedule and RNG states, which --resume reads"),
+        ("group_by_length", "batches are drawn in the data's shuffled order"),
+        ("average_tokens_across_devices", "a step's loss is a mean over every process's label tokens"),
+        ("logging_strategy", "train.logging_steps sets the steps between logs"),
+    ],
+)
+def test_a_trainer_key_a_recipe_does_not_build_is_one_line_saying_why(key, why):
+    with pytest.raises(ConfigError, match=rf"^unknown key 'train.{key}' in recipe: {key} \(TrainingArguments'\) is "
+                       rf"not a recipe key: {why}"):  # fmt: skip
+        build({"train": {key: True}})
+
+
+def test_the_new_keys_are_named_where_a_stage_s_own_loop_ignores_them():
+    from deltatune.train.config import ignored_keys
+
+    named = dict(
+        ignored_keys(build({"stage": "ppo", "train": {"logging_first_step": True, "eval_accumulation_steps": 2}}))
+    )
+    assert {"train.logging_first_step", "train.eval_accumulation_steps"} <= set(named)
+    assert not ignored_keys(build({"stage": "sft", "train": {"logging_first_step": True}}))

@@ -35,6 +35,7 @@ from .config_train import (  # noqa: F401  (the train section, a room of its own
     NEEDS_KWARGS,
     ON_EVAL,
     SCHEDULERS,
+    UNBUILT,
     TrainArgs,
     validate_train,
 )
@@ -288,6 +289,7 @@ HF_NAMES = {
     "layers, their checkpoints and resume) is not checked; drop it",
     "gradient_checkpointing_kwargs": "a recipe's model.gradient_checkpointing always runs use_reentrant=False (the "
     "checkpointing that trains adapters on a frozen base); drop it",
+    **UNBUILT,
     "completion_only_loss": "sft always trains on the response tokens only (TRL's completion_only_loss=True); drop it",
     "assistant_only_loss": "sft always trains on the assistant's turns only (TRL's assistant_only_loss=True); drop it",
 }  # fmt: skip
@@ -426,7 +428,7 @@ def _validate_values(cfg: RunConfig) -> None:
 READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
            (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
             "train.optim train.dataloader_drop_last train.dataloader_pin_memory train.metric_for_best_model "
-            "train.greater_is_better"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens"),
+            "train.greater_is_better train.logging_first_step train.eval_accumulation_steps"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens"),
            ("seq2seq", "data.source_column data.target_column data.source_prefix train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),

@@ -41,6 +41,9 @@ class TrainArgs:
     precision: str = _f("auto", "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16.")
     logging_steps: int | float = _f(10, "Log loss and learning rate every N steps (a fraction < 1: of the run's "
                                     "steps, as the Trainer reads it).")  # fmt: skip
+    logging_first_step: bool = _f(False, "Log the first step too, as TrainingArguments' logging_first_step.")
+    eval_accumulation_steps: int | None = _f(None, "Move an evaluation's predictions off the GPU every N batches, as "
+                                             "TrainingArguments' eval_accumulation_steps (null: at the end).")  # fmt: skip
     eval_steps: int | float | None = _f(None, "Evaluate data.eval every N steps (a fraction < 1: of the run's "
                                         "steps; default: at the end of each epoch).")  # fmt: skip
     save_steps: int | float | None = _f(None, "Checkpoint every N steps (a fraction < 1: of the run's steps; "
@@ -141,6 +144,8 @@ def validate_train(cfg: Any) -> None:
             raise ConfigError(f"train.save_steps: {cfg.stage}'s own loop takes a whole number of steps, got {value}")
         setattr(t, key, int(value) if value >= 1 else float(value))
     _check_warmup(t)
+    if t.eval_accumulation_steps is not None and t.eval_accumulation_steps < 1:
+        raise ConfigError(f"train.eval_accumulation_steps must be >= 1 (or null), got {t.eval_accumulation_steps}")
     if t.metric_for_best_model is not None and not t.metric_for_best_model.strip():
         raise ConfigError("train.metric_for_best_model is empty; name an evaluation metric (loss, accuracy, ...) or "
                           "drop it (default: loss)")  # fmt: skip
@@ -225,3 +230,14 @@ def check_best_metric(cfg: Any, headline: str | None) -> None:
     if metric.removeprefix("eval_") not in ("loss", *reported, *TIMINGS):
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation does not "
                           f"report; it reports loss, {', '.join(reported)}")  # fmt: skip
+
+
+UNBUILT = {k: f"{k} (TrainingArguments') is not a recipe key: {v}" for k, v in (
+    ("logging_strategy", "train.logging_steps sets the steps between logs (a fraction < 1: of the run's steps)"),
+    ("save_only_model", "a checkpoint keeps the optimizer, schedule and RNG states, which --resume reads; drop it"),
+    ("group_by_length", "batches are drawn in the data's shuffled order; drop it"),
+    ("include_num_input_tokens_seen", "every text stage counts its non-padding tokens (num_input_tokens_seen in "
+     "the log); drop it"),
+    ("average_tokens_across_devices", "a step's loss is a mean over every process's label tokens (the Trainer's "
+     "default, true); drop it"))}  # fmt: skip
+"""TrainingArguments keys a recipe does not take, each with why: the unknown-key error names it (config.HF_NAMES)."""

@@ -104,6 +104,7 @@ def evaluate(
         output_dir=scratch,
         per_device_eval_batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,  # as the run evaluated
         dataloader_drop_last=cfg.train.dataloader_drop_last,  # the Trainer drops an eval's partial batch too
+        eval_accumulation_steps=cfg.train.eval_accumulation_steps,
         report_to=[],
         remove_unused_columns=False,
         label_names=["labels"],

@@ -126,6 +126,8 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         seed=t.seed,
         data_seed=t.seed if t.data_seed is None else t.data_seed,
         logging_steps=t.logging_steps,
+        logging_first_step=t.logging_first_step,
+        eval_accumulation_steps=t.eval_accumulation_steps,
         eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "epoch",
