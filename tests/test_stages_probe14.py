@@ -251,3 +251,21 @@ def test_image_cls_val_size_holds_out_train_images_and_keeps_every_class(tmp_pat
     assert p.train.labels == [p.labels.index(labels[i]) for i in train_idx]
     assert p.eval.labels == [p.labels.index(labels[i]) for i in eval_idx]
     assert "data.val_size: 2 of the train file's images held out for evaluation" in p.notes
+
+
+def test_seq2seq_val_size_generates_on_the_held_out_rows(tmp_path):
+    """The seq2seq stage's eval (loss, and ROUGE-L / BLEU of generations from ``eval_rows``) reads the held-out rows."""
+    from deltatune.data.tasks import split_off
+    from deltatune.train.seq2seq import prepare_seq2seq
+
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"source": f"src {i}", "target": f"tgt {i}"}) + "\n" for i in range(6)))
+    cfg = build({"stage": "seq2seq", "data": {"train": str(path)}, "train": {"seed": 11}})
+    cfg.data.val_size = 0.3
+    tok = tokenizer()
+    p = prepare_seq2seq(cfg, tok)
+    train_idx, eval_idx = split_off(list(range(6)), 0.3, 11)
+    assert len(eval_idx) == 2  # ceil(0.3 * 6), as datasets counts the test rows
+    assert [r.get("target") for r in p.eval_rows] == [f"tgt {i}" for i in eval_idx]
+    assert [ex["labels"] for ex in p.eval] == [tok(text_target=f"tgt {i}")["input_ids"] for i in eval_idx]
+    assert [ex["input_ids"] for ex in p.train] == [tok(f"src {i}")["input_ids"] for i in train_idx]
