@@ -163,6 +163,8 @@ def encode_pair_splits(
                 ex[column] = values[s.source]
         if not causal:
             return out
+        if not dpo:  # orpo, simpo, cpo: TRL's CPO and ORPO trainers end each answer with EOS
+            _end_with_eos(out.examples, tok.eos_token_id)
 
         def end_kept(s) -> dict:  # (the cut of the other stages: the prompt's end and each answer's start)
             return encode_pair_samples([s], tok, template, d.max_length, d.truncation, causal, dpo).examples[0]
@@ -182,6 +184,20 @@ def encode_pair_splits(
 
 
 _WHOLE = 1 << 62  # a max_length that cuts nothing
+
+
+def _end_with_eos(examples: list[dict], eos: int | None) -> None:
+    """Each side of each pair, encoded whole, given a trained EOS after its last token unless that is EOS already, as
+    TRL 1.16's CPO and ORPO trainers tokenize (``add_eos_token_if_needed``, before their cut): a chat template that
+    ends the turn with another token (ChatML's ``<|im_end|>`` then a newline) gets one more EOS there."""
+    if eos is None:
+        return
+    for ex in examples:
+        for side in (ex["chosen"], ex["rejected"]):
+            if not side["input_ids"] or side["input_ids"][-1] != eos:
+                side["input_ids"].append(eos)
+                side["attention_mask"].append(1)
+                side["labels"].append(eos)
 
 
 def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_kept: Callable) -> tuple[Encoded, int]:

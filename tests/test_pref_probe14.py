@@ -1,0 +1,117 @@
+"""Probe 14 of the preference stages against TRL 1.16: the tokens of orpo, simpo and cpo (TRL's CPO and ORPO trainers
+end each answer with EOS, after a chat template's own end), then the loss, the gradient of every LoRA weight and the
+metrics of a whole prepared batch against TRL's trainers; dropout left off after training, as TRL leaves it.
+
+TRL runs on the same tiny Llama, LoRA (not zero) and rows as deltatune; the helpers are test_dpo_probe12's."""
+
+import json
+import warnings
+
+import pytest
+from datasets import Dataset
+from test_align_probe11 import ATOL, _grads
+from test_dpo_probe12 import CUT_CONVERSATIONAL, _args, _dropouts, _lora, _same
+from tiny import save_tiny
+
+import deltatune as dt
+from deltatune.train import build
+from deltatune.train.models import load_tokenizer
+from deltatune.train.table import prepare
+
+with warnings.catch_warnings():  # TRL keeps CPO and ORPO in trl.experimental, which warns on import
+    warnings.simplefilter("ignore")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _prepared(base, tmp_path, stage: str, max_length: int, align: dict | None = None):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CUT_CONVERSATIONAL))
+    cfg = build({"stage": stage, "model": {"name_or_path": base}, "train": {"report_to": ["none"]},
+                 "data": {"train": str(path), "max_length": max_length}, "align": align or {},
+                 "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    return cfg, prepare(cfg, load_tokenizer(base))
+
+
+def _trl(base, tmp_path, stage: str, max_length: int, **kwargs):
+    config, trainer = (ORPOConfig, ORPOTrainer) if stage == "orpo" else (CPOConfig, CPOTrainer)
+    args = config(str(tmp_path / "trl"), per_device_train_batch_size=3, report_to=[], use_cpu=True, bf16=False,
+                  max_length=max_length, **kwargs)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dt.trl_trainer(trainer)(model=_lora(base), args=args, processing_class=load_tokenizer(base),
+                                       train_dataset=Dataset.from_list(CUT_CONVERSATIONAL))  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo", "cpo"])
+@pytest.mark.parametrize("max_length", [64, 36])
+def test_answers_end_with_eos_as_trls_cpo_and_orpo(base, tmp_path, stage, max_length):
+    """The tiny template ends a turn with ``<|im_end|>`` and a newline, and its EOS is [SEP]: TRL's CPO and ORPO
+    trainers append a trained [SEP] to every answer (``add_eos_token_if_needed``), then cut the answer to max_length.
+    deltatune's ids and labels now equal theirs token for token, cut (36) or not (64); HEAD's lacked that last
+    token on every uncut side (orpo, simpo and cpo alike)."""
+    _, ours = _prepared(base, tmp_path, stage, max_length)
+    theirs = _trl(base, tmp_path, "orpo" if stage == "orpo" else "cpo", max_length).train_dataset
+    eos, ended = load_tokenizer(base).eos_token_id, 0
+    for ex, mine in zip(theirs, ours.train, strict=True):
+        for side in ("chosen", "rejected"):
+            assert ex[f"{side}_input_ids"] == mine[side]["input_ids"], side
+            assert ex[f"{side}_labels"] == mine[side]["labels"], side
+            ended += mine[side]["input_ids"][-1] == eos == mine[side]["labels"][-1]
+    assert ended == (6 if max_length == 64 else 2)  # (at 36 four sides are cut before their end)
+
+
+def test_dpo_answers_get_no_eos_after_the_template_as_trls_dpo(base, tmp_path):
+    """TRL 1.16's DPOTrainer appends EOS to plain-text rows only: a conversational answer ends where the template
+    ends it (a newline here), and deltatune's dpo stage still does the same."""
+    _, ours = _prepared(base, tmp_path, "dpo", 64)
+    eos = load_tokenizer(base).eos_token_id
+    assert all(ex[s]["input_ids"][-1] != eos for ex in ours.train for s in ("chosen", "rejected"))
+
+
+@pytest.mark.parametrize("stage, kwargs", [("orpo", {"beta": 0.2}), ("cpo", {"beta": 0.3, "loss_type": "sigmoid"}),
+                                           ("simpo", {"beta": 2.0, "loss_type": "simpo", "cpo_alpha": 0.0})])  # fmt: skip
+def test_prepared_batch_loss_gradients_and_metrics_equal_trls(base, tmp_path, stage, kwargs):
+    """The whole path: deltatune's prepared rows through its collator and trainer against TRL's dataset, collator and
+    get_batch_loss_metrics on three conversational pairs cut at 36 tokens: the loss, every LoRA gradient and TRL's
+    metrics (orpo: the loss but the NLL, which is TRL's over the prompt too, and the odds-ratio metrics). HEAD's rows lacked TRL's last EOS on the uncut sides: another loss and other gradients."""
+    trl_trainer = _trl(base, tmp_path, stage, 36, **kwargs)
+    batch = next(iter(trl_trainer.get_train_dataloader()))
+    model = trl_trainer.model
+    model.train()
+    expected, metrics = trl_trainer.get_batch_loss_metrics(model, batch)
+    expected.backward()
+    want = _grads(model)
+    align = {k: v for k, v in kwargs.items() if stage != "orpo" or k != "loss_type"}
+    _, ours = _prepared(base, tmp_path, stage, 36, align)
+    trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"))
+    got = trainer.compute_loss(model, ours.collator(ours.train))
+    got.backward()
+    names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected"]  # fmt: skip
+    if stage == "orpo":  # (TRL's ORPO NLL takes the prompt tokens too, deltatune's the answers': the rest is equal)
+        got, expected = got - trainer._stats["nll"][0], expected - metrics["nll_loss"]
+        names += ["log_odds_ratio", "log_odds_chosen"]
+    else:
+        _same(want, _grads(model))
+        names += ["logits/chosen", "logits/rejected"] + ["nll_loss"] * (stage == "cpo")
+    assert abs(got.item() - expected.item()) < ATOL * max(1.0, abs(expected.item())), (got.item(), expected.item())
+    for key in names:
+        assert trainer._stats[key][0] == pytest.approx(metrics[key], abs=1e-4, rel=1e-5), key
+
+
+def test_dropout_stays_off_after_training_as_trl_leaves_it(base, tmp_path):
+    """TRL's trainers set every nn.Dropout to 0 in __init__ (disable_dropout_in_model) and never restore it; so does
+    deltatune (align.disable_dropout): the model handed back after training has p = 0, as TRL's."""
+    cfg, ours = _prepared(base, tmp_path, "cpo", 64)
+    model = _lora(base, 0.5)
+    ours.trainer_class(model=model, args=_args(tmp_path / "dt"))
+    theirs = _lora(base, 0.5)
+    _trl_dropout = pytest.importorskip("trl.trainer.utils").disable_dropout_in_model
+    _trl_dropout(theirs)
+    assert _dropouts(model) == _dropouts(theirs) and set(_dropouts(model)) == {0.0}
