@@ -119,12 +119,17 @@ def _on_sigterm():
 
 def _check_exists(path: str) -> None:
     """A missing ``--adapter`` folder named as missing, with the nearest name beside it (a typo in runs/idnetity read
-    "no adapter_config.json at ..." or "holds no run.yaml", as if the folder were there but wrong)."""
+    "no adapter_config.json at ..." or "holds no run.yaml", as if the folder were there but wrong); a file named as
+    a file (it read "holds no run.yaml")."""
+    from .config import ConfigError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(
+            f"--adapter {path!r} is a file; give a run folder or an adapter folder (adapter_config.json)"
+        )
     if os.path.exists(path):
         return
     import difflib
-
-    from .config import ConfigError
 
     parent, name = os.path.split(os.path.normpath(path))
     try:

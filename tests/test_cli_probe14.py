@@ -135,3 +135,19 @@ def test_board_shows_a_report_with_a_stray_byte(tmp_path):
     (folder / "report.md").write_bytes(b"# report\nloss fell \xff to 0.5\n")
     data = _board_client(tmp_path).get("/api/run", params={"name": "a"}).json()
     assert data["report"] == "# report\nloss fell \ufffd to 0.5\n"
+
+
+@pytest.mark.parametrize(
+    "command", [["eval", "--data", "x.jsonl"], ["generate", "--prompt", "hi"], ["chat"], ["merge", "--out", "o"]]
+)
+def test_an_adapter_that_is_a_file_is_named_as_a_file(capsys, tmp_path, command):
+    """``--adapter FILE`` read "'FILE' holds no run.yaml" (eval) or "no adapter_config.json at 'FILE'", as if a folder
+    were there. Now one line naming it a file, before anything loads; nothing written."""
+    file = tmp_path / "adapter_model.safetensors"
+    file.write_bytes(b"x")
+    assert main([command[0], "--adapter", str(file), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"deltatune {command[0]}: error: --adapter '{file}' is a file; give a run folder or an adapter " + (
+        "folder (adapter_config.json)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors"]
