@@ -142,3 +142,43 @@ def test_echo_scores_the_prompt_as_vllms_prompt_logprobs(smol):
     assert echoed["prompt_logprobs"] == asked["prompt_logprobs"]
     _, plain = _call(app, "/v1/chat/completions", chat)
     assert "prompt_logprobs" not in plain
+
+
+def test_detokenize_takes_more_tokens_than_the_context_as_vllm(smol):
+    """vLLM's _validate_input returns a DetokenizeRequest's tokens before any max_model_len check ("does not require
+    model context length validation"): a list longer than the context decodes. Pinned: it is so here too."""
+    engine, app = smol
+    _, info = _call(app, "/tokenize", {"prompt": "hi"})
+    ids = engine.tokenizer(" the cat sat", add_special_tokens=False)["input_ids"] * (info["max_model_len"] // 3 + 5)
+    assert len(ids) > info["max_model_len"]
+    status, answer = _call(app, "/detokenize", {"tokens": ids})
+    assert status == 200 and answer == {"prompt": engine.tokenizer.decode(ids)}
+
+
+def test_a_stream_that_fails_ends_with_the_error_and_no_usage_as_vllm(smol, monkeypatch):
+    """vLLM's completion and chat stream generators send the error's JSON, then [DONE]: the usage chunk is inside the
+    try the error left. Here a usage chunk counting the failed rows' tokens came after the error."""
+    import deltatune.serve.engine as engine_module
+
+    engine, app = smol
+    pick = engine_module._pick
+
+    def failing(logits, r, *args):
+        if r.seed == 123 and len(r.output_ids) == 2:  # this request's third token: as NaN logits end a row
+            raise FloatingPointError("its logits are NaN, so no token can be chosen")
+        return pick(logits, r, *args)
+
+    monkeypatch.setattr(engine_module, "_pick", failing)
+    body = {"prompt": "the cat", "max_tokens": 6, "temperature": 0.5, "seed": 123, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    for path, ask in (
+        ("/v1/completions", {}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ):
+        status, chunks = _call(app, path, {**body, **ask})
+        assert status == 200
+        assert "error" in chunks[-1] and "NaN" in chunks[-1]["error"]["message"], chunks[-1]
+        assert not any(c.get("usage") for c in chunks), chunks
+    body = {**body, "seed": 7}  # another request streams its usage as before
+    status, chunks = _call(app, "/v1/completions", body)
+    assert chunks[-1]["usage"]["completion_tokens"] == 6 and chunks[-1]["choices"] == []

@@ -439,8 +439,9 @@ async def _stream(
             left -= finish is not None
             if piece or finish is not None:
                 yield chunk(i, piece, finish, n=count, t=tokens)
-        if include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(requests, n)})}\n\n"
+        else:  # every choice finished (after an error, vLLM's stream sends no usage either)
+            if include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(requests, n)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for r in requests:
