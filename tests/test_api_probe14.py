@@ -140,3 +140,36 @@ def test_exclude_modules_naming_another_adapter_s_parts_warns_as_peft(exclude):
         found[name + " layers"] = sorted(s.name for s in model.get_layer_status() if "b" in s.available_adapters)
     assert bool(found["ours"]) == bool(found["peft"]) == (exclude != ["q_proj"])
     assert found["ours layers"] == found["peft layers"]
+
+
+def test_has_active_enabled_adapter_of_a_token_method_is_peft_s():
+    theirs = _quiet(
+        peft.get_peft_model, tiny_model("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
+    ours = dt.get_delta_model(tiny_model("llama"), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    got, want = [ours.has_active_enabled_adapter], [theirs.has_active_enabled_adapter]
+    with ours.disable_adapter(), theirs.disable_adapter():
+        got.append(ours.has_active_enabled_adapter)
+        want.append(theirs.has_active_enabled_adapter)
+    assert got == want == [True, False]
+
+
+# -- 6. unload after merge_adapter (a difference kept on purpose) -----------------------------------------------------
+def test_unload_after_merge_adapter_gives_the_base_weights_back():
+    """peft's ``unload`` after ``merge_adapter`` returns the merged weights (its layers are unwrapped as they are);
+    deltatune's unmerges first, as ``unload``'s documentation (peft's too) promises: the original base model."""
+    inputs = tiny_inputs("llama")
+    theirs = _quiet(peft.get_peft_model, tiny_model("llama"), peft.LoraConfig(**LORA)).eval()
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA)).eval()
+    dt.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    with torch.no_grad():
+        base = tiny_model("llama")(**inputs).logits
+        adapted = theirs(**inputs).logits
+        assert (ours(**inputs).logits - adapted).abs().max().item() == 0.0
+        theirs.merge_adapter()
+        ours.merge_adapter()
+        peft_unloaded = theirs.unload()(**inputs).logits
+        our_unloaded = ours.unload()(**inputs).logits
+    assert (base - adapted).abs().max().item() > 1e-2  # the adapter changes the output
+    assert (peft_unloaded - adapted).abs().max().item() < 1e-5  # peft's: the merged model
+    assert (our_unloaded - base).abs().max().item() < 1e-5  # ours: the base model
