@@ -14,6 +14,7 @@ import torch
 from test_ppo_probe11 import EOS, PAD, _policy, _Tok
 from test_ppo_probe12 import _DecodingTok, _Fixed
 
+from deltatune.config import ConfigError
 from deltatune.train.config import build, ignored_keys
 from deltatune.train.config_align import AlignArgs, default_changed, validate_align
 from deltatune.train.ppo import PPOLoop
@@ -66,9 +67,9 @@ def test_resuming_a_run_that_began_with_the_old_defaults_says_how_to_continue_as
     new = _recipe_dict(build({**RAW, "stage": "ppo"}))
     changes = recipe_changes(old, new)
     assert changes == [
-        "align.max_new_tokens: 32 -> 53 (its default was 32, 53 since probe 14 on stage ppo (TRL's PPOConfig "
+        "align.max_new_tokens: 32 -> 53 (its default was 32, 53 since 5cc3d64 on stage ppo (TRL's PPOConfig "
         "response_length; grpo's stays 32); set align.max_new_tokens: 32 to continue as the run began)",
-        "align.temperature: 1.0 -> 0.7 (its default was 1.0, 0.7 since probe 14 on stage ppo (TRL's PPOConfig "
+        "align.temperature: 1.0 -> 0.7 (its default was 1.0, 0.7 since 5cc3d64 on stage ppo (TRL's PPOConfig "
         "temperature; grpo's stays 1.0); set align.temperature: 1.0 to continue as the run began)",
     ]
     assert default_changed("align.temperature", 1.0, 0.5) == ""  # (0.5 is no default: a change made by hand)
@@ -126,3 +127,193 @@ def test_num_eos_tokens_without_a_stop_token_is_unchanged():
     loop.model.generate = _Fixed(generated).generate
     stats = loop.update(loop.rollout([[5, 6], [8, 9, 10], [11], [12, 13]]))
     assert stats["val/num_eos_tokens"] == 3
+
+
+# -- 3. GRPO: TRL 1.16's cispo, sapo and luspo losses -----------------------------------------------------------
+
+TEMPERATURE = 0.7
+
+
+@pytest.fixture(scope="module")
+def grpo_model(tmp_path_factory):
+    from tiny import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+
+    base = save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():  # a trained-looking adapter: the policy is no longer the reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _trl_loss(model, tmp_path, b, old, reference, **kwargs):
+    import warnings
+
+    import trl
+    from datasets import Dataset
+    from tiny import tokenizer
+
+    import deltatune as dt
+
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=b["n"], report_to=[], use_cpu=True, bf16=False,
+                          temperature=TEMPERATURE, num_generations=b["n"], max_completion_length=b["t"],
+                          use_bias_correction_kl=False, **kwargs)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(trl.GRPOTrainer)(
+            model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * b["n"]),
+            processing_class=tokenizer(), reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        )  # fmt: skip
+    model.eval()
+    inputs = {"prompt_ids": b["prompts"], "prompt_mask": torch.ones_like(b["prompts"]),
+              "completion_ids": b["completions"], "completion_mask": b["mask"], "advantages": b["advantages"],
+              "old_per_token_logps": old, "ref_per_token_logps": reference,
+              "num_items_in_batch": b["mask"].sum()}  # fmt: skip
+    loss = trainer._compute_loss(model, inputs)
+    return loss, {k: v[-1] for k, v in trainer._metrics["eval"].items() if v}  # (the model in eval mode)
+
+
+def _ours(model, ids, p):
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids).logits[:, p - 1 : -1].float() / TEMPERATURE
+    return F.log_softmax(logits, -1).gather(-1, ids[:, p:].unsqueeze(-1)).squeeze(-1)
+
+
+def _grads(model) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+GRPO_CASES = {  # (TRL's keys, deltatune's align keys)
+    "cispo": ({"loss_type": "cispo", "epsilon_high": 1.2}, {"loss_type": "cispo", "cliprange_high": 1.2}),
+    "cispo_eps_default": ({"loss_type": "cispo"}, {"loss_type": "cispo"}),
+    "sapo": ({"loss_type": "sapo"}, {"loss_type": "sapo"}),
+    "sapo_temperatures_kl": ({"loss_type": "sapo", "sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0,
+                              "beta": 0.04},
+                             {"loss_type": "sapo", "sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0,
+                              "beta": 0.04}),
+    "luspo": ({"loss_type": "luspo", "importance_sampling_level": "sequence"},
+              {"loss_type": "luspo", "importance_sampling_level": "sequence"}),
+    "luspo_token": ({"loss_type": "luspo"}, {"loss_type": "luspo"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_loss_types_cispo_sapo_luspo_equal_trl(grpo_model, tmp_path, case):
+    """TRL 1.16's _compute_loss against grpo_loss on the same completions, old and reference log-probs: loss and
+    every LoRA gradient to 1e-6, and TRL's clip statistic (cispo_clip_ratio; clip_ratio/region_mean for luspo)."""
+    from tiny import grpo_batch
+
+    from deltatune.train.config_align import grpo_loss_norm, grpo_policy
+    from deltatune.train.grpo_loss import grpo_loss
+
+    model = grpo_model
+    trl_keys, keys = GRPO_CASES[case]
+    b = grpo_batch(model.config.vocab_size)
+    with torch.no_grad(), model.disable_adapter():
+        reference = _ours(model, b["ids"], b["p"])
+    with torch.no_grad():
+        old = _ours(model, b["ids"], b["p"]) + 0.3 * torch.randn(b["mask"].shape, generator=b["g"])
+        old = old + torch.tensor([[0.3], [-0.3], [-0.3], [0.3]])
+    expected, metrics = _trl_loss(model, tmp_path, b, old, reference, **{"beta": 0.0, **trl_keys})
+    expected.backward()
+    expected_grads = _grads(model)
+
+    a = AlignArgs(**{"beta": 0.0, "max_new_tokens": b["t"], **keys})
+    validate_align(a, "grpo")
+    loss, stats = grpo_loss(_ours(model, b["ids"], b["p"]), old, b["advantages"], b["mask"], a.cliprange, a.beta,
+                            reference, grpo_loss_norm(a), None, None, a.bias_correction_kl, a.cliprange_high, a.delta,
+                            a.importance_sampling_level, a.max_new_tokens, None, grpo_policy(a),
+                            (a.sapo_temperature_pos, a.sapo_temperature_neg))  # fmt: skip
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    for ours_grad, theirs in zip(_grads(model), expected_grads, strict=True):
+        assert torch.allclose(ours_grad, theirs, atol=1e-6, rtol=0)
+    assert any(gr.abs().max() > 1e-4 for gr in expected_grads)
+    name = {"cispo": "cispo_clip_ratio", "sapo": None}.get(a.loss_type, "clip_ratio/region_mean")
+    if name:
+        assert (stats["clipped"] / stats["clip_units"]).item() == pytest.approx(metrics[name], abs=1e-6)
+        assert name != "cispo_clip_ratio" or 0 < metrics[name] < 1  # (the cap binds on some tokens, not all)
+    else:
+        assert not {k for k in metrics if "clip" in k}  # (TRL's sapo logs no clip statistic; neither does ours)
+
+
+@pytest.mark.parametrize("align, words", [
+    ({"loss_type": "vespo"}, "^align.loss_type vespo \\(TRL's GRPO\\) is not in deltatune; use one of grpo, "),
+    ({"loss_type": "cispo", "delta": 1.5}, "^align.delta caps the clipped losses' ratio; align.loss_type cispo"),
+    ({"loss_type": "sapo", "sapo_temperature_neg": 0.0}, "^align.sapo_temperature_neg must be > 0, got 0.0$"),
+    ({"loss_type": "luspo", "loss_norm": "token"}, "^align.loss_type luspo and align.loss_norm token disagree"),
+])  # fmt: skip
+def test_grpo_loss_type_bad_input_is_one_line_naming_the_key(align, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        build({**RAW, "stage": "grpo", "align": align})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "luspo"])
+def test_a_loop_step_with_cispo_sapo_luspo_equals_trls_on_the_same_completions(grpo_model, tmp_path, monkeypatch,
+                                                                                loss_type):  # fmt: skip
+    """GRPOLoop.step on injected completions (one truncated) and rewards against TRL's _generate_and_score_completions
+    (a rollout_func gives it the same completions) then _compute_loss: the loss and TRL's logged statistics."""
+    import warnings
+
+    import trl
+    from datasets import Dataset
+    from tiny import tokenizer
+
+    import deltatune as dt
+    from deltatune.train.grpo import GRPOLoop, PromptItem, Samples
+    from deltatune.train.grpo_rewards import Reward
+
+    model, G, T, tok = grpo_model, 4, 4, tokenizer()
+    a_id, eos, pad = tok.convert_tokens_to_ids("a"), tok.eos_token_id, tok.pad_token_id
+    body = [[a_id + i] * (1 + i % 3) + [eos] for i in range(8)]
+    body[2] = [a_id + 7, a_id + 8, a_id + 9, a_id + 10]  # truncated
+    rewards = [1.0, 0.0, 2.5, 0.5, 2.0, 1.0, 2.0, 3.0]
+    prompt = tok("hi")["input_ids"]
+
+    def rollout(prompts, trainer):
+        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
+                "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
+
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8, report_to=[], use_cpu=True, bf16=False,
+                          num_generations=G, max_completion_length=T, temperature=TEMPERATURE, beta=0.0,
+                          loss_type=loss_type, epsilon_high=2.0)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(trl.GRPOTrainer)(
+            model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8), processing_class=tok,
+            reward_funcs=lambda completions, **_: list(rewards), rollout_func=rollout,
+        )  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        expected = trainer._compute_loss(model, trainer._generate_and_score_completions([{"prompt": "hi"}] * 8))
+
+    completion = torch.tensor([c + [pad] * (T - len(c)) for c in body])
+    cmask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in body])
+    ids = torch.tensor([prompt] * 8)
+    item = PromptItem(prompt, "hi", {}, "p.jsonl:1")
+    samples = Samples(torch.cat([ids, completion], 1), torch.cat([torch.ones_like(ids), cmask], 1), cmask,
+                      len(prompt), tok.batch_decode(completion, skip_special_tokens=True),
+                      torch.tensor([eos not in c for c in body]), [item] * 8, body)  # fmt: skip
+    align = AlignArgs(num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, beta=0.0, mini_batch_size=3,
+                      loss_type=loss_type, cliprange_high=2.0)  # fmt: skip
+    validate_align(align, "grpo")
+    loop = GRPOLoop(model, tok, [Reward("fixed", lambda completions, **_: list(rewards))], align, lr=0.0)
+    monkeypatch.setattr(loop, "sample", lambda items, num: samples)
+    stats = loop.step([item, item])
+    model.eval()
+    assert stats["loss"] == pytest.approx(expected.item(), abs=1e-6)
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items() if v}  # TRL's names, TRL's values
+    clip = {"cispo": ["cispo_clip_ratio"], "sapo": [], "luspo": ["clip_ratio/region_mean"]}[loss_type]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", *clip):
+        assert stats[key] == pytest.approx(logged[key], abs=1e-6), key
+    assert {k for k in stats if "clip_ratio" in k} == {k for k in logged if "clip_ratio" in k} & set(clip)

@@ -23,10 +23,12 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "exo_pair", "
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # (stage kto; its default sigmoid, DPO's, reads as kto)
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the DPO losses that read label_smoothing
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-GRPO_LOSS_TYPES = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "dr_grpo"}
+GRPO_LOSS_TYPES = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "dr_grpo", "cispo": "token",
+                   "sapo": "sequence", "luspo": "luspo"}  # fmt: skip
 """TRL's GRPO loss_type names deltatune has, and the align.loss_norm each means (bnpo: over the whole batch, as
-dapo; TRL's bnpo is over each device micro-batch, the same when the batch is one)."""
-GRPO_REFUSED = ("cispo", "sapo", "luspo", "vespo")  # TRL's other GRPO losses: refused by name
+dapo; TRL's bnpo is over each device micro-batch, the same when the batch is one); cispo and sapo also change the
+policy term (``grpo_loss.POLICY_TERMS``)."""
+GRPO_REFUSED = ("vespo",)  # TRL's other GRPO losses: refused by name
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
@@ -39,7 +41,7 @@ class AlignArgs:
     loss_type: str | list = _f("sigmoid", "DPO loss: one of " + ", ".join(DPO_LOSS_TYPES) + ", each as TRL's "
                                "loss_type of that name; or a list of them, summed by align.loss_weights. KTO: kto "
                                "(the default) or apo_zero_unpaired, as TRL's KTO loss_type. GRPO: grpo, dapo, bnpo or "
-                               "dr_grpo, as TRL's (sets align.loss_norm; the default, sigmoid: loss_norm decides). "
+                               "dr_grpo, cispo, sapo or luspo, as TRL's (sets align.loss_norm; the default, sigmoid: loss_norm decides). "
                                "CPO: sigmoid, hinge, ipo or simpo, as TRL's CPO loss_type.")  # fmt: skip
     loss_weights: list | None = _f(None, "DPO: one weight per align.loss_type in the list (default: 1 each).")
     discopop_tau: float = _f(0.05, "DPO discopop: temperature of the mixing coefficient (TRL's discopop_tau).")
@@ -116,6 +118,8 @@ class AlignArgs:
                                           "loss term (DAPO; TRL's).")  # fmt: skip
     top_entropy_quantile: float = _f(1.0, "GRPO: the policy term counts on the top rho of completion tokens by "
                                      "entropy, over each forward's chunk (TRL's; 1: all).")  # fmt: skip
+    sapo_temperature_pos: float = _f(1.0, "GRPO loss_type sapo: the gate's temperature where the advantage is > 0.")
+    sapo_temperature_neg: float = _f(1.05, "GRPO loss_type sapo: the gate's temperature where the advantage is <= 0.")
     bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
     reward_funcs: list = _f([], "GRPO: rewards, each 'module:function' or 'file.py:function' f(prompts, completions, "
                             "**columns) or a rm run.")  # fmt: skip
@@ -320,12 +324,24 @@ def grpo_loss_norm(a: AlignArgs) -> str:
     return GRPO_LOSS_TYPES.get(a.loss_type, a.loss_norm) if isinstance(a.loss_type, str) else a.loss_norm
 
 
+def grpo_policy(a: AlignArgs) -> str:
+    """The GRPO policy term (``grpo_loss.POLICY_TERMS``): align.loss_type cispo or sapo, else PPO's clip."""
+    return a.loss_type if a.loss_type in ("cispo", "sapo") else "clip"
+
+
 def validate_grpo(a: AlignArgs) -> None:
     if a.loss_type in GRPO_REFUSED:
-        raise ConfigError(f"align.loss_type {a.loss_type} (TRL's GRPO) is not in deltatune; use grpo, dapo, bnpo or "
-                          "dr_grpo")  # fmt: skip
+        raise ConfigError(f"align.loss_type {a.loss_type} (TRL's GRPO) is not in deltatune; use one of "
+                          f"{', '.join(GRPO_LOSS_TYPES)}")  # fmt: skip
     if not isinstance(a.loss_type, str) or a.loss_type != "sigmoid" and a.loss_type not in GRPO_LOSS_TYPES:
-        raise ConfigError(f"align.loss_type for stage grpo must be grpo, dapo, bnpo or dr_grpo, got {a.loss_type!r}")
+        raise ConfigError(f"align.loss_type for stage grpo must be one of {', '.join(GRPO_LOSS_TYPES)}, got "
+                          f"{a.loss_type!r}")  # fmt: skip
+    if a.delta is not None and a.loss_type in ("cispo", "sapo"):
+        raise ConfigError(f"align.delta caps the clipped losses' ratio; align.loss_type {a.loss_type} has no such "
+                          "term (TRL ignores delta there): drop one of them")  # fmt: skip
+    for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        if getattr(a, key) <= 0:
+            raise ConfigError(f"align.{key} must be > 0, got {getattr(a, key)}")
     if (
         isinstance(a.loss_type, str)
         and a.loss_type in GRPO_LOSS_TYPES
@@ -358,8 +374,8 @@ BEFORE_KEY: dict[str, tuple[Any, str]] = {
 on the stages that read it; ``old_run_align`` fills it in, so that a --resume compares like with like."""
 DEFAULT_WAS: dict[str, tuple[Any, str]] = {
     "init_kl_coef": (0.2, "805dd7e (TRL's PPOConfig kl_coef)"),
-    "temperature": (1.0, "probe 14 on stage ppo (TRL's PPOConfig temperature; grpo's stays 1.0)"),
-    "max_new_tokens": (32, "probe 14 on stage ppo (TRL's PPOConfig response_length; grpo's stays 32)"),
+    "temperature": (1.0, "5cc3d64 on stage ppo (TRL's PPOConfig temperature; grpo's stays 1.0)"),
+    "max_new_tokens": (32, "5cc3d64 on stage ppo (TRL's PPOConfig response_length; grpo's stays 32)"),
     "disable_dropout": (False, "a388979, rm's since cf33061 (TRL's disable_dropout: the model's dropout off)"),
 }
 """An align key whose default changed: its default before, and when and why."""

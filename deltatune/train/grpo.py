@@ -57,7 +57,7 @@ from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
-from .config_align import grpo_loss_norm, validate_grpo
+from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
 from .grpo_loss import group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401  (k3_kl: re-exported)
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
@@ -234,7 +234,8 @@ class GRPOLoop:
                     logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,
                     None if ref is None else ref[idx], norm, n_seq, n_tok, a.bias_correction_kl,
                     cliprange_high=a.cliprange_high, delta=a.delta, max_tokens=a.max_new_tokens, token_mask=top,
-                    importance_sampling_level=a.importance_sampling_level,
+                    importance_sampling_level=a.importance_sampling_level, policy=grpo_policy(a),
+                    sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg),
                 )  # fmt: skip
                 if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
                     from .trainer import NonFiniteLossError
@@ -270,10 +271,12 @@ class GRPOLoop:
             "entropy": sums["entropy"] / n_tok.item(),
             "completion_length": s.completion_mask.float().sum(-1).mean().item(),  # (masked ones too, as TRL)
             "completions/mean_length": s.completion_mask.float().sum(-1).mean().item(),  # (TRL's names of these)
-            "clip_ratio/region_mean": sums["clipped"] / max(sums["clip_units"], 1.0),
             "truncated_fraction": s.truncated.float().mean().item(),
             "lr": lr,
         }
+        clip_name = {"clip": "clip_ratio/region_mean", "cispo": "cispo_clip_ratio"}.get(grpo_policy(a))
+        if clip_name:  # (TRL's name for its clip statistic; sapo, which clips nothing, logs none)
+            stats[clip_name] = stats["clipfrac"]
         if a.beta > 0:
             stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
         for k, r in enumerate(self.rewards):

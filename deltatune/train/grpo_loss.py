@@ -8,8 +8,12 @@ import torch
 
 from .grpo_rewards import nanstd
 
-LOSS_NORMS = ("sequence", "token", "dr_grpo")
-"""How the per-token losses reduce: TRL's loss_type grpo, dapo (and bnpo over one micro-batch), dr_grpo."""
+LOSS_NORMS = ("sequence", "token", "dr_grpo", "luspo")
+"""How the per-token losses reduce: TRL's loss_type grpo (and sapo), dapo (cispo; bnpo over one micro-batch), dr_grpo,
+luspo (each completion's token sum, then their mean)."""
+POLICY_TERMS = ("clip", "cispo", "sapo")
+"""The policy term per token: PPO's clipped ratio (TRL's grpo, bnpo, dapo, dr_grpo, luspo), CISPO's capped and
+detached ratio times the log-prob (MiniMax-M1, arXiv:2506.13585), SAPO's soft gate (arXiv:2511.20347)."""
 SCALES = ("group", "batch", "none")
 
 
@@ -76,6 +80,8 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_tokens: int | None = None,
     token_mask: torch.Tensor | None = None,
+    policy: str = "clip",
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a batch of completions (or of a chunk of one: see ``n_sequences`` / ``n_tokens``).
 
@@ -88,7 +94,8 @@ def grpo_loss(
         beta: KL coefficient; 0 needs no ``ref_logprobs``.
         ref_logprobs: (N, T) log ref(o_t) (when beta > 0).
         loss_norm: "sequence" (mean per completion, then over completions: TRL's grpo), "token" (mean over all
-            tokens: dapo, bnpo) or "dr_grpo" (sum over tokens / (completions x ``max_tokens``)).
+            tokens: dapo, bnpo), "dr_grpo" (sum over tokens / (completions x ``max_tokens``)) or "luspo" (sum over
+            each completion's tokens, then the mean over completions).
         n_sequences: the completions in the whole batch when this is a chunk of it (default: N), so that chunk
             losses add up to the batch loss.
         n_tokens: the completion tokens in the whole batch, likewise (default: mask.sum()).
@@ -100,6 +107,10 @@ def grpo_loss(
             exp of its mean log-ratio).
         max_tokens: the completion length limit (loss_norm dr_grpo).
         token_mask: (N, T) the tokens whose policy term counts (``high_entropy_mask``); the KL term counts on all.
+        policy: "clip" (PPO's clipped ratio), "cispo" (-min(ratio, eps_high).detach() * A * log pi: TRL's cispo caps
+            the ratio at its epsilon_high itself, ``cliprange_high`` here, else ``cliprange``) or "sapo" (-A * 4 /
+            tau * sigmoid(tau * (ratio - 1)), tau the first of ``sapo_temperatures`` where A > 0, else the second).
+        sapo_temperatures: SAPO's (positive, non-positive advantage) temperatures (TRL's sapo_temperature_pos, _neg).
 
     Returns:
         (loss, stats): stats holds sums (detached) ``clipped`` (tokens, or completions under GSPO, in TRL's clip
@@ -111,6 +122,8 @@ def grpo_loss(
     """
     if loss_norm not in LOSS_NORMS:
         raise ValueError(f"loss_norm must be one of {', '.join(LOSS_NORMS)}, got {loss_norm!r}")
+    if policy not in POLICY_TERMS:
+        raise ValueError(f"policy must be one of {', '.join(POLICY_TERMS)}, got {policy!r}")
     if loss_norm == "dr_grpo" and not max_tokens:
         raise ValueError("loss_norm dr_grpo needs max_tokens (the completion length limit)")
     mask = mask.float()
@@ -122,14 +135,21 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)
     high = cliprange if cliprange_high is None else cliprange_high
     adv = advantages.unsqueeze(-1)  # (N, 1): every token of a completion shares its advantage
-    clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * adv
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    per_token = -torch.minimum(capped * adv, clipped)
+    if policy == "cispo":  # (the gradient flows through log pi alone, weighted by the capped ratio)
+        per_token = -torch.clamp(ratio, max=high).detach() * adv * logprobs
+        took = ((ratio > high) & (adv > 0)).float().detach()  # (TRL's cispo_clip_ratio)
+    elif policy == "sapo":
+        tau = torch.where(adv > 0, sapo_temperatures[0], sapo_temperatures[1])
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        took = torch.zeros_like(ratio * adv)  # (no clipping: TRL logs none)
+    else:
+        per_token = -torch.minimum(capped * adv, torch.clamp(ratio, 1 - cliprange, 1 + high) * adv)
+        # TRL's clip_ratio/region_mean: its region test on the (delta-capped) ratio, over the completion tokens, or
+        # over the completions when the ratio is one per completion (GSPO)
+        took = (((capped < 1 - cliprange) & (adv < 0)) | ((capped > 1 + high) & (adv > 0))).float().detach()
     if token_mask is not None:
         per_token = per_token * token_mask.float()
-    # TRL's clip_ratio/region_mean: its region test on the (delta-capped) ratio, over the completion tokens, or
-    # over the completions when the ratio is one per completion (GSPO)
-    took = (((capped < 1 - cliprange) & (adv < 0)) | ((capped > 1 + high) & (adv > 0))).float().detach()
     units = mask.sum() if took.shape[-1] > 1 else torch.tensor(float(took.shape[0]))
     stats = {"clipped": (took * mask).sum() if took.shape[-1] > 1 else took.sum(), "clip_units": units}
     stats["tokens"] = mask.sum().detach()
@@ -142,6 +162,8 @@ def grpo_loss(
     if loss_norm == "sequence":
         per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         loss = per_sequence.sum() / (n_sequences or mask.shape[0])
+    elif loss_norm == "luspo":
+        loss = (per_token * mask).sum() / (n_sequences or mask.shape[0])
     elif loss_norm == "token":
         loss = (per_token * mask).sum() / (n_tokens if n_tokens is not None else mask.sum().clamp(min=1))
     else:
