@@ -153,3 +153,34 @@ def test_stop_ids_hold_the_chatml_marker_a_tokenizer_without_eos_trains(smol):
     assert stop_ids(tok, "chatml") == [im_end]
     assert stop_ids(tok, "alpaca") == [] and stop_ids(tok, None) == []
     assert stop_ids(smol, "chatml") == [smol.eos_token_id] == stop_ids(smol, None)
+
+
+# -- a system column beside OpenAI messages; a system column that is not text -------------------------------------
+
+
+def _read(row: dict, stage: str = "sft"):
+    from deltatune.data.formats import read_samples
+    from deltatune.data.load import Row
+
+    return read_samples([Row(row, "t.jsonl:3")], {}, stage=stage)[0]
+
+
+def test_a_system_column_beside_messages_is_the_system_prompt_as_llamafactorys_openai_rows():
+    """A messages row's system column was dropped without a word (a sharegpt row's was read); LLaMA-Factory's openai
+    converter takes it as the system prompt where the messages open with none, as sharegpt's does."""
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    s = _read({"messages": turns, "system": "Be brief."})
+    assert s.messages == [{"role": "system", "content": "Be brief."}, *turns]
+    own = [{"role": "system", "content": "Own."}, *turns]
+    assert _read({"messages": own, "system": "Be brief."}).messages == own  # the messages' own system wins
+    assert _read({"messages": turns, "system": ""}).messages == turns
+
+
+@pytest.mark.parametrize("value", [["Be brief."], {"text": "Be brief."}])
+def test_a_system_column_that_is_not_text_is_one_line(value):
+    """An alpaca row's system written as a list became the system prompt "['Be brief.']" (its Python repr)."""
+    from deltatune.data.load import DataError
+
+    kind = type(value).__name__
+    with pytest.raises(DataError, match=rf"^t\.jsonl:3: column 'system' must be text, got {kind}$"):
+        _read({"instruction": "q", "output": "a", "system": value})

@@ -377,6 +377,8 @@ def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     column = _col(c, "messages") if _has(row, _col(c, "messages")) else _col(c, "conversations")  # role/content
     roles = _MESSAGE_ROLES
     messages = _message_list(row.get(column), row.source, column, "role", "content", roles, media)
+    if messages[0]["role"] != "system":  # a system column, as sharegpt's (LLaMA-Factory's openai converter reads it)
+        messages = _system_message(row, c) + messages
     return Sample(row.source, "messages", messages, tools=row_tools(row, _col(c, "tools")), **media)
 
 

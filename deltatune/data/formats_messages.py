@@ -145,5 +145,10 @@ def _turn(value: Any, row: Row, column: str, role: str, media) -> tuple[list[Mes
 
 
 def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
+    """The row's system column (LLaMA-Factory's ``system``) as a system message; none where it is empty or null."""
     system = row.get(_col(c, "system"), required=False)
-    return [{"role": "system", "content": str(system)}] if system else []
+    if system is None or (isinstance(system, float) and math.isnan(system)):
+        return []
+    if not isinstance(system, str):  # (a list or an object was written out as its Python repr)
+        raise DataError(f"{row.source}: column {_col(c, 'system')!r} must be text, got {type(system).__name__}")
+    return [{"role": "system", "content": system}] if system else []
