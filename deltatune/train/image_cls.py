@@ -51,7 +51,7 @@ def class_names(
     """The class names in id order and a map label value -> id.
 
     Image folders: ``labels`` or the sorted sub-folder names. Data files: as text classification reads its labels
-    (``data/tasks.py::label_map``): ``labels`` when given, else whole-number ids as given, else the sorted names.
+    (``data/tasks.py::label_map``): ``labels`` when given, else the sorted distinct values (whole numbers as numbers).
     """
     values = [r.label for r in rows]
     if folder:
