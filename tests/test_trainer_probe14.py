@@ -214,3 +214,34 @@ def test_the_new_keys_are_named_where_a_stage_s_own_loop_ignores_them():
     )
     assert {"train.logging_first_step", "train.eval_accumulation_steps"} <= set(named)
     assert not ignored_keys(build({"stage": "sft", "train": {"logging_first_step": True}}))
+
+
+def test_a_fractional_epoch_count_runs_the_trainers_steps_and_rates(files, tmp_path):  # noqa: F811
+    """epochs 1.5 with max_steps -1 (the Trainer's num_train_epochs / max_steps): as many steps as the Trainer takes
+    (8 rows in batches of 2: 4 a pass, 6 in all) at the same learning rates, and the same adapter."""
+    from safetensors.torch import load_file
+
+    raw = recipe(files, tmp_path / "ours", max_steps=-1, epochs=1.5, grad_accum=1, save_steps=100)
+    got = train(build(raw))
+    trainer, ref = reference(build(raw), tmp_path / "ref", num_train_epochs=1.5, max_steps=-1)
+    assert got["train_steps"] == trainer.state.global_step == 6
+    assert _rates(tmp_path / "ours") == [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert max((adapter[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+
+
+def test_max_grad_norm_0_trains_unclipped_as_the_trainer(files, tmp_path):  # noqa: F811
+    """max_grad_norm 0 (no clipping) gives the Trainer's adapter; clipped at 0.01 it would not (the test can tell).
+    null is refused in one line (the Trainer's TypeError, None > 0, came from its training loop)."""
+    from safetensors.torch import load_file
+
+    raw = recipe(files, tmp_path / "ours", max_grad_norm=0, lr=5e-2)
+    train(build(raw))
+    adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    _, ref = reference(build(raw), tmp_path / "ref", max_grad_norm=0.0)
+    _, clipped = reference(build(raw), tmp_path / "clipped", max_grad_norm=0.01)
+    diff = max((adapter[k] - ref[k]).abs().max().item() for k in ref)
+    moved = max((clipped[k] - ref[k]).abs().max().item() for k in ref)
+    assert diff < 1e-5 < moved, (diff, moved)
+    with pytest.raises(ConfigError, match=r"^train.max_grad_norm must be float, got None$"):
+        build(recipe(files, tmp_path / "r", max_grad_norm=None))
