@@ -182,3 +182,21 @@ def test_a_stream_that_fails_ends_with_the_error_and_no_usage_as_vllm(smol, monk
     body = {**body, "seed": 7}  # another request streams its usage as before
     status, chunks = _call(app, "/v1/completions", body)
     assert chunks[-1]["usage"]["completion_tokens"] == 6 and chunks[-1]["choices"] == []
+
+
+def test_a_chats_prompt_logprobs_are_computed_once_for_n_choices(smol, monkeypatch):
+    """A chat answer carries prompt_logprobs once (vLLM's, at the top): with n choices every row scored the prompt,
+    n - 1 of them for nothing (a forward pass over the prompt each)."""
+    import deltatune.serve.engine as engine_module
+
+    engine, app = smol
+    calls, row = [], engine_module.prompt_row
+    monkeypatch.setattr(engine_module, "prompt_row", lambda *a: calls.append(1) or row(*a))
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 1.0, "seed": 1,
+            "prompt_logprobs": 1}  # fmt: skip
+    _, one = _call(app, "/v1/chat/completions", body)
+    single = len(calls)
+    assert single == one["usage"]["prompt_tokens"] - 1
+    _, three = _call(app, "/v1/chat/completions", {**body, "n": 3})
+    assert len(three["choices"]) == 3 and three["prompt_logprobs"] == one["prompt_logprobs"]
+    assert len(calls) == 2 * single  # once more, not three times

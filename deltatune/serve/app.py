@@ -305,6 +305,8 @@ def create_app(
             if r.seed is not None:  # past 2**64 - 1, torch's generators take it from the other end
                 r.seed = r.seed + i % n if r.seed + i % n < 2**64 else r.seed + i % n - 2**64
             r.prompt_logprobs = echo is not None and r.logprobs is not None and not chat  # a chat echoes text alone
+            if chat and i:  # a chat's prompt_logprobs come once, from its first row: the others' would be dropped
+                r.prompt_top = None
             # The engine thread appends to logprob_rows and output_ids: each event says how many go with its text.
             put = lambda text, finish, i=i, r=r: (i, text, finish, len(r.logprob_rows), len(r.output_ids))  # noqa: E731
             r.emit = lambda text, finish, put=put: loop.call_soon_threadsafe(events.put_nowait, put(text, finish))
