@@ -46,10 +46,13 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "combine_loras": (".diffusion", "combine_loras"),
     "fold_virtual_tokens": (".methods._tokens", "fold"),
     "get_delta_model": (".model", "get_delta_model"),
+    "get_layer_status": (".adapter_io", "get_layer_status"),
+    "get_model_status": (".adapter_io", "get_model_status"),
     "get_peft_model_state_dict": (".adapter_io", "get_peft_model_state_dict"),
     "inject_adapter_in_model": (".model", "inject_adapter_in_model"),
     "load_config": (".registry", "from_pretrained"),
     "load_lora": (".diffusion", "load_lora"),
+    "load_peft_weights": (".adapter_io", "load_peft_weights"),
     "memory_footprint": (".methods.quant", "memory_footprint"),
     "merge_quantized": (".methods.quant_tools", "merge_quantized"),
     "prepare_for_kbit_training": (".methods.quant_tools", "prepare_for_kbit_training"),
@@ -88,10 +91,13 @@ __all__ = [
     "combine_loras",
     "fold_virtual_tokens",
     "get_delta_model",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "load_config",
     "load_lora",
+    "load_peft_weights",
     "memory_footprint",
     "merge_quantized",
     "prepare_for_kbit_training",
@@ -119,7 +125,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .adapter_io import get_peft_model_state_dict, set_peft_model_state_dict
+    from .adapter_io import (
+        get_layer_status,
+        get_model_status,
+        get_peft_model_state_dict,
+        load_peft_weights,
+        set_peft_model_state_dict,
+    )
     from .config import ConfigError, DeltaConfig
     from .diffusion import combine_loras, load_lora, save_diffusers_lora, save_kohya_lora
     from .files import AdapterLoadError

@@ -8,6 +8,7 @@ limit); it reads the model through its attributes and never imports model.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from contextlib import nullcontext
@@ -391,6 +392,47 @@ def _in_model_names(
             out.append(name)
         out[-1] = dora_weight_name(out[-1], adapter_name)  # e.g. DoRA's magnitude, a module's .weight in peft
     return out
+
+
+def load_peft_weights(
+    model_id: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    key_mapping: dict[str, str] | None = None,
+    **hf_hub_download_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """peft's: the tensors of the adapter saved at ``model_id`` as the file keys them (peft's keys, no adapter name):
+    ``adapter_model.safetensors``, else ``adapter_model.bin`` (``torch.load(weights_only=True)``), read onto ``device``
+    (None: CUDA when there is one, else the CPU, as peft's picks the accelerator). ``key_mapping`` as
+    ``load_adapter``'s; ``hf_hub_download_kwargs``: ``subfolder``, ``revision`` and the hub arguments
+    (``files.HUB_KWARGS``; peft's ``user_agent`` is accepted with no effect).
+
+    Raises:
+        FileNotFoundError: no adapter file there.
+        AdapterLoadError: the file is truncated or corrupt.
+    """
+    options = dict(hf_hub_download_kwargs)
+    subfolder, revision = options.pop("subfolder", None), options.pop("revision", None)
+    hub = {k: options.pop(k) for k in HUB_KWARGS if k in options}
+    options.pop("user_agent", None)
+    if options:
+        raise TypeError(f"load_peft_weights() got an unexpected keyword argument {next(iter(options))!r}")
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    tensors, _ = read_weights(model_id, subfolder, revision, True, device, hub)
+    return status.remap_keys(tensors, key_mapping) if key_mapping else tensors
+
+
+def get_layer_status(model: DeltaModel | torch.nn.Module) -> list[status.TunerLayerStatus]:
+    """peft's function: ``model.get_layer_status()`` of a DeltaModel, or of a model given to
+    ``inject_adapter_in_model`` (each layer then named by its path in that model, as peft's)."""
+    delta, injected = _delta_of(model, "get_layer_status")
+    found = delta.get_layer_status()
+    return [dataclasses.replace(s, name=s.name.removeprefix("model.")) for s in found] if injected else found
+
+
+def get_model_status(model: DeltaModel | torch.nn.Module) -> status.TunerModelStatus:
+    """peft's function: ``model.get_model_status()`` of a DeltaModel or of a model given to
+    ``inject_adapter_in_model`` (there with the method and ``peft_types`` named, where peft's says None and {})."""
+    return _delta_of(model, "get_model_status")[0].get_model_status()
 
 
 def _delta_of(model: Any, caller: str) -> tuple[Any, bool]:

@@ -173,3 +173,40 @@ def test_unload_after_merge_adapter_gives_the_base_weights_back():
     assert (base - adapted).abs().max().item() > 1e-2  # the adapter changes the output
     assert (peft_unloaded - adapted).abs().max().item() < 1e-5  # peft's: the merged model
     assert (our_unloaded - base).abs().max().item() < 1e-5  # ours: the base model
+
+
+# -- 7. peft's top-level load_peft_weights, get_layer_status, get_model_status ----------------------------------------
+@pytest.mark.parametrize("safe", [True, False])
+def test_load_peft_weights_reads_the_file_as_peft_s(tmp_path, safe):
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA))
+    model.add_adapter("b", dt.LoraConfig(**LORA))
+    model.save_pretrained(tmp_path, safe_serialization=safe)
+    mapping = {r"layers\.(\d+)\.self_attn": r"layers.\1.attn"}
+    for kwargs in ({}, {"subfolder": "b"}, {"key_mapping": mapping}):
+        want = _quiet(peft.load_peft_weights, str(tmp_path), device="cpu", **kwargs)
+        got = dt.load_peft_weights(tmp_path, device="cpu", **kwargs)
+        assert sorted(got) == sorted(want) and len(got) == 8
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(".attn." in k for k in dt.load_peft_weights(tmp_path, key_mapping=mapping))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+        dt.load_peft_weights(tmp_path, nope=1)
+
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_top_level_status_functions_are_peft_s(injected):
+    config = dict(r=4, target_modules=["q_proj", "v_proj"])
+    if injected:
+        theirs = _quiet(peft.inject_adapter_in_model, peft.LoraConfig(**config), tiny_model("llama"))
+        ours = dt.inject_adapter_in_model(dt.LoraConfig(**config), tiny_model("llama"))
+    else:
+        theirs = _quiet(peft.get_peft_model, tiny_model("llama"), peft.LoraConfig(**config))
+        ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**config))
+    want, got = peft.get_layer_status(theirs), dt.get_layer_status(ours)
+    assert [vars(s) for s in got] == [vars(s) for s in want] and len(got) == 4
+    want, got = vars(peft.get_model_status(theirs)), vars(dt.get_model_status(ours))
+    if injected:  # peft's knows no method on an injected model; ours names it
+        assert want.pop("adapter_model_type") == "None" and want.pop("peft_types") == {}
+        assert got.pop("adapter_model_type") == "LoraModel" and got.pop("peft_types") == {"default": "LORA"}
+    assert got == want
+    with pytest.raises(TypeError, match="get_layer_status: LlamaForCausalLM is neither"):
+        dt.get_layer_status(tiny_model("llama"))
