@@ -8,6 +8,7 @@ import json
 import warnings
 
 import pytest
+import torch
 from datasets import Dataset
 from test_align_probe11 import ATOL, _grads
 from test_dpo_probe12 import CUT_CONVERSATIONAL, _args, _dropouts, _lora, _same
@@ -115,3 +116,59 @@ def test_dropout_stays_off_after_training_as_trl_leaves_it(base, tmp_path):
     _trl_dropout = pytest.importorskip("trl.trainer.utils").disable_dropout_in_model
     _trl_dropout(theirs)
     assert _dropouts(model) == _dropouts(theirs) and set(_dropouts(model)) == {0.0}
+
+
+RM_ROWS = [("what is your name", " my name is delta", " i will not say", 0.5), ("hello there", " hi", " go away", -0.3),
+           ("tell me", " a story", " no", 1.2)]  # fmt: skip
+RM_FORMATS = {
+    "conversational": [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+                        "rejected": [{"role": "assistant", "content": r}], "margin": m} for p, c, r, m in RM_ROWS],
+    "conversational_implicit": [{"chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                                 "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                 "margin": m} for p, c, r, m in RM_ROWS],
+    "plain": [{"prompt": p, "chosen": c, "rejected": r, "margin": m} for p, c, r, m in RM_ROWS],
+    "plain_implicit": [{"chosen": p + c, "rejected": p + r} for p, c, r, _ in RM_ROWS],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("center", [None, 0.1])
+@pytest.mark.parametrize("form", sorted(RM_FORMATS))
+def test_rm_formats_margin_and_centring_equal_trls_reward_trainer(base, tmp_path, form, center):
+    """Stage rm against TRL 1.16's RewardTrainer on three pairs in each format it takes (explicit or implicit prompt,
+    conversational or plain text: plain with data.template plain, as TRL tokenizes text; the margin column where
+    given) and center_rewards_coefficient: the same ids, the loss and every gradient within 1e-6 (0 without the
+    centring term), and TRL's metrics (accuracy, margin, min/mean/max_reward, num_tokens). HEAD logged no
+    num_tokens."""
+    import trl
+    from test_dpo_probe12 import _rm_lora
+
+    rows = RM_FORMATS[form]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"train": str(path), **({"template": "plain"} if form.startswith("plain") else {})}
+    cfg = build({"stage": "rm", "model": {"name_or_path": base}, "train": {"report_to": ["none"]}, "data": data,
+                 "align": {"center_rewards_coefficient": center or 0.0}, "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    ours = prepare(cfg, load_tokenizer(base))
+    model = _rm_lora(base, 0.0)
+    args = trl.RewardConfig(str(tmp_path / "trl"), per_device_train_batch_size=3, report_to=[], use_cpu=True,
+                            bf16=False, center_rewards_coefficient=center)  # fmt: skip
+    theirs = dt.trl_trainer(trl.RewardTrainer)(model=model, args=args, processing_class=load_tokenizer(base),
+                                               train_dataset=Dataset.from_list(rows))  # fmt: skip
+    batch = theirs.data_collator([theirs.train_dataset[i] for i in range(3)])  # (in order)
+    model.train()
+    expected = theirs.compute_loss(model, dict(batch))
+    expected.backward()
+    want = _grads(model)
+    trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"))
+    mine = ours.collator(ours.train)
+    assert torch.equal(mine["input_ids"], batch["input_ids"]) and ("margin" in mine) == ("margin" in batch)
+    got = trainer.compute_loss(model, mine)
+    got.backward()
+    have = _grads(model)
+    assert abs(got.item() - expected.item()) < 1e-6 and len(want) == 9  # (centring: per pair, TRL's on the means)
+    assert max((want[k] - have[k]).abs().max().item() for k in want) < 1e-6
+    assert max(v.abs().max().item() for v in want.values()) > 1e-3
+    metrics = {k: v[-1] for k, v in theirs._metrics["train"].items()}
+    assert set(metrics) <= set(trainer._stats)
+    for key, value in metrics.items():
+        assert trainer._stats[key][-1] == pytest.approx(value, abs=1e-6), key

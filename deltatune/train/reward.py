@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..data.preference import PairCollator
 from .config import RunConfig
-from .pairs import PairTrainer, encode_pair_splits, pair_metrics
+from .pairs import PairTrainer, count_tokens, encode_pair_splits, pair_metrics
 from .pairs import disable_dropout as _disable_dropout
 from .prepared import Prepared
 from .scorers import is_encoder_config
@@ -48,8 +48,9 @@ class RewardTrainer(PairTrainer):
     """PairTrainer with the pairwise loss on the model's scalar scores, plus, with ``center_rewards_coefficient``
     c, c (r_chosen + r_rejected)^2 per pair (TRL's term of that name, after Eisenstein et al. 2023: it keeps the
     rewards centred on 0). Logs ``accuracy``, ``margin`` and ``min_reward``, ``mean_reward``, ``max_reward`` (means
-    since the last log), as TRL's RewardTrainer. With ``disable_dropout`` (align.disable_dropout, true by default as
-    TRL's RewardConfig) every nn.Dropout of the model, the adapter's lora_dropout too, is set to 0 on the model."""
+    since the last log) and ``num_tokens`` (the training tokens so far), as TRL's RewardTrainer. With
+    ``disable_dropout`` (align.disable_dropout, true by default as TRL's RewardConfig) every nn.Dropout of the model,
+    the adapter's lora_dropout too, is set to 0 on the model."""
 
     def __init__(
         self, *args, center_rewards_coefficient: float | None = None, disable_dropout: bool = True, **kwargs
@@ -72,6 +73,7 @@ class RewardTrainer(PairTrainer):
             self.log_stat("margin", (chosen - rejected).float().mean().item())
             for name, value in (("min", scores.min()), ("mean", scores.float().mean()), ("max", scores.max())):
                 self.log_stat(f"{name}_reward", value.item())
+            count_tokens(self, inputs["attention_mask"])  # TRL's num_tokens: the training tokens seen so far
         loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
