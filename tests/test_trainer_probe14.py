@@ -16,7 +16,7 @@ from transformers import EvalPrediction
 
 from deltatune.config import ConfigError
 from deltatune.train import build, train
-from deltatune.train.config_train import EVAL_METRICS, check_best_metric
+from deltatune.train.config_train import EVAL_METRICS, PAIRED, check_best_metric
 
 
 def reference(cfg, out, **args):
@@ -99,6 +99,26 @@ def test_a_best_metric_a_cls_run_does_not_report_is_refused_before_the_model_loa
         check_best_metric(build(raw), "eval_accuracy")
 
 
+def test_a_preference_stage_s_best_metric_is_checked_against_what_it_reports():
+    """dpo reports the pair metrics and TRL's rewards/* (paired_change's after an eval_on_start evaluation too); kto
+    its rewards: a name outside them (TRL's rewards/accuracies is dpo's, not kto's) is one line naming them."""
+    raw = {"stage": "dpo", "data": {"eval": "e.jsonl"}, "train": {"metric_for_best_model": "rewards/accuracy"}}
+    with pytest.raises(ConfigError, match=r"^train.metric_for_best_model is 'rewards/accuracy', which stage dpo's "
+                       r"evaluation does not report; it reports loss, accuracy, margin, margin_se, sign_p, "
+                       r"reward_chosen, .*, rewards/accuracies$"):  # fmt: skip
+        check_best_metric(build(raw), "eval_accuracy")
+    for ok in ("rewards/accuracies", "eval_margin", "sign_p"):
+        raw["train"]["metric_for_best_model"] = ok
+        check_best_metric(build(raw), "eval_accuracy")
+    raw["train"]["metric_for_best_model"] = "gained"
+    with pytest.raises(ConfigError, match=r"^train.metric_for_best_model is 'gained'"):
+        check_best_metric(build(raw), "eval_accuracy")
+    check_best_metric(build({**raw, "train": {**raw["train"], "eval_on_start": True}}), "eval_accuracy")
+    kto = {**raw, "stage": "kto", "train": {"metric_for_best_model": "rewards/accuracies"}}
+    with pytest.raises(ConfigError, match=r"^train.metric_for_best_model is 'rewards/accuracies', which stage kto's"):
+        check_best_metric(build(kto), "eval_margin")
+
+
 def test_the_reported_metrics_table_is_each_stage_s_compute_metrics(tiny_cls, tmp_path):
     """EVAL_METRICS (what the check above reads) against the keys each stage's compute_metrics returns, on
     predictions of the stage's shapes: a stage that reports another metric fails here, not a user's run."""
@@ -135,7 +155,16 @@ def test_the_reported_metrics_table_is_each_stage_s_compute_metrics(tiny_cls, tm
                  "method": {"name": "lora", "target_modules": ["to_query"]}, "data": {"train": str(tmp_path / "img")}})  # fmt: skip
     p = prepare(cfg, None)
     got[("image_cls", p.metric)] = p.compute_metrics(EvalPrediction(rng.normal(size=(2, 2)), np.array([0, 1])))
+    from deltatune.train import dpo, kto
+    from deltatune.train.pairs import pair_metrics, paired_change
+
+    scores = rng.normal(size=(4, 2))
+    got[("rm", "eval_accuracy")] = pair_metrics(scores)  # (reward.py's compute)
+    for stage in ("dpo", "orpo", "simpo", "cpo"):  # (orpo's, simpo's and cpo's are prepare_dpo's)
+        got[(stage, "eval_accuracy")] = dpo._metrics(EvalPrediction(scores, None))
+    got[("kto", "eval_margin")] = kto._metrics(EvalPrediction(np.array([[0.5, 1.0], [-0.2, 0.0]]), None))
     assert {k: tuple(v) for k, v in got.items()} == EVAL_METRICS
+    assert tuple(paired_change(scores, scores)) == PAIRED
 
 
 def test_eval_drops_the_last_partial_batch_of_a_drop_last_run_as_the_trainer(files, tmp_path):  # noqa: F811

@@ -206,16 +206,26 @@ def _check_schedule(name: str, kwargs: dict) -> None:
         raise ConfigError(f"train.lr_scheduler_kwargs {kwargs} for the {name} schedule: {why}") from None
 
 
+_PAIR = ("accuracy", "margin", "margin_se", "sign_p")  # pairs.pair_metrics
+_REWARDS = ("reward_chosen", "reward_rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies")  # fmt: skip
 EVAL_METRICS = {
     ("cls", "eval_accuracy"): ("accuracy", "f1"),
     ("cls", "eval_pearson"): ("pearson", "spearmanr", "combined_score", "mse"),
     ("cls", "eval_f1_micro"): ("f1_micro", "f1_macro", "subset_accuracy"),
     ("tag", "eval_f1"): ("f1", "precision", "recall", "accuracy"),
     ("image_cls", "eval_accuracy"): ("accuracy", "macro_f1"),
-}
+    ("rm", "eval_accuracy"): _PAIR,
+    **{(stage, "eval_accuracy"): _PAIR + _REWARDS for stage in ("dpo", "orpo", "simpo", "cpo")},
+    ("kto", "eval_margin"): ("reward_desirable", "reward_undesirable", "margin", "rewards/chosen", "rewards/rejected",
+                             "rewards/margins"),
+}  # fmt: skip
 """(stage, its headline metric) -> what the stage's compute_metrics reports at each evaluation, besides the loss and
-the Trainer's timings (tests/test_trainer_probe14.py checks each against the stage's function). A stage not here
-(the preference stages, whose trainers add their own) is checked at its first evaluation (trainer.py)."""
+the Trainer's timings (tests/test_trainer_probe14.py checks each against the stage's function). A stage not here is
+checked at its first evaluation (trainer.py)."""
+PAIRED = ("gained", "lost", "paired_p")
+"""What the pair stages' trainers (pairs.PairTrainer) add to each evaluation after one before training
+(train.eval_on_start)."""
 TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
 
 
@@ -227,6 +237,8 @@ def check_best_metric(cfg: Any, headline: str | None) -> None:
     reported = EVAL_METRICS.get((cfg.stage, headline))
     if not metric or reported is None:
         return
+    if cfg.train.eval_on_start and cfg.stage in ("rm", "dpo", "orpo", "simpo", "cpo"):
+        reported = reported + PAIRED
     if metric.removeprefix("eval_") not in ("loss", *reported, *TIMINGS):
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation does not "
                           f"report; it reports loss, {', '.join(reported)}")  # fmt: skip
