@@ -317,3 +317,85 @@ def test_a_loop_step_with_cispo_sapo_luspo_equals_trls_on_the_same_completions(g
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", *clip):
         assert stats[key] == pytest.approx(logged[key], abs=1e-6), key
     assert {k for k in stats if "clip_ratio" in k} == {k for k in logged if "clip_ratio" in k} & set(clip)
+
+
+# -- 4. GRPO sampling: TRL's top_k, min_p, repetition_penalty, generation_kwargs --------------------------------------
+
+
+def test_grpo_sampling_settings_reach_generate_as_trls(grpo_model, tmp_path):
+    """The GenerationConfig the loop samples with holds TRL's GRPOTrainer generation_config values for the same
+    top_k, min_p, repetition_penalty and generation_kwargs (one of them over top_k, as TRL's update)."""
+    import warnings
+
+    import trl
+    from datasets import Dataset
+    from tiny import tokenizer
+
+    import deltatune as dt
+    from deltatune.train.grpo import GRPOLoop, PromptItem
+    from deltatune.train.grpo_rewards import Reward
+
+    keys = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.3,
+            "generation_kwargs": {"typical_p": 0.9, "top_k": 7, "no_repeat_ngram_size": 2}}  # fmt: skip
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False,
+                          num_generations=4, max_completion_length=3, **keys)  # fmt: skip
+    tok = tokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(trl.GRPOTrainer)(
+            model=grpo_model, args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 4),
+            processing_class=tok, reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        )  # fmt: skip
+    grpo_model.eval()
+    want = trainer.generation_config
+    align = AlignArgs(num_generations=4, max_new_tokens=3, **keys)
+    validate_align(align, "grpo")
+    loop = GRPOLoop(grpo_model, tok, [Reward("zero", lambda completions, **_: [0.0] * len(completions))], align)
+    seen = []
+    real = grpo_model.generate
+
+    def generate(*a, generation_config, **kw):
+        seen.append(generation_config)
+        return real(*a, generation_config=generation_config, **kw)
+
+    grpo_model.generate = generate
+    try:
+        loop.sample([PromptItem(tok("hi")["input_ids"], "hi", {}, "p:1")], 4)
+    finally:
+        del grpo_model.generate
+    got = seen[0]
+    for key in ("top_k", "min_p", "repetition_penalty", "typical_p", "no_repeat_ngram_size", "top_p", "do_sample"):
+        assert getattr(got, key) == getattr(want, key), key
+    assert got.top_k == 7
+
+
+def test_grpo_top_k_1_samples_the_likeliest_token_every_time(grpo_model):
+    """top_k 1 leaves one token to sample: every completion of a prompt is the same (at top_k 0 they differ)."""
+    from tiny import tokenizer
+
+    from deltatune.train.grpo import GRPOLoop, PromptItem
+    from deltatune.train.grpo_rewards import Reward
+
+    tok = tokenizer()
+    item = PromptItem(tok("hello there")["input_ids"], "hello there", {}, "p:1")
+    texts = {}
+    for k in (0, 1):
+        align = AlignArgs(num_generations=6, max_new_tokens=4, top_k=k, temperature=2.0)
+        validate_align(align, "grpo")
+        loop = GRPOLoop(grpo_model, tok, [Reward("zero", lambda completions, **_: [0.0] * 6)], align, seed=3)
+        texts[k] = loop.sample([item], 6).completion_ids
+    assert len({tuple(c) for c in texts[1]}) == 1 and len({tuple(c) for c in texts[0]}) > 1
+
+
+@pytest.mark.parametrize("align, words", [
+    ({"top_k": -1}, "^align.top_k must be an integer >= 0 \\(0: all tokens\\), got -1$"),
+    ({"min_p": 1.5}, "^align.min_p must be in \\[0, 1\\] \\(or null: off\\), got 1.5$"),
+    ({"repetition_penalty": 0}, "^align.repetition_penalty must be > 0 \\(1: none\\), got 0.0$"),
+    ({"generation_kwargs": ["top_k"]}, "^align.generation_kwargs must be dict or null, got \\[.top_k.\\]$"),
+    ({"generation_kwargs": {"max_new_tokens": 9, "num_return_sequences": 2}},
+     "^align.generation_kwargs sets max_new_tokens, num_return_sequences, which the GRPO loop sets itself"),
+])  # fmt: skip
+def test_grpo_sampling_bad_input_is_one_line_naming_the_key(align, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        build({**RAW, "stage": "grpo", "align": align})
+    assert "\n" not in str(err.value)

@@ -101,6 +101,12 @@ class AlignArgs:
                                       "different mini_batch_size set beside it is refused).")  # fmt: skip
     num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
     top_p: float = _f(1.0, "GRPO: nucleus sampling of the completions (1: sample from the whole distribution).")
+    top_k: int = _f(0, "GRPO: sample from the k likeliest tokens only (0: all), as TRL's top_k.")
+    min_p: float | None = _f(None, "GRPO: drop tokens less likely than min_p times the likeliest (TRL's; null: off).")
+    repetition_penalty: float = _f(1.0, "GRPO: generate's repetition penalty while sampling (TRL's; 1: none). The "
+                                   "log-probs stay the policy's own, as TRL's.")  # fmt: skip
+    generation_kwargs: dict | None = _f(None, "GRPO: more transformers GenerationConfig settings for the sampling, "
+                                        "over the keys above (TRL's generation_kwargs).")  # fmt: skip
     num_iterations: int = _f(
         1, "GRPO: optimisation steps per generation batch (mu); above 1 the importance ratio pi / pi_old matters."
     )
@@ -329,7 +335,37 @@ def grpo_policy(a: AlignArgs) -> str:
     return a.loss_type if a.loss_type in ("cispo", "sapo") else "clip"
 
 
+GENERATION_OWNED = ("max_new_tokens", "max_length", "num_return_sequences", "num_beams", "eos_token_id",
+                    "pad_token_id", "return_dict_in_generate")  # fmt: skip
+"""GenerationConfig settings the GRPO loop sets itself (the completions' length, count, end and shape): refused in
+align.generation_kwargs."""
+
+
+def grpo_sampling(a: AlignArgs) -> dict[str, Any]:
+    """GRPO's GenerationConfig settings beyond the temperature and top_p, as TRL's GRPOTrainer passes them: top_k,
+    min_p, repetition_penalty, then align.generation_kwargs over them."""
+    return {"top_k": a.top_k, "min_p": a.min_p, "repetition_penalty": a.repetition_penalty,
+            **(a.generation_kwargs or {})}  # fmt: skip
+
+
+def _validate_sampling(a: AlignArgs) -> None:
+    if type(a.top_k) is not int or a.top_k < 0:
+        raise ConfigError(f"align.top_k must be an integer >= 0 (0: all tokens), got {a.top_k!r}")
+    if a.min_p is not None and not 0 <= a.min_p <= 1:
+        raise ConfigError(f"align.min_p must be in [0, 1] (or null: off), got {a.min_p}")
+    if a.repetition_penalty <= 0:
+        raise ConfigError(f"align.repetition_penalty must be > 0 (1: none), got {a.repetition_penalty}")
+    kw = a.generation_kwargs
+    if kw is not None and (not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw)):
+        raise ConfigError(f"align.generation_kwargs must be a mapping of GenerationConfig settings, got {kw!r}")
+    owned = sorted(set(kw or ()) & set(GENERATION_OWNED))
+    if owned:
+        raise ConfigError(f"align.generation_kwargs sets {', '.join(owned)}, which the GRPO loop sets itself "
+                          "(align.max_new_tokens, align.num_generations, the EOS); drop it")  # fmt: skip
+
+
 def validate_grpo(a: AlignArgs) -> None:
+    _validate_sampling(a)
     if a.loss_type in GRPO_REFUSED:
         raise ConfigError(f"align.loss_type {a.loss_type} (TRL's GRPO) is not in deltatune; use one of "
                           f"{', '.join(GRPO_LOSS_TYPES)}")  # fmt: skip

@@ -57,7 +57,7 @@ from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
-from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
+from .config_align import grpo_loss_norm, grpo_policy, grpo_sampling, validate_grpo
 from .grpo_loss import group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401  (k3_kl: re-exported)
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
@@ -169,7 +169,14 @@ class GRPOLoop:
     def sample(self, items: Sequence[PromptItem], num: int) -> Samples:
         """``num`` sampled completions of each prompt, consecutive (N = len(items) x num)."""
         ids, mask, completion_mask, completion, truncated = sample_responses(
-            self.model, [it.ids for it in items], self.pad, self.eos, self.align, self.align.top_p, num
+            self.model,
+            [it.ids for it in items],
+            self.pad,
+            self.eos,
+            self.align,
+            self.align.top_p,
+            num,
+            grpo_sampling(self.align),
         )
         if self.stops.tolist() != [self.eos]:  # (sample_responses stops at the tokenizer's EOS only)
             stop = torch.isin(completion, self.stops.to(completion.device))

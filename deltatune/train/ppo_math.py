@@ -191,8 +191,10 @@ def sample_responses(
     align: AlignArgs,
     top_p=1.0,
     repeat=1,
+    extra: dict | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Sample ``repeat`` responses (consecutive) to each prompt (token ids, no padding) from the policy itself.
+    """Sample ``repeat`` responses (consecutive) to each prompt (token ids, no padding) from the policy itself;
+    ``extra``: more GenerationConfig settings, over these (GRPO's top_k, min_p, repetition_penalty, generation_kwargs).
 
     Returns:
         (prompts (N, P) left-padded, their attention mask, response mask (N, R): 1 up to and including the first
@@ -205,8 +207,9 @@ def sample_responses(
     ids = torch.tensor([[pad] * (P - len(p)) + list(p) for p in prompts], device=next(model.parameters()).device)
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=ids.device)
     ids, mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
-    gen = GenerationConfig(max_new_tokens=align.max_new_tokens, do_sample=True, temperature=align.temperature,
-                           top_k=0, top_p=top_p, pad_token_id=pad, eos_token_id=eos, use_cache=True)  # fmt: skip
+    settings = dict(max_new_tokens=align.max_new_tokens, do_sample=True, temperature=align.temperature, top_k=0,
+                    top_p=top_p, pad_token_id=pad, eos_token_id=eos, use_cache=True)  # fmt: skip
+    gen = GenerationConfig(**{**settings, **(extra or {})})
     # transformers fills each setting a config leaves unset from the checkpoint's generation_config (a repetition
     # penalty, no_repeat_ngram_size, suppress_tokens, min_new_tokens...): set it aside while sampling, or the samples
     # would come from another distribution than the policy's, the one the ratio and the KL are computed under.
