@@ -172,3 +172,49 @@ def test_rm_formats_margin_and_centring_equal_trls_reward_trainer(base, tmp_path
     assert set(metrics) <= set(trainer._stats)
     for key, value in metrics.items():
         assert trainer._stats[key][-1] == pytest.approx(value, abs=1e-6), key
+
+
+KTO_ROWS = [("what is your name", " my name is delta", True), ("hello there friend", " go away now please you", False),
+            ("how are you", " fine thanks", True), ("tell me", " no", False)]  # fmt: skip
+
+
+def test_kto_prepared_unpaired_rows_with_weights_and_kl_equal_trls(base, tmp_path):
+    """Stage kto on four conversational unpaired rows (two desirable, two not) with desirable_weight 1.3 and
+    undesirable_weight 0.6, against TRL 1.16's KTOTrainer in its own order: deltatune's prepared batch (the rows,
+    then their mismatched pairs for the KL reference point) holds TRL's ids and labels, and the loss, every LoRA
+    gradient and TRL's metrics (kl, rewards/*, logps/*, logits/*, entropy, num_tokens) are equal."""
+    import trl
+    from test_dpo_probe12 import _kto_batch
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}],
+             "label": good} for p, c, good in KTO_ROWS]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    weights = {"desirable_weight": 1.3, "undesirable_weight": 0.6}
+    cfg = build({"stage": "kto", "model": {"name_or_path": base}, "train": {"report_to": ["none"], "batch_size": 4},
+                 "data": {"train": str(path)}, "align": weights, "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    ours = prepare(cfg, load_tokenizer(base))
+    model = _lora(base)
+    args = trl.KTOConfig(str(tmp_path / "trl"), per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False,
+                         **weights)  # fmt: skip
+    theirs = dt.trl_trainer(trl.KTOTrainer)(model=model, args=args, processing_class=load_tokenizer(base),
+                                            train_dataset=Dataset.from_list(rows),
+                                            ref_model=AutoModelForCausalLM.from_pretrained(base))  # fmt: skip
+    batch = theirs.data_collator([theirs.train_dataset[i] for i in range(4)])  # (in order)
+    model.train()
+    expected = theirs.compute_loss(model, batch)
+    expected.backward()
+    want = _grads(model)
+    trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"), data_collator=ours.collator)
+    mine = ours.collator(ours.train[:4])
+    for key, value in _kto_batch(batch).items():
+        assert torch.equal(mine[key], value), key
+    got = trainer.compute_loss(model, mine)
+    got.backward()
+    assert abs(got.item() - expected.item()) < ATOL, (got.item(), expected.item())
+    _same(want, _grads(model))
+    metrics = {k: v[-1] for k, v in theirs._metrics["train"].items()}
+    assert {"kl", "rewards/chosen", "num_tokens"} <= set(metrics) <= set(trainer._stats)
+    for key, value in metrics.items():
+        assert trainer._stats[key][-1] == pytest.approx(value, abs=1e-4, rel=1e-5), key
