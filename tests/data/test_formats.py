@@ -578,13 +578,16 @@ def test_implicit_string_pairs_keep_the_files_text_without_a_chat_template():
     assert part == "rejected" and text == rejected + "[SEP]" and text[spans[0][0] :] == " Purple.[SEP]"
 
 
-def test_a_conversation_opening_with_an_assistant_turn_is_one_line(tok):
+def test_a_conversation_opening_with_an_assistant_turn_trains_it(tok):
+    """The opening answer trains, as the built-in templates and TRL's assistant masks train it (refused until probe
+    14; tests/test_data_probe14.py compares it with TRL's qwen2_5_training)."""
     from deltatune.data.encode import encode_sft_samples
 
     row = Row({"messages": [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi."},
                             {"role": "assistant", "content": "How can I help?"}]}, "a.jsonl:2")  # fmt: skip
-    with pytest.raises(DataError, match=r"^a.jsonl:2: messages\[0\].role: the conversation opens with an assistant"):
-        encode_sft_samples(read_samples([row], stage="sft"), tok, None, 64)
+    ex = encode_sft_samples(read_samples([row], stage="sft"), tok, None, 64).examples[0]
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
+    assert trained.startswith("hello!") and "how can i help?" in trained and "hi." not in trained
 
 
 def test_a_conversations_column_of_role_content_messages_is_read():

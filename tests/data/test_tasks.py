@@ -40,7 +40,7 @@ def _rows(*data: dict) -> list[Row]:
 
 
 def test_label_map():
-    assert label_map(_rows({"y": 2}, {"y": 0}), "y", None) == {0: 0, 1: 1, 2: 2}  # ids as given, gaps kept
+    assert label_map(_rows({"y": 2}, {"y": 0}), "y", None) == {0: 0, 2: 1}  # the sorted values (run_glue's)
     assert label_map(_rows({"y": "pos"}, {"y": "neg"}), "y", None) == {"neg": 0, "pos": 1}  # sorted names
     given = label_map(_rows({"y": "pos"}), "y", ["pos", "neg"])
     assert given == {"pos": 0, "neg": 1, 0: 0, 1: 1}  # the recipe's order; names and ids both accepted
@@ -55,7 +55,7 @@ def test_classes_named_by_numbers_are_names_not_ids(tok, labels):
     for rows in (_rows(*stars), _rows(*[{**r, "y": str(r["y"])} for r in stars])):
         mapping = label_map(rows, "y", labels and [str(x) for x in labels])
         ids = [ex["labels"] for ex in encode_cls(rows, tok, "t", "y", mapping, 16).examples]
-        assert ids == ([0, 1, 2, 3, 4] if labels else [1, 2, 3, 4, 5])  # without names, whole numbers are ids
+        assert ids == [0, 1, 2, 3, 4]  # without names too: the sorted values, star s class s-1 (run_glue's)
     mixed = _rows({"y": 1}, {"y": 2}, {"y": "other"})
     trained = label_map(mixed, "y", None)
     assert trained == {"1": 0, "2": 1, "other": 2}
@@ -77,24 +77,24 @@ def test_blank_list_and_object_labels_are_refused(value, said):
 
 
 def test_csv_ids_are_ids_not_names(tok):
-    # CSV values are text: "10" is class 10, not the third of the sorted names "0" < "10" < "2".
+    # CSV values are text: "10" sorts after "2" as a number, not between "0" and "2" as text.
     rows = _rows({"t": "a", "y": "0"}, {"t": "b", "y": "10"}, {"t": "c", "y": "2"})
     mapping = label_map(rows, "y", None)
-    assert [ex["labels"] for ex in encode_cls(rows, tok, "t", "y", mapping, 16).examples] == [0, 10, 2]
+    assert [ex["labels"] for ex in encode_cls(rows, tok, "t", "y", mapping, 16).examples] == [0, 2, 1]
     # ... and a JSONL train file (int labels) agrees with a CSV eval file (the same ids as text).
     json_mapping = label_map(_rows({"y": 0}, {"y": 1}), "y", None)
     assert encode_cls(_rows({"t": "x", "y": "1"}), tok, "t", "y", json_mapping, 16).examples[0]["labels"] == 1
 
 
 def test_whole_float_labels_are_ids(tok):
-    # pandas writes an int label column with a gap as floats (1.0): still class 1, and a train file in floats agrees
-    # with an eval file in ints or in text ("1.0", "2").
+    # pandas writes an int label column with a gap as floats (2.0): the number 2, and a train file in floats agrees
+    # with an eval file in ints or in text ("2.0", "2").
     floats = _rows({"t": "a", "y": 0.0}, {"t": "b", "y": 2.0})
     mapping = label_map(floats, "y", None)
-    assert mapping == {0: 0, 1: 1, 2: 2}
-    assert class_names(mapping, None) == ["0", "1", "2"]
-    other = _rows({"t": "c", "y": 1}, {"t": "d", "y": "1.0"}, {"t": "e", "y": "2"}, {"t": "f", "y": 2.0})
-    assert [ex["labels"] for ex in encode_cls(other, tok, "t", "y", mapping, 16).examples] == [1, 1, 2, 2]
+    assert mapping == {0: 0, 2: 1}
+    assert class_names(mapping, None) == ["0", "2"]
+    other = _rows({"t": "c", "y": 0}, {"t": "d", "y": "2.0"}, {"t": "e", "y": "2"}, {"t": "f", "y": 2.0})
+    assert [ex["labels"] for ex in encode_cls(other, tok, "t", "y", mapping, 16).examples] == [0, 1, 1, 1]
     # A label that is not a whole number is a class name (half stars are classes), named in sorted order.
     halves = label_map(_rows({"y": 4.5}, {"y": 1}, {"y": "x"}), "y", None)
     assert halves == {"1": 0, "4.5": 1, "x": 2} and class_names(halves, None) == ["1", "4.5", "x"]
@@ -102,12 +102,12 @@ def test_whole_float_labels_are_ids(tok):
 
 
 def test_an_id_past_the_class_limit_is_refused():
-    # An id column or a score read as class ids would make a head of a billion outputs (and hang building its map).
+    # An id column or a score read as class ids.
     with pytest.raises(
         DataError, match=r"d.jsonl:2: label 1000000000.0 in column 'y' would be class id 1,000,000,000"
     ):
         label_map(_rows({"y": 3}, {"y": 1e9}), "y", None)
-    assert len(label_map(_rows({"y": MAX_CLASSES - 1}), "y", None)) == MAX_CLASSES
+    assert label_map(_rows({"y": MAX_CLASSES - 1}), "y", None) == {MAX_CLASSES - 1: 0}
 
 
 def test_a_text_column_that_is_not_text_is_refused(tok):

@@ -294,13 +294,14 @@ def test_eval_label_outside_training_classes(tmp_path):
 
 
 def test_image_labels_are_read_as_text_classification_reads_them(tmp_path):
-    """Whole floats (pandas' 1.0) are ids, and agree with an eval file in ints; a NaN label is refused by its row."""
+    """Whole floats (pandas' 2.0) are numbers, sorted into classes, and agree with an eval file in ints and text; a NaN
+    label is refused by its row."""
     _image(tmp_path / "x.png")
     train = _jsonl(tmp_path / "t.jsonl", [{"image": "x.png", "label": 0.0}, {"image": "x.png", "label": 2.0}])
-    ev = _jsonl(tmp_path / "e.jsonl", [{"image": "x.png", "label": 1}, {"image": "x.png", "label": "2"}])
+    ev = _jsonl(tmp_path / "e.jsonl", [{"image": "x.png", "label": 0}, {"image": "x.png", "label": "2"}])
     prepared = C.prepare_image_cls(_cfg(tmp_path, train=str(train), eval=str(ev)), None)
-    assert prepared.labels == ["0", "1", "2"]
-    assert prepared.train.labels == [0, 2] and prepared.eval.labels == [1, 2]
+    assert prepared.labels == ["0", "2"]
+    assert prepared.train.labels == [0, 1] and prepared.eval.labels == [0, 1]
     bad = _jsonl(tmp_path / "n.jsonl", [{"image": "x.png", "label": 1}, {"image": "x.png", "label": float("nan")}])
     with pytest.raises(DataError, match=r"n\.jsonl:2: label in column 'label' is NaN"):
         C.prepare_image_cls(_cfg(tmp_path, train=str(bad)), None)
