@@ -241,6 +241,10 @@ def test_grpo_loss_types_cispo_sapo_luspo_equal_trl(grpo_model, tmp_path, case):
     name = {"cispo": "cispo_clip_ratio", "sapo": None}.get(a.loss_type, "clip_ratio/region_mean")
     if name:
         assert (stats["clipped"] / stats["clip_units"]).item() == pytest.approx(metrics[name], abs=1e-6)
+        for side in ("low", "high") if name == "clip_ratio/region_mean" else ():  # (each side's, as TRL's)
+            got = (stats[f"clipped_{side}"] / stats["clip_units"]).item()
+            assert got == pytest.approx(metrics[f"clip_ratio/{side}_mean"], abs=1e-6)
+            assert 0 < got < 1  # (both sides clip some, not all)
         assert name != "cispo_clip_ratio" or 0 < metrics[name] < 1  # (the cap binds on some tokens, not all)
     else:
         assert not {k for k in metrics if "clip" in k}  # (TRL's sapo logs no clip statistic; neither does ours)
@@ -313,10 +317,14 @@ def test_a_loop_step_with_cispo_sapo_luspo_equals_trls_on_the_same_completions(g
     model.eval()
     assert stats["loss"] == pytest.approx(expected.item(), abs=1e-6)
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items() if v}  # TRL's names, TRL's values
-    clip = {"cispo": ["cispo_clip_ratio"], "sapo": [], "luspo": ["clip_ratio/region_mean"]}[loss_type]
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", *clip):
+    clip = {"cispo": ["cispo_clip_ratio"], "sapo": [],
+            "luspo": ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"]}[loss_type]  # fmt: skip
+    lengths = [f"completions/{k}" for k in ("mean_length", "min_length", "max_length", "clipped_ratio",
+                                            "mean_terminated_length", "min_terminated_length", "max_terminated_length")]  # fmt: skip
+    for key in ("reward", "reward_std", "frac_reward_zero_std", *lengths, *clip):
         assert stats[key] == pytest.approx(logged[key], abs=1e-6), key
-    assert {k for k in stats if "clip_ratio" in k} == {k for k in logged if "clip_ratio" in k} & set(clip)
+    assert {k for k in stats if "clip_ratio" in k} == set(clip) <= set(logged)
+    assert (logged["completions/clipped_ratio"], logged["completions/min_length"]) == (1 / 8, 2.0)  # (not trivial)
 
 
 # -- 4. GRPO sampling: TRL's top_k, min_p, repetition_penalty, generation_kwargs --------------------------------------

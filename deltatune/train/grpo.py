@@ -225,7 +225,9 @@ class GRPOLoop:
         with self.amp():
             old = self._logprobs(s) if a.num_iterations > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None
-        sums = {"loss": 0.0, "clipped": 0.0, "clip_units": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
+        sums = dict.fromkeys(
+            ("loss", "clipped", "clipped_low", "clipped_high", "clip_units", "kl", "tokens", "entropy"), 0.0
+        )
         for it in range(a.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for idx in self._chunks(n_seq):
@@ -250,7 +252,8 @@ class GRPOLoop:
                     raise NonFiniteLossError(getattr(self, "steps_done", 0) + 1, float(loss))
                 loss.backward()
                 sums["loss"] += loss.item() / a.num_iterations
-                sums["clipped"] += st["clipped"].item()
+                for key in ("clipped", "clipped_low", "clipped_high"):
+                    sums[key] += st[key].item() if key in st else 0.0
                 sums["clip_units"] += st["clip_units"].item()
                 sums["tokens"] += st["tokens"].item()
                 sums["kl"] += st["kl"].item() if "kl" in st else 0.0
@@ -284,6 +287,10 @@ class GRPOLoop:
         clip_name = {"clip": "clip_ratio/region_mean", "cispo": "cispo_clip_ratio"}.get(grpo_policy(a))
         if clip_name:  # (TRL's name for its clip statistic; sapo, which clips nothing, logs none)
             stats[clip_name] = stats["clipfrac"]
+        if clip_name == "clip_ratio/region_mean":
+            for side in ("low", "high"):
+                stats[f"clip_ratio/{side}_mean"] = sums[f"clipped_{side}"] / max(sums["clip_units"], 1.0)
+        stats.update(completion_lengths(s))
         if a.beta > 0:
             stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
         for k, r in enumerate(self.rewards):
@@ -299,6 +306,19 @@ class GRPOLoop:
             total = [combine(self.score(self.sample(part, 1)), weights, [it.source for it in part])
                      for part in (items[i : i + batch_size] for i in range(0, len(items), batch_size))]  # fmt: skip
         return torch.cat(total).nanmean().item()  # rows some reward applies to
+
+
+def completion_lengths(s: Samples) -> dict[str, float]:
+    """TRL's completions/* statistics: the lengths (up to and including the EOS) of all completions and of those
+    that ended (an EOS within max_new_tokens; a 0 where none did, as TRL's), and the truncated fraction."""
+    lengths = s.completion_mask.float().sum(-1)
+    ended = lengths[~s.truncated.to(lengths.device)]
+    ended = ended if len(ended) else torch.zeros(1)
+    out = {"completions/min_length": lengths.min().item(), "completions/max_length": lengths.max().item(),
+           "completions/clipped_ratio": s.truncated.float().mean().item()}  # fmt: skip
+    for name, f in (("mean", torch.mean), ("min", torch.min), ("max", torch.max)):
+        out[f"completions/{name}_terminated_length"] = f(ended).item()
+    return out
 
 
 # -- the stage -----------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def grpo_loss(
 
     Returns:
         (loss, stats): stats holds sums (detached) ``clipped`` (tokens, or completions under GSPO, in TRL's clip
-        region) over ``clip_units`` of them, ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``.
+        region; with policy clip also ``clipped_low`` and ``clipped_high``, each side's) over ``clip_units`` of them, ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``.
 
     Raises:
         ValueError: an unknown loss_norm or importance_sampling_level, beta > 0 without reference log-probs, or
@@ -147,11 +147,18 @@ def grpo_loss(
         per_token = -torch.minimum(capped * adv, torch.clamp(ratio, 1 - cliprange, 1 + high) * adv)
         # TRL's clip_ratio/region_mean: its region test on the (delta-capped) ratio, over the completion tokens, or
         # over the completions when the ratio is one per completion (GSPO)
-        took = (((capped < 1 - cliprange) & (adv < 0)) | ((capped > 1 + high) & (adv > 0))).float().detach()
+        low, up = ((capped < 1 - cliprange) & (adv < 0)).float(), ((capped > 1 + high) & (adv > 0)).float()
+        took = (low + up).detach()  # (the two regions are disjoint: the advantage's sign tells them apart)
     if token_mask is not None:
         per_token = per_token * token_mask.float()
+
+    def count(x: torch.Tensor) -> torch.Tensor:  # over the completion tokens, or the completions (one ratio each)
+        return (x * mask).sum().detach() if x.shape[-1] > 1 else x.sum().detach()
+
     units = mask.sum() if took.shape[-1] > 1 else torch.tensor(float(took.shape[0]))
-    stats = {"clipped": (took * mask).sum() if took.shape[-1] > 1 else took.sum(), "clip_units": units}
+    stats = {"clipped": count(took), "clip_units": units}
+    if policy == "clip":  # (TRL's clip_ratio/low_mean and high_mean)
+        stats["clipped_low"], stats["clipped_high"] = count(low), count(up)
     stats["tokens"] = mask.sum().detach()
     if beta > 0:
         if ref_logprobs is None:
