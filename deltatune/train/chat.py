@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..data.templates import apply_chat_template
+from ..data.templates import apply_chat_template, stop_ids
 
 Messages = list[dict[str, str]]
 GENERATIVE = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
@@ -100,8 +100,11 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     num_beams: int = 1,
+    template: str | None = None,
 ) -> str:
-    """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only.
+    """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only; it also
+    stops where the built-in ``template`` it trained with ends an answer (``templates.stop_ids``: chatml's
+    ``<|im_end|>`` where the tokenizer has no EOS).
 
     Raises:
         ConfigError: the prompt and ``max_new_tokens`` do not fit the model's context (a model with learned positions,
@@ -116,6 +119,10 @@ def generate(
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(ids)], device=device)
     sampling = sampling_kwargs(temperature, top_p)
+    extra = [i for i in stop_ids(tok, template) if i != tok.eos_token_id] if template is not None else []
+    if extra:  # beside the generation config's own stops
+        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        sampling["eos_token_id"] = [*([] if own is None else own if isinstance(own, list) else [own]), *extra]
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
@@ -179,7 +186,8 @@ def compare(model, tok, prompts: Sequence[str | Messages], **kwargs: Any) -> lis
                     if in_place
                     else generate(model, tok, ids, **kwargs)
                 )
-            rows.append({"prompt": _last_user(prompt), "base": base, "adapter": generate(model, tok, ids, **kwargs)})
+            tuned = generate(model, tok, ids, template=render.get("template"), **kwargs)  # stops where it trained to
+            rows.append({"prompt": _last_user(prompt), "base": base, "adapter": tuned})
     finally:
         model.train(was_training)
     return rows

@@ -1,0 +1,55 @@
+"""A tokenizer with no EOS trained under the built-in chatml learns to end answers with ``<|im_end|>``; chat and the
+run's samples stop on it (they ran to max_new_tokens, the marker and what followed it decoded into the answer)."""
+
+from __future__ import annotations
+
+import torch
+
+from deltatune.train import chat
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "yo", "\n"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(r"(<\|im_start\|>|<\|im_end\|>|\n| )", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert tok.eos_token_id is None
+    return tok
+
+
+def _model(tok, answer: list[int]):
+    """A tiny Llama whose greedy answer is ``answer`` then "yo" forever, whatever the prompt."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    steps = {"n": 0}
+
+    def force(_module, _inputs, logits):
+        out = torch.full_like(logits, -1e4)
+        at = steps["n"]  # (the prompt's forward gives the first new token)
+        want = answer[at] if 0 <= at < len(answer) else tok.convert_tokens_to_ids("yo")
+        out[:, -1, want] = 0.0
+        steps["n"] += 1
+        return out
+
+    model.lm_head.register_forward_hook(force)
+    return model
+
+
+def test_chat_stops_on_chatml_end_marker_when_the_tokenizer_has_no_eos():
+    tok = _tokenizer()
+    hi, im_end = tok.convert_tokens_to_ids("hi"), tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    stopped = chat.generate(_model(tok, [hi, hi, im_end]), tok, ids, max_new_tokens=8, template="chatml")
+    assert stopped == "hi hi"
+    # without the template (the tokenizer's own, whose stops are the generation config's) nothing stops it
+    ran_on = chat.generate(_model(tok, [hi, hi, im_end]), tok, ids, max_new_tokens=8)
+    assert ran_on.split() == ["hi", "hi"] + ["yo"] * 5
