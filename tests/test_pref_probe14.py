@@ -49,22 +49,24 @@ def _trl(base, tmp_path, stage: str, max_length: int, **kwargs):
                                        train_dataset=Dataset.from_list(CUT_CONVERSATIONAL))  # fmt: skip
 
 
-@pytest.mark.parametrize("stage", ["orpo", "simpo", "cpo"])
-@pytest.mark.parametrize("max_length", [64, 36])
-def test_answers_end_with_eos_as_trls_cpo_and_orpo(base, tmp_path, stage, max_length):
+@pytest.mark.parametrize("trainer", ["orpo", "cpo"])
+def test_answers_end_with_eos_as_trls_cpo_and_orpo(base, tmp_path, trainer):
     """The tiny template ends a turn with ``<|im_end|>`` and a newline, and its EOS is [SEP]: TRL's CPO and ORPO
     trainers append a trained [SEP] to every answer (``add_eos_token_if_needed``), then cut the answer to max_length.
-    deltatune's ids and labels now equal theirs token for token, cut (36) or not (64); HEAD's lacked that last
-    token on every uncut side (orpo, simpo and cpo alike)."""
-    _, ours = _prepared(base, tmp_path, stage, max_length)
-    theirs = _trl(base, tmp_path, "orpo" if stage == "orpo" else "cpo", max_length).train_dataset
-    eos, ended = load_tokenizer(base).eos_token_id, 0
-    for ex, mine in zip(theirs, ours.train, strict=True):
-        for side in ("chosen", "rejected"):
-            assert ex[f"{side}_input_ids"] == mine[side]["input_ids"], side
-            assert ex[f"{side}_labels"] == mine[side]["labels"], side
-            ended += mine[side]["input_ids"][-1] == eos == mine[side]["labels"][-1]
-    assert ended == (6 if max_length == 64 else 2)  # (at 36 four sides are cut before their end)
+    deltatune's ids and labels (orpo's against ORPOTrainer's, simpo's and cpo's against CPOTrainer's) now equal theirs
+    token for token, cut (36) or not (64); HEAD's lacked that last token on every uncut side."""
+    eos = load_tokenizer(base).eos_token_id
+    for max_length, uncut in ((64, 6), (36, 2)):  # (at 36 four sides are cut before their end)
+        theirs = _trl(base, tmp_path, trainer, max_length).train_dataset
+        for stage in ["orpo"] if trainer == "orpo" else ["simpo", "cpo"]:
+            _, ours = _prepared(base, tmp_path, stage, max_length)
+            ended = 0
+            for ex, mine in zip(theirs, ours.train, strict=True):
+                for side in ("chosen", "rejected"):
+                    assert ex[f"{side}_input_ids"] == mine[side]["input_ids"], (stage, max_length, side)
+                    assert ex[f"{side}_labels"] == mine[side]["labels"], (stage, max_length, side)
+                    ended += mine[side]["input_ids"][-1] == eos == mine[side]["labels"][-1]
+            assert ended == uncut, (stage, max_length)
 
 
 def test_dpo_answers_get_no_eos_after_the_template_as_trls_dpo(base, tmp_path):
@@ -131,8 +133,8 @@ RM_FORMATS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("center", [None, 0.1])
-@pytest.mark.parametrize("form", sorted(RM_FORMATS))
+@pytest.mark.parametrize("form, center", [("conversational", None), ("conversational_implicit", 0.1),
+                                          ("plain", 0.1), ("plain_implicit", None)])  # fmt: skip
 def test_rm_formats_margin_and_centring_equal_trls_reward_trainer(base, tmp_path, form, center):
     """Stage rm against TRL 1.16's RewardTrainer on three pairs in each format it takes (explicit or implicit prompt,
     conversational or plain text: plain with data.template plain, as TRL tokenizes text; the margin column where
