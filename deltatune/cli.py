@@ -1,4 +1,4 @@
-"""``deltatune train|eval|generate|chat|merge|info|data``: parse, call one function, print the result.
+"""``deltatune train|eval|generate|chat|merge|info|data|serve|board``: parse, call one function, print the result.
 
 Heavy libraries are imported inside the commands, so ``deltatune --help`` answers at once. The commands and their
 flags (the parser and its help texts) are ``cli_parser.py``'s.
@@ -455,6 +455,8 @@ def _serve(args) -> int:
 def _board(args) -> int:
     from .board import board, check_board
 
+    if args.inspect:
+        return _inspect(args)
     model = "--model" if args.model else "--adapter" if args.adapter else ""  # (the flag named in a refusal)
     check_board(args.runs, args.host, args.port, args.serve_url, args.serve_key, model)
     _check_model(args.model)
@@ -466,6 +468,43 @@ def _board(args) -> int:
         serve_app = create_app(build_engine(args.model, _adapters(args.adapter)))
     print(f"deltatune board on http://{args.host}:{args.port}/ (runs: {args.runs})", flush=True)
     board(args.runs, args.host, args.port, args.serve_url, args.serve_key, serve_app)
+    return 0
+
+
+def _inspect(args) -> int:
+    """``board --inspect``: one line per run of ``--runs`` (a folder of runs, or one run's folder) as the board's
+    list reads it (name, status and why it stopped, last step, stage/method, headline metrics), then exit; as
+    ``tensorboard --inspect`` prints what its logdir holds."""
+    from .board.runs import RUN_FILE, list_runs, summary
+    from .config import ConfigError
+
+    path = args.runs
+    for flag, value in (("--model", args.model), ("--adapter", args.adapter), ("--serve", args.serve_url)):
+        if value:
+            raise ConfigError(f"--inspect prints the runs and exits: drop {flag}")
+    if not os.path.isdir(path):
+        raise ConfigError(f"--runs {path!r} " + ("is a file; give a run folder or a folder of runs"
+                                                 if os.path.exists(path) else "does not exist"))  # fmt: skip
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        parent, name = os.path.split(os.path.realpath(path))
+        rows = [row for row in [summary(parent, name)] if row is not None]
+    else:
+        rows = list_runs(path)
+    if not rows:
+        raise ConfigError(f"--runs {path!r} holds no run (no {RUN_FILE} in it or one or two folders below it)")
+    table = [
+        [
+            row["name"],
+            row["status"] + (f" ({row['reason'].strip()})" if row.get("reason") else ""),
+            f"step {row['steps']}",
+            f"{row['stage']}/{row['method']}",
+            "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row["metrics"].items()),
+        ]
+        for row in rows
+    ]
+    widths = [max(len(cells[i]) for cells in table) for i in range(4)]
+    for cells in table:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)) + "  " + cells[4])
     return 0
 
 

@@ -211,6 +211,12 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     bd.add_argument("--serve-key", help="the API key of that serve process (kept on the board's side)")
     bd.add_argument("--model", help="playground: start a serve engine inside the board on this base model")
     bd.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="with --model: an adapter")
+    bd.add_argument(
+        "--inspect",
+        action="store_true",
+        help="print the runs of --runs (or of one run's folder): status, step, stage/method, metrics; then exit "
+        "(as tensorboard --inspect)",
+    )
 
     for command in sub.choices.values():  # --debug after the command too (SUPPRESS: the top-level value stands)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

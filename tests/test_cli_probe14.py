@@ -86,6 +86,8 @@ def test_a_resumed_run_that_finishes_keeps_no_stopped_json(capsys, tmp_path, mon
     names = {p.name for p in out.iterdir()}
     assert {STOPPED_FILE, "checkpoint-1", "run.yaml"} <= names and "metrics.json" not in names
     capsys.readouterr()
+    assert main(["board", "--runs", str(out), "--inspect"]) == 0
+    assert capsys.readouterr().out.split()[:5] == ["run", "stopped", "(KeyboardInterrupt:)", "step", "1"]
     assert main([*argv, "--resume"]) == 0
     names = {p.name for p in out.iterdir()}
     assert "metrics.json" in names and STOPPED_FILE not in names
@@ -151,3 +153,49 @@ def test_an_adapter_that_is_a_file_is_named_as_a_file(capsys, tmp_path, command)
         "folder (adapter_config.json)"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors"]
+
+
+def test_board_inspect_lists_the_runs_as_the_board_does(capsys, tmp_path):
+    """There was no way to see from the shell which runs finished, stopped or failed (the board's page only).
+    ``board --inspect`` (as ``tensorboard --inspect``) prints one line per run: the board's status, reason, last step,
+    stage/method and headline metrics, for a folder of runs or one run's folder, and exits."""
+    runs = tmp_path / "runs"
+    done, stopped = runs / "done", runs / "group" / "stopped"
+    for folder, method in ((done, "lora"), (stopped, "ia3")):
+        folder.mkdir(parents=True)
+        (folder / "run.yaml").write_text(f"stage: sft\nmethod: {{name: {method}}}\n")
+        (folder / "log_history.jsonl").write_text('{"loss": 2.0, "step": 1}\n{"loss": 1.5, "step": 2}\n{"lo')
+    (done / "metrics.json").write_text(json.dumps({"eval_loss": 1.23456, "train_loss": 1.5}))
+    (stopped / STOPPED_FILE).write_text(json.dumps({"reason": "NonFiniteLossError: nan", "interrupted": False}))
+    assert main(["board", "--runs", str(runs), "--inspect"]) == 0
+    lines = sorted(line.split() for line in capsys.readouterr().out.splitlines())
+    assert lines == [
+        ["done", "finished", "step", "2", "sft/lora", "eval_loss", "1.235", "train_loss", "1.5"],
+        ["group/stopped", "failed", "(NonFiniteLossError:", "nan)", "step", "2", "sft/ia3"],
+    ]
+    assert main(["board", "--runs", str(done), "--inspect"]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["done", "finished"]
+
+
+def test_board_inspect_refuses_odd_folders_in_one_line(capsys, tmp_path):
+    """A missing path, a file, a folder with no run, a serving flag: one line naming it, exit 2, nothing written."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for name, why in (("missing", "does not exist"), ("file", "is a file; give a run folder or a folder of runs"),
+                      ("empty", "holds no run (no run.yaml in it or one or two folders below it)")):  # fmt: skip
+        path = tmp_path / name
+        assert main(["board", "--runs", str(path), "--inspect"]) == 2
+        assert capsys.readouterr().err == f"deltatune board: error: --runs '{path}' {why}\n"
+    assert main(["board", "--runs", str(tmp_path), "--inspect", "--model", "m"]) == 2
+    assert capsys.readouterr().err == "deltatune board: error: --inspect prints the runs and exits: drop --model\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]
+
+
+def test_a_run_stopped_before_its_first_log_line_shows_its_checkpoints_step(tmp_path):
+    """A run stopped after checkpoint-3 but before its first log line (logging_steps > 3) was listed at step 0."""
+    folder = tmp_path / "a"
+    (folder / "checkpoint-3").mkdir(parents=True)
+    (folder / "checkpoint-x").mkdir()
+    (folder / "run.yaml").write_text("stage: sft\n")
+    (folder / "log_history.jsonl").write_text("")
+    assert [r["steps"] for r in _board_client(tmp_path).get("/api/runs").json()["runs"]] == [3]

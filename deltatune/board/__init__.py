@@ -16,7 +16,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
+try:
+    from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
+except ImportError:  # without the serve extra: reading runs (board.runs, deltatune status) still imports
+    HttpRequest = Any
 
 from . import runs as runs_
 

@@ -125,7 +125,8 @@ def _row(line: str) -> Any:
 
 def _last_step(folder: str) -> int:
     """The step of the log's last complete line, read from its end (the listing must not grow with the log), else
-    of the whole history (a checkpoint's trainer_state.json); 0 when there is none."""
+    of the whole history (a checkpoint's trainer_state.json); at least the newest checkpoint's (a run stopped before
+    its first log line showed step 0 beside its checkpoint-1); 0 when there is none."""
     try:
         with open(_in(folder, LOG_FILE), "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -134,7 +135,8 @@ def _last_step(folder: str) -> int:
     except OSError:
         lines = []
     rows = [r for r in map(_row, reversed(lines)) if isinstance(r, dict)] or history(folder)[::-1]
-    return next((r["step"] for r in rows if isinstance(r.get("step"), int)), 0)
+    saved = max(map(_step, glob.glob(os.path.join(glob.escape(folder), "checkpoint-*", ""))), default=0)
+    return max(next((r["step"] for r in rows if isinstance(r.get("step"), int)), 0), saved)
 
 
 def history(folder: str) -> list[dict[str, Any]]:
