@@ -210,3 +210,31 @@ def test_top_level_status_functions_are_peft_s(injected):
     assert got == want
     with pytest.raises(TypeError, match="get_layer_status: LlamaForCausalLM is neither"):
         dt.get_layer_status(tiny_model("llama"))
+
+
+# -- 8. merge_adapter on disabled layers ------------------------------------------------------------------------------
+def test_merge_adapter_while_the_layers_are_disabled_computes_as_peft_s_base():
+    """peft's merge on a disabled layer is undone at its next forward, which computes as the base model; deltatune's
+    leaves a disabled layer unmerged (before: merged, so the disabled model computed with the adapter)."""
+    inputs = tiny_inputs("llama")
+    theirs = _quiet(peft.get_peft_model, tiny_model("llama"), peft.LoraConfig(**LORA)).eval()
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA)).eval()
+    dt.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    with torch.no_grad():
+        base = tiny_model("llama")(**inputs).logits
+        adapted = theirs(**inputs).logits
+        for model in (theirs, ours):
+            model.disable_adapter_layers()
+            model.merge_adapter()
+        want, got = theirs(**inputs).logits, ours(**inputs).logits
+        assert (base - adapted).abs().max().item() > 1e-2  # the adapter changes the output
+        assert (got - want).abs().max().item() < 1e-5 and (got - base).abs().max().item() < 1e-5
+        assert ours.get_model_status().merged_adapters == theirs.get_model_status().merged_adapters == []
+        for model in (theirs, ours):
+            model.enable_adapter_layers()
+        assert (ours(**inputs).logits - theirs(**inputs).logits).abs().max().item() < 1e-5
+        # merge_and_unload after disable_adapter_layers still merges, as peft's
+        for model in (theirs, ours):
+            model.disable_adapter_layers()
+        want, got = theirs.merge_and_unload()(**inputs).logits, ours.merge_and_unload()(**inputs).logits
+    assert (got - want).abs().max().item() < 1e-5 and (got - adapted).abs().max().item() < 1e-5
