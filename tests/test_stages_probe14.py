@@ -104,7 +104,7 @@ def test_val_size_refusals_are_one_line():
 
 
 def test_cls_val_size_evaluates_on_the_held_out_rows(tmp_path):
-    """data.val_size (read with getattr until config.py lists it): the classes from the whole train file, the
+    """data.val_size: the classes from the whole train file, the
     held-out rows as the eval set, the seed the recipe's train.seed."""
     from deltatune.data.tasks import split_off
     from deltatune.train.cls import prepare_cls
@@ -112,8 +112,9 @@ def test_cls_val_size_evaluates_on_the_held_out_rows(tmp_path):
     labels = ["neg", "pos", "pos", "neg", "pos", "neg", "pos", "mid"]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"text": f"row {i}", "label": y}) + "\n" for i, y in enumerate(labels)))
-    cfg = build({"stage": "cls", "data": {"train": str(path), "max_length": 16}, "train": {"seed": 7}})
-    cfg.data.val_size = 0.25
+    cfg = build(
+        {"stage": "cls", "data": {"train": str(path), "max_length": 16, "val_size": 0.25}, "train": {"seed": 7}}
+    )
     tok = tokenizer()
     p = prepare_cls(cfg, tok)
     train_idx, eval_idx = split_off(list(range(8)), 0.25, 7)
@@ -241,9 +242,8 @@ def test_image_cls_val_size_holds_out_train_images_and_keeps_every_class(tmp_pat
         (tmp_path / f"{i}.png").write_bytes(_png(i, "L" if i % 2 else "RGB", (5 + i, 4)))
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"image": f"{i}.png", "label": y}) + "\n" for i, y in enumerate(labels)))
-    cfg = build({"stage": "image_cls", "method": {"name": "lora"}, "data": {"train": str(path)},
+    cfg = build({"stage": "image_cls", "method": {"name": "lora"}, "data": {"train": str(path), "val_size": 2},
                  "train": {"seed": 3}, "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
-    cfg.data.val_size = 2
     p = prepare_image_cls(cfg, None)
     train_idx, eval_idx = split_off(list(range(8)), 2, 3)
     assert p.labels == ["cat", "dog", "emu"]
@@ -260,8 +260,7 @@ def test_seq2seq_val_size_generates_on_the_held_out_rows(tmp_path):
 
     path = tmp_path / "s.jsonl"
     path.write_text("".join(json.dumps({"source": f"src {i}", "target": f"tgt {i}"}) + "\n" for i in range(6)))
-    cfg = build({"stage": "seq2seq", "data": {"train": str(path)}, "train": {"seed": 11}})
-    cfg.data.val_size = 0.3
+    cfg = build({"stage": "seq2seq", "data": {"train": str(path), "val_size": 0.3}, "train": {"seed": 11}})
     tok = tokenizer()
     p = prepare_seq2seq(cfg, tok)
     train_idx, eval_idx = split_off(list(range(6)), 0.3, 11)
@@ -269,3 +268,16 @@ def test_seq2seq_val_size_generates_on_the_held_out_rows(tmp_path):
     assert [r.get("target") for r in p.eval_rows] == [f"tgt {i}" for i in eval_idx]
     assert [ex["labels"] for ex in p.eval] == [tok(text_target=f"tgt {i}")["input_ids"] for i in eval_idx]
     assert [ex["input_ids"] for ex in p.train] == [tok(f"src {i}")["input_ids"] for i in train_idx]
+
+
+def test_val_size_is_a_recipe_key_that_stands_for_data_eval_and_that_other_stages_ignore():
+    """A recipe's data.val_size schedules evaluations as data.eval does (train.eval_steps without either is refused);
+    a stage that does not hold rows out names the key as ignored."""
+    from deltatune.train.config import ignored_keys
+
+    data = {"train": "t.jsonl", "val_size": 3}
+    cfg = build({"stage": "tag", "data": data, "train": {"eval_steps": 2}})
+    assert cfg.data.val_size == 3 and ignored_keys(cfg) == []
+    with pytest.raises(ConfigError, match=r"^train.eval_steps schedules an evaluation, but data.eval is not set"):
+        build({"stage": "tag", "data": {"train": "t.jsonl"}, "train": {"eval_steps": 2}})
+    assert any(key == "data.val_size" for key, _ in ignored_keys(build({"stage": "sft", "data": data})))

@@ -55,7 +55,7 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
 
     # data.val_size: a validation split off the train file, after its classes are read (a class seen only there
     # stays a class). (getattr until config.py lists the key.)
-    train_rows, held = split_off(train_rows, getattr(d, "val_size", 0.0), cfg.train.seed, bool(d.eval))
+    train_rows, held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))
     eval_rows = eval_rows if held is None else held
 
     def enc(rows):

@@ -65,8 +65,8 @@ class DataArgs:
     text_column: str = _f("text", "Text column (cls, pt).")
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair classification.")
     label_column: str = _f("label", "Label column (cls).")
-    labels: list | None = _f(None, 'Label names in class-id order; default: whole-number labels (1, 1.0, "1") are '
-                             "ids, names sorted.")  # fmt: skip
+    labels: list | None = _f(None, "Label names in class-id order; default: the distinct labels sorted (whole "
+                             'numbers, 1, 1.0 or "1", as numbers: ids 0..k-1 stay themselves).')  # fmt: skip
     multi_label: bool | None = _f(None, "cls: each row's label a list of classes (BCE with logits); default: true "
                                   "when the data's labels are lists")  # fmt: skip
     tokens_column: str = _f("tokens", "Word list column (tag).")
@@ -109,6 +109,8 @@ class DataArgs:
     train_on_prompt: bool = _f(False, "SFT: train every token, the prompts and template markers too "
                                "(LLaMA-Factory's train_on_prompt).")  # fmt: skip
     limit: int | None = _f(None, "Read at most this many rows of each file.")
+    val_size: float = _f(0.0, "cls, tag, seq2seq, image_cls without data.eval: hold out this fraction of data.train "
+                         "(or this many rows) as the eval set, seeded by train.seed (LLaMA-Factory's val_size).")  # fmt: skip
     image_column: str = _f("image", "Image path column (image_cls); relative paths read from the data file's folder.")
     allow_outside: bool = _f(False, "image_cls: accept relative image paths ('../x.png') outside the data folder.")
     augment: list = _f([], "image_cls train-time augmentation: random_resized_crop, hflip; t2i: random_crop, hflip "
@@ -399,7 +401,8 @@ def _validate_values(cfg: RunConfig) -> None:
         twice = next(str(x) for i, x in enumerate(d.labels) if str(x) in map(str, d.labels[:i]))
         raise ConfigError(f"data.labels names {twice!r} twice; each class needs its own name")
     scheduled = [k for k, on in (("eval_steps", t.eval_steps is not None), ("eval_on_start", t.eval_on_start)) if on]
-    if scheduled and not d.eval:  # transformers' Trainer refuses eval_strategy "steps" without eval data, too
+    # transformers' Trainer refuses eval_strategy "steps" without eval data, too (data.val_size holds some out)
+    if scheduled and not (d.eval or d.val_size):
         raise ConfigError(f"train.{scheduled[0]} schedules an evaluation, but data.eval is not set; give data.eval "
                           f"or drop train.{scheduled[0]}")  # fmt: skip
     if t.eval_steps is not None and STAGES[cfg.stage].loop:  # its own loop evaluates before and after only
@@ -428,7 +431,7 @@ def _validate_values(cfg: RunConfig) -> None:
 READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
            (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
             "train.optim train.dataloader_drop_last train.dataloader_pin_memory train.metric_for_best_model "
-            "train.greater_is_better train.logging_first_step train.eval_accumulation_steps"), ("cls", "data.text_pair_column data.multi_label"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens"),
+            "train.greater_is_better train.logging_first_step train.eval_accumulation_steps"), ("cls", "data.text_pair_column data.multi_label"), ("cls tag seq2seq image_cls", "data.val_size"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens"),
            ("seq2seq", "data.source_column data.target_column data.source_prefix train.generation_max_new_tokens"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),

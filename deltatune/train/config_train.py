@@ -113,7 +113,7 @@ def validate_train(cfg: Any) -> None:
     t, d, loop = cfg.train, cfg.data, STAGES[cfg.stage].loop
     if t.scheduler not in SCHEDULERS:
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
-    if t.scheduler in ON_EVAL and (not d.eval or loop):
+    if t.scheduler in ON_EVAL and (not (d.eval or d.val_size) or loop):
         raise ConfigError(f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage "
                           "the Trainer runs (not ppo or grpo)")  # fmt: skip
     if loop and (t.lr_scheduler_kwargs or t.scheduler in NEEDS_KWARGS):  # (its loop builds the schedule without them)
@@ -174,7 +174,7 @@ def _check_best(cfg: Any) -> None:
     its best_model_checkpoint stays None and the run ends with the last step's adapter, silently), and its own check
     wants each checkpoint on an evaluation: both hold with checkpoints on exactly the evaluation steps."""
     t = cfg.train
-    if STAGES[cfg.stage].loop or not cfg.data.eval:
+    if STAGES[cfg.stage].loop or not (cfg.data.eval or cfg.data.val_size):
         why = f"{cfg.stage}'s own loop keeps no best checkpoint" if STAGES[cfg.stage].loop else "data.eval is not set"
         raise ConfigError(f"train.load_best_model_at_end picks the checkpoint with the best evaluation, but {why}; "
                           "drop it")  # fmt: skip

@@ -65,10 +65,10 @@ def evaluate(
             )
     raw, path = _recipe(run_dir, data, compare, overrides or [])
     if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
-        raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None}
+        raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None, "val_size": 0.0}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
     cfg.model.trust_remote_code = trust_remote_code
-    if not cfg.data.eval:
+    if not cfg.data.eval and not cfg.data.val_size:  # (a val_size run re-holds-out its seeded eval rows)
         raise ConfigError("no evaluation data: pass --data FILE")
     if compare and cfg.stage == "t2i":
         raise ConfigError(

@@ -222,7 +222,7 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
             f"(one {where} per class)"
         )
     # data.val_size: a validation split off the train images, after the classes are read from all of them
-    held = split_off(train_rows, getattr(d, "val_size", 0.0), cfg.train.seed, bool(d.eval))
+    held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     train_ids = _ids(train_rows, mapping, d.label_column)
     eval_ids = _ids(eval_rows, mapping, d.label_column) if eval_rows else None

@@ -15,7 +15,7 @@ from .trainer import TokenLossTrainer
 
 def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
-    held = split_off(train_rows, getattr(cfg.data, "val_size", 0.0), cfg.train.seed, bool(cfg.data.eval))
+    held = split_off(train_rows, cfg.data.val_size, cfg.train.seed, bool(cfg.data.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     d = cfg.data
 

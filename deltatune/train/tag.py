@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..data.load import DataError
-from ..data.tasks import Collator, encode_tag
+from ..data.tasks import Collator, encode_tag, split_off
 from ..data.templates import IGNORE_INDEX
 from . import metrics as M
 from .config import RunConfig
@@ -45,6 +45,8 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             "(set data.labels if the entity tags are named elsewhere)"
         )
     mapping: dict = {name: i for i, name in enumerate(names)} | {i: i for i in range(len(names))}
+    held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))  # after the tags are read from all rows
+    train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
 
     def enc(rows):
         return encode_tag(
