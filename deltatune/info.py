@@ -20,6 +20,8 @@ def _build(name: str, task: str | None):
 
     if task is not None and task not in TASKS:
         raise ConfigError(f"--task {task!r}: one of {', '.join(TASKS)}")
+    if not name.strip():  # (the hub client's "Repo id must use alphanumeric chars" for '')
+        raise ConfigError(f"model {name!r} is empty: give a model folder, a hub id or 'minilm'")
     check_model_path(name, "model")
     folder = resolve_path(name)
     if os.path.isfile(os.path.join(folder, "adapter_config.json")):  # a run or an adapter, not a model

@@ -199,3 +199,12 @@ def test_a_run_stopped_before_its_first_log_line_shows_its_checkpoints_step(tmp_
     (folder / "run.yaml").write_text("stage: sft\n")
     (folder / "log_history.jsonl").write_text("")
     assert [r["steps"] for r in _board_client(tmp_path).get("/api/runs").json()["runs"]] == [3]
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_info_on_an_empty_name_is_one_line(capsys, name):
+    """``deltatune info ""`` showed the hub client's "Repo id must use alphanumeric chars, ..." for a name never given."""
+    assert main(["info", name]) == 2
+    assert capsys.readouterr().err == (
+        f"deltatune info: error: model {name!r} is empty: give a model folder, a hub id or 'minilm'\n"
+    )
