@@ -281,3 +281,22 @@ def test_val_size_is_a_recipe_key_that_stands_for_data_eval_and_that_other_stage
     with pytest.raises(ConfigError, match=r"^train.eval_steps schedules an evaluation, but data.eval is not set"):
         build({"stage": "tag", "data": {"train": "t.jsonl"}, "train": {"eval_steps": 2}})
     assert any(key == "data.val_size" for key, _ in ignored_keys(build({"stage": "sft", "data": data})))
+
+
+def test_tag_val_size_holds_out_rows_after_the_tags_are_read_from_all(tmp_path):
+    """A tag seen only in a held-out row is still a class (the tags are read before the split), and the held-out rows
+    are datasets' train_test_split's under train.seed."""
+    from deltatune.data.tasks import split_off
+    from deltatune.train.tag import prepare_tag
+
+    train_idx, eval_idx = split_off(list(range(6)), 2, 5)
+    loc = eval_idx[0]  # the one row with a loc entity is held out
+    rows = [{"tokens": ["a", f"w{i}"], "ner_tags": ["O", "B-loc" if i == loc else "B-per"]} for i in range(6)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build({"stage": "tag", "data": {"train": str(path), "val_size": 2}, "train": {"seed": 5}})
+    p = prepare_tag(cfg, tokenizer())
+    assert p.labels == ["O", "B-loc", "I-loc", "B-per", "I-per"]
+    assert len(p.train) == len(train_idx) and len(p.eval) == len(eval_idx) == 2
+    first = [next(lab for lab in ex["labels"][1:] if lab != -100) for ex in p.eval]
+    assert first == [0] * 2  # each held-out row's first word is "a", tagged O
