@@ -77,6 +77,26 @@ def test_resuming_a_run_that_began_with_the_old_defaults_says_how_to_continue_as
     assert recipe_changes(old, back) == []
 
 
+@pytest.mark.parametrize("align, want", [
+    ({}, 8),  # (TRL's num_mini_batches 1: the whole batch of 8 rollouts)
+    ({"mini_batch_size": 4}, 4),  # (set to the old default: kept)
+    ({"num_mini_batches": 2}, 4),
+])  # fmt: skip
+def test_ppo_mini_batches_left_out_are_one_as_trls(align, want):
+    """TRL's PPOConfig num_mini_batches defaults to 1 (mini_batch_size = batch_size / num_mini_batches); deltatune's
+    align.mini_batch_size left out was 4. On grpo (completions per forward, memory alone) it stays 4."""
+    train = {"batch_size": 8}
+    assert build({**RAW, "stage": "ppo", "train": train, "align": align}).align.mini_batch_size == want
+    assert build({**RAW, "stage": "grpo", "train": train}).align.mini_batch_size == 4
+    old = _recipe_dict(build({**RAW, "stage": "ppo", "train": train, "align": {"mini_batch_size": 4}}))
+    new = _recipe_dict(build({**RAW, "stage": "ppo", "train": train}))
+    assert recipe_changes(old, new) == [
+        "align.mini_batch_size: 4 -> 8 (its default was 4, 8 since probe 14 on stage ppo: train.batch_size (TRL's "
+        "PPOConfig num_mini_batches 1); set align.mini_batch_size: 4 to continue as the run began)"
+    ]
+    assert ignored_keys(build({**new, "stage": "dpo"})) == []  # (a ppo run.yaml reused on dpo)
+
+
 def test_a_bare_align_object_validated_for_ppo_takes_the_ppo_defaults_once():
     """validate_align is idempotent: a second call (the loop's) keeps what the first set."""
     a = AlignArgs()

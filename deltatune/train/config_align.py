@@ -71,7 +71,9 @@ class AlignArgs:
     temperature: float = _f(1.0, "PPO, GRPO: sampling temperature of the rollouts (left out on stage ppo: 0.7, TRL's "
                             "PPOConfig temperature; GRPO's is 1).")  # fmt: skip
     ppo_epochs: int = _f(4, "PPO: optimisation passes over each batch of rollouts.")
-    mini_batch_size: int = _f(4, "PPO: rollouts per gradient step within a PPO epoch; GRPO: completions per forward.")
+    mini_batch_size: int = _f(4, "PPO: rollouts per gradient step within a PPO epoch (left out, with "
+                              "num_mini_batches: train.batch_size, TRL's num_mini_batches 1); GRPO: completions per "
+                              "forward.")  # fmt: skip
     cliprange: float = _f(0.2, "PPO, GRPO: clip range of the policy ratio.")
     cliprange_value: float = _f(0.2, "PPO: clip range of the value update.")
     vf_coef: float = _f(0.1, "PPO: weight of the value loss.")
@@ -276,6 +278,11 @@ def validate_ppo(a: AlignArgs, stage: str = "ppo", batch_size: int | None = None
             setattr(a, key, value)  # (a key left out; TRL's name for it, given, overrides it below)
         elif stage not in ("ppo", "grpo") and getattr(a, key) == value:
             setattr(a, key, _FIELD_DEFAULTS[key])  # (unread here: a ppo run.yaml's default is no key set by hand)
+    mini = a.mini_batch_size == _FIELD_DEFAULTS["mini_batch_size"] and not given(a, "mini_batch_size")
+    if stage == "ppo" and mini and a.num_mini_batches is None:
+        a.num_mini_batches = 1  # (TRL's PPOConfig default: one mini-batch, the whole batch of rollouts)
+    elif stage not in ("ppo", "grpo") and batch_size is not None and a.mini_batch_size == batch_size:
+        a.mini_batch_size = _FIELD_DEFAULTS["mini_batch_size"]  # (as above: what a ppo run.yaml's default wrote)
     for trl, ours in PPO_TRL_NAMES.items():
         value = getattr(a, trl)
         if value is None:
@@ -412,6 +419,7 @@ DEFAULT_WAS: dict[str, tuple[Any, str]] = {
     "init_kl_coef": (0.2, "805dd7e (TRL's PPOConfig kl_coef)"),
     "temperature": (1.0, "5cc3d64 on stage ppo (TRL's PPOConfig temperature; grpo's stays 1.0)"),
     "max_new_tokens": (32, "5cc3d64 on stage ppo (TRL's PPOConfig response_length; grpo's stays 32)"),
+    "mini_batch_size": (4, "probe 14 on stage ppo: train.batch_size (TRL's PPOConfig num_mini_batches 1)"),
     "disable_dropout": (False, "a388979, rm's since cf33061 (TRL's disable_dropout: the model's dropout off)"),
 }
 """An align key whose default changed: its default before, and when and why."""
@@ -444,8 +452,8 @@ def default_changed(key: str, old: Any, new: Any) -> str:
     name = key.removeprefix("align.")
     if not key.startswith("align.") or name not in DEFAULT_WAS or old != DEFAULT_WAS[name][0]:
         return ""
-    if new not in (_FIELD_DEFAULTS[name], PPO_DEFAULTS.get(name)):
-        return ""
+    if new not in (_FIELD_DEFAULTS[name], PPO_DEFAULTS.get(name)) and name != "mini_batch_size":
+        return ""  # (ppo's mini_batch_size left out is train.batch_size: any size)
     was, why = DEFAULT_WAS[name]
     was, new = (str(v).lower() if isinstance(v, bool) else v for v in (was, new))  # (as a recipe spells them)
     return f" (its default was {was}, {new} since {why}; set {key}: {was} to continue as the run began)"
