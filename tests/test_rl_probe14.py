@@ -91,7 +91,7 @@ def test_ppo_mini_batches_left_out_are_one_as_trls(align, want):
     old = _recipe_dict(build({**RAW, "stage": "ppo", "train": train, "align": {"mini_batch_size": 4}}))
     new = _recipe_dict(build({**RAW, "stage": "ppo", "train": train}))
     assert recipe_changes(old, new) == [
-        "align.mini_batch_size: 4 -> 8 (its default was 4, 8 since probe 14 on stage ppo: train.batch_size (TRL's "
+        "align.mini_batch_size: 4 -> 8 (its default was 4, 8 since 8fba9a4 on stage ppo: train.batch_size (TRL's "
         "PPOConfig num_mini_batches 1); set align.mini_batch_size: 4 to continue as the run began)"
     ]
     assert ignored_keys(build({**new, "stage": "dpo"})) == []  # (a ppo run.yaml reused on dpo)

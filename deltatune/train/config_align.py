@@ -419,7 +419,7 @@ DEFAULT_WAS: dict[str, tuple[Any, str]] = {
     "init_kl_coef": (0.2, "805dd7e (TRL's PPOConfig kl_coef)"),
     "temperature": (1.0, "5cc3d64 on stage ppo (TRL's PPOConfig temperature; grpo's stays 1.0)"),
     "max_new_tokens": (32, "5cc3d64 on stage ppo (TRL's PPOConfig response_length; grpo's stays 32)"),
-    "mini_batch_size": (4, "probe 14 on stage ppo: train.batch_size (TRL's PPOConfig num_mini_batches 1)"),
+    "mini_batch_size": (4, "8fba9a4 on stage ppo: train.batch_size (TRL's PPOConfig num_mini_batches 1)"),
     "disable_dropout": (False, "a388979, rm's since cf33061 (TRL's disable_dropout: the model's dropout off)"),
 }
 """An align key whose default changed: its default before, and when and why."""
