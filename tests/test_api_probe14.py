@@ -238,3 +238,34 @@ def test_merge_adapter_while_the_layers_are_disabled_computes_as_peft_s_base():
             model.disable_adapter_layers()
         want, got = theirs.merge_and_unload()(**inputs).logits, ours.merge_and_unload()(**inputs).logits
     assert (got - want).abs().max().item() < 1e-5 and (got - adapted).abs().max().item() < 1e-5
+
+
+# -- 9. mixed-adapter batches of IA3 (a difference kept on purpose) ---------------------------------------------------
+def test_ia3_mixed_batch_rows_equal_each_adapter_alone_where_peft_s_ignore_adapter_names():
+    """peft 0.21.2's IA3 layers take ``adapter_names`` and compute every row with the active adapter (its 'b' and
+    '__base__' rows here are 0.04 off their own adapter's output); deltatune's rows each equal their adapter alone."""
+    config = dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+    torch.manual_seed(0)
+    theirs = _quiet(peft.get_peft_model, tiny_model("llama"), peft.IA3Config(**config))
+    theirs.add_adapter("b", peft.IA3Config(**config))
+    ours = dt.get_delta_model(tiny_model("llama"), dt.IA3Config(**config))
+    ours.add_adapter("b", dt.IA3Config(**config))
+    for name in ("default", "b"):
+        dt.set_peft_model_state_dict(
+            ours, peft.get_peft_model_state_dict(theirs, adapter_name=name), adapter_name=name
+        )
+    theirs.eval(), ours.eval()
+    inputs, names = tiny_inputs("llama", batch=3), ["b", "__base__", "default"]
+    with torch.no_grad():
+        got, want = ours(**inputs, adapter_names=names).logits, theirs(**inputs, adapter_names=names).logits
+        for i, name in enumerate(names):
+            row = {k: v[i : i + 1] for k, v in inputs.items()}
+            if name == "__base__":
+                with theirs.disable_adapter():
+                    alone = theirs(**row).logits
+            else:
+                theirs.set_adapter(name)
+                alone = theirs(**row).logits
+            assert (got[i : i + 1] - alone).abs().max().item() < 1e-5
+            off = (want[i : i + 1] - alone).abs().max().item()
+            assert off < 1e-5 if name == "default" else off > 1e-2  # peft's: the active adapter's everywhere
