@@ -53,3 +53,32 @@ def test_chat_stops_on_chatml_end_marker_when_the_tokenizer_has_no_eos():
     # without the template (the tokenizer's own, whose stops are the generation config's) nothing stops it
     ran_on = chat.generate(_model(tok, [hi, hi, im_end]), tok, ids, max_new_tokens=8)
     assert ran_on.split() == ["hi", "hi"] + ["yo"] * 5
+
+
+def test_serve_stops_on_the_chatml_end_marker_of_an_adapter_trained_with_it(tmp_path):
+    """An adapter whose run trained under chatml (data.template in its run.yaml) with a tokenizer that has no EOS:
+    served, its answer stops on ``<|im_end|>`` (finish_reason stop), as chat's does; it ran to max_tokens."""
+    import threading
+
+    import yaml
+
+    import deltatune as dt
+    from deltatune.serve import Engine, Request
+
+    tok = _tokenizer()
+    hi, im_end = tok.convert_tokens_to_ids("hi"), tok.convert_tokens_to_ids("<|im_end|>")
+    model = _model(tok, [hi, im_end] * 20)  # the engine's forwards are the steps: "hi", then the marker, ...
+    lora = dt.DeltaModel(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(str(tmp_path / "run"))
+    (tmp_path / "run" / "run.yaml").write_text(yaml.safe_dump({"stage": "sft", "data": {"template": "chatml"}}))
+    engine = Engine(dt.DeltaModel(_model(tok, [hi, im_end] * 20), fused_loss=False), tok)
+    try:
+        engine.load_adapter("tuned", str(tmp_path / "run"))
+        done, ends = threading.Event(), []
+        r = Request(tok("<|im_start|>user\nhi")["input_ids"], "tuned", 8,
+                    lambda _t, f: f and (ends.append(f), done.set()))  # fmt: skip
+        engine.submit(r)
+        assert done.wait(60)
+    finally:
+        engine.close()
+    assert r.output_ids == [hi, im_end] and ends == ["stop"]

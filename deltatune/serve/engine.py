@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..data.templates import stop_ids
 from ..train.runs import run_template
 from .detok import Detokenizer
 from .logprob_names import logprob_row as _logprob_row
@@ -185,6 +186,7 @@ class Engine:
             self.paths[name] = path
             if template is not None:
                 self.templates[name] = template
+                self.eos_ids |= set(stop_ids(self.tokenizer, template))  # chatml's <|im_end|> with no tokenizer EOS
 
     def unload_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
