@@ -112,7 +112,6 @@ def test_board_serves_runs_by_the_names_its_list_gives_only(tmp_path):
     for name in ("a", "g/b"):
         (root / name).mkdir(parents=True)
         (root / name / "run.yaml").write_text("stage: sft\n")
-    (root / "run.yaml").write_text("stage: sft\n")  # the runs folder is itself no run
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "run.yaml").write_text("stage: sft\n")
@@ -121,7 +120,7 @@ def test_board_serves_runs_by_the_names_its_list_gives_only(tmp_path):
     assert sorted(r["name"] for r in client.get("/api/runs").json()["runs"]) == ["a", "g/b"]
     for name in ("a", "g/b"):
         assert client.get("/api/run", params={"name": name}).status_code == 200
-    for name in ("", ".", "a/..", "a/.", "a/", "./a", "g//b", "../outside", "link", str(outside), "g/b/.."):
+    for name in ("", ".", "a/..", "a/.", "a/", "./a", "g//b", "../outside", "link", str(outside), "g/b/..", "g/.."):
         response = client.get("/api/run", params={"name": name})
         assert response.status_code == 404, name
         assert response.json()["error"]["message"] == f"no run {name!r} in the runs folder"
@@ -208,3 +207,17 @@ def test_info_on_an_empty_name_is_one_line(capsys, name):
     assert capsys.readouterr().err == (
         f"deltatune info: error: model {name!r} is empty: give a model folder, a hub id or 'minilm'\n"
     )
+
+
+def test_board_on_one_runs_folder_lists_it_as_dot_as_tensorboard(tmp_path):
+    """``board --runs runs/a`` (a run's own folder) showed an empty list; TensorBoard names a logdir holding events
+    itself ".". Now the run is listed as "." and answers; its sub-runs too, "" and "a/.." still do not."""
+    (tmp_path / "run.yaml").write_text("stage: sft\n")
+    (tmp_path / "log_history.jsonl").write_text('{"loss": 1.0, "step": 4}\n')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "run.yaml").write_text("stage: sft\n")
+    client = _board_client(tmp_path)
+    assert sorted((r["name"], r["steps"]) for r in client.get("/api/runs").json()["runs"]) == [(".", 4), ("b", 0)]
+    assert client.get("/api/run", params={"name": "."}).json()["history"] == [{"loss": 1.0, "step": 4}]
+    for name in ("", "b/..", "./b"):
+        assert client.get("/api/run", params={"name": name}).status_code == 404, name

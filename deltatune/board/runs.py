@@ -277,10 +277,10 @@ def _ended(folder: str, updated: float) -> dict[str, Any] | None:
 
 def summary(root: str, name: str) -> dict[str, Any] | None:
     """One row of the run list, or None when ``name`` is no run folder inside ``root``: a name as the list gives it
-    (one or two parts, none empty, ``.`` or ``..``; "", "." and "a/.." named the runs folder itself, "a/." a run
-    again under another name)."""
+    (one or two parts, none empty, ``.`` or ``..``, or ``.`` alone for a runs folder that is itself a run; "" and
+    "a/.." named the runs folder, "a/." a run again under another name)."""
     parts = name.split("/")
-    if len(parts) > 2 or any(part in ("", ".", "..") or os.sep in part for part in parts):
+    if name != "." and (len(parts) > 2 or any(part in ("", ".", "..") or os.sep in part for part in parts)):
         return None
     folder = inside(root, name)
     if folder is None or not os.path.isfile(_in(folder, RUN_FILE)):
@@ -319,9 +319,10 @@ def summary(root: str, name: str) -> dict[str, Any] | None:
 
 
 def list_runs(root: str) -> list[dict[str, Any]]:
-    """Every run folder under ``root`` (a folder holding run.yaml, at most two levels down), newest first."""
-    names = []
+    """Every run folder under ``root`` (a folder holding run.yaml, at most two levels down; ``root`` itself, named
+    ".", when it is one, as TensorBoard names a logdir that holds events itself), newest first."""
     real_root = os.path.realpath(root)
+    names = ["."] if os.path.isfile(os.path.join(real_root, RUN_FILE)) else []  # --runs runs/a: TensorBoard's "."
     for depth in ("*", os.path.join("*", "*")):
         for path in glob.glob(os.path.join(glob.escape(real_root), depth, RUN_FILE)):
             name = os.path.relpath(os.path.dirname(path), real_root).replace(os.sep, "/")
