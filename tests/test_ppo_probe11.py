@@ -347,7 +347,7 @@ def _fixed_rollout(loop: PPOLoop, eos_rows: bool) -> Rollout:
 
 
 STEP_SETTINGS = [
-    dict(kl_estimator="k1", ppo_epochs=2, num_mini_batches=1, grad_accum=2),
+    dict(kl_estimator="k1", ppo_epochs=2, num_mini_batches=1, grad_accum=2, temperature=1.0),
     dict(kl_estimator="k3", whiten_rewards=True, missing_eos_penalty=1.0, ppo_epochs=1, num_mini_batches=2,
          grad_accum=1, temperature=0.7),
 ]  # fmt: skip

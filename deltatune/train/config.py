@@ -456,7 +456,9 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
                    "align.num_mini_batches align.stop_token align.stop_token_id"),
            ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
                     "align.reward_funcs align.reward_weights align.bias_correction_kl align.cliprange_high align.delta "
-                    "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile"),
+                    "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile "
+                    "align.sapo_temperature_pos align.sapo_temperature_neg align.top_k align.min_p "
+                    "align.repetition_penalty align.generation_kwargs"),
            ("kto", "align.desirable_weight align.undesirable_weight"),
            ("simpo cpo", "align.simpo_gamma align.cpo_alpha align.alpha"),
            ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward

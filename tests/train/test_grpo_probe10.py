@@ -147,7 +147,7 @@ def test_advantages_equal_trl_for_every_scale_rewards(model, tmp_path, scale):
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("loss_type", "cispo", "align.loss_type cispo"),
+    ("loss_type", "vespo", "align.loss_type vespo"),
     ("loss_type", "sigmoid_norm", "align.loss_type for stage grpo"),
     ("loss_type", ["grpo", "dapo"], "align.loss_type for stage grpo"),
     ("scale_rewards", "groups", "align.scale_rewards"),
