@@ -427,3 +427,15 @@ def test_grpo_sampling_bad_input_is_one_line_naming_the_key(align, words):
     with pytest.raises(ConfigError, match=words) as err:
         build({**RAW, "stage": "grpo", "align": align})
     assert "\n" not in str(err.value)
+
+
+def test_grpos_new_sampling_keys_are_named_ignored_on_other_stages():
+    """align.top_k, min_p, repetition_penalty, generation_kwargs and the sapo temperatures are grpo's: a dpo recipe
+    that sets them is told they are ignored (config.READ_BY), not silently run without them."""
+    from deltatune.train.config import build, ignored_keys
+
+    keys = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "generation_kwargs": {"top_p": 0.9},
+            "sapo_temperature_pos": 2.0, "sapo_temperature_neg": 2.0}  # fmt: skip
+    named = {k for k, _ in ignored_keys(build({"stage": "dpo", "data": {"train": "p.jsonl"}, "align": keys}))}
+    assert {f"align.{k}" for k in keys} <= named
+    assert not ignored_keys(build({"stage": "grpo", "data": {"train": "p.jsonl"}, "align": keys}))
