@@ -7,7 +7,9 @@ Keys (diffusers' flags): ``train.with_prior_preservation``, ``train.prior_loss_w
 (a folder of class images: its image files, sorted by name), ``data.class_prompt``, ``data.num_class_images``
 (100). When the folder holds fewer than ``data.num_class_images``, the missing ones are drawn first with the base
 (``t2i.sample``: 50 steps, guidance 7.5, as the pipeline's defaults), in batches of 4, and saved there as
-``<index>-<sha1 of the pixels>.jpg``, as the script does. The dataset is as long as the larger of the two; item i
+``<index>-<sha1 of the pixels>.jpg``, as the script does. Under torchrun / accelerate launch only the local main
+process (LOCAL_RANK 0) draws them; the others wait until the folder holds them (each file is written under a hidden
+name, then renamed, so a waiting process never reads half an image). The dataset is as long as the larger of the two; item i
 pairs instance i mod N and class image i mod M, as the script's ``DreamBoothDataset``.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from typing import Any
 
 import torch
@@ -25,6 +28,31 @@ from ..data.images import IMAGE_EXTENSIONS, ImageRow, open_rgb
 
 SAMPLE_BATCH = 4
 """Class images drawn at once (the script's ``--sample_batch_size``)."""
+WAIT_S = 1800.0
+"""How long a process that does not draw waits for the local main process's class images (the Trainer's
+``ddp_timeout``)."""
+
+
+def draws_here() -> bool:
+    """Whether this process draws the missing class images: the local main process (LOCAL_RANK 0, or one process)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+
+
+def wait_for_class_images(folder: str, count: int, timeout: float = WAIT_S, poll: float = 0.5) -> None:
+    """Wait until ``folder`` holds ``count`` class images (drawn by the local main process).
+
+    Raises:
+        ConfigError: they are not all there after ``timeout`` seconds.
+    """
+    end = time.monotonic() + timeout
+    while len(class_images(folder)) < count:
+        if time.monotonic() > end:
+            have = len(class_images(folder))
+            raise ConfigError(
+                f"data.class_data_dir {folder!r}: waited {timeout:g} s for the local main process to draw "
+                f"{count} class images, found {have}"
+            )
+        time.sleep(poll)
 
 
 def prior_options(cfg) -> dict[str, Any] | None:
@@ -76,7 +104,10 @@ def draw_class_images(draw, options: dict[str, Any], seed: int) -> int:
             array = (image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)).numpy()
             img = Image.fromarray(array).convert("RGB")
             digest = hashlib.sha1(img.tobytes()).hexdigest()  # noqa: S324  (a file name, as the script's)
-            img.save(os.path.join(options["folder"], f"{have + start + i}-{digest}.jpg"))
+            name = f"{have + start + i}-{digest}.jpg"
+            part = os.path.join(options["folder"], f".{name}.part")  # (hidden: class_images skips it)
+            img.save(part, format="JPEG")
+            os.replace(part, os.path.join(options["folder"], name))
     return missing
 
 
@@ -125,10 +156,12 @@ def with_prior(
     """The training set ``train`` paired with the class images and the class prompt's text row (its tokens when the
     text encoder trains); ``resize`` turns a PIL image into what the dataset holds, ``make`` (or None) turns that
     into pixels at each read. Missing class images are drawn first by the base denoiser (``load(path)``) with
-    ``sample`` (``t2i``'s, passed in: this room sits below the stage).
+    ``sample`` (``t2i``'s, passed in: this room sits below the stage), by the local main process only; the other
+    processes wait for them (``wait_for_class_images``).
 
     Raises:
-        ConfigError: no class image can be read or drawn, a class_data_dir that cannot be made or written.
+        ConfigError: no class image can be read or drawn, a class_data_dir that cannot be made or written, class
+            images the local main process did not finish drawing within ``WAIT_S``.
         DataError: a class image that cannot be read (before any is drawn).
     """
     from .embedded import resolve
@@ -137,7 +170,9 @@ def with_prior(
     have = class_images(folder)[:count]  # read before any is drawn: a bad one is refused with the folder unchanged
     read = {f: resize(open_rgb(ImageRow(f, None, f), on_white=False)[0]) for f in have}
     drawn = 0
-    if len(have) < count:
+    if len(have) < count and not draws_here():
+        wait_for_class_images(folder, count)  # (the local main process draws them, as the script's main process)
+    elif len(have) < count:
         writable_folder(folder)
         base = load(resolve(cfg.model.name_or_path)).eval()
         d = cfg.data.max_length
