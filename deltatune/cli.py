@@ -128,6 +128,7 @@ def _check_exists(path: str) -> None:
             f"--adapter {path!r} is a file; give a run folder or an adapter folder (adapter_config.json)"
         )
     if os.path.exists(path):
+        _check_config_file(path)
         return
     import difflib
 
@@ -138,6 +139,23 @@ def _check_exists(path: str) -> None:
         near = []
     hint = f"; did you mean {os.path.join(parent, near[0])!r}?" if near else ""
     raise ConfigError(f"--adapter {path!r} does not exist{hint}")
+
+
+def _check_config_file(folder: str) -> None:
+    """An ``adapter_config.json`` that does not parse, named before anything loads (eval read it as "does not say
+    which base model it was trained on"; a byte that is not UTF-8 was a UnicodeDecodeError's traceback)."""
+    from .config import ConfigError
+
+    file = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(file):
+        return
+    try:
+        with open(file, encoding="utf-8") as fh:
+            json.load(fh)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file} is not UTF-8 text (byte {exc.start}); an adapter config is JSON") from None
+    except ValueError as exc:
+        raise ConfigError(f"{file} is not valid JSON (truncated?): {exc}") from None
 
 
 def _train(args) -> int:

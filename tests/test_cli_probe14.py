@@ -221,3 +221,19 @@ def test_board_on_one_runs_folder_lists_it_as_dot_as_tensorboard(tmp_path):
     assert client.get("/api/run", params={"name": "."}).json()["history"] == [{"loss": 1.0, "step": 4}]
     for name in ("", "b/..", "./b"):
         assert client.get("/api/run", params={"name": name}).status_code == 404, name
+
+
+@pytest.mark.parametrize("command", [["eval", "--data", "x.jsonl"], ["generate", "--prompt", "hi"], ["chat"]])
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b'{"peft_type": ', "is not valid JSON (truncated?): Expecting value: line 1 column 15 (char 14)"),
+        (b'\xff{"peft_type": "LORA"}', "is not UTF-8 text (byte 0); an adapter config is JSON"),
+    ],
+)
+def test_an_adapter_config_that_does_not_parse_is_one_line(capsys, tmp_path, command, body, why):
+    """A truncated adapter_config.json read, for eval, "does not say which base model it was trained on"; one with a
+    byte that is not UTF-8 was a UnicodeDecodeError's traceback (generate, chat, merge). Now one line naming the file."""
+    (tmp_path / "adapter_config.json").write_bytes(body)
+    assert main([command[0], "--adapter", str(tmp_path), *command[1:]]) == 2
+    assert capsys.readouterr().err == f"deltatune {command[0]}: error: {tmp_path / 'adapter_config.json'} {why}\n"
