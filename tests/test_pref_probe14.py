@@ -220,3 +220,15 @@ def test_kto_prepared_unpaired_rows_with_weights_and_kl_equal_trls(base, tmp_pat
     assert {"kl", "rewards/chosen", "num_tokens"} <= set(metrics) <= set(trainer._stats)
     for key, value in metrics.items():
         assert trainer._stats[key][-1] == pytest.approx(value, abs=1e-4, rel=1e-5), key
+
+
+@pytest.mark.parametrize("key", ["sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha", "padding_free"])
+def test_trls_unbuilt_dpo_keys_are_one_line_saying_why(key):
+    """TR-DPO's sync_ref_model (and its pacing keys), padding_free: TRL DPOConfig keys not built here. They read
+    "did you mean 'reward_model'?"; now one line naming the key and why."""
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+
+    with pytest.raises(ConfigError, match=rf"^unknown key 'align.{key}' in r.yaml: align.{key} \(TRL's DPOConfig\) is "
+                       "not built: .*; drop it$"):  # fmt: skip
+        build({"stage": "dpo", "data": {"train": "p.jsonl"}, "align": {key: True}}, where="r.yaml")

@@ -21,6 +21,7 @@ import yaml
 
 from ..config import TASK_TYPES, ConfigError
 from .config_align import (  # noqa: F401  (the align section, a room of its own; names kept here)
+    ALIGN_UNBUILT,
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSSES,
     F_DIVERGENCES,
@@ -251,8 +252,8 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
         known = [f.name for f in dataclasses.fields(cls)]
         for key in section:
             if key not in known:
-                hint = HF_NAMES.get(key) if name == "train" else None
-                raise ConfigError(f"unknown key 'train.{key}' in {where}: {hint}" if hint else
+                hint = {"train": HF_NAMES, "align": ALIGN_UNBUILT}.get(name, {}).get(key)
+                raise ConfigError(f"unknown key '{name}.{key}' in {where}: {hint}" if hint else
                                   _unknown(f"{name}.{key}", key, known, where))  # fmt: skip
         sections[name] = cls(**_typed(name, cls, section))
     method = raw.get("method") or {"name": "lora"}

@@ -29,6 +29,20 @@ GRPO_LOSS_TYPES = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grp
 dapo; TRL's bnpo is over each device micro-batch, the same when the batch is one); cispo and sapo also change the
 policy term (``grpo_loss.POLICY_TERMS``)."""
 GRPO_REFUSED = ("vespo",)  # TRL's other GRPO losses: refused by name
+_TR_DPO = "TR-DPO's sync_ref_model, which is not built; drop it"
+ALIGN_UNBUILT = {
+    k: f"align.{k} (TRL's DPOConfig) is not built: {why}"
+    for k, why in {
+        "sync_ref_model": "TR-DPO syncs a reference copy, and the reference here is the base with the adapter off "
+        "(TRL refuses sync_ref_model with a PEFT model for the same reason); drop it",
+        "ref_model_sync_steps": f"it paces {_TR_DPO}",
+        "ref_model_mixup_alpha": f"it weighs {_TR_DPO}",
+        "truncation_mode": "the causal stages keep each side's first data.max_length tokens (TRL 1.16's keep_start; "
+        "its keep_end is deprecated); drop it",
+        "padding_free": "data.packing is sft's and pt's; TRL 1.16's DPOTrainer falls back to padding too; drop it",
+    }.items()
+}
+"""TRL DPOConfig keys the align section does not take, each with why: the unknown-key error names it."""
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
