@@ -10,6 +10,8 @@ Only the vectors l train; they start at 1, so the model starts as the base. Merg
 for output scaling): W <- W diag(l) or diag(l) W; unmerging divides it out again, exactly where l_i != 0. Where
 l_i = 0 the merge zeroed weights that cannot be restored: unmerging leaves them 0 and warns, as PEFT does (PEFT
 divides by l + 1e-8, which gives 0 there too, and never NaN).
+On ``nn.Conv2d`` / ``nn.Conv3d`` (peft's IA3 Conv2d / Conv3d) l scales channels: shape (1, C, 1, 1[, 1]), C the
+output channels, or the input channels of a feed-forward target (a grouped conv's weight takes it per group).
 Several active adapters multiply their vectors. Module and key names are PEFT's (``ia3_l``), so adapters move
 between deltatune and PEFT unchanged.
 """
@@ -71,7 +73,8 @@ def _is_feedforward(name: str, feedforward: list[str] | str) -> bool:
 
 
 class IA3Layer(DeltaLayer):
-    """(IA)^3 around an ``nn.Linear`` or GPT-2 ``Conv1D``: vectors ``ia3_l`` of shape (d_out, 1) or, feed-forward, (1, d_in)."""
+    """(IA)^3 around an ``nn.Linear`` or GPT-2 ``Conv1D`` (vectors ``ia3_l`` of shape (d_out, 1) or, feed-forward,
+    (1, d_in)), or an ``nn.Conv2d`` / ``nn.Conv3d`` (shape (1, C, 1, 1[, 1]), channels as peft lays them out)."""
 
     adapter_attrs = ("ia3_l",)
     supports_row_adapters = True
@@ -80,7 +83,12 @@ class IA3Layer(DeltaLayer):
         super().__init__(base_layer)
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features, _ = linear_shape(base_layer)
+        conv = isinstance(base_layer, (nn.Conv2d, nn.Conv3d))
+        self.conv_dims = base_layer.weight.dim() - 2 if conv else 0  # 0: a linear layer
+        if conv:
+            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        else:
+            self.in_features, self.out_features, _ = linear_shape(base_layer)
         self.ia3_l = nn.ParameterDict()
 
     @property
@@ -91,6 +99,8 @@ class IA3Layer(DeltaLayer):
     def add(self, name: str, init: bool) -> None:
         # PEFT's shapes: (1, d_in) scales the input of a feed-forward layer, (d_out, 1) the output of the others.
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        if self.conv_dims:  # peft's conv layout: channels on dim 1
+            shape = (1, self.in_features if self.is_feedforward else self.out_features) + (1,) * self.conv_dims
         w = self.base_layer.weight
         dtype = w.dtype if w.is_floating_point() else torch.float32
         value = (
@@ -103,7 +113,17 @@ class IA3Layer(DeltaLayer):
     def _factor(self, name: str) -> torch.Tensor:
         """l laid out to multiply the stored weight: along d_in (feed-forward) or d_out."""
         l_ = self.ia3_l[name].detach()
-        return l_.T if self.fan_in_fan_out else l_
+        if not self.conv_dims:
+            return l_.T if self.fan_in_fan_out else l_
+        if not self.is_feedforward:  # (C_out, 1, 1, ...) against the (C_out, C_in / groups, k...) kernel
+            return l_.transpose(0, 1)
+        groups = self.base_layer.groups
+        if groups == 1:
+            return l_
+        # a grouped kernel holds C_in / groups input channels per row: each output row takes its group's slice
+        per_in, per_out = self.in_features // groups, self.out_features // groups
+        tail = (1,) * self.conv_dims
+        return l_.reshape(groups, 1, per_in, *tail).expand(groups, per_out, per_in, *tail).reshape(-1, per_in, *tail)
 
     def _merge_weights(self, name: str) -> None:
         base = self.base_layer
@@ -138,6 +158,8 @@ class IA3Layer(DeltaLayer):
         table = torch.stack([torch.ones_like(vectors[0]), *vectors])  # (1 + adapters, d)
         lookup = torch.tensor([held.index(n) + 1 if n in held else 0 for n in unique], device=x.device)
         scales = table[lookup[codes]]  # (batch, d); the gather sends each row's gradient to its own vector
+        if self.conv_dims:  # channels first: (batch, C, 1, 1[, 1])
+            return scales.view(*scales.shape, *([1] * (x.dim() - 2)))
         return scales.view(scales.shape[0], *([1] * (x.dim() - 2)), scales.shape[1])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -148,6 +170,8 @@ class IA3Layer(DeltaLayer):
             scale = self.ia3_l[live[0]].flatten() if live else None
             for name in live[1:]:
                 scale = scale * self.ia3_l[name].flatten()
+            if scale is not None and self.conv_dims:  # channels first, in a batch or not: (C, 1, 1[, 1])
+                scale = scale.view(-1, *([1] * self.conv_dims))
         if scale is None:
             return self.base_layer(x, *args, **kwargs)
         if self.is_feedforward:
@@ -175,10 +199,14 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
         if isinstance(module, DeltaLayer):
             raise ConfigError(f"ia3: {name} is already adapted by {type(module).__name__}; IA3 cannot wrap it")
         shape = linear_shape(module)
-        if shape is None or not (isinstance(module, nn.Linear) or shape[2]):  # 4-bit weights cannot be scaled
+        conv = isinstance(module, (nn.Conv2d, nn.Conv3d))
+        if not conv and (shape is None or not (isinstance(module, nn.Linear) or shape[2])):  # 4-bit: not scalable
             kind = type(module).__name__
-            raise ConfigError(f"ia3: target {name} is a {kind}; IA3 adapts nn.Linear and GPT-2 Conv1D layers")
-        plan.append((name, IA3Layer(module, _is_feedforward(name, feedforward), fan_in_fan_out=shape[2]), True))
+            raise ConfigError(
+                f"ia3: target {name} is a {kind}; IA3 adapts nn.Linear, GPT-2 Conv1D, nn.Conv2d and nn.Conv3d layers"
+            )
+        fan_in_fan_out = False if conv else shape[2]
+        plan.append((name, IA3Layer(module, _is_feedforward(name, feedforward), fan_in_fan_out=fan_in_fan_out), True))
     targets = config.target_modules
     if config.feedforward_modules is None and isinstance(targets, list) and not set(feedforward) <= set(targets):
         # The family default is no subset of the given targets (["k_proj", "v_proj"] on Llama): written as it is,

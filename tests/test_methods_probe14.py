@@ -1,0 +1,110 @@
+"""Delta-tuning methods against peft 0.21.2 (probe 14): IA3 on nn.Conv2d / nn.Conv3d (peft's IA3 Conv2d / Conv3d;
+deltatune refused them), forward, every gradient, merge / unmerge and the adapter file both ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+
+
+class _Convs(nn.Module):
+    """A conv net: Conv2d (grouped or not), Conv3d and a 1x1 Conv2d into a linear head."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c2 = nn.Conv2d(4, 8, (3, 1), padding=(1, 0), groups=groups)
+        self.c3 = nn.Conv3d(8, 6, (1, 2, 2))
+        self.c2b = nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c2(x)  # (B, 8, L, 1)
+        h = self.c3(h.unsqueeze(2).repeat(1, 1, 2, 1, 2))  # (B, 6, 2, L - 1, 1)
+        h = self.c2b(h.flatten(2).unsqueeze(-1))
+        return self.head(h.mean((2, 3)))
+
+
+def _pair(groups: int, feedforward: list[str]):
+    kw = dict(target_modules=["c2", "c3", "c2b"], feedforward_modules=feedforward, init_ia3_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(_Convs(groups), peft.IA3Config(**kw))
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(_Convs(groups), dt.IA3Config(**kw))
+    return theirs, ours
+
+
+def _adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n.split("model.")[-1].replace(".weight", ""): p for n, p in model.named_parameters() if "ia3_l" in n}
+
+
+@pytest.mark.parametrize(("groups", "feedforward"), [(1, ["c2b", "c3"]), (2, ["c2"]), (2, [])])
+def test_ia3_conv_matches_peft(groups, feedforward):
+    theirs, ours = _pair(groups, feedforward)
+    t, o = _adapter(theirs), _adapter(ours)
+    assert t.keys() == o.keys() and all(torch.equal(t[k], o[k]) for k in t)  # same draws, peft's shapes
+    assert o["c2.ia3_l.default"].shape == ((1, 4, 1, 1) if "c2" in feedforward else (1, 8, 1, 1))
+    assert o["c3.ia3_l.default"].shape == ((1, 8, 1, 1, 1) if "c3" in feedforward else (1, 6, 1, 1, 1))
+    x = torch.randn(2, 4, 9, 1, generator=torch.Generator().manual_seed(3))
+    lt, lo = theirs(x), ours(x)
+    assert (lt - lo).abs().max().item() == 0.0
+    lt.pow(2).mean().backward()
+    lo.pow(2).mean().backward()
+    assert max((t[k].grad - o[k].grad).abs().max().item() for k in t) == 0.0
+    with torch.no_grad():
+        ref = ours(x)
+        theirs.merge_adapter(safe_merge=True)
+        ours.merge_adapter(safe_merge=True)
+        bt, bo = theirs.base_model.model, ours.base_model
+        for name in ("c2", "c3", "c2b"):  # merged kernels and biases are peft's
+            a, b = bt.get_submodule(name).base_layer, bo.get_submodule(name).base_layer
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias), name
+        assert (ours(x) - ref).abs().max().item() < 1e-6
+        ours.unmerge_adapter()
+        assert (ours(x) - ref).abs().max().item() < 1e-6
+
+
+def test_ia3_conv_file_both_ways(tmp_path):
+    theirs, ours = _pair(2, ["c2"])
+    x = torch.randn(2, 4, 9, 1, generator=torch.Generator().manual_seed(3))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        from_ours = peft.PeftModel.from_pretrained(_Convs(2), tmp_path / "ours")
+        from_theirs = dt.DeltaModel.from_pretrained(_Convs(2), tmp_path / "theirs")
+        assert torch.equal(from_ours(x), ours(x)) and torch.equal(from_theirs(x), theirs(x))
+
+
+def test_ia3_conv_mixed_batch_rows():
+    """Each row of a mixed batch equals its adapter alone (the vectors laid channels-first)."""
+    _, ours = _pair(1, ["c2b"])
+    ours.add_adapter("other", dt.IA3Config(target_modules=["c2", "c2b"], feedforward_modules=["c2b"],
+                                           init_ia3_weights=False))  # fmt: skip
+    x = torch.randn(3, 4, 9, 1, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        alone = {}
+        for name in ("default", "other"):
+            ours.set_adapter(name)
+            alone[name] = ours(x)
+        with ours.disable_adapter():
+            alone["__base__"] = ours(x)
+        rows = ["other", "__base__", "default"]
+        with ours.mixed_batch(rows):
+            mixed = ours(x)
+    for i, name in enumerate(rows):
+        assert (mixed[i] - alone[name][i]).abs().max().item() < 1e-6, name
+
+
+def test_ia3_nn_conv1d_refused_as_peft():
+    """peft's IA3 takes no nn.Conv1d (a ValueError); ours one clear line naming the target."""
+    model = nn.Sequential(nn.Conv1d(4, 4, 3))
+    with pytest.raises(ValueError, match="not supported"):
+        peft.get_peft_model(model, peft.IA3Config(target_modules=["0"], feedforward_modules=[]))
+    with pytest.raises(dt.ConfigError, match=r"ia3: target 0 is a Conv1d; IA3 adapts nn.Linear, GPT-2 Conv1D"):
+        dt.get_delta_model(nn.Sequential(nn.Conv1d(4, 4, 3)), dt.IA3Config(target_modules=["0"],
+                                                                          feedforward_modules=[]))  # fmt: skip
