@@ -323,7 +323,7 @@ CUT_CONVERSATIONAL = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"
 def test_simpo_orpo_cpo_cut_pairs_keep_the_start_as_trls_cpo(base, tmp_path, max_length):
     """Long rows (prompts of 28, 35 and 25 tokens) on stage simpo (orpo and cpo read the same):
     TRL's CPOTrainer keeps each side's prompt whole and cuts its answer (its ORPOTrainer the same), so a cut side's
-    tokens are deltatune's; uncut, TRL's only differ by the EOS it appends after the chat template's end. HEAD cut
+    tokens are deltatune's; uncut too (both append an EOS after the chat template's end since bac51df). HEAD cut
     the prompt's start to keep the whole answer. At 32 the second prompt alone fills max_length: TRL keeps it with no
     answer token, deltatune keeps the prompt's end and the answers' start (as its dpo stage), and says so."""
     import json
@@ -351,11 +351,7 @@ def test_simpo_orpo_cpo_cut_pairs_keep_the_start_as_trls_cpo(base, tmp_path, max
             continue
         for side in ("chosen", "rejected"):
             ids, labels = ex[f"{side}_input_ids"], ex[f"{side}_labels"]
-            if len(ids) > len(mine[side]["input_ids"]):  # (uncut: TRL's appended EOS)
-                assert ids[-1] == tok.eos_token_id and len(ids) == len(mine[side]["input_ids"]) + 1
-                ids, labels = ids[:-1], labels[:-1]
-            else:
-                cut += 1
+            cut += len(ids) == max_length
             assert ids == mine[side]["input_ids"] and labels == mine[side]["labels"], (i, side)
     assert cut >= 3
     note = f"1 train pairs have a prompt that alone fills data.max_length={max_length}"
