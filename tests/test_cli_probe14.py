@@ -237,3 +237,20 @@ def test_an_adapter_config_that_does_not_parse_is_one_line(capsys, tmp_path, com
     (tmp_path / "adapter_config.json").write_bytes(body)
     assert main([command[0], "--adapter", str(tmp_path), *command[1:]]) == 2
     assert capsys.readouterr().err == f"deltatune {command[0]}: error: {tmp_path / 'adapter_config.json'} {why}\n"
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b"stage: sft\n\xff: 1\n", " is not UTF-8 text (byte 11); a run.yaml is a YAML recipe"),
+        (b"stage: sft\nmodel: [\n", ":3: not valid YAML (expected the node content, but found '<stream end>')"),
+    ],
+)
+def test_a_run_yaml_that_does_not_parse_is_one_line_with_its_line(capsys, tmp_path, body, why):
+    """A run.yaml with a byte that is not UTF-8 was a UnicodeDecodeError's traceback (generate, eval); a YAML error
+    read "cannot be read (ParserError)", naming neither line nor fault."""
+    (tmp_path / "run.yaml").write_bytes(body)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM"}))
+    for command in (["generate", "--prompt", "hi"], ["eval", "--data", "x.jsonl"]):
+        assert main([command[0], "--adapter", str(tmp_path), *command[1:]]) == 2
+        assert capsys.readouterr().err == f"deltatune {command[0]}: error: {tmp_path / 'run.yaml'}{why}\n"

@@ -54,7 +54,14 @@ def read_recipe(run_dir: str, what: str = "give a folder written by 'deltatune t
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh)
-    except (OSError, yaml.YAMLError) as exc:
+    except UnicodeDecodeError as exc:  # (was its traceback)
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); a run.yaml is a YAML recipe") from None
+    except yaml.YAMLError as exc:  # the line where the parser stopped, and why
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        why = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}{where}: not valid YAML ({why})") from None
+    except OSError as exc:
         raise ConfigError(f"{path} cannot be read ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} is not a recipe (a YAML mapping)")
