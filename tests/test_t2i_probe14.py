@@ -12,10 +12,14 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from pathlib import Path  # noqa: E402
+
 from test_diffusion_probe12 import _class_folder, _prepare, data, pipeline  # noqa: E402,F401  (fixtures, helpers)
 
 from deltatune.config import ConfigError  # noqa: E402
 from deltatune.train import t2i, t2i_prior  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _no_drawing(*args, **kwargs):
@@ -77,3 +81,102 @@ def test_the_main_process_writes_each_class_image_whole_under_its_name(tmp_path,
     assert len(names) == 5 and not any(n.startswith(".") for n in names), names
     assert [n.split("-")[0] for n in names] == ["0", "1", "2", "3", "4"]
     assert seen == [[], names[:4]]  # (batch 2 is drawn after batch 1's four files are whole)
+
+
+# -- train.use_ema: diffusers' train_text_to_image.py --use_ema (EMAModel) ---------------------------------------------
+def test_the_average_is_diffusers_ema_models_step_by_step():
+    """Five optimizer steps on a module with a frozen weight: the callback's shadow equals EMAModel(params).step
+    after each (decay 0 at step 1, then min((1 + j) / (10 + j), decay)), and on_train_end copies it in."""
+    from diffusers.training_utils import EMAModel
+
+    from deltatune.train.t2i_ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].weight.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    reference = EMAModel(trained, decay=0.5)
+    ema = EMA(decay=0.5)
+    ema.on_train_begin(None, None, None, model=model)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in trained:
+                p.add_(torch.randn_like(p))
+        ema.on_step_end(None, None, None, model=model)
+        reference.step(trained)
+        assert all(torch.equal(s, r) for s, r in zip(ema.shadow.values(), reference.shadow_params))
+    assert ema.current_decay() == reference.get_decay(reference.optimization_step) == 5 / 14
+    assert not torch.equal(trained[0], reference.shadow_params[0])
+    ema.on_train_end(None, None, None, model=model)
+    assert all(torch.equal(p, r) for p, r in zip(trained, reference.shadow_params))
+
+
+def _ema_run(base, digits, out, steps: int = 3, resume: bool = False):
+    from deltatune.train import run as run_module
+    from deltatune.train.config import load_recipe
+
+    cfg = load_recipe(str(ROOT / "recipes" / "digits-t2i-lora.yaml"),
+                      [f"model.name_or_path={base}", f"data.train={digits / 't2i-adapt-train.jsonl'}",
+                       "data.eval=null", "data.limit=4", f"train.max_steps={steps}", "train.batch_size=2",
+                       "train.warmup_ratio=0", "train.lr=1e-2", "train.report_to=[none]", f"output.dir={out}",
+                       "train.save_steps=1", "train.save_total_limit=5"])  # fmt: skip
+    cfg.train.use_ema, cfg.train.ema_decay = True, 0.9  # (keys of train/config_train.py: read with getattr)
+    run_module.train(cfg, resume=resume)
+
+
+def test_a_run_with_use_ema_saves_the_average_of_its_steps(pipeline, data, tmp_path):  # noqa: F811
+    """Three steps, a checkpoint each (the training weights, as the script's accelerator state): the run's adapter is
+    diffusers' EMAModel stepped over the three checkpoints' weights (decays 0, 2/11, 3/12), not the last weights;
+    each checkpoint's ema.safetensors holds the average so far and its step."""
+    from diffusers.training_utils import EMAModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    _ema_run(pipeline, data, out)
+    steps = [load_file(out / f"checkpoint-{k}" / "adapter_model.safetensors") for k in (1, 2, 3)]
+    names = sorted(steps[0])
+    shadow = [steps[0][n].clone() for n in names]  # (EMAModel copies the weights it starts from: step 1 replaces them)
+    reference = EMAModel([torch.nn.Parameter(s) for s in shadow], decay=0.9)
+    for k, weights in enumerate(steps, 1):
+        reference.step([torch.nn.Parameter(weights[n]) for n in names])
+        with safe_open(str(out / f"checkpoint-{k}" / "ema.safetensors"), "pt") as fh:
+            assert fh.metadata()["optimization_step"] == str(k)
+            saved = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+        assert len(saved) == len(names)
+        by_value = sorted(saved.values(), key=lambda t: (t.shape, t.sum().item()))
+        want = sorted(reference.shadow_params, key=lambda t: (t.shape, t.sum().item()))
+        assert max((a - b).abs().max().item() for a, b in zip(by_value, want)) <= 1e-7
+    final = load_file(out / "adapter_model.safetensors")
+    diff = max((final[n] - s).abs().max().item() for n, s in zip(names, reference.shadow_params))
+    assert diff <= 1e-7, diff
+    assert max((final[n] - steps[2][n]).abs().max().item() for n in names) > 1e-4  # (not the last weights)
+    assert any(
+        "weights averaged (EMA, decay up to 0.9)" in line for line in (out / "report.md").read_text().split("\n")
+    )
+
+
+def test_a_resumed_run_with_use_ema_averages_as_an_uninterrupted_one(pipeline, data, tmp_path):  # noqa: F811
+    import shutil
+
+    from safetensors.torch import load_file
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _ema_run(pipeline, data, whole)
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoint-3")  # as if the run had stopped after its second checkpoint
+    (resumed / "metrics.json").unlink()
+    _ema_run(pipeline, data, resumed, resume=True)
+    want, got = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, "x", True])
+def test_a_bad_ema_decay_is_one_line(decay):
+    from types import SimpleNamespace
+
+    from deltatune.train.t2i_ema import ema_decay
+
+    with pytest.raises(ConfigError, match=r"^train.ema_decay must be a number in \[0, 1\), got "):
+        ema_decay(SimpleNamespace(use_ema=True, ema_decay=decay))
+    assert ema_decay(SimpleNamespace(use_ema=False, ema_decay=decay)) is None

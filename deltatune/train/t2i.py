@@ -41,6 +41,7 @@ from ..model import DeltaModel
 from . import t2i_noise
 from .config import RunConfig
 from .prepared import Prepared
+from .t2i_ema import EMA, ema_decay
 from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
 from .t2i_noise import min_snr_weights as min_snr_weights  # (t2i.min_snr_weights, as before the split)
 from .t2i_prior import prior_collate, prior_options, with_prior
@@ -369,8 +370,13 @@ class T2ITrainer(DeltaTrainer):
     text encoder. A text encoder with a LoRA that trains joins the optimizer and the gradient clipping, encodes the
     captions at every step, and its LoRA is saved in every checkpoint (``text_encoder_lora/``)."""
 
-    def __init__(self, *args: Any, processor: T2IProcessor, loss_options: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args: Any, processor: T2IProcessor, loss_options: dict | None = None, ema: float | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.ema = None if ema is None else EMA(ema)  # (train.use_ema: t2i_ema)
+        if self.ema is not None:
+            self.add_callback(self.ema)
         self.processor, self.loss_options = processor, dict(loss_options or {})  # (t2i_noise.loss_options)
         processor.denoiser = self._delta_model()
         self.text_encoder = processor.text_encoder if processor.trains_text_encoder else None
@@ -418,11 +424,15 @@ class T2ITrainer(DeltaTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
+        if self.ema is not None and self.args.should_save:
+            self.ema.save(output_dir or self.args.output_dir)
         if self.text_encoder is not None and self.args.should_save:
             self.text_encoder.save_pretrained(os.path.join(output_dir or self.args.output_dir, TEXT_ENCODER_LORA))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.ema is not None:
+            self.ema.load(resume_from_checkpoint)
         if self.text_encoder is not None:
             self.text_encoder.load_adapter_weights(os.path.join(resume_from_checkpoint, TEXT_ENCODER_LORA), "default")
 
@@ -443,6 +453,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
     options, prior = loss_options(cfg.train, processor.flow), prior_options(cfg)  # (t2i_prior: DreamBooth's)
     kind = t2i_noise.check_prediction_type(cfg.train, processor.flow)  # (all checked before any class image is drawn)
+    ema = ema_decay(cfg.train)  # (train.use_ema, train.ema_decay: t2i_ema)
     options |= {"prior_loss_weight": prior["weight"]} if prior else {}
     augment = list(d.augment)  # (diffusers' scripts' RandomCrop without --center_crop, and --random_flip)
     if bad := [a for a in augment if a not in T2I_AUGMENTATIONS]:
@@ -514,7 +525,9 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     notes.insert(1, describe(options, processor.flow, processor.scheduler.config.get("prediction_type")))
     if augment or drop:
         notes.insert(2, f"train-time: {', '.join([*augment, *[f'{drop:g} of captions empty'] * bool(drop)])}")
-    trainer = functools.partial(T2ITrainer, processor=processor, loss_options=options)
+    if ema is not None:
+        notes.append(f"weights averaged (EMA, decay up to {ema:g}); the run saves the average")
+    trainer = functools.partial(T2ITrainer, processor=processor, loss_options=options, ema=ema)
     batch = prior_collate if prior else collate
     return Prepared(train, ev, batch, None, None, notes=notes, loss_only=True, trainer_class=trainer)
 

@@ -1,0 +1,105 @@
+"""Stage ``t2i``'s exponential moving average of the trained weights (``train.use_ema``), as diffusers'
+``train_text_to_image.py --use_ema`` with its ``EMAModel``'s defaults.
+
+A shadow copy s of the denoiser's trainable parameters p (the adapter's; the whole UNet under ``method: full``) is
+taken when training starts; after each optimizer step k (1, 2, ...) it moves towards them: s <- s - (1 - d_k)(s - p),
+d_k = min((1 + j) / (10 + j), ``train.ema_decay``) with j = k - 1, and d_1 = 0 (EMAModel's ``get_decay`` without
+warm-up: the first step copies p). When training ends s is copied into p, so the run's saved weights are the
+average, as the script saves its pipeline after ``ema_unet.copy_to``. Each checkpoint holds s and k
+(``ema.safetensors``) beside the training weights, and a resume reads them back, as the script's ``unet_ema``
+folder. The text encoder's LoRA (``model.train_text_encoder``) is not averaged, as diffusers averages the UNet only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from ..config import ConfigError
+
+EMA_FILE = "ema.safetensors"
+"""The shadow weights in a checkpoint, with the optimization step in the file's metadata."""
+
+
+def ema_decay(train) -> float | None:
+    """The decay of a recipe's ``train.use_ema`` (``train.ema_decay``, 0.9999: EMAModel's default), None without.
+
+    Raises:
+        ConfigError: a train.ema_decay outside [0, 1).
+    """
+    if not getattr(train, "use_ema", False):
+        return None
+    decay = getattr(train, "ema_decay", 0.9999)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0 <= decay < 1) or math.isnan(decay):
+        raise ConfigError(f"train.ema_decay must be a number in [0, 1), got {decay!r}")
+    return float(decay)
+
+
+class EMA(TrainerCallback):
+    """The moving average of a model's trainable parameters (module docstring); ``step`` counts optimizer steps."""
+
+    def __init__(self, decay: float = 0.9999) -> None:
+        self.decay, self.step = decay, 0
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.finished = False
+
+    @staticmethod
+    def _trained(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def current_decay(self) -> float:
+        """d_k of the step just taken (EMAModel.get_decay, no warm-up, min_decay 0, update_after_step 0)."""
+        j = self.step - 1
+        return 0.0 if j <= 0 else min((1 + j) / (10 + j), self.decay)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trained = self._trained(model)
+        if self.shadow is None:  # (a resume read it from its checkpoint)
+            self.shadow = {n: p.detach().clone() for n, p in trained.items()}
+        elif set(self.shadow) != set(trained):
+            raise ConfigError(
+                f"train.use_ema: the checkpoint's {EMA_FILE} averages {len(self.shadow)} tensors, the model trains "
+                f"{len(trained)} (another method or targets?)"
+            )
+        else:
+            self.shadow = {n: s.to(trained[n].device) for n, s in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.step += 1
+        one_minus = 1 - self.current_decay()
+        for n, p in self._trained(model).items():
+            s = self.shadow[n]
+            s.sub_(one_minus * (s - p.to(s.dtype)))
+
+    @torch.no_grad()
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        for n, p in self._trained(model).items():
+            p.copy_(self.shadow[n].to(p.dtype))
+        self.finished = True
+
+    def save(self, folder: str) -> None:
+        """Write the shadow and the step into ``folder`` (a checkpoint being written); nothing once finished (the
+        model's own weights are the average then)."""
+        if self.shadow is None or self.finished:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {n: s.detach().cpu().contiguous() for n, s in self.shadow.items()}
+        save_file(tensors, os.path.join(folder, EMA_FILE), {"optimization_step": str(self.step)})
+
+    def load(self, folder: str) -> bool:
+        """Read a checkpoint's shadow and step (False when it has none: a run that did not average; the average
+        then starts from the resumed weights)."""
+        path = os.path.join(folder, EMA_FILE)
+        if not os.path.isfile(path):
+            return False
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as fh:
+            self.shadow = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118  (safe_open has no iteration)
+            self.step = int((fh.metadata() or {}).get("optimization_step", 0))
+        return True
