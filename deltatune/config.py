@@ -182,6 +182,8 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{file} is not valid JSON (truncated?): {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file} is not UTF-8 text (byte {exc.start}); an adapter config is JSON") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{file} holds a JSON {type(data).__name__}, not an object")
     if data.get("layers_pattern") and data.get("layers_to_transform") is None:  # deltatune saved it before b2dcbc3

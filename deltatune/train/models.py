@@ -107,8 +107,11 @@ def not_loaded(name_or_path: str, exc: OSError) -> ConfigError:
     """The one line for a model (or its tokenizer) that transformers could not read: a local folder's missing
     file, or a name that is no local folder and that the hub could not provide (offline, gated, misspelt)."""
     why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if os.path.isdir(resolve_path(name_or_path)):
+    path = resolve_path(name_or_path)
+    if os.path.isdir(path):
         return ConfigError(f"model {name_or_path!r} could not be loaded ({why})")
+    if os.path.isabs(path) or path.startswith((".", "~")):  # a path, never a hub id
+        return ConfigError(f"model {name_or_path!r}: no such folder")
     return ConfigError(
         f"model {name_or_path!r} could not be loaded: not a local model folder, and the hub could not provide it ({why})"
     )

@@ -349,6 +349,8 @@ HARMLESS = {
     "train.max_steps",
     "train.epochs",
     "train.logging_steps",
+    "train.logging_first_step",
+    "train.eval_accumulation_steps",
     "train.eval_steps",
     "train.save_steps",
     "train.save_total_limit",
