@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_inputs, tiny_model
 from torch import nn
 
 import deltatune as dt
@@ -108,3 +109,48 @@ def test_ia3_nn_conv1d_refused_as_peft():
     with pytest.raises(dt.ConfigError, match=r"ia3: target 0 is a Conv1d; IA3 adapts nn.Linear, GPT-2 Conv1D"):
         dt.get_delta_model(nn.Sequential(nn.Conv1d(4, 4, 3)), dt.IA3Config(target_modules=["0"],
                                                                           feedforward_modules=[]))  # fmt: skip
+
+
+def _greedy_seq2seq(model, inputs: dict, steps: int = 4) -> torch.Tensor:
+    dec = torch.zeros(inputs["input_ids"].shape[0], 1, dtype=torch.long)
+    for _ in range(steps):
+        logits = model(**inputs, decoder_input_ids=dec).logits[:, -1]
+        dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
+    return dec
+
+
+def test_t5_prefix_generate_is_peft_forward_not_peft_generate(tmp_path):
+    """Kept on purpose: T5 prefix tuning's generate here equals peft's own forward run greedily step by step;
+    peft 0.21.2's generate differs from that on row 1 (its cached decoding drops the prefix alignment)."""
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("t5"), peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                                            num_virtual_tokens=3)).eval()  # fmt: skip
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("t5"), tmp_path).eval()
+    inputs = tiny_inputs("t5")
+    inputs.pop("decoder_input_ids")
+    with torch.no_grad():
+        reference = _greedy_seq2seq(theirs, inputs)
+        assert torch.equal(_greedy_seq2seq(ours, inputs), reference)
+        assert torch.equal(ours.generate(**inputs, max_new_tokens=4, do_sample=False), reference)
+        assert not torch.equal(theirs.generate(**inputs, max_new_tokens=4, do_sample=False), reference)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_beams=3, num_return_sequences=2), dict(do_sample=False)])
+def test_prompt_tuning_generate_left_padded_beams(kwargs):
+    """Prompt tuning's generate (left padding, beams) equals the base generating from [P ; embeddings] with the
+    prompt's mask ones: the positions continue after the prompt, as the base's own generate counts them."""
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(tiny_model("gpt2"), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ours.eval()
+    base = tiny_model("gpt2")
+    prompt = [p for n, p in ours.named_parameters() if p.requires_grad][0].detach()
+    inputs = tiny_inputs("gpt2")
+    inputs["attention_mask"][0, :2] = 0
+    embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(inputs["input_ids"])], 1)
+    mask = torch.cat([torch.ones(2, 3, dtype=torch.long), inputs["attention_mask"]], 1)
+    with torch.no_grad():
+        reference = base.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, pad_token_id=0,
+                                  **kwargs)  # fmt: skip
+        mine = ours.generate(**inputs, max_new_tokens=4, pad_token_id=0, **kwargs)
+    assert torch.equal(mine[:, 7:], reference)
