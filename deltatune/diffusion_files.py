@@ -5,7 +5,9 @@ LoRAs and re-exports these names. The formats are described in ``diffusion.py``'
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -212,6 +214,7 @@ def load_lora(
     prefix: str | None = None,
     is_trainable: bool = False,
     *,
+    hotswap: bool = False,
     _warn: bool = True,
 ) -> DeltaModel:
     """Load a diffusers- or kohya-format LoRA file (or folder) into ``model`` as ``adapter_name``.
@@ -221,12 +224,16 @@ def load_lora(
     ``lora_te2_`` are these two); None takes the keys whose path fits the model. Ranks and alphas are read per module
     (kohya's ``.alpha``; diffusers' metadata, else alpha = rank). Keys holding ``dora_scale`` (kohya's DoRA) are
     dropped with one warning naming them, and the rest loads as a plain LoRA, as diffusers' ``load_lora_weights``
-    does (``_warn=False``: no warning, for a file whose other components warned already).
+    does (``_warn=False``: no warning, for a file whose other components warned already). ``hotswap``: replace the
+    weights and scales of the LoRA ``adapter_name`` already there in place, as diffusers'
+    ``load_lora_weights(..., hotswap=True)`` (peft's ``hotswap_adapter_from_state_dict``): a module the new file
+    does not adapt gets zeros, a smaller rank is padded with zeros, a larger one replaces the tensors.
 
     Raises:
         ConfigError: the file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
             another architecture), keys of two components that both fit (without a prefix), a module without its A
-            or B, or nothing at all; the model is unchanged.
+            or B, or nothing at all; with ``hotswap``, no such adapter, or one that is merged, not a plain LoRA or
+            does not adapt a module the file does; the model is unchanged.
     """
     from .methods.lora import LoraConfig
 
@@ -285,6 +292,9 @@ def load_lora(
         state[f"{KEY_PREFIX}{p}.lora_B.weight"] = m["B"]
         if dora:
             state[f"{KEY_PREFIX}{p}.lora_magnitude_vector"] = m["m"]
+    if hotswap:
+        hotswap_lora(delta, adapter_name, config, modules, os.fspath(path))
+        return delta
     delta.add_adapter(adapter_name, config, _tensors=state, _source=os.fspath(path))
     return delta
 
@@ -319,3 +329,60 @@ def _metadata(metadata: dict[str, str], prefix: str | None) -> dict[str, Any]:
     if component is None:
         return {}
     return {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(component + ".")}
+
+
+def hotswap_lora(delta: DeltaModel, name: str, config, modules: dict[str, dict[str, torch.Tensor]], path: str) -> None:
+    """Swap adapter ``name``'s LoRA for ``modules`` (``{module path: {"A", "B"}}``) under ``config``, as peft: a module
+    the new LoRA does not adapt gets zeros; a tensor of the same shape is copied in, a smaller one into the top-left
+    corner of zeros, a larger one replaces the parameter's data. The adapter's stored config becomes ``config``.
+
+    Raises:
+        ConfigError: no adapter ``name``, one that is not a plain LoRA or is merged, or a module of the file that
+            the adapter does not adapt (peft's "unexpected keys"); nothing changed then.
+    """
+    from .methods.lora import LORA_LAYERS, LoraConfig
+    from .targets import pattern_value
+
+    old = delta.peft_config.get(name)
+    if old is None:
+        known = ", ".join(delta.peft_config) or "none"
+        raise ConfigError(f"{path}: hotswap needs a loaded adapter {name!r} to swap (loaded: {known})")
+    if not isinstance(old, LoraConfig) or old.use_dora or config.use_dora:
+        raise ConfigError(f"{path}: hotswap swaps a plain LoRA for a plain LoRA; adapter {name!r} or the file is not")
+    layers = {
+        re.sub(r"(\.base_layer)+$", "", p): m  # (diffusion._module_path: as a file names the module)
+        for p, m in delta.get_base_model().named_modules()
+        if isinstance(m, LORA_LAYERS) and name in m.lora_A
+    }
+    if merged := sorted(p for p, m in layers.items() if name in m.merged_adapters):
+        raise ConfigError(f"{path}: adapter {name!r} is merged into the weights ({merged[0]}); unmerge it first")
+    if extra := sorted(set(modules) - set(layers)):
+        raise ConfigError(
+            f"{path}: hotswap cannot add modules: adapter {name!r} does not adapt {extra[0]}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    with torch.no_grad():
+        for module, layer in layers.items():
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            if module not in modules:  # (peft: the old LoRA's weights are set to 0)
+                a.zero_()
+                b.zero_()
+                continue
+            for old_t, new_t in ((a, modules[module]["A"]), (b, modules[module]["B"])):
+                _swap_tensor(old_t, new_t.to(old_t.device, old_t.dtype))
+            r = pattern_value(config.rank_pattern, module, config.r)
+            alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
+            layer.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
+    keep = {"target_modules": old.target_modules, "inference_mode": old.inference_mode}
+    fields = {f.name for f in dataclasses.fields(config)}
+    delta.peft_config[name] = dataclasses.replace(config, **{k: v for k, v in keep.items() if k in fields})
+
+
+def _swap_tensor(old: torch.nn.Parameter, new: torch.Tensor) -> None:
+    if old.shape == new.shape:
+        old.copy_(new)
+    elif all(o >= n for o, n in zip(old.shape, new.shape)):  # a smaller rank: zeros around it
+        old.zero_()
+        old[tuple(slice(0, n) for n in new.shape)].copy_(new)
+    else:  # a larger rank: new storage
+        old.data = new.clone()

@@ -16,10 +16,12 @@ from pathlib import Path  # noqa: E402
 
 from test_diffusion_probe12 import _class_folder, _prepare, data, pipeline  # noqa: E402,F401  (fixtures, helpers)
 
+import deltatune as dt  # noqa: E402
 from deltatune.config import ConfigError  # noqa: E402
 from deltatune.train import t2i, t2i_prior  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def _no_drawing(*args, **kwargs):
@@ -180,3 +182,57 @@ def test_a_bad_ema_decay_is_one_line(decay):
     with pytest.raises(ConfigError, match=r"^train.ema_decay must be a number in \[0, 1\), got "):
         ema_decay(SimpleNamespace(use_ema=True, ema_decay=decay))
     assert ema_decay(SimpleNamespace(use_ema=False, ema_decay=decay)) is None
+
+
+# -- load_lora(hotswap=True): diffusers' load_lora_adapter(..., hotswap=True) -------------------------------------------
+def _files(tmp_path):
+    """Three diffusers-format files for the tiny UNet: a (r 4, alpha 8), b (r 4, alpha 2, other weights), c (r 2,
+    alpha 4, only to_q and to_k: hotswap zeroes the rest)."""
+    from diffusion.test_lora_files import lora
+
+    a, b = lora(0), lora(1, lora_alpha=2)
+    c = lora(2, r=2, lora_alpha=4, target_modules=["to_q", "to_k"])
+    for model, name in ((a, "a"), (b, "b"), (c, "c")):
+        dt.save_diffusers_lora(model, tmp_path / name)
+    return {n: str(tmp_path / n) for n in "abc"}
+
+
+@pytest.mark.parametrize("swap_in", ["b", "c"])
+def test_hotswap_gives_diffusers_hotswapped_outputs(tmp_path, swap_in):
+    """unet.load_lora_adapter(a) then load_lora_adapter(b or c, hotswap=True) against dt.load_lora(..., hotswap=True):
+    the same outputs (<= 1e-5), which are those of the swapped-in file loaded alone, under the same adapter name;
+    HEAD's load_lora took no hotswap (a TypeError)."""
+    from diffusion.test_lora_files import out, tiny_unet
+
+    files = _files(tmp_path)
+    theirs = tiny_unet()
+    theirs.load_lora_adapter(files["a"], prefix="unet", adapter_name="default_0", weight_name=WEIGHTS)
+    theirs.load_lora_adapter(
+        files[swap_in], prefix="unet", adapter_name="default_0", weight_name=WEIGHTS, hotswap=True
+    )
+    ours = dt.load_lora(tiny_unet(), files["a"], adapter_name="default_0", prefix="unet")
+    before = out(ours)
+    assert dt.load_lora(ours, files[swap_in], adapter_name="default_0", prefix="unet", hotswap=True) is ours
+    alone = out(dt.load_lora(tiny_unet(), files[swap_in], prefix="unet"))
+    got, want = out(ours), out(theirs)
+    assert (got - want).abs().max().item() <= 1e-5, (got - want).abs().max()
+    assert (got - alone).abs().max().item() <= 1e-5
+    assert (got - before).abs().max().item() > 1e-3  # (the swap changed the outputs)
+    assert ours.active_adapters == ["default_0"] and list(ours.peft_config) == ["default_0"]
+
+
+def test_hotswap_refusals_are_one_line_and_change_nothing(tmp_path):
+    from diffusion.test_lora_files import out, tiny_unet
+
+    files = _files(tmp_path)
+    ours = dt.load_lora(tiny_unet(), files["c"], prefix="unet")  # (to_q, to_k only)
+    before = out(ours)
+    with pytest.raises(ConfigError, match=r"hotswap cannot add modules: adapter 'default' does not adapt .*to_out\.0"):
+        dt.load_lora(ours, files["a"], prefix="unet", hotswap=True)
+    with pytest.raises(ConfigError, match=r"hotswap needs a loaded adapter 'x' to swap \(loaded: default\)$"):
+        dt.load_lora(ours, files["c"], adapter_name="x", prefix="unet", hotswap=True)
+    ours.merge_adapter()
+    with pytest.raises(ConfigError, match=r"adapter 'default' is merged into the weights .*; unmerge it first$"):
+        dt.load_lora(ours, files["c"], prefix="unet", hotswap=True)
+    ours.unmerge_adapter()
+    assert (out(ours) - before).abs().max().item() <= 1e-6
