@@ -33,6 +33,55 @@ def test_an_adapter_config_that_is_not_utf8_is_one_line(tmp_path):
     from deltatune.config import read_config_file
 
     (tmp_path / "adapter_config.json").write_bytes(b'{"peft_type": "LORA\xff"}')
-    with pytest.raises(ConfigError, match=r"adapter_config.json is not UTF-8 text \(byte 19\); an adapter config is JSON$"):
+    with pytest.raises(
+        ConfigError, match=r"adapter_config.json is not UTF-8 text \(byte 19\); an adapter config is JSON$"
+    ):
         read_config_file(str(tmp_path))
     assert os.listdir(tmp_path) == ["adapter_config.json"]
+
+
+def test_a_resumed_preference_run_pairs_its_evaluations_with_its_starts_scores(tmp_path, monkeypatch):
+    """rm with eval_on_start: every later evaluation reports gained / lost / paired_p against the start's scores.
+    Those were kept in memory only, so a --resume'd run's evaluations lacked them, and metric_for_best_model:
+    paired_p (accepted up front since efccf61) failed at its first evaluation after the resume (review J). The
+    scores are kept in the run folder now: the resumed run's last evaluation equals an uninterrupted run's."""
+    import json
+    import random
+
+    from tiny import WORDS, save_tiny
+
+    import deltatune.train.trainer as T
+    from deltatune.train import build, train
+
+    bert = save_tiny(tmp_path / "bert", "bert", "seq_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choices(WORDS, k=3)), "chosen": " ".join(rng.choices(WORDS, k=4)) + " good",
+             "rejected": " ".join(rng.choices(WORDS, k=5))} for _ in range(24)]  # fmt: skip
+    for name, part in (("t", rows[:16]), ("e", rows[16:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+    def recipe(out: str) -> dict:
+        return {"stage": "rm", "model": {"name_or_path": bert},
+                "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+                "data": {"train": str(tmp_path / "t.jsonl"), "eval": str(tmp_path / "e.jsonl"), "max_length": 24},
+                "train": {"batch_size": 4, "lr": 5e-3, "seed": 0, "max_steps": 4, "eval_steps": 2, "save_steps": 2,
+                          "eval_on_start": True, "load_best_model_at_end": True, "metric_for_best_model": "paired_p",
+                          "greater_is_better": False, "report_to": ["none"]},
+                "output": {"dir": str(tmp_path / out)}}  # fmt: skip
+
+    whole = train(build(recipe("whole")))
+    step = T.DeltaTrainer.training_step
+
+    def stop_after_2(self, *a, **k):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(T.DeltaTrainer, "training_step", stop_after_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(build(recipe("cut")))
+    monkeypatch.setattr(T.DeltaTrainer, "training_step", step)
+    resumed = train(build(recipe("cut")), resume=True)
+    assert "eval_paired_p" in whole
+    for key in ("eval_gained", "eval_lost", "eval_paired_p", "eval_loss"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key

@@ -4,6 +4,7 @@ trainer base whose eval predictions are (chosen, rejected) scores, and the pairw
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -75,10 +76,38 @@ class PairTrainer(DeltaTrainer):
         scores, start = np.asarray(out.predictions), self.start_scores.get(metric_key_prefix)
         if self.state.global_step == 0:
             self.start_scores[metric_key_prefix] = scores
-        elif start is not None and start.shape == scores.shape:
+            self._keep_start_scores()
+        elif start is None:  # a resumed run: its start's, kept in the run folder (a fresh run's folder has none)
+            start = self._kept_start_scores().get(metric_key_prefix)
+            if start is not None:
+                self.start_scores[metric_key_prefix] = start
+        if self.state.global_step and start is not None and start.shape == scores.shape:
             change = paired_change(start, scores)
             out.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in change.items()})
         return out
+
+    START_SCORES = "eval_start_scores.npz"
+    """The run folder's copy of ``start_scores``: a --resume'd run pairs its evaluations with them (they were kept in
+    memory only, so a resumed run's evaluations lacked gained/lost/paired_p, and a metric_for_best_model naming one
+    failed at its first evaluation)."""
+
+    def _keep_start_scores(self) -> None:
+        if not self.args.eval_on_start or not self.is_world_process_zero():  # (deltatune eval: no eval_on_start)
+            return
+        from ..files import atomic_write
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # (a file, not its name: np.savez would add .npz to the name)
+                np.savez(fh, **self.start_scores)
+
+        atomic_write(os.path.join(self.args.output_dir, self.START_SCORES), write)
+
+    def _kept_start_scores(self) -> dict[str, np.ndarray]:
+        path = os.path.join(self.args.output_dir, self.START_SCORES)
+        if not os.path.isfile(path):
+            return {}
+        with np.load(path) as kept:
+            return {k: kept[k] for k in kept.files}
 
     _step_pairs: torch.Tensor | None = None
 
