@@ -154,3 +154,25 @@ def test_prompt_tuning_generate_left_padded_beams(kwargs):
                                   **kwargs)  # fmt: skip
         mine = ours.generate(**inputs, max_new_tokens=4, pad_token_id=0, **kwargs)
     assert torch.equal(mine[:, 7:], reference)
+
+
+def test_prompt_tuning_text_init_keeps_the_tokenizers_specials_as_peft():
+    """A tokenizer that adds specials ([CLS] ... [SEP], as a BOS-adding one) gives P those rows too, as peft:
+    the text's ids as the tokenizer returns them, cut or repeated to the virtual tokens."""
+    from tiny import minilm_path
+    from transformers import AutoTokenizer
+
+    path = str(minilm_path())
+    ids = AutoTokenizer.from_pretrained(path)("the cat sat")["input_ids"]
+    assert len(ids) == 5 and ids[0] == 101 and ids[-1] == 102  # [CLS] the cat sat [SEP]
+    kw = dict(task_type="CAUSAL_LM", prompt_tuning_init="TEXT", prompt_tuning_init_text="the cat sat",
+              tokenizer_name_or_path=path)  # fmt: skip
+    for virtual in (3, 7):
+        theirs = peft.get_peft_model(tiny_model("llama", vocab_size=30522), peft.PromptTuningConfig(
+            num_virtual_tokens=virtual, **kw))  # fmt: skip
+        ours = dt.get_delta_model(tiny_model("llama", vocab_size=30522), dt.PromptTuningConfig(
+            num_virtual_tokens=virtual, **kw))  # fmt: skip
+        table = [p for n, p in ours.named_parameters() if p.requires_grad][0]
+        words = ours.get_input_embeddings().weight
+        assert torch.equal(table, theirs.prompt_encoder["default"].embedding.weight)
+        assert torch.equal(table, words[(ids * 2)[:virtual]])
