@@ -252,7 +252,7 @@ def _generate(args) -> int:
         row = chat.compare(model, tok, [prompt], num_beams=args.num_beams, **render, **sampling)[0]
         print(chat.side_by_side([row]))
     else:
-        print(chat.generate(model, tok, ids, num_beams=args.num_beams, **sampling))
+        print(chat.generate(model, tok, ids, num_beams=args.num_beams, template=render["template"], **sampling))
     return 0
 
 

@@ -82,3 +82,33 @@ def test_serve_stops_on_the_chatml_end_marker_of_an_adapter_trained_with_it(tmp_
     finally:
         engine.close()
     assert r.output_ids == [hi, im_end] and ends == ["stop"]
+
+
+def test_the_chat_loop_stops_on_the_chatml_end_marker_too():
+    """``deltatune chat``'s loop (chat.repl) passed no template to generate: it ran to max_new_tokens (review I)."""
+    import io
+
+    tok = _tokenizer()
+    hi, im_end = tok.convert_tokens_to_ids("hi"), tok.convert_tokens_to_ids("<|im_end|>")
+    out = io.StringIO()
+    model = _model(tok, [hi, hi, im_end])
+    chat.repl(model, tok, stdin=io.StringIO("hi\n"), stdout=out, template="chatml", max_new_tokens=8)
+    assert out.getvalue().splitlines()[-1] == "hi hi"
+
+
+def test_deltatune_generate_stops_on_the_chatml_end_marker_too(tmp_path, monkeypatch, capsys):
+    """``deltatune generate --adapter RUN`` of a run trained under chatml: the answer stops on the marker."""
+    import yaml
+
+    import deltatune.train.run_load as run_load
+    from deltatune.cli import main
+
+    tok = _tokenizer()
+    hi, im_end = tok.convert_tokens_to_ids("hi"), tok.convert_tokens_to_ids("<|im_end|>")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.yaml").write_text(yaml.safe_dump({"stage": "sft", "data": {"template": "chatml"}}))
+    (run / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "CAUSAL_LM"}')
+    monkeypatch.setattr(run_load, "load_generator", lambda *a, **k: (_model(tok, [hi, hi, im_end]), tok))
+    assert main(["generate", "--adapter", str(run), "--prompt", "hi", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == "hi hi"

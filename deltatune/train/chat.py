@@ -346,7 +346,7 @@ def repl(
         if dropped:
             print(f"({dropped} oldest exchange(s) dropped: the conversation is over the model's context)", file=stdout)
         with adapter_off(model) if base else nullcontext():
-            answer = generate(model, tok, ids, **sampling)
+            answer = generate(model, tok, ids, template=template, **sampling)  # stops where it trained to
         if history:
             history.append({"role": "assistant", "content": answer})
         print(answer, file=stdout, flush=True)
