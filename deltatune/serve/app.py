@@ -283,7 +283,7 @@ def create_app(
             r.bad_words_ids = banned
         first = requests[0] if requests else None
         if first is not None and first.allowed_token_ids:
-            _first_token_possible(first, banned, engine.eos_ids)
+            _first_token_possible(first, banned, engine.eos_of(model))
         echoes = [None if echo is None else echo[k // n] for k in range(len(requests))]
         stream = flag(body, "stream")
         options = body.get("stream_options")

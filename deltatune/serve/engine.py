@@ -138,6 +138,9 @@ class Engine:
         # requests are rendered with; an adapter not named here is prompted through the tokenizer's template.
         self.templates: dict[str, str] = {}
         self.paths: dict[str, str] = {}  # each adapter's folder (vLLM's ``root`` in /v1/models)
+        # The ids that end each adapter's answers besides ``eos_ids``: the end marker its run's template trained in
+        # the EOS's place (chatml's <|im_end|> with a tokenizer that has no EOS); they apply to its rows alone.
+        self.stops: dict[str, set[int]] = {}
         self._changes_waiting = 0  # adapter loads/unloads waiting for the lock
         self._count_lock = threading.Lock()
         self.gen = getattr(model, "generation_config", None)  # its repetition_penalty and top_k apply (_pick)
@@ -186,7 +189,9 @@ class Engine:
             self.paths[name] = path
             if template is not None:
                 self.templates[name] = template
-                self.eos_ids |= set(stop_ids(self.tokenizer, template))  # chatml's <|im_end|> with no tokenizer EOS
+                extra = set(stop_ids(self.tokenizer, template)) - self.eos_ids  # chatml's <|im_end|> with no EOS
+                if extra:
+                    self.stops[name] = extra
 
     def unload_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
@@ -199,7 +204,12 @@ class Engine:
                 raise RequestError(str(exc), 409, "adapter_in_use", "name") from None
             self._routes.pop(name, None)
             self.templates.pop(name, None)
+            self.stops.pop(name, None)
             self.paths.pop(name, None)
+
+    def eos_of(self, adapter: str) -> set[int]:
+        """The ids that end ``adapter``'s answers as EOS does: ``eos_ids``, and its run's template's (``stops``)."""
+        return _eos_of(self, adapter)
 
     @contextmanager
     def _changing(self) -> Iterator[None]:
@@ -387,7 +397,7 @@ class Engine:
         """The row's next token (``_pick``), or None when its logits cannot be sampled from (an adapter gone to NaN):
         that row alone ends with an error, the rest of its batch goes on."""
         try:
-            return _pick(logits, r, g, self.gen, self.eos_ids)
+            return _pick(logits, r, g, self.gen, _eos_of(self, r.adapter))
         except FloatingPointError as exc:
             r.finish_reason = f"error: model {r.adapter!r}: {exc}"
             return None
@@ -413,8 +423,8 @@ class Engine:
         if r.detok is None:
             r.detok = Detokenizer(self.tokenizer, r.prompt_ids, r.skip_special_tokens, r.spaces_between_special_tokens)
         # vLLM's check_stop: EOS (not under ignore_eos; the generation config's other EOS ids are stop_token_ids
-        # there, with their stop_reason), then the request's stop_token_ids (their stop_reason)
-        if token in self.eos_ids and not r.ignore_eos:
+        # there, with their stop_reason, and so are an adapter's template's), then the request's stop_token_ids
+        if token in _eos_of(self, r.adapter) and not r.ignore_eos:
             r.finish_reason, r.stop_reason = "stop", None if token == self.tokenizer.eos_token_id else token
         elif token in r.stop_token_ids:
             r.finish_reason, r.stop_reason = "stop", token
@@ -515,6 +525,12 @@ def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
     return mask[:, lead:]
+
+
+def _eos_of(engine: Any, adapter: str) -> set[int]:
+    """``Engine.eos_of``, for an engine-like object too (``stops`` optional)."""
+    extra = getattr(engine, "stops", {}).get(adapter)
+    return engine.eos_ids | extra if extra else engine.eos_ids
 
 
 def _row_name(adapter: str) -> str:

@@ -297,8 +297,10 @@ def _prompt_logprobs(body: dict, chat: bool) -> int | None:
     (vLLM's default max_logprobs; its -1, the whole vocabulary, is refused here too); with ``stream`` 0 only (vLLM's)."""
     k = body.get("prompt_logprobs")
     if k is None:  # vLLM's to_sampling_params: echo scores the prompt with the answer's k (a chat's top_logprobs,
-        # 0 left out; a completion's logprobs, none left out), not sent in a stream (checked by _logprobs before)
-        k = (body.get("top_logprobs") or 0) if chat else _logprobs(body, chat)
+        # 0 left out, none sent null; a completion's logprobs, none left out), not sent in a stream (checked by
+        # _logprobs before: an int in [0, 20] or false, which is 0)
+        top = body.get("top_logprobs", 0)
+        k = (None if top is None else int(top)) if chat else _logprobs(body, chat)
         return k if body.get("echo") is True and body.get("stream") is not True else None
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
         raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {k!r}", param="prompt_logprobs")
