@@ -176,3 +176,37 @@ def test_prompt_tuning_text_init_keeps_the_tokenizers_specials_as_peft():
         words = ours.get_input_embeddings().weight
         assert torch.equal(table, theirs.prompt_encoder["default"].embedding.weight)
         assert torch.equal(table, words[(ids * 2)[:virtual]])
+
+
+def _tt_loop(model, inputs: dict, steps: int = 3) -> torch.Tensor:
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
+    for _ in range(steps):
+        nxt = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+        types = torch.cat([types, types[:, -1:]], 1)  # as transformers' generate extends them
+    return ids
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix", "p_tuning"])
+def test_causal_token_type_ids_kept_where_peft_drops_them(tmp_path, name):
+    """Kept on purpose: GPT-2 adds wte(token_type_ids) to its inputs, and here they reach it (the virtual tokens
+    typed 0); peft 0.21.2's causal-LM prompt learning warns and drops them, so its logits are ours without them."""
+    configs = {
+        "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "p_tuning": peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8),
+    }
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("gpt2"), configs[name]).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = dt.DeltaModel.from_pretrained(tiny_model("gpt2"), tmp_path).eval()
+    inputs = tiny_inputs("gpt2")
+    inputs["token_type_ids"] = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]])
+    plain = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="Token type ids are not supported"):
+            dropped = theirs(**inputs).logits[:, -7:]
+        assert (ours(**plain).logits - dropped).abs().max().item() == 0.0
+        assert (ours(**inputs).logits - dropped).abs().max().item() > 0.1  # the types change GPT-2's inputs
+        generated = ours.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(generated, _tt_loop(ours, inputs))
