@@ -236,3 +236,66 @@ def test_hotswap_refusals_are_one_line_and_change_nothing(tmp_path):
         dt.load_lora(ours, files["c"], prefix="unet", hotswap=True)
     ours.unmerge_adapter()
     assert (out(ours) - before).abs().max().item() <= 1e-6
+
+
+# -- train.validation_prompt: train_text_to_image_lora.py --validation_prompt / --num_validation_images ---------------
+def test_validation_images_are_drawn_each_epoch_as_diffusers_pipeline_draws_them(pipeline, data, tmp_path):  # noqa: F811
+    """Two epochs of 2 steps, train.validation_prompt with 2 images every epoch: validation/epoch-1.png and
+    epoch-2.png; the last equals diffusers' StableDiffusionPipeline (DDIM, the run's pytorch_lora_weights loaded, 30
+    steps, guidance 7.5, the same seeded latents) to a PNG's rounding, and differs from the first. HEAD drew none."""
+    import numpy as np
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from deltatune.train import run as run_module
+    from deltatune.train.config import load_recipe
+
+    out, prompt = tmp_path / "run", "a handwritten digit seven"
+    cfg = load_recipe(str(ROOT / "recipes" / "digits-t2i-lora.yaml"),
+                      [f"model.name_or_path={pipeline}", f"data.train={data / 't2i-adapt-train.jsonl'}",
+                       "data.eval=null", "data.limit=4", "train.epochs=2", "train.max_steps=-1", "train.batch_size=2",
+                       "train.warmup_ratio=0", "train.lr=1e-2", "train.report_to=[none]", f"output.dir={out}",
+                       "train.seed=3"])  # fmt: skip
+    cfg.train.validation_prompt, cfg.train.num_validation_images = prompt, 2  # (read with getattr)
+    run_module.train(cfg)
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["epoch-1.png", "epoch-2.png"]
+    pipe = StableDiffusionPipeline(
+        vae=None, text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(pipeline / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(pipeline / "unet"),
+        scheduler=DDPMScheduler.from_pretrained(pipeline / "scheduler"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.load_lora_weights(str(out))
+    pipe.tokenizer.model_max_length = 32  # (as deltatune pads for the tiny CLIP)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    latents = torch.randn((2, 1, 16, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        drawn = pipe([prompt] * 2, num_inference_steps=30, guidance_scale=7.5, latents=latents, output_type="latent")
+    theirs = ((drawn.images.float() + 1) / 2).clamp(0, 1)
+    theirs = (torch.cat(list(theirs), dim=-1)[0] * 255).round()  # (side by side, as the PNG)
+
+    def png(name: str) -> torch.Tensor:
+        return torch.tensor(np.asarray(Image.open(out / "validation" / name)), dtype=torch.float32)
+
+    assert png("epoch-2.png").shape == (16, 32)
+    assert (png("epoch-2.png") - theirs).abs().max().item() <= 1.0  # (one grey level: rounding)
+    assert (png("epoch-2.png") - png("epoch-1.png")).abs().max().item() > 2.0  # (the LoRA moved between epochs)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [({"validation_prompt": ""}, "train.validation_prompt must be a non-empty string, got ''"),
+     ({"validation_prompt": "a", "num_validation_images": 0}, "train.num_validation_images must be an integer >= 1, got 0"),
+     ({"validation_prompt": "a", "validation_epochs": 1.5}, "train.validation_epochs must be an integer >= 1, got 1.5")],
+)  # fmt: skip
+def test_bad_validation_keys_are_one_line(keys, message):
+    from types import SimpleNamespace
+
+    from deltatune.train.t2i_validation import validation_options
+
+    with pytest.raises(ConfigError) as e:
+        validation_options(SimpleNamespace(seed=0, **keys))
+    assert str(e.value) == message
+    assert validation_options(SimpleNamespace(seed=0)) is None

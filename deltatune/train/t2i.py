@@ -45,6 +45,7 @@ from .t2i_ema import EMA, ema_decay
 from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
 from .t2i_noise import min_snr_weights as min_snr_weights  # (t2i.min_snr_weights, as before the split)
 from .t2i_prior import prior_collate, prior_options, with_prior
+from .t2i_validation import GUIDANCE, STEPS, Validation, validation_options
 from .trainer import DeltaTrainer
 
 T2I_FILE = "t2i.json"
@@ -371,12 +372,12 @@ class T2ITrainer(DeltaTrainer):
     captions at every step, and its LoRA is saved in every checkpoint (``text_encoder_lora/``)."""
 
     def __init__(
-        self, *args: Any, processor: T2IProcessor, loss_options: dict | None = None, ema: float | None = None, **kwargs
+        self, *args: Any, processor: T2IProcessor, loss_options: dict | None = None, extras: tuple = (), **kwargs
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.ema = None if ema is None else EMA(ema)  # (train.use_ema: t2i_ema)
-        if self.ema is not None:
-            self.add_callback(self.ema)
+        self.ema = next((c for c in extras if isinstance(c, EMA)), None)  # (train.use_ema: t2i_ema; t2i_validation)
+        for callback in extras:
+            self.add_callback(callback)
         self.processor, self.loss_options = processor, dict(loss_options or {})  # (t2i_noise.loss_options)
         processor.denoiser = self._delta_model()
         self.text_encoder = processor.text_encoder if processor.trains_text_encoder else None
@@ -453,7 +454,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
     options, prior = loss_options(cfg.train, processor.flow), prior_options(cfg)  # (t2i_prior: DreamBooth's)
     kind = t2i_noise.check_prediction_type(cfg.train, processor.flow)  # (all checked before any class image is drawn)
-    ema = ema_decay(cfg.train)  # (train.use_ema, train.ema_decay: t2i_ema)
+    ema, shown = ema_decay(cfg.train), validation_options(cfg.train)  # (t2i_ema, t2i_validation)
     options |= {"prior_loss_weight": prior["weight"]} if prior else {}
     augment = list(d.augment)  # (diffusers' scripts' RandomCrop without --center_crop, and --random_flip)
     if bad := [a for a in augment if a not in T2I_AUGMENTATIONS]:
@@ -527,7 +528,11 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         notes.insert(2, f"train-time: {', '.join([*augment, *[f'{drop:g} of captions empty'] * bool(drop)])}")
     if ema is not None:
         notes.append(f"weights averaged (EMA, decay up to {ema:g}); the run saves the average")
-    trainer = functools.partial(T2ITrainer, processor=processor, loss_options=options, ema=ema)
+    extras = (EMA(ema),) if ema is not None else ()
+    if shown:  # (train.validation_prompt: t2i_validation)
+        draw = functools.partial(sample, processor=processor, steps=STEPS, guidance=GUIDANCE, max_length=d.max_length)
+        extras += (Validation(shown, lambda m, prompts, seed: draw(m, prompts=prompts, seed=seed), save_png),)
+    trainer = functools.partial(T2ITrainer, processor=processor, loss_options=options, extras=extras)
     batch = prior_collate if prior else collate
     return Prepared(train, ev, batch, None, None, notes=notes, loss_only=True, trainer_class=trainer)
 

@@ -1,0 +1,60 @@
+"""Stage ``t2i``'s validation images during training, as diffusers' ``train_text_to_image_lora.py``
+``--validation_prompt`` / ``--num_validation_images`` (4) / ``--validation_epochs`` (1): at the end of every
+``validation_epochs``-th epoch the main process draws ``num_validation_images`` images of the prompt with the model
+as it is then (30 steps, guidance 7.5, seeded by ``train.seed``, as the script's ``log_validation``), saved side by
+side as ``<run>/validation/epoch-<n>.png``. The script draws with its pipeline's own scheduler and one generator
+for the images in turn; here the run's sampler (``t2i.sample``: DDIM, or flow-matching Euler) draws them as one
+batch from the seeded noise, so each image equals ``deltatune generate --steps 30 --guidance 7.5`` at that epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..config import ConfigError
+
+STEPS, GUIDANCE = 30, 7.5
+"""The script's log_validation: ``num_inference_steps=30`` and the pipeline's default guidance."""
+
+
+def validation_options(train) -> dict[str, Any] | None:
+    """A recipe's validation settings (None without ``train.validation_prompt``).
+
+    Raises:
+        ConfigError: a prompt that is not a non-empty string, a count or an epoch interval that is not an integer >= 1.
+    """
+    prompt = getattr(train, "validation_prompt", None)
+    if prompt is None:
+        return None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError(f"train.validation_prompt must be a non-empty string, got {prompt!r}")
+    count, every = getattr(train, "num_validation_images", 4), getattr(train, "validation_epochs", 1)
+    for key, value in (("num_validation_images", count), ("validation_epochs", every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"train.{key} must be an integer >= 1, got {value!r}")
+    return {"prompt": prompt, "count": count, "every": every, "seed": train.seed}
+
+
+class Validation(TrainerCallback):
+    """Draws the validation images at the end of every ``every``-th epoch (module docstring). ``draw(model, prompts,
+    seed)`` gives (N, C, H, W) in [0, 1]; ``save(images, path)`` writes them."""
+
+    def __init__(self, options: dict[str, Any], draw: Callable, save: Callable) -> None:
+        self.options, self.draw, self.save = options, draw, save
+        self.written: list[str] = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = round(state.epoch or 0)
+        if epoch < 1 or epoch % self.options["every"] or not state.is_world_process_zero:
+            return
+        training = model.training
+        model.eval()
+        try:
+            images = self.draw(model, [self.options["prompt"]] * self.options["count"], self.options["seed"])
+        finally:
+            model.train(training)
+        self.written.append(self.save(images, os.path.join(args.output_dir, "validation", f"epoch-{epoch}.png")))
