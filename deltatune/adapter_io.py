@@ -69,6 +69,7 @@ def import_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor
     tensors = {k if k in expected else alias.get(unwrapped_name(k), k): v for k, v in tensors.items()}
     prefix = key_prefix(model.peft_config[name])
     base_params = {prefix + n: p for n, p in model.base_model.named_parameters(remove_duplicate=False)}
+    _check_class_count(model, tensors, expected, source)
     full_copies = match_tensors(tensors, expected, base_params, source)
     copies = {k: tensors[k] for k in full_copies}
     tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}
@@ -82,6 +83,23 @@ def import_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor
         for key, target in full_copies.items():
             target.copy_(copies[key])
     model._copies[name] = [unwrapped_name(key.removeprefix(prefix)) for key in full_copies]
+
+
+def _check_class_count(model: DeltaModel, tensors: dict, expected: dict, source: str) -> None:
+    """Refuse a classification head whose rows (one per class) differ from this model's ``num_labels``, naming the
+    class count, not the base model: the file was trained on other classes (another ``data.labels``)."""
+    n = getattr(getattr(model.base_model, "config", None), "num_labels", None)
+    heads = {h for task in ("SEQ_CLS", "TOKEN_CLS") for h in HEADS_BY_TASK[task]}
+    for key, target in expected.items():
+        if key not in tensors or not heads & set(key.split(".")):
+            continue
+        got, want = tuple(tensors[key].shape), tuple(target.shape)
+        if got != want and want and want[0] == n and got[1:] == want[1:]:
+            raise AdapterLoadError(
+                f"{source}: {key} has {got[0]} rows (one per class) in the file but {want[0]} in this model: the "
+                f"class count differs (the adapter was trained on {got[0]} classes); set data.labels to the classes "
+                "it was trained with (its run.yaml records them)"
+            )
 
 
 def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None,

@@ -69,16 +69,18 @@ def label_map(
     ``labels``, a name maps to its index. ``values``: the rows' labels when they are not ``row.get(column)``.
 
     Raises:
-        DataError: a label is NaN, a negative number (which would otherwise become one more class name), or an id
-            past ``MAX_CLASSES``.
+        DataError: a label is NaN, or a whole number past ``MAX_CLASSES`` (an id or a score?). A negative whole number
+            is a class as any other (run_glue sorts [-1, 1] into the classes 0 and 1).
     """
     values = [r.get(column) for r in rows] if values is None else values
     for row, v in zip(rows, values):
         _check_label(row, column, v)
     if labels:
-        names = {name: i for i, name in enumerate(labels)}
-        if any(class_id(name) is not None for name in labels):  # classes named by numbers: a value is a name
-            return names
+        names: dict[Any, int] = {name: i for i, name in enumerate(labels)}
+        numbers = {class_id(name): i for i, name in reversed(list(enumerate(labels)))}
+        numbers.pop(None, None)
+        if numbers:  # classes named by numbers: a value is a name, and 1, 1.0 and "1.0" all name the class "1"
+            return numbers | names  # (as run.yaml records the classes of a column of 1.0 / 2.0: "1", "2")
         return names | {i: i for i in range(len(labels))}  # else a whole number is an id
     # Ids may come as ints (JSON), as whole floats (1.0: pandas writes an int column with a gap as floats) or as
     # their text (CSV/TSV, where every value is text): "10" sorts after "2" as the number it is (run_classification
@@ -138,7 +140,8 @@ def class_names(mapping: dict[Any, int], labels: list[str] | None) -> list[str]:
 
 def class_of(label: Any, mapping: dict[Any, int]) -> int | None:
     """The class id of one label value under a ``label_map`` (a name, an id, or an id as text); None if none."""
-    for key in (label, str(label), class_id(label)):
+    keys = (str(label),) if isinstance(label, bool) else (label, str(label), class_id(label))  # (True == 1)
+    for key in keys:
         if key is not None and key in mapping:
             return mapping[key]
     return None
@@ -175,8 +178,6 @@ def _check_label(row: Row, column: str, value: Any) -> None:
         return
     if math.isnan(number):
         raise DataError(f"{row.source}: label in column {column!r} is NaN (an empty or missing value?)")
-    if number < 0:
-        raise DataError(f"{row.source}: label {value!r} in column {column!r} is negative; class ids start at 0")
 
 
 def encode_cls(

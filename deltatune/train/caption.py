@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..data.images import ImageRow, check, check_inside, open_rgb, pixel_values, read_image_rows
-from ..data.load import DataError, read_rows
+from ..data.images import ImageRow, check, check_inside, image_value, open_rgb, pixel_values, read_image_rows
+from ..data.load import DataError, Row, read_rows
 from ..data.sample import IMAGE_MARKER, Message, place_images
 from ..data.templates import IGNORE_INDEX
 from ..loss import shifted_token_loss
@@ -222,17 +222,24 @@ def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
     # reads messages before a text column (a caption's), and a text column before prompt + completion
     messages = any(columns.get(k, k) in first for k in CONVERSATION_FIELDS[:2])
     talk = messages or (d.text_column not in first and any(columns.get(k, k) in first for k in CONVERSATION_FIELDS))
+    encoded: dict[str, bytes] = {}  # a conversation's datasets' {"bytes"} image in data.image_column, by row
     if talk and d.image_column in first and columns.get("images", "images") in first:
         raise DataError(f"{rows[0].source}: both {d.image_column!r} (data.image_column) and "
                         f"{columns.get('images', 'images')!r} hold the images of a conversation; give one")  # fmt: skip
     if talk and d.image_column in first:
-        columns = {**columns, "images": d.image_column}
-        for row in rows:  # place_images' errors called it the images column, and a list of several passed
+        columns, rows = {**columns, "images": d.image_column}, [*rows]
+        for i, row in enumerate(rows):  # place_images' errors would call it the images column; a list passed
             one = row.get(d.image_column, required=False)
-            if isinstance(one, list) or not isinstance(one, str) or not one.strip():
+            if isinstance(one, list) or one is None or isinstance(one, str) and not one.strip():
                 held = f"a list of {len(one)}" if isinstance(one, list) else f"{one!r}"
                 raise DataError(f"{row.source}: column {d.image_column!r} (data.image_column) holds one image path per "
                                 f"conversation, got {held}; several images go in an 'images' column")  # fmt: skip
+            # a path, or datasets' {"bytes", "path"} image (as caption rows and image_cls read it; its errors name
+            # the value's type, never a blob of base64)
+            data, path = image_value(one, row.source, d.image_column)
+            if data is not None:
+                encoded[row.source] = data
+            rows[i] = Row({**row.data, d.image_column: path}, row.source)
     elif d.image_column in first:
         user = {"role": "user", "content": f"{IMAGE_MARKER}\n{CAPTION_PROMPT}"}
         read = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
@@ -252,7 +259,12 @@ def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
             )
         if url := next((p for p in s.images if "://" in p), None):
             raise DataError(f"{s.source}: image {url!r} is a URL; stage caption reads local image files")
-        images = [ImageRow(check_inside(p, root, s.source, d.allow_outside), None, s.source) for p in s.images]
+        data = encoded.get(s.source)
+        images = [
+            ImageRow(p, None, s.source, None, data) if data is not None else
+            ImageRow(check_inside(p, root, s.source, d.allow_outside), None, s.source)
+            for p in s.images
+        ]  # fmt: skip
         out.append(VLMExample(s.source, images, messages, start))
     return out
 

@@ -394,6 +394,32 @@ DERIVED = {"data.labels", "model.num_labels", "data.multi_label"}
 reward model, cls's ``data.multi_label`` of a label column of lists), which a recipe need not name: left unset (None) by the new recipe, they are no change."""
 
 
+def take_derived(cfg: Any, folder: str) -> list[str]:
+    """On ``--resume``: each ``DERIVED`` key the recipe leaves unset (None) set to the value the run's run.yaml
+    recorded, so the resumed run has what it began with (the classes of a run trained on labels {1, 2} before
+    they were sorted into two classes: its head has three rows, and its recorded ``data.labels`` say which).
+    Returns the keys set. A run.yaml that does not read is left to the recipe comparison to refuse."""
+    import yaml
+
+    from .runs import RUN_FILE
+
+    try:
+        with open(os.path.join(folder, RUN_FILE), encoding="utf-8") as fh:
+            old = yaml.safe_load(fh)
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    taken = []
+    for key in sorted(DERIVED):
+        section, name = key.split(".")
+        recorded = old.get(section).get(name) if isinstance(old.get(section), dict) else None
+        if recorded is not None and getattr(getattr(cfg, section), name, None) is None:
+            setattr(getattr(cfg, section), name, recorded)
+            taken.append(key)
+    return taken
+
+
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``section.key: old -> new`` for every key that differs and matters (not in ``HARMLESS``). A method key one
     recipe leaves out is its default (``method.lora_dropout`` left out of the new recipe trained with 0.0).
