@@ -334,7 +334,8 @@ def _metadata(metadata: dict[str, str], prefix: str | None) -> dict[str, Any]:
 def hotswap_lora(delta: DeltaModel, name: str, config, modules: dict[str, dict[str, torch.Tensor]], path: str) -> None:
     """Swap adapter ``name``'s LoRA for ``modules`` (``{module path: {"A", "B"}}``) under ``config``, as peft: a module
     the new LoRA does not adapt gets zeros; a tensor of the same shape is copied in, a smaller one into the top-left
-    corner of zeros, a larger one replaces the parameter's data. The adapter's stored config becomes ``config``.
+    corner of zeros, a larger one replaces the parameter's data. The adapter's stored config becomes ``config``'s,
+    with each module's rank its tensors' and its alpha the one that gives the swapped-in scale at that rank.
 
     Raises:
         ConfigError: no adapter ``name``, one that is not a plain LoRA or is merged, or a module of the file that
@@ -373,9 +374,23 @@ def hotswap_lora(delta: DeltaModel, name: str, config, modules: dict[str, dict[s
             r = pattern_value(config.rank_pattern, module, config.r)
             alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
             layer.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
-    keep = {"target_modules": old.target_modules, "inference_mode": old.inference_mode}
-    fields = {f.name for f in dataclasses.fields(config)}
-    delta.peft_config[name] = dataclasses.replace(config, **{k: v for k, v in keep.items() if k in fields})
+    # The stored config follows the tensors as they now are (a padded rank is the tensor's, its alpha gives the
+    # swapped-in scale), so a file saved after the swap loads with the same scales.
+    ranks = {m: layer.lora_A[name].weight.shape[0] for m, layer in layers.items()}
+    alphas = {
+        m: layer.scaling[name] * (math.sqrt(ranks[m]) if config.use_rslora else ranks[m])
+        for m, layer in layers.items()
+    }
+    r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+    delta.peft_config[name] = dataclasses.replace(
+        config,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=old.target_modules,
+        inference_mode=old.inference_mode,
+        rank_pattern={re.escape(m): v for m, v in ranks.items() if v != r},
+        alpha_pattern={re.escape(m): v for m, v in alphas.items() if v != alpha},
+    )
 
 
 def _swap_tensor(old: torch.nn.Parameter, new: torch.Tensor) -> None:

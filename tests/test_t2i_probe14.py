@@ -192,12 +192,13 @@ def _files(tmp_path):
 
     a, b = lora(0), lora(1, lora_alpha=2)
     c = lora(2, r=2, lora_alpha=4, target_modules=["to_q", "to_k"])
-    for model, name in ((a, "a"), (b, "b"), (c, "c")):
+    d = lora(3, r=8, lora_alpha=3, target_modules=["to_q", "to_k"])  # (a larger rank: new tensors)
+    for model, name in ((a, "a"), (b, "b"), (c, "c"), (d, "d")):
         dt.save_diffusers_lora(model, tmp_path / name)
-    return {n: str(tmp_path / n) for n in "abc"}
+    return {n: str(tmp_path / n) for n in "abcd"}
 
 
-@pytest.mark.parametrize("swap_in", ["b", "c"])
+@pytest.mark.parametrize("swap_in", ["b", "c", "d"])
 def test_hotswap_gives_diffusers_hotswapped_outputs(tmp_path, swap_in):
     """unet.load_lora_adapter(a) then load_lora_adapter(b or c, hotswap=True) against dt.load_lora(..., hotswap=True):
     the same outputs (<= 1e-5), which are those of the swapped-in file loaded alone, under the same adapter name;
@@ -219,6 +220,9 @@ def test_hotswap_gives_diffusers_hotswapped_outputs(tmp_path, swap_in):
     assert (got - alone).abs().max().item() <= 1e-5
     assert (got - before).abs().max().item() > 1e-3  # (the swap changed the outputs)
     assert ours.active_adapters == ["default_0"] and list(ours.peft_config) == ["default_0"]
+    dt.save_diffusers_lora(ours, tmp_path / "saved")  # (c: rank 2 padded to 4; its file keeps c's scales)
+    again = out(dt.load_lora(tiny_unet(), str(tmp_path / "saved"), prefix="unet"))
+    assert (again - alone).abs().max().item() <= 1e-5, (again - alone).abs().max()
 
 
 def test_hotswap_refusals_are_one_line_and_change_nothing(tmp_path):
