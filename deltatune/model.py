@@ -378,10 +378,9 @@ class DeltaModel(nn.Module, PushToHub):
         return [(layer, list(layer.merged_adapters)) for _, layer in self._layers() if layer.merged_adapters]
 
     # -- merging ----------------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False, *,
-                      _disabled: bool = False) -> None:  # fmt: skip
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or the named) adapters into the base weights. Idempotent. A disabled layer
-        (``disable_adapter_layers``) is left as it is: peft's merges it and unmerges it at its next forward, the base's.
+        (``disable_adapter_layers``) is merged too and unmerges itself at its next forward while disabled, as peft's.
 
         Raises:
             TypeError: a method whose math cannot be merged (e.g. a token method; tried first); nothing is merged.
@@ -389,8 +388,7 @@ class DeltaModel(nn.Module, PushToHub):
                 which merging would change too; with ``safe_merge`` (PEFT's), a merged weight not finite. Nothing merged.
         """
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names, together=True)
-        held = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
-        layers = [m for m in held if _disabled or not m.disabled]
+        layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
         check_not_shared(self.base_model, layers)
         for layer in layers:  # a layer type's own refusals (a bias to merge into a base without one), before any write
             for check in getattr(layer, "merge_checks", ()):
@@ -404,6 +402,7 @@ class DeltaModel(nn.Module, PushToHub):
                 for name in names:
                     if name in layer.adapter_names:
                         layer.merge_as(name, safe_merge)
+                status.unmerge_at_next_forward(layer)
         except TypeError:
             self.unmerge_adapter()
             for layer, merged in done:
@@ -430,7 +429,7 @@ class DeltaModel(nn.Module, PushToHub):
         ``safe_merge``, ``progressbar`` (ignored) and ``adapter_names=[]`` (merging none) as in PEFT.
         """
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
-        self.merge_adapter(names, safe_merge, _disabled=True)  # (after disable_adapter_layers too, as peft)
+        self.merge_adapter(names, safe_merge)  # (after disable_adapter_layers too, as peft)
         for _, layer in self._layers():  # a head trained in full: the active adapter's copy, whatever is merged (PEFT)
             layer.set_adapters(self.active_adapters if isinstance(layer, ModulesToSave) else names)
             layer.disabled = False  # (after disable_adapter_layers too, as peft)

@@ -140,7 +140,8 @@ def set_requires_grad(model: DeltaModel, adapter_names: str | Iterable[str], req
 def enable_layers(model: DeltaModel, enabled: bool) -> None:
     """peft's ``enable_adapter_layers`` / ``disable_adapter_layers``: every layer acts (the active adapters' parameters
     then train, frozen or not before, the others do not) or computes as the base layer (no adapter parameter trains).
-    Disabling unmerges first: peft's disabled layer unmerges itself at its next forward."""
+    A merged layer disabled unmerges itself at its next forward, as peft's (``unmerge_at_next_forward``): enabled
+    again before one, it computes merged still."""
     if not enabled:
         for name in model.active_adapters:
             if model._base_trainables.get(name):
@@ -149,14 +150,32 @@ def enable_layers(model: DeltaModel, enabled: bool) -> None:
                     "the adapter layers leaves them, so the output is not the base model's",
                     stacklevel=3,
                 )
-        model.unmerge_adapter()
     for _, layer in model._layers():
         layer.disabled = not enabled
+        unmerge_at_next_forward(layer)
         held = layer.adapter_names
         _set_grad(layer, [n for n in held if n in model.active_adapters], enabled)
         # peft: enabling leaves a wrapper's inactive full copies (a head) alone; disabling freezes every copy
         if not enabled or not isinstance(layer, ModulesToSave):
             _set_grad(layer, [n for n in held if n not in model.active_adapters], False)
+
+
+def unmerge_at_next_forward(layer: DeltaLayer) -> None:
+    """peft's lazy unmerge: a disabled layer holding merged adapters unmerges them at its next forward, if it is
+    still disabled then (``disable_adapter_layers`` and ``merge_adapter`` leave the weights as they are, and
+    ``enable_adapter_layers`` before a forward keeps them merged, as peft's LoRA forward does). A one-shot forward
+    pre-hook, so an enabled layer's forward pays nothing."""
+    if not (layer.disabled and layer.merged_adapters) or getattr(layer, "_unmerge_hook", None) is not None:
+        return
+
+    def unmerge(module: DeltaLayer, _args: Any) -> None:
+        module._unmerge_hook.remove()
+        module._unmerge_hook = None
+        if module.disabled:
+            for name in reversed(list(module.merged_adapters)):
+                module.unmerge(name)
+
+    layer._unmerge_hook = layer.register_forward_pre_hook(unmerge)
 
 
 def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:

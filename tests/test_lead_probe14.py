@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from deltatune.config import ConfigError
 
@@ -85,3 +86,45 @@ def test_a_resumed_preference_run_pairs_its_evaluations_with_its_starts_scores(t
     assert "eval_paired_p" in whole
     for key in ("eval_gained", "eval_lost", "eval_paired_p", "eval_loss"):
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("sequence", ["disable merge enable", "merge disable enable", "disable merge fwd enable",
+                                      "merge disable fwd enable", "disable merge", "merge disable", "merge disable fwd"])  # fmt: skip
+def test_merging_while_disabled_computes_as_peft_at_every_step(sequence):
+    """peft's merged layer that is disabled unmerges itself at its next forward, not before: enabled again before
+    one, it computes merged (every merged adapter, active or not). acebc4f left disabled layers unmerged (0.279 off
+    peft after disable, merge a+b, enable), and disabling unmerged at once (0.279 off after merge a+b, disable,
+    enable; review K)."""
+    import peft
+    from tiny import tiny_inputs, tiny_model
+
+    import deltatune as dt
+
+    lora = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**lora), adapter_name="a")
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**lora), adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(**lora))
+    ours.add_adapter("b", dt.LoraConfig(**lora))
+    for name in ("a", "b"):
+        dt.set_peft_model_state_dict(
+            ours, peft.get_peft_model_state_dict(theirs, adapter_name=name), adapter_name=name
+        )
+    theirs.eval(), ours.eval()
+    x = tiny_inputs("llama")["input_ids"]
+    for model in (ours, theirs):
+        model.set_adapter("a")
+    assert (ours(input_ids=x).logits - theirs(input_ids=x).logits).abs().max() < 1e-6
+    for step in sequence.split():
+        for model in (ours, theirs):
+            if step == "merge":
+                model.merge_adapter(["a", "b"])
+            elif step == "fwd":
+                model(input_ids=x)
+            else:
+                getattr(model, f"{step}_adapter_layers")()
+    got, want = ours(input_ids=x).logits, theirs(input_ids=x).logits  # (a forward after each step would unmerge)
+    assert (got - want).abs().max() < 1e-5
+    assert [m.merged_adapters for m in ours.modules() if hasattr(m, "merged_adapters")] == [
+        m.merged_adapters for m in theirs.modules() if hasattr(m, "merged_adapters") and hasattr(m, "lora_A")
+    ]
