@@ -64,17 +64,10 @@ def test_resume_of_a_run_with_labels_1_2_recorded_as_three_classes_keeps_its_cla
     os.remove(cut / "metrics.json")  # stopped after checkpoint-2, as an interrupted run is
     shutil.rmtree(cut / "checkpoint-4")
     os.remove(cut / "adapter_model.safetensors")
-    # the new code, the recipe as it was (no data.labels): two classes, the checkpoint's head has three rows
-    with pytest.raises(Exception) as err:
-        train(build(_cls_recipe(bert, tmp_path, "cut", [1, 2])), resume=True)
-    assert "classifier.weight has 3 rows (one per class) in the file but 2 in this model: the class count " in str(
-        err.value
-    )
-    assert "different base model" not in str(err.value) and "data.labels" in str(err.value)
+    # the new code, the recipe as it was (no data.labels): --resume takes the three recorded classes
     cfg = build(_cls_recipe(bert, tmp_path, "cut", [1, 2]))
-    assert take_derived(cfg, str(cut)) == ["data.labels"]  # (run.py's --resume calls this)
-    assert cfg.data.labels == old
-    resumed = train(cfg, resume=True)
+    assert take_derived(cfg, str(cut)) == ["data.labels"] and cfg.data.labels == old  # (what run.py's --resume does)
+    resumed = train(build(_cls_recipe(bert, tmp_path, "cut", [1, 2])), resume=True)
     assert resumed["train_steps"] == 4
     a, b = (
         load_file(str(tmp_path / "whole" / "adapter_model.safetensors")),
@@ -84,6 +77,18 @@ def test_resume_of_a_run_with_labels_1_2_recorded_as_three_classes_keeps_its_cla
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert next(v for k, v in b.items() if k.endswith("classifier.weight")).shape[0] == 3
     assert resumed["eval_accuracy"] == pytest.approx(whole["eval_accuracy"])
+    # the checkpoint's three-row head in a two-class model: the class count is named, not the base model
+    from transformers import AutoModelForSequenceClassification
+
+    import deltatune as dt
+
+    two = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
+    with pytest.raises(Exception) as err:
+        dt.DeltaModel.from_pretrained(two, str(cut / "checkpoint-2"))
+    assert "classifier.weight has 3 rows (one per class) in the file but 2 in this model: the class count " in str(
+        err.value
+    )
+    assert "different base model" not in str(err.value) and "data.labels" in str(err.value)
     # a recipe that names its labels keeps them; a DERIVED key not recorded is left unset
     cfg = build(_cls_recipe(bert, tmp_path, "cut", [1, 2], ["1", "2", "3"]))
     assert take_derived(cfg, str(cut)) == [] and cfg.data.labels == ["1", "2", "3"]

@@ -41,6 +41,7 @@ from .runfolder import (
     resume_checkpoint,
     run_facts,
     started_callback,
+    take_derived,
 )
 from .runs import RUN_FILE
 from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
@@ -267,6 +268,8 @@ def _train(
         check_apart(out, _reads(cfg), "output.dir")
     # A resume must not change what matters (lr, seed, method, data, ...): compared before anything is loaded.
     write_recipe = _check_resume_recipe(out, _recipe_dict(cfg), resume_changed) if resume else True
+    if resume:  # data.labels the recipe leaves unset: the run's recorded classes (an old {1, 2} run had three)
+        take_derived(cfg, out)
     check_run(cfg)
     facts = run_facts(cfg)
     changed = facts_changes(checkpoint, facts) if checkpoint else []
