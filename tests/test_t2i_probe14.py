@@ -122,7 +122,7 @@ def _ema_run(base, digits, out, steps: int = 3, resume: bool = False):
                        "data.eval=null", "data.limit=4", f"train.max_steps={steps}", "train.batch_size=2",
                        "train.warmup_ratio=0", "train.lr=1e-2", "train.report_to=[none]", f"output.dir={out}",
                        "train.save_steps=1", "train.save_total_limit=5"])  # fmt: skip
-    cfg.train.use_ema, cfg.train.ema_decay = True, 0.9  # (keys of train/config_train.py: read with getattr)
+    cfg.train.use_ema, cfg.train.ema_decay = True, 0.9
     run_module.train(cfg, resume=resume)
 
 

@@ -91,6 +91,12 @@ class TrainArgs:
                                        "data.class_prompt (diffusers' --with_prior_preservation).")  # fmt: skip
     prior_loss_weight: float = _f(1.0, "t2i prior preservation: the class images' loss weight (diffusers' "
                                   "--prior_loss_weight).")  # fmt: skip
+    use_ema: bool = _f(False, "t2i: a moving average of the trained weights, saved at the end (diffusers' --use_ema).")
+    ema_decay: float = _f(0.9999, "t2i EMA: the largest decay per step (diffusers' EMAModel decay).")
+    validation_prompt: str | None = _f(None, "t2i: draw images of this prompt during training (diffusers' "
+                                       "--validation_prompt).")  # fmt: skip
+    num_validation_images: int = _f(4, "t2i validation: images per drawing (diffusers' --num_validation_images).")
+    validation_epochs: int = _f(1, "t2i validation: draw every this many epochs (diffusers' --validation_epochs).")
 
 
 # The learning-rate schedules of transformers' SchedulerType, spelled out so that validating a recipe imports no

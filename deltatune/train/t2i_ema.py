@@ -30,9 +30,9 @@ def ema_decay(train) -> float | None:
     Raises:
         ConfigError: a train.ema_decay outside [0, 1).
     """
-    if not getattr(train, "use_ema", False):
+    if not train.use_ema:
         return None
-    decay = getattr(train, "ema_decay", 0.9999)
+    decay = train.ema_decay
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0 <= decay < 1) or math.isnan(decay):
         raise ConfigError(f"train.ema_decay must be a number in [0, 1), got {decay!r}")
     return float(decay)

@@ -27,12 +27,12 @@ def validation_options(train) -> dict[str, Any] | None:
     Raises:
         ConfigError: a prompt that is not a non-empty string, a count or an epoch interval that is not an integer >= 1.
     """
-    prompt = getattr(train, "validation_prompt", None)
+    prompt = train.validation_prompt
     if prompt is None:
         return None
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError(f"train.validation_prompt must be a non-empty string, got {prompt!r}")
-    count, every = getattr(train, "num_validation_images", 4), getattr(train, "validation_epochs", 1)
+    count, every = train.num_validation_images, train.validation_epochs
     for key, value in (("num_validation_images", count), ("validation_epochs", every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"train.{key} must be an integer >= 1, got {value!r}")
