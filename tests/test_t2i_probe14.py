@@ -295,11 +295,12 @@ def test_validation_images_are_drawn_each_epoch_as_diffusers_pipeline_draws_them
      ({"validation_prompt": "a", "validation_epochs": 1.5}, "train.validation_epochs must be an integer >= 1, got 1.5")],
 )  # fmt: skip
 def test_bad_validation_keys_are_one_line(keys, message):
-    from types import SimpleNamespace
+    import dataclasses
 
+    from deltatune.train.config_train import TrainArgs
     from deltatune.train.t2i_validation import validation_options
 
     with pytest.raises(ConfigError) as e:
-        validation_options(SimpleNamespace(seed=0, **keys))
+        validation_options(dataclasses.replace(TrainArgs(), **keys))
     assert str(e.value) == message
-    assert validation_options(SimpleNamespace(seed=0)) is None
+    assert validation_options(TrainArgs()) is None
