@@ -299,8 +299,9 @@ def test_eval_takes_a_checkpoint_of_the_run(capsys, cls_run, tmp_path):
 
 def test_eval_reads_a_named_file_whole_whatever_the_runs_data_limit(capsys, cls_run, tmp_path):
     """A run trained on data.limit=2 rows: --data FILE scores all 3 rows of FILE (checked by hand), and the run's
-    own eval file keeps the run's limit unless the command line sets another."""
-    run = _run(tmp_path, cls_run.recipe, "data.limit=2")
+    own eval file keeps the run's limit unless the command line sets another. (Its two rows hold one label: the
+    classes are named, since whole-number labels are the sorted values seen, 718ab0b.)"""
+    run = _run(tmp_path, cls_run.recipe, "data.limit=2", "data.labels=[0,1]")
     with open(cls_run.test, encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     base = AutoModelForSequenceClassification.from_pretrained(cls_run.model)
