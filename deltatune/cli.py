@@ -463,7 +463,6 @@ def _serve(args) -> int:
     check_bind(args.host, args.api_key)  # before loading anything
     check_port(args.host, args.port)
     check_limits(args.max_batch_size, args.max_wait_ms, args.max_tokens, args.adapter_dir)
-    _check_model(args.model)
     engine = build_engine(args.model, _adapters(args.adapter), args.max_batch_size, args.max_wait_ms, args.dtype)
     print(f"serving {', '.join(engine.adapters())} on http://{args.host}:{args.port}/v1", flush=True)
     serve(engine, args.host, args.port, args.api_key, args.adapter_dir, args.max_tokens)

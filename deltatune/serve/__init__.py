@@ -61,6 +61,10 @@ def build_engine(
             raise ConfigError(f"--adapter {adapter}={path}: the name {BASE!r} is the base model's; choose another")
         _named(adapter, path, check_servable, None, path, adapter)
         _named(adapter, path, run_template, path)
+    if model:  # a path that is no folder, named before anything loads (after the adapters' own refusals)
+        from ..train.checks import check_model_path
+
+        check_model_path(model, "--model")
     name = model or (base_model_of(next(iter(adapters.values()))) if adapters else None)
     if not name:
         raise ConfigError("no base model: pass --model (the first adapter does not record one)")
