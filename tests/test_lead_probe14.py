@@ -128,3 +128,69 @@ def test_merging_while_disabled_computes_as_peft_at_every_step(sequence):
     assert [m.merged_adapters for m in ours.modules() if hasattr(m, "merged_adapters")] == [
         m.merged_adapters for m in theirs.modules() if hasattr(m, "merged_adapters") and hasattr(m, "lora_A")
     ]
+
+
+@pytest.fixture(scope="module")
+def val_size_run(tmp_path_factory):
+    """A cls run whose eval set is data.val_size of its train file (no data.eval), with drop_last and
+    eval_accumulation_steps, and what its training's last evaluation said."""
+    import json
+
+    from tiny import save_tiny
+
+    from deltatune.train import build, train
+
+    tmp = tmp_path_factory.mktemp("vs")
+    bert = save_tiny(tmp / "bert", "bert", "seq_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    words = ["fine", "great", "warm", "dull", "grim", "cold", "kind", "flat"]
+    rows = [{"text": f"a {w} film {i}", "label": int(w in ("dull", "grim", "cold", "flat"))}
+            for i, w in enumerate(words * 2)]  # fmt: skip
+    (tmp / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"stage": "cls", "model": {"name_or_path": bert},
+              "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+              "data": {"train": str(tmp / "t.jsonl"), "val_size": 6, "max_length": 16},
+              "train": {"batch_size": 4, "eval_batch_size": 4, "max_steps": 2, "lr": 1e-2, "seed": 3,
+                        "report_to": ["none"], "dataloader_drop_last": True, "eval_accumulation_steps": 2},
+              "output": {"dir": str(tmp / "run")}}  # fmt: skip
+    return tmp, train(build(recipe))
+
+
+def test_deltatune_eval_of_a_val_size_run_scores_its_held_out_rows(val_size_run):
+    """`deltatune eval` of a data.val_size run (no data.eval) refused 'data.train is not set' (review I); it holds
+    the same rows out with the run's seed and scores them as the run's last evaluation did."""
+    from deltatune.train.evaluation import evaluate
+
+    tmp, trained = val_size_run
+    again = evaluate(str(tmp / "run"))
+    assert again["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+    assert again["eval_accuracy"] == trained["eval_accuracy"]
+
+
+def test_eval_of_a_drop_last_run_on_fewer_rows_than_a_batch_is_one_line(val_size_run):
+    """A dataloader_drop_last run evaluated on 2 rows with eval batches of 4 scored nothing and printed {} (review J)."""
+    from deltatune.train.evaluation import evaluate
+
+    tmp, _ = val_size_run
+    (tmp / "two.jsonl").write_text('{"text": "a fine film", "label": 0}\n{"text": "a dull film", "label": 1}\n')
+    with pytest.raises(ConfigError, match=r"drops an evaluation's last partial batch, and the 2 rows to score are "
+                       r"fewer than one batch of 4 \(train.eval_batch_size\)"):  # fmt: skip
+        evaluate(str(tmp / "run"), str(tmp / "two.jsonl"))
+
+
+def test_eval_passes_the_runs_eval_accumulation_steps_to_the_trainer(val_size_run, monkeypatch):
+    """(review J: the cls metrics are equal either way, so nothing showed whether `deltatune eval` passed it)"""
+    import transformers
+
+    from deltatune.train.evaluation import evaluate
+
+    seen = []
+
+    class Spy(transformers.TrainingArguments):
+        def __post_init__(self):
+            super().__post_init__()
+            seen.append((self.eval_accumulation_steps, self.dataloader_drop_last))
+
+    monkeypatch.setattr(transformers, "TrainingArguments", Spy)
+    tmp, _ = val_size_run
+    evaluate(str(tmp / "run"))
+    assert seen == [(2, True)]

@@ -14,11 +14,14 @@ import torch
 from ..config import ConfigError
 from ..model import DeltaModel
 from .checks import check_reference
-from .config import apply_overrides, build
+from .config import READ_BY, apply_overrides, build
 from .models import load_processor, reload_as_trained
 from .run import _lm_args, adapter_field, build_model, eval_metrics, precision_args, start_model
 from .runs import folder_with, read_recipe, run_file
 from .table import IMAGE_STAGES, prepare
+
+VAL_SIZE_STAGES = next(stages for stages, keys in READ_BY if "data.val_size" in keys.split()).split()
+"""The stages that hold data.val_size of data.train out as their eval set (config.READ_BY's readers of the key)."""
 
 
 def evaluate(
@@ -68,7 +71,7 @@ def evaluate(
         raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None, "val_size": 0.0}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
     cfg.model.trust_remote_code = trust_remote_code
-    if not cfg.data.eval and not cfg.data.val_size:  # (a val_size run re-holds-out its seeded eval rows)
+    if not cfg.data.eval and not (cfg.data.val_size and cfg.stage in VAL_SIZE_STAGES):  # (held out again: below)
         raise ConfigError("no evaluation data: pass --data FILE")
     if compare and cfg.stage == "t2i":
         raise ConfigError(
@@ -84,7 +87,12 @@ def evaluate(
     )
     if cfg.stage == "t2i":  # the text encoder's LoRA, when the run trained one
         tok.load_text_encoder_lora(run_dir)
-    eval_cfg = build(apply_overrides(raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or []))
+    # A data.val_size run without --data: its held-out rows, split off data.train with its seed again (the
+    # prepared eval split); else the eval file read as a train file.
+    held_out = not cfg.data.eval
+    eval_cfg = build(
+        apply_overrides(raw if held_out else raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or [])
+    )
     prepared = prepare(eval_cfg, tok)
     cfg.model.num_labels = cfg.model.num_labels or eval_cfg.model.num_labels  # as the stage set it (rm: 1 output)
     if prepared.loop is not None:
@@ -92,8 +100,17 @@ def evaluate(
             f"stage {cfg.stage!r} runs its own loop, not the Trainer's evaluation; its metrics.json "
             "and report.md hold the eval figures"
         )
-    prepared.eval = prepared.train
-    if cfg.stage == "seq2seq":
+    if not held_out:
+        prepared.eval = prepared.train
+    batch = cfg.train.eval_batch_size or cfg.train.batch_size
+    # (the Trainer would score no batch and say {})
+    if cfg.train.dataloader_drop_last and prepared.eval is not None and len(prepared.eval) < batch:
+        raise ConfigError(
+            f"the run's train.dataloader_drop_last drops an evaluation's last partial batch, and the {len(prepared.eval)} "
+            f"rows to score are fewer than one batch of {batch} (train.eval_batch_size): pass more rows, or "
+            "train.dataloader_drop_last=false"
+        )
+    if cfg.stage == "seq2seq" and not held_out:
         from ..data.load import read_rows
 
         prepared.eval_rows = read_rows(cfg.data.eval, cfg.data.text_column, cfg.data.limit)
