@@ -29,6 +29,7 @@ from .config_align import (  # noqa: F401  (the align section, a room of its own
     SMOOTHED,
     AlignArgs,
     _f,
+    unbuilt_default,
     validate_align,
 )
 from .config_train import (  # noqa: F401  (the train section, a room of its own; names kept here)
@@ -250,6 +251,8 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
         if not isinstance(section, dict):
             raise ConfigError(f"{name} must be a mapping of keys, got {section!r}")
         known = [f.name for f in dataclasses.fields(cls)]
+        if name == "align":  # (a TRL DPOConfig key not built here, at TRL's default: what deltatune does)
+            section = {k: v for k, v in section.items() if k in known or not unbuilt_default(k, v)}
         for key in section:
             if key not in known:
                 hint = {"train": HF_NAMES, "align": ALIGN_UNBUILT}.get(name, {}).get(key)
@@ -461,7 +464,7 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
                     "align.sapo_temperature_pos align.sapo_temperature_neg align.top_k align.min_p "
                     "align.repetition_penalty align.generation_kwargs"),
            ("kto", "align.desirable_weight align.undesirable_weight"),
-           ("simpo cpo", "align.simpo_gamma align.cpo_alpha align.alpha"),
+           ("simpo cpo", "align.simpo_gamma align.cpo_alpha align.alpha"), ("orpo simpo cpo", "align.answer_eos"),
            ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward
            (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"))  # fmt: skip
 

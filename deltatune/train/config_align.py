@@ -43,6 +43,18 @@ ALIGN_UNBUILT = {
     }.items()
 }
 """TRL DPOConfig keys the align section does not take, each with why: the unknown-key error names it."""
+UNBUILT_TRL_DEFAULTS = {"sync_ref_model": False, "ref_model_sync_steps": 512, "ref_model_mixup_alpha": 0.6,
+                        "truncation_mode": "keep_start", "padding_free": False}  # fmt: skip
+"""TRL 1.16 DPOConfig's defaults of the ``ALIGN_UNBUILT`` keys: what deltatune does, so a recipe (a DPOConfig's
+to_dict) setting one of them to exactly that value is taken, the key dropped (``unbuilt_default``)."""
+
+
+def unbuilt_default(key: str, value: Any) -> bool:
+    """Whether ``align.key: value`` is an ``ALIGN_UNBUILT`` key at TRL's default (``UNBUILT_TRL_DEFAULTS``)."""
+    d = UNBUILT_TRL_DEFAULTS.get(key, ...)
+    return type(value) is type(d) and value == d or type(d) is float and type(value) is int and value == d
+
+
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
@@ -153,6 +165,9 @@ class AlignArgs:
                           "cpo_alpha; TRL's default 1 on stage cpo, 0 on simpo: the SimPO paper's loss).")  # fmt: skip
     alpha: float = _f(0.0, "SimPO, CPO: AlphaPO's alpha (TRL's CPO alpha): rewards (1 - p^-alpha) / alpha of each "
                       "response's (length-normalised) likelihood p; 0: log p.")  # fmt: skip
+    answer_eos: bool = _f(True, "ORPO, SimPO, CPO: each answer ends with a trained EOS unless its last token is one, "
+                          "as TRL's CPO and ORPO trainers (add_eos_token_if_needed); a run.yaml written before "
+                          "bac51df lacks the key and ran with false.")  # fmt: skip
     center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
 
 
@@ -357,9 +372,17 @@ def grpo_policy(a: AlignArgs) -> str:
 
 
 GENERATION_OWNED = ("max_new_tokens", "max_length", "num_return_sequences", "num_beams", "eos_token_id",
-                    "pad_token_id", "return_dict_in_generate")  # fmt: skip
-"""GenerationConfig settings the GRPO loop sets itself (the completions' length, count, end and shape): refused in
-align.generation_kwargs."""
+                    "pad_token_id", "return_dict_in_generate", "stop_strings")  # fmt: skip
+"""GenerationConfig settings the GRPO loop sets itself (the completions' length, count, end and shape; stop_strings
+needs the tokenizer passed to generate, which the loop does not): refused in align.generation_kwargs."""
+_WARPERS = {"temperature": ("TemperatureLogitsWarper", 1.0), "top_k": ("TopKLogitsWarper", 0),
+            "top_p": ("TopPLogitsWarper", 1.0), "min_p": ("MinPLogitsWarper", None),
+            "typical_p": ("TypicalLogitsWarper", 1.0), "epsilon_cutoff": ("EpsilonLogitsWarper", 0.0),
+            "eta_cutoff": ("EtaLogitsWarper", 0.0), "repetition_penalty": ("RepetitionPenaltyLogitsProcessor", 1.0),
+            "no_repeat_ngram_size": ("NoRepeatNGramLogitsProcessor", 0)}  # fmt: skip
+"""The sampling settings that transformers checks only when generate builds its logits processors (the first
+rollout), or never where the value switches the processor off (typical_p 2.0 read as off): each one's processor and
+its value that means off; ``_check_generation`` builds the processor for any other value."""
 
 
 def grpo_sampling(a: AlignArgs) -> dict[str, Any]:
@@ -383,6 +406,38 @@ def _validate_sampling(a: AlignArgs) -> None:
     if owned:
         raise ConfigError(f"align.generation_kwargs sets {', '.join(owned)}, which the GRPO loop sets itself "
                           "(align.max_new_tokens, align.num_generations, the EOS); drop it")  # fmt: skip
+    _check_generation(a)
+
+
+def _check_generation(a: AlignArgs) -> None:
+    """The GenerationConfig of GRPO's rollouts (the loop's settings, then ``grpo_sampling``'s) built and checked as
+    generate would at the first rollout: a key that is no GenerationConfig setting (which transformers keeps and
+    ignores), a value its constructor, ``validate`` or a logits processor refuses, is a ConfigError naming the key."""
+    import difflib
+
+    import transformers.generation.logits_process as lp
+    from transformers import GenerationConfig
+
+    known = [k for k in vars(GenerationConfig()) if not k.startswith("_") and k != "transformers_version"]
+    for key in a.generation_kwargs or {}:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else "see transformers' GenerationConfig"
+            raise ConfigError(f"align.generation_kwargs: {key!r} is not a GenerationConfig setting; {hint}")
+    settings = {"max_new_tokens": a.max_new_tokens, "do_sample": True, "temperature": a.temperature, "top_k": 0,
+                "top_p": a.top_p, **grpo_sampling(a)}  # fmt: skip
+    kw, key = a.generation_kwargs or {}, None
+    try:
+        gen = GenerationConfig(**settings)
+        gen.validate(strict=True)
+        for key, (warper, off) in _WARPERS.items():
+            value = getattr(gen, key, off)
+            if value is not None and (value != off or type(value) is not type(off)):
+                getattr(lp, warper)(value)
+    except (ValueError, TypeError) as exc:
+        where = f"align.generation_kwargs {key}" if key in kw else f"align.{key}" if key else "align.generation_kwargs"
+        why = " ".join(str(exc).split())
+        raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout: {why[:300]}") from None
 
 
 def validate_grpo(a: AlignArgs) -> None:
@@ -426,6 +481,7 @@ def validate_grpo(a: AlignArgs) -> None:
 BEFORE_KEY: dict[str, tuple[Any, str]] = {
     "disable_dropout": (False, "dpo kto orpo simpo cpo rm"),  # (a388979; rm since cf33061)
     "init_kl_coef": (0.2, "ppo"),
+    "answer_eos": (False, "orpo simpo cpo"),  # (bac51df)
 }
 """An align key that a run.yaml written before it existed lacks: what that run trained with instead (dropout kept),
 on the stages that read it; ``old_run_align`` fills it in, so that a --resume compares like with like."""
@@ -435,8 +491,12 @@ DEFAULT_WAS: dict[str, tuple[Any, str]] = {
     "max_new_tokens": (32, "5cc3d64 on stage ppo (TRL's PPOConfig response_length; grpo's stays 32)"),
     "mini_batch_size": (4, "8fba9a4 on stage ppo: train.batch_size (TRL's PPOConfig num_mini_batches 1)"),
     "disable_dropout": (False, "a388979, rm's since cf33061 (TRL's disable_dropout: the model's dropout off)"),
+    "answer_eos": (False, "bac51df (TRL's CPO and ORPO trainers end each answer with EOS)"),
 }
 """An align key whose default changed: its default before, and when and why."""
+_CHANGED_ON = {"init_kl_coef": "ppo", "temperature": "ppo", "max_new_tokens": "ppo", "mini_batch_size": "ppo",
+               "disable_dropout": "dpo kto orpo simpo cpo rm", "answer_eos": "orpo simpo cpo"}  # fmt: skip
+"""The stages on which each ``DEFAULT_WAS`` key's default changed (grpo's temperature stayed 1.0)."""
 
 
 def old_run_align(align: dict[str, Any], stage: str | None, batch_size: Any = None) -> dict[str, Any]:
@@ -460,14 +520,23 @@ def old_run_align(align: dict[str, Any], stage: str | None, batch_size: Any = No
     return out
 
 
-def default_changed(key: str, old: Any, new: Any) -> str:
+def default_changed(key: str, old: Any, new: Any, stage: str | None = None, batch_size: Any = None) -> str:
     """A note for a resume's ``align.key: old -> new`` where ``old`` was the key's default before it changed and
-    ``new`` is today's (``DEFAULT_WAS``); "" otherwise."""
+    ``new`` is today's (``DEFAULT_WAS``) on ``stage`` (the recipe's; ppo's align.mini_batch_size: ``batch_size``, the
+    recipe's train.batch_size); "" otherwise. Without ``stage``, any stage's default today counts."""
     name = key.removeprefix("align.")
     if not key.startswith("align.") or name not in DEFAULT_WAS or old != DEFAULT_WAS[name][0]:
         return ""
-    if new not in (_FIELD_DEFAULTS[name], PPO_DEFAULTS.get(name)) and name != "mini_batch_size":
-        return ""  # (ppo's mini_batch_size left out is train.batch_size: any size)
+    if stage is None:
+        if new not in (_FIELD_DEFAULTS[name], PPO_DEFAULTS.get(name)) and name != "mini_batch_size":
+            return ""  # (ppo's mini_batch_size left out is train.batch_size: any size)
+    elif stage not in _CHANGED_ON[name].split():
+        return ""  # (the default did not change on this stage: a change made by hand)
+    elif name == "mini_batch_size":
+        if type(batch_size) is int and new != batch_size:
+            return ""  # (ppo's default is the whole batch of rollouts)
+    elif new != (PPO_DEFAULTS.get(name, _FIELD_DEFAULTS[name]) if stage == "ppo" else _FIELD_DEFAULTS[name]):
+        return ""
     was, why = DEFAULT_WAS[name]
     was, new = (str(v).lower() if isinstance(v, bool) else v for v in (was, new))  # (as a recipe spells them)
     return f" (its default was {was}, {new} since {why}; set {key}: {was} to continue as the run began)"

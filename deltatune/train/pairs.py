@@ -192,7 +192,7 @@ def encode_pair_splits(
                 ex[column] = values[s.source]
         if not causal:
             return out
-        if not dpo:  # orpo, simpo, cpo: TRL's CPO and ORPO trainers end each answer with EOS
+        if not dpo and cfg.align.answer_eos:  # orpo, simpo, cpo: TRL's CPO and ORPO trainers end answers with EOS
             _end_with_eos(out.examples, tok.eos_token_id)
 
         def end_kept(s) -> dict:  # (the cut of the other stages: the prompt's end and each answer's start)
