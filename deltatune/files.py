@@ -534,9 +534,8 @@ def _read_weights(
         try:
             path = resolve(model_id, PICKLE_WEIGHTS_NAME, subfolder, revision, hub)
         except FileNotFoundError:
-            raise FileNotFoundError(
-                f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {os.fspath(model_id)!r}"
-            ) from None
+            where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) at {where!r}") from None
         if not allow_pickle:
             raise AdapterLoadError(
                 f"{path} is a pickle file and allow_pickle=False was given; pass allow_pickle=True to read it "

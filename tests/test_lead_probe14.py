@@ -194,3 +194,24 @@ def test_eval_passes_the_runs_eval_accumulation_steps_to_the_trainer(val_size_ru
     tmp, _ = val_size_run
     evaluate(str(tmp / "run"))
     assert seen == [(2, True)]
+
+
+def test_load_peft_weights_names_the_subfolder_it_looked_in(tmp_path):
+    import deltatune as dt
+
+    with pytest.raises(FileNotFoundError, match=r"^no adapter_model.safetensors \(or adapter_model.bin\) at '.*/zz'$"):
+        dt.load_peft_weights(str(tmp_path), subfolder="zz")
+
+
+def test_add_weighted_adapter_weights_that_are_not_numbers_are_one_line():
+    """A string weight failed deep in torch ("new(): invalid data type 'str'"); a bool is no weight either."""
+    from tiny import tiny_model
+
+    import deltatune as dt
+
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    for bad in (["1", 0.5], [True, 0.5]):
+        with pytest.raises(TypeError, match=r"^add_weighted_adapter: weights must be numbers, one per adapter, got "):
+            model.add_weighted_adapter(["a", "b"], bad, "ab")
+        assert "ab" not in model.peft_config

@@ -87,6 +87,8 @@ def add_weighted_adapter(
     if adapter_name in model.peft_config:
         raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists already")
     weights = list(weights)
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise TypeError(f"add_weighted_adapter: weights must be numbers, one per adapter, got {weights!r}")
     if len(weights) != len(names):
         raise ValueError(f"add_weighted_adapter: {len(names)} adapters and {len(weights)} weights; give one each")
     for name in names:
