@@ -151,13 +151,19 @@ def create_or_update_model_card(model: DeltaModel, output_dir: str | os.PathLike
     LoRA, ``base_model:adapter:<base>`` and the base model's ``model_tags``; ``pipeline_tag: text-generation`` for a
     causal-LM task type) and deltatune's version under "Framework versions". An existing card keeps its text and its
     other fields. ``save_pretrained`` does not call it (peft's does): a save writes the adapter's files alone."""
+    import yaml
     from huggingface_hub import ModelCard, ModelCardData
     from transformers import PreTrainedModel
 
     from . import __version__
 
     filename = os.path.join(output_dir, "README.md")
-    card = ModelCard.load(filename) if os.path.exists(filename) else ModelCard.from_template(ModelCardData())
+    try:
+        card = ModelCard.load(filename) if os.path.exists(filename) else ModelCard.from_template(ModelCardData())
+    except yaml.YAMLError as exc:  # (huggingface_hub's own: the parser's paragraphs, no file named)
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{filename}{at}: the model card's metadata (its --- block) is not valid YAML") from None
     card.data["library_name"] = "peft"
     base = model.get_base_model()
     config = model.active_peft_config if model.active_adapters else None

@@ -215,3 +215,17 @@ def test_add_weighted_adapter_weights_that_are_not_numbers_are_one_line():
         with pytest.raises(TypeError, match=r"^add_weighted_adapter: weights must be numbers, one per adapter, got "):
             model.add_weighted_adapter(["a", "b"], bad, "ab")
         assert "ab" not in model.peft_config
+
+
+def test_a_model_card_with_bad_yaml_metadata_is_one_line_and_left_as_it_is(tmp_path):
+    """(review K: huggingface_hub's 8-line ParserError, no file named; peft's is the same)"""
+    from tiny import tiny_model
+
+    import deltatune as dt
+
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    text = "---\nlicense: [mit\n---\n# card\n"
+    (tmp_path / "README.md").write_text(text)
+    with pytest.raises(ValueError, match=r"README.md:\d+: the model card's metadata \(its --- block\) is not valid"):
+        model.create_or_update_model_card(str(tmp_path))
+    assert (tmp_path / "README.md").read_text() == text
