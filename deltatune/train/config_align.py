@@ -29,9 +29,13 @@ GRPO_LOSS_TYPES = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grp
 dapo; TRL's bnpo is over each device micro-batch, the same when the batch is one); cispo and sapo also change the
 policy term (``grpo_loss.POLICY_TERMS``)."""
 GRPO_REFUSED = ("vespo",)  # TRL's other GRPO losses: refused by name
+UNBUILT_TRL_DEFAULTS = {"sync_ref_model": False, "ref_model_sync_steps": 512, "ref_model_mixup_alpha": 0.6,
+                        "truncation_mode": "keep_start", "padding_free": False}  # fmt: skip
+"""TRL 1.16 DPOConfig's defaults of the ``ALIGN_UNBUILT`` keys: what deltatune does, so a recipe (a DPOConfig's
+to_dict) setting one of them to exactly that value is taken, the key dropped (``unbuilt_default``)."""
 _TR_DPO = "TR-DPO's sync_ref_model, which is not built; drop it"
 ALIGN_UNBUILT = {
-    k: f"align.{k} (TRL's DPOConfig) is not built: {why}"
+    k: f"align.{k} (TRL's DPOConfig) is not built: {why} (or set TRL's default, {str(UNBUILT_TRL_DEFAULTS[k]).lower()})"
     for k, why in {
         "sync_ref_model": "TR-DPO syncs a reference copy, and the reference here is the base with the adapter off "
         "(TRL refuses sync_ref_model with a PEFT model for the same reason); drop it",
@@ -43,10 +47,6 @@ ALIGN_UNBUILT = {
     }.items()
 }
 """TRL DPOConfig keys the align section does not take, each with why: the unknown-key error names it."""
-UNBUILT_TRL_DEFAULTS = {"sync_ref_model": False, "ref_model_sync_steps": 512, "ref_model_mixup_alpha": 0.6,
-                        "truncation_mode": "keep_start", "padding_free": False}  # fmt: skip
-"""TRL 1.16 DPOConfig's defaults of the ``ALIGN_UNBUILT`` keys: what deltatune does, so a recipe (a DPOConfig's
-to_dict) setting one of them to exactly that value is taken, the key dropped (``unbuilt_default``)."""
 
 
 def unbuilt_default(key: str, value: Any) -> bool:
