@@ -230,5 +230,5 @@ def test_trls_unbuilt_dpo_keys_are_one_line_saying_why(key):
     from deltatune.train.config import build
 
     with pytest.raises(ConfigError, match=rf"^unknown key 'align.{key}' in r.yaml: align.{key} \(TRL's DPOConfig\) is "
-                       "not built: .*; drop it$"):  # fmt: skip
+                       "not built: .*; drop it \\(or set TRL's default, .+\\)$"):  # fmt: skip
         build({"stage": "dpo", "data": {"train": "p.jsonl"}, "align": {key: True}}, where="r.yaml")

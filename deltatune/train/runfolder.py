@@ -433,6 +433,7 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     from .config_align import default_changed
 
     a, b = (_flat({**r, "method": _with_defaults(r.get("method"))}) for r in (old or {}, new or {}))
+    stage, batch_size = b.get("stage"), b.get("train.batch_size")  # (the note: the resumed recipe's defaults)
     out = []
     for key in sorted(set(a) | set(b)):
         if key in HARMLESS:
@@ -441,7 +442,7 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if y is None and key in DERIVED:
             continue
         if x != y and not _same_path(key, x, y):
-            out.append(f"{key}: {x!r} -> {y!r}{default_changed(key, x, y)}")
+            out.append(f"{key}: {x!r} -> {y!r}{default_changed(key, x, y, stage, batch_size)}")
     return out
 
 

@@ -67,6 +67,11 @@ def read_recipe(run_dir: str, what: str = "give a folder written by 'deltatune t
         raise ConfigError(f"{path} is not a recipe (a YAML mapping)")
     if isinstance(raw.get("model"), dict):
         raw["model"] = {k: v for k, v in raw["model"].items() if k != "trust_remote_code"}
+    if isinstance(raw.get("align"), dict):  # a key an older run.yaml lacks: what that run trained with (BEFORE_KEY)
+        from .config_align import old_run_align
+
+        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        raw["align"] = old_run_align(raw["align"], raw.get("stage"), train.get("batch_size"))
     return raw
 
 
