@@ -67,20 +67,40 @@ def test_a_waiting_process_gives_up_with_one_line_naming_the_folder(tmp_path):
 
 
 def test_the_main_process_writes_each_class_image_whole_under_its_name(tmp_path, monkeypatch):
-    """The local main process (LOCAL_RANK 0) draws; a file appears under its index-sha1.jpg name only once whole
-    (written under a hidden .part name, then renamed), so a waiting process never counts half an image."""
+    """The local main process (LOCAL_RANK 0) draws; a file appears under its index-sha1.jpg name only through a
+    rename of a whole, hidden file (written as .<name>.part), so a waiting process never counts half an image: at
+    each rename the visible names are exactly the ones renamed before, and the file renamed is a whole JPEG. A
+    direct write under the final name (no rename) fails here (review 14)."""
+    from PIL import Image
+
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert t2i_prior.draws_here()
     seen: list[list[str]] = []
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def visible() -> list[str]:
+        return sorted(n for n in os.listdir(tmp_path) if not n.startswith("."))
+
+    def replace(src, dst) -> None:
+        assert visible() == sorted(renamed)  # (no final name has appeared but through a rename)
+        assert os.path.basename(src) == f".{os.path.basename(dst)}.part" and not os.path.exists(dst)
+        with Image.open(src) as img:
+            assert img.format == "JPEG" and img.size == (8, 8)
+            img.load()  # (the whole file decodes)
+        real_replace(src, dst)
+        renamed.append(os.path.basename(dst))
+
+    monkeypatch.setattr(os, "replace", replace)
 
     def draw(prompts: list[str], seed: int) -> torch.Tensor:
-        seen.append(sorted(os.listdir(tmp_path)))
+        seen.append(visible())
         return torch.full((len(prompts), 3, 8, 8), 0.25 * (seed + 1))
 
     options = {"folder": str(tmp_path), "prompt": "a dog", "count": 5}
     assert t2i_prior.draw_class_images(draw, options, seed=0) == 5
     names = sorted(os.listdir(tmp_path))
-    assert len(names) == 5 and not any(n.startswith(".") for n in names), names
+    assert names == sorted(renamed) and len(names) == 5, (names, renamed)
     assert [n.split("-")[0] for n in names] == ["0", "1", "2", "3", "4"]
     assert seen == [[], names[:4]]  # (batch 2 is drawn after batch 1's four files are whole)
 

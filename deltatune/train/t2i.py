@@ -531,7 +531,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     extras = (EMA(ema),) if ema is not None else ()
     if shown:  # (train.validation_prompt: t2i_validation)
         draw = functools.partial(sample, processor=processor, steps=STEPS, guidance=GUIDANCE, max_length=d.max_length)
-        extras += (Validation(shown, lambda m, prompts, seed: draw(m, prompts=prompts, seed=seed), save_png),)
+        extras += (Validation(shown, lambda m, prompts, seed: draw(m, prompts=prompts, seed=seed), save_png, *extras),)
     trainer = functools.partial(T2ITrainer, processor=processor, loss_options=options, extras=extras)
     batch = prior_collate if prior else collate
     return Prepared(train, ev, batch, None, None, notes=notes, loss_only=True, trainer_class=trainer)

@@ -7,13 +7,17 @@ d_k = min((1 + j) / (10 + j), ``train.ema_decay``) with j = k - 1, and d_1 = 0 (
 warm-up: the first step copies p). When training ends s is copied into p, so the run's saved weights are the
 average, as the script saves its pipeline after ``ema_unet.copy_to``. Each checkpoint holds s and k
 (``ema.safetensors``) beside the training weights, and a resume reads them back, as the script's ``unet_ema``
-folder. The text encoder's LoRA (``model.train_text_encoder``) is not averaged, as diffusers averages the UNet only.
+folder. The validation images (``t2i_validation``) are drawn with s, the training weights put back after, as the
+script's ``store`` / ``copy_to`` / ``restore``. The text encoder's LoRA (``model.train_text_encoder``) is not
+averaged, as diffusers averages the UNet only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 from transformers import TrainerCallback
@@ -80,6 +84,25 @@ class EMA(TrainerCallback):
         for n, p in self._trained(model).items():
             p.copy_(self.shadow[n].to(p.dtype))
         self.finished = True
+
+    @contextlib.contextmanager
+    def averaged(self, model: torch.nn.Module) -> Iterator[None]:
+        """The average in the model's trained weights for the block, the training weights put back after it (as the
+        script's ``ema_unet.store``, ``copy_to``, then ``restore`` around its validation)."""
+        trained = self._trained(model)
+        if self.shadow is None or self.finished:  # (not started, or the weights are the average already)
+            yield
+            return
+        stored = {n: p.detach().clone() for n, p in trained.items()}
+        try:
+            with torch.no_grad():
+                for n, p in trained.items():
+                    p.copy_(self.shadow[n].to(p.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in trained.items():
+                    p.copy_(stored[n])
 
     def save(self, folder: str) -> None:
         """Write the shadow and the step into ``folder`` (a checkpoint being written); nothing once finished (the

@@ -8,9 +8,11 @@ Keys (diffusers' flags): ``train.with_prior_preservation``, ``train.prior_loss_w
 (100). When the folder holds fewer than ``data.num_class_images``, the missing ones are drawn first with the base
 (``t2i.sample``: 50 steps, guidance 7.5, as the pipeline's defaults), in batches of 4, and saved there as
 ``<index>-<sha1 of the pixels>.jpg``, as the script does. Under torchrun / accelerate launch only the local main
-process (LOCAL_RANK 0) draws them; the others wait until the folder holds them (each file is written under a hidden
-name, then renamed, so a waiting process never reads half an image). The dataset is as long as the larger of the two; item i
-pairs instance i mod N and class image i mod M, as the script's ``DreamBoothDataset``.
+process (LOCAL_RANK 0) draws them, a deliberate difference: the script shares the drawing among its processes
+(its sample loader goes through ``accelerator.prepare``), so its images are not the ones one process would draw.
+The others wait until the folder holds them, as long as a new one lands within ``WAIT_S`` (each file is written
+under a hidden name, then renamed, so a waiting process never reads half an image). The dataset is as long as the
+larger of the two; item i pairs instance i mod N and class image i mod M, as the script's ``DreamBoothDataset``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..data.images import IMAGE_EXTENSIONS, ImageRow, open_rgb
 SAMPLE_BATCH = 4
 """Class images drawn at once (the script's ``--sample_batch_size``)."""
 WAIT_S = 1800.0
-"""How long a process that does not draw waits for the local main process's class images (the Trainer's
+"""How long a process that does not draw waits for the local main process's next class image (the Trainer's
 ``ddp_timeout``)."""
 
 
@@ -39,20 +41,23 @@ def draws_here() -> bool:
 
 
 def wait_for_class_images(folder: str, count: int, timeout: float = WAIT_S, poll: float = 0.5) -> None:
-    """Wait until ``folder`` holds ``count`` class images (drawn by the local main process).
+    """Wait until ``folder`` holds ``count`` class images (drawn by the local main process); the wait restarts
+    each time a new one lands, so a slow but steady drawing is waited for to its end.
 
     Raises:
-        ConfigError: they are not all there after ``timeout`` seconds.
+        ConfigError: no new class image landed for ``timeout`` seconds before all were there.
     """
-    end = time.monotonic() + timeout
-    while len(class_images(folder)) < count:
+    have, end = len(class_images(folder)), time.monotonic() + timeout
+    while have < count:
         if time.monotonic() > end:
-            have = len(class_images(folder))
             raise ConfigError(
                 f"data.class_data_dir {folder!r}: waited {timeout:g} s for the local main process to draw "
                 f"{count} class images, found {have}"
             )
         time.sleep(poll)
+        now = len(class_images(folder))
+        if now > have:
+            have, end = now, time.monotonic() + timeout
 
 
 def prior_options(cfg) -> dict[str, Any] | None:
@@ -156,12 +161,13 @@ def with_prior(
     """The training set ``train`` paired with the class images and the class prompt's text row (its tokens when the
     text encoder trains); ``resize`` turns a PIL image into what the dataset holds, ``make`` (or None) turns that
     into pixels at each read. Missing class images are drawn first by the base denoiser (``load(path)``) with
-    ``sample`` (``t2i``'s, passed in: this room sits below the stage), by the local main process only; the other
-    processes wait for them (``wait_for_class_images``).
+    ``sample`` (``t2i``'s, passed in: this room sits below the stage), by the local main process only (the script
+    shares them among its processes: module docstring); the other processes wait for them
+    (``wait_for_class_images``).
 
     Raises:
         ConfigError: no class image can be read or drawn, a class_data_dir that cannot be made or written, class
-            images the local main process did not finish drawing within ``WAIT_S``.
+            images the local main process stopped drawing (no new one within ``WAIT_S``).
         DataError: a class image that cannot be read (before any is drawn).
     """
     from .embedded import resolve
@@ -171,7 +177,7 @@ def with_prior(
     read = {f: resize(open_rgb(ImageRow(f, None, f), on_white=False)[0]) for f in have}
     drawn = 0
     if len(have) < count and not draws_here():
-        wait_for_class_images(folder, count)  # (the local main process draws them, as the script's main process)
+        wait_for_class_images(folder, count)  # (the local main process draws them all: module docstring)
     elif len(have) < count:
         writable_folder(folder)
         base = load(resolve(cfg.model.name_or_path)).eval()

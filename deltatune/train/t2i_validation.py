@@ -1,14 +1,20 @@
 """Stage ``t2i``'s validation images during training, as diffusers' ``train_text_to_image_lora.py``
-``--validation_prompt`` / ``--num_validation_images`` (4) / ``--validation_epochs`` (1): at the end of every
-``validation_epochs``-th epoch the main process draws ``num_validation_images`` images of the prompt with the model
-as it is then (30 steps, guidance 7.5, seeded by ``train.seed``, as the script's ``log_validation``), saved side by
-side as ``<run>/validation/epoch-<n>.png``. The script draws with its pipeline's own scheduler and one generator
+``--validation_prompt`` / ``--num_validation_images`` (4) / ``--validation_epochs`` (v, 1): at the end of epochs
+1, 1 + v, 1 + 2v, ... (the script's ``epoch % validation_epochs == 0`` with epochs counted from 0) the main process
+draws ``num_validation_images`` images of the prompt with the model as it is then (30 steps, guidance 7.5, seeded by
+``train.seed``, as the script's ``log_validation``), saved side by side as ``<run>/validation/epoch-<n>.png``. An
+epoch that ``train.max_steps`` cuts short counts (the script validates after its loop breaks). Under
+``train.use_ema`` the images are drawn with the moving average, then the training weights are put back, as
+``train_text_to_image.py`` (``ema_unet.store`` / ``copy_to`` / ``restore``). Flow-matching runs draw the same way
+(30 steps, guidance 7.5), not with the SD3 pipeline's defaults. The script draws with its pipeline's own scheduler and one generator
 for the images in turn; here the run's sampler (``t2i.sample``: DDIM, or flow-matching Euler) draws them as one
 batch from the seeded noise, so each image equals ``deltatune generate --steps 30 --guidance 7.5`` at that epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -39,22 +45,29 @@ def validation_options(train) -> dict[str, Any] | None:
     return {"prompt": prompt, "count": count, "every": every, "seed": train.seed}
 
 
-class Validation(TrainerCallback):
-    """Draws the validation images at the end of every ``every``-th epoch (module docstring). ``draw(model, prompts,
-    seed)`` gives (N, C, H, W) in [0, 1]; ``save(images, path)`` writes them."""
+def epoch_number(epoch: float | None) -> int:
+    """The 1-based number of the epoch that ends at ``state.epoch`` (a cut-short last epoch included: 2.5 is 3)."""
+    return max(1, math.ceil(round(epoch or 0, 6)))
 
-    def __init__(self, options: dict[str, Any], draw: Callable, save: Callable) -> None:
-        self.options, self.draw, self.save = options, draw, save
+
+class Validation(TrainerCallback):
+    """Draws the validation images at the end of epochs 1, 1 + ``every``, ... (module docstring). ``draw(model,
+    prompts, seed)`` gives (N, C, H, W) in [0, 1]; ``save(images, path)`` writes them; ``ema`` (``t2i_ema.EMA``, or
+    None) lends its average for the drawing."""
+
+    def __init__(self, options: dict[str, Any], draw: Callable, save: Callable, ema: Any = None) -> None:
+        self.options, self.draw, self.save, self.ema = options, draw, save, ema
         self.written: list[str] = []
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        epoch = round(state.epoch or 0)
-        if epoch < 1 or epoch % self.options["every"] or not state.is_world_process_zero:
+        epoch = epoch_number(state.epoch)
+        if (epoch - 1) % self.options["every"] or not state.is_world_process_zero:
             return
         training = model.training
         model.eval()
         try:
-            images = self.draw(model, [self.options["prompt"]] * self.options["count"], self.options["seed"])
+            with self.ema.averaged(model) if self.ema is not None else contextlib.nullcontext():
+                images = self.draw(model, [self.options["prompt"]] * self.options["count"], self.options["seed"])
         finally:
             model.train(training)
         self.written.append(self.save(images, os.path.join(args.output_dir, "validation", f"epoch-{epoch}.png")))
