@@ -164,18 +164,18 @@ def unmerge_at_next_forward(layer: DeltaLayer) -> None:
     """peft's lazy unmerge: a disabled layer holding merged adapters unmerges them at its next forward, if it is
     still disabled then (``disable_adapter_layers`` and ``merge_adapter`` leave the weights as they are, and
     ``enable_adapter_layers`` before a forward keeps them merged, as peft's LoRA forward does). A one-shot forward
-    pre-hook, so an enabled layer's forward pays nothing."""
+    pre-hook, so an enabled layer's forward pays nothing (a module-level function: the model still pickles)."""
     if not (layer.disabled and layer.merged_adapters) or getattr(layer, "_unmerge_hook", None) is not None:
         return
+    layer._unmerge_hook = layer.register_forward_pre_hook(_unmerge_if_disabled)
 
-    def unmerge(module: DeltaLayer, _args: Any) -> None:
-        module._unmerge_hook.remove()
-        module._unmerge_hook = None
-        if module.disabled:
-            for name in reversed(list(module.merged_adapters)):
-                module.unmerge(name)
 
-    layer._unmerge_hook = layer.register_forward_pre_hook(unmerge)
+def _unmerge_if_disabled(module: DeltaLayer, _args: Any) -> None:
+    module._unmerge_hook.remove()
+    module._unmerge_hook = None
+    if module.disabled:
+        for name in reversed(list(module.merged_adapters)):
+            module.unmerge(name)
 
 
 def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:

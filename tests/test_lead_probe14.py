@@ -125,6 +125,11 @@ def test_merging_while_disabled_computes_as_peft_at_every_step(sequence):
                 getattr(model, f"{step}_adapter_layers")()
     got, want = ours(input_ids=x).logits, theirs(input_ids=x).logits  # (a forward after each step would unmerge)
     assert (got - want).abs().max() < 1e-5
+    weights = [
+        (n.replace("base_layer.", ""), p) for n, p in theirs.get_base_model().named_parameters() if "lora" not in n
+    ]
+    ours_w = dict((n.replace("base_layer.", ""), p) for n, p in ours.get_base_model().named_parameters())
+    assert max((p - ours_w[n]).abs().max().item() for n, p in weights) < 1e-6  # the base weights too
     assert [m.merged_adapters for m in ours.modules() if hasattr(m, "merged_adapters")] == [
         m.merged_adapters for m in theirs.modules() if hasattr(m, "merged_adapters") and hasattr(m, "lora_A")
     ]
@@ -229,3 +234,26 @@ def test_a_model_card_with_bad_yaml_metadata_is_one_line_and_left_as_it_is(tmp_p
     with pytest.raises(ValueError, match=r"README.md:\d+: the model card's metadata \(its --- block\) is not valid"):
         model.create_or_update_model_card(str(tmp_path))
     assert (tmp_path / "README.md").read_text() == text
+
+
+def test_a_model_with_a_pending_unmerge_pickles():
+    """The lazy unmerge's hook was a local function: pickle / torch.save of a merged model after
+    disable_adapter_layers failed (review N); peft's pickles."""
+    import pickle
+
+    from tiny import tiny_inputs, tiny_model
+
+    import deltatune as dt
+
+    model = dt.get_delta_model(
+        tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    x = tiny_inputs("llama")["input_ids"]
+    with torch.no_grad(), model.disable_adapter():
+        want = model(input_ids=x).logits
+    model.merge_adapter()
+    model.disable_adapter_layers()
+    again = pickle.loads(pickle.dumps(model))  # (before the hook fires)
+    with torch.no_grad():
+        for m in (again, model):
+            assert (m(input_ids=x).logits - want).abs().max() < 1e-5
