@@ -159,3 +159,13 @@ def test_a_wait_with_no_new_image_still_gives_up(tmp_path):
         writer.join()
     assert time.monotonic() - start >= 0.5  # (0.2 s of landings, then 0.3 s with none)
     assert str(e.value).endswith("waited 0.3 s for the local main process to draw 3 class images, found 2")
+
+
+def test_t2is_ema_and_validation_keys_are_named_ignored_on_other_stages():
+    from deltatune.train.config import build, ignored_keys
+
+    keys = {"use_ema": True, "ema_decay": 0.99, "validation_prompt": "a cat", "num_validation_images": 2,
+            "validation_epochs": 2}  # fmt: skip
+    named = {k for k, _ in ignored_keys(build({"stage": "sft", "data": {"train": "t.jsonl"}, "train": keys}))}
+    assert {f"train.{k}" for k in keys} <= named
+    assert not ignored_keys(build({"stage": "t2i", "data": {"train": "t.jsonl"}, "train": keys}))

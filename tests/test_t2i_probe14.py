@@ -1,5 +1,5 @@
 """Probe 14 of stage t2i against diffusers 0.42.1: DreamBooth class images drawn by the local main process only
-under torchrun (the script's ``accelerator.is_local_main_process``), the other processes waiting for them."""
+under torchrun (a deliberate difference: the script shares the drawing among its processes), the others waiting."""
 
 from __future__ import annotations
 
