@@ -257,3 +257,21 @@ def test_a_model_with_a_pending_unmerge_pickles():
     with torch.no_grad():
         for m in (again, model):
             assert (m(input_ids=x).logits - want).abs().max() < 1e-5
+
+
+def test_bool_labels_under_named_classes_are_ids_again_and_huge_negative_ids_are_refused():
+    """2aa0fed read a bool only as its text: a bool column with data.labels [neg, pos] (True: pos, as before it)
+    became 'not in the label set'; and with negative labels allowed, the id-or-score guard looked at the largest
+    value only, so a column of -4e9 passed (review N)."""
+    from deltatune.data.load import DataError, Row
+    from deltatune.data.tasks import class_of, label_map
+
+    rows = [Row({"y": v}, f"f.jsonl:{i + 1}") for i, v in enumerate([True, False, True])]
+    named = label_map(rows, "y", ["neg", "pos"])
+    assert [class_of(r.get("y"), named) for r in rows] == [1, 0, 1]
+    mixed = [Row({"y": v}, f"f.jsonl:{i + 1}") for i, v in enumerate([0, 1, True])]
+    seen = label_map(mixed, "y", None)
+    assert [class_of(r.get("y"), seen) for r in mixed] == [0, 1, 2]  # "True" a class of its own, as 2aa0fed made it
+    huge = [Row({"y": v}, f"f.jsonl:{i + 1}") for i, v in enumerate([-4_000_000_000, 1])]
+    with pytest.raises(DataError, match=r"^f.jsonl:1: label -4000000000 in column 'y' would be class id "):
+        label_map(huge, "y", None)

@@ -87,8 +87,8 @@ def label_map(
     # sorts the text, "10" < "2"), and a JSONL train file and a CSV eval file agree on the classes.
     ids = [class_id(v) for v in values]
     if all(i is not None for i in ids):
-        top = max(ids)  # type: ignore[type-var]
-        if top >= MAX_CLASSES:
+        top = max(ids, key=abs)  # type: ignore[type-var]  (-4e9: as far from a class count as 4e9)
+        if abs(top) >= MAX_CLASSES:
             row = rows[ids.index(top)]
             raise DataError(
                 f"{row.source}: label {values[ids.index(top)]!r} in column {column!r} would be class id {top:,}: "
@@ -140,7 +140,8 @@ def class_names(mapping: dict[Any, int], labels: list[str] | None) -> list[str]:
 
 def class_of(label: Any, mapping: dict[Any, int]) -> int | None:
     """The class id of one label value under a ``label_map`` (a name, an id, or an id as text); None if none."""
-    keys = (str(label),) if isinstance(label, bool) else (label, str(label), class_id(label))  # (True == 1)
+    # a bool: its name first ("True", a class of [0, 1, True]), else the id it is (labels [neg, pos]: True is pos)
+    keys = (str(label), label) if isinstance(label, bool) else (label, str(label), class_id(label))
     for key in keys:
         if key is not None and key in mapping:
             return mapping[key]
