@@ -257,9 +257,9 @@ def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
                 f"{s.source}: the conversation ends with a {messages[-1]['role']} turn; stage caption needs it to end "
                 "with an answer (an assistant turn)"
             )
-        if url := next((p for p in s.images if "://" in p), None):
+        data = encoded.get(s.source)  # (datasets' {bytes, path}: the bytes are read, whatever the path names)
+        if data is None and (url := next((p for p in s.images if "://" in p), None)):
             raise DataError(f"{s.source}: image {url!r} is a URL; stage caption reads local image files")
-        data = encoded.get(s.source)
         images = [
             ImageRow(p, None, s.source, None, data) if data is not None else
             ImageRow(check_inside(p, root, s.source, d.allow_outside), None, s.source)
