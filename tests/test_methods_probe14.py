@@ -208,5 +208,15 @@ def test_causal_token_type_ids_kept_where_peft_drops_them(tmp_path, name):
             dropped = theirs(**inputs).logits[:, -7:]
         assert (ours(**plain).logits - dropped).abs().max().item() == 0.0
         assert (ours(**inputs).logits - dropped).abs().max().item() > 0.1  # the types change GPT-2's inputs
+        if name == "prompt":  # the base on [P; embeddings] with the virtual tokens typed 0 (typed 1: 0.002 off)
+            base = tiny_model("gpt2").eval()
+            prompt = next(p for n, p in ours.named_parameters() if p.requires_grad or "prompt" in n).detach()
+            embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(inputs["input_ids"])], 1)
+            ref = base(
+                inputs_embeds=embeds,
+                attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), inputs["attention_mask"]], 1),
+                token_type_ids=torch.cat([torch.zeros(2, 3, dtype=torch.long), inputs["token_type_ids"]], 1),
+            )
+            assert (ours(**inputs).logits[:, -7:] - ref.logits[:, 3:]).abs().max().item() < 1e-6
         generated = ours.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert torch.equal(generated, _tt_loop(ours, inputs))
