@@ -137,3 +137,16 @@ def test_unbuilt_trl_keys_at_trl_default_taken():
                        ("padding_free", 0), ("ref_model_sync_steps", 64)]:  # fmt: skip
         with pytest.raises(ConfigError, match=f"align.{key} .TRL's DPOConfig. is not built"):
             build({**RAW, "stage": "dpo", "align": {key: value}})
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 1}, {"repetition_penalty": 1}, {"typical_p": 1}, {"epsilon_cutoff": 0},
+                                {"eta_cutoff": 0}, {"output_scores": True}, {"do_sample": True}])  # fmt: skip
+def test_generation_kwargs_values_generate_takes_are_taken(kw):
+    """Whole numbers at a processor's off value (temperature 1, YAML's int) and flags transformers only warns about
+    were refused (review O): generate builds no processor for them and samples."""
+    _grpo(kw)
+
+
+def test_generation_kwargs_do_sample_false_is_one_line_naming_it():
+    with pytest.raises(ConfigError, match=r"^align.generation_kwargs do_sample: GRPO samples each prompt's group"):
+        _grpo({"do_sample": False})

@@ -427,17 +427,21 @@ def _check_generation(a: AlignArgs) -> None:
     settings = {"max_new_tokens": a.max_new_tokens, "do_sample": True, "temperature": a.temperature, "top_k": 0,
                 "top_p": a.top_p, **grpo_sampling(a)}  # fmt: skip
     kw, key = a.generation_kwargs or {}, None
+    if kw.get("do_sample", True) is not True:
+        raise ConfigError("align.generation_kwargs do_sample: GRPO samples each prompt's group of completions; "
+                          "greedy ones are all alike, so every advantage is 0: drop it")  # fmt: skip
     try:
         gen = GenerationConfig(**settings)
-        gen.validate(strict=True)
+        gen.validate()  # (not strict: a minor flag transformers warns about, output_scores alone, trains as it does)
         for key, (warper, off) in _WARPERS.items():
             value = getattr(gen, key, off)
-            if value is not None and (value != off or type(value) is not type(off)):
+            if value is not None and value != off:  # (generate builds no processor for the off value: 1 is 1.0)
                 getattr(lp, warper)(value)
     except (ValueError, TypeError) as exc:
         where = f"align.generation_kwargs {key}" if key in kw else f"align.{key}" if key else "align.generation_kwargs"
         why = " ".join(str(exc).split())
-        raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout: {why[:300]}") from None
+        raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout (or, typical_p >= 1, "
+                          f"ignores it): {why[:300]}") from None  # fmt: skip
 
 
 def validate_grpo(a: AlignArgs) -> None:
