@@ -476,7 +476,6 @@ def _board(args) -> int:
         return _inspect(args)
     model = "--model" if args.model else "--adapter" if args.adapter else ""  # (the flag named in a refusal)
     check_board(args.runs, args.host, args.port, args.serve_url, args.serve_key, model)
-    _check_model(args.model)
     serve_app = None
     if args.model or args.adapter:
         from .serve import build_engine
