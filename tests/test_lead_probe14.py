@@ -275,3 +275,24 @@ def test_bool_labels_under_named_classes_are_ids_again_and_huge_negative_ids_are
     huge = [Row({"y": v}, f"f.jsonl:{i + 1}") for i, v in enumerate([-4_000_000_000, 1])]
     with pytest.raises(DataError, match=r"^f.jsonl:1: label -4000000000 in column 'y' would be class id "):
         label_map(huge, "y", None)
+
+
+def test_cls_ids_the_train_rows_lack_but_the_eval_file_has_are_classes(tmp_path):
+    """recipes/trec-lora.yaml under a data.limit: train held ids {0,1,2,3,5}, the eval file a 4, refused 'not in the
+    label set' once whole numbers became the sorted values seen (718ab0b; CI). Ids are read from both files, as the
+    tag stage reads its tags; names in eval only stay refused (tests/test_stages_probe14.py)."""
+    import json
+
+    from tiny import tokenizer
+
+    from deltatune.train import build
+    from deltatune.train.cls import prepare_cls
+
+    for name, labels in (("t", [0, 1, 3, 5, 0]), ("e", [4, 1])):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": f"q {y}", "label": y}) + "\n" for y in labels)
+        )
+    data = {"train": str(tmp_path / "t.jsonl"), "eval": str(tmp_path / "e.jsonl"), "max_length": 8}
+    p = prepare_cls(build({"stage": "cls", "data": data}), tokenizer())
+    assert p.labels == ["0", "1", "3", "4", "5"]
+    assert [ex["labels"] for ex in p.eval] == [3, 1] and [ex["labels"] for ex in p.train] == [0, 1, 2, 4, 0]

@@ -44,7 +44,10 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         mapping = label_map(flat_rows, d.label_column, d.labels, flat) if flat or d.labels else {}
         names = class_names(mapping, d.labels) if mapping else []
     else:
-        mapping = label_map(train_rows, d.label_column, d.labels)
+        seen = train_rows  # ids (whole numbers) of the eval file too: an id data.limit left out of train stays a class
+        if not d.labels and eval_rows and all(class_id(r.get(d.label_column)) is not None for r in seen + eval_rows):
+            seen = train_rows + eval_rows
+        mapping = label_map(seen, d.label_column, d.labels)
         names = class_names(mapping, d.labels)
     if names is not None and len(names) < 2:  # one output would make transformers' head a regression (MSE)
         raise DataError(
@@ -54,7 +57,7 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         )
 
     # data.val_size: a validation split off the train file, after its classes are read (a class seen only there
-    # stays a class). (getattr until config.py lists the key.)
+    # stays a class).
     train_rows, held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))
     eval_rows = eval_rows if held is None else held
 
