@@ -8,6 +8,9 @@ import glob
 
 import pytest
 
+# LLaMA-Factory's supervised processor, re-implemented as written there (infer_seqlen and the turn loop)
+from test_data_probe12 import _llamafactory  # noqa: E402
+
 from deltatune.data.encode import encode_sft_samples, sft_example
 from deltatune.data.sample import Sample
 from deltatune.data.templates import IGNORE_INDEX
@@ -21,42 +24,6 @@ def smol():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folders[0])
-
-
-def _infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
-    """LLaMA-Factory's processor_utils.infer_seqlen, as written there."""
-    if target_len * 2 < cutoff_len:
-        max_target_len = cutoff_len
-    elif source_len * 2 < cutoff_len:
-        max_target_len = cutoff_len - source_len
-    else:
-        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
-    new_target_len = min(max_target_len, target_len)
-    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
-    return new_source_len, new_target_len
-
-
-def _llamafactory(tok, system, turns, cutoff, train_on_prompt=False):
-    """LLaMA-Factory's SupervisedDatasetProcessor._encode_data_example under mask_history, qwen template: the
-    (prompt, response) pairs reversed, each cut by infer_seqlen to what cutoff_len leaves, prepended."""
-    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    pairs = []
-    for k, (user, answer) in enumerate(zip(turns[::2], turns[1::2])):
-        head = f"<|im_start|>system\n{system}<|im_end|>\n" if k == 0 else ""
-        pairs.append(
-            (enc(f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"), enc(f"{answer}<|im_end|>\n"))
-        )
-    ids, labels, total = [], [], 0
-    for turn_idx, (source, target) in enumerate(pairs[::-1]):
-        if total >= cutoff:
-            break
-        ns, nt = _infer_seqlen(len(source), len(target), cutoff - total)
-        source, target = source[:ns], target[:nt]
-        total += ns + nt
-        source_label = source if train_on_prompt else [IGNORE_INDEX] * ns
-        target_label = target if turn_idx == 0 else [IGNORE_INDEX] * nt
-        ids, labels = source + target + ids, source_label + target_label + labels
-    return ids, labels
 
 
 def _row(system, turns):
@@ -77,7 +44,7 @@ def test_mask_history_fills_the_cutoff_with_earlier_turns_as_llamafactory(smol, 
     s = _row("Be brief.", THREE)
     full, _ = sft_example(s, smol, template, mask_history=True)
     assert len(full) > cutoff
-    want = _llamafactory(smol, "Be brief.", THREE, cutoff, train_on_prompt)
+    want = _llamafactory(smol, "Be brief.", THREE, cutoff, mask_history=True, train_on_prompt=train_on_prompt)
     enc = encode_sft_samples([s], smol, template, cutoff, mask_history=True, train_on_prompt=train_on_prompt)
     got = (enc.examples[0]["input_ids"], enc.examples[0]["labels"])
     assert enc.truncated == 1

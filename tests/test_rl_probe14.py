@@ -287,56 +287,20 @@ def test_a_loop_step_with_cispo_sapo_luspo_equals_trls_on_the_same_completions(g
                                                                                 loss_type):  # fmt: skip
     """GRPOLoop.step on injected completions (one truncated) and rewards against TRL's _generate_and_score_completions
     (a rollout_func gives it the same completions) then _compute_loss: the loss and TRL's logged statistics."""
-    import warnings
+    from tiny import grpo_step_against_trl
 
-    import trl
-    from datasets import Dataset
-    from tiny import tokenizer
-
-    import deltatune as dt
-    from deltatune.train.grpo import GRPOLoop, PromptItem, Samples
-    from deltatune.train.grpo_rewards import Reward
-
-    model, G, T, tok = grpo_model, 4, 4, tokenizer()
-    a_id, eos, pad = tok.convert_tokens_to_ids("a"), tok.eos_token_id, tok.pad_token_id
-    body = [[a_id + i] * (1 + i % 3) + [eos] for i in range(8)]
-    body[2] = [a_id + 7, a_id + 8, a_id + 9, a_id + 10]  # truncated
     rewards = [1.0, 0.0, 2.5, 0.5, 2.0, 1.0, 2.0, 3.0]
-    prompt = tok("hi")["input_ids"]
-
-    def rollout(prompts, trainer):
-        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
-                "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
-
-    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8, report_to=[], use_cpu=True, bf16=False,
-                          num_generations=G, max_completion_length=T, temperature=TEMPERATURE, beta=0.0,
-                          loss_type=loss_type, epsilon_high=2.0)  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = dt.trl_trainer(trl.GRPOTrainer)(
-            model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8), processing_class=tok,
-            reward_funcs=lambda completions, **_: list(rewards), rollout_func=rollout,
-        )  # fmt: skip
-    model.eval()
-    with torch.no_grad():
-        expected = trainer._compute_loss(model, trainer._generate_and_score_completions([{"prompt": "hi"}] * 8))
-
-    completion = torch.tensor([c + [pad] * (T - len(c)) for c in body])
-    cmask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in body])
-    ids = torch.tensor([prompt] * 8)
-    item = PromptItem(prompt, "hi", {}, "p.jsonl:1")
-    samples = Samples(torch.cat([ids, completion], 1), torch.cat([torch.ones_like(ids), cmask], 1), cmask,
-                      len(prompt), tok.batch_decode(completion, skip_special_tokens=True),
-                      torch.tensor([eos not in c for c in body]), [item] * 8, body)  # fmt: skip
-    align = AlignArgs(num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, beta=0.0, mini_batch_size=3,
-                      loss_type=loss_type, cliprange_high=2.0)  # fmt: skip
-    validate_align(align, "grpo")
-    loop = GRPOLoop(model, tok, [Reward("fixed", lambda completions, **_: list(rewards))], align, lr=0.0)
-    monkeypatch.setattr(loop, "sample", lambda items, num: samples)
-    stats = loop.step([item, item])
-    model.eval()
-    assert stats["loss"] == pytest.approx(expected.item(), abs=1e-6)
-    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items() if v}  # TRL's names, TRL's values
+    stats, logged, expected = grpo_step_against_trl(
+        grpo_model,
+        tmp_path,
+        monkeypatch,
+        rewards,
+        {"loss_type": loss_type, "epsilon_high": 2.0},
+        {"loss_type": loss_type, "cliprange_high": 2.0},
+        mini_batch_size=3,
+        temperature=TEMPERATURE,
+    )
+    assert stats["loss"] == pytest.approx(expected, abs=1e-6)
     clip = {"cispo": ["cispo_clip_ratio"], "sapo": [],
             "luspo": ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"]}[loss_type]  # fmt: skip
     lengths = [f"completions/{k}" for k in ("mean_length", "min_length", "max_length", "clipped_ratio",

@@ -268,3 +268,60 @@ def latent_unet():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     )  # fmt: skip
+
+
+def grpo_step_against_trl(model, tmp_path, monkeypatch, rewards: list[float], trl_keys: dict, keys: dict,
+                          mini_batch_size: int = 8, temperature: float = 0.7) -> tuple[dict, dict, float]:  # fmt: skip
+    """One ``GRPOLoop.step`` on eight injected completions after "hi" (groups of 4, 4 tokens at most, the third
+    truncated: no EOS) with ``rewards``, and TRL's ``_generate_and_score_completions`` (a rollout_func gives it the
+    same completions) then ``_compute_loss`` on them: (the step's stats, TRL's logged metrics, TRL's loss).
+    ``trl_keys`` go to GRPOConfig, ``keys`` to AlignArgs."""
+    import warnings
+
+    import trl
+    from datasets import Dataset
+
+    import deltatune as dt
+    from deltatune.train.config import AlignArgs, validate_align
+    from deltatune.train.grpo import GRPOLoop, PromptItem, Samples
+    from deltatune.train.grpo_rewards import Reward
+
+    G, T, tok = 4, 4, tokenizer()
+    a_id, eos, pad = tok.convert_tokens_to_ids("a"), tok.eos_token_id, tok.pad_token_id
+    body = [[a_id + i] * (1 + i % 3) + [eos] for i in range(8)]
+    body[2] = [a_id + 7, a_id + 8, a_id + 9, a_id + 10]  # truncated
+    prompt = tok("hi")["input_ids"]
+
+    def rollout(prompts, trainer):
+        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
+                "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
+
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8, report_to=[], use_cpu=True, bf16=False,
+                          num_generations=G, max_completion_length=T, temperature=temperature, beta=0.0,
+                          **trl_keys)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(trl.GRPOTrainer)(
+            model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8), processing_class=tok,
+            reward_funcs=lambda completions, **_: list(rewards), rollout_func=rollout,
+        )  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        expected = trainer._compute_loss(model, trainer._generate_and_score_completions([{"prompt": "hi"}] * 8))
+
+    completion = torch.tensor([c + [pad] * (T - len(c)) for c in body])
+    cmask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in body])
+    ids = torch.tensor([prompt] * 8)
+    item = PromptItem(prompt, "hi", {}, "p.jsonl:1")
+    samples = Samples(torch.cat([ids, completion], 1), torch.cat([torch.ones_like(ids), cmask], 1), cmask,
+                      len(prompt), tok.batch_decode(completion, skip_special_tokens=True),
+                      torch.tensor([eos not in c for c in body]), [item] * 8, body)  # fmt: skip
+    align = AlignArgs(num_generations=G, max_new_tokens=T, temperature=temperature, beta=0.0,
+                      mini_batch_size=mini_batch_size, **keys)  # fmt: skip
+    validate_align(align, "grpo")
+    loop = GRPOLoop(model, tok, [Reward("fixed", lambda completions, **_: list(rewards))], align, lr=0.0)
+    monkeypatch.setattr(loop, "sample", lambda items, num: samples)
+    stats = loop.step([item, item])
+    model.eval()
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items() if v}  # TRL's names, TRL's values
+    return stats, logged, expected.item()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import trl
 from datasets import Dataset
-from tiny import grpo_batch, save_tiny, tokenizer
+from tiny import grpo_batch, grpo_step_against_trl, save_tiny, tokenizer
 from transformers import AutoModelForCausalLM
 
 import deltatune as dt
@@ -178,49 +178,10 @@ LOOP_CASES = {
 def test_a_loop_steps_loss_equals_trls_on_the_same_completions(model, tmp_path, monkeypatch, case):
     """GRPOLoop.step on injected completions (one of them truncated: no EOS within max_new_tokens) and rewards against
     TRL's _generate_and_score_completions (a rollout_func gives it the same completions) then _compute_loss."""
-    from deltatune.train.grpo import GRPOLoop, PromptItem, Samples
-    from deltatune.train.grpo_rewards import Reward
-
     trl_keys, keys = LOOP_CASES[case]
-    G, T, tok = 4, 4, tokenizer()
-    a_id, eos, pad = tok.convert_tokens_to_ids("a"), tok.eos_token_id, tok.pad_token_id
-    body = [[a_id + i] * (1 + i % 3) + [eos] for i in range(8)]
-    body[2] = [a_id + 7, a_id + 8, a_id + 9, a_id + 10]  # truncated
     rewards = [1.0, 0.0, 2.5, 0.5, 2.0, 2.0, 2.0, 2.0]  # (the second group's all equal)
-    prompt = tok("hi")["input_ids"]
-
-    def rollout(prompts, trainer):
-        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
-                "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
-
-    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8, report_to=[], use_cpu=True, bf16=False,
-                          num_generations=G, max_completion_length=T, temperature=TEMPERATURE, beta=0.0,
-                          **trl_keys)  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = dt.trl_trainer(trl.GRPOTrainer)(
-            model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8), processing_class=tok,
-            reward_funcs=lambda completions, **_: list(rewards), rollout_func=rollout,
-        )  # fmt: skip
-    model.eval()
-    with torch.no_grad():
-        expected = trainer._compute_loss(model, trainer._generate_and_score_completions([{"prompt": "hi"}] * 8))
-
-    completion = torch.tensor([c + [pad] * (T - len(c)) for c in body])
-    cmask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in body])
-    ids = torch.tensor([prompt] * 8)
-    item = PromptItem(prompt, "hi", {}, "p.jsonl:1")
-    samples = Samples(torch.cat([ids, completion], 1), torch.cat([torch.ones_like(ids), cmask], 1), cmask,
-                      len(prompt), tok.batch_decode(completion, skip_special_tokens=True),
-                      torch.tensor([eos not in c for c in body]), [item] * 8, body)  # fmt: skip
-    align = AlignArgs(num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, beta=0.0, mini_batch_size=8,
-                      **keys)  # fmt: skip
-    validate_align(align, "grpo")
-    loop = GRPOLoop(model, tok, [Reward("fixed", lambda completions, **_: list(rewards))], align, lr=0.0)
-    monkeypatch.setattr(loop, "sample", lambda items, num: samples)
-    stats = loop.step([item, item])
-    model.eval()
-    assert stats["loss"] == pytest.approx(expected.item(), abs=1e-6)
-    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # TRL's names, TRL's values
+    stats, logged, expected = grpo_step_against_trl(model, tmp_path, monkeypatch, rewards, trl_keys, keys,
+                                                    temperature=TEMPERATURE)  # fmt: skip
+    assert stats["loss"] == pytest.approx(expected, abs=1e-6)
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean"):
         assert stats[key] == pytest.approx(logged[key], abs=1e-6), key
