@@ -214,8 +214,8 @@ def test_top_level_status_functions_are_peft_s(injected):
 
 # -- 8. merge_adapter on disabled layers ------------------------------------------------------------------------------
 def test_merge_adapter_while_the_layers_are_disabled_computes_as_peft_s_base():
-    """peft's merge on a disabled layer is undone at its next forward, which computes as the base model; deltatune's
-    leaves a disabled layer unmerged (before: merged, so the disabled model computed with the adapter)."""
+    """peft's merge on a disabled layer is undone at its next forward, which computes as the base model; so is
+    deltatune's since 234e60f (before acebc4f: merged for good, so the disabled model computed with the adapter)."""
     inputs = tiny_inputs("llama")
     theirs = _quiet(peft.get_peft_model, tiny_model("llama"), peft.LoraConfig(**LORA)).eval()
     ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**LORA)).eval()

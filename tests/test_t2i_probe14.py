@@ -280,8 +280,7 @@ def test_validation_images_are_drawn_each_epoch_as_diffusers_pipeline_draws_them
                       [f"model.name_or_path={pipeline}", f"data.train={data / 't2i-adapt-train.jsonl'}",
                        "data.eval=null", "data.limit=4", "train.epochs=2", "train.max_steps=-1", "train.batch_size=2",
                        "train.warmup_ratio=0", "train.lr=1e-2", "train.report_to=[none]", f"output.dir={out}",
-                       "train.seed=3"])  # fmt: skip
-    cfg.train.validation_prompt, cfg.train.num_validation_images = prompt, 2  # (read with getattr)
+                       "train.seed=3", f"train.validation_prompt={prompt}", "train.num_validation_images=2"])  # fmt: skip
     run_module.train(cfg)
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["epoch-1.png", "epoch-2.png"]
     pipe = StableDiffusionPipeline(
