@@ -138,6 +138,9 @@ class AlignArgs:
     num_iterations: int = _f(
         1, "GRPO: optimisation steps per generation batch (mu); above 1 the importance ratio pi / pi_old matters."
     )
+    steps_per_generation: int = _f(1, "GRPO: optimizer steps per generation batch (TRL's): its train.batch_size x "
+                                   "num_generations completions, shuffled, split into that many equal slices, one "
+                                   "update each (every num_iterations pass); old log-probs kept from the sampling.")  # fmt: skip
     scale_rewards: bool | str = _f(True, "GRPO: divide advantages by the reward std of their group (true, 'group'), "
                                    "of the whole batch ('batch') or not at all (false, 'none': Dr. GRPO), as TRL's.")  # fmt: skip
     loss_norm: str = _f("sequence", "GRPO: 'sequence' (each completion's token mean, then their mean; TRL's grpo), "
@@ -480,6 +483,8 @@ def validate_grpo(a: AlignArgs) -> None:
                           f"{a.importance_sampling_level!r}")  # fmt: skip
     if not 0 <= a.top_entropy_quantile <= 1:
         raise ConfigError(f"align.top_entropy_quantile must be in [0, 1], got {a.top_entropy_quantile}")
+    if type(a.steps_per_generation) is not int or a.steps_per_generation < 1:
+        raise ConfigError(f"align.steps_per_generation must be an integer >= 1, got {a.steps_per_generation!r}")
 
 
 BEFORE_KEY: dict[str, tuple[Any, str]] = {

@@ -9,7 +9,7 @@ advantage of its reward within its group of G:
                                                                  align.scale_rewards=false, as in Dr. GRPO)
 
 A group whose rewards are all equal teaches nothing: its advantages are exactly 0. Then ``align.num_iterations``
-optimizer steps over the batch minimise, per completion token t (every token of completion i shares A_i),
+passes over the batch (each ``align.steps_per_generation`` updates on equal shuffled slices, as TRL's) minimise, per completion token t (every token of completion i shares A_i),
 
     l_t = -min(ratio_t A_i, clip(ratio_t, 1 - eps, 1 + eps) A_i) + beta * KL_t,    ratio_t = pi(o_t) / pi_old(o_t)
     KL_t = ref / pi - log(ref / pi) - 1                         (the k3 estimator of KL(pi || ref), always >= 0)
@@ -209,9 +209,9 @@ class GRPOLoop:
         """One GRPO step over a batch of prompts; returns its statistics. Each forward has an autocast region of
         its own: autocast keeps bf16 copies of the trainable weights until its region ends, so none may span an update."""
         a = self.align
-        G = a.num_generations
+        G, S = a.num_generations, a.steps_per_generation
         self.logged.clear()  # (an eval's log_metric values are not this step's)
-        self.state.global_step = getattr(self, "steps_done", 0) * a.num_iterations  # optimizer steps, as TRL's
+        self.state.global_step = getattr(self, "steps_done", 0) * a.num_iterations * S  # optimizer steps, as TRL's
         with self.amp():  # sampling and scoring (a reward may be a model) run under autocast, as before
             s = self.sample(items, G)
             table = self.score(s)  # (N, K)
@@ -222,15 +222,19 @@ class GRPOLoop:
         if a.mask_truncated_completions:  # (TRL's: out of every loss term and token count)
             mask = mask * (~s.truncated).float().unsqueeze(1).to(mask.device)
         n_seq, n_tok, norm = len(rewards), mask.sum().clamp(min=1), grpo_loss_norm(a)
+        # TRL's steps_per_generation: the batch, shuffled once (torch's RNG, as TRL's shuffle_sequence_dict), is S
+        # slices, one update each; each slice's loss is normalised over the slice (dapo, cispo: by n_tok / S, as TRL)
+        parts = (torch.randperm(n_seq) if S > 1 else torch.arange(n_seq)).to(self.device).view(S, -1)
         with self.amp():
-            old = self._logprobs(s) if a.num_iterations > 1 else None
+            old = self._logprobs(s) if a.num_iterations > 1 or S > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None
         sums = dict.fromkeys(
             ("loss", "clipped", "clipped_low", "clipped_high", "clip_units", "kl", "tokens", "entropy"), 0.0
         )
-        for it in range(a.num_iterations):
+        for it, part in ((it, part) for it in range(a.num_iterations) for part in parts):
             self.optimizer.zero_grad(set_to_none=True)
-            for idx in self._chunks(n_seq):
+            n_part = mask[part].sum().clamp(min=1) if a.loss_type == "bnpo" else n_tok / S  # (bnpo: per micro-batch)
+            for idx in (part[c] for c in self._chunks(len(part))):
                 with self.amp():
                     logp, entropy = self._forward(s, idx)
                 m = mask[idx]
@@ -241,7 +245,7 @@ class GRPOLoop:
                 )
                 loss, st = grpo_loss(
                     logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,
-                    None if ref is None else ref[idx], norm, n_seq, n_tok, a.bias_correction_kl,
+                    None if ref is None else ref[idx], norm, len(part), n_part, a.bias_correction_kl,
                     cliprange_high=a.cliprange_high, delta=a.delta, max_tokens=a.max_new_tokens, token_mask=top,
                     importance_sampling_level=a.importance_sampling_level, policy=grpo_policy(a),
                     sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg),
@@ -251,7 +255,7 @@ class GRPOLoop:
 
                     raise NonFiniteLossError(getattr(self, "steps_done", 0) + 1, float(loss))
                 loss.backward()
-                sums["loss"] += loss.item() / a.num_iterations
+                sums["loss"] += loss.item() / (a.num_iterations * S)
                 for key in ("clipped", "clipped_low", "clipped_high"):
                     sums[key] += st[key].item() if key in st else 0.0
                 sums["clip_units"] += st["clip_units"].item()
@@ -373,6 +377,10 @@ def _check(cfg: RunConfig) -> None:
     if a.num_iterations < 1:
         raise ConfigError(f"align.num_iterations must be >= 1, got {a.num_iterations}")
     validate_grpo(a)
+    if (cfg.train.batch_size * a.num_generations) % a.steps_per_generation:
+        raise ConfigError(f"align.steps_per_generation {a.steps_per_generation} does not divide the generation batch "
+                          f"of train.batch_size x align.num_generations = {cfg.train.batch_size * a.num_generations} "
+                          "completions into equal slices")  # fmt: skip
     if not 0 < a.top_p <= 1:
         raise ConfigError(f"align.top_p must be in (0, 1], got {a.top_p}")
 
@@ -396,7 +404,7 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
     notes = [
         f"GRPO: {cfg.train.batch_size} prompts x {a.num_generations} completions per step, {a.max_new_tokens} new "
-        f"tokens at most, {a.num_iterations} optimizer step(s) per generation batch, clip {a.cliprange}, "
+        f"tokens at most, {a.num_iterations * a.steps_per_generation} optimizer step(s) per generation batch, clip {a.cliprange}, "
         + (f"KL coefficient {a.beta} (k3 estimator; reference = the base with the adapter off)" if a.beta > 0
            else "no KL term (beta 0: no reference pass)")
         + f", {grpo_loss_norm(a)} loss normalisation, advantages "
@@ -440,7 +448,7 @@ def train_grpo(
     shared = load_rewards(rewards, cfg.align.reward_funcs, model, cfg.model.name_or_path, tokenizer)
     per_epoch = math.ceil(len(prompts) / t.batch_size)
     steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
-    updates = steps * cfg.align.num_iterations
+    updates = steps * cfg.align.num_iterations * cfg.align.steps_per_generation
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * updates)
     scheduler = functools.partial(get_scheduler, t.scheduler, num_warmup_steps=warmup, num_training_steps=updates)
     bf16 = resolved_precision(t.precision) == "bf16"  # as the Trainer's stages read train.precision

@@ -1,0 +1,192 @@
+"""Stage grpo against TRL 1.16's GRPOTrainer (probe 15): steps_per_generation and num_iterations > 1 after real
+optimizer updates (the weights, each update's loss and clip ratio, the old log-probs kept from the sampling), and
+generation token ids outside the model's vocabulary refused before the model loads.
+
+The reference is the .venv's TRL 1.16: GRPOTrainer._prepare_inputs (one generation per steps_per_generation x
+num_iterations steps, ``shuffle_sequence_dict`` then ``split_tensor_dict`` into steps_per_generation slices, reused
+every iteration), _generate_and_score_completions (old_per_token_logps when gradient_accumulation_steps %
+(steps_per_generation x num_iterations) != 0) and _compute_loss (grpo: each slice's sequence mean; bnpo: each
+slice's token mean; dapo: the generation batch's tokens / steps_per_generation)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from deltatune.config import ConfigError
+from deltatune.train.config import build
+from deltatune.train.config_align import AlignArgs, validate_align
+
+TEMPERATURE, G, T, LR, SHUFFLE_SEED = 0.7, 4, 4, 0.03, 7
+REWARDS = [1.0, 0.0, 2.5, 0.5, 2.0, 1.0, 2.0, 3.0]
+RAW = {"model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}}
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    from tiny import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+
+    base = save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():  # a trained-looking adapter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval(), base
+
+
+def _completions(tok):
+    a_id, eos = tok.convert_tokens_to_ids("a"), tok.eos_token_id
+    body = [[a_id + i] * (1 + i % 3) + [eos] for i in range(8)]
+    body[2] = [a_id + 7, a_id + 8, a_id + 9, a_id + 10]  # truncated
+    return body
+
+
+def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str):
+    """TRL trains ``model`` for S x mu optimizer steps on one generation batch of the eight fixed completions:
+    (each step's (loss, clip ratio), the old log-probs of the generation, in its order)."""
+    import trl
+    import trl.trainer.grpo_trainer as gt
+    from datasets import Dataset
+    from tiny import tokenizer
+
+    import deltatune as dt
+
+    tok = tokenizer()
+    body, prompt = _completions(tok), tok("hi")["input_ids"]
+
+    def rollout(prompts, trainer):
+        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
+                "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
+
+    real_shuffle = gt.shuffle_sequence_dict
+
+    def shuffle(batch):  # the same permutation as the loop's: torch's RNG seeded alike just before it
+        torch.manual_seed(SHUFFLE_SEED)
+        return real_shuffle(batch)
+
+    monkeypatch.setattr(gt, "shuffle_sequence_dict", shuffle)
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8 // S, steps_per_generation=S,
+                          num_iterations=mu, max_steps=S * mu, learning_rate=LR, lr_scheduler_type="constant",
+                          logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                          num_generations=G, max_completion_length=T, temperature=TEMPERATURE, beta=0.0,
+                          loss_type=loss_type, epsilon=0.2)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(trl.GRPOTrainer)(
+            model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8), processing_class=tok,
+            reward_funcs=lambda completions, **_: list(REWARDS), rollout_func=rollout,
+        )  # fmt: skip
+    steps, olds = [], []
+    real_generate, real_loss = trainer._generate_and_score_completions, trainer._compute_loss
+
+    def generate(inputs):
+        out = real_generate(inputs)
+        olds.append(out["old_per_token_logps"].clone())
+        return out
+
+    def compute_loss(model, inputs):
+        loss = real_loss(model, inputs)
+        steps.append((loss.item(), trainer._metrics["train"]["clip_ratio/region_mean"][-1]))
+        return loss
+
+    trainer._generate_and_score_completions, trainer._compute_loss = generate, compute_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert len(olds) == 1 and len(steps) == S * mu
+    return steps, olds[0]
+
+
+def _ours(model, S: int, mu: int, loss_type: str, monkeypatch):
+    """The loop's one step (S x mu updates) on the same completions: (the step's stats, each update's (loss, clip
+    ratio), the old log-probs it kept)."""
+    from tiny import tokenizer
+
+    import deltatune.train.grpo as grpo
+    from deltatune.train.grpo import GRPOLoop, PromptItem, Samples
+    from deltatune.train.grpo_rewards import Reward
+
+    tok = tokenizer()
+    body, prompt, pad = _completions(tok), tok("hi")["input_ids"], tok.pad_token_id
+    completion = torch.tensor([c + [pad] * (T - len(c)) for c in body])
+    cmask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in body])
+    ids = torch.tensor([prompt] * 8)
+    item = PromptItem(prompt, "hi", {}, "p.jsonl:1")
+    samples = Samples(torch.cat([ids, completion], 1), torch.cat([torch.ones_like(ids), cmask], 1), cmask,
+                      len(prompt), tok.batch_decode(completion, skip_special_tokens=True),
+                      torch.tensor([tok.eos_token_id not in c for c in body]), [item] * 8, body)  # fmt: skip
+    align = AlignArgs(num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, beta=0.0, mini_batch_size=8,
+                      steps_per_generation=S, num_iterations=mu, loss_type=loss_type)  # fmt: skip
+    validate_align(align, "grpo")
+    loop = GRPOLoop(model, tok, [Reward("fixed", lambda completions, **_: list(REWARDS))], align, lr=LR)
+
+    def sample(items, num):
+        torch.manual_seed(SHUFFLE_SEED)  # (nothing draws from torch's RNG between this and the shuffle)
+        return samples
+
+    steps, olds = [], []
+    real_loss, real_logprobs = grpo.grpo_loss, loop._logprobs
+
+    def loss_of(*args, **kw):
+        loss, st = real_loss(*args, **kw)
+        steps.append((loss.item(), (st["clipped"] / st["clip_units"]).item()))
+        return loss, st
+
+    def logprobs(s, reference=False):
+        out = real_logprobs(s, reference)
+        olds.append(out.clone())
+        return out
+
+    monkeypatch.setattr(grpo, "grpo_loss", loss_of)
+    monkeypatch.setattr(loop, "sample", sample)
+    monkeypatch.setattr(loop, "_logprobs", logprobs)
+    stats = loop.step([item, item])
+    return stats, steps, olds
+
+
+CASES = [(2, 2, "grpo"), (2, 2, "dapo"), (4, 1, "bnpo")]
+
+
+@pytest.mark.parametrize("S, mu, loss_type", CASES)
+def test_steps_per_generation_and_iterations_train_as_trls(policy, tmp_path, monkeypatch, S, mu, loss_type):
+    """S x mu AdamW updates (lr 0.03: the later ones clip) on one generation batch of 8 completions: each update's
+    loss and clip ratio, the old log-probs kept from the sampling, and the adapter weights after them equal TRL's
+    GRPOTrainer trained for S x mu steps with steps_per_generation S and num_iterations mu."""
+    model, _ = policy
+    ours_model, trl_model = copy.deepcopy(model), copy.deepcopy(model)
+    trl_steps, trl_old = _trl_run(trl_model, tmp_path, monkeypatch, S, mu, loss_type)
+    stats, steps, olds = _ours(ours_model, S, mu, loss_type, monkeypatch)
+    assert len(olds) == 1 and olds[0].shape == trl_old.shape
+    from tiny import tokenizer
+
+    mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in _completions(tokenizer())]).bool()
+    assert (olds[0] - trl_old)[mask].abs().max().item() < 1e-5  # (after the EOS: pad tokens nobody reads)
+    assert len(steps) == len(trl_steps) == S * mu
+    for (loss, clip), (want_loss, want_clip) in zip(steps, trl_steps):
+        assert loss == pytest.approx(want_loss, abs=2e-5)
+        assert clip == pytest.approx(want_clip, abs=1e-6)
+    assert mu == 1 or any(clip > 0 for _, clip in steps)  # (the updates did move the policy past the clip)
+    assert stats["loss"] == pytest.approx(sum(loss for loss, _ in steps) / (S * mu), abs=1e-6)
+    theirs = dict(trl_model.named_parameters())
+    diffs = [(p - theirs[n]).abs().max().item() for n, p in ours_model.named_parameters() if p.requires_grad]
+    moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
+    assert max(diffs) < 2e-5 and moved > 1e-3  # (seen: 5e-6 after four AdamW steps of lr 0.03)
+
+
+@pytest.mark.parametrize("align, words", [
+    ({"steps_per_generation": 0}, "^align.steps_per_generation must be an integer >= 1, got 0$"),
+    ({"steps_per_generation": 1.5}, "^align.steps_per_generation must be int, got 1.5$"),
+])  # fmt: skip
+def test_steps_per_generation_bad_input_is_one_line_naming_the_key(align, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        build({**RAW, "stage": "grpo", "align": align})
+    assert "\n" not in str(err.value)
