@@ -127,12 +127,14 @@ def _sft(
     from .templates import encode_chat
 
     conversation, start = _trained_from(s, mask_history)
-    ids, answers = encode_chat(conversation, tokenizer, template, s.tools, start, train_stop=True)
+    ids, answers = encode_chat(conversation, tokenizer, template, s.tools, start, True, s.template_kwargs)
     if not train_on_prompt:
         return ids, answers, answers
     every = answers
     if mask_history or any(m.get("weight") == 0 for m in conversation):  # every answer, trained or not
-        every = encode_chat(_unweighted(conversation), tokenizer, template, s.tools, s.sft()[1], train_stop=True)[1]
+        every = encode_chat(
+            _unweighted(conversation), tokenizer, template, s.tools, s.sft()[1], True, s.template_kwargs
+        )[1]
     return ids, [IGNORE_INDEX if e != a else i for i, e, a in zip(ids, every, answers)], answers
 
 
@@ -167,7 +169,7 @@ def _turns(s: Sample, tokenizer, template: str | None, n: int) -> list[tuple[int
     before it (the first from 0, the system prompt with it); tokens after the last answer close the last target."""
     from .templates import encode_chat
 
-    every = encode_chat(_unweighted(s.sft()[0]), tokenizer, template, s.tools, 0, train_stop=True)[1]
+    every = encode_chat(_unweighted(s.sft()[0]), tokenizer, template, s.tools, 0, True, s.template_kwargs)[1]
     out, src = [], 0
     for i in range(n):
         trained = every[i] != IGNORE_INDEX
@@ -198,7 +200,13 @@ def _fill_from_the_last(
 
 
 def _lm(
-    tokenizer, template: str | None, prompt: list[Message], response: list[Message], tools, max_length: int
+    tokenizer,
+    template: str | None,
+    prompt: list[Message],
+    response: list[Message],
+    tools,
+    max_length: int,
+    kwargs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, list[int]], bool]:
     """Causal-LM inputs of prompt + response, labels on the response's assistant turns; whether it was cut.
 
@@ -207,7 +215,7 @@ def _lm(
     """
     from .templates import encode_chat
 
-    ids, labels = encode_chat(prompt + response, tokenizer, template, tools, len(prompt))
+    ids, labels = encode_chat(prompt + response, tokenizer, template, tools, len(prompt), kwargs=kwargs)
     first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
     if len(ids) <= max_length:
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, False
@@ -225,7 +233,7 @@ def lm_example(
 ) -> tuple[dict[str, list[int]], bool]:
     """Causal-LM inputs of ``s``'s prompt followed by ``response`` (a chosen, rejected or KTO completion), labels
     -100 outside the response's assistant turns; whether the row was cut to ``max_length``."""
-    return encode_prompt_response(s.messages, response, tokenizer, template, max_length, s.tools)
+    return encode_prompt_response(s.messages, response, tokenizer, template, max_length, s.tools, s.template_kwargs)
 
 
 def encode_prompt_response(
@@ -235,13 +243,15 @@ def encode_prompt_response(
     template: str | None,
     max_length: int,
     tools: list[dict] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, list[int]], bool]:
     """Causal-LM inputs of ``prompt`` messages followed by ``response`` messages (e.g. one triple of
-    ``sample.unpaired_examples``), rendered with ``template`` (from ``choose_template``), labels -100 outside the
-    response's assistant turns; whether the row was cut to ``max_length``."""
+    ``sample.unpaired_examples``), rendered with ``template`` (from ``choose_template``; ``template_kwargs``: the
+    row's ``chat_template_kwargs``), labels -100 outside the response's assistant turns; whether the row was cut to
+    ``max_length``."""
     if template == RAW:
         return encode_lm(tokenizer, as_written(prompt[0]), as_written(response[0]), max_length)
-    return _lm(tokenizer, template, prompt, response, tools, max_length)
+    return _lm(tokenizer, template, prompt, response, tools, max_length, template_kwargs)
 
 
 @_named
@@ -252,7 +262,7 @@ def scored_example(
     template); over-long inputs lose the start of the prompt first."""
     if template == RAW:
         return encode_scored(tokenizer, as_written(s.messages[0]), as_written(response[0]), max_length)
-    text, _ = render(s.messages + response, tokenizer, template, tools=s.tools)
+    text, _ = render(s.messages + response, tokenizer, template, tools=s.tools, kwargs=s.template_kwargs)
     enc = {k: list(v) for k, v in tokenizer(text, add_special_tokens=_add_special(template)).items()}
     n = len(enc["input_ids"])
     if n <= max_length:
@@ -279,11 +289,11 @@ def _prompt_text(s: Sample, tokenizer, template: str | None) -> str:
     prefill), continuing that turn, as TRL's ``maybe_apply_chat_template`` renders it (``continue_final_message``)."""
     n = len(s.messages)
     if s.messages[-1]["role"] != "assistant":
-        return render(s.messages, tokenizer, template, add_generation_prompt=True, tools=s.tools, train_from=n)[0]
+        return render(s.messages, tokenizer, template, True, s.tools, n, kwargs=s.template_kwargs)[0]
     if template is None:
-        kw = {"tools": s.tools} if s.tools else {}
+        kw = {**(s.template_kwargs or {}), **({"tools": s.tools} if s.tools else {})}
         return apply_chat_template(tokenizer, s.messages, tokenize=False, continue_final_message=True, **kw)
-    head, _ = render(s.messages[:-1], tokenizer, template, add_generation_prompt=True, tools=s.tools, train_from=n)
+    head, _ = render(s.messages[:-1], tokenizer, template, True, s.tools, n, kwargs=s.template_kwargs)
     return head + s.messages[-1]["content"]  # (a built-in template's generation prompt is its assistant prefix)
 
 
@@ -313,10 +323,10 @@ def rendered(
         return [("text", s.text, [(0, len(s.text))])]
     if stage == "sft":
         conversation, start = _trained_from(s, mask_history)
-        text, spans = render(conversation, tokenizer, template, tools=s.tools, train_from=start, train_stop=True)
+        text, spans = render(conversation, tokenizer, template, False, s.tools, start, True, s.template_kwargs)
         if train_on_prompt:  # every character but the answers left out (earlier ones under mask_history, weight 0)
-            every = render(_unweighted(conversation), tokenizer, template, tools=s.tools, train_from=s.sft()[1],
-                           train_stop=True)[1]  # fmt: skip
+            every = render(_unweighted(conversation), tokenizer, template, False, s.tools, s.sft()[1], True,
+                           s.template_kwargs)[1]  # fmt: skip
             edges = [0, *[x for span in every if span not in spans for x in span], len(text)]
             spans = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if a < b]
         return [("conversation", text, spans)]
@@ -336,7 +346,9 @@ def rendered(
                 r += tokenizer.eos_token
             out.append((part, p + r, [(len(p), len(p) + len(r))]))
             continue
-        text, spans = render(s.messages + response, tokenizer, template, tools=s.tools, train_from=len(s.messages))
+        text, spans = render(
+            s.messages + response, tokenizer, template, False, s.tools, len(s.messages), kwargs=s.template_kwargs
+        )
         out.append((part, text, [] if stage == "rm" else spans))
     return out
 

@@ -37,7 +37,16 @@ import json
 from collections.abc import Sequence
 
 from ..config import ConfigError
-from .formats_messages import _MESSAGE_ROLES, _col, _media, _message_list, _system_message, _text, _turn
+from .formats_messages import (
+    _MESSAGE_ROLES,
+    _col,
+    _media,
+    _message_list,
+    _system_message,
+    _template_kwargs,
+    _text,
+    _turn,
+)
 from .load import DataError, Row
 from .sample import AS_WRITTEN, REASONING, Message, Sample, says_something
 from .tools import row_tools
@@ -88,7 +97,7 @@ SHAREGPT_TAGS: dict[str, str] = {
     "system_tag": "system",
 }
 FIELDS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "prompt", "completion",
-          "chosen", "rejected", "label", "text", "tools", "images", "videos")  # fmt: skip
+          "chosen", "rejected", "label", "text", "tools", "images", "videos", "chat_template_kwargs")  # fmt: skip
 """The fields ``data.columns`` may rename (field -> the file's column)."""
 
 
@@ -221,7 +230,7 @@ def read_samples(
                 skipped.append(row.source)
                 continue
         _check(sample, stage)
-        sample.written = inner
+        sample.written, sample.template_kwargs = inner, _template_kwargs(row, c)
         out.append(sample)
     return out
 

@@ -4,6 +4,7 @@ string-or-messages fields, the media columns. ``formats.py`` maps each format's 
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -152,3 +153,31 @@ def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
     if not isinstance(system, str):  # (a list or an object was written out as its Python repr)
         raise DataError(f"{row.source}: column {_col(c, 'system')!r} must be text, got {type(system).__name__}")
     return [{"role": "system", "content": system}] if system else []
+
+
+TEMPLATE_KWARGS_TAKEN = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                         "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                         "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")  # fmt: skip
+"""``apply_chat_template``'s own arguments, which the stages set: a row's ``chat_template_kwargs`` may not."""
+
+
+def _template_kwargs(row: Row, c: dict[str, str]) -> dict[str, Any] | None:
+    """The row's ``chat_template_kwargs`` column (TRL's: extra variables for the chat template, e.g. Qwen3's
+    ``enable_thinking``), an object or its JSON text; None where the row has none."""
+    column = _col(c, "chat_template_kwargs")
+    value = row.get(column, required=False)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError:
+            raise DataError(f"{row.source}: column {column!r} must be a JSON object, got {value[:40]!r}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{row.source}: column {column!r} must be an object of template variables, got "
+                        f"{type(value).__name__}")  # fmt: skip
+    taken = next((k for k in value if k in TEMPLATE_KWARGS_TAKEN or not isinstance(k, str)), None)
+    if taken is not None:
+        raise DataError(f"{row.source}: {column}.{taken}: the stage sets this argument of apply_chat_template; a row "
+                        "may set the template's own variables only")  # fmt: skip
+    return value or None

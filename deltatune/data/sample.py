@@ -53,6 +53,9 @@ class Sample:
     images: list[str] = field(default_factory=list)
     """Image paths (or URLs) of a multimodal row, for the vision stages."""
     videos: list[str] = field(default_factory=list)
+    template_kwargs: dict[str, Any] | None = None
+    """The row's ``chat_template_kwargs`` (TRL's column): extra variables the chat template reads (Qwen3's
+    ``enable_thinking``), passed to ``apply_chat_template`` wherever the row is rendered."""
     written: str | None = None
     """The row's own format where the stage reshaped it (``format`` is then what the stage reads): a KTO
     conversation with a label read as unpaired, a PPO conversation as prompt."""

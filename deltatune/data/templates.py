@@ -128,9 +128,13 @@ def render(
     tools: list[dict] | None = None,
     train_from: int = 0,
     train_stop: bool = False,
+    kwargs: dict[str, Any] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The conversation as text, and the character spans [start, end) of every assistant turn from message
     ``train_from`` on.
+
+    ``kwargs``: the row's ``chat_template_kwargs`` (variables the tokenizer's chat template reads, as TRL passes
+    them); a built-in template reads none, as a jinja template ignores a variable it never names.
 
     ``train_stop`` (SFT): where the tokenizer's template ends an assistant turn with no marker of its own (GLM's),
     each span also covers the token the model stops on, as TRL's training template marks it (``_glm_stops``).
@@ -142,7 +146,7 @@ def render(
     if template is None:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"the tokenizer has no chat template; set data.template to one of {', '.join(TEMPLATES)}")
-        kw = {"tools": tools} if tools else {}
+        kw = {**(kwargs or {}), **({"tools": tools} if tools else {})}
 
         def apply(ms: list[dict], gen: bool = False) -> str:
             return apply_chat_template(tokenizer, ms, tokenize=False, add_generation_prompt=gen, **kw)
@@ -151,7 +155,7 @@ def render(
         spans = []
 
         def header() -> str:  # the generation prompt after the first user turn (the assistant header), per template
-            key = (str(tokenizer.chat_template), bool(tools))
+            key = (str(tokenizer.chat_template), bool(tools), repr(sorted((kwargs or {}).items())))
             if key not in _HEADERS:
                 k = next((k for k, m in enumerate(messages) if m["role"] == "user"), -1)
                 if k < 0:
@@ -239,7 +243,7 @@ def _without_header(span: tuple[int, int], text: str, before: str, plain: str, h
     return span
 
 
-_HEADERS: dict[tuple[str, bool], str] = {}
+_HEADERS: dict[tuple[str, bool, str], str] = {}
 """The assistant header each chat template's generation prompt writes (``render``'s ``header``)."""
 
 
@@ -421,10 +425,12 @@ def encode_chat(
     tools: list[dict] | None = None,
     train_from: int = 0,
     train_stop: bool = False,
+    kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 outside the assistant turns from message ``train_from`` on), untruncated;
-    ``train_stop`` as ``render``'s."""
-    text, spans = render(messages, tokenizer, template, tools=tools, train_from=train_from, train_stop=train_stop)
+    ``train_stop`` and ``kwargs`` as ``render``'s."""
+    text, spans = render(messages, tokenizer, template, tools=tools, train_from=train_from, train_stop=train_stop,
+                         kwargs=kwargs)  # fmt: skip
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("SFT masking needs a fast tokenizer (with offset mapping)")
     enc = tokenizer(text, add_special_tokens=template is not None, return_offsets_mapping=True)
