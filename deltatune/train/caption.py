@@ -39,6 +39,7 @@ from ..config import ConfigError
 from ..data.images import ImageRow, check, check_inside, image_value, open_rgb, pixel_values, read_image_rows
 from ..data.load import DataError, Row, read_rows
 from ..data.sample import IMAGE_MARKER, Message, place_images
+from ..data.tasks import split_off
 from ..data.templates import IGNORE_INDEX
 from ..loss import shifted_token_loss
 from . import metrics as M
@@ -281,11 +282,13 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     processor.template = d.template
     notes: list[str] = []
     splits: list[VLMDataset | None] = []
-    for split, spec in (("train", d.train), ("eval", d.eval)):
-        if not spec:
+    # data.val_size: the eval rows held out of data.train with train.seed, as cls / tag / seq2seq hold theirs
+    train_examples, held = split_off(vlm_examples(d.train, cfg), d.val_size, cfg.train.seed, bool(d.eval))
+    for split, read in (("train", train_examples), ("eval", vlm_examples(d.eval, cfg) if d.eval else held)):
+        if not read:
             splits.append(None)
             continue
-        examples, encoded, cut, modes = vlm_examples(spec, cfg), [], 0, Counter()
+        examples, encoded, cut, modes = read, [], 0, Counter()
         for ex in examples:
             ids, labels, was_cut, stored = encode_vlm(processor, ex, d.max_length, d.truncation)
             encoded.append((ids, labels))
@@ -300,6 +303,8 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     train, ev = splits
     images = sum(len(e.images) for e in train.examples)
     notes.insert(0, f"{len(train)} training rows with {images} images; image token {processor.image_token!r}")
+    if held is not None:
+        notes.insert(1, f"data.val_size: {len(held)} of the train file's rows held out for evaluation")
     if ev is not None:
         notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {min(len(ev), EVAL_CAPTIONS)} rows")
     collator = functools.partial(collate_vlm, pad_token_id=processor.pad_token_id)
@@ -323,9 +328,12 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
     def read(spec: str) -> list[ImageRow]:
         return read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
 
-    train_rows = read(d.train)
-    eval_rows = read(d.eval) if d.eval else None
+    # data.val_size: the eval rows held out of data.train with train.seed, as cls / tag / seq2seq hold theirs
+    train_rows, held = split_off(read(d.train), d.val_size, cfg.train.seed, bool(d.eval))
+    eval_rows = read(d.eval) if d.eval else held
     notes = [f"{len(train_rows)} training images with captions"]
+    if held is not None:
+        notes.append(f"data.val_size: {len(held)} of the train file's images held out for evaluation")
     for split, rows in (("train", train_rows), ("eval", eval_rows or [])):
         for mode, count in sorted(check(rows).items()):
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")

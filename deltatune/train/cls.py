@@ -29,6 +29,10 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
     problem = _problem(cfg, [*train_rows, *(eval_rows or [])])
+    if problem != "regression":
+        rows = [*train_rows, *(eval_rows or [])]
+        values = [label_list(r, d.label_column) if problem == "multi_label" else [r.get(d.label_column)] for r in rows]
+        check_bool_labels([(r.source, v) for r, vs in zip(rows, values) for v in vs], d.label_column, d.labels)
     if problem == "regression":
         if d.labels:  # classes for a head of one output: a recipe that means one thing and asks for another
             raise ConfigError(
@@ -103,6 +107,26 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         notes=notes,
         trainer_class=partial(FloatTargetTrainer, loss=loss) if loss else TokenLossTrainer,
     )
+
+
+def check_bool_labels(labelled: list[tuple[str, Any]], column: str, labels: list | None) -> None:
+    """Refuse a label true / false among classes named by numbers (``labels``, else the other labels seen): Python's
+    True == 1 would make it the class "1" silently, its text "True" a class of its own, and datasets reads no such
+    JSON column (a column mixing numbers and booleans loads as arrow's json type, which run_glue's ``unique`` cannot
+    sort). A column of booleans only is the classes False and True; beside class names a boolean reads as its text.
+
+    Raises:
+        DataError: the first such row, named.
+    """
+    bools = [(source, v) for source, v in labelled if isinstance(v, bool)]
+    named = list(labels) if labels else [v for _, v in labelled if not isinstance(v, bool)]
+    if bools and named and all(class_id(v) is not None for v in named):
+        (source, value), ids = bools[0], sorted({class_id(v) for v in named})  # type: ignore[type-var]
+        shown = ", ".join(map(str, ids[:4])) + (", ..." if len(ids) > 4 else "")
+        raise DataError(
+            f"{source}: label {str(value).lower()} in column {column!r} is a boolean, but the classes are named by "
+            f"numbers ({shown}); write the class it means as its number"
+        )
 
 
 def _problem(cfg: RunConfig, rows) -> str:

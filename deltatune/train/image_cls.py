@@ -214,6 +214,10 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         raise ConfigError(f"data.augment: unknown augmentation {bad[0]!r}; choose from {', '.join(AUGMENTATIONS)}")
     train_rows = read_image_rows(d.train, d.image_column, d.label_column, d.limit, d.allow_outside)
     eval_rows = read_image_rows(d.eval, d.image_column, d.label_column, d.limit, d.allow_outside) if d.eval else None
+    if not os.path.isdir(d.train):  # (a folder's classes are its sub-folders' names)
+        from .cls import check_bool_labels
+
+        check_bool_labels([(r.source, r.label) for r in [*train_rows, *(eval_rows or [])]], d.label_column, d.labels)
     names, mapping = class_names(train_rows, d.labels, os.path.isdir(d.train), d.label_column)
     if len(names) < 2:
         where = "sub-folder" if os.path.isdir(d.train) else "label"

@@ -1,0 +1,163 @@
+"""Probe 15 of the caption / cls / tag / seq2seq / image_cls stages against datasets and transformers' example
+scripts (run_glue, run_ner, run_summarization): caption's data.val_size held out as datasets'
+``train_test_split(seed=train.seed)`` holds it out (and ``deltatune eval`` scoring the same rows), a bool label among
+classes named by numbers refused in one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deltatune.data.load import DataError
+from deltatune.train.config import build
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "vision"))
+
+CAPTIONS = [f"a handwritten {w} thin strokes" for w in ("zero", "one", "two", "three", "four", "five")]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    """A tiny ViT + GPT-2 captioner, a tiny LLaVA, six grayscale images and their caption rows."""
+    from tiny_vlm import save_vlm
+
+    from deltatune.data import digits
+
+    out = tmp_path_factory.mktemp("captions15")
+    digits.init_captioner(str(out / "model"), hidden=32, layers=1, image_size=8)
+    save_vlm(out / "llava", "llava")
+    rng = np.random.default_rng(0)
+    for i in range(len(CAPTIONS)):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(out / f"{i}.png")
+    _jsonl(out / "train.jsonl", [{"image": f"{i}.png", "text": c} for i, c in enumerate(CAPTIONS)])
+    return out
+
+
+def _held_out_by_datasets(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """The (train, test) row numbers of datasets' train_test_split, the reference of data.val_size."""
+    import datasets
+
+    split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=val_size, seed=seed)
+    return split["train"]["i"], split["test"]["i"]
+
+
+@pytest.mark.parametrize("model", ["model", "llava"])
+def test_caption_holds_out_val_size_as_datasets_train_test_split(captions, model):
+    """HEAD read no data.val_size on stage caption: no eval set, every row trained. Now the rows held out are
+    datasets' train_test_split's test rows, in its order, for the encoder-decoder and the VLM path alike."""
+    from deltatune.train.caption import prepare_caption
+    from deltatune.train.models import load_processor
+
+    seed = 3
+    cfg = build({"stage": "caption", "model": {"name_or_path": str(captions / model)},
+                 "data": {"train": str(captions / "train.jsonl"), "val_size": 0.5}, "train": {"seed": seed}})  # fmt: skip
+    prepared = prepare_caption(cfg, load_processor(str(captions / model), "caption"))
+    train, test = _held_out_by_datasets(len(CAPTIONS), 0.5, seed)
+
+    def lines(dataset) -> list[int]:
+        rows = dataset.rows if hasattr(dataset, "rows") else dataset.examples
+        return [int(r.source.rsplit(":", 1)[1]) - 1 for r in rows]
+
+    assert prepared.eval is not None and lines(prepared.eval) == test and lines(prepared.train) == train
+    assert any("data.val_size: 3 of the train file's" in n for n in prepared.notes), prepared.notes
+
+
+def test_caption_eval_of_a_val_size_run_scores_the_held_out_rows(captions, tmp_path, capsys):
+    """``deltatune eval`` of a caption run trained with data.val_size (no --data) holds the same rows out again:
+    its eval loss is the run's final eval loss (HEAD: 'no evaluation data: pass --data FILE')."""
+    from deltatune.cli import main
+    from deltatune.train.evaluation import evaluate
+
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes" / "digits-caption.yaml"), f"model.name_or_path={captions / 'model'}",
+            f"data.train={captions / 'train.jsonl'}", "data.eval=null", "data.val_size=2", f"output.dir={run}",
+            "train.max_steps=2", "train.report_to=[none]", "train.batch_size=2", "train.seed=5"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    trained = json.loads((run / "metrics.json").read_text())
+    again = evaluate(str(run))
+    assert abs(again["eval_loss"] - trained["eval_loss"]) < 1e-6, (again, trained)
+    assert again["eval_bleu"] == trained["eval_bleu"] and again["eval_rougeL"] == trained["eval_rougeL"]
+
+
+def _cls_cfg(tmp_path: Path, values: list, eval_labels: list | None = None, **data):
+    train = _jsonl(tmp_path / "train.jsonl", [{"text": f"row {i}", "label": v} for i, v in enumerate(values)])
+    ev = {}
+    if eval_labels is not None:
+        ev = {"eval": str(_jsonl(tmp_path / "eval.jsonl", [{"text": "e", "label": v} for v in eval_labels]))}
+    return build({"stage": "cls", "model": {"name_or_path": "unused"}, "data": {"train": str(train), **ev, **data}})
+
+
+@pytest.mark.parametrize(
+    "labels, eval_labels, given, line",
+    [
+        ([0, 1, True], None, None, "train.jsonl:3"),  # HEAD: three classes '0', '1', 'True'
+        ([0, 1, 2], [1, False], None, "eval.jsonl:2"),  # HEAD: scored as class 0
+        ([1, 2, 1], [True], ["1", "2"], "eval.jsonl:1"),  # HEAD: True == 1, the class "1" (id 0)
+        ([[0], [1, True]], None, None, "train.jsonl:2"),  # multi-label: HEAD made 'True' a class
+    ],
+)
+def test_a_boolean_among_classes_named_by_numbers_is_refused_naming_the_row(
+    tmp_path, labels, eval_labels, given, line
+):
+    """No reference number to match (the next test): the row is refused in one line."""
+    from deltatune.train.cls import prepare_cls
+
+    cfg = _cls_cfg(tmp_path, labels, eval_labels, labels=given)
+    with pytest.raises(DataError) as err:
+        prepare_cls(cfg, _Tok())
+    assert str(err.value).startswith(f"{tmp_path / line}: label ") and "is a boolean" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_datasets_reads_no_json_column_mixing_numbers_and_booleans(tmp_path):
+    """run_glue reads its classes through datasets (``raw_datasets["train"].unique("label")``), whose JSON loader
+    keeps such a column as arrow's json type, which ``unique`` cannot sort: run_glue stops there."""
+    import datasets
+
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": True}])
+    ds = datasets.load_dataset("json", data_files=str(mixed), split="train", cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(Exception, match="unique"):  # noqa: B017 (arrow's ArrowNotImplementedError)
+        ds.unique("label")
+
+
+def test_booleans_alone_or_beside_names_stay_classes(tmp_path):
+    """Only booleans: the classes False and True (run_glue's sorted [False, True]); beside names a boolean is its
+    text, and with data.labels [neg, pos] True is pos (unchanged)."""
+    from deltatune.train.cls import prepare_cls
+
+    prepared = prepare_cls(_cls_cfg(tmp_path, [True, False, True]), _Tok())
+    assert prepared.labels == ["False", "True"] and [e["labels"] for e in prepared.train] == [1, 0, 1]
+    prepared = prepare_cls(_cls_cfg(tmp_path, ["neg", True, "neg"], labels=["neg", "pos"]), _Tok())
+    assert [e["labels"] for e in prepared.train] == [0, 1, 0]
+
+
+def test_image_cls_refuses_a_boolean_among_number_classes(tmp_path):
+    from deltatune.train.image_cls import prepare_image_cls
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    train = _jsonl(tmp_path / "t.jsonl", [{"image": "a.png", "label": v} for v in (0, 1, False)])
+    cfg = build({"stage": "image_cls", "model": {"name_or_path": "unused"}, "data": {"train": str(train)}})
+    with pytest.raises(DataError, match=r"t\.jsonl:3: label false in column 'label' is a boolean"):
+        prepare_image_cls(cfg, None)
+
+
+class _Tok:
+    """A whitespace tokenizer: enough for prepare_cls's encoding."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, pair=None, **kwargs):
+        ids = [len(w) for w in f"{text} {pair or ''}".split()]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
