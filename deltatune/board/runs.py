@@ -10,6 +10,7 @@ the listing, and every path is resolved (symlinks included) and checked to lie i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import math
@@ -44,7 +45,15 @@ STALE_S = 600.0
 """A run with no metrics.json whose files have not changed for this long is taken as stopped (failed)."""
 
 
-_LOGS: dict[str, tuple[tuple[int, int], int, bytes, list[dict[str, Any]]]] = {}
+MAX_LINE = 1 << 20
+"""A log line longer than this (1 MiB; a trainer's row is a few hundred bytes) is no row: skipped, and while it is the
+unterminated last line, not read again on each poll."""
+REPORT_MAX = 1 << 20
+"""The most bytes of a run's ``report.md`` the page is sent (a report is a few KB); a longer one is cut, saying so."""
+
+
+_LOGS: dict[str, _Log] = {}
+_REPORTS: dict[str, tuple[tuple[int, int, int, int, int], str]] = {}
 _RECIPES: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}  # callers copy (_finite), never change
 _LOGS_LOCK = threading.Lock()
 
@@ -153,40 +162,72 @@ def history(folder: str) -> list[dict[str, Any]]:
     return []
 
 
+@dataclasses.dataclass
+class _Log:
+    """What is known of a log file from its last read: where its whole lines end (``offset``), the bytes before
+    that (``last``: the file is still the one read while they are where they were), their rows, how far it was read
+    (``seen``) and the unterminated line after ``offset`` (``tail``, None once past ``MAX_LINE``: skipped to its
+    end) with its row, if it parses (``tail_rows``)."""
+
+    ident: tuple[int, int]
+    offset: int = 0
+    last: bytes = b""
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    seen: int = 0
+    tail: bytes | None = b""
+    tail_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
 def _log_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of a log file, parsing only what was appended since the last read (a page polls every second; a
-    100,000-line log took a second to parse each time). The cache is dropped when the file is another one, shorter,
-    or its last read line is no longer where it was (a run restarted, or resumed, rewrites the log)."""
+    """The rows of a log file, reading only the bytes appended since the last read (a page polls every second; a
+    100,000-line log took a second to parse each time, and an unterminated last line was read and parsed again on
+    every poll: a 50 MB one, 50 MB a second). The cache is dropped when the file is another one, shorter, or its
+    last read line is no longer where it was (a run restarted, or resumed, rewrites the log)."""
     try:
         with open(path, "rb") as fh:
             info = os.fstat(fh.fileno())
             if not stat.S_ISREG(info.st_mode):
                 return []
             with _LOGS_LOCK:
-                ident, offset, last, rows = _LOGS.get(path, ((-1, -1), 0, b"", []))
-            if ident != (info.st_dev, info.st_ino) or offset > info.st_size:
-                offset, last, rows = 0, b"", []
-            fh.seek(offset - len(last))
-            if fh.read(len(last)) != last:
-                offset, last, rows = 0, b"", []
-                fh.seek(0)
+                log = _LOGS.get(path)
+            if log is None or log.ident != (info.st_dev, info.st_ino) or log.seen > info.st_size:
+                log = _Log((info.st_dev, info.st_ino))
+            fh.seek(log.offset - len(log.last))
+            if fh.read(len(log.last)) != log.last:
+                log = _Log((info.st_dev, info.st_ino))
+            if log.seen == info.st_size:  # nothing new: not even the unterminated last line is read again
+                return log.rows + log.tail_rows
+            fh.seek(log.seen)
             data = fh.read()
     except OSError:
         return []
-    end = data.rfind(b"\n") + 1  # whole lines only are kept; a last line without its newline is read each time
-    rows = rows + _parse(data[:end])
-    if end:
-        with _LOGS_LOCK:
-            if len(_LOGS) >= 16:  # many runs open in turn: the oldest cached log is let go
-                _LOGS.pop(next(iter(_LOGS)))
-            _LOGS[path] = ((info.st_dev, info.st_ino), offset + end, data[max(0, end - 256) : end], rows)
-    return rows + _parse(data[end:])
+    start, buf, last, cut = log.offset, (log.tail or b"") + data, log.last, 0  # buf: the file from start on
+    if log.tail is None:  # inside a line past MAX_LINE: its rest is skipped up to its newline, unread after
+        cut = data.find(b"\n") + 1
+        start, buf, last = (log.seen + cut, data[cut:], data[max(0, cut - 256) : cut]) if cut else (start, b"", last)
+    end = buf.rfind(b"\n") + 1  # whole lines are kept; the last line without its newline is kept apart
+    rest = buf[end:]
+    tail = None if log.tail is None and not cut or len(rest) > MAX_LINE else rest
+    log = _Log(
+        log.ident,
+        offset=start + end,
+        last=buf[max(0, end - 256) : end] if end else last,
+        rows=log.rows + _parse(buf[:end]),
+        seen=log.seen + len(data),
+        tail=tail,
+        tail_rows=[] if tail is None else _parse(tail),
+    )
+    with _LOGS_LOCK:
+        if path not in _LOGS and len(_LOGS) >= 16:  # many runs open in turn: the oldest cached log is let go
+            _LOGS.pop(next(iter(_LOGS)))
+        _LOGS[path] = log
+    return log.rows + log.tail_rows
 
 
 def _parse(data: bytes) -> list[dict[str, Any]]:
     rows = []
     for line in data.decode("utf-8", errors="replace").splitlines():  # bad bytes: a line skipped
-        row = _row(line)
+        row = _row(line) if len(line) <= MAX_LINE else None  # (a line past MAX_LINE is no log row)
         if isinstance(row, dict):
             rows.append(_finite(row))
     return rows
@@ -349,16 +390,35 @@ def detail(root: str, name: str, points: int = MAX_POINTS) -> dict[str, Any] | N
     assert folder is not None
     metrics = _read_json(_in(folder, "metrics.json"))
     rows = history(folder)
-    try:
-        with open(_in(folder, "report.md"), "rb") as fh:
-            report = fh.read().decode("utf-8", errors="replace")  # a stray byte: shown as U+FFFD, as in the log
-    except OSError:
-        report = None
     return {
         **row,
         "recipe": _finite(_read_yaml(_in(folder, RUN_FILE)) or {}),
         "all_metrics": _finite(metrics) if isinstance(metrics, dict) else {},
         "history": downsample(rows, points),
         "history_rows": len(rows),
-        "report": report,
+        "report": _report(_in(folder, "report.md")),
     }
+
+
+def _report(path: str) -> str | None:
+    """A run's ``report.md``, read again only when the file changes (a page polls every second; it was read whole
+    each time), at most its first ``REPORT_MAX`` bytes (then a last line says how long it is); None when missing."""
+    try:
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            with _LOGS_LOCK:
+                cached = _REPORTS.get(path)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            data = fh.read(REPORT_MAX + 1)
+    except OSError:
+        return None
+    report = data[:REPORT_MAX].decode("utf-8", errors="replace")  # a stray byte: shown as U+FFFD, as in the log
+    if len(data) > REPORT_MAX:
+        report += f"\n\n*(report.md holds {info.st_size:,} bytes; the board shows its first {REPORT_MAX:,})*\n"
+    with _LOGS_LOCK:
+        if path not in _REPORTS and len(_REPORTS) >= 64:
+            _REPORTS.pop(next(iter(_REPORTS)))
+        _REPORTS[path] = (key, report)
+    return report

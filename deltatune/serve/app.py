@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
-from .fields import Limits, _asks_nothing, bad_words_ids, choices_of, flag, to_request
+from .fields import Limits, _asks_nothing, bad_words_ids, choices_of, flag, lax_numbers, to_request
 from .guard import refusal
 from .logprob_names import logprobs_json, prompt_logprobs_json
 from .prompts import _chat_ids, _prompt_ids, _rendering, _utf8
@@ -116,7 +116,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
-        body = await _body(http)
+        body = lax_numbers(await _body(http), chat=True)  # vLLM's pydantic reading
         model = _served(body)  # a 404 before the messages are read, as vLLM checks the model first
         template = engine.templates.get(model)  # the run's data.template
         rendering = _rendering(body, template)
@@ -128,7 +128,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        body = await _body(http)
+        body = lax_numbers(await _body(http), chat=False)
         _served(body)
         special = flag(body, "add_special_tokens") if body.get("add_special_tokens") is not None else True
         prompts = body.get("prompt")  # one, or a batch: a list of strings or of token id lists

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Any
 
 from .engine import Request, RequestError
@@ -119,15 +120,58 @@ def _min_tokens(body: dict, max_tokens: int, key: str) -> int:
     return n or 0
 
 
-_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+_MAX_TEMP = 1e-2  # vLLM's SamplingParams._MAX_TEMP: a temperature in (0, 0.01) is raised to it
 
 
 def _temperature(body: dict) -> float | None:
-    """The request's temperature (None: the generation config's, ``default_temperature``); below 1e-5 it samples as
-    greedy (as vLLM does): logits / 1e-300 overflow. Above float32's largest number (the logits' type) it is a 400:
-    it would turn into inf there, and a masked token's -inf / inf into NaN."""
-    t = _number(body, "temperature", None, 0.0, _FLOAT32_MAX)  # no bound of 2, as vLLM (OpenAI's API: up to 2)
-    return t if t is None or t >= 1e-5 else 0.0
+    """The request's temperature (None: the generation config's, ``default_temperature``), in [0, 2] as vLLM's
+    SamplingParams checks it (and OpenAI's API): 0 is greedy, and one in (0, 0.01) samples at 0.01, as vLLM raises it
+    (logits / 1e-300 overflow to inf and NaN)."""
+    t = _number(body, "temperature", None, 0.0, 2.0)
+    return t if not t else max(t, _MAX_TEMP)
+
+
+# vLLM's request models are pydantic in lax mode: a numeric string is the number it spells, each field read as vLLM
+# types it (a float: "0.5", " 1e3 ", "inf"; an int: "16", "16.00", or a whole float, 16.0, within int64); anything
+# else stays as sent, for the field's own check to refuse. True and false in a number field stay refused, where
+# pydantic reads them as 1 and 0: a client bug, not a count.
+_FLOATS = "temperature top_p min_p frequency_penalty presence_penalty repetition_penalty length_penalty".split()  # noqa: SIM905
+_INTS = "max_tokens max_completion_tokens n seed top_k min_tokens truncate_prompt_tokens prompt_logprobs".split()  # noqa: SIM905
+_INT_TEXT = re.compile(r"[+-]?[0-9](?:_?[0-9])*(?:\.0+)?")  # pydantic's int from a string: "16.0" yes, "16." no
+
+
+def lax_numbers(body: dict, chat: bool) -> dict:
+    """The body with its numeric fields read as vLLM's pydantic models read them (lax mode): numeric strings, and
+    whole floats for integer fields, become numbers; every other value is left for its field's check (a 400).
+    ``chat``: a chat's ``logprobs`` is a flag and its ``top_logprobs`` a count; a completion's ``logprobs`` a count."""
+    out = dict(body)
+    for key in [*_INTS, "top_logprobs" if chat else "logprobs"]:
+        if key in out:
+            out[key] = _lax_int(out[key])
+    for key in _FLOATS:
+        if isinstance(out.get(key), str):
+            out[key] = _lax_float(out[key])
+    for key in ("stop_token_ids", "allowed_token_ids"):  # vLLM's list[int]: each id as an int field reads it
+        if isinstance(out.get(key), list):
+            out[key] = [_lax_int(t) for t in out[key]]
+    return out
+
+
+def _lax_float(value: str) -> float | str:
+    """pydantic's lax float of a string (surrounding blanks dropped; "inf" and "nan" too), else the string."""
+    if value.isascii():
+        with contextlib.suppress(ValueError):
+            return float(value.strip() or "x")
+    return value
+
+
+def _lax_int(value: Any) -> Any:
+    """pydantic's lax int of a string or a whole float within int64, else the value as sent."""
+    if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
+        return int(value)
+    if isinstance(value, str) and value.isascii() and _INT_TEXT.fullmatch(value.strip()):
+        return int(value.strip().partition(".")[0])
+    return value
 
 
 def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, chat: bool = True) -> Request:
