@@ -224,7 +224,7 @@ def test_eval_accumulation_steps_is_passed_and_scores_alike(tiny_cls, tmp_path):
     ("key", "why"),
     [
         ("save_only_model", "a checkpoint keeps the optimizer, schedule and RNG states, which --resume reads"),
-        ("group_by_length", "batches are drawn in the data's shuffled order"),
+        ("group_by_length", "transformers 5 names it train_sampling_strategy"),
         ("average_tokens_across_devices", "a step's loss is a mean over every process's label tokens"),
         ("logging_strategy", "train.logging_steps sets the steps between logs"),
     ],

@@ -55,6 +55,15 @@ def check_loggers(report_to: list[str]) -> None:
 
     installed = set(get_available_reporting_integrations())
     for name in report_to:
+        if not isinstance(name, str):
+            raise ConfigError(f"train.report_to: a logger is a name (tensorboard, wandb, ...), got {name!r}")
+    alone = [name for name in ("none", "all") if name in report_to]
+    if alone and len(report_to) > 1 or len(set(report_to)) < len(report_to):
+        # (the Trainer's ValueError, "all is not supported", came as a traceback once the model had loaded; none
+        # beside a logger left it on)
+        why = f"{alone[0]} stands alone" if alone and len(report_to) > 1 else "each logger once"
+        raise ConfigError(f"train.report_to {report_to}: {why} (none: no logger; all: every one installed)")
+    for name in report_to:
         if name in ("none", "all"):
             continue
         if name not in INTEGRATION_TO_CALLBACK:

@@ -51,6 +51,10 @@ class TrainArgs:
     save_total_limit: int | None = _f(2, "Keep the last K checkpoints (null: keep every one, the Trainer's default).")
     report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
     num_workers: int = _f(0, "DataLoader worker processes.")
+    train_sampling_strategy: str = _f("random", "The order of the training rows, as TrainingArguments' "
+                                      "train_sampling_strategy: random, sequential (the data's order), "
+                                      "group_by_length (transformers' LengthGroupedSampler: rows of like length in a "
+                                      "batch; transformers 4's group_by_length) or batch_rebalance.")  # fmt: skip
     dataloader_drop_last: bool = _f(False, "Drop each epoch's last incomplete batch (TrainingArguments' key).")
     dataloader_pin_memory: bool = _f(True, "Pin the batches' memory for the GPU copy (TrainingArguments' key).")
     load_best_model_at_end: bool = _f(False, "After training, load the checkpoint with the best evaluation (kept by "
@@ -150,6 +154,7 @@ def validate_train(cfg: Any) -> None:
             raise ConfigError(f"train.save_steps: {cfg.stage}'s own loop takes a whole number of steps, got {value}")
         setattr(t, key, int(value) if value >= 1 else float(value))
     _check_warmup(t)
+    _check_sampling(cfg)
     if t.eval_accumulation_steps is not None and t.eval_accumulation_steps < 1:
         raise ConfigError(f"train.eval_accumulation_steps must be >= 1 (or null), got {t.eval_accumulation_steps}")
     if t.metric_for_best_model is not None and not t.metric_for_best_model.strip():
@@ -173,6 +178,38 @@ def _check_warmup(t: TrainArgs) -> None:
                               f"train.warmup_ratio ({t.warmup_ratio}) is: give one of them")  # fmt: skip
         t.warmup_ratio, t.warmup_steps = float(t.warmup_steps), 0
     t.warmup_steps = int(t.warmup_steps)
+
+
+SAMPLING = ("random", "sequential", "group_by_length", "batch_rebalance")  # (TrainingArguments' choices)
+BY_LENGTH = ("pt", "sft", "cls", "tag", "seq2seq")
+"""The stages whose training rows hold ``input_ids``, which the Trainer's length samplers count a row's length by."""
+
+
+def _check_sampling(cfg: Any) -> None:
+    """``train_sampling_strategy``: one of the Trainer's; the length samplers only where the Trainer can count a row's
+    length (a pair row's tokens are under chosen and rejected: its ValueError came when training started). Stage kto
+    as TRL's KTOTrainer: its KL term pairs each row with the batch's others, so only apo_zero_unpaired (no KL) takes
+    them. A stage with its own loop orders its prompts by train.seed."""
+    t, stage = cfg.train, cfg.stage
+    if t.train_sampling_strategy not in SAMPLING:
+        raise ConfigError(f"train.train_sampling_strategy must be one of {', '.join(SAMPLING)}, got "
+                          f"{t.train_sampling_strategy!r}")  # fmt: skip
+    if t.train_sampling_strategy == "random":
+        return
+    if STAGES[stage].loop:
+        raise ConfigError(
+            f"train.train_sampling_strategy: {stage}'s own loop draws its prompts by train.seed; drop it"
+        )
+    if t.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
+        return
+    if stage == "kto" and cfg.align.loss_type != "apo_zero_unpaired":
+        raise ConfigError(f"train.train_sampling_strategy {t.train_sampling_strategy}: stage kto's KL term pairs each "
+                          "row with its batch's others (TRL's KTOTrainer refuses it too); use align.loss_type "
+                          "apo_zero_unpaired, or drop it")  # fmt: skip
+    if stage not in (*BY_LENGTH, "kto"):
+        raise ConfigError(f"train.train_sampling_strategy {t.train_sampling_strategy} groups rows by their input_ids' "
+                          f"length, and stage {stage}'s rows have none (the Trainer's ValueError, as under TRL); "
+                          f"stages: {', '.join(BY_LENGTH)}, kto (apo_zero_unpaired)")  # fmt: skip
 
 
 def _check_best(cfg: Any) -> None:
@@ -253,7 +290,10 @@ def check_best_metric(cfg: Any, headline: str | None) -> None:
 UNBUILT = {k: f"{k} (TrainingArguments') is not a recipe key: {v}" for k, v in (
     ("logging_strategy", "train.logging_steps sets the steps between logs (a fraction < 1: of the run's steps)"),
     ("save_only_model", "a checkpoint keeps the optimizer, schedule and RNG states, which --resume reads; drop it"),
-    ("group_by_length", "batches are drawn in the data's shuffled order; drop it"),
+    ("group_by_length", "transformers 5 names it train_sampling_strategy: set train.train_sampling_strategy: "
+     "group_by_length"),
+    ("length_column_name", "each row's length is counted from its input_ids (deltatune's rows keep no other column, "
+     "as the Trainer counts them without one); drop it"),
     ("include_num_input_tokens_seen", "every text stage counts its non-padding tokens (num_input_tokens_seen in "
      "the log); drop it"),
     ("average_tokens_across_devices", "a step's loss is a mean over every process's label tokens (the Trainer's "

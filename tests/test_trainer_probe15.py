@@ -1,0 +1,138 @@
+"""Probe 15 of the training loop against transformers 5.25's Trainer: train_sampling_strategy (transformers 4's
+group_by_length) and a report_to the Trainer refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_trainer_probe11 import files, recipe  # noqa: F401  (files: the module's fixture, a tiny llama and rows)
+from test_trainer_probe14 import reference
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from deltatune.config import ConfigError
+from deltatune.train import build, train
+
+
+def _rows(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_the_length_stages_are_those_whose_rows_the_trainers_sampler_counts(files, tmp_path):  # noqa: F811
+    """BY_LENGTH (where train_sampling_strategy group_by_length is taken) against each stage's prepared rows: the
+    Trainer's LengthGroupedSampler counts a row of pt, sft, cls, tag, seq2seq and kto by its input_ids; a pair row
+    (rm, dpo, and orpo, simpo, cpo's) holds its tokens under chosen and rejected, the Trainer's ValueError."""
+    from deltatune.train.config_train import BY_LENGTH
+    from deltatune.train.models import load_processor
+    from deltatune.train.table import prepare
+
+    tok = load_processor(files["model"], "sft")
+    pairs = _rows(tmp_path / "p.jsonl", [{"prompt": "a b", "chosen": "c d e", "rejected": "f"}] * 2)
+    data = {
+        "pt": _rows(tmp_path / "t.jsonl", [{"text": "a b c d " * 20}]),
+        "sft": files["sft"],
+        "cls": _rows(tmp_path / "c.jsonl", [{"text": "a b c", "label": "x"}, {"text": "a", "label": "y"}]),
+        "tag": _rows(tmp_path / "g.jsonl", [{"tokens": ["a", "b"], "ner_tags": ["B-X", "O"]}] * 2),
+        "seq2seq": _rows(tmp_path / "s.jsonl", [{"source": "a b c", "target": "d"}, {"source": "a", "target": "e f"}]),
+        "kto": _rows(tmp_path / "k.jsonl", [{"prompt": "a", "completion": "b c", "label": True},
+                                            {"prompt": "d e", "completion": "f", "label": False}]),
+        "rm": pairs, "dpo": pairs,
+    }  # fmt: skip
+    counted = []
+    for stage, path in data.items():
+        prepared = prepare(build({"stage": stage, "data": {"train": path, "max_length": 32}}), tok)
+        try:
+            lengths = LengthGroupedSampler(2, dataset=prepared.train).lengths
+        except ValueError as exc:
+            assert "input_ids" in str(exc), (stage, exc)
+            continue
+        assert lengths == [len(prepared.train[i]["input_ids"]) for i in range(len(prepared.train))]
+        counted.append(stage)
+    assert counted == [*BY_LENGTH, "kto"]
+
+
+@pytest.mark.xfail(strict=True, reason="run.py passes train.train_sampling_strategy to TrainingArguments (the report's "
+                   "diff): drop this mark with it")  # fmt: skip
+def test_group_by_length_batches_the_rows_as_the_trainer(files, tmp_path):  # noqa: F811
+    """train_sampling_strategy group_by_length (transformers 4's group_by_length, refused as unknown): the run trains on
+    the Trainer's LengthGroupedSampler order for the same seed, so its adapter is the Trainer's; that order is not the
+    random one (the test can tell)."""
+    from safetensors.torch import load_file
+
+    raw = recipe(files, tmp_path / "ours", max_steps=2, train_sampling_strategy="group_by_length")
+    train(build(raw))
+    adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    trainer, ref = reference(build(raw), tmp_path / "ref", train_sampling_strategy="group_by_length")
+    diff = max((adapter[k] - ref[k]).abs().max().item() for k in ref)
+    assert diff < 1e-5, diff
+    grouped = list(trainer._get_train_sampler())
+    trainer.args.train_sampling_strategy = "random"
+    assert grouped != list(trainer._get_train_sampler())
+
+
+@pytest.mark.parametrize(
+    ("stage", "keys", "says"),
+    [
+        ("sft", {"train_sampling_strategy": "by_length"}, r"^train.train_sampling_strategy must be one of random, "
+         r"sequential, group_by_length, batch_rebalance, got 'by_length'$"),
+        ("dpo", {"train_sampling_strategy": "group_by_length"}, r"^train.train_sampling_strategy group_by_length "
+         r"groups rows by their input_ids' length, and stage dpo's rows have none \(the Trainer's ValueError, as "
+         r"under TRL\); stages: pt, sft, cls, tag, seq2seq, kto \(apo_zero_unpaired\)$"),
+        ("image_cls", {"train_sampling_strategy": "batch_rebalance"}, r"^train.train_sampling_strategy "
+         r"batch_rebalance groups rows by their input_ids' length, and stage image_cls's rows have none"),
+        ("kto", {"train_sampling_strategy": "group_by_length"}, r"^train.train_sampling_strategy group_by_length: "
+         r"stage kto's KL term pairs each row with its batch's others \(TRL's KTOTrainer refuses it too\)"),
+        ("grpo", {"train_sampling_strategy": "sequential"}, r"^train.train_sampling_strategy: grpo's own loop draws "
+         r"its prompts by train.seed; drop it$"),
+        ("sft", {"group_by_length": True}, r"^unknown key 'train.group_by_length' in recipe: group_by_length "
+         r"\(TrainingArguments'\) is not a recipe key: transformers 5 names it train_sampling_strategy: set "
+         r"train.train_sampling_strategy: group_by_length$"),
+        ("sft", {"length_column_name": "n"}, r"^unknown key 'train.length_column_name' in recipe: length_column_name "
+         r"\(TrainingArguments'\) is not a recipe key: each row's length is counted from its input_ids"),
+    ],
+)  # fmt: skip
+def test_a_sampling_strategy_a_stage_cannot_take_is_one_line(stage, keys, says):
+    with pytest.raises(ConfigError, match=says):
+        build({"stage": stage, "data": {"train": "t.jsonl"}, "train": keys})
+
+
+def test_the_sampling_strategies_a_stage_takes_pass():
+    for stage, keys in (("sft", {}), ("cls", {}), ("dpo", {}), ("grpo", {}), ("dpo", {"loss_type": "sigmoid"})):
+        for strategy in ("random", "sequential", "group_by_length"):
+            if strategy != "random" and stage == "grpo" or strategy == "group_by_length" and stage == "dpo":
+                continue
+            assert build({"stage": stage, "train": {"train_sampling_strategy": strategy}, "align": keys})
+    kto = {"stage": "kto", "align": {"loss_type": "apo_zero_unpaired"}}
+    assert build({**kto, "train": {"train_sampling_strategy": "group_by_length"}}).train.train_sampling_strategy
+
+
+@pytest.mark.parametrize(
+    ("report_to", "says"),
+    [
+        (["tensorboard", "all"], r"^train.report_to \['tensorboard', 'all'\]: all stands alone \(none: no logger; "
+         r"all: every one installed\)$"),
+        (["none", "tensorboard"], r"^train.report_to \['none', 'tensorboard'\]: none stands alone"),
+        (["tensorboard", "tensorboard"], r"^train.report_to \['tensorboard', 'tensorboard'\]: each logger once"),
+    ],
+)  # fmt: skip
+def test_a_report_to_the_trainer_refuses_is_one_line_and_nothing_is_written(
+    files,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    report_to,
+    says,
+):
+    """The Trainer refuses all or none beside a logger ("all is not supported", a ValueError once the model had
+    loaded: deltatune dropped none and passed the rest on), and writes a duplicate's events twice: one line naming
+    train.report_to before the model loads, and no output folder."""
+    import deltatune.train.run as run
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(run, "start_model", loaded)
+    raw = recipe(files, tmp_path / "out", report_to=report_to)
+    with pytest.raises(ConfigError, match=says):
+        train(build(raw))
+    assert not (tmp_path / "out").exists()
