@@ -20,6 +20,9 @@ The implicit rewards are beta (log pi - log ref) of each response. The reference
 adapter switched off (``DeltaModel.disable_adapter``) and no dropout, so it costs no second copy of the weights; with
 ``align.precompute_ref`` (TRL's name: ``precompute_ref_log_probs``) its log-probs are computed once before training
 instead of at every step.
+``align.sync_ref_model`` (TR-DPO, Gorbatovski et al. 2024, arXiv:2404.09656; TRL's keys): with a method that trains the
+base in place the reference is a frozen copy of the starting policy, mixed toward it every ``ref_model_sync_steps``
+steps by ``ref_model_mixup_alpha`` (``pairs.synced_reference``; refused with an adapter, as TRL refuses a PEFT model).
 ``align.ld_alpha`` (LD-DPO, Liu et al. 2024, arXiv:2409.06411; TRL's ld_alpha) weighs each pair's response tokens
 beyond the shorter response's count by alpha in the summed log-probs of the policy and the reference (precomputed
 too), so the longer response's verbose tail counts less; the sft loss keeps the plain sums, as TRL's.
@@ -48,7 +51,7 @@ from .logprobs import (
     summed,
     token_means,
 )
-from .pairs import PairTrainer, count_tokens, disable_dropout, encode_pair_splits, pair_metrics
+from .pairs import PairTrainer, count_tokens, disable_dropout, encode_pair_splits, pair_metrics, synced_reference
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -211,6 +214,7 @@ class DPOTrainer(PairTrainer):
         if align.disable_dropout:  # (before the precomputed reference: TRL's order)
             disable_dropout(self.model)
         self.wpo, self.router_coef = _use_weighting(align), router_aux_coef(self.model)
+        self.ref_model = synced_reference(self, align, "dpo")  # (TR-DPO's copy; None: the adapter-off base)
         if _precompute(align) and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
             self.train_dataset = self._with_ref(self.train_dataset)
             if self.eval_dataset is not None:
@@ -249,7 +253,7 @@ class DPOTrainer(PairTrainer):
         if "ref_chosen_logp" in inputs:
             ref_c, ref_r = inputs["ref_chosen_logp"], inputs["ref_rejected_logp"]
         else:
-            ref_c, ref_r = reference_logprobs(model, self._delta_model(), lm, a.ld_alpha).chunk(2)
+            ref_c, ref_r = reference_logprobs(model, self._delta_model(), lm, a.ld_alpha, self.ref_model).chunk(2)
         plain = per_token[: len(policy_c)].sum(-1) if a.ld_alpha is not None else None
         losses, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, a.beta, a.loss_type, a.label_smoothing,
                                             n_c, n_r, a.loss_weights, a.discopop_tau, a.f_divergence_type,

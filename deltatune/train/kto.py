@@ -45,7 +45,7 @@ from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .config_align import precomputes_ref
 from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs, token_means
-from .pairs import count_tokens, disable_dropout
+from .pairs import count_tokens, disable_dropout, synced_reference
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -152,6 +152,7 @@ class KTOTrainer(DeltaTrainer):
         self.align, self.router_coef = align, router_aux_coef(self.model)
         if align.disable_dropout:
             disable_dropout(self.model)
+        self.ref_model = synced_reference(self, align, "kto")  # (TR-DPO's copy; None: the adapter-off base)
         if precomputes_ref(align) and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
             size, given_size = self.args.per_device_train_batch_size, align.precompute_ref_batch_size
             self.train_dataset = self._with_ref(self._paired(self.train_dataset), given_size or size)
@@ -193,7 +194,7 @@ class KTOTrainer(DeltaTrainer):
         if "ref_logp" in inputs:  # (precomputed: align.precompute_ref_log_probs)
             ref = torch.cat([inputs["ref_logp"], inputs.get("ref_kl_logp", inputs["ref_logp"][:0])])
         else:
-            ref = reference_logprobs(model, self._delta_model(), lm)
+            ref = reference_logprobs(model, self._delta_model(), lm, ref_model=self.ref_model)
         rows, mismatched = _halves(lm, n)
         if kto_loss_type(a) == "apo_zero_unpaired":  # (TRL logs kl 0 for it)
             kl = torch.zeros((), device=ref.device)

@@ -146,12 +146,19 @@ def response_logprobs(
 
 @torch.no_grad()
 def reference_logprobs(
-    model: torch.nn.Module, delta: Any, batch: dict[str, torch.Tensor], ld_alpha: float | None = None
+    model: torch.nn.Module,
+    delta: Any,
+    batch: dict[str, torch.Tensor],
+    ld_alpha: float | None = None,
+    ref_model: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """``sequence_logprobs`` of the reference: ``delta`` (the DeltaModel that ``model`` is or wraps) with its
     adapter off, and in eval mode: no dropout (as TRL's reference has none), so a training step's reference is the
     one ``DPOTrainer._with_ref`` precomputes, and the base's own dropout (GPT-2's, BERT's) adds no noise to it.
-    ``ld_alpha``: see ``summed``."""
+    ``ld_alpha``: see ``summed``. ``ref_model``: a reference copy to score instead (TR-DPO's, ``synced_reference``),
+    kept in eval mode."""
+    if ref_model is not None:
+        return sequence_logprobs(ref_model, batch, ld_alpha=ld_alpha)
     was_training = model.training
     model.eval()
     try:

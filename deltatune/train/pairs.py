@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from ..data.tasks import Encoded
 from ..data.templates import IGNORE_INDEX
@@ -255,3 +256,63 @@ def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_
             kept.append({**ex, **end_kept(s)})
             fell_back += 1
     return Encoded(kept, cut), fell_back
+
+
+class SyncRef(TrainerCallback):
+    """TR-DPO's reference update (Gorbatovski et al. 2024, arXiv:2404.09656; TRL's ``SyncRefModelCallback``): after
+    every ``steps``-th optimizer step, each reference parameter becomes (1 - alpha) ref + alpha policy."""
+
+    def __init__(self, ref_model: torch.nn.Module, alpha: float, steps: int, accelerator) -> None:
+        self.ref_model, self.alpha, self.steps, self.accelerator = ref_model, alpha, steps, accelerator
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
+        if state.global_step % self.steps == 0 and model is not None:
+            policy = self.accelerator.unwrap_model(model).parameters()
+            for ref, p in zip(self.ref_model.parameters(), policy, strict=True):
+                ref.mul_(1.0 - self.alpha).add_(p.to(ref.dtype), alpha=self.alpha)
+
+
+def synced_reference(trainer: DeltaTrainer, align, stage: str) -> torch.nn.Module | None:
+    """TR-DPO (``align.sync_ref_model``, TRL's DPOConfig and KTOConfig name): a frozen copy of the policy as it
+    starts, no dropout, mixed toward the policy by ``SyncRef`` (``ref_model_mixup_alpha``, every
+    ``ref_model_sync_steps`` steps), which the trainer then scores the reference with. None when the key is off.
+
+    TRL keeps such a copy only for a model that is no PEFT model and refuses the rest, and so does deltatune: an
+    adapter's reference is the base with the adapter switched off, and only a method that trains the base's own
+    weights in place (full, freeze, BitFit) has a copy to sync.
+
+    Raises:
+        ConfigError: sync_ref_model with an adapter that leaves the base as it is, or with a precomputed reference.
+    """
+    import copy
+
+    from ..config import ConfigError
+    from .config_align import precomputes_ref
+
+    if not getattr(align, "sync_ref_model", False):
+        return None
+    delta = trainer._delta_model()
+    config = delta.peft_config[delta.active_adapter]
+    if not config.trainable_base_parameters(delta.base_model):
+        raise ConfigError(
+            f"align.sync_ref_model (TR-DPO) with method.name={config.method}: the {stage} reference is the base with "
+            "the adapter off, which no step changes, so there is no reference copy to sync (TRL refuses "
+            "sync_ref_model with a PEFT model too); use a method that trains the base in place (full, freeze, "
+            "bitfit) or drop sync_ref_model"
+        )
+    if precomputes_ref(align):
+        raise ConfigError(
+            "align.sync_ref_model (TR-DPO) moves the reference while training, so align.precompute_ref's log-probs "
+            "would go stale (TRL refuses the two together too); drop one of them"
+        )
+    steps, alpha = getattr(align, "ref_model_sync_steps", 512), getattr(align, "ref_model_mixup_alpha", 0.6)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"align.ref_model_sync_steps must be a whole number >= 1, got {steps!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"align.ref_model_mixup_alpha must be in [0, 1], got {alpha!r}")
+    ref = copy.deepcopy(trainer.model)
+    ref.eval()  # no dropout, as TRL's reference
+    ref.requires_grad_(False)
+    trainer.add_callback(SyncRef(ref, float(alpha), steps, trainer.accelerator))
+    return ref

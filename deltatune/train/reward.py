@@ -48,8 +48,8 @@ class RewardTrainer(PairTrainer):
     """PairTrainer with the pairwise loss on the model's scalar scores, plus, with ``center_rewards_coefficient``
     c, c (r_chosen + r_rejected)^2 per pair (TRL's term of that name, after Eisenstein et al. 2023: it keeps the
     rewards centred on 0). Logs ``accuracy``, ``margin`` and ``min_reward``, ``mean_reward``, ``max_reward`` (means
-    since the last log) and ``num_tokens`` (the training tokens so far), as TRL's RewardTrainer. With
-    ``disable_dropout`` (align.disable_dropout, true by default as TRL's RewardConfig) every nn.Dropout of the model,
+    since the last log) and ``num_tokens`` (the training tokens so far; in evaluation too), as TRL's RewardTrainer.
+    With ``disable_dropout`` (align.disable_dropout, true by default as TRL's RewardConfig) every nn.Dropout of the model,
     the adapter's lora_dropout too, is set to 0 on the model."""
 
     def __init__(
@@ -76,6 +76,13 @@ class RewardTrainer(PairTrainer):
             count_tokens(self, inputs["attention_mask"])  # TRL's num_tokens: the training tokens seen so far
         loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """An evaluation's logs (and the metrics ``evaluate`` returns) get ``eval_num_tokens``: the training tokens
+        so far, as TRL's RewardTrainer logs it in evaluation too (0 before the first step)."""
+        if not self.model.training and any(k.startswith("eval_") for k in logs):
+            logs["eval_num_tokens"] = float(getattr(self, "train_tokens", 0))
+        super().log(logs, start_time)
 
 
 def _base_config(cfg: RunConfig):
@@ -144,6 +151,14 @@ def _margins(spec: str | None, cfg: RunConfig) -> dict[str, float] | None:
     return out
 
 
+def rm_metrics(p) -> dict[str, float]:
+    """The rm stage's eval metrics: ``pair_metrics`` of the (N, 2) scores, and TRL's ``min_reward``, ``mean_reward``,
+    ``max_reward`` over all of them (TRL averages its eval batches' values: the same over one batch)."""
+    scores = np.asarray(p.predictions)
+    extremes = {f"{k}_reward": float(f(scores)) for k, f in (("min", np.min), ("mean", np.mean), ("max", np.max))}
+    return {**pair_metrics(scores), **extremes}
+
+
 def prepare_rm(cfg: RunConfig, tok) -> Prepared:
     """Preference rows -> (prompt, response) pairs for a one-output sequence classifier.
 
@@ -169,14 +184,11 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
             notes.append(f"{split}: loss -log sigmoid(r_chosen - r_rejected - margin), margin the rows' column "
                          f"{MARGIN_COLUMN!r} (as TRL's RewardTrainer)")  # fmt: skip
 
-    def compute(p) -> dict[str, float]:
-        return pair_metrics(np.asarray(p.predictions))
-
     return Prepared(
         train.examples,
         ev.examples if ev else None,
         PairCollator(tok.pad_token_id),
-        compute,
+        rm_metrics,
         "eval_accuracy",
         notes=notes,
         trainer_class=partial(

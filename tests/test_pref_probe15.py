@@ -1,0 +1,145 @@
+"""Probe 15 of the preference stages against TRL 1.16: TR-DPO (TRL's sync_ref_model, ref_model_mixup_alpha,
+ref_model_sync_steps) on a full fine-tune, refused with an adapter as TRL refuses it with a PEFT model; the reward
+stage's eval num_tokens.
+
+TRL runs on the same tiny Llama, rows and token ids as deltatune; the rows are test_align_probe11's."""
+
+import warnings
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from test_align_probe11 import PAIRS
+from test_dpo_probe12 import _lora
+from tiny import save_tiny, tokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
+
+import deltatune as dt
+from deltatune.config import ConfigError
+from deltatune.data.preference import PairCollator
+from deltatune.train.config import AlignArgs
+from deltatune.train.dpo import DPOTrainer
+from deltatune.train.reward import RewardTrainer
+
+STEPS = dict(max_steps=3, logging_steps=1, learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _tr_dpo(**keys) -> AlignArgs:
+    """AlignArgs with TRL's TR-DPO keys (set on the instance: the trainers read them with TRL's defaults)."""
+    align = AlignArgs(beta=0.3)
+    for k, v in keys.items():
+        setattr(align, k, v)
+    return align
+
+
+def _rows(trl_rows) -> list[dict]:
+    """TRL's tokenized pairs as deltatune's prepared examples: the same ids, labels on the response."""
+    out = []
+    for r in trl_rows:
+        p = r["prompt_ids"]
+        sides = {}
+        for s in ("chosen", "rejected"):
+            ids = p + r[f"{s}_ids"]
+            sides[s] = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(p) + r[f"{s}_ids"]}
+        out.append(sides)
+    return out
+
+
+def _losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _trl_dpo(base, tmp_path, **keys):
+    args = trl.DPOConfig(str(tmp_path / "trl"), per_device_train_batch_size=2, bf16=False, beta=0.3, **keys, **STEPS)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base)
+        trainer = dt.trl_trainer(trl.DPOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(PAIRS),
+                                                 processing_class=tokenizer())  # fmt: skip
+        trainer.train()
+    return trainer
+
+
+def _our_dpo(base, tmp_path, rows, align):
+    torch.manual_seed(0)
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.FullConfig())
+    args = TrainingArguments(str(tmp_path / "dt"), per_device_train_batch_size=2, remove_unused_columns=False, **STEPS)
+    trainer = DPOTrainer(model=model, args=args, align=align, train_dataset=rows, data_collator=PairCollator(0))
+    trainer.train()
+    return trainer
+
+
+def test_tr_dpo_full_fine_tune_equals_trls_sync_ref_model(base, tmp_path):
+    """A full fine-tune, 3 AdamW steps at lr 1e-2, the reference mixed halfway toward the policy after every step
+    (alpha 0.5, tau 1): the three losses equal TRL's DPOTrainer's (sync_ref_model=True; TRL keeps a reference copy
+    for a model that is not a PEFT model), max abs diff about 1e-6, where TRL's unsynced reference gives a third loss
+    1e-3 off. HEAD refused the keys at parse and, given them, scored the adapter-off 'reference' of a full
+    fine-tune, which is the policy itself: every loss log 2."""
+    keys = dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    theirs = _trl_dpo(base, tmp_path, **keys)
+    want = _losses(theirs)
+    ours = _our_dpo(base, tmp_path, _rows(theirs.train_dataset), _tr_dpo(**keys))
+    got = _losses(ours)
+    assert len(got) == len(want) == 3
+    assert max(abs(a - b) for a, b in zip(want, got)) < 2e-5, (want, got)
+    unsynced = _losses(_trl_dpo(base, tmp_path / "fixed"))
+    assert abs(unsynced[2] - want[2]) > 5e-4  # (the mixing is what the two agree on)
+    # the copy was mixed toward the policy: after the last step, ref = (ref + policy) / 2 differs from both
+    name, p = next((n, p) for n, p in ours.model.named_parameters() if "q_proj" in n)
+    ref = dict(ours.ref_model.named_parameters())[name]
+    assert not ref.requires_grad and not ours.ref_model.training
+    start = dict(dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.FullConfig()).named_parameters())
+    assert (ref - p).abs().max() > 1e-4 and (ref - start[name]).abs().max() > 1e-4
+
+
+def test_tr_dpo_refused_with_an_adapter_or_a_precomputed_reference(base, tmp_path):
+    """TRL refuses sync_ref_model with a PEFT model (its reference is the adapter-off base, nothing to sync) and with
+    precompute_ref_log_probs: one line naming the key each, nothing built. Off (TRL's default) the LoRA run keeps its
+    adapter-off reference and no copy."""
+    args = TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match="align.sync_ref_model .*method.name=lora.*TRL refuses"):
+        DPOTrainer(model=_lora(base), args=args, align=_tr_dpo(sync_ref_model=True))
+    full = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.FullConfig())
+    with pytest.raises(ConfigError, match="align.precompute_ref"):
+        DPOTrainer(model=full, args=args, align=_tr_dpo(sync_ref_model=True, precompute_ref=True))
+    with pytest.raises(ConfigError, match="align.ref_model_sync_steps must be"):
+        DPOTrainer(model=full, args=args, align=_tr_dpo(sync_ref_model=True, ref_model_sync_steps=0))
+    assert DPOTrainer(model=_lora(base), args=args, align=AlignArgs()).ref_model is None
+
+
+def test_reward_eval_logs_num_tokens_and_rewards_as_trl(base, tmp_path):
+    """TRL's RewardTrainer logs num_tokens (the training tokens so far) and min/mean/max_reward in evaluation too:
+    before training (0 tokens) and after 2 steps (80) deltatune's evaluate gives the same eval_num_tokens and, on the
+    same ids (one eval batch), the same eval_loss and reward extremes. HEAD's evaluate had no eval_num_tokens."""
+    from deltatune.train.reward import rm_metrics
+
+    def model():
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+
+    keys = {**STEPS, "max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2}
+    rows = Dataset.from_list([{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}
+                              for p in PAIRS])  # fmt: skip
+    args = trl.RewardConfig(str(tmp_path / "trl"), bf16=False, **keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = dt.trl_trainer(trl.RewardTrainer)(model=model(), args=args, train_dataset=rows, eval_dataset=rows,
+                                                   processing_class=tokenizer())  # fmt: skip
+        want = [theirs.evaluate(), theirs.train() and theirs.evaluate()]
+    ours_rows = [{s: {"input_ids": r[f"{s}_ids"], "attention_mask": [1] * len(r[f"{s}_ids"])} for s in ("chosen", "rejected")}
+                 for r in theirs.train_dataset]  # fmt: skip
+    args = TrainingArguments(str(tmp_path / "dt"), remove_unused_columns=False, **keys)
+    ours = RewardTrainer(model=dt.get_delta_model(model(), dt.FullConfig()), args=args, train_dataset=ours_rows,
+                         eval_dataset=ours_rows, data_collator=PairCollator(0), compute_metrics=rm_metrics)  # fmt: skip
+    got = [ours.evaluate(), ours.train() and ours.evaluate()]
+    assert [w["eval_num_tokens"] for w in want] == [g["eval_num_tokens"] for g in got] == [0.0, 80.0]
+    for w, g in zip(want, got):
+        for k in ("eval_loss", "eval_min_reward", "eval_mean_reward", "eval_max_reward", "eval_accuracy"):
+            assert abs(w[k] - g[k]) < 1e-5, (k, w[k], g[k])
