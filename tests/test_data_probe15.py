@@ -110,3 +110,136 @@ def test_bad_chat_template_kwargs_are_one_line_naming_the_row(value, why):
     value = json.loads(value) if value == "[1, 2]" else value
     with pytest.raises(DataError, match=rf"^t\.jsonl:4: (column 'chat_template_kwargs' )?{why}"):
         _read({"messages": Q + A, "chat_template_kwargs": value})
+
+
+# -- TRL's dataset types one by one, against TRL's own tokenization -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol():
+    folders = glob.glob("/root/.cache/deltatune/smollm2-*/")
+    if not folders:
+        pytest.skip("SmolLM2's converted folder is not cached")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folders[0])  # (its own chat template: chatml, no generation tags)
+
+
+def _trl_pair(tok, prompt, response) -> tuple[list[int], list[int]]:
+    """TRL 1.16's DPO / KTO tokenize_fn for one side: ids of prompt + response, labels from the common prefix."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    if isinstance(prompt, list):
+        p = _tokenize(tok, prompt, add_generation_prompt=True)["input_ids"]
+        full = _tokenize(tok, prompt + response)["input_ids"]
+    else:  # (TRL's add_eos first appends the EOS to a standard response)
+        p, full = _tokenize(tok, prompt)["input_ids"], _tokenize(tok, prompt + response + tok.eos_token)["input_ids"]
+    n = common_prefix_length(p, full)
+    return full, [IGNORE_INDEX] * n + full[n:]
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+@pytest.mark.parametrize("kind", ["explicit", "implicit", "unpaired"])
+def test_preference_and_unpaired_rows_give_trls_ids_and_labels(smol, kind, conversational):
+    """Each of TRL's preference shapes (explicit and implicit prompt; KTO's unpaired) as its DPO and KTO trainers
+    tokenize them: conversational rows through the chat template, standard rows (under data.template=raw, which a
+    tokenizer without a chat template gets by itself) as plain text + EOS. Implicit rows go through TRL's
+    extract_prompt first, as its trainers do."""
+    from trl.data_utils import extract_prompt
+
+    from deltatune.data.encode import RAW, choose_template
+    from deltatune.data.sample import unpaired_examples
+
+    p, a, b = (Q, A, B) if conversational else ("What colour is a ripe lemon?", " Yellow.", " Purple.")
+    row = {"prompt": p, "chosen": a, "rejected": b}
+    if kind == "implicit":
+        row = {"chosen": Q + A, "rejected": Q + B} if conversational else {"chosen": p + a, "rejected": p + b}
+    if kind == "unpaired":
+        row = {"prompt": p, "completion": a, "label": True}
+    stage = "kto" if kind == "unpaired" else "dpo"
+    s = _read(row, stage)
+    template = choose_template([s], smol, None if conversational else RAW, stage)
+    ref = extract_prompt(row) if kind == "implicit" else row
+    for (prompt, response, _), side in zip(unpaired_examples([s]), ("chosen", "rejected", "completion")):
+        want_ids, want_labels = _trl_pair(smol, ref["prompt"], ref[side if side in ref else "completion"])
+        ex, _ = lm_example(s.__class__(s.source, s.format, prompt, conversational=s.conversational), response,
+                           smol, template, 10**6)  # fmt: skip
+        assert ex["input_ids"] == want_ids and ex["labels"] == want_labels, side
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_prompt_only_rows_give_trls_prompt(smol, conversational):
+    """PPO's prompt ids: TRL's maybe_apply_chat_template (the generation prompt) for a conversational prompt, the
+    text itself for a standard one under data.template=raw."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    from deltatune.data.encode import RAW
+
+    row = {"prompt": Q if conversational else "The sky is"}
+    want = smol(maybe_apply_chat_template(row, smol)["prompt"])["input_ids"]
+    assert prompt_ids(_read(row, "ppo"), smol, None if conversational else RAW, 10**6) == want
+
+
+@pytest.mark.parametrize("kind", ["messages", "prompt_completion"])
+def test_sft_conversational_rows_give_trls_ids(smol, kind):
+    """Language modeling (messages) and prompt-completion rows, conversational: TRL's SFT ids; the labels are the
+    completion (TRL's completion_mask) and, for messages, the assistant turn through its <|im_end|>\\n."""
+    row = {"messages": Q + A} if kind == "messages" else {"prompt": Q, "completion": A}
+    ids, labels = sft_example(_read(row), smol, None)
+    from trl.data_utils import _tokenize
+
+    ref_ids = _trl_sft(row, smol)[0] if kind == "prompt_completion" else _tokenize(smol, Q + A)["input_ids"]
+    assert ids == ref_ids
+    if kind == "prompt_completion":
+        assert labels == _trl_sft(row, smol)[1]
+    assert smol.decode([x for x in labels if x != IGNORE_INDEX]) == "Yellow.<|im_end|>\n"
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_raw_template_gives_trls_plain_sft_of_a_standard_prompt_completion_row(smol, train_on_prompt):
+    """data.template=raw: a standard prompt-completion row as TRL's SFTTrainer tokenizes it (prompt + completion +
+    EOS, no chat template; the completion from the common prefix); without it the row is wrapped in the chat
+    template on purpose (LLaMA-Factory's rule; was the only way until probe 15: 'raw' was an unknown template)."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from deltatune.data.encode import RAW, choose_template, encode_sft_samples, rendered
+
+    row = {"prompt": "The sky is", "completion": " blue."}
+    s = _read(row)
+    assert choose_template([s], smol, RAW, "sft") == RAW
+    ids, labels = sft_example(s, smol, RAW, train_on_prompt=train_on_prompt)
+    full = _tokenize(smol, "The sky is blue." + smol.eos_token)["input_ids"]
+    n = common_prefix_length(_tokenize(smol, "The sky is")["input_ids"], full)
+    assert ids == full and labels == (full if train_on_prompt else [IGNORE_INDEX] * n + full[n:])
+    assert smol.decode(full[n:]) == " blue.<|im_end|>"
+    enc = encode_sft_samples([s], smol, RAW, 4, mask_history=True)  # TRL's cut: the first max_length tokens
+    assert enc.examples[0]["input_ids"] == full[:4]
+    text, spans = rendered(s, smol, RAW, "sft")[0][1:]
+    assert text[spans[0][0] : spans[0][1]] == " blue.<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("row", "stage", "why"),
+    [
+        ({"prompt": Q, "completion": A}, "sft", "this conversational prompt_completion row needs a chat template"),
+        ({"messages": Q + A}, "sft", "this conversational messages row needs a chat template"),
+        ({"prompt": Q, "chosen": A, "rejected": B}, "dpo", "this conversational preference row needs a chat"),
+    ],
+)
+def test_raw_template_refuses_a_row_it_cannot_render_in_one_line(smol, row, stage, why):
+    from deltatune.data.encode import RAW, choose_template
+
+    with pytest.raises(DataError, match=rf"^t\.jsonl:4: data\.template=raw renders TRL's standard rows .*{why}"):
+        choose_template([_read(row, stage)], smol, RAW, stage)
+
+
+@pytest.mark.parametrize("prompt", ["Which is larger, 9.8 or 9.11?", Q])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo", None])
+def test_stepwise_supervision_is_refused_in_one_line(prompt, stage):
+    """TRL's stepwise-supervision rows (prompt, completions, labels) were read by stage ppo as prompt-only rows
+    without a word, and refused elsewhere as "the prompt format"; no stage trains a process reward model."""
+    row = {"prompt": prompt, "completions": ["11 > 8.", "So 9.11 is larger."], "labels": [True, False]}
+    with pytest.raises(DataError, match=r"^t\.jsonl:4: a stepwise-supervision row \(prompt, completions, labels"):
+        _read(row, stage)
+    want = prompt if isinstance(prompt, str) else prompt[0]["content"]
+    assert _read(row, "ppo", data_format="prompt").messages[0]["content"] == want  # (the way to its prompt)

@@ -2,7 +2,8 @@
 
 Which template renders a stage's rows (``choose_template``):
 
-- ``data.template`` set: that built-in template (chatml, alpaca, plain);
+- ``data.template`` set: that built-in template (chatml, alpaca, plain), or ``raw``: TRL's rendering of standard
+  (string) rows with no chat template (``raw.py``; sft's prompt + completion + EOS too);
 - else the tokenizer's own chat template, when it has one;
 - else (rm, dpo, ppo only, and only for plain-string rows) ``RAW``: the prompt and response texts as they are,
   the encoding these stages used before chat templates (``preference.encode_lm`` / ``encode_scored``).
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 from .formats import read_samples
 from .load import DataError, Row
 from .preference import encode_lm, encode_scored
+from .raw import raw_refusal, raw_sft, raw_text
 from .sample import Message, Sample, as_written
 from .tasks import Encoded, _fit
 from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplateError, apply_chat_template, has_tool_support, render
@@ -75,8 +77,13 @@ def choose_template(
         DataError: an unknown template; conversational rows and no template; tool calls and no template with tool
             support (the row named).
     """
+    if template == RAW:  # TRL's plain rendering of standard rows, asked for
+        bad = next((s for s in samples if raw_refusal(s, stage, _plain_pair(s))), None)
+        if bad is not None:
+            raise DataError(raw_refusal(bad, stage, False))
+        return RAW
     if template is not None and template not in TEMPLATES:
-        raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}")
+        raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}, {RAW}")
     if pair_scorer and template is None and all(_plain_pair(s) for s in samples):
         return RAW
     if template is None and not getattr(tokenizer, "chat_template", None) and stage != "sft":
@@ -126,6 +133,8 @@ def _sft(
     """``sft_example``'s ids and labels, and the answers' labels (the labels without ``train_on_prompt``)."""
     from .templates import encode_chat
 
+    if template == RAW:
+        return raw_sft(s, tokenizer, train_on_prompt)
     conversation, start = _trained_from(s, mask_history)
     ids, answers = encode_chat(conversation, tokenizer, template, s.tools, start, True, s.template_kwargs)
     if not train_on_prompt:
@@ -321,6 +330,9 @@ def rendered(
         return [("prompt", _prompt_text(s, tokenizer, template), [])]
     if s.text is not None:
         return [("text", s.text, [(0, len(s.text))])]
+    if stage == "sft" and template == RAW:
+        prompt, text = raw_text(s, tokenizer)
+        return [("conversation", text, [(0 if train_on_prompt else len(prompt), len(text))])]
     if stage == "sft":
         conversation, start = _trained_from(s, mask_history)
         text, spans = render(conversation, tokenizer, template, False, s.tools, start, True, s.template_kwargs)
@@ -494,7 +506,7 @@ def encode_sft_samples(
             unweighted += 1
             continue
         keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
-        if mask_history and keep < len(ids):
+        if mask_history and keep < len(ids) and template != RAW:  # (RAW: one completion, cut as TRL cuts it)
             ids, labels = _fill_from_the_last(ids, labels, _turns(s, tokenizer, template, len(ids)), max_length)
         else:
             ids, labels = ids[:keep], labels[:keep]

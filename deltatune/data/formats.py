@@ -127,6 +127,11 @@ def detect(row: Row, columns: dict[str, str] | None = None) -> str:
         return "alpaca_preference" if _has(row, _col(c, "instruction")) else "preference_implicit"
     if has["prompt"] and has["completion"]:
         return "unpaired" if has["label"] else "prompt_completion"
+    if has["prompt"] and isinstance(row.data.get("completions"), list) and isinstance(row.data.get("labels"), list):
+        raise DataError(
+            f"{row.source}: a stepwise-supervision row (prompt, completions, labels: TRL's process-reward data) is "
+            "read by no stage (TRL 1.16 has no PRM trainer either); data.format=prompt reads its prompt (ppo)"
+        )
     if conv or msgs:
         items = row.data.get(_col(c, "conversations") if conv else _col(c, "messages"))
         first = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
