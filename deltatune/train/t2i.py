@@ -41,6 +41,9 @@ from ..model import DeltaModel
 from . import t2i_noise
 from .config import RunConfig
 from .prepared import Prepared
+from .t2i_base import DENOISERS as DENOISERS  # (t2i.DENOISERS and t2i.load_denoiser, as before the split)
+from .t2i_base import T2I_FILE, _check_width, _context, _denoiser_at, _pipeline, _recorded, _scheduler
+from .t2i_base import load_denoiser as load_denoiser
 from .t2i_ema import EMA, ema_decay
 from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
 from .t2i_noise import min_snr_weights as min_snr_weights  # (t2i.min_snr_weights, as before the split)
@@ -48,62 +51,8 @@ from .t2i_prior import prior_collate, prior_options, with_prior
 from .t2i_validation import GUIDANCE, STEPS, Validation, validation_options
 from .trainer import DeltaTrainer
 
-T2I_FILE = "t2i.json"
-"""What a t2i run (and a merged t2i base) records beside the denoiser: the text encoder it was trained with."""
 TEXT_ENCODER_LORA = "text_encoder_lora"
 """The folder, in a run, its checkpoints and a base merged from it, holding the text encoder's LoRA (PEFT layout)."""
-DENOISERS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
-"""The denoisers the stage trains: their folder in a pipeline, and their prefix in diffusers' LoRA files."""
-_EXTRA_CONDITIONS = ("addition_embed_type", "class_embed_type", "num_class_embeds", "time_cond_proj_dim")
-
-
-def _pipeline(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
-
-
-def _denoiser_at(path: str) -> tuple[str, str | None, dict[str, Any]]:
-    """(class name, subfolder, config) of the denoiser of a pipeline folder or a bare denoiser folder."""
-    from diffusers import UNet2DConditionModel
-
-    pipeline = _pipeline(path)
-    sub = next((s for s in DENOISERS.values() if os.path.isdir(os.path.join(path, s))), None) if pipeline else None
-    if pipeline and sub is None:
-        raise ConfigError(f"model {path!r} is a pipeline folder without unet/ or transformer/")
-    try:
-        config = dict(UNet2DConditionModel.load_config(path, subfolder=sub))  # any diffusers model's config.json
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model {path!r} is not a diffusers denoiser folder ({str(exc).splitlines()[0]})") from None
-    name = config.get("_class_name")
-    if name not in DENOISERS:
-        raise ConfigError(f"model {path!r} holds a {name}; stage t2i trains {' or '.join(DENOISERS)}")
-    extra = ", ".join(f"{k}={config[k]!r}" for k in _EXTRA_CONDITIONS if config.get(k) not in (None, "text"))
-    if name == "UNet2DConditionModel" and extra:  # SDXL's text_time sizes, class labels, LCM's guidance: not given
-        why = f"its UNet reads more than the text ({extra}, as SDXL's UNet does)"
-        raise ConfigError(f"model {path!r}: {why}; stage t2i trains UNets conditioned on text alone (SD 1.x, 2.x)")
-    return name, sub, config
-
-
-def load_denoiser(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The UNet or SD3 transformer of a pipeline folder (``unet/``, ``transformer/``) or of a bare denoiser folder."""
-    import diffusers
-
-    name, sub, _ = _denoiser_at(path)
-    try:
-        return getattr(diffusers, name).from_pretrained(path, subfolder=sub, torch_dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model {path!r}: its {name} does not load ({str(exc).splitlines()[0]})") from None
-
-
-def _scheduler(path: str, pipeline: bool, transformer: bool):
-    """The base's noise scheduler: flow matching when it names ``FlowMatchEulerDiscreteScheduler``, else DDPM with its
-    config; without one, flow matching for a transformer and DDPM for a UNet."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    folder = os.path.join(path, "scheduler") if pipeline else path
-    if not os.path.isfile(os.path.join(folder, "scheduler_config.json")):
-        return FlowMatchEulerDiscreteScheduler() if transformer else DDPMScheduler()
-    flow = DDPMScheduler.load_config(folder).get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__
-    return (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_pretrained(folder)
 
 
 class T2IProcessor:
@@ -284,38 +233,6 @@ def _plain_lora(model: DeltaModel) -> bool:
     """Whether ``model``'s default adapter is a LoRA that diffusers' file holds whole (DoRA too; no biases or heads)."""
     c = model.peft_config.get("default")
     return c is not None and c.peft_type == "LORA" and c.bias == "none" and not c.modules_to_save
-
-
-def _context(tokenizer, config) -> int | None:
-    """The longest input, in tokens, the text encoder reads: its position embeddings and its tokenizer's limit."""
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 100_000]  # a tokenizer without one says 1e30
-    return min(limits, default=None)
-
-
-def _check_width(config: dict[str, Any], encoder_config, path: str, name: str) -> None:
-    """The denoiser reads text states as wide as the text encoder's, or the recipe is refused in one line."""
-    hidden = getattr(encoder_config, "hidden_size", None) or getattr(encoder_config, "d_model", None)
-    if "pooled_projection_dim" in config:
-        wanted = {k: config.get(k) for k in ("joint_attention_dim", "pooled_projection_dim")}
-    else:
-        key = "encoder_hid_dim" if config.get("encoder_hid_dim") else "cross_attention_dim"
-        wanted = {key: config.get(key)}
-    for key, width in wanted.items():
-        if isinstance(width, int) and isinstance(hidden, int) and width != hidden:
-            raise ConfigError(
-                f"model {path!r}: the denoiser's {key} is {width}, but the text encoder {name!r} gives {hidden}-wide "
-                "states; choose a text encoder of that width (model.text_encoder)"
-            )
-
-
-def _recorded(path: str) -> dict[str, Any]:
-    """``t2i.json`` of a merged base: its text encoder, and whether it was conditioned as a pipeline (padded)."""
-    try:
-        with open(os.path.join(path, T2I_FILE), encoding="utf-8") as fh:
-            return dict(json.load(fh))
-    except (OSError, ValueError, TypeError):
-        return {}
 
 
 class T2IDataset(torch.utils.data.Dataset):
