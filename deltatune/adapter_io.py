@@ -143,6 +143,7 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
         tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
         atomic_write(os.path.join(folder, PICKLE_WEIGHTS_NAME), lambda f, t=tensors: torch.save(t, f))
         os.remove(os.path.join(folder, WEIGHTS_NAME))  # (peft leaves an older one, which its loading then prefers)
+    create_or_update_model_card(model, save_directory)  # peft's README.md, written once the adapters are in place
 
 
 def create_or_update_model_card(model: DeltaModel, output_dir: str | os.PathLike[str]) -> None:
@@ -150,7 +151,7 @@ def create_or_update_model_card(model: DeltaModel, output_dir: str | os.PathLike
     (``library_name: peft``, as the files load with peft; ``base_model``; the tags ``transformers``, ``lora`` for a
     LoRA, ``base_model:adapter:<base>`` and the base model's ``model_tags``; ``pipeline_tag: text-generation`` for a
     causal-LM task type) and deltatune's version under "Framework versions". An existing card keeps its text and its
-    other fields. ``save_pretrained`` does not call it (peft's does): a save writes the adapter's files alone."""
+    other fields. ``save_pretrained`` calls it for the folder it saves into, as peft's does."""
     import yaml
     from huggingface_hub import ModelCard, ModelCardData
     from transformers import PreTrainedModel
@@ -469,6 +470,54 @@ def _delta_of(model: Any, caller: str) -> tuple[Any, bool]:
         raise TypeError(f"{caller}: {type(model).__name__} is neither a DeltaModel nor a model given to "
                         "deltatune.inject_adapter_in_model")  # fmt: skip
     return injected, True
+
+
+def with_revision(config: DeltaConfig, revision: str | None) -> DeltaConfig:
+    """peft's ``get_peft_model(revision=...)``: the base model's revision recorded in the config's ``revision`` field
+    (a copy; peft warns when it replaces another one). A config class with no such field is returned as given."""
+    if revision is None:
+        return config
+    if not isinstance(revision, str):
+        raise TypeError(f"revision must be a string (a branch, tag or commit of the base model), got {revision!r}")
+    if "revision" not in {f.name for f in dataclasses.fields(config)}:
+        return config
+    if config.revision is not None and config.revision != revision:
+        warnings.warn(f"peft config has already set base model revision to {config.revision}, overwriting with "
+                      f"revision {revision}", stacklevel=3)  # fmt: skip
+    return config.replace(revision=revision)
+
+
+def targets_of_state_dict(model: torch.nn.Module, config: DeltaConfig, state_dict: dict[str, Any]) -> DeltaConfig:
+    """peft's ``inject_adapter_in_model(state_dict=...)``: the modules the state dict's keys name (only its keys are
+    read) are the targets, in place of the config's own selection; a copy of the config naming them by path.
+
+    A key names the longest module path it starts with whose next part is none of that module's own tensors
+    (``q_proj.lora_A.weight`` names ``q_proj``; a base ``q_proj.weight`` names none); modules inside an adapter
+    layer already there are passed over, as peft's. peft's ``_orig_mod.`` (torch.compile) and a PeftModel's
+    ``base_model.model.`` in front of the keys are left out."""
+    from .layer import DeltaLayer
+
+    modules = dict(model.named_modules())
+    inner = tuple(n + "." for n, m in modules.items() if isinstance(m, DeltaLayer))
+    names: set[str] = set()
+    for key in state_dict:
+        parts = key.removeprefix("_orig_mod.").removeprefix(KEY_PREFIX).split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            path = ".".join(parts[:i])
+            if path in modules and not path.startswith(inner):
+                own = dict(modules[path].named_parameters(recurse=False)) | dict(
+                    modules[path].named_buffers(recurse=False)
+                )
+                names |= set() if parts[i] in own else {path}
+                break
+    if not names:
+        first = next(iter(state_dict), None)
+        raise ConfigError(f"inject_adapter_in_model: no key of state_dict names an adapter on a module of the model "
+                          f"(the first: {first!r})")  # fmt: skip
+    narrowing = {
+        f.name: None for f in dataclasses.fields(config) if f.name in ("exclude_modules", "layers_to_transform")
+    }
+    return config.replace(target_modules=sorted(names), **narrowing)
 
 
 INJECTED = "_deltatune_model"  # where inject_adapter_in_model keeps the DeltaModel, out of the module tree

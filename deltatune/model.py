@@ -59,6 +59,7 @@ class DeltaModel(nn.Module, PushToHub):
         model: nn.Module,
         config: DeltaConfig | None = None,
         adapter_name: str = "default",
+        *,
         fused_loss: bool = False,
     ) -> None:
         super().__init__()
@@ -521,26 +522,30 @@ def get_delta_model(
     model: nn.Module,
     config: DeltaConfig,
     adapter_name: str = "default",
-    fused_loss: bool = False,
-    *,
-    autocast_adapter_dtype: bool = False,
     mixed: bool = False,
+    autocast_adapter_dtype: bool = False,
+    revision: str | None = None,
     low_cpu_mem_usage: bool = False,
+    *,
+    fused_loss: bool = False,
 ) -> DeltaModel:
-    """Wrap ``model`` with a new adapter of the method ``config`` belongs to; the base is frozen.
+    """Wrap ``model`` with a new adapter of the method ``config`` belongs to; the base is frozen. peft's
+    ``get_peft_model`` positional order; ``fused_loss`` (see ``DeltaModel``) is keyword-only, so a call ported from
+    peft with ``mixed`` fourth means ``mixed``.
 
-    ``fused_loss``: see ``DeltaModel`` (a causal LM's cross-entropy computed by ``deltatune.loss``).
     ``autocast_adapter_dtype=True``: peft's ``get_peft_model`` default, a float16 / bfloat16 base's adapter layers kept
     in float32 (their initial values the same as peft's); deltatune's default, False, keeps the base's dtype.
     ``mixed`` (peft's ``PeftMixedModel``, adapters of several methods in one model) is accepted: every DeltaModel may
-    mix methods. ``low_cpu_mem_usage`` (peft's: the new adapter's tensors on the meta device, for a load to fill) is
-    accepted; the initial weights are drawn as usual (nothing to save on the CPU), so the model can also train. Example::
+    mix methods. ``revision`` (peft's: the base model's revision) is recorded in the config (``adapter_io.with_revision``).
+    ``low_cpu_mem_usage`` (peft's: meta-device tensors for a load to fill) is accepted; the initial weights are drawn.
+    Example::
 
         model = dt.get_delta_model(base, config)  # config: any method's, e.g. dt.<Method>Config(...)
     """
     for flag, value in (("mixed", mixed), ("low_cpu_mem_usage", low_cpu_mem_usage)):
         if not isinstance(value, bool):
             raise TypeError(f"get_delta_model: {flag} must be True or False, got {value!r}")
+    config = adapter_io.with_revision(_from_peft(config), revision)
     wrapped = DeltaModel(model, config, adapter_name, fused_loss=fused_loss)
     if autocast_adapter_dtype:
         upcast_adapter([layer for _, layer in wrapped._layers()], adapter_name)
@@ -560,17 +565,18 @@ def inject_adapter_in_model(
     ``set_peft_model_state_dict`` read and write the model's adapters, keyed by module path as peft's.
 
     ``low_cpu_mem_usage`` is accepted (the initial weights are drawn: the CPU has no meta-device saving to make).
-    ``state_dict`` (peft's: target the modules a checkpoint's keys name) is not supported: give ``target_modules``.
+    ``state_dict`` (peft's): its keys, not the config's ``target_modules``, say which modules get the adapter (its
+    values are not loaded); the config records them (``adapter_io.targets_of_state_dict``).
     The config's ``task_type`` adds no head copy (peft's ``PeftModelFor...`` classes add those, this function does
     not); the modules the config's ``modules_to_save`` names are trained in full, as in peft.
     """
-    if state_dict is not None:
-        raise ValueError("inject_adapter_in_model: state_dict= is not supported; set the config's target_modules")
     peft_config = _from_peft(peft_config)
     if not isinstance(peft_config, DeltaConfig):
         raise TypeError(
             f"peft_config must be a DeltaConfig (a method's config class), got {type(peft_config).__name__}"
         )
+    if state_dict is not None:
+        peft_config = adapter_io.targets_of_state_dict(model, peft_config, state_dict)
     if isinstance(model, DeltaModel):
         raise TypeError("inject_adapter_in_model takes the plain model; use add_adapter on a DeltaModel")
     held = model.__dict__.get(adapter_io.INJECTED)

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int
-from ._folding import Reparametrised
+from ._folding import Reparametrised, fold_tensor
 from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
-from ._tokens import attach
+from ._tokens import VirtualTokens, attach, layer_of
 
 
 @dataclass
@@ -122,6 +122,38 @@ def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> l
     return attach(model, adapter_name, encoder, spec)
 
 
+# -- peft's PeftModel.get_prompt / get_prompt_embedding_to_save, for every token method (the registry finds them here) --
+def _token_adapter(model: nn.Module, adapter_name: str, caller: str) -> tuple[VirtualTokens, TokenSpec]:
+    layer = layer_of(model.get_base_model())
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"{caller}: no adapter named {adapter_name!r} (adapters: {', '.join(model.peft_config)})")
+    if layer is None or adapter_name not in layer.specs:
+        method = model.peft_config[adapter_name].method
+        raise ValueError(f"{caller}: adapter {adapter_name!r} is a {method} adapter; only the token methods (prompt "
+                         "tuning, P-tuning, prefix tuning) have virtual tokens")  # fmt: skip
+    return layer, layer.specs[adapter_name]
+
+
+def get_prompt(model: nn.Module, batch_size: int, task_ids: torch.Tensor | None = None,
+               max_cache_len: int | None = None) -> torch.Tensor | object:  # fmt: skip
+    """peft's ``get_prompt``: the active adapter's virtual tokens for a batch of ``batch_size``. Prompt tuning and
+    P-tuning: (batch, n, d), the (reparametrised) prompts each row gets; prefix tuning: the transformers cache of
+    per-layer key/value prefixes a forward starts from (in the base model's dtype). ``task_ids`` and
+    ``max_cache_len`` (peft's, for multitask prompts and old transformers' hybrid caches) change nothing here."""
+    layer, spec = _token_adapter(model, model.active_adapter, "get_prompt")
+    if spec.kind == "prefix":
+        return layer._fill(model.get_base_model(), model.active_adapter, spec, batch_size, None)
+    return layer.prompt_encoder[model.active_adapter]().unsqueeze(0).repeat(batch_size, 1, 1)  # (batch, n, d)
+
+
+def get_prompt_embedding_to_save(model: nn.Module, adapter_name: str) -> torch.Tensor:
+    """peft's: adapter ``adapter_name``'s virtual tokens as its file holds them (any reparametrisation folded in),
+    detached, on the CPU: (n, d) for prompts, (n, layers * 2 * d) for prefixes."""
+    layer, _ = _token_adapter(model, adapter_name, "get_prompt_embedding_to_save")
+    return fold_tensor(layer.prompt_encoder[adapter_name]).cpu()
+
+
+MODEL_FUNCTIONS = {"get_prompt": get_prompt, "get_prompt_embedding_to_save": get_prompt_embedding_to_save}
 CONFIG, INJECT = PrefixTuningConfig, inject
 
 __all__ = ["PrefixEncoder", "PrefixTuningConfig"]
