@@ -9,7 +9,8 @@ PEFT). m starts as ||W||_row, so the model again starts as the base.
 
 Layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weights stored transposed), ``nn.Embedding`` (A gathers rows
 like an embedding) and ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (A a conv with the base kernel, B a 1-kernel conv;
-methods/_lora_conv.py, which also holds the layers' shared base). Module and key names are PEFT's, so adapters move
+methods/_lora_conv.py, which also holds the layers' shared base), and ``nn.MultiheadAttention`` (an update of its
+in_proj_weight and one of its out_proj, methods/_lora_mha.py). Module and key names are PEFT's, so adapters move
 between deltatune and PEFT unchanged.
 """
 
@@ -28,10 +29,12 @@ from ..layer import DeltaLayer, linear_shape, set_submodule
 from ..targets import LORA_TARGETS, pattern_value, resolve_targets
 from . import _lora_conv as convs
 from . import _lora_init as inits
+from . import _lora_mha as mha
 from ._dora import place_linear
 from ._dora_layers import embedding_scale, init_magnitude
 from ._lora_conv import LoraConv1d, LoraConv2d, LoraConv3d, LoraConvNd, _factors, _LoraBase, conv_layer
 from ._lora_gather import gathered
+from ._lora_mha import LoraMultiheadAttention, mha_layer
 from ._lora_replicate import PREPARE, check_map  # noqa: F401 (PREPARE: DeltaModel runs it before inject)
 from ._trainable_tokens import add_tokens, check_indices
 from .quant import is_quantized
@@ -198,6 +201,7 @@ class LoraEmbedding(_LoraBase):
 
 LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConvNd)
 CONV_LAYERS = (LoraConv1d, LoraConv2d, LoraConv3d)  # (methods/_lora_conv.py; importers name them from here)
+_ALL_LAYERS = (*LORA_LAYERS, LoraMultiheadAttention)  # (MHA's two updates: not one A, B that LORA_LAYERS' users read)
 
 
 def _wrap(module: nn.Module, name: str) -> _LoraBase:
@@ -208,13 +212,14 @@ def _wrap(module: nn.Module, name: str) -> _LoraBase:
                               "(a learned positional embedding computes positions from it), so LoRA's update would "
                               "not be the merged weight's; leave it out of target_modules")  # fmt: skip
         return LoraEmbedding(module)
-    if (conv := conv_layer(module)) is not None:
+    if (conv := conv_layer(module) or mha_layer(module)) is not None:
         return conv
     shape = linear_shape(module)
     if shape is not None:
         return LoraLinear(module, fan_in_fan_out=shape[2])
     raise ConfigError(
-        f"lora: target {name} is a {kind}; LoRA adapts nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d layers"
+        f"lora: target {name} is a {kind}; LoRA adapts nn.Linear, GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d and "
+        "nn.MultiheadAttention layers"
     )
 
 
@@ -232,9 +237,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         module = model.get_submodule(name)
         if adapter_name in getattr(module, "modules_to_save", ()):  # trained in full: not a target (PEFT's rule)
             continue
-        if isinstance(module, DeltaLayer) and not isinstance(module, LORA_LAYERS):
+        if isinstance(module, DeltaLayer) and not isinstance(module, _ALL_LAYERS):
             raise ConfigError(f"lora: {name} is already adapted by {type(module).__name__}; LoRA cannot wrap it")
-        layer = module if isinstance(module, LORA_LAYERS) else _wrap(module, name)
+        layer = module if isinstance(module, _ALL_LAYERS) else _wrap(module, name)
+        mha.check_target(model, layer, name, config)  # (MultiheadAttention's, before its weight-less base is read)
         base = layer.base_layer
         if config.use_dora and not is_quantized(base) and not base.weight.is_floating_point():
             raise ConfigError(f"lora: use_dora is not supported on {name} ({type(base).__name__}); DoRA adapts "
@@ -243,6 +249,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         inits.check_target(layer, name, config, r)
         plan.append((name, layer, layer is not module))
     inits.check_base_kept(model, adapter_name, [(n, layer) for n, layer, _ in plan], config.init_lora_weights)
+    _say_fan_in_fan_out(config, [layer for _, layer, new in plan if new])
     layers: list[nn.Module] = []
     for name, layer, new in plan:
         if new:
@@ -254,6 +261,18 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
                   config.init_lora_weights, config.lora_bias)  # fmt: skip
         layers.append(layer)
     return layers + add_tokens(model, config, adapter_name)  # trainable_token_indices (methods/_trainable_tokens.py)
+
+
+def _say_fan_in_fan_out(config: LoraConfig, new: list[_LoraBase]) -> None:
+    """Set ``config.fan_in_fan_out`` as peft's dispatch does for each new layer in turn (so a saved GPT-2 adapter says
+    true, as peft's): True at a GPT-2 ``Conv1D``, False at a plain ``nn.Linear``. The layers read their own layout
+    (``linear_shape``), so the field only tells; peft's warning about the change is left out (the field's doc says)."""
+    for layer in new:
+        base = layer.base_layer
+        if isinstance(layer, LoraLinear) and layer.fan_in_fan_out:
+            config.fan_in_fan_out = True
+        elif isinstance(base, nn.Linear) and not is_quantized(base):
+            config.fan_in_fan_out = False
 
 
 def _check_patterns(config: LoraConfig, names: list[str]) -> None:
