@@ -183,7 +183,7 @@ def test_out_of_range_values_are_400s_naming_the_field(served):
     top_k -1, 0 or positive, min_p in [0, 1]; the values that ask for nothing pass."""
     engine, server, _, _ = served
     body = {"model": "lora", "prompt": "hi", "max_tokens": 2}
-    for field, value in (("frequency_penalty", 2.5), ("frequency_penalty", "1"), ("presence_penalty", -2.01),
+    for field, value in (("frequency_penalty", 2.5), ("frequency_penalty", "one"), ("presence_penalty", -2.01),
                          ("repetition_penalty", 0), ("repetition_penalty", -1.0), ("min_tokens", -1),
                          ("min_tokens", 1.5), ("min_tokens", 3), ("top_k", -2), ("top_k", 2.5), ("top_k", True),
                          ("min_p", 1.5), ("min_p", -0.1)):  # fmt: skip

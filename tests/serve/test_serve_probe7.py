@@ -104,7 +104,7 @@ def test_logprobs_limits_are_a_400_naming_the_field(served):
     for fields, param in (
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
-        ({"logprobs": True, "top_logprobs": "2"}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": "two"}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true (OpenAI's and vLLM's 400)
         ({"logprobs": 1}, "logprobs"),
         ({"echo": 1}, "echo"),  # served on chat too (vLLM's), a flag
