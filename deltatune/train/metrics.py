@@ -3,7 +3,8 @@ F1 for BIO tagging, ROUGE-L and BLEU for generation.
 
 Small, exact implementations of the standard definitions (tested against hand-worked values), so the trainers need
 no extra dependency. BLEU and ROUGE-L give the numbers people compare against: sacrebleu's default corpus BLEU
-(13a tokens, exp smoothing) and rouge-score's ROUGE-L (no stemmer), tested equal to both libraries.
+(13a tokens, exp smoothing) and rouge-score's ROUGE-L (without its stemmer, or with it: ``porter_stem`` is nltk's
+Porter stemmer, which rouge-score's ``use_stemmer`` runs), tested equal to both libraries.
 """
 
 from __future__ import annotations
@@ -126,14 +127,17 @@ def entity_prf(pred_tags: Sequence[Sequence[str]], true_tags: Sequence[Sequence[
 _ROUGE_DROP = re.compile(r"[^a-z0-9]+")
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """rouge-score's tokens: lower-cased, every run of characters other than a-z and 0-9 a separator."""
-    return _ROUGE_DROP.sub(" ", text.lower()).split()
+def rouge_tokens(text: str, stem: bool = False) -> list[str]:
+    """rouge-score's tokens: lower-cased, every run of characters other than a-z and 0-9 a separator; with ``stem``
+    (rouge-score's ``use_stemmer``) a token of more than 3 characters as its Porter stem (``porter_stem``)."""
+    tokens = _ROUGE_DROP.sub(" ", text.lower()).split()
+    return [porter_stem(t) if len(t) > 3 else t for t in tokens] if stem else tokens
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (rouge-score's, no stemmer): from the longest common subsequence of ``rouge_tokens``."""
-    a, b = rouge_tokens(prediction), rouge_tokens(reference)
+def rouge_l(prediction: str, reference: str, stem: bool = False) -> float:
+    """ROUGE-L F1 (rouge-score's): from the longest common subsequence of ``rouge_tokens``; ``stem`` is rouge-score's
+    ``use_stemmer`` (run_summarization's ``rouge.compute(..., use_stemmer=True)``)."""
+    a, b = rouge_tokens(prediction, stem), rouge_tokens(reference, stem)
     if not a or not b:
         return 0.0
     prev = [0] * (len(b) + 1)
@@ -201,3 +205,109 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n:
 def perplexity(loss: float) -> float:
     """exp(mean token loss); inf past a loss of 50 (where exp overflows a float's use); nan for a nan loss."""
     return float("inf") if loss >= 50 else math.exp(loss)
+
+
+# The Porter stemmer as rouge-score runs it: nltk's ``PorterStemmer()`` (mode NLTK_EXTENSIONS), step by step, each
+# rule list applied as nltk's ``_apply_rule_list`` does (the first suffix that matches decides; its condition failing
+# leaves the word as it is). Tested equal to nltk on a word list.
+_IRREGULAR = {"skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie", "news": "news",
+              "innings": "inning", "inning": "inning", "outings": "outing", "outing": "outing",
+              "cannings": "canning", "canning": "canning", "howe": "howe", "proceed": "proceed",
+              "exceed": "exceed", "succeed": "succeed"}  # fmt: skip
+_STEP2 = [("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"), ("bli", "ble"),
+          ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"), ("ization", "ize"), ("ation", "ate"),
+          ("ator", "ate"), ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"), ("ousness", "ous"),
+          ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"), ("fulli", "ful"), ("logi", "log")]  # fmt: skip
+_STEP3 = [("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""), ("ness", "")]
+_STEP4 = ["al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou", "ism", "ate",
+          "iti", "ous", "ive", "ize"]  # fmt: skip
+
+
+def _consonants(word: str) -> list[bool]:
+    """Per letter, whether it is a consonant: not a vowel, and a y only after a vowel (or first)."""
+    flags: list[bool] = []
+    for i, ch in enumerate(word):
+        flags.append(ch not in "aeiou" and (ch != "y" or i == 0 or not flags[i - 1]))
+    return flags
+
+
+def _measure(stem: str) -> int:
+    """m of [C](VC)^m[V]."""
+    return "".join("c" if c else "v" for c in _consonants(stem)).count("vc")
+
+
+def _vowel(stem: str) -> bool:
+    return not all(_consonants(stem))
+
+
+def _cvc(word: str) -> bool:
+    """*o: consonant-vowel-consonant at the end, the last not w, x or y (nltk: or a two-letter vowel-consonant)."""
+    c = _consonants(word)
+    if len(word) == 2:
+        return not c[0] and c[1]
+    return len(word) >= 3 and c[-3] and not c[-2] and c[-1] and word[-1] not in "wxy"
+
+
+def _double(word: str) -> bool:
+    return len(word) >= 2 and word[-1] == word[-2] and _consonants(word)[-1]
+
+
+def _step1b(w: str) -> str:
+    if w.endswith("ied"):
+        return w[:-3] + ("ie" if len(w) == 4 else "i")
+    if w.endswith("eed"):
+        return w[:-1] if _measure(w[:-3]) > 0 else w
+    stem = next((w[: -len(s)] for s in ("ed", "ing") if w.endswith(s) and _vowel(w[: -len(s)])), None)
+    if stem is None:
+        return w
+    if stem.endswith(("at", "bl", "iz")):
+        return stem + "e"
+    if _double(stem):
+        return stem[:-1] if stem[-1] not in "lsz" else stem
+    return stem + "e" if _measure(stem) == 1 and _cvc(stem) else stem
+
+
+def _rules(w: str, rules: list[tuple[str, str]], least: int) -> str:
+    for suffix, to in rules:
+        if w.endswith(suffix):
+            stem = w[: -len(suffix)]
+            if suffix == "logi":  # (nltk: the l stays with the stem, so geo-/theo- count)
+                return stem + to if _measure(w[:-3]) > least else w
+            return stem + to if _measure(stem) > least else w
+    return w
+
+
+def porter_stem(word: str) -> str:
+    """``word`` (lower case) as nltk's ``PorterStemmer().stem`` gives it, the stemmer of rouge-score's
+    ``use_stemmer``."""
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 2:
+        return word
+    w = word
+    # 1a
+    if w.endswith("ies") and len(w) == 4:
+        w = w[:-1]
+    else:
+        for suffix, to in (("sses", "ss"), ("ies", "i"), ("ss", "ss"), ("s", "")):
+            if w.endswith(suffix):
+                w = w[: -len(suffix)] + to
+                break
+    w = _step1b(w)
+    if w.endswith("y") and len(w) > 2 and _consonants(w[:-1])[-1]:  # 1c
+        w = w[:-1] + "i"
+    if w.endswith("alli") and _measure(w[:-4]) > 0:  # 2 (nltk: alli first, then step 2 again)
+        w = w[:-2]
+    w = _rules(w, _STEP2, 0)
+    w = _rules(w, _STEP3, 0)
+    for suffix in _STEP4:  # 4
+        if w.endswith(suffix):
+            stem = w[: -len(suffix)]
+            if _measure(stem) > 1 and (suffix != "ion" or stem.endswith(("s", "t"))):
+                w = stem
+            break
+    if w.endswith("e") and (_measure(w[:-1]) > 1 or _measure(w[:-1]) == 1 and not _cvc(w[:-1])):  # 5a
+        w = w[:-1]
+    if w.endswith("ll") and _measure(w[:-1]) > 1:  # 5b
+        w = w[:-1]
+    return w

@@ -66,8 +66,8 @@ def _cut_note(split: str, enc: Encoded | None, max_length: int, max_target_lengt
 
 @torch.no_grad()
 def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: int = 16) -> dict[str, float]:
-    """ROUGE-L (mean over examples) and corpus BLEU-4 of greedy generations against the targets (or the row's
-    ``references`` list when it has one)."""
+    """ROUGE-L (mean over examples; Porter-stemmed tokens, as run_summarization scores) and corpus BLEU-4 of greedy
+    generations against the targets (or the row's ``references`` list when it has one, the best ROUGE-L of them)."""
     d = cfg.data
     was_training = model.training
     model.eval()
@@ -95,5 +95,6 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
             many = r.data.get("references")
             refs.append([str(x) for x in many] if isinstance(many, list) and many else [str(r.get(d.target_column))])
     model.train(was_training)
-    rouge = sum(max(M.rouge_l(p, r) for r in rs) for p, rs in zip(preds, refs)) / max(len(preds), 1)
+    # run_summarization's ROUGE: rouge-score's with use_stemmer=True ("runs" and "running" match "run")
+    rouge = sum(max(M.rouge_l(p, r, stem=True) for r in rs) for p, rs in zip(preds, refs)) / max(len(preds), 1)
     return {"eval_rougeL": rouge, "eval_bleu": M.bleu(preds, refs)}
