@@ -42,6 +42,16 @@ def test_fourth_positional_is_peft_mixed_not_fused_loss() -> None:
     assert model.active_adapter == "default"
 
 
+def test_delta_model_takes_fused_loss_by_keyword_only() -> None:
+    """PeftModel(model, config, "default", True) means autocast_adapter_dtype=True; a bool fourth is no fused_loss."""
+    base = _llama()
+    with pytest.raises(TypeError, match="positional argument"):
+        dt.DeltaModel(base, dt.LoraConfig(target_modules=["q_proj"]), "default", True)
+    assert vars(base).get("_loss_function") is not causal_lm_loss
+    model = dt.DeltaModel(base, dt.LoraConfig(target_modules=["q_proj"]), "default", fused_loss=True)
+    assert vars(model.get_base_model()).get("_loss_function") is causal_lm_loss
+
+
 def test_peft_positional_order_up_to_low_cpu_mem_usage() -> None:
     """(model, config, adapter_name, mixed, autocast_adapter_dtype, revision, low_cpu_mem_usage), as peft's."""
     model = dt.get_delta_model(_llama(), dt.LoraConfig(target_modules=["q_proj"]), "a", False, True, "v1", False)
