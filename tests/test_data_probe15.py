@@ -216,6 +216,9 @@ def test_raw_template_gives_trls_plain_sft_of_a_standard_prompt_completion_row(s
     assert enc.examples[0]["input_ids"] == full[:4]
     text, spans = rendered(s, smol, RAW, "sft")[0][1:]
     assert text[spans[0][0] : spans[0][1]] == " blue.<|im_end|>"
+    from deltatune.train.chat import prompt_ids as chat_prompt_ids  # a raw run's model prompted as it trained
+
+    assert chat_prompt_ids(smol, "The sky is", template=RAW) == _tokenize(smol, "The sky is")["input_ids"]
 
 
 @pytest.mark.parametrize(

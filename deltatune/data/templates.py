@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any
 
 from .load import DataError, Row
-from .sample import REASONING
+from .sample import REASONING, as_written
 
 IGNORE_INDEX = -100
 
@@ -196,8 +196,10 @@ def render(
         if train_stop and not add_generation_prompt and _is_glm(tokenizer):
             return _glm_stops(text, spans, messages[-1])
         return text, spans
+    if template == "raw":  # data.template=raw (``raw.py``): the texts as they are, each answer closed by the EOS
+        return _raw_render(messages, tokenizer, tools, train_from)
     if template not in TEMPLATES:
-        raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}")
+        raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}, raw")
     for i, m in enumerate(messages):
         _check_reasoning(m, "", i, template)
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
@@ -229,6 +231,27 @@ def render(
             text += getattr(t, m["role"]).format(content=m["content"])
     if add_generation_prompt:
         text += t.generation_prefix
+    return text, spans
+
+
+def _raw_render(
+    messages: list[dict], tokenizer, tools: list[dict] | None = None, train_from: int = 0
+) -> tuple[str, list[tuple[int, int]]]:
+    """``render`` for ``raw`` (``raw.py``): the messages' texts joined as they are, each answer closed by the EOS
+    (TRL's add_eos), its span trained from message ``train_from`` on; what ``chat`` and ``generate`` prompt a raw
+    run's model with (the prompt's text alone: no generation prompt to add)."""
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise ChatTemplateError("data.template=raw has no tool support; leave data.template unset")
+    eos, text, spans = tokenizer.eos_token or "", "", []
+    for i, m in enumerate(messages):
+        content = as_written(m)
+        if m["role"] != "assistant":
+            text += content
+            continue
+        start = len(text)
+        text += content if not eos or content.endswith(eos) else content + eos
+        if i >= train_from and m.get("weight") != 0:
+            spans.append((start, len(text)))
     return text, spans
 
 
