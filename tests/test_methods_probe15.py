@@ -298,3 +298,13 @@ def test_a_linear_target_keeps_fan_in_fan_out_false_as_peft():
     model = dt.get_delta_model(Attn(), dt.LoraConfig(target_modules=["head"], fan_in_fan_out=True))
     theirs = peft.get_peft_model(Attn(), peft.LoraConfig(target_modules=["head"], fan_in_fan_out=True))
     assert model.peft_config["default"].fan_in_fan_out is theirs.peft_config["default"].fan_in_fan_out is False
+
+
+def test_add_weighted_adapter_refuses_an_mha_adapter_in_one_line():
+    """_lora_combine reads one A and B per layer: an MHA's two updates were left at the new adapter's init (silently
+    no change there). Refused now, naming the module, the model as it was."""
+    ours, _ = _pair()
+    ours.add_adapter("other", dt.LoraConfig(target_modules=["mha"], r=4, init_lora_weights=False))
+    with pytest.raises(ValueError, match="adapter 'default' adapts mha, an nn.MultiheadAttention") as err:
+        ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "both", combination_type="linear")
+    assert "\n" not in str(err.value) and "both" not in ours.peft_config

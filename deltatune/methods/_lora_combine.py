@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..layer import ModulesToSave
+from ._lora_mha import LoraMultiheadAttention
 from .lora import LORA_LAYERS, LoraConfig, LoraConvNd, LoraEmbedding
 
 EQUAL_RANKS = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
@@ -107,6 +108,10 @@ def add_weighted_adapter(
         raise ValueError(f"add_weighted_adapter: majority_sign_method must be 'total' or 'frequency', "
                          f"got {majority_sign_method!r}")  # fmt: skip
     for path, layer in model._layers():
+        if isinstance(layer, LoraMultiheadAttention) and (held := [n for n in names if n in layer.adapter_names]):
+            raise ValueError(f"add_weighted_adapter: adapter {held[0]!r} adapts {path}, an nn.MultiheadAttention (an "
+                             "update of in_proj_weight and one of out_proj), which deltatune does not combine; leave "
+                             "it out of the adapters' target_modules")  # fmt: skip
         if isinstance(layer, ModulesToSave) and len(held := [n for n in names if n in layer.adapter_names]) > 1:
             raise ValueError(f"add_weighted_adapter: adapters {held[0]!r} and {held[1]!r} each train their own "
                              f"copy of {path} (modules_to_save), which cannot be combined")  # fmt: skip
