@@ -41,7 +41,7 @@ from .files import (
     upcast_adapter,
 )
 from .layer import base_parameters, unwrapped_name
-from .targets import HEADS_BY_TASK
+from .targets import HEADS_BY_TASK, matches
 
 DeltaModel = Any  # model.DeltaModel, which imports this module
 
@@ -514,10 +514,31 @@ def targets_of_state_dict(model: torch.nn.Module, config: DeltaConfig, state_dic
         first = next(iter(state_dict), None)
         raise ConfigError(f"inject_adapter_in_model: no key of state_dict names an adapter on a module of the model "
                           f"(the first: {first!r})")  # fmt: skip
+    _warn_disagreement(modules, inner, config, names)
     narrowing = {
         f.name: None for f in dataclasses.fields(config) if f.name in ("exclude_modules", "layers_to_transform")
     }
     return config.replace(target_modules=sorted(names), **narrowing)
+
+
+def _warn_disagreement(modules: dict[str, Any], inner: tuple[str, ...], config: DeltaConfig, names: set[str]) -> None:
+    """peft's RuntimeWarning (its words) when the config's own target_modules (a list or a regex) would have picked
+    other modules than the state dict's keys name."""
+    given = config.target_modules
+    if given is None or given == "all-linear":  # (a family default is the method's table: not read here)
+        return
+    layers, pattern = getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
+    picked = {n for n in modules if n and not n.startswith(inner) and matches(n, given, layers, pattern)}
+    extra_config, extra_dict = sorted(picked - names), sorted(names - picked)
+    if not extra_config and not extra_dict:
+        return
+    message = (
+        "While injecting the PEFT adapters, an inconsistency was discovered between the PEFT config and the provided "
+        "state_dict. This is not necessarily an issue and can be ignored if this was the intent. "
+    )
+    message += f"The PEFT config contained these additional target modules: {extra_config}. " if extra_config else ""
+    message += f"The state_dict contained these additional target modules: {extra_dict}. " if extra_dict else ""
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 INJECTED = "_deltatune_model"  # where inject_adapter_in_model keeps the DeltaModel, out of the module tree

@@ -96,10 +96,12 @@ def test_inject_with_state_dict_targets_the_modules_its_keys_name() -> None:
     assert len(sd) == 4
 
     config = dict(target_modules=["q_proj", "v_proj", "k_proj"], r=8)
-    with pytest.warns(RuntimeWarning):  # peft says the config and the state dict differ
+    with pytest.warns(RuntimeWarning) as theirs:  # peft says the config and the state dict differ
         want = peft.inject_adapter_in_model(peft.LoraConfig(**config), _llama(), state_dict=sd)
     peft.set_peft_model_state_dict(want, sd)
-    got = dt.inject_adapter_in_model(dt.LoraConfig(**config), _llama(), state_dict=sd)
+    with pytest.warns(RuntimeWarning) as ours:
+        got = dt.inject_adapter_in_model(dt.LoraConfig(**config), _llama(), state_dict=sd)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]  # peft's words and module lists
     dt.set_peft_model_state_dict(got, sd)
     assert (
         _lora_names(got) == _lora_names(want) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
