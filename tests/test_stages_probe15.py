@@ -18,6 +18,7 @@ from deltatune.train.config import build
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "vision"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 CAPTIONS = [f"a handwritten {w} thin strokes" for w in ("zero", "one", "two", "three", "four", "five")]
 
@@ -239,3 +240,52 @@ class _Echo:
 
     def generate(self, input_ids, **kwargs):
         return input_ids
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_entity_level_metrics_are_seqevals_per_type(seed):
+    """run_ner's --return_entity_level_metrics: per type precision, recall, f1 and number as evaluate's seqeval
+    (seqeval's classification_report) gives them; random IOB2 / IOBES sequences, every figure equal to 1e-12."""
+    import random
+
+    from seqeval.metrics import classification_report
+
+    from deltatune.train.metrics import entity_prf_by_type
+
+    rng = random.Random(seed)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "E-PER", "S-LOC", "I-MISC", "B-MISC", "O", "O"]
+    true = [[rng.choice(tags) for _ in range(rng.randint(1, 9))] for _ in range(40)]
+    pred = [[rng.choice(tags) if rng.random() < 0.4 else t for t in s] for s in true]
+    ref = classification_report(true, pred, output_dict=True, zero_division=0)
+    got = entity_prf_by_type(pred, true)
+    assert sorted(got) == sorted(k for k in ref if not k.endswith(" avg"))
+    for kind, vals in got.items():
+        want = ref[kind]
+        assert vals["number"] == want["support"]
+        for ours, theirs in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert abs(vals[ours] - want[theirs]) < 1e-12, (kind, ours)
+
+
+def test_tag_reports_run_ners_entity_level_keys_when_asked(tmp_path):
+    """With data.return_entity_level_metrics (run_ner's flag) the tag stage's metrics carry <type>_precision,
+    _recall, _f1, _number beside the overall ones; without it, the overall ones only (run_ner's default)."""
+    from types import SimpleNamespace
+
+    from tiny import tokenizer
+
+    from deltatune.train.tag import prepare_tag
+
+    rows = [{"tokens": ["a", "b", "c"], "ner_tags": ["B-per", "O", "B-loc"]}, {"tokens": ["d"], "ner_tags": ["O"]}]
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    cfg = build({"stage": "tag", "data": {"train": str(path)}})
+    p = prepare_tag(cfg, tokenizer())
+    names = p.labels  # O, B-loc, I-loc, B-per, I-per
+    true = [[names.index(t) for t in ("B-per", "O", "B-loc")]]
+    guess = [[names.index(t) for t in ("B-per", "O", "O")]]
+    logits = np.eye(len(names))[guess]  # (1, 3, classes): argmax is the guess
+    pred = SimpleNamespace(predictions=logits, label_ids=np.array(true))
+    assert set(p.compute_metrics(pred)) == {"f1", "precision", "recall", "accuracy"}
+    cfg.data.return_entity_level_metrics = True  # (a recipe key once config.py declares it)
+    got = prepare_tag(cfg, tokenizer()).compute_metrics(pred)
+    assert got["per_f1"] == 1.0 and got["loc_recall"] == 0.0 and got["loc_number"] == 1 and got["per_number"] == 1
+    assert got["f1"] == pytest.approx(2 / 3)

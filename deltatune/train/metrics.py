@@ -124,6 +124,26 @@ def entity_prf(pred_tags: Sequence[Sequence[str]], true_tags: Sequence[Sequence[
     return {"precision": precision, "recall": recall, "f1": f}
 
 
+def entity_prf_by_type(
+    pred_tags: Sequence[Sequence[str]], true_tags: Sequence[Sequence[str]]
+) -> dict[str, dict[str, float]]:
+    """Per entity type (every type predicted or true, sorted): precision, recall, F1 and the number of true entities,
+    as evaluate's seqeval gives them under run_ner's ``--return_entity_level_metrics`` (a ratio with nothing to
+    count is 0, seqeval's zero_division)."""
+    counts: dict[str, list[int]] = {}  # type -> [true positives, predicted, true]
+    for p, t in zip(pred_tags, true_tags):
+        ps, ts = entities(p), entities(t)
+        for spans, k in ((ps & ts, 0), (ps, 1), (ts, 2)):
+            for kind, _, _ in spans:
+                counts.setdefault(kind, [0, 0, 0])[k] += 1
+    out = {}
+    for kind, (tp, n_pred, n_true) in sorted(counts.items()):
+        precision, recall = tp / n_pred if n_pred else 0.0, tp / n_true if n_true else 0.0
+        f = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[kind] = {"precision": precision, "recall": recall, "f1": f, "number": n_true}
+    return out
+
+
 _ROUGE_DROP = re.compile(r"[^a-z0-9]+")
 
 

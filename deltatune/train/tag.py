@@ -68,6 +68,9 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     if not train.examples:
         raise DataError(f"{d.train}: no row has a word with a token to tag")
 
+    # run_ner's --return_entity_level_metrics (a recipe key once config.py declares it; absent, off as there)
+    by_type = bool(getattr(d, "return_entity_level_metrics", False))
+
     def compute(p) -> dict[str, float]:
         preds = _logits(p.predictions).argmax(-1)
         pred_tags, true_tags = [], []
@@ -77,12 +80,17 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             true_tags.append([names[i] for i in lab[keep]])
         prf = M.entity_prf(pred_tags, true_tags)
         flat = [(a, b) for ps, ts in zip(pred_tags, true_tags) for a, b in zip(ps, ts)]
-        return {
+        out = {
             "f1": prf["f1"],
             "precision": prf["precision"],
             "recall": prf["recall"],
             "accuracy": sum(a == b for a, b in flat) / max(len(flat), 1),
         }
+        if by_type:  # run_ner's keys: <type>_precision, <type>_recall, <type>_f1, <type>_number
+            out |= {
+                f"{k}_{n}": v for k, got in M.entity_prf_by_type(pred_tags, true_tags).items() for n, v in got.items()
+            }
+        return out
 
     splits = (train.examples, ev.examples if ev and ev.examples else None)
     collator = Collator(tok.pad_token_id)  # the loss: over the whole step's tagged tokens (TokenLossTrainer)
