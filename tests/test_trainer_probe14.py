@@ -19,6 +19,25 @@ from deltatune.train import build, train
 from deltatune.train.config_train import EVAL_METRICS, PAIRED, check_best_metric
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _quick():
+    """No test here reads a run's training_curve.png (matplotlib's drawing was 0.9 s CPU of each run's 3); and the
+    objects of the imports frozen out of the garbage collector, whose full pass accelerate runs at each train()'s
+    end (0.8 s of a heap of torch, transformers and matplotlib objects). 56 s of wall time under load was 15 s CPU."""
+    import gc
+
+    from deltatune.train import report
+
+    plot, report.plot = report.plot, lambda *args, **kwargs: None
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        report.plot = plot
+
+
 def reference(cfg, out, **args):
     """probe 12's reference Trainer (a peft LoRA holding the run's start), with ``args`` over its own arguments
     (its logging_steps too)."""
@@ -43,13 +62,13 @@ def _rates(out) -> list[float]:
 def test_a_warmup_steps_fraction_warms_up_as_the_trainers(files, tmp_path):  # noqa: F811
     """transformers 5 reads warmup_steps below 1 as a fraction of the run's steps (its warmup_ratio is gone): a recipe's
     warmup_steps: 0.5 was refused ("must be int"). Now each step's learning rate equals the Trainer's, exactly."""
-    raw = recipe(files, tmp_path / "ours", max_steps=6, grad_accum=1, warmup_steps=0.5, save_steps=6)
+    raw = recipe(files, tmp_path / "ours", max_steps=4, grad_accum=1, warmup_steps=0.5, save_steps=4)
     train(build(raw))
     ours = _rates(tmp_path / "ours")
     trainer, _ = reference(build(raw), tmp_path / "ref", warmup_steps=0.5)
     theirs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
-    assert len(ours) == 6 and ours == theirs, (ours, theirs)
-    assert ours[0] == 0 < ours[1] < ours[2] < ours[3] == max(ours)  # ceil(6 * 0.5) = 3 warm-up steps: it acted
+    assert len(ours) == 4 and ours == theirs, (ours, theirs)
+    assert ours[0] == 0 < ours[1] < ours[2] == max(ours) > ours[3]  # ceil(4 * 0.5) = 2 warm-up steps: it acted
     assert build(recipe(files, tmp_path / "r", warmup_steps=0.5)).train.warmup_ratio == 0.5
 
 
@@ -184,7 +203,7 @@ def test_eval_drops_the_last_partial_batch_of_a_drop_last_run_as_the_trainer(fil
 def test_logging_first_step_logs_the_steps_the_trainer_logs(files, tmp_path):  # noqa: F811
     """logging_first_step was refused as an unknown key ("did you mean 'logging_steps'?"). Set, the run logs the
     steps the Trainer logs (1, then every logging_steps), with its losses and learning rates."""
-    raw = recipe(files, tmp_path / "ours", max_steps=4, grad_accum=1, logging_steps=3, logging_first_step=True)
+    raw = recipe(files, tmp_path / "ours", max_steps=3, grad_accum=1, logging_steps=3, logging_first_step=True)
     train(build(raw))
     with open(tmp_path / "ours" / "log_history.jsonl") as fh:
         ours = [h for h in map(json.loads, fh) if "loss" in h]
@@ -197,21 +216,21 @@ def test_logging_first_step_logs_the_steps_the_trainer_logs(files, tmp_path):  #
 
 def test_eval_accumulation_steps_is_passed_and_scores_alike(tiny_cls, tmp_path):
     """eval_accumulation_steps was refused as an unknown key. Set, a cls run's evaluation (its predictions moved off
-    the device every batch) reports what it reports without it, and the Trainer was given the key."""
+    the device every batch) reports what an evaluation of its adapter without it reports (``deltatune eval`` with
+    the key null, and with it), and the Trainer was given the key."""
     data = _texts(tmp_path / "d.jsonl", ["pos", "neg", "pos", "neg"])
-    metrics = []
-    for steps in (None, 1):
-        raw = {"stage": "cls", "model": {"name_or_path": tiny_cls}, "output": {"dir": str(tmp_path / f"o{steps}")},
-               "data": {"train": data, "eval": data, "max_length": 16},
-               "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
-               "train": {"max_steps": 1, "batch_size": 2, "eval_batch_size": 1, "eval_accumulation_steps": steps,
-                         "report_to": ["none"]}}  # fmt: skip
-        metrics.append(train(build(raw)))
+    raw = {"stage": "cls", "model": {"name_or_path": tiny_cls}, "output": {"dir": str(tmp_path / "o1")},
+           "data": {"train": data, "eval": data, "max_length": 16},
+           "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+           "train": {"max_steps": 1, "batch_size": 2, "eval_batch_size": 1, "eval_accumulation_steps": 1,
+                     "report_to": ["none"]}}  # fmt: skip
+    ours = train(build(raw))
     from deltatune.train.evaluation import evaluate
 
-    assert metrics[0]["eval_accuracy"] == metrics[1]["eval_accuracy"]
-    assert abs(metrics[0]["eval_loss"] - metrics[1]["eval_loss"]) < 1e-6
-    assert evaluate(str(tmp_path / "o1"))["eval_accuracy"] == metrics[1]["eval_accuracy"]
+    for overrides in ([], ["train.eval_accumulation_steps=null"]):
+        again = evaluate(str(tmp_path / "o1"), overrides=overrides)
+        assert again["eval_accuracy"] == ours["eval_accuracy"]
+        assert abs(again["eval_loss"] - ours["eval_loss"]) < 1e-6, (overrides, again, ours)
     from deltatune.train.run import _training_args
 
     assert (
@@ -247,13 +266,13 @@ def test_the_new_keys_are_named_where_a_stage_s_own_loop_ignores_them():
 
 def test_a_fractional_epoch_count_runs_the_trainers_steps_and_rates(files, tmp_path):  # noqa: F811
     """epochs 1.5 with max_steps -1 (the Trainer's num_train_epochs / max_steps): as many steps as the Trainer takes
-    (8 rows in batches of 2: 4 a pass, 6 in all) at the same learning rates, and the same adapter."""
+    (8 rows in batches of 4: 2 a pass, 3 in all) at the same learning rates, and the same adapter."""
     from safetensors.torch import load_file
 
-    raw = recipe(files, tmp_path / "ours", max_steps=-1, epochs=1.5, grad_accum=1, save_steps=100)
+    raw = recipe(files, tmp_path / "ours", max_steps=-1, epochs=1.5, batch_size=4, grad_accum=1, save_steps=100)
     got = train(build(raw))
     trainer, ref = reference(build(raw), tmp_path / "ref", num_train_epochs=1.5, max_steps=-1)
-    assert got["train_steps"] == trainer.state.global_step == 6
+    assert got["train_steps"] == trainer.state.global_step == 3
     assert _rates(tmp_path / "ours") == [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     assert max((adapter[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
