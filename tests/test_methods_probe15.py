@@ -308,3 +308,28 @@ def test_add_weighted_adapter_refuses_an_mha_adapter_in_one_line():
     with pytest.raises(ValueError, match="adapter 'default' adapts mha, an nn.MultiheadAttention") as err:
         ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "both", combination_type="linear")
     assert "\n" not in str(err.value) and "both" not in ours.peft_config
+
+
+def test_mha_bf16_forward_equals_peft_and_leaves_the_base_weights_alone():
+    """bf16 (adapters bf16 too, peft's autocast_adapter_dtype=False): outputs equal peft's to the bit (W_out's B zero,
+    where peft's twice-added update is zero too). peft's forward merges into W and unmerges again, so each call leaves
+    W_in rounded off its start (0.002 here); deltatune puts W + s B A in for the call and never writes W."""
+    kw = dict(target_modules=["mha"], r=4, lora_alpha=8, init_lora_weights=False)
+    torch.manual_seed(0)
+    base, twin = Attn().to(torch.bfloat16), Attn().to(torch.bfloat16)
+    twin.load_state_dict(base.state_dict())
+    w0 = base.mha.in_proj_weight.detach().clone()
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**kw), autocast_adapter_dtype=False).eval()
+    torch.manual_seed(3)
+    ours = dt.get_delta_model(twin, dt.LoraConfig(**kw)).eval()
+    x = _x().to(torch.bfloat16)
+    with torch.no_grad():
+        for model in (ours, theirs):
+            for n, p in model.named_parameters():
+                if OUT_B in n or "out_lora_B" in n:
+                    p.zero_()
+        for _ in range(2):
+            assert torch.equal(ours(x), theirs(x))
+    assert torch.equal(ours.base_model.mha.base_layer.in_proj_weight, w0)
+    assert not torch.equal(theirs.base_model.model.mha.base_layer.in_proj_weight, w0)
