@@ -7,7 +7,7 @@ import json
 
 import pytest
 from test_trainer_probe11 import files, recipe  # noqa: F401  (files: the module's fixture, a tiny llama and rows)
-from test_trainer_probe14 import reference
+from test_trainer_probe14 import _quick, reference  # noqa: F401  (_quick: probe14's, no plots, frozen gc)
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from deltatune.config import ConfigError
