@@ -133,13 +133,95 @@ def test_reward_eval_logs_num_tokens_and_rewards_as_trl(base, tmp_path):
         theirs = dt.trl_trainer(trl.RewardTrainer)(model=model(), args=args, train_dataset=rows, eval_dataset=rows,
                                                    processing_class=tokenizer())  # fmt: skip
         want = [theirs.evaluate(), theirs.train() and theirs.evaluate()]
-    ours_rows = [{s: {"input_ids": r[f"{s}_ids"], "attention_mask": [1] * len(r[f"{s}_ids"])} for s in ("chosen", "rejected")}
-                 for r in theirs.train_dataset]  # fmt: skip
+    ours_rows = [{s: {"input_ids": r[f"{s}_ids"], "attention_mask": [1] * len(r[f"{s}_ids"])}
+                  for s in ("chosen", "rejected")} for r in theirs.train_dataset]  # fmt: skip
     args = TrainingArguments(str(tmp_path / "dt"), remove_unused_columns=False, **keys)
     ours = RewardTrainer(model=dt.get_delta_model(model(), dt.FullConfig()), args=args, train_dataset=ours_rows,
-                         eval_dataset=ours_rows, data_collator=PairCollator(0), compute_metrics=rm_metrics)  # fmt: skip
+                         eval_dataset=ours_rows, data_collator=PairCollator(0),
+                         compute_metrics=rm_metrics)  # fmt: skip
     got = [ours.evaluate(), ours.train() and ours.evaluate()]
     assert [w["eval_num_tokens"] for w in want] == [g["eval_num_tokens"] for g in got] == [0.0, 80.0]
     for w, g in zip(want, got):
         for k in ("eval_loss", "eval_min_reward", "eval_mean_reward", "eval_max_reward", "eval_accuracy"):
             assert abs(w[k] - g[k]) < 1e-5, (k, w[k], g[k])
+
+
+def test_orpo_nll_takes_the_prompt_as_trls_orpo_trainer(base, tmp_path):
+    """TRL 1.16's ORPOTrainer (and the ORPO authors' code by default) takes its NLL over the chosen sequences' prompt
+    and response tokens: with align.disable_prompt_loss false deltatune's whole loss (NLL included), every LoRA
+    gradient and the nll stat equal TRL's on probe 14's prepared conversational batch. HEAD took the responses only
+    (its loss 0.02 off here). True (the authors' flag) keeps the responses-only NLL: by hand, -sum of the chosen
+    response log-probs / their token count."""
+    from test_align_probe11 import ATOL, _grads
+    from test_dpo_probe12 import _args, _same
+    from test_pref_probe14 import _prepared, _trl
+
+    trl_trainer = _trl(base, tmp_path, "orpo", 36, beta=0.2)
+    batch = next(iter(trl_trainer.get_train_dataloader()))
+    model = trl_trainer.model
+    model.train()
+    expected, metrics = trl_trainer.get_batch_loss_metrics(model, batch)
+    expected.backward()
+    want = _grads(model)
+    _, ours = _prepared(base, tmp_path, "orpo", 36, {"beta": 0.2})
+    trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"))
+    trainer.align.disable_prompt_loss = False  # (TRL's NLL: the prompt too)
+    inputs = ours.collator(ours.train)
+    got = trainer.compute_loss(model, inputs)
+    got.backward()
+    assert abs(got.item() - expected.item()) < ATOL * max(1.0, abs(expected.item())), (got.item(), expected.item())
+    _same(want, _grads(model))
+    assert trainer._stats["nll"][0] == pytest.approx(metrics["nll_loss"], abs=1e-5)
+    # answers only: the NLL is the chosen responses' mean token NLL
+    trainer.align.disable_prompt_loss = True
+    trainer._stats.clear()
+    with torch.no_grad():
+        trainer.compute_loss(model, inputs)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    n = len(inputs["input_ids"]) // 2
+    labels = inputs["labels"][:n, 1:]
+    logp = torch.log_softmax(logits[:n, :-1].float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    by_hand = -(logp * (labels != -100)).sum() / (labels != -100).sum()
+    assert trainer._stats["nll"][0] == pytest.approx(by_hand.item(), abs=1e-5)
+    assert abs(by_hand.item() - metrics["nll_loss"]) > 1e-2
+
+
+@pytest.mark.parametrize("stage", ["kto", "dpo"])
+def test_raw_rows_train_the_tokenizers_closing_sep_as_trl(base, tmp_path, stage):
+    """A BERT tokenizer (MiniLM's) puts [CLS] before and [SEP] after a text of its own accord: TRL 1.16's KTO and
+    DPO trainers tokenize prompt + completion + EOS text whole and train everything after the prompt's ids, so an
+    answer ends [SEP] [SEP], both trained, after a leading [CLS]. deltatune's data.template raw rows now have the same
+    ids and labels; HEAD's had no [CLS] and one [SEP]."""
+    import json
+
+    from test_align_probe11 import ROWS
+
+    from deltatune.train import build
+    from deltatune.train.models import load_tokenizer
+    from deltatune.train.table import prepare
+
+    rows = ROWS if stage == "kto" else PAIRS
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build({"stage": stage, "model": {"name_or_path": base}, "train": {"report_to": ["none"]},
+                 "data": {"train": str(path), "max_length": 64, "template": "raw"},
+                 "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    ours = prepare(cfg, load_tokenizer(base)).train
+    config, trainer = (trl.KTOConfig, trl.KTOTrainer) if stage == "kto" else (trl.DPOConfig, trl.DPOTrainer)
+    args = config(str(tmp_path / "trl"), per_device_train_batch_size=2, report_to=[], use_cpu=True, bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base)
+        theirs = dt.trl_trainer(trainer)(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                         processing_class=tokenizer())  # fmt: skip
+    sides = ["completion"] if stage == "kto" else ["chosen", "rejected"]
+    seen = 0
+    for want, got in zip(theirs.train_dataset, ours, strict=True):
+        for side in sides:
+            mine = got if stage == "kto" else got[side]
+            answer = want[f"{side}_ids"]
+            assert mine["input_ids"] == want["prompt_ids"] + answer
+            assert mine["labels"] == [-100] * len(want["prompt_ids"]) + answer
+            assert answer[-2:] == [102, 102] and mine["input_ids"][0] == 101
+            seen += 1
+    assert seen == len(rows) * len(sides)

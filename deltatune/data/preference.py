@@ -159,17 +159,31 @@ def bos_prefix(tokenizer) -> list[int]:
     return [bos] if bos is not None and probe and probe[0] == bos else []
 
 
+def special_ends(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text of its own accord: ([BOS], []) for Llama's,
+    ([CLS], [SEP]) for BERT's, ([], []) for GPT-2's and Qwen's."""
+    core, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(core) + 1):
+        if core and full[i : i + len(core)] == core:
+            return full[:i], full[i + len(core) :]
+    return bos_prefix(tokenizer), []
+
+
 def encode_lm(tokenizer, prompt: str, response: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
-    """Causal-LM inputs: ``[BOS] prompt response EOS``, labels -100 on BOS and prompt; whether it was cut.
+    """Causal-LM inputs: ``[BOS] prompt response EOS [tail]``, labels -100 on BOS and prompt; whether it was cut.
+    BOS and tail are the special tokens the tokenizer adds around a text of its own (``special_ends``): BERT's [CLS]
+    and [SEP], so its answer ends [SEP] [SEP], both trained, as TRL 1.16 tokenizes prompt + completion + EOS text
+    (its completion is everything after the prompt's own ids, the tokenizer's closing [SEP] too).
 
     Over-long rows keep the end of the prompt and as much of the response as fits (at least half of
     ``max_length`` when the response is that long).
     """
-    head = bos_prefix(tokenizer)
+    head, tail = special_ends(tokenizer)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     r = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         r = [*r, tokenizer.eos_token_id]
+    r = [*r, *tail]
     budget = max_length - len(head)
     cut = len(p) + len(r) > budget
     if cut:

@@ -9,8 +9,11 @@ gives
 
 where avg_y is the mean token log-prob of y, NLL(c) the cross-entropy of the chosen responses (a mean over all
 their tokens in the batch, as SFT computes it: with gradient accumulation, over the whole step's) and lambda =
-``align.beta``. The implicit rewards logged (and used for the eval accuracy) are beta * avg_y. Any registered
-method trains; the data path is DPO's.
+``align.beta``. With ``align.disable_prompt_loss`` false (the ORPO authors' code's flag, off there by default) the
+NLL takes the whole chosen sequences, prompt and response (every token but the first of each), as TRL's
+ORPOTrainer and the authors' code compute it; true (the value read while the align section has no such key), the
+responses only, as LLaMA-Factory computes it. The implicit rewards logged (and used for the eval accuracy) are
+beta * avg_y. Any registered method trains; the data path is DPO's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
-from .logprobs import response_logprobs, token_means
+from .logprobs import token_logprobs, token_means
 from .pairs import PairTrainer, disable_dropout
 from .prepared import Prepared
 
@@ -43,6 +46,8 @@ def orpo_loss(
     rejected_tokens: torch.Tensor,
     beta: float = 0.1,
     nll_tokens: torch.Tensor | int | None = None,
+    nll_logps: torch.Tensor | None = None,
+    nll_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ORPO loss of a batch of pairs (or of one micro-batch of an accumulated step: see ``nll_tokens``).
 
@@ -54,6 +59,9 @@ def orpo_loss(
         beta: lambda, the weight of the odds-ratio term.
         nll_tokens: the chosen tokens the NLL is a mean over (default: this batch's), so that the NLL terms of the
             micro-batches of an accumulated step add up to the NLL of the whole step.
+        nll_logps: (B,) summed log-probs of the tokens the NLL takes of each chosen sequence (the prompt's too, as
+            TRL's); default ``chosen_logps``, the responses' only.
+        nll_counts: (B,) their token counts; default ``chosen_tokens``.
 
     Returns:
         (loss (scalar), log odds ratios (B,), chosen rewards (B,), rejected rewards (B,)); rewards are detached.
@@ -61,17 +69,20 @@ def orpo_loss(
     chosen_avg = chosen_logps / chosen_tokens.clamp(min=1)
     rejected_avg = rejected_logps / rejected_tokens.clamp(min=1)
     log_or = log_odds_ratio(chosen_avg, rejected_avg)
-    nll = -chosen_logps.sum() / (chosen_tokens.sum().clamp(min=1) if nll_tokens is None else nll_tokens)
+    nll_logps = chosen_logps if nll_logps is None else nll_logps
+    nll_counts = chosen_tokens if nll_counts is None else nll_counts
+    nll = -nll_logps.sum() / (nll_counts.sum().clamp(min=1) if nll_tokens is None else nll_tokens)
     loss = nll - beta * F.logsigmoid(log_or).mean()
     return loss, log_or, beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
 class ORPOTrainer(PairTrainer):
-    """PairTrainer with the ORPO loss (no reference). Logs ``nll`` (over the responses: TRL's ``nll_loss``
-    takes the prompts too), ``log_odds_ratio`` (the mean of log sigmoid(log OR)), ``log_odds_chosen`` (the mean of
-    log OR; both as TRL names them), the ``rewards/*``, the ``logps/*`` (mean token log-probs, as TRL's) and the
-    ``logits/*`` (the mean logit over each side's response tokens, as deltatune's and TRL's DPO: TRL's ORPO takes the
-    prompt and padding positions too) means since the last log; eval predictions are (B, 2) [chosen reward, rejected reward]."""
+    """PairTrainer with the ORPO loss (no reference). Logs ``nll`` (TRL's ``nll_loss``: over the prompts too, but
+    with ``align.disable_prompt_loss``), ``log_odds_ratio`` (the mean of log sigmoid(log OR)), ``log_odds_chosen``
+    (the mean of log OR; both as TRL names them), the ``rewards/*``, the ``logps/*`` (mean token log-probs, as
+    TRL's) and the ``logits/*`` (the mean logit over each side's response tokens, as deltatune's and TRL's DPO: TRL's
+    ORPO takes the prompt and padding positions too) means since the last log; eval predictions are (B, 2) [chosen
+    reward, rejected reward]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -84,25 +95,31 @@ class ORPOTrainer(PairTrainer):
         divisor (the Trainer counts nothing for a model that does not take it, and would count the rejected
         responses' tokens too)."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        n = sum(int((b["labels"][: len(b["labels"]) // 2, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        answers = _answers_only(self.align)
+        n = sum(int((nll_labels(b, answers)[: len(b["labels"]) // 2, 1:] != IGNORE_INDEX).sum()) for b in batches)
         n = torch.tensor(n, device=device)
         return batches, self.accelerator.gather(n).sum() if self.accelerator.num_processes > 1 else n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         stats = {} if model.training else None
-        logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS}, stats)
+        full = nll_labels(inputs, _answers_only(self.align))
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        per_token = token_logprobs(logits, full, stats)  # (2B, T - 1): every token the NLL takes
+        answer = inputs["labels"][:, 1:] != IGNORE_INDEX
+        logps, counts = (per_token * answer).sum(-1), answer.sum(-1)
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
-        loss, log_or, chosen, rejected = orpo_loss(pc, pr, nc, nr, self.align.beta, num_items_in_batch)
+        nll_c, nll_n = per_token[: len(pc)].sum(-1), (full[: len(pc), 1:] != IGNORE_INDEX).sum(-1)
+        loss, log_or, chosen, rejected = orpo_loss(pc, pr, nc, nr, self.align.beta, num_items_in_batch, nll_c, nll_n)
         if model.training and num_items_in_batch:
             # The Trainer divides each micro-batch's loss by the accumulation steps and DDP averages the processes'
             # gradients: right for the means over pairs, while the NLL, already over every chosen token of the step,
             # is taken that many times over to undo both.
             times = self.current_gradient_accumulation_steps * self.accelerator.num_processes
-            loss = loss - (times - 1) * pc.sum() / num_items_in_batch
+            loss = loss - (times - 1) * nll_c.sum() / num_items_in_batch
         if model.training:  # the odds-ratio term over the step's pairs, each alike (PairTrainer.pair_mean)
             odds = F.logsigmoid(log_or)
             loss = loss + self.align.beta * (odds.mean() - self.pair_mean(odds, model))
-            self.log_stat("nll", (-pc.sum() / nc.sum().clamp(min=1)).item())
+            self.log_stat("nll", (-nll_c.sum() / nll_n.sum().clamp(min=1)).item())
             # TRL's names: log_odds_ratio the mean of log sigmoid(log OR), log_odds_chosen the mean of log OR
             self.log_stat("log_odds_ratio", odds.mean().item())
             self.log_stat("log_odds_chosen", log_or.mean().item())
@@ -115,6 +132,23 @@ class ORPOTrainer(PairTrainer):
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 
+def _answers_only(align: AlignArgs) -> bool:
+    """``align.disable_prompt_loss``; true (the NLL over the responses only) where the align section has no such
+    key."""
+    return getattr(align, "disable_prompt_loss", True)
+
+
+def nll_labels(batch: dict[str, torch.Tensor], answers_only: bool = False) -> torch.Tensor:
+    """(2B, T) the labels ORPO's NLL is over: every real token of each sequence (``attention_mask`` 1), prompt and
+    response, as TRL's ORPOTrainer takes them; ``answers_only``: the responses' labels only."""
+    if answers_only:
+        return batch["labels"]
+    labels = batch["labels"]
+    return torch.where(
+        labels != IGNORE_INDEX, labels, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    )
+
+
 def prepare_orpo(cfg: RunConfig, tok) -> Prepared:
     """DPO's data path (preference rows -> prompt + response with labels on the response) with the ORPO trainer."""
     from functools import partial
@@ -123,5 +157,6 @@ def prepare_orpo(cfg: RunConfig, tok) -> Prepared:
 
     p = prepare_dpo(cfg, tok)
     notes = [n for n in p.notes if not n.startswith("DPO")]
-    notes.append(f"ORPO: NLL of the chosen responses + {cfg.align.beta} x odds-ratio loss; no reference model")
+    nll = "responses" if _answers_only(cfg.align) else "sequences (prompt and response, as TRL)"
+    notes.append(f"ORPO: NLL of the chosen {nll} + {cfg.align.beta} x odds-ratio loss; no reference model")
     return dataclasses.replace(p, notes=notes, trainer_class=partial(ORPOTrainer, align=cfg.align))
