@@ -124,6 +124,8 @@ def test_inject_state_dict_naming_no_module_is_one_clear_line() -> None:
 TOKEN_CONFIGS = {
     "prompt_tuning": (dict(num_virtual_tokens=4), "PromptTuningConfig", "PromptTuningConfig"),
     "p_tuning": (dict(num_virtual_tokens=4, encoder_hidden_size=16), "PTuningConfig", "PromptEncoderConfig"),
+    "p_tuning_lstm": (dict(num_virtual_tokens=4, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"),
+                      "PTuningConfig", "PromptEncoderConfig"),
     "prefix_tuning": (dict(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16),
                       "PrefixTuningConfig", "PrefixTuningConfig"),
     "p_tuning_v2": (dict(num_virtual_tokens=4), "PrefixTuningConfig", "PrefixTuningConfig"),
