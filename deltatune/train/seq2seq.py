@@ -67,7 +67,7 @@ def _cut_note(split: str, enc: Encoded | None, max_length: int, max_target_lengt
 @torch.no_grad()
 def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: int = 16) -> dict[str, float]:
     """ROUGE-L (mean over examples; Porter-stemmed tokens, as run_summarization scores) and corpus BLEU-4 of greedy
-    generations against the targets (or the row's ``references`` list when it has one, the best ROUGE-L of them)."""
+    (or beam search: train.generation_num_beams) generations against the targets (or the row's ``references`` list when it has one, the best ROUGE-L of them)."""
     d = cfg.data
     was_training = model.training
     model.eval()
@@ -88,7 +88,8 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
             attention_mask=enc["attention_mask"].to(device),
             max_new_tokens=cfg.train.generation_max_new_tokens,
             do_sample=False,
-            num_beams=1,
+            # run_summarization's --num_beams (generation_num_beams): a recipe key once config_train.py declares it
+            num_beams=int(getattr(cfg.train, "generation_num_beams", 1) or 1),
         )
         preds += tok.batch_decode(out, skip_special_tokens=True)
         for r in chunk:
