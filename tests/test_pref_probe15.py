@@ -225,3 +225,48 @@ def test_raw_rows_train_the_tokenizers_closing_sep_as_trl(base, tmp_path, stage)
             assert answer[-2:] == [102, 102] and mine["input_ids"][0] == 101
             seen += 1
     assert seen == len(rows) * len(sides)
+
+
+def test_tr_dpo_in_kto_equals_trls_sync_ref_model(base, tmp_path):
+    """TRL's KTOTrainer takes sync_ref_model too: a full fine-tune on four raw rows (one batch), 3 AdamW steps at lr
+    1e-2, alpha 0.5, tau 1. deltatune's KTO losses equal TRL's (max abs diff 2e-5: fp32 sums of the mismatched-pair
+    estimate in another order), where TRL's unsynced reference is 0.18 off by the third step."""
+    import json
+
+    from test_align_probe11 import ROWS
+
+    from deltatune.train import build
+    from deltatune.train.kto import KTOTrainer
+    from deltatune.train.models import load_tokenizer
+    from deltatune.train.table import prepare
+
+    keys = dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    steps = {**STEPS, "per_device_train_batch_size": 4}
+    want = {}
+    for name, sync in (("synced", keys), ("fixed", {})):
+        args = trl.KTOConfig(str(tmp_path / name), bf16=False, beta=0.3, **sync, **steps)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(base)
+            theirs = dt.trl_trainer(trl.KTOTrainer)(model=model, args=args, train_dataset=Dataset.from_list(ROWS),
+                                                    processing_class=tokenizer())  # fmt: skip
+            theirs.train()
+        want[name] = _losses(theirs)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = build({"stage": "kto", "model": {"name_or_path": base}, "train": {"report_to": ["none"]},
+                 "align": {"beta": 0.3}, "data": {"train": str(path), "max_length": 64, "template": "raw"},
+                 "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    prepared = prepare(cfg, load_tokenizer(base))
+    for k, v in keys.items():
+        setattr(cfg.align, k, v)
+    torch.manual_seed(0)
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.FullConfig())
+    args = TrainingArguments(str(tmp_path / "dt"), remove_unused_columns=False, **steps)
+    ours = KTOTrainer(model=model, args=args, align=cfg.align, train_dataset=prepared.train,
+                      data_collator=prepared.collator)  # fmt: skip
+    ours.train()
+    got = _losses(ours)
+    assert len(got) == 3 and max(abs(a - b) for a, b in zip(want["synced"], got)) < 5e-5, (want, got)
+    assert abs(want["fixed"][2] - want["synced"][2]) > 0.1
