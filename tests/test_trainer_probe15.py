@@ -159,3 +159,25 @@ def test_more_trainer_keys_train_as_the_trainer(files, tmp_path, keys, args):  #
     diff = max((adapter[k] - ref[k]).abs().max().item() for k in ref)
     moved = max((plain[k] - ref[k]).abs().max().item() for k in ref)
     assert diff < 1e-5 < moved, (diff, moved)
+
+
+def test_fsdp_config_without_fsdp_is_one_line():
+    """The Trainer reads fsdp_config only when fsdp is set (TrainingArguments keeps it and nothing reads it): a recipe's
+    train.fsdp_config without train.fsdp trained as plain DDP, silently. Now one line; with fsdp it passes."""
+    with pytest.raises(ConfigError, match=r"^train.fsdp_config is read only with train.fsdp \(e.g. 'full_shard "
+                       r"auto_wrap'\), which is empty: set train.fsdp, or drop train.fsdp_config$"):  # fmt: skip
+        build({"train": {"fsdp_config": {"use_orig_params": True}}})
+    cfg = build({"train": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}})
+    assert cfg.train.fsdp_config == {"use_orig_params": True}
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [("optim_args", "train.optim's optimizer runs with the Trainer's settings for it"),
+     ("torch_empty_cache_steps", "the CUDA cache is left to torch's allocator")],
+)  # fmt: skip
+def test_more_trainer_keys_a_recipe_does_not_take_say_why(key, why):
+    """Refused before as unknown ("did you mean 'optim'?" for optim_args, which is no misspelling of it)."""
+    with pytest.raises(ConfigError, match=rf"^unknown key 'train.{key}' in recipe: {key} \(TrainingArguments'\) is "
+                       rf"not a recipe key: {why}"):  # fmt: skip
+        build({"train": {key: 1}})

@@ -155,6 +155,9 @@ def validate_train(cfg: Any) -> None:
         setattr(t, key, int(value) if value >= 1 else float(value))
     _check_warmup(t)
     _check_sampling(cfg)
+    if t.fsdp_config and not t.fsdp.strip():  # (the Trainer reads fsdp_config only under fsdp: silently unused)
+        raise ConfigError("train.fsdp_config is read only with train.fsdp (e.g. 'full_shard auto_wrap'), which is "
+                          "empty: set train.fsdp, or drop train.fsdp_config")  # fmt: skip
     if t.eval_accumulation_steps is not None and t.eval_accumulation_steps < 1:
         raise ConfigError(f"train.eval_accumulation_steps must be >= 1 (or null), got {t.eval_accumulation_steps}")
     if t.metric_for_best_model is not None and not t.metric_for_best_model.strip():
@@ -296,6 +299,9 @@ UNBUILT = {k: f"{k} (TrainingArguments') is not a recipe key: {v}" for k, v in (
      "as the Trainer counts them without one); drop it"),
     ("include_num_input_tokens_seen", "every text stage counts its non-padding tokens (num_input_tokens_seen in "
      "the log); drop it"),
+    ("optim_args", "train.optim's optimizer runs with the Trainer's settings for it (train.lr, train.weight_decay, "
+     "and train.adam_* for an Adam); drop it"),
+    ("torch_empty_cache_steps", "the CUDA cache is left to torch's allocator; drop it"),
     ("average_tokens_across_devices", "a step's loss is a mean over every process's label tokens (the Trainer's "
      "default, true); drop it"))}  # fmt: skip
 """TrainingArguments keys a recipe does not take, each with why: the unknown-key error names it (config.HF_NAMES)."""
