@@ -246,3 +246,29 @@ def test_stepwise_supervision_is_refused_in_one_line(prompt, stage):
         _read(row, stage)
     want = prompt if isinstance(prompt, str) else prompt[0]["content"]
     assert _read(row, "ppo", data_format="prompt").messages[0]["content"] == want  # (the way to its prompt)
+
+
+# -- LLaMA-Factory's dataset_info options ---------------------------------------------------------------------------
+
+
+def test_a_sharegpt_response_of_the_human_tag_is_named_not_called_empty():
+    """A ranking row whose chosen is a human turn was refused as "column 'chosen' is empty" (LLaMA-Factory's converter
+    finds its role tag invalid: the response must be of the assistant or function tag)."""
+    row = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "human", "value": "a"},
+           "rejected": {"from": "gpt", "value": "b"}}  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"^t\.jsonl:4: column 'chosen': a response must be an assistant turn, got user$"
+    ):
+        _read(row, "dpo")
+    row["chosen"] = {"from": "function_call", "value": '{"name": "f", "arguments": {}}'}  # (the function tag: a call)
+    s = _read({**row, "tools": '[{"name": "f", "parameters": {}}]'}, "dpo")
+    assert s.chosen[0]["tool_calls"][0]["function"]["name"] == "f"
+
+
+def test_an_audio_row_is_refused_in_one_line():
+    """LLaMA-Factory's audios column was dropped without a word: the row trained as text, its <audio> marker literal
+    (data.columns still refuses an 'audios' key as unknown: probe 11)."""
+    row = {"messages": [{"role": "user", "content": "<audio>What is said?"}, *A], "audios": ["a.wav"]}
+    with pytest.raises(DataError, match=r"^t\.jsonl:4: column 'audios': an audio row; no stage reads audio"):
+        _read(row)
+    assert _read({"messages": Q + A, "audios": []}).messages == Q + A

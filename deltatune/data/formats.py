@@ -429,6 +429,9 @@ def _unpaired(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
 
 def _pair_check(s: Sample, c: dict[str, str]) -> Sample:
     for key, msgs in (("chosen", s.chosen), ("rejected", s.rejected)):
+        if msgs and not any(m["role"] == "assistant" for m in msgs):  # (a sharegpt response of the human tag)
+            got = ", ".join(m["role"] for m in msgs)
+            raise DataError(f"{s.source}: column {_col(c, key)!r}: a response must be an assistant turn, got {got}")
         if not any(says_something(m) for m in msgs if m["role"] == "assistant"):
             raise _BadPair(
                 f"{s.source}: column {_col(c, key)!r} is empty; a preference pair needs two responses "

@@ -116,6 +116,10 @@ def _message_list(
 
 
 def _media(row: Row, c: dict[str, str]) -> dict[str, list[str]]:
+    """The row's images and videos; audio (LLaMA-Factory's ``audios`` column) is refused: no stage reads it."""
+    if row.get(_col(c, "audios"), required=False):
+        raise DataError(f"{row.source}: column {_col(c, 'audios')!r}: an audio row; no stage reads audio (the vision "
+                        "stages read images)")  # fmt: skip
     media: dict[str, list[str]] = {"images": [], "videos": []}
     for kind in media:
         value = row.get(_col(c, kind), required=False)
