@@ -273,28 +273,16 @@ class SyncRef(TrainerCallback):
                 ref.mul_(1.0 - self.alpha).add_(p.to(ref.dtype), alpha=self.alpha)
 
 
-def synced_reference(trainer: DeltaTrainer, align, stage: str) -> torch.nn.Module | None:
-    """TR-DPO (``align.sync_ref_model``, TRL's DPOConfig and KTOConfig name): a frozen copy of the policy as it
-    starts, no dropout, mixed toward the policy by ``SyncRef`` (``ref_model_mixup_alpha``, every
-    ``ref_model_sync_steps`` steps), which the trainer then scores the reference with. None when the key is off.
-
-    TRL keeps such a copy only for a model that is no PEFT model and refuses the rest, and so does deltatune: an
-    adapter's reference is the base with the adapter switched off, and only a method that trains the base's own
-    weights in place (full, freeze, BitFit) has a copy to sync.
-
-    Raises:
-        ConfigError: sync_ref_model with an adapter that leaves the base as it is, or with a precomputed reference.
-    """
-    import copy
-
+def check_sync_ref(align, config, base_model: torch.nn.Module, stage: str) -> None:
+    """ConfigError in one line when ``align.sync_ref_model`` (TR-DPO) cannot apply: an adapter (``config``, on
+    ``base_model``) that leaves the base as it is, whose reference is the base with the adapter off and no copy (TRL
+    refuses sync_ref_model with a PEFT model too), a precomputed reference, or a bad alpha or tau. Nothing when off."""
     from ..config import ConfigError
     from .config_align import precomputes_ref
 
     if not getattr(align, "sync_ref_model", False):
-        return None
-    delta = trainer._delta_model()
-    config = delta.peft_config[delta.active_adapter]
-    if not config.trainable_base_parameters(delta.base_model):
+        return
+    if not config.trainable_base_parameters(base_model):
         raise ConfigError(
             f"align.sync_ref_model (TR-DPO) with method.name={config.method}: the {stage} reference is the base with "
             "the adapter off, which no step changes, so there is no reference copy to sync (TRL refuses "
@@ -311,8 +299,29 @@ def synced_reference(trainer: DeltaTrainer, align, stage: str) -> torch.nn.Modul
         raise ConfigError(f"align.ref_model_sync_steps must be a whole number >= 1, got {steps!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"align.ref_model_mixup_alpha must be in [0, 1], got {alpha!r}")
+
+
+def synced_reference(trainer: DeltaTrainer, align, stage: str) -> torch.nn.Module | None:
+    """TR-DPO (``align.sync_ref_model``, TRL's DPOConfig and KTOConfig name): a frozen copy of the policy as it
+    starts, no dropout, mixed toward the policy by ``SyncRef`` (``ref_model_mixup_alpha``, every
+    ``ref_model_sync_steps`` steps), which the trainer then scores the reference with. None when the key is off.
+
+    TRL keeps such a copy only for a model that is no PEFT model and refuses the rest, and so does deltatune: an
+    adapter's reference is the base with the adapter switched off, and only a method that trains the base's own
+    weights in place (full, freeze, BitFit) has a copy to sync.
+
+    Raises:
+        ConfigError: see ``check_sync_ref``.
+    """
+    import copy
+
+    if not getattr(align, "sync_ref_model", False):
+        return None
+    delta = trainer._delta_model()
+    check_sync_ref(align, delta.peft_config[delta.active_adapter], delta.base_model, stage)
     ref = copy.deepcopy(trainer.model)
     ref.eval()  # no dropout, as TRL's reference
     ref.requires_grad_(False)
-    trainer.add_callback(SyncRef(ref, float(alpha), steps, trainer.accelerator))
+    alpha, steps = float(getattr(align, "ref_model_mixup_alpha", 0.6)), getattr(align, "ref_model_sync_steps", 512)
+    trainer.add_callback(SyncRef(ref, alpha, steps, trainer.accelerator))
     return ref
