@@ -215,6 +215,9 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
         hits = [name for name, layer, _ in plan if layer.is_feedforward]
         feedforward = "|".join(re.escape(name) for name in hits) if hits else []
     config.feedforward_modules = feedforward
+    for _, layer, new in plan:  # as peft's dispatch: a saved GPT-2 adapter says fan_in_fan_out true, a Linear's false
+        if new and not isinstance(layer.base_layer, (nn.Conv2d, nn.Conv3d)):
+            config.fan_in_fan_out = layer.fan_in_fan_out
     for name, layer, new in plan:
         if new:
             set_submodule(model, name, layer)

@@ -1,0 +1,46 @@
+"""The lead's fixes of session 50 from the agents' reports: IA3's saved fan_in_fan_out on GPT-2 (peft's dispatch sets
+it at a Conv1D), and the NaN message of a merged nn.MultiheadAttention (its parameters are in_proj_weight and
+out_proj.weight, not "weight")."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+
+import deltatune as dt
+from test_methods_probe15 import Attn, _gpt2
+
+
+def test_an_ia3_gpt2_adapter_saves_fan_in_fan_out_true_as_peft(tmp_path):
+    kw = dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], init_ia3_weights=False)
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        theirs = peft.get_peft_model(_gpt2(), peft.IA3Config(**kw))
+    torch.manual_seed(3)
+    ours = dt.get_delta_model(_gpt2(), dt.IA3Config(**kw))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    read = {w: json.loads((tmp_path / w / "adapter_config.json").read_text()) for w in ("ours", "theirs")}
+    assert read["theirs"]["fan_in_fan_out"] is True and read["ours"]["fan_in_fan_out"] is True
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(_gpt2(), tmp_path / "ours").eval()
+        assert (loaded(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_a_linear_ia3_target_keeps_fan_in_fan_out_false():
+    model = dt.get_delta_model(Attn(), dt.IA3Config(target_modules=["head"], feedforward_modules=[]))
+    assert model.peft_config["default"].fan_in_fan_out is False
+
+
+def test_a_nan_merged_into_an_mha_names_the_weights():
+    torch.manual_seed(0)
+    model = dt.get_delta_model(Attn(), dt.LoraConfig(target_modules=["mha"], r=4, init_lora_weights=False))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default"):
+        model.merge_adapter(safe_merge=True)
