@@ -272,3 +272,11 @@ def test_an_audio_row_is_refused_in_one_line():
     with pytest.raises(DataError, match=r"^t\.jsonl:4: column 'audios': an audio row; no stage reads audio"):
         _read(row)
     assert _read({"messages": Q + A, "audios": []}).messages == Q + A
+
+
+def test_a_completion_of_a_user_turn_is_named_not_called_a_conversation_without_an_answer():
+    """A conversational completion holding a user turn was refused as "the conversation has no assistant message to
+    learn from", naming neither the column nor the turn."""
+    row = {"prompt": Q, "completion": [{"role": "user", "content": "x"}]}
+    with pytest.raises(DataError, match=r"^t\.jsonl:4: completion: the response must end with an assistant message$"):
+        _read(row)

@@ -573,6 +573,9 @@ def _check(s: Sample, stage: str | None) -> None:
             if m["role"] == "assistant" and not says_something(m):
                 raise DataError(f"{s.source}: {part}[{i}].content: the assistant turn is empty")
             _check_calls(m, s.tools, f"{s.source}: {part}[{i}].tool_calls[{{k}}].function.name")
+    for part, msgs in (("chosen", s.chosen), ("rejected", s.rejected), ("completion", s.completion)):
+        if msgs is not None and (not msgs or msgs[-1]["role"] != "assistant"):
+            raise DataError(f"{s.source}: {part}: the response must end with an assistant message")
     if stage == "sft" or stage is None and s.format in STAGE_FORMATS["sft"]:
         conversation, start = s.sft()
         if not any(m["role"] == "assistant" for m in conversation[start:]):
@@ -582,6 +585,3 @@ def _check(s: Sample, stage: str | None) -> None:
                 f"{s.source}: the conversation's last message is a {conversation[-1]['role']} turn; SFT needs it to "
                 "end with an assistant turn"
             )
-    for part, msgs in (("chosen", s.chosen), ("rejected", s.rejected), ("completion", s.completion)):
-        if msgs is not None and (not msgs or msgs[-1]["role"] != "assistant"):
-            raise DataError(f"{s.source}: {part}: the response must end with an assistant message")
