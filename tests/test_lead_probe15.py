@@ -9,9 +9,9 @@ import json
 import peft
 import pytest
 import torch
+from test_methods_probe15 import Attn, _gpt2
 
 import deltatune as dt
-from test_methods_probe15 import Attn, _gpt2
 
 
 def test_an_ia3_gpt2_adapter_saves_fan_in_fan_out_true_as_peft(tmp_path):
