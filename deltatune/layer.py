@@ -253,9 +253,8 @@ class DeltaLayer(nn.Module):
             for name in [n for n in names if n in self.adapter_names and n not in merged]:
                 self.merge_as(name, True)
                 if bad := [k for k, p in self.base_layer.named_parameters() if not p.isfinite().all()]:
-                    what = (
-                        "weights" if any(k.endswith("weight") for k in bad) else "bias"
-                    )  # IA3's bias: "merged bias" (PEFT)
+                    # IA3's bias: "merged bias", as PEFT says; an MHA's in_proj_weight / out_proj.weight: "weights"
+                    what = "weights" if any(k.endswith("weight") for k in bad) else "bias"
                     raise ValueError(f"NaNs detected in the merged {what}. The adapter {name} seems to be broken")
         finally:
             self.base_layer, self.merged_adapters = base, merged
