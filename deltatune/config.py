@@ -32,7 +32,7 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS
 # so loading refuses it rather than silently computing something else.
 _IGNORABLE_VALUES: tuple[Any, ...] = (None, False, {}, [], "", 0)
 _IGNORABLE_KEYS = frozenset(
-    {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "revision", "runtime_config"}
+    {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config"}
 )  # (peft drops runtime_config from a file: runtime only)
 _NAME_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "feedforward_modules")
 """Fields naming modules: a string (a regex or a name) or a list of names."""
@@ -66,6 +66,8 @@ class DeltaConfig:
     """Modules trained in full and saved with the adapter (e.g. a new classification head)."""
     base_model_name_or_path: str | None = None
     """Where the base model came from; written for the record, not used to load."""
+    revision: str | None = None
+    """The base model's revision (peft's field: ``get_delta_model(revision=...)`` records it), for the record."""
     inference_mode: bool = False
     """True when the adapter is loaded for inference only (its parameters are frozen)."""
 

@@ -111,14 +111,14 @@ def test_add_adapter_peft_config_keyword_and_save_pretrained_peft_positional_ord
     # peft's order: save_pretrained(save_directory, safe_serialization, selected_adapters)
     theirs.save_pretrained(tmp_path / "peft", False, ["b"])
     ours.save_pretrained(tmp_path / "ours", False, ["b"])
-    assert os.listdir(tmp_path / "ours") == ["b"]
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "peft")) == ["README.md", "b"]
     assert sorted(os.listdir(tmp_path / "ours" / "b")) == ["adapter_config.json", "adapter_model.bin"]
     mine = torch.load(tmp_path / "ours" / "b" / "adapter_model.bin", weights_only=True)
     want = torch.load(tmp_path / "peft" / "b" / "adapter_model.bin", weights_only=True)
     state = dt.get_peft_model_state_dict(ours, adapter_name="b")
     assert mine.keys() == want.keys() == state.keys() and all(torch.equal(mine[k], state[k]) for k in mine)
     ours.save_pretrained(tmp_path / "bin", False)  # all adapters, as .bin
-    assert sorted(os.listdir(tmp_path / "bin")) == ["adapter_config.json", "adapter_model.bin", "b"]
+    assert sorted(os.listdir(tmp_path / "bin")) == ["README.md", "adapter_config.json", "adapter_model.bin", "b"]
 
 
 # -- 6. peft's config objects are taken, as the adapter_config.json they would save --------------------------------

@@ -7,6 +7,7 @@ and the model card ``save_pretrained`` writes.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -69,9 +70,10 @@ def test_revision_is_recorded_where_the_config_has_the_field(tmp_path) -> None:
     model = dt.get_delta_model(_llama(), config, revision="v1")
     with pytest.raises(TypeError, match="revision must be a string"):
         dt.get_delta_model(_llama(), dt.LoraConfig(target_modules=["q_proj"]), revision=3)
-    if hasattr(config, "revision"):  # DeltaConfig's revision field (config.py) records it, as peft's
-        assert model.peft_config["default"].revision == "v1" and config.revision is None
+    assert model.peft_config["default"].revision == "v1" and config.revision is None  # recorded, as peft's
     model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["revision"] == "v1"
+    assert peft.PeftConfig.from_pretrained(tmp_path).revision == "v1"
     loaded = dt.DeltaModel.from_pretrained(_llama(), tmp_path, revision="v1")
     loaded.load_adapter(tmp_path, "other", revision="v1")
     with torch.no_grad():

@@ -226,10 +226,10 @@ def test_autocast_adapter_dtype_keeps_a_bf16_base_s_adapter_in_fp32_as_peft(save
 
 
 def test_save_pretrained_of_no_selected_adapter_writes_none(saved, tmp_path):
-    """selected_adapters=[] saved every adapter (an empty list read as None); peft saves none."""
+    """selected_adapters=[] saved every adapter (an empty list read as None); peft saves none (only its model card)."""
     model = dt.DeltaModel.from_pretrained(tiny_model("llama"), saved)
     model.save_pretrained(tmp_path / "out", selected_adapters=[])
-    assert os.listdir(tmp_path / "out") == []
+    assert os.listdir(tmp_path / "out") == ["README.md"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         model.save_pretrained(tmp_path / "file", selected_adapters=[])
