@@ -1,6 +1,6 @@
 """Stage grpo against TRL 1.16's GRPOTrainer (probe 15): steps_per_generation and num_iterations > 1 after real
-optimizer updates (the weights, each update's loss and clip ratio, the old log-probs kept from the sampling), and
-generation token ids outside the model's vocabulary refused before the model loads.
+optimizer updates (the weights, each update's loss and clip ratio, the old log-probs kept from the sampling), TRL's
+entropy bonus (entropy_coef), and generation token ids outside the model's vocabulary refused before the model loads.
 
 The reference is the .venv's TRL 1.16: GRPOTrainer._prepare_inputs (one generation per steps_per_generation x
 num_iterations steps, ``shuffle_sequence_dict`` then ``split_tensor_dict`` into steps_per_generation slices, reused
@@ -20,7 +20,7 @@ from deltatune.config import ConfigError
 from deltatune.train.config import build
 from deltatune.train.config_align import AlignArgs, validate_align
 
-TEMPERATURE, G, T, LR, SHUFFLE_SEED = 0.7, 4, 4, 0.03, 7
+TEMPERATURE, G, T, LR, SHUFFLE_SEED = 0.7, 4, 4, 0.003, 7
 REWARDS = [1.0, 0.0, 2.5, 0.5, 2.0, 1.0, 2.0, 3.0]
 RAW = {"model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}}
 
@@ -36,10 +36,11 @@ def policy(tmp_path_factory):
     torch.manual_seed(0)
     config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config)
-    with torch.no_grad():  # a trained-looking adapter
+    with torch.no_grad():  # a trained-looking adapter; a head that makes token entropies differ (not all ln V)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
+        model.get_base_model().lm_head.weight.mul_(20)
     return model.eval(), base
 
 
@@ -50,7 +51,7 @@ def _completions(tok):
     return body
 
 
-def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str):
+def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str, keys: dict):
     """TRL trains ``model`` for S x mu optimizer steps on one generation batch of the eight fixed completions:
     (each step's (loss, clip ratio), the old log-probs of the generation, in its order)."""
     import trl
@@ -78,7 +79,7 @@ def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str):
                           num_iterations=mu, max_steps=S * mu, learning_rate=LR, lr_scheduler_type="constant",
                           logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
                           num_generations=G, max_completion_length=T, temperature=TEMPERATURE, beta=0.0,
-                          loss_type=loss_type, epsilon=0.2)  # fmt: skip
+                          loss_type=loss_type, epsilon=0.2, **keys)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = dt.trl_trainer(trl.GRPOTrainer)(
@@ -90,12 +91,14 @@ def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str):
 
     def generate(inputs):
         out = real_generate(inputs)
-        olds.append(out["old_per_token_logps"].clone())
+        olds.append(out.get("old_per_token_logps"))
         return out
 
     def compute_loss(model, inputs):
         loss = real_loss(model, inputs)
-        steps.append((loss.item(), trainer._metrics["train"]["clip_ratio/region_mean"][-1]))
+        metrics = trainer._metrics["train"]  # (policy_loss: the loss before the entropy bonus)
+        steps.append((metrics["policy_loss"][-1] if "policy_loss" in metrics else loss.item(),
+                      metrics["clip_ratio/region_mean"][-1], loss.item()))  # fmt: skip
         return loss
 
     trainer._generate_and_score_completions, trainer._compute_loss = generate, compute_loss
@@ -106,7 +109,7 @@ def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str):
     return steps, olds[0]
 
 
-def _ours(model, S: int, mu: int, loss_type: str, monkeypatch):
+def _ours(model, S: int, mu: int, loss_type: str, keys: dict, monkeypatch):
     """The loop's one step (S x mu updates) on the same completions: (the step's stats, each update's (loss, clip
     ratio), the old log-probs it kept)."""
     from tiny import tokenizer
@@ -125,7 +128,7 @@ def _ours(model, S: int, mu: int, loss_type: str, monkeypatch):
                       len(prompt), tok.batch_decode(completion, skip_special_tokens=True),
                       torch.tensor([tok.eos_token_id not in c for c in body]), [item] * 8, body)  # fmt: skip
     align = AlignArgs(num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, beta=0.0, mini_batch_size=8,
-                      steps_per_generation=S, num_iterations=mu, loss_type=loss_type)  # fmt: skip
+                      steps_per_generation=S, num_iterations=mu, loss_type=loss_type, **keys)  # fmt: skip
     validate_align(align, "grpo")
     loop = GRPOLoop(model, tok, [Reward("fixed", lambda completions, **_: list(REWARDS))], align, lr=LR)
 
@@ -153,33 +156,38 @@ def _ours(model, S: int, mu: int, loss_type: str, monkeypatch):
     return stats, steps, olds
 
 
-CASES = [(2, 2, "grpo"), (2, 2, "dapo"), (4, 1, "bnpo")]
+CASES = [(2, 2, "grpo", {}), (2, 2, "dapo", {}), (4, 1, "bnpo", {}), (2, 2, "grpo", {"entropy_coef": 0.05}),
+         (2, 1, "dapo", {"entropy_coef": 0.1, "top_entropy_quantile": 0.5})]  # fmt: skip
 
 
-@pytest.mark.parametrize("S, mu, loss_type", CASES)
-def test_steps_per_generation_and_iterations_train_as_trls(policy, tmp_path, monkeypatch, S, mu, loss_type):
-    """S x mu AdamW updates (lr 0.03: the later ones clip) on one generation batch of 8 completions: each update's
+@pytest.mark.parametrize("S, mu, loss_type, keys", CASES)
+def test_steps_per_generation_and_iterations_train_as_trls(policy, tmp_path, monkeypatch, S, mu, loss_type, keys):
+    """S x mu AdamW updates (lr 0.01: the later ones clip) on one generation batch of 8 completions: each update's
     loss and clip ratio, the old log-probs kept from the sampling, and the adapter weights after them equal TRL's
-    GRPOTrainer trained for S x mu steps with steps_per_generation S and num_iterations mu."""
+    GRPOTrainer trained for S x mu steps with steps_per_generation S and num_iterations mu; with TRL's entropy_coef
+    (its entropy bonus, over the top_entropy_quantile tokens where that is set) too."""
     model, _ = policy
     ours_model, trl_model = copy.deepcopy(model), copy.deepcopy(model)
-    trl_steps, trl_old = _trl_run(trl_model, tmp_path, monkeypatch, S, mu, loss_type)
-    stats, steps, olds = _ours(ours_model, S, mu, loss_type, monkeypatch)
+    trl_steps, trl_old = _trl_run(trl_model, tmp_path, monkeypatch, S, mu, loss_type, keys)
+    stats, steps, olds = _ours(ours_model, S, mu, loss_type, keys, monkeypatch)
     assert len(olds) == 1 and olds[0].shape == trl_old.shape
     from tiny import tokenizer
 
     mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in _completions(tokenizer())]).bool()
     assert (olds[0] - trl_old)[mask].abs().max().item() < 1e-5  # (after the EOS: pad tokens nobody reads)
     assert len(steps) == len(trl_steps) == S * mu
-    for (loss, clip), (want_loss, want_clip) in zip(steps, trl_steps):
-        assert loss == pytest.approx(want_loss, abs=2e-5)
+    for (loss, clip), (want_loss, want_clip, _) in zip(steps, trl_steps):
+        assert loss == pytest.approx(want_loss, rel=1e-5, abs=2e-5)
         assert clip == pytest.approx(want_clip, abs=1e-6)
+
     assert mu == 1 or any(clip > 0 for _, clip in steps)  # (the updates did move the policy past the clip)
-    assert stats["loss"] == pytest.approx(sum(loss for loss, _ in steps) / (S * mu), abs=1e-6)
+    assert stats["loss"] == pytest.approx(sum(total for *_, total in trl_steps) / (S * mu), abs=2e-5)
+    bonus = sum(total - loss for loss, _, total in trl_steps)
+    assert (abs(bonus) > 1e-3) == bool(keys.get("entropy_coef"))  # (TRL's bonus is in its loss, and in ours)
     theirs = dict(trl_model.named_parameters())
     diffs = [(p - theirs[n]).abs().max().item() for n, p in ours_model.named_parameters() if p.requires_grad]
     moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
-    assert max(diffs) < 2e-5 and moved > 1e-3  # (seen: 5e-6 after four AdamW steps of lr 0.03)
+    assert max(diffs) < 1e-6 and moved > 1e-3  # (seen: 3.3e-7)
 
 
 @pytest.mark.parametrize("align, words", [
@@ -189,4 +197,67 @@ def test_steps_per_generation_and_iterations_train_as_trls(policy, tmp_path, mon
 def test_steps_per_generation_bad_input_is_one_line_naming_the_key(align, words):
     with pytest.raises(ConfigError, match=words) as err:
         build({**RAW, "stage": "grpo", "align": align})
+    assert "\n" not in str(err.value)
+
+
+# -- generation token ids outside the vocabulary ---------------------------------------------------------------------
+
+
+def _prepare(tmp_path, base: str, generation_kwargs: dict):
+    from tiny import tokenizer
+
+    from deltatune.train.grpo import prepare_grpo
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello there"}\n{"prompt": "hi"}\n')
+    (tmp_path / "rewards.py").write_text("def zero(completions, **kw):\n    return [0.0] * len(completions)\n")
+    align = {"num_generations": 2, "max_new_tokens": 3, "reward_funcs": [f"{tmp_path / 'rewards.py'}:zero"],
+             "generation_kwargs": generation_kwargs}  # fmt: skip
+    cfg = build({"stage": "grpo", "model": {"name_or_path": base}, "method": {"name": "lora"}, "align": align,
+                 "data": {"train": str(tmp_path / "p.jsonl")}, "output": {"dir": str(tmp_path / "run")},
+                 "train": {"batch_size": 2}})  # fmt: skip
+    return prepare_grpo(cfg, tokenizer())
+
+
+@pytest.mark.parametrize("kwargs, shown", [
+    ({"bad_words_ids": [[5], [7, 30530]]}, "bad_words_ids: 30530"),
+    ({"bad_words_ids": [[30522]]}, "bad_words_ids: 30522"),
+    ({"sequence_bias": [[[3, 40000], -1.0]]}, "sequence_bias: 40000"),
+    ({"forced_eos_token_id": [2, 50000]}, "forced_eos_token_id: 50000"),
+])  # fmt: skip
+def test_generation_ids_past_the_vocabulary_are_one_line_before_the_model_loads(policy, tmp_path, kwargs, shown):
+    """A token id past the model's vocabulary (30,522 ids here) in align.generation_kwargs bad_words_ids,
+    sequence_bias or forced_eos_token_id failed at the first rollout, inside torch (IndexError) or a logits processor
+    (ValueError); it is one line naming the key when the stage prepares its prompts, before the model loads. Ids
+    inside the vocabulary prepare as before."""
+    from tiny import tokenizer
+
+    from deltatune.train.grpo import GRPOLoop, PromptItem
+    from deltatune.train.grpo_rewards import Reward
+
+    model, base = policy
+    words = f"^align.generation_kwargs {shown} is no token id \\(the model's vocabulary is 0 to 30521\\); generate"
+    with pytest.raises(ConfigError, match=words + " would fail on it at the first rollout$") as err:
+        _prepare(tmp_path, base, kwargs)
+    assert "\n" not in str(err.value)
+    assert (
+        _prepare(tmp_path, base, {"bad_words_ids": [[5], [7, 30521]], "sequence_bias": [[[30521], -1.0]]}).loop
+        is not None
+    )
+    tok = tokenizer()  # the guard: generate does fail on such an id
+    align = AlignArgs(num_generations=2, max_new_tokens=2, generation_kwargs=kwargs)
+    loop = GRPOLoop(model, tok, [Reward("zero", lambda completions, **_: [0.0] * len(completions))], align)
+    with pytest.raises((IndexError, ValueError)):
+        loop.sample([PromptItem(tok("hi")["input_ids"], "hi", {}, "p:1")], 2)
+
+
+@pytest.mark.parametrize("kwargs, shown", [
+    ({"bad_words_ids": [[-3]]}, "bad_words_ids: -3"),
+    ({"sequence_bias": [[[1, "x"], 1.0]]}, "sequence_bias: 'x'"),
+    ({"forced_eos_token_id": 2.5}, "forced_eos_token_id: 2.5"),
+])  # fmt: skip
+def test_generation_ids_that_are_no_ids_are_one_line_at_build(kwargs, shown):
+    """Ids that no vocabulary holds (negative, not whole numbers) are refused when the recipe builds."""
+    with pytest.raises(ConfigError, match=f"^align.generation_kwargs {shown} is no token id \\(ids are whole "
+                       "numbers >= 0\\)") as err:  # fmt: skip
+        build({**RAW, "stage": "grpo", "align": {"generation_kwargs": kwargs}})
     assert "\n" not in str(err.value)

@@ -155,6 +155,8 @@ class AlignArgs:
                                           "loss term (DAPO; TRL's).")  # fmt: skip
     top_entropy_quantile: float = _f(1.0, "GRPO: the policy term counts on the top rho of completion tokens by "
                                      "entropy, over each forward's chunk (TRL's; 1: all).")  # fmt: skip
+    entropy_coef: float = _f(0.0, "GRPO: minus this times the mean token entropy (of the tokens the policy term "
+                             "counts on) is added to each update's loss, TRL's entropy bonus (0: none; < 0: a penalty).")  # fmt: skip
     sapo_temperature_pos: float = _f(1.0, "GRPO loss_type sapo: the gate's temperature where the advantage is > 0.")
     sapo_temperature_neg: float = _f(1.05, "GRPO loss_type sapo: the gate's temperature where the advantage is <= 0.")
     bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
@@ -405,11 +407,41 @@ def _validate_sampling(a: AlignArgs) -> None:
     kw = a.generation_kwargs
     if kw is not None and (not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw)):
         raise ConfigError(f"align.generation_kwargs must be a mapping of GenerationConfig settings, got {kw!r}")
+    check_generation_ids(a)
     owned = sorted(set(kw or ()) & set(GENERATION_OWNED))
     if owned:
         raise ConfigError(f"align.generation_kwargs sets {', '.join(owned)}, which the GRPO loop sets itself "
                           "(align.max_new_tokens, align.num_generations, the EOS); drop it")  # fmt: skip
     _check_generation(a)
+
+
+GENERATION_IDS = ("bad_words_ids", "sequence_bias", "forced_eos_token_id")
+"""The align.generation_kwargs settings whose token ids generate fails on past the vocabulary (``check_generation_ids``;
+suppress_tokens and begin_suppress_tokens match no token there, as in TRL)."""
+
+
+def check_generation_ids(a: AlignArgs, vocab_size: int | None = None) -> None:
+    """ConfigError naming the align.generation_kwargs key whose token ids are not whole numbers in [0, ``vocab_size``)
+    (the model's vocabulary; None: not known yet, only >= 0): generate fails on them at the first rollout, from
+    inside torch (an index out of range) or its logits processor."""
+    for key in GENERATION_IDS:
+        value = (a.generation_kwargs or {}).get(key)
+        if value is None:
+            continue
+        if key == "sequence_bias":  # {(ids...): bias} or [[ids, bias], ...]: the ids are the keys / first items
+            value = list(value) if isinstance(value, dict) else [v[0] for v in value if isinstance(v, (list, tuple))]
+        ids, todo = [], [value]
+        while todo:
+            v = todo.pop()
+            if isinstance(v, (list, tuple)):
+                todo.extend(v)
+            else:
+                ids.append(v)
+        bad = [i for i in ids if type(i) is not int or i < 0 or vocab_size is not None and i >= vocab_size]
+        if bad:
+            limit = f"the model's vocabulary is 0 to {vocab_size - 1}" if vocab_size else "ids are whole numbers >= 0"
+            raise ConfigError(f"align.generation_kwargs {key}: {bad[0]!r} is no token id ({limit}); generate would "
+                              "fail on it at the first rollout")  # fmt: skip
 
 
 def _check_generation(a: AlignArgs) -> None:

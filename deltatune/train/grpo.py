@@ -57,7 +57,14 @@ from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
-from .config_align import grpo_loss_norm, grpo_policy, grpo_sampling, validate_grpo
+from .config_align import (
+    GENERATION_IDS,
+    check_generation_ids,
+    grpo_loss_norm,
+    grpo_policy,
+    grpo_sampling,
+    validate_grpo,
+)
 from .grpo_loss import group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401  (k3_kl: re-exported)
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
@@ -250,6 +257,9 @@ class GRPOLoop:
                     importance_sampling_level=a.importance_sampling_level, policy=grpo_policy(a),
                     sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg),
                 )  # fmt: skip
+                if a.entropy_coef:  # TRL's bonus: the mean entropy of the policy term's tokens (per chunk, as per
+                    on = m if top is None else m * top  # micro-batch in TRL; a chunk weighs its share of the slice)
+                    loss = loss - a.entropy_coef * (entropy * on).sum() / on.sum().clamp(min=1) * len(idx) / len(part)
                 if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
                     from .trainer import NonFiniteLossError
 
@@ -385,6 +395,19 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"align.top_p must be in (0, 1], got {a.top_p}")
 
 
+def _vocab_size(cfg: RunConfig) -> int | None:
+    """The vocabulary size of the model's config (None where it does not read: the model loader says why)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+    return getattr(config.get_text_config(), "vocab_size", None)
+
+
 def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
     """Prompts, the rewards (functions imported, reward runs checked) and the loop that trains on them.
 
@@ -402,9 +425,12 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
                                         d.template) if rows else (None, 0)) for rows in (train_rows, eval_rows))  # fmt: skip
     longest = max(len(it.ids) for it in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
+    if set(a.generation_kwargs or ()) & set(GENERATION_IDS):  # ids past the vocabulary: an IndexError in generate
+        check_generation_ids(a, _vocab_size(cfg))
     notes = [
         f"GRPO: {cfg.train.batch_size} prompts x {a.num_generations} completions per step, {a.max_new_tokens} new "
-        f"tokens at most, {a.num_iterations * a.steps_per_generation} optimizer step(s) per generation batch, clip {a.cliprange}, "
+        f"tokens at most, {a.num_iterations * a.steps_per_generation} update(s) per generation batch, "
+        f"clip {a.cliprange}, "
         + (f"KL coefficient {a.beta} (k3 estimator; reference = the base with the adapter off)" if a.beta > 0
            else "no KL term (beta 0: no reference pass)")
         + f", {grpo_loss_norm(a)} loss normalisation, advantages "
