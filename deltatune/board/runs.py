@@ -9,6 +9,7 @@ the listing, and every path is resolved (symlinks included) and checked to lie i
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import glob
@@ -164,10 +165,10 @@ def history(folder: str) -> list[dict[str, Any]]:
 
 @dataclasses.dataclass
 class _Log:
-    """What is known of a log file from its last read: where its whole lines end (``offset``), the bytes before
-    that (``last``: the file is still the one read while they are where they were), their rows, how far it was read
-    (``seen``) and the unterminated line after ``offset`` (``tail``, None once past ``MAX_LINE``: skipped to its
-    end) with its row, if it parses (``tail_rows``)."""
+    """What is known of a log file from its last read: where its whole lines end (``offset``), their rows, how far it
+    was read (``seen``), the last bytes read (``last``, up to 256 before ``seen``: the file is still the one read while
+    they are where they were) and the unterminated line after ``offset`` (``tail``, None once past ``MAX_LINE``:
+    skipped to its end) with its row, if it parses (``tail_rows``)."""
 
     ident: tuple[int, int]
     offset: int = 0
@@ -181,8 +182,10 @@ class _Log:
 def _log_rows(path: str) -> list[dict[str, Any]]:
     """The rows of a log file, reading only the bytes appended since the last read (a page polls every second; a
     100,000-line log took a second to parse each time, and an unterminated last line was read and parsed again on
-    every poll: a 50 MB one, 50 MB a second). The cache is dropped when the file is another one, shorter, or its
-    last read line is no longer where it was (a run restarted, or resumed, rewrites the log)."""
+    every poll: a 50 MB one, 50 MB a second). The cache is dropped when the file is another one, shorter, or the last
+    bytes read (the unterminated line's included) are no longer what they were: a run restarted, or resumed, rewrites
+    the log, a resumed one with the checkpoint's rows byte for byte, then its own (a half row cached from before
+    joined to them gave a wrong row)."""
     try:
         with open(path, "rb") as fh:
             info = os.fstat(fh.fileno())
@@ -192,7 +195,7 @@ def _log_rows(path: str) -> list[dict[str, Any]]:
                 log = _LOGS.get(path)
             if log is None or log.ident != (info.st_dev, info.st_ino) or log.seen > info.st_size:
                 log = _Log((info.st_dev, info.st_ino))
-            fh.seek(log.offset - len(log.last))
+            fh.seek(log.seen - len(log.last))
             if fh.read(len(log.last)) != log.last:
                 log = _Log((info.st_dev, info.st_ino))
             if log.seen == info.st_size:  # nothing new: not even the unterminated last line is read again
@@ -201,17 +204,17 @@ def _log_rows(path: str) -> list[dict[str, Any]]:
             data = fh.read()
     except OSError:
         return []
-    start, buf, last, cut = log.offset, (log.tail or b"") + data, log.last, 0  # buf: the file from start on
+    start, buf, cut = log.offset, (log.tail or b"") + data, 0  # buf: the file from start on
     if log.tail is None:  # inside a line past MAX_LINE: its rest is skipped up to its newline, unread after
         cut = data.find(b"\n") + 1
-        start, buf, last = (log.seen + cut, data[cut:], data[max(0, cut - 256) : cut]) if cut else (start, b"", last)
+        start, buf = (log.seen + cut, data[cut:]) if cut else (start, b"")
     end = buf.rfind(b"\n") + 1  # whole lines are kept; the last line without its newline is kept apart
     rest = buf[end:]
-    tail = None if log.tail is None and not cut or len(rest) > MAX_LINE else rest
+    tail = None if log.tail is None and not cut or len(rest.removesuffix(b"\r")) > MAX_LINE else rest
     log = _Log(
         log.ident,
         offset=start + end,
-        last=buf[max(0, end - 256) : end] if end else last,
+        last=(log.last + data[-256:])[-256:],
         rows=log.rows + _parse(buf[:end]),
         seen=log.seen + len(data),
         tail=tail,
@@ -225,11 +228,17 @@ def _log_rows(path: str) -> list[dict[str, Any]]:
 
 
 def _parse(data: bytes) -> list[dict[str, Any]]:
+    """The rows of whole log lines; a line past ``MAX_LINE`` bytes (its newline and a trailing \\r not counted, as
+    the unterminated tail is measured) is no log row."""
     rows = []
-    for line in data.decode("utf-8", errors="replace").splitlines():  # bad bytes: a line skipped
-        row = _row(line) if len(line) <= MAX_LINE else None  # (a line past MAX_LINE is no log row)
-        if isinstance(row, dict):
-            rows.append(_finite(row))
+    for raw in data.split(b"\n"):
+        line = raw.removesuffix(b"\r")
+        if len(line) > MAX_LINE:
+            continue
+        for text in line.decode("utf-8", errors="replace").splitlines():  # bad bytes: a line skipped
+            row = _row(text)
+            if isinstance(row, dict):
+                rows.append(_finite(row))
     return rows
 
 
@@ -414,7 +423,8 @@ def _report(path: str) -> str | None:
             data = fh.read(REPORT_MAX + 1)
     except OSError:
         return None
-    report = data[:REPORT_MAX].decode("utf-8", errors="replace")  # a stray byte: shown as U+FFFD, as in the log
+    # a stray byte: shown as U+FFFD, as in the log; a cut report ends at its last whole character (not final)
+    report = codecs.getincrementaldecoder("utf-8")("replace").decode(data[:REPORT_MAX], len(data) <= REPORT_MAX)
     if len(data) > REPORT_MAX:
         report += f"\n\n*(report.md holds {info.st_size:,} bytes; the board shows its first {REPORT_MAX:,})*\n"
     with _LOGS_LOCK:

@@ -21,10 +21,11 @@ from typing import Any
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
 from .engine import BASE, UNLOADED, Engine, Request, RequestError
-from .fields import Limits, _asks_nothing, bad_words_ids, choices_of, flag, lax_numbers, to_request
+from .fields import Limits, _asks_nothing, bad_words_ids, choices_of, flag, lax_ids, lax_numbers, to_request
 from .guard import refusal
 from .logprob_names import logprobs_json, prompt_logprobs_json
 from .prompts import _chat_ids, _prompt_ids, _rendering, _utf8
+from .sampling import default_temperature
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # OpenAI's: a wrong key (401) and an unknown model (404) are an invalid_request_error too, told apart by their code.
@@ -176,7 +177,7 @@ def create_app(
         """vLLM's: ``tokens`` (ids in the vocabulary) decoded, special tokens kept: ``{prompt}``."""
         body = await _body(http)
         _served(body)
-        tokens = body.get("tokens")
+        tokens = lax_ids(body.get("tokens"))  # vLLM's list[int]: ["5", "6"] and [5.0] are [5, 6] and [5]
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise RequestError(f"tokens must be a list of token ids, got {tokens!r}", param="tokens")
         if any(not 0 <= t < len(engine.tokenizer) for t in tokens):
@@ -278,6 +279,13 @@ def create_app(
         # n choices per prompt: n rows, a seeded one's i-th drawn with seed + i (as vLLM's); choice p * n + i
         n, room = choices_of(body), Limits(limits.max_tokens, limits.context - virtual, default, limits.vocab)
         requests = [to_request(body, ids, room, model, chat) for ids in prompts for _ in range(n)]
+        if requests and requests[0].temperature is None:  # the generation config's, checked as a request's is
+            try:
+                unset = default_temperature(engine.gen)
+            except ValueError as exc:  # a config temperature past 2: a 400 naming it, as vLLM refuses it
+                raise RequestError(str(exc), param="temperature") from None
+            for r in requests:
+                r.temperature = unset
         banned = bad_words_ids(engine.tokenizer, body)
         for r in requests:
             r.bad_words_ids = banned

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from .engine import Request, RequestError
+from .sampling import MAX_TEMP
 
 
 class _Off(dict):
@@ -120,15 +121,12 @@ def _min_tokens(body: dict, max_tokens: int, key: str) -> int:
     return n or 0
 
 
-_MAX_TEMP = 1e-2  # vLLM's SamplingParams._MAX_TEMP: a temperature in (0, 0.01) is raised to it
-
-
 def _temperature(body: dict) -> float | None:
     """The request's temperature (None: the generation config's, ``default_temperature``), in [0, 2] as vLLM's
     SamplingParams checks it (and OpenAI's API): 0 is greedy, and one in (0, 0.01) samples at 0.01, as vLLM raises it
     (logits / 1e-300 overflow to inf and NaN)."""
     t = _number(body, "temperature", None, 0.0, 2.0)
-    return t if not t else max(t, _MAX_TEMP)
+    return t if not t else max(t, MAX_TEMP)
 
 
 # vLLM's request models are pydantic in lax mode: a numeric string is the number it spells, each field read as vLLM
@@ -137,40 +135,66 @@ def _temperature(body: dict) -> float | None:
 # pydantic reads them as 1 and 0: a client bug, not a count.
 _FLOATS = "temperature top_p min_p frequency_penalty presence_penalty repetition_penalty length_penalty".split()  # noqa: SIM905
 _INTS = "max_tokens max_completion_tokens n seed top_k min_tokens truncate_prompt_tokens prompt_logprobs".split()  # noqa: SIM905
+_INTS.append("best_of")  # vLLM's before 0.10 (ignored since): "1" asks for nothing
 _INT_TEXT = re.compile(r"[+-]?[0-9](?:_?[0-9])*(?:\.0+)?")  # pydantic's int from a string: "16.0" yes, "16." no
+# The blanks pydantic strips from a numeric string (Rust's char::is_whitespace, Unicode's White_Space: "\xa07" is 7;
+# Python's strip() drops "\x1c"-"\x1f" too, which pydantic refuses)
+_BLANKS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_INT_DIGITS = 4300  # pydantic's int_parsing_size (Python's int-string limit), leading zeros not counted
 
 
 def lax_numbers(body: dict, chat: bool) -> dict:
     """The body with its numeric fields read as vLLM's pydantic models read them (lax mode): numeric strings, and
     whole floats for integer fields, become numbers; every other value is left for its field's check (a 400).
-    ``chat``: a chat's ``logprobs`` is a flag and its ``top_logprobs`` a count; a completion's ``logprobs`` a count."""
+    ``chat``: a chat's ``logprobs`` is a flag and its ``top_logprobs`` a count; a completion's ``logprobs`` a count
+    (its ``top_logprobs`` and both ``best_of``, fields vLLM ignores or older vLLMs typed int, read so "0" and "1" ask
+    for nothing) and its ``prompt`` token ids (vLLM's smart union: [1, "2"] and [1.0, 2] are [1, 2])."""
     out = dict(body)
-    for key in [*_INTS, "top_logprobs" if chat else "logprobs"]:
+    for key in [*_INTS, "top_logprobs", *([] if chat else ["logprobs"])]:
         if key in out:
             out[key] = _lax_int(out[key])
     for key in _FLOATS:
         if isinstance(out.get(key), str):
             out[key] = _lax_float(out[key])
     for key in ("stop_token_ids", "allowed_token_ids"):  # vLLM's list[int]: each id as an int field reads it
-        if isinstance(out.get(key), list):
-            out[key] = [_lax_int(t) for t in out[key]]
+        if key in out:
+            out[key] = lax_ids(out[key], partial=True)
+    prompt = out.get("prompt")
+    if not chat and isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
+        lists = all(isinstance(p, list) for p in prompt)  # list[int] | list[list[int]] | str | list[str]
+        out["prompt"] = [lax_ids(p) for p in prompt] if lists else lax_ids(prompt)
     return out
+
+
+def lax_ids(ids: Any, partial: bool = False) -> Any:
+    """A list of token ids as vLLM's pydantic ``list[int]`` reads it: each numeric string or whole float its int; the
+    list as sent unless every id reads as an int (``partial``: each id that reads, for the field's check)."""
+    if not isinstance(ids, list):
+        return ids
+    read = [_lax_int(t) for t in ids]
+    whole = all(isinstance(t, int) for t in read)
+    return read if partial or whole else ids
 
 
 def _lax_float(value: str) -> float | str:
     """pydantic's lax float of a string (surrounding blanks dropped; "inf" and "nan" too), else the string."""
-    if value.isascii():
+    text = value.strip(_BLANKS)
+    if text.isascii() and text == text.strip():
         with contextlib.suppress(ValueError):
-            return float(value.strip() or "x")
+            return float(text or "x")
     return value
 
 
 def _lax_int(value: Any) -> Any:
-    """pydantic's lax int of a string or a whole float within int64, else the value as sent."""
+    """pydantic's lax int of a string or a whole float within int64, else the value as sent (a string past 4,300
+    digits too: pydantic's int_parsing_size, where int() raised ValueError, a 500)."""
     if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
         return int(value)
-    if isinstance(value, str) and value.isascii() and _INT_TEXT.fullmatch(value.strip()):
-        return int(value.strip().partition(".")[0])
+    text = value.strip(_BLANKS) if isinstance(value, str) else ""
+    if text.isascii() and _INT_TEXT.fullmatch(text):
+        sign, digits = ("-" if text[0] == "-" else ""), text.lstrip("+-").partition(".")[0].replace("_", "")
+        digits = digits.lstrip("0") or "0"
+        return int(sign + digits) if len(digits) <= _INT_DIGITS else value
     return value
 
 

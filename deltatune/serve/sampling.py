@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+MAX_TEMP = 1e-2
+"""vLLM's SamplingParams._MAX_TEMP: a temperature in (0, 0.01) is raised to it (logits / 1e-300 overflow)."""
+
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
@@ -25,12 +28,22 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 def default_temperature(gen: Any) -> float:
     """The temperature of a request that leaves it unset: greedy (0) where the generation config says
     ``do_sample: false`` (as ``generate``), else the config's temperature (as ``generate`` and vLLM), else 1
-    (OpenAI's default; ``generate`` decodes greedily there, vLLM samples at 1)."""
+    (OpenAI's default; ``generate`` decodes greedily there, vLLM samples at 1). The config's temperature follows a
+    request's rules, as vLLM's SamplingParams applies them to it: 0 is greedy, one in (0, 0.01) samples at 0.01.
+
+    Raises:
+        ValueError: the config's temperature lies outside [0, 2] (vLLM refuses every request that leaves it unset).
+    """
     if getattr(gen, "do_sample", None) is False:
         return 0.0
     t = getattr(gen, "temperature", None)
     t = 1.0 if t is None else float(t)
-    return 0.0 if t < 1e-5 else t
+    if not 0.0 <= t <= 2.0:  # NaN too
+        raise ValueError(
+            f"temperature is left unset and the model's generation config sets {t}, outside [0.0, 2.0]; send a "
+            "temperature in [0, 2]"
+        )
+    return t if not t else max(t, MAX_TEMP)
 
 
 def _setting(r: Any, gen: Any, key: str) -> Any:
