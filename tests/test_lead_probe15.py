@@ -44,3 +44,13 @@ def test_a_nan_merged_into_an_mha_names_the_weights():
             p.data.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default"):
         model.merge_adapter(safe_merge=True)
+
+
+@pytest.mark.parametrize(("value", "said"), [(0, "must be >= 1, got 0"), (2.5, "must be int, got 2.5")])
+def test_generation_num_beams_is_a_whole_number_of_at_least_one(value, said):
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+
+    recipe = {"stage": "seq2seq", "data": {"train": "rows.jsonl"}, "train": {"generation_num_beams": value}}
+    with pytest.raises(ConfigError, match=f"train.generation_num_beams {said}"):
+        build(recipe)

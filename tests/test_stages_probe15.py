@@ -285,7 +285,7 @@ def test_tag_reports_run_ners_entity_level_keys_when_asked(tmp_path):
     logits = np.eye(len(names))[guess]  # (1, 3, classes): argmax is the guess
     pred = SimpleNamespace(predictions=logits, label_ids=np.array(true))
     assert set(p.compute_metrics(pred)) == {"f1", "precision", "recall", "accuracy"}
-    cfg.data.return_entity_level_metrics = True  # (a recipe key once config.py declares it)
+    cfg = build({"stage": "tag", "data": {"train": str(path), "return_entity_level_metrics": True}})
     got = prepare_tag(cfg, tokenizer()).compute_metrics(pred)
     assert got["per_f1"] == 1.0 and got["loc_recall"] == 0.0 and got["loc_number"] == 1 and got["per_number"] == 1
     assert got["f1"] == pytest.approx(2 / 3)
@@ -317,8 +317,7 @@ def test_seq2seq_generation_num_beams_is_run_summarizations_num_beams(tmp_path):
     rows = [Row({"source": s, "target": t}, f"rows.jsonl:{i}") for i, (s, t) in enumerate(zip(sources, beam), 1)]
     cfg = build({"stage": "seq2seq", "model": {"name_or_path": path},
                  "data": {"train": "rows.jsonl", "source_column": "source", "target_column": "target"},
-                 "train": {"generation_max_new_tokens": 6}})  # fmt: skip
-    cfg.train.generation_num_beams = 3  # (a recipe key once config_train.py declares it)
+                 "train": {"generation_max_new_tokens": 6, "generation_num_beams": 3}})  # fmt: skip
     assert generation_metrics(model, tok, rows, cfg, batch_size=4) == {"eval_rougeL": 1.0, "eval_bleu": 1.0}
 
 

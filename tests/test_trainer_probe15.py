@@ -52,8 +52,6 @@ def test_the_length_stages_are_those_whose_rows_the_trainers_sampler_counts(file
     assert counted == [*BY_LENGTH, "kto"]
 
 
-@pytest.mark.xfail(strict=True, reason="run.py passes train.train_sampling_strategy to TrainingArguments (the report's "
-                   "diff): drop this mark with it")  # fmt: skip
 def test_group_by_length_batches_the_rows_as_the_trainer(files, tmp_path):  # noqa: F811
     """train_sampling_strategy group_by_length (transformers 4's group_by_length, refused as unknown): the run trains on
     the Trainer's LengthGroupedSampler order for the same seed, so its adapter is the Trainer's; that order is not the

@@ -75,6 +75,8 @@ class DataArgs:
     tags_column: str = _f("ner_tags", "Tag list column (tag), BIO tags.")
     label_all_tokens: bool = _f(False, "tag: every sub-token of a word carries its tag (B- as I-), as run_ner's "
                                 "--label_all_tokens.")  # fmt: skip
+    return_entity_level_metrics: bool = _f(False, "tag: also report <type>_precision/_recall/_f1/_number per "
+                                           "entity type, as run_ner's --return_entity_level_metrics.")  # fmt: skip
     source_column: str = _f("source", "Source text column (seq2seq).")
     target_column: str = _f("target", "Target text column (seq2seq).")
     prompt_column: str = _f("prompt", "Prompt column (rm, dpo, ppo).")
@@ -97,7 +99,9 @@ class DataArgs:
     )
     tags: dict = _f({}, "sharegpt role/content tag names, as LLaMA-Factory's dataset_info.json 'tags'.")
     template: str | None = _f(
-        None, "Chat template (sft, rm, dpo, ppo): None = the tokenizer's own, or chatml / alpaca / plain."
+        None,
+        "Chat template (sft, rm, dpo, ppo): None = the tokenizer's own, or chatml / alpaca / plain; "
+        "raw = TRL's standard rows as plain text, no chat template.",
     )
     max_length: int = _f(512, "Longest sequence in tokens (the block size for pt and packing).")
     max_target_length: int = _f(128, "Longest target in tokens (seq2seq).")
@@ -111,7 +115,7 @@ class DataArgs:
     train_on_prompt: bool = _f(False, "SFT: train every token, the prompts and template markers too "
                                "(LLaMA-Factory's train_on_prompt).")  # fmt: skip
     limit: int | None = _f(None, "Read at most this many rows of each file.")
-    val_size: float = _f(0.0, "cls, tag, seq2seq, image_cls without data.eval: hold out this fraction of data.train "
+    val_size: float = _f(0.0, "cls, tag, seq2seq, image_cls, caption without data.eval: hold out this fraction of data.train "
                          "(or this many rows) as the eval set, seeded by train.seed (LLaMA-Factory's val_size).")  # fmt: skip
     image_column: str = _f("image", "Image path column (image_cls); relative paths read from the data file's folder.")
     allow_outside: bool = _f(False, "image_cls: accept relative image paths ('../x.png') outside the data folder.")
@@ -364,8 +368,9 @@ def _validate_values(cfg: RunConfig) -> None:
     accept silently), checked here so the message names the recipe key."""
     t, d = cfg.train, cfg.data
     validate_train(cfg)
-    if t.generation_max_new_tokens < 1:
-        raise ConfigError(f"train.generation_max_new_tokens must be >= 1, got {t.generation_max_new_tokens}")
+    for key in ("generation_max_new_tokens", "generation_num_beams"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     for key in ("eval_batch_size", "save_total_limit"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             null = "keep every checkpoint" if key == "save_total_limit" else "the default"
@@ -435,8 +440,8 @@ def _validate_values(cfg: RunConfig) -> None:
 READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
            (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
             "train.optim train.dataloader_drop_last train.dataloader_pin_memory train.metric_for_best_model "
-            "train.greater_is_better train.logging_first_step train.eval_accumulation_steps"), ("cls", "data.text_pair_column data.multi_label"), ("cls tag seq2seq image_cls", "data.val_size"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens"),
-           ("seq2seq", "data.source_column data.target_column data.source_prefix train.generation_max_new_tokens"),
+            "train.greater_is_better train.logging_first_step train.eval_accumulation_steps"), ("cls", "data.text_pair_column data.multi_label"), ("cls tag seq2seq image_cls caption", "data.val_size"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens data.return_entity_level_metrics"),
+           ("seq2seq", "data.source_column data.target_column data.source_prefix train.generation_max_new_tokens train.generation_num_beams"),
            ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
            ("cls tag rm image_cls", "model.num_labels"),
            ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma train.noise_offset "

@@ -66,6 +66,9 @@ class TrainArgs:
     greater_is_better: bool | None = _f(None, "Whether a higher metric_for_best_model is better (default: false "
                                         "for a metric ending in loss, else true).")  # fmt: skip
     generation_max_new_tokens: int = _f(64, "seq2seq eval: tokens to generate per example.")
+    generation_num_beams: int = _f(
+        1, "seq2seq eval: beams per generation (run_summarization's --num_beams; 1: greedy)."
+    )
     fsdp: str = _f("", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when "
                    "launched).")  # fmt: skip
     fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")

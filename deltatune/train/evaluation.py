@@ -20,11 +20,8 @@ from .run import _lm_args, adapter_field, build_model, eval_metrics, precision_a
 from .runs import folder_with, read_recipe, run_file
 from .table import IMAGE_STAGES, prepare
 
-VAL_SIZE_STAGES = sorted(
-    {*next(stages for stages, keys in READ_BY if "data.val_size" in keys.split()).split(), "caption"}
-)
-"""The stages that hold data.val_size of data.train out as their eval set (config.READ_BY's readers of the key, and
-caption, which reads it since session 50; its READ_BY line is config.py's to add)."""
+VAL_SIZE_STAGES = sorted(next(stages for stages, keys in READ_BY if "data.val_size" in keys.split()).split())
+"""The stages that hold data.val_size of data.train out as their eval set (config.READ_BY's readers of the key)."""
 
 
 def evaluate(

@@ -146,6 +146,7 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         dataloader_num_workers=t.num_workers,
         dataloader_drop_last=t.dataloader_drop_last,
         dataloader_pin_memory=t.dataloader_pin_memory,
+        train_sampling_strategy=t.train_sampling_strategy,
         include_num_input_tokens_seen="non_padding" if cfg.stage not in IMAGE_STAGES else "no",  # no tokens
         **_checkpointing(cfg.model.gradient_checkpointing, TrainingArguments),
         eval_on_start=t.eval_on_start and has_eval,

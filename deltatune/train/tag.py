@@ -69,7 +69,7 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
         raise DataError(f"{d.train}: no row has a word with a token to tag")
 
     # run_ner's --return_entity_level_metrics (a recipe key once config.py declares it; absent, off as there)
-    by_type = bool(getattr(d, "return_entity_level_metrics", False))
+    by_type = d.return_entity_level_metrics
 
     def compute(p) -> dict[str, float]:
         preds = _logits(p.predictions).argmax(-1)
