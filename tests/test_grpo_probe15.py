@@ -261,3 +261,40 @@ def test_generation_ids_that_are_no_ids_are_one_line_at_build(kwargs, shown):
                        "numbers >= 0\\)") as err:  # fmt: skip
         build({**RAW, "stage": "grpo", "align": {"generation_kwargs": kwargs}})
     assert "\n" not in str(err.value)
+
+
+# -- num_generations_eval ----------------------------------------------------------------------------------------------
+
+
+def test_num_generations_eval_samples_that_many_completions_per_eval_prompt_and_averages_them(policy):
+    """TRL's num_generations_eval: eval_reward is the mean reward over that many sampled completions of each eval
+    prompt (here 3 of each of 3 prompts, in batches of 2 prompts; the reward a function of the completion's ids, so
+    the mean is worked from the completions sampled). Left out (null): one completion a prompt, as before."""
+    from tiny import tokenizer
+
+    from deltatune.train.grpo import GRPOLoop, PromptItem
+    from deltatune.train.grpo_rewards import Reward
+
+    model, _ = policy
+    tok = tokenizer()
+    items = [PromptItem(tok(text)["input_ids"], text, {}, f"p:{i}") for i, text in enumerate(["hi", "a b", "c"])]
+    for n, want in ((3, 9), (None, 3)):
+        align = AlignArgs(num_generations=2, max_new_tokens=4, num_generations_eval=n)
+        validate_align(align, "grpo")
+        ids_sum = lambda completion_ids, **_: [float(sum(c) % 11) for c in completion_ids]  # noqa: E731
+        loop = GRPOLoop(model, tok, [Reward("ids", ids_sum)], align, seed=1)
+        seen, real = [], loop.sample
+        loop.sample = lambda part, num, seen=seen, real=real: (
+            seen.append((len(part), num, real(part, num))) or seen[-1][2]
+        )
+        mean = loop.mean_reward(items, 2)
+        assert [(p, k) for p, k, _ in seen] == [(2, n or 1), (1, n or 1)]
+        got = [sum(c) % 11 for *_, s in seen for c in s.completion_ids]
+        assert len(got) == want and len(set(got)) > 1 and mean == pytest.approx(sum(got) / want, abs=1e-6)
+
+
+def test_num_generations_eval_bad_input_is_one_line_naming_the_key():
+    with pytest.raises(
+        ConfigError, match="^align.num_generations_eval must be an integer >= 1 \\(or null: 1\\), got 0$"
+    ):
+        build({**RAW, "stage": "grpo", "align": {"num_generations_eval": 0}})

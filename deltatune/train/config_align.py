@@ -128,6 +128,8 @@ class AlignArgs:
                                       "mini_batch_size to train.batch_size / num_mini_batches (a "
                                       "different mini_batch_size set beside it is refused).")  # fmt: skip
     num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
+    num_generations_eval: int | None = _f(None, "GRPO: completions sampled per eval prompt for eval_reward, their "
+                                          "mean (TRL's; null: 1, where TRL's null is num_generations).")  # fmt: skip
     top_p: float = _f(1.0, "GRPO: nucleus sampling of the completions (1: sample from the whole distribution).")
     top_k: int = _f(0, "GRPO: sample from the k likeliest tokens only (0: all), as TRL's top_k.")
     min_p: float | None = _f(None, "GRPO: drop tokens less likely than min_p times the likeliest (TRL's; null: off).")
@@ -156,7 +158,7 @@ class AlignArgs:
     top_entropy_quantile: float = _f(1.0, "GRPO: the policy term counts on the top rho of completion tokens by "
                                      "entropy, over each forward's chunk (TRL's; 1: all).")  # fmt: skip
     entropy_coef: float = _f(0.0, "GRPO: minus this times the mean token entropy (of the tokens the policy term "
-                             "counts on) is added to each update's loss, TRL's entropy bonus (0: none; < 0: a penalty).")  # fmt: skip
+                             "counts on) is added to each update's loss, TRL's entropy bonus (0: none).")  # fmt: skip
     sapo_temperature_pos: float = _f(1.0, "GRPO loss_type sapo: the gate's temperature where the advantage is > 0.")
     sapo_temperature_neg: float = _f(1.05, "GRPO loss_type sapo: the gate's temperature where the advantage is <= 0.")
     bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
@@ -515,6 +517,10 @@ def validate_grpo(a: AlignArgs) -> None:
                           f"{a.importance_sampling_level!r}")  # fmt: skip
     if not 0 <= a.top_entropy_quantile <= 1:
         raise ConfigError(f"align.top_entropy_quantile must be in [0, 1], got {a.top_entropy_quantile}")
+    if a.num_generations_eval is not None and (type(a.num_generations_eval) is not int or a.num_generations_eval < 1):
+        raise ConfigError(
+            f"align.num_generations_eval must be an integer >= 1 (or null: 1), got {a.num_generations_eval!r}"
+        )
     if type(a.steps_per_generation) is not int or a.steps_per_generation < 1:
         raise ConfigError(f"align.steps_per_generation must be an integer >= 1, got {a.steps_per_generation!r}")
 

@@ -314,10 +314,10 @@ class GRPOLoop:
 
     @torch.no_grad()
     def mean_reward(self, items: Sequence[PromptItem], batch_size: int) -> float:
-        """Mean weighted reward of one sampled completion per prompt (no update)."""
-        weights = torch.tensor([r.weight for r in self.rewards])
+        """Mean weighted reward of align.num_generations_eval (1 if null) sampled completions a prompt (no update)."""
+        weights, n = torch.tensor([r.weight for r in self.rewards]), self.align.num_generations_eval or 1
         with self.amp():
-            total = [combine(self.score(self.sample(part, 1)), weights, [it.source for it in part])
+            total = [combine(self.score(self.sample(part, n)), weights, [it.source for it in part for _ in range(n)])
                      for part in (items[i : i + batch_size] for i in range(0, len(items), batch_size))]  # fmt: skip
         return torch.cat(total).nanmean().item()  # rows some reward applies to
 
