@@ -9,7 +9,8 @@ advantage of its reward within its group of G:
                                                                  align.scale_rewards=false, as in Dr. GRPO)
 
 A group whose rewards are all equal teaches nothing: its advantages are exactly 0. Then ``align.num_iterations``
-passes over the batch (each ``align.steps_per_generation`` updates on equal shuffled slices, as TRL's) minimise, per completion token t (every token of completion i shares A_i),
+passes over the batch (each ``align.steps_per_generation`` updates on equal shuffled slices, as TRL's) minimise,
+per completion token t (every token of completion i shares A_i),
 
     l_t = -min(ratio_t A_i, clip(ratio_t, 1 - eps, 1 + eps) A_i) + beta * KL_t,    ratio_t = pi(o_t) / pi_old(o_t)
     KL_t = ref / pi - log(ref / pi) - 1                         (the k3 estimator of KL(pi || ref), always >= 0)
