@@ -54,3 +54,12 @@ def test_generation_num_beams_is_a_whole_number_of_at_least_one(value, said):
     recipe = {"stage": "seq2seq", "data": {"train": "rows.jsonl"}, "train": {"generation_num_beams": value}}
     with pytest.raises(ConfigError, match=f"train.generation_num_beams {said}"):
         build(recipe)
+
+
+def test_grpos_new_align_keys_are_named_as_ignored_on_another_stage():
+    from deltatune.train.config import build, ignored_keys
+
+    recipe = {"stage": "dpo", "data": {"train": "p.jsonl"}, "align": {"steps_per_generation": 2, "entropy_coef": 0.1,
+              "num_generations_eval": 2}}  # fmt: skip
+    named = {key for key, _ in ignored_keys(build(recipe))}
+    assert {"align.steps_per_generation", "align.entropy_coef", "align.num_generations_eval"} <= named

@@ -468,7 +468,8 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
                     "align.reward_funcs align.reward_weights align.bias_correction_kl align.cliprange_high align.delta "
                     "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile "
                     "align.sapo_temperature_pos align.sapo_temperature_neg align.top_k align.min_p "
-                    "align.repetition_penalty align.generation_kwargs"),
+                    "align.repetition_penalty align.generation_kwargs align.steps_per_generation align.entropy_coef "
+                    "align.num_generations_eval"),
            ("kto", "align.desirable_weight align.undesirable_weight"),
            ("simpo cpo", "align.simpo_gamma align.cpo_alpha align.alpha"), ("orpo simpo cpo", "align.answer_eos"),
            ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward
