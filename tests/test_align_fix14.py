@@ -133,8 +133,7 @@ def test_unbuilt_trl_keys_at_trl_default_taken():
                    "truncation_mode": "keep_start", "padding_free": False}  # fmt: skip
     cfg = build({**RAW, "stage": "dpo", "align": trl})
     assert cfg.align == build({**RAW, "stage": "dpo"}).align
-    for key, value in [("sync_ref_model", True), ("truncation_mode", "keep_end"), ("padding_free", True),
-                       ("padding_free", 0), ("ref_model_sync_steps", 64)]:  # fmt: skip
+    for key, value in [("truncation_mode", "keep_end"), ("padding_free", True), ("padding_free", 0)]:
         with pytest.raises(ConfigError, match=f"align.{key} .TRL's DPOConfig. is not built"):
             build({**RAW, "stage": "dpo", "align": {key: value}})
 

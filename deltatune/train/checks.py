@@ -132,6 +132,11 @@ def check_reference(cfg: RunConfig, model, training: bool) -> None:
     from .table import STAGES
 
     config = model.peft_config[model.active_adapter]
+    tr_dpo = training and cfg.stage in ("dpo", "kto") and cfg.align.sync_ref_model
+    if tr_dpo:  # TR-DPO: a reference copy of the starting policy (refused with an adapter, as TRL refuses it)
+        from .pairs import check_sync_ref
+
+        return check_sync_ref(cfg.align, config, model.base_model, cfg.stage)
     if not STAGES[cfg.stage].reference or not config.trainable_base_parameters(model.base_model):
         return
     from .config_align import precomputes_ref
@@ -145,6 +150,11 @@ def check_reference(cfg: RunConfig, model, training: bool) -> None:
         "would be left; use a method that leaves them as they are (lora with bias: none, dora, ia3, bottleneck "
         "adapters, prefix or prompt tuning)"
         + (", or align.precompute_ref: true to score it once before training" if precompute and training else "")
+        + (
+            ", or align.sync_ref_model: true (TR-DPO, a reference copy)"
+            if training and cfg.stage in ("dpo", "kto")
+            else ""
+        )
         + ("" if training else "; this run cannot be evaluated against its base")
     )
 

@@ -29,18 +29,12 @@ GRPO_LOSS_TYPES = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grp
 dapo; TRL's bnpo is over each device micro-batch, the same when the batch is one); cispo and sapo also change the
 policy term (``grpo_loss.POLICY_TERMS``)."""
 GRPO_REFUSED = ("vespo",)  # TRL's other GRPO losses: refused by name
-UNBUILT_TRL_DEFAULTS = {"sync_ref_model": False, "ref_model_sync_steps": 512, "ref_model_mixup_alpha": 0.6,
-                        "truncation_mode": "keep_start", "padding_free": False}  # fmt: skip
+UNBUILT_TRL_DEFAULTS = {"truncation_mode": "keep_start", "padding_free": False}
 """TRL 1.16 DPOConfig's defaults of the ``ALIGN_UNBUILT`` keys: what deltatune does, so a recipe (a DPOConfig's
 to_dict) setting one of them to exactly that value is taken, the key dropped (``unbuilt_default``)."""
-_TR_DPO = "TR-DPO's sync_ref_model, which is not built; drop it"
 ALIGN_UNBUILT = {
     k: f"align.{k} (TRL's DPOConfig) is not built: {why} (or set TRL's default, {str(UNBUILT_TRL_DEFAULTS[k]).lower()})"
     for k, why in {
-        "sync_ref_model": "TR-DPO syncs a reference copy, and the reference here is the base with the adapter off "
-        "(TRL refuses sync_ref_model with a PEFT model for the same reason); drop it",
-        "ref_model_sync_steps": f"it paces {_TR_DPO}",
-        "ref_model_mixup_alpha": f"it weighs {_TR_DPO}",
         "truncation_mode": "the causal stages keep each side's first data.max_length tokens (TRL 1.16's keep_start; "
         "its keep_end is deprecated); drop it",
         "padding_free": "data.packing is sft's and pt's; TRL 1.16's DPOTrainer falls back to padding too; drop it",
@@ -85,6 +79,12 @@ class AlignArgs:
     precompute_ref_batch_size: int | None = _f(None, "DPO, KTO: pairs (rows) per forward of the precomputed "
                                                "reference (TRL's); null: train.eval_batch_size (KTO's train rows: "
                                                "train.batch_size, as TRL's).")  # fmt: skip
+    sync_ref_model: bool = _f(False, "DPO, KTO: TR-DPO (TRL's sync_ref_model): with a method that trains the base in "
+                              "place (full, freeze, bitfit) the reference is a copy of the starting policy, mixed "
+                              "toward it; refused with an adapter and with precompute_ref, as TRL refuses them.")  # fmt: skip
+    ref_model_mixup_alpha: float = _f(0.6, "DPO, KTO: TR-DPO's alpha in [0, 1]: every ref_model_sync_steps the "
+                                      "reference becomes alpha * policy + (1 - alpha) * reference.")  # fmt: skip
+    ref_model_sync_steps: int = _f(512, "DPO, KTO: TR-DPO's tau: the optimizer steps between two mixings.")
     use_weighting: bool = _f(False, "DPO: WPO's weighting (TRL's use_weighting): each pair's loss times its responses' "
                              "length-normalised probabilities under the policy, no gradient through them.")  # fmt: skip
     disable_dropout: bool = _f(True, "DPO, KTO, ORPO, SimPO, CPO, RM: every dropout module of the model (the "
@@ -175,6 +175,9 @@ class AlignArgs:
     answer_eos: bool = _f(True, "ORPO, SimPO, CPO: each answer ends with a trained EOS unless its last token is one, "
                           "as TRL's CPO and ORPO trainers (add_eos_token_if_needed); a run.yaml written before "
                           "bac51df lacks the key and ran with false.")  # fmt: skip
+    disable_prompt_loss: bool = _f(False, "ORPO: the NLL over the chosen responses only (the ORPO authors' flag); "
+                                   "false: over prompt and response, as TRL's ORPOTrainer and the authors' code; a "
+                                   "run.yaml written before it lacks the key and ran with true.")  # fmt: skip
     center_rewards_coefficient: float = _f(0.0, "rm: weight c of TRL's reward centring term c * mean((r_c + r_r)^2).")
 
 
@@ -211,6 +214,8 @@ def validate_align(a: AlignArgs, stage: str, batch_size: int | None = None) -> N
     kinds = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
     if stage == "kto" and a.loss_type not in ("sigmoid", *KTO_LOSS_TYPES):
         raise ConfigError(f"align.loss_type for stage kto must be kto or apo_zero_unpaired, got {a.loss_type!r}")
+    if a.sync_ref_model and stage not in ("dpo", "kto"):
+        raise ConfigError(f"align.sync_ref_model (TR-DPO) is for stages dpo and kto, not {stage}")
     if stage == "grpo":
         validate_grpo(a)
     validate_ppo(a, stage, batch_size)  # (first: it copies TRL's names onto the keys checked below)
@@ -529,6 +534,7 @@ BEFORE_KEY: dict[str, tuple[Any, str]] = {
     "disable_dropout": (False, "dpo kto orpo simpo cpo rm"),  # (a388979; rm since cf33061)
     "init_kl_coef": (0.2, "ppo"),
     "answer_eos": (False, "orpo simpo cpo"),  # (bac51df)
+    "disable_prompt_loss": (True, "orpo"),  # (ff34681)
 }
 """An align key that a run.yaml written before it existed lacks: what that run trained with instead (dropout kept),
 on the stages that read it; ``old_run_align`` fills it in, so that a --resume compares like with like."""
@@ -539,10 +545,12 @@ DEFAULT_WAS: dict[str, tuple[Any, str]] = {
     "mini_batch_size": (4, "8fba9a4 on stage ppo: train.batch_size (TRL's PPOConfig num_mini_batches 1)"),
     "disable_dropout": (False, "a388979, rm's since cf33061 (TRL's disable_dropout: the model's dropout off)"),
     "answer_eos": (False, "bac51df (TRL's CPO and ORPO trainers end each answer with EOS)"),
+    "disable_prompt_loss": (True, "ff34681 (TRL's ORPOTrainer takes the prompt into its NLL)"),
 }
 """An align key whose default changed: its default before, and when and why."""
 _CHANGED_ON = {"init_kl_coef": "ppo", "temperature": "ppo", "max_new_tokens": "ppo", "mini_batch_size": "ppo",
-               "disable_dropout": "dpo kto orpo simpo cpo rm", "answer_eos": "orpo simpo cpo"}  # fmt: skip
+               "disable_dropout": "dpo kto orpo simpo cpo rm", "answer_eos": "orpo simpo cpo",
+               "disable_prompt_loss": "orpo"}  # fmt: skip
 """The stages on which each ``DEFAULT_WAS`` key's default changed (grpo's temperature stayed 1.0)."""
 
 

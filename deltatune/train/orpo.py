@@ -133,9 +133,8 @@ class ORPOTrainer(PairTrainer):
 
 
 def _answers_only(align: AlignArgs) -> bool:
-    """``align.disable_prompt_loss``; true (the NLL over the responses only) where the align section has no such
-    key."""
-    return getattr(align, "disable_prompt_loss", True)
+    """``align.disable_prompt_loss``: true, the NLL over the responses only; false (TRL's), prompt and response."""
+    return align.disable_prompt_loss
 
 
 def nll_labels(batch: dict[str, torch.Tensor], answers_only: bool = False) -> torch.Tensor:

@@ -280,7 +280,7 @@ def check_sync_ref(align, config, base_model: torch.nn.Module, stage: str) -> No
     from ..config import ConfigError
     from .config_align import precomputes_ref
 
-    if not getattr(align, "sync_ref_model", False):
+    if not align.sync_ref_model:
         return
     if not config.trainable_base_parameters(base_model):
         raise ConfigError(
@@ -294,7 +294,7 @@ def check_sync_ref(align, config, base_model: torch.nn.Module, stage: str) -> No
             "align.sync_ref_model (TR-DPO) moves the reference while training, so align.precompute_ref's log-probs "
             "would go stale (TRL refuses the two together too); drop one of them"
         )
-    steps, alpha = getattr(align, "ref_model_sync_steps", 512), getattr(align, "ref_model_mixup_alpha", 0.6)
+    steps, alpha = align.ref_model_sync_steps, align.ref_model_mixup_alpha
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"align.ref_model_sync_steps must be a whole number >= 1, got {steps!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -315,13 +315,13 @@ def synced_reference(trainer: DeltaTrainer, align, stage: str) -> torch.nn.Modul
     """
     import copy
 
-    if not getattr(align, "sync_ref_model", False):
+    if not align.sync_ref_model:
         return None
     delta = trainer._delta_model()
     check_sync_ref(align, delta.peft_config[delta.active_adapter], delta.base_model, stage)
     ref = copy.deepcopy(trainer.model)
     ref.eval()  # no dropout, as TRL's reference
     ref.requires_grad_(False)
-    alpha, steps = float(getattr(align, "ref_model_mixup_alpha", 0.6)), getattr(align, "ref_model_sync_steps", 512)
+    alpha, steps = float(align.ref_model_mixup_alpha), align.ref_model_sync_steps
     trainer.add_callback(SyncRef(ref, alpha, steps, trainer.accelerator))
     return ref

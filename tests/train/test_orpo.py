@@ -75,7 +75,7 @@ def test_trainer_loss_is_the_formula_on_a_forward_pass(files, tmp_path):
     cfg = build({
         "stage": "orpo", "model": {"name_or_path": files["llama"]},
         "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False},
-        "data": {"train": files["train"], "max_length": 24}, "align": {"beta": 0.3},
+        "data": {"train": files["train"], "max_length": 24}, "align": {"beta": 0.3, "disable_prompt_loss": True},
         "train": {"batch_size": 4, "report_to": ["none"]}, "output": {"dir": str(tmp_path / "run")},
     })  # fmt: skip
     set_seed(0)
