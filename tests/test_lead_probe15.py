@@ -63,3 +63,34 @@ def test_grpos_new_align_keys_are_named_as_ignored_on_another_stage():
               "num_generations_eval": 2}}  # fmt: skip
     named = {key for key, _ in ignored_keys(build(recipe))}
     assert {"align.steps_per_generation", "align.entropy_coef", "align.num_generations_eval"} <= named
+
+
+def test_kto_renders_a_rows_chat_template_kwargs(tmp_path):
+    """Stage kto passed no chat_template_kwargs to the template (7c7755d built them for sft, dpo, rm and ppo)."""
+    import glob
+
+    from test_data_probe15 import KW, KW_TEMPLATE
+    from transformers import AutoTokenizer
+
+    from deltatune.train.config import build
+    from deltatune.train.kto import prepare_kto
+
+    folders = glob.glob("/root/.cache/deltatune/smollm2-*/")
+    if not folders:
+        pytest.skip("SmolLM2's converted folder is not cached")
+    tok = AutoTokenizer.from_pretrained(folders[0])
+    tok.chat_template = KW_TEMPLATE
+    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}],
+             "label": good, "chat_template_kwargs": KW} for q, a, good in (("Lemon?", "Yellow.", True),
+                                                                          ("Lime?", "Purple.", False))]  # fmt: skip
+    (tmp_path / "k.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    train = prepare_kto(build({"stage": "kto", "data": {"train": str(tmp_path / "k.jsonl")}}), tok).train
+    want = tok.apply_chat_template(rows[0]["prompt"] + rows[0]["completion"], tokenize=False, **KW)
+    assert tok.decode(train[0]["input_ids"]) == want and "Be terse." in want and "<think>" in want
+
+
+def test_orpos_disable_prompt_loss_is_named_as_ignored_on_dpo():
+    from deltatune.train.config import build, ignored_keys
+
+    cfg = build({"stage": "dpo", "data": {"train": "p.jsonl"}, "align": {"disable_prompt_loss": True}})
+    assert ("align.disable_prompt_loss", "orpo") in ignored_keys(cfg)

@@ -471,6 +471,8 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
                     "align.repetition_penalty align.generation_kwargs align.steps_per_generation align.entropy_coef "
                     "align.num_generations_eval"),
            ("kto", "align.desirable_weight align.undesirable_weight"),
+           ("dpo kto", "align.sync_ref_model align.ref_model_mixup_alpha align.ref_model_sync_steps"),
+           ("orpo", "align.disable_prompt_loss"),
            ("simpo cpo", "align.simpo_gamma align.cpo_alpha align.alpha"), ("orpo simpo cpo", "align.answer_eos"),
            ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward
            (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"))  # fmt: skip

@@ -317,7 +317,7 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
         # mismatched pair's; a row whose prompt alone fills max_length, which TRL drops, keeps the prompt's end.
         out, truncated, fell_back = [], 0, 0
         for s, (prompt, completion, good) in _unpaired_in_order(samples):
-            ex, _ = encode_prompt_response(prompt, completion, tok, template, 1 << 62, s.tools)
+            ex, _ = encode_prompt_response(prompt, completion, tok, template, 1 << 62, s.tools, s.template_kwargs)
             n_prompt = next((i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
             whole, cut = ex["input_ids"][n_prompt:], len(ex["input_ids"]) > d.max_length
             if cut and d.truncation == "refuse":
@@ -326,7 +326,9 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
             if cut and n_prompt < d.max_length:
                 ex = {k: v[: d.max_length] for k, v in ex.items()}
             elif cut:
-                ex, _ = encode_prompt_response(prompt, completion, tok, template, d.max_length, s.tools)
+                ex, _ = encode_prompt_response(
+                    prompt, completion, tok, template, d.max_length, s.tools, s.template_kwargs
+                )
                 fell_back += 1
             if all(lab == IGNORE_INDEX for lab in ex["labels"][1:]):
                 raise DataError(f"{s.source}: no completion token within data.max_length={d.max_length}")
