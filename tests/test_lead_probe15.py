@@ -31,9 +31,12 @@ def test_an_ia3_gpt2_adapter_saves_fan_in_fan_out_true_as_peft(tmp_path):
         assert (loaded(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() < 1e-5
 
 
-def test_a_linear_ia3_target_keeps_fan_in_fan_out_false():
-    model = dt.get_delta_model(Attn(), dt.IA3Config(target_modules=["head"], feedforward_modules=[]))
-    assert model.peft_config["default"].fan_in_fan_out is False
+def test_a_linear_ia3_target_sets_fan_in_fan_out_false_as_peft():
+    kw = dict(target_modules=["head"], feedforward_modules=[], fan_in_fan_out=True)
+    model = dt.get_delta_model(Attn(), dt.IA3Config(**kw))
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        theirs = peft.get_peft_model(Attn(), peft.IA3Config(**kw))
+    assert model.peft_config["default"].fan_in_fan_out is theirs.peft_config["default"].fan_in_fan_out is False
 
 
 def test_a_nan_merged_into_an_mha_names_the_weights():
