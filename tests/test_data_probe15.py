@@ -280,3 +280,64 @@ def test_a_completion_of_a_user_turn_is_named_not_called_a_conversation_without_
     row = {"prompt": Q, "completion": [{"role": "user", "content": "x"}]}
     with pytest.raises(DataError, match=r"^t\.jsonl:4: completion: the response must end with an assistant message$"):
         _read(row)
+
+
+# -- review of probe 15 (each test failed on the files before its fix) -------------------------------------------
+
+
+def _trl_standard_pair(tok, prompt: str, chosen: str, rejected: str):
+    """TRL 1.16's DPOTrainer on a standard row: add_eos (where absent), tokenize prompt + response whole, split both
+    sides at the shorter common prefix with the tokenized prompt."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    eos = tok.eos_token
+    p = _tokenize(tok, prompt)["input_ids"]
+    fulls = [_tokenize(tok, prompt + (r if r.endswith(eos) else r + eos))["input_ids"] for r in (chosen, rejected)]
+    n = min(common_prefix_length(p, f) for f in fulls)
+    return [(f, [IGNORE_INDEX] * n + f[n:]) for f in fulls]
+
+
+RAW_PAIRS = [
+    ("The sky is ", "blue.", "red."),  # the prompt's trailing space merges into the answer's first token
+    ("The sky is bl", "ue.", "ack."),  # a word split across the boundary
+    ("Q?", " A.<|im_end|>", " B."),  # a response already ending with EOS gets no second one
+    ("What colour is a lemon?", " Yellow.", " Purple."),
+]
+
+
+@pytest.mark.parametrize(("prompt", "chosen", "rejected"), RAW_PAIRS)
+def test_raw_preference_rows_give_trls_dpo_kto_and_reward_ids(smol, prompt, chosen, rejected):
+    """data.template=raw (and a tokenizer with no chat template) tokenized prompt and response apart and always
+    appended EOS: "The sky is " + "blue." trained [' ', 'blue'] where TRL trains ' blue', and " A.<|im_end|>" ended
+    with two EOS. Now the ids and labels are TRL 1.16's DPO, KTO and Reward trainers' (exact equality)."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from deltatune.data.encode import RAW, choose_template, encode_pair_samples, scored_example
+
+    s = _read({"prompt": prompt, "chosen": chosen, "rejected": rejected}, "dpo")
+    assert choose_template([s], smol, RAW, "dpo") == RAW
+    ex = encode_pair_samples([s], smol, RAW, 10**6, "truncate", True, shared_prompt=True).examples[0]
+    for side, (ids, labels) in zip(("chosen", "rejected"), _trl_standard_pair(smol, prompt, chosen, rejected)):
+        assert ex[side]["input_ids"] == ids and ex[side]["labels"] == labels, side
+    for side, response in (("chosen", chosen), ("rejected", rejected)):  # rm: the whole text, EOS once
+        got = scored_example(s, getattr(s, side), smol, RAW, 10**6)[0]["input_ids"]
+        eos = smol.eos_token
+        assert got == _tokenize(smol, prompt + (response if response.endswith(eos) else response + eos))["input_ids"]
+    k = _read({"prompt": prompt, "completion": chosen, "label": True}, "kto")
+    got = lm_example(k, k.completion, smol, RAW, 10**6)[0]
+    full = _tokenize(smol, prompt + (chosen if chosen.endswith(smol.eos_token) else chosen + smol.eos_token))
+    n = common_prefix_length(_tokenize(smol, prompt)["input_ids"], full["input_ids"])
+    assert got["input_ids"] == full["input_ids"] and got["labels"] == [IGNORE_INDEX] * n + full["input_ids"][n:]
+
+
+def test_raw_preference_rows_are_cut_keeping_the_answer(smol):
+    """An over-long raw pair keeps the end of the prompt and at least half of max_length of the answer's start
+    (TRL's split, deltatune's cut)."""
+    from deltatune.data.preference import encode_lm
+
+    whole, _ = encode_lm(smol, "one two three four five six seven", " eight nine ten.", 10**6)
+    first = next(i for i, x in enumerate(whole["labels"]) if x != IGNORE_INDEX)
+    assert smol.decode(whole["input_ids"][first:]) == " eight nine ten.<|im_end|>"
+    cut, was_cut = encode_lm(smol, "one two three four five six seven", " eight nine ten.", 6)
+    assert was_cut and cut["input_ids"] == whole["input_ids"][first - 3 : first + 3]
+    assert cut["labels"] == [IGNORE_INDEX] * 3 + whole["input_ids"][first : first + 3]

@@ -354,8 +354,8 @@ def rendered(
             if stage == "rm":
                 out.append((part, tokenizer.decode(tokenizer(p, r)["input_ids"]), []))
                 continue
-            if tokenizer.eos_token_id is not None:  # encode_lm closes the answer with it
-                r += tokenizer.eos_token
+            eos = tokenizer.eos_token  # encode_lm closes the answer with it, as TRL's add_eos
+            r += eos if eos and not r.endswith(eos) else ""
             out.append((part, p + r, [(len(p), len(p) + len(r))]))
             continue
         text, spans = render(

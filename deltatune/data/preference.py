@@ -5,8 +5,9 @@ Two encodings of a (prompt, response) text pair:
 - ``encode_scored`` for a scoring model (the reward model): an encoder's tokenizer's own pair template,
   ``[CLS] prompt [SEP] response [SEP]`` with token types; a decoder's, ``encode_lm``'s ids (the response closed by
   EOS, where the score is read, as TRL's RewardTrainer appends it).
-- ``encode_lm`` for a causal LM (DPO): ``prompt ids + response ids + EOS`` with labels -100 on the prompt, so
-  summed label log-probs are the response's log-probability given the prompt.
+- ``encode_lm`` for a causal LM (DPO, KTO): ``tokenizer(prompt + response + EOS)`` split where the tokenized prompt
+  and the whole part, as TRL 1.16 splits standard rows, labels -100 on the prompt, so summed label log-probs are
+  the response's log-probability given the prompt.
 
 Both keep the response and cut the prompt from its start (the end of a dialogue is what the response answers).
 A row with an empty response, or the same text chosen and rejected, is refused with its file and line.
@@ -170,20 +171,26 @@ def special_ends(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def encode_lm(tokenizer, prompt: str, response: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
-    """Causal-LM inputs: ``[BOS] prompt response EOS [tail]``, labels -100 on BOS and prompt; whether it was cut.
-    BOS and tail are the special tokens the tokenizer adds around a text of its own (``special_ends``): BERT's [CLS]
-    and [SEP], so its answer ends [SEP] [SEP], both trained, as TRL 1.16 tokenizes prompt + completion + EOS text
-    (its completion is everything after the prompt's own ids, the tokenizer's closing [SEP] too).
+    """Causal-LM inputs of a prompt and response text as TRL 1.16's DPO, KTO and Reward trainers tokenize standard
+    rows: ``tokenizer(prompt + response + EOS)`` (the EOS appended only where the response does not already end with
+    it), the answer from where it and ``tokenizer(prompt)`` part (TRL's ``common_prefix_length``: a word split
+    across the boundary, ``"The sky is " + "blue."``, trains from the merged token), labels -100 before; whether it
+    was cut. The special tokens the tokenizer adds of its own accord are kept: BERT's [CLS] leads and its closing
+    [SEP] follows the EOS [SEP], both trained.
 
-    Over-long rows keep the end of the prompt and as much of the response as fits (at least half of
-    ``max_length`` when the response is that long).
+    Over-long rows keep the leading special tokens, the end of the prompt and as much of the response as fits (at
+    least half of ``max_length`` when the response is that long).
     """
-    head, tail = special_ends(tokenizer)
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    r = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        r = [*r, tokenizer.eos_token_id]
-    r = [*r, *tail]
+    eos = tokenizer.eos_token
+    text = response if not eos or response.endswith(eos) else response + eos
+    head_ids = list(tokenizer(prompt)["input_ids"])
+    ids = list(tokenizer(prompt + text)["input_ids"])
+    n = 0
+    while n < min(len(head_ids), len(ids)) and head_ids[n] == ids[n]:
+        n += 1
+    head = special_ends(tokenizer)[0]
+    head = head if ids[: len(head)] == head and len(head) <= n else []
+    p, r = ids[len(head) : n], ids[n:]
     budget = max_length - len(head)
     cut = len(p) + len(r) > budget
     if cut:
