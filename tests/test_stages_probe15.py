@@ -107,11 +107,13 @@ def _cls_cfg(tmp_path: Path, values: list, eval_labels: list | None = None, **da
         ([0, 1, 2], [1, False], None, "eval.jsonl:2"),  # HEAD: scored as class 0
         ([1, 2, 1], [True], ["1", "2"], "eval.jsonl:1"),  # HEAD: True == 1, the class "1" (id 0)
         ([[0], [1, True]], None, None, "train.jsonl:2"),  # multi-label: HEAD made 'True' a class
+        (["neg", "pos", True], None, None, "train.jsonl:3"),  # 4f6e087: a class 'True' of its own
+        (["neg", True, "neg"], None, ["neg", "pos"], "train.jsonl:2"),  # 4f6e087: True == 1, the class pos
+        (["neg", "pos"], [False], ["neg", "pos"], "eval.jsonl:1"),  # 4f6e087: False == 0, the class neg
+        (["pos", True], None, ["pos", "True", "neg"], "train.jsonl:2"),  # 4f6e087: the class named 'True'
     ],
 )
-def test_a_boolean_among_classes_named_by_numbers_is_refused_naming_the_row(
-    tmp_path, labels, eval_labels, given, line
-):
+def test_a_boolean_among_other_classes_is_refused_naming_the_row(tmp_path, labels, eval_labels, given, line):
     """No reference number to match (the next test): the row is refused in one line."""
     from deltatune.train.cls import prepare_cls
 
@@ -122,26 +124,30 @@ def test_a_boolean_among_classes_named_by_numbers_is_refused_naming_the_row(
     assert "\n" not in str(err.value)
 
 
-def test_datasets_reads_no_json_column_mixing_numbers_and_booleans(tmp_path):
+@pytest.mark.parametrize("other", [0, "neg"])
+def test_datasets_reads_no_json_column_mixing_numbers_and_booleans(tmp_path, other):
     """run_glue reads its classes through datasets (``raw_datasets["train"].unique("label")``), whose JSON loader
-    keeps such a column as arrow's json type, which ``unique`` cannot sort: run_glue stops there."""
+    keeps a column mixing booleans with numbers or with names as arrow's json type, which ``unique`` cannot sort:
+    run_glue stops there. A column of booleans only loads as bool, the classes [False, True]."""
     import datasets
 
-    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": True}])
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "label": other}, {"text": "b", "label": True}])
     ds = datasets.load_dataset("json", data_files=str(mixed), split="train", cache_dir=str(tmp_path / "hf"))
     with pytest.raises(Exception, match="unique"):  # noqa: B017 (arrow's ArrowNotImplementedError)
         ds.unique("label")
+    bools = _jsonl(tmp_path / "bools.jsonl", [{"text": "a", "label": False}, {"text": "b", "label": True}])
+    ds = datasets.load_dataset("json", data_files=str(bools), split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(ds.unique("label")) == [False, True]
 
 
-def test_booleans_alone_or_beside_names_stay_classes(tmp_path):
-    """Only booleans: the classes False and True (run_glue's sorted [False, True]); beside names a boolean is its
-    text, and with data.labels [neg, pos] True is pos (unchanged)."""
+def test_booleans_alone_stay_the_classes_false_and_true(tmp_path):
+    """Only booleans: the classes False and True (run_glue's sorted [False, True]), data.labels naming them or not."""
     from deltatune.train.cls import prepare_cls
 
     prepared = prepare_cls(_cls_cfg(tmp_path, [True, False, True]), _Tok())
     assert prepared.labels == ["False", "True"] and [e["labels"] for e in prepared.train] == [1, 0, 1]
-    prepared = prepare_cls(_cls_cfg(tmp_path, ["neg", True, "neg"], labels=["neg", "pos"]), _Tok())
-    assert [e["labels"] for e in prepared.train] == [0, 1, 0]
+    prepared = prepare_cls(_cls_cfg(tmp_path, [True, False, True], labels=["True", "False"]), _Tok())
+    assert prepared.labels == ["True", "False"] and [e["labels"] for e in prepared.train] == [0, 1, 0]
 
 
 def test_image_cls_refuses_a_boolean_among_number_classes(tmp_path):

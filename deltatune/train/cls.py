@@ -110,23 +110,29 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
 
 
 def check_bool_labels(labelled: list[tuple[str, Any]], column: str, labels: list | None) -> None:
-    """Refuse a label true / false among classes named by numbers (``labels``, else the other labels seen): Python's
-    True == 1 would make it the class "1" silently, its text "True" a class of its own, and datasets reads no such
-    JSON column (a column mixing numbers and booleans loads as arrow's json type, which run_glue's ``unique`` cannot
-    sort). A column of booleans only is the classes False and True; beside class names a boolean reads as its text.
+    """Refuse a label true / false among other classes (``labels``, else the other labels seen): among classes named
+    by numbers Python's True == 1 would make it the class "1" silently, its text "True" a class of its own; among
+    names (data.labels [neg, pos]) it would be read as one of them by its position or as a class "True" of its own.
+    datasets reads no such JSON column either (a column mixing booleans with numbers or strings loads as arrow's json
+    type, which run_glue's ``unique`` cannot sort). A column of booleans only is the classes False and True (named so
+    in data.labels or not).
 
     Raises:
         DataError: the first such row, named.
     """
     bools = [(source, v) for source, v in labelled if isinstance(v, bool)]
     named = list(labels) if labels else [v for _, v in labelled if not isinstance(v, bool)]
-    if bools and named and all(class_id(v) is not None for v in named):
-        (source, value), ids = bools[0], sorted({class_id(v) for v in named})  # type: ignore[type-var]
+    if not bools or all(str(v) in ("False", "True") for v in named):
+        return
+    source, what = bools[0][0], f"label {str(bools[0][1]).lower()} in column {column!r} is a boolean"
+    if all(class_id(v) is not None for v in named):
+        ids = sorted({class_id(v) for v in named})  # type: ignore[type-var]
         shown = ", ".join(map(str, ids[:4])) + (", ..." if len(ids) > 4 else "")
-        raise DataError(
-            f"{source}: label {str(value).lower()} in column {column!r} is a boolean, but the classes are named by "
-            f"numbers ({shown}); write the class it means as its number"
-        )
+        raise DataError(f"{source}: {what}, but the classes are named by numbers ({shown}); write the class it means "
+                        "as its number")  # fmt: skip
+    names = sorted({str(v) for v in named})
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    raise DataError(f"{source}: {what}, but the classes are named ({shown}); write the class it means by its name")
 
 
 def _problem(cfg: RunConfig, rows) -> str:
