@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_trainer_probe11 import files, recipe  # noqa: F401  (files: the module's fixture, a tiny llama and rows)
 from test_trainer_probe14 import _quick, reference  # noqa: F401  (_quick: probe14's, no plots, frozen gc)
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -52,21 +53,59 @@ def test_the_length_stages_are_those_whose_rows_the_trainers_sampler_counts(file
     assert counted == [*BY_LENGTH, "kto"]
 
 
+def _varied(files, tmp_path, n: int) -> dict:  # noqa: F811
+    """``files`` with n sft rows of 4 to 23 words (max_length 256: none cut, lengths vary)."""
+    import random
+
+    from tiny import WORDS
+
+    rng = random.Random(0)
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    rows = [{"instruction": words(3), "output": words(rng.randint(1, 20))} for _ in range(n)]
+    return {**files, "sft": _rows(tmp_path / "varied.jsonl", rows)}
+
+
 def test_group_by_length_batches_the_rows_as_the_trainer(files, tmp_path):  # noqa: F811
     """train_sampling_strategy group_by_length (transformers 4's group_by_length, refused as unknown): the run trains on
     the Trainer's LengthGroupedSampler order for the same seed, so its adapter is the Trainer's; that order is not the
-    random one (the test can tell)."""
+    random one (the test can tell). 130 rows of varied length, more than the sampler's mega-batch of 50 x batch, so
+    the order also depends on how the rows are split into mega-batches (the seed's permutation)."""
     from safetensors.torch import load_file
 
-    raw = recipe(files, tmp_path / "ours", max_steps=2, train_sampling_strategy="group_by_length")
+    varied = _varied(files, tmp_path, 130)
+    raw = recipe(varied, tmp_path / "ours", max_steps=2, train_sampling_strategy="group_by_length", grad_accum=1)
+    raw["data"]["max_length"] = 256
     train(build(raw))
     adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     trainer, ref = reference(build(raw), tmp_path / "ref", train_sampling_strategy="group_by_length")
     diff = max((adapter[k] - ref[k]).abs().max().item() for k in ref)
     assert diff < 1e-5, diff
+    lengths = [len(row["input_ids"]) for row in trainer.train_dataset]
+    assert len(lengths) > 50 * 2 and len(set(lengths)) > 10  # more than one mega-batch, lengths that vary
     grouped = list(trainer._get_train_sampler())
     trainer.args.train_sampling_strategy = "random"
     assert grouped != list(trainer._get_train_sampler())
+
+
+def test_a_group_by_length_run_resumed_past_its_first_epoch_trains_on_the_same_rows(files, tmp_path):  # noqa: F811
+    """The Trainer's LengthGroupedSampler draws each epoch's order from torch's global RNG as the epoch starts: a run
+    resumed mid-epoch past epoch 0 drew from the state the resume left, another order (the plain Trainer's flaw too;
+    adapter ~1e-2 off). The epoch's starting state is in each checkpoint now: the resumed run's adapter is the
+    uninterrupted run's, exactly."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    keys = {"batch_size": 1, "grad_accum": 1, "max_steps": 12, "save_steps": 10, "logging_steps": 4}
+    whole = tmp_path / "whole"
+    train(build(recipe(files, whole, train_sampling_strategy="group_by_length", **keys)))  # 8 rows: 8 steps an epoch
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-10", resumed / "checkpoint-10")
+    shutil.copy(whole / "run.yaml", resumed / "run.yaml")
+    train(build(recipe(files, resumed, train_sampling_strategy="group_by_length", **keys)), resume=True)
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.mark.parametrize(
@@ -159,14 +198,38 @@ def test_more_trainer_keys_train_as_the_trainer(files, tmp_path, keys, args):  #
     assert diff < 1e-5 < moved, (diff, moved)
 
 
-def test_fsdp_config_without_fsdp_is_one_line():
+def test_fsdp_config_without_fsdp_is_one_line(files, tmp_path, monkeypatch):  # noqa: F811
     """The Trainer reads fsdp_config only when fsdp is set (TrainingArguments keeps it and nothing reads it): a recipe's
-    train.fsdp_config without train.fsdp trained as plain DDP, silently. Now one line; with fsdp it passes."""
+    train.fsdp_config without train.fsdp trained as plain DDP, silently. One line as a training run starts, before
+    the model loads and before any folder is made; with fsdp it passes."""
+    import deltatune.train.run as run
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(run, "start_model", loaded)
     with pytest.raises(ConfigError, match=r"^train.fsdp_config is read only with train.fsdp \(e.g. 'full_shard "
                        r"auto_wrap'\), which is empty: set train.fsdp, or drop train.fsdp_config$"):  # fmt: skip
-        build({"train": {"fsdp_config": {"use_orig_params": True}}})
+        train(build(recipe(files, tmp_path / "out", fsdp_config={"use_orig_params": True})))
+    assert not (tmp_path / "out").exists()
     cfg = build({"train": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}})
     assert cfg.train.fsdp_config == {"use_orig_params": True}
+
+
+def test_a_finished_run_from_before_with_fsdp_config_and_no_fsdp_still_loads(files, tmp_path):  # noqa: F811
+    """A run.yaml written before the check (fsdp_config, fsdp empty) is read by build() for deltatune eval and
+    load_adapter_model (generate, merge, serve, chat): the check ran in build() and all of them refused the run."""
+    import yaml
+
+    from deltatune.train.evaluation import evaluate
+
+    out = tmp_path / "old"
+    train(build(recipe(files, out, max_steps=1)))
+    saved = yaml.safe_load((out / "run.yaml").read_text())
+    saved["train"].update(fsdp="", fsdp_config={"use_orig_params": True})
+    (out / "run.yaml").write_text(yaml.safe_dump(saved))
+    assert build(saved).train.fsdp_config == {"use_orig_params": True}
+    assert evaluate(str(out), data=files["sft"])["eval_loss"] > 0
 
 
 @pytest.mark.parametrize(

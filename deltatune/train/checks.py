@@ -118,6 +118,11 @@ def check_run(cfg: RunConfig) -> None:
     check_model_path(cfg.model.name_or_path)
     check_loggers(cfg.train.report_to)
     check_precision(cfg.train.precision)
+    t = cfg.train
+    if t.fsdp_config and not t.fsdp.strip():  # (the Trainer reads fsdp_config only under fsdp: silently unused)
+        # Here, where a training run starts, not in build(): a finished run's run.yaml from before still loads.
+        raise ConfigError("train.fsdp_config is read only with train.fsdp (e.g. 'full_shard auto_wrap'), which is "
+                          "empty: set train.fsdp, or drop train.fsdp_config")  # fmt: skip
     if STAGES[cfg.stage].loop and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run it all
         raise ConfigError(f"stage {cfg.stage} trains in one process (its own loop shards nothing): launch it "
                           "without torchrun")  # fmt: skip

@@ -158,9 +158,6 @@ def validate_train(cfg: Any) -> None:
         setattr(t, key, int(value) if value >= 1 else float(value))
     _check_warmup(t)
     _check_sampling(cfg)
-    if t.fsdp_config and not t.fsdp.strip():  # (the Trainer reads fsdp_config only under fsdp: silently unused)
-        raise ConfigError("train.fsdp_config is read only with train.fsdp (e.g. 'full_shard auto_wrap'), which is "
-                          "empty: set train.fsdp, or drop train.fsdp_config")  # fmt: skip
     if t.eval_accumulation_steps is not None and t.eval_accumulation_steps < 1:
         raise ConfigError(f"train.eval_accumulation_steps must be >= 1 (or null), got {t.eval_accumulation_steps}")
     if t.metric_for_best_model is not None and not t.metric_for_best_model.strip():

@@ -27,6 +27,7 @@ from .trainer_callbacks import LOG_FILE, Regularizer  # noqa: F401  (LOG_FILE: g
 
 STAGING = ".staging"
 SUMS = "deltatune_sums.json"  # in a checkpoint: the run's loss summed over its steps, its time, its run_facts
+EPOCH_RNG = "deltatune_epoch_rng_{}.pt"  # in a checkpoint: torch's RNG state as its epoch started, per process
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,6 +141,18 @@ class DeltaTrainerMixin:
         if 0 < self.args.max_steps <= self.state.global_step:
             self.control.should_training_stop = True
             return None
+        # The Trainer's LengthGroupedSampler draws an epoch's order from torch's global RNG as the epoch starts (no
+        # generator; a DataLoader its workers' seed too): resumed mid-epoch past the first, it drew from the state the
+        # resume left, another order (0 of 15 steps on the uninterrupted run's rows; the plain Trainer's too). That
+        # state is in each checkpoint and comes back before the resumed epoch's first batch (the Trainer then loads
+        # the checkpoint's own RNG state, as it does).
+        at = kwargs.get("resume_from_checkpoint")
+        skips = kwargs.get("steps_trained_in_current_epoch", 0) > 0 and not self.args.ignore_data_skip
+        if at and skips and kwargs.get("epoch") == kwargs.get("epochs_trained"):
+            path = os.path.join(str(at), EPOCH_RNG.format(self.args.process_index))
+            if os.path.isfile(path):
+                torch.random.set_rng_state(torch.load(path, weights_only=True))
+        self._epoch_rng = torch.random.get_rng_state()
         return super()._run_epoch(*args, **kwargs)
 
     def log_stat(self, key: str, value: float) -> None:
@@ -220,6 +233,9 @@ class DeltaTrainerMixin:
         failure: OSError | None = None
         try:
             super()._save_checkpoint(model, trial)
+            if getattr(self, "_epoch_rng", None) is not None:  # every process its own, as the Trainer's RNG state
+                folder = os.path.join(staging, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+                torch.save(self._epoch_rng, os.path.join(folder, EPOCH_RNG.format(self.args.process_index)))
             if self.args.should_save:  # the run's loss and time so far, for a resumed run's totals
                 before = getattr(self, "_before", {"loss_sum": 0.0, "runtime_s": 0.0})
                 own = self._total_loss_scalar + self._tr_loss.item()  # this train() call's, logged and not
