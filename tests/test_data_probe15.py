@@ -341,3 +341,26 @@ def test_raw_preference_rows_are_cut_keeping_the_answer(smol):
     cut, was_cut = encode_lm(smol, "one two three four five six seven", " eight nine ten.", 6)
     assert was_cut and cut["input_ids"] == whole["input_ids"][first - 3 : first + 3]
     assert cut["labels"] == [IGNORE_INDEX] * 3 + whole["input_ids"][first : first + 3]
+
+
+def test_raw_grpo_refuses_a_conversational_prompt_in_one_line(smol):
+    """GRPO under data.template=raw joined a conversational prompt's texts ("You are terse.What is 2+2?") where
+    sft, dpo and ppo refuse such rows; a string prompt is still the tokenizer's ids."""
+    from deltatune.train.grpo import encode_prompts
+
+    conv = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}]
+    with pytest.raises(
+        DataError, match=r"^g\.jsonl:1: data\.template=raw renders TRL's standard rows .*'prompt' hold"
+    ):
+        encode_prompts([Row({"prompt": conv}, "g.jsonl:1")], smol, "prompt", 512, "truncate", template="raw")
+    items, _ = encode_prompts([Row({"prompt": "The sky is"}, "g.jsonl:2")], smol, "prompt", 512, "truncate", "raw")
+    assert items[0].ids == smol("The sky is")["input_ids"]
+
+
+def test_raw_render_refuses_a_system_prompt_in_one_line(smol):
+    """chat / generate under a raw run joined a system prompt to the text with no separator ("Be brief.Hello")."""
+    from deltatune.data.templates import ChatTemplateError, render
+
+    with pytest.raises(ChatTemplateError, match=r"^data\.template=raw renders plain text .* no place for a system"):
+        render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}], smol, "raw", True)
+    assert render([{"role": "user", "content": "Hello"}], smol, "raw", True) == ("Hello", [])

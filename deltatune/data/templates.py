@@ -242,6 +242,11 @@ def _raw_render(
     run's model with (the prompt's text alone: no generation prompt to add)."""
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
         raise ChatTemplateError("data.template=raw has no tool support; leave data.template unset")
+    if any(m["role"] == "system" for m in messages):  # (it would be joined to the prompt: "Be brief.Hello")
+        raise ChatTemplateError(
+            "data.template=raw renders plain text with no chat template, which has no place for a system prompt; "
+            "leave the system prompt out, or data.template unset"
+        )
     eos, text, spans = tokenizer.eos_token or "", "", []
     for i, m in enumerate(messages):
         content = as_written(m)

@@ -346,8 +346,8 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
     (not ``completion`` nor ``completion_ids``, which TRL leaves out).
 
     Raises:
-        DataError: a missing or empty prompt, chat messages without a chat template, or (truncation=refuse) an
-            over-long prompt; the row named.
+        DataError: a missing or empty prompt, chat messages without a chat template or under data.template=raw,
+            or (truncation=refuse) an over-long prompt; the row named.
     """
     head = bos_prefix(tok)
     items, truncated = [], 0
@@ -356,6 +356,10 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
         chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)
         if not chat and not (isinstance(prompt, str) and prompt.strip()):
             raise DataError(f"{row.source}: column {prompt_column!r} must be non-empty text or a list of messages")
+        if chat and template == "raw":  # (choose_template's raw_refusal for the other stages)
+            raise DataError(f"{row.source}: data.template=raw renders TRL's standard rows (a string prompt) with no "
+                            f"chat template; column {prompt_column!r} holds chat messages, which need one (leave "
+                            "data.template unset, or name a built-in one)")  # fmt: skip
         prefill = chat and prompt[-1].get("role") == "assistant"  # continued, as TRL's maybe_apply_chat_template
         if template is not None:  # a built-in template writes no BOS: the tokenizer adds it
             messages = prompt if chat else [{"role": "user", "content": prompt}]
