@@ -355,8 +355,8 @@ def test_the_generation_configs_temperature_follows_a_requests_rules(smol):
     for config, served in ((0.0, 0.0), (1e-6, 0.01), (0.005, 0.01), (0.01, 0.01), (0.7, 0.7), (2.0, 2.0), (None, 1.0)):
         assert default_temperature(SimpleNamespace(temperature=config)) == served, config
     assert default_temperature(SimpleNamespace(temperature=3.0, do_sample=False)) == 0.0  # generate's greedy
-    for config in (3.0, -0.5, float("nan")):
-        with pytest.raises(ValueError, match="generation config"):
+    for config in (3.0, -0.5, float("nan"), "abc"):  # ("abc": float's own error, naming no config, before)
+        with pytest.raises(ValueError, match=f"generation config sets {config!r}, not a number in"):
             default_temperature(SimpleNamespace(temperature=config))
     engine, app = smol
     body = {"prompt": "the cat", "max_tokens": 8, "seed": 5, "ignore_eos": True, "logprobs": 0,

@@ -32,16 +32,20 @@ def default_temperature(gen: Any) -> float:
     request's rules, as vLLM's SamplingParams applies them to it: 0 is greedy, one in (0, 0.01) samples at 0.01.
 
     Raises:
-        ValueError: the config's temperature lies outside [0, 2] (vLLM refuses every request that leaves it unset).
+        ValueError: the config's temperature is no number or lies outside [0, 2] (vLLM refuses every request that
+            leaves it unset; under ``do_sample: false`` it is greedy here, as ``generate``, where vLLM refuses it).
     """
     if getattr(gen, "do_sample", None) is False:
         return 0.0
-    t = getattr(gen, "temperature", None)
-    t = 1.0 if t is None else float(t)
+    raw = getattr(gen, "temperature", None)
+    try:
+        t = 1.0 if raw is None else float(raw)
+    except (TypeError, ValueError):
+        t = float("nan")  # (no number: named below, as the config's)
     if not 0.0 <= t <= 2.0:  # NaN too
         raise ValueError(
-            f"temperature is left unset and the model's generation config sets {t}, outside [0.0, 2.0]; send a "
-            "temperature in [0, 2]"
+            f"temperature is left unset and the model's generation config sets {raw!r}, not a number in [0.0, 2.0]; "
+            "send a temperature in [0, 2]"
         )
     return t if not t else max(t, MAX_TEMP)
 
