@@ -41,7 +41,7 @@ from .files import (
     upcast_adapter,
 )
 from .layer import base_parameters, unwrapped_name
-from .targets import HEADS_BY_TASK, matches
+from .targets import HEADS_BY_TASK, IA3_TARGETS, LORA_TARGETS, _all_linear, all_linear_names, matches, model_type
 
 DeltaModel = Any  # model.DeltaModel, which imports this module
 
@@ -474,34 +474,44 @@ def _delta_of(model: Any, caller: str) -> tuple[Any, bool]:
 
 def with_revision(config: DeltaConfig, revision: str | None) -> DeltaConfig:
     """peft's ``get_peft_model(revision=...)``: the base model's revision recorded in the config's ``revision`` field
-    (a copy; peft warns when it replaces another one). A config class with no such field is returned as given."""
+    (a copy; peft warns when it replaces another one): every config has the field, as every peft config."""
     if revision is None:
         return config
     if not isinstance(revision, str):
         raise TypeError(f"revision must be a string (a branch, tag or commit of the base model), got {revision!r}")
-    if "revision" not in {f.name for f in dataclasses.fields(config)}:
-        return config
     if config.revision is not None and config.revision != revision:
         warnings.warn(f"peft config has already set base model revision to {config.revision}, overwriting with "
                       f"revision {revision}", stacklevel=3)  # fmt: skip
     return config.replace(revision=revision)
 
 
+# peft's PEFT_TYPE_TO_PREFIX_MAPPING for the methods deltatune shares with it: the name part its layers' tensors begin with
+PEFT_PREFIXES = {"LORA": "lora_", "IA3": "ia3_", "TRAINABLE_TOKENS": "trainable_tokens_"}
+
+
 def targets_of_state_dict(model: torch.nn.Module, config: DeltaConfig, state_dict: dict[str, Any]) -> DeltaConfig:
     """peft's ``inject_adapter_in_model(state_dict=...)``: the modules the state dict's keys name (only its keys are
     read) are the targets, in place of the config's own selection; a copy of the config naming them by path.
 
-    A key names the longest module path it starts with whose next part is none of that module's own tensors
-    (``q_proj.lora_A.weight`` names ``q_proj``; a base ``q_proj.weight`` names none); modules inside an adapter
-    layer already there are passed over, as peft's. peft's ``_orig_mod.`` (torch.compile) and a PeftModel's
-    ``base_model.model.`` in front of the keys are left out."""
+    As peft's, a key names the module before its last ``.lora_`` (the method's prefix, ``PEFT_PREFIXES``):
+    ``q_proj.lora_A.weight`` names ``q_proj``; a base ``q_proj.weight``, a ``modules_to_save`` copy or a
+    ``trainable_token_indices`` delta names none. A method peft lacks takes the longest module path a key starts with
+    whose next part is none of that module's own tensors. Modules inside an adapter layer already there are passed
+    over, as peft's. peft's ``_orig_mod.`` (torch.compile) and a PeftModel's ``base_model.model.`` in front of the
+    keys are left out."""
     from .layer import DeltaLayer
 
     modules = dict(model.named_modules())
     inner = tuple(n + "." for n, m in modules.items() if isinstance(m, DeltaLayer))
+    prefix = PEFT_PREFIXES.get(config.peft_type)
     names: set[str] = set()
     for key in state_dict:
-        parts = key.removeprefix("_orig_mod.").removeprefix(KEY_PREFIX).split(".")
+        key = key.removeprefix("_orig_mod.").removeprefix(KEY_PREFIX)
+        if prefix is not None:
+            path = key.rsplit("." + prefix, 1)[0]
+            names |= {path} if path and path in modules and not path.startswith(inner) else set()
+            continue
+        parts = key.split(".")
         for i in range(len(parts) - 1, 0, -1):
             path = ".".join(parts[:i])
             if path in modules and not path.startswith(inner):
@@ -514,21 +524,29 @@ def targets_of_state_dict(model: torch.nn.Module, config: DeltaConfig, state_dic
         first = next(iter(state_dict), None)
         raise ConfigError(f"inject_adapter_in_model: no key of state_dict names an adapter on a module of the model "
                           f"(the first: {first!r})")  # fmt: skip
-    _warn_disagreement(modules, inner, config, names)
+    _warn_disagreement(model, modules, inner, config, names)
     narrowing = {
         f.name: None for f in dataclasses.fields(config) if f.name in ("exclude_modules", "layers_to_transform")
     }
     return config.replace(target_modules=sorted(names), **narrowing)
 
 
-def _warn_disagreement(modules: dict[str, Any], inner: tuple[str, ...], config: DeltaConfig, names: set[str]) -> None:
-    """peft's RuntimeWarning (its words) when the config's own target_modules (a list or a regex) would have picked
-    other modules than the state dict's keys name."""
-    given = config.target_modules
-    if given is None or given == "all-linear":  # (a family default is the method's table: not read here)
-        return
+def _warn_disagreement(
+    model: torch.nn.Module, modules: dict[str, Any], inner: tuple[str, ...], config: DeltaConfig, names: set[str]
+) -> None:
+    """peft's RuntimeWarning (its words) when the config's own target_modules (a list, a regex, "all-linear", or None:
+    the family default) would have picked other modules than the state dict's keys name (a family with no default:
+    no warning)."""
+    given = _all_linear(config.target_modules)
+    if given is None:
+        table = {"LORA": LORA_TARGETS, "IA3": IA3_TARGETS}.get(config.peft_type, {})
+        given = table.get(model_type(model) or "")
+        if given is None:
+            return
+    candidates = set(all_linear_names(model)) if given == "all-linear" else set(modules)
+    given = ".*" if given == "all-linear" else given
     layers, pattern = getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
-    picked = {n for n in modules if n and not n.startswith(inner) and matches(n, given, layers, pattern)}
+    picked = {n for n in candidates if n and not n.startswith(inner) and matches(n, given, layers, pattern)}
     extra_config, extra_dict = sorted(picked - names), sorted(names - picked)
     if not extra_config and not extra_dict:
         return

@@ -122,6 +122,60 @@ def test_inject_state_dict_naming_no_module_is_one_clear_line() -> None:
     assert sorted(model.state_dict()) == sorted(before) and not hasattr(model, "_deltatune_model")
 
 
+def test_inject_state_dict_with_trainable_tokens_loads_as_peft() -> None:
+    """A LoRA + trainable_token_indices adapter's own state dict: its token delta's key names no LoRA target (peft
+    takes the module before the last ".lora_"); HEAD made embed_tokens a LoRA target and refused the token adapter."""
+    fields = dict(target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    source = peft.inject_adapter_in_model(peft.LoraConfig(**fields), _llama(1))
+    for n, p in source.named_parameters():
+        if "lora_B" in n or "trainable_tokens_delta" in n:
+            torch.nn.init.normal_(p)
+    sd = peft.get_peft_model_state_dict(source)
+    assert "model.embed_tokens.token_adapter.trainable_tokens_delta" in sd
+    want = peft.inject_adapter_in_model(peft.LoraConfig(**fields), _llama(), state_dict=sd)
+    peft.set_peft_model_state_dict(want, sd)
+    got = dt.inject_adapter_in_model(dt.LoraConfig(**fields), _llama(), state_dict=sd)
+    dt.set_peft_model_state_dict(got, sd)
+    assert _lora_names(got) == _lora_names(want) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert not any("lora" in n for n, _ in got.get_submodule("model.embed_tokens").named_parameters())
+    with torch.no_grad():
+        diff = (got(IDS).logits - want(IDS).logits).abs().max().item()
+        base = (_llama()(IDS).logits - want(IDS).logits).abs().max().item()
+    assert diff < 1e-6 and base > 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"lm_head.modules_to_save.default.weight": torch.zeros(1)},  # a raw modules_to_save copy
+        {"lm_head.weight": torch.zeros(1)},  # a saved modules_to_save key
+        {"model.layers.1.self_attn.v_proj.ia3_l": torch.zeros(1)},  # another method's key
+        {"model.layers.1.self_attn.v_proj.weight": torch.zeros(1)},  # a base weight
+    ],
+)
+def test_inject_state_dict_keys_without_the_lora_prefix_name_no_target(extra: dict) -> None:
+    """Only keys with ".lora_" name a LoRA target, as peft's: HEAD added a LoRA on lm_head for its copy's key, and on
+    v_proj for an ia3_l key."""
+    sd = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1)} | extra
+    want = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["q_proj"]), _llama(), state_dict=sd)
+    got = dt.inject_adapter_in_model(dt.LoraConfig(target_modules=["q_proj"]), _llama(), state_dict=sd)
+    assert _lora_names(got) == _lora_names(want) == ["model.layers.0.self_attn.q_proj"]
+    assert got.peft_config["default"].target_modules == ["model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+def test_inject_state_dict_warns_as_peft_for_default_and_all_linear(targets: str | None) -> None:
+    """peft resolves target_modules None (the family default) and "all-linear" and warns that the state dict
+    differs; HEAD skipped the warning for both."""
+    sd = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1)}
+    with pytest.warns(RuntimeWarning) as theirs:
+        peft.inject_adapter_in_model(peft.LoraConfig(target_modules=targets), _llama(), state_dict=sd)
+    with pytest.warns(RuntimeWarning) as ours:
+        dt.inject_adapter_in_model(dt.LoraConfig(target_modules=targets), _llama(), state_dict=sd)
+    mine = [str(w.message) for w in ours if "inconsistency" in str(w.message)]
+    assert mine == [str(w.message) for w in theirs if "inconsistency" in str(w.message)] and len(mine) == 1
+
+
 # -- 4. get_prompt / get_prompt_embedding_to_save ----------------------------------------------------------------------
 TOKEN_CONFIGS = {
     "prompt_tuning": (dict(num_virtual_tokens=4), "PromptTuningConfig", "PromptTuningConfig"),
@@ -201,3 +255,30 @@ def test_save_pretrained_writes_the_model_card_as_peft(tmp_path) -> None:
     assert card.data.tags == peft_card.data.tags
     got.save_pretrained(tmp_path / "none", is_main_process=False)
     assert not (tmp_path / "none").exists()
+
+
+# -- 6. an old GPT-2 LoRA file (fan_in_fan_out false) ------------------------------------------------------------------
+def _gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("init", [False, "eva"])
+def test_old_gpt2_lora_file_loads_saying_fan_in_fan_out_true_as_peft(tmp_path, init: bool | str) -> None:
+    """A GPT-2 LoRA file whose config says fan_in_fan_out false (deltatune before _say_fan_in_fan_out): peft's load
+    sets the kept config true (its Conv1D dispatch), so a re-save says true; HEAD set it on the load's copy only."""
+    model = dt.get_delta_model(_gpt2(), dt.LoraConfig(target_modules=["c_attn"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["fan_in_fan_out"] is True
+    config_file.write_text(json.dumps(saved | {"fan_in_fan_out": False, "init_lora_weights": init}))
+    want = peft.PeftModel.from_pretrained(_gpt2(), tmp_path / "a")
+    got = dt.DeltaModel.from_pretrained(_gpt2(), tmp_path / "a")
+    assert got.peft_config["default"].fan_in_fan_out is want.peft_config["default"].fan_in_fan_out is True
+    with torch.no_grad():
+        assert (got(IDS).logits - want(IDS).logits).abs().max().item() < 1e-5
+        assert (got(IDS).logits - model(IDS).logits).abs().max().item() == 0.0
+    got.save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["fan_in_fan_out"] is True

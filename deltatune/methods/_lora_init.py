@@ -147,9 +147,12 @@ def for_loading(config: DeltaConfig) -> DeltaConfig:
     peft's load does (the residual of the base given), the replaced base weights kept until the file's tensors are
     in (``settle``), so that a refused load leaves the model as it was."""
     if config.init_lora_weights in LOADS_ONLY:
-        return config.replace(init_lora_weights=True)
-    loading = config.replace()
-    loading._loading = True
+        loading = config.replace(init_lora_weights=True)
+    else:
+        loading = config.replace()
+        loading._loading = True
+    # the config the model keeps: what the load finds (fan_in_fan_out at a Conv1D) is said there too
+    loading._stored = config
     return loading
 
 

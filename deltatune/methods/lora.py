@@ -11,7 +11,9 @@ Layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weights stored transposed
 like an embedding) and ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (A a conv with the base kernel, B a 1-kernel conv;
 methods/_lora_conv.py, which also holds the layers' shared base), and ``nn.MultiheadAttention`` (an update of its
 in_proj_weight and one of its out_proj, methods/_lora_mha.py). Module and key names are PEFT's, so adapters move
-between deltatune and PEFT unchanged.
+between deltatune and PEFT unchanged, but for ``nn.MultiheadAttention``: the file loads in both, yet peft adds
+out_proj's update twice (huggingface/peft#3774, open), so an adapter trained in peft computes differently here
+(the same only while its out_proj B is zero; methods/_lora_mha.py).
 """
 
 from __future__ import annotations
@@ -267,12 +269,15 @@ def _say_fan_in_fan_out(config: LoraConfig, new: list[_LoraBase]) -> None:
     """Set ``config.fan_in_fan_out`` as peft's dispatch does for each new layer in turn (so a saved GPT-2 adapter says
     true, as peft's): True at a GPT-2 ``Conv1D``, False at a plain ``nn.Linear``. The layers read their own layout
     (``linear_shape``), so the field only tells; peft's warning about the change is left out (the field's doc says)."""
+    said = [c for c in (config, getattr(config, "_stored", None)) if c is not None]  # a load's copy and the kept one
     for layer in new:
         base = layer.base_layer
         if isinstance(layer, LoraLinear) and layer.fan_in_fan_out:
-            config.fan_in_fan_out = True
+            for c in said:
+                c.fan_in_fan_out = True
         elif isinstance(base, nn.Linear) and not is_quantized(base):
-            config.fan_in_fan_out = False
+            for c in said:
+                c.fan_in_fan_out = False
 
 
 def _check_patterns(config: LoraConfig, names: list[str]) -> None:
