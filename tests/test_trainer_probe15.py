@@ -233,12 +233,61 @@ def test_a_finished_run_from_before_with_fsdp_config_and_no_fsdp_still_loads(fil
 
 
 @pytest.mark.parametrize(
-    ("key", "why"),
-    [("optim_args", "train.optim's optimizer runs with the Trainer's settings for it"),
-     ("torch_empty_cache_steps", "the CUDA cache is left to torch's allocator")],
+    ("keys", "args"),
+    [({"optim": "sgd", "optim_args": {"momentum": 0.9, "nesterov": True}},
+      {"optim": "sgd", "optim_args": "momentum=0.9,nesterov=true"}),
+     ({"optim": "rmsprop", "optim_args": "momentum=0.5, centered=true", "lr": 1e-3},
+      {"optim": "rmsprop", "optim_args": "momentum=0.5,centered=true", "learning_rate": 1e-3})],
+    ids=["sgd_momentum", "rmsprop_centered"],
 )  # fmt: skip
-def test_more_trainer_keys_a_recipe_does_not_take_say_why(key, why):
-    """Refused before as unknown ("did you mean 'optim'?" for optim_args, which is no misspelling of it)."""
-    with pytest.raises(ConfigError, match=rf"^unknown key 'train.{key}' in recipe: {key} \(TrainingArguments'\) is "
-                       rf"not a recipe key: {why}"):  # fmt: skip
-        build({"train": {key: 1}})
+def test_optim_args_train_as_the_trainers(files, tmp_path, keys, args):  # noqa: F811
+    """train.optim_args (TrainingArguments' "k=v,k=v"; a mapping too) was refused as not a recipe key, yet the
+    Trainer reads it (sgd's momentum and nesterov, rmsprop's momentum and centered, ...): the adapter is the Trainer's
+    with it, and the Trainer's without it is another."""
+    from safetensors.torch import load_file
+
+    raw = recipe(files, tmp_path / "ours", max_steps=3, grad_accum=1, **keys)
+    train(build(raw))
+    adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    _, ref = reference(build(raw), tmp_path / "ref", **args)
+    _, plain = reference(build(raw), tmp_path / "plain", **{k: v for k, v in args.items() if k != "optim_args"})
+    diff = max((adapter[k] - ref[k]).abs().max().item() for k in ref)
+    moved = max((plain[k] - ref[k]).abs().max().item() for k in ref)
+    assert diff < 1e-6 < moved, (diff, moved)
+
+
+@pytest.mark.parametrize(
+    ("stage", "keys", "says"),
+    [("sft", {"optim": "sgd", "optim_args": {"momentun": 0.9}}, r"^train.optim_args: 'momentun' is not read by "
+      r"train.optim sgd's optimizer \(the Trainer would ignore it\); it reads momentum, dampening, nesterov$"),
+     ("sft", {"optim_args": "eps=1e-6"}, r"^train.optim_args: 'eps' is not read by train.optim adamw_torch_fused's "
+      r"optimizer \(the Trainer would ignore it\); it reads none$"),
+     ("sft", {"optim": "sgd", "optim_args": "momentum=0.9,weight_decay=0.1"}, r"^train.optim_args: weight_decay is "
+      r"train.weight_decay's \(the Trainer's decay groups\); set train.weight_decay$"),
+     ("sft", {"optim": "sgd", "optim_args": "momentum"}, r"^train.optim_args must be 'key=value,key=value' \(or a "
+      r"mapping\), got 'momentum'$"),
+     ("sft", {"optim": "sgd", "optim_args": {"momentum": "high"}}, r"^train.optim_args: momentum must be a number"),
+     ("grpo", {"optim_args": {"momentum": 0.9}}, r"^train.optim_args: grpo's own loop runs torch's AdamW"),
+     ("sft", {"torch_empty_cache_steps": 0}, r"^train.torch_empty_cache_steps must be >= 1 \(or null: never\), "
+      r"got 0$"),
+     ("ppo", {"torch_empty_cache_steps": 5}, r"^train.torch_empty_cache_steps: ppo's own loop never empties")],
+)  # fmt: skip
+def test_an_optim_args_key_the_optimizer_does_not_read_is_one_line(stage, keys, says):
+    """The Trainer ignores a misspelt optim_args key, and one for another optimizer, silently."""
+    with pytest.raises(ConfigError, match=says):
+        build({"stage": stage, "data": {"train": "t.jsonl"}, "train": keys})
+
+
+def test_torch_empty_cache_steps_reaches_the_trainer_and_may_change_on_resume(files, tmp_path):  # noqa: F811
+    """Refused before as not a recipe key; it lowers peak CUDA memory and changes no result, so --resume with another
+    value is no change (runfolder's HARMLESS)."""
+    from deltatune.train.models import load_processor
+    from deltatune.train.run import _training_args
+    from deltatune.train.runfolder import recipe_changes
+    from deltatune.train.table import prepare
+
+    cfg = build(recipe(files, tmp_path / "out", torch_empty_cache_steps=4, optim="sgd", optim_args="momentum=0.9"))
+    args = _training_args(cfg, prepare(cfg, load_processor(files["model"], "sft")), str(tmp_path))
+    assert (args.torch_empty_cache_steps, args.optim_args) == (4, "momentum=0.9")
+    old = recipe(files, tmp_path / "out", torch_empty_cache_steps=4)
+    assert recipe_changes(old, recipe(files, tmp_path / "out", torch_empty_cache_steps=None)) == []

@@ -72,6 +72,11 @@ class TrainArgs:
     fsdp: str = _f("", "FSDP under torchrun/accelerate launch, e.g. 'full_shard auto_wrap' (empty: DDP when "
                    "launched).")  # fmt: skip
     fsdp_config: dict = _f({}, "FSDP options passed to the HF Trainer (e.g. {use_orig_params: true}).")
+    optim_args: dict | str = _f({}, "train.optim's own settings, as TrainingArguments' optim_args ('k=v,k=v', or a "
+                                "mapping): sgd momentum, dampening, nesterov; rmsprop momentum, alpha, eps, "
+                                "centered; adagrad lr_decay, eps; ... (weight decay: train.weight_decay).")  # fmt: skip
+    torch_empty_cache_steps: int | None = _f(None, "Empty the CUDA cache every this many steps, as TrainingArguments'"
+                                             " (lowers peak memory, changes no result; null: never).")  # fmt: skip
     eval_on_start: bool = _f(False, "Evaluate data.eval once before training too (the report shows before and after).")
     optim: str | None = _f(None, "Optimizer, by TrainingArguments' optim name (adamw_torch, sgd, adafactor, ...); "
                            "default: the Trainer's (adamw_torch_fused).")  # fmt: skip
@@ -158,6 +163,11 @@ def validate_train(cfg: Any) -> None:
         setattr(t, key, int(value) if value >= 1 else float(value))
     _check_warmup(t)
     _check_sampling(cfg)
+    _check_optim_args(cfg)
+    if t.torch_empty_cache_steps is not None and (t.torch_empty_cache_steps < 1 or loop):
+        raise ConfigError(f"train.torch_empty_cache_steps: {cfg.stage}'s own loop never empties the cache; drop it"
+                          if loop else f"train.torch_empty_cache_steps must be >= 1 (or null: never), got "
+                          f"{t.torch_empty_cache_steps}")  # fmt: skip
     if t.eval_accumulation_steps is not None and t.eval_accumulation_steps < 1:
         raise ConfigError(f"train.eval_accumulation_steps must be >= 1 (or null), got {t.eval_accumulation_steps}")
     if t.metric_for_best_model is not None and not t.metric_for_best_model.strip():
@@ -213,6 +223,60 @@ def _check_sampling(cfg: Any) -> None:
         raise ConfigError(f"train.train_sampling_strategy {t.train_sampling_strategy} groups rows by their input_ids' "
                           f"length, and stage {stage}'s rows have none (the Trainer's ValueError, as under TRL); "
                           f"stages: {', '.join(BY_LENGTH)}, kto (apo_zero_unpaired)")  # fmt: skip
+
+
+_ADEMAMIX = ("beta1", "beta2", "beta3", "alpha", "eps", "t_alpha", "t_beta3")
+_GALORE = ("rank", "update_proj_gap", "scale", "proj_type")
+OPTIM_ARGS = {  # the optim_args keys transformers 5's trainer_optimizer.py reads, by train.optim (weight_decay aside)
+    "sgd": ("momentum", "dampening", "nesterov"), "adagrad": ("lr_decay", "eps"),
+    "rmsprop": ("momentum", "alpha", "eps", "centered"), "stable_adamw": ("max_lr", "kahan_sum", "decouple_lr"),
+    "adamw_anyprecision": ("use_kahan_summation", "momentum_dtype", "variance_dtype", "compensation_buffer_dtype"),
+    "grokadamw": ("alpha_init", "lamb", "gamma", "grokking_signal_decay_rate", "gradient_clipping"),
+    **dict.fromkeys(("adamw_torch_4bit", "adamw_torch_8bit"), ("block_size", "bf16_stochastic_round")),
+    **dict.fromkeys(("ademamix", "ademamix_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit"), _ADEMAMIX),
+    **dict.fromkeys(("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+                     "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise"), _GALORE),
+    **dict.fromkeys(("apollo_adamw", "apollo_adamw_layerwise"), (*_GALORE, "proj", "scale_type")),
+    **dict.fromkeys(("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"), ("weight_lr_power", "r")),
+}  # fmt: skip
+
+
+def optim_args(t: TrainArgs) -> dict[str, str]:
+    """``train.optim_args`` as a mapping of text, as the Trainer parses its "k=v,k=v" string (a bool as true/false)."""
+    given = t.optim_args
+    if isinstance(given, str):
+        pairs = [p.split("=", 1) for p in given.replace(" ", "").split(",") if p]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            raise ConfigError(f"train.optim_args must be 'key=value,key=value' (or a mapping), got {given!r}")
+        return dict(pairs)
+    return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in given.items()}
+
+
+def _check_optim_args(cfg: Any) -> None:
+    """Each ``train.optim_args`` key one the chosen optimizer reads: the Trainer ignores any other, silently."""
+    t = cfg.train
+    given = optim_args(t)
+    if not given:
+        return
+    if STAGES[cfg.stage].loop:
+        raise ConfigError(f"train.optim_args: {cfg.stage}'s own loop runs torch's AdamW with its defaults; drop it")
+    name = t.optim or "adamw_torch_fused"
+    reads = OPTIM_ARGS.get(name, ())
+    for key, value in given.items():
+        if key == "weight_decay":  # (the Trainer's would bypass its groups: no decay on biases and norms)
+            raise ConfigError("train.optim_args: weight_decay is train.weight_decay's (the Trainer's decay groups); "
+                              "set train.weight_decay")  # fmt: skip
+        if key not in reads:
+            known = f"it reads {', '.join(reads)}" if reads else "it reads none"
+            raise ConfigError(f"train.optim_args: {key!r} is not read by train.optim {name}'s optimizer (the "
+                              f"Trainer would ignore it); {known}")  # fmt: skip
+        if key in ("nesterov", "centered") and value not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"train.optim_args: {key} must be true or false, got {value!r}")
+        if key in ("momentum", "dampening", "lr_decay", "eps", "alpha") and name in ("sgd", "adagrad", "rmsprop"):
+            try:
+                float(value)
+            except ValueError:
+                raise ConfigError(f"train.optim_args: {key} must be a number, got {value!r}") from None
 
 
 def _check_best(cfg: Any) -> None:
@@ -299,9 +363,6 @@ UNBUILT = {k: f"{k} (TrainingArguments') is not a recipe key: {v}" for k, v in (
      "as the Trainer counts them without one); drop it"),
     ("include_num_input_tokens_seen", "every text stage counts its non-padding tokens (num_input_tokens_seen in "
      "the log); drop it"),
-    ("optim_args", "train.optim's optimizer runs with the Trainer's settings for it (train.lr, train.weight_decay, "
-     "and train.adam_* for an Adam); drop it"),
-    ("torch_empty_cache_steps", "the CUDA cache is left to torch's allocator; drop it"),
     ("average_tokens_across_devices", "a step's loss is a mean over every process's label tokens (the Trainer's "
      "default, true); drop it"))}  # fmt: skip
 """TrainingArguments keys a recipe does not take, each with why: the unknown-key error names it (config.HF_NAMES)."""

@@ -25,7 +25,7 @@ from . import report
 from .checks import check_context, check_num_labels, check_reference, check_run, resolved_precision
 from .cls import set_problem_type
 from .config import RunConfig, ignored_keys
-from .config_train import check_best_metric
+from .config_train import check_best_metric, optim_args
 from .metrics import perplexity
 from .models import load_model, load_processor, local_base_note, upcast_adapters
 from .prepared import Prepared
@@ -153,6 +153,8 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config or None,
         **({"optim": t.optim} if t.optim else {}),  # (null: the Trainer's default)
+        optim_args=",".join(f"{k}={v}" for k, v in optim_args(t).items()) or None,
+        torch_empty_cache_steps=t.torch_empty_cache_steps,
         **_lm_args(cfg),
         **precision_args(cfg),
     )

@@ -358,6 +358,7 @@ HARMLESS = {
     "train.num_workers",
     "train.eval_batch_size",
     "train.eval_on_start",
+    "train.torch_empty_cache_steps",  # (when the CUDA cache is emptied: peak memory, no result)
     "data.eval",
     "output.dir",
 }
