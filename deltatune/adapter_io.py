@@ -525,9 +525,12 @@ def targets_of_state_dict(model: torch.nn.Module, config: DeltaConfig, state_dic
         raise ConfigError(f"inject_adapter_in_model: no key of state_dict names an adapter on a module of the model "
                           f"(the first: {first!r})")  # fmt: skip
     _warn_disagreement(model, modules, inner, config, names)
-    narrowing = {
+    narrowing: dict[str, Any] = {
         f.name: None for f in dataclasses.fields(config) if f.name in ("exclude_modules", "layers_to_transform")
     }
+    feedforward = getattr(config, "feedforward_modules", None)  # IA3's: by path too, a subset of the targets
+    if isinstance(feedforward, list):
+        narrowing["feedforward_modules"] = [n for n in sorted(names) if matches(n, feedforward)]
     return config.replace(target_modules=sorted(names), **narrowing)
 
 

@@ -15,6 +15,7 @@ import torch
 
 import deltatune as dt
 from deltatune.loss import causal_lm_loss
+from deltatune.targets import matches
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -282,3 +283,27 @@ def test_old_gpt2_lora_file_loads_saying_fan_in_fan_out_true_as_peft(tmp_path, i
         assert (got(IDS).logits - model(IDS).logits).abs().max().item() == 0.0
     got.save_pretrained(tmp_path / "b")
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+@pytest.mark.parametrize("feedforward", [["down_proj"], None])
+def test_inject_ia3_state_dict_keeps_feedforward_modules_as_peft(feedforward: list[str] | None) -> None:
+    """IA3's state dict (ia3_l keys): the targets by path, feedforward_modules with them (HEAD refused the names
+    list as no subset of the paths); logits equal peft's."""
+    fields = dict(target_modules=["q_proj", "down_proj"], feedforward_modules=feedforward)
+    source = peft.inject_adapter_in_model(peft.IA3Config(**fields), _llama(1))
+    for n, p in source.named_parameters():
+        if "ia3_l" in n:
+            torch.nn.init.normal_(p)
+    sd = peft.get_peft_model_state_dict(source)
+    want = peft.inject_adapter_in_model(peft.IA3Config(**fields), _llama(), state_dict=sd)
+    peft.set_peft_model_state_dict(want, sd)
+    got = dt.inject_adapter_in_model(dt.IA3Config(**fields), _llama(), state_dict=sd)
+    dt.set_peft_model_state_dict(got, sd)
+    paths = sorted(
+        n for n, _ in _llama().named_modules() if matches(n, got.peft_config["default"].feedforward_modules)
+    )
+    assert paths == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]  # (None: the family default, as a regex)
+    with torch.no_grad():
+        diff = (got(IDS).logits - want(IDS).logits).abs().max().item()
+        base = (_llama()(IDS).logits - want(IDS).logits).abs().max().item()
+    assert diff < 1e-6 and base > 1e-3
