@@ -115,13 +115,19 @@ def test_a_group_by_length_run_resumed_past_its_first_epoch_trains_on_the_same_r
          r"sequential, group_by_length, batch_rebalance, got 'by_length'$"),
         ("dpo", {"train_sampling_strategy": "group_by_length"}, r"^train.train_sampling_strategy group_by_length "
          r"groups rows by their input_ids' length, and stage dpo's rows have none \(the Trainer's ValueError, as "
-         r"under TRL\); stages: pt, sft, cls, tag, seq2seq, kto \(apo_zero_unpaired\)$"),
+         r"under TRL\); stages: pt, sft, cls, tag, seq2seq, kto$"),
         ("image_cls", {"train_sampling_strategy": "batch_rebalance"}, r"^train.train_sampling_strategy "
          r"batch_rebalance groups rows by their input_ids' length, and stage image_cls's rows have none"),
-        ("kto", {"train_sampling_strategy": "group_by_length"}, r"^train.train_sampling_strategy group_by_length: "
-         r"stage kto's KL term pairs each row with its batch's others \(TRL's KTOTrainer refuses it too\)"),
         ("grpo", {"train_sampling_strategy": "sequential"}, r"^train.train_sampling_strategy: grpo's own loop draws "
-         r"its prompts by train.seed; drop it$"),
+         r"its prompts by train.seed \(TRL's GRPOConfig.shuffle_dataset: false, which deltatune's loop does not "
+         r"take\); drop it$"),
+        ("sft", {"train_sampling_strategy": "group_by_length", "data_seed": 1}, r"^train.data_seed orders only "
+         r"train_sampling_strategy random; the group_by_length order follows train.seed: drop it$"),
+        ("sft", {"train_sampling_strategy": "batch_rebalance", "data_seed": 1}, r"^train.data_seed orders only "
+         r"train_sampling_strategy random; the batch_rebalance order is fixed \(the Trainer's sampler seeds it with "
+         r"42, not train.seed\): drop it$"),
+        ("sft", {"train_sampling_strategy": "sequential", "data_seed": 1}, r"^train.data_seed orders only "
+         r"train_sampling_strategy random; the sequential order is the data's: drop it$"),
         ("sft", {"group_by_length": True}, r"^unknown key 'train.group_by_length' in recipe: group_by_length "
          r"\(TrainingArguments'\) is not a recipe key: transformers 5 names it train_sampling_strategy: set "
          r"train.train_sampling_strategy: group_by_length$"),
@@ -140,8 +146,45 @@ def test_the_sampling_strategies_a_stage_takes_pass():
             if strategy != "random" and stage == "grpo" or strategy == "group_by_length" and stage == "dpo":
                 continue
             assert build({"stage": stage, "train": {"train_sampling_strategy": strategy}, "align": keys})
-    kto = {"stage": "kto", "align": {"loss_type": "apo_zero_unpaired"}}
-    assert build({**kto, "train": {"train_sampling_strategy": "group_by_length"}}).train.train_sampling_strategy
+    for loss in ("apo_zero_unpaired", "kto"):  # (kto: its KL pairs are its batch's, or its block's; any order)
+        kto = {"stage": "kto", "align": {"loss_type": loss}, "train": {"train_sampling_strategy": "group_by_length"}}
+        assert build(kto).train.train_sampling_strategy == "group_by_length"
+
+
+def test_kto_with_its_kl_term_trains_under_group_by_length(files, tmp_path):  # noqa: F811
+    """Stage kto with align.loss_type kto was refused under group_by_length, "as TRL's KTOTrainer" (whose rule is
+    another: sequential only for its KL losses, and its group_by_length fails on its rows). deltatune pairs each row's
+    KL completion with the row before it in its batch, so a grouped batch's pairs are mismatched as a random one's:
+    the run trains on the Trainer's grouped order (each batch a mega-batch, sorted) with a finite KL term."""
+    from deltatune.train.kto import KTOCollator
+
+    rows = [{"prompt": f"p{i} " * (1 + i % 3), "completion": "a b " * (1 + i % 5), "label": i % 2 == 0}
+            for i in range(12)]  # fmt: skip
+    raw = {"stage": "kto", "model": {"name_or_path": files["model"]},
+           "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+           "data": {"train": _rows(tmp_path / "k.jsonl", rows), "max_length": 64},
+           "train": {"batch_size": 3, "max_steps": 2, "lr": 1e-2, "seed": 3, "logging_steps": 1,
+                     "report_to": ["none"], "train_sampling_strategy": "group_by_length"},
+           "output": {"dir": str(tmp_path / "kto")}}  # fmt: skip
+    batches = []
+    call = KTOCollator.__call__
+
+    def seen(self, examples):
+        batches.append([(e["input_ids"][: e["n_prompt"]], e["input_ids"][e["n_prompt"] :]) for e in examples])
+        return call(self, examples)
+
+    KTOCollator.__call__ = seen
+    try:
+        train(build(raw))
+    finally:
+        KTOCollator.__call__ = call
+    log = [json.loads(line) for line in (tmp_path / "kto" / "log_history.jsonl").read_text().splitlines()]
+    kl = [h["kl"] for h in log if "kl" in h]
+    assert len(kl) == 2 and all(k == k for k in kl), log  # (finite: nan != nan)
+    lengths = [[len(p) + len(c) for p, c in batch] for batch in batches[:2]]  # (mega-batches of 12 // 4 rows here)
+    assert all(n == sorted(n, reverse=True) and len(set(n)) > 1 for n in lengths), (
+        lengths
+    )  # each sorted, longest first
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,8 @@ class TrainArgs:
                                    "run's steps, as transformers 5's warmup_steps reads it (warmup_ratio's).")  # fmt: skip
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).")
     seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
-    data_seed: int | None = _f(None, "Seed of the data order alone, as TrainingArguments' data_seed (default: seed).")
+    data_seed: int | None = _f(None, "Seed of the random data order alone, as TrainingArguments' data_seed (default: "
+                               "seed; train_sampling_strategy random only).")  # fmt: skip
     precision: str = _f("auto", "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16.")
     logging_steps: int | float = _f(10, "Log loss and learning rate every N steps (a fraction < 1: of the run's "
                                     "steps, as the Trainer reads it).")  # fmt: skip
@@ -201,8 +202,10 @@ BY_LENGTH = ("pt", "sft", "cls", "tag", "seq2seq")
 def _check_sampling(cfg: Any) -> None:
     """``train_sampling_strategy``: one of the Trainer's; the length samplers only where the Trainer can count a row's
     length (a pair row's tokens are under chosen and rejected: its ValueError came when training started). Stage kto
-    as TRL's KTOTrainer: its KL term pairs each row with the batch's others, so only apo_zero_unpaired (no KL) takes
-    them. A stage with its own loop orders its prompts by train.seed."""
+    takes them all: its KL term pairs each row with another row of its batch (or of its block, precomputed), which
+    any order keeps mismatched (TRL's KTOTrainer takes only sequential for its KL losses, as it pairs the rows ahead,
+    and its group_by_length fails on its rows: prompt_ids and completion_ids, no input_ids). A stage with its own
+    loop orders its prompts by train.seed. data_seed orders only the random sampler."""
     t, stage = cfg.train, cfg.stage
     if t.train_sampling_strategy not in SAMPLING:
         raise ConfigError(f"train.train_sampling_strategy must be one of {', '.join(SAMPLING)}, got "
@@ -210,19 +213,18 @@ def _check_sampling(cfg: Any) -> None:
     if t.train_sampling_strategy == "random":
         return
     if STAGES[stage].loop:
-        raise ConfigError(
-            f"train.train_sampling_strategy: {stage}'s own loop draws its prompts by train.seed; drop it"
-        )
-    if t.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
-        return
-    if stage == "kto" and cfg.align.loss_type != "apo_zero_unpaired":
-        raise ConfigError(f"train.train_sampling_strategy {t.train_sampling_strategy}: stage kto's KL term pairs each "
-                          "row with its batch's others (TRL's KTOTrainer refuses it too); use align.loss_type "
-                          "apo_zero_unpaired, or drop it")  # fmt: skip
-    if stage not in (*BY_LENGTH, "kto"):
+        trl = " (TRL's GRPOConfig.shuffle_dataset: false, which deltatune's loop does not take)" * (stage == "grpo")
+        raise ConfigError(f"train.train_sampling_strategy: {stage}'s own loop draws its prompts by train.seed"
+                          f"{trl}; drop it")  # fmt: skip
+    if t.data_seed is not None:  # (the Trainer seeds only its random sampler with it: silently unused)
+        follows = {"sequential": "is the data's", "group_by_length": "follows train.seed",
+                   "batch_rebalance": "is fixed (the Trainer's sampler seeds it with 42, not train.seed)"}  # fmt: skip
+        raise ConfigError(f"train.data_seed orders only train_sampling_strategy random; the "
+                          f"{t.train_sampling_strategy} order {follows[t.train_sampling_strategy]}: drop it")  # fmt: skip
+    if t.train_sampling_strategy in ("group_by_length", "batch_rebalance") and stage not in (*BY_LENGTH, "kto"):
         raise ConfigError(f"train.train_sampling_strategy {t.train_sampling_strategy} groups rows by their input_ids' "
                           f"length, and stage {stage}'s rows have none (the Trainer's ValueError, as under TRL); "
-                          f"stages: {', '.join(BY_LENGTH)}, kto (apo_zero_unpaired)")  # fmt: skip
+                          f"stages: {', '.join(BY_LENGTH)}, kto")  # fmt: skip
 
 
 _ADEMAMIX = ("beta1", "beta2", "beta3", "alpha", "eps", "t_alpha", "t_beta3")
