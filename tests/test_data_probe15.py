@@ -364,3 +364,66 @@ def test_raw_render_refuses_a_system_prompt_in_one_line(smol):
     with pytest.raises(ChatTemplateError, match=r"^data\.template=raw renders plain text .* no place for a system"):
         render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}], smol, "raw", True)
     assert render([{"role": "user", "content": "Hello"}], smol, "raw", True) == ("Hello", [])
+
+
+@pytest.fixture(scope="module")
+def qwen3(smol):
+    """SmolLM2's tokenizer with TRL 1.16's real Qwen3 template (enable_thinking false writes the empty think block
+    in the generation prompt, "\\n\\n" after it, which the whole conversation tokenizes otherwise)."""
+    import copy
+    import pathlib
+
+    import trl
+
+    t = copy.deepcopy(smol)
+    t.chat_template = (pathlib.Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
+    return t
+
+
+@pytest.mark.parametrize("kw", [{"enable_thinking": False}, {"enable_thinking": True}, None])
+def test_qwen3_enable_thinking_prompt_completion_and_dpo_give_trls_labels(qwen3, kw):
+    """A conversational prompt-completion row (sft) and a preference row (dpo, kto) under Qwen3's enable_thinking
+    false: TRL trains from the token common prefix ("\\n\\nYellow.<|im_end|>\\n"), deltatune trained from the answer's
+    characters ("Yellow.<|im_end|>\\n"; 2 label positions differed). Now equal to TRL (exact)."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from deltatune.data.encode import choose_template, encode_pair_samples
+
+    extra = {"chat_template_kwargs": kw} if kw is not None else {}
+    row = {"prompt": Q, "completion": A, **extra}
+    ids, labels = sft_example(_read(row), qwen3, None)
+    assert (ids, labels) == _trl_sft(row, qwen3)
+    if kw == {"enable_thinking": False}:
+        assert qwen3.decode([x for x in labels if x != IGNORE_INDEX]) == "\n\nYellow.<|im_end|>\n"
+    s = _read({"prompt": Q, "chosen": A, "rejected": B, **extra}, "dpo")
+    ex = encode_pair_samples([s], qwen3, choose_template([s], qwen3, None, "dpo"), 10**6, "truncate", True, True)
+    k = kw or {}
+    p = _tokenize(qwen3, Q, add_generation_prompt=True, **k)["input_ids"]
+    fulls = [_tokenize(qwen3, Q + r, **k)["input_ids"] for r in (A, B)]
+    n = min(common_prefix_length(p, f) for f in fulls)
+    for side, full in zip(("chosen", "rejected"), fulls):
+        assert ex.examples[0][side]["input_ids"] == full and ex.examples[0][side]["labels"] == [-100] * n + full[n:]
+    kto = _read({"prompt": Q, "completion": A, "label": True, **extra}, "kto")
+    got = lm_example(kto, kto.completion, qwen3, None, 10**6)[0]
+    n = common_prefix_length(p, fulls[0])
+    assert got["labels"] == [-100] * n + fulls[0][n:]
+
+
+def test_qwen3_enable_thinking_false_messages_differ_from_trls_training_template_on_purpose(qwen3):
+    """Kept on purpose (docs/data-formats.md): a messages row under enable_thinking false trains the answer only,
+    its empty think block left with the generation prompt that writes it at inference; TRL's assistant_only_loss
+    swaps in qwen3_training.jinja, which tags the think block too (ids equal, 10 of 30 label positions differ)."""
+    import pathlib
+
+    import trl
+    from trl.data_utils import _tokenize
+
+    kw = {"enable_thinking": False}
+    ids, labels = sft_example(_read({"messages": Q + A, "chat_template_kwargs": kw}), qwen3, None)
+    training = (pathlib.Path(trl.__file__).parent / "chat_templates" / "qwen3_training.jinja").read_text()
+    out = _tokenize(qwen3, Q + A, return_assistant_tokens_mask=True, chat_template=training, **kw)
+    theirs = [i if m else IGNORE_INDEX for i, m in zip(out["input_ids"], out["assistant_masks"])]
+    assert ids == out["input_ids"]
+    assert qwen3.decode([x for x in labels if x != IGNORE_INDEX]) == "Yellow.<|im_end|>\n"
+    assert qwen3.decode([x for x in theirs if x != IGNORE_INDEX]) == "<think>\n\n</think>\n\nYellow.<|im_end|>\n"
+    assert sum(a != b for a, b in zip(labels, theirs)) == 10 and len(labels) == len(theirs) == 30

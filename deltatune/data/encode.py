@@ -137,6 +137,8 @@ def _sft(
         return raw_sft(s, tokenizer, train_on_prompt)
     conversation, start = _trained_from(s, mask_history)
     ids, answers = encode_chat(conversation, tokenizer, template, s.tools, start, True, s.template_kwargs)
+    if s.format == "prompt_completion" and not mask_history:
+        answers = _from_the_common_prefix(tokenizer, template, s.messages, s.tools, s.template_kwargs, ids, answers)
     if not train_on_prompt:
         return ids, answers, answers
     every = answers
@@ -145,6 +147,24 @@ def _sft(
             _unweighted(conversation), tokenizer, template, s.tools, s.sft()[1], True, s.template_kwargs
         )[1]
     return ids, [IGNORE_INDEX if e != a else i for i, e, a in zip(ids, every, answers)], answers
+
+
+def _from_the_common_prefix(
+    tokenizer, template: str | None, prompt: list[Message], tools, kwargs: dict[str, Any] | None, ids, labels
+) -> list[int]:
+    """``labels`` trained from where ``ids`` and the prompt rendered with its generation prompt part, where that is
+    before the answer's span: TRL 1.16's SFT (prompt-completion), DPO and KTO trainers split a conversational row at
+    ``common_prefix_length``. Qwen3's template with enable_thinking false ends its generation prompt with
+    ``</think>`` and a ``"\n\n"`` token that the whole conversation tokenizes otherwise, so that token trains."""
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+    if first == len(labels) or not prompt or prompt[-1]["role"] == "assistant":
+        return labels
+    head = render(prompt, tokenizer, template, True, tools, len(prompt), kwargs=kwargs)[0]
+    p = tokenizer(head, add_special_tokens=_add_special(template))["input_ids"]
+    n = 0
+    while n < min(len(p), first) and p[n] == ids[n]:
+        n += 1
+    return labels if n >= first else [*labels[:n], *ids[n:first], *labels[first:]]
 
 
 def _unweighted(conversation: list[Message]) -> list[Message]:
@@ -225,6 +245,7 @@ def _lm(
     from .templates import encode_chat
 
     ids, labels = encode_chat(prompt + response, tokenizer, template, tools, len(prompt), kwargs=kwargs)
+    labels = _from_the_common_prefix(tokenizer, template, prompt, tools, kwargs, ids, labels)
     first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
     if len(ids) <= max_length:
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, False
