@@ -202,8 +202,9 @@ def test_eval_drops_the_last_partial_batch_of_a_drop_last_run_as_the_trainer(fil
 
 def test_logging_first_step_logs_the_steps_the_trainer_logs(files, tmp_path):  # noqa: F811
     """logging_first_step was refused as an unknown key ("did you mean 'logging_steps'?"). Set, the run logs the
-    steps the Trainer logs (1, then every logging_steps), with its losses and learning rates."""
-    raw = recipe(files, tmp_path / "ours", max_steps=3, grad_accum=1, logging_steps=3, logging_first_step=True)
+    steps the Trainer logs (1, then every logging_steps), with its losses and learning rates; its last step (4), off
+    the logging grid, unlogged as the Trainer leaves it."""
+    raw = recipe(files, tmp_path / "ours", max_steps=4, grad_accum=1, logging_steps=3, logging_first_step=True)
     train(build(raw))
     with open(tmp_path / "ours" / "log_history.jsonl") as fh:
         ours = [h for h in map(json.loads, fh) if "loss" in h]
