@@ -97,3 +97,15 @@ def test_orpos_disable_prompt_loss_is_named_as_ignored_on_dpo():
 
     cfg = build({"stage": "dpo", "data": {"train": "p.jsonl"}, "align": {"disable_prompt_loss": True}})
     assert ("align.disable_prompt_loss", "orpo") in ignored_keys(cfg)
+
+
+def test_method_revision_is_no_recipe_key():
+    """DeltaConfig.revision (e332957) records get_delta_model(revision=); a recipe's method.revision was accepted and
+    written to adapter_config.json while the base loaded at its default revision."""
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+
+    recipe = {"stage": "sft", "model": {"name_or_path": "x"}, "method": {"name": "lora", "revision": "v2"}}
+    with pytest.raises(ConfigError, match="method.revision is not a recipe key"):
+        build(recipe)
+    build({**recipe, "method": {"name": "lora", "revision": None}})  # (null: as a run.yaml may hold it)

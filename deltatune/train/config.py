@@ -163,6 +163,9 @@ class RunConfig:
             raise ConfigError(f"method.towers must be a list of tower names (e.g. [language, vision]), got {towers!r}")
         if not name:
             raise ConfigError("method.name is missing (e.g. method: {name: lora})")
+        if section.get("revision") is not None:  # (every config has peft's field: get_peft_model(revision=)'s record)
+            raise ConfigError("method.revision is not a recipe key: it only records the base model's revision in "
+                              "adapter_config.json, and a recipe loads model.name_or_path at its default revision")  # fmt: skip
         try:
             cls = registry.get(name).config_class
         except KeyError as exc:
