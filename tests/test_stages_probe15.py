@@ -92,6 +92,122 @@ def test_caption_eval_of_a_val_size_run_scores_the_held_out_rows(captions, tmp_p
     assert again["eval_bleu"] == trained["eval_bleu"] and again["eval_rougeL"] == trained["eval_rougeL"]
 
 
+def _train_caption(captions: Path, run: Path, *extra: str) -> None:
+    from deltatune.cli import main
+
+    args = ["train", str(ROOT / "recipes" / "digits-caption.yaml"), f"model.name_or_path={captions / 'model'}",
+            f"data.train={captions / 'train.jsonl'}", "data.eval=null", f"output.dir={run}", "train.max_steps=2",
+            "train.report_to=[none]", "train.batch_size=2", "train.seed=5", *extra]  # fmt: skip
+    assert main(args) == 0
+
+
+def _as_before_4f6e087(run: Path, **data) -> None:
+    """The run.yaml of a caption run trained before 4f6e087 (which read no data.val_size: every row trained, as the
+    run here trained with val_size 0): no data.return_entity_level_metrics (9b38fa0's key), ``data`` set."""
+    import yaml
+
+    recipe = yaml.safe_load((run / "run.yaml").read_text())
+    recipe["data"].pop("return_entity_level_metrics", None)
+    recipe["data"].update(data)
+    (run / "run.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def old_caption_run(captions, tmp_path_factory) -> Path:
+    """A caption run as the code before 4f6e087 left it with data.val_size=2: every row trained, a checkpoint."""
+    run = tmp_path_factory.mktemp("old_caption") / "run"
+    _train_caption(captions, run, "train.save_steps=1")
+    _as_before_4f6e087(run, val_size=2.0)
+    return run
+
+
+def test_eval_of_a_caption_run_that_ignored_val_size_holds_no_rows_out(old_caption_run):
+    """The run trained on every row (the code before 4f6e087 named data.val_size as ignored): HEAD's deltatune eval
+    held two of its training rows out and reported them as held out; now one line asks for --data."""
+    from deltatune.config import ConfigError
+    from deltatune.train.evaluation import evaluate
+
+    with pytest.raises(ConfigError) as err:
+        evaluate(str(old_caption_run))
+    message = str(err.value)
+    assert "ignored data.val_size=2.0 before 4f6e087" in message and message.endswith("pass --data FILE")
+    assert "\n" not in message and message.startswith(str(old_caption_run / "run.yaml"))
+    with pytest.raises(ConfigError, match="ignored data.val_size"):  # a checkpoint of the run: its run.yaml too
+        evaluate(str(old_caption_run / "checkpoint-1"))
+
+
+def test_a_caption_run_that_held_rows_out_before_9b38fa0_is_known_by_its_report(old_caption_run, tmp_path):
+    """A run.yaml without the marker key whose report.md says rows were held out (4f6e087 to 9b38fa0) held them."""
+    import shutil
+
+    from deltatune.train.runs import old_run_data, read_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(old_caption_run, run)
+    raw = read_recipe(str(run))
+    assert old_run_data(raw, str(run))[0]["data"]["val_size"] == 0.0
+    report = (run / "report.md").read_text()
+    (run / "report.md").write_text(report.replace("## Notes\n", "## Notes\n\n- data.val_size: 2 of the train file's "
+                                                  "images held out for evaluation\n"))  # fmt: skip
+    assert old_run_data(raw, str(run)) == (raw, "")
+    raw["data"]["return_entity_level_metrics"] = False  # a run.yaml written since: as it is
+    assert old_run_data(raw) == (raw, "")
+
+
+def test_resume_of_a_caption_run_that_ignored_val_size_names_the_change(old_caption_run, tmp_path):
+    """Resumed with the same recipe, HEAD continued on four of the six rows it had trained on, silently. The rule
+    (runs.old_run_data) makes the run's data.val_size 0.0, so the resume names it as a change."""
+    from deltatune.train.runfolder import recipe_changes
+    from deltatune.train.runs import old_run_data, read_recipe
+
+    raw = read_recipe(str(old_caption_run))
+    assert recipe_changes(raw, raw) == []  # HEAD's comparison: the same recipe, no change
+    old, note = old_run_data(raw, str(old_caption_run))
+    assert recipe_changes(old, raw) == ["data.val_size: 0.0 -> 2.0"] and "trained on every row" in note
+
+
+@pytest.mark.xfail(strict=True, reason="run.py's _check_resume_recipe is to call runs.old_run_data (not this file's)")
+def test_resume_cli_of_a_caption_run_that_ignored_val_size_needs_resume_changed(captions, old_caption_run, tmp_path):
+    import shutil
+
+    from deltatune.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(old_caption_run, run)
+    shutil.rmtree(run / "checkpoint-2")
+    (run / "metrics.json").unlink()  # (a run cut after checkpoint-1)
+    args = ["train", "--resume", str(ROOT / "recipes" / "digits-caption.yaml"),
+            f"model.name_or_path={captions / 'model'}", f"data.train={captions / 'train.jsonl'}", "data.eval=null",
+            "data.val_size=2", f"output.dir={run}", "train.max_steps=2", "train.report_to=[none]",
+            "train.batch_size=2", "train.seed=5", "train.save_steps=1"]  # fmt: skip
+    assert main(args) != 0
+
+
+@pytest.mark.parametrize("marker", [False, True])
+def test_eval_of_a_run_with_an_eval_file_and_val_size_scores_the_eval_file(
+    captions, old_caption_run, tmp_path, marker
+):
+    """The code before 4f6e087 named data.val_size as ignored beside data.eval and scored the eval file; HEAD's eval
+    refused the run.yaml ('give one or the other'). Now the eval file is scored as --data scores it (the eval config
+    holds no rows out of it, whatever the recipe says: marker=True, a run.yaml with today's keys)."""
+    import shutil
+
+    import yaml
+
+    from deltatune.train.evaluation import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(old_caption_run, run)
+    ev = _jsonl(tmp_path / "eval.jsonl", [{"image": str(captions / f"{i}.png"), "text": CAPTIONS[i]} for i in (1, 4)])
+    _as_before_4f6e087(run, eval=str(ev))
+    if marker:
+        recipe = yaml.safe_load((run / "run.yaml").read_text())
+        recipe["data"]["return_entity_level_metrics"] = False
+        (run / "run.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    got, want = evaluate(str(run)), evaluate(str(run), data=str(ev))
+    assert got == want and "eval_loss" in got
+
+
 def _cls_cfg(tmp_path: Path, values: list, eval_labels: list | None = None, **data):
     train = _jsonl(tmp_path / "train.jsonl", [{"text": f"row {i}", "label": v} for i, v in enumerate(values)])
     ev = {}

@@ -60,6 +60,7 @@ from .checks import check_new_tokens
 from .config import RunConfig
 from .image_cls import PixelTrainer  # pixel values in the model's dtype
 from .prepared import Prepared, data_columns
+from .runs import HELD_OUT_NOTE  # (deltatune eval reads it back: the run held rows out)
 
 CAPTION_PROMPT = "Describe the image."
 """The user turn (after the image) of an image + caption row on a decoder-only model; ``generate --image``'s prompt
@@ -304,7 +305,7 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     images = sum(len(e.images) for e in train.examples)
     notes.insert(0, f"{len(train)} training rows with {images} images; image token {processor.image_token!r}")
     if held is not None:
-        notes.insert(1, f"data.val_size: {len(held)} of the train file's rows held out for evaluation")
+        notes.insert(1, f"data.val_size: {len(held)} {HELD_OUT_NOTE.format(what='rows')}")
     if ev is not None:
         notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {min(len(ev), EVAL_CAPTIONS)} rows")
     collator = functools.partial(collate_vlm, pad_token_id=processor.pad_token_id)
@@ -333,7 +334,7 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
     eval_rows = read(d.eval) if d.eval else held
     notes = [f"{len(train_rows)} training images with captions"]
     if held is not None:
-        notes.append(f"data.val_size: {len(held)} of the train file's images held out for evaluation")
+        notes.append(f"data.val_size: {len(held)} {HELD_OUT_NOTE.format(what='images')}")
     for split, rows in (("train", train_rows), ("eval", eval_rows or [])):
         for mode, count in sorted(check(rows).items()):
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")

@@ -17,7 +17,7 @@ from .checks import check_reference
 from .config import READ_BY, apply_overrides, build
 from .models import load_processor, reload_as_trained
 from .run import _lm_args, adapter_field, build_model, eval_metrics, precision_args, start_model
-from .runs import folder_with, read_recipe, run_file
+from .runs import folder_with, old_run_data, read_recipe, run_file
 from .table import IMAGE_STAGES, prepare
 
 VAL_SIZE_STAGES = sorted(next(stages for stages, keys in READ_BY if "data.val_size" in keys.split()).split())
@@ -67,12 +67,15 @@ def evaluate(
                 f"({os.path.join(run_dir, 'adapter_config.json')}); method overrides do not apply"
             )
     raw, path = _recipe(run_dir, data, compare, overrides or [])
+    raw, old_note = old_run_data(raw, run_dir)  # (a caption run that ignored data.val_size: none held out)
     if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
         raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None, "val_size": 0.0}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
     cfg.model.trust_remote_code = trust_remote_code
     if not cfg.data.eval and not (cfg.data.val_size and cfg.stage in VAL_SIZE_STAGES):  # (held out again: below)
-        raise ConfigError("no evaluation data: pass --data FILE")
+        raise ConfigError(
+            f"{path}: {old_note}; pass --data FILE" if old_note else "no evaluation data: pass --data FILE"
+        )
     if compare and cfg.stage == "t2i":
         raise ConfigError(
             "--compare is not available for t2i runs (their start is the base pipeline): "
@@ -90,9 +93,9 @@ def evaluate(
     # A data.val_size run without --data: its held-out rows, split off data.train with its seed again (the
     # prepared eval split); else the eval file read as a train file.
     held_out = not cfg.data.eval
-    eval_cfg = build(
-        apply_overrides(raw if held_out else raw | {"data": {**raw["data"], "train": cfg.data.eval}}, overrides or [])
-    )
+    # (the eval file read as the train file: no rows held out of it, as with --data; an old run's recipe may set both)
+    as_train = {"data": {**raw["data"], "train": cfg.data.eval, "val_size": 0.0}}
+    eval_cfg = build(apply_overrides(raw if held_out else raw | as_train, overrides or []))
     prepared = prepare(eval_cfg, tok)
     cfg.model.num_labels = cfg.model.num_labels or eval_cfg.model.num_labels  # as the stage set it (rm: 1 output)
     if prepared.loop is not None:

@@ -3,6 +3,7 @@ scorers need it. A leaf of train/: it imports yaml and the config error, nothing
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -73,6 +74,39 @@ def read_recipe(run_dir: str, what: str = "give a folder written by 'deltatune t
         train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
         raw["align"] = old_run_align(raw["align"], raw.get("stage"), train.get("batch_size"))
     return raw
+
+
+HELD_OUT_NOTE = "of the train file's {what} held out for evaluation"
+"""The report.md note of a run that held data.val_size rows out (caption writes rows / images, image_cls images)."""
+CAPTION_VAL_SIZE_MARKER = "return_entity_level_metrics"
+"""A data key of every run.yaml written since stage caption reads data.val_size (9b38fa0 named caption among its
+readers, beside this key; 4f6e087 began holding the rows out)."""
+
+
+def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[str, Any], str]:
+    """A run.yaml recipe as the run trained it, and a note ("" when none): a caption run written before stage caption
+    read data.val_size (its run.yaml lacks ``CAPTION_VAL_SIZE_MARKER``, and its report.md in ``run_dir``, if any, has
+    no held-out note) ignored the key and trained on every row of data.train, so its data.val_size is 0.0 here;
+    ``deltatune eval`` then holds no rows out, and a ``--resume`` with the key set names it as a change. A new dict."""
+    data = raw.get("data")
+    if raw.get("stage") != "caption" or not isinstance(data, dict) or CAPTION_VAL_SIZE_MARKER in data:
+        return raw, ""
+    if not data.get("val_size"):
+        return raw, ""
+    report = ""
+    if run_dir:
+        with (
+            contextlib.suppress(OSError, UnicodeDecodeError),
+            open(os.path.join(run_folder(run_dir) or run_dir, "report.md"), encoding="utf-8") as fh,
+        ):
+            report = fh.read()
+    if any(HELD_OUT_NOTE.format(what=w) in report for w in ("rows", "images")):
+        return raw, ""  # (4f6e087 to 9b38fa0: held out, as its report says)
+    note = (
+        f"stage caption ignored data.val_size={data['val_size']} before 4f6e087: this run trained on every row of "
+        "data.train, none held out"
+    )
+    return {**raw, "data": {**data, "val_size": 0.0}}, note
 
 
 def run_template(adapter_dir: str) -> str | None:
