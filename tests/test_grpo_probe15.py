@@ -235,8 +235,8 @@ def test_generation_ids_past_the_vocabulary_are_one_line_before_the_model_loads(
     from deltatune.train.grpo_rewards import Reward
 
     model, base = policy
-    words = f"^align.generation_kwargs {shown} is no token id \\(the model's vocabulary is 0 to 30521\\); generate"
-    with pytest.raises(ConfigError, match=words + " would fail on it at the first rollout$") as err:
+    words = f"^align.generation_kwargs {shown} is no token id \\(the model's vocabulary is 0 to 30521\\); the first"
+    with pytest.raises(ConfigError, match=words + " rollout fails on it$") as err:
         _prepare(tmp_path, base, kwargs)
     assert "\n" not in str(err.value)
     assert (
@@ -261,6 +261,76 @@ def test_generation_ids_that_are_no_ids_are_one_line_at_build(kwargs, shown):
                        "numbers >= 0\\)") as err:  # fmt: skip
         build({**RAW, "stage": "grpo", "align": {"generation_kwargs": kwargs}})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, shown", [
+    ({"bad_words_ids": [[-1], [5, -2]]}, "bad_words_ids: -1"),
+    ({"bad_words_ids": [[4, 2.5, -7]]}, "bad_words_ids: 2.5"),
+    ({"sequence_bias": [[[7, -4], -1.0], [[-5], 1.0]]}, "sequence_bias: -4"),
+    ({"forced_eos_token_id": [3, -8, -9]}, "forced_eos_token_id: -8"),
+])  # fmt: skip
+def test_the_first_bad_id_as_written_is_named(kwargs, shown):
+    """Several bad ids: the error names the first one as written (it named the last: -2 for [[-1], [5, -2]])."""
+    with pytest.raises(ConfigError, match=f"^align.generation_kwargs {shown} is no token id"):
+        build({**RAW, "stage": "grpo", "align": {"generation_kwargs": kwargs}})
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("sequence_bias", 5, "must be a mapping"),
+    ("sequence_bias", True, "must be a mapping"),
+    ("sequence_bias", 1.5, "must be a mapping"),
+    ("sequence_bias", "x", "must be a mapping"),
+    ("sequence_bias", [[]], "must be a mapping"),
+    ("sequence_bias", [5], "must be a mapping"),
+    ("sequence_bias", [[[3], -1.0, 7]], "must be a mapping"),
+    ("sequence_bias", [[3, -1.0]], "transformers' generate refuses it"),
+    ("sequence_bias", [[[3, 4], "x"]], "transformers' generate refuses it"),
+    ("sequence_bias", [[[3, 4], -1]], "transformers' generate refuses it at the first rollout \\(each bias a float, -1.0 not -1\\)"),
+    ("sequence_bias", [], "transformers' generate refuses it"),
+    ("sequence_bias", {}, "transformers' generate refuses it"),
+    ("bad_words_ids", [5, 7], "transformers' generate refuses it"),
+    ("bad_words_ids", [[5, [7]]], "transformers' generate refuses it"),
+    ("bad_words_ids", [], "transformers' generate refuses it"),
+    ("bad_words_ids", 5, "transformers' generate refuses it"),
+])  # fmt: skip
+def test_malformed_bad_words_ids_and_sequence_bias_are_one_line_at_build(key, value, words):
+    """A sequence_bias that is no mapping or list of [ids, bias] pairs crashed the build with Python's own error
+    ("'int' object is not iterable" for 5, an IndexError for [[]]); bad_words_ids and sequence_bias that transformers'
+    logits processors refuse ([5, 7], an integer bias) built and failed at the first rollout. Each is one ConfigError
+    naming the key when the recipe builds. The guard: transformers' own processor, which generate builds from the
+    value, refuses each of them too (a ValueError, or Python's error where its check indexes a non-pair)."""
+    import transformers.generation.logits_process as lp
+
+    with pytest.raises(ConfigError, match=f"^align.generation_kwargs {key}:? {words}") as err:
+        build({**RAW, "stage": "grpo", "align": {"generation_kwargs": {key: value}}})
+    assert "\n" not in str(err.value)
+    processor = lp.SequenceBiasLogitsProcessor if key == "sequence_bias" else lp.NoBadWordsLogitsProcessor
+    if value != [[[3], -1.0, 7]]:  # (transformers ignores a pair's third item; refused here as no pair)
+        with pytest.raises((ValueError, TypeError, IndexError)):
+            processor(value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"bad_words_ids": [[]]},
+    {"bad_words_ids": [[5], [7, 8]]},
+    {"sequence_bias": [[[3, 4], -1.0], [[5], 2.0]]},
+    {"sequence_bias": {(3, 4): -1.0}},
+    {"forced_eos_token_id": [[2]]},
+])  # fmt: skip
+def test_well_formed_generation_ids_build_and_generate_as_transformers(policy, kwargs):
+    """What transformers' generate takes still builds (a mapping with tuple keys from Python too), and samples."""
+    from tiny import tokenizer
+
+    from deltatune.train.grpo import GRPOLoop, PromptItem
+    from deltatune.train.grpo_rewards import Reward
+
+    align = AlignArgs(num_generations=2, max_new_tokens=2, generation_kwargs=kwargs)
+    validate_align(align, "grpo")
+    model, _ = policy
+    tok = tokenizer()
+    loop = GRPOLoop(model, tok, [Reward("zero", lambda completions, **_: [0.0] * len(completions))], align)
+    out = loop.sample([PromptItem(tok("hi")["input_ids"], "hi", {}, "p:1")], 2)
+    assert len(out.completion_ids) == 2
 
 
 # -- num_generations_eval ----------------------------------------------------------------------------------------------

@@ -423,32 +423,37 @@ def _validate_sampling(a: AlignArgs) -> None:
 
 
 GENERATION_IDS = ("bad_words_ids", "sequence_bias", "forced_eos_token_id")
-"""The align.generation_kwargs settings whose token ids generate fails on past the vocabulary (``check_generation_ids``;
-suppress_tokens and begin_suppress_tokens match no token there, as in TRL)."""
+"""The align.generation_kwargs keys whose ids generate fails on (``check_generation_ids``; suppress_tokens: ignored)."""
 
 
 def check_generation_ids(a: AlignArgs, vocab_size: int | None = None) -> None:
     """ConfigError naming the align.generation_kwargs key whose token ids are not whole numbers in [0, ``vocab_size``)
-    (the model's vocabulary; None: not known yet, only >= 0): generate fails on them at the first rollout, from
-    inside torch (an index out of range) or its logits processor."""
+    (the model's vocabulary; None: not known yet, only >= 0), the first as written, or whose shape transformers'
+    ``NoBadWordsLogitsProcessor`` / ``SequenceBiasLogitsProcessor`` refuse: generate fails at the first rollout."""
+    import transformers.generation.logits_process as lp
+
     for key in GENERATION_IDS:
-        value = (a.generation_kwargs or {}).get(key)
-        if value is None:
-            continue
-        if key == "sequence_bias":  # {(ids...): bias} or [[ids, bias], ...]: the ids are the keys / first items
-            value = list(value) if isinstance(value, dict) else [v[0] for v in value if isinstance(v, (list, tuple))]
-        ids, todo = [], [value]
-        while todo:
+        value, where = (given := (a.generation_kwargs or {}).get(key)), f"align.generation_kwargs {key}"
+        if key == "sequence_bias" and given is not None:  # {(ids...): bias} or [[ids, bias], ...]: ids, then bias
+            pairs, seq = (list(given.items()) if isinstance(given, dict) else given), (list, tuple)
+            if not isinstance(pairs, seq) or any(not isinstance(p, seq) or len(p) != 2 for p in pairs):
+                raise ConfigError(f"{where} must be a mapping {{(ids...): bias}} or a list of [ids, bias] pairs "
+                                  f"(e.g. [[[3, 4], -1.0]]), got {given!r}")  # fmt: skip
+            value = [p[0] for p in pairs]
+        ids, todo = [], [] if given is None else [value]
+        while todo:  # (depth first, in the order written)
             v = todo.pop()
-            if isinstance(v, (list, tuple)):
-                todo.extend(v)
-            else:
-                ids.append(v)
+            todo.extend(reversed(v)) if isinstance(v, (list, tuple)) else ids.append(v)
         bad = [i for i in ids if type(i) is not int or i < 0 or vocab_size is not None and i >= vocab_size]
         if bad:
             limit = f"the model's vocabulary is 0 to {vocab_size - 1}" if vocab_size else "ids are whole numbers >= 0"
-            raise ConfigError(f"align.generation_kwargs {key}: {bad[0]!r} is no token id ({limit}); generate would "
-                              "fail on it at the first rollout")  # fmt: skip
+            raise ConfigError(f"{where}: {bad[0]!r} is no token id ({limit}); the first rollout fails on it")
+        try:
+            if given is not None and key != "forced_eos_token_id":
+                (lp.SequenceBiasLogitsProcessor if key == "sequence_bias" else lp.NoBadWordsLogitsProcessor)(given)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout (each bias a float, "
+                              f"-1.0 not -1): {' '.join(str(exc).split())[:300]}") from None  # fmt: skip
 
 
 def _check_generation(a: AlignArgs) -> None:
@@ -510,9 +515,8 @@ def validate_grpo(a: AlignArgs) -> None:
     if a.loss_norm not in ("sequence", "token", "dr_grpo"):
         raise ConfigError(f"align.loss_norm must be sequence or token, or dr_grpo, got {a.loss_norm!r}")
     if a.scale_rewards not in (True, False, "group", "batch", "none"):
-        raise ConfigError(
-            f"align.scale_rewards must be group, batch or none (or true / false), got {a.scale_rewards!r}"
-        )
+        raise ConfigError(f"align.scale_rewards must be group, batch or none (or true / false), got "
+                          f"{a.scale_rewards!r}")  # fmt: skip
     if a.cliprange_high is not None and a.cliprange_high <= 0:
         raise ConfigError(f"align.cliprange_high must be > 0 (or null: align.cliprange), got {a.cliprange_high}")
     if a.delta is not None and a.delta <= 1:
@@ -523,9 +527,8 @@ def validate_grpo(a: AlignArgs) -> None:
     if not 0 <= a.top_entropy_quantile <= 1:
         raise ConfigError(f"align.top_entropy_quantile must be in [0, 1], got {a.top_entropy_quantile}")
     if a.num_generations_eval is not None and (type(a.num_generations_eval) is not int or a.num_generations_eval < 1):
-        raise ConfigError(
-            f"align.num_generations_eval must be an integer >= 1 (or null: 1), got {a.num_generations_eval!r}"
-        )
+        raise ConfigError(f"align.num_generations_eval must be an integer >= 1 (or null: 1), got "
+                          f"{a.num_generations_eval!r}")  # fmt: skip
     if type(a.steps_per_generation) is not int or a.steps_per_generation < 1:
         raise ConfigError(f"align.steps_per_generation must be an integer >= 1, got {a.steps_per_generation!r}")
 
