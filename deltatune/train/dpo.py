@@ -51,7 +51,15 @@ from .logprobs import (
     summed,
     token_means,
 )
-from .pairs import PairTrainer, count_tokens, disable_dropout, encode_pair_splits, pair_metrics, synced_reference
+from .pairs import (
+    PairTrainer,
+    SyncedRefCheckpoints,
+    count_tokens,
+    disable_dropout,
+    encode_pair_splits,
+    pair_metrics,
+    synced_reference,
+)
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -199,7 +207,7 @@ def _losses_of(kind, pc, pr, rc, rr, nc, nr, sc, sr, beta, eps, tau) -> torch.Te
     raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {kind!r}")
 
 
-class DPOTrainer(PairTrainer):
+class DPOTrainer(SyncedRefCheckpoints, PairTrainer):
     """PairTrainer with the DPO loss against the adapter-disabled base.
 
     Logs ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,

@@ -45,7 +45,7 @@ from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .config_align import precomputes_ref
 from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs, token_means
-from .pairs import count_tokens, disable_dropout, synced_reference
+from .pairs import SyncedRefCheckpoints, count_tokens, disable_dropout, synced_reference
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -141,7 +141,7 @@ class KTOCollator:
         return batch
 
 
-class KTOTrainer(DeltaTrainer):
+class KTOTrainer(SyncedRefCheckpoints, DeltaTrainer):
     """DeltaTrainer with the KTO loss against the adapter-disabled base. Logs ``kl`` (z0), the mean rewards,
     policy log-probs and logits (over the vocabulary and the completion tokens) of each label, their reward margin
     and the completions' ``entropy``, as TRL names them (``rewards/chosen``: the desirable rows);

@@ -258,6 +258,10 @@ def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_
     return Encoded(kept, cut), fell_back
 
 
+SYNCABLE = ("full", "freeze", "bitfit")  # the methods that train the base in place, with no adapter on it
+SYNCED_REF = "sync_ref_model.safetensors"  # a checkpoint's TR-DPO reference copy
+
+
 class SyncRef(TrainerCallback):
     """TR-DPO's reference update (Gorbatovski et al. 2024, arXiv:2404.09656; TRL's ``SyncRefModelCallback``): after
     every ``steps``-th optimizer step, each reference parameter becomes (1 - alpha) ref + alpha policy."""
@@ -275,14 +279,15 @@ class SyncRef(TrainerCallback):
 
 def check_sync_ref(align, config, base_model: torch.nn.Module, stage: str) -> None:
     """ConfigError in one line when ``align.sync_ref_model`` (TR-DPO) cannot apply: an adapter (``config``, on
-    ``base_model``) that leaves the base as it is, whose reference is the base with the adapter off and no copy (TRL
-    refuses sync_ref_model with a PEFT model too), a precomputed reference, or a bad alpha or tau. Nothing when off."""
+    ``base_model``; any method but full, freeze and bitfit, also LoRA training biases, whose copy would be a LoRA
+    model mixed lora_A and lora_B apart), whose reference is the base with the adapter off and no copy (TRL refuses
+    sync_ref_model with a PEFT model too), a precomputed reference, or a bad alpha or tau. Nothing when off."""
     from ..config import ConfigError
     from .config_align import precomputes_ref
 
     if not align.sync_ref_model:
         return
-    if not config.trainable_base_parameters(base_model):
+    if config.method not in SYNCABLE or not config.trainable_base_parameters(base_model):
         raise ConfigError(
             f"align.sync_ref_model (TR-DPO) with method.name={config.method}: the {stage} reference is the base with "
             "the adapter off, which no step changes, so there is no reference copy to sync (TRL refuses "
@@ -325,3 +330,60 @@ def synced_reference(trainer: DeltaTrainer, align, stage: str) -> torch.nn.Modul
     alpha, steps = float(align.ref_model_mixup_alpha), align.ref_model_sync_steps
     trainer.add_callback(SyncRef(ref, alpha, steps, trainer.accelerator))
     return ref
+
+
+class SyncedRefCheckpoints:
+    """A trainer mixin (before DeltaTrainer) for TR-DPO's reference copy (``self.ref_model``, ``synced_reference``):
+    each checkpoint also holds the copy's parameters (``SYNCED_REF``, written with the optimizer's state into the
+    checkpoint's staging folder, so it appears with the rest or not at all), and resuming from a checkpoint loads
+    them, so a resumed run scores against the reference the uninterrupted run had (TRL keeps no such file: its
+    resumed run restarts the copy from the policy it loads)."""
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if getattr(self, "ref_model", None) is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            tensors = {k: p.detach().contiguous().cpu() for k, p in self.ref_model.named_parameters()}
+            save_file(tensors, os.path.join(output_dir, SYNCED_REF), {"format": "pt"})
+
+    def _load_best_model(self) -> None:
+        self._loading_best = True  # the best checkpoint's policy only: the reference stays as training left it
+        try:
+            super()._load_best_model()
+        finally:
+            self._loading_best = False
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if getattr(self, "ref_model", None) is not None and not getattr(self, "_loading_best", False):
+            load_synced_ref(self.ref_model, resume_from_checkpoint, self.align.ref_model_sync_steps)
+
+
+@torch.no_grad()
+def load_synced_ref(ref_model: torch.nn.Module, checkpoint: str, sync_steps: int) -> None:
+    """Copy a checkpoint's ``SYNCED_REF`` into ``ref_model``. Without the file, a checkpoint of a step before the
+    first mixing needs none (the copy is still the starting policy); a later one is a ConfigError naming it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ..config import ConfigError
+
+    path = os.path.join(checkpoint, SYNCED_REF)
+    if not os.path.isfile(path):
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
+            step = json.load(fh).get("global_step", 0)
+        if step >= sync_steps:
+            raise ConfigError(
+                f"{path} is missing: align.sync_ref_model (TR-DPO) mixed its reference copy by step {step}, and "
+                "this checkpoint (written before the copy was kept, or with train.save_only_model) cannot restore it; "
+                "resume from a checkpoint that has it, or train again from the start"
+            )
+        return
+    saved = load_file(path)
+    params = dict(ref_model.named_parameters())
+    if saved.keys() != params.keys():
+        raise ConfigError(f"{path} holds other parameters than this run's reference copy (another model or method)")
+    for k, p in params.items():
+        p.copy_(saved[k].to(p.dtype))
