@@ -290,9 +290,8 @@ def check_sync_ref(align, config, base_model: torch.nn.Module, stage: str) -> No
     if config.method not in SYNCABLE or not config.trainable_base_parameters(base_model):
         raise ConfigError(
             f"align.sync_ref_model (TR-DPO) with method.name={config.method}: the {stage} reference is the base with "
-            "the adapter off, which no step changes, so there is no reference copy to sync (TRL refuses "
-            "sync_ref_model with a PEFT model too); use a method that trains the base in place (full, freeze, "
-            "bitfit) or drop sync_ref_model"
+            "the adapter off, no copy to sync (TRL refuses sync_ref_model with a PEFT model too); use a method that "
+            "trains the base in place (full, freeze, bitfit) or drop sync_ref_model"
         )
     if precomputes_ref(align):
         raise ConfigError(
