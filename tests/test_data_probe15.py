@@ -257,7 +257,7 @@ def test_a_sharegpt_response_of_the_human_tag_is_named_not_called_empty():
     row = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "human", "value": "a"},
            "rejected": {"from": "gpt", "value": "b"}}  # fmt: skip
     with pytest.raises(
-        DataError, match=r"^t\.jsonl:4: column 'chosen': a response must be an assistant turn, got user$"
+        DataError, match=r"^t\.jsonl:4: column 'chosen': a response must be an assistant turn, got user \(data\.bad"
     ):
         _read(row, "dpo")
     row["chosen"] = {"from": "function_call", "value": '{"name": "f", "arguments": {}}'}  # (the function tag: a call)
@@ -427,3 +427,31 @@ def test_qwen3_enable_thinking_false_messages_differ_from_trls_training_template
     assert qwen3.decode([x for x in labels if x != IGNORE_INDEX]) == "Yellow.<|im_end|>\n"
     assert qwen3.decode([x for x in theirs if x != IGNORE_INDEX]) == "<think>\n\n</think>\n\nYellow.<|im_end|>\n"
     assert sum(a != b for a, b in zip(labels, theirs)) == 10 and len(labels) == len(theirs) == 30
+
+
+def test_a_human_tag_ranking_response_is_skipped_under_bad_pairs_skip():
+    """data.bad_pairs=skip left such a row out before 3622734 (read as an empty response); it became a hard error."""
+    row = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "human", "value": "a"},
+           "rejected": {"from": "gpt", "value": "b"}}  # fmt: skip
+    skipped: list[str] = []
+    assert read_samples([Row(row, "t.jsonl:4")], {}, stage="dpo", skipped=skipped) == []
+    assert skipped == ["t.jsonl:4"]
+
+
+def test_audio_columns_are_refused_in_a_text_row_and_through_data_columns():
+    """A pt text row with an audios column trained as text, and data.columns {audios: ...} was an unknown key, so
+    LLaMA-Factory's mapping of its audio column could not reach the refusal."""
+    with pytest.raises(DataError, match=r"^t\.jsonl:4: column 'audios': an audio row; no stage reads audio"):
+        _read({"text": "hello", "audios": ["a.wav"]}, "pt")
+    row = {"instruction": "hi", "output": "yo", "aud": ["a.wav"]}
+    with pytest.raises(DataError, match=r"^t\.jsonl:4: column 'aud': an audio row; no stage reads audio"):
+        _read(row, columns={"audios": "aud"})
+
+
+def test_chat_template_kwargs_null_text_and_transformers_own_arguments():
+    """JSON text "null" was refused as NoneType while a real null was accepted; transformers 5's
+    sanitize_control_tokens (an apply_chat_template argument) passed as a template variable."""
+    row = {"messages": Q + A}
+    assert _read({**row, "chat_template_kwargs": "null"}).template_kwargs is None
+    with pytest.raises(DataError, match=r"^t\.jsonl:4: chat_template_kwargs\.sanitize_control_tokens: the stage sets"):
+        _read({**row, "chat_template_kwargs": {"sanitize_control_tokens": False}})

@@ -97,7 +97,8 @@ SHAREGPT_TAGS: dict[str, str] = {
     "system_tag": "system",
 }
 FIELDS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "prompt", "completion",
-          "chosen", "rejected", "label", "text", "tools", "images", "videos", "chat_template_kwargs")  # fmt: skip
+          "chosen", "rejected", "label", "text", "tools", "images", "videos", "audios",
+          "chat_template_kwargs")  # fmt: skip
 """The fields ``data.columns`` may rename (field -> the file's column)."""
 
 
@@ -431,7 +432,8 @@ def _pair_check(s: Sample, c: dict[str, str]) -> Sample:
     for key, msgs in (("chosen", s.chosen), ("rejected", s.rejected)):
         if msgs and not any(m["role"] == "assistant" for m in msgs):  # (a sharegpt response of the human tag)
             got = ", ".join(m["role"] for m in msgs)
-            raise DataError(f"{s.source}: column {_col(c, key)!r}: a response must be an assistant turn, got {got}")
+            raise _BadPair(f"{s.source}: column {_col(c, key)!r}: a response must be an assistant turn, got {got} "
+                           "(data.bad_pairs=skip leaves such rows out)")  # fmt: skip
         if not any(says_something(m) for m in msgs if m["role"] == "assistant"):
             raise _BadPair(
                 f"{s.source}: column {_col(c, key)!r} is empty; a preference pair needs two responses "
@@ -533,6 +535,7 @@ def _sharegpt_preference(row: Row, c: dict[str, str], t: dict[str, str]) -> Samp
 
 
 def _plain(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+    _media(row, c)  # (an audios column refused as in the other formats)
     return Sample(row.source, "text", [], text=_text(row, _col(c, "text")), conversational=False)
 
 

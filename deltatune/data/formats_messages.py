@@ -162,7 +162,18 @@ def _system_message(row: Row, c: dict[str, str]) -> list[Message]:
 TEMPLATE_KWARGS_TAKEN = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
                          "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
                          "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")  # fmt: skip
-"""``apply_chat_template``'s own arguments, which the stages set: a row's ``chat_template_kwargs`` may not."""
+"""``apply_chat_template``'s own arguments, which the stages set: a row's ``chat_template_kwargs`` may not (with those
+of the installed transformers' signature: 5's ``sanitize_control_tokens``; ``_taken``)."""
+
+
+def _taken() -> set[str]:
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    params = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.values()
+    own = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+    return {*TEMPLATE_KWARGS_TAKEN, *own}
 
 
 def _template_kwargs(row: Row, c: dict[str, str]) -> dict[str, Any] | None:
@@ -177,10 +188,12 @@ def _template_kwargs(row: Row, c: dict[str, str]) -> dict[str, Any] | None:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError:
             raise DataError(f"{row.source}: column {column!r} must be a JSON object, got {value[:40]!r}") from None
+        if value is None:  # (JSON's null, as a real null: no variables)
+            return None
     if not isinstance(value, dict):
         raise DataError(f"{row.source}: column {column!r} must be an object of template variables, got "
                         f"{type(value).__name__}")  # fmt: skip
-    taken = next((k for k in value if k in TEMPLATE_KWARGS_TAKEN or not isinstance(k, str)), None)
+    taken = next((k for k in value if not isinstance(k, str) or k in _taken()), None) if value else None
     if taken is not None:
         raise DataError(f"{row.source}: {column}.{taken}: the stage sets this argument of apply_chat_template; a row "
                         "may set the template's own variables only")  # fmt: skip
