@@ -88,7 +88,7 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
             attention_mask=enc["attention_mask"].to(device),
             max_new_tokens=cfg.train.generation_max_new_tokens,
             do_sample=False,
-            # run_summarization's --num_beams (generation_num_beams): a recipe key once config_train.py declares it
+            # run_summarization's --num_beams (its generation_num_beams); 1, the default: greedy
             num_beams=cfg.train.generation_num_beams,
         )
         preds += tok.batch_decode(out, skip_special_tokens=True)

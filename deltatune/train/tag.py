@@ -68,7 +68,7 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     if not train.examples:
         raise DataError(f"{d.train}: no row has a word with a token to tag")
 
-    # run_ner's --return_entity_level_metrics (a recipe key once config.py declares it; absent, off as there)
+    # run_ner's --return_entity_level_metrics (off by default, as there); eval_f1 stays the overall F1 either way
     by_type = d.return_entity_level_metrics
 
     def compute(p) -> dict[str, float]:
