@@ -266,11 +266,13 @@ def test_booleans_alone_stay_the_classes_false_and_true(tmp_path):
     assert prepared.labels == ["True", "False"] and [e["labels"] for e in prepared.train] == [0, 1, 0]
 
 
-def test_image_cls_refuses_a_boolean_among_number_classes(tmp_path):
+@pytest.mark.parametrize("first", [0, "cat"])  # "cat": 4f6e087 made False a class 'False' beside cat and dog
+def test_image_cls_refuses_a_boolean_among_other_classes(tmp_path, first):
     from deltatune.train.image_cls import prepare_image_cls
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
-    train = _jsonl(tmp_path / "t.jsonl", [{"image": "a.png", "label": v} for v in (0, 1, False)])
+    second = 1 if first == 0 else "dog"
+    train = _jsonl(tmp_path / "t.jsonl", [{"image": "a.png", "label": v} for v in (first, second, False)])
     cfg = build({"stage": "image_cls", "model": {"name_or_path": "unused"}, "data": {"train": str(train)}})
     with pytest.raises(DataError, match=r"t\.jsonl:3: label false in column 'label' is a boolean"):
         prepare_image_cls(cfg, None)
