@@ -181,7 +181,10 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     di.add_argument("--model", help="model whose tokenizer renders and counts (default: built-in chatml, no counts)")
     di.add_argument("--stage", help="render as this stage does (default: the format's usual stage)")
     di.add_argument("--max-length", type=int, default=512, help="data.max_length: rows longer are counted")
-    di.add_argument("--template", help="data.template: chatml, alpaca or plain (default: the tokenizer's)")
+    di.add_argument(
+        "--template",
+        help="data.template: chatml, alpaca, plain or raw (TRL's plain text of standard rows; default: the tokenizer's)",
+    )
     di.add_argument("--format", dest="data_format", help="data.format (default: detected from the rows)")
     di.add_argument("--rows", type=int, default=2, help="how many rows to render (default 2)")
 

@@ -455,3 +455,23 @@ def test_chat_template_kwargs_null_text_and_transformers_own_arguments():
     assert _read({**row, "chat_template_kwargs": "null"}).template_kwargs is None
     with pytest.raises(DataError, match=r"^t\.jsonl:4: chat_template_kwargs\.sanitize_control_tokens: the stage sets"):
         _read({**row, "chat_template_kwargs": {"sanitize_control_tokens": False}})
+
+
+def test_data_inspect_names_data_template_raw_as_asked(smol, tmp_path):
+    """`data inspect --template raw` said "the tokenizer has no chat template" with a model that has one, and "the
+    built-in raw template" without --model; the --template help named chatml, alpaca and plain only."""
+    from deltatune.cli_parser import _parser
+    from deltatune.data.inspect import inspect
+
+    path = tmp_path / "pc.jsonl"
+    path.write_text('{"prompt": "The sky is", "completion": " blue."}\n')
+    alone = inspect(str(path), stage="sft", template="raw")
+    assert (
+        "template: none (data.template=raw: plain prompt and response texts" in alone and "built-in raw" not in alone
+    )
+    with_model = inspect(str(path), model=smol.name_or_path, stage="sft", template="raw")
+    assert "template: none (data.template=raw: plain prompt" in with_model and "has no chat template" not in with_model
+    assert "The sky is[[ blue.<|im_end|>]]" in with_model
+    top = next(a for a in _parser([])._actions if a.choices and "data" in a.choices).choices["data"]
+    di = top.commands["inspect"]
+    assert "plain or raw" in next(a.help for a in di._actions if "--template" in a.option_strings)

@@ -105,17 +105,20 @@ def inspect(
         lines.append(
             "template: none (pre-training reads the text as it is)"
             if fmt == "text"
+            else f"template: none (data.template=raw: {_RAW}; give --model for its EOS and token counts)"
+            if template == "raw"
             else f"template: the built-in {template} template (give --model for its chat template and token counts)"
         )
     else:
         from ..train.models import load_tokenizer
 
         tok = load_tokenizer(model)
-        template = choose_template(samples, tok, template, stage) if fmt != "text" else template
+        asked, template = template, choose_template(samples, tok, template, stage) if fmt != "text" else template
         if fmt == "text":
             how = "none (pre-training reads the text as it is)"
         elif template == "raw":
-            how = "none (the tokenizer has no chat template; plain prompt and response texts)"
+            why = "data.template=raw" if asked == "raw" else "the tokenizer has no chat template"
+            how = f"none ({why}: {_RAW})"
         else:
             how = "the tokenizer's chat template" if template is None else f"the built-in {template} template"
         lines.append(f"template: {how}")
@@ -226,6 +229,9 @@ def _length_lines(lengths: list[int], max_length: int, stage: str) -> list[str]:
     else:
         cut = f"rows longer than data.max_length={max_length}: {over} (cut, or refused with truncation=refuse)"
     return [f"{what} per row: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}", cut]
+
+
+_RAW = "plain prompt and response texts, each answer closed by the EOS, as TRL renders standard rows"
 
 
 class _NoTokenizer:
