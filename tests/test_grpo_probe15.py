@@ -51,9 +51,10 @@ def _completions(tok):
     return body
 
 
-def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str, keys: dict):
-    """TRL trains ``model`` for S x mu optimizer steps on one generation batch of the eight fixed completions:
-    (each step's (loss, clip ratio), the old log-probs of the generation, in its order)."""
+def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str, keys: dict, ga: int = 1):
+    """TRL trains ``model`` for S x mu optimizer steps on one generation batch of the eight fixed completions, each
+    step ``ga`` accumulated micro-batches (gradient_accumulation_steps): (each micro-batch's (loss, clip ratio), the
+    old log-probs of the generation, in its order)."""
     import trl
     import trl.trainer.grpo_trainer as gt
     from datasets import Dataset
@@ -75,7 +76,8 @@ def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str, keys
         return real_shuffle(batch)
 
     monkeypatch.setattr(gt, "shuffle_sequence_dict", shuffle)
-    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8 // S, steps_per_generation=S,
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8 // S // ga, steps_per_generation=S * ga,
+                          gradient_accumulation_steps=ga,
                           num_iterations=mu, max_steps=S * mu, learning_rate=LR, lr_scheduler_type="constant",
                           logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
                           num_generations=G, max_completion_length=T, temperature=TEMPERATURE, beta=0.0,
@@ -98,18 +100,18 @@ def _trl_run(model, tmp_path, monkeypatch, S: int, mu: int, loss_type: str, keys
         loss = real_loss(model, inputs)
         metrics = trainer._metrics["train"]  # (policy_loss: the loss before the entropy bonus)
         steps.append((metrics["policy_loss"][-1] if "policy_loss" in metrics else loss.item(),
-                      metrics["clip_ratio/region_mean"][-1], loss.item()))  # fmt: skip
+                      (metrics.get("clip_ratio/region_mean") or [0.0])[-1], loss.item()))  # fmt: skip
         return loss
 
     trainer._generate_and_score_completions, trainer._compute_loss = generate, compute_loss
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
-    assert len(olds) == 1 and len(steps) == S * mu
+    assert len(olds) == 1 and len(steps) == S * mu * ga
     return steps, olds[0]
 
 
-def _ours(model, S: int, mu: int, loss_type: str, keys: dict, monkeypatch):
+def _ours(model, S: int, mu: int, loss_type: str, keys: dict, monkeypatch, mini_batch_size: int = 8):
     """The loop's one step (S x mu updates) on the same completions: (the step's stats, each update's (loss, clip
     ratio), the old log-probs it kept)."""
     from tiny import tokenizer
@@ -127,8 +129,8 @@ def _ours(model, S: int, mu: int, loss_type: str, keys: dict, monkeypatch):
     samples = Samples(torch.cat([ids, completion], 1), torch.cat([torch.ones_like(ids), cmask], 1), cmask,
                       len(prompt), tok.batch_decode(completion, skip_special_tokens=True),
                       torch.tensor([tok.eos_token_id not in c for c in body]), [item] * 8, body)  # fmt: skip
-    align = AlignArgs(num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, beta=0.0, mini_batch_size=8,
-                      steps_per_generation=S, num_iterations=mu, loss_type=loss_type, **keys)  # fmt: skip
+    align = AlignArgs(num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, beta=0.0,
+                      mini_batch_size=mini_batch_size, steps_per_generation=S, num_iterations=mu, loss_type=loss_type, **keys)  # fmt: skip
     validate_align(align, "grpo")
     loop = GRPOLoop(model, tok, [Reward("fixed", lambda completions, **_: list(REWARDS))], align, lr=LR)
 
@@ -188,6 +190,74 @@ def test_steps_per_generation_and_iterations_train_as_trls(policy, tmp_path, mon
     diffs = [(p - theirs[n]).abs().max().item() for n, p in ours_model.named_parameters() if p.requires_grad]
     moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
     assert max(diffs) < 1e-6 and moved > 1e-3  # (seen: 3.3e-7)
+
+
+GA_CASES = [(2, 1, "grpo", {"entropy_coef": 0.1}), (2, 1, "dapo", {"entropy_coef": 0.1, "top_entropy_quantile": 0.5}),
+            (2, 1, "bnpo", {}), (2, 2, "bnpo", {"entropy_coef": 0.1})]  # fmt: skip
+
+
+@pytest.mark.parametrize("S, mu, loss_type, keys", GA_CASES)
+def test_mini_batches_within_a_slice_train_as_trls_gradient_accumulation(
+    policy, tmp_path, monkeypatch, S, mu, loss_type, keys
+):
+    """align.mini_batch_size smaller than the slice (8 / S completions) is TRL's per-device micro-batch under
+    gradient_accumulation_steps 2: the entropy bonus is each chunk's token mean, weighed 1/2, and bnpo's loss is each
+    chunk's token mean (TRL's per micro-batch; it was the slice's: 4.9e-3 off TRL's weights); the weights after the
+    updates, and each micro-batch's loss equal TRL's (S 2: both shuffle the generation batch alike)."""
+    model, _ = policy
+    ga = 2
+    ours_model, trl_model = copy.deepcopy(model), copy.deepcopy(model)
+    trl_steps, _ = _trl_run(trl_model, tmp_path, monkeypatch, S, mu, loss_type, keys, ga=ga)
+    _, steps, _ = _ours(ours_model, S, mu, loss_type, keys, monkeypatch, mini_batch_size=8 // S // ga)
+    assert len(steps) == len(trl_steps) == S * mu * ga
+    scale = ga if keys.get("entropy_coef") and loss_type != "dapo" else 1  # (TRL's policy_loss, logged with a bonus:
+    # grpo's and bnpo's before the division by the accumulation steps; dapo's is over the window's tokens)
+    for (loss, _), (want_loss, *_) in zip(steps, trl_steps):
+        assert loss * scale == pytest.approx(want_loss, rel=1e-5, abs=2e-5)
+    theirs = dict(trl_model.named_parameters())
+    diffs = [(p - theirs[n]).abs().max().item() for n, p in ours_model.named_parameters() if p.requires_grad]
+    moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
+    assert max(diffs) < 1e-6 and moved > 1e-3
+
+
+@pytest.mark.parametrize("loss_type, keys, changes", [
+    ("grpo", {}, False), ("dapo", {}, False), ("grpo", {"entropy_coef": 0.1}, True), ("bnpo", {}, True),
+])  # fmt: skip
+def test_mini_batch_size_changes_the_weights_only_where_trl_micro_batches_do(policy, monkeypatch, loss_type, keys,
+                                                                             changes):  # fmt: skip
+    """align.mini_batch_size is memory only for grpo and dapo (the same weights with 8 and 2); with an entropy bonus
+    or under bnpo, each a per-chunk mean as TRL's per micro-batch, it changes them (seen 6.0e-3 for entropy_coef)."""
+    model, _ = policy
+    m8, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    _ours(m8, 1, 1, loss_type, keys, monkeypatch, mini_batch_size=8)
+    _ours(m2, 1, 1, loss_type, keys, monkeypatch, mini_batch_size=2)
+    diff = max((p - q).abs().max().item() for p, q in zip(m8.parameters(), m2.parameters()))
+    assert diff > 1e-4 if changes else diff < 1e-6
+
+
+def test_steps_per_generation_that_does_not_divide_the_generation_batch_is_one_line(policy, tmp_path):
+    """TRL splits the generation batch into steps_per_generation equal slices: 3 slices of 2 prompts x 2 completions
+    are refused before the model loads, naming the key; 2 and 4 prepare."""
+    from tiny import tokenizer
+
+    from deltatune.train.grpo import prepare_grpo
+
+    _, base = policy
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello there"}\n{"prompt": "hi"}\n')
+    (tmp_path / "rewards.py").write_text("def zero(completions, **kw):\n    return [0.0] * len(completions)\n")
+    for spg in (3, 2, 4):
+        align = {"num_generations": 2, "max_new_tokens": 3, "reward_funcs": [f"{tmp_path / 'rewards.py'}:zero"],
+                 "steps_per_generation": spg}  # fmt: skip
+        cfg = build({"stage": "grpo", "model": {"name_or_path": base}, "method": {"name": "lora"}, "align": align,
+                     "data": {"train": str(tmp_path / "p.jsonl")}, "output": {"dir": str(tmp_path / f"run{spg}")},
+                     "train": {"batch_size": 2}})  # fmt: skip
+        if spg == 3:
+            with pytest.raises(ConfigError, match="^align.steps_per_generation 3 does not divide the generation "
+                               "batch of train.batch_size x align.num_generations = 4 completions") as err:  # fmt: skip
+                prepare_grpo(cfg, tokenizer())
+            assert "\n" not in str(err.value)
+        else:
+            assert prepare_grpo(cfg, tokenizer()).loop is not None
 
 
 @pytest.mark.parametrize("align, words", [

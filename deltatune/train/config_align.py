@@ -25,9 +25,9 @@ SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the DPO l
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 GRPO_LOSS_TYPES = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "dr_grpo", "cispo": "token",
                    "sapo": "sequence", "luspo": "luspo"}  # fmt: skip
-"""TRL's GRPO loss_type names deltatune has, and the align.loss_norm each means (bnpo: over the whole batch, as
-dapo; TRL's bnpo is over each device micro-batch, the same when the batch is one); cispo and sapo also change the
-policy term (``grpo_loss.POLICY_TERMS``)."""
+"""TRL's GRPO loss_type names deltatune has, and the align.loss_norm each means (bnpo: the token mean of each
+align.mini_batch_size chunk, as TRL's of each device micro-batch; dapo: over the slice's share of the generation
+batch); cispo and sapo also change the policy term (``grpo_loss.POLICY_TERMS``)."""
 GRPO_REFUSED = ("vespo",)  # TRL's other GRPO losses: refused by name
 UNBUILT_TRL_DEFAULTS = {"truncation_mode": "keep_start", "padding_free": False}
 """TRL 1.16 DPOConfig's defaults of the ``ALIGN_UNBUILT`` keys: what deltatune does, so a recipe (a DPOConfig's

@@ -241,11 +241,12 @@ class GRPOLoop:
         )
         for it, part in ((it, part) for it in range(a.num_iterations) for part in parts):
             self.optimizer.zero_grad(set_to_none=True)
-            n_part = mask[part].sum().clamp(min=1) if a.loss_type == "bnpo" else n_tok / S  # (bnpo: per micro-batch)
+            n_part = n_tok / S  # (dapo, cispo: the generation batch's tokens / S, as TRL; bnpo: per chunk, below)
             for idx in (part[c] for c in self._chunks(len(part))):
                 with self.amp():
                     logp, entropy = self._forward(s, idx)
-                m = mask[idx]
+                m = mask[idx]  # bnpo: each chunk's token mean x its share of the slice (TRL's per micro-batch)
+                n_chunk = m.sum().clamp(min=1) * len(part) / len(idx) if a.loss_type == "bnpo" else n_part
                 top = (
                     high_entropy_mask(entropy.detach(), m, a.top_entropy_quantile)
                     if a.top_entropy_quantile < 1
@@ -253,7 +254,7 @@ class GRPOLoop:
                 )
                 loss, st = grpo_loss(
                     logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,
-                    None if ref is None else ref[idx], norm, len(part), n_part, a.bias_correction_kl,
+                    None if ref is None else ref[idx], norm, len(part), n_chunk, a.bias_correction_kl,
                     cliprange_high=a.cliprange_high, delta=a.delta, max_tokens=a.max_new_tokens, token_mask=top,
                     importance_sampling_level=a.importance_sampling_level, policy=grpo_policy(a),
                     sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg),
