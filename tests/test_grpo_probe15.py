@@ -6,7 +6,9 @@ The reference is the .venv's TRL 1.16: GRPOTrainer._prepare_inputs (one generati
 num_iterations steps, ``shuffle_sequence_dict`` then ``split_tensor_dict`` into steps_per_generation slices, reused
 every iteration), _generate_and_score_completions (old_per_token_logps when gradient_accumulation_steps %
 (steps_per_generation x num_iterations) != 0) and _compute_loss (grpo: each slice's sequence mean; bnpo: each
-slice's token mean; dapo: the generation batch's tokens / steps_per_generation)."""
+micro-batch's token mean, / gradient_accumulation_steps; dapo: the generation batch's tokens / steps_per_generation;
+the entropy bonus: each micro-batch's mean); malformed bad_words_ids / sequence_bias refused at build as transformers'
+logits processors refuse them at the first rollout."""
 
 from __future__ import annotations
 
