@@ -475,3 +475,14 @@ def test_data_inspect_names_data_template_raw_as_asked(smol, tmp_path):
     top = next(a for a in _parser([])._actions if a.choices and "data" in a.choices).choices["data"]
     di = top.commands["inspect"]
     assert "plain or raw" in next(a.help for a in di._actions if "--template" in a.option_strings)
+
+
+def test_raw_reward_rows_are_shown_as_trained(smol):
+    """data inspect / the run report showed a decoder's raw rm row through its pair template (no EOS) where it trains
+    on prompt + response + EOS."""
+    from deltatune.data.encode import RAW, rendered, scored_example
+
+    s = _read({"prompt": "The sky is ", "chosen": "blue.", "rejected": "red."}, "rm")
+    (_, text, spans), _ = rendered(s, smol, RAW, "rm")
+    assert text == "The sky is blue.<|im_end|>" and spans == []
+    assert smol(text)["input_ids"] == scored_example(s, s.chosen, smol, RAW, 10**6)[0]["input_ids"]

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .formats import read_samples
 from .load import DataError, Row
-from .preference import encode_lm, encode_scored
+from .preference import _no_eos_after, encode_lm, encode_scored
 from .raw import raw_refusal, raw_sft, raw_text
 from .sample import Message, Sample, as_written
 from .tasks import Encoded, _fit
@@ -372,11 +372,14 @@ def rendered(
     for part, response in responses:
         if template == RAW:  # the text the model reads: the tokenizer's pair template (rm), or prompt + answer + EOS
             p, r = as_written(s.messages[0]), as_written(response[0])
-            if stage == "rm":
+            eos = tokenizer.eos_token  # encode_lm closes the answer with it, as TRL's add_eos
+            if stage == "rm" and not (eos and _no_eos_after(tokenizer)):  # an encoder's pair template
                 out.append((part, tokenizer.decode(tokenizer(p, r)["input_ids"]), []))
                 continue
-            eos = tokenizer.eos_token  # encode_lm closes the answer with it, as TRL's add_eos
             r += eos if eos and not r.endswith(eos) else ""
+            if stage == "rm":  # a decoder's: the text whole, the score read at its EOS
+                out.append((part, p + r, []))
+                continue
             out.append((part, p + r, [(len(p), len(p) + len(r))]))
             continue
         text, spans = render(
