@@ -166,7 +166,6 @@ def test_resume_of_a_caption_run_that_ignored_val_size_names_the_change(old_capt
     assert recipe_changes(old, raw) == ["data.val_size: 0.0 -> 2.0"] and "trained on every row" in note
 
 
-@pytest.mark.xfail(strict=True, reason="run.py's _check_resume_recipe is to call runs.old_run_data (not this file's)")
 def test_resume_cli_of_a_caption_run_that_ignored_val_size_needs_resume_changed(captions, old_caption_run, tmp_path):
     import shutil
 

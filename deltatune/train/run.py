@@ -43,7 +43,7 @@ from .runfolder import (
     started_callback,
     take_derived,
 )
-from .runs import RUN_FILE
+from .runs import RUN_FILE, old_run_data
 from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
 
 
@@ -386,6 +386,7 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
         raise ConfigError(
             f"--resume: {path} cannot be read ({type(exc).__name__}); the run cannot be compared"
         ) from None
+    old, note = old_run_data(old, out) if isinstance(old, dict) else (old, "")  # (a caption run: val_size ignored)
     if old and isinstance(old, dict):  # a key its run.yaml lacks (an older deltatune's) trained as its default
         from .config import _SECTIONS
         from .config_align import old_run_align
@@ -396,7 +397,7 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
         defaults = {name: asdict(cls()) for name, cls in _SECTIONS.items()}
         sections = {k: {**d, **(old.get(k) or {})} for k, d in defaults.items() if isinstance(old.get(k) or {}, dict)}
         old = {**old, **sections}  # (a whole section it lacks: each key its default, not each named changed)
-    changes = recipe_changes(old, recipe)
+    changes = [f"{c} ({note})" if note and c.startswith("data.val_size:") else c for c in recipe_changes(old, recipe)]
     if changes and not resume_changed:
         raise ConfigError(
             f"--resume: the recipe differs from the run in {out!r} in {'; '.join(changes)}; "
