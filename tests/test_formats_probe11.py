@@ -67,8 +67,10 @@ def test_llamafactory_columns_with_the_prompt_columns_default(tmp_path):
 
 
 def test_unknown_column_key_names_the_keys(tmp_path):
-    with pytest.raises(ConfigError, match=r"data.columns: unknown key 'audios'.*query, response, kto_tag"):
-        read_samples(_rows(tmp_path, [{"instruction": "a", "output": "b"}]), {"audios": "a"})
+    with pytest.raises(ConfigError, match=r"data.columns: unknown key 'audio'.*query, response, kto_tag"):
+        read_samples(
+            _rows(tmp_path, [{"instruction": "a", "output": "b"}]), {"audio": "a"}
+        )  # (audios: a key, 2b04bc6)
 
 
 # -- KTO rows as LLaMA-Factory writes them ------------------------------------------------------------------

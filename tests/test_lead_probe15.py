@@ -109,3 +109,10 @@ def test_method_revision_is_no_recipe_key():
     with pytest.raises(ConfigError, match="method.revision is not a recipe key"):
         build(recipe)
     build({**recipe, "method": {"name": "lora", "revision": None}})  # (null: as a run.yaml may hold it)
+
+
+def test_serve_names_a_raw_run_as_data_template_raw_not_a_built_in_template():
+    from deltatune.serve.prompts import _named
+
+    assert _named("raw") == "data.template=raw (plain text, no chat template)"
+    assert _named("chatml") == "the built-in template 'chatml'"

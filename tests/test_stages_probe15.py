@@ -507,3 +507,16 @@ def test_seq2seq_batches_are_run_summarizations(tmp_path, family):
         ours_loss = model(**{k: ours[k] for k in ("input_ids", "attention_mask", "labels")}).loss
         ref_loss = model(**{k: v for k, v in ref.items() if k != "token_type_ids"}).loss
     assert abs(float(ours_loss - ref_loss)) < 1e-6
+
+
+def test_caption_refuses_data_template_raw_in_one_line(captions):
+    """data.template=raw (3f15795) renders texts as they are; a VLM caption conversation went through it joined
+    silently (review T). Refused before any row is read."""
+    from deltatune.config import ConfigError
+    from deltatune.train.caption import prepare_caption
+    from deltatune.train.models import load_processor
+
+    cfg = build({"stage": "caption", "model": {"name_or_path": str(captions / "llava")},
+                 "data": {"train": str(captions / "train.jsonl"), "template": "raw"}})  # fmt: skip
+    with pytest.raises(ConfigError, match="data.template='raw': stage caption reads conversations"):
+        prepare_caption(cfg, load_processor(str(captions / "llava"), "caption"))

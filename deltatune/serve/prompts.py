@@ -27,6 +27,15 @@ RENDERING: dict[str, Any] = {
 }
 
 
+def _named(template: str) -> str:
+    """A run's built-in template as a 400 names it (raw is no template: the texts as they are)."""
+    return (
+        "data.template=raw (plain text, no chat template)"
+        if template == "raw"
+        else f"the built-in template {template!r}"
+    )
+
+
 def _rendering(body: dict, template: str | None) -> dict[str, Any]:
     """vLLM's rendering fields of a chat request, checked: the tokenizer's chat template takes them (its own
     variables, such as Qwen3's ``enable_thinking``, in ``chat_template_kwargs``); a run's built-in template only
@@ -53,8 +62,8 @@ def _rendering(body: dict, template: str | None) -> dict[str, Any]:
     changed = [key for key, default in RENDERING.items() if out[key] != default]
     if template is not None and changed:
         raise RequestError(
-            f"{changed[0]} is not served for this model: its chat requests are rendered with the built-in "
-            f"template {template!r} its run trained with",
+            f"{changed[0]} is not served for this model: its chat requests are rendered with {_named(template)} "
+            "its run trained with",
             code="unsupported",
             param=changed[0],
         )
@@ -183,7 +192,7 @@ def _tool_calls(m: dict, i: int, template: str | None) -> list | None:
     if not calls or m["role"] != "assistant":  # vLLM reads them on assistant messages only
         return None
     if template is not None:
-        raise RequestError(f"messages[{i}].tool_calls: the built-in template {template!r} renders no tool calls",
+        raise RequestError(f"messages[{i}].tool_calls: {_named(template)} renders no tool calls",
                            code="unsupported", param="messages")  # fmt: skip
     if not isinstance(calls, list) or not all(
         isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls

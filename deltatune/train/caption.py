@@ -275,6 +275,11 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     from ..data.encode import mark
 
     d = cfg.data
+    if d.template == "raw":
+        raise ConfigError(
+            "data.template='raw': stage caption reads conversations (an image and its caption), which need a chat "
+            "template; leave data.template unset, or name a built-in one"
+        )
     if d.template is not None and processor.prefix_lm:
         raise ConfigError(
             f"data.template={d.template!r}: PaliGemma reads its processor's prompt and answer (text and suffix), no "
