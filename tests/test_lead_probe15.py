@@ -116,3 +116,36 @@ def test_serve_names_a_raw_run_as_data_template_raw_not_a_built_in_template():
 
     assert _named("raw") == "data.template=raw (plain text, no chat template)"
     assert _named("chatml") == "the built-in template 'chatml'"
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo", "cpo"])
+def test_raw_orpo_simpo_cpo_rows_are_trls_with_a_bert_tokenizer(stage, tmp_path):
+    """ff34681 gave raw rows the tokenizer's own [CLS] ... [SEP] [SEP] (right for DPO and KTO, as TRL's); TRL's ORPO
+    and CPO trainers add none of their own: p r [SEP] (review V). Ids and labels equal TRL 1.16's."""
+    import warnings
+
+    from datasets import Dataset
+    from test_align_probe11 import PAIRS
+    from test_dpo_probe12 import _lora
+    from test_pref_probe14 import CPOConfig, CPOTrainer, ORPOConfig, ORPOTrainer
+    from tiny import save_tiny
+
+    from deltatune.train import build
+    from deltatune.train.models import load_tokenizer
+    from deltatune.train.table import prepare
+
+    base = save_tiny(str(tmp_path / "llama"))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    tok = load_tokenizer(base)
+    config, trainer = (ORPOConfig, ORPOTrainer) if stage == "orpo" else (CPOConfig, CPOTrainer)
+    args = config(str(tmp_path / "trl"), per_device_train_batch_size=2, report_to=[], use_cpu=True, max_length=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = dt.trl_trainer(trainer)(model=_lora(base), args=args, processing_class=tok,
+                                         train_dataset=Dataset.from_list(PAIRS)).train_dataset  # fmt: skip
+    cfg = build({"stage": stage, "model": {"name_or_path": base}, "output": {"dir": str(tmp_path / "run")},
+                 "data": {"train": str(tmp_path / "p.jsonl"), "max_length": 64, "template": "raw"}})  # fmt: skip
+    ours = prepare(cfg, tok).train
+    for ex, mine in zip(theirs, ours):
+        for side in ("chosen", "rejected"):
+            assert ex[f"{side}_input_ids"] == mine[side]["input_ids"] and ex[f"{side}_labels"] == mine[side]["labels"]

@@ -259,11 +259,13 @@ def _lm(
 
 @_named
 def lm_example(
-    s: Sample, response: list[Message], tokenizer, template: str | None, max_length: int
+    s: Sample, response: list[Message], tokenizer, template: str | None, max_length: int, own_specials: bool = True
 ) -> tuple[dict[str, list[int]], bool]:
     """Causal-LM inputs of ``s``'s prompt followed by ``response`` (a chosen, rejected or KTO completion), labels
     -100 outside the response's assistant turns; whether the row was cut to ``max_length``."""
-    return encode_prompt_response(s.messages, response, tokenizer, template, max_length, s.tools, s.template_kwargs)
+    return encode_prompt_response(
+        s.messages, response, tokenizer, template, max_length, s.tools, s.template_kwargs, own_specials
+    )
 
 
 def encode_prompt_response(
@@ -274,13 +276,14 @@ def encode_prompt_response(
     max_length: int,
     tools: list[dict] | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    own_specials: bool = True,
 ) -> tuple[dict[str, list[int]], bool]:
     """Causal-LM inputs of ``prompt`` messages followed by ``response`` messages (e.g. one triple of
     ``sample.unpaired_examples``), rendered with ``template`` (from ``choose_template``; ``template_kwargs``: the
     row's ``chat_template_kwargs``), labels -100 outside the response's assistant turns; whether the row was cut to
     ``max_length``."""
     if template == RAW:
-        return encode_lm(tokenizer, as_written(prompt[0]), as_written(response[0]), max_length)
+        return encode_lm(tokenizer, as_written(prompt[0]), as_written(response[0]), max_length, own_specials)
     return _lm(tokenizer, template, prompt, response, tools, max_length, template_kwargs)
 
 
@@ -454,6 +457,8 @@ def encode_pair_samples(
     start at that ``' '``); ORPO's and SimPO's trainers split each side at its own."""
 
     encode = lm_example if causal else scored_example
+    if causal and not shared_prompt:  # orpo, simpo, cpo: raw rows without the tokenizer's own specials, as TRL's
+        encode = functools.partial(lm_example, own_specials=False)
     out, truncated = [], 0
     for s in samples:
         chosen, cut_c = encode(s, s.chosen, tokenizer, template, max_length)

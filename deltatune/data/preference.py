@@ -170,25 +170,32 @@ def special_ends(tokenizer) -> tuple[list[int], list[int]]:
     return bos_prefix(tokenizer), []
 
 
-def encode_lm(tokenizer, prompt: str, response: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
+def encode_lm(
+    tokenizer, prompt: str, response: str, max_length: int, own_specials: bool = True
+) -> tuple[dict[str, list[int]], bool]:
     """Causal-LM inputs of a prompt and response text as TRL 1.16's DPO, KTO and Reward trainers tokenize standard
     rows: ``tokenizer(prompt + response + EOS)`` (the EOS appended only where the response does not already end with
     it), the answer from where it and ``tokenizer(prompt)`` part (TRL's ``common_prefix_length``: a word split
     across the boundary, ``"The sky is " + "blue."``, trains from the merged token), labels -100 before; whether it
     was cut. The special tokens the tokenizer adds of its own accord are kept: BERT's [CLS] leads and its closing
-    [SEP] follows the EOS [SEP], both trained.
+    [SEP] follows the EOS [SEP], both trained. ``own_specials=False`` (ORPO, SimPO, CPO, as TRL 1.16's ORPO and CPO
+    trainers): the text without them, the BOS (where the tokenizer has one) put before it: BERT's ``p r [SEP]``.
 
     Over-long rows keep the leading special tokens, the end of the prompt and as much of the response as fits (at
     least half of ``max_length`` when the response is that long).
     """
     eos = tokenizer.eos_token
     text = response if not eos or response.endswith(eos) else response + eos
-    head_ids = list(tokenizer(prompt)["input_ids"])
-    ids = list(tokenizer(prompt + text)["input_ids"])
+    kw = {} if own_specials else {"add_special_tokens": False}
+    head_ids = list(tokenizer(prompt, **kw)["input_ids"])
+    ids = list(tokenizer(prompt + text, **kw)["input_ids"])
+    bos = tokenizer.bos_token_id
+    lead = [bos] if not own_specials and bos is not None and ids[:1] != [bos] else []
+    head_ids, ids = lead + head_ids, lead + ids
     n = 0
     while n < min(len(head_ids), len(ids)) and head_ids[n] == ids[n]:
         n += 1
-    head = special_ends(tokenizer)[0]
+    head = special_ends(tokenizer)[0] if own_specials else lead
     head = head if ids[: len(head)] == head and len(head) <= n else []
     p, r = ids[len(head) : n], ids[n:]
     budget = max_length - len(head)
