@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..config import ConfigError
+from .config_grpo import _validate_sampling  # (the generation checks: split for room)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002  (the dataclass field's help text)
@@ -381,114 +382,6 @@ def grpo_loss_norm(a: AlignArgs) -> str:
 def grpo_policy(a: AlignArgs) -> str:
     """The GRPO policy term (``grpo_loss.POLICY_TERMS``): align.loss_type cispo or sapo, else PPO's clip."""
     return a.loss_type if a.loss_type in ("cispo", "sapo") else "clip"
-
-
-GENERATION_OWNED = ("max_new_tokens", "max_length", "num_return_sequences", "num_beams", "eos_token_id",
-                    "pad_token_id", "return_dict_in_generate", "stop_strings")  # fmt: skip
-"""GenerationConfig settings the GRPO loop sets itself (the completions' length, count, end and shape; stop_strings
-needs the tokenizer passed to generate, which the loop does not): refused in align.generation_kwargs."""
-_WARPERS = {"temperature": ("TemperatureLogitsWarper", 1.0), "top_k": ("TopKLogitsWarper", 0),
-            "top_p": ("TopPLogitsWarper", 1.0), "min_p": ("MinPLogitsWarper", None),
-            "typical_p": ("TypicalLogitsWarper", 1.0), "epsilon_cutoff": ("EpsilonLogitsWarper", 0.0),
-            "eta_cutoff": ("EtaLogitsWarper", 0.0), "repetition_penalty": ("RepetitionPenaltyLogitsProcessor", 1.0),
-            "no_repeat_ngram_size": ("NoRepeatNGramLogitsProcessor", 0)}  # fmt: skip
-"""The sampling settings that transformers checks only when generate builds its logits processors (the first
-rollout), or never where the value switches the processor off (typical_p 2.0 read as off): each one's processor and
-its value that means off; ``_check_generation`` builds the processor for any other value."""
-
-
-def grpo_sampling(a: AlignArgs) -> dict[str, Any]:
-    """GRPO's GenerationConfig settings beyond the temperature and top_p, as TRL's GRPOTrainer passes them: top_k,
-    min_p, repetition_penalty, then align.generation_kwargs over them."""
-    return {"top_k": a.top_k, "min_p": a.min_p, "repetition_penalty": a.repetition_penalty,
-            **(a.generation_kwargs or {})}  # fmt: skip
-
-
-def _validate_sampling(a: AlignArgs) -> None:
-    if type(a.top_k) is not int or a.top_k < 0:
-        raise ConfigError(f"align.top_k must be an integer >= 0 (0: all tokens), got {a.top_k!r}")
-    if a.min_p is not None and not 0 <= a.min_p <= 1:
-        raise ConfigError(f"align.min_p must be in [0, 1] (or null: off), got {a.min_p}")
-    if a.repetition_penalty <= 0:
-        raise ConfigError(f"align.repetition_penalty must be > 0 (1: none), got {a.repetition_penalty}")
-    kw = a.generation_kwargs
-    if kw is not None and (not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw)):
-        raise ConfigError(f"align.generation_kwargs must be a mapping of GenerationConfig settings, got {kw!r}")
-    check_generation_ids(a)
-    owned = sorted(set(kw or ()) & set(GENERATION_OWNED))
-    if owned:
-        raise ConfigError(f"align.generation_kwargs sets {', '.join(owned)}, which the GRPO loop sets itself "
-                          "(align.max_new_tokens, align.num_generations, the EOS); drop it")  # fmt: skip
-    _check_generation(a)
-
-
-GENERATION_IDS = ("bad_words_ids", "sequence_bias", "forced_eos_token_id")
-"""The align.generation_kwargs keys whose ids generate fails on (``check_generation_ids``; suppress_tokens: ignored)."""
-
-
-def check_generation_ids(a: AlignArgs, vocab_size: int | None = None) -> None:
-    """ConfigError naming the align.generation_kwargs key whose token ids are not whole numbers in [0, ``vocab_size``)
-    (the model's vocabulary; None: not known yet, only >= 0), the first as written, or whose shape transformers'
-    ``NoBadWordsLogitsProcessor`` / ``SequenceBiasLogitsProcessor`` refuse: generate fails at the first rollout."""
-    import transformers.generation.logits_process as lp
-
-    for key in GENERATION_IDS:
-        value, where = (given := (a.generation_kwargs or {}).get(key)), f"align.generation_kwargs {key}"
-        if key == "sequence_bias" and given is not None:  # {(ids...): bias} or [[ids, bias], ...]: ids, then bias
-            pairs, seq = (list(given.items()) if isinstance(given, dict) else given), (list, tuple)
-            if not isinstance(pairs, seq) or any(not isinstance(p, seq) or len(p) != 2 for p in pairs):
-                raise ConfigError(f"{where} must be a mapping {{(ids...): bias}} or a list of [ids, bias] pairs "
-                                  f"(e.g. [[[3, 4], -1.0]]), got {given!r}")  # fmt: skip
-            value = [p[0] for p in pairs]
-        ids, todo = [], [] if given is None else [value]
-        while todo:  # (depth first, in the order written)
-            v = todo.pop()
-            todo.extend(reversed(v)) if isinstance(v, (list, tuple)) else ids.append(v)
-        bad = [i for i in ids if type(i) is not int or i < 0 or vocab_size is not None and i >= vocab_size]
-        if bad:
-            limit = f"the model's vocabulary is 0 to {vocab_size - 1}" if vocab_size else "ids are whole numbers >= 0"
-            raise ConfigError(f"{where}: {bad[0]!r} is no token id ({limit}); the first rollout fails on it")
-        try:
-            if given is not None and key != "forced_eos_token_id":
-                (lp.SequenceBiasLogitsProcessor if key == "sequence_bias" else lp.NoBadWordsLogitsProcessor)(given)
-        except (ValueError, TypeError, IndexError) as exc:
-            raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout (each bias a float, "
-                              f"-1.0 not -1): {' '.join(str(exc).split())[:300]}") from None  # fmt: skip
-
-
-def _check_generation(a: AlignArgs) -> None:
-    """The GenerationConfig of GRPO's rollouts (the loop's settings, then ``grpo_sampling``'s) built and checked as
-    generate would at the first rollout: a key that is no GenerationConfig setting (which transformers keeps and
-    ignores), a value its constructor, ``validate`` or a logits processor refuses, is a ConfigError naming the key."""
-    import difflib
-
-    import transformers.generation.logits_process as lp
-    from transformers import GenerationConfig
-
-    known = [k for k in vars(GenerationConfig()) if not k.startswith("_") and k != "transformers_version"]
-    for key in a.generation_kwargs or {}:
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {near[0]!r}?" if near else "see transformers' GenerationConfig"
-            raise ConfigError(f"align.generation_kwargs: {key!r} is not a GenerationConfig setting; {hint}")
-    settings = {"max_new_tokens": a.max_new_tokens, "do_sample": True, "temperature": a.temperature, "top_k": 0,
-                "top_p": a.top_p, **grpo_sampling(a)}  # fmt: skip
-    kw, key = a.generation_kwargs or {}, None
-    if kw.get("do_sample", True) is not True:
-        raise ConfigError("align.generation_kwargs do_sample: GRPO samples each prompt's group of completions; "
-                          "greedy ones are all alike, so every advantage is 0: drop it")  # fmt: skip
-    try:
-        gen = GenerationConfig(**settings)
-        gen.validate()  # (not strict: a minor flag transformers warns about, output_scores alone, trains as it does)
-        for key, (warper, off) in _WARPERS.items():
-            value = getattr(gen, key, off)
-            if value is not None and value != off:  # (generate builds no processor for the off value: 1 is 1.0)
-                getattr(lp, warper)(value)
-    except (ValueError, TypeError) as exc:
-        where = f"align.generation_kwargs {key}" if key in kw else f"align.{key}" if key else "align.generation_kwargs"
-        why = " ".join(str(exc).split())
-        raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout (or, typical_p >= 1, "
-                          f"ignores it): {why[:300]}") from None  # fmt: skip
 
 
 def validate_grpo(a: AlignArgs) -> None:

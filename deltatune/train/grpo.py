@@ -58,14 +58,8 @@ from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
-from .config_align import (
-    GENERATION_IDS,
-    check_generation_ids,
-    grpo_loss_norm,
-    grpo_policy,
-    grpo_sampling,
-    validate_grpo,
-)
+from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
+from .config_grpo import GENERATION_IDS, check_generation_ids, grpo_sampling
 from .grpo_loss import group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401  (k3_kl: re-exported)
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
