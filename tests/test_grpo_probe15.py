@@ -363,7 +363,9 @@ def test_the_first_bad_id_as_written_is_named(kwargs, shown):
     ("bad_words_ids", [5, 7], "transformers' generate refuses it"),
     ("bad_words_ids", [[5, [7]]], "transformers' generate refuses it"),
     ("bad_words_ids", [], "transformers' generate refuses it"),
-    ("bad_words_ids", 5, "transformers' generate refuses it"),
+    ("bad_words_ids", 5, "transformers' generate refuses it at the first rollout: "),
+    ("forced_eos_token_id", [], "transformers' generate refuses it at the first rollout: "),
+    ("forced_eos_token_id", [[2], [3, 4]], "transformers' generate refuses it at the first rollout: "),
 ])  # fmt: skip
 def test_malformed_bad_words_ids_and_sequence_bias_are_one_line_at_build(key, value, words):
     """A sequence_bias that is no mapping or list of [ids, bias] pairs crashed the build with Python's own error
@@ -376,10 +378,22 @@ def test_malformed_bad_words_ids_and_sequence_bias_are_one_line_at_build(key, va
     with pytest.raises(ConfigError, match=f"^align.generation_kwargs {key}:? {words}") as err:
         build({**RAW, "stage": "grpo", "align": {"generation_kwargs": {key: value}}})
     assert "\n" not in str(err.value)
-    processor = lp.SequenceBiasLogitsProcessor if key == "sequence_bias" else lp.NoBadWordsLogitsProcessor
+    assert key == "sequence_bias" or "each bias a float" not in str(err.value)  # (the hint: sequence_bias's only)
+    processor = {"sequence_bias": lp.SequenceBiasLogitsProcessor, "bad_words_ids": lp.NoBadWordsLogitsProcessor,
+                 "forced_eos_token_id": lambda v: lp.ForcedEOSTokenLogitsProcessor(1, v)}[key]  # fmt: skip
     if value != [[[3], -1.0, 7]]:  # (transformers ignores a pair's third item; refused here as no pair)
         with pytest.raises((ValueError, TypeError, IndexError)):
             processor(value)
+
+
+@pytest.mark.parametrize("bias", [float("inf"), float("nan")])
+def test_a_sequence_bias_of_inf_or_nan_is_one_line_at_build(bias):
+    """A bias of +inf or nan built and failed at the first rollout (torch.multinomial: "probability tensor contains
+    either inf, nan or element < 0"); one line at build now. -inf (the sequence banned) still builds."""
+    with pytest.raises(ConfigError, match=f"^align.generation_kwargs sequence_bias: bias {bias} makes every") as err:
+        build({**RAW, "stage": "grpo", "align": {"generation_kwargs": {"sequence_bias": [[[3], bias]]}}})
+    assert "\n" not in str(err.value)
+    build({**RAW, "stage": "grpo", "align": {"generation_kwargs": {"sequence_bias": [[[3], float("-inf")]]}}})
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -390,19 +404,36 @@ def test_malformed_bad_words_ids_and_sequence_bias_are_one_line_at_build(key, va
     {"forced_eos_token_id": [[2]]},
 ])  # fmt: skip
 def test_well_formed_generation_ids_build_and_generate_as_transformers(policy, kwargs):
-    """What transformers' generate takes still builds (a mapping with tuple keys from Python too), and samples."""
+    """What transformers' generate takes still builds (a mapping with tuple keys from Python too), and samples as
+    it: bad_words_ids also bans the ids the same draw picks without them (absent now), forced_eos_token_id [[2]] ends
+    each completion with 2 (at max_new_tokens)."""
     from tiny import tokenizer
 
     from deltatune.train.grpo import GRPOLoop, PromptItem
     from deltatune.train.grpo_rewards import Reward
 
-    align = AlignArgs(num_generations=2, max_new_tokens=2, generation_kwargs=kwargs)
-    validate_align(align, "grpo")
     model, _ = policy
     tok = tokenizer()
-    loop = GRPOLoop(model, tok, [Reward("zero", lambda completions, **_: [0.0] * len(completions))], align)
-    out = loop.sample([PromptItem(tok("hi")["input_ids"], "hi", {}, "p:1")], 2)
-    assert len(out.completion_ids) == 2
+
+    def sample(kw):
+        align = AlignArgs(num_generations=2, max_new_tokens=2, generation_kwargs=kw)
+        validate_align(align, "grpo")
+        loop = GRPOLoop(model, tok, [Reward("zero", lambda completions, **_: [0.0] * len(completions))], align)
+        torch.manual_seed(1)
+        out = loop.sample([PromptItem(tok("hi")["input_ids"], "hi", {}, "p:1")], 2)
+        return [[int(t) for t, m in zip(c, k) if m] for c, k in zip(out.completion_ids, out.completion_mask)]
+
+    plain = sample(None)
+    banned = sorted({c[0] for c in plain})
+    if "bad_words_ids" in kwargs:
+        kwargs = {**kwargs, "bad_words_ids": [*kwargs["bad_words_ids"], *[[t] for t in banned]]}
+    got = sample(kwargs)
+    assert len(got) == 2 and all(len(c) == 2 for c in got)
+    if "bad_words_ids" in kwargs:
+        single = {w[0] for w in kwargs["bad_words_ids"] if len(w) == 1}
+        assert single >= set(banned) and not single & {t for c in got for t in c}
+    if "forced_eos_token_id" in kwargs:
+        assert [c[-1] for c in got] == [2, 2] and [c[-1] for c in plain] != [2, 2]
 
 
 # -- num_generations_eval ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ checks: each value built and checked as transformers' generate would at the firs
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
@@ -77,11 +78,18 @@ def check_generation_ids(a: AlignArgs, vocab_size: int | None = None) -> None:
             limit = f"the model's vocabulary is 0 to {vocab_size - 1}" if vocab_size else "ids are whole numbers >= 0"
             raise ConfigError(f"{where}: {bad[0]!r} is no token id ({limit}); the first rollout fails on it")
         try:
-            if given is not None and key != "forced_eos_token_id":
+            if key == "forced_eos_token_id" and given is not None:  # (generate's: max_length, then the ids)
+                lp.ForcedEOSTokenLogitsProcessor(1, given)
+            elif given is not None:
                 (lp.SequenceBiasLogitsProcessor if key == "sequence_bias" else lp.NoBadWordsLogitsProcessor)(given)
         except (ValueError, TypeError, IndexError) as exc:
-            raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout (each bias a float, "
-                              f"-1.0 not -1): {' '.join(str(exc).split())[:300]}") from None  # fmt: skip
+            hint = " (each bias a float, -1.0 not -1)" if key == "sequence_bias" else ""
+            raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout{hint}: "
+                              f"{' '.join(str(exc).split())[:300]}") from None  # fmt: skip
+        for bias in [p[1] for p in pairs] if key == "sequence_bias" and given is not None else []:
+            if isinstance(bias, float) and (math.isnan(bias) or bias == math.inf):  # (-inf: the sequence banned)
+                raise ConfigError(f"{where}: bias {bias} makes every sampling probability nan or inf, so the first "
+                                  "rollout fails; a finite float, or -.inf to ban the sequence")  # fmt: skip
 
 
 def _check_generation(a: AlignArgs) -> None:
