@@ -195,7 +195,8 @@ def test_steps_per_generation_and_iterations_train_as_trls(policy, tmp_path, mon
 
 
 GA_CASES = [(2, 1, "grpo", {"entropy_coef": 0.1}), (2, 1, "dapo", {"entropy_coef": 0.1, "top_entropy_quantile": 0.5}),
-            (2, 1, "bnpo", {}), (2, 2, "bnpo", {"entropy_coef": 0.1})]  # fmt: skip
+            (2, 1, "bnpo", {}), (2, 2, "bnpo", {"entropy_coef": 0.1}), (1, 1, "bnpo", {}),
+            (1, 2, "grpo", {"entropy_coef": 0.1}), (1, 1, "dapo", {"top_entropy_quantile": 0.5})]  # fmt: skip
 
 
 @pytest.mark.parametrize("S, mu, loss_type, keys", GA_CASES)
@@ -220,6 +221,25 @@ def test_mini_batches_within_a_slice_train_as_trls_gradient_accumulation(
     diffs = [(p - theirs[n]).abs().max().item() for n, p in ours_model.named_parameters() if p.requires_grad]
     moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
     assert max(diffs) < 1e-6 and moved > 1e-3
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_s1_without_chunk_dependent_terms_trains_in_order_as_before(policy, monkeypatch, loss_type):
+    """steps_per_generation 1 shuffles the generation batch (as TRL) only where the chunks' split changes the loss
+    (bnpo, the entropy bonus, top_entropy_quantile < 1; mini_batch_size below the batch): a plain grpo/dapo/dr_grpo
+    step draws nothing from torch's RNG, and its weights equal (torch.equal) those of the step with the shuffle
+    replaced by the batch in order, the code path before the S=1 shuffle."""
+    model, _ = policy
+    ours, ordered = copy.deepcopy(model), copy.deepcopy(model)
+    _ours(ours, 1, 2, loss_type, {}, monkeypatch, mini_batch_size=2)
+    after = torch.random.get_rng_state()
+    torch.manual_seed(SHUFFLE_SEED)
+    assert torch.equal(after, torch.random.get_rng_state())  # (nothing drawn after the rollouts)
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: torch.arange(n))
+    _ours(ordered, 1, 2, loss_type, {}, monkeypatch, mini_batch_size=2)
+    theirs = dict(ordered.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in ours.named_parameters())
+    assert max((p - q).abs().max().item() for p, q in zip(ours.parameters(), model.parameters())) > 1e-3
 
 
 @pytest.mark.parametrize("loss_type, keys, changes", [

@@ -18,8 +18,9 @@ per completion token t (every token of completion i shares A_i),
 with pi_old the policy that sampled (ratio 1 at the first iteration), eps = ``align.cliprange`` and beta =
 ``align.beta``. The reference is the same base with the adapter off; beta = 0 skips the reference pass altogether. The
 loss over the batch is a mean over each completion's tokens then over completions (``loss_norm: sequence``, the paper)
-or one mean over all completion tokens (``loss_norm: token``, DAPO's and TRL's "bnpo": long completions count by
-their length; Dr. GRPO divides by a constant, completions x max tokens). Log-probs are at the sampling temperature.
+or one mean over all completion tokens (``loss_norm: token``, TRL's "dapo"; TRL's "bnpo" is the mean over each
+micro-batch's, an ``align.mini_batch_size`` chunk here: long completions count by their length; Dr. GRPO divides by a
+constant, completions x max tokens). Log-probs are at the sampling temperature.
 TRL's other GRPO options (clip-higher, delta, GSPO, the top-entropy mask, masked truncations) are in grpo_loss.py.
 
 Rewards follow TRL's convention so users can bring theirs: ``f(prompts, completions, **columns) -> list[float]``,
@@ -225,8 +226,11 @@ class GRPOLoop:
             mask = mask * (~s.truncated).float().unsqueeze(1).to(mask.device)
         n_seq, n_tok, norm = len(rewards), mask.sum().clamp(min=1), grpo_loss_norm(a)
         # TRL's steps_per_generation: the batch, shuffled once (torch's RNG, as TRL's shuffle_sequence_dict), is S
-        # slices, one update each; each slice's loss is normalised over the slice (dapo, cispo: by n_tok / S, as TRL)
-        parts = (torch.randperm(n_seq) if S > 1 else torch.arange(n_seq)).to(self.device).view(S, -1)
+        # slices, one update each; each slice's loss is normalised over the slice (dapo, cispo: by n_tok / S, as TRL).
+        # S 1: shuffled too where the chunks' split matters (TRL's micro-batches), else in order (same weights)
+        chunked = a.loss_type == "bnpo" or a.entropy_coef or a.top_entropy_quantile < 1
+        shuffle = S > 1 or chunked and a.mini_batch_size < n_seq
+        parts = (torch.randperm(n_seq) if shuffle else torch.arange(n_seq)).to(self.device).view(S, -1)
         with self.amp():
             old = self._logprobs(s) if a.num_iterations > 1 or S > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None
