@@ -149,3 +149,22 @@ def test_raw_orpo_simpo_cpo_rows_are_trls_with_a_bert_tokenizer(stage, tmp_path)
     for ex, mine in zip(theirs, ours):
         for side in ("chosen", "rejected"):
             assert ex[f"{side}_input_ids"] == mine[side]["input_ids"] and ex[f"{side}_labels"] == mine[side]["labels"]
+
+
+def test_resume_of_an_image_cls_run_takes_the_head_the_stage_added(tmp_path):
+    """image_cls adds the new head to method.modules_to_save where the recipe leaves it out, and run.yaml records it:
+    --resume with the same recipe was refused ("method.modules_to_save: ['classifier'] -> None"; review Y, since
+    before session 50). A recipe naming another list is still a change."""
+    import yaml
+
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+    from deltatune.train.run import _check_resume_recipe, _recipe_dict
+
+    recipe = _recipe_dict(build({"stage": "image_cls", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}))
+    recorded = {**recipe, "method": {**recipe["method"], "modules_to_save": ["classifier"]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(recorded))
+    assert _check_resume_recipe(str(tmp_path), recipe, False) is False
+    other = {**recipe, "method": {**recipe["method"], "modules_to_save": ["pooler"]}}
+    with pytest.raises(ConfigError, match=r"method.modules_to_save: \['classifier'\] -> \['pooler'\]"):
+        _check_resume_recipe(str(tmp_path), other, False)

@@ -397,6 +397,16 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
         defaults = {name: asdict(cls()) for name, cls in _SECTIONS.items()}
         sections = {k: {**d, **(old.get(k) or {})} for k, d in defaults.items() if isinstance(old.get(k) or {}, dict)}
         old = {**old, **sections}  # (a whole section it lacks: each key its default, not each named changed)
+    recorded = old.get("method") if isinstance(old, dict) and isinstance(old.get("method"), dict) else {}
+    method = recipe.get("method") if isinstance(recipe.get("method"), dict) else {}
+    if (
+        recipe.get("stage") == "image_cls"
+        and method.get("modules_to_save") is None
+        and recorded.get("modules_to_save")
+    ):
+        # the head image_cls adds to method.modules_to_save where the recipe leaves it out (run.yaml records it):
+        # the same model gives the same head, so a recipe leaving it out again is no change
+        recipe = {**recipe, "method": {**method, "modules_to_save": recorded["modules_to_save"]}}
     changes = [f"{c} ({note})" if note and c.startswith("data.val_size:") else c for c in recipe_changes(old, recipe)]
     if changes and not resume_changed:
         raise ConfigError(
