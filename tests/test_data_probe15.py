@@ -486,3 +486,130 @@ def test_raw_reward_rows_are_shown_as_trained(smol):
     (_, text, spans), _ = rendered(s, smol, RAW, "rm")
     assert text == "The sky is blue.<|im_end|>" and spans == []
     assert smol(text)["input_ids"] == scored_example(s, s.chosen, smol, RAW, 10**6)[0]["input_ids"]
+
+
+# -- review 15z: the common-prefix rule under mask_history and in a cut DPO pair; data inspect --template raw ----
+
+
+@pytest.fixture(scope="module")
+def bos(smol):
+    """SmolLM2's tokenizer made Llama-like: a BOS before every encoding, and a template of its own that writes it
+    (its generation prompt's "\\n\\n" tokenizes otherwise before an answer, so TRL trains it)."""
+    import copy
+
+    from tokenizers import processors
+
+    t = copy.deepcopy(smol)
+    t.bos_token = "<|endoftext|>"
+    t.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", 0)]
+    )
+    t.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n\n{{ m['content'] }}<|im_end|>"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n\n{% endif %}"
+    )
+    return t
+
+
+def test_mask_history_keeps_the_common_prefix_rule_of_a_one_turn_prompt_completion_row(bos):
+    """83a2135 skipped the common-prefix step under data.mask_history: the default trained "\\n\\nYellow.<|im_end|>"
+    (TRL's), mask_history "Yellow.<|im_end|>", on a row whose only answer is the last turn. Now both equal TRL's."""
+    row = {"prompt": Q, "completion": A}
+    want = _trl_sft(row, bos)
+    assert bos.decode([x for x in want[1] if x != IGNORE_INDEX]) == "\n\nYellow.<|im_end|>"
+    for mask_history in (False, True):
+        assert sft_example(_read(row), bos, None, mask_history=mask_history) == want, mask_history
+    ids, labels = sft_example(_read(row), bos, None, mask_history=True, train_on_prompt=True)
+    assert labels == ids == want[0]  # (every token, the "\n\n" too)
+    # a completion of several turns: mask_history trains its last assistant turn only, from that turn's answer
+    two = {"prompt": Q, "completion": [{"role": "assistant", "content": "Hm."}, {"role": "user", "content": "?"}, *A]}
+    labels = sft_example(_read(two), bos, None, mask_history=True)[1]
+    assert bos.decode([x for x in labels if x != IGNORE_INDEX]) == "Yellow.<|im_end|>"
+
+
+def test_a_cut_dpo_pair_splits_at_the_shorter_prompt_as_the_whole_pair(bos):
+    """A DPO pair cut to data.max_length skipped the shared split, so each side split at its own common prefix
+    (chosen trained ' Yellow.<|im_end|>', rejected '\\n\\nPurple.'); TRL splits at the shorter one always. Now the
+    pair is split whole (TRL's ids and labels, exact), then cut: each side keeps its answer's start."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from deltatune.data.encode import choose_template, encode_pair_samples
+
+    s = _read({"prompt": Q, "chosen": [{"role": "assistant", "content": " Yellow."}], "rejected": B}, "dpo")
+    template = choose_template([s], bos, None, "dpo")
+    p = _tokenize(bos, Q, add_generation_prompt=True)["input_ids"]
+    fulls = [_tokenize(bos, Q + [{"role": "assistant", "content": r}])["input_ids"] for r in (" Yellow.", "Purple.")]
+    n = min(common_prefix_length(p, f) for f in fulls)
+    whole = encode_pair_samples([s], bos, template, 10**6, "truncate", True, True).examples[0]
+    for side, full in zip(("chosen", "rejected"), fulls):
+        assert whole[side]["input_ids"] == full and whole[side]["labels"] == [IGNORE_INDEX] * n + full[n:]
+    enc = encode_pair_samples([s], bos, template, 10, "truncate", True, True)
+    assert enc.truncated == 1
+    trained = {k: bos.decode([x for x in v["labels"] if x != IGNORE_INDEX]) for k, v in enc.examples[0].items()}
+    assert trained == {"chosen": "\n\n Yellow.<|im_end|>", "rejected": "\n\nPurple."}
+    for side in ("chosen", "rejected"):  # the prompt's end and the answer's start, a slice of the whole
+        got, all_of = enc.examples[0][side], whole[side]
+        f = next(i for i, x in enumerate(got["labels"]) if x != IGNORE_INDEX)
+        assert got["input_ids"] == all_of["input_ids"][n - f : n - f + 10]
+        assert got["labels"] == all_of["labels"][n - f : n - f + 10]
+
+
+@pytest.mark.parametrize(
+    ("row", "what"),
+    [
+        ({"messages": Q + A}, "conversational messages"),
+        ({"prompt": Q, "completion": A}, "conversational prompt_completion"),
+    ],
+)
+def test_data_inspect_raw_without_a_model_refuses_what_training_refuses(tmp_path, row, what):
+    """`data inspect --template raw` with no --model never ran the raw refusal: a messages row crashed (IndexError
+    from raw_text), a conversational prompt-completion row was shown ("Hi[[Yo]]") though training refuses it."""
+    from deltatune.data.inspect import inspect
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(
+        DataError, match=rf"^{path}:1: data\.template=raw renders TRL's standard rows .*this {what} row"
+    ):
+        inspect(str(path), stage="sft", template="raw")
+    path.write_text('{"prompt": "Hi", "completion": " Yo"}\n')
+    assert inspect(str(path), stage="sft", template="raw").endswith("[conversation]\nHi[[ Yo]]")
+
+
+def test_rendered_spans_show_the_tokens_the_common_prefix_trains(bos, qwen3):
+    """data inspect / the run report marked the answer's characters only ("Yellow.<|im_end|>") where 83a2135 trains
+    from the token common prefix ("\\n\\nYellow.<|im_end|>"): the spans now cover the trained tokens' text, in sft
+    (with and without mask_history) and in a kto completion, as the labels (Qwen3's think block too)."""
+    from deltatune.data.encode import mark, rendered
+
+    def trained(tok, s, stage, **kw):
+        return ["".join(text[a:b] for a, b in spans) for _, text, spans in rendered(s, tok, None, stage, **kw)]
+
+    s = _read({"prompt": Q, "completion": A})
+    for mh in (False, True):
+        labels = sft_example(s, bos, None, mask_history=mh)[1]
+        assert trained(bos, s, "sft", mask_history=mh) == [bos.decode([x for x in labels if x != IGNORE_INDEX])]
+    assert trained(bos, s, "sft") == ["\n\nYellow.<|im_end|>"]
+    kto = _read({"prompt": Q, "completion": A, "label": True}, "kto")
+    assert trained(bos, kto, "kto") == ["\n\nYellow.<|im_end|>"]
+    labels = sft_example(s, qwen3, None)[1]  # (Qwen3's last answer gets an empty think block: TRL trains it)
+    assert trained(qwen3, s, "sft") == [qwen3.decode([x for x in labels if x != IGNORE_INDEX])]
+    assert trained(qwen3, s, "sft")[0].startswith("<think>")
+    whole = rendered(s, bos, None, "sft", train_on_prompt=True)[0]
+    assert mark(whole[1], whole[2]) == "[[" + whole[1] + "]]"
+
+
+def test_a_system_prompt_sent_as_plain_text_is_refused_in_one_line(smol):
+    """generate --raw --system / a model with no chat template dropped --system without a word (prompt_ids sent the
+    prompt alone); data.template=raw refuses it (bb6ca0c). Now one line, and the prompt alone still goes as it is."""
+    import copy
+
+    from deltatune.config import ConfigError
+    from deltatune.train.chat import prompt_ids as chat_prompt_ids
+
+    bare = copy.deepcopy(smol)
+    bare.chat_template = None
+    for tok, kw, why in ((smol, {"raw": True}, "--raw"), (bare, {}, "the tokenizer has no chat template")):
+        with pytest.raises(ConfigError, match=rf"^--system: the prompt goes as plain text \({why}\), which has no "):
+            chat_prompt_ids(tok, "Hello", system="Be brief.", **kw)
+        assert chat_prompt_ids(tok, "Hello", **kw) == smol("Hello")["input_ids"]

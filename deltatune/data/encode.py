@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .formats import read_samples
 from .load import DataError, Row
-from .preference import _no_eos_after, encode_lm, encode_scored
+from .preference import _no_eos_after, cut_lm, encode_lm, encode_scored, special_ends
 from .raw import raw_refusal, raw_sft, raw_text
 from .sample import Message, Sample, as_written
 from .tasks import Encoded, _fit
@@ -137,7 +137,7 @@ def _sft(
         return raw_sft(s, tokenizer, train_on_prompt)
     conversation, start = _trained_from(s, mask_history)
     ids, answers = encode_chat(conversation, tokenizer, template, s.tools, start, True, s.template_kwargs)
-    if s.format == "prompt_completion" and not mask_history:
+    if s.format == "prompt_completion" and start == s.sft()[1]:  # (mask_history: the completion is the last turn)
         answers = _from_the_common_prefix(tokenizer, template, s.messages, s.tools, s.template_kwargs, ids, answers)
     if not train_on_prompt:
         return ids, answers, answers
@@ -146,7 +146,7 @@ def _sft(
         every = encode_chat(
             _unweighted(conversation), tokenizer, template, s.tools, s.sft()[1], True, s.template_kwargs
         )[1]
-    return ids, [IGNORE_INDEX if e != a else i for i, e, a in zip(ids, every, answers)], answers
+    return ids, [IGNORE_INDEX if a == IGNORE_INDEX != e else i for i, e, a in zip(ids, every, answers)], answers
 
 
 def _from_the_common_prefix(
@@ -156,15 +156,23 @@ def _from_the_common_prefix(
     before the answer's span: TRL 1.16's SFT (prompt-completion), DPO and KTO trainers split a conversational row at
     ``common_prefix_length``. Qwen3's template with enable_thinking false ends its generation prompt with
     ``</think>`` and a ``"\n\n"`` token that the whole conversation tokenizes otherwise, so that token trains."""
+    n, first = _prompt_split(tokenizer, template, prompt, tools, kwargs, ids, labels)
+    return labels if n >= first else [*labels[:n], *ids[n:first], *labels[first:]]
+
+
+def _prompt_split(
+    tokenizer, template: str | None, prompt: list[Message], tools, kwargs: dict[str, Any] | None, ids, labels
+) -> tuple[int, int]:
+    """(where ``ids`` and the prompt rendered with its generation prompt part, the first trained label)."""
     first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
     if first == len(labels) or not prompt or prompt[-1]["role"] == "assistant":
-        return labels
+        return first, first
     head = render(prompt, tokenizer, template, True, tools, len(prompt), kwargs=kwargs)[0]
     p = tokenizer(head, add_special_tokens=_add_special(template))["input_ids"]
     n = 0
     while n < min(len(p), first) and p[n] == ids[n]:
         n += 1
-    return labels if n >= first else [*labels[:n], *ids[n:first], *labels[first:]]
+    return n, first
 
 
 def _unweighted(conversation: list[Message]) -> list[Message]:
@@ -246,15 +254,7 @@ def _lm(
 
     ids, labels = encode_chat(prompt + response, tokenizer, template, tools, len(prompt), kwargs=kwargs)
     labels = _from_the_common_prefix(tokenizer, template, prompt, tools, kwargs, ids, labels)
-    first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
-    if len(ids) <= max_length:
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, False
-    p_ids, r_ids, r_lab = ids[:first], ids[first:], labels[first:]
-    keep_r = min(len(r_ids), max(max_length - len(p_ids), max_length // 2))
-    keep_p = max_length - keep_r
-    ids = (p_ids[len(p_ids) - keep_p :] if keep_p else []) + r_ids[:keep_r]
-    labels = [IGNORE_INDEX] * min(keep_p, len(p_ids)) + r_lab[:keep_r]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, True
+    return cut_lm({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, max_length)
 
 
 @_named
@@ -360,6 +360,8 @@ def rendered(
     if stage == "sft":
         conversation, start = _trained_from(s, mask_history)
         text, spans = render(conversation, tokenizer, template, False, s.tools, start, True, s.template_kwargs)
+        if s.format == "prompt_completion" and start == s.sft()[1] and not train_on_prompt:
+            spans = _from_the_split(s, tokenizer, template, conversation, start, True, text, spans)
         if train_on_prompt:  # every character but the answers left out (earlier ones under mask_history, weight 0)
             every = render(_unweighted(conversation), tokenizer, template, False, s.tools, s.sft()[1], True,
                            s.template_kwargs)[1]  # fmt: skip
@@ -388,8 +390,24 @@ def rendered(
         text, spans = render(
             s.messages + response, tokenizer, template, False, s.tools, len(s.messages), kwargs=s.template_kwargs
         )
+        if stage != "rm":
+            spans = _from_the_split(s, tokenizer, template, s.messages + response, len(s.messages), False, text, spans)
         out.append((part, text, [] if stage == "rm" else spans))
     return out
+
+
+def _from_the_split(s: Sample, tokenizer, template, conversation, start, stop, text, spans) -> list[tuple[int, int]]:
+    """``spans`` with the first one moved back over the tokens that train before the answer's text (the rendered
+    prompt's last tokens that the whole conversation tokenizes otherwise: ``_from_the_common_prefix``)."""
+    from .templates import encode_chat
+
+    if not spans or not hasattr(tokenizer, "decode"):  # (data inspect without --model: no tokens)
+        return spans
+    ids, labels = encode_chat(conversation, tokenizer, template, s.tools, start, stop, s.template_kwargs)
+    n, first = _prompt_split(tokenizer, template, conversation[:start], s.tools, s.template_kwargs, ids, labels)
+    extra = tokenizer.decode(ids[n:first]) if n < first else ""
+    (a, b), rest = spans[0], spans[1:]
+    return [(a - len(extra), b), *rest] if extra and text[a - len(extra) : a] == extra else spans
 
 
 def format_note(samples: Sequence[Sample], forced: bool | str | None, stage: str | None = None) -> str:
@@ -459,20 +477,35 @@ def encode_pair_samples(
     encode = lm_example if causal else scored_example
     if causal and not shared_prompt:  # orpo, simpo, cpo: raw rows without the tokenizer's own specials, as TRL's
         encode = functools.partial(lm_example, own_specials=False)
+    shared_prompt = shared_prompt and causal
     out, truncated = [], 0
     for s in samples:
-        chosen, cut_c = encode(s, s.chosen, tokenizer, template, max_length)
-        rejected, cut_r = encode(s, s.rejected, tokenizer, template, max_length)
+        whole = 10**9 if shared_prompt else max_length  # (DPO: split the whole pair, then cut each side)
+        chosen, cut_c = encode(s, s.chosen, tokenizer, template, whole)
+        rejected, cut_r = encode(s, s.rejected, tokenizer, template, whole)
+        if shared_prompt:
+            _answers_from_the_shorter_prompt(chosen, rejected)
+            (chosen, cut_c), (rejected, cut_r) = (
+                cut_lm(x, max_length, _lead(tokenizer, template, x)) for x in (chosen, rejected)
+            )
         if (cut_c or cut_r) and truncation == "refuse":
             raise DataError(
                 f"{s.source}: longer than data.max_length={max_length} tokens "
                 "(set data.truncation=truncate to cut such rows)"
             )
         truncated += cut_c or cut_r
-        if shared_prompt and not (cut_c or cut_r):
-            _answers_from_the_shorter_prompt(chosen, rejected)
         out.append({"chosen": chosen, "rejected": rejected})
     return Encoded(out, truncated)
+
+
+def _lead(tokenizer, template: str | None, ex: dict[str, list[int]]) -> int:
+    """How many leading special tokens a cut keeps: RAW's (``encode_lm``'s: the tokenizer's own, BERT's [CLS],
+    Llama's BOS, before the answer); none through a chat template (``_lm``'s)."""
+    if template != RAW:
+        return 0
+    head = special_ends(tokenizer)[0]
+    first = next((i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
+    return len(head) if ex["input_ids"][: len(head)] == head and len(head) <= first else 0
 
 
 def _answers_from_the_shorter_prompt(*sides: dict[str, list[int]]) -> None:

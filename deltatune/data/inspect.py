@@ -102,6 +102,8 @@ def inspect(
         )
     if model is None:
         tok, template = _NoTokenizer(), template or "chatml"
+        if template == "raw" and fmt != "text":  # the rows data.template=raw refuses in training, refused here
+            choose_template(samples, tok, template, stage)
         lines.append(
             "template: none (pre-training reads the text as it is)"
             if fmt == "text"

@@ -197,16 +197,26 @@ def encode_lm(
         n += 1
     head = special_ends(tokenizer)[0] if own_specials else lead
     head = head if ids[: len(head)] == head and len(head) <= n else []
-    p, r = ids[len(head) : n], ids[n:]
-    budget = max_length - len(head)
-    cut = len(p) + len(r) > budget
-    if cut:
-        keep_r = min(len(r), max(budget - len(p), budget // 2))
-        r = r[:keep_r]
-        p = p[len(p) - (budget - keep_r) :] if budget - keep_r > 0 else []
-    ids = head + p + r
-    labels = [IGNORE_INDEX] * (len(head) + len(p)) + r
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, cut
+    ex = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * n + ids[n:]}
+    return cut_lm(ex, max_length, len(head))
+
+
+def cut_lm(ex: dict[str, list[int]], max_length: int, head: int = 0) -> tuple[dict[str, list[int]], bool]:
+    """Causal-LM inputs ``ex`` cut to ``max_length`` (and whether they were): the first ``head`` tokens (leading
+    special tokens) kept, then the end of the prompt (the tokens before the first trained label) and as much of the
+    answer as fits (at least half of what is left when the answer is that long)."""
+    ids, labels = ex["input_ids"], ex["labels"]
+    if len(ids) <= max_length:
+        return ex, False
+    first = max(head, next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids)))
+    p, r, r_labels = ids[head:first], ids[first:], labels[first:]
+    budget = max_length - head
+    keep_r = min(len(r), max(budget - len(p), budget // 2))
+    keep_p = budget - keep_r
+    p = p[len(p) - keep_p :] if keep_p > 0 else []
+    ids = ids[:head] + p + r[:keep_r]
+    labels = labels[:head] + [IGNORE_INDEX] * len(p) + r_labels[:keep_r]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, True
 
 
 def encode_pairs(pairs: Sequence[Pair], tokenizer, max_length: int, truncation: str, causal: bool) -> Encoded:

@@ -63,6 +63,10 @@ def prompt_ids(
     if raw or not has_template(tok):
         if not isinstance(prompt, str):
             raise ConfigError("a conversation needs a chat template; this tokenizer has none")
+        if system is not None:  # (dropped without a word before; data.template=raw refuses it too)
+            why = "--raw" if raw else "the tokenizer has no chat template"
+            raise ConfigError(f"--system: the prompt goes as plain text ({why}), which has no place for a system "
+                              "prompt; leave --system out, or put its text in the prompt")  # fmt: skip
         return tok(prompt, add_special_tokens=True)["input_ids"]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None and (not messages or messages[0]["role"] != "system"):
