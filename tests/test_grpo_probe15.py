@@ -284,7 +284,7 @@ def test_steps_per_generation_that_does_not_divide_the_generation_batch_is_one_l
 
 @pytest.mark.parametrize("align, words", [
     ({"steps_per_generation": 0}, "^align.steps_per_generation must be an integer >= 1, got 0$"),
-    ({"steps_per_generation": 1.5}, "^align.steps_per_generation must be int, got 1.5$"),
+    ({"steps_per_generation": 1.5}, "^align.steps_per_generation must be int or null, got 1.5$"),
 ])  # fmt: skip
 def test_steps_per_generation_bad_input_is_one_line_naming_the_key(align, words):
     with pytest.raises(ConfigError, match=words) as err:
@@ -491,3 +491,66 @@ def test_num_generations_eval_bad_input_is_one_line_naming_the_key():
         ConfigError, match="^align.num_generations_eval must be an integer >= 1 \\(or null: 1\\), got 0$"
     ):
         build({**RAW, "stage": "grpo", "align": {"num_generations_eval": 0}})
+
+
+# -- a bnpo run trained before d727363 (bnpo over the slice) --------------------------------------------------------
+
+
+def _old_bnpo_run(tmp_path, **align):
+    """A grpo run folder whose run.yaml is today's without align.steps_per_generation (as a deltatune before d727363
+    wrote it), and today's recipe of the same run."""
+    import yaml
+
+    from deltatune.train.run import _recipe_dict
+
+    keys = {"num_generations": 4, "loss_type": "bnpo", "mini_batch_size": 2, **align}
+    recipe = _recipe_dict(build({**RAW, "stage": "grpo", "train": {"batch_size": 2}, "align": keys}))
+    old = {**recipe, "align": {k: v for k, v in recipe["align"].items() if k != "steps_per_generation"}}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    return str(run), recipe
+
+
+def test_resume_of_a_bnpo_run_before_d727363_names_the_change(tmp_path):
+    """A bnpo run with align.mini_batch_size below its slice trained before d727363 normalised over the slice; a
+    --resume continued it silently under the per-chunk normalisation (0.142 off the straight run's weights). Its
+    run.yaml lacks align.steps_per_generation (f39a879): the resume names the change in one line and needs
+    --resume-changed."""
+    from deltatune.train.run import _check_resume_recipe
+
+    run, recipe = _old_bnpo_run(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        _check_resume_recipe(run, recipe, False)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "align.steps_per_generation: None -> 1 (a bnpo run before d727363 normalised over the slice; " in message
+    assert message.endswith("pass --resume-changed to continue with the new values")
+    assert _check_resume_recipe(run, recipe, True) is True
+
+
+@pytest.mark.parametrize("align", [{"loss_type": "grpo"}, {"loss_type": "dapo"}, {"mini_batch_size": 8}])
+def test_resume_of_an_old_run_that_trains_alike_names_no_change(tmp_path, align):
+    """Without bnpo, or with one chunk per slice (mini_batch_size 8 = 2 prompts x 4), the normalisation did not
+    change: a run.yaml without align.steps_per_generation resumes as before; one with it likewise."""
+    import yaml
+
+    from deltatune.train.run import _check_resume_recipe
+
+    run, recipe = _old_bnpo_run(tmp_path, **align)
+    assert _check_resume_recipe(run, recipe, False) is False
+    with open(f"{run}/run.yaml", "w") as fh:
+        yaml.safe_dump(recipe, fh)
+    assert _check_resume_recipe(run, recipe, False) is False
+
+
+def test_eval_of_a_bnpo_run_before_d727363_builds_as_the_run(tmp_path):
+    """``deltatune eval`` reads the run's recipe through runs.old_run_data: the old bnpo run's marked
+    steps_per_generation (null) builds as 1, the recipe the run trained with (eval trains nothing: no change)."""
+    from deltatune.train.run import _recipe_dict
+    from deltatune.train.runs import old_run_data, read_recipe
+
+    run, recipe = _old_bnpo_run(tmp_path)
+    raw, note = old_run_data(read_recipe(run), run)
+    assert raw["align"]["steps_per_generation"] is None and note == ""
+    assert _recipe_dict(build(raw)) == recipe

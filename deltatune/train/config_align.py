@@ -141,9 +141,10 @@ class AlignArgs:
     num_iterations: int = _f(
         1, "GRPO: optimisation steps per generation batch (mu); above 1 the importance ratio pi / pi_old matters."
     )
-    steps_per_generation: int = _f(1, "GRPO: optimizer steps per generation batch (TRL's): its train.batch_size x "
-                                   "num_generations completions, shuffled, split into that many equal slices, one "
-                                   "update each (every num_iterations pass); old log-probs kept from the sampling.")  # fmt: skip
+    steps_per_generation: int | None = _f(1, "GRPO: optimizer steps per generation batch (TRL's; null: 1): its "
+                                          "train.batch_size x num_generations completions, shuffled, split into that "
+                                          "many equal slices, one update each (every num_iterations pass); old "
+                                          "log-probs kept from the sampling.")  # fmt: skip
     scale_rewards: bool | str = _f(True, "GRPO: divide advantages by the reward std of their group (true, 'group'), "
                                    "of the whole batch ('batch') or not at all (false, 'none': Dr. GRPO), as TRL's.")  # fmt: skip
     loss_norm: str = _f("sequence", "GRPO: 'sequence' (each completion's token mean, then their mean; TRL's grpo), "
@@ -422,6 +423,8 @@ def validate_grpo(a: AlignArgs) -> None:
     if a.num_generations_eval is not None and (type(a.num_generations_eval) is not int or a.num_generations_eval < 1):
         raise ConfigError(f"align.num_generations_eval must be an integer >= 1 (or null: 1), got "
                           f"{a.num_generations_eval!r}")  # fmt: skip
+    if a.steps_per_generation is None:  # (null: 1; an old bnpo run's mark, runs.old_run_data: eval builds it)
+        a.steps_per_generation = 1
     if type(a.steps_per_generation) is not int or a.steps_per_generation < 1:
         raise ConfigError(f"align.steps_per_generation must be an integer >= 1, got {a.steps_per_generation!r}")
 
@@ -448,6 +451,10 @@ _CHANGED_ON = {"init_kl_coef": "ppo", "temperature": "ppo", "max_new_tokens": "p
                "disable_dropout": "dpo kto orpo simpo cpo rm", "answer_eos": "orpo simpo cpo",
                "disable_prompt_loss": "orpo"}  # fmt: skip
 """The stages on which each ``DEFAULT_WAS`` key's default changed (grpo's temperature stayed 1.0)."""
+BNPO_BEFORE = "a bnpo run before d727363 normalised over the slice"
+"""A grpo run.yaml without align.steps_per_generation (f39a879, never released before d727363), loss_type bnpo and
+align.mini_batch_size below the slice: ``runs.old_run_data`` marks its steps_per_generation null, and a --resume names
+the change with this note (its weights would differ: 0.142 off a straight run)."""
 
 
 def old_run_align(align: dict[str, Any], stage: str | None, batch_size: Any = None) -> dict[str, Any]:
@@ -476,6 +483,8 @@ def default_changed(key: str, old: Any, new: Any, stage: str | None = None, batc
     ``new`` is today's (``DEFAULT_WAS``) on ``stage`` (the recipe's; ppo's align.mini_batch_size: ``batch_size``, the
     recipe's train.batch_size); "" otherwise. Without ``stage``, any stage's default today counts."""
     name = key.removeprefix("align.")
+    if key == "align.steps_per_generation" and old is None and stage in ("grpo", None):  # (runs.old_run_data's mark)
+        return f" ({BNPO_BEFORE}; bnpo is each align.mini_batch_size chunk's token mean now, as TRL's per micro-batch)"
     if not key.startswith("align.") or name not in DEFAULT_WAS or old != DEFAULT_WAS[name][0]:
         return ""
     if stage is None:
