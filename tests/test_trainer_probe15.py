@@ -121,13 +121,6 @@ def test_a_group_by_length_run_resumed_past_its_first_epoch_trains_on_the_same_r
         ("grpo", {"train_sampling_strategy": "sequential"}, r"^train.train_sampling_strategy: grpo's own loop draws "
          r"its prompts by train.seed \(TRL's GRPOConfig.shuffle_dataset: false, which deltatune's loop does not "
          r"take\); drop it$"),
-        ("sft", {"train_sampling_strategy": "group_by_length", "data_seed": 1}, r"^train.data_seed orders only "
-         r"train_sampling_strategy random; the group_by_length order follows train.seed: drop it$"),
-        ("sft", {"train_sampling_strategy": "batch_rebalance", "data_seed": 1}, r"^train.data_seed orders only "
-         r"train_sampling_strategy random; the batch_rebalance order is fixed \(the Trainer's sampler seeds it with "
-         r"42, not train.seed\): drop it$"),
-        ("sft", {"train_sampling_strategy": "sequential", "data_seed": 1}, r"^train.data_seed orders only "
-         r"train_sampling_strategy random; the sequential order is the data's: drop it$"),
         ("sft", {"group_by_length": True}, r"^unknown key 'train.group_by_length' in recipe: group_by_length "
          r"\(TrainingArguments'\) is not a recipe key: transformers 5 names it train_sampling_strategy: set "
          r"train.train_sampling_strategy: group_by_length$"),
@@ -280,8 +273,10 @@ def test_a_finished_run_from_before_with_fsdp_config_and_no_fsdp_still_loads(fil
     [({"optim": "sgd", "optim_args": {"momentum": 0.9, "nesterov": True}},
       {"optim": "sgd", "optim_args": "momentum=0.9,nesterov=true"}),
      ({"optim": "rmsprop", "optim_args": "momentum=0.5, centered=true", "lr": 1e-3},
-      {"optim": "rmsprop", "optim_args": "momentum=0.5,centered=true", "learning_rate": 1e-3})],
-    ids=["sgd_momentum", "rmsprop_centered"],
+      {"optim": "rmsprop", "optim_args": "momentum=0.5,centered=true", "learning_rate": 1e-3}),
+     ({"optim": "sgd", "optim_args": "momentum=0.9,nesterov=True"},
+      {"optim": "sgd", "optim_args": "momentum=0.9,nesterov=True"})],
+    ids=["sgd_momentum", "rmsprop_centered", "sgd_nesterov_True"],
 )  # fmt: skip
 def test_optim_args_train_as_the_trainers(files, tmp_path, keys, args):  # noqa: F811
     """train.optim_args (TrainingArguments' "k=v,k=v"; a mapping too) was refused as not a recipe key, yet the
@@ -311,6 +306,15 @@ def test_optim_args_train_as_the_trainers(files, tmp_path, keys, args):  # noqa:
       r"mapping\), got 'momentum'$"),
      ("sft", {"optim": "sgd", "optim_args": {"momentum": "high"}}, r"^train.optim_args: momentum must be a number"),
      ("grpo", {"optim_args": {"momentum": 0.9}}, r"^train.optim_args: grpo's own loop runs torch's AdamW"),
+     ("sft", {"optim": "stable_adamw", "optim_args": {"decouple_lr": False}}, r"^train.optim_args: decouple_lr "
+      r"'false' would turn it on \(the Trainer takes any text as true\); only leaving decouple_lr out turns it off$"),
+     ("sft", {"optim": "stable_adamw", "optim_args": "kahan_sum=0"}, r"^train.optim_args: kahan_sum '0' would turn"),
+     ("sft", {"optim": "adamw_torch_4bit", "optim_args": {"block_size": 128}}, r"^train.optim_args: the Trainer "
+      r"passes block_size to torchao's adamw_torch_4bit as text \('128'\), which it cannot use; drop it"),
+     ("sft", {"optim": "sgd", "optim_args": {"momentum": "0.9,nesterov=true"}}, r"^train.optim_args: momentum: "
+      r"'0.9,nesterov=true' holds ',' or '=', which the Trainer's 'k=v,k=v' cannot carry$"),
+     ("sft", {"optim": "rmsprop_bnb", "optim_args": {"alpha": 0.9}}, r"^train.optim_args: the Trainer passes "
+      r"'alpha' to train.optim rmsprop_bnb's RMSprop as text, which its numbers cannot take; drop optim_args$"),
      ("sft", {"torch_empty_cache_steps": 0}, r"^train.torch_empty_cache_steps must be >= 1 \(or null: never\), "
       r"got 0$"),
      ("ppo", {"torch_empty_cache_steps": 5}, r"^train.torch_empty_cache_steps: ppo's own loop never empties")],
@@ -334,3 +338,45 @@ def test_torch_empty_cache_steps_reaches_the_trainer_and_may_change_on_resume(fi
     assert (args.torch_empty_cache_steps, args.optim_args) == (4, "momentum=0.9")
     old = recipe(files, tmp_path / "out", torch_empty_cache_steps=4)
     assert recipe_changes(old, recipe(files, tmp_path / "out", torch_empty_cache_steps=None)) == []
+
+
+def test_optim_args_the_trainer_takes_in_any_case_pass():
+    """The Trainer lowercases nesterov and centered (true, 1, yes): True and Yes were refused."""
+    from deltatune.train.config_train import optim_args
+
+    for keys in ({"optim": "sgd", "optim_args": {"nesterov": "True"}}, {"optim": "rmsprop", "optim_args": "centered=Yes"},
+                 {"optim": "stable_adamw", "optim_args": {"decouple_lr": True, "kahan_sum": "yes"}}):  # fmt: skip
+        assert optim_args(build({"data": {"train": "t.jsonl"}, "train": keys}).train)
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "batch_rebalance"])
+def test_data_seed_beside_an_order_it_does_not_seed_is_one_line_as_a_run_starts(files, tmp_path, strategy):  # noqa: F811
+    """Refused where a training run starts (checks.check_run), not in build(): a finished run's run.yaml with it
+    (accepted before) still loads for deltatune eval and load_adapter_model; build() refused it and them."""
+    import yaml
+
+    from deltatune.train.evaluation import evaluate
+
+    says = {"sequential": "is the data's", "batch_rebalance": r"is fixed \(the Trainer's sampler seeds it with 42"}
+    with pytest.raises(ConfigError, match=r"^train.data_seed orders train_sampling_strategy random \(and "
+                       rf"group_by_length's eval batches\); the {strategy} order {says[strategy]}"):  # fmt: skip
+        train(build(recipe(files, tmp_path / "new", train_sampling_strategy=strategy, data_seed=1)))
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "old"
+    train(build(recipe(files, out, max_steps=1)))
+    saved = yaml.safe_load((out / "run.yaml").read_text())
+    saved["train"].update(train_sampling_strategy=strategy, data_seed=7)
+    (out / "run.yaml").write_text(yaml.safe_dump(saved))
+    assert build(saved).train.data_seed == 7
+    assert evaluate(str(out), data=files["sft"])["eval_loss"] > 0
+
+
+def test_data_seed_orders_group_by_length_eval_batches_as_the_trainers(files, tmp_path):  # noqa: F811
+    """transformers 5.25 seeds group_by_length's eval LengthGroupedSampler with data_seed: taken, not refused."""
+    from deltatune.train.models import load_processor
+    from deltatune.train.run import _training_args
+    from deltatune.train.table import prepare
+
+    cfg = build(recipe(files, tmp_path / "out", train_sampling_strategy="group_by_length", data_seed=5))
+    args = _training_args(cfg, prepare(cfg, load_processor(files["model"], "sft")), str(tmp_path))
+    assert (args.data_seed, args.seed, args.train_sampling_strategy) == (5, cfg.train.seed, "group_by_length")

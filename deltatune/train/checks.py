@@ -123,6 +123,13 @@ def check_run(cfg: RunConfig) -> None:
         # Here, where a training run starts, not in build(): a finished run's run.yaml from before still loads.
         raise ConfigError("train.fsdp_config is read only with train.fsdp (e.g. 'full_shard auto_wrap'), which is "
                           "empty: set train.fsdp, or drop train.fsdp_config")  # fmt: skip
+    if t.data_seed is not None and t.train_sampling_strategy in ("sequential", "batch_rebalance"):  # (unused)
+        # The Trainer seeds the random sampler, and group_by_length's eval batches, with it; as fsdp_config, here.
+        follows = {"sequential": "is the data's", "batch_rebalance": "is fixed (the Trainer's sampler seeds it with "
+                   "42, not train.seed)"}  # fmt: skip
+        raise ConfigError(f"train.data_seed orders train_sampling_strategy random (and group_by_length's eval "
+                          f"batches); the {t.train_sampling_strategy} order {follows[t.train_sampling_strategy]}: "
+                          f"drop it")  # fmt: skip
     if STAGES[cfg.stage].loop and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run it all
         raise ConfigError(f"stage {cfg.stage} trains in one process (its own loop shards nothing): launch it "
                           "without torchrun")  # fmt: skip

@@ -203,9 +203,11 @@ def _check_sampling(cfg: Any) -> None:
     """``train_sampling_strategy``: one of the Trainer's; the length samplers only where the Trainer can count a row's
     length (a pair row's tokens are under chosen and rejected: its ValueError came when training started). Stage kto
     takes them all: its KL term pairs each row with another row of its batch (or of its block, precomputed), which
-    any order keeps mismatched (TRL's KTOTrainer takes only sequential for its KL losses, as it pairs the rows ahead,
-    and its group_by_length fails on its rows: prompt_ids and completion_ids, no input_ids). A stage with its own
-    loop orders its prompts by train.seed. data_seed orders only the random sampler."""
+    random and group_by_length keep mismatched, sequential only where adjacent rows have different prompts (a paired
+    set made unpaired, each prompt's two rows side by side, pairs half its rows with their own prompt). TRL's
+    KTOTrainer takes only sequential for its KL losses, as it pairs the rows ahead, and its group_by_length fails on
+    its rows (prompt_ids and completion_ids, no input_ids). A stage with its own loop orders its prompts by
+    train.seed. data_seed beside sequential or batch_rebalance: checks.check_run."""
     t, stage = cfg.train, cfg.stage
     if t.train_sampling_strategy not in SAMPLING:
         raise ConfigError(f"train.train_sampling_strategy must be one of {', '.join(SAMPLING)}, got "
@@ -216,11 +218,6 @@ def _check_sampling(cfg: Any) -> None:
         trl = " (TRL's GRPOConfig.shuffle_dataset: false, which deltatune's loop does not take)" * (stage == "grpo")
         raise ConfigError(f"train.train_sampling_strategy: {stage}'s own loop draws its prompts by train.seed"
                           f"{trl}; drop it")  # fmt: skip
-    if t.data_seed is not None:  # (the Trainer seeds only its random sampler with it: silently unused)
-        follows = {"sequential": "is the data's", "group_by_length": "follows train.seed",
-                   "batch_rebalance": "is fixed (the Trainer's sampler seeds it with 42, not train.seed)"}  # fmt: skip
-        raise ConfigError(f"train.data_seed orders only train_sampling_strategy random; the "
-                          f"{t.train_sampling_strategy} order {follows[t.train_sampling_strategy]}: drop it")  # fmt: skip
     if t.train_sampling_strategy in ("group_by_length", "batch_rebalance") and stage not in (*BY_LENGTH, "kto"):
         raise ConfigError(f"train.train_sampling_strategy {t.train_sampling_strategy} groups rows by their input_ids' "
                           f"length, and stage {stage}'s rows have none (the Trainer's ValueError, as under TRL); "
@@ -251,7 +248,12 @@ def optim_args(t: TrainArgs) -> dict[str, str]:
         if any(len(p) != 2 or not p[0] for p in pairs):
             raise ConfigError(f"train.optim_args must be 'key=value,key=value' (or a mapping), got {given!r}")
         return dict(pairs)
-    return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in given.items()}
+    text = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in given.items()}
+    for k, v in text.items():  # (the Trainer splits its "k=v,k=v" string on them)
+        if any(c in k + v for c in ",="):
+            raise ConfigError(f"train.optim_args: {k}: {v!r} holds ',' or '=', which the Trainer's 'k=v,k=v' "
+                              f"cannot carry")  # fmt: skip
+    return text
 
 
 def _check_optim_args(cfg: Any) -> None:
@@ -265,15 +267,24 @@ def _check_optim_args(cfg: Any) -> None:
     name = t.optim or "adamw_torch_fused"
     reads = OPTIM_ARGS.get(name, ())
     for key, value in given.items():
-        if key == "weight_decay":  # (the Trainer's would bypass its groups: no decay on biases and norms)
+        if key == "weight_decay":  # (the Trainer ignores it: each of its param groups sets its own weight_decay)
             raise ConfigError("train.optim_args: weight_decay is train.weight_decay's (the Trainer's decay groups); "
                               "set train.weight_decay")  # fmt: skip
+        if name.startswith("rmsprop_bnb"):  # (the Trainer hands optim_args to bitsandbytes' RMSprop as kwargs)
+            raise ConfigError(f"train.optim_args: the Trainer passes {key!r} to train.optim {name}'s RMSprop as text, "
+                              f"which its numbers cannot take; drop optim_args")  # fmt: skip
+        if key == "block_size" and name in ("adamw_torch_4bit", "adamw_torch_8bit"):  # (a TypeError in step)
+            raise ConfigError(f"train.optim_args: the Trainer passes block_size to torchao's {name} as text "
+                              f"({value!r}), which it cannot use; drop it (torchao's 256)")  # fmt: skip
         if key not in reads:
             known = f"it reads {', '.join(reads)}" if reads else "it reads none"
             raise ConfigError(f"train.optim_args: {key!r} is not read by train.optim {name}'s optimizer (the "
                               f"Trainer would ignore it); {known}")  # fmt: skip
-        if key in ("nesterov", "centered") and value not in ("true", "false", "1", "0", "yes", "no"):
+        if key in ("nesterov", "centered") and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ConfigError(f"train.optim_args: {key} must be true or false, got {value!r}")
+        if key in ("decouple_lr", "kahan_sum") and value.lower() not in ("true", "1", "yes"):  # (bool("false"))
+            raise ConfigError(f"train.optim_args: {key} {value!r} would turn it on (the Trainer takes any text as "
+                              f"true); only leaving {key} out turns it off")  # fmt: skip
         if key in ("momentum", "dampening", "lr_decay", "eps", "alpha") and name in ("sgd", "adagrad", "rmsprop"):
             try:
                 float(value)
