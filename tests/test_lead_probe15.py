@@ -168,3 +168,15 @@ def test_resume_of_an_image_cls_run_takes_the_head_the_stage_added(tmp_path):
     other = {**recipe, "method": {**recipe["method"], "modules_to_save": ["pooler"]}}
     with pytest.raises(ConfigError, match=r"method.modules_to_save: \['classifier'\] -> \['pooler'\]"):
         _check_resume_recipe(str(tmp_path), other, False)
+
+
+def test_the_chat_loop_refuses_a_system_prompt_in_raw_mode_as_prompt_ids_does():
+    """chat --raw --system dropped the system prompt without a word (ebaa2e3 refused it in prompt_ids, which the
+    loop's raw path calls without it)."""
+    import io
+
+    from deltatune.config import ConfigError
+    from deltatune.train.chat import repl
+
+    with pytest.raises(ConfigError, match="--system: the prompt goes as plain text \\(--raw\\)"):
+        repl(None, None, system="Be brief.", raw=True, stdin=io.StringIO("hi\n"), stdout=io.StringIO())

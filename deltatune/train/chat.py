@@ -296,6 +296,10 @@ def repl(
         sys.stdin.reconfigure(errors="surrogateescape")  # would end the chat; check_text refuses it alone instead
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    if system is not None and (raw or not (template or has_template(tok))):  # (as prompt_ids; dropped silently before)
+        why = "--raw" if raw else "the tokenizer has no chat template"
+        raise ConfigError(f"--system: the prompt goes as plain text ({why}), which has no place for a system prompt; "
+                          "leave --system out, or put its text in the prompt")  # fmt: skip
     tty = stdin.isatty()
     history: Messages = []
     base = False
