@@ -380,3 +380,22 @@ def test_data_seed_orders_group_by_length_eval_batches_as_the_trainers(files, tm
     cfg = build(recipe(files, tmp_path / "out", train_sampling_strategy="group_by_length", data_seed=5))
     args = _training_args(cfg, prepare(cfg, load_processor(files["model"], "sft")), str(tmp_path))
     assert (args.data_seed, args.seed, args.train_sampling_strategy) == (5, cfg.train.seed, "group_by_length")
+
+
+def test_a_checkpoint_from_before_the_epoch_rng_file_warns_on_resume_under_group_by_length(files, tmp_path):  # noqa: F811
+    """A checkpoint written before cbca1b0 holds no deltatune_epoch_rng file: resumed past epoch 0 under
+    group_by_length it trains on other rows (the review's 0/15), silently before; now one warning names the file."""
+    import os
+    import shutil
+
+    keys = {"batch_size": 1, "grad_accum": 1, "max_steps": 11, "save_steps": 10, "logging_steps": 4}
+    whole = tmp_path / "whole"
+    train(build(recipe(files, whole, train_sampling_strategy="group_by_length", **keys)))  # 8 rows: 8 steps an epoch
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-10", resumed / "checkpoint-10")
+    shutil.copy(whole / "run.yaml", resumed / "run.yaml")
+    os.remove(resumed / "checkpoint-10" / "deltatune_epoch_rng_0.pt")
+    with pytest.warns(UserWarning, match=r"^checkpoint-10 holds no deltatune_epoch_rng_0.pt \(written before "
+                      r"deltatune saved it\): the resumed epoch's group_by_length order is drawn afresh"):  # fmt: skip
+        train(build(recipe(files, resumed, train_sampling_strategy="group_by_length", **keys)), resume=True)

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -152,6 +153,11 @@ class DeltaTrainerMixin:
             path = os.path.join(str(at), EPOCH_RNG.format(self.args.process_index))
             if os.path.isfile(path):
                 torch.random.set_rng_state(torch.load(path, weights_only=True))
+            elif self.args.train_sampling_strategy == "group_by_length" and kwargs.get("epoch", 0) > 0:
+                # (a checkpoint from before the file: batch_rebalance seeds its own order, random/sequential need none)
+                warnings.warn(f"{os.path.basename(str(at))} holds no {os.path.basename(path)} (written before "
+                              f"deltatune saved it): the resumed epoch's group_by_length order is drawn afresh, "
+                              f"not the uninterrupted run's rows", UserWarning, stacklevel=2)  # fmt: skip
         self._epoch_rng = torch.random.get_rng_state()
         return super()._run_epoch(*args, **kwargs)
 
