@@ -305,6 +305,10 @@ def test_optim_args_train_as_the_trainers(files, tmp_path, keys, args):  # noqa:
      ("sft", {"optim": "sgd", "optim_args": "momentum"}, r"^train.optim_args must be 'key=value,key=value' \(or a "
       r"mapping\), got 'momentum'$"),
      ("sft", {"optim": "sgd", "optim_args": {"momentum": "high"}}, r"^train.optim_args: momentum must be a number"),
+     ("sft", {"optim": "sgd", "optim_args": "momentum=nan"}, r"^train.optim_args: momentum must be a number, got "
+      r"'nan'$"),
+     ("sft", {"optim": "rmsprop", "optim_args": {"alpha": float("inf")}}, r"^train.optim_args: alpha must be a "
+      r"number, got 'inf'$"),
      ("grpo", {"optim_args": {"momentum": 0.9}}, r"^train.optim_args: grpo's own loop runs torch's AdamW"),
      ("sft", {"optim": "stable_adamw", "optim_args": {"decouple_lr": False}}, r"^train.optim_args: decouple_lr "
       r"'false' would turn it on \(the Trainer takes any text as true\); only leaving decouple_lr out turns it off$"),

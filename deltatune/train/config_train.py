@@ -6,6 +6,7 @@ Split from train/config.py (which re-exports every name here) when that file nea
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -287,9 +288,11 @@ def _check_optim_args(cfg: Any) -> None:
                               f"true); only leaving {key} out turns it off")  # fmt: skip
         if key in ("momentum", "dampening", "lr_decay", "eps", "alpha") and name in ("sgd", "adagrad", "rmsprop"):
             try:
-                float(value)
+                number = float(value)
             except ValueError:
-                raise ConfigError(f"train.optim_args: {key} must be a number, got {value!r}") from None
+                number = float("nan")
+            if not math.isfinite(number):  # (nan passes torch's range checks, and the weights go nan)
+                raise ConfigError(f"train.optim_args: {key} must be a number, got {value!r}")
 
 
 def _check_best(cfg: Any) -> None:
