@@ -39,7 +39,7 @@ class TrainArgs:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).")
     seed: int = _f(42, "Seed for weights of new layers, data order and dropout.")
     data_seed: int | None = _f(None, "Seed of the random data order alone, as TrainingArguments' data_seed (default: "
-                               "seed; train_sampling_strategy random only).")  # fmt: skip
+                               "seed; the random order, and group_by_length's eval batches).")  # fmt: skip
     precision: str = _f("auto", "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16.")
     logging_steps: int | float = _f(10, "Log loss and learning rate every N steps (a fraction < 1: of the run's "
                                     "steps, as the Trainer reads it).")  # fmt: skip
