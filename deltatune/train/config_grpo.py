@@ -5,12 +5,11 @@ checks: each value built and checked as transformers' generate would at the firs
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import ConfigError
 
-if TYPE_CHECKING:
-    from .config_align import AlignArgs
+AlignArgs = Any  # (config_align.AlignArgs: named here without importing it, which imports this module)
 
 GENERATION_OWNED = ("max_new_tokens", "max_length", "num_return_sequences", "num_beams", "eos_token_id",
                     "pad_token_id", "return_dict_in_generate", "stop_strings")  # fmt: skip
