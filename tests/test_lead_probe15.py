@@ -180,3 +180,35 @@ def test_the_chat_loop_refuses_a_system_prompt_in_raw_mode_as_prompt_ids_does():
 
     with pytest.raises(ConfigError, match="--system: the prompt goes as plain text \\(--raw\\)"):
         repl(None, None, system="Be brief.", raw=True, stdin=io.StringIO("hi\n"), stdout=io.StringIO())
+
+
+@pytest.mark.parametrize(
+    ("method", "family", "accepted"),
+    [("full", "llama", True), ("freeze", "llama", True), ("bitfit", "gpt2", True), ("lora", "llama", False),
+     ("lora_bias_all", "gpt2", False), ("ia3", "llama", False)],
+)  # fmt: skip
+def test_tr_dpo_takes_a_method_by_what_it_trains_not_by_its_name(method, family, accepted):
+    """check_sync_ref asked the method's name (a trainer must not: DESIGN.md); it now asks whether every trainable
+    parameter is a base parameter the method trains in place (full, freeze, bitfit) or an adapter's own weight."""
+    from types import SimpleNamespace
+
+    from tiny import tiny_model
+
+    from deltatune import registry
+    from deltatune.config import ConfigError
+    from deltatune.train.pairs import check_sync_ref
+
+    configs = {"full": lambda: registry.get("full").config_class(),
+               "freeze": lambda: registry.get("freeze").config_class(freeze_trainable_layers=1),
+               "bitfit": lambda: registry.get("bitfit").config_class(),
+               "lora": lambda: dt.LoraConfig(target_modules=["q_proj"]),
+               "lora_bias_all": lambda: dt.LoraConfig(target_modules=["c_attn"], bias="all"),
+               "ia3": lambda: dt.IA3Config(target_modules=["q_proj"], feedforward_modules=[])}  # fmt: skip
+    model = dt.get_delta_model(tiny_model(family), configs[method]())
+    align = SimpleNamespace(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5,
+                            precompute_ref=False, precompute_ref_log_probs=False)  # fmt: skip
+    if accepted:
+        check_sync_ref(align, model.peft_config["default"], model.base_model, "dpo")
+    else:
+        with pytest.raises(ConfigError, match="align.sync_ref_model \\(TR-DPO\\)"):
+            check_sync_ref(align, model.peft_config["default"], model.base_model, "dpo")

@@ -258,7 +258,6 @@ def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_
     return Encoded(kept, cut), fell_back
 
 
-SYNCABLE = ("full", "freeze", "bitfit")  # the methods that train the base in place, with no adapter on it
 SYNCED_REF = "sync_ref_model.safetensors"  # a checkpoint's TR-DPO reference copy
 
 
@@ -287,7 +286,8 @@ def check_sync_ref(align, config, base_model: torch.nn.Module, stage: str) -> No
 
     if not align.sync_ref_model:
         return
-    if config.method not in SYNCABLE or not config.trainable_base_parameters(base_model):
+    trained = {name for name, p in base_model.named_parameters() if p.requires_grad}
+    if not trained or trained != set(config.trainable_base_parameters(base_model)):  # (an adapter's own weights train)
         raise ConfigError(
             f"align.sync_ref_model (TR-DPO) with method.name={config.method}: the {stage} reference is the base with "
             "the adapter off, no copy to sync (TRL refuses sync_ref_model with a PEFT model too); use a method that "
