@@ -87,22 +87,28 @@ def test_group_by_length_batches_the_rows_as_the_trainer(files, tmp_path):  # no
     assert grouped != list(trainer._get_train_sampler())
 
 
+def _cut_at_step_10(files, tmp_path, keys: dict):  # noqa: F811
+    """A group_by_length run trained whole (8 rows: 8 steps an epoch), and a folder holding its checkpoint-10 and
+    run.yaml alone, as a run cut there leaves it: (whole, cut)."""
+    import shutil
+
+    whole, cut = tmp_path / "whole", tmp_path / "resumed"
+    train(build(recipe(files, whole, train_sampling_strategy="group_by_length", **keys)))
+    cut.mkdir()
+    shutil.copytree(whole / "checkpoint-10", cut / "checkpoint-10")
+    shutil.copy(whole / "run.yaml", cut / "run.yaml")
+    return whole, cut
+
+
 def test_a_group_by_length_run_resumed_past_its_first_epoch_trains_on_the_same_rows(files, tmp_path):  # noqa: F811
     """The Trainer's LengthGroupedSampler draws each epoch's order from torch's global RNG as the epoch starts: a run
     resumed mid-epoch past epoch 0 drew from the state the resume left, another order (the plain Trainer's flaw too;
     adapter ~1e-2 off). The epoch's starting state is in each checkpoint now: the resumed run's adapter is the
     uninterrupted run's, exactly."""
-    import shutil
-
     from safetensors.torch import load_file
 
     keys = {"batch_size": 1, "grad_accum": 1, "max_steps": 12, "save_steps": 10, "logging_steps": 4}
-    whole = tmp_path / "whole"
-    train(build(recipe(files, whole, train_sampling_strategy="group_by_length", **keys)))  # 8 rows: 8 steps an epoch
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoint-10", resumed / "checkpoint-10")
-    shutil.copy(whole / "run.yaml", resumed / "run.yaml")
+    whole, resumed = _cut_at_step_10(files, tmp_path, keys)
     train(build(recipe(files, resumed, train_sampling_strategy="group_by_length", **keys)), resume=True)
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (whole, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
@@ -390,15 +396,9 @@ def test_a_checkpoint_from_before_the_epoch_rng_file_warns_on_resume_under_group
     """A checkpoint written before cbca1b0 holds no deltatune_epoch_rng file: resumed past epoch 0 under
     group_by_length it trains on other rows (the review's 0/15), silently before; now one warning names the file."""
     import os
-    import shutil
 
     keys = {"batch_size": 1, "grad_accum": 1, "max_steps": 11, "save_steps": 10, "logging_steps": 4}
-    whole = tmp_path / "whole"
-    train(build(recipe(files, whole, train_sampling_strategy="group_by_length", **keys)))  # 8 rows: 8 steps an epoch
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoint-10", resumed / "checkpoint-10")
-    shutil.copy(whole / "run.yaml", resumed / "run.yaml")
+    _, resumed = _cut_at_step_10(files, tmp_path, keys)
     os.remove(resumed / "checkpoint-10" / "deltatune_epoch_rng_0.pt")
     with pytest.warns(UserWarning, match=r"^checkpoint-10 holds no deltatune_epoch_rng_0.pt \(written before "
                       r"deltatune saved it\): the resumed epoch's group_by_length order is drawn afresh"):  # fmt: skip
