@@ -9,22 +9,14 @@ import json
 import peft
 import pytest
 import torch
-from test_methods_probe15 import Attn, _gpt2
+from test_methods_probe15 import Attn, _gpt2, saved_gpt2_pair
 
 import deltatune as dt
 
 
 def test_an_ia3_gpt2_adapter_saves_fan_in_fan_out_true_as_peft(tmp_path):
     kw = dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], init_ia3_weights=False)
-    torch.manual_seed(3)
-    with pytest.warns(UserWarning, match="fan_in_fan_out"):
-        theirs = peft.get_peft_model(_gpt2(), peft.IA3Config(**kw))
-    torch.manual_seed(3)
-    ours = dt.get_delta_model(_gpt2(), dt.IA3Config(**kw))
-    ours.save_pretrained(tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    read = {w: json.loads((tmp_path / w / "adapter_config.json").read_text()) for w in ("ours", "theirs")}
-    assert read["theirs"]["fan_in_fan_out"] is True and read["ours"]["fan_in_fan_out"] is True
+    ours, _, _ = saved_gpt2_pair(tmp_path, "IA3Config", kw, "fan_in_fan_out")
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
         loaded = peft.PeftModel.from_pretrained(_gpt2(), tmp_path / "ours").eval()

@@ -264,18 +264,25 @@ def _gpt2():
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16)).eval()
 
 
-def test_gpt2_adapter_config_says_fan_in_fan_out_as_peft(tmp_path):
-    """peft sets fan_in_fan_out true when it meets a Conv1D (with a warning) and saves it; deltatune saved false."""
-    kw = dict(target_modules=["c_attn", "c_proj"], r=4, init_lora_weights=False)
+def saved_gpt2_pair(tmp_path, config: str, kw: dict, warning: str):
+    """(ours, peft's, their saved adapter_config.json files) for the same tiny GPT-2 and adapter draw; peft's warns
+    that it set fan_in_fan_out (both say true)."""
     torch.manual_seed(3)
-    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
-        theirs = peft.get_peft_model(_gpt2(), peft.LoraConfig(**kw))
+    with pytest.warns(UserWarning, match=warning):
+        theirs = peft.get_peft_model(_gpt2(), getattr(peft, config)(**kw))
     torch.manual_seed(3)
-    ours = dt.get_delta_model(_gpt2(), dt.LoraConfig(**kw))
+    ours = dt.get_delta_model(_gpt2(), getattr(dt, config)(**kw))
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     read = {w: json.loads((tmp_path / w / "adapter_config.json").read_text()) for w in ("ours", "theirs")}
     assert read["theirs"]["fan_in_fan_out"] is True and read["ours"]["fan_in_fan_out"] is True
+    return ours, theirs, read
+
+
+def test_gpt2_adapter_config_says_fan_in_fan_out_as_peft(tmp_path):
+    """peft sets fan_in_fan_out true when it meets a Conv1D (with a warning) and saves it; deltatune saved false."""
+    kw = dict(target_modules=["c_attn", "c_proj"], r=4, init_lora_weights=False)
+    ours, theirs, read = saved_gpt2_pair(tmp_path, "LoraConfig", kw, "Setting fan_in_fan_out to True")
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
         want = theirs(input_ids=ids).logits
