@@ -1,5 +1,5 @@
 """Evaluation metrics: accuracy and F1 (single- and multi-label), Pearson and Spearman (regression), entity-level
-F1 for BIO tagging, ROUGE-L and BLEU for generation.
+F1 for BIO tagging, ROUGE (1, 2, L, Lsum) and BLEU for generation.
 
 Small, exact implementations of the standard definitions (tested against hand-worked values), so the trainers need
 no extra dependency. BLEU and ROUGE-L give the numbers people compare against: sacrebleu's default corpus BLEU
@@ -171,6 +171,65 @@ def rouge_l(prediction: str, reference: str, stem: bool = False) -> float:
         return 0.0
     p, r = lcs / len(a), lcs / len(b)
     return 2 * p * r / (p + r)
+
+
+def rouge_n(prediction: str, reference: str, n: int, stem: bool = False) -> float:
+    """ROUGE-N F1 (rouge-score's ``rouge1``, ``rouge2``): clipped n-gram overlap of ``rouge_tokens``."""
+    a, b = rouge_tokens(prediction, stem), rouge_tokens(reference, stem)
+    pa = Counter(tuple(a[i : i + n]) for i in range(len(a) - n + 1))
+    rb = Counter(tuple(b[i : i + n]) for i in range(len(b) - n + 1))
+    hits = sum(min(c, pa[g]) for g, c in rb.items())
+    p, r = hits / max(sum(pa.values()), 1), hits / max(sum(rb.values()), 1)
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+
+
+def sentences(text: str) -> str:
+    """``text`` stripped, one sentence a line, as run_summarization's ``postprocess_text`` writes it for rougeLsum
+    (``"\\n".join(nltk.sent_tokenize(text))``): a sentence ends at ``.``, ``!`` or ``?`` (and closing quotes or
+    brackets) before white space. nltk's punkt model, which deltatune does not ship, also keeps abbreviations it
+    learned ("Mr. Smith") in one sentence; a text with one sentence scores as its ROUGE-L."""
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+def _lcs_indices(ref: list[str], can: list[str]) -> list[int]:
+    """rouge-score's ``lcs_ind``: the indices into ``ref`` of one longest common subsequence (its backtrack)."""
+    t = [[0] * (len(can) + 1) for _ in range(len(ref) + 1)]
+    for i in range(1, len(ref) + 1):
+        for j in range(1, len(can) + 1):
+            t[i][j] = t[i - 1][j - 1] + 1 if ref[i - 1] == can[j - 1] else max(t[i - 1][j], t[i][j - 1])
+    i, j, out = len(ref), len(can), []
+    while i > 0 and j > 0:
+        if ref[i - 1] == can[j - 1]:
+            out.append(i - 1)
+            i, j = i - 1, j - 1
+        elif t[i][j - 1] > t[i - 1][j]:
+            j -= 1
+        else:
+            i -= 1
+    return out[::-1]
+
+
+def rouge_lsum(prediction: str, reference: str, stem: bool = False) -> float:
+    """ROUGE-Lsum F1 (rouge-score's ``rougeLsum``): the summary-level LCS over the texts' lines (one sentence a line,
+    ``sentences``), each reference line's union LCS with every predicted line, a token counted at most as often as
+    both texts hold it."""
+    ref = [rouge_tokens(s, stem) for s in reference.split("\n") if s]
+    can = [rouge_tokens(s, stem) for s in prediction.split("\n") if s]
+    m, n = sum(map(len, ref)), sum(map(len, can))
+    if not m or not n:
+        return 0.0
+    left_r, left_c = Counter(t for s in ref for t in s), Counter(t for s in can for t in s)
+    hits = 0
+    for r in ref:
+        for k in sorted(set().union(*(_lcs_indices(r, c) for c in can))):
+            t = r[k]
+            if left_c[t] > 0 and left_r[t] > 0:
+                hits, left_c[t], left_r[t] = hits + 1, left_c[t] - 1, left_r[t] - 1
+    p, r_ = hits / n, hits / m
+    return 2 * p * r_ / (p + r_) if p + r_ > 0 else 0.0
 
 
 _13A = [

@@ -1,7 +1,10 @@
 """Stage ``seq2seq``: an encoder-decoder (T5, BART) on source/target rows; eval adds greedy generations scored
-with ROUGE-L and BLEU-4 against the target (or the row's ``references``)."""
+with run_summarization's metrics (ROUGE-1, ROUGE-2, ROUGE-L, ROUGE-Lsum, the generations' mean length) and BLEU-4
+against the target (or the row's ``references``)."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -66,12 +69,16 @@ def _cut_note(split: str, enc: Encoded | None, max_length: int, max_target_lengt
 
 @torch.no_grad()
 def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: int = 16) -> dict[str, float]:
-    """ROUGE-L (mean over examples; Porter-stemmed tokens, as run_summarization scores) and corpus BLEU-4 of greedy
-    (or beam search: train.generation_num_beams) generations against the targets (or the row's ``references`` list when it has one, the best ROUGE-L of them)."""
+    """run_summarization's ``compute_metrics`` of greedy (or beam search: train.generation_num_beams) generations
+    against the targets, as fractions (its figures / 100): ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum (means over the
+    rows of rouge-score's F with its stemmer, the texts stripped and, for Lsum, one sentence a line), ``gen_len`` (the
+    mean count of generated ids other than the pad id), and corpus BLEU-4 (sacrebleu's). A row with a
+    ``references`` list scores each ROUGE against its best reference, as rouge-score's ``score_multi``."""
     d = cfg.data
     was_training = model.training
     model.eval()
-    preds, refs = [], []
+    preds, refs, lengths = [], [], []
+    pad = getattr(tok, "pad_token_id", None)
     device = next(p for p in model.parameters()).device
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
@@ -92,10 +99,24 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
             num_beams=cfg.train.generation_num_beams,
         )
         preds += tok.batch_decode(out, skip_special_tokens=True)
+        # run_summarization's gen_len: np.count_nonzero(pred != pad_token_id) per generated row (the decoder start
+        # and the EOS count, the padding after a row's EOS does not)
+        lengths += [int((row != pad).sum()) if pad is not None else len(row) for row in out]
         for r in chunk:
             many = r.data.get("references")
             refs.append([str(x) for x in many] if isinstance(many, list) and many else [str(r.get(d.target_column))])
     model.train(was_training)
     # run_summarization's ROUGE: rouge-score's with use_stemmer=True ("runs" and "running" match "run")
-    rouge = sum(max(M.rouge_l(p, r, stem=True) for r in rs) for p, rs in zip(preds, refs)) / max(len(preds), 1)
-    return {"eval_rougeL": rouge, "eval_bleu": M.bleu(preds, refs)}
+    rouge = {
+        "eval_rouge1": partial(M.rouge_n, n=1),
+        "eval_rouge2": partial(M.rouge_n, n=2),
+        "eval_rougeL": M.rouge_l,
+        "eval_rougeLsum": lambda p, r, stem: M.rouge_lsum(M.sentences(p), M.sentences(r), stem),
+    }
+    scores = {
+        key: sum(max(f(p.strip(), r.strip(), stem=True) for r in rs) for p, rs in zip(preds, refs))
+        / max(len(preds), 1)
+        for key, f in rouge.items()
+    }
+    scores["eval_gen_len"] = sum(lengths) / max(len(lengths), 1)
+    return {**scores, "eval_bleu": M.bleu(preds, refs)}

@@ -1,0 +1,106 @@
+"""Data probe 16: run_summarization's seq2seq metrics (rouge1, rouge2, rougeL, rougeLsum and gen_len, against
+rouge-score and the generate output), a raw PPO prompt opening as its raw training rows do, and the leftovers of probe
+15 (audio markers, non-alternating sharegpt rows, the mask_history cut) against LLaMA-Factory's converter and
+processor."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from deltatune.data.load import Row  # noqa: E402
+from deltatune.train.config import build  # noqa: E402
+
+
+class _EchoTok:
+    """Each text becomes one id, and decodes back to itself: a 'generation' that echoes its source."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __call__(self, texts, **kwargs):
+        ids = torch.arange(len(self.texts), len(self.texts) + len(texts))[:, None]
+        self.texts += list(texts)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def batch_decode(self, out, skip_special_tokens: bool = True) -> list[str]:
+        return [self.texts[int(row[0])] for row in out]
+
+
+class _Echo:
+    """A model whose generate returns its input ids."""
+
+    training = False
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def generate(self, input_ids, **kwargs):
+        return input_ids
+
+
+def _cfg(path: str = "unused", **train):
+    return build({"stage": "seq2seq", "model": {"name_or_path": path},
+                  "data": {"train": "rows.jsonl", "source_column": "source", "target_column": "target"},
+                  "train": train})  # fmt: skip
+
+
+def test_seq2seq_eval_gives_run_summarizations_rouge1_rouge2_and_rougelsum():
+    """run_summarization's compute_metrics reports rouge1, rouge2, rougeL and rougeLsum (evaluate's rouge: rouge-score
+    with use_stemmer=True, the texts stripped and one sentence a line); HEAD reported rougeL alone. Reference:
+    rouge-score's fmeasure of each type on the texts split into lines as postprocess_text splits them (these
+    sentences end at '.', '!' or '?' before a space, where nltk's punkt splits them too), averaged over rows."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+
+    from deltatune.train.seq2seq import generation_metrics
+
+    pairs = [
+        ("It slept well. The cats were running home!", "The cat runs home. It slept well."),  # sentences swapped
+        ("Summaries generated quickly. A second line? Yes.", "A summary generation. A second line follows."),
+        ("plain words here", "plain words"),
+    ]
+    rows = [Row({"source": s, "target": t}, f"rows.jsonl:{i}") for i, (s, t) in enumerate(pairs, 1)]
+    got = generation_metrics(_Echo(), _EchoTok(), rows, _cfg(), batch_size=2)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+
+    def lines(text: str) -> str:  # postprocess_text's "\n".join(nltk.sent_tokenize(text)) for these texts
+        return text.strip().replace(". ", ".\n").replace("! ", "!\n").replace("? ", "?\n")
+
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        want = sum(scorer.score(lines(t), lines(s))[key].fmeasure for s, t in pairs) / len(pairs)
+        assert abs(got[f"eval_{key}"] - want) < 1e-12, key
+    # the swapped sentences score lower by ROUGE-L than by ROUGE-Lsum, which matches each sentence on its own
+    assert got["eval_rougeLsum"] > got["eval_rougeL"] + 0.05 and got["eval_rouge1"] > got["eval_rouge2"] + 0.05
+
+
+def test_seq2seq_eval_gives_run_summarizations_gen_len(tmp_path):
+    """run_summarization's gen_len: np.mean of np.count_nonzero(pred != pad_token_id) over the generated rows (the
+    decoder start and the EOS counted, the padding after an early EOS not); HEAD had no gen_len. Reference: the same
+    count on T5's own generate output for the batch."""
+    import numpy as np
+    from tiny import save_tiny
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from deltatune.train.seq2seq import generation_metrics
+
+    path = save_tiny(tmp_path / "t5", "t5", init_std=0.5)
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    sources = ["the big red dog sat on the old mat", "blue house by the sea", "a quiet green tree", "cat"]
+    rows = [Row({"source": s, "target": s}, f"rows.jsonl:{i}") for i, s in enumerate(sources, 1)]
+    enc = tok(sources, return_tensors="pt", padding=True, padding_side="right", return_token_type_ids=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False, num_beams=1).numpy()
+    want = float(np.mean([np.count_nonzero(p != tok.pad_token_id) for p in out]))
+    got = generation_metrics(model, tok, rows, _cfg(path, generation_max_new_tokens=6), batch_size=4)
+    assert got["eval_gen_len"] == want and 0 < want <= 7
