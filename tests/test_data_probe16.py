@@ -104,3 +104,27 @@ def test_seq2seq_eval_gives_run_summarizations_gen_len(tmp_path):
     want = float(np.mean([np.count_nonzero(p != tok.pad_token_id) for p in out]))
     got = generation_metrics(model, tok, rows, _cfg(path, generation_max_new_tokens=6), batch_size=4)
     assert got["eval_gen_len"] == want and 0 < want <= 7
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_raw_ppo_prompt_opens_as_the_raw_rows_it_trained_on(stage):
+    """data.template=raw: a PPO prompt opened with the BOS alone (bos_prefix), so with MiniLM's BERT tokenizer the
+    policy, trained by raw SFT, DPO or KTO on ``[CLS] prompt response [SEP]`` (TRL 1.16's ``tokenizer(prompt +
+    response + EOS)``, encode_lm), sampled from ``prompt`` without its [CLS]. Reference: the ids before the first
+    trained label of the same row's raw DPO/KTO encoding, and TRL 1.16's GRPO ``processing_class(text=prompts)``
+    without the closing [SEP] (the EOS, which would end the prompt as a finished text)."""
+    from tiny import tokenizer
+
+    from deltatune.data.encode import RAW, lm_example, prompt_ids
+    from deltatune.data.formats import read_samples
+
+    tok = tokenizer()
+    prompt, answer = "The sky is", " blue today."
+    row = Row({"prompt": prompt, "chosen": answer, "rejected": " green."}, "p.jsonl:1")
+    s = read_samples([row], stage=stage)[0]
+    ex, _ = lm_example(s, [{"role": "assistant", "content": answer}], tok, RAW, 64)
+    first = next(i for i, lab in enumerate(ex["labels"]) if lab != -100)
+    ppo = read_samples([Row({"prompt": prompt}, "p.jsonl:1")], stage="ppo")[0]
+    got = prompt_ids(ppo, tok, RAW, 64)
+    assert got == ex["input_ids"][:first] == tok(text=prompt)["input_ids"][:-1]
+    assert got[0] == tok.cls_token_id and tok.bos_token_id is None

@@ -307,10 +307,8 @@ def scored_example(
 def prompt_ids(s: Sample, tokenizer, template: str | None, max_length: int) -> list[int]:
     """PPO: the prompt's ids, rendered with the generation prompt (the assistant header) so sampling continues as
     the assistant; the end is kept when it is longer than ``max_length``."""
-    if template == RAW:
-        from .preference import bos_prefix
-
-        head = bos_prefix(tokenizer)
+    if template == RAW:  # opened as the raw rows trained (``encode_lm``): the tokenizer's leading specials, BERT's
+        head = special_ends(tokenizer)[0]  # [CLS] too (only a BOS until probe 16), no closing [SEP] (its EOS)
         ids = tokenizer(as_written(s.messages[0]), add_special_tokens=False)["input_ids"]
         return head + ids[max(0, len(ids) - (max_length - len(head))) :]
     ids = tokenizer(_prompt_text(s, tokenizer, template), add_special_tokens=_add_special(template))["input_ids"]
