@@ -42,7 +42,7 @@ from . import t2i_noise
 from .config import RunConfig
 from .prepared import Prepared
 from .t2i_base import DENOISERS as DENOISERS  # (t2i.DENOISERS and t2i.load_denoiser, as before the split)
-from .t2i_base import T2I_FILE, _check_width, _context, _denoiser_at, _pipeline, _recorded, _scheduler
+from .t2i_base import T2I_FILE, _check_channels, _check_width, _context, _denoiser_at, _pipeline, _recorded, _scheduler
 from .t2i_base import load_denoiser as load_denoiser
 from .t2i_ema import EMA, ema_decay
 from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
@@ -99,6 +99,7 @@ class T2IProcessor:
         self.pad_token_id = self.tokenizer.pad_token_id
         self.context = _context(self.tokenizer, self.text_encoder.config)
         _check_width(config, self.text_encoder.config, path, name)
+        _check_channels(config, self.vae.config if self.vae is not None else None, path)
         self.denoiser: DeltaModel | None = None  # a run's, set by its trainer: save_pretrained writes its LoRA file
 
     def caption_limit(self, max_length: int) -> int:

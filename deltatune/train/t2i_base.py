@@ -92,6 +92,30 @@ def _check_width(config: dict[str, Any], encoder_config, path: str, name: str) -
             )
 
 
+def _check_channels(config: dict[str, Any], vae_config, path: str) -> None:
+    """The denoiser reads the VAE's latents (without a VAE, the images, built with its ``in_channels``) and predicts
+    as many channels, or twice as many with its variance (DeepFloyd IF's UNet; ``t2i_noise.predict`` reads the first
+    half), or the recipe is refused in one line: an inpainting or depth UNet reads more than the latents.
+
+    Raises:
+        ConfigError: an ``in_channels`` other than the VAE's ``latent_channels``, or another ``out_channels``.
+    """
+    sub = DENOISERS.get(config.get("_class_name"), "denoiser")
+    reads = config.get("in_channels")
+    latent = getattr(vae_config, "latent_channels", None) if vae_config is not None else None
+    if isinstance(latent, int) and reads != latent:
+        raise ConfigError(
+            f"model {path!r}: its {sub}'s in_channels is {reads}, but the VAE's latents have {latent} channels; stage "
+            "t2i trains a denoiser that reads the latents alone (an inpainting or depth UNet reads more)"
+        )
+    out = config.get("out_channels") or reads
+    if isinstance(reads, int) and out not in (reads, 2 * reads):
+        raise ConfigError(
+            f"model {path!r}: its {sub}'s out_channels is {out}; a denoiser predicts as many channels as it reads "
+            f"({reads}), or twice as many with its variance"
+        )
+
+
 def _recorded(path: str) -> dict[str, Any]:
     """``t2i.json`` of a merged base: its text encoder, and whether it was conditioned as a pipeline (padded)."""
     try:

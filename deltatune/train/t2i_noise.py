@@ -41,13 +41,19 @@ SIGMA_SAMPLING = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosm
 def predict(model, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
     """The denoiser's output for ``x`` at steps ``t``: a UNet attends to the text states (and their mask); a
     transformer, given ``pooled_projections``, attends to them jointly and reads the pooled embedding. The inputs
-    are cast to the denoiser's dtype first, as diffusers' training scripts do."""
+    are cast to the denoiser's dtype first, as diffusers' training scripts do. A UNet that also predicts its variance
+    (twice the input's channels, DeepFloyd IF's) gives the first half: the DreamBooth scripts train on it alone ("if
+    model predicts variance, throw away the prediction"), and the IF pipeline drops the rest for a fixed-variance
+    scheduler's step, as the DDIM sampling here is."""
     dtype = (model.get_base_model() if hasattr(model, "get_base_model") else model).dtype  # (model.dtype)
     x, states = x.to(dtype), text["encoder_hidden_states"].to(dtype)
     if "pooled_projections" in text:
         pooled = text["pooled_projections"].to(dtype)
-        return model(hidden_states=x, timestep=t, encoder_hidden_states=states, pooled_projections=pooled).sample
-    return model(x, t, encoder_hidden_states=states, encoder_attention_mask=text.get("encoder_attention_mask")).sample
+        out = model(hidden_states=x, timestep=t, encoder_hidden_states=states, pooled_projections=pooled).sample
+    else:
+        mask = text.get("encoder_attention_mask")
+        out = model(x, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
 def shift_factor(model, vae) -> float:

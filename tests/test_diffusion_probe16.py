@@ -1,0 +1,112 @@
+"""Probe 16 of the diffusion side against diffusers 0.42: a UNet that also predicts its variance (out_channels twice
+in_channels, DeepFloyd IF's), which diffusers' DreamBooth scripts train on the first half of the output ("if model
+predicts variance, throw away the prediction"), and a denoiser whose channels do not fit the images or latents it
+would read (an inpainting UNet's 9), refused in one line before anything is drawn."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from deltatune.config import ConfigError  # noqa: E402
+
+
+def _unet(out_channels: int, in_channels: int = 3):
+    """A tiny pixel-space UNet on 3-channel 16x16 images, cross-attending to 32-wide text states."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=in_channels, out_channels=out_channels, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()  # fmt: skip
+
+
+def _halves():
+    """(a UNet with out_channels 6, the same UNet whose conv_out keeps the first 3 output channels): the second gives
+    exactly the first half of the first's output, what the DreamBooth scripts train and draw with."""
+    six, three = _unet(6), _unet(3)
+    state = six.state_dict()
+    state["conv_out.weight"], state["conv_out.bias"] = state["conv_out.weight"][:3], state["conv_out.bias"][:3]
+    three.load_state_dict(state)
+    return six, three
+
+
+def test_a_unet_that_predicts_its_variance_trains_on_the_first_half_as_the_dreambooth_scripts():
+    """train_dreambooth_lora.py: ``if model_pred.shape[1] == 6: model_pred, _ = torch.chunk(model_pred, 2, dim=1)``,
+    then the plain MSE against the noise; deltatune's loss subtracted a 3-channel target from the 6-channel output
+    (a RuntimeError from torch)."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from deltatune.train.t2i_noise import denoising_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range")
+    six, three = _halves()
+    g = torch.Generator().manual_seed(4)
+    x0, c = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 5, 32, generator=g)
+    inputs = {"pixel_values": x0, "encoder_hidden_states": c}
+    with torch.no_grad():
+        mine = denoising_loss(six, scheduler, inputs, generator=torch.Generator().manual_seed(7))
+        g = torch.Generator().manual_seed(7)  # the script's draws: the noise, then t
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 100, (2,), generator=g)
+        model_pred = six(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=c).sample
+        model_pred, _ = torch.chunk(model_pred, 2, dim=1)
+        want = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        half = denoising_loss(three, scheduler, inputs, generator=torch.Generator().manual_seed(7))
+    assert abs(float(mine) - float(want)) < 1e-6, (float(mine), float(want))
+    assert abs(float(mine) - float(half)) < 1e-6
+
+
+def _pipeline(root, unet, vae: bool = False) -> str:
+    """A pipeline folder around ``unet``: tests/tiny's CLIP text encoder and DDPM scheduler, and an RGB VAE with
+    4 latent channels when ``vae``."""
+    from diffusers import AutoencoderKL
+    from tiny import save_text_to_image_pipeline
+
+    save_text_to_image_pipeline(root)
+    unet.save_pretrained(root / "unet")
+    if vae:
+        AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        ).save_pretrained(root / "vae")  # fmt: skip
+    return str(root)
+
+
+def test_a_unet_that_predicts_its_variance_draws_with_the_first_half(tmp_path):
+    """The drawing (``t2i.sample``: validation images, class images, ``deltatune generate``) reads the predicted noise
+    only, as the IF pipeline drops the variance before a fixed-variance scheduler's step; it failed in the DDIM step."""
+    from deltatune.train import t2i
+
+    six, three = _halves()
+    processor = t2i.T2IProcessor(_pipeline(tmp_path, six))
+    got = t2i.sample(six, processor, ["a b", "c"], steps=4, guidance=3.0, seed=1)
+    want = t2i.sample(three, processor, ["a b", "c"], steps=4, guidance=3.0, seed=1)
+    assert got.shape == (2, 3, 16, 16)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "out_channels", "vae", "message"),
+    [
+        (9, 4, True, r"its unet's in_channels is 9, but the VAE's latents have 4 channels"),
+        (3, 4, False, r"its unet's out_channels is 4; a denoiser predicts as many channels as it reads \(3\)"),
+    ],
+)
+def test_a_denoiser_whose_channels_do_not_fit_is_one_line(tmp_path, in_channels, out_channels, vae, message):
+    """An inpainting UNet (in_channels 9: latents, mask, masked image) beside a 4-channel VAE failed in the first
+    step with torch's conv error; one whose output is neither its input's channels nor twice them (a variance) failed
+    in the loss."""
+    from deltatune.train import t2i
+
+    path = _pipeline(tmp_path, _unet(out_channels, in_channels), vae=vae)
+    with pytest.raises(ConfigError, match=rf"^model {re.escape(repr(path))}: {message}"):
+        t2i.T2IProcessor(path)
