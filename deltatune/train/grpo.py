@@ -61,6 +61,7 @@ from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
 from .config_grpo import GENERATION_IDS, check_generation_ids, grpo_sampling
+from .grpo_entropy import EntropyBonus, check_entropy
 from .grpo_loss import group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401  (k3_kl: re-exported)
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
@@ -135,6 +136,7 @@ class GRPOLoop:
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.max_grad_norm = max_grad_norm
         self.state, self.logged = TrainerState(), {}  # what rewards see as trainer_state; what they log_metric
+        self.bonus = EntropyBonus(align)  # (TRL's entropy_coef, use_adaptive_entropy)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         # a completion ends at the first EOS of these, as TRL's eos_token_ids (Gemma's <end_of_turn> is only there)
@@ -228,7 +230,7 @@ class GRPOLoop:
         # TRL's steps_per_generation: the batch, shuffled once (torch's RNG, as TRL's shuffle_sequence_dict), is S
         # slices, one update each; each slice's loss is normalised over the slice (dapo, cispo: by n_tok / S, as TRL).
         # S 1: shuffled too where the chunks' split matters (TRL's micro-batches), else in order (same weights)
-        chunked = a.loss_type == "bnpo" or a.entropy_coef or a.top_entropy_quantile < 1
+        chunked = a.loss_type == "bnpo" or self.bonus.on or a.top_entropy_quantile < 1
         shuffle = S > 1 or chunked and a.mini_batch_size < n_seq
         parts = (torch.randperm(n_seq) if shuffle else torch.arange(n_seq)).to(self.device).view(S, -1)
         with self.amp():
@@ -245,11 +247,8 @@ class GRPOLoop:
                     logp, entropy = self._forward(s, idx)
                 m = mask[idx]  # bnpo: each chunk's token mean x its share of the slice (TRL's per micro-batch)
                 n_chunk = m.sum().clamp(min=1) * len(part) / len(idx) if a.loss_type == "bnpo" else n_part
-                top = (
-                    high_entropy_mask(entropy.detach(), m, a.top_entropy_quantile)
-                    if a.top_entropy_quantile < 1
-                    else None
-                )
+                q = a.top_entropy_quantile  # (TRL's top-entropy mask over the chunk, its micro-batch)
+                top = high_entropy_mask(entropy.detach(), m, q) if q < 1 else None
                 loss, st = grpo_loss(
                     logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,
                     None if ref is None else ref[idx], norm, len(part), n_chunk, a.bias_correction_kl,
@@ -257,9 +256,8 @@ class GRPOLoop:
                     importance_sampling_level=a.importance_sampling_level, policy=grpo_policy(a),
                     sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg),
                 )  # fmt: skip
-                if a.entropy_coef:  # TRL's bonus: the mean entropy of the policy term's tokens (per chunk, as per
-                    on = m if top is None else m * top  # micro-batch in TRL; a chunk weighs its share of the slice)
-                    loss = loss - a.entropy_coef * (entropy * on).sum() / on.sum().clamp(min=1) * len(idx) / len(part)
+                if self.bonus.on:  # TRL's: the policy term's tokens' mean entropy, a chunk its share of the slice
+                    loss = loss - self.bonus.term(entropy, m if top is None else m * top, len(idx) / len(part))
                 if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
                     from .trainer import NonFiniteLossError
 
@@ -277,6 +275,7 @@ class GRPOLoop:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             self.optimizer.step()
+            self.bonus.update()  # (the adaptive coefficient moves by this update's entropy)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used (logged so, as the Trainer logs)
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -304,7 +303,7 @@ class GRPOLoop:
         if clip_name == "clip_ratio/region_mean":
             for side in ("low", "high"):
                 stats[f"clip_ratio/{side}_mean"] = sums[f"clipped_{side}"] / max(sums["clip_units"], 1.0)
-        stats.update(completion_lengths(s))
+        stats.update(completion_lengths(s), **self.bonus.stats())
         if a.beta > 0:
             stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
         for k, r in enumerate(self.rewards):
@@ -391,6 +390,7 @@ def _check(cfg: RunConfig) -> None:
     if a.num_iterations < 1:
         raise ConfigError(f"align.num_iterations must be >= 1, got {a.num_iterations}")
     validate_grpo(a)
+    check_entropy(a)
     if (cfg.train.batch_size * a.num_generations) % a.steps_per_generation:
         raise ConfigError(f"align.steps_per_generation {a.steps_per_generation} does not divide the generation batch "
                           f"of train.batch_size x align.num_generations = {cfg.train.batch_size * a.num_generations} "
@@ -566,6 +566,7 @@ def _save_checkpoint(
         "history": history,
         "order": order,
         "metrics": metrics,
+        "entropy": loop.bonus.state_dict(),  # (TRL's entropy_ctrl_state.json)
     }
     torch.save(state, os.path.join(staging, STATE_FILE))
     with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as fh:  # what --resume looks for
@@ -593,4 +594,5 @@ def _load_checkpoint(path: str, loop: GRPOLoop, g: torch.Generator):
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    loop.bonus.load_state_dict(state.get("entropy"))  # (none in a checkpoint before it)
     return state["step"], state["history"], state["order"], state["metrics"]

@@ -1,0 +1,127 @@
+"""Online RL stages against TRL 1.16 (probe 16): GRPO's adaptive entropy control (TRL's use_adaptive_entropy,
+Skywork-OR1), equal to TRL's GRPOTrainer's trained weights, its checkpointed state and its bad settings.
+
+The reference is the .venv's TRL 1.16 GRPOTrainer._compute_loss (the bonus applied with the coefficient of the update
+before, only while the last update's entropy was at most entropy_target; the coefficient moved by entropy_coef_delta
+at each optimizer step, clamped to [entropy_coef_min, entropy_coef_max]), run through tests/test_grpo_probe15.py's
+harness on the same fixed completions."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import test_grpo_probe15 as p15
+import torch
+from test_grpo_probe15 import _ours, _trl_run, policy  # noqa: F401  (policy: the fixture)
+
+from deltatune.config import ConfigError
+from deltatune.train.config_align import AlignArgs
+
+
+@dataclasses.dataclass
+class _Align(AlignArgs):
+    """AlignArgs with TRL's adaptive entropy keys (the config_align.py diff in the rl probe16 report adds them)."""
+
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
+
+
+ADAPTIVE_CASES = [
+    # bonus off at the first update (TRL's last entropy starts at inf), then the coefficient 0 -> 0.05 -> 0.08 (max)
+    (4, 1, "grpo", {"entropy_coef": 0.0, "use_adaptive_entropy": True, "entropy_target": 100.0,
+                    "entropy_coef_delta": 0.05, "entropy_coef_max": 0.08}, [0.05, 0.08, 0.08, 0.08]),
+    # entropy above the target: never applied, the coefficient 0.1 down to the floor 0.02
+    (2, 2, "dapo", {"entropy_coef": 0.1, "use_adaptive_entropy": True, "entropy_target": 0.0,
+                    "entropy_coef_delta": 0.05, "entropy_coef_min": 0.02}, [0.05, 0.02, 0.02, 0.02]),
+    (2, 1, "bnpo", {"entropy_coef": 0.2, "use_adaptive_entropy": True, "entropy_target": 100.0,
+                    "top_entropy_quantile": 0.5}, [0.205, 0.21]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("S, mu, loss_type, keys, coefs", ADAPTIVE_CASES)
+@pytest.mark.parametrize("ga", [1, 2])
+def test_adaptive_entropy_trains_as_trls(policy, tmp_path, monkeypatch, S, mu, loss_type, keys, coefs, ga):  # noqa: F811
+    """align.use_adaptive_entropy: S x mu updates (each ``ga`` chunks, TRL's micro-batches under
+    gradient_accumulation_steps) leave the adapter weights TRL's GRPOTrainer leaves (seen <4e-7; the loop before
+    ignored the key: 2.3e-3 to 1.8e-2 off), and the logged entropy_coef is the mean of the
+    coefficients after each update (TRL's metric)."""
+    model, _ = policy
+    monkeypatch.setattr(p15, "AlignArgs", _Align)
+    ours_model, trl_model = copy.deepcopy(model), copy.deepcopy(model)
+    _trl_run(trl_model, tmp_path, monkeypatch, S, mu, loss_type, keys, ga=ga)
+    stats, _, _ = _ours(ours_model, S, mu, loss_type, keys, monkeypatch, mini_batch_size=8 // S // ga)
+    theirs = dict(trl_model.named_parameters())
+    diffs = [(p - theirs[n]).abs().max().item() for n, p in ours_model.named_parameters() if p.requires_grad]
+    moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
+    assert max(diffs) < 1e-6 and moved > 1e-3
+    assert stats["entropy_coef"] == pytest.approx(sum(coefs) / len(coefs), abs=1e-9)
+
+
+def test_adaptive_entropy_changes_the_weights_once_the_target_is_met(policy, monkeypatch):  # noqa: F811
+    """Not a no-op: starting at coefficient 0 under a target the entropy meets, the bonus comes on from the second
+    update, and the weights differ from the same run without the control (seen 1.3e-2)."""
+    model, _ = policy
+    monkeypatch.setattr(p15, "AlignArgs", _Align)
+    on, off = copy.deepcopy(model), copy.deepcopy(model)
+    keys = {"entropy_coef": 0.0, "entropy_target": 100.0, "entropy_coef_delta": 0.5}
+    _ours(on, 4, 1, "grpo", {**keys, "use_adaptive_entropy": True}, monkeypatch)
+    stats, _, _ = _ours(off, 4, 1, "grpo", keys, monkeypatch)
+    assert "entropy_coef" not in stats  # (no bonus: TRL logs none)
+    assert max((p - q).abs().max().item() for p, q in zip(on.parameters(), off.parameters())) > 1e-4
+
+
+def test_adaptive_entropy_state_is_checkpointed_and_resumed(policy, tmp_path):  # noqa: F811
+    """The coefficient and the last update's entropy (TRL's entropy_ctrl_state.json) go into the checkpoint and come
+    back on --resume; a checkpoint written before them resumes at the recipe's coefficient."""
+    from tiny import tokenizer
+
+    from deltatune.train.grpo import STATE_FILE, GRPOLoop, _load_checkpoint, _save_checkpoint
+    from deltatune.train.grpo_rewards import Reward
+
+    model, _ = policy
+    align = _Align(num_generations=4, entropy_coef=0.1, use_adaptive_entropy=True)
+    reward = [Reward("r", lambda completions, **_: [0.0] * len(completions))]
+    first = GRPOLoop(copy.deepcopy(model), tokenizer(), reward, align)
+    first.bonus.coef, first.bonus.last = 0.37, 0.125
+    g = torch.Generator().manual_seed(0)
+    _save_checkpoint(str(tmp_path), 3, first, g, [], [], {}, None)
+    again = GRPOLoop(copy.deepcopy(model), tokenizer(), reward, align)
+    assert (again.bonus.coef, again.bonus.last) == (0.1, math.inf)
+    _load_checkpoint(str(tmp_path / "checkpoint-3"), again, g)
+    assert (again.bonus.coef, again.bonus.last) == (0.37, 0.125)
+    state = torch.load(tmp_path / "checkpoint-3" / STATE_FILE, weights_only=True)
+    del state["entropy"]  # (as a checkpoint before the control)
+    torch.save(state, tmp_path / "checkpoint-3" / STATE_FILE)
+    old = GRPOLoop(copy.deepcopy(model), tokenizer(), reward, align)
+    _load_checkpoint(str(tmp_path / "checkpoint-3"), old, g)
+    assert (old.bonus.coef, old.bonus.last) == (0.1, math.inf)
+
+
+@pytest.mark.parametrize("keys, words", [
+    ({"use_adaptive_entropy": True, "entropy_coef_min": 0.5, "entropy_coef_max": 0.1},
+     "align.entropy_coef_min 0.5 is above align.entropy_coef_max 0.1"),
+    ({"use_adaptive_entropy": True, "entropy_coef_delta": -0.01}, "align.entropy_coef_delta must be >= 0, got -0.01"),
+    ({"entropy_target": float("nan")}, "align.entropy_target must be a finite number, got nan"),
+    ({"entropy_coef": float("inf")}, "align.entropy_coef must be a finite number, got inf"),
+    ({"use_adaptive_entropy": "yes"}, "align.use_adaptive_entropy must be true or false, got 'yes'"),
+])  # fmt: skip
+def test_bad_entropy_settings_are_one_line_naming_the_key(keys, words):
+    """A bad entropy control setting is one ConfigError naming the key, from grpo's recipe check (before the model
+    loads; TRL's GRPOConfig takes them all and trains with a coefficient clamped to nonsense or nan)."""
+    from types import SimpleNamespace
+
+    from deltatune.train.grpo import _check
+
+    def cfg(**align):
+        return SimpleNamespace(align=_Align(num_generations=4, **align), train=SimpleNamespace(batch_size=2))
+
+    with pytest.raises(ConfigError) as err:
+        _check(cfg(**keys))
+    assert str(err.value).startswith(words) and "\n" not in str(err.value)
+    _check(cfg(use_adaptive_entropy=True))  # (TRL's defaults pass)
