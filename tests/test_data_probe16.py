@@ -128,3 +128,30 @@ def test_raw_ppo_prompt_opens_as_the_raw_rows_it_trained_on(stage):
     got = prompt_ids(ppo, tok, RAW, 64)
     assert got == ex["input_ids"][:first] == tok(text=prompt)["input_ids"][:-1]
     assert got[0] == tok.cls_token_id and tok.bos_token_id is None
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"instruction": "<audio>What is said here?", "output": "Hello."},
+        {"messages": [{"role": "user", "content": "Transcribe <audio>"}, {"role": "assistant", "content": "Hi."}]},
+        {"conversations": [{"from": "human", "value": "<audio>"}, {"from": "gpt", "value": "Hi."}]},
+    ],
+)
+def test_an_audio_marker_without_audio_is_refused_naming_the_row(row):
+    """LLaMA-Factory's audio placeholder: its mm_plugin (src/llamafactory/data/mm_plugin.py, BasePlugin's
+    _validate_messages) refuses a row whose <audio> markers do not pair up with its audios ("The number of audios
+    does not match the number of <audio> tokens"), and an audios column is refused here already; HEAD trained the row
+    on the marker as text (its <image> and <video> markers were refused). Now one line naming the row, in the text
+    stages and in caption."""
+    from deltatune.data.formats import read_samples
+    from deltatune.data.load import DataError
+    from deltatune.data.sample import place_images, refuse_multimodal
+
+    samples = read_samples([Row(row, "a.jsonl:3")], stage="sft")
+    with pytest.raises(DataError, match=r"^a\.jsonl:3: an <audio> marker \(LLaMA-Factory's audio placeholder\); no"):
+        refuse_multimodal(samples, "sft")
+    samples[0].images = ["a.png"]
+    with pytest.raises(DataError, match=r"^a\.jsonl:3: an <audio> marker .*stage caption reads images only"):
+        place_images(samples[0])
+    refuse_multimodal(read_samples([Row({"instruction": "Say audio.", "output": "audio"}, "a.jsonl:4")]), "sft")

@@ -22,7 +22,10 @@ AS_WRITTEN = "as_written"
 """A message key holding the text as the file wrote it, where ``content`` was cut from a longer string (an implicit
 prompt's pair): the plain-text rendering (``encode.RAW``) joins these, chat templates read ``content``."""
 
-_MARKERS = ("<image>", "<video>")
+AUDIO_MARKER = "<audio>"
+"""LLaMA-Factory's audio placeholder: no stage reads audio, so a row holding it is refused (its mm_plugin refuses a
+marker without an audio to pair it with), not trained as the text ``<audio>``."""
+_MARKERS = ("<image>", "<video>", AUDIO_MARKER)
 IMAGE_MARKER = "<image>"
 """Where an image goes in a message's text (LLaMA-Factory's and LLaVA's marker)."""
 
@@ -85,6 +88,9 @@ def refuse_multimodal(samples: Sequence[Sample], stage: str) -> None:
     for s in samples:
         texts = [m["content"] for part in (s.messages, s.completion, s.chosen, s.rejected) for m in part or []]
         marked = next((mk for mk in _MARKERS for t in texts + [s.text or ""] if mk in t), None)
+        if marked == AUDIO_MARKER:  # (an audios column is refused as the row is read: formats_messages._media)
+            raise DataError(f"{s.source}: an {AUDIO_MARKER} marker (LLaMA-Factory's audio placeholder); no stage "
+                            "reads audio, and the row would train on the marker as text")  # fmt: skip
         if s.images or s.videos or marked:
             what = (
                 f"{len(s.images)} image(s)"
@@ -111,6 +117,9 @@ def place_images(s: Sample) -> tuple[list[Message], int]:
     conversation, start = s.sft()
     if s.videos or any("<video>" in m["content"] for m in conversation):
         raise DataError(f"{s.source}: a row with videos; stage caption reads images only")
+    if any(AUDIO_MARKER in m["content"] for m in conversation):
+        raise DataError(f"{s.source}: an {AUDIO_MARKER} marker (LLaMA-Factory's audio placeholder); stage caption "
+                        "reads images only")  # fmt: skip
     conversation = [dict(m) for m in conversation]
     marked = sum(m["content"].count(IMAGE_MARKER) for m in conversation)
     if not s.images:
