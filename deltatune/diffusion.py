@@ -258,8 +258,10 @@ def set_adapters(
     if weights is None or isinstance(weights, (int, float, dict)):
         weights = [1.0 if weights is None else weights] * len(names)
     weights = [1.0 if w is None else w for w in weights]  # diffusers' None: 1
-    blocks = {
-        i: _block_weights(model.get_base_model(), w, names[i]) for i, w in enumerate(weights) if isinstance(w, dict)
+    blocks = {  # (zip: a count that does not match is _weights' one line below, not an IndexError)
+        i: _block_weights(model.get_base_model(), w, name)
+        for i, (name, w) in enumerate(zip(names, weights))
+        if isinstance(w, dict)
     }
     weights = _weights("set_adapters", names, [1.0 if isinstance(w, dict) else w for w in weights])
     weights = [blocks.get(i, w) for i, w in enumerate(weights)]

@@ -110,3 +110,26 @@ def test_a_denoiser_whose_channels_do_not_fit_is_one_line(tmp_path, in_channels,
     path = _pipeline(tmp_path, _unet(out_channels, in_channels), vae=vae)
     with pytest.raises(ConfigError, match=rf"^model {re.escape(repr(path))}: {message}"):
         t2i.T2IProcessor(path)
+
+
+def test_set_adapters_with_more_weights_than_names_and_a_block_dict_is_one_line(tmp_path):
+    """diffusers' set_adapters refuses a weights list longer than the names ("Length of adapter names 1 is not equal
+    to the length of their weights 2"); with a per-block dict past the names deltatune raised an IndexError. Nothing
+    changes: the same adapters active with the same outputs."""
+    import deltatune as dt
+    from deltatune.diffusion import load_lora, set_adapters
+
+    torch.manual_seed(3)
+    config = dt.LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    dt.save_diffusers_lora(dt.get_delta_model(_unet(3), config), tmp_path / "a")
+    ours = load_lora(_unet(3), tmp_path / "a", "a", prefix="unet")
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.randn(1, 3, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g)
+    set_adapters(ours, ["a"], [0.5])
+    with torch.no_grad():
+        before = ours(x, 10, encoder_hidden_states=c).sample
+    with pytest.raises(ConfigError, match=r"^set_adapters: 1 adapters and 2 weights; give one weight each$"):
+        set_adapters(ours, ["a"], [0.5, {"down": 1.0}])
+    with torch.no_grad():
+        assert torch.equal(ours(x, 10, encoder_hidden_states=c).sample, before)
+    assert ours.active_adapters == ["a"]
