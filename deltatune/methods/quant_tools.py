@@ -5,7 +5,6 @@ reporting the error merging introduced). The math of the format is in quant.py's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +12,7 @@ from torch import nn
 from ..config import ConfigError, check_regex
 from ..layer import DeltaLayer, DequantizedLinear, enable_checkpointing, set_submodule
 from ..targets import HEAD_NAMES, matches
+from ._quant_merge import MergeReport, _logits, reference_logits
 from .quant import (
     _DTYPES,
     BACKENDS,
@@ -235,43 +235,6 @@ def prepare_for_kbit_training(
 
 
 # -- merging --------------------------------------------------------------------------------------------------
-@dataclass
-class MergeReport:
-    """The error a merge introduced: the adapter model's logits against the merged model's, on a probe batch."""
-
-    max_abs_diff: float
-    """max |logits(adapter model) - logits(merged model)|."""
-    mean_abs_diff: float
-    """mean |logits(adapter model) - logits(merged model)|."""
-    requantized: bool
-    """Whether the merged layers were quantised to 4 bits again (the main source of error when they were)."""
-    dtype: torch.dtype
-    """The dtype the 4-bit layers were dequantised to."""
-    dequantized: list[str] = field(default_factory=list)
-    """4-bit layers now in full precision."""
-    quantized: list[str] = field(default_factory=list)
-    """Layers in 4 bits in the returned model (with requantize)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready values (dtype as its name, the layer lists as counts)."""
-        return {"max_abs_diff": self.max_abs_diff, "mean_abs_diff": self.mean_abs_diff, "requantized": self.requantized,
-                "dtype": str(self.dtype).removeprefix("torch."), "dequantized_layers": len(self.dequantized),
-                "quantized_layers": len(self.quantized)}  # fmt: skip
-
-    def __str__(self) -> str:
-        what = "merged and re-quantised" if self.requantized else "merged into full precision"
-        return (
-            f"{what} ({str(self.dtype).removeprefix('torch.')}): logits differ from the adapter model's by "
-            f"max {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g} on the probe batch"
-        )
-
-
-def _logits(model: nn.Module, inputs: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
-
-
 def merge_quantized(
     model: nn.Module,
     probe_inputs: dict[str, torch.Tensor] | torch.Tensor,
@@ -302,7 +265,8 @@ def merge_quantized(
 
     Raises:
         ImportError: the backend that made the 4-bit weights is not installed; the model is unchanged.
-        QuantizationError: the model has no 4-bit or 8-bit layer.
+        QuantizationError: the model has no 4-bit or 8-bit layer, or its forward fails on ``probe_inputs`` (one line
+            with the model's error); the model is unchanged (training mode and active adapters too).
     """
     if not hasattr(model, "merge_and_unload") or not hasattr(model, "peft_config"):
         raise TypeError(f"merge_quantized takes a DeltaModel (with adapters), got {type(model).__name__}")
@@ -316,22 +280,9 @@ def merge_quantized(
     first = layers[0][1].compute_dtype if layers else getattr(base, "dtype", None)  # an 8-bit model: its own dtype
     target = _dtype(dtype) if dtype is not None else first or torch.float32
     was_training = model.training
-    model.eval()
-    active = list(model.active_adapters)
-    if adapter_names:  # the reference is the model with the adapters that merge, not the active ones
-        model.set_adapter(adapter_names)
     # bitsandbytes repacks a layer on its first eval forward on a CPU with AVX512-BF16 (its scales rounded to bf16
     # for good) and computes it in bf16 whatever the compute dtype: the reference is the layers as they merge.
-    repacking = [m for _, m in layers if getattr(m, "support_avx512bf16_for_cpu", False)]
-    for m in repacking:
-        m.support_avx512bf16_for_cpu = False
-    try:
-        reference = _logits(model, probe_inputs)
-    finally:
-        for m in repacking:
-            m.support_avx512bf16_for_cpu = True
-    if adapter_names:
-        model.set_adapter(active)
+    reference = reference_logits(model, probe_inputs, adapter_names, [m for _, m in layers])
     # transformers' bnb layers learn to dequantise by becoming deltatune's Linear4bit (same storage, same output).
     for name, module in layers:
         if _is_bnb_4bit(module):
