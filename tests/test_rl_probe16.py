@@ -125,3 +125,39 @@ def test_bad_entropy_settings_are_one_line_naming_the_key(keys, words):
         _check(cfg(**keys))
     assert str(err.value).startswith(words) and "\n" not in str(err.value)
     _check(cfg(use_adaptive_entropy=True))  # (TRL's defaults pass)
+
+
+# -- a top_entropy_quantile run trained before 2f11afa (its chunks in order) ------------------------------------------
+
+
+def test_top_entropy_quantile_chunks_in_order_and_shuffled_train_apart(policy, monkeypatch):  # noqa: F811
+    """Why an old run's resume must say so: top_entropy_quantile < 1 with align.mini_batch_size below the batch takes
+    its mask over each chunk (TRL's micro-batch); since 2f11afa the chunks are shuffled at steps_per_generation 1, as
+    TRL's; the chunks in order (before) train other weights (seen 4.5e-3)."""
+    model, _ = policy
+    shuffled, ordered = copy.deepcopy(model), copy.deepcopy(model)
+    keys = {"top_entropy_quantile": 0.5}
+    _ours(shuffled, 1, 1, "grpo", keys, monkeypatch, mini_batch_size=2)
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: torch.arange(n))
+    _ours(ordered, 1, 1, "grpo", keys, monkeypatch, mini_batch_size=2)
+    assert max((p - q).abs().max().item() for p, q in zip(shuffled.parameters(), ordered.parameters())) > 1e-4
+
+
+@pytest.mark.xfail(strict=True, reason="needs the runs.py / config_align.py diff in the rl probe16 report")
+def test_resume_of_a_top_entropy_quantile_run_before_2f11afa_names_the_change(tmp_path):
+    """A released grpo run.yaml (no align.steps_per_generation) with top_entropy_quantile < 1 and mini_batch_size below
+    the batch resumed silently with its chunks shuffled (above); the resume names the change in one line, as the old
+    bnpo run's (tests/test_grpo_probe15.py), and one chunk per batch (mini_batch_size 8) names none."""
+    from deltatune.train.run import _check_resume_recipe
+
+    run, recipe = p15._old_bnpo_run(tmp_path, loss_type="grpo", top_entropy_quantile=0.5)
+    with pytest.raises(ConfigError) as err:
+        _check_resume_recipe(run, recipe, False)
+    message = str(err.value)
+    assert "\n" not in message and "align.steps_per_generation: None -> 1 (" in message
+    assert "a top_entropy_quantile < 1 run before 2f11afa took its align.mini_batch_size chunks in order" in message
+    (tmp_path / "whole").mkdir()
+    whole, recipe = p15._old_bnpo_run(
+        tmp_path / "whole", loss_type="grpo", top_entropy_quantile=0.5, mini_batch_size=8
+    )
+    assert _check_resume_recipe(whole, recipe, False) is False
