@@ -133,3 +133,30 @@ def test_set_adapters_with_more_weights_than_names_and_a_block_dict_is_one_line(
     with torch.no_grad():
         assert torch.equal(ours(x, 10, encoder_hidden_states=c).sample, before)
     assert ours.active_adapters == ["a"]
+
+
+def test_the_text_encoder_lora_takes_the_runs_gaussian_init_as_the_scripts(tmp_path):
+    """train_dreambooth_lora.py / train_text_to_image_lora_sdxl.py give the UNet's and the text encoder's LoRAs
+    ``init_lora_weights="gaussian"``; a run whose LoRA says gaussian gave its text encoder's LoRA peft's default
+    (Kaiming-uniform) A. Drawn under the same seed, the A matrices now equal peft's gaussian ones."""
+    import peft
+    from transformers import CLIPTextModel
+
+    import deltatune as dt
+    from deltatune.train import t2i
+
+    processor = t2i.T2IProcessor(_pipeline(tmp_path, _unet(3)))
+    torch.manual_seed(5)
+    processor.add_text_encoder_lora(dt.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian"))
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(
+        CLIPTextModel.from_pretrained(tmp_path / "text_encoder"),
+        peft.LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+        ),
+    )
+    mine = {k: v for k, v in processor.text_encoder.state_dict().items() if "lora_A" in k}
+    want = {k: v for k, v in theirs.state_dict().items() if "lora_A" in k}
+    assert len(mine) == len(want) == 8
+    for (k, a), b in zip(mine.items(), want.values()):
+        assert torch.equal(a, b), k

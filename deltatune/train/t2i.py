@@ -163,7 +163,8 @@ class T2IProcessor:
 
     def add_text_encoder_lora(self, method: Any) -> None:
         """Give the text encoder a trainable LoRA on its attention projections, with the r, lora_alpha,
-        lora_dropout and use_rslora of the run's LoRA (``method``).
+        lora_dropout and use_rslora of the run's LoRA (``method``), and its init when that is a plain one (True,
+        False, ``gaussian``: diffusers' scripts give both LoRAs ``init_lora_weights="gaussian"``); peft's default else.
 
         Raises:
             ConfigError: the run's method is not a plain LoRA.
@@ -179,6 +180,8 @@ class T2IProcessor:
                 f"method.name: lora (without use_dora), got {kind}"
             )
         fields = {k: getattr(method, k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
+        if method.init_lora_weights in (True, False, "gaussian"):  # (an SVD or data-driven init is the denoiser's)
+            fields["init_lora_weights"] = method.init_lora_weights
         targets = TEXT_ENCODER_TARGETS.get(model_type(self.text_encoder) or "")
         self.text_encoder = get_delta_model(self.text_encoder, LoraConfig(**fields, target_modules=targets))
 
