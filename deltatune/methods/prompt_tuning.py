@@ -91,7 +91,14 @@ def _init_ids(config: PromptTuningConfig, rows: int, vocab: int) -> torch.Tensor
 
     # Never remote code from an adapter's config (a file someone sends you), as peft drops it too.
     kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    except (OSError, ValueError) as err:  # a missing folder, an offline hub id, a folder without tokenizer files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"tokenizer_name_or_path={config.tokenizer_name_or_path!r} (for prompt_tuning_init='TEXT') gives no "
+            f"tokenizer: {reason}"
+        ) from err
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not ids:
         raise ConfigError("prompt_tuning_init_text tokenizes to no tokens")
