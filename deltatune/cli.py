@@ -18,7 +18,8 @@ from .cli_parser import NEAR, _parser
 
 def _is_ours(exc: BaseException) -> bool:
     """Whether ``exc`` is deltatune refusing an input: one of its own error types, or a ValueError, KeyError or
-    OSError raised by deltatune's own code (the innermost frame of the traceback is in the package). Anything
+    OSError raised by deltatune's own code (the innermost frame of the traceback is in the package; for an OSError
+    naming a file, the innermost outside the standard library: os.makedirs refusing an --out). Anything
     raised deeper, in torch or transformers, is a bug to show in full."""
     from .config import ConfigError
     from .data.load import DataError
@@ -31,12 +32,21 @@ def _is_ours(exc: BaseException) -> bool:
     if not isinstance(exc, (ValueError, KeyError, OSError)):
         return False
     import os
+    import sysconfig
 
+    files = []
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    while tb is not None:
+        files.append(os.path.abspath(tb.tb_frame.f_code.co_filename) if tb.tb_frame.f_code.co_filename[:1] != "<"
+                     else tb.tb_frame.f_code.co_filename)  # fmt: skip
         tb = tb.tb_next
+    # the file system refusing a path deltatune's code asked for (os.makedirs of an --out under a file or on a
+    # read-only disk): deltatune's too, though raised a frame or two down in the standard library
+    stdlib = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+    while isinstance(exc, OSError) and exc.filename and files and files[-1].startswith(("<frozen ", stdlib)):
+        files.pop()
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package)
+    return bool(files) and files[-1].startswith(package)
 
 
 def _message(exc: BaseException) -> str:
