@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the routes' annotations by name
 
-from .engine import BASE, UNLOADED, Engine, Request, RequestError
+from .engine import BASE, UNLOADED, Engine, Request, RequestError, shown
 from .fields import Limits, _asks_nothing, bad_words_ids, choices_of, flag, lax_ids, lax_numbers, to_request
 from .guard import refusal
 from .logprob_names import logprobs_json, prompt_logprobs_json
@@ -30,6 +30,11 @@ from .sampling import default_temperature
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # OpenAI's: a wrong key (401) and an unknown model (404) are an invalid_request_error too, told apart by their code.
 _TYPES = {403: "permission_error"}
+# The fields vLLM's answers (ChatCompletionResponse, CompletionResponse, ChatMessage: model_dump, defaults kept) carry
+# as null or empty where this server computes nothing for them: a client reading them finds them, as from vLLM.
+_NO_ANSWER = {"service_tier": None, "system_fingerprint": None, "kv_transfer_params": None}
+_NO_MESSAGE = {"refusal": None, "annotations": None, "audio": None, "function_call": None, "tool_calls": [],
+               "reasoning_content": None}  # fmt: skip
 
 
 def _error(status: int, message: str, code: str, param: str | None = None):
@@ -165,7 +170,7 @@ def create_app(
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):  # vLLM's TokenizeCompletionRequest: a string ("" too)
-                raise RequestError(f"prompt must be a string (or send messages), got {prompt!r}", param="prompt")
+                raise RequestError(f"prompt must be a string (or send messages), got {shown(prompt)}", param="prompt")
             _utf8(prompt, "prompt", "prompt")
             special = flag(body, "add_special_tokens") if body.get("add_special_tokens") is not None else True
             ids = list(engine.tokenizer(prompt, add_special_tokens=special)["input_ids"])
@@ -179,7 +184,7 @@ def create_app(
         _served(body)
         tokens = lax_ids(body.get("tokens"))  # vLLM's list[int]: ["5", "6"] and [5.0] are [5, 6] and [5]
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise RequestError(f"tokens must be a list of token ids, got {tokens!r}", param="tokens")
+            raise RequestError(f"tokens must be a list of token ids, got {shown(tokens)}", param="tokens")
         if any(not 0 <= t < len(engine.tokenizer) for t in tokens):
             raise RequestError(f"tokens must lie in [0, {len(engine.tokenizer)})", param="tokens")
         return {"prompt": engine.tokenizer.decode(tokens)}
@@ -187,7 +192,7 @@ def create_app(
     async def _load(name: Any, path: Any, keys: tuple[str, str] = ("name", "path")) -> None:
         """Load adapter ``name`` from ``path`` (inside ``adapter_dir``); ``keys`` name the body's two fields."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise RequestError(f"{keys[0]} must be 1-64 letters, digits, '-' or '_', got {name!r}", param=keys[0])
+            raise RequestError(f"{keys[0]} must be 1-64 letters, digits, '-' or '_', got {shown(name)}", param=keys[0])
         if not isinstance(path, str) or not path:
             raise RequestError(f"{keys[1]} must be a folder inside the server's --adapter-dir", param=keys[1])
         folder = _inside(adapter_dir, path, keys[1])
@@ -198,8 +203,11 @@ def create_app(
         except RequestError:
             raise
         except (OSError, ValueError, TypeError) as exc:  # FileNotFoundError, AdapterLoadError, ConfigError
+            missing = isinstance(exc, FileNotFoundError)  # no adapter_config.json there (vLLM's route: a 404)
             raise RequestError(
-                f"adapter {name!r} could not be loaded from {path!r}: {exc}", 400, "adapter_load_failed"
+                f"adapter {shown(name)} could not be loaded from {shown(path)}: {exc}",
+                400,
+                "adapter_not_found" if missing else "adapter_load_failed",
             ) from None
 
     @app.post("/v1/adapters")
@@ -229,15 +237,20 @@ def create_app(
                                code="unsupported", param="load_inplace")  # fmt: skip
         if name in engine.adapters():  # vLLM checks the name before the path
             raise RequestError(
-                f"The lora adapter {name!r} has already been loaded.", 400, "adapter_exists", "lora_name"
+                f"The lora adapter {shown(name)} has already been loaded.", 400, "adapter_exists", "lora_name"
             )
         try:
             await _load(name, path, ("lora_name", "lora_path"))
         except RequestError as exc:
             if exc.code == "adapter_exists":  # vLLM's 400 (deltatune's own route answers 409)
                 raise RequestError(
-                    f"The lora adapter {name!r} has already been loaded.", 400, exc.code, "lora_name"
+                    f"The lora adapter {shown(name)} has already been loaded.", 400, exc.code, "lora_name"
                 ) from None
+            if exc.code == "adapter_not_found":  # vLLM's 404 NotFoundError ("No adapter found"; was a 400 here)
+                raise RequestError(
+                    f"Loading lora {shown(name)} failed: No adapter found for {shown(path)}", 404, exc.code,
+                    "lora_path",
+                ) from None  # fmt: skip
             raise
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -250,8 +263,9 @@ def create_app(
 
         try:
             await run_in_threadpool(engine.unload_adapter, name)
-        except RequestError as exc:
-            raise RequestError(str(exc), exc.status, exc.code, "lora_name") from None
+        except RequestError as exc:  # vLLM's words for a name not served (the base's too: no LoRA of that name)
+            gone = f"The lora adapter {shown(name)} cannot be found." if exc.code == "model_not_found" else str(exc)
+            raise RequestError(gone, exc.status, exc.code, "lora_name") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     def _served(body: dict) -> str:
@@ -264,7 +278,7 @@ def create_app(
         if model not in engine.adapters():
             known = ", ".join(engine.adapters())
             raise RequestError(
-                f"model {model!r} is not served; served models: {known}", 404, "model_not_found", "model"
+                f"model {shown(model)} is not served; served models: {known}", 404, "model_not_found", "model"
             )
         return model
 
@@ -296,7 +310,7 @@ def create_app(
         stream = flag(body, "stream")
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
-            raise RequestError(f"stream_options must be an object, got {options!r}", param="stream_options")
+            raise RequestError(f"stream_options must be an object, got {shown(options)}", param="stream_options")
         if options and not stream:  # as OpenAI's API answers
             raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
         # vLLM's StreamOptions: include_usage left out of a given object is true (null: false)
@@ -310,8 +324,8 @@ def create_app(
         events: asyncio.Queue[tuple[int, str, str | None, int, int]] = asyncio.Queue()
         ids = flag(body, "return_token_ids")  # vLLM's: the prompt's and each choice's token ids with the text
         for i, r in enumerate(requests):
-            if r.seed is not None:  # past 2**64 - 1, torch's generators take it from the other end
-                r.seed = r.seed + i % n if r.seed + i % n < 2**64 else r.seed + i % n - 2**64
+            if r.seed is not None:  # at most 2**63 - 1 + 127: within torch's generators' [-2**63, 2**64)
+                r.seed += i % n
             r.prompt_logprobs = echo is not None and r.logprobs is not None and not chat  # a chat echoes text alone
             if chat and i:  # a chat's prompt_logprobs come once, from its first row: the others' would be dropped
                 r.prompt_top = None
@@ -360,15 +374,18 @@ def create_app(
             choices.append(
                 {"index": i, "finish_reason": finish[i], "stop_reason": r.stop_reason, "logprobs": logprobs}
             )
-            choices[-1].update({"message": {"role": role, "content": texts[i]}} if chat else {"text": texts[i]})
-            if ids:  # vLLM's return_token_ids: a completion's prompt per choice, a chat's once at the top
-                choices[-1].update({} if chat else {"prompt_token_ids": r.prompt_ids}, token_ids=list(r.output_ids))
+            choices[-1].update({"message": {"role": role, "content": texts[i], **_NO_MESSAGE}} if chat else
+                               {"text": texts[i], "prompt_logprobs": None, "prompt_token_ids": None})  # fmt: skip
+            # vLLM's return_token_ids: a completion's prompt per choice, a chat's once at the top (else null)
+            choices[-1]["token_ids"] = list(r.output_ids) if ids else None
+            if ids and not chat:
+                choices[-1]["prompt_token_ids"] = r.prompt_ids
             if r.prompt_top is not None and not chat:  # vLLM's, per choice of a completion
                 choices[-1]["prompt_logprobs"] = prompt_logprobs_json(engine.tokenizer, r.prompt_rows)
         kind = "chat.completion" if chat else "text_completion"
-        answer = {**head, "object": kind, "choices": choices, "usage": _usage(requests, n)}
-        if chat and ids:
-            answer["prompt_token_ids"] = requests[0].prompt_ids
+        answer = {**head, "object": kind, "choices": choices, **_NO_ANSWER, "usage": _usage(requests, n)}
+        if chat:
+            answer.update(prompt_logprobs=None, prompt_token_ids=requests[0].prompt_ids if ids else None)
         if chat and requests[0].prompt_top is not None:  # vLLM's, once for a chat's one prompt
             answer["prompt_logprobs"] = prompt_logprobs_json(engine.tokenizer, requests[0].prompt_rows)
         return answer
@@ -516,6 +533,6 @@ def _inside(adapter_dir: str | None, path: str, param: str = "path") -> str:
         raise RequestError(f"{param} holds a NUL byte", param=param) from None
     if os.path.commonpath([root, folder]) != root:
         raise RequestError(
-            f"{param} {path!r} lies outside the server's --adapter-dir", 403, "path_outside_adapter_dir", param
+            f"{param} {shown(path)} lies outside the server's --adapter-dir", 403, "path_outside_adapter_dir", param
         )
     return folder

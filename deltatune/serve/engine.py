@@ -59,6 +59,13 @@ class RequestError(ValueError):
         self.status, self.code, self.param = status, code, param
 
 
+def shown(value: Any) -> str:
+    """A request's value as an error quotes it: its repr, cut as pydantic cuts an ``input_value`` past 50 characters
+    (the first 25, "...", the last 24), so a 400 does not send a huge value back whole."""
+    text = repr(value)
+    return text if len(text) <= 50 else f"{text[:25]}...{text[-24:]}"
+
+
 @dataclass
 class Request:
     """One completion to compute: prompt ids, adapter and sampling settings.
@@ -181,7 +188,7 @@ class Engine:
         """Load the adapter saved at ``path`` as ``name`` (between batches)."""
         with self._changing():  # checked under the lock: two loads of one name give the second a 409
             if name == BASE or name in self.model.peft_config:
-                raise RequestError(f"an adapter named {name!r} is served already", 409, "adapter_exists", "name")
+                raise RequestError(f"an adapter named {shown(name)} is served already", 409, "adapter_exists", "name")
             check_servable(self.model, path, name)
             template = run_template(path)  # read before loading: a run.yaml that cannot be read changes nothing
             self.model.load_adapter(path, name)
@@ -197,7 +204,7 @@ class Engine:
         """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
         with self._changing():  # checked under the lock: two unloads of one name give the second a 404
             if name not in self.model.peft_config:
-                raise RequestError(f"no adapter named {name!r} is served", 404, "model_not_found", "name")
+                raise RequestError(f"no adapter named {shown(name)} is served", 404, "model_not_found", "name")
             try:
                 self.model.delete_adapter(name)
             except ValueError as exc:  # another adapter (a fusion) computes with it

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any
 
-from .engine import Request, RequestError
+from .engine import Request, RequestError, shown
 from .sampling import MAX_TEMP
 
 
@@ -73,7 +73,7 @@ def flag(body: dict, key: str, param: str | None = None) -> bool:
     """A true-or-false field (left out: false); anything else is a 400 naming it (``param``, else ``key``)."""
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise RequestError(f"{param or key} must be true or false, got {value!r}", param=param or key)
+        raise RequestError(f"{param or key} must be true or false, got {shown(value)}", param=param or key)
     return bool(value)
 
 
@@ -91,7 +91,7 @@ def _number(
         where = (
             f"in {'(' if open_low else '['}{low}, {high}]" if high < float("inf") else f"greater than {low} and finite"
         )
-        raise RequestError(f"{key} must be a number {where}, got {value!r}", param=key)
+        raise RequestError(f"{key} must be a number {where}, got {shown(value)}", param=key)
     return float(value)
 
 
@@ -107,7 +107,7 @@ def _top_k(body: dict) -> int | None:
     None: the config's."""
     k = body.get("top_k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < -1):
-        raise RequestError(f"top_k must be -1 or 0 (no top-k) or a positive integer, got {k!r}", param="top_k")
+        raise RequestError(f"top_k must be -1 or 0 (no top-k) or a positive integer, got {shown(k)}", param="top_k")
     return None if k is None else max(k, 0)
 
 
@@ -115,9 +115,9 @@ def _min_tokens(body: dict, max_tokens: int, key: str) -> int:
     """vLLM's ``min_tokens``: an integer in [0, max_tokens] (``key``: the field that set it, or max_tokens)."""
     n = body.get("min_tokens")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise RequestError(f"min_tokens must be an integer of at least 0, got {n!r}", param="min_tokens")
+        raise RequestError(f"min_tokens must be an integer of at least 0, got {shown(n)}", param="min_tokens")
     if n is not None and n > max_tokens:
-        raise RequestError(f"min_tokens must be at most {key} ({max_tokens}), got {n}", param="min_tokens")
+        raise RequestError(f"min_tokens must be at most {key} ({max_tokens}), got {shown(n)}", param="min_tokens")
     return n or 0
 
 
@@ -217,9 +217,9 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
             max_tokens = min(max_tokens, 16)
     low = 0 if not chat and body.get("echo") is True else 1  # 0: the echoed prompt alone (vLLM's, OpenAI's)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < low:
-        raise RequestError(f"{key} must be an integer of at least {low}, got {max_tokens!r}", param=key)
+        raise RequestError(f"{key} must be an integer of at least {low}, got {shown(max_tokens)}", param=key)
     if max_tokens > limits.max_tokens:
-        raise RequestError(f"{key} is {max_tokens}; this server allows at most {limits.max_tokens}", param=key)
+        raise RequestError(f"{key} is {shown(max_tokens)}; this server allows at most {limits.max_tokens}", param=key)
     if max_tokens > room:
         raise RequestError(
             f"the prompt ({len(prompt_ids)} tokens) plus {key} ({max_tokens}) exceeds this model's context "
@@ -232,12 +232,12 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     # Any number of them, as vLLM (OpenAI's API takes up to 4)
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop must be a non-empty string or a list of non-empty strings", param="stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
-        raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
+    seed = body.get("seed")  # vLLM's int64 (Field(ge=_LONG_INFO.min, le=_LONG_INFO.max)): 2**63 is a 400 there too
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63):
+        raise RequestError(f"seed must be an integer in [-2**63, 2**63 - 1], got {shown(seed)}", param="seed")
     seed = None if seed == -1 else seed  # vLLM's SamplingParams: -1 is no seed (each answer drawn anew)
     if not isinstance(body.get("user", ""), (str, type(None))):  # OpenAI's end-user id, a string (both APIs check)
-        raise RequestError(f"user must be a string, got {body['user']!r}", param="user")
+        raise RequestError(f"user must be a string, got {shown(body['user'])}", param="user")
     # chat's tools and tool_choice are checked where the prompt is rendered (prompts._tools)
     served = ("logprobs", "top_logprobs", "tools", "tool_choice", "echo") if chat else ("logprobs", "echo")
     for name, default in UNSUPPORTED.items():
@@ -245,7 +245,9 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
             why = f"{name} is not supported by this server; leave it out"
             kind = body[name].get("type") if name == "response_format" and isinstance(body[name], dict) else None
             if isinstance(kind, str):  # json_object, json_schema: vLLM's guided decoding, which is not served here
-                why = f'response_format {kind!r} is not supported by this server (no guided decoding); send "text"'
+                why = (
+                    f'response_format {shown(kind)} is not supported by this server (no guided decoding); send "text"'
+                )
             raise RequestError(why, code="unsupported", param=name)
     return Request(
         prompt_ids=prompt_ids,
@@ -291,7 +293,7 @@ def bad_words_ids(tokenizer: Any, body: dict) -> list[list[int]]:
         plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
         spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
         if not plain:  # vLLM's 400 (a word the tokenizer drops, such as a zero-width space, was a 500)
-            raise RequestError(f"bad_words entry {word!r} tokenizes to no token", param="bad_words")
+            raise RequestError(f"bad_words entry {shown(word)} tokenizes to no token", param="bad_words")
         out.append(plain)
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
             out.append(spaced)
@@ -305,12 +307,12 @@ def _truncated(body: dict, prompt_ids: list[int], context: int) -> list[int]:
         return prompt_ids
     if isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or k >= 1):
         raise RequestError(
-            f"truncate_prompt_tokens must be -1 (the context) or a positive integer, got {k!r}",
+            f"truncate_prompt_tokens must be -1 (the context) or a positive integer, got {shown(k)}",
             param="truncate_prompt_tokens",
         )
     if k > context:  # vLLM's _validate_truncation_size
         raise RequestError(
-            f"truncate_prompt_tokens ({k}) is greater than this model's context ({context}); select a smaller "
+            f"truncate_prompt_tokens ({shown(k)}) is greater than this model's context ({context}); select a smaller "
             "truncation size",
             param="truncate_prompt_tokens",
         )
@@ -324,7 +326,7 @@ def _token_ids(body: dict, key: str, vocab: int, empty: bool = True) -> list[int
     if ids is None:
         return []
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise RequestError(f"{key} must be a list of token ids, got {ids!r}", param=key)
+        raise RequestError(f"{key} must be a list of token ids, got {shown(ids)}", param=key)
     if not ids and not empty:
         raise RequestError(f"{key} is empty: no token could be generated", param=key)
     if any(not 0 <= t < vocab for t in ids):
@@ -341,7 +343,9 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
     if bias is None:
         return None
     if not isinstance(bias, dict):  # vLLM's dict type: [] is a 400 too
-        raise RequestError(f"logit_bias must be an object of token ids to numbers, got {bias!r}", param="logit_bias")
+        raise RequestError(
+            f"logit_bias must be an object of token ids to numbers, got {shown(bias)}", param="logit_bias"
+        )
     parsed: dict[int, float] = {}
     for key, value in bias.items():
         try:  # vLLM's int(token): " 5" and "+5" are token 5
@@ -349,12 +353,12 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float] | None:
         except ValueError:
             token = -1
         if not 0 <= token < vocab:
-            raise RequestError(f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
+            raise RequestError(f"logit_bias key {shown(key)} is not a token id in [0, {vocab})", param="logit_bias")
         if isinstance(value, str) and value.isascii():  # vLLM's pydantic float: "5", " 5 ", "1e3", "inf" (lax mode)
             with contextlib.suppress(ValueError):  # not a number: the 400 below
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RequestError(f"logit_bias[{key!r}] must be a number, got {value!r}", param="logit_bias")
+            raise RequestError(f"logit_bias[{shown(key)}] must be a number, got {shown(value)}", param="logit_bias")
         # vLLM's from_optional: clamped to [-100, 100] (its expression: NaN becomes -100), not refused
         parsed[token] = float(min(100.0, max(-100.0, value)))  # "5" and "05": the last one, as vLLM reads them
     return parsed or None
@@ -371,7 +375,7 @@ def _prompt_logprobs(body: dict, chat: bool) -> int | None:
         k = (None if top is None else int(top)) if chat else _logprobs(body, chat)
         return k if body.get("echo") is True and body.get("stream") is not True else None
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
-        raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {k!r}", param="prompt_logprobs")
+        raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {shown(k)}", param="prompt_logprobs")
     if body.get("stream") is True:  # vLLM's check_logprobs: 0 streams (no prompt log-probabilities sent), as vLLM
         if k:
             raise RequestError("prompt_logprobs is not available when stream is enabled", param="prompt_logprobs")
@@ -383,7 +387,7 @@ def choices_of(body: dict) -> int:
     """``n``, the choices to answer: 1 to 128 (OpenAI's limit)."""
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128):
-        raise RequestError(f"n must be an integer in [1, 128], got {n!r}", param="n")
+        raise RequestError(f"n must be an integer in [1, 128], got {shown(n)}", param="n")
     return n or 1
 
 
@@ -393,7 +397,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     key = "top_logprobs" if chat else "logprobs"
     k = None if body.get(key) is False else body.get(key)  # false asks for nothing, as before
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):
-        raise RequestError(f"{key} must be an integer in [0, 20], got {k!r}", param=key)
+        raise RequestError(f"{key} must be an integer in [0, 20], got {shown(k)}", param=key)
     if not chat:
         return k
     if not flag(body, "logprobs"):

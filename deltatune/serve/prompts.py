@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from ..data.templates import ChatTemplateError, apply_chat_template
-from .engine import RequestError
+from .engine import RequestError, shown
 from .fields import flag
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -53,7 +53,9 @@ def _rendering(body: dict, template: str | None) -> dict[str, Any]:
         flag(out, key)
     kwargs = out["chat_template_kwargs"]
     if not isinstance(kwargs, dict):
-        raise RequestError(f"chat_template_kwargs must be an object, got {kwargs!r}", param="chat_template_kwargs")
+        raise RequestError(
+            f"chat_template_kwargs must be an object, got {shown(kwargs)}", param="chat_template_kwargs"
+        )
     if out["add_generation_prompt"] and out["continue_final_message"]:  # as vLLM answers
         raise RequestError(
             "continue_final_message continues the last message: set add_generation_prompt to false with it",
@@ -86,7 +88,7 @@ def _tools(body: dict) -> list[dict] | None:
             raise RequestError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
         return None
     if not isinstance(tools, list):  # vLLM's pydantic checks the type before the choice
-        raise RequestError(f"tools must be a list of {{type, function}}, got {tools!r}", param="tools")
+        raise RequestError(f"tools must be a list of {{type, function}}, got {shown(tools)}", param="tools")
     if "tool_choice" not in body or choice not in ("none", None):  # vLLM: only a left-out choice defaults to auto
         raise RequestError(
             f"tool_choice {'auto' if choice is None else choice!r}{' (the default with tools)' * (choice is None)} "
@@ -126,7 +128,7 @@ def _chat_ids(
             raise RequestError(f"messages[{i}] must be an object with a string 'role'", param="messages")
         if m["role"] not in ROLES:
             raise RequestError(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}", param="messages"
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {shown(m['role'])}", param="messages"
             )
         calls = _tool_calls(m, i, template)
         content = "" if m.get("content") is None and calls else m.get("content")
@@ -141,7 +143,7 @@ def _chat_ids(
         clean.append({"role": m["role"], "content": content})
         for key in ("name", "tool_call_id"):  # vLLM's message types: name: str (pydantic coerces no number)
             if m.get(key) is not None and not isinstance(m[key], str):
-                raise RequestError(f"messages[{i}].{key} must be a string, got {m[key]!r}", param="messages")
+                raise RequestError(f"messages[{i}].{key} must be a string, got {shown(m[key])}", param="messages")
         for key in ("name", "tool_call_id") if template is None else ():  # vLLM hands them to the chat template
             if isinstance(m.get(key), str) and (key == "name" or m["role"] == "tool"):
                 _utf8(m[key], f"messages[{i}].{key}", "messages")
@@ -165,7 +167,7 @@ def _chat_ids(
     named = inspect.signature(tokenizer.apply_chat_template).parameters
     taken = [k for k in kwargs if not isinstance(k, str) or (k in named and k != "kwargs") or k == "messages"]
     if taken:  # apply_chat_template's own arguments (tokenize, tools, ...), not the template's variables
-        raise RequestError(f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs")
+        raise RequestError(f"chat_template_kwargs may not set {shown(taken[0])}", param="chat_template_kwargs")
     try:
         text = apply_chat_template(
             tokenizer,
