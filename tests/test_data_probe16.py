@@ -155,3 +155,32 @@ def test_an_audio_marker_without_audio_is_refused_naming_the_row(row):
     with pytest.raises(DataError, match=r"^a\.jsonl:3: an <audio> marker .*stage caption reads images only"):
         place_images(samples[0])
     refuse_multimodal(read_samples([Row({"instruction": "Say audio.", "output": "audio"}, "a.jsonl:4")]), "sft")
+
+
+@pytest.mark.parametrize(
+    "row, why",
+    [
+        ({"source": "The cat sat.", "target": ""}, r"column 'target' is empty; a seq2seq row needs"),
+        ({"source": "  ", "target": "A cat."}, r"column 'source' is empty; a seq2seq row needs"),
+        ({"source": "The cat sat.", "target": "A cat.", "references": "A cat."}, r"column 'references' must be a "),
+        ({"source": "The cat sat.", "target": "A cat.", "references": ["A cat.", 3]}, r"column 'references' must "),
+    ],
+)
+def test_a_seq2seq_row_with_nothing_to_learn_or_bad_references_is_refused_in_one_line(row, why):
+    """run_summarization's preprocess_function keeps a row only ``if examples[text_column][i] and
+    examples[summary_column][i]``; HEAD trained an empty target (the EOS alone: labels [CLS] [SEP] after MiniLM's
+    tokenizer) and an empty source, and its eval scored a row whose ``references`` was a string against the target
+    instead, without a word. Now one line naming the row and the column; a good row encodes as before."""
+    from tiny import tokenizer
+
+    from deltatune.data.load import DataError
+    from deltatune.data.tasks import encode_seq2seq
+
+    tok = tokenizer()
+    with pytest.raises(DataError, match=rf"^s\.jsonl:9: {why}"):
+        encode_seq2seq([Row(row, "s.jsonl:9")], tok, "source", "target", 16, 16)
+    good = {"source": "The cat sat.", "target": "A cat.", "references": ["A cat.", "The cat."]}
+    ex = encode_seq2seq([Row(good, "s.jsonl:1")], tok, "source", "target", 16, 16).examples[0]
+    assert (
+        ex["input_ids"] == tok("The cat sat.")["input_ids"] and ex["labels"] == tok(text_target="A cat.")["input_ids"]
+    )

@@ -378,9 +378,24 @@ def encode_seq2seq(
     source_prefix: str = "",
 ) -> Encoded:
     """Conditional generation: the source (after ``source_prefix``, run_summarization's "summarize: " for T5) as
-    encoder input, the target's ids as labels."""
+    encoder input, the target's ids as labels.
+
+    Raises:
+        DataError: an empty source or target (run_summarization leaves such rows out without a word; here it would
+            train the EOS alone, or a target from the prefix alone), or a ``references`` column that is not a list
+            of texts (the eval would score against the target instead); the row and column named.
+    """
     out, counter, cut = [], [0], [0, 0]
     for row in rows:
+        for column in (source_column, target_column):
+            if not row.text(column).strip():
+                raise DataError(f"{row.source}: column {column!r} is empty; a seq2seq row needs a source and a target")
+        refs = row.data.get("references")
+        if refs is not None and not (
+            isinstance(refs, list) and refs and all(isinstance(r, str) and r.strip() for r in refs)
+        ):
+            raise DataError(f"{row.source}: column 'references' must be a non-empty list of texts (the eval scores "
+                            f"each generation against its best one), got {repr(refs)[:60]}")  # fmt: skip
         source = source_prefix + row.text(source_column)
         src = tokenizer(source)
         tgt = tokenizer(text_target=row.text(target_column))["input_ids"]
