@@ -194,3 +194,15 @@ def test_greedy_penalties_and_logprobs_equal_a_hand_loop_over_transformers(serve
     assert status == 200 and got == want != _hand_greedy(reference, prompt, 10, 0.0, 0.0, 1.0)[0]  # they matter
     values = answer["choices"][0]["logprobs"]["token_logprobs"]
     assert max(abs(v - float(r[t])) for v, r, t in zip(values, rows, got)) < 1e-4
+
+
+def test_best_of_equal_to_n_is_served_as_vllms_default(served):
+    """vLLM's SamplingParams takes best_of = n when it is left out, so best_of: n asks for nothing more (a 400 here
+    for n > 1); best_of above n (the best of more candidates) stays a 400 unsupported."""
+    _, app, _, _ = served
+    body = {"prompt": "hello", "max_tokens": 3, "temperature": 1, "seed": 5, "n": 2}
+    status, plain = _call(app, "/v1/completions", body)
+    status2, same = _call(app, "/v1/completions", {**body, "best_of": 2})
+    assert status == status2 == 200 and [c["text"] for c in same["choices"]] == [c["text"] for c in plain["choices"]]
+    status, answer = _call(app, "/v1/completions", {**body, "best_of": 3})
+    assert status == 400 and answer["error"]["code"] == "unsupported" and answer["error"]["param"] == "best_of"

@@ -241,6 +241,8 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     # chat's tools and tool_choice are checked where the prompt is rendered (prompts._tools)
     served = ("logprobs", "top_logprobs", "tools", "tool_choice", "echo") if chat else ("logprobs", "echo")
     for name, default in UNSUPPORTED.items():
+        if name == "best_of" and _asks_nothing(body.get(name), choices_of(body)):  # vLLM's default best_of is n
+            continue
         if name not in served and not _asks_nothing(body.get(name), default):
             why = f"{name} is not supported by this server; leave it out"
             kind = body[name].get("type") if name == "response_format" and isinstance(body[name], dict) else None
