@@ -17,6 +17,7 @@ at every module it adapts:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -80,16 +81,16 @@ def add_weighted_adapter(
         ValueError: an unknown adapter; ``adapter_name`` taken (peft returns without a word); a non-LoRA adapter;
             unequal ranks for the equal-rank combinations; targets given as a list by one adapter and a regex by
             another; two adapters with their own copy of one module (modules_to_save); a weight count other than
-            the adapters' (peft pairs them silently); a missing density, or an unknown combination or sign method.
+            the adapters' (peft pairs them silently); a missing density, or an unknown combination or sign method;
+            a NaN weight or a DARE density of 0 (peft writes NaNs); svd_clamp outside [0, 1].
+        TypeError: weights that are not numbers.
     """
     names = model._check_names(adapters)
     if not names:
         raise ValueError("add_weighted_adapter: no adapters to combine")
     if adapter_name in model.peft_config:
         raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists already")
-    weights = list(weights)
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-        raise TypeError(f"add_weighted_adapter: weights must be numbers, one per adapter, got {weights!r}")
+    weights = _numbers(weights)
     if len(weights) != len(names):
         raise ValueError(f"add_weighted_adapter: {len(names)} adapters and {len(weights)} weights; give one each")
     for name in names:
@@ -102,8 +103,17 @@ def add_weighted_adapter(
         raise ValueError(f"add_weighted_adapter: invalid combination_type {combination_type!r}; one of "
                          f"{', '.join(('cat',) + EQUAL_RANKS + SVD)}")  # fmt: skip
     kind = "linear" if len(names) == 1 else combination_type  # peft: one adapter is combined linearly
-    if kind in DENSITY and (density is None or isinstance(density, bool) or not density >= 0):
+    if kind in DENSITY and not (_real(density) and density >= 0):
         raise ValueError(f"add_weighted_adapter: combination_type {kind!r} needs a density >= 0, got {density!r}")
+    if kind.startswith("dare") and density == 0:  # peft divides by it: an adapter of NaNs
+        raise ValueError(f"add_weighted_adapter: combination_type {kind!r} needs a density > 0 (DARE rescales the "
+                         "kept values by 1 / density), got 0")  # fmt: skip
+    if svd_rank is not None and not (isinstance(svd_rank, int) and not isinstance(svd_rank, bool) and svd_rank >= 0):
+        raise ValueError(f"add_weighted_adapter: svd_rank must be a positive integer (or None), got {svd_rank!r}")
+    if svd_clamp is not None and not (_real(svd_clamp) and 0 <= svd_clamp <= 1):
+        raise ValueError(
+            f"add_weighted_adapter: svd_clamp is a quantile, a number in [0, 1] (or None), got {svd_clamp!r}"
+        )
     if "ties" in kind and majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"add_weighted_adapter: majority_sign_method must be 'total' or 'frequency', "
                          f"got {majority_sign_method!r}")  # fmt: skip
@@ -139,6 +149,28 @@ def add_weighted_adapter(
     except BaseException:  # (a module where the adapters' ranks differ): the model as it was
         model.delete_adapter(adapter_name)
         raise
+
+
+def _real(value: Any) -> bool:
+    """A real number (numpy's too), not a bool, finite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(weights: Any) -> list[float]:
+    """The weights as floats: numbers (numpy's and one-number tensors too, as peft multiplies whatever it gets)."""
+    try:
+        values = None if isinstance(weights, (str, bytes)) else list(weights)
+    except TypeError:  # one number, None, a 0-d tensor
+        values = None
+    if values is None or not all(
+        (isinstance(w, numbers.Real) and not isinstance(w, bool)) or (isinstance(w, torch.Tensor) and w.numel() == 1)
+        for w in values
+    ):
+        raise TypeError(f"add_weighted_adapter: weights must be numbers, one per adapter, got {weights!r}")
+    floats = [float(w) for w in values]
+    if not all(math.isfinite(w) for w in floats):  # peft takes them: an adapter of NaNs
+        raise ValueError(f"add_weighted_adapter: weights must be finite, got {floats!r}")
+    return floats
 
 
 def _write(model: Any, adapter_name: str, kind: str, names: list[str], weights: list[float], rank: int,
@@ -218,7 +250,7 @@ def _svd(layer: Any, name: str, kind: str, held: list[tuple[str, float]], densit
         delta = delta.T
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full, driver=driver)  # kohya's svd_merge_lora, as peft
     U = U[:, :rank] @ torch.diag(S[:rank])
-    Vh = Vh[:rank, :]
+    Vh = Vh[: U.shape[1], :]  # full_matrices keeps all of Vh's rows: beyond the singular values they are not U's
     if clamp is not None:
         high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
         U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)

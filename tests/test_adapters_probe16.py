@@ -1,0 +1,81 @@
+"""Probe 16 (adapters): combining LoRA adapters (add_weighted_adapter) against peft 0.21.2; bottleneck adapters and
+AdapterFusion against the adapters library's rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import peft
+import pytest
+import torch
+
+import deltatune as dt
+from tests.tiny import tiny_inputs, tiny_model
+
+TARGETS = ["q_proj", "v_proj"]  # v_proj is 32 -> 16 in the tiny llama (2 kv heads of 8)
+
+
+def _pair(r: int = 4) -> tuple:
+    """deltatune and peft llamas with the same two random LoRA adapters t1 and t2."""
+    out = []
+    for lib, make in ((dt, dt.get_delta_model), (peft, peft.get_peft_model)):
+        kw = dict(init_lora_weights=False, r=r, lora_alpha=8, target_modules=TARGETS)
+        torch.manual_seed(1)
+        model = make(tiny_model("llama"), lib.LoraConfig(**kw), adapter_name="t1")
+        torch.manual_seed(2)
+        model.add_adapter("t2", lib.LoraConfig(**kw))
+        out.append(model.eval())
+    return tuple(out)
+
+
+def _logits(model, name: str) -> torch.Tensor:
+    model.set_adapter(name)
+    with torch.no_grad():
+        return model(**tiny_inputs("llama")).logits
+
+
+def test_svd_rank_past_a_modules_smaller_side_gives_the_exact_update():
+    """svd_rank 20 is past v_proj's 16 singular values: with full_matrices (the default) Vh kept 20 rows against U's
+    16 columns, so B (16 x 20) and A (20 x 32) did not multiply and the first forward failed (peft fails the same
+    way). Now the rows past the singular values are dropped and zero-padded: a truncation past the full rank is the
+    whole update, equal to peft's exact 'cat' combination."""
+    ours, theirs = _pair()
+    ours.add_weighted_adapter(["t1", "t2"], [0.7, -0.4], "m", combination_type="svd", svd_rank=20)
+    theirs.add_weighted_adapter(["t1", "t2"], [0.7, -0.4], "m", combination_type="cat")
+    v_proj = ours.base_model.model.layers[0].self_attn.v_proj
+    assert v_proj.lora_A["m"].weight.shape == (20, 32) and v_proj.lora_B["m"].weight.shape == (16, 20)
+    torch.testing.assert_close(_logits(ours, "m"), _logits(theirs, "m"), atol=2e-5, rtol=0)
+
+
+def test_numpy_and_tensor_weights_combine_as_peft():
+    """peft multiplies whatever weights it gets; deltatune refused np.float32 and 0-d tensors as not numbers."""
+    for weights in ([np.float32(0.5), np.float32(-0.25)], torch.tensor([0.5, -0.25])):
+        ours, theirs = _pair()
+        for model in (ours, theirs):
+            model.add_weighted_adapter(["t1", "t2"], weights, "m", combination_type="linear")
+        torch.testing.assert_close(_logits(ours, "m"), _logits(theirs, "m"), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(combination_type="svd", svd_clamp=2), ValueError, r"svd_clamp is a quantile, a number in \[0, 1\]"),
+        (dict(combination_type="svd", svd_rank=2.5), ValueError, "svd_rank must be a positive integer"),
+        (dict(combination_type="ties", density="0.5"), ValueError, "'ties' needs a density >= 0, got '0.5'"),
+        (dict(combination_type="dare_linear", density=0.0), ValueError, "'dare_linear' needs a density > 0"),
+        (
+            dict(combination_type="linear", weights=[float("nan"), 0.5]),
+            ValueError,
+            r"weights must be finite, got \[nan, 0.5\]",
+        ),
+    ],
+)
+def test_bad_combination_arguments_are_one_line_and_change_nothing(kwargs, error, match):
+    """svd_clamp 2 and density '0.5' failed deep in torch (quantile) and Python (str >= int); DARE at density 0 and a
+    NaN weight (peft takes both) wrote an adapter of NaNs (kept values / 0). Now one line, the model as it was."""
+    ours, _ = _pair()
+    before = _logits(ours, "t1")
+    kwargs = {"weights": [0.5, 0.5], **kwargs}
+    with pytest.raises(error, match=match) as err:
+        ours.add_weighted_adapter(["t1", "t2"], adapter_name="m", **kwargs)
+    assert "\n" not in str(err.value) and set(ours.peft_config) == {"t1", "t2"}
+    assert torch.equal(_logits(ours, "t1"), before)
