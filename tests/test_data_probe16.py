@@ -184,16 +184,3 @@ def test_a_seq2seq_row_with_nothing_to_learn_or_bad_references_is_refused_in_one
     assert (
         ex["input_ids"] == tok("The cat sat.")["input_ids"] and ex["labels"] == tok(text_target="A cat.")["input_ids"]
     )
-
-
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/train/grpo.py diff of the data probe16 report (not ours)")
-def test_raw_grpo_prompt_opens_as_the_raw_rows_it_trained_on():
-    """GRPO's raw prompts open with bos_prefix too: with MiniLM's tokenizer no [CLS], where TRL 1.16's GRPO
-    (``processing_class(text=prompts)``) and the raw SFT/DPO rows open with it. Remove the mark with the diff."""
-    from tiny import tokenizer
-
-    from deltatune.train.grpo import encode_prompts
-
-    tok = tokenizer()
-    items, _ = encode_prompts([Row({"prompt": "The sky is"}, "g.jsonl:1")], tok, "prompt", 64, "truncate", "raw")
-    assert items[0].ids == tok(text="The sky is")["input_ids"][:-1]
