@@ -339,7 +339,8 @@ def hotswap_lora(delta: DeltaModel, name: str, config, modules: dict[str, dict[s
 
     Raises:
         ConfigError: no adapter ``name``, one that is not a plain LoRA or is merged, or a module of the file that
-            the adapter does not adapt (peft's "unexpected keys"); nothing changed then.
+            the adapter does not adapt (peft's "unexpected keys"), or a module whose tensors differ from the
+            adapter's in more than the rank (a LoRA for another base model); nothing changed then.
     """
     from .methods.lora import LORA_LAYERS, LoraConfig
     from .targets import pattern_value
@@ -362,6 +363,16 @@ def hotswap_lora(delta: DeltaModel, name: str, config, modules: dict[str, dict[s
             f"{path}: hotswap cannot add modules: adapter {name!r} does not adapt {extra[0]}"
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
         )
+    for module in sorted(modules):  # only the rank may change: other dims are another base model's (or a bad file)
+        a, b = layers[module].lora_A[name].weight, layers[module].lora_B[name].weight
+        r = modules[module]["A"].shape[0]
+        for key, old_t, want in (("A", a, (r, *a.shape[1:])), ("B", b, (b.shape[0], r, *b.shape[2:]))):
+            if tuple(modules[module][key].shape) != want:
+                raise ConfigError(
+                    f"{path}: hotswap: {module}'s lora_{key} is {tuple(modules[module][key].shape)} in the file, where "
+                    f"adapter {name!r} takes {tuple(want)} at rank {r} ({tuple(old_t.shape)} now); a LoRA for "
+                    "another base model?"
+                )
     with torch.no_grad():
         for module, layer in layers.items():
             a, b = layer.lora_A[name].weight, layer.lora_B[name].weight

@@ -160,3 +160,41 @@ def test_the_text_encoder_lora_takes_the_runs_gaussian_init_as_the_scripts(tmp_p
     assert len(mine) == len(want) == 8
     for (k, a), b in zip(mine.items(), want.values()):
         assert torch.equal(a, b), k
+
+
+def test_hotswap_of_a_lora_for_another_unet_shape_is_one_line_and_changes_nothing(tmp_path):
+    """A LoRA made for a UNet with 64-wide text states hot-swapped into one loaded on a 32-wide UNet: the module names
+    match, the A matrices of attn2.to_k do not beyond the rank. deltatune (as diffusers' load_lora_adapter(...,
+    hotswap=True), which takes it too) replaced the tensors, and the next forward failed in torch's matmul; now it is
+    refused naming the module and the shapes, the adapter as it was."""
+    import deltatune as dt
+    from deltatune.diffusion import load_lora
+
+    def unet(width: int):
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=width, attention_head_dim=8, norm_num_groups=8,
+        ).eval()  # fmt: skip
+
+    torch.manual_seed(1)
+    for width, rank in ((64, 2), (32, 4)):
+        config = dt.LoraConfig(r=rank, lora_alpha=4, target_modules=["to_k"], init_lora_weights=False)
+        dt.save_diffusers_lora(dt.get_delta_model(unet(width), config), tmp_path / str(width))
+    ours = load_lora(unet(32), tmp_path / "32", "a", prefix="unet")
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        before = ours(x, 10, encoder_hidden_states=c).sample
+    state = {k: v.clone() for k, v in ours.adapter_state_dict("a").items()}
+    message = (
+        r"hotswap: down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k's lora_A is \(2, 64\) in the file"
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_lora(ours, tmp_path / "64", "a", prefix="unet", hotswap=True)
+    with torch.no_grad():
+        assert torch.equal(ours(x, 10, encoder_hidden_states=c).sample, before)
+    assert all(torch.equal(v, state[k]) for k, v in ours.adapter_state_dict("a").items())
