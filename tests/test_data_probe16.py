@@ -155,6 +155,12 @@ def test_an_audio_marker_without_audio_is_refused_naming_the_row(row):
     with pytest.raises(DataError, match=r"^a\.jsonl:3: an <audio> marker .*stage caption reads images only"):
         place_images(samples[0])
     refuse_multimodal(read_samples([Row({"instruction": "Say audio.", "output": "audio"}, "a.jsonl:4")]), "sft")
+    # pre-training text is text (an HTML page's <audio> tag), as LLaMA-Factory's pretrain processor reads it
+    page = read_samples(
+        [Row({"text": "<p>Listen: <audio>Your browser has no audio.</audio></p>"}, "p.jsonl:1")], stage="pt"
+    )
+    assert "<audio>" in page[0].text
+    refuse_multimodal(page, "pt")
 
 
 @pytest.mark.parametrize(

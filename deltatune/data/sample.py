@@ -88,10 +88,11 @@ def refuse_multimodal(samples: Sequence[Sample], stage: str) -> None:
     for s in samples:
         texts = [m["content"] for part in (s.messages, s.completion, s.chosen, s.rejected) for m in part or []]
         marked = next((mk for mk in _MARKERS for t in texts + [s.text or ""] if mk in t), None)
-        if marked == AUDIO_MARKER:  # (an audios column is refused as the row is read: formats_messages._media)
+        # (pre-training text, an HTML page's <audio> tag, is text: LLaMA-Factory's pretrain processor reads no marker)
+        if marked == AUDIO_MARKER and any(AUDIO_MARKER in t for t in texts):  # (an audios column: _media refuses it)
             raise DataError(f"{s.source}: an {AUDIO_MARKER} marker (LLaMA-Factory's audio placeholder); no stage "
                             "reads audio, and the row would train on the marker as text")  # fmt: skip
-        if s.images or s.videos or marked:
+        if s.images or s.videos or marked in _MARKERS[:2]:
             what = (
                 f"{len(s.images)} image(s)"
                 if s.images
