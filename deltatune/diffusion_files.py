@@ -274,6 +274,9 @@ def load_lora(
             alphas[p] = float(m["alpha"]) if "alpha" in m else float(ranks[p])
         else:
             alphas[p] = float(pattern_value(meta.get("alpha_pattern", {}), p, meta.get("lora_alpha", ranks[p])))
+    if bad := next((p for p in sorted(alphas) if not math.isfinite(alphas[p])), None):  # (the file, not the config)
+        where = "its .alpha" if kind == "kohya" else "the metadata's lora_alpha or alpha_pattern"
+        raise ConfigError(f"{path}: module {bad}'s alpha is {alphas[bad]} ({where}); an alpha is a finite number")
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = LoraConfig(

@@ -198,3 +198,23 @@ def test_hotswap_of_a_lora_for_another_unet_shape_is_one_line_and_changes_nothin
     with torch.no_grad():
         assert torch.equal(ours(x, 10, encoder_hidden_states=c).sample, before)
     assert all(torch.equal(v, state[k]) for k, v in ours.adapter_state_dict("a").items())
+
+
+def test_a_kohya_file_with_a_nan_alpha_names_the_file_and_module(tmp_path):
+    """kohya's ``.alpha`` nan (a broken export) gave LoraConfig's "lora_alpha must be a finite number, got nan", naming
+    neither the file nor the module (``generate --lora`` takes several files); the UNet stays without a LoRA."""
+    from safetensors.torch import save_file
+
+    from deltatune.diffusion import load_lora
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{key}.lora_down.weight": torch.ones(2, 32), f"{key}.lora_up.weight": torch.ones(16, 2),
+               f"{key}.alpha": torch.tensor(float("nan"))}, tmp_path / "k.safetensors")  # fmt: skip
+    unet = _unet(3)
+    file = str(tmp_path / "k.safetensors")
+    message = (
+        rf"^{re.escape(file)}: module down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k's alpha is nan"
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_lora(unet, file)
+    assert not any("lora" in n for n, _ in unet.named_modules())
