@@ -206,3 +206,12 @@ def test_best_of_equal_to_n_is_served_as_vllms_default(served):
     assert status == status2 == 200 and [c["text"] for c in same["choices"]] == [c["text"] for c in plain["choices"]]
     status, answer = _call(app, "/v1/completions", {**body, "best_of": 3})
     assert status == 400 and answer["error"]["code"] == "unsupported" and answer["error"]["param"] == "best_of"
+
+
+def test_a_huge_tool_choice_is_cut_in_its_400(served):
+    """tool_choice was quoted whole (its repr) in the 400 unsupported."""
+    _, app, _, _ = served
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": "t" * 5000}
+    status, answer = _call(app, "/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == "tool_choice" and len(answer["error"]["message"]) < 250

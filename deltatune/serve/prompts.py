@@ -91,7 +91,7 @@ def _tools(body: dict) -> list[dict] | None:
         raise RequestError(f"tools must be a list of {{type, function}}, got {shown(tools)}", param="tools")
     if "tool_choice" not in body or choice not in ("none", None):  # vLLM: only a left-out choice defaults to auto
         raise RequestError(
-            f"tool_choice {'auto' if choice is None else choice!r}{' (the default with tools)' * (choice is None)} "
+            f"tool_choice {'auto' if choice is None else shown(choice)}{' (the default with tools)' * (choice is None)} "
             'is not supported by this server, which parses no tool calls; send tool_choice "none" to have the '
             "tools rendered into the prompt",
             code="unsupported",
