@@ -9,6 +9,7 @@ from methods.test_quant import BACKENDS, _qlora
 from tiny import output_of, tiny_inputs
 
 import deltatune as dt
+from deltatune.methods import quant
 from deltatune.methods.quant import QuantizationError
 
 
@@ -44,3 +45,59 @@ def test_an_unknown_adapter_name_leaves_the_model_training():
     with pytest.raises(ValueError, match="unknown adapter 'nope'"):
         dt.merge_quantized(delta, tiny_inputs("llama"), adapter_names=["nope"])
     assert delta.training and delta.active_adapters == ["default"]
+
+
+def _bnb_pair(tmp_path):
+    """The same LoRA adapter on transformers' bitsandbytes 4-bit tiny llama, as deltatune's and as peft's."""
+    peft = pytest.importorskip("peft")
+    from tiny import tiny_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
+
+    config = dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    ours = dt.get_delta_model(load(), config)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ours.save_pretrained(tmp_path / "adapter")
+    return ours, peft.PeftModel.from_pretrained(load(), tmp_path / "adapter")
+
+
+# -- missing: peft's merge_and_unload(safe_merge=True) refuses a 4-bit model whose merged weight is not finite; the
+# way deltatune merges a 4-bit model, merge_quantized, had no safe_merge (TypeError on the keyword) and folded a nan
+# adapter in silently. Now it refuses in peft's words, every layer checked before any swap stays or any merge.
+@pytest.mark.skipif("bitsandbytes" not in BACKENDS, reason="bitsandbytes does not run on this CPU")
+def test_merge_quantized_safe_merge_refuses_a_nan_adapter_as_peft_and_changes_nothing(tmp_path):
+    ours, theirs = _bnb_pair(tmp_path)
+    inputs = tiny_inputs("llama")
+    before = output_of(ours.eval(), inputs)
+    assert torch.equal(before, output_of(theirs.eval(), inputs))
+    cell = ours.get_base_model().model.layers[1].mlp.down_proj.lora_B["default"].weight[0, 0].item()
+    for model in (ours, theirs):  # the last adapted layer, so that peft (layer by layer) refuses only there
+        with torch.no_grad():
+            model.get_base_model().model.layers[1].mlp.down_proj.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError) as peft_error:
+        theirs.merge_and_unload(safe_merge=True)
+    bases = [type(m).__module__ + type(m).__name__ for n, m in ours.named_modules() if n.endswith("base_layer")]
+    with pytest.raises(ValueError) as our_error:
+        dt.merge_quantized(ours.train(), inputs, safe_merge=True)
+    assert str(our_error.value) == str(peft_error.value)  # NaNs detected in the merged weights. The adapter ...
+    assert "NaNs detected in the merged weights" in str(our_error.value)
+    assert [
+        type(m).__module__ + type(m).__name__ for n, m in ours.named_modules() if n.endswith("base_layer")
+    ] == bases
+    assert bases[0].startswith("bitsandbytes") and ours.training
+    assert not any(getattr(m, "merged_adapters", None) for m in ours.modules())
+    with torch.no_grad():  # repaired, the same model computes and merges as before
+        ours.get_base_model().model.layers[1].mlp.down_proj.lora_B["default"].weight[0, 0] = cell
+    assert torch.equal(output_of(ours.eval(), inputs), before)
+    plain, report = dt.merge_quantized(ours, inputs, safe_merge=True)
+    # (0.02: the layers ran an eval forward above, which on a CPU with AVX512-BF16 repacks them, see probe13)
+    assert report.max_abs_diff < 0.05 and not any(quant.is_quantized(m) for m in plain.modules())

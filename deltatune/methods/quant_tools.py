@@ -4,6 +4,7 @@ reporting the error merging introduced). The math of the format is in quant.py's
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -242,6 +243,7 @@ def merge_quantized(
     requantize: bool = False,
     dtype: torch.dtype | str | None = None,
     adapter_names: list[str] | None = None,
+    safe_merge: bool = False,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge the adapters of a model with a 4-bit base and return a plain model plus the error the merge introduced.
 
@@ -259,12 +261,15 @@ def merge_quantized(
         dtype: the dtype of the returned model's weights (default: the layers' compute dtype; the whole model is
             cast to it, so the activations entering a dequantised layer match it). Ignored with ``requantize``.
         adapter_names: the adapters to merge (default: the active ones).
+        safe_merge: PEFT's ``merge_and_unload(safe_merge=True)``: refuse (ValueError, PEFT's words) when a merged
+            weight would not be finite; every layer is checked before any is merged.
 
     Returns:
         The merged model (the DeltaModel is empty afterwards, as after ``merge_and_unload``) and a ``MergeReport``.
 
     Raises:
         ImportError: the backend that made the 4-bit weights is not installed; the model is unchanged.
+        ValueError: with ``safe_merge``, a merged weight not finite (PEFT's words); the model is unchanged.
         QuantizationError: the model has no 4-bit or 8-bit layer, or its forward fails on ``probe_inputs`` (one line
             with the model's error); the model is unchanged (training mode and active adapters too).
     """
@@ -284,9 +289,11 @@ def merge_quantized(
     # for good) and computes it in bf16 whatever the compute dtype: the reference is the layers as they merge.
     reference = reference_logits(model, probe_inputs, adapter_names, [m for _, m in layers])
     # transformers' bnb layers learn to dequantise by becoming deltatune's Linear4bit (same storage, same output).
-    for name, module in layers:
-        if _is_bnb_4bit(module):
-            set_submodule(base, name, Linear4bit.from_bnb(module))
+    bnb4 = [(n, m) for n, m in layers if _is_bnb_4bit(m)]  # put back as they were if the merge refuses, with the
+    packed = {n: (m.weight.data, copy.deepcopy(m.weight.quant_state)) for n, m in bnb4  # CPU-packed bytes that
+              if getattr(m.weight.quant_state, "packing_format_for_cpu", False)}  # from_bnb unpacks  # fmt: skip
+    for name, module in bnb4:
+        set_submodule(base, name, Linear4bit.from_bnb(module))
     # 8-bit layers merge as peft's: W = int8 x row scale / 127 in fp32, W + s B A quantised again (with requantize)
     for name, layer in (plain8 := {n: _dequantize_8bit(m) for n, m in eight}).items():
         set_submodule(base, name, layer)
@@ -297,9 +304,18 @@ def merge_quantized(
     if requantize:  # PEFT adds s B A to W in fp32 and rounds the sum once, by quantising it; the merge dequantises
         for _, m in four:  # to compute_dtype, so bf16 compute would round W + s B A to bf16 first (other 4-bit codes)
             m.compute_dtype = torch.float32
-    plain = model.merge_and_unload(adapter_names, dequantize=False)
-    for n, m in four:  # the 4-bit layers an unmerged adapter keeps compute as before
-        m.compute_dtype = settings[n][0]
+    try:
+        plain = model.merge_and_unload(adapter_names, dequantize=False, safe_merge=safe_merge)
+    except Exception:  # refused before any weight was written (safe_merge, a method that cannot merge): undo the swaps
+        for name, module in bnb4 + eight:
+            set_submodule(base, name, module)
+            if name in packed:  # (unpacking requantises the double-quantised constants: not undone by packing again)
+                module.weight.data, module.weight.quant_state = packed[name]
+        model.train(was_training)
+        raise
+    finally:
+        for n, m in four:  # the 4-bit layers an unmerged adapter keeps compute as before
+            m.compute_dtype = settings[n][0]
     # A model transformers loaded quantised forgets that it was (else transformers would refuse to cast its plain
     # layers); requantised, it keeps its config, so it saves and loads again in 4 or 8 bits as peft's merge.
     quantizer = getattr(plain, "hf_quantizer", None)
