@@ -251,16 +251,24 @@ def save_adapters(
         adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
         os.makedirs(save_directory, exist_ok=True)
     path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
-    initial = path_initial_model_for_weight_conversion
+    initial, convert = path_initial_model_for_weight_conversion, getattr(model, "convert_to_plain_lora", None)
+    if initial is not None:  # the method's own conversion (any method's model function), each adapter converted
+        for name in names:  # beside and moved in place once all are: a refused adapter (IA3, DoRA) writes nothing
+            if model.peft_config[name].peft_type != "LORA" or convert is None:
+                raise ValueError(f"adapter {name!r} ({model.peft_config[name].method}): "
+                                 "path_initial_model_for_weight_conversion converts LoRA adapters only")  # fmt: skip
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{SAVING}{os.getpid()}@{_host()}~", dir=save_directory) as tmp:
+            for name in names:
+                convert(initial, os.path.join(tmp, name), name)
+            for name in names:
+                os.makedirs(folders[name], exist_ok=True)
+                for file in os.listdir(os.path.join(tmp, name)):
+                    os.replace(os.path.join(tmp, name, file), os.path.join(folders[name], file))
+        return
+    writes = []  # every adapter's files made (a state_dict= lacking a tensor refused) before any is written
     for name in names:
         given = model.peft_config[name]
-        if initial is not None:  # the method's own conversion, found as any method's model function
-            convert = getattr(model, "convert_to_plain_lora", None) if given.peft_type == "LORA" else None
-            if convert is None:
-                raise ValueError(f"adapter {name!r} ({given.method}): path_initial_model_for_weight_conversion "
-                                 "converts LoRA adapters only")  # fmt: skip
-            convert(initial, folders[name], name)
-            continue
         config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
         training = {f"{p}|{k}": v for p, layer in model._layers() if name in layer.adapter_names
                     for k, v in layer.training_state(name).items()}  # fmt: skip
@@ -268,7 +276,9 @@ def save_adapters(
         for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
             tensors.setdefault(key_prefix(config) + pname, p)
         tensors = tensors if state_dict is None else pick_tensors(model, name, state_dict, tensors)
-        write_adapter(folders[name], tensors, config, training)
+        writes.append((folders[name], tensors, config, training))
+    for write in writes:
+        write_adapter(*write)
 
 
 def pick_tensors(

@@ -56,3 +56,48 @@ def _refuses(folder) -> bool:
         return True
     os.rmdir(folder / "probe")
     return False
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        dt.IA3Config(target_modules=["v_proj"], feedforward_modules=[]),  # (refused by deltatune's check)
+        dt.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True),  # (refused by the LoRA method's conversion)
+    ],
+    ids=["ia3", "dora"],
+)
+def test_a_refused_weight_conversion_writes_no_adapter(tmp_path, second):
+    """``save_pretrained(path_initial_model_for_weight_conversion=...)`` with a second adapter it cannot convert wrote
+    the first adapter's converted files, then refused the second (a half-written save); now nothing is written."""
+    torch.manual_seed(0)
+    delta = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    delta.save_pretrained(tmp_path / "init")
+    delta.add_adapter("other", second)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="other"):
+        delta.save_pretrained(out, path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+
+
+def test_a_state_dict_lacking_the_second_adapter_writes_no_adapter(tmp_path):
+    """``save_pretrained(state_dict=...)`` lacking a tensor of the second adapter wrote the first adapter, then
+    refused; now the refusal comes before any file."""
+    torch.manual_seed(0)
+    delta = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    delta.add_adapter("other", dt.LoraConfig(r=2, target_modules=["v_proj"]))
+    state = {k: v for k, v in delta.state_dict().items() if ".other." not in k or "lora_B" not in k}
+    with pytest.raises(ValueError, match="adapter 'other'"):
+        delta.save_pretrained(tmp_path / "out", state_dict=state)
+    assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") == []
+    delta.save_pretrained(tmp_path / "full", state_dict=delta.state_dict())  # the full one: both, as without it
+    delta.save_pretrained(tmp_path / "live")
+    from safetensors.torch import load_file
+
+    for sub in ("", "other"):
+        a, b = (
+            load_file(tmp_path / "full" / sub / "adapter_model.safetensors"),
+            load_file(tmp_path / "live" / sub / "adapter_model.safetensors"),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
