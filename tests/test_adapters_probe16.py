@@ -79,3 +79,52 @@ def test_bad_combination_arguments_are_one_line_and_change_nothing(kwargs, error
         ours.add_weighted_adapter(["t1", "t2"], adapter_name="m", **kwargs)
     assert "\n" not in str(err.value) and set(ours.peft_config) == {"t1", "t2"}
     assert torch.equal(_logits(ours, "t1"), before)
+
+
+def _bottleneck(scaling, seed: int = 3):
+    torch.manual_seed(seed)
+    model = dt.get_delta_model(tiny_model("bert"), dt.BottleneckConfig(init_weights=False, scaling=scaling))
+    return model.eval()
+
+
+def _bert_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tiny_inputs("bert")).logits
+
+
+def test_learned_and_channel_scaling_are_the_adapters_librarys(tmp_path):
+    """The adapters library's BnConfig scaling 'learned' (a trainable scalar) and 'channel' (a trainable vector of the
+    sub-layer's size), both starting at 1, were refused ("scaling must be a finite number"). Hand-worked: at the
+    start they are scaling=1.0; a learned s of 2.5 is scaling=2.5; a channel vector c is W_up and b_up scaled by c."""
+    plain = _bert_logits(_bottleneck(1.0))
+    for kind, shape in (("learned", (1,)), ("channel", (32,))):
+        model = _bottleneck(kind)
+        layer = model.base_model.bert.encoder.layer[0].output.dense
+        assert layer.adapter_scale["default"].shape == shape and layer.adapter_scale["default"].requires_grad
+        torch.testing.assert_close(_bert_logits(model), plain, atol=0, rtol=0)
+        model(**tiny_inputs("bert")).logits.sum().backward()
+        assert layer.adapter_scale["default"].grad.abs().sum() > 0
+    model, scaled = _bottleneck("learned"), _bottleneck(2.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.shape == (1,):
+                p.fill_(2.5)
+    torch.testing.assert_close(_bert_logits(model), _bert_logits(scaled), atol=1e-6, rtol=0)
+    model, folded = _bottleneck("channel"), _bottleneck(1.0)
+    c = torch.linspace(-1.0, 3.0, 32)
+    with torch.no_grad():
+        for layer, twin in zip(model.base_model.modules(), folded.base_model.modules()):
+            if hasattr(layer, "adapter_scale") and "default" in layer.adapter_scale:
+                layer.adapter_scale["default"].copy_(c)
+                twin.adapter_up["default"].weight.mul_(c[:, None])
+                twin.adapter_up["default"].bias.mul_(c)
+    torch.testing.assert_close(_bert_logits(model), _bert_logits(folded), atol=1e-6, rtol=0)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(9)
+    loaded = dt.DeltaModel.from_pretrained(tiny_model("bert"), tmp_path).eval()
+    torch.testing.assert_close(_bert_logits(loaded), _bert_logits(model), atol=0, rtol=0)
+
+
+def test_a_misspelled_scaling_is_one_line():
+    with pytest.raises(dt.ConfigError, match=r"^scaling must be a finite number, got 'learnt'$"):
+        dt.BottleneckConfig(scaling="learnt")

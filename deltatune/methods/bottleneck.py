@@ -85,8 +85,9 @@ class BottleneckConfig(DeltaConfig):
     """A trainable LayerNorm on the adapter's added term, after its dropout, before the residual add: the adapters
     library's ln_after with its default adapter_residual_before_ln=False. LN(0) = 0, so the start is still the base;
     LN ignores the term's scale, so ``scaling`` then (almost) does nothing, as there."""
-    scaling: float = 1.0
-    """s: the adapter's term is multiplied by it."""
+    scaling: float | str = 1.0
+    """s: the adapter's term is multiplied by it. 'learned': a trainable scalar, 'channel': a trainable vector (d),
+    both starting at 1 (saved as ``adapter_scale``), as the adapters library's scaling options."""
     adapter_dropout: float = 0.0
     """Dropout on the adapter's term, in [0, 1)."""
     init_weights: bool | str = True
@@ -100,7 +101,8 @@ class BottleneckConfig(DeltaConfig):
         if self.config not in SUBLAYERS:
             raise ConfigError(f"config must be 'houlsby' or 'pfeiffer', got {self.config!r}")
         check_range("reduction_factor", self.reduction_factor, 0, None, low_open=True)
-        check_range("scaling", self.scaling)
+        if self.scaling not in ("learned", "channel"):
+            check_range("scaling", self.scaling)  # "must be a finite number, got 'learnt'"
         check_positive_int("bottleneck_size", self.bottleneck_size, optional=True)
         if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in _activations():
             raise ConfigError(f"non_linearity must be one of {_activations()}, got {self.non_linearity!r}")
@@ -155,7 +157,14 @@ def _out_features(module: nn.Module, width: int | None = None) -> int:
 class BottleneckLayer(DeltaLayer):
     """Wraps a sub-layer's output projection; each adapter adds s * up(f(down(h))) to its output h."""
 
-    adapter_attrs = ("adapter_down", "adapter_up", "adapter_ln_before", "adapter_ln_after", "adapter_fusion")
+    adapter_attrs = (
+        "adapter_down",
+        "adapter_up",
+        "adapter_ln_before",
+        "adapter_ln_after",
+        "adapter_fusion",
+        "adapter_scale",
+    )
     supports_row_adapters = True
 
     def __init__(self, base_layer: nn.Module, width: int | None = None) -> None:
@@ -166,6 +175,7 @@ class BottleneckLayer(DeltaLayer):
         self.adapter_ln_before = nn.ModuleDict()
         self.adapter_ln_after = nn.ModuleDict()
         self.adapter_fusion = nn.ModuleDict()  # filled by methods/fusion.py: module(h, deltas) -> combined term
+        self.adapter_scale = nn.ParameterDict()  # a learned s ('learned': (1,), 'channel': (d,)), starting at 1
         self.adapter_act = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
@@ -186,7 +196,7 @@ class BottleneckLayer(DeltaLayer):
         act: str,
         ln_before: bool,
         ln_after: bool,
-        scaling: float,
+        scaling: float | str,
         dropout: float,
         init: bool | str,
     ) -> None:
@@ -224,7 +234,9 @@ class BottleneckLayer(DeltaLayer):
             self.adapter_ln_after[name] = nn.LayerNorm(d, **kw)
         self.adapter_act[name] = _activation(act)
         self.adapter_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling[name] = scaling
+        if isinstance(scaling, str):
+            self.adapter_scale[name] = nn.Parameter(torch.ones(d if scaling == "channel" else 1, **kw))
+        self.scaling[name] = 1.0 if isinstance(scaling, str) else scaling
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
@@ -248,6 +260,7 @@ class BottleneckLayer(DeltaLayer):
         x = self.adapter_ln_before[name](h) if name in self.adapter_ln_before else h
         up = self.adapter_up[name]
         z = up(self.adapter_act[name](self.adapter_down[name](x.to(up.weight.dtype)))) * self.scaling[name]
+        z = z * self.adapter_scale[name] if name in self.adapter_scale else z
         z = self.adapter_dropout[name](z)  # before LN_a, as the adapters library's Adapter.forward
         return (self.adapter_ln_after[name](z) if name in self.adapter_ln_after else z).to(h.dtype)
 
