@@ -215,3 +215,17 @@ def test_a_huge_tool_choice_is_cut_in_its_400(served):
     body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": "t" * 5000}
     status, answer = _call(app, "/v1/chat/completions", body)
     assert status == 400 and answer["error"]["param"] == "tool_choice" and len(answer["error"]["message"]) < 250
+
+
+def test_chat_logprobs_with_top_logprobs_null_gives_none_as_vllm(served):
+    """vLLM's chat computes and answers logprobs only where ``logprobs and top_logprobs is not None``: an explicit
+    null gives logprobs null (they were given here); left out, top_logprobs is 0 and the chosen tokens come back."""
+    _, app, _, _ = served
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0, "logprobs": True}
+    status, left_out = _call(app, "/v1/chat/completions", body)
+    assert status == 200 and [len(c["top_logprobs"]) for c in left_out["choices"][0]["logprobs"]["content"]] == [0, 0]
+    status, null = _call(app, "/v1/chat/completions", {**body, "top_logprobs": None})
+    assert status == 200 and null["choices"][0]["logprobs"] is None
+    assert null["choices"][0]["message"]["content"] == left_out["choices"][0]["message"]["content"]
+    _, chunks = _call(app, "/v1/chat/completions", {**body, "top_logprobs": None, "stream": True})
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks if c["choices"])

@@ -406,4 +406,6 @@ def _logprobs(body: dict, chat: bool) -> int | None:
         if k:  # as OpenAI and vLLM answer
             raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         return None
-    return k or 0
+    # vLLM's: top_logprobs left out is 0 (the chosen tokens' alone), null asks for none (its to_sampling_params and
+    # serving_chat read "logprobs and top_logprobs is not None"); they were given here
+    return None if key in body and body[key] is None else k or 0
