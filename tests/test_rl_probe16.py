@@ -30,6 +30,7 @@ class _Align(AlignArgs):
     entropy_coef_max: float = 1.0
     entropy_coef_delta: float = 0.005
     entropy_target: float = 0.2
+    multi_objective_aggregation: str = "sum_then_normalize"
 
 
 ADAPTIVE_CASES = [
@@ -161,3 +162,78 @@ def test_resume_of_a_top_entropy_quantile_run_before_2f11afa_names_the_change(tm
         tmp_path / "whole", loss_type="grpo", top_entropy_quantile=0.5, mini_batch_size=8
     )
     assert _check_resume_recipe(whole, recipe, False) is False
+
+
+# -- TRL's multi_objective_aggregation normalize_then_sum (GDPO) ----------------------------------------------------
+
+GDPO = {"multi_objective_aggregation": "normalize_then_sum"}
+
+
+def test_gdpo_trains_as_trls(policy, tmp_path, monkeypatch):  # noqa: F811
+    """align.multi_objective_aggregation normalize_then_sum: each reward normalised in its group, the sum over the
+    batch, align.scale_rewards not read (as TRL's); two updates leave TRL's GRPOTrainer's weights (the loop before
+    ignored the key: it trained the unscaled group advantages of scale_rewards none, seen 1.1e-2 apart). (One reward
+    alone: GDPO's advantages are the group-scaled ones times one constant, which AdamW does not see.)"""
+    model, _ = policy
+    monkeypatch.setattr(p15, "AlignArgs", _Align)
+    ours_model, trl_model, plain = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    keys = {**GDPO, "scale_rewards": "none"}
+    _trl_run(trl_model, tmp_path, monkeypatch, 2, 1, "grpo", keys)
+    _ours(ours_model, 2, 1, "grpo", keys, monkeypatch)
+    _ours(plain, 2, 1, "grpo", {"scale_rewards": "none"}, monkeypatch)
+    theirs = dict(trl_model.named_parameters())
+    diffs = [(p - theirs[n]).abs().max().item() for n, p in ours_model.named_parameters() if p.requires_grad]
+    apart = max((p - q).abs().max().item() for p, q in zip(plain.parameters(), trl_model.parameters()))
+    assert max(diffs) < 1e-6 and apart > 1e-4
+
+
+def test_gdpo_advantages_equal_trls_with_weights_and_rows_a_reward_skips(policy, tmp_path):  # noqa: F811
+    """Two weighted rewards, one returning None for some rows (one row neither scores): the advantages equal TRL's
+    _generate_and_score_completions's under normalize_then_sum (0 for the unscorable row)."""
+    import warnings
+
+    import trl
+    from datasets import Dataset
+    from tiny import tokenizer
+
+    import deltatune as dt
+    from deltatune.train.grpo_loss import gdpo_advantages
+
+    model, _ = policy
+    tok = tokenizer()
+    body, prompt = p15._completions(tok), tok("hi")["input_ids"]
+    first = [1.0, 0.0, 2.5, 0.5, 2.0, None, 2.0, 3.0]
+    second = [0.3, 0.1, None, 0.9, 0.0, None, 1.0, 1.0]
+
+    def rollout(prompts, trainer):
+        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
+                "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
+
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=p15.T,
+                          report_to=[], use_cpu=True, bf16=False, reward_weights=[1.0, 0.5], **GDPO)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(trl.GRPOTrainer)(
+            model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8),
+            processing_class=tok, rollout_func=rollout,
+            reward_funcs=[lambda completions, **_: list(first), lambda completions, **_: list(second)],
+        )  # fmt: skip
+        trainer.model.train()
+        want = trainer._generate_and_score_completions([{"prompt": "hi"}] * 8)["advantages"]
+    table = torch.tensor([[math.nan if v is None else v for v in row] for row in zip(first, second)])
+    got = gdpo_advantages(table, torch.tensor([1.0, 0.5]), 4)
+    assert got[5] == 0 and torch.allclose(got, want.float(), atol=1e-6)
+
+
+def test_an_unknown_aggregation_is_one_line_naming_the_key():
+    """TRL's GRPOTrainer raises on an unknown multi_objective_aggregation at its first generation; grpo's recipe check
+    names the key and both values before the model loads."""
+    from types import SimpleNamespace
+
+    from deltatune.train.grpo import _check
+
+    cfg = SimpleNamespace(align=_Align(num_generations=4, multi_objective_aggregation="gdpo"),
+                          train=SimpleNamespace(batch_size=2))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^align.multi_objective_aggregation must be one of sum_then_normalize, "
+                       r"normalize_then_sum, got 'gdpo'$"):  # fmt: skip
+        _check(cfg)

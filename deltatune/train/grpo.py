@@ -62,7 +62,7 @@ from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
 from .config_grpo import GENERATION_IDS, check_generation_ids, grpo_sampling
 from .grpo_entropy import EntropyBonus, check_entropy
-from .grpo_loss import group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401  (k3_kl: re-exported)
+from .grpo_loss import AGGREGATIONS, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
@@ -222,7 +222,9 @@ class GRPOLoop:
             table = self.score(s)  # (N, K)
         weights = torch.tensor([r.weight for r in self.rewards])
         rewards = combine(table, weights, [it.source for it in s.items])  # (N,)
-        advantages = group_advantages(rewards, G, a.scale_rewards).to(self.device)
+        gdpo = getattr(a, "multi_objective_aggregation", None) == "normalize_then_sum"  # (TRL's; k3_kl: re-exported)
+        advantages = gdpo_advantages(table, weights, G) if gdpo else group_advantages(rewards, G, a.scale_rewards)
+        advantages = advantages.to(self.device)
         mask = s.completion_mask.float()
         if a.mask_truncated_completions:  # (TRL's: out of every loss term and token count)
             mask = mask * (~s.truncated).float().unsqueeze(1).to(mask.device)
@@ -279,17 +281,14 @@ class GRPOLoop:
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used (logged so, as the Trainer logs)
             if self.scheduler is not None:
                 self.scheduler.step()
+        batch = a.scale_rewards == "batch" or gdpo  # (scale_rewards batch, GDPO: the batch's std; else each group's)
+        zero_std = nanstd(rewards if batch else rewards.view(-1, G)).isclose(torch.zeros(()))
         stats = {
             "loss": sums["loss"],
             "reward": rewards.nanmean().item(),
             "reward_std": nanstd(rewards).item(),
             "frac_zero_std_groups": nanstd(rewards.view(-1, G)).isclose(torch.zeros(())).float().mean().item(),
-            "frac_reward_zero_std": (  # TRL's: of the std its advantages divide by (scale_rewards batch: the batch's)
-                nanstd(rewards if a.scale_rewards == "batch" else rewards.view(-1, G)).isclose(torch.zeros(()))
-            )
-            .float()
-            .mean()
-            .item(),
+            "frac_reward_zero_std": zero_std.float().mean().item(),  # TRL's: of the std its advantages divide by
             "clipfrac": sums["clipped"] / max(sums["clip_units"], 1.0),
             "entropy": sums["entropy"] / n_tok.item(),
             "completion_length": s.completion_mask.float().sum(-1).mean().item(),  # (masked ones too, as TRL)
@@ -391,6 +390,9 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"align.num_iterations must be >= 1, got {a.num_iterations}")
     validate_grpo(a)
     check_entropy(a)
+    if getattr(a, "multi_objective_aggregation", AGGREGATIONS[0]) not in AGGREGATIONS:
+        raise ConfigError(f"align.multi_objective_aggregation must be one of {', '.join(AGGREGATIONS)}, got "
+                          f"{a.multi_objective_aggregation!r}")  # fmt: skip
     if (cfg.train.batch_size * a.num_generations) % a.steps_per_generation:
         raise ConfigError(f"align.steps_per_generation {a.steps_per_generation} does not divide the generation batch "
                           f"of train.batch_size x align.num_generations = {cfg.train.batch_size * a.num_generations} "

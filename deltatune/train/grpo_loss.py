@@ -46,6 +46,30 @@ def group_advantages(
     return adv.nan_to_num(0.0).reshape(-1)
 
 
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+"""TRL's multi_objective_aggregation: the rewards' weighted sum, then ``group_advantages``; or GDPO's
+(``gdpo_advantages``)."""
+
+
+def gdpo_advantages(table: torch.Tensor, weights: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GDPO's advantages (group reward-decoupled normalisation, arXiv:2601.05242; TRL's multi_objective_aggregation
+    normalize_then_sum): each reward normalised within its group, (r_k - mean) / (std + ``eps``), their weighted sum,
+    then that sum normalised over the batch; align.scale_rewards is not read, as in TRL.
+
+    Args:
+        table: (N, K) each completion's rewards (NaN: the reward does not apply), groups of ``group_size`` consecutive.
+        weights: (K,) the rewards' weights.
+
+    Returns:
+        (N,) advantages; 0 for a completion no reward applies to, as TRL's.
+    """
+    grouped = table.view(-1, group_size, table.shape[-1]).transpose(1, 2)  # (groups, K, G)
+    normed = (grouped - grouped.nanmean(-1, keepdim=True)) / (nanstd(grouped).unsqueeze(-1) + eps)
+    rewards = (normed.transpose(1, 2).reshape(table.shape) * weights.to(table)).nansum(-1)
+    rewards[table.isnan().all(-1)] = torch.nan
+    return ((rewards - rewards.nanmean()) / (nanstd(rewards) + eps)).nan_to_num(0.0)
+
+
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || ref) (Schulman 2020): exp(ref - pi) - (ref - pi) - 1, in log-probs."""
     d = ref_logprobs - logprobs
