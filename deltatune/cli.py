@@ -415,7 +415,8 @@ def _merge(args) -> int:
         dtype = stored_dtype(source, args.trust_remote_code) if source and report is None else None
         if dtype is not None and dtype != model.dtype:
             model = model.to(dtype)
-        model.save_pretrained(staging)
+        shards = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+        model.save_pretrained(staging, **shards)
         tok.save_pretrained(staging)
         if report is not None:  # a 4-bit base: what merging into full precision changed, kept beside the model
             with open(os.path.join(staging, "merge_report.json"), "w", encoding="utf-8") as fh:

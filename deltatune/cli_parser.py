@@ -162,6 +162,10 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output folder for the merged model")
     m.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     m.add_argument("--overwrite", action="store_true", help="replace what --out holds (only once the merge succeeded)")
+    m.add_argument("--max-shard-size", type=_shard_size, metavar="SIZE",
+                   help="largest weights file, e.g. 5GB (LLaMA-Factory's export_size: 5) or 500MB; bigger models are "
+                        "split into shards with an index, as transformers' save_pretrained(max_shard_size=) "
+                        "(default: transformers', 50GB)")  # fmt: skip
     _trust_flag(m)
 
     i = sub.add_parser("info", help="a model's family, default targets and trainable parameters per method")
@@ -244,6 +248,16 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
                         help="nucleus sampling mass (with --temperature > 0; default: the model's generation config's)")  # fmt: skip
     parser.add_argument("--seed", type=int, help="seed for sampling")
     _trust_flag(parser)
+
+
+def _shard_size(text: str) -> str:
+    """``--max-shard-size``: a size transformers' ``save_pretrained(max_shard_size=)`` reads (5GB, 500MB, 2GiB, more
+    than zero), refused here in one line (transformers raised its ValueError after the merge, from deep inside)."""
+    import re
+
+    if not re.fullmatch(r"0*[1-9][0-9]*([GMK]i?B)", text, re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: a whole number and a unit, e.g. 5GB, 500MB, 2GiB")
+    return text
 
 
 def _trust_flag(parser: argparse.ArgumentParser) -> None:

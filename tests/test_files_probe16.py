@@ -101,3 +101,52 @@ def test_a_state_dict_lacking_the_second_adapter_writes_no_adapter(tmp_path):
             load_file(tmp_path / "live" / sub / "adapter_model.safetensors"),
         )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """A tiny llama folder with its tokenizer, and a LoRA adapter on it (random B, so the merge changes weights)."""
+    from tiny import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    base = save_tiny(tmp_path / "base", "llama")
+    torch.manual_seed(0)
+    delta = dt.get_delta_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    delta.save_pretrained(tmp_path / "adapter")
+    return base, str(tmp_path / "adapter")
+
+
+def test_merge_max_shard_size_writes_transformers_shards_and_index(tmp_path, saved_run, capsys):
+    """LLaMA-Factory's export takes export_size (GB per shard); deltatune merge had no such flag (one 14 GB file for
+    a 7B model, transformers' default being 50GB). ``--max-shard-size`` now gives the shards and the index that
+    transformers' own ``save_pretrained(max_shard_size=)`` writes of peft's merged model, with equal tensors."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = saved_run
+    assert main(["merge", "--adapter", adapter, "--out", str(tmp_path / "ours"), "--max-shard-size", "1000KB"]) == 0
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    theirs.save_pretrained(tmp_path / "theirs", max_shard_size="1000KB")
+    index = [json.loads((tmp_path / d / "model.safetensors.index.json").read_text()) for d in ("ours", "theirs")]
+    assert index[0]["weight_map"] == index[1]["weight_map"] and len(set(index[0]["weight_map"].values())) > 1
+    for shard in set(index[0]["weight_map"].values()):
+        a, b = load_file(tmp_path / "ours" / shard), load_file(tmp_path / "theirs" / shard)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert (tmp_path / "ours" / "chat_template.jinja").read_text() == (
+        tmp_path / "base" / "chat_template.jinja"
+    ).read_text()
+
+
+@pytest.mark.parametrize("size", ["5XB", "0MB", "GB", "1.5GB"])
+def test_merge_max_shard_size_not_a_size_is_one_line_naming_the_flag(tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "out"), "--max-shard-size", size])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and err.startswith("deltatune merge: error: argument --max-shard-size: ")
+    assert f"{size!r} is not a size" in err and not os.path.exists(tmp_path / "out")
