@@ -61,3 +61,43 @@ def test_a_token_file_that_does_not_fit_is_not_blamed_on_target_modules(config, 
         dt.DeltaModel.from_pretrained(base, tmp_path)
     assert "target_modules" not in str(err.value)
     assert "virtual_tokens" not in base._modules and not base._forward_pre_hooks
+
+
+def _tiny_hybrid(family: str) -> torch.nn.Module:
+    """A tiny hybrid decoder: layer 0 keeps a recurrent state (Jamba's Mamba, RecurrentGemma's recurrent block), layer
+    1 keys and values."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    if family == "jamba":
+        fields.update(num_key_value_heads=2, mamba_d_state=4, attn_layer_period=2, attn_layer_offset=1,
+                      expert_layer_period=2, num_experts=1, use_mamba_kernels=False)  # fmt: skip
+    else:
+        fields.update(lru_width=32, attention_window_size=16, block_types=["recurrent", "attention"])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields)).eval()
+
+
+@pytest.mark.parametrize("family", ["jamba", "recurrent_gemma"])
+def test_a_prefix_on_a_model_with_layers_without_keys_is_refused_when_added(family):
+    """Jamba's and RecurrentGemma's caches hold a recurrent state in their Mamba / recurrent layers: the prefix was
+    added, then every forward failed in transformers' cache ("'LinearAttentionLayer' object has no attribute 'update'";
+    peft's: "Cannot get conv state for non linear attention layer 0"). Now one ConfigError naming the model type and
+    layer 0 when the adapter is added, and the model is left as it was; prompt tuning still works there (as peft's)."""
+    base = _tiny_hybrid(family)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    with pytest.raises(ConfigError, match=rf"model type '{family}' has layers whose cache holds no keys and values "
+                                          r"\(layer 0 \(LinearAttentionLayer\)") as err:  # fmt: skip
+        dt.get_delta_model(base, dt.PrefixTuningConfig(num_virtual_tokens=3))
+    assert "\n" not in str(err.value)
+    assert "virtual_tokens" not in base._modules and not base._forward_pre_hooks and not base._forward_hooks
+    assert "prepare_inputs_for_generation" not in base.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, before, atol=0, rtol=0)
+    model = dt.get_delta_model(base, dt.PromptTuningConfig(num_virtual_tokens=3)).eval()
+    out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():  # generate is the greedy loop of the adapted forward
+        first = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+    torch.testing.assert_close(out[:, 6:7], first, atol=0, rtol=0)

@@ -27,6 +27,7 @@ from ..config import ConfigError, DeltaConfig, check_positive_int
 from ._folding import Reparametrised, fold_tensor
 from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
 from ._tokens import VirtualTokens, attach, layer_of
+from ._tokens_layout import refuse_kv_free
 
 
 @dataclass
@@ -90,8 +91,11 @@ def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> l
     """Add a prefix adapter: fill the geometry (layers, key/value heads and width) from the model and attach it.
 
     Raises:
-        ConfigError: the model's attention cannot take a prefix, or the geometry fields do not fit the model.
+        ConfigError: the model's attention cannot take a prefix (or some layers keep no keys and values), or the
+            geometry fields do not fit the model.
     """
+    method = "prefix_tuning" if config.prefix_projection else "prefix_tuning (P-tuning v2)"
+    refuse_kv_free(model, method)  # Jamba's Mamba layers, RecurrentGemma's recurrent blocks: no keys to prefix
     fill_geometry(model, config, prefix=True)
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
@@ -109,7 +113,6 @@ def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> l
         projection,
         zero=config.init_weights == "zero",
     )
-    method = "prefix_tuning" if config.prefix_projection else "prefix_tuning (P-tuning v2)"
     spec = TokenSpec(
         method,
         "prefix",
