@@ -131,7 +131,7 @@ def test_echo_scores_the_prompt_as_vllms_prompt_logprobs(smol):
     chosen = [row[str(t)]["logprob"] for row, t in zip(got[1:], engine.tokenizer("the cat sat")["input_ids"][1:])]
     assert chosen == echoed["choices"][0]["logprobs"]["token_logprobs"][1:3]
     _, plain = _call(app, "/v1/completions", {**body, "echo": True})  # no logprobs: none (vLLM's None)
-    assert "prompt_logprobs" not in plain["choices"][0]
+    assert plain["choices"][0]["prompt_logprobs"] is None  # vLLM's null
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
     _, echoed = _call(app, "/v1/chat/completions", {**chat, "echo": True})
     _, asked = _call(app, "/v1/chat/completions", {**chat, "prompt_logprobs": 0})
@@ -141,7 +141,7 @@ def test_echo_scores_the_prompt_as_vllms_prompt_logprobs(smol):
     _, asked = _call(app, "/v1/chat/completions", {**chat, "prompt_logprobs": 3})
     assert echoed["prompt_logprobs"] == asked["prompt_logprobs"]
     _, plain = _call(app, "/v1/chat/completions", chat)
-    assert "prompt_logprobs" not in plain
+    assert plain["prompt_logprobs"] is None
 
 
 def test_detokenize_takes_more_tokens_than_the_context_as_vllm(smol):

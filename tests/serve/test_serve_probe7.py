@@ -154,8 +154,9 @@ def test_n_choices_as_openai_and_vllm_answer_them(served):
         finish[choice["index"]] = choice["finish_reason"] or finish[choice["index"]]
     assert streamed == greedy and finish == [c["finish_reason"] for c in answer["choices"]]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == answer["usage"]
-    top = {**body, "seed": 2**64 - 1, "n": 2}  # seed + 1 past torch's range: wraps, fails no batch
+    top = {**body, "seed": 2**63 - 1, "n": 2}  # vLLM's int64 seed's top: seed + 1 past int64 fails no batch
     assert _post(server, "/v1/completions", top)[0] == 200
+    assert _post(server, "/v1/completions", {**body, "seed": 2**63})[1]["error"]["param"] == "seed"  # vLLM's 400
     for n in (0, 129, True, 1.5):
         status, answer = _post(server, "/v1/completions", {**body, "n": n})
         assert status == 400 and answer["error"]["param"] == "n", n
