@@ -253,3 +253,26 @@ def test_gradient_checkpointing_on_a_diffusers_denoiser_is_its_own_and_gives_the
         grads.append((float(loss), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     assert abs(grads[0][0] - grads[1][0]) < 1e-6
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_an_image_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    """``generate --out`` and the validation images: a disk that fills up in the middle of the PNG left half a file
+    where the last image was; now the file is written beside and renamed, and the failure is one line naming it."""
+    from PIL import Image
+
+    from deltatune.train.t2i import save_png
+
+    out = tmp_path / "img.png"
+    save_png(torch.zeros(2, 3, 4, 4), str(out))
+    whole = out.read_bytes()
+
+    def half(self, fp, format=None, **kwargs):  # noqa: A002  (PIL's name)
+        with open(fp, "wb") as fh:
+            fh.write(whole[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half)
+    with pytest.raises(OSError, match=rf"could not write {re.escape(str(out))}: No space left on device"):
+        save_png(torch.ones(2, 3, 4, 4), str(out))
+    assert out.read_bytes() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]

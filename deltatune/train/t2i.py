@@ -509,11 +509,17 @@ def sample(
 
 
 def save_png(images: torch.Tensor, path: str) -> str:
-    """(N, C, H, W) images in [0, 1] side by side in one PNG (grayscale for one channel)."""
+    """(N, C, H, W) images in [0, 1] side by side in one PNG (grayscale for one channel), or the format the path's
+    extension names; written whole (a temporary file renamed), so a failed write leaves no half image."""
     from PIL import Image
+
+    from ..files import atomic_write
 
     array = (torch.cat(list(images), dim=-1) * 255).round().to(torch.uint8)  # (C, H, N * W)
     img = Image.fromarray((array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)).numpy())  # L or RGB
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise ConfigError(f"{path}: its extension names no image format; give a .png file")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    atomic_write(path, lambda tmp: img.save(tmp, format=kind))
     return path
