@@ -190,3 +190,27 @@ def test_a_seq2seq_row_with_nothing_to_learn_or_bad_references_is_refused_in_one
     assert (
         ex["input_ids"] == tok("The cat sat.")["input_ids"] and ex["labels"] == tok(text_target="A cat.")["input_ids"]
     )
+
+
+def test_a_t5_checkpoint_without_a_source_prefix_gets_run_summarizations_warning(tmp_path):
+    """run_summarization warns "You're running a t5 model but didn't provide a source prefix" for google-t5/t5-small
+    .. t5-11b run without --source_prefix; HEAD's report said nothing (recipes/e2e-seq2seq-lora.yaml is such a run).
+    Now a report line; none with a prefix, nor for another model."""
+    import json
+
+    from tiny import tokenizer
+
+    from deltatune.train.seq2seq import prepare_seq2seq
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"source": f"The cat sat {i}.", "target": "A cat."}) + "\n" for i in range(4)))
+
+    def notes(name, prefix=""):
+        cfg = build({"stage": "seq2seq", "model": {"name_or_path": name},
+                     "data": {"train": str(rows), "eval": str(rows), "source_column": "source",
+                              "target_column": "target", "source_prefix": prefix}})  # fmt: skip
+        return [n for n in prepare_seq2seq(cfg, tokenizer()).notes if "source_prefix" in n]
+
+    (note,) = notes("google-t5/t5-small")
+    assert note.startswith("the model is T5 (google-t5/t5-small) and data.source_prefix is empty")
+    assert notes("t5-base") and not notes("google-t5/t5-small", "summarize: ") and not notes("facebook/bart-base")

@@ -37,6 +37,8 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     train, ev = enc(train_rows), enc(eval_rows) if eval_rows else None
     notes = [_cut_note(split, e, d.max_length, d.max_target_length) for split, e in (("train", train), ("eval", ev))]
     notes = [n for n in notes if n]
+    if note := _prefix_note(cfg):
+        notes.append(note)
     new_tokens = cfg.train.generation_max_new_tokens
     # run_summarization generates up to the target length (val_max_target_length); a shorter cap cuts predictions
     if ev and (longer := sum(len(ex["labels"]) > new_tokens for ex in ev.examples)):
@@ -54,6 +56,21 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
         notes=notes,
         loss_only=True,
         trainer_class=TokenLossTrainer,  # T5's and BART's own loss is a mean per micro-batch
+    )
+
+
+# run_summarization warns when one of these runs without --source_prefix
+T5_CHECKPOINTS = tuple(f"google-t5/t5-{size}" for size in ("small", "base", "large", "3b", "11b"))
+
+
+def _prefix_note(cfg: RunConfig) -> str | None:
+    """The report's line for a T5 checkpoint run with no data.source_prefix, as run_summarization warns."""
+    name = cfg.model.name_or_path
+    if cfg.data.source_prefix or name not in T5_CHECKPOINTS + tuple(n.split("/")[1] for n in T5_CHECKPOINTS):
+        return None
+    return (
+        f"the model is T5 ({name}) and data.source_prefix is empty: T5 was trained with a task prefix before each "
+        'source, e.g. "summarize: " (run_summarization warns the same); set data.source_prefix to use one'
     )
 
 
