@@ -101,3 +101,50 @@ def test_merge_quantized_safe_merge_refuses_a_nan_adapter_as_peft_and_changes_no
     plain, report = dt.merge_quantized(ours, inputs, safe_merge=True)
     # (0.02: the layers ran an eval forward above, which on a CPU with AVX512-BF16 repacks them, see probe13)
     assert report.max_abs_diff < 0.05 and not any(quant.is_quantized(m) for m in plain.modules())
+
+
+# -- missing: transformers' BitsAndBytesConfig quantises to FP4 by default (bnb_4bit_quant_type="fp4") and peft trains
+# LoRA on it; quantize(quant_type="fp4") was refused ("quant_type must be 'nf4'"). With backend bitsandbytes it now
+# packs the same bytes as transformers' loading, and LoRA on it computes peft's logits and gradients exactly.
+@pytest.mark.skipif("bitsandbytes" not in BACKENDS, reason="bitsandbytes does not run on this CPU")
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quantize_fp4_packs_transformers_bytes_and_lora_on_it_equals_peft(tmp_path, double_quant):
+    peft = pytest.importorskip("peft")
+    from tiny import tiny_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    inputs = tiny_inputs("llama")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    _, summary = dt.quantize(model, quant_type="fp4", double_quant=double_quant, backend="bitsandbytes")
+    assert str(summary).startswith("quantised 14 layers to FP4 (bitsandbytes")
+    config = dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    ours = dt.get_delta_model(model, config)
+    ours.save_pretrained(tmp_path / "adapter")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                           bnb_4bit_use_double_quant=double_quant)  # fmt: skip
+    assert q.bnb_4bit_quant_type == "fp4"  # (transformers' default)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
+    a = ours.base_model.model.layers[1].mlp.down_proj.base_layer
+    b = theirs.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    assert torch.equal(a.weight.data, b.weight.data) and a.weight.quant_state.quant_type == "fp4"
+    out = [m.train()(**inputs, labels=inputs["input_ids"]) for m in (ours, theirs)]
+    for o in out:
+        o.loss.backward()
+    assert torch.equal(out[0].logits, out[1].logits)
+    grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in (ours, theirs)]
+    assert len(grads[0]) == len(grads[1]) == 8 and all(torch.equal(g, h) for g, h in zip(*grads))
+
+
+@pytest.mark.skipif("torchao" not in BACKENDS, reason="torchao is not installed")
+def test_quantize_fp4_on_torchao_is_one_line_and_changes_nothing():
+    from methods.test_quant import _llama
+
+    model = _llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dt.ConfigError, match="^quant_type 'fp4' needs backend 'bitsandbytes'.*got 'torchao'$"):
+        dt.quantize(model, quant_type="fp4", backend="torchao")
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())

@@ -50,6 +50,8 @@ class QuantSummary:
     """Parameters in the quantised layers' weights."""
     quantized_bytes: int = 0
     """Bytes those weights hold now, code book and constants included."""
+    quant_type: str = "nf4"
+    """The 4-bit type: "nf4", or "fp4" (bitsandbytes)."""
 
     @property
     def bytes_per_param(self) -> float:
@@ -57,7 +59,7 @@ class QuantSummary:
         return self.quantized_bytes / max(self.quantized_params, 1)
 
     def __str__(self) -> str:
-        return "\n".join([f"quantised {len(self.quantized)} layers to NF4 ({self.backend}, compute "
+        return "\n".join([f"quantised {len(self.quantized)} layers to {self.quant_type.upper()} ({self.backend}, compute "
                           f"{str(self.compute_dtype).removeprefix('torch.')}): {self.quantized_params:,d} parameters in "
                           f"{self.quantized_bytes:,d} bytes ({self.bytes_per_param:.3f} bytes/parameter)",
                           f"model: {self.bytes_before:,d} -> {self.bytes_after:,d} bytes",
@@ -74,7 +76,8 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
 
 def _check_args(bits: int, quant_type: str, double_quant: bool, backend: str) -> None:
     for bad, what in ((bits != 4, f"bits must be 4 (NF4), got {bits!r}"),
-                      (quant_type != "nf4", f"quant_type must be 'nf4', got {quant_type!r}"),
+                      (quant_type not in ("nf4", "fp4"), f"quant_type must be 'nf4', got {quant_type!r} (or 'fp4', "
+                       "bitsandbytes' other 4-bit type, with backend 'bitsandbytes')"),
                       (not isinstance(double_quant, bool), f"double_quant must be true or false, got {double_quant!r}"),
                       (backend not in ("auto", *BACKENDS),
                        f"backend must be 'auto', 'torchao' or 'bitsandbytes', got {backend!r}")):  # fmt: skip
@@ -115,7 +118,7 @@ def quantize(
     backend: str = "auto",
     skip_modules: list[str] | str | None = None,
 ) -> tuple[nn.Module, QuantSummary]:
-    """Replace the model's linear layers by 4-bit NF4 ``Linear4bit`` layers, in place.
+    """Replace the model's linear layers by 4-bit NF4 (or FP4) ``Linear4bit`` layers, in place.
 
     The output head (``lm_head``), task heads (classifier, score, ...), embeddings and norms stay in full precision,
     as do the model's ``_keep_in_fp32_modules`` (T5's ``wo``, as transformers' 4-bit loading does), a layer whose
@@ -126,7 +129,7 @@ def quantize(
     Args:
         model: a full-precision model (a transformers model or any nn.Module), before adapters are added.
         bits: 4 (the only width).
-        quant_type: "nf4" (the only type).
+        quant_type: "nf4", or "fp4" (transformers' ``bnb_4bit_quant_type`` default; backend bitsandbytes only).
         double_quant: also quantise the absmax constants to 8 bits (saves ~0.37 bits/parameter).
         compute_dtype: the dtype the layers compute in: float32, bfloat16 (or float16), as a dtype or its name.
         backend: "auto", "torchao" or "bitsandbytes" (see the module docstring for what "auto" picks).
@@ -183,14 +186,16 @@ def quantize(
         )
     device = todo[0][1].weight.device if todo else torch.device("cpu")
     chosen = resolve_backend(backend, device, double_quant)
+    if quant_type == "fp4" and chosen != "bitsandbytes":  # torchao has NF4 only
+        raise ConfigError(f"quant_type 'fp4' needs backend 'bitsandbytes' (torchao has NF4 only), got {chosen!r}")
     before = memory_footprint(model).total_bytes
     # Quantise everything first and swap afterwards, so an error half-way leaves the model as it was.
-    new = [(n, Linear4bit.from_linear(m, dtype, chosen, double_quant)) for n, m in todo]
+    new = [(n, Linear4bit.from_linear(m, dtype, chosen, double_quant, quant_type)) for n, m in todo]
     for name, layer in new:
         set_submodule(model, name, layer)
     footprint = memory_footprint(model)
     after = (footprint.total_bytes, footprint.quantized_params, footprint.quantized_bytes)
-    return model, QuantSummary(chosen, dtype, [n for n, _ in new], kept, before, *after)
+    return model, QuantSummary(chosen, dtype, [n for n, _ in new], kept, before, *after, quant_type=quant_type)
 
 
 # -- training ------------------------------------------------------------------------------------------------
