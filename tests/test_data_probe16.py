@@ -226,7 +226,23 @@ def test_rouge_n_and_lsum_equal_rouge_scores_on_random_multi_line_texts():
     from deltatune.train import metrics as M
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"], use_stemmer=True)
-    words = "the cat cats running runs ran dog a on mat sat sitting of is was".split()
+    words = [
+        "the",
+        "cat",
+        "cats",
+        "running",
+        "runs",
+        "ran",
+        "dog",
+        "a",
+        "on",
+        "mat",
+        "sat",
+        "sitting",
+        "of",
+        "is",
+        "was",
+    ]
     rnd = random.Random(0)
 
     def text() -> str:
