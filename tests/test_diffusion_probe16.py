@@ -276,3 +276,31 @@ def test_an_image_write_that_fails_leaves_the_previous_file_whole(tmp_path, monk
         save_png(torch.ones(2, 3, 4, 4), str(out))
     assert out.read_bytes() == whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_class_images_are_drawn_with_the_defaults_of_the_scripts_pipeline(tmp_path, flow):
+    """train_dreambooth_lora.py and train_dreambooth_lora_sd3.py draw the missing class images with
+    ``pipeline(example["prompt"])``: StableDiffusionPipeline's defaults (50 steps, guidance 7.5) and
+    StableDiffusion3Pipeline's (28 steps, guidance 7.0). A flow-matching base drew with 50 and 7.5."""
+    import inspect
+    from types import SimpleNamespace as NS
+
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    from deltatune.train.t2i_prior import with_prior
+
+    asked = []
+
+    def sample(base, processor, prompts, steps, guidance, seed, max_length):
+        asked.append((steps, guidance))
+        return torch.rand(len(prompts), 3, 8, 8)
+
+    processor = NS(flow=flow, scheduler=NS(config=NS(num_train_timesteps=1000)), trains_text_encoder=False,
+                   condition=lambda prompts, n: ({"encoder_hidden_states": torch.zeros(1, 2, 4)}, 0))  # fmt: skip
+    cfg = NS(model=NS(name_or_path=str(tmp_path)), data=NS(max_length=8), train=NS(seed=0))
+    options = {"folder": str(tmp_path / "class"), "prompt": "a dog", "count": 2, "weight": 1.0}
+    with_prior([{}], processor, options, cfg, lambda img: img, None, [], lambda path: torch.nn.Identity(), sample)
+    pipeline = StableDiffusion3Pipeline if flow else StableDiffusionPipeline
+    defaults = inspect.signature(pipeline.__call__).parameters
+    assert asked == [(defaults["num_inference_steps"].default, defaults["guidance_scale"].default)]

@@ -6,7 +6,9 @@ then their B class images, and the loss adds ``train.prior_loss_weight`` times t
 Keys (diffusers' flags): ``train.with_prior_preservation``, ``train.prior_loss_weight`` (1.0), ``data.class_data_dir``
 (a folder of class images: its image files, sorted by name), ``data.class_prompt``, ``data.num_class_images``
 (100). When the folder holds fewer than ``data.num_class_images``, the missing ones are drawn first with the base
-(``t2i.sample``: 50 steps, guidance 7.5, as the pipeline's defaults), in batches of 4, and saved there as
+(``t2i.sample`` with the defaults of the pipeline the script calls as ``pipeline(prompt)``: StableDiffusionPipeline's
+50 steps and guidance 7.5 for a UNet, StableDiffusion3Pipeline's 28 and 7.0 for a flow-matching transformer, as
+``train_dreambooth_lora_sd3.py``; ``CLASS_DRAW``), in batches of 4, and saved there as
 ``<index>-<sha1 of the pixels>.jpg``, as the script does. Under torchrun / accelerate launch only the local main
 process (LOCAL_RANK 0) draws them, a deliberate difference: the script shares the drawing among its processes
 (its sample loader goes through ``accelerator.prepare``), so its images are not the ones one process would draw.
@@ -30,6 +32,9 @@ from ..data.images import IMAGE_EXTENSIONS, ImageRow, open_rgb
 
 SAMPLE_BATCH = 4
 """Class images drawn at once (the script's ``--sample_batch_size``)."""
+CLASS_DRAW = {False: (50, 7.5), True: (28, 7.0)}
+"""(steps, guidance) of the class images, by whether the base trains with flow matching: the defaults of
+StableDiffusionPipeline and StableDiffusion3Pipeline, which the DreamBooth scripts call with the prompt alone."""
 WAIT_S = 1800.0
 """How long a process that does not draw waits for the local main process's next class image (the Trainer's
 ``ddp_timeout``)."""
@@ -184,8 +189,9 @@ def with_prior(
         d = cfg.data.max_length
 
         def draw(prompts: list[str], seed: int) -> torch.Tensor:
-            steps = 50 if processor.flow else min(50, processor.scheduler.config.num_train_timesteps)
-            return sample(base, processor, prompts, steps=steps, guidance=7.5, seed=seed, max_length=d)
+            steps, guidance = CLASS_DRAW[bool(processor.flow)]
+            steps = steps if processor.flow else min(steps, processor.scheduler.config.num_train_timesteps)
+            return sample(base, processor, prompts, steps=steps, guidance=guidance, seed=seed, max_length=d)
 
         drawn = draw_class_images(draw, options, cfg.train.seed)
         del base
