@@ -283,3 +283,60 @@ def test_trls_grpo_names_say_what_they_are_here(key, value, words):
     with pytest.raises(ConfigError) as err:
         build({**RAW, "align": {key: value, "reward_funcs": ["m:f"]}})
     assert str(err.value) == f"unknown key 'align.{key}' in recipe; {words}"
+
+
+# -- a transformers reward model as a GRPO reward (TRL's reward_funcs=<model path>) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model_folder(tmp_path_factory):
+    """A tiny Llama sequence classifier (one label, a seeded score head) saved with its tokenizer: no deltatune run."""
+    from tiny import save_tiny, tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("rm") / "tiny-rm"
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(save_tiny(folder.parent / "base"), num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+CHAT = [[{"role": "user", "content": c}] for c in ("hi", "a longer prompt here", "b")]
+ANSWERS = [[{"role": "assistant", "content": c}] for c in ("there friend", "x", "and some more words to score")]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_transformers_reward_model_scores_as_trls(policy, reward_model_folder, tmp_path, chat):  # noqa: F811
+    """align.reward_funcs naming a transformers sequence-classification model folder (TRL's reward model, with its
+    own tokenizer) was refused ('holds no run.yaml'); it scores each prompt + completion as TRL's GRPOTrainer
+    (_calculate_rewards: joined, or chat messages through the reward tokenizer's template, right-padded, the logit at
+    the last token that is no pad), rows of unequal lengths."""
+    import warnings
+
+    import trl
+    from datasets import Dataset
+    from tiny import tokenizer
+
+    import deltatune as dt
+    from deltatune.train.grpo_rewards import check_rewards, load_rewards, score
+
+    prompts = CHAT if chat else ["hi", "a longer prompt here", "b"]
+    completions = ANSWERS if chat else [" there friend", " x", " and some more words to score"]
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=3, num_generations=3, report_to=[], use_cpu=True,
+                          bf16=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(trl.GRPOTrainer)(
+            model=copy.deepcopy(policy[0]), args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 3),
+            processing_class=tokenizer(), reward_funcs=[reward_model_folder],
+        )  # fmt: skip
+    want = trainer._calculate_rewards([{"prompt": p} for p in prompts], prompts, completions, [[1]] * 3)[:, 0]
+    align = AlignArgs(reward_funcs=[reward_model_folder], num_generations=3)
+    rewards = check_rewards(align)
+    load_rewards(rewards, align.reward_funcs, policy[0], "policy", tokenizer())
+    got = score(rewards, prompts, prompts, completions, {}, ["r:1", "r:2", "r:3"])[:, 0]
+    assert rewards[0].name == trainer.reward_func_names[0] == "tiny-rm"
+    assert torch.allclose(got, want.float(), atol=1e-6) and want.std() > 1e-3

@@ -97,12 +97,14 @@ def _error(exc: BaseException) -> str:
 
 
 def check_rewards(align: AlignArgs) -> list[Reward]:
-    """The rewards of ``align.reward_funcs`` with their weights, functions imported, reward runs checked (not yet
-    loaded: ``load_rewards`` does that once the policy exists).
+    """The rewards of ``align.reward_funcs`` with their weights, functions imported, reward runs (or transformers
+    model folders: TRL's reward models, ``grpo_reward_model``) checked (not yet loaded: ``load_rewards`` does that once
+    the policy exists).
 
     Raises:
         ConfigError: no rewards, a weight list of another length or holding a non-number, or a bad entry.
     """
+    from .grpo_reward_model import is_model_folder
     from .scorers import reward_run
 
     specs = align.reward_funcs
@@ -118,7 +120,7 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
         if not isinstance(spec, str):
             raise ConfigError(f"align.reward_funcs entries must be text, got {spec!r}")
         if os.path.isdir(spec):
-            reward_run(spec)
+            is_model_folder(spec) or reward_run(spec)  # (a transformers model folder: TRL's reward model)
             name, fn, is_model = os.path.basename(os.path.normpath(spec)), None, True
         else:
             name, fn, is_model = spec.rpartition(":")[2], import_reward(spec), False
@@ -131,14 +133,18 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
 
 def load_rewards(rewards: list[Reward], specs: list[str], model: nn.Module, policy_name: str, tokenizer) -> list:
     """Reward-model entries loaded (an extra adapter on the policy when trained on its base: ``AdapterReward``;
-    else a model of its own: ``RewardScorer``); returns the loaded AdapterRewards, to delete after the run."""
+    else a model of its own: ``RewardScorer``; a transformers model folder: ``SequenceClassifierReward``, called as a
+    reward function); returns the loaded AdapterRewards, to delete after the run."""
+    from .grpo_reward_model import SequenceClassifierReward, is_model_folder
     from .ppo import reward_function
     from .scorers import AdapterReward
 
     device = next(model.parameters()).device
     shared = []
     for r, spec in zip(rewards, specs):
-        if r.model and r.fn is None:
+        if r.model and r.fn is None and is_model_folder(spec):  # (called as a reward function, as TRL's)
+            r.fn, r.model = SequenceClassifierReward(spec, device), False
+        elif r.model and r.fn is None:
             name = f"reward_{len(shared)}" if shared else "reward"  # each reward run its own adapter in the policy
             r.fn = reward_function(spec, device, model, policy_name, tokenizer, adapter_name=name)
             if isinstance(r.fn, AdapterReward):

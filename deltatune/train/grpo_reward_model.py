@@ -1,0 +1,44 @@
+"""A transformers sequence-classification model as a GRPO reward (an ``align.reward_funcs`` entry naming its folder),
+as TRL 1.16's GRPOTrainer takes a reward model: loaded with ``AutoModelForSequenceClassification`` (one label) and its
+own tokenizer (its pad token the EOS where it has none), each completion scored as its prompt and completion joined
+(chat prompts: the messages through the reward tokenizer's chat template), right-padded, without special tokens
+added; the reward is the logit. A deltatune reward run (stage rm) is scored by ``scorers`` instead."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def is_model_folder(spec: str) -> bool:
+    """Whether ``spec`` is a folder holding a transformers model (config.json) that is no deltatune run (run.yaml)."""
+    return os.path.isfile(os.path.join(spec, "config.json")) and not os.path.isfile(os.path.join(spec, "run.yaml"))
+
+
+class SequenceClassifierReward:
+    """TRL's reward model: ``f(prompts, completions, **columns) -> list[float]``, as a reward function is called."""
+
+    def __init__(self, path: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, trust_remote_code=trust_remote_code
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.get_text_config().pad_token_id = self.tokenizer.pad_token_id  # (the last token not a pad)
+        self.model.to(device).eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
+        if isinstance(prompts[0], list):  # (TRL asks the batch's first prompt)
+            texts = [self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
+                               add_special_tokens=False).to(device)  # fmt: skip
+        return self.model(**batch).logits[:, 0].float().tolist()
