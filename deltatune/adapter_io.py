@@ -135,6 +135,7 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
     if not is_main_process:
         return
     names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)
+    card = _model_card(model, save_directory)  # an unreadable README.md refused before any file is written, as peft
     save_adapters(model, save_directory, names, save_embedding_layers, **kwargs)
     for name in names if not safe_serialization else []:  # peft's torch.save file, in place of the safetensors one
         from safetensors.torch import load_file
@@ -143,7 +144,7 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
         tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
         atomic_write(os.path.join(folder, PICKLE_WEIGHTS_NAME), lambda f, t=tensors: torch.save(t, f))
         os.remove(os.path.join(folder, WEIGHTS_NAME))  # (peft leaves an older one, which its loading then prefers)
-    create_or_update_model_card(model, save_directory)  # peft's README.md, written once the adapters are in place
+    atomic_write(os.path.join(save_directory, "README.md"), card.save)  # peft's, once the adapters are in place
 
 
 def create_or_update_model_card(model: DeltaModel, output_dir: str | os.PathLike[str]) -> None:
@@ -151,7 +152,15 @@ def create_or_update_model_card(model: DeltaModel, output_dir: str | os.PathLike
     (``library_name: peft``, as the files load with peft; ``base_model``; the tags ``transformers``, ``lora`` for a
     LoRA, ``base_model:adapter:<base>`` and the base model's ``model_tags``; ``pipeline_tag: text-generation`` for a
     causal-LM task type) and deltatune's version under "Framework versions". An existing card keeps its text and its
-    other fields. ``save_pretrained`` calls it for the folder it saves into, as peft's does."""
+    other fields. ``save_pretrained`` writes it in the folder it saves into, as peft's does."""
+    card = _model_card(model, output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write(os.path.join(output_dir, "README.md"), card.save)  # never half-written
+
+
+def _model_card(model: DeltaModel, output_dir: str | os.PathLike[str]) -> Any:
+    """``create_or_update_model_card``'s card, read and updated, not written; a README.md that is no model card
+    (not UTF-8, its --- block not YAML or not a mapping) refused in one line naming it."""
     import yaml
     from huggingface_hub import ModelCard, ModelCardData
     from transformers import PreTrainedModel
@@ -165,6 +174,10 @@ def create_or_update_model_card(model: DeltaModel, output_dir: str | os.PathLike
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
         raise ValueError(f"{filename}{at}: the model card's metadata (its --- block) is not valid YAML") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{filename} is not UTF-8 text (byte {exc.start}); a model card is markdown") from None
+    except ValueError as exc:  # (huggingface_hub's "repo card metadata block should be a dict", no file named)
+        raise ValueError(f"{filename}: {exc}") from None
     card.data["library_name"] = "peft"
     base = model.get_base_model()
     config = model.active_peft_config if model.active_adapters else None
@@ -186,8 +199,7 @@ def create_or_update_model_card(model: DeltaModel, output_dir: str | os.PathLike
         else:
             lines.append(f"{heading}\n\n- deltatune {__version__}")
     card.text = "\n".join(lines)
-    os.makedirs(output_dir, exist_ok=True)
-    atomic_write(filename, card.save)  # never half-written
+    return card
 
 
 def load_adapter(

@@ -150,3 +150,34 @@ def test_merge_max_shard_size_not_a_size_is_one_line_naming_the_flag(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and err.startswith("deltatune merge: error: argument --max-shard-size: ")
     assert f"{size!r} is not a size" in err and not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"---\nfoo: [unclosed\n---\ntext\n", b"\xff\xfe not utf-8\n", b"---\n- a list\n---\n"],
+    ids=["yaml", "bytes", "list"],
+)
+def test_a_readme_that_is_no_model_card_refuses_the_save_before_any_file(tmp_path, body):
+    """peft reads the folder's README.md (its model card) before it writes an adapter, so a card it cannot read
+    leaves the folder as it was; deltatune wrote the adapter first, then raised (a non-UTF-8 one as a bare
+    UnicodeDecodeError, naming no file). Now as peft's: nothing written, one line naming the file."""
+    import peft
+
+    folders = {}
+    for who in ("ours", "peft"):
+        torch.manual_seed(0)
+        model = tiny_model("llama")
+        if who == "ours":
+            model = dt.get_delta_model(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+        else:
+            model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        folders[who] = tmp_path / who
+        folders[who].mkdir()
+        (folders[who] / "README.md").write_bytes(body)
+        with pytest.raises(Exception) as refused:
+            model.save_pretrained(folders[who])
+        if who == "ours":
+            assert isinstance(refused.value, ValueError) and str(folders[who] / "README.md") in str(refused.value)
+            assert "\n" not in str(refused.value)
+    assert sorted(os.listdir(folders["ours"])) == sorted(os.listdir(folders["peft"])) == ["README.md"]
+    assert (folders["ours"] / "README.md").read_bytes() == body
