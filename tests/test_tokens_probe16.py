@@ -101,3 +101,61 @@ def test_a_prefix_on_a_model_with_layers_without_keys_is_refused_when_added(fami
     with torch.no_grad():  # generate is the greedy loop of the adapted forward
         first = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
     torch.testing.assert_close(out[:, 6:7], first, atol=0, rtol=0)
+
+
+def _tiny_mamba() -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mamba", vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+MAMBA_IDS = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_prompts_on_mamba_take_the_given_heads_as_peft_and_compute_its_numbers(method, tmp_path):
+    """Mamba's config has no attention heads: peft asks for num_attention_heads and then prompt-tunes it; deltatune
+    refused it even given ("cannot read the layer count, hidden size and heads of model type 'mamba'"). Now the given
+    value stands (prompts need only their width) and logits, loss and files equal peft's; unset, the refusal names
+    the field."""
+    peft = pytest.importorskip("peft")
+    base = _tiny_mamba()
+    with pytest.raises(ConfigError, match="cannot read num_attention_heads from the config of model type 'mamba'"):
+        dt.get_delta_model(base, dt.PromptTuningConfig(num_virtual_tokens=3))
+    ours_cls, theirs_cls, fields = (
+        (dt.PromptTuningConfig, peft.PromptTuningConfig, {})
+        if method == "prompt"
+        else (dt.PTuningConfig, peft.PromptEncoderConfig, {"encoder_hidden_size": 16})
+    )
+    fields.update(task_type="CAUSAL_LM", num_virtual_tokens=3, num_attention_heads=1)
+    theirs_base = _tiny_mamba()  # (seeds 0 itself)
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(theirs_base, theirs_cls(**fields)).eval()
+    torch.manual_seed(3)
+    ours = dt.get_delta_model(base, ours_cls(**fields)).eval()
+    with torch.no_grad():
+        a, b = ours(input_ids=MAMBA_IDS, labels=MAMBA_IDS), theirs(input_ids=MAMBA_IDS, labels=MAMBA_IDS)
+    torch.testing.assert_close(a.logits, b.logits[:, 3:], atol=1e-5, rtol=0)  # peft keeps the virtual rows
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=0)
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = dt.DeltaModel.from_pretrained(_tiny_mamba(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=MAMBA_IDS).logits, b.logits[:, 3:], atol=1e-5, rtol=0)
+
+
+def test_generate_on_mamba_with_prompts_scores_as_the_forward_loop():
+    """A Mamba cache (recurrent states only) is "compileable" to transformers and was refused as a fixed-size static
+    cache; now generate runs, and each step's scores are the adapted forward's over the sequence so far (peft's
+    differ from its own forward by ~0.95 from the second step: it prepends nothing there but loses the state)."""
+    base = _tiny_mamba()
+    torch.manual_seed(3)
+    model = dt.get_delta_model(base, dt.PromptTuningConfig(num_virtual_tokens=3, num_attention_heads=1))
+    model.eval()
+    out = model.generate(input_ids=MAMBA_IDS, max_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        for k, scores in enumerate(out.scores):
+            expected = model(input_ids=out.sequences[:, : 6 + k]).logits[:, -1]
+            torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)

@@ -92,8 +92,16 @@ def fill_geometry(model: nn.Module, config: Any, prefix: bool) -> None:
     layers = _first(cfg, "num_hidden_layers", "num_layers", "n_layer")
     hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
     heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-    if layers is None or hidden is None or heads is None:
-        raise ConfigError(f"cannot read the layer count, hidden size and heads of model type {mtype!r}")
+    if not prefix:  # prompts need only their width; layers and heads are recorded, a given value stands (as peft's)
+        layers = layers if layers is not None else config.num_layers
+        heads = heads if heads is not None else config.num_attention_heads
+    unread = [
+        k for k, v in (("num_layers", layers), ("token_dim", hidden), ("num_attention_heads", heads)) if v is None
+    ]
+    if unread:
+        raise ConfigError(
+            f"cannot read {', '.join(unread)} from the config of model type {mtype!r}; set it in the adapter config"
+        )
     token_dim = hidden if prefix else embedding.weight.shape[1]  # ALBERT's, ELECTRA-small's: narrower than hidden
     if prefix:
         kv_heads = getattr(cfg, "num_key_value_heads", None)

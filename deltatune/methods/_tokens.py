@@ -15,8 +15,7 @@ of its adapters is active its forward pre-hooks rewrite the model inputs and a f
   cache is empty, so ``generate`` works through the base model's own loop (its input slicing, when it restarts
   from a cache it returned, counts the n virtual tokens: see ``_prepare``).
 
-Files follow PEFT: one tensor ``prompt_embeddings`` per adapter, the *folded* virtual tokens (the output of any
-reparametrisation). Shared fields, geometry and call-argument plumbing are in _token_geometry.py.
+Files follow PEFT: one ``prompt_embeddings`` per adapter, the folded virtual tokens. Shared fields: _token_geometry.py.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from ._token_geometry import (
     _shift_positions,
     text_config,
 )
+from ._tokens_layout import fixed_size
 
 ATTR = "virtual_tokens"
 """Name of the child module of the base model holding every token adapter."""
@@ -299,7 +299,7 @@ class VirtualTokens(DeltaLayer):
 
 def _growing(spec: TokenSpec, cache: Any) -> Any:
     """``cache``, refused when it has a fixed size (a static cache is sized for the inputs and new tokens only)."""
-    if getattr(cache, "is_compileable", False):
+    if fixed_size(cache):
         raise ValueError(
             f"{spec.method} puts {spec.n} virtual tokens in the key/value cache, which a fixed-size "
             f"{type(cache).__name__} (cache_implementation='static') has no room for; use the default dynamic cache"

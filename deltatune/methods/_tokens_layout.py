@@ -5,7 +5,8 @@ attention (full, sliding, chunked, and the hybrid layers that carry attention be
 that hold no keys and values: a linear-attention or state-space block's recurrent state (Jamba's Mamba layers,
 RecurrentGemma's recurrent blocks, Qwen3-Next's linear attention) and the placeholder of a layer that reads another
 layer's cache. A prefix puts keys and values into every layer, so a model with any such layer is refused when the
-adapter is added, in one line (the forward failed deep in transformers' cache, as peft's does).
+adapter is added, in one line (the forward failed deep in transformers' cache, as peft's does). Prompts need no
+key/value layer: a Mamba model takes them, and its cache of recurrent states is not a fixed-size one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ def kv_free_layers(model: nn.Module) -> list[str]:
     return [f"{i} ({type(layer).__name__})" for i, layer in enumerate(layers) if not isinstance(layer, DynamicLayer)]
 
 
+def fixed_size(cache: object) -> bool:
+    """Whether ``cache`` has a key/value layer of a fixed size (``cache_implementation="static"``), which has no room
+    for virtual tokens. A Mamba model's cache of recurrent states only is not one, though transformers calls it
+    compileable (that flag is what older transformers, without per-layer caches, are read by)."""
+    layers = getattr(cache, "layers", None)
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        layers = None
+    if layers is None:
+        return bool(getattr(cache, "is_compileable", False))
+    return any(isinstance(layer, StaticLayer) for layer in layers)
+
+
 def refuse_kv_free(model: nn.Module, method: str) -> None:
     """Raise a ConfigError naming the model type and its layers without keys and values, if it has any."""
     free = kv_free_layers(model)
@@ -45,4 +60,4 @@ def refuse_kv_free(model: nn.Module, method: str) -> None:
         )
 
 
-__all__ = ["kv_free_layers", "refuse_kv_free"]
+__all__ = ["fixed_size", "kv_free_layers", "refuse_kv_free"]
