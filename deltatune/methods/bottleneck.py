@@ -6,7 +6,8 @@ and LayerNorm, with a residual of its own:
     h' = h + s * (W_up f(W_down LN_b(h) + b_down) + b_up)      (then LN_a on the added term, if asked)
 
 with W_down (m x d), W_up (d x m), m = bottleneck_size or d // reduction_factor, f a non-linearity and s =
-``scaling``. Only W_down, b_down, W_up, b_up (and the optional LayerNorms) train; the base stays frozen.
+``scaling`` (or trained: ``scaling='learned'``, a scalar, ``'channel'``, a vector of size d, both starting at 1).
+Only W_down, b_down, W_up, b_up (the optional LayerNorms, a learned s) train; the base stays frozen.
 Houlsby places an adapter after the attention output projection and after the feed-forward output projection of
 every block; Pfeiffer only after the feed-forward one. Where those projections live in each model family is data
 (``targets.BOTTLENECK_TARGETS``), not code.
