@@ -148,3 +148,19 @@ def test_quantize_fp4_on_torchao_is_one_line_and_changes_nothing():
         dt.quantize(model, quant_type="fp4", backend="torchao")
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# -- fault: quantize on a model with no linear layer it would quantise (none, or all kept: in_features not a multiple
+# of 64) returned a summary of 0 layers, which the recipe path drops: a "QLoRA" run trained in full precision.
+def test_quantize_with_nothing_to_quantise_is_one_line_and_changes_nothing():
+    from tiny import tiny_model
+
+    embed = torch.nn.Sequential(torch.nn.Embedding(10, 64), torch.nn.LayerNorm(64))
+    with pytest.raises(QuantizationError, match=r"^quantize: Sequential has no linear layer to quantise \(none at"):
+        dt.quantize(embed, backend=BACKENDS[0])
+    model = tiny_model("llama")  # hidden 32, intermediate 48: every in_features below the block size 64
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=r"\(15 kept in full precision, e.g. 'model.layers.0.self_attn.q_"):
+        dt.quantize(model, backend=BACKENDS[0])
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())

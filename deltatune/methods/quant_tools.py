@@ -139,8 +139,8 @@ def quantize(
         The same model object, and a ``QuantSummary``.
 
     Raises:
-        ConfigError: a bad argument. QuantizationError: the model is already quantised or has adapters, or a
-            layer to quantise has a nan or inf weight.
+        ConfigError: a bad argument. QuantizationError: the model is already quantised or has adapters, has no
+            linear layer to quantise (none, or every one kept), or a layer to quantise has a nan or inf weight.
         ImportError: the backend is not installed. In every case the model is unchanged.
     """
     _check_args(bits, quant_type, double_quant, backend)
@@ -178,6 +178,11 @@ def quantize(
             known[f"{n}.out_proj".lstrip(".")] = "nn.MultiheadAttention reads out_proj.weight itself"
     kept = {n: why for n, m in linears if (why := _keep_reason(n, m, output, skip_modules, fp32, known))}
     todo = [(n, m) for n, m in linears if n not in kept]
+    if not todo:  # a QLoRA recipe would train in full precision, saving nothing, and say so nowhere
+        first = next(iter(kept.items()), None)
+        why = f"{len(kept)} kept in full precision, e.g. {first[0]!r} ({first[1]})" if first else "none at all"
+        raise QuantizationError(f"quantize: {type(model).__name__} has no linear layer to quantise ({why}); "
+                                "leave quantization out to train it in full precision")  # fmt: skip
     bad = [n for n, m in todo if not torch.isfinite(m.weight).all()]
     if bad:  # one nan or inf would make the whole layer nan: its block constants are quantised together
         raise QuantizationError(
