@@ -139,7 +139,8 @@ def test_quantize_keeps_task_heads():
     ("kwargs", "error", "match"),
     [
         ({"bits": 8}, ConfigError, "bits must be 4"),
-        ({"quant_type": "fp4"}, ConfigError, "quant_type"),
+        ({"quant_type": "fp8"}, ConfigError, "quant_type"),
+        ({"quant_type": "fp4", "backend": "torchao"}, ConfigError, "quant_type .fp4. needs backend .bitsandbytes."),
         ({"compute_dtype": "float64"}, ConfigError, "compute_dtype"),
         ({"backend": "gptq"}, ConfigError, "backend"),
         ({"backend": "torchao", "double_quant": False}, ConfigError, "double_quant"),
