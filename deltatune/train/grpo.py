@@ -62,7 +62,7 @@ from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
 from .config_grpo import GENERATION_IDS, check_generation_ids, grpo_sampling
 from .grpo_entropy import EntropyBonus, check_entropy
-from .grpo_loss import AGGREGATIONS, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
+from .grpo_loss import check_loss_keys, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
@@ -249,14 +249,14 @@ class GRPOLoop:
                     logp, entropy = self._forward(s, idx)
                 m = mask[idx]  # bnpo: each chunk's token mean x its share of the slice (TRL's per micro-batch)
                 n_chunk = m.sum().clamp(min=1) * len(part) / len(idx) if a.loss_type == "bnpo" else n_part
-                q = a.top_entropy_quantile  # (TRL's top-entropy mask over the chunk, its micro-batch)
+                q, opsm = a.top_entropy_quantile, getattr(a, "off_policy_mask_threshold", None)  # (TRL's)
                 top = high_entropy_mask(entropy.detach(), m, q) if q < 1 else None
                 loss, st = grpo_loss(
                     logp, logp.detach() if old is None else old[idx], advantages[idx], m, a.cliprange, a.beta,
                     None if ref is None else ref[idx], norm, len(part), n_chunk, a.bias_correction_kl,
                     cliprange_high=a.cliprange_high, delta=a.delta, max_tokens=a.max_new_tokens, token_mask=top,
                     importance_sampling_level=a.importance_sampling_level, policy=grpo_policy(a),
-                    sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg),
+                    sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg), opsm=opsm,
                 )  # fmt: skip
                 if self.bonus.on:  # TRL's: the policy term's tokens' mean entropy, a chunk its share of the slice
                     loss = loss - self.bonus.term(entropy, m if top is None else m * top, len(idx) / len(part))
@@ -390,9 +390,7 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"align.num_iterations must be >= 1, got {a.num_iterations}")
     validate_grpo(a)
     check_entropy(a)
-    if getattr(a, "multi_objective_aggregation", AGGREGATIONS[0]) not in AGGREGATIONS:
-        raise ConfigError(f"align.multi_objective_aggregation must be one of {', '.join(AGGREGATIONS)}, got "
-                          f"{a.multi_objective_aggregation!r}")  # fmt: skip
+    check_loss_keys(a)
     if (cfg.train.batch_size * a.num_generations) % a.steps_per_generation:
         raise ConfigError(f"align.steps_per_generation {a.steps_per_generation} does not divide the generation batch "
                           f"of train.batch_size x align.num_generations = {cfg.train.batch_size * a.num_generations} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError
 from .grpo_rewards import nanstd
 
 LOSS_NORMS = ("sequence", "token", "dr_grpo", "luspo")
@@ -49,6 +50,17 @@ def group_advantages(
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 """TRL's multi_objective_aggregation: the rewards' weighted sum, then ``group_advantages``; or GDPO's
 (``gdpo_advantages``)."""
+
+
+def check_loss_keys(a) -> None:
+    """ConfigError naming align.multi_objective_aggregation or align.off_policy_mask_threshold where TRL's
+    GRPOTrainer raises at its first generation, or (a threshold <= 0 or not finite) masks by nonsense."""
+    if (agg := getattr(a, "multi_objective_aggregation", AGGREGATIONS[0])) not in AGGREGATIONS:
+        raise ConfigError(f"align.multi_objective_aggregation must be one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+    t = getattr(a, "off_policy_mask_threshold", None)
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
+        raise ConfigError(f"align.off_policy_mask_threshold must be a number > 0 (a mean KL, e.g. 0.5; null: off), "
+                          f"got {t!r}")  # fmt: skip
 
 
 def gdpo_advantages(table: torch.Tensor, weights: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -106,6 +118,7 @@ def grpo_loss(
     token_mask: torch.Tensor | None = None,
     policy: str = "clip",
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    opsm: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a batch of completions (or of a chunk of one: see ``n_sequences`` / ``n_tokens``).
 
@@ -135,6 +148,9 @@ def grpo_loss(
             the ratio at its epsilon_high itself, ``cliprange_high`` here, else ``cliprange``) or "sapo" (-A * 4 /
             tau * sigmoid(tau * (ratio - 1)), tau the first of ``sapo_temperatures`` where A > 0, else the second).
         sapo_temperatures: SAPO's (positive, non-positive advantage) temperatures (TRL's sapo_temperature_pos, _neg).
+        opsm: DeepSeek-V3.2's off-policy sequence mask (TRL's off_policy_mask_threshold): a completion whose advantage
+            is negative and whose mean KL(pi_old || pi), old - new log-prob over its tokens, is above it counts in no
+            policy term; None: off.
 
     Returns:
         (loss, stats): stats holds sums (detached) ``clipped`` (tokens, or completions under GSPO, in TRL's clip
@@ -173,6 +189,10 @@ def grpo_loss(
         # over the completions when the ratio is one per completion (GSPO)
         low, up = ((capped < 1 - cliprange) & (adv < 0)).float(), ((capped > 1 + high) & (adv > 0)).float()
         took = (low + up).detach()  # (the two regions are disjoint: the advantage's sign tells them apart)
+    if opsm is not None:  # (TRL's get_off_policy_mask: the sampling log-probs are pi_old's here)
+        drift = ((old_logprobs - logprobs.detach()) * mask).sum(-1, keepdim=True)
+        drift = drift / mask.sum(-1, keepdim=True).clamp(min=1)  # (each completion's mean KL(pi_old || pi))
+        per_token = per_token * ((adv >= 0) | (drift <= opsm)).float()
     if token_mask is not None:
         per_token = per_token * token_mask.float()
 
