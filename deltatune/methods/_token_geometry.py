@@ -205,6 +205,9 @@ def _batch_len(ids: torch.Tensor | None, embeds: torch.Tensor | None) -> tuple[i
 def _cache_len(cache: Any) -> int:
     if cache is None:
         return 0
+    layers = [layer for layer in getattr(cache, "layers", None) or () if hasattr(layer, "get_seq_length")]
+    if layers:  # the longest layer: a hybrid's first may be a recurrent block that counts no tokens (RecurrentGemma)
+        return max(int(layer.get_seq_length()) for layer in layers)
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
     raise TypeError(
