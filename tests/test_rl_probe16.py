@@ -257,12 +257,13 @@ def test_recipe_keys_of_the_entropy_control_and_gdpo_reach_the_loop(policy):  # 
     from deltatune.train.grpo import GRPOLoop, _check
 
     align = {"reward_funcs": ["m:f"], "use_adaptive_entropy": True, "entropy_target": 0.5, "entropy_coef_delta": 0.01,
-             "entropy_coef_min": 0.0, "entropy_coef_max": 0.3, "multi_objective_aggregation": "normalize_then_sum"}  # fmt: skip
+             "entropy_coef_min": 0.0, "entropy_coef_max": 0.3, "multi_objective_aggregation": "normalize_then_sum",
+             "off_policy_mask_threshold": 0.5}  # fmt: skip
     cfg = build({**RAW, "align": align})
     _check(cfg)
     loop = GRPOLoop(copy.deepcopy(policy[0]), tokenizer(), [], cfg.align)
     assert (loop.bonus.adaptive, loop.bonus.target, loop.bonus.delta, loop.bonus.high) == (True, 0.5, 0.01, 0.3)
-    assert cfg.align.multi_objective_aggregation == "normalize_then_sum"
+    assert (cfg.align.multi_objective_aggregation, cfg.align.off_policy_mask_threshold) == ("normalize_then_sum", 0.5)
     bad = build({**RAW, "align": {**align, "entropy_coef_min": 0.5}})
     with pytest.raises(ConfigError, match="^align.entropy_coef_min 0.5 is above align.entropy_coef_max 0.3"):
         _check(SimpleNamespace(align=bad.align, train=bad.train))
