@@ -181,3 +181,33 @@ def test_a_readme_that_is_no_model_card_refuses_the_save_before_any_file(tmp_pat
             assert "\n" not in str(refused.value)
     assert sorted(os.listdir(folders["ours"])) == sorted(os.listdir(folders["peft"])) == ["README.md"]
     assert (folders["ours"] / "README.md").read_bytes() == body
+
+
+def test_a_full_disk_at_the_second_adapter_leaves_both_as_saved_before(tmp_path, monkeypatch):
+    """Each file was written atomically, but adapter by adapter: a full disk while writing the second adapter left
+    the first one's new files beside the second one's old ones (a save half new, half old, that loads without a
+    word). Now every adapter is written beside first and moved in once all are: both stay as they were."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    delta = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    delta.add_adapter("other", dt.LoraConfig(r=2, target_modules=["v_proj"]))
+    delta.save_pretrained(tmp_path)
+    files = [tmp_path / "adapter_model.safetensors", tmp_path / "other" / "adapter_model.safetensors"]
+    before = [f.read_bytes() for f in files]
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(1.0)
+    real, calls = safetensors.torch.save_file, []
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the second adapter's tensors
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        delta.save_pretrained(tmp_path)
+    assert [f.read_bytes() for f in files] == before
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "other"]
