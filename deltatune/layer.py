@@ -442,9 +442,15 @@ def checkpointing(model: nn.Module) -> bool:
 def enable_checkpointing(model: nn.Module, kwargs: dict, **options: Any) -> None:
     """Turn on activation (gradient) checkpointing in ``model`` with these ``torch.utils.checkpoint`` ``kwargs``:
     transformers' ``activation_checkpointing_enable`` (newer releases; ``options`` such as ``every_n_layers`` go to
-    it), else ``gradient_checkpointing_enable`` (older ones; 5.25 deprecates it with a warning per call)."""
+    it), a diffusers model's ``enable_gradient_checkpointing`` (a UNet, an SD3 transformer: what diffusers' scripts'
+    ``--gradient_checkpointing`` calls), else ``gradient_checkpointing_enable`` (older transformers; 5.25 deprecates
+    it with a warning per call)."""
     if hasattr(type(model), "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+    elif hasattr(type(model), "enable_gradient_checkpointing"):
+        from torch.utils.checkpoint import checkpoint
+
+        model.enable_gradient_checkpointing(lambda module, *args: checkpoint(module.__call__, *args, **kwargs))
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 

@@ -220,9 +220,6 @@ def test_a_kohya_file_with_a_nan_alpha_names_the_file_and_module(tmp_path):
     assert not any("lora" in n for n, _ in unet.named_modules())
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AttributeError, reason="needs the deltatune/layer.py diff of the probe16 report"
-)
 def test_gradient_checkpointing_on_a_diffusers_denoiser_is_its_own_and_gives_the_same_gradients():
     """``model.gradient_checkpointing: true`` on stage t2i: the Trainer calls the DeltaModel's
     activation_checkpointing_enable, which called ``gradient_checkpointing_enable`` on the UNet, a name diffusers'
