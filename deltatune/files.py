@@ -478,7 +478,13 @@ def explain_missing_fields(exc: AdapterLoadError, config_file: str, config: obje
             given = set(json.load(fh))
     except (OSError, ValueError):
         return exc
-    missing = [f for f in dataclasses.fields(config) if f.init and f.name not in given]  # type: ignore[arg-type]
+    # A field the config's own file leaves out (the token methods' target_modules) is never the one to blame.
+    written = set(config.to_dict()) if hasattr(config, "to_dict") else None  # type: ignore[attr-defined]
+    missing = [
+        f
+        for f in dataclasses.fields(config)  # type: ignore[arg-type]
+        if f.init and f.name not in given and (written is None or f.name in written)
+    ]
     if not missing:
         return exc
     used = ", ".join(f"{f.name} (default {getattr(config, f.name)!r} used)" for f in missing)

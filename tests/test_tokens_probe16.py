@@ -41,7 +41,6 @@ def test_a_tokenizer_that_does_not_load_is_refused_in_one_line_naming_the_field(
         torch.testing.assert_close(base(**inputs).logits, before, atol=0, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/files.py diff of probe16's tokens report")
 @pytest.mark.parametrize(
     "config", [dt.PromptTuningConfig(num_virtual_tokens=3), dt.PrefixTuningConfig(num_virtual_tokens=3)]
 )
