@@ -145,7 +145,6 @@ def test_top_entropy_quantile_chunks_in_order_and_shuffled_train_apart(policy, m
     assert max((p - q).abs().max().item() for p, q in zip(shuffled.parameters(), ordered.parameters())) > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="needs the runs.py / config_align.py diff in the rl probe16 report")
 def test_resume_of_a_top_entropy_quantile_run_before_2f11afa_names_the_change(tmp_path):
     """A released grpo run.yaml (no align.steps_per_generation) with top_entropy_quantile < 1 and mini_batch_size below
     the batch resumed silently with its chunks shuffled (above); the resume names the change in one line, as the old
@@ -245,7 +244,6 @@ def test_an_unknown_aggregation_is_one_line_naming_the_key():
 RAW = {"model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}, "stage": "grpo"}
 
 
-@pytest.mark.xfail(strict=True, reason="needs the config.py / config_align.py diffs in the rl probe16 report")
 def test_recipe_keys_of_the_entropy_control_and_gdpo_reach_the_loop(policy):  # noqa: F811
     """align.use_adaptive_entropy (and its four settings) and align.multi_objective_aggregation are recipe keys TRL's
     users write; built, they reach the loop's bonus and advantages, and a bad one is one line from the recipe check."""
@@ -269,7 +267,6 @@ def test_recipe_keys_of_the_entropy_control_and_gdpo_reach_the_loop(policy):  # 
         _check(SimpleNamespace(align=bad.align, train=bad.train))
 
 
-@pytest.mark.xfail(strict=True, reason="needs the config.py diff in the rl probe16 report")
 @pytest.mark.parametrize("key, value, words", [
     ("generation_batch_size", 16, "TRL's generation_batch_size is train.batch_size x align.num_generations completions "
                                   "here (split into align.steps_per_generation updates)"),

@@ -188,7 +188,15 @@ class RunConfig:
 _SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "align": AlignArgs, "output": OutputArgs}
 
 
+TRL_ALIGN_NAMES = {"generation_batch_size": "train.batch_size x align.num_generations completions here (split into "
+                   "align.steps_per_generation updates)", "max_completion_length": "align.max_new_tokens here",
+                   "epsilon": "align.cliprange here", "epsilon_high": "align.cliprange_high here"}  # fmt: skip
+"""TRL GRPOConfig names a recipe's align section may carry over: what they are here (in the unknown-key message)."""
+
+
 def _unknown(full: str, key: str, known: list[str], where: str) -> str:
+    if full == f"align.{key}" and key in TRL_ALIGN_NAMES:
+        return f"unknown key {full!r} in {where}; TRL's {key} is {TRL_ALIGN_NAMES[key]}"
     near = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(known)}"
     return f"unknown key {full!r} in {where}{hint}"
@@ -472,7 +480,9 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
                     "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile "
                     "align.sapo_temperature_pos align.sapo_temperature_neg align.top_k align.min_p "
                     "align.repetition_penalty align.generation_kwargs align.steps_per_generation align.entropy_coef "
-                    "align.num_generations_eval"),
+                    "align.num_generations_eval align.use_adaptive_entropy align.entropy_coef_min "
+                    "align.entropy_coef_max align.entropy_coef_delta align.entropy_target "
+                    "align.multi_objective_aggregation align.off_policy_mask_threshold"),
            ("kto", "align.desirable_weight align.undesirable_weight"),
            ("dpo kto", "align.sync_ref_model align.ref_model_mixup_alpha align.ref_model_sync_steps"),
            ("orpo", "align.disable_prompt_loss"),

@@ -161,6 +161,19 @@ class AlignArgs:
                                      "entropy, over each forward's chunk (TRL's; 1: all).")  # fmt: skip
     entropy_coef: float = _f(0.0, "GRPO: minus this times the mean token entropy (of the tokens the policy term "
                              "counts on) is added to each update's loss, TRL's entropy bonus (0: none).")  # fmt: skip
+    use_adaptive_entropy: bool = _f(False, "GRPO: TRL's adaptive entropy control (Skywork-OR1): entropy_coef moves by "
+                                    "entropy_coef_delta after each update, up while the entropy is at most "
+                                    "entropy_target, else down; applied only then.")  # fmt: skip
+    entropy_coef_min: float = _f(0.0, "GRPO use_adaptive_entropy: the coefficient's floor (TRL's).")
+    entropy_coef_max: float = _f(1.0, "GRPO use_adaptive_entropy: the coefficient's ceiling (TRL's).")
+    entropy_coef_delta: float = _f(0.005, "GRPO use_adaptive_entropy: the coefficient's step per update (TRL's).")
+    entropy_target: float = _f(0.2, "GRPO use_adaptive_entropy: the mean token entropy (nats) to hold (TRL's).")
+    multi_objective_aggregation: str = _f("sum_then_normalize", "GRPO: 'sum_then_normalize' (the rewards' weighted "
+                                          "sum, then scale_rewards) or 'normalize_then_sum' (GDPO: each reward "
+                                          "normalised in its group, the sum over the batch), as TRL's.")  # fmt: skip
+    off_policy_mask_threshold: float | None = _f(None, "GRPO: a completion with a negative advantage whose mean "
+                                                 "KL(pi_old || pi) is above this counts in no policy term (TRL's, "
+                                                 "DeepSeek-V3.2's off-policy sequence mask; null: off).")  # fmt: skip
     sapo_temperature_pos: float = _f(1.0, "GRPO loss_type sapo: the gate's temperature where the advantage is > 0.")
     sapo_temperature_neg: float = _f(1.05, "GRPO loss_type sapo: the gate's temperature where the advantage is <= 0.")
     bias_correction_kl: bool = _f(False, "GRPO: weight each token's KL by pi / pi_old (TRL's default; off: paper's).")
@@ -455,6 +468,9 @@ BNPO_BEFORE = "a bnpo run before d727363 normalised over the slice"
 """A grpo run.yaml without align.steps_per_generation (f39a879, never released before d727363), loss_type bnpo and
 align.mini_batch_size below the slice: ``runs.old_run_data`` marks its steps_per_generation null, and a --resume names
 the change with this note (its weights would differ: 0.142 off a straight run)."""
+ENTROPY_BEFORE = "a top_entropy_quantile < 1 run before 2f11afa took its align.mini_batch_size chunks in order"
+"""Such a run.yaml with align.top_entropy_quantile < 1 instead (runs.old_run_data marks it alike): its chunks, each
+taking its own top-entropy mask, were in order; since 2f11afa shuffled, as TRL's micro-batches (6.0e-3 apart)."""
 
 
 def old_run_align(align: dict[str, Any], stage: str | None, batch_size: Any = None) -> dict[str, Any]:
@@ -484,7 +500,8 @@ def default_changed(key: str, old: Any, new: Any, stage: str | None = None, batc
     recipe's train.batch_size); "" otherwise. Without ``stage``, any stage's default today counts."""
     name = key.removeprefix("align.")
     if key == "align.steps_per_generation" and old is None and stage in ("grpo", None):  # (runs.old_run_data's mark)
-        return f" ({BNPO_BEFORE}; bnpo is each align.mini_batch_size chunk's token mean now, as TRL's per micro-batch)"
+        return (f" ({BNPO_BEFORE}; bnpo is each align.mini_batch_size chunk's token mean now, as TRL's per micro-batch; "
+                f"{ENTROPY_BEFORE}, shuffled now as TRL's micro-batches)")  # fmt: skip
     if not key.startswith("align.") or name not in DEFAULT_WAS or old != DEFAULT_WAS[name][0]:
         return ""
     if stage is None:

@@ -89,8 +89,9 @@ def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[
     no held-out note) ignored the key and trained on every row of data.train, so its data.val_size is 0.0 here;
     ``deltatune eval`` then holds no rows out, and a ``--resume`` with the key set names it as a change. A new dict.
     A grpo run.yaml without align.steps_per_generation, loss_type bnpo and align.mini_batch_size below its slice
-    (train.batch_size x num_generations) normalised bnpo over the slice (``config_align.BNPO_BEFORE``): its
-    steps_per_generation is null here (1 when built: eval is unchanged), so a ``--resume`` names the change."""
+    (train.batch_size x num_generations) normalised bnpo over the slice (``config_align.BNPO_BEFORE``), and one with
+    align.top_entropy_quantile < 1 took its chunks in order (shuffled since 2f11afa): its steps_per_generation is null
+    here (1 when built: eval is unchanged), so a ``--resume`` names the change."""
     align, train = raw.get("align"), raw.get("train") if isinstance(raw.get("train"), dict) else {}
     if raw.get("stage") == "grpo" and isinstance(align, dict) and "steps_per_generation" not in align:
         from .config import AlignArgs, TrainArgs
@@ -98,7 +99,8 @@ def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[
         size, g = (align.get(k, getattr(AlignArgs, k)) for k in ("mini_batch_size", "num_generations"))
         batch = train.get("batch_size", TrainArgs.batch_size)
         whole = all(type(v) is int for v in (size, g, batch)) and size >= batch * g  # (one chunk: as before)
-        if align.get("loss_type") == "bnpo" and not whole:
+        q = align.get("top_entropy_quantile", 1.0)  # (< 1: its chunks were in order before 2f11afa, shuffled now)
+        if (align.get("loss_type") == "bnpo" or type(q) in (int, float) and q < 1) and not whole:
             return {**raw, "align": {**align, "steps_per_generation": None}}, ""
     data = raw.get("data")
     if raw.get("stage") != "caption" or not isinstance(data, dict) or CAPTION_VAL_SIZE_MARKER in data:
