@@ -398,7 +398,9 @@ def test_one_step_equals_trls_from_the_same_start(kw, eos_rows):
         [(n, p) for n, p in model.named_parameters() if p.requires_grad],
         [q for n, q in ref_model.named_parameters() if q.requires_grad],
     ):
-        assert (p - q).abs().max() < 1e-6, name
+        # 5e-6: Adam's first steps move an element by ~lr whatever its gradient's size, so a near-zero gradient
+        # element summed in another order moves 2.9e-6 apart (this AMD EPYC's kernels; 1e-6 held on the Intel Xeon)
+        assert (p - q).abs().max() < 5e-6, name
         moved = max(moved, (p - start[name]).abs().max().item())
     assert moved > 1e-3  # (the step did move them)
     for a, b in zip(loop.value_head.parameters(), ref_head.parameters()):
