@@ -46,7 +46,9 @@ def served(tmp_path_factory):
     dt.get_delta_model(copy.deepcopy(model), lora).save_pretrained(os.path.join(root, "a"))
     reference = copy.deepcopy(model)
     engine = Engine(DeltaModel(model, fused_loss=False), tok, max_wait_s=0.001)
-    yield engine, create_app(engine, adapter_dir=str(root), max_tokens=64), reference, tok
+    app = create_app(engine, adapter_dir=str(root), max_tokens=64)
+    app.state.root = str(root)  # the adapter dir, for the tests that write folders in it
+    yield engine, app, reference, tok
     engine.close()
 
 
@@ -229,3 +231,53 @@ def test_chat_logprobs_with_top_logprobs_null_gives_none_as_vllm(served):
     assert null["choices"][0]["message"]["content"] == left_out["choices"][0]["message"]["content"]
     _, chunks = _call(app, "/v1/chat/completions", {**body, "top_logprobs": None, "stream": True})
     assert all(c["choices"][0]["logprobs"] is None for c in chunks if c["choices"])
+
+
+# -- serve-fix: the reviewer's findings on 2f3cc7b / aedc8fa -------------------------------------------------------
+def _weightless(app_root: str, name: str) -> str:
+    """A folder under the adapter dir with a LoRA adapter_config.json and no weights file."""
+    import shutil
+
+    folder = os.path.join(app_root, name)
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(os.path.join(app_root, "a", "adapter_config.json"), folder)
+    return folder
+
+
+def test_a_folder_with_a_config_and_no_weights_is_vllms_400_not_its_404(served):
+    """vLLM's 404 ("No adapter found") comes only from a FileNotFoundError, raised when PEFTHelper.from_local_dir
+    finds no adapter_config.json; a config without tensors is LoRAModel.from_local_checkpoint's ValueError
+    "<dir> doesn't contain tensors", a 400 BadRequestError with that reason (serving_models.load_lora_adapter).
+    It was a 404 "No adapter found" here; deltatune's own route answered adapter_not_found (it was
+    adapter_load_failed before 2f3cc7b) with its 400."""
+    engine, app, _, _ = served
+    _weightless(app.state.root, "noweights")
+    before = engine.adapters()
+    status, answer = _text(app, "/v1/load_lora_adapter", {"lora_name": "w", "lora_path": "noweights"})
+    assert status == 400 and "No adapter found" not in answer["error"]["message"], answer
+    assert "noweights" in answer["error"]["message"] and engine.adapters() == before
+    status, answer = _call(app, "/v1/adapters", {"name": "w", "path": "noweights"})
+    assert status == 400 and answer["error"]["code"] == "adapter_load_failed" and engine.adapters() == before
+    # no folder at all: vLLM's 404 on its route with its words (raw values, no repr quotes); a 400 on deltatune's
+    status, answer = _text(app, "/v1/load_lora_adapter", {"lora_name": "w", "lora_path": "nothere"})
+    assert (status, answer["error"]["message"]) == (404, "Loading lora w failed: No adapter found for nothere")
+    status, answer = _call(app, "/v1/adapters", {"name": "w", "path": "nothere"})
+    assert status == 400 and answer["error"]["code"] == "adapter_load_failed" and engine.adapters() == before
+
+
+def test_vllms_lora_words_carry_raw_values_and_a_huge_path_is_cut(served):
+    """vLLM's messages put the values in raw: "Loading lora {name} failed: No adapter found for {path}", "The lora
+    adapter '{name}' cannot be found." (repr quotes were added here: 'x' for x). A failed load's 400 put the loader's
+    text whole: a 4,000-character path came back whole."""
+    engine, app, _, _ = served
+    before = engine.adapters()
+    status, answer = _text(app, "/v1/unload_lora_adapter", {"lora_name": "it's"})  # its repr: "it's"
+    assert (status, answer["error"]["message"]) == (404, "The lora adapter 'it's' cannot be found.")
+    status, answer = _text(app, "/v1/load_lora_adapter", {"lora_name": "base", "lora_path": "a"})
+    assert (status, answer["error"]["message"]) == (400, "The lora adapter 'base' has already been loaded.")
+    huge = "q/" * 2000
+    status, answer = _call(app, "/v1/adapters", {"name": "h", "path": huge})
+    assert len(answer["error"]["message"]) < 400 and engine.adapters() == before, len(answer["error"]["message"])
+    assert status == 400 and answer["error"]["code"] == "adapter_load_failed", answer
+    status, answer = _text(app, "/v1/load_lora_adapter", {"lora_name": "h", "lora_path": huge})
+    assert status == 404 and len(answer["error"]["message"]) < 120 and engine.adapters() == before

@@ -190,7 +190,9 @@ def create_app(
         return {"prompt": engine.tokenizer.decode(tokens)}
 
     async def _load(name: Any, path: Any, keys: tuple[str, str] = ("name", "path")) -> None:
-        """Load adapter ``name`` from ``path`` (inside ``adapter_dir``); ``keys`` name the body's two fields."""
+        """Load adapter ``name`` from ``path`` (inside ``adapter_dir``); ``keys`` name the body's two fields. A
+        failed load is a 400 ``adapter_load_failed``; its ``missing`` is true where the folder has no
+        ``adapter_config.json`` (vLLM's route answers that alone a 404)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise RequestError(f"{keys[0]} must be 1-64 letters, digits, '-' or '_', got {shown(name)}", param=keys[0])
         if not isinstance(path, str) or not path:
@@ -203,12 +205,15 @@ def create_app(
         except RequestError:
             raise
         except (OSError, ValueError, TypeError) as exc:  # FileNotFoundError, AdapterLoadError, ConfigError
-            missing = isinstance(exc, FileNotFoundError)  # no adapter_config.json there (vLLM's route: a 404)
-            raise RequestError(
-                f"adapter {shown(name)} could not be loaded from {shown(path)}: {exc}",
-                400,
-                "adapter_not_found" if missing else "adapter_load_failed",
-            ) from None
+            # the reason with the folder (and the path as sent) cut as the path is: a 4,000-character one came back whole
+            reason = str(exc).replace(folder, _cut(folder)).replace(path, _cut(path))
+            error = RequestError(
+                f"adapter {shown(name)} could not be loaded from {shown(path)}: {reason}", 400, "adapter_load_failed"
+            )
+            # vLLM's 404 is its FileNotFoundError alone: PEFTHelper.from_local_dir finding no adapter_config.json; a
+            # config without weights is its ValueError "<dir> doesn't contain tensors", a 400
+            error.missing = not os.path.isfile(os.path.join(folder, "adapter_config.json"))
+            raise error from None
 
     @app.post("/v1/adapters")
     async def load(http: HttpRequest):
@@ -237,18 +242,18 @@ def create_app(
                                code="unsupported", param="load_inplace")  # fmt: skip
         if name in engine.adapters():  # vLLM checks the name before the path
             raise RequestError(
-                f"The lora adapter {shown(name)} has already been loaded.", 400, "adapter_exists", "lora_name"
+                f"The lora adapter '{name}' has already been loaded.", 400, "adapter_exists", "lora_name"
             )
         try:
             await _load(name, path, ("lora_name", "lora_path"))
         except RequestError as exc:
             if exc.code == "adapter_exists":  # vLLM's 400 (deltatune's own route answers 409)
                 raise RequestError(
-                    f"The lora adapter {shown(name)} has already been loaded.", 400, exc.code, "lora_name"
+                    f"The lora adapter '{name}' has already been loaded.", 400, exc.code, "lora_name"
                 ) from None
-            if exc.code == "adapter_not_found":  # vLLM's 404 NotFoundError ("No adapter found"; was a 400 here)
+            if getattr(exc, "missing", False):  # vLLM's 404 NotFoundError, its words with the raw values
                 raise RequestError(
-                    f"Loading lora {shown(name)} failed: No adapter found for {shown(path)}", 404, exc.code,
+                    f"Loading lora {name} failed: No adapter found for {_cut(path)}", 404, "adapter_not_found",
                     "lora_path",
                 ) from None  # fmt: skip
             raise
@@ -264,7 +269,7 @@ def create_app(
         try:
             await run_in_threadpool(engine.unload_adapter, name)
         except RequestError as exc:  # vLLM's words for a name not served (the base's too: no LoRA of that name)
-            gone = f"The lora adapter {shown(name)} cannot be found." if exc.code == "model_not_found" else str(exc)
+            gone = f"The lora adapter '{_cut(name)}' cannot be found." if exc.code == "model_not_found" else str(exc)
             raise RequestError(gone, exc.status, exc.code, "lora_name") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
@@ -514,6 +519,11 @@ async def _body(http: HttpRequest) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
     return body
+
+
+def _cut(text: str) -> str:
+    """A value vLLM's words quote raw (no repr), cut as ``shown`` cuts a long one."""
+    return text if len(text) <= 50 else f"{text[:25]}...{text[-24:]}"
 
 
 def _inside(adapter_dir: str | None, path: str, param: str = "path") -> str:
