@@ -127,7 +127,7 @@ def test_answers_carry_the_fields_vllm_sends_as_null(served):
     assert choice["token_ids"] is None and choice["logprobs"] is None and choice["stop_reason"] is None
     message = choice["message"]
     assert message["tool_calls"] == [] and message["role"] == "assistant" and isinstance(message["content"], str)
-    assert all(message[k] is None for k in ("refusal", "annotations", "audio", "function_call", "reasoning_content"))
+    assert all(message[k] is None for k in ("refusal", "annotations", "audio", "function_call", "reasoning"))
     status, completion = _call(app, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert status == 200 and all(
         completion[k] is None for k in ("service_tier", "system_fingerprint", "kv_transfer_params")
@@ -281,3 +281,20 @@ def test_vllms_lora_words_carry_raw_values_and_a_huge_path_is_cut(served):
     assert status == 400 and answer["error"]["code"] == "adapter_load_failed", answer
     status, answer = _text(app, "/v1/load_lora_adapter", {"lora_name": "h", "lora_path": huge})
     assert status == 404 and len(answer["error"]["message"]) < 120 and engine.adapters() == before
+
+
+def test_a_chat_message_carries_vllms_chatmessage_fields_reasoning_not_reasoning_content(served):
+    """vLLM's ChatMessage (vllm-project/vllm d5dba2d7, chat_completion/protocol.py): role, content, refusal,
+    annotations, audio, function_call, tool_calls (default_factory=list) and reasoning; ``reasoning_content`` was its
+    older name (sent here, and ``reasoning`` left out). Each choice's tool_calls is a list of its own."""
+    _, app, _, _ = served
+    vllm_fields = {"role", "content", "refusal", "annotations", "audio", "function_call", "tool_calls", "reasoning"}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 2, "temperature": 1, "seed": 1}
+    status, chat = _call(app, "/v1/chat/completions", body)
+    assert status == 200 and [set(c["message"]) for c in chat["choices"]] == [vllm_fields] * 2
+    assert all(c["message"]["reasoning"] is None and c["message"]["tool_calls"] == [] for c in chat["choices"])
+    from deltatune.serve import app as served_app
+
+    one, two = served_app._no_message(), served_app._no_message()
+    one["tool_calls"].append("x")
+    assert two["tool_calls"] == [] == served_app._no_message()["tool_calls"]

@@ -31,10 +31,17 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # OpenAI's: a wrong key (401) and an unknown model (404) are an invalid_request_error too, told apart by their code.
 _TYPES = {403: "permission_error"}
 # The fields vLLM's answers (ChatCompletionResponse, CompletionResponse, ChatMessage: model_dump, defaults kept) carry
-# as null or empty where this server computes nothing for them: a client reading them finds them, as from vLLM.
+# as null or empty where this server computes nothing for them: a client reading them finds them, as from vLLM
+# (vllm-project/vllm d5dba2d7, the protocol serve mirrors: ChatMessage's ``reasoning``, not the older
+# ``reasoning_content``).
 _NO_ANSWER = {"service_tier": None, "system_fingerprint": None, "kv_transfer_params": None}
-_NO_MESSAGE = {"refusal": None, "annotations": None, "audio": None, "function_call": None, "tool_calls": [],
-               "reasoning_content": None}  # fmt: skip
+
+
+def _no_message() -> dict:
+    """A chat message's fields vLLM's ChatMessage dumps as null, and its ``tool_calls`` [] (a new list per answer,
+    as its default_factory builds one)."""
+    return {"refusal": None, "annotations": None, "audio": None, "function_call": None, "tool_calls": [],
+            "reasoning": None}  # fmt: skip
 
 
 def _error(status: int, message: str, code: str, param: str | None = None):
@@ -379,7 +386,7 @@ def create_app(
             choices.append(
                 {"index": i, "finish_reason": finish[i], "stop_reason": r.stop_reason, "logprobs": logprobs}
             )
-            choices[-1].update({"message": {"role": role, "content": texts[i], **_NO_MESSAGE}} if chat else
+            choices[-1].update({"message": {"role": role, "content": texts[i], **_no_message()}} if chat else
                                {"text": texts[i], "prompt_logprobs": None, "prompt_token_ids": None})  # fmt: skip
             # vLLM's return_token_ids: a completion's prompt per choice, a chat's once at the top (else null)
             choices[-1]["token_ids"] = list(r.output_ids) if ids else None
