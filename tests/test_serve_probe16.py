@@ -198,9 +198,10 @@ def test_greedy_penalties_and_logprobs_equal_a_hand_loop_over_transformers(serve
     assert max(abs(v - float(r[t])) for v, r, t in zip(values, rows, got)) < 1e-4
 
 
-def test_best_of_equal_to_n_is_served_as_vllms_default(served):
-    """vLLM's SamplingParams takes best_of = n when it is left out, so best_of: n asks for nothing more (a 400 here
-    for n > 1); best_of above n (the best of more candidates) stays a 400 unsupported."""
+def test_best_of_equal_to_n_is_served(served):
+    """best_of: n asks for n candidates and n answers, what n alone asks (a 400 here for n > 1; vLLM's V0 engine served
+    it, its V1 refused best_of > 1, current vLLM ignores the field); best_of above n (the best of more candidates)
+    stays a 400 unsupported."""
     _, app, _, _ = served
     body = {"prompt": "hello", "max_tokens": 3, "temperature": 1, "seed": 5, "n": 2}
     status, plain = _call(app, "/v1/completions", body)

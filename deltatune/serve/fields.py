@@ -241,7 +241,9 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     # chat's tools and tool_choice are checked where the prompt is rendered (prompts._tools)
     served = ("logprobs", "top_logprobs", "tools", "tool_choice", "echo") if chat else ("logprobs", "echo")
     for name, default in UNSUPPORTED.items():
-        if name == "best_of" and _asks_nothing(body.get(name), choices_of(body)):  # vLLM's default best_of is n
+        # best_of == n: n candidates, n answers, as without it; vLLM's V0 engine served it (and best_of > n), its V1
+        # refused best_of > 1, and current vLLM dropped the field (ignored as an extra one)
+        if name == "best_of" and _asks_nothing(body.get(name), choices_of(body)):
             continue
         if name not in served and not _asks_nothing(body.get(name), default):
             why = f"{name} is not supported by this server; leave it out"
