@@ -108,8 +108,11 @@ def add_weighted_adapter(
     if kind.startswith("dare") and density == 0:  # peft divides by it: an adapter of NaNs
         raise ValueError(f"add_weighted_adapter: combination_type {kind!r} needs a density > 0 (DARE rescales the "
                          "kept values by 1 / density), got 0")  # fmt: skip
-    if svd_rank is not None and not (isinstance(svd_rank, int) and not isinstance(svd_rank, bool) and svd_rank >= 0):
-        raise ValueError(f"add_weighted_adapter: svd_rank must be a positive integer (or None), got {svd_rank!r}")
+    if svd_rank is not None and not (isinstance(svd_rank, numbers.Integral) and not isinstance(svd_rank, bool)
+                                     and svd_rank >= 0):  # fmt: skip
+        raise ValueError(f"add_weighted_adapter: svd_rank must be a whole number >= 0 (0 or None: the adapters' "
+                         f"largest rank), got {svd_rank!r}")  # fmt: skip
+    svd_rank = None if svd_rank is None else int(svd_rank)  # np.int64 too, as peft
     if svd_clamp is not None and not (_real(svd_clamp) and 0 <= svd_clamp <= 1):
         raise ValueError(
             f"add_weighted_adapter: svd_clamp is a quantile, a number in [0, 1] (or None), got {svd_clamp!r}"
@@ -249,8 +252,8 @@ def _svd(layer: Any, name: str, kind: str, held: list[tuple[str, float]], densit
     if getattr(layer, "fan_in_fan_out", False) or isinstance(layer, LoraEmbedding):
         delta = delta.T
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full, driver=driver)  # kohya's svd_merge_lora, as peft
-    U = U[:, :rank] @ torch.diag(S[:rank])
-    Vh = Vh[: U.shape[1], :]  # full_matrices keeps all of Vh's rows: beyond the singular values they are not U's
+    kept = min(rank, S.shape[0])  # full_matrices keeps all of U's columns and Vh's rows, past the singular values
+    U, Vh = U[:, :kept] @ torch.diag(S[:kept]), Vh[:kept, :]
     if clamp is not None:
         high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
         U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)

@@ -103,7 +103,12 @@ class BottleneckConfig(DeltaConfig):
             raise ConfigError(f"config must be 'houlsby' or 'pfeiffer', got {self.config!r}")
         check_range("reduction_factor", self.reduction_factor, 0, None, low_open=True)
         if self.scaling not in ("learned", "channel"):
-            check_range("scaling", self.scaling)  # "must be a finite number, got 'learnt'"
+            try:
+                check_range("scaling", self.scaling)
+            except ConfigError:  # name the words too: 'learnt' was told only "must be a finite number"
+                raise ConfigError(
+                    f"scaling must be a finite number, 'learned' or 'channel', got {self.scaling!r}"
+                ) from None
         check_positive_int("bottleneck_size", self.bottleneck_size, optional=True)
         if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in _activations():
             raise ConfigError(f"non_linearity must be one of {_activations()}, got {self.non_linearity!r}")
