@@ -139,8 +139,8 @@ def test_raw_ppo_prompt_opens_as_the_raw_rows_it_trained_on(stage):
     ],
 )
 def test_an_audio_marker_without_audio_is_refused_naming_the_row(row):
-    """LLaMA-Factory's audio placeholder: its mm_plugin (src/llamafactory/data/mm_plugin.py, BasePlugin's
-    _validate_messages) refuses a row whose <audio> markers do not pair up with its audios ("The number of audios
+    """LLaMA-Factory's audio placeholder: its multimodal plugins (src/llamafactory/data/mm_plugin.py,
+    _validate_messages) refuse a row whose <audio> markers do not pair up with its audios ("The number of audios
     does not match the number of <audio> tokens"), and an audios column is refused here already; HEAD trained the row
     on the marker as text (its <image> and <video> markers were refused). Now one line naming the row, in the text
     stages and in caption."""
@@ -149,7 +149,9 @@ def test_an_audio_marker_without_audio_is_refused_naming_the_row(row):
     from deltatune.data.sample import place_images, refuse_multimodal
 
     samples = read_samples([Row(row, "a.jsonl:3")], stage="sft")
-    with pytest.raises(DataError, match=r"^a\.jsonl:3: an <audio> marker \(LLaMA-Factory's audio placeholder\); no"):
+    with pytest.raises(
+        DataError, match=r"^a\.jsonl:3: an <audio> marker \(LLaMA-Factory's audio placeholder\) in a prompt turn; no"
+    ):
         refuse_multimodal(samples, "sft")
     samples[0].images = ["a.png"]
     with pytest.raises(DataError, match=r"^a\.jsonl:3: an <audio> marker .*stage caption reads images only"):
@@ -161,6 +163,35 @@ def test_an_audio_marker_without_audio_is_refused_naming_the_row(row):
     )
     assert "<audio>" in page[0].text
     refuse_multimodal(page, "pt")
+
+
+@pytest.mark.parametrize(
+    "stage, row",
+    [
+        ("sft", {"instruction": "How do I play a sound?", "output": "Use the HTML5 <audio> element."}),
+        ("sft", {"messages": [{"role": "user", "content": "Tag?"}, {"role": "assistant", "content": "<audio>"}]}),
+        ("dpo", {"prompt": "Which HTML tag embeds sound?", "chosen": "The <audio> tag.", "rejected": "<sound>."}),
+        ("kto", {"prompt": "Which HTML tag embeds sound?", "completion": "The <audio> tag.", "label": True}),
+    ],
+)
+def test_an_answer_about_the_html_audio_tag_trains(stage, row):
+    """LLaMA-Factory's BasePlugin (the text-only models' plugin) counts no marker: an answer about the HTML5 <audio>
+    element trains there as text. 23b758e refused every such row with no way round it; now an answer (assistant,
+    chosen, rejected, completion) may mention the tag, and the same marker on the prompt side is still refused
+    naming the row."""
+    from deltatune.data.formats import read_samples
+    from deltatune.data.load import DataError
+    from deltatune.data.sample import refuse_multimodal
+
+    samples = read_samples([Row(row, "web.jsonl:7")], stage=stage)
+    refuse_multimodal(samples, stage)
+    texts = [m["content"] for s in samples for p in (s.messages, s.completion, s.chosen, s.rejected) for m in p or []]
+    assert any("<audio>" in t for t in texts)
+    asked = {k: "<audio> " + v if k in ("instruction", "prompt") else v for k, v in row.items()}
+    if "messages" in row:
+        asked["messages"] = [{"role": "system", "content": "<audio>"}, *row["messages"]]
+    with pytest.raises(DataError, match=r"^web\.jsonl:7: an <audio> marker .* in a prompt turn; no stage reads"):
+        refuse_multimodal(read_samples([Row(asked, "web.jsonl:7")], stage=stage), stage)
 
 
 @pytest.mark.parametrize(

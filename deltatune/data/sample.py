@@ -88,10 +88,15 @@ def refuse_multimodal(samples: Sequence[Sample], stage: str) -> None:
     for s in samples:
         texts = [m["content"] for part in (s.messages, s.completion, s.chosen, s.rejected) for m in part or []]
         marked = next((mk for mk in _MARKERS for t in texts + [s.text or ""] if mk in t), None)
-        # (pre-training text, an HTML page's <audio> tag, is text: LLaMA-Factory's pretrain processor reads no marker)
-        if marked == AUDIO_MARKER and any(AUDIO_MARKER in t for t in texts):  # (an audios column: _media refuses it)
-            raise DataError(f"{s.source}: an {AUDIO_MARKER} marker (LLaMA-Factory's audio placeholder); no stage "
-                            "reads audio, and the row would train on the marker as text")  # fmt: skip
+        # An <audio> marker on the prompt side (user, system and tool turns) is refused: no stage reads audio, and
+        # LLaMA-Factory's multimodal plugins refuse an unpaired one. An answer (assistant, chosen, rejected,
+        # completion) may mention the HTML tag, as may pre-training text: LLaMA-Factory's BasePlugin (text-only
+        # models) counts no marker. (An audios column: _media refuses it.)
+        asked = [m["content"] for part in (s.messages, s.completion, s.chosen, s.rejected) for m in part or []
+                 if m["role"] != "assistant"]  # fmt: skip
+        if any(AUDIO_MARKER in t for t in asked):
+            raise DataError(f"{s.source}: an {AUDIO_MARKER} marker (LLaMA-Factory's audio placeholder) in a prompt "
+                            "turn; no stage reads audio (an answer may mention the tag)")  # fmt: skip
         if s.images or s.videos or marked in _MARKERS[:2]:
             what = (
                 f"{len(s.images)} image(s)"
