@@ -221,7 +221,7 @@ def test_gdpo_advantages_equal_trls_with_weights_and_rows_a_reward_skips(policy,
         trainer.model.train()
         want = trainer._generate_and_score_completions([{"prompt": "hi"}] * 8)["advantages"]
     table = torch.tensor([[math.nan if v is None else v for v in row] for row in zip(first, second)])
-    got = gdpo_advantages(table, torch.tensor([1.0, 0.5]), 4)
+    got, _ = gdpo_advantages(table, torch.tensor([1.0, 0.5]), 4)
     assert got[5] == 0 and torch.allclose(got, want.float(), atol=1e-6)
 
 
@@ -385,3 +385,80 @@ def test_a_bad_off_policy_mask_threshold_is_one_line_naming_the_key(value):
                           train=SimpleNamespace(batch_size=2))  # fmt: skip
     with pytest.raises(ConfigError, match=r"^align.off_policy_mask_threshold must be a number > 0 "):
         _check(cfg)
+
+
+# -- review16-rr: GDPO's frac_reward_zero_std, a static run's entropy state, reward model folders --------------------
+
+
+def test_gdpo_frac_reward_zero_std_is_trls(policy, tmp_path, monkeypatch):  # noqa: F811
+    """Under normalize_then_sum TRL's frac_reward_zero_std is of the std of the weighted sum of the group-normalised
+    rewards, not of the raw weighted sum: rewards [[2, 0], [0, 1]] x 4, weights (1, 2), groups of 4 (the raw sums
+    all 2: the loop before logged 1.0; TRL's 0.0)."""
+    import warnings
+
+    import trl
+    from datasets import Dataset
+    from tiny import tokenizer
+
+    import deltatune as dt
+    import deltatune.train.grpo as grpo
+    from deltatune.train.grpo_rewards import Reward
+
+    model, _ = policy
+    tok = tokenizer()
+    body, prompt = p15._completions(tok), tok("hi")["input_ids"]
+    first, second = [2.0, 0.0] * 4, [0.0, 1.0] * 4
+
+    def rollout(prompts, trainer):
+        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
+                "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
+
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=p15.T,
+                          report_to=[], use_cpu=True, bf16=False, reward_weights=[1.0, 2.0], **GDPO)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = dt.trl_trainer(trl.GRPOTrainer)(
+            model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8),
+            processing_class=tok, rollout_func=rollout,
+            reward_funcs=[lambda completions, **_: list(first), lambda completions, **_: list(second)],
+        )  # fmt: skip
+        trainer.model.train()
+        trainer._generate_and_score_completions([{"prompt": "hi"}] * 8)
+    want = trainer._metrics["train"]["frac_reward_zero_std"][-1]
+
+    def score(self, s):  # (the loop's two weighted rewards and their table)
+        self.rewards = [Reward("first", lambda **_: first, 1.0), Reward("second", lambda **_: second, 2.0)]
+        return torch.tensor([first, second]).T
+
+    monkeypatch.setattr(p15, "AlignArgs", _Align)
+    monkeypatch.setattr(grpo.GRPOLoop, "score", score)
+    stats, _, _ = _ours(copy.deepcopy(model), 1, 1, "grpo", GDPO, monkeypatch)
+    assert want == 0.0 and stats["frac_reward_zero_std"] == want
+
+
+def test_switching_adaptive_entropy_on_at_resume_starts_at_the_recipes_coefficient(policy, tmp_path):  # noqa: F811
+    """A static run's checkpoint carries no entropy control state (TRL writes entropy_ctrl_state.json only under
+    adaptive control): turning use_adaptive_entropy on at --resume starts the control at the new recipe's
+    entropy_coef, not the old run's static one (the loop before loaded the old 0.1 over the recipe's 0.3); a static
+    checkpoint written before this (an entropy state whose last entropy is still inf) is read the same."""
+    from tiny import tokenizer
+
+    from deltatune.train.grpo import STATE_FILE, GRPOLoop, _load_checkpoint, _save_checkpoint
+    from deltatune.train.grpo_rewards import Reward
+
+    model, _ = policy
+    reward = [Reward("r", lambda completions, **_: [0.0] * len(completions))]
+    static = GRPOLoop(copy.deepcopy(model), tokenizer(), reward, _Align(num_generations=4, entropy_coef=0.1))
+    g = torch.Generator().manual_seed(0)
+    _save_checkpoint(str(tmp_path), 2, static, g, [], [], {}, None)
+    assert torch.load(tmp_path / "checkpoint-2" / STATE_FILE, weights_only=True)["entropy"] is None
+    adaptive = _Align(num_generations=4, entropy_coef=0.3, use_adaptive_entropy=True)
+    again = GRPOLoop(copy.deepcopy(model), tokenizer(), reward, adaptive)
+    _load_checkpoint(str(tmp_path / "checkpoint-2"), again, g)
+    assert (again.bonus.coef, again.bonus.last) == (0.3, math.inf)
+    state = torch.load(tmp_path / "checkpoint-2" / STATE_FILE, weights_only=True)
+    state["entropy"] = {"entropy_coef": 0.1, "last_world_entropy": math.inf}  # (a static run's, before)
+    torch.save(state, tmp_path / "checkpoint-2" / STATE_FILE)
+    before = GRPOLoop(copy.deepcopy(model), tokenizer(), reward, adaptive)
+    _load_checkpoint(str(tmp_path / "checkpoint-2"), before, g)
+    assert (before.bonus.coef, before.bonus.last) == (0.3, math.inf)

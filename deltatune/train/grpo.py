@@ -223,7 +223,8 @@ class GRPOLoop:
         weights = torch.tensor([r.weight for r in self.rewards])
         rewards = combine(table, weights, [it.source for it in s.items])  # (N,)
         gdpo = getattr(a, "multi_objective_aggregation", None) == "normalize_then_sum"  # (TRL's; k3_kl: re-exported)
-        advantages = gdpo_advantages(table, weights, G) if gdpo else group_advantages(rewards, G, a.scale_rewards)
+        advantages, summed = gdpo_advantages(table, weights, G) if gdpo else (None, rewards)  # (summed: GDPO's)
+        advantages = advantages if gdpo else group_advantages(rewards, G, a.scale_rewards)
         advantages = advantages.to(self.device)
         mask = s.completion_mask.float()
         if a.mask_truncated_completions:  # (TRL's: out of every loss term and token count)
@@ -282,7 +283,7 @@ class GRPOLoop:
             if self.scheduler is not None:
                 self.scheduler.step()
         batch = a.scale_rewards == "batch" or gdpo  # (scale_rewards batch, GDPO: the batch's std; else each group's)
-        zero_std = nanstd(rewards if batch else rewards.view(-1, G)).isclose(torch.zeros(()))
+        zero_std = nanstd(summed if batch else rewards.view(-1, G)).isclose(torch.zeros(()))  # (GDPO: normalised sum)
         stats = {
             "loss": sums["loss"],
             "reward": rewards.nanmean().item(),
@@ -566,7 +567,7 @@ def _save_checkpoint(
         "history": history,
         "order": order,
         "metrics": metrics,
-        "entropy": loop.bonus.state_dict(),  # (TRL's entropy_ctrl_state.json)
+        "entropy": loop.bonus.state_dict() if loop.bonus.adaptive else None,  # (TRL's entropy_ctrl_state.json)
     }
     torch.save(state, os.path.join(staging, STATE_FILE))
     with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as fh:  # what --resume looks for

@@ -76,5 +76,8 @@ class EntropyBonus:
         return {"entropy_coef": self.coef, "last_world_entropy": self.last}
 
     def load_state_dict(self, state: dict[str, float] | None) -> None:
-        if state and self.adaptive:  # (TRL's: read back only under adaptive control)
+        """Back under adaptive control only, from a checkpoint an adaptive run wrote (TRL writes its
+        entropy_ctrl_state.json only then); a static run's (None, or an infinite last entropy: one written before
+        the grpo loop saved None) starts the control at the recipe's entropy_coef, as TRL's."""
+        if state and self.adaptive and math.isfinite(state["last_world_entropy"]):
             self.coef, self.last = float(state["entropy_coef"]), float(state["last_world_entropy"])

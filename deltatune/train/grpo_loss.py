@@ -63,7 +63,9 @@ def check_loss_keys(a) -> None:
                           f"got {t!r}")  # fmt: skip
 
 
-def gdpo_advantages(table: torch.Tensor, weights: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+def gdpo_advantages(
+    table: torch.Tensor, weights: torch.Tensor, group_size: int, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GDPO's advantages (group reward-decoupled normalisation, arXiv:2601.05242; TRL's multi_objective_aggregation
     normalize_then_sum): each reward normalised within its group, (r_k - mean) / (std + ``eps``), their weighted sum,
     then that sum normalised over the batch; align.scale_rewards is not read, as in TRL.
@@ -73,13 +75,15 @@ def gdpo_advantages(table: torch.Tensor, weights: torch.Tensor, group_size: int,
         weights: (K,) the rewards' weights.
 
     Returns:
-        (N,) advantages; 0 for a completion no reward applies to, as TRL's.
+        (N,) advantages (0 for a completion no reward applies to, as TRL's) and (N,) the weighted sum of the
+        normalised rewards before the batch normalisation (NaN where no reward applies): TRL's frac_reward_zero_std
+        under normalize_then_sum is of its std.
     """
     grouped = table.view(-1, group_size, table.shape[-1]).transpose(1, 2)  # (groups, K, G)
     normed = (grouped - grouped.nanmean(-1, keepdim=True)) / (nanstd(grouped).unsqueeze(-1) + eps)
     rewards = (normed.transpose(1, 2).reshape(table.shape) * weights.to(table)).nansum(-1)
     rewards[table.isnan().all(-1)] = torch.nan
-    return ((rewards - rewards.nanmean()) / (nanstd(rewards) + eps)).nan_to_num(0.0)
+    return ((rewards - rewards.nanmean()) / (nanstd(rewards) + eps)).nan_to_num(0.0), rewards
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
