@@ -462,3 +462,23 @@ def test_switching_adaptive_entropy_on_at_resume_starts_at_the_recipes_coefficie
     before = GRPOLoop(copy.deepcopy(model), tokenizer(), reward, adaptive)
     _load_checkpoint(str(tmp_path / "checkpoint-2"), before, g)
     assert (before.bonus.coef, before.bonus.last) == (0.3, math.inf)
+
+
+@pytest.mark.parametrize("keys, bnpo, entropy", [
+    ({"loss_type": "bnpo"}, True, False),
+    ({"loss_type": "grpo", "top_entropy_quantile": 0.5}, False, True),
+    ({"loss_type": "bnpo", "top_entropy_quantile": 0.5}, True, True),
+])  # fmt: skip
+def test_resume_of_an_old_grpo_run_names_only_the_causes_it_had(tmp_path, keys, bnpo, entropy):
+    """An old grpo run's --resume (runs.old_run_data marks its steps_per_generation null) names the bnpo clause only
+    for a bnpo run and the chunk order clause only for a top_entropy_quantile < 1 run (the note before named both
+    whichever the run had)."""
+    from deltatune.train.config_align import BNPO_BEFORE, ENTROPY_BEFORE
+    from deltatune.train.run import _check_resume_recipe
+
+    run, recipe = p15._old_bnpo_run(tmp_path, **keys)
+    with pytest.raises(ConfigError) as err:
+        _check_resume_recipe(run, recipe, False)
+    message = str(err.value)
+    assert "\n" not in message and "align.steps_per_generation: None -> 1 (" in message
+    assert (BNPO_BEFORE in message, ENTROPY_BEFORE in message) == (bnpo, entropy)

@@ -473,6 +473,19 @@ ENTROPY_BEFORE = "a top_entropy_quantile < 1 run before 2f11afa took its align.m
 taking its own top-entropy mask, were in order; since 2f11afa shuffled, as TRL's micro-batches (6.0e-3 apart)."""
 
 
+def _grpo_before(old_run: dict | None) -> str:
+    """The causes of an old grpo run's null steps_per_generation that ``old_run`` (flattened; None: not known) had,
+    as runs.old_run_data tells them: loss_type bnpo, align.top_entropy_quantile < 1."""
+    bnpo = f"{BNPO_BEFORE}; bnpo is each align.mini_batch_size chunk's token mean now, as TRL's per micro-batch"
+    entropy = f"{ENTROPY_BEFORE}, shuffled now as TRL's micro-batches"
+    if old_run is None:
+        return f"{bnpo}; {entropy}"
+    q = old_run.get("align.top_entropy_quantile", 1.0)
+    had = [bnpo] if old_run.get("align.loss_type") == "bnpo" else []
+    had += [entropy] if type(q) in (int, float) and q < 1 else []
+    return "; ".join(had or [bnpo, entropy])
+
+
 def old_run_align(align: dict[str, Any], stage: str | None, batch_size: Any = None) -> dict[str, Any]:
     """A run's run.yaml ``align`` section as today's ``validate_align`` writes it: a key it lacks at its
     ``BEFORE_KEY`` behaviour on ``stage``; TRL's names (``PPO_TRL_NAMES``), which a run.yaml written before 805dd7e
@@ -494,14 +507,16 @@ def old_run_align(align: dict[str, Any], stage: str | None, batch_size: Any = No
     return out
 
 
-def default_changed(key: str, old: Any, new: Any, stage: str | None = None, batch_size: Any = None) -> str:
+def default_changed(
+    key: str, old: Any, new: Any, stage: str | None = None, batch_size: Any = None, old_run: dict | None = None
+) -> str:
     """A note for a resume's ``align.key: old -> new`` where ``old`` was the key's default before it changed and
     ``new`` is today's (``DEFAULT_WAS``) on ``stage`` (the recipe's; ppo's align.mini_batch_size: ``batch_size``, the
-    recipe's train.batch_size); "" otherwise. Without ``stage``, any stage's default today counts."""
+    recipe's train.batch_size); "" otherwise. Without ``stage``, any stage's default today counts. ``old_run``: the
+    old run's recipe flattened (``align.loss_type`` keys): an old grpo run's note names only the causes it had."""
     name = key.removeprefix("align.")
     if key == "align.steps_per_generation" and old is None and stage in ("grpo", None):  # (runs.old_run_data's mark)
-        return (f" ({BNPO_BEFORE}; bnpo is each align.mini_batch_size chunk's token mean now, as TRL's per micro-batch; "
-                f"{ENTROPY_BEFORE}, shuffled now as TRL's micro-batches)")  # fmt: skip
+        return f" ({_grpo_before(old_run)})"
     if not key.startswith("align.") or name not in DEFAULT_WAS or old != DEFAULT_WAS[name][0]:
         return ""
     if stage is None:

@@ -443,7 +443,7 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if y is None and key in DERIVED:
             continue
         if x != y and not _same_path(key, x, y):
-            out.append(f"{key}: {x!r} -> {y!r}{default_changed(key, x, y, stage, batch_size)}")
+            out.append(f"{key}: {x!r} -> {y!r}{default_changed(key, x, y, stage, batch_size, a)}")
     return out
 
 
