@@ -482,3 +482,42 @@ def test_resume_of_an_old_grpo_run_names_only_the_causes_it_had(tmp_path, keys, 
     message = str(err.value)
     assert "\n" not in message and "align.steps_per_generation: None -> 1 (" in message
     assert (BNPO_BEFORE in message, ENTROPY_BEFORE in message) == (bnpo, entropy)
+
+
+def test_a_reward_folder_that_is_no_one_label_classifier_is_one_line_before_any_model_loads(reward_model_folder):
+    """A causal LM folder (config.json, no run.yaml) was taken as a reward model: it scored with a random score head,
+    silently; a two-label classifier passed check_rewards and failed once the policy had loaded, in TRL's load
+    (AutoModelForSequenceClassification num_labels=1: a multi-line size mismatch error, as TRL's GRPOTrainer fails on
+    it). check_rewards refuses both in one line naming the folder; the one-label classifier passes."""
+    import os
+
+    from tiny import tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.train.grpo_rewards import check_rewards
+
+    base, two = os.path.join(os.path.dirname(reward_model_folder), "base"), reward_model_folder + "-2"
+    tokenizer().save_pretrained(base)
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=2).save_pretrained(two)
+    tokenizer().save_pretrained(two)
+    with pytest.raises(RuntimeError):  # (TRL's load of it)
+        AutoModelForSequenceClassification.from_pretrained(two, num_labels=1)
+    for folder, words in ((base, "is no sequence-classification model (config.json's architectures: "
+                                 "['LlamaForCausalLM'])"), (two, "is a classifier of 2 labels")):  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            check_rewards(AlignArgs(reward_funcs=[folder], num_generations=2))
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"align.reward_funcs: {folder!r} {words}")
+    assert check_rewards(AlignArgs(reward_funcs=[reward_model_folder], num_generations=2))[0].name == "tiny-rm"
+
+
+def test_a_reward_model_loads_with_the_recipes_trust_remote_code(reward_model_folder, monkeypatch):
+    """The reward model loads with model.trust_remote_code, as TRL passes args.trust_remote_code to its
+    from_pretrained (the loop before always passed False)."""
+    import deltatune.train.grpo_reward_model as grm
+    from deltatune.train.grpo_rewards import check_rewards, load_rewards
+
+    seen = []
+    monkeypatch.setattr(grm, "SequenceClassifierReward", lambda path, device, trust=False: seen.append(trust))
+    align = AlignArgs(reward_funcs=[reward_model_folder], num_generations=2)
+    load_rewards(check_rewards(align), align.reward_funcs, torch.nn.Linear(1, 1), "p", None, trust_remote_code=True)
+    assert seen == [True]

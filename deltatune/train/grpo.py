@@ -476,7 +476,8 @@ def train_grpo(
 
     t, out = cfg.train, cfg.output.dir
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    shared = load_rewards(rewards, cfg.align.reward_funcs, model, cfg.model.name_or_path, tokenizer)
+    m = cfg.model  # (the reward models: loaded with its trust_remote_code, as TRL's with args.trust_remote_code)
+    shared = load_rewards(rewards, cfg.align.reward_funcs, model, m.name_or_path, tokenizer, m.trust_remote_code)
     per_epoch = math.ceil(len(prompts) / t.batch_size)
     steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
     updates = steps * cfg.align.num_iterations * cfg.align.steps_per_generation

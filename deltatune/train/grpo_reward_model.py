@@ -6,15 +6,41 @@ added; the reward is the logit. A deltatune reward run (stage rm) is scored by `
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
 
+from ..config import ConfigError
+
 
 def is_model_folder(spec: str) -> bool:
     """Whether ``spec`` is a folder holding a transformers model (config.json) that is no deltatune run (run.yaml)."""
     return os.path.isfile(os.path.join(spec, "config.json")) and not os.path.isfile(os.path.join(spec, "run.yaml"))
+
+
+def check_model_folder(spec: str) -> None:
+    """ConfigError, one line naming the align.reward_funcs folder, unless its config.json is a one-label sequence
+    classifier (TRL loads it with num_labels=1: a causal LM folder would score with a random head, silently; a
+    checkpoint of another number of labels fails in transformers on its score head's size); read before any model
+    loads."""
+    try:
+        with open(os.path.join(spec, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"align.reward_funcs: {spec!r}'s config.json cannot be read ({exc})") from None
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(archs, list) or not any(str(x).endswith("ForSequenceClassification") for x in archs):
+        raise ConfigError(f"align.reward_funcs: {spec!r} is no sequence-classification model (config.json's "
+                          f"architectures: {archs!r}): a reward model folder is one, as TRL's GRPOTrainer loads it "
+                          "with AutoModelForSequenceClassification (its score head would be random)")  # fmt: skip
+    id2label = config.get("id2label")
+    labels = len(id2label) if isinstance(id2label, dict) and id2label else config.get("num_labels", 2)
+    if labels != 1:  # (transformers' default, with neither key saved: 2)
+        raise ConfigError(f"align.reward_funcs: {spec!r} is a classifier of {labels} labels (config.json's "
+                          "id2label / num_labels): a reward model scores with one logit (TRL loads it with "
+                          "num_labels=1, which its score head's weights do not fit)")  # fmt: skip
 
 
 class SequenceClassifierReward:

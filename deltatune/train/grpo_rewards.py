@@ -104,7 +104,7 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
     Raises:
         ConfigError: no rewards, a weight list of another length or holding a non-number, or a bad entry.
     """
-    from .grpo_reward_model import is_model_folder
+    from .grpo_reward_model import check_model_folder, is_model_folder
     from .scorers import reward_run
 
     specs = align.reward_funcs
@@ -120,7 +120,7 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
         if not isinstance(spec, str):
             raise ConfigError(f"align.reward_funcs entries must be text, got {spec!r}")
         if os.path.isdir(spec):
-            is_model_folder(spec) or reward_run(spec)  # (a transformers model folder: TRL's reward model)
+            check_model_folder(spec) if is_model_folder(spec) else reward_run(spec)  # (TRL's reward model)
             name, fn, is_model = os.path.basename(os.path.normpath(spec)), None, True
         else:
             name, fn, is_model = spec.rpartition(":")[2], import_reward(spec), False
@@ -131,10 +131,13 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
     return out
 
 
-def load_rewards(rewards: list[Reward], specs: list[str], model: nn.Module, policy_name: str, tokenizer) -> list:
+def load_rewards(
+    rewards: list[Reward], specs: list[str], model: nn.Module, policy_name: str, tokenizer, trust_remote_code=False
+) -> list:
     """Reward-model entries loaded (an extra adapter on the policy when trained on its base: ``AdapterReward``;
     else a model of its own: ``RewardScorer``; a transformers model folder: ``SequenceClassifierReward``, called as a
-    reward function); returns the loaded AdapterRewards, to delete after the run."""
+    reward function, loaded with ``trust_remote_code``, the recipe's model.trust_remote_code, as TRL passes its
+    args.trust_remote_code); returns the loaded AdapterRewards, to delete after the run."""
     from .grpo_reward_model import SequenceClassifierReward, is_model_folder
     from .ppo import reward_function
     from .scorers import AdapterReward
@@ -143,7 +146,7 @@ def load_rewards(rewards: list[Reward], specs: list[str], model: nn.Module, poli
     shared = []
     for r, spec in zip(rewards, specs):
         if r.model and r.fn is None and is_model_folder(spec):  # (called as a reward function, as TRL's)
-            r.fn, r.model = SequenceClassifierReward(spec, device), False
+            r.fn, r.model = SequenceClassifierReward(spec, device, trust_remote_code), False
         elif r.model and r.fn is None:
             name = f"reward_{len(shared)}" if shared else "reward"  # each reward run its own adapter in the policy
             r.fn = reward_function(spec, device, model, policy_name, tokenizer, adapter_name=name)
