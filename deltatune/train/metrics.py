@@ -13,6 +13,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from functools import lru_cache
 
 
 def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
@@ -157,7 +158,10 @@ def rouge_tokens(text: str, stem: bool = False) -> list[str]:
 def rouge_l(prediction: str, reference: str, stem: bool = False) -> float:
     """ROUGE-L F1 (rouge-score's): from the longest common subsequence of ``rouge_tokens``; ``stem`` is rouge-score's
     ``use_stemmer`` (run_summarization's ``rouge.compute(..., use_stemmer=True)``)."""
-    a, b = rouge_tokens(prediction, stem), rouge_tokens(reference, stem)
+    return _rouge_l(rouge_tokens(prediction, stem), rouge_tokens(reference, stem))
+
+
+def _rouge_l(a: list[str], b: list[str]) -> float:
     if not a or not b:
         return 0.0
     prev = [0] * (len(b) + 1)
@@ -175,12 +179,32 @@ def rouge_l(prediction: str, reference: str, stem: bool = False) -> float:
 
 def rouge_n(prediction: str, reference: str, n: int, stem: bool = False) -> float:
     """ROUGE-N F1 (rouge-score's ``rouge1``, ``rouge2``): clipped n-gram overlap of ``rouge_tokens``."""
-    a, b = rouge_tokens(prediction, stem), rouge_tokens(reference, stem)
+    return _rouge_n(rouge_tokens(prediction, stem), rouge_tokens(reference, stem), n)
+
+
+def _rouge_n(a: list[str], b: list[str], n: int) -> float:
     pa = Counter(tuple(a[i : i + n]) for i in range(len(a) - n + 1))
     rb = Counter(tuple(b[i : i + n]) for i in range(len(b) - n + 1))
     hits = sum(min(c, pa[g]) for g, c in rb.items())
     p, r = hits / max(sum(pa.values()), 1), hits / max(sum(rb.values()), 1)
     return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def rouge_scores(prediction: str, references: Sequence[str], stem: bool = False) -> dict[str, float]:
+    """rouge1, rouge2, rougeL and rougeLsum F1 of ``prediction`` against its best reference for each (rouge-score's
+    ``score_multi``), as ``rouge_n``, ``rouge_l`` and ``rouge_lsum`` on the stripped texts give them (equal floats),
+    each text tokenized and stemmed once (not once per metric and reference: 4.5x the time on E2E's references)."""
+    lines = [[rouge_tokens(x, stem) for x in sentences(t).split("\n") if x] for t in (prediction, *references)]
+    flat = [[w for line in text for w in line] for text in lines]
+    a, best = flat[0], dict.fromkeys(("rouge1", "rouge2", "rougeL", "rougeLsum"), 0.0)
+    for b, ref in zip(flat[1:], lines[1:]):
+        rouge_l_ = _rouge_l(a, b)
+        # one line each: the union LCS is the LCS, the same float as rougeL (and the table's time saved)
+        lsum = rouge_l_ if len(lines[0]) == len(ref) == 1 else _rouge_lsum(lines[0], ref)
+        for key, score in (("rouge1", _rouge_n(a, b, 1)), ("rouge2", _rouge_n(a, b, 2)), ("rougeL", rouge_l_),
+                           ("rougeLsum", lsum)):  # fmt: skip
+            best[key] = max(best[key], score)
+    return best
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
@@ -216,8 +240,13 @@ def rouge_lsum(prediction: str, reference: str, stem: bool = False) -> float:
     """ROUGE-Lsum F1 (rouge-score's ``rougeLsum``): the summary-level LCS over the texts' lines (one sentence a line,
     ``sentences``), each reference line's union LCS with every predicted line, a token counted at most as often as
     both texts hold it."""
-    ref = [rouge_tokens(s, stem) for s in reference.split("\n") if s]
-    can = [rouge_tokens(s, stem) for s in prediction.split("\n") if s]
+    return _rouge_lsum(
+        [rouge_tokens(s, stem) for s in prediction.split("\n") if s],
+        [rouge_tokens(s, stem) for s in reference.split("\n") if s],
+    )
+
+
+def _rouge_lsum(can: list[list[str]], ref: list[list[str]]) -> float:
     m, n = sum(map(len, ref)), sum(map(len, can))
     if not m or not n:
         return 0.0
@@ -356,9 +385,10 @@ def _rules(w: str, rules: list[tuple[str, str]], least: int) -> str:
     return w
 
 
+@lru_cache(maxsize=1 << 16)
 def porter_stem(word: str) -> str:
     """``word`` (lower case) as nltk's ``PorterStemmer().stem`` gives it, the stemmer of rouge-score's
-    ``use_stemmer``."""
+    ``use_stemmer`` (cached: an eval's texts repeat their words)."""
     if word in _IRREGULAR:
         return _IRREGULAR[word]
     if len(word) <= 2:

@@ -4,8 +4,6 @@ against the target (or the row's ``references``)."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from ..data.load import Row
@@ -116,24 +114,19 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
             num_beams=cfg.train.generation_num_beams,
         )
         preds += tok.batch_decode(out, skip_special_tokens=True)
-        # run_summarization's gen_len: np.count_nonzero(pred != pad_token_id) per generated row (the decoder start
-        # and the EOS count, the padding after a row's EOS does not)
+        # run_summarization's gen_len: np.count_nonzero(pred != pad_token_id) per generated row (the EOS counts; the
+        # decoder start counts unless it is the pad (T5's is); the padding after a row's EOS does not)
         lengths += [int((row != pad).sum()) if pad is not None else len(row) for row in out]
         for r in chunk:
             many = r.data.get("references")
             refs.append([str(x) for x in many] if isinstance(many, list) and many else [str(r.get(d.target_column))])
     model.train(was_training)
-    # run_summarization's ROUGE: rouge-score's with use_stemmer=True ("runs" and "running" match "run")
-    rouge = {
-        "eval_rouge1": partial(M.rouge_n, n=1),
-        "eval_rouge2": partial(M.rouge_n, n=2),
-        "eval_rougeL": M.rouge_l,
-        "eval_rougeLsum": lambda p, r, stem: M.rouge_lsum(M.sentences(p), M.sentences(r), stem),
-    }
+    # run_summarization's ROUGE: rouge-score's with use_stemmer=True ("runs" and "running" match "run"), each row's
+    # prediction against its best reference; rougeLsum on the texts one sentence a line (``M.sentences``)
+    rows_scores = [M.rouge_scores(p, rs, stem=True) for p, rs in zip(preds, refs)]
     scores = {
-        key: sum(max(f(p.strip(), r.strip(), stem=True) for r in rs) for p, rs in zip(preds, refs))
-        / max(len(preds), 1)
-        for key, f in rouge.items()
+        f"eval_{key}": sum(r[key] for r in rows_scores) / max(len(preds), 1)
+        for key in ("rouge1", "rouge2", "rougeL", "rougeLsum")
     }
     scores["eval_gen_len"] = sum(lengths) / max(len(lengths), 1)
     return {**scores, "eval_bleu": M.bleu(preds, refs)}
