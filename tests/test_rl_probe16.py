@@ -43,6 +43,10 @@ ADAPTIVE_CASES = [
                     "entropy_coef_delta": 0.05, "entropy_coef_min": 0.02}, [0.05, 0.02, 0.02, 0.02]),
     (2, 1, "bnpo", {"entropy_coef": 0.2, "use_adaptive_entropy": True, "entropy_target": 100.0,
                     "top_entropy_quantile": 0.5}, [0.205, 0.21]),
+    # num_iterations 2, the target always met: the bonus applied in every update after the first, each iteration's
+    # with the coefficient of the update before (0.1 -> 0.15 -> 0.2 -> 0.25 -> 0.3)
+    (2, 2, "dapo", {"entropy_coef": 0.1, "use_adaptive_entropy": True, "entropy_target": 100.0,
+                    "entropy_coef_delta": 0.05}, [0.15, 0.2, 0.25, 0.3]),
 ]  # fmt: skip
 
 
