@@ -19,7 +19,7 @@ from .cli_parser import NEAR, _parser
 def _is_ours(exc: BaseException) -> bool:
     """Whether ``exc`` is deltatune refusing an input: one of its own error types, or a ValueError, KeyError or
     OSError raised by deltatune's own code (the innermost frame of the traceback is in the package; for an OSError
-    naming a file, the innermost outside the standard library: os.makedirs refusing an --out). Anything
+    naming a file, the innermost outside the standard library's modules: os.makedirs refusing an --out). Anything
     raised deeper, in torch or transformers, is a bug to show in full."""
     from .config import ConfigError
     from .data.load import DataError
@@ -32,19 +32,26 @@ def _is_ours(exc: BaseException) -> bool:
     if not isinstance(exc, (ValueError, KeyError, OSError)):
         return False
     import os
-    import sysconfig
 
-    files = []
+    files, modules = [], []
     tb = exc.__traceback__
     while tb is not None:
         files.append(os.path.abspath(tb.tb_frame.f_code.co_filename) if tb.tb_frame.f_code.co_filename[:1] != "<"
                      else tb.tb_frame.f_code.co_filename)  # fmt: skip
+        modules.append(str(tb.tb_frame.f_globals.get("__name__") or "").partition(".")[0])
         tb = tb.tb_next
     # the file system refusing a path deltatune's code asked for (os.makedirs of an --out under a file or on a
-    # read-only disk): deltatune's too, though raised a frame or two down in the standard library
-    stdlib = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
-    while isinstance(exc, OSError) and exc.filename and files and files[-1].startswith(("<frozen ", stdlib)):
+    # read-only disk): deltatune's too, though raised a frame or two down in the standard library, known by its
+    # module's name (not by path: site-packages may lie under the standard library's folder, with pyenv, conda or a
+    # python:3.x image without a venv, and torch's frames would be popped as the standard library's)
+    while (
+        isinstance(exc, OSError)
+        and exc.filename
+        and files
+        and (files[-1].startswith("<frozen ") or modules[-1] in sys.stdlib_module_names)
+    ):
         files.pop()
+        modules.pop()
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     return bool(files) and files[-1].startswith(package)
 
