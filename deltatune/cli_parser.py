@@ -252,11 +252,15 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
 
 def _shard_size(text: str) -> str:
     """``--max-shard-size``: a size transformers' ``save_pretrained(max_shard_size=)`` reads (5GB, 500MB, 2GiB, more
-    than zero), refused here in one line (transformers raised its ValueError after the merge, from deep inside)."""
+    than zero), refused here in one line (transformers raised its ValueError after the merge, from deep inside); a
+    lowercase final b of GB, MB, KB (bits to transformers: 5gb is 625,000,000 bytes) refused too."""
     import re
 
     if not re.fullmatch(r"0*[1-9][0-9]*([GMK]i?B)", text, re.IGNORECASE):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: a whole number and a unit, e.g. 5GB, 500MB, 2GiB")
+    if text.endswith("b") and text[-2] not in "iI":  # transformers' convert_file_size_to_int: 5Gb, 5gb gigabits
+        raise argparse.ArgumentTypeError(f"{text!r}: write the unit with a capital B (bytes: {text[:-1]}B); "
+                                         "transformers reads a lowercase b as bits, shards 8 times smaller")  # fmt: skip
     return text
 
 
