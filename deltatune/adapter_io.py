@@ -35,11 +35,11 @@ from .files import (
     pick_tensors,
     read_weights,
     resolve,
-    save_adapters,
     split_heads,
     stage_training_state,
     upcast_adapter,
 )
+from .files_save import save_adapters
 from .layer import base_parameters, unwrapped_name
 from .targets import HEADS_BY_TASK, IA3_TARGETS, LORA_TARGETS, _all_linear, all_linear_names, matches, model_type
 

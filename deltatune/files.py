@@ -230,59 +230,6 @@ def write_adapter(
     atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
 
 
-def save_adapters(
-    model: Any,
-    save_directory: str | os.PathLike[str],
-    names: list[str],
-    save_embedding_layers: bool | str,
-    path_initial_model_for_weight_conversion: str | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-    **_: Any,
-) -> None:
-    """``DeltaModel.save_pretrained``'s files: each adapter of ``names`` in its folder (``adapter_folder``), its config
-    in inference mode and naming the base model, the embedding copies peft's ``save_embedding_layers`` asks for
-    (``embedding_copies``) and its training state, all written beside and moved in once every adapter's files are
-    (a refusal or a full disk leaves the folders as they were). ``names`` empty: the folder alone, as peft (which writes its
-    model card there). ``path_initial_model_for_weight_conversion`` (peft's: a LoRA saved right after its init):
-    each adapter written as the plain LoRA of its change since (the LoRA method's
-    ``convert_to_plain_lora``, as peft's conversion). ``state_dict`` (peft's): the tensors, embedding copies
-    included, are taken from it (``pick_tensors``), e.g. a full state dict gathered from sharded (FSDP / ZeRO-3) parameters."""
-    folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
-    if not names:
-        adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
-        os.makedirs(save_directory, exist_ok=True)
-    path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
-    initial, convert = path_initial_model_for_weight_conversion, getattr(model, "convert_to_plain_lora", None)
-    writes = {}  # every adapter's files made (a state_dict= lacking a tensor refused) before any is written
-    for name in names:
-        given = model.peft_config[name]
-        if initial is not None:  # the method's own conversion (any method's model function)
-            if given.peft_type != "LORA" or convert is None:
-                raise ValueError(f"adapter {name!r} ({given.method}): path_initial_model_for_weight_conversion "
-                                 "converts LoRA adapters only")  # fmt: skip
-            continue
-        config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
-        training = {f"{p}|{k}": v for p, layer in model._layers() if name in layer.adapter_names
-                    for k, v in layer.training_state(name).items()}  # fmt: skip
-        tensors = model.adapter_state_dict(name)
-        for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
-            tensors.setdefault(key_prefix(config) + pname, p)
-        tensors = tensors if state_dict is None else pick_tensors(model, name, state_dict, tensors)
-        writes[name] = (tensors, config, training)
-    os.makedirs(save_directory, exist_ok=True)  # all written beside, then moved in: a refused adapter (DoRA's
-    with tempfile.TemporaryDirectory(prefix=f"{SAVING}{os.getpid()}@{_host()}~", dir=save_directory) as tmp:
-        for name in names:  # conversion) or a full disk leaves every adapter's files as they were
-            staged = os.path.join(tmp, name)
-            convert(initial, staged, name) if initial is not None else write_adapter(staged, *writes[name])
-        for name in names:
-            os.makedirs(folders[name], exist_ok=True)
-            staged = os.listdir(os.path.join(tmp, name))
-            for file in staged:
-                os.replace(os.path.join(tmp, name, file), os.path.join(folders[name], file))
-            if TRAINING_STATE not in staged and os.path.exists(os.path.join(folders[name], TRAINING_STATE)):
-                os.remove(os.path.join(folders[name], TRAINING_STATE))  # an earlier save's
-
-
 def pick_tensors(
     model: Any,
     name: str,

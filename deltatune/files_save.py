@@ -1,0 +1,118 @@
+"""``DeltaModel.save_pretrained``'s files (``save_adapters``): every adapter written into a hidden folder beside, then
+moved in once all are (``publish``)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .files import (
+    SAVING,
+    TRAINING_STATE,
+    _host,
+    adapter_folder,
+    embedding_copies,
+    key_prefix,
+    pick_tensors,
+    remove_stale_saves,
+    write_adapter,
+    write_failure,
+)
+
+
+def save_adapters(
+    model: Any,
+    save_directory: str | os.PathLike[str],
+    names: list[str],
+    save_embedding_layers: bool | str,
+    path_initial_model_for_weight_conversion: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **_: Any,
+) -> None:
+    """``DeltaModel.save_pretrained``'s files: each adapter of ``names`` in its folder (``adapter_folder``), its config
+    in inference mode and naming the base model, the embedding copies peft's ``save_embedding_layers`` asks for
+    (``embedding_copies``) and its training state, all written beside and moved in once every adapter's files are
+    (``publish``: a refusal or a failed write, a full disk, leaves every adapter's files as they were; a
+    crash between the renames can leave some adapters new, some old). ``names`` empty: the folder alone, as peft
+    (which writes its model card there). ``path_initial_model_for_weight_conversion`` (peft's: a LoRA saved right after its init):
+    each adapter written as the plain LoRA of its change since (the LoRA method's
+    ``convert_to_plain_lora``, as peft's conversion). ``state_dict`` (peft's): the tensors, embedding copies
+    included, are taken from it (``pick_tensors``), e.g. a full state dict gathered from sharded (FSDP / ZeRO-3) parameters."""
+    folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
+    refuse_files(folders)  # (save_dir/other a file: refused before any write)
+    if not names:
+        adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
+        os.makedirs(save_directory, exist_ok=True)
+    path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
+    initial, convert = path_initial_model_for_weight_conversion, getattr(model, "convert_to_plain_lora", None)
+    writes = {}  # every adapter's files made (a state_dict= lacking a tensor refused) before any is written
+    for name in names:
+        given = model.peft_config[name]
+        if initial is not None:  # the method's own conversion (any method's model function)
+            if given.peft_type != "LORA" or convert is None:
+                raise ValueError(f"adapter {name!r} ({given.method}): path_initial_model_for_weight_conversion "
+                                 "converts LoRA adapters only")  # fmt: skip
+            continue
+        config = given.replace(inference_mode=True, base_model_name_or_path=given.base_model_name_or_path or path)
+        training = {f"{p}|{k}": v for p, layer in model._layers() if name in layer.adapter_names
+                    for k, v in layer.training_state(name).items()}  # fmt: skip
+        tensors = model.adapter_state_dict(name)
+        for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
+            tensors.setdefault(key_prefix(config) + pname, p)
+        tensors = tensors if state_dict is None else pick_tensors(model, name, state_dict, tensors)
+        writes[name] = (tensors, config, training)
+
+    def write(name: str, staged: str) -> None:
+        convert(initial, staged, name) if initial is not None else write_adapter(staged, *writes[name])
+
+    publish(os.fspath(save_directory), folders, write)
+
+
+def refuse_files(folders: dict[str, str]) -> None:
+    """Refuse, in one line, an adapter folder that is a file (``save_dir/other`` a plain file), before any write.
+
+    Raises:
+        ValueError: naming the adapter and the file.
+    """
+    for name, folder in folders.items():
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{folder!r} is a file; adapter {name!r} is saved into a folder")
+
+
+def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, str], object]) -> None:
+    """``write(name, folder)`` each adapter of ``folders`` (name -> its destination) into a hidden folder in
+    ``save_directory``, then make every destination folder and move the files in.
+
+    A refusal or a failed write (a full disk, named by its destination file, errno kept) leaves every adapter's
+    files as they were; a crash between the renames (a power cut, SIGKILL) can leave some adapters new and some
+    old. The hidden folder a killed save left is removed by the next save into the folder (``remove_stale_saves``).
+    """
+    os.makedirs(save_directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{SAVING}{os.getpid()}@{_host()}~", dir=save_directory) as tmp:
+        remove_stale_saves(os.fspath(save_directory))  # (ours stays: this process is alive)
+        for name, folder in folders.items():
+            staged = os.path.join(tmp, name)
+            try:
+                write(name, staged)
+            except Exception as exc:
+                failure = write_failure(exc)
+                if failure is None:
+                    raise
+                text = str(failure)
+                text = text.replace(staged, folder) if staged in text else f"could not write {folder}: {text}"
+                error = OSError(text.replace(tmp, os.fspath(save_directory)))
+                error.errno = failure.errno
+                raise error from None
+        refuse_files(folders)  # (again: made a file while writing)
+        for folder in folders.values():  # every folder made before the first file moves in
+            os.makedirs(folder, exist_ok=True)
+        for name, folder in folders.items():
+            staged = os.listdir(os.path.join(tmp, name))
+            for file in staged:
+                os.replace(os.path.join(tmp, name, file), os.path.join(folder, file))
+            if TRAINING_STATE not in staged and os.path.exists(os.path.join(folder, TRAINING_STATE)):
+                os.remove(os.path.join(folder, TRAINING_STATE))  # an earlier save's
