@@ -228,6 +228,44 @@ def test_a_seq2seq_row_with_nothing_to_learn_or_bad_references_is_refused_in_one
     )
 
 
+def test_empty_references_fall_back_to_the_target_and_a_train_splits_are_not_read(tmp_path):
+    """``references: []`` scored against the target before 6d3e476, which refused it: an old run's data must keep
+    working, so [] is no list again (the eval scores the target, the same floats as a row without the column). A
+    train split's references column is read by nothing (only the eval's generations are scored): 6d3e476 refused a
+    bad one there too; now only an eval split's (or one held out by data.val_size) is checked, naming the row."""
+    import json
+
+    from tiny import tokenizer
+
+    from deltatune.data.load import DataError
+    from deltatune.data.tasks import encode_seq2seq
+    from deltatune.train.seq2seq import generation_metrics, prepare_seq2seq
+
+    tok = tokenizer()
+    row = {"source": "The cat sat.", "target": "A cat sat."}
+    ex = encode_seq2seq([Row({**row, "references": []}, "s.jsonl:1")], tok, "source", "target", 16, 16).examples
+    assert ex == encode_seq2seq([Row(row, "s.jsonl:1")], tok, "source", "target", 16, 16).examples
+    with_empty = generation_metrics(_Echo(), _EchoTok(), [Row({**row, "references": []}, "s.jsonl:1")], _cfg())
+    assert with_empty == generation_metrics(_Echo(), _EchoTok(), [Row(row, "s.jsonl:1")], _cfg())
+    assert 0 < with_empty["eval_rougeL"] < 1  # the target scored (an echo of the source)
+
+    bad, good = tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
+    bad.write_text("".join(json.dumps({**row, "references": "A cat."}) + "\n" for _ in range(4)))
+    good.write_text(json.dumps({**row, "references": ["A cat."]}) + "\n")
+
+    def prepare(train, ev=None, val_size=0):
+        cfg = build({"stage": "seq2seq", "model": {"name_or_path": "unused"},
+                     "data": {"train": str(train), "eval": str(ev) if ev else None, "val_size": val_size,
+                              "source_column": "source", "target_column": "target"}})  # fmt: skip
+        return prepare_seq2seq(cfg, tok)
+
+    assert len(prepare(bad, good).train) == 4
+    with pytest.raises(DataError, match=r"^.*bad\.jsonl:1: column 'references' must be a non-empty list of texts"):
+        prepare(good, bad)
+    with pytest.raises(DataError, match=r"^.*bad\.jsonl:\d: column 'references' must be"):
+        prepare(bad, val_size=1)
+
+
 def test_a_t5_checkpoint_without_a_source_prefix_gets_run_summarizations_warning(tmp_path):
     """run_summarization warns "You're running a t5 model but didn't provide a source prefix" for google-t5/t5-small
     .. t5-11b run without --source_prefix; HEAD's report said nothing (recipes/e2e-seq2seq-lora.yaml is such a run).

@@ -376,22 +376,26 @@ def encode_seq2seq(
     max_target_length: int,
     truncation: str = "truncate",
     source_prefix: str = "",
+    scored: bool = True,
 ) -> Encoded:
     """Conditional generation: the source (after ``source_prefix``, run_summarization's "summarize: " for T5) as
-    encoder input, the target's ids as labels.
+    encoder input, the target's ids as labels. ``scored``: the split's generations are scored (the eval split), so
+    its ``references`` column is read; a train split's is not (nothing reads it there).
 
     Raises:
-        DataError: an empty source or target (run_summarization leaves such rows out without a word; here it would
-            train the EOS alone, or a target from the prefix alone), or a ``references`` column that is not a list
-            of texts (the eval would score against the target instead); the row and column named.
+        DataError: a source or target empty or white space alone (run_summarization leaves an empty one out without
+            a word, and keeps white space alone, its ``if text and summary`` being true; here either would train
+            the EOS alone, or a target from the prefix alone), or, where ``scored``, a ``references`` column that is
+            not a list of texts (the eval would score against the target instead; ``[]`` is no list, the target is
+            scored, as before probe 16); the row and column named.
     """
     out, counter, cut = [], [0], [0, 0]
     for row in rows:
         for column in (source_column, target_column):
             if not row.text(column).strip():
                 raise DataError(f"{row.source}: column {column!r} is empty; a seq2seq row needs a source and a target")
-        refs = row.data.get("references")
-        if refs is not None and not (
+        refs = row.data.get("references") if scored else None
+        if refs not in (None, []) and not (
             isinstance(refs, list) and refs and all(isinstance(r, str) and r.strip() for r in refs)
         ):
             raise DataError(f"{row.source}: column 'references' must be a non-empty list of texts (the eval scores "

@@ -20,7 +20,7 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     d = cfg.data
 
-    def enc(rows):
+    def enc(rows, scored=True):
         return encode_seq2seq(
             rows,
             tok,
@@ -30,9 +30,10 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
             d.max_target_length,
             d.truncation,
             d.source_prefix,
+            scored,  # the references column is read where the generations are scored: the eval rows
         )
 
-    train, ev = enc(train_rows), enc(eval_rows) if eval_rows else None
+    train, ev = enc(train_rows, scored=False), enc(eval_rows) if eval_rows else None
     notes = [_cut_note(split, e, d.max_length, d.max_target_length) for split, e in (("train", train), ("eval", ev))]
     notes = [n for n in notes if n]
     if note := _prefix_note(cfg):
