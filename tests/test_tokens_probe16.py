@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny import tiny_inputs, tiny_model
@@ -161,3 +163,88 @@ def test_generate_on_mamba_with_prompts_scores_as_the_forward_loop():
     torch.manual_seed(3)
     model = dt.get_delta_model(base, dt.PromptTuningConfig(num_virtual_tokens=3, num_attention_heads=1))
     _check_generate_scores(model.eval(), MAMBA_IDS)
+
+
+def _damaged_tokenizer(tmp_path, kind: str) -> str:
+    """A tokenizer.json that is JSON but no tokenizer: without added_tokens (KeyError in transformers) or with all
+    fields and an unknown model type (the tokenizers library's plain Exception, "data did not match any variant")."""
+    data = {"version": "1.0", "model": {"type": "Nope"}}
+    if kind == "unknown model":
+        data = {"truncation": None, "padding": None, "added_tokens": [], "normalizer": None, **data}
+        data.update(pre_tokenizer=None, post_processor=None, decoder=None)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["no added_tokens", "unknown model", "no tokenizer files"])
+def test_a_damaged_or_absent_tokenizer_is_refused_naming_the_field_and_a_reason(kind, tmp_path):
+    """A damaged tokenizer.json escaped as KeyError 'added_tokens' or a plain Exception (neither names the field nor
+    the path); a folder without tokenizer files gave a reason ending on a dangling colon. Now one ConfigError with a
+    whole reason, and the model and config are left as they were."""
+    path = str(tmp_path) if kind == "no tokenizer files" else _damaged_tokenizer(tmp_path, kind)
+    if kind == "no tokenizer files":
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    base = tiny_model("llama", "causal_lm")
+    config = dt.PromptTuningConfig(
+        num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="the cat", tokenizer_name_or_path=path
+    )
+    with pytest.raises(ConfigError) as err:
+        dt.get_delta_model(base, config)
+    message = str(err.value)
+    prefix = f"tokenizer_name_or_path={path!r} (for prompt_tuning_init='TEXT') gives no tokenizer: "
+    assert message.startswith(prefix) and "\n" not in message
+    reason = message[len(prefix) :]
+    assert len(reason) > 10 and not reason.rstrip().endswith(":")
+    if kind == "no tokenizer files":
+        assert reason.startswith("no tokenizer files")
+    assert "virtual_tokens" not in base._modules and config.token_dim is None
+
+
+def test_prompt_tuning_without_a_hidden_size_in_the_config_takes_the_embedding_width():
+    """A config without hidden_size was refused with "cannot read token_dim ...; set it in the adapter config", and
+    setting token_dim did not help (the hidden size was read from the model config only); prompts take their width
+    from the input embedding (as peft's prompt encoder is as wide as the word embeddings), so they need no hidden
+    size: the adapter is built and its forward equals the base model's on the prompt prepended by hand."""
+    base = tiny_model("llama", "causal_lm")
+    real = base.config
+
+    class NoHidden(type(real)):  # the same config, reading no hidden size (a model type that names it otherwise)
+        def __getattribute__(self, name):
+            if name in ("hidden_size", "n_embd", "d_model"):
+                raise AttributeError(name)
+            return object.__getattribute__(self, name)
+
+    base.config = NoHidden.__new__(NoHidden)
+    base.config.__dict__.update(real.__dict__)
+    assert getattr(base.config, "hidden_size", None) is None
+    inputs = tiny_inputs("llama", "causal_lm")
+    model = dt.get_delta_model(base, dt.PromptTuningConfig(num_virtual_tokens=3))
+    width = base.get_input_embeddings().weight.shape[1]
+    assert model.peft_config["default"].token_dim == width
+    model.eval()
+    prompt = model.get_prompt_embedding_to_save("default")
+    with torch.no_grad():
+        got = model(**inputs).logits
+        with model.disable_adapter():
+            embeds = base.get_input_embeddings()(inputs["input_ids"])
+            full = torch.cat([prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], dim=1)
+            mask = torch.cat([inputs["attention_mask"].new_ones(embeds.shape[0], 3), inputs["attention_mask"]], dim=1)
+            want = base(inputs_embeds=full, attention_mask=mask).logits[:, 3:]
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("implementation", ["static", "sliding_window"])
+def test_a_fixed_size_cache_refusal_does_not_claim_static_when_another_was_passed(implementation):
+    """The refusal always said cache_implementation='static', also for cache_implementation='sliding_window' (which
+    transformers turns into a StaticCache of sliding-window layers); the cache does not record what was passed, so
+    the message names the cache's layers and the static values, and it is one line."""
+    base = tiny_model("llama", "causal_lm")
+    base.config.sliding_window = 4
+    model = dt.get_delta_model(base, dt.PromptTuningConfig(num_virtual_tokens=3))
+    ids = tiny_inputs("llama", "causal_lm")["input_ids"][:1]
+    with pytest.raises(ValueError) as err:
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation=implementation, do_sample=False)
+    message = str(err.value)
+    assert "\n" not in message and "has no room for" in message
+    assert "cache_implementation='static')" not in message
+    assert "'static'" in message and "'sliding_window'" in message

@@ -95,8 +95,11 @@ def fill_geometry(model: nn.Module, config: Any, prefix: bool) -> None:
     if not prefix:  # prompts need only their width; layers and heads are recorded, a given value stands (as peft's)
         layers = layers if layers is not None else config.num_layers
         heads = heads if heads is not None else config.num_attention_heads
+    # A prompt's width is the embedding's, never the hidden size: token_dim is only unread for a prefix.
     unread = [
-        k for k, v in (("num_layers", layers), ("token_dim", hidden), ("num_attention_heads", heads)) if v is None
+        k
+        for k, v in (("num_layers", layers), ("token_dim", hidden if prefix else 0), ("num_attention_heads", heads))
+        if v is None
     ]
     if unread:
         raise ConfigError(

@@ -44,7 +44,7 @@ from ._token_geometry import (
     _shift_positions,
     text_config,
 )
-from ._tokens_layout import fixed_size
+from ._tokens_layout import refuse_fixed_size
 
 ATTR = "virtual_tokens"
 """Name of the child module of the base model holding every token adapter."""
@@ -299,11 +299,7 @@ class VirtualTokens(DeltaLayer):
 
 def _growing(spec: TokenSpec, cache: Any) -> Any:
     """``cache``, refused when it has a fixed size (a static cache is sized for the inputs and new tokens only)."""
-    if fixed_size(cache):
-        raise ValueError(
-            f"{spec.method} puts {spec.n} virtual tokens in the key/value cache, which a fixed-size "
-            f"{type(cache).__name__} (cache_implementation='static') has no room for; use the default dynamic cache"
-        )
+    refuse_fixed_size(cache, spec.method, spec.n)
     return cache
 
 

@@ -48,6 +48,21 @@ def fixed_size(cache: object) -> bool:
     return any(isinstance(layer, StaticLayer) for layer in layers)
 
 
+def refuse_fixed_size(cache: object, method: str, n: int) -> None:
+    """Raise a ValueError if ``cache`` has a fixed size. generate builds a StaticCache for any of its static
+    cache_implementation values ('static', 'offloaded_static', and the deprecated 'sliding_window', 'hybrid', ...);
+    the cache does not record which was passed, so the message names the cache and its layers' kind."""
+    if not fixed_size(cache):
+        return
+    layers = getattr(cache, "layers", None) or []
+    kinds = sorted({type(layer).__name__ for layer in layers}) or [type(cache).__name__]
+    raise ValueError(
+        f"{method} puts {n} virtual tokens in the key/value cache, which a fixed-size {type(cache).__name__} "
+        f"({', '.join(kinds)}; from a static cache_implementation such as 'static', 'offloaded_static' or "
+        "'sliding_window') has no room for; use the default dynamic cache"
+    )
+
+
 def refuse_kv_free(model: nn.Module, method: str) -> None:
     """Raise a ConfigError naming the model type and its layers without keys and values, if it has any."""
     free = kv_free_layers(model)
@@ -60,4 +75,4 @@ def refuse_kv_free(model: nn.Module, method: str) -> None:
         )
 
 
-__all__ = ["fixed_size", "kv_free_layers", "refuse_kv_free"]
+__all__ = ["fixed_size", "kv_free_layers", "refuse_fixed_size", "refuse_kv_free"]

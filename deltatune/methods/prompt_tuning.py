@@ -93,8 +93,13 @@ def _init_ids(config: PromptTuningConfig, rows: int, vocab: int) -> torch.Tensor
     kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
-    except (OSError, ValueError) as err:  # a missing folder, an offline hub id, a folder without tokenizer files
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    except Exception as err:  # a missing folder, an offline hub id, no tokenizer files, a damaged tokenizer.json
+        # (tokenizers raises a plain Exception or a KeyError for a tokenizer.json that is JSON but no tokenizer)
+        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = f"its tokenizer.json has no field {err.args[0]!r}" if isinstance(err, KeyError) else reason
+        if reason.startswith("Couldn't instantiate the backend tokenizer"):  # its list of three ways says little
+            reason = "no tokenizer files in it that load (tokenizer.json or a slow tokenizer's vocabulary)"
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
         raise ConfigError(
             f"tokenizer_name_or_path={config.tokenizer_name_or_path!r} (for prompt_tuning_init='TEXT') gives no "
             f"tokenizer: {reason}"
