@@ -26,6 +26,7 @@ LEVELS = {
     "calls": 1.5,
     "targets": 2,
     "files": 2,
+    "files_save": 2.2,
     "status": 2.5,
     "methods": 3,
     "towers": 3,

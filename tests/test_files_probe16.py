@@ -323,7 +323,6 @@ def test_an_oserror_from_a_library_under_the_standard_librarys_folder_is_a_trace
     assert cli._is_ours(refused.value)
 
 
-@pytest.mark.xfail(strict=True, reason="runfolder.staging_folder's diff (files-fix probe16 report) not applied yet")
 def test_merge_out_under_a_file_names_the_out_not_the_staging_folder(capsys, tmp_path, adapter):
     """``merge --out f/merged`` (f a file) said "[Errno 20] Not a directory: 'f/.merged.staging-<pid>'", a path the
     user never typed; the line names --out's value."""

@@ -485,7 +485,10 @@ def staging_folder(out: str, overwrite: bool) -> Iterator[str]:
         raise ConfigError(f"--out {out!r} already holds files; pass --overwrite to replace them, or choose another")
     staging = _sibling(out, f"staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    try:
+        os.makedirs(staging)
+    except OSError as exc:  # --out under a file, a read-only folder: named as typed, not the hidden folder beside
+        raise ConfigError(f"--out {out!r} cannot be created: {exc.strerror}") from None
     try:
         yield staging
     finally:
