@@ -7,6 +7,7 @@ import pytest
 import torch
 from methods.test_quant import BACKENDS, _qlora
 from tiny import output_of, tiny_inputs
+from transformers import AutoModelForCausalLM
 
 import deltatune as dt
 from deltatune.methods import quant
@@ -164,3 +165,99 @@ def test_quantize_with_nothing_to_quantise_is_one_line_and_changes_nothing():
         dt.quantize(model, backend=BACKENDS[0])
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# -- fault (review of 5861694): a QLoRA run trained before that commit on a model with every layer kept (hidden 32)
+# trained in full precision; its merge, generate and --resume then failed with the new refusal. A trained run's base
+# is built as it trained (full precision); a new run of that recipe is still refused.
+def test_a_run_trained_with_nothing_to_quantise_reloads_in_full_precision_and_a_new_run_is_refused(
+    tmp_path, monkeypatch
+):
+    import json
+
+    import yaml
+    from reliability.reliability_helpers import cli
+    from tiny import save_tiny
+
+    from deltatune.train import run as run_mod
+    from deltatune.train.config import build
+    from deltatune.train.run_load import load_adapter_model
+
+    base = save_tiny(tmp_path / "base", "llama")  # hidden 32: every linear layer kept
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of a small text"}) + "\n" for i in range(4)))
+    recipe = {"stage": "pt", "model": {"name_or_path": base, "quantization": {"bits": 4}},
+              "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False},
+              "data": {"train": str(data), "max_length": 16},
+              "train": {"batch_size": 4, "max_steps": 1, "lr": 0.01, "report_to": ["none"]},
+              "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with monkeypatch.context() as m:  # the run as the code before 5861694 trained it (nothing quantised, no refusal)
+        m.setattr(run_mod, "_quantize", lambda model, q, **_: model)
+        code, _, err = cli("train", str(tmp_path / "recipe.yaml"))
+    assert code == 0, err[-500:]
+    delta, tok = load_adapter_model(str(tmp_path / "run"))  # was: QuantizationError 'has no linear layer to quantise'
+    full = dt.DeltaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "run"))
+    inputs = tok(["hello there"], return_tensors="pt")
+    assert torch.equal(output_of(delta.eval(), inputs), output_of(full.eval(), inputs))
+    code, _, err = cli("generate", "--adapter", str(tmp_path / "run"), "--prompt", "hello", "--max-new-tokens", "2")
+    assert code == 0, err[-500:]
+    code, _, err = cli("merge", "--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
+    assert code == 0, err[-500:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(output_of(merged.eval(), inputs), output_of(full.eval(), inputs), atol=1e-5)
+    cfg = build(recipe)
+    cfg.trained_run = True  # what a --resume sets (see the report's diff for run.py's _train)
+    assert not any(quant.is_quantized(m) for m in run_mod.build_model(cfg, tok).modules())
+    code, _, err = cli("train", str(tmp_path / "recipe.yaml"), "--overwrite")  # a new run: still refused
+    assert code != 0 and "has no linear layer to quantise" in err
+
+
+# -- fault: quant_type "FP4" said "quant_type must be 'nf4', got 'FP4' (or 'fp4', ...)"; fp4 with backend auto that
+# resolved to torchao said "got 'torchao'", a backend the user never named.
+def test_quant_type_messages_name_both_types_and_where_auto_went(monkeypatch):
+    from methods.test_quant import _llama
+
+    with pytest.raises(dt.ConfigError, match=r"^quant_type must be 'nf4' or 'fp4' \(fp4: backend bitsandbytes\), "
+                                             r"got 'FP4'$"):  # fmt: skip
+        dt.quantize(_llama(), quant_type="FP4")
+    monkeypatch.setattr(quant, "_bnb_runs_on", lambda device: False)
+    model = _llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dt.ConfigError, match=r"needs backend 'bitsandbytes' \(torchao has NF4 only\); backend 'auto' "
+                                             r"resolved to 'torchao' \(bitsandbytes is not available on cpu\)$"):  # fmt: skip
+        dt.quantize(model, quant_type="fp4")
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# -- fault: an out-of-memory error in merge_quantized's probe forward became "pass a batch the model takes".
+def test_merge_quantized_reraises_out_of_memory_and_changes_nothing(monkeypatch):
+    inputs = tiny_inputs("llama")
+    delta = _qlora(BACKENDS[0]).train()
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(delta.get_base_model().model, "forward", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="^CUDA out of memory"):
+        dt.merge_quantized(delta, inputs)
+    assert delta.training and delta.active_adapters == ["default"]
+    monkeypatch.undo()
+    assert dt.merge_quantized(delta, inputs)[1].max_abs_diff < 1e-4
+
+
+# -- fault: prepare_for_kbit_training turned checkpointing on only through transformers' switches, so a quantised
+# diffusers denoiser (enable_gradient_checkpointing) silently trained without it.
+def test_prepare_for_kbit_training_turns_on_a_diffusers_denoisers_checkpointing():
+    from test_diffusion_probe16 import _unet
+
+    unet = _unet(3)
+    summary = dt.quantize(unet, backend=BACKENDS[0])[1]
+    assert summary.quantized  # e.g. the time embedding's 64-wide linear_2
+    grads = [p.requires_grad for p in unet.parameters()]
+    with pytest.raises(QuantizationError, match=r"UNet2DConditionModel \(diffusers\) checkpoints non-reentrant only"):
+        dt.prepare_for_kbit_training(unet, gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert [p.requires_grad for p in unet.parameters()] == grads and not unet.is_gradient_checkpointing
+    dt.prepare_for_kbit_training(unet)
+    assert unet.is_gradient_checkpointing  # as diffusers' scripts' unet.enable_gradient_checkpointing()

@@ -90,6 +90,8 @@ def reference_logits(
             m.support_avx512bf16_for_cpu = False
         try:
             reference = _logits(model, probe_inputs)
+        except torch.OutOfMemoryError:  # not the batch's fault: as torch raised it (the model put back first)
+            raise
         except Exception as exc:
             why = (str(exc).strip().splitlines() or [""])[0]
             raise QuantizationError(f"merge_quantized: the model's forward failed on probe_inputs ({type(exc).__name__}"

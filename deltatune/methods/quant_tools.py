@@ -20,6 +20,7 @@ from .quant import (
     BLOCK_SIZE,
     Linear4bit,
     QuantizationError,
+    _available,
     _backend,
     _is_4bit,
     _is_4bit_layer,
@@ -32,6 +33,10 @@ from .quant import (
 
 
 # -- quantize -------------------------------------------------------------------------------------------------
+class NothingToQuantize(QuantizationError):
+    """``quantize`` found no linear layer to quantise (none, or every one kept in full precision)."""
+
+
 @dataclass
 class QuantSummary:
     """What ``quantize`` did: the layers now in 4 bits, those kept in full precision and why, bytes before/after."""
@@ -76,8 +81,8 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
 
 def _check_args(bits: int, quant_type: str, double_quant: bool, backend: str) -> None:
     for bad, what in ((bits != 4, f"bits must be 4 (NF4), got {bits!r}"),
-                      (quant_type not in ("nf4", "fp4"), f"quant_type must be 'nf4', got {quant_type!r} (or 'fp4', "
-                       "bitsandbytes' other 4-bit type, with backend 'bitsandbytes')"),
+                      (quant_type not in ("nf4", "fp4"),
+                       f"quant_type must be 'nf4' or 'fp4' (fp4: backend bitsandbytes), got {quant_type!r}"),
                       (not isinstance(double_quant, bool), f"double_quant must be true or false, got {double_quant!r}"),
                       (backend not in ("auto", *BACKENDS),
                        f"backend must be 'auto', 'torchao' or 'bitsandbytes', got {backend!r}")):  # fmt: skip
@@ -181,7 +186,7 @@ def quantize(
     if not todo:  # a QLoRA recipe would train in full precision, saving nothing, and say so nowhere
         first = next(iter(kept.items()), None)
         why = f"{len(kept)} kept in full precision, e.g. {first[0]!r} ({first[1]})" if first else "none at all"
-        raise QuantizationError(f"quantize: {type(model).__name__} has no linear layer to quantise ({why}); "
+        raise NothingToQuantize(f"quantize: {type(model).__name__} has no linear layer to quantise ({why}); "
                                 "leave quantization out to train it in full precision")  # fmt: skip
     bad = [n for n, m in todo if not torch.isfinite(m.weight).all()]
     if bad:  # one nan or inf would make the whole layer nan: its block constants are quantised together
@@ -192,7 +197,9 @@ def quantize(
     device = todo[0][1].weight.device if todo else torch.device("cpu")
     chosen = resolve_backend(backend, device, double_quant)
     if quant_type == "fp4" and chosen != "bitsandbytes":  # torchao has NF4 only
-        raise ConfigError(f"quant_type 'fp4' needs backend 'bitsandbytes' (torchao has NF4 only), got {chosen!r}")
+        bnb = "not installed" if not _available("bitsandbytes") else f"not available on {device.type}"
+        got = f"backend 'auto' resolved to 'torchao' (bitsandbytes is {bnb})" if backend == "auto" else "got 'torchao'"
+        raise ConfigError(f"quant_type 'fp4' needs backend 'bitsandbytes' (torchao has NF4 only); {got}")
     before = memory_footprint(model).total_bytes
     # Quantise everything first and swap afterwards, so an error half-way leaves the model as it was.
     new = [(n, Linear4bit.from_linear(m, dtype, chosen, double_quant, quant_type)) for n, m in todo]
@@ -204,6 +211,10 @@ def quantize(
 
 
 # -- training ------------------------------------------------------------------------------------------------
+_CHECKPOINTING = ("activation_checkpointing_enable", "gradient_checkpointing_enable", "enable_gradient_checkpointing")
+"""transformers' (newer, older) and diffusers' switches for checkpointing (``layer.enable_checkpointing``)."""
+
+
 def prepare_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
 ) -> nn.Module:
@@ -222,7 +233,8 @@ def prepare_for_kbit_training(
         The same model.
 
     Raises:
-        QuantizationError: the model has adapters already (freezing would freeze them too).
+        QuantizationError: the model has adapters already (freezing would freeze them too), or is a diffusers
+            denoiser (its ``enable_gradient_checkpointing``) asked for ``use_reentrant=True``; nothing changed.
     """
     if any(isinstance(m, DeltaLayer) for m in model.modules()) or hasattr(model, "peft_config"):
         raise QuantizationError("prepare_for_kbit_training freezes every parameter: call it on the base model, "
@@ -230,17 +242,22 @@ def prepare_for_kbit_training(
     method = "hqq" if getattr(model, "hqq_quantized", False) else getattr(model, "quantization_method", None)
     own_format = method in ("gptq", "aqlm", "eetq", "hqq", "torchao")  # peft casts nothing on these
     kbit = own_format or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    checkpointing = use_gradient_checkpointing and (kbit or any(is_quantized(m) for m in model.modules()))
+    reentrant = (gradient_checkpointing_kwargs or {}).get("use_reentrant")
+    if checkpointing and reentrant and hasattr(model, "enable_gradient_checkpointing"):  # diffusers': before freezing
+        raise QuantizationError(f"prepare_for_kbit_training: {type(model).__name__} (diffusers) checkpoints "
+                                "non-reentrant only: leave out use_reentrant=True")  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p) and not own_format:
             p.data = p.data.to(torch.float32)
-    if use_gradient_checkpointing and (kbit or any(is_quantized(m) for m in model.modules())):
+    if checkpointing:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         elif hasattr(model, "get_input_embeddings"):
             model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        if hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable"):
+        if any(hasattr(model, f) for f in _CHECKPOINTING):
             enable_checkpointing(model, kwargs)
     return model
 
@@ -374,4 +391,5 @@ def _dequantize_8bit(module: nn.Module) -> DequantizedLinear:
     return plain
 
 
-__all__ = ["MergeReport", "QuantSummary", "merge_quantized", "prepare_for_kbit_training", "quantize"]
+__all__ = ["MergeReport", "NothingToQuantize", "QuantSummary", "merge_quantized", "prepare_for_kbit_training",
+           "quantize"]  # fmt: skip

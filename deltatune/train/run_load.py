@@ -27,13 +27,21 @@ from .runs import folder_with, read_recipe, run_file, run_template
 from .table import IMAGE_STAGES, TASK_OF_STAGE
 
 
-def _quantize(model: torch.nn.Module, quantization: dict | None) -> torch.nn.Module:
-    """The base quantised as the recipe's ``model.quantization`` says (QLoRA), or as it is."""
+def _quantize(model: torch.nn.Module, quantization: dict | None, *, trained: bool = False) -> torch.nn.Module:
+    """The base quantised as the recipe's ``model.quantization`` says (QLoRA), or as it is. ``trained``: the base of
+    a run that trained already (reloaded, resumed): one with no linear layer to quantise stays in full precision, as
+    it trained before quantize refused such a model (5861694); a new run is refused."""
     if not quantization:
         return model
     from .. import quantize
+    from ..methods.quant_tools import NothingToQuantize
 
-    result = quantize(model, **quantization)
+    try:
+        result = quantize(model, **quantization)
+    except NothingToQuantize:
+        if trained:
+            return model
+        raise
     return result[0] if isinstance(result, tuple) else result
 
 
@@ -103,7 +111,7 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
         pad_token_id=getattr(tok, "pad_token_id", None),
     )
     if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on; cls's problem type
-        base = set_problem_type(_quantize(base, cfg.model.quantization), cfg)
+        base = set_problem_type(_quantize(base, cfg.model.quantization, trained=True), cfg)
     delta = DeltaModel.from_pretrained(base, adapter_dir)
     reload_as_trained(delta, adapter_dir)
     return (merge(delta, tok)[0] if merged else delta), tok
