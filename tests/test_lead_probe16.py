@@ -53,3 +53,37 @@ def test_the_trainers_default_options_checkpoint_a_diffusers_denoiser_with_every
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     assert all(g is not None for g in grads[1]) and len(grads[1]) == 48
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_an_old_qlora_run_with_nothing_quantised_resumes_and_evaluates_in_full_precision(tmp_path, monkeypatch):
+    """A QLoRA recipe on a model whose every layer stays full precision (hidden 32) trained in full precision before
+    5861694; its --resume and eval rebuilt the base through the new refusal (17f7715 fixed merge and generate)."""
+    import json
+    import shutil
+
+    import yaml
+    from reliability.reliability_helpers import cli
+    from tiny import save_tiny
+
+    from deltatune.train import run as run_mod
+
+    base = save_tiny(tmp_path / "base", "llama")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of a small text"}) + "\n" for i in range(4)))
+    recipe = {"stage": "pt", "model": {"name_or_path": base, "quantization": {"bits": 4}},
+              "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False},
+              "data": {"train": str(data), "eval": str(data), "max_length": 16},
+              "train": {"batch_size": 4, "max_steps": 2, "save_steps": 1, "lr": 0.01, "report_to": ["none"]},
+              "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with monkeypatch.context() as m:  # the run as the code before 5861694 trained it
+        m.setattr(run_mod, "_quantize", lambda model, q, **_: model)
+        code, _, err = cli("train", str(tmp_path / "recipe.yaml"))
+    assert code == 0, err[-500:]
+    code, out, err = cli("eval", "--adapter", str(tmp_path / "run"), "--data", str(data))
+    assert code == 0 and "eval_loss" in out, err[-500:]
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")  # cut after step 1
+    (tmp_path / "run" / "metrics.json").unlink()
+    code, _, err = cli("train", str(tmp_path / "recipe.yaml"), "--resume")
+    assert code == 0, err[-500:]
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()

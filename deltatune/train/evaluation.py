@@ -72,6 +72,7 @@ def evaluate(
         raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None, "val_size": 0.0}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
     cfg.model.trust_remote_code = trust_remote_code
+    cfg.trained_run = True  # the base as the run trained it (run_load._quantize), its start (--compare) too
     if not cfg.data.eval and not (cfg.data.val_size and cfg.stage in VAL_SIZE_STAGES):  # (held out again: below)
         raise ConfigError(
             f"{path}: {old_note}; pass --data FILE" if old_note else "no evaluation data: pass --data FILE"

@@ -273,6 +273,7 @@ def _train(
     write_recipe = _check_resume_recipe(out, _recipe_dict(cfg), resume_changed) if resume else True
     if resume:  # data.labels the recipe leaves unset: the run's recorded classes (an old {1, 2} run had three)
         take_derived(cfg, out)
+        cfg.trained_run = True  # its base as it trained (run_load._quantize: nothing to quantise kept full precision)
     check_run(cfg)
     facts = run_facts(cfg)
     changed = facts_changes(checkpoint, facts) if checkpoint else []
