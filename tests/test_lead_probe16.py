@@ -87,3 +87,38 @@ def test_an_old_qlora_run_with_nothing_quantised_resumes_and_evaluates_in_full_p
     code, _, err = cli("train", str(tmp_path / "recipe.yaml"), "--resume")
     assert code == 0, err[-500:]
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
+def test_a_remote_code_reward_model_passes_the_reward_folder_check_as_trl_loads_it(tmp_path):
+    """TRL loads a reward folder with AutoModelForSequenceClassification(trust_remote_code=...), which follows the
+    config's auto_map: a LlamaRewardModel class there is a reward model (630c9db's check asked only architectures)."""
+    import json
+
+    from tiny import save_tiny, tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.train.config_align import AlignArgs
+    from deltatune.train.grpo_rewards import check_rewards
+
+    folder = tmp_path / "custom-rm"
+    AutoModelForSequenceClassification.from_pretrained(save_tiny(tmp_path / "base"), num_labels=1).save_pretrained(
+        folder
+    )
+    tokenizer().save_pretrained(folder)
+    (folder / "modeling_rm.py").write_text("from transformers import LlamaForSequenceClassification\n\n\n"
+                                           "class LlamaRewardModel(LlamaForSequenceClassification):\n    pass\n")  # fmt: skip
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["LlamaRewardModel"]
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_rm.LlamaRewardModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, trust_remote_code=True)
+    assert type(model).__name__ == "LlamaRewardModel"  # (TRL's load)
+    assert check_rewards(AlignArgs(reward_funcs=[str(folder)], num_generations=2))[0].name == "custom-rm"
+
+
+def test_a_hand_written_null_steps_per_generation_names_no_cause_it_did_not_have():
+    from deltatune.train.config_align import default_changed
+
+    plain = {"align.loss_type": "grpo", "align.top_entropy_quantile": 1.0}
+    assert default_changed("align.steps_per_generation", None, 1, "grpo", 8, plain) == ""
+    assert "bnpo" in default_changed("align.steps_per_generation", None, 1, "grpo", 8, {"align.loss_type": "bnpo"})

@@ -483,7 +483,7 @@ def _grpo_before(old_run: dict | None) -> str:
     q = old_run.get("align.top_entropy_quantile", 1.0)
     had = [bnpo] if old_run.get("align.loss_type") == "bnpo" else []
     had += [entropy] if type(q) in (int, float) and q < 1 else []
-    return "; ".join(had or [bnpo, entropy])
+    return "; ".join(had)  # (neither: a null written by hand, no cause to name)
 
 
 def old_run_align(align: dict[str, Any], stage: str | None, batch_size: Any = None) -> dict[str, Any]:
@@ -516,7 +516,8 @@ def default_changed(
     old run's recipe flattened (``align.loss_type`` keys): an old grpo run's note names only the causes it had."""
     name = key.removeprefix("align.")
     if key == "align.steps_per_generation" and old is None and stage in ("grpo", None):  # (runs.old_run_data's mark)
-        return f" ({_grpo_before(old_run)})"
+        before = _grpo_before(old_run)
+        return f" ({before})" if before else ""
     if not key.startswith("align.") or name not in DEFAULT_WAS or old != DEFAULT_WAS[name][0]:
         return ""
     if stage is None:

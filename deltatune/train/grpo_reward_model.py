@@ -31,7 +31,11 @@ def check_model_folder(spec: str) -> None:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"align.reward_funcs: {spec!r}'s config.json cannot be read ({exc})") from None
     archs = config.get("architectures") if isinstance(config, dict) else None
-    if not isinstance(archs, list) or not any(str(x).endswith("ForSequenceClassification") for x in archs):
+    auto = config.get("auto_map") if isinstance(config, dict) else None
+    remote = isinstance(auto, dict) and "AutoModelForSequenceClassification" in auto  # (TRL's load follows it)
+    if not remote and not (
+        isinstance(archs, list) and any(str(x).endswith("ForSequenceClassification") for x in archs)
+    ):
         raise ConfigError(f"align.reward_funcs: {spec!r} is no sequence-classification model (config.json's "
                           f"architectures: {archs!r}): a reward model folder is one, as TRL's GRPOTrainer loads it "
                           "with AutoModelForSequenceClassification (its score head would be random)")  # fmt: skip
