@@ -397,6 +397,8 @@ def _source_prefix(args) -> str:
 
 def _merge(args) -> int:
     _check_exists(args.adapter)  # before the imports of torch: at once
+    from transformers.utils.hub import convert_file_size_to_int
+
     from .config import ConfigError
     from .train.models import resolve_path, stored_dtype
     from .train.run_load import adapter_field, load_adapter_model, merge, run_task
@@ -422,7 +424,8 @@ def _merge(args) -> int:
         dtype = stored_dtype(source, args.trust_remote_code) if source and report is None else None
         if dtype is not None and dtype != model.dtype:
             model = model.to(dtype)
-        shards = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+        # (in bytes: a diffusers denoiser's save_pretrained reads "2GiB" and "5gb" otherwise than transformers')
+        shards = {"max_shard_size": convert_file_size_to_int(args.max_shard_size)} if args.max_shard_size else {}
         model.save_pretrained(staging, **shards)
         tok.save_pretrained(staging)
         if report is not None:  # a 4-bit base: what merging into full precision changed, kept beside the model

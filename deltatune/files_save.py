@@ -100,8 +100,8 @@ def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, 
                 write(name, staged)
             except Exception as exc:
                 failure = write_failure(exc)
-                if failure is None:
-                    raise
+                if failure is None or isinstance(exc, FileNotFoundError) and tmp not in str(exc):
+                    raise  # (not a write: a file read, the initial adapter of a conversion, is not there)
                 text = str(failure)
                 text = text.replace(staged, folder) if staged in text else f"could not write {folder}: {text}"
                 error = OSError(text.replace(tmp, os.fspath(save_directory)))

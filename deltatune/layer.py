@@ -452,9 +452,10 @@ def enable_checkpointing(model: nn.Module, kwargs: dict, **options: Any) -> None
 
         kwargs = {"use_reentrant": False, **kwargs}
         odd = {k: v for k, v in options.items() if v != {"every_n_layers": 1, "offload": False}.get(k, object())}
-        if kwargs["use_reentrant"] or odd:  # (reentrant: a block whose inputs need no grad trains none of its LoRA)
-            got = ", ".join(f"{k}={v!r}" for k, v in {**odd, **({"use_reentrant": True} if kwargs["use_reentrant"]
-                                                               else {})}.items())  # fmt: skip
+        if kwargs["use_reentrant"] is not False:  # (reentrant, None too: a block whose inputs need no grad trains
+            odd = {**odd, "use_reentrant": kwargs["use_reentrant"]}  # none of its LoRA)
+        if odd:
+            got = ", ".join(f"{k}={v!r}" for k, v in odd.items())
             raise ValueError(f"{type(model).__name__}: diffusers' checkpointing runs every block non-reentrant "
                              f"(use_reentrant=False, every_n_layers=1, offload=False); got {got}")  # fmt: skip
         model.enable_gradient_checkpointing(lambda module, *a, **kw: checkpoint(module.__call__, *a, **kw, **kwargs))

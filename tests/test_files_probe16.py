@@ -350,3 +350,30 @@ def test_merge_max_shard_size_lowercase_b_is_refused_not_read_as_bits(tmp_path, 
     assert f"{size!r}: write the unit with a capital B (bytes: {size[:-1]}B)" in err[-1] and "bits" in err[-1]
     for fine in ("5GB", "2gib", "2GiB", "500mB"):  # GiB's b is not bits to transformers
         assert _shard_size(fine) == fine
+
+
+def test_a_missing_initial_adapter_is_its_file_not_found_not_a_write_failure(tmp_path):
+    """Review of 558c0f0: a conversion's initial adapter that is not there (a read, not a write) came back as
+    "could not write <save folder>", a plain OSError; it is the FileNotFoundError naming the initial file again."""
+    delta = _two_adapters()
+    with pytest.raises(FileNotFoundError, match="no-such-init") as err:
+        delta.save_pretrained(tmp_path, selected_adapters=["default"],
+                              path_initial_model_for_weight_conversion=str(tmp_path / "no-such-init"))  # fmt: skip
+    assert "could not write" not in str(err.value) and os.listdir(tmp_path) == []
+
+
+def test_merge_max_shard_size_reaches_save_pretrained_in_bytes(tmp_path, saved_run, monkeypatch):
+    """A diffusers denoiser's save_pretrained reads sizes with huggingface_hub's parser (no GiB; 5gb as bytes):
+    the flag is passed as transformers reads it, in whole bytes, so both savers split alike."""
+    from transformers import PreTrainedModel
+
+    seen, real = [], PreTrainedModel.save_pretrained
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("max_shard_size"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", spy)
+    _, adapter = saved_run
+    assert main(["merge", "--adapter", adapter, "--out", str(tmp_path / "m"), "--max-shard-size", "2GiB"]) == 0
+    assert seen == [2 * 2**30]

@@ -19,7 +19,7 @@ def _lora_unet():
 
 @pytest.mark.parametrize(
     ("kwargs", "options", "named"),
-    [({"use_reentrant": True}, {}, "use_reentrant=True"), ({}, {"every_n_layers": 2}, "every_n_layers=2"),
+    [({"use_reentrant": True}, {}, "use_reentrant=True"), ({"use_reentrant": None}, {}, "use_reentrant=None"), ({}, {"every_n_layers": 2}, "every_n_layers=2"),
      ({}, {"offload": True}, "offload=True")],
 )  # fmt: skip
 def test_reentrant_or_sparse_checkpointing_of_a_diffusers_denoiser_is_one_line_and_changes_nothing(
