@@ -100,7 +100,8 @@ def test_simpo_equals_trl_cpo_simpo_loss_gradient_and_metrics(model, tmp_path, c
     assert scale > 1e-2  # (a gradient that is there)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected"):  # fmt: skip
-        assert ours._stats[key][0] == pytest.approx(metrics[key], abs=ATOL), key
+        # (AlphaPO's rewards carry the same p^-alpha growth of the log-probs' rounding: 2.7e-5 on this AMD EPYC)
+        assert ours._stats[key][0] == pytest.approx(metrics[key], abs=5e-5 if alpha else ATOL), key
     # nll_loss: TRL logs 0 where cpo_alpha is 0 (it skips the term); deltatune the chosen responses' NLL all the same
     if cpo_alpha:
         assert ours._stats["nll_loss"][0] == pytest.approx(metrics["nll_loss"], abs=ATOL)
