@@ -122,3 +122,35 @@ def test_a_hand_written_null_steps_per_generation_names_no_cause_it_did_not_have
     plain = {"align.loss_type": "grpo", "align.top_entropy_quantile": 1.0}
     assert default_changed("align.steps_per_generation", None, 1, "grpo", 8, plain) == ""
     assert "bnpo" in default_changed("align.steps_per_generation", None, 1, "grpo", 8, {"align.loss_type": "bnpo"})
+
+
+def test_a_quantisation_added_at_resume_or_eval_is_refused_where_nothing_would_be_quantised(tmp_path):
+    """Review of f38b7ba: the old-run allowance (a recorded quantisation that quantised nothing) covered a
+    quantisation added now, at --resume --resume-changed or as an eval override: a "QLoRA" that ran in full
+    precision, silently, and run.yaml recording one that never was."""
+    import json
+    import shutil
+
+    import yaml
+    from reliability.reliability_helpers import cli
+    from tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", "llama")  # hidden 32: every linear layer kept
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of a small text"}) + "\n" for i in range(4)))
+    recipe = {"stage": "pt", "model": {"name_or_path": base},
+              "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+              "data": {"train": str(data), "max_length": 16},
+              "train": {"batch_size": 4, "max_steps": 2, "save_steps": 1, "lr": 0.01, "report_to": ["none"]},
+              "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli("train", str(tmp_path / "recipe.yaml"))[0] == 0
+    code, _, err = cli("eval", "--adapter", str(tmp_path / "run"), "--data", str(data), "model.quantization={bits: 4}")
+    assert code != 0 and "has no linear layer to quantise" in err
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")
+    (tmp_path / "run" / "metrics.json").unlink()
+    recipe["model"]["quantization"] = {"bits": 4}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, _, err = cli("train", str(tmp_path / "recipe.yaml"), "--resume", "--resume-changed")
+    assert code != 0 and "has no linear layer to quantise" in err
+    assert yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["model"]["quantization"] is None

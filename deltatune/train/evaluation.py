@@ -67,12 +67,15 @@ def evaluate(
                 f"({os.path.join(run_dir, 'adapter_config.json')}); method overrides do not apply"
             )
     raw, path = _recipe(run_dir, data, compare, overrides or [])
+    recorded = (raw.get("model") or {}).get("quantization")
     raw, old_note = old_run_data(raw, run_dir)  # (a caption run that ignored data.val_size: none held out)
     if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
         raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None, "val_size": 0.0}
     cfg = build(apply_overrides(raw, overrides or []), where=path)
     cfg.model.trust_remote_code = trust_remote_code
-    cfg.trained_run = True  # the base as the run trained it (run_load._quantize), its start (--compare) too
+    # the base as the run trained it (run_load._quantize), its start (--compare) too: a quantisation it recorded, not
+    # one an override adds (that one is refused where nothing would be quantised, as a new run's)
+    cfg.trained_run = run_file(run_dir) is not None and recorded == cfg.model.quantization
     if not cfg.data.eval and not (cfg.data.val_size and cfg.stage in VAL_SIZE_STAGES):  # (held out again: below)
         raise ConfigError(
             f"{path}: {old_note}; pass --data FILE" if old_note else "no evaluation data: pass --data FILE"

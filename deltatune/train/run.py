@@ -43,7 +43,7 @@ from .runfolder import (
     started_callback,
     take_derived,
 )
-from .runs import RUN_FILE, old_run_data
+from .runs import RUN_FILE, old_run_data, read_recipe
 from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
 
 
@@ -273,7 +273,10 @@ def _train(
     write_recipe = _check_resume_recipe(out, _recipe_dict(cfg), resume_changed) if resume else True
     if resume:  # data.labels the recipe leaves unset: the run's recorded classes (an old {1, 2} run had three)
         take_derived(cfg, out)
-        cfg.trained_run = True  # its base as it trained (run_load._quantize: nothing to quantise kept full precision)
+        # its base as it trained (run_load._quantize: nothing to quantise kept full precision), unless the recipe
+        # now adds a quantisation the run never trained with (--resume-changed): that one is refused as a new run's
+        recorded = (read_recipe(out).get("model") or {}).get("quantization")
+        cfg.trained_run = recorded == cfg.model.quantization
     check_run(cfg)
     facts = run_facts(cfg)
     changed = facts_changes(checkpoint, facts) if checkpoint else []
