@@ -264,6 +264,11 @@ def test_a_folder_with_a_config_and_no_weights_is_vllms_400_not_its_404(served):
     assert (status, answer["error"]["message"]) == (404, "Loading lora w failed: No adapter found for nothere")
     status, answer = _call(app, "/v1/adapters", {"name": "w", "path": "nothere"})
     assert status == 400 and answer["error"]["code"] == "adapter_load_failed" and engine.adapters() == before
+    # a file, not a folder: vLLM reads <file>/adapter_config.json, a NotADirectoryError, its 400 (not the 404)
+    with open(os.path.join(app.state.root, "a-file"), "w") as fh:
+        fh.write("{}")
+    status, answer = _text(app, "/v1/load_lora_adapter", {"lora_name": "w", "lora_path": "a-file"})
+    assert status == 400 and "No adapter found" not in answer["error"]["message"] and engine.adapters() == before
 
 
 def test_vllms_lora_words_carry_raw_values_and_a_huge_path_is_cut(served):

@@ -96,7 +96,9 @@ def _init_ids(config: PromptTuningConfig, rows: int, vocab: int) -> torch.Tensor
     except Exception as err:  # a missing folder, an offline hub id, no tokenizer files, a damaged tokenizer.json
         # (tokenizers raises a plain Exception or a KeyError for a tokenizer.json that is JSON but no tokenizer)
         reason = " ".join(str(err).split()) or type(err).__name__
-        reason = f"its tokenizer.json has no field {err.args[0]!r}" if isinstance(err, KeyError) else reason
+        reason = (
+            f"a tokenizer file lacks the field {err.args[0]!r}" if isinstance(err, KeyError) and err.args else reason
+        )
         if reason.startswith("Couldn't instantiate the backend tokenizer"):  # its list of three ways says little
             reason = "no tokenizer files in it that load (tokenizer.json or a slow tokenizer's vocabulary)"
         reason = reason if len(reason) <= 200 else reason[:197] + "..."

@@ -219,7 +219,10 @@ def create_app(
             )
             # vLLM's 404 is its FileNotFoundError alone: PEFTHelper.from_local_dir finding no adapter_config.json; a
             # config without weights is its ValueError "<dir> doesn't contain tensors", a 400
-            error.missing = not os.path.isfile(os.path.join(folder, "adapter_config.json"))
+            # (a file, not a folder: vLLM's read of <file>/adapter_config.json is NotADirectoryError, its 400)
+            error.missing = not os.path.isfile(folder) and not os.path.isfile(
+                os.path.join(folder, "adapter_config.json")
+            )
             raise error from None
 
     @app.post("/v1/adapters")
