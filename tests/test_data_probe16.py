@@ -13,41 +13,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from test_stages_probe15 import _Echo, _EchoTok  # noqa: E402  (an echoing model and tokenizer)
+
 from deltatune.data.load import Row  # noqa: E402
 from deltatune.train.config import build  # noqa: E402
-
-
-class _EchoTok:
-    """Each text becomes one id, and decodes back to itself: a 'generation' that echoes its source."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def __call__(self, texts, **kwargs):
-        ids = torch.arange(len(self.texts), len(self.texts) + len(texts))[:, None]
-        self.texts += list(texts)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    def batch_decode(self, out, skip_special_tokens: bool = True) -> list[str]:
-        return [self.texts[int(row[0])] for row in out]
-
-
-class _Echo:
-    """A model whose generate returns its input ids."""
-
-    training = False
-
-    def parameters(self):
-        yield torch.zeros(1)
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
-
-    def generate(self, input_ids, **kwargs):
-        return input_ids
 
 
 def _cfg(path: str = "unused", **train):

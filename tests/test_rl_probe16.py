@@ -17,6 +17,7 @@ import test_grpo_probe15 as p15
 import torch
 from test_grpo_probe15 import _ours, _trl_run, policy  # noqa: F401  (policy: the fixture)
 
+import deltatune as dt
 from deltatune.config import ConfigError
 from deltatune.train.config_align import AlignArgs
 
@@ -191,30 +192,25 @@ def test_gdpo_trains_as_trls(policy, tmp_path, monkeypatch):  # noqa: F811
     assert max(diffs) < 1e-6 and apart > 1e-4
 
 
-def test_gdpo_advantages_equal_trls_with_weights_and_rows_a_reward_skips(policy, tmp_path):  # noqa: F811
-    """Two weighted rewards, one returning None for some rows (one row neither scores): the advantages equal TRL's
-    _generate_and_score_completions's under normalize_then_sum (0 for the unscorable row)."""
+def _trl_gdpo_scored(model, tmp_path, first, second, weights):
+    """TRL's GRPOTrainer under normalize_then_sum scoring 8 completions of "hi" with two rewards (``first``,
+    ``second``: a value or None per row) weighted ``weights``: (its _generate_and_score_completions output, the
+    trainer)."""
     import warnings
 
     import trl
     from datasets import Dataset
     from tiny import tokenizer
 
-    import deltatune as dt
-    from deltatune.train.grpo_loss import gdpo_advantages
-
-    model, _ = policy
     tok = tokenizer()
     body, prompt = p15._completions(tok), tok("hi")["input_ids"]
-    first = [1.0, 0.0, 2.5, 0.5, 2.0, None, 2.0, 3.0]
-    second = [0.3, 0.1, None, 0.9, 0.0, None, 1.0, 1.0]
 
     def rollout(prompts, trainer):
         return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
                 "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
 
     args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=p15.T,
-                          report_to=[], use_cpu=True, bf16=False, reward_weights=[1.0, 0.5], **GDPO)  # fmt: skip
+                          report_to=[], use_cpu=True, bf16=False, reward_weights=list(weights), **GDPO)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = dt.trl_trainer(trl.GRPOTrainer)(
@@ -223,7 +219,18 @@ def test_gdpo_advantages_equal_trls_with_weights_and_rows_a_reward_skips(policy,
             reward_funcs=[lambda completions, **_: list(first), lambda completions, **_: list(second)],
         )  # fmt: skip
         trainer.model.train()
-        want = trainer._generate_and_score_completions([{"prompt": "hi"}] * 8)["advantages"]
+        return trainer._generate_and_score_completions([{"prompt": "hi"}] * 8), trainer
+
+
+def test_gdpo_advantages_equal_trls_with_weights_and_rows_a_reward_skips(policy, tmp_path):  # noqa: F811
+    """Two weighted rewards, one returning None for some rows (one row neither scores): the advantages equal TRL's
+    _generate_and_score_completions's under normalize_then_sum (0 for the unscorable row)."""
+    from deltatune.train.grpo_loss import gdpo_advantages
+
+    model, _ = policy
+    first = [1.0, 0.0, 2.5, 0.5, 2.0, None, 2.0, 3.0]
+    second = [0.3, 0.1, None, 0.9, 0.0, None, 1.0, 1.0]
+    want = _trl_gdpo_scored(model, tmp_path, first, second, (1.0, 0.5))[0]["advantages"]
     table = torch.tensor([[math.nan if v is None else v for v in row] for row in zip(first, second)])
     got, _ = gdpo_advantages(table, torch.tensor([1.0, 0.5]), 4)
     assert got[5] == 0 and torch.allclose(got, want.float(), atol=1e-6)
@@ -398,36 +405,12 @@ def test_gdpo_frac_reward_zero_std_is_trls(policy, tmp_path, monkeypatch):  # no
     """Under normalize_then_sum TRL's frac_reward_zero_std is of the std of the weighted sum of the group-normalised
     rewards, not of the raw weighted sum: rewards [[2, 0], [0, 1]] x 4, weights (1, 2), groups of 4 (the raw sums
     all 2: the loop before logged 1.0; TRL's 0.0)."""
-    import warnings
-
-    import trl
-    from datasets import Dataset
-    from tiny import tokenizer
-
-    import deltatune as dt
     import deltatune.train.grpo as grpo
     from deltatune.train.grpo_rewards import Reward
 
     model, _ = policy
-    tok = tokenizer()
-    body, prompt = p15._completions(tok), tok("hi")["input_ids"]
     first, second = [2.0, 0.0] * 4, [0.0, 1.0] * 4
-
-    def rollout(prompts, trainer):
-        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body,
-                "logprobs": [[0.0] * len(c) for c in body]}  # fmt: skip
-
-    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=p15.T,
-                          report_to=[], use_cpu=True, bf16=False, reward_weights=[1.0, 2.0], **GDPO)  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = dt.trl_trainer(trl.GRPOTrainer)(
-            model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 8),
-            processing_class=tok, rollout_func=rollout,
-            reward_funcs=[lambda completions, **_: list(first), lambda completions, **_: list(second)],
-        )  # fmt: skip
-        trainer.model.train()
-        trainer._generate_and_score_completions([{"prompt": "hi"}] * 8)
+    trainer = _trl_gdpo_scored(model, tmp_path, first, second, (1.0, 2.0))[1]
     want = trainer._metrics["train"]["frac_reward_zero_std"][-1]
 
     def score(self, s):  # (the loop's two weighted rewards and their table)
