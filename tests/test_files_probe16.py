@@ -377,3 +377,12 @@ def test_merge_max_shard_size_reaches_save_pretrained_in_bytes(tmp_path, saved_r
     _, adapter = saved_run
     assert main(["merge", "--adapter", adapter, "--out", str(tmp_path / "m"), "--max-shard-size", "2GiB"]) == 0
     assert seen == [2 * 2**30]
+
+
+@pytest.mark.parametrize("out", ["", "  "])
+def test_merge_out_empty_says_so(tmp_path, saved_run, capsys, out):
+    """An empty --out is the working folder to realpath: it was refused as holding the adapter's folder."""
+    _, adapter = saved_run
+    assert main(["merge", "--adapter", adapter, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "deltatune merge: error: --out is empty; give the folder to write"

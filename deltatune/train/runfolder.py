@@ -500,8 +500,10 @@ def check_apart(out: str, reads: dict[str, str | None], name: str = "--out") -> 
     path): replacing the folder, as ``--overwrite`` does, would delete it. ``name``: the output's key or flag.
 
     Raises:
-        ConfigError: naming the output, what it would delete, and its path.
+        ConfigError: naming the output, what it would delete, and its path; or that it is empty.
     """
+    if not str(out).strip():  # ('' is the working folder to realpath: "holds the adapter's folder" misled)
+        raise ConfigError(f"{name} is empty; give the folder to write")
     mine = os.path.realpath(out)
     for what, path in reads.items():
         if not path or not os.path.exists(path):
