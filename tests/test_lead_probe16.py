@@ -87,6 +87,7 @@ def test_an_old_qlora_run_with_nothing_quantised_resumes_and_evaluates_in_full_p
     code, _, err = cli("train", str(tmp_path / "recipe.yaml"), "--resume")
     assert code == 0, err[-500:]
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
+    assert "trained_run" not in (tmp_path / "run" / "run.yaml").read_text()  # (RunConfig's ClassVar: never a key)
 
 
 def test_a_remote_code_reward_model_passes_the_reward_folder_check_as_trl_loads_it(tmp_path):

@@ -182,7 +182,7 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
         cfg.model.trust_remote_code,
         getattr(tok, "pad_token_id", None),  # an image processor has none
     )
-    model = set_problem_type(_quantize(model, cfg.model.quantization, trained=getattr(cfg, "trained_run", False)), cfg)
+    model = set_problem_type(_quantize(model, cfg.model.quantization, trained=cfg.trained_run), cfg)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache while training (it would also disable packed-sequence masks)
     return model
