@@ -58,13 +58,15 @@ def _message_list(
 ) -> list[Message]:
     """A list of message objects -> Messages; ``roles`` maps the row's role names to ours ('function' for a
     sharegpt function_call, whose value is the call). An empty assistant turn is refused here, where the file's
-    field is known, unless the list is one response of a pair (``conversation`` False: data.bad_pairs decides)."""
+    field is known, unless the list is one response of a pair (``conversation`` False: data.bad_pairs decides).
+    Sharegpt turns (``roles`` naming a 'function' tag) follow LLaMA-Factory's order or are refused: ``_sharegpt_order``."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else type(value).__name__
         raise DataError(f"{source}: column {column!r} must be a non-empty list of messages, got {got}")
     out: list[Message] = []
+    sharegpt, previous = "function" in roles.values(), None
     for i, m in enumerate(value):
         where = f"{source}: {column}[{i}]"
         if not isinstance(m, dict):
@@ -76,6 +78,9 @@ def _message_list(
                 "data.tags renames sharegpt roles)"
             )
         ours = roles[role]
+        if sharegpt:
+            _sharegpt_order(role, ours, previous, i, f"{where}.{role_key}", roles)
+            previous = role
         raw = m.get(content_key, m.get("content", m.get("value")))
         if ours == "function":
             calls = _tool_calls(raw, f"{where}.{content_key}")
@@ -113,6 +118,27 @@ def _message_list(
                     msg[key] = m[key]
         out.append(msg)
     return out
+
+
+def _sharegpt_order(role: str, ours: str, previous: str | None, i: int, where: str, roles: dict[str, str]) -> None:
+    """LLaMA-Factory's sharegpt order: a system tag first or nowhere, then turns alternating between a prompt side
+    (the user and observation tags) and an answer side (the assistant and function_call tags). Its converter drops a
+    row out of order with a warning ('Invalid role tag'); here the row is refused naming the turn. Kept on purpose: a
+    conversation may open with an answer (a greeting, which LLaMA-Factory drops too; see ``templates``)."""
+    if ours == "system":
+        if i:
+            raise DataError(
+                f"{where}: a system turn ({role!r}) after the first message; LLaMA-Factory reads the system tag only "
+                "as a conversation's first turn and drops the row (move it to the front or to the system column)"
+            )
+        return
+    side = {"user": 0, "tool": 0, "assistant": 1, "function": 1}
+    if previous is not None and roles[previous] != "system" and side[roles[previous]] == side[ours]:
+        tags = {s: " or ".join(repr(t) for t, o in roles.items() if o in side and side[o] == s) for s in (0, 1)}
+        raise DataError(
+            f"{where}: a {role!r} turn after a {previous!r} turn; sharegpt turns alternate between {tags[0]} and "
+            f"{tags[1]} (LLaMA-Factory drops the row)"
+        )
 
 
 def _media(row: Row, c: dict[str, str]) -> dict[str, list[str]]:
