@@ -21,6 +21,22 @@ def _bio_labels(tags: list) -> list[str]:
     return names + sorted({str(t) for t in tags} - set(names))
 
 
+def _refuse_bool_tags(rows: list, column: str) -> None:
+    """Refuse a tag true / false: Python's True == 1 made it the tag of id 1 of data.labels silently (B-per, say), and
+    without data.labels the column read as "integer tag ids". datasets reads no such JSON column (arrow: "changed
+    from number to boolean"), so run_ner never sees one.
+
+    Raises:
+        DataError: the first such row, named.
+    """
+    for r in rows:
+        tags = r.get(column, required=False)
+        bad = next((t for t in tags if isinstance(t, bool)), None) if isinstance(tags, list) else None
+        if bad is not None:
+            raise DataError(f"{r.source}: tag {str(bad).lower()} in column {column!r} is a boolean; write the tag's "
+                            "name (B-per, O, ...) or, with data.labels, its id")  # fmt: skip
+
+
 def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     if not getattr(tok, "is_fast", True):  # its words' tokens are found through word ids or offsets: a fast one's
         raise ConfigError(
@@ -29,6 +45,7 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
         )
     train_rows, eval_rows = _rows(cfg)
     d = cfg.data
+    _refuse_bool_tags([*train_rows, *(eval_rows or [])], d.tags_column)
     if d.labels:
         names = list(d.labels)
     else:
