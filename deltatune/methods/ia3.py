@@ -13,7 +13,7 @@ divides by l + 1e-8, which gives 0 there too, and never NaN).
 On ``nn.Conv2d`` / ``nn.Conv3d`` (peft's IA3 Conv2d / Conv3d) l scales channels: shape (1, C, 1, 1[, 1]), C the
 output channels, or the input channels of a feed-forward target (a grouped conv's weight takes it per group).
 Several active adapters multiply their vectors. Module and key names are PEFT's (``ia3_l``), so adapters move
-between deltatune and PEFT unchanged.
+between deltatune and PEFT unchanged. ``model.add_weighted_adapter`` on (IA)^3 adapters is peft's: sum_i w_i l_i.
 """
 
 from __future__ import annotations
@@ -225,4 +225,55 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
     return [layer for _, layer, _ in plan]
 
 
+def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs) -> None:
+    """``model.add_weighted_adapter`` for (IA)^3 adapters, as peft's ``IA3Model.add_weighted_adapter``: a new adapter
+    whose vector at each module is sum_i w_i l_i over the adapters that hold one there (not made active). Its config
+    is the first adapter's with the union of the target_modules and of the feedforward_modules (regexes joined
+    with "|", as peft). Adapters that are not (IA)^3 go to LoRA's ``add_weighted_adapter`` (_lora_combine.py).
+
+    Raises:
+        ValueError: an unknown adapter; ``adapter_name`` taken (peft returns without a word); LoRA's combination
+            arguments; target_modules (or feedforward_modules) given as a list by one adapter and a regex by another
+            (peft refuses them too); a weight count other than the adapters'. A mix of (IA)^3 and LoRA adapters is
+            LoRA's refusal.
+        TypeError: weights that are not numbers.
+    """
+    from ._lora_combine import _numbers
+    from ._lora_combine import add_weighted_adapter as lora_add_weighted_adapter
+
+    names = model._check_names(adapters)
+    kinds = {n: model.peft_config[n].method for n in names}
+    if not names or set(kinds.values()) != {"ia3"}:  # LoRA's, which refuses a mix naming the first non-LoRA one
+        return lora_add_weighted_adapter(model, adapters, weights, adapter_name, *args, **kwargs)
+    if args or kwargs:
+        raise ValueError(f"add_weighted_adapter: (IA)^3 adapters combine linearly (peft's IA3 takes adapters, weights "
+                         f"and adapter_name only); got {', '.join([*map(repr, args), *kwargs])}")  # fmt: skip
+    if adapter_name in model.peft_config:
+        raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists already")
+    weights = _numbers(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"add_weighted_adapter: {len(names)} adapters and {len(weights)} weights; give one each")
+    configs = [model.peft_config[n] for n in names]
+    joined = {}
+    for key in ("target_modules", "feedforward_modules"):
+        values = [getattr(c, key) or [] for c in configs]
+        if len({isinstance(v, str) for v in values}) > 1:
+            regex = next(n for n, v in zip(names, values) if isinstance(v, str))
+            listed = next(n for n, v in zip(names, values) if not isinstance(v, str))
+            raise ValueError(f"add_weighted_adapter: {regex!r} gives {key} as a regex, {listed!r} as a list of "
+                             "names; peft combines them only alike")  # fmt: skip
+        strings = isinstance(values[0], str)
+        joined[key] = "|".join(f"({v})" for v in values) if strings else sorted(set().union(*values))
+    model.add_adapter(adapter_name, configs[0].replace(**joined))
+    with torch.no_grad():
+        for _, layer in model._layers():
+            if isinstance(layer, IA3Layer) and adapter_name in layer.ia3_l:
+                new = layer.ia3_l[adapter_name]
+                new.zero_()
+                for name, weight in zip(names, weights):
+                    if name in layer.ia3_l:
+                        new.add_(layer.ia3_l[name].detach() * weight)
+
+
 CONFIG, INJECT = IA3Config, inject
+MODEL_FUNCTIONS = {"add_weighted_adapter": add_weighted_adapter}  # found before _lora_combine's (a registry helper)

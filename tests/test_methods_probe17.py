@@ -1,0 +1,97 @@
+"""Probe 17 of the smaller methods and targeting (ia3, bitfit, freeze, full, vpt, trainable tokens, targets.py)
+against peft 0.21.2 and LLaMA-Factory's freeze tuning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import output_of, tiny_inputs, tiny_model
+from tolerances import ATOL
+
+import deltatune as dt
+
+ATOL32 = ATOL[torch.float32]
+
+
+def _set_vectors(model, seed: int) -> None:
+    """Every (IA)^3 vector to values around 1, the same for peft's model and ours (sorted names, one generator)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "ia3_l" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+
+
+def _ia3_pair(family: str, configs: dict[str, dict]):
+    """peft's model and ours with the same (IA)^3 adapters and vectors."""
+    peft = pytest.importorskip("peft")
+    theirs = ours = None
+    for name, kwargs in configs.items():
+        if theirs is None:
+            theirs = peft.get_peft_model(tiny_model(family), peft.IA3Config(**kwargs), adapter_name=name)
+            ours = dt.get_delta_model(tiny_model(family), dt.IA3Config(**kwargs), adapter_name=name)
+        else:
+            theirs.add_adapter(name, peft.IA3Config(**kwargs))
+            ours.add_adapter(name, dt.IA3Config(**kwargs))
+    for model in (theirs, ours):
+        _set_vectors(model, seed=3)
+    return theirs.eval(), ours.eval()
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        {  # lists: different modules, a feed-forward one shared
+            "a": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            "b": dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        },
+        {  # regexes, joined with "|"
+            "a": dict(target_modules=r".*\.(k_proj|down_proj)", feedforward_modules=r".*\.down_proj"),
+            "b": dict(target_modules=r".*\.v_proj", feedforward_modules=r"^$"),
+        },
+    ],
+)
+def test_ia3_add_weighted_adapter_as_peft(configs, tmp_path):
+    """peft's IA3Model.add_weighted_adapter: l_new = sum_i w_i l_i where adapter i holds the module; the config is the
+    first's with the targets' and feed-forward modules' union. deltatune refused it ("combines LoRA adapters")."""
+    theirs, ours = _ia3_pair("llama", configs)
+    theirs.add_weighted_adapter(list(configs), [0.5, -2.0], "mix")
+    ours.add_weighted_adapter(list(configs), [0.5, -2.0], "mix")
+    theirs.set_adapter("mix")
+    ours.set_adapter("mix")
+    inputs = tiny_inputs("llama")
+    ref = output_of(theirs, inputs)
+    assert (ref - output_of(tiny_model("llama"), inputs)).abs().max() > ATOL32
+    torch.testing.assert_close(output_of(ours, inputs), ref, atol=ATOL32, rtol=0)
+    from peft.utils import get_peft_model_state_dict
+
+    mine = ours.adapter_state_dict("mix")
+    assert set(mine) == set(get_peft_model_state_dict(theirs, adapter_name="mix"))
+    targets, feedforward = theirs.peft_config["mix"].target_modules, theirs.peft_config["mix"].feedforward_modules
+    same = (lambda a, b: a == b) if isinstance(targets, str) else (lambda a, b: set(a) == set(b))
+    assert same(ours.peft_config["mix"].target_modules, targets)
+    assert same(ours.peft_config["mix"].feedforward_modules, feedforward)
+    ours.save_pretrained(tmp_path, selected_adapters=["mix"])  # the file loads in peft with the same outputs
+    loaded = pytest.importorskip("peft").PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "mix").eval()
+    torch.testing.assert_close(output_of(loaded, inputs), ref, atol=ATOL32, rtol=0)
+
+
+def test_ia3_add_weighted_adapter_refusals_change_nothing():
+    """Bad input: one line naming the fault, no adapter added."""
+    model = dt.get_delta_model(tiny_model("llama"), dt.IA3Config(), adapter_name="a")
+    model.add_adapter("b", dt.IA3Config(target_modules=r".*\.k_proj", feedforward_modules=r"^$"))
+    model.add_adapter("l", dt.LoraConfig(r=2, target_modules=["o_proj"]))
+    cases = [
+        ((["l", "a"], [1.0, 1.0], "n"), {}, "combines LoRA adapters; 'a' is a ia3 adapter"),
+        ((["a", "b"], [1.0, 1.0], "n"), {}, "'b' gives target_modules as a regex, 'a' as a list"),
+        ((["a"], [1.0, 1.0], "n"), {}, "1 adapters and 2 weights"),
+        ((["a"], [1.0], "b"), {}, "an adapter named 'b' exists already"),
+        ((["a"], [1.0], "n"), {"combination_type": "cat"}, "combine linearly"),
+        ((["a", "zz"], [1.0, 1.0], "n"), {}, "unknown adapter 'zz'"),
+    ]
+    for args, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            model.add_weighted_adapter(*args, **kwargs)
+        assert set(model.peft_config) == {"a", "b", "l"}
+    model.add_weighted_adapter(["l"], [1.0], "l2", combination_type="linear")  # LoRA's still reach LoRA's combine
+    assert model.peft_config["l2"].method == "lora"
