@@ -69,3 +69,52 @@ def test_a_greeting_still_trains_and_custom_tags_are_named():
         r"sharegpt turns alternate between 'user' or 'observation' and 'assistant' or 'function_call'",
     ):
         read_samples([row], {}, None, tags, "sft")
+
+
+# -- pt: LLaMA-Factory's packed pre-training blocks open with the BOS of a tokenizer that adds one --------------------
+
+
+def _word_tok(add_bos: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *"abcdefgh"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]", add_bos_token=add_bos)  # fmt: skip
+
+
+def _lf_pretrain_blocks(texts: list[str], tok, block_size: int) -> list[list[int]]:
+    """LLaMA-Factory's PretrainDatasetProcessor with packing (its default for stage pt), transcribed: each text + EOS,
+    tokenised without special tokens, chained, cut into whole blocks; with add_bos_token each block's first id is
+    replaced by the BOS."""
+    ids = [i for t in texts for i in tok(t + tok.eos_token, add_special_tokens=False)["input_ids"]]
+    total = len(ids) // block_size * block_size
+    blocks = [ids[i : i + block_size] for i in range(0, total, block_size)]
+    if getattr(tok, "add_bos_token", False):
+        for b in blocks:
+            b[0] = tok.bos_token_id
+    return blocks
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_pt_blocks_equal_llamafactorys_packed_pretraining_blocks(tmp_path, add_bos):
+    """HEAD never wrote a BOS in a pt block: a Llama / Mistral tokenizer (add_bos_token) trained blocks opening
+    mid-text, where LLaMA-Factory's pt puts its BOS as each block's first id (ids differed at position 0 of every
+    block: 'c' for '[BOS]'). A tokenizer without add_bos_token (GPT-2's, SmolLM2's) is unchanged."""
+    import json
+
+    from deltatune.train.config import build
+    from deltatune.train.pt import prepare_pt
+
+    texts = ["a b c d e", "f g", "h a b c d e f g h", "a"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = build({"stage": "pt", "model": {"name_or_path": "unused"},
+                 "data": {"train": str(tmp_path / "t.jsonl"), "max_length": 4}})  # fmt: skip
+    tok = _word_tok(add_bos)
+    prepared = prepare_pt(cfg, tok)
+    want = _lf_pretrain_blocks(texts, tok, 4)
+    assert [ex["input_ids"] for ex in prepared.train] == want
+    assert [ex["labels"] for ex in prepared.train] == want  # (LLaMA-Factory's collator copies the ids)
+    assert (want[1][0] == tok.bos_token_id) is add_bos

@@ -18,8 +18,8 @@ def prepare_pt(cfg: RunConfig, tok) -> Prepared:
     samples = read_samples(train_rows, cols, d.format, d.tags, "pt")
     if eval_rows:
         read_samples(eval_rows, cols, d.format, d.tags, "pt")
-    train = encode_pt(train_rows, tok, d.text_column, d.max_length)
-    ev = encode_pt(eval_rows, tok, d.text_column, d.max_length) if eval_rows else None
+    train = _bos_first(encode_pt(train_rows, tok, d.text_column, d.max_length), tok)
+    ev = _bos_first(encode_pt(eval_rows, tok, d.text_column, d.max_length), tok) if eval_rows else None
     notes = [
         format_note(samples, d.format is not None),
         f"{len(train.examples)} training blocks of {d.max_length} tokens",
@@ -33,3 +33,14 @@ def prepare_pt(cfg: RunConfig, tok) -> Prepared:
         notes=notes,
         loss_only=True,
     )
+
+
+def _bos_first(encoded, tok):
+    """LLaMA-Factory's packed pre-training blocks: a tokenizer that adds a BOS (``add_bos_token``: Llama's, Mistral's)
+    gets it as each block's first id, over the text's id there (its ``result["input_ids"][i][0] = bos_token_id``);
+    the texts are joined with EOS and tokenised without special tokens, so no block would start as the model does."""
+    bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
+    if bos is not None:
+        for ex in encoded.examples:
+            ex["input_ids"][0] = ex["labels"][0] = bos
+    return encoded
