@@ -182,7 +182,11 @@ class PPOLoop:
         # One finite number per response, or one line naming the reward and the response (None, NaN, text...).
         names = [f"the response {t[:40]!r} to {p[:40]!r}" for p, t in zip(r.prompts, r.responses)]
         name = self.align.reward_model or "function"
-        scores = reward_values(self.reward_fn(r.prompts, r.responses), name, len(prompts), names)
+        score_ids = getattr(self.reward_fn, "score_ids", None)  # (a transformers reward model: TRL's, on the ids)
+        out = (
+            score_ids(r.sequences, self.pad, r.prompt_length) if score_ids else self.reward_fn(r.prompts, r.responses)
+        )
+        scores = reward_values(out, name, len(prompts), names)
         r.scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
         r.truncated = truncated
         return r
@@ -294,8 +298,11 @@ def reward_function(
     policy_name: str | None = None,
     tokenizer=None,
     adapter_name: str = "reward",
+    trust_remote_code: bool = False,
 ) -> RewardFn:
-    """The reward named by ``align.reward_model``: a reward run folder (stage rm) or ``module:function``.
+    """The reward named by ``align.reward_model``: a reward run folder (stage rm), a transformers
+    sequence-classification folder (``scorers.TokenRewardModel``: TRL's PPOTrainer's reward model, scoring the
+    policy's token ids) or ``module:function``.
 
     A reward run trained on the policy's own base (its ``model.name_or_path`` equals ``policy_name``) is loaded into
     ``policy`` as a second, frozen adapter with its head (``scorers.AdapterReward``: one copy of the base); any other
@@ -308,6 +315,12 @@ def reward_function(
         raise ConfigError(
             "align.reward_model is not set: give a reward-model run folder (stage rm) or module:function"
         )
+    from .grpo_reward_model import is_model_folder
+
+    if os.path.isdir(spec) and is_model_folder(spec):
+        from .scorers import TokenRewardModel
+
+        return TokenRewardModel(spec, device, trust_remote_code)
     if os.path.isdir(spec):
         from .scorers import AdapterReward, RewardScorer, reward_run
 
@@ -334,9 +347,15 @@ def check_stop_token(align: AlignArgs, vocab: int) -> None:
                           "tokens)")  # fmt: skip
 
 
-def _check_reward_model(spec: str | None) -> None:
+def _check_reward_model(spec: str | None, tokenizer) -> None:
     """Fail before any model is loaded when align.reward_model names nothing usable."""
-    if spec and os.path.isdir(spec):
+    from .grpo_reward_model import is_model_folder
+
+    if spec and os.path.isdir(spec) and is_model_folder(spec):
+        from .scorers import check_token_reward
+
+        check_token_reward(spec, tokenizer)
+    elif spec and os.path.isdir(spec):
         from .scorers import reward_run
 
         reward_run(spec)
@@ -373,7 +392,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     }
     longest = max(len(p) for p in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
-    _check_reward_model(a.reward_model)
+    _check_reward_model(a.reward_model, tok)
     check_stop_token(a, len(tok))
     mini = ppo_micro_batches(a, cfg.train.batch_size, cfg.train.grad_accum)  # (before the model loads)
     notes = [
@@ -397,13 +416,18 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
-        reward_fn = reward_function(a.reward_model, device, model, run_cfg.model.name_or_path, tokenizer)
-        shared = isinstance(reward_fn, AdapterReward)
+        reward_fn = reward_function(a.reward_model, device, model, run_cfg.model.name_or_path, tokenizer,
+                                    trust_remote_code=run_cfg.model.trust_remote_code)  # fmt: skip
+        shared, on_ids = isinstance(reward_fn, AdapterReward), hasattr(reward_fn, "score_ids")
 
         def rewards(prompts: Sequence[str], responses: Sequence[str]) -> Any:
             return reward_fn([plain.get(p, p) for p in prompts], responses)
 
-        if shared or os.path.isdir(a.reward_model or ""):
+        if on_ids:
+            rewards = reward_fn  # (it scores the rollout's token ids, as TRL's PPOTrainer)
+            prepared.notes.append(f"reward model {a.reward_model}: a transformers sequence classifier scoring the "
+                                  "policy's token ids (TRL's PPOTrainer's reward model)")  # fmt: skip
+        elif shared or os.path.isdir(a.reward_model or ""):
             # prepared.notes, not notes: the run may have replaced the list with a longer one since (run.py adds notes)
             prepared.notes.append(
                 f"reward model {a.reward_model}: "

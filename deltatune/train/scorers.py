@@ -127,3 +127,80 @@ class AdapterReward:
         real = mask.bool() if pad is None else ids != pad
         last = (torch.arange(ids.shape[-1], device=device) * real).argmax(-1)
         return self.head(hidden[torch.arange(len(last), device=device), last].float()).squeeze(-1).cpu()
+
+
+class TokenRewardModel:
+    """A transformers sequence-classification folder (one label, no deltatune run) as PPO's reward model, as TRL's
+    PPOTrainer takes one: it scores the policy's own token ids, so it must share the policy's tokenizer. As TRL's
+    ``get_reward``: the left-padded prompt and the response (padded after its end) with the attention mask
+    ``ids != pad`` (pads at 0), positions the exclusive cumsum of that mask, the score head on the backbone's last
+    hidden state at the response's last token before its first pad (where the pad is the EOS, the token before it).
+
+    Args:
+        path: the folder (config.json, weights).
+        device: where it runs.
+        trust_remote_code: the recipe's model.trust_remote_code.
+    """
+
+    def __init__(self, path: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        from ..config import ConfigError
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, trust_remote_code=trust_remote_code
+        )
+        if not hasattr(self.model, "score") or not hasattr(self.model, self.model.base_model_prefix):
+            raise ConfigError(f"align.reward_model {path!r}: a {type(self.model).__name__} has no score head on a "
+                              "decoder backbone (TRL's PPOTrainer scores with model.score); train a reward run "
+                              "(stage rm) instead")  # fmt: skip
+        self.model.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def score_ids(self, query_responses: torch.Tensor, pad: int, context_length: int) -> torch.Tensor:
+        """(B,) scores of (B, P + R) left-padded prompts and their responses (TRL's get_reward)."""
+        device = next(self.model.parameters()).device
+        query_responses = query_responses.to(device)
+        mask = query_responses != pad
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        out = backbone(input_ids=query_responses.masked_fill(~mask, 0), attention_mask=mask,
+                       position_ids=mask.cumsum(1) - mask.long(), use_cache=False)  # fmt: skip
+        logits = self.model.score(out.last_hidden_state).squeeze(-1).float()  # (B, P + R)
+        is_pad = query_responses[:, context_length:] == pad
+        first = torch.where(is_pad.any(-1), is_pad.float().argmax(-1), is_pad.shape[1])  # (no pad: the row's end)
+        return logits[torch.arange(len(logits), device=device), first - 1 + context_length].cpu()
+
+
+def check_token_reward(spec: str, tokenizer) -> None:
+    """ConfigError, one line naming align.reward_model, unless the folder ``spec`` is a one-label sequence classifier
+    whose tokenizer is the policy's (the same vocabulary; a folder without one: a vocabulary of at least the
+    policy's): TRL's PPOTrainer feeds it the policy's token ids. Reads files only; loads no model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..config import ConfigError
+    from .grpo_reward_model import check_model_folder
+
+    try:
+        check_model_folder(spec)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("align.reward_funcs", "align.reward_model", 1)) from None
+    try:
+        theirs = AutoTokenizer.from_pretrained(spec).get_vocab()
+    except (OSError, ValueError, TypeError):
+        theirs = None
+    ours = tokenizer.get_vocab()
+    if theirs is not None and theirs != ours:
+        raise ConfigError(f"align.reward_model {spec!r}: its tokenizer is not the policy's ({len(theirs)} tokens, the "
+                          f"policy's {len(ours)}{'' if len(theirs) != len(ours) else ', other ids'}); a transformers "
+                          "reward model scores the policy's token ids, as TRL's PPOTrainer (a reward run, stage rm, "
+                          "scores re-tokenised text)")  # fmt: skip
+    if theirs is not None:
+        return
+    try:
+        vocab = AutoConfig.from_pretrained(spec).get_text_config().vocab_size
+    except (OSError, ValueError):  # (a remote config: loaded, and checked, with the model)
+        return
+    if vocab < len(ours):
+        raise ConfigError(f"align.reward_model {spec!r}: its vocabulary of {vocab} tokens is smaller than the policy "
+                          f"tokenizer's {len(ours)}; a transformers reward model scores the policy's token ids, as "
+                          "TRL's PPOTrainer")  # fmt: skip

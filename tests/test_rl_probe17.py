@@ -1,0 +1,111 @@
+"""PPO against TRL (probe 17): align.reward_model naming a transformers sequence-classification folder, as TRL's
+PPOTrainer takes its reward_model (an AutoModelForSequenceClassification scoring the policy's token ids).
+
+The reference is the .venv's TRL 1.16 ``trl.experimental.utils.get_reward``, which TRL's PPOTrainer scores each
+left-padded prompt + postprocessed response with (the score at the last token before the response's first pad)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from tiny import save_tiny, tokenizer, word_tokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import deltatune as dt
+from deltatune.config import ConfigError
+from deltatune.train import build, train
+from deltatune.train.config_align import AlignArgs, validate_align
+from deltatune.train.ppo import PPOLoop, prepare_ppo, reward_function
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny Llama policy base, a one-label classifier on it with a seeded score head (no deltatune run), the same as
+    a two-label classifier, and the one-label one saved with another tokenizer."""
+    tmp = tmp_path_factory.mktemp("rm17")
+    base = save_tiny(tmp / "base", max_position_embeddings=128)
+    out = {"base": base}
+    for name, labels, tok in (("rm", 1, tokenizer()), ("rm2", 2, tokenizer()), ("rm_words", 1, word_tokenizer())):
+        torch.manual_seed(3)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels)
+        with torch.no_grad():
+            model.score.weight.normal_(0, 1.0)
+        model.save_pretrained(tmp / name)
+        tok.save_pretrained(tmp / name)
+        out[name] = str(tmp / name)
+    return out
+
+
+def _policy(base):
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), config).eval()
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True], ids=["pad", "pad_is_eos"])
+def test_a_transformers_reward_model_scores_the_rollout_as_trls_get_reward(folders, pad_is_eos):
+    """align.reward_model naming a transformers sequence-classification folder was refused ('holds no run.yaml': only
+    a deltatune reward run or module:function); TRL's PPOTrainer takes such a model. Each rollout's score now equals
+    TRL's get_reward on the same left-padded prompts and responses (one response ends at its EOS, one has none, one
+    is its EOS alone), with the pad a token of its own and with the pad the EOS (TRL then scores the token before the
+    EOS)."""
+    from trl.experimental.utils import get_reward
+
+    tok = tokenizer()
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    reward = reward_function(folders["rm"], "cpu")
+    align = AlignArgs(max_new_tokens=5)
+    validate_align(align, "ppo")
+    loop = PPOLoop(_policy(folders["base"]), tok, reward, align)
+    generated = torch.tensor([[2000, 2001, eos, 2003, 2004], [2010, 2011, 2012, 2013, 2014], [eos, 2020, 1, 1, 1]])
+    loop.model.generate = lambda input_ids, attention_mask, generation_config: torch.cat([input_ids, generated], 1)
+    r = loop.rollout([[101, 2100, 2101], [101, 2102], [101, 2103, 2104, 2105]])
+    reference = AutoModelForSequenceClassification.from_pretrained(folders["rm"], num_labels=1).eval()
+    with torch.no_grad():
+        want = get_reward(reference, r.sequences, pad, r.prompt_length)[1]
+    assert r.scores.tolist() == pytest.approx(want.tolist(), abs=1e-5)
+    assert want.std() > 1e-3  # the guard: the rows score differently
+
+
+def test_a_ppo_run_with_a_transformers_reward_model(folders, tmp_path):
+    """Through the stage: the recipe's folder passes prepare_ppo's checks, the loop is given the reward model itself
+    (scoring token ids, not the text wrapper), the run trains and its report names how it scored."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me about the {w} cat"}) + "\n" for w in "abcd"))
+    out = tmp_path / "run"
+    metrics = train(build({
+        "stage": "ppo", "model": {"name_or_path": folders["base"]}, "data": {"train": str(prompts), "max_length": 16},
+        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "align": {"reward_model": folders["rm"], "max_new_tokens": 4}, "output": {"dir": str(out)},
+        "train": {"max_steps": 1, "batch_size": 2, "report_to": ["none"]},
+    }))  # fmt: skip
+    assert metrics["train_steps"] == 1 and torch.isfinite(torch.tensor(metrics["reward_first"]))
+    assert "a transformers sequence classifier scoring the policy's token ids" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("which, words", [
+    ("rm2", r"^align.reward_model: '.*rm2' is a classifier of 2 labels"),
+    ("base", r"^align.reward_model: '.*base' is no sequence-classification model"),
+    ("rm_words", r"^align.reward_model '.*rm_words': its tokenizer is not the policy's \(45 tokens, the policy's "),
+])  # fmt: skip
+def test_a_reward_model_folder_that_cannot_score_the_policy_is_one_line_before_any_model_loads(
+    folders, tmp_path, which, words
+):
+    """A two-label classifier (TRL loads it with num_labels=1: transformers' size mismatch), a causal LM folder (a
+    random score head, silently) and a classifier with another tokenizer (TRL feeds it the policy's ids: other
+    tokens, or an index error) are each one ConfigError naming align.reward_model, from prepare_ppo, before any
+    model loads; the folder is left as it was."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "tell me"}) + "\n")
+    raw = {"stage": "ppo", "model": {"name_or_path": folders["base"]}, "data": {"train": str(prompts)},
+           "train": {"batch_size": 1}, "align": {"reward_model": folders[which], "max_new_tokens": 4}}  # fmt: skip
+    before = sorted(os.listdir(folders[which]))
+    with pytest.raises(ConfigError, match=words) as info:
+        prepare_ppo(build(raw), tokenizer())
+    assert "\n" not in str(info.value)
+    assert sorted(os.listdir(folders[which])) == before
