@@ -118,3 +118,29 @@ def test_pt_blocks_equal_llamafactorys_packed_pretraining_blocks(tmp_path, add_b
     assert [ex["input_ids"] for ex in prepared.train] == want
     assert [ex["labels"] for ex in prepared.train] == want  # (LLaMA-Factory's collator copies the ids)
     assert (want[1][0] == tok.bos_token_id) is add_bos
+
+
+# -- chat / generate: a built-in template's prompt is the beginning of what training encoded -----------------------
+
+
+@pytest.mark.parametrize("template", ["chatml", "alpaca", "plain"])
+def test_a_built_in_templates_chat_prompt_is_the_start_of_the_trained_row(template):
+    """HEAD tokenised the rendered prompt with the tokenizer's specials on both ends: a BERT-style tokenizer (the
+    MiniLM one of the tiny models) put its closing [SEP], the EOS, after the assistant header, where training has the
+    answer's first token (prompt '... assistant [SEP]', trained '... assistant ok'). Now the prompt is the trained
+    ids up to the first trained label, as LLaMA-Factory's chat encodes the turn its training encoded."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tokenizer
+
+    from deltatune.data.encode import sft_example
+    from deltatune.data.sample import Sample
+    from deltatune.train.chat import prompt_ids
+
+    for tok in (tokenizer(), _word_tok(True)):
+        s = Sample("x:1", "alpaca", [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e"}])
+        ids, labels = sft_example(s, tok, template)
+        first = next(i for i, x in enumerate(labels) if x != -100)
+        assert prompt_ids(tok, "a b c", template=template) == ids[:first]

@@ -55,11 +55,14 @@ def prompt_ids(
     if template is not None and not raw:
         from ..data.templates import render
 
+        from ..data.preference import special_ends
+
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
-        return tok(render(messages, tok, template, add_generation_prompt=True)[0], add_special_tokens=True)[
-            "input_ids"
-        ]
+        text = render(messages, tok, template, add_generation_prompt=True)[0]
+        # The tokenizer's leading specials (Llama's BOS, BERT's [CLS]) as training put them before the conversation;
+        # not its closing ones (BERT's [SEP]), which training has after the answer, not after the assistant header.
+        return special_ends(tok)[0] + tok(text, add_special_tokens=False)["input_ids"]
     if raw or not has_template(tok):
         if not isinstance(prompt, str):
             raise ConfigError("a conversation needs a chat template; this tokenizer has none")
