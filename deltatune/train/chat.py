@@ -53,9 +53,8 @@ def prompt_ids(
         check_text(m.get("content"), "the prompt")
     check_text(system, "the system prompt")
     if template is not None and not raw:
-        from ..data.templates import render
-
         from ..data.preference import special_ends
+        from ..data.templates import render
 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
