@@ -95,3 +95,21 @@ def test_ia3_add_weighted_adapter_refusals_change_nothing():
         assert set(model.peft_config) == {"a", "b", "l"}
     model.add_weighted_adapter(["l"], [1.0], "l2", combination_type="linear")  # LoRA's still reach LoRA's combine
     assert model.peft_config["l2"].method == "lora"
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(freeze_extra_modules=[1]), r"^freeze_extra_modules must be a list of module names, got \[1\]$"),
+        (dict(freeze_extra_modules=5), r"^freeze_extra_modules must be a list of module names, got 5$"),
+        (dict(freeze_trainable_modules=[1]), r"^freeze_trainable_modules must be .* list of module names, got \[1\]$"),
+        (dict(freeze_trainable_modules=5), r"^freeze_trainable_modules must be .* list of module names, got 5$"),
+        (dict(freeze_trainable_modules=["mlp", None]), r"^freeze_trainable_modules must be .*, got \['mlp', None\]$"),
+    ],
+)
+def test_freeze_module_lists_of_non_names_are_one_line(config, match):
+    """A number where LLaMA-Factory's module names go: was a TypeError from inside re (``decoding to str``) or from
+    freeze.py (``unsupported operand type(s) for +: 'int' and 'str'``, ``'int' object is not iterable``)."""
+    with pytest.raises(dt.ConfigError, match=match):
+        dt.FreezeConfig(**config)
+    assert dt.FreezeConfig(freeze_extra_modules=[]).freeze_extra_modules == []  # nothing extra, as None

@@ -66,6 +66,11 @@ def _block(name: str) -> tuple[str, int] | None:
     return (name[: m.start(1) - 1], int(m.group(1))) if m else None
 
 
+def _names(value: object) -> bool:
+    """A non-empty list (or tuple, set) of non-empty strings."""
+    return isinstance(value, (list, tuple, set)) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
 @dataclass
 class FreezeConfig(DeltaConfig):
     """Freeze tuning: train the last (or first) n transformer blocks in place, freeze the rest."""
@@ -96,13 +101,17 @@ class FreezeConfig(DeltaConfig):
         elif isinstance(modules, str):
             check_regex("freeze_trainable_modules", modules)
         elif modules is not None:
+            if not _names(modules):
+                raise ConfigError(f"freeze_trainable_modules must be None, a regex or a non-empty list of module "
+                                  f"names, got {modules!r}")  # fmt: skip
             self.freeze_trainable_modules = list(modules)
-            if not self.freeze_trainable_modules:
-                raise ConfigError("freeze_trainable_modules must be None, a regex or a non-empty list, got []")
-        if isinstance(self.freeze_extra_modules, str):
-            self.freeze_extra_modules = [m.strip() for m in self.freeze_extra_modules.split(",")]
-        if self.freeze_extra_modules is not None:
-            self.freeze_extra_modules = list(self.freeze_extra_modules)
+        extra = self.freeze_extra_modules
+        if isinstance(extra, str):
+            self.freeze_extra_modules = [m.strip() for m in extra.split(",")]
+        elif extra is not None:
+            if not (_names(extra) or extra == []):
+                raise ConfigError(f"freeze_extra_modules must be a list of module names, got {extra!r}")
+            self.freeze_extra_modules = list(extra)
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """The parameters of the chosen blocks (and modules), and of the extra modules.
