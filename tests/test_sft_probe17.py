@@ -144,3 +144,26 @@ def test_a_built_in_templates_chat_prompt_is_the_start_of_the_trained_row(templa
         ids, labels = sft_example(s, tok, template)
         first = next(i for i, x in enumerate(labels) if x != -100)
         assert prompt_ids(tok, "a b c", template=template) == ids[:first]
+
+
+@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/encode.py diff of probe 17's report (prompt_ids)")
+@pytest.mark.parametrize("template", ["chatml", "alpaca"])
+def test_a_built_in_templates_ppo_prompt_is_the_start_of_the_trained_row(template):
+    """The PPO / inspect prompt (data.encode.prompt_ids) has the same closing [SEP] after the assistant header as the
+    chat prompt had (see the test above); equal to the trained ids up to the first trained label with the diff."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tokenizer
+
+    from deltatune.data.encode import prompt_ids, sft_example
+    from deltatune.data.sample import Sample
+
+    tok = tokenizer()
+    s = Sample("x:1", "alpaca", [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e"}])
+    ids, labels = sft_example(s, tok, template)
+    first = next(i for i, x in enumerate(labels) if x != -100)
+    assert (
+        prompt_ids(Sample("x:1", "prompt", [{"role": "user", "content": "a b c"}]), tok, template, 99) == ids[:first]
+    )
