@@ -30,6 +30,13 @@ from . import _loftq
 
 LOADS_ONLY = ("mica", "eva")  # peft's inits that leave the base as it is, not drawn here: their files are plain LoRA
 FROM_BASE = ("pissa", "olora")  # computed from the base weight, which they change (pissa_niter_K too)
+DRAWN = (True, False, "gaussian", "orthogonal", "pissa", "olora", "loftq")
+ANY_CASE = ("gaussian", "olora", "mica")  # peft compares these three lower-cased ("OLoRA", "Gaussian" draw there)
+
+
+def canonical_init(init: object) -> object:
+    """``init`` as deltatune compares it: peft's any-case names ("OLoRA", "Gaussian", "MICA") lower-cased."""
+    return init.lower() if isinstance(init, str) and init.lower() in ANY_CASE else init
 
 
 def is_from_base(init: object) -> bool:
@@ -46,8 +53,8 @@ def check_init(init: object, lora_bias: bool = False, use_dora: bool = False, lo
         raise ConfigError(f"lora_bias=True is only supported with init_lora_weights=True or False, got {init!r}")
     if lora_bias and use_dora:
         raise ConfigError("lora_bias=True is not supported with use_dora (as peft)")
-    if init in (True, False, "gaussian", "orthogonal", "pissa", "olora", "loftq", *LOADS_ONLY):
-        return
+    if (type(init) is bool or isinstance(init, str)) and init in DRAWN + LOADS_ONLY:
+        return  # (not 0 or 1: peft's truthiness test took 0 as False, deltatune's `is False` drew it as True)
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         if init.removeprefix("pissa_niter_").isdigit():
             return  # peft's int() would take "-1", which svd_lowrank refuses deep inside torch

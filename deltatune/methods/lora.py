@@ -118,7 +118,11 @@ class LoraConfig(DeltaConfig):
             raise ConfigError(f"ensure_weight_tying must be a bool, got {self.ensure_weight_tying!r}")
         check_map(self.layer_replication)
         check_indices(self.trainable_token_indices)
+        self.init_lora_weights = inits.canonical_init(self.init_lora_weights)  # peft's "OLoRA" is its "olora"
         inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora, self.loftq_config)
+        for attr in ("rank_pattern", "alpha_pattern"):  # (re's TypeError named no field)
+            if bad := [k for k in getattr(self, attr) if not isinstance(k, str)]:
+                raise ConfigError(f"{attr} keys must be module name patterns (strings), got {bad[0]!r}")
         for key, value in self.rank_pattern.items():
             check_regex("rank_pattern key", key)
             check_positive_int(f"rank_pattern[{key!r}]", value)

@@ -1,0 +1,87 @@
+"""LoRA config values against peft 0.21.2 (session 52, probe 17).
+
+1. peft compares "gaussian", "olora" and "mica" lower-cased, so ``init_lora_weights="OLoRA"`` or "Gaussian" draws
+   there; deltatune refused them.
+2. ``init_lora_weights=0``: peft's truthiness test draws it as False (B random), deltatune's ``is False`` drew it as
+   True (B zero); 1 fails in peft (AttributeError: 'int' object has no attribute 'lower'). Now a number is refused in
+   one line, as any value that is not a bool or a name.
+3. A rank_pattern / alpha_pattern key that is not a string: re's TypeError, naming no field; now one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_inputs, tiny_model
+
+import deltatune as dt
+from deltatune.config import ConfigError
+
+peft = pytest.importorskip("peft")
+
+
+def _tensors(model, prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix).replace(".default", ""): v for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("init", ["OLoRA", "Gaussian", "GAUSSIAN"])
+def test_peft_s_any_case_init_names_draw_as_peft(init, tmp_path):
+    kw = dict(target_modules=["q_proj", "v_proj", "embed_tokens"], r=4, init_lora_weights=init)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama", tie_word_embeddings=False), peft.LoraConfig(**kw))
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(tiny_model("llama", tie_word_embeddings=False), dt.LoraConfig(**kw))
+    a, b = _tensors(ours, "base_model."), _tensors(theirs, "base_model.model.")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # A, B and (OLoRA) the residual base weights
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+    # peft's own file (its config as given) loads here as it computes there; ours loads in peft
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert json.loads((tmp_path / "theirs/adapter_config.json").read_text())["init_lora_weights"] == init
+    loaded = dt.DeltaModel.from_pretrained(tiny_model("llama", tie_word_embeddings=False), tmp_path / "theirs")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, theirs(**inputs).logits)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_model("llama", tie_word_embeddings=False), tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(back(**inputs).logits, theirs(**inputs).logits)
+
+
+@pytest.mark.parametrize("init", [0, 1, 1.0])
+def test_an_init_that_is_a_number_is_one_line_and_changes_nothing(init):
+    config = peft.LoraConfig(target_modules=["q_proj"], init_lora_weights=init)
+    if init:  # peft: 1 is not True, so it calls 1 .lower()
+        with pytest.raises(AttributeError, match="has no attribute 'lower'"):
+            peft.get_peft_model(tiny_model("llama"), config)
+    else:  # peft: 0 draws as False (B random); deltatune drew it as True (B zero)
+        theirs = peft.get_peft_model(tiny_model("llama"), config)
+        assert theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().max() > 0
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=rf"^init_lora_weights must be True, False, .* got {init}$"):
+        dt.get_delta_model(model, dt.LoraConfig(target_modules=["q_proj"], init_lora_weights=init))
+    assert not any(hasattr(m, "adapter_names") for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("attr", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_key_that_is_not_a_string_is_one_line(attr):
+    with pytest.raises(ConfigError, match=rf"^{attr} keys must be module name patterns \(strings\), got 3$"):
+        dt.LoraConfig(target_modules=["q_proj"], **{attr: {"v_proj": 2, 3: 2}})
+
+
+def test_the_saved_file_of_an_any_case_init_is_peft_s(tmp_path):
+    """The file says "olora" (peft reads it as its "OLoRA") and holds peft's tensors."""
+    kw = dict(target_modules=["q_proj"], r=2, init_lora_weights="OLoRA")
+    torch.manual_seed(0)
+    peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**kw)).save_pretrained(tmp_path / "theirs")
+    torch.manual_seed(0)
+    dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(**kw)).save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours/adapter_config.json").read_text())["init_lora_weights"] == "olora"
+    a, b = (load_file(tmp_path / f / "adapter_model.safetensors") for f in ("ours", "theirs"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
