@@ -44,3 +44,68 @@ def test_a_boolean_tag_is_one_line_naming_the_row(tmp_path, labels):
     if labels:  # the same ids as numbers train as given
         cfg = build({"stage": "tag", "data": {"train": data["train"], "labels": labels}})
         assert [ex["labels"] for ex in prepare_tag(cfg, tokenizer()).train][0][1:-1] == [0, 1]
+
+
+def _image_rows(tmp_path, n: int = 2) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    return _jsonl(tmp_path / "d.jsonl", [{"image": f"{i}.png", "label": "ab"[i % 2]} for i in range(n)])
+
+
+def _grey_processor(mean):
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": 8, "width": 8}, image_mean=mean, image_std=[0.25] * len(mean))
+
+
+def test_a_grey_models_processor_of_one_mean_reads_the_grey_image_itself(tmp_path):
+    """A grey ViT (num_channels 1) whose processor was saved for grey images (image_mean [0.5]): the stage fed it the
+    grey image as RGB, which it refuses ("mean must have 3 elements") from the Trainer's first batch; now its pixels
+    are the processor's own for the grey image, ((v / 255) - 0.5) / 0.25 of the resized grey."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig
+
+    from deltatune.train.image_cls import prepare_image_cls
+
+    data = _image_rows(tmp_path)
+    ViTConfig(num_channels=1, image_size=8, patch_size=4).save_pretrained(tmp_path / "grey-vit")
+    cfg = build({"stage": "image_cls", "model": {"name_or_path": str(tmp_path / "grey-vit")}, "data": {"train": data}})
+    proc = _grey_processor([0.5])
+    p = prepare_image_cls(cfg, proc)
+    grey = Image.open(tmp_path / "0.png").convert("L")
+    want = proc(images=[grey], return_tensors="pt")["pixel_values"][0]
+    got = p.train[0]["pixel_values"]
+    assert got.shape == (1, 8, 8) and np.allclose(got.numpy(), want.numpy())
+    hand = (np.asarray(grey.resize((8, 8), Image.BILINEAR), dtype=np.float64) / 255 - 0.5) / 0.25
+    assert np.allclose(got[0].numpy(), hand, atol=1e-5)
+    # a processor of three means reads the grey as RGB, its first channel (as before)
+    rgb = prepare_image_cls(cfg, _grey_processor([0.5, 0.4, 0.3])).train[0]["pixel_values"]
+    assert rgb.shape == (1, 8, 8) and np.allclose(rgb.numpy(), want.numpy(), atol=1e-5)
+
+
+def test_an_image_processor_that_refuses_the_images_is_one_line_before_training(tmp_path):
+    """An RGB model (num_channels 3) with a processor of one mean: the ValueError came from inside transformers at
+    the Trainer's first batch; it is one line at prepare, naming the row, and the dataset's random draws (augment)
+    are untouched by the check."""
+    import torch
+
+    from deltatune.train.image_cls import prepare_image_cls
+
+    data = _image_rows(tmp_path)
+    cfg = build({"stage": "image_cls", "data": {"train": data, "augment": ["hflip"]}})
+    with pytest.raises(DataError) as err:
+        prepare_image_cls(cfg, _grey_processor([0.5]))
+    assert str(err.value) == (
+        f"{tmp_path / 'd.jsonl'}:1: the image processor (ViTImageProcessorPil) refuses image "
+        f"'{tmp_path / '0.png'}' for a 3-channel model: mean must have 3 elements if it is an iterable, got 1"
+    )
+    torch.manual_seed(3)
+    p = prepare_image_cls(cfg, _grey_processor([0.5, 0.5, 0.5]))
+    drawn = torch.rand(1).item()
+    torch.manual_seed(3)
+    assert drawn == torch.rand(1).item() and p.train[0]["pixel_values"].shape == (3, 8, 8)

@@ -340,10 +340,19 @@ def pixel_values(processor, images: list) -> torch.Tensor:
     return out["pixel_values"]
 
 
+def _one_channel_mean(processor) -> bool:
+    """Whether ``processor`` normalises one channel: its ``image_mean`` a list of one value (a scalar serves any
+    count)."""
+    mean = getattr(processor, "image_mean", None)
+    return isinstance(mean, (list, tuple)) and len(mean) == 1
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Lazily decoded examples: ``{"pixel_values": (C, H, W), "labels": int}`` (labels omitted when None). With
     ``channels=1`` (a model whose config says ``num_channels: 1``) C is 1: the image's grey (PIL's ``convert("L")``)
-    normalised with the processor's first channel's mean and std."""
+    normalised with the processor's first channel's mean and std; a processor saved for grey images (one mean and
+    std: ``image_mean: [0.5]``) is given the grey image itself, which it normalises as one channel (given RGB it
+    refused: "mean must have 3 elements")."""
 
     def __init__(
         self,
@@ -363,8 +372,8 @@ class ImageDataset(torch.utils.data.Dataset):
         img, _ = open_rgb(self.rows[i])
         if self.augmentations:
             img = augment(img, self.augmentations)
-        if self.channels == 1:
-            img = img.convert("L").convert("RGB")
+        if self.channels == 1:  # grey as the processor reads it: one channel where its mean has one value
+            img = img.convert("L") if _one_channel_mean(self.processor) else img.convert("L").convert("RGB")
         item: dict[str, Any] = {"pixel_values": pixel_values(self.processor, [img])[0][: self.channels]}
         if self.labels[i] is not None:
             item["labels"] = self.labels[i]

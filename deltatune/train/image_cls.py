@@ -199,6 +199,22 @@ def _notes_converted(notes: list[str], split: str, converted: dict[str, int]) ->
         notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
 
 
+def _check_processor(processor, row: ImageRow, channels: int) -> None:
+    """The first train image through the image processor once, before training (unaugmented: no random draw), so a
+    processor that refuses the stage's images (an ``image_mean`` of one value for an RGB model: "mean must have 3
+    elements") is one line here, not a traceback from the Trainer's first batch.
+
+    Raises:
+        DataError: the processor's refusal, the row and the processor named.
+    """
+    try:
+        ImageDataset([row], [None], processor, channels=channels)[0]
+    except (ValueError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{row.source}: the image processor ({type(processor).__name__}) refuses image {row.path!r} "
+                        f"for a {channels}-channel model: {reason}") from None  # fmt: skip
+
+
 def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     """Read and check the images, fix the classes, and give the Trainer lazily decoded datasets.
 
@@ -255,6 +271,8 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         last["matrix"] = m = confusion(preds, labels, n)  # written by ConfusionTrainer (training only)
         return {"accuracy": float((preds == labels).mean()), "macro_f1": macro_f1(m)}
 
+    if processor is not None:  # (a caller that only reads the rows and classes passes none)
+        _check_processor(processor, train_rows[0], channels)
     if eval_rows:
         notes.append("confusion matrix of the last evaluation (rows: true class, columns: predicted):")
         notes.append("![confusion matrix](confusion_matrix.png)")
