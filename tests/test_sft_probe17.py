@@ -167,3 +167,22 @@ def test_a_built_in_templates_ppo_prompt_is_the_start_of_the_trained_row(templat
     assert (
         prompt_ids(Sample("x:1", "prompt", [{"role": "user", "content": "a b c"}]), tok, template, 99) == ids[:first]
     )
+
+
+def test_a_raw_runs_chat_prompt_is_the_start_of_its_trained_row():
+    """data.template=raw (TRL's plain prompt + completion + EOS): the chat / generate prompt is '[CLS] a b c', the ids
+    before the completion, as the raw PPO prompt opens (docs/data-formats.md); HEAD sent '[CLS] a b c [SEP]'."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tokenizer
+
+    from deltatune.data.encode import sft_example
+    from deltatune.train.chat import prompt_ids
+
+    tok = tokenizer()
+    [s] = read_samples([Row({"prompt": "a b c", "completion": " d e"}, "x:1")], {}, stage="sft")
+    ids, labels = sft_example(s, tok, "raw")
+    first = next(i for i, x in enumerate(labels) if x != -100)
+    assert prompt_ids(tok, "a b c", template="raw") == ids[:first] == tok("a b c")["input_ids"][:-1]
