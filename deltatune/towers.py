@@ -183,7 +183,7 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
     table = TOWERS.get(model_type(model) or "")
     if towers is None and (not table or (config.target_modules is None and config.method not in _RESOLVED)):
         return config  # nothing asked, and nothing to resolve (a single tower, or a method that picks no modules)
-    towers = list(towers or ["language"])
+    towers = list(dict.fromkeys(towers or ["language"]))  # a tower named twice: its modules once each
     bad = [t for t in towers if t not in TOWER_NAMES]
     if bad:
         raise ConfigError(f"method.towers: unknown tower {bad[0]!r}; choose from {', '.join(TOWER_NAMES)}")

@@ -109,3 +109,23 @@ def test_an_image_processor_that_refuses_the_images_is_one_line_before_training(
     drawn = torch.rand(1).item()
     torch.manual_seed(3)
     assert drawn == torch.rand(1).item() and p.train[0]["pixel_values"].shape == (3, 8, 8)
+
+
+def test_a_tower_named_twice_adapts_its_modules_once_each():
+    """method.towers [language, language]: target_modules listed every language module twice (8 names for 4), written
+    so into adapter_config.json, where PEFT's own config (a set) holds each once."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+    from tiny_vlm import tiny_vlm
+
+    import deltatune as dt
+    from deltatune import towers as T
+
+    model = tiny_vlm("llava")
+    once = T.restrict(model, dt.LoraConfig(r=2), ["language"]).target_modules
+    twice = T.restrict(model, dt.LoraConfig(r=2), ["language", "language"]).target_modules
+    assert twice == once and len(once) == len(set(once)) == 4
+    both = T.restrict(model, dt.LoraConfig(r=2), ["vision", "language", "vision"]).target_modules
+    assert both == T.restrict(model, dt.LoraConfig(r=2), ["vision", "language"]).target_modules
