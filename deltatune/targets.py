@@ -307,6 +307,7 @@ def find_targets(
         raise ConfigError(
             f"{method}: target_modules={targets!r}"
             + (f" with layers_to_transform={layers_to_transform!r}" if layers_to_transform is not None else "")
+            + (f" and layers_pattern={layers_pattern!r}" if layers_pattern and layers_to_transform is not None else "")
             + f" matches no module. Module names in this model: {', '.join(candidate_names(model))}"
             + (
                 f" (a string is a regex matched against the full module name, as in peft; for modules named"

@@ -113,3 +113,12 @@ def test_freeze_module_lists_of_non_names_are_one_line(config, match):
     with pytest.raises(dt.ConfigError, match=match):
         dt.FreezeConfig(**config)
     assert dt.FreezeConfig(freeze_extra_modules=[]).freeze_extra_modules == []  # nothing extra, as None
+
+
+def test_a_layers_pattern_naming_no_block_list_is_named_in_the_refusal():
+    """layers_pattern="nope" leaves nothing to adapt; the one line named target_modules and layers_to_transform only,
+    not the key at fault. peft adapts nothing either (its layer index is None for every module)."""
+    base = tiny_model("llama")
+    with pytest.raises(dt.ConfigError, match=r"layers_to_transform=\[1\] and layers_pattern='nope' matches no module"):
+        dt.get_delta_model(base, dt.LoraConfig(layers_to_transform=[1], layers_pattern="nope"))
+    assert not any("lora" in n for n, _ in base.named_modules())
