@@ -271,24 +271,25 @@ class DPOTrainer(SyncedRefCheckpoints, PairTrainer):
         return losses, chosen, rejected, logps.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats, aux = {} if model.training else None, [] if self.router_coef else None
+        stats, aux = {}, [] if self.router_coef else None
         losses, chosen, rejected, logps = self._losses(model, inputs, stats, aux)
-        if model.training:  # as TRL: the rewards, the policy's summed log-probs of each side and its token stats
-            self.log_rewards(chosen, rejected)
-            self.log_stat("logps/chosen", logps.chunk(2)[0].mean().item())
-            self.log_stat("logps/rejected", logps.chunk(2)[1].mean().item())
-            n = len(chosen)
-            sides = [token_means(stats, inputs["labels"], rows) for rows in (slice(0, n), slice(n, None))]
-            self.log_stat("logits/chosen", sides[0]["mean_logits"])
-            self.log_stat("logits/rejected", sides[1]["mean_logits"])
-            self.log_stat("entropy", token_means(stats, inputs["labels"])["entropy"])
-            self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
+        # as TRL, training and evaluating (EvalStats: eval_logps/chosen, ...): the rewards, the policy's summed
+        # log-probs of each side and its token stats
+        self.log_rewards(chosen, rejected)
+        self.log_stat("logps/chosen", logps.chunk(2)[0].mean().item())
+        self.log_stat("logps/rejected", logps.chunk(2)[1].mean().item())
+        n = len(chosen)
+        sides = [token_means(stats, inputs["labels"], rows) for rows in (slice(0, n), slice(n, None))]
+        self.log_stat("logits/chosen", sides[0]["mean_logits"])
+        self.log_stat("logits/rejected", sides[1]["mean_logits"])
+        self.log_stat("entropy", token_means(stats, inputs["labels"])["entropy"])
+        self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
+        if model.training:
             count_tokens(self, inputs["attention_mask"])
         loss = self.pair_mean(losses, model)
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the step's sequences, as TRL adds it
             loss = loss + self.router_coef * aux[0]
-            if model.training:
-                self.log_stat("aux_loss", aux[0].item())
+            self.log_stat("aux_loss", aux[0].item())
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

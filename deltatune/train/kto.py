@@ -45,7 +45,7 @@ from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .config_align import precomputes_ref
 from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs, token_means
-from .pairs import SyncedRefCheckpoints, count_tokens, disable_dropout, synced_reference
+from .pairs import EvalStats, SyncedRefCheckpoints, count_tokens, disable_dropout, synced_reference
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -141,7 +141,7 @@ class KTOCollator:
         return batch
 
 
-class KTOTrainer(SyncedRefCheckpoints, DeltaTrainer):
+class KTOTrainer(SyncedRefCheckpoints, EvalStats, DeltaTrainer):
     """DeltaTrainer with the KTO loss against the adapter-disabled base. Logs ``kl`` (z0), the mean rewards,
     policy log-probs and logits (over the vocabulary and the completion tokens) of each label, their reward margin
     and the completions' ``entropy``, as TRL names them (``rewards/chosen``: the desirable rows);
@@ -209,26 +209,27 @@ class KTOTrainer(SyncedRefCheckpoints, DeltaTrainer):
         return losses, rewards, kl, policy.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats, aux = {} if model.training else None, [] if self.router_coef else None
+        stats, aux = {}, [] if self.router_coef else None
         losses, rewards, kl, policy = self._losses(model, inputs, stats, aux)
         good = inputs["desirable"].bool()
-        if model.training:  # TRL's names: chosen the desirable rows, rejected the undesirable
-            self.log_stat("kl", kl.item())
-            labels = inputs["labels"][: len(good)]  # (the rows', as their stats)
-            self.log_stat("entropy", token_means(stats, labels)["entropy"])
+        # TRL's names, training and evaluating (EvalStats: eval_kl, ...): chosen the desirable rows, rejected the
+        # undesirable
+        self.log_stat("kl", kl.item())
+        labels = inputs["labels"][: len(good)]  # (the rows', as their stats)
+        self.log_stat("entropy", token_means(stats, labels)["entropy"])
+        if model.training:
             count_tokens(self, inputs["attention_mask"][: len(good)])
-            for side, rows in (("chosen", good), ("rejected", ~good)):
-                if rows.any():
-                    self.log_stat(f"rewards/{side}", rewards[rows].mean().item())
-                    self.log_stat(f"logps/{side}", policy[rows].mean().item())
-                    self.log_stat(f"logits/{side}", token_means(stats, labels, rows)["mean_logits"])
-            if good.any() and (~good).any():
-                self.log_stat("rewards/margins", (rewards[good].mean() - rewards[~good].mean()).item())
+        for side, rows in (("chosen", good), ("rejected", ~good)):
+            if rows.any():
+                self.log_stat(f"rewards/{side}", rewards[rows].mean().item())
+                self.log_stat(f"logps/{side}", policy[rows].mean().item())
+                self.log_stat(f"logits/{side}", token_means(stats, labels, rows)["mean_logits"])
+        if good.any() and (~good).any():
+            self.log_stat("rewards/margins", (rewards[good].mean() - rewards[~good].mean()).item())
         loss = losses.mean()
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the rows (not their mismatched pairs), as TRL
             loss = loss + self.router_coef * aux[0]
-            if model.training:
-                self.log_stat("aux_loss", aux[0].item())
+            self.log_stat("aux_loss", aux[0].item())
         return (loss, torch.stack([rewards, good.float()], -1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

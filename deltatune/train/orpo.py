@@ -77,12 +77,12 @@ def orpo_loss(
 
 
 class ORPOTrainer(PairTrainer):
-    """PairTrainer with the ORPO loss (no reference). Logs ``nll`` (TRL's ``nll_loss``: over the prompts too, but
-    with ``align.disable_prompt_loss``), ``log_odds_ratio`` (the mean of log sigmoid(log OR)), ``log_odds_chosen``
-    (the mean of log OR; both as TRL names them), the ``rewards/*``, the ``logps/*`` (mean token log-probs, as
-    TRL's) and the ``logits/*`` (the mean logit over each side's response tokens, as deltatune's and TRL's DPO: TRL's
-    ORPO takes the prompt and padding positions too) means since the last log; eval predictions are (B, 2) [chosen
-    reward, rejected reward]."""
+    """PairTrainer with the ORPO loss (no reference). Logs ``nll`` and, as TRL names it, ``nll_loss`` (over the
+    prompts too, but with ``align.disable_prompt_loss``), ``log_odds_ratio`` (the mean of log sigmoid(log OR)),
+    ``log_odds_chosen`` (the mean of log OR; both as TRL names them), the ``rewards/*``, the ``logps/*`` (mean token
+    log-probs, as TRL's) and the ``logits/*`` (the mean logit over each side's response tokens, as deltatune's and
+    TRL's DPO: TRL's ORPO takes the prompt and padding positions too) means since the last log, and each evaluation
+    the same as ``eval_*`` (``EvalStats``); eval predictions are (B, 2) [chosen reward, rejected reward]."""
 
     def __init__(self, *args, align: AlignArgs, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -101,7 +101,7 @@ class ORPOTrainer(PairTrainer):
         return batches, self.accelerator.gather(n).sum() if self.accelerator.num_processes > 1 else n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats = {} if model.training else None
+        stats = {}
         full = nll_labels(inputs, _answers_only(self.align))
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         per_token = token_logprobs(logits, full, stats)  # (2B, T - 1): every token the NLL takes
@@ -116,19 +116,22 @@ class ORPOTrainer(PairTrainer):
             # is taken that many times over to undo both.
             times = self.current_gradient_accumulation_steps * self.accelerator.num_processes
             loss = loss - (times - 1) * nll_c.sum() / num_items_in_batch
+        odds = F.logsigmoid(log_or)
         if model.training:  # the odds-ratio term over the step's pairs, each alike (PairTrainer.pair_mean)
-            odds = F.logsigmoid(log_or)
             loss = loss + self.align.beta * (odds.mean() - self.pair_mean(odds, model))
-            self.log_stat("nll", (-nll_c.sum() / nll_n.sum().clamp(min=1)).item())
-            # TRL's names: log_odds_ratio the mean of log sigmoid(log OR), log_odds_chosen the mean of log OR
-            self.log_stat("log_odds_ratio", odds.mean().item())
-            self.log_stat("log_odds_chosen", log_or.mean().item())
-            self.log_rewards(chosen, rejected)
-            self.log_stat("logps/chosen", (pc / nc.clamp(min=1)).mean().item())  # TRL's: mean token log-probs
-            self.log_stat("logps/rejected", (pr / nr.clamp(min=1)).mean().item())
-            n = len(pc)
-            for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
-                self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows)["mean_logits"])
+        # (training and evaluating, as TRL: EvalStats reports eval_nll_loss, eval_log_odds_ratio, ...)
+        nll = (-nll_c.sum() / nll_n.sum().clamp(min=1)).item()
+        self.log_stat("nll", nll)  # (deltatune's name since the start, kept for the runs' curves)
+        self.log_stat("nll_loss", nll)  # (TRL's)
+        # TRL's names: log_odds_ratio the mean of log sigmoid(log OR), log_odds_chosen the mean of log OR
+        self.log_stat("log_odds_ratio", odds.mean().item())
+        self.log_stat("log_odds_chosen", log_or.mean().item())
+        self.log_rewards(chosen, rejected)
+        self.log_stat("logps/chosen", (pc / nc.clamp(min=1)).mean().item())  # TRL's: mean token log-probs
+        self.log_stat("logps/rejected", (pr / nr.clamp(min=1)).mean().item())
+        n = len(pc)
+        for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
+            self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows)["mean_logits"])
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

@@ -54,7 +54,37 @@ def pair_metrics(scores: np.ndarray) -> dict[str, float]:
     }
 
 
-class PairTrainer(DeltaTrainer):
+class EvalStats:
+    """A trainer mixin (before DeltaTrainer): what ``log_stat`` gets while evaluating is the evaluation's own, each
+    added to its metrics as ``<prefix>_<name>`` (the mean of its batches' values), as TRL's DPO, KTO, CPO and ORPO
+    trainers report ``eval_logps/chosen``, ``eval_logits/chosen``, ``eval_entropy`` and the rest of their training
+    log's names; a name the metrics already hold (``eval_rewards/*`` of ``compute_metrics``, over all the pairs) keeps
+    that value. The training log's means are not touched."""
+
+    _eval_stats: dict[str, list[float]] | None = None
+
+    def log_stat(self, key: str, value: float) -> None:
+        if self._eval_stats is None:
+            super().log_stat(key, value)
+        else:
+            self._eval_stats.setdefault(key, []).append(float(value))
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self._eval_stats = {}
+        try:
+            out = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            for key, values in self._eval_stats.items():
+                out.metrics.setdefault(f"{metric_key_prefix}_{key}", sum(values) / len(values))
+        finally:
+            self._eval_stats = None
+        return out
+
+
+class PairTrainer(EvalStats, DeltaTrainer):
     """DeltaTrainer for preference pairs (rm, dpo): ``compute_loss(..., return_outputs=True)`` gives
     (loss, (B, 2) [chosen, rejected] scores), and those scores are the eval predictions (labels are dummies).
 

@@ -124,7 +124,7 @@ class SimPOTrainer(PairTrainer):
             disable_dropout(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        a, stats = self.align, {} if model.training else None
+        a, stats = self.align, {}
         logps, counts = response_logprobs(model, {k: inputs[k] for k in _LM_KEYS}, stats)
         (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
         mean = self.loss_type in ("simpo", "ipo")  # (TRL's CPO: per-token means for these two, else sums)
@@ -134,14 +134,15 @@ class SimPOTrainer(PairTrainer):
         else:
             losses, chosen, rejected = cpo_loss(lc, lr, a.beta, self.loss_type, a.label_smoothing, a.alpha)
         nll = -pc.sum() / nc.sum().clamp(min=1)  # (CPO's cross-entropy: a mean over the micro-batch's chosen tokens)
-        if model.training:  # TRL's CPOTrainer's names; its logps are the mean token log-probs (loss_type simpo)
-            self.log_rewards(chosen, rejected)
-            self.log_stat("logps/chosen", lc.mean().item())
-            self.log_stat("logps/rejected", lr.mean().item())
-            n = len(pc)
-            for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
-                self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows)["mean_logits"])
-            self.log_stat("nll_loss", nll.item())
+        # TRL's CPOTrainer's names, training and evaluating (EvalStats: eval_logps/chosen, ...); its logps are the
+        # mean token log-probs (loss_type simpo)
+        self.log_rewards(chosen, rejected)
+        self.log_stat("logps/chosen", lc.mean().item())
+        self.log_stat("logps/rejected", lr.mean().item())
+        n = len(pc)
+        for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
+            self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows)["mean_logits"])
+        self.log_stat("nll_loss", nll.item())
         loss = self.pair_mean(losses, model)
         if a.cpo_alpha:
             loss = loss + a.cpo_alpha * nll

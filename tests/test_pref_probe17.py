@@ -1,0 +1,136 @@
+"""Probe 17 of the preference stages against TRL 1.16: what an evaluation reports. TRL's DPO, KTO, CPO and ORPO
+trainers log their training names while evaluating too (eval_logps/chosen, eval_logits/*, eval_entropy,
+eval_mean_token_accuracy, eval_kl, eval_nll_loss, eval_log_odds_*: the mean of the eval batches' values); deltatune's
+evaluations reported the rewards only.
+
+TRL runs on the same tiny Llama, LoRA (not zero) and rows as deltatune; the helpers are test_pref_probe14's."""
+
+import json
+import warnings
+
+import pytest
+import trl
+from datasets import Dataset
+from test_dpo_probe12 import CUT_CONVERSATIONAL, _lora
+from test_pref_probe14 import KTO_ROWS, _prepared, _trl
+from tiny import save_tiny
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+import deltatune as dt
+from deltatune.train import build
+from deltatune.train.models import load_tokenizer
+from deltatune.train.table import prepare
+
+# the names TRL's evaluations add that are no statistic of the rows
+_NOT_STATS = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_num_tokens",
+              "eval_model_preparation_time", "epoch"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _eval_args(path, batch: int) -> TrainingArguments:
+    return TrainingArguments(str(path), report_to=[], use_cpu=True, per_device_eval_batch_size=batch,
+                             remove_unused_columns=False)  # fmt: skip
+
+
+def _compare(theirs: dict, ours: dict, skip: set[str] = frozenset()) -> list[str]:
+    """Every statistic TRL's evaluation reports is in deltatune's, with its value; the names compared."""
+    names = sorted(set(theirs) - _NOT_STATS - skip)
+    missing = [k for k in names if k not in ours]
+    assert not missing, missing
+    for key in names:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4, rel=1e-5), key
+    return names
+
+
+def test_dpo_eval_reports_trls_eval_statistics(base, tmp_path):
+    """Three conversational pairs evaluated in batches of 2 and 1: TRL's DPOTrainer.evaluate reports eval_logps/*,
+    eval_logits/*, eval_entropy and eval_mean_token_accuracy (each the mean of its batches' values); deltatune's now
+    too, equal. HEAD reported none of them (its eval_rewards/*, over all pairs, are left out here: they are a mean of
+    batch means in TRL's, equal only for equal batches, test_align_probe11)."""
+    model = _lora(base)
+    args = trl.DPOConfig(str(tmp_path / "trl"), per_device_eval_batch_size=2, report_to=[], use_cpu=True, bf16=False,
+                         beta=0.3, max_length=64)  # fmt: skip
+    data = Dataset.from_list(CUT_CONVERSATIONAL)
+    theirs = dt.trl_trainer(trl.DPOTrainer)(model=model, args=args, train_dataset=data, processing_class=load_tokenizer(base),
+                                            ref_model=AutoModelForCausalLM.from_pretrained(base))  # fmt: skip
+    model.eval()
+    want = theirs.evaluate(eval_dataset=theirs.train_dataset)
+    _, prepared = _prepared(base, tmp_path, "dpo", 64, {"beta": 0.3})
+    ours = prepared.trainer_class(model=model, args=_eval_args(tmp_path / "dt", 2), data_collator=prepared.collator,
+                                  compute_metrics=prepared.compute_metrics)  # fmt: skip
+    got = ours.evaluate(eval_dataset=prepared.train)
+    names = _compare(want, got, {k for k in want if k.startswith("eval_rewards/")})
+    assert {"eval_logps/chosen", "eval_logits/rejected", "eval_entropy", "eval_mean_token_accuracy"} <= set(names)
+    assert not ours._stats  # (the training log's means are not touched)
+
+
+@pytest.mark.parametrize("stage, kwargs", [("orpo", {"beta": 0.2}), ("cpo", {"beta": 0.3, "loss_type": "sigmoid"}),
+                                           ("simpo", {"beta": 2.0, "loss_type": "simpo", "cpo_alpha": 0.0})])  # fmt: skip
+def test_cpo_orpo_simpo_eval_reports_trls_eval_statistics(base, tmp_path, stage, kwargs):
+    """The same pairs in one batch of 3: TRL's CPO and ORPO trainers' evaluations report eval_logps/*, eval_logits/*,
+    eval_nll_loss (and ORPO's eval_log_odds_ratio, eval_log_odds_chosen); deltatune's now too, equal (ORPO's
+    eval_logits/* aside: TRL's ORPO averages the prompt and padding positions too, orpo.py; and simpo's nll_loss,
+    which TRL logs as 0 where cpo_alpha is 0). HEAD reported the rewards
+    only; its ORPO logged TRL's nll_loss as nll alone."""
+    theirs = _trl(base, tmp_path, stage, 64, per_device_eval_batch_size=3, **kwargs)
+    theirs.model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = theirs.evaluate(eval_dataset=theirs.train_dataset)
+    align = {k: v for k, v in kwargs.items() if stage != "orpo" or k != "loss_type"}
+    _, prepared = _prepared(base, tmp_path, stage, 64, align)
+    ours = prepared.trainer_class(model=theirs.model, args=_eval_args(tmp_path / "dt", 3),
+                                  data_collator=prepared.collator, compute_metrics=prepared.compute_metrics)  # fmt: skip
+    got = ours.evaluate(eval_dataset=prepared.train)
+    # (TRL's ORPO logits: over the prompts and padding too; TRL's nll_loss is 0 where cpo_alpha is 0: simpo.py)
+    skip = {"orpo": {"eval_logits/chosen", "eval_logits/rejected"}, "simpo": {"eval_nll_loss"}}.get(stage, set())
+    names = _compare(want, got, skip)
+    assert {"eval_logps/chosen", "eval_logits/chosen" if stage != "orpo" else "eval_nll_loss"} <= set(names)
+    if stage == "orpo":
+        assert {"eval_log_odds_ratio", "eval_log_odds_chosen"} <= set(names)
+
+
+def test_kto_eval_reports_trls_eval_statistics(base, tmp_path):
+    """Four unpaired rows (desirable, not, desirable, not) paired in a block of train.batch_size 4 and evaluated in
+    batches of 2: TRL's KTOTrainer.evaluate reports eval_kl, eval_entropy, eval_logps/*, eval_logits/* (the mean of
+    its batches'); deltatune's now too, equal. HEAD reported the rewards only."""
+    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}],
+             "label": good} for p, c, good in KTO_ROWS]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build({"stage": "kto", "model": {"name_or_path": base}, "train": {"report_to": ["none"], "batch_size": 4},
+                 "data": {"train": str(path), "eval": str(path)}, "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    prepared = prepare(cfg, load_tokenizer(base))
+    model = _lora(base)
+    args = trl.KTOConfig(str(tmp_path / "trl"), per_device_train_batch_size=4, per_device_eval_batch_size=2,
+                         report_to=[], use_cpu=True, bf16=False)  # fmt: skip
+    theirs = dt.trl_trainer(trl.KTOTrainer)(model=model, args=args, processing_class=load_tokenizer(base),
+                                            train_dataset=Dataset.from_list(rows),
+                                            ref_model=AutoModelForCausalLM.from_pretrained(base))  # fmt: skip
+    model.eval()
+    want = theirs.evaluate(eval_dataset=theirs.train_dataset)
+    ours = prepared.trainer_class(model=model, args=_eval_args(tmp_path / "dt", 2), data_collator=prepared.collator,
+                                  compute_metrics=prepared.compute_metrics)  # fmt: skip
+    got = ours.evaluate(eval_dataset=prepared.eval)
+    names = _compare(want, got)
+    assert {"eval_kl", "eval_entropy", "eval_logps/chosen", "eval_logits/rejected", "eval_rewards/margins"} <= set(
+        names
+    )
+    assert want["eval_kl"] > 0
+
+
+def test_eval_statistics_stay_out_of_the_training_log(base, tmp_path):
+    """An evaluation in the middle of training adds nothing to the training log's means (nor takes from them)."""
+    _, prepared = _prepared(base, tmp_path, "dpo", 64)
+    model = _lora(base)
+    ours = prepared.trainer_class(model=model, args=_eval_args(tmp_path / "dt", 3), data_collator=prepared.collator,
+                                  compute_metrics=prepared.compute_metrics)  # fmt: skip
+    model.train()
+    ours.compute_loss(model, prepared.collator(prepared.train))
+    before = {k: list(v) for k, v in ours._stats.items()}
+    got = ours.evaluate(eval_dataset=prepared.train)
+    assert {k: list(v) for k, v in ours._stats.items()} == before and "eval_logps/chosen" in got
