@@ -109,3 +109,35 @@ def test_a_reward_model_folder_that_cannot_score_the_policy_is_one_line_before_a
         prepare_ppo(build(raw), tokenizer())
     assert "\n" not in str(info.value)
     assert sorted(os.listdir(folders[which])) == before
+
+
+def test_a_ppo_resume_after_the_data_changed_is_refused_as_the_trainer_stages(folders, tmp_path):
+    """A PPO checkpoint recorded nothing of the data (runfolder.facts_changes: 'none for a stage with its own loop'),
+    so a resume after the prompts file changed went on silently with other prompts (or an IndexError on a data order
+    pointing past a shorter file). It now records the run's facts as the Trainer's checkpoints do: a resume with the
+    same data ends where the unbroken run did (equal metrics), one after the file changed is the Trainer stages'
+    one-line refusal, and --resume-changed continues."""
+    from deltatune.train.runfolder import FINISHED_FILE
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me about the {w} cat"}) + "\n" for w in "abcd"))
+    out = tmp_path / "run"
+    raw = {
+        "stage": "ppo", "model": {"name_or_path": folders["base"]}, "data": {"train": str(prompts), "max_length": 16},
+        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "align": {"reward_model": folders["rm"], "max_new_tokens": 3}, "output": {"dir": str(out)},
+        "train": {"max_steps": 2, "batch_size": 2, "save_steps": 1, "report_to": ["none"]},
+    }  # fmt: skip
+    unbroken = train(build(raw))
+    assert (out / "checkpoint-1").is_dir()
+    (out / FINISHED_FILE).unlink()  # as if the run had stopped after checkpoint-1
+    resumed = train(build(raw), resume=True)
+    for key in ("train_loss", "reward_first", "reward_last", "kl_last"):
+        assert resumed[key] == pytest.approx(unbroken[key], abs=1e-6), key
+    (out / FINISHED_FILE).unlink()
+    prompts.write_text(json.dumps({"prompt": "tell me about the e cat"}) + "\n")
+    with pytest.raises(ConfigError, match=r"^--resume: since checkpoint-1 was written, the file of data.train "
+                       "changed, so training would not continue as it went; pass --resume-changed"):  # fmt: skip
+        train(build(raw), resume=True)
+    assert not (out / FINISHED_FILE).exists()
+    assert train(build(raw), resume=True, resume_changed=True)["train_steps"] == 2

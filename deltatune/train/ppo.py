@@ -485,7 +485,11 @@ def train_ppo(
 
         first, order, history = ppo_checkpoint.load(checkpoint, loop, g)
         first += 1
+        order = [i for i in order if i < len(prompts)]  # (--resume-changed onto fewer prompts: those left of the pass)
     every = t.save_steps or per_epoch
+    from .runfolder import run_facts
+
+    facts = run_facts(cfg)  # (the data's bytes as the run began: each checkpoint records them for a resume)
     start = time.perf_counter() - loop.runtime_s  # a resumed run's: the whole run's time, as the Trainer stages'
     bar = tqdm(range(first, steps + 1), desc="ppo", initial=first - 1, total=steps)
     for step in bar:
@@ -498,7 +502,7 @@ def train_ppo(
             from . import ppo_checkpoint
 
             loop.runtime_s = time.perf_counter() - start
-            ppo_checkpoint.save(cfg.output.dir, step, loop, g, order, history, t.save_total_limit)
+            ppo_checkpoint.save(cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts)
     tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
     metrics.update(
         train_loss=sum(h["loss"] for h in history) / len(history),

@@ -4,7 +4,9 @@
 moments; tensors and numbers only, read back with ``weights_only=True``), ``rng_state.pth`` (torch's global random
 state, which the rollouts sample from, and the data-order generator's) and ``trainer_state.json`` (the step, the KL
 coefficient, the prompts still to come in this pass, the training time so far and the log; the HF Trainer's file
-name, so ``runfolder.resume_checkpoint`` checks and picks PPO checkpoints as it does the Trainer's).
+name, so ``runfolder.resume_checkpoint`` checks and picks PPO checkpoints as it does the Trainer's), and
+``deltatune_sums.json`` with the run's ``runfolder.run_facts`` (the data files' bytes, the processes), the Trainer's
+file of them, so a resume after the data changed is refused as the Trainer stages' is.
 
 A checkpoint is written into a hidden staging folder and renamed into place: one that exists is complete.
 """
@@ -34,8 +36,10 @@ def save(
     order: list[int],
     history: list[dict[str, Any]],
     keep: int | None,
+    facts: dict[str, Any] | None = None,
 ) -> str:
-    """Write ``<out>/checkpoint-<step>`` for ``loop`` (a PPOLoop) and keep the newest ``keep`` checkpoints."""
+    """Write ``<out>/checkpoint-<step>`` for ``loop`` (a PPOLoop) and keep the newest ``keep`` checkpoints;
+    ``facts``: the run's ``runfolder.run_facts``, for ``--resume`` to compare."""
     from safetensors.torch import save_file
 
     final = os.path.join(out, f"{PREFIX}{step}")
@@ -63,6 +67,11 @@ def save(
         }
         with open(os.path.join(staging, STATE), "w", encoding="utf-8") as fh:
             json.dump(state, fh)
+        if facts is not None:
+            from .trainer import SUMS
+
+            with open(os.path.join(staging, SUMS), "w", encoding="utf-8") as fh:
+                json.dump({"facts": facts}, fh)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(staging, final)
     except BaseException:
