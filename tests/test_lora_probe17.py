@@ -85,3 +85,34 @@ def test_the_saved_file_of_an_any_case_init_is_peft_s(tmp_path):
     assert json.loads((tmp_path / "ours/adapter_config.json").read_text())["init_lora_weights"] == "olora"
     a, b = (load_file(tmp_path / f / "adapter_model.safetensors") for f in ("ours", "theirs"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_1", "olora"])
+def test_a_base_computed_init_on_a_non_finite_weight_is_one_line_and_changes_nothing(init):
+    """peft: PiSSA's SVD raises torch's LinAlgError with the earlier layers' weights already made residuals; OLoRA goes
+    on with NaN factors (and a NaN residual over the whole weight). deltatune raised torch's error too, its earlier
+    layers' weights left as residuals."""
+
+    def broken():
+        model = tiny_model("llama")
+        with torch.no_grad():
+            model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+        return model
+
+    kw = dict(target_modules=["q_proj", "v_proj"], init_lora_weights=init, r=2)
+    theirs = broken()
+    if init.startswith("pissa"):
+        with pytest.raises(torch.linalg.LinAlgError, match="non-finite"):
+            peft.get_peft_model(theirs, peft.LoraConfig(**kw))
+    else:
+        adapted = peft.get_peft_model(theirs, peft.LoraConfig(**kw))
+        assert adapted.base_model.model.model.layers[1].self_attn.v_proj.base_layer.weight.isnan().all()
+    model = broken()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=rf"^lora: init_lora_weights='{init}' on model.layers.1.self_attn.v_proj: "
+                                          "its base weight holds NaN or inf values"):  # fmt: skip
+        dt.get_delta_model(model, dt.LoraConfig(**kw))
+    assert not any(hasattr(m, "adapter_names") for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)

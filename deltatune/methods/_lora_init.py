@@ -112,6 +112,9 @@ def check_target(layer: nn.Module, name: str, config: DeltaConfig, r: int) -> No
         raise ConfigError(f"lora: init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight; {name} is "
                           f"{type(base).__name__} ({weight.dtype}): initialise on the full-precision base, then "
                           "quantize the residual it leaves")  # fmt: skip
+    if not weight.isfinite().all():  # peft: PiSSA's SVD fails in torch, earlier layers rewritten; OLoRA goes on
+        raise ConfigError(f"lora: init_lora_weights={init!r} on {name}: its base weight holds NaN or inf values, "
+                          "which the factors and the residual would spread; fix or leave out that weight")  # fmt: skip
     if init == "olora" and layer.fan_in_fan_out:
         raise ConfigError(f"lora: init_lora_weights='olora' on {name}, a GPT-2 Conv1D: peft's olora_init factors the "
                           "stored (d_in, d_out) weight as if it were (d_out, d_in) (its forward then fails, or a "
