@@ -129,3 +129,19 @@ def test_a_tower_named_twice_adapts_its_modules_once_each():
     assert twice == once and len(once) == len(set(once)) == 4
     both = T.restrict(model, dt.LoraConfig(r=2), ["vision", "language", "vision"]).target_modules
     assert both == T.restrict(model, dt.LoraConfig(r=2), ["vision", "language"]).target_modules
+
+
+def test_integer_tag_ids_without_their_names_name_the_row(tmp_path):
+    """conll2003's ner_tags as datasets exports them (ClassLabel ids): the refusal named the column only, not the
+    file and line, as the stage's other refusals do."""
+    from deltatune.train.tag import prepare_tag
+
+    rows = [{"tokens": ["a"], "ner_tags": ["O"]}, {"tokens": ["a", "b"], "ner_tags": ["O", "B-x"]}]
+    data = {"train": _jsonl(tmp_path / "t.jsonl", rows), "eval": _jsonl(tmp_path / "e.jsonl", [rows[0], {
+        "tokens": ["a", "b"], "ner_tags": [0, 3]}])}  # fmt: skip
+    with pytest.raises(DataError) as err:
+        prepare_tag(build({"stage": "tag", "data": data}), tokenizer())
+    assert str(err.value) == (
+        f"{tmp_path / 'e.jsonl'}:2: 'ner_tags' holds integer tag ids; set data.labels to their BIO names in id order "
+        "(e.g. [O, B-person, I-person, ...]) so entities can be scored"
+    )

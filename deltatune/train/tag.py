@@ -49,12 +49,14 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     if d.labels:
         names = list(d.labels)
     else:
-        tags = [t for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])]
-        if any(isinstance(t, (int, float)) for t in tags):  # 3.0: ids through pandas (a list with a NaN)
+        tagged = [(r, t) for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])]
+        ids = next((r for r, t in tagged if isinstance(t, (int, float))), None)  # 3.0: through pandas (with a NaN)
+        if ids is not None:  # (datasets' ClassLabel column as exported: conll2003's ner_tags)
             raise DataError(
-                f"{d.tags_column!r} holds integer tag ids; set data.labels to their BIO names in id order "
-                "(e.g. [O, B-person, I-person, ...]) so entities can be scored"
+                f"{ids.source}: {d.tags_column!r} holds integer tag ids; set data.labels to their BIO names in id "
+                "order (e.g. [O, B-person, I-person, ...]) so entities can be scored"
             )
+        tags = [t for _, t in tagged]
         names = _bio_labels(tags)
     if len(names) < 2:  # one class: the loss is 0 from the start, and the run would report success
         raise DataError(
