@@ -116,3 +116,29 @@ def test_a_base_computed_init_on_a_non_finite_weight_is_one_line_and_changes_not
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
+
+
+@pytest.mark.parametrize("tokens", [[500], {"nowhere": [1]}])
+def test_a_residual_init_refused_by_its_trainable_tokens_leaves_the_base_as_it_was(tokens):
+    """PiSSA wrote the residual into the base, then trainable_token_indices was refused (after the LoRA layers went
+    in): the layers came out, the residual weights stayed."""
+    model = tiny_model("llama", tie_word_embeddings=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="^trainable_token_indices"):
+        dt.get_delta_model(model, dt.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa", r=2,
+                                                trainable_token_indices=tokens))  # fmt: skip
+    after = model.state_dict()
+    assert after.keys() == before.keys() and [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
+def test_a_residual_init_with_trainable_tokens_is_peft_s_and_keeps_no_copy_of_the_base():
+    kw = dict(target_modules=["q_proj", "v_proj"], init_lora_weights="pissa", r=2, trainable_token_indices=[3, 5])
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama", tie_word_embeddings=False), peft.LoraConfig(**kw))
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(tiny_model("llama", tie_word_embeddings=False), dt.LoraConfig(**kw))
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+    layers = [m for m in ours.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert len(layers) == 4 and not any(m.__dict__.get("_pre_init") for m in layers)  # (the originals dropped)

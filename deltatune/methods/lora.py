@@ -257,16 +257,21 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
     inits.check_base_kept(model, adapter_name, [(n, layer) for n, layer, _ in plan], config.init_lora_weights)
     _say_fan_in_fan_out(config, [layer for _, layer, new in plan if new])
     layers: list[nn.Module] = []
+    loading = getattr(config, "_loading", False)
+    keep = loading or config.trainable_token_indices is not None  # (refused after the adds: the base goes back)
     for name, layer, new in plan:
         if new:
             set_submodule(model, name, layer)
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        layer._keep_base = getattr(config, "_loading", False)  # (a load that fails puts the base back)
+        layer._keep_base = keep  # (a load that fails puts the base back)
         layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
                   config.init_lora_weights, config.lora_bias)  # fmt: skip
         layers.append(layer)
-    return layers + add_tokens(model, config, adapter_name)  # trainable_token_indices (methods/_trainable_tokens.py)
+    tokens = add_tokens(model, config, adapter_name)  # trainable_token_indices (methods/_trainable_tokens.py)
+    for layer in [] if loading else layers:  # PiSSA's / OLoRA's replaced base weights: dropped once nothing can fail
+        inits.settle(layer, adapter_name, restore=False)
+    return layers + tokens
 
 
 def _say_fan_in_fan_out(config: LoraConfig, new: list[_LoraBase]) -> None:
