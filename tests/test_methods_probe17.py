@@ -122,3 +122,17 @@ def test_a_layers_pattern_naming_no_block_list_is_named_in_the_refusal():
     with pytest.raises(dt.ConfigError, match=r"layers_to_transform=\[1\] and layers_pattern='nope' matches no module"):
         dt.get_delta_model(base, dt.LoraConfig(layers_to_transform=[1], layers_pattern="nope"))
     assert not any("lora" in n for n, _ in base.named_modules())
+
+
+def test_freeze_extra_modules_naming_a_tied_lm_head_says_what_it_is_tied_to():
+    """On a model with tied embeddings, lm_head's weight is embed_tokens' tensor, which named_parameters lists once,
+    under embed_tokens. LLaMA-Factory refuses lm_head there too ("Module lm_head is not found"); the line said "not a
+    module outside the blocks; those modules: embed_tokens, norm", as if lm_head did not exist."""
+    model = dt.DeltaModel(tiny_model("llama", tie_word_embeddings=True))
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(dt.ConfigError, match=r"'lm_head' holds lm_head.weight, which is tied to model.embed_tokens"
+                                             r".weight \(the same tensor\); name 'embed_tokens' to train it$"):  # fmt: skip
+        model.add_adapter("default", dt.FreezeConfig(freeze_extra_modules=["lm_head"]))
+    assert not model.peft_config and {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    untied = dt.get_delta_model(tiny_model("llama"), dt.FreezeConfig(freeze_extra_modules=["lm_head"]))
+    assert "lm_head.weight" in untied.peft_config["default"].trainable_base_parameters(untied.base_model)

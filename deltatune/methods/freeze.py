@@ -164,6 +164,7 @@ class FreezeConfig(DeltaConfig):
         for extra in self.freeze_extra_modules or []:
             found = [p for p in names if p not in blocks and re.search(rf"(?:^|\.){re.escape(extra)}\.", p)]
             if not found:
+                _refuse_tied(model, extra)
                 outside = sorted({p.rsplit(".", 2)[-2] for p in names if p not in blocks and "." in p})
                 raise ConfigError(
                     f"freeze_extra_modules: {extra!r} is not a module outside the blocks; "
@@ -171,6 +172,19 @@ class FreezeConfig(DeltaConfig):
                 )
             picked += [p for p in found if p not in picked]
         return trainable(model, picked, "freeze")
+
+
+def _refuse_tied(model: nn.Module, extra: str) -> None:
+    """A ConfigError saying so when the module ``extra`` names holds only weights tied to another's (a tied lm_head:
+    its weight is the input embedding's, which model.named_parameters lists under that name alone)."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(p), name)
+        if owner != name and re.search(rf"(?:^|\.){re.escape(extra)}\.", name):
+            raise ConfigError(
+                f"freeze_extra_modules: {extra!r} holds {name}, which is tied to {owner} (the same tensor); name "
+                f"{owner.rsplit('.', 2)[-2]!r} to train it"
+            )
 
 
 def inject(model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[nn.Module]:
