@@ -145,3 +145,26 @@ def test_integer_tag_ids_without_their_names_name_the_row(tmp_path):
         f"{tmp_path / 'e.jsonl'}:2: 'ner_tags' holds integer tag ids; set data.labels to their BIO names in id order "
         "(e.g. [O, B-person, I-person, ...]) so entities can be scored"
     )
+
+
+def test_an_encoder_decoder_captioners_processor_that_refuses_the_images_is_one_line(tmp_path):
+    """A ViT + GPT-2 captioner whose image processor holds one mean: the refusal came from inside transformers at the
+    Trainer's first batch; now one line at prepare, naming the row. Its processor of three means prepares as before."""
+    import numpy as np
+    from PIL import Image
+
+    from deltatune.data import digits
+    from deltatune.train.caption import CaptionProcessor, prepare_caption
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="L").save(tmp_path / "0.png")
+    data = _jsonl(tmp_path / "c.jsonl", [{"image": "0.png", "text": "a handwritten zero"}])
+    cfg = build({"stage": "caption", "data": {"train": data}})
+    tok = digits.caption_tokenizer()
+    with pytest.raises(DataError) as err:
+        prepare_caption(cfg, CaptionProcessor(_grey_processor([0.5]), tok))
+    assert str(err.value) == (
+        f"{tmp_path / 'c.jsonl'}:1: the image processor (ViTImageProcessorPil) refuses image "
+        f"'{tmp_path / '0.png'}' for a 3-channel model: mean must have 3 elements if it is an iterable, got 1"
+    )
+    p = prepare_caption(cfg, CaptionProcessor(_grey_processor([0.5, 0.5, 0.5]), tok))
+    assert p.train[0]["pixel_values"].shape == (3, 8, 8)

@@ -58,7 +58,7 @@ from .caption_batch import (  # noqa: F401 (the batch builders, read by the test
 )
 from .checks import check_new_tokens
 from .config import RunConfig
-from .image_cls import PixelTrainer  # pixel values in the model's dtype
+from .image_cls import PixelTrainer, check_processor  # pixel values in the model's dtype; a processor's refusal
 from .prepared import Prepared, data_columns
 from .runs import HELD_OUT_NOTE  # (deltatune eval reads it back: the run held rows out)
 
@@ -343,6 +343,8 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
     for split, rows in (("train", train_rows), ("eval", eval_rows or [])):
         for mode, count in sorted(check(rows).items()):
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
+    if train_rows:  # a processor that refuses the images: one line here, not at the Trainer's first batch
+        check_processor(processor.image_processor, train_rows[0], 3)
     tok = processor.tokenizer
     train_ids, cut = encode_captions(train_rows, tok, d.max_target_length, processor.eos)
     eval_ids, cut_eval = ((None, 0) if not eval_rows

@@ -199,10 +199,11 @@ def _notes_converted(notes: list[str], split: str, converted: dict[str, int]) ->
         notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
 
 
-def _check_processor(processor, row: ImageRow, channels: int) -> None:
+def check_processor(processor, row: ImageRow, channels: int) -> None:
     """The first train image through the image processor once, before training (unaugmented: no random draw), so a
     processor that refuses the stage's images (an ``image_mean`` of one value for an RGB model: "mean must have 3
-    elements") is one line here, not a traceback from the Trainer's first batch.
+    elements") is one line here, not a traceback from the Trainer's first batch. The caption stage's encoder-decoder
+    captioners check theirs so too.
 
     Raises:
         DataError: the processor's refusal, the row and the processor named.
@@ -272,7 +273,7 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         return {"accuracy": float((preds == labels).mean()), "macro_f1": macro_f1(m)}
 
     if processor is not None:  # (a caller that only reads the rows and classes passes none)
-        _check_processor(processor, train_rows[0], channels)
+        check_processor(processor, train_rows[0], channels)
     if eval_rows:
         notes.append("confusion matrix of the last evaluation (rows: true class, columns: predicted):")
         notes.append("![confusion matrix](confusion_matrix.png)")
