@@ -140,7 +140,7 @@ def validate_train(cfg: Any) -> None:
         raise ConfigError(f"train.lr_scheduler_kwargs: {cfg.stage}'s own loop builds its schedule without kwargs; "
                           f"drop them, and use a schedule that needs none")  # fmt: skip
     if t.lr_scheduler_kwargs or t.scheduler in NEEDS_KWARGS:
-        _check_schedule(t.scheduler, t.lr_scheduler_kwargs)
+        _check_schedule(t.scheduler, t.lr_scheduler_kwargs, t.lr)
     for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-8)):
         value = getattr(t, key)
         if not (0.0 <= value < 1.0 if key != "adam_epsilon" else value >= 0.0):
@@ -293,6 +293,27 @@ def _check_optim_args(cfg: Any) -> None:
                 number = float("nan")
             if not math.isfinite(number):  # (nan passes torch's range checks, and the weights go nan)
                 raise ConfigError(f"train.optim_args: {key} must be a number, got {value!r}")
+    if name in ("sgd", "adagrad", "rmsprop"):
+        _check_torch_optim(name, given, t.lr)
+
+
+def _check_torch_optim(name: str, given: dict[str, str], lr: float) -> None:
+    """Build torch's optimizer once on a throwaway parameter with ``optim_args`` read as transformers 5 reads them
+    (``trainer_optimizer._get_sgd`` ...), so a value torch refuses (a negative momentum, nesterov without momentum)
+    is one line naming the key here rather than torch's ValueError when training starts."""
+    import torch
+
+    cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}[name]
+    kwargs: dict[str, Any] = {k: float(v) for k, v in given.items() if k not in ("nesterov", "centered")}
+    kwargs.update({k: given[k].lower() in ("true", "1", "yes") for k in ("nesterov", "centered") if k in given})
+    lr = lr if isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 else 1e-3  # (train.lr's own check)
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"train.optim_args {given} for train.optim {name}: torch's {cls.__name__} refuses them: "
+            f"{' '.join(str(exc).split())}"
+        ) from None
 
 
 def _check_best(cfg: Any) -> None:
@@ -310,26 +331,57 @@ def _check_best(cfg: Any) -> None:
                           "epoch)")  # fmt: skip
 
 
-def _check_schedule(name: str, kwargs: dict) -> None:
-    """Build the schedule once on a throwaway optimizer, so a missing, unknown or bad ``lr_scheduler_kwargs`` key is
-    one line naming it here rather than a traceback when training starts."""
-    import torch
-    from transformers import get_scheduler
-
+def _check_schedule(name: str, kwargs: dict, lr: float = 1e-3) -> None:
+    """Build the schedule once on a throwaway optimizer at the run's ``lr`` and step it through 10 steps, so a
+    missing, unknown or bad ``lr_scheduler_kwargs`` key is one line naming it here rather than a traceback when
+    training starts: polynomial's ``lr_end`` checked against train.lr (not 1e-3), and a value the schedule reads
+    only after warm-up (cosine_with_restarts' ``num_cycles: a``, inverse_sqrt's ``timescale: 0``)."""
     if kwargs and name in ("constant", "constant_with_warmup"):  # (transformers passes them none: silently unused)
         raise ConfigError(f"train.lr_scheduler_kwargs: the {name} schedule takes none, got {sorted(kwargs)}")
     if name in NEEDS_KWARGS and not kwargs:
         need = "num_decay_steps" if name == "warmup_stable_decay" else "min_lr or min_lr_rate"
         raise ConfigError(f"train.scheduler={name} needs train.lr_scheduler_kwargs ({need}), e.g. "
                           f"train.lr_scheduler_kwargs={{{need.split()[0]}: ...}}")  # fmt: skip
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    _schedule_rates(name, kwargs, lr)
+
+
+def _schedule_rates(name: str, kwargs: dict, lr: float) -> list[float]:
+    """The rate after each of 10 steps (1 of warm-up) of transformers' schedule at ``lr``; none for the schedules
+    that step on an eval metric. Its errors are one line naming train.lr_scheduler_kwargs."""
+    import torch
+    from transformers import get_scheduler
+
+    lr = lr if isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 else 1e-3  # (train.lr's own check)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    rates = []
     try:
         with warnings.catch_warnings():  # (its warnings come again when the run builds the schedule)
             warnings.simplefilter("ignore")
-            get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=kwargs)
-    except (TypeError, ValueError) as exc:
+            schedule = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10,
+                                     scheduler_specific_kwargs=kwargs)  # fmt: skip
+            for _ in range(10 * (name not in ON_EVAL)):
+                optimizer.step()
+                schedule.step()
+                rates.append(optimizer.param_groups[0]["lr"])
+    except (TypeError, ValueError, ArithmeticError) as exc:
         why = " ".join(str(exc).split()).replace("through the `lr_scheduler_kwargs`", "")
         raise ConfigError(f"train.lr_scheduler_kwargs {kwargs} for the {name} schedule: {why}") from None
+    return rates
+
+
+def check_schedule_floor(cfg: Any) -> None:
+    """A schedule floor above the peak (``min_lr`` over train.lr, ``min_lr_rate``, ``min_lr_ratio`` over 1, a
+    negative polynomial ``power``): transformers takes it and the rate climbs above train.lr (cosine_with_min_lr's
+    min_lr 1e-3 under lr 2e-4 ends at 5x the peak), silently. Checked where a training run starts
+    (``checks.check_run``), not in build(): a finished run's run.yaml from before still loads."""
+    t = cfg.train
+    if not t.lr_scheduler_kwargs or STAGES[cfg.stage].loop:
+        return
+    rates = _schedule_rates(t.scheduler, t.lr_scheduler_kwargs, t.lr)
+    if any(rate > t.lr * (1 + 1e-6) for rate in rates):
+        raise ConfigError(f"train.lr_scheduler_kwargs {t.lr_scheduler_kwargs} for the {t.scheduler} schedule: the "
+                          f"learning rate would climb above train.lr ({t.lr:g}) to {max(rates):g}; a floor (min_lr, "
+                          f"min_lr_rate, min_lr_ratio, lr_end) must lie below the peak")  # fmt: skip
 
 
 _PAIR = ("accuracy", "margin", "margin_se", "sign_p")  # pairs.pair_metrics

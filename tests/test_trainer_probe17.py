@@ -1,0 +1,117 @@
+"""Probe 17 of the train keys against transformers 5's Trainer: a learning-rate schedule or an optimizer that the
+Trainer builds (or steps) only once training starts, and then refuses with a traceback from inside torch or
+transformers, is one line naming the key when the recipe is read. Each test failed before its fix (the recipe
+passed; the error came at the first step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments, get_scheduler
+
+from deltatune.config import ConfigError
+from deltatune.train import build
+
+
+def _rates(name: str, kwargs: dict, lr: float, steps: int = 10) -> list[float]:
+    """transformers' schedule on an optimizer at ``lr``, stepped as the Trainer steps it (1 warm-up step)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=steps, scheduler_specific_kwargs=kwargs)
+    out = []
+    for _ in range(steps):
+        opt.step()
+        schedule.step()
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def _refused(train: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        build({"train": train})
+    message = str(err.value)
+    assert "\n" not in message and ("train.lr_scheduler_kwargs" in message or "train.optim_args" in message)
+    return message
+
+
+def test_polynomial_lr_end_is_checked_against_the_runs_lr():
+    """The check built the schedule at lr 1e-3: lr_end 5e-4 under train.lr 1e-4 passed, and transformers' ValueError
+    came when the Trainer built it at the run's rate."""
+    with pytest.raises(ValueError, match="lr_end"):  # the Trainer's, at the run's lr
+        _rates("polynomial", {"lr_end": 5e-4}, lr=1e-4)
+    message = _refused({"scheduler": "polynomial", "lr": 1e-4, "lr_scheduler_kwargs": {"lr_end": 5e-4}})
+    assert "lr_end (0.0005) must be smaller than initial lr (0.0001)" in message
+    _rates("polynomial", {"lr_end": 5e-5}, lr=1e-4)  # below the run's rate: both take it
+    assert build({"train": {"scheduler": "polynomial", "lr": 1e-4, "lr_scheduler_kwargs": {"lr_end": 5e-5}}})
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "error", "says"),
+    [
+        ("cosine_with_restarts", {"num_cycles": "a"}, ValueError, "could not convert string to float: 'a'"),
+        ("inverse_sqrt", {"timescale": 0}, ZeroDivisionError, "division by zero"),
+        ("polynomial", {"power": "x"}, TypeError, "unsupported operand type(s) for ** or pow()"),
+    ],
+)
+def test_a_schedule_value_read_only_after_warm_up_is_one_line(name, kwargs, error, says):
+    """The schedule was built, never stepped: a value its rate reads only after the warm-up passed, and the Trainer's
+    first step after it was a traceback from inside the schedule's lambda."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=kwargs)  # builds
+    with pytest.raises(error):
+        _rates(name, kwargs, lr=1e-3)
+    assert says in _refused({"scheduler": name, "lr_scheduler_kwargs": kwargs})
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "below"),
+    [
+        ("cosine_with_min_lr", {"min_lr": 1e-3}, {"min_lr": 1e-5}),  # above train.lr 2e-4
+        ("cosine_with_min_lr", {"min_lr_rate": 2.0}, {"min_lr_rate": 0.1}),
+        ("warmup_stable_decay", {"num_decay_steps": 3, "min_lr_ratio": 2.0}, {"num_decay_steps": 3, "min_lr_ratio": 0.1}),
+    ],
+)  # fmt: skip
+def test_a_schedule_floor_above_the_peak_is_one_line_where_a_run_starts(name, kwargs, below):
+    """transformers takes a floor above the peak and climbs to it (cosine_with_min_lr's min_lr 1e-3 under lr 2e-4
+    ends the run at 5x the peak rate), silently. Refused where a training run starts (checks.check_run calls
+    check_schedule_floor): a finished run's run.yaml with such a floor still builds."""
+    from deltatune.train.config_train import check_schedule_floor
+
+    rates = _rates(name, kwargs, lr=2e-4)
+    assert max(rates) > 2e-4 * 1.5  # the Trainer's schedule climbs
+    cfg = build({"train": {"scheduler": name, "lr": 2e-4, "lr_scheduler_kwargs": kwargs}})  # an old run loads
+    with pytest.raises(ConfigError) as err:
+        check_schedule_floor(cfg)
+    assert f"climb above train.lr (0.0002) to {max(rates):g}" in str(err.value) and "\n" not in str(err.value)
+    assert "train.lr_scheduler_kwargs" in str(err.value)
+    assert max(_rates(name, below, lr=2e-4)) <= 2e-4  # a floor below the peak: both take it
+    check_schedule_floor(build({"train": {"scheduler": name, "lr": 2e-4, "lr_scheduler_kwargs": below}}))
+
+
+@pytest.mark.parametrize(
+    ("optim", "optim_args", "says"),
+    [
+        ("sgd", "momentum=-1", "Invalid momentum value: -1.0"),
+        ("sgd", "nesterov=true", "Nesterov momentum requires a momentum and zero dampening"),
+        ("sgd", "momentum=0.9,dampening=0.1,nesterov=true", "Nesterov momentum requires a momentum and zero"),
+        ("rmsprop", "alpha=-1", "Invalid alpha value: -1.0"),
+        ("adagrad", "lr_decay=-1", "Invalid lr_decay value: -1.0"),
+    ],
+)
+def test_optim_args_torch_refuses_are_one_line_naming_the_key(tmp_path, optim, optim_args, says):
+    """The values passed the recipe check (finite numbers) and torch refused them when the Trainer built the
+    optimizer, after the model had loaded."""
+    args = TrainingArguments(str(tmp_path), optim=optim, optim_args=optim_args, use_cpu=True, report_to=[])
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    with pytest.raises(ValueError, match=says.split(":")[0]):  # the Trainer's, building the optimizer
+        cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    message = _refused({"optim": optim, "optim_args": optim_args})
+    assert f"train.optim {optim}" in message and says in message
+
+
+def test_optim_args_torch_takes_pass_and_reach_the_optimizer_as_the_trainers(tmp_path):
+    args = TrainingArguments(str(tmp_path), optim="sgd", optim_args="momentum=0.9,nesterov=true", use_cpu=True,
+                             report_to=[])  # fmt: skip
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is torch.optim.SGD and kwargs["nesterov"] is True and kwargs["momentum"] == 0.9
+    cfg = build({"train": {"optim": "sgd", "optim_args": {"momentum": 0.9, "nesterov": True}}})
+    assert cfg.train.optim_args == {"momentum": 0.9, "nesterov": True}
