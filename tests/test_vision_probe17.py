@@ -168,3 +168,19 @@ def test_an_encoder_decoder_captioners_processor_that_refuses_the_images_is_one_
     )
     p = prepare_caption(cfg, CaptionProcessor(_grey_processor([0.5, 0.5, 0.5]), tok))
     assert p.train[0]["pixel_values"].shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--shots", "-1"), ("--shots", "0"), ("--seed", "-3")])
+def test_digits_refuses_a_bad_shots_or_seed_in_one_line_writing_nothing(tmp_path, capsys, flag, value):
+    """--shots -1 wrote all but one adaptation image per class (train[:-1]), --shots 0 empty class folders, and
+    --seed -3 a numpy traceback after the folder was made."""
+    from deltatune.data import digits
+
+    with pytest.raises(SystemExit) as done:
+        digits.main([str(tmp_path / "d"), flag, value])
+    assert done.value.code == 2 and not (tmp_path / "d").exists()
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(f"error: {flag} must be >= {1 if flag == '--shots' else 0}, got {value}")
+    )

@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--init-unet", action="store_true", help="also write a random small UNet to <out>/unet-init")
     args = p.parse_args(argv)
+    if args.shots < 1:  # (train[:-1] kept all but one image per class; 0 left the class folders empty)
+        p.error(f"--shots must be >= 1, got {args.shots}")
+    if args.seed < 0:  # (numpy's default_rng refuses it with a traceback, after the folder was made)
+        p.error(f"--seed must be >= 0, got {args.seed}")
     split = write(args.out, args.seed, shots=args.shots)
     counts = {k: sum(len(v) for v in d.values()) for k, d in split["indices"].items()}
     print(f"digits written to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
