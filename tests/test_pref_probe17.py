@@ -22,7 +22,7 @@ from deltatune.train.models import load_tokenizer
 from deltatune.train.table import prepare
 
 # the names TRL's evaluations add that are no statistic of the rows
-_NOT_STATS = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_num_tokens",
+_NOT_STATS = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_num_tokens",
               "eval_model_preparation_time", "epoch"}  # fmt: skip
 
 
