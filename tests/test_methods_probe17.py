@@ -136,3 +136,26 @@ def test_freeze_extra_modules_naming_a_tied_lm_head_says_what_it_is_tied_to():
     assert not model.peft_config and {n: p.requires_grad for n, p in model.named_parameters()} == grads
     untied = dt.get_delta_model(tiny_model("llama"), dt.FreezeConfig(freeze_extra_modules=["lm_head"]))
     assert "lm_head.weight" in untied.peft_config["default"].trainable_base_parameters(untied.base_model)
+
+
+def test_ia3_feedforward_outside_the_default_targets_is_refused_before_training_not_at_save(tmp_path):
+    """feedforward_modules=["up_proj"] with the default targets (Llama: k_proj, v_proj, down_proj): peft adapts and
+    saves a config its own IA3Config refuses on load ("should be a subset of target_modules"); deltatune adapted it
+    and refused only at save_pretrained, after the training. Now the add is refused and nothing changes."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.IA3Config(feedforward_modules=["up_proj"]))
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="subset of `target_modules`"):
+        peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    model = dt.DeltaModel(tiny_model("llama"))
+    config = dt.IA3Config(feedforward_modules=["up_proj"])
+    with pytest.raises(dt.ConfigError, match=r"^ia3: feedforward_modules must be a subset of target_modules, but "
+                                             r"\['up_proj'\] are not in this model's default target_modules"):  # fmt: skip
+        model.add_adapter("default", config)
+    assert not model.peft_config and config.target_modules is None
+    assert not any("ia3" in n for n, _ in model.named_parameters())
+    ok = dt.get_delta_model(
+        tiny_model("llama"), dt.IA3Config(feedforward_modules=["down_proj"])
+    )  # a subset: as before
+    ok.save_pretrained(tmp_path / "ok")
+    assert peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ok") is not None

@@ -189,7 +189,16 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
     feedforward = config.feedforward_modules
     if feedforward is None:
         feedforward = IA3_FEEDFORWARD.get(model_type(model) or "", [])
+    given = config.target_modules
     names = resolve_targets(model, config, IA3_TARGETS, "ia3")
+    if given is None and isinstance(config.feedforward_modules, list) and isinstance(config.target_modules, list):
+        extra = sorted(set(config.feedforward_modules) - set(config.target_modules))
+        if extra:  # the config's own check ran before the default targets were known; its file would fail it on load
+            config.target_modules = given
+            raise ConfigError(
+                f"ia3: feedforward_modules must be a subset of target_modules, but {extra!r} are not in this model's "
+                f"default target_modules={IA3_TARGETS.get(model_type(model) or '')!r}; name target_modules too"
+            )
     plan: list[tuple[str, IA3Layer, bool]] = []
     for name in names:
         module = model.get_submodule(name)
