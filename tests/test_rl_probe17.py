@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,28 @@ def test_a_ppo_resume_after_the_data_changed_is_refused_as_the_trainer_stages(fo
         train(build(raw), resume=True)
     assert not (out / FINISHED_FILE).exists()
     assert train(build(raw), resume=True, resume_changed=True)["train_steps"] == 2
+
+
+def test_a_reward_tokenizer_that_only_adds_tokens_is_the_policys(folders, tmp_path):
+    """A reward model whose tokenizer is the policy's plus an added token (a [PAD], as TRL's PPO examples add one)
+    reads every policy id alike, so it is accepted (the check before refused any other vocabulary); one whose
+    vocabulary swaps two of the policy's ids is refused naming the first token that moved."""
+    from transformers import BertTokenizerFast
+
+    from deltatune.train.scorers import check_token_reward
+
+    tok = tokenizer()
+    words = sorted(tok.get_vocab(), key=tok.get_vocab().get)
+    words[0], words[1] = words[1], words[0]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    added = tokenizer()
+    added.add_special_tokens({"additional_special_tokens": ["[NEWPAD]"]})
+    for name, theirs in (("added", added), ("moved", BertTokenizerFast(str(tmp_path / "vocab.txt")))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(Path(folders["rm"], "config.json").read_text())
+        theirs.save_pretrained(tmp_path / name)
+    assert len(added) == len(tok) + 1
+    check_token_reward(str(tmp_path / "added"), tok)
+    with pytest.raises(ConfigError, match=r"^align.reward_model '.*moved': its tokenizer is not the policy's \("
+                       r"\d+ tokens, the policy's \d+; the policy's token '\[PAD\]' is id 0, there 1\)"):  # fmt: skip
+        check_token_reward(str(tmp_path / "moved"), tok)

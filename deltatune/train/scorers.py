@@ -173,8 +173,8 @@ class TokenRewardModel:
 
 def check_token_reward(spec: str, tokenizer) -> None:
     """ConfigError, one line naming align.reward_model, unless the folder ``spec`` is a one-label sequence classifier
-    whose tokenizer is the policy's (the same vocabulary; a folder without one: a vocabulary of at least the
-    policy's): TRL's PPOTrainer feeds it the policy's token ids. Reads files only; loads no model."""
+    whose tokenizer reads the policy's ids alike (each policy token at its id; tokens added after them are
+    fine; a folder without a tokenizer: a vocabulary of at least the policy's): TRL's PPOTrainer feeds it the policy's token ids. Reads files only; loads no model."""
     from transformers import AutoConfig, AutoTokenizer
 
     from ..config import ConfigError
@@ -189,11 +189,14 @@ def check_token_reward(spec: str, tokenizer) -> None:
     except (OSError, ValueError, TypeError):
         theirs = None
     ours = tokenizer.get_vocab()
-    if theirs is not None and theirs != ours:
+    other = next((t for t, i in ours.items() if theirs.get(t) != i), None) if theirs is not None else None
+    if (
+        other is not None
+    ):  # (a reward tokenizer that only adds tokens, a [PAD] as TRL's examples add, reads them alike)
         raise ConfigError(f"align.reward_model {spec!r}: its tokenizer is not the policy's ({len(theirs)} tokens, the "
-                          f"policy's {len(ours)}{'' if len(theirs) != len(ours) else ', other ids'}); a transformers "
-                          "reward model scores the policy's token ids, as TRL's PPOTrainer (a reward run, stage rm, "
-                          "scores re-tokenised text)")  # fmt: skip
+                          f"policy's {len(ours)}; the policy's token {other!r} is id {ours[other]}, there "
+                          f"{theirs.get(other, 'none')}); a transformers reward model scores the policy's token "
+                          "ids, as TRL's PPOTrainer (a reward run, stage rm, scores re-tokenised text)")  # fmt: skip
     if theirs is not None:
         return
     try:
