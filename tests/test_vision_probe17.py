@@ -184,3 +184,32 @@ def test_digits_refuses_a_bad_shots_or_seed_in_one_line_writing_nothing(tmp_path
         .err.splitlines()[-1]
         .endswith(f"error: {flag} must be >= {1 if flag == '--shots' else 0}, got {value}")
     )
+
+
+def test_a_class_folder_outside_the_classes_is_named_as_a_folder(tmp_path):
+    """An image folder's sub-folder that data.labels leaves out (or an eval folder's new class) was "label 'c'
+    (column 'label')": a folder has no label column."""
+    import numpy as np
+    from PIL import Image
+
+    from deltatune.train.image_cls import prepare_image_cls
+
+    for split, names in (("train", "ab"), ("test", "abc")):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / split / name / "1.png")
+    train, test = str(tmp_path / "train"), str(tmp_path / "test")
+    with pytest.raises(DataError) as err:
+        prepare_image_cls(build({"stage": "image_cls", "data": {"train": train, "eval": test}}), None)
+    assert (
+        str(err.value)
+        == f"{tmp_path / 'test' / 'c' / '1.png'}: its class folder 'c' is not one of the training classes (a, b)"
+    )
+    (tmp_path / "train" / "c").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "train" / "c" / "1.png")
+    with pytest.raises(DataError) as err:
+        prepare_image_cls(build({"stage": "image_cls", "data": {"train": train, "labels": ["b", "a"]}}), None)
+    assert (
+        str(err.value)
+        == f"{tmp_path / 'train' / 'c' / '1.png'}: its class folder 'c' is not one of the training classes (b, a)"
+    )

@@ -61,10 +61,18 @@ def class_names(
     return class_names_of(mapping, labels), mapping
 
 
-def _ids(rows: list[ImageRow], mapping: dict[Any, int], label_column: str) -> list[int]:
+def _ids(rows: list[ImageRow], mapping: dict[Any, int], label_column: str, folder: bool = False) -> list[int]:
+    """The class ids of ``rows``; an image folder's rows are named by their class folder (they have no column).
+
+    Raises:
+        DataError: a label (a class folder) outside the classes, the row (the image) named.
+    """
     out = []
     for r in rows:
         cid = class_of(r.label, mapping)
+        if cid is None and folder:
+            shown = ", ".join(map(str, list(mapping)[:6])) + (", ..." if len(mapping) > 6 else "")
+            raise DataError(f"{r.source}: its class folder {r.label!r} is not one of the training classes ({shown})")
         if cid is None:
             raise DataError(
                 f"{r.source}: label {r.label!r} (column {label_column!r}) is not one of the training classes"
@@ -245,8 +253,9 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
     # data.val_size: a validation split off the train images, after the classes are read from all of them
     held = split_off(train_rows, d.val_size, cfg.train.seed, bool(d.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
-    train_ids = _ids(train_rows, mapping, d.label_column)
-    eval_ids = _ids(eval_rows, mapping, d.label_column) if eval_rows else None
+    folders = os.path.isdir(d.train), os.path.isdir(d.eval) if d.eval else os.path.isdir(d.train)
+    train_ids = _ids(train_rows, mapping, d.label_column, folders[0])
+    eval_ids = _ids(eval_rows, mapping, d.label_column, folders[1]) if eval_rows else None
     notes = [f"{len(train_rows)} training images in {len(names)} classes"]
     if held[1] is not None:
         notes.append(f"data.val_size: {len(eval_rows or [])} of the train file's images held out for evaluation")
