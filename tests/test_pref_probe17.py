@@ -22,8 +22,8 @@ from deltatune.train.models import load_tokenizer
 from deltatune.train.table import prepare
 
 # the names TRL's evaluations add that are no statistic of the rows
-_NOT_STATS = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_num_tokens",
-              "eval_model_preparation_time", "epoch"}  # fmt: skip
+_NOT_STATS = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time",
+              "epoch"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +124,17 @@ def test_kto_eval_reports_trls_eval_statistics(base, tmp_path):
 
 
 def test_eval_statistics_stay_out_of_the_training_log(base, tmp_path):
-    """An evaluation in the middle of training adds nothing to the training log's means (nor takes from them)."""
+    """An evaluation in the middle of training adds nothing to the training log's means (nor takes from them), and
+    reports TRL's eval_num_tokens, the training tokens so far."""
     _, prepared = _prepared(base, tmp_path, "dpo", 64)
     model = _lora(base)
     ours = prepared.trainer_class(model=model, args=_eval_args(tmp_path / "dt", 3), data_collator=prepared.collator,
                                   compute_metrics=prepared.compute_metrics)  # fmt: skip
     model.train()
-    ours.compute_loss(model, prepared.collator(prepared.train))
+    batch = prepared.collator(prepared.train)
+    ours.compute_loss(model, batch)
     before = {k: list(v) for k, v in ours._stats.items()}
     got = ours.evaluate(eval_dataset=prepared.train)
     assert {k: list(v) for k, v in ours._stats.items()} == before and "eval_logps/chosen" in got
+    # eval_num_tokens: the training tokens so far (both sides of the three pairs), the evaluation's not counted (TRL's)
+    assert got["eval_num_tokens"] == ours.train_tokens == int(batch["attention_mask"].sum()) > 0

@@ -284,8 +284,7 @@ class DPOTrainer(SyncedRefCheckpoints, PairTrainer):
         self.log_stat("logits/rejected", sides[1]["mean_logits"])
         self.log_stat("entropy", token_means(stats, inputs["labels"])["entropy"])
         self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
-        if model.training:
-            count_tokens(self, inputs["attention_mask"])
+        count_tokens(self, inputs["attention_mask"], model.training)
         loss = self.pair_mean(losses, model)
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the step's sequences, as TRL adds it
             loss = loss + self.router_coef * aux[0]

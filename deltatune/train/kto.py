@@ -217,8 +217,7 @@ class KTOTrainer(SyncedRefCheckpoints, EvalStats, DeltaTrainer):
         self.log_stat("kl", kl.item())
         labels = inputs["labels"][: len(good)]  # (the rows', as their stats)
         self.log_stat("entropy", token_means(stats, labels)["entropy"])
-        if model.training:
-            count_tokens(self, inputs["attention_mask"][: len(good)])
+        count_tokens(self, inputs["attention_mask"][: len(good)], model.training)
         for side, rows in (("chosen", good), ("rejected", ~good)):
             if rows.any():
                 self.log_stat(f"rewards/{side}", rewards[rows].mean().item())

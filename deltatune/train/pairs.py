@@ -186,9 +186,14 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def count_tokens(trainer: DeltaTrainer, attention_mask: torch.Tensor) -> None:
+def count_tokens(trainer: DeltaTrainer, attention_mask: torch.Tensor, training: bool = True) -> None:
     """TRL's ``num_tokens`` (its DPO and KTO trainers): the training tokens seen so far, every process's (the real
-    ones of ``attention_mask``, a training micro-batch's), logged as the latest total rather than a mean."""
+    ones of ``attention_mask``, a training micro-batch's), logged as the latest total rather than a mean. While
+    evaluating (``training`` false) nothing is counted: the evaluation reports the total so far (``EvalStats``), as
+    TRL's ``eval_num_tokens``."""
+    if not training:
+        trainer.log_stat("num_tokens", float(getattr(trainer, "train_tokens", 0)))
+        return
     n = attention_mask.sum()
     if trainer.accelerator.num_processes > 1:
         n = trainer.accelerator.gather(n.reshape(1)).sum()
