@@ -115,3 +115,38 @@ def test_optim_args_torch_takes_pass_and_reach_the_optimizer_as_the_trainers(tmp
     assert cls is torch.optim.SGD and kwargs["nesterov"] is True and kwargs["momentum"] == 0.9
     cfg = build({"train": {"optim": "sgd", "optim_args": {"momentum": 0.9, "nesterov": True}}})
     assert cfg.train.optim_args == {"momentum": 0.9, "nesterov": True}
+
+
+def test_the_collators_tokenizer_is_saved_with_the_adapter_as_the_trainer_saves_it(tmp_path):
+    """Given no processing_class, the Trainer saves the data collator's tokenizer into each checkpoint and with
+    save_model (peft's model under transformers' Trainer); deltatune.Trainer saved none, so the adapter folder could
+    not be loaded with its tokenizer."""
+    import peft
+    from tiny import tiny_model, word_tokenizer
+    from transformers import DataCollatorForLanguageModeling
+
+    import deltatune as dt
+
+    tok = word_tokenizer()
+    rows = [{"input_ids": [5 + i, 6, 7 + i, 8]} for i in range(4)]
+    folders = {}
+    for name, trainer_class in (("peft", Trainer), ("ours", dt.Trainer)):
+        torch.manual_seed(0)
+        base = tiny_model("llama")
+        model = (
+            peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+            if name == "peft"
+            else dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+        )
+        args = TrainingArguments(str(tmp_path / name), per_device_train_batch_size=2, max_steps=1, save_strategy="steps",
+                                 save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+        collator = DataCollatorForLanguageModeling(tok, mlm=False)
+        trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=collator)
+        assert trainer.processing_class is None
+        trainer.train()
+        trainer.save_model(str(tmp_path / name / "final"))
+        folders[name] = [tmp_path / name / "checkpoint-1", tmp_path / name / "final"]
+    for ref, ours in zip(folders["peft"], folders["ours"], strict=True):
+        want = {p.name for p in ref.iterdir() if p.name.startswith("tokenizer")}
+        assert want and want <= {p.name for p in ours.iterdir()}
+        assert all((ref / f).read_text() == (ours / f).read_text() for f in want)

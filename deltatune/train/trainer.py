@@ -190,8 +190,10 @@ class DeltaTrainerMixin:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self._delta_model().save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        processor = self.processing_class  # else the collator's tokenizer, as the Trainer saves it
+        processor = processor if processor is not None else getattr(self.data_collator, "tokenizer", None)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
 
     def _determine_best_metric(self, metrics, trial):
         """The Trainer's; a ``metric_for_best_model`` the evaluation does not report is one line naming it and the
