@@ -159,3 +159,26 @@ def test_ia3_feedforward_outside_the_default_targets_is_refused_before_training_
     )  # a subset: as before
     ok.save_pretrained(tmp_path / "ok")
     assert peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ok") is not None
+
+
+def test_ia3_all_linear_with_feedforward_names_saves_a_file_peft_loads(tmp_path):
+    """target_modules="all-linear" with feedforward_modules=["down_proj"]: deltatune adapts (peft refuses the pair),
+    saves the targets as the full names they resolved to, and kept ["down_proj"], no subset of them: save_pretrained
+    refused after the training ("must be a subset of target_modules"). Now the feed-forward layers are written by full
+    name, and peft loads the file with the same outputs."""
+    peft = pytest.importorskip("peft")
+    inputs = tiny_inputs("llama")
+    ours = dt.get_delta_model(
+        tiny_model("llama"), dt.IA3Config(target_modules="all-linear", feedforward_modules=["down_proj"])
+    ).eval()
+    _set_vectors(ours, seed=4)
+    ref = output_of(ours, inputs)
+    ours.save_pretrained(tmp_path)
+    assert ours.peft_config["default"].feedforward_modules == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    assert sorted(n for n, m in theirs.named_modules() if getattr(m, "is_feedforward", False)) == [
+        f"base_model.model.model.layers.{i}.mlp.down_proj" for i in (0, 1)
+    ]
+    torch.testing.assert_close(output_of(theirs, inputs), ref, atol=ATOL32, rtol=0)
+    again = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    torch.testing.assert_close(output_of(again, inputs), ref, atol=ATOL32, rtol=0)

@@ -223,6 +223,10 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
         # it made feed-forward: none, or a regex of their full names (PEFT fullmatches a string).
         hits = [name for name, layer, _ in plan if layer.is_feedforward]
         feedforward = "|".join(re.escape(name) for name in hits) if hits else []
+    elif isinstance(feedforward, list) and isinstance(targets, list) and not set(feedforward) <= set(targets):
+        # "all-linear" (or a regex with layers_to_transform) is saved as the full names it adapts; ["down_proj"] is
+        # then no subset of them and the file would fail the check on load: its feed-forward layers by full name
+        feedforward = sorted(name for name, layer, _ in plan if layer.is_feedforward)
     config.feedforward_modules = feedforward
     for _, layer, new in plan:  # as peft's dispatch: a saved GPT-2 adapter says fan_in_fan_out true, a Linear's false
         if new and not isinstance(layer.base_layer, (nn.Conv2d, nn.Conv3d)):
