@@ -213,3 +213,29 @@ def test_a_class_folder_outside_the_classes_is_named_as_a_folder(tmp_path):
         str(err.value)
         == f"{tmp_path / 'train' / 'c' / '1.png'}: its class folder 'c' is not one of the training classes (b, a)"
     )
+
+
+def test_digits_refuses_to_add_a_new_split_to_an_old_one(tmp_path, capsys):
+    """--shots 3 after --shots 5 into the same folder kept the two extra images per class of the first split in
+    adapt/train (5 trained, not 3); the same settings again rewrite the same files."""
+    from deltatune.data import digits
+
+    out = tmp_path / "d"
+    digits.write(str(out), shots=5)
+    before = sorted(p.name for p in (out / "adapt" / "train" / "7").iterdir())
+    digits.write(str(out), shots=5)  # the same split: the same files
+    assert sorted(p.name for p in (out / "adapt" / "train" / "7").iterdir()) == before and len(before) == 5
+    with pytest.raises(SystemExit):
+        digits.main([str(out), "--shots", "3"])
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            f"error: {out} holds digits written with seed 0, test_fraction 0.2, shots 5; their images would stay beside "
+            "the new ones: remove the folder or write to another"
+        )
+    )
+    assert sorted(p.name for p in (out / "adapt" / "train" / "7").iterdir()) == before
+    (out / "split.json").unlink()  # a write that stopped before its record
+    with pytest.raises(FileExistsError, match=r"holds pretrain/ or adapt/ but no split\.json"):
+        digits.write(str(out), shots=5)

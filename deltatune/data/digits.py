@@ -42,11 +42,34 @@ def caption(label: int, img: np.ndarray) -> str:
     return f"a handwritten {WORDS[label]}, {_stroke(img)} strokes"
 
 
+def _check_fresh(out: str, settings: dict) -> None:
+    """Refuse to write into digits of other settings: the class folders are added to, so the images of an earlier
+    split (``--shots 40`` before ``--shots 10``) stayed beside the new ones and trained with them.
+
+    Raises:
+        FileExistsError: ``out`` holds digits of other settings (its split.json), or class folders without a
+            split.json (a write that stopped half-way).
+    """
+    record = os.path.join(out, "split.json")
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as fh:
+            old = json.load(fh)
+        said = {k: old.get(k) for k in settings}
+        if said != settings:
+            shown = ", ".join(f"{k} {v}" for k, v in said.items())
+            raise FileExistsError(f"{out} holds digits written with {shown}; their images would stay beside the new "
+                                  "ones: remove the folder or write to another")  # fmt: skip
+    elif any(os.path.exists(os.path.join(out, part)) for part in ("pretrain", "adapt")):
+        raise FileExistsError(f"{out} holds pretrain/ or adapt/ but no split.json (a write that stopped half-way?): "
+                              "remove the folder or write to another")  # fmt: skip
+
+
 def write(out: str, seed: int = 0, test_fraction: float = 0.2, shots: int = 40) -> dict:
     """Write the folders, captions.jsonl and split.json under ``out``; returns the split record.
 
     Raises:
         ImportError: scikit-learn is missing (``pip install 'deltatune[vision]'``).
+        FileExistsError: ``out`` holds digits written with other settings (``_check_fresh``).
     """
     try:
         from sklearn.datasets import load_digits
@@ -54,6 +77,7 @@ def write(out: str, seed: int = 0, test_fraction: float = 0.2, shots: int = 40) 
         raise ImportError("the digits come with scikit-learn: pip install 'deltatune[vision]'") from None
     from PIL import Image
 
+    _check_fresh(out, {"seed": seed, "test_fraction": test_fraction, "shots": shots})
     digits = load_digits()
     images, targets = digits.images, digits.target
     rng = np.random.default_rng(seed)
@@ -197,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--shots must be >= 1, got {args.shots}")
     if args.seed < 0:  # (numpy's default_rng refuses it with a traceback, after the folder was made)
         p.error(f"--seed must be >= 0, got {args.seed}")
-    split = write(args.out, args.seed, shots=args.shots)
+    try:
+        split = write(args.out, args.seed, shots=args.shots)
+    except FileExistsError as exc:
+        p.error(str(exc))
     counts = {k: sum(len(v) for v in d.values()) for k, d in split["indices"].items()}
     print(f"digits written to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     if args.init_vit:
