@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -142,3 +143,16 @@ def test_a_residual_init_with_trainable_tokens_is_peft_s_and_keeps_no_copy_of_th
         assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
     layers = [m for m in ours.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
     assert len(layers) == 4 and not any(m.__dict__.get("_pre_init") for m in layers)  # (the originals dropped)
+
+
+def test_a_loftq_config_without_the_loftq_init_warns_as_peft():
+    said = "`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'."
+    kw = dict(target_modules=["q_proj"], loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+    with pytest.warns(UserWarning, match=said):
+        peft.LoraConfig(**kw)
+    with pytest.warns(UserWarning, match=said):
+        config = dt.LoraConfig(**kw)
+    assert config.init_lora_weights is True  # (drawn as True, the base left alone, as peft)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dt.LoraConfig(target_modules=["q_proj"])  # the default {} says nothing

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,6 +50,9 @@ def check_init(init: object, lora_bias: bool = False, use_dora: bool = False, lo
     ``lora_bias`` goes with it as peft's LoraConfig allows; ``loftq_config`` (when given) checked for 'loftq'."""
     if init == "loftq" and loftq_config is not None:
         _loftq.settings(loftq_config)
+    elif loftq_config and init != "loftq":  # peft's words (a forgotten init_lora_weights='loftq' is told)
+        warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                      stacklevel=4)  # fmt: skip
     if lora_bias and init not in (True, False):  # peft's LoraConfig refuses these two
         raise ConfigError(f"lora_bias=True is only supported with init_lora_weights=True or False, got {init!r}")
     if lora_bias and use_dora:
