@@ -138,3 +138,17 @@ def test_eval_statistics_stay_out_of_the_training_log(base, tmp_path):
     assert {k: list(v) for k, v in ours._stats.items()} == before and "eval_logps/chosen" in got
     # eval_num_tokens: the training tokens so far (both sides of the three pairs), the evaluation's not counted (TRL's)
     assert got["eval_num_tokens"] == ours.train_tokens == int(batch["attention_mask"].sum()) > 0
+
+
+def test_kto_balance_warning_names_the_undesirable_weight_too():
+    """10 desirable and 2 undesirable rows at weights 1, 1: lambda_D n_D / (lambda_U n_U) = 5. TRL's KTOTrainer advises
+    desirable_weight in [0.2, 0.27] or undesirable_weight in [3.76, 5.0] (its 1.33 for 4/3); deltatune named the first
+    only, now both: undesirable_weight 3.75 gives 10 / 7.5 = 4/3 and 5 gives 1, each in [1, 4/3] (no warning)."""
+    from deltatune.train.config import AlignArgs
+    from deltatune.train.kto import balance_note
+
+    note = balance_note(10, 2, AlignArgs(), "t.jsonl")
+    assert "align.desirable_weight in [0.2, 0.267]" in note and "align.undesirable_weight in [3.75, 5]" in note
+    for weight in (3.75, 5.0):
+        assert balance_note(10, 2, AlignArgs(undesirable_weight=weight), "t.jsonl") is None
+    assert balance_note(10, 2, AlignArgs(undesirable_weight=3.7), "t.jsonl") is not None

@@ -262,7 +262,8 @@ def _metrics(p) -> dict[str, float]:
 
 def balance_note(n_desirable: int, n_undesirable: int, align: AlignArgs, source: str) -> str | None:
     """A warning when lambda_D n_D / (lambda_U n_U) is outside the paper's [1, 4/3], naming the desirable_weight
-    range that brings it in; None when inside."""
+    range that brings it in and the undesirable_weight range that does (TRL's KTOTrainer names both); None when
+    inside."""
     for kind in ("desirable", "undesirable"):
         if getattr(align, f"{kind}_weight") == 0:
             return f"align.{kind}_weight is 0: the {kind} rows of {source} teach nothing"
@@ -270,10 +271,12 @@ def balance_note(n_desirable: int, n_undesirable: int, align: AlignArgs, source:
     if 1.0 <= ratio <= 4 / 3:
         return None
     low = align.undesirable_weight * n_undesirable / n_desirable
+    high = align.desirable_weight * n_desirable / n_undesirable  # (the undesirable_weight that gives 1)
     return (
         f"{source}: {n_desirable} desirable and {n_undesirable} undesirable rows give lambda_D n_D / (lambda_U n_U) = "
         f"{ratio:.2f}, outside the recommended [1, 4/3]; align.desirable_weight in [{low:.3g}, {low * 4 / 3:.3g}] "
-        "brings it in"
+        f"brings it in, or align.undesirable_weight in [{high * 3 / 4:.3g}, {high:.3g}] (one of them, as TRL's "
+        "KTOTrainer advises)"
     )
 
 
