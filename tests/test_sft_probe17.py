@@ -198,3 +198,35 @@ def test_a_sharegpt_ranking_conversation_ending_with_a_gpt_turn_is_refused():
     assert not _lf_sharegpt_keeps(["human", "gpt"], ranking=True) and _lf_sharegpt_keeps(["human"], ranking=True)
     with pytest.raises(DataError, match=r"^t\.jsonl:2: conversations\[1\]\.from: the conversation ends with a 'gpt'"):
         read_samples([Row(row, "t.jsonl:2")], {}, stage="dpo")
+
+
+def test_an_empty_sharegpt_system_turn_is_no_system_prompt_as_llamafactory_reads_it():
+    """LLaMA-Factory reads a leading system tag's value as the row's system prompt, and "" as none (its templates
+    then write their default system: ``system or default_system``; an empty one writes no system block). HEAD kept an
+    empty system message, which Qwen2.5's template rendered as an empty system block instead of its default one. Now
+    the row renders as the same row without the tag."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tokenizer, trl_template
+
+    from deltatune.data.encode import sft_example
+
+    tok = tokenizer()
+    tok.chat_template = trl_template("qwen2_5")
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    [with_tag] = read_samples(
+        [Row({"conversations": [{"from": "system", "value": ""}, *turns]}, "t:1")], {}, stage="sft"
+    )
+    [without] = read_samples([Row({"conversations": turns}, "t:2")], {}, stage="sft")
+    assert (
+        with_tag.messages
+        == without.messages
+        == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    )
+    ids, labels = sft_example(with_tag, tok, None)
+    assert (ids, labels) == sft_example(without, tok, None)
+    assert "you are qwen, created by alibaba cloud" in tok.decode(ids).replace(" ,", ",")  # (the template's default)
+    with pytest.raises(DataError, match=r"^t:3: column 'conversations' holds an empty system turn alone"):
+        read_samples([Row({"conversations": [{"from": "system", "value": ""}]}, "t:3")], {}, stage="sft")

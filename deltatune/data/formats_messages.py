@@ -116,7 +116,11 @@ def _message_list(
             for key in ("name", "tool_call_id"):
                 if m.get(key):
                     msg[key] = m[key]
+        if sharegpt and ours == "system" and msg["content"] == "":  # LLaMA-Factory's system "": none (the template's
+            continue  # default, as for a row without one), not an empty system block
         out.append(msg)
+    if not out:
+        raise DataError(f"{source}: column {column!r} holds an empty system turn alone; a conversation needs turns")
     return out
 
 
