@@ -167,3 +167,21 @@ def test_a_reward_tokenizer_that_only_adds_tokens_is_the_policys(folders, tmp_pa
     with pytest.raises(ConfigError, match=r"^align.reward_model '.*moved': its tokenizer is not the policy's \("
                        r"\d+ tokens, the policy's \d+; the policy's token '\[PAD\]' is id 0, there 1\)"):  # fmt: skip
         check_token_reward(str(tmp_path / "moved"), tok)
+
+
+def test_an_unfinished_reward_run_is_one_line_before_any_model_loads(folders, tmp_path):
+    """A stage rm run folder that holds its run.yaml but no adapter yet (still training, or stopped before its end)
+    passed prepare_ppo's check, and the run failed after the policy loaded with a FileNotFoundError ('no
+    adapter_config.json at ...'); it is one ConfigError naming the folder, before any model loads."""
+    import yaml
+
+    run = tmp_path / "rm_run"
+    run.mkdir()
+    (run / "run.yaml").write_text(yaml.safe_dump({"stage": "rm", "model": {"name_or_path": folders["base"]}}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "tell me"}) + "\n")
+    raw = {"stage": "ppo", "model": {"name_or_path": folders["base"]}, "data": {"train": str(prompts)},
+           "train": {"batch_size": 1}, "align": {"reward_model": str(run), "max_new_tokens": 4}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^reward model '.*rm_run' holds no adapter yet \(no adapter_config.json\)"):
+        prepare_ppo(build(raw), tokenizer())
+    assert sorted(os.listdir(run)) == ["run.yaml"]

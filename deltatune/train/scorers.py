@@ -56,13 +56,18 @@ def reward_run(run_dir: str) -> dict:
     """The recipe of a finished reward run (its run.yaml).
 
     Raises:
-        ConfigError: the folder holds no run.yaml, or the run is not stage rm.
+        ConfigError: the folder holds no run.yaml, the run is not stage rm, or it holds no adapter yet.
     """
+    import os
+
     from ..config import ConfigError
 
     recipe = read_recipe(run_dir, "give a folder written by a stage rm run")
     if recipe.get("stage") != "rm":
         raise ConfigError(f"reward model {run_dir!r} is a stage {recipe.get('stage')!r} run, not a reward model (rm)")
+    if not os.path.isfile(os.path.join(run_dir, "adapter_config.json")):  # (else a FileNotFoundError once loaded)
+        raise ConfigError(f"reward model {run_dir!r} holds no adapter yet (no adapter_config.json): a stage rm run "
+                          "that has not finished (it saves its adapter at the end); finish it first")  # fmt: skip
     return recipe
 
 
