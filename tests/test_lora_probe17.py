@@ -152,7 +152,25 @@ def test_a_loftq_config_without_the_loftq_init_warns_as_peft():
         peft.LoraConfig(**kw)
     with pytest.warns(UserWarning, match=said):
         config = dt.LoraConfig(**kw)
-    assert config.init_lora_weights is True  # (drawn as True, the base left alone, as peft)
+    assert config.init_lora_weights is True and config.loftq_config == {}  # saved as peft's: {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dt.LoraConfig(target_modules=["q_proj"])  # the default {} says nothing
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_rslora_with_patterns_on_a_residual_init_warns_up_front_as_peft(init, tmp_path):
+    """peft warns when the config is made; deltatune said nothing until convert_to_plain_lora refused, after training."""
+    said = "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion"
+    kw = dict(target_modules=["q_proj"], init_lora_weights=init, use_rslora=True, rank_pattern={"q_proj": 2}, r=4)
+    with pytest.warns(UserWarning, match=said):
+        peft.LoraConfig(**kw)
+    with pytest.warns(UserWarning, match=said):
+        config = dt.LoraConfig(**kw)
+    model = dt.get_delta_model(tiny_model("llama"), config)
+    with pytest.raises(ConfigError, match="not supported with rank_pattern or alpha_pattern together with use_rslora"):
+        model.convert_to_plain_lora({}, tmp_path)
+    for quiet in (dict(kw, use_rslora=False), dict(kw, rank_pattern={}), dict(kw, init_lora_weights=True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dt.LoraConfig(**quiet)

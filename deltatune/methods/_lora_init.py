@@ -69,6 +69,17 @@ def check_init(init: object, lora_bias: bool = False, use_dora: bool = False, lo
                       f"'loftq', got {init!r}{why}")  # fmt: skip
 
 
+def warn_conversion(init: object, rslora: bool, patterns: object) -> None:
+    """peft's early word that rsLoRA with rank_pattern / alpha_pattern rules out the conversion of a PiSSA / OLoRA
+    adapter (``convert_to_plain_lora`` refuses it once trained)."""
+    if rslora and patterns and isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+        warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                      "modified base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                      "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values "
+                      "of the base weights; if you intend to do this, please ensure not to use rslora or "
+                      "rank_pattern/alpha_pattern.", stacklevel=4)  # fmt: skip
+
+
 def reset(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int, a_zero: bool = False) -> None:
     """Initialise A and B in place (torch.nn.init works without grad). For Embedding the roles flip (A zero, B
     normal), as in PEFT, which draws an embedding so for every init but False (PiSSA and OLoRA included)."""

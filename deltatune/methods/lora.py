@@ -120,6 +120,9 @@ class LoraConfig(DeltaConfig):
         check_indices(self.trainable_token_indices)
         self.init_lora_weights = inits.canonical_init(self.init_lora_weights)  # peft's "OLoRA" is its "olora"
         inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora, self.loftq_config)
+        if self.loftq_config and self.init_lora_weights != "loftq":
+            self.loftq_config = {}  # ignored (check_init warned) and saved so, as peft's
+        inits.warn_conversion(self.init_lora_weights, self.use_rslora, self.rank_pattern or self.alpha_pattern)
         for attr in ("rank_pattern", "alpha_pattern"):  # (re's TypeError named no field)
             if bad := [k for k in getattr(self, attr) if not isinstance(k, str)]:
                 raise ConfigError(f"{attr} keys must be module name patterns (strings), got {bad[0]!r}")
