@@ -175,14 +175,17 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
     A model without towers (``TOWERS`` has no entry for it) gets ``config`` back unchanged when ``towers`` is None.
 
     Raises:
-        ConfigError: an unknown tower name; towers on a single-tower model; explicit targets reaching a tower not
-            named (the modules listed); no default targets for a tower (bottleneck adapters: a tower without blocks
-            they can wrap, the tower named). (Towers choose modules by name: they apply to the methods that adapt
+        ConfigError: an unknown tower name, or none; towers on a single-tower model; explicit targets reaching a
+            tower not named (the modules listed); no default targets for a tower (bottleneck adapters: a tower without
+            blocks they can wrap, the tower named). (Towers choose modules by name: they apply to the methods that adapt
             modules by ``target_modules``.)
     """
     table = TOWERS.get(model_type(model) or "")
     if towers is None and (not table or (config.target_modules is None and config.method not in _RESOLVED)):
         return config  # nothing asked, and nothing to resolve (a single tower, or a method that picks no modules)
+    if towers is not None and not towers:  # (it read as the default, [language])
+        raise ConfigError("method.towers is empty: name the towers to adapt (language, vision, projector), or leave "
+                          "it unset for [language]")  # fmt: skip
     towers = list(dict.fromkeys(towers or ["language"]))  # a tower named twice: its modules once each
     bad = [t for t in towers if t not in TOWER_NAMES]
     if bad:

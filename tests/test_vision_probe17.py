@@ -231,11 +231,31 @@ def test_digits_refuses_to_add_a_new_split_to_an_old_one(tmp_path, capsys):
         capsys.readouterr()
         .err.splitlines()[-1]
         .endswith(
-            f"error: {out} holds digits written with seed 0, test_fraction 0.2, shots 5; their images would stay beside "
-            "the new ones: remove the folder or write to another"
+            f"error: {out} holds digits written with seed 0, test_fraction 0.2, shots 5; their images would stay "
+            "beside the new ones: remove the folder or write to another"
         )
     )
     assert sorted(p.name for p in (out / "adapt" / "train" / "7").iterdir()) == before
     (out / "split.json").unlink()  # a write that stopped before its record
     with pytest.raises(FileExistsError, match=r"holds pretrain/ or adapt/ but no split\.json"):
         digits.write(str(out), shots=5)
+
+
+def test_an_empty_towers_list_is_refused_not_read_as_the_language_tower():
+    """method.towers: [] adapted the language tower (the default) without a word."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+    from tiny_vlm import tiny_vlm
+
+    import deltatune as dt
+    from deltatune import towers as T
+    from deltatune.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        T.restrict(tiny_vlm("llava"), dt.LoraConfig(r=2), [])
+    assert str(err.value) == (
+        "method.towers is empty: name the towers to adapt (language, vision, projector), or leave it unset for "
+        "[language]"
+    )
