@@ -182,3 +182,34 @@ def test_ia3_all_linear_with_feedforward_names_saves_a_file_peft_loads(tmp_path)
     torch.testing.assert_close(output_of(theirs, inputs), ref, atol=ATOL32, rtol=0)
     again = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
     torch.testing.assert_close(output_of(again, inputs), ref, atol=ATOL32, rtol=0)
+
+
+def test_trainable_tokens_take_numpy_ids_as_peft_does(tmp_path):
+    """peft's TrainableTokensConfig takes numpy integers (np.where over a vocabulary, a tokenizer's numpy ids);
+    deltatune refused them ("must be a list of token ids (ints)"). They are stored as ints, so the JSON is peft's."""
+    import json
+
+    import numpy as np
+
+    peft = pytest.importorskip("peft")
+    ids = [np.int64(1), np.int32(3), np.int64(5)]
+    theirs = peft.get_peft_model(
+        tiny_model("llama", tie_word_embeddings=True), peft.TrainableTokensConfig(token_indices=ids)
+    )
+    ours = dt.get_delta_model(
+        tiny_model("llama", tie_word_embeddings=True), dt.TrainableTokensConfig(token_indices=ids)
+    )
+    with torch.no_grad():
+        for model in (theirs, ours):
+            for name, p in model.named_parameters():
+                if "trainable_tokens_delta" in name:
+                    p.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) / 7)
+    inputs = tiny_inputs("llama")
+    ref = output_of(theirs.eval(), inputs)
+    torch.testing.assert_close(output_of(ours.eval(), inputs), ref, atol=ATOL32, rtol=0)
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["token_indices"] == [1, 3, 5]
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama", tie_word_embeddings=True), tmp_path).eval()
+    torch.testing.assert_close(output_of(loaded, inputs), ref, atol=ATOL32, rtol=0)
+    with pytest.raises(dt.ConfigError, match=r"^token_indices must be a list of token ids \(ints\), got \[True\]$"):
+        dt.TrainableTokensConfig(token_indices=[True])  # a bool is no id (peft fails deep in torch's indexing)

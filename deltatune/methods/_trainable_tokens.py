@@ -18,6 +18,7 @@ Two active adapters with disjoint ids compute together (peft's set_adapter refus
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -219,10 +220,17 @@ class TrainableTokens(DeltaLayer):
         weight.index_copy_(0, torch.tensor(ids, device=weight.device), originals.to(weight))
 
 
-def check_ids(ids: Any, where: str, label: str = "trainable_token_indices") -> list[int]:
-    """``ids`` as a list of distinct token ids (ConfigError naming ``label``/``where`` otherwise)."""
-    if not isinstance(ids, (list, tuple)) or not all(type(i) is int for i in ids):
+def check_ids(ids: Any, where: str, label: str = "trainable_token_indices", integral: bool = False) -> list[int]:
+    """``ids`` as a list of distinct token ids (ConfigError naming ``label``/``where`` otherwise); with ``integral``,
+    numpy's integers too (peft takes them), returned as ints (the caller stores the result: JSON has no numpy)."""
+    kinds = (
+        (lambda i: isinstance(i, numbers.Integral) and not isinstance(i, bool))
+        if integral
+        else (lambda i: type(i) is int)
+    )
+    if not isinstance(ids, (list, tuple)) or not all(kinds(i) for i in ids):
         raise ConfigError(f"{label}{where} must be a list of token ids (ints), got {ids!r}")
+    ids = [int(i) for i in ids]
     if not ids:
         raise ConfigError(f"{label}{where} is empty; list the token ids to train")
     if len(set(ids)) < len(ids):

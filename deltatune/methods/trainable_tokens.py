@@ -47,9 +47,7 @@ class TrainableTokensConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.token_indices, tuple):
-            self.token_indices = list(self.token_indices)
-        check_ids(self.token_indices, "", "token_indices")
+        self.token_indices = check_ids(self.token_indices, "", "token_indices", integral=True)  # numpy's: as ints
 
     @property
     def trainable_token_indices(self) -> list[int]:
