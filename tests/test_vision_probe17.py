@@ -236,6 +236,9 @@ def test_digits_refuses_to_add_a_new_split_to_an_old_one(tmp_path, capsys):
         )
     )
     assert sorted(p.name for p in (out / "adapt" / "train" / "7").iterdir()) == before
+    (out / "split.json").write_text('{"seed": 0, ')  # a damaged record: a traceback from json
+    with pytest.raises(FileExistsError, match=r"split\.json is not the digits' record \(damaged\?\)"):
+        digits.write(str(out), shots=5)
     (out / "split.json").unlink()  # a write that stopped before its record
     with pytest.raises(FileExistsError, match=r"holds pretrain/ or adapt/ but no split\.json"):
         digits.write(str(out), shots=5)

@@ -52,8 +52,14 @@ def _check_fresh(out: str, settings: dict) -> None:
     """
     record = os.path.join(out, "split.json")
     if os.path.isfile(record):
-        with open(record, encoding="utf-8") as fh:
-            old = json.load(fh)
+        try:
+            with open(record, encoding="utf-8") as fh:
+                old = json.load(fh)
+        except ValueError:  # (a damaged record: its settings unknown)
+            old = None
+        if not isinstance(old, dict):
+            raise FileExistsError(f"{out}: split.json is not the digits' record (damaged?): remove the folder or write "
+                                  "to another")  # fmt: skip
         said = {k: old.get(k) for k in settings}
         if said != settings:
             shown = ", ".join(f"{k} {v}" for k, v in said.items())
