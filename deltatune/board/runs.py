@@ -56,6 +56,7 @@ REPORT_MAX = 1 << 20
 _LOGS: dict[str, _Log] = {}
 _REPORTS: dict[str, tuple[tuple[int, int, int, int, int], str]] = {}
 _RECIPES: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}  # callers copy (_finite), never change
+_COUNTS: dict[str, tuple[tuple[int, int, int, int, int], int | None]] = {}  # trainable_parameters, by file
 _LOGS_LOCK = threading.Lock()
 
 
@@ -92,8 +93,8 @@ def _read_json(path: str) -> Any:
         return None
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):  # missing, or being written: not there yet
+            return _finite(json.load(fh))
+    except (OSError, ValueError, RecursionError):  # missing, being written, or nested past the parser's depth
         return None
 
 
@@ -114,9 +115,9 @@ def _read_yaml(path: str) -> Any:
         return cached[1]
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)  # (parsed again only when the file changes: the cache above)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return None
+            data = _finite(yaml.safe_load(fh))  # (parsed again only when the file changes: the cache above)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError):  # (a list in a list... 5,000
+        return None  # deep: the parser's RecursionError hid the run from the list and made its page a 500)
     if not isinstance(data, dict):
         return None  # (not kept: a file being written is read again)
     with _LOGS_LOCK:
@@ -144,9 +145,16 @@ def _last_step(folder: str) -> int:
             lines = fh.read().decode("utf-8", errors="replace").splitlines()[1 if size else 0 :]
     except OSError:
         lines = []
-    rows = [r for r in map(_row, reversed(lines)) if isinstance(r, dict)] or history(folder)[::-1]
+    step, rows = None, False
+    for row in map(_row, reversed(lines)):  # one at a time, from the end: every line of the window was parsed each
+        rows = rows or isinstance(row, dict)  # poll (500 runs of 2,000 rows: 250,000 lines, 2.5 s a poll of the list)
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            step = row["step"]
+            break
+    if not rows:
+        step = next((r["step"] for r in history(folder)[::-1] if isinstance(r.get("step"), int)), None)
     saved = max(map(_step, glob.glob(os.path.join(glob.escape(folder), "checkpoint-*", ""))), default=0)
-    return max(next((r["step"] for r in rows if isinstance(r.get("step"), int)), 0), saved)
+    return max(step or 0, saved)
 
 
 def history(folder: str) -> list[dict[str, Any]]:
@@ -238,7 +246,8 @@ def _parse(data: bytes) -> list[dict[str, Any]]:
         for text in line.decode("utf-8", errors="replace").splitlines():  # bad bytes: a line skipped
             row = _row(text)
             if isinstance(row, dict):
-                rows.append(_finite(row))
+                with contextlib.suppress(ValueError):  # (nested past MAX_DEPTH: no log row)
+                    rows.append(_finite(row))
     return rows
 
 
@@ -262,13 +271,30 @@ def _step(path: str) -> int:
     return int(name.rpartition("-")[2]) if name.rpartition("-")[2].isdecimal() else -1
 
 
-def _finite(value: Any) -> Any:
-    # JSON has no NaN: a diverged loss is shown as missing rather than breaking the page's JSON.parse (at any depth).
+MAX_DEPTH = 100
+"""The deepest nesting of lists and mappings read from a run's file (a recipe is 3 deep, a log row 1): deeper, the
+file (a log row: the row) is taken as unreadable. A row 600 deep parsed, then made its run's page a 500 (this walk's
+RecursionError)."""
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON can send it: a float that is not finite as None (JSON has no NaN: a diverged loss is shown as
+    missing rather than breaking the page's JSON.parse), a YAML value JSON has no type for (a date, ``!!binary``
+    bytes, a set) as its ``str`` and a mapping key as well (a date key made the run's page a 500, bytes that are not
+    UTF-8 in a recipe's stage the whole run list). ValueError past ``MAX_DEPTH``."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested more than {MAX_DEPTH} deep")
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {_key(k): _finite(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+        return [_finite(v, depth + 1) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value if value is None or isinstance(value, (str, int)) else str(value)
+
+
+def _key(key: Any) -> Any:
+    return key if key is None or isinstance(key, (str, int, float)) else str(key)
 
 
 def trainable_parameters(folder: str) -> int | None:
@@ -276,17 +302,25 @@ def trainable_parameters(folder: str) -> int | None:
     path = _in(folder, "adapter_model.safetensors")
     try:
         with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            with _LOGS_LOCK:
+                cached = _COUNTS.get(path)
+            if cached is not None and cached[0] == key:  # (the header was read and parsed again on each poll)
+                return cached[1]
             (size,) = struct.unpack("<Q", fh.read(8))
-            if size > 100_000_000:
-                return None
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError, struct.error):
+            header = json.loads(fh.read(size)) if size <= 100_000_000 else None
+    except (OSError, ValueError, RecursionError, struct.error):  # (a header nested past the parser's depth)
         return None
-    total = 0
-    for key, value in header.items() if isinstance(header, dict) else ():
+    total = None if header is None else 0  # (None: a header past 100 MB, not read)
+    for name, value in header.items() if isinstance(header, dict) else ():
         shape = value.get("shape") or [1] if isinstance(value, dict) else None
-        if key != "__metadata__" and isinstance(shape, list) and all(type(n) is int for n in shape):
-            total += math.prod(shape)
+        if name != "__metadata__" and isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape):
+            total += math.prod(shape)  # type: ignore[operator]
+    with _LOGS_LOCK:
+        if path not in _COUNTS and len(_COUNTS) >= 4096:
+            _COUNTS.pop(next(iter(_COUNTS)))
+        _COUNTS[path] = (key, total)
     return total
 
 
