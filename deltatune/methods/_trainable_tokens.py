@@ -239,24 +239,23 @@ def check_ids(ids: Any, where: str, label: str = "trainable_token_indices", inte
     return list(ids)
 
 
-def check_indices(spec: Any) -> dict[str, list[int]] | list[int] | None:
+def check_indices(spec: Any, integral: bool = False) -> dict[str, list[int]] | list[int] | None:
     """``trainable_token_indices`` checked: None, a list of token ids, or {module name: list of token ids}.
 
     Raises:
         ConfigError: another type, an id that is not an int, an empty or repeated list, an empty module name.
     """
     if spec is None or isinstance(spec, (list, tuple)):
-        return None if spec is None else check_ids(spec, "")
+        return None if spec is None else check_ids(spec, "", integral=integral)
     if not isinstance(spec, dict) or not spec:
         raise ConfigError(
             "trainable_token_indices must be a list of token ids or a dict {embedding module name: [token ids]}, "
             f"got {spec!r}"
         )
-    for key, ids in spec.items():
+    for key in spec:
         if not isinstance(key, str) or not key:
             raise ConfigError(f"trainable_token_indices keys must be module names, got {key!r}")
-        check_ids(ids, f"[{key!r}]")
-    return spec
+    return {key: check_ids(ids, f"[{key!r}]", integral=integral) for key, ids in spec.items()}
 
 
 def _tied_names(model: nn.Module, embedding: nn.Module | None, path: str) -> list[str]:
