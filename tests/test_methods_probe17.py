@@ -213,3 +213,19 @@ def test_trainable_tokens_take_numpy_ids_as_peft_does(tmp_path):
     torch.testing.assert_close(output_of(loaded, inputs), ref, atol=ATOL32, rtol=0)
     with pytest.raises(dt.ConfigError, match=r"^token_indices must be a list of token ids \(ints\), got \[True\]$"):
         dt.TrainableTokensConfig(token_indices=[True])  # a bool is no id (peft fails deep in torch's indexing)
+
+
+def test_trainable_tokens_target_given_as_a_plain_name_string_says_to_list_it():
+    """target_modules="embed_tokens" is a regex matched against the whole name in peft (it matches nothing there
+    either: NoMatchingPeftModuleError); the line now says so, as LoRA's does for the same mistake."""
+    peft = pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="Target modules embed_tokens not found"):
+        peft.get_peft_model(
+            tiny_model("llama"), peft.TrainableTokensConfig(token_indices=[2], target_modules="embed_tokens")
+        )
+    base = tiny_model("llama")
+    with pytest.raises(dt.ConfigError, match=r"not found in the base model\. .*give a list: \['embed_tokens'\]\)$"):
+        dt.get_delta_model(base, dt.TrainableTokensConfig(token_indices=[2], target_modules="embed_tokens"))
+    assert type(base.model.embed_tokens) is torch.nn.Embedding
+    with pytest.raises(dt.ConfigError, match=r"Please check the target modules and try again\.$"):  # no such module
+        dt.get_delta_model(base, dt.TrainableTokensConfig(token_indices=[2], target_modules="nothing"))

@@ -68,9 +68,16 @@ def inject(model: nn.Module, config: TrainableTokensConfig, adapter_name: str) -
         targets = [next((n for n, m in model.named_modules() if m is embedding and n), "embed_tokens")]
     paths = [n for n, m in model.named_modules() if n and matches(n, targets) and not _inside_token_layer(model, n)]
     if not paths:
+        named = isinstance(targets, str) and any(matches(n, [targets]) for n, _ in model.named_modules() if n)
         raise ConfigError(
             f"trainable_tokens: Target modules {targets!r} not found in the base model. "
             "Please check the target modules and try again."
+            + (
+                f" (a string is a regex matched against the full module name, as in peft; for the modules named "
+                f"{targets!r} give a list: [{targets!r}])"
+                if named
+                else ""
+            )  # fmt: skip
         )
     spec = dict.fromkeys(paths, list(config.token_indices))
     return place_tokens(model, spec, adapter_name, "token_indices", config.init_weights, save_tied=True, saved_as=KEY)
