@@ -98,3 +98,15 @@ def test_a_poll_of_many_runs_parses_one_log_line_and_no_adapter_header_per_uncha
     (tmp_path / "r05" / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
     assert {r["name"]: r["trainable_params"] for r in runs.list_runs(str(tmp_path))}["r05"] == 0
     assert len(headers) == 1
+
+
+def test_the_pages_files_are_revalidated_on_each_load(tmp_path):
+    """index.html, app.js and style.css came with Last-Modified and an ETag but no Cache-Control: a browser may keep
+    them fresh for a tenth of their age (RFC 9111, 4.2.2) and, after deltatune is upgraded, run the old app.js
+    against the new API on a reload. Now ``no-cache``: asked again each load, answered 304 while unchanged."""
+    c = client(tmp_path)
+    for path in ("/", "/static/index.html", "/static/app.js", "/static/style.css"):
+        first = c.get(path)
+        assert first.status_code == 200 and first.headers["cache-control"] == "no-cache", path
+        again = c.get(path, headers={"If-None-Match": first.headers["etag"]})
+        assert again.status_code == 304 and again.content == b"", path

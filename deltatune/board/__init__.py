@@ -25,6 +25,10 @@ from . import runs as runs_
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 _ASSETS = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+_REVALIDATE = {"Cache-Control": "no-cache"}
+"""The page's files are asked again each load (a 304 while unchanged, by their ETag): with only Last-Modified a
+browser keeps a file fresh for a tenth of its age (RFC 9111, 4.2.2), so after an upgrade of deltatune a reload ran
+the old app.js against the new API for days."""
 
 
 def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | None = None, serve_app: Any = None):
@@ -61,15 +65,22 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
     def missing(what: str) -> JSONResponse:
         return JSONResponse({"error": {"message": what, "type": "not_found_error"}}, status_code=404)
 
+    def asset(name: str, http: HttpRequest) -> Response:
+        path = os.path.join(STATIC, name)  # (stat_result: its ETag is set here, not when it is sent)
+        sent = FileResponse(path, media_type=_ASSETS[name], headers=_REVALIDATE, stat_result=os.stat(path))
+        if sent.headers["etag"] in http.headers.get("if-none-match", "").split(", "):  # (FileResponse sends 200)
+            return Response(status_code=304, headers={k: sent.headers[k] for k in ("etag", "cache-control")})
+        return sent
+
     @app.get("/")
-    async def index():
-        return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
+    async def index(http: HttpRequest):
+        return asset("index.html", http)
 
     @app.get("/static/{name}")
-    async def static(name: str):
+    async def static(name: str, http: HttpRequest):
         if name not in _ASSETS:  # a fixed list: nothing else of the package (or the disk) is served
             return missing(f"no asset {name!r}")
-        return FileResponse(os.path.join(STATIC, name), media_type=_ASSETS[name])
+        return asset(name, http)
 
     @app.get("/api/config")
     async def config() -> dict:
