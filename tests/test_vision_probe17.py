@@ -104,6 +104,18 @@ def test_an_image_processor_that_refuses_the_images_is_one_line_before_training(
         f"{tmp_path / 'd.jsonl'}:1: the image processor (ViTImageProcessorPil) refuses image "
         f"'{tmp_path / '0.png'}' for a 3-channel model: mean must have 3 elements if it is an iterable, got 1"
     )
+    assert "modules_to_save" not in cfg.method  # a refused call leaves the recipe as it was (it was set before)
+    from transformers import ViTConfig
+
+    from deltatune.config import ConfigError
+
+    ViTConfig(num_channels=4).save_pretrained(tmp_path / "rgba-vit")
+    four = build(
+        {"stage": "image_cls", "model": {"name_or_path": str(tmp_path / "rgba-vit")}, "data": {"train": data}}
+    )
+    with pytest.raises(ConfigError, match=r"reads 4-channel images"):
+        prepare_image_cls(four, _grey_processor([0.5, 0.5, 0.5]))
+    assert "modules_to_save" not in four.method
     torch.manual_seed(3)
     p = prepare_image_cls(cfg, _grey_processor([0.5, 0.5, 0.5]))
     drawn = torch.rand(1).item()

@@ -268,8 +268,6 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
         raise ConfigError(f"model.name_or_path {cfg.model.name_or_path!r}: ImageGPT reads its image processor's "
                           "colour-cluster input_ids, not pixel_values, which stage image_cls feeds; choose another "
                           "image classifier")  # fmt: skip
-    if "modules_to_save" not in cfg.method:
-        cfg.method["modules_to_save"] = heads(_config(cfg))  # the new head trains in full, whatever the method
     n, last = len(names), {"names": names}
     channels = model_channels(cfg)
     if channels == 1:
@@ -283,6 +281,8 @@ def prepare_image_cls(cfg: RunConfig, processor) -> Prepared:
 
     if processor is not None:  # (a caller that only reads the rows and classes passes none)
         check_processor(processor, train_rows[0], channels)
+    if "modules_to_save" not in cfg.method:  # (after the refusals: a refused call leaves the recipe as it was)
+        cfg.method["modules_to_save"] = heads(_config(cfg))  # the new head trains in full, whatever the method
     if eval_rows:
         notes.append("confusion matrix of the last evaluation (rows: true class, columns: predicted):")
         notes.append("![confusion matrix](confusion_matrix.png)")
