@@ -229,3 +229,22 @@ def test_trainable_tokens_target_given_as_a_plain_name_string_says_to_list_it():
     assert type(base.model.embed_tokens) is torch.nn.Embedding
     with pytest.raises(dt.ConfigError, match=r"Please check the target modules and try again\.$"):  # no such module
         dt.get_delta_model(base, dt.TrainableTokensConfig(token_indices=[2], target_modules="nothing"))
+
+
+def test_ia3_add_weighted_adapter_refuses_two_copies_of_a_module_as_peft():
+    """Two (IA)^3 adapters each training their own lm_head copy (modules_to_save): peft refuses ("Cannot add weighted
+    adapters targeting the same module with modules_to_save"); deltatune gave the new adapter a fresh copy of the base
+    lm_head, neither adapter's."""
+    peft = pytest.importorskip("peft")
+    kw = dict(target_modules=["k_proj"], feedforward_modules=[], modules_to_save=["lm_head"])
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.IA3Config(**kw), adapter_name="a")
+    theirs.add_adapter("b", peft.IA3Config(**kw))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        theirs.add_weighted_adapter(["a", "b"], [1.0, 1.0], "n")
+    ours = dt.get_delta_model(tiny_model("llama"), dt.IA3Config(**kw), adapter_name="a")
+    ours.add_adapter("b", dt.IA3Config(**kw))
+    with pytest.raises(
+        ValueError, match=r"adapters 'a' and 'b' each train their own copy of lm_head \(modules_to_save"
+    ):
+        ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "n")
+    assert set(ours.peft_config) == {"a", "b"}

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_regex
-from ..layer import DeltaLayer, linear_shape, set_submodule
+from ..layer import DeltaLayer, ModulesToSave, linear_shape, set_submodule
 from ..targets import IA3_FEEDFORWARD, IA3_TARGETS, model_type, resolve_targets
 
 
@@ -247,8 +247,8 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     Raises:
         ValueError: an unknown adapter; ``adapter_name`` taken (peft returns without a word); LoRA's combination
             arguments; target_modules (or feedforward_modules) given as a list by one adapter and a regex by another
-            (peft refuses them too); a weight count other than the adapters'. A mix of (IA)^3 and LoRA adapters is
-            LoRA's refusal.
+            (peft refuses them too); a weight count other than the adapters'; two adapters with their own copy of one
+            module (modules_to_save), as peft. A mix of (IA)^3 and LoRA adapters is LoRA's refusal.
         TypeError: weights that are not numbers.
     """
     from ._lora_combine import _numbers
@@ -266,6 +266,10 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     weights = _numbers(weights)
     if len(weights) != len(names):
         raise ValueError(f"add_weighted_adapter: {len(names)} adapters and {len(weights)} weights; give one each")
+    for path, layer in model._layers():
+        if isinstance(layer, ModulesToSave) and len(held := [n for n in names if n in layer.adapter_names]) > 1:
+            raise ValueError(f"add_weighted_adapter: adapters {held[0]!r} and {held[1]!r} each train their own "
+                             f"copy of {path} (modules_to_save), which cannot be combined")  # fmt: skip
     configs = [model.peft_config[n] for n in names]
     joined = {}
     for key in ("target_modules", "feedforward_modules"):

@@ -77,7 +77,7 @@ def inject(model: nn.Module, config: TrainableTokensConfig, adapter_name: str) -
                 f"{targets!r} give a list: [{targets!r}])"
                 if named
                 else ""
-            )  # fmt: skip
+            )
         )
     spec = dict.fromkeys(paths, list(config.token_indices))
     return place_tokens(model, spec, adapter_name, "token_indices", config.init_weights, save_tied=True, saved_as=KEY)
