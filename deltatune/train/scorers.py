@@ -194,7 +194,8 @@ def check_token_reward(spec: str, tokenizer) -> None:
     except (OSError, ValueError, TypeError):
         theirs = None
     ours = tokenizer.get_vocab()
-    other = next((t for t, i in ours.items() if theirs.get(t) != i), None) if theirs is not None else None
+    moved = sorted((i, t) for t, i in ours.items() if theirs.get(t) != i) if theirs is not None else []
+    other = moved[0][1] if moved else None  # (the lowest id: the same token named every time)
     if (
         other is not None
     ):  # (a reward tokenizer that only adds tokens, a [PAD] as TRL's examples add, reads them alike)
