@@ -150,3 +150,41 @@ def test_the_collators_tokenizer_is_saved_with_the_adapter_as_the_trainer_saves_
         want = {p.name for p in ref.iterdir() if p.name.startswith("tokenizer")}
         assert want and want <= {p.name for p in ours.iterdir()}
         assert all((ref / f).read_text() == (ours / f).read_text() for f in want)
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adafactor_layerwise", "apollo_adamw"])
+def test_an_optimizer_needing_optim_target_modules_is_one_line(tmp_path, optim):
+    """GaLore and APOLLO train the modules named by TrainingArguments' optim_target_modules, which a recipe does not
+    take: the recipe passed and the Trainer refused when it built the optimizer, after the model loaded."""
+    args = TrainingArguments(str(tmp_path), optim=optim, use_cpu=True, report_to=[])
+    with pytest.raises((ImportError, ValueError)):  # the Trainer's (its package first, then the missing modules)
+        Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match=f"train.optim {optim} trains the modules named by .* optim_target_modules"):
+        build({"train": {"optim": optim}})
+
+
+def test_an_optimizer_whose_package_is_missing_is_one_line_where_a_run_starts(tmp_path, monkeypatch):
+    """The Trainer's ImportError came after the model had loaded; check_optim_package (called by checks.check_run)
+    names the key and the package, and a finished run's run.yaml still builds without it. Every name is one of
+    transformers' optimizers."""
+    import importlib.util
+
+    from transformers.training_args import OptimizerNames
+
+    from deltatune.train.config_train import OPTIM_PACKAGES, check_optim_package
+
+    assert set(OPTIM_PACKAGES) <= {o.value for o in OptimizerNames}
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "schedulefree" else find(name, *a)
+    )
+    args = TrainingArguments(str(tmp_path), optim="schedule_free_adamw", use_cpu=True, report_to=[])
+    import transformers.trainer_optimizer as topt
+
+    monkeypatch.setattr(topt, "is_schedulefree_available", lambda: False)
+    with pytest.raises(ImportError, match="schedulefree"):  # the Trainer's
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    cfg = build({"train": {"optim": "schedule_free_adamw"}})  # an old run.yaml loads
+    with pytest.raises(ConfigError, match="train.optim schedule_free_adamw needs the package schedulefree, which is"):
+        check_optim_package(cfg)
+    check_optim_package(build({"train": {"optim": "adamw_torch"}}))  # none needed

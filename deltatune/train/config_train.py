@@ -166,6 +166,9 @@ def validate_train(cfg: Any) -> None:
     _check_warmup(t)
     _check_sampling(cfg)
     _check_optim_args(cfg)
+    if (t.optim or "").startswith(("galore_", "apollo_")):  # (the Trainer's ValueError as the optimizer is built)
+        raise ConfigError(f"train.optim {t.optim} trains the modules named by TrainingArguments' optim_target_modules, "
+                          f"which a recipe does not take; use another train.optim")  # fmt: skip
     if t.torch_empty_cache_steps is not None and (t.torch_empty_cache_steps < 1 or loop):
         raise ConfigError(f"train.torch_empty_cache_steps: {cfg.stage}'s own loop never empties the cache; drop it"
                           if loop else f"train.torch_empty_cache_steps must be >= 1 (or null: never), got "
@@ -295,6 +298,32 @@ def _check_optim_args(cfg: Any) -> None:
                 raise ConfigError(f"train.optim_args: {key} must be a number, got {value!r}")
     if name in ("sgd", "adagrad", "rmsprop"):
         _check_torch_optim(name, given, t.lr)
+
+
+OPTIM_PACKAGES = {  # the module transformers 5's trainer_optimizer.py imports for a train.optim, and its pip name
+    **dict.fromkeys(("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix",
+                     "ademamix_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "lion_8bit", "lion_32bit",
+                     "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
+                    ("bitsandbytes", "bitsandbytes")),
+    **dict.fromkeys(("lomo", "adalomo"), ("lomo_optim", "lomo-optim")), "grokadamw": ("grokadamw", "grokadamw"),
+    **dict.fromkeys(("adamw_torch_4bit", "adamw_torch_8bit"), ("torchao", "torchao")),
+    **dict.fromkeys(("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"), ("schedulefree", "schedulefree")),
+    "stable_adamw": ("optimi", "torch-optimi"), "adamw_anyprecision": ("torchdistx", "torchdistx"),
+    "adamw_torch_xla": ("torch_xla", "torch_xla"), "adamw_torch_npu_fused": ("torch_npu", "torch_npu"),
+}  # fmt: skip
+
+
+def check_optim_package(cfg: Any) -> None:
+    """A ``train.optim`` whose package is not installed: one line naming the key and the package, where a training
+    run starts (``checks.check_run``; a finished run's run.yaml still loads without it), not the Trainer's ImportError
+    after the model has loaded."""
+    import importlib.util
+
+    module, package = OPTIM_PACKAGES.get(cfg.train.optim or "", (None, None))
+    if module is None or STAGES[cfg.stage].loop or importlib.util.find_spec(module) is not None:
+        return
+    raise ConfigError(f"train.optim {cfg.train.optim} needs the package {package}, which is not installed: "
+                      f"pip install {package}, or use another train.optim")  # fmt: skip
 
 
 def _check_torch_optim(name: str, given: dict[str, str], lr: float) -> None:
