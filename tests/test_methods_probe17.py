@@ -248,3 +248,28 @@ def test_ia3_add_weighted_adapter_refuses_two_copies_of_a_module_as_peft():
     ):
         ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "n")
     assert set(ours.peft_config) == {"a", "b"}
+
+
+def test_ia3_add_weighted_adapter_joins_a_written_feedforward_regex_with_a_list():
+    """IA3Config(target_modules=["k_proj", "mlp.down_proj"]) on Llama: inject writes the feed-forward layers as a regex
+    of full names (the family default ["down_proj"] is no subset of the targets); combined with an adapter whose
+    feedforward_modules is a list, deltatune refused ("gives feedforward_modules as a regex") a regex the user never
+    wrote. The list is joined as the regex of its rule (ends with the name): the same layers feed-forward, and the
+    new vectors peft's sum_i w_i l_i."""
+    configs = {
+        "a": dict(target_modules=["k_proj", "mlp.down_proj"]),
+        "b": dict(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }
+    ours = dt.get_delta_model(tiny_model("llama"), dt.IA3Config(**configs["a"]), adapter_name="a")
+    ours.add_adapter("b", dt.IA3Config(**configs["b"]))
+    assert isinstance(ours.peft_config["a"].feedforward_modules, str)
+    _set_vectors(ours, seed=5)
+    ours.add_weighted_adapter(["a", "b"], [0.5, 2.0], "mix")
+    layers = {n: m for n, m in ours.base_model.named_modules() if hasattr(m, "ia3_l")}
+    for name, layer in layers.items():
+        held = [(a, w) for a, w in (("a", 0.5), ("b", 2.0)) if a in layer.ia3_l]
+        torch.testing.assert_close(layer.ia3_l["mix"], sum(w * layer.ia3_l[a] for a, w in held), msg=name)
+    from deltatune.methods.ia3 import _is_feedforward
+
+    mixed = ours.peft_config["mix"].feedforward_modules
+    assert [n for n in layers if _is_feedforward(n, mixed)] == [n for n, m in layers.items() if m.is_feedforward]

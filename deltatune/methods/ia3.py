@@ -274,6 +274,10 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     joined = {}
     for key in ("target_modules", "feedforward_modules"):
         values = [getattr(c, key) or [] for c in configs]
+        if key == "feedforward_modules" and len({isinstance(v, str) for v in values}) > 1:
+            # inject wrote some as a regex of full names (a family default outside the targets): a list entry as
+            # the regex of its rule (the name ends with it), so that the joined one marks the same layers
+            values = [v if isinstance(v, str) else "|".join(f".*{re.escape(k)}" for k in v) or "(?!)" for v in values]
         if len({isinstance(v, str) for v in values}) > 1:
             regex = next(n for n, v in zip(names, values) if isinstance(v, str))
             listed = next(n for n, v in zip(names, values) if not isinstance(v, str))
