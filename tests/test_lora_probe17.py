@@ -208,3 +208,13 @@ def test_a_second_adapter_with_bias_is_refused_as_peft(tmp_path):
     with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
         ours.add_adapter("c", dt.LoraConfig(target_modules=["v_proj"], bias="lora_only"))
     ours.add_adapter("d", dt.LoraConfig(target_modules=["v_proj"]))  # bias 'none' beside it: as peft
+
+
+def test_the_refusal_of_an_unknown_init_lists_every_init_drawn():
+    """'orthogonal' is drawn (as peft's) but the refusal's list left it out."""
+    with pytest.raises(ConfigError) as caught:
+        dt.LoraConfig(target_modules=["q_proj"], init_lora_weights="kaiming")
+    said = str(caught.value)
+    assert all(repr(i) in said for i in ("gaussian", "orthogonal", "pissa", "pissa_niter_K", "olora", "loftq")), said
+    for init in ("gaussian", "orthogonal", "pissa", "pissa_niter_4", "olora"):  # each one the list names is taken
+        dt.LoraConfig(target_modules=["q_proj"], init_lora_weights=init, r=4)

@@ -65,8 +65,8 @@ def check_init(init: object, lora_bias: bool = False, use_dora: bool = False, lo
         raise ConfigError(f"init_lora_weights={init!r}: 'pissa_niter_K' takes a number of iterations K >= 0")
     why = (": that init of peft's changes the base weights from data (CorDA); deltatune draws 'pissa', "
            "'pissa_niter_K', 'olora' and 'loftq'") if str(init).split("_")[0] == "corda" else ""  # fmt: skip
-    raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora' or "
-                      f"'loftq', got {init!r}{why}")  # fmt: skip
+    raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_K', "
+                      f"'olora' or 'loftq', got {init!r}{why}")  # fmt: skip
 
 
 def warn_conversion(init: object, rslora: bool, patterns: object) -> None:
