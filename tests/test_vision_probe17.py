@@ -274,3 +274,20 @@ def test_an_empty_towers_list_is_refused_not_read_as_the_language_tower():
         "method.towers is empty: name the towers to adapt (language, vision, projector), or leave it unset for "
         "[language]"
     )
+
+
+def test_a_refused_multi_label_cls_call_leaves_data_multi_label_unset(tmp_path):
+    """A label column of lists set data.multi_label: true before the stage's refusals (a row naming a boolean, one
+    class): the refused call left it set, and the same config, its data fixed, then trained single labels as
+    multi-label."""
+    from deltatune.train.cls import prepare_cls
+
+    rows = [{"text": "a", "label": ["x"]}, {"text": "b", "label": ["x", True]}]
+    cfg = build({"stage": "cls", "data": {"train": _jsonl(tmp_path / "t.jsonl", rows), "max_length": 16}})
+    with pytest.raises(DataError, match=r"t\.jsonl:2: label true in column 'label' is a boolean"):
+        prepare_cls(cfg, tokenizer())
+    assert cfg.data.multi_label is None
+    ok = [{"text": "a", "label": ["x"]}, {"text": "b", "label": ["x", "y"]}]
+    cfg = build({"stage": "cls", "data": {"train": _jsonl(tmp_path / "ok.jsonl", ok), "max_length": 16}})
+    p = prepare_cls(cfg, tokenizer())
+    assert cfg.data.multi_label is True and [ex["labels"] for ex in p.train] == [[1.0, 0.0], [1.0, 1.0]]

@@ -95,6 +95,8 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         preds, labels = logits.argmax(-1).tolist(), p.label_ids.tolist()
         return {"accuracy": M.accuracy(preds, labels), "f1": M.f1(preds, labels, n)}
 
+    if problem == "multi_label":  # set once every refusal is past: a refused call leaves the recipe as it was
+        d.multi_label = True
     headline = {"regression": "eval_pearson", "multi_label": "eval_f1_micro"}.get(problem, "eval_accuracy")
     loss = {"regression": regression_loss, "multi_label": multi_label_loss}.get(problem)
     return Prepared(
@@ -138,7 +140,8 @@ def check_bool_labels(labelled: list[tuple[str, Any]], column: str, labels: list
 def _problem(cfg: RunConfig, rows) -> str:
     """transformers' problem type of the run: "regression" for ``model.num_labels: 1`` (as transformers reads one
     output), "multi_label" for ``data.multi_label`` or a label column of lists (in the train or the eval file; then
-    set, so run.yaml records it for an evaluation on rows of one label each), else "single_label"."""
+    set by ``prepare_cls`` once its refusals are past, so run.yaml records it for an evaluation on rows of one label
+    each), else "single_label"."""
     d = cfg.data
     lists = any(isinstance(r.get(d.label_column), list) for r in rows)
     if cfg.model.num_labels == 1:
@@ -147,9 +150,7 @@ def _problem(cfg: RunConfig, rows) -> str:
         return "regression"
     if lists and d.multi_label is False:
         raise ConfigError(f"data.multi_label is false, but column {d.label_column!r} holds lists of labels")
-    if lists:
-        d.multi_label = True
-    return "multi_label" if d.multi_label else "single_label"
+    return "multi_label" if d.multi_label or lists else "single_label"
 
 
 def set_problem_type(model: Any, cfg: RunConfig) -> Any:
