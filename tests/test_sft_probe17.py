@@ -146,7 +146,6 @@ def test_a_built_in_templates_chat_prompt_is_the_start_of_the_trained_row(templa
         assert prompt_ids(tok, "a b c", template=template) == ids[:first]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/encode.py diff of probe 17's report (prompt_ids)")
 @pytest.mark.parametrize("template", ["chatml", "alpaca"])
 def test_a_built_in_templates_ppo_prompt_is_the_start_of_the_trained_row(template):
     """The PPO / inspect prompt (data.encode.prompt_ids) has the same closing [SEP] after the assistant header as the
@@ -188,7 +187,6 @@ def test_a_raw_runs_chat_prompt_is_the_start_of_its_trained_row():
     assert prompt_ids(tok, "a b c", template="raw") == ids[:first] == tok("a b c")["input_ids"][:-1]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/formats.py diff of probe 17's report")
 def test_a_sharegpt_ranking_conversation_ending_with_a_gpt_turn_is_refused():
     """LLaMA-Factory's converter drops a ranking row whose conversation has an even count ('Invalid message count'):
     its responses would follow a gpt turn. deltatune reads it (the prompt ending with an assistant turn, continued as a
@@ -232,7 +230,6 @@ def test_an_empty_sharegpt_system_turn_is_no_system_prompt_as_llamafactory_reads
         read_samples([Row({"conversations": [{"from": "system", "value": ""}]}, "t:3")], {}, stage="sft")
 
 
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/formats.py diff of probe 17's report (_sharegpt)")
 def test_an_empty_sharegpt_system_turn_leaves_the_system_column_unread():
     """LLaMA-Factory takes the system prompt from a leading system tag, else the system column: a row with both reads
     the tag ("" here: none, the template's default). deltatune puts the column's in its place."""

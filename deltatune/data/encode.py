@@ -311,7 +311,8 @@ def prompt_ids(s: Sample, tokenizer, template: str | None, max_length: int) -> l
         head = special_ends(tokenizer)[0]  # [CLS] too (only a BOS until probe 16), no closing [SEP] (its EOS)
         ids = tokenizer(as_written(s.messages[0]), add_special_tokens=False)["input_ids"]
         return head + ids[max(0, len(ids) - (max_length - len(head))) :]
-    ids = tokenizer(_prompt_text(s, tokenizer, template), add_special_tokens=_add_special(template))["input_ids"]
+    head = special_ends(tokenizer)[0] if _add_special(template) else []  # (not BERT's closing [SEP]: train.chat's)
+    ids = head + tokenizer(_prompt_text(s, tokenizer, template), add_special_tokens=False)["input_ids"]
     return ids[max(0, len(ids) - max_length) :]
 
 

@@ -382,8 +382,9 @@ def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
     tools = row_tools(row, _col(c, "tools"))
     for i, m in enumerate(messages):  # a call with no schema named by the row's field (``_check`` names messages[i])
         _check_calls(m, tools, f"{row.source}: {column}[{i}].{t['content_tag']}")
-    if messages[0]["role"] != "system":
-        messages = _system_message(row, c) + messages
+    first = row.get(column)[0] if isinstance(row.get(column), list) else row.get(column)
+    if messages[0]["role"] != "system" and first.get(t["role_tag"]) != t["system_tag"]:  # (an empty system turn: none,
+        messages = _system_message(row, c) + messages  # and the system column unread, as LLaMA-Factory reads it)
     return Sample(row.source, "sharegpt", messages, tools=tools, **media)
 
 
@@ -525,6 +526,12 @@ def _sharegpt_preference(row: Row, c: dict[str, str], t: dict[str, str]) -> Samp
         s, (role, content, roles) = _messages(row, c, t), ("role", "content", _MESSAGE_ROLES)
     else:
         s, (role, content, roles) = _sharegpt(row, c, t), (t["role_tag"], t["content_tag"], _sharegpt_roles(t))
+        if s.messages[-1]["role"] == "assistant":  # LLaMA-Factory's ranking rows: the prompt ends on its prompt side
+            raise DataError(
+                f"{row.source}: {column}[{len(items) - 1}].{role}: the conversation ends with a "
+                f"{items[-1].get(role)!r} turn before its responses; sharegpt turns alternate, so a ranking row's "
+                "conversation ends with a user or observation turn (LLaMA-Factory drops the row)"
+            )
     media = {"images": s.images, "videos": s.videos}
     for key in ("chosen", "rejected"):
         col = _col(c, key)
