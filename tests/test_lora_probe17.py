@@ -187,7 +187,6 @@ def _bias_adapter(path, seed: int):
     model.save_pretrained(path)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/model.py diff of probe17's report (remove this mark then)")
 def test_a_second_adapter_with_bias_is_refused_as_peft(tmp_path):
     """The base biases are one set: loading a second bias='all' adapter overwrote the first's trained biases (its
     logits 0.51 off what it computed alone); peft refuses the second adapter."""

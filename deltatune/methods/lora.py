@@ -117,7 +117,7 @@ class LoraConfig(DeltaConfig):
         if not isinstance(self.ensure_weight_tying, bool):
             raise ConfigError(f"ensure_weight_tying must be a bool, got {self.ensure_weight_tying!r}")
         check_map(self.layer_replication)
-        check_indices(self.trainable_token_indices)
+        self.trainable_token_indices = check_indices(self.trainable_token_indices, integral=True)  # numpy ids: ints
         self.init_lora_weights = inits.canonical_init(self.init_lora_weights)  # peft's "OLoRA" is its "olora"
         inits.check_init(self.init_lora_weights, self.lora_bias, self.use_dora, self.loftq_config)
         if self.loftq_config and self.init_lora_weights != "loftq":

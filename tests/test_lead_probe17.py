@@ -1,0 +1,38 @@
+"""The lead's part of session 52's probes (probe 17): the edits the agents reported for files outside their own,
+each with a test shown failing on the file before it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_inputs, tiny_model
+
+import deltatune as dt
+
+
+def test_lora_trainable_token_indices_take_numpy_ids_as_peft(tmp_path):
+    """peft's LoraConfig takes numpy integer token ids (np.where over a vocabulary); deltatune refused them. They are
+    stored as ints, so the saved config is peft's JSON and peft loads the file to the same logits."""
+    peft = pytest.importorskip("peft")
+    ids = {"embed_tokens": [np.int64(1), np.int32(4)]}
+    config = dt.LoraConfig(target_modules=["q_proj"], trainable_token_indices=ids)
+    assert config.trainable_token_indices == {"embed_tokens": [1, 4]}
+    assert all(type(i) is int for i in config.trainable_token_indices["embed_tokens"])
+    ours = dt.get_delta_model(tiny_model("llama"), config)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "trainable_tokens_delta" in name or "lora_B" in name:
+                p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape))
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["trainable_token_indices"] == {
+        "embed_tokens": [1, 4]
+    }
+    inputs = tiny_inputs("llama")
+    theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(**inputs).logits, theirs(**inputs).logits, atol=1e-6, rtol=0)
+    with pytest.raises(dt.ConfigError):
+        dt.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[True])  # a bool is no id
