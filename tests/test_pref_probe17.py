@@ -17,7 +17,6 @@ from tiny import save_tiny
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import deltatune as dt
-from deltatune.config import ConfigError
 from deltatune.train import build
 from deltatune.train.models import load_tokenizer
 from deltatune.train.table import prepare
@@ -155,7 +154,6 @@ def test_kto_balance_warning_names_the_undesirable_weight_too():
     assert balance_note(10, 2, AlignArgs(undesirable_weight=3.7), "t.jsonl") is not None
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason="needs probe 17's config_train.py diff (EVAL_STATS)")
 @pytest.mark.parametrize("stage, headline, metric", [("dpo", "eval_accuracy", "eval_logps/chosen"),
                                                      ("orpo", "eval_accuracy", "eval_nll_loss"),
                                                      ("simpo", "eval_accuracy", "logits/chosen"),

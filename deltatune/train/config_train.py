@@ -430,6 +430,16 @@ EVAL_METRICS = {
 """(stage, its headline metric) -> what the stage's compute_metrics reports at each evaluation, besides the loss and
 the Trainer's timings (tests/test_trainer_probe14.py checks each against the stage's function). A stage not here is
 checked at its first evaluation (trainer.py)."""
+_SIDES = ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+EVAL_STATS = {
+    "dpo": (*_SIDES, "entropy", "mean_token_accuracy", "num_tokens"),
+    "orpo": (*_SIDES, "nll", "nll_loss", "log_odds_ratio", "log_odds_chosen"),
+    "simpo": (*_SIDES, "nll_loss"),
+    "cpo": (*_SIDES, "nll_loss"),
+    "kto": (*_SIDES, "kl", "entropy", "num_tokens"),
+}
+"""What the preference stages' trainers add to each evaluation besides compute_metrics' (``pairs.EvalStats``: their
+training log's names, as TRL's evaluations report them; a Mixture-of-Experts model's aux_loss aside)."""
 PAIRED = ("gained", "lost", "paired_p")
 """What the pair stages' trainers (pairs.PairTrainer) add to each evaluation after one before training
 (train.eval_on_start)."""
@@ -444,6 +454,7 @@ def check_best_metric(cfg: Any, headline: str | None) -> None:
     reported = EVAL_METRICS.get((cfg.stage, headline))
     if not metric or reported is None:
         return
+    reported = reported + EVAL_STATS.get(cfg.stage, ())
     if cfg.train.eval_on_start and cfg.stage in ("rm", "dpo", "orpo", "simpo", "cpo"):
         reported = reported + PAIRED
     if metric.removeprefix("eval_") not in ("loss", *reported, *TIMINGS):
