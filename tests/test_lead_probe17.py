@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_trainer_probe11 import files, recipe  # noqa: F401
 from tiny import tiny_inputs, tiny_model
 
 import deltatune as dt
@@ -36,3 +37,40 @@ def test_lora_trainable_token_indices_take_numpy_ids_as_peft(tmp_path):
         torch.testing.assert_close(ours.eval()(**inputs).logits, theirs(**inputs).logits, atol=1e-6, rtol=0)
     with pytest.raises(dt.ConfigError):
         dt.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[True])  # a bool is no id
+
+
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        ({"scheduler": "cosine_with_min_lr", "lr": 2e-4, "lr_scheduler_kwargs": {"min_lr": 1e-3}}, "climb above"),
+        ({"optim": "schedule_free_adamw"}, "train.optim"),
+    ],
+)
+def test_a_floor_above_the_peak_or_a_missing_optimizer_package_is_refused_where_a_run_starts(
+    files,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    keys,
+    says,
+):
+    """check_schedule_floor and check_optim_package run in checks.check_run: one line before the model loads and
+    before any folder is made (they were defined, not called: the Trainer's schedule climbed to 5x the peak, the
+    optimizer's ImportError came after the model loaded); build() still reads such a recipe (a finished run's)."""
+    import importlib.util
+
+    import deltatune.train.run as run
+    from deltatune.config import ConfigError
+    from deltatune.train import build, train
+
+    if "optim" in keys and importlib.util.find_spec("schedulefree") is not None:
+        pytest.skip("schedulefree is installed here")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(run, "start_model", loaded)
+    cfg = build(recipe(files, tmp_path / "out", **keys))
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert says in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

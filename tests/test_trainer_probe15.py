@@ -354,7 +354,7 @@ def test_optim_args_the_trainer_takes_in_any_case_pass():
     """The Trainer lowercases nesterov and centered (true, 1, yes): True and Yes were refused."""
     from deltatune.train.config_train import optim_args
 
-    for keys in ({"optim": "sgd", "optim_args": {"nesterov": "True"}}, {"optim": "rmsprop", "optim_args": "centered=Yes"},
+    for keys in ({"optim": "sgd", "optim_args": {"nesterov": "True", "momentum": 0.9}}, {"optim": "rmsprop", "optim_args": "centered=Yes"},
                  {"optim": "stable_adamw", "optim_args": {"decouple_lr": True, "kahan_sum": "yes"}}):  # fmt: skip
         assert optim_args(build({"data": {"train": "t.jsonl"}, "train": keys}).train)
 

@@ -113,6 +113,7 @@ def check_num_labels(cfg: RunConfig, labels: list[str] | None) -> None:
 
 def check_run(cfg: RunConfig) -> None:
     """The checks above that need only the recipe (the data-dependent one runs after the data is read)."""
+    from .config_train import check_optim_package, check_schedule_floor
     from .table import STAGES
 
     check_model_path(cfg.model.name_or_path)
@@ -123,6 +124,8 @@ def check_run(cfg: RunConfig) -> None:
         # Here, where a training run starts, not in build(): a finished run's run.yaml from before still loads.
         raise ConfigError("train.fsdp_config is read only with train.fsdp (e.g. 'full_shard auto_wrap'), which is "
                           "empty: set train.fsdp, or drop train.fsdp_config")  # fmt: skip
+    check_schedule_floor(cfg)  # (as fsdp_config: a finished run's run.yaml with such a floor still loads)
+    check_optim_package(cfg)
     if t.data_seed is not None and t.train_sampling_strategy in ("sequential", "batch_rebalance"):  # (unused)
         # The Trainer seeds the random sampler, and group_by_length's eval batches, with it; as fsdp_config, here.
         follows = {"sequential": "is the data's", "batch_rebalance": "is fixed (the Trainer's sampler seeds it with "
