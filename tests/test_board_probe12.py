@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import urllib.request
 
@@ -258,8 +259,11 @@ def test_the_board_refuses_a_playground_named_twice_or_half(flags, words, tmp_pa
     assert main(["board", "--runs", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deltatune board: error: ") and words in err and err.count("\n") == 1
-    check_board(str(tmp_path), "127.0.0.1", 0, "http://127.0.0.1:8000/v1", "key")  # the openai client's form: taken
-    check_board(str(tmp_path), "127.0.0.1", 0, None, None, True)
+    with socket.socket() as probe:  # a free port (0 is refused: the board would listen where it names no port)
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    check_board(str(tmp_path), "127.0.0.1", free, "http://127.0.0.1:8000/v1", "key")  # the openai client's form: taken
+    check_board(str(tmp_path), "127.0.0.1", free, None, None, True)
 
 
 @pytest.mark.parametrize(

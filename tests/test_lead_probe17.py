@@ -74,3 +74,17 @@ def test_a_floor_above_the_peak_or_a_missing_optimizer_package_is_refused_where_
         train(cfg)
     assert says in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_board_port_0_is_refused_in_one_line_not_served_at_a_port_the_board_does_not_name(
+    tmp_path, capsys, monkeypatch
+):
+    """uvicorn took a free port for --port 0 and never named it; the board said it was on http://127.0.0.1:0/."""
+    import deltatune.board
+    from deltatune.cli import main
+
+    monkeypatch.setattr(deltatune.board, "board", lambda *a, **k: None)  # (not served, whatever the check says)
+    assert main(["board", "--runs", str(tmp_path), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and "--port 0" in err and "--port 7860" in err and "127.0.0.1:0" not in captured.out

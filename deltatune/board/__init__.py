@@ -196,6 +196,8 @@ def check_board(
             f"--host {host}: the board has no authentication and listens on this machine only "
             "(reach it from elsewhere through an SSH tunnel)"
         ) from None
+    if port == 0:  # (uvicorn took a free port, unnamed: the board said it was on http://127.0.0.1:0/)
+        raise ConfigError("--port 0: the board is opened at the port it names; give one, e.g. --port 7860")
     check_port(host, port)
 
 
