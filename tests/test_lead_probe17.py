@@ -88,3 +88,40 @@ def test_board_port_0_is_refused_in_one_line_not_served_at_a_port_the_board_does
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert err.count("\n") == 0 and "--port 0" in err and "--port 7860" in err and "127.0.0.1:0" not in captured.out
+
+
+def test_a_grpo_resume_after_the_data_changed_is_refused_and_resume_changed_takes_fewer_prompts(tmp_path):
+    """GRPO checkpoints recorded nothing of the data, so a resume after the prompts file changed went on silently
+    with other prompts, or stopped with an IndexError on a data order pointing past a shorter file. They record the
+    run's facts now (as the Trainer's and PPO's): the Trainer stages' one-line refusal, and --resume-changed onto
+    fewer prompts finishes (the pass's order keeps only the prompts there are)."""
+    from tiny import save_tiny
+
+    from deltatune.config import ConfigError
+    from deltatune.train import build, train
+    from deltatune.train.runfolder import FINISHED_FILE
+
+    (tmp_path / "rewards.py").write_text(
+        "def length(completions, **kw):\n    return [float(len(c)) for c in completions]\n"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1}"}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    raw = {
+        "stage": "grpo", "model": {"name_or_path": save_tiny(tmp_path / "llama", "llama", "causal_lm")},
+        "data": {"train": str(prompts), "max_length": 16}, "method": {"name": "lora", "r": 4},
+        "align": {"reward_funcs": [f"{tmp_path / 'rewards.py'}:length"], "num_generations": 2, "max_new_tokens": 3},
+        "train": {"max_steps": 1, "batch_size": 2, "save_steps": 1, "report_to": ["none"]},
+        "output": {"dir": str(out)},
+    }  # fmt: skip
+    train(build(raw))
+    assert json.loads((out / "checkpoint-1" / "deltatune_sums.json").read_text())["facts"]
+    (out / FINISHED_FILE).unlink()  # as if the run had stopped after checkpoint-1
+    prompts.write_text("".join(json.dumps({"prompt": f"v{i}"}) + "\n" for i in range(2)))
+    raw["train"]["max_steps"] = 2
+    with pytest.raises(
+        ConfigError, match=r"^--resume: since checkpoint-1 was written, the file of data.train changed"
+    ):
+        train(build(raw), resume=True)
+    assert not (out / FINISHED_FILE).exists()
+    assert train(build(raw), resume=True, resume_changed=True)["train_steps"] == 2

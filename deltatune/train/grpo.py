@@ -41,7 +41,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,16 +60,15 @@ from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
 from .config_grpo import GENERATION_IDS, check_generation_ids, grpo_sampling
+from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _save_checkpoint  # noqa: F401  (STATE_FILE: tests)
 from .grpo_entropy import EntropyBonus, check_entropy
 from .grpo_loss import check_loss_keys, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
-from .ppo_checkpoint import rotate
 from .prepared import Prepared, _rows
 from .report import plot_panels
 
-STATE_FILE = "grpo_state.pt"
 STATS = ("reward", "reward_std", "kl", "clipfrac", "entropy", "completion_length", "loss", "step_time_s")
 """The statistics plotted in grpo_stats.png, then each reward's mean."""
 
@@ -497,9 +495,13 @@ def train_grpo(
         checkpoint = resume_checkpoint(out)[0]  # the newest checkpoint that reads
     if checkpoint:
         start_step, history, order, metrics = _load_checkpoint(checkpoint, loop, g)
+        order = [i for i in order if i < len(prompts)]  # (--resume-changed onto fewer prompts: those left of the pass)
     elif eval_prompts and t.eval_on_start:
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     save_every = t.save_steps or per_epoch
+    from .runfolder import run_facts
+
+    facts = run_facts(cfg)  # (the data's bytes: each checkpoint records them, for --resume to compare)
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, LOG_FILE)  # one line per step as it happens (the board's live curves read it)
     with open(log_path, "w", encoding="utf-8") as fh:  # a resumed run rewrites the steps its checkpoint holds
@@ -528,7 +530,7 @@ def train_grpo(
                 started()
             if step % save_every == 0:
                 done = {**metrics, "train_runtime_s": time.perf_counter() - start}  # (as the Trainer stages keep it)
-                _save_checkpoint(out, step, loop, g, history, order, done, t.save_total_limit)
+                _save_checkpoint(out, step, loop, g, history, order, done, t.save_total_limit, facts)
         tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
         metrics.update(
             train_loss=sum(h["loss"] for h in history) / len(history),
@@ -547,54 +549,3 @@ def train_grpo(
     keys = [k for k in STATS if history and k in history[0]] + [k for k in (history or [{}])[0] if k.endswith("/mean")]
     plot_panels(history, keys, os.path.join(out, "grpo_stats.png"))
     return metrics, history
-
-
-def _save_checkpoint(
-    out: str, step: int, loop: GRPOLoop, g: torch.Generator, history, order, metrics, keep: int | None
-):
-    """``checkpoint-<step>/``: the adapter, and the optimizer, scheduler, RNG and history to resume from; written to a
-    staging folder and renamed into place, so a checkpoint folder is complete or absent."""
-    final = os.path.join(out, f"checkpoint-{step}")
-    staging = os.path.join(out, ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    loop.model.save_pretrained(staging)
-    state = {
-        "step": step,
-        "optimizer": loop.optimizer.state_dict(),
-        "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
-        "generator": g.get_state(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "history": history,
-        "order": order,
-        "metrics": metrics,
-        "entropy": loop.bonus.state_dict() if loop.bonus.adaptive else None,  # (TRL's entropy_ctrl_state.json)
-    }
-    torch.save(state, os.path.join(staging, STATE_FILE))
-    with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as fh:  # what --resume looks for
-        json.dump({"global_step": step, "stage": "grpo", "log_history": history}, fh)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    rotate(out, keep)
-
-
-def _load_checkpoint(path: str, loop: GRPOLoop, g: torch.Generator):
-    """Restore the adapter, optimizer, scheduler and RNG state from a checkpoint; (step, history, order, metrics)."""
-    state_file = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(state_file):
-        raise ConfigError(f"--resume: {path!r} is not a GRPO checkpoint (no {STATE_FILE})")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    if len(state["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):  # one before c1a4e8e
-        raise ConfigError(f"--resume: {path!r} was written by an older deltatune whose AdamW also decayed biases and "
-                          "norm weights (one parameter group, now two); finish it with that version or start anew")  # fmt: skip
-    for name in loop.model.peft_config:
-        loop.model.load_adapter_weights(path if name == "default" else os.path.join(path, name), name)
-    loop.optimizer.load_state_dict(state["optimizer"])
-    if loop.scheduler is not None and state["scheduler"] is not None:
-        loop.scheduler.load_state_dict(state["scheduler"])
-    g.set_state(state["generator"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    loop.bonus.load_state_dict(state.get("entropy"))  # (none in a checkpoint before it)
-    return state["step"], state["history"], state["order"], state["metrics"]

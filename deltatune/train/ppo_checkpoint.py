@@ -28,6 +28,16 @@ STATE = "trainer_state.json"
 PREFIX = "checkpoint-"
 
 
+def write_facts(folder: str, facts: dict[str, Any] | None) -> None:
+    """``facts`` (the run's ``runfolder.run_facts``) into ``folder``'s ``deltatune_sums.json``, the Trainer's file of
+    them, which run.py compares on ``--resume``; nothing for None (a caller that has none)."""
+    if facts is not None:
+        from .trainer import SUMS
+
+        with open(os.path.join(folder, SUMS), "w", encoding="utf-8") as fh:
+            json.dump({"facts": facts}, fh)
+
+
 def save(
     out: str,
     step: int,
@@ -67,11 +77,7 @@ def save(
         }
         with open(os.path.join(staging, STATE), "w", encoding="utf-8") as fh:
             json.dump(state, fh)
-        if facts is not None:
-            from .trainer import SUMS
-
-            with open(os.path.join(staging, SUMS), "w", encoding="utf-8") as fh:
-                json.dump({"facts": facts}, fh)
+        write_facts(staging, facts)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(staging, final)
     except BaseException:
