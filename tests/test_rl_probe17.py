@@ -185,3 +185,33 @@ def test_an_unfinished_reward_run_is_one_line_before_any_model_loads(folders, tm
     with pytest.raises(ConfigError, match=r"^reward model '.*rm_run' holds no adapter yet \(no adapter_config.json\)"):
         prepare_ppo(build(raw), tokenizer())
     assert sorted(os.listdir(run)) == ["run.yaml"]
+
+
+def test_an_encoder_reward_model_on_the_policys_tokenizer_is_one_line_before_any_model_loads(folders, tmp_path):
+    """A one-label BertForSequenceClassification saved with the policy's own tokenizer passed check_token_reward (its
+    tokenizer reads the policy's ids alike) and was refused only by TokenRewardModel, inside the loop, after the
+    policy had loaded (an encoder has no ``score`` head: TRL's get_reward cannot score with it). prepare_ppo now
+    refuses it, before any model loads, with the very line TokenRewardModel gives; the folder is left as it was."""
+    from tiny import tiny_config
+    from transformers import BertForSequenceClassification
+
+    from deltatune.train.scorers import TokenRewardModel
+
+    tok = tokenizer()
+    config = tiny_config("bert", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    config.num_labels = 1
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert_rm")
+    tok.save_pretrained(tmp_path / "bert_rm")
+    spec = str(tmp_path / "bert_rm")
+    with pytest.raises(ConfigError) as loading:
+        TokenRewardModel(spec)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "tell me"}) + "\n")
+    raw = {"stage": "ppo", "model": {"name_or_path": folders["base"]}, "data": {"train": str(prompts)},
+           "train": {"batch_size": 1}, "align": {"reward_model": spec, "max_new_tokens": 4}}  # fmt: skip
+    before = sorted(os.listdir(spec))
+    with pytest.raises(ConfigError, match=r"^align.reward_model '.*bert_rm': a BertForSequenceClassification has no "
+                       "score head on a decoder backbone") as info:  # fmt: skip
+        prepare_ppo(build(raw), tok)
+    assert str(info.value) == str(loading.value) and "\n" not in str(info.value)
+    assert sorted(os.listdir(spec)) == before

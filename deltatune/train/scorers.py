@@ -178,8 +178,10 @@ class TokenRewardModel:
 
 def check_token_reward(spec: str, tokenizer) -> None:
     """ConfigError, one line naming align.reward_model, unless the folder ``spec`` is a one-label sequence classifier
-    whose tokenizer reads the policy's ids alike (each policy token at its id; tokens added after them are
-    fine; a folder without a tokenizer: a vocabulary of at least the policy's): TRL's PPOTrainer feeds it the policy's token ids. Reads files only; loads no model."""
+    on a decoder backbone (TokenRewardModel's, as TRL's get_reward: an encoder's has no ``score`` head) whose
+    tokenizer reads the policy's ids alike (each policy token at its id; tokens added after them are fine; a folder
+    without a tokenizer: a vocabulary of at least the policy's): TRL's PPOTrainer feeds it the policy's token ids.
+    Reads files only; loads no model."""
     from transformers import AutoConfig, AutoTokenizer
 
     from ..config import ConfigError
@@ -190,25 +192,31 @@ def check_token_reward(spec: str, tokenizer) -> None:
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("align.reward_funcs", "align.reward_model", 1)) from None
     try:
+        config = AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError):  # (a remote config: loaded, and checked, with the model)
+        config = None
+    if config is not None and is_encoder_config(config):  # (TokenRewardModel's refusal, before the policy loads)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as NAMES
+
+        name = NAMES.get(config.model_type, f"{config.model_type} model")
+        raise ConfigError(f"align.reward_model {spec!r}: a {name} has no score head on a decoder backbone (TRL's "
+                          "PPOTrainer scores with model.score); train a reward run (stage rm) instead")  # fmt: skip
+    try:
         theirs = AutoTokenizer.from_pretrained(spec).get_vocab()
     except (OSError, ValueError, TypeError):
         theirs = None
     ours = tokenizer.get_vocab()
     moved = sorted((i, t) for t, i in ours.items() if theirs.get(t) != i) if theirs is not None else []
     other = moved[0][1] if moved else None  # (the lowest id: the same token named every time)
-    if (
-        other is not None
-    ):  # (a reward tokenizer that only adds tokens, a [PAD] as TRL's examples add, reads them alike)
+    # (a reward tokenizer that only adds tokens, a [PAD] as TRL's examples add, reads the policy's ids alike)
+    if other is not None:
         raise ConfigError(f"align.reward_model {spec!r}: its tokenizer is not the policy's ({len(theirs)} tokens, the "
                           f"policy's {len(ours)}; the policy's token {other!r} is id {ours[other]}, there "
                           f"{theirs.get(other, 'none')}); a transformers reward model scores the policy's token "
                           "ids, as TRL's PPOTrainer (a reward run, stage rm, scores re-tokenised text)")  # fmt: skip
-    if theirs is not None:
+    if theirs is not None or config is None:
         return
-    try:
-        vocab = AutoConfig.from_pretrained(spec).get_text_config().vocab_size
-    except (OSError, ValueError):  # (a remote config: loaded, and checked, with the model)
-        return
+    vocab = config.get_text_config().vocab_size
     if vocab < len(ours):
         raise ConfigError(f"align.reward_model {spec!r}: its vocabulary of {vocab} tokens is smaller than the policy "
                           f"tokenizer's {len(ours)}; a transformers reward model scores the policy's token ids, as "
