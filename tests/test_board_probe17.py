@@ -110,3 +110,63 @@ def test_the_pages_files_are_revalidated_on_each_load(tmp_path):
         assert first.status_code == 200 and first.headers["cache-control"] == "no-cache", path
         again = c.get(path, headers={"If-None-Match": first.headers["etag"]})
         assert again.status_code == 304 and again.content == b"", path
+
+
+def test_if_none_match_compares_weakly_reads_every_line_and_takes_a_star(tmp_path):
+    """RFC 9110, 13.1.2: If-None-Match is ``*`` or a list of tags, compared weakly (``W/`` ignored), its commas with
+    or without spaces, over every line of the header. Only ``", "`` was split, one line read, a tag compared as it
+    came: each of these got the whole file again (200). A miss is still the file, a missing asset still a 404."""
+    c = client(tmp_path)
+    first = c.get("/static/app.js")
+    etag = first.headers["etag"]
+    hit = {
+        "weak": [("If-None-Match", f"W/{etag}")],
+        "star": [("If-None-Match", "*")],
+        "no spaces": [("If-None-Match", f'"x",{etag}')],
+        "wide spaces": [("If-None-Match", f'"x"  ,\t W/{etag} ')],
+        "a comma in a tag": [("If-None-Match", f'"a, b", {etag}')],
+        "second line": [("If-None-Match", '"x"'), ("If-None-Match", etag)],
+    }
+    for case, headers in hit.items():
+        again = c.get("/static/app.js", headers=headers)
+        assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag), case
+    for miss in ('"x"', 'W/"x"', f'"{etag}"', etag.strip('"'), ""):  # (a tag unquoted, or quoted twice: no tag)
+        again = c.get("/static/app.js", headers={"If-None-Match": miss})
+        assert (again.status_code, again.content) == (200, first.content), miss
+    assert c.get("/static/nope.js", headers={"If-None-Match": "*"}).status_code == 404
+
+
+def test_a_recipes_omap_and_pairs_are_lists_of_pairs(tmp_path):
+    """PyYAML reads ``!!omap`` and ``!!pairs`` as lists of tuples: since the walk that makes a recipe sendable showed
+    any other type as its str, they were shown as "('lr', 1)"; before it, json.dumps sent them as lists."""
+    (write_run(tmp_path, "omap") / "run.yaml").write_text(
+        "stage: sft\ntrain: !!omap [{lr: 1}, {seed: 2}]\ndata: !!pairs [{a: x}, {a: 2024-01-01}]\n", encoding="utf-8"
+    )
+    page = client(tmp_path).get("/api/run?name=omap")
+    assert page.status_code == 200
+    assert page.json()["recipe"] == {
+        "stage": "sft",
+        "train": [["lr", 1], ["seed", 2]],
+        "data": [["a", "x"], ["a", "2024-01-01"]],
+    }
+
+
+def test_a_yaml_alias_bomb_leaves_the_run_listed_and_is_walked_once(tmp_path, monkeypatch):
+    """A "billion laughs": 6 levels of 10 aliases are 10^6 values from a few hundred bytes; the walk that makes a recipe
+    sendable expanded them twice on each poll of the list (seconds; 9 levels hung the board). Now a run.yaml holding
+    more than MAX_NODES values is unreadable (as one nested too deep): walked up to the limit once, kept as such
+    until the file changes; its run is listed (no recipe) and its page answers."""
+    bomb = "stage: sft\na: &a [" + ", ".join(["lol"] * 10) + "]\n"
+    bomb += "".join(f"{b}: &{b} [" + ", ".join([f"*{a}"] * 10) + "]\n" for a, b in zip("abcde", "bcdef"))
+    (write_run(tmp_path, "bomb", [{"loss": 0.5, "step": 1}]) / "run.yaml").write_text(bomb, encoding="utf-8")
+    write_run(tmp_path, "ok")
+    walked, finite = [], runs._finite
+    monkeypatch.setattr(runs, "_finite", lambda *a: walked.append(1) or finite(*a))
+    listed = {r["name"]: (r["stage"], r["steps"]) for r in runs.list_runs(str(tmp_path))}
+    assert listed == {"bomb": (None, 1), "ok": ("sft", 0)}
+    assert runs.MAX_NODES < len(walked) <= runs.MAX_NODES + 100  # (the "ok" run's recipe and files: a few dozen)
+    walked.clear()
+    assert {r["name"] for r in runs.list_runs(str(tmp_path))} == {"bomb", "ok"}
+    page = client(tmp_path).get("/api/run?name=bomb")
+    assert len(walked) < 100 and page.status_code == 200
+    assert (page.json()["recipe"], [r["loss"] for r in page.json()["history"]]) == ({}, [0.5])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -68,7 +69,7 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
     def asset(name: str, http: HttpRequest) -> Response:
         path = os.path.join(STATIC, name)  # (stat_result: its ETag is set here, not when it is sent)
         sent = FileResponse(path, media_type=_ASSETS[name], headers=_REVALIDATE, stat_result=os.stat(path))
-        if sent.headers["etag"] in http.headers.get("if-none-match", "").split(", "):  # (FileResponse sends 200)
+        if _none_match(sent.headers["etag"], http.headers.getlist("if-none-match")):  # (FileResponse sends 200)
             return Response(status_code=304, headers={k: sent.headers[k] for k in ("etag", "cache-control")})
         return sent
 
@@ -118,6 +119,19 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
             return Response(content, status_code=status, media_type="application/json")
 
     return app
+
+
+def _none_match(etag: str, fields: list[str]) -> bool:
+    """Whether an If-None-Match header (each of its lines) names ``etag`` or is ``*`` (RFC 9110, 13.1.2: the weak
+    comparison, ``W/`` ignored on either side; a list's commas with or without spaces; an ETag may hold a comma).
+    Only ``", "`` was split, one line read, and a tag compared strongly: a browser's W/ tag or a proxy's list got
+    the whole file again."""
+    mine = etag.removeprefix("W/")
+    for field in fields:
+        for tag in re.findall(r'\*|(?:W/)?"[^"]*"', field):
+            if tag == "*" or tag.removeprefix("W/") == mine:
+                return True
+    return False
 
 
 class _Head:

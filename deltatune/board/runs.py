@@ -55,7 +55,8 @@ REPORT_MAX = 1 << 20
 
 _LOGS: dict[str, _Log] = {}
 _REPORTS: dict[str, tuple[tuple[int, int, int, int, int], str]] = {}
-_RECIPES: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}  # callers copy (_finite), never change
+# recipes read (sanitised by _finite; None: unreadable), by file; callers send them, never change them
+_RECIPES: dict[str, tuple[tuple[int, int, int, int, int], dict[str, Any] | None]] = {}
 _COUNTS: dict[str, tuple[tuple[int, int, int, int, int], int | None]] = {}  # trainable_parameters, by file
 _LOGS_LOCK = threading.Lock()
 
@@ -115,11 +116,16 @@ def _read_yaml(path: str) -> Any:
         return cached[1]
     try:
         with open(path, encoding="utf-8") as fh:
-            data = _finite(yaml.safe_load(fh))  # (parsed again only when the file changes: the cache above)
+            loaded = yaml.safe_load(fh)  # (parsed again only when the file changes: the cache above)
     except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError):  # (a list in a list... 5,000
         return None  # deep: the parser's RecursionError hid the run from the list and made its page a 500)
-    if not isinstance(data, dict):
-        return None  # (not kept: a file being written is read again)
+    try:
+        data = _finite(loaded, 0, [MAX_NODES])
+    except ValueError:  # nested past MAX_DEPTH or holding more than MAX_NODES values: kept as unreadable (an alias
+        data = None  # bomb was walked again on each poll of the list)
+    else:
+        if not isinstance(data, dict):
+            return None  # (not kept: a file being written is read again)
     with _LOGS_LOCK:
         if len(_RECIPES) >= 4096:
             _RECIPES.pop(next(iter(_RECIPES)))
@@ -277,17 +283,29 @@ file (a log row: the row) is taken as unreadable. A row 600 deep parsed, then ma
 RecursionError)."""
 
 
-def _finite(value: Any, depth: int = 0) -> Any:
+MAX_NODES = 100_000
+"""The most values (mappings, lists and scalars) a run.yaml may hold (a recipe holds about a hundred): more, the file
+is taken as unreadable. YAML's aliases repeat a value without repeating its text: a few hundred bytes, 6 levels of 10
+aliases ("billion laughs"), walked to 10^6 values, seconds of each poll of the list; 8 levels hung the board. (A JSON file
+has no aliases: its walk is as long as its text, and it has no such limit.)"""
+
+
+def _finite(value: Any, depth: int = 0, left: list[int] | None = None) -> Any:
     """``value`` as JSON can send it: a float that is not finite as None (JSON has no NaN: a diverged loss is shown as
     missing rather than breaking the page's JSON.parse), a YAML value JSON has no type for (a date, ``!!binary``
     bytes, a set) as its ``str`` and a mapping key as well (a date key made the run's page a 500, bytes that are not
-    UTF-8 in a recipe's stage the whole run list). ValueError past ``MAX_DEPTH``."""
+    UTF-8 in a recipe's stage the whole run list), a tuple (a pair of ``!!omap`` or ``!!pairs``) as a list.
+    ValueError past ``MAX_DEPTH``, or past ``left[0]`` values (counted down, when given)."""
     if depth > MAX_DEPTH:
         raise ValueError(f"nested more than {MAX_DEPTH} deep")
+    if left is not None:
+        left[0] -= 1
+        if left[0] < 0:
+            raise ValueError(f"more than {MAX_NODES} values")
     if isinstance(value, dict):
-        return {_key(k): _finite(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v, depth + 1) for v in value]
+        return {_key(k): _finite(v, depth + 1, left) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1, left) for v in value]
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     return value if value is None or isinstance(value, (str, int)) else str(value)
@@ -369,9 +387,9 @@ def summary(root: str, name: str) -> dict[str, Any] | None:
     folder = inside(root, name)
     if folder is None or not os.path.isfile(_in(folder, RUN_FILE)):
         return None
-    recipe = _finite(_read_yaml(_in(folder, RUN_FILE)) or {})
+    recipe = _read_yaml(_in(folder, RUN_FILE)) or {}  # (both read sanitised: not walked again on each poll)
     metrics = _read_json(_in(folder, "metrics.json"))
-    metrics = _finite(metrics) if isinstance(metrics, dict) else None
+    metrics = metrics if isinstance(metrics, dict) else None
     updated = _mtime(folder)
     live = _lock_alive(folder)
     ended = _ended(folder, updated) if metrics is None and not live else None
@@ -435,8 +453,8 @@ def detail(root: str, name: str, points: int = MAX_POINTS) -> dict[str, Any] | N
     rows = history(folder)
     return {
         **row,
-        "recipe": _finite(_read_yaml(_in(folder, RUN_FILE)) or {}),
-        "all_metrics": _finite(metrics) if isinstance(metrics, dict) else {},
+        "recipe": _read_yaml(_in(folder, RUN_FILE)) or {},  # (the cached recipe itself: sent, never changed)
+        "all_metrics": metrics if isinstance(metrics, dict) else {},
         "history": downsample(rows, points),
         "history_rows": len(rows),
         "report": _report(_in(folder, "report.md")),
