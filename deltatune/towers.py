@@ -169,23 +169,48 @@ def _feedforward(model: nn.Module, names: list[str]) -> list[str]:
     return out
 
 
+def check_names(towers: object) -> None:
+    """``method.towers`` as a recipe gives it (``RunConfig.method_config``, so with the recipe, before any data or
+    model): unset, or a list of known tower names. (No finished run named an unknown tower: ``restrict`` refused it.)
+
+    Raises:
+        ConfigError: not a list of names; an unknown tower name.
+    """
+    if towers is not None and not (isinstance(towers, list) and all(isinstance(t, str) for t in towers)):
+        raise ConfigError(f"method.towers must be a list of tower names (e.g. [language, vision]), got {towers!r}")
+    bad = [t for t in towers or [] if t not in TOWER_NAMES]
+    if bad:
+        raise ConfigError(f"method.towers: unknown tower {bad[0]!r}; choose from {', '.join(TOWER_NAMES)}")
+
+
+def check_new_run(method: dict) -> None:
+    """A run starting (``checks.check_run``, before the data and the model): ``method.towers: []`` is refused. Not
+    with the recipe: such a run.yaml, from before, adapted the language tower (the default) and still loads.
+
+    Raises:
+        ConfigError: ``method.towers`` is an empty list.
+    """
+    if method.get("towers") == []:
+        raise ConfigError("method.towers is empty: name the towers to adapt (language, vision, projector), or leave "
+                          "it unset for [language]")  # fmt: skip
+
+
 def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = None) -> DeltaConfig:
     """``config`` with its targets resolved to full module names inside ``towers`` (default: ``["language"]``).
 
     A model without towers (``TOWERS`` has no entry for it) gets ``config`` back unchanged when ``towers`` is None.
 
     Raises:
-        ConfigError: an unknown tower name, or none; towers on a single-tower model; explicit targets reaching a
-            tower not named (the modules listed); no default targets for a tower (bottleneck adapters: a tower without
-            blocks they can wrap, the tower named). (Towers choose modules by name: they apply to the methods that adapt
-            modules by ``target_modules``.)
+        ConfigError: an unknown tower name; towers on a single-tower model; explicit targets reaching a tower not
+            named (the modules listed); no default targets for a tower (bottleneck adapters: a tower without blocks
+            they can wrap, the tower named). (Towers choose modules by name: they apply to the methods that adapt
+            modules by ``target_modules``.) A recipe's ``method.towers`` is checked before any data or model:
+            ``check_names`` (with the recipe) and ``check_new_run`` (as a run starts).
     """
     table = TOWERS.get(model_type(model) or "")
     if towers is None and (not table or (config.target_modules is None and config.method not in _RESOLVED)):
         return config  # nothing asked, and nothing to resolve (a single tower, or a method that picks no modules)
-    if towers is not None and not towers:  # (it read as the default, [language])
-        raise ConfigError("method.towers is empty: name the towers to adapt (language, vision, projector), or leave "
-                          "it unset for [language]")  # fmt: skip
+    # [] reads as the default, [language]: a run.yaml from before check_new_run trained so (its start, eval --compare)
     towers = list(dict.fromkeys(towers or ["language"]))  # a tower named twice: its modules once each
     bad = [t for t in towers if t not in TOWER_NAMES]
     if bad:
@@ -225,4 +250,14 @@ def counts(model: nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["FAMILY_AS", "TOWERS", "TOWER_BOTTLENECK", "TOWER_NAMES", "counts", "restrict", "tower_of"]
+__all__ = [
+    "FAMILY_AS",
+    "TOWERS",
+    "TOWER_BOTTLENECK",
+    "TOWER_NAMES",
+    "check_names",
+    "check_new_run",
+    "counts",
+    "restrict",
+    "tower_of",
+]

@@ -256,23 +256,70 @@ def test_digits_refuses_to_add_a_new_split_to_an_old_one(tmp_path, capsys):
         digits.write(str(out), shots=5)
 
 
-def test_an_empty_towers_list_is_refused_not_read_as_the_language_tower():
-    """method.towers: [] adapted the language tower (the default) without a word."""
+def test_an_empty_towers_list_is_refused_as_a_run_starts_and_an_old_runs_start_is_its_language_tower(tmp_path):
+    """method.towers: [] adapted the language tower (the default) without a word: a run starting is refused
+    (``check_new_run``, in checks.check_run: before the data and the model, not in towers.restrict after a 7B model
+    loaded); a run.yaml from before still builds, and its start (eval --compare) is the language tower it trained."""
     import os
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
-    from tiny_vlm import tiny_vlm
+    from tiny_vlm import save_vlm
 
-    import deltatune as dt
     from deltatune import towers as T
     from deltatune.config import ConfigError
+    from deltatune.train.run import start_model
 
     with pytest.raises(ConfigError) as err:
-        T.restrict(tiny_vlm("llava"), dt.LoraConfig(r=2), [])
+        T.check_new_run({"name": "lora", "towers": []})
     assert str(err.value) == (
         "method.towers is empty: name the towers to adapt (language, vision, projector), or leave it unset for "
         "[language]"
+    )
+    T.check_new_run({"name": "lora"}), T.check_new_run({"name": "lora", "towers": ["vision"]})  # (no refusal)
+    model = save_vlm(tmp_path / "llava", "llava")
+
+    def start(towers):
+        method = {"name": "lora", "r": 2, **({} if towers is None else {"towers": towers})}
+        cfg = build({"stage": "caption", "model": {"name_or_path": model, "dtype": "float32"}, "method": method})
+        delta, notes = start_model(cfg, None)
+        return sorted(n for n, p in delta.named_parameters() if p.requires_grad), notes
+
+    old, notes = start([])
+    assert notes == ["adapted layers per tower: language: 4"]  # LoRA's LLaMA defaults: q_proj, v_proj of 2 blocks
+    assert len(old) == 8 and all(".language_model." in n for n in old)
+    assert old == start(None)[0] == start(["language"])[0]
+
+
+def test_an_unknown_tower_is_refused_with_the_recipe_before_any_data_or_model():
+    """method.towers: [visoin] was refused by towers.restrict, after the data was read and the model loaded; it is
+    refused as the recipe builds (no finished run named one: restrict refused it before training)."""
+    from deltatune.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        build({"stage": "caption", "method": {"name": "lora", "towers": ["language", "visoin"]}})
+    assert str(err.value) == "method.towers: unknown tower 'visoin'; choose from language, vision, projector"
+    cfg = build({"stage": "caption", "method": {"name": "lora", "towers": ["vision", "projector"]}})
+    assert cfg.method["towers"] == ["vision", "projector"]
+
+
+def test_an_image_folders_refused_image_is_named_once(tmp_path):
+    """For an image folder's row the source is the image path itself: the processor's refusal named it twice
+    ("/x/a/0.png: ... refuses image '/x/a/0.png' ..."); a data file's row names its line and the image."""
+    import numpy as np
+    from PIL import Image
+
+    from deltatune.train.image_cls import prepare_image_cls
+
+    for name in "ab":
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(tmp_path / "train" / name / "0.png")
+    cfg = build({"stage": "image_cls", "data": {"train": str(tmp_path / "train")}})
+    with pytest.raises(DataError) as err:
+        prepare_image_cls(cfg, _grey_processor([0.5]))
+    assert str(err.value) == (
+        f"{tmp_path / 'train' / 'a' / '0.png'}: the image processor (ViTImageProcessorPil) refuses for a 3-channel "
+        "model: mean must have 3 elements if it is an iterable, got 1"
     )
 
 

@@ -155,13 +155,11 @@ class RunConfig:
 
     def method_config(self, task_type: str | None = None):
         """The method section as that method's config object (validated by the config class)."""
-        from .. import registry
+        from .. import registry, towers
 
         section = dict(self.method)
         name = section.pop("name", None)
-        towers = section.pop("towers", None)  # applied with the model at hand (deltatune.towers.restrict)
-        if towers is not None and not (isinstance(towers, list) and all(isinstance(t, str) for t in towers)):
-            raise ConfigError(f"method.towers must be a list of tower names (e.g. [language, vision]), got {towers!r}")
+        towers.check_names(section.pop("towers", None))  # applied with the model at hand (towers.restrict)
         if not name:
             raise ConfigError("method.name is missing (e.g. method: {name: lora})")
         if section.get("revision") is not None:  # (every config has peft's field: get_peft_model(revision=)'s record)
