@@ -446,9 +446,11 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
               for split, n in (("train", cut), ("eval", cut_eval)) if n]  # fmt: skip
 
     def loop(model, tokenizer, run_cfg: RunConfig, checkpoint: str | None = None, started: Callable | None = None):
-        return train_grpo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint, started)
+        facts = getattr(prepared, "run_facts", None)  # (run.py's: hashed for the resume check, before the model)
+        return train_grpo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint, started, facts)
 
-    return Prepared(train, evals, Collator(tok.pad_token_id), None, "reward", notes=notes, loop=loop)
+    prepared = Prepared(train, evals, Collator(tok.pad_token_id), None, "reward", notes=notes, loop=loop)
+    return prepared
 
 
 def train_grpo(
@@ -460,6 +462,7 @@ def train_grpo(
     rewards: list[Reward],
     checkpoint: str | None = None,
     started: Callable[[], None] | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run GRPO for ``train.max_steps`` steps (or ``train.epochs`` passes over the prompts) of ``train.batch_size``
     prompts; returns (metrics, per-step log history). Resumes from ``checkpoint``, or from the last checkpoint in
@@ -499,9 +502,10 @@ def train_grpo(
     elif eval_prompts and t.eval_on_start:
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     save_every = t.save_steps or per_epoch
-    from .runfolder import run_facts
+    if facts is None:  # (run.py passes its own; a direct caller's: the data's bytes, for --resume to compare)
+        from .runfolder import run_facts
 
-    facts = run_facts(cfg)  # (the data's bytes: each checkpoint records them, for --resume to compare)
+        facts = run_facts(cfg)
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, LOG_FILE)  # one line per step as it happens (the board's live curves read it)
     with open(log_path, "w", encoding="utf-8") as fh:  # a resumed run rewrites the steps its checkpoint holds

@@ -435,7 +435,9 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
                    "a separate model scoring re-tokenised text")
             )  # fmt: skip
         try:
-            return train_ppo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint)
+            # (run.py's facts: the data's bytes it hashed for the resume check, before the model loaded)
+            facts = getattr(prepared, "run_facts", None)
+            return train_ppo(model, tokenizer, run_cfg, train, evals, rewards, checkpoint, facts)
         finally:
             if shared:  # the saved run holds the policy adapter only
                 model.delete_adapter(reward_fn.adapter_name)
@@ -452,10 +454,13 @@ def train_ppo(
     eval_prompts: list[list[int]] | None,
     reward_fn: RewardFn,
     checkpoint: str | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run PPO for ``train.max_steps`` steps (or ``train.epochs`` over the prompts) of ``train.batch_size``
     rollouts; returns (metrics, per-step log history). Saves the value head into ``output.dir``, and checkpoints
-    as the module docstring says; with ``checkpoint`` the run continues from that one."""
+    as the module docstring says; with ``checkpoint`` the run continues from that one. ``facts``: the run's
+    (runfolder.run_facts, as run.py read them before the model loaded), recorded in each checkpoint; None: read
+    here."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -487,9 +492,10 @@ def train_ppo(
         first += 1
         order = [i for i in order if i < len(prompts)]  # (--resume-changed onto fewer prompts: those left of the pass)
     every = t.save_steps or per_epoch
-    from .runfolder import run_facts
+    if facts is None:  # (a direct caller's: the data's bytes as the run began, each checkpoint records them)
+        from .runfolder import run_facts
 
-    facts = run_facts(cfg)  # (the data's bytes as the run began: each checkpoint records them for a resume)
+        facts = run_facts(cfg)
     start = time.perf_counter() - loop.runtime_s  # a resumed run's: the whole run's time, as the Trainer stages'
     bar = tqdm(range(first, steps + 1), desc="ppo", initial=first - 1, total=steps)
     for step in bar:
