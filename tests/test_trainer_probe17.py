@@ -5,6 +5,8 @@ passed; the error came at the first step)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments, get_scheduler
@@ -13,11 +15,14 @@ from deltatune.config import ConfigError
 from deltatune.train import build
 
 
-def _rates(name: str, kwargs: dict, lr: float, steps: int = 10) -> list[float]:
-    """transformers' schedule on an optimizer at ``lr``, stepped as the Trainer steps it (1 warm-up step)."""
+def _rates(name: str, kwargs: dict, lr: float, steps: int = 10, warmup: int = 1) -> list[float]:
+    """transformers' schedule on an optimizer at ``lr``, stepped as the Trainer steps it (``warmup`` steps): the rate
+    before the first step and after each."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    schedule = get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=steps, scheduler_specific_kwargs=kwargs)
-    out = []
+    schedule = get_scheduler(
+        name, opt, num_warmup_steps=warmup, num_training_steps=steps, scheduler_specific_kwargs=kwargs
+    )
+    out = [opt.param_groups[0]["lr"]]  # the first step's rate
     for _ in range(steps):
         opt.step()
         schedule.step()
@@ -52,14 +57,56 @@ def test_polynomial_lr_end_is_checked_against_the_runs_lr():
         ("polynomial", {"power": "x"}, TypeError, "unsupported operand type(s) for ** or pow()"),
     ],
 )
-def test_a_schedule_value_read_only_after_warm_up_is_one_line(name, kwargs, error, says):
+def test_a_schedule_value_read_only_after_warm_up_is_one_line_where_a_run_starts(tmp_path, name, kwargs, error, says):
     """The schedule was built, never stepped: a value its rate reads only after the warm-up passed, and the Trainer's
-    first step after it was a traceback from inside the schedule's lambda."""
+    first step after it was a traceback from inside the schedule's lambda. checks.check_run steps it; build() only
+    builds it, so a finished run that never left its warm-up (warmup_steps 20, 10 steps) still loads."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=kwargs)  # builds
     with pytest.raises(error):
         _rates(name, kwargs, lr=1e-3)
-    assert says in _refused({"scheduler": name, "lr_scheduler_kwargs": kwargs})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_scheduler(name, opt, num_warmup_steps=20, num_training_steps=10, scheduler_specific_kwargs=kwargs)
+    for _ in range(10):  # a run that never leaves warm-up trains (the Trainer steps the schedule after each step)
+        opt.step()
+        schedule.step()
+    cfg = build({"train": {"scheduler": name, "lr_scheduler_kwargs": kwargs, "warmup_steps": 20, "max_steps": 10}})
+    assert says in _run_refused(tmp_path, cfg)
+    assert says in _run_refused(tmp_path, build({"train": {"scheduler": name, "lr_scheduler_kwargs": kwargs}}))
+
+
+def _run_refused(tmp_path, cfg) -> str:
+    """checks.check_run's one line (where a training run starts) for ``cfg`` on a model folder that exists."""
+    from deltatune.train.checks import check_run
+
+    cfg.model.name_or_path, cfg.train.report_to, cfg.train.precision = str(tmp_path), ["none"], "fp32"
+    with pytest.raises(ConfigError) as err:
+        check_run(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "train.lr_scheduler_kwargs" in message
+    return message
+
+
+def test_a_warm_up_start_above_the_peak_is_one_line_where_a_run_starts(tmp_path):
+    """cosine_warmup_with_min_lr's warmup_lr_rate is the first step's rate over train.lr: at 5 the Trainer's first
+    step trains at 5x the peak, silently. check_schedule_floor never read the first step's rate; a run without
+    warm-up never reads warmup_lr_rate (taken, as by the Trainer)."""
+    kwargs = {"min_lr_rate": 0.1, "warmup_lr_rate": 5.0}
+    args = TrainingArguments(str(tmp_path), learning_rate=2e-4, warmup_steps=2, lr_scheduler_type="cosine_warmup_with_min_lr",
+                             lr_scheduler_kwargs=kwargs, use_cpu=True, report_to=[])  # fmt: skip
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the Trainer's first step: 5x the peak
+    cfg = build({"train": {"scheduler": "cosine_warmup_with_min_lr", "lr": 2e-4, "warmup_steps": 2,
+                           "lr_scheduler_kwargs": kwargs}})  # fmt: skip
+    message = _run_refused(tmp_path, cfg)
+    assert "climb above train.lr (0.0002) to 0.001" in message and "warmup_lr_rate" in message
+    ok = {"min_lr_rate": 0.1, "warmup_lr_rate": 0.5}
+    assert max(_rates("cosine_warmup_with_min_lr", ok, lr=2e-4)) <= 2e-4
+    from deltatune.train.config_train import check_schedule_floor
+
+    for train in ({"warmup_steps": 2, "lr_scheduler_kwargs": ok}, {"lr_scheduler_kwargs": kwargs}):
+        check_schedule_floor(build({"train": {"scheduler": "cosine_warmup_with_min_lr", "lr": 2e-4, **train}}))
 
 
 @pytest.mark.parametrize(
@@ -76,7 +123,7 @@ def test_a_schedule_floor_above_the_peak_is_one_line_where_a_run_starts(name, kw
     check_schedule_floor): a finished run's run.yaml with such a floor still builds."""
     from deltatune.train.config_train import check_schedule_floor
 
-    rates = _rates(name, kwargs, lr=2e-4)
+    rates = _rates(name, kwargs, lr=2e-4, warmup=0)  # (the recipe warms up no step)
     assert max(rates) > 2e-4 * 1.5  # the Trainer's schedule climbs
     cfg = build({"train": {"scheduler": name, "lr": 2e-4, "lr_scheduler_kwargs": kwargs}})  # an old run loads
     with pytest.raises(ConfigError) as err:
@@ -161,30 +208,108 @@ def test_an_optimizer_needing_optim_target_modules_is_one_line(tmp_path, optim):
         Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match=f"train.optim {optim} trains the modules named by .* optim_target_modules"):
         build({"train": {"optim": optim}})
+    with pytest.raises(ConfigError, match=f"train.optim {optim} trains the modules named by"):  # before optim_args'
+        build({"train": {"optim": optim, "optim_args": "rank=4"}})
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_a_loop_stage_ignores_train_optim_so_its_run_yaml_still_loads(stage):
+    """ppo's and grpo's own loops run torch's AdamW whatever train.optim says (ignored_keys notes it): a finished
+    run.yaml with train.optim galore_adamw was refused by build(), so merge / generate / serve could not load it."""
+    from deltatune.train.config import ignored_keys
+
+    cfg = build({"stage": stage, "model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"},
+                 "train": {"optim": "galore_adamw"}})  # fmt: skip
+    assert cfg.train.optim == "galore_adamw" and any(key == "train.optim" for key, _ in ignored_keys(cfg))
+
+
+def _unavailable(monkeypatch, fake) -> None:
+    """transformers' is_*_available helpers replaced by ``fake`` where the Trainer (trainer_optimizer) and
+    check_optim_package (import_utils) ask them, and the modules checked by import absent."""
+    import importlib.util
+
+    import transformers.trainer_optimizer as topt
+    from transformers.utils import import_utils
+
+    for module in (topt, import_utils):
+        for name in dir(module):
+            if name.startswith("is_") and name.endswith("_available"):
+                monkeypatch.setattr(module, name, lambda *a, _n=name, **k: fake(_n, *a))
+    find = importlib.util.find_spec
+    absent = ("torchdistx", "torch_xla", "torch_npu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else find(name, *a))
 
 
 def test_an_optimizer_whose_package_is_missing_is_one_line_where_a_run_starts(tmp_path, monkeypatch):
     """The Trainer's ImportError came after the model had loaded; check_optim_package (called by checks.check_run)
-    names the key and the package, and a finished run's run.yaml still builds without it. Every name is one of
-    transformers' optimizers."""
-    import importlib.util
-
+    names the key and the package, and a finished run's run.yaml still builds without it. The table is complete: with
+    every package missing, the Trainer refuses exactly its names (GaLore and APOLLO aside: build() refuses them)."""
     from transformers.training_args import OptimizerNames
 
     from deltatune.train.config_train import OPTIM_PACKAGES, check_optim_package
 
-    assert set(OPTIM_PACKAGES) <= {o.value for o in OptimizerNames}
-    find = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "schedulefree" else find(name, *a)
-    )
-    args = TrainingArguments(str(tmp_path), optim="schedule_free_adamw", use_cpu=True, report_to=[])
-    import transformers.trainer_optimizer as topt
+    _unavailable(monkeypatch, lambda name, *a: False)
+    trainer_refuses, ours_refuses = set(), set()
+    for optim in (o.value for o in OptimizerNames):
+        args = TrainingArguments(str(tmp_path), optim=optim, use_cpu=True, report_to=[])
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(2, 2))
+        except (ImportError, ValueError) as exc:  # (grokadamw's, torch_xla's ... are ValueErrors)
+            assert "install" in str(exc) or "import" in str(exc), str(exc)
+            trainer_refuses.add(optim)
+        if not optim.startswith(("galore_", "apollo_")):
+            try:
+                check_optim_package(build({"train": {"optim": optim}}))  # an old run.yaml loads
+            except ConfigError as exc:
+                assert f"train.optim {optim} needs the package " in str(exc) and "\n" not in str(exc)
+                ours_refuses.add(optim)
+    galore = {o for o in trainer_refuses if o.startswith(("galore_", "apollo_"))}
+    assert galore and trainer_refuses - galore == ours_refuses == set(OPTIM_PACKAGES)
+    check_optim_package(
+        build(
+            {
+                "stage": "ppo",
+                "model": {"name_or_path": "x"},
+                "data": {"train": "t.jsonl"},
+                "train": {"optim": "adamw_8bit"},
+            }
+        )
+    )  # fmt: skip  (ppo's loop runs torch's AdamW)
 
-    monkeypatch.setattr(topt, "is_schedulefree_available", lambda: False)
-    with pytest.raises(ImportError, match="schedulefree"):  # the Trainer's
-        Trainer.get_optimizer_cls_and_kwargs(args)
-    cfg = build({"train": {"optim": "schedule_free_adamw"}})  # an old run.yaml loads
-    with pytest.raises(ConfigError, match="train.optim schedule_free_adamw needs the package schedulefree, which is"):
-        check_optim_package(cfg)
-    check_optim_package(build({"train": {"optim": "adamw_torch"}}))  # none needed
+
+@pytest.mark.parametrize(
+    ("installed", "optim", "says"),
+    [
+        ({"schedulefree": "1.3.0"}, "schedule_free_radam", "schedulefree>=1.4.0, which is not installed here (or is"),
+        ({"schedulefree": "1.2.0"}, "schedule_free_adamw", "schedulefree>=1.2.6"),
+        ({"bitsandbytes": "0.45.0"}, "adamw_8bit", "bitsandbytes>=0.46.1"),
+        ({"torchao": "0.14.0"}, "adamw_torch_4bit", "torchao>=0.15.0"),
+    ],
+)
+def test_an_optimizer_package_older_than_transformers_needs_is_one_line(tmp_path, monkeypatch, installed, optim, says):
+    """transformers 5.25 needs bitsandbytes >= 0.46.1, torchao >= 0.15.0, schedulefree >= 1.2.6 (1.4.0 for RAdam):
+    with an older one installed the Trainer refuses after the model loaded, and check_optim_package (a find_spec)
+    passed. It asks transformers' own helpers, each at the version the Trainer asks."""
+    from packaging import version
+    from transformers.utils import import_utils
+
+    from deltatune.train.config_train import check_optim_package
+
+    least = {"is_bitsandbytes_available": import_utils.BITSANDBYTES_MIN_VERSION,
+             "is_torchao_available": import_utils.TORCHAO_MIN_VERSION,
+             "is_schedulefree_available": import_utils.SCHEDULEFREE_MIN_VERSION}  # fmt: skip
+    package = {"is_bitsandbytes_available": "bitsandbytes", "is_torchao_available": "torchao",
+               "is_schedulefree_available": "schedulefree"}  # fmt: skip
+
+    def fake(name, *wanted):  # installed at the given version, as _is_package_available reports it
+        have = installed.get(package.get(name, ""))
+        return have is not None and version.parse(have) >= version.parse((*wanted, least[name])[0])
+
+    _unavailable(monkeypatch, fake)
+    args = TrainingArguments(str(tmp_path), optim=optim, use_cpu=True, report_to=[])
+    with pytest.raises(ImportError):  # the Trainer's
+        Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match=re.escape(f"train.optim {optim} needs the package {says}")):
+        check_optim_package(build({"train": {"optim": optim}}))
+    if optim == "schedule_free_radam":  # 1.3.0 serves AdamW and SGD
+        check_optim_package(build({"train": {"optim": "schedule_free_adamw"}}))

@@ -124,7 +124,9 @@ def check_run(cfg: RunConfig) -> None:
         # Here, where a training run starts, not in build(): a finished run's run.yaml from before still loads.
         raise ConfigError("train.fsdp_config is read only with train.fsdp (e.g. 'full_shard auto_wrap'), which is "
                           "empty: set train.fsdp, or drop train.fsdp_config")  # fmt: skip
-    check_schedule_floor(cfg)  # (as fsdp_config: a finished run's run.yaml with such a floor still loads)
+    # The schedule stepped past warm-up (a value read only then; a rate above train.lr), and the optimizer's package:
+    # as fsdp_config, here, so a finished run's run.yaml (one that never left warm-up, or on another machine) loads.
+    check_schedule_floor(cfg)
     check_optim_package(cfg)
     if t.data_seed is not None and t.train_sampling_strategy in ("sequential", "batch_rebalance"):  # (unused)
         # The Trainer seeds the random sampler, and group_by_length's eval batches, with it; as fsdp_config, here.

@@ -165,10 +165,10 @@ def validate_train(cfg: Any) -> None:
         setattr(t, key, int(value) if value >= 1 else float(value))
     _check_warmup(t)
     _check_sampling(cfg)
-    _check_optim_args(cfg)
-    if (t.optim or "").startswith(("galore_", "apollo_")):  # (the Trainer's ValueError as the optimizer is built)
+    if not loop and (t.optim or "").startswith(("galore_", "apollo_")):  # (the Trainer's ValueError, model loaded)
         raise ConfigError(f"train.optim {t.optim} trains the modules named by TrainingArguments' optim_target_modules, "
                           f"which a recipe does not take; use another train.optim")  # fmt: skip
+    _check_optim_args(cfg)
     if t.torch_empty_cache_steps is not None and (t.torch_empty_cache_steps < 1 or loop):
         raise ConfigError(f"train.torch_empty_cache_steps: {cfg.stage}'s own loop never empties the cache; drop it"
                           if loop else f"train.torch_empty_cache_steps must be >= 1 (or null: never), got "
@@ -229,17 +229,14 @@ def _check_sampling(cfg: Any) -> None:
 
 
 _ADEMAMIX = ("beta1", "beta2", "beta3", "alpha", "eps", "t_alpha", "t_beta3")
-_GALORE = ("rank", "update_proj_gap", "scale", "proj_type")
-OPTIM_ARGS = {  # the optim_args keys transformers 5's trainer_optimizer.py reads, by train.optim (weight_decay aside)
+OPTIM_ARGS = {  # the optim_args keys transformers 5's trainer_optimizer.py reads, by train.optim (weight_decay aside;
+    # galore_* and apollo_* are refused in validate_train, where a Trainer stage names them)
     "sgd": ("momentum", "dampening", "nesterov"), "adagrad": ("lr_decay", "eps"),
     "rmsprop": ("momentum", "alpha", "eps", "centered"), "stable_adamw": ("max_lr", "kahan_sum", "decouple_lr"),
     "adamw_anyprecision": ("use_kahan_summation", "momentum_dtype", "variance_dtype", "compensation_buffer_dtype"),
     "grokadamw": ("alpha_init", "lamb", "gamma", "grokking_signal_decay_rate", "gradient_clipping"),
     **dict.fromkeys(("adamw_torch_4bit", "adamw_torch_8bit"), ("block_size", "bf16_stochastic_round")),
     **dict.fromkeys(("ademamix", "ademamix_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit"), _ADEMAMIX),
-    **dict.fromkeys(("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
-                     "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise"), _GALORE),
-    **dict.fromkeys(("apollo_adamw", "apollo_adamw_layerwise"), (*_GALORE, "proj", "scale_type")),
     **dict.fromkeys(("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"), ("weight_lr_power", "r")),
 }  # fmt: skip
 
@@ -300,30 +297,46 @@ def _check_optim_args(cfg: Any) -> None:
         _check_torch_optim(name, given, t.lr)
 
 
-OPTIM_PACKAGES = {  # the module transformers 5's trainer_optimizer.py imports for a train.optim, and its pip name
+_BNB = ("is_bitsandbytes_available", "bitsandbytes", "bitsandbytes>=0.46.1")
+_SF = ("is_schedulefree_available", "schedulefree", "schedulefree>=1.2.6")
+OPTIM_PACKAGES = {  # a train.optim whose package transformers 5's trainer_optimizer.py checks (or imports): the check
+    # (a transformers.utils.import_utils helper, which holds its minimum version, else the module), pip's name for it
     **dict.fromkeys(("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix",
                      "ademamix_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "lion_8bit", "lion_32bit",
                      "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
-                    ("bitsandbytes", "bitsandbytes")),
-    **dict.fromkeys(("lomo", "adalomo"), ("lomo_optim", "lomo-optim")), "grokadamw": ("grokadamw", "grokadamw"),
-    **dict.fromkeys(("adamw_torch_4bit", "adamw_torch_8bit"), ("torchao", "torchao")),
-    **dict.fromkeys(("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"), ("schedulefree", "schedulefree")),
-    "stable_adamw": ("optimi", "torch-optimi"), "adamw_anyprecision": ("torchdistx", "torchdistx"),
-    "adamw_torch_xla": ("torch_xla", "torch_xla"), "adamw_torch_npu_fused": ("torch_npu", "torch_npu"),
+                    _BNB),
+    **dict.fromkeys(("lomo", "adalomo"), ("is_lomo_available", "lomo_optim", "lomo-optim")),
+    "grokadamw": ("is_grokadamw_available", "grokadamw", "grokadamw"),
+    **dict.fromkeys(("adamw_torch_4bit", "adamw_torch_8bit"), ("is_torchao_available", "torchao", "torchao>=0.15.0")),
+    "schedule_free_adamw": _SF, "schedule_free_sgd": _SF,
+    "schedule_free_radam": ("is_schedulefree_available:1.4.0", "schedulefree", "schedulefree>=1.4.0"),
+    "stable_adamw": ("is_torch_optimi_available", "optimi", "torch-optimi"),
+    "adamw_anyprecision": (None, "torchdistx", "torchdistx"), "adamw_torch_xla": (None, "torch_xla", "torch_xla"),
+    "adamw_torch_npu_fused": (None, "torch_npu", "torch_npu"),
 }  # fmt: skip
 
 
 def check_optim_package(cfg: Any) -> None:
-    """A ``train.optim`` whose package is not installed: one line naming the key and the package, where a training
-    run starts (``checks.check_run``; a finished run's run.yaml still loads without it), not the Trainer's ImportError
-    after the model has loaded."""
+    """A ``train.optim`` whose package is not installed, or older than transformers needs (its own ``is_*_available``
+    helper, as the Trainer asks it): one line naming the key and the package, where a training run starts
+    (``checks.check_run``; a finished run's run.yaml still loads without it), not the Trainer's ImportError after the
+    model has loaded."""
     import importlib.util
 
-    module, package = OPTIM_PACKAGES.get(cfg.train.optim or "", (None, None))
-    if module is None or STAGES[cfg.stage].loop or importlib.util.find_spec(module) is not None:
+    helper, module, package = OPTIM_PACKAGES.get(cfg.train.optim or "", (None, None, None))
+    if module is None or STAGES[cfg.stage].loop:
         return
-    raise ConfigError(f"train.optim {cfg.train.optim} needs the package {package}, which is not installed: "
-                      f"pip install {package}, or use another train.optim")  # fmt: skip
+    if helper is not None:
+        from transformers.utils import import_utils
+
+        name, _, least = helper.partition(":")
+        if getattr(import_utils, name)(*[least] * bool(least)):
+            return
+    elif importlib.util.find_spec(module) is not None:
+        return
+    older = " (or is older)" * (">=" in package)
+    raise ConfigError(f"train.optim {cfg.train.optim} needs the package {package}, which is not installed here"
+                      f"{older}: pip install -U '{package}', or use another train.optim")  # fmt: skip
 
 
 def _check_torch_optim(name: str, given: dict[str, str], lr: float) -> None:
@@ -361,22 +374,23 @@ def _check_best(cfg: Any) -> None:
 
 
 def _check_schedule(name: str, kwargs: dict, lr: float = 1e-3) -> None:
-    """Build the schedule once on a throwaway optimizer at the run's ``lr`` and step it through 10 steps, so a
-    missing, unknown or bad ``lr_scheduler_kwargs`` key is one line naming it here rather than a traceback when
-    training starts: polynomial's ``lr_end`` checked against train.lr (not 1e-3), and a value the schedule reads
-    only after warm-up (cosine_with_restarts' ``num_cycles: a``, inverse_sqrt's ``timescale: 0``)."""
+    """Build the schedule once on a throwaway optimizer at the run's ``lr`` (polynomial's ``lr_end`` is checked
+    against train.lr, not 1e-3), so a missing, unknown or bad ``lr_scheduler_kwargs`` key is one line naming it here
+    rather than a traceback when training starts. Built, not stepped: a value read only after warm-up is
+    check_schedule_floor's, where a run starts (a finished run that never left warm-up still loads)."""
     if kwargs and name in ("constant", "constant_with_warmup"):  # (transformers passes them none: silently unused)
         raise ConfigError(f"train.lr_scheduler_kwargs: the {name} schedule takes none, got {sorted(kwargs)}")
     if name in NEEDS_KWARGS and not kwargs:
         need = "num_decay_steps" if name == "warmup_stable_decay" else "min_lr or min_lr_rate"
         raise ConfigError(f"train.scheduler={name} needs train.lr_scheduler_kwargs ({need}), e.g. "
                           f"train.lr_scheduler_kwargs={{{need.split()[0]}: ...}}")  # fmt: skip
-    _schedule_rates(name, kwargs, lr)
+    _schedule_rates(name, kwargs, lr, steps=0)
 
 
-def _schedule_rates(name: str, kwargs: dict, lr: float) -> list[float]:
-    """The rate after each of 10 steps (1 of warm-up) of transformers' schedule at ``lr``; none for the schedules
-    that step on an eval metric. Its errors are one line naming train.lr_scheduler_kwargs."""
+def _schedule_rates(name: str, kwargs: dict, lr: float, warmup: int = 1, steps: int = 10) -> list[float]:
+    """The rate before and after each of ``steps`` steps (``warmup`` of them warming up) of transformers' schedule at
+    ``lr``, as the Trainer's optimizer sees them; none for the schedules that step on an eval metric. Its errors are
+    one line naming train.lr_scheduler_kwargs."""
     import torch
     from transformers import get_scheduler
 
@@ -386,12 +400,13 @@ def _schedule_rates(name: str, kwargs: dict, lr: float) -> list[float]:
     try:
         with warnings.catch_warnings():  # (its warnings come again when the run builds the schedule)
             warnings.simplefilter("ignore")
-            schedule = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10,
+            schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=10,
                                      scheduler_specific_kwargs=kwargs)  # fmt: skip
-            for _ in range(10 * (name not in ON_EVAL)):
-                optimizer.step()
-                schedule.step()
-                rates.append(optimizer.param_groups[0]["lr"])
+            for step in range((steps + 1) * (name not in ON_EVAL)):
+                rates.append(optimizer.param_groups[0]["lr"])  # (the first: the rate of the first step)
+                if step < steps:
+                    optimizer.step()
+                    schedule.step()
     except (TypeError, ValueError, ArithmeticError) as exc:
         why = " ".join(str(exc).split()).replace("through the `lr_scheduler_kwargs`", "")
         raise ConfigError(f"train.lr_scheduler_kwargs {kwargs} for the {name} schedule: {why}") from None
@@ -399,18 +414,21 @@ def _schedule_rates(name: str, kwargs: dict, lr: float) -> list[float]:
 
 
 def check_schedule_floor(cfg: Any) -> None:
-    """A schedule floor above the peak (``min_lr`` over train.lr, ``min_lr_rate``, ``min_lr_ratio`` over 1, a
-    negative polynomial ``power``): transformers takes it and the rate climbs above train.lr (cosine_with_min_lr's
-    min_lr 1e-3 under lr 2e-4 ends at 5x the peak), silently. Checked where a training run starts
-    (``checks.check_run``), not in build(): a finished run's run.yaml from before still loads."""
+    """The schedule stepped through a throwaway run of 10 steps, warming up if the run does: a value read only after
+    warm-up (cosine_with_restarts' ``num_cycles: a``, inverse_sqrt's ``timescale: 0``: a traceback at the Trainer's
+    first step past it), and a rate above the peak (``min_lr`` over train.lr, ``min_lr_rate``, ``min_lr_ratio`` over
+    1, cosine_warmup_with_min_lr's ``warmup_lr_rate`` over 1), which transformers takes silently (cosine_with_min_lr's
+    min_lr 1e-3 under lr 2e-4 ends at 5x the peak). Checked where a training run starts (``checks.check_run``), not
+    in build(): a finished run's run.yaml from before (or one that never left warm-up) still loads."""
     t = cfg.train
     if not t.lr_scheduler_kwargs or STAGES[cfg.stage].loop:
         return
-    rates = _schedule_rates(t.scheduler, t.lr_scheduler_kwargs, t.lr)
+    warmup = int(bool(t.warmup_steps or t.warmup_ratio))
+    rates = _schedule_rates(t.scheduler, t.lr_scheduler_kwargs, t.lr, warmup=warmup)
     if any(rate > t.lr * (1 + 1e-6) for rate in rates):
         raise ConfigError(f"train.lr_scheduler_kwargs {t.lr_scheduler_kwargs} for the {t.scheduler} schedule: the "
                           f"learning rate would climb above train.lr ({t.lr:g}) to {max(rates):g}; a floor (min_lr, "
-                          f"min_lr_rate, min_lr_ratio, lr_end) must lie below the peak")  # fmt: skip
+                          f"min_lr_rate, min_lr_ratio) or a warm-up start (warmup_lr_rate) must lie below the peak")  # fmt: skip
 
 
 _PAIR = ("accuracy", "margin", "margin_se", "sign_p")  # pairs.pair_metrics
