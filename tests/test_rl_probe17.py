@@ -271,7 +271,6 @@ def test_the_loops_record_the_facts_run_py_hands_them(folders, tmp_path, monkeyp
         assert len(calls) == (0 if handed is not None else 1)
 
 
-@pytest.mark.xfail(strict=True, reason="until run.py hands the loops its facts (prepared.run_facts = facts)")
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_a_loop_run_hashes_its_data_once(folders, tmp_path, monkeypatch, stage):
     """Through run.py: one runfolder.run_facts per run (it was two: run.py's for the resume check, the loop's for

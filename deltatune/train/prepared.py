@@ -31,6 +31,9 @@ class Prepared:
     loop: Callable | None = None
     """For stages that do not fit the HF Trainer (ppo): ``loop(model, tokenizer, cfg) -> (metrics, log_history)``,
     run instead of the Trainer; the run saves the adapter and writes the report as usual."""
+    run_facts: dict | None = None
+    """Set by run.py for a ``loop`` stage: the run's ``runfolder.run_facts`` (hashed once, for the resume check), which
+    the loop records in each checkpoint; None: the loop hashes them itself (a direct caller)."""
 
 
 def _rows(cfg: RunConfig) -> tuple[list[Row], list[Row] | None]:

@@ -309,6 +309,7 @@ def _train(
         prepared.notes = [*prepared.notes, *(f"resume: {n}" for n in resume_notes)]
     replacement = attempt["folder"] = Replacement(out, overwrite)
     if prepared.loop is not None:
+        prepared.run_facts = facts  # recorded in each checkpoint (ppo, grpo), as the Trainer stages' below
         return _run_loop(cfg, prepared, delta, tok, replacement, checkpoint, write_recipe)
     args = _training_args(cfg, prepared, out)
     trainer = (prepared.trainer_class or DeltaTrainer)(
