@@ -236,3 +236,130 @@ def test_an_empty_sharegpt_system_turn_leaves_the_system_column_unread():
     turns = [{"from": "system", "value": ""}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
     [s] = read_samples([Row({"conversations": turns, "system": "col"}, "t:1")], {}, stage="sft")
     assert s.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+# -- review of probe 17: ranking rows LLaMA-Factory drops, a run read without a template prompted as it trained ------
+
+
+def _ranking(conv, openai: bool = False) -> dict:
+    a, b = ({"role": "assistant", "content": x} if openai else {"from": "gpt", "value": x} for x in ("a", "b"))
+    return {"messages" if openai else "conversations": conv, "chosen": a, "rejected": b}
+
+
+def test_a_ranking_conversation_of_one_object_ending_with_a_gpt_turn_is_refused_in_one_line():
+    """A conversation given as one object (read as a one-turn list) crashed with KeyError(-1) on the refusal's
+    ``items[-1]``; LLaMA-Factory's converter drops it (one turn: an even count after no system)."""
+    assert not _lf_sharegpt_keeps(["gpt"], ranking=True)
+    with pytest.raises(DataError, match=r"^t:4: conversations\[0\]\.from: the conversation ends with a 'gpt' turn"):
+        read_samples([Row(_ranking({"from": "gpt", "value": "x"}), "t:4")], {}, stage="dpo")
+    [s] = read_samples([Row(_ranking({"from": "human", "value": "q"}), "t:5")], {}, stage="dpo")
+    assert (s.messages, s.chosen) == ([{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a"}])
+
+
+RANKING = {  # sharegpt turns (the OpenAI rows' roles: user, assistant, tool)
+    "ends with gpt": (["human", "gpt"], False),
+    "a system turn alone": (["system"], False),
+    "openai: ends with assistant": (["user", "assistant"], True),
+    "openai: a system message alone": (["system"], True),
+    "plain": (["human"], False),
+    "a tool round": (["human", "function_call", "observation"], False),
+    "openai: plain": (["system", "user"], True),
+}
+
+
+def test_ranking_rows_llamafactory_drops_are_left_out_by_bad_pairs_skip_and_the_rest_read():
+    """LLaMA-Factory's sharegpt and openai converters drop a ranking row whose conversation (less a leading system
+    turn) has an even count, so the responses would follow an answer or nothing. HEAD refused a sharegpt one ending
+    with a gpt turn as a plain DataError, which data.bad_pairs=skip could not leave out (a human-tag response, which
+    LLaMA-Factory drops too, it skips), and read a system turn alone and an OpenAI row ending with an assistant
+    message. Now each is a bad pair: refused in one line, or with skip left out; the rows it keeps read as before."""
+    openai_tag = {"user": "human", "assistant": "gpt", "tool": "observation", "system": "system"}
+    rows, keeps = [], []
+    for i, (turns, openai) in enumerate(RANKING.values()):
+        if openai:
+            conv = [{"role": r, "content": f"t{k}"} for k, r in enumerate(turns)]
+        else:
+            conv = [{"from": r, "value": CALL if r == "function_call" else f"t{k}"} for k, r in enumerate(turns)]
+        rows.append(Row({**_ranking(conv, openai), "tools": '[{"name": "f", "parameters": {}}]'}, f"t:{i}"))
+        keeps.append(_lf_sharegpt_keeps([openai_tag.get(t, t) for t in turns], ranking=True))
+    for row, keep in zip(rows, keeps):
+        if not keep:
+            with pytest.raises(DataError, match=r"^t:\d: \w+\[\d\]\.\w+: the conversation ends with an? '\w+' turn "):
+                read_samples([row], {}, stage="dpo")
+    skipped: list[str] = []
+    got = read_samples(rows, {}, stage="dpo", skipped=skipped)
+    assert skipped == [r.source for r, k in zip(rows, keeps) if not k] == ["t:0", "t:1", "t:2", "t:3"]
+    assert [s.source for s in got] == ["t:4", "t:5", "t:6"]
+    assert [s.messages[-1]["role"] for s in got] == ["user", "tool", "user"]
+
+
+def test_a_turn_out_of_order_is_named_with_its_article():
+    """'a 'observation' turn' read 'an 'observation' turn'."""
+    row = Row({"conversations": [{"from": "human", "value": "q"}, {"from": "observation", "value": "r"},
+                                 {"from": "gpt", "value": "a"}]}, "t:1")  # fmt: skip
+    with pytest.raises(DataError, match=r"^t:1: conversations\[1\]\.from: an 'observation' turn after a 'human' turn"):
+        read_samples([row], {}, stage="sft")
+
+
+def _no_template_bert():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tokenizer
+
+    tok = tokenizer()
+    tok.chat_template = None
+    return tok
+
+
+def test_a_run_read_without_a_template_is_prompted_as_its_ppo_prompt_opens():
+    """A run read without a template (rm / dpo / ppo on plain-string rows, a tokenizer without a chat template:
+    choose_template's raw; its recipe's data.template null) was prompted by generate and chat with BERT's closing
+    [SEP] ('[CLS] a b c [SEP]'), where its rows and its PPO prompt open '[CLS] a b c'. --raw (and a seq2seq source,
+    T5's closing </s>) keeps the tokenizer's own encoding; a tokenizer adding nothing (SmolLM2's) is unchanged."""
+    from deltatune.data.encode import RAW, encode_lm
+    from deltatune.data.encode import prompt_ids as ppo_prompt_ids
+    from deltatune.data.sample import Sample
+    from deltatune.train.chat import prompt_ids
+
+    tok = _no_template_bert()
+    ppo = ppo_prompt_ids(Sample("x:1", "prompt", [{"role": "user", "content": "a b c"}]), tok, RAW, 99)
+    trained, _ = encode_lm(tok, "a b c", " d e", 99)  # (TRL's tokenizer(prompt + response + EOS))
+    assert prompt_ids(tok, "a b c") == ppo == trained["input_ids"][:4] == tok("a b c")["input_ids"][:-1]
+    assert prompt_ids(tok, "a b c", raw=True) == tok("a b c")["input_ids"]  # (--raw, seq2seq: [SEP] / </s> kept)
+    smol = _word_tok(False)  # no specials of its own
+    assert prompt_ids(smol, "a b c") == prompt_ids(smol, "a b c", raw=True) == smol("a b c")["input_ids"]
+
+
+def test_a_run_read_without_a_template_shows_samples_and_chats_with_its_ppo_prompt(tmp_path, monkeypatch):
+    """The report's output.samples and ``deltatune chat`` of such a run sent '[CLS] ... [SEP]'; now '[CLS] ...', the
+    run's PPO prompt. A pt run's samples and chat --raw keep the tokenizer's encoding."""
+    import io
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tiny_model
+
+    from deltatune.data.encode import RAW
+    from deltatune.data.encode import prompt_ids as ppo_prompt_ids
+    from deltatune.train import chat
+    from deltatune.train.config import build
+
+    tok, model = _no_template_bert(), tiny_model("llama")
+    seen: list[list[int]] = []
+    monkeypatch.setattr(chat, "generate", lambda m, t, ids, **kw: seen.append(list(ids)) or "x")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"chosen": "Say cat. cat", "rejected": "Say cat. dog"}) + "\n")
+    cfg = build({"stage": "dpo", "model": {"name_or_path": "unused"}, "data": {"train": str(path)},
+                 "output": {"samples": 1, "sample_tokens": 1}})  # fmt: skip
+    chat.run_samples(model, tok, cfg)  # (a plain transformers model: its active_adapters is a method)
+    [s] = read_samples([Row({"chosen": "Say cat. cat", "rejected": "Say cat. dog"}, "d:1")], {}, stage="dpo")
+    want = ppo_prompt_ids(s, tok, RAW, 99)
+    assert seen == [want, want] and want[-1] != tok.sep_token_id
+    seen.clear()
+    assert chat.repl(model, tok, stdin=io.StringIO("Say cat.\n"), stdout=io.StringIO(), max_new_tokens=1) == 0
+    assert chat.repl(model, tok, raw=True, stdin=io.StringIO("Say cat.\n"), stdout=io.StringIO()) == 0
+    assert seen == [want, tok("Say cat.")["input_ids"]]

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from ..config import ConfigError
 from .formats_messages import (
     _MESSAGE_ROLES,
+    _a,
     _col,
     _media,
     _message_list,
@@ -521,17 +522,19 @@ def _preference_implicit(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sam
 def _sharegpt_preference(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
     column = _col(c, "conversations") if _has(row, _col(c, "conversations")) else _col(c, "messages")
     items = row.data.get(column)
+    items = [items] if isinstance(items, dict) else items  # (one message alone, as _message_list reads it)
     head = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
     if t["role_tag"] not in head and "role" in head:  # OpenAI messages (LLaMA-Factory's openai ranking rows)
         s, (role, content, roles) = _messages(row, c, t), ("role", "content", _MESSAGE_ROLES)
     else:
         s, (role, content, roles) = _sharegpt(row, c, t), (t["role_tag"], t["content_tag"], _sharegpt_roles(t))
-        if s.messages[-1]["role"] == "assistant":  # LLaMA-Factory's ranking rows: the prompt ends on its prompt side
-            raise DataError(
-                f"{row.source}: {column}[{len(items) - 1}].{role}: the conversation ends with a "
-                f"{items[-1].get(role)!r} turn before its responses; sharegpt turns alternate, so a ranking row's "
-                "conversation ends with a user or observation turn (LLaMA-Factory drops the row)"
-            )
+    if s.messages[-1]["role"] not in ("user", "tool"):  # LLaMA-Factory's ranking rows: the prompt side ends them
+        side = " or ".join(_a(tag) for tag, ours in roles.items() if ours in ("user", "tool"))
+        raise _BadPair(
+            f"{row.source}: {column}[{len(items) - 1}].{role}: the conversation ends with {_a(items[-1].get(role))} "
+            f"turn before its responses; a ranking row's conversation ends with {side} turn (LLaMA-Factory drops "
+            "the row; data.bad_pairs=skip leaves such rows out)"
+        )
     media = {"images": s.images, "videos": s.videos}
     for key in ("chosen", "rejected"):
         col = _col(c, key)

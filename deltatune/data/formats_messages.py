@@ -20,6 +20,12 @@ def _col(columns: dict[str, str], key: str) -> str:
     return columns.get(key, key)
 
 
+def _a(tag: Any) -> str:
+    """``tag`` quoted after its article: "an 'observation'", "a 'gpt'", "a 'user'"."""
+    word = str(tag).lower()
+    return f"{'an' if word[:1] in ('a', 'e', 'i', 'o') or word[:1] == 'u' and word[:2] != 'us' else 'a'} {tag!r}"
+
+
 def _content(value: Any, where: str, sample_media: dict[str, list[str]]) -> str:
     """Text content; OpenAI content parts are joined (their images noted)."""
     if isinstance(value, str):
@@ -140,7 +146,7 @@ def _sharegpt_order(role: str, ours: str, previous: str | None, i: int, where: s
     if previous is not None and roles[previous] != "system" and side[roles[previous]] == side[ours]:
         tags = {s: " or ".join(repr(t) for t, o in roles.items() if o in side and side[o] == s) for s in (0, 1)}
         raise DataError(
-            f"{where}: a {role!r} turn after a {previous!r} turn; sharegpt turns alternate between {tags[0]} and "
+            f"{where}: {_a(role)} turn after {_a(previous)} turn; sharegpt turns alternate between {tags[0]} and "
             f"{tags[1]} (LLaMA-Factory drops the row)"
         )
 

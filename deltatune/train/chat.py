@@ -37,8 +37,8 @@ def check_text(text: str | None, what: str) -> None:
 def check_base(model, what: str) -> None:
     """ConfigError when ``model``'s adapter trained base weights in place (full, freeze, BitFit, LoRA biases): its
     adapter cannot be switched off, so there is no base answer to show."""
-    trains_base = getattr(model, "_base_trainables", {})
-    if any(trains_base.get(n) for n in getattr(model, "active_adapters", [])):
+    trains_base, active = getattr(model, "_base_trainables", {}), getattr(model, "active_adapters", [])
+    if any(trains_base.get(n) for n in (active if isinstance(active, list) else [])):  # (a plain model's: a method)
         raise ConfigError(f"{what}: the run trained the base model's own weights in place, so there is no base model "
                           "left to answer; load the base model on its own to compare")  # fmt: skip
 
@@ -48,7 +48,8 @@ def prompt_ids(
 ) -> list[int]:
     """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user turn) ready for
     generation: through ``template`` (a built-in one a run trained with, ``data.template``) when given, else the
-    chat template when the tokenizer has one; the text as is when ``raw``."""
+    chat template when the tokenizer has one; the text as the tokenizer encodes it when ``raw`` (a seq2seq
+    source keeps T5's closing ``</s>``), else, without a chat template, after its leading specials alone."""
     for m in [{"content": prompt}] if isinstance(prompt, str) else prompt:
         check_text(m.get("content"), "the prompt")
     check_text(system, "the system prompt")
@@ -69,7 +70,13 @@ def prompt_ids(
             why = "--raw" if raw else "the tokenizer has no chat template"
             raise ConfigError(f"--system: the prompt goes as plain text ({why}), which has no place for a system "
                               "prompt; leave --system out, or put its text in the prompt")  # fmt: skip
-        return tok(prompt, add_special_tokens=True)["input_ids"]
+        if raw:  # (--raw, a seq2seq model's source: the text as the tokenizer encodes it, T5's closing </s> too)
+            return tok(prompt, add_special_tokens=True)["input_ids"]
+        from ..data.preference import special_ends
+
+        # As a run read without a template opens its rows (and its PPO prompt): the leading specials, BERT's [CLS],
+        # not its closing [SEP], which training has after the answer.
+        return special_ends(tok)[0] + tok(prompt, add_special_tokens=False)["input_ids"]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
@@ -273,7 +280,8 @@ def run_samples(model, tok, cfg) -> list[dict[str, str]]:
     template = cfg.data.template  # the run's built-in template, as it trained (also where the tokenizer has none)
     raw = cfg.stage == "pt" or template is None and not has_template(tok)
     prompts = eval_prompts(cfg, cfg.output.samples, raw)
-    return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=raw, template=template)
+    sent_raw = cfg.stage == "pt"  # (a run read without a template: its rows' opening, prompt_ids' plain path)
+    return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=sent_raw, template=template)
 
 
 HELP = "/reset clears the history, /base toggles the adapter off and on, /quit ends (Ctrl-D too)"
@@ -341,7 +349,7 @@ def repl(
             print(f"(not sent: {exc})", file=stdout, flush=True)
             continue
         if raw or not (template or has_template(tok)):
-            ids = prompt_ids(tok, prefix + text, raw=True)
+            ids = prompt_ids(tok, prefix + text, raw=raw)
         else:  # over the model's context the oldest exchanges go, as chat interfaces do with a long conversation
             kept = [*history, {"role": "user", "content": text}]
             ids = prompt_ids(tok, kept, system=system, template=template)
