@@ -94,12 +94,18 @@ def test_cpo_orpo_simpo_eval_reports_trls_eval_statistics(base, tmp_path, stage,
         assert {"eval_log_odds_ratio", "eval_log_odds_chosen"} <= set(names)
 
 
-def test_kto_eval_reports_trls_eval_statistics(base, tmp_path):
-    """Four unpaired rows (desirable, not, desirable, not) paired in a block of train.batch_size 4 and evaluated in
-    batches of 2: TRL's KTOTrainer.evaluate reports eval_kl, eval_entropy, eval_logps/*, eval_logits/* (the mean of
-    its batches'); deltatune's now too, equal. HEAD reported the rewards only."""
+@pytest.mark.parametrize("order", ["dudu", "udd"])
+def test_kto_eval_reports_trls_eval_statistics(base, tmp_path, order):
+    """Unpaired rows paired in a block of train.batch_size 4 and evaluated in batches of 2: TRL's KTOTrainer.evaluate
+    reports eval_kl, eval_entropy, eval_logps/*, eval_logits/* (the mean of its batches'); deltatune's now too, equal.
+    HEAD reported the rewards only. "dudu" (desirable, not, desirable, not): equal batches, where eval_rewards/* (over
+    all the rows in deltatune's, a mean of batch means in TRL's) agree too; "udd" (a batch of 2, then 1): eval_rewards/*
+    differ (margins -0.0559 TRL's, -0.0653 deltatune's over the rows, as dpo's: test_align_probe11), so only the new
+    statistics are compared, which agree on unequal batches too."""
+    kinds = {True: iter([r for r in KTO_ROWS if r[2]]), False: iter([r for r in KTO_ROWS if not r[2]])}
+    picked = [next(kinds[c == "d"]) for c in order]
     rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}],
-             "label": good} for p, c, good in KTO_ROWS]  # fmt: skip
+             "label": good} for p, c, good in picked]  # fmt: skip
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = build({"stage": "kto", "model": {"name_or_path": base}, "train": {"report_to": ["none"], "batch_size": 4},
@@ -116,11 +122,14 @@ def test_kto_eval_reports_trls_eval_statistics(base, tmp_path):
     ours = prepared.trainer_class(model=model, args=_eval_args(tmp_path / "dt", 2), data_collator=prepared.collator,
                                   compute_metrics=prepared.compute_metrics)  # fmt: skip
     got = ours.evaluate(eval_dataset=prepared.eval)
-    names = _compare(want, got)
-    assert {"eval_kl", "eval_entropy", "eval_logps/chosen", "eval_logits/rejected", "eval_rewards/margins"} <= set(
-        names
-    )
+    rewards = {k for k in want if k.startswith("eval_rewards/")}
+    names = _compare(want, got, rewards if order == "udd" else set())
+    assert {"eval_kl", "eval_entropy", "eval_logps/chosen", "eval_logits/rejected"} <= set(names)
     assert want["eval_kl"] > 0
+    if order == "udd":  # (what the skip leaves out: a mean of batch means against the mean over all the rows)
+        assert got["eval_rewards/margins"] != pytest.approx(want["eval_rewards/margins"], abs=1e-3)
+    else:
+        assert "eval_rewards/margins" in names
 
 
 def test_eval_statistics_stay_out_of_the_training_log(base, tmp_path):
@@ -165,3 +174,85 @@ def test_a_best_metric_may_name_an_eval_statistic(stage, headline, metric):
 
     raw = {"stage": stage, "data": {"eval": "e.jsonl"}, "train": {"metric_for_best_model": metric}}
     check_best_metric(build(raw), headline)
+
+
+def test_eval_statistics_are_every_process_s(monkeypatch):
+    """Under DDP each process evaluates its own batches: each averaged its own (2 processes, 3 pairs in batches of 1:
+    eval_logps/chosen -159.54 on rank 0, -149.26 on rank 1, so a metric_for_best_model naming it could keep another
+    best checkpoint on each). TRL gathers each batch's values across the processes before the mean; gather_stats now
+    gathers every process's batch values (gather_object, stubbed here as two ranks'), the same on every process."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    from deltatune.train.pairs import gather_stats
+
+    mine, theirs = {"logps/chosen": [-1.0, -2.0], "kl": [0.5]}, {"logps/chosen": [-4.0, -5.0], "kl": [0.25]}
+    calls = []
+
+    def gather_object(obj):  # each process's list, concatenated in rank order (accelerate's all_gather_object)
+        calls.append(obj)
+        return [*obj, theirs]
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
+    got = gather_stats(mine, SimpleNamespace(num_processes=2))
+    assert got == {"logps/chosen": [-1.0, -2.0, -4.0, -5.0], "kl": [0.5, 0.25]} and calls == [[mine]]
+    assert gather_stats(mine, SimpleNamespace(num_processes=1)) is mine and len(calls) == 1  # (one process: no call)
+
+
+def test_deltatune_eval_reports_no_training_tokens(base, tmp_path):
+    """A finished dpo run's evaluation during training reports TRL's eval_num_tokens (the training tokens so far);
+    ``deltatune eval`` (and --compare's start) trained nothing: HEAD reported eval_num_tokens 0.0 and
+    eval_num_tokens_before 0.0; now neither, the other statistics kept."""
+    from deltatune.train import train
+    from deltatune.train.evaluation import evaluate
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CUT_CONVERSATIONAL))
+    run = tmp_path / "run"
+    train(build({"stage": "dpo", "model": {"name_or_path": base}, "data": {"train": str(path), "eval": str(path),
+                 "max_length": 64}, "train": {"report_to": ["none"], "max_steps": 1, "batch_size": 3},
+                 "output": {"dir": str(run)}}))  # fmt: skip
+    trained = json.loads((run / "metrics.json").read_text())
+    assert trained.get("eval_num_tokens", 0) > 0  # (kept in the run's own evaluation)
+    got = evaluate(str(run), compare=True)
+    assert "eval_logps/chosen" in got and "eval_logps/chosen_before" in got
+    assert "eval_num_tokens" not in got and "eval_num_tokens_before" not in got
+
+
+# (the config_train diff of this probe's fix report: strict xfails until it is applied; then drop the markers)
+_PENDING = pytest.mark.xfail(strict=True, reason="config_train.py diff pending (pref probe 17 fix report)")
+
+
+@_PENDING
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_a_best_metric_is_no_token_count(stage):
+    """eval_num_tokens is the training tokens so far: it only grows (and restarts at 0 on --resume, as TRL's), so the
+    best checkpoint by it is the last; train.metric_for_best_model naming it is refused in one line, which names the
+    statistics it may name."""
+    from deltatune.config import ConfigError
+    from deltatune.train.config_train import check_best_metric
+
+    raw = {"stage": stage, "data": {"eval": "e.jsonl"}, "train": {"metric_for_best_model": "eval_num_tokens"}}
+    with pytest.raises(ConfigError, match="eval_num_tokens.*it reports loss, .*logps/chosen"):
+        check_best_metric(build(raw), {"dpo": "eval_accuracy", "kto": "eval_margin"}[stage])
+
+
+@_PENDING
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_a_best_metric_may_name_a_moe_base_s_aux_loss(stage, tmp_path):
+    """dpo and kto on a Mixture-of-Experts base (Mixtral's config: router_aux_loss_coef 0.001) add its load-balancing
+    loss, and their evaluations report eval_aux_loss (as TRL's): train.metric_for_best_model naming it is taken there;
+    on a base without one (Llama) it is refused, as before."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    from deltatune.config import ConfigError
+    from deltatune.train.config_train import check_best_metric
+
+    headline = {"dpo": "eval_accuracy", "kto": "eval_margin"}[stage]
+    for name, config in (("moe", MixtralConfig()), ("dense", LlamaConfig())):
+        config.save_pretrained(str(tmp_path / name))
+    raw = {"stage": stage, "data": {"eval": "e.jsonl"}, "train": {"metric_for_best_model": "eval_aux_loss"}}
+    check_best_metric(build({**raw, "model": {"name_or_path": str(tmp_path / "moe")}}), headline)
+    with pytest.raises(ConfigError, match="eval_aux_loss"):
+        check_best_metric(build({**raw, "model": {"name_or_path": str(tmp_path / "dense")}}), headline)

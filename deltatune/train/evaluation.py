@@ -148,7 +148,10 @@ def evaluate(
         trainer.eval_dataset = prepared.eval
         if start_scores is not None:  # a preference trainer pairs an evaluation after step 0 with these
             trainer.start_scores, trainer.state.global_step = start_scores, 1
-        return eval_metrics(trainer, model, tok, prepared, cfg), trainer
+        metrics = eval_metrics(trainer, model, tok, prepared, cfg)
+        # TRL's eval_num_tokens is the training tokens so far: an evaluation-only trainer trained none (it said 0.0)
+        metrics.pop("eval_num_tokens", None)
+        return metrics, trainer
 
     try:
         before, start_scores = {}, None

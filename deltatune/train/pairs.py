@@ -54,12 +54,28 @@ def pair_metrics(scores: np.ndarray) -> dict[str, float]:
     }
 
 
+def gather_stats(stats: dict[str, list[float]], accelerator) -> dict[str, list[float]]:
+    """Every process's per-batch values of ``stats`` (rank 0's first), as TRL gathers each batch's statistics across
+    the processes before its mean: each process averaging its own batches reported a different ``eval_logps/chosen``
+    on each, and a metric_for_best_model naming one could keep a different best checkpoint on each. Every process
+    must call it (``gather_object``: a collective)."""
+    if accelerator.num_processes <= 1:
+        return stats
+    from accelerate.utils import gather_object
+
+    merged: dict[str, list[float]] = {}
+    for part in gather_object([stats]):
+        for key, values in part.items():
+            merged.setdefault(key, []).extend(values)
+    return merged
+
+
 class EvalStats:
     """A trainer mixin (before DeltaTrainer): what ``log_stat`` gets while evaluating is the evaluation's own, each
-    added to its metrics as ``<prefix>_<name>`` (the mean of its batches' values), as TRL's DPO, KTO, CPO and ORPO
-    trainers report ``eval_logps/chosen``, ``eval_logits/chosen``, ``eval_entropy`` and the rest of their training
-    log's names; a name the metrics already hold (``eval_rewards/*`` of ``compute_metrics``, over all the pairs) keeps
-    that value. The training log's means are not touched."""
+    added to its metrics as ``<prefix>_<name>`` (the mean of its batches' values, every process's: ``gather_stats``),
+    as TRL's DPO, KTO, CPO and ORPO trainers report ``eval_logps/chosen``, ``eval_logits/chosen``, ``eval_entropy``
+    and the rest of their training log's names; a name the metrics already hold (``eval_rewards/*`` of
+    ``compute_metrics``, over all the pairs) keeps that value. The training log's means are not touched."""
 
     _eval_stats: dict[str, list[float]] | None = None
 
@@ -77,7 +93,7 @@ class EvalStats:
             out = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-            for key, values in self._eval_stats.items():
+            for key, values in gather_stats(self._eval_stats, self.accelerator).items():
                 out.metrics.setdefault(f"{metric_key_prefix}_{key}", sum(values) / len(values))
         finally:
             self._eval_stats = None
@@ -190,7 +206,8 @@ def count_tokens(trainer: DeltaTrainer, attention_mask: torch.Tensor, training: 
     """TRL's ``num_tokens`` (its DPO and KTO trainers): the training tokens seen so far, every process's (the real
     ones of ``attention_mask``, a training micro-batch's), logged as the latest total rather than a mean. While
     evaluating (``training`` false) nothing is counted: the evaluation reports the total so far (``EvalStats``), as
-    TRL's ``eval_num_tokens``."""
+    TRL's ``eval_num_tokens``. The total is the trainer's, not the checkpoint's: a --resume'd run counts again from 0,
+    as TRL's (its ``_total_train_tokens`` is not saved either); ``deltatune eval`` reports none (``evaluation``)."""
     if not training:
         trainer.log_stat("num_tokens", float(getattr(trainer, "train_tokens", 0)))
         return
