@@ -338,3 +338,16 @@ def test_a_refused_multi_label_cls_call_leaves_data_multi_label_unset(tmp_path):
     cfg = build({"stage": "cls", "data": {"train": _jsonl(tmp_path / "ok.jsonl", ok), "max_length": 16}})
     p = prepare_cls(cfg, tokenizer())
     assert cfg.data.multi_label is True and [ex["labels"] for ex in p.train] == [[1.0, 0.0], [1.0, 1.0]]
+
+
+def test_a_run_with_an_empty_towers_list_is_refused_before_its_data_and_model(tmp_path):
+    """checks.check_run refuses method.towers: [] as a run starts: before the data is read and the model's config
+    checked (without it: "model type 'bert' is not an image-to-text model"); the output folder is left unmade."""
+    from deltatune.config import ConfigError
+    from deltatune.train.run import train
+
+    out = tmp_path / "run"
+    recipe = {"stage": "caption", "method": {"name": "lora", "towers": []}, "output": {"dir": str(out)}}
+    with pytest.raises(ConfigError, match=r"^method\.towers is empty: name the towers to adapt"):
+        train(build({**recipe, "data": {"train": str(tmp_path / "missing.jsonl")}}))
+    assert not out.exists()
