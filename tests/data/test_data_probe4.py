@@ -125,7 +125,8 @@ def _prompted(monkeypatch, model, tok, cfg) -> tuple[list[dict], list[list[int]]
 def test_the_samples_of_a_run_read_without_a_chat_template_are_prompted_with_its_plain_text(tmp_path, monkeypatch):
     """Was: a DPO run on plain-string pairs and a tokenizer without a chat template (the plain rendering, which it
     trained with) had its output.samples skipped: 'a conversation needs a chat template; this tokenizer has none'.
-    The prompt is the row's text as the run read it, sent as ``deltatune generate --raw`` sends a prompt."""
+    The prompt is the row's text as the run read it, after the tokenizer's leading specials alone, as the run's rows
+    and its PPO prompt open (``deltatune generate --raw``'s closing [SEP] too until probe 17)."""
     from deltatune.train.chat import prompt_ids
 
     row = {"chosen": "Human: Say cat.\n\nAssistant: cat", "rejected": "Human: Say cat.\n\nAssistant: dog"}
@@ -133,7 +134,8 @@ def test_the_samples_of_a_run_read_without_a_chat_template_are_prompted_with_its
     rows, seen = _prompted(monkeypatch, model, tok, cfg)
     # the implicit prompt as the file wrote it (its content is cut at the shared whitespace)
     assert [r["prompt"] for r in rows] == ["Human: Say cat.\n\nAssistant:"]
-    assert seen == [prompt_ids(tok, "Human: Say cat.\n\nAssistant:", raw=True)] * 2
+    assert seen == [prompt_ids(tok, "Human: Say cat.\n\nAssistant:")] * 2
+    assert seen[0] == tok("Human: Say cat.\n\nAssistant:")["input_ids"][:-1]  # (MiniLM's [CLS] ..., no [SEP])
 
 
 def test_a_pretraining_run_answers_output_samples_from_the_openings_of_its_text(tmp_path, monkeypatch):
