@@ -220,11 +220,6 @@ def test_deltatune_eval_reports_no_training_tokens(base, tmp_path):
     assert "eval_num_tokens" not in got and "eval_num_tokens_before" not in got
 
 
-# (the config_train diff of this probe's fix report: strict xfails until it is applied; then drop the markers)
-_PENDING = pytest.mark.xfail(strict=True, reason="config_train.py diff pending (pref probe 17 fix report)")
-
-
-@_PENDING
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
 def test_a_best_metric_is_no_token_count(stage):
     """eval_num_tokens is the training tokens so far: it only grows (and restarts at 0 on --resume, as TRL's), so the
@@ -238,7 +233,6 @@ def test_a_best_metric_is_no_token_count(stage):
         check_best_metric(build(raw), {"dpo": "eval_accuracy", "kto": "eval_margin"}[stage])
 
 
-@_PENDING
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
 def test_a_best_metric_may_name_a_moe_base_s_aux_loss(stage, tmp_path):
     """dpo and kto on a Mixture-of-Experts base (Mixtral's config: router_aux_loss_coef 0.001) add its load-balancing

@@ -124,7 +124,7 @@ def test_a_preference_stage_s_best_metric_is_checked_against_what_it_reports():
     raw = {"stage": "dpo", "data": {"eval": "e.jsonl"}, "train": {"metric_for_best_model": "rewards/accuracy"}}
     with pytest.raises(ConfigError, match=r"^train.metric_for_best_model is 'rewards/accuracy', which stage dpo's "
                        r"evaluation does not report; it reports loss, accuracy, margin, margin_se, sign_p, "
-                       r"reward_chosen, .*, rewards/accuracies, logps/chosen, .*, num_tokens$"):  # fmt: skip
+                       r"reward_chosen, .*, rewards/accuracies, logps/chosen, .*, mean_token_accuracy$"):  # fmt: skip
         check_best_metric(build(raw), "eval_accuracy")
     for ok in ("rewards/accuracies", "eval_margin", "sign_p"):
         raw["train"]["metric_for_best_model"] = ok

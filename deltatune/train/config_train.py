@@ -450,14 +450,16 @@ the Trainer's timings (tests/test_trainer_probe14.py checks each against the sta
 checked at its first evaluation (trainer.py)."""
 _SIDES = ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
 EVAL_STATS = {
-    "dpo": (*_SIDES, "entropy", "mean_token_accuracy", "num_tokens"),
+    "dpo": (*_SIDES, "entropy", "mean_token_accuracy"),
     "orpo": (*_SIDES, "nll", "nll_loss", "log_odds_ratio", "log_odds_chosen"),
     "simpo": (*_SIDES, "nll_loss"),
     "cpo": (*_SIDES, "nll_loss"),
-    "kto": (*_SIDES, "kl", "entropy", "num_tokens"),
+    "kto": (*_SIDES, "kl", "entropy"),
 }
 """What the preference stages' trainers add to each evaluation besides compute_metrics' (``pairs.EvalStats``: their
-training log's names, as TRL's evaluations report them; a Mixture-of-Experts model's aux_loss aside)."""
+training log's names, as TRL's evaluations report them; a Mixture-of-Experts base's aux_loss too, ``_moe_base``).
+dpo's and kto's num_tokens, which they report too, is no metric to keep a best checkpoint by: the training tokens so
+far, it only grows (and restarts at 0 on --resume, as TRL's)."""
 PAIRED = ("gained", "lost", "paired_p")
 """What the pair stages' trainers (pairs.PairTrainer) add to each evaluation after one before training
 (train.eval_on_start)."""
@@ -473,11 +475,33 @@ def check_best_metric(cfg: Any, headline: str | None) -> None:
     if not metric or reported is None:
         return
     reported = reported + EVAL_STATS.get(cfg.stage, ())
+    if cfg.stage in ("dpo", "kto") and metric.removeprefix("eval_") == "aux_loss" and _moe_base(cfg):
+        reported = reported + ("aux_loss",)
     if cfg.train.eval_on_start and cfg.stage in ("rm", "dpo", "orpo", "simpo", "cpo"):
         reported = reported + PAIRED
     if metric.removeprefix("eval_") not in ("loss", *reported, *TIMINGS):
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation does not "
                           f"report; it reports loss, {', '.join(reported)}")  # fmt: skip
+
+
+def _moe_base(cfg: Any) -> bool:
+    """Whether the base is a Mixture-of-Experts model whose load-balancing loss dpo and kto add, and report as
+    aux_loss (``logprobs.router_aux_coef``); a base whose config does not load counts as one (its loader refuses it
+    more clearly)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from .logprobs import router_aux_coef
+    from .models import resolve_path
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return True
+    return router_aux_coef(SimpleNamespace(config=config)) > 0
 
 
 UNBUILT = {k: f"{k} (TrainingArguments') is not a recipe key: {v}" for k, v in (
