@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -112,8 +113,20 @@ class DeltaConfig:
         return out
 
     def replace(self, **changes: Any) -> DeltaConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again). The config's own warnings, said when it was made, are
+        not said again (peft says them once per config made); those the changes bring are."""
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            copy = dataclasses.replace(self, **changes)
+        if said and changes:
+            with warnings.catch_warnings(record=True) as own:
+                warnings.simplefilter("always")
+                dataclasses.replace(self)
+            known = {(w.category, str(w.message)) for w in own}
+            said = [w for w in said if (w.category, str(w.message)) not in known]
+        for w in said if changes else []:
+            warnings.warn(w.message, stacklevel=2)
+        return copy
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> DeltaConfig:
