@@ -20,6 +20,7 @@ from tiny import tiny_inputs, tiny_model
 
 import deltatune as dt
 from deltatune.config import ConfigError
+from deltatune.methods import _lora_init as inits
 
 peft = pytest.importorskip("peft")
 
@@ -217,3 +218,92 @@ def test_the_refusal_of_an_unknown_init_lists_every_init_drawn():
     assert all(repr(i) in said for i in ("gaussian", "orthogonal", "pissa", "pissa_niter_K", "olora", "loftq")), said
     for init in ("gaussian", "orthogonal", "pissa", "pissa_niter_4", "olora"):  # each one the list names is taken
         dt.LoraConfig(target_modules=["q_proj"], init_lora_weights=init, r=4)
+
+
+def test_a_residual_init_with_tokens_checks_the_tokens_first_and_keeps_no_original(monkeypatch):
+    """The token ids were checked after the LoRA layers went in, so every PiSSA layer kept its original weight beside
+    the residual until then (a second copy of each targeted weight, which peft never holds)."""
+    seen = []
+    real = inits.init_from_base
+
+    def spy(layer, name, init):
+        seen.append(layer.__dict__.get("_keep_base", False))
+        real(layer, name, init)
+        seen.append(bool(layer.__dict__.get("_pre_init")))
+
+    monkeypatch.setattr(inits, "init_from_base", spy)
+    kw = dict(target_modules=["q_proj", "v_proj"], init_lora_weights="pissa", r=2, trainable_token_indices=[3, 5])
+    model = dt.get_delta_model(tiny_model("llama", tie_word_embeddings=False), dt.LoraConfig(**kw))
+    assert seen == [False] * 8  # 4 layers: none asked to keep its base, none kept it
+    assert not any(m.__dict__.get("_pre_init") for m in model.modules())
+
+
+@pytest.mark.parametrize("init", [True, "pissa"])
+def test_no_layer_is_left_with_the_keep_base_flag(init):
+    """inject set ``_keep_base`` on every layer; only PiSSA / OLoRA / LoftQ's init took it off."""
+    kw = dict(target_modules=["q_proj", "embed_tokens"], init_lora_weights=init, r=2)
+    model = dt.get_delta_model(tiny_model("llama", tie_word_embeddings=False), dt.LoraConfig(**kw))
+    assert [n for n, m in model.named_modules() if "_keep_base" in m.__dict__] == []
+
+
+def test_tokens_on_a_lora_target_are_refused_before_any_residual_is_written():
+    """trainable_token_indices on the embedding LoRA adapts too: peft refuses it; the refusal now comes before the
+    PiSSA residuals are written, and the base is exact."""
+    kw = dict(target_modules=["q_proj", "embed_tokens"], init_lora_weights="pissa", r=2, trainable_token_indices=[3])
+    model = tiny_model("llama", tie_word_embeddings=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="^trainable_token_indices cannot be applied to model.embed_tokens, already "
+                                          "adapted by LoraEmbedding$"):  # fmt: skip
+        dt.get_delta_model(model, dt.LoraConfig(**kw))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert not any(hasattr(m, "adapter_names") for m in model.modules())
+
+
+def _said(fn, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    return out, [str(w.message) for w in said if "Rank-Stabilized" in str(w.message)], said
+
+
+def test_the_rslora_pattern_warning_is_said_once_per_config_made_as_peft(tmp_path):
+    """peft: 1 warning when the config is made, none at get_peft_model, 1 at from_pretrained (the config read);
+    deltatune said it again at every config.replace (1 / 1 / 5, pointing at dataclasses.py)."""
+    kw = dict(target_modules=["q_proj"], init_lora_weights="pissa", use_rslora=True, rank_pattern={"q_proj": 2}, r=4)
+    counts = {}
+    for lib, make, wrap, load in (
+        ("peft", peft.LoraConfig, peft.get_peft_model, peft.PeftModel.from_pretrained),
+        ("dt", dt.LoraConfig, dt.get_delta_model, dt.DeltaModel.from_pretrained),
+    ):
+        config, made, _ = _said(make, **kw)
+        model, wrapped, _ = _said(wrap, tiny_model("llama"), config)
+        model.save_pretrained(tmp_path / lib)
+        _, loaded, said = _said(load, tiny_model("llama"), tmp_path / lib)
+        counts[lib] = (len(made), len(wrapped), len(loaded))
+        assert not any(w.filename.endswith("dataclasses.py") for w in said if "Rank-Stabilized" in str(w.message))
+    assert counts["dt"] == counts["peft"] == (1, 0, 1)
+    plain = dt.LoraConfig(**dict(kw, rank_pattern={}))
+    assert len(_said(plain.replace, rank_pattern={"q_proj": 2})[1]) == 1  # a change that brings it: said
+
+
+@pytest.mark.parametrize("init", [0, 1])
+def test_a_saved_init_that_is_a_number_loads_with_one_warning(init, tmp_path):
+    """deltatune before e78def7 saved init_lora_weights 0 or 1 as given, and peft saves 0 as given (1 fails there at
+    get_peft_model); such files were refused at load. The weights come from the file: the number is read as a bool."""
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(target_modules=["q_proj"], r=2))
+    theirs.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(data, init_lora_weights=init)))
+    if not init:  # peft loads its own 0
+        peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    with pytest.warns(UserWarning, match=rf"init_lora_weights={init} .* read as {bool(init)}$") as said:
+        ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert len([w for w in said if "init_lora_weights" in str(w.message)]) == 1
+    assert ours.peft_config["default"].init_lora_weights is bool(init)
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+    with pytest.raises(ConfigError, match=rf"got {init}$"):  # made by a user: still refused
+        dt.LoraConfig(target_modules=["q_proj"], init_lora_weights=init)

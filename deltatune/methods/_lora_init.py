@@ -69,9 +69,22 @@ def check_init(init: object, lora_bias: bool = False, use_dora: bool = False, lo
                       f"'olora' or 'loftq', got {init!r}{why}")  # fmt: skip
 
 
+def loaded_init(data: dict, source: str) -> dict:
+    """An adapter_config.json dict whose init_lora_weights is 0 or 1 (deltatune saved a number as given before it
+    refused them; peft saves a 0, which it draws as False) with False / True there, said once: the weights come from
+    the file. A config a user makes still refuses a number (``check_init``)."""
+    if type(init := data.get("init_lora_weights")) is not int or init not in (0, 1):
+        return data
+    warnings.warn(f"{source}: init_lora_weights={init} (a number, as older files hold) is read as {bool(init)}",
+                  stacklevel=4)  # fmt: skip
+    return dict(data, init_lora_weights=bool(init))
+
+
 def warn_conversion(init: object, rslora: bool, patterns: object) -> None:
     """peft's early word that rsLoRA with rank_pattern / alpha_pattern rules out the conversion of a PiSSA / OLoRA
-    adapter (``convert_to_plain_lora`` refuses it once trained)."""
+    adapter (``convert_to_plain_lora`` refuses it once trained). ``init`` is compared after ``canonical_init``, so
+    "OLoRA" warns here too, where peft's case-sensitive test (``== "olora"``) says nothing though its conversion
+    refuses it as well: not peft's warnings to the letter."""
     if rslora and patterns and isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
         warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
                       "modified base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "

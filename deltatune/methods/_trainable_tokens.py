@@ -19,6 +19,7 @@ Two active adapters with disjoint ids compute together (peft's set_adapter refus
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,11 +66,8 @@ class TrainableTokens(DeltaLayer):
         N(0, 1) (init_weights=False, as peft: ``torch.randn`` in the weight's dtype and device)."""
         weight = self.base_layer.weight
         originals = weight[ids].detach().clone()
-        values = (
-            originals.clone()
-            if init_weights
-            else torch.randn(originals.shape, dtype=weight.dtype, device=weight.device)
-        )
+        values = originals.clone() if init_weights else torch.randn(originals.shape, dtype=weight.dtype,
+                                                                       device=weight.device)  # fmt: skip
         self.token_indices[name] = list(ids)
         self._keyed(name, key)
         self.trainable_tokens_delta[name] = nn.Parameter(values, requires_grad=True)
@@ -143,10 +141,8 @@ class TrainableTokens(DeltaLayer):
         for name in dict.fromkeys([*self.merged_adapters, *(n for n in names if n in self.adapter_names)]):
             ids = set(self._rows(name)[0])
             if seen & ids:
-                raise ValueError(
-                    f"Token indices of adapter {name} are already defined and would result in undefined merging "
-                    f"behavior. Only disjunct token indices are currently supported ({path})"
-                )
+                raise ValueError(f"Token indices of adapter {name} are already defined and would result in undefined "
+                                 f"merging behavior. Only disjunct token indices are currently supported ({path})")  # fmt: skip
             seen |= ids
 
     def weight_with(self, names: list[str]) -> torch.Tensor:
@@ -193,9 +189,8 @@ class TrainableTokens(DeltaLayer):
             out = self._swapped(x, F.embedding(x, base.weight, base.padding_idx), names)
         else:  # max_norm renorms the looked-up rows, the others scale or route gradients by E''s rows: as peft
             W = self.weight_with(names)
-            out = F.embedding(
-                x, W, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )
+            out = F.embedding(x, W, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                              base.sparse)  # fmt: skip
         if (scale := getattr(base, "embed_scale", None)) is not None:  # Gemma's scaled embedding, as peft
             out = out * torch.as_tensor(scale, dtype=out.dtype, device=out.device)
         return out
@@ -223,12 +218,11 @@ class TrainableTokens(DeltaLayer):
 def check_ids(ids: Any, where: str, label: str = "trainable_token_indices", integral: bool = False) -> list[int]:
     """``ids`` as a list of distinct token ids (ConfigError naming ``label``/``where`` otherwise); with ``integral``,
     numpy's integers too (peft takes them), returned as ints (the caller stores the result: JSON has no numpy)."""
-    kinds = (
-        (lambda i: isinstance(i, numbers.Integral) and not isinstance(i, bool))
-        if integral
-        else (lambda i: type(i) is int)
-    )
-    if not isinstance(ids, (list, tuple)) or not all(kinds(i) for i in ids):
+
+    def kind(i: Any) -> bool:
+        return isinstance(i, numbers.Integral) and not isinstance(i, bool) if integral else type(i) is int
+
+    if not isinstance(ids, (list, tuple)) or not all(kind(i) for i in ids):
         raise ConfigError(f"{label}{where} must be a list of token ids (ints), got {ids!r}")
     ids = [int(i) for i in ids]
     if not ids:
@@ -280,14 +274,16 @@ def _plain(module: nn.Module) -> nn.Module:
     return module
 
 
-def _check_target(model: nn.Module, path: str, module: nn.Module, ids: list[int], name: str, label: str) -> None:
-    """ConfigError unless ``module`` at ``path`` can train rows ``ids`` for adapter ``name``."""
+def _check_target(model: nn.Module, path: str, module: nn.Module, ids: list[int], name: str, label: str,
+                  at: Callable[[str], nn.Module]) -> None:  # fmt: skip
+    """ConfigError unless ``module`` at ``path`` can train rows ``ids`` for adapter ``name`` (``at``: the module at a
+    path once the layers about to go in are in)."""
     kind = type(module).__name__
     if isinstance(module, ModulesToSave) or (
         isinstance(module, DeltaLayer) and not isinstance(module, TrainableTokens)
     ):
         raise ConfigError(f"{label} cannot be applied to {path}, already adapted by {kind}")
-    if any(isinstance(model.get_submodule(path[:i]), DeltaLayer) for i in range(len(path)) if path[i] == "."):
+    if any(isinstance(at(path[:i]), DeltaLayer) for i in range(len(path)) if path[i] == "."):
         raise ConfigError(f"{label} names {path}, a module inside an adapter layer; name the embedding")
     if isinstance(module, TrainableTokens):
         if name in module.adapter_names:
@@ -308,10 +304,12 @@ def _check_target(model: nn.Module, path: str, module: nn.Module, ids: list[int]
         raise ConfigError(f"{label}: token id {bad[0]} is out of range for {path} ({rows} rows)")
 
 
-def add_tokens(model: nn.Module, config: Any, adapter_name: str) -> list[nn.Module]:
-    """Wrap the modules ``config.trainable_token_indices`` names and add adapter ``adapter_name`` to them (peft's
-    ``set_additional_trainable_modules``: the input embedding, or each dict key; then the output embedding tied to it).
-    Everything is checked before the model is touched.
+def add_tokens(model: nn.Module, config: Any, adapter_name: str,
+               adapting: dict[str, nn.Module]) -> Callable[[], list[nn.Module]]:  # fmt: skip
+    """Check ``config.trainable_token_indices`` against the model as it will be once ``adapting`` ({path: the LoRA
+    layer about to wrap it}) is in, and return the step that wraps the modules it names and adds adapter
+    ``adapter_name`` to them (peft's ``set_additional_trainable_modules``: the input embedding, or each dict key;
+    then the output embedding tied to it). So a refusal comes before any layer (and PiSSA's residual) goes in.
 
     Raises:
         ConfigError: see ``check_indices`` and ``_check_target``; a key that matches no module (peft's words); a key
@@ -319,35 +317,38 @@ def add_tokens(model: nn.Module, config: Any, adapter_name: str) -> list[nn.Modu
     """
     spec = check_indices(config.trainable_token_indices)
     if spec is None:
-        return []
+        return list
     embedding = getattr(model, "get_input_embeddings", lambda: None)()
     paths = {m: n for n, m in model.named_modules()}
     if isinstance(spec, list):
         spec = {paths.get(embedding, "embed_tokens"): spec}
     for key in spec:
         if key in (config.modules_to_save or []):
-            raise ConfigError(
-                "The embedding layer is already marked to be trained fully, either specify "
-                f"`modules_to_save=[..., \"{key}\", ...]` or `trainable_tokens={{'{key}': x}}` but not both."
-            )
-    return place_tokens(model, spec, adapter_name)
+            raise ConfigError("The embedding layer is already marked to be trained fully, either specify "
+                              f"`modules_to_save=[..., \"{key}\", ...]` or `trainable_tokens={{'{key}': x}}` but not "
+                              "both.")  # fmt: skip
+    return plan_tokens(model, spec, adapter_name, adapting=adapting)
 
 
-def place_tokens(
-    model: nn.Module,
-    spec: dict[str, list[int]],
-    adapter_name: str,
-    label: str = "trainable_token_indices",
-    init_weights: bool = True,
-    save_tied: bool = False,
-    saved_as: str = KEY,
-) -> list[nn.Module]:
-    """Wrap the modules whose names end with each key of ``spec`` and add adapter ``adapter_name`` training the
-    key's ids there; then tie the output embedding to the input one where the model ties them (LoRA's
+def place_tokens(*args: Any, **kwargs: Any) -> list[nn.Module]:
+    """``plan_tokens``'s checks and its step at once."""
+    return plan_tokens(*args, **kwargs)()
+
+
+def plan_tokens(model: nn.Module, spec: dict[str, list[int]], adapter_name: str, label: str = "trainable_token_indices",
+                init_weights: bool = True, save_tied: bool = False, saved_as: str = KEY,
+                adapting: dict[str, nn.Module] | None = None) -> Callable[[], list[nn.Module]]:  # fmt: skip
+    """The step that wraps the modules whose names end with each key of ``spec`` and adds adapter ``adapter_name``
+    training the key's ids there; then ties the output embedding to the input one where the model ties them (LoRA's
     ``trainable_token_indices`` and the stand-alone method share this). ``label`` names the config field in the
     refusals; ``save_tied``: the tied layers save the rows under their own key too, and ``saved_as`` is the saved
-    tensor's name in each layer (peft's stand-alone files: ``trainable_tokens_delta``, no wrapper).
-    Everything is checked before the model is touched."""
+    tensor's name in each layer (peft's stand-alone files: ``trainable_tokens_delta``, no wrapper). Everything is
+    checked here, before the step, against the model with ``adapting`` ({path: a layer that will wrap it}) in."""
+    adapting = adapting or {}
+
+    def at(path: str) -> nn.Module:
+        return adapting[path] if path in adapting else model.get_submodule(path)
+
     embedding = getattr(model, "get_input_embeddings", lambda: None)()
     emb_path = next((n for n, m in model.named_modules() if m is embedding), "")
     if isinstance(embedding, TrainableTokens):
@@ -369,28 +370,31 @@ def place_tokens(
             raise ConfigError(f"{label}: Target modules {{{key!r}}} not found in the base model. "
                               "Please check the target modules and try again.")  # fmt: skip
         for path, module in found:
-            _check_target(model, path, module, ids, adapter_name, label)
+            _check_target(model, path, at(path), ids, adapter_name, label, at)
             plan.append((path, module, ids))
     wraps_embedding = any(m is embedding or getattr(m, "base_layer", None) is embedding for _, m, _ in plan)
     tied = [t for t in tied if wraps_embedding and t not in {p for p, _, _ in plan}]
     for path in tied:
-        module = model.get_submodule(path)
-        if isinstance(module, DeltaLayer) and not isinstance(module, TrainableTokens):
+        if isinstance(module := at(path), DeltaLayer) and not isinstance(module, TrainableTokens):
             raise ConfigError(f"{label} cannot be tied to {path} (the output embedding), already "
                               f"adapted by {type(module).__name__}")  # fmt: skip
-    layers: list[nn.Module] = []
-    for path, module, ids in plan:
-        layer = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
-        if layer is not module:
-            set_submodule(model, path, layer)
-        layer.add(adapter_name, ids, init_weights, saved_as)
-        layers.append(layer)
-    source = next(lay for lay in layers if lay.base_layer is embedding) if tied else None
-    for path in tied:
-        module = model.get_submodule(path)
-        layer = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
-        if layer is not module:
-            set_submodule(model, path, layer)
-        layer.tie(adapter_name, source, save_tied, saved_as)
-        layers.append(layer)
-    return layers
+
+    def place() -> list[nn.Module]:
+        layers: list[nn.Module] = []
+        for path, module, ids in plan:
+            layer = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
+            if layer is not module:
+                set_submodule(model, path, layer)
+            layer.add(adapter_name, ids, init_weights, saved_as)
+            layers.append(layer)
+        source = next(lay for lay in layers if lay.base_layer is embedding) if tied else None
+        for path in tied:
+            module = model.get_submodule(path)
+            layer = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
+            if layer is not module:
+                set_submodule(model, path, layer)
+            layer.tie(adapter_name, source, save_tied, saved_as)
+            layers.append(layer)
+        return layers
+
+    return place

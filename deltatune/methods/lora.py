@@ -133,6 +133,11 @@ class LoraConfig(DeltaConfig):
             check_regex("alpha_pattern key", key)
             check_range(f"alpha_pattern[{key!r}]", value, 0, None, low_open=True)
 
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "adapter config") -> LoraConfig:
+        """DeltaConfig.from_dict; an older file's init_lora_weights 0 / 1 read as False / True (one warning)."""
+        return super().from_dict(inits.loaded_init(data, source), source)
+
     def for_loading(self) -> LoraConfig:  # the file holds the weights (PiSSA's and OLoRA's residual is drawn again)
         return inits.for_loading(self)
 
@@ -258,23 +263,23 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[nn.M
         inits.check_target(layer, name, config, r)
         plan.append((name, layer, layer is not module))
     inits.check_base_kept(model, adapter_name, [(n, layer) for n, layer, _ in plan], config.init_lora_weights)
+    # trainable_token_indices (methods/_trainable_tokens.py): checked against the layers about to go in, before any
+    # does (a refusal after PiSSA's residuals would need every original weight kept beside them)
+    place_tokens = add_tokens(model, config, adapter_name, {n: layer for n, layer, _ in plan})
     _say_fan_in_fan_out(config, [layer for _, layer, new in plan if new])
     layers: list[nn.Module] = []
     loading = getattr(config, "_loading", False)
-    keep = loading or config.trainable_token_indices is not None  # (refused after the adds: the base goes back)
     for name, layer, new in plan:
         if new:
             set_submodule(model, name, layer)
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        layer._keep_base = keep  # (a load that fails puts the base back)
+        layer._keep_base = loading  # (a load that fails puts the base back: _lora_conv's settle)
         layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
                   config.init_lora_weights, config.lora_bias)  # fmt: skip
+        layer.__dict__.pop("_keep_base", None)  # (read by init_from_base only)
         layers.append(layer)
-    tokens = add_tokens(model, config, adapter_name)  # trainable_token_indices (methods/_trainable_tokens.py)
-    for layer in [] if loading else layers:  # PiSSA's / OLoRA's replaced base weights: dropped once nothing can fail
-        inits.settle(layer, adapter_name, restore=False)
-    return layers + tokens
+    return layers + place_tokens()
 
 
 def _say_fan_in_fan_out(config: LoraConfig, new: list[_LoraBase]) -> None:
