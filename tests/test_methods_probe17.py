@@ -3,6 +3,8 @@ against peft 0.21.2 and LLaMA-Factory's freeze tuning."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tiny import output_of, tiny_inputs, tiny_model
@@ -82,7 +84,16 @@ def test_ia3_add_weighted_adapter_refusals_change_nothing():
     model.add_adapter("b", dt.IA3Config(target_modules=r".*\.k_proj", feedforward_modules=r"^$"))
     model.add_adapter("l", dt.LoraConfig(r=2, target_modules=["o_proj"]))
     cases = [
-        ((["l", "a"], [1.0, 1.0], "n"), {}, "combines LoRA adapters; 'a' is a ia3 adapter"),
+        (
+            (["l", "a"], [1.0, 1.0], "n"),
+            {},
+            r"\(IA\)\^3 and LoRA adapters cannot be combined together \('a' is ia3, 'l' is lora\)$",
+        ),
+        (
+            (["a", "l"], [1.0, 1.0], "n"),
+            {},
+            r"\(IA\)\^3 and LoRA adapters cannot be combined together \('a' is ia3, 'l' is lora\)$",
+        ),
         ((["a", "b"], [1.0, 1.0], "n"), {}, "'b' gives target_modules as a regex, 'a' as a list"),
         ((["a"], [1.0, 1.0], "n"), {}, "1 adapters and 2 weights"),
         ((["a"], [1.0], "b"), {}, "an adapter named 'b' exists already"),
@@ -273,3 +284,46 @@ def test_ia3_add_weighted_adapter_joins_a_written_feedforward_regex_with_a_list(
 
     mixed = ours.peft_config["mix"].feedforward_modules
     assert [n for n in layers if _is_feedforward(n, mixed)] == [n for n, m in layers.items() if m.is_feedforward]
+
+
+def test_ia3_all_linear_with_a_feedforward_name_marking_no_layer_is_refused_before_any_change(tmp_path):
+    """target_modules="all-linear" with feedforward_modules=["dwn_proj"] (a typo): peft adapts with no layer
+    feed-forward and saves a file its own IA3Config refuses on load ("subset of target_modules"); deltatune saved
+    feedforward_modules as [] and trained with no layer scaled on its input (with list targets the config check
+    refuses it). Now one line names the entries, before any change."""
+    peft = pytest.importorskip("peft")
+    config = peft.IA3Config(target_modules="all-linear", feedforward_modules=["dwn_proj"])
+    theirs = peft.get_peft_model(tiny_model("llama"), config)
+    assert not any(getattr(m, "is_feedforward", False) for m in theirs.modules())
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="subset of `target_modules`"):
+        peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    model = dt.DeltaModel(tiny_model("llama"))
+    for feedforward, unused in ((["dwn_proj"], "['dwn_proj']"), (["down_proj", "up_prj"], "['up_prj']")):
+        config = dt.IA3Config(target_modules="all-linear", feedforward_modules=feedforward)
+        with pytest.raises(dt.ConfigError, match=rf"^ia3: feedforward_modules entries {re.escape(unused)} mark none "
+                                                 r"of the layers target_modules='all-linear' adapts$"):  # fmt: skip
+            model.add_adapter("default", config)
+        assert config.target_modules == "all-linear" and config.feedforward_modules == feedforward
+        assert not model.peft_config and not any("ia3" in n for n, _ in model.named_parameters())
+    # peft's suffix rule, no "." boundary: "p_proj" ends "mlp.up_proj" (and no other Llama name), so it marks a layer
+    ok = dt.get_delta_model(
+        tiny_model("llama"), dt.IA3Config(target_modules="all-linear", feedforward_modules=["p_proj"])
+    )
+    assert ok.peft_config["default"].feedforward_modules == [f"model.layers.{i}.mlp.up_proj" for i in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    "extra, saved",
+    [((), []), (set(), []), (("norm", "lm_head"), ["norm", "lm_head"]), ({"norm", "lm_head"}, ["lm_head", "norm"])],
+)
+def test_freeze_extra_modules_take_empty_tuples_and_sets_and_tuples_of_names(extra, saved):
+    """freeze_extra_modules=() or set() meant nothing extra (stored as []), as [] and None; 14f08f6 refused them ("must
+    be a list of module names, got ()"). A set is stored sorted, so the saved config does not depend on hashing."""
+    config = dt.FreezeConfig(freeze_extra_modules=extra)
+    assert config.freeze_extra_modules == saved
+    trained = config.trainable_base_parameters(tiny_model("llama"))
+    blocks = dt.FreezeConfig().trainable_base_parameters(tiny_model("llama"))
+    assert sorted(trained) == sorted(
+        blocks + [f"{m}.weight" if m == "lm_head" else f"model.{m}.weight" for m in saved]
+    )

@@ -96,7 +96,7 @@ class FreezeConfig(DeltaConfig):
         modules = self.freeze_trainable_modules
         if isinstance(modules, str) and re.fullmatch(r"[\w.]+(?:\s*,\s*[\w.]+)+", modules):
             modules = [m.strip() for m in modules.split(",")]  # LLaMA-Factory's "mlp,self_attn" (no name has a comma)
-        if modules == "all" or (isinstance(modules, (list, tuple)) and "all" in modules):
+        if modules == "all" or (isinstance(modules, (list, tuple, set)) and "all" in modules):
             self.freeze_trainable_modules = None
         elif isinstance(modules, str):
             check_regex("freeze_trainable_modules", modules)
@@ -104,14 +104,15 @@ class FreezeConfig(DeltaConfig):
             if not _names(modules):
                 raise ConfigError(f"freeze_trainable_modules must be None, a regex or a non-empty list of module "
                                   f"names, got {modules!r}")  # fmt: skip
-            self.freeze_trainable_modules = list(modules)
+            self.freeze_trainable_modules = sorted(modules) if isinstance(modules, set) else list(modules)
         extra = self.freeze_extra_modules
         if isinstance(extra, str):
             self.freeze_extra_modules = [m.strip() for m in extra.split(",")]
         elif extra is not None:
-            if not (_names(extra) or extra == []):
+            empty = isinstance(extra, (list, tuple, set)) and not extra  # [], (), set(): nothing extra, as None
+            if not (_names(extra) or empty):
                 raise ConfigError(f"freeze_extra_modules must be a list of module names, got {extra!r}")
-            self.freeze_extra_modules = list(extra)
+            self.freeze_extra_modules = sorted(extra) if isinstance(extra, set) else list(extra)
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """The parameters of the chosen blocks (and modules), and of the extra modules.

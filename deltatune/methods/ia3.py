@@ -225,7 +225,14 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> list[nn.Mo
         feedforward = "|".join(re.escape(name) for name in hits) if hits else []
     elif isinstance(feedforward, list) and isinstance(targets, list) and not set(feedforward) <= set(targets):
         # "all-linear" (or a regex with layers_to_transform) is saved as the full names it adapts; ["down_proj"] is
-        # then no subset of them and the file would fail the check on load: its feed-forward layers by full name
+        # then no subset of them and the file would fail the check on load: its feed-forward layers by full name.
+        # An entry marking none of them (a typo, ["dwn_proj"]) would vanish from the file: refused (peft's suffix rule)
+        unused = [k for k in feedforward if not any(_is_feedforward(n, [k]) for n, _, _ in plan)]
+        if unused:
+            config.target_modules = given
+            raise ConfigError(
+                f"ia3: feedforward_modules entries {unused!r} mark none of the layers target_modules={given!r} adapts"
+            )
         feedforward = sorted(name for name, layer, _ in plan if layer.is_feedforward)
     config.feedforward_modules = feedforward
     for _, layer, new in plan:  # as peft's dispatch: a saved GPT-2 adapter says fan_in_fan_out true, a Linear's false
@@ -248,7 +255,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
         ValueError: an unknown adapter; ``adapter_name`` taken (peft returns without a word); LoRA's combination
             arguments; target_modules (or feedforward_modules) given as a list by one adapter and a regex by another
             (peft refuses them too); a weight count other than the adapters'; two adapters with their own copy of one
-            module (modules_to_save), as peft. A mix of (IA)^3 and LoRA adapters is LoRA's refusal.
+            module (modules_to_save), as peft; (IA)^3 adapters beside adapters of another method.
         TypeError: weights that are not numbers.
     """
     from ._lora_combine import _numbers
@@ -256,6 +263,12 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
 
     names = model._check_names(adapters)
     kinds = {n: model.peft_config[n].method for n in names}
+    if "ia3" in kinds.values() and set(kinds.values()) != {"ia3"}:  # LoRA's line would say "combines LoRA adapters"
+        ia3 = next(n for n, k in kinds.items() if k == "ia3")
+        other = next(n for n, k in kinds.items() if k != "ia3")
+        label = {"lora": "LoRA"}.get(kinds[other], kinds[other])
+        raise ValueError(f"add_weighted_adapter: (IA)^3 and {label} adapters cannot be combined together ({ia3!r} is "
+                         f"ia3, {other!r} is {kinds[other]})")  # fmt: skip
     if not names or set(kinds.values()) != {"ia3"}:  # LoRA's, which refuses a mix naming the first non-LoRA one
         return lora_add_weighted_adapter(model, adapters, weights, adapter_name, *args, **kwargs)
     if args or kwargs:
