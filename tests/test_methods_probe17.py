@@ -327,3 +327,38 @@ def test_freeze_extra_modules_take_empty_tuples_and_sets_and_tuples_of_names(ext
     assert sorted(trained) == sorted(
         blocks + [f"{m}.weight" if m == "lm_head" else f"model.{m}.weight" for m in saved]
     )
+
+
+def test_ia3_add_weighted_adapter_on_gpt2_conv1d_as_peft(tmp_path):
+    """GPT-2's Conv1D layers store W as (d_in, d_out) (fan_in_fan_out): the combined vectors, their layout and the
+    saved file are peft's. "a" is the family default (c_attn, mlp.c_proj feed-forward), "b" c_attn and attn.c_proj."""
+    peft = pytest.importorskip("peft")
+    configs = {
+        "a": dict(),
+        "b": dict(target_modules=["c_attn", "attn.c_proj"], feedforward_modules=[]),
+    }
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):  # peft: Conv1D, so fan_in_fan_out is set to True
+        theirs, ours = _ia3_pair("gpt2", configs)
+    theirs.add_weighted_adapter(["a", "b"], [0.7, -1.5], "mix")
+    ours.add_weighted_adapter(["a", "b"], [0.7, -1.5], "mix")
+    theirs.set_adapter("mix")
+    ours.set_adapter("mix")
+    inputs = tiny_inputs("gpt2")
+    ref = output_of(theirs, inputs)
+    assert (ref - output_of(tiny_model("gpt2"), inputs)).abs().max() > ATOL32
+    torch.testing.assert_close(output_of(ours, inputs), ref, atol=ATOL32, rtol=0)
+    from peft.utils import get_peft_model_state_dict
+
+    mine, peft_sd = ours.adapter_state_dict("mix"), get_peft_model_state_dict(theirs, adapter_name="mix")
+    assert set(mine) == set(peft_sd)
+    for key, value in peft_sd.items():  # same shapes: (d_out, 1) or, feed-forward, (1, d_in)
+        torch.testing.assert_close(mine[key], value, atol=ATOL32, rtol=0, msg=key)
+    mixed = ours.peft_config["mix"]
+    assert set(mixed.target_modules) == set(theirs.peft_config["mix"].target_modules)
+    assert set(mixed.feedforward_modules) == set(theirs.peft_config["mix"].feedforward_modules)
+    assert mixed.fan_in_fan_out is True
+    ours.save_pretrained(tmp_path, selected_adapters=["mix"])
+    loaded = peft.PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "mix").eval()
+    torch.testing.assert_close(output_of(loaded, inputs), ref, atol=ATOL32, rtol=0)
+    ours.merge_and_unload()  # the combined vectors fold into the Conv1D weights with the same outputs
+    torch.testing.assert_close(output_of(ours, inputs), ref, atol=ATOL32, rtol=0)
