@@ -173,10 +173,11 @@ def test_ia3_feedforward_outside_the_default_targets_is_refused_before_training_
 
 
 def test_ia3_all_linear_with_feedforward_names_saves_a_file_peft_loads(tmp_path):
-    """target_modules="all-linear" with feedforward_modules=["down_proj"]: deltatune adapts (peft refuses the pair),
-    saves the targets as the full names they resolved to, and kept ["down_proj"], no subset of them: save_pretrained
-    refused after the training ("must be a subset of target_modules"). Now the feed-forward layers are written by full
-    name, and peft loads the file with the same outputs."""
+    """target_modules="all-linear" with feedforward_modules=["down_proj"]: peft adapts and saves a file its own
+    IA3Config refuses on load (the resolved names, and ["down_proj"] no subset of them). deltatune saved the targets as
+    the full names they resolved to and kept ["down_proj"]: save_pretrained refused after the training ("must be a
+    subset of target_modules"). Now the feed-forward layers are written by full name, and peft loads the file with the
+    same outputs."""
     peft = pytest.importorskip("peft")
     inputs = tiny_inputs("llama")
     ours = dt.get_delta_model(
