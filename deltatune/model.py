@@ -218,11 +218,7 @@ class DeltaModel(nn.Module, PushToHub):
             raise ValueError(f"adapter name {BASE_ROW!r} is reserved for base-model rows in mixed batches")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete it or choose another name")
-        biased = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
-        if biased and getattr(config, "bias", "none") != "none":  # peft's words: the base biases are one set
-            raise ValueError(f"adapter {adapter_name!r}: deltatune supports only 1 adapter with bias ({biased[0]!r} "
-                             "trains them; a second would overwrite them). When using multiple adapters, set bias "
-                             "to 'none' for all adapters.")  # fmt: skip
+        status.check_bias(self.peft_config, adapter_name, config)  # (peft's rule: one adapter trains the biases)
         method = registry.method_of(config)
         grads = {p: p.requires_grad for p in self.base_model.parameters()}
         config = config.replace()  # our own copy: the caller's object is never changed
@@ -241,6 +237,7 @@ class DeltaModel(nn.Module, PushToHub):
             # Unwrapped names: later adapters may wrap (or unwrap) the modules that hold these parameters.
             trained = config.trainable_base_parameters(self.base_model)
             self._base_trainables[adapter_name] = list(map(unwrapped_name, trained))
+            status.check_shared_base(self, adapter_name)  # (BitFit, freeze, full: one set of base weights too)
             if _tensors is not None:
                 self._import(adapter_name, _tensors, _source)
         except BaseException:

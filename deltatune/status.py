@@ -124,6 +124,29 @@ def apply_active(
         p.requires_grad_(id(p) in trainable)
 
 
+def check_bias(configs: dict[str, Any], adapter_name: str, config: Any) -> None:
+    """peft's rule (``_check_new_adapter_config``), in its words: one adapter may train the base biases (LoRA's
+    ``bias`` 'all' / 'lora_only'); they are one set, so a second would overwrite the first's."""
+    biased = [n for n, c in configs.items() if getattr(c, "bias", "none") != "none"]
+    if biased and getattr(config, "bias", "none") != "none":
+        raise ValueError(f"adapter {adapter_name!r}: deltatune supports only 1 adapter with bias ({biased[0]!r} "
+                         "trains them; a second would overwrite them). When using multiple adapters, set bias "
+                         "to 'none' for all adapters.")  # fmt: skip
+
+
+def check_shared_base(model: DeltaModel, adapter_name: str) -> None:
+    """An adapter training base parameters in place that another adapter trains (BitFit's biases, freeze's or full's
+    weights, LoRA's biases beside BitFit): one set, the second would overwrite the first's; refused (add_adapter then
+    takes the new adapter out, the model as it was)."""
+    mine = set(model._base_trainables[adapter_name])
+    for other, names in model._base_trainables.items():
+        if other != adapter_name and (shared := sorted(mine.intersection(names))):
+            raise ValueError(f"adapter {adapter_name!r} ({model.peft_config[adapter_name].method}) trains base "
+                             f"parameters that adapter {other!r} ({model.peft_config[other].method}) trains in place "
+                             f"({shared[0]}, {len(shared)} in all): they are one set, and the second would overwrite "
+                             "the first's; delete one adapter first")  # fmt: skip
+
+
 def set_requires_grad(model: DeltaModel, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
     """peft's ``set_requires_grad``: the adapters' own parameters in every layer (a base parameter an adapter trains in
     place, e.g. ``bias="all"``, is left as it is, as peft's). A name of no adapter is skipped, as peft's."""

@@ -125,3 +125,42 @@ def test_a_grpo_resume_after_the_data_changed_is_refused_and_resume_changed_take
         train(build(raw), resume=True)
     assert not (out / FINISHED_FILE).exists()
     assert train(build(raw), resume=True, resume_changed=True)["train_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("bitfit", "lora_all"),
+        ("lora_all", "bitfit"),
+        ("bitfit", "bitfit"),
+    ],
+)
+def test_an_adapter_training_base_parameters_another_trains_is_refused_and_changes_nothing(first, second):
+    """BitFit trains the base biases in place, as LoRA's bias='all' does: one set, so a second adapter training them
+    overwrote the first's (its logits 0.5 off what it computed alone). peft's rule counts LoRA's bias only; the
+    overlap of trained base parameters is refused, the model left as it was; LoRA bias='all' beside bias='none' and
+    beside another method's adapter is taken, as peft takes it."""
+    configs = {
+        "bitfit": lambda: dt.BitFitConfig(),
+        "lora_all": lambda: dt.LoraConfig(target_modules=["q_proj"], bias="all"),
+    }
+    model = dt.get_delta_model(tiny_model("opt"), configs[first](), adapter_name="x")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape))
+    inputs = tiny_inputs("opt")
+    with torch.no_grad():
+        want = model(**inputs).logits
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = [n for n, _ in model.named_modules()]
+    with pytest.raises(
+        ValueError, match=r"^adapter 'y' \(.*\) trains base parameters that adapter 'x'|only 1 adapter"
+    ):
+        model.add_adapter("y", configs[second]())
+    assert list(model.peft_config) == ["x"] and model.active_adapters == ["x"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert [n for n, _ in model.named_modules()] == modules
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, want)
+    model.add_adapter("z", dt.LoraConfig(target_modules=["v_proj"]))  # no base parameter trained: taken
