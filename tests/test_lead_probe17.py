@@ -164,3 +164,30 @@ def test_an_adapter_training_base_parameters_another_trains_is_refused_and_chang
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, want)
     model.add_adapter("z", dt.LoraConfig(target_modules=["v_proj"]))  # no base parameter trained: taken
+
+
+def test_a_warmup_stable_decay_floor_above_the_peak_is_refused_without_warm_up():
+    """warmup_stable_decay's min_lr_ratio 2 with 50 stable steps: the throwaway 10-step schedule never reached the
+    decay, so a run without warm-up passed and ended at 2x train.lr (the Trainer's rate after 100 steps: 4e-4)."""
+    from transformers import get_scheduler
+
+    from deltatune.config import ConfigError
+    from deltatune.train import build
+    from deltatune.train.config_train import check_schedule_floor
+
+    kwargs = {"num_stable_steps": 50, "num_decay_steps": 50, "min_lr_ratio": 2.0}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    schedule = get_scheduler("warmup_stable_decay", optimizer, 0, 100, scheduler_specific_kwargs=kwargs)
+    for _ in range(100):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)  # the Trainer's schedule ends at 2x the peak
+    cfg = build({"train": {"scheduler": "warmup_stable_decay", "lr": 2e-4, "lr_scheduler_kwargs": kwargs}})
+    with pytest.raises(ConfigError, match=r"climb above train.lr \(0.0002\) to 0.0004"):
+        check_schedule_floor(cfg)
+    check_schedule_floor(build({"train": {"scheduler": "warmup_stable_decay", "lr": 2e-4,
+                                          "lr_scheduler_kwargs": {**kwargs, "min_lr_ratio": 0.1}}}))  # fmt: skip
+    for name, kw in [("cosine", {"num_cycles": 0.5}), ("cosine_with_restarts", {"num_cycles": 2}),
+                     ("polynomial", {"lr_end": 1e-7, "power": 2.0}), ("inverse_sqrt", {"timescale": 5}),
+                     ("cosine_with_min_lr", {"min_lr": 1e-5})]:  # fmt: skip
+        check_schedule_floor(build({"train": {"scheduler": name, "lr": 2e-4, "lr_scheduler_kwargs": kw}}))

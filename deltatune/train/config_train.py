@@ -407,6 +407,8 @@ def _schedule_rates(name: str, kwargs: dict, lr: float, warmup: int = 1, steps: 
                 if step < steps:
                     optimizer.step()
                     schedule.step()
+            if steps and name not in ON_EVAL and hasattr(schedule, "lr_lambdas"):  # a floor reached only past the
+                rates.append(lr * schedule.lr_lambdas[0](10**9))  # throwaway's 10 steps (warmup_stable_decay's stable)
     except (TypeError, ValueError, ArithmeticError) as exc:
         why = " ".join(str(exc).split()).replace("through the `lr_scheduler_kwargs`", "")
         raise ConfigError(f"train.lr_scheduler_kwargs {kwargs} for the {name} schedule: {why}") from None
