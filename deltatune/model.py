@@ -237,7 +237,7 @@ class DeltaModel(nn.Module, PushToHub):
             # Unwrapped names: later adapters may wrap (or unwrap) the modules that hold these parameters.
             trained = config.trainable_base_parameters(self.base_model)
             self._base_trainables[adapter_name] = list(map(unwrapped_name, trained))
-            status.check_shared_base(self, adapter_name)  # (BitFit, freeze, full: one set of base weights too)
+            status.check_shared_base(self, adapter_name)  # (base weights trained in place: one set too)
             if _tensors is not None:
                 self._import(adapter_name, _tensors, _source)
         except BaseException:

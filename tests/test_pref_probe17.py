@@ -242,11 +242,12 @@ def test_a_best_metric_may_name_a_moe_base_s_aux_loss(stage, tmp_path):
 
     from deltatune.config import ConfigError
     from deltatune.train.config_train import check_best_metric
+    from deltatune.train.run import moe_base
 
     headline = {"dpo": "eval_accuracy", "kto": "eval_margin"}[stage]
     for name, config in (("moe", MixtralConfig()), ("dense", LlamaConfig())):
         config.save_pretrained(str(tmp_path / name))
     raw = {"stage": stage, "data": {"eval": "e.jsonl"}, "train": {"metric_for_best_model": "eval_aux_loss"}}
-    check_best_metric(build({**raw, "model": {"name_or_path": str(tmp_path / "moe")}}), headline)
+    check_best_metric(build({**raw, "model": {"name_or_path": str(tmp_path / "moe")}}), headline, moe_base)
     with pytest.raises(ConfigError, match="eval_aux_loss"):
-        check_best_metric(build({**raw, "model": {"name_or_path": str(tmp_path / "dense")}}), headline)
+        check_best_metric(build({**raw, "model": {"name_or_path": str(tmp_path / "dense")}}), headline, moe_base)

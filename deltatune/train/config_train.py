@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -459,7 +460,7 @@ EVAL_STATS = {
     "kto": (*_SIDES, "kl", "entropy"),
 }
 """What the preference stages' trainers add to each evaluation besides compute_metrics' (``pairs.EvalStats``: their
-training log's names, as TRL's evaluations report them; a Mixture-of-Experts base's aux_loss too, ``_moe_base``).
+training log's names, as TRL's evaluations report them; a Mixture-of-Experts base's aux_loss too: run.moe_base).
 dpo's and kto's num_tokens, which they report too, is no metric to keep a best checkpoint by: the training tokens so
 far, it only grows (and restarts at 0 on --resume, as TRL's)."""
 PAIRED = ("gained", "lost", "paired_p")
@@ -468,42 +469,23 @@ PAIRED = ("gained", "lost", "paired_p")
 TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
 
 
-def check_best_metric(cfg: Any, headline: str | None) -> None:
+def check_best_metric(cfg: Any, headline: str | None, moe_base: Callable[[Any], bool] | None = None) -> None:
     """A ``train.metric_for_best_model`` that the stage's evaluation during training does not report: one line naming
     the key and the metrics it does report, before the model loads (the Trainer's KeyError came at the first
-    evaluation). ``headline`` is the stage's ``Prepared.metric``."""
+    evaluation). ``headline`` is the stage's ``Prepared.metric``; ``moe_base(cfg)``: whether the base is a
+    Mixture-of-Experts model (run.moe_base, which reads its config), asked only for an aux_loss metric."""
     metric = cfg.train.metric_for_best_model
     reported = EVAL_METRICS.get((cfg.stage, headline))
     if not metric or reported is None:
         return
     reported = reported + EVAL_STATS.get(cfg.stage, ())
-    if cfg.stage in ("dpo", "kto") and metric.removeprefix("eval_") == "aux_loss" and _moe_base(cfg):
+    if cfg.stage in ("dpo", "kto") and metric.removeprefix("eval_") == "aux_loss" and moe_base and moe_base(cfg):
         reported = reported + ("aux_loss",)
     if cfg.train.eval_on_start and cfg.stage in ("rm", "dpo", "orpo", "simpo", "cpo"):
         reported = reported + PAIRED
     if metric.removeprefix("eval_") not in ("loss", *reported, *TIMINGS):
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation does not "
                           f"report; it reports loss, {', '.join(reported)}")  # fmt: skip
-
-
-def _moe_base(cfg: Any) -> bool:
-    """Whether the base is a Mixture-of-Experts model whose load-balancing loss dpo and kto add, and report as
-    aux_loss (``logprobs.router_aux_coef``); a base whose config does not load counts as one (its loader refuses it
-    more clearly)."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    from .logprobs import router_aux_coef
-    from .models import resolve_path
-
-    try:
-        config = AutoConfig.from_pretrained(
-            resolve_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
-        )
-    except (OSError, ValueError):
-        return True
-    return router_aux_coef(SimpleNamespace(config=config)) > 0
 
 
 UNBUILT = {k: f"{k} (TrainingArguments') is not a recipe key: {v}" for k, v in (

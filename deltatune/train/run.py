@@ -460,7 +460,26 @@ def _check_best_metric(cfg: RunConfig, prepared: Prepared) -> None:
     if metric and prepared.loss_only and prepared.compute_metrics is None and metric.removeprefix("eval_") != "loss":
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation during "
                           "training does not report (the final evaluation adds its other metrics); it reports loss")  # fmt: skip
-    check_best_metric(cfg, prepared.metric)  # (a stage with compute_metrics: what it reports)
+    check_best_metric(cfg, prepared.metric, moe_base)  # (a stage with compute_metrics: what it reports)
+
+
+def moe_base(cfg: RunConfig) -> bool:
+    """Whether the base is a Mixture-of-Experts model whose load-balancing loss dpo and kto add, and report as
+    aux_loss (``logprobs.router_aux_coef``); a base whose config does not load counts as one (its loader refuses it
+    more clearly)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from .logprobs import router_aux_coef
+    from .models import resolve_path
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_path(cfg.model.name_or_path),
+                                            trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+    except (OSError, ValueError):
+        return True
+    return router_aux_coef(SimpleNamespace(config=config)) > 0
 
 
 def eval_metrics(trainer, delta, tok, prepared: Prepared, cfg: RunConfig) -> dict[str, Any]:
