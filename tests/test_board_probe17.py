@@ -170,3 +170,5 @@ def test_a_yaml_alias_bomb_leaves_the_run_listed_and_is_walked_once(tmp_path, mo
     page = client(tmp_path).get("/api/run?name=bomb")
     assert len(walked) < 100 and page.status_code == 200
     assert (page.json()["recipe"], [r["loss"] for r in page.json()["history"]]) == ({}, [0.5])
+    (tmp_path / "bomb" / "run.yaml").write_text("stage: sft\n", encoding="utf-8")  # mended: read again, not cached
+    assert {r["name"]: r["stage"] for r in runs.list_runs(str(tmp_path))}["bomb"] == "sft"

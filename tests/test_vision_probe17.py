@@ -318,7 +318,7 @@ def test_an_image_folders_refused_image_is_named_once(tmp_path):
     with pytest.raises(DataError) as err:
         prepare_image_cls(cfg, _grey_processor([0.5]))
     assert str(err.value) == (
-        f"{tmp_path / 'train' / 'a' / '0.png'}: the image processor (ViTImageProcessorPil) refuses for a 3-channel "
+        f"{tmp_path / 'train' / 'a' / '0.png'}: the image processor (ViTImageProcessorPil) refuses it for a 3-channel "
         "model: mean must have 3 elements if it is an iterable, got 1"
     )
 

@@ -220,7 +220,7 @@ def check_processor(processor, row: ImageRow, channels: int) -> None:
         ImageDataset([row], [None], processor, channels=channels)[0]
     except (ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        image = "" if row.source == row.path else f" image {row.path!r}"  # (an image folder's row: its path, once)
+        image = " it" if row.source == row.path else f" image {row.path!r}"  # (an image folder's row: its path once)
         raise DataError(f"{row.source}: the image processor ({type(processor).__name__}) refuses{image} for a "
                         f"{channels}-channel model: {reason}") from None  # fmt: skip
 

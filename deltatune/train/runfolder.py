@@ -297,7 +297,7 @@ def run_facts(cfg: Any) -> dict[str, Any]:
 
 def facts_changes(checkpoint: str, facts: dict[str, Any]) -> list[str]:
     """How ``facts`` (``run_facts`` now) differ from those the checkpoint recorded; none for a checkpoint that
-    recorded none (written before they were, or by GRPO's loop; PPO's records them since 28b430c)."""
+    recorded none (written before they were: GRPO's before d35f075, PPO's before 28b430c)."""
     from .trainer import SUMS
 
     try:
