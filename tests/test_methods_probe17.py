@@ -40,6 +40,19 @@ def _ia3_pair(family: str, configs: dict[str, dict]):
     return theirs.eval(), ours.eval()
 
 
+def _mixed_as_peft(theirs, ours, family: str, names: list[str], weights: list[float]):
+    """Both models' add_weighted_adapter(names, weights) made active as "mix": (inputs, peft's outputs), ours equal
+    to peft's and away from the base's."""
+    for model in (theirs, ours):
+        model.add_weighted_adapter(names, weights, "mix")
+        model.set_adapter("mix")
+    inputs = tiny_inputs(family)
+    ref = output_of(theirs, inputs)
+    assert (ref - output_of(tiny_model(family), inputs)).abs().max() > ATOL32
+    torch.testing.assert_close(output_of(ours, inputs), ref, atol=ATOL32, rtol=0)
+    return inputs, ref
+
+
 @pytest.mark.parametrize(
     "configs",
     [
@@ -57,14 +70,7 @@ def test_ia3_add_weighted_adapter_as_peft(configs, tmp_path):
     """peft's IA3Model.add_weighted_adapter: l_new = sum_i w_i l_i where adapter i holds the module; the config is the
     first's with the targets' and feed-forward modules' union. deltatune refused it ("combines LoRA adapters")."""
     theirs, ours = _ia3_pair("llama", configs)
-    theirs.add_weighted_adapter(list(configs), [0.5, -2.0], "mix")
-    ours.add_weighted_adapter(list(configs), [0.5, -2.0], "mix")
-    theirs.set_adapter("mix")
-    ours.set_adapter("mix")
-    inputs = tiny_inputs("llama")
-    ref = output_of(theirs, inputs)
-    assert (ref - output_of(tiny_model("llama"), inputs)).abs().max() > ATOL32
-    torch.testing.assert_close(output_of(ours, inputs), ref, atol=ATOL32, rtol=0)
+    inputs, ref = _mixed_as_peft(theirs, ours, "llama", list(configs), [0.5, -2.0])
     from peft.utils import get_peft_model_state_dict
 
     mine = ours.adapter_state_dict("mix")
@@ -340,14 +346,7 @@ def test_ia3_add_weighted_adapter_on_gpt2_conv1d_as_peft(tmp_path):
     }
     with pytest.warns(UserWarning, match="fan_in_fan_out"):  # peft: Conv1D, so fan_in_fan_out is set to True
         theirs, ours = _ia3_pair("gpt2", configs)
-    theirs.add_weighted_adapter(["a", "b"], [0.7, -1.5], "mix")
-    ours.add_weighted_adapter(["a", "b"], [0.7, -1.5], "mix")
-    theirs.set_adapter("mix")
-    ours.set_adapter("mix")
-    inputs = tiny_inputs("gpt2")
-    ref = output_of(theirs, inputs)
-    assert (ref - output_of(tiny_model("gpt2"), inputs)).abs().max() > ATOL32
-    torch.testing.assert_close(output_of(ours, inputs), ref, atol=ATOL32, rtol=0)
+    inputs, ref = _mixed_as_peft(theirs, ours, "gpt2", ["a", "b"], [0.7, -1.5])
     from peft.utils import get_peft_model_state_dict
 
     mine, peft_sd = ours.adapter_state_dict("mix"), get_peft_model_state_dict(theirs, adapter_name="mix")
