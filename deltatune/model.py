@@ -221,6 +221,7 @@ class DeltaModel(nn.Module, PushToHub):
         status.check_bias(self.peft_config, adapter_name, config)  # (peft's rule: one adapter trains the biases)
         method = registry.method_of(config)
         grads = {p: p.requires_grad for p in self.base_model.parameters()}
+        kept = status.base_tensors(self)  # (a refusal of weights trained in place after an init rewrote the base)
         config = config.replace()  # our own copy: the caller's object is never changed
         undo = getattr(method.module, "PREPARE", lambda *_: lambda: None)(self.base_model, config)  # reshape first
         try:
@@ -245,6 +246,7 @@ class DeltaModel(nn.Module, PushToHub):
             undo()  # the model's own structure back (a method's PREPARE, e.g. stacked copies of its layers)
             for p, flag in grads.items():
                 p.requires_grad_(flag)
+            status.put_back(kept)
             raise
         if not self.active_adapters:
             self.active_adapters = [adapter_name]

@@ -134,6 +134,22 @@ def check_bias(configs: dict[str, Any], adapter_name: str, config: Any) -> None:
                          "to 'none' for all adapters.")  # fmt: skip
 
 
+def base_tensors(model: DeltaModel) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Each base parameter's tensor, when an adapter trains base parameters in place (so ``check_shared_base`` may
+    refuse a new adapter after its init rewrote base weights: PiSSA's, OLoRA's, LoftQ's residuals replace a weight's
+    tensor); references, no copies, and none at all otherwise."""
+    if not any(model._base_trainables.values()):
+        return {}
+    return {p: p.data for p in model.base_model.parameters()}
+
+
+def put_back(tensors: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+    """``base_tensors``' tensors back into their parameters (a refused add_adapter)."""
+    for p, data in tensors.items():
+        if p.data is not data:
+            p.data = data
+
+
 def check_shared_base(model: DeltaModel, adapter_name: str) -> None:
     """An adapter training base parameters in place that another adapter trains (BitFit's biases, freeze's or full's
     weights, LoRA's biases beside BitFit): one set, the second would overwrite the first's; refused (add_adapter then

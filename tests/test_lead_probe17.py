@@ -191,3 +191,21 @@ def test_a_warmup_stable_decay_floor_above_the_peak_is_refused_without_warm_up()
                      ("polynomial", {"lr_end": 1e-7, "power": 2.0}), ("inverse_sqrt", {"timescale": 5}),
                      ("cosine_with_min_lr", {"min_lr": 1e-5})]:  # fmt: skip
         check_schedule_floor(build({"train": {"scheduler": name, "lr": 2e-4, "lr_scheduler_kwargs": kw}}))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_residual_init_refused_beside_an_adapter_training_the_base_leaves_the_base_as_it_was(init):
+    """A LoRA with bias='all' and a PiSSA / OLoRA init beside a BitFit adapter: the overlap is found after the init
+    wrote its residuals into the base, so the refusal left q_proj's weights changed (logits 0.0015 off); the base
+    tensors are put back."""
+    model = dt.get_delta_model(tiny_model("opt"), dt.BitFitConfig(), adapter_name="x")
+    inputs = tiny_inputs("opt")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        want = model(**inputs).logits
+    with pytest.raises(ValueError, match=r"^adapter 'y' \(lora\) trains base parameters that adapter 'x'"):
+        model.add_adapter("y", dt.LoraConfig(target_modules=["q_proj"], bias="all", init_lora_weights=init, r=2))
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, want)
