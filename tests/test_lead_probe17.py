@@ -209,3 +209,42 @@ def test_a_residual_init_refused_beside_an_adapter_training_the_base_leaves_the_
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, want)
+
+
+def test_a_same_base_reward_run_training_the_base_in_place_gets_a_model_of_its_own(tmp_path):
+    """A reward run on the policy's base was loaded into the policy as a second adapter (one copy of the base); one
+    whose adapter trains base parameters in place (BitFit's biases) overwrote the policy's own base and the KL
+    reference's, silently (or, beside a BitFit policy, a bare ValueError mid-setup): it is a RewardScorer now, while
+    a plain LoRA reward run still shares the base."""
+    from tiny import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.train import build, train
+    from deltatune.train.ppo import reward_function
+    from deltatune.train.scorers import AdapterReward, RewardScorer
+
+    base = save_tiny(tmp_path / "opt", "opt", "causal_lm")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"w{i}", "chosen": "yes", "rejected": f"w{i} no"}) + "\n"
+                             for i in range(4)))  # fmt: skip
+    methods = {"bitfit": {"name": "bitfit"}, "lora": {"name": "lora", "r": 2, "target_modules": ["q_proj"]}}
+    for name, method in methods.items():
+        train(build({"stage": "rm", "model": {"name_or_path": base}, "method": method,
+                     "data": {"train": str(pairs), "max_length": 16}, "output": {"dir": str(tmp_path / name)},
+                     "train": {"max_steps": 1, "batch_size": 4, "report_to": ["none"]}}))  # fmt: skip
+    policy = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.LoraConfig(target_modules=["v_proj"]))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            reference = policy(input_ids=ids).logits
+    from deltatune.train.models import load_tokenizer
+
+    tok = load_tokenizer(base)
+    scorer = reward_function(str(tmp_path / "bitfit"), "cpu", policy, base, tok)
+    assert isinstance(scorer, RewardScorer) and list(policy.peft_config) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=ids).logits, before)
+        with policy.disable_adapter():
+            assert torch.equal(policy(input_ids=ids).logits, reference)
+    assert isinstance(reward_function(str(tmp_path / "lora"), "cpu", policy, base, tok), AdapterReward)

@@ -322,10 +322,10 @@ def reward_function(
 
         return TokenRewardModel(spec, device, trust_remote_code)
     if os.path.isdir(spec):
-        from .scorers import AdapterReward, RewardScorer, reward_run
+        from .scorers import AdapterReward, RewardScorer, reward_run, trains_base
 
         same_base = reward_run(spec).get("model", {}).get("name_or_path") == policy_name
-        if policy is not None and same_base:
+        if policy is not None and same_base and not trains_base(spec, policy):
             return AdapterReward(policy, spec, tokenizer, adapter_name)  # (adapter_name: its name in the policy)
         return RewardScorer(spec, device=device)
     module, _, name = spec.rpartition(":")

@@ -71,6 +71,18 @@ def reward_run(run_dir: str) -> dict:
     return recipe
 
 
+def trains_base(run_dir: str, policy) -> bool:
+    """Whether the reward run's adapter trains base parameters in place (LoRA's bias, BitFit, freeze, full): loaded
+    into the policy beside its adapter, its weights would overwrite the policy's own and the KL reference's (the
+    adapter switched off), so it is loaded as a model of its own (``RewardScorer``) instead."""
+    from .. import load_config
+
+    config = load_config(run_dir)
+    if getattr(config, "bias", "none") not in ("none", None):
+        return True
+    return bool(config.trainable_base_parameters(policy.get_base_model()))
+
+
 class AdapterReward:
     """A reward run trained on the policy's own base, loaded into the policy as a second adapter (frozen) plus its
     scalar head: scoring switches to that adapter for one forward pass and back, so the policy, the reference and
