@@ -96,6 +96,7 @@ def test_grpo_loads_each_reward_run_on_the_policys_base_under_its_own_name(monke
 
     monkeypatch.setattr(scorers, "AdapterReward", Fake)
     monkeypatch.setattr(scorers, "reward_run", lambda spec: {"model": {"name_or_path": "base"}})
+    monkeypatch.setattr(scorers, "trains_base", lambda spec, policy: False)  # (LoRA reward runs: no bias trained)
     monkeypatch.setattr(ppo.os.path, "isdir", lambda spec: True)
     rewards = [grpo_rewards.Reward(n, None, 1.0, True) for n in ("r1", "r2", "r3")]
     shared = grpo_rewards.load_rewards(rewards, ["a", "b", "c"], torch.nn.Linear(1, 1), "base", None)
