@@ -53,7 +53,7 @@ from transformers import TrainerState
 
 from ..config import ConfigError
 from ..data.load import DataError, Row
-from ..data.preference import bos_prefix
+from ..data.preference import bos_prefix, special_ends
 from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
@@ -359,8 +359,9 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
         prefill = chat and prompt[-1].get("role") == "assistant"  # continued, as TRL's maybe_apply_chat_template
         if template is not None:  # a built-in template writes no BOS: the tokenizer adds it
             messages = prompt if chat else [{"role": "user", "content": prompt}]
-            head = render(messages[: len(messages) - prefill], tok, template, True, train_from=len(messages))[0]
-            ids = tok(head + messages[-1]["content"] if prefill else head)["input_ids"]  # (as encode._prompt_text)
+            text = render(messages[: len(messages) - prefill], tok, template, True, train_from=len(messages))[0]
+            text = text + messages[-1]["content"] if prefill else text  # (as encode._prompt_text)
+            ids = special_ends(tok)[0] + tok(text, add_special_tokens=False)["input_ids"]  # (no closing [SEP])
         elif chat:
             if not getattr(tok, "chat_template", None):
                 raise DataError(f"{row.source}: {prompt_column!r} holds chat messages but the tokenizer has no chat "

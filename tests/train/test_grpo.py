@@ -503,7 +503,7 @@ def test_a_prompt_ending_with_an_assistant_turn_is_continued_as_trl_renders_it()
     assert encode_prompts(rows, tok, "prompt", 64, "truncate")[0][0].ids == want
     full = render(prompt, tok, "chatml")[0]  # the whole conversation, closed: the prefill is its text up to the close
     ids = encode_prompts(rows, tok, "prompt", 64, "truncate", "chatml")[0][0].ids
-    assert ids == tok(full[: full.rindex("let me think") + len("let me think")])["input_ids"]
+    assert ids == tok(full[: full.rindex("let me think") + len("let me think")])["input_ids"][:-1]  # (no [SEP])
     weighted = [Row({"prompt": [prompt[0], {**prompt[1], "weight": 0}]}, "p.jsonl:2")]  # no span: was an IndexError
     assert encode_prompts(weighted, tok, "prompt", 64, "truncate", "chatml")[0][0].ids == ids
 
