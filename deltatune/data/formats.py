@@ -316,7 +316,7 @@ class StageFormatError(DataError):
 
 
 class _BadPair(Exception):
-    """An empty response, or chosen == rejected (a row ``data.bad_pairs=skip`` may leave out)."""
+    """An empty or non-assistant response, chosen == rejected, a ranking row LLaMA-Factory drops (``bad_pairs``)."""
 
 
 # -- one parser per format ----------------------------------------------------------------------------------

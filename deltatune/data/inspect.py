@@ -97,7 +97,8 @@ def inspect(
     if skipped:
         shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         lines.append(
-            f"bad pairs (an empty response, or chosen == rejected): {len(skipped)}, refused unless "
+            f"bad pairs (an empty or non-assistant response, chosen == rejected, or a ranking conversation "
+            f"LLaMA-Factory drops): {len(skipped)}, refused unless "
             f"data.bad_pairs=skip: {shown}"
         )
     if model is None:

@@ -97,7 +97,8 @@ def _pair(row: Row, prompt_column: str, chosen_column: str, rejected_column: str
 def skipped_note(split: str, skipped: list[str]) -> str:
     """The report line for the ``split`` rows left out by ``data.bad_pairs=skip``."""
     shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-    return f"{len(skipped)} {split} rows skipped (empty response, or chosen == rejected): {shown}"
+    why = "an empty or non-assistant response, chosen == rejected, or a ranking conversation LLaMA-Factory drops"
+    return f"{len(skipped)} {split} rows skipped (bad pairs: {why}): {shown}"
 
 
 def read_prompts(rows: Sequence[Row], prompt_column: str) -> list[tuple[str, str]]:

@@ -83,8 +83,8 @@ class DataArgs:
     chosen_column: str = _f("chosen", "Preferred response column (rm, dpo).")
     rejected_column: str = _f("rejected", "Dispreferred response column (rm, dpo).")
     completion_column: str = _f("completion", "Response column (kto; its label_column says desirable or not).")
-    bad_pairs: str = _f("refuse", "Preference rows with an empty response or chosen == rejected: 'refuse' (at "
-                        "file:line) or 'skip'.")  # fmt: skip
+    bad_pairs: str = _f("refuse", "Bad preference rows (an empty response, chosen == rejected, a ranking row "
+                        "LLaMA-Factory drops): 'refuse' (at file:line) or 'skip'.")  # fmt: skip
     columns: dict = _f(
         {},
         "Renamed fields -> column: {messages, conversations, instruction, input, output, system, history, "

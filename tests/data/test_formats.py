@@ -452,9 +452,9 @@ def test_data_inspect(models, tmp_path, capsys):
     bad = write(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."},
                                            {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}])  # fmt: skip
     assert main(["data", "inspect", bad]) == 0
-    assert f"bad pairs (an empty response, or chosen == rejected): 1, refused unless data.bad_pairs=skip: {bad}:2" in (
-        capsys.readouterr().out
-    )
+    said = ("bad pairs (an empty or non-assistant response, chosen == rejected, or a ranking conversation "
+            f"LLaMA-Factory drops): 1, refused unless data.bad_pairs=skip: {bad}:2")  # fmt: skip
+    assert said in capsys.readouterr().out
     assert main(["data", "inspect", fixture("text"), "--rows", "1"]) == 0  # pt: no template, its first row shown
     out = capsys.readouterr().out
     assert "template: none (pre-training reads the text as it is)" in out and out.count("\n[text]\n[[") == 1

@@ -243,7 +243,9 @@ def test_bad_rows_stop_the_cli_before_any_output_or_are_skipped_when_asked(files
     # The recipe's own choice for hh_rlhf (4 rows with an empty response): skip them, and say which.
     assert main(args) == 0
     report = (out / "report.md").read_text()
-    assert "1 train rows skipped (empty response, or chosen == rejected): " in report and "bad.jsonl:3" in report
+    note = ("1 train rows skipped (bad pairs: an empty or non-assistant response, chosen == rejected, or a ranking "
+            "conversation LLaMA-Factory drops): ")  # fmt: skip
+    assert note in report and "bad.jsonl:3" in report
 
 
 def test_no_paired_figures_without_an_evaluation_before_training(files, tmp_path):
