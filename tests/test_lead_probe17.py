@@ -248,3 +248,15 @@ def test_a_same_base_reward_run_training_the_base_in_place_gets_a_model_of_its_o
         with policy.disable_adapter():
             assert torch.equal(policy(input_ids=ids).logits, reference)
     assert isinstance(reward_function(str(tmp_path / "lora"), "cpu", policy, base, tok), AdapterReward)
+
+
+def test_metrics_json_takes_numpy_and_tensor_values_as_the_log_does(tmp_path):
+    """A metric that is a numpy float32 or a 0-d tensor (a user's compute_metrics, a reward function's mean) made
+    json.dumps raise at the very end, after report.md: no metrics.json, so a trained run read as unfinished. The log
+    history already wrote such values as floats; metrics.json does too."""
+    from deltatune.train import report
+
+    metrics = {"eval_f1": np.float32(0.5), "eval_loss": torch.tensor(0.25), "train_steps": np.int64(3)}
+    recipe = {"stage": "sft", "method": {"name": "lora"}, "model": {"name_or_path": "m"}}
+    report.write(str(tmp_path), recipe, metrics, [{"step": 1, "loss": np.float32(1.5)}], [], None)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"eval_f1": 0.5, "eval_loss": 0.25, "train_steps": 3}

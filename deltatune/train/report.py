@@ -121,8 +121,13 @@ def write(
         fh.write("\n".join(lines))
     # Last, and whole or not at all: it marks the run finished (runfolder.FINISHED_FILE), so a run stopped before it
     # can still be resumed to write the rest.
-    text = json.dumps(metrics, indent=2, sort_keys=True)
+    text = json.dumps(metrics, indent=2, sort_keys=True, default=_plain)
     atomic_write(os.path.join(out_dir, "metrics.json"), lambda f: Path(f).write_text(text, encoding="utf-8"))
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar's or a 0-d tensor's Python number (a user's compute_metrics, a reward's mean), for JSON."""
+    return value.item() if hasattr(value, "item") else float(value)
 
 
 def _yaml(data: dict[str, Any]) -> str:
