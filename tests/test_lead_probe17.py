@@ -260,3 +260,16 @@ def test_metrics_json_takes_numpy_and_tensor_values_as_the_log_does(tmp_path):
     recipe = {"stage": "sft", "method": {"name": "lora"}, "model": {"name_or_path": "m"}}
     report.write(str(tmp_path), recipe, metrics, [{"step": 1, "loss": np.float32(1.5)}], [], None)
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"eval_f1": 0.5, "eval_loss": 0.25, "train_steps": 3}
+
+
+@pytest.mark.parametrize("pid", [0, -1, True])
+def test_the_board_reads_a_lock_naming_no_process_as_no_lock(tmp_path, pid):
+    """os.kill(0, 0) signals the process group and os.kill(True, 0) init: a lock naming pid 0, -1 or true read as a
+    live run, so the board showed a dead run as running for ever."""
+    import socket
+
+    from deltatune.board import runs
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / ".run.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    assert runs._lock_alive(str(tmp_path / "run")) is None

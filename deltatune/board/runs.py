@@ -347,8 +347,9 @@ def _lock_alive(folder: str) -> bool | None:
     {"pid", "host"}) is alive; None when there is no readable lock or it belongs to another host."""
     parent, name = os.path.split(folder.rstrip(os.sep))
     lock = _read_json(os.path.join(parent, f".{name}.lock"))
-    if not isinstance(lock, dict) or not isinstance(lock.get("pid"), int) or lock.get("host") != socket.gethostname():
-        return None
+    pid = lock.get("pid") if isinstance(lock, dict) else None
+    if type(pid) is not int or pid <= 0 or lock.get("host") != socket.gethostname():  # (0, -1, true: os.kill
+        return None  # signals a process group or init, "alive" for ever; runfolder refuses such a lock alike)
     try:
         os.kill(lock["pid"], 0)
     except ProcessLookupError:

@@ -96,12 +96,12 @@ class RunLock:
         if owner is None:
             return  # released meanwhile
         pid, host = owner.get("pid"), owner.get("host")
-        if not isinstance(pid, int):
+        if type(pid) is not int or pid <= 0:  # (0, -1, true: os.kill reaches a process group or init: never dead)
             # Half-written by a run that is creating it this very moment, or garbage: give it a moment.
             time.sleep(0.2)
             owner = self._owner() or {}
             pid, host = owner.get("pid"), owner.get("host")
-            if not isinstance(pid, int):
+            if type(pid) is not int or pid <= 0:
                 raise ConfigError(
                     f"output.dir {self.folder!r} is locked by {self.path}, which does not name its run; "
                     "delete that file if no run is writing there"

@@ -282,8 +282,9 @@ def test_two_processes_breaking_one_stale_lock_leave_one_holder(tmp_path):
         assert sorted(p.exitcode for p in procs) == [0, 3], trial  # one holder, one refused
 
 
-@pytest.mark.parametrize("content", ["12345", "[1, 2]"])
+@pytest.mark.parametrize("content", ["12345", "[1, 2]", '{"pid": 0}', '{"pid": true}', '{"pid": -1}'])
 def test_a_lock_holding_json_that_is_no_record_is_one_line(run_copy, content):
+    """(pid 0, -1 or true: os.kill reaches the process group or init, so such a lock never read as dead.)"""
     lock = _lock_path(run_copy.dir)
     with open(lock, "w") as fh:
         fh.write(content)
