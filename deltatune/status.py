@@ -134,6 +134,14 @@ def check_bias(configs: dict[str, Any], adapter_name: str, config: Any) -> None:
                          "to 'none' for all adapters.")  # fmt: skip
 
 
+def trains_base(config: Any, base: torch.nn.Module) -> bool:
+    """Whether an adapter of ``config`` trains ``base``'s own parameters in place (LoRA's bias, BitFit, freeze, full):
+    they are the base every other adapter sees, so such an adapter cannot share it (serve, a PPO / GRPO reward run)."""
+    if getattr(config, "bias", "none") not in ("none", None):
+        return True
+    return hasattr(config, "trainable_base_parameters") and bool(config.trainable_base_parameters(base))
+
+
 def base_tensors(model: DeltaModel) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Each base parameter's tensor, when an adapter trains base parameters in place (so ``check_shared_base`` may
     refuse a new adapter after its init rewrote base weights: PiSSA's, OLoRA's, LoftQ's residuals replace a weight's

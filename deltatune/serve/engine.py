@@ -482,10 +482,9 @@ def check_servable(model: Any, path: str, name: str) -> None:
         )
     if model is None:
         return
-    shared = getattr(config, "bias", "none") not in ("none", None)
-    if not shared and hasattr(config, "trainable_base_parameters"):
-        shared = bool(config.trainable_base_parameters(model.get_base_model()))
-    if shared:
+    from ..status import trains_base
+
+    if trains_base(config, model.get_base_model()):
         raise ValueError(
             f"adapter {name!r} ({config.method}) changes the base model's own parameters, which every served model "
             "shares; merge it ('deltatune merge') and serve the merged model as the base instead"

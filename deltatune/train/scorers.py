@@ -76,11 +76,9 @@ def trains_base(run_dir: str, policy) -> bool:
     into the policy beside its adapter, its weights would overwrite the policy's own and the KL reference's (the
     adapter switched off), so it is loaded as a model of its own (``RewardScorer``) instead."""
     from .. import load_config
+    from ..status import trains_base as in_place
 
-    config = load_config(run_dir)
-    if getattr(config, "bias", "none") not in ("none", None):
-        return True
-    return bool(config.trainable_base_parameters(policy.get_base_model()))
+    return in_place(load_config(run_dir), policy.get_base_model())
 
 
 class AdapterReward:
