@@ -185,15 +185,17 @@ def encode_captions(
     rows: list[ImageRow], tokenizer, max_length: int, eos: int | None = None
 ) -> tuple[list[list[int]], int]:
     """Caption token ids + ``eos`` (default: the tokenizer's EOS) per row, truncated to ``max_length`` (EOS kept);
-    returns (ids, truncated count)."""
+    returns (ids, truncated count). A tokenizer with no EOS appends none: a caption of ``max_length`` tokens fits
+    whole, as ``tokenizer(text, max_length=max_length, truncation=True)`` keeps it (it was cut by one and counted)."""
     out, truncated = [], 0
     eos = tokenizer.eos_token_id if eos is None else eos
+    room = max_length - (eos is not None)  # the caption's tokens that fit beside the EOS
     for r in rows:
         ids = tokenizer(r.text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"{r.source}: the caption {r.text!r} tokenizes to nothing")
-        if len(ids) + 1 > max_length:
-            ids, truncated = ids[: max_length - 1], truncated + 1
+        if len(ids) > room:
+            ids, truncated = ids[:room], truncated + 1
         out.append([*ids, eos] if eos is not None else ids)
     return out, truncated
 
