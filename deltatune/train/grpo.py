@@ -54,6 +54,7 @@ from transformers import TrainerState
 from ..config import ConfigError
 from ..data.load import DataError, Row
 from ..data.preference import bos_prefix, special_ends
+from ..data.sample import AUDIO_MARKER
 from ..data.tasks import Collator
 from ..data.templates import apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
@@ -356,6 +357,7 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
             raise DataError(f"{row.source}: data.template=raw renders TRL's standard rows (a string prompt) with no "
                             f"chat template; column {prompt_column!r} holds chat messages, which need one (leave "
                             "data.template unset, or name a built-in one)")  # fmt: skip
+        _refuse_media(row, prompt if chat else [{"role": "user", "content": prompt}], prompt_column)
         prefill = chat and prompt[-1].get("role") == "assistant"  # continued, as TRL's maybe_apply_chat_template
         if template is not None:  # a built-in template writes no BOS: the tokenizer adds it
             messages = prompt if chat else [{"role": "user", "content": prompt}]
@@ -379,6 +381,28 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
         columns = {k: v for k, v in row.data.items() if k not in (prompt_column, "completion", "completion_ids")}
         items.append(PromptItem(ids, prompt, columns, row.source))
     return items, truncated
+
+
+def _refuse_media(row: Row, messages: list, column: str) -> None:
+    """DataError naming the row whose prompt holds media the text-only rollouts would ignore, as the other text stages
+    refuse them (``sample.refuse_multimodal``): a non-empty image(s) / video(s) / audio(s) column (TRL's GRPOTrainer
+    hands image and images to a vision model's processor), an image, video or audio content part, an <image> or
+    <video> marker, or an <audio> marker outside an assistant turn (a prefill may mention the tag)."""
+    what = next(
+        (f"column {k!r}" for k in ("images", "image", "videos", "video", "audios", "audio") if row.data.get(k)), None
+    )
+    for m in messages:
+        parts = m.get("content") if isinstance(m.get("content"), list) else [m.get("content")]
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            text = str(part.get("text", "")) if kind == "text" else part if isinstance(part, str) else ""
+            if kind in ("image", "image_url", "video", "audio", "input_audio"):
+                what = what or f"a content part of type {kind!r} in column {column!r}"
+            marks = ("<image>", "<video>") + ((AUDIO_MARKER,) if m.get("role") != "assistant" else ())
+            what = what or next((f"the {mk} marker in column {column!r}" for mk in marks if mk in text), None)
+    if what:
+        raise DataError(f"{row.source}: a multimodal prompt ({what}); stage grpo samples and trains on text only and "
+                        "would ignore the media: drop it, or the column")  # fmt: skip
 
 
 def _check(cfg: RunConfig) -> None:
