@@ -381,7 +381,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack pixel values (all of the processor's one size) and labels."""
+    """Stack pixel values (all of the processor's one size) and labels.
+
+    Raises:
+        DataError: images of different sizes in one batch (a processor that does not resize them to one size).
+    """
+    shapes = sorted({tuple(b["pixel_values"].shape) for b in batch})
+    if len(shapes) > 1:  # (torch.stack's "stack expects each tensor to be equal size" from inside the Trainer)
+        sizes = " and ".join("x".join(map(str, s)) for s in shapes[:2])
+        raise DataError(f"the image processor gives images of different sizes in one batch ({sizes}): set its size "
+                        "(with do_resize, or do_center_crop and crop_size) so that every image comes out one size")  # fmt: skip
     out = {"pixel_values": torch.stack([b["pixel_values"] for b in batch])}
     if "labels" in batch[0]:
         out["labels"] = torch.tensor([b["labels"] for b in batch], dtype=torch.long)
