@@ -15,10 +15,20 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..data.sample import REASONING
 from ..data.templates import apply_chat_template, stop_ids
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 GENERATIVE = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+class Conversation(list):
+    """A conversation prompt (a list of messages) with its row's tool schemas and chat-template variables
+    (``Sample.tools``, ``Sample.template_kwargs``), which ``prompt_ids`` renders with it, as the run trained."""
+
+    def __init__(self, messages: Messages, tools: list[dict] | None = None, kwargs: dict[str, Any] | None = None):
+        super().__init__(messages)
+        self.tools, self.kwargs = tools, kwargs
 
 
 def has_template(tok) -> bool:
@@ -51,7 +61,8 @@ def prompt_ids(
     chat template when the tokenizer has one; the text as the tokenizer encodes it when ``raw`` (a seq2seq
     source keeps T5's closing ``</s>``), else, without a chat template, after its leading specials alone."""
     for m in [{"content": prompt}] if isinstance(prompt, str) else prompt:
-        check_text(m.get("content"), "the prompt")
+        check_text(m.get("content") if isinstance(m.get("content"), str) else None, "the prompt")
+    tools, kwargs = getattr(prompt, "tools", None), getattr(prompt, "kwargs", None)  # (a Conversation's)
     check_text(system, "the system prompt")
     if template is not None and not raw:
         from ..data.preference import special_ends
@@ -59,7 +70,7 @@ def prompt_ids(
 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
-        text = render(messages, tok, template, add_generation_prompt=True)[0]
+        text = render(messages, tok, template, add_generation_prompt=True, tools=tools, kwargs=kwargs)[0]
         # The tokenizer's leading specials (Llama's BOS, BERT's [CLS]) as training put them before the conversation;
         # not its closing ones (BERT's [SEP]), which training has after the answer, not after the assistant header.
         return special_ends(tok)[0] + tok(text, add_special_tokens=False)["input_ids"]
@@ -80,7 +91,8 @@ def prompt_ids(
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
-    ids = apply_chat_template(tok, messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    more = {**(kwargs or {}), **({"tools": tools} if tools else {})}
+    ids = apply_chat_template(tok, messages, add_generation_prompt=True, tokenize=True, return_dict=True, **more)
     return list(ids["input_ids"])
 
 
@@ -256,15 +268,19 @@ def eval_prompts(cfg, limit: int, raw: bool = False) -> list[str | Messages]:
         if s.text is not None:
             lines.append([_opening(line) for line in s.text.splitlines() if line.strip()])
             continue
-        msgs = [{"role": m["role"], "content": m["content"]} for m in s.messages]
+        # As the run rendered them: an earlier turn's tool calls and reasoning, a tool result's name and call id
+        msgs = [{k: v for k, v in m.items() if k in _KEPT} for m in s.messages]
         if s.completion is None and msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
         if raw and len(msgs) == 1 and msgs[0]["role"] == "user":
             prompts.append(as_written(s.messages[0]))
-        elif msgs and msgs[-1]["role"] == "user":
-            prompts.append(msgs)
+        elif msgs and msgs[-1]["role"] in ("user", "tool"):  # (after a tool's result the assistant answers)
+            prompts.append(Conversation(msgs, s.tools, s.template_kwargs))
     prompts += [ls[0] for ls in lines if ls] + [line for ls in lines for line in ls[1:]]
     return prompts[:limit]
+
+
+_KEPT = ("role", "content", "tool_calls", "name", "tool_call_id", *REASONING)
 
 
 def _opening(line: str, most: int = 200) -> str:

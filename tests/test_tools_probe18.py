@@ -1,0 +1,59 @@
+"""Tool-calling conversations in the chat command and the run's before/after samples, against transformers'
+``apply_chat_template`` with ``tools=`` (a Qwen2.5-style template, written here as a small jinja string)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.tiny import tokenizer
+
+QWEN_TOOLS = (
+    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content or '' }}"
+    "{%- for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}"
+    "</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>{{ m.content }}</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_ROW = {
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ],
+    "tools": TOOLS,
+}
+
+
+def _tok():
+    tok = tokenizer()
+    tok.chat_template = QWEN_TOOLS
+    return tok
+
+
+def test_run_samples_prompt_a_tool_conversation_as_apply_chat_template_renders_it(tmp_path):
+    """eval_prompts kept role and content only: the earlier assistant turn's tool call and the row's tool schemas
+    were dropped, so the run's before/after samples prompted the model with a conversation it never trained on."""
+    from deltatune.train.chat import eval_prompts, prompt_ids
+    from deltatune.train.config import build
+
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(TOOL_ROW) + "\n")
+    cfg = build({"stage": "sft", "data": {"train": str(path)}})
+    (prompt,) = eval_prompts(cfg, 1)
+    tok = _tok()
+    want_messages = [{**m, "tool_calls": [{**CALL, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+                     if m.get("tool_calls") else m for m in TOOL_ROW["messages"][:-1]]  # fmt: skip
+    want = tok.apply_chat_template(want_messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert "<tool_call>get_weather" in want and "Tools: get_weather" in want
+    assert tok.decode(prompt_ids(tok, prompt)) == tok.decode(tok(want, add_special_tokens=False)["input_ids"])
+    assert prompt_ids(tok, prompt) == tok(want, add_special_tokens=False)["input_ids"]
