@@ -42,3 +42,26 @@ def test_images_a_processor_leaves_of_different_sizes_are_one_line_not_a_stack_t
     same = collate([p.train[0], p.train[2]])
     assert same["pixel_values"].shape == (2, 3, 10, 12) and same["labels"].tolist() == [0, 0]
     assert torch.equal(same["pixel_values"][0], p.train[0]["pixel_values"])
+
+
+def test_an_image_cls_list_label_names_stage_image_cls(tmp_path):
+    """An image_cls data file with a list label was refused as "stage cls trains one class per row": the user ran
+    stage image_cls; the line names it (and where multi-label rows go). Stage cls's line names cls, as before."""
+    import numpy as np
+    from PIL import Image
+
+    from deltatune.data.tasks import label_map
+    from deltatune.train.image_cls import prepare_image_cls
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "0.png")
+    data = _jsonl(tmp_path / "d.jsonl", [{"image": "0.png", "label": "a"}, {"image": "0.png", "label": ["a", "b"]}])
+    with pytest.raises(DataError) as err:
+        prepare_image_cls(build({"stage": "image_cls", "data": {"train": data}}), None)
+    assert str(err.value) == (
+        f"{data}:2: label in column 'label' is a list; stage image_cls trains one class per row: a class name (text) "
+        "or a class id (a whole number); a list of them is a multi-label row (text classification only: stage cls)"
+    )
+    from deltatune.data.load import read_rows
+
+    with pytest.raises(DataError, match=r":2: label in column 'label' is a list; stage cls trains one class per row"):
+        label_map(read_rows(data), "label", None)

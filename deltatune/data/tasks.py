@@ -61,12 +61,13 @@ MAX_CLASSES = 1_000_000
 
 
 def label_map(
-    rows: Sequence[Row], column: str, labels: list[str] | None, values: list[Any] | None = None
+    rows: Sequence[Row], column: str, labels: list[str] | None, values: list[Any] | None = None, stage: str = "cls"
 ) -> dict[Any, int]:
     """Label value -> class id. Without ``labels``, the distinct values seen, sorted, are the classes 0, 1, ... in
     that order (run_glue's ``label_list.sort()`` and ``label_to_id``): whole numbers sorted as numbers (ids 0..k-1
     stay themselves; {1, 2} are two classes, not three with an empty class 0), names sorted as text. With
-    ``labels``, a name maps to its index. ``values``: the rows' labels when they are not ``row.get(column)``.
+    ``labels``, a name maps to its index. ``values``: the rows' labels when they are not ``row.get(column)``;
+    ``stage``: the stage named in a refusal.
 
     Raises:
         DataError: a label is NaN, or a whole number past ``MAX_CLASSES`` (an id or a score?). A negative whole number
@@ -74,7 +75,7 @@ def label_map(
     """
     values = [r.get(column) for r in rows] if values is None else values
     for row, v in zip(rows, values):
-        _check_label(row, column, v)
+        _check_label(row, column, v, stage)
     if labels:
         names: dict[Any, int] = {name: i for i, name in enumerate(labels)}
         numbers = {class_id(name): i for i, name in reversed(list(enumerate(labels)))}
@@ -160,7 +161,7 @@ def class_id(value: Any) -> int | None:
     return int(value)
 
 
-def _check_label(row: Row, column: str, value: Any) -> None:
+def _check_label(row: Row, column: str, value: Any, stage: str = "cls") -> None:
     number = value
     if isinstance(value, str):
         if not value.strip():  # a blank CSV cell: a class named "" would sort before every other
@@ -171,9 +172,9 @@ def _check_label(row: Row, column: str, value: Any) -> None:
             return  # a class name
     if not isinstance(number, (bool, int, float, str)):  # a list (multi-label) or an object
         raise DataError(
-            f"{row.source}: label in column {column!r} is a {type(value).__name__}; stage cls trains one class "
-            "per row: a class name (text) or a class id (a whole number); a list of them is a multi-label row "
-            "(text classification only)"
+            f"{row.source}: label in column {column!r} is a {type(value).__name__}; stage {stage} trains one "
+            "class per row: a class name (text) or a class id (a whole number); a list of them is a multi-label row "
+            "(text classification only: stage cls)"
         )
     if isinstance(number, bool) or not isinstance(number, (int, float)):
         return

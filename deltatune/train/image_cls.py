@@ -57,7 +57,8 @@ def class_names(
     if folder:
         names = [str(x) for x in labels] if labels else sorted({str(v) for v in values})
         return names, {n: i for i, n in enumerate(names)}
-    mapping = label_map(rows, label_column, [str(x) for x in labels] if labels else None, values)  # type: ignore[arg-type]
+    named = [str(x) for x in labels] if labels else None
+    mapping = label_map(rows, label_column, named, values, stage="image_cls")  # type: ignore[arg-type]
     return class_names_of(mapping, labels), mapping
 
 
