@@ -290,7 +290,8 @@ class _ZeroGrads(TrainerCallback):
 class T2ITrainer(DeltaTrainer):
     """DeltaTrainer with the stage's loss (module docstring); the processor brings the scheduler, the VAE and the
     text encoder. A text encoder with a LoRA that trains joins the optimizer and the gradient clipping, encodes the
-    captions at every step, and its LoRA is saved in every checkpoint (``text_encoder_lora/``)."""
+    captions at every step (checkpointed as the denoiser under model.gradient_checkpointing, as diffusers' scripts),
+    and its LoRA is saved in every checkpoint (``text_encoder_lora/``)."""
 
     def __init__(
         self, *args: Any, processor: T2IProcessor, loss_options: dict | None = None, extras: tuple = (), **kwargs
@@ -307,6 +308,9 @@ class T2ITrainer(DeltaTrainer):
                 module.to(self.args.device)
         if self.text_encoder is not None:
             self.add_callback(_ZeroGrads(self.text_encoder))
+            on = next((n for n in ("activation_checkpointing", "gradient_checkpointing") if hasattr(self.args, n)), "")
+            if getattr(self.args, on, False):  # the scripts' text_encoder.gradient_checkpointing_enable() too
+                self.text_encoder.activation_checkpointing_enable(getattr(self.args, f"{on}_kwargs", None))
         for callback in list(self.callback_handler.callbacks):
             if type(callback) is TensorBoardCallback:  # it writes model.config as a transformers config
                 self.callback_handler.remove_callback(callback)
