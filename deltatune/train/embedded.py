@@ -114,13 +114,60 @@ def resolve(name_or_path: str, convert: bool = True) -> str:
         return str(folder)
     if not convert:
         raise ConfigError(f"model {name_or_path!r} has no converted copy in {folder}")
-    _convert(pkg, e, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        _lock(lock)  # one conversion at a time; released when the process ends, however it ends
+        if not _valid(folder):  # (another process may have converted it while this one waited)
+            _remove_stale_staging(folder)
+            _convert(pkg, e, folder)
     return str(folder)
 
 
+def _lock(fh) -> None:
+    try:
+        import fcntl
+    except ImportError:  # (Windows: no lock; concurrent conversions each write their own staging folder)
+        return
+    fcntl.flock(fh, fcntl.LOCK_EX)
+
+
+def _staging_prefix(folder: Path) -> str:
+    return f".{folder.name}.{os.getpid()}."
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Staging folders a conversion killed mid-write left beside ``folder`` (about 540 MB each, never used: only a
+    finished one is renamed into place): those of processes that are gone, and unnamed older ones (an hour)."""
+    import time
+
+    for old in folder.parent.glob(f".{folder.name}.*"):
+        if not old.is_dir():
+            continue
+        named = old.name[len(folder.name) + 2 :].split(".")  # [pid, random] since the pid is in the name
+        if len(named) == 2 and named[0].isdecimal():
+            if _alive(int(named[0])):
+                continue
+        elif time.time() - old.stat().st_mtime < 3600:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # (os.kill(0, ...) reaches the process group)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's process)
+        return True
+    return True
+
+
 def _fingerprint(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
+    """The cache key of a GGUF file: its name and sample hash (size and 1 MiB at its start, middle and end). Keyed
+    by name and size alone, another GGUF of the same size (a new release of the package) reused the stale copy."""
+    return hashlib.sha256(f"{path.name}:{_sample_hash(path)}".encode()).hexdigest()[:12]
 
 
 def _sample_hash(path: Path) -> str:
@@ -179,7 +226,7 @@ def _convert(pkg: Path, e: Embedded, folder: Path) -> None:
             raise RuntimeError(f"GGUF conversion of {e.name}: the converted model's logits differ from the GGUF's")
     model.generation_config = gguf_model.generation_config
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(folder), dir=folder.parent))
     try:
         model.save_pretrained(staging)
         tok.save_pretrained(staging)

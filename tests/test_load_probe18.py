@@ -1,0 +1,168 @@
+"""Probe 18 of base-model loading: the embedded GGUF cache (keyed by content, a killed conversion's staging folder
+removed, one conversion at a time) and one line for a model folder whose JSON transformers cannot read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deltatune.config import ConfigError
+from deltatune.train import embedded
+from deltatune.train.models import load_model, load_tokenizer
+from tests.tiny import save_tiny
+
+
+def _fake(monkeypatch, tmp_path, delay: float = 0.0):
+    """An embedded GGUF model whose conversion writes a small folder (a staging folder renamed into place)."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "model.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    e = embedded.Embedded("fake", "fake_pkg", "org/fake-model", "pip install fake", "model.gguf")
+    monkeypatch.setitem(embedded.EMBEDDED, "fake", e)
+    monkeypatch.setitem(embedded.BY_HUB_ID, e.hub_id, e)
+    monkeypatch.setattr(embedded, "_package_dir", lambda _e: pkg)
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def convert(_pkg, _e, folder):
+        calls.append(folder)
+        time.sleep(delay)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = folder.parent / f".{folder.name}.{os.getpid()}.{threading.get_ident()}"
+        staging.mkdir()
+        (staging / "config.json").write_text(json.dumps({"gguf": (_pkg / _e.member).read_bytes().hex()}))
+        (staging / embedded.MANIFEST).write_text(json.dumps(embedded._manifest(staging)))
+        os.replace(staging, folder)
+
+    monkeypatch.setattr(embedded, "_convert", convert)
+    return pkg / "model.gguf", calls
+
+
+def test_a_gguf_of_the_same_size_is_converted_again(monkeypatch, tmp_path):
+    """The cache was keyed by the GGUF's name and size: a new GGUF of the same size reused the old conversion."""
+    gguf, calls = _fake(monkeypatch, tmp_path)
+    first = embedded.resolve("fake")
+    gguf.write_bytes(b"GGUF" + b"\1" * 100)  # another model, same size
+    second = embedded.resolve("fake")
+    assert second != first and len(calls) == 2
+    assert json.loads((Path(second) / "config.json").read_text())["gguf"] == gguf.read_bytes().hex()
+    assert embedded.resolve("fake") == second and len(calls) == 2  # and reused while it stays the same
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_conversion_killed_mid_write_leaves_no_staging_folder(monkeypatch, tmp_path):
+    """A conversion killed while writing left its staging folder (about 540 MB for smollm2) for ever; it is never
+    used (only a finished folder is renamed into place) and is removed by the next conversion. A live process's
+    staging folder is left alone."""
+    _gguf, calls = _fake(monkeypatch, tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    name = f"fake-{embedded._fingerprint(_gguf)}"
+    killed = cache / f".{name}.{_dead_pid()}.abc123"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    live = cache / f".{name}.{os.getppid()}.def456"
+    live.mkdir()
+    folder = embedded.resolve("fake")
+    assert Path(folder) == cache / name and len(calls) == 1 and embedded._valid(Path(folder))
+    assert not killed.exists() and live.exists()
+
+
+def test_concurrent_resolves_convert_once(monkeypatch, tmp_path):
+    """Two processes (here threads) resolving at once each converted (30 s and several GB each for smollm2)."""
+    _gguf, calls = _fake(monkeypatch, tmp_path, delay=0.5)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(embedded.resolve("fake"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(out)) == 1 and embedded._valid(Path(out[0]))
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("load18") / "base")
+
+
+def _copy(base, tmp_path, name):
+    return shutil.copytree(base, tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("{not json", r"config.json is not valid JSON \(line 1"),
+        ("", r"config.json is not valid JSON \(line 1"),
+        ("[1]", r"config.json is not a JSON object \(a list\)"),
+    ],
+)
+def test_a_damaged_config_is_one_line_naming_the_file(tiny_base, tmp_path, text, why):
+    folder = _copy(tiny_base, tmp_path, "m")
+    (folder / "config.json").write_text(text)
+    with pytest.raises(Exception) as ref:  # transformers: OSError, or a TypeError from deep inside
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert not isinstance(ref.value, ConfigError)
+    with pytest.raises(ConfigError, match=rf"model '{folder}': {why}"):
+        load_model(str(folder), "CAUSAL_LM")
+    with pytest.raises(ConfigError, match=rf"model '{folder}': {why}"):  # was TypeError for the list
+        load_tokenizer(str(folder))
+
+
+def test_a_config_without_model_type_is_one_line(tiny_base, tmp_path):
+    folder = _copy(tiny_base, tmp_path, "m")
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Should have a `model_type` key"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=rf"model '{folder}': its config.json has no model_type"):
+        load_model(str(folder), "CAUSAL_LM")
+
+
+def _shard(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="500KB")
+    return model
+
+
+def test_sharded_and_bin_only_folders_load_as_transformers_does(tiny_base, tmp_path):
+    ids = torch.tensor([[5, 9, 200, 7]])
+    want = AutoModelForCausalLM.from_pretrained(tiny_base)(ids).logits
+    sharded = _copy(tiny_base, tmp_path, "sharded")
+    _shard(sharded)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    binonly = _copy(tiny_base, tmp_path, "bin")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(binonly / "model.safetensors"), binonly / "pytorch_model.bin")
+    (binonly / "model.safetensors").unlink()
+    for folder in (sharded, binonly):
+        assert torch.equal(load_model(str(folder), "CAUSAL_LM")(ids).logits, want)
+
+
+def test_a_damaged_shard_index_is_one_line_naming_it(tiny_base, tmp_path):
+    folder = _copy(tiny_base, tmp_path, "m")
+    _shard(folder)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(json.JSONDecodeError):  # transformers: the parser's error, naming no file
+        AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=rf"model '{folder}': model.safetensors.index.json is not valid JSON"):
+        load_model(str(folder), "CAUSAL_LM")
+    AutoTokenizer.from_pretrained(folder)  # (its tokenizer does not read the index)
