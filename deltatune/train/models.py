@@ -63,6 +63,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_path(name_or_path)
+    if os.path.isdir(path) and (problem := json_problem(os.path.join(path, "config.json"))):
+        raise ConfigError(f"model {name_or_path!r}: config.json {problem}")  # (its tokenizer reads it too)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -280,7 +282,12 @@ def check_model_folder(name_or_path: str, path: str) -> None:
             else "a file"
         )
         raise ConfigError(f"model {name_or_path!r} is {what}, not a model folder: give the folder with config.json")
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isdir(path):
+        return
+    if os.path.isfile(os.path.join(path, "config.json")):
+        for file in ["config.json"] + sorted(f for f in os.listdir(path) if f.endswith(".index.json")):
+            if problem := json_problem(os.path.join(path, file)):
+                raise ConfigError(f"model {name_or_path!r}: {file} {problem}")
         return
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         base = _json_value(os.path.join(path, "adapter_config.json"), "base_model_name_or_path")
@@ -289,6 +296,24 @@ def check_model_folder(name_or_path: str, path: str) -> None:
             f"({base or 'base_model_name_or_path'}) as the model and load the adapter on it"
         )
     raise ConfigError(f"model {name_or_path!r} holds no config.json: not a transformers model folder")
+
+
+def json_problem(file: str) -> str | None:
+    """What is wrong with a JSON file transformers reads as an object (config.json, a sharded checkpoint's index):
+    not valid JSON, or not an object (transformers raised a JSONDecodeError or a TypeError from deep inside);
+    None when it reads, or cannot be opened (transformers' own error names that)."""
+    import json
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError:
+        return None
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text (byte {exc.start})"
+    except ValueError as exc:
+        return f"is not valid JSON (line {exc.lineno}: {exc.msg})" if hasattr(exc, "lineno") else "is not valid JSON"
+    return None if isinstance(value, dict) else f"is not a JSON object (a {type(value).__name__})"
 
 
 def _refusal(name_or_path: str, path: str, error: str, trusted: bool) -> str | None:
@@ -306,6 +331,11 @@ def _refusal(name_or_path: str, path: str, error: str, trusted: bool) -> str | N
         return (
             f"model {name_or_path!r} has a model type ({mtype!r}) that transformers {transformers.__version__} does "
             "not know: upgrade transformers, or check config.json"
+        )
+    if "Should have a `model_type` key" in error:
+        return (
+            f"model {name_or_path!r}: its config.json has no model_type (and the folder's name names no model "
+            "type transformers knows): add the model_type of its architecture (llama, bert, ...)"
         )
     if "ignore_mismatched_sizes" in error:
         return (
