@@ -3,8 +3,17 @@ captioning / summarization examples, sacrebleu and rouge-score."""
 
 from __future__ import annotations
 
+import pytest
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+
 from deltatune.data.images import ImageRow
+from deltatune.data.load import DataError, Row
+from deltatune.data.tasks import encode_seq2seq
 from deltatune.train import caption as C
+from deltatune.train.config import build
+from deltatune.train.seq2seq import generation_metrics
 from tests.tiny import word_tokenizer
 
 
@@ -32,3 +41,57 @@ def test_caption_with_eos_keeps_it_within_max_length():
     ids, cut = C.encode_captions(rows, tok, max_length=4)
     eos = tok.eos_token_id
     assert ids == [[*tok("w1 w2 w3", add_special_tokens=False)["input_ids"], eos]] * 2 and cut == 1
+
+
+class _Echo(torch.nn.Module):
+    """A stand-in seq2seq model whose generate returns fixed ids per call (the texts to score), pad-filled."""
+
+    def __init__(self, outputs: list[list[int]], pad: int) -> None:
+        super().__init__()
+        self.w, self.outputs, self.pad = torch.nn.Parameter(torch.zeros(1)), list(outputs), pad
+
+    def generate(self, input_ids, **kwargs):
+        rows = [self.outputs.pop(0) for _ in range(len(input_ids))]
+        width = max(map(len, rows))
+        return torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
+
+
+def _cfg():
+    return build({"stage": "seq2seq", "data": {"train": "rows.jsonl", "source_column": "source",
+                                               "target_column": "target", "max_length": 16}})  # fmt: skip
+
+
+@pytest.mark.parametrize("refs", ["w1 w2", [1, 2], ["w1", ""]])
+def test_eval_refuses_the_references_training_refuses(refs):
+    """deltatune eval --data reads its file as a train split, whose references column is not checked: a text there
+    was scored against the target instead (a list of numbers as their reprs); now the same line as training's."""
+    tok = word_tokenizer()
+    row = Row({"source": "w1 w2", "target": "w3", "references": refs}, "e.jsonl:3")
+    with pytest.raises(DataError) as trained:
+        encode_seq2seq([row], tok, "source", "target", 16, 16)
+    model = _Echo([[0, 5, 6, 3]], tok.pad_token_id)
+    with pytest.raises(DataError) as evaluated:
+        generation_metrics(model.train(), tok, [row], _cfg())
+    assert str(evaluated.value) == str(trained.value) and str(trained.value).startswith("e.jsonl:3: column 'refer")
+    assert model.training and len(model.outputs) == 1  # nothing generated, the mode as it was
+
+
+def test_generation_metrics_equal_rouge_score_and_sacrebleu_on_references():
+    tok = word_tokenizer()
+    rows = [
+        Row({"source": "w1", "target": "w1 w2 w3", "references": ["w1 w2 w3", "w4 w5"]}, "e:1"),
+        Row({"source": "w2", "target": "w7 w8"}, "e:2"),
+        Row({"source": "w3 w4", "target": "w9", "references": []}, "e:3"),
+    ]
+    texts = ["w4 w5 w1", "w7 w8", ""]
+    out = [[0, *tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id] for t in texts]
+    got = generation_metrics(_Echo(out, tok.pad_token_id), tok, rows, _cfg(), batch_size=2)
+    refs = [["w1 w2 w3", "w4 w5"], ["w7 w8"], ["w9"]]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        want = sum(scorer.score_multi(r, t)[key].fmeasure for t, r in zip(texts, refs)) / 3
+        assert got[f"eval_{key}"] == pytest.approx(want, abs=1e-12)
+    streams = [[r[0] for r in refs], [r[1] if len(r) > 1 else None for r in refs]]
+    assert got["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(texts, streams).score / 100, abs=1e-12)
+    # run_summarization's gen_len: the ids other than the pad (the decoder start is the pad here, as T5's)
+    assert got["eval_gen_len"] == sum(len(o) - 1 for o in out) / 3

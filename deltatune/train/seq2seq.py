@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.load import Row
+from ..data.load import DataError, Row
 from ..data.tasks import Collator, Encoded, encode_seq2seq, split_off
 from . import metrics as M
 from .config import RunConfig
@@ -91,9 +91,10 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
     mean count of generated ids other than the pad id), and corpus BLEU-4 (sacrebleu's). A row with a
     ``references`` list scores each ROUGE against its best reference, as rouge-score's ``score_multi``."""
     d = cfg.data
+    refs = [_references(r, d.target_column) for r in rows]  # (all checked before any generation)
     was_training = model.training
     model.eval()
-    preds, refs, lengths = [], [], []
+    preds, lengths = [], []
     pad = getattr(tok, "pad_token_id", None)
     device = next(p for p in model.parameters()).device
     for i in range(0, len(rows), batch_size):
@@ -118,9 +119,6 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
         # run_summarization's gen_len: np.count_nonzero(pred != pad_token_id) per generated row (the EOS counts; the
         # decoder start counts unless it is the pad (T5's is); the padding after a row's EOS does not)
         lengths += [int((row != pad).sum()) if pad is not None else len(row) for row in out]
-        for r in chunk:
-            many = r.data.get("references")
-            refs.append([str(x) for x in many] if isinstance(many, list) and many else [str(r.get(d.target_column))])
     model.train(was_training)
     # run_summarization's ROUGE: rouge-score's with use_stemmer=True ("runs" and "running" match "run"), each row's
     # prediction against its best reference; rougeLsum on the texts one sentence a line (``M.sentences``)
@@ -131,3 +129,20 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
     }
     scores["eval_gen_len"] = sum(lengths) / max(len(lengths), 1)
     return {**scores, "eval_bleu": M.bleu(preds, refs)}
+
+
+def _references(row: Row, target_column: str) -> list[str]:
+    """The texts ``row``'s generation is scored against: its ``references`` list, else its target.
+
+    Raises:
+        DataError: a ``references`` value that is not a non-empty list of texts, as training's eval split refuses it
+            (``deltatune eval --data`` reads its file as a train split, whose references are not checked: a text
+            there was scored against the target instead, a list of numbers as their reprs); the row named.
+    """
+    many = row.data.get("references")
+    if many in (None, []):
+        return [str(row.get(target_column))]
+    if not (isinstance(many, list) and all(isinstance(r, str) and r.strip() for r in many)):
+        raise DataError(f"{row.source}: column 'references' must be a non-empty list of texts (the eval scores "
+                        f"each generation against its best one), got {repr(many)[:60]}")  # fmt: skip
+    return many
