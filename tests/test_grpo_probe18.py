@@ -51,3 +51,52 @@ def test_text_prompts_and_an_assistant_prefill_mentioning_audio_still_encode(tok
     assert items[0].ids == bos_prefix(tok) + tok("What is 2 + 2?", add_special_tokens=False)["input_ids"]
     text = tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
     assert items[1].ids == tok(text, add_special_tokens=False)["input_ids"]
+
+
+# -- TRL's clip_ratio/low_min and clip_ratio/high_max ------------------------------------------------------------------
+
+from test_grpo_probe15 import _ours, _trl_run, policy  # noqa: E402, F401  (policy: the fixture)
+
+
+@pytest.mark.parametrize("S, mu, loss_type, keys", [(2, 2, "grpo", {}), (1, 3, "dapo", {"epsilon_high": 0.1})])
+def test_clip_ratio_low_min_and_high_max_are_trls(policy, tmp_path, monkeypatch, S, mu, loss_type, keys):  # noqa: F811
+    """S x mu updates on one generation batch of 8 fixed completions (the later ones clip): the step logs TRL's
+    clip_ratio/low_min and clip_ratio/high_max, the mean of the values TRL's GRPOTrainer logs at each of its updates
+    (each the least low-clipped / most high-clipped completion's share of its tokens)."""
+    import copy
+
+    import trl.trainer.grpo_trainer as gt
+
+    seen, real = [], gt.GRPOTrainer._compute_loss
+
+    def compute_loss(self, model, inputs):
+        loss = real(self, model, inputs)
+        seen.append([self._metrics["train"][k][-1] for k in ("clip_ratio/low_min", "clip_ratio/high_max")])
+        return loss
+
+    monkeypatch.setattr(gt.GRPOTrainer, "_compute_loss", compute_loss)
+    model, _ = policy
+    ours_keys = {"cliprange_high": keys["epsilon_high"]} if keys else {}
+    _trl_run(copy.deepcopy(model), tmp_path, monkeypatch, S, mu, loss_type, keys)
+    stats, *_ = _ours(copy.deepcopy(model), S, mu, loss_type, ours_keys, monkeypatch)
+    assert len(seen) == S * mu
+    want = [sum(v) / len(v) for v in zip(*seen)]
+    assert want[1] > 0  # (some completion was clipped high)
+    assert [stats["clip_ratio/low_min"], stats["clip_ratio/high_max"]] == pytest.approx(want, abs=1e-6)
+
+
+def test_clip_extremes_by_hand_with_a_masked_completion_and_under_gspo():
+    """Each completion's clipped share of its tokens, a completion with no tokens left out (TRL's nanmin / nanmax of
+    masked_seq_mean), by hand; under GSPO each completion's one ratio."""
+    import torch
+
+    from deltatune.train.grpo_loss import grpo_loss
+
+    old = torch.zeros(3, 4)
+    logp = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    _, st = grpo_loss(logp, old, torch.tensor([1.0, 1.0, -1.0]), mask)
+    assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.0, 0.5)  # (1 of 2; 2 of 4; row 3 out)
+    _, st = grpo_loss(logp, old, torch.tensor([-1.0, 1.0, -1.0]), mask, importance_sampling_level="sequence")
+    # sequence log-ratios 0.25, 0.25, 0 (no tokens): ratio e^0.25 = 1.28 > 1.2 clips row 2 high; none clips low
+    assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.0, 1.0)

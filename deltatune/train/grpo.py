@@ -241,6 +241,7 @@ class GRPOLoop:
         sums = dict.fromkeys(
             ("loss", "clipped", "clipped_low", "clipped_high", "clip_units", "kl", "tokens", "entropy"), 0.0
         )
+        extremes: list[tuple[float, float]] = []  # (each chunk's TRL clip_ratio/low_min and high_max)
         for it, part in ((it, part) for it in range(a.num_iterations) for part in parts):
             self.optimizer.zero_grad(set_to_none=True)
             n_part = n_tok / S  # (dapo, cispo: the generation batch's tokens / S, as TRL; bnpo: per chunk, below)
@@ -268,6 +269,8 @@ class GRPOLoop:
                 sums["loss"] += loss.item() / (a.num_iterations * S)
                 for key in ("clipped", "clipped_low", "clipped_high"):
                     sums[key] += st[key].item() if key in st else 0.0
+                if "clipped_low_min" in st:
+                    extremes.append((st["clipped_low_min"].item(), st["clipped_high_max"].item()))
                 sums["clip_units"] += st["clip_units"].item()
                 sums["tokens"] += st["tokens"].item()
                 sums["kl"] += st["kl"].item() if "kl" in st else 0.0
@@ -302,6 +305,8 @@ class GRPOLoop:
         if clip_name == "clip_ratio/region_mean":
             for side in ("low", "high"):
                 stats[f"clip_ratio/{side}_mean"] = sums[f"clipped_{side}"] / max(sums["clip_units"], 1.0)
+            for name, values in zip(("clip_ratio/low_min", "clip_ratio/high_max"), zip(*extremes)):
+                stats[name] = sum(values) / len(values)  # (TRL's mean of its micro-batches' values; NaN stays NaN)
         stats.update(completion_lengths(s), **self.bonus.stats())
         if a.beta > 0:
             stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)

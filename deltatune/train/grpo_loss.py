@@ -158,7 +158,11 @@ def grpo_loss(
 
     Returns:
         (loss, stats): stats holds sums (detached) ``clipped`` (tokens, or completions under GSPO, in TRL's clip
-        region; with policy clip also ``clipped_low`` and ``clipped_high``, each side's) over ``clip_units`` of them, ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``.
+        region; with policy clip also ``clipped_low`` and ``clipped_high``, each side's) over ``clip_units`` of them,
+        ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``; with policy clip also
+        ``clipped_low_min`` and ``clipped_high_max``, the least low-clipped and the most high-clipped completion's
+        fraction of its tokens (TRL's clip_ratio/low_min and high_max of a micro-batch; NaN where no completion has
+        a token).
 
     Raises:
         ValueError: an unknown loss_norm or importance_sampling_level, beta > 0 without reference log-probs, or
@@ -205,8 +209,9 @@ def grpo_loss(
 
     units = mask.sum() if took.shape[-1] > 1 else torch.tensor(float(took.shape[0]))
     stats = {"clipped": count(took), "clip_units": units}
-    if policy == "clip":  # (TRL's clip_ratio/low_mean and high_mean)
+    if policy == "clip":  # (TRL's clip_ratio/low_mean and high_mean; low_min and high_max: of each completion's)
         stats["clipped_low"], stats["clipped_high"] = count(low), count(up)
+        stats["clipped_low_min"], stats["clipped_high_max"] = _extreme(low, mask, "min"), _extreme(up, mask, "max")
     stats["tokens"] = mask.sum().detach()
     if beta > 0:
         if ref_logprobs is None:
@@ -224,3 +229,11 @@ def grpo_loss(
     else:
         loss = (per_token * mask).sum() / ((n_sequences or mask.shape[0]) * max_tokens)
     return loss, stats
+
+
+def _extreme(clipped: torch.Tensor, mask: torch.Tensor, pick: str) -> torch.Tensor:
+    """TRL's nanmin / nanmax of its masked_seq_mean: each completion's clipped fraction of its tokens (its one value
+    under GSPO; NaN for a completion with no tokens, left out), then the least or the most (NaN if none)."""
+    per = clipped.squeeze(-1) if clipped.shape[-1] == 1 else (clipped * mask).sum(-1) / mask.sum(-1)
+    per = per[~per.isnan()].detach()
+    return getattr(per, pick)() if per.numel() else torch.tensor(float("nan"))
