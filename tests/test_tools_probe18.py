@@ -57,3 +57,36 @@ def test_run_samples_prompt_a_tool_conversation_as_apply_chat_template_renders_i
     assert "<tool_call>get_weather" in want and "Tools: get_weather" in want
     assert tok.decode(prompt_ids(tok, prompt)) == tok.decode(tok(want, add_special_tokens=False)["input_ids"])
     assert prompt_ids(tok, prompt) == tok(want, add_special_tokens=False)["input_ids"]
+
+
+def _split_marker_tokenizer():
+    """No EOS, and chatml's ``<|im_end|>`` is three tokens (``<|``, ``im_end``, ``|>``), as in a tokenizer that never
+    added it as a special token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<|", "|>", "im_start", "im_end", "user", "assistant", "hi", "yo", "\n", " "]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    raw.decoder = decoders.Fuse()  # (decoded as written, as a byte-level BPE's)
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\||\|>|\n| "), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>")
+    assert tok.eos_token_id is None and len(tok("<|im_end|>", add_special_tokens=False)["input_ids"]) == 3
+    return tok
+
+
+def test_chat_stops_on_a_multi_token_chatml_end_marker_when_the_tokenizer_has_no_eos():
+    """A run trained under the built-in chatml, a tokenizer with no EOS and ``<|im_end|>`` not one token: its answers
+    end with the marker's tokens, but generate had no stop id for it (templates.stop_ids gives single tokens only) and
+    ran to max_new_tokens, the marker and what followed decoded into the answer; it stops on the marker's text now
+    (transformers' ``stop_strings``), the marker left out of the answer."""
+    from tests.test_chat_stop_probe14 import _model
+
+    from deltatune.train import chat
+
+    tok = _split_marker_tokenizer()
+    want = tok("hi hi<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    ids = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    stopped = chat.generate(_model(tok, want), tok, ids, max_new_tokens=12, template="chatml")
+    assert stopped == "hi hi"
+    ran_on = chat.generate(_model(tok, want), tok, ids, max_new_tokens=12)  # the tokenizer's own template: no stop
+    assert ran_on.startswith("hi hi<|im_end|>\nyoyo")

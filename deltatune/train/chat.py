@@ -148,6 +148,9 @@ def generate(
     if extra:  # beside the generation config's own stops
         own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         sampling["eos_token_id"] = [*([] if own is None else own if isinstance(own, list) else [own]), *extra]
+    marker = _end_marker(tok, template) if not extra else None
+    if marker:  # several tokens (no stop id): stopped on as text, as transformers' stop_strings (which fails on
+        sampling["stopping_criteria"] = _stop_on_text(tok, marker, input_ids.shape[1])  # some vocabularies)
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
@@ -159,7 +162,35 @@ def generate(
         )
     decoder_only = not getattr(model.config, "is_encoder_decoder", False)
     new = out[0, input_ids.shape[1] :] if decoder_only else out[0]
-    return tok.decode(new, skip_special_tokens=True).strip()
+    answer = tok.decode(new, skip_special_tokens=True)
+    return (answer.split(marker)[0] if marker else answer).strip()
+
+
+def _stop_on_text(tok, text: str, start: int):
+    """A stopping criterion: a sequence is done once its new tokens' last few decode to hold ``text``."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    span = len(tok(text, add_special_tokens=False)["input_ids"]) + 2
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            tails = input_ids[:, max(start, input_ids.shape[1] - span) :]
+            done = [text in tok.decode(row, skip_special_tokens=False) for row in tails]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnText()])
+
+
+def _end_marker(tok, template: str | None) -> str | None:
+    """The text of the built-in ``template``'s end-of-answer marker where it trains in the EOS's place (a tokenizer
+    without one) and is more than one token, which ``templates.stop_ids`` gives no id for; else None."""
+    from ..data.templates import TEMPLATES
+
+    t = TEMPLATES.get(template or "")
+    if t is None or tok.eos_token_id is not None or not t.suffix_trains:
+        return None
+    marker = t.assistant.split("{content}")[1].strip()
+    return marker if len(tok(marker, add_special_tokens=False)["input_ids"]) > 1 else None
 
 
 def overflow(model: torch.nn.Module, prompt: int, max_new_tokens: int) -> str | None:
