@@ -78,10 +78,9 @@ def test_chat_stops_on_a_multi_token_chatml_end_marker_when_the_tokenizer_has_no
     """A run trained under the built-in chatml, a tokenizer with no EOS and ``<|im_end|>`` not one token: its answers
     end with the marker's tokens, but generate had no stop id for it (templates.stop_ids gives single tokens only) and
     ran to max_new_tokens, the marker and what followed decoded into the answer; it stops on the marker's text now
-    (transformers' ``stop_strings``), the marker left out of the answer."""
-    from tests.test_chat_stop_probe14 import _model
-
+    (as transformers' ``stop_strings`` would), the marker left out of the answer."""
     from deltatune.train import chat
+    from tests.test_chat_stop_probe14 import _model
 
     tok = _split_marker_tokenizer()
     want = tok("hi hi<|im_end|>\n", add_special_tokens=False)["input_ids"]
