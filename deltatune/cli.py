@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # deltatune's own refusals become one line (exit 2); --debug shows the traceback
         if args.debug:
             raise
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():  # (data inspect F | head: it has what it wanted)
+            if args.command == "train":  # a run stopped by it is said so
+                print(f"deltatune train: stopped: its output's reader left{_resumable(args)}", file=sys.stderr)
+            return 141
         if type(exc).__name__ == "NonFiniteLossError":
             print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
             return 1
@@ -99,6 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``| head``): Python's docs' advice then, stdout sent
+    to devnull so the interpreter's last flush raises no second BrokenPipeError; 141 (128 + SIGPIPE) is what a
+    shell shows for ``yes | head``. It read "deltatune data: error: [Errno 32] Broken pipe", exit 2 (a usage error)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):
+            return False
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return True
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), stdout not a file
+        return False
 
 
 def _resumable(args) -> str:

@@ -147,7 +147,8 @@ def inspect(
                 responses = [s.chosen, s.rejected] if s.chosen is not None else [s.completion]
                 counts.append(max(len(encode(s, r, tok, template, 10**9)[0]["input_ids"]) for r in responses))
         if any(counts):
-            lines += _length_lines(counts, max_length, "text" if fmt == "text" else stage)
+            eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id  # as encode_pt joins rows
+            lines += _length_lines(counts, max_length, "text" if fmt == "text" else stage, eos is not None)
         if lost:
             lines.append(f"rows left out of training: {lost} (no response token within data.max_length={max_length})")
         if unweighted:
@@ -219,14 +220,22 @@ def _labelled(path: str, rows: list[Row], stage: str, model: str | None, max_len
     return "\n".join(lines)
 
 
-def _length_lines(lengths: list[int], max_length: int, stage: str) -> list[str]:
-    """Token counts per row and what ``data.max_length`` does to them: pre-training joins the rows and cuts blocks
-    (no row is cut), PPO keeps a long prompt's end, the other stages cut or refuse a row."""
+def _length_lines(lengths: list[int], max_length: int, stage: str, eos: bool = False) -> list[str]:
+    """Token counts per row and what ``data.max_length`` does to them: pre-training joins the rows, each closed by
+    ``eos`` where the tokenizer has one, and cuts blocks (no row is cut; the remainder short of a block dropped, as
+    ``encode_pt``), PPO keeps a long prompt's end, the other stages cut or refuse a row."""
     p = {q: percentile(lengths, q) for q in (50, 90, 99, 100)}
     over = sum(n > max_length for n in lengths)
     what = "prompt tokens" if stage == "ppo" else "tokens"
     if stage == "text":
-        cut = f"rows are joined and cut into blocks of data.max_length={max_length}: {sum(lengths)} tokens in all"
+        total = sum(lengths) + eos * len(lengths)
+        blocks, left = divmod(total, max_length)
+        cut = (
+            f"rows are joined and cut into blocks of data.max_length={max_length}: {total} tokens in all"
+            + (f" (an EOS closing each of the {len(lengths)} rows)" if eos else "")
+            + (f", {blocks} blocks" if blocks else ", fewer than one block: training refuses the file")
+            + (f", the last {left} tokens (short of a block) dropped" if blocks and left else "")
+        )
     elif stage == "ppo":
         cut = f"prompts longer than data.max_length={max_length}: {over} (their beginning is cut)"
     else:

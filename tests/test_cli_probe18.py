@@ -1,0 +1,66 @@
+"""Probe 18 of the command line, ``info`` and ``data inspect``: the pre-training figures checked against what
+``encode_pt`` trains on, and a pipe closed by its reader (``deltatune data inspect F | head``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from tiny import save_tiny
+
+from deltatune.data.inspect import inspect
+from deltatune.data.load import read_rows
+from deltatune.data.tasks import encode_pt
+
+TEXTS = ["the cat sat on the mat", "a dog ran", "big red house"]
+
+
+def test_inspect_pt_counts_the_eos_closing_each_row_and_the_blocks_training_makes(tmp_path):
+    """``encode_pt`` closes every row with the EOS before it cuts blocks; inspect's "N tokens in all" was the texts'
+    tokens alone (12 here, training's stream 15), so its blocks could not be worked out from it. Now the stream's
+    count, the blocks and the remainder dropped, each as training makes them."""
+    from transformers import AutoTokenizer
+
+    model = save_tiny(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(model)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    texts = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS)
+    stream = texts + len(TEXTS)  # one EOS after each row
+    assert (texts, stream) == (12, 15)  # hand count: 6 + 3 + 3 words, each one WordPiece token
+    for size in (4, 5, 16):
+        out = inspect(str(data), model, max_length=size)
+        blocks = len(encode_pt(read_rows(str(data)), tok, "text", size).examples) if stream >= size else 0
+        line = next(x for x in out.splitlines() if x.startswith("rows are joined"))
+        assert f"{stream} tokens in all (an EOS closing each of the 3 rows)" in line, line
+        if blocks:
+            assert f", {blocks} blocks" in line, line
+            left = stream - blocks * size
+            assert (f"the last {left} tokens (short of a block) dropped" in line) is bool(left), line
+        else:
+            assert "fewer than one block: training refuses the file" in line, line
+    assert [blocks_of(inspect(str(data), model, max_length=s)) for s in (4, 5)] == [3, 3]
+
+
+def blocks_of(report: str) -> int:
+    return int(re.search(r", (\d+) blocks", report)[1])
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    """``deltatune data inspect F --rows 3000 | head -1`` printed "deltatune data: error: [Errno 32] Broken pipe" and
+    exited 2 (a usage error). A reader that closes the pipe has what it wanted: nothing on stderr, 141 (128 +
+    SIGPIPE, what a shell shows for ``yes | head``), and no "Exception ignored" from the interpreter's last flush."""
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * 50}) + "\n" for _ in range(3000)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deltatune.cli", "data", "inspect", str(data), "--rows", "3000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.readline().decode().startswith(f"file: {data}")
+    proc.stdout.close()  # head -1 exits
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
