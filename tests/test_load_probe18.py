@@ -166,3 +166,14 @@ def test_a_damaged_shard_index_is_one_line_naming_it(tiny_base, tmp_path):
     with pytest.raises(ConfigError, match=rf"model '{folder}': model.safetensors.index.json is not valid JSON"):
         load_model(str(folder), "CAUSAL_LM")
     AutoTokenizer.from_pretrained(folder)  # (its tokenizer does not read the index)
+
+
+def test_a_local_folder_named_like_an_embedded_model_is_recorded_by_its_path(tiny_base, tmp_path, monkeypatch):
+    """``resolve('minilm')`` loads a folder named minilm in the working directory, as transformers would; its
+    adapters recorded MiniLM's hub id as their base (a run loaded back on another model)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_base, tmp_path / "minilm")
+    model = load_model("minilm", "CAUSAL_LM")
+    assert type(model).__name__ == "LlamaForCausalLM"  # the local folder, not the embedded BERT
+    assert model.config._name_or_path == str(tmp_path / "minilm") == embedded.hub_id("minilm")
+    assert embedded.hub_id("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"

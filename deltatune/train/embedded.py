@@ -72,9 +72,10 @@ def lookup(name_or_path: str) -> Embedded | None:
 
 def hub_id(name_or_path: str) -> str:
     """The portable name an adapter records for its base: the hub id for embedded models and hub ids, the absolute
-    path for a local folder."""
+    path for a local folder (a folder named ``smollm2`` in the working directory too: :func:`resolve` loads it, not
+    the embedded model, so its adapters must not record SmolLM2's hub id)."""
     e = lookup(name_or_path)
-    if e is not None:
+    if e is not None and (name_or_path == e.hub_id or not os.path.isdir(name_or_path)):
         return e.hub_id
     return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
 
