@@ -11,18 +11,22 @@ at every module it adapts:
 - ``svd`` and the ``*_svd`` ones: the updates s_i B_i A_i combined, then a truncated SVD at ``svd_rank`` (default:
   the largest rank), optionally clamped at the ``svd_clamp`` quantile.
 
-``add_weighted_adapter`` reaches DeltaModel through ``MODEL_FUNCTIONS`` (the registry's hook), as fusion's do.
+``add_weighted_adapter`` reaches DeltaModel through ``MODEL_FUNCTIONS`` (the registry's hook), as fusion's do, and
+so does ``rescale_adapter_scale`` (peft.helpers'), which scales every LoRA's update for the length of a block.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from ..layer import ModulesToSave
+from ._lora_conv import _LoraBase
 from ._lora_mha import LoraMultiheadAttention
 from .lora import LORA_LAYERS, LoraConfig, LoraConvNd, LoraEmbedding
 
@@ -264,7 +268,45 @@ def _svd(layer: Any, name: str, kind: str, held: list[tuple[str, float]], densit
     return Vh, U
 
 
-MODEL_FUNCTIONS = {"add_weighted_adapter": add_weighted_adapter}
+@contextmanager
+def rescale_adapter_scale(model: Any, multiplier: float) -> Iterator[None]:
+    """Within the block every LoRA layer's scales (each adapter's alpha / r, active or not) are ``multiplier`` times
+    what they were, as ``peft.helpers.rescale_adapter_scale`` (``multiplier`` in [0, 1]: WiSE-FT's interpolation of
+    the base and the tuned model); on leaving they are what they were again, an exception or not, and an adapter
+    merged in the block holds its update at that scale in the base weights again. ``model``: a
+    DeltaModel, or any module holding LoRA layers (``inject_adapter_in_model``'s); ``model.rescale_adapter_scale``.
+
+    Raises:
+        TypeError: ``multiplier`` is not a number (peft's check).
+        ValueError: the model holds no LoRA layer (peft's); a LoRA merged into the base weights, which its scale no
+            longer reaches (and unmerging inside the block would take off the rescaled update): unmerge first.
+    """
+    if not isinstance(multiplier, (float, int)):
+        raise TypeError(f"rescale_adapter_scale: multiplier should be of type float, got {type(multiplier)}")
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    layers = [module for module in modules if isinstance(module, _LoraBase)]
+    if not layers:
+        raise ValueError("rescale_adapter_scale: scaling is only supported for models with LoRA layers")
+    if merged := sorted({name for layer in layers for name in layer.merged_adapters if name in layer.scaling}):
+        raise ValueError(f"rescale_adapter_scale: {', '.join(merged)} is merged into the base weights, which its "
+                         "scale no longer reaches; unmerge_adapter() first")  # fmt: skip
+    saved = [(layer, dict(layer.scaling)) for layer in layers]
+    for layer, scaling in saved:
+        layer.scaling.update({name: scale * multiplier for name, scale in scaling.items()})
+    try:
+        yield
+    finally:  # the scales as they were (an adapter added or deleted in the block: its own, or none)
+        present = {id(module) for module in model.modules()}  # (merge_and_unload in the block: the merge stays)
+        for layer, scaling in saved:
+            merged = list(layer.merged_adapters) if id(layer) in present else []  # merged in the block (peft leaves
+            for name in reversed(merged):  # the rescaled update in W, and a later unmerge takes off the whole one)
+                layer.unmerge(name)
+            layer.scaling.update({name: scale for name, scale in scaling.items() if name in layer.scaling})
+            for name in merged:  # merged again at the scale restored, as merge_adapter after the block would
+                layer.merge(name)
+
+
+MODEL_FUNCTIONS = {"add_weighted_adapter": add_weighted_adapter, "rescale_adapter_scale": rescale_adapter_scale}
 """Offered on DeltaModel through the registry's hook (``registry.model_function``)."""
 
-__all__ = ["add_weighted_adapter", "combine"]
+__all__ = ["add_weighted_adapter", "combine", "rescale_adapter_scale"]
