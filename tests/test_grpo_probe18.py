@@ -100,3 +100,39 @@ def test_clip_extremes_by_hand_with_a_masked_completion_and_under_gspo():
     _, st = grpo_loss(logp, old, torch.tensor([-1.0, 1.0, -1.0]), mask, importance_sampling_level="sequence")
     # sequence log-ratios 0.25, 0.25, 0 (no tokens): ratio e^0.25 = 1.28 > 1.2 clips row 2 high; none clips low
     assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.0, 1.0)
+
+
+# -- a column named prompts or completions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("column", ["completions", "prompts"])
+def test_a_column_named_like_a_reward_argument_is_one_line_before_the_model_loads(policy, tmp_path, column):  # noqa: F811
+    """TRL's GRPOTrainer passes the rows' other columns to each reward function by name beside prompts= and
+    completions=: a column of either name makes the first step's call a TypeError (after the model loaded and
+    sampled). Refused when the recipe is prepared, naming the row and the column; other columns prepare as before."""
+    from tiny import tokenizer
+
+    from deltatune.train.config import build
+    from deltatune.train.grpo import prepare_grpo
+    from deltatune.train.grpo_rewards import Reward, RewardError, score
+
+    def zero(completions, **kw):
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=f"reward zero raised .*'{column}'"):  # (at step 1, blaming the reward)
+        score([Reward("zero", zero)], ["p"], ["p"], ["c"], {column: ["x"]}, ["p.jsonl:2"])
+
+    def prepare(second: str):
+        (tmp_path / "p.jsonl").write_text('{"prompt": "hello there", "answer": "a"}\n' + second + "\n")
+        (tmp_path / "rewards.py").write_text("def zero(completions, **kw):\n    return [0.0] * len(completions)\n")
+        align = {"num_generations": 2, "max_new_tokens": 3, "reward_funcs": [f"{tmp_path / 'rewards.py'}:zero"]}
+        cfg = build({"stage": "grpo", "model": {"name_or_path": policy[1]}, "method": {"name": "lora"},
+                     "align": align, "data": {"train": str(tmp_path / "p.jsonl")},
+                     "output": {"dir": str(tmp_path / "run")}, "train": {"batch_size": 2}})  # fmt: skip
+        return prepare_grpo(cfg, tokenizer())
+
+    assert prepare('{"prompt": "hi", "answer": "b"}').loop is not None
+    with pytest.raises(DataError) as e:
+        prepare(f'{{"prompt": "hi", "{column}": "b"}}')
+    assert str(e.value).startswith(f"{tmp_path / 'p.jsonl'}:2: column {column!r} reaches the reward functions")
+    assert "\n" not in str(e.value)

@@ -131,6 +131,23 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
     return out
 
 
+def check_columns(rewards: list[Reward], specs: list[str], items: Sequence) -> None:
+    """DataError naming the first row (of ``items``, each with its ``columns`` and ``source``) with a column named
+    prompts or completions where a reward function takes the columns: they go to it by name beside ``prompts=`` and
+    ``completions=``, as TRL's GRPOTrainer passes them, so the first step's call fails (TRL's: a TypeError) after the
+    model has loaded and sampled. (A deltatune reward run reads no columns.)"""
+    from ..data.load import DataError
+    from .grpo_reward_model import is_model_folder
+
+    if all(r.model and not is_model_folder(spec) for r, spec in zip(rewards, specs)):
+        return
+    for it in items:
+        if clash := next((k for k in ("prompts", "completions") if k in it.columns), None):
+            raise DataError(f"{it.source}: column {clash!r} reaches the reward functions by name beside their own "
+                            f"{clash}= argument (the rows' other columns do, as in TRL), which Python refuses; "
+                            "rename it")  # fmt: skip
+
+
 def load_rewards(
     rewards: list[Reward], specs: list[str], model: nn.Module, policy_name: str, tokenizer, trust_remote_code=False
 ) -> list:
