@@ -74,6 +74,7 @@ def describe(name: str, task: str | None = None) -> str:
         f"parameters: {total:,d} ({total * 4 / 2**20:,.1f} MiB in fp32, {total * 2 / 2**20:,.1f} MiB in bf16)",
         f"default LoRA targets: {', '.join(LORA_TARGETS.get(mtype, [])) or 'none (pass target_modules)'}",
         f"default IA3 targets: {', '.join(IA3_TARGETS.get(mtype, [])) or 'none (pass target_modules)'}",
+        "% of total: of every parameter once the method is in, its own too (peft's print_trainable_parameters)",
         "",
         "| method (defaults) | trainable params | % of total |",
         "|---|---:|---:|",
@@ -83,8 +84,8 @@ def describe(name: str, task: str | None = None) -> str:
         try:
             image = task in ("IMAGE_CLS", "IMAGE_TO_TEXT")  # PEFT has no image task type: runs record none
             delta = get_delta_model(fresh, registry.get(method).config_class(task_type=None if image else task))
-            trainable, _ = delta.get_nb_trainable_parameters()
-            lines.append(f"| {method} | {trainable:,d} | {100 * trainable / total:.3f} |")
+            trainable, everything = delta.get_nb_trainable_parameters()  # (everything: the method's too, as peft's)
+            lines.append(f"| {method} | {trainable:,d} | {100 * trainable / everything:.4f} |")
         except (ConfigError, TypeError, ValueError) as exc:
             why = str(exc).splitlines()[0].split("; ")[0]  # its first clause: a table cell, not the whole advice
             lines.append(f"| {method} | n/a: {why if len(why) <= 120 else why[:117] + '...'} | |")

@@ -64,3 +64,25 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert err == ""
+
+
+def test_info_percent_is_peft_print_trainable_parameters_figure(tmp_path):
+    """info's "% of total" divided by the base's parameters alone (lora 0.091 on the tiny llama, 1,792 / 1,968,928);
+    peft's print_trainable_parameters (and LLaMA-Factory's count_parameters) divides by every parameter of the adapted
+    model, the adapter's too: 1,792 / 1,970,720 = 0.0909. Now peft's figure, to its 4 decimals."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.info import describe
+
+    model = save_tiny(tmp_path / "m")
+    out = describe(model)
+    rows = {r.split("|")[1].strip(): r.split("|")[2:4] for r in out.splitlines() if r.startswith("| ")}
+    for name, config in [
+        ("lora", peft.LoraConfig(task_type="CAUSAL_LM")),
+        ("ia3", peft.IA3Config(task_type="CAUSAL_LM")),
+    ]:
+        ref = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model), config)
+        trainable, everything = ref.get_nb_trainable_parameters()
+        assert [c.strip() for c in rows[name]] == [f"{trainable:,d}", f"{100 * trainable / everything:.4f}"], name
+    assert rows["lora"][1].strip() == "0.0909"  # 1,792 / 1,970,720; it read 0.091 (1,792 / 1,968,928)
