@@ -456,10 +456,22 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     extras = (EMA(ema),) if ema is not None else ()
     if shown:  # (train.validation_prompt: t2i_validation)
         draw = functools.partial(sample, processor=processor, steps=STEPS, guidance=GUIDANCE, max_length=d.max_length)
-        extras += (Validation(shown, lambda m, prompts, seed: draw(m, prompts=prompts, seed=seed), save_png, *extras),)
+        extras += (Validation(shown, functools.partial(_drawn, draw, processor), save_png, *extras),)
     trainer = functools.partial(T2ITrainer, processor=processor, loss_options=options, extras=extras)
     batch = prior_collate if prior else collate
     return Prepared(train, ev, batch, None, None, notes=notes, loss_only=True, trainer_class=trainer)
+
+
+def _drawn(draw, processor: T2IProcessor, model, prompts: list[str], seed: int | None) -> torch.Tensor:
+    """A validation drawing with the text encoder in eval mode too (the denoiser is put there by ``Validation``):
+    a training one is left in training mode by the last step, and its LoRA's dropout changed the image."""
+    encoder = processor.text_encoder
+    training = encoder.training
+    encoder.eval()
+    try:
+        return draw(model, prompts=prompts, seed=seed)
+    finally:
+        encoder.train(training)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------
