@@ -177,3 +177,23 @@ def test_a_local_folder_named_like_an_embedded_model_is_recorded_by_its_path(tin
     assert type(model).__name__ == "LlamaForCausalLM"  # the local folder, not the embedded BERT
     assert model.config._name_or_path == str(tmp_path / "minilm") == embedded.hub_id("minilm")
     assert embedded.hub_id("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.mark.parametrize(
+    "file, text, why",
+    [
+        ("tokenizer.json", "{bad", r"tokenizer.json is not valid JSON \(line 1"),
+        ("tokenizer_config.json", "{bad", r"tokenizer_config.json is not valid JSON \(line 1"),
+        ("tokenizer_config.json", "[1]", r"tokenizer_config.json is not a JSON object \(a list\)"),
+        ("tokenizer.json", "[1]", r"tokenizer.json is not a JSON object \(a list\)"),
+    ],
+)
+def test_a_damaged_tokenizer_file_is_one_line_naming_it(tiny_base, tmp_path, file, text, why):
+    """transformers raised the JSON parser's error, an AttributeError or a TypeError, naming no file."""
+    folder = _copy(tiny_base, tmp_path, "m")
+    (folder / file).write_text(text)
+    with pytest.raises((ValueError, TypeError, AttributeError)) as ref:
+        AutoTokenizer.from_pretrained(folder)
+    assert not isinstance(ref.value, ConfigError)
+    with pytest.raises(ConfigError, match=rf"model '{folder}': {why}"):
+        load_tokenizer(str(folder))

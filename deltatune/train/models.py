@@ -58,6 +58,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 tokenizer transformers can read is never refused for lacking them)."""
 
 
+TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
+"""The tokenizer's JSON files, each read as an object; named when a tokenizer fails to load and one is damaged."""
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
@@ -69,7 +73,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise not_loaded(name_or_path, exc) from None
-    except ValueError:  # a folder with no tokenizer at all: transformers blames a missing sentencepiece
+    except (ValueError, TypeError, AttributeError) as exc:
+        for file in TOKENIZER_JSON if os.path.isdir(path) else ():  # (transformers: the JSON parser's error, or a
+            if problem := json_problem(os.path.join(path, file)):  # TypeError from inside, naming no file)
+                raise ConfigError(f"model {name_or_path!r}: {file} {problem}") from None
+        if not isinstance(exc, ValueError):
+            raise
+        # a folder with no tokenizer at all: transformers blames a missing sentencepiece
         if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             raise ConfigError(
                 f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the base "
