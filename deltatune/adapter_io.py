@@ -511,6 +511,8 @@ def targets_of_state_dict(model: torch.nn.Module, config: DeltaConfig, state_dic
     whose next part is none of that module's own tensors. Modules inside an adapter layer already there are passed
     over, as peft's. peft's ``_orig_mod.`` (torch.compile) and a PeftModel's ``base_model.model.`` in front of the
     keys are left out."""
+    if config.no_targets:  # (a method that adapts no module by name: its own rule picks what it trains)
+        return config
     from .layer import DeltaLayer
 
     modules = dict(model.named_modules())

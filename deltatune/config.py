@@ -57,6 +57,9 @@ class DeltaConfig:
     (deltatune.files.KEY_PREFIX). PEFT's prompt-learning methods use a shorter one for their extra modules."""
     recipe_refusal: ClassVar[str | None] = None
     """Why a recipe cannot train this method (AdapterFusion's adapters come from a model); None: it can."""
+    no_targets: ClassVar[str | None] = None
+    """Why the method reads no ``target_modules`` (BitFit's biases, prompt tuning's virtual tokens): a config that
+    sets it is refused with this, and a saved file's value, never read, is dropped; None: the method reads it."""
 
     task_type: str | None = None
     """One of CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION, or None."""
@@ -89,6 +92,8 @@ class DeltaConfig:
                 isinstance(v, str) for v in (value if isinstance(value, list) else [value])
             ):
                 raise ConfigError(f"{key} must be a string or a list of strings (module names), got {value!r}")
+        if self.no_targets and self.target_modules is not None:  # (a silently ignored selection: every module trained)
+            raise ConfigError(f"{self.method}: {self.no_targets}; leave target_modules unset")
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Names of base-model parameters this adapter trains in place and saves (BitFit's biases, LoRA's
@@ -146,7 +151,7 @@ class DeltaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
-            if key == "peft_type":
+            if key == "peft_type" or (key == "target_modules" and cls.no_targets):  # (the latter: never read)
                 continue
             if key in known:
                 kwargs[key] = value

@@ -65,3 +65,47 @@ def test_an_image_cls_list_label_names_stage_image_cls(tmp_path):
 
     with pytest.raises(DataError, match=r":2: label in column 'label' is a list; stage cls trains one class per row"):
         label_map(read_rows(data), "label", None)
+
+
+@pytest.mark.parametrize("method", ["freeze", "bitfit", "full", "prompt_tuning", "prefix_tuning", "p_tuning", "vpt"])
+def test_a_method_that_adapts_no_module_by_name_refuses_target_modules(method, tmp_path):
+    """BitFit with target_modules [q_proj] trained every bias of the base, freeze its usual blocks, full everything,
+    and the prompt methods (peft's configs have no target_modules: a TypeError there) silently read none: the
+    selection is refused in one line naming the method. A saved file's value (never read) is dropped on load, so
+    old adapters load and compute as before; inject_adapter_in_model(state_dict=...) leaves such a config's own rule."""
+    from deltatune.config import ConfigError
+    from deltatune.registry import get
+
+    cls = get(method).config_class
+    with pytest.raises(ConfigError) as err:
+        cls(target_modules=["q_proj"])
+    assert str(err.value).startswith(f"{method}: ") and str(err.value).endswith("; leave target_modules unset")
+    old = {**cls().to_dict(), "target_modules": ["q_proj"]}
+    loaded = cls.from_dict(old)
+    assert loaded.target_modules is None and loaded.to_dict() == cls().to_dict()
+    if method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+        import peft
+
+        peft_cls = {"prompt_tuning": peft.PromptTuningConfig, "prefix_tuning": peft.PrefixTuningConfig}
+        with pytest.raises(TypeError, match="target_modules"):
+            peft_cls.get(method, peft.PromptEncoderConfig)(target_modules=["q_proj"])
+
+
+def test_bitfit_injected_with_a_state_dict_trains_its_biases_as_without():
+    """inject_adapter_in_model(state_dict=...) reads the keys as targets (peft's); for BitFit the config's own rule
+    (every bias) stays, the config unchanged."""
+    import torch
+    from tiny import tiny_model
+
+    import deltatune as dt
+    from deltatune.methods.bitfit import BitFitConfig
+
+    torch.manual_seed(0)
+    plain, keyed = tiny_model("gpt2"), tiny_model("gpt2")
+    dt.inject_adapter_in_model(BitFitConfig(), plain)
+    state = {"transformer.h.0.attn.c_attn.bias": torch.zeros(1)}
+    dt.inject_adapter_in_model(BitFitConfig(), keyed, state_dict=state)
+    assert [n for n, p in keyed.named_parameters() if p.requires_grad] == [
+        n for n, p in plain.named_parameters() if p.requires_grad
+    ]
+    assert keyed.peft_config["default"].target_modules is None

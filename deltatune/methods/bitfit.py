@@ -26,6 +26,7 @@ class BitFitConfig(DeltaConfig):
 
     method = "bitfit"
     peft_type = "BITFIT"
+    no_targets = "BitFit trains every bias term of the base"
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Every base parameter that is a bias term: ``...bias``, and torch's ``nn.MultiheadAttention`` biases

@@ -77,6 +77,8 @@ class FreezeConfig(DeltaConfig):
 
     method = "freeze"
     peft_type = "FREEZE"
+    no_targets = ("freeze tuning trains whole blocks, chosen by freeze_trainable_layers, freeze_trainable_modules "
+                  "and freeze_extra_modules")  # fmt: skip
 
     freeze_trainable_layers: int = 2
     """n > 0: the last n blocks train; n < 0: the first |n|. A model with several stacks (an encoder and a decoder):

@@ -20,6 +20,7 @@ class FullConfig(DeltaConfig):
 
     method = "full"
     peft_type = "FULL"
+    no_targets = "full fine-tuning trains every base parameter"
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Every base parameter."""

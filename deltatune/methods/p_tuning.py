@@ -32,6 +32,7 @@ class PTuningConfig(VirtualTokenFields, DeltaConfig):
 
     method = "p_tuning"
     peft_type = "P_TUNING"
+    no_targets = "it adds virtual tokens and adapts no module (peft's config has no target_modules)"
 
     encoder_reparameterization_type: str = "MLP"
     """The prompt encoder f: "MLP" (three linear layers) or "LSTM" (bidirectional LSTM + two linear layers)."""

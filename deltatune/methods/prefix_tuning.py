@@ -36,6 +36,7 @@ class PrefixTuningConfig(VirtualTokenFields, DeltaConfig):
 
     method = "prefix_tuning"
     peft_type = "PREFIX_TUNING"
+    no_targets = "it adds virtual tokens and adapts no module (peft's config has no target_modules)"
 
     prefix_projection: bool = False
     """True: prefix tuning's MLP reparametrisation during training; False: P-tuning v2 (the prefixes train directly)."""

@@ -32,6 +32,7 @@ class PromptTuningConfig(VirtualTokenFields, DeltaConfig):
 
     method = "prompt_tuning"
     peft_type = "PROMPT_TUNING"
+    no_targets = "it adds virtual tokens and adapts no module (peft's config has no target_modules)"
 
     prompt_tuning_init: str = "RANDOM"
     """How P starts: "RANDOM" (N(0, 1)), "SAMPLE_VOCAB" (embeddings of random tokens) or "TEXT"."""

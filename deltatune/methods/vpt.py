@@ -43,6 +43,7 @@ class VisualPromptConfig(DeltaConfig):
 
     method = "vpt"
     peft_type = "VPT"
+    no_targets = "visual prompt tuning adds tokens and adapts no module"
 
     num_virtual_tokens: int = 10
     """Prompt tokens n per set (the paper uses 1-200; 10 or 50 are common)."""
@@ -56,8 +57,6 @@ class VisualPromptConfig(DeltaConfig):
             raise ConfigError(f"num_virtual_tokens must be an integer >= 1, got {n!r}")
         if not isinstance(self.deep, bool):
             raise ConfigError(f"deep must be true or false, got {self.deep!r}")
-        if self.target_modules is not None:
-            raise ConfigError("visual prompt tuning adds tokens and adapts no module; leave target_modules unset")
 
 
 def _backbone(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.ModuleList, int]:

@@ -61,7 +61,9 @@ def test_vpt_refusals():
         dt.get_delta_model(tiny_model("bert"), dt.VisualPromptConfig())
     with pytest.raises(ConfigError, match="num_virtual_tokens must be an integer >= 1, got 0"):
         dt.VisualPromptConfig(num_virtual_tokens=0)
-    with pytest.raises(ConfigError, match="adapts no module; leave target_modules unset"):
+    with pytest.raises(
+        ConfigError, match="^vpt: visual prompt tuning adds tokens and adapts no module; leave target_modules unset$"
+    ):
         dt.VisualPromptConfig(target_modules=["q_proj"])
     model = dt.get_delta_model(tiny_model("vit"), dt.VisualPromptConfig(num_virtual_tokens=2))
     model.add_adapter("other", dt.VisualPromptConfig(num_virtual_tokens=2))
