@@ -197,3 +197,13 @@ def test_a_damaged_tokenizer_file_is_one_line_naming_it(tiny_base, tmp_path, fil
     assert not isinstance(ref.value, ConfigError)
     with pytest.raises(ConfigError, match=rf"model '{folder}': {why}"):
         load_tokenizer(str(folder))
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(monkeypatch, tmp_path):
+    """A cache root that is no folder (or not writable) was an OSError from mkdir inside the conversion."""
+    _gguf, calls = _fake(monkeypatch, tmp_path)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "afile" / "cache"))
+    with pytest.raises(ConfigError, match=r"model 'fake' is converted once into .*afile/cache, which cannot be "):
+        embedded.resolve("fake")
+    assert not calls

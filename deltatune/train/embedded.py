@@ -115,8 +115,15 @@ def resolve(name_or_path: str, convert: bool = True) -> str:
         return str(folder)
     if not convert:
         raise ConfigError(f"model {name_or_path!r} has no converted copy in {folder}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(folder.parent / f".{folder.name}.lock", "a")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise ConfigError(
+            f"model {name_or_path!r} is converted once into {folder.parent}, which cannot be written "
+            f"({exc.strerror or type(exc).__name__}): set DELTATUNE_CACHE to a writable folder"
+        ) from None
+    with lock:
         _lock(lock)  # one conversion at a time; released when the process ends, however it ends
         if not _valid(folder):  # (another process may have converted it while this one waited)
             _remove_stale_staging(folder)
