@@ -89,3 +89,37 @@ def test_chat_stops_on_a_multi_token_chatml_end_marker_when_the_tokenizer_has_no
     assert stopped == "hi hi"
     ran_on = chat.generate(_model(tok, want), tok, ids, max_new_tokens=12)  # the tokenizer's own template: no stop
     assert ran_on.startswith("hi hi<|im_end|>\nyoyo")
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_stops_on_the_chat_templates_end_of_turn_token_beside_the_generation_configs_eos():
+    """A model tuned through its tokenizer's own chatml template (the tokenizer's EOS another token, as Qwen2.5's base:
+    <|endoftext|>) ends its answers with <|im_end|>; chat ran past it to max_new_tokens (the generation config stops
+    on the EOS alone), as LLaMA-Factory's stop words would not. Hand-worked: the answer is the two words."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deltatune.train import chat
+    from tests.test_chat_stop_probe14 import _model
+
+    words = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "yo", "\n", " "]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_start\|>|<\|im_end\|>|\n| "), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    hi, sp, im_end = (tok.convert_tokens_to_ids(w) for w in ("hi", " ", "<|im_end|>"))
+    model = _model(tok, [hi, sp, hi, im_end])
+    model.generation_config.eos_token_id = tok.eos_token_id  # (<|endoftext|>)
+    ids = chat.prompt_ids(tok, "hi")
+    assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.generate(model, tok, ids, max_new_tokens=8) == "hi hi"
+    assert chat._turn_end_id(tok) == im_end
+    tok.chat_template = None  # no chat template: the generation config's stops alone, as before
+    assert chat.generate(_model(tok, [hi, sp, hi, im_end]), tok, ids, max_new_tokens=8) == "hi hi" + "yo" * 4

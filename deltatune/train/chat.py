@@ -148,6 +148,13 @@ def generate(
     if extra:  # beside the generation config's own stops
         own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         sampling["eos_token_id"] = [*([] if own is None else own if isinstance(own, list) else [own]), *extra]
+    turn_end = (
+        _turn_end_id(tok) if template is None and not getattr(model.config, "is_encoder_decoder", False) else None
+    )
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = [] if own is None else own if isinstance(own, list) else [own]
+    if turn_end is not None and turn_end not in own and "eos_token_id" not in sampling:
+        sampling["eos_token_id"] = [*own, turn_end]  # the chat template's end of a turn, as LLaMA-Factory's stop words
     marker = _end_marker(tok, template) if not extra else None
     if marker:  # several tokens (no stop id): stopped on as text, as transformers' stop_strings (which fails on
         sampling["stopping_criteria"] = _stop_on_text(tok, marker, input_ids.shape[1])  # some vocabularies)
@@ -164,6 +171,27 @@ def generate(
     new = out[0, input_ids.shape[1] :] if decoder_only else out[0]
     answer = tok.decode(new, skip_special_tokens=True)
     return (answer.split(marker)[0] if marker else answer).strip()
+
+
+def _turn_end_id(tok) -> int | None:
+    """The special token the tokenizer's chat template closes an assistant turn with (Qwen's and SmolLM2's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``), which a model tuned on it ends its answers
+    with though the generation config may stop on another (Qwen2.5's base: ``<|endoftext|>``); None where there is
+    none or the template does not render a plain exchange."""
+    if not has_template(tok):
+        return None
+    mark = "\u2063deltatune\u2063"  # (a text no template writes)
+    try:
+        conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
+        text = tok.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # noqa: BLE001 (a template that refuses it, wants a system turn, ...: no extra stop)
+        return None
+    after = text.split(mark, 1)[1].lstrip() if isinstance(text, str) and mark in text else ""
+    specials = sorted(
+        (t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special), key=len, reverse=True
+    )
+    end = next((t for t in specials if t and after.startswith(t)), None)
+    return None if end is None else tok.convert_tokens_to_ids(end)
 
 
 def _stop_on_text(tok, text: str, start: int):
