@@ -86,3 +86,36 @@ def test_info_percent_is_peft_print_trainable_parameters_figure(tmp_path):
         trainable, everything = ref.get_nb_trainable_parameters()
         assert [c.strip() for c in rows[name]] == [f"{trainable:,d}", f"{100 * trainable / everything:.4f}"], name
     assert rows["lora"][1].strip() == "0.0909"  # 1,792 / 1,970,720; it read 0.091 (1,792 / 1,968,928)
+
+
+def test_a_trailing_comma_is_named_at_its_line_and_column(tmp_path):
+    """A JSON list spread over lines with a comma after its last item read ``t.json:4: not valid JSON (Expecting
+    value)``: the line of the ``]`` after it, no column. Now the comma's line and column, said as a trailing comma (as
+    Python 3.13's json names it), in a .json and a .jsonl row; other faults read as before."""
+    import pytest
+
+    from deltatune.data.load import DataError
+
+    cases = [
+        (
+            "t.json",
+            '[\n  {"text": "a"},\n  {"text": "b"},\n]\n',
+            "t.json:3: not valid JSON (a trailing comma at column 16",
+        ),
+        ("o.json", '{"text": "a",\n}\n', "o.json:1: not valid JSON (a trailing comma at column 13"),
+        ("t.jsonl", '{"text": "a"}\n{"text": "b",}\n', "t.jsonl:2: not valid JSON (a trailing comma at column 13"),
+        (
+            "n.json",
+            '[{"text": "a"}\n{"text": "b"}]\n',
+            "n.json:2: not valid JSON (Expecting ',' delimiter at column 1)",
+        ),
+        ("e.json", '[{"text": }]', "e.json:1: not valid JSON (Expecting value at column 11)"),
+    ]
+    for name, text, message in cases:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError) as err:
+            read_rows(str(tmp_path / name))
+        assert str(err.value).startswith(f"{tmp_path / name}{message[len(name) :]}"), str(err.value)
+        line, column = (int(x) for x in re.search(r":(\d+): .* column (\d+)", str(err.value)).groups())
+        if "trailing" in message:
+            assert text.splitlines()[line - 1][column - 1] == ","  # the comma itself

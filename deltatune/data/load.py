@@ -171,6 +171,22 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
     return f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
 
 
+def _json_fault(exc: json.JSONDecodeError) -> tuple[int, str]:
+    """(line, what and at which column) of a JSON error; a trailing comma (``[{...},\n]``, ``{"a": 1,}``) named at
+    the comma: Python before 3.13 says "Expecting value" at the bracket after it, a line further down in a spread-out
+    file (3.13 names the comma, as here)."""
+    doc, pos = exc.doc, exc.pos
+    before = doc[:pos].rstrip()
+    trailing = exc.msg.startswith("Illegal trailing comma") or (
+        pos < len(doc) and doc[pos] in "]}" and before.endswith(",") and exc.msg.startswith("Expecting")
+    )
+    if not trailing:
+        return exc.lineno, f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+    comma = pos if doc[pos : pos + 1] == "," else len(before) - 1
+    line, column = doc.count("\n", 0, comma) + 1, comma - doc.rfind("\n", 0, comma)
+    return line, f"a trailing comma at column {column}: JSON allows none after the last item"
+
+
 def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
     rows = []
     with open(path, encoding="utf-8-sig") as fh:  # -sig: files saved with a byte-order mark read the same
@@ -180,9 +196,7 @@ def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{i}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
-                ) from None
+                raise DataError(f"{path}:{i}: not valid JSON ({_json_fault(exc)[1]})") from None
             if not isinstance(data, dict):
                 raise DataError(f"{path}:{i}: expected a JSON object, got {type(data).__name__}")
             rows.append(Row(data, f"{path}:{i}"))
@@ -198,7 +212,8 @@ def _json(path: str, _column: str, limit: int | None) -> list[Row]:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # one object per line, as the datasets library also reads a .json file
             return _jsonl(path, _column, limit)
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        line, what = _json_fault(exc)
+        raise DataError(f"{path}:{line}: not valid JSON ({what})") from None
     if isinstance(data, dict):  # one object: one row, as the datasets library reads it (one line or spread out)
         with open(path, encoding="utf-8-sig") as fh:
             line = next((i for i, text in enumerate(fh, 1) if text.strip()), 1)
