@@ -102,18 +102,30 @@ def test_clip_extremes_by_hand_with_a_masked_completion_and_under_gspo():
     assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.0, 1.0)
 
 
-# -- a column named prompts or completions -----------------------------------------------------------------------------
+# -- a column named prompts or completions; a reward function that cannot take TRL's call ------------------------------
+
+
+def _prepare(tmp_path, base: str, second: str, reward: str = "def zero(completions, **kw):\n    return [0.0]"):
+    from tiny import tokenizer
+
+    from deltatune.train.config import build
+    from deltatune.train.grpo import prepare_grpo
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello there", "answer": "a"}\n' + second + "\n")
+    (tmp_path / "rewards.py").write_text(reward + "\n")
+    name = reward.split("(")[0].removeprefix("def ")
+    align = {"num_generations": 2, "max_new_tokens": 3, "reward_funcs": [f"{tmp_path / 'rewards.py'}:{name}"]}
+    cfg = build({"stage": "grpo", "model": {"name_or_path": base}, "method": {"name": "lora"}, "align": align,
+                 "data": {"train": str(tmp_path / "p.jsonl")}, "output": {"dir": str(tmp_path / "run")},
+                 "train": {"batch_size": 2}})  # fmt: skip
+    return prepare_grpo(cfg, tokenizer())
 
 
 @pytest.mark.parametrize("column", ["completions", "prompts"])
 def test_a_column_named_like_a_reward_argument_is_one_line_before_the_model_loads(policy, tmp_path, column):  # noqa: F811
     """TRL's GRPOTrainer passes the rows' other columns to each reward function by name beside prompts= and
-    completions=: a column of either name makes the first step's call a TypeError (after the model loaded and
-    sampled). Refused when the recipe is prepared, naming the row and the column; other columns prepare as before."""
-    from tiny import tokenizer
-
-    from deltatune.train.config import build
-    from deltatune.train.grpo import prepare_grpo
+    completions=: a column of either name makes the first step's call fail (after the model loaded and sampled).
+    Refused when the recipe is prepared, naming the row and the column; other columns prepare as before."""
     from deltatune.train.grpo_rewards import Reward, RewardError, score
 
     def zero(completions, **kw):
@@ -121,18 +133,30 @@ def test_a_column_named_like_a_reward_argument_is_one_line_before_the_model_load
 
     with pytest.raises(RewardError, match=f"reward zero raised .*'{column}'"):  # (at step 1, blaming the reward)
         score([Reward("zero", zero)], ["p"], ["p"], ["c"], {column: ["x"]}, ["p.jsonl:2"])
-
-    def prepare(second: str):
-        (tmp_path / "p.jsonl").write_text('{"prompt": "hello there", "answer": "a"}\n' + second + "\n")
-        (tmp_path / "rewards.py").write_text("def zero(completions, **kw):\n    return [0.0] * len(completions)\n")
-        align = {"num_generations": 2, "max_new_tokens": 3, "reward_funcs": [f"{tmp_path / 'rewards.py'}:zero"]}
-        cfg = build({"stage": "grpo", "model": {"name_or_path": policy[1]}, "method": {"name": "lora"},
-                     "align": align, "data": {"train": str(tmp_path / "p.jsonl")},
-                     "output": {"dir": str(tmp_path / "run")}, "train": {"batch_size": 2}})  # fmt: skip
-        return prepare_grpo(cfg, tokenizer())
-
-    assert prepare('{"prompt": "hi", "answer": "b"}').loop is not None
+    assert _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}').loop is not None
     with pytest.raises(DataError) as e:
-        prepare(f'{{"prompt": "hi", "{column}": "b"}}')
+        _prepare(tmp_path, policy[1], f'{{"prompt": "hi", "{column}": "b"}}')
     assert str(e.value).startswith(f"{tmp_path / 'p.jsonl'}:2: column {column!r} reaches the reward functions")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "reward, words",
+    [
+        ("def f(completions, solution, **kw):\n    return [0.0]", "missing a required argument: 'solution'"),
+        ("def f(prompts, completions, answer):\n    return [0.0]", "got an unexpected keyword argument"),
+    ],
+)
+def test_a_reward_that_cannot_take_trls_call_is_one_line_at_prepare(policy, tmp_path, reward, words):  # noqa: F811
+    """A reward function requiring a column no row has, or taking no **kwargs (TRL's GRPOTrainer passes
+    completion_ids, trainer_state, log_metric, log_extra and every column), failed at the first step's call after
+    the model loaded and sampled ("reward f raised TypeError ... (row p.jsonl:1)"): now one ConfigError naming the
+    entry when the recipe is prepared; one that takes the columns it needs and **kwargs prepares."""
+    from deltatune.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}', reward)
+    assert "align.reward_funcs entry" in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+    assert "['answer']" in str(e.value)  # (the rows' columns, named)
+    ok = "def f(completions, answer, trainer_state, **kw):\n    return [0.0]"
+    assert _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}', ok).loop is not None

@@ -132,10 +132,16 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
 
 
 def check_columns(rewards: list[Reward], specs: list[str], items: Sequence) -> None:
-    """DataError naming the first row (of ``items``, each with its ``columns`` and ``source``) with a column named
-    prompts or completions where a reward function takes the columns: they go to it by name beside ``prompts=`` and
-    ``completions=``, as TRL's GRPOTrainer passes them, so the first step's call fails (TRL's: a TypeError) after the
-    model has loaded and sampled. (A deltatune reward run reads no columns.)"""
+    """Each reward function called as the loop will call it (bound to its signature, not run), before the model loads:
+    by name, ``prompts``, ``completions``, ``completion_ids``, TRL's ``trl_extras`` and the columns of the rows
+    (``items``, each with its ``columns`` and ``source``), as TRL's GRPOTrainer calls it; a deltatune reward run reads
+    no columns.
+
+    Raises:
+        DataError: the first row with a column named prompts or completions (a second value of that argument).
+        ConfigError: a function that cannot take the call (a column it requires that no row has; no ``**kwargs`` for
+            the columns and TRL's trainer_state, log_metric, log_extra), naming it: the first step would fail.
+    """
     from ..data.load import DataError
     from .grpo_reward_model import is_model_folder
 
@@ -146,6 +152,20 @@ def check_columns(rewards: list[Reward], specs: list[str], items: Sequence) -> N
             raise DataError(f"{it.source}: column {clash!r} reaches the reward functions by name beside their own "
                             f"{clash}= argument (the rows' other columns do, as in TRL), which Python refuses; "
                             "rename it")  # fmt: skip
+    columns = sorted({k for it in items for k in it.columns})
+    names = ["prompts", "completions", "completion_ids", *columns, *trl_extras(None, {})]
+    for r, spec in ((r, spec) for r, spec in zip(rewards, specs) if not r.model):
+        try:
+            signature = inspect.signature(r.fn)
+        except (TypeError, ValueError):  # (a builtin or C callable: nothing to read)
+            continue
+        try:
+            signature.bind(**dict.fromkeys(names))
+        except TypeError as exc:
+            raise ConfigError(f"align.reward_funcs entry {spec!r} cannot take the call the first step makes: {exc} "
+                              f"(a reward function gets prompts, completions, completion_ids, trainer_state, "
+                              f"log_metric, log_extra and the rows' columns {columns} by name, as TRL's GRPOTrainer "
+                              "calls it: take **kwargs)") from None  # fmt: skip
 
 
 def load_rewards(
