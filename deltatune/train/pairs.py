@@ -226,6 +226,7 @@ def encode_pair_splits(
     as rendered, pairs skipped under data.bad_pairs=skip, rows truncated). ``extra``: split -> {column: {file:line:
     value}} (or None), a number per row added to each of its pairs under that column name."""
     from ..data.encode import encode_pair_samples
+    from ..data.preference import cut_lm
 
     d = cfg.data
     train_s, eval_s, template, notes = read_splits(cfg, tok, pair_scorer=pair_scorer)
@@ -248,8 +249,13 @@ def encode_pair_splits(
         if not dpo and cfg.align.answer_eos:  # orpo, simpo, cpo: TRL's CPO and ORPO trainers end answers with EOS
             _end_with_eos(out.examples, tok.eos_token_id)
 
-        def end_kept(s) -> dict:  # (the cut of the other stages: the prompt's end and each answer's start)
-            return encode_pair_samples([s], tok, template, d.max_length, d.truncation, causal, dpo).examples[0]
+        def end_kept(s, whole: dict) -> dict:  # (the cut of the other stages: the prompt's end, each answer's start)
+            if dpo:  # (both sides split at the shared prompt, then cut)
+                return encode_pair_samples([s], tok, template, d.max_length, d.truncation, causal, dpo).examples[0]
+            return {
+                k: cut_lm(whole[k], d.max_length, _bos_lead(tok, template, whole[k]))[0]
+                for k in ("chosen", "rejected")
+            }
 
         out, fell_back[split] = keep_start(samples, out, d.max_length, d.truncation, end_kept)
         return out
@@ -282,12 +288,24 @@ def _end_with_eos(examples: list[dict], eos: int | None) -> None:
                 side["labels"].append(eos)
 
 
+def _bos_lead(tok, template: str | None, side: dict[str, list[int]]) -> int:
+    """How many leading tokens a cut of an orpo / simpo / cpo side keeps: the BOS ``encode_lm`` put before a raw row
+    (``own_specials=False``, as TRL's CPO and ORPO trainers), none through a chat template (``encode._lm``'s)."""
+    from ..data.encode import RAW
+
+    bos = tok.bos_token_id
+    return int(
+        template == RAW and bos is not None and side["input_ids"][:1] == [bos] and side["labels"][:1] == [IGNORE_INDEX]
+    )
+
+
 def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_kept: Callable) -> tuple[Encoded, int]:
     """The causal stages' pairs, encoded whole (DPO's split at their shared prompt), cut as TRL 1.16's DPOTrainer cuts
     them: each side's first ``max_length`` tokens (its collator's ``keep_start``, its default; TRL's CPO and ORPO keep
     the prompt whole and cut the answer: the same tokens). A pair whose prompt alone fills ``max_length``, which TRL's
-    DPO dataset filter drops (nothing of its answers would train), is ``end_kept(sample)``
-    instead; how many, with the pairs. ``truncation="refuse"``: a pair with a side longer than ``max_length`` is
+    DPO dataset filter drops (nothing of its answers would train), is ``end_kept(sample, whole pair)``
+    instead (the prompt's end and each answer's start; orpo, simpo, cpo: of the whole pair, its answer EOS kept); how
+    many, with the pairs. ``truncation="refuse"``: a pair with a side longer than ``max_length`` is
     refused, naming its file and line."""
     from ..data.load import DataError
 
@@ -305,7 +323,7 @@ def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_
         if min(firsts) < max_length:
             kept.append({**ex, **{k: {f: v[:max_length] for f, v in ex[k].items()} for k in ("chosen", "rejected")}})
         else:
-            kept.append({**ex, **end_kept(s)})
+            kept.append({**ex, **end_kept(s, ex)})
             fell_back += 1
     return Encoded(kept, cut), fell_back
 
