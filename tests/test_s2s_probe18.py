@@ -3,18 +3,21 @@ captioning / summarization examples, sacrebleu and rouge-score."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
+from deltatune.config import ConfigError
 from deltatune.data.images import ImageRow
 from deltatune.data.load import DataError, Row
 from deltatune.data.tasks import encode_seq2seq
 from deltatune.train import caption as C
 from deltatune.train.config import build
-from deltatune.train.seq2seq import generation_metrics
-from tests.tiny import word_tokenizer
+from deltatune.train.seq2seq import check_positions, generation_metrics
+from tests.tiny import tiny_model, word_tokenizer
 
 
 def _no_eos_tokenizer():
@@ -95,3 +98,50 @@ def test_generation_metrics_equal_rouge_score_and_sacrebleu_on_references():
     assert got["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(texts, streams).score / 100, abs=1e-12)
     # run_summarization's gen_len: the ids other than the pad (the decoder start is the pad here, as T5's)
     assert got["eval_gen_len"] == sum(len(o) - 1 for o in out) / 3
+
+
+def _bart(tok):
+    model = tiny_model("bart", vocab_size=len(tok), max_position_embeddings=8, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=2)  # fmt: skip
+    model.generation_config.eos_token_id = None  # (never stops: the generations run to max_new_tokens)
+    return model
+
+
+def test_generations_past_barts_decoder_positions_are_refused_in_one_line_before_generating():
+    """BART's decoder has max_position_embeddings learned positions: train.generation_max_new_tokens past them failed
+    with torch's "IndexError: index out of range in self", after the whole training (the eval's generations)."""
+    tok = word_tokenizer()
+    model, rows = _bart(tok), [Row({"source": "w1 w2", "target": "w3"}, "e.jsonl:1")]
+    cfg = _cfg()
+    cfg.train.generation_max_new_tokens = 9
+    with pytest.raises(IndexError):  # transformers' own limit: 8 new tokens read 8 positions (start + 7), 9 do not
+        model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=9, do_sample=False)
+    assert model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=8, do_sample=False).shape == (1, 9)
+    with pytest.raises(ConfigError, match=r"^train.generation_max_new_tokens=9: .* decoder, which has 8; set train"):
+        generation_metrics(model.train(), tok, rows, cfg)
+    assert model.training
+    cfg.train.generation_max_new_tokens = 8
+    assert generation_metrics(model, tok, rows, cfg)["eval_gen_len"] == 9  # the start and 8 new tokens (no pad)
+
+
+def test_sources_and_targets_past_barts_positions_are_refused_naming_the_key():
+    tok = word_tokenizer()
+    model, cfg = _bart(tok), _cfg()
+    cfg.train.generation_max_new_tokens = 8
+    with pytest.raises(IndexError):  # what the first step did
+        model(input_ids=torch.full((1, 9), 5), labels=torch.full((1, 2), 5))
+    fits = SimpleNamespace(train=[{"input_ids": [5] * 8, "labels": [5] * 8}], eval=None)
+    check_positions(cfg, model, fits)
+    model(input_ids=torch.full((1, 8), 5), labels=torch.full((1, 8), 5))  # (transformers' limit: 8 fit)
+    long_source = SimpleNamespace(train=fits.train, eval=[{"input_ids": [5] * 9, "labels": [5]}])
+    with pytest.raises(ConfigError, match=r"^data.max_length=16: the longest eval source is 9 tokens, more than the "
+                                          r"model's encoder's 8 positions; set data.max_length to 8 or less"):  # fmt: skip
+        check_positions(cfg, model, long_source)
+    long_target = SimpleNamespace(train=[{"input_ids": [5], "labels": [5] * 10}], eval=None)
+    with pytest.raises(ConfigError, match=r"^data.max_target_length=128: the longest train target is 10 tokens"):
+        check_positions(cfg, model, long_target)
+    check_positions(cfg, tiny_model("t5", vocab_size=len(tok)), long_target)  # T5's relative positions: no limit
+    cfg.train.generation_max_new_tokens = 9
+    check_positions(cfg, model, fits)  # no eval rows: nothing generated
+    with pytest.raises(ConfigError, match=r"^train.generation_max_new_tokens=9: "):
+        check_positions(cfg, model, SimpleNamespace(train=fits.train, eval=fits.train))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError
 from ..data.load import DataError, Row
 from ..data.tasks import Collator, Encoded, encode_seq2seq, split_off
 from . import metrics as M
@@ -92,6 +93,7 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
     ``references`` list scores each ROUGE against its best reference, as rouge-score's ``score_multi``."""
     d = cfg.data
     refs = [_references(r, d.target_column) for r in rows]  # (all checked before any generation)
+    check_positions(cfg, model)
     was_training = model.training
     model.eval()
     preds, lengths = [], []
@@ -129,6 +131,40 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
     }
     scores["eval_gen_len"] = sum(lengths) / max(len(lengths), 1)
     return {**scores, "eval_bleu": M.bleu(preds, refs)}
+
+
+def positions(model, part: str) -> int | None:
+    """The positions of an encoder-decoder's ``part`` (``"encoder"``, ``"decoder"``) where they are a fixed table
+    (BART's learned ones, less its offset of 2); None where they have no limit (T5's relative positions)."""
+    for name, module in model.named_modules() if isinstance(model, torch.nn.Module) else ():
+        if name.split(".")[-2:] == [part, "embed_positions"] and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+    return None
+
+
+def check_positions(cfg: RunConfig, model, prepared: Prepared | None = None) -> None:
+    """ConfigError naming the key when the longest source (data.max_length), the longest target
+    (data.max_target_length) or the eval's generations (train.generation_max_new_tokens: the decoder reads its start
+    and all new tokens but the last) run past a BART-style encoder's or decoder's positions: each failed deep inside
+    torch ("IndexError: index out of range in self"), the generations only after the whole training (checked with
+    ``prepared`` where it has eval rows, or without it, before the generations)."""
+    encoder, decoder = positions(model, "encoder"), positions(model, "decoder")
+    splits = [(n, e) for n, e in (("train", prepared.train), ("eval", prepared.eval)) if e] if prepared else []
+    for part, limit, column, key, value in (
+        ("encoder", encoder, "input_ids", "data.max_length", cfg.data.max_length),
+        ("decoder", decoder, "labels", "data.max_target_length", cfg.data.max_target_length),
+    ):
+        for split, examples in splits if limit is not None else ():
+            if (longest := max(len(ex[column]) for ex in examples)) > limit:
+                what = "source" if part == "encoder" else "target"
+                raise ConfigError(f"{key}={value}: the longest {split} {what} is {longest} tokens, more than the "
+                                  f"model's {part}'s {limit} positions; set {key} to {limit} or less")  # fmt: skip
+    new = cfg.train.generation_max_new_tokens
+    if decoder is not None and new > decoder and (prepared is None or prepared.eval):  # (no eval: no generations)
+        raise ConfigError(
+            f"train.generation_max_new_tokens={new}: the eval's generations read {new} positions of the model's "
+            f"decoder, which has {decoder}; set train.generation_max_new_tokens to {decoder} or less"
+        )
 
 
 def _references(row: Row, target_column: str) -> list[str]:
