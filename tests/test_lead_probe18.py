@@ -109,3 +109,24 @@ def test_bitfit_injected_with_a_state_dict_trains_its_biases_as_without():
         n for n, p in plain.named_parameters() if p.requires_grad
     ]
     assert keyed.peft_config["default"].target_modules is None
+
+
+def test_freeze_extra_modules_naming_what_holds_the_blocks_is_refused():
+    """freeze_extra_modules=["model"] trained embed_tokens and norm (every parameter outside the blocks under
+    model.), which LLaMA-Factory refuses ("model" is not one of its non-hidden modules): a name of the trained
+    blocks' stack is refused in one line listing the modules outside them; "norm" still trains model.norm."""
+    from tiny import tiny_model
+
+    import deltatune as dt
+    from deltatune.config import ConfigError
+
+    model = tiny_model("llama", "causal_lm")
+    for holder, stack in (("model", "model.layers"), ("layers", "model.layers")):
+        with pytest.raises(ConfigError) as err:
+            dt.FreezeConfig(freeze_trainable_layers=1, freeze_extra_modules=[holder]).trainable_base_parameters(model)
+        assert str(err.value) == (
+            f"freeze_extra_modules: {holder!r} holds the blocks ({stack}); name modules outside them: embed_tokens, "
+            "lm_head, norm"
+        )
+    names = dt.FreezeConfig(freeze_trainable_layers=1, freeze_extra_modules=["norm"]).trainable_base_parameters(model)
+    assert "model.norm.weight" in names and "model.embed_tokens.weight" not in names

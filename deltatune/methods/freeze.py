@@ -164,11 +164,15 @@ class FreezeConfig(DeltaConfig):
                 f"freeze_trainable_modules={modules!r} matches no parameter in blocks {stacks} (a list names modules "
                 f"directly under a block, a regex string searches the whole name); e.g. {', '.join(p for p in names if blocks.get(p) in chosen)[:300]}"
             )
+        outside = sorted({p.rsplit(".", 2)[-2] for p in names if p not in blocks and "." in p})
+        holders = {part: stack for stack in depth for part in stack.split(".")}  # (the stacks whose blocks train)
         for extra in self.freeze_extra_modules or []:
+            if extra in holders:  # ("model" trained embed_tokens and norm: LLaMA-Factory refuses what holds blocks)
+                raise ConfigError(f"freeze_extra_modules: {extra!r} holds the blocks ({holders[extra]}); name modules "
+                                  f"outside them: {', '.join(outside)}")  # fmt: skip
             found = [p for p in names if p not in blocks and re.search(rf"(?:^|\.){re.escape(extra)}\.", p)]
             if not found:
                 _refuse_tied(model, extra)
-                outside = sorted({p.rsplit(".", 2)[-2] for p in names if p not in blocks and "." in p})
                 raise ConfigError(
                     f"freeze_extra_modules: {extra!r} is not a module outside the blocks; "
                     f"those modules: {', '.join(outside)}"
