@@ -105,7 +105,13 @@ def test_clip_extremes_by_hand_with_a_masked_completion_and_under_gspo():
 # -- a column named prompts or completions; a reward function that cannot take TRL's call ------------------------------
 
 
-def _prepare(tmp_path, base: str, second: str, reward: str = "def zero(completions, **kw):\n    return [0.0]"):
+def _prepare(
+    tmp_path,
+    base: str,
+    second: str,
+    reward: str = "def zero(completions, **kw):\n    return [0.0]",
+    evals: str | None = None,
+):
     from tiny import tokenizer
 
     from deltatune.train.config import build
@@ -115,9 +121,12 @@ def _prepare(tmp_path, base: str, second: str, reward: str = "def zero(completio
     (tmp_path / "rewards.py").write_text(reward + "\n")
     name = reward.split("(")[0].removeprefix("def ")
     align = {"num_generations": 2, "max_new_tokens": 3, "reward_funcs": [f"{tmp_path / 'rewards.py'}:{name}"]}
+    data = {"train": str(tmp_path / "p.jsonl")}
+    if evals is not None:
+        (tmp_path / "e.jsonl").write_text(evals + "\n")
+        data["eval"] = str(tmp_path / "e.jsonl")
     cfg = build({"stage": "grpo", "model": {"name_or_path": base}, "method": {"name": "lora"}, "align": align,
-                 "data": {"train": str(tmp_path / "p.jsonl")}, "output": {"dir": str(tmp_path / "run")},
-                 "train": {"batch_size": 2}})  # fmt: skip
+                 "data": data, "output": {"dir": str(tmp_path / "run")}, "train": {"batch_size": 2}})  # fmt: skip
     return prepare_grpo(cfg, tokenizer())
 
 
@@ -160,3 +169,5 @@ def test_a_reward_that_cannot_take_trls_call_is_one_line_at_prepare(policy, tmp_
     assert "['answer']" in str(e.value)  # (the rows' columns, named)
     ok = "def f(completions, answer, trainer_state, **kw):\n    return [0.0]"
     assert _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}', ok).loop is not None
+    with pytest.raises(ConfigError, match="missing a required argument: 'answer'"):  # (the eval's call: its columns)
+        _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}', ok, evals='{"prompt": "yo"}')

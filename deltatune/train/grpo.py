@@ -458,7 +458,8 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     (train, cut), (evals, cut_eval) = ((encode_prompts(rows, tok, d.prompt_column, d.max_length, d.truncation,
                                         d.template) if rows else (None, 0)) for rows in (train_rows, eval_rows))  # fmt: skip
-    check_columns(rewards, a.reward_funcs, train + (evals or []))  # (a call the first step would fail on)
+    for items in [split for split in (train, evals) if split]:  # (a call the first step or eval would fail on)
+        check_columns(rewards, a.reward_funcs, items)
     longest = max(len(it.ids) for it in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
     if set(a.generation_kwargs or ()) & set(GENERATION_IDS):  # ids past the vocabulary: an IndexError in generate
