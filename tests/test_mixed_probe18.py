@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import peft
 import pytest
@@ -64,13 +65,15 @@ def test_rescale_adapter_scale_as_peft_helpers():
 
 
 def test_rescale_adapter_scale_refusals_change_nothing():
-    """A multiplier that is not a number and a model with no LoRA: one line each, as peft; a merged LoRA (whose
-    scale no longer reaches the weights, and whose unmerge in the block would take off the rescaled update, where
-    peft goes on silently): one line naming it. The scales are left as they were."""
+    """A multiplier that is not a number and a model with no LoRA: one line each, as peft; a NaN one (peft: NaN
+    logits) and a merged LoRA (whose scale no longer reaches the weights, and whose unmerge in the block would take
+    off the rescaled update; peft goes on silently): one line each. The scales are left as they were."""
     _, ours = _pair()
     scales = [dict(layer.scaling) for _, layer in ours._layers() if hasattr(layer, "scaling")]
     with pytest.raises(TypeError, match="multiplier should be of type float"), ours.rescale_adapter_scale("0.5"):
         pass
+    with pytest.raises(ValueError, match="multiplier must be finite, got nan"), ours.rescale_adapter_scale(math.nan):
+        pass  # (peft takes it: NaN logits)
     no_lora = _lora_combine.rescale_adapter_scale(torch.nn.Linear(2, 2), 0.5)
     with pytest.raises(ValueError, match="only supported for models with LoRA layers"), no_lora:
         pass

@@ -278,11 +278,13 @@ def rescale_adapter_scale(model: Any, multiplier: float) -> Iterator[None]:
 
     Raises:
         TypeError: ``multiplier`` is not a number (peft's check).
-        ValueError: the model holds no LoRA layer (peft's); a LoRA merged into the base weights, which its scale no
+        ValueError: a NaN or infinite multiplier; the model holds no LoRA layer (peft's); a LoRA merged into the base weights, which its scale no
             longer reaches (and unmerging inside the block would take off the rescaled update): unmerge first.
     """
     if not isinstance(multiplier, (float, int)):
         raise TypeError(f"rescale_adapter_scale: multiplier should be of type float, got {type(multiplier)}")
+    if not math.isfinite(multiplier):  # peft takes it: every LoRA layer's output NaN
+        raise ValueError(f"rescale_adapter_scale: multiplier must be finite, got {multiplier!r}")
     modules = model.modules() if isinstance(model, torch.nn.Module) else ()
     layers = [module for module in modules if isinstance(module, _LoraBase)]
     if not layers:
