@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.tiny import tokenizer
 
 QWEN_TOOLS = (
@@ -123,3 +125,26 @@ def test_chat_stops_on_the_chat_templates_end_of_turn_token_beside_the_generatio
     assert chat._turn_end_id(tok) == im_end
     tok.chat_template = None  # no chat template: the generation config's stops alone, as before
     assert chat.generate(_model(tok, [hi, sp, hi, im_end]), tok, ids, max_new_tokens=8) == "hi hi" + "yo" * 4
+
+
+DEEPSEEK_STYLE = (
+    "{%- for m in messages %}{%- if m.role == 'assistant' and m.tool_calls %}<call>"
+    "{%- for t in m.tool_calls %}{{ t.function.name + '\\n```json\\n' + t.function.arguments + '\\n```' }}{%- endfor %}"
+    "</call>{%- else %}<{{ m.role }}>{{ m.content }}{%- endif %}{%- endfor %}"
+)
+
+
+@pytest.mark.xfail(strict=True, reason="needs the templates.apply_chat_template diff of probe 18's report")
+def test_a_template_that_joins_the_arguments_as_text_trains_as_transformers_renders_openais_string():
+    """DeepSeek-V3's template joins a call's arguments to text ('...' + arguments): transformers renders OpenAI's
+    rows (arguments a JSON string) with it; deltatune parses them to a dict for the other templates, and refused
+    every tool row ("can only concatenate str (not "dict") to str")."""
+    from deltatune.data.encode import sft_example
+    from deltatune.data.formats import read_samples
+    from deltatune.data.load import Row
+
+    tok = _tok()
+    tok.chat_template = DEEPSEEK_STYLE
+    (s,) = read_samples([Row(TOOL_ROW, "f.jsonl:1")], {}, stage="sft")
+    ids, _ = sft_example(s, tok, None)
+    assert ids == list(tok.apply_chat_template(TOOL_ROW["messages"], tokenize=True, return_dict=True)["input_ids"])
