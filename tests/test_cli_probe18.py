@@ -119,3 +119,24 @@ def test_a_trailing_comma_is_named_at_its_line_and_column(tmp_path):
         line, column = (int(x) for x in re.search(r":(\d+): .* column (\d+)", str(err.value)).groups())
         if "trailing" in message:
             assert text.splitlines()[line - 1][column - 1] == ","  # the comma itself
+
+
+def test_a_missing_local_data_path_is_named_missing_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """A missing folder or extensionless path (``/data/train``, ``./data/train``) went to the datasets hub: 8-11 s of
+    importing datasets, then "is not a local file and could not be loaded from the datasets hub (is the hub reachable
+    from here? ...): FileNotFoundError". A path can be no hub name (the rule check_model_path reads a model name by):
+    now one line naming it missing, the hub not asked; an owner/name still goes to the hub."""
+    import pytest
+
+    import deltatune.data.load as load
+    from deltatune.data.load import DataError, Row
+
+    asked = []
+    monkeypatch.setattr(load, "_hub", lambda name, limit: asked.append(name) or [Row({"text": "x"}, f"{name}[0]")])
+    for spec in [str(tmp_path / "gone"), "./gone/train", "data/gone/train", "~/gone"]:
+        with pytest.raises(
+            DataError, match=rf"^data path '{re.escape(spec)}' does not exist \(no such file or folder\)$"
+        ):
+            read_rows(spec)
+    assert asked == []
+    assert read_rows("owner/name:test")[0].source == "owner/name:test[0]" and asked == ["owner/name:test"]

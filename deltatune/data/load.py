@@ -104,11 +104,20 @@ def read_rows(spec: str, text_column: str = "text", limit: int | None = None) ->
             f"{spec}: deltatune reads data files ending in {', '.join(EXTENSIONS)}; "
             f"{'this one has no extension' if not ext else f'not {ext}'} (rename it if it is one of those)"
         )
+    elif _looks_local(spec):  # no hub name: the datasets library's FileNotFoundError after 10 s of importing it
+        raise DataError(f"data path {spec!r} does not exist (no such file or folder)")
     else:
         rows = _hub(spec, limit)
     if not rows:
         raise DataError(f"{spec} holds no rows")
     return rows
+
+
+def _looks_local(spec: str) -> bool:
+    """Whether ``spec`` can only be a path, no datasets-hub ``owner/name[:split]``: absolute, ``./``, ``~``, more than
+    one ``/`` or a backslash (the rule ``check_model_path`` reads a model name by)."""
+    name = spec.partition(":")[0] if not os.path.isabs(spec) else spec
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def folder_files(folder: str) -> list[str]:
