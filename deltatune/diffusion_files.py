@@ -266,14 +266,22 @@ def load_lora(
         raise ConfigError(f"{path}: module {incomplete[0]} has no {'B' if 'A' in modules[incomplete[0]] else 'A'}")
     from .targets import pattern_value
 
-    meta = {} if kind == "kohya" else _metadata(metadata, prefix)  # kohya files carry no config, only alphas
+    meta = {} if kind == "kohya" else _metadata(metadata, prefix, path)  # kohya files carry no config, only alphas
     ranks = {p: m["A"].shape[0] for p, m in modules.items()}
-    alphas = {}
+    alphas, patterns = {}, meta.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise ConfigError(f"{path}: its metadata's alpha_pattern is a JSON {type(patterns).__name__}, not an object")
     for p, m in modules.items():
         if kind == "kohya":  # kohya scales by alpha / r, as deltatune's lora_alpha does: the value carries over
+            if "alpha" in m and m["alpha"].numel() != 1:
+                raise ConfigError(f"{path}: module {p}'s .alpha holds {m['alpha'].numel()} numbers; an alpha is one")
             alphas[p] = float(m["alpha"]) if "alpha" in m else float(ranks[p])
         else:
-            alphas[p] = float(pattern_value(meta.get("alpha_pattern", {}), p, meta.get("lora_alpha", ranks[p])))
+            value = pattern_value(patterns, p, meta.get("lora_alpha", ranks[p]))
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                where = "the metadata's lora_alpha or alpha_pattern"
+                raise ConfigError(f"{path}: module {p}'s alpha is {value!r} ({where}); an alpha is a finite number")
+            alphas[p] = float(value)
     if bad := next((p for p in sorted(alphas) if not math.isfinite(alphas[p])), None):  # (the file, not the config)
         where = "its .alpha" if kind == "kohya" else "the metadata's lora_alpha or alpha_pattern"
         raise ConfigError(f"{path}: module {bad}'s alpha is {alphas[bad]} ({where}); an alpha is a finite number")
@@ -316,15 +324,24 @@ def drop_dora_scale(tensors: dict[str, torch.Tensor], path: Any, warn: bool = Tr
     return {k: v for k, v in tensors.items() if "dora_scale" not in k} if dropped else tensors
 
 
-def _metadata(metadata: dict[str, str], prefix: str | None) -> dict[str, Any]:
-    """The LoRA config diffusers stored in the file's metadata for this component ({} when none)."""
+def _metadata(metadata: dict[str, str], prefix: str | None, path: Any = "the file") -> dict[str, Any]:
+    """The LoRA config diffusers stored in the file's metadata for this component ({} when none).
+
+    Raises:
+        ConfigError: a ``lora_adapter_metadata`` that is not a JSON object (diffusers' ``json.loads`` fails on it;
+            read as none, its alphas were lost and every update scaled by 1).
+    """
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
     try:
         meta = json.loads(raw)
-    except ValueError:
-        return {}
+    except ValueError as e:
+        raise ConfigError(f"{path}: its metadata's lora_adapter_metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(
+            f"{path}: its metadata's lora_adapter_metadata is a JSON {type(meta).__name__}, not an object"
+        )
     components = {k.split(".", 1)[0] for k in meta if "." in k}
     if not components:  # a model-level save (unet.save_lora_adapter(folder)): the bare peft config
         return meta

@@ -90,3 +90,57 @@ def test_validation_with_a_training_text_encoder_draws_as_the_saved_run_draws_in
     theirs = (((drawn.images.float() + 1) / 2).clamp(0, 1)[0, 0] * 255).round()
     mine = torch.tensor(np.asarray(Image.open(out / "validation" / "epoch-1.png")), dtype=torch.float32)
     assert (mine - theirs).abs().max().item() <= 1.0, (mine - theirs).abs().max().item()
+
+
+def _unet():
+    """A tiny UNet on 3-channel 16x16 inputs, cross-attending to 32-wide text states."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).eval()  # fmt: skip
+
+
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+K = "lora_unet_" + Q.replace(".", "_")
+PAIR = {f"unet.{Q}.lora_A.weight": torch.ones(4, 16), f"unet.{Q}.lora_B.weight": torch.ones(16, 4)}
+
+
+@pytest.mark.parametrize(
+    ("tensors", "meta", "message"),
+    [(PAIR, '{"unet.r": 4, "unet.lora_alpha": 8', "its metadata's lora_adapter_metadata is not JSON (Expecting"),
+     (PAIR, "[4, 8]", "its metadata's lora_adapter_metadata is a JSON list, not an object"),
+     (PAIR, '{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": [2]}',
+      "its metadata's alpha_pattern is a JSON list, not an object"),
+     (PAIR, '{"unet.r": 4, "unet.lora_alpha": "8"}', f"module {Q}'s alpha is '8' (the metadata's lora_alpha"),
+     ({f"{K}.lora_down.weight": torch.ones(4, 16), f"{K}.lora_up.weight": torch.ones(16, 4),
+       f"{K}.alpha": torch.tensor([4.0, 8.0])}, None, f"module {Q}'s .alpha holds 2 numbers; an alpha is one")],
+)  # fmt: skip
+def test_a_lora_file_with_a_bad_config_is_one_line_naming_the_file_and_changes_nothing(
+    tmp_path, tensors, meta, message
+):
+    """diffusers' load_lora_adapter fails on metadata that is not JSON (json.loads: a traceback); deltatune read such
+    a file as one without metadata, alpha = rank: every update scaled by 1 where the file says lora_alpha / r = 2.
+    A metadata list, an alpha_pattern list or a kohya .alpha of two numbers gave AttributeError / ValueError
+    tracebacks naming neither the file nor the key; a string alpha is refused as a nan one is."""
+    from safetensors.torch import save_file
+
+    from deltatune.config import ConfigError
+    from deltatune.diffusion import load_lora
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(tensors, str(path), {"lora_adapter_metadata": meta} if meta is not None else None)
+    if meta is not None and not meta.endswith("}"):  # (diffusers fails on it too: json.loads, metadata.items)
+        with pytest.raises((ValueError, AttributeError)):
+            _unet().load_lora_adapter(str(tmp_path), prefix="unet", weight_name=path.name)
+    unet = _unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ConfigError) as e:
+        load_lora(unet, path)
+    assert str(e.value).startswith(f"{path}: {message}"), str(e.value)
+    assert "\n" not in str(e.value)
+    assert unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
