@@ -140,3 +140,27 @@ def test_a_missing_local_data_path_is_named_missing_not_sent_to_the_hub(tmp_path
             read_rows(spec)
     assert asked == []
     assert read_rows("owner/name:test")[0].source == "owner/name:test[0]" and asked == ["owner/name:test"]
+
+
+def test_a_utf16_or_utf32_file_is_named_so(tmp_path):
+    """A file saved as UTF-16 (Windows Notepad's "Unicode") read "t.jsonl:1: not UTF-8 text (byte 0xff at column 1)":
+    true, but not what it is. Now its encoding, read from its byte-order mark (as Python's own codecs name it)."""
+    import codecs
+
+    import pytest
+
+    from deltatune.data.load import DataError
+
+    for name, encoding, bom, kind in [
+        ("t.jsonl", "utf-16-le", codecs.BOM_UTF16_LE, "UTF-16"),
+        ("t.csv", "utf-16-be", codecs.BOM_UTF16_BE, "UTF-16"),
+        ("u.jsonl", "utf-32-le", codecs.BOM_UTF32_LE, "UTF-32"),
+    ]:
+        text = '{"text": "a"}\n' if name.endswith("jsonl") else "text\na\n"
+        (tmp_path / name).write_bytes(bom + text.encode(encoding))
+        with pytest.raises(DataError) as err:
+            read_rows(str(tmp_path / name))
+        assert str(err.value) == (
+            f"{tmp_path / name}: {kind} text (it starts with that byte-order mark), not UTF-8; save the file as UTF-8"
+        )
+        assert (tmp_path / name).read_bytes().decode(encoding.replace("-le", "").replace("-be", "")) == text

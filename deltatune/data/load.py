@@ -169,6 +169,11 @@ def _row_range(spec: str, path: str, text: str, text_column: str, limit: int | N
 def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
     """``file:line: not UTF-8 ...`` for the first line of ``path`` that does not decode."""
     with open(path, "rb") as fh:
+        head = fh.read(4)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # (Notepad's "Unicode" is UTF-16)
+            kind = "UTF-32" if head in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") else "UTF-16"
+            return f"{path}: {kind} text (it starts with that byte-order mark), not UTF-8; save the file as UTF-8"
+        fh.seek(0)
         for i, line in enumerate(fh, 1):
             try:
                 line.decode("utf-8")
