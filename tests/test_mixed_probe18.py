@@ -105,3 +105,19 @@ def test_merge_in_a_rescale_block_unmerges_exactly():
         with ours.rescale_adapter_scale(0.5):
             got = ours.merge_and_unload()(**inputs).logits
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.xfail(
+    not hasattr(dt, "rescale_adapter_scale"),
+    strict=True,
+    reason="deltatune/__init__.py: export in the probe-18 report",
+)
+def test_rescale_adapter_scale_at_the_top_level():
+    """peft users write ``from peft.helpers import rescale_adapter_scale``; deltatune's is ``dt.rescale_adapter_scale``
+    (an _EXPORTS entry, not in this helper's files: xfail until the lead applies the report's diff)."""
+    _, ours = _pair()
+    layer = next(layer for _, layer in ours._layers() if "y" in getattr(layer, "scaling", {}))
+    scale = layer.scaling["y"]
+    with dt.rescale_adapter_scale(ours, 0.25):
+        assert layer.scaling["y"] == scale * 0.25
+    assert layer.scaling["y"] == scale
