@@ -302,7 +302,8 @@ def test_a_loop_step_with_cispo_sapo_luspo_equals_trls_on_the_same_completions(g
     )
     assert stats["loss"] == pytest.approx(expected, abs=1e-6)
     clip = {"cispo": ["cispo_clip_ratio"], "sapo": [],
-            "luspo": ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"]}[loss_type]  # fmt: skip
+            "luspo": ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/low_min",
+                      "clip_ratio/high_max"]}[loss_type]  # fmt: skip
     lengths = [f"completions/{k}" for k in ("mean_length", "min_length", "max_length", "clipped_ratio",
                                             "mean_terminated_length", "min_terminated_length", "max_terminated_length")]  # fmt: skip
     for key in ("reward", "reward_std", "frac_reward_zero_std", *lengths, *clip):
