@@ -22,38 +22,48 @@ def _checkpointing(module: torch.nn.Module) -> list[bool]:
     return [m.gradient_checkpointing for m in module.modules() if hasattr(m, "gradient_checkpointing")]
 
 
-def test_gradient_checkpointing_reaches_a_training_text_encoder(pipeline, data, tmp_path, monkeypatch):  # noqa: F811
-    """train_text_to_image_lora.py / train_dreambooth_lora.py: ``if args.gradient_checkpointing:
-    unet.enable_gradient_checkpointing(); if args.train_text_encoder: text_encoder.gradient_checkpointing_enable()``.
-    deltatune checkpointed the UNet alone (the Trainer's model): the text encoder's encoder layers kept every
-    activation. Seen during the step: every checkpointable module of both, and the step's loss as without."""
+PROMPT = "a handwritten digit seven"
+
+
+@pytest.fixture(scope="module")
+def run(pipeline, data, tmp_path_factory):  # noqa: F811
+    """One epoch of 2 steps with model.train_text_encoder, a LoRA dropout of 0.5, model.gradient_checkpointing and a
+    validation image: (the run folder, what each step saw: the checkpointing flags of the text encoder and UNet)."""
     from deltatune.train import run as run_module
     from deltatune.train.config import load_recipe
 
-    seen, losses = [], []
+    out, seen = tmp_path_factory.mktemp("run"), []
     compute = t2i.T2ITrainer.compute_loss
 
     def spy(self, model, inputs, *args, **kwargs):
         seen.append((_checkpointing(self.processor.text_encoder), _checkpointing(model.get_base_model())))
-        loss = compute(self, model, inputs, *args, **kwargs)
-        losses.append(float(loss))
-        return loss
+        return compute(self, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(t2i.T2ITrainer, "compute_loss", spy)
-    for on in (True, False):
-        cfg = load_recipe(str(ROOT / "recipes" / "digits-t2i-lora.yaml"),
-                          [f"model.name_or_path={pipeline}", f"data.train={data / 't2i-adapt-train.jsonl'}",
-                           "data.eval=null", "data.limit=2", "train.max_steps=1", "train.batch_size=2",
-                           "train.report_to=[none]", f"output.dir={tmp_path / str(on)}",
-                           "model.train_text_encoder=true", f"model.gradient_checkpointing={str(on).lower()}"])  # fmt: skip
+    cfg = load_recipe(str(ROOT / "recipes" / "digits-t2i-lora.yaml"),
+                      [f"model.name_or_path={pipeline}", f"data.train={data / 't2i-adapt-train.jsonl'}",
+                       "data.eval=null", "data.limit=4", "train.epochs=1", "train.max_steps=-1", "train.batch_size=2",
+                       "train.warmup_ratio=0", "train.lr=1e-1", "train.report_to=[none]", f"output.dir={out}",
+                       "train.seed=3", f"train.validation_prompt={PROMPT}", "train.num_validation_images=1",
+                       "model.train_text_encoder=true", "method.lora_dropout=0.5",
+                       "model.gradient_checkpointing=true"])  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(t2i.T2ITrainer, "compute_loss", spy)
         run_module.train(cfg)
-    (encoder, unet), (encoder_off, unet_off) = seen
-    assert encoder and all(encoder) and unet and all(unet)
-    assert not any(encoder_off) and not any(unet_off)
-    assert abs(losses[0] - losses[1]) < 1e-6, losses
+    return out, seen
 
 
-def test_validation_with_a_training_text_encoder_draws_as_the_saved_run_draws_in_diffusers(pipeline, data, tmp_path):  # noqa: F811
+def test_gradient_checkpointing_reaches_a_training_text_encoder(run):
+    """train_text_to_image_lora.py / train_dreambooth_lora.py: ``if args.gradient_checkpointing:
+    unet.enable_gradient_checkpointing(); if args.train_text_encoder: text_encoder.gradient_checkpointing_enable()``.
+    deltatune checkpointed the UNet alone (the Trainer's model): the text encoder's encoder layers kept every
+    activation. Seen at each step: every checkpointable module of both."""
+    _, seen = run
+    assert len(seen) == 2
+    for encoder, unet in seen:
+        assert encoder and all(encoder) and unet and all(unet)
+
+
+def test_validation_with_a_training_text_encoder_draws_as_the_saved_run_draws_in_diffusers(pipeline, run):  # noqa: F811
     """model.train_text_encoder with a LoRA dropout: the validation image of the run's one epoch equals diffusers'
     StableDiffusionPipeline with the run's pytorch_lora_weights loaded (DDIM, 30 steps, guidance 7.5, the seeded
     latents), to a PNG's rounding, as the module docstring promises for ``deltatune generate``. deltatune drew with
@@ -63,17 +73,7 @@ def test_validation_with_a_training_text_encoder_draws_as_the_saved_run_draws_in
     from PIL import Image
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from deltatune.train import run as run_module
-    from deltatune.train.config import load_recipe
-
-    out, prompt = tmp_path / "run", "a handwritten digit seven"
-    cfg = load_recipe(str(ROOT / "recipes" / "digits-t2i-lora.yaml"),
-                      [f"model.name_or_path={pipeline}", f"data.train={data / 't2i-adapt-train.jsonl'}",
-                       "data.eval=null", "data.limit=4", "train.epochs=1", "train.max_steps=-1", "train.batch_size=2",
-                       "train.warmup_ratio=0", "train.lr=1e-1", "train.report_to=[none]", f"output.dir={out}",
-                       "train.seed=3", f"train.validation_prompt={prompt}", "train.num_validation_images=1",
-                       "model.train_text_encoder=true", "method.lora_dropout=0.5"])  # fmt: skip
-    run_module.train(cfg)
+    out, _ = run
     pipe = StableDiffusionPipeline(
         vae=None, text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
         tokenizer=AutoTokenizer.from_pretrained(pipeline / "tokenizer"),
@@ -86,7 +86,7 @@ def test_validation_with_a_training_text_encoder_draws_as_the_saved_run_draws_in
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     latents = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        drawn = pipe([prompt], num_inference_steps=30, guidance_scale=7.5, latents=latents, output_type="latent")
+        drawn = pipe([PROMPT], num_inference_steps=30, guidance_scale=7.5, latents=latents, output_type="latent")
     theirs = (((drawn.images.float() + 1) / 2).clamp(0, 1)[0, 0] * 255).round()
     mine = torch.tensor(np.asarray(Image.open(out / "validation" / "epoch-1.png")), dtype=torch.float32)
     assert (mine - theirs).abs().max().item() <= 1.0, (mine - theirs).abs().max().item()
