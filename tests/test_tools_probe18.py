@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.tiny import tokenizer
 
 QWEN_TOOLS = (
@@ -134,7 +132,6 @@ DEEPSEEK_STYLE = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason="needs the templates.apply_chat_template diff of probe 18's report")
 def test_a_template_that_joins_the_arguments_as_text_trains_as_transformers_renders_openais_string():
     """DeepSeek-V3's template joins a call's arguments to text ('...' + arguments): transformers renders OpenAI's
     rows (arguments a JSON string) with it; deltatune parses them to a dict for the other templates, and refused

@@ -110,8 +110,27 @@ def apply_chat_template(tokenizer, messages: list[dict], where: str = "", **kwar
     except TypeError as exc:  # inside the template: DeepSeek-V3's joins a tool call's arguments as a string
         if not any(f.filename.endswith("<template>") or "jinja" in f.filename for f in _frames(exc)):
             raise
+        texts = _arguments_as_text(messages)
+        if texts is not None:  # as OpenAI sends them (and transformers renders them so): the arguments' JSON text
+            return apply_chat_template(tokenizer, texts, where, **kwargs)
         why = f"the model's chat template fails on this conversation ({exc})"
         raise ChatTemplateError(f"{where}: {why}" if where else why) from None
+
+
+def _arguments_as_text(messages: list[dict]) -> list[dict] | None:
+    """The conversation with its tool calls' arguments written as JSON text, OpenAI's string (a template that joins
+    them to text, DeepSeek-V3's, reads no dict); None where no call has arguments as a dict."""
+    import json
+
+    def text(call: dict) -> dict:
+        args = call.get("function", {}).get("arguments")
+        return {**call, "function": {**call["function"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+    if not any(
+        isinstance(c.get("function", {}).get("arguments"), dict) for m in messages for c in m.get("tool_calls") or []
+    ):
+        return None
+    return [{**m, "tool_calls": [text(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
 
 
 def _frames(exc: BaseException) -> list:
