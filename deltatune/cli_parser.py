@@ -94,7 +94,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune with a YAML recipe. Example:\n  deltatune train recipes/sst2-lora.yaml "
         "method.r=16 train.lr=1e-4",
-        epilog=_train_help() if "train" in argv else None,
+        # (built for --help alone: it imports torch and every method, 4 s outside main's Ctrl-C handling)
+        epilog=_train_help() if "train" in argv and ("-h" in argv or "--help" in argv) else None,
     )
     t.add_argument("recipe", help="the recipe YAML")
     # default: argparse takes a nargs="*" positional without one as required ("required: recipe, overrides")
