@@ -131,6 +131,8 @@ def _resumable(args) -> str:
     if args.command != "train":
         return ""
     out = getattr(args, "out_dir", None)  # set once the recipe is read
+    if out is None:  # (reading it imports torch: seconds, where "--resume continues" named a checkpoint not there)
+        return " before its recipe was read; nothing written"
     names = _listdir(out) if out else []
     if out and not any(name.startswith("checkpoint-") for name in names):
         return " before its first checkpoint; nothing to resume" + " (--overwrite starts it again)" * bool(names)

@@ -177,3 +177,20 @@ def test_train_parses_without_building_its_help():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
+
+
+def test_ctrl_c_while_the_recipe_is_read_does_not_send_the_user_to_resume(tmp_path, monkeypatch, capsys):
+    """Reading a recipe imports torch (4-15 s); a Ctrl-C then printed "interrupted; --resume continues from its newest
+    checkpoint" for a run with no folder, let alone a checkpoint (--resume then refused: there is no run). Now it says
+    the recipe was not read and nothing written; exit 130, no file made."""
+    import deltatune.train
+    from deltatune.cli import main
+
+    def reading(path, overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(vars(deltatune.train), "load_recipe", reading)  # (setattr would import torch first)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "r.yaml"]) == 130
+    assert capsys.readouterr().err == "deltatune train: interrupted before its recipe was read; nothing written\n"
+    assert list(tmp_path.iterdir()) == []
