@@ -207,3 +207,20 @@ def test_a_cache_that_cannot_be_written_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"model 'fake' is converted once into .*afile/cache, which cannot be "):
         embedded.resolve("fake")
     assert not calls
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path):
+    """A model folder whose tokenizer has more tokens than its embeddings: transformers loads both, and the first
+    batch with a high id failed with IndexError inside torch's embedding (the run.py call is in the report)."""
+    from deltatune.train.models import check_vocab
+
+    folder = save_tiny(tmp_path / "m", vocab_size=1000)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    ids = tok(["zebra"], return_tensors="pt")["input_ids"]
+    assert ids.max() >= 1000
+    with pytest.raises(IndexError):  # the reference: the model itself, deep in torch
+        model(ids)
+    with pytest.raises(ConfigError, match=rf"model '{folder}': its tokenizer has {len(tok)} tokens but its embed"):
+        check_vocab(folder, model, tok)
+    model.config.vocab_size = len(tok)
+    check_vocab(folder, AutoModelForCausalLM.from_config(model.config), tok)  # (the right size passes)

@@ -282,6 +282,22 @@ def load_model(
     return model
 
 
+def check_vocab(name_or_path: str, model: torch.nn.Module, tok) -> None:
+    """ConfigError in one line when the tokenizer has more tokens than the model's input embeddings: its highest
+    ids made an IndexError inside torch's embedding at the first step that met one (a tokenizer of another model,
+    or a config.json whose vocab_size is wrong). An image processor (no length) passes."""
+    from transformers import PreTrainedTokenizerBase
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(tok, PreTrainedTokenizerBase) and isinstance(rows, int) and len(tok) > rows:
+        raise ConfigError(
+            f"model {name_or_path!r}: its tokenizer has {len(tok)} tokens but its embeddings hold {rows} (ids "
+            f"{rows} and up fail inside the model): the tokenizer is not this model's, or config.json's vocab_size "
+            "is wrong"
+        )
+
+
 def check_model_folder(name_or_path: str, path: str) -> None:
     """ConfigError in one line for a local path that is no transformers model folder: a GGUF or other file, a folder
     without config.json (an adapter's folder among them). A hub id (no such path here) passes."""
