@@ -32,6 +32,11 @@ def _build(name: str, task: str | None):
             f"{name!r} is an adapter folder (adapter_config.json); info describes a base model"
             + (f": its base is {base!r}" if base else "")
         )
+    if os.path.isfile(os.path.join(folder, "run.yaml")) and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ConfigError(  # (a run stopped before its first save: it read "the folder holds no config.json")
+            f"{name!r} is a run folder (run.yaml) with no adapter saved in it yet; info describes a base model: give "
+            "the run's model.name_or_path"
+        )
     if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
         pipeline = os.path.isfile(os.path.join(folder, "model_index.json"))  # a diffusers pipeline: its parts have one
         raise ConfigError(

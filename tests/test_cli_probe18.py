@@ -194,3 +194,21 @@ def test_ctrl_c_while_the_recipe_is_read_does_not_send_the_user_to_resume(tmp_pa
     assert main(["train", "r.yaml"]) == 130
     assert capsys.readouterr().err == "deltatune train: interrupted before its recipe was read; nothing written\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_info_on_a_run_folder_with_no_adapter_yet_names_it_a_run(tmp_path, capsys):
+    """A run folder stopped before its first save (run.yaml, log_history.jsonl, no adapter_config.json) read "model
+    ...: the folder holds no config.json", as if it were a broken model. Now it is named a run folder (a saved run's
+    adapter_config.json was named already), one line, exit 2, nothing written."""
+    from deltatune.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.yaml").write_text("stage: sft\nmodel: {name_or_path: minilm}\n")
+    (run / "log_history.jsonl").write_text("")
+    assert main(["info", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"deltatune info: error: '{run}' is a run folder (run.yaml) with no adapter saved in it yet; info describes a "
+        "base model: give the run's model.name_or_path\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["log_history.jsonl", "run.yaml"]
