@@ -59,6 +59,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "prepare_model_for_kbit_training": (".methods.quant_tools", "prepare_for_kbit_training"),  # peft's name
     "quantize": (".methods.quant_tools", "quantize"),
     "replace_lora_weights_loftq": (".methods._loftq", "replace_lora_weights_loftq"),
+    "rescale_adapter_scale": (".methods._lora_combine", "rescale_adapter_scale"),  # peft.helpers'
     "save_diffusers_lora": (".diffusion", "save_diffusers_lora"),
     "save_kohya_lora": (".diffusion", "save_kohya_lora"),
     "set_peft_model_state_dict": (".adapter_io", "set_peft_model_state_dict"),
@@ -104,6 +105,7 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "quantize",
     "replace_lora_weights_loftq",
+    "rescale_adapter_scale",
     "save_diffusers_lora",
     "save_kohya_lora",
     "set_peft_model_state_dict",
@@ -135,6 +137,7 @@ if TYPE_CHECKING:
     from .config import ConfigError, DeltaConfig
     from .diffusion import combine_loras, load_lora, save_diffusers_lora, save_kohya_lora
     from .files import AdapterLoadError
+    from .methods._lora_combine import rescale_adapter_scale
     from .methods._tokens import fold as fold_virtual_tokens
     from .methods.bitfit import BitFitConfig
     from .methods.bottleneck import BottleneckConfig

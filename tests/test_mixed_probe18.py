@@ -13,7 +13,6 @@ from tiny import tiny_inputs, tiny_model
 
 import deltatune as dt
 from deltatune.methods import _lora_combine
-from deltatune.methods.lora import LoraLinear
 
 CONFIGS = [
     ("x", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])),
@@ -108,14 +107,9 @@ def test_merge_in_a_rescale_block_unmerges_exactly():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(
-    not hasattr(dt, "rescale_adapter_scale"),
-    strict=True,
-    reason="deltatune/__init__.py: export in the probe-18 report",
-)
 def test_rescale_adapter_scale_at_the_top_level():
     """peft users write ``from peft.helpers import rescale_adapter_scale``; deltatune's is ``dt.rescale_adapter_scale``
-    (an _EXPORTS entry, not in this helper's files: xfail until the lead applies the report's diff)."""
+    (an _EXPORTS entry)."""
     _, ours = _pair()
     layer = next(layer for _, layer in ours._layers() if "y" in getattr(layer, "scaling", {}))
     scale = layer.scaling["y"]
@@ -124,13 +118,10 @@ def test_rescale_adapter_scale_at_the_top_level():
     assert layer.scaling["y"] == scale
 
 
-@pytest.mark.xfail(
-    not hasattr(LoraLinear, "set_scale"), strict=True, reason="methods/_lora_conv.py: diff in the probe-18 report"
-)
 def test_layer_set_scale_scale_layer_unscale_layer_as_peft():
     """peft's LoraLayer.set_scale / scale_layer / unscale_layer (and its r, lora_alpha, use_rslora dicts, which
-    diffusers-style code reads) had no counterpart on deltatune's LoRA layers: AttributeError. With the report's
-    _lora_conv.py diff the scales after each call and the logits are peft's."""
+    diffusers-style code reads) had no counterpart on deltatune's LoRA layers: AttributeError. Now the scales after each call and
+    the logits are peft's."""
     from peft.tuners.lora import LoraLayer
 
     reference, ours = _pair()

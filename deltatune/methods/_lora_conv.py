@@ -41,22 +41,47 @@ class _LoraBase(DeltaLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}  # peft's LoraLayer attributes, which set_scale / unscale_layer start from
+        self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
         self._dora_norm: dict[str, torch.Tensor] = {}  # the row norms a DoRA merge divided by, for unmerge
 
     def _add_common(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, rslora
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA: alpha / sqrt(r)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         inits.settle(self, name, restore=True)  # a refused load: the base weight its init replaced comes back
-        self.scaling.pop(name, None)
+        for held in (self.scaling, self.r, self.lora_alpha, self.use_rslora):
+            held.pop(name, None)
         if name in self.lora_dropout:
             del self.lora_dropout[name]
 
     def import_state(self, name: str, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         super().import_state(name, prefix, tensors)
         inits.settle(self, name, restore=False)  # the file passed its checks: the residual stays
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """peft's ``LoraLayer.set_scale``: ``adapter``'s scale is ``scale`` times its initial alpha / r (rsLoRA: alpha
+        / sqrt(r)); an adapter this layer does not hold is passed over."""
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self._initial_scale(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        """peft's ``LoraLayer.scale_layer``: every active adapter's current scale times ``scale``."""
+        for name in [n for n in self.active_adapters if n in self.scaling] if scale != 1 else []:
+            self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """peft's ``LoraLayer.unscale_layer``: every active adapter's scale divided by ``scale`` (None: the initial)."""
+        for name in [n for n in self.active_adapters if n in self.scaling]:
+            self.scaling[name] = self._initial_scale(name) if scale is None else self.scaling[name] / scale
+
+    def _initial_scale(self, name: str) -> float:
+        r, alpha = self.r[name], self.lora_alpha[name]
+        return alpha / math.sqrt(r) if self.use_rslora[name] else alpha / r
 
     @property
     def _weight(self) -> torch.Tensor:
