@@ -130,3 +130,16 @@ def test_freeze_extra_modules_naming_what_holds_the_blocks_is_refused():
         )
     names = dt.FreezeConfig(freeze_trainable_layers=1, freeze_extra_modules=["norm"]).trainable_base_parameters(model)
     assert "model.norm.weight" in names and "model.embed_tokens.weight" not in names
+
+
+def test_python_m_deltatune_is_the_deltatune_command():
+    """`python -m deltatune` failed ("is a package and cannot be directly executed"); it is the CLI, exit codes too."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "deltatune", "--version"], capture_output=True, text=True)
+    import deltatune
+
+    assert ok.returncode == 0 and deltatune.__version__ in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "deltatune", "nosuch"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "deltatune: error: argument command: invalid choice: 'nosuch'" in bad.stderr
