@@ -147,7 +147,6 @@ def test_sources_and_targets_past_barts_positions_are_refused_naming_the_key():
         check_positions(cfg, model, SimpleNamespace(train=fits.train, eval=fits.train))
 
 
-@pytest.mark.xfail(reason="the checks.py diff of probe 18's report (then drop this marker)", strict=True)
 def test_a_seq2seq_run_checks_barts_positions_before_training():
     """check_context skipped every encoder-decoder (for T5's relative positions): a BART run with sources past its
     positions failed in the first step, with generation_max_new_tokens past them after the whole training."""

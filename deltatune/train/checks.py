@@ -186,6 +186,10 @@ def check_context(cfg: RunConfig, prepared, model) -> None:
 
     if cfg.stage == "caption":
         return check_caption(cfg, prepared, model)
+    if cfg.stage == "seq2seq":  # BART's learned positions: sources, targets, the eval's generations (T5's: no limit)
+        from .seq2seq import check_positions
+
+        return check_positions(cfg, model, prepared)
     config = getattr(model, "config", None)
     context = context_length(config) if config is not None and hasattr(config, "get_text_config") else None
     if context is None or getattr(config, "is_encoder_decoder", False):  # (T5's relative positions have no limit)
