@@ -266,8 +266,8 @@ def encode_pair_splits(
         _note_truncated(notes, split, e.truncated if e else 0, d.max_length)
         if fell_back.get(split):
             notes.append(f"{fell_back[split]} {split} pairs have a prompt that alone fills data.max_length="
-                         f"{d.max_length}, which TRL's DPOTrainer drops: they keep the prompt's end and the answers' "
-                         "start")  # fmt: skip
+                         f"{d.max_length}, which TRL drops (DPO) or trains with an empty answer (ORPO, CPO): they keep "
+                         "the prompt's end and the answers' start")  # fmt: skip
     return train, ev, notes
 
 
