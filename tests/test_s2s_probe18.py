@@ -117,7 +117,7 @@ def test_generations_past_barts_decoder_positions_are_refused_in_one_line_before
     with pytest.raises(IndexError):  # transformers' own limit: 8 new tokens read 8 positions (start + 7), 9 do not
         model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=9, do_sample=False)
     assert model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=8, do_sample=False).shape == (1, 9)
-    with pytest.raises(ConfigError, match=r"^train.generation_max_new_tokens=9: .* decoder, which has 8; set train"):
+    with pytest.raises(ConfigError, match=r"^train.generation_max_new_tokens=9: .* decoder's 8 \(.*\); set train"):
         generation_metrics(model.train(), tok, rows, cfg)
     assert model.training
     cfg.train.generation_max_new_tokens = 8
@@ -154,5 +154,136 @@ def test_a_seq2seq_run_checks_barts_positions_before_training():
 
     tok = word_tokenizer()
     rows = SimpleNamespace(train=[{"input_ids": [5], "labels": [5]}], eval=[{"input_ids": [5], "labels": [5]}])
-    with pytest.raises(ConfigError, match=r"^train.generation_max_new_tokens=64: .* decoder, which has 8"):
+    with pytest.raises(ConfigError, match=r"^train.generation_max_new_tokens=64: .* decoder's 8 "):
         check_context(_cfg(), rows, _bart(tok))
+
+
+def test_the_generation_check_names_the_positions_a_generation_can_read_a_worst_case():
+    """transformers fails only where a generation reaches the decoder's positions: a model that says EOS first
+    generates with max_new_tokens=64 on 8 positions. The check still refuses up front (one row that does not stop
+    would fail after the whole training), saying the generations *can* read up to 64 positions (it said they read
+    them, as a fact)."""
+    tok = word_tokenizer()
+    model = _bart(tok)
+    with torch.no_grad():
+        model.final_logits_bias[0, tok.eos_token_id] = 100.0  # EOS first: the generation stops at once
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out = model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=64, do_sample=False)
+    assert out.tolist() == [[2, tok.eos_token_id]]  # (the start, then EOS)
+    with pytest.raises(ConfigError) as refused:
+        check_positions(_cfg(), model)
+    assert str(refused.value) == (
+        "train.generation_max_new_tokens=64: the eval's generations can read up to 64 positions, more than the "
+        "model's decoder's 8 (one that has not stopped by then fails, after the whole training); set "
+        "train.generation_max_new_tokens to 8 or less"
+    )
+
+
+def _fsmt():
+    from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = FSMTConfig(langs=["en", "de"], src_vocab_size=50, tgt_vocab_size=50, d_model=16, encoder_layers=1,
+                        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                        decoder_ffn_dim=16, max_position_embeddings=8, pad_token_id=1, decoder_start_token_id=2,
+                        eos_token_id=2, bos_token_id=0)  # fmt: skip
+    return FSMTForConditionalGeneration(config).eval()
+
+
+def test_fsmts_sinusoidal_positions_grow_and_are_not_refused():
+    """FSMT's SinusoidalPositionalEmbedding is an nn.Embedding whose forward grows its table (``make_weight``) to a
+    longer input: 20 tokens on 8 positions run; positions() named it a limit of 8 and refused them."""
+    from deltatune.train.seq2seq import positions
+
+    model = _fsmt()
+    out = model(input_ids=torch.full((1, 20), 5), labels=torch.full((1, 20), 5))
+    assert out.logits.shape == (1, 20, 50)
+    cfg = _cfg()
+    cfg.data.max_length, cfg.train.generation_max_new_tokens = 32, 24
+    long = SimpleNamespace(
+        train=[{"input_ids": [5] * 20, "labels": [5] * 20}], eval=[{"input_ids": [5] * 20, "labels": [5] * 20}]
+    )
+    assert (positions(model, "encoder"), positions(model, "decoder")) == (None, None)
+    check_positions(cfg, model, long)
+
+
+def _adapted(method: str, library: str):
+    """A tiny BART (8 positions) with 2 virtual tokens of ``method`` (prompt_tuning, p_tuning, prefix_tuning), by
+    deltatune or peft."""
+    import peft
+
+    import deltatune as dt
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    configs = {
+        "deltatune": {"prompt_tuning": dt.PromptTuningConfig, "p_tuning": dt.PromptEncoderConfig,
+                      "prefix_tuning": dt.PrefixTuningConfig},
+        "peft": {"prompt_tuning": peft.PromptTuningConfig, "p_tuning": peft.PromptEncoderConfig,
+                 "prefix_tuning": peft.PrefixTuningConfig},
+    }  # fmt: skip
+    config = configs[library][method](task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2)
+    wrap = dt.get_delta_model if library == "deltatune" else peft.get_peft_model
+    return wrap(_bart(tok), config).eval()
+
+
+@pytest.mark.parametrize("library", ["deltatune", "peft"])
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_a_token_adapters_virtual_tokens_are_counted_where_they_land(method, library):
+    """Prompt tuning's and P-tuning's virtual tokens go in front of the encoder's input, prefix tuning's into the
+    decoder's cache (which moves its positions): a source of 7 tokens (prompt) or a target of 7 (prefix) passed the
+    check on 8 positions, then failed in the first step (peft: torch's IndexError; deltatune: its token adapters'
+    ValueError); 6 run."""
+    model = _adapted(method, library)
+    part = "decoder" if method == "prefix_tuning" else "encoder"
+    cfg = _cfg()
+    cfg.data.max_length = cfg.data.max_target_length = 16
+    cfg.train.generation_max_new_tokens = 6
+
+    def rows(length: int):
+        source, target = (1, length) if part == "decoder" else (length, 1)
+        return SimpleNamespace(train=[{"input_ids": [5] * source, "labels": [5] * target}], eval=None), (
+            source,
+            target,
+        )
+
+    def forward(source: int, target: int):
+        mask = torch.ones(1, source, dtype=torch.long)
+        return model(input_ids=torch.full((1, source), 5), attention_mask=mask, labels=torch.full((1, target), 5))
+
+    over, (source, target) = rows(7)
+    with pytest.raises(IndexError if library == "peft" else ValueError):
+        forward(source, target)
+    key, what = ("data.max_target_length", "target") if part == "decoder" else ("data.max_length", "source")
+    with pytest.raises(ConfigError) as refused:
+        check_positions(cfg, model, over)
+    assert str(refused.value) == (
+        f"{key}=16: the longest train {what} is 7 tokens and the adapter's 2 virtual tokens, more than the model's "
+        f"{part}'s 8 positions; set {key} to 6 or less"
+    )
+    fits, (source, target) = rows(6)
+    check_positions(cfg, model, fits)
+    assert forward(source, target).logits.shape == (1, target, model.config.vocab_size)
+
+
+def test_prefix_tunings_virtual_tokens_count_in_the_eval_generations():
+    """deltatune's prefix is in the decoder's cache while it generates too: 7 new tokens read the start, 6 of them
+    and the 2 virtual tokens (deltatune's 'positions needed' ValueError); prompt tuning's are in the encoder."""
+    cfg, ids = _cfg(), torch.tensor([[5, 6]])
+    model = _adapted("prefix_tuning", "deltatune")
+    with pytest.raises(ValueError, match="^9 positions needed"):
+        model.generate(input_ids=ids, max_new_tokens=7, do_sample=False)
+    cfg.train.generation_max_new_tokens = 7
+    with pytest.raises(ConfigError) as refused:
+        check_positions(cfg, model)
+    assert str(refused.value).startswith(
+        "train.generation_max_new_tokens=7: the eval's generations can read up to 7 positions and the adapter's 2 "
+        "virtual tokens, more than the model's decoder's 8 (one that"
+    ) and str(refused.value).endswith("; set train.generation_max_new_tokens to 6 or less")
+    assert model.generate(input_ids=ids, max_new_tokens=6, do_sample=False).shape == (1, 7)
+    cfg.train.generation_max_new_tokens = 6
+    check_positions(cfg, model)
+    prompt = _adapted("prompt_tuning", "deltatune")
+    assert prompt.generate(input_ids=ids, max_new_tokens=8, do_sample=False).shape == (1, 9)
+    cfg.train.generation_max_new_tokens = 8
+    check_positions(cfg, prompt)

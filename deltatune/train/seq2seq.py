@@ -135,35 +135,58 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
 
 def positions(model, part: str) -> int | None:
     """The positions of an encoder-decoder's ``part`` (``"encoder"``, ``"decoder"``) where they are a fixed table
-    (BART's learned ones, less its offset of 2); None where they have no limit (T5's relative positions)."""
+    (BART's learned ones, less its offset of 2); None where they have no limit (T5's relative positions; FSMT's
+    sinusoidal table, which ``make_weight`` grows to a longer input)."""
     for name, module in model.named_modules() if isinstance(model, torch.nn.Module) else ():
         if name.split(".")[-2:] == [part, "embed_positions"] and isinstance(module, torch.nn.Embedding):
+            if hasattr(module, "make_weight"):
+                return None
             return module.num_embeddings - int(getattr(module, "offset", 0) or 0)
     return None
+
+
+def virtual_tokens(model) -> tuple[int, str]:
+    """The active token adapter's virtual tokens and the part whose positions they take: prompt tuning's and
+    P-tuning's go in front of the encoder's input (``"encoder"``); prefix tuning's (and P-tuning v2's) into the
+    decoder's self-attention cache, which moves its positions (``"decoder"``); (0, ``"encoder"``) for any other
+    method, as peft's and deltatune's forwards both place them (deltatune refuses as many as the positions)."""
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(getattr(model, "active_adapter", None)) if isinstance(configs, dict) else None
+    n = getattr(config, "num_virtual_tokens", 0) or 0
+    return n, "decoder" if getattr(config, "peft_type", None) == "PREFIX_TUNING" else "encoder"
 
 
 def check_positions(cfg: RunConfig, model, prepared: Prepared | None = None) -> None:
     """ConfigError naming the key when the longest source (data.max_length), the longest target
     (data.max_target_length) or the eval's generations (train.generation_max_new_tokens: the decoder reads its start
-    and all new tokens but the last) run past a BART-style encoder's or decoder's positions: each failed deep inside
-    torch ("IndexError: index out of range in self"), the generations only after the whole training (checked with
-    ``prepared`` where it has eval rows, or without it, before the generations)."""
+    and all new tokens but the last) run past a BART-style encoder's or decoder's positions, with a token adapter's
+    virtual tokens where they land (``virtual_tokens``): each failed deep inside torch ("IndexError: index out of
+    range in self"; deltatune's token adapters' "positions needed" ValueError), the generations only after the whole
+    training (checked with ``prepared`` where it has eval rows, or without it, before the generations). A generation
+    that stops early reads fewer positions; the check takes the worst case, one that never stops."""
     encoder, decoder = positions(model, "encoder"), positions(model, "decoder")
-    splits = [(n, e) for n, e in (("train", prepared.train), ("eval", prepared.eval)) if e] if prepared else []
+    n, where = virtual_tokens(model)
+    splits = [(s, e) for s, e in (("train", prepared.train), ("eval", prepared.eval)) if e] if prepared else []
     for part, limit, column, key, value in (
         ("encoder", encoder, "input_ids", "data.max_length", cfg.data.max_length),
         ("decoder", decoder, "labels", "data.max_target_length", cfg.data.max_target_length),
     ):
+        virtual = n if where == part else 0
+        extra = f" and the adapter's {virtual} virtual tokens" if virtual else ""
         for split, examples in splits if limit is not None else ():
-            if (longest := max(len(ex[column]) for ex in examples)) > limit:
+            if (longest := max(len(ex[column]) for ex in examples)) + virtual > limit:
                 what = "source" if part == "encoder" else "target"
-                raise ConfigError(f"{key}={value}: the longest {split} {what} is {longest} tokens, more than the "
-                                  f"model's {part}'s {limit} positions; set {key} to {limit} or less")  # fmt: skip
-    new = cfg.train.generation_max_new_tokens
-    if decoder is not None and new > decoder and (prepared is None or prepared.eval):  # (no eval: no generations)
+                raise ConfigError(
+                    f"{key}={value}: the longest {split} {what} is {longest} tokens{extra}, more than the model's "
+                    f"{part}'s {limit} positions; set {key} to {limit - virtual} or less"
+                )
+    new, virtual = cfg.train.generation_max_new_tokens, n if where == "decoder" else 0
+    if decoder is not None and new + virtual > decoder and (prepared is None or prepared.eval):  # (no eval: none)
+        extra = f" and the adapter's {virtual} virtual tokens" if virtual else ""
         raise ConfigError(
-            f"train.generation_max_new_tokens={new}: the eval's generations read {new} positions of the model's "
-            f"decoder, which has {decoder}; set train.generation_max_new_tokens to {decoder} or less"
+            f"train.generation_max_new_tokens={new}: the eval's generations can read up to {new} positions{extra}, "
+            f"more than the model's decoder's {decoder} (one that has not stopped by then fails, after the whole "
+            f"training); set train.generation_max_new_tokens to {decoder - virtual} or less"
         )
 
 
