@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from tests.tiny import tokenizer
 
 QWEN_TOOLS = (
@@ -119,10 +121,11 @@ def test_chat_stops_on_the_chat_templates_end_of_turn_token_beside_the_generatio
     model.generation_config.eos_token_id = tok.eos_token_id  # (<|endoftext|>)
     ids = chat.prompt_ids(tok, "hi")
     assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert chat.generate(model, tok, ids, max_new_tokens=8) == "hi hi"
+    assert chat.generate(model, tok, ids, max_new_tokens=8, templated=chat.chat_templated(tok)) == "hi hi"
     assert chat._turn_end_id(tok) == im_end
     tok.chat_template = None  # no chat template: the generation config's stops alone, as before
-    assert chat.generate(_model(tok, [hi, sp, hi, im_end]), tok, ids, max_new_tokens=8) == "hi hi" + "yo" * 4
+    ran_on = chat.generate(_model(tok, [hi, sp, hi, im_end]), tok, ids, max_new_tokens=8, templated=True)
+    assert ran_on == "hi hi" + "yo" * 4
 
 
 DEEPSEEK_STYLE = (
@@ -145,3 +148,91 @@ def test_a_template_that_joins_the_arguments_as_text_trains_as_transformers_rend
     (s,) = read_samples([Row(TOOL_ROW, "f.jsonl:1")], {}, stage="sft")
     ids, _ = sft_example(s, tok, None)
     assert ids == list(tok.apply_chat_template(TOOL_ROW["messages"], tokenize=True, return_dict=True)["input_ids"])
+
+
+# ---- the reviewer's findings on the three commits above (probe 18, second pass) ----
+
+
+def _chatml_tokenizer(template: str = CHATML):
+    """<|im_start|> / <|im_end|> special tokens, the EOS another (<|endoftext|>, as Qwen2.5's base), a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "yo"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*words, "\n", " "])}, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_start\|>|<\|im_end\|>|\n| "), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = template
+    return tok
+
+
+def _scripted(tok, answer: list[int]):
+    """A tiny Llama whose greedy answer to any prompt is ``answer`` then "yo" forever (each prompt afresh: the
+    script restarts at a prompt's forward, so compare's base and adapter answers are the same); ``.steps`` counts
+    the tokens it wrote."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.steps = 0
+
+    def restart(_module, inputs):
+        if inputs[0].shape[1] > 1:  # a prompt's forward: the answer starts again
+            model.steps = 0
+
+    def force(_module, _inputs, logits):
+        out = torch.full_like(logits, -1e4)
+        want = answer[model.steps] if model.steps < len(answer) else tok.convert_tokens_to_ids("yo")
+        out[:, -1, want] = 0.0
+        model.steps += 1
+        return out
+
+    model.model.embed_tokens.register_forward_pre_hook(restart)
+    model.lm_head.register_forward_hook(force)
+    return model
+
+
+def test_the_turn_end_stop_is_for_prompts_the_tokenizers_chat_template_rendered_alone(tmp_path):
+    """e1fce78 stopped on the template's <|im_end|> whenever generate had no built-in template: a --raw prompt, a
+    stage-pt run's samples (raw text) and compare's base answer under data.template=chatml were cut there too,
+    though their prompt never went through the tokenizer's template (a pt run on chat transcripts: every sample
+    ended at the first <|im_end|>). Hand-worked: the script is 'hi hi<|im_end|>' then 'yo' to max_new_tokens (a prompt of
+    one token would not restart _scripted's script: "hi hi")."""
+    from deltatune.train import chat
+    from deltatune.train.config import build
+
+    tok = _chatml_tokenizer()
+    hi, sp, im_end = (tok.convert_tokens_to_ids(w) for w in ("hi", " ", "<|im_end|>"))
+    model = _scripted(tok, [hi, sp, hi, im_end])
+    ran_on, stopped = "hi hi" + "yo" * 4, "hi hi"  # (8 new tokens; <|im_end|> decodes to nothing)
+    assert [r["adapter"] for r in chat.compare(model, tok, ["hi hi"], raw=True, max_new_tokens=8)] == [ran_on]
+    assert chat.compare(model, tok, ["hi hi"], max_new_tokens=8)[0] == {"prompt": "hi hi", "base": stopped,
+                                                                      "adapter": stopped}  # fmt: skip
+    # under the run's built-in chatml (which trained the EOS, <|endoftext|>, after each answer: stop_ids) the base
+    # is not cut by the tokenizer's template either, which did not render its prompt
+    row = chat.compare(model, tok, ["hi hi"], template="chatml", max_new_tokens=8)[0]
+    assert (row["base"], row["adapter"]) == (ran_on, ran_on)
+    ids = chat.prompt_ids(tok, "hi hi", raw=True)
+    assert chat.generate(model, tok, ids, max_new_tokens=8) == ran_on  # (cli's --raw: no flag)
+    assert chat.generate(model, tok, ids, max_new_tokens=8, templated=True) == stopped
+    own = chat.chat_templated
+    assert own(tok) and not own(tok, raw=True) and not own(tok, template="chatml")
+    # a stage-pt run's samples: its text's opening as it is, answered to sample_tokens
+    path = tmp_path / "pt.jsonl"
+    path.write_text(json.dumps({"text": "hi hi"}) + "\n")
+    cfg = build({"stage": "pt", "data": {"train": str(path)}, "output": {"samples": 1, "sample_tokens": 8}})
+    assert chat.run_samples(model, tok, cfg) == [{"prompt": "hi hi", "base": ran_on, "adapter": ran_on}]
+    # chat's loop: --raw lines run on, templated lines stop
+    import io
+
+    out = io.StringIO()
+    chat.repl(model, tok, raw=True, stdin=io.StringIO("hi hi\n"), stdout=out, max_new_tokens=8)
+    assert out.getvalue() == ran_on + "\n"
+    out = io.StringIO()
+    chat.repl(model, tok, stdin=io.StringIO("hi hi\n"), stdout=out, max_new_tokens=8)
+    assert out.getvalue() == stopped + "\n"

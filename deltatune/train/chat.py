@@ -35,6 +35,12 @@ def has_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
+def chat_templated(tok, raw: bool = False, template: str | None = None) -> bool:
+    """Whether :func:`prompt_ids` renders a prompt through the tokenizer's own chat template (not ``raw``, no built-in
+    ``template``): ``generate``'s ``templated``, its end-of-turn stop."""
+    return not raw and template is None and has_template(tok)
+
+
 def check_text(text: str | None, what: str) -> None:
     """ConfigError naming ``what`` when ``text`` holds bytes that are not UTF-8 (a terminal's or a file's in
     another encoding: Python hands them over as lone surrogates, which a tokenizer refuses with a traceback)."""
@@ -126,10 +132,13 @@ def generate(
     seed: int | None = None,
     num_beams: int = 1,
     template: str | None = None,
+    templated: bool = False,
 ) -> str:
     """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only; it also
     stops where the built-in ``template`` it trained with ends an answer (``templates.stop_ids``: chatml's
-    ``<|im_end|>`` where the tokenizer has no EOS).
+    ``<|im_end|>`` where the tokenizer has no EOS), and, when ``templated`` (the tokenizer's own chat template
+    rendered the prompt: :func:`chat_templated`), where that template ends a turn (:func:`_turn_end_id`); not for a
+    prompt sent as text (``--raw``, a stage-pt run's samples), which the template never framed.
 
     Raises:
         ConfigError: the prompt and ``max_new_tokens`` do not fit the model's context (a model with learned positions,
@@ -148,9 +157,8 @@ def generate(
     if extra:  # beside the generation config's own stops
         own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         sampling["eos_token_id"] = [*([] if own is None else own if isinstance(own, list) else [own]), *extra]
-    turn_end = (
-        _turn_end_id(tok) if template is None and not getattr(model.config, "is_encoder_decoder", False) else None
-    )
+    decoder_only = not getattr(model.config, "is_encoder_decoder", False)
+    turn_end = _turn_end_id(tok) if templated and decoder_only else None
     own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     own = [] if own is None else own if isinstance(own, list) else [own]
     if turn_end is not None and turn_end not in own and "eos_token_id" not in sampling:
@@ -167,7 +175,6 @@ def generate(
             pad_token_id=tok.pad_token_id,
             **sampling,
         )
-    decoder_only = not getattr(model.config, "is_encoder_decoder", False)
     new = out[0, input_ids.shape[1] :] if decoder_only else out[0]
     answer = tok.decode(new, skip_special_tokens=True)
     return (answer.split(marker)[0] if marker else answer).strip()
@@ -253,6 +260,7 @@ def compare(model, tok, prompts: Sequence[str | Messages], **kwargs: Any) -> lis
     Returns rows ``{"prompt", "base", "adapter"}``; ``kwargs`` go to :func:`prompt_ids` (raw, system) and
     :func:`generate` (max_new_tokens, temperature, ...)."""
     render = {k: kwargs.pop(k) for k in ("raw", "system", "template") if k in kwargs}
+    own = chat_templated(tok, render.get("raw", False), render.get("template"))  # (its end-of-turn stop)
     was_training = model.training
     model.eval()
     rows = []
@@ -268,9 +276,9 @@ def compare(model, tok, prompts: Sequence[str | Messages], **kwargs: Any) -> lis
                 base = (
                     "(none: the run trained the base model in place)"
                     if in_place
-                    else generate(model, tok, ids, **kwargs)
+                    else generate(model, tok, ids, templated=own, **kwargs)
                 )
-            tuned = generate(model, tok, ids, template=render.get("template"), **kwargs)  # stops where it trained to
+            tuned = generate(model, tok, ids, template=render.get("template"), templated=own, **kwargs)  # (as trained)
             rows.append({"prompt": _last_user(prompt), "base": base, "adapter": tuned})
     finally:
         model.train(was_training)
@@ -439,7 +447,8 @@ def repl(
         if dropped:
             print(f"({dropped} oldest exchange(s) dropped: the conversation is over the model's context)", file=stdout)
         with adapter_off(model) if base else nullcontext():
-            answer = generate(model, tok, ids, template=template, **sampling)  # stops where it trained to
+            own = chat_templated(tok, raw, template)
+            answer = generate(model, tok, ids, template=template, templated=own, **sampling)  # stops as it trained
         if history:
             history.append({"role": "assistant", "content": answer})
         print(answer, file=stdout, flush=True)
