@@ -102,6 +102,52 @@ def test_clip_extremes_by_hand_with_a_masked_completion_and_under_gspo():
     assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.0, 1.0)
 
 
+def _all_truncated_first_slice(tok):
+    """The eight completions of test_grpo_probe15, the four of its first shuffled slice truncated (4 tokens, no EOS):
+    under mask_truncated_completions that slice's micro-batch has no token (its clip extremes NaN)."""
+    import test_grpo_probe15 as p15
+    import torch
+
+    torch.manual_seed(p15.SHUFFLE_SEED)
+    perm = torch.randperm(8).tolist()
+    a_id, eos = tok.convert_tokens_to_ids("a"), tok.eos_token_id
+    body = [[a_id + i] * (1 + i % 3) + [eos] for i in range(8)]
+    for i in perm[:4]:
+        body[i] = [a_id + i, a_id + 8, a_id + 9, a_id + 10]
+    return body
+
+
+def test_clip_extremes_of_a_micro_batch_without_tokens_are_left_out_as_trls_log(policy, tmp_path, monkeypatch):  # noqa: F811
+    """TRL's GRPOTrainer.log averages a metric's values with the NaNs left out (None where none is left): a
+    micro-batch whose completions were all truncated and masked gives NaN clip_ratio/low_min and high_max. The step
+    logged NaN (the NaN kept in its mean); now TRL's number, and None where every micro-batch is NaN."""
+    import copy
+    import math
+
+    import test_grpo_probe15 as p15
+    import trl.trainer.grpo_trainer as gt
+
+    monkeypatch.setattr(p15, "_completions", _all_truncated_first_slice)
+    seen, real = [], gt.GRPOTrainer._compute_loss
+
+    def compute_loss(self, model, inputs):
+        loss = real(self, model, inputs)
+        seen.append([self._metrics["train"][k][-1] for k in ("clip_ratio/low_min", "clip_ratio/high_max")])
+        return loss
+
+    monkeypatch.setattr(gt.GRPOTrainer, "_compute_loss", compute_loss)
+    keys = {"mask_truncated_completions": True}
+    _trl_run(copy.deepcopy(policy[0]), tmp_path, monkeypatch, 2, 3, "grpo", keys)
+    stats, *_ = _ours(copy.deepcopy(policy[0]), 2, 3, "grpo", keys, monkeypatch)
+    assert len(seen) == 6 and sum(math.isnan(v) for v, _ in seen) == 3  # (the first slice's three updates)
+    want = [sum(x for x in col if x == x) / 3 for col in zip(*seen)]  # (TRL's log: the three numbers' mean)
+    assert [stats["clip_ratio/low_min"], stats["clip_ratio/high_max"]] == pytest.approx(want, abs=1e-6)
+    from deltatune.train.grpo_loss import trl_log_mean
+
+    nan = float("nan")
+    assert trl_log_mean([nan, 0.25, nan, 0.5]) == 0.375 and trl_log_mean([nan, nan]) is None  # (TRL's None)
+
+
 # -- a column named prompts or completions; a reward function that cannot take TRL's call ------------------------------
 
 

@@ -303,10 +303,12 @@ class GRPOLoop:
         if clip_name:  # (TRL's name for its clip statistic; sapo, which clips nothing, logs none)
             stats[clip_name] = stats["clipfrac"]
         if clip_name == "clip_ratio/region_mean":
+            from .grpo_loss import trl_log_mean
+
             for side in ("low", "high"):
                 stats[f"clip_ratio/{side}_mean"] = sums[f"clipped_{side}"] / max(sums["clip_units"], 1.0)
             for name, values in zip(("clip_ratio/low_min", "clip_ratio/high_max"), zip(*extremes)):
-                stats[name] = sum(values) / len(values)  # (TRL's mean of its micro-batches' values; NaN stays NaN)
+                stats[name] = trl_log_mean(values)  # (TRL's log: the micro-batches' mean, NaNs out; None if all)
         stats.update(completion_lengths(s), **self.bonus.stats())
         if a.beta > 0:
             stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)

@@ -4,6 +4,9 @@ it (``_generate_and_score_completions``, ``get_high_entropy_mask``, ``_compute_l
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from ..config import ConfigError
@@ -237,3 +240,11 @@ def _extreme(clipped: torch.Tensor, mask: torch.Tensor, pick: str) -> torch.Tens
     per = clipped.squeeze(-1) if clipped.shape[-1] == 1 else (clipped * mask).sum(-1) / mask.sum(-1)
     per = per[~per.isnan()].detach()
     return getattr(per, pick)() if per.numel() else torch.tensor(float("nan"))
+
+
+def trl_log_mean(values: Sequence[float]) -> float | None:
+    """A step's value of a per-micro-batch statistic as TRL's GRPOTrainer.log averages it: the mean with the NaNs left
+    out (a micro-batch without a completion token gives one: clip_ratio/low_min and high_max), None where none is
+    left (TRL's; JSON loggers refuse a NaN)."""
+    valid = [v for v in values if not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else None
