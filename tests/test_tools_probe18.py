@@ -236,3 +236,15 @@ def test_the_turn_end_stop_is_for_prompts_the_tokenizers_chat_template_rendered_
     out = io.StringIO()
     chat.repl(model, tok, stdin=io.StringIO("hi hi\n"), stdout=out, max_new_tokens=8)
     assert out.getvalue() == stopped + "\n"
+
+
+def test_the_turn_end_token_of_a_template_that_wants_a_system_message():
+    """_turn_end_id rendered a user/assistant exchange alone: a template that raises without a system message gave
+    no end-of-turn stop; it retries with a system turn first."""
+    from deltatune.train import chat
+
+    needs_system = "{% if messages[0].role != 'system' %}{{ raise_exception('a system message first') }}{% endif %}"
+    tok = _chatml_tokenizer(needs_system + CHATML)
+    assert chat._turn_end_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+    tok.chat_template = "{{ raise_exception('no') }}"  # (a template that renders nothing: none, as before)
+    assert chat._turn_end_id(tok) is None

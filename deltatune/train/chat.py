@@ -184,15 +184,18 @@ def _turn_end_id(tok) -> int | None:
     """The special token the tokenizer's chat template closes an assistant turn with (Qwen's and SmolLM2's
     ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``), which a model tuned on it ends its answers
     with though the generation config may stop on another (Qwen2.5's base: ``<|endoftext|>``); None where there is
-    none or the template does not render a plain exchange."""
+    none or the template renders no plain exchange (with a system turn first, for one that wants it)."""
     if not has_template(tok):
         return None
     mark = "\u2063deltatune\u2063"  # (a text no template writes)
-    try:
-        conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
-        text = tok.apply_chat_template(conversation, tokenize=False)
-    except Exception:  # noqa: BLE001 (a template that refuses it, wants a system turn, ...: no extra stop)
-        return None
+    exchange = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
+    text = None
+    for conversation in (exchange, [{"role": "system", "content": "hi"}, *exchange]):
+        try:
+            text = tok.apply_chat_template(conversation, tokenize=False)
+            break
+        except Exception:  # noqa: BLE001, S112 (a template that refuses it: with a system turn, else no extra stop)
+            continue
     after = text.split(mark, 1)[1].lstrip() if isinstance(text, str) and mark in text else ""
     specials = sorted(
         (t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special), key=len, reverse=True
