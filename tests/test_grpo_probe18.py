@@ -100,6 +100,11 @@ def test_clip_extremes_by_hand_with_a_masked_completion_and_under_gspo():
     _, st = grpo_loss(logp, old, torch.tensor([-1.0, 1.0, -1.0]), mask, importance_sampling_level="sequence")
     # sequence log-ratios 0.25, 0.25, 0 (no tokens): ratio e^0.25 = 1.28 > 1.2 clips row 2 high; none clips low
     assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.0, 1.0)
+    # every completion with a token has A < 0 and some ratio e^-1 = 0.37 < 0.8: low-clipped shares 1 of 4, 2 of 3
+    logp = torch.tensor([[-1.0, 0.0, 0.0, 0.0], [-1.0, -1.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
+    _, st = grpo_loss(logp, old, torch.tensor([-1.0, -0.5, -1.0]), mask)
+    assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.25, 0.0)
 
 
 def _all_truncated_first_slice(tok):
