@@ -287,3 +287,31 @@ def test_prefix_tunings_virtual_tokens_count_in_the_eval_generations():
     assert prompt.generate(input_ids=ids, max_new_tokens=8, do_sample=False).shape == (1, 9)
     cfg.train.generation_max_new_tokens = 8
     check_positions(cfg, prompt)
+
+
+def test_eval_data_with_sources_past_barts_positions_is_refused_before_the_loss_pass(tmp_path):
+    """``deltatune eval --data``: the loss pass (the Trainer's evaluate) ran before generation_metrics' check, and
+    failed inside torch (IndexError) on a source past BART's 8 positions; now the eval's check names data.max_length,
+    and the override it asks for evaluates."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM
+
+    from deltatune.train.evaluation import evaluate
+    from tests.tiny import save_tiny
+
+    base = save_tiny(tmp_path / "bart", "bart", max_position_embeddings=8)
+    torch.manual_seed(0)
+    config = LoraConfig(task_type="SEQ_2_SEQ_LM", r=2, target_modules=["q_proj", "v_proj"])
+    get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(base), config).save_pretrained(tmp_path / "adapter")
+    data = tmp_path / "eval.jsonl"
+    rows = [{"source": "a b c d e f g h i", "target": "a b"}, {"source": "a b", "target": "c d"}]  # 11 and 4 tokens
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(IndexError):  # what the loss pass met
+        AutoModelForSeq2SeqLM.from_pretrained(base)(input_ids=torch.full((1, 11), 1000), labels=torch.full((1, 2), 5))
+    with pytest.raises(ConfigError, match=r"^data.max_length=512: the longest eval source is 11 tokens, more than the "
+                                          r"model's encoder's 8 positions; set data.max_length to 8 or less$"):  # fmt: skip
+        evaluate(str(tmp_path / "adapter"), str(data))
+    got = evaluate(str(tmp_path / "adapter"), str(data), ["data.max_length=8", "train.generation_max_new_tokens=8"])
+    assert got["eval_loss"] > 0 and "eval_rougeL" in got

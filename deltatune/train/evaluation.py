@@ -142,6 +142,12 @@ def evaluate(
 
     def scored(model: DeltaModel, start_scores: dict | None = None) -> tuple[dict[str, Any], Any]:
         check_reference(cfg, model, training=False)
+        if cfg.stage == "seq2seq":  # BART's positions: the loss pass failed inside torch before the generations
+            from types import SimpleNamespace
+
+            from .seq2seq import check_positions
+
+            check_positions(cfg, model, SimpleNamespace(train=None, eval=prepared.eval))  # (the rows scored: eval's)
         trainer = (prepared.trainer_class or DeltaTrainer)(
             model=model, args=args, data_collator=prepared.collator, compute_metrics=prepared.compute_metrics
         )
