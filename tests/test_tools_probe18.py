@@ -248,3 +248,62 @@ def test_the_turn_end_token_of_a_template_that_wants_a_system_message():
     assert chat._turn_end_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
     tok.chat_template = "{{ raise_exception('no') }}"  # (a template that renders nothing: none, as before)
     assert chat._turn_end_id(tok) is None
+
+
+def _finer_marker_tokenizer():
+    """As _split_marker_tokenizer (no EOS, <|im_end|> three tokens as encoded), with finer pieces a model may write
+    the marker in ('<', '|', 'im', '_', 'end', '|', '>': seven tokens)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<|", "|>", "im_start", "im_end", "user", "assistant", "hi", "yo", "\n", " "]
+    words += ["<", "|", ">", "im", "_", "end"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    raw.decoder = decoders.Fuse()
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\||\|>|\n| "), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>")
+    assert tok.eos_token_id is None and len(tok("<|im_end|>", add_special_tokens=False)["input_ids"]) == 3
+    return tok
+
+
+def test_the_text_stop_sees_a_marker_written_in_more_tokens_than_its_own_encoding():
+    """_stop_on_text looked at the marker's token count + 2 (5) last tokens: a model writing <|im_end|> in seven
+    pieces was never stopped and ran to max_new_tokens (the answer trimmed after). Hand-worked: it stops after the
+    marker's last piece, the 3 + 7th token."""
+    from deltatune.train import chat
+
+    tok = _finer_marker_tokenizer()
+    pieces = ["hi", " ", "hi", "<", "|", "im", "_", "end", "|", ">", "\n"]
+    model = _scripted(tok, [tok.convert_tokens_to_ids(p) for p in pieces])
+    model.generation_config.eos_token_id = None
+    ids = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert chat.generate(model, tok, ids, max_new_tokens=30, template="chatml") == "hi hi"
+    assert model.steps == 10  # (30 before: to max_new_tokens)
+
+
+def test_the_text_stop_of_an_encoder_decoder_reads_its_decoder_from_the_start():
+    """An encoder-decoder's stopping criteria see the decoder's ids, not the prompt's: the window started at the
+    prompt's length, past an answer shorter than the prompt, and never stopped."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from deltatune.train import chat
+
+    tok = _finer_marker_tokenizer()
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=None)  # fmt: skip
+    model = T5ForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = None
+    answer = [tok.convert_tokens_to_ids(p) for p in ["hi", "<|", "im_end", "|>", "\n"]]
+    model.steps = 0
+
+    def force(_module, _inputs, logits):
+        out = torch.full_like(logits, -1e4)
+        out[:, -1, answer[model.steps] if model.steps < len(answer) else tok.convert_tokens_to_ids("yo")] = 0.0
+        model.steps += 1
+        return out
+
+    model.lm_head.register_forward_hook(force)
+    ids = tok("<|im_start|>user\nhi hi hi hi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert chat.generate(model, tok, ids["input_ids"], max_new_tokens=20, template="chatml") == "hi"
+    assert model.steps == 4  # (20 before)

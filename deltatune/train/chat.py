@@ -165,7 +165,8 @@ def generate(
         sampling["eos_token_id"] = [*own, turn_end]  # the chat template's end of a turn, as LLaMA-Factory's stop words
     marker = _end_marker(tok, template) if not extra else None
     if marker:  # several tokens (no stop id): stopped on as text, as transformers' stop_strings (which fails on
-        sampling["stopping_criteria"] = _stop_on_text(tok, marker, input_ids.shape[1])  # some vocabularies)
+        start = input_ids.shape[1] if decoder_only else 1  # (an encoder-decoder's criteria see its decoder's ids,
+        sampling["stopping_criteria"] = _stop_on_text(tok, marker, start)  # after its start token; some vocabularies)
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
@@ -205,10 +206,12 @@ def _turn_end_id(tok) -> int | None:
 
 
 def _stop_on_text(tok, text: str, start: int):
-    """A stopping criterion: a sequence is done once its new tokens' last few decode to hold ``text``."""
+    """A stopping criterion: a sequence is done once the last few of its new tokens (from ``start``) decode to hold
+    ``text``; as many as ``text`` has characters or twice its own tokens, and two more (a model may write it in more,
+    finer tokens than it encodes to: ``<``, ``|``, ``im``, ...)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    span = len(tok(text, add_special_tokens=False)["input_ids"]) + 2
+    span = max(len(text), 2 * len(tok(text, add_special_tokens=False)["input_ids"])) + 2
 
     class StopOnText(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
