@@ -222,3 +222,29 @@ def test_a_reward_that_cannot_take_trls_call_is_one_line_at_prepare(policy, tmp_
     assert _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}', ok).loop is not None
     with pytest.raises(ConfigError, match="missing a required argument: 'answer'"):  # (the eval's call: its columns)
         _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}', ok, evals='{"prompt": "yo"}')
+
+
+def test_a_reward_wrapped_by_functools_wraps_is_bound_as_trl_calls_it():
+    """TRL calls the wrapper a functools.wraps decorator returns; inspect.signature followed ``__wrapped__`` to the
+    inner function and refused a wrapper that takes the call (the inner one requires a ``target`` it is given)."""
+    import functools
+    import types
+
+    from deltatune.train.grpo_rewards import Reward, check_columns, score
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(completions, **kw):
+            return fn(completions, target=kw["answer"], **kw)
+
+        return wrapper
+
+    @deco
+    def f(completions, target, **kw):
+        return [float(c == t) for c, t in zip(completions, target)]
+
+    items = [types.SimpleNamespace(columns={"answer": "4"}, source="p.jsonl:1")]
+    check_columns([Reward("f", f)], ["r.py:f"], items)  # (it raised ConfigError: missing 'target')
+    assert score([Reward("f", f)], ["p"], ["p"], ["4"], {"answer": ["4"]}, ["p.jsonl:1"]).tolist() == [[1.0]]
+    assert f(prompts=["p"], completions=["4"], completion_ids=[[1]], answer=["4"], trainer_state=None,
+             log_metric=None, log_extra=None) == [1.0]  # (TRL's call)  # fmt: skip

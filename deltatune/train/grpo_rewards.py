@@ -156,7 +156,7 @@ def check_columns(rewards: list[Reward], specs: list[str], items: Sequence) -> N
     names = ["prompts", "completions", "completion_ids", *columns, *trl_extras(None, {})]
     for r, spec in ((r, spec) for r, spec in zip(rewards, specs) if not r.model):
         try:
-            signature = inspect.signature(r.fn)
+            signature = inspect.signature(r.fn, follow_wrapped=False)  # (TRL calls a functools.wraps wrapper)
         except (TypeError, ValueError):  # (a builtin or C callable: nothing to read)
             continue
         try:
