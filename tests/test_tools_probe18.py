@@ -307,3 +307,18 @@ def test_the_text_stop_of_an_encoder_decoder_reads_its_decoder_from_the_start():
     ids = tok("<|im_start|>user\nhi hi hi hi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     assert chat.generate(model, tok, ids["input_ids"], max_new_tokens=20, template="chatml") == "hi"
     assert model.steps == 4  # (20 before)
+
+
+def test_the_samples_prompt_of_a_conversation_ending_on_a_tool_result_shows_the_result():
+    """Two samples of one tool row (its first user turn, and after the tool's result) both showed the user's
+    message in the table's prompt column; the second now names the tool result it answers (its first 80
+    characters)."""
+    from deltatune.train import chat
+
+    tok = _chatml_tokenizer(QWEN_TOOLS)
+    model = _scripted(tok, [tok.convert_tokens_to_ids("hi")])
+    long = "sunny " * 20
+    after = chat.Conversation([*TOOL_ROW["messages"][:2], {"role": "tool", "tool_call_id": "c1", "content": long}])
+    rows = chat.compare(model, tok, [TOOL_ROW["messages"][:1], after], max_new_tokens=1)
+    assert [r["prompt"] for r in rows] == ["Weather in Paris?",
+                                           f"Weather in Paris? (after the tool result: {long[:80]})"]  # fmt: skip

@@ -62,7 +62,7 @@ def check_base(model, what: str) -> None:
 def prompt_ids(
     tok, prompt: str | Messages, raw: bool = False, system: str | None = None, template: str | None = None
 ) -> list[int]:
-    """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user turn) ready for
+    """Token ids of ``prompt`` (a user message, or a whole conversation ending with a user or tool turn) ready for
     generation: through ``template`` (a built-in one a run trained with, ``data.template``) when given, else the
     chat template when the tokenizer has one; the text as the tokenizer encodes it when ``raw`` (a seq2seq
     source keeps T5's closing ``</s>``), else, without a chat template, after its leading specials alone."""
@@ -292,9 +292,15 @@ def compare(model, tok, prompts: Sequence[str | Messages], **kwargs: Any) -> lis
 
 
 def _last_user(prompt: str | Messages) -> str:
+    """The samples table's prompt: the last user message; after a tool's result (a prompt ending on a tool turn, one
+    of a tool row's two samples), that result's opening too."""
     if isinstance(prompt, str):
         return prompt
-    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    if not prompt or prompt[-1]["role"] != "tool":
+        return user
+    result = prompt[-1].get("content")
+    return f"{user} (after the tool result: {(result if isinstance(result, str) else str(result))[:80]})"
 
 
 def markdown(rows: Sequence[dict[str, str]]) -> str:
