@@ -315,3 +315,31 @@ def test_eval_data_with_sources_past_barts_positions_is_refused_before_the_loss_
         evaluate(str(tmp_path / "adapter"), str(data))
     got = evaluate(str(tmp_path / "adapter"), str(data), ["data.max_length=8", "train.generation_max_new_tokens=8"])
     assert got["eval_loss"] > 0 and "eval_rougeL" in got
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [(None, None), ([], None), (["w1 w2", "w3"], ["w1 w2", "w3"]), ("w1 w2", DataError), ([1, 2], DataError),
+     (["w1", " "], DataError), ({"a": "w1"}, DataError)],
+)  # fmt: skip
+def test_one_references_helper_reads_the_column_for_training_and_eval(value, want):
+    """data/tasks.py's ``references`` holds the condition and the line that encode_seq2seq and seq2seq's
+    _references each held word for word; both read the column through it."""
+    from deltatune.data.tasks import references
+    from deltatune.train.seq2seq import _references
+
+    row = Row({"source": "w1", "target": "w4", **({} if value is None else {"references": value})}, "e.jsonl:2")
+    if want is DataError:
+        line = "e.jsonl:2: column 'references' must be a non-empty list of texts (the eval scores each generation "
+        line += f"against its best one), got {repr(value)[:60]}"
+        for read in (
+            references,
+            lambda r: _references(r, "target"),
+            lambda r: encode_seq2seq([r], word_tokenizer(), "source", "target", 16, 16),
+        ):
+            with pytest.raises(DataError) as refused:
+                read(row)
+            assert str(refused.value) == line
+        return
+    assert references(row) == want
+    assert _references(row, "target") == (want or ["w4"])

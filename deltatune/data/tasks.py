@@ -368,6 +368,22 @@ def encode_pt(rows: Sequence[Row], tokenizer, text_column: str, block_size: int)
     return Encoded([{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks])
 
 
+def references(row: Row) -> list[str] | None:
+    """``row``'s ``references`` column, the texts the eval scores its generation against (each ROUGE against its
+    best one); None where it has none (absent, or ``[]``: the target is scored).
+
+    Raises:
+        DataError: a value that is not a non-empty list of texts (a text, numbers, an empty text); the row named.
+    """
+    refs = row.data.get("references")
+    if refs in (None, []):
+        return None
+    if not (isinstance(refs, list) and all(isinstance(r, str) and r.strip() for r in refs)):
+        raise DataError(f"{row.source}: column 'references' must be a non-empty list of texts (the eval scores "
+                        f"each generation against its best one), got {repr(refs)[:60]}")  # fmt: skip
+    return refs
+
+
 def encode_seq2seq(
     rows: Sequence[Row],
     tokenizer,
@@ -395,12 +411,8 @@ def encode_seq2seq(
         for column in (source_column, target_column):
             if not row.text(column).strip():
                 raise DataError(f"{row.source}: column {column!r} is empty; a seq2seq row needs a source and a target")
-        refs = row.data.get("references") if scored else None
-        if refs not in (None, []) and not (
-            isinstance(refs, list) and refs and all(isinstance(r, str) and r.strip() for r in refs)
-        ):
-            raise DataError(f"{row.source}: column 'references' must be a non-empty list of texts (the eval scores "
-                            f"each generation against its best one), got {repr(refs)[:60]}")  # fmt: skip
+        if scored:
+            references(row)
         source = source_prefix + row.text(source_column)
         src = tokenizer(source)
         tgt = tokenizer(text_target=row.text(target_column))["input_ids"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..data.load import DataError, Row
-from ..data.tasks import Collator, Encoded, encode_seq2seq, split_off
+from ..data.load import Row
+from ..data.tasks import Collator, Encoded, encode_seq2seq, references, split_off
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _rows
@@ -195,13 +195,7 @@ def _references(row: Row, target_column: str) -> list[str]:
 
     Raises:
         DataError: a ``references`` value that is not a non-empty list of texts, as training's eval split refuses it
-            (``deltatune eval --data`` reads its file as a train split, whose references are not checked: a text
-            there was scored against the target instead, a list of numbers as their reprs); the row named.
+            (``tasks.references``: ``deltatune eval --data`` reads its file as a train split, whose references are
+            not checked: a text there was scored against the target instead, a list of numbers as their reprs).
     """
-    many = row.data.get("references")
-    if many in (None, []):
-        return [str(row.get(target_column))]
-    if not (isinstance(many, list) and all(isinstance(r, str) and r.strip() for r in many)):
-        raise DataError(f"{row.source}: column 'references' must be a non-empty list of texts (the eval scores "
-                        f"each generation against its best one), got {repr(many)[:60]}")  # fmt: skip
-    return many
+    return references(row) or [str(row.get(target_column))]
