@@ -224,6 +224,33 @@ def test_a_reward_that_cannot_take_trls_call_is_one_line_at_prepare(policy, tmp_
         _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}', ok, evals='{"prompt": "yo"}')
 
 
+def test_a_column_some_rows_lack_reaches_the_rewards_as_none_in_every_row(policy, tmp_path):  # noqa: F811
+    """TRL reads the rows with datasets, which gives every row each column of its file (None where the row lacks
+    it): a reward requiring ``answer`` gets answer=[None, ...] for a batch of rows without one. It passed the
+    prepare check (row 1 has it) and then failed at the step whose batch lacked it ("reward f raised TypeError");
+    now the rows get the same columns as TRL's, compared with datasets' own rows."""
+    import types
+
+    import datasets
+
+    from deltatune.train.grpo import GRPOLoop, Samples
+    from deltatune.train.grpo_rewards import Reward
+
+    prepared = _prepare(tmp_path, policy[1], '{"prompt": "hi"}', "def f(completions, answer, **kw):\n    return [0.0]")
+    want = datasets.load_dataset("json", data_files=str(tmp_path / "p.jsonl"), split="train")
+    got = []
+
+    def f(completions, answer, **kw):
+        got.append(answer)
+        return [0.0] * len(completions)
+
+    loop = types.SimpleNamespace(rewards=[Reward("f", f)], tokenizer=None)
+    for batch in ([prepared.train[1]] * 2, prepared.train):
+        s = Samples(None, None, None, 0, ["c"] * len(batch), None, batch, [[1]] * len(batch))
+        GRPOLoop.score(loop, s)
+    assert got == [[want[1]["answer"]] * 2, [r["answer"] for r in want]] == [[None, None], ["a", None]]
+
+
 def test_a_reward_wrapped_by_functools_wraps_is_bound_as_trl_calls_it():
     """TRL calls the wrapper a functools.wraps decorator returns; inspect.signature followed ``__wrapped__`` to the
     inner function and refused a wrapper that takes the call (the inner one requires a ``target`` it is given)."""

@@ -452,7 +452,7 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
         DataError: a missing or empty prompt.
     """
 
-    from .grpo_rewards import check_columns
+    from .grpo_rewards import check_columns, fill_columns
 
     _check(cfg)
     d, a = cfg.data, cfg.align
@@ -462,6 +462,7 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
                                         d.template) if rows else (None, 0)) for rows in (train_rows, eval_rows))  # fmt: skip
     for items in [split for split in (train, evals) if split]:  # (a call the first step or eval would fail on)
         check_columns(rewards, a.reward_funcs, items)
+        fill_columns(items)  # (each row every column of its split, None where it lacks one, as TRL's datasets rows)
     longest = max(len(it.ids) for it in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
     if set(a.generation_kwargs or ()) & set(GENERATION_IDS):  # ids past the vocabulary: an IndexError in generate

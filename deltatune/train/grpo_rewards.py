@@ -168,6 +168,16 @@ def check_columns(rewards: list[Reward], specs: list[str], items: Sequence) -> N
                               "calls it: take **kwargs)") from None  # fmt: skip
 
 
+def fill_columns(items: Sequence) -> list[str]:
+    """Each row of a split (``items``, each with its ``columns``) given every column of the split, None where it lacks
+    one, as TRL's rows read through datasets have them: a reward requiring a column some rows lack gets None for
+    those (the step whose batch had no row with it failed, after the check had passed); the columns, sorted."""
+    columns = sorted({k for it in items for k in it.columns})
+    for it in items:
+        it.columns = {k: it.columns.get(k) for k in columns}
+    return columns
+
+
 def load_rewards(
     rewards: list[Reward], specs: list[str], model: nn.Module, policy_name: str, tokenizer, trust_remote_code=False
 ) -> list:
