@@ -275,3 +275,17 @@ def test_a_reward_wrapped_by_functools_wraps_is_bound_as_trl_calls_it():
     assert score([Reward("f", f)], ["p"], ["p"], ["4"], {"answer": ["4"]}, ["p.jsonl:1"]).tolist() == [[1.0]]
     assert f(prompts=["p"], completions=["4"], completion_ids=[[1]], answer=["4"], trainer_state=None,
              log_metric=None, log_extra=None) == [1.0]  # (TRL's call)  # fmt: skip
+
+
+def test_a_reward_the_eval_rows_cannot_take_names_the_split_and_its_file(policy, tmp_path):  # noqa: F811
+    """A reward that takes the train rows' call but not the eval rows' (a column only the train rows have) is refused
+    naming data.eval and its file, the train split's naming data.train and its file."""
+    from deltatune.config import ConfigError
+
+    ok = "def f(completions, answer, **kw):\n    return [0.0]"
+    with pytest.raises(ConfigError) as e:
+        _prepare(tmp_path, policy[1], '{"prompt": "hi", "answer": "b"}', ok, evals='{"prompt": "yo"}')
+    assert f"the rows of data.eval ({tmp_path / 'e.jsonl'})" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        _prepare(tmp_path, policy[1], '{"prompt": "hi"}', "def f(completions, solution, **kw):\n    return [0.0]")
+    assert f"the rows of data.train ({tmp_path / 'p.jsonl'})" in str(e.value)

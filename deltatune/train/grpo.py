@@ -460,8 +460,8 @@ def prepare_grpo(cfg: RunConfig, tok) -> Prepared:
     train_rows, eval_rows = _rows(cfg)
     (train, cut), (evals, cut_eval) = ((encode_prompts(rows, tok, d.prompt_column, d.max_length, d.truncation,
                                         d.template) if rows else (None, 0)) for rows in (train_rows, eval_rows))  # fmt: skip
-    for items in [split for split in (train, evals) if split]:  # (a call the first step or eval would fail on)
-        check_columns(rewards, a.reward_funcs, items)
+    for items, key in [(split, key) for split, key in ((train, "train"), (evals, "eval")) if split]:
+        check_columns(rewards, a.reward_funcs, items, f"data.{key} ({getattr(d, key)})")  # (step 1 or eval: fails)
         fill_columns(items)  # (each row every column of its split, None where it lacks one, as TRL's datasets rows)
     longest = max(len(it.ids) for it in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))

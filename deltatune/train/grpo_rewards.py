@@ -131,7 +131,7 @@ def check_rewards(align: AlignArgs) -> list[Reward]:
     return out
 
 
-def check_columns(rewards: list[Reward], specs: list[str], items: Sequence) -> None:
+def check_columns(rewards: list[Reward], specs: list[str], items: Sequence, split: str = "data.train") -> None:
     """Each reward function called as the loop will call it (bound to its signature, not run), before the model loads:
     by name, ``prompts``, ``completions``, ``completion_ids``, TRL's ``trl_extras`` and the columns of the rows
     (``items``, each with its ``columns`` and ``source``), as TRL's GRPOTrainer calls it; a deltatune reward run reads
@@ -140,7 +140,8 @@ def check_columns(rewards: list[Reward], specs: list[str], items: Sequence) -> N
     Raises:
         DataError: the first row with a column named prompts or completions (a second value of that argument).
         ConfigError: a function that cannot take the call (a column it requires that no row has; no ``**kwargs`` for
-            the columns and TRL's trainer_state, log_metric, log_extra), naming it: the first step would fail.
+            the columns and TRL's trainer_state, log_metric, log_extra), naming it and ``split`` (the recipe's key
+            and file: ``data.eval (e.jsonl)``): the first step or the eval would fail.
     """
     from ..data.load import DataError
     from .grpo_reward_model import is_model_folder
@@ -162,7 +163,7 @@ def check_columns(rewards: list[Reward], specs: list[str], items: Sequence) -> N
         try:
             signature.bind(**dict.fromkeys(names))
         except TypeError as exc:
-            raise ConfigError(f"align.reward_funcs entry {spec!r} cannot take the call the first step makes: {exc} "
+            raise ConfigError(f"align.reward_funcs entry {spec!r} cannot take its call on the rows of {split}: {exc} "
                               f"(a reward function gets prompts, completions, completion_ids, trainer_state, "
                               f"log_metric, log_extra and the rows' columns {columns} by name, as TRL's GRPOTrainer "
                               "calls it: take **kwargs)") from None  # fmt: skip
