@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -224,3 +225,43 @@ def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path):
         check_vocab(folder, model, tok)
     model.config.vocab_size = len(tok)
     check_vocab(folder, AutoModelForCausalLM.from_config(model.config), tok)  # (the right size passes)
+
+
+@pytest.mark.parametrize("family", ["ResNet", "ConvNext"])
+def test_check_vocab_passes_a_model_without_token_embeddings(family):
+    """transformers' get_input_embeddings raises NotImplementedError for ResNet and ConvNeXt: check_vocab called it
+    before asking whether the run had a tokenizer at all, so every image-classification run on them failed."""
+    import transformers
+
+    from deltatune.train.models import check_vocab
+    from tests.tiny import tokenizer
+
+    config = getattr(transformers, f"{family}Config")(hidden_sizes=[8, 8], depths=[1, 1], num_labels=3)
+    if family == "ConvNext":
+        config.num_stages = 2
+    else:
+        config.embedding_size = 8
+    model = getattr(transformers, f"{family}ForImageClassification")(config)
+    with pytest.raises(NotImplementedError):  # the reference: transformers' accessor
+        model.get_input_embeddings()
+    check_vocab("cnn", model, transformers.ViTImageProcessorPil())  # a run's image processor
+    check_vocab("cnn", model, tokenizer())  # (and a tokenizer: nothing to compare it with)
+
+
+def test_a_run_whose_tokenizer_is_larger_than_the_embeddings_stops_before_training(tmp_path):
+    """run.build_model checks the vocabulary (a run failed with IndexError in torch's embedding at the first batch
+    with a high id); the line names the first id out of range and the usual cause; nothing is written."""
+    from deltatune.train.config import build
+    from deltatune.train.run import train
+
+    folder = save_tiny(tmp_path / "m", vocab_size=1000)
+    tok = AutoTokenizer.from_pretrained(folder)
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"instruction": "zebra crossing", "output": "a zebra"}) + "\n")
+    cfg = build({"stage": "sft", "model": {"name_or_path": folder}, "data": {"train": str(tmp_path / "sft.jsonl")},
+                 "train": {"max_steps": 1, "report_to": ["none"]}, "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    first = re.escape(tok.convert_ids_to_tokens(1000))
+    with pytest.raises(ConfigError, match=rf"'{folder}': its tokenizer has {len(tok)} tokens but its embeddings hold "
+                       rf"1000 \(ids 1000 and up, from '{first}', fail inside the model\): usually a tokenizer that "
+                       r"added tokens without resizing the model's embeddings"):  # fmt: skip
+        train(cfg)
+    assert not (tmp_path / "run").exists()

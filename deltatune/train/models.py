@@ -284,17 +284,23 @@ def load_model(
 
 def check_vocab(name_or_path: str, model: torch.nn.Module, tok) -> None:
     """ConfigError in one line when the tokenizer has more tokens than the model's input embeddings: its highest
-    ids made an IndexError inside torch's embedding at the first step that met one (a tokenizer of another model,
-    or a config.json whose vocab_size is wrong). An image processor (no length) passes."""
+    ids made an IndexError inside torch's embedding at the first step that met one (usually a tokenizer that added
+    tokens without the model's embeddings resized; a tokenizer of another model; a config.json whose vocab_size is
+    wrong). An image processor, a processor, a model without token embeddings (a CNN) pass."""
     from transformers import PreTrainedTokenizerBase
 
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
-    if isinstance(tok, PreTrainedTokenizerBase) and isinstance(rows, int) and len(tok) > rows:
+    if not isinstance(tok, PreTrainedTokenizerBase) or not hasattr(model, "get_input_embeddings"):
+        return
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except NotImplementedError:  # (ResNet, ConvNeXt: transformers' accessor raises for a model without one)
+        return
+    if isinstance(rows, int) and len(tok) > rows:
         raise ConfigError(
             f"model {name_or_path!r}: its tokenizer has {len(tok)} tokens but its embeddings hold {rows} (ids "
-            f"{rows} and up fail inside the model): the tokenizer is not this model's, or config.json's vocab_size "
-            "is wrong"
+            f"{rows} and up, from {tok.convert_ids_to_tokens(rows)!r}, fail inside the model): usually a tokenizer "
+            "that added tokens without resizing the model's embeddings (model.resize_token_embeddings(len(tok))); "
+            "else the tokenizer is not this model's, or config.json's vocab_size is wrong"
         )
 
 

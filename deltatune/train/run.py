@@ -27,7 +27,7 @@ from .cls import set_problem_type
 from .config import RunConfig, ignored_keys
 from .config_train import check_best_metric, optim_args
 from .metrics import perplexity
-from .models import load_model, load_processor, local_base_note, upcast_adapters
+from .models import check_vocab, load_model, load_processor, local_base_note, upcast_adapters
 from .prepared import Prepared
 from .run_load import _quantize, adapter_field, load_adapter_model  # noqa: F401  (evaluation, info, scorers)
 from .runfolder import (
@@ -182,6 +182,7 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
         cfg.model.trust_remote_code,
         getattr(tok, "pad_token_id", None),  # an image processor has none
     )
+    check_vocab(cfg.model.name_or_path, model, tok)  # (a larger tokenizer: IndexError in the first step)
     model = set_problem_type(_quantize(model, cfg.model.quantization, trained=cfg.trained_run), cfg)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache while training (it would also disable packed-sequence masks)
