@@ -289,3 +289,26 @@ def test_a_reward_the_eval_rows_cannot_take_names_the_split_and_its_file(policy,
     with pytest.raises(ConfigError) as e:
         _prepare(tmp_path, policy[1], '{"prompt": "hi"}', "def f(completions, solution, **kw):\n    return [0.0]")
     assert f"the rows of data.train ({tmp_path / 'p.jsonl'})" in str(e.value)
+
+
+def test_singular_video_and_audio_columns_reach_the_rewards_as_trl_passes_them(tok):
+    """TRL reads only image / images as media and passes every other column to the rewards; the other text stages
+    refuse images / videos / audios (``formats_messages._media``, ``sample.refuse_multimodal``), not video / audio:
+    a row's ``video`` or ``audio`` column (a file name a reward checks) is a column, as there."""
+    import contextlib
+
+    from deltatune.train.grpo import encode_prompts
+
+    rows = [Row({"prompt": "Describe it.", "video": "clip.mp4", "audio": "a.wav"}, "t.jsonl:1")]
+    from deltatune.data.formats import read_samples
+    from deltatune.data.sample import refuse_multimodal
+
+    items, _ = encode_prompts(rows, tok, "prompt", 64, "truncate")
+    assert items[0].columns == {"video": "clip.mp4", "audio": "a.wav"}
+    for extra, refused in (({"video": "v.mp4", "audio": "a.wav"}, False), ({"videos": ["v.mp4"]}, True),
+                           ({"audios": ["a.wav"]}, True)):  # fmt: skip
+        row = Row({"prompt": "Describe it.", "completion": "ok", **extra}, "t.jsonl:1")
+        with pytest.raises(DataError) if refused else contextlib.nullcontext():  # (stage sft's refusal)
+            refuse_multimodal(read_samples([row], stage="sft"), "sft")
+        with pytest.raises(DataError) if refused else contextlib.nullcontext():  # (grpo's: the same rows)
+            encode_prompts([row], tok, "prompt", 64, "truncate")

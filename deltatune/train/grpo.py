@@ -392,12 +392,11 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
 
 def _refuse_media(row: Row, messages: list, column: str) -> None:
     """DataError naming the row whose prompt holds media the text-only rollouts would ignore, as the other text stages
-    refuse them (``sample.refuse_multimodal``): a non-empty image(s) / video(s) / audio(s) column (TRL's GRPOTrainer
-    hands image and images to a vision model's processor), an image, video or audio content part, an <image> or
+    refuse them (``sample.refuse_multimodal``): a non-empty images / videos / audios column, as theirs, or image
+    (TRL's GRPOTrainer hands image and images to a vision model's processor; a video or audio column is a column, as
+    in TRL and the other stages), an image, video or audio content part, an <image> or
     <video> marker, or an <audio> marker outside an assistant turn (a prefill may mention the tag)."""
-    what = next(
-        (f"column {k!r}" for k in ("images", "image", "videos", "video", "audios", "audio") if row.data.get(k)), None
-    )
+    what = next((f"column {k!r}" for k in ("images", "image", "videos", "audios") if row.data.get(k)), None)
     for m in messages:
         parts = m.get("content") if isinstance(m.get("content"), list) else [m.get("content")]
         for part in parts:
