@@ -68,20 +68,17 @@ def _dead_pid() -> int:
 
 def test_a_conversion_killed_mid_write_leaves_no_staging_folder(monkeypatch, tmp_path):
     """A conversion killed while writing left its staging folder (about 540 MB for smollm2) for ever; it is never
-    used (only a finished folder is renamed into place) and is removed by the next conversion. A live process's
-    staging folder is left alone."""
+    used (only a finished folder is renamed into place) and is removed by the next conversion."""
     _gguf, calls = _fake(monkeypatch, tmp_path)
     cache = tmp_path / "cache"
     cache.mkdir()
     name = f"fake-{embedded._fingerprint(_gguf)}"
-    killed = cache / f".{name}.{_dead_pid()}.abc123"
+    killed = cache / f".{name}.{embedded._host()}.{_dead_pid()}.abc123"
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"half")
-    live = cache / f".{name}.{os.getppid()}.def456"
-    live.mkdir()
     folder = embedded.resolve("fake")
     assert Path(folder) == cache / name and len(calls) == 1 and embedded._valid(Path(folder))
-    assert not killed.exists() and live.exists()
+    assert not killed.exists()
 
 
 def test_concurrent_resolves_convert_once(monkeypatch, tmp_path):
@@ -265,3 +262,100 @@ def test_a_run_whose_tokenizer_is_larger_than_the_embeddings_stops_before_traini
                        r"added tokens without resizing the model's embeddings"):  # fmt: skip
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
+def test_a_filesystem_without_locks_converts_unlocked(monkeypatch, tmp_path, code):
+    """flock fails so on a filesystem without locks (NFS without lockd, Lustre without -o flock): resolve raised
+    the OSError; it converts unlocked there, as before the lock came in."""
+    import errno
+    import fcntl
+
+    _gguf, calls = _fake(monkeypatch, tmp_path)
+    number = getattr(errno, code)
+
+    def flock(fh, op):
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    folder = embedded.resolve("fake")
+    assert embedded._valid(Path(folder)) and len(calls) == 1
+
+
+def test_a_process_waiting_for_the_lock_says_so(monkeypatch, tmp_path, capsys):
+    """A second process waited silently (30 s for smollm2) while another converted; it says one line, and uses the
+    other's conversion once the lock is free."""
+    import fcntl
+
+    _gguf, calls = _fake(monkeypatch, tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    name = f"fake-{embedded._fingerprint(_gguf)}"
+    out = []
+    with open(cache / f".{name}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: out.append(embedded.resolve("fake")))
+        waiter.start()
+        said = ""
+        for _ in range(100):
+            said += capsys.readouterr().err
+            if said:
+                break
+            time.sleep(0.05)
+        assert said == f"deltatune: waiting for another conversion of fake into {cache / name} ...\n"
+        assert waiter.is_alive() and not calls
+    waiter.join()
+    assert out == [str(cache / name)] and len(calls) == 1
+
+
+def _staging(cache, name, tag, hours_old=0.0):
+    folder = cache / f".{name}.{tag}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"half")
+    if hours_old:
+        then = time.time() - hours_old * 3600
+        os.utime(folder, (then, then))
+    return folder
+
+
+def test_under_the_lock_every_staging_folder_is_stale(monkeypatch, tmp_path):
+    """Only the lock's holder converts, so every staging folder it finds is a killed conversion's: one named by a
+    live pid was kept (pid 1 in a container, this process's own pid in the next container, a pid reused)."""
+    gguf, calls = _fake(monkeypatch, tmp_path)
+    cache = tmp_path / "cache"
+    name = f"fake-{embedded._fingerprint(gguf)}"
+    stale = [_staging(cache, name, tag) for tag in (f"{os.getpid()}.abc", "1.def", "host-b.1.ghi", "jkl")]
+    other = _staging(cache, f"{name}x", "1.mno")  # (another model's)
+    folder = embedded.resolve("fake")
+    assert Path(folder) == cache / name and len(calls) == 1 and embedded._valid(Path(folder))
+    assert not any(s.exists() for s in stale) and other.exists()
+
+
+def test_without_locks_a_staging_folder_is_stale_by_its_pid_on_this_host_else_by_its_age(monkeypatch, tmp_path):
+    """Unlocked (no flock there), another process may be converting: this host's folders go with their process,
+    another host's (its pids say nothing here) and unnamed ones when an hour old."""
+    import errno
+    import fcntl
+
+    gguf, calls = _fake(monkeypatch, tmp_path)
+
+    def flock(fh, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    cache = tmp_path / "cache"
+    name = f"fake-{embedded._fingerprint(gguf)}"
+    host = embedded._host()
+    gone = [
+        _staging(cache, name, f"{host}.{_dead_pid()}.a"),
+        _staging(cache, name, f"{host}-other.{os.getpid()}.b", hours_old=2),
+        _staging(cache, name, "c", hours_old=2),
+    ]
+    kept = [
+        _staging(cache, name, f"{host}.{os.getppid()}.d"),
+        _staging(cache, name, f"{host}-other.{_dead_pid()}.e"),
+        _staging(cache, name, "f"),
+    ]
+    embedded.resolve("fake")
+    assert len(calls) == 1 and not any(g.exists() for g in gone) and all(k.exists() for k in kept)
+    assert embedded._staging_prefix(cache / name) == f".{name}.{host}.{os.getpid()}."

@@ -14,10 +14,12 @@ copy where the package is installed. The SmolLM2 copy is the Q4_1 quantisation d
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -119,44 +121,76 @@ def resolve(name_or_path: str, convert: bool = True) -> str:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = open(folder.parent / f".{folder.name}.lock", "a")  # noqa: SIM115 (closed by the with below)
     except OSError as exc:
-        raise ConfigError(
-            f"model {name_or_path!r} is converted once into {folder.parent}, which cannot be written "
-            f"({exc.strerror or type(exc).__name__}): set DELTATUNE_CACHE to a writable folder"
-        ) from None
+        raise _unwritable(name_or_path, folder.parent, exc) from None
     with lock:
-        _lock(lock)  # one conversion at a time; released when the process ends, however it ends
+        locked = _lock(lock, e, folder)  # one conversion at a time; released when the process ends, however it ends
         if not _valid(folder):  # (another process may have converted it while this one waited)
-            _remove_stale_staging(folder)
+            _remove_stale_staging(folder, locked)
             _convert(pkg, e, folder)
     return str(folder)
 
 
-def _lock(fh) -> None:
+def _unwritable(name_or_path: str, cache: Path, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"model {name_or_path!r} is converted once into {cache}, which cannot be written "
+        f"({exc.strerror or type(exc).__name__}): set DELTATUNE_CACHE to a writable folder"
+    )
+
+
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+"""flock's errors on a filesystem without locks (NFS without lockd, Lustre without -o flock, some FUSE mounts)."""
+
+
+def _lock(fh, e: Embedded, folder: Path) -> bool:
+    """Hold the conversion's lock (saying so when another process holds it); False where there are no locks
+    (Windows, a filesystem without them): the conversion runs unlocked, each writing its own staging folder."""
+    import sys
+
     try:
         import fcntl
-    except ImportError:  # (Windows: no lock; concurrent conversions each write their own staging folder)
-        return
-    fcntl.flock(fh, fcntl.LOCK_EX)
+    except ImportError:
+        return False
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"deltatune: waiting for another conversion of {e.name} into {folder} ...", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS:
+            return False
+        raise
+    return True
+
+
+def _host() -> str:
+    """This machine's name as a staging folder's name holds it (letters, digits and dashes)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 
 
 def _staging_prefix(folder: Path) -> str:
-    return f".{folder.name}.{os.getpid()}."
+    return f".{folder.name}.{_host()}.{os.getpid()}."
 
 
-def _remove_stale_staging(folder: Path) -> None:
+def _remove_stale_staging(folder: Path, locked: bool) -> None:
     """Staging folders a conversion killed mid-write left beside ``folder`` (about 540 MB each, never used: only a
-    finished one is renamed into place): those of processes that are gone, and unnamed older ones (an hour)."""
+    finished one is renamed into place). Under the lock every one is stale (only the lock's holder converts, and a
+    pid says nothing of another container or host, or of a pid reused). Unlocked: those of this host's processes
+    that are gone, and others (another host's, unnamed) an hour old."""
     import time
 
     for old in folder.parent.glob(f".{folder.name}.*"):
         if not old.is_dir():
             continue
-        named = old.name[len(folder.name) + 2 :].split(".")  # [pid, random] since the pid is in the name
-        if len(named) == 2 and named[0].isdecimal():
-            if _alive(int(named[0])):
+        if not locked:
+            named = old.name[len(folder.name) + 2 :].split(".")  # [host, pid, random]
+            if len(named) == 3 and named[0] == _host() and named[1].isdecimal():
+                if _alive(int(named[1])):
+                    continue
+            elif time.time() - old.stat().st_mtime < 3600:
                 continue
-        elif time.time() - old.stat().st_mtime < 3600:
-            continue
         shutil.rmtree(old, ignore_errors=True)
 
 
