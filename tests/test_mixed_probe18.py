@@ -66,8 +66,7 @@ def test_rescale_adapter_scale_as_peft_helpers():
 
 def test_rescale_adapter_scale_refusals_change_nothing():
     """A multiplier that is not a number and a model with no LoRA: one line each, as peft; a NaN one (peft: NaN
-    logits) and a merged LoRA (whose scale no longer reaches the weights, and whose unmerge in the block would take
-    off the rescaled update; peft goes on silently): one line each. The scales are left as they were."""
+    logits): one line. The scales are left as they were."""
     _, ours = _pair()
     scales = [dict(layer.scaling) for _, layer in ours._layers() if hasattr(layer, "scaling")]
     with pytest.raises(TypeError, match="multiplier should be of type float"), ours.rescale_adapter_scale("0.5"):
@@ -77,34 +76,128 @@ def test_rescale_adapter_scale_refusals_change_nothing():
     no_lora = _lora_combine.rescale_adapter_scale(torch.nn.Linear(2, 2), 0.5)
     with pytest.raises(ValueError, match="only supported for models with LoRA layers"), no_lora:
         pass
-    ours.merge_adapter(["x"])
-    with pytest.raises(ValueError, match="x is merged into the base weights"), ours.rescale_adapter_scale(0.5):
-        pass
     assert [dict(layer.scaling) for _, layer in ours._layers() if hasattr(layer, "scaling")] == scales
 
 
-def test_merge_in_a_rescale_block_unmerges_exactly():
-    """An adapter merged inside the block held its rescaled update in the base weights after it (peft too), and a
-    later unmerge took off the whole update: the base weights 0.248 off for good. Now the merge holds the update at
-    the restored scale (outputs as merging after the block) and unmerging gives the base back; merge_and_unload in
-    the block keeps the rescaled weights, as peft's."""
-    reference, ours = _pair()
+def _base_weights(model):
+    return {k: p.detach().clone() for k, p in model.named_parameters() if "lora" not in k and "magnitude" not in k}
+
+
+def _assert_base(model, base):
+    for k, p in model.named_parameters():
+        if k in base:
+            torch.testing.assert_close(p, base[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_merge_and_fuse_lora_in_a_rescale_block_as_peft():
+    """An adapter merged inside the block was unmerged and merged again at the scale saved on entry on leaving: after
+    ``with rescale(0.5): merge_adapter()`` the model computed at full scale (peft's: at 0.5, the merged WiSE-FT
+    model; logits 0.19 off), and ``fuse_lora(lora_scale=0.7)`` in the block ended fused at 1.0 (peft: 0.35; 0.25
+    off). Now each merge keeps the scale it was made at, as peft's, and unmerging after the block gives the base
+    weights back exactly (peft's: 0.248 off); merged at entry, an adapter is no longer refused and unmerges exactly
+    inside the block too; merge_and_unload in the block keeps the rescaled weights, as peft's."""
+    from peft.tuners.lora import LoraLayer
+
+    from deltatune import diffusion
+
     inputs = tiny_inputs("llama")
-    base = {k: p.detach().clone() for k, p in ours.named_parameters() if "lora" not in k}
     with torch.no_grad():
-        full = ours(**inputs).logits
+        reference, ours = _pair()
+        base = _base_weights(ours)
+        with rescale_adapter_scale(reference, 0.5):
+            reference.merge_adapter()
         with ours.rescale_adapter_scale(0.5):
             ours.merge_adapter()
-        torch.testing.assert_close(ours(**inputs).logits, full, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=0)
         ours.unmerge_adapter()
-        for k, p in ours.named_parameters():
-            if k in base:
-                torch.testing.assert_close(p, base[k], atol=1e-5, rtol=0)  # (was 0.248)
+        _assert_base(ours, base)
+
+        reference, ours = _pair()  # diffusers' fuse_lora(lora_scale=0.7): the active LoRA's scales times 0.7, merged
+        with rescale_adapter_scale(reference, 0.5):
+            for layer in (m for m in reference.modules() if isinstance(m, LoraLayer) and "x" in m.scaling):
+                layer.scaling["x"] *= 0.7
+            reference.merge_adapter()
+        with ours.rescale_adapter_scale(0.5):
+            diffusion.fuse_lora(ours, lora_scale=0.7)
+        torch.testing.assert_close(ours(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=0)
+        ours.unmerge_adapter()
+        _assert_base(ours, base)
+
+        _, ours = _pair()  # merged before the block: not refused; the block does not reach it (peft's), unmerge exact
+        merged = (ours.merge_adapter(), ours(**inputs).logits)[1]
+        with ours.rescale_adapter_scale(0.5):
+            torch.testing.assert_close(ours(**inputs).logits, merged, atol=0, rtol=0)
+            ours.unmerge_adapter()
+            _assert_base(ours, base)
+
+        reference, ours = _pair()
         with rescale_adapter_scale(reference, 0.5):
             expected = reference.merge_and_unload()(**inputs).logits
         with ours.rescale_adapter_scale(0.5):
             got = ours.merge_and_unload()(**inputs).logits
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+class _Layers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.conv = torch.nn.Embedding(20, 8), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.mha, self.lin = torch.nn.MultiheadAttention(8, 2, batch_first=True), torch.nn.Linear(8, 4)
+
+    def forward(self, ids):
+        h = self.conv(self.emb(ids).transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        return self.lin(self.mha(h, h, h)[0])
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_unmerge_at_the_merged_scale_every_layer_kind(dora):
+    """Linear, Embedding, Conv2d, MultiheadAttention (plain LoRA) and DoRA on the first three: a merge in a rescale
+    block computes after it as the block did (as peft's; MHA aside, whose out_proj peft adds twice), and unmerging
+    gives the base weights back to 1e-6; so does an unmerge after set_scale changed the scales since the merge (it
+    took off the update at the scale now: W off by the change), and unmerging the first of two merged adapters puts
+    the second back at its own merge's scale."""
+    torch.manual_seed(0)
+    model = _Layers().eval()
+    ids = torch.randint(0, 20, (3, 5))
+    targets = ["emb", "conv", "lin"] + ([] if dora else ["mha"])
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kwargs, init_lora_weights=False)).eval()
+    ours = dt.get_delta_model(copy.deepcopy(model), dt.LoraConfig(**kwargs)).eval()
+    dt.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(reference))
+    base = _base_weights(ours)
+    layers = [layer for _, layer in ours._layers() if hasattr(layer, "set_scale")]
+    with torch.no_grad():
+        with ours.rescale_adapter_scale(0.5):
+            inside = ours(ids)
+            ours.merge_adapter()
+        torch.testing.assert_close(ours(ids), inside, atol=1e-5, rtol=0)
+        if dora:
+            with rescale_adapter_scale(reference, 0.5):
+                reference.merge_adapter()
+            torch.testing.assert_close(ours(ids), reference(ids), atol=1e-5, rtol=0)
+        ours.unmerge_adapter()
+        _assert_base(ours, base)
+        ours.merge_adapter()
+        for layer in layers:
+            layer.set_scale("default", 0.3)
+        ours.unmerge_adapter()
+        _assert_base(ours, base)
+
+        torch.manual_seed(2)
+        ours.add_adapter("b", dt.LoraConfig(r=2, lora_alpha=2, target_modules=["lin"], init_lora_weights=False))
+        lin = ours.get_base_model().lin
+        lin_base = lin.base_layer.weight.clone()
+        lin.lora_B["b"].weight.normal_()
+        ours.merge_adapter(["default"])
+        ours.merge_adapter(["b"])
+        merged_b = lin.delta_weight("b")
+        for layer in layers:
+            layer.set_scale("default", 0.5), layer.set_scale("b", 0.25)
+        lin.unmerge("default")
+        torch.testing.assert_close(lin.base_layer.weight, lin_base + merged_b, atol=1e-6, rtol=0)
+        ours.unmerge_adapter()
+        _assert_base(ours, base)
 
 
 def test_rescale_adapter_scale_at_the_top_level():

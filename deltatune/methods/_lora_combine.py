@@ -272,14 +272,18 @@ def _svd(layer: Any, name: str, kind: str, held: list[tuple[str, float]], densit
 def rescale_adapter_scale(model: Any, multiplier: float) -> Iterator[None]:
     """Within the block every LoRA layer's scales (each adapter's alpha / r, active or not) are ``multiplier`` times
     what they were, as ``peft.helpers.rescale_adapter_scale`` (``multiplier`` in [0, 1]: WiSE-FT's interpolation of
-    the base and the tuned model); on leaving they are what they were again, an exception or not, and an adapter
-    merged in the block holds its update at that scale in the base weights again. ``model``: a
+    the base and the tuned model); on leaving they are what they were again, an exception or not. ``model``: a
     DeltaModel, or any module holding LoRA layers (``inject_adapter_in_model``'s); ``model.rescale_adapter_scale``.
+
+    As peft's, an adapter merged into the base weights holds its update at the scale it was merged at, which the
+    block does not change: merged before the block, the block does not reach it; merged inside (``merge_adapter``,
+    ``fuse_lora(lora_scale)``), it stays merged at the block's scale after it (the WiSE-FT model, as peft's). Unlike
+    peft's, an unmerge takes off the update at the scale it went in at, so the base weights come back exactly
+    (peft's unmerge after the block subtracts the full-scale update: W 0.248 off).
 
     Raises:
         TypeError: ``multiplier`` is not a number (peft's check).
-        ValueError: a NaN or infinite multiplier; the model holds no LoRA layer (peft's); a LoRA merged into the base weights, which its scale no
-            longer reaches (and unmerging inside the block would take off the rescaled update): unmerge first.
+        ValueError: a NaN or infinite multiplier (peft takes it: NaN outputs); the model holds no LoRA layer (peft's).
     """
     if not isinstance(multiplier, (float, int)):
         raise TypeError(f"rescale_adapter_scale: multiplier should be of type float, got {type(multiplier)}")
@@ -289,23 +293,14 @@ def rescale_adapter_scale(model: Any, multiplier: float) -> Iterator[None]:
     layers = [module for module in modules if isinstance(module, _LoraBase)]
     if not layers:
         raise ValueError("rescale_adapter_scale: scaling is only supported for models with LoRA layers")
-    if merged := sorted({name for layer in layers for name in layer.merged_adapters if name in layer.scaling}):
-        raise ValueError(f"rescale_adapter_scale: {', '.join(merged)} is merged into the base weights, which its "
-                         "scale no longer reaches; unmerge_adapter() first")  # fmt: skip
     saved = [(layer, dict(layer.scaling)) for layer in layers]
     for layer, scaling in saved:
         layer.scaling.update({name: scale * multiplier for name, scale in scaling.items()})
     try:
         yield
-    finally:  # the scales as they were (an adapter added or deleted in the block: its own, or none)
-        present = {id(module) for module in model.modules()}  # (merge_and_unload in the block: the merge stays)
-        for layer, scaling in saved:
-            merged = list(layer.merged_adapters) if id(layer) in present else []  # merged in the block (peft leaves
-            for name in reversed(merged):  # the rescaled update in W, and a later unmerge takes off the whole one)
-                layer.unmerge(name)
+    finally:  # the scales as they were (an adapter added or deleted in the block: its own, or none); a merge made
+        for layer, scaling in saved:  # in the block keeps the scale it was made at (each layer records it)
             layer.scaling.update({name: scale for name, scale in scaling.items() if name in layer.scaling})
-            for name in merged:  # merged again at the scale restored, as merge_adapter after the block would
-                layer.merge(name)
 
 
 MODEL_FUNCTIONS = {"add_weighted_adapter": add_weighted_adapter, "rescale_adapter_scale": rescale_adapter_scale}

@@ -13,6 +13,8 @@ is stored (1, c_out, 1, ...), one per output channel (methods/_dora_layers.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,8 @@ class _LoraBase(DeltaLayer):
     """Per-adapter state shared by the LoRA layer types (scaling, dropout, DoRA magnitude, merge cache)."""
 
     adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    supports_row_adapters, merge_state, merge_checks = True, ("_dora_norm",), (inits.check_bias_merge,)
+    supports_row_adapters, merge_checks = True, (inits.check_bias_merge,)
+    merge_state = ("_dora_norm", "_merged_scaling")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -45,6 +48,7 @@ class _LoraBase(DeltaLayer):
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self._dora_norm: dict[str, torch.Tensor] = {}  # the row norms a DoRA merge divided by, for unmerge
+        self._merged_scaling: dict[str, float] = {}  # the scale each merged adapter's update went in at
 
     def _add_common(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, rslora
@@ -82,6 +86,25 @@ class _LoraBase(DeltaLayer):
     def _initial_scale(self, name: str) -> float:
         r, alpha = self.r[name], self.lora_alpha[name]
         return alpha / math.sqrt(r) if self.use_rslora[name] else alpha / r
+
+    def unmerge(self, name: str) -> None:
+        """``DeltaLayer.unmerge``: the update taken off at the scale it was merged at (a scale changed since, by
+        ``set_scale`` or ``rescale_adapter_scale``, does not reach the merged weights), the adapters merged after it
+        put back at theirs."""
+        super().unmerge(name)
+        if name not in self.merged_adapters:
+            self._merged_scaling.pop(name, None)
+
+    @contextmanager
+    def _merge_scale(self, name: str) -> Iterator[None]:
+        """``scaling[name]`` as the merge of ``name`` used it (recorded by its merge) while its update is written to or
+        taken off the weights (unmerge, and the redos of unmerge and of a DoRA merge's ``_unmerged_base``)."""
+        now = self.scaling[name]
+        self.scaling[name] = self._merged_scaling.setdefault(name, now)
+        try:
+            yield
+        finally:
+            self.scaling[name] = now
 
     @property
     def _weight(self) -> torch.Tensor:
@@ -151,17 +174,18 @@ class _LoraBase(DeltaLayer):
         safe = self.safe_merged.get(name, False) if safe is None else safe
         inits.check_bias_merge(self, name)
         self._dequantize_base()
-        weight = self._weight
-        delta = self.delta_weight(name, merging=True)
-        if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept for unmerge
-            # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
-            # _unmerged_base_weight, which merges them back with this merge's safe_merge); W itself holds them.
-            merge_weight(self, name, weight, delta, self._unmerged_base(safe) if base is None else base)
-        elif safe and not isinstance(self.base_layer, DequantizedLinear):  # peft's bitsandbytes merge: plain's sum
-            weight.add_(delta.to(weight.dtype))  # peft's safe merge: an fp32 delta rounded to a bf16 W, then added
-        else:
-            weight.add_(delta)  # peft's plain merge: added in fp32, rounded once
-        inits.add_bias(self, name, 1)
+        with self._merge_scale(name):  # its scale now, or (a redo) the one it was merged at
+            weight = self._weight
+            delta = self.delta_weight(name, merging=True)
+            if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept
+                # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
+                # _unmerged_base_weight, which merges them back with this merge's safe_merge); W itself holds them.
+                merge_weight(self, name, weight, delta, self._unmerged_base(safe) if base is None else base)
+            elif safe and not isinstance(self.base_layer, DequantizedLinear):  # peft's bitsandbytes merge: plain's
+                weight.add_(delta.to(weight.dtype))  # peft's safe merge: an fp32 delta rounded to a bf16 W, added
+            else:
+                weight.add_(delta)  # peft's plain merge: added in fp32, rounded once
+            inits.add_bias(self, name, 1)
 
     def _unmerged_base(self, safe: bool) -> torch.Tensor:
         """The base weight without the adapters merged into it (taken out, copied, merged back in turn)."""
@@ -176,13 +200,14 @@ class _LoraBase(DeltaLayer):
         return base
 
     def _unmerge_weights(self, name: str) -> None:
-        weight = self._weight
-        delta = self.delta_weight(name, merging=True)
-        if name in self.lora_magnitude_vector:
-            unmerge_weight(self, name, weight, delta)
-        else:  # the delta rounded, then subtracted: peft's unmerge (its merge adds, then rounds)
-            weight.sub_(delta.to(weight.dtype))
-        inits.add_bias(self, name, -1)
+        with self._merge_scale(name):  # the update as it was merged, whatever the scale now
+            weight = self._weight
+            delta = self.delta_weight(name, merging=True)
+            if name in self.lora_magnitude_vector:
+                unmerge_weight(self, name, weight, delta)
+            else:  # the delta rounded, then subtracted: peft's unmerge (its merge adds, then rounds)
+                weight.sub_(delta.to(weight.dtype))
+            inits.add_bias(self, name, -1)
 
     _rows_dim, _dora = 0, staticmethod(dora)  # the stored weight's dimension that indexes outputs; DoRA's update
 

@@ -39,7 +39,7 @@ class LoraMultiheadAttention(_LoraBase):
     ``out_proj.weight`` (``out_lora_A``, ``out_lora_B``, saved under peft's ``base_layer.out_proj.`` names)."""
 
     adapter_attrs = ("lora_A", "lora_B", "out_lora_A", "out_lora_B")
-    supports_row_adapters, merge_state, merge_checks = False, (), ()  # peft: no mixed batches on MHA
+    supports_row_adapters, merge_state, merge_checks = False, ("_merged_scaling",), ()  # peft: no mixed batches
 
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         super().__init__(base_layer)
@@ -123,10 +123,12 @@ class LoraMultiheadAttention(_LoraBase):
         return out.to(query.dtype), None if attn is None else attn.to(query.dtype)
 
     def _merge_weights(self, name: str, base: torch.Tensor | None = None, safe: bool | None = None) -> None:
-        self._add_deltas(name, 1)
+        with self._merge_scale(name):  # its scale now, or (a redo) the one it was merged at
+            self._add_deltas(name, 1)
 
     def _unmerge_weights(self, name: str) -> None:
-        self._add_deltas(name, -1)
+        with self._merge_scale(name):  # the update as it was merged, whatever the scale now
+            self._add_deltas(name, -1)
 
     def _add_deltas(self, name: str, sign: int) -> None:
         base = self.base_layer
