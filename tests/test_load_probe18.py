@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -359,3 +360,54 @@ def test_without_locks_a_staging_folder_is_stale_by_its_pid_on_this_host_else_by
     embedded.resolve("fake")
     assert len(calls) == 1 and not any(g.exists() for g in gone) and all(k.exists() for k in kept)
     assert embedded._staging_prefix(cache / name) == f".{name}.{host}.{os.getpid()}."
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line_before_converting(tmp_path):
+    """The cache folder exists with its .lock file (an earlier run's) but is not writable: the conversion ran (30 s
+    for smollm2) and mkdtemp's PermissionError came after it. Run as another user than root (root writes anyway)."""
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="deltatune-ro-"))
+    try:
+        base.chmod(0o755)
+        pkg, cache = base / "pkg", base / "cache"
+        pkg.mkdir()
+        (pkg / "model.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+        cache.mkdir()
+        name = f"fake-{embedded._fingerprint(pkg / 'model.gguf')}"
+        (cache / f".{name}.lock").touch()
+        (cache / f".{name}.lock").chmod(0o666)
+        cache.chmod(0o555)
+        command = [sys.executable, "-c", _RO_CHILD, str(base)]
+        if os.geteuid() == 0:
+            if not shutil.which("setpriv"):
+                pytest.skip("root writes any folder, and setpriv (to run as nobody) is not installed")
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert child.stdout == (
+            f"ConfigError model 'fake' is converted once into {cache}, which cannot be written (Permission denied): "
+            "set DELTATUNE_CACHE to a writable folder\n"
+        ), child.stderr
+        assert sorted(p.name for p in cache.iterdir()) == [f".{name}.lock"]
+    finally:
+        (base / "cache").chmod(0o755)
+        shutil.rmtree(base)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+_RO_CHILD = """
+import os, sys, tempfile
+from pathlib import Path
+from deltatune.train import embedded
+base = Path(sys.argv[1])
+e = embedded.Embedded("fake", "fake_pkg", "org/fake-model", "pip install fake", "model.gguf")
+embedded.EMBEDDED["fake"] = e
+embedded._package_dir = lambda _e: base / "pkg"
+os.environ["DELTATUNE_CACHE"] = str(base / "cache")
+def convert(_pkg, _e, folder):  # the real conversion's write step (after its 30 s of loading)
+    print("converted", file=sys.stderr)
+    tempfile.mkdtemp(prefix=embedded._staging_prefix(folder), dir=folder.parent)
+embedded._convert = convert
+try:
+    embedded.resolve("fake")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""

@@ -119,6 +119,8 @@ def resolve(name_or_path: str, convert: bool = True) -> str:
         raise ConfigError(f"model {name_or_path!r} has no converted copy in {folder}")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder.parent, os.W_OK | os.X_OK):  # (its .lock may be there: mkdtemp failed after 30 s)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         lock = open(folder.parent / f".{folder.name}.lock", "a")  # noqa: SIM115 (closed by the with below)
     except OSError as exc:
         raise _unwritable(name_or_path, folder.parent, exc) from None
@@ -268,7 +270,10 @@ def _convert(pkg: Path, e: Embedded, folder: Path) -> None:
             raise RuntimeError(f"GGUF conversion of {e.name}: the converted model's logits differ from the GGUF's")
     model.generation_config = gguf_model.generation_config
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(folder), dir=folder.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(folder), dir=folder.parent))
+    except OSError as exc:  # (writable when resolve checked it)
+        raise _unwritable(e.name, folder.parent, exc) from None
     try:
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
