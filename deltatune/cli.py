@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     previous = _on_sigterm()
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        if sys.stdout is not None:  # flushed here, not at exit: a reader gone by then is this except's (it was 120)
+            sys.stdout.flush()
+        return code
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever torch was; 130 as shells expect
         if args.debug:
             raise
@@ -90,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(exc, BrokenPipeError) and _stdout_gone():  # (data inspect F | head: it has what it wanted)
-            if args.command == "train":  # a run stopped by it is said so
-                print(f"deltatune train: stopped: its output's reader left{_resumable(args)}", file=sys.stderr)
+            if args.command == "train":  # a run stopped by it is said so; one finished, its summary unread, too
+                _say(_reader_left(args))
             return 141
         if type(exc).__name__ == "NonFiniteLossError":
             print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
@@ -121,6 +124,30 @@ def _stdout_gone() -> bool:
         return True
     except (AttributeError, OSError, ValueError):  # no poll (Windows), stdout not a file
         return False
+
+
+def _reader_left(args) -> str:
+    """The line for a train whose output's reader left: stopped (how it goes on), or finished, the reader gone before
+    the summary printed after train() returned (samples, metrics): "--resume continues" sent it to a refusal."""
+    if getattr(args, "finished", False):
+        return (
+            "deltatune train: finished; its output's reader left before the summary (metrics.json and report.md are "
+            f"in {args.out_dir})"
+        )
+    return f"deltatune train: stopped: its output's reader left{_resumable(args)}"
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr, unless stderr is the same gone pipe (``2>&1 | head``): then nothing, and stderr sent to
+    devnull so the interpreter's last flush raises nothing (a second BrokenPipeError in the except: exit 1)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
 
 
 def _resumable(args) -> str:
@@ -209,6 +236,7 @@ def _train(args) -> int:
         print(f"deltatune train: note: {key} is read by stage {stages} only; stage {cfg.stage} ignores it",
               file=sys.stderr)  # fmt: skip
     metrics = train(cfg, overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed)
+    args.finished = True  # (a reader gone from here on: the run is done, not one to --resume)
     _print_change(metrics)
     samples = os.path.join(cfg.output.dir, "samples.json")
     if cfg.output.samples and os.path.isfile(samples):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -212,3 +213,72 @@ def test_info_on_a_run_folder_with_no_adapter_yet_names_it_a_run(tmp_path, capsy
         "base model: give the run's model.name_or_path\n"
     )
     assert sorted(p.name for p in run.iterdir()) == ["log_history.jsonl", "run.yaml"]
+
+
+_TRAIN_CHILD = r"""
+import os, select, sys, time, types
+import deltatune.cli as cli, deltatune.train as train_pkg, deltatune.train.config as train_config
+
+out, when = sys.argv[1], sys.argv[2]
+cfg = types.SimpleNamespace(output=types.SimpleNamespace(dir=out, samples=False), stage="sft")
+vars(train_pkg)["load_recipe"] = lambda path, overrides: cfg
+train_config.ignored_keys = lambda cfg: []
+
+
+def reader_gone():  # the step line read, the pipe closed by its reader (head -1)
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    while not any(events & select.POLLERR for _, events in poll.poll(0)):
+        time.sleep(0.01)
+
+
+def train(cfg, **kwargs):
+    os.makedirs(os.path.join(out, "checkpoint-10"))
+    print("step 10 loss 1.0", flush=True)
+    reader_gone()
+    if when == "mid":  # the next step's line
+        print("step 20 loss 0.9", flush=True)
+    return {"eval_loss": 0.9}  # finished: the summary's lines come after
+
+
+vars(train_pkg)["train"] = train
+sys.exit(cli.main(["train", "r.yaml"]))
+"""
+
+
+def _train_piped_into_head(out, when, stderr=subprocess.PIPE):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as a user's
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TRAIN_CHILD, str(out), when], stdout=subprocess.PIPE, stderr=stderr, env=env
+    )
+    assert proc.stdout.readline().decode() == "step 10 loss 1.0\n"
+    proc.stdout.close()  # head -1 exits
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    return proc.wait(timeout=60), err
+
+
+def test_a_finished_train_whose_reader_left_is_not_sent_to_resume(tmp_path):
+    """``deltatune train r.yaml | head -5``: the summary, samples, "adapter ... written to" and the metrics are printed
+    after train() returned. A reader gone by then read "stopped: its output's reader left; --resume continues from its
+    newest checkpoint" (--resume refuses a finished run), or, the summary short enough to sit in stdout's buffer until
+    exit, "Exception ignored ... BrokenPipeError" and exit 120. Now it says the run finished and where its results
+    are; a run stopped mid-way by its reader still names --resume."""
+    rc, err = _train_piped_into_head(tmp_path / "done", "finished")
+    assert (rc, err) == (
+        141,
+        "deltatune train: finished; its output's reader left before the summary (metrics.json and report.md are in "
+        f"{tmp_path / 'done'})\n",
+    )
+    rc, err = _train_piped_into_head(tmp_path / "mid", "mid")
+    assert (rc, err) == (
+        141,
+        "deltatune train: stopped: its output's reader left; --resume continues from its newest checkpoint\n",
+    )
+
+
+def test_train_piped_with_its_stderr_into_head_ends_with_141(tmp_path):
+    """``deltatune train r.yaml 2>&1 | head -1``: stderr is the same gone pipe, so the "reader left" line raised a
+    second BrokenPipeError inside the except (a traceback nobody sees, exit 1). Now that line is dropped: 141, as
+    with stdout alone."""
+    for when in ("mid", "finished"):
+        assert _train_piped_into_head(tmp_path / when, when, stderr=subprocess.STDOUT) == (141, ""), when
