@@ -282,3 +282,30 @@ def test_train_piped_with_its_stderr_into_head_ends_with_141(tmp_path):
     with stdout alone."""
     for when in ("mid", "finished"):
         assert _train_piped_into_head(tmp_path / when, when, stderr=subprocess.STDOUT) == (141, ""), when
+
+
+def test_a_wrong_closer_after_a_comma_is_no_trailing_comma(tmp_path):
+    """``[1,}`` and ``{"a": 1, ]`` were named "a trailing comma" at the comma. Python 3.13's json names a trailing comma
+    only where the closer after it closes what it is in (``]`` in a list, ``}`` in an object); here the closer is the
+    fault, and the message is json's own at it, as on 3.11 (its column: the closer's). A real one still reads so."""
+    import pytest
+
+    from deltatune.data.load import DataError
+
+    cases = [
+        ("c.json", '{"text": "x", "b": [1,}\n', 23),  # hand count: the '}' is the 23rd character
+        ("d.jsonl", '{"text": "x",  ]\n', 16),
+        ("e.json", '[{"text": "x"},\n}\n', 1),
+    ]
+    for name, text, column in cases:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(json.JSONDecodeError) as ref:
+            json.loads(text)
+        assert (ref.value.colno, text.splitlines()[ref.value.lineno - 1][column - 1]) == (column, text.rstrip()[-1])
+        with pytest.raises(DataError) as err:
+            read_rows(str(tmp_path / name))
+        where = f"{tmp_path / name}:{ref.value.lineno}"
+        assert str(err.value) == f"{where}: not valid JSON ({ref.value.msg} at column {column})", str(err.value)
+    (tmp_path / "t.json").write_text('{"text": "x", "b": [1,]}\n')
+    with pytest.raises(DataError, match=r"t\.json:1: not valid JSON \(a trailing comma at column 22: "):
+        read_rows(str(tmp_path / "t.json"))

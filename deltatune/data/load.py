@@ -188,11 +188,14 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
 def _json_fault(exc: json.JSONDecodeError) -> tuple[int, str]:
     """(line, what and at which column) of a JSON error; a trailing comma (``[{...},\n]``, ``{"a": 1,}``) named at
     the comma: Python before 3.13 says "Expecting value" at the bracket after it, a line further down in a spread-out
-    file (3.13 names the comma, as here)."""
+    file (3.13 names the comma, as here). As 3.13, only where the closer after the comma closes what it is in: a
+    ``]`` in a list ("Expecting value"), a ``}`` in an object ("Expecting property name"); ``[1,}`` is no trailing
+    comma but a wrong closer."""
     doc, pos = exc.doc, exc.pos
     before = doc[:pos].rstrip()
+    expected = {"]": "Expecting value", "}": "Expecting property name"}.get(doc[pos : pos + 1])
     trailing = exc.msg.startswith("Illegal trailing comma") or (
-        pos < len(doc) and doc[pos] in "]}" and before.endswith(",") and exc.msg.startswith("Expecting")
+        before.endswith(",") and expected is not None and exc.msg.startswith(expected)
     )
     if not trailing:
         return exc.lineno, f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
