@@ -366,8 +366,8 @@ def _refusal(name_or_path: str, path: str, error: str, trusted: bool) -> str | N
         )
     if "Should have a `model_type` key" in error:
         return (
-            f"model {name_or_path!r}: its config.json has no model_type (and the folder's name names no model "
-            "type transformers knows): add the model_type of its architecture (llama, bert, ...)"
+            f"model {name_or_path!r}: its config.json has no model_type: add the model_type of its architecture "
+            "(llama, bert, ...)"
         )
     if "ignore_mismatched_sizes" in error:
         return (
