@@ -173,6 +173,24 @@ def test_a_damaged_shard_index_is_one_line_naming_it(tiny_base, tmp_path):
     AutoTokenizer.from_pretrained(folder)  # (its tokenizer does not read the index)
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"])
+def test_a_damaged_index_transformers_never_reads_is_not_refused(tiny_base, tmp_path, weights):
+    """Every *.index.json was checked: a damaged leftover pytorch_model.bin.index.json beside model.safetensors (or
+    pytorch_model.bin, or a safetensors index) was refused though transformers loads the folder."""
+    from safetensors.torch import load_file
+
+    folder = _copy(tiny_base, tmp_path, "m")
+    if weights == "pytorch_model.bin":
+        torch.save(load_file(folder / "model.safetensors"), folder / weights)
+        (folder / "model.safetensors").unlink()
+    elif weights == "model.safetensors.index.json":
+        _shard(folder)
+    (folder / "pytorch_model.bin.index.json").write_text('{"weight_map": ')
+    ids = torch.tensor([[5, 9, 200, 7]])
+    want = AutoModelForCausalLM.from_pretrained(folder)(ids).logits  # the reference loads it
+    assert torch.equal(load_model(str(folder), "CAUSAL_LM")(ids).logits, want)
+
+
 def test_a_local_folder_named_like_an_embedded_model_is_recorded_by_its_path(tiny_base, tmp_path, monkeypatch):
     """``resolve('minilm')`` loads a folder named minilm in the working directory, as transformers would; its
     adapters recorded MiniLM's hub id as their base (a run loaded back on another model)."""

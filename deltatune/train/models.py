@@ -317,7 +317,7 @@ def check_model_folder(name_or_path: str, path: str) -> None:
     if not os.path.isdir(path):
         return
     if os.path.isfile(os.path.join(path, "config.json")):
-        for file in ["config.json"] + sorted(f for f in os.listdir(path) if f.endswith(".index.json")):
+        for file in filter(None, ("config.json", _read_index(path))):
             if problem := json_problem(os.path.join(path, file)):
                 raise ConfigError(f"model {name_or_path!r}: {file} {problem}")
         return
@@ -328,6 +328,22 @@ def check_model_folder(name_or_path: str, path: str) -> None:
             f"({base or 'base_model_name_or_path'}) as the model and load the adapter on it"
         )
     raise ConfigError(f"model {name_or_path!r} holds no config.json: not a transformers model folder")
+
+
+_WEIGHTS_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+"""The weights files transformers' from_pretrained reads from a local folder: the first of them there."""
+
+
+def _read_index(path: str) -> str | None:
+    """The shard index transformers reads in the model folder ``path``: none beside a single weights file it reads
+    first (a leftover pytorch_model.bin.index.json beside model.safetensors is never opened)."""
+    first = next((f for f in _WEIGHTS_FILES if os.path.isfile(os.path.join(path, f))), None)
+    return first if first and first.endswith(".index.json") else None
 
 
 def json_problem(file: str) -> str | None:
