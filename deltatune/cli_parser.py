@@ -82,6 +82,11 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _is_help(arg: str) -> bool:
+    """-h, --help, or an abbreviation argparse takes for it (--he, --hel: no other flag of train's starts so)."""
+    return arg == "-h" or len(arg) > 2 and "--help".startswith(arg)
+
+
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
     p = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning of transformer models.")
     p.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback")
@@ -95,7 +100,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         description="Fine-tune with a YAML recipe. Example:\n  deltatune train recipes/sst2-lora.yaml "
         "method.r=16 train.lr=1e-4",
         # (built for --help alone: it imports torch and every method, 4 s outside main's Ctrl-C handling)
-        epilog=_train_help() if "train" in argv and ("-h" in argv or "--help" in argv) else None,
+        epilog=_train_help() if "train" in argv and any(_is_help(a) for a in argv) else None,
     )
     t.add_argument("recipe", help="the recipe YAML")
     # default: argparse takes a nargs="*" positional without one as required ("required: recipe, overrides")

@@ -309,3 +309,18 @@ def test_a_wrong_closer_after_a_comma_is_no_trailing_comma(tmp_path):
     (tmp_path / "t.json").write_text('{"text": "x", "b": [1,]}\n')
     with pytest.raises(DataError, match=r"t\.json:1: not valid JSON \(a trailing comma at column 22: "):
         read_rows(str(tmp_path / "t.json"))
+
+
+def test_train_help_abbreviated_lists_the_recipe_keys():
+    """argparse takes --h, --he and --hel for --help (no other flag of train's starts so), but only -h and --help
+    built the epilog: ``deltatune train --hel`` showed the flags without the recipe keys. Now each shows the same help
+    as --help, checked against argparse's own reading of the abbreviation."""
+    code = (
+        "import contextlib, io, sys; from deltatune.cli_parser import _parser\n"
+        "for flag in ['--help', '--hel', '--he', '--h', '-h']:\n"
+        "    out = io.StringIO(); p = _parser(['train', flag])\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit): p.parse_args(['train', flag])\n"
+        "    print(flag, out.getvalue().startswith('usage: deltatune train'), 'recipe keys' in out.getvalue())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:-1] == [f"{flag} True True" for flag in ["--help", "--hel", "--he", "--h", "-h"]]
