@@ -412,6 +412,8 @@ def hotswap_lora(delta: DeltaModel, name: str, config, modules: dict[str, dict[s
         m: layer.scaling[name] * (math.sqrt(ranks[m]) if config.use_rslora else ranks[m])
         for m, layer in layers.items()
     }
+    for m, layer in layers.items():  # and so do the layers' own, which set_scale / unscale_layer start from
+        layer.r[name], layer.lora_alpha[name], layer.use_rslora[name] = ranks[m], alphas[m], config.use_rslora
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     delta.peft_config[name] = dataclasses.replace(
         config,

@@ -233,3 +233,29 @@ def test_layer_set_scale_scale_layer_unscale_layer_as_peft():
         with torch.no_grad():
             torch.testing.assert_close(ours(**inputs).logits, reference(**inputs).logits, atol=1e-6, rtol=0)
     assert [(m.r, m.lora_alpha, m.use_rslora) for m in mine] == [(m.r, m.lora_alpha, m.use_rslora) for m in theirs]
+
+
+def test_hotswap_sets_the_layers_r_and_alpha(tmp_path):
+    """load_lora(hotswap=True) wrote each layer's new scale but left its r / lora_alpha / use_rslora at the old
+    adapter's, so set_scale(name, 1.0) after swapping in b (alpha 2, scale 0.5) gave a's 2.0 back, and
+    unscale_layer() after d (r 8, alpha 3) too (peft's hotswap has the same flaw). Now they are the config the swap
+    writes, and both give the swapped-in scale."""
+    pytest.importorskip("diffusers")
+    from diffusion.test_lora_files import tiny_unet
+    from test_t2i_probe14 import _files
+
+    files = _files(tmp_path)
+    ours = dt.load_lora(tiny_unet(), files["a"], prefix="unet")
+    dt.load_lora(ours, files["b"], prefix="unet", hotswap=True)
+    layers = [layer for _, layer in ours._layers() if "default" in getattr(layer, "scaling", {})]
+    config = ours.peft_config["default"]
+    assert {(layer.r["default"], layer.lora_alpha["default"]) for layer in layers} == {(config.r, config.lora_alpha)}
+    for layer in layers:
+        layer.set_scale("default", 1.0)
+    assert {layer.scaling["default"] for layer in layers} == {0.5}  # (was 2.0, a's)
+    dt.load_lora(ours, files["d"], prefix="unet", hotswap=True)
+    swapped = [layer for layer in layers if layer.lora_A["default"].weight.shape[0] == 8]
+    assert swapped and {layer.scaling["default"] for layer in swapped} == {0.375}
+    for layer in swapped:
+        layer.unscale_layer()
+    assert {layer.scaling["default"] for layer in swapped} == {0.375}  # (was 2.0)
