@@ -85,6 +85,37 @@ def test_clip_ratio_low_min_and_high_max_are_trls(policy, tmp_path, monkeypatch,
     assert [stats["clip_ratio/low_min"], stats["clip_ratio/high_max"]] == pytest.approx(want, abs=1e-6)
 
 
+@pytest.mark.parametrize("seed", [2])  # (seeds 0, 1, 3: in-order chunks happen to give TRL's values)
+def test_clip_extremes_at_s1_are_over_trls_shuffled_micro_batches(policy, tmp_path, monkeypatch, seed):  # noqa: F811
+    """steps_per_generation 1, align.mini_batch_size 4 of 8 completions (TRL's gradient_accumulation_steps 2), grpo:
+    the loop trains in order (the same weights as TRL's shuffled micro-batches; nothing drawn from torch's RNG) but
+    takes clip_ratio/low_min and high_max over TRL's micro-batches, the permutation TRL's shuffle draws (a fork of
+    the RNG). They were taken over the in-order chunks (one prompt's group each): high_max 0.389 where TRL's is
+    0.222; the RNG after the step is as before (test_grpo_probe15's in-order test)."""
+    import copy
+
+    import test_grpo_probe15 as p15
+    import torch
+    import trl.trainer.grpo_trainer as gt
+
+    monkeypatch.setattr(p15, "SHUFFLE_SEED", seed)
+    seen, real = [], gt.GRPOTrainer._compute_loss
+
+    def compute_loss(self, model, inputs):
+        loss = real(self, model, inputs)
+        seen.append([self._metrics["train"][k][-1] for k in ("clip_ratio/low_min", "clip_ratio/high_max")])
+        return loss
+
+    monkeypatch.setattr(gt.GRPOTrainer, "_compute_loss", compute_loss)
+    _trl_run(copy.deepcopy(policy[0]), tmp_path, monkeypatch, 1, 3, "grpo", {}, ga=2)
+    stats, *_ = _ours(copy.deepcopy(policy[0]), 1, 3, "grpo", {}, monkeypatch, mini_batch_size=4)
+    after = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    assert torch.equal(after, torch.random.get_rng_state())  # (nothing drawn after the rollouts)
+    want = [sum(v) / len(v) for v in zip(*seen)]
+    assert [stats["clip_ratio/low_min"], stats["clip_ratio/high_max"]] == pytest.approx(want, abs=1e-6)
+
+
 def test_clip_extremes_by_hand_with_a_masked_completion_and_under_gspo():
     """Each completion's clipped share of its tokens, a completion with no tokens left out (TRL's nanmin / nanmax of
     masked_seq_mean), by hand; under GSPO each completion's one ratio."""

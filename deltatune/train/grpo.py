@@ -212,6 +212,8 @@ class GRPOLoop:
     def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
         """One GRPO step over a batch of prompts; returns its statistics. Each forward has an autocast region of
         its own: autocast keeps bf16 copies of the trainable weights until its region ends, so none may span an update."""
+        from .grpo_loss import clip_extremes, trl_log_mean, trl_micro_order
+
         a = self.align
         G, S = a.num_generations, a.steps_per_generation
         self.logged.clear()  # (an eval's log_metric values are not this step's)
@@ -235,14 +237,16 @@ class GRPOLoop:
         chunked = a.loss_type == "bnpo" or self.bonus.on or a.top_entropy_quantile < 1
         shuffle = S > 1 or chunked and a.mini_batch_size < n_seq
         parts = (torch.randperm(n_seq) if shuffle else torch.arange(n_seq)).to(self.device).view(S, -1)
+        micro = trl_micro_order(parts, shuffle)  # (TRL's micro-batches, its clip_ratio/low_min and high_max's)
         with self.amp():
             old = self._logprobs(s) if a.num_iterations > 1 or S > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None
         sums = dict.fromkeys(
             ("loss", "clipped", "clipped_low", "clipped_high", "clip_units", "kl", "tokens", "entropy"), 0.0
         )
-        extremes: list[tuple[float, float]] = []  # (each chunk's TRL clip_ratio/low_min and high_max)
-        for it, part in ((it, part) for it in range(a.num_iterations) for part in parts):
+        extremes: list[tuple[float, float]] = []  # (each micro-batch's TRL clip_ratio/low_min and high_max)
+        shares = torch.full((2, n_seq), float("nan"), device=self.device)  # (each completion's clipped low / high)
+        for it, part, order in ((it, *pm) for it in range(a.num_iterations) for pm in zip(parts, micro)):
             self.optimizer.zero_grad(set_to_none=True)
             n_part = n_tok / S  # (dapo, cispo: the generation batch's tokens / S, as TRL; bnpo: per chunk, below)
             for idx in (part[c] for c in self._chunks(len(part))):
@@ -269,13 +273,14 @@ class GRPOLoop:
                 sums["loss"] += loss.item() / (a.num_iterations * S)
                 for key in ("clipped", "clipped_low", "clipped_high"):
                     sums[key] += st[key].item() if key in st else 0.0
-                if "clipped_low_min" in st:
-                    extremes.append((st["clipped_low_min"].item(), st["clipped_high_max"].item()))
+                if "clipped_low_rows" in st:
+                    shares[:, idx] = torch.stack((st["clipped_low_rows"], st["clipped_high_rows"]))
                 sums["clip_units"] += st["clip_units"].item()
                 sums["tokens"] += st["tokens"].item()
                 sums["kl"] += st["kl"].item() if "kl" in st else 0.0
                 if it == 0:
                     sums["entropy"] += (entropy.detach() * m).sum().item()
+            extremes += clip_extremes(shares, order, self._chunks(len(part)))
             if self.max_grad_norm > 0:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -303,8 +308,6 @@ class GRPOLoop:
         if clip_name:  # (TRL's name for its clip statistic; sapo, which clips nothing, logs none)
             stats[clip_name] = stats["clipfrac"]
         if clip_name == "clip_ratio/region_mean":
-            from .grpo_loss import trl_log_mean
-
             for side in ("low", "high"):
                 stats[f"clip_ratio/{side}_mean"] = sums[f"clipped_{side}"] / max(sums["clip_units"], 1.0)
             for name, values in zip(("clip_ratio/low_min", "clip_ratio/high_max"), zip(*extremes)):

@@ -165,7 +165,7 @@ def grpo_loss(
         ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``; with policy clip also
         ``clipped_low_min`` and ``clipped_high_max``, the least low-clipped and the most high-clipped completion's
         fraction of its tokens (TRL's clip_ratio/low_min and high_max of a micro-batch; NaN where no completion has
-        a token).
+        a token), and each completion's (n,), ``clipped_low_rows`` and ``clipped_high_rows`` (NaN: no token).
 
     Raises:
         ValueError: an unknown loss_norm or importance_sampling_level, beta > 0 without reference log-probs, or
@@ -214,7 +214,9 @@ def grpo_loss(
     stats = {"clipped": count(took), "clip_units": units}
     if policy == "clip":  # (TRL's clip_ratio/low_mean and high_mean; low_min and high_max: of each completion's)
         stats["clipped_low"], stats["clipped_high"] = count(low), count(up)
-        stats["clipped_low_min"], stats["clipped_high_max"] = _extreme(low, mask, "min"), _extreme(up, mask, "max")
+        stats["clipped_low_rows"], stats["clipped_high_rows"] = _shares(low, mask), _shares(up, mask)
+        stats["clipped_low_min"], stats["clipped_high_max"] = (_extreme(stats[f"clipped_{k}_rows"], f)
+                                                               for k, f in (("low", "min"), ("high", "max")))  # fmt: skip
     stats["tokens"] = mask.sum().detach()
     if beta > 0:
         if ref_logprobs is None:
@@ -234,12 +236,35 @@ def grpo_loss(
     return loss, stats
 
 
-def _extreme(clipped: torch.Tensor, mask: torch.Tensor, pick: str) -> torch.Tensor:
-    """TRL's nanmin / nanmax of its masked_seq_mean: each completion's clipped fraction of its tokens (its one value
-    under GSPO; NaN for a completion with no tokens, left out), then the least or the most (NaN if none)."""
-    per = clipped.squeeze(-1) if clipped.shape[-1] == 1 else (clipped * mask).sum(-1) / mask.sum(-1)
-    per = per[~per.isnan()].detach()
+def _shares(clipped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n,) TRL's masked_seq_mean: each completion's clipped fraction of its tokens (its one value under GSPO; NaN for
+    a completion with no tokens)."""
+    return (clipped.squeeze(-1) if clipped.shape[-1] == 1 else (clipped * mask).sum(-1) / mask.sum(-1)).detach()
+
+
+def _extreme(per: torch.Tensor, pick: str) -> torch.Tensor:
+    """TRL's nanmin / nanmax of ``_shares``: the least or the most, NaNs left out (NaN if none is left)."""
+    per = per[~per.isnan()]
     return getattr(per, pick)() if per.numel() else torch.tensor(float("nan"))
+
+
+def trl_micro_order(parts: torch.Tensor, shuffled: bool) -> torch.Tensor:
+    """The rows of each update's slice (``parts``, (S, N / S)) in the order of TRL's micro-batches, which its
+    clip_ratio/low_min and high_max are taken over: ``parts`` where the step shuffled the generation batch (its
+    align.mini_batch_size chunks are TRL's micro-batches); else (steps_per_generation 1 with a loss the chunks do not
+    change, trained in order: the same weights) the permutation TRL's shuffle draws, from a fork of torch's RNG, so
+    the step's later draws (the next rollouts) are those of a run before: a seeded run samples as it did."""
+    if shuffled:
+        return parts
+    with torch.random.fork_rng(devices=[]):
+        return torch.randperm(parts.numel()).to(parts.device).view_as(parts)
+
+
+def clip_extremes(shares: torch.Tensor, order: torch.Tensor, chunks: Sequence[slice]) -> list[tuple[float, float]]:
+    """Each micro-batch's TRL clip_ratio/low_min and high_max in an update: ``shares`` (2, N) holds each completion's
+    low- and high-clipped share of its tokens (``grpo_loss``'s clipped_low_rows and clipped_high_rows), ``order`` the
+    update's rows in TRL's micro-batch order (``trl_micro_order``), cut into ``chunks``."""
+    return [(_extreme(shares[0, order[c]], "min").item(), _extreme(shares[1, order[c]], "max").item()) for c in chunks]
 
 
 def trl_log_mean(values: Sequence[float]) -> float | None:
