@@ -33,10 +33,8 @@ def _build(name: str, task: str | None):
             + (f": its base is {base!r}" if base else "")
         )
     if os.path.isfile(os.path.join(folder, "run.yaml")) and not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ConfigError(  # (a run stopped before its first save: it read "the folder holds no config.json")
-            f"{name!r} is a run folder (run.yaml) with no adapter saved in it yet; info describes a base model: give "
-            "the run's model.name_or_path"
-        )
+        # (a run with no adapter at its top yet: it read "the folder holds no config.json", as for a broken model)
+        raise ConfigError(_run_folder(name, folder))
     if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
         pipeline = os.path.isfile(os.path.join(folder, "model_index.json"))  # a diffusers pipeline: its parts have one
         raise ConfigError(
@@ -66,6 +64,40 @@ def _build(name: str, task: str | None):
         f"--task {task} does not fit model {name!r} (model_type {mtype})" if task
         else f"model {name!r}: no task's auto class builds model_type {mtype}"
     )  # fmt: skip
+
+
+ADAPTER = "adapter_config.json"
+
+
+def _run_folder(name: str, folder: str) -> str:
+    """What a run folder with no adapter at its top is: one its checkpoints hold so far (the newest named), or none
+    saved yet; and its base, read from its run.yaml (model.name_or_path), where it reads."""
+    from .train.runs import read_recipe
+
+    steps = [n.removeprefix("checkpoint-") for n in _listdir(folder) if n.startswith("checkpoint-")]
+    saved = [
+        int(s) for s in steps if s.isdecimal() and os.path.isfile(os.path.join(folder, f"checkpoint-{s}", ADAPTER))
+    ]
+    try:
+        model = read_recipe(folder).get("model")
+        base = model.get("name_or_path") if isinstance(model, dict) else None
+    except ConfigError:  # (not YAML, not a mapping: the base unread, as before)
+        base = None
+    where = "no adapter saved in it yet"
+    if saved:  # (the Trainer saves the adapter into each checkpoint-N; the run's top gets it when it ends)
+        where = (
+            f"its adapter in checkpoints alone so far (the newest: {os.path.join(name, f'checkpoint-{max(saved)}')!r})"
+        )
+    return f"{name!r} is a run folder (run.yaml) with {where}; info describes a base model: " + (
+        f"its base is {base!r}" if isinstance(base, str) and base else "give the run's model.name_or_path"
+    )
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 def describe(name: str, task: str | None = None) -> str:

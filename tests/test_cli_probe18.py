@@ -210,9 +210,36 @@ def test_info_on_a_run_folder_with_no_adapter_yet_names_it_a_run(tmp_path, capsy
     assert main(["info", str(run)]) == 2
     assert capsys.readouterr().err == (
         f"deltatune info: error: '{run}' is a run folder (run.yaml) with no adapter saved in it yet; info describes a "
-        "base model: give the run's model.name_or_path\n"
+        "base model: its base is 'minilm'\n"
     )
     assert sorted(p.name for p in run.iterdir()) == ["log_history.jsonl", "run.yaml"]
+
+
+def test_info_on_a_run_folder_with_checkpoints_points_at_the_newest(tmp_path, capsys):
+    """A run folder with checkpoint-N/ (each an adapter: the Trainer's save_pretrained into it) and no adapter at its
+    top yet read "with no adapter saved in it yet" (false) and asked the user for the base its run.yaml names. Now
+    the newest checkpoint by step (10, not '2' by name) and the base from run.yaml; a run.yaml without it still asks."""
+    from deltatune.cli import main
+
+    run = tmp_path / "run"
+    for step in (2, 10):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "adapter_config.json").write_text('{"base_model_name_or_path": "minilm"}')
+    (run / "checkpoint-12").mkdir()  # being written (no adapter yet): not named
+    (run / "run.yaml").write_text("stage: sft\nmodel: {name_or_path: minilm}\n")
+    assert main(["info", str(run)]) == 2
+    newest = run / "checkpoint-10"
+    assert capsys.readouterr().err == (
+        f"deltatune info: error: '{run}' is a run folder (run.yaml) with its adapter in checkpoints alone so far (the "
+        f"newest: '{newest}'); info describes a base model: its base is 'minilm'\n"
+    )
+    assert main(["info", str(newest)]) == 2  # the folder named is the adapter info names as one
+    assert capsys.readouterr().err.endswith("is an adapter folder (adapter_config.json); info describes a base "
+                                            "model: its base is 'minilm'\n")  # fmt: skip
+    (run / "run.yaml").write_text("stage: sft\n")
+    assert main(["info", str(run)]) == 2
+    assert capsys.readouterr().err.endswith("info describes a base model: give the run's model.name_or_path\n")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-10", "checkpoint-12", "checkpoint-2", "run.yaml"]
 
 
 _TRAIN_CHILD = r"""
