@@ -5,7 +5,6 @@ multi-turn encodings (mask_history, train_on_prompt, tool calls, cutoff_len) on 
 from __future__ import annotations
 
 import copy
-import glob
 import json
 
 import pytest
@@ -28,12 +27,16 @@ TURNS = [
 
 @pytest.fixture(scope="module")
 def smol():
-    folders = glob.glob("/root/.cache/deltatune/smollm2-*/")
-    if not folders:
+    from deltatune.config import ConfigError
+    from deltatune.train import embedded
+
+    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
+        folder = embedded.resolve("smollm2", convert=False)
+    except ConfigError:
         pytest.skip("SmolLM2's converted folder is not cached")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folders[0])
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _trained(ids: list[int], labels: list[int]) -> list[int]:

@@ -4,8 +4,6 @@ SmolLM2's tokenizer (its chat template is chatml, as LLaMA-Factory's qwen templa
 
 from __future__ import annotations
 
-import glob
-
 import pytest
 
 # LLaMA-Factory's supervised processor, re-implemented as written there (infer_seqlen and the turn loop)
@@ -18,12 +16,16 @@ from deltatune.data.templates import IGNORE_INDEX
 
 @pytest.fixture(scope="module")
 def smol():
-    folders = glob.glob("/root/.cache/deltatune/smollm2-*/")
-    if not folders:
+    from deltatune.config import ConfigError
+    from deltatune.train import embedded
+
+    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
+        folder = embedded.resolve("smollm2", convert=False)
+    except ConfigError:
         pytest.skip("SmolLM2's converted folder is not cached")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folders[0])
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _row(system, turns):

@@ -4,7 +4,6 @@ tokenization, stepwise supervision refused in one line, and LLaMA-Factory's data
 
 from __future__ import annotations
 
-import glob
 import json
 
 import pytest
@@ -30,12 +29,16 @@ KW = {"enable_thinking": False, "persona": "Be terse."}
 
 @pytest.fixture(scope="module")
 def tok():
-    folders = glob.glob("/root/.cache/deltatune/smollm2-*/")
-    if not folders:
+    from deltatune.config import ConfigError
+    from deltatune.train import embedded
+
+    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
+        folder = embedded.resolve("smollm2", convert=False)
+    except ConfigError:
         pytest.skip("SmolLM2's converted folder is not cached")
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(folders[0])
+    t = AutoTokenizer.from_pretrained(folder)
     t.chat_template = KW_TEMPLATE
     return t
 
@@ -117,12 +120,16 @@ def test_bad_chat_template_kwargs_are_one_line_naming_the_row(value, why):
 
 @pytest.fixture(scope="module")
 def smol():
-    folders = glob.glob("/root/.cache/deltatune/smollm2-*/")
-    if not folders:
+    from deltatune.config import ConfigError
+    from deltatune.train import embedded
+
+    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
+        folder = embedded.resolve("smollm2", convert=False)
+    except ConfigError:
         pytest.skip("SmolLM2's converted folder is not cached")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folders[0])  # (its own chat template: chatml, no generation tags)
+    return AutoTokenizer.from_pretrained(folder)  # (its own chat template: chatml, no generation tags)
 
 
 def _trl_pair(tok, prompt, response) -> tuple[list[int], list[int]]:
