@@ -369,3 +369,37 @@ def test_generate_counts_an_encoder_decoders_prompt_answer_and_virtual_tokens_wh
     )
     assert chat.overflow(model, 9, 2) == "the prompt is 9 tokens: 9 positions, over the model's encoder's 8"
     assert chat.overflow(tiny_model("t5", vocab_size=len(tok)), 900, 900) is None  # relative positions
+
+
+def test_prophetnets_decoder_positions_are_checked_and_its_clamped_encoders_are_not():
+    """ProphetNet's position table is ``position_embeddings`` (not ``embed_positions``): nothing was checked, and a
+    target or a generation past its decoder's positions failed inside torch. Its positions start after the pad id,
+    and its predicting streams read one more: 8 positions with pad id 0 take 6 target tokens, 6 new ones. Its
+    encoder clamps the positions: 20 source tokens run."""
+    from transformers import ProphetNetConfig, ProphetNetForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = ProphetNetConfig(hidden_size=16, encoder_ffn_dim=16, decoder_ffn_dim=16, num_encoder_layers=1,
+                              num_decoder_layers=1, num_encoder_attention_heads=2, num_decoder_attention_heads=2,
+                              ngram=2, max_position_embeddings=8, vocab_size=50, pad_token_id=0,
+                              decoder_start_token_id=2, eos_token_id=3)  # fmt: skip
+    model = ProphetNetForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = None
+    cfg, ids = _cfg(), torch.full((1, 3), 5)
+    cfg.data.max_length, cfg.data.max_target_length, cfg.train.generation_max_new_tokens = 32, 16, 6
+    with pytest.raises(IndexError):
+        model(input_ids=ids, labels=torch.full((1, 7), 5))
+    with pytest.raises(ConfigError, match=r"^data.max_target_length=16: the longest train target is 7 tokens, more "
+                                          r"than the model's decoder's 6 positions; set data.max_target_length to 6"):  # fmt: skip
+        check_positions(cfg, model, SimpleNamespace(train=[{"input_ids": [5], "labels": [5] * 7}], eval=None))
+    fits = SimpleNamespace(
+        train=[{"input_ids": [5] * 20, "labels": [5] * 6}], eval=[{"input_ids": [5], "labels": [5]}]
+    )
+    check_positions(cfg, model, fits)
+    model(input_ids=torch.full((1, 20), 5), labels=torch.full((1, 6), 5))
+    assert model.generate(input_ids=ids, max_new_tokens=6, do_sample=False).shape == (1, 7)
+    with pytest.raises(IndexError):
+        model.generate(input_ids=ids, max_new_tokens=7, do_sample=False)
+    cfg.train.generation_max_new_tokens = 7
+    with pytest.raises(ConfigError, match=r"^train.generation_max_new_tokens=7: .* decoder's 6 "):
+        check_positions(cfg, model, fits)

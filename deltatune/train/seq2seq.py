@@ -136,9 +136,14 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
 def positions(model, part: str) -> int | None:
     """The positions of an encoder-decoder's ``part`` (``"encoder"``, ``"decoder"``) where they are a fixed table
     (BART's learned ones, less its offset of 2); None where they have no limit (T5's relative positions; FSMT's
-    sinusoidal table, which ``make_weight`` grows to a longer input)."""
+    sinusoidal table, which ``make_weight`` grows to a longer input; ProphetNet's encoder, which clamps them).
+    ProphetNet's decoder: its table less 2 and the pad id (its positions start after the pad id, and its predicting
+    streams read one past the main stream's)."""
     for name, module in model.named_modules() if isinstance(model, torch.nn.Module) else ():
-        if name.split(".")[-2:] == [part, "embed_positions"] and isinstance(module, torch.nn.Embedding):
+        tail = name.split(".")[-2:]
+        if tail == [part, "position_embeddings"] and type(module).__name__.endswith("ProphetNetPositionalEmbeddings"):
+            return None if part == "encoder" else module.num_embeddings - 2 - (module.padding_idx or 0)
+        if tail == [part, "embed_positions"] and isinstance(module, torch.nn.Embedding):
             if hasattr(module, "make_weight"):
                 return None
             return module.num_embeddings - int(getattr(module, "offset", 0) or 0)
