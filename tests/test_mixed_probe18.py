@@ -20,11 +20,11 @@ CONFIGS = [
 ]
 
 
-def _pair():
+def _pair(configs=CONFIGS):
     """The same two LoRAs (different ranks, alphas, targets; B drawn non-zero) in peft and in deltatune, eval mode."""
     base = tiny_model("llama")
     reference, ours = None, None
-    for seed, (name, kwargs) in enumerate(CONFIGS):
+    for seed, (name, kwargs) in enumerate(configs):
         torch.manual_seed(seed)
         config = peft.LoraConfig(**kwargs, init_lora_weights=False)
         if reference is None:
@@ -36,7 +36,7 @@ def _pair():
             ours = dt.get_delta_model(base, config, adapter_name=name)
         else:
             ours.add_adapter(name, config)
-    for name, _ in CONFIGS:
+    for name, _ in configs:
         state = peft.get_peft_model_state_dict(reference, adapter_name=name)
         dt.set_peft_model_state_dict(ours, state, adapter_name=name)
     return reference.eval(), ours.eval()
@@ -211,28 +211,47 @@ def test_rescale_adapter_scale_at_the_top_level():
     assert layer.scaling["y"] == scale
 
 
-def test_layer_set_scale_scale_layer_unscale_layer_as_peft():
+PATTERNED = [
+    ("x", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2},
+               alpha_pattern={"q_proj": 3})),
+    ("y", dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj"], use_rslora=True, use_dora=True)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("configs", [CONFIGS, PATTERNED], ids=["plain", "patterns_dora"])
+def test_layer_set_scale_scale_layer_unscale_layer_as_peft(configs):
     """peft's LoraLayer.set_scale / scale_layer / unscale_layer (and its r, lora_alpha, use_rslora dicts, which
-    diffusers-style code reads) had no counterpart on deltatune's LoRA layers: AttributeError. Now the scales after each call and
-    the logits are peft's."""
+    diffusers-style code reads) had no counterpart on deltatune's LoRA layers: AttributeError. Now the scales after each
+    call and the logits are peft's: with rank / alpha patterns, a DoRA adapter, and an inactive adapter (scale_layer /
+    unscale_layer pass it over). An Embedding's adapters are scaled too (peft's pass over them: it keeps them in
+    lora_embedding_A, not lora_A), as set_scale does."""
     from peft.tuners.lora import LoraLayer
 
-    reference, ours = _pair()
-    reference.base_model.set_adapter(["x", "y"])
-    ours.set_adapter(["x", "y"])
-    # (the linear layers: peft's scale_layer / unscale_layer pass over an Embedding's adapters, which it keeps in
-    # lora_embedding_A, not lora_A; deltatune's scale them as set_scale does)
+    reference, ours = _pair(configs)
     theirs = [m for n, m in reference.named_modules() if isinstance(m, LoraLayer) and "embed" not in n]
     mine = [layer for n, layer in ours._layers() if hasattr(layer, "scaling") and "embed" not in n]
+    embedding = next(layer for n, layer in ours._layers() if "embed" in n)
     inputs = tiny_inputs("llama")
-    for call, args in [("set_scale", ("y", 0.5)), ("scale_layer", (0.3,)), ("unscale_layer", (0.3,)),
-                       ("unscale_layer", ())]:  # fmt: skip
+    for call, args, active in [("set_scale", ("y", 0.5), ["x", "y"]), ("scale_layer", (0.3,), ["x"]),
+                               ("unscale_layer", (0.3,), ["x"]), ("scale_layer", (0.5,), ["x", "y"]),
+                               ("unscale_layer", (), ["y"]), ("unscale_layer", (), ["x", "y"])]:  # fmt: skip
+        reference.base_model.set_adapter(active)
+        ours.set_adapter(active)
+        before = [dict(layer.scaling) for layer in mine]
         for layer in theirs + mine:
             getattr(layer, call)(*args)
         assert [layer.scaling for layer in mine] == [layer.scaling for layer in theirs], call
+        if call == "scale_layer" and "y" not in active:
+            assert [layer.scaling.get("y") for layer in mine] == [scaling.get("y") for scaling in before]
         with torch.no_grad():
             torch.testing.assert_close(ours(**inputs).logits, reference(**inputs).logits, atol=1e-6, rtol=0)
     assert [(m.r, m.lora_alpha, m.use_rslora) for m in mine] == [(m.r, m.lora_alpha, m.use_rslora) for m in theirs]
+    scale = embedding.scaling["x"]
+    embedding.set_adapters(["x"])
+    embedding.scale_layer(0.3)
+    assert embedding.scaling["x"] == scale * 0.3
+    embedding.unscale_layer()
+    assert embedding.scaling["x"] == 8 / 4
 
 
 def test_hotswap_sets_the_layers_r_and_alpha(tmp_path):

@@ -74,12 +74,14 @@ class _LoraBase(DeltaLayer):
             self.scaling[adapter] = scale * self._initial_scale(adapter)
 
     def scale_layer(self, scale: float) -> None:
-        """peft's ``LoraLayer.scale_layer``: every active adapter's current scale times ``scale``."""
+        """peft's ``LoraLayer.scale_layer``: every active adapter's current scale times ``scale``. An Embedding's
+        adapters are scaled too (peft's pass over them, kept in ``lora_embedding_A``, not ``lora_A``)."""
         for name in [n for n in self.active_adapters if n in self.scaling] if scale != 1 else []:
             self.scaling[name] *= scale
 
     def unscale_layer(self, scale: float | None = None) -> None:
-        """peft's ``LoraLayer.unscale_layer``: every active adapter's scale divided by ``scale`` (None: the initial)."""
+        """peft's ``LoraLayer.unscale_layer``: every active adapter's scale divided by ``scale`` (None: the initial).
+        An Embedding's adapters are unscaled too (peft's pass over them, as its ``scale_layer``)."""
         for name in [n for n in self.active_adapters if n in self.scaling]:
             self.scaling[name] = self._initial_scale(name) if scale is None else self.scaling[name] / scale
 
