@@ -351,3 +351,31 @@ def test_train_help_abbreviated_lists_the_recipe_keys():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:-1] == [f"{flag} True True" for flag in ["--help", "--hel", "--he", "--h", "-h"]]
+
+
+def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
+    """UTF-16 saved without a byte-order mark decodes as UTF-8 (ASCII letters and NULs): a .jsonl read "not valid
+    JSON (Expecting value at column 2)", a .csv's columns were read as 't\\x00e\\x00x\\x00t\\x00', a .txt trained on
+    NULs; with a letter outside ASCII, "not UTF-8 text (byte 0xe9 ...)". Now each is refused at the first NUL's line,
+    naming the likely cause; a NUL in a UTF-8 file is named at its line too."""
+    import pytest
+
+    from deltatune.data.load import DataError
+
+    texts = {"t.jsonl": '{"text": "a"}\n', "t.json": '[{"text": "a"}]\n', "t.csv": "text\na\n", "t.txt": "a b\n"}
+    texts |= {"u.jsonl": '{"text": "caf\u00e9"}\n', "u.tsv": "text\tlabel\ncaf\u00e9\t1\n"}
+    for name, text in texts.items():
+        for encoding in ("utf-16-le", "utf-16-be"):
+            (tmp_path / name).write_bytes(text.encode(encoding))
+            assert (tmp_path / name).read_bytes().decode(encoding) == text  # no byte-order mark
+            with pytest.raises(DataError) as err:
+                read_rows(str(tmp_path / name))
+            assert str(err.value) == (
+                f"{tmp_path / name}:1: NUL bytes: UTF-16 without a byte-order mark? save the file as UTF-8"
+            ), (name, encoding)
+    (tmp_path / "n.jsonl").write_text('{"text": "a"}\n\n{"text": "b\x00"}\n')
+    with pytest.raises(DataError, match=r"n\.jsonl:3: NUL bytes: "):
+        read_rows(str(tmp_path / "n.jsonl"))
+    (tmp_path / "n.txt").write_text("one\ntwo\x00\n")
+    with pytest.raises(DataError, match=r"n\.txt:2: NUL bytes: "):
+        read_rows(str(tmp_path / "n.txt"))

@@ -166,15 +166,20 @@ def _row_range(spec: str, path: str, text: str, text_column: str, limit: int | N
     return rows[:limit] if limit else rows
 
 
+_UTF16_32 = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")  # the byte-order marks (UTF-32-LE's starts as UTF-16-LE's)
+
+
 def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
     """``file:line: not UTF-8 ...`` for the first line of ``path`` that does not decode."""
     with open(path, "rb") as fh:
         head = fh.read(4)
-        if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # (Notepad's "Unicode" is UTF-16)
+        if head.startswith(_UTF16_32):  # (Notepad's "Unicode" is UTF-16)
             kind = "UTF-32" if head in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") else "UTF-16"
             return f"{path}: {kind} text (it starts with that byte-order mark), not UTF-8; save the file as UTF-8"
         fh.seek(0)
         for i, line in enumerate(fh, 1):
+            if b"\x00" in line:  # UTF-16 without a byte-order mark, its text not all ASCII
+                return _nul(path, i)
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as bad:
@@ -183,6 +188,18 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
                     "save the file as UTF-8"
                 )
     return f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
+
+
+def _nul(path: str, line: int) -> str:
+    return f"{path}:{line}: NUL bytes: UTF-16 without a byte-order mark? save the file as UTF-8"
+
+
+def _check_nul(path: str, text: str, first: int = 1) -> None:
+    """Text holding NUL bytes refused at the line of the first: UTF-16 saved without a byte-order mark decodes as
+    UTF-8 (ASCII and NULs), so a .jsonl read "not valid JSON (Expecting value ...)", a .csv had columns named with
+    NULs between their letters, a .txt trained on them."""
+    if "\x00" in text:
+        raise DataError(_nul(path, first + text.count("\n", 0, text.index("\x00"))))
 
 
 def _json_fault(exc: json.JSONDecodeError) -> tuple[int, str]:
@@ -210,6 +227,7 @@ def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            _check_nul(path, line, i)
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -225,7 +243,9 @@ def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
 def _json(path: str, _column: str, limit: int | None) -> list[Row]:
     try:
         with open(path, encoding="utf-8-sig") as fh:
-            data = json.load(fh)
+            text = fh.read()
+        _check_nul(path, text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # one object per line, as the datasets library also reads a .json file
             return _jsonl(path, _column, limit)
@@ -248,6 +268,10 @@ def _json(path: str, _column: str, limit: int | None) -> list[Row]:
 def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
     """Rows of a CSV or TSV file, read strictly: a quote left open is refused at the line it opens on (not the rest
     of the file read into one field); fields of any length (pandas reads them; the csv module stops at 128 KiB)."""
+    with open(path, "rb") as fh:  # the first 64 KiB: a file saved as UTF-16 has NULs from its first line
+        head = fh.read(1 << 16)
+    if not head.startswith(_UTF16_32):  # (one with its byte-order mark is named so where it fails to decode)
+        _check_nul(path, head.decode("latin-1"))  # (latin-1: a character a byte, lines kept)
     rows: list[Row] = []
     old_limit = csv.field_size_limit(2**31 - 1)
     try:
@@ -310,6 +334,7 @@ def _text(path: str, column: str, limit: int | None) -> list[Row]:
     """A plain text file is one document (continued pre-training packs it into blocks)."""
     with open(path, encoding="utf-8-sig") as fh:
         text = fh.read()
+    _check_nul(path, text)
     return [Row({column: text}, f"{path}:1")] if text.strip() else []
 
 
