@@ -355,9 +355,10 @@ def test_train_help_abbreviated_lists_the_recipe_keys():
 
 def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
     """UTF-16 saved without a byte-order mark decodes as UTF-8 (ASCII letters and NULs): a .jsonl read "not valid
-    JSON (Expecting value at column 2)", a .csv's columns were read as 't\\x00e\\x00x\\x00t\\x00', a .txt trained on
-    NULs; with a letter outside ASCII, "not UTF-8 text (byte 0xe9 ...)". Now each is refused at the first NUL's line,
-    naming the likely cause; a NUL in a UTF-8 file is named at its line too."""
+    JSON (Expecting property name enclosed in double quotes at column 2)" (little-endian), a .csv's columns were read
+    as 't\\x00e\\x00x\\x00t\\x00', a .txt trained on NULs; with a letter outside ASCII, "not UTF-8 text (byte 0xe9
+    ...)". Now each is refused at the first NUL's line, naming the likely cause; a NUL in a UTF-8 file is named at its
+    line too."""
     import pytest
 
     from deltatune.data.load import DataError
