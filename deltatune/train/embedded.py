@@ -119,14 +119,16 @@ def resolve(name_or_path: str, convert: bool = True) -> str:
         raise ConfigError(f"model {name_or_path!r} has no converted copy in {folder}")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder.parent, os.W_OK | os.X_OK):  # (its .lock may be there: mkdtemp failed after 30 s)
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         lock = open(folder.parent / f".{folder.name}.lock", "a")  # noqa: SIM115 (closed by the with below)
     except OSError as exc:
         raise _unwritable(name_or_path, folder.parent, exc) from None
     with lock:
         locked = _lock(lock, e, folder)  # one conversion at a time; released when the process ends, however it ends
         if not _valid(folder):  # (another process may have converted it while this one waited)
+            if not os.access(folder.parent, os.W_OK | os.X_OK):  # (a .lock left there: mkdtemp failed after 30 s)
+                raise _unwritable(
+                    name_or_path, folder.parent, PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                )
             _remove_stale_staging(folder, locked)
             _convert(pkg, e, folder)
     return str(folder)
