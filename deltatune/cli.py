@@ -6,6 +6,7 @@ flags (the parser and its help texts) are ``cli_parser.py``'s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,8 +32,6 @@ def _is_ours(exc: BaseException) -> bool:
         return True  # a library's error around a failed write (safetensors', torch's on a full disk): one line
     if not isinstance(exc, (ValueError, KeyError, OSError)):
         return False
-    import os
-
     files, modules = [], []
     tb = exc.__traceback__
     while tb is not None:
@@ -93,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(exc, BrokenPipeError) and _stdout_gone():  # (data inspect F | head: it has what it wanted)
-            if args.command == "train":  # a run stopped by it is said so; one finished, its summary unread, too
-                _say(_reader_left(args))
+            if args.command == "train":  # a run stopped by it is said so; one finished (its summary unread) too
+                _say("deltatune train: finished; its output's reader left before the summary (metrics.json and "
+                     f"report.md are in {args.out_dir})" if getattr(args, "finished", False)
+                     else f"deltatune train: stopped: its output's reader left{_resumable(args)}")  # fmt: skip
             return 141
         if type(exc).__name__ == "NonFiniteLossError":
             print(f"deltatune {args.command}: error: {_message(exc)}", file=sys.stderr)
@@ -126,28 +127,14 @@ def _stdout_gone() -> bool:
         return False
 
 
-def _reader_left(args) -> str:
-    """The line for a train whose output's reader left: stopped (how it goes on), or finished, the reader gone before
-    the summary printed after train() returned (samples, metrics): "--resume continues" sent it to a refusal."""
-    if getattr(args, "finished", False):
-        return (
-            "deltatune train: finished; its output's reader left before the summary (metrics.json and report.md are "
-            f"in {args.out_dir})"
-        )
-    return f"deltatune train: stopped: its output's reader left{_resumable(args)}"
-
-
 def _say(line: str) -> None:
     """``line`` on stderr, unless stderr is the same gone pipe (``2>&1 | head``): then nothing, and stderr sent to
     devnull so the interpreter's last flush raises nothing (a second BrokenPipeError in the except: exit 1)."""
     try:
         print(line, file=sys.stderr, flush=True)
     except OSError:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stderr.fileno())
-        except (AttributeError, OSError, ValueError):
-            pass
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def _resumable(args) -> str:
@@ -236,7 +223,7 @@ def _train(args) -> int:
         print(f"deltatune train: note: {key} is read by stage {stages} only; stage {cfg.stage} ignores it",
               file=sys.stderr)  # fmt: skip
     metrics = train(cfg, overwrite=args.overwrite, resume=args.resume, resume_changed=args.resume_changed)
-    args.finished = True  # (a reader gone from here on: the run is done, not one to --resume)
+    args.finished = True  # (a reader gone from here on, its summary unread: the run is done, not one to --resume)
     _print_change(metrics)
     samples = os.path.join(cfg.output.dir, "samples.json")
     if cfg.output.samples and os.path.isfile(samples):
