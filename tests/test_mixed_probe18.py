@@ -278,3 +278,21 @@ def test_hotswap_sets_the_layers_r_and_alpha(tmp_path):
     for layer in swapped:
         layer.unscale_layer()
     assert {layer.scaling["default"] for layer in swapped} == {0.375}  # (was 2.0)
+
+
+@pytest.mark.xfail(strict=True, reason="model.py's merge_adapter re-merges earlier merges at the scale now on a "
+                   "refusal; the diff in mixed probe 18's report fixes it (then drop this mark)")  # fmt: skip
+def test_a_refused_merge_leaves_earlier_merges_at_their_scale():
+    """merge_adapter refusing (a bottleneck adapter cannot merge: TypeError) unmerged every adapter and merged the
+    earlier ones again at their scale now: a LoRA merged at 2.0 whose scale set_scale had since made 0.6 was left
+    merged at 0.6, the weights changed by a refused call."""
+    _, ours = _pair()
+    ours.add_adapter("bn", dt.BottleneckConfig(reduction_factor=4))
+    ours.merge_adapter(["x"])
+    weights = _base_weights(ours)
+    for _, layer in ours._layers():
+        if hasattr(layer, "set_scale"):
+            layer.set_scale("x", 0.3)
+    with pytest.raises(TypeError):
+        ours.merge_adapter(["bn"])
+    _assert_base(ours, weights)
