@@ -345,7 +345,6 @@ def test_one_references_helper_reads_the_column_for_training_and_eval(value, wan
     assert _references(row, "target") == (want or ["w4"])
 
 
-@pytest.mark.xfail(reason="the chat.py diff of s2s review 18's report (then drop this marker)", strict=True)
 def test_generate_counts_an_encoder_decoders_prompt_answer_and_virtual_tokens_where_they_land():
     """``deltatune generate`` (chat.overflow) checked an encoder-decoder's prompt alone, with any adapter's virtual
     tokens: a prefix-tuned BART's 8-token prompt was refused (its prefix is in the decoder: it answers), and

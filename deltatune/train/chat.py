@@ -236,21 +236,40 @@ def _end_marker(tok, template: str | None) -> str | None:
 
 def overflow(model: torch.nn.Module, prompt: int, max_new_tokens: int) -> str | None:
     """Why a prompt of ``prompt`` tokens and ``max_new_tokens`` more do not fit ``model``'s context, or None when they
-    do (an encoder-decoder's answer has positions of its own: only its prompt counts)."""
+    do. An encoder-decoder's prompt is read by its encoder, its answer by its decoder (BART's learned positions
+    each; T5's have no limit), a token adapter's virtual tokens by the part they land in (``seq2seq.virtual_tokens``:
+    prompt tuning's the encoder, prefix tuning's the decoder)."""
     from ..targets import context_length
 
     config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        from .seq2seq import positions, virtual_tokens
+
+        n, where = virtual_tokens(model)
+        for part, need, asked in (
+            ("encoder", prompt, f"the prompt is {prompt} tokens"),
+            (
+                "decoder",
+                max_new_tokens,
+                f"--max-new-tokens {max_new_tokens} can read up to {max_new_tokens} positions",
+            ),
+        ):
+            limit, virtual = positions(model, part), n if where == part else 0
+            if limit is not None and need + virtual > limit:
+                also = f" and the adapter's {virtual} virtual tokens" if virtual else ""
+                return f"{asked}{also}: {need + virtual} positions, over the model's {part}'s {limit}"
+        return None
     context = context_length(config) if config is not None else None
-    seq2seq = getattr(config, "is_encoder_decoder", False)
     # A token adapter's virtual tokens take positions too (a plain model's active_adapters is a method: none).
     configs, active = getattr(model, "peft_config", {}), getattr(model, "active_adapters", None)
     active = active if isinstance(active, list) else []
     virtual = max((getattr(configs[n], "num_virtual_tokens", 0) or 0 for n in active if n in configs), default=0)
-    need = prompt + virtual + (0 if seq2seq else max_new_tokens)
+    need = prompt + virtual + max_new_tokens
     if context is None or need <= context:
         return None
-    asked = ("" if seq2seq else f" and --max-new-tokens {max_new_tokens}") + (
-        f" and the adapter's {virtual} virtual tokens" if virtual else "")  # fmt: skip
+    asked = f" and --max-new-tokens {max_new_tokens}" + (
+        f" and the adapter's {virtual} virtual tokens" if virtual else ""
+    )
     return f"the prompt is {prompt} tokens{asked}: {need} positions, over the model's context of {context}"
 
 
