@@ -42,6 +42,7 @@ LEVELS = {
     "board": 8,
     "cli_parser": 8.5,
     "cli": 9,
+    "__main__": 10,
 }
 """DESIGN.md's arrows as levels: a unit (a top-level module or sub-package) may import only units of a lower level
 (cli -> serve/board -> train -> model -> registry -> methods -> config/layer/targets). ``data`` sits beside
@@ -51,6 +52,7 @@ config adapts) is per-family knowledge beside the methods. The board shows what 
 ``diffusion_files`` (reading diffusers', kohya's and peft's LoRA file layouts) sits just below it.
 ``status`` (peft's layer and model status, enabling and trainability over the injected layers) reads layers only.
 ``cli_parser`` (the commands, their flags and help texts) sits just below ``cli``, which alone imports it.
+``__main__`` (``python -m deltatune``) runs ``cli`` and sits above it.
 ``import deltatune`` (the lazy public API) is neutral."""
 
 KNOWN_UPWARD = {
