@@ -296,3 +296,20 @@ def test_a_refused_merge_leaves_earlier_merges_at_their_scale():
     with pytest.raises(TypeError):
         ours.merge_adapter(["bn"])
     _assert_base(ours, weights)
+
+
+@pytest.mark.xfail(strict=True, reason="model.py's _unmerged merges again at the scale now; the diff in mixed probe "
+                   "18's report fixes it (then drop this mark)")  # fmt: skip
+def test_disable_adapter_puts_a_merge_back_at_its_scale():
+    """disable_adapter (and a load into a merged adapter) unmerges every merged adapter for the block and merges it
+    again after: at the scale of the moment, so a merge made in a rescale block (0.5) came back at 1.0, the merged
+    model changed by a block that only computes as the base model."""
+    reference, ours = _pair()
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        with ours.rescale_adapter_scale(0.5):
+            ours.merge_adapter()
+        merged = ours(**inputs).logits
+        with ours.disable_adapter(), reference.disable_adapter():
+            torch.testing.assert_close(ours(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(**inputs).logits, merged, atol=1e-6, rtol=0)
