@@ -272,7 +272,7 @@ def _sampling(args) -> dict:
 def _generate(args) -> int:
     _check_exists(args.adapter)  # before the imports of torch: at once
     from .train import chat
-    from .train.run_load import load_generator
+    from .train.run_load import load_generator, run_task
     from .train.runs import run_template
 
     if args.compare and args.merged:
@@ -293,8 +293,6 @@ def _generate(args) -> int:
     sampling = _sampling(args)
     if args.image:
         return _caption(args, sampling)
-    from .train.run_load import run_task
-
     if run_task(args.adapter)[0] == "TEXT_TO_IMAGE" or args.out:
         return _draw(args)
     raw = _raw(args)
@@ -308,7 +306,9 @@ def _generate(args) -> int:
         row = chat.compare(model, tok, [prompt], num_beams=args.num_beams, **render, **sampling)[0]
         print(chat.side_by_side([row]))
     else:
-        print(chat.generate(model, tok, ids, num_beams=args.num_beams, template=render["template"], **sampling))
+        own = chat.chat_templated(tok, raw, render["template"])  # (the chat template's end-of-turn stop)
+        print(chat.generate(model, tok, ids, num_beams=args.num_beams, template=render["template"], templated=own,
+                            **sampling))  # fmt: skip
     return 0
 
 

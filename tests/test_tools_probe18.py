@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from tests.tiny import tokenizer
@@ -325,9 +324,6 @@ def test_the_samples_prompt_of_a_conversation_ending_on_a_tool_result_shows_the_
                                            f"Weather in Paris? (after the tool result: {long[:80]})"]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True, reason="cli.py's _generate passes no templated= yet: the diff in the tools probe 18 report"
-)
 def test_deltatune_generate_stops_at_the_turn_end_of_a_templated_prompt_and_not_of_a_raw_one(tmp_path, monkeypatch,
                                                                                             capsys):  # fmt: skip
     """`deltatune generate` calls chat.generate itself: the turn-end stop needs its templated flag (--raw: none)."""
