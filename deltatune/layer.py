@@ -240,6 +240,18 @@ class DeltaLayer(nn.Module):
         self.safe_merged[name] = self.safe_merged.get(name, False) if name in self.merged_adapters else safe
         self.merge(name)
 
+    def merge_record(self) -> dict[str, dict[str, Any]]:
+        """The ``merge_state`` dicts as they are now, for ``merge_again`` after an unmerge (a LoRA's: the scale each
+        merge was made at, which its unmerge forgets)."""
+        return {attr: dict(getattr(self, attr)) for attr in self.merge_state}
+
+    def merge_again(self, name: str, record: dict[str, dict[str, Any]]) -> None:
+        """Merge ``name`` again as it was merged when ``record`` (``merge_record``'s) was taken."""
+        for attr, held in record.items():
+            if name in held:
+                getattr(self, attr)[name] = held[name]
+        self.merge(name)
+
     def check_merge(self, names: list[str]) -> None:
         """PEFT's ``safe_merge``: ValueError (PEFT's words) when merging ``names`` in turn leaves a base weight or bias
         that is not finite. The merge is tried and undone from a copy of the base layer's tensors, exactly."""

@@ -372,14 +372,15 @@ class DeltaModel(nn.Module, PushToHub):
         """Within the block no adapter is merged (none merged ``into`` those tensors); merged again after it."""
         ids = None if into is None else {id(t) for t in into}  # only those: unmerge + merge rounds a bf16 weight
         merged = [(lay, n) for lay, n in self._merged() if ids is None or any(id(p) in ids for p in lay.parameters())]
+        records = [layer.merge_record() for layer, _ in merged]  # each merge redone as it was made (its scale, say)
         for layer, name in [(layer, name) for layer, names in merged for name in reversed(names)]:
             layer.unmerge(name)
         try:
             yield
         finally:
-            for layer, names in merged:
+            for (layer, names), record in zip(merged, records):
                 for name in names:
-                    layer.merge(name)
+                    layer.merge_again(name, record)
 
     def _merged(self) -> list[tuple[DeltaLayer, list[str]]]:
         return [(layer, list(layer.merged_adapters)) for _, layer in self._layers() if layer.merged_adapters]
@@ -410,11 +411,11 @@ class DeltaModel(nn.Module, PushToHub):
                     if name in layer.adapter_names:
                         layer.merge_as(name, safe_merge)
                 status.unmerge_at_next_forward(layer)
-        except TypeError:
-            self.unmerge_adapter()
-            for layer, merged in done:
-                for name in merged:
-                    layer.merge(name)
+        except TypeError:  # this call's merges taken off (the last ones each layer holds); earlier ones stay
+            before = {id(layer): merged for layer, merged in done}
+            for layer in layers:
+                for name in reversed([n for n in layer.merged_adapters if n not in before.get(id(layer), ())]):
+                    layer.unmerge(name)
             raise
 
     def unmerge_adapter(self) -> None:

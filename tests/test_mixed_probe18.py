@@ -280,8 +280,6 @@ def test_hotswap_sets_the_layers_r_and_alpha(tmp_path):
     assert {layer.scaling["default"] for layer in swapped} == {0.375}  # (was 2.0)
 
 
-@pytest.mark.xfail(strict=True, reason="model.py's merge_adapter re-merges earlier merges at the scale now on a "
-                   "refusal; the diff in mixed probe 18's report fixes it (then drop this mark)")  # fmt: skip
 def test_a_refused_merge_leaves_earlier_merges_at_their_scale():
     """merge_adapter refusing (a bottleneck adapter cannot merge: TypeError) unmerged every adapter and merged the
     earlier ones again at their scale now: a LoRA merged at 2.0 whose scale set_scale had since made 0.6 was left
@@ -298,8 +296,6 @@ def test_a_refused_merge_leaves_earlier_merges_at_their_scale():
     _assert_base(ours, weights)
 
 
-@pytest.mark.xfail(strict=True, reason="model.py's _unmerged merges again at the scale now; the diff in mixed probe "
-                   "18's report fixes it (then drop this mark)")  # fmt: skip
 def test_disable_adapter_puts_a_merge_back_at_its_scale():
     """disable_adapter (and a load into a merged adapter) unmerges every merged adapter for the block and merges it
     again after: at the scale of the moment, so a merge made in a rescale block (0.5) came back at 1.0, the merged
