@@ -270,7 +270,7 @@ def load_lora(
     ranks = {p: m["A"].shape[0] for p, m in modules.items()}
     alphas, patterns = {}, meta.get("alpha_pattern") or {}
     if not isinstance(patterns, dict):
-        raise ConfigError(f"{path}: its metadata's alpha_pattern is a JSON {type(patterns).__name__}, not an object")
+        raise ConfigError(f"{path}: its metadata's alpha_pattern is a JSON {_json_kind(patterns)}, not an object")
     for p, m in modules.items():
         if kind == "kohya":  # kohya scales by alpha / r, as deltatune's lora_alpha does: the value carries over
             if "alpha" in m and m["alpha"].numel() != 1:
@@ -281,7 +281,7 @@ def load_lora(
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 where = "the metadata's lora_alpha or alpha_pattern"
                 raise ConfigError(f"{path}: module {p}'s alpha is {value!r} ({where}); an alpha is a finite number")
-            alphas[p] = float(value)
+            alphas[p] = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
     if bad := next((p for p in sorted(alphas) if not math.isfinite(alphas[p])), None):  # (the file, not the config)
         where = "its .alpha" if kind == "kohya" else "the metadata's lora_alpha or alpha_pattern"
         raise ConfigError(f"{path}: module {bad}'s alpha is {alphas[bad]} ({where}); an alpha is a finite number")
@@ -324,6 +324,12 @@ def drop_dora_scale(tensors: dict[str, torch.Tensor], path: Any, warn: bool = Tr
     return {k: v for k, v in tensors.items() if "dora_scale" not in k} if dropped else tensors
 
 
+def _json_kind(value: Any) -> str:
+    """JSON's name for a parsed value's type ("array", not Python's "list")."""
+    kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def _metadata(metadata: dict[str, str], prefix: str | None, path: Any = "the file") -> dict[str, Any]:
     """The LoRA config diffusers stored in the file's metadata for this component ({} when none).
 
@@ -338,10 +344,10 @@ def _metadata(metadata: dict[str, str], prefix: str | None, path: Any = "the fil
         meta = json.loads(raw)
     except ValueError as e:
         raise ConfigError(f"{path}: its metadata's lora_adapter_metadata is not JSON ({e})") from None
+    if meta is None:  # JSON null: none, as diffusers' _load_sft_state_dict_metadata reads it
+        return {}
     if not isinstance(meta, dict):
-        raise ConfigError(
-            f"{path}: its metadata's lora_adapter_metadata is a JSON {type(meta).__name__}, not an object"
-        )
+        raise ConfigError(f"{path}: its metadata's lora_adapter_metadata is a JSON {_json_kind(meta)}, not an object")
     components = {k.split(".", 1)[0] for k in meta if "." in k}
     if not components:  # a model-level save (unet.save_lora_adapter(folder)): the bare peft config
         return meta

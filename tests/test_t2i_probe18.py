@@ -112,9 +112,10 @@ PAIR = {f"unet.{Q}.lora_A.weight": torch.ones(4, 16), f"unet.{Q}.lora_B.weight":
 @pytest.mark.parametrize(
     ("tensors", "meta", "message"),
     [(PAIR, '{"unet.r": 4, "unet.lora_alpha": 8', "its metadata's lora_adapter_metadata is not JSON (Expecting"),
-     (PAIR, "[4, 8]", "its metadata's lora_adapter_metadata is a JSON list, not an object"),
+     (PAIR, "[4, 8]", "its metadata's lora_adapter_metadata is a JSON array, not an object"),
      (PAIR, '{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": [2]}',
-      "its metadata's alpha_pattern is a JSON list, not an object"),
+      "its metadata's alpha_pattern is a JSON array, not an object"),
+     (PAIR, '{"unet.r": 4, "unet.lora_alpha": 1' + "0" * 400 + "}", f"module {Q}'s alpha is inf (the metadata's"),
      (PAIR, '{"unet.r": 4, "unet.lora_alpha": "8"}', f"module {Q}'s alpha is '8' (the metadata's lora_alpha"),
      ({f"{K}.lora_down.weight": torch.ones(4, 16), f"{K}.lora_up.weight": torch.ones(16, 4),
        f"{K}.alpha": torch.tensor([4.0, 8.0])}, None, f"module {Q}'s .alpha holds 2 numbers; an alpha is one")],
@@ -144,3 +145,26 @@ def test_a_lora_file_with_a_bad_config_is_one_line_naming_the_file_and_changes_n
     assert "\n" not in str(e.value)
     assert unet.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_a_lora_files_null_metadata_loads_as_none_as_diffusers_reads_it(tmp_path):
+    """diffusers reads a lora_adapter_metadata of JSON null as no metadata (the config from the tensors: alpha = r,
+    scale 1); it was refused (review of t2i probe 18). The model then computes as diffusers' with the same file."""
+    from safetensors.torch import save_file
+
+    from deltatune.diffusion import load_lora
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    torch.manual_seed(2)
+    save_file({k: torch.randn(v.shape) for k, v in PAIR.items()}, str(path), {"lora_adapter_metadata": "null"})
+    theirs, ours = _unet(), _unet()
+    theirs.load_lora_adapter(str(tmp_path), prefix="unet", weight_name=path.name)
+    load_lora(ours, path)
+    torch.manual_seed(1)
+    x, t, text = torch.randn(1, 3, 16, 16), torch.tensor([10]), torch.randn(1, 4, 32)
+    with torch.no_grad():
+        want = theirs(x, t, encoder_hidden_states=text).sample
+        got = ours(x, t, encoder_hidden_states=text).sample
+        base = _unet()(x, t, encoder_hidden_states=text).sample
+    assert (got - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
