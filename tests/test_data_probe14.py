@@ -16,16 +16,9 @@ from deltatune.data.templates import IGNORE_INDEX
 
 @pytest.fixture(scope="module")
 def smol():
-    from deltatune.config import ConfigError
-    from deltatune.train import embedded
+    from tiny import smollm2_tokenizer
 
-    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
-        folder = embedded.resolve("smollm2", convert=False)
-    except ConfigError:
-        pytest.skip("SmolLM2's converted folder is not cached")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
+    return smollm2_tokenizer()
 
 
 def _row(system, turns):

@@ -29,16 +29,9 @@ KW = {"enable_thinking": False, "persona": "Be terse."}
 
 @pytest.fixture(scope="module")
 def tok():
-    from deltatune.config import ConfigError
-    from deltatune.train import embedded
+    from tiny import smollm2_tokenizer
 
-    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
-        folder = embedded.resolve("smollm2", convert=False)
-    except ConfigError:
-        pytest.skip("SmolLM2's converted folder is not cached")
-    from transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(folder)
+    t = smollm2_tokenizer()
     t.chat_template = KW_TEMPLATE
     return t
 
@@ -120,16 +113,9 @@ def test_bad_chat_template_kwargs_are_one_line_naming_the_row(value, why):
 
 @pytest.fixture(scope="module")
 def smol():
-    from deltatune.config import ConfigError
-    from deltatune.train import embedded
+    from tiny import smollm2_tokenizer
 
-    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
-        folder = embedded.resolve("smollm2", convert=False)
-    except ConfigError:
-        pytest.skip("SmolLM2's converted folder is not cached")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)  # (its own chat template: chatml, no generation tags)
+    return smollm2_tokenizer()  # (its own chat template: chatml, no generation tags)
 
 
 def _trl_pair(tok, prompt, response) -> tuple[list[int], list[int]]:

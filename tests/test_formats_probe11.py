@@ -31,15 +31,9 @@ def _a(text: str) -> dict:
 
 
 def _smollm2():
-    from deltatune.train import embedded
+    from tiny import smollm2_tokenizer
 
-    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
-        folder = embedded.resolve("smollm2", convert=False)
-    except ConfigError:
-        pytest.skip("SmolLM2's converted folder is not cached")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
+    return smollm2_tokenizer()
 
 
 # -- dataset_info.json's column keys -------------------------------------------------------------------------

@@ -63,18 +63,12 @@ def test_grpos_new_align_keys_are_named_as_ignored_on_another_stage():
 def test_kto_renders_a_rows_chat_template_kwargs(tmp_path):
     """Stage kto passed no chat_template_kwargs to the template (7c7755d built them for sft, dpo, rm and ppo)."""
     from test_data_probe15 import KW, KW_TEMPLATE
-    from transformers import AutoTokenizer
+    from tiny import smollm2_tokenizer
 
-    from deltatune.config import ConfigError
-    from deltatune.train import embedded
     from deltatune.train.config import build
     from deltatune.train.kto import prepare_kto
 
-    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
-        folder = embedded.resolve("smollm2", convert=False)
-    except ConfigError:
-        pytest.skip("SmolLM2's converted folder is not cached")
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = smollm2_tokenizer()
     tok.chat_template = KW_TEMPLATE
     rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}],
              "label": good, "chat_template_kwargs": KW} for q, a, good in (("Lemon?", "Yellow.", True),

