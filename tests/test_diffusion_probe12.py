@@ -254,8 +254,7 @@ def test_a_run_with_prior_v_prediction_and_the_text_encoder_loads_in_diffusers_p
     """Two steps (no warm-up: the first step moves the LoRAs) of a run with prior preservation, v_prediction and
     model.train_text_encoder; diffusers' StableDiffusionPipeline.load_lora_weights on the run folder gives the
     text states (encode_prompt) and UNet outputs deltatune's reload gives, and the run records v_prediction."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from tiny import sd_pipeline
 
     from deltatune.train import run as run_module
     from deltatune.train.config import load_recipe
@@ -273,15 +272,7 @@ def test_a_run_with_prior_v_prediction_and_the_text_encoder_loads_in_diffusers_p
     report = (out / "report.md").read_text()
     assert "loss: DDPM, v_prediction" in report and "prior preservation: 2 class images" in report
     assert json.loads((out / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
-    pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
-        tokenizer=AutoTokenizer.from_pretrained(pipeline / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(pipeline / "unet"),
-        scheduler=DDPMScheduler.from_pretrained(pipeline / "scheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.load_lora_weights(str(out))
-    pipe.tokenizer.model_max_length = 32  # (MiniLM's tokenizer says 512; the tiny CLIP reads 32, as deltatune pads)
+    pipe = sd_pipeline(pipeline, out)
     delta, loaded = run_module.load_adapter_model(str(out))
     prompt = "a handwritten digit seven"
     text = loaded.condition([prompt], 16)[0]["encoder_hidden_states"]

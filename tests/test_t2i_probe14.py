@@ -268,9 +268,9 @@ def test_validation_images_are_drawn_each_epoch_as_diffusers_pipeline_draws_them
     epoch-2.png; the last equals diffusers' StableDiffusionPipeline (DDIM, the run's pytorch_lora_weights loaded, 30
     steps, guidance 7.5, the same seeded latents) to a PNG's rounding, and differs from the first. HEAD drew none."""
     import numpy as np
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler
     from PIL import Image
-    from transformers import AutoTokenizer, CLIPTextModel
+    from tiny import sd_pipeline
 
     from deltatune.train import run as run_module
     from deltatune.train.config import load_recipe
@@ -283,15 +283,7 @@ def test_validation_images_are_drawn_each_epoch_as_diffusers_pipeline_draws_them
                        "train.seed=3", f"train.validation_prompt={prompt}", "train.num_validation_images=2"])  # fmt: skip
     run_module.train(cfg)
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["epoch-1.png", "epoch-2.png"]
-    pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
-        tokenizer=AutoTokenizer.from_pretrained(pipeline / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(pipeline / "unet"),
-        scheduler=DDPMScheduler.from_pretrained(pipeline / "scheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.load_lora_weights(str(out))
-    pipe.tokenizer.model_max_length = 32  # (as deltatune pads for the tiny CLIP)
+    pipe = sd_pipeline(pipeline, out)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     latents = torch.randn((2, 1, 16, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

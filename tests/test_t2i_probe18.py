@@ -69,20 +69,12 @@ def test_validation_with_a_training_text_encoder_draws_as_the_saved_run_draws_in
     latents), to a PNG's rounding, as the module docstring promises for ``deltatune generate``. deltatune drew with
     the text encoder left in training mode by the last step (its LoRA's dropout on): another image."""
     import numpy as np
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler
     from PIL import Image
-    from transformers import AutoTokenizer, CLIPTextModel
+    from tiny import sd_pipeline
 
     out, _ = run
-    pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
-        tokenizer=AutoTokenizer.from_pretrained(pipeline / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(pipeline / "unet"),
-        scheduler=DDPMScheduler.from_pretrained(pipeline / "scheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.load_lora_weights(str(out))
-    pipe.tokenizer.model_max_length = 32  # (as deltatune pads for the tiny CLIP)
+    pipe = sd_pipeline(pipeline, out)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     latents = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

