@@ -246,7 +246,10 @@ class DeltaLayer(nn.Module):
         return {attr: dict(getattr(self, attr)) for attr in self.merge_state}
 
     def merge_again(self, name: str, record: dict[str, dict[str, Any]]) -> None:
-        """Merge ``name`` again as it was merged when ``record`` (``merge_record``'s) was taken."""
+        """Merge ``name`` again as it was merged when ``record`` (``merge_record``'s) was taken; an adapter deleted or
+        merged since is left as it is (no record left behind for a new adapter of its name)."""
+        if name in self.merged_adapters or name not in self.adapter_names:
+            return
         for attr, held in record.items():
             if name in held:
                 getattr(self, attr)[name] = held[name]

@@ -101,10 +101,14 @@ class _LoraBase(DeltaLayer):
     def _merge_scale(self, name: str) -> Iterator[None]:
         """``scaling[name]`` as the merge of ``name`` used it (recorded by its merge) while its update is written to or
         taken off the weights (unmerge, and the redos of unmerge and of a DoRA merge's ``_unmerged_base``)."""
-        now = self.scaling[name]
+        now, recorded = self.scaling[name], name in self._merged_scaling
         self.scaling[name] = self._merged_scaling.setdefault(name, now)
         try:
             yield
+        except BaseException:  # a merge that failed leaves no record for the next one to take up
+            if not recorded:
+                self._merged_scaling.pop(name, None)
+            raise
         finally:
             self.scaling[name] = now
 
