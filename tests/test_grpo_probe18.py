@@ -89,16 +89,19 @@ def test_clip_ratio_low_min_and_high_max_are_trls(policy, tmp_path, monkeypatch,
 def test_clip_extremes_at_s1_are_over_trls_shuffled_micro_batches(policy, tmp_path, monkeypatch, seed):  # noqa: F811
     """steps_per_generation 1, align.mini_batch_size 4 of 8 completions (TRL's gradient_accumulation_steps 2), grpo:
     the loop trains in order (the same weights as TRL's shuffled micro-batches; nothing drawn from torch's RNG) but
-    takes clip_ratio/low_min and high_max over TRL's micro-batches, the permutation TRL's shuffle draws (a fork of
-    the RNG). They were taken over the in-order chunks (one prompt's group each): high_max 0.389 where TRL's is
-    0.222; the RNG after the step is as before (test_grpo_probe15's in-order test)."""
+    takes clip_ratio/low_min and high_max over micro-batches shuffled as TRL's (torch.randperm from a generator of
+    its own, here seeded as TRL's shuffle is). They were taken over the in-order chunks (one prompt's group each):
+    high_max 0.389 where TRL's is 0.222; the RNG after the step is as before (test_grpo_probe15's in-order test)."""
     import copy
 
     import test_grpo_probe15 as p15
     import torch
     import trl.trainer.grpo_trainer as gt
 
+    from deltatune.train import grpo_loss
+
     monkeypatch.setattr(p15, "SHUFFLE_SEED", seed)
+    monkeypatch.setattr(grpo_loss, "micro_seed", lambda *_: seed)  # (TRL's draw, after torch.manual_seed(seed))
     seen, real = [], gt.GRPOTrainer._compute_loss
 
     def compute_loss(self, model, inputs):
@@ -343,3 +346,22 @@ def test_singular_video_and_audio_columns_reach_the_rewards_as_trl_passes_them(t
             refuse_multimodal(read_samples([row], stage="sft"), "sft")
         with pytest.raises(DataError) if refused else contextlib.nullcontext():  # (grpo's: the same rows)
             encode_prompts([row], tok, "prompt", 64, "truncate")
+
+
+def test_the_clip_extremes_permutation_is_another_each_step_without_touching_torchs_rng():
+    """At steps_per_generation 1 the permutation came from a fork of torch's CPU RNG, which nothing moves on a GPU
+    (rollouts sample with the CUDA generator): the same grouping every step of a run. Now a generator of its own,
+    seeded by the run's seed and the step: another each step, the same again for the same step (a resumed run),
+    torch's RNG untouched."""
+    import torch
+
+    from deltatune.train.grpo_loss import micro_seed, trl_micro_order
+
+    parts = torch.arange(8).view(1, -1)
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    orders = [trl_micro_order(parts, False, micro_seed(3, step)).tolist() for step in range(4)]
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert len({str(o) for o in orders}) == 4 and sorted(orders[0][0]) == list(range(8))
+    assert trl_micro_order(parts, False, micro_seed(3, 2)).tolist() == orders[2]
+    assert trl_micro_order(parts, True, micro_seed(3, 2)) is parts

@@ -133,7 +133,7 @@ class GRPOLoop:
         torch.manual_seed(seed)
         self.optimizer = torch.optim.AdamW(adamw_groups(model, weight_decay), lr, weight_decay=weight_decay)
         self.scheduler = scheduler(self.optimizer) if scheduler else None
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.seed = max_grad_norm, seed
         self.state, self.logged = TrainerState(), {}  # what rewards see as trainer_state; what they log_metric
         self.bonus = EntropyBonus(align)  # (TRL's entropy_coef, use_adaptive_entropy)
         self.eos = tokenizer.eos_token_id
@@ -212,7 +212,7 @@ class GRPOLoop:
     def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
         """One GRPO step over a batch of prompts; returns its statistics. Each forward has an autocast region of
         its own: autocast keeps bf16 copies of the trainable weights until its region ends, so none may span an update."""
-        from .grpo_loss import clip_extremes, trl_log_mean, trl_micro_order
+        from .grpo_loss import clip_extremes, micro_seed, trl_log_mean, trl_micro_order
 
         a = self.align
         G, S = a.num_generations, a.steps_per_generation
@@ -237,7 +237,7 @@ class GRPOLoop:
         chunked = a.loss_type == "bnpo" or self.bonus.on or a.top_entropy_quantile < 1
         shuffle = S > 1 or chunked and a.mini_batch_size < n_seq
         parts = (torch.randperm(n_seq) if shuffle else torch.arange(n_seq)).to(self.device).view(S, -1)
-        micro = trl_micro_order(parts, shuffle)  # (TRL's micro-batches, its clip_ratio/low_min and high_max's)
+        micro = trl_micro_order(parts, shuffle, micro_seed(self.seed, self.state.global_step))  # (clip extremes')
         with self.amp():
             old = self._logprobs(s) if a.num_iterations > 1 or S > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None

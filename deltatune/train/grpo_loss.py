@@ -248,16 +248,23 @@ def _extreme(per: torch.Tensor, pick: str) -> torch.Tensor:
     return getattr(per, pick)() if per.numel() else torch.tensor(float("nan"))
 
 
-def trl_micro_order(parts: torch.Tensor, shuffled: bool) -> torch.Tensor:
-    """The rows of each update's slice (``parts``, (S, N / S)) in the order of TRL's micro-batches, which its
+def micro_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s micro-batch permutation (``trl_micro_order``): one per step of the run's seed, so a
+    resumed run draws the permutations an uninterrupted one draws."""
+    return seed * 1_000_003 + step
+
+
+def trl_micro_order(parts: torch.Tensor, shuffled: bool, seed: int = 0) -> torch.Tensor:
+    """The rows of each update's slice (``parts``, (S, N / S)) in the order of micro-batches as TRL's are, which its
     clip_ratio/low_min and high_max are taken over: ``parts`` where the step shuffled the generation batch (its
     align.mini_batch_size chunks are TRL's micro-batches); else (steps_per_generation 1 with a loss the chunks do not
-    change, trained in order: the same weights) the permutation TRL's shuffle draws, from a fork of torch's RNG, so
-    the step's later draws (the next rollouts) are those of a run before: a seeded run samples as it did."""
+    change, trained in order: the same weights) a permutation drawn as TRL's shuffle draws one (``torch.randperm``),
+    from a generator of its own seeded by ``seed`` (``micro_seed``): torch's RNG is left alone, so a seeded run
+    samples as it did, and each step draws another, on a GPU too (where torch's CPU RNG does not move)."""
     if shuffled:
         return parts
-    with torch.random.fork_rng(devices=[]):
-        return torch.randperm(parts.numel()).to(parts.device).view_as(parts)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(parts.numel(), generator=g).to(parts.device).view_as(parts)
 
 
 def clip_extremes(shares: torch.Tensor, order: torch.Tensor, chunks: Sequence[slice]) -> list[tuple[float, float]]:
