@@ -374,9 +374,10 @@ def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
             assert str(err.value) == (
                 f"{tmp_path / name}:1: NUL bytes: UTF-16 without a byte-order mark? save the file as UTF-8"
             ), (name, encoding)
+    stray = "a NUL byte in the text (a damaged or binary file?); remove it"  # (UTF-8 text: no UTF-16 advice)
     (tmp_path / "n.jsonl").write_text('{"text": "a"}\n\n{"text": "b\x00"}\n')
-    with pytest.raises(DataError, match=r"n\.jsonl:3: NUL bytes: "):
+    with pytest.raises(DataError, match=rf"n\.jsonl:3: {re.escape(stray)}$"):
         read_rows(str(tmp_path / "n.jsonl"))
     (tmp_path / "n.txt").write_text("one\ntwo\x00\n")
-    with pytest.raises(DataError, match=r"n\.txt:2: NUL bytes: "):
+    with pytest.raises(DataError, match=rf"n\.txt:2: {re.escape(stray)}$"):
         read_rows(str(tmp_path / "n.txt"))

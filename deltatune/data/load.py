@@ -179,7 +179,7 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
         fh.seek(0)
         for i, line in enumerate(fh, 1):
             if b"\x00" in line:  # UTF-16 without a byte-order mark, its text not all ASCII
-                return _nul(path, i)
+                return _nul(path, i, line)
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as bad:
@@ -190,8 +190,12 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
     return f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
 
 
-def _nul(path: str, line: int) -> str:
-    return f"{path}:{line}: NUL bytes: UTF-16 without a byte-order mark? save the file as UTF-8"
+def _nul(path: str, line: int, text: str | bytes = "\x00") -> str:
+    """The line naming a NUL byte at ``path:line`` (``text``: that line): UTF-16 where NULs are a third of it or more
+    (ASCII saved as UTF-16 is half NULs), else a stray NUL in UTF-8 text."""
+    if text.count("\x00" if isinstance(text, str) else b"\x00") * 3 >= len(text):
+        return f"{path}:{line}: NUL bytes: UTF-16 without a byte-order mark? save the file as UTF-8"
+    return f"{path}:{line}: a NUL byte in the text (a damaged or binary file?); remove it"
 
 
 def _check_nul(path: str, text: str, first: int = 1) -> None:
@@ -199,7 +203,9 @@ def _check_nul(path: str, text: str, first: int = 1) -> None:
     UTF-8 (ASCII and NULs), so a .jsonl read "not valid JSON (Expecting value ...)", a .csv had columns named with
     NULs between their letters, a .txt trained on them."""
     if "\x00" in text:
-        raise DataError(_nul(path, first + text.count("\n", 0, text.index("\x00"))))
+        at = text.index("\x00")
+        line = text[text.rfind("\n", 0, at) + 1 : text.find("\n", at) % (len(text) + 1)]
+        raise DataError(_nul(path, first + text.count("\n", 0, at), line))
 
 
 def _json_fault(exc: json.JSONDecodeError) -> tuple[int, str]:
