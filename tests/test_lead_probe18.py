@@ -111,25 +111,42 @@ def test_bitfit_injected_with_a_state_dict_trains_its_biases_as_without():
     assert keyed.peft_config["default"].target_modules is None
 
 
-def test_freeze_extra_modules_naming_what_holds_the_blocks_is_refused():
+def test_freeze_extra_modules_naming_what_holds_the_blocks_is_refused(tmp_path):
     """freeze_extra_modules=["model"] trained embed_tokens and norm (every parameter outside the blocks under
-    model.), which LLaMA-Factory refuses ("model" is not one of its non-hidden modules): a name of the trained
-    blocks' stack is refused in one line listing the modules outside them; "norm" still trains model.norm."""
+    model.), which LLaMA-Factory refuses ("model" is not one of its non-hidden modules): for a new adapter a name of
+    the trained blocks' stack is refused in one line listing the modules outside them, the model left as it was; a
+    file saved so before loads as it trained (embed_tokens and norm); "norm" still trains model.norm."""
+    import json
+
+    import torch
     from tiny import tiny_model
 
     import deltatune as dt
     from deltatune.config import ConfigError
 
     model = tiny_model("llama", "causal_lm")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     for holder, stack in (("model", "model.layers"), ("layers", "model.layers")):
         with pytest.raises(ConfigError) as err:
-            dt.FreezeConfig(freeze_trainable_layers=1, freeze_extra_modules=[holder]).trainable_base_parameters(model)
+            dt.get_delta_model(model, dt.FreezeConfig(freeze_trainable_layers=1, freeze_extra_modules=[holder]))
         assert str(err.value) == (
             f"freeze_extra_modules: {holder!r} holds the blocks ({stack}); name modules outside them: embed_tokens, "
             "lm_head, norm"
         )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     names = dt.FreezeConfig(freeze_trainable_layers=1, freeze_extra_modules=["norm"]).trainable_base_parameters(model)
     assert "model.norm.weight" in names and "model.embed_tokens.weight" not in names
+    extra = ["embed_tokens", "norm"]  # (what "model" trained: the file of such a run holds them)
+    old = dt.get_delta_model(
+        tiny_model("llama", "causal_lm"), dt.FreezeConfig(freeze_trainable_layers=1, freeze_extra_modules=extra)
+    )
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "freeze_extra_modules": ["model"]}))
+    loaded = dt.DeltaModel.from_pretrained(tiny_model("llama", "causal_lm"), str(tmp_path), is_trainable=True)
+    trained = sorted(n for n, p in loaded.named_parameters() if p.requires_grad)
+    assert any(n.endswith("model.embed_tokens.weight") for n in trained)
+    assert any(n.endswith("model.norm.weight") for n in trained)
 
 
 def test_python_m_deltatune_is_the_deltatune_command():

@@ -116,8 +116,16 @@ class FreezeConfig(DeltaConfig):
                 raise ConfigError(f"freeze_extra_modules must be a list of module names, got {extra!r}")
             self.freeze_extra_modules = sorted(extra) if isinstance(extra, set) else list(extra)
 
-    def trainable_base_parameters(self, model: nn.Module) -> list[str]:
-        """The parameters of the chosen blocks (and modules), and of the extra modules.
+    def for_loading(self) -> DeltaConfig:
+        """A saved file's config: its freeze_extra_modules as it trained (a name holding the blocks, refused for a new
+        adapter since session 53, loads as it trained: the modules outside the blocks under it)."""
+        loading = self.replace()
+        loading._loading = True  # type: ignore[attr-defined]
+        return loading
+
+    def trainable_base_parameters(self, model: nn.Module, new: bool = False) -> list[str]:
+        """The parameters of the chosen blocks (and modules), and of the extra modules; ``new`` (a new adapter, not
+        a saved one): an extra module that holds the trained blocks refused.
 
         Raises:
             ConfigError: the model has no numbered blocks, |freeze_trainable_layers| exceeds the deepest stack's
@@ -167,7 +175,7 @@ class FreezeConfig(DeltaConfig):
         outside = sorted({p.rsplit(".", 2)[-2] for p in names if p not in blocks and "." in p})
         holders = {part: stack for stack in depth for part in stack.split(".")}  # (the stacks whose blocks train)
         for extra in self.freeze_extra_modules or []:
-            if extra in holders:  # ("model" trained embed_tokens and norm: LLaMA-Factory refuses what holds blocks)
+            if new and extra in holders:  # ("model" trained embed_tokens and norm; LLaMA-Factory refuses it)
                 raise ConfigError(f"freeze_extra_modules: {extra!r} holds the blocks ({holders[extra]}); name modules "
                                   f"outside them: {', '.join(outside)}")  # fmt: skip
             found = [p for p in names if p not in blocks and re.search(rf"(?:^|\.){re.escape(extra)}\.", p)]
@@ -196,7 +204,10 @@ def _refuse_tied(model: nn.Module, extra: str) -> None:
 
 def inject(model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[nn.Module]:
     """Inject nothing; check now that the config fits the model, so that a misfit fails before any change."""
-    config.trainable_base_parameters(model)
+    if isinstance(config, FreezeConfig):
+        config.trainable_base_parameters(model, new=not getattr(config, "_loading", False))
+    else:
+        config.trainable_base_parameters(model)
     return []
 
 
