@@ -208,6 +208,8 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
             ``check_names`` (with the recipe) and ``check_new_run`` (as a run starts).
     """
     table = TOWERS.get(model_type(model) or "")
+    if config.no_targets:  # (towers choose modules by name: such a method reads none; checks.check_run refuses them)
+        return config
     if towers is None and (not table or (config.target_modules is None and config.method not in _RESOLVED)):
         return config  # nothing asked, and nothing to resolve (a single tower, or a method that picks no modules)
     # [] reads as the default, [language]: a run.yaml from before check_new_run trained so (its start, eval --compare)

@@ -190,3 +190,32 @@ def test_an_adapter_deleted_while_unmerged_for_a_block_leaves_no_merge_scale_for
         model.merge_adapter(["x"])
         merged = model(**inputs).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def test_an_old_run_yaml_naming_target_modules_for_a_method_that_reads_none_still_loads(tmp_path):
+    """5ab6899 refuses target_modules for bitfit / freeze / full / the prompt methods; a finished run's run.yaml from
+    before naming some (never read: the run trained every bias) no longer built, so eval and resume of that run
+    were refused. It loads as it trained (the key dropped); a new recipe is refused as before; method.towers for
+    such a method (towers choose modules by name) is refused as a run starts, and a model's towers leave it alone."""
+    import yaml
+
+    from deltatune.config import ConfigError
+    from deltatune.train.checks import check_run
+    from deltatune.train.runs import read_recipe
+
+    (tmp_path / "run.yaml").write_text(
+        yaml.safe_dump({"stage": "sft", "method": {"name": "bitfit", "target_modules": ["q_proj"]}})
+    )
+    raw = read_recipe(str(tmp_path))
+    assert raw["method"] == {"name": "bitfit"}
+    assert build(raw).method["name"] == "bitfit"
+    lora = {"stage": "sft", "method": {"name": "lora", "target_modules": ["q_proj"]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(lora))
+    assert read_recipe(str(tmp_path))["method"]["target_modules"] == ["q_proj"]
+    with pytest.raises(ConfigError, match="^bitfit: BitFit trains every bias term of the base; leave target_modules"):
+        build({"stage": "sft", "method": {"name": "bitfit", "target_modules": ["q_proj"]}})
+    with pytest.raises(ConfigError) as err:
+        check_run(build({"stage": "sft", "method": {"name": "bitfit", "towers": ["vision"]}}))
+    assert str(err.value) == (
+        "method.towers: bitfit: BitFit trains every bias term of the base, whichever tower; leave method.towers unset"
+    )

@@ -113,6 +113,7 @@ def check_num_labels(cfg: RunConfig, labels: list[str] | None) -> None:
 
 def check_run(cfg: RunConfig) -> None:
     """The checks above that need only the recipe (the data-dependent one runs after the data is read)."""
+    from .. import registry
     from ..towers import check_new_run
     from .config_train import check_optim_package, check_schedule_floor
     from .table import STAGES
@@ -130,6 +131,10 @@ def check_run(cfg: RunConfig) -> None:
     check_schedule_floor(cfg)
     check_optim_package(cfg)
     check_new_run(cfg.method)  # method.towers: [] (as fsdp_config: such a run.yaml, from before, still loads)
+    name = cfg.method.get("name")
+    why = registry.get(name).config_class.no_targets if name in registry.names() else None
+    if cfg.method.get("towers") is not None and why:  # (towers choose modules by name; such a run.yaml loads)
+        raise ConfigError(f"method.towers: {name}: {why}, whichever tower; leave method.towers unset")
     if t.data_seed is not None and t.train_sampling_strategy in ("sequential", "batch_rebalance"):  # (unused)
         # The Trainer seeds the random sampler, and group_by_length's eval batches, with it; as fsdp_config, here.
         follows = {"sequential": "is the data's", "batch_rebalance": "is fixed (the Trainer's sampler seeds it with "

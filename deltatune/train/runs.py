@@ -73,7 +73,18 @@ def read_recipe(run_dir: str, what: str = "give a folder written by 'deltatune t
 
         train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
         raw["align"] = old_run_align(raw["align"], raw.get("stage"), train.get("batch_size"))
+    method = raw.get("method")
+    if isinstance(method, dict) and method.get("target_modules") is not None and _no_targets(method.get("name")):
+        raw["method"] = {k: v for k, v in method.items() if k != "target_modules"}  # (never read; refused since)
     return raw
+
+
+def _no_targets(name: Any) -> bool:
+    """Whether method ``name`` reads no target_modules (``DeltaConfig.no_targets``): a run.yaml from before session 53
+    may name some for it, which the run never read; it loads as it trained."""
+    from .. import registry
+
+    return name in registry.names() and bool(registry.get(name).config_class.no_targets)
 
 
 HELD_OUT_NOTE = "of the train file's {what} held out for evaluation"
