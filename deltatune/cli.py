@@ -1,7 +1,6 @@
 """``deltatune train|eval|generate|chat|merge|info|data|serve|board``: parse, call one function, print the result.
 
-Heavy libraries are imported inside the commands, so ``deltatune --help`` answers at once. The commands and their
-flags (the parser and its help texts) are ``cli_parser.py``'s.
+Heavy libraries are imported inside the commands (``--help`` answers at once); the parser is ``cli_parser.py``'s.
 """
 
 from __future__ import annotations
@@ -56,8 +55,10 @@ def _is_ours(exc: BaseException) -> bool:
 
 
 def _message(exc: BaseException) -> str:
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return " ".join(str(text).split("\n")) or type(exc).__name__
+    text = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:  # a DataLoader worker's: its error's own line
+        text = text.rstrip("\n").rsplit("\n", 1)[-1].split(": ", 1)[-1]
+    return " ".join(text.split("\n")) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +318,7 @@ def _draw(args) -> int:
 
     from .config import ConfigError
     from .train.run_load import load_adapter_model, run_task
+    from .train.runs import read_recipe
     from .train.t2i import sample, save_png
 
     if run_task(args.adapter)[0] != "TEXT_TO_IMAGE":
@@ -328,8 +330,6 @@ def _draw(args) -> int:
     model.eval()
     if args.lora or args.adapter_weight != 1.0:
         _weighted_loras(model, processor, *loras)
-    from .train.runs import read_recipe
-
     length = int((read_recipe(args.adapter).get("data") or {}).get("max_length") or 77)  # as the captions trained
     draw = dict(
         steps=args.steps, guidance=args.guidance, seed=args.seed if args.seed is not None else 0, max_length=length

@@ -219,3 +219,23 @@ def test_an_old_run_yaml_naming_target_modules_for_a_method_that_reads_none_stil
     assert str(err.value) == (
         "method.towers: bitfit: BitFit trains every bias term of the base, whichever tower; leave method.towers unset"
     )
+
+
+def _refusing_collate(batch):
+    raise DataError("d.jsonl:3: a refusal raised in a worker")
+
+
+def test_a_refusal_raised_in_a_dataloader_worker_is_its_own_one_line_at_the_cli():
+    """With train.num_workers > 0 torch re-raises a worker's DataError as "Caught DataError in DataLoader worker
+    process 0.\\nOriginal Traceback ...": the CLI printed the worker's whole traceback on one long line. Its own line
+    now; an error raised in the main process reads as before."""
+    import torch
+
+    from deltatune.cli import _message
+
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, num_workers=1, collate_fn=_refusing_collate)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith("Caught DataError in DataLoader worker process 0.\n")
+    assert _message(err.value) == "d.jsonl:3: a refusal raised in a worker"
+    assert _message(DataError("a\nb")) == "a b" and _message(KeyError("k")) == "k"
