@@ -67,7 +67,9 @@ def test_an_image_cls_list_label_names_stage_image_cls(tmp_path):
         label_map(read_rows(data), "label", None)
 
 
-@pytest.mark.parametrize("method", ["freeze", "bitfit", "full", "prompt_tuning", "prefix_tuning", "p_tuning", "vpt"])
+@pytest.mark.parametrize(
+    "method", ["freeze", "bitfit", "full", "prompt_tuning", "prefix_tuning", "p_tuning", "vpt", "fusion"]
+)
 def test_a_method_that_adapts_no_module_by_name_refuses_target_modules(method, tmp_path):
     """BitFit with target_modules [q_proj] trained every bias of the base, freeze its usual blocks, full everything,
     and the prompt methods (peft's configs have no target_modules: a TypeError there) silently read none: the
@@ -77,12 +79,13 @@ def test_a_method_that_adapts_no_module_by_name_refuses_target_modules(method, t
     from deltatune.registry import get
 
     cls = get(method).config_class
+    fields = {"adapter_names": ["a", "b"]} if method == "fusion" else {}  # (a fusion names its members)
     with pytest.raises(ConfigError) as err:
-        cls(target_modules=["q_proj"])
+        cls(target_modules=["q_proj"], **fields)
     assert str(err.value).startswith(f"{method}: ") and str(err.value).endswith("; leave target_modules unset")
-    old = {**cls().to_dict(), "target_modules": ["q_proj"]}
+    old = {**cls(**fields).to_dict(), "target_modules": ["q_proj"]}
     loaded = cls.from_dict(old)
-    assert loaded.target_modules is None and loaded.to_dict() == cls().to_dict()
+    assert loaded.target_modules is None and loaded.to_dict() == cls(**fields).to_dict()
     if method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
         import peft
 

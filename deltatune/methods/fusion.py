@@ -40,6 +40,7 @@ class AdapterFusionConfig(DeltaConfig):
     peft_type = "ADAPTER_FUSION"
     recipe_refusal = ("it combines bottleneck adapters already trained, which a recipe cannot load: train each with "
                       "method bottleneck, then fuse them in Python (model.add_fusion, docs/methods.md)")  # fmt: skip
+    no_targets = "AdapterFusion sits where the bottleneck adapters it fuses (adapter_names) sit"
 
     adapter_names: list[str] = field(default_factory=list)
     """The bottleneck adapters to fuse, by their names in the model (they must be loaded first)."""
