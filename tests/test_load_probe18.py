@@ -327,7 +327,10 @@ def test_a_process_waiting_for_the_lock_says_so(monkeypatch, tmp_path, capsys):
             if said:
                 break
             time.sleep(0.05)
-        assert said == f"deltatune: waiting for another conversion of fake into {cache / name} ...\n"
+        lock = cache / f".{name}.lock"
+        assert (
+            said == f"deltatune: waiting for another conversion of fake into {cache / name} (its lock: {lock}) ...\n"
+        )
         assert waiter.is_alive() and not calls
     waiter.join()
     assert out == [str(cache / name)] and len(calls) == 1
@@ -343,17 +346,22 @@ def _staging(cache, name, tag, hours_old=0.0):
     return folder
 
 
-def test_under_the_lock_every_staging_folder_is_stale(monkeypatch, tmp_path):
-    """Only the lock's holder converts, so every staging folder it finds is a killed conversion's: one named by a
-    live pid was kept (pid 1 in a container, this process's own pid in the next container, a pid reused)."""
+def test_under_the_lock_every_staging_folder_of_this_host_is_stale(monkeypatch, tmp_path):
+    """Only the lock's holder converts, so every staging folder of this host it finds is a killed conversion's: one
+    named by a live pid was kept (pid 1 in a container, this process's own pid in the next container, a pid reused).
+    Another host's, or an unnamed one, only when an hour old: a lock local to each host (NFS mounted nolock) would
+    let that host be converting into it now (second review)."""
     gguf, calls = _fake(monkeypatch, tmp_path)
     cache = tmp_path / "cache"
     name = f"fake-{embedded._fingerprint(gguf)}"
-    stale = [_staging(cache, name, tag) for tag in (f"{os.getpid()}.abc", "1.def", "host-b.1.ghi", "jkl")]
+    host = embedded._host()
+    stale = [_staging(cache, name, tag) for tag in (f"{host}.{os.getpid()}.abc", f"{host}.1.def")]
+    stale += [_staging(cache, name, tag, hours_old=2) for tag in ("host-b.1.ghi", "jkl")]
+    young = [_staging(cache, name, tag) for tag in ("host-b.1.pqr", "stu")]
     other = _staging(cache, f"{name}x", "1.mno")  # (another model's)
     folder = embedded.resolve("fake")
     assert Path(folder) == cache / name and len(calls) == 1 and embedded._valid(Path(folder))
-    assert not any(s.exists() for s in stale) and other.exists()
+    assert not any(s.exists() for s in stale) and all(y.exists() for y in young) and other.exists()
 
 
 def test_without_locks_a_staging_folder_is_stale_by_its_pid_on_this_host_else_by_its_age(monkeypatch, tmp_path):

@@ -158,7 +158,8 @@ def _lock(fh, e: Embedded, folder: Path) -> bool:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"deltatune: waiting for another conversion of {e.name} into {folder} ...", file=sys.stderr)
+            print(f"deltatune: waiting for another conversion of {e.name} into {folder} (its lock: {fh.name}) ...",
+                  file=sys.stderr)  # fmt: skip
             fcntl.flock(fh, fcntl.LOCK_EX)
     except OSError as exc:
         if exc.errno in _NO_LOCKS:
@@ -180,21 +181,18 @@ def _staging_prefix(folder: Path) -> str:
 
 def _remove_stale_staging(folder: Path, locked: bool) -> None:
     """Staging folders a conversion killed mid-write left beside ``folder`` (about 540 MB each, never used: only a
-    finished one is renamed into place). Under the lock every one is stale (only the lock's holder converts, and a
-    pid says nothing of another container or host, or of a pid reused). Unlocked: those of this host's processes
-    that are gone, and others (another host's, unnamed) an hour old."""
+    finished one is renamed into place). This host's: under the lock every one (only the lock's holder converts; a
+    pid may be reused, or PID 1 in a container), unlocked those whose process is gone. Another host's (or an unnamed
+    one) only when an hour old, locked or not: a lock local to each host (NFS mounted nolock) lets two convert."""
     import time
 
     for old in folder.parent.glob(f".{folder.name}.*"):
         if not old.is_dir():
             continue
-        if not locked:
-            named = old.name[len(folder.name) + 2 :].split(".")  # [host, pid, random]
-            if len(named) == 3 and named[0] == _host() and named[1].isdecimal():
-                if _alive(int(named[1])):
-                    continue
-            elif time.time() - old.stat().st_mtime < 3600:
-                continue
+        named = old.name[len(folder.name) + 2 :].split(".")  # [host, pid, random]
+        mine = len(named) == 3 and named[0] == _host() and named[1].isdecimal()
+        if (not mine and time.time() - old.stat().st_mtime < 3600) or (mine and not locked and _alive(int(named[1]))):
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 
