@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import tokenizer
 
 from deltatune.data.load import DataError
 from deltatune.train.config import build
@@ -242,3 +243,27 @@ def test_a_refusal_raised_in_a_dataloader_worker_is_its_own_one_line_at_the_cli(
     assert str(err.value).startswith("Caught DataError in DataLoader worker process 0.\n")
     assert _message(err.value) == "d.jsonl:3: a refusal raised in a worker"
     assert _message(DataError("a\nb")) == "a b" and _message(KeyError("k")) == "k"
+
+
+def test_check_vocab_counts_a_decoupled_embeddings_additional_rows():
+    """IDEFICS' decoupled embedding keeps num_additional_embeddings beside num_embeddings: a tokenizer filling both
+    was refused as larger than the embeddings."""
+    from types import SimpleNamespace
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.idefics.modeling_idefics import IdeficsDecoupledEmbedding
+
+    from deltatune.config import ConfigError
+    from deltatune.train.models import check_vocab
+
+    tok = tokenizer()
+    n = len(tok)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    for extra, ok in ((2, True), (0, False)):
+        emb = IdeficsDecoupledEmbedding(n - 2, extra, 4, partially_freeze=False)  # (rows, additional, dim)
+        model = SimpleNamespace(get_input_embeddings=lambda emb=emb: emb)
+        if ok:
+            check_vocab("m", model, tok)
+        else:
+            with pytest.raises(ConfigError, match=f"its tokenizer has {n} tokens but its embeddings hold {n - 2}"):
+                check_vocab("m", model, tok)

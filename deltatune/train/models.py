@@ -292,7 +292,9 @@ def check_vocab(name_or_path: str, model: torch.nn.Module, tok) -> None:
     if not isinstance(tok, PreTrainedTokenizerBase) or not hasattr(model, "get_input_embeddings"):
         return
     try:
-        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+        embeddings = model.get_input_embeddings()
+        rows = getattr(embeddings, "num_embeddings", None)  # (+ IDEFICS' decoupled embedding's additional rows)
+        rows = rows + getattr(embeddings, "num_additional_embeddings", 0) if isinstance(rows, int) else rows
     except NotImplementedError:  # (ResNet, ConvNeXt: transformers' accessor raises for a model without one)
         return
     if isinstance(rows, int) and len(tok) > rows:
