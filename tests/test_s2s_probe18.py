@@ -402,3 +402,29 @@ def test_prophetnets_decoder_positions_are_checked_and_its_clamped_encoders_are_
     cfg.train.generation_max_new_tokens = 7
     with pytest.raises(ConfigError, match=r"^train.generation_max_new_tokens=7: .* decoder's 6 "):
         check_positions(cfg, model, fits)
+
+
+def test_a_warm_started_encoder_decoders_halves_positions_are_checked():
+    """An EncoderDecoderModel (BERT2BERT) keeps its positions in its halves' embeddings, which positions() did not
+    find: `deltatune generate` with a prompt past the encoder's 16 positions failed inside torch (it was one line
+    before 1aa53ec, against the config's context). Its halves' configs now give both limits; at them it runs."""
+    import torch
+    import transformers as T
+
+    from deltatune.train.chat import overflow
+    from deltatune.train.seq2seq import positions
+
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=100,
+                 max_position_embeddings=16)  # fmt: skip
+    cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(
+        T.BertConfig(**small), T.BertConfig(**small, is_decoder=True, add_cross_attention=True)
+    )
+    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
+    torch.manual_seed(0)
+    model = T.AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    assert (positions(model, "encoder"), positions(model, "decoder")) == (16, 16)
+    assert overflow(model, 20, 4) == "the prompt is 20 tokens: 20 positions, over the model's encoder's 16"
+    assert overflow(model, 16, 4) is None
+    with pytest.raises(RuntimeError):  # (what the check stands in front of)
+        model.generate(input_ids=torch.full((1, 20), 5), max_new_tokens=4, do_sample=False)
+    model.generate(input_ids=torch.full((1, 16), 5), max_new_tokens=4, do_sample=False)

@@ -138,7 +138,7 @@ def positions(model, part: str) -> int | None:
     (BART's learned ones, less its offset of 2); None where they have no limit (T5's relative positions; FSMT's
     sinusoidal table, which ``make_weight`` grows to a longer input; ProphetNet's encoder, which clamps them).
     ProphetNet's decoder: its table less 2 and the pad id (its positions start after the pad id, and its predicting
-    streams read one past the main stream's)."""
+    streams read one past the main stream's). A warm-started EncoderDecoderModel: its halves' configs' context."""
     for name, module in model.named_modules() if isinstance(model, torch.nn.Module) else ():
         tail = name.split(".")[-2:]
         if tail == [part, "position_embeddings"] and type(module).__name__.endswith("ProphetNetPositionalEmbeddings"):
@@ -147,6 +147,11 @@ def positions(model, part: str) -> int | None:
             if hasattr(module, "make_weight"):
                 return None
             return module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+    sub = getattr(getattr(model, "config", None), part, None)  # an EncoderDecoderModel's halves (BERT2BERT, GPT-2)
+    if hasattr(sub, "get_text_config"):
+        from ..targets import context_length
+
+        return context_length(sub)
     return None
 
 
