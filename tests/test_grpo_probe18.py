@@ -58,13 +58,8 @@ def test_text_prompts_and_an_assistant_prefill_mentioning_audio_still_encode(tok
 from test_grpo_probe15 import _ours, _trl_run, policy  # noqa: E402, F401  (policy: the fixture)
 
 
-@pytest.mark.parametrize("S, mu, loss_type, keys", [(2, 2, "grpo", {}), (1, 3, "dapo", {"epsilon_high": 0.1})])
-def test_clip_ratio_low_min_and_high_max_are_trls(policy, tmp_path, monkeypatch, S, mu, loss_type, keys):  # noqa: F811
-    """S x mu updates on one generation batch of 8 fixed completions (the later ones clip): the step logs TRL's
-    clip_ratio/low_min and clip_ratio/high_max, the mean of the values TRL's GRPOTrainer logs at each of its updates
-    (each the least low-clipped / most high-clipped completion's share of its tokens)."""
-    import copy
-
+def _trl_clip_extremes(monkeypatch) -> list[list[float]]:
+    """The clip_ratio/low_min and high_max TRL's GRPOTrainer logs at each of its updates, as they are logged."""
     import trl.trainer.grpo_trainer as gt
 
     seen, real = [], gt.GRPOTrainer._compute_loss
@@ -75,6 +70,17 @@ def test_clip_ratio_low_min_and_high_max_are_trls(policy, tmp_path, monkeypatch,
         return loss
 
     monkeypatch.setattr(gt.GRPOTrainer, "_compute_loss", compute_loss)
+    return seen
+
+
+@pytest.mark.parametrize("S, mu, loss_type, keys", [(2, 2, "grpo", {}), (1, 3, "dapo", {"epsilon_high": 0.1})])
+def test_clip_ratio_low_min_and_high_max_are_trls(policy, tmp_path, monkeypatch, S, mu, loss_type, keys):  # noqa: F811
+    """S x mu updates on one generation batch of 8 fixed completions (the later ones clip): the step logs TRL's
+    clip_ratio/low_min and clip_ratio/high_max, the mean of the values TRL's GRPOTrainer logs at each of its updates
+    (each the least low-clipped / most high-clipped completion's share of its tokens)."""
+    import copy
+
+    seen = _trl_clip_extremes(monkeypatch)
     model, _ = policy
     ours_keys = {"cliprange_high": keys["epsilon_high"]} if keys else {}
     _trl_run(copy.deepcopy(model), tmp_path, monkeypatch, S, mu, loss_type, keys)
@@ -96,20 +102,12 @@ def test_clip_extremes_at_s1_are_over_trls_shuffled_micro_batches(policy, tmp_pa
 
     import test_grpo_probe15 as p15
     import torch
-    import trl.trainer.grpo_trainer as gt
 
     from deltatune.train import grpo_loss
 
     monkeypatch.setattr(p15, "SHUFFLE_SEED", seed)
     monkeypatch.setattr(grpo_loss, "micro_seed", lambda *_: seed)  # (TRL's draw, after torch.manual_seed(seed))
-    seen, real = [], gt.GRPOTrainer._compute_loss
-
-    def compute_loss(self, model, inputs):
-        loss = real(self, model, inputs)
-        seen.append([self._metrics["train"][k][-1] for k in ("clip_ratio/low_min", "clip_ratio/high_max")])
-        return loss
-
-    monkeypatch.setattr(gt.GRPOTrainer, "_compute_loss", compute_loss)
+    seen = _trl_clip_extremes(monkeypatch)
     _trl_run(copy.deepcopy(policy[0]), tmp_path, monkeypatch, 1, 3, "grpo", {}, ga=2)
     stats, *_ = _ours(copy.deepcopy(policy[0]), 1, 3, "grpo", {}, monkeypatch, mini_batch_size=4)
     after = torch.random.get_rng_state()
@@ -164,17 +162,9 @@ def test_clip_extremes_of_a_micro_batch_without_tokens_are_left_out_as_trls_log(
     import math
 
     import test_grpo_probe15 as p15
-    import trl.trainer.grpo_trainer as gt
 
     monkeypatch.setattr(p15, "_completions", _all_truncated_first_slice)
-    seen, real = [], gt.GRPOTrainer._compute_loss
-
-    def compute_loss(self, model, inputs):
-        loss = real(self, model, inputs)
-        seen.append([self._metrics["train"][k][-1] for k in ("clip_ratio/low_min", "clip_ratio/high_max")])
-        return loss
-
-    monkeypatch.setattr(gt.GRPOTrainer, "_compute_loss", compute_loss)
+    seen = _trl_clip_extremes(monkeypatch)
     keys = {"mask_truncated_completions": True}
     _trl_run(copy.deepcopy(policy[0]), tmp_path, monkeypatch, 2, 3, "grpo", keys)
     stats, *_ = _ours(copy.deepcopy(policy[0]), 2, 3, "grpo", keys, monkeypatch)
