@@ -57,6 +57,9 @@ class DeltaConfig:
     (deltatune.files.KEY_PREFIX). PEFT's prompt-learning methods use a shorter one for their extra modules."""
     recipe_refusal: ClassVar[str | None] = None
     """Why a recipe cannot train this method (AdapterFusion's adapters come from a model); None: it can."""
+    virtual_tokens_in: ClassVar[str] = "input"
+    """Where a token method's ``num_virtual_tokens`` take positions: ``"input"`` (prompt tuning, P-tuning: before the
+    encoder's input) or ``"cache"`` (prefix tuning: the attention cache, an encoder-decoder's decoder positions)."""
     no_targets: ClassVar[str | None] = None
     """Why the method reads no ``target_modules`` (BitFit's biases, prompt tuning's virtual tokens): a config that
     sets it is refused with this, and a saved file's value, never read, is dropped; None: the method reads it."""

@@ -36,6 +36,7 @@ class PrefixTuningConfig(VirtualTokenFields, DeltaConfig):
 
     method = "prefix_tuning"
     peft_type = "PREFIX_TUNING"
+    virtual_tokens_in = "cache"
     no_targets = "it adds virtual tokens and adapts no module (peft's config has no target_modules)"
 
     prefix_projection: bool = False

@@ -163,7 +163,10 @@ def virtual_tokens(model) -> tuple[int, str]:
     configs = getattr(model, "peft_config", None)
     config = configs.get(getattr(model, "active_adapter", None)) if isinstance(configs, dict) else None
     n = getattr(config, "num_virtual_tokens", 0) or 0
-    return n, "decoder" if getattr(config, "peft_type", None) == "PREFIX_TUNING" else "encoder"
+    where = getattr(config, "virtual_tokens_in", None)  # (DeltaConfig's hook)
+    if where is None:  # a PeftModel's config: peft's prefix tuning fills the cache
+        where = "cache" if str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING") else "input"
+    return n, "decoder" if where == "cache" else "encoder"
 
 
 def check_positions(cfg: RunConfig, model, prepared: Prepared | None = None) -> None:
