@@ -444,6 +444,9 @@ trainer.train()
 if trainer.is_world_process_zero():
     logged = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
     json.dump({"logged": logged, "token_loss": trainer.compute_loss_func is not None}, open(out + ".json", "w"))
+if torch.distributed.is_initialized():  # (a rank exiting with the group alive aborted once: "terminate called")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
