@@ -211,7 +211,9 @@ def test_bad_sampling_options_are_one_line(run, bad, capsys):
 # -- the embedded-model cache -------------------------------------------------------------------------------
 
 
-def _fake_embedded(monkeypatch, tmp_path):
+def _fake_embedded(monkeypatch, tmp_path, write=None):
+    """An embedded GGUF model ``fake`` whose conversion ``write(pkg, entry, folder)`` (default: a 3 MiB folder in
+    place) is recorded in the returned calls."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "model.gguf").write_bytes(b"GGUF" + b"\0" * 100)
@@ -222,12 +224,15 @@ def _fake_embedded(monkeypatch, tmp_path):
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def convert(_pkg, _e, folder):
-        calls.append(folder)
+    def in_place(_pkg, _e, folder):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "model.safetensors").write_bytes(b"x" * (3 << 20))
         (folder / "config.json").write_text("{}")
         (folder / embedded.MANIFEST).write_text(json.dumps(embedded._manifest(folder)))
+
+    def convert(_pkg, _e, folder):
+        calls.append(folder)
+        (write or in_place)(_pkg, _e, folder)
 
     monkeypatch.setattr(embedded, "_convert", convert)
     return calls

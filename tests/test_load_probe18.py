@@ -26,18 +26,9 @@ from tests.tiny import save_tiny
 
 def _fake(monkeypatch, tmp_path, delay: float = 0.0):
     """An embedded GGUF model whose conversion writes a small folder (a staging folder renamed into place)."""
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "model.gguf").write_bytes(b"GGUF" + b"\0" * 100)
-    e = embedded.Embedded("fake", "fake_pkg", "org/fake-model", "pip install fake", "model.gguf")
-    monkeypatch.setitem(embedded.EMBEDDED, "fake", e)
-    monkeypatch.setitem(embedded.BY_HUB_ID, e.hub_id, e)
-    monkeypatch.setattr(embedded, "_package_dir", lambda _e: pkg)
-    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
-    calls = []
+    from test_chat import _fake_embedded
 
-    def convert(_pkg, _e, folder):
-        calls.append(folder)
+    def write(_pkg, _e, folder):
         time.sleep(delay)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = folder.parent / f".{folder.name}.{os.getpid()}.{threading.get_ident()}"
@@ -46,8 +37,7 @@ def _fake(monkeypatch, tmp_path, delay: float = 0.0):
         (staging / embedded.MANIFEST).write_text(json.dumps(embedded._manifest(staging)))
         os.replace(staging, folder)
 
-    monkeypatch.setattr(embedded, "_convert", convert)
-    return pkg / "model.gguf", calls
+    return tmp_path / "pkg" / "model.gguf", _fake_embedded(monkeypatch, tmp_path, write)
 
 
 def test_a_gguf_of_the_same_size_is_converted_again(monkeypatch, tmp_path):
