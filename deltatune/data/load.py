@@ -203,8 +203,8 @@ def _check_nul(path: str, text: str, first: int = 1) -> None:
     UTF-8 (ASCII and NULs), so a .jsonl read "not valid JSON (Expecting value ...)", a .csv had columns named with
     NULs between their letters, a .txt trained on them."""
     if "\x00" in text:
-        at = text.index("\x00")
-        line = text[text.rfind("\n", 0, at) + 1 : text.find("\n", at) % (len(text) + 1)]
+        at, end = text.index("\x00"), text.find("\n", text.index("\x00"))
+        line = text[text.rfind("\n", 0, at) + 1 : end if end >= 0 else None]
         raise DataError(_nul(path, first + text.count("\n", 0, at), line))
 
 
