@@ -137,7 +137,9 @@ def create_app(
         # vLLM's get_chat_request_role: without a generation prompt, the answer goes on in the last message's role
         role = "assistant" if rendering["add_generation_prompt"] else body["messages"][-1]["role"]
         echo = [_echoed(body["messages"][-1], role)] if flag(body, "echo") else None
-        return await _complete(http, body, [prompt_ids], chat=True, echo=echo, role=role)
+        end = engine.turn_end() if template is None else None  # the tokenizer's template framed the prompt
+        ends = frozenset() if end is None else frozenset({end})
+        return await _complete(http, body, [prompt_ids], chat=True, echo=echo, role=role, ends=ends)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
@@ -298,7 +300,13 @@ def create_app(
         return model
 
     async def _complete(
-        http: HttpRequest, body: dict, prompts: list[list[int]], chat: bool, echo: list | None = None, role: str = ""
+        http: HttpRequest,
+        body: dict,
+        prompts: list[list[int]],
+        chat: bool,
+        echo: list | None = None,
+        role: str = "",
+        ends: frozenset[int] = frozenset(),
     ):
         model = _served(body)
         # A token adapter's virtual tokens take room in the context too.
@@ -317,10 +325,10 @@ def create_app(
                 r.temperature = unset
         banned = bad_words_ids(engine.tokenizer, body)
         for r in requests:
-            r.bad_words_ids = banned
+            r.bad_words_ids, r.end_ids = banned, ends
         first = requests[0] if requests else None
         if first is not None and first.allowed_token_ids:
-            _first_token_possible(first, banned, engine.eos_of(model))
+            _first_token_possible(first, banned, engine.eos_of(model) | ends)
         echoes = [None if echo is None else echo[k // n] for k in range(len(requests))]
         stream = flag(body, "stream")
         options = body.get("stream_options")

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..data.templates import stop_ids
+from ..train.chat import _end_marker
 from ..train.runs import run_template
 from .detok import Detokenizer
 from .logprob_names import logprob_row as _logprob_row
@@ -89,6 +90,9 @@ class Request:
     logit_bias: dict[int, float] | None = None  # {token id: added to its logit} (OpenAI's)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: tokens that end the answer (not EOS's)
+    # The chat template's end of a turn, for a chat it rendered (Engine.turn_end): it ends the answer as the
+    # generation config's EOS ids do (deltatune chat's stop; LLaMA-Factory's API adds its template's stop words)
+    end_ids: frozenset[int] = frozenset()
     allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens that may be generated (None: any)
     bad_words_ids: list[list[int]] = field(default_factory=list)  # vLLM's bad_words, tokenized (fields.bad_words_ids)
     include_stop_str_in_output: bool = False  # vLLM's: the stop string, or stop token's text, ends the answer's text
@@ -148,6 +152,9 @@ class Engine:
         # The ids that end each adapter's answers besides ``eos_ids``: the end marker its run's template trained in
         # the EOS's place (chatml's <|im_end|> with a tokenizer that has no EOS); they apply to its rows alone.
         self.stops: dict[str, set[int]] = {}
+        # Such a marker written in several tokens (no id to stop on): stopped on as text, as deltatune chat does
+        self.markers: dict[str, str] = {}
+        self._turn_end: list[int | None] = []  # the tokenizer's chat template's end of a turn, once read
         self._changes_waiting = 0  # adapter loads/unloads waiting for the lock
         self._count_lock = threading.Lock()
         self.gen = getattr(model, "generation_config", None)  # its repetition_penalty and top_k apply (_pick)
@@ -199,6 +206,9 @@ class Engine:
                 extra = set(stop_ids(self.tokenizer, template)) - self.eos_ids  # chatml's <|im_end|> with no EOS
                 if extra:
                     self.stops[name] = extra
+                marker = None if extra else _end_marker(self.tokenizer, template)
+                if marker:
+                    self.markers[name] = marker
 
     def unload_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (between batches); requests still waiting for it fail with 404."""
@@ -212,11 +222,22 @@ class Engine:
             self._routes.pop(name, None)
             self.templates.pop(name, None)
             self.stops.pop(name, None)
+            self.markers.pop(name, None)
             self.paths.pop(name, None)
 
     def eos_of(self, adapter: str) -> set[int]:
         """The ids that end ``adapter``'s answers as EOS does: ``eos_ids``, and its run's template's (``stops``)."""
         return _eos_of(self, adapter)
+
+    def turn_end(self) -> int | None:
+        """The special token the tokenizer's chat template ends an assistant's turn with (``deltatune chat``'s
+        ``_turn_end_id``), where the generation config's EOS ids hold it not already; None where there is none."""
+        if not self._turn_end:
+            from ..train.chat import _turn_end_id
+
+            end = _turn_end_id(self.tokenizer)
+            self._turn_end.append(None if end in self.eos_ids else end)
+        return self._turn_end[0]
 
     @contextmanager
     def _changing(self) -> Iterator[None]:
@@ -404,7 +425,7 @@ class Engine:
         """The row's next token (``_pick``), or None when its logits cannot be sampled from (an adapter gone to NaN):
         that row alone ends with an error, the rest of its batch goes on."""
         try:
-            return _pick(logits, r, g, self.gen, _eos_of(self, r.adapter))
+            return _pick(logits, r, g, self.gen, _eos_of(self, r.adapter) | r.end_ids)
         except FloatingPointError as exc:
             r.finish_reason = f"error: model {r.adapter!r}: {exc}"
             return None
@@ -431,7 +452,7 @@ class Engine:
             r.detok = Detokenizer(self.tokenizer, r.prompt_ids, r.skip_special_tokens, r.spaces_between_special_tokens)
         # vLLM's check_stop: EOS (not under ignore_eos; the generation config's other EOS ids are stop_token_ids
         # there, with their stop_reason, and so are an adapter's template's), then the request's stop_token_ids
-        if token in _eos_of(self, r.adapter) and not r.ignore_eos:
+        if (token in _eos_of(self, r.adapter) or token in r.end_ids) and not r.ignore_eos:
             r.finish_reason, r.stop_reason = "stop", None if token == self.tokenizer.eos_token_id else token
         elif token in r.stop_token_ids:
             r.finish_reason, r.stop_reason = "stop", token
@@ -442,11 +463,16 @@ class Engine:
             r.text = r.detok.text(r.output_ids)
             if len(r.output_ids) <= r.min_tokens:  # vLLM's: a stop string must end in text after them
                 r.stop_from = len(r.text)
-            # The first stop string in the request's order that the new text completes (vLLM's check_stop_strings)
-            hit = next(((k, s) for s in r.stop if (k := r.text.find(s, max(r.stop_from - len(s) + 1, 0))) >= 0), None)
+            # The adapter's end marker (as EOS: stop_reason null), then the first stop string in the request's
+            # order that the new text completes (vLLM's check_stop_strings)
+            marker = None if r.ignore_eos else self.markers.get(r.adapter)
+            stops = [(marker, None)] * bool(marker) + [(s, s) for s in r.stop]
+            hit = next(
+                ((k, s, why) for s, why in stops if (k := r.text.find(s, max(r.stop_from - len(s) + 1, 0))) >= 0), None
+            )
             if hit is not None:
                 cut = hit[0] + len(hit[1]) if r.include_stop_str_in_output else hit[0]
-                r.text, r.finish_reason, r.stop_reason = r.text[:cut], "stop", hit[1]
+                r.text, r.finish_reason, r.stop_reason = r.text[:cut], "stop", hit[2]
             elif len(r.output_ids) >= r.max_tokens:
                 r.finish_reason = "length"
         if r.finish_reason is not None:
@@ -457,7 +483,8 @@ class Engine:
         end = len(r.text)
         while end > r.sent and r.text[end - 1] == "\ufffd":
             end -= 1
-        end -= 0 if r.include_stop_str_in_output else max((len(s) - 1 for s in r.stop), default=0)
+        held = [*r.stop, *([self.markers[r.adapter]] if r.adapter in self.markers and not r.ignore_eos else [])]
+        end -= 0 if r.include_stop_str_in_output else max((len(s) - 1 for s in held), default=0)
         if end > r.sent:
             r.emit(r.text[r.sent : end], None)
             r.sent = end
