@@ -101,14 +101,18 @@ def rotate(out: str, keep: int | None) -> None:
 
 
 def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[int], list[dict[str, Any]]]:
-    """Restore ``loop`` and ``generator`` from ``checkpoint``; returns (its step, the data order, the history)."""
+    """Restore ``loop`` and ``generator`` from ``checkpoint``; returns (its step, the data order, the history).
+    Every file is read and checked before anything of the loop changes: a refused checkpoint leaves it as it was."""
     from safetensors.torch import load_file
 
     with open(os.path.join(checkpoint, STATE), encoding="utf-8") as fh:
         state = json.load(fh)
-    for name in loop.model.active_adapters:
-        loop.model.load_adapter_weights(adapter_folder(checkpoint, name), name)
-    loop.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
+    head = load_file(os.path.join(checkpoint, "value_head.safetensors"))
+    shapes = {k: tuple(v.shape) for k, v in head.items()}
+    want = {k: tuple(v.shape) for k, v in loop.value_head.state_dict().items()}
+    if shapes != want:  # (load_state_dict's RuntimeError is a traceback)
+        raise ConfigError(f"{checkpoint}: value_head.safetensors holds {shapes}, this run's value head {want} (a "
+                          "checkpoint of another model); train from the start (--overwrite)")  # fmt: skip
     optimizer = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=loop.device, weights_only=True)
     if len(optimizer["param_groups"]) != len(loop.optimizer.param_groups):  # torch's ValueError is a traceback
         raise ConfigError(
@@ -116,10 +120,15 @@ def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[i
             f"{len(loop.optimizer.param_groups)} (a checkpoint of a deltatune that decayed biases and norms too); "
             "train from the start (--overwrite)"
         )
-    loop.optimizer.load_state_dict(optimizer)
-    if loop.scheduler is not None and os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
-        loop.scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+    scheduler = os.path.join(checkpoint, "scheduler.pt")
+    scheduler = torch.load(scheduler, weights_only=True) if loop.scheduler and os.path.isfile(scheduler) else None
     rng = torch.load(os.path.join(checkpoint, "rng_state.pth"), weights_only=True)
+    for name in loop.model.active_adapters:
+        loop.model.load_adapter_weights(adapter_folder(checkpoint, name), name)
+    loop.value_head.load_state_dict(head)
+    loop.optimizer.load_state_dict(optimizer)
+    if scheduler is not None:
+        loop.scheduler.load_state_dict(scheduler)
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["data"])
     if "cuda" in rng and torch.cuda.is_available():

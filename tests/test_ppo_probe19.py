@@ -1,0 +1,136 @@
+"""PPO against TRL's PPOTrainer (probe 19): the log rows' episode and epoch, a resumed run's log rows, a refused
+checkpoint load that changes nothing, and a prompt over the model's positions given to the loop itself.
+
+The TRL reference is ``trl/experimental/ppo/ppo_trainer.py`` (huggingface/trl, commit 0062ee10a9bc; TRL 1.16 in the
+.venv no longer ships it): each update it does ``self.state.episode += 1 * args.batch_size`` and logs
+``metrics["episode"] = self.state.episode`` with ``self.state.epoch = self.state.episode / self.train_dataset_len``
+(the Trainer's ``log`` adds ``epoch``). Its helpers are the copies in tests/test_ppo_probe11.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from test_ppo_probe11 import _fixed_rollout, _policy, _Tok
+from tiny import save_tiny
+
+from deltatune.config import ConfigError
+from deltatune.train import build, train
+from deltatune.train.config import AlignArgs
+from deltatune.train.ppo import PPOLoop
+
+
+def _zero(prompts, responses):
+    return [0.0] * len(prompts)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("ppo19") / "base", max_position_embeddings=128)
+
+
+def _rows(out) -> list[dict]:
+    with open(os.path.join(out, "log_history.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _trl_episode_epoch(steps: int, batch_size: int, dataset_len: int) -> list[tuple[int, float]]:
+    """TRL's state.episode and state.epoch as logged after each update (the lines of its train loop)."""
+    episode, logged = 0, []
+    for _update in range(1, steps + 1):
+        episode += 1 * batch_size
+        logged.append((episode, episode / dataset_len))
+    return logged
+
+
+def test_log_rows_carry_trls_episode_and_epoch_and_a_resume_continues_them(base, tmp_path):
+    """Each step's log row holds TRL's ``episode`` (rollouts so far) and ``epoch`` (episode / prompts): HEAD logged
+    neither. A run resumed from checkpoint-1 writes the unbroken run's rows (every value but wall_time, 1e-6)."""
+    from deltatune.train.runfolder import FINISHED_FILE
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me about the {w} cat"}) + "\n" for w in "abc"))
+    (tmp_path / "rewards19.py").write_text(
+        "def length(prompts, responses):\n    return [len(r) / 10 for r in responses]\n"
+    )
+    out = tmp_path / "run"
+    raw = {
+        "stage": "ppo", "model": {"name_or_path": base}, "data": {"train": str(prompts), "max_length": 16},
+        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "align": {"reward_model": "rewards19:length", "max_new_tokens": 3, "ppo_epochs": 1},
+        "output": {"dir": str(out)},
+        "train": {"max_steps": 3, "batch_size": 2, "save_steps": 1, "report_to": ["none"], "lr": 1e-2},
+    }  # fmt: skip
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        train(build(raw))
+        unbroken = _rows(out)
+        assert [(r["episode"], r["epoch"]) for r in unbroken] == _trl_episode_epoch(3, 2, 3)
+        (out / FINISHED_FILE).unlink()  # as if the run had stopped after checkpoint-2
+        train(build(raw), resume=True)
+    finally:
+        sys.path.remove(str(tmp_path))
+    resumed = _rows(out)
+    assert len(resumed) == len(unbroken) == 3
+    for a, b in zip(unbroken, resumed):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"wall_time"}:
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+
+
+def test_a_refused_checkpoint_load_changes_nothing(tmp_path):
+    """ppo_checkpoint.load refuses an optimizer.pt of another parameter grouping in one line; HEAD had already
+    loaded the checkpoint's adapter and value head into the loop by then (the loop's weights changed by a refused
+    call). Now the loop's adapter, value head, KL coefficient and random state are as before the call."""
+    from deltatune.train import ppo_checkpoint
+
+    align = AlignArgs(ppo_epochs=1, adaptive_kl=True, init_kl_coef=0.1)
+    first = PPOLoop(_policy(), _Tok(), _zero, align, lr=1e-2, max_grad_norm=0.0)
+    first.update(_fixed_rollout(first, eos_rows=True))
+    ppo_checkpoint.save(str(tmp_path), 1, first, torch.Generator().manual_seed(3), [2, 0], [{"step": 1}], None)
+    ckpt = tmp_path / "checkpoint-1"
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    state["param_groups"] = state["param_groups"][:1]  # (one group: a deltatune that decayed every parameter)
+    torch.save(state, ckpt / "optimizer.pt")
+
+    second = PPOLoop(_policy(), _Tok(), _zero, AlignArgs(ppo_epochs=1, init_kl_coef=0.1), lr=1e-2)
+    before = {k: v.clone() for k, v in second.model.state_dict().items()}
+    head = {k: v.clone() for k, v in second.value_head.state_dict().items()}
+    rng, g = torch.get_rng_state(), torch.Generator().manual_seed(5)
+    with pytest.raises(ConfigError, match=r"optimizer.pt holds 1 parameter group\(s\), this run's AdamW 2") as info:
+        ppo_checkpoint.load(str(ckpt), second, g)
+    assert "\n" not in str(info.value)
+    for k, v in second.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in second.value_head.state_dict().items():
+        assert torch.equal(v, head[k]), k
+    assert second.kl_ctl.value == 0.1 and second.steps_done == 0
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(
+        g.get_state(), torch.Generator().manual_seed(5).get_state()
+    )
+
+
+def test_a_checkpoint_of_another_models_value_head_is_one_line_and_changes_nothing(tmp_path):
+    """A value_head.safetensors of another hidden size (a checkpoint of another model): HEAD loaded the adapter, then
+    raised torch's multi-line 'Error(s) in loading state_dict' from load_state_dict; now one line naming the file,
+    with the loop as it was."""
+    from safetensors.torch import save_file
+
+    from deltatune.train import ppo_checkpoint
+
+    first = PPOLoop(_policy(), _Tok(), _zero, AlignArgs(ppo_epochs=1), lr=1e-2, max_grad_norm=0.0)
+    first.update(_fixed_rollout(first, eos_rows=True))
+    ppo_checkpoint.save(str(tmp_path), 1, first, torch.Generator(), [], [], None)
+    ckpt = tmp_path / "checkpoint-1"
+    save_file({"weight": torch.ones(1, 16), "bias": torch.zeros(1)}, str(ckpt / "value_head.safetensors"))
+    second = PPOLoop(_policy(), _Tok(), _zero, AlignArgs(ppo_epochs=1), lr=1e-2)
+    before = {k: v.clone() for k, v in second.model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"value_head.safetensors holds .*16.*, this run's value head .*32") as info:
+        ppo_checkpoint.load(str(ckpt), second, torch.Generator())
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in second.model.state_dict().items())
