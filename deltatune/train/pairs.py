@@ -225,7 +225,7 @@ def encode_pair_splits(
     with the chat template and encoded (``encode.encode_pair_samples``), and the report notes (format, first rows
     as rendered, pairs skipped under data.bad_pairs=skip, rows truncated). ``extra``: split -> {column: {file:line:
     value}} (or None), a number per row added to each of its pairs under that column name."""
-    from ..data.encode import encode_pair_samples
+    from ..data.encode import _lead, encode_pair_samples
     from ..data.preference import cut_lm
 
     d = cfg.data
@@ -250,11 +250,11 @@ def encode_pair_splits(
             _end_with_eos(out.examples, tok.eos_token_id)
 
         def end_kept(s, whole: dict) -> dict:  # (the cut of the other stages: the prompt's end, each answer's start)
-            if dpo:  # (both sides split at the shared prompt, then cut)
-                return encode_pair_samples([s], tok, template, d.max_length, d.truncation, causal, dpo).examples[0]
+            # dpo: the whole pair is already split at the shared prompt, so its cut is encode_pair_samples' at
+            # max_length without encoding the pair again (that doubled hh_rlhf's encoding time)
+            lead = _lead if dpo else _bos_lead
             return {
-                k: cut_lm(whole[k], d.max_length, _bos_lead(tok, template, whole[k]))[0]
-                for k in ("chosen", "rejected")
+                k: cut_lm(whole[k], d.max_length, lead(tok, template, whole[k]))[0] for k in ("chosen", "rejected")
             }
 
         out, fell_back[split] = keep_start(samples, out, d.max_length, d.truncation, end_kept)
