@@ -237,6 +237,9 @@ def readable(checkpoint: str) -> str | None:
 
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         return "no trainer_state.json"
+    missing = _missing_state(checkpoint)
+    if missing:
+        return f"no {missing}"
     for root, _, files in os.walk(checkpoint):
         for name in files:
             path = os.path.join(root, name)
@@ -259,6 +262,30 @@ def readable(checkpoint: str) -> str | None:
     return None
 
 
+def _missing_state(checkpoint: str) -> str | None:
+    """The file a Trainer checkpoint lacks of the state its run continues from, which the Trainer would quietly go
+    on without (no optimizer.pt or scheduler.pt: a fresh AdamW and the schedule from its start, 0.019 off the
+    uninterrupted run's adapter after 2 more steps; no rng_state.pth: other dropout and order draws), or None.
+    Only the Trainer's checkpoints (their trainer_state.json has ``stateful_callbacks``): PPO's and GRPO's load their
+    own files and name what they lack."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError):
+        return None  # (named by the walk of ``readable``)
+    if not isinstance(state, dict) or "stateful_callbacks" not in state:
+        return None
+    names = os.listdir(checkpoint)
+    # optimizer.pt; optimizer.bin or optimizer_0/ under FSDP; rankN-of-M-optimizer.pt (SageMaker); DeepSpeed's
+    if not any(n.startswith(("optimizer", "global_step")) or n.endswith("-optimizer.pt") for n in names):
+        return "optimizer.pt"
+    if "scheduler.pt" not in names and not any(n.startswith("global_step") for n in names):  # (DeepSpeed's own)
+        return "scheduler.pt"
+    if not any(n.startswith("rng_state") and n.endswith(".pth") for n in names):
+        return "rng_state.pth"
+    return None
+
+
 def _check_safetensors_size(path: str) -> None:
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
@@ -270,12 +297,17 @@ def _check_safetensors_size(path: str) -> None:
 
 def run_facts(cfg: Any) -> dict[str, Any]:
     """What a resumed run must share with its start beyond the recipe: the number of processes (train.batch_size is
-    per process, so the global batch and the data position follow it) and the bytes of its data files."""
+    per process, so the global batch and the data position follow it), the bytes of its data files, and the dtype a
+    ``model.dtype: auto`` resolved to (bfloat16 on a GPU, float32 on a CPU without fast bf16)."""
     import hashlib
 
     from ..data.load import data_path, folder_files
 
     facts: dict[str, Any] = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    if cfg.model.dtype == "auto":  # what it resolved to here (run.yaml records 'auto'; another machine resolves anew)
+        from .models import resolved_dtype
+
+        facts["model.dtype"] = resolved_dtype("auto")
     for key in ("train", "eval"):
         path = getattr(cfg.data, key)
         path = data_path(path) if isinstance(path, str) else path  # the file of a row range (``train.jsonl[:640]``)
@@ -308,7 +340,12 @@ def facts_changes(checkpoint: str, facts: dict[str, Any]) -> list[str]:
     out = []
     for key, value in facts.items():
         if key in old and old[key] != value:
-            out.append(f"{key} was {old[key]}, now {value}" if key == "world_size" else f"the file of {key} changed")
+            if key == "model.dtype":
+                out.append(f"model.dtype auto resolved to {old[key]} when the run began, to {value} on this machine")
+            else:
+                out.append(
+                    f"{key} was {old[key]}, now {value}" if key == "world_size" else f"the file of {key} changed"
+                )
     return out
 
 

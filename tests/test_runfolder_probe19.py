@@ -1,0 +1,116 @@
+"""Probe 19 of run folders, checkpoints and resume against transformers 5.25's Trainer: a checkpoint lacking the
+state the Trainer would quietly go on without, a model.dtype 'auto' that resolves otherwise on resume, a moved
+base."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "reliability"))
+from reliability_helpers import ROWS, cli, one_error_line, write_recipe  # noqa: E402
+from tiny import save_tiny  # noqa: E402
+
+from deltatune.config import ConfigError  # noqa: E402
+from deltatune.train.runfolder import resume_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """A tiny classifier trained 6 steps uninterrupted, a checkpoint every 2."""
+    tmp = tmp_path_factory.mktemp("probe19")
+    model = save_tiny(tmp / "bert", "bert", "seq_cls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    run = tmp / "whole"
+    recipe = write_recipe(
+        tmp / "whole.yaml", model, str(data), str(run), max_steps=6, save_steps=2, save_total_limit=None
+    )
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    return SimpleNamespace(tmp=tmp, model=model, data=str(data), run=run)
+
+
+def _stopped_at_4(whole, tmp_path):
+    """The run as a stop after step 4's checkpoint left it (its checkpoints 2 and 4, run.yaml, the live log)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(whole.run / name, out / name)
+    for name in ("run.yaml", "log_history.jsonl"):
+        shutil.copy(whole.run / name, out / name)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", whole.model, whole.data, str(out), max_steps=6, save_steps=2, save_total_limit=None
+    )
+    return out, recipe
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_checkpoint_without_the_state_the_trainer_skips_is_passed_over_by_name(whole, tmp_path, name):
+    """The Trainer's _load_optimizer_and_scheduler loads nothing when optimizer.pt or scheduler.pt is missing, and
+    _load_rng_state only logs a missing rng_state.pth: the run went on from a fresh AdamW (its adapter 0.019 off the
+    uninterrupted run's). Such a checkpoint is skipped, named, for the newest complete one."""
+    out, _ = _stopped_at_4(whole, tmp_path)
+    os.remove(out / "checkpoint-4" / name)
+    path, notes = resume_checkpoint(str(out))
+    assert os.path.basename(path) == "checkpoint-2"
+    assert notes == [f"checkpoint-4 is unreadable (no {name}); skipped"]
+    os.remove(out / "checkpoint-2" / name)
+    with pytest.raises(ConfigError, match=f"checkpoint-2 is unreadable \\(no {name}\\)"):
+        resume_checkpoint(str(out))
+
+
+def test_a_resume_past_a_checkpoint_without_its_optimizer_ends_as_the_uninterrupted_run(whole, tmp_path):
+    out, recipe = _stopped_at_4(whole, tmp_path)
+    os.remove(out / "checkpoint-4" / "optimizer.pt")
+    code, _, err = cli("train", recipe, "--resume")
+    assert code == 0, err
+    assert "checkpoint-4 is unreadable (no optimizer.pt); skipped" in err
+    a, b = load_file(whole.run / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-7, rtol=0)
+
+
+def test_a_resume_where_dtype_auto_resolves_otherwise_is_refused_naming_it(whole, tmp_path, monkeypatch):
+    """run.yaml records model.dtype 'auto', not what it resolved to: a run begun in bfloat16 (a GPU) and resumed on a
+    CPU without fast bf16 went on in float32, a change the recipe comparison cannot see. The checkpoint records it."""
+    import yaml
+
+    from deltatune.train import models
+    from deltatune.train.runfolder import facts_changes, run_facts
+    from deltatune.train.trainer import SUMS
+
+    out, recipe = _stopped_at_4(whole, tmp_path)
+    for path in (out / "run.yaml", recipe):
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data["model"]["dtype"] = "auto"
+        Path(path).write_text(yaml.safe_dump(data), encoding="utf-8")
+    from deltatune.train import load_recipe
+
+    cfg = load_recipe(recipe)
+    monkeypatch.setattr(models, "fast_bf16", lambda: True)
+    began = run_facts(cfg)
+    assert began["model.dtype"] == "bfloat16"
+    sums = out / "checkpoint-4" / SUMS
+    sums.write_text(json.dumps({**json.loads(sums.read_text()), "facts": began}))
+    assert facts_changes(str(out / "checkpoint-4"), began) == []
+    monkeypatch.setattr(models, "fast_bf16", lambda: False)
+    said = "model.dtype auto resolved to bfloat16 when the run began, to float32 on this machine"
+    assert facts_changes(str(out / "checkpoint-4"), run_facts(cfg)) == [said]
+    before = sorted(os.listdir(out))
+    code, _, err = cli("train", recipe, "--resume")
+    line = one_error_line(err)
+    assert code == 2 and said in line and "--resume-changed" in line
+    assert sorted(os.listdir(out)) == before
+    # an explicit dtype is the recipe's to compare, and a checkpoint from before records none: no fact
+    cfg.model.dtype = "float32"
+    assert "model.dtype" not in run_facts(cfg)
