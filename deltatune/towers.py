@@ -10,6 +10,9 @@ tower. ``restrict`` resolves a config's targets to full module names inside the 
   CLIP's ``fc2``); bottleneck adapters go after the attention / feed-forward output projections of the tower's blocks,
   found by the tower family's layout (``targets.BOTTLENECK_TARGETS``, else ``TOWER_BOTTLENECK``), and a tower with no
   such blocks (LLaVA's two-layer projector) is an error naming it;
+- ``target_modules: all-linear``: every linear layer of the named towers but the output head (LLaMA-Factory's
+  ``lora_target: all`` leaves its frozen vision tower and projector out so); IA3's feed-forward layers as above;
+- ``layers_to_transform`` (and ``layers_pattern``) keep the named blocks of the towers, picked as peft picks them;
 - a ``target_modules`` list or regex that also matches modules of a tower the user did not name is an error that
   lists those modules (never a silent half-and-half).
 
@@ -25,7 +28,16 @@ from torch import nn
 
 from .config import ConfigError, DeltaConfig
 from .layer import DeltaLayer, ModulesToSave
-from .targets import BOTTLENECK_TARGETS, IA3_FEEDFORWARD, IA3_TARGETS, LORA_TARGETS, find_targets, model_type
+from .targets import (
+    BOTTLENECK_TARGETS,
+    IA3_FEEDFORWARD,
+    IA3_TARGETS,
+    LORA_TARGETS,
+    all_linear_names,
+    find_targets,
+    matches,
+    model_type,
+)
 
 TOWER_NAMES = ("language", "vision", "projector")
 
@@ -222,10 +234,16 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
     missing = [t for t in towers if t not in table]
     if missing:
         raise ConfigError(f"method.towers: model type {model_type(model)!r} has no {missing[0]} tower")
-    if config.target_modules is None:
+    layers, pattern = getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
+    everything = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    if everything:  # the towers' linear layers (LLaMA-Factory's lora_target all: the frozen towers left out)
+        names = [n for n in all_linear_names(model) if tower_of(model, n) in towers]
+    elif config.target_modules is None:
         names = [n for t in towers for n in _defaults(model, config, t)]
-    else:
-        names = find_targets(model, config.target_modules, method=config.method)
+    if config.target_modules is None or everything:  # the blocks layers_to_transform names, picked as peft picks
+        names = [n for n in names if matches(n, ".*", layers, pattern)]
+    else:  # (with layers_to_transform as peft reads it: a full module name matches whatever it says)
+        names = find_targets(model, config.target_modules, layers, pattern, method=config.method)
         outside = [n for n in names if tower_of(model, n) not in towers]
         if outside:
             hit = sorted({tower_of(model, n) or "no tower" for n in outside})
@@ -236,8 +254,11 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
                 "target_modules"
             )
     if not names:
-        raise ConfigError(f"method.towers={towers}: no module to adapt in these towers")
-    if config.method == "ia3" and config.target_modules is None and config.feedforward_modules is None:
+        raise ConfigError(
+            f"method.towers={towers}: no module to adapt in these towers"
+            + (f" with layers_to_transform={layers!r}" if layers not in (None, []) else "")
+        )
+    if config.method == "ia3" and (config.target_modules is None or everything) and config.feedforward_modules is None:
         return config.replace(target_modules=names, feedforward_modules=_feedforward(model, names))
     return config.replace(target_modules=names)
 

@@ -1,0 +1,88 @@
+"""method.towers against peft 0.21.2 and LLaMA-Factory: target_modules "all-linear" inside the named towers, and
+layers_to_transform / layers_pattern on the modules the towers resolve."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+from torch import nn
+
+import deltatune as dt
+from deltatune import towers as T
+from deltatune.layer import DeltaLayer, ModulesToSave
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+from tiny_vlm import tiny_vlm  # noqa: E402
+
+peft = pytest.importorskip("peft")
+
+
+def _peft_names(model: nn.Module, config) -> list[str]:
+    """The modules peft adapts for ``config``, named as in the base model."""
+    adapted = peft.get_peft_model(copy.deepcopy(model), config)
+    return sorted(n.removeprefix("base_model.model.") for n, m in adapted.named_modules()
+                  if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer))  # fmt: skip
+
+
+def _ours(model: nn.Module, config) -> list[str]:
+    adapted = dt.get_delta_model(copy.deepcopy(model), config)
+    return sorted(n.removeprefix("base_model.") for n, m in adapted.named_modules()
+                  if isinstance(m, DeltaLayer) and not isinstance(m, ModulesToSave))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("towers", "kept"),
+    [(["language"], ("model.language_model.",)), (["language", "projector"], ("model.language_model.", "model.multi"))],
+)
+def test_all_linear_in_towers_is_every_linear_layer_of_those_towers(towers, kept):
+    """LLaMA-Factory's lora_target: all on a VLM takes every linear layer but lm_head outside its frozen vision tower
+    and projector; deltatune refused target_modules: all-linear with method.towers (the default [language]) because
+    all-linear also reaches the vision tower."""
+    model = tiny_vlm("llava")
+    theirs = [n for n in _peft_names(model, peft.LoraConfig(r=2, target_modules="all-linear")) if n.startswith(kept)]
+    config = T.restrict(model, dt.LoraConfig(r=2, target_modules="ALL-LINEAR"), towers)
+    assert sorted(config.target_modules) == theirs and len(theirs) == 14 + 2 * (len(towers) - 1)
+    assert _ours(model, config) == theirs  # (lm_head, the output head, is left out as peft's all-linear leaves it)
+
+
+def test_ia3_all_linear_in_the_language_tower_scales_its_families_feed_forward_layers():
+    """IA3 all-linear on LLaMA in peft: feedforward_modules from its table (down_proj); inside LLaVA's language tower
+    the same, as the tower's defaults already were."""
+    model = tiny_vlm("llava")
+    config = T.restrict(model, dt.IA3Config(target_modules="all-linear"), ["language"])
+    assert config.feedforward_modules == [f"model.language_model.layers.{i}.mlp.down_proj" for i in range(2)]
+    alone = peft.get_peft_model(copy.deepcopy(model.model.language_model), peft.IA3Config(target_modules="all-linear"))
+    assert sorted(alone.peft_config["default"].feedforward_modules) == ["down_proj"]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(layers_to_transform=[0]),
+        dict(layers_to_transform=1, layers_pattern="layers"),
+        dict(target_modules="all-linear", layers_to_transform=[1]),
+        dict(target_modules=r".*language_model.*\.(q|v)_proj", layers_to_transform=[0]),
+    ],
+)
+def test_layers_to_transform_keeps_the_towers_named_blocks(kw):
+    """layers_to_transform with towers was dropped: the towers' full module names match whatever it says, so LLaVA's
+    language tower got LoRA in every block. peft, given the same leaves and layers, adapts the named blocks."""
+    model = tiny_vlm("llava")
+    ask = {**kw, "target_modules": ["q_proj", "v_proj"]}  # (LLaMA's defaults, the language tower's)
+    if kw.get("target_modules") == "all-linear":  # (peft refuses layers_to_transform with a str: its names, listed)
+        every = _peft_names(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+        ask["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in every if "language_model" in n})
+    theirs = [n for n in _peft_names(model, peft.LoraConfig(r=2, **ask)) if n.startswith("model.language_model.")]
+    config = T.restrict(model, dt.LoraConfig(r=2, **kw), ["language"])
+    assert sorted(config.target_modules) == theirs and _ours(model, config) == theirs
+    layer = kw["layers_to_transform"]
+    assert theirs and all(f".layers.{layer if isinstance(layer, int) else layer[0]}." in n for n in theirs)
+
+
+def test_layers_to_transform_that_keeps_nothing_in_the_towers_is_one_line_naming_it():
+    model = tiny_vlm("llava")
+    with pytest.raises(dt.ConfigError, match=r"no module to adapt in these towers with layers_to_transform=\[7\]"):
+        T.restrict(model, dt.LoraConfig(r=2, layers_to_transform=[7]), ["language"])
