@@ -35,7 +35,10 @@ def _ours(model: nn.Module, config) -> list[str]:
 
 @pytest.mark.parametrize(
     ("towers", "kept"),
-    [(["language"], ("model.language_model.",)), (["language", "projector"], ("model.language_model.", "model.multi"))],
+    [
+        (["language"], ("model.language_model.",)),
+        (["language", "projector"], ("model.language_model.", "model.multi")),
+    ],
 )
 def test_all_linear_in_towers_is_every_linear_layer_of_those_towers(towers, kept):
     """LLaMA-Factory's lora_target: all on a VLM takes every linear layer but lm_head outside its frozen vision tower
