@@ -465,7 +465,7 @@ class Engine:
                 r.stop_from = len(r.text)
             # The adapter's end marker (as EOS: stop_reason null), then the first stop string in the request's
             # order that the new text completes (vLLM's check_stop_strings)
-            marker = None if r.ignore_eos else self.markers.get(r.adapter)
+            marker = _marker_of(self, r)
             stops = [(marker, None)] * bool(marker) + [(s, s) for s in r.stop]
             hit = next(
                 ((k, s, why) for s, why in stops if (k := r.text.find(s, max(r.stop_from - len(s) + 1, 0))) >= 0), None
@@ -483,7 +483,7 @@ class Engine:
         end = len(r.text)
         while end > r.sent and r.text[end - 1] == "\ufffd":
             end -= 1
-        held = [*r.stop, *([self.markers[r.adapter]] if r.adapter in self.markers and not r.ignore_eos else [])]
+        held = [*r.stop, *filter(None, [_marker_of(self, r)])]
         end -= 0 if r.include_stop_str_in_output else max((len(s) - 1 for s in held), default=0)
         if end > r.sent:
             r.emit(r.text[r.sent : end], None)
@@ -564,6 +564,12 @@ def _eos_of(engine: Any, adapter: str) -> set[int]:
     """``Engine.eos_of``, for an engine-like object too (``stops`` optional)."""
     extra = getattr(engine, "stops", {}).get(adapter)
     return engine.eos_ids | extra if extra else engine.eos_ids
+
+
+def _marker_of(engine: Any, r: Request) -> str | None:
+    """The end marker that ends ``r`` as text (``Engine.markers``; none under ignore_eos), for an engine-like object
+    too (``markers`` optional)."""
+    return None if r.ignore_eos else getattr(engine, "markers", {}).get(r.adapter)
 
 
 def _row_name(adapter: str) -> str:
