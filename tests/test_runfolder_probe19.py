@@ -114,3 +114,24 @@ def test_a_resume_where_dtype_auto_resolves_otherwise_is_refused_naming_it(whole
     # an explicit dtype is the recipe's to compare, and a checkpoint from before records none: no fact
     cfg.model.dtype = "float32"
     assert "model.dtype" not in run_facts(cfg)
+
+
+def test_a_run_whose_base_moved_says_to_pass_model(whole, tmp_path):
+    """generate / chat / merge of a run whose recorded base is gone: the one line says --model takes its new place
+    (it named only the missing folder); with --model the run loads and generates as before."""
+    import yaml
+
+    run = tmp_path / "copied"
+    shutil.copytree(whole.run, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    moved = tmp_path / "moved-bert"
+    shutil.copytree(whole.model, moved)
+    recipe = yaml.safe_load((run / "run.yaml").read_text(encoding="utf-8"))
+    recipe["model"]["name_or_path"] = str(tmp_path / "gone" / "bert")
+    (run / "run.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, _, err = cli("merge", "--adapter", str(run), "--out", str(tmp_path / "m"))
+    line = one_error_line(err, "merge")
+    assert code == 2 and "gone/bert': no such folder; if the base moved, pass --model" in line
+    code, _, err = cli("merge", "--adapter", str(run), "--out", str(tmp_path / "m"), "--model", str(moved))
+    assert code == 0, err
+    code, _, err = cli("merge", "--adapter", str(run), "--out", str(tmp_path / "n"), "--model", str(tmp_path / "x"))
+    assert code == 2 and "--model" in one_error_line(err, "merge") and "if the base moved" not in err

@@ -91,7 +91,13 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
         name, task = model or config.base_model_name_or_path, config.task_type or "CAUSAL_LM"
     if not name:
         raise ConfigError(f"{adapter_dir!r} does not say which base model it was trained on; pass --model")
-    check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
+    try:
+        check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
+    except ConfigError as exc:
+        if model:
+            raise
+        # (a run folder copied to another machine, or its base moved: the recorded path is gone; --model overrides)
+        raise ConfigError(f"{exc}; if the base moved, pass --model with where it is now") from None
     stage = cfg.stage if recipe_path else "sft"
     saved = "preprocessor_config.json" if stage in IMAGE_STAGES else "tokenizer_config.json"
     tok_dir = folder_with(adapter_dir, saved) if stage != "t2i" else None  # t2i: the base has the UNet's
