@@ -50,6 +50,8 @@ class PrefixTuningConfig(VirtualTokenFields, DeltaConfig):
         super().__post_init__()
         check_fields(self)
         check_positive_int("encoder_hidden_size", self.encoder_hidden_size, optional=True)
+        if not isinstance(self.prefix_projection, bool):  # "false" would be a true (non-empty) string
+            raise ConfigError(f"prefix_projection must be true or false, got {self.prefix_projection!r}")
         if self.init_weights not in (None, "zero"):
             raise ConfigError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
 

@@ -50,6 +50,13 @@ class PromptTuningConfig(VirtualTokenFields, DeltaConfig):
         if init not in INITS:
             raise ConfigError(f"prompt_tuning_init must be one of {INITS}, got {self.prompt_tuning_init!r}")
         self.prompt_tuning_init = init
+        if self.prompt_tuning_init_text is not None and not isinstance(self.prompt_tuning_init_text, str):
+            raise ConfigError(f"prompt_tuning_init_text must be a string, got {self.prompt_tuning_init_text!r}")
+        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
+            raise ConfigError(
+                f"tokenizer_kwargs must be a mapping of AutoTokenizer.from_pretrained arguments, got "
+                f"{self.tokenizer_kwargs!r}"
+            )
         if init == "TEXT" and not self.prompt_tuning_init_text:
             raise ConfigError(
                 f"prompt_tuning_init='TEXT' needs prompt_tuning_init_text, got {self.prompt_tuning_init_text!r}"
