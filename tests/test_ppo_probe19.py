@@ -134,3 +134,31 @@ def test_a_checkpoint_of_another_models_value_head_is_one_line_and_changes_nothi
         ppo_checkpoint.load(str(ckpt), second, torch.Generator())
     assert "\n" not in str(info.value)
     assert all(torch.equal(v, before[k]) for k, v in second.model.state_dict().items())
+
+
+@pytest.mark.parametrize("mini, grad_accum, rows", [(2, 2, 1), (2, 1, 2), (4, 1, 4)])
+def test_the_rollouts_no_grad_forwards_run_in_the_updates_micro_batches(mini, grad_accum, rows):
+    """TRL's rollout runs its no-grad forwards (policy, reference, value) over local_rollout_forward_batch_size rows
+    at a time; HEAD ran them over the whole batch at once (the (B, L, vocab) float logits twice: the memory a
+    batch's update splits into micro-batches). Each now runs over the update's micro-batch (align.mini_batch_size /
+    train.grad_accum rows), with the log-probs, reference log-probs and values of the whole-batch forward (1e-6)."""
+    from test_ppo_probe12 import _DecodingTok, _Fixed
+
+    generated = torch.tensor([[5, 7, 9, 3, 0], [5, 6, 8, 8, 9], [7, 4, 3, 0, 0], [9, 4, 6, 4, 7]])
+    prompts = [[5, 6], [8, 9, 10], [11], [12, 13]]
+    got = {}
+    for key, (m, ga) in (("whole", (4, 1)), ("parts", (mini, grad_accum))):
+        align = AlignArgs(mini_batch_size=m, max_new_tokens=5, ppo_epochs=1)
+        loop = PPOLoop(_policy(), _DecodingTok(), _zero, align, grad_accum=ga)
+        loop.model.generate = _Fixed(generated).generate
+        sizes = []
+        hook = loop.model.get_base_model().register_forward_pre_hook(
+            lambda mod, args, kwargs, sizes=sizes: sizes.append(len(kwargs["input_ids"])), with_kwargs=True
+        )
+        r = loop.rollout(prompts)
+        hook.remove()
+        got[key] = (r, sizes)
+    (whole, whole_sizes), (parts, sizes) = got["whole"], got["parts"]
+    assert whole_sizes == [4, 4] and sizes == [rows] * (2 * 4 // rows)
+    for name in ("logprobs", "ref_logprobs", "values", "response_mask", "sequences", "scores"):
+        assert torch.allclose(getattr(parts, name), getattr(whole, name), atol=1e-6, rtol=0), name

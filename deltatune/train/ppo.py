@@ -176,9 +176,16 @@ class PPOLoop:
             None, None, None, None,  # (logprobs, ref_logprobs, values, scores: below)
             decode([list(p) for p in prompts], skip_special_tokens=True), decode(response, skip_special_tokens=True),
         )  # fmt: skip
-        logp, values, _ = self._forward(r)
-        r.logprobs, r.values = logp * response_mask, values * response_mask
-        r.ref_logprobs = self.reference_logprobs(r) * response_mask
+        # The no-grad forwards run over the update's micro-batches (TRL's local_rollout_forward_batch_size): the
+        # (rows, length, vocab) logits of a whole batch at once are the memory the update splits to fit.
+        step, parts = max(1, self.align.mini_batch_size // self.grad_accum), []
+        for i in range(0, len(prompts), step):
+            part = Rollout(r.sequences[i : i + step], r.attention_mask[i : i + step], response_mask[i : i + step],
+                           r.prompt_length, None, None, None, None, [], [])  # fmt: skip
+            logp, values, _ = self._forward(part)
+            parts.append((logp, values, self.reference_logprobs(part)))
+        logp, values, ref = (torch.cat(x) for x in zip(*parts))
+        r.logprobs, r.values, r.ref_logprobs = logp * response_mask, values * response_mask, ref * response_mask
         # One finite number per response, or one line naming the reward and the response (None, NaN, text...).
         names = [f"the response {t[:40]!r} to {p[:40]!r}" for p, t in zip(r.prompts, r.responses)]
         name = self.align.reward_model or "function"
