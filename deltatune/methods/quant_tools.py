@@ -106,7 +106,8 @@ def _keep_reason(
         return "task head"
     if matches(name, fp32):  # T5's FFN casts its activations to wo.weight.dtype, which 4-bit storage would make uint8
         return "the model's _keep_in_fp32_modules (transformers' 4-bit loading keeps them too)"
-    if skip and matches(name, skip):
+    parts = name.split(".")  # the layer or a module above it (transformers skips what a named module holds)
+    if skip and any(matches(".".join(parts[:i]), skip) for i in range(len(parts), 0, -1)):
         return "skip_modules"
     d_in = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
     if d_in % BLOCK_SIZE:
@@ -138,7 +139,8 @@ def quantize(
         double_quant: also quantise the absmax constants to 8 bits (saves ~0.37 bits/parameter).
         compute_dtype: the dtype the layers compute in: float32, bfloat16 (or float16), as a dtype or its name.
         backend: "auto", "torchao" or "bitsandbytes" (see the module docstring for what "auto" picks).
-        skip_modules: more layers to keep in full precision: names matched like ``target_modules``, or a regex.
+        skip_modules: more layers to keep in full precision: names matched like ``target_modules``, or a regex;
+            a name matching a module keeps every layer in it (``model.layers.0``, as transformers' skip modules).
 
     Returns:
         The same model object, and a ``QuantSummary``.
