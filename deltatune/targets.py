@@ -346,8 +346,9 @@ def _refuse_experts(model: nn.Module, targets: list[str] | str, found: list[str]
             stacklevel=3,
         )
         return
-    if isinstance(targets, str):
-        hits = [(n, m) for n, m in experts if re.fullmatch(targets, n)] if not found else []
+    if isinstance(targets, str):  # (as a list's entries: an expert's name that reaches no linear layer is refused)
+        leaves = {n.rsplit(".", 1)[-1] for n in found}
+        hits = [(n, m) for n, m in experts if re.fullmatch(targets, n) and n.rsplit(".", 1)[-1] not in leaves]
     else:
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
         hits = [(n, m) for n, m in experts if any(n == t or n.endswith("." + t) for t in unmatched)]

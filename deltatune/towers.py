@@ -33,7 +33,6 @@ from .targets import (
     IA3_FEEDFORWARD,
     IA3_TARGETS,
     LORA_TARGETS,
-    all_linear_names,
     find_targets,
     matches,
     model_type,
@@ -237,11 +236,10 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
     layers, pattern = getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
     everything = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     if everything:  # the towers' linear layers (LLaMA-Factory's lora_target all: the frozen towers left out)
-        names = [n for n in all_linear_names(model) if tower_of(model, n) in towers]
-    elif config.target_modules is None:
-        names = [n for t in towers for n in _defaults(model, config, t)]
-    if config.target_modules is None or everything:  # the blocks layers_to_transform names, picked as peft picks
-        names = [n for n in names if matches(n, ".*", layers, pattern)]
+        found = find_targets(model, "all-linear", layers, pattern, method=config.method)  # (fused experts: warned)
+        names = [n for n in found if tower_of(model, n) in towers]
+    elif config.target_modules is None:  # the blocks layers_to_transform names, picked as peft picks them
+        names = [n for t in towers for n in _defaults(model, config, t) if matches(n, ".*", layers, pattern)]
     else:  # (with layers_to_transform as peft reads it: a full module name matches whatever it says)
         names = find_targets(model, config.target_modules, layers, pattern, method=config.method)
         outside = [n for n in names if tower_of(model, n) not in towers]

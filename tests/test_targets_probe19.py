@@ -89,3 +89,37 @@ def test_layers_to_transform_that_keeps_nothing_in_the_towers_is_one_line_naming
     model = tiny_vlm("llava")
     with pytest.raises(dt.ConfigError, match=r"no module to adapt in these towers with layers_to_transform=\[7\]"):
         T.restrict(model, dt.LoraConfig(r=2, layers_to_transform=[7]), ["language"])
+
+
+def _moe(kind: str) -> nn.Module:
+    from test_targets_probe import _moe as moe
+
+    return moe(kind, **({"shared_expert_intermediate_size": 24} if kind == "qwen2_moe" else {}))
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_a_regex_reaching_fused_experts_beside_other_modules_is_refused_as_a_list_is(kind):
+    """target_modules=r".*\\.(q_proj|down_proj)" on Qwen3-MoE: peft adapts q_proj and the experts (its v4-to-v5
+    conversion); deltatune adapted q_proj alone, silently (the list ["q_proj", "down_proj"] was refused). Now one
+    line names the experts' parameter, and the model is left as it was."""
+    import torch
+
+    base = _moe(kind)
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    if kind == "qwen3_moe":  # (peft's Mixtral table knows the experts as w1 / w2 / w3 only: there it drops them too)
+        theirs = _peft_names(base, peft.LoraConfig(r=2, target_modules=r".*\.(q_proj|down_proj)"))
+        assert "model.layers.0.mlp.experts" in theirs
+    with pytest.raises(dt.ConfigError, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, a 3-D parameter"):
+        dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=r".*\.(q_proj|down_proj)"))
+    assert [n for n, _ in base.named_parameters()] == list(before)
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+
+
+def test_a_regex_reaching_a_shared_expert_beside_the_fused_experts_adapts_it_as_peft():
+    """Qwen2-MoE's shared expert has a linear down_proj: the regex adapts it, as the list does and as peft does."""
+    base = _moe("qwen2_moe")
+    config = dict(r=2, target_modules=r".*\.(q_proj|down_proj)")
+    theirs = _peft_names(base, peft.LoraConfig(**config))
+    assert _ours(base, dt.LoraConfig(**config)) == theirs
+    assert theirs == [f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp.shared_expert.down_proj",
+                                                                          "self_attn.q_proj")]  # fmt: skip
