@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from . import registry, status
-from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
+from .config import CONFIG_NAME, ConfigError, DeltaConfig
 from .files import (
     HUB_KWARGS,
     KEY_PREFIX,
     AdapterLoadError,
     _head_echo,
-    adapter_folder,
     atomic_write,
     base_key,
     check_adapter_name,
@@ -136,14 +135,9 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
         return
     names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)
     card = _model_card(model, save_directory)  # an unreadable README.md refused before any file is written, as peft
-    save_adapters(model, save_directory, names, save_embedding_layers, **kwargs)
-    for name in names if not safe_serialization else []:  # peft's torch.save file, in place of the safetensors one
-        from safetensors.torch import load_file
-
-        folder = adapter_folder(save_directory, name)
-        tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
-        atomic_write(os.path.join(folder, PICKLE_WEIGHTS_NAME), lambda f, t=tensors: torch.save(t, f))
-        os.remove(os.path.join(folder, WEIGHTS_NAME))  # (peft leaves an older one, which its loading then prefers)
+    # (safe_serialization False: peft's torch.save file, staged and moved in as the safetensors one; an older
+    # adapter_model.safetensors removed, which peft leaves and its loading then prefers)
+    save_adapters(model, save_directory, names, save_embedding_layers, safe_serialization=safe_serialization, **kwargs)
     atomic_write(os.path.join(save_directory, "README.md"), card.save)  # peft's, once the adapters are in place
 
 

@@ -210,23 +210,33 @@ training it needs (``DeltaLayer.training_state``), keyed ``<layer path>|<tensor>
 
 
 def write_adapter(
-    folder: str, tensors: dict[str, torch.Tensor], config: DeltaConfig, training: dict | None = None
+    folder: str,
+    tensors: dict[str, torch.Tensor],
+    config: DeltaConfig,
+    training: dict | None = None,
+    safe: bool = True,
+    auto_mapping: dict[str, str] | None = None,
 ) -> None:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder`` (created), each atomically,
-    and ``training`` (a training state) as TRAINING_STATE, or remove an earlier save's."""
+    """Write ``adapter_model.safetensors`` (``safe`` False: peft's ``torch.save`` file, ``adapter_model.bin``) and
+    ``adapter_config.json`` into ``folder`` (created), each atomically, and ``training`` (a training state) as
+    TRAINING_STATE, or remove an earlier save's. ``auto_mapping``: peft's field of that name, written when given."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    for name, group in ((WEIGHTS_NAME, tensors), (TRAINING_STATE, training)):
+    for name, group in ((WEIGHTS_NAME if safe else PICKLE_WEIGHTS_NAME, tensors), (TRAINING_STATE, training)):
         if group is None or name == TRAINING_STATE and not group:
             continue
         group = {k: v.detach().to("cpu").contiguous().clone() for k, v in group.items()}
-        atomic_write(os.path.join(folder, name), lambda f, g=group: save_file(g, f, {"format": "pt"}))
+        if name == PICKLE_WEIGHTS_NAME:
+            atomic_write(os.path.join(folder, name), lambda f, g=group: torch.save(g, f))
+        else:
+            atomic_write(os.path.join(folder, name), lambda f, g=group: save_file(g, f, {"format": "pt"}))
     if not training and os.path.exists(os.path.join(folder, TRAINING_STATE)):
         os.remove(os.path.join(folder, TRAINING_STATE))
     # fields sorted as peft writes them, but not what they hold: rank_pattern's first matching key wins (peft sorts
     # those too, and its file of {"v_proj": 2, "layers.*": 6} then reloads with rank 6 where it trained rank 2)
-    text = json.dumps(dict(sorted(config.to_dict().items())), indent=2)
+    fields = config.to_dict() | ({"auto_mapping": auto_mapping} if auto_mapping else {})
+    text = json.dumps(dict(sorted(fields.items())), indent=2)
     atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
 
 

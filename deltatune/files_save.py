@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 
+from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from .files import (
     SAVING,
     TRAINING_STATE,
     _host,
     adapter_folder,
+    atomic_write,
     embedding_copies,
     key_prefix,
     pick_tensors,
@@ -31,6 +33,7 @@ def save_adapters(
     save_embedding_layers: bool | str,
     path_initial_model_for_weight_conversion: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    safe_serialization: bool = True,
     **_: Any,
 ) -> None:
     """``DeltaModel.save_pretrained``'s files: each adapter of ``names`` in its folder (``adapter_folder``), its config
@@ -41,13 +44,19 @@ def save_adapters(
     (which writes its model card there). ``path_initial_model_for_weight_conversion`` (peft's: a LoRA saved right after its init):
     each adapter written as the plain LoRA of its change since (the LoRA method's
     ``convert_to_plain_lora``, as peft's conversion). ``state_dict`` (peft's): the tensors, embedding copies
-    included, are taken from it (``pick_tensors``), e.g. a full state dict gathered from sharded (FSDP / ZeRO-3) parameters."""
+    included, are taken from it (``pick_tensors``), e.g. a full state dict gathered from sharded (FSDP / ZeRO-3) parameters.
+    ``safe_serialization`` False: peft's ``torch.save`` file, ``adapter_model.bin``, written and moved in as the
+    safetensors one is (an earlier save's ``adapter_model.safetensors``, which loaders prefer, then removed). An
+    adapter with no task type gets peft's ``auto_mapping`` (the base model's class and module), which peft's
+    ``AutoPeftModel`` builds the base model from."""
     folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
     refuse_files(folders)  # (save_dir/other a file: refused before any write)
     if not names:
         adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
         os.makedirs(save_directory, exist_ok=True)
     path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
+    base_class = type(model.base_model)  # (peft's auto_mapping: the class AutoPeftModel builds for no task type)
+    auto = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
     initial, convert = path_initial_model_for_weight_conversion, getattr(model, "convert_to_plain_lora", None)
     writes = {}  # every adapter's files made (a state_dict= lacking a tensor refused) before any is written
     for name in names:
@@ -64,10 +73,18 @@ def save_adapters(
         for pname, p in embedding_copies(model.base_model, config, save_embedding_layers).items():
             tensors.setdefault(key_prefix(config) + pname, p)
         tensors = tensors if state_dict is None else pick_tensors(model, name, state_dict, tensors)
-        writes[name] = (tensors, config, training)
+        writes[name] = (tensors, config, training, safe_serialization, auto if config.task_type is None else None)
 
     def write(name: str, staged: str) -> None:
-        convert(initial, staged, name) if initial is not None else write_adapter(staged, *writes[name])
+        if initial is None:
+            return write_adapter(staged, *writes[name])
+        convert(initial, staged, name)
+        if not safe_serialization:  # the converted adapter as peft's torch.save file
+            from safetensors.torch import load_file
+
+            tensors = load_file(os.path.join(staged, WEIGHTS_NAME))
+            atomic_write(os.path.join(staged, PICKLE_WEIGHTS_NAME), lambda f: torch.save(tensors, f))
+            os.remove(os.path.join(staged, WEIGHTS_NAME))
 
     publish(os.fspath(save_directory), folders, write)
 
@@ -114,5 +131,8 @@ def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, 
             staged = os.listdir(os.path.join(tmp, name))
             for file in staged:
                 os.replace(os.path.join(tmp, name, file), os.path.join(folder, file))
-            if TRAINING_STATE not in staged and os.path.exists(os.path.join(folder, TRAINING_STATE)):
-                os.remove(os.path.join(folder, TRAINING_STATE))  # an earlier save's
+            # an earlier save's files: its training state, and its safetensors beside a new .bin (read before it)
+            stale = [TRAINING_STATE] + ([WEIGHTS_NAME] if PICKLE_WEIGHTS_NAME in staged else [])
+            for file in stale:
+                if file not in staged and os.path.exists(os.path.join(folder, file)):
+                    os.remove(os.path.join(folder, file))

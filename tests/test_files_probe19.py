@@ -1,0 +1,129 @@
+"""Probe 19 of adapter files against peft 0.21.2: peft's ``safe_serialization=False`` save written as atomically as
+the safetensors one, and ``auto_mapping`` in the adapter_config.json of an adapter with no task type (peft's
+``AutoPeftModel`` reads it to build the base model)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from tiny import output_of, tiny_inputs, tiny_model
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+
+
+def _files(root) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes)."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+def _two_adapters() -> dt.DeltaModel:
+    model = dt.get_delta_model(
+        tiny_model("llama"), dt.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM")
+    )
+    model.add_adapter("other", dt.LoraConfig(r=2, init_lora_weights=False, task_type="CAUSAL_LM"))
+    return model
+
+
+def _bump(model) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+
+
+@pytest.mark.parametrize("first_safe", [True, False])
+def test_a_bin_save_that_fails_leaves_every_adapter_file_as_it_was(tmp_path, monkeypatch, first_safe):
+    """safe_serialization=False (peft's torch.save file) on a full disk: the save is refused in one line naming the
+    file, and the folder holds the earlier save byte for byte. Before, the safetensors files were written and moved in
+    first, then converted: a failed torch.save left the new adapter in adapter_model.safetensors (which loaders
+    prefer), the raised error notwithstanding."""
+    model = _two_adapters()
+    model.save_pretrained(tmp_path, safe_serialization=first_safe)
+    before = _files(tmp_path)
+    _bump(model)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="adapter_model.bin") as caught:
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    assert "\n" not in str(caught.value) and caught.value.errno == errno.ENOSPC
+    assert ".saving-" not in str(caught.value)
+    assert _files(tmp_path) == before
+
+
+def test_a_bin_save_loads_in_peft_and_replaces_the_safetensors_file(tmp_path):
+    """A .bin save (both adapters) loads in peft with the same logits, and no older adapter_model.safetensors is left
+    beside it (peft leaves one, which its loading then prefers over the new .bin)."""
+    model = _two_adapters()
+    model.save_pretrained(tmp_path)
+    _bump(model)
+    x = tiny_inputs("llama")
+    want = {name: (model.set_adapter(name), output_of(model, x))[1] for name in ("other", "default")}
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(_files(tmp_path)) == [
+        "README.md", "adapter_config.json", "adapter_model.bin", "other/adapter_config.json", "other/adapter_model.bin"
+    ]  # fmt: skip
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    loaded.load_adapter(tmp_path, "other", subfolder="other")
+    for name in ("default", "other"):
+        loaded.set_adapter(name)
+        assert torch.equal(output_of(loaded, x), want[name])
+
+
+def _no_task_configs():
+    return [
+        pytest.param(
+            dt.TrainableTokensConfig(token_indices=[3, 5], init_weights=False),
+            peft.TrainableTokensConfig(token_indices=[3, 5], init_weights=False),
+            id="trainable-tokens",
+        ),
+        pytest.param(
+            dt.LoraConfig(r=2, init_lora_weights=False), peft.LoraConfig(r=2, init_lora_weights=False), id="lora"
+        ),
+    ]
+
+
+@pytest.mark.parametrize("ours, theirs", _no_task_configs())
+def test_an_adapter_with_no_task_type_loads_in_peft_s_auto_peft_model(tmp_path, ours, theirs):
+    """peft writes ``auto_mapping`` (the base model's class and module) into the config of an adapter with no task
+    type, and ``peft.AutoPeftModel.from_pretrained(folder)`` builds the base from it; deltatune wrote none, so peft
+    refused deltatune's folder ("Cannot infer the auto class from the config")."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    x = tiny_inputs("llama")
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), ours)
+    model.save_pretrained(tmp_path / "ours")
+    reference = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), theirs)
+    reference.save_pretrained(tmp_path / "theirs")
+
+    def config(name):
+        return json.loads((tmp_path / name / "adapter_config.json").read_text())
+
+    assert config("ours")["auto_mapping"] == config("theirs")["auto_mapping"] is not None
+    loaded = peft.AutoPeftModel.from_pretrained(tmp_path / "ours")
+    assert type(loaded.get_base_model()) is type(model.get_base_model())
+    assert torch.equal(output_of(loaded, x), output_of(model, x))
+    again = dt.DeltaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "ours")
+    assert torch.equal(output_of(again, x), output_of(model, x))  # (deltatune reads the field back: ignored)
+
+
+def test_an_adapter_with_a_task_type_writes_no_auto_mapping_as_peft(tmp_path):
+    """With a task type peft's file has ``auto_mapping`` null (the task's class is used); deltatune's has none."""
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text()).get("auto_mapping") is None
