@@ -309,6 +309,12 @@ def find_targets(
             + (f" with layers_to_transform={layers_to_transform!r}" if layers_to_transform is not None else "")
             + (f" and layers_pattern={layers_pattern!r}" if layers_pattern and layers_to_transform is not None else "")
             + f" matches no module. Module names in this model: {', '.join(candidate_names(model))}"
+            + (  # (Mixtral's w1 / w2 / w3 of transformers 4, which peft maps onto them: fused in transformers 5)
+                f"; its mixture of experts' experts are fused 3-D parameters ({experts[0][0]}, ...), which deltatune"
+                " cannot adapt"
+                if (experts := fused_experts(model))
+                else ""
+            )
             + (
                 f" (a string is a regex matched against the full module name, as in peft; for modules named"
                 f" {targets!r} give a list: [{targets}])"

@@ -123,3 +123,20 @@ def test_a_regex_reaching_a_shared_expert_beside_the_fused_experts_adapts_it_as_
     assert _ours(base, dt.LoraConfig(**config)) == theirs
     assert theirs == [f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp.shared_expert.down_proj",
                                                                           "self_attn.q_proj")]  # fmt: skip
+
+
+def test_mixtrals_transformers_4_expert_names_say_why_they_match_nothing():
+    """["w1", "w3", "w2"] (Mixtral's experts in transformers 4): peft maps them onto the fused experts and adapts
+    them; deltatune said only "matches no module", listing names without any expert. The line now says the experts
+    are fused 3-D parameters it cannot adapt, naming one, and the model is left as it was."""
+    base = _moe("mixtral")
+    theirs = _peft_names(base, peft.LoraConfig(r=2, target_modules=["w1", "w3", "w2"]))
+    assert "model.layers.0.mlp.experts" in theirs
+    with pytest.raises(dt.ConfigError) as err:
+        dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=["w1", "w3", "w2"]))
+    assert str(err.value).startswith("lora: target_modules=['w1', 'w3', 'w2'] matches no module.")
+    assert str(err.value).endswith(
+        "; its mixture of experts' experts are fused 3-D parameters (model.layers.0.mlp.experts.gate_up_proj, ...), "
+        "which deltatune cannot adapt"
+    )
+    assert not any(isinstance(m, DeltaLayer) for m in base.modules())
