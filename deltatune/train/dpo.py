@@ -57,6 +57,7 @@ from .pairs import (
     count_tokens,
     disable_dropout,
     encode_pair_splits,
+    every_process,
     pair_metrics,
     synced_reference,
 )
@@ -275,14 +276,16 @@ class DPOTrainer(SyncedRefCheckpoints, PairTrainer):
         losses, chosen, rejected, logps = self._losses(model, inputs, stats, aux)
         # as TRL, training and evaluating (EvalStats: eval_logps/chosen, ...): the rewards, the policy's summed
         # log-probs of each side and its token stats
+        # (every process's pairs and tokens under DDP, as TRL gathers them)
         self.log_rewards(chosen, rejected)
-        self.log_stat("logps/chosen", logps.chunk(2)[0].mean().item())
-        self.log_stat("logps/rejected", logps.chunk(2)[1].mean().item())
+        gather = every_process(self)
+        for side, values in zip(("chosen", "rejected"), logps.chunk(2)):
+            self.log_stat(f"logps/{side}", (values if gather is None else gather(values.contiguous())).mean().item())
         n = len(chosen)
-        sides = [token_means(stats, inputs["labels"], rows) for rows in (slice(0, n), slice(n, None))]
+        sides = [token_means(stats, inputs["labels"], rows, gather) for rows in (slice(0, n), slice(n, None))]
         self.log_stat("logits/chosen", sides[0]["mean_logits"])
         self.log_stat("logits/rejected", sides[1]["mean_logits"])
-        self.log_stat("entropy", token_means(stats, inputs["labels"])["entropy"])
+        self.log_stat("entropy", token_means(stats, inputs["labels"], gather=gather)["entropy"])
         self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
         count_tokens(self, inputs["attention_mask"], model.training)
         loss = self.pair_mean(losses, model)

@@ -45,7 +45,7 @@ from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .config_align import precomputes_ref
 from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs, token_means
-from .pairs import EvalStats, SyncedRefCheckpoints, count_tokens, disable_dropout, synced_reference
+from .pairs import EvalStats, SyncedRefCheckpoints, count_tokens, disable_dropout, every_process, synced_reference
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -214,17 +214,23 @@ class KTOTrainer(SyncedRefCheckpoints, EvalStats, DeltaTrainer):
         good = inputs["desirable"].bool()
         # TRL's names, training and evaluating (EvalStats: eval_kl, ...): chosen the desirable rows, rejected the
         # undesirable
+        # (every process's rows and tokens under DDP, as TRL gathers them: the same collectives on every process)
         self.log_stat("kl", kl.item())
-        labels = inputs["labels"][: len(good)]  # (the rows', as their stats)
-        self.log_stat("entropy", token_means(stats, labels)["entropy"])
+        labels, gather = inputs["labels"][: len(good)], every_process(self)  # (the rows', as their stats)
+        self.log_stat("entropy", token_means(stats, labels, gather=gather)["entropy"])
         count_tokens(self, inputs["attention_mask"][: len(good)], model.training)
+        means = {}
         for side, rows in (("chosen", good), ("rejected", ~good)):
-            if rows.any():
-                self.log_stat(f"rewards/{side}", rewards[rows].mean().item())
-                self.log_stat(f"logps/{side}", policy[rows].mean().item())
-                self.log_stat(f"logits/{side}", token_means(stats, labels, rows)["mean_logits"])
-        if good.any() and (~good).any():
-            self.log_stat("rewards/margins", (rewards[good].mean() - rewards[~good].mean()).item())
+            sums = torch.stack([rewards[rows].sum(), policy[rows].sum(), rows.sum()]).float()
+            reward, logp, n = (sums if gather is None else gather(sums[None]).sum(0)).tolist()
+            logits = token_means(stats, labels, rows, gather)["mean_logits"]
+            if n:
+                means[side] = reward / n
+                self.log_stat(f"rewards/{side}", reward / n)
+                self.log_stat(f"logps/{side}", logp / n)
+                self.log_stat(f"logits/{side}", logits)
+        if len(means) == 2:
+            self.log_stat("rewards/margins", means["chosen"] - means["rejected"])
         loss = losses.mean()
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the rows (not their mismatched pairs), as TRL
             loss = loss + self.router_coef * aux[0]
