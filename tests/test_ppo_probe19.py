@@ -162,3 +162,73 @@ def test_the_rollouts_no_grad_forwards_run_in_the_updates_micro_batches(mini, gr
     assert whole_sizes == [4, 4] and sizes == [rows] * (2 * 4 // rows)
     for name in ("logprobs", "ref_logprobs", "values", "response_mask", "sequences", "scores"):
         assert torch.allclose(getattr(parts, name), getattr(whole, name), atol=1e-6, rtol=0), name
+
+
+def _stub_steps(monkeypatch) -> list[int]:
+    """PPOLoop.step replaced by one that records its batch size and returns the keys train_ppo reads."""
+    calls = []
+
+    def step(self, batch):
+        calls.append(len(batch))
+        self.steps_done += 1
+        return {"loss": 0.0, "reward": 0.0, "kl": 0.0}
+
+    monkeypatch.setattr(PPOLoop, "step", step)
+    return calls
+
+
+def _epochs_cfg(tmp_path, epochs: float, batch_size: int):
+    return build({
+        "stage": "ppo", "model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}, "output": {"dir": str(tmp_path)},
+        "train": {"epochs": epochs, "batch_size": batch_size, "report_to": ["none"], "save_steps": 1,
+                  "save_total_limit": None},
+    })  # fmt: skip
+
+
+def _trl_num_total_batches(epochs: float, dataset_len: int, batch_size: int) -> int:
+    """TRL's PPOTrainer.__init__: total_episodes = num_train_epochs * train_dataset_len, num_total_batches =
+    ceil(total_episodes / batch_size)."""
+    import math
+
+    total_episodes = int(epochs * dataset_len)
+    return math.ceil(total_episodes / batch_size)
+
+
+@pytest.mark.parametrize("epochs, n, batch_size", [(3, 3, 2), (2, 10, 4), (1, 3, 2), (0.5, 10, 4), (4, 8, 4)])
+def test_train_epochs_count_steps_as_trls_num_total_batches(monkeypatch, tmp_path, epochs, n, batch_size):
+    """train.epochs E over N prompts in batches of B is TRL's ceil(E * N / B) steps (its batches carry on across
+    passes, as deltatune's data order does): HEAD took E * ceil(N / B), a pass per ceil(N / B) steps, so 3 epochs of
+    3 prompts in twos ran 6 steps (12 rollouts, 4 passes) for TRL's 5 (10)."""
+    from deltatune.train.ppo import train_ppo
+
+    calls = _stub_steps(monkeypatch)
+    cfg = _epochs_cfg(tmp_path, epochs, batch_size)
+    prompts = [[5 + i, 6] for i in range(n)]
+    metrics, history = train_ppo(_policy(), _Tok(), cfg, prompts, None, _zero, facts={})
+    want = _trl_num_total_batches(epochs, n, batch_size)
+    assert metrics["train_steps"] == len(calls) == len(history) == want
+    assert calls == [batch_size] * want
+
+
+def test_a_checkpoint_of_a_run_that_counted_epochs_per_pass_resumes_with_its_count(monkeypatch, tmp_path):
+    """A checkpoint written before the count changed (no max_steps in its trainer_state.json) resumes with the
+    count its run began with (E * ceil(N / B): 6 here), so it ends where it would have; a new one records
+    max_steps (5, TRL's) and resumes to it."""
+    from deltatune.train import ppo_checkpoint
+    from deltatune.train.ppo import train_ppo
+
+    calls = _stub_steps(monkeypatch)
+    cfg = _epochs_cfg(tmp_path, 3, 2)
+    prompts = [[5 + i, 6] for i in range(3)]
+    train_ppo(_policy(), _Tok(), cfg, prompts, None, _zero, facts={})
+    ckpt = tmp_path / "checkpoint-2"
+    state = json.loads((ckpt / ppo_checkpoint.STATE).read_text())
+    assert state["max_steps"] == 5
+    calls.clear()
+    metrics, _ = train_ppo(_policy(), _Tok(), cfg, prompts, None, _zero, str(ckpt), facts={})
+    assert (metrics["train_steps"], len(calls)) == (5, 3)
+    del state["max_steps"]
+    (ckpt / ppo_checkpoint.STATE).write_text(json.dumps(state))
+    calls.clear()
+    metrics, _ = train_ppo(_policy(), _Tok(), cfg, prompts, None, _zero, str(ckpt), facts={})
+    assert (metrics["train_steps"], len(calls)) == (6, 4)

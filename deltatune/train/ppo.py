@@ -474,7 +474,14 @@ def train_ppo(
     t = cfg.train
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     per_epoch = math.ceil(len(prompts) / t.batch_size)
-    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    # TRL's num_total_batches: ceil(epochs * prompts / batch_size) (batches carry on across passes, as the data order
+    # here does); a checkpoint without max_steps began counting epochs * per_epoch, and resumes with its count
+    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * len(prompts) / t.batch_size))
+    if checkpoint is not None and t.max_steps <= 0:
+        from . import ppo_checkpoint
+
+        if ppo_checkpoint.counted_per_pass(checkpoint):
+            steps = max(1, math.ceil(t.epochs * per_epoch))
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * steps)
 
     def scheduler(opt):
@@ -518,7 +525,7 @@ def train_ppo(
             from . import ppo_checkpoint
 
             loop.runtime_s = time.perf_counter() - start
-            ppo_checkpoint.save(cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts)
+            ppo_checkpoint.save(cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts, steps)
     tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
     metrics.update(
         train_loss=sum(h["loss"] for h in history) / len(history),

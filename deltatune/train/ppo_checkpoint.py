@@ -47,9 +47,11 @@ def save(
     history: list[dict[str, Any]],
     keep: int | None,
     facts: dict[str, Any] | None = None,
+    max_steps: int | None = None,
 ) -> str:
     """Write ``<out>/checkpoint-<step>`` for ``loop`` (a PPOLoop) and keep the newest ``keep`` checkpoints;
-    ``facts``: the run's ``runfolder.run_facts``, for ``--resume`` to compare."""
+    ``facts``: the run's ``runfolder.run_facts``, for ``--resume`` to compare; ``max_steps``: the run's step count
+    (its presence marks a run that counts train.epochs as TRL: ``counted_per_pass``)."""
     from safetensors.torch import save_file
 
     final = os.path.join(out, f"{PREFIX}{step}")
@@ -74,6 +76,7 @@ def save(
             "runtime_s": loop.runtime_s,
             "order": order,
             "log_history": history,
+            **({"max_steps": max_steps} if max_steps is not None else {}),
         }
         with open(os.path.join(staging, STATE), "w", encoding="utf-8") as fh:
             json.dump(state, fh)
@@ -98,6 +101,13 @@ def rotate(out: str, keep: int | None) -> None:
     )  # (isdecimal: "checkpoint-²" is a digit to isdigit, not to int)
     for _, name in steps[: max(0, len(steps) - keep)]:
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def counted_per_pass(checkpoint: str) -> bool:
+    """Whether ``checkpoint``'s run counted train.epochs E as E * ceil(prompts / batch_size) steps (one written
+    before the count became TRL's ceil(E * prompts / batch_size): its trainer_state.json holds no max_steps)."""
+    with open(os.path.join(checkpoint, STATE), encoding="utf-8") as fh:
+        return "max_steps" not in json.load(fh)
 
 
 def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[int], list[dict[str, Any]]]:
