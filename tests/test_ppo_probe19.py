@@ -232,3 +232,27 @@ def test_a_checkpoint_of_a_run_that_counted_epochs_per_pass_resumes_with_its_cou
     calls.clear()
     metrics, _ = train_ppo(_policy(), _Tok(), cfg, prompts, None, _zero, str(ckpt), facts={})
     assert (metrics["train_steps"], len(calls)) == (6, 4)
+
+
+def test_local_rollout_forward_batch_size_sets_the_rollouts_forward_rows():
+    """TRL's local_rollout_forward_batch_size, where the align section has it (the key is proposed in config_align),
+    sets the rows per no-grad forward of the rollout: 3 rows of 4 in mini-batches of 4 -> forwards of 3 and 1
+    (policy, then reference, each), with the whole-batch log-probs and values (1e-6)."""
+    from test_ppo_probe12 import _DecodingTok, _Fixed
+
+    generated = torch.tensor([[5, 7, 9, 3, 0], [5, 6, 8, 8, 9], [7, 4, 3, 0, 0], [9, 4, 6, 4, 7]])
+    got = {}
+    for rows in (None, 3):
+        align = AlignArgs(mini_batch_size=4, max_new_tokens=5, ppo_epochs=1)
+        align.local_rollout_forward_batch_size = rows
+        loop = PPOLoop(_policy(), _DecodingTok(), _zero, align)
+        loop.model.generate = _Fixed(generated).generate
+        sizes: list[int] = []
+        hook = loop.model.get_base_model().register_forward_pre_hook(
+            lambda mod, args, kwargs, sizes=sizes: sizes.append(len(kwargs["input_ids"])), with_kwargs=True
+        )
+        got[rows] = (loop.rollout([[5, 6], [8, 9, 10], [11], [12, 13]]), sizes)
+        hook.remove()
+    assert got[None][1] == [4, 4] and got[3][1] == [3, 3, 1, 1]
+    for name in ("logprobs", "ref_logprobs", "values"):
+        assert torch.allclose(getattr(got[3][0], name), getattr(got[None][0], name), atol=1e-6, rtol=0), name

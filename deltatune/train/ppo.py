@@ -176,9 +176,10 @@ class PPOLoop:
             None, None, None, None,  # (logprobs, ref_logprobs, values, scores: below)
             decode([list(p) for p in prompts], skip_special_tokens=True), decode(response, skip_special_tokens=True),
         )  # fmt: skip
-        # The no-grad forwards run over the update's micro-batches (TRL's local_rollout_forward_batch_size): the
-        # (rows, length, vocab) logits of a whole batch at once are the memory the update splits to fit.
-        step, parts = max(1, self.align.mini_batch_size // self.grad_accum), []
+        # The no-grad forwards run over align.local_rollout_forward_batch_size rows (TRL's; left out: the update's
+        # micro-batch): the (rows, length, vocab) logits of a whole batch at once are the memory the update splits.
+        step = getattr(self.align, "local_rollout_forward_batch_size", None)  # (a key config_align may lack)
+        step, parts = step or max(1, self.align.mini_batch_size // self.grad_accum), []
         for i in range(0, len(prompts), step):
             part = Rollout(r.sequences[i : i + step], r.attention_mask[i : i + step], response_mask[i : i + step],
                            r.prompt_length, None, None, None, None, [], [])  # fmt: skip
