@@ -425,6 +425,25 @@ def _in_model_names(
     return out
 
 
+def untie_diverged(model: torch.nn.Module) -> torch.nn.Module:
+    """peft's ``merge_and_unload`` ending: a merged model whose config ties the output embedding to the input one
+    (``tie_word_embeddings``) but whose two weights no longer are one tensor (a head trained in full,
+    ``modules_to_save=["lm_head"]``) gets ``tie_word_embeddings = False``, with peft's warning, so a loader that
+    ties by the config (a model built from config.json, vLLM) keeps the trained head. Returns ``model``."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return model
+    try:
+        weights = [getattr(m, "weight", None) for m in (model.get_output_embeddings(), model.get_input_embeddings())]
+    except (NotImplementedError, AttributeError):
+        return model
+    if None not in weights and weights[0].data_ptr() != weights[1].data_ptr():
+        config.tie_word_embeddings = False
+        warnings.warn("Input and output embeddings are no longer tied after merging. Setting "
+                      "`tie_word_embeddings=False` in the model config.", stacklevel=3)  # fmt: skip
+    return model
+
+
 def load_peft_weights(
     model_id: str | os.PathLike[str],
     device: str | torch.device | None = None,
