@@ -140,3 +140,24 @@ def test_mixtrals_transformers_4_expert_names_say_why_they_match_nothing():
         "which deltatune cannot adapt"
     )
     assert not any(isinstance(m, DeltaLayer) for m in base.modules())
+
+
+def test_a_towers_adapter_narrowed_by_layers_loads_in_peft_to_the_same_logits(tmp_path):
+    """The saved adapter_config.json holds the resolved names and layers_to_transform: peft loads it (a full name
+    matches whatever layers_to_transform says) to the same modules and logits."""
+    import torch
+    from tiny_vlm import vlm_inputs
+
+    model = tiny_vlm("llava")
+    config = T.restrict(model, dt.LoraConfig(r=2, init_lora_weights=False, target_modules="all-linear",
+                                             layers_to_transform=[1]), ["language"])  # fmt: skip
+    ours = dt.get_delta_model(model, config).eval()
+    ours.save_pretrained(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(tiny_vlm("llava"), tmp_path / "adapter").eval()
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                     if isinstance(m, peft.tuners.lora.LoraLayer))  # fmt: skip
+    assert adapted == sorted(config.target_modules) and len(adapted) == 7
+    assert all(n.startswith("model.language_model.layers.1.") for n in adapted)
+    inputs = vlm_inputs("llava")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-6, rtol=0)
