@@ -321,6 +321,11 @@ def find_targets(
                 if isinstance(targets, str) and targets in candidate_names(model)
                 else ""
             )
+            + (  # LLaMA-Factory's lora_target: all (["all"] too)
+                "; 'all-linear' takes every linear layer but the output head (LLaMA-Factory's lora_target: all)"
+                if targets in ("all", ["all"]) or (isinstance(targets, str) and targets.lower() == "all")
+                else ""
+            )
         )
     return found
 

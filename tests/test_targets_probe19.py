@@ -161,3 +161,21 @@ def test_a_towers_adapter_narrowed_by_layers_loads_in_peft_to_the_same_logits(tm
     inputs = vlm_inputs("llava")
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("targets", ["all", "ALL", ["all"]])
+def test_llama_factorys_all_says_all_linear(targets):
+    """LLaMA-Factory's lora_target: all is every linear layer but the head; as target_modules (peft: a regex matching
+    nothing) the line now says all-linear is that, and nothing is adapted."""
+    from tiny import tiny_model
+
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match="not found"):
+        peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=targets))
+    with pytest.raises(dt.ConfigError) as err:
+        dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=targets))
+    assert str(err.value).startswith(f"lora: target_modules={targets!r} matches no module.")
+    assert str(err.value).endswith(
+        "; 'all-linear' takes every linear layer but the output head (LLaMA-Factory's lora_target: all)"
+    )
+    assert not any(isinstance(m, DeltaLayer) for m in base.modules())
