@@ -163,3 +163,25 @@ def test_ctrl_c_after_the_run_finished_does_not_send_to_resume(whole, tmp_path, 
     monkeypatch.undo()
     code, _, err = cli("train", recipe, "--resume")  # what the old line sent the user to
     assert code == 2 and "is finished" in one_error_line(err)
+
+
+def test_a_resumed_runs_logged_summary_is_the_whole_runs_as_its_metrics(whole, tmp_path):
+    """The Trainer's closing log (train_loss, train_runtime) covers the steps since the resume: log_history.jsonl
+    of a run resumed at step 4 of 6 said train_loss 0.6808 where its metrics.json (and the uninterrupted run) said
+    0.6945. The log now carries the whole run's figures, as metrics.json and report.md do."""
+    out, recipe = _stopped_at_4(whole, tmp_path)
+    code, _, err = cli("train", recipe, "--resume")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    logged = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    summary = logged[-1]
+    assert summary["train_loss"] == metrics["train_loss"]
+    sums = json.loads((out / "checkpoint-4" / "deltatune_sums.json").read_text())
+    assert metrics["train_runtime_s"] > sums["runtime_s"]  # (the steps before the resume, and those after)
+    assert abs(summary["train_runtime"] - metrics["train_runtime_s"]) <= 0.01
+    uninterrupted = [json.loads(line) for line in (whole.run / "log_history.jsonl").read_text().splitlines()]
+    assert abs(summary["train_loss"] - uninterrupted[-1]["train_loss"]) <= 1e-7
+    assert f"| train_loss | {metrics['train_loss']:.4f} |" in (out / "report.md").read_text()
+    # the per-step losses are the uninterrupted run's
+    steps = [(h["step"], h["loss"]) for h in logged if "loss" in h]
+    assert steps == [(h["step"], h["loss"]) for h in uninterrupted if "loss" in h]

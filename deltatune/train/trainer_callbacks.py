@@ -8,6 +8,7 @@ Split from trainer.py in session 46 to give it headroom; nothing here knows the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,10 +76,26 @@ curves read it while the run trains."""
 class LogFile(TrainerCallback):
     """Append every log of the Trainer (its ``log_history`` entry, with the step) to ``<output_dir>/LOG_FILE``.
 
-    A fresh run starts the file anew; a resumed run starts it with the checkpoint's log history and appends.
+    A fresh run starts the file anew; a resumed run starts it with the checkpoint's log history and appends, its
+    closing summary (the Trainer's ``train_loss`` and ``train_runtime``, which cover the steps since the resume) made
+    the whole run's, as its metrics.json has them (``DeltaTrainer.train``, from the checkpoint's ``SUMS``).
     Each line is written and flushed whole, so a reader sees at worst a partial last line (which it skips)."""
 
+    before: dict | None = None  # the resumed checkpoint's sums (loss summed over its steps, time, step)
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self.before = None
+        if state.global_step > 0:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            from .trainer import SUMS
+
+            with contextlib.suppress(OSError, ValueError):
+                path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", SUMS)
+                with open(path, encoding="utf-8") as fh:
+                    sums = json.load(fh)
+                if isinstance(sums, dict) and sums.get("step") == state.global_step:
+                    self.before = sums
         if not state.is_world_process_zero:
             return
         os.makedirs(args.output_dir, exist_ok=True)
@@ -89,6 +106,13 @@ class LogFile(TrainerCallback):
             fh.writelines(kept)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and self.before and isinstance(logs.get("train_loss"), float) and state.global_step:
+            before, step = self.before, state.global_step  # (the sums as DeltaTrainer.train adds them)
+            whole = {"train_loss": (before["loss_sum"] + logs["train_loss"] * (step - before["step"])) / step,
+                     "train_runtime": round(before["runtime_s"] + logs.get("train_runtime", 0.0), 4)}  # fmt: skip
+            logs = {**logs, **whole}  # (a copy: the Trainer's dict is its TrainOutput's metrics, which it adds to)
+            if state.log_history and state.log_history[-1].get("step") == step:
+                state.log_history[-1].update(whole)
         if state.is_world_process_zero and logs:
             now = round(time.time(), 3)  # the board's relative and wall x axes (TensorBoard's wall_time)
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
