@@ -410,12 +410,16 @@ def _in_model_names(
     """Saved keys as peft's ``missing_keys`` names them: the parameter's name in the model, adapter name included
     (``base_model.model.<path>.lora_A.default.weight``; on an injected model ``<path>.lora_A.default.weight``), so
     the filter peft's ``load_adapter`` and transformers apply (``"lora_" in k and adapter_name in k``) keeps them. A
-    tensor saved in a folded form (no parameter of its own) keeps its saved key."""
+    tensor saved in a folded form (no parameter of its own) keeps its saved key. Token rows are their saved key and
+    the adapter name, as peft's (LoRA's in its ``token_adapter``; a tied output layer's its own, though one tensor)."""
     names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
     out = []
     for key in keys:
         name = names.get(id(expected[key]))
-        if name is None:
+        if key.endswith(".trainable_tokens_delta"):
+            out.append(key.removeprefix(prefix) if strip else KEY_PREFIX + key.removeprefix(prefix))
+            out[-1] += f".{adapter_name}"
+        elif name is None:
             out.append(key.removeprefix(prefix) if strip else key)
         elif name.startswith("base_model."):
             out.append(name.removeprefix("base_model.") if strip else KEY_PREFIX + name[len("base_model.") :])

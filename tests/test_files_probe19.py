@@ -190,3 +190,28 @@ def test_merge_and_unload_unties_diverged_embeddings_as_peft(tmp_path):
     assert (
         ours.merge_and_unload().config.tie_word_embeddings is reference.merge_and_unload().config.tie_word_embeddings
     )
+
+
+@pytest.mark.parametrize(
+    "method, tie",
+    [("lora", False), ("trainable_tokens", False), ("trainable_tokens", True)],
+    ids=["lora-token-indices", "trainable-tokens", "trainable-tokens-tied"],
+)
+def test_missing_token_rows_are_named_as_peft_names_them(method, tie):
+    """set_peft_model_state_dict without the token rows: ``missing_keys`` names them by peft's names in the model.
+    LoRA's rows sit in peft's ``token_adapter`` (deltatune said ``embed_tokens.trainable_tokens_delta.default``), and
+    a tied output layer's rows are its own (deltatune named the input embedding's twice)."""
+    if method == "lora":
+        ours, theirs = (
+            dt.LoraConfig(r=2, trainable_token_indices=[3, 5]),
+            peft.LoraConfig(r=2, trainable_token_indices=[3, 5]),
+        )
+    else:
+        ours, theirs = dt.TrainableTokensConfig(token_indices=[3, 5]), peft.TrainableTokensConfig(token_indices=[3, 5])
+    model = dt.get_delta_model(tiny_model("llama", tie_word_embeddings=tie), ours)
+    reference = peft.get_peft_model(tiny_model("llama", tie_word_embeddings=tie), theirs)
+    saved = dt.get_peft_model_state_dict(model)
+    assert sorted(saved) == sorted(peft.get_peft_model_state_dict(reference))
+    with pytest.warns(UserWarning, match="missing"):
+        result = dt.set_peft_model_state_dict(model, {k: v for k, v in saved.items() if "trainable_tokens" not in k})
+    assert sorted(result.missing_keys) == sorted(k for k in reference.state_dict() if "trainable_tokens_delta" in k)
