@@ -47,8 +47,9 @@ def _trl_episode_epoch(steps: int, batch_size: int, dataset_len: int) -> list[tu
 
 
 def test_log_rows_carry_trls_episode_and_epoch_and_a_resume_continues_them(base, tmp_path):
-    """Each step's log row holds TRL's ``episode`` (rollouts so far) and ``epoch`` (episode / prompts): HEAD logged
-    neither. A run resumed from checkpoint-1 writes the unbroken run's rows (every value but wall_time, 1e-6)."""
+    """Each step's log row holds TRL's ``episode`` (rollouts so far), ``epoch`` (episode / prompts) and ``eps``
+    (rollouts a second): HEAD logged none. A run resumed from its last checkpoint writes the unbroken run's rows
+    (every value but the times, wall_time and eps, to 1e-6)."""
     from deltatune.train.runfolder import FINISHED_FILE
 
     prompts = tmp_path / "prompts.jsonl"
@@ -71,6 +72,7 @@ def test_log_rows_carry_trls_episode_and_epoch_and_a_resume_continues_them(base,
         train(build(raw))
         unbroken = _rows(out)
         assert [(r["episode"], r["epoch"]) for r in unbroken] == _trl_episode_epoch(3, 2, 3)
+        assert all(type(r["eps"]) is int and r["eps"] >= 0 for r in unbroken)  # (TRL's int(episode / seconds))
         (out / FINISHED_FILE).unlink()  # as if the run had stopped after checkpoint-2
         train(build(raw), resume=True)
     finally:
@@ -79,7 +81,7 @@ def test_log_rows_carry_trls_episode_and_epoch_and_a_resume_continues_them(base,
     assert len(resumed) == len(unbroken) == 3
     for a, b in zip(unbroken, resumed):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"wall_time"}:
+        for key in a.keys() - {"wall_time", "eps"}:
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
 
 

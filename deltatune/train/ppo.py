@@ -517,9 +517,10 @@ def train_ppo(
         if len(order) < t.batch_size:
             order += torch.randperm(len(prompts), generator=g).tolist()
         batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
-        # TRL's episode (rollouts so far) and epoch (episode / prompts), as its PPOTrainer logs them
+        # TRL's episode (rollouts so far), epoch (episode / prompts) and eps (rollouts a second), as it logs them
         episode = step * t.batch_size
         row = {"step": step, **loop.step(batch), "episode": episode, "epoch": episode / len(prompts)}
+        row["eps"] = int(episode / max(time.perf_counter() - start, 1e-9))
         history.append({**row, "wall_time": round(time.time(), 3)})
         bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", kl=f"{history[-1]['kl']:.2f}", refresh=False)
         if step % every == 0 and step < steps:
