@@ -103,3 +103,16 @@ def reference_logits(
         if adapter_names:
             model.set_adapter(active)
     return reference
+
+
+def dora_dtypes(base: nn.Module, four: list[tuple[str, nn.Module]], adapters: list[str]) -> dict[str, torch.dtype]:
+    """The adapted 4-bit layers (``four``: name -> the base layer of a LoRA layer, or any 4-bit layer) into which a
+    DoRA adapter of ``adapters`` merges, with the dtype their 4-bit weight dequantises to: peft's DoRA merge returns
+    m (W + s B A) / norm in that dtype (bitsandbytes' quant_state.dtype: bf16 for a model transformers loaded in bf16)
+    and quantises that; its LoRA merge quantises the fp32 sum. A requantised merge rounds those layers alike."""
+    out = {}
+    for name, layer in four:
+        lora = base.get_submodule(name.removesuffix(".base_layer")) if name.endswith(".base_layer") else None
+        if any(a in getattr(lora, "lora_magnitude_vector", {}) for a in adapters):
+            out[name.removesuffix(".base_layer")] = getattr(layer.weight, "quant_state", layer.weight).dtype
+    return out

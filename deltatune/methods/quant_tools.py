@@ -13,7 +13,7 @@ from torch import nn
 from ..config import ConfigError, check_regex
 from ..layer import DeltaLayer, DequantizedLinear, enable_checkpointing, set_submodule
 from ..targets import HEAD_NAMES, matches
-from ._quant_merge import MergeReport, _logits, reference_logits
+from ._quant_merge import MergeReport, _logits, dora_dtypes, reference_logits
 from .quant import (
     _DTYPES,
     BACKENDS,
@@ -330,6 +330,7 @@ def merge_quantized(
     adapted = {n.removesuffix(".base_layer") for n, _ in four if n.endswith(".base_layer")}
     settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type, m.quant_storage) for n, m in four}
     conv1d = {n.removesuffix(".base_layer") for n, m in four if m.conv1d}
+    dora = dora_dtypes(base, four, adapter_names or list(model.active_adapters)) if requantize else {}
     if requantize:  # PEFT adds s B A to W in fp32 and rounds the sum once, by quantising it; the merge dequantises
         for _, m in four:  # to compute_dtype, so bf16 compute would round W + s B A to bf16 first (other 4-bit codes)
             m.compute_dtype = torch.float32
@@ -353,6 +354,8 @@ def merge_quantized(
         plain.is_loaded_in_4bit = False
     if requantize:  # the layers a merge dequantised; those of adapters left unmerged are still the 4-bit originals
         done = [n for n in sorted(adapted) if not isinstance(plain.get_submodule(n), Linear4bit)]
+        for n, w in [(n, plain.get_submodule(n).weight) for n in done if n in dora]:  # peft's DoRA: W' in W's dtype
+            w.data = w.data.to(dora[n]).to(w.dtype)
         new = [(n, Linear4bit.from_linear(plain.get_submodule(n), *settings[n + ".base_layer"])) for n in done]
         for name, layer in new:  # every layer quantised before any is swapped in
             layer.conv1d = name in conv1d
