@@ -350,10 +350,13 @@ def _refuse_experts(model: nn.Module, targets: list[str] | str, found: list[str]
     experts = fused_experts(model)
     if not experts:
         return
-    if targets == "all-linear":
+    if targets == "all-linear":  # (peft adapts the routers' 2-D weights too, as target_parameters: named here)
+        routers = [n for n, m in model.named_modules() if "Router" in type(m).__name__ and not _is_linear(m)]
         warnings.warn(
             f"{method}: target_modules='all-linear' leaves out {experts[0][0]} and the other fused experts "
-            "(3-D parameters deltatune cannot adapt); it adapts the linear layers",
+            "(3-D parameters deltatune cannot adapt)"
+            + (f" and the routers ({routers[0]}, ...: not linear layers)" if routers else "")
+            + "; it adapts the linear layers",
             stacklevel=3,
         )
         return

@@ -179,3 +179,19 @@ def test_llama_factorys_all_says_all_linear(targets):
         "; 'all-linear' takes every linear layer but the output head (LLaMA-Factory's lora_target: all)"
     )
     assert not any(isinstance(m, DeltaLayer) for m in base.modules())
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_all_linear_on_a_mixture_of_experts_names_the_routers_it_leaves_out(kind):
+    """peft's all-linear on Mixtral / Qwen3-MoE adapts the routers (``mlp.gate``, a TopKRouter holding a 2-D weight)
+    beside the experts; deltatune's warning named the experts only, so the routers were left out without a word."""
+    theirs = _peft_names(_moe(kind), peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert "model.layers.0.mlp.gate" in theirs
+    with pytest.warns(UserWarning) as said:
+        ours = _ours(_moe(kind), dt.LoraConfig(r=2, target_modules="all-linear"))
+    assert "model.layers.0.mlp.gate" not in ours
+    assert [str(w.message) for w in said if "leaves out" in str(w.message)] == [
+        "lora: target_modules='all-linear' leaves out model.layers.0.mlp.experts.gate_up_proj and the other fused "
+        "experts (3-D parameters deltatune cannot adapt) and the routers (model.layers.0.mlp.gate, ...: not linear "
+        "layers); it adapts the linear layers"
+    ]
