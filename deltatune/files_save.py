@@ -3,6 +3,7 @@ moved in once all are (``publish``)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -100,15 +101,30 @@ def refuse_files(folders: dict[str, str]) -> None:
             raise ValueError(f"{folder!r} is a file; adapter {name!r} is saved into a folder")
 
 
+def refuse_read_only(folders: list[str]) -> None:
+    """Refuse, in one line naming it, a folder of ``folders`` that exists and this process may not write into (a
+    read-only save folder, or an adapter's sub-folder of an earlier save), before anything is staged or moved in.
+
+    Raises:
+        OSError: errno EACCES, naming the folder.
+    """
+    for folder in folders:
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            error = OSError(f"could not write into {folder}: Permission denied (a read-only folder)")
+            error.errno = errno.EACCES
+            raise error
+
+
 def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, str], object]) -> None:
     """``write(name, folder)`` each adapter of ``folders`` (name -> its destination) into a hidden folder in
     ``save_directory``, then make every destination folder and move the files in.
 
-    A refusal or a failed write (a full disk, named by its destination file, errno kept) leaves every adapter's
-    files as they were; a crash between the renames (a power cut, SIGKILL) can leave some adapters new and some
+    A refusal (a folder that is a file, or read-only: ``refuse_read_only``) or a failed write (a full disk, named by
+    its destination file, errno kept) leaves every adapter's files as they were; a crash between the renames (a power cut, SIGKILL) can leave some adapters new and some
     old. The hidden folder a killed save left is removed by the next save into the folder (``remove_stale_saves``).
     """
     os.makedirs(save_directory, exist_ok=True)
+    refuse_read_only([save_directory, *folders.values()])
     with tempfile.TemporaryDirectory(prefix=f"{SAVING}{os.getpid()}@{_host()}~", dir=save_directory) as tmp:
         remove_stale_saves(os.fspath(save_directory))  # (ours stays: this process is alive)
         for name, folder in folders.items():

@@ -215,3 +215,50 @@ def test_missing_token_rows_are_named_as_peft_names_them(method, tie):
     with pytest.warns(UserWarning, match="missing"):
         result = dt.set_peft_model_state_dict(model, {k: v for k, v in saved.items() if "trainable_tokens" not in k})
     assert sorted(result.missing_keys) == sorted(k for k in reference.state_dict() if "trainable_tokens_delta" in k)
+
+
+def _read_only(monkeypatch, folder) -> None:
+    """``folder`` as a read-only folder behaves for a user other than root (the tests may run as root, who writes
+    anywhere): access says so, and making or moving anything into it fails with EACCES."""
+    folder = os.path.realpath(folder)
+    access, mkdir, replace = os.access, os.mkdir, os.replace
+
+    def refused(path) -> bool:
+        return os.path.dirname(os.path.realpath(path)) == folder
+
+    def fake_access(path, mode, *args, **kwargs):
+        return False if os.path.realpath(path) == folder and mode & os.W_OK else access(path, mode, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if refused(path):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return mkdir(path, *args, **kwargs)
+
+    def fake_replace(src, dst, *args, **kwargs):
+        if refused(dst):
+            raise PermissionError(errno.EACCES, "Permission denied", src, None, dst)
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", fake_access)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    monkeypatch.setattr(os, "replace", fake_replace)
+
+
+@pytest.mark.parametrize("where", ["top", "other"])
+def test_a_save_into_a_read_only_folder_is_one_line_naming_it_and_changes_nothing(tmp_path, monkeypatch, where):
+    """A save over an earlier one whose folder (the top, or an adapter's sub-folder) is read-only: refused in one line
+    naming that folder, every file as it was. Before, the top folder's refusal named the hidden .saving- folder, and a
+    read-only sub-folder was found only after the default adapter's new files had been moved in."""
+    model = _two_adapters()
+    model.save_pretrained(tmp_path)
+    before = _files(tmp_path)
+    _bump(model)
+    folder = tmp_path if where == "top" else tmp_path / "other"
+    _read_only(monkeypatch, folder)
+    with pytest.raises(OSError) as caught:
+        model.save_pretrained(tmp_path)
+    message = str(caught.value)
+    assert str(folder) in message and ".saving-" not in message and "\n" not in message
+    assert caught.value.errno == errno.EACCES
+    monkeypatch.undo()
+    assert _files(tmp_path) == before
