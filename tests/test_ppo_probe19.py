@@ -258,3 +258,25 @@ def test_local_rollout_forward_batch_size_sets_the_rollouts_forward_rows():
     assert got[None][1] == [4, 4] and got[3][1] == [3, 3, 1, 1]
     for name in ("logprobs", "ref_logprobs", "values"):
         assert torch.allclose(getattr(got[3][0], name), getattr(got[None][0], name), atol=1e-6, rtol=0), name
+
+
+def test_a_prompt_over_the_models_positions_given_to_the_loop_is_one_line():
+    """PPOLoop.rollout given a prompt that, with align.max_new_tokens, is over the model's positions (GPT-2's 64
+    here): HEAD sampled into torch's 'IndexError: index out of range in self' from the position embedding (the
+    stage's prepare_ppo refuses it before the model loads; the loop itself did not). Now one line naming the key,
+    before any sampling."""
+    from test_ppo_probe12 import _DecodingTok
+    from tiny import tiny_model
+
+    from deltatune import LoraConfig, get_delta_model
+
+    base = tiny_model("gpt2", vocab_size=48, pad_token_id=0, eos_token_id=3)
+    model = get_delta_model(base, LoraConfig(r=2, target_modules=["c_attn"]))
+    loop = PPOLoop(model, _DecodingTok(), _zero, AlignArgs(max_new_tokens=4, mini_batch_size=2))
+    context = base.config.n_positions
+    rng = torch.get_rng_state()
+    with pytest.raises(ConfigError, match=rf"^align.max_new_tokens=4 plus the longest prompt \({context - 3} tokens\) "
+                       rf"is more than the model's context of {context}") as info:  # fmt: skip
+        loop.rollout([[5] * (context - 3), [6] * 3])
+    assert "\n" not in str(info.value) and torch.equal(torch.get_rng_state(), rng)
+    assert loop.rollout([[5] * (context - 4), [6] * 3]).sequences.shape[1] <= context

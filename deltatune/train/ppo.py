@@ -167,6 +167,14 @@ class PPOLoop:
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         """Sample one response per prompt (token ids, no padding) and score it."""
+        from ..targets import context_length
+
+        context = context_length(self.model.get_base_model().config)
+        longest = max(len(p) for p in prompts)
+        if context is not None and longest + self.align.max_new_tokens > context:  # (generate's IndexError or worse)
+            raise ConfigError(f"align.max_new_tokens={self.align.max_new_tokens} plus the longest prompt ({longest} "
+                              f"tokens) is more than the model's context of {context}; lower align.max_new_tokens "
+                              "or shorten the prompts")  # fmt: skip
         ids, mask, response_mask, response, truncated = sample_responses(
             self.model, prompts, self.pad, self.eos, self.align
         )
