@@ -1,5 +1,6 @@
 """merge_quantized's probe (quant_tools.py): the report of the error a merge introduced, and the adapter model's
-logits it is measured against, taken so that a probe batch the model refuses leaves the model as it was."""
+logits it is measured against, taken so that a probe batch the model refuses leaves the model as it was; and the DoRA
+layers a requantised merge rounds as peft's (``dora_dtypes``)."""
 
 from __future__ import annotations
 
