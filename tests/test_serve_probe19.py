@@ -160,4 +160,26 @@ def test_turn_end_is_read_once_per_engine():
         first, second = engine.turn_end(), engine.turn_end()
     finally:
         engine.close()
-    assert first == second == tok.convert_tokens_to_ids("<|im_end|>") and len(calls) <= 1
+    assert first == second == tok.convert_tokens_to_ids("<|im_end|>") and len(calls) == 1
+
+
+def test_min_tokens_masks_the_chat_templates_end_of_turn_as_vllm_masks_its_stop_ids():
+    """The end of a turn is a stop id to min_tokens (vLLM's all_stop_token_ids): masked until min_tokens, and
+    allowed_token_ids that leave only it under min_tokens are refused (review of 298ed41)."""
+    tok = _chatml_tokenizer()
+    tok.chat_template = CHATML
+    hi, im_end = tok.convert_tokens_to_ids("hi"), tok.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "user", "content": "hi"}]
+    answers = []
+    for extra in ({"min_tokens": 4}, {"min_tokens": 1, "allowed_token_ids": [im_end]}):
+        engine, app = _app(_model(tok, [hi, im_end, hi, hi, im_end]), tok)
+        try:
+            body = {"messages": messages, "max_tokens": 8, "temperature": 0, **extra}
+            answers.append(_call(app, "/v1/chat/completions", body))
+        finally:
+            engine.close()
+    (status, masked), (refused, error) = answers
+    choice = masked["choices"][0]
+    assert status == 200 and choice["finish_reason"] == "stop" and masked["usage"]["completion_tokens"] == 5
+    assert choice["message"]["content"].split() == ["hi", "hi", "hi"]
+    assert refused == 400 and "allowed_token_ids" in str(error)
