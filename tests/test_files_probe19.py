@@ -262,3 +262,19 @@ def test_a_save_into_a_read_only_folder_is_one_line_naming_it_and_changes_nothin
     assert caught.value.errno == errno.EACCES
     monkeypatch.undo()
     assert _files(tmp_path) == before
+
+
+@pytest.mark.xfail(strict=True, reason="needs the methods/_lora_init.py diff of probe 19's report (the initial "
+                   "adapter read from adapter_model.bin too); _lora_init.py is not this probe's file")  # fmt: skip
+def test_a_weight_conversion_reads_an_initial_adapter_saved_as_bin_as_peft(tmp_path):
+    """path_initial_model_for_weight_conversion naming an initial OLoRA adapter saved with safe_serialization=False:
+    peft reads its adapter_model.bin (load_adapter); deltatune raised safetensors' FileNotFoundError."""
+    x = tiny_inputs("llama")
+    model = dt.get_delta_model(
+        tiny_model("llama"), dt.LoraConfig(r=4, init_lora_weights="olora", task_type="CAUSAL_LM")
+    )
+    model.save_pretrained(tmp_path / "init", safe_serialization=False)
+    _bump(model)
+    model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "out")
+    assert (output_of(loaded, x) - output_of(model, x)).abs().max() < 1e-5
