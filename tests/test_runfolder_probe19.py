@@ -185,3 +185,45 @@ def test_a_resumed_runs_logged_summary_is_the_whole_runs_as_its_metrics(whole, t
     # the per-step losses are the uninterrupted run's
     steps = [(h["step"], h["loss"]) for h in logged if "loss" in h]
     assert steps == [(h["step"], h["loss"]) for h in uninterrupted if "loss" in h]
+
+
+def test_a_moved_run_resumed_keeps_and_loads_its_best_checkpoint(whole, tmp_path):
+    """load_best_model_at_end: trainer_state.json names the best checkpoint by the path the run had. Moved, then
+    resumed, the Trainer dropped that path ("does not exist anymore"), its rotation (save_total_limit 1) deleted the
+    best checkpoint, and the run ended with its last adapter (0.072 off; eval_loss 0.7004 for the best's 0.6956). It
+    keeps and loads its best, as the uninterrupted run does."""
+    import yaml
+
+    def recipe(path, out, limit):
+        r = write_recipe(path, whole.model, whole.data, str(out), max_steps=6, save_steps=2, eval_steps=2, lr=0.05,
+                         save_total_limit=limit, load_best_model_at_end=True)  # fmt: skip
+        data = yaml.safe_load(Path(r).read_text(encoding="utf-8"))
+        data["data"]["eval"] = whole.data
+        Path(r).write_text(yaml.safe_dump(data), encoding="utf-8")
+        return r
+
+    best = tmp_path / "best"
+    code, _, err = cli("train", recipe(tmp_path / "b.yaml", best, None))
+    assert code == 0, err
+    state = json.loads((best / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["best_global_step"] == 2
+    out = tmp_path / "moved"
+    out.mkdir()
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(best / name, out / name)
+        path = out / name / "trainer_state.json"
+        state = json.loads(path.read_text())
+        state["best_model_checkpoint"] = str(tmp_path / "gone" / "checkpoint-2")  # where it was written
+        path.write_text(json.dumps(state))
+    for name in ("run.yaml", "log_history.jsonl"):
+        shutil.copy(best / name, out / name)
+    code, _, err = cli("train", recipe(tmp_path / "m.yaml", out, 1), "--resume")
+    assert code == 0, err
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]  # the best, kept
+    a, b = load_file(best / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+    assert (
+        json.loads((out / "metrics.json").read_text())["eval_loss"]
+        == json.loads((best / "metrics.json").read_text())["eval_loss"]
+    )
