@@ -473,7 +473,7 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
            ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
                    "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon align.kl_estimator "
                    "align.missing_eos_penalty align.whiten_rewards align.kl_coef align.num_ppo_epochs "
-                   "align.num_mini_batches align.stop_token align.stop_token_id"),
+                   "align.num_mini_batches align.stop_token align.stop_token_id align.local_rollout_forward_batch_size"),
            ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
                     "align.reward_funcs align.reward_weights align.bias_correction_kl align.cliprange_high align.delta "
                     "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile "

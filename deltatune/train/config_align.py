@@ -129,6 +129,9 @@ class AlignArgs:
     num_mini_batches: int | None = _f(None, "PPO: TRL's: mini-batches per batch of rollouts; sets align."
                                       "mini_batch_size to train.batch_size / num_mini_batches (a "
                                       "different mini_batch_size set beside it is refused).")  # fmt: skip
+    local_rollout_forward_batch_size: int | None = _f(None, "PPO: rows per no-grad forward of a batch's rollouts "
+                                                      "(policy, values, reference; TRL's); null: the update's "
+                                                      "micro-batch, align.mini_batch_size / train.grad_accum.")  # fmt: skip
     num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
     num_generations_eval: int | None = _f(None, "GRPO: completions sampled per eval prompt for eval_reward, their "
                                           "mean (TRL's; null: 1, where TRL's null is num_generations).")  # fmt: skip
@@ -330,6 +333,9 @@ def validate_ppo(a: AlignArgs, stage: str = "ppo", batch_size: int | None = None
     if a.num_mini_batches is not None and a.num_mini_batches < 1:
         raise ConfigError(f"align.num_mini_batches must be >= 1 (or null: align.mini_batch_size), got "
                           f"{a.num_mini_batches}")  # fmt: skip
+    if a.local_rollout_forward_batch_size is not None and a.local_rollout_forward_batch_size < 1:
+        raise ConfigError(f"align.local_rollout_forward_batch_size must be >= 1 (or null: the update's micro-batch), "
+                          f"got {a.local_rollout_forward_batch_size}")  # fmt: skip
     for key, value in PPO_DEFAULTS.items():
         if stage == "ppo" and not given(a, key) and getattr(a, key) == _FIELD_DEFAULTS[key]:
             setattr(a, key, value)  # (a key left out; TRL's name for it, given, overrides it below)
