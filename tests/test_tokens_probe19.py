@@ -44,3 +44,40 @@ def test_a_text_init_field_of_the_wrong_type_is_refused_in_one_line_and_the_mode
     assert set(model.state_dict()) == set(before)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "virtual_tokens" not in dict(model.named_children())
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_a_backbone_last_hidden_state_loses_the_virtual_positions_as_its_hidden_states_do(family, method):
+    # A feature-extraction model (AutoModel): peft returns n + L rows everywhere; ours gives one row per real token
+    # in hidden_states, and last_hidden_state kept the n virtual rows (10 rows beside hidden_states[-1]'s 7), so a
+    # mean pooling with the attention mask failed on the shapes.
+    peft = pytest.importorskip("peft")
+    from tiny import tiny_config, tiny_inputs
+    from transformers import AutoModel
+
+    def backbone():
+        torch.manual_seed(0)
+        return AutoModel.from_config(tiny_config(family)).eval()
+
+    n = 3
+    ours_cls, theirs_cls = {
+        "prompt_tuning": (dt.PromptTuningConfig, peft.PromptTuningConfig),
+        "p_tuning": (dt.PTuningConfig, peft.PromptEncoderConfig),
+    }[method]
+    ours = dt.get_delta_model(backbone(), ours_cls(task_type="FEATURE_EXTRACTION", num_virtual_tokens=n)).eval()
+    theirs = peft.get_peft_model(backbone(), theirs_cls(task_type="FEATURE_EXTRACTION", num_virtual_tokens=n)).eval()
+    theirs.prompt_encoder["default"].load_state_dict(
+        ours.base_model.virtual_tokens.prompt_encoder["default"].state_dict()
+    )
+    inputs = tiny_inputs(family, "seq_cls")
+    inputs["attention_mask"][1, :2] = 0
+    with torch.no_grad():
+        got = ours(**inputs, output_hidden_states=True)
+        ref = theirs(**inputs, output_hidden_states=True)
+    assert ref.last_hidden_state.shape[1] == n + inputs["input_ids"].shape[1]
+    torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state[:, n:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.last_hidden_state, got.hidden_states[-1], atol=0, rtol=0)
+    mask = inputs["attention_mask"].unsqueeze(-1)
+    pooled = (got.last_hidden_state * mask).sum(1) / mask.sum(1)  # what a sentence embedder does
+    torch.testing.assert_close(pooled, (ref.last_hidden_state[:, n:] * mask).sum(1) / mask.sum(1), atol=1e-6, rtol=0)

@@ -10,7 +10,7 @@ of its adapters is active its forward pre-hooks rewrite the model inputs and a f
 - attention mask: n ones are prepended wherever the mask is n shorter than the keys the model attends to;
 - position ids: real tokens are shifted by n (virtual tokens take positions 0..n-1);
 - labels: -100 on the virtual positions (token-level labels only), so the loss is over real tokens;
-- outputs: per-token ``logits`` / ``hidden_states`` lose the virtual positions (one row per real token);
+- outputs: per-token ``logits``, ``last_hidden_state``, ``hidden_states`` lose the virtual positions (a row a token);
 - cache: prefixes go into a transformers ``Cache`` before the first step; prompts are prepended only while the
   cache is empty, so ``generate`` works through the base model's own loop (its input slicing, when it restarts
   from a cache it returned, counts the n virtual tokens: see ``_prepare``).
@@ -285,9 +285,11 @@ class VirtualTokens(DeltaLayer):
             output = type(output)(**{k: v for k, v in output.items() if k not in CACHE_KEYS})
         if pending is not None:
             n, total = pending
-            logits, keep = output.get("logits"), kwargs.get("logits_to_keep")  # keep: real positions only
-            if isinstance(logits, torch.Tensor) and logits.dim() >= 3 and not torch.is_tensor(keep):
-                output["logits"] = logits[:, n:] if logits.shape[1] == total else logits
+            keep = torch.is_tensor(kwargs.get("logits_to_keep"))  # indices of real positions: logits has those only
+            for key in ("last_hidden_state",) if keep else ("logits", "last_hidden_state"):  # a backbone's: its own
+                value = output.get(key)
+                if torch.is_tensor(value) and value.dim() >= 3 and value.shape[1] == total:
+                    output[key] = value[:, n:]
             hidden = output.get("hidden_states")
             if isinstance(hidden, tuple):
                 output["hidden_states"] = tuple(
