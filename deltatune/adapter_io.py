@@ -23,6 +23,7 @@ from .files import (
     KEY_PREFIX,
     AdapterLoadError,
     _head_echo,
+    adapter_folder,
     atomic_write,
     base_key,
     check_adapter_name,
@@ -131,9 +132,10 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
                         "safe_serialization) the rest is keyword-only: pass is_main_process=, save_embedding_layers= "
                         "by name, or use peft's order (save_directory, safe_serialization, selected_adapters, "
                         "save_embedding_layers, is_main_process)")  # fmt: skip
+    names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)
+    adapter_folder(save_directory, "default")  # (a file there refused; both on every process, as peft checks them)
     if not is_main_process:
         return
-    names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)
     card = _model_card(model, save_directory)  # an unreadable README.md refused before any file is written, as peft
     # (safe_serialization False: peft's torch.save file, staged and moved in as the safetensors one; an older
     # adapter_model.safetensors removed, which peft leaves and its loading then prefers)

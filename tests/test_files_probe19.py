@@ -278,3 +278,22 @@ def test_a_weight_conversion_reads_an_initial_adapter_saved_as_bin_as_peft(tmp_p
     model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "out")
     assert (output_of(loaded, x) - output_of(model, x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bad", ["unknown adapter", "folder is a file"])
+def test_a_process_other_than_the_main_one_refuses_bad_arguments_as_peft(tmp_path, bad):
+    """save_pretrained(is_main_process=False) writes nothing, but peft checks selected_adapters and the folder on every
+    process first, so every rank of a DDP job stops on the mistake; deltatune's other ranks returned silently while
+    the main one raised (they went on to the next collective and waited for it)."""
+    folder, selected = tmp_path / "out", None
+    if bad == "unknown adapter":
+        selected = ["nope"]
+    else:
+        folder.write_text("not a folder")
+    reference = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2))
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2))
+    with pytest.raises(ValueError):
+        reference.save_pretrained(folder, selected_adapters=selected, is_main_process=False)
+    with pytest.raises(ValueError, match="nope" if selected else "is a file"):
+        model.save_pretrained(folder, selected_adapters=selected, is_main_process=False)
+    assert os.listdir(tmp_path) == ([] if selected else ["out"]) and not folder.is_dir()  # (nothing written)
