@@ -53,11 +53,12 @@ def _stopped_at_4(whole, tmp_path):
     return out, recipe
 
 
-@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.safetensors"])
 def test_a_checkpoint_without_the_state_the_trainer_skips_is_passed_over_by_name(whole, tmp_path, name):
     """The Trainer's _load_optimizer_and_scheduler loads nothing when optimizer.pt or scheduler.pt is missing, and
     _load_rng_state only logs a missing rng_state.pth: the run went on from a fresh AdamW (its adapter 0.019 off the
-    uninterrupted run's). Such a checkpoint is skipped, named, for the newest complete one."""
+    uninterrupted run's); without its adapter's weights the resume was refused, not taken from the checkpoint
+    before. Such a checkpoint is skipped, named, for the newest complete one."""
     out, _ = _stopped_at_4(whole, tmp_path)
     os.remove(out / "checkpoint-4" / name)
     path, notes = resume_checkpoint(str(out))

@@ -265,7 +265,8 @@ def readable(checkpoint: str) -> str | None:
 def _missing_state(checkpoint: str) -> str | None:
     """The file a Trainer checkpoint lacks of the state its run continues from, which the Trainer would quietly go
     on without (no optimizer.pt or scheduler.pt: a fresh AdamW and the schedule from its start, 0.019 off the
-    uninterrupted run's adapter after 2 more steps; no rng_state.pth: other dropout and order draws), or None.
+    uninterrupted run's adapter after 2 more steps; no rng_state.pth: other dropout and order draws; an adapter's
+    weights, which the resume refused without going back to the checkpoint before), or None.
     Only the Trainer's checkpoints (their trainer_state.json has ``stateful_callbacks``): PPO's and GRPO's load their
     own files and name what they lack."""
     try:
@@ -283,6 +284,9 @@ def _missing_state(checkpoint: str) -> str | None:
         return "scheduler.pt"
     if not any(n.startswith("rng_state") and n.endswith(".pth") for n in names):
         return "rng_state.pth"
+    for root, _, files in os.walk(checkpoint):  # each adapter's weights beside its config (named ones in subfolders)
+        if "adapter_config.json" in files and not {"adapter_model.safetensors", "adapter_model.bin"} & set(files):
+            return os.path.relpath(os.path.join(root, "adapter_model.safetensors"), checkpoint)
     return None
 
 
