@@ -441,7 +441,7 @@ class DeltaModel(nn.Module, PushToHub):
         for _, layer in self._layers():  # a head trained in full: the active adapter's copy, whatever is merged (PEFT)
             layer.set_adapters(self.active_adapters if isinstance(layer, ModulesToSave) else names)
             layer.disabled = False  # (after disable_adapter_layers too, as peft)
-        model = self._unload()
+        model = adapter_io.untie_diverged(self._unload())  # peft's: diverged embeddings untied in the config
         if dequantize:
             unpack_frozen_layers(model)
         return model

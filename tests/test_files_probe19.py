@@ -183,8 +183,6 @@ def test_untie_diverged_leaves_a_still_tied_model_as_it_is():
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
 
 
-@pytest.mark.xfail(strict=True, reason="needs the model.py diff of probe 19's report (merge_and_unload calls "
-                   "adapter_io.untie_diverged); model.py is not this probe's file")  # fmt: skip
 def test_merge_and_unload_unties_diverged_embeddings_as_peft(tmp_path):
     reference, ours = _tied_head_trained_in_full(tmp_path)
     assert (
@@ -264,8 +262,6 @@ def test_a_save_into_a_read_only_folder_is_one_line_naming_it_and_changes_nothin
     assert _files(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="needs the methods/_lora_init.py diff of probe 19's report (the initial "
-                   "adapter read from adapter_model.bin too); _lora_init.py is not this probe's file")  # fmt: skip
 def test_a_weight_conversion_reads_an_initial_adapter_saved_as_bin_as_peft(tmp_path):
     """path_initial_model_for_weight_conversion naming an initial OLoRA adapter saved with safe_serialization=False:
     peft reads its adapter_model.bin (load_adapter); deltatune raised safetensors' FileNotFoundError."""

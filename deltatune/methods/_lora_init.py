@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import CONFIG_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
+from ..config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from ..layer import DeltaLayer, NotMergeable
 from . import _loftq
 
@@ -318,7 +318,11 @@ def convert_to_plain_lora(
     if isinstance(initial, dict):
         start = initial
     else:
-        start = load_file(os.path.join(initial, WEIGHTS_NAME))
+        path, pickled = os.path.join(initial, WEIGHTS_NAME), os.path.join(initial, PICKLE_WEIGHTS_NAME)
+        if not os.path.isfile(path) and os.path.isfile(pickled):  # peft's torch.save file, read as peft reads it
+            start = torch.load(pickled, map_location="cpu", weights_only=True)
+        else:
+            start = load_file(path)
         _write(initial, None, config.replace(init_lora_weights=True))
     tensors = model.adapter_state_dict(adapter_name)
     out: dict[str, torch.Tensor] = {}
