@@ -24,10 +24,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..files import write_failure
 from ..loss import shifts_labels, token_loss
-from .trainer_callbacks import LOG_FILE, Regularizer  # noqa: F401  (LOG_FILE: grpo.py reads it from here)
+from .trainer_callbacks import LOG_FILE, SUMS, Regularizer  # noqa: F401  (LOG_FILE, SUMS: read from here)
 
 STAGING = ".staging"
-SUMS = "deltatune_sums.json"  # in a checkpoint: the run's loss summed over its steps, its time, its run_facts
 EPOCH_RNG = "deltatune_epoch_rng_{}.pt"  # in a checkpoint: torch's RNG state as its epoch started, per process
 
 

@@ -17,6 +17,8 @@ import time
 import torch
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
+SUMS = "deltatune_sums.json"  # in a checkpoint: the run's loss summed over its steps, its time, its run_facts
+
 
 class ProgressBar(ProgressCallback):
     """The Trainer's tqdm bar with loss, learning rate and throughput (tokens/s) as its postfix."""
@@ -87,8 +89,6 @@ class LogFile(TrainerCallback):
         self.before = None
         if state.global_step > 0:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            from .trainer import SUMS
 
             with contextlib.suppress(OSError, ValueError):
                 path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", SUMS)
