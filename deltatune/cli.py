@@ -139,16 +139,16 @@ def _say(line: str) -> None:
 
 
 def _resumable(args) -> str:
-    """How an interrupted train goes on: from its newest checkpoint, or, stopped before its first one, not at all
-    ("--resume continues" sent the user to a refusal). Stopped after its first step, the run folder is kept
-    (run.yaml, log_history.jsonl, stopped.json) and a plain re-run refuses it: the line names --overwrite then
-    (stopped before that step, the new folder is not kept and a plain re-run starts it)."""
+    """How an interrupted train goes on: from its newest checkpoint; stopped before its first one, not at all ("--resume
+    continues" sent the user to a refusal), its kept folder by --overwrite; finished (metrics.json), not at all."""
     if args.command != "train":
         return ""
     out = getattr(args, "out_dir", None)  # set once the recipe is read
     if out is None:  # (reading it imports torch: seconds, where "--resume continues" named a checkpoint not there)
         return " before its recipe was read; nothing written"
     names = _listdir(out) if out else []
+    if getattr(args, "finished", False) or "metrics.json" in names:  # (--resume refuses a finished run)
+        return f" after the run finished; metrics.json and report.md are in {out}"
     if out and not any(name.startswith("checkpoint-") for name in names):
         return " before its first checkpoint; nothing to resume" + " (--overwrite starts it again)" * bool(names)
     return "; --resume continues from its newest checkpoint"

@@ -138,9 +138,6 @@ def test_a_run_whose_base_moved_says_to_pass_model(whole, tmp_path):
     assert code == 2 and "--model" in one_error_line(err, "merge") and "if the base moved" not in err
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs the cli.py diff of probe 19 (_resumable: a finished run); drop this mark"
-)
 def test_ctrl_c_after_the_run_finished_does_not_send_to_resume(whole, tmp_path, monkeypatch):
     """A Ctrl-C while the summary prints (train() returned, metrics.json written) said "--resume continues from its
     newest checkpoint", where --resume refuses a finished run."""
