@@ -4,11 +4,13 @@ Stage 1 trains N bottleneck adapters (methods/bottleneck.py), one per task. Stag
 and learns, at every sub-layer where they sit, how much of each adapter's output to use for the target task.
 With h (d) the sub-layer's output and o_i = adapter i's term (d) at that position:
 
-    q = W_q h + b_q,   k_i = W_k o_i + b_k,   v_i = W_v o_i + b_v
+    q = W_q h + b_q,   k_i = W_k o_i + b_k,   v_i = W_v o_i
     a = softmax_i(q . k_i / T)                   (attention over the N adapters, per token)
     h' = h + sum_i a_i v_i
 
-Only W_q, W_k, W_v and their biases (3 (d^2 + d) per sub-layer) train. Init: W_q, W_k ~ N(0, 0.02^2), biases 0,
+Only W_q, W_k, W_v and the biases b_q, b_k (3 d^2 + 2 d per sub-layer) train; W_v has no bias, as the adapters
+library's BertFusion (``value_bias=True`` adds one, b_v: fusions saved before it became an option). Init: W_q, W_k
+~ N(0, 0.02^2), biases 0,
 W_v = I: the fused term starts as a weighted average of the adapters' terms (close to the plain average, since the
 small W_q, W_k give near-uniform attention). Nothing to merge.
 
@@ -46,6 +48,10 @@ class AdapterFusionConfig(DeltaConfig):
     """The bottleneck adapters to fuse, by their names in the model (they must be loaded first)."""
     temperature: float = 1.0
     """T: the attention logits q . k_i are divided by it (> 0)."""
+    value_bias: bool = False
+    """A trainable bias b_v on W_v. False, as the adapters library's BertFusion (its value projection is bias-free);
+    a saved config without this field is a fusion made when W_v always had one (its file holds ``value.bias``) and
+    reads as True."""
     init_weights: bool = True
     """True: the paper's init (W_v = I, near-uniform attention). False: W_q, W_k ~ N(0, 1) and W_v = I + N(0, 0.3^2),
     a fusion that is far from the adapters' average from the start (so that tests comparing outputs can fail)."""
@@ -64,12 +70,17 @@ class AdapterFusionConfig(DeltaConfig):
             raise ConfigError(f"adapter_names lists {dup[0]!r} more than once: {self.adapter_names!r}")
         check_range("temperature", self.temperature, 0, None, low_open=True)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterFusionConfig:
+        """As ``DeltaConfig.from_dict``; a config saved before ``value_bias`` existed had b_v (its file holds it)."""
+        return super().from_dict(data if "value_bias" in data else {**data, "value_bias": True}, source)
+
     def uses(self) -> list[str]:
         return list(self.adapter_names)
 
 
 class Fusion(nn.Module):
-    """Attention over adapter outputs at one sub-layer: fuse(h, deltas) -> sum_i a_i (W_v o_i + b_v)."""
+    """Attention over adapter outputs at one sub-layer: fuse(h, deltas) -> sum_i a_i W_v o_i (+ b_v if asked)."""
 
     def __init__(
         self,
@@ -79,20 +90,22 @@ class Fusion(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         init_weights: bool = True,
+        value_bias: bool = False,
     ) -> None:
         super().__init__()
         self.adapter_names = list(adapter_names)
         self.temperature = temperature
         self.query = nn.Linear(d, d, device=device, dtype=dtype)
         self.key = nn.Linear(d, d, device=device, dtype=dtype)
-        self.value = nn.Linear(d, d, device=device, dtype=dtype)
+        self.value = nn.Linear(d, d, bias=value_bias, device=device, dtype=dtype)
         with torch.no_grad():
             for lin in (self.query, self.key):
                 nn.init.normal_(lin.weight, std=0.02)  # BERT's init, as Adapters' BertFusion
                 nn.init.zeros_(lin.bias)
             # W_v = I exactly (Adapters adds 1e-6 off the diagonal; exact keeps a one-adapter fusion exact).
             nn.init.eye_(self.value.weight)
-            nn.init.zeros_(self.value.bias)
+            if value_bias:
+                nn.init.zeros_(self.value.bias)
             if not init_weights:
                 for lin in (self.query, self.key):
                     nn.init.normal_(lin.weight, std=1.0)
@@ -168,7 +181,13 @@ def inject(model: nn.Module, config: AdapterFusionConfig, adapter_name: str) -> 
         w = layer.weight
         dtype = w.dtype if w.is_floating_point() else torch.float32
         layer.adapter_fusion[adapter_name] = Fusion(
-            layer.out_features, config.adapter_names, config.temperature, w.device, dtype, config.init_weights
+            layer.out_features,
+            config.adapter_names,
+            config.temperature,
+            w.device,
+            dtype,
+            config.init_weights,
+            config.value_bias,
         )
     return [layer for _, layer in chosen]
 
