@@ -18,14 +18,15 @@ def _two_adapters(family: str = "bert") -> dt.DeltaModel:
     return model
 
 
-def _bert_fusion(fusion, h: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+def _bert_fusion(fusion, h: torch.Tensor, deltas: torch.Tensor, dropout=None) -> torch.Tensor:
     """The adapters library's BertFusion.forward with its default ("dynamic") config, transcribed: query, key, value
-    (bias-free, value_before_softmax) on, residual_before and temperature off (T = 1), eval (no score dropout);
-    returns the fused term (its context_layer before ``+= residual``)."""
+    (bias-free, value_before_softmax) on, residual_before and temperature off (T = 1), ``dropout`` its
+    ``self.dropout`` on the scores; returns the fused term (its context_layer before ``+= residual``)."""
     query_layer = fusion.query(h)
     key_layer = fusion.key(deltas)
     value_layer = deltas @ fusion.value.weight.T  # nn.Linear(d, d, bias=False)
     scores = torch.squeeze(torch.matmul(query_layer.unsqueeze(2), key_layer.transpose(-2, -1)), dim=2)
+    scores = dropout(scores) if dropout is not None else scores
     probs = torch.softmax(scores / 1.0, dim=-1)
     return torch.squeeze(torch.matmul(probs.unsqueeze(2), value_layer), dim=2)
 
@@ -37,6 +38,7 @@ def test_fusion_value_projection_has_no_bias_as_bert_fusion():
     fused term is still the library's."""
     model = _two_adapters()
     model.add_fusion(["a", "b"], name="f")
+    model.eval()  # (BERT's fusion drops its logits out while training)
     layer = model.base_model.bert.encoder.layer[0].output.dense
     fusion = layer.adapter_fusion["f"]
     assert sorted(n for n, _ in fusion.named_parameters()) == [
@@ -60,8 +62,9 @@ def test_fusion_value_projection_has_no_bias_as_bert_fusion():
 
 
 def test_a_fusion_saved_with_a_value_bias_still_loads(tmp_path):
-    """A fusion saved when W_v always had a bias (its config has no value_bias, its file holds value.bias) loads as
-    it was saved, the bias kept; a new fusion's file has no value.bias and round-trips too."""
+    """A fusion saved when W_v always had a bias and no dropout (its config has neither value_bias nor dropout_prob,
+    its file holds value.bias) loads as it was saved, the bias kept, no dropout; a new fusion's file has no
+    value.bias and round-trips too."""
     model = _two_adapters()
     model.add_fusion(["a", "b"], name="old", value_bias=True)
     model.add_fusion(["a", "b"], name="new")
@@ -79,7 +82,7 @@ def test_a_fusion_saved_with_a_value_bias_still_loads(tmp_path):
     model.save_pretrained(str(tmp_path))
     old_config = tmp_path / "old" / "adapter_config.json"
     data = json.loads(old_config.read_text())
-    assert data.pop("value_bias") is True
+    assert data.pop("value_bias") is True and data.pop("dropout_prob") is None
     old_config.write_text(json.dumps(data))
     assert json.loads((tmp_path / "new" / "adapter_config.json").read_text())["value_bias"] is False
 
@@ -91,3 +94,36 @@ def test_a_fusion_saved_with_a_value_bias_still_loads(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(fresh(**inputs).logits, want[name], atol=1e-6, rtol=0)
     assert not torch.equal(want["old"], want["new"])
+    dropout = {f.dropout.p for n, f in fresh.named_modules() if n.endswith("adapter_fusion.old")}
+    assert dropout == {0.0}, "a fusion saved before dropout_prob trained without dropout, and trains on so"
+    dropout = {f.dropout.p for n, f in fresh.named_modules() if n.endswith("adapter_fusion.new")}
+    assert dropout == {0.1}
+
+
+def test_fusion_drops_its_logits_out_while_training_as_bert_fusion():
+    """BertFusion applies nn.Dropout(dropout_prob or the model's attention_probs_dropout_prob) to the logits
+    q . k_i before the softmax; ours had none, so a fusion trained on BERT (0.1) saw other attention weights. Now
+    the same mask (same seed) gives the library's term in training, none in eval; dropout_prob overrides, and a
+    Llama (no attention_probs_dropout_prob) gets none."""
+    model = _two_adapters()
+    model.add_fusion(["a", "b"], name="f", init_weights=False)
+    layer = model.base_model.bert.encoder.layer[1].attention.output.dense
+    fusion = layer.adapter_fusion["f"]
+    assert fusion.dropout.p == 0.1 == model.base_model.config.attention_probs_dropout_prob
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        deltas = torch.stack([layer.delta("a", h), layer.delta("b", h)], dim=-2)
+        fusion.train()
+        torch.manual_seed(3)
+        ours = fusion(h, deltas)
+        torch.manual_seed(3)
+        theirs = _bert_fusion(fusion, h, deltas, torch.nn.Dropout(0.1))
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+        assert not torch.allclose(ours, _bert_fusion(fusion, h, deltas), atol=1e-4)  # the dropout did something
+        fusion.eval()
+        torch.testing.assert_close(fusion(h, deltas), _bert_fusion(fusion, h, deltas), atol=2e-5, rtol=0)
+    model.add_fusion(["a", "b"], name="g", dropout_prob=0.3)
+    assert layer.adapter_fusion["g"].dropout.p == 0.3
+    llama = _two_adapters("llama")
+    llama.add_fusion(["a", "b"], name="f")
+    assert {m.dropout.p for m in llama.modules() if type(m).__name__ == "Fusion"} == {0.0}

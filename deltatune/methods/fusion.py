@@ -5,8 +5,11 @@ and learns, at every sub-layer where they sit, how much of each adapter's output
 With h (d) the sub-layer's output and o_i = adapter i's term (d) at that position:
 
     q = W_q h + b_q,   k_i = W_k o_i + b_k,   v_i = W_v o_i
-    a = softmax_i(q . k_i / T)                   (attention over the N adapters, per token)
+    a = softmax_i(dropout(q . k_i) / T)          (attention over the N adapters, per token)
     h' = h + sum_i a_i v_i
+
+The dropout on the logits q . k_i (training only) is the adapters library's: ``dropout_prob``, or the model's
+``attention_probs_dropout_prob`` (BERT's 0.1; 0 for a model without one).
 
 Only W_q, W_k, W_v and the biases b_q, b_k (3 d^2 + 2 d per sub-layer) train; W_v has no bias, as the adapters
 library's BertFusion (``value_bias=True`` adds one, b_v: fusions saved before it became an option). Init: W_q, W_k
@@ -48,6 +51,10 @@ class AdapterFusionConfig(DeltaConfig):
     """The bottleneck adapters to fuse, by their names in the model (they must be loaded first)."""
     temperature: float = 1.0
     """T: the attention logits q . k_i are divided by it (> 0)."""
+    dropout_prob: float | None = None
+    """Dropout on the attention logits q . k_i while training. None: the base model's attention_probs_dropout_prob
+    (0 if it has none), as the adapters library's. A saved config without this field reads as 0 (no dropout, as
+    fusions trained before it existed)."""
     value_bias: bool = False
     """A trainable bias b_v on W_v. False, as the adapters library's BertFusion (its value projection is bias-free);
     a saved config without this field is a fusion made when W_v always had one (its file holds ``value.bias``) and
@@ -69,11 +76,14 @@ class AdapterFusionConfig(DeltaConfig):
         if dup:
             raise ConfigError(f"adapter_names lists {dup[0]!r} more than once: {self.adapter_names!r}")
         check_range("temperature", self.temperature, 0, None, low_open=True)
+        if self.dropout_prob is not None:
+            check_range("dropout_prob", self.dropout_prob, 0.0, 1.0)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterFusionConfig:
-        """As ``DeltaConfig.from_dict``; a config saved before ``value_bias`` existed had b_v (its file holds it)."""
-        return super().from_dict(data if "value_bias" in data else {**data, "value_bias": True}, source)
+        """As ``DeltaConfig.from_dict``; a config saved before ``value_bias`` and ``dropout_prob`` existed had b_v
+        (its file holds it) and no dropout."""
+        return super().from_dict({"value_bias": True, "dropout_prob": 0.0, **data}, source)
 
     def uses(self) -> list[str]:
         return list(self.adapter_names)
@@ -91,6 +101,7 @@ class Fusion(nn.Module):
         dtype: torch.dtype | None = None,
         init_weights: bool = True,
         value_bias: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.adapter_names = list(adapter_names)
@@ -98,6 +109,7 @@ class Fusion(nn.Module):
         self.query = nn.Linear(d, d, device=device, dtype=dtype)
         self.key = nn.Linear(d, d, device=device, dtype=dtype)
         self.value = nn.Linear(d, d, bias=value_bias, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout)  # on the logits, before the temperature, as BertFusion's
         with torch.no_grad():
             for lin in (self.query, self.key):
                 nn.init.normal_(lin.weight, std=0.02)  # BERT's init, as Adapters' BertFusion
@@ -117,7 +129,7 @@ class Fusion(nn.Module):
         q = self.query(h.to(self.query.weight.dtype)).unsqueeze(-2)  # (..., 1, d)
         k = self.key(deltas.to(self.key.weight.dtype))  # (..., N, d)
         v = self.value(deltas.to(self.value.weight.dtype))  # (..., N, d)
-        a = torch.softmax((q * k).sum(-1) / self.temperature, dim=-1)  # (..., N)
+        a = torch.softmax(self.dropout((q * k).sum(-1)) / self.temperature, dim=-1)  # (..., N)
         self.last_weights = a.detach().reshape(-1, a.shape[-1]).mean(0)
         return (a.unsqueeze(-1) * v).sum(-2).to(h.dtype)  # (..., d)
 
@@ -177,10 +189,15 @@ def inject(model: nn.Module, config: AdapterFusionConfig, adapter_name: str) -> 
     Everything is checked before the model is touched.
     """
     chosen = _check(model, config, adapter_name)
+    dropout = config.dropout_prob
+    if dropout is None:  # the adapters library's: the model's attention dropout, else none
+        c = getattr(model, "config", None)
+        c = c.get_text_config() if hasattr(c, "get_text_config") else c
+        dropout = getattr(c, "attention_probs_dropout_prob", 0.0) or 0.0
     for _, layer in chosen:
         w = layer.weight
         dtype = w.dtype if w.is_floating_point() else torch.float32
-        layer.adapter_fusion[adapter_name] = Fusion(
+        layer.adapter_fusion[adapter_name] = fusion = Fusion(
             layer.out_features,
             config.adapter_names,
             config.temperature,
@@ -188,7 +205,9 @@ def inject(model: nn.Module, config: AdapterFusionConfig, adapter_name: str) -> 
             dtype,
             config.init_weights,
             config.value_bias,
+            float(dropout),
         )
+        fusion.train(layer.training)  # its dropout follows the layer's mode, as the adapters library's
     return [layer for _, layer in chosen]
 
 
