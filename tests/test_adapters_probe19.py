@@ -110,6 +110,7 @@ def test_fusion_drops_its_logits_out_while_training_as_bert_fusion():
     layer = model.base_model.bert.encoder.layer[1].attention.output.dense
     fusion = layer.adapter_fusion["f"]
     assert fusion.dropout.p == 0.1 == model.base_model.config.attention_probs_dropout_prob
+    assert not fusion.training, "added to a model in eval mode, it is in eval mode (its dropout off), as the library's"
     h = torch.randn(2, 5, 32)
     with torch.no_grad():
         deltas = torch.stack([layer.delta("a", h), layer.delta("b", h)], dim=-2)

@@ -207,7 +207,7 @@ def inject(model: nn.Module, config: AdapterFusionConfig, adapter_name: str) -> 
             config.value_bias,
             float(dropout),
         )
-        fusion.train(layer.training)  # its dropout follows the layer's mode, as the adapters library's
+        fusion.train(layer.base_layer.training)  # the model's train/eval mode, as the adapters library's
     return [layer for _, layer in chosen]
 
 
