@@ -81,3 +81,39 @@ def test_a_backbone_last_hidden_state_loses_the_virtual_positions_as_its_hidden_
     mask = inputs["attention_mask"].unsqueeze(-1)
     pooled = (got.last_hidden_state * mask).sum(1) / mask.sum(1)  # what a sentence embedder does
     torch.testing.assert_close(pooled, (ref.last_hidden_state[:, n:] * mask).sum(1) / mask.sum(1), atol=1e-6, rtol=0)
+
+
+def test_an_adapter_config_holding_prefix_projection_as_text_loads_as_it_trained_with_the_mlp(tmp_path):
+    # Before cabfaeb a config took prefix_projection="false" (a non-empty string: true) and saved the text: that run
+    # trained with the MLP, and its file holds the MLP-folded prefixes. cabfaeb's check made from_dict refuse the
+    # file (ConfigError) while peft loads it; it reads as it ran now, with a warning naming the file.
+    import json
+
+    peft = pytest.importorskip("peft")
+    from tiny import tiny_inputs
+
+    config = dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True)
+    trained = dt.get_delta_model(tiny_model("llama"), config).eval()
+    with torch.no_grad():  # a trained MLP (not the zero-free init alone): the fold must be what is served
+        for p in trained.base_model.virtual_tokens.prompt_encoder["default"].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        want = trained(**inputs).logits
+    trained.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_config.json"
+    data = json.loads(file.read_text())
+    assert data["prefix_projection"] is True
+    file.write_text(json.dumps({**data, "prefix_projection": "false"}))  # what the old code wrote for "false"
+    with pytest.warns(UserWarning, match=r"adapter_config\.json: prefix_projection='false' \(text.*read as True"):
+        loaded = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    assert loaded.peft_config["default"].prefix_projection is True
+    theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    with torch.no_grad():
+        got, ref = loaded(**inputs).logits, theirs(**inputs).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    with pytest.warns(UserWarning, match=r"^adapter config: prefix_projection=''"):
+        assert dt.PrefixTuningConfig.from_dict({"prefix_projection": ""}).prefix_projection is False  # as it ran
+    with pytest.raises(ConfigError, match=r"got 'false' \(text was read as true before: such a run trained with"):
+        dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection="false")

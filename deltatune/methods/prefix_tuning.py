@@ -18,7 +18,9 @@ narrower keys). Nothing to merge. The cache, mask, positions and generation are 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,10 +52,23 @@ class PrefixTuningConfig(VirtualTokenFields, DeltaConfig):
         super().__post_init__()
         check_fields(self)
         check_positive_int("encoder_hidden_size", self.encoder_hidden_size, optional=True)
-        if not isinstance(self.prefix_projection, bool):  # "false" would be a true (non-empty) string
-            raise ConfigError(f"prefix_projection must be true or false, got {self.prefix_projection!r}")
+        if not isinstance(value := self.prefix_projection, bool):  # "false" would be a true (non-empty) string
+            was = " (text was read as true before: such a run trained with the MLP)"
+            was = was if isinstance(value, str) and value else ""
+            raise ConfigError(f"prefix_projection must be true or false, got {value!r}{was}")
         if self.init_weights not in (None, "zero"):
             raise ConfigError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> PrefixTuningConfig:
+        """As ``DeltaConfig.from_dict``; a file whose prefix_projection is text (deltatune saved the text as given
+        before cabfaeb, and peft loads it) is read as it ran: bool(text), so "false" trained with the MLP (one
+        warning). A config made in Python still refuses text."""
+        if isinstance(value := data.get("prefix_projection"), str):
+            warnings.warn(f"{source}: prefix_projection={value!r} (text, as older deltatune saved it) is read as "
+                          f"{bool(value)}, as it trained", stacklevel=3)  # fmt: skip
+            data = dict(data, prefix_projection=bool(value))
+        return super().from_dict(data, source)
 
 
 class PrefixEncoder(Reparametrised):
