@@ -117,3 +117,29 @@ def test_an_adapter_config_holding_prefix_projection_as_text_loads_as_it_trained
         assert dt.PrefixTuningConfig.from_dict({"prefix_projection": ""}).prefix_projection is False  # as it ran
     with pytest.raises(ConfigError, match=r"got 'false' \(text was read as true before: such a run trained with"):
         dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection="false")
+
+
+@pytest.mark.parametrize("kind", ["mapping", "dict"])
+def test_tokenizer_kwargs_as_any_mapping_is_taken_as_a_dict(kind):
+    # The message said "a mapping" but only a dict passed: a MappingProxyType (or any Mapping) was refused.
+    import types
+
+    value = {"use_fast": True}
+    kwargs = types.MappingProxyType(value) if kind == "mapping" else value
+    config = dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                   prompt_tuning_init_text="the cat", tokenizer_name_or_path=minilm_path(),
+                                   tokenizer_kwargs=kwargs)  # fmt: skip
+    assert type(config.tokenizer_kwargs) is dict and config.tokenizer_kwargs == value
+    assert config.to_dict()["tokenizer_kwargs"] == value
+
+
+def test_an_init_text_yaml_read_as_a_mapping_says_to_quote_it():
+    # method.prompt_tuning_init_text=Classify this: -> YAML {'Classify this': None}: the one line says why.
+    import yaml
+
+    text = yaml.safe_load("Classify this:")
+    assert text == {"Classify this": None}
+    with pytest.raises(ConfigError, match=r"^prompt_tuning_init_text must be a string, got \{'Classify this': None\} "
+                                          r"\(quote it: YAML read the text's trailing ':' as a mapping\)$"):  # fmt: skip
+        dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                              prompt_tuning_init_text=text, tokenizer_name_or_path=minilm_path())  # fmt: skip

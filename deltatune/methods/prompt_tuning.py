@@ -14,6 +14,7 @@ outputs and generation are handled in ``_tokens.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +51,17 @@ class PromptTuningConfig(VirtualTokenFields, DeltaConfig):
         if init not in INITS:
             raise ConfigError(f"prompt_tuning_init must be one of {INITS}, got {self.prompt_tuning_init!r}")
         self.prompt_tuning_init = init
-        if self.prompt_tuning_init_text is not None and not isinstance(self.prompt_tuning_init_text, str):
-            raise ConfigError(f"prompt_tuning_init_text must be a string, got {self.prompt_tuning_init_text!r}")
-        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
+        text = self.prompt_tuning_init_text
+        if text is not None and not isinstance(text, str):  # (method.prompt_tuning_init_text=Classify this: -> dict)
+            hint = " (quote it: YAML read the text's trailing ':' as a mapping)" if isinstance(text, Mapping) else ""
+            raise ConfigError(f"prompt_tuning_init_text must be a string, got {text!r}{hint}")
+        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, Mapping):
             raise ConfigError(
                 f"tokenizer_kwargs must be a mapping of AutoTokenizer.from_pretrained arguments, got "
                 f"{self.tokenizer_kwargs!r}"
             )
+        if self.tokenizer_kwargs is not None:  # any Mapping, kept as the dict adapter_config.json holds
+            self.tokenizer_kwargs = dict(self.tokenizer_kwargs)
         if init == "TEXT" and not self.prompt_tuning_init_text:
             raise ConfigError(
                 f"prompt_tuning_init='TEXT' needs prompt_tuning_init_text, got {self.prompt_tuning_init_text!r}"
