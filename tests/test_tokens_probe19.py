@@ -143,3 +143,57 @@ def test_an_init_text_yaml_read_as_a_mapping_says_to_quote_it():
                                           r"\(quote it: YAML read the text's trailing ':' as a mapping\)$"):  # fmt: skip
         dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
                               prompt_tuning_init_text=text, tokenizer_name_or_path=minilm_path())  # fmt: skip
+
+
+def _prompt_tuned_pair(make, task_type, n):
+    """The same base twice: ours and peft's prompt tuning on it, with our prompts copied into peft's."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(make(), dt.PromptTuningConfig(task_type=task_type, num_virtual_tokens=n)).eval()
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(make(), peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=n)).eval()
+    theirs.prompt_encoder["default"].load_state_dict(
+        ours.base_model.virtual_tokens.prompt_encoder["default"].state_dict()
+    )
+    return ours, theirs
+
+
+def test_a_backbone_pooler_output_reads_virtual_token_0_as_peft_and_its_tuple_is_trimmed_as_its_dict():
+    # Pins what docs/methods-token.md says after 2496635: last_hidden_state[:, 0] is the first REAL token (peft's
+    # row n), while BERT's pooler ran inside the model on the untrimmed rows: pooler_output is peft's (virtual 0).
+    from tiny import tiny_config, tiny_inputs
+    from transformers import AutoModel
+
+    n = 3
+    ours, theirs = _prompt_tuned_pair(
+        lambda: AutoModel.from_config(tiny_config("bert")).eval(), "FEATURE_EXTRACTION", n
+    )
+    inputs = tiny_inputs("bert", "seq_cls")
+    with torch.no_grad():
+        got, ref = ours(**inputs), theirs(**inputs)
+        as_tuple = ours(**inputs, return_dict=False)
+        pooled_virtual_0 = ours.get_base_model().pooler(ref.last_hidden_state)  # BERT's pooler reads row 0
+    torch.testing.assert_close(got.pooler_output, ref.pooler_output, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.pooler_output, pooled_virtual_0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.last_hidden_state[:, 0], ref.last_hidden_state[:, n], atol=1e-6, rtol=0)
+    assert not torch.allclose(got.last_hidden_state[:, 0], ref.last_hidden_state[:, 0], atol=1e-3)  # CLS differs
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape[1] == inputs["input_ids"].shape[1]
+    torch.testing.assert_close(as_tuple[0], got.last_hidden_state, atol=0, rtol=0)
+    torch.testing.assert_close(as_tuple[1], got.pooler_output, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_a_seq2seq_prompt_tuned_model_keeps_the_virtual_rows_in_its_encoder_outputs_as_peft(family):
+    # The decoder cross-attends to the n prompts: encoder_last_hidden_state keeps n + L rows, equal to peft's.
+    from tiny import tiny_inputs
+
+    n = 3
+    ours, theirs = _prompt_tuned_pair(lambda: tiny_model(family, "seq2seq"), "SEQ_2_SEQ_LM", n)
+    inputs = tiny_inputs(family, "seq2seq")
+    inputs["attention_mask"][1, -2:] = 0
+    with torch.no_grad():
+        got, ref = ours(**inputs, output_hidden_states=True), theirs(**inputs, output_hidden_states=True)
+    assert got.encoder_last_hidden_state.shape[1] == n + inputs["input_ids"].shape[1]
+    torch.testing.assert_close(got.encoder_last_hidden_state, ref.encoder_last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.encoder_hidden_states, ref.encoder_hidden_states, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
