@@ -197,3 +197,17 @@ def test_a_seq2seq_prompt_tuned_model_keeps_the_virtual_rows_in_its_encoder_outp
     torch.testing.assert_close(got.encoder_last_hidden_state, ref.encoder_last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.encoder_hidden_states, ref.encoder_hidden_states, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="train/config.py _typed refuses it first without the hint (diff in the report)")
+def test_an_init_text_with_a_trailing_colon_on_the_command_line_says_to_quote_it():
+    # method.prompt_tuning_init_text=Classify this: -> YAML's {'Classify this': None}; the recipe's type check
+    # (_typed) refuses it before PromptTuningConfig's own hint is reached: "must be str or null, got {...}".
+    from deltatune.train.config import apply_overrides, build
+
+    raw = {"model": {"name_or_path": "x"}, "method": {"name": "prompt_tuning", "prompt_tuning_init": "TEXT"}}
+    raw = apply_overrides(raw, ["method.prompt_tuning_init_text=Classify this:"])
+    assert raw["method"]["prompt_tuning_init_text"] == {"Classify this": None}
+    with pytest.raises(ConfigError, match=r"^method\.prompt_tuning_init_text must be .*, got \{'Classify this': "
+                                          r"None\} \(quote it: YAML read the text's trailing ':' as a mapping\)$"):  # fmt: skip
+        build(raw).method_config("CAUSAL_LM")
