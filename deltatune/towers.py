@@ -261,6 +261,27 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
     return config.replace(target_modules=names)
 
 
+def as_trained(config: DeltaConfig, folder: str) -> DeltaConfig:
+    """``config`` (as ``restrict`` resolved it) with the full module names the adapter in ``folder`` was saved with,
+    where they differ: a run begun before towers kept layers_to_transform (1bc40a6) adapted every block of its towers,
+    and its checkpoint holds them all, so it resumes (and ``eval --compare`` starts) as it trained. IA3's
+    ``feedforward_modules`` likewise. A folder without such a list (no adapter_config.json, a regex) changes nothing."""
+    import json
+    import os
+
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(path):
+        return config
+    with open(path) as f:
+        saved = json.load(f)
+    changes = {}
+    for key in ("target_modules", "feedforward_modules"):
+        names, now = saved.get(key), getattr(config, key, None)
+        if isinstance(names, list) and isinstance(now, list) and sorted(names) != sorted(now):
+            changes[key] = names
+    return config.replace(**changes) if changes else config
+
+
 def counts(model: nn.Module) -> dict[str, int]:
     """Adapted layers per tower (modules_to_save copies not counted); ``other`` for layers outside every tower."""
     out: dict[str, int] = {}
@@ -272,6 +293,7 @@ def counts(model: nn.Module) -> dict[str, int]:
 
 
 __all__ = [
+    "as_trained",
     "FAMILY_AS",
     "TOWERS",
     "TOWER_BOTTLENECK",

@@ -195,3 +195,99 @@ def test_all_linear_on_a_mixture_of_experts_names_the_routers_it_leaves_out(kind
         "experts (3-D parameters deltatune cannot adapt) and the routers (model.layers.0.mlp.gate, ...: not linear "
         "layers); it adapts the linear layers"
     ]
+
+
+def _names(model: nn.Module) -> list[str]:
+    return sorted(n.removeprefix("base_model.") for n, m in model.named_modules()
+                  if isinstance(m, DeltaLayer) and not isinstance(m, ModulesToSave))  # fmt: skip
+
+
+def test_a_towers_run_begun_before_layers_to_transform_counted_resumes_and_compares_as_it_trained(
+    tmp_path, monkeypatch
+):
+    """A run begun before 1bc40a6 with method.towers and layers_to_transform: [1] adapted both blocks of LLaVA's
+    language tower (layers_to_transform was dropped) and its checkpoint holds them. --resume now builds block 1 only
+    and refused the checkpoint ("does not belong to any module"); eval --compare started a different model. Both now
+    build the adapter on the names the checkpoint's adapter_config.json saved. (The old layout made here: the same
+    run with both blocks' full names, which layers_to_transform does not narrow, and the recipe then set back.)"""
+    import json
+
+    import numpy as np
+    import torch
+    import yaml
+    from PIL import Image
+    from safetensors.torch import load_file
+    from tiny_vlm import save_vlm
+
+    from deltatune.cli import main
+    from deltatune.train import evaluation
+    from deltatune.train import trainer as trainer_module
+
+    save_vlm(tmp_path / "llava", "llava")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "text": f"a handwritten {i} thin strokes"}) + "\n")
+    (tmp_path / "captions.jsonl").write_text("".join(rows))
+    out = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["train", os.path.join(root, "recipes", "llava-caption-lora.yaml"), f"model.name_or_path={tmp_path / 'llava'}",
+            f"data.train={tmp_path / 'captions.jsonl'}", f"data.eval={tmp_path / 'captions.jsonl'}",
+            f"output.dir={out}", "model.dtype=float32", "train.report_to=[none]", "train.batch_size=2",
+            "train.logging_steps=1", "train.eval_steps=1000", "train.max_steps=4", "train.save_steps=2",
+            "method.layers_to_transform=[1]"]  # fmt: skip
+    both = [f"model.language_model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    step = trainer_module.DeltaTrainer.training_step
+
+    def interrupted(self, *a, **k):
+        if self.state.global_step >= 2:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(trainer_module.DeltaTrainer, "training_step", interrupted)
+    assert main([*args, f"method.target_modules=[{','.join(both)}]"]) != 0
+    monkeypatch.undo()
+    recipe = yaml.safe_load((out / "run.yaml").read_text())
+    del recipe["method"]["target_modules"]  # the old run's recipe: the towers' defaults, layers_to_transform [1]
+    (out / "run.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    saved = json.loads((out / "checkpoint-2" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == both and saved["layers_to_transform"] == [1]
+    start = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert len(start) == 8  # (lora_A and lora_B of both blocks' q_proj and v_proj)
+
+    assert main([*args, "--resume"]) == 0
+    final = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(final["target_modules"]) == both
+    trained = load_file(out / "adapter_model.safetensors")
+    assert trained.keys() == start.keys()
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if ".layers.0." in k and "lora_B" in k)
+
+    started = []
+    real = evaluation.start_model
+    monkeypatch.setattr(evaluation, "start_model", lambda *a: started.append(_names(real(*a)[0])) or real(*a))
+    assert main(["eval", "--adapter", str(out), "--compare"]) == 0
+    assert started == [both]
+
+
+def test_an_old_regex_towers_adapter_is_started_on_its_saved_names_and_ia3_on_its_feed_forward_layers(tmp_path):
+    """A regex with towers and layers_to_transform: [1] resolves block 1 now; such a run begun before 1bc40a6 saved
+    both blocks' names, and ``as_trained`` (start_model's, with the checkpoint) gives them back. IA3 (no
+    layers_to_transform in peft or here) keeps its saved feed-forward layers too; a folder without a config changes
+    nothing."""
+    import json
+
+    model = tiny_vlm("llava")
+    regex = r".*language_model.*\.(q|v)_proj"
+    config = T.restrict(model, dt.LoraConfig(r=2, target_modules=regex, layers_to_transform=[1]), ["language"])
+    old = T.restrict(model, dt.LoraConfig(r=2, target_modules=regex), ["language"])
+    assert len(config.target_modules) == 2 and len(old.target_modules) == 4
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**old.to_dict(), "layers_to_transform": [1]}))
+    kept = T.as_trained(config, str(tmp_path))
+    assert kept.target_modules == old.target_modules and kept.layers_to_transform == [1]
+    assert _names(dt.get_delta_model(copy.deepcopy(model), kept)) == sorted(old.target_modules)
+    ia3 = T.restrict(model, dt.IA3Config(target_modules="all-linear"), ["language"])
+    saved = {**ia3.to_dict(), "feedforward_modules": ia3.feedforward_modules[:1]}  # (a hand-made other layout)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    assert T.as_trained(ia3, str(tmp_path)).feedforward_modules == ia3.feedforward_modules[:1]
+    assert T.as_trained(config, str(tmp_path / "nothing")) is config

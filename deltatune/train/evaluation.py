@@ -163,7 +163,7 @@ def evaluate(
         before, start_scores = {}, None
         if compare:  # the start first, then freed: one model in memory at a time
             set_seed(cfg.train.seed)
-            start, _ = start_model(cfg, tok, cfg.data.labels)
+            start, _ = start_model(cfg, tok, cfg.data.labels, run_dir)  # (an old run's towers: as it trained)
             before, trainer = scored(start)
             start_scores = getattr(trainer, "start_scores", None)
             del start, trainer

@@ -189,14 +189,19 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
     return model
 
 
-def start_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> tuple[DeltaModel, list[str]]:
+def start_model(
+    cfg: RunConfig, tok, labels: list[str] | None = None, checkpoint: str | None = None
+) -> tuple[DeltaModel, list[str]]:
     """The model as a run starts training it: the base (and any new head) with the method's initial delta, both
-    drawn from the random generator as it stands (``train`` seeds it first). Returns it and the report notes."""
+    drawn from the random generator as it stands (``train`` seeds it first). Returns it and the report notes.
+    ``checkpoint``: the folder a resume loads (or eval's run folder), whose saved towers targets are kept."""
     from .. import towers  # method.towers: targets resolved inside the named towers of a multimodal model
 
     model = build_model(cfg, tok, labels)
     asked = cfg.method_config(TASK_OF_STAGE[cfg.stage])
     config = towers.restrict(model, asked, cfg.method.get("towers"))
+    if checkpoint and config is not asked:  # (a run begun before 1bc40a6: every block of its towers, as it trained)
+        config = towers.as_trained(config, checkpoint)
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
     delta = get_delta_model(model, config, fused_loss=True)
     if not cfg.train.fsdp:  # adapters in fp32 on a half-precision base (FSDP flattens a layer in one dtype)
@@ -291,7 +296,7 @@ def _train(
     if prepared.labels:
         check_num_labels(cfg, prepared.labels)
         cfg.data.labels = prepared.labels
-    delta, notes = start_model(cfg, tok, prepared.labels)
+    delta, notes = start_model(cfg, tok, prepared.labels, checkpoint if resume else None)
     check_reference(cfg, delta, training=True)
     check_context(cfg, prepared, delta)
     if os.path.isdir(cfg.model.name_or_path):
