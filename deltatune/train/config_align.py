@@ -131,7 +131,9 @@ class AlignArgs:
                                       "different mini_batch_size set beside it is refused).")  # fmt: skip
     local_rollout_forward_batch_size: int | None = _f(None, "PPO: rows per no-grad forward of a batch's rollouts "
                                                       "(policy, values, reference; TRL's); null: the update's "
-                                                      "micro-batch, align.mini_batch_size / train.grad_accum.")  # fmt: skip
+                                                      "micro-batch, align.mini_batch_size / train.grad_accum. "
+                                                      "Unlike TRL, generation still runs on the whole batch (only "
+                                                      "the no-grad forwards are chunked).")  # fmt: skip
     num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group; G >= 2).")
     num_generations_eval: int | None = _f(None, "GRPO: completions sampled per eval prompt for eval_reward, their "
                                           "mean (TRL's; null: 1, where TRL's null is num_generations).")  # fmt: skip

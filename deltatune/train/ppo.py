@@ -171,10 +171,13 @@ class PPOLoop:
 
         context = context_length(self.model.get_base_model().config)
         longest = max(len(p) for p in prompts)
-        if context is not None and longest + self.align.max_new_tokens > context:  # (generate's IndexError or worse)
+        # a token adapter's virtual tokens take positions too, as the stage's checks.check_rollout_context counts them
+        virtual = getattr(self.model.active_peft_config, "num_virtual_tokens", 0) or 0
+        if context is not None and longest + virtual + self.align.max_new_tokens > context:  # (generate's IndexError)
+            also = f" and the adapter's {virtual} virtual tokens" if virtual else ""
             raise ConfigError(f"align.max_new_tokens={self.align.max_new_tokens} plus the longest prompt ({longest} "
-                              f"tokens) is more than the model's context of {context}; lower align.max_new_tokens "
-                              "or shorten the prompts")  # fmt: skip
+                              f"tokens){also} is more than the model's context of {context}; lower "
+                              "align.max_new_tokens or shorten the prompts")  # fmt: skip
         ids, mask, response_mask, response, truncated = sample_responses(
             self.model, prompts, self.pad, self.eos, self.align
         )
@@ -483,13 +486,17 @@ def train_ppo(
     t = cfg.train
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     per_epoch = math.ceil(len(prompts) / t.batch_size)
-    # TRL's num_total_batches: ceil(epochs * prompts / batch_size) (batches carry on across passes, as the data order
-    # here does); a checkpoint without max_steps began counting epochs * per_epoch, and resumes with its count
-    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * len(prompts) / t.batch_size))
+    # TRL's count: num_total_batches = ceil(int(epochs * prompts) / batch_size) (only the count: TRL's batches do not
+    # carry across passes, its repeat_generator drops a pass's last partial batch; here the data order carries on).
+    # A run begun counting epochs * per_epoch (its first checkpoints hold no max_steps) keeps that count on every
+    # resume: its later checkpoints record counted_per_pass.
+    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(int(t.epochs * len(prompts)) / t.batch_size))
+    per_pass = False
     if checkpoint is not None and t.max_steps <= 0:
         from . import ppo_checkpoint
 
-        if ppo_checkpoint.counted_per_pass(checkpoint):
+        per_pass = ppo_checkpoint.counted_per_pass(checkpoint)
+        if per_pass:
             steps = max(1, math.ceil(t.epochs * per_epoch))
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * steps)
 
@@ -526,7 +533,9 @@ def train_ppo(
             order += torch.randperm(len(prompts), generator=g).tolist()
         batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
         # TRL's episode (rollouts so far), epoch (episode / prompts) and eps (rollouts a second), as it logs them
-        episode = step * t.batch_size
+        # (a running total: a run resumed with another batch size (--resume-changed) adds its own to the last row's)
+        before = (step - 1) * t.batch_size  # (a first row, or a row of a checkpoint written before episode was)
+        episode = (history[-1].get("episode", before) if history else before) + t.batch_size
         row = {"step": step, **loop.step(batch), "episode": episode, "epoch": episode / len(prompts)}
         row["eps"] = int(episode / max(time.perf_counter() - start, 1e-9))
         history.append({**row, "wall_time": round(time.time(), 3)})
@@ -535,7 +544,9 @@ def train_ppo(
             from . import ppo_checkpoint
 
             loop.runtime_s = time.perf_counter() - start
-            ppo_checkpoint.save(cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts, steps)
+            ppo_checkpoint.save(
+                cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts, steps, per_pass
+            )
     tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
     metrics.update(
         train_loss=sum(h["loss"] for h in history) / len(history),

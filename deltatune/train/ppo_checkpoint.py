@@ -48,10 +48,11 @@ def save(
     keep: int | None,
     facts: dict[str, Any] | None = None,
     max_steps: int | None = None,
+    per_pass: bool = False,
 ) -> str:
     """Write ``<out>/checkpoint-<step>`` for ``loop`` (a PPOLoop) and keep the newest ``keep`` checkpoints;
-    ``facts``: the run's ``runfolder.run_facts``, for ``--resume`` to compare; ``max_steps``: the run's step count
-    (its presence marks a run that counts train.epochs as TRL: ``counted_per_pass``)."""
+    ``facts``: the run's ``runfolder.run_facts``, for ``--resume`` to compare; ``max_steps``: the run's step count;
+    ``per_pass``: the run counts train.epochs per pass, as one begun before TRL's count (``counted_per_pass``)."""
     from safetensors.torch import save_file
 
     final = os.path.join(out, f"{PREFIX}{step}")
@@ -77,6 +78,7 @@ def save(
             "order": order,
             "log_history": history,
             **({"max_steps": max_steps} if max_steps is not None else {}),
+            **({"counted_per_pass": True} if per_pass else {}),
         }
         with open(os.path.join(staging, STATE), "w", encoding="utf-8") as fh:
             json.dump(state, fh)
@@ -105,9 +107,11 @@ def rotate(out: str, keep: int | None) -> None:
 
 def counted_per_pass(checkpoint: str) -> bool:
     """Whether ``checkpoint``'s run counted train.epochs E as E * ceil(prompts / batch_size) steps (one written
-    before the count became TRL's ceil(E * prompts / batch_size): its trainer_state.json holds no max_steps)."""
+    before the count became TRL's ceil(E * prompts / batch_size): its trainer_state.json holds no max_steps; or a
+    later checkpoint of such a run, resumed since, which records counted_per_pass)."""
     with open(os.path.join(checkpoint, STATE), encoding="utf-8") as fh:
-        return "max_steps" not in json.load(fh)
+        state = json.load(fh)
+    return "max_steps" not in state or bool(state.get("counted_per_pass"))
 
 
 def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[int], list[dict[str, Any]]]:
@@ -130,6 +134,11 @@ def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[i
             f"{len(loop.optimizer.param_groups)} (a checkpoint of a deltatune that decayed biases and norms too); "
             "train from the start (--overwrite)"
         )
+    sizes = [len(group["params"]) for group in optimizer["param_groups"]]
+    want = [len(group["params"]) for group in loop.optimizer.param_groups]
+    if sizes != want:  # (torch's ValueError, after the adapter and value head were loaded)
+        raise ConfigError(f"{checkpoint}: optimizer.pt holds parameter groups of {sizes} tensors, this run's AdamW "
+                          f"{want} (a checkpoint of another adapter); train from the start (--overwrite)")  # fmt: skip
     scheduler = os.path.join(checkpoint, "scheduler.pt")
     scheduler = torch.load(scheduler, weights_only=True) if loop.scheduler and os.path.isfile(scheduler) else None
     rng = torch.load(os.path.join(checkpoint, "rng_state.pth"), weights_only=True)

@@ -136,7 +136,7 @@ function seriesOf(history, key) {
 function metricKeys(history) {
   const keys = new Set();
   for (const h of history) for (const [k, v] of Object.entries(h)) {
-    if (typeof v === "number" && !/^(step|epoch|wall_time)$|runtime|per_second|total_flos|num_tokens|_steps$/.test(k)) keys.add(k);
+    if (typeof v === "number" && !/^(step|epoch|episode|eps|wall_time)$|runtime|per_second|total_flos|num_tokens|_steps$/.test(k)) keys.add(k);
   }
   const first = ["learning_rate", "grad_norm"].filter(k => keys.has(k));
   return [...first, ...[...keys].filter(k => !first.includes(k)).sort()];
