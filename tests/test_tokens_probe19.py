@@ -199,7 +199,6 @@ def test_a_seq2seq_prompt_tuned_model_keeps_the_virtual_rows_in_its_encoder_outp
     torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="train/config.py _typed refuses it first without the hint (diff in the report)")
 def test_an_init_text_with_a_trailing_colon_on_the_command_line_says_to_quote_it():
     # method.prompt_tuning_init_text=Classify this: -> YAML's {'Classify this': None}; the recipe's type check
     # (_typed) refuses it before PromptTuningConfig's own hint is reached: "must be str or null, got {...}".
