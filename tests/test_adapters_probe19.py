@@ -128,3 +128,72 @@ def test_fusion_drops_its_logits_out_while_training_as_bert_fusion():
     llama = _two_adapters("llama")
     llama.add_fusion(["a", "b"], name="f")
     assert {m.dropout.p for m in llama.modules() if type(m).__name__ == "Fusion"} == {0.0}
+
+
+class _LibraryAdapter(torch.nn.Module):
+    """The adapters library's Adapter (methods/modeling.py), transcribed for ln_before/ln_after off, a float scaling,
+    init_weights='bert', use_gating=True, dropout 0: its modules made in its order, then its init drawn in its order."""
+
+    def __init__(self, d: int, m: int, scaling: float) -> None:
+        super().__init__()
+        self.adapter_down = torch.nn.Sequential(torch.nn.Linear(d, m), torch.nn.SiLU())
+        self.adapter_up = torch.nn.Linear(m, d)
+        self.scaling = scaling
+        self.gate = torch.nn.Linear(d, 1)
+        for module in (self.adapter_down[0], self.adapter_up, self.gate):  # Adapter.init_bert_weights
+            module.weight.data.normal_(mean=0.0, std=0.02)
+            module.bias.data.zero_()
+
+    def forward(self, x: torch.Tensor, residual_input: torch.Tensor) -> torch.Tensor:
+        up = self.adapter_up(self.adapter_down(x)) * self.scaling
+        output = up  # self.dropout(up), p = 0
+        gate = torch.sigmoid(self.gate(x))
+        gate = torch.mean(gate, dim=1).unsqueeze(-1)
+        output = output * gate
+        return output + residual_input
+
+
+def test_use_gating_is_the_adapters_librarys():
+    """use_gating (the library's, UniPELT's gate) was refused as an unknown field. Now: g = mean over positions of
+    sigmoid(W_g h + b_g), one per sequence, multiplies the term; drawn in the library's order (a seeded 'bert'
+    adapter has its weights) and computing its output."""
+    model = _two_adapters()
+    config = dt.BottleneckConfig(reduction_factor=16, non_linearity="swish", init_weights="bert", use_gating=True)
+    config = config.replace(scaling=0.5)
+    torch.manual_seed(7)
+    model.add_adapter("g", config)
+    torch.manual_seed(7)
+    ref = _LibraryAdapter(32, 2, 0.5)
+    layer = model.base_model.bert.encoder.layer[0].attention.output.dense  # the first site made
+    assert torch.equal(layer.adapter_down["g"].weight, ref.adapter_down[0].weight)
+    assert torch.equal(layer.adapter_up["g"].weight, ref.adapter_up.weight)
+    assert torch.equal(layer.adapter_gate["g"].weight, ref.gate.weight)
+    h = torch.randn(3, 6, 32) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(h + layer.delta("g", h), ref(h, h), atol=1e-6, rtol=0)
+        gate = torch.sigmoid(ref.gate(h)).mean(1)  # (3, 1): one gate per sequence, not per position
+        assert (gate.max() - gate.min()) > 1e-4
+    model.set_adapter("g")
+    trained = {n.split(".adapter_")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"down.g.weight", "down.g.bias", "up.g.weight", "up.g.bias", "gate.g.weight", "gate.g.bias"}
+
+
+def test_a_gated_adapter_starts_as_the_base_and_round_trips(tmp_path):
+    """W_up = 0 (init True): the gated adapter is exactly the base at the start; saved and loaded it computes the
+    same, its gate among the file's tensors."""
+    base = tiny_model("llama")
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        plain = base(**inputs).logits
+    model = dt.get_delta_model(base, dt.BottleneckConfig(use_gating=True), adapter_name="g").eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
+        for n, p in model.named_parameters():
+            if ".adapter_" in n:
+                p.normal_(0, 0.2)
+        want = model(**inputs).logits
+    assert not torch.allclose(want, plain, atol=1e-3)
+    model.save_pretrained(str(tmp_path))
+    loaded = dt.DeltaModel.from_pretrained(tiny_model("llama"), str(tmp_path / "g"), adapter_name="g").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, want, atol=1e-6, rtol=0)

@@ -7,7 +7,8 @@ and LayerNorm, with a residual of its own:
 
 with W_down (m x d), W_up (d x m), m = bottleneck_size or d // reduction_factor, f a non-linearity and s =
 ``scaling`` (or trained: ``scaling='learned'``, a scalar, ``'channel'``, a vector of size d, both starting at 1).
-Only W_down, b_down, W_up, b_up (the optional LayerNorms, a learned s) train; the base stays frozen.
+With ``use_gating`` the term is multiplied by g = mean over positions of sigmoid(W_g h + b_g), one per sequence.
+Only W_down, b_down, W_up, b_up (the optional LayerNorms, a learned s, the gate) train; the base stays frozen.
 Houlsby places an adapter after the attention output projection and after the feed-forward output projection of
 every block; Pfeiffer only after the feed-forward one. Where those projections live in each model family is data
 (``targets.BOTTLENECK_TARGETS``), not code.
@@ -24,7 +25,6 @@ adapters it fuses.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,8 @@ from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
 from ..layer import DeltaLayer, linear_shape, set_submodule
-from ..targets import BOTTLENECK_TARGETS, MOE_BOTTLENECK, find_targets, fused_experts, model_type
+from ..targets import fused_experts
+from ._bottleneck_sites import locate, width
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -61,7 +62,6 @@ def _activation(name: str) -> nn.Module:
 
 
 SUBLAYERS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
-_SUBLAYER_WORDS = {"attn": "attention output", "ffn": "feed-forward output"}
 
 
 @dataclass
@@ -91,6 +91,10 @@ class BottleneckConfig(DeltaConfig):
     both starting at 1 (saved as ``adapter_scale``), as the adapters library's scaling options."""
     adapter_dropout: float = 0.0
     """Dropout on the adapter's term, in [0, 1)."""
+    use_gating: bool = False
+    """A trained gate g = mean over positions of sigmoid(W_g h + b_g) (W_g: 1 x d; one per sequence) multiplies the
+    adapter's term after its dropout, before LN_a: the adapters library's use_gating (saved as ``adapter_gate``).
+    Init: W_g ~ N(0, 0.02^2), b_g = 0 (nn.Linear's for 'houlsby' and False, as there), so g starts near 1/2."""
     init_weights: bool | str = True
     """True: W_down ~ N(0, 0.01^2), W_up and biases 0 (starts exactly as the base). 'houlsby': W_up ~ N(0, 0.01^2)
     as well (the paper's near-identity init). The adapters library's 'bert' (W_down, W_up ~ N(0, 0.02^2), biases 0:
@@ -170,6 +174,7 @@ class BottleneckLayer(DeltaLayer):
         "adapter_ln_after",
         "adapter_fusion",
         "adapter_scale",
+        "adapter_gate",
     )
     supports_row_adapters = True
 
@@ -181,6 +186,7 @@ class BottleneckLayer(DeltaLayer):
         self.adapter_ln_before = nn.ModuleDict()
         self.adapter_ln_after = nn.ModuleDict()
         self.adapter_fusion = nn.ModuleDict()  # filled by methods/fusion.py: module(h, deltas) -> combined term
+        self.adapter_gate = nn.ModuleDict()  # use_gating: a Linear(d, 1) per adapter
         self.adapter_scale = nn.ParameterDict()  # a learned s ('learned': (1,), 'channel': (d,)), starting at 1
         self.adapter_act = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
@@ -205,6 +211,7 @@ class BottleneckLayer(DeltaLayer):
         scaling: float | str,
         dropout: float,
         init: bool | str,
+        gating: bool = False,
     ) -> None:
         """Add adapter ``name`` with bottleneck size ``m``."""
         d = self.out_features
@@ -212,6 +219,7 @@ class BottleneckLayer(DeltaLayer):
         kw = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
         down = nn.Linear(d, m, **kw)
         up = nn.Linear(m, d, **kw)
+        gate = nn.Linear(d, 1, **kw) if gating else None  # made (drawn) after up, as the library's
         if init in ("bert", "mam_adapter"):  # the adapters library's, drawn in its order: W_down, then W_up
             with torch.no_grad():
                 if init == "bert":
@@ -232,6 +240,12 @@ class BottleneckLayer(DeltaLayer):
                 else:  # W_up = 0: the adapter is exactly the identity at the start
                     nn.init.zeros_(up.weight)
                 nn.init.zeros_(up.bias)
+        if gate is not None and init not in (False, "houlsby"):  # the library leaves a 'houlsby' gate as made
+            with torch.no_grad():
+                nn.init.normal_(gate.weight, std=0.02)
+                nn.init.zeros_(gate.bias)
+        if gate is not None:
+            self.adapter_gate[name] = gate
         self.adapter_down[name] = down
         self.adapter_up[name] = up
         if ln_before:
@@ -268,6 +282,9 @@ class BottleneckLayer(DeltaLayer):
         z = up(self.adapter_act[name](self.adapter_down[name](x.to(up.weight.dtype)))) * self.scaling[name]
         z = z * self.adapter_scale[name] if name in self.adapter_scale else z
         z = self.adapter_dropout[name](z)  # before LN_a, as the adapters library's Adapter.forward
+        if name in self.adapter_gate:  # one gate per sequence: the mean over its positions (dim 1), as there
+            gate = torch.sigmoid(self.adapter_gate[name](h.to(up.weight.dtype)))
+            z = z * (gate.mean(1, keepdim=True) if gate.dim() > 2 else gate)
         return (self.adapter_ln_after[name](z) if name in self.adapter_ln_after else z).to(h.dtype)
 
     def _term(self, name: str, h: torch.Tensor) -> torch.Tensor:
@@ -312,50 +329,6 @@ class BottleneckLayer(DeltaLayer):
         return out
 
 
-def _locate(model: nn.Module, config: BottleneckConfig) -> list[str]:
-    """Full names of the sub-layers to adapt: target_modules if given, else the family's entry in the table.
-
-    A family missing from the table is tried against every known layout (a mixture of experts against Mixtral's
-    only); the error names the sub-layers that no layout found.
-    """
-    if config.target_modules is not None:
-        return find_targets(model, config.target_modules, method="bottleneck")
-    wanted = config.sublayers
-    mtype = model_type(model)
-    layouts = [BOTTLENECK_TARGETS[mtype]] if mtype in BOTTLENECK_TARGETS else list(BOTTLENECK_TARGETS.values())
-    moe = mtype not in BOTTLENECK_TARGETS and fused_experts(model)
-    if moe:  # another layout could find only the dense layers' MLPs: an adapter on some blocks, silently
-        layouts = [MOE_BOTTLENECK]
-    names = [n for n, _ in model.named_modules() if n]
-    missing: set[str] = set(wanted)
-    for layout in layouts:
-        found = {kind: [n for n in names if re.fullmatch(layout[kind], n)] for kind in wanted}
-        if all(found.values()):
-            return [n for kind in wanted for n in found[kind]]
-        missing &= {kind for kind, hits in found.items() if not hits}
-    missing = missing or set(wanted)
-    if moe:
-        raise ConfigError(
-            f"bottleneck ({config.config}): model type {mtype!r} is a mixture of experts not in "
-            f"targets.BOTTLENECK_TARGETS, and its blocks are not laid out as Mixtral's (layers.N.self_attn.o_proj, "
-            "layers.N.mlp); pass target_modules: the attention output projections and the whole MoE blocks"
-        )
-    what = ", ".join(f"{_SUBLAYER_WORDS[k]} ({k})" for k in wanted if k in missing)
-    tried = "; ".join(sorted({layout[k] for layout in layouts for k in wanted if k in missing}))
-    known = "" if mtype in BOTTLENECK_TARGETS else f" (model type {mtype!r} is not in targets.BOTTLENECK_TARGETS)"
-    raise ConfigError(
-        f"bottleneck ({config.config}): sub-layers not found in this model{known}: {what}; patterns tried: {tried}. "
-        "Add the family to targets.BOTTLENECK_TARGETS or pass target_modules"
-    )
-
-
-def _width(model: nn.Module) -> int | None:
-    """The model's hidden size (the output size of a whole block), if its config says."""
-    config = getattr(model, "config", None)
-    size = getattr(config.get_text_config(), "hidden_size", None) if hasattr(config, "get_text_config") else None
-    return size if isinstance(size, int) else None
-
-
 def _existing(module: nn.Module) -> BottleneckLayer | None:
     """The BottleneckLayer at or inside (through other layers' base_layer) ``module``, if any."""
     while isinstance(module, DeltaLayer):
@@ -371,12 +344,12 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
     Everything is checked (targets found, bottleneck size >= 1) before the model is touched.
     """
     plan: list[tuple[str, BottleneckLayer, bool, int]] = []
-    for name in _locate(model, config):
+    for name in locate(model, config):
         module = model.get_submodule(name)
         layer = _existing(module)
         new = layer is None
         if new:
-            layer = BottleneckLayer(module, _width(model))  # a plain module, or another method's layer whole
+            layer = BottleneckLayer(module, width(model))  # a plain module, or another method's layer whole
         plan.append((name, layer, new, config.size_for(layer.out_features)))
     for name, layer, new, m in plan:
         if new:
@@ -390,6 +363,7 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
             config.scaling,
             config.adapter_dropout,
             config.init_weights,
+            config.use_gating,
         )
     return [layer for _, layer, _, _ in plan]
 
