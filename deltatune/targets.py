@@ -286,8 +286,10 @@ def find_targets(
     layers_to_transform: list[int] | int | None = None,
     layers_pattern: list[str] | str | None = None,
     method: str = "method",
+    loading: bool = False,
 ) -> list[str]:
-    """Full names of the modules to adapt; ConfigError (listing real names) when nothing matches."""
+    """Full names of the modules to adapt; ConfigError (listing real names) when nothing matches. ``loading``: the
+    adapter's weights come from a file (a regex that also reaches fused experts then warns: see ``_refuse_experts``)."""
     targets = _all_linear(targets)
     if targets == "all-linear":
         found = [n for n in all_linear_names(model) if matches(n, ".*", layers_to_transform, layers_pattern)]
@@ -302,7 +304,7 @@ def find_targets(
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
     found = [n for n in found if not any(n.startswith(prefix) for prefix in inner)]
     found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
-    _refuse_experts(model, targets, found, method)
+    _refuse_experts(model, targets, found, method, loading)
     if not found:
         raise ConfigError(
             f"{method}: target_modules={targets!r}"
@@ -341,12 +343,16 @@ def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _refuse_experts(model: nn.Module, targets: list[str] | str, found: list[str], method: str) -> None:
+def _refuse_experts(
+    model: nn.Module, targets: list[str] | str, found: list[str], method: str, loading: bool = False
+) -> None:
     """ConfigError when a named target reaches nothing but a mixture of experts' fused experts (transformers 5 keeps
     them as 3-D parameters, ``gate_up_proj`` / ``down_proj`` of a ``...Experts`` module), which deltatune cannot
     adapt: ``down_proj`` on Mixtral would adapt nothing of what it names, silently. A name that also reaches a
     linear layer (Qwen2-MoE's shared expert) adapts that, as peft does; "all-linear" adapts the linear layers and
-    warns that the experts are left out (peft adapts them on the model types its v4-to-v5 conversion knows)."""
+    warns that the experts are left out (peft adapts them on the model types its v4-to-v5 conversion knows). A file
+    saved before 4d15b84 with a regex reaching other modules and the experts trained those others alone: loading it
+    warns that the experts stay out, as the file trained."""
     experts = fused_experts(model)
     if not experts:
         return
@@ -366,7 +372,15 @@ def _refuse_experts(model: nn.Module, targets: list[str] | str, found: list[str]
     else:
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
         hits = [(n, m) for n, m in experts if any(n == t or n.endswith("." + t) for t in unmatched)]
-    if hits:
+    if hits and loading and found and isinstance(targets, str):
+        name, module = hits[0]
+        warnings.warn(
+            f"{method}: target_modules={targets!r} reaches {name}, a 3-D parameter of {type(module).__name__} (the "
+            "fused experts), which deltatune cannot adapt: the adapter loads without the experts, as it was saved "
+            "(a new adapter with these targets is refused)",
+            stacklevel=4,
+        )
+    elif hits:
         name, module = hits[0]
         rest = sorted({n.rsplit(".", 1)[-1] for n in found})
         raise ConfigError(
@@ -442,7 +456,8 @@ def resolve_targets(model: nn.Module, config: Any, table: dict[str, list[str]], 
     targets = config.target_modules if config.target_modules is not None else default_targets(model, table, method)
     targets = _all_linear(targets)
     layers = getattr(config, "layers_to_transform", None)
-    names = find_targets(model, targets, layers, getattr(config, "layers_pattern", None), method)
+    loading = getattr(config, "_stored", None) is not None  # (a config's for_loading: its weights from a file)
+    names = find_targets(model, targets, layers, getattr(config, "layers_pattern", None), method, loading)
     exclude = getattr(config, "exclude_modules", None)
     if exclude:
         inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, DeltaLayer))  # adapter internals

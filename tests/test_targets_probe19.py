@@ -291,3 +291,31 @@ def test_an_old_regex_towers_adapter_is_started_on_its_saved_names_and_ia3_on_it
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     assert T.as_trained(ia3, str(tmp_path)).feedforward_modules == ia3.feedforward_modules[:1]
     assert T.as_trained(config, str(tmp_path / "nothing")) is config
+
+
+def test_an_adapter_saved_with_a_regex_reaching_fused_experts_still_loads_as_it_trained(tmp_path):
+    """Before 4d15b84 r".*\\.(q_proj|down_proj)" on Qwen3-MoE adapted q_proj alone and saved the regex; loading such a
+    file was refused since (ConfigError). It loads again, to the logits it was saved with, saying the experts stay
+    out; a new adapter with that regex is still refused. (The old file: q_proj's adapter, its config's regex.)"""
+    import json
+
+    import torch
+
+    base = _moe("qwen3_moe")
+    regex = r".*\.(q_proj|down_proj)"
+    saved = dt.get_delta_model(
+        copy.deepcopy(base), dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    saved.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": regex}))
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        want = saved.eval()(input_ids=ids).logits
+    with pytest.warns(UserWarning, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, .*loads without the"):
+        loaded = dt.DeltaModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    assert _names(loaded) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)
+    with pytest.raises(dt.ConfigError, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, a 3-D parameter"):
+        dt.get_delta_model(copy.deepcopy(base), dt.LoraConfig(r=2, target_modules=regex))
