@@ -314,7 +314,7 @@ def find_targets(
             + (  # (Mixtral's w1 / w2 / w3 of transformers 4, which peft maps onto them: fused in transformers 5)
                 f"; its mixture of experts' experts are fused 3-D parameters ({experts[0][0]}, ...), which deltatune"
                 " cannot adapt"
-                if (experts := fused_experts(model))
+                if (experts := fused_experts(model)) and _names_an_expert(targets, experts)
                 else ""
             )
             + (
@@ -323,13 +323,26 @@ def find_targets(
                 if isinstance(targets, str) and targets in candidate_names(model)
                 else ""
             )
-            + (  # LLaMA-Factory's lora_target: all (["all"] too)
+            + (  # LLaMA-Factory's lora_target: all (["all"], ["ALL"] too)
                 "; 'all-linear' takes every linear layer but the output head (LLaMA-Factory's lora_target: all)"
-                if targets in ("all", ["all"]) or (isinstance(targets, str) and targets.lower() == "all")
+                if [str(t).lower() for t in ([targets] if isinstance(targets, str) else targets)] == ["all"]
                 else ""
             )
         )
     return found
+
+
+EXPERT_LEAVES = {"w1", "w2", "w3", "gate_up_proj", "down_proj", "up_proj", "gate_proj"}
+"""The names of a mixture of experts' expert projections (transformers 4's Mixtral w1 / w2 / w3 among them)."""
+
+
+def _names_an_expert(targets: list[str] | str, experts: list[tuple[str, nn.Module]]) -> bool:
+    """Whether a target that matched nothing looks like an expert's: its last name an expert projection's, or under
+    ``experts`` (a regex: one of the fused experts' full names), not a typo such as ``q_prj``."""
+    named = [targets] if isinstance(targets, str) else list(targets)
+    if isinstance(targets, str) and any(re.fullmatch(targets, n) for n, _ in experts):
+        return True
+    return any(t.rsplit(".", 1)[-1] in EXPERT_LEAVES or "experts" in t.split(".") for t in named if isinstance(t, str))
 
 
 def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:

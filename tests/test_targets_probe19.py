@@ -163,7 +163,7 @@ def test_a_towers_adapter_narrowed_by_layers_loads_in_peft_to_the_same_logits(tm
         torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("targets", ["all", "ALL", ["all"]])
+@pytest.mark.parametrize("targets", ["all", "ALL", ["all"], ["ALL"], ["All"]])
 def test_llama_factorys_all_says_all_linear(targets):
     """LLaMA-Factory's lora_target: all is every linear layer but the head; as target_modules (peft: a regex matching
     nothing) the line now says all-linear is that, and nothing is adapted."""
@@ -319,3 +319,23 @@ def test_an_adapter_saved_with_a_regex_reaching_fused_experts_still_loads_as_it_
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)
     with pytest.raises(dt.ConfigError, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, a 3-D parameter"):
         dt.get_delta_model(copy.deepcopy(base), dt.LoraConfig(r=2, target_modules=regex))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_a_typo_on_a_mixture_of_experts_is_not_said_to_be_the_fused_experts(kind):
+    """["q_prj"] (a typo) on a MoE: peft says the target was not found; deltatune's line added that the experts are
+    fused 3-D parameters, as if the typo named them. It now says so only for an expert's name (w2, up_proj, a name
+    under experts), and the line still names the model's modules."""
+    from tiny import tiny_model
+
+    with pytest.raises(ValueError, match="not found"):
+        peft.get_peft_model(_moe(kind), peft.LoraConfig(r=2, target_modules=["q_prj"]))
+    for targets, expert in ((["q_prj"], False), (["w2"], True), (["up_proj"], True), (["mlp.experts.x"], True)):
+        with pytest.raises(dt.ConfigError) as err:
+            dt.get_delta_model(_moe(kind), dt.LoraConfig(r=2, target_modules=targets))
+        said = str(err.value)
+        assert said.startswith(f"lora: target_modules={targets!r} matches no module. Module names in this model:")
+        assert ("experts are fused 3-D parameters" in said) is expert, (targets, said)
+    with pytest.raises(dt.ConfigError) as err:  # (a dense model: never)
+        dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["w2"]))
+    assert "experts" not in str(err.value)
