@@ -39,7 +39,7 @@ def test_skip_modules_keeps_the_layers_under_a_named_module_as_transformers_skip
 
 # -- fault: a requantised merge of DoRA on a bf16 4-bit base quantised m (W + s B A) / norm in fp32; peft's DoRA merge
 # rounds it to the dtype W dequantises to (bf16) first: other 4-bit codes in 2 of 3 layers (0.053 off in W) -----------
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_requantized_dora_merge_on_a_4bit_base_equals_peft_byte_for_byte(tmp_path, dtype):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -64,6 +64,116 @@ def test_requantized_dora_merge_on_a_4bit_base_equals_peft_byte_for_byte(tmp_pat
     for layer in [f"model.layers.{i}.{n}" for i in range(2) for n in names]:
         a, b = merged.get_submodule(layer).weight, reference.get_submodule(layer).weight
         assert torch.equal(a.data, b.data) and torch.equal(a.quant_state.absmax, b.quant_state.absmax), layer
+        assert a.quant_state.dtype == b.quant_state.dtype == dtype, layer  # peft: W's dtype (fp32 before)
     with torch.no_grad():
         assert torch.equal(merged.train()(**inputs).logits, reference.train()(**inputs).logits)
     assert report.requantized and len(report.quantized) == 14
+
+
+def _llama11(**kw):
+    return tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=11, **kw)
+
+
+def _linears(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+
+
+# -- fault (9041702): a regex skip_modules was full-matched against every module above a layer too, so a lookahead
+# ("quantise only q_proj") kept all 77 layers -> NothingToQuantize; a regex now matches as transformers 5.25's
+# should_convert_module: from the start of the layer's full name up to a '.' or its end -------------------------------
+@pytest.mark.parametrize(
+    "regex", [r"(?!.*q_proj).*", r"model\.layers\.1", r".*mlp", r"model\.layers\.1\.mlp\.(gate|up)"]
+)
+def test_a_skip_modules_regex_keeps_the_layers_transformers_should_convert_module_keeps(regex):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model = _llama11()
+    theirs = {n for n in _linears(model) if not should_convert_module(n, [regex])}
+    _, summary = dt.quantize(model, backend="bitsandbytes", skip_modules=regex)
+    kept = {n for n, why in summary.kept.items() if why == "skip_modules"}
+    assert kept == theirs and len(summary.quantized) == 77 - len(kept)
+    if regex.startswith("(?!"):  # quantise only q_proj: 66 of 77 kept, 11 in 4 bits
+        assert len(kept) == 66 and all(n.endswith("q_proj") for n in summary.quantized)
+    if regex == r"model\.layers\.1":  # layers.1, not layers.10
+        assert kept == {n for n in theirs if n.startswith("model.layers.1.")} and len(kept) == 7
+
+
+def test_a_trained_run_with_a_lookahead_regex_reloads_in_4_bits_not_in_full_precision():
+    from deltatune.train.run_load import _quantize
+
+    model = _quantize(_llama11(), {"backend": "bitsandbytes", "skip_modules": r"(?!.*q_proj).*"}, trained=True)
+    assert _four_bit(model) == sorted(f"model.layers.{i}.self_attn.q_proj" for i in range(11))  # 11, not 0
+
+
+# -- decision: a list entry is a '.'-bounded suffix (as target_modules) of the layer or of any module above it; full
+# paths keep what transformers 5.25 keeps; its raw suffix ('proj' keeps every *_proj) and its start-only match
+# ('layers.0', 'mlp' keep nothing there) are not followed. Hand-counted on 11 blocks of 7 layers --------------------
+@pytest.mark.parametrize(
+    ("entry", "count", "theirs"),
+    [("mlp", 33, 0), ("layers.0", 7, 0), ("layers.1", 7, 0), ("layers.10", 7, 0), ("model.layers.1", 7, 7),
+     ("model.layers.1.mlp", 3, 3), ("self_attn.q_proj", 11, 11), ("proj", 0, 77), ("_proj", 0, 77), ("q", 0, 0)],
+)  # fmt: skip
+def test_a_skip_modules_list_entry_keeps_by_dotted_suffix_at_every_level(entry, count, theirs):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model = _llama11()
+    assert sum(not should_convert_module(n, [entry]) for n in _linears(model)) == theirs
+    _, summary = dt.quantize(model, backend="bitsandbytes", skip_modules=[entry])
+    kept = sorted(n for n, why in summary.kept.items() if why == "skip_modules")
+    assert len(kept) == count and len(summary.quantized) == 77 - count
+    if entry.startswith("layers.1"):  # layers.1 is not layers.10's prefix, nor the reverse
+        assert all(n.startswith(f"model.{entry}.") for n in kept)
+
+
+# -- old runs: a skip_modules entry naming a module was a no-op before 9041702; a trained run reloading now keeps
+# those layers in full precision, where it may have trained them in 4 bits: a one-line note names the entry ---------
+def test_a_trained_run_whose_skip_modules_names_a_module_gets_a_note(capsys):
+    from deltatune.train.run_load import _quantize
+
+    def notes(skip, trained=True):
+        _quantize(tiny_model("llama", hidden_size=64, intermediate_size=128), {"backend": "bitsandbytes",
+                  "skip_modules": skip}, trained=trained)  # fmt: skip
+        return [line for line in capsys.readouterr().err.splitlines() if "skip_modules" in line]
+
+    [line] = notes(["q_proj", "model.layers.0"])
+    assert "'model.layers.0'" in line and "its 7 layers stay in full precision" in line and "q_proj" not in line
+    assert notes(["q_proj", "layers.1.mlp.down_proj"]) == [] and notes(["model.layers.0"], trained=False) == []
+    assert "its 14 layers" in notes(r"model\.layers\.\d")[0]  # a regex full-matched the layer name before
+
+
+# -- existing bug: _keep_in_fp32_modules naming a module (Blip-2's "qformer") was matched on layer names only:
+# transformers' 4-bit loading keeps its 10 linear layers, deltatune quantised them (21 4-bit layers, not 11) -----------
+def test_keep_in_fp32_modules_naming_a_module_keeps_its_layers_as_transformers_blip2(tmp_path):
+    from transformers import BitsAndBytesConfig, Blip2Config, Blip2ForConditionalGeneration
+
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        qformer_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                            encoder_hidden_size=64, vocab_size=128),
+        text_config=dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=128, word_embed_proj_dim=64),
+        num_query_tokens=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True)
+    theirs = Blip2ForConditionalGeneration.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    model, summary = dt.quantize(Blip2ForConditionalGeneration.from_pretrained(tmp_path), backend="bitsandbytes")
+    assert sorted(summary.quantized) == sorted(
+        n for n, m in theirs.named_modules() if type(m).__name__ == "Linear4bit"
+    )
+    qformer = [n for n, why in summary.kept.items() if n.startswith("qformer.") and "_keep_in_fp32" in why]
+    assert len(qformer) == 10 and len(summary.quantized) == 11
+
+
+def test_keep_in_fp32_modules_match_a_full_path_not_any_inner_module():
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from deltatune.methods._quant_skip import kept_fp32
+
+    fp32 = ["norm", "qformer", "wo"]
+    names = ["model.norm.linear", "norm.linear", "qformer.encoder.dense", "model.qformer.dense", "decoder.block.0.wo",
+             "model.layers.0.mlp.down_proj"]  # fmt: skip
+    assert [kept_fp32(n, fp32) for n in names] == [not should_convert_module(n, fp32) for n in names]
+    assert [kept_fp32(n, fp32) for n in names] == [False, True, True, False, True, False]

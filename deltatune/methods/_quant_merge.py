@@ -117,3 +117,20 @@ def dora_dtypes(base: nn.Module, four: list[tuple[str, nn.Module]], adapters: li
         if any(a in getattr(lora, "lora_magnitude_vector", {}) for a in adapters):
             out[name.removesuffix(".base_layer")] = getattr(layer.weight, "quant_state", layer.weight).dtype
     return out
+
+
+def requantized(plain: nn.Module, done: list[str], settings: dict, conv1d: set[str], dora: dict[str, torch.dtype]):
+    """The merged layers ``done`` of ``plain`` quantised again as they were (``settings``: name -> ``from_linear``'s
+    arguments); a DoRA layer (``dora``: name -> W's dtype) as peft's: W' rounded to W's dtype and quantised, its
+    bitsandbytes ``quant_state.dtype`` that dtype (peft quantises W' in it, so it dequantises to it), not float32."""
+    from .quant import Linear4bit
+
+    for n in (n for n in done if n in dora):
+        w = plain.get_submodule(n).weight
+        w.data = w.data.to(dora[n]).to(w.dtype)
+    new = [(n, Linear4bit.from_linear(plain.get_submodule(n), *settings[n + ".base_layer"])) for n in done]
+    for name, layer in new:
+        layer.conv1d = name in conv1d
+        if name in dora and layer.backend == "bitsandbytes":
+            layer.weight.quant_state.dtype = dora[name]
+    return new

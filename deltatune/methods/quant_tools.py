@@ -12,8 +12,9 @@ from torch import nn
 
 from ..config import ConfigError, check_regex
 from ..layer import DeltaLayer, DequantizedLinear, enable_checkpointing, set_submodule
-from ..targets import HEAD_NAMES, matches
-from ._quant_merge import MergeReport, _logits, dora_dtypes, reference_logits
+from ..targets import HEAD_NAMES
+from ._quant_merge import MergeReport, _logits, dora_dtypes, reference_logits, requantized
+from ._quant_skip import kept_fp32, skipped
 from .quant import (
     _DTYPES,
     BACKENDS,
@@ -104,10 +105,9 @@ def _keep_reason(
         return why[name]
     if any(name == h or name.endswith("." + h) or f".{h}." in f".{name}." for h in (*HEAD_NAMES, *_SEQ2SEQ_HEADS)):
         return "task head"
-    if matches(name, fp32):  # T5's FFN casts its activations to wo.weight.dtype, which 4-bit storage would make uint8
+    if kept_fp32(name, fp32):  # T5's FFN casts its activations to wo.weight.dtype, which 4-bit storage makes uint8
         return "the model's _keep_in_fp32_modules (transformers' 4-bit loading keeps them too)"
-    parts = name.split(".")  # the layer or a module above it (transformers skips what a named module holds)
-    if skip and any(matches(".".join(parts[:i]), skip) for i in range(len(parts), 0, -1)):
+    if skipped(name, skip):  # the layer or a module above it (transformers skips what a named module holds)
         return "skip_modules"
     d_in = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
     if d_in % BLOCK_SIZE:
@@ -139,8 +139,8 @@ def quantize(
         double_quant: also quantise the absmax constants to 8 bits (saves ~0.37 bits/parameter).
         compute_dtype: the dtype the layers compute in: float32, bfloat16 (or float16), as a dtype or its name.
         backend: "auto", "torchao" or "bitsandbytes" (see the module docstring for what "auto" picks).
-        skip_modules: more layers to keep in full precision: names matched like ``target_modules``, or a regex;
-            a name matching a module keeps every layer in it (``model.layers.0``, as transformers' skip modules).
+        skip_modules: more layers to keep in full precision: names, each a '.'-suffix of a layer or of a module
+            above it (``mlp``, ``model.layers.0``), or a regex from the name's start to a '.' (as transformers).
 
     Returns:
         The same model object, and a ``QuantSummary``.
@@ -354,11 +354,7 @@ def merge_quantized(
         plain.is_loaded_in_4bit = False
     if requantize:  # the layers a merge dequantised; those of adapters left unmerged are still the 4-bit originals
         done = [n for n in sorted(adapted) if not isinstance(plain.get_submodule(n), Linear4bit)]
-        for n, w in [(n, plain.get_submodule(n).weight) for n in done if n in dora]:  # peft's DoRA: W' in W's dtype
-            w.data = w.data.to(dora[n]).to(w.dtype)
-        new = [(n, Linear4bit.from_linear(plain.get_submodule(n), *settings[n + ".base_layer"])) for n in done]
-        for name, layer in new:  # every layer quantised before any is swapped in
-            layer.conv1d = name in conv1d
+        for name, layer in requantized(plain, done, settings, conv1d, dora):  # all quantised before any is swapped in
             set_submodule(plain, name, layer)
         int8, back = (
             _backend("bitsandbytes").nn.Int8Params,
