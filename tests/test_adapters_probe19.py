@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import deltatune as dt
@@ -197,3 +198,20 @@ def test_a_gated_adapter_starts_as_the_base_and_round_trips(tmp_path):
     loaded = dt.DeltaModel.from_pretrained(tiny_model("llama"), str(tmp_path / "g"), adapter_name="g").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda v: dt.BottleneckConfig(ln_before=v), "ln_before"),
+        (lambda v: dt.BottleneckConfig(ln_after=v), "ln_after"),
+        (lambda v: dt.BottleneckConfig(use_gating=v), "use_gating"),
+        (lambda v: dt.AdapterFusionConfig(adapter_names=["a"], value_bias=v), "value_bias"),
+        (lambda v: dt.AdapterFusionConfig(adapter_names=["a"], init_weights=v), "init_weights"),
+    ],
+)
+def test_a_string_for_a_switch_is_one_line_naming_it(make, key):
+    """ln_before="false" (a recipe's quoted word) was taken as True: a LayerNorm the user turned off. Now one line
+    naming the field, as LoRA's switches; the model is not touched (the config never exists)."""
+    with pytest.raises(dt.ConfigError, match=rf"^{key} must be a bool, got 'false'$"):
+        make("false")

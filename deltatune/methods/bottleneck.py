@@ -106,6 +106,9 @@ class BottleneckConfig(DeltaConfig):
         if self.config not in SUBLAYERS:
             raise ConfigError(f"config must be 'houlsby' or 'pfeiffer', got {self.config!r}")
         check_range("reduction_factor", self.reduction_factor, 0, None, low_open=True)
+        for key in ("ln_before", "ln_after", "use_gating"):  # a string ("false") would switch it on
+            if not isinstance(value := getattr(self, key), bool):
+                raise ConfigError(f"{key} must be a bool, got {value!r}")
         if self.scaling not in ("learned", "channel"):
             try:
                 check_range("scaling", self.scaling)

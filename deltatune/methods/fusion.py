@@ -76,6 +76,9 @@ class AdapterFusionConfig(DeltaConfig):
         if dup:
             raise ConfigError(f"adapter_names lists {dup[0]!r} more than once: {self.adapter_names!r}")
         check_range("temperature", self.temperature, 0, None, low_open=True)
+        for key in ("value_bias", "init_weights"):  # a string ("false") would switch it on
+            if not isinstance(value := getattr(self, key), bool):
+                raise ConfigError(f"{key} must be a bool, got {value!r}")
         if self.dropout_prob is not None:
             check_range("dropout_prob", self.dropout_prob, 0.0, 1.0)
 
