@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -287,9 +287,11 @@ def find_targets(
     layers_pattern: list[str] | str | None = None,
     method: str = "method",
     loading: bool = False,
+    within: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Full names of the modules to adapt; ConfigError (listing real names) when nothing matches. ``loading``: the
-    adapter's weights come from a file (a regex that also reaches fused experts then warns: see ``_refuse_experts``)."""
+    adapter's weights come from a file (a regex that also reaches fused experts then warns: see ``_refuse_experts``);
+    ``within``: the names the caller keeps (towers), whose fused experts alone all-linear's warning names."""
     targets = _all_linear(targets)
     if targets == "all-linear":
         found = [n for n in all_linear_names(model) if matches(n, ".*", layers_to_transform, layers_pattern)]
@@ -304,7 +306,7 @@ def find_targets(
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
     found = [n for n in found if not any(n.startswith(prefix) for prefix in inner)]
     found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
-    _refuse_experts(model, targets, found, method, loading)
+    _refuse_experts(model, targets, found, method, loading, within)
     if not found:
         raise ConfigError(
             f"{method}: target_modules={targets!r}"
@@ -357,7 +359,12 @@ def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _refuse_experts(
-    model: nn.Module, targets: list[str] | str, found: list[str], method: str, loading: bool = False
+    model: nn.Module,
+    targets: list[str] | str,
+    found: list[str],
+    method: str,
+    loading: bool = False,
+    within: Callable[[str], bool] | None = None,
 ) -> None:
     """ConfigError when a named target reaches nothing but a mixture of experts' fused experts (transformers 5 keeps
     them as 3-D parameters, ``gate_up_proj`` / ``down_proj`` of a ``...Experts`` module), which deltatune cannot
@@ -371,6 +378,10 @@ def _refuse_experts(
         return
     if targets == "all-linear":  # (peft adapts the routers' 2-D weights too, as target_parameters: named here)
         routers = [n for n, m in model.named_modules() if "Router" in type(m).__name__ and not _is_linear(m)]
+        if within is not None:  # (all-linear in some towers: the experts of the others are not asked for)
+            experts, routers = [e for e in experts if within(e[0])], [n for n in routers if within(n)]
+            if not experts:
+                return
         warnings.warn(
             f"{method}: target_modules='all-linear' leaves out {experts[0][0]} and the other fused experts "
             "(3-D parameters deltatune cannot adapt)"

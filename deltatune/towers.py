@@ -236,7 +236,8 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
     layers, pattern = getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
     everything = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     if everything:  # the towers' linear layers (LLaMA-Factory's lora_target all: the frozen towers left out)
-        found = find_targets(model, "all-linear", layers, pattern, method=config.method)  # (fused experts: warned)
+        within = lambda n: tower_of(model, n) in towers  # noqa: E731  (the towers' fused experts: warned)
+        found = find_targets(model, "all-linear", layers, pattern, method=config.method, within=within)
         names = [n for n in found if tower_of(model, n) in towers]
     elif config.target_modules is None:  # the blocks layers_to_transform names, picked as peft picks them
         names = [n for t in towers for n in _defaults(model, config, t) if matches(n, ".*", layers, pattern)]

@@ -339,3 +339,40 @@ def test_a_typo_on_a_mixture_of_experts_is_not_said_to_be_the_fused_experts(kind
     with pytest.raises(dt.ConfigError) as err:  # (a dense model: never)
         dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["w2"]))
     assert "experts" not in str(err.value)
+
+
+def _moe_vlm() -> nn.Module:
+    """A tiny LLaVA whose language model is a Mixtral (fused experts, routers); the vision tower CLIP's."""
+    import torch
+    from tiny_vlm import _CLIP, _LLAMA
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MixtralConfig
+
+    torch.manual_seed(0)
+    text = MixtralConfig(**_LLAMA, vocab_size=128, num_local_experts=2, num_experts_per_tok=1)
+    return LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=CLIPVisionConfig(**_CLIP), text_config=text, image_token_id=127)
+    )
+
+
+def test_all_linear_in_the_vision_tower_of_a_mixture_of_experts_vlm_warns_of_no_experts():
+    """all-linear with towers=[vision] on a LLaVA with a Mixtral language model: the vision tower has no experts, yet
+    the line said the language tower's fused experts and routers were left out. Now no such warning; [language]
+    still names them. The modules adapted are peft's all-linear ones inside the towers either way."""
+    import warnings
+
+    model = _moe_vlm()
+    every = _peft_names(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        config = T.restrict(model, dt.LoraConfig(r=2, target_modules="all-linear"), ["vision"])
+    assert [str(w.message) for w in said if "leaves out" in str(w.message)] == []
+    assert sorted(config.target_modules) == [n for n in every if n.startswith("model.vision_tower.")]
+    with pytest.warns(UserWarning) as said:
+        config = T.restrict(model, dt.LoraConfig(r=2, target_modules="all-linear"), ["language"])
+    assert [str(w.message) for w in said if "leaves out" in str(w.message)] == [
+        "lora: target_modules='all-linear' leaves out model.language_model.layers.0.mlp.experts.gate_up_proj and the "
+        "other fused experts (3-D parameters deltatune cannot adapt) and the routers "
+        "(model.language_model.layers.0.mlp.gate, ...: not linear layers); it adapts the linear layers"
+    ]
+    theirs = [n for n in every if n.startswith("model.language_model.") and not n.endswith(("mlp.gate", "experts"))]
+    assert sorted(config.target_modules) == theirs
