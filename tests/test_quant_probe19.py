@@ -143,7 +143,7 @@ def test_a_trained_run_whose_skip_modules_names_a_module_gets_a_note(capsys):
 
 # -- existing bug: _keep_in_fp32_modules naming a module (Blip-2's "qformer") was matched on layer names only:
 # transformers' 4-bit loading keeps its 10 linear layers, deltatune quantised them (21 4-bit layers, not 11) -----------
-def test_keep_in_fp32_modules_naming_a_module_keeps_its_layers_as_transformers_blip2(tmp_path):
+def test_keep_in_fp32_modules_naming_a_module_keeps_its_layers_as_transformers_blip2(tmp_path, capsys):
     from transformers import BitsAndBytesConfig, Blip2Config, Blip2ForConditionalGeneration
 
     cfg = Blip2Config(
@@ -165,6 +165,11 @@ def test_keep_in_fp32_modules_naming_a_module_keeps_its_layers_as_transformers_b
     )
     qformer = [n for n, why in summary.kept.items() if n.startswith("qformer.") and "_keep_in_fp32" in why]
     assert len(qformer) == 10 and len(summary.quantized) == 11
+    from deltatune.train.run_load import _quantize  # a run trained before: its qformer was 4-bit then
+
+    _quantize(Blip2ForConditionalGeneration.from_pretrained(tmp_path), {"backend": "bitsandbytes"}, trained=True)
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "names a module" in x]
+    assert "_keep_in_fp32_modules 'qformer'" in line and "its 10 layers" in line
 
 
 def test_keep_in_fp32_modules_match_a_full_path_not_any_inner_module():

@@ -34,21 +34,20 @@ def kept_fp32(name: str, fp32: list[str]) -> bool:
     return matches(name, fp32) or any(name.startswith(f"{k}.") for k in fp32)
 
 
-def skip_changes(model: nn.Module, skip: list[str] | str | None) -> list[tuple[str, int]]:
-    """The ``skip_modules`` entries (a regex: itself) that keep linear layers of ``model`` which the rule before
-    2026-12-07 (the entry matched against the layer's own name only) quantised, with how many."""
-    if not skip or not isinstance(skip, (str, list, tuple)):
-        return []  # a bad value: quantize names it
-    try:
-        re.compile(skip) if isinstance(skip, str) else None
-    except re.error:
-        return []
+def skip_changes(model: nn.Module, skip: list[str] | str | None) -> list[tuple[str, str, int]]:
+    """The entries that keep linear layers of ``model`` which the rules before 2026-12-07 (an entry matched against
+    the layer's own name only) quantised, with how many: ("skip_modules", entry (a regex: itself), n) and
+    ("the model's _keep_in_fp32_modules", entry, n) (Blip-2's ``qformer``)."""
     names = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
-    entries = [skip] if isinstance(skip, str) else list(skip)
-    out = []
+    fp32 = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
+            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]  # fmt: skip
+    out = [("the model's _keep_in_fp32_modules", k, sum(kept_fp32(n, [k]) and not matches(n, [k]) for n in names))
+           for k in fp32]  # fmt: skip
+    try:  # a bad value: quantize names it
+        entries = [] if not skip else [re.compile(skip).pattern] if isinstance(skip, str) else list(skip)
+    except (re.error, TypeError):
+        entries = []
     for entry in entries:
         rule = entry if isinstance(skip, str) else [entry]
-        n = sum(skipped(name, rule) and not matches(name, rule) for name in names)
-        if n:
-            out.append((entry, n))
-    return out
+        out.append(("skip_modules", entry, sum(skipped(n, rule) and not matches(n, rule) for n in names)))
+    return [(what, entry, n) for what, entry, n in out if n]

@@ -31,16 +31,16 @@ def _quantize(model: torch.nn.Module, quantization: dict | None, *, trained: boo
     """The base quantised as the recipe's ``model.quantization`` says (QLoRA), or as it is. ``trained``: the base of
     a run that trained already (reloaded, resumed): one with no linear layer to quantise stays in full precision, as
     it trained before quantize refused such a model (5861694); a new run is refused. A trained run's skip_modules
-    entry naming a module (kept nothing before 2026-12-07, keeps the layers in it since; the run records no date)
-    gets a one-line note."""
+    or _keep_in_fp32_modules entry naming a module (kept nothing before 2026-12-07, keeps the layers in it since;
+    the run records no date) gets a one-line note."""
     if not quantization:
         return model
     from .. import quantize
     from ..methods._quant_skip import skip_changes
     from ..methods.quant_tools import NothingToQuantize
 
-    for entry, n in skip_changes(model, quantization.get("skip_modules")) if trained else []:
-        print(f"deltatune: note: skip_modules {entry!r} names a module: since 2026-12-07 its {n} layers stay in full "
+    for what, entry, n in skip_changes(model, quantization.get("skip_modules")) if trained else []:
+        print(f"deltatune: note: {what} {entry!r} names a module: since 2026-12-07 its {n} layers stay in full "
               "precision; this run, if trained before, may have trained them in 4 bits", file=sys.stderr)  # fmt: skip
     try:
         result = quantize(model, **quantization)
