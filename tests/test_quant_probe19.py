@@ -68,6 +68,12 @@ def test_requantized_dora_merge_on_a_4bit_base_equals_peft_byte_for_byte(tmp_pat
     with torch.no_grad():
         assert torch.equal(merged.train()(**inputs).logits, reference.train()(**inputs).logits)
     assert report.requantized and len(report.quantized) == 14
+    from safetensors.torch import load_file  # saved alike: the quant_state records the dtype (float32 before)
+
+    merged.save_pretrained(tmp_path / "ours")
+    reference.save_pretrained(tmp_path / "peft")
+    a, b = (load_file(tmp_path / f / "model.safetensors") for f in ("ours", "peft"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _llama11(**kw):
