@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from torch import nn
@@ -280,6 +282,20 @@ def _all_linear(targets: Any) -> Any:
     return "all-linear" if isinstance(targets, str) and targets.lower() == "all-linear" else targets
 
 
+_FROM_FILE: ContextVar[bool] = ContextVar("deltatune_targets_from_file", default=False)
+
+
+@contextmanager
+def from_file() -> Iterator[None]:
+    """Adapters built inside take their weights from a file (a run's checkpoint resumed, its start for eval
+    --compare): ``find_targets`` reads them as loading (see ``_refuse_experts``)."""
+    token = _FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _FROM_FILE.reset(token)
+
+
 def find_targets(
     model: nn.Module,
     targets: list[str] | str,
@@ -293,6 +309,7 @@ def find_targets(
     adapter's weights come from a file (a regex that also reaches fused experts then warns: see ``_refuse_experts``);
     ``within``: the names the caller keeps (towers), whose fused experts alone all-linear's warning names."""
     targets = _all_linear(targets)
+    loading = loading or _FROM_FILE.get()
     if targets == "all-linear":
         found = [n for n in all_linear_names(model) if matches(n, ".*", layers_to_transform, layers_pattern)]
     else:

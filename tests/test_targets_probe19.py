@@ -376,3 +376,39 @@ def test_all_linear_in_the_vision_tower_of_a_mixture_of_experts_vlm_warns_of_no_
     ]
     theirs = [n for n in every if n.startswith("model.language_model.") and not n.endswith(("mlp.gate", "experts"))]
     assert sorted(config.target_modules) == theirs
+
+
+def test_a_run_begun_with_a_regex_reaching_fused_experts_resumes_as_it_trained(tmp_path):
+    """A run on Qwen3-MoE begun before 4d15b84 with target_modules r".*\\.(q_proj|down_proj)" trained q_proj alone;
+    its resume (and eval --compare's start) built the adapter anew and was refused since. start_model with the
+    checkpoint now builds it as it trained (q_proj, the checkpoint's tensors), saying the experts stay out; a new run
+    is still refused."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_targets_probe import _moe as moe
+    from tiny import tokenizer
+
+    from deltatune.train.config import build
+    from deltatune.train.run import start_model
+
+    tok = tokenizer()
+    base = moe("qwen3_moe", pad_token_id=tok.pad_token_id)
+    base.resize_token_embeddings(len(tok))  # (on the tokenizer's vocabulary)
+    base.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    regex = r".*\.(q_proj|down_proj)"
+    old = dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=["q_proj"]))  # the checkpoint's adapter
+    old.save_pretrained(tmp_path / "checkpoint-2")
+    path = tmp_path / "checkpoint-2" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": regex}))  # as the run saved it
+    cfg = build({"stage": "sft", "model": {"name_or_path": str(tmp_path / "moe"), "dtype": "float32"},
+                 "method": {"name": "lora", "r": 2, "target_modules": regex},
+                 "data": {"train": str(tmp_path / "rows.jsonl")}})  # fmt: skip
+    with pytest.raises(dt.ConfigError, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, a 3-D parameter"):
+        start_model(cfg, tok)
+    with pytest.warns(UserWarning, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, .*loads without the"):
+        delta, _ = start_model(cfg, tok, None, str(tmp_path / "checkpoint-2"))
+    assert _names(delta) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    held = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
+    assert sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in held}) == _names(delta)

@@ -194,8 +194,10 @@ def start_model(
 ) -> tuple[DeltaModel, list[str]]:
     """The model as a run starts training it: the base (and any new head) with the method's initial delta, both
     drawn from the random generator as it stands (``train`` seeds it first). Returns it and the report notes.
-    ``checkpoint``: the folder a resume loads (or eval's run folder), whose saved towers targets are kept."""
+    ``checkpoint``: the folder a resume loads (or eval's run folder): its saved towers targets are kept, and its
+    targets read as a file's (a regex that reached fused experts before 4d15b84 builds, warning, as it trained)."""
     from .. import towers  # method.towers: targets resolved inside the named towers of a multimodal model
+    from ..targets import from_file
 
     model = build_model(cfg, tok, labels)
     asked = cfg.method_config(TASK_OF_STAGE[cfg.stage])
@@ -203,7 +205,8 @@ def start_model(
     if checkpoint and config is not asked:  # (a run begun before 1bc40a6: every block of its towers, as it trained)
         config = towers.as_trained(config, checkpoint)
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
-    delta = get_delta_model(model, config, fused_loss=True)
+    with from_file() if checkpoint else contextlib.nullcontext():  # (its weights: the checkpoint's, as trained)
+        delta = get_delta_model(model, config, fused_loss=True)
     if not cfg.train.fsdp:  # adapters in fp32 on a half-precision base (FSDP flattens a layer in one dtype)
         upcast_adapters(delta)
     if config is asked:
