@@ -302,7 +302,7 @@ def convert_to_plain_lora(
 
     Raises:
         ConfigError: rsLoRA with rank_pattern or alpha_pattern (peft refuses it), or a DoRA adapter.
-        FileNotFoundError: ``initial`` holds no adapter_model.safetensors.
+        FileNotFoundError: ``initial`` holds neither adapter_model.safetensors nor adapter_model.bin.
     """
     config = model.peft_config[adapter_name]
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
