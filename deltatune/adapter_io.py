@@ -23,7 +23,6 @@ from .files import (
     KEY_PREFIX,
     AdapterLoadError,
     _head_echo,
-    adapter_folder,
     atomic_write,
     base_key,
     check_adapter_name,
@@ -37,9 +36,10 @@ from .files import (
     resolve,
     split_heads,
     stage_training_state,
+    tied_output_rows,
     upcast_adapter,
 )
-from .files_save import save_adapters
+from .files_save import check_folders, save_adapters
 from .layer import base_parameters, unwrapped_name
 from .targets import HEADS_BY_TASK, IA3_TARGETS, LORA_TARGETS, _all_linear, all_linear_names, matches, model_type
 
@@ -133,7 +133,7 @@ def save_pretrained(model: DeltaModel, save_directory: str | os.PathLike[str], s
                         "by name, or use peft's order (save_directory, safe_serialization, selected_adapters, "
                         "save_embedding_layers, is_main_process)")  # fmt: skip
     names = model._check_names(list(model.peft_config) if selected_adapters is None else selected_adapters)
-    adapter_folder(save_directory, "default")  # (a file there refused; both on every process, as peft checks them)
+    check_folders(save_directory, names)  # (a file there refused; all on every process, as peft checks them)
     if not is_main_process:
         return
     card = _model_card(model, save_directory)  # an unreadable README.md refused before any file is written, as peft
@@ -421,6 +421,7 @@ def _in_model_names(
         if key.endswith(".trainable_tokens_delta"):
             out.append(key.removeprefix(prefix) if strip else KEY_PREFIX + key.removeprefix(prefix))
             out[-1] += f".{adapter_name}"
+            out += tied_output_rows(model.base_model, out[-1])  # (LoRA's on a tied model: peft's lm_head row too)
         elif name is None:
             out.append(key.removeprefix(prefix) if strip else key)
         elif name.startswith("base_model."):

@@ -283,6 +283,28 @@ def pick_tensors(
     return out
 
 
+def tied_output_rows(base: torch.nn.Module, name: str) -> list[str]:
+    """peft's name for the output layer's token rows beside LoRA's input-embedding ones (``name``,
+    ``<path>.token_adapter.trainable_tokens_delta.<adapter>``) on a model whose output layer is tied to the input
+    embedding: peft's LoRA with ``trainable_token_indices`` wraps the tied output layer too, its rows one tensor with
+    the input embedding's (``lm_head.token_adapter.trainable_tokens_delta.<adapter>``); [] otherwise."""
+    head, sep, tail = name.rpartition(".token_adapter.")
+    if not sep or not getattr(getattr(base, "config", None), "tie_word_embeddings", False):
+        return []
+    try:
+        emb, out = base.get_input_embeddings(), base.get_output_embeddings()
+    except (NotImplementedError, AttributeError):
+        return []
+    weights = [getattr(getattr(m, "base_layer", m), "weight", None) for m in (emb, out)]  # (not a wrapper's sum)
+    if any(w is None for w in weights) or weights[0].data_ptr() != weights[1].data_ptr():
+        return []
+    paths = {id(m): p for p, m in base.named_modules()}
+    emb_path, out_path = paths.get(id(emb)), paths.get(id(out))
+    if not emb_path or not out_path or not (head == emb_path or head.endswith("." + emb_path)):
+        return []
+    return [head[: len(head) - len(emb_path)] + out_path + sep + tail]
+
+
 def dora_weight_name(path: str, name: str) -> str:
     """peft's name of a parameter of adapter ``name`` that deltatune's model names ``path``: DoRA's magnitude is a
     module's ``.weight`` there (``lora_magnitude_vector.<name>.weight``); any other name as it is."""

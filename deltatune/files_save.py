@@ -3,15 +3,19 @@ moved in once all are (``publish``)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from .files import (
     SAVING,
     TRAINING_STATE,
@@ -49,11 +53,9 @@ def save_adapters(
     ``safe_serialization`` False: peft's ``torch.save`` file, ``adapter_model.bin``, written and moved in as the
     safetensors one is (an earlier save's ``adapter_model.safetensors``, which loaders prefer, then removed). An
     adapter with no task type gets peft's ``auto_mapping`` (the base model's class and module), which peft's
-    ``AutoPeftModel`` builds the base model from."""
-    folders = {name: adapter_folder(save_directory, name) for name in names}  # every name checked before writing
-    refuse_files(folders)  # (save_dir/other a file: refused before any write)
+    ``AutoPeftModel`` builds the base model from (a converted one too, as peft's)."""
+    folders = check_folders(save_directory, names)  # every name and folder checked before writing
     if not names:
-        adapter_folder(save_directory, "default")  # a file there is refused, as peft refuses it
         os.makedirs(save_directory, exist_ok=True)
     path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
     base_class = type(model.base_model)  # (peft's auto_mapping: the class AutoPeftModel builds for no task type)
@@ -80,6 +82,12 @@ def save_adapters(
         if initial is None:
             return write_adapter(staged, *writes[name])
         convert(initial, staged, name)
+        config_file = os.path.join(staged, CONFIG_NAME)
+        with open(config_file, encoding="utf-8") as fh:
+            fields = json.load(fh)
+        if fields.get("task_type") is None:  # peft's auto_mapping, as write_adapter writes it (fields sorted)
+            text = json.dumps(dict(sorted((fields | {"auto_mapping": auto}).items())), indent=2)
+            atomic_write(config_file, lambda f: Path(f).write_text(text, encoding="utf-8"))
         if not safe_serialization:  # the converted adapter as peft's torch.save file
             from safetensors.torch import load_file
 
@@ -88,6 +96,20 @@ def save_adapters(
             os.remove(os.path.join(staged, WEIGHTS_NAME))
 
     publish(os.fspath(save_directory), folders, write)
+
+
+def check_folders(save_directory: str | os.PathLike[str], names: list[str]) -> dict[str, str]:
+    """Each adapter of ``names`` -> its folder (``adapter_folder``), refused as peft refuses it (``save_directory``, or
+    an adapter's sub-folder, a file); nothing written. Called on every process, the main one or not
+    (``is_main_process``), as peft's checks and ``os.makedirs`` raise on every rank: a DDP job stops on every rank.
+
+    Raises:
+        ValueError: naming the adapter and the file.
+    """
+    adapter_folder(save_directory, "default")  # (a file there refused, with no adapter too)
+    folders = {name: adapter_folder(save_directory, name) for name in names}
+    refuse_files(folders)
+    return folders
 
 
 def refuse_files(folders: dict[str, str]) -> None:
@@ -106,12 +128,12 @@ def refuse_read_only(folders: list[str]) -> None:
     read-only save folder, or an adapter's sub-folder of an earlier save), before anything is staged or moved in.
 
     Raises:
-        OSError: errno EACCES, naming the folder.
+        PermissionError: errno EACCES, ``filename`` the folder.
     """
     for folder in folders:
         if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
-            error = OSError(f"could not write into {folder}: Permission denied (a read-only folder)")
-            error.errno = errno.EACCES
+            error = PermissionError(f"could not write into {folder}: Permission denied (a read-only folder)")
+            error.errno, error.strerror, error.filename = errno.EACCES, "Permission denied", folder
             raise error
 
 
@@ -120,8 +142,10 @@ def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, 
     ``save_directory``, then make every destination folder and move the files in.
 
     A refusal (a folder that is a file, or read-only: ``refuse_read_only``) or a failed write (a full disk, named by
-    its destination file, errno kept) leaves every adapter's files as they were; a crash between the renames (a power cut, SIGKILL) can leave some adapters new and some
-    old. The hidden folder a killed save left is removed by the next save into the folder (``remove_stale_saves``).
+    its destination file, errno kept) leaves every adapter's files as they were, and so does a move refused after
+    others went in (a sticky folder whose files another user owns: ``move_in`` puts back what it moved); a crash
+    between the renames (a power cut, SIGKILL) can leave some adapters new and some old. The hidden folder a killed
+    save left is removed by the next save into the folder (``remove_stale_saves``).
     """
     os.makedirs(save_directory, exist_ok=True)
     refuse_read_only([save_directory, *folders.values()])
@@ -141,14 +165,49 @@ def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, 
                 error.errno = failure.errno
                 raise error from None
         refuse_files(folders)  # (again: made a file while writing)
+        move_in(tmp, folders)
+
+
+def move_in(tmp: str, folders: dict[str, str]) -> None:
+    """Move each adapter's staged files (``tmp/<name>/``) into its folder, and out an earlier save's files the new
+    ones replace (its training state; its safetensors beside a new .bin, which loaders read before it), all or none:
+    each file replaced is kept aside in ``tmp`` (a hard link, or a copy where linking is refused) until every move
+    succeeded, so a move that fails (EPERM in a sticky folder whose file another user owns, which ``os.access`` does
+    not tell) puts back every file already moved, removes the folders it made, and is raised as one line naming
+    the destination file (errno kept).
+    """
+    aside = os.path.join(tmp, ".before")  # (no adapter is named so: names hold no '.')
+    os.makedirs(aside)
+    done: list[tuple[str, str | None]] = []  # (destination, its earlier file kept aside, or None: there was none)
+    made = [folder for folder in folders.values() if not os.path.isdir(folder)]
+    dest = ""
+    try:
         for folder in folders.values():  # every folder made before the first file moves in
             os.makedirs(folder, exist_ok=True)
         for name, folder in folders.items():
             staged = os.listdir(os.path.join(tmp, name))
-            for file in staged:
-                os.replace(os.path.join(tmp, name, file), os.path.join(folder, file))
-            # an earlier save's files: its training state, and its safetensors beside a new .bin (read before it)
             stale = [TRAINING_STATE] + ([WEIGHTS_NAME] if PICKLE_WEIGHTS_NAME in staged else [])
-            for file in stale:
-                if file not in staged and os.path.exists(os.path.join(folder, file)):
-                    os.remove(os.path.join(folder, file))
+            for file in staged + [f for f in stale if f not in staged]:
+                dest, kept = os.path.join(folder, file), os.path.join(aside, f"{len(done)}")
+                if file not in staged:  # an earlier save's file the new one leaves out: moved aside
+                    if os.path.exists(dest):
+                        os.replace(dest, kept)
+                        done.append((dest, kept))
+                    continue
+                if os.path.lexists(dest):
+                    try:
+                        os.link(dest, kept, follow_symlinks=False)
+                    except OSError:
+                        shutil.copy2(dest, kept, follow_symlinks=False)
+                os.replace(os.path.join(tmp, name, file), dest)
+                done.append((dest, kept if os.path.lexists(kept) else None))
+    except BaseException as exc:
+        for path, kept in reversed(done):  # (best effort: a file that cannot be put back is left as it is)
+            with contextlib.suppress(OSError):
+                os.replace(kept, path) if kept is not None else os.remove(path)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if isinstance(exc, OSError) and exc.errno is not None and dest:
+            raise OSError(exc.errno, exc.strerror or str(exc), dest) from None  # (PermissionError for EPERM)
+        raise

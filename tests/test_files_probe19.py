@@ -184,21 +184,27 @@ def test_untie_diverged_leaves_a_still_tied_model_as_it_is():
 
 
 def test_merge_and_unload_unties_diverged_embeddings_as_peft(tmp_path):
+    """DeltaModel.merge_and_unload (not untie_diverged alone) on the tied model with its head trained in full: the
+    config says untied, as peft's, and the merged model's logits are peft's merged model's."""
     reference, ours = _tied_head_trained_in_full(tmp_path)
-    assert (
-        ours.merge_and_unload().config.tie_word_embeddings is reference.merge_and_unload().config.tie_word_embeddings
-    )
+    x = tiny_inputs("llama")
+    with pytest.warns(UserWarning, match="no longer tied"):
+        merged = ours.merge_and_unload()
+    theirs = reference.merge_and_unload()
+    assert merged.config.tie_word_embeddings is theirs.config.tie_word_embeddings is False
+    assert (output_of(merged, x) - output_of(theirs, x)).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize(
     "method, tie",
-    [("lora", False), ("trainable_tokens", False), ("trainable_tokens", True)],
-    ids=["lora-token-indices", "trainable-tokens", "trainable-tokens-tied"],
+    [("lora", False), ("lora", True), ("trainable_tokens", False), ("trainable_tokens", True)],
+    ids=["lora-token-indices", "lora-token-indices-tied", "trainable-tokens", "trainable-tokens-tied"],
 )
 def test_missing_token_rows_are_named_as_peft_names_them(method, tie):
     """set_peft_model_state_dict without the token rows: ``missing_keys`` names them by peft's names in the model.
     LoRA's rows sit in peft's ``token_adapter`` (deltatune said ``embed_tokens.trainable_tokens_delta.default``), and
-    a tied output layer's rows are its own (deltatune named the input embedding's twice)."""
+    a tied output layer's rows are its own (deltatune named the input embedding's twice; with LoRA's
+    trainable_token_indices it left out peft's ``lm_head.token_adapter`` row, which peft's model holds too)."""
     if method == "lora":
         ours, theirs = (
             dt.LoraConfig(r=2, trainable_token_indices=[3, 5]),
@@ -257,7 +263,8 @@ def test_a_save_into_a_read_only_folder_is_one_line_naming_it_and_changes_nothin
         model.save_pretrained(tmp_path)
     message = str(caught.value)
     assert str(folder) in message and ".saving-" not in message and "\n" not in message
-    assert caught.value.errno == errno.EACCES
+    assert isinstance(caught.value, PermissionError) and caught.value.errno == errno.EACCES  # (except PermissionError)
+    assert caught.value.filename == str(folder)
     monkeypatch.undo()
     assert _files(tmp_path) == before
 
@@ -276,7 +283,7 @@ def test_a_weight_conversion_reads_an_initial_adapter_saved_as_bin_as_peft(tmp_p
     assert (output_of(loaded, x) - output_of(model, x)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("bad", ["unknown adapter", "folder is a file"])
+@pytest.mark.parametrize("bad", ["unknown adapter", "folder is a file", "sub-folder is a file"])
 def test_a_process_other_than_the_main_one_refuses_bad_arguments_as_peft(tmp_path, bad):
     """save_pretrained(is_main_process=False) writes nothing, but peft checks selected_adapters and the folder on every
     process first, so every rank of a DDP job stops on the mistake; deltatune's other ranks returned silently while
@@ -284,12 +291,69 @@ def test_a_process_other_than_the_main_one_refuses_bad_arguments_as_peft(tmp_pat
     folder, selected = tmp_path / "out", None
     if bad == "unknown adapter":
         selected = ["nope"]
-    else:
+    elif bad == "folder is a file":
         folder.write_text("not a folder")
+    else:  # an adapter's sub-folder is a file: peft's os.makedirs(out/other) raises on every process
+        folder.mkdir()
+        (folder / "other").write_text("not a folder")
     reference = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2))
+    reference.add_adapter("other", peft.LoraConfig(r=2))
     model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2))
-    with pytest.raises(ValueError):
+    model.add_adapter("other", dt.LoraConfig(r=2))
+    before = _files(tmp_path)
+    with pytest.raises((ValueError, FileExistsError)):
         reference.save_pretrained(folder, selected_adapters=selected, is_main_process=False)
     with pytest.raises(ValueError, match="nope" if selected else "is a file"):
         model.save_pretrained(folder, selected_adapters=selected, is_main_process=False)
-    assert os.listdir(tmp_path) == ([] if selected else ["out"]) and not folder.is_dir()  # (nothing written)
+    assert _files(tmp_path) == before and (not selected or not folder.exists())  # (nothing written)
+
+
+def test_a_weight_conversion_with_no_task_type_loads_in_peft_s_auto_peft_model(tmp_path):
+    """path_initial_model_for_weight_conversion on an OLoRA adapter with no task type: peft writes auto_mapping into
+    the converted folder's config too; deltatune's conversion wrote none, so AutoPeftModel refused the folder
+    ("Cannot infer the auto class from the config")."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    x = tiny_inputs("llama")
+    model = dt.get_delta_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), dt.LoraConfig(r=4, init_lora_weights="olora")
+    )
+    model.save_pretrained(tmp_path / "init")
+    _bump(model)
+    model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    mapping = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["auto_mapping"]
+    assert mapping == {"base_model_class": "LlamaForCausalLM", "parent_library": type(model.base_model).__module__}
+    loaded = peft.AutoPeftModel.from_pretrained(tmp_path / "out")
+    assert (output_of(loaded, x) - output_of(model, x)).abs().max() < 1e-5
+
+
+def test_a_move_that_fails_puts_back_the_files_already_moved_in(tmp_path, monkeypatch):
+    """A move refused after others went in (a sticky folder whose file another user owns: os.access says writable,
+    os.replace fails with EPERM): every adapter's files as they were, the default adapter's new files taken out
+    again and its old ones put back, and the error one line naming the file. Before, the default adapter's new files
+    stayed in beside the other adapter's old ones."""
+    model = _two_adapters()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "other" / "training_state.pt").write_bytes(b"old")  # (an old file a save removes, put back too)
+    before = _files(tmp_path)
+    _bump(model)
+    replace, calls = os.replace, []
+
+    def sticky(src, dst, *args, **kwargs):
+        if os.path.dirname(os.fspath(dst)) == str(tmp_path / "other") and ".saving-" in os.fspath(src):
+            calls.append(dst)
+            if len(calls) == 2:  # the second adapter's second file
+                raise PermissionError(errno.EPERM, "Operation not permitted", src, None, dst)
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", sticky)
+    with pytest.raises(PermissionError) as caught:
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert caught.value.errno == errno.EPERM and str(tmp_path / "other") in str(caught.value)
+    assert ".saving-" not in str(caught.value) and "\n" not in str(caught.value)
+    assert _files(tmp_path) == before
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+    model.save_pretrained(tmp_path)  # (and a save after it goes through)
+    assert _files(tmp_path) != before
