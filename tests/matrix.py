@@ -300,11 +300,12 @@ def _load_fusion(base: nn.Module, folder: str) -> dt.DeltaModel:
 
 
 def fusion_trainable(base: nn.Module, config: dt.DeltaConfig, family: str) -> int:
-    """3 (d^2 + d) per fused sub-layer (W_q, W_k, W_v and biases) at the two Houlsby sites of every block."""
+    """3 d^2 + 2 d per fused sub-layer (W_q, W_k, W_v; b_q, b_k: W_v has no bias, as the adapters library's
+    BertFusion) at the two Houlsby sites of every block."""
     c = base.config
     d = c.hidden_size
     sites = 2 * c.num_hidden_layers * (2 if c.is_encoder_decoder else 1)
-    return sites * 3 * (d * d + d) + _head_params(base, config)
+    return sites * (3 * d * d + 2 * d) + _head_params(base, config)
 
 
 # -- trainable tokens (peft's TRAINABLE_TOKENS): three ids the family's test inputs hold; changed: drawn from N(0, 1) --

@@ -38,7 +38,7 @@ def test_step_changes_only_fusion_params(family):
     assert trainable and all(".adapter_fusion.fused." in n for n in trainable)
     n_sites = len([m for m in model.modules() if isinstance(m, BottleneckLayer)])
     d = 32
-    assert model.get_nb_trainable_parameters()[0] == n_sites * 3 * (d * d + d)  # query, key, value with biases
+    assert model.get_nb_trainable_parameters()[0] == n_sites * (3 * d * d + 2 * d)  # query, key with biases; value
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
