@@ -65,7 +65,13 @@ class _TwoRanks:
         import torch
 
         self.record.append(x.detach().clone())
-        return x if self.other is None else torch.cat([x, self.other.pop(0)])
+        if self.other is None:
+            return x
+        assert self.other, "rank 0 gathers more often than rank 1: DDP would hang"
+        theirs = self.other.pop(0)
+        # (accelerate's gather concatenates along the first dimension: the rest must agree, as the dtype)
+        assert theirs.shape[1:] == x.shape[1:] and theirs.dtype == x.dtype, (theirs.shape, x.shape)
+        return torch.cat([x, theirs])
 
     def __getattr__(self, name):
         return getattr(self.real, name)
@@ -86,11 +92,34 @@ def _two_rank_stats(trainer, model, collator, rank0: list, rank1: list) -> tuple
         trainer._stats.clear()
         trainer.accelerator = _TwoRanks(real, trainer.accelerator.record)
         trainer.compute_loss(model, collator(rank0))
+        assert trainer.accelerator.other == [], "rank 1 gathers more often than rank 0: DDP would hang"
         two = {k: v[-1] for k, v in trainer._stats.items()}
         trainer._stats.clear()
         trainer.accelerator = real
         trainer.compute_loss(model, collator(rank0 + rank1))
     return two, {k: v[-1] for k, v in trainer._stats.items()}
+
+
+def _kto_trainer(tmp_path):
+    """(a KTO trainer on the tiny llama and four rows, two desirable, its Prepared, its model)."""
+    from test_dpo_probe12 import _args, _lora
+    from test_pref_probe14 import KTO_ROWS
+    from tiny import save_tiny
+
+    from deltatune.train.models import load_tokenizer
+    from deltatune.train.table import prepare
+
+    base = save_tiny(tmp_path / "llama")
+    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}],
+             "label": good} for p, c, good in KTO_ROWS]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build({"stage": "kto", "model": {"name_or_path": base}, "train": {"report_to": ["none"], "batch_size": 2},
+                 "data": {"train": str(path)}, "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
+    ours = prepare(cfg, load_tokenizer(base))
+    model = _lora(base)
+    trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"), data_collator=ours.collator)
+    return trainer, ours, model
 
 
 def test_dpo_training_statistics_are_every_process_s(tmp_path):
@@ -117,23 +146,7 @@ def test_kto_training_statistics_are_every_process_s(tmp_path):
     sums each label's rewards and log-probs, and the logits and entropy over the tokens, over every process, so rank
     0 logs rewards/rejected, logps/rejected, logits/rejected and rewards/margins from rank 1's rows, as one process
     holding all four; HEAD's rank 0 logged none of them and its own chosen means."""
-    from test_dpo_probe12 import _args, _lora
-    from test_pref_probe14 import KTO_ROWS
-    from tiny import save_tiny
-
-    from deltatune.train.models import load_tokenizer
-    from deltatune.train.table import prepare
-
-    base = save_tiny(tmp_path / "llama")
-    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}],
-             "label": good} for p, c, good in KTO_ROWS]  # fmt: skip
-    path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = build({"stage": "kto", "model": {"name_or_path": base}, "train": {"report_to": ["none"], "batch_size": 2},
-                 "data": {"train": str(path)}, "output": {"dir": str(tmp_path / "run")}})  # fmt: skip
-    ours = prepare(cfg, load_tokenizer(base))
-    model = _lora(base)
-    trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"), data_collator=ours.collator)
+    trainer, ours, model = _kto_trainer(tmp_path)
     good = [e for e in ours.train if e["desirable"]]
     bad = [e for e in ours.train if not e["desirable"]]
     two, one = _two_rank_stats(trainer, model, ours.collator, good, bad)
@@ -141,3 +154,62 @@ def test_kto_training_statistics_are_every_process_s(tmp_path):
     assert len(keys) == 8 and set(keys) <= set(two), (keys, sorted(two))
     for key in keys:
         assert two[key] == pytest.approx(one[key], abs=1e-5, rel=1e-5), key
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_orpo_and_simpo_training_statistics_are_every_process_s(stage, tmp_path):
+    """Two processes, one pair each: TRL's ORPOTrainer and CPOTrainer gather the log-probs, logits, NLL and (ORPO)
+    log odds before the logged means, as they do the rewards, so rank 0 logs what one process holding both pairs
+    logs; HEAD gathered the rewards/* only (log_rewards), so one row mixed the pooled rewards/chosen with rank 0's
+    logps/chosen (rewards/chosen != beta * logps/chosen under DDP)."""
+    from test_dpo_probe12 import _args, _lora
+    from test_pref_probe14 import _prepared
+    from tiny import save_tiny
+
+    base = save_tiny(tmp_path / "llama")
+    _, ours = _prepared(base, tmp_path, stage, 64, {})
+    model = _lora(base)
+    trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"), data_collator=ours.collator)
+    two, one = _two_rank_stats(trainer, model, ours.collator, ours.train[:1], ours.train[1:2])
+    keys = ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "logits/chosen",
+            "logits/rejected", "nll_loss"] + (["nll", "log_odds_ratio", "log_odds_chosen"] if stage == "orpo" else [])  # fmt: skip
+    assert set(keys) <= set(two), sorted(two)
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], abs=1e-5, rel=1e-5), key
+    beta = trainer.align.beta  # (the row is consistent: the implicit reward is beta times the mean token log-prob)
+    assert two["rewards/chosen"] == pytest.approx(beta * two["logps/chosen"], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_moe_aux_loss_is_every_process_s_mean(stage, tmp_path, monkeypatch):
+    """A Mixture-of-Experts base's load-balancing loss: TRL logs gather_for_metrics(aux_loss).mean(), the processes'
+    mean; rank 1's aux loss 1.0 and rank 0's 3.0 (a stand-in model_token_logprobs) give 2.0 on rank 0 (HEAD: 3.0,
+    rank 0's own), and a single process logs its own 5.0."""
+    import torch
+    from test_dpo_probe12 import _args, _lora
+    from test_pref_probe14 import _prepared
+    from tiny import save_tiny
+
+    import deltatune.train.dpo as dpo
+    import deltatune.train.kto as kto
+
+    module = dpo if stage == "dpo" else kto
+    name = "model_token_logprobs" if stage == "dpo" else "sequence_logprobs"
+    real, values = getattr(module, name), [1.0, 3.0, 5.0]
+
+    def with_aux(model, batch, stats=None, aux=None):  # (the tiny llama has no router: its aux loss stood in)
+        if aux is not None:
+            aux.append(torch.tensor(values.pop(0)))
+        return real(model, batch, stats)
+
+    monkeypatch.setattr(module, name, with_aux)
+    if stage == "dpo":
+        base = save_tiny(tmp_path / "llama")
+        _, ours = _prepared(base, tmp_path, stage, 64, {})
+        model = _lora(base)
+        trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"), data_collator=ours.collator)
+    else:
+        trainer, ours, model = _kto_trainer(tmp_path)
+    trainer.router_coef = 0.001
+    two, one = _two_rank_stats(trainer, model, ours.collator, ours.train[:2], ours.train[2:4])
+    assert (two["aux_loss"], one["aux_loss"]) == (2.0, 5.0)

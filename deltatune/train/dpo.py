@@ -291,7 +291,9 @@ class DPOTrainer(SyncedRefCheckpoints, PairTrainer):
         loss = self.pair_mean(losses, model)
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the step's sequences, as TRL adds it
             loss = loss + self.router_coef * aux[0]
-            self.log_stat("aux_loss", aux[0].item())
+            # (every process's mean under DDP, as TRL's gather_for_metrics(aux_loss).mean())
+            total = aux[0].detach().float().reshape(1)
+            self.log_stat("aux_loss", (total if gather is None else gather(total)).mean().item())
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

@@ -234,7 +234,9 @@ class KTOTrainer(SyncedRefCheckpoints, EvalStats, DeltaTrainer):
         loss = losses.mean()
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the rows (not their mismatched pairs), as TRL
             loss = loss + self.router_coef * aux[0]
-            self.log_stat("aux_loss", aux[0].item())
+            # (every process's mean under DDP, as TRL's gather_for_metrics(aux_loss).mean())
+            total = aux[0].detach().float().reshape(1)
+            self.log_stat("aux_loss", (total if gather is None else gather(total)).mean().item())
         return (loss, torch.stack([rewards, good.float()], -1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

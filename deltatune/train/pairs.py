@@ -197,10 +197,17 @@ class PairTrainer(EvalStats, DeltaTrainer):
 
 
 def every_process(trainer) -> Callable | None:
-    """The all-gather of a tensor over the processes (concatenated in rank order) under DDP, else None: TRL's DPO and
-    KTO trainers gather each micro-batch's rewards, log-probs and token sums before their logged means, where each
-    process averaging its own logged rank 0's pairs only. A collective: every process must call it alike."""
+    """The all-gather of a tensor over the processes (concatenated in rank order) under DDP, else None. TRL's
+    preference trainers gather each micro-batch's rewards, log-probs and token sums before taking the logged means;
+    without it, the log would show only rank 0's pairs. A collective: every process must call it, in the same order.
+    """
     return trainer.accelerator.gather if trainer.accelerator.num_processes > 1 else None
+
+
+def pooled(gather: Callable, *sums: torch.Tensor) -> list[float]:
+    """The scalar ``sums`` (sums and counts) added up over every process, in one all-gather of a (1, k) tensor
+    (``every_process``): the same size on every process, whatever its batch size."""
+    return gather(torch.stack([s.detach().float() for s in sums])[None]).sum(0).tolist()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .config import AlignArgs, RunConfig
 from .logprobs import response_logprobs, token_means
-from .pairs import PairTrainer, disable_dropout
+from .pairs import PairTrainer, disable_dropout, every_process, pooled
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -135,14 +135,22 @@ class SimPOTrainer(PairTrainer):
             losses, chosen, rejected = cpo_loss(lc, lr, a.beta, self.loss_type, a.label_smoothing, a.alpha)
         nll = -pc.sum() / nc.sum().clamp(min=1)  # (CPO's cross-entropy: a mean over the micro-batch's chosen tokens)
         # TRL's CPOTrainer's names, training and evaluating (EvalStats: eval_logps/chosen, ...); its logps are the
-        # mean token log-probs (loss_type simpo)
+        # mean token log-probs (loss_type simpo); every process's pairs and tokens under DDP, as TRL gathers them
         self.log_rewards(chosen, rejected)
-        self.log_stat("logps/chosen", lc.mean().item())
-        self.log_stat("logps/rejected", lr.mean().item())
+        gather = every_process(self)
+        if gather is None:
+            means = [lc.mean().item(), lr.mean().item(), nll.item()]
+        else:
+            c, r, pairs, nll_sum, nll_count = pooled(
+                gather, lc.sum(), lr.sum(), lc.new_tensor(len(lc)), -pc.sum(), nc.sum()
+            )
+            means = [c / pairs, r / pairs, nll_sum / max(nll_count, 1)]
+        self.log_stat("logps/chosen", means[0])
+        self.log_stat("logps/rejected", means[1])
         n = len(pc)
         for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
-            self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows)["mean_logits"])
-        self.log_stat("nll_loss", nll.item())
+            self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows, gather)["mean_logits"])
+        self.log_stat("nll_loss", means[2])
         loss = self.pair_mean(losses, model)
         if a.cpo_alpha:
             loss = loss + a.cpo_alpha * nll
