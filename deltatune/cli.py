@@ -139,15 +139,15 @@ def _say(line: str) -> None:
 
 
 def _resumable(args) -> str:
-    """How an interrupted train goes on: from its newest checkpoint; stopped before its first one, not at all ("--resume
-    continues" sent the user to a refusal), its kept folder by --overwrite; finished (metrics.json), not at all."""
+    """How an interrupted train goes on: from its newest checkpoint; before its first, by --overwrite; finished, not."""
     if args.command != "train":
         return ""
-    out = getattr(args, "out_dir", None)  # set once the recipe is read
-    if out is None:  # (reading it imports torch: seconds, where "--resume continues" named a checkpoint not there)
+    if (out := getattr(args, "out_dir", None)) is None:  # (set once the recipe is read, which takes seconds)
         return " before its recipe was read; nothing written"
-    names = _listdir(out) if out else []
-    if getattr(args, "finished", False) or "metrics.json" in names:  # (--resume refuses a finished run)
+    names, finished = _listdir(out) if out else [], getattr(args, "finished", False)
+    if "metrics.json" in names and getattr(args, "overwrite", False) and not finished:  # (the old run's, still kept)
+        return f" before the new run's first step; the finished run in {out} is kept as it was"
+    if finished or "metrics.json" in names:  # (--resume refuses a finished run)
         return f" after the run finished; metrics.json and report.md are in {out}"
     if out and not any(name.startswith("checkpoint-") for name in names):
         return " before its first checkpoint; nothing to resume" + " (--overwrite starts it again)" * bool(names)

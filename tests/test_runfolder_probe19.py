@@ -139,13 +139,14 @@ def test_a_run_whose_base_moved_says_to_pass_model(whole, tmp_path):
 
 
 def test_ctrl_c_after_the_run_finished_does_not_send_to_resume(whole, tmp_path, monkeypatch):
-    """A Ctrl-C while the summary prints (train() returned, metrics.json written) said "--resume continues from its
-    newest checkpoint", where --resume refuses a finished run."""
+    """A Ctrl-C while the summary prints (train() returned) said "--resume continues from its newest checkpoint",
+    where --resume refuses a finished run. It is said finished by train() having returned (args.finished): with no
+    metrics.json in the folder yet, and under --overwrite, whose folder holds the old run's metrics.json."""
     import deltatune.cli as cli_module
     import deltatune.train as train_module
 
     run = tmp_path / "finished"
-    shutil.copytree(whole.run, run)
+    shutil.copytree(whole.run, run, ignore=shutil.ignore_patterns("metrics.json"))
     recipe = write_recipe(tmp_path / "r.yaml", whole.model, whole.data, str(run), max_steps=6, save_steps=2)
     monkeypatch.setattr(train_module, "train", lambda cfg, **kw: {"train_loss": 0.5})
 
@@ -153,14 +154,38 @@ def test_ctrl_c_after_the_run_finished_does_not_send_to_resume(whole, tmp_path, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_module, "_print_change", interrupted)
+    finished = f"deltatune train: interrupted after the run finished; metrics.json and report.md are in {run}"
     code, _, err = cli("train", recipe)
-    assert code == 130
-    assert (
-        err.strip() == f"deltatune train: interrupted after the run finished; metrics.json and report.md are in {run}"
-    )
+    assert (code, err.strip()) == (130, finished)
+    shutil.copy(whole.run / "metrics.json", run / "metrics.json")  # (what the real train() wrote)
+    code, _, err = cli("train", recipe, "--overwrite")
+    assert (code, err.strip()) == (130, finished)
     monkeypatch.undo()
     code, _, err = cli("train", recipe, "--resume")  # what the old line sent the user to
     assert code == 2 and "is finished" in one_error_line(err)
+
+
+def test_ctrl_c_in_an_overwrite_of_a_finished_run_before_its_first_step_says_the_old_run_is_kept(
+    whole, tmp_path, monkeypatch
+):
+    """train --overwrite of a finished run, interrupted while its model loads, said "after the run finished;
+    metrics.json and report.md are in ..." (the old run's, not this one's). The old run is kept as it was."""
+    import deltatune.train.run as run_module
+
+    run = tmp_path / "finished"
+    shutil.copytree(whole.run, run)
+    recipe = write_recipe(tmp_path / "r.yaml", whole.model, whole.data, str(run), max_steps=6, save_steps=2)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "start_model", interrupted)
+    code, _, err = cli("train", recipe, "--overwrite")
+    assert code == 130
+    assert err.strip().splitlines()[-1] == (
+        f"deltatune train: interrupted before the new run's first step; the finished run in {run} is kept as it was"
+    )
+    assert (run / "metrics.json").read_bytes() == (whole.run / "metrics.json").read_bytes()
 
 
 def test_a_resumed_runs_logged_summary_is_the_whole_runs_as_its_metrics(whole, tmp_path):
@@ -225,3 +250,41 @@ def test_a_moved_run_resumed_keeps_and_loads_its_best_checkpoint(whole, tmp_path
         json.loads((out / "metrics.json").read_text())["eval_loss"]
         == json.loads((best / "metrics.json").read_text())["eval_loss"]
     )
+
+
+def _best_recipe(whole, path, out, limit):
+    """A recipe evaluating every 2 steps that loads its best checkpoint at the end."""
+    import yaml
+
+    r = write_recipe(path, whole.model, whole.data, str(out), max_steps=6, save_steps=2, eval_steps=2, lr=0.05,
+                     save_total_limit=limit, load_best_model_at_end=True)  # fmt: skip
+    data = yaml.safe_load(Path(r).read_text(encoding="utf-8"))
+    data["data"]["eval"] = whole.data
+    Path(r).write_text(yaml.safe_dump(data), encoding="utf-8")
+    return r
+
+
+def test_a_run_resumed_with_its_folder_spelled_otherwise_keeps_its_best_checkpoint(whole, tmp_path, monkeypatch):
+    """Begun with a relative output.dir, resumed with the same folder spelled absolute (save_total_limit 1): the
+    callback kept the recorded 'run/checkpoint-2' (the same folder), the Trainer's rotation compares path strings
+    with output_dir's glob, deleted the best checkpoint, and load_best_model_at_end failed (exit 2, no
+    metrics.json). It keeps and loads its best, as the uninterrupted run does."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("train", _best_recipe(whole, tmp_path / "a.yaml", "run", None))
+    assert code == 0, err
+    out = tmp_path / "run"
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert (state["best_model_checkpoint"], state["best_global_step"]) == (os.path.join("run", "checkpoint-2"), 2)
+    uninterrupted = {
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "adapter": load_file(out / "adapter_model.safetensors"),
+    }
+    (out / "metrics.json").unlink()  # as a stop after step 4's checkpoint left it
+    shutil.rmtree(out / "checkpoint-6")
+    code, _, err = cli("train", _best_recipe(whole, tmp_path / "b.yaml", out, 1), "--resume")
+    assert code == 0, err
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]  # the best, kept
+    adapter = load_file(out / "adapter_model.safetensors")
+    for k, v in uninterrupted["adapter"].items():
+        torch.testing.assert_close(adapter[k], v, atol=0, rtol=0)
+    assert json.loads((out / "metrics.json").read_text())["eval_loss"] == uninterrupted["metrics"]["eval_loss"]

@@ -136,11 +136,9 @@ class BestInThisFolder(TrainerCallback):
         recorded = state.best_model_checkpoint
         step = state.best_global_step or (recorded and recorded.rstrip("/\\").rsplit("-", 1)[-1])
         mine = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}") if step else None
-        if (
-            mine
-            and os.path.isdir(mine)
-            and not (recorded and os.path.isdir(recorded) and os.path.samefile(recorded, mine))
-        ):
+        # Spelled as output_dir even where the recorded path is the same folder (relative at the start, absolute
+        # now, or through a link): the rotation keeps the best by comparing path strings with output_dir's glob.
+        if mine and os.path.isdir(mine):
             state.best_model_checkpoint = mine
 
 
