@@ -288,3 +288,28 @@ def test_a_run_resumed_with_its_folder_spelled_otherwise_keeps_its_best_checkpoi
     for k, v in uninterrupted["adapter"].items():
         torch.testing.assert_close(adapter[k], v, atol=0, rtol=0)
     assert json.loads((out / "metrics.json").read_text())["eval_loss"] == uninterrupted["metrics"]["eval_loss"]
+
+
+def test_a_copied_run_without_its_best_checkpoint_does_not_load_the_original_folders(tmp_path, capsys):
+    """A run folder copied without its best checkpoint (checkpoint-2), the original folder still there: the resumed
+    run kept the recorded path into the original folder, and load_best_model_at_end read that folder's adapter.
+    Its best is now none (a line says so); one inside the folder, however spelled, is the folder's own."""
+    from transformers.trainer_callback import TrainerState
+
+    from deltatune.train.trainer_callbacks import BestInThisFolder
+
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    for d in (orig / "checkpoint-2", orig / "checkpoint-4", copy / "checkpoint-4", copy / "checkpoint-6"):
+        d.mkdir(parents=True)
+
+    def best(out, recorded, step):
+        state = TrainerState(global_step=6, best_model_checkpoint=recorded, best_global_step=step)
+        BestInThisFolder().on_train_begin(SimpleNamespace(output_dir=str(out)), state, None)
+        return state.best_model_checkpoint
+
+    assert best(copy, str(orig / "checkpoint-2"), 2) is None
+    assert f"the best checkpoint ({orig / 'checkpoint-2'}) is not in {copy}" in capsys.readouterr().err
+    assert best(copy, str(orig / "checkpoint-4"), 4) == str(copy / "checkpoint-4")  # copied too: the copy's own
+    assert best(orig, str(orig / "checkpoint-2"), 2) == str(orig / "checkpoint-2")
+    assert best(copy, str(tmp_path / "gone" / "checkpoint-2"), 2) == str(tmp_path / "gone" / "checkpoint-2")
+    assert capsys.readouterr().err == ""  # (a path that is gone the Trainer drops itself)

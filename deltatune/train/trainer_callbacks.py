@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -140,6 +141,16 @@ class BestInThisFolder(TrainerCallback):
         # now, or through a link): the rotation keeps the best by comparing path strings with output_dir's glob.
         if mine and os.path.isdir(mine):
             state.best_model_checkpoint = mine
+        elif recorded and os.path.isdir(recorded) and not _inside(recorded, args.output_dir):
+            # A copy of the run without its best checkpoint, the original still there: not the other folder's.
+            state.best_model_checkpoint = None
+            if state.is_world_process_zero:
+                print(f"deltatune: --resume: the best checkpoint ({recorded}) is not in {args.output_dir}; the run "
+                      "ends with a later checkpoint that evaluates better, or its last", file=sys.stderr)  # fmt: skip
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.realpath(os.path.dirname(path.rstrip("/\\"))) == os.path.realpath(folder)
 
 
 def callbacks() -> list[TrainerCallback]:
