@@ -313,3 +313,23 @@ def test_a_copied_run_without_its_best_checkpoint_does_not_load_the_original_fol
     assert best(orig, str(orig / "checkpoint-2"), 2) == str(orig / "checkpoint-2")
     assert best(copy, str(tmp_path / "gone" / "checkpoint-2"), 2) == str(tmp_path / "gone" / "checkpoint-2")
     assert capsys.readouterr().err == ""  # (a path that is gone the Trainer drops itself)
+
+
+def test_a_two_process_checkpoint_without_each_processes_rng_state_is_named(whole, tmp_path):
+    """A checkpoint of a 2-process run (its deltatune_sums.json records world_size 2) holds rng_state_0.pth and
+    rng_state_1.pth (the Trainer's _save_rng_state, one per process); with rng_state_1.pth alone it read as whole,
+    and process 0's _load_rng_state only logs the missing file and goes on with other draws."""
+    from deltatune.train.runfolder import readable
+
+    ck = tmp_path / "checkpoint-4"
+    shutil.copytree(whole.run / "checkpoint-4", ck)
+    sums = json.loads((ck / "deltatune_sums.json").read_text())
+    sums["facts"]["world_size"] = 2
+    (ck / "deltatune_sums.json").write_text(json.dumps(sums))
+    (ck / "rng_state.pth").rename(ck / "rng_state_1.pth")
+    assert readable(str(ck)) == "no rng_state_0.pth"
+    shutil.copy(ck / "rng_state_1.pth", ck / "rng_state_0.pth")
+    assert readable(str(ck)) is None
+    (ck / "rng_state_1.pth").unlink()
+    assert readable(str(ck)) == "no rng_state_1.pth"
+    assert readable(str(whole.run / "checkpoint-4")) is None  # one process: rng_state.pth

@@ -284,10 +284,25 @@ def _missing_state(checkpoint: str) -> str | None:
         return "scheduler.pt"
     if not any(n.startswith("rng_state") and n.endswith(".pth") for n in names):
         return "rng_state.pth"
+    world = _recorded_world_size(checkpoint)  # each process's own rng_state_{i}.pth (the Trainer's _save_rng_state)
+    missing = [f"rng_state_{i}.pth" for i in range(world) if world > 1 and f"rng_state_{i}.pth" not in names]
+    if missing:
+        return missing[0]
     for root, _, files in os.walk(checkpoint):  # each adapter's weights beside its config (named ones in subfolders)
         if "adapter_config.json" in files and not {"adapter_model.safetensors", "adapter_model.bin"} & set(files):
             return os.path.relpath(os.path.join(root, "adapter_model.safetensors"), checkpoint)
     return None
+
+
+def _recorded_world_size(checkpoint: str) -> int:
+    from .trainer_callbacks import SUMS
+
+    try:
+        with open(os.path.join(checkpoint, SUMS), encoding="utf-8") as fh:
+            world = (json.load(fh).get("facts") or {}).get("world_size", 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
+    return world if isinstance(world, int) else 1
 
 
 def _check_safetensors_size(path: str) -> None:
