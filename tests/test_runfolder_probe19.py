@@ -333,3 +333,28 @@ def test_a_two_process_checkpoint_without_each_processes_rng_state_is_named(whol
     (ck / "rng_state_1.pth").unlink()
     assert readable(str(ck)) == "no rng_state_1.pth"
     assert readable(str(whole.run / "checkpoint-4")) is None  # one process: rng_state.pth
+
+
+@pytest.mark.parametrize("where", ["file", "offline hub id"])
+def test_a_run_whose_base_is_a_file_or_an_uncached_hub_id_offline_is_not_said_to_have_moved(
+    whole, tmp_path, monkeypatch, where
+):
+    """The "if the base moved, pass --model" hint belongs to a recorded base folder that is gone; a base that is a
+    file, or a hub id with the hub offline and no cached copy, got it too."""
+    import yaml
+
+    run = tmp_path / "copied"
+    shutil.copytree(whole.run, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    recipe = yaml.safe_load((run / "run.yaml").read_text(encoding="utf-8"))
+    if where == "file":
+        (tmp_path / "bert").write_text("not a model", encoding="utf-8")
+        recipe["model"]["name_or_path"] = str(tmp_path / "bert")
+        want = "bert' is a file; give a model folder (config.json and weights) or a hub id"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        recipe["model"]["name_or_path"] = "deltatune-nobody/not-a-model"
+        want = "is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy"
+    (run / "run.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, _, err = cli("merge", "--adapter", str(run), "--out", str(tmp_path / "m"))
+    line = one_error_line(err, "merge")
+    assert code == 2 and line.endswith(want) and "if the base moved" not in err

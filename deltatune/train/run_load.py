@@ -100,7 +100,7 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
     try:
         check_model_path(name, "--model" if model else f"the base model of {adapter_dir!r}")
     except ConfigError as exc:
-        if model:
+        if model or not str(exc).endswith(": no such folder"):  # (a file, or a hub id offline: not a moved base)
             raise
         # (a run folder copied to another machine, or its base moved: the recorded path is gone; --model overrides)
         raise ConfigError(f"{exc}; if the base moved, pass --model with where it is now") from None
