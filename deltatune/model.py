@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from .layer import (
     unpack_frozen_layers,
     unwrapped_name,
 )
-from .targets import add_modules_to_save
+from .targets import add_modules_to_save, from_file
 
 
 class DeltaModel(nn.Module, PushToHub):
@@ -233,7 +233,8 @@ class DeltaModel(nn.Module, PushToHub):
             present = [t for t in config.modules_to_save or [] if any(n.endswith(t) for n in names)]
             heads = config if _tensors is None else config.replace(modules_to_save=present or None)
             add_modules_to_save(self.base_model, adapter_name, heads, heads=_heads and _tensors is None)
-            method.inject(self.base_model, config if _tensors is None else config.for_loading(), adapter_name)
+            with from_file() if _tensors is not None else nullcontext():  # (a file's targets: read as it trained)
+                method.inject(self.base_model, config if _tensors is None else config.for_loading(), adapter_name)
             self.peft_config[adapter_name] = config
             # Unwrapped names: later adapters may wrap (or unwrap) the modules that hold these parameters.
             trained = config.trainable_base_parameters(self.base_model)
