@@ -69,8 +69,8 @@ class _TwoRanks:
             return x
         assert self.other, "rank 0 gathers more often than rank 1: DDP would hang"
         theirs = self.other.pop(0)
-        # (accelerate's gather concatenates along the first dimension: the rest must agree, as the dtype)
-        assert theirs.shape[1:] == x.shape[1:] and theirs.dtype == x.dtype, (theirs.shape, x.shape)
+        # (accelerate's gather is torch.distributed's all_gather: the same shape and dtype on every process)
+        assert theirs.shape == x.shape and theirs.dtype == x.dtype, (theirs.shape, x.shape)
         return torch.cat([x, theirs])
 
     def __getattr__(self, name):
@@ -93,6 +93,7 @@ def _two_rank_stats(trainer, model, collator, rank0: list, rank1: list) -> tuple
         trainer.accelerator = _TwoRanks(real, trainer.accelerator.record)
         trainer.compute_loss(model, collator(rank0))
         assert trainer.accelerator.other == [], "rank 1 gathers more often than rank 0: DDP would hang"
+        trainer.gathers = len(trainer.accelerator.record)  # (rank 0's all-gathers in the one micro-batch)
         two = {k: v[-1] for k, v in trainer._stats.items()}
         trainer._stats.clear()
         trainer.accelerator = real
@@ -213,3 +214,30 @@ def test_moe_aux_loss_is_every_process_s_mean(stage, tmp_path, monkeypatch):
     trainer.router_coef = 0.001
     two, one = _two_rank_stats(trainer, model, ours.collator, ours.train[:2], ours.train[2:4])
     assert (two["aux_loss"], one["aux_loss"]) == (2.0, 5.0)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "orpo", "simpo", "kto"])
+def test_uneven_batches_gather_once_with_one_shape(stage, tmp_path):
+    """Rank 0 with two pairs (KTO: three rows) and rank 1 with one: each micro-batch's statistics are one all-gather
+    of a (1, k) tensor of sums and counts, the same shape on both (all_gather needs it; HEAD gathered each
+    statistic's per-pair values, 7 gathers for DPO, of 2 rows against 1: a real DDP run fails there), and rank 0
+    logs what one process holding all the pairs logs."""
+    from test_dpo_probe12 import _args, _lora
+    from test_pref_probe14 import _prepared
+    from tiny import save_tiny
+
+    if stage == "kto":
+        trainer, ours, model = _kto_trainer(tmp_path)
+    else:
+        base = save_tiny(tmp_path / "llama")
+        _, ours = _prepared(base, tmp_path, stage, 64, {})
+        model = _lora(base)
+        trainer = ours.trainer_class(model=model, args=_args(tmp_path / "dt"), data_collator=ours.collator)
+    cut = 3 if stage == "kto" else 2
+    two, one = _two_rank_stats(trainer, model, ours.collator, ours.train[:cut], ours.train[cut : cut + 1])
+    assert set(one) <= set(two)
+    for key in one:
+        if key not in ("num_tokens", "kl"):  # (the running total; KTO's z0, TRL's mean of the processes' means)
+            assert two[key] == pytest.approx(one[key], abs=1e-5, rel=1e-5), key
+    # the statistics' gather, count_tokens' and (KTO) the KL reference point's
+    assert trainer.gathers == {"dpo": 2, "kto": 3}.get(stage, 1)

@@ -49,15 +49,14 @@ from .logprobs import (
     router_aux_coef,
     sequence_logprobs,
     summed,
-    token_means,
 )
 from .pairs import (
     PairTrainer,
+    Pooled,
     SyncedRefCheckpoints,
     count_tokens,
     disable_dropout,
     encode_pair_splits,
-    every_process,
     pair_metrics,
     synced_reference,
 )
@@ -277,23 +276,20 @@ class DPOTrainer(SyncedRefCheckpoints, PairTrainer):
         # as TRL, training and evaluating (EvalStats: eval_logps/chosen, ...): the rewards, the policy's summed
         # log-probs of each side and its token stats
         # (every process's pairs and tokens under DDP, as TRL gathers them)
-        self.log_rewards(chosen, rejected)
-        gather = every_process(self)
-        for side, values in zip(("chosen", "rejected"), logps.chunk(2)):
-            self.log_stat(f"logps/{side}", (values if gather is None else gather(values.contiguous())).mean().item())
-        n = len(chosen)
-        sides = [token_means(stats, inputs["labels"], rows, gather) for rows in (slice(0, n), slice(n, None))]
-        self.log_stat("logits/chosen", sides[0]["mean_logits"])
-        self.log_stat("logits/rejected", sides[1]["mean_logits"])
-        self.log_stat("entropy", token_means(stats, inputs["labels"], gather=gather)["entropy"])
-        self.log_stat("mean_token_accuracy", sides[0]["top1"])  # (of the chosen responses' tokens)
-        count_tokens(self, inputs["attention_mask"], model.training)
+        pool, labels, n = Pooled(self), inputs["labels"], len(chosen)
+        self.log_rewards(chosen, rejected, pool)
+        pool.mean("logps/chosen", logps[:n])
+        pool.mean("logps/rejected", logps[n:])
+        pool.tokens({"mean_logits": "logits/chosen"}, stats, labels, slice(0, n))
+        pool.tokens({"mean_logits": "logits/rejected"}, stats, labels, slice(n, None))
+        pool.tokens({"entropy": "entropy"}, stats, labels)
+        pool.tokens({"top1": "mean_token_accuracy"}, stats, labels, slice(0, n))  # (of the chosen responses' tokens)
         loss = self.pair_mean(losses, model)
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the step's sequences, as TRL adds it
             loss = loss + self.router_coef * aux[0]
-            # (every process's mean under DDP, as TRL's gather_for_metrics(aux_loss).mean())
-            total = aux[0].detach().float().reshape(1)
-            self.log_stat("aux_loss", (total if gather is None else gather(total)).mean().item())
+            pool.add("aux_loss", aux[0], 1)  # (the processes' mean under DDP, as TRL's gather_for_metrics(aux_loss))
+        pool.log()
+        count_tokens(self, inputs["attention_mask"], model.training)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

@@ -44,8 +44,8 @@ from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
 from .config_align import precomputes_ref
-from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs, token_means
-from .pairs import EvalStats, SyncedRefCheckpoints, count_tokens, disable_dropout, every_process, synced_reference
+from .logprobs import reference_logprobs, router_aux_coef, sequence_logprobs
+from .pairs import EvalStats, Pooled, SyncedRefCheckpoints, count_tokens, disable_dropout, synced_reference
 from .prepared import Prepared, _note_truncated, read_splits
 from .trainer import DeltaTrainer
 
@@ -216,27 +216,27 @@ class KTOTrainer(SyncedRefCheckpoints, EvalStats, DeltaTrainer):
         # undesirable
         # (every process's rows and tokens under DDP, as TRL gathers them: the same collectives on every process)
         self.log_stat("kl", kl.item())
-        labels, gather = inputs["labels"][: len(good)], every_process(self)  # (the rows', as their stats)
-        self.log_stat("entropy", token_means(stats, labels, gather=gather)["entropy"])
-        count_tokens(self, inputs["attention_mask"][: len(good)], model.training)
-        means = {}
-        for side, rows in (("chosen", good), ("rejected", ~good)):
-            sums = torch.stack([rewards[rows].sum(), policy[rows].sum(), rows.sum()]).float()
-            reward, logp, n = (sums if gather is None else gather(sums[None]).sum(0)).tolist()
-            logits = token_means(stats, labels, rows, gather)["mean_logits"]
-            if n:
-                means[side] = reward / n
-                self.log_stat(f"rewards/{side}", reward / n)
-                self.log_stat(f"logps/{side}", logp / n)
-                self.log_stat(f"logits/{side}", logits)
-        if len(means) == 2:
-            self.log_stat("rewards/margins", means["chosen"] - means["rejected"])
+        labels, pool = inputs["labels"][: len(good)], Pooled(self)  # (the rows', as their stats)
+        pool.tokens({"entropy": "entropy"}, stats, labels)
+        for side, rows in (("chosen", good), ("rejected", ~good)):  # (logged where some process has such rows)
+            pool.add(f"rewards/{side}", rewards[rows].sum(), rows.sum(), empty=None)
+            pool.add(f"logps/{side}", policy[rows].sum(), rows.sum(), empty=None)
+            pool.tokens({"mean_logits": f"logits/{side}"}, stats, labels, rows)
         loss = losses.mean()
         if aux:  # a Mixture-of-Experts model's load-balancing loss over the rows (not their mismatched pairs), as TRL
             loss = loss + self.router_coef * aux[0]
-            # (every process's mean under DDP, as TRL's gather_for_metrics(aux_loss).mean())
-            total = aux[0].detach().float().reshape(1)
-            self.log_stat("aux_loss", (total if gather is None else gather(total)).mean().item())
+            pool.add("aux_loss", aux[0], 1)  # (the processes' mean under DDP, as TRL's gather_for_metrics(aux_loss))
+        means = pool.values()
+        self.log_stat("entropy", means["entropy"])
+        count_tokens(self, inputs["attention_mask"][: len(good)], model.training)
+        for side in ("chosen", "rejected"):
+            if f"rewards/{side}" in means:
+                for key in ("rewards", "logps", "logits"):
+                    self.log_stat(f"{key}/{side}", means[f"{key}/{side}"])
+        if "rewards/chosen" in means and "rewards/rejected" in means:
+            self.log_stat("rewards/margins", means["rewards/chosen"] - means["rewards/rejected"])
+        if aux:
+            self.log_stat("aux_loss", means["aux_loss"])
         return (loss, torch.stack([rewards, good.float()], -1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -9,7 +9,6 @@ writes the gradient straight into the one logits-sized tensor it returns.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,7 +69,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, stats: dict | Non
         logits: (B, T, V) logits of a causal LM over the sequence, in any float dtype (computed in fp32).
         labels: (B, T) token ids, -100 where nothing is scored.
         stats: a dict to fill with (B, T - 1) ``mean_logits``, ``entropy``, ``top1`` and ``log_sum_sq_probs`` per
-            position, for the ``token_means`` of TRL's logged metrics and WPO's weights; None: none are computed.
+            position, for the token means of TRL's logged metrics (``pairs.Pooled.tokens``) and WPO's weights; None: none are computed.
 
     Returns:
         (B, T - 1) fp32: position t holds the log-prob of ``labels[:, t + 1]``.
@@ -78,21 +77,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, stats: dict | Non
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     return _PickedLogprobs.apply(logits, labels.clamp(min=0), stats) * mask
-
-
-def token_means(
-    stats: dict, labels: torch.Tensor, rows: torch.Tensor | slice = slice(None), gather: Callable | None = None
-) -> dict[str, float]:
-    """The ``stats`` of ``token_logprobs`` averaged over the label tokens of ``rows`` (all of them pooled, as TRL
-    pools its ``logits/*``, ``entropy`` and ``mean_token_accuracy``); 0.0 where the rows have no label token.
-    ``gather`` (``pairs.every_process``): the sums and token counts of every process pooled, as TRL gathers them."""
-    mask = (labels[:, 1:] != IGNORE_INDEX)[rows].float()
-    if gather is None:
-        n = mask.sum().item()
-        return {k: (v[rows] * mask).sum().item() / n if n else 0.0 for k, v in stats.items()}
-    sums = torch.stack([*((v[rows] * mask).sum().float() for v in stats.values()), mask.sum()])
-    *sums, n = gather(sums[None]).sum(0).tolist()
-    return {k: total / n if n else 0.0 for k, total in zip(stats, sums)}
 
 
 def summed(per_token: torch.Tensor, labels: torch.Tensor, ld_alpha: float | None = None) -> torch.Tensor:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from ..data.templates import IGNORE_INDEX
 from .config import AlignArgs, RunConfig
-from .logprobs import token_logprobs, token_means
-from .pairs import PairTrainer, disable_dropout, every_process, pooled
+from .logprobs import token_logprobs
+from .pairs import PairTrainer, Pooled, disable_dropout
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -121,27 +121,20 @@ class ORPOTrainer(PairTrainer):
             loss = loss + self.align.beta * (odds.mean() - self.pair_mean(odds, model))
         # (training and evaluating, as TRL: EvalStats reports eval_nll_loss, eval_log_odds_ratio, ...; every
         # process's pairs and tokens under DDP, as TRL's ORPOTrainer gathers them)
-        avg_c, avg_r, gather = pc / nc.clamp(min=1), pr / nr.clamp(min=1), every_process(self)
-        if gather is None:
-            nll = (-nll_c.sum() / nll_n.sum().clamp(min=1)).item()
-            means = [odds.mean().item(), log_or.mean().item(), avg_c.mean().item(), avg_r.mean().item()]
-        else:
-            *sums, pairs, nll_sum, nll_count = pooled(
-                gather, odds.sum(), log_or.sum(), avg_c.sum(), avg_r.sum(), odds.new_tensor(len(odds)),
-                -nll_c.sum(), nll_n.sum(),
-            )  # fmt: skip
-            nll, means = nll_sum / max(nll_count, 1), [v / pairs for v in sums]
-        self.log_stat("nll", nll)  # (deltatune's name since the start, kept for the runs' curves)
-        self.log_stat("nll_loss", nll)  # (TRL's)
+        pool, n = Pooled(self), len(pc)
+        nll_single = lambda: (-nll_c.sum() / nll_n.sum().clamp(min=1)).item()  # noqa: E731
+        # nll: deltatune's name since the start, kept for the runs' curves; nll_loss: TRL's
+        pool.add("nll", -nll_c.sum(), nll_n.sum(), nll_single)
+        pool.add("nll_loss", -nll_c.sum(), nll_n.sum(), nll_single)
         # TRL's names: log_odds_ratio the mean of log sigmoid(log OR), log_odds_chosen the mean of log OR
-        self.log_stat("log_odds_ratio", means[0])
-        self.log_stat("log_odds_chosen", means[1])
-        self.log_rewards(chosen, rejected)
-        self.log_stat("logps/chosen", means[2])  # TRL's: mean token log-probs
-        self.log_stat("logps/rejected", means[3])
-        n = len(pc)
-        for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
-            self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows, gather)["mean_logits"])
+        pool.mean("log_odds_ratio", odds)
+        pool.mean("log_odds_chosen", log_or)
+        self.log_rewards(chosen, rejected, pool)
+        pool.mean("logps/chosen", pc / nc.clamp(min=1))  # TRL's: mean token log-probs
+        pool.mean("logps/rejected", pr / nr.clamp(min=1))
+        pool.tokens({"mean_logits": "logits/chosen"}, stats, inputs["labels"], slice(0, n))
+        pool.tokens({"mean_logits": "logits/rejected"}, stats, inputs["labels"], slice(n, None))
+        pool.log()
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
 
 

@@ -176,16 +176,13 @@ class PairTrainer(EvalStats, DeltaTrainer):
         times = self.current_gradient_accumulation_steps * self.accelerator.num_processes
         return losses.sum() * times / self._step_pairs
 
-    def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-        """Log the means of the chosen and rejected rewards, their margin, and how often chosen wins (TRL's names),
-        over every process's pairs (``every_process``), as TRL gathers them."""
-        gather = every_process(self)
-        if gather is not None:
-            chosen, rejected = gather(chosen.contiguous()), gather(rejected.contiguous())
-        self.log_stat("rewards/chosen", chosen.mean().item())
-        self.log_stat("rewards/rejected", rejected.mean().item())
-        self.log_stat("rewards/margins", (chosen - rejected).mean().item())
-        self.log_stat("rewards/accuracies", (chosen > rejected).float().mean().item())
+    def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, pool: Pooled) -> None:
+        """Add to ``pool`` the means of the chosen and rejected rewards, their margin, and how often chosen wins
+        (TRL's names), over every process's pairs under DDP, as TRL gathers them."""
+        pool.mean("rewards/chosen", chosen)
+        pool.mean("rewards/rejected", rejected)
+        pool.mean("rewards/margins", chosen - rejected)
+        pool.mean("rewards/accuracies", (chosen > rejected).float())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -204,10 +201,58 @@ def every_process(trainer) -> Callable | None:
     return trainer.accelerator.gather if trainer.accelerator.num_processes > 1 else None
 
 
-def pooled(gather: Callable, *sums: torch.Tensor) -> list[float]:
-    """The scalar ``sums`` (sums and counts) added up over every process, in one all-gather of a (1, k) tensor
-    (``every_process``): the same size on every process, whatever its batch size."""
-    return gather(torch.stack([s.detach().float() for s in sums])[None]).sum(0).tolist()
+class Pooled:
+    """The means a trainer logs for one micro-batch, gathered together: under DDP each is a sum over every process's
+    rows divided by their count, all the sums and counts in one all-gather of a (1, k) tensor (k the same on every
+    process, whatever its batch size; TRL gathers the same statistics, each on its own); in a single process each is
+    computed as the trainer always did (``single``), so the numbers logged there are unchanged. ``log`` logs them."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.gather = trainer, every_process(trainer)
+        self.items: list[tuple] = []  # (key, value or None) in one process, (key, index of the sum, empty) under DDP
+        self.sums: list[torch.Tensor] = []
+
+    def add(self, key: str, total: torch.Tensor, count, single: Callable | None = None, empty: float | None = 0.0):
+        """``key`` the mean ``total`` / ``count``; ``empty`` where count is 0 (None: not logged); ``single()``: the
+        single process's value (default total / count as Python floats)."""
+        if self.gather is None:
+            if single is not None:
+                self.items.append((key, single()))
+            else:
+                n = float(count)
+                self.items.append((key, float(total) / n if n else empty))
+            return
+        self.items.append((key, len(self.sums), empty))
+        self.sums += [
+            total.detach().float().reshape(()),
+            torch.as_tensor(count, device=total.device).float().reshape(()),
+        ]
+
+    def mean(self, key: str, values: torch.Tensor) -> None:
+        """``key`` the mean of the per-row ``values``."""
+        self.add(key, values.sum(), values.numel(), lambda: values.mean().item())
+
+    def tokens(self, names: dict[str, str], stats: dict, labels: torch.Tensor, rows=slice(None), empty=0.0) -> None:
+        """For each ``names`` stat -> key: the mean of ``stats`` (``logprobs.token_logprobs``) over the label tokens
+        of ``rows`` (all of them pooled, as TRL pools its logits/*, entropy and mean_token_accuracy)."""
+        mask = (labels[:, 1:] != IGNORE_INDEX)[rows].float()
+        for stat, key in names.items():
+            self.add(key, (stats[stat][rows] * mask).sum(), mask.sum(), empty=empty)
+
+    def values(self) -> dict[str, float]:
+        """The means, those not ``empty`` None (one collective under DDP: every process calls it alike)."""
+        if self.gather is None:
+            out = dict(self.items)
+        else:
+            sums = self.gather(torch.stack(self.sums)[None]).sum(0).tolist() if self.sums else []
+            out = {key: sums[i] / sums[i + 1] if sums[i + 1] else empty for key, i, empty in self.items}
+        self.items, self.sums = [], []
+        return {key: value for key, value in out.items() if value is not None}
+
+    def log(self) -> None:
+        """Log the means (``values``)."""
+        for key, value in self.values().items():
+            self.trainer.log_stat(key, value)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import AlignArgs, RunConfig
-from .logprobs import response_logprobs, token_means
-from .pairs import PairTrainer, disable_dropout, every_process, pooled
+from .logprobs import response_logprobs
+from .pairs import PairTrainer, Pooled, disable_dropout
 from .prepared import Prepared
 
 _LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -136,21 +136,14 @@ class SimPOTrainer(PairTrainer):
         nll = -pc.sum() / nc.sum().clamp(min=1)  # (CPO's cross-entropy: a mean over the micro-batch's chosen tokens)
         # TRL's CPOTrainer's names, training and evaluating (EvalStats: eval_logps/chosen, ...); its logps are the
         # mean token log-probs (loss_type simpo); every process's pairs and tokens under DDP, as TRL gathers them
-        self.log_rewards(chosen, rejected)
-        gather = every_process(self)
-        if gather is None:
-            means = [lc.mean().item(), lr.mean().item(), nll.item()]
-        else:
-            c, r, pairs, nll_sum, nll_count = pooled(
-                gather, lc.sum(), lr.sum(), lc.new_tensor(len(lc)), -pc.sum(), nc.sum()
-            )
-            means = [c / pairs, r / pairs, nll_sum / max(nll_count, 1)]
-        self.log_stat("logps/chosen", means[0])
-        self.log_stat("logps/rejected", means[1])
-        n = len(pc)
-        for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, None))):
-            self.log_stat(f"logits/{side}", token_means(stats, inputs["labels"], rows, gather)["mean_logits"])
-        self.log_stat("nll_loss", means[2])
+        pool, n = Pooled(self), len(pc)
+        self.log_rewards(chosen, rejected, pool)
+        pool.mean("logps/chosen", lc)
+        pool.mean("logps/rejected", lr)
+        pool.tokens({"mean_logits": "logits/chosen"}, stats, inputs["labels"], slice(0, n))
+        pool.tokens({"mean_logits": "logits/rejected"}, stats, inputs["labels"], slice(n, None))
+        pool.add("nll_loss", -pc.sum(), nc.sum(), nll.item)
+        pool.log()
         loss = self.pair_mean(losses, model)
         if a.cpo_alpha:
             loss = loss + a.cpo_alpha * nll
