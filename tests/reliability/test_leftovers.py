@@ -116,7 +116,9 @@ def test_a_resume_compares_the_file_of_a_data_row_range(tmp_path):
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    cfg = SimpleNamespace(data=SimpleNamespace(train=f"{rows}[0:8]", eval=f"{rows}[-2:]"))
+    cfg = SimpleNamespace(
+        data=SimpleNamespace(train=f"{rows}[0:8]", eval=f"{rows}[-2:]"), model=SimpleNamespace(dtype="float32")
+    )
     facts = run_facts(cfg)
     digest = hashlib.sha256(rows.read_bytes()).hexdigest()
     assert (facts["data.train"], facts["data.eval"]) == (digest, digest)
@@ -141,7 +143,7 @@ def test_a_resume_compares_the_files_of_a_data_folder(tmp_path):
     folder.mkdir()
     for i in range(2):
         (folder / f"part{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[i::2]), encoding="utf-8")
-    cfg = SimpleNamespace(data=SimpleNamespace(train=str(folder), eval=None))
+    cfg = SimpleNamespace(data=SimpleNamespace(train=str(folder), eval=None), model=SimpleNamespace(dtype="float32"))
     facts = run_facts(cfg)
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
