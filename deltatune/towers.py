@@ -262,25 +262,33 @@ def restrict(model: nn.Module, config: DeltaConfig, towers: list[str] | None = N
     return config.replace(target_modules=names)
 
 
-def as_trained(config: DeltaConfig, folder: str) -> DeltaConfig:
-    """``config`` (as ``restrict`` resolved it) with the full module names the adapter in ``folder`` was saved with,
-    where they differ: a run begun before towers kept layers_to_transform (1bc40a6) adapted every block of its towers,
-    and its checkpoint holds them all, so it resumes (and ``eval --compare`` starts) as it trained. IA3's
-    ``feedforward_modules`` likewise. A folder without such a list (no adapter_config.json, a regex) changes nothing."""
+def saved_config(folder: str) -> dict | None:
+    """The adapter_config.json of a run's checkpoint (or run folder) as saved, or None where it has none."""
     import json
     import os
 
     path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(path):
-        return config
+        return None
     with open(path) as f:
         saved = json.load(f)
-    changes = {}
-    for key in ("target_modules", "feedforward_modules"):
-        names, now = saved.get(key), getattr(config, key, None)
-        if isinstance(names, list) and isinstance(now, list) and sorted(names) != sorted(now):
-            changes[key] = names
-    return config.replace(**changes) if changes else config
+    return saved if isinstance(saved, dict) else None
+
+
+def as_trained(config: DeltaConfig, saved: dict | None) -> DeltaConfig:
+    """``config`` (as ``restrict`` resolved it) with the full module names a run's ``saved`` adapter config holds,
+    where only 1bc40a6 explains the difference: a run begun before towers kept layers_to_transform adapted every
+    block of its towers, so its checkpoint holds a superset of what they resolve to now; it resumes (and
+    ``eval --compare`` starts) as it trained. Any other difference (target_modules changed with --resume-changed) is
+    left to the checkpoint's load, which names what is missing, as for a run without towers."""
+    names, now = (saved or {}).get("target_modules"), config.target_modules
+    if (
+        getattr(config, "layers_to_transform", None) is None
+        or not isinstance(names, list)
+        or not isinstance(now, list)
+    ):
+        return config
+    return config.replace(target_modules=names) if set(now) < set(names) else config
 
 
 def counts(model: nn.Module) -> dict[str, int]:
@@ -295,6 +303,7 @@ def counts(model: nn.Module) -> dict[str, int]:
 
 __all__ = [
     "as_trained",
+    "saved_config",
     "FAMILY_AS",
     "TOWERS",
     "TOWER_BOTTLENECK",

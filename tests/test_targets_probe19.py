@@ -270,11 +270,11 @@ def test_a_towers_run_begun_before_layers_to_transform_counted_resumes_and_compa
     assert started == [both]
 
 
-def test_an_old_regex_towers_adapter_is_started_on_its_saved_names_and_ia3_on_its_feed_forward_layers(tmp_path):
+def test_an_old_regex_towers_adapter_is_started_on_its_saved_names_not_a_changed_recipe(tmp_path):
     """A regex with towers and layers_to_transform: [1] resolves block 1 now; such a run begun before 1bc40a6 saved
-    both blocks' names, and ``as_trained`` (start_model's, with the checkpoint) gives them back. IA3 (no
-    layers_to_transform in peft or here) keeps its saved feed-forward layers too; a folder without a config changes
-    nothing."""
+    both blocks' names, and ``as_trained`` (start_model's, with the checkpoint) gives them back. Saved names that are
+    not a superset (target_modules changed with --resume-changed), or no layers_to_transform, change nothing: the
+    checkpoint's load then names what is missing, as for a run without towers (review of 7444aa8)."""
     import json
 
     model = tiny_vlm("llava")
@@ -283,14 +283,14 @@ def test_an_old_regex_towers_adapter_is_started_on_its_saved_names_and_ia3_on_it
     old = T.restrict(model, dt.LoraConfig(r=2, target_modules=regex), ["language"])
     assert len(config.target_modules) == 2 and len(old.target_modules) == 4
     (tmp_path / "adapter_config.json").write_text(json.dumps({**old.to_dict(), "layers_to_transform": [1]}))
-    kept = T.as_trained(config, str(tmp_path))
+    kept = T.as_trained(config, T.saved_config(str(tmp_path)))
     assert kept.target_modules == old.target_modules and kept.layers_to_transform == [1]
     assert _names(dt.get_delta_model(copy.deepcopy(model), kept)) == sorted(old.target_modules)
-    ia3 = T.restrict(model, dt.IA3Config(target_modules="all-linear"), ["language"])
-    saved = {**ia3.to_dict(), "feedforward_modules": ia3.feedforward_modules[:1]}  # (a hand-made other layout)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
-    assert T.as_trained(ia3, str(tmp_path)).feedforward_modules == ia3.feedforward_modules[:1]
-    assert T.as_trained(config, str(tmp_path / "nothing")) is config
+    q_only = T.restrict(model, dt.LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj"), ["language"])
+    changed = {**q_only.to_dict(), "layers_to_transform": [1]}  # saved: q_proj of both blocks; asked now: q and v
+    assert T.as_trained(config, changed) is config
+    assert T.as_trained(old, old.to_dict() | {"target_modules": old.target_modules[:2]}) is old  # no layers kept
+    assert T.saved_config(str(tmp_path / "nothing")) is None and T.as_trained(config, None) is config
 
 
 def test_an_adapter_saved_with_a_regex_reaching_fused_experts_still_loads_as_it_trained(tmp_path):

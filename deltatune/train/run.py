@@ -189,6 +189,11 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
     return model
 
 
+def _same(a, b) -> bool:
+    """Two target_modules alike (lists in any order)."""
+    return sorted(a) == sorted(b) if isinstance(a, list) and isinstance(b, list) else a == b
+
+
 def start_model(
     cfg: RunConfig, tok, labels: list[str] | None = None, checkpoint: str | None = None
 ) -> tuple[DeltaModel, list[str]]:
@@ -202,10 +207,12 @@ def start_model(
     model = build_model(cfg, tok, labels)
     asked = cfg.method_config(TASK_OF_STAGE[cfg.stage])
     config = towers.restrict(model, asked, cfg.method.get("towers"))
-    if checkpoint and config is not asked:  # (a run begun before 1bc40a6: every block of its towers, as it trained)
-        config = towers.as_trained(config, checkpoint)
+    saved = towers.saved_config(checkpoint) if checkpoint else None
+    if saved and config is not asked:  # (a run begun before 1bc40a6: every block of its towers, as it trained)
+        config = towers.as_trained(config, saved)
+    as_saved = saved is not None and _same(saved.get("target_modules"), config.target_modules)  # (not a new recipe)
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
-    with from_file() if checkpoint else contextlib.nullcontext():  # (its weights: the checkpoint's, as trained)
+    with from_file() if as_saved else contextlib.nullcontext():  # (its weights: the checkpoint's, as trained)
         delta = get_delta_model(model, config, fused_loss=True)
     if not cfg.train.fsdp:  # adapters in fp32 on a half-precision base (FSDP flattens a layer in one dtype)
         upcast_adapters(delta)
