@@ -120,7 +120,8 @@ class ORPOTrainer(PairTrainer):
         if model.training:  # the odds-ratio term over the step's pairs, each alike (PairTrainer.pair_mean)
             loss = loss + self.align.beta * (odds.mean() - self.pair_mean(odds, model))
         # (training and evaluating, as TRL: EvalStats reports eval_nll_loss, eval_log_odds_ratio, ...; every
-        # process's pairs and tokens under DDP, as TRL's ORPOTrainer gathers them)
+        # process's pairs and tokens pooled under DDP, the mean one process holding them all would log; TRL's
+        # ORPOTrainer averages the processes' own means, equal only for equal batches and token counts)
         pool, n = Pooled(self), len(pc)
         nll_single = lambda: (-nll_c.sum() / nll_n.sum().clamp(min=1)).item()  # noqa: E731
         # nll: deltatune's name since the start, kept for the runs' curves; nll_loss: TRL's

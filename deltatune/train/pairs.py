@@ -204,7 +204,8 @@ def every_process(trainer) -> Callable | None:
 class Pooled:
     """The means a trainer logs for one micro-batch, gathered together: under DDP each is a sum over every process's
     rows divided by their count, all the sums and counts in one all-gather of a (1, k) tensor (k the same on every
-    process, whatever its batch size; TRL gathers the same statistics, each on its own); in a single process each is
+    process, whatever its batch size; TRL gathers the same statistics, each on its own, and averages the processes'
+    own means where these pool tokens and pairs: equal for equal batches and token counts); in a single process each is
     computed as the trainer always did (``single``), so the numbers logged there are unchanged. ``log`` logs them."""
 
     def __init__(self, trainer) -> None:

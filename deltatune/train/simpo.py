@@ -135,7 +135,8 @@ class SimPOTrainer(PairTrainer):
             losses, chosen, rejected = cpo_loss(lc, lr, a.beta, self.loss_type, a.label_smoothing, a.alpha)
         nll = -pc.sum() / nc.sum().clamp(min=1)  # (CPO's cross-entropy: a mean over the micro-batch's chosen tokens)
         # TRL's CPOTrainer's names, training and evaluating (EvalStats: eval_logps/chosen, ...); its logps are the
-        # mean token log-probs (loss_type simpo); every process's pairs and tokens under DDP, as TRL gathers them
+        # mean token log-probs (loss_type simpo); every process's pairs and tokens pooled under DDP (TRL averages
+        # the processes' own means: equal for equal batches and token counts)
         pool, n = Pooled(self), len(pc)
         self.log_rewards(chosen, rejected, pool)
         pool.mean("logps/chosen", lc)
