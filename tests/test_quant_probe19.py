@@ -188,3 +188,27 @@ def test_keep_in_fp32_modules_match_a_full_path_not_any_inner_module():
              "model.layers.0.mlp.down_proj"]  # fmt: skip
     assert [kept_fp32(n, fp32) for n in names] == [not should_convert_module(n, fp32) for n in names]
     assert [kept_fp32(n, fp32) for n in names] == [False, True, True, False, True, False]
+
+
+# -- fault: a _keep_in_fp32_modules_strict entry naming a module kept its layers in full precision (019da01 applied
+# its module-prefix rule to strict entries too); transformers 5.25's bitsandbytes quantizer passes only
+# _keep_in_fp32_modules to get_modules_to_not_convert, so it quantises them (7 layers of model.layers.0) -----------
+def test_keep_in_fp32_modules_strict_naming_a_module_is_quantised_as_transformers_bnb(tmp_path, capsys):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from deltatune.methods._quant_skip import skip_changes
+    from deltatune.train.run_load import _quantize
+
+    class Strict(LlamaForCausalLM):
+        _keep_in_fp32_modules_strict = ["model.layers.0"]
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    theirs = Strict.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    model, summary = dt.quantize(Strict.from_pretrained(tmp_path), backend="bitsandbytes")
+    assert _four_bit(model) == _four_bit(theirs) == sorted(summary.quantized)
+    assert len(summary.quantized) == 14 and sum(n.startswith("model.layers.0.") for n in summary.quantized) == 7
+    assert skip_changes(Strict.from_pretrained(tmp_path), None) == []  # nothing changed for a trained run
+    _quantize(Strict.from_pretrained(tmp_path), {"backend": "bitsandbytes"}, trained=True)
+    assert "note" not in capsys.readouterr().err

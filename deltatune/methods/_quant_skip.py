@@ -27,11 +27,13 @@ def skipped(name: str, skip: list[str] | str | None) -> bool:
     return any(matches(".".join(parts[:i]), skip) for i in range(len(parts), 0, -1))
 
 
-def kept_fp32(name: str, fp32: list[str]) -> bool:
-    """Whether the model's ``_keep_in_fp32_modules`` keeps the layer ``name``: an entry naming the layer (a
-    '.'-bounded suffix: T5's ``wo``) or, as transformers' 4-bit loading, a module holding it by its full path
-    (Blip-2's ``qformer`` keeps ``qformer.*``; ``norm`` does not keep ``model.norm.linear``)."""
-    return matches(name, fp32) or any(name.startswith(f"{k}.") for k in fp32)
+def kept_fp32(name: str, fp32: list[str], strict: list[str] = ()) -> bool:
+    """Whether the model's ``_keep_in_fp32_modules`` (``fp32``) or ``_keep_in_fp32_modules_strict`` (``strict``)
+    keeps the layer ``name``: an entry naming the layer (a '.'-bounded suffix: T5's ``wo``) or, for ``fp32`` only, as
+    transformers' 4-bit loading, a module holding it by its full path (Blip-2's ``qformer`` keeps ``qformer.*``;
+    ``norm`` does not keep ``model.norm.linear``). transformers 5.25's bitsandbytes quantizer passes no strict entry
+    to ``get_modules_to_not_convert``: a strict ``audio_tower`` is quantised there, so here too."""
+    return matches(name, [*fp32, *strict]) or any(name.startswith(f"{k}.") for k in fp32)
 
 
 def skip_changes(model: nn.Module, skip: list[str] | str | None) -> list[tuple[str, str, int]]:
@@ -39,8 +41,7 @@ def skip_changes(model: nn.Module, skip: list[str] | str | None) -> list[tuple[s
     the layer's own name only) quantised, with how many: ("skip_modules", entry (a regex: itself), n) and
     ("the model's _keep_in_fp32_modules", entry, n) (Blip-2's ``qformer``)."""
     names = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
-    fp32 = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
-            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]  # fmt: skip
+    fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or ())  # (strict entries keep no module: kept_fp32)
     out = [("the model's _keep_in_fp32_modules", k, sum(kept_fp32(n, [k]) and not matches(n, [k]) for n in names))
            for k in fp32]  # fmt: skip
     try:  # a bad value: quantize names it

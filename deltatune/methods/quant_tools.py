@@ -96,7 +96,7 @@ _SEQ2SEQ_HEADS = ("classification_head",)
 
 
 def _keep_reason(
-    name: str, module: nn.Module, output: nn.Module | None, skip: list[str] | str | None, fp32: list[str], why: dict
+    name: str, module: nn.Module, output: nn.Module | None, skip: list[str] | str | None, fp32: tuple, why: dict
 ) -> str | None:
     """Why the linear layer ``name`` stays in full precision (``why``: reasons found for the whole model), or None."""
     if module is output:
@@ -105,7 +105,7 @@ def _keep_reason(
         return why[name]
     if any(name == h or name.endswith("." + h) or f".{h}." in f".{name}." for h in (*HEAD_NAMES, *_SEQ2SEQ_HEADS)):
         return "task head"
-    if kept_fp32(name, fp32):  # T5's FFN casts its activations to wo.weight.dtype, which 4-bit storage makes uint8
+    if kept_fp32(name, *fp32):  # T5's FFN casts its activations to wo.weight.dtype, which 4-bit storage makes uint8
         return "the model's _keep_in_fp32_modules (transformers' 4-bit loading keeps them too)"
     if skipped(name, skip):  # the layer or a module above it (transformers skips what a named module holds)
         return "skip_modules"
@@ -173,8 +173,8 @@ def quantize(
     linears = [
         (n, m) for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
     ]
-    fp32 = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
-            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]  # fmt: skip
+    fp32 = (list(getattr(model, "_keep_in_fp32_modules", None) or ()),
+            list(getattr(model, "_keep_in_fp32_modules_strict", None) or ()))  # fmt: skip
     owners: dict[int, list[str]] = {}  # a weight shared with another module stays (transformers keeps tied ones)
     for n, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(n)
