@@ -215,3 +215,99 @@ def test_a_string_for_a_switch_is_one_line_naming_it(make, key):
     naming the field, as LoRA's switches; the model is not touched (the config never exists)."""
     with pytest.raises(dt.ConfigError, match=rf"^{key} must be a bool, got 'false'$"):
         make("false")
+
+
+@pytest.mark.parametrize("key", ["ln_before", "ln_after"])
+def test_a_saved_switch_given_as_text_loads_as_it_trained(tmp_path, key):
+    """Before 6e49933 BottleneckConfig(ln_before="false") was taken, ran with the LayerNorm (a non-empty string is
+    true) and saved the text; 6e49933's check refused such a file (ConfigError). It loads as it trained, as
+    prefix tuning's text prefix_projection: logits equal to the saving model's, one warning naming the file."""
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tiny_model("bert"), dt.BottleneckConfig(init_weights=False, **{key: True}), "a")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapter_ln_" in n:
+                p.normal_(0.5, 0.3)
+    model.eval()
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        want = model(**inputs).logits
+    model.save_pretrained(str(tmp_path))
+    path = tmp_path / "a" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: "false"}))  # as the old code saved it
+    with pytest.warns(UserWarning, match=rf"adapter_config\.json: {key}='false' \(read as True\)") as caught:
+        loaded = dt.DeltaModel.from_pretrained(tiny_model("bert"), str(tmp_path / "a"), adapter_name="a").eval()
+    assert len([w for w in caught if "read as" in str(w.message)]) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, want, atol=1e-6, rtol=0)
+    assert any(f".adapter_{key}." in n for n, _ in loaded.named_parameters())
+
+
+def test_a_saved_fusion_switch_given_as_text_loads_as_it_trained(tmp_path):
+    """The fusion's value_bias and init_weights given as text (value_bias="false" made W_v with a bias) load as they
+    ran: b_v kept, the same logits, one warning naming both."""
+    model = _two_adapters()
+    model.add_fusion(["a", "b"], name="f", value_bias=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapter_fusion." in n and n.endswith("value.bias"):
+                p.normal_(0, 0.5)
+    model.eval()
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        want = model(**inputs).logits
+    model.save_pretrained(str(tmp_path))
+    path = tmp_path / "f" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "value_bias": "false", "init_weights": "false"}))
+    fresh = dt.DeltaModel(tiny_model("bert")).eval()
+    for name in ("a", "b"):
+        fresh.load_adapter(str(tmp_path / name), name)
+    with pytest.warns(UserWarning, match=r"value_bias='false' \(read as True\), init_weights='false'") as caught:
+        fresh.load_adapter(str(tmp_path / "f"), "f")
+    assert len([w for w in caught if "read as" in str(w.message)]) == 1
+    fresh.set_adapter("f")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, want, atol=1e-6, rtol=0)
+
+
+def test_a_fusion_over_a_gated_adapter_fuses_its_gated_term():
+    """What a fusion fuses (documented as a difference): each adapter's term as it adds it, its gate included, where
+    the adapters library fuses up * scaling (ungated). Pinned against a hand computation."""
+    model = _two_adapters()
+    model.add_adapter("g", dt.BottleneckConfig(init_weights=False, use_gating=True, scaling=0.5))
+    model.add_fusion(["a", "g"], name="f", init_weights=False)
+    model.eval()
+    layer = model.base_model.bert.encoder.layer[0].output.dense
+    fusion = layer.adapter_fusion["f"]
+    with torch.no_grad():
+        layer.adapter_gate["g"].bias.fill_(-1.0)  # g well away from 1
+        h = torch.randn(2, 5, 32)
+
+        def up(name):
+            return layer.adapter_up[name](torch.relu(layer.adapter_down[name](h))) * layer.scaling[name]
+
+        gate = torch.sigmoid(layer.adapter_gate["g"](h)).mean(1, keepdim=True)  # (2, 1, 1): one per sequence
+        ours = layer._term("f", h)
+        torch.testing.assert_close(
+            ours, _bert_fusion(fusion, h, torch.stack([up("a"), up("g") * gate], -2)), atol=1e-6, rtol=0
+        )
+        ungated = _bert_fusion(fusion, h, torch.stack([up("a"), up("g")], -2))  # the library's
+        assert not torch.allclose(ours, ungated, atol=1e-3)
+
+
+def test_a_bottleneck_added_to_an_eval_model_is_in_eval_mode():
+    """A new BottleneckLayer started in train mode on an eval-mode base (the library's add_adapter does
+    adapter.train(self.training)), so adapter_dropout ran at inference: two forwards differed. Also a second adapter
+    added to a layer already there; train mode still drops out."""
+    inputs = tiny_inputs("bert")
+    config = dt.BottleneckConfig(init_weights=False, adapter_dropout=0.5)
+    model = dt.get_delta_model(tiny_model("bert").eval(), config, adapter_name="a")
+    model.add_adapter("b", config)
+    assert not any(m.training for m in model.base_model.modules())
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(**inputs).logits, model(**inputs).logits)

@@ -25,7 +25,9 @@ adapters it fuses.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,6 +66,17 @@ def _activation(name: str) -> nn.Module:
 SUBLAYERS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 
 
+def read_text_switches(data: dict[str, Any], keys: tuple[str, ...], source: str) -> dict[str, Any]:
+    """``data`` with the switches among ``keys`` that a file holds as text read as bool(text), as they ran: before
+    6e49933 a config took ln_before="false" (and the fusion's value_bias, init_weights) as given, ran it as True and
+    saved the text. One warning naming the file; a config made in Python still refuses text."""
+    text = {key: value for key in keys if isinstance(value := data.get(key), str)}
+    if text:
+        said = ", ".join(f"{key}={value!r} (read as {bool(value)})" for key, value in text.items())
+        warnings.warn(f"{source}: {said}: text, as older deltatune saved it, read as it trained", stacklevel=4)
+    return {**data, **{key: bool(value) for key, value in text.items()}}
+
+
 @dataclass
 class BottleneckConfig(DeltaConfig):
     """Bottleneck adapters: a down-projection, a non-linearity and an up-projection after chosen sub-layers."""
@@ -94,7 +107,8 @@ class BottleneckConfig(DeltaConfig):
     use_gating: bool = False
     """A trained gate g = mean over positions of sigmoid(W_g h + b_g) (W_g: 1 x d; one per sequence) multiplies the
     adapter's term after its dropout, before LN_a: the adapters library's use_gating (saved as ``adapter_gate``).
-    Init: W_g ~ N(0, 0.02^2), b_g = 0 (nn.Linear's for 'houlsby' and False, as there), so g starts near 1/2."""
+    Init: W_g ~ N(0, 0.02^2), b_g = 0 (the library's for 'bert' and 'mam_adapter'; ours for True), so g starts near
+    1/2; nn.Linear's for 'houlsby' (as the library's) and False."""
     init_weights: bool | str = True
     """True: W_down ~ N(0, 0.01^2), W_up and biases 0 (starts exactly as the base). 'houlsby': W_up ~ N(0, 0.01^2)
     as well (the paper's near-identity init). The adapters library's 'bert' (W_down, W_up ~ N(0, 0.02^2), biases 0:
@@ -124,6 +138,12 @@ class BottleneckConfig(DeltaConfig):
             raise ConfigError(
                 f"init_weights must be True, False, 'houlsby', 'bert' or 'mam_adapter', got {self.init_weights!r}"
             )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> BottleneckConfig:
+        """As ``DeltaConfig.from_dict``; a file's ln_before, ln_after or use_gating given as text reads as it ran
+        (``read_text_switches``)."""
+        return super().from_dict(read_text_switches(data, ("ln_before", "ln_after", "use_gating"), source), source)
 
     @property
     def sublayers(self) -> tuple[str, ...]:
@@ -356,6 +376,7 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
         plan.append((name, layer, new, config.size_for(layer.out_features)))
     for name, layer, new, m in plan:
         if new:
+            layer.training = layer.base_layer.training
             set_submodule(model, name, layer)
         layer.add(
             adapter_name,
@@ -368,6 +389,9 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
             config.init_weights,
             config.use_gating,
         )
+        for part in layer.children():  # the new adapter in the model's mode, as the library's adapter.train(...)
+            if part is not layer.base_layer:
+                part.train(layer.training)
     return [layer for _, layer, _, _ in plan]
 
 

@@ -2,14 +2,17 @@
 
 Stage 1 trains N bottleneck adapters (methods/bottleneck.py), one per task. Stage 2 freezes the base and all of them
 and learns, at every sub-layer where they sit, how much of each adapter's output to use for the target task.
-With h (d) the sub-layer's output and o_i = adapter i's term (d) at that position:
+With h (d) the sub-layer's output and o_i = adapter i's term (d) at that position, as it adds it: after its dropout,
+its gate (``use_gating``) and its ``ln_after``, where the adapters library fuses the scaled up-projection before
+them (the same term when none is set):
 
     q = W_q h + b_q,   k_i = W_k o_i + b_k,   v_i = W_v o_i
     a = softmax_i(dropout(q . k_i) / T)          (attention over the N adapters, per token)
     h' = h + sum_i a_i v_i
 
 The dropout on the logits q . k_i (training only) is the adapters library's: ``dropout_prob``, or the model's
-``attention_probs_dropout_prob`` (BERT's 0.1; 0 for a model without one).
+``attention_probs_dropout_prob`` (BERT's 0.1; 0 for a model without one). ``dropout_prob=0.0`` is no dropout, where the
+library's ``dropout_prob or attention_probs_dropout_prob`` falls back to the model's.
 
 Only W_q, W_k, W_v and the biases b_q, b_k (3 d^2 + 2 d per sub-layer) train; W_v has no bias, as the adapters
 library's BertFusion (``value_bias=True`` adds one, b_v: fusions saved before it became an option). Init: W_q, W_k
@@ -34,7 +37,7 @@ from torch import nn
 
 from ..config import ConfigError, DeltaConfig, check_range
 from ..layer import DeltaLayer
-from .bottleneck import BottleneckLayer
+from .bottleneck import BottleneckLayer, read_text_switches
 
 
 @dataclass
@@ -53,7 +56,7 @@ class AdapterFusionConfig(DeltaConfig):
     """T: the attention logits q . k_i are divided by it (> 0)."""
     dropout_prob: float | None = None
     """Dropout on the attention logits q . k_i while training. None: the base model's attention_probs_dropout_prob
-    (0 if it has none), as the adapters library's. A saved config without this field reads as 0 (no dropout, as
+    (0 if it has none), as the adapters library's; 0.0 is none (the library's falls back to the model's there). A saved config without this field reads as 0 (no dropout, as
     fusions trained before it existed)."""
     value_bias: bool = False
     """A trainable bias b_v on W_v. False, as the adapters library's BertFusion (its value projection is bias-free);
@@ -85,8 +88,12 @@ class AdapterFusionConfig(DeltaConfig):
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterFusionConfig:
         """As ``DeltaConfig.from_dict``; a config saved before ``value_bias`` and ``dropout_prob`` existed had b_v
-        (its file holds it) and no dropout."""
-        return super().from_dict({"value_bias": True, "dropout_prob": 0.0, **data}, source)
+        (its file holds it) and no dropout; value_bias or init_weights given as text reads as it ran
+        (``bottleneck.read_text_switches``)."""
+        data = read_text_switches(
+            {"value_bias": True, "dropout_prob": 0.0, **data}, ("value_bias", "init_weights"), source
+        )
+        return super().from_dict(data, source)
 
     def uses(self) -> list[str]:
         return list(self.adapter_names)
