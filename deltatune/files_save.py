@@ -128,13 +128,11 @@ def refuse_read_only(folders: list[str]) -> None:
     read-only save folder, or an adapter's sub-folder of an earlier save), before anything is staged or moved in.
 
     Raises:
-        PermissionError: errno EACCES, ``filename`` the folder.
+        PermissionError: errno EACCES, ``filename`` the folder, its text saying it is a read-only folder.
     """
     for folder in folders:
         if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
-            error = PermissionError(f"could not write into {folder}: Permission denied (a read-only folder)")
-            error.errno, error.strerror, error.filename = errno.EACCES, "Permission denied", folder
-            raise error
+            raise PermissionError(errno.EACCES, "Permission denied (a read-only folder)", folder)
 
 
 def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, str], object]) -> None:
@@ -144,8 +142,9 @@ def publish(save_directory: str, folders: dict[str, str], write: Callable[[str, 
     A refusal (a folder that is a file, or read-only: ``refuse_read_only``) or a failed write (a full disk, named by
     its destination file, errno kept) leaves every adapter's files as they were, and so does a move refused after
     others went in (a sticky folder whose files another user owns: ``move_in`` puts back what it moved); a crash
-    between the renames (a power cut, SIGKILL) can leave some adapters new and some old. The hidden folder a killed
-    save left is removed by the next save into the folder (``remove_stale_saves``).
+    between the renames (a power cut, SIGKILL) can leave some adapters new and some old, and even one adapter's files
+    part new, part old (its files are moved one by one, in ``os.listdir`` order). The hidden folder a killed save left
+    is removed by the next save into the folder (``remove_stale_saves``).
     """
     os.makedirs(save_directory, exist_ok=True)
     refuse_read_only([save_directory, *folders.values()])
@@ -174,7 +173,9 @@ def move_in(tmp: str, folders: dict[str, str]) -> None:
     each file replaced is kept aside in ``tmp`` (a hard link, or a copy where linking is refused) until every move
     succeeded, so a move that fails (EPERM in a sticky folder whose file another user owns, which ``os.access`` does
     not tell) puts back every file already moved, removes the folders it made, and is raised as one line naming
-    the destination file (errno kept).
+    the destination file (errno kept). An earlier file that cannot be put back is not lost: it is kept beside its
+    destination as ``<file>.before-save`` (``keep_beside``) and the error names it. The files are moved one rename
+    each, in ``os.listdir`` order: a SIGKILL between two can leave one adapter's files part new, part old.
     """
     aside = os.path.join(tmp, ".before")  # (no adapter is named so: names hold no '.')
     os.makedirs(aside)
@@ -202,12 +203,38 @@ def move_in(tmp: str, folders: dict[str, str]) -> None:
                 os.replace(os.path.join(tmp, name, file), dest)
                 done.append((dest, kept if os.path.lexists(kept) else None))
     except BaseException as exc:
-        for path, kept in reversed(done):  # (best effort: a file that cannot be put back is left as it is)
-            with contextlib.suppress(OSError):
+        notes = []  # (what could not be put back, each named)
+        for path, kept in reversed(done):
+            try:
                 os.replace(kept, path) if kept is not None else os.remove(path)
+            except OSError:
+                beside = None if kept is None else keep_beside(kept, path)
+                notes.append(f"new file left at {path}" if kept is None else f"earlier file kept at {beside}"
+                             if beside else f"earlier file of {path} lost")  # fmt: skip
         for folder in reversed(made):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
+        note = f"; could not put back every file: {', '.join(notes)}" if notes else ""
         if isinstance(exc, OSError) and exc.errno is not None and dest:
-            raise OSError(exc.errno, exc.strerror or str(exc), dest) from None  # (PermissionError for EPERM)
+            raise OSError(exc.errno, (exc.strerror or str(exc)) + note, dest) from None  # (PermissionError for EPERM)
+        if note:
+            exc.add_note(note[2:])
         raise
+
+
+def keep_beside(kept: str, path: str) -> str | None:
+    """An earlier file (``kept``, in the hidden folder a save removes) that could not be put back at ``path``, moved
+    beside it as ``<path>.before-save`` (``.before-save.1``, ... where taken), or copied there where moving fails.
+    Returns its new path, or None where neither worked."""
+    beside, n = f"{path}.before-save", 0
+    while os.path.lexists(beside):
+        n += 1
+        beside = f"{path}.before-save.{n}"
+    try:
+        os.replace(kept, beside)
+    except OSError:
+        try:
+            shutil.copy2(kept, beside, follow_symlinks=False)
+        except OSError:
+            return None
+    return beside

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -264,7 +265,7 @@ def test_a_save_into_a_read_only_folder_is_one_line_naming_it_and_changes_nothin
     message = str(caught.value)
     assert str(folder) in message and ".saving-" not in message and "\n" not in message
     assert isinstance(caught.value, PermissionError) and caught.value.errno == errno.EACCES  # (except PermissionError)
-    assert caught.value.filename == str(folder)
+    assert caught.value.filename == str(folder) and "read-only folder" in message
     monkeypatch.undo()
     assert _files(tmp_path) == before
 
@@ -357,3 +358,41 @@ def test_a_move_that_fails_puts_back_the_files_already_moved_in(tmp_path, monkey
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
     model.save_pretrained(tmp_path)  # (and a save after it goes through)
     assert _files(tmp_path) != before
+
+
+@pytest.mark.parametrize("kept_by", ["rename", "copy"])
+def test_an_earlier_file_that_cannot_be_put_back_is_kept_beside_and_named(tmp_path, monkeypatch, kept_by):
+    """A move into other/ refused (EPERM) after the default adapter's new files went in, and putting the default
+    adapter's earlier files back fails too (EIO): each earlier file is kept beside its destination as
+    <file>.before-save (renamed, or copied where renaming fails) and the one-line error names it. Before, the earlier
+    files sat only in the hidden folder, which the save then deleted: the last copy of the old weights was lost."""
+    model = _two_adapters()
+    model.save_pretrained(tmp_path)
+    before = _files(tmp_path)
+    _bump(model)
+    replace = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        src, dst = os.fspath(src), os.fspath(dst)
+        if f"{os.sep}.before{os.sep}" in src and (kept_by == "copy" or not dst.endswith(".before-save")):
+            raise OSError(errno.EIO, "Input/output error", src)  # (the put-back)
+        if os.path.dirname(dst) == str(tmp_path / "other") and ".saving-" in src:
+            raise PermissionError(errno.EPERM, "Operation not permitted", src, None, dst)
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(PermissionError) as caught:
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert caught.value.errno == errno.EPERM and "\n" not in message and ".saving-" not in message
+    kept = re.findall(r"earlier file kept at (\S+?\.before-save)\b", message)
+    after = _files(tmp_path)
+    changed = sorted(name for name in before if after.get(name) != before[name])
+    assert "adapter_model.safetensors" in changed and not any(name.startswith("other") for name in changed)
+    assert set(changed) <= {os.path.relpath(path, tmp_path)[: -len(".before-save")] for path in kept}  # (config too)
+    for path in kept:  # the old weights recoverable at the path the error names
+        assert (
+            after[os.path.relpath(path, tmp_path)] == before[os.path.relpath(path, tmp_path)[: -len(".before-save")]]
+        )
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
