@@ -63,3 +63,52 @@ def test_a_resume_whose_recipe_now_names_a_regex_reaching_fused_experts_is_refus
         start_model(recipe(r".*\.(q_proj|down_proj)"), tok, None, str(tmp_path / "checkpoint-2"))
     delta, _ = start_model(recipe(["q_proj"]), tok, None, str(tmp_path / "checkpoint-2"))  # as saved: builds
     assert _names(delta) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+
+
+def test_a_resumed_best_whose_global_step_saved_no_checkpoint_is_the_recorded_one_in_this_folder(tmp_path):
+    """eval_steps 5 below save_steps 10: step 15's evaluation improved but saved nothing, so best_global_step is 15
+    and the recorded best checkpoint-10. Resumed with the folder spelled otherwise (relative at the start), the best
+    is this folder's checkpoint-10 (the rotation keeps it by string); a copy holding checkpoint-10, the original
+    still there, keeps its own (it was set to None: 'not in' the copy; review of 271c1b3 / 5476af8)."""
+    import os
+    from types import SimpleNamespace as NS
+
+    from transformers.trainer_utils import sort_checkpoints
+
+    from deltatune.train.trainer_callbacks import BestInThisFolder
+
+    for run in ("orig", "copy"):
+        for step in (10, 20, 30):
+            (tmp_path / run / f"checkpoint-{step}").mkdir(parents=True)
+
+    def best(recorded, out):
+        state = NS(global_step=20, best_model_checkpoint=recorded, best_global_step=15, is_world_process_zero=True)
+        BestInThisFolder().on_train_begin(NS(output_dir=out), state, None)
+        return state.best_model_checkpoint
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        mine = best("orig/checkpoint-10", str(tmp_path / "orig"))
+    finally:
+        os.chdir(here)
+    assert mine == str(tmp_path / "orig" / "checkpoint-10")
+    assert sort_checkpoints(str(tmp_path / "orig"), best_model_checkpoint=mine)[0].endswith("checkpoint-20")
+    assert best(str(tmp_path / "orig" / "checkpoint-10"), str(tmp_path / "copy")) == str(
+        tmp_path / "copy" / "checkpoint-10"
+    )
+
+
+def test_the_quote_hint_is_only_for_what_a_trailing_colon_makes():
+    """`key=Classify this:` on the command line is {'Classify this': None}: the hint says to quote it; a mapping
+    written on purpose for a text key ({'path': 't.jsonl'}) gets the plain type error (review of 98be7e8)."""
+    from deltatune.train.config import build
+
+    with pytest.raises(dt.ConfigError, match=r"quote it: YAML read"):
+        build({"model": {"name_or_path": {"Classify this": None}}, "data": {"train": "t.jsonl"}})
+    with pytest.raises(dt.ConfigError) as err:
+        build({"model": {"name_or_path": "m"}, "data": {"train": {"path": "t.jsonl"}}})
+    assert "must be str" in str(err.value) and "quote it" not in str(err.value)
+    with pytest.raises(dt.ConfigError) as err:
+        dt.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text={"a": 1})
+    assert "quote it" not in str(err.value)

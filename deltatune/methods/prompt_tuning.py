@@ -53,7 +53,8 @@ class PromptTuningConfig(VirtualTokenFields, DeltaConfig):
         self.prompt_tuning_init = init
         text = self.prompt_tuning_init_text
         if text is not None and not isinstance(text, str):  # (method.prompt_tuning_init_text=Classify this: -> dict)
-            hint = " (quote it: YAML read the text's trailing ':' as a mapping)" if isinstance(text, Mapping) else ""
+            colon = isinstance(text, Mapping) and list(text.values()) == [None]  # (what a trailing ':' makes)
+            hint = " (quote it: YAML read the text's trailing ':' as a mapping)" if colon else ""
             raise ConfigError(f"prompt_tuning_init_text must be a string, got {text!r}{hint}")
         if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, Mapping):
             raise ConfigError(

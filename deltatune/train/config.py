@@ -342,7 +342,7 @@ def _typed(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
         if not ok:
             names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
             quote = " (quote it: YAML read the text's trailing ':' as a mapping)"  # (key=Classify this: -> a dict)
-            quote = quote if str in kinds and isinstance(value, dict) else ""
+            quote = quote if str in kinds and isinstance(value, dict) and list(value.values()) == [None] else ""
             raise ConfigError(f"{section}.{key} must be {names}, got {value!r}{quote}")
         if isinstance(value, float) and not math.isfinite(value):  # YAML's .inf and .nan
             raise ConfigError(f"{section}.{key} must be a finite number, got {value!r}")

@@ -135,8 +135,11 @@ class BestInThisFolder(TrainerCallback):
         if state.global_step <= 0 or not args.output_dir:
             return
         recorded = state.best_model_checkpoint
-        step = state.best_global_step or (recorded and recorded.rstrip("/\\").rsplit("-", 1)[-1])
-        mine = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}") if step else None
+        # The recorded checkpoint's name first: best_global_step may be an evaluation that saved none (eval_steps
+        # below save_steps), its checkpoint the recorded one; a moved folder's recorded path is gone (dropped).
+        names = [os.path.basename(recorded.rstrip("/\\"))] if recorded else []
+        names += [f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"] if state.best_global_step else []
+        mine = next((p for n in names if os.path.isdir(p := os.path.join(args.output_dir, n))), None)
         # Spelled as output_dir even where the recorded path is the same folder (relative at the start, absolute
         # now, or through a link): the rotation keeps the best by comparing path strings with output_dir's glob.
         if mine and os.path.isdir(mine):
