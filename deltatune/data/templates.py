@@ -246,8 +246,8 @@ def render(
             if i >= train_from and m.get("weight") != 0:
                 spans.append((start, end))
             text += suffix
-        else:
-            text += getattr(t, m["role"]).format(content=m["content"])
+        elif m["role"] != "system" or m["content"]:  # an empty system prompt writes none, as LLaMA-Factory's
+            text += getattr(t, m["role"]).format(content=m["content"])  # templates read system "" (no empty block)
     if add_generation_prompt:
         text += t.generation_prefix
     return text, spans
