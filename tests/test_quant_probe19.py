@@ -212,3 +212,49 @@ def test_keep_in_fp32_modules_strict_naming_a_module_is_quantised_as_transformer
     assert skip_changes(Strict.from_pretrained(tmp_path), None) == []  # nothing changed for a trained run
     _quantize(Strict.from_pretrained(tmp_path), {"backend": "bitsandbytes"}, trained=True)
     assert "note" not in capsys.readouterr().err
+
+
+# -- noise: the trained-run note above printed on every reload / eval / resume of every run whose skip_modules names
+# a module, also of runs trained after 2026-12-07; a run now records runfolder.MARKS when it begins -----------------
+def test_a_run_trained_under_the_module_rule_reloads_without_the_note_one_from_before_with_it(tmp_path, capsys):
+    import json
+    import os
+
+    from tiny import save_tiny
+    from transformers import AutoTokenizer
+
+    from deltatune.train import run as run_mod
+    from deltatune.train.config import build
+    from deltatune.train.run_load import load_adapter_model
+    from deltatune.train.runfolder import MARKS
+
+    base = save_tiny(tmp_path / "base", "llama", hidden_size=64, intermediate_size=128)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of a small text"}) + "\n" for i in range(4)))
+    out = tmp_path / "run"
+    recipe = {"stage": "pt", "model": {"name_or_path": base, "quantization": {"bits": 4, "backend": "bitsandbytes",
+              "skip_modules": ["model.layers.0"]}}, "method": {"name": "lora", "r": 4, "target_modules": ["q_proj"]},
+              "data": {"train": str(data), "max_length": 16},
+              "train": {"batch_size": 4, "max_steps": 1, "lr": 0.01, "report_to": ["none"]},
+              "output": {"dir": str(out)}}  # fmt: skip
+    run_mod.train(build(recipe))
+    assert json.loads((out / MARKS).read_text()) == {"quant_skip_rule": 2}
+    capsys.readouterr()
+
+    def note() -> list[str]:
+        cfg = build(recipe)
+        cfg.trained_run = True  # a resume's or eval's base (run.build_model): the run's output.dir holds its marks
+        run_mod.build_model(cfg, AutoTokenizer.from_pretrained(base))
+        resumed = [line for line in capsys.readouterr().err.splitlines() if "note: skip_modules" in line]
+        delta, _ = load_adapter_model(str(out))
+        assert [n.removesuffix(".base_layer") for n in _four_bit(delta.get_base_model())] == sorted(  # layers.1's
+            f"model.layers.1.{m}" for m in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                            "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"))  # fmt: skip
+        reloaded = [line for line in capsys.readouterr().err.splitlines() if "note: skip_modules" in line]
+        assert reloaded == resumed
+        return reloaded
+
+    assert note() == []  # was: the note, on a run trained under the rule
+    os.remove(out / MARKS)  # a run written before 2026-12-07
+    [line] = note()
+    assert "'model.layers.0'" in line and "its 7 layers" in line

@@ -37,6 +37,7 @@ from .runfolder import (
     check_apart,
     check_output_path,
     facts_changes,
+    mark_run,
     recipe_changes,
     resume_checkpoint,
     run_facts,
@@ -183,7 +184,8 @@ def build_model(cfg: RunConfig, tok, labels: list[str] | None = None) -> torch.n
         getattr(tok, "pad_token_id", None),  # an image processor has none
     )
     check_vocab(cfg.model.name_or_path, model, tok)  # (a larger tokenizer: IndexError in the first step)
-    model = set_problem_type(_quantize(model, cfg.model.quantization, trained=cfg.trained_run), cfg)
+    trained = cfg.output.dir if cfg.trained_run is True else cfg.trained_run  # (the run's folder: its marks)
+    model = set_problem_type(_quantize(model, cfg.model.quantization, trained=trained), cfg)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache while training (it would also disable packed-sequence masks)
     return model
@@ -352,6 +354,8 @@ def _train(
         if trainer.is_world_process_zero() and write_recipe:
             with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
                 yaml.safe_dump(recipe, fh, sort_keys=False)
+        if trainer.is_world_process_zero() and checkpoint is None:  # (a resumed run keeps its marks, or none)
+            mark_run(out)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         replacement.started()  # a run of zero steps has started too
     except BaseException:
@@ -456,6 +460,8 @@ def _run_loop(
         if write_recipe:
             with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
                 yaml.safe_dump(recipe, fh, sort_keys=False)
+        if checkpoint is None:  # (a resumed run keeps its marks, or none)
+            mark_run(out)
         # Only a resumed run passes the checkpoint: loops that write none keep their three-argument signature.
         metrics, history = prepared.loop(delta, tok, cfg, checkpoint) if checkpoint else prepared.loop(delta, tok, cfg)
         replacement.started()

@@ -11,6 +11,7 @@ Split from run.py in session 46 to give it headroom; it imports nothing of run.p
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -27,19 +28,28 @@ from .runs import folder_with, read_recipe, run_file, run_template
 from .table import IMAGE_STAGES, TASK_OF_STAGE
 
 
-def _quantize(model: torch.nn.Module, quantization: dict | None, *, trained: bool = False) -> torch.nn.Module:
+def _quantize(model: torch.nn.Module, quantization: dict | None, *, trained: bool | str = False) -> torch.nn.Module:
     """The base quantised as the recipe's ``model.quantization`` says (QLoRA), or as it is. ``trained``: the base of
-    a run that trained already (reloaded, resumed): one with no linear layer to quantise stays in full precision, as
-    it trained before quantize refused such a model (5861694); a new run is refused. A trained run's skip_modules
-    or _keep_in_fp32_modules entry naming a module (kept nothing before 2026-12-07, keeps the layers in it since;
-    the run records no date) gets a one-line note."""
+    a run that trained already (reloaded, resumed; its folder or a checkpoint of it, or True): one with no linear
+    layer to quantise stays in full precision, as it trained before quantize refused such a model (5861694); a new
+    run is refused. A trained run's skip_modules or _keep_in_fp32_modules entry naming a module (kept nothing before
+    2026-12-07, keeps the layers in it since) gets a one-line note, unless its folder's marks (runfolder.MARKS) say
+    it began under that rule."""
     if not quantization:
         return model
     from .. import quantize
     from ..methods._quant_skip import skip_changes
     from ..methods.quant_tools import NothingToQuantize
+    from .runfolder import MARKS
+    from .runs import run_folder
 
-    for what, entry, n in skip_changes(model, quantization.get("skip_modules")) if trained else []:
+    folder = run_folder(trained) if isinstance(trained, str) and os.path.isdir(trained) else None
+    try:  # (a mark unread: the note, as for a run from before)
+        with open(os.path.join(folder, MARKS), encoding="utf-8") as fh:  # type: ignore[arg-type]
+            ruled = json.load(fh).get("quant_skip_rule", 1) >= 2
+    except (OSError, TypeError, ValueError, AttributeError):
+        ruled = False
+    for what, entry, n in skip_changes(model, quantization.get("skip_modules")) if trained and not ruled else []:
         print(f"deltatune: note: {what} {entry!r} names a module: since 2026-12-07 its {n} layers stay in full "
               "precision; this run, if trained before, may have trained them in 4 bits", file=sys.stderr)  # fmt: skip
     try:
@@ -123,7 +133,7 @@ def load_adapter_model(adapter_dir: str, model: str | None = None, merged: bool 
         pad_token_id=getattr(tok, "pad_token_id", None),
     )
     if recipe_path:  # a QLoRA run's adapter on the 4-bit base it was trained on; cls's problem type
-        base = set_problem_type(_quantize(base, cfg.model.quantization, trained=True), cfg)
+        base = set_problem_type(_quantize(base, cfg.model.quantization, trained=adapter_dir), cfg)
     delta = DeltaModel.from_pretrained(base, adapter_dir)
     reload_as_trained(delta, adapter_dir)
     return (merge(delta, tok)[0] if merged else delta), tok

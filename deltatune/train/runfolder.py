@@ -585,3 +585,13 @@ def publish_folder(staging: str, out: str) -> None:
             os.rename(aside, out)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+MARKS = "deltatune_marks.json"
+"""A run's marks, written when it begins (``mark_run``): ``quant_skip_rule`` 2, it trained from its first step under
+quantize's module rule of 2026-12-07 (run_load._quantize notes a run without it when a skip entry names a module)."""
+
+
+def mark_run(folder: str) -> None:
+    with open(os.path.join(folder, MARKS), "w", encoding="utf-8") as fh:
+        json.dump({"quant_skip_rule": 2}, fh)
