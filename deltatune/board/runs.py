@@ -335,11 +335,41 @@ def trainable_parameters(folder: str) -> int | None:
         shape = value.get("shape") or [1] if isinstance(value, dict) else None
         if name != "__metadata__" and isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape):
             total += math.prod(shape)  # type: ignore[operator]
+    if total is not None:
+        total = _reparametrised(_read_json(_in(folder, "adapter_config.json")), total)
     with _LOGS_LOCK:
         if path not in _COUNTS and len(_COUNTS) >= 4096:
             _COUNTS.pop(next(iter(_COUNTS)))
         _COUNTS[path] = (key, total)
     return total
+
+
+def _reparametrised(config: Any, saved: int) -> int:
+    """peft's print_trainable_parameters of a prompt method trained through a reparametrisation, from its
+    adapter_config.json: only the folded prefixes are saved (prefix_projection: n x 2Ld of an n x d table and a
+    d-h-2Ld MLP; P-tuning: n x d of a table and its MLP or LSTM encoder), so the file held 192 values of a run that
+    trained 760. ``saved`` (the file's count) for every other method or a config that does not say."""
+    if not isinstance(config, dict):
+        return saved
+    kind, reparam = config.get("peft_type"), config.get("encoder_reparameterization_type", "MLP")
+    names = ("num_virtual_tokens", "num_transformer_submodules", "token_dim", "encoder_hidden_size", "num_layers")
+    values = [config.get(k) for k in names]
+    if not all(type(v) is int and v > 0 for v in values):
+        return saved
+    n, subs, d, h, layers = values
+    if kind == "PREFIX_TUNING" and config.get("prefix_projection") is True:  # peft's PrefixEncoder
+        return n * d + d * h + h + (h + 1) * 2 * layers * d
+    if kind != "P_TUNING":
+        return saved
+    table = n * subs * d  # peft's PromptEncoder: its embedding holds total_virtual_tokens rows
+    if reparam == "MLP":  # Linear(d, h), Linear(h, h), Linear(h, d) (encoder_num_layers unread, as in peft)
+        return table + (d + 1) * h + (h + 1) * h + (h + 1) * d
+    depth = config.get("encoder_num_layers", 2)
+    if reparam != "LSTM" or type(depth) is not int or depth <= 0:
+        return saved
+    # a bidirectional LSTM of ``depth`` layers (4h x input, 4h x h, two 4h biases each way), then Linear(2h, 2h), Linear(2h, d)
+    lstm = sum(2 * (4 * h * (d if i == 0 else 2 * h) + 4 * h * h + 8 * h) for i in range(depth))
+    return table + lstm + (2 * h + 1) * 2 * h + (2 * h + 1) * d
 
 
 def _lock_alive(folder: str) -> bool | None:

@@ -1,0 +1,63 @@
+"""Probe 19 of ``deltatune board``: the trainable-parameter figure of a run against peft's
+print_trainable_parameters."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+
+pytest.importorskip("fastapi")
+peft = pytest.importorskip("peft")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from test_board_probe11 import write_run  # noqa: E402
+from tiny import tiny_model  # noqa: E402
+
+import deltatune as dt  # noqa: E402
+from deltatune.board import runs  # noqa: E402
+
+PROMPT = dict(num_virtual_tokens=3, encoder_hidden_size=8)
+REPARAMETRISED = {
+    "prefix-projection": ("llama", "PrefixTuningConfig", dict(prefix_projection=True)),
+    "p-tuning-mlp": ("llama", "PromptEncoderConfig", {}),
+    "p-tuning-lstm": ("llama", "PromptEncoderConfig", dict(encoder_reparameterization_type="LSTM")),
+    "p-tuning-lstm-3": (
+        "llama",
+        "PromptEncoderConfig",
+        dict(encoder_reparameterization_type="LSTM", encoder_num_layers=3),
+    ),
+    "p-tuning-t5": ("t5", "PromptEncoderConfig", {}),  # two transformer submodules: twice the table's rows
+    "prefix-plain": ("llama", "PrefixTuningConfig", {}),  # no reparametrisation: the file's count is peft's
+}
+
+
+@pytest.mark.parametrize("lib", ["peft", "deltatune"])
+def test_trainable_params_of_a_reparametrised_prompt_method_are_peft_print_trainable_parameters(tmp_path, lib):
+    """Prefix tuning with prefix_projection and P-tuning save only the folded prefixes (peft's prompt_embeddings):
+    the board counted the file's values, 192 for a prefix run whose print_trainable_parameters said 760 (P-tuning:
+    96 for 720, its LSTM encoder 96 for 5,264). The figure is now peft's, for either library's saved adapter."""
+    want = {}
+    for name, (family, cls, extra) in REPARAMETRISED.items():
+        task = "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM"
+        module = peft if lib == "peft" else dt
+        config = getattr(module, cls)(task_type=task, **PROMPT, **extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = (peft.get_peft_model if lib == "peft" else dt.get_delta_model)(tiny_model(family), config)
+            want[name] = model.get_nb_trainable_parameters()[0]
+            model.save_pretrained(str(write_run(tmp_path, name)))
+    listed = {r["name"]: r["trainable_params"] for r in runs.list_runs(str(tmp_path))}
+    assert listed == want
+    assert want["prefix-projection"] == 760 and want["p-tuning-lstm"] == 5264  # (hand-checked, see the docstring)
+
+
+def test_a_config_naming_no_sizes_keeps_the_files_count(tmp_path):
+    """An adapter_config.json without the sizes (or with text for them) leaves the count of the file's values."""
+    folder = write_run(tmp_path, "r")
+    model = dt.get_delta_model(tiny_model("llama"), dt.PromptEncoderConfig(task_type="CAUSAL_LM", **PROMPT))
+    model.save_pretrained(str(folder))
+    (folder / "adapter_config.json").write_text('{"peft_type": "P_TUNING", "token_dim": "32"}', encoding="utf-8")
+    assert runs.trainable_parameters(str(folder)) == 3 * 32
