@@ -97,7 +97,10 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             keep = lab != IGNORE_INDEX
             pred_tags.append([names[i] for i in pr[keep]])
             true_tags.append([names[i] for i in lab[keep]])
-        prf = M.entity_prf(pred_tags, true_tags)
+        # seqeval reads the rows as one sequence, each row ended by an "O": a chunk seqeval does not end there (a
+        # typeless tag such as "X" before the "O") runs on into the next row, as in evaluate's seqeval of run_ner
+        pred_seq, true_seq = ([t for row in rows for t in [*row, "O"]] for rows in (pred_tags, true_tags))
+        prf = M.entity_prf([pred_seq], [true_seq])
         flat = [(a, b) for ps, ts in zip(pred_tags, true_tags) for a, b in zip(ps, ts)]
         out = {
             "f1": prf["f1"],
@@ -107,7 +110,9 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
         }
         if by_type:  # run_ner's keys: <type>_precision, <type>_recall, <type>_f1, <type>_number
             out |= {
-                f"{k}_{n}": v for k, got in M.entity_prf_by_type(pred_tags, true_tags).items() for n, v in got.items()
+                f"{k}_{n}": v
+                for k, got in M.entity_prf_by_type([pred_seq], [true_seq]).items()
+                for n, v in got.items()
             }
         return out
 
