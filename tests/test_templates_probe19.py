@@ -105,3 +105,32 @@ def test_sharegpt_out_of_order_is_one_line(turns, why):
     with pytest.raises(DataError) as err:
         _read(row)
     assert str(err.value).startswith("f.jsonl:3: ") and why in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "call, where",
+    [
+        ({"name": "get_weather", "parameters": {"city": "Paris"}}, "f.jsonl:3: conversations[1].value"),
+        ([{"name": "get_weather", "parameters": {"city": "Paris"}}], "f.jsonl:3: conversations[1].value[0]"),
+        ({"function": {"name": "get_weather", "parameters": {"city": "Paris"}}}, "f.jsonl:3: conversations[1].value"),
+    ],
+)
+def test_call_with_parameters_not_arguments_is_one_line(call, where):
+    """A call written {name, parameters} (Llama 3's output shape): LLaMA-Factory's FunctionFormatter reads
+    ``tool_call["arguments"]`` and fails on it; it was read as a call with no arguments (``{}``), trained so."""
+    import json
+
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": json.dumps(call)},
+            {"from": "observation", "value": "sunny"},
+            {"from": "gpt", "value": "Sunny."},
+        ],
+        "tools": json.dumps([{"name": "get_weather", "parameters": {"type": "object", "properties": {}}}]),
+    }
+    with pytest.raises(DataError) as err:
+        _read(row)
+    assert str(err.value).startswith(f"{where}: the call writes its arguments under 'parameters'")
+    row["conversations"][1]["value"] = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+    assert _read(row)[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
