@@ -61,3 +61,37 @@ def test_a_config_naming_no_sizes_keeps_the_files_count(tmp_path):
     model.save_pretrained(str(folder))
     (folder / "adapter_config.json").write_text('{"peft_type": "P_TUNING", "token_dim": "32"}', encoding="utf-8")
     assert runs.trainable_parameters(str(folder)) == 3 * 32
+
+
+def test_the_pages_files_answer_if_modified_since_as_rfc_9110_says(tmp_path):
+    """RFC 9110, 13.1.3: without If-None-Match, an If-Modified-Since at or after the file's Last-Modified is a 304
+    (``curl -z``, a proxy revalidating on the date alone got the whole file each time); an earlier date, one that does
+    not parse or two of them get the file; an If-None-Match present decides alone."""
+    from email.utils import formatdate, parsedate_to_datetime
+
+    from fastapi.testclient import TestClient
+
+    from deltatune.board import create_app
+
+    c = TestClient(create_app(str(tmp_path)), base_url="http://127.0.0.1")
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        first = c.get(path)
+        modified = first.headers["last-modified"]
+        earlier = formatdate(parsedate_to_datetime(modified).timestamp() - 1, usegmt=True)
+        later = formatdate(parsedate_to_datetime(modified).timestamp() + 3600, usegmt=True)
+        cases = {
+            "same": ([("If-Modified-Since", modified)], 304),
+            "later": ([("If-Modified-Since", later)], 304),
+            "earlier": ([("If-Modified-Since", earlier)], 200),
+            "not a date": ([("If-Modified-Since", "yesterday")], 200),
+            "two values": ([("If-Modified-Since", modified), ("If-Modified-Since", later)], 200),
+            "etag decides": ([("If-None-Match", '"other"'), ("If-Modified-Since", modified)], 200),
+        }
+        for case, (headers, status) in cases.items():
+            got = c.get(path, headers=headers)
+            assert (got.status_code, len(got.content) if status == 200 else got.content) == (
+                status,
+                len(first.content) if status == 200 else b"",
+            ), (path, case)
+            if status == 304:
+                assert got.headers["etag"] == first.headers["etag"] and got.headers["cache-control"] == "no-cache"

@@ -9,6 +9,7 @@ page needs no cross-origin calls and the API key stays on the server). Needs the
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import json
 import os
@@ -68,8 +69,14 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
 
     def asset(name: str, http: HttpRequest) -> Response:
         path = os.path.join(STATIC, name)  # (stat_result: its ETag is set here, not when it is sent)
-        sent = FileResponse(path, media_type=_ASSETS[name], headers=_REVALIDATE, stat_result=os.stat(path))
-        if _none_match(sent.headers["etag"], http.headers.getlist("if-none-match")):  # (FileResponse sends 200)
+        info = os.stat(path)
+        sent = FileResponse(path, media_type=_ASSETS[name], headers=_REVALIDATE, stat_result=info)
+        tags = http.headers.getlist("if-none-match")  # (FileResponse sends 200 to either)
+        if (
+            _none_match(sent.headers["etag"], tags)
+            if tags
+            else _unmodified(info, http.headers.getlist("if-modified-since"))
+        ):
             return Response(status_code=304, headers={k: sent.headers[k] for k in ("etag", "cache-control")})
         return sent
 
@@ -132,6 +139,23 @@ def _none_match(etag: str, fields: list[str]) -> bool:
             if tag == "*" or tag.removeprefix("W/") == mine:
                 return True
     return False
+
+
+def _unmodified(info: os.stat_result, fields: list[str]) -> bool:
+    """Whether an If-Modified-Since header (read only without If-None-Match) dates the file's Last-Modified or later
+    (RFC 9110, 13.1.3: an invalid date or a second value is ignored). ``curl -z``, a proxy revalidating on
+    Last-Modified alone got the whole file again each time."""
+    from email.utils import parsedate_to_datetime
+
+    if len(fields) != 1:
+        return False
+    try:
+        since = parsedate_to_datetime(fields[0])
+    except (TypeError, ValueError, IndexError):
+        return False
+    if since.tzinfo is None:  # (an HTTP-date is GMT; the obsolete forms parse without a zone)
+        since = since.replace(tzinfo=datetime.timezone.utc)
+    return int(info.st_mtime) <= since.timestamp()
 
 
 class _Head:
