@@ -71,3 +71,47 @@ def test_tag_entity_scores_are_seqevals_where_a_chunk_runs_into_the_next_row(tmp
     assert sorted(got) == sorted(want)
     for key, value in want.items():
         assert abs(got[key] - value) < 1e-12, (key, got[key], value)
+
+
+class _BareTok:
+    """A whitespace tokenizer that adds no token of its own, as GPT-2's, Qwen's and SmolLM's do: "" -> []."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, pair=None, **kwargs):
+        ids = [3 + len(w) for w in f"{text} {pair or ''}".split()]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+def test_transformers_scores_a_row_without_tokens_at_a_pad():
+    """The reference: a row of pads only beside a real one, transformers' classifier reads its position 0 (a pad)."""
+    import torch
+    from tiny import tiny_model
+
+    model = tiny_model("llama", "seq_cls").eval()
+    model.config.pad_token_id = 0
+    ids = torch.tensor([[5, 6, 7], [0, 0, 0]])
+    out = model(input_ids=ids, attention_mask=(ids != 0).long(), output_hidden_states=True)
+    pad_score = model.score(out.hidden_states[-1][1, 0])
+    torch.testing.assert_close(out.logits[1], pad_score)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_cls_refuses_a_row_without_tokens_naming_it(tmp_path, split):
+    """HEAD encoded the empty text as [] and trained the class on a pad token's score (the test above); now one line
+    names the row, and the recipe is as it was (data.multi_label not set by the refused call)."""
+    from deltatune.data.load import DataError
+    from deltatune.train.cls import prepare_cls
+
+    good = [{"text": "a cat", "label": ["pos"]}, {"text": "a dog", "label": ["neg"]}]
+    bad = [*good, {"text": "", "label": ["neg"]}]
+    files = {}
+    for name, rows in (("train", bad if split == "train" else good), ("eval", bad if split == "eval" else good)):
+        files[name] = str(tmp_path / f"{name}.jsonl")
+        Path(files[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build({"stage": "cls", "model": {"name_or_path": "unused"}, "data": files})
+    before = cfg.data.multi_label
+    with pytest.raises(DataError) as err:
+        prepare_cls(cfg, _BareTok())
+    assert str(err.value).startswith(f"{tmp_path / split}.jsonl:3: column 'text' gives no token")
+    assert "\n" not in str(err.value) and cfg.data.multi_label == before

@@ -66,7 +66,7 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
     eval_rows = eval_rows if held is None else held
 
     def enc(rows):
-        return encode_cls(
+        encoded = encode_cls(
             rows,
             tok,
             d.text_column,
@@ -77,6 +77,8 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
             d.text_pair_column,
             problem,
         )
+        _refuse_no_tokens(rows, encoded.examples, d.text_column, tok)
+        return encoded
 
     notes: list[str] = [] if d.labels or names is None else _score_note(names)
     train, ev = _encode_splits(enc, train_rows, eval_rows, d.max_length, notes)
@@ -109,6 +111,22 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         notes=notes,
         trainer_class=partial(FloatTargetTrainer, loss=loss) if loss else TokenLossTrainer,
     )
+
+
+def _refuse_no_tokens(rows: list, examples: list[dict], column: str, tok) -> None:
+    """Refuse a row that encodes to no token (an empty text, from a tokenizer that adds none of its own: GPT-2's,
+    Qwen's, SmolLM's): padded in a batch, transformers' classifier reads the last token that is not the pad, finds
+    none and scores the row's first pad (position 0), silently; alone in a batch the forward fails deep in torch.
+
+    Raises:
+        DataError: the first such row, named.
+    """
+    for row, ex in zip(rows, examples):
+        if not ex["input_ids"]:
+            raise DataError(
+                f"{row.source}: column {column!r} gives no token ({type(tok).__name__} adds none to an empty text): "
+                "the classifier would score a pad token; give the row a text or leave it out"
+            )
 
 
 def check_bool_labels(labelled: list[tuple[str, Any]], column: str, labels: list | None) -> None:
