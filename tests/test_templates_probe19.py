@@ -134,3 +134,15 @@ def test_call_with_parameters_not_arguments_is_one_line(call, where):
     assert str(err.value).startswith(f"{where}: the call writes its arguments under 'parameters'")
     row["conversations"][1]["value"] = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
     assert _read(row)[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
+def test_flat_tool_schema_is_wrapped_as_chat_completions_send_it():
+    """A flat schema with OpenAI Responses' ``"type": "function"`` beside its name renders as the nested one a chat
+    completions request sends (and LLaMA-Factory's ToolFormatter reads: ``tool["function"]`` where the type is
+    "function"); the type was kept inside the function, so the rendered tools differed from a served request's."""
+    from deltatune.data.tools import row_tools
+
+    fn = {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {}}}
+    nested = row_tools(Row({"tools": [{"type": "function", "function": fn}]}, "f.jsonl:3"), "tools")
+    assert row_tools(Row({"tools": [{"type": "function", **fn}]}, "f.jsonl:3"), "tools") == nested
+    assert row_tools(Row({"tools": [fn]}, "f.jsonl:3"), "tools") == nested == [{"type": "function", "function": fn}]

@@ -72,7 +72,12 @@ def row_tools(row: Row, column: str) -> list[dict] | None:
             raise DataError(
                 f"{row.source}: {column}[{i}] must be a tool schema (a JSON object), got {type(v).__name__}"
             )
-    schemas = [v if "function" in v else {"type": "function", "function": v} for v in value]
+    # A flat schema ({name, parameters}, LLaMA-Factory's; OpenAI's Responses API writes its "type": "function" beside
+    # them) is wrapped as chat completions send it: its "type" is the wrapper's, not a key of the function.
+    schemas = [
+        v if "function" in v else {"type": "function", "function": {k: x for k, x in v.items() if k != "type"}}
+        for v in value
+    ]
     for i, v in enumerate(schemas):
         if not isinstance(v["function"], dict) or not isinstance(v["function"].get("name"), str):
             raise DataError(f"{row.source}: {column}[{i}]: a tool schema needs a function name")
