@@ -95,3 +95,30 @@ def test_the_pages_files_answer_if_modified_since_as_rfc_9110_says(tmp_path):
             ), (path, case)
             if status == 304:
                 assert got.headers["etag"] == first.headers["etag"] and got.headers["cache-control"] == "no-cache"
+
+
+def _adapter(folder, shapes: dict[str, list[int]]) -> None:
+    import json
+    import struct
+
+    header = json.dumps({k: {"dtype": "F32", "shape": v, "data_offsets": [0, 0]} for k, v in shapes.items()}).encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+def test_a_training_run_shows_its_newest_checkpoints_trainable_params(tmp_path):
+    """A run writes adapter_model.safetensors at its end: while it trained (hours beside checkpoint-500's adapter)
+    the page said "trainable parameters: when saved". The newest checkpoint's adapter (by step: checkpoint-10 after
+    checkpoint-2) counts until then; one still being written is passed over, one linked out of the run not read."""
+    run = write_run(tmp_path, "r")
+    assert runs.trainable_parameters(str(run)) is None
+    _adapter(run / "checkpoint-2", {"a": [2, 3]})
+    _adapter(run / "checkpoint-10", {"a": [2, 3], "b": [4]})
+    assert runs.trainable_parameters(str(run)) == 10
+    (run / "checkpoint-12").mkdir()
+    (run / "checkpoint-12" / "adapter_model.safetensors").write_bytes(b"\x40\x00")  # its header not yet written
+    _adapter(tmp_path / "elsewhere", {"a": [1000]})
+    (run / "checkpoint-99").symlink_to(tmp_path / "elsewhere")
+    assert {r["name"]: r["trainable_params"] for r in runs.list_runs(str(tmp_path))} == {"r": 10}
+    _adapter(run, {"a": [7]})  # the run's own, at its end
+    assert runs.trainable_parameters(str(run)) == 7

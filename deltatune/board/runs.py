@@ -316,7 +316,20 @@ def _key(key: Any) -> Any:
 
 
 def trainable_parameters(folder: str) -> int | None:
-    """The number of values in ``adapter_model.safetensors``, read from its header alone (no tensor is loaded)."""
+    """The number of values in ``adapter_model.safetensors``, read from its header alone (no tensor is loaded); while
+    the run has none (it trains), its newest checkpoint's (the page said "when saved" for the whole run beside
+    checkpoint-500's adapter)."""
+    if not os.path.isfile(_in(folder, "adapter_model.safetensors")):
+        saved = glob.glob(os.path.join(glob.escape(folder), "checkpoint-*", "adapter_model.safetensors"))
+        for path in sorted(saved, key=_step, reverse=True):
+            checkpoint = inside(folder, os.path.basename(os.path.dirname(path)))  # (a link out of the run: not read)
+            count = None if checkpoint is None else _count(checkpoint)
+            if count is not None:  # (one being written: the one before)
+                return count
+    return _count(folder)
+
+
+def _count(folder: str) -> int | None:
     path = _in(folder, "adapter_model.safetensors")
     try:
         with open(path, "rb") as fh:
