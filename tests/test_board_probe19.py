@@ -122,3 +122,15 @@ def test_a_training_run_shows_its_newest_checkpoints_trainable_params(tmp_path):
     assert {r["name"]: r["trainable_params"] for r in runs.list_runs(str(tmp_path))} == {"r": 10}
     _adapter(run, {"a": [7]})  # the run's own, at its end
     assert runs.trainable_parameters(str(run)) == 7
+
+
+def test_a_preference_runs_headline_holds_its_reward_accuracy(tmp_path):
+    """A DPO run's metrics.json holds TRL's ``eval_rewards/accuracies`` (deltatune.train.dpo); the list's headline
+    looked for ``eval_reward_accuracy``, which no stage writes, and showed the DPO run's loss alone."""
+    import json
+
+    run = write_run(tmp_path, "dpo", recipe={"stage": "dpo"})
+    metrics = {"eval_loss": 0.61, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.4, "train_loss": 0.65}
+    (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (row,) = runs.list_runs(str(tmp_path))
+    assert row["metrics"] == {"eval_rewards/accuracies": 0.75, "eval_loss": 0.61, "train_loss": 0.65}

@@ -31,7 +31,8 @@ HEADLINE = (
     "eval_pearson",
     "eval_f1_micro",
     "eval_rougeL",
-    "eval_reward_accuracy",
+    "eval_reward_accuracy",  # (no stage writes it; kept for a metrics.json that holds it)
+    "eval_rewards/accuracies",  # DPO, CPO, ORPO, SimPO (TRL's name)
     "eval_loss",
     "train_loss",
 )
