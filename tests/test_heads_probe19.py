@@ -115,3 +115,25 @@ def test_cls_refuses_a_row_without_tokens_naming_it(tmp_path, split):
         prepare_cls(cfg, _BareTok())
     assert str(err.value).startswith(f"{tmp_path / split}.jsonl:3: column 'text' gives no token")
     assert "\n" not in str(err.value) and cfg.data.multi_label == before
+
+
+@pytest.mark.parametrize("labels, at", [([0, 1], 0), (["O", "B-per", None], 2), (["O", 1.5], 1)])
+def test_tag_refuses_data_labels_that_are_not_names_before_training(tmp_path, labels, at):
+    """HEAD trained on data.labels [0, 1] and failed at the first evaluation, in the entity scorer ('int' object is
+    not subscriptable; seqeval's get_entities fails alike on a number, 'int' object has no attribute 'startswith')."""
+    from seqeval.metrics import f1_score
+    from tiny import tokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.train.tag import prepare_tag
+
+    with pytest.raises(AttributeError):  # the reference: seqeval cannot score numbers as tags
+        f1_score([[1, 0]], [[1, 0]])
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"tokens": ["a", "cat"], "ner_tags": [1, 0]}) + "\n")
+    cfg = build({"stage": "tag", "data": {"train": str(path), "labels": labels}})
+    with pytest.raises(ConfigError) as err:
+        prepare_tag(cfg, tokenizer())
+    assert str(err.value).startswith(f"data.labels[{at}] is {labels[at]!r}, not a tag's name") and "\n" not in str(
+        err.value
+    )

@@ -47,6 +47,12 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     d = cfg.data
     _refuse_bool_tags([*train_rows, *(eval_rows or [])], d.tags_column)
     if d.labels:
+        at = next((i for i, x in enumerate(d.labels) if not isinstance(x, str)), None)
+        if at is not None:  # seqeval reads a tag's prefix and type from its text: a number failed at the first eval
+            raise ConfigError(
+                f"data.labels[{at}] is {d.labels[at]!r}, not a tag's name: stage tag scores entities from the names "
+                "(O, B-per, I-per, ...) in tag-id order, as seqeval reads them; quote a name YAML reads as a number"
+            )
         names = list(d.labels)
     else:
         tagged = [(r, t) for r in train_rows + (eval_rows or []) for t in (r.get(d.tags_column) or [])]
