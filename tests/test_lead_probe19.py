@@ -112,3 +112,32 @@ def test_the_quote_hint_is_only_for_what_a_trailing_colon_makes():
     with pytest.raises(dt.ConfigError) as err:
         dt.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text={"a": 1})
     assert "quote it" not in str(err.value)
+
+
+def test_eval_of_a_moved_new_qlora_run_prints_no_old_rule_note(tmp_path, capsys):
+    """eval passes the run's folder for its marks (deltatune_marks.json), not run.yaml's output.dir: a run trained
+    under the module rule, moved, then evaluated printed the note meant for runs from before it (e238f46's gap)."""
+    import json
+    import shutil
+
+    from tiny import save_tiny
+
+    from deltatune.train import run as run_mod
+    from deltatune.train.config import build
+    from deltatune.train.evaluation import evaluate
+
+    base = save_tiny(tmp_path / "base", "llama", hidden_size=64, intermediate_size=128)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of a small text"}) + "\n" for i in range(4)))
+    quantization = {"bits": 4, "backend": "bitsandbytes", "skip_modules": ["model.layers.0"]}
+    recipe = {"stage": "pt", "model": {"name_or_path": base, "quantization": quantization},
+              "method": {"name": "lora", "r": 4, "target_modules": ["q_proj"]},
+              "data": {"train": str(data), "max_length": 16},
+              "train": {"batch_size": 4, "max_steps": 1, "lr": 0.01, "report_to": ["none"]},
+              "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    run_mod.train(build(recipe))
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    capsys.readouterr()
+    metrics = evaluate(str(tmp_path / "moved"), data=str(data))
+    assert "eval_loss" in metrics
+    assert [line for line in capsys.readouterr().err.splitlines() if "note: skip_modules" in line] == []

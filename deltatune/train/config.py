@@ -151,7 +151,7 @@ class RunConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
     align: AlignArgs = field(default_factory=AlignArgs)
     output: OutputArgs = field(default_factory=OutputArgs)
-    trained_run: ClassVar[bool] = False  # set on a resume / eval: its base as it trained (run_load._quantize); no key
+    trained_run: ClassVar[bool | str] = False  # resume / eval (its folder): the base as it trained (run_load); no key
 
     def method_config(self, task_type: str | None = None):
         """The method section as that method's config object (validated by the config class)."""

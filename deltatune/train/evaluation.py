@@ -75,7 +75,7 @@ def evaluate(
     cfg.model.trust_remote_code = trust_remote_code
     # the base as the run trained it (run_load._quantize), its start (--compare) too: a quantisation it recorded, not
     # one an override adds (that one is refused where nothing would be quantised, as a new run's)
-    cfg.trained_run = run_file(run_dir) is not None and recorded == cfg.model.quantization
+    cfg.trained_run = run_dir if run_file(run_dir) is not None and recorded == cfg.model.quantization else False
     if not cfg.data.eval and not (cfg.data.val_size and cfg.stage in VAL_SIZE_STAGES):  # (held out again: below)
         raise ConfigError(
             f"{path}: {old_note}; pass --data FILE" if old_note else "no evaluation data: pass --data FILE"
