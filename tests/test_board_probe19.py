@@ -134,3 +134,30 @@ def test_a_preference_runs_headline_holds_its_reward_accuracy(tmp_path):
     (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     (row,) = runs.list_runs(str(tmp_path))
     assert row["metrics"] == {"eval_rewards/accuracies": 0.75, "eval_loss": 0.61, "train_loss": 0.65}
+
+
+def test_a_runs_page_is_a_304_while_the_run_is_unchanged(tmp_path):
+    """The page polls /api/run every second: the whole thinned history (hundreds of KB) was sent each time, with no
+    validator, a run finished days ago too. It now comes with an ETag of its text and ``no-cache``: the same poll with
+    If-None-Match is a 304 until a line is logged, then the new text with a new tag."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from deltatune.board import create_app
+
+    run = write_run(tmp_path, "r", rows=[{"loss": 2.0, "step": 1, "epoch": 0.5}])
+    c = TestClient(create_app(str(tmp_path)), base_url="http://127.0.0.1")
+    first = c.get("/api/run", params={"name": "r"})
+    tag = first.headers["etag"]
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
+    assert [h["loss"] for h in first.json()["history"]] == [2.0]
+    for sent in (tag, f"W/{tag}", f'"x", {tag}'):
+        again = c.get("/api/run", params={"name": "r"}, headers={"If-None-Match": sent})
+        assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", tag)
+    with open(run / "log_history.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"loss": 1.5, "step": 2, "epoch": 1.0}) + "\n")
+    grown = c.get("/api/run", params={"name": "r"}, headers={"If-None-Match": tag})
+    assert grown.status_code == 200 and grown.headers["etag"] != tag
+    assert [h["loss"] for h in grown.json()["history"]] == [2.0, 1.5]
+    assert c.get("/api/run", params={"name": "nope"}, headers={"If-None-Match": "*"}).status_code == 404
