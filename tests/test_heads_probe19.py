@@ -103,17 +103,20 @@ def test_cls_refuses_a_row_without_tokens_naming_it(tmp_path, split):
     from deltatune.data.load import DataError
     from deltatune.train.cls import prepare_cls
 
-    good = [{"text": "a cat", "label": ["pos"]}, {"text": "a dog", "label": ["neg"]}]
-    bad = [*good, {"text": "", "label": ["neg"]}]
+    good = [{"text": "a cat", "p": "z", "label": ["pos"]}, {"text": "a dog", "p": "z", "label": ["neg"]}]
+    bad = [*good, {"text": "", "p": "", "label": ["neg"]}]
     files = {}
     for name, rows in (("train", bad if split == "train" else good), ("eval", bad if split == "eval" else good)):
         files[name] = str(tmp_path / f"{name}.jsonl")
         Path(files[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = build({"stage": "cls", "model": {"name_or_path": "unused"}, "data": files})
     before = cfg.data.multi_label
+    paired = build({"stage": "cls", "model": {"name_or_path": "unused"}, "data": {**files, "text_pair_column": "p"}})
+    with pytest.raises(DataError, match=r"\.jsonl:3: 'text' and 'p' give no token \(_BareTok adds none"):
+        prepare_cls(paired, _BareTok())
     with pytest.raises(DataError) as err:
         prepare_cls(cfg, _BareTok())
-    assert str(err.value).startswith(f"{tmp_path / split}.jsonl:3: column 'text' gives no token")
+    assert str(err.value).startswith(f"{tmp_path / split}.jsonl:3: 'text' gives no token")
     assert "\n" not in str(err.value) and cfg.data.multi_label == before
 
 

@@ -77,7 +77,8 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
             d.text_pair_column,
             problem,
         )
-        _refuse_no_tokens(rows, encoded.examples, d.text_column, tok)
+        columns = [d.text_column, *([d.text_pair_column] if d.text_pair_column else [])]
+        _refuse_no_tokens(rows, encoded.examples, columns, tok)
         return encoded
 
     notes: list[str] = [] if d.labels or names is None else _score_note(names)
@@ -113,7 +114,7 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
     )
 
 
-def _refuse_no_tokens(rows: list, examples: list[dict], column: str, tok) -> None:
+def _refuse_no_tokens(rows: list, examples: list[dict], columns: list[str], tok) -> None:
     """Refuse a row that encodes to no token (an empty text, from a tokenizer that adds none of its own: GPT-2's,
     Qwen's, SmolLM's): padded in a batch, transformers' classifier reads the last token that is not the pad, finds
     none and scores the row's first pad (position 0), silently; alone in a batch the forward fails deep in torch.
@@ -123,9 +124,10 @@ def _refuse_no_tokens(rows: list, examples: list[dict], column: str, tok) -> Non
     """
     for row, ex in zip(rows, examples):
         if not ex["input_ids"]:
+            named, verb = " and ".join(map(repr, columns)), "give" if columns[1:] else "gives"
             raise DataError(
-                f"{row.source}: column {column!r} gives no token ({type(tok).__name__} adds none to an empty text): "
-                "the classifier would score a pad token; give the row a text or leave it out"
+                f"{row.source}: {named} {verb} no token ({type(tok).__name__} adds none to an empty text): the "
+                "classifier would score a pad token; give the row a text or leave it out"
             )
 
 
