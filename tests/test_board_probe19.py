@@ -4,6 +4,7 @@ print_trainable_parameters."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 
@@ -13,7 +14,7 @@ pytest.importorskip("fastapi")
 peft = pytest.importorskip("peft")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_board_probe11 import write_run  # noqa: E402
+from test_board_probe11 import run_js, write_run  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
 import deltatune as dt  # noqa: E402
@@ -161,3 +162,11 @@ def test_a_runs_page_is_a_304_while_the_run_is_unchanged(tmp_path):
     assert grown.status_code == 200 and grown.headers["etag"] != tag
     assert [h["loss"] for h in grown.json()["history"]] == [2.0, 1.5]
     assert c.get("/api/run", params={"name": "nope"}, headers={"If-None-Match": "*"}).status_code == 404
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node")
+def test_a_small_metric_is_shown_in_significant_digits():
+    """The run list's headline, the final metrics and the compare table showed every value to 4 decimals: a train_loss
+    of 3.2e-05 (metrics.json) read 0.0000, 2e-07 as well, -0.0004 kept one digit of four."""
+    got = run_js("[3.2e-05, -4e-4, 2e-07, 0.5, 1234.56789, 7, 0.001].map(fmt)")
+    assert got == ["3.200e-5", "-4.000e-4", "2.000e-7", "0.5000", "1234.5679", "7", "0.0010"]

@@ -39,7 +39,8 @@ async function getJSON(url, options) {
 
 function fmt(v) {
   if (v === null || v === undefined) return "";
-  if (typeof v === "number") return Number.isInteger(v) ? v.toLocaleString("en") : v.toFixed(4);
+  // A value under 0.001 in four significant digits (a converged loss of 3e-5 was shown as 0.0000)
+  if (typeof v === "number") return Number.isInteger(v) ? v.toLocaleString("en") : Math.abs(v) < 1e-3 ? v.toExponential(3) : v.toFixed(4);
   return String(v);
 }
 
