@@ -31,6 +31,7 @@ REPARAMETRISED = {
         dict(encoder_reparameterization_type="LSTM", encoder_num_layers=3),
     ),
     "p-tuning-t5": ("t5", "PromptEncoderConfig", {}),  # two transformer submodules: twice the table's rows
+    "prefix-projection-t5": ("t5", "PrefixTuningConfig", dict(prefix_projection=True)),
     "prefix-plain": ("llama", "PrefixTuningConfig", {}),  # no reparametrisation: the file's count is peft's
 }
 
