@@ -4,20 +4,16 @@ the family tables of ``targets.BOTTLENECK_TARGETS`` (or ``target_modules``), and
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, DeltaConfig
 from ..targets import BOTTLENECK_TARGETS, MOE_BOTTLENECK, find_targets, fused_experts, model_type
-
-if TYPE_CHECKING:
-    from .bottleneck import BottleneckConfig
 
 _SUBLAYER_WORDS = {"attn": "attention output", "ffn": "feed-forward output"}
 
 
-def locate(model: nn.Module, config: BottleneckConfig) -> list[str]:
+def locate(model: nn.Module, config: DeltaConfig) -> list[str]:  # (a BottleneckConfig)
     """Full names of the sub-layers to adapt: target_modules if given, else the family's entry in the table.
 
     A family missing from the table is tried against every known layout (a mixture of experts against Mixtral's
