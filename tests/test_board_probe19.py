@@ -163,6 +163,11 @@ def test_a_runs_page_is_a_304_while_the_run_is_unchanged(tmp_path):
     assert grown.status_code == 200 and grown.headers["etag"] != tag
     assert [h["loss"] for h in grown.json()["history"]] == [2.0, 1.5]
     assert c.get("/api/run", params={"name": "nope"}, headers={"If-None-Match": "*"}).status_code == 404
+    listed = c.get("/api/runs")  # the list, polled as often, alike
+    assert [r["steps"] for r in listed.json()["runs"]] == [2] and listed.headers["cache-control"] == "no-cache"
+    assert c.get("/api/runs", headers={"If-None-Match": listed.headers["etag"]}).status_code == 304
+    write_run(tmp_path, "second")
+    assert len(c.get("/api/runs", headers={"If-None-Match": listed.headers["etag"]}).json()["runs"]) == 2
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node")

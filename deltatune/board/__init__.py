@@ -95,25 +95,29 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
     async def config() -> dict:
         return {"runs_dir": root, "playground": playground}
 
+    def validated(text: str, http: HttpRequest) -> Response:
+        """JSON text sent with an ETag of it and ``no-cache``; a 304 on a matching If-None-Match: the page polls every
+        second, and the whole thinned history of a run that had not changed (hundreds of KB) went again each time,
+        through an SSH tunnel too (a browser's fetch revalidates on its own and reads its stored copy)."""
+        tag = f'"{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"'
+        if _none_match(tag, http.headers.getlist("if-none-match")):
+            return Response(status_code=304, headers={"ETag": tag, **_REVALIDATE})
+        return Response(text, media_type="application/json", headers={"ETag": tag, **_REVALIDATE})
+
     @app.get("/api/runs")
-    async def runs() -> dict:
-        return {"runs": await run_in_threadpool(runs_.list_runs, root)}
+    async def runs(http: HttpRequest):
+        listed = await run_in_threadpool(runs_.list_runs, root)
+        return validated(await run_in_threadpool(lambda: json.dumps({"runs": listed}, default=str)), http)
 
     @app.get("/api/run")
-    async def run(
-        http: HttpRequest, name: str, points: int = runs_.MAX_POINTS
-    ):  # points: the most log rows of a kind; 0: all
+    async def run(http: HttpRequest, name: str, points: int = runs_.MAX_POINTS):
+        """One run; ``points``: the most log rows of a kind (0: all)."""
         data = await run_in_threadpool(runs_.detail, root, name, points)
         if data is None:
             return missing(f"no run {name!r} in the runs folder")
         # A plain dict would go through FastAPI's jsonable_encoder, which walks every log line (15 s at 200k lines)
         text = await run_in_threadpool(lambda: json.dumps(data, default=str))  # (a YAML !!binary value: its repr)
-        # An ETag of the text: the page's poll of a run that has not changed is a 304 (every second the whole thinned
-        # history, hundreds of KB, went again through an SSH tunnel; a browser's fetch revalidates on its own)
-        tag = f'"{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"'
-        if _none_match(tag, http.headers.getlist("if-none-match")):
-            return Response(status_code=304, headers={"ETag": tag, **_REVALIDATE})
-        return Response(text, media_type="application/json", headers={"ETag": tag, **_REVALIDATE})
+        return validated(text, http)
 
     @app.get("/api/file")
     async def file(run: str, name: str):
