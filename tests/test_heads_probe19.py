@@ -140,3 +140,33 @@ def test_tag_refuses_data_labels_that_are_not_names_before_training(tmp_path, la
     assert str(err.value).startswith(f"data.labels[{at}] is {labels[at]!r}, not a tag's name") and "\n" not in str(
         err.value
     )
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_tag_refuses_an_empty_tag_naming_the_row(tmp_path, split):
+    """HEAD made "" a class of its own and scored it; seqeval (run_ner's metric) fails on it (IndexError). Now one
+    line names the row; an empty name in data.labels is refused as not a tag's name."""
+    from seqeval.metrics import f1_score
+    from tiny import tokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.data.load import DataError
+    from deltatune.train.tag import prepare_tag
+
+    with pytest.raises(IndexError):
+        f1_score([["B-per", ""]], [["B-per", ""]])
+    good, bad = {"tokens": ["a", "cat"], "ner_tags": ["B-per", "O"]}, {"tokens": ["a", "cat"], "ner_tags": ["O", ""]}
+    files = {}
+    for name in ("train", "eval"):
+        files[name] = str(tmp_path / f"{name}.jsonl")
+        rows = [good, bad] if name == split else [good]
+        Path(files[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as err:
+        prepare_tag(build({"stage": "tag", "data": files}), tokenizer())
+    assert (
+        str(err.value)
+        == f"{tmp_path / split}.jsonl:2: tag 2 in column 'ner_tags' is empty text; write the tag's name (B-per, O, ...)"
+    )
+    clean = files["eval" if split == "train" else "train"]  # (a file of good rows only)
+    with pytest.raises(ConfigError, match=r"^data.labels\[2\] is '', not a tag's name"):
+        prepare_tag(build({"stage": "tag", "data": {"train": clean, "labels": ["O", "B-per", ""]}}), tokenizer())

@@ -24,7 +24,8 @@ def _bio_labels(tags: list) -> list[str]:
 def _refuse_bool_tags(rows: list, column: str) -> None:
     """Refuse a tag true / false: Python's True == 1 made it the tag of id 1 of data.labels silently (B-per, say), and
     without data.labels the column read as "integer tag ids". datasets reads no such JSON column (arrow: "changed
-    from number to boolean"), so run_ner never sees one.
+    from number to boolean"), so run_ner never sees one. Refuse an empty tag "" too: a class of its own, which
+    seqeval cannot score (IndexError in get_entities).
 
     Raises:
         DataError: the first such row, named.
@@ -35,6 +36,9 @@ def _refuse_bool_tags(rows: list, column: str) -> None:
         if bad is not None:
             raise DataError(f"{r.source}: tag {str(bad).lower()} in column {column!r} is a boolean; write the tag's "
                             "name (B-per, O, ...) or, with data.labels, its id")  # fmt: skip
+        if isinstance(tags, list) and "" in tags:  # a class "" of its own, which seqeval cannot score (IndexError)
+            raise DataError(f"{r.source}: tag {tags.index('') + 1} in column {column!r} is empty text; write the "
+                            "tag's name (B-per, O, ...)")  # fmt: skip
 
 
 def prepare_tag(cfg: RunConfig, tok) -> Prepared:
@@ -47,7 +51,7 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
     d = cfg.data
     _refuse_bool_tags([*train_rows, *(eval_rows or [])], d.tags_column)
     if d.labels:
-        at = next((i for i, x in enumerate(d.labels) if not isinstance(x, str)), None)
+        at = next((i for i, x in enumerate(d.labels) if not isinstance(x, str) or not x), None)
         if at is not None:  # seqeval reads a tag's prefix and type from its text: a number failed at the first eval
             raise ConfigError(
                 f"data.labels[{at}] is {d.labels[at]!r}, not a tag's name: stage tag scores entities from the names "
