@@ -217,8 +217,9 @@ def test_a_string_for_a_switch_is_one_line_naming_it(make, key):
         make("false")
 
 
+@pytest.mark.parametrize("saved", ["false", 1])
 @pytest.mark.parametrize("key", ["ln_before", "ln_after"])
-def test_a_saved_switch_given_as_text_loads_as_it_trained(tmp_path, key):
+def test_a_saved_switch_given_as_text_loads_as_it_trained(tmp_path, key, saved):
     """Before 6e49933 BottleneckConfig(ln_before="false") was taken, ran with the LayerNorm (a non-empty string is
     true) and saved the text; 6e49933's check refused such a file (ConfigError). It loads as it trained, as
     prefix tuning's text prefix_projection: logits equal to the saving model's, one warning naming the file."""
@@ -234,8 +235,8 @@ def test_a_saved_switch_given_as_text_loads_as_it_trained(tmp_path, key):
         want = model(**inputs).logits
     model.save_pretrained(str(tmp_path))
     path = tmp_path / "a" / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), key: "false"}))  # as the old code saved it
-    with pytest.warns(UserWarning, match=rf"adapter_config\.json: {key}='false' \(read as True\)") as caught:
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: saved}))  # as the old code saved it (1: too)
+    with pytest.warns(UserWarning, match=rf"adapter_config\.json: {key}={saved!r} \(read as True\)") as caught:
         loaded = dt.DeltaModel.from_pretrained(tiny_model("bert"), str(tmp_path / "a"), adapter_name="a").eval()
     assert len([w for w in caught if "read as" in str(w.message)]) == 1
     with torch.no_grad():

@@ -113,6 +113,10 @@ def test_sharegpt_out_of_order_is_one_line(turns, why):
         ({"name": "get_weather", "parameters": {"city": "Paris"}}, "f.jsonl:3: conversations[1].value"),
         ([{"name": "get_weather", "parameters": {"city": "Paris"}}], "f.jsonl:3: conversations[1].value[0]"),
         ({"function": {"name": "get_weather", "parameters": {"city": "Paris"}}}, "f.jsonl:3: conversations[1].value"),
+        (
+            {"name": "get_weather", "arguments": None, "parameters": {"city": "Paris"}},
+            "f.jsonl:3: conversations[1].value",
+        ),
     ],
 )
 def test_call_with_parameters_not_arguments_is_one_line(call, where):

@@ -25,7 +25,7 @@ def tool_calls(value: Any, where: str) -> list[dict]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
             got = json.dumps(call)[:60] if isinstance(call, (dict, list, type(None))) else repr(call)[:60]
             raise DataError(f"{at}: a tool call needs a function name, got {got}")
-        if "arguments" not in fn and "parameters" in fn:  # (Llama 3's output shape): read as no arguments, it was
+        if fn.get("arguments") in (None, "", {}) and fn.get("parameters"):  # (Llama 3's shape): read as none, it was
             raise DataError(  # trained as a call with none; LLaMA-Factory's FunctionFormatter reads "arguments" only
                 f"{at}: the call writes its arguments under 'parameters'; write them under 'arguments' (as OpenAI "
                 "and the chat templates read a tool call)"

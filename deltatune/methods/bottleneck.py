@@ -67,13 +67,13 @@ SUBLAYERS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 
 
 def read_text_switches(data: dict[str, Any], keys: tuple[str, ...], source: str) -> dict[str, Any]:
-    """``data`` with the switches among ``keys`` that a file holds as text read as bool(text), as they ran: before
-    6e49933 a config took ln_before="false" (and the fusion's value_bias, init_weights) as given, ran it as True and
-    saved the text. One warning naming the file; a config made in Python still refuses text."""
-    text = {key: value for key in keys if isinstance(value := data.get(key), str)}
+    """``data`` with the switches among ``keys`` that a file holds as text (or 0, 1, None) read as bool(value), as
+    they ran: before 6e49933 a config took ln_before="false" (and the fusion's value_bias, init_weights) as given, ran
+    it as True and saved it. One warning naming the file; a config made in Python still refuses them."""
+    text = {key: value for key in keys if key in data and not isinstance(value := data[key], bool)}  # (0, 1, None)
     if text:
         said = ", ".join(f"{key}={value!r} (read as {bool(value)})" for key, value in text.items())
-        warnings.warn(f"{source}: {said}: text, as older deltatune saved it, read as it trained", stacklevel=4)
+        warnings.warn(f"{source}: {said}: not a bool, as older deltatune saved it, read as it trained", stacklevel=4)
     return {**data, **{key: bool(value) for key, value in text.items()}}
 
 
