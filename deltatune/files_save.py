@@ -224,8 +224,10 @@ def move_in(tmp: str, folders: dict[str, str]) -> None:
 
 def keep_beside(kept: str, path: str) -> str | None:
     """An earlier file (``kept``, in the hidden folder a save removes) that could not be put back at ``path``, moved
-    beside it as ``<path>.before-save`` (``.before-save.1``, ... where taken), or copied there where moving fails.
-    Returns its new path, or None where neither worked."""
+    beside it as ``<path>.before-save`` (``.before-save.1``, ... where taken), or copied there where moving fails,
+    or, last, moved into the save folder itself (``<file>.before-save-<pid>``, beside the hidden folder ``kept``
+    sits in: the same filesystem; no ``.saving-`` name, so the next save leaves it). Returns its new path, or None
+    where none of these worked."""
     beside, n = f"{path}.before-save", 0
     while os.path.lexists(beside):
         n += 1
@@ -236,5 +238,10 @@ def keep_beside(kept: str, path: str) -> str | None:
         try:
             shutil.copy2(kept, beside, follow_symlinks=False)
         except OSError:
-            return None
+            top = os.path.dirname(os.path.dirname(os.path.dirname(kept)))  # (kept: <save>/.saving-*/.before/<n>)
+            beside = os.path.join(top, f"{os.path.basename(path)}.before-save-{os.getpid()}-{os.path.basename(kept)}")
+            try:
+                os.replace(kept, beside)
+            except OSError:
+                return None
     return beside

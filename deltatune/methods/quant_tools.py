@@ -106,7 +106,7 @@ def _keep_reason(
     if any(name == h or name.endswith("." + h) or f".{h}." in f".{name}." for h in (*HEAD_NAMES, *_SEQ2SEQ_HEADS)):
         return "task head"
     if kept_fp32(name, *fp32):  # T5's FFN casts its activations to wo.weight.dtype, which 4-bit storage makes uint8
-        return "the model's _keep_in_fp32_modules (transformers' 4-bit loading keeps them too)"
+        return "the model's _keep_in_fp32_modules(_strict) (its code may compute the layer in fp32)"
     if skipped(name, skip):  # the layer or a module above it (transformers skips what a named module holds)
         return "skip_modules"
     d_in = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
