@@ -141,3 +141,37 @@ def test_eval_of_a_moved_new_qlora_run_prints_no_old_rule_note(tmp_path, capsys)
     metrics = evaluate(str(tmp_path / "moved"), data=str(data))
     assert "eval_loss" in metrics
     assert [line for line in capsys.readouterr().err.splitlines() if "note: skip_modules" in line] == []
+
+
+@pytest.mark.parametrize("lib", ["peft", "deltatune"])
+def test_the_boards_count_of_a_reparametrised_run_with_a_head_keeps_the_head_as_peft(tmp_path, lib):
+    """A SEQ_CLS prefix_projection / P-tuning run saves the folded prefixes and the head (modules_to_save): the board
+    replaced the file's whole count with the encoder's (760 where peft says 856: the head's 96 dropped); only the
+    prefixes' count is replaced now. And a count polled between the tensors' write and the config's is not kept
+    (it stayed the folded 192 for good; review of 56c0780)."""
+    import os
+    import warnings
+
+    import peft
+    from test_board_probe11 import write_run
+    from tiny import tiny_model
+
+    from deltatune.board import runs
+
+    module = peft if lib == "peft" else dt
+    for i, (cls, extra) in enumerate(
+        (("PrefixTuningConfig", {"prefix_projection": True}), ("PromptEncoderConfig", {}))
+    ):
+        config = getattr(module, cls)(task_type="SEQ_CLS", num_virtual_tokens=3, encoder_hidden_size=8, **extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = (peft.get_peft_model if lib == "peft" else dt.get_delta_model)(
+                tiny_model("llama", "seq_cls"), config
+            )
+        folder = write_run(tmp_path, f"r{i}")
+        model.save_pretrained(str(folder))
+        want = model.get_nb_trainable_parameters()[0]
+        os.rename(folder / "adapter_config.json", folder / "config.later")  # polled mid-save: tensors, no config yet
+        runs.trainable_parameters(str(folder))
+        os.rename(folder / "config.later", folder / "adapter_config.json")
+        assert runs.trainable_parameters(str(folder)) == want

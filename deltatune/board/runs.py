@@ -339,23 +339,32 @@ def _count(folder: str) -> int | None:
             with _LOGS_LOCK:
                 cached = _COUNTS.get(path)
             if cached is not None and cached[0] == key:  # (the header was read and parsed again on each poll)
-                return cached[1]
+                return _with_encoder(folder, *cached[1])
             (size,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(size)) if size <= 100_000_000 else None
     except (OSError, ValueError, RecursionError, struct.error):  # (a header nested past the parser's depth)
         return None
     total = None if header is None else 0  # (None: a header past 100 MB, not read)
+    prompt = None  # the folded prefixes' count (peft's "prompt_embeddings")
     for name, value in header.items() if isinstance(header, dict) else ():
         shape = value.get("shape") or [1] if isinstance(value, dict) else None
         if name != "__metadata__" and isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape):
             total += math.prod(shape)  # type: ignore[operator]
-    if total is not None:
-        total = _reparametrised(_read_json(_in(folder, "adapter_config.json")), total)
+            if name == "prompt_embeddings":
+                prompt = math.prod(shape)
     with _LOGS_LOCK:
         if path not in _COUNTS and len(_COUNTS) >= 4096:
             _COUNTS.pop(next(iter(_COUNTS)))
-        _COUNTS[path] = (key, total)
-    return total
+        _COUNTS[path] = (key, (total, prompt))
+    return _with_encoder(folder, total, prompt)
+
+
+def _with_encoder(folder: str, total: int | None, prompt: int | None) -> int | None:
+    """The file's count with its folded prefixes replaced by what trained them (a head in modules_to_save kept);
+    the config read on each call: it is written after the tensors, and a count cached between the two stayed."""
+    if total is None or prompt is None:
+        return total
+    return total - prompt + _reparametrised(_read_json(_in(folder, "adapter_config.json")), prompt)
 
 
 def _reparametrised(config: Any, saved: int) -> int:
