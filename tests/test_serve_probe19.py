@@ -40,6 +40,14 @@ def _split_tokenizer():
     return tok
 
 
+def _streamed(chunks) -> tuple[str, list]:
+    """A streamed chat answer's text and its finish reasons."""
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    return text, [
+        c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]
+    ]
+
+
 def _app(model, tok):
     from deltatune.serve.app import create_app
     from deltatune.serve.engine import Engine
@@ -65,8 +73,7 @@ def test_a_chat_rendered_with_the_tokenizers_template_stops_at_its_end_of_turn_a
         engine.close()
     assert status == 200
     if stream:
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in answer if c["choices"])
-        ends = [c["choices"][0]["finish_reason"] for c in answer if c["choices"] and c["choices"][0]["finish_reason"]]
+        text, ends = _streamed(answer)
         assert (text.split(), ends) == (["hi", "hi"], ["stop"])
         return
     choice = answer["choices"][0]
@@ -116,8 +123,7 @@ def test_an_adapter_trained_under_chatml_stops_on_a_several_token_end_marker_as_
         engine.close()
     assert status == 200
     if stream:
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in answer if c["choices"])
-        ends = [c["choices"][0]["finish_reason"] for c in answer if c["choices"] and c["choices"][0]["finish_reason"]]
+        text, ends = _streamed(answer)
         assert (text, ends) == ("hiyohi", ["stop"])  # no piece of the marker was sent
         return
     choice = answer["choices"][0]

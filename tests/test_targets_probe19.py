@@ -293,19 +293,23 @@ def test_an_old_regex_towers_adapter_is_started_on_its_saved_names_not_a_changed
     assert T.saved_config(str(tmp_path / "nothing")) is None and T.as_trained(config, None) is config
 
 
-def test_an_adapter_saved_with_a_regex_reaching_fused_experts_still_loads_as_it_trained(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_an_adapter_saved_with_a_regex_reaching_fused_experts_still_loads_as_it_trained(tmp_path, method):
     """Before 4d15b84 r".*\\.(q_proj|down_proj)" on Qwen3-MoE adapted q_proj alone and saved the regex; loading such a
     file was refused since (ConfigError). It loads again, to the logits it was saved with, saying the experts stay
-    out; a new adapter with that regex is still refused. (The old file: q_proj's adapter, its config's regex.)"""
+    out; a new adapter with that regex is still refused. (The old file: q_proj's adapter, its config's regex.) Every
+    method's load reads a file's targets so (model.py wraps inject in targets.from_file), not LoRA's alone."""
     import json
 
     import torch
 
     base = _moe("qwen3_moe")
     regex = r".*\.(q_proj|down_proj)"
-    saved = dt.get_delta_model(
-        copy.deepcopy(base), dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
-    )
+    make = {
+        "lora": lambda targets: dt.LoraConfig(r=2, target_modules=targets, init_lora_weights=False),
+        "ia3": lambda targets: dt.IA3Config(target_modules=targets, feedforward_modules=[], init_ia3_weights=False),
+    }[method]
+    saved = dt.get_delta_model(copy.deepcopy(base), make(["q_proj"]))
     saved.save_pretrained(tmp_path / "adapter")
     path = tmp_path / "adapter" / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": regex}))
@@ -318,7 +322,7 @@ def test_an_adapter_saved_with_a_regex_reaching_fused_experts_still_loads_as_it_
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)
     with pytest.raises(dt.ConfigError, match=r"reaches model\.layers\.0\.mlp\.experts\.down_proj, a 3-D parameter"):
-        dt.get_delta_model(copy.deepcopy(base), dt.LoraConfig(r=2, target_modules=regex))
+        dt.get_delta_model(copy.deepcopy(base), make(regex))
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
