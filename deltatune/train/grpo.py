@@ -65,6 +65,7 @@ from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _save_checkpoint  # n
 from .grpo_entropy import EntropyBonus, check_entropy
 from .grpo_loss import check_loss_keys, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
+from .grpo_stats import completion_lengths, trl_policy_loss
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
 from .prepared import Prepared, _rows
@@ -244,6 +245,7 @@ class GRPOLoop:
         sums = dict.fromkeys(
             ("loss", "clipped", "clipped_low", "clipped_high", "clip_units", "kl", "tokens", "entropy"), 0.0
         )
+        policy: list[float] = []  # (each micro-batch's TRL policy_loss, logged with an entropy bonus as TRL's)
         extremes: list[tuple[float, float]] = []  # (each micro-batch's TRL clip_ratio/low_min and high_max)
         shares = torch.full((2, n_seq), float("nan"), device=self.device)  # (each completion's clipped low / high)
         for it, part, order in ((it, *pm) for it in range(a.num_iterations) for pm in zip(parts, micro)):
@@ -264,6 +266,9 @@ class GRPOLoop:
                     sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg), opsm=opsm,
                 )  # fmt: skip
                 if self.bonus.on:  # TRL's: the policy term's tokens' mean entropy, a chunk its share of the slice
+                    policy.append(
+                        trl_policy_loss(loss, norm == "token" and a.loss_type != "bnpo", len(part), len(idx))
+                    )
                     loss = loss - self.bonus.term(entropy, m if top is None else m * top, len(idx) / len(part))
                 if not torch.isfinite(loss):  # stop before the update, as the Trainer's stages do
                     from .trainer import NonFiniteLossError
@@ -312,7 +317,11 @@ class GRPOLoop:
                 stats[f"clip_ratio/{side}_mean"] = sums[f"clipped_{side}"] / max(sums["clip_units"], 1.0)
             for name, values in zip(("clip_ratio/low_min", "clip_ratio/high_max"), zip(*extremes)):
                 stats[name] = trl_log_mean(values)  # (TRL's log: the micro-batches' mean, NaNs out; None if all)
-        stats.update(completion_lengths(s), **self.bonus.stats())
+        stats.update(
+            completion_lengths(s),
+            **self.bonus.stats(),
+            **({"policy_loss": sum(policy) / len(policy)} if policy else {}),
+        )
         if a.beta > 0:
             stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
         for k, r in enumerate(self.rewards):
@@ -328,19 +337,6 @@ class GRPOLoop:
             total = [combine(self.score(self.sample(part, n)), weights, [it.source for it in part for _ in range(n)])
                      for part in (items[i : i + batch_size] for i in range(0, len(items), batch_size))]  # fmt: skip
         return torch.cat(total).nanmean().item()  # rows some reward applies to
-
-
-def completion_lengths(s: Samples) -> dict[str, float]:
-    """TRL's completions/* statistics: the lengths (up to and including the EOS) of all completions and of those
-    that ended (an EOS within max_new_tokens; a 0 where none did, as TRL's), and the truncated fraction."""
-    lengths = s.completion_mask.float().sum(-1)
-    ended = lengths[~s.truncated.to(lengths.device)]
-    ended = ended if len(ended) else torch.zeros(1)
-    out = {"completions/min_length": lengths.min().item(), "completions/max_length": lengths.max().item(),
-           "completions/clipped_ratio": s.truncated.float().mean().item()}  # fmt: skip
-    for name, f in (("mean", torch.mean), ("min", torch.min), ("max", torch.max)):
-        out[f"completions/{name}_terminated_length"] = f(ended).item()
-    return out
 
 
 # -- the stage -----------------------------------------------------------------------------------------------
@@ -562,6 +558,7 @@ def train_grpo(
                 {
                     "step": step,
                     **loop.step(batch),
+                    "epoch": step / per_epoch,  # (TRL's state.epoch at the step's log: its updates / those a pass)
                     "step_time_s": time.perf_counter() - tick,
                     "wall_time": round(time.time(), 3),
                 }

@@ -1,0 +1,97 @@
+"""Stage grpo against TRL 1.16's GRPOTrainer (probe 20): the policy_loss TRL logs with an entropy bonus (each
+micro-batch's loss before the bonus, their mean over the step's updates), and the epoch each log row carries (TRL's
+state.epoch at the log: its optimizer steps over those of a pass, num_iterations x steps_per_generation a
+generation batch)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from test_grpo_probe15 import _ours, _trl_run, policy  # noqa: F401  (policy: the fixture)
+
+CASES = [(2, 2, "grpo", {"entropy_coef": 0.05}, 1), (2, 1, "dapo", {"entropy_coef": 0.1, "top_entropy_quantile": 0.5}, 1),
+         (2, 2, "bnpo", {"entropy_coef": 0.1}, 2), (1, 2, "grpo", {"entropy_coef": 0.1}, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("S, mu, loss_type, keys, ga", CASES)
+def test_policy_loss_is_trls_with_a_bonus(policy, tmp_path, monkeypatch, S, mu, loss_type, keys, ga):  # noqa: F811
+    """TRL logs policy_loss (the loss before the entropy bonus, per micro-batch, not divided by the accumulation
+    steps) when an entropy bonus is on; the step logs the mean of its micro-batches' values. deltatune logged none."""
+    model, _ = policy
+    trl_steps, _ = _trl_run(copy.deepcopy(model), tmp_path, monkeypatch, S, mu, loss_type, keys, ga=ga)
+    stats, *_ = _ours(copy.deepcopy(model), S, mu, loss_type, keys, monkeypatch, mini_batch_size=8 // S // ga)
+    want = sum(p for p, *_ in trl_steps) / len(trl_steps)
+    assert abs(want - stats["loss"]) > 1e-4  # (the bonus moves the loss: policy_loss is another number)
+    assert stats["policy_loss"] == pytest.approx(want, rel=1e-5, abs=2e-6)
+
+
+def test_no_policy_loss_without_an_entropy_bonus_as_trl(policy, tmp_path, monkeypatch):  # noqa: F811
+    """Without the bonus TRL's _compute_loss logs no policy_loss; nor does the step."""
+    model, _ = policy
+    _trl_run(copy.deepcopy(model), tmp_path, monkeypatch, 1, 1, "grpo", {})
+    stats, *_ = _ours(copy.deepcopy(model), 1, 1, "grpo", {}, monkeypatch)
+    assert "policy_loss" not in stats and "loss" in stats
+
+
+def _trl_epochs(tmp_path, base: str, mu: int, S: int, max_steps: int) -> list[float]:
+    """The epoch of each row TRL's GRPOTrainer logs, one row per generation batch (logging_steps mu x S), four prompts
+    two a generation batch."""
+    import trl
+    from datasets import Dataset
+    from tiny import tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = tokenizer()
+    prompt, a_id = tok("hi")["input_ids"], tok.convert_tokens_to_ids("a")
+
+    def rollout(prompts, trainer):
+        body = [[a_id + i, tok.eos_token_id] for i in range(len(prompts))]
+        return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body, "logprobs": [[0.0] * 2 for _ in body]}
+
+    args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=4 // S, steps_per_generation=S,
+                          num_iterations=mu, max_steps=max_steps * mu * S, learning_rate=1e-3, logging_steps=mu * S,
+                          save_strategy="no", report_to=[], use_cpu=True, bf16=False, num_generations=2,
+                          max_completion_length=2, beta=0.0)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.GRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(base), args=args, processing_class=tok,
+            train_dataset=Dataset.from_list([{"prompt": f"p{i}"} for i in range(4)]),
+            reward_funcs=lambda completions, **_: [float(len(c)) for c in completions], rollout_func=rollout,
+        )  # fmt: skip
+        trainer.train()
+    return [h["epoch"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("mu, S", [(2, 1), (1, 2)])
+def test_each_log_row_carries_trls_epoch(policy, tmp_path, monkeypatch, mu, S):  # noqa: F811
+    """Each row of the step log carries TRL's epoch (its log rows', the board's epoch axis reads it): with
+    num_iterations or steps_per_generation 2, a step is 2 of TRL's optimizer steps, and 4 prompts 2 a step make a
+    pass in 2 steps. deltatune's rows had no epoch (the board's epoch axis showed a GRPO run empty)."""
+    from tiny import tokenizer
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+    from deltatune.train import build, grpo
+    from deltatune.train.grpo import PromptItem, train_grpo
+    from deltatune.train.grpo_rewards import Reward
+
+    _, base = policy
+    want = _trl_epochs(tmp_path / "trl", base, mu, S, 3)
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
+    tok = tokenizer()
+    items = [PromptItem(tok(f"p{i}")["input_ids"], f"p{i}", {}, f"t.jsonl:{i + 1}") for i in range(4)]
+    cfg = build({"stage": "grpo", "model": {"name_or_path": base}, "method": {"name": "lora"},
+                 "data": {"train": "unused.jsonl"}, "output": {"dir": str(tmp_path / "run")},
+                 "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "save_steps": 10},
+                 "align": {"num_generations": 2, "max_new_tokens": 2, "num_iterations": mu, "beta": 0.0,
+                           "steps_per_generation": S, "reward_funcs": ["unused:f"]}})  # fmt: skip
+    torch.manual_seed(0)
+    model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.LoraConfig(r=2, task_type="CAUSAL_LM"))
+    reward = Reward("f", lambda completions, **_: [float(len(c)) for c in completions])
+    _, history = train_grpo(model, tok, cfg, items, None, [reward])
+    assert want == [0.5, 1.0, 1.5]
+    assert [h["epoch"] for h in history] == pytest.approx(want)
