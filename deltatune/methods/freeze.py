@@ -81,14 +81,19 @@ class FreezeConfig(DeltaConfig):
                   "and freeze_extra_modules")  # fmt: skip
 
     freeze_trainable_layers: int = 2
-    """n > 0: the last n blocks train; n < 0: the first |n|. A model with several stacks (an encoder and a decoder):
-    the last (first) n of each; a vision tower's beside a language model's stay frozen, as in LLaMA-Factory."""
+    """n > 0: the last n blocks train; n < 0: the first |n| (more than a stack has: all of it, as LLaMA-Factory). A
+    model with several stacks (an encoder and a decoder): the last (first) n of each; on a vision-language model the
+    language tower's alone (its vision tower and projector, BLIP-2's Q-Former, stay frozen, as in LLaMA-Factory)."""
     freeze_trainable_modules: list[str] | str | None = None
     """Within those blocks, train only these modules: a list of names under the block (e.g. ["mlp", "self_attn"])
     or a regex searched in the parameter name. None or "all" (LLaMA-Factory's default): the whole block."""
     freeze_extra_modules: list[str] | None = None
     """Modules outside the blocks that train as well (LLaMA-Factory's): names such as "embed_tokens", "norm" or
     "lm_head", matched as a whole component of the parameter's path."""
+    use_llama_pro: bool = False
+    """LLaMA Pro (Wu et al., 2024; LLaMA-Factory's ``use_llama_pro``): the n trained blocks are spread evenly, the last
+    of each 1/n of the stack (the blocks ``llamafactory-cli``'s expand_model added): blocks stride - 1, 2 stride - 1,
+    ... with stride = depth / n; n must be positive and divide each stack's depth."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +112,10 @@ class FreezeConfig(DeltaConfig):
                 raise ConfigError(f"freeze_trainable_modules must be None, a regex or a non-empty list of module "
                                   f"names, got {modules!r}")  # fmt: skip
             self.freeze_trainable_modules = sorted(modules) if isinstance(modules, set) else list(modules)
+        if not isinstance(self.use_llama_pro, bool):
+            raise ConfigError(f"use_llama_pro must be true or false, got {self.use_llama_pro!r}")
+        if self.use_llama_pro and n < 0:
+            raise ConfigError(f"use_llama_pro needs freeze_trainable_layers > 0 (the expanded blocks), got {n}")
         extra = self.freeze_extra_modules
         if isinstance(extra, str):
             self.freeze_extra_modules = [m.strip() for m in extra.split(",")]
@@ -123,34 +132,35 @@ class FreezeConfig(DeltaConfig):
         loading._loading = True  # type: ignore[attr-defined]
         return loading
 
+    def _blocks(self, stack: str, size: int) -> range:
+        """The indices of the blocks of ``stack`` (``size`` deep) that train, as LLaMA-Factory's trainable_layer_ids."""
+        n = self.freeze_trainable_layers
+        if self.use_llama_pro:
+            if size % n:
+                raise ConfigError(f"use_llama_pro: {stack} has {size} blocks, not a multiple of "
+                                  f"freeze_trainable_layers={n}")  # fmt: skip
+            return range(size // n - 1, size, size // n)
+        return range(max(size - n, 0), size) if n > 0 else range(min(-n, size))  # (beyond the depth: all of it)
+
     def trainable_base_parameters(self, model: nn.Module, new: bool = False) -> list[str]:
         """The parameters of the chosen blocks (and modules), and of the extra modules; ``new`` (a new adapter, not
         a saved one): an extra module that holds the trained blocks refused.
 
         Raises:
-            ConfigError: the model has no numbered blocks, |freeze_trainable_layers| exceeds the deepest stack's
-                blocks, or an entry of freeze_trainable_modules or freeze_extra_modules matches nothing.
+            ConfigError: the model has no numbered blocks, or an entry of freeze_trainable_modules or
+                freeze_extra_modules matches nothing (|freeze_trainable_layers| beyond a stack's depth: all of it).
         """
         names = base_parameter_names(model)
         blocks = {p: b for p in names if (b := _block(p)) is not None}
         depth: dict[str, int] = {}
         for stack, i in blocks.values():
             depth[stack] = max(depth.get(stack, 0), i + 1)
-        text = {s: d for s, d in depth.items() if not re.search(r"vision|visual", s)}
-        if text and len(text) < len(depth):  # a vision tower stays frozen (LLaMA-Factory's freeze_vision_tower)
-            depth = text
+        depth = _language_stacks(model, depth)
         if not depth:
             raise ConfigError(
                 f"freeze: found no numbered transformer blocks (a module list named one of {LAYER_PATTERNS})"
             )
-        n = self.freeze_trainable_layers
-        if abs(n) > max(depth.values()):
-            raise ConfigError(f"freeze_trainable_layers={n} but the model has only {max(depth.values())} layers")
-        chosen = {
-            (stack, i)
-            for stack, size in depth.items()
-            for i in (range(max(size - n, 0), size) if n > 0 else range(min(-n, size)))
-        }
+        chosen = {(stack, i) for stack, size in depth.items() for i in self._blocks(stack, size)}
         picked = [p for p in names if blocks.get(p) in chosen]
         modules = self.freeze_trainable_modules
         if isinstance(modules, str):
@@ -187,6 +197,19 @@ class FreezeConfig(DeltaConfig):
                 )
             picked += [p for p in found if p not in picked]
         return trainable(model, picked, "freeze")
+
+
+def _language_stacks(model: nn.Module, depth: dict[str, int]) -> dict[str, int]:
+    """The stacks of ``depth`` that train: on a vision-language model the language tower's alone (LLaMA-Factory counts
+    the text config's layers and freezes the vision tower and the projector, BLIP-2's Q-Former among them, by
+    default); elsewhere every stack but one named for vision beside others (an encoder-decoder: both)."""
+    from ..towers import tower_of
+
+    language = {s: d for s, d in depth.items() if tower_of(model, s) == "language"}
+    if language:
+        return language
+    text = {s: d for s, d in depth.items() if not re.search(r"vision|visual", s)}
+    return text if text and len(text) < len(depth) else depth
 
 
 def _refuse_tied(model: nn.Module, extra: str) -> None:

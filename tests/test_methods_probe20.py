@@ -1,0 +1,122 @@
+"""Probe 20 of the in-place methods (freeze, BitFit, full) and IA3 / TrainableTokens against their references.
+
+Freeze tuning is compared with LLaMA-Factory's ``_setup_freeze_tuning`` (src/llamafactory/model/adapter.py), whose
+choice of blocks is written out here: ``range(max(0, num_layers - n), num_layers)`` for n > 0 and
+``range(min(-n, num_layers))`` for n < 0, over the text config's layers, with the vision tower and the projector
+(BLIP-2's Q-Former) frozen by default (``freeze_vision_tower``, ``freeze_multi_modal_projector``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import deltatune as dt
+from tests.tiny import tiny_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _llamafactory_blocks(num_layers: int, n: int) -> range:
+    """LLaMA-Factory's trainable_layer_ids (adapter.py, use_llama_pro off)."""
+    return range(max(0, num_layers - n), num_layers) if n > 0 else range(min(-n, num_layers))
+
+
+@pytest.mark.parametrize("n", [2, 5, -2, -5])
+def test_freeze_layers_beyond_the_depth_take_every_block_as_llamafactory(n):
+    """n beyond the 2 blocks of the tiny LLaMA: LLaMA-Factory trains every block; this refused it with an error."""
+    base = tiny_model("llama")
+    names = [k for k, _ in base.named_parameters()]
+    ids = _llamafactory_blocks(base.config.num_hidden_layers, n)
+    expected = {k for k in names if any(f".{i}." in k for i in ids)}
+    model = dt.get_delta_model(base, dt.FreezeConfig(freeze_trainable_layers=n))
+    assert {k for k, p in model.base_model.named_parameters() if p.requires_grad} == expected
+    assert len(expected) == 18  # both blocks, 9 tensors each
+
+
+def test_freeze_on_blip2_trains_the_language_model_blocks_only_as_llamafactory():
+    """BLIP-2: LLaMA-Factory counts the text config's layers and freezes the Q-Former (the projector) and the vision
+    tower; this trained the Q-Former's last block as well (a stack of its own, not named for vision)."""
+    from vision.tiny_vlm import tiny_vlm
+
+    base = tiny_vlm("blip-2")
+    num = base.config.text_config.num_hidden_layers
+    forbidden = ("vision_model", "qformer", "language_projection", "query_tokens")  # LLaMA-Factory's defaults
+    expected = {
+        k
+        for k, _ in base.named_parameters()
+        if any(f".{i}." in k for i in _llamafactory_blocks(num, 1)) and not any(f in k for f in forbidden)
+    }
+    assert expected and all(k.startswith("language_model.") for k in expected)
+    model = dt.get_delta_model(base, dt.FreezeConfig(freeze_trainable_layers=1))
+    assert {k for k, p in model.base_model.named_parameters() if p.requires_grad} == expected
+
+
+def _llamafactory_llama_pro(num_layers: int, n: int) -> range:
+    """LLaMA-Factory's trainable_layer_ids with use_llama_pro (adapter.py)."""
+    if num_layers % n != 0:
+        raise ValueError(f"`num_layers` {num_layers} should be divisible by `num_layer_trainable` {n}.")
+    stride = num_layers // n
+    return range(stride - 1, num_layers + stride - 1, stride)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_freeze_use_llama_pro_trains_the_expanded_blocks_as_llamafactory(n):
+    """LLaMA-Factory's use_llama_pro: the last block of each 1/n of the stack (the expanded ones); had no such key."""
+    base = tiny_model("llama", num_hidden_layers=4)
+    ids = _llamafactory_llama_pro(4, n)
+    expected = {k for k, _ in base.named_parameters() if any(f".{i}." in k for i in ids)}
+    model = dt.get_delta_model(base, dt.FreezeConfig(freeze_trainable_layers=n, use_llama_pro=True))
+    assert {k for k, p in model.base_model.named_parameters() if p.requires_grad} == expected
+    assert len(expected) == 9 * n
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (
+            dict(freeze_trainable_layers=3, use_llama_pro=True),
+            "use_llama_pro: model.layers has 4 blocks, not a multiple",
+        ),
+        (dict(freeze_trainable_layers=-2, use_llama_pro=True), "use_llama_pro needs freeze_trainable_layers > 0"),
+        (dict(use_llama_pro="yes"), "use_llama_pro must be true or false, got 'yes'"),
+    ],
+)
+def test_freeze_use_llama_pro_bad_input_is_one_line_and_changes_nothing(config, match):
+    base = tiny_model("llama", num_hidden_layers=4)
+    model = dt.DeltaModel(base)
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    with pytest.raises(dt.ConfigError, match=match):
+        model.add_adapter("default", dt.FreezeConfig(**config))
+    with pytest.raises(ValueError):
+        _llamafactory_llama_pro(4, 3)
+    assert not model.peft_config
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+
+
+def test_freeze_use_llama_pro_saves_the_expanded_blocks_and_loads_as_it_trained(tmp_path):
+    """The file holds exactly LLaMA-Factory's blocks 1 and 3 (n = 2 of 4), and loads back with the same choice."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = dt.get_delta_model(
+        tiny_model("llama", num_hidden_layers=4), dt.FreezeConfig(freeze_trainable_layers=2, use_llama_pro=True)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.25)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in saved} == set(_llamafactory_llama_pro(4, 2))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_llama_pro"] is True
+    loaded = dt.DeltaModel.from_pretrained(tiny_model("llama", num_hidden_layers=4), tmp_path, is_trainable=True)
+    assert loaded.peft_config["default"].use_llama_pro is True
+    trained = {k for k, p in loaded.base_model.named_parameters() if p.requires_grad}
+    assert trained == {k for k, p in model.base_model.named_parameters() if p.requires_grad}
+    for (k, p), (_, q) in zip(model.base_model.named_parameters(), loaded.base_model.named_parameters()):
+        assert torch.equal(p, q), k
