@@ -22,7 +22,8 @@ reads one prompt (a prefix attended both ways) and one answer, as its processor'
 caption_batch.py.)
 
 Eval: the loss and perplexity, and BLEU-4 and ROUGE-L (metrics.py) of greedy captions of the first ``EVAL_CAPTIONS``
-eval rows (at most ``data.max_target_length`` new tokens) against their captions. Which tower trains is
+distinct eval images (at most ``data.max_target_length`` new tokens) against their captions: the captions of every
+eval row of that image (and prompt), as the COCO evaluators pool an image's references. Which tower trains is
 ``method.towers`` (default ``[language]``; deltatune.towers).
 """
 
@@ -52,6 +53,7 @@ from .caption_batch import (  # noqa: F401 (the batch builders, read by the test
     _pad,
     collate_vlm,
     encode_vlm,
+    grouped,
     render_vlm,
     shown,
     vlm_labels,
@@ -168,9 +170,10 @@ class CaptionDataset(torch.utils.data.Dataset):
             out.update(input_ids=[self.processor.bos, *self.labels[i]], labels=[IGNORE_INDEX, *self.labels[i]])
         return out
 
-    def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
-        """(images, prompt messages (none), caption) of the first ``n`` rows."""
-        return [([r], None, r.text or "") for r in self.rows[:n]]
+    def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, list[str]]]:
+        """(image, prompt messages (none), captions) of the first ``n`` distinct images, each with the captions of
+        every row of that image (``grouped``)."""
+        return grouped((([r], None, r.text or "") for r in self.rows), n)
 
 
 def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -314,7 +317,8 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     if held is not None:
         notes.insert(1, f"data.val_size: {len(held)} {HELD_OUT_NOTE.format(what='rows')}")
     if ev is not None:
-        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {min(len(ev), EVAL_CAPTIONS)} rows")
+        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {len(ev.references())} rows (distinct "
+                     "images and prompts; the answers of the rows that share them are its references)")  # fmt: skip
     collator = functools.partial(collate_vlm, pad_token_id=processor.pad_token_id)
     return Prepared(train, ev, collator, None, None, notes=notes, loss_only=True)
 
@@ -358,8 +362,9 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
         if n:
             notes.append(f"{n} {split} captions were longer than data.max_target_length={d.max_target_length}")
     if eval_rows:
-        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy captions of the first {min(len(eval_rows), EVAL_CAPTIONS)} "
-                     "eval images")  # fmt: skip
+        scored = grouped((([r], None, r.text) for r in eval_rows), EVAL_CAPTIONS)
+        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy captions of the first {len(scored)} eval images "
+                     f"against the {sum(len(s[2]) for s in scored)} captions of their rows")  # fmt: skip
     return Prepared(
         CaptionDataset(train_rows, train_ids, processor),
         CaptionDataset(eval_rows, eval_ids, processor) if eval_rows else None,
@@ -456,16 +461,18 @@ def caption(
 def caption_metrics(
     model: torch.nn.Module, processor: CaptionProcessor | VLMProcessor, dataset, max_new_tokens: int
 ) -> dict[str, float]:
-    """BLEU-4 (corpus) and ROUGE-L (mean) of greedy captions of the first ``EVAL_CAPTIONS`` rows of ``dataset`` (a
-    ``CaptionDataset`` or ``VLMDataset``) against their captions (a conversation's last answer)."""
+    """BLEU-4 (corpus) and ROUGE-L (mean) of greedy captions of the first ``EVAL_CAPTIONS`` distinct images (and
+    prompts) of ``dataset`` (a ``CaptionDataset`` or ``VLMDataset``) against their captions (a conversation's last
+    answer): every row's of that image, as the COCO evaluators score one caption an image against its five (multi-
+    reference BLEU; ROUGE-L against the best, as rouge-score's ``score_multi``)."""
     was_training = model.training
     model.eval()
     preds, refs = [], []
-    for rows, messages, reference in dataset.references(EVAL_CAPTIONS):
+    for rows, messages, references in dataset.references(EVAL_CAPTIONS):
         images = [open_rgb(r)[0] for r in rows]
         check_new_tokens(model, processor, images, messages, max_new_tokens, "data.max_target_length")
         preds.append(_generate(model, processor, images, messages, max_new_tokens=max_new_tokens, do_sample=False))
-        refs.append(reference)
+        refs.append([references] if isinstance(references, str) else references)  # (one: a text alone)
     model.train(was_training)
-    rouge = sum(M.rouge_l(p, r) for p, r in zip(preds, refs)) / max(len(preds), 1)
-    return {"eval_bleu": M.bleu(preds, [[r] for r in refs]), "eval_rougeL": rouge}
+    rouge = sum(max(M.rouge_l(p, r) for r in rs) for p, rs in zip(preds, refs)) / max(len(preds), 1)
+    return {"eval_bleu": M.bleu(preds, refs), "eval_rougeL": rouge}

@@ -345,9 +345,23 @@ class VLMDataset(torch.utils.data.Dataset):
             out["cross_attention_mask"] = _cross_attention_mask(proc, ids, out["aspect_ratio_mask"])
         return {"input_ids": ids, "labels": labels, **out}
 
-    def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, str]]:
-        """(images, prompt messages, last answer) of the first ``n`` rows."""
-        return [(e.images, e.messages[:-1], e.messages[-1]["content"]) for e in self.examples[:n]]
+    def references(self, n: int = EVAL_CAPTIONS) -> list[tuple[list[ImageRow], list[Message] | None, list[str]]]:
+        """(images, prompt messages, last answers) of the first ``n`` distinct images and prompts (``grouped``)."""
+        return grouped(((e.images, e.messages[:-1], e.messages[-1]["content"]) for e in self.examples), n)
+
+
+def grouped(items, n: int) -> list[tuple[list[ImageRow], list[Message] | None, list[str]]]:
+    """The first ``n`` distinct (images, prompt) of ``items`` (images, prompt messages, answer), each with the answers
+    of every item that shares them: the references one generation is scored against, as the COCO caption evaluators
+    pool an image's captions (COCO's five an image come as five rows of one image)."""
+    out: dict[Any, tuple[list[ImageRow], list[Message] | None, list[str]]] = {}
+    for images, messages, answer in items:
+        key = (tuple((r.path, r.data) for r in images), repr(messages))
+        if key in out:
+            out[key][2].append(answer)
+        elif len(out) < n:
+            out[key] = (images, messages, [answer])
+    return list(out.values())
 
 
 def collate_vlm(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,99 @@
+"""Probe 20 of the image_cls and caption stages against transformers 5.25 (ViT's image processor and classifier, the
+run_image_classification example), sacrebleu and rouge-score on multi-reference captions (as the COCO caption
+evaluators pool an image's five captions), and the VLM processors' tokenizers beside the model's embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deltatune.data.images import ImageRow
+from deltatune.train import caption as C
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _images(tmp_path, n: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8 + i, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    return [str(tmp_path / f"{i}.png") for i in range(n)]
+
+
+COCO = [  # (image, caption): COCO's layout, an image's captions as rows of their own
+    (0, "a cat sits on a red mat"),
+    (1, "a dog runs in the park"),
+    (0, "a small cat on the mat"),
+    (0, "the cat is sitting on a mat"),
+    (1, "a brown dog running on grass"),
+    (2, "two birds on a wire"),
+]
+SAID = {0: "a cat sitting on a mat", 1: "a dog running in a park", 2: "birds on a wire"}
+
+
+def test_caption_eval_scores_each_image_once_against_all_its_captions(tmp_path, monkeypatch):
+    """Rows of one image (COCO's five captions an image) were each captioned and scored against their own caption
+    alone: the same caption scored against "a small cat on the mat", then against "a cat sits on a red mat", ...
+    BLEU-4 0.2545 where sacrebleu on the pooled references (the COCO evaluators' layout) says 0.4903. Now one caption
+    an image, multi-reference BLEU (sacrebleu's) and ROUGE-L against the best reference (rouge-score's
+    ``score_multi``)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    paths = _images(tmp_path, 3)
+    rows = [ImageRow(paths[i], None, f"e.jsonl:{n + 1}", text) for n, (i, text) in enumerate(COCO)]
+    dataset = C.CaptionDataset(rows, [[1]] * len(rows), C.CaptionProcessor(None, SimpleNamespace(eos_token_id=1)))
+    assert [(r[0][0].path, r[2]) for r in dataset.references()] == [
+        (paths[0], [COCO[0][1], COCO[2][1], COCO[3][1]]),
+        (paths[1], [COCO[1][1], COCO[4][1]]),
+        (paths[2], [COCO[5][1]]),
+    ]
+    assert len(dataset.references(2)) == 2  # the first n distinct images, each with all its captions
+    asked = []
+
+    def generate(model, processor, images, messages, **kwargs):  # the images' widths tell them apart
+        asked.append(images[0].size[0] - 8)
+        return SAID[asked[-1]]
+
+    monkeypatch.setattr(C, "_generate", generate)
+    monkeypatch.setattr(C, "check_new_tokens", lambda *a, **k: None)
+    got = C.caption_metrics(torch.nn.Linear(1, 1), None, dataset, 8)
+    assert asked == [0, 1, 2]  # one caption an image, not one a row
+    preds = [SAID[i] for i in range(3)]
+    refs = [[t for i, t in COCO if i == k] for k in range(3)]
+    width = max(map(len, refs))
+    streams = [[r[j] if j < len(r) else None for r in refs] for j in range(width)]
+    assert got["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, streams).score / 100, abs=1e-9)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = np.mean([scorer.score_multi(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)])
+    assert got["eval_rougeL"] == pytest.approx(rouge, abs=1e-9)
+    assert got["eval_bleu"] == pytest.approx(0.4903, abs=1e-4)
+
+
+def test_vlm_eval_pools_the_answers_of_one_image_and_prompt(tmp_path):
+    """A decoder-only model's image + caption rows (and conversations) of one image and one prompt are one generation
+    scored against every row's answer; another prompt on the same image is a generation of its own."""
+    paths = _images(tmp_path, 2)
+    user = {"role": "user", "content": "<image>\nDescribe the image."}
+    other = {"role": "user", "content": "<image>\nWhat colour is it?"}
+
+    def ex(i, turn, answer):
+        return C.VLMExample(f"e:{i}", [ImageRow(paths[i], None, f"e:{i}")], [turn, {"role": "assistant",
+                                                                                  "content": answer}])  # fmt: skip
+
+    examples = [ex(0, user, "a cat"), ex(1, user, "a dog"), ex(0, other, "red"), ex(0, user, "one cat")]
+    dataset = C.VLMDataset(examples, [([1], [1])] * 4, None)
+    assert [(r[0][0].path, r[1][0]["content"], r[2]) for r in dataset.references()] == [
+        (paths[0], user["content"], ["a cat", "one cat"]),
+        (paths[1], user["content"], ["a dog"]),
+        (paths[0], other["content"], ["red"]),
+    ]
