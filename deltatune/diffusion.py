@@ -10,8 +10,9 @@ own ``unet.save_lora_adapter(folder)`` writes (keys without the prefix, the bare
 older keys ``<path>.lora.down.weight`` / ``.lora.up.weight`` and ``<path>.lora_linear_layer.down.weight`` / ``.up``
 (what diffusers' training scripts still write), and diffusers' attention-processor layout from before 0.21
 (``<attention>.processor.to_q_lora.down.weight``). Without metadata a module's alpha is its rank (scale 1), as
-diffusers assumes. A text encoder's keys naming transformers 4's ``text_model.`` level (``text_model_`` in kohya's)
-load onto a model without that level (transformers 5's CLIPTextModel), as diffusers strips it.
+diffusers assumes; metadata naming no lora_alpha gives peft's default, 8, as diffusers' ``LoraConfig(**metadata)``.
+A text encoder's keys naming transformers 4's ``text_model.`` level (``text_model_`` in kohya's) load onto a model
+without that level (transformers 5's CLIPTextModel), as diffusers strips it.
 
 **kohya** (sd-scripts, ai-toolkit; read by A1111 and ComfyUI): keys ``lora_unet_<module path, dots as
 underscores>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (a scalar per module: the update is

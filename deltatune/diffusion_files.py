@@ -47,6 +47,8 @@ _OLD_LAYOUT = re.compile(r"(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|u
 _NOT_LORA = re.compile(r"magnitude_vector|hada_|lokr_|lora_mid|\.diff(_b)?$|(_B|[._]up|layer\.up)\.bias$")
 """Keys of peft's DoRA outside a component, LyCORIS (LoHa, LoKr, Tucker's mid), full weight differences and LoRA biases (peft's
 ``lora_bias``, ``lora_B.bias``): no plain LoRA's."""
+PEFT_DEFAULT_ALPHA = 8
+"""peft's ``LoraConfig.lora_alpha`` default: the alpha diffusers loads for a file whose metadata names no lora_alpha."""
 _CLIP_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
@@ -222,7 +224,7 @@ def load_lora(
     ``model`` is a DeltaModel or a plain denoiser / text encoder (wrapped then). ``prefix`` picks a component's
     keys (``unet``, ``transformer``, ``text_encoder``, SDXL's ``text_encoder_2``: kohya's ``lora_te1_`` and
     ``lora_te2_`` are these two); None takes the keys whose path fits the model. Ranks and alphas are read per module
-    (kohya's ``.alpha``; diffusers' metadata, else alpha = rank). Keys holding ``dora_scale`` (kohya's DoRA) are
+    (kohya's ``.alpha``; diffusers' metadata, whose config without lora_alpha has peft's 8 as diffusers' ``LoraConfig(**metadata)``; else alpha = rank). Keys holding ``dora_scale`` (kohya's DoRA) are
     dropped with one warning naming them, and the rest loads as a plain LoRA, as diffusers' ``load_lora_weights``
     does (``_warn=False``: no warning, for a file whose other components warned already). ``hotswap``: replace the
     weights and scales of the LoRA ``adapter_name`` already there in place, as diffusers'
@@ -230,7 +232,8 @@ def load_lora(
     does not adapt gets zeros, a smaller rank is padded with zeros, a larger one replaces the tensors.
 
     Raises:
-        ConfigError: the file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
+        ConfigError: a metadata use_rslora or use_dora that is not true or false (peft reads "false" as true), the
+            file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
             another architecture), keys of two components that both fit (without a prefix), a module without its A
             or B, or nothing at all; with ``hotswap``, no such adapter, or one that is merged, not a plain LoRA or
             does not adapt a module the file does; the model is unchanged.
@@ -269,6 +272,8 @@ def load_lora(
     meta = {} if kind == "kohya" else _metadata(metadata, prefix, path)  # kohya files carry no config, only alphas
     ranks = {p: m["A"].shape[0] for p, m in modules.items()}
     alphas, patterns = {}, meta.get("alpha_pattern") or {}
+    # diffusers builds peft's LoraConfig(**metadata): a config without lora_alpha has peft's default, 8 (not the rank)
+    default_alpha = meta.get("lora_alpha", PEFT_DEFAULT_ALPHA) if meta else None
     if not isinstance(patterns, dict):
         raise ConfigError(f"{path}: its metadata's alpha_pattern is a JSON {_json_kind(patterns)}, not an object")
     for p, m in modules.items():
@@ -277,7 +282,7 @@ def load_lora(
                 raise ConfigError(f"{path}: module {p}'s .alpha holds {m['alpha'].numel()} numbers; an alpha is one")
             alphas[p] = float(m["alpha"]) if "alpha" in m else float(ranks[p])
         else:
-            value = pattern_value(patterns, p, meta.get("lora_alpha", ranks[p]))
+            value = pattern_value(patterns, p, ranks[p] if default_alpha is None else default_alpha)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 where = "the metadata's lora_alpha or alpha_pattern"
                 raise ConfigError(f"{path}: module {p}'s alpha is {value!r} ({where}); an alpha is a finite number")
@@ -291,7 +296,7 @@ def load_lora(
         r=r,
         lora_alpha=alpha,
         target_modules=sorted(modules),
-        use_rslora=bool(meta.get("use_rslora", False)),
+        use_rslora=meta.get("use_rslora", False),
         use_dora=bool(dora),
         rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
         alpha_pattern={re.escape(p): v for p, v in alphas.items() if v != alpha},
@@ -348,6 +353,11 @@ def _metadata(metadata: dict[str, str], prefix: str | None, path: Any = "the fil
         return {}
     if not isinstance(meta, dict):
         raise ConfigError(f"{path}: its metadata's lora_adapter_metadata is a JSON {_json_kind(meta)}, not an object")
+    for key, value in meta.items():  # (peft takes "false" as true: the update would be scaled by alpha / sqrt(r))
+        if key.rsplit(".", 1)[-1] in ("use_rslora", "use_dora") and not isinstance(value, bool):
+            raise ConfigError(
+                f"{path}: its metadata's {key} is {value!r} (a JSON {_json_kind(value)}); it must be true or false"
+            )
     components = {k.split(".", 1)[0] for k in meta if "." in k}
     if not components:  # a model-level save (unet.save_lora_adapter(folder)): the bare peft config
         return meta

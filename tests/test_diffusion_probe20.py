@@ -1,0 +1,79 @@
+"""Probe 20 of the diffusion side against diffusers 0.42.1: a diffusers LoRA file's ``lora_adapter_metadata`` as
+diffusers reads it (``LoraConfig(**metadata)``): a config naming r but no lora_alpha has peft's default alpha, 8,
+and a use_rslora written as text ("false", which peft takes as true) is refused in one line, the model unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from deltatune.config import ConfigError  # noqa: E402
+from tests.test_diffusion_probe16 import _unet  # noqa: E402
+
+NAMES = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"]  # fmt: skip
+
+
+def _file(path, meta: dict, rank: int = 4):
+    """A diffusers-layout LoRA file on two of the tiny UNet's projections, ``meta`` as its lora_adapter_metadata."""
+    from safetensors.torch import save_file
+
+    modules, g, tensors = dict(_unet(3).named_modules()), torch.Generator().manual_seed(0), {}
+    for n in NAMES:
+        tensors[f"unet.{n}.lora_A.weight"] = torch.randn(rank, modules[n].in_features, generator=g)
+        tensors[f"unet.{n}.lora_B.weight"] = torch.randn(modules[n].out_features, rank, generator=g)
+    save_file(tensors, str(path), {"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    return path
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, 3, 16, 16, generator=g), torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
+
+
+@pytest.mark.parametrize("meta", [{"unet.r": 4, "unet.target_modules": NAMES},
+                                  {"unet.r": 4, "unet.target_modules": NAMES, "unet.alpha_pattern": {"to_k": 2}}])  # fmt: skip
+def test_metadata_without_lora_alpha_has_peft_default_alpha_as_diffusers(tmp_path, meta):
+    """diffusers' ``_create_lora_config`` passes the metadata to peft's LoraConfig, whose lora_alpha defaults to 8:
+    scale 8 / 4 = 2 (to_k 2 / 4 by the pattern). deltatune took alpha = rank (scale 1): outputs 0.08 apart."""
+    from deltatune.diffusion import load_lora
+
+    path = _file(tmp_path / "f.safetensors", meta)
+    x, t, c = _inputs()
+    ref = _unet(3)
+    ref.load_lora_adapter(str(path), prefix="unet", adapter_name="a", use_safetensors=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = load_lora(_unet(3), path, prefix="unet")
+    refs, ours = dict(ref.named_modules()), dict(mine.get_base_model().named_modules())
+    assert [refs[n].scaling["a"] for n in NAMES] == [ours[n].scaling["default"] for n in NAMES]
+    with torch.no_grad():
+        want, got = ref(x, t, c).sample, mine(x, t, encoder_hidden_states=c).sample
+    assert (want - _unet(3)(x, t, c).sample).abs().max() > 1e-3  # (the LoRA counts)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("key, value", [("use_rslora", "false"), ("use_rslora", 0), ("use_dora", "no")])
+def test_metadata_switch_as_text_is_refused_and_the_model_keeps_its_adapters(tmp_path, key, value):
+    """peft takes ``use_rslora="false"`` as true (diffusers scales by alpha / sqrt(r): 2 here where the writer meant
+    1); deltatune's ``bool("false")`` did the same silently. Now one line naming the file and the key, and the
+    DeltaModel keeps its one adapter and its outputs."""
+    from deltatune.diffusion import load_lora
+
+    good = _file(tmp_path / "good.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": NAMES})
+    bad = _file(tmp_path / "bad.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, f"unet.{key}": value})
+    x, t, c = _inputs()
+    delta = load_lora(_unet(3), good, "a", prefix="unet")
+    with torch.no_grad():
+        before = delta(x, t, encoder_hidden_states=c).sample
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: its metadata's unet.{key} is {value!r}")):
+        load_lora(delta, bad, "b", prefix="unet")
+    assert list(delta.peft_config) == ["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(delta(x, t, encoder_hidden_states=c).sample, before, rtol=0, atol=0)
