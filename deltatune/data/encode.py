@@ -179,6 +179,18 @@ def _unweighted(conversation: list[Message]) -> list[Message]:
     return [{k: v for k, v in m.items() if k != "weight"} for m in conversation]
 
 
+def _refuse_unrendered(s: Sample, mask_history: bool) -> None:
+    """Refuses ``s`` when no token trains and an assistant turn is weighted to train: the chat template wrote none of
+    its answers (TRL 1.16's SFTTrainer raises for it under assistant_only_loss, and drops such a prompt-completion row
+    without a word); only answers weighted 0 leave a row with nothing to train, counted as ``unweighted``."""
+    conversation, start = _trained_from(s, mask_history)
+    if any(m["role"] == "assistant" and m.get("weight") != 0 for m in conversation[start:]):
+        raise DataError(
+            f"{s.source}: the chat template renders none of the row's assistant answers, so nothing would train; "
+            "use a template that writes the assistant turns (or set data.template to a built-in template)"
+        )
+
+
 def _trained_from(s: Sample, mask_history: bool) -> tuple[list[Message], int]:
     """``s.sft()``, its first trained message moved to the last assistant turn under ``mask_history``."""
     conversation, start = s.sft()
@@ -564,6 +576,7 @@ def encode_sft_samples(
     for s in samples:
         ids, labels, answers = _sft(s, tokenizer, template, mask_history, train_on_prompt)
         if all(label == IGNORE_INDEX for label in answers):
+            _refuse_unrendered(s, mask_history)
             unweighted += 1
             continue
         keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)

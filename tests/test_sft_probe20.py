@@ -1,0 +1,71 @@
+"""SFT probe 20: a chat template that writes no assistant turn is refused naming the row (TRL 1.16's SFTTrainer trains
+nothing of such a row too), where it was counted as a row whose answers are all weighted 0; packed SFT blocks read
+and score as the rows do alone (TRL's padding-free position ids)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltatune.data.encode import encode_sft_samples
+from deltatune.data.formats import read_samples
+from deltatune.data.load import DataError, Row
+from deltatune.data.templates import IGNORE_INDEX
+
+# ChatML that writes every turn but the assistant's, and no generation prompt (with one, the turn is refused as one
+# rendered unlike itself ending the conversation: templates.render's line, naming the row and the turn).
+DROPS_ANSWERS = (
+    "{% for m in messages %}{% if m.role != 'assistant' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+)
+Q = [{"role": "user", "content": "What colour is a ripe lemon?"}]
+A = [{"role": "assistant", "content": "Yellow."}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tiny import smollm2_tokenizer
+
+    t = smollm2_tokenizer()
+    t.chat_template = DROPS_ANSWERS
+    return t
+
+
+def _samples(rows):
+    return read_samples([Row(r, f"t.jsonl:{i + 1}") for i, r in enumerate(rows)], {}, stage="sft")
+
+
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion"])
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_a_template_that_drops_the_assistant_turn_is_refused_naming_the_row(tok, shape, mask_history):
+    """It was counted as a row whose answers are all weighted 0 (the run then failed with "1 with every answer weighted
+    0", a weight the row never had). TRL's own tokenization of the row trains nothing either."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    p = _tokenize(tok, Q, add_generation_prompt=True)["input_ids"]
+    ids = _tokenize(tok, Q + A)["input_ids"]
+    assert common_prefix_length(p, ids) == len(ids)  # TRL: a completion mask of zeros, the row dropped unseen
+    # (messages: the row before it, its answer weighted 0, is left out and counted; a completion has no weight)
+    rows = (
+        [{"messages": Q + [{**A[0], "weight": 0}]}, {"messages": Q + A}]
+        if shape == "messages"
+        else [{"prompt": Q, "completion": A}]
+    )
+    with pytest.raises(
+        DataError, match=rf"^t\.jsonl:{len(rows)}: the chat template renders none of the row's assistant"
+    ) as e:
+        encode_sft_samples(_samples(rows), tok, None, 64,
+                           mask_history=mask_history)  # fmt: skip
+    assert "\n" not in str(e.value)
+
+
+def test_answers_weighted_0_are_still_counted_not_refused():
+    """A row whose answers are all weighted 0 is still left out and counted (nothing the template dropped)."""
+    weighted = [{**A[0], "weight": 0}]
+    from tiny import CHAT_TEMPLATE, smollm2_tokenizer
+
+    tok0 = smollm2_tokenizer()
+    tok0.chat_template = CHAT_TEMPLATE
+    enc = encode_sft_samples(_samples([{"messages": Q + weighted}, {"messages": Q + A}]), tok0, None, 64)
+    assert enc.unweighted == 1 and len(enc.examples) == 1
+    labels = enc.examples[0]["labels"]
+    assert tok0.decode([x for x in labels if x != IGNORE_INDEX]) == "Yellow.<|im_end|>\n"
