@@ -95,3 +95,53 @@ def test_each_log_row_carries_trls_epoch(policy, tmp_path, monkeypatch, mu, S): 
     _, history = train_grpo(model, tok, cfg, items, None, [reward])
     assert want == [0.5, 1.0, 1.5]
     assert [h["epoch"] for h in history] == pytest.approx(want)
+
+
+def _trl_logged(monkeypatch, keys: tuple[str, ...]) -> list[list[float]]:
+    """The values of ``keys`` TRL's GRPOTrainer logs at each micro-batch (each _compute_loss call)."""
+    import trl.trainer.grpo_trainer as gt
+
+    seen, real = [], gt.GRPOTrainer._compute_loss
+
+    def compute_loss(self, model, inputs):
+        loss = real(self, model, inputs)
+        seen.append([self._metrics["train"][k][-1] for k in keys])
+        return loss
+
+    monkeypatch.setattr(gt.GRPOTrainer, "_compute_loss", compute_loss)
+    return seen
+
+
+KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
+
+
+@pytest.mark.parametrize("S, mu, loss_type, keys, ga", [(2, 2, "grpo", {}, 1), (1, 3, "dapo", {"epsilon_high": 0.1}, 1),
+                                                        (2, 1, "bnpo", {}, 2)])  # fmt: skip
+def test_clip_ratios_and_entropy_are_trls_micro_batch_means(policy, tmp_path, monkeypatch, S, mu, loss_type, keys, ga):  # noqa: F811
+    """S x mu updates on one generation batch of 8 fixed completions (the later ones clip): TRL logs each
+    micro-batch's clip_ratio/* and entropy (a token mean of that micro-batch, every update's), the step their mean.
+    deltatune weighed them by the tokens over the whole step and took the entropy of the first iteration only
+    (region_mean 0.3261 where TRL's is 0.3058 at S 2, mu 2; entropy 6.1256 for 6.1082)."""
+    seen = _trl_logged(monkeypatch, KEYS)
+    model, _ = policy
+    ours_keys = {"cliprange_high": keys["epsilon_high"]} if keys else {}
+    _trl_run(copy.deepcopy(model), tmp_path, monkeypatch, S, mu, loss_type, keys, ga=ga)
+    stats, *_ = _ours(copy.deepcopy(model), S, mu, loss_type, ours_keys, monkeypatch, mini_batch_size=8 // S // ga)
+    assert len(seen) == S * mu * ga
+    want = [sum(v) / len(v) for v in zip(*seen)]
+    assert mu == 1 or want[2] > 0  # (the later updates clip)
+    assert [stats[k] for k in KEYS] == pytest.approx(want, rel=1e-5, abs=1e-6)  # (entropy ~6: float noise)
+
+
+def test_kl_is_the_mean_of_each_micro_batchs_token_mean_by_hand():
+    """TRL's kl log: global_masked_mean per micro-batch, then their mean (not weighed by the micro-batches' tokens).
+    Two chunks: 3 tokens of KL 1 each, 1 token of KL 3: TRL's kl (1 + 3) / 2 = 2 (a token-weighed mean: 1.5)."""
+    from deltatune.train.grpo_stats import MicroMeans
+
+    means = MicroMeans()
+    for kl, tokens in ((3.0, 3.0), (3.0, 1.0)):
+        st = {"clipped": torch.tensor(0.0), "clip_units": torch.tensor(tokens), "kl": torch.tensor(kl),
+              "tokens": torch.tensor(tokens)}  # fmt: skip
+        means.add(st, torch.ones(1, 3), torch.ones(1, 3))
+    assert means.stats("cispo") == {"kl": 2.0, "entropy": 1.0, "cispo_clip_ratio": 0.0}
+    assert means.stats("sapo") == {"kl": 2.0, "entropy": 1.0}

@@ -65,7 +65,7 @@ from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _save_checkpoint  # n
 from .grpo_entropy import EntropyBonus, check_entropy
 from .grpo_loss import check_loss_keys, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
-from .grpo_stats import completion_lengths, trl_policy_loss
+from .grpo_stats import MicroMeans, completion_lengths, trl_policy_loss
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
 from .prepared import Prepared, _rows
@@ -242,13 +242,12 @@ class GRPOLoop:
         with self.amp():
             old = self._logprobs(s) if a.num_iterations > 1 or S > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None
-        sums = dict.fromkeys(
-            ("loss", "clipped", "clipped_low", "clipped_high", "clip_units", "kl", "tokens", "entropy"), 0.0
-        )
+        sums = dict.fromkeys(("loss", "clipped", "clip_units"), 0.0)  # (deltatune's loss and clipfrac: token-weighed)
         policy: list[float] = []  # (each micro-batch's TRL policy_loss, logged with an entropy bonus as TRL's)
+        means = MicroMeans()  # (each micro-batch's TRL clip ratios, kl, entropy)
         extremes: list[tuple[float, float]] = []  # (each micro-batch's TRL clip_ratio/low_min and high_max)
         shares = torch.full((2, n_seq), float("nan"), device=self.device)  # (each completion's clipped low / high)
-        for it, part, order in ((it, *pm) for it in range(a.num_iterations) for pm in zip(parts, micro)):
+        for part, order in (pm for _ in range(a.num_iterations) for pm in zip(parts, micro)):
             self.optimizer.zero_grad(set_to_none=True)
             n_part = n_tok / S  # (dapo, cispo: the generation batch's tokens / S, as TRL; bnpo: per chunk, below)
             for idx in (part[c] for c in self._chunks(len(part))):
@@ -276,15 +275,11 @@ class GRPOLoop:
                     raise NonFiniteLossError(getattr(self, "steps_done", 0) + 1, float(loss))
                 loss.backward()
                 sums["loss"] += loss.item() / (a.num_iterations * S)
-                for key in ("clipped", "clipped_low", "clipped_high"):
-                    sums[key] += st[key].item() if key in st else 0.0
+                sums["clipped"] += st["clipped"].item()
                 if "clipped_low_rows" in st:
                     shares[:, idx] = torch.stack((st["clipped_low_rows"], st["clipped_high_rows"]))
                 sums["clip_units"] += st["clip_units"].item()
-                sums["tokens"] += st["tokens"].item()
-                sums["kl"] += st["kl"].item() if "kl" in st else 0.0
-                if it == 0:
-                    sums["entropy"] += (entropy.detach() * m).sum().item()
+                means.add(st, entropy.detach(), m)
             extremes += clip_extremes(shares, order, self._chunks(len(part)))
             if self.max_grad_norm > 0:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -303,18 +298,13 @@ class GRPOLoop:
             "frac_zero_std_groups": nanstd(rewards.view(-1, G)).isclose(torch.zeros(())).float().mean().item(),
             "frac_reward_zero_std": zero_std.float().mean().item(),  # TRL's: of the std its advantages divide by
             "clipfrac": sums["clipped"] / max(sums["clip_units"], 1.0),
-            "entropy": sums["entropy"] / n_tok.item(),
             "completion_length": s.completion_mask.float().sum(-1).mean().item(),  # (masked ones too, as TRL)
             "completions/mean_length": s.completion_mask.float().sum(-1).mean().item(),  # (TRL's names of these)
             "truncated_fraction": s.truncated.float().mean().item(),
             "lr": lr,
         }
-        clip_name = {"clip": "clip_ratio/region_mean", "cispo": "cispo_clip_ratio"}.get(grpo_policy(a))
-        if clip_name:  # (TRL's name for its clip statistic; sapo, which clips nothing, logs none)
-            stats[clip_name] = stats["clipfrac"]
-        if clip_name == "clip_ratio/region_mean":
-            for side in ("low", "high"):
-                stats[f"clip_ratio/{side}_mean"] = sums[f"clipped_{side}"] / max(sums["clip_units"], 1.0)
+        stats.update(means.stats(grpo_policy(a)))  # (TRL's clip ratios, kl, entropy: its micro-batches' mean)
+        if grpo_policy(a) == "clip":  # (sapo, which clips nothing, logs no clip statistic, as TRL's)
             for name, values in zip(("clip_ratio/low_min", "clip_ratio/high_max"), zip(*extremes)):
                 stats[name] = trl_log_mean(values)  # (TRL's log: the micro-batches' mean, NaNs out; None if all)
         stats.update(
@@ -322,8 +312,6 @@ class GRPOLoop:
             **self.bonus.stats(),
             **({"policy_loss": sum(policy) / len(policy)} if policy else {}),
         )
-        if a.beta > 0:
-            stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
         for k, r in enumerate(self.rewards):
             stats[f"rewards/{r.name}/mean"] = table[:, k].nanmean().item()  # over the rows it applies to, as TRL
             stats[f"rewards/{r.name}/std"] = nanstd(table[:, k]).item()
