@@ -3,7 +3,9 @@
 Freeze tuning is compared with LLaMA-Factory's ``_setup_freeze_tuning`` (src/llamafactory/model/adapter.py), whose
 choice of blocks is written out here: ``range(max(0, num_layers - n), num_layers)`` for n > 0 and
 ``range(min(-n, num_layers))`` for n < 0, over the text config's layers, with the vision tower and the projector
-(BLIP-2's Q-Former) frozen by default (``freeze_vision_tower``, ``freeze_multi_modal_projector``).
+frozen by default (``freeze_vision_tower``, ``freeze_multi_modal_projector``) for the VLMs it registers (BLIP-2 is not
+among them: its substring test would reach the Q-Former's and the vision tower's blocks of the same number; the
+Q-Former is BLIP-2's projector, frozen here as LLaVA's multi_modal_projector is there).
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ def test_freeze_layers_beyond_the_depth_take_every_block_as_llamafactory(n):
 
 
 def test_freeze_on_blip2_trains_the_language_model_blocks_only_as_llamafactory():
-    """BLIP-2: LLaMA-Factory counts the text config's layers and freezes the Q-Former (the projector) and the vision
-    tower; this trained the Q-Former's last block as well (a stack of its own, not named for vision)."""
+    """BLIP-2: the text config's layers counted, the vision tower and the projector (the Q-Former) frozen, as
+    LLaMA-Factory's defaults for a registered VLM; this trained the Q-Former's last block as well (a stack of its
+    own, not named for vision)."""
     from vision.tiny_vlm import tiny_vlm
 
     base = tiny_vlm("blip-2")
     num = base.config.text_config.num_hidden_layers
-    forbidden = ("vision_model", "qformer", "language_projection", "query_tokens")  # LLaMA-Factory's defaults
+    forbidden = ("vision_model", "qformer", "language_projection", "query_tokens")  # vision tower, projector
     expected = {
         k
         for k, _ in base.named_parameters()

@@ -1,7 +1,8 @@
 """Freeze tuning, and what the in-place baselines share (BitFit in bitfit.py, full fine-tuning in full.py).
 
 - Freeze tuning (as LLaMA-Factory's ``finetuning_type: freeze``): only the last n transformer blocks train
-  (``freeze_trainable_layers = n > 0``) or the first |n| (n < 0), of each stack, optionally only some modules
+  (``freeze_trainable_layers = n > 0``) or the first |n| (n < 0), of each stack (``use_llama_pro``: n spread evenly,
+  LLaMA Pro's expanded blocks), optionally only some modules
   inside them, and optionally some modules outside the blocks (``freeze_extra_modules``).
 - BitFit (Ben Zaken, Ravfogel, Goldberg, 2022; arXiv:2106.10199): only the bias terms train, h = W x + b with
   b trained and W frozen.
@@ -201,8 +202,9 @@ class FreezeConfig(DeltaConfig):
 
 def _language_stacks(model: nn.Module, depth: dict[str, int]) -> dict[str, int]:
     """The stacks of ``depth`` that train: on a vision-language model the language tower's alone (LLaMA-Factory counts
-    the text config's layers and freezes the vision tower and the projector, BLIP-2's Q-Former among them, by
-    default); elsewhere every stack but one named for vision beside others (an encoder-decoder: both)."""
+    the text config's layers and, for the VLMs it registers, freezes the vision tower and the projector by default:
+    freeze_vision_tower, freeze_multi_modal_projector; BLIP-2's Q-Former is its projector); elsewhere every stack
+    but one named for vision beside others (an encoder-decoder: both)."""
     from ..towers import tower_of
 
     language = {s: d for s, d in depth.items() if tower_of(model, s) == "language"}
