@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,9 +236,11 @@ def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
                 continue
             _check_nul(path, line, i)
             try:
-                data = json.loads(line)
+                data = json.loads(line, object_pairs_hook=_object)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{i}: not valid JSON ({_json_fault(exc)[1]})") from None
+            except _Twice as twice:
+                raise DataError(f"{path}:{i}: {twice}") from None
             if not isinstance(data, dict):
                 raise DataError(f"{path}:{i}: expected a JSON object, got {type(data).__name__}")
             rows.append(Row(data, f"{path}:{i}"))
@@ -246,35 +249,91 @@ def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
     return rows
 
 
+class _Twice(ValueError):
+    """A JSON object naming one key twice (``_object``)."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key written twice: json keeps the last value and drops the first
+    silently, where the datasets library (pyarrow) refuses the file ('Column(/text) was specified twice')."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        twice = next(k for n, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:n]))
+        raise _Twice(
+            f"key {twice!r} written twice in one object (JSON would keep only the last); give each its own name"
+        )
+    return data
+
+
+_SPACE, _BLANK = re.compile(r"[ \t\n\r]*"), (" ", "\t", "\n", "\r")  # JSON's whitespace
+
+
 def _json(path: str, _column: str, limit: int | None) -> list[Row]:
+    """A JSON list of objects (a row each, named by the line it starts on, decoded one at a time: a limit stops
+    the decoding there), one object (one row), or one object per line (read as .jsonl)."""
+    with open(path, encoding="utf-8-sig") as fh:
+        text = fh.read()
+    _check_nul(path, text)
+
+    def skip(at: int) -> int:
+        return _SPACE.match(text, at).end() if text[at : at + 1] in _BLANK else at  # type: ignore[union-attr]
+
+    decoder, found, pos = json.JSONDecoder(object_pairs_hook=_object), [], skip(0)
+    scan = decoder.scan_once  # (raw_decode's C scanner, without its Python wrapper: a list of many items)
     try:
-        with open(path, encoding="utf-8-sig") as fh:
-            text = fh.read()
-        _check_nul(path, text)
-        data = json.loads(text)
+        if text[pos : pos + 1] != "[":  # one object (one line or spread out), as the datasets library reads it
+            data, end = decoder.raw_decode(text, pos)
+            if skip(end) < len(text):
+                raise json.JSONDecodeError("Extra data", text, end)
+            if not isinstance(data, dict):
+                raise DataError(f"{path}: expected a JSON list of objects (or one object), got {type(data).__name__}")
+            return [Row(data, f"{path}:{text.count(chr(10), 0, pos) + 1}")]
+        pos, closed = skip(pos + 1), None
+        if text[pos : pos + 1] == "]":  # []
+            closed = pos
+        while closed is None and not (limit and len(found) >= limit):
+            try:
+                item, end = scan(text, pos)
+            except StopIteration as stop:
+                raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+            found.append((pos, item))
+            pos = skip(end)
+            after = text[pos : pos + 1]
+            if after == "]":
+                closed = pos
+            elif after != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            else:
+                pos = skip(pos + 1)
+        if closed is not None and skip(closed + 1) < len(text):
+            raise json.JSONDecodeError("Extra data", text, closed + 1)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # one object per line, as the datasets library also reads a .json file
             return _jsonl(path, _column, limit)
         line, what = _json_fault(exc)
         raise DataError(f"{path}:{line}: not valid JSON ({what})") from None
-    if isinstance(data, dict):  # one object: one row, as the datasets library reads it (one line or spread out)
-        with open(path, encoding="utf-8-sig") as fh:
-            line = next((i for i, text in enumerate(fh, 1) if text.strip()), 1)
-        return [Row(data, f"{path}:{line}")]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects (or one object), got {type(data).__name__}")
+    except _Twice as twice:  # (in the item that begins at pos)
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: {twice}") from None
+    starts = [at for at, _ in found] + ([pos] if closed is None else [])  # (the next item's: a limit stopped it)
+    lines, line, last = [], 1, 0
+    for at in starts:  # (counted on from the last item: one pass over the text)
+        line, last = line + text.count("\n", last, at), at
+        lines.append(line)
+    shared = {n for n, k in Counter(lines).items() if k > 1}  # lines holding two items (a list written on one)
     rows = []
-    for i, item in enumerate(data[:limit] if limit else data):
+    for i, ((_, item), line) in enumerate(zip(found, lines)):
+        source = f"{path}:{line}" + (f" (item {i})" if line in shared else "")
         if not isinstance(item, dict):
-            raise DataError(f"{path}: item {i} is a {type(item).__name__}, expected an object")
-        rows.append(Row(item, f"{path}[{i}]"))
+            raise DataError(f"{source}: expected a JSON object, got {type(item).__name__}")
+        rows.append(Row(item, source))
     return rows
 
 
 def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
     """Rows of a CSV or TSV file, read strictly: a quote left open is refused at the line it opens on (not the rest
     of the file read into one field); fields of any length (pandas reads them; the csv module stops at 128 KiB)."""
-    with open(path, "rb") as fh:  # the first 64 KiB: a file saved as UTF-16 has NULs from its first line
+    with open(path, "rb") as fh:  # the first 64 KiB: a file saved as UTF-16 has NULs from its first line (a NUL
+        # further down is refused at its record's line)
         head = fh.read(1 << 16)
     if not head.startswith(_UTF16_32):  # (one with its byte-order mark is named so where it fails to decode)
         _check_nul(path, head.decode("latin-1"))  # (latin-1: a character a byte, lines kept)
@@ -302,6 +361,8 @@ def _csv(path: str, _column: str, limit: int | None) -> list[Row]:
                     done = reader.line_num
                     if None in data:
                         raise DataError(f"{path}:{i}: more fields than the header has")
+                    if any("\x00" in v for v in data.values() if isinstance(v, str)):  # (past the head read above)
+                        raise DataError(_nul(path, i, "".join(v for v in data.values() if isinstance(v, str))))
                     if None in data.values():  # DictReader fills the fields a short row lacks with None
                         have = sum(v is not None for v in data.values())
                         raise DataError(

@@ -1,0 +1,112 @@
+"""Data probe 20: reading data files against the datasets library (pyarrow's JSON reader refuses a key written twice),
+a NUL byte past a CSV's first 64 KiB, a .json list's rows named by their line and decoded only up to data.limit,
+pandas' NaN in an alpaca history (LLaMA-Factory's converter reads a non-list history as none), and ``data inspect``'s
+chat-rendering flags on a classification file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deltatune.config import ConfigError
+from deltatune.data.formats import read_samples
+from deltatune.data.load import DataError, Row, read_rows
+
+
+def test_a_nul_byte_past_the_first_64_kib_of_a_csv_is_refused_at_its_line(tmp_path):
+    """HEAD looked for NUL bytes in a CSV's first 64 KiB only: one further down was read into the row's text
+    ('bad\\x00row') and trained on, where a NUL in the first 64 KiB (or anywhere in a .jsonl, .json or .txt) is
+    refused at its line. Line 3002: the header, 3000 rows, then the bad one."""
+    body = "text,label\n" + "".join(f"row {i} padding padding padding,1\n" for i in range(3000))
+    assert len(body.encode()) > 1 << 16
+    f = tmp_path / "nul.csv"
+    f.write_text(body + "bad\x00row,0\n", newline="")
+    with pytest.raises(DataError, match=r"^.*nul\.csv:3002: a NUL byte in the text \(a damaged or binary file\?\)"):
+        read_rows(str(f))
+    f.write_text(body + '"multi\nline\x00 field",0\n', newline="")  # (a quoted record: named at its first line)
+    with pytest.raises(DataError, match=r"nul\.csv:3002: a NUL byte"):
+        read_rows(str(f))
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line", "key"),
+    [
+        ("dup.jsonl", '{"text": "a"}\n\n{"text": "b", "text": "c"}\n', 3, "text"),
+        ("dup.json", '[\n  {"text": "a"},\n  {"messages": [{"role": "user",\n "role": "assistant"}]}\n]\n', 3, "role"),
+        ("one.json", '\n{"text": "a",\n "text": "c"}\n', 2, "text"),
+    ],
+)
+def test_a_key_written_twice_in_one_object_is_refused_as_the_datasets_library_refuses_it(
+    tmp_path, name, text, line, key
+):
+    """json keeps the last of two same-named keys and drops the first without a word: HEAD trained on 'c' and never
+    read 'b'. The datasets library's JSON reader (pyarrow) refuses the file ('Column(/text) was specified twice'), as
+    deltatune's CSV reader refuses a header naming a column twice; here the line of the object is named."""
+    pa_json = pytest.importorskip("pyarrow.json")
+    pa = pytest.importorskip("pyarrow")
+    f = tmp_path / name
+    f.write_text(text)
+    if name.endswith(".jsonl"):  # (pyarrow reads one object a line: the reference for the .jsonl file)
+        with pytest.raises(pa.ArrowInvalid, match="specified twice"):
+            pa_json.read_json(str(f))
+    with pytest.raises(DataError, match=rf"^.*{name}:{line}: key '{key}' written twice in one object"):
+        read_rows(str(f))
+
+
+def test_a_json_lists_rows_are_named_by_their_line_and_decoded_only_up_to_the_limit(tmp_path):
+    """A .json list's rows were named by their index ('alpaca.json[1]: column ...'), which an editor cannot jump to
+    in a pretty-printed file (LLaMA-Factory's datasets are such lists); they are named by the line they start on, as
+    a .jsonl's rows, with the index beside it where a list is written on one line. The whole list was decoded before
+    data.limit applied; it stops at the limit, as a .jsonl is read: an item past it is not decoded."""
+    items = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    f = tmp_path / "alpaca.json"
+    f.write_text(json.dumps(items, indent=2))  # each item 4 lines: '[', then items at lines 2, 6, 10
+    rows = read_rows(str(f))
+    assert [r.data for r in rows] == json.loads(f.read_text())
+    assert [r.source.rsplit("/", 1)[1] for r in rows] == ["alpaca.json:2", "alpaca.json:6", "alpaca.json:10"]
+    bad = dict(items[1], output=None)
+    f.write_text(json.dumps([items[0], bad], indent=2))
+    with pytest.raises(DataError, match=r"alpaca\.json:6: column 'output' is null"):
+        read_samples(read_rows(str(f)), stage="sft")
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps(items))
+    assert [r.source.rsplit("/", 1)[1] for r in read_rows(str(flat), limit=2)] == [
+        "flat.json:1 (item 0)",
+        "flat.json:1 (item 1)",
+    ]
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"text": "a"},\n {"text": "b"},\n {"text": }]')
+    assert [r.data for r in read_rows(str(cut), limit=2)] == [{"text": "a"}, {"text": "b"}]
+    with pytest.raises(DataError, match=r"cut\.json:3: not valid JSON \(Expecting value at column 11\)"):
+        read_rows(str(cut))
+
+
+def test_an_alpaca_history_of_nan_reads_as_none_and_a_nan_turn_is_refused():
+    """A history column pandas wrote as NaN (its missing value, in a .jsonl through json.dumps) read "column 'history'
+    must be a list"; LLaMA-Factory's AlpacaDatasetConverter reads a history that is no list as none, so the row is
+    the one without it. A NaN inside a pair trained on the text 'nan'; it is refused naming the turn."""
+    plain = read_samples([Row({"instruction": "q", "output": "a"}, "t.jsonl:1")], stage="sft")[0]
+    nan = read_samples([Row({"instruction": "q", "output": "a", "history": float("nan")}, "t.jsonl:1")], stage="sft")
+    assert (
+        nan[0].messages == plain.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    )
+    row = Row({"instruction": "q", "output": "a", "history": [["x", float("nan")]]}, "t.jsonl:4")
+    with pytest.raises(DataError, match=r"^t\.jsonl:4: history\[0\]\[1\] must be text, got NaN$"):
+        read_samples([row], stage="sft")
+
+
+@pytest.mark.parametrize("flag", ["template", "data_format"])
+def test_data_inspect_refuses_chat_flags_on_a_classification_file(tmp_path, flag):
+    """``deltatune data inspect sst2.csv --template chatml`` printed the classification report as if the template had
+    been used (--template and --format were dropped without a word for the cls and tag stages, which read their
+    columns as they are); the flag is refused naming it."""
+    from deltatune.data.inspect import inspect
+
+    f = tmp_path / "sst2.csv"
+    f.write_text("text,label\ngood film,1\nbad film,0\n")
+    assert "classes (2)" in inspect(str(f))
+    kwargs = {"template": "chatml"} if flag == "template" else {"stage": "cls", "data_format": "alpaca"}
+    name = "--template" if flag == "template" else "--format"
+    with pytest.raises(ConfigError, match=rf"^{name}: stage cls reads the text and label columns as they are"):
+        inspect(str(f), **kwargs)
