@@ -43,6 +43,7 @@ from .formats_messages import (
     _col,
     _media,
     _message_list,
+    _not_text,
     _system_message,
     _template_kwargs,
     _text,
@@ -327,7 +328,7 @@ def _alpaca_prompt(row: Row, c: dict[str, str]) -> list[Message]:
     instruction = row.text(_col(c, "instruction"))
     extra = row.text(_col(c, "input"), required=False)
     prompt = "\n".join(part for part in (instruction, extra) if part)  # an empty instruction: the input alone
-    history = row.data.get(_col(c, "history")) or []
+    history = row.get(_col(c, "history"), required=False) or []  # (None for pandas' NaN, a missing value)
     messages = _system_message(row, c)
     h = _col(c, "history")
     if not isinstance(history, list):
@@ -336,9 +337,8 @@ def _alpaca_prompt(row: Row, c: dict[str, str]) -> list[Message]:
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
             raise DataError(f"{row.source}: {h}[{i}] must be a pair [instruction, response]")
         for k, value in enumerate(turn):
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
-                got = "empty" if isinstance(value, str) or value is None else f"a {type(value).__name__}"
-                raise DataError(f"{row.source}: {h}[{i}][{k}] must be text, got {got}")
+            if _not_text(value):
+                raise DataError(f"{row.source}: {h}[{i}][{k}] must be text, got {_not_text(value)}")
         messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
     return messages + [{"role": "user", "content": prompt}]
 

@@ -171,6 +171,16 @@ def _text(row: Row, column: str) -> str:
     return value
 
 
+def _not_text(value: Any) -> str | None:
+    """What an alpaca history entry holds where it is no text ("empty", "NaN", "a list"); None for a string or a
+    number (written out)."""
+    if isinstance(value, str) or value is None:
+        return None if value and value.strip() else "empty"
+    if isinstance(value, float) and math.isnan(value):  # (pandas' missing value: it trained as the text 'nan')
+        return "NaN"
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else f"a {type(value).__name__}"
+
+
 def _turn(value: Any, row: Row, column: str, role: str, media) -> tuple[list[Message], bool]:
     """A TRL field: a string (one ``role`` message) or a list of messages; and whether it was a list."""
     if isinstance(value, str):
