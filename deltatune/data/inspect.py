@@ -74,6 +74,14 @@ def inspect(
     rows = read_rows(path)
     stage = stage or (None if data_format else column_stage(rows[0]))
     if stage in COLUMN_STAGES:
+        given = next(
+            (flag for flag, v in (("--template", template), ("--format", data_format)) if v is not None), None
+        )
+        if given:  # (they were ignored: the report read as if the file had been rendered with them)
+            raise ConfigError(
+                f"{given}: stage {stage} reads the {' and '.join(COLUMN_STAGES[stage])} columns as they are, with no "
+                f"chat template or data format; drop {given}"
+            )
         return _labelled(path, rows, stage, model, max_length, show)
     mapped = _llamafactory_columns(dict(columns or {}), rows, data_format)  # (LLaMA-Factory's keys, as training)
     fmt = data_format or detect(rows[0], mapped)
