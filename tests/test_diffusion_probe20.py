@@ -77,3 +77,62 @@ def test_metadata_switch_as_text_is_refused_and_the_model_keeps_its_adapters(tmp
     assert list(delta.peft_config) == ["a"]
     with torch.no_grad():
         torch.testing.assert_close(delta(x, t, encoder_hidden_states=c).sample, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"use_ema_warmup": True}, {"use_ema_warmup": True, "ema_inv_gamma": 2.0, "ema_power": 0.75},
+     {"ema_min_decay": 0.3, "ema_update_after_step": 3}, {"use_ema_warmup": True, "ema_min_decay": 0.2}],
+)  # fmt: skip
+def test_ema_warmup_settings_average_as_diffusers_ema_model(settings):
+    """diffusers' EMAModel's use_ema_warmup / inv_gamma / power / min_decay / update_after_step (its
+    ``train_unconditional.py``'s --ema_inv_gamma, --ema_power): the averaged weights after 12 steps of random
+    updates, each step's decay as ``get_decay``'s. deltatune's EMA had only the decay (no warm-up keys)."""
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import EMAModel
+
+    from deltatune.train.t2i_ema import EMA, ema_options
+
+    train = SimpleNamespace(use_ema=True, ema_decay=0.99, **settings)
+    options = ema_options(train)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ref = EMAModel(
+        model.parameters(), decay=0.99, use_ema_warmup=settings.get("use_ema_warmup", False),
+        inv_gamma=settings.get("ema_inv_gamma", 1.0), power=settings.get("ema_power", 2 / 3),
+        min_decay=settings.get("ema_min_decay", 0.0), update_after_step=settings.get("ema_update_after_step", 0),
+    )  # fmt: skip
+    ema = EMA(**options)
+    ema.on_train_begin(None, None, None, model=model)
+    decays = []
+    for _ in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ref.step(model.parameters())
+        ema.on_step_end(None, None, None, model=model)
+        decays.append((ref.get_decay(ref.optimization_step), ema.current_decay()))
+    assert [a for a, _ in decays] == [b for _, b in decays]
+    assert len({a for a, _ in decays}) > 3  # (the decay moves)
+    for (name, _), want in zip(model.named_parameters(), ref.shadow_params):
+        torch.testing.assert_close(ema.shadow[name], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"use_ema_warmup": "false"}, "train.use_ema_warmup must be true or false, got 'false'"),
+     ({"ema_power": 0}, "train.ema_power must be > 0, got 0"),
+     ({"ema_inv_gamma": "1"}, "train.ema_inv_gamma must be a finite number, got '1'"),
+     ({"ema_min_decay": 0.999}, "train.ema_min_decay must be in [0, train.ema_decay (0.99)], got 0.999"),
+     ({"ema_update_after_step": 1.5}, "train.ema_update_after_step must be an int >= 0, got 1.5")],
+)  # fmt: skip
+def test_ema_warmup_settings_out_of_range_are_refused_in_one_line(settings, message):
+    """EMAModel takes any of these and averages oddly (a min_decay above the decay wins over it; a text
+    use_ema_warmup is true); each is refused naming its key."""
+    from types import SimpleNamespace
+
+    from deltatune.train.t2i_ema import ema_options
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ema_options(SimpleNamespace(use_ema=True, ema_decay=0.99, **settings))

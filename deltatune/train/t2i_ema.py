@@ -10,6 +10,11 @@ average, as the script saves its pipeline after ``ema_unet.copy_to``. Each check
 folder. The validation images (``t2i_validation``) are drawn with s, the training weights put back after, as the
 script's ``store`` / ``copy_to`` / ``restore``. The text encoder's LoRA (``model.train_text_encoder``) is not
 averaged, as diffusers averages the UNet only.
+
+EMAModel's other settings are ``train`` keys too (``ema_options``): ``use_ema_warmup`` (d_k = 1 - (1 + j /
+``ema_inv_gamma``)^-``ema_power`` in place of (1 + j) / (10 + j); EMAModel's inv_gamma 1, power 2/3;
+``train_unconditional.py``'s ``--ema_inv_gamma`` / ``--ema_power``), ``ema_min_decay`` (d_k at least this after the
+first step) and ``ema_update_after_step`` (j = k - 1 - this; d_k = 0, a copy, until then).
 """
 
 from __future__ import annotations
@@ -42,11 +47,63 @@ def ema_decay(train) -> float | None:
     return float(decay)
 
 
+WARMUP_KEYS = {"use_ema_warmup": False, "ema_inv_gamma": 1.0, "ema_power": 2 / 3, "ema_min_decay": 0.0,
+               "ema_update_after_step": 0}  # fmt: skip
+"""The ``train`` keys of EMAModel's other settings and their defaults (EMAModel's)."""
+
+
+def ema_options(train) -> dict | None:
+    """``EMA``'s keyword arguments from a recipe's ``train`` section (module docstring), None without
+    ``train.use_ema``; a key the recipe does not have takes EMAModel's default.
+
+    Raises:
+        ConfigError: as ``ema_decay``; a train.use_ema_warmup that is not a bool, a train.ema_inv_gamma or
+            train.ema_power <= 0, a train.ema_min_decay outside [0, train.ema_decay], a train.ema_update_after_step
+            that is not an int >= 0.
+    """
+    decay = ema_decay(train)
+    if decay is None:
+        return None
+    v = {key: getattr(train, key, default) for key, default in WARMUP_KEYS.items()}
+    if not isinstance(v["use_ema_warmup"], bool):
+        raise ConfigError(f"train.use_ema_warmup must be true or false, got {v['use_ema_warmup']!r}")
+    for key in ("ema_inv_gamma", "ema_power", "ema_min_decay"):
+        x = v[key]
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise ConfigError(f"train.{key} must be a finite number, got {x!r}")
+    for key in ("ema_inv_gamma", "ema_power"):
+        if v[key] <= 0:
+            raise ConfigError(f"train.{key} must be > 0, got {v[key]!r}")
+    if not 0 <= v["ema_min_decay"] <= decay:
+        raise ConfigError(
+            f"train.ema_min_decay must be in [0, train.ema_decay ({decay:g})], got {v['ema_min_decay']!r}"
+        )
+    after = v["ema_update_after_step"]
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise ConfigError(f"train.ema_update_after_step must be an int >= 0, got {after!r}")
+    return {"decay": decay, "use_warmup": v["use_ema_warmup"], "inv_gamma": float(v["ema_inv_gamma"]),
+            "power": float(v["ema_power"]), "min_decay": float(v["ema_min_decay"]), "update_after_step": after}  # fmt: skip
+
+
+def describe_ema(options: dict) -> str:
+    """The report's note on the average."""
+    o = options
+    warm = f", warm-up (inv_gamma {o['inv_gamma']:g}, power {o['power']:g})" if o["use_warmup"] else ""
+    low = f", at least {o['min_decay']:g}" if o["min_decay"] else ""
+    after = f", from step {o['update_after_step'] + 1}" if o["update_after_step"] else ""
+    return f"weights averaged (EMA, decay up to {o['decay']:g}{warm}{low}{after}); the run saves the average"
+
+
 class EMA(TrainerCallback):
     """The moving average of a model's trainable parameters (module docstring); ``step`` counts optimizer steps."""
 
-    def __init__(self, decay: float = 0.9999) -> None:
+    def __init__(
+        self, decay: float = 0.9999, *, use_warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3,
+        min_decay: float = 0.0, update_after_step: int = 0,
+    ) -> None:  # fmt: skip
         self.decay, self.step = decay, 0
+        self.use_warmup, self.inv_gamma, self.power = use_warmup, inv_gamma, power
+        self.min_decay, self.update_after_step = min_decay, update_after_step
         self.shadow: dict[str, torch.Tensor] | None = None
         self.finished = False
 
@@ -55,9 +112,12 @@ class EMA(TrainerCallback):
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def current_decay(self) -> float:
-        """d_k of the step just taken (EMAModel.get_decay, no warm-up, min_decay 0, update_after_step 0)."""
-        j = self.step - 1
-        return 0.0 if j <= 0 else min((1 + j) / (10 + j), self.decay)
+        """d_k of the step just taken (EMAModel.get_decay)."""
+        j = self.step - self.update_after_step - 1
+        if j <= 0:
+            return 0.0
+        d = 1 - (1 + j / self.inv_gamma) ** -self.power if self.use_warmup else (1 + j) / (10 + j)
+        return max(min(d, self.decay), self.min_decay)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         trained = self._trained(model)
