@@ -69,3 +69,40 @@ def test_answers_weighted_0_are_still_counted_not_refused():
     assert enc.unweighted == 1 and len(enc.examples) == 1
     labels = enc.examples[0]["labels"]
     assert tok0.decode([x for x in labels if x != IGNORE_INDEX]) == "Yellow.<|im_end|>\n"
+
+
+def _prepare(tmp_path, rows, max_length=64):
+    import json
+
+    from tiny import minilm_path
+    from transformers import AutoTokenizer
+
+    from deltatune.train.config import build
+    from deltatune.train.sft import prepare_sft
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows), encoding="utf-8")
+    cfg = build({"stage": "sft", "model": {"name_or_path": "smollm2"},
+                 "data": {"train": str(path), "template": "chatml", "max_length": max_length}})  # fmt: skip
+    return prepare_sft(cfg, AutoTokenizer.from_pretrained(minilm_path())), path
+
+
+HI = {"role": "user", "content": "Hi"}
+QUIET = [HI, {"role": "assistant", "content": "Yo.", "weight": 0}]
+LONG = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "Hello."}]
+
+
+def test_rows_dropped_for_max_length_or_weight_0_name_the_first_of_them(tmp_path):
+    """The notes counted the rows left out (TRL drops a row truncation leaves fully masked without a word) but named
+    none of them, so a user could not find which rows no answer fits."""
+    prepared, path = _prepare(tmp_path, [[HI, {"role": "assistant", "content": "Hello."}], LONG, QUIET, LONG])
+    assert len(prepared.train) == 1
+    assert f"2 train rows were dropped: no response token fits within data.max_length; the first: {path}:2" in (
+        prepared.notes
+    )
+    assert f"1 train rows were dropped: every answer has weight 0 (nothing to train); the first: {path}:3" in (
+        prepared.notes
+    )
+    with pytest.raises(DataError, match=r"\(1 with none within data\.max_length=64, the first: .*t\.jsonl:1; "
+                                        r"1 with every answer weighted 0, the first: .*t\.jsonl:2\)$"):  # fmt: skip
+        _prepare(tmp_path, [LONG, QUIET])

@@ -572,12 +572,13 @@ def encode_sft_samples(
     from the last back, as LLaMA-Factory encodes them: each turn's prompt start and answer start as its
     ``infer_seqlen`` splits what ``max_length`` leaves (the last turn whole where it fits, earlier ones cut). A row whose answers would train nothing (every answer
     weighted 0; the last, under ``mask_history``) is counted in ``unweighted``, whatever ``train_on_prompt``."""
-    out, counter, dropped, unweighted = [], [0], 0, 0
+    out, counter, dropped, unweighted, first = [], [0], 0, 0, {"dropped": "", "unweighted": ""}
     for s in samples:
         ids, labels, answers = _sft(s, tokenizer, template, mask_history, train_on_prompt)
         if all(label == IGNORE_INDEX for label in answers):
             _refuse_unrendered(s, mask_history)
             unweighted += 1
+            first["unweighted"] = first["unweighted"] or s.source
             continue
         keep = _fit(ids, max_length, Row({}, s.source), truncation, counter)
         if mask_history and keep < len(ids) and template != RAW:  # (RAW: one completion, cut as TRL cuts it)
@@ -586,6 +587,8 @@ def encode_sft_samples(
             ids, labels = ids[:keep], labels[:keep]
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1
+            first["dropped"] = first["dropped"] or s.source
             continue
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return Encoded(out, counter[0], dropped, unweighted=unweighted)
+    return Encoded(out, counter[0], dropped, unweighted=unweighted, first_dropped=first["dropped"],
+                   first_unweighted=first["unweighted"])  # fmt: skip

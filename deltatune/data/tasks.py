@@ -33,6 +33,9 @@ class Encoded:
     """seq2seq: rows whose source, and whose target, was cut (``truncated`` counts a row once)."""
     unweighted: int = 0
     """SFT: rows dropped whatever the length, every answer weighted 0 (OpenAI's ``weight``): nothing trains."""
+    first_dropped: str = ""
+    first_unweighted: str = ""
+    """SFT: the first row (its source) counted in ``dropped``, and in ``unweighted``, for the notes to name."""
 
 
 def _fit(

@@ -24,12 +24,21 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
     weight0 = "their last answer (data.mask_history trains it alone)" if d.mask_history else "every answer"
     for split, e in (("train", train), ("eval", ev)):
         if e is not None and e.dropped:
-            notes.append(f"{e.dropped} {split} rows were dropped: no response token fits within data.max_length")
+            notes.append(
+                f"{e.dropped} {split} rows were dropped: no response token fits within data.max_length"
+                + _first(e.first_dropped)
+            )
         if e is not None and e.unweighted:
-            notes.append(f"{e.unweighted} {split} rows were dropped: {weight0} has weight 0 (nothing to train)")
+            notes.append(
+                f"{e.unweighted} {split} rows were dropped: {weight0} has weight 0 (nothing to train)"
+                + _first(e.first_unweighted)
+            )
     if not train.examples:
-        why = [f"{train.dropped} with none within data.max_length={d.max_length}"] * bool(train.dropped)
-        why += [f"{train.unweighted} with {weight0.split(' (')[0]} weighted 0"] * bool(train.unweighted)
+        why = [f"{train.dropped} with none within data.max_length={d.max_length}{_first(train.first_dropped, ',')}"]
+        why = why * bool(train.dropped)
+        why += [
+            f"{train.unweighted} with {weight0.split(' (')[0]} weighted 0{_first(train.first_unweighted, ',')}"
+        ] * bool(train.unweighted)
         raise DataError(f"no training row has a response token to train ({'; '.join(why) or 'no rows'})")
     train_ex = train.examples
     if d.packing:
@@ -41,3 +50,8 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
     return Prepared(
         train_ex, ev.examples if ev else None, Collator(tok.pad_token_id), None, None, notes=notes, loss_only=True
     )
+
+
+def _first(source: str, lead: str = ";") -> str:
+    """The first dropped row named after a count (`` ; the first: t.jsonl:3``), where the rows name their source."""
+    return f"{lead} the first: {source}" if source else ""
