@@ -122,3 +122,20 @@ def test_a_processors_tokenizer_past_the_embeddings_is_one_line_as_a_tokenizers(
     with pytest.raises(ConfigError) as ours:
         check_vocab("m", small, processor)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_the_report_note_counts_the_images_captioned_and_their_captions(tmp_path):
+    """The run's note named "the first 6 eval images" for 3 images in 6 rows; it counts what the eval scores."""
+    from tiny import tokenizer
+    from transformers import ViTImageProcessorPil
+
+    from deltatune.train.config import build
+
+    _images(tmp_path, 3)
+    rows = [{"image": f"{i}.png", "text": text} for i, text in COCO]
+    data = {"train": _jsonl(tmp_path / "t.jsonl", rows), "eval": _jsonl(tmp_path / "e.jsonl", rows)}
+    cfg = build({"stage": "caption", "data": data})
+    processor = C.CaptionProcessor(ViTImageProcessorPil(size={"height": 8, "width": 8}), tokenizer())
+    notes = C.prepare_caption(cfg, processor).notes
+    assert "eval: BLEU-4 and ROUGE-L of greedy captions of the first 3 eval images against the 6 captions of their " \
+           "rows" in notes  # fmt: skip
