@@ -123,3 +123,26 @@ def test_freeze_use_llama_pro_saves_the_expanded_blocks_and_loads_as_it_trained(
     assert trained == {k for k, p in model.base_model.named_parameters() if p.requires_grad}
     for (k, p), (_, q) in zip(model.base_model.named_parameters(), loaded.base_model.named_parameters()):
         assert torch.equal(p, q), k
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_trainable_tokens_init_weights_not_a_bool_is_refused_naming_it(value):
+    """init_weights: "false" (text from a form or the command line) was read as true: the rows started as the
+    embedding's, the opposite of what was asked; now one line naming the key, before any model is touched."""
+    with pytest.raises(dt.ConfigError, match=r"^init_weights must be true or false, got "):
+        dt.TrainableTokensConfig(token_indices=[3, 7], init_weights=value)
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_trainable_tokens_init_weights_bool_still_as_peft(init):
+    """The bools as peft 0.21.2 reads them: the rows start as the embedding's, or N(0, 1) drawn with the same seed."""
+    import peft
+    import torch
+
+    torch.manual_seed(4)
+    ours = dt.get_delta_model(tiny_model("llama"), dt.TrainableTokensConfig(token_indices=[3, 7], init_weights=init))
+    torch.manual_seed(4)
+    ref = peft.get_peft_model(tiny_model("llama"), peft.TrainableTokensConfig(token_indices=[3, 7], init_weights=init))
+    (a,) = [v for k, v in ours.state_dict().items() if k.endswith("trainable_tokens_delta.default")]
+    (b,) = [v for k, v in ref.state_dict().items() if k.endswith("trainable_tokens_delta.default")]
+    assert torch.equal(a, b)

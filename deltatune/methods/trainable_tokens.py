@@ -48,6 +48,11 @@ class TrainableTokensConfig(DeltaConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.token_indices = check_ids(self.token_indices, "", "token_indices", integral=True)  # numpy's: as ints
+        if not isinstance(value := self.init_weights, bool):  # "false" would be a true (non-empty) string
+            was = " (text was read as true before: such a run started from the embedding's rows)"
+            raise ConfigError(
+                f"init_weights must be true or false, got {value!r}{was if isinstance(value, str) and value else ''}"
+            )
 
     @property
     def trainable_token_indices(self) -> list[int]:
