@@ -80,6 +80,11 @@ class TrainArgs:
                                 "centered; adagrad lr_decay, eps; ... (weight decay: train.weight_decay).")  # fmt: skip
     torch_empty_cache_steps: int | None = _f(None, "Empty the CUDA cache every this many steps, as TrainingArguments'"
                                              " (lowers peak memory, changes no result; null: never).")  # fmt: skip
+    early_stopping_patience: int | None = _f(None, "Stop once this many evaluations in a row fail to improve on the "
+                                             "best metric_for_best_model (default: loss), as transformers' "
+                                             "EarlyStoppingCallback; needs data.eval (null: never).")  # fmt: skip
+    early_stopping_threshold: float = _f(0.0, "How much an evaluation must improve on the best to count as better, "
+                                         "as EarlyStoppingCallback's early_stopping_threshold.")  # fmt: skip
     eval_on_start: bool = _f(False, "Evaluate data.eval once before training too (the report shows before and after).")
     optim: str | None = _f(None, "Optimizer, by TrainingArguments' optim name (adamw_torch, sgd, adafactor, ...); "
                            "default: the Trainer's (adamw_torch_fused).")  # fmt: skip
@@ -181,6 +186,29 @@ def validate_train(cfg: Any) -> None:
                           "drop it (default: loss)")  # fmt: skip
     if t.load_best_model_at_end:
         _check_best(cfg)
+    _check_early_stopping(cfg)
+
+
+def _check_early_stopping(cfg: Any) -> None:
+    """``early_stopping_patience`` and ``_threshold``, as transformers' EarlyStoppingCallback takes them: a count of
+    evaluations >= 1 and a threshold >= 0, on a Trainer stage with data.eval (the callback's assertions came as a
+    traceback when training started; a threshold without patience was silently unused)."""
+    t = cfg.train
+    patience, threshold = t.early_stopping_patience, t.early_stopping_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise ConfigError(f"train.early_stopping_threshold must be a number >= 0, got {threshold!r}")
+    if patience is None:
+        if threshold:
+            raise ConfigError("train.early_stopping_threshold is read only with train.early_stopping_patience; set "
+                              "it, or drop the threshold")  # fmt: skip
+        return
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ConfigError(f"train.early_stopping_patience must be a whole number >= 1 (or null: never), got "
+                          f"{patience!r}")  # fmt: skip
+    if STAGES[cfg.stage].loop or not (cfg.data.eval or cfg.data.val_size):
+        why = f"{cfg.stage}'s own loop never stops early" if STAGES[cfg.stage].loop else "data.eval is not set"
+        raise ConfigError(f"train.early_stopping_patience stops when the evaluation stops improving, but {why}; "
+                          "drop it")  # fmt: skip
 
 
 def _check_warmup(t: TrainArgs) -> None:

@@ -156,6 +156,14 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.realpath(os.path.dirname(path.rstrip("/\\"))) == os.path.realpath(folder)
 
 
-def callbacks() -> list[TrainerCallback]:
+def callbacks(train=None) -> list[TrainerCallback]:
+    """The callbacks ``run.py`` gives a Trainer stage; with the recipe's ``train`` section, transformers'
+    EarlyStoppingCallback where ``train.early_stopping_patience`` is set (a stateful callback: its count of evaluations
+    without improvement is in each checkpoint, which --resume restores: run.py's restore_callback_states_from_checkpoint;
+    the Trainer's default would restart it at 0 and train past the uninterrupted run's stop)."""
+    from transformers import EarlyStoppingCallback
+
     step = os.environ.get("DELTATUNE_TEST_KILL_AFTER_STEP")
-    return [LogFile(), BestInThisFolder(), *([KillAfterSave(int(step))] if step else [])]
+    patience = getattr(train, "early_stopping_patience", None)
+    early = [EarlyStoppingCallback(patience, train.early_stopping_threshold)] if patience else []
+    return [LogFile(), BestInThisFolder(), *early, *([KillAfterSave(int(step))] if step else [])]

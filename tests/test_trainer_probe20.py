@@ -1,0 +1,203 @@
+"""Probe 20 of the training loop's shared settings against transformers 5's Trainer on a peft model (same start, data,
+seed and arguments): the learning rate, loss and weights of each step under warm-up, cosine decay, weight decay and
+gradient accumulation over a ragged last batch, and early stopping (transformers' EarlyStoppingCallback), which a
+recipe could not ask for (train.early_stopping_patience was refused as an unknown key)."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer_probe11 import files, recipe  # noqa: F401  (files: the module's fixture, a tiny llama and rows)
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+
+from deltatune.config import ConfigError
+from deltatune.train import build, train
+
+
+def reference(cfg, out, callbacks=(), **args) -> tuple[Trainer, dict]:
+    """transformers' Trainer on a peft LoRA holding the run's start (its seed, its data as the run encodes it), after
+    training with ``args``: the trainer, and the adapter in the run's key names."""
+    from deltatune.train.models import load_processor
+    from deltatune.train.run import build_model, start_model
+    from deltatune.train.table import prepare
+
+    set_seed(cfg.train.seed)  # as the run draws its start
+    tok = load_processor(cfg.model.name_or_path, "sft")
+    prepared = prepare(cfg, tok)
+    start, _ = start_model(cfg, tok)
+    ref = peft.get_peft_model(
+        build_model(cfg, tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    ours = {k.replace(".default", ""): v for k, v in start.state_dict().items() if "lora_" in k}
+    with torch.no_grad():
+        for k, v in ref.named_parameters():
+            if "lora_" in k:
+                v.copy_(ours[k.replace(".default", "").replace("base_model.model.", "base_model.", 1)])
+    t = cfg.train
+    targs = TrainingArguments(str(out), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+                              max_steps=t.max_steps, num_train_epochs=t.epochs, learning_rate=t.lr, seed=t.seed,
+                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                              remove_unused_columns=False, **{"data_seed": t.seed, **args})  # fmt: skip
+    trainer = Trainer(model=ref, args=targs, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                      data_collator=prepared.collator, callbacks=list(callbacks))  # fmt: skip
+    trainer.train()
+    return trainer, peft.get_peft_model_state_dict(ref)
+
+
+def logged(out, key: str) -> list[tuple[int, float]]:
+    with open(out / "log_history.jsonl") as fh:
+        return [(h["step"], h[key]) for h in map(json.loads, fh) if key in h]
+
+
+def test_rates_losses_and_weights_of_each_step_are_the_trainers_over_a_ragged_epoch(files, tmp_path):  # noqa: F811
+    """8 rows in batches of 3 accumulated 2 at a time: steps of 6 and 2 rows (the last one micro-batch), a warm-up
+    ratio of 0.5, cosine decay and weight decay; each step's learning rate and loss (the per-token mean over the whole
+    accumulated step) and the adapter at the end are transformers' Trainer's on peft's LoRA."""
+    keys = {"max_steps": -1, "epochs": 2, "batch_size": 3, "grad_accum": 2, "warmup_ratio": 0.5,
+            "scheduler": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.5}  # fmt: skip
+    cfg = build(recipe(files, tmp_path / "ours", **keys))
+    train(cfg)
+    adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    ref, ref_adapter = reference(build(recipe(files, tmp_path / "u", **keys)), tmp_path / "ref", warmup_steps=0.5,
+                                 lr_scheduler_type="cosine", weight_decay=0.1, max_grad_norm=0.5)  # fmt: skip
+    ref_log = [h for h in ref.state.log_history if "loss" in h]
+    assert len(ref_log) == 4  # 2 epochs of 2 steps, the second of each one micro-batch
+    for key in ("learning_rate", "loss", "grad_norm"):
+        assert logged(tmp_path / "ours", key) == [(h["step"], pytest.approx(h[key], rel=1e-4)) for h in ref_log]
+    assert adapter.keys() == ref_adapter.keys()
+    assert max((adapter[k] - ref_adapter[k]).abs().max().item() for k in adapter) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "full"}, {"name": "lora", "target_modules": ["q_proj"], "modules_to_save": ["input_layernorm"]}],
+    ids=["full", "lora_norm"],
+)
+def test_the_decayed_parameters_are_the_trainers_set(files, tmp_path, method):  # noqa: F811
+    """The Trainer decays no bias and no norm weight: on a DeltaModel the names it reads are the base's behind a
+    prefix (a trained copy of a norm too), so its set is the plain model's."""
+    from deltatune.train.models import load_processor
+    from deltatune.train.run import build_model, start_model
+
+    cfg = build({**recipe(files, tmp_path), "method": method})
+    tok = load_processor(cfg.model.name_or_path, "sft")
+    delta, _ = start_model(cfg, tok)
+    plain = build_model(cfg, tok)
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    decayed = Trainer(model=delta, args=args).get_decay_parameter_names(delta)
+    plain_decayed = Trainer(model=plain, args=args).get_decay_parameter_names(plain)
+    base = lambda k: k.removeprefix("base_model.").replace(".modules_to_save.default", "")  # noqa: E731
+    trained = {k for k, p in delta.named_parameters() if p.requires_grad}
+    norms = {k for k in trained if "layernorm" in k}
+    assert norms and not norms & set(decayed)  # (a trained norm, not decayed)
+    if method["name"] == "full":
+        assert {base(k) for k in decayed} == {base(k) for k in plain_decayed}
+
+
+def test_early_stopping_stops_as_the_trainers_callback(files, tmp_path):  # noqa: F811
+    """train.early_stopping_patience and _threshold: transformers' EarlyStoppingCallback on the eval loss. With a
+    threshold no evaluation clears, the first evaluation sets the best and the next two fail: the run stops at step 3
+    of 6, the Trainer's step, with its adapter (before: the key was refused as unknown)."""
+    keys = {"max_steps": 6, "eval_steps": 1, "save_steps": 1, "early_stopping_patience": 2,
+            "early_stopping_threshold": 10.0}  # fmt: skip
+    r = recipe(files, tmp_path / "ours", **keys)
+    r["data"]["eval"] = files["sft"]
+    cfg = build(r)
+    train(cfg)
+    adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    steps = {s for s, _ in logged(tmp_path / "ours", "eval_loss")}
+    cfg = build({**r, "output": {"dir": str(tmp_path / "u")}})
+    ref, ref_adapter = reference(
+        cfg,
+        tmp_path / "ref",
+        callbacks=[EarlyStoppingCallback(2, 10.0)],
+        eval_strategy="steps",
+        eval_steps=1,
+        metric_for_best_model="loss",
+    )
+    assert ref.state.global_step == 3 and steps == {1, 2, 3}
+    assert max((adapter[k] - ref_adapter[k]).abs().max().item() for k in adapter) < 1e-5
+    with open(tmp_path / "ours" / "metrics.json") as fh:
+        assert json.load(fh)["train_steps"] == 3
+
+
+@pytest.mark.parametrize(
+    ("keys", "data", "says"),
+    [
+        ({"early_stopping_patience": 0}, True, "train.early_stopping_patience must be a whole number >= 1"),
+        ({"early_stopping_patience": -2}, True, "train.early_stopping_patience must be a whole number >= 1"),
+        (
+            {"early_stopping_patience": 2},
+            False,
+            "train.early_stopping_patience stops when the evaluation stops improving, but data.eval is not set",
+        ),  # fmt: skip
+        (
+            {"early_stopping_patience": 2, "early_stopping_threshold": -0.1},
+            True,
+            "train.early_stopping_threshold must be a number >= 0, got -0.1",
+        ),
+        (
+            {"early_stopping_patience": 2, "early_stopping_threshold": float("nan")},
+            True,
+            "train.early_stopping_threshold must be a finite number, got nan",
+        ),
+        (
+            {"early_stopping_threshold": 0.1},
+            True,
+            "train.early_stopping_threshold is read only with train.early_stopping_patience",
+        ),  # fmt: skip
+    ],
+)
+def test_a_bad_early_stopping_key_is_one_line_naming_it(files, tmp_path, keys, data, says):  # noqa: F811
+    r = recipe(files, tmp_path / "out", **keys)
+    if data:
+        r["data"]["eval"] = files["sft"]
+    with pytest.raises(ConfigError, match="^" + says.replace("(", r"\(").replace(".", r"\.")) as err:
+        build(r)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_early_stopping_is_refused_on_a_stage_with_its_own_loop():
+    with pytest.raises(ConfigError, match=r"^train\.early_stopping_patience .* ppo's own loop never stops early"):
+        build({"stage": "ppo", "data": {"eval": "x.jsonl"}, "train": {"early_stopping_patience": 2}})
+
+
+def test_a_run_written_before_the_early_stopping_keys_resumes_without_a_change_named(tmp_path):
+    import yaml
+
+    from deltatune.train.run import RUN_FILE, _check_resume_recipe, _recipe_dict
+
+    recipe_now = _recipe_dict(build({"train": {"max_steps": 2}}))
+    old = {**recipe_now, "train": dict(recipe_now["train"])}
+    del old["train"]["early_stopping_patience"], old["train"]["early_stopping_threshold"]
+    (tmp_path / RUN_FILE).write_text(yaml.safe_dump(old))
+    assert _check_resume_recipe(str(tmp_path), recipe_now, False) is False
+
+
+def test_a_resumed_run_stops_early_at_the_uninterrupted_runs_step(files, tmp_path):  # noqa: F811
+    """The count of evaluations without improvement is in each checkpoint (EarlyStoppingCallback's state) and comes
+    back on --resume: a run stopped after checkpoint-2 (its count 1 of 3) stops at step 4 as the uninterrupted run
+    does, with its adapter (the Trainer's default restarts the count: step 5)."""
+    import os
+    import shutil
+
+    def run(out):
+        raw = recipe(files, out, max_steps=6, eval_steps=1, save_steps=1, save_total_limit=None,
+                     early_stopping_patience=3, early_stopping_threshold=10.0)  # fmt: skip
+        raw["data"]["eval"] = files["sft"]
+        return build(raw)
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train(run(whole))["train_steps"] == 4
+    shutil.copytree(whole, resumed)
+    for name in os.listdir(resumed):  # the run as it stood when it stopped after checkpoint-2
+        if name not in ("checkpoint-2", "run.yaml", "log_history.jsonl"):
+            (shutil.rmtree if (resumed / name).is_dir() else os.remove)(resumed / name)
+    assert train(run(resumed), resume=True)["train_steps"] == 4
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
