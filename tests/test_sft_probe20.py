@@ -71,7 +71,7 @@ def test_answers_weighted_0_are_still_counted_not_refused():
     assert tok0.decode([x for x in labels if x != IGNORE_INDEX]) == "Yellow.<|im_end|>\n"
 
 
-def _prepare(tmp_path, rows, max_length=64):
+def _prepare(tmp_path, rows, max_length=64, eval_rows=None):
     import json
 
     from tiny import minilm_path
@@ -82,8 +82,11 @@ def _prepare(tmp_path, rows, max_length=64):
 
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows), encoding="utf-8")
-    cfg = build({"stage": "sft", "model": {"name_or_path": "smollm2"},
-                 "data": {"train": str(path), "template": "chatml", "max_length": max_length}})  # fmt: skip
+    data = {"train": str(path), "template": "chatml", "max_length": max_length}
+    if eval_rows is not None:
+        data["eval"] = str(tmp_path / "e.jsonl")
+        (tmp_path / "e.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in eval_rows), "utf-8")
+    cfg = build({"stage": "sft", "model": {"name_or_path": "smollm2"}, "data": data})
     return prepare_sft(cfg, AutoTokenizer.from_pretrained(minilm_path())), path
 
 
@@ -106,3 +109,13 @@ def test_rows_dropped_for_max_length_or_weight_0_name_the_first_of_them(tmp_path
     with pytest.raises(DataError, match=r"\(1 with none within data\.max_length=64, the first: .*t\.jsonl:1; "
                                         r"1 with every answer weighted 0, the first: .*t\.jsonl:2\)$"):  # fmt: skip
         _prepare(tmp_path, [LONG, QUIET])
+
+
+def test_an_eval_file_with_no_row_to_score_is_refused(tmp_path):
+    """An eval file whose every row was dropped (no answer token within data.max_length) gave an empty eval split:
+    the run went on evaluating nothing, without a word (transformers' evaluate() of no rows reports no eval_loss)."""
+    ok = [HI, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(DataError, match=r"^no eval row has a response token to score \(2 with none within "
+                                        r"data\.max_length=64, the first: .*e\.jsonl:1\)$"):  # fmt: skip
+        _prepare(tmp_path, [ok], eval_rows=[LONG, LONG])
+    assert len(_prepare(tmp_path, [ok], eval_rows=[LONG, ok])[0].eval) == 1

@@ -33,13 +33,17 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
                 f"{e.unweighted} {split} rows were dropped: {weight0} has weight 0 (nothing to train)"
                 + _first(e.first_unweighted)
             )
-    if not train.examples:
-        why = [f"{train.dropped} with none within data.max_length={d.max_length}{_first(train.first_dropped, ',')}"]
-        why = why * bool(train.dropped)
-        why += [
-            f"{train.unweighted} with {weight0.split(' (')[0]} weighted 0{_first(train.first_unweighted, ',')}"
-        ] * bool(train.unweighted)
-        raise DataError(f"no training row has a response token to train ({'; '.join(why) or 'no rows'})")
+    for what, verb, e in (
+        ("training row", "train", train),
+        ("eval row", "score", ev),
+    ):  # (an eval split of none: a run with no eval loss)
+        if e is not None and not e.examples:
+            why = [f"{e.dropped} with none within data.max_length={d.max_length}{_first(e.first_dropped, ',')}"]
+            why = why * bool(e.dropped)
+            why += [
+                f"{e.unweighted} with {weight0.split(' (')[0]} weighted 0{_first(e.first_unweighted, ',')}"
+            ] * bool(e.unweighted)
+            raise DataError(f"no {what} has a response token to {verb} ({'; '.join(why) or 'no rows'})")
     train_ex = train.examples
     if d.packing:
         train_ex = pack(train_ex, d.max_length)
