@@ -145,3 +145,21 @@ def test_kl_is_the_mean_of_each_micro_batchs_token_mean_by_hand():
         means.add(st, torch.ones(1, 3), torch.ones(1, 3))
     assert means.stats("cispo") == {"kl": 2.0, "entropy": 1.0, "cispo_clip_ratio": 0.0}
     assert means.stats("sapo") == {"kl": 2.0, "entropy": 1.0}
+
+
+@pytest.mark.parametrize("align, where", [
+    ({"max_new_tokens": 0}, "align.max_new_tokens: "),
+    ({"generation_kwargs": {"watermarking_config": 3}}, "align.generation_kwargs: transformers' generate refuses"),
+])  # fmt: skip
+def test_a_setting_generate_refuses_is_named_by_its_own_key(align, where):
+    """transformers' GenerationConfig.validate names the setting it refuses (`max_new_tokens` must be greater than
+    0); the one line named align.generation_kwargs for align.max_new_tokens 0, a key the recipe never set. A
+    watermarking_config that is no mapping raised AttributeError ('int' object has no attribute 'validate')."""
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+
+    raw = {"stage": "grpo", "model": {"name_or_path": "x"}, "method": {"name": "lora"}, "data": {"train": "t.jsonl"},
+           "align": {"reward_funcs": ["m:f"], **align}}  # fmt: skip
+    with pytest.raises(ConfigError, match=f"^{where}") as e:
+        build(raw)
+    assert len(str(e.value).splitlines()) == 1

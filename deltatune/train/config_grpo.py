@@ -5,6 +5,7 @@ checks: each value built and checked as transformers' generate would at the firs
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from ..config import ConfigError
@@ -119,7 +120,9 @@ def _check_generation(a: AlignArgs) -> None:
             value = getattr(gen, key, off)
             if value is not None and value != off:  # (generate builds no processor for the off value: 1 is 1.0)
                 getattr(lp, warper)(value)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:  # (AttributeError: a watermarking_config not a mapping)
+        if key is None and (named := re.search(r"`(\w+)`", str(exc))):  # (validate's: the setting it names)
+            key = named.group(1) if named.group(1) in kw or hasattr(a, named.group(1)) else None
         where = f"align.generation_kwargs {key}" if key in kw else f"align.{key}" if key else "align.generation_kwargs"
         why = " ".join(str(exc).split())
         raise ConfigError(f"{where}: transformers' generate refuses it at the first rollout (or, typical_p >= 1, "
