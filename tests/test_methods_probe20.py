@@ -146,3 +146,24 @@ def test_trainable_tokens_init_weights_bool_still_as_peft(init):
     (a,) = [v for k, v in ours.state_dict().items() if k.endswith("trainable_tokens_delta.default")]
     (b,) = [v for k, v in ref.state_dict().items() if k.endswith("trainable_tokens_delta.default")]
     assert torch.equal(a, b)
+
+
+def test_freeze_blip2_file_from_before_with_the_qformer_block_loads_as_it_trained(tmp_path):
+    """A file saved before this change holds the Q-Former's last block too: loading still copies it into the base."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from vision.tiny_vlm import tiny_vlm
+
+    model = dt.get_delta_model(tiny_vlm("blip-2"), dt.FreezeConfig(freeze_trainable_layers=1))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    old = {
+        k: p.detach() + 0.5
+        for k, p in tiny_vlm("blip-2").named_parameters()
+        if k.startswith("qformer.encoder.layer.0.")
+    }
+    save_file({**tensors, **{f"base_model.model.{k}": v for k, v in old.items()}}, path)
+    loaded = dt.DeltaModel.from_pretrained(tiny_vlm("blip-2"), tmp_path)
+    params = dict(loaded.base_model.named_parameters())
+    assert old and all(torch.equal(params[k], v) for k, v in old.items())
