@@ -129,6 +129,11 @@ class _LoraBase(DeltaLayer):
         """s * B A in the base weight's own layout (``merging``: as PEFT's get_delta_weight, see ``_factors``)."""
         raise NotImplementedError
 
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """peft's name: adapter ``adapter``'s update s * B A as a merge adds it, in the base weight's layout (an
+        embedding's (vocab, dim); a MultiheadAttention's for its in_proj_weight; DoRA's without its magnitude)."""
+        return self.delta_weight(adapter, merging=True)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
