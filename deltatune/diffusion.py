@@ -412,7 +412,8 @@ def load_pipeline_loras(
     encoder keys (kohya's ``lora_te_`` / ``lora_te1_``, diffusers' ``text_encoder.``) onto ``text_encoder`` and SDXL's
     second encoder's (``lora_te2_``, ``text_encoder_2.``) onto ``text_encoder_2``; every LoRA active at once, weighted
     as ``set_adapters`` (``weight`` for the run's own) on each. Returns the text encoder (a DeltaModel when it holds a
-    LoRA), or both encoders when ``text_encoder_2`` is given. On an error no model keeps any of them.
+    LoRA), or both encoders when ``text_encoder_2`` is given. On an error no model keeps any of them, and each keeps
+    its active adapters, their scales and which of them train.
 
     Raises:
         ConfigError: a file with a second text encoder's part and no ``text_encoder_2`` (diffusers' one-encoder
@@ -430,6 +431,7 @@ def load_pipeline_loras(
     encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     on_denoiser = [i for i, found in enumerate(parts) if "denoiser" in found or not found & set(encoders)]
     warned = set(on_denoiser)  # a file's dropped dora_scale keys are named once, by its first part loaded
+    before = _snapshot([model, *encoders.values()])  # (set_adapters re-weighs the run's own LoRA on each)
     try:
         for i in on_denoiser:  # a file with text-encoder keys names its denoiser's part by prefix
             load_loras(model, [paths[i]], [weights[i]], [names[i]], prefix if parts[i] != {"denoiser"} else None)
@@ -450,10 +452,37 @@ def load_pipeline_loras(
             for delta in (model, *encoders.values()):
                 if isinstance(delta, DeltaModel) and name in delta.peft_config:
                     delta.delete_adapter(name)
+        _restore(before)
         raise
     return (
         encoders["text_encoder"] if text_encoder_2 is None else (encoders["text_encoder"], encoders["text_encoder_2"])
     )
+
+
+def _snapshot(models: list[Any]) -> list[tuple[DeltaModel, list[str], list[tuple[Any, dict]], dict[str, bool]]]:
+    """What a refused ``load_pipeline_loras`` puts back on each DeltaModel of ``models``: its active adapters, each
+    LoRA layer's scales (``set_adapters`` multiplied the run's own by its weight) and which parameters train
+    (deleting an active adapter makes the remaining ones trainable, as peft)."""
+    from .methods.lora import LORA_LAYERS
+
+    out = []
+    for delta in models:
+        if isinstance(delta, DeltaModel):
+            layers = [m for _, m in delta.get_base_model().named_modules() if isinstance(m, LORA_LAYERS)]
+            grads = {n: p.requires_grad for n, p in delta.named_parameters()}
+            out.append((delta, list(delta.active_adapters), [(m, dict(m.scaling)) for m in layers], grads))
+    return out
+
+
+def _restore(snapshot: list[tuple[DeltaModel, list[str], list[tuple[Any, dict]], dict[str, bool]]]) -> None:
+    for delta, active, layers, grads in snapshot:
+        if active and all(n in delta.peft_config for n in active):
+            delta.set_adapter(active)
+        for layer, scaling in layers:
+            layer.scaling.update({k: v for k, v in scaling.items() if k in layer.scaling})
+        for n, p in delta.named_parameters():
+            if n in grads:
+                p.requires_grad_(grads[n])
 
 
 def _parts(path: str) -> set[str]:

@@ -136,3 +136,33 @@ def test_ema_warmup_settings_out_of_range_are_refused_in_one_line(settings, mess
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         ema_options(SimpleNamespace(use_ema=True, ema_decay=0.99, **settings))
+
+
+def test_a_refused_pipeline_lora_leaves_the_runs_own_lora_as_it_was(tmp_path):
+    """``generate --lora`` (``load_pipeline_loras``) with the run's own LoRA weighted 0.5 and a file whose text-encoder
+    part is another architecture's: refused in one line naming the file, and the run's LoRA kept its scale (it was
+    left at 0.5: outputs 0.05 off), its active adapters and its frozen parameters."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from deltatune.diffusion import load_lora, load_pipeline_loras
+
+    good = _file(tmp_path / "good.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": NAMES})
+    delta = load_lora(_unet(3), good, "default", prefix="unet")
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=100, bos_token_id=0, eos_token_id=2)  # fmt: skip
+    text_encoder = CLIPTextModel(config).eval()
+    bad = load_file(str(good))
+    bad["text_encoder.encoder.layers.5.self_attn.q_proj.lora_A.weight"] = torch.randn(4, 32)
+    bad["text_encoder.encoder.layers.5.self_attn.q_proj.lora_B.weight"] = torch.randn(32, 4)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    x, t, c = _inputs()
+    grads = {n: p.requires_grad for n, p in delta.named_parameters()}
+    with torch.no_grad():
+        before = delta(x, t, encoder_hidden_states=c).sample
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'bad.safetensors'}: 2 of 6 keys name no module")):
+        load_pipeline_loras(delta, text_encoder, "unet", [str(tmp_path / "bad.safetensors")], [0.7], weight=0.5)
+    assert list(delta.peft_config) == ["default"] and delta.active_adapters == ["default"]
+    assert {n: p.requires_grad for n, p in delta.named_parameters()} == grads
+    with torch.no_grad():
+        torch.testing.assert_close(delta(x, t, encoder_hidden_states=c).sample, before, rtol=0, atol=0)
