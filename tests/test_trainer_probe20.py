@@ -40,8 +40,8 @@ def reference(cfg, out, callbacks=(), **args) -> tuple[Trainer, dict]:
     t = cfg.train
     targs = TrainingArguments(str(out), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
                               max_steps=t.max_steps, num_train_epochs=t.epochs, learning_rate=t.lr, seed=t.seed,
-                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                              remove_unused_columns=False, **{"data_seed": t.seed, **args})  # fmt: skip
+                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                              remove_unused_columns=False, **{"data_seed": t.seed, "logging_steps": 1, **args})  # fmt: skip
     trainer = Trainer(model=ref, args=targs, train_dataset=prepared.train, eval_dataset=prepared.eval,
                       data_collator=prepared.collator, callbacks=list(callbacks))  # fmt: skip
     trainer.train()
@@ -53,19 +53,48 @@ def logged(out, key: str) -> list[tuple[int, float]]:
         return [(h["step"], h[key]) for h in map(json.loads, fh) if key in h]
 
 
-def test_rates_losses_and_weights_of_each_step_are_the_trainers_over_a_ragged_epoch(files, tmp_path):  # noqa: F811
-    """8 rows in batches of 3 accumulated 2 at a time: steps of 6 and 2 rows (the last one micro-batch), a warm-up
-    ratio of 0.5, cosine decay and weight decay; each step's learning rate and loss (the per-token mean over the whole
-    accumulated step) and the adapter at the end are transformers' Trainer's on peft's LoRA."""
-    keys = {"max_steps": -1, "epochs": 2, "batch_size": 3, "grad_accum": 2, "warmup_ratio": 0.5,
-            "scheduler": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.5}  # fmt: skip
+@pytest.mark.parametrize(
+    ("keys", "args", "logs"),
+    [
+        (
+            {"warmup_ratio": 0.5, "scheduler": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.5},
+            {"warmup_steps": 0.5, "lr_scheduler_type": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.5},
+            4,
+        ),
+        (
+            {
+                "warmup_steps": 1,
+                "scheduler": "polynomial",
+                "lr_scheduler_kwargs": {"power": 2.0, "lr_end": 1e-4},
+                "logging_steps": 3,
+                "logging_first_step": True,
+                "optim": "adamw_torch",
+            },
+            {
+                "warmup_steps": 1,
+                "lr_scheduler_type": "polynomial",
+                "lr_scheduler_kwargs": {"power": 2.0, "lr_end": 1e-4},
+                "logging_steps": 3,
+                "logging_first_step": True,
+                "optim": "adamw_torch",
+            },
+            2,
+        ),
+    ],
+    ids=["cosine_warmup_ratio_decay", "polynomial_logged_every_3"],
+)
+def test_rates_losses_and_weights_of_each_step_are_the_trainers_over_a_ragged_epoch(files, tmp_path, keys, args, logs):  # noqa: F811
+    """8 rows in batches of 3 accumulated 2 at a time, 2 epochs: steps of 6 and 2 rows (the last one micro-batch),
+    under warm-up, a decaying schedule, weight decay and clipping; each logged learning rate, loss (the per-token mean
+    over the whole accumulated step, averaged over the steps since the last log) and gradient norm, and the adapter at
+    the end, are transformers' Trainer's on peft's LoRA."""
+    keys = {"max_steps": -1, "epochs": 2, "batch_size": 3, "grad_accum": 2, **keys}
     cfg = build(recipe(files, tmp_path / "ours", **keys))
     train(cfg)
     adapter = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
-    ref, ref_adapter = reference(build(recipe(files, tmp_path / "u", **keys)), tmp_path / "ref", warmup_steps=0.5,
-                                 lr_scheduler_type="cosine", weight_decay=0.1, max_grad_norm=0.5)  # fmt: skip
+    ref, ref_adapter = reference(build(recipe(files, tmp_path / "u", **keys)), tmp_path / "ref", **args)
     ref_log = [h for h in ref.state.log_history if "loss" in h]
-    assert len(ref_log) == 4  # 2 epochs of 2 steps, the second of each one micro-batch
+    assert len(ref_log) == logs  # 2 epochs of 2 steps (each epoch's second one micro-batch); or steps 1 and 3
     for key in ("learning_rate", "loss", "grad_norm"):
         assert logged(tmp_path / "ours", key) == [(h["step"], pytest.approx(h[key], rel=1e-4)) for h in ref_log]
     assert adapter.keys() == ref_adapter.keys()
