@@ -110,3 +110,43 @@ def test_data_inspect_refuses_chat_flags_on_a_classification_file(tmp_path, flag
     name = "--template" if flag == "template" else "--format"
     with pytest.raises(ConfigError, match=rf"^{name}: stage cls reads the text and label columns as they are"):
         inspect(str(f), **kwargs)
+
+
+def test_a_later_rows_null_format_column_is_named_not_called_another_format(tmp_path):
+    """The datasets library writes a column a row lacks as null (pyarrow's JSON reader here, as load_dataset reads a
+    .jsonl). Such a row read as a row of another format: 'this row is in the prompt format (prompt only) but ... began
+    the file in the preference format', or of none ('the row's fields (none; null: messages) match no known data
+    format'). The null column is named."""
+    pa_json = pytest.importorskip("pyarrow.json")
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "c"}\n')
+    records = pa_json.read_json(str(f)).to_pylist()
+    assert records[1] == {"prompt": "q", "chosen": "c", "rejected": None}
+    rows = [Row(r, f"pairs.jsonl:{i}") for i, r in enumerate(records, 1)]
+    with pytest.raises(DataError, match=r"^pairs\.jsonl:2: column 'rejected' is null \(a missing value\), and "
+                       r"pairs\.jsonl:1 began the file in the preference format"):  # fmt: skip
+        read_samples(rows, stage="dpo")
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    rows = [Row({"messages": chat}, "m.jsonl:1"), Row({"messages": float("nan")}, "m.jsonl:2")]
+    with pytest.raises(DataError, match=r"^m\.jsonl:2: column 'messages' is NaN \(a missing value\), and m\.jsonl:1"):
+        read_samples(rows, stage="sft")
+    other = [Row({"prompt": "p", "chosen": "a", "rejected": "b"}, "o.jsonl:1"), Row({"prompt": "q"}, "o.jsonl:2")]
+    with pytest.raises(DataError, match=r"^o\.jsonl:2: this row is in the prompt format"):  # (a row of another format)
+        read_samples(other)
+
+
+def test_a_nan_field_of_a_message_reads_as_missing():
+    """A message's field pandas wrote as NaN (an assistant turn's tool_calls beside turns that have them) read
+    'messages[1].tool_calls: a tool call needs a function name, got nan'; as a missing field, the row reads as the
+    one without it (a NaN weight and reasoning already did)."""
+    chat = [{"role": "user", "content": "a", "name": float("nan")}, {"role": "assistant", "content": "b"}]
+    plain = read_samples([Row({"messages": chat}, "t.jsonl:1")], stage="sft")[0].messages
+    chat[1] = {**chat[1], "tool_calls": float("nan"), "function_call": float("nan")}
+    assert (
+        read_samples([Row({"messages": chat}, "t.jsonl:1")], stage="sft")[0].messages
+        == plain
+        == [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+        ]
+    )

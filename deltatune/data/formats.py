@@ -40,10 +40,12 @@ from ..config import ConfigError
 from .formats_messages import (
     _MESSAGE_ROLES,
     _a,
+    _check_calls,
     _col,
     _media,
     _message_list,
     _not_text,
+    _nulled,
     _system_message,
     _template_kwargs,
     _text,
@@ -196,9 +198,15 @@ def read_samples(
         c.setdefault("conversations", c.get("messages", "conversations"))
     t = {**SHAREGPT_TAGS, **(tags or {})}
     out: list[Sample] = []
-    first: tuple[str, str, str] | None = None
+    first: tuple[str, str, str, Row] | None = None
     for row in rows:
-        fmt = data_format or detect(row, c)
+        try:
+            fmt = data_format or detect(row, c)
+        except DataError:  # (its format's column null, where the first row has it: named so)
+            if not (first and _nulled(first[3], row, c)):
+                raise
+            raise DataError(f"{row.source}: {_nulled(first[3], row, c)}{first[1]} began the file in the {first[2]} "
+                            f"format ({FORMATS[first[2]]}); one file holds one format") from None  # fmt: skip
         if tags and fmt == "messages" and not data_format:  # role/content messages with tags: LLaMA-Factory's sharegpt
             fmt = "sharegpt"
         ranking = _has(row, _col(c, "chosen")) and _has(row, _col(c, "rejected"))
@@ -210,7 +218,7 @@ def read_samples(
         if inner:
             fmt = "prompt" if stage == "ppo" and data_format != "unpaired" else "unpaired"
         if first is None:
-            first = (fmt, row.source, written)
+            first = (fmt, row.source, written, row)
             if stage and stage in STAGE_FORMATS and fmt not in STAGE_FORMATS[stage]:
                 raise StageFormatError(
                     f"{row.source}: the data is in the {fmt} format ({FORMATS[fmt]}), which stage {stage} does not "
@@ -218,9 +226,10 @@ def read_samples(
                 )
         elif fmt != first[0] or written != first[2]:
             was, now = (first[2], written) if written != first[2] else (first[0], fmt)
+            lead = _nulled(first[3], row, c) or f"this row is in the {now} format ({FORMATS[now]}) but "
             raise DataError(
-                f"{row.source}: this row is in the {now} format ({FORMATS[now]}) but {first[1]} began the file in the "
-                f"{was} format ({FORMATS[was]}); one file holds one format"
+                f"{row.source}: {lead}{first[1]} began the file in the {was} format ({FORMATS[was]}); one file holds "
+                "one format"
             )
         try:
             if not inner:
@@ -565,17 +574,6 @@ _PARSERS = {
 
 
 # -- checks -------------------------------------------------------------------------------------------------
-
-
-def _check_calls(m: Message, tools: list[dict] | None, where: str) -> None:
-    """Each tool call of ``m`` names a schema in ``tools``; ``where`` (its ``{k}``: the call's index) names it."""
-    names = {t["function"]["name"] for t in tools or [] if isinstance(t.get("function"), dict)}
-    for k, call in enumerate(m.get("tool_calls") or []):
-        if (name := call["function"]["name"]) not in names:
-            raise DataError(
-                f"{where.replace('{k}', str(k))}: the call to {name!r} has no matching schema in the row's "
-                f"'tools' column (tools given: {', '.join(sorted(names)) or 'none'})"
-            )
 
 
 def _check(s: Sample, stage: str | None) -> None:

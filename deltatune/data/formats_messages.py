@@ -77,6 +77,7 @@ def _message_list(
         where = f"{source}: {column}[{i}]"
         if not isinstance(m, dict):
             raise DataError(f"{where}: a message must be an object, got {type(m).__name__}")
+        m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}  # (pandas' NaN: missing)
         role = m.get(role_key, m.get("role", m.get("from")))
         if role not in roles:
             raise DataError(
@@ -149,6 +150,33 @@ def _sharegpt_order(role: str, ours: str, previous: str | None, i: int, where: s
             f"{where}: {_a(role)} turn after {_a(previous)} turn; sharegpt turns alternate between {tags[0]} and "
             f"{tags[1]} (LLaMA-Factory drops the row)"
         )
+
+
+def _check_calls(m: Message, tools: list[dict] | None, where: str) -> None:
+    """Each tool call of ``m`` names a schema in ``tools``; ``where`` (its ``{k}``: the call's index) names it."""
+    names = {t["function"]["name"] for t in tools or [] if isinstance(t.get("function"), dict)}
+    for k, call in enumerate(m.get("tool_calls") or []):
+        if (name := call["function"]["name"]) not in names:
+            raise DataError(
+                f"{where.replace('{k}', str(k))}: the call to {name!r} has no matching schema in the row's "
+                f"'tools' column (tools given: {', '.join(sorted(names)) or 'none'})"
+            )
+
+
+_FORMAT_FIELDS = ("conversations", "messages", "instruction", "output", "prompt", "completion", "chosen", "rejected",
+                  "label", "text")  # fmt: skip
+"""The fields that tell a row's format (``formats.detect``)."""
+
+
+def _nulled(first: Row, row: Row, c: dict[str, str]) -> str | None:
+    """ "column 'x' is null (a missing value), and " where a field that tells the format is null or NaN in ``row`` but
+    given in ``first`` (the datasets library writes a row's missing value as null): a later row so read as a row of
+    another format ("this row is in the prompt format"), or of none."""
+    for key in _FORMAT_FIELDS:
+        col = _col(c, key)
+        if col in row.data and row.get(col, required=False) is None and first.get(col, required=False) is not None:
+            return f"column {col!r} is {'null' if row.data[col] is None else 'NaN'} (a missing value), and "
+    return None
 
 
 def _media(row: Row, c: dict[str, str]) -> dict[str, list[str]]:
