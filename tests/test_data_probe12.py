@@ -339,13 +339,13 @@ def test_mask_history_notes_say_what_a_row_keeps_and_why_it_was_dropped(tmp_path
     quiet = [hi, ok, hi, {"role": "assistant", "content": "Yo.", "weight": 0}]
     long = [{"role": "user", "content": "word " * 80}, ok, hi, ok]
     notes = _prepare(tmp_path, [quiet, [hi, ok], long], 40, mask_history=True).notes
-    assert "1 train rows were dropped: their last answer (data.mask_history trains it alone) has weight 0 " \
-           "(nothing to train)" in notes  # fmt: skip
+    assert any(n.startswith("1 train rows were dropped: their last answer (data.mask_history trains it alone) has "
+                            "weight 0 (nothing to train); the first: ") and n.endswith("t.jsonl:1") for n in notes)  # fmt: skip
     assert "1 train rows were longer than data.max_length=40 tokens and were truncated to their last turn " \
            "(data.mask_history)" in notes  # fmt: skip
     from deltatune.data.load import DataError
 
-    with pytest.raises(DataError, match=r"\(1 with their last answer weighted 0\)$"):
+    with pytest.raises(DataError, match=r"\(1 with their last answer weighted 0, the first: .*t\.jsonl:1\)$"):
         _prepare(tmp_path, [quiet], mask_history=True)
 
 
