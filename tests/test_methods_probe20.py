@@ -167,3 +167,51 @@ def test_freeze_blip2_file_from_before_with_the_qformer_block_loads_as_it_traine
     loaded = dt.DeltaModel.from_pretrained(tiny_vlm("blip-2"), tmp_path)
     params = dict(loaded.base_model.named_parameters())
     assert old and all(torch.equal(params[k], v) for k, v in old.items())
+
+
+def test_full_on_llava_freezes_the_vision_tower_and_projector_as_llamafactory(tmp_path):
+    """LLaMA-Factory's full tuning on LLaVA: every parameter but those under its forbidden modules, "vision_tower" and
+    "multi_modal_projector" (freeze_vision_tower, freeze_multi_modal_projector: true by default); this trained
+    them as well."""
+    import json
+
+    from vision.tiny_vlm import tiny_vlm
+
+    base = tiny_vlm("llava")
+    forbidden = ("vision_tower", "multi_modal_projector")  # LLaMA-Factory's get_forbidden_modules for llava
+    expected = {k for k, _ in base.named_parameters() if not any(f in k for f in forbidden)}
+    model = dt.get_delta_model(base, dt.FullConfig())
+    assert {k for k, p in model.base_model.named_parameters() if p.requires_grad} == expected
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["freeze_vision_tower"] is True and saved["freeze_multi_modal_projector"] is True
+    loaded = dt.DeltaModel.from_pretrained(tiny_vlm("llava"), tmp_path, is_trainable=True)
+    assert {k for k, p in loaded.base_model.named_parameters() if p.requires_grad} == expected
+    every = dt.get_delta_model(
+        tiny_vlm("llava"), dt.FullConfig(freeze_vision_tower=False, freeze_multi_modal_projector=False)
+    )
+    assert all(p.requires_grad for p in every.base_model.parameters())
+
+
+def test_full_llava_file_from_before_without_the_fields_loads_training_every_parameter(tmp_path):
+    """A file saved before the fields (its config lacks them) trained every parameter: it resumes so."""
+    import json
+
+    from vision.tiny_vlm import tiny_vlm
+
+    model = dt.get_delta_model(
+        tiny_vlm("llava"), dt.FullConfig(freeze_vision_tower=False, freeze_multi_modal_projector=False)
+    )
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["freeze_vision_tower"], config["freeze_multi_modal_projector"]
+    path.write_text(json.dumps(config))
+    loaded = dt.DeltaModel.from_pretrained(tiny_vlm("llava"), tmp_path, is_trainable=True)
+    assert all(p.requires_grad for p in loaded.base_model.parameters())
+
+
+@pytest.mark.parametrize("key", ["freeze_vision_tower", "freeze_multi_modal_projector"])
+def test_full_tower_fields_not_a_bool_refused_naming_them(key):
+    with pytest.raises(dt.ConfigError, match=rf"^{key} must be true or false, got 'no'"):
+        dt.FullConfig(**{key: "no"})

@@ -1,7 +1,9 @@
-"""Full fine-tuning: every base parameter trains in place.
+"""Full fine-tuning: every base parameter trains in place (a vision-language model's vision tower and projector
+stay frozen by default, as LLaMA-Factory's ``finetuning_type: full``).
 
 A "method" only so that trainers, recipes and benchmarks treat every way of fine-tuning alike; the adapter file
-is the complete state dict of the base under PEFT-style keys. The in-place rules are those of freeze.py.
+is the state dict of what trained under PEFT-style keys (the complete base outside a vision-language model). The
+in-place rules are those of freeze.py.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import DeltaConfig
-from .freeze import base_parameter_names, inject, trainable
+from ..config import ConfigError, DeltaConfig
+from .freeze import base_parameter_names, trainable
+
+_FROZEN_TOWERS = (("freeze_vision_tower", "vision"), ("freeze_multi_modal_projector", "projector"))
 
 
 @dataclass
@@ -22,9 +26,45 @@ class FullConfig(DeltaConfig):
     peft_type = "FULL"
     no_targets = "full fine-tuning trains every base parameter"
 
+    freeze_vision_tower: bool | None = None
+    """A vision-language model's (one ``towers.TOWERS`` knows) vision tower stays frozen: True, LLaMA-Factory's
+    default, which a new adapter takes for None; False trains it too. None in a file saved before session 55: every
+    parameter trained then, and so it loads."""
+    freeze_multi_modal_projector: bool | None = None
+    """The same for the projector between the towers (LLaVA's multi_modal_projector, BLIP-2's Q-Former)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, _ in _FROZEN_TOWERS:
+            if getattr(self, key) not in (None, True, False):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+
+    def for_loading(self) -> DeltaConfig:
+        """A saved file's config: a field it lacks (None, saved before session 55) stays None: every parameter."""
+        loading = self.replace()
+        loading._loading = True  # type: ignore[attr-defined]
+        return loading
+
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
-        """Every base parameter."""
-        return trainable(model, base_parameter_names(model), "full")
+        """Every base parameter but those of the towers that stay frozen (see the fields)."""
+        from ..towers import tower_of
+
+        names = base_parameter_names(model)
+        frozen = {tower for key, tower in _FROZEN_TOWERS if getattr(self, key)}
+        if frozen:
+            names = [n for n in names if tower_of(model, n) not in frozen]
+        return trainable(model, names, "full")
+
+
+def inject(model: nn.Module, config: FullConfig, adapter_name: str) -> list[nn.Module]:
+    """Inject nothing: a new adapter's unset freeze_* fields become True (LLaMA-Factory's defaults), and the config
+    is checked against the model now, so that a misfit fails before any change."""
+    if not getattr(config, "_loading", False):
+        for key, _ in _FROZEN_TOWERS:
+            if getattr(config, key) is None:
+                setattr(config, key, True)
+    config.trainable_base_parameters(model)
+    return []
 
 
 CONFIG, INJECT = FullConfig, inject
