@@ -150,3 +150,22 @@ def test_a_nan_field_of_a_message_reads_as_missing():
             {"role": "assistant", "content": "b"},
         ]
     )
+
+
+def test_a_missing_column_names_the_header_name_that_differs_only_in_spaces_or_case(tmp_path):
+    """A header written 'text, label' names a column ' label' (pandas, which the datasets library reads a CSV with,
+    keeps the space too): 'column 'label' is missing (columns in this row:  label, text)' hid the space. The near
+    name is pointed out."""
+    pd = pytest.importorskip("pandas")
+    f = tmp_path / "sst2.csv"
+    f.write_text("text, label\ngood film, 1\n")
+    assert list(pd.read_csv(f).columns) == ["text", " label"]
+    row = read_rows(str(f))[0]
+    assert list(row.data) == ["text", " label"]
+    with pytest.raises(DataError, match=r"sst2\.csv:2: column 'label' is missing \(columns in this row:  label, text\); "
+                       r"' label' differs from it only in spaces$"):  # fmt: skip
+        row.get("label")
+    with pytest.raises(DataError, match=r"t\.csv:2: .*\); 'Label' differs from it only in case$"):
+        Row({"Label": "1"}, "t.csv:2").get("label")
+    with pytest.raises(DataError, match=r"t\.csv:2: column 'label' is missing \(columns in this row: text\)$"):
+        Row({"text": "a"}, "t.csv:2").get("label")

@@ -38,7 +38,13 @@ class Row:
             if column in self.data:  # written, as null (the datasets library writes a column a row lacks so)
                 raise DataError(f"{self.source}: column {column!r} is null")
             have = ", ".join(sorted(self.data)) or "none"
-            raise DataError(f"{self.source}: column {column!r} is missing (columns in this row: {have})")
+            # a header's ' label' (written 'text, label') or 'Label' read as no column, its space unseen in the list
+            near = next((str(k) for k in self.data if str(k).strip().lower() == column.strip().lower()), None)
+            hint = ""
+            if near is not None:
+                how = "spaces" if near.strip() == column else "case" if near == near.strip() else "spaces and case"
+                hint = f"; {near!r} differs from it only in {how}"
+            raise DataError(f"{self.source}: column {column!r} is missing (columns in this row: {have}){hint}")
         return self.data[column]
 
     def text(self, column: str, required: bool = True) -> str | None:
