@@ -211,22 +211,27 @@ def test_a_run_written_before_the_early_stopping_keys_resumes_without_a_change_n
 def test_a_resumed_run_stops_early_at_the_uninterrupted_runs_step(files, tmp_path):  # noqa: F811
     """The count of evaluations without improvement is in each checkpoint (EarlyStoppingCallback's state) and comes
     back on --resume: a run stopped after checkpoint-2 (its count 1 of 3) stops at step 4 as the uninterrupted run
-    does, with its adapter (the Trainer's default restarts the count: step 5)."""
+    does, with its adapter (the Trainer's default restarts the count: step 5). A patience changed with
+    --resume-changed is the recipe's (the Trainer rebuilt the callback with the checkpoint's 3: step 4, not 5)."""
     import os
     import shutil
 
-    def run(out):
+    def run(out, patience=3):
         raw = recipe(files, out, max_steps=6, eval_steps=1, save_steps=1, save_total_limit=None,
-                     early_stopping_patience=3, early_stopping_threshold=10.0)  # fmt: skip
+                     early_stopping_patience=patience, early_stopping_threshold=10.0)  # fmt: skip
         raw["data"]["eval"] = files["sft"]
         return build(raw)
 
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole, resumed, changed = tmp_path / "whole", tmp_path / "resumed", tmp_path / "changed"
     assert train(run(whole))["train_steps"] == 4
-    shutil.copytree(whole, resumed)
-    for name in os.listdir(resumed):  # the run as it stood when it stopped after checkpoint-2
-        if name not in ("checkpoint-2", "run.yaml", "log_history.jsonl"):
-            (shutil.rmtree if (resumed / name).is_dir() else os.remove)(resumed / name)
+    for folder in (resumed, changed):
+        shutil.copytree(whole, folder)
+        for name in os.listdir(folder):  # the run as it stood when it stopped after checkpoint-2
+            if name not in ("checkpoint-2", "run.yaml", "log_history.jsonl"):
+                (shutil.rmtree if (folder / name).is_dir() else os.remove)(folder / name)
     assert train(run(resumed), resume=True)["train_steps"] == 4
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (whole, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match=r"train\.early_stopping_patience: 3 -> 4"):
+        train(run(changed, patience=4), resume=True)
+    assert train(run(changed, patience=4), resume=True, resume_changed=True)["train_steps"] == 5

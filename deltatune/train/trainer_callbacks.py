@@ -16,7 +16,7 @@ import sys
 import time
 
 import torch
-from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback, TrainerCallback
 
 SUMS = "deltatune_sums.json"  # in a checkpoint: the run's loss summed over its steps, its time, its run_facts
 
@@ -156,14 +156,24 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.realpath(os.path.dirname(path.rstrip("/\\"))) == os.path.realpath(folder)
 
 
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' EarlyStoppingCallback at the recipe's patience and threshold (``recipe``), also when --resume
+    restores its count from a checkpoint: the Trainer rebuilds a restored callback from the arguments the checkpoint
+    recorded, so a patience changed with --resume-changed was silently the old one."""
+
+    recipe: tuple[int, float] = (1, 0.0)
+
+    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0) -> None:
+        super().__init__(*self.recipe)
+
+
 def callbacks(train=None) -> list[TrainerCallback]:
     """The callbacks ``run.py`` gives a Trainer stage; with the recipe's ``train`` section, transformers'
     EarlyStoppingCallback where ``train.early_stopping_patience`` is set (a stateful callback: its count of evaluations
     without improvement is in each checkpoint, which --resume restores: run.py's restore_callback_states_from_checkpoint;
     the Trainer's default would restart it at 0 and train past the uninterrupted run's stop)."""
-    from transformers import EarlyStoppingCallback
-
     step = os.environ.get("DELTATUNE_TEST_KILL_AFTER_STEP")
     patience = getattr(train, "early_stopping_patience", None)
-    early = [EarlyStoppingCallback(patience, train.early_stopping_threshold)] if patience else []
+    recipe = (patience, float(getattr(train, "early_stopping_threshold", 0.0)))
+    early = [type("EarlyStopping", (EarlyStopping,), {"recipe": recipe})()] if patience else []
     return [LogFile(), BestInThisFolder(), *early, *([KillAfterSave(int(step))] if step else [])]
