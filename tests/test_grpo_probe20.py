@@ -13,7 +13,8 @@ import torch
 from test_grpo_probe15 import _ours, _trl_run, policy  # noqa: F401  (policy: the fixture)
 
 CASES = [(2, 2, "grpo", {"entropy_coef": 0.05}, 1), (2, 1, "dapo", {"entropy_coef": 0.1, "top_entropy_quantile": 0.5}, 1),
-         (2, 2, "bnpo", {"entropy_coef": 0.1}, 2), (1, 2, "grpo", {"entropy_coef": 0.1}, 2)]  # fmt: skip
+         (2, 2, "bnpo", {"entropy_coef": 0.1}, 2), (1, 2, "grpo", {"entropy_coef": 0.1}, 2),
+         (2, 1, "cispo", {"entropy_coef": 0.1}, 2), (2, 1, "dr_grpo", {"entropy_coef": 0.1}, 2)]  # fmt: skip
 
 
 @pytest.mark.parametrize("S, mu, loss_type, keys, ga", CASES)
