@@ -139,3 +139,80 @@ def test_the_report_note_counts_the_images_captioned_and_their_captions(tmp_path
     notes = C.prepare_caption(cfg, processor).notes
     assert "eval: BLEU-4 and ROUGE-L of greedy captions of the first 3 eval images against the 6 captions of their " \
            "rows" in notes  # fmt: skip
+
+
+def _listed(tmp_path) -> list[dict]:
+    """COCO's layout as Flickr30k's and COCO-Karpathy's datasets hold it: one row an image, its captions a list."""
+    _images(tmp_path, 3)
+    return [{"image": f"{k}.png", "text": [t for i, t in COCO if i == k]} for k in range(3)]
+
+
+def test_a_list_of_captions_is_one_example_each_and_the_eval_scores_against_them_all(tmp_path):
+    """A caption column holding a list of captions (COCO's five an image) was refused ("must be a non-empty caption,
+    got [...]"); now each caption is an example of its image, as BLIP trains on COCO's pairs, and the eval scores one
+    caption an image against all of them: the same examples, and references, as the file of one row a caption."""
+    from tiny import tokenizer
+    from transformers import ViTImageProcessorPil
+
+    from deltatune.train.config import build
+
+    listed = _jsonl(tmp_path / "l.jsonl", _listed(tmp_path))
+    pairs = _jsonl(
+        tmp_path / "p.jsonl", [{"image": f"{i}.png", "text": t} for i, t in sorted(COCO, key=lambda c: c[0])]
+    )
+    processor = C.CaptionProcessor(ViTImageProcessorPil(size={"height": 8, "width": 8}), tokenizer())
+    got = {}
+    for name, path in (("listed", listed), ("pairs", pairs)):
+        prepared = C.prepare_caption(build({"stage": "caption", "data": {"train": path, "eval": path}}), processor)
+        got[name] = (prepared.train.labels, [(r[0][0].path, r[2]) for r in prepared.eval.references()])
+    assert got["listed"] == got["pairs"]
+    assert [len(r[1]) for r in got["listed"][1]] == [3, 2, 1] and len(got["listed"][0]) == 6
+    user = {"role": "user", "content": "<image>\nDescribe the image."}
+    examples = C.vlm_examples(listed, build({"stage": "caption", "data": {"train": listed}}))
+    assert [(e.source, e.messages) for e in examples] == [
+        (f"{listed}:{i + 1}", [user, {"role": "assistant", "content": t}]) for i, t in sorted(COCO, key=lambda c: c[0])
+    ]
+
+
+def test_data_val_size_holds_a_rows_captions_out_together(tmp_path):
+    """data.val_size splits the file's rows (as datasets' train_test_split): a row of several captions is held out
+    whole, never some of an image's captions trained on and the rest scored."""
+    from tiny import tokenizer
+    from transformers import ViTImageProcessorPil
+
+    from deltatune.data.tasks import split_off
+    from deltatune.train.config import build
+
+    rows = _listed(tmp_path)
+    path = _jsonl(tmp_path / "l.jsonl", rows)
+    processor = C.CaptionProcessor(ViTImageProcessorPil(size={"height": 8, "width": 8}), tokenizer())
+    cfg = build({"stage": "caption", "data": {"train": path, "val_size": 1}, "train": {"seed": 3}})
+    prepared = C.prepare_caption(cfg, processor)
+    train, held = split_off(rows, 1, 3)  # the rows the split holds out
+    assert [r.text for r in prepared.eval.rows] == held[0]["text"]
+    assert [r.text for r in prepared.train.rows] == [t for r in train for t in r["text"]]
+
+
+def test_a_vlms_data_val_size_holds_a_rows_captions_out_together(tmp_path):
+    """The same on a decoder-only model (a tiny LLaVA): one row's captions are one image's examples, held out whole;
+    every example of the row trains, else none does."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "vision"))
+    from tiny_vlm import save_vlm
+
+    from deltatune.data.tasks import split_off
+    from deltatune.train.config import build
+    from deltatune.train.models import load_processor
+
+    rows = _listed(tmp_path)
+    path = _jsonl(tmp_path / "l.jsonl", rows)
+    model = save_vlm(tmp_path / "llava", "llava")
+    data = {"train": path, "val_size": 1}
+    cfg = build({"stage": "caption", "model": {"name_or_path": model}, "data": data, "train": {"seed": 3}})
+    prepared = C.prepare_caption(cfg, load_processor(model, "caption"))
+    train, held = split_off(rows, 1, 3)
+    assert [e.messages[-1]["content"] for e in prepared.eval.examples] == held[0]["text"]
+    assert [e.messages[-1]["content"] for e in prepared.train.examples] == [t for r in train for t in r["text"]]
+    assert [r[2] for r in prepared.eval.references()] == [held[0]["text"]]

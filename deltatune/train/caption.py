@@ -2,7 +2,7 @@
 loaded through ``AutoModelForImageTextToText``.
 
 Encoder-decoder captioners (``VisionEncoderDecoderModel``: ViT + GPT-2 and the like). Rows hold an image path
-(``data.image_column``) and a caption (``data.text_column``), tokenized and ended with EOS as the ``labels``, which the
+(``data.image_column``) and a caption (``data.text_column``; a list of captions is one example per caption), tokenized and ended with EOS as the ``labels``, which the
 decoder reads shifted right: the loss is on the caption tokens only (no prompt to mask, padding -100).
 
 BLIP (``BlipForConditionalGeneration``) takes image + caption rows too, but its text decoder reads the text as
@@ -30,6 +30,7 @@ eval row of that image (and prompt), as the COCO evaluators pool an image's refe
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections import Counter
 from typing import Any
@@ -203,6 +204,14 @@ def encode_captions(
     return out, truncated
 
 
+def one_each(rows: list[ImageRow]) -> list[ImageRow]:
+    """A row whose caption column holds a list of captions (COCO's five an image, as datasets such as Flickr30k hold
+    them) as one row per caption, each an example of that image (as BLIP trains on COCO's image-caption pairs); the
+    eval scores one caption of the image against them all (``grouped``)."""
+    return [ImageRow(r.path, r.label, r.source, t, r.data) for r in rows
+            for t in (r.text if isinstance(r.text, list) else [r.text])]  # fmt: skip
+
+
 # -- decoder-only vision-language models ------------------------------------------------------------------------
 
 
@@ -249,8 +258,8 @@ def vlm_examples(spec: str, cfg: RunConfig) -> list[VLMExample]:
             rows[i] = Row({**row.data, d.image_column: path}, row.source)
     elif d.image_column in first:
         user = {"role": "user", "content": f"{IMAGE_MARKER}\n{CAPTION_PROMPT}"}
-        read = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
-        return [VLMExample(r.source, [r], [user, {"role": "assistant", "content": r.text}]) for r in read]
+        read = read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, d.text_column, caption_lists=True)
+        return [VLMExample(r.source, [r], [user, {"role": "assistant", "content": r.text}]) for r in one_each(read)]
     root, out = os.path.dirname(os.path.abspath(spec)), []
     for s in read_samples(rows, columns, d.format, d.tags):
         if s.format not in STAGE_FORMATS["sft"]:
@@ -294,7 +303,11 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     notes: list[str] = []
     splits: list[VLMDataset | None] = []
     # data.val_size: the eval rows held out of data.train with train.seed, as cls / tag / seq2seq hold theirs
-    train_examples, held = split_off(vlm_examples(d.train, cfg), d.val_size, cfg.train.seed, bool(d.eval))
+    # (the examples of one row's several captions held out together: the split is over the rows)
+    rows = [list(g) for _, g in itertools.groupby(vlm_examples(d.train, cfg), key=lambda e: e.source)]
+    train_rows, held_rows = split_off(rows, d.val_size, cfg.train.seed, bool(d.eval))
+    train_examples = [e for g in train_rows for e in g]
+    held = None if held_rows is None else [e for g in held_rows for e in g]
     for split, read in (("train", train_examples), ("eval", vlm_examples(d.eval, cfg) if d.eval else held)):
         if not read:
             splits.append(None)
@@ -338,12 +351,16 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
         return _prepare_vlm(cfg, processor)
 
     def read(spec: str) -> list[ImageRow]:
-        return read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, text_column=d.text_column)
+        return read_image_rows(spec, d.image_column, None, d.limit, d.allow_outside, d.text_column, caption_lists=True)
 
-    # data.val_size: the eval rows held out of data.train with train.seed, as cls / tag / seq2seq hold theirs
+    # data.val_size: the eval rows held out of data.train with train.seed, as cls / tag / seq2seq hold theirs (a row
+    # of several captions held out whole: split before each caption is an example of its own)
     train_rows, held = split_off(read(d.train), d.val_size, cfg.train.seed, bool(d.eval))
-    eval_rows = read(d.eval) if d.eval else held
+    train_rows, held = one_each(train_rows), None if held is None else one_each(held)
+    eval_rows = one_each(read(d.eval)) if d.eval else held
     notes = [f"{len(train_rows)} training images with captions"]
+    if (images := len({(r.path, r.data) for r in train_rows})) < len(train_rows):
+        notes[0] += f" ({images} distinct images: the captions of one image are examples of their own)"
     if held is not None:
         notes.append(f"data.val_size: {len(held)} {HELD_OUT_NOTE.format(what='images')}")
     for split, rows in (("train", train_rows), ("eval", eval_rows or [])):
