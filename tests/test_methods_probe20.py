@@ -215,3 +215,25 @@ def test_full_llava_file_from_before_without_the_fields_loads_training_every_par
 def test_full_tower_fields_not_a_bool_refused_naming_them(key):
     with pytest.raises(dt.ConfigError, match=rf"^{key} must be true or false, got 'no'"):
         dt.FullConfig(**{key: "no"})
+
+
+def test_trainable_tokens_file_with_init_weights_as_text_loads_as_it_ran(tmp_path):
+    """A config saved with init_weights "no" (taken, run as true, before the refusal) loads, warning, values as saved."""
+    import json
+
+    import torch
+
+    model = dt.get_delta_model(tiny_model("llama"), dt.TrainableTokensConfig(token_indices=[3, 7]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_weights": "no"}))
+    with pytest.warns(UserWarning, match=r"init_weights='no' \(read as True\)"):
+        loaded = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert loaded.peft_config["default"].init_weights is True
+    ids = torch.tensor([[3, 7, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

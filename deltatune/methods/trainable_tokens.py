@@ -22,6 +22,7 @@ output embedding) is refused; an output embedding's bias is kept (a BERT MLM dec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -53,6 +54,14 @@ class TrainableTokensConfig(DeltaConfig):
             raise ConfigError(
                 f"init_weights must be true or false, got {value!r}{was if isinstance(value, str) and value else ''}"
             )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> TrainableTokensConfig:
+        """As ``DeltaConfig.from_dict``; init_weights saved as text (taken before session 55, and run as true) reads as
+        it ran (``bottleneck.read_text_switches``), with a warning."""
+        from .bottleneck import read_text_switches
+
+        return super().from_dict(read_text_switches(data, ("init_weights",), source), source)
 
     @property
     def trainable_token_indices(self) -> list[int]:
