@@ -169,3 +169,18 @@ def test_a_missing_column_names_the_header_name_that_differs_only_in_spaces_or_c
         Row({"Label": "1"}, "t.csv:2").get("label")
     with pytest.raises(DataError, match=r"t\.csv:2: column 'label' is missing \(columns in this row: text\)$"):
         Row({"text": "a"}, "t.csv:2").get("label")
+
+
+def test_a_csv_cell_of_json_messages_is_refused_with_the_reason(tmp_path):
+    """A CSV cell holds text: pandas (the datasets library's CSV reader) gives the messages column as the JSON text,
+    and so does deltatune; the refusal said 'got str' alone. It names the JSON text and the way out."""
+    pd = pytest.importorskip("pandas")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    f = tmp_path / "chat.csv"
+    pd.DataFrame({"messages": [json.dumps(chat)]}).to_csv(f, index=False)
+    assert isinstance(pd.read_csv(f)["messages"][0], str)
+    rows = read_rows(str(f))
+    assert rows[0].data == pd.read_csv(f).to_dict("records")[0]
+    with pytest.raises(DataError, match=r"chat\.csv:2: column 'messages' must be a non-empty list of messages, got str "
+                       r"\(JSON text: a CSV cell holds text"):  # fmt: skip
+        read_samples(rows, stage="sft")

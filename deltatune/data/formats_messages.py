@@ -70,6 +70,10 @@ def _message_list(
         value = [value]
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else type(value).__name__
+        if isinstance(value, str) and value.lstrip().startswith(
+            "["
+        ):  # (a CSV cell, or a column saved with json.dumps)
+            got += " (JSON text: a CSV cell holds text, as the datasets library reads it; give the rows as .jsonl)"
         raise DataError(f"{source}: column {column!r} must be a non-empty list of messages, got {got}")
     out: list[Message] = []
     sharegpt, previous = "function" in roles.values(), None
