@@ -232,7 +232,8 @@ def load_lora(
     does not adapt gets zeros, a smaller rank is padded with zeros, a larger one replaces the tensors.
 
     Raises:
-        ConfigError: a metadata use_rslora or use_dora that is not true or false (peft reads "false" as true), the
+        ConfigError: a metadata use_rslora or use_dora that is not true or false (peft reads "false" as true), a
+            use_dora that the file's magnitudes (lora_magnitude_vector) contradict, the
             file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
             another architecture), keys of two components that both fit (without a prefix), a module without its A
             or B, or nothing at all; with ``hotswap``, no such adapter, or one that is merged, not a plain LoRA or
@@ -270,6 +271,10 @@ def load_lora(
     from .targets import pattern_value
 
     meta = {} if kind == "kohya" else _metadata(metadata, prefix, path)  # kohya files carry no config, only alphas
+    if "use_dora" in meta and meta["use_dora"] != bool(dora):  # (diffusers: a DoRA from W's norms, or a plain LoRA)
+        held = f"DoRA magnitudes ({dora[0]}.lora_magnitude_vector)" if dora else "no lora_magnitude_vector keys"
+        said = "true" if meta["use_dora"] else "false"
+        raise ConfigError(f"{path}: its metadata's use_dora is {said}, and the file holds {held}")
     ranks = {p: m["A"].shape[0] for p, m in modules.items()}
     alphas, patterns = {}, meta.get("alpha_pattern") or {}
     # diffusers builds peft's LoraConfig(**metadata): a config without lora_alpha has peft's default, 8 (not the rank)

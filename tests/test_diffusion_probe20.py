@@ -166,3 +166,23 @@ def test_a_refused_pipeline_lora_leaves_the_runs_own_lora_as_it_was(tmp_path):
     assert {n: p.requires_grad for n, p in delta.named_parameters()} == grads
     with torch.no_grad():
         torch.testing.assert_close(delta(x, t, encoder_hidden_states=c).sample, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_metadata_use_dora_that_the_magnitudes_contradict_is_refused(tmp_path, dora):
+    """diffusers builds ``LoraConfig(use_dora=...)`` from the metadata: ``true`` without magnitudes draws a DoRA
+    whose magnitudes are the base weights' norms, ``false`` beside magnitudes a plain LoRA (the magnitudes dropped
+    with a warning); deltatune followed the tensors either way. Now one line naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.diffusion import load_lora
+
+    path = _file(tmp_path / "f.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, "unet.use_dora": not dora})
+    if dora:
+        tensors, modules = load_file(str(path)), dict(_unet(3).named_modules())
+        tensors |= {f"unet.{n}.lora_magnitude_vector": torch.ones(modules[n].out_features) for n in NAMES}
+        save_file(tensors, str(path), {"lora_adapter_metadata": json.dumps({"unet.use_dora": False})})
+    held = f"DoRA magnitudes ({min(NAMES)}.lora_magnitude_vector)" if dora else "no lora_magnitude_vector keys"
+    message = f"{path}: its metadata's use_dora is {str(not dora).lower()}, and the file holds {held}"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_lora(_unet(3), path, prefix="unet")
