@@ -99,7 +99,6 @@ def test_vlm_eval_pools_the_answers_of_one_image_and_prompt(tmp_path):
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="models.check_vocab reads a processor's tokenizer once probe 20's diff is in")
 @pytest.mark.parametrize("wrap", ["caption", "vlm"])
 def test_a_processors_tokenizer_past_the_embeddings_is_one_line_as_a_tokenizers(wrap):
     """A stage caption run checks the tokenizer against the model's embeddings as every text stage does, but its

@@ -286,9 +286,11 @@ def check_vocab(name_or_path: str, model: torch.nn.Module, tok) -> None:
     """ConfigError in one line when the tokenizer has more tokens than the model's input embeddings: its highest
     ids made an IndexError inside torch's embedding at the first step that met one (usually a tokenizer that added
     tokens without the model's embeddings resized; a tokenizer of another model; a config.json whose vocab_size is
-    wrong). An image processor, a processor, a model without token embeddings (a CNN) pass."""
+    wrong). A processor's tokenizer (stage caption's) is checked as a tokenizer; an image processor, a model without
+    token embeddings (a CNN) pass."""
     from transformers import PreTrainedTokenizerBase
 
+    tok = getattr(tok, "tokenizer", tok)  # (CaptionProcessor, VLMProcessor: no tokenizer themselves)
     if not isinstance(tok, PreTrainedTokenizerBase) or not hasattr(model, "get_input_embeddings"):
         return
     try:
