@@ -184,3 +184,16 @@ def test_a_csv_cell_of_json_messages_is_refused_with_the_reason(tmp_path):
     with pytest.raises(DataError, match=r"chat\.csv:2: column 'messages' must be a non-empty list of messages, got str "
                        r"\(JSON text: a CSV cell holds text"):  # fmt: skip
         read_samples(rows, stage="sft")
+
+
+def test_data_inspect_names_the_stage_of_a_classification_file_given_another(tmp_path):
+    """``data inspect sst2.csv --stage sft`` said the text format is not sft's and pointed at stage pt alone; the file's
+    text and label columns are what stage cls reads (the stage data inspect picks for it by itself)."""
+    from deltatune.data.inspect import inspect
+
+    f = tmp_path / "sst2.csv"
+    f.write_text("text,label\ngood film,1\nbad film,0\n")
+    assert "stage: cls" in inspect(str(f)).splitlines()
+    with pytest.raises(DataError, match=r"stage sft does not read the text format; .*; its text and label columns are "
+                       r"stage cls's \(--stage cls\)$"):  # fmt: skip
+        inspect(str(f), stage="sft")

@@ -90,9 +90,11 @@ def inspect(
     try:  # (a format the stage reads only reshaped, as LLaMA-Factory's KTO and PPO rows, is read_samples' to tell)
         samples = read_samples(rows, columns, data_format, tags, stage, skipped)
     except StageFormatError:  # (the first row's format; a bad row's own error passes as it is)
+        own = column_stage(rows[0])  # (a classification file given --stage sft: the stage that reads it named)
         raise DataError(
             f"{path}: stage {stage} does not read the {fmt} format; it reads {', '.join(STAGE_FORMATS[stage])}"
             + _stage_hint(fmt, stage, mapped)
+            + (f"; its {' and '.join(COLUMN_STAGES[own])} columns are stage {own}'s (--stage {own})" if own else "")
         ) from None
     fmt = samples[0].format
     refuse_multimodal(samples, stage)
