@@ -235,3 +235,15 @@ def test_a_resumed_run_stops_early_at_the_uninterrupted_runs_step(files, tmp_pat
     with pytest.raises(ConfigError, match=r"train\.early_stopping_patience: 3 -> 4"):
         train(run(changed, patience=4), resume=True)
     assert train(run(changed, patience=4), resume=True, resume_changed=True)["train_steps"] == 5
+
+
+def test_the_best_metric_keys_beside_early_stopping_are_not_named_ignored(files, tmp_path):  # noqa: F811
+    """Early stopping compares each evaluation with the best by metric_for_best_model and greater_is_better: read,
+    so not named ignored as they are without load_best_model_at_end (or a plateau schedule)."""
+    from deltatune.train.config import ignored_keys
+
+    r = recipe(files, tmp_path, metric_for_best_model="loss", greater_is_better=False)
+    r["data"]["eval"] = files["sft"]
+    assert {k for k, _ in ignored_keys(build(r))} == {"train.metric_for_best_model", "train.greater_is_better"}
+    r["train"]["early_stopping_patience"] = 2
+    assert ignored_keys(build(r)) == []
