@@ -260,7 +260,8 @@ def load_lora(
             "a LoRA for another architecture or component?"
         )
     if not modules:
-        raise ConfigError(f"{path}: no LoRA tensors in the file")
+        other = f" for prefix {prefix!r} (its keys are another component's, such as {min(tensors)})"
+        raise ConfigError(f"{path}: no LoRA tensors in the file" + (other if prefix and tensors else ""))
     dora = sorted(p for p, m in modules.items() if "m" in m)
     if dora and len(dora) != len(modules):
         plain = next(p for p in sorted(modules) if "m" not in modules[p])

@@ -186,3 +186,16 @@ def test_metadata_use_dora_that_the_magnitudes_contradict_is_refused(tmp_path, d
     message = f"{path}: its metadata's use_dora is {str(not dora).lower()}, and the file holds {held}"
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_lora(_unet(3), path, prefix="unet")
+
+
+def test_a_prefix_the_file_has_no_keys_for_is_named_with_a_key_it_has(tmp_path):
+    """``prefix="text_encoder"`` on a UNet-only file said "no LoRA tensors in the file", which the file has; now the
+    prefix and one of its keys are named (the model unchanged)."""
+    from deltatune.diffusion import load_lora
+
+    path = _file(tmp_path / "f.safetensors", {"unet.r": 4, "unet.lora_alpha": 4})
+    delta = load_lora(_unet(3), path, "a", prefix="unet")
+    message = f"{path}: no LoRA tensors in the file for prefix 'text_encoder' (its keys are another component's, "
+    with pytest.raises(ConfigError, match=re.escape(message + f"such as unet.{min(NAMES)}.lora_A.weight)")):
+        load_lora(delta, path, "b", prefix="text_encoder")
+    assert list(delta.peft_config) == ["a"]
