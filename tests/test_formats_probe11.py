@@ -363,7 +363,7 @@ def test_a_folder_row_range_and_json_with_jsonl(tmp_path):
     (folder / "b.json").write_text(json.dumps([{"text": "b1"}, {"text": "b2"}]))
     rows = read_rows(str(folder))
     assert [r.data["text"] for r in rows] == ["a1", "a2", "b1", "b2"]
-    assert [r.source.rsplit("/", 1)[1] for r in read_rows(f"{folder}[1:3]")] == ["a.jsonl:2", "b.json[0]"]
+    assert [r.source.rsplit("/", 1)[1] for r in read_rows(f"{folder}[1:3]")] == ["a.jsonl:2", "b.json:1 (item 0)"]
     assert [r.data["text"] for r in read_rows(f"{folder}[-1:]")] == ["b2"]
     from deltatune.data.load import data_path
 

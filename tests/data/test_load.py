@@ -35,7 +35,7 @@ def test_json_list(tmp_path):
     path = _write(tmp_path / "d.json", json.dumps(ROWS))
     rows = read_rows(path)
     assert [r.data for r in rows] == ROWS
-    assert rows[2].source == f"{path}[2]"
+    assert rows[2].source == f"{path}:1 (item 2)"  # (a list written on one line: its line and index)
 
 
 @pytest.mark.parametrize("ext, sep", [(".csv", ","), (".tsv", "\t")])
