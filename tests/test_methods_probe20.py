@@ -211,10 +211,11 @@ def test_full_llava_file_from_before_without_the_fields_loads_training_every_par
     assert all(p.requires_grad for p in loaded.base_model.parameters())
 
 
+@pytest.mark.parametrize("value", ["no", 1, 0])
 @pytest.mark.parametrize("key", ["freeze_vision_tower", "freeze_multi_modal_projector"])
-def test_full_tower_fields_not_a_bool_refused_naming_them(key):
-    with pytest.raises(dt.ConfigError, match=rf"^{key} must be true or false, got 'no'"):
-        dt.FullConfig(**{key: "no"})
+def test_full_tower_fields_not_a_bool_refused_naming_them(key, value):
+    with pytest.raises(dt.ConfigError, match=rf"^{key} must be true or false, got {value!r}"):
+        dt.FullConfig(**{key: value})
 
 
 def test_trainable_tokens_file_with_init_weights_as_text_loads_as_it_ran(tmp_path):

@@ -205,13 +205,36 @@ def _language_stacks(model: nn.Module, depth: dict[str, int]) -> dict[str, int]:
     the text config's layers and, for the VLMs it registers, freezes the vision tower and the projector by default:
     freeze_vision_tower, freeze_multi_modal_projector; BLIP-2's Q-Former is its projector); elsewhere every stack
     but one named for vision beside others (an encoder-decoder: both)."""
-    from ..towers import tower_of
-
-    language = {s: d for s, d in depth.items() if tower_of(model, s) == "language"}
+    parts = tower_parts(model)
+    language = {s: d for s, d in depth.items() if parts and tower_part(parts, s) == "language"}
     if language:
         return language
     text = {s: d for s, d in depth.items() if not re.search(r"vision|visual", s)}
     return text if text and len(text) < len(depth) else depth
+
+
+def tower_parts(model: nn.Module) -> dict[str, list[str]] | None:
+    """A vision-language model's (one whose config has a text_config) towers, found by the sub-configs: "language"
+    (the modules whose config is the text config, and the output embedding), "vision" (the vision config's); None for
+    a model with one tower. What is in neither is the projector (LLaVA's multi_modal_projector, BLIP-2's Q-Former)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "text_config", None) is None:
+        return None
+    parts: dict[str, list[str]] = {}
+    for tower, key in (("language", "text_config"), ("vision", "vision_config")):
+        sub = getattr(config, key, None)
+        parts[tower] = [
+            n for n, m in model.named_modules() if n and sub is not None and getattr(m, "config", None) is sub
+        ]
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    parts["language"] += [n for n, m in model.named_modules() if head is not None and m is head]
+    return parts if parts["language"] else None
+
+
+def tower_part(parts: dict[str, list[str]], name: str) -> str:
+    """The tower (of ``tower_parts``) the parameter or module ``name`` sits in: "language", "vision" or "projector"."""
+    hit = (t for t, paths in parts.items() if any(name == p or name.startswith(p + ".") for p in paths))
+    return next(hit, "projector")
 
 
 def _refuse_tied(model: nn.Module, extra: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig
-from .freeze import base_parameter_names, trainable
+from .freeze import base_parameter_names, tower_part, tower_parts, trainable
 
 _FROZEN_TOWERS = (("freeze_vision_tower", "vision"), ("freeze_multi_modal_projector", "projector"))
 
@@ -27,7 +27,7 @@ class FullConfig(DeltaConfig):
     no_targets = "full fine-tuning trains every base parameter"
 
     freeze_vision_tower: bool | None = None
-    """A vision-language model's (one ``towers.TOWERS`` knows) vision tower stays frozen: True, LLaMA-Factory's
+    """A vision-language model's (its config has a text_config) vision tower stays frozen: True, LLaMA-Factory's
     default, which a new adapter takes for None; False trains it too. None in a file saved before session 55: every
     parameter trained then, and so it loads."""
     freeze_multi_modal_projector: bool | None = None
@@ -36,7 +36,7 @@ class FullConfig(DeltaConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key, _ in _FROZEN_TOWERS:
-            if getattr(self, key) not in (None, True, False):
+            if not isinstance(getattr(self, key), (bool, type(None))):  # (1 and 0 as well: == True, == False)
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
 
     def for_loading(self) -> DeltaConfig:
@@ -47,12 +47,11 @@ class FullConfig(DeltaConfig):
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Every base parameter but those of the towers that stay frozen (see the fields)."""
-        from ..towers import tower_of
-
         names = base_parameter_names(model)
         frozen = {tower for key, tower in _FROZEN_TOWERS if getattr(self, key)}
-        if frozen:
-            names = [n for n in names if tower_of(model, n) not in frozen]
+        parts = tower_parts(model) if frozen else None
+        if parts:
+            names = [n for n in names if tower_part(parts, n) not in frozen]
         return trainable(model, names, "full")
 
 
