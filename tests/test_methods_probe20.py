@@ -238,3 +238,14 @@ def test_trainable_tokens_file_with_init_weights_as_text_loads_as_it_ran(tmp_pat
     ids = torch.tensor([[3, 7, 5]])
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_full_and_freeze_on_a_text_model_are_unchanged():
+    """A model with one tower: full trains every parameter, freeze the last block of each stack (T5: both)."""
+    full = dt.get_delta_model(tiny_model("t5"), dt.FullConfig())
+    assert all(p.requires_grad for p in full.base_model.parameters())
+    names = dt.FreezeConfig(freeze_trainable_layers=1).trainable_base_parameters(tiny_model("t5"))
+    assert {n.split(".block.")[0] + ".block." + n.split(".block.")[1].split(".")[0] for n in names} == {
+        "encoder.block.1",
+        "decoder.block.1",
+    }

@@ -226,9 +226,11 @@ def tower_parts(model: nn.Module) -> dict[str, list[str]] | None:
         parts[tower] = [
             n for n, m in model.named_modules() if n and sub is not None and getattr(m, "config", None) is sub
         ]
+    if not parts["language"] or not parts["vision"]:  # (no module holds the sub-config itself: towers unknown)
+        return None
     head = getattr(model, "get_output_embeddings", lambda: None)()
     parts["language"] += [n for n, m in model.named_modules() if head is not None and m is head]
-    return parts if parts["language"] else None
+    return parts
 
 
 def tower_part(parts: dict[str, list[str]], name: str) -> str:
