@@ -136,8 +136,11 @@ def _training_args(cfg: RunConfig, prepared: Prepared, out: str):
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         load_best_model_at_end=t.load_best_model_at_end and has_eval,
-        metric_for_best_model=t.metric_for_best_model,
+        # (early stopping compares each evaluation with the best by it: the Trainer tracks one only when it is set)
+        metric_for_best_model=t.metric_for_best_model or ("loss" if t.early_stopping_patience and has_eval else None),
         greater_is_better=t.greater_is_better,
+        # (--resume: early stopping's count of evaluations without improvement, as the uninterrupted run had it)
+        restore_callback_states_from_checkpoint=bool(t.early_stopping_patience),
         report_to=_report_to(t.report_to),
         remove_unused_columns=False,
         label_names=["labels"],
@@ -337,7 +340,7 @@ def _train(
         eval_dataset=prepared.eval,
         data_collator=prepared.collator,
         compute_metrics=prepared.compute_metrics,
-        callbacks=callbacks(),
+        callbacks=callbacks(cfg.train),
     )
     # Language-model losses average over the tokens of the whole accumulated batch when the Trainer passes the
     # token count (num_items_in_batch). Classification heads ignore it and average per micro-batch, so for them the

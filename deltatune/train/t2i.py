@@ -44,7 +44,7 @@ from .prepared import Prepared
 from .t2i_base import DENOISERS as DENOISERS  # (t2i.DENOISERS and t2i.load_denoiser, as before the split)
 from .t2i_base import T2I_FILE, _check_channels, _check_width, _context, _denoiser_at, _pipeline, _recorded, _scheduler
 from .t2i_base import load_denoiser as load_denoiser
-from .t2i_ema import EMA, ema_decay
+from .t2i_ema import EMA, describe_ema, ema_options
 from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
 from .t2i_noise import min_snr_weights as min_snr_weights  # (t2i.min_snr_weights, as before the split)
 from .t2i_prior import prior_collate, prior_options, with_prior
@@ -379,7 +379,7 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
         raise DataError("data.train is not set: give a data file with an image column and a caption column")
     options, prior = loss_options(cfg.train, processor.flow), prior_options(cfg)  # (t2i_prior: DreamBooth's)
     kind = t2i_noise.check_prediction_type(cfg.train, processor.flow)  # (all checked before any class image is drawn)
-    ema, shown = ema_decay(cfg.train), validation_options(cfg.train)  # (t2i_ema, t2i_validation)
+    ema, shown = ema_options(cfg.train), validation_options(cfg.train)  # (t2i_ema, t2i_validation)
     options |= {"prior_loss_weight": prior["weight"]} if prior else {}
     augment = list(d.augment)  # (diffusers' scripts' RandomCrop without --center_crop, and --random_flip)
     if bad := [a for a in augment if a not in T2I_AUGMENTATIONS]:
@@ -452,8 +452,8 @@ def prepare_t2i(cfg: RunConfig, processor: T2IProcessor) -> Prepared:
     if augment or drop:
         notes.insert(2, f"train-time: {', '.join([*augment, *[f'{drop:g} of captions empty'] * bool(drop)])}")
     if ema is not None:
-        notes.append(f"weights averaged (EMA, decay up to {ema:g}); the run saves the average")
-    extras = (EMA(ema),) if ema is not None else ()
+        notes.append(describe_ema(ema))
+    extras = (EMA(**ema),) if ema is not None else ()
     if shown:  # (train.validation_prompt: t2i_validation)
         draw = functools.partial(sample, processor=processor, steps=STEPS, guidance=GUIDANCE, max_length=d.max_length)
         extras += (Validation(shown, functools.partial(_drawn, draw, processor), save_png, *extras),)

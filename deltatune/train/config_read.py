@@ -1,0 +1,91 @@
+"""Which stage reads which recipe key: ``READ_BY`` and ``ignored_keys``, the keys a run names as set but not read
+(split off train/config.py in session 55 when it reached its line limit)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config_train import ON_EVAL, TrainArgs
+from .table import STAGES
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+
+# Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
+READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
+           (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
+            "train.optim train.dataloader_drop_last train.dataloader_pin_memory train.metric_for_best_model "
+            "train.greater_is_better train.logging_first_step train.eval_accumulation_steps"), ("cls", "data.text_pair_column data.multi_label"), ("cls tag seq2seq image_cls caption", "data.val_size"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens data.return_entity_level_metrics"),
+           ("seq2seq", "data.source_column data.target_column data.source_prefix train.generation_max_new_tokens train.generation_num_beams"),
+           ("seq2seq caption", "data.max_target_length"), ("image_cls t2i", "data.augment"),
+           ("cls tag rm image_cls", "model.num_labels"),
+           ("t2i", "model.text_encoder model.train_text_encoder train.sigma_sampling train.snr_gamma train.noise_offset "
+                   "train.input_perturbation train.logit_mean train.logit_std train.mode_scale "
+                   "train.precondition_outputs data.image_interpolation_mode data.proportion_empty_prompts "
+                   "train.prediction_type train.with_prior_preservation train.prior_loss_weight data.class_data_dir "
+                   "data.class_prompt data.num_class_images train.use_ema train.ema_decay train.validation_prompt "
+                   "train.num_validation_images train.validation_epochs"),
+           ("pt sft dpo kto orpo simpo cpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
+           ("dpo grpo kto orpo simpo cpo", "align.beta"),
+           ("dpo kto grpo simpo cpo", "align.loss_type"),
+           ("dpo", "align.loss_weights align.discopop_tau align.ld_alpha align.f_divergence_type "
+                   "align.f_alpha_divergence_coef align.use_weighting"),
+           ("dpo kto", "align.precompute_ref align.precompute_ref_log_probs align.precompute_ref_batch_size"),
+           ("dpo kto orpo simpo cpo rm", "align.disable_dropout"),
+           ("dpo simpo cpo", "align.label_smoothing"),
+           ("ppo grpo", "align.max_new_tokens align.response_length align.temperature align.mini_batch_size "
+                        "align.cliprange"),
+           ("ppo", "align.reward_model align.ppo_epochs align.cliprange_value align.vf_coef align.gamma align.lam "
+                   "align.init_kl_coef align.adaptive_kl align.target_kl align.kl_horizon align.kl_estimator "
+                   "align.missing_eos_penalty align.whiten_rewards align.kl_coef align.num_ppo_epochs "
+                   "align.num_mini_batches align.stop_token align.stop_token_id align.local_rollout_forward_batch_size"),
+           ("grpo", "align.num_generations align.top_p align.num_iterations align.scale_rewards align.loss_norm "
+                    "align.reward_funcs align.reward_weights align.bias_correction_kl align.cliprange_high align.delta "
+                    "align.importance_sampling_level align.mask_truncated_completions align.top_entropy_quantile "
+                    "align.sapo_temperature_pos align.sapo_temperature_neg align.top_k align.min_p "
+                    "align.repetition_penalty align.generation_kwargs align.steps_per_generation align.entropy_coef "
+                    "align.num_generations_eval align.use_adaptive_entropy align.entropy_coef_min "
+                    "align.entropy_coef_max align.entropy_coef_delta align.entropy_target "
+                    "align.multi_objective_aggregation align.off_policy_mask_threshold"),
+           ("kto", "align.desirable_weight align.undesirable_weight"),
+           ("dpo kto", "align.sync_ref_model align.ref_model_mixup_alpha align.ref_model_sync_steps"),
+           ("orpo", "align.disable_prompt_loss"),
+           ("simpo cpo", "align.simpo_gamma align.cpo_alpha align.alpha"), ("orpo simpo cpo", "align.answer_eos"),
+           ("rm", "align.center_rewards_coefficient"),  # ppo's and grpo's own loops run no checkpointed forward
+           (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"))  # fmt: skip
+
+
+def ignored_keys(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(key, the stages that read it) for each key of ``READ_BY`` set to other than its default where the stage does
+    not read it (``data.packing: true`` on cls, an ``align`` key of another stage): ``deltatune train`` names them."""
+    out = []
+    for stages, keys in READ_BY:
+        for key in keys.split():
+            section, name = key.split(".")
+            set_to = getattr(getattr(cfg, section), name)
+            if cfg.stage not in stages.split() and set_to != getattr(type(getattr(cfg, section))(), name):
+                out.append((key, stages.replace(" ", ", ")))
+    return out + ([] if STAGES[cfg.stage].loop else _unread_here(cfg))
+
+
+def _unread_here(cfg: RunConfig) -> list[tuple[str, str]]:
+    """``ignored_keys``' keys that a Trainer stage reads only with another key: the best-model keys without
+    load_best_model_at_end (metric_for_best_model is a plateau schedule's metric too), AdamW's with another optim."""
+    t, out = cfg.train, []
+    best = t.load_best_model_at_end or t.early_stopping_patience  # (early stopping compares by them too)
+    if t.metric_for_best_model is not None and not best and t.scheduler not in ON_EVAL:
+        out.append(("train.metric_for_best_model", f"{cfg.stage} with train.load_best_model_at_end or train.scheduler "
+                    f"{' or '.join(ON_EVAL)}"))  # fmt: skip
+    if t.greater_is_better is not None and not best:
+        out.append(("train.greater_is_better", f"{cfg.stage} with train.load_best_model_at_end"))
+    if t.optim in NO_ADAM:  # (their builders take no betas and no epsilon: transformers' trainer_optimizer.py)
+        defaults = TrainArgs()
+        for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            if getattr(t, key) != getattr(defaults, key):
+                out.append((f"train.{key}", f"{cfg.stage} with an Adam train.optim"))
+    return out
+
+
+NO_ADAM = ("sgd", "adagrad", "rmsprop", "adafactor")
+"""train.optim names whose optimizer takes none of train.adam_beta1, adam_beta2, adam_epsilon."""
