@@ -112,6 +112,12 @@ class DeltaConfig:
         whose initialisation needs what the file makes needless (a tokenizer) leaves it out."""
         return self
 
+    def as_resumed(self, saved: dict[str, Any]) -> DeltaConfig:
+        """The config a run resumed from a checkpoint goes on with, ``saved`` being that checkpoint's
+        adapter_config.json: the same by default; a method whose new adapters' defaults changed keeps an older run's
+        (full's tower switches)."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The config as adapter_config.json holds it (PEFT field names, plus ``peft_type``)."""
         out: dict[str, Any] = {"peft_type": self.peft_type}

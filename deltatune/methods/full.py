@@ -45,6 +45,11 @@ class FullConfig(DeltaConfig):
         loading._loading = True  # type: ignore[attr-defined]
         return loading
 
+    def as_resumed(self, saved: dict) -> DeltaConfig:
+        """A run begun before session 55 (its checkpoint's file without the switches) goes on training every tower,
+        as it began; a later run's file holds the switches it took."""
+        return self.replace(**{k: saved.get(k, False) for k, _ in _FROZEN_TOWERS if getattr(self, k) is None})
+
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Every base parameter but those of the towers that stay frozen (see the fields)."""
         names = base_parameter_names(model)

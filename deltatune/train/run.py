@@ -215,6 +215,8 @@ def start_model(
     saved = towers.saved_config(checkpoint) if checkpoint else None
     if saved and config is not asked:  # (a run begun before 1bc40a6: every block of its towers, as it trained)
         config = towers.as_trained(config, saved)
+    if saved is not None:  # (a method whose new adapters' defaults changed goes on with the run's: DeltaConfig)
+        config = config.as_resumed(saved)
     as_saved = saved is not None and _same(saved.get("target_modules"), config.target_modules)  # (not a new recipe)
     # The runs deltatune owns use the fused causal-LM loss (deltatune.loss); the library's default leaves it off.
     with from_file() if as_saved else contextlib.nullcontext():  # (its weights: the checkpoint's, as trained)

@@ -1,0 +1,35 @@
+"""The lead's tests of session 55 for edits made outside a helper's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+from tiny_vlm import save_vlm  # noqa: E402
+
+
+@pytest.mark.parametrize("saved, trains_vision", [({}, True), ({"freeze_vision_tower": True}, False)])
+def test_a_resumed_full_vlm_run_goes_on_with_the_towers_its_checkpoint_trained(tmp_path, saved, trains_vision):
+    """full now freezes a VLM's vision tower and projector for a new adapter (LLaMA-Factory's default, 6c8bd43); a run
+    begun before (its checkpoint's adapter_config.json without the switches) resumed training every tower: start_model
+    rebuilt the adapter from the recipe as a new one and froze them mid-run. A later run's checkpoint keeps its own."""
+    from deltatune.train.config import build
+    from deltatune.train.models import load_processor
+    from deltatune.train.run import start_model
+
+    save_vlm(tmp_path / "llava", "llava")
+    (tmp_path / "checkpoint-2").mkdir()
+    config = {"peft_type": "FULL", "task_type": "CAUSAL_LM", **saved}
+    (tmp_path / "checkpoint-2" / "adapter_config.json").write_text(json.dumps(config))
+    cfg = build({"stage": "caption", "model": {"name_or_path": str(tmp_path / "llava")}, "method": {"name": "full"},
+                 "data": {"train": str(tmp_path / "c.jsonl")}})  # fmt: skip
+    proc = load_processor(str(tmp_path / "llava"), "caption")
+    delta, _ = start_model(cfg, proc, None, str(tmp_path / "checkpoint-2"))
+    vision = [p.requires_grad for n, p in delta.named_parameters() if "vision_tower" in n]
+    assert vision and all(vision) is trains_vision and any(vision) is trains_vision
+    fresh, _ = start_model(cfg, proc)  # (a new run: frozen, as LLaMA-Factory)
+    assert not any(p.requires_grad for n, p in fresh.named_parameters() if "vision_tower" in n)
