@@ -78,7 +78,8 @@ def _tools(body: dict) -> list[dict] | None:
     (the tools rendered into the prompt, the answer plain text: vLLM's answer without --enable-auto-tool-choice
     is a 400 for "auto", its default with tools when the key is left out, while an explicit null is no choice and
     the tools are rendered; "required" and a named tool need guided decoding, which this server does not do). Each tool as pydantic dumps vLLM's ChatCompletionToolsParam: ``{"type": "function",
-    "function": {"name", "description", "parameters", ...its other keys}}``, a key left out null."""
+    "function": {"name", "description", "parameters", ...its other keys}, ...the tool's other keys}``, a key left out
+    null (vLLM's OpenAIBaseModel allows extra keys and dumps them after its own)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None or tools == []:  # [] asks for nothing (vLLM refuses an empty list; deltatune lets it pass)
         if choice is not None and choice != "none":
@@ -108,9 +109,9 @@ def _tools(body: dict) -> list[dict] | None:
         if not isinstance(parameters, (dict, type(None))):
             raise RequestError(f"tools[{i}].function.parameters must be a JSON Schema object", param="tools")
         rest = {k: v for k, v in function.items() if k not in ("name", "description", "parameters")}
-        out.append(
-            {"type": "function", "function": {"name": name, "description": about, "parameters": parameters, **rest}}
-        )
+        outer = {k: v for k, v in tool.items() if k not in ("type", "function")}  # extra="allow": kept, after them
+        function = {"name": name, "description": about, "parameters": parameters, **rest}
+        out.append({"type": "function", "function": function, **outer})
     return out
 
 
