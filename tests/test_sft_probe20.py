@@ -1,6 +1,7 @@
 """SFT probe 20: a chat template that writes no assistant turn is refused naming the row (TRL 1.16's SFTTrainer trains
-nothing of such a row too), where it was counted as a row whose answers are all weighted 0; packed SFT blocks read
-and score as the rows do alone (TRL's padding-free position ids)."""
+nothing of such a row too), where it was counted as a row whose answers are all weighted 0, by training and by
+``deltatune data inspect`` alike (data.template raw: a completion that adds no token); the rows dropped are named;
+an eval file with no row to score is refused, naming the way out (and, read by ``deltatune eval``, as rows to score)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ A = [{"role": "assistant", "content": "Yellow."}]
 
 @pytest.fixture(scope="module")
 def tok():
-    from tiny import smollm2_tokenizer
+    from tiny import tokenizer
 
-    t = smollm2_tokenizer()
+    t = tokenizer()  # (MiniLM's, shipped: the refusal runs everywhere; SmolLM2's ChatML renders alike)
     t.chat_template = DROPS_ANSWERS
     return t
 
@@ -61,14 +62,13 @@ def test_a_template_that_drops_the_assistant_turn_is_refused_naming_the_row(tok,
 def test_answers_weighted_0_are_still_counted_not_refused():
     """A row whose answers are all weighted 0 is still left out and counted (nothing the template dropped)."""
     weighted = [{**A[0], "weight": 0}]
-    from tiny import CHAT_TEMPLATE, smollm2_tokenizer
+    from tiny import tokenizer
 
-    tok0 = smollm2_tokenizer()
-    tok0.chat_template = CHAT_TEMPLATE
+    tok0 = tokenizer()  # (its ChatML-like template writes every turn; WordPiece lowercases and splits the markers)
     enc = encode_sft_samples(_samples([{"messages": Q + weighted}, {"messages": Q + A}]), tok0, None, 64)
-    assert enc.unweighted == 1 and len(enc.examples) == 1
+    assert enc.unweighted == 1 and len(enc.examples) == 1 and enc.first_unweighted == "t.jsonl:1"
     labels = enc.examples[0]["labels"]
-    assert tok0.decode([x for x in labels if x != IGNORE_INDEX]) == "Yellow.<|im_end|>\n"
+    assert tok0.decode([x for x in labels if x != IGNORE_INDEX]) == "yellow. < | im _ end | >"
 
 
 def _prepare(tmp_path, rows, max_length=64, eval_rows=None):
@@ -116,6 +116,80 @@ def test_an_eval_file_with_no_row_to_score_is_refused(tmp_path):
     the run went on evaluating nothing, without a word (transformers' evaluate() of no rows reports no eval_loss)."""
     ok = [HI, {"role": "assistant", "content": "Hello."}]
     with pytest.raises(DataError, match=r"^no eval row has a response token to score \(2 with none within "
-                                        r"data\.max_length=64, the first: .*e\.jsonl:1\)$"):  # fmt: skip
+                                        r"data\.max_length=64, the first: .*e\.jsonl:1\); raise data\.max_length, "
+                                        r"or leave data\.eval \(and train\.eval_steps\) out$"):  # fmt: skip
         _prepare(tmp_path, [ok], eval_rows=[LONG, LONG])
     assert len(_prepare(tmp_path, [ok], eval_rows=[LONG, ok])[0].eval) == 1
+
+
+def test_the_eval_refusal_names_a_way_out_that_works(tmp_path):
+    """The refusal named no way out: a run interrupted before it resumed into it with nothing to change. data.eval is
+    HARMLESS on --resume (runfolder), and data.eval left out with train.eval_steps is a config that builds; a longer
+    data.max_length keeps the rows (rows weighted 0 are not helped by it, so it is not offered for them)."""
+    from deltatune.train.runfolder import HARMLESS
+
+    ok = [HI, {"role": "assistant", "content": "Hello."}]
+    assert "data.eval" in HARMLESS and "train.eval_steps" in HARMLESS
+    with pytest.raises(DataError, match=r"^no eval row has a response token to score \(1 with every answer weighted "
+                                        r"0, the first: .*e\.jsonl:1\); leave data\.eval \(and train\.eval_steps\) "
+                                        r"out$"):  # fmt: skip
+        _prepare(tmp_path, [ok], eval_rows=[QUIET])
+    assert len(_prepare(tmp_path, [ok], max_length=256, eval_rows=[LONG])[0].eval) == 1  # raised: kept
+
+
+def test_inspect_refuses_a_row_the_template_writes_no_answer_for_as_training_does(tmp_path, tok):
+    """``deltatune data inspect`` said "rows left out of training: 1 (every answer has weight 0, nothing to learn)"
+    of a row whose answer the chat template never writes, where training refuses the row naming it."""
+    import json
+
+    from deltatune.data.inspect import inspect
+
+    tok.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"messages": [HI, {"role": "assistant", "content": "Hello."}]}) + "\n", "utf-8")
+    with pytest.raises(DataError) as trained:
+        encode_sft_samples(_samples([{"messages": [HI, {"role": "assistant", "content": "Hello."}]}]), tok, None, 64)
+    with pytest.raises(DataError) as inspected:
+        inspect(str(path), model=str(tmp_path / "tok"), stage="sft")
+    assert str(inspected.value) == str(trained.value).replace("t.jsonl:1", f"{path}:1")
+    assert str(inspected.value).startswith(f"{path}:1: the chat template renders none of the row's assistant answers")
+    path.write_text(json.dumps({"messages": QUIET}) + "\n", "utf-8")  # a weight 0 answer: still counted
+    report = inspect(str(path), model=str(tmp_path / "tok"), stage="sft", show=0)
+    assert report.splitlines()[-1] == "rows left out of training: 1 (every answer has weight 0, nothing to learn)"
+
+
+def test_raw_a_completion_that_adds_no_token_is_refused_without_naming_a_chat_template():
+    """data.template raw renders no chat template, yet the refusal blamed "the chat template" and offered a built-in
+    one. TRL's standard prompt-completion tokenization trains nothing of the row either (its completion mask all 0)."""
+    from tiny import minilm_path
+    from transformers import AutoTokenizer
+    from trl.data_utils import common_prefix_length
+
+    plain = AutoTokenizer.from_pretrained(minilm_path())  # (no EOS: nothing closes the completion)
+    p, ids = plain("Hi")["input_ids"], plain("Hi\u200b")["input_ids"]
+    assert plain.eos_token is None and common_prefix_length(p, ids) == len(ids)
+    rows = _samples([{"prompt": "Hi", "completion": "\u200b"}])
+    with pytest.raises(DataError, match=r"^t\.jsonl:1: the completion adds no token after the prompt, so nothing "
+                                        r"would train; fix or drop the row$"):  # fmt: skip
+        encode_sft_samples(rows, plain, "raw", 64)
+
+
+def test_deltatune_eval_of_a_file_with_no_row_to_score_says_so(tmp_path):
+    """``deltatune eval --data F`` reads F as data.train (and data.eval): a file whose every row is dropped was
+    refused as "no training row has a response token to train", of a command that trains nothing."""
+    import json
+
+    from tiny import minilm_path
+
+    from deltatune.train.evaluation import evaluate
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"task_type": "CAUSAL_LM", "base_model_name_or_path": minilm_path()}), "utf-8"
+    )
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (LONG, LONG)), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^no row of {path} has a response token to score \(2 with none within "
+                                        rf"data\.max_length=64, the first: {path}:1\)$"):  # fmt: skip
+        evaluate(str(adapter), str(path), ["data.template=chatml", "data.max_length=64"])

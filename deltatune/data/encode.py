@@ -179,15 +179,18 @@ def _unweighted(conversation: list[Message]) -> list[Message]:
     return [{k: v for k, v in m.items() if k != "weight"} for m in conversation]
 
 
-def _refuse_unrendered(s: Sample, mask_history: bool) -> None:
+def _refuse_unrendered(s: Sample, mask_history: bool, template: str | None) -> None:
     """Refuses ``s`` when no token trains and an assistant turn is weighted to train: the chat template wrote none of
-    its answers (TRL 1.16's SFTTrainer raises for it under assistant_only_loss, and drops such a prompt-completion row
-    without a word); only answers weighted 0 leave a row with nothing to train, counted as ``unweighted``."""
+    its answers, or (RAW) the completion tokenized to nothing (TRL 1.16's SFTTrainer raises for it under
+    assistant_only_loss, and drops such a prompt-completion row without a word); only answers weighted 0 leave a row
+    with nothing to train, counted as ``unweighted``."""
     conversation, start = _trained_from(s, mask_history)
     if any(m["role"] == "assistant" and m.get("weight") != 0 for m in conversation[start:]):
         raise DataError(
-            f"{s.source}: the chat template renders none of the row's assistant answers, so nothing would train; "
-            "use a template that writes the assistant turns (or set data.template to a built-in template)"
+            f"{s.source}: the completion adds no token after the prompt, so nothing would train; fix or drop the row"
+            if template == RAW
+            else f"{s.source}: the chat template renders none of the row's assistant answers, so nothing would "
+            "train; use a template that writes the assistant turns (or set data.template to a built-in template)"
         )
 
 
@@ -566,17 +569,18 @@ def encode_sft_samples(
     train_on_prompt: bool = False,
 ) -> Encoded:
     """SFT samples (``formats.Sample``) -> ids and labels on the assistant turns (the completion's only, for
-    prompt_completion rows); rows left with no trained token after truncation are dropped and counted, apart from
-    rows with no trained token at any length (every answer weighted 0). ``mask_history`` and ``train_on_prompt``
-    as ``sft_example``'s; an over-long row keeps its first ``max_length`` tokens, under ``mask_history`` its turns
-    from the last back, as LLaMA-Factory encodes them: each turn's prompt start and answer start as its
-    ``infer_seqlen`` splits what ``max_length`` leaves (the last turn whole where it fits, earlier ones cut). A row whose answers would train nothing (every answer
-    weighted 0; the last, under ``mask_history``) is counted in ``unweighted``, whatever ``train_on_prompt``."""
+    prompt_completion rows); rows left with no trained token after truncation are dropped and counted in ``dropped``.
+    ``mask_history`` and ``train_on_prompt`` as ``sft_example``'s; an over-long row keeps its first ``max_length``
+    tokens, under ``mask_history`` its turns from the last back, as LLaMA-Factory encodes them: each turn's prompt
+    start and answer start as its ``infer_seqlen`` splits what ``max_length`` leaves (the last turn whole where it
+    fits, earlier ones cut). A row whose answers would train nothing at any length is counted in ``unweighted``
+    (every answer weighted 0; the last, under ``mask_history``), whatever ``train_on_prompt``; one whose answers
+    are weighted to train but not rendered (``_refuse_unrendered``) raises DataError naming it."""
     out, counter, dropped, unweighted, first = [], [0], 0, 0, {"dropped": "", "unweighted": ""}
     for s in samples:
         ids, labels, answers = _sft(s, tokenizer, template, mask_history, train_on_prompt)
         if all(label == IGNORE_INDEX for label in answers):
-            _refuse_unrendered(s, mask_history)
+            _refuse_unrendered(s, mask_history, template)
             unweighted += 1
             first["unweighted"] = first["unweighted"] or s.source
             continue

@@ -57,7 +57,16 @@ def inspect(
     Raises:
         DataError: the file or a row is bad (file:line and field named), or the stage does not read the format.
     """
-    from .encode import choose_template, format_note, lm_example, prompt_ids, rendered, scored_example, sft_example
+    from .encode import (
+        _refuse_unrendered,
+        choose_template,
+        format_note,
+        lm_example,
+        prompt_ids,
+        rendered,
+        scored_example,
+        sft_example,
+    )
 
     if show < 0:
         raise ConfigError(f"--rows must be >= 0, got {show}")
@@ -145,6 +154,7 @@ def inspect(
                 ids, labels = sft_example(s, tok, template)
                 counts.append(len(ids))
                 if all(label == IGNORE_INDEX for label in labels):  # every answer of OpenAI's weight 0
+                    _refuse_unrendered(s, False, template)  # (as training refuses it: no answer rendered)
                     unweighted += 1
                 else:
                     lost += all(

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..data.load import DataError
 from ..model import DeltaModel
 from .checks import check_reference
 from .config import READ_BY, apply_overrides, build
 from .models import load_processor, reload_as_trained
 from .run import _lm_args, adapter_field, build_model, eval_metrics, precision_args, start_model
 from .runs import folder_with, old_run_data, read_recipe, run_file
+from .sft import NoRowLeft
 from .table import IMAGE_STAGES, prepare
 
 VAL_SIZE_STAGES = sorted(next(stages for stages, keys in READ_BY if "data.val_size" in keys.split()).split())
@@ -100,7 +102,12 @@ def evaluate(
     # (the eval file read as the train file: no rows held out of it, as with --data; an old run's recipe may set both)
     as_train = {"data": {**raw["data"], "train": cfg.data.eval, "val_size": 0.0}}
     eval_cfg = build(apply_overrides(raw if held_out else raw | as_train, overrides or []))
-    prepared = prepare(eval_cfg, tok)
+    try:
+        prepared = prepare(eval_cfg, tok)
+    except NoRowLeft as e:  # (sft's refusal of the file read as data.train: worded as the rows to score)
+        if held_out:
+            raise
+        raise DataError(f"no row of {cfg.data.eval} has a response token to score ({e.why})") from None
     cfg.model.num_labels = cfg.model.num_labels or eval_cfg.model.num_labels  # as the stage set it (rm: 1 output)
     if prepared.loop is not None:
         raise ConfigError(

@@ -43,7 +43,11 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
             why += [
                 f"{e.unweighted} with {weight0.split(' (')[0]} weighted 0{_first(e.first_unweighted, ',')}"
             ] * bool(e.unweighted)
-            raise DataError(f"no {what} has a response token to {verb} ({'; '.join(why) or 'no rows'})")
+            counts = "; ".join(why) or "no rows"
+            way = ["raise data.max_length"] * bool(e.dropped) + ["leave data.eval (and train.eval_steps) out"]
+            raise NoRowLeft(  # (data.eval: HARMLESS, so a run resumed can leave it out)
+                f"no {what} has a response token to {verb} ({counts})" + f"; {', or '.join(way)}" * (e is ev), counts
+            )
     train_ex = train.examples
     if d.packing:
         train_ex = pack(train_ex, d.max_length)
@@ -59,3 +63,12 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
 def _first(source: str, lead: str = ";") -> str:
     """The first dropped row named after a count (`` ; the first: t.jsonl:3``), where the rows name their source."""
     return f"{lead} the first: {source}" if source else ""
+
+
+class NoRowLeft(DataError):
+    """No row of a split has a response token left; ``why`` (the counts) for ``deltatune eval`` to word its own
+    refusal (the file it scores is read as data.train)."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
