@@ -104,10 +104,8 @@ def evaluate(
     eval_cfg = build(apply_overrides(raw if held_out else raw | as_train, overrides or []))
     try:
         prepared = prepare(eval_cfg, tok)
-    except NoRowLeft as e:  # (sft's refusal of the file read as data.train: worded as the rows to score)
-        if held_out:
-            raise
-        raise DataError(f"no row of {cfg.data.eval} has a response token to score ({e.why})") from None
+    except NoRowLeft as e:  # (sft's refusal of the file read as data.train, sft holding none out: rows to score)
+        raise DataError(f"no row of {eval_cfg.data.train} has a response token to score ({e.why})") from None
     cfg.model.num_labels = cfg.model.num_labels or eval_cfg.model.num_labels  # as the stage set it (rm: 1 output)
     if prepared.loop is not None:
         raise ConfigError(
