@@ -136,16 +136,42 @@ def test_clip_ratios_and_entropy_are_trls_micro_batch_means(policy, tmp_path, mo
 
 def test_kl_is_the_mean_of_each_micro_batchs_token_mean_by_hand():
     """TRL's kl log: global_masked_mean per micro-batch, then their mean (not weighed by the micro-batches' tokens).
-    Two chunks: 3 tokens of KL 1 each, 1 token of KL 3: TRL's kl (1 + 3) / 2 = 2 (a token-weighed mean: 1.5)."""
+    Two micro-batches: 3 tokens of KL 1 each, 1 token of KL 3: TRL's kl (1 + 3) / 2 = 2 (a token-weighed mean: 1.5);
+    the rows gathered in another order than the micro-batches take them."""
     from deltatune.train.grpo_stats import MicroMeans
 
-    means = MicroMeans()
-    for kl, tokens in ((3.0, 3.0), (3.0, 1.0)):
-        st = {"clipped": torch.tensor(0.0), "clip_units": torch.tensor(tokens), "kl": torch.tensor(kl),
-              "tokens": torch.tensor(tokens)}  # fmt: skip
-        means.add(st, torch.ones(1, 3), torch.ones(1, 3))
+    means = MicroMeans(2)
+    for row, (kl, tokens) in enumerate(((3.0, 3.0), (3.0, 1.0))):
+        mask = torch.tensor([[1.0] * int(tokens) + [0.0] * (3 - int(tokens))])
+        rows = {"clipped": torch.zeros(1), "clip_units": torch.tensor([tokens]), "kl": torch.tensor([kl]),
+                "kl_units": torch.tensor([tokens])}  # fmt: skip
+        means.gather(torch.tensor([1 - row]), {"rows": rows}, torch.ones(1, 3), mask)
+    means.take(torch.tensor([1, 0]), [slice(0, 1), slice(1, 2)])
     assert means.stats("cispo") == {"kl": 2.0, "entropy": 1.0, "cispo_clip_ratio": 0.0}
     assert means.stats("sapo") == {"kl": 2.0, "entropy": 1.0}
+
+
+@pytest.mark.parametrize("seed", [7, 11])
+@pytest.mark.parametrize("mu, loss_type", [(3, "grpo"), (2, "dapo")])
+def test_means_at_s1_are_over_trls_shuffled_micro_batches(policy, tmp_path, monkeypatch, seed, mu, loss_type):  # noqa: F811
+    """steps_per_generation 1, align.mini_batch_size 4 of 8 completions (TRL's gradient_accumulation_steps 2), grpo
+    and dapo: the loop trains in order (the same weights as TRL's shuffled micro-batches) but takes the clip ratios
+    and entropy over micro-batches shuffled as TRL's (``trl_micro_order``, here seeded as TRL's shuffle), as it took
+    clip_ratio/low_min and high_max already. They were over the in-order chunks: seed 7, mu 3, grpo: low_mean 0.15657
+    where TRL's is 0.14872, region_mean 0.27273 for 0.26667, entropy 6.20035 for 6.20328."""
+    import test_grpo_probe15 as p15
+
+    from deltatune.train import grpo_loss
+
+    monkeypatch.setattr(p15, "SHUFFLE_SEED", seed)
+    monkeypatch.setattr(grpo_loss, "micro_seed", lambda *_: seed)  # (TRL's draw, after torch.manual_seed(seed))
+    keys = KEYS + ("clip_ratio/low_min", "clip_ratio/high_max")
+    seen = _trl_logged(monkeypatch, keys)
+    _trl_run(copy.deepcopy(policy[0]), tmp_path, monkeypatch, 1, mu, loss_type, {}, ga=2)
+    stats, *_ = _ours(copy.deepcopy(policy[0]), 1, mu, loss_type, {}, monkeypatch, mini_batch_size=4)
+    assert len(seen) == 2 * mu
+    want = [sum(v) / len(v) for v in zip(*seen)]
+    assert [stats[k] for k in keys] == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("align, where", [

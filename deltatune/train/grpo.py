@@ -213,7 +213,7 @@ class GRPOLoop:
     def step(self, items: Sequence[PromptItem]) -> dict[str, float]:
         """One GRPO step over a batch of prompts; returns its statistics. Each forward has an autocast region of
         its own: autocast keeps bf16 copies of the trainable weights until its region ends, so none may span an update."""
-        from .grpo_loss import clip_extremes, micro_seed, trl_log_mean, trl_micro_order
+        from .grpo_loss import micro_seed, trl_micro_order
 
         a = self.align
         G, S = a.num_generations, a.steps_per_generation
@@ -238,15 +238,13 @@ class GRPOLoop:
         chunked = a.loss_type == "bnpo" or self.bonus.on or a.top_entropy_quantile < 1
         shuffle = S > 1 or chunked and a.mini_batch_size < n_seq
         parts = (torch.randperm(n_seq) if shuffle else torch.arange(n_seq)).to(self.device).view(S, -1)
-        micro = trl_micro_order(parts, shuffle, micro_seed(self.seed, self.state.global_step))  # (clip extremes')
+        micro = trl_micro_order(parts, shuffle, micro_seed(self.seed, self.state.global_step))  # (TRL's, for means)
         with self.amp():
             old = self._logprobs(s) if a.num_iterations > 1 or S > 1 else None
             ref = self._logprobs(s, reference=True) if a.beta > 0 else None
         sums = dict.fromkeys(("loss", "clipped", "clip_units"), 0.0)  # (deltatune's loss and clipfrac: token-weighed)
         policy: list[float] = []  # (each micro-batch's TRL policy_loss, logged with an entropy bonus as TRL's)
-        means = MicroMeans()  # (each micro-batch's TRL clip ratios, kl, entropy)
-        extremes: list[tuple[float, float]] = []  # (each micro-batch's TRL clip_ratio/low_min and high_max)
-        shares = torch.full((2, n_seq), float("nan"), device=self.device)  # (each completion's clipped low / high)
+        means = MicroMeans(n_seq, self.device)  # (each of TRL's micro-batches' clip ratios, kl, entropy)
         for part, order in (pm for _ in range(a.num_iterations) for pm in zip(parts, micro)):
             self.optimizer.zero_grad(set_to_none=True)
             n_part = n_tok / S  # (dapo, cispo: the generation batch's tokens / S, as TRL; bnpo: per chunk, below)
@@ -276,11 +274,9 @@ class GRPOLoop:
                 loss.backward()
                 sums["loss"] += loss.item() / (a.num_iterations * S)
                 sums["clipped"] += st["clipped"].item()
-                if "clipped_low_rows" in st:
-                    shares[:, idx] = torch.stack((st["clipped_low_rows"], st["clipped_high_rows"]))
                 sums["clip_units"] += st["clip_units"].item()
-                means.add(st, entropy.detach(), m)
-            extremes += clip_extremes(shares, order, self._chunks(len(part)))
+                means.gather(idx, st, entropy, m)  # (each row's sums, taken over TRL's micro-batches below)
+            means.take(order, self._chunks(len(part)))
             if self.max_grad_norm > 0:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -304,9 +300,6 @@ class GRPOLoop:
             "lr": lr,
         }
         stats.update(means.stats(grpo_policy(a)))  # (TRL's clip ratios, kl, entropy: its micro-batches' mean)
-        if grpo_policy(a) == "clip":  # (sapo, which clips nothing, logs no clip statistic, as TRL's)
-            for name, values in zip(("clip_ratio/low_min", "clip_ratio/high_max"), zip(*extremes)):
-                stats[name] = trl_log_mean(values)  # (TRL's log: the micro-batches' mean, NaNs out; None if all)
         stats.update(
             completion_lengths(s),
             **self.bonus.stats(),

@@ -165,7 +165,9 @@ def grpo_loss(
         ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``; with policy clip also
         ``clipped_low_min`` and ``clipped_high_max``, the least low-clipped and the most high-clipped completion's
         fraction of its tokens (TRL's clip_ratio/low_min and high_max of a micro-batch; NaN where no completion has
-        a token), and each completion's (n,), ``clipped_low_rows`` and ``clipped_high_rows`` (NaN: no token).
+        a token), and each completion's (n,), ``clipped_low_rows`` and ``clipped_high_rows`` (NaN: no token);
+        ``rows``: each completion's sums (``row_sums``, (n,) each) of those (clipped, clipped_low, clipped_high over
+        clip_units; kl over kl_units), which a micro-batch of any rows adds up as TRL's global_masked_mean.
 
     Raises:
         ValueError: an unknown loss_norm or importance_sampling_level, beta > 0 without reference log-probs, or
@@ -218,12 +220,17 @@ def grpo_loss(
         stats["clipped_low_min"], stats["clipped_high_max"] = (_extreme(stats[f"clipped_{k}_rows"], f)
                                                                for k, f in (("low", "min"), ("high", "max")))  # fmt: skip
     stats["tokens"] = mask.sum().detach()
+    rows = {"clipped": row_sums(took, mask)[0], "clip_units": row_sums(took, mask)[1]}
+    if policy == "clip":
+        rows["clipped_low"], rows["clipped_high"] = row_sums(low, mask)[0], row_sums(up, mask)[0]
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs the reference log-probs")
         kl = k3_kl(logprobs, ref_logprobs) * (ratio if bias_correction_kl else 1.0)
         per_token = per_token + beta * kl
         stats["kl"] = (kl * mask).sum().detach()
+        rows["kl"], rows["kl_units"] = row_sums(kl, mask)
+    stats["rows"] = rows
     if loss_norm == "sequence":
         per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         loss = per_sequence.sum() / (n_sequences or mask.shape[0])
@@ -234,6 +241,15 @@ def grpo_loss(
     else:
         loss = (per_token * mask).sum() / ((n_sequences or mask.shape[0]) * max_tokens)
     return loss, stats
+
+
+def row_sums(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) each completion's part of TRL's global_masked_mean of ``x`` (n, T) over a micro-batch: (its sum over its
+    completion tokens, their number); one value per completion (GSPO's ratio, or T 1) counts as is, one unit each."""
+    x = x.detach().float()
+    if x.shape[-1] == 1:
+        return x.squeeze(-1), torch.ones(x.shape[0], device=x.device)
+    return (x * mask).sum(-1), mask.float().sum(-1)
 
 
 def _shares(clipped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,12 @@ line limit): the completions/* lengths and the policy_loss it logs with an entro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from .grpo_loss import _extreme, row_sums, trl_log_mean
 
 
 def completion_lengths(s: Any) -> dict[str, float]:
@@ -35,25 +38,47 @@ class MicroMeans:
     """TRL's per-micro-batch statistics of a step (``_compute_loss``'s global_masked_mean each forward, the log the
     mean of them over the step's updates, every iteration's): clip_ratio/low_mean, high_mean and region_mean (or
     cispo_clip_ratio), kl and entropy, each micro-batch's mean over its completion tokens (over its completions under
-    GSPO), not weighed by its tokens. ``add`` per forward chunk (TRL's micro-batch), ``stats`` at the step's end."""
+    GSPO), not weighed by its tokens; clip_ratio/low_min and high_max, the least low-clipped and the most high-clipped
+    completion's share of its tokens (NaN-free means, ``trl_log_mean``). Each forward chunk's rows ``gather`` their
+    sums (``grpo_loss``'s ``rows``); each update ``take``s them over TRL's micro-batches (``trl_micro_order``: at
+    steps_per_generation 1 the loop trains in order, TRL's micro-batches are shuffled); ``stats`` at the step's end."""
 
-    def __init__(self) -> None:
+    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
+        self.n, self.device = n, device
+        self.rows: dict[str, torch.Tensor] = {}  # (n,) each completion's sums, as its update's forward left them
         self.values: dict[str, list[float]] = {}
 
-    def add(self, st: dict[str, torch.Tensor], entropy: torch.Tensor, mask: torch.Tensor) -> None:
-        """One chunk's: ``st`` grpo_loss's stats, ``entropy`` (n, T) and ``mask`` (n, T) its completion tokens."""
-        units, tokens = st["clip_units"].clamp(min=1), st["tokens"].clamp(min=1)
-        got = {k: st[k] / units for k in ("clipped", "clipped_low", "clipped_high") if k in st}
-        got |= {"kl": st["kl"] / tokens} if "kl" in st else {}
-        got["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+    def gather(self, idx: torch.Tensor, st: dict[str, Any], entropy: torch.Tensor, mask: torch.Tensor) -> None:
+        """Rows ``idx`` of one forward chunk: ``st`` grpo_loss's stats, ``entropy`` (n, T), ``mask`` (n, T)."""
+        got = dict(st["rows"])
+        got["entropy"], got["entropy_units"] = row_sums(entropy, mask)
         for k, v in got.items():
-            self.values.setdefault(k, []).append(float(v))
+            buf = self.rows.setdefault(k, torch.full((self.n,), float("nan"), device=self.device))
+            buf[idx] = v.to(buf.device)
 
-    def stats(self, policy: str) -> dict[str, float]:
-        """TRL's names: the clip ratios of ``policy`` (clip: low / high / region; cispo: cispo_clip_ratio; sapo: none),
-        kl (where beta > 0) and entropy."""
+    def take(self, order: torch.Tensor, chunks: Sequence[slice]) -> None:
+        """One update's micro-batches: ``order`` its rows in TRL's micro-batch order, cut into ``chunks``."""
+        r = self.rows
+        for c in chunks:
+            rows = order[c]
+            got = {k: r[k][rows].sum() / r["clip_units"][rows].sum().clamp(min=1)
+                   for k in ("clipped", "clipped_low", "clipped_high") if k in r}  # fmt: skip
+            for k, units in (("kl", "kl_units"), ("entropy", "entropy_units")):
+                got |= {k: r[k][rows].sum() / r[units][rows].sum().clamp(min=1)} if k in r else {}
+            if "clipped_low" in r:  # (each completion's share of its tokens; NaN: none, left out as TRL's nanmin)
+                for k, pick in (("clipped_low", "min"), ("clipped_high", "max")):
+                    got[f"{k}_{pick}"] = _extreme(r[k][rows] / r["clip_units"][rows], pick)
+            for k, v in got.items():
+                self.values.setdefault(k, []).append(float(v))
+
+    def stats(self, policy: str) -> dict[str, float | None]:
+        """TRL's names: the clip ratios of ``policy`` (clip: low / high / region and low_min / high_max; cispo:
+        cispo_clip_ratio; sapo: none), kl (where beta > 0) and entropy."""
         names = {"kl": "kl", "entropy": "entropy"}
         names |= {"clipped": "clip_ratio/region_mean", "clipped_low": "clip_ratio/low_mean",
                   "clipped_high": "clip_ratio/high_mean"} if policy == "clip" else {}  # fmt: skip
         names |= {"clipped": "cispo_clip_ratio"} if policy == "cispo" else {}
-        return {names[k]: sum(v) / len(v) for k, v in self.values.items() if k in names and v}
+        out = {names[k]: sum(v) / len(v) for k, v in self.values.items() if k in names and v}
+        for k in ("clipped_low_min", "clipped_high_max") if policy == "clip" else ():
+            out[f"clip_ratio/{k.split('_', 1)[1]}"] = trl_log_mean(self.values.get(k, []))  # (None: all NaN)
+        return out
