@@ -37,9 +37,9 @@ def test_no_policy_loss_without_an_entropy_bonus_as_trl(policy, tmp_path, monkey
     assert "policy_loss" not in stats and "loss" in stats
 
 
-def _trl_epochs(tmp_path, base: str, mu: int, S: int, max_steps: int) -> list[float]:
-    """The epoch of each row TRL's GRPOTrainer logs, one row per generation batch (logging_steps mu x S), four prompts
-    two a generation batch."""
+def _trl_epochs(tmp_path, base: str, mu: int, S: int, max_steps: int, n: int = 4, epochs: float = 0) -> list[float]:
+    """The epoch of each row TRL's GRPOTrainer logs, one row per generation batch (logging_steps mu x S), ``n``
+    prompts two a generation batch, for ``max_steps`` generation batches or (max_steps 0) ``epochs`` passes."""
     import trl
     from datasets import Dataset
     from tiny import tokenizer
@@ -52,50 +52,104 @@ def _trl_epochs(tmp_path, base: str, mu: int, S: int, max_steps: int) -> list[fl
         body = [[a_id + i, tok.eos_token_id] for i in range(len(prompts))]
         return {"prompt_ids": [prompt] * len(prompts), "completion_ids": body, "logprobs": [[0.0] * 2 for _ in body]}
 
+    length = {"max_steps": max_steps * mu * S} if max_steps else {"num_train_epochs": epochs}
     args = trl.GRPOConfig(str(tmp_path), per_device_train_batch_size=4 // S, steps_per_generation=S,
-                          num_iterations=mu, max_steps=max_steps * mu * S, learning_rate=1e-3, logging_steps=mu * S,
+                          num_iterations=mu, learning_rate=1e-3, logging_steps=mu * S, **length,
                           save_strategy="no", report_to=[], use_cpu=True, bf16=False, num_generations=2,
                           max_completion_length=2, beta=0.0)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trl.GRPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(base), args=args, processing_class=tok,
-            train_dataset=Dataset.from_list([{"prompt": f"p{i}"} for i in range(4)]),
+            train_dataset=Dataset.from_list([{"prompt": f"p{i}"} for i in range(n)]),
             reward_funcs=lambda completions, **_: [float(len(c)) for c in completions], rollout_func=rollout,
         )  # fmt: skip
         trainer.train()
     return [h["epoch"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("mu, S", [(2, 1), (1, 2)])
-def test_each_log_row_carries_trls_epoch(policy, tmp_path, monkeypatch, mu, S):  # noqa: F811
-    """Each row of the step log carries TRL's epoch (its log rows', the board's epoch axis reads it): with
-    num_iterations or steps_per_generation 2, a step is 2 of TRL's optimizer steps, and 4 prompts 2 a step make a
-    pass in 2 steps. deltatune's rows had no epoch (the board's epoch axis showed a GRPO run empty)."""
+def _run(base: str, out, n: int, train: dict, align: dict | None = None, checkpoint=None):
+    """train_grpo on ``n`` prompts (``train`` over batch_size 2, lr 1e-3, save_steps 10): its log rows."""
     from tiny import tokenizer
     from transformers import AutoModelForCausalLM
 
     import deltatune as dt
-    from deltatune.train import build, grpo
+    from deltatune.train import build
     from deltatune.train.grpo import PromptItem, train_grpo
     from deltatune.train.grpo_rewards import Reward
 
-    _, base = policy
-    want = _trl_epochs(tmp_path / "trl", base, mu, S, 3)
-    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
     tok = tokenizer()
-    items = [PromptItem(tok(f"p{i}")["input_ids"], f"p{i}", {}, f"t.jsonl:{i + 1}") for i in range(4)]
+    items = [PromptItem(tok(f"p{i}")["input_ids"], f"p{i}", {}, f"t.jsonl:{i + 1}") for i in range(n)]
     cfg = build({"stage": "grpo", "model": {"name_or_path": base}, "method": {"name": "lora"},
-                 "data": {"train": "unused.jsonl"}, "output": {"dir": str(tmp_path / "run")},
-                 "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "save_steps": 10},
-                 "align": {"num_generations": 2, "max_new_tokens": 2, "num_iterations": mu, "beta": 0.0,
-                           "steps_per_generation": S, "reward_funcs": ["unused:f"]}})  # fmt: skip
+                 "data": {"train": "t.jsonl"}, "output": {"dir": str(out)},
+                 "train": {"batch_size": 2, "lr": 1e-3, "save_steps": 10, **train},
+                 "align": {"num_generations": 2, "max_new_tokens": 2, "beta": 0.0, "reward_funcs": ["unused:f"],
+                           **(align or {})}})  # fmt: skip
     torch.manual_seed(0)
     model = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.LoraConfig(r=2, task_type="CAUSAL_LM"))
     reward = Reward("f", lambda completions, **_: [float(len(c)) for c in completions])
-    _, history = train_grpo(model, tok, cfg, items, None, [reward])
-    assert want == [0.5, 1.0, 1.5]
+    return train_grpo(model, tok, cfg, items, None, [reward], checkpoint=checkpoint)[1]
+
+
+@pytest.mark.parametrize("mu, S, n, epochs", [(2, 1, 4, 0), (1, 2, 4, 0), (2, 1, 7, 2)])
+def test_each_log_row_carries_trls_epoch(policy, tmp_path, monkeypatch, mu, S, n, epochs):  # noqa: F811
+    """Each row of the step log carries TRL's epoch (its log rows', the board's epoch axis reads it): with
+    num_iterations or steps_per_generation 2, a step is 2 of TRL's optimizer steps, and 4 prompts 2 a step make a
+    pass in 2 steps. deltatune's rows had no epoch (the board's epoch axis showed a GRPO run empty). 7 prompts 2 a
+    step: TRL's RepeatSampler drops each pass's last partial batch, 3 steps a pass (2 passes: 6 rows, epochs 1/3 ...
+    2); deltatune counted 4 (8 rows, 0.25 ... 2)."""
+    from deltatune.train import grpo
+
+    _, base = policy
+    want = _trl_epochs(tmp_path / "trl", base, mu, S, 0 if epochs else 3, n, epochs)
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
+    train = {"epochs": epochs} if epochs else {"max_steps": 3}
+    history = _run(base, tmp_path / "run", n, train, {"num_iterations": mu, "steps_per_generation": S})
+    assert want == ([0.5, 1.0, 1.5] if n == 4 else pytest.approx([k / 3 for k in range(1, 7)]))
     assert [h["epoch"] for h in history] == pytest.approx(want)
+
+
+def test_a_run_begun_counting_a_partial_batch_keeps_its_count_on_every_resume(policy, tmp_path, monkeypatch):  # noqa: F811
+    """A checkpoint without the epoch_count marker (a run begun before TRL's floor count) resumes with its old count
+    (7 prompts 2 a step: 4 steps a pass), and its later checkpoints keep it (resumed again: 4 steps); a new run counts
+    3 steps and its checkpoints say so."""
+    from deltatune.train import grpo
+    from deltatune.train.grpo_checkpoint import STATE_FILE, counted_ceil
+
+    _, base = policy
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
+    out = tmp_path / "run"
+    new = _run(base, out, 7, {"epochs": 1, "save_steps": 1, "save_total_limit": 9})
+    assert [h["step"] for h in new] == [1, 2, 3] and not counted_ceil(str(out / "checkpoint-1"))
+    state_file = out / "checkpoint-1" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    del state["epoch_count"]  # (as a checkpoint written before the marker)
+    torch.save(state, state_file)
+    old = _run(
+        base, out, 7, {"epochs": 1, "save_steps": 1, "save_total_limit": 9}, checkpoint=str(out / "checkpoint-1")
+    )
+    assert [h["step"] for h in old] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in old[1:]] == pytest.approx([0.5, 0.75, 1.0])
+    assert counted_ceil(str(out / "checkpoint-2")) and counted_ceil(str(out / "checkpoint-4"))
+    again = _run(
+        base, out, 7, {"epochs": 1, "save_steps": 1, "save_total_limit": 9}, checkpoint=str(out / "checkpoint-2")
+    )
+    assert [h["step"] for h in again] == [1, 2, 3, 4]
+
+
+def test_fewer_prompts_than_a_batch_is_one_config_line(policy, tmp_path, monkeypatch):  # noqa: F811
+    """3 prompts, train.batch_size 4: TRL's sampler makes no batch (it trains nothing); the loop raised RuntimeError
+    (shape '[4, -1]' is invalid) from the slices of steps_per_generation 4. Now one ConfigError line naming data.train
+    and train.batch_size, before anything is written."""
+    from deltatune.config import ConfigError
+    from deltatune.train import grpo
+
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
+    with pytest.raises(
+        ConfigError, match=r"^data\.train \(t\.jsonl\) has 3 prompt\(s\), fewer than train\.batch_size 4"
+    ) as e:
+        _run(policy[1], tmp_path / "run", 3, {"max_steps": 2, "batch_size": 4}, {"steps_per_generation": 4})
+    assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def _trl_logged(monkeypatch, keys: tuple[str, ...]) -> list[list[float]]:

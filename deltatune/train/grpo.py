@@ -61,7 +61,7 @@ from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
 from .config_grpo import GENERATION_IDS, check_generation_ids, grpo_sampling
-from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _save_checkpoint  # noqa: F401  (STATE_FILE: tests)
+from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _save_checkpoint, counted_ceil  # noqa: F401  (tests)
 from .grpo_entropy import EntropyBonus, check_entropy
 from .grpo_loss import check_loss_keys, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
@@ -492,10 +492,18 @@ def train_grpo(
     from .trainer import LOG_FILE
 
     t, out = cfg.train, cfg.output.dir
+    if checkpoint is None and os.path.isdir(out) and get_last_checkpoint(out):
+        checkpoint = resume_checkpoint(out)[0]  # the newest checkpoint that reads
+    # TRL's steps a pass: its RepeatSampler drops the pass's last partial batch (its state.epoch counts so); a run
+    # begun counting it (a checkpoint without the marker) keeps that count on every resume: counted_ceil
+    ceil_count = bool(checkpoint) and counted_ceil(checkpoint)
+    per_epoch = math.ceil(len(prompts) / t.batch_size) if ceil_count else len(prompts) // t.batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"data.train ({cfg.data.train}) has {len(prompts)} prompt(s), fewer than train.batch_size "
+                          f"{t.batch_size}, the prompts of a step: lower train.batch_size or add prompts")  # fmt: skip
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     m = cfg.model  # (the reward models: loaded with its trust_remote_code, as TRL's with args.trust_remote_code)
     shared = load_rewards(rewards, cfg.align.reward_funcs, model, m.name_or_path, tokenizer, m.trust_remote_code)
-    per_epoch = math.ceil(len(prompts) / t.batch_size)
     steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
     updates = steps * cfg.align.num_iterations * cfg.align.steps_per_generation
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * updates)
@@ -510,8 +518,6 @@ def train_grpo(
     order: list[int] = []
     metrics: dict[str, Any] = {}
     start_step = 0
-    if checkpoint is None and os.path.isdir(out) and get_last_checkpoint(out):
-        checkpoint = resume_checkpoint(out)[0]  # the newest checkpoint that reads
     if checkpoint:
         start_step, history, order, metrics = _load_checkpoint(checkpoint, loop, g)
         order = [i for i in order if i < len(prompts)]  # (--resume-changed onto fewer prompts: those left of the pass)
@@ -551,7 +557,7 @@ def train_grpo(
                 started()
             if step % save_every == 0:
                 done = {**metrics, "train_runtime_s": time.perf_counter() - start}  # (as the Trainer stages keep it)
-                _save_checkpoint(out, step, loop, g, history, order, done, t.save_total_limit, facts)
+                _save_checkpoint(out, step, loop, g, history, order, done, t.save_total_limit, facts, ceil_count)
         tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
         metrics.update(
             train_loss=sum(h["loss"] for h in history) / len(history),

@@ -30,9 +30,11 @@ def _save_checkpoint(
     metrics,
     keep: int | None,
     facts: dict[str, Any] | None = None,
+    ceil_count: bool = False,
 ):
     """``checkpoint-<step>/``: the adapter, and the optimizer, scheduler, RNG and history to resume from; written to a
-    staging folder and renamed into place, so a checkpoint folder is complete or absent."""
+    staging folder and renamed into place, so a checkpoint folder is complete or absent. ``ceil_count``: the run counts
+    a pass's last partial batch as a step (one begun before TRL's count: ``counted_ceil``)."""
     final = os.path.join(out, f"checkpoint-{step}")
     staging = os.path.join(out, ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -48,6 +50,7 @@ def _save_checkpoint(
         "order": order,
         "metrics": metrics,
         "entropy": loop.bonus.state_dict() if loop.bonus.adaptive else None,  # (TRL's entropy_ctrl_state.json)
+        "epoch_count": "ceil" if ceil_count else "floor",  # (none before TRL's floor count: ceil)
     }
     torch.save(state, os.path.join(staging, STATE_FILE))
     with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as fh:  # what --resume looks for
@@ -60,10 +63,7 @@ def _save_checkpoint(
 
 def _load_checkpoint(path: str, loop, g: torch.Generator):
     """Restore the adapter, optimizer, scheduler and RNG state from a checkpoint; (step, history, order, metrics)."""
-    state_file = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(state_file):
-        raise ConfigError(f"--resume: {path!r} is not a GRPO checkpoint (no {STATE_FILE})")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    state = _read_state(path)
     if len(state["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):  # one before c1a4e8e
         raise ConfigError(f"--resume: {path!r} was written by an older deltatune whose AdamW also decayed biases and "
                           "norm weights (one parameter group, now two); finish it with that version or start anew")  # fmt: skip
@@ -78,3 +78,17 @@ def _load_checkpoint(path: str, loop, g: torch.Generator):
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     loop.bonus.load_state_dict(state.get("entropy"))  # (none in a checkpoint before it)
     return state["step"], state["history"], state["order"], state["metrics"]
+
+
+def _read_state(path: str) -> dict[str, Any]:
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise ConfigError(f"--resume: {path!r} is not a GRPO checkpoint (no {STATE_FILE})")
+    return torch.load(state_file, map_location="cpu", weights_only=True)
+
+
+def counted_ceil(path: str) -> bool:
+    """Whether the run of checkpoint ``path`` counts a pass over the prompts as ceil(prompts / train.batch_size) steps,
+    as deltatune did before TRL's count (its RepeatSampler drops each pass's last partial batch: floor): a checkpoint
+    without the marker, or a later one of such a run, which records it."""
+    return _read_state(path).get("epoch_count", "ceil") == "ceil"
