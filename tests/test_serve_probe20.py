@@ -83,3 +83,52 @@ def test_a_row_with_tools_trains_on_the_prompt_a_served_request_with_them_gets()
                                            tokenize=False), add_special_tokens=False)["input_ids"]  # fmt: skip
         assert served == vllm
         assert prompt == served, tools
+
+
+TEXTS = (
+    "I like 😀 a lot",
+    "日本語のテキスト です",
+    "naïve café 🇫🇷 flag",
+    "x 👩\u200d👩\u200d👧 family",
+    "Ελληνικά και 中文",
+)
+
+
+def test_an_answer_completing_a_character_the_prompt_ids_began_is_that_character_as_vllms_decoder():
+    """A prompt of token ids that ends inside a character (a byte-level BPE's emoji split over two tokens, the prompt
+    cut between them): vLLM's DecodeStream, primed with the prompt, gives the answer's first text as that character
+    whole (its first bytes the prompt's, the space before it too); deltatune decoded the answer alone, U+FFFD. Every
+    cut of a few texts on SmolLM2's tokenizer, each step's text extending the one before (a stream sends each)."""
+    from test_serve_probe11 import _smol, _vllm_text
+
+    from deltatune.serve.detok import Detokenizer
+
+    tok = _smol()
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for cut in range(1, len(ids)):
+            prompt, answer = ids[:cut], ids[cut:]
+            detok = Detokenizer(tok, prompt)
+            steps = [detok.text(answer[: i + 1]) for i in range(len(answer))]
+            assert steps[-1] == _vllm_text(tok, prompt, answer), (text, cut)
+            assert all(b.startswith(a.rstrip("\ufffd")) for a, b in zip(steps, steps[1:])), (text, cut)
+
+
+def test_a_completion_of_prompt_ids_cut_mid_character_answers_the_character_streamed_or_not():
+    """Through the app: prompt ids "I like" and the emoji's first token, the answer forced to its last one
+    (allowed_token_ids): vLLM answers " 😀" (the text its primed decoder gives), deltatune answered U+FFFD."""
+    from test_serve_probe11 import _call, _serve, _smol, _vllm_text
+
+    tok = _smol()
+    ids = tok("I like 😀", add_special_tokens=False)["input_ids"]
+    engine, app = _serve(tok)
+    try:
+        body = {"model": "base", "prompt": ids[:-1], "max_tokens": 1, "allowed_token_ids": ids[-1:], "temperature": 0}
+        want = _vllm_text(tok, ids[:-1], ids[-1:])
+        assert want == " 😀"
+        status, answer = _call(app, "/v1/completions", body)
+        assert status == 200 and answer["choices"][0]["text"] == want
+        status, chunks = _call(app, "/v1/completions", {**body, "stream": True})
+        assert status == 200 and "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want
+    finally:
+        engine.close()

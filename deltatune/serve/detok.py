@@ -5,7 +5,9 @@ with the prompt, so after "The capital is" the answer is " Paris". Here an answe
 space ("▁") is decoded after the prompt's last few tokens (the first token that is not a skipped special one
 decides), whose text is cut off again. So is a WordPiece (BERT) answer whose first token goes on a word ("##s"): after
 "the cat" it is "s", as vLLM's primed decoder gives it (alone it decoded to "##s"). A WordPiece answer that starts a
-word is decoded alone, with no separator before it, where vLLM's primed decoder puts one (" sat"; docs/serve.md)."""
+word is decoded alone, with no separator before it, where vLLM's primed decoder puts one (" sat"; docs/serve.md).
+A prompt of token ids that ends inside a character primes the decoder too: the answer's first text is that character
+whole, its first bytes the prompt's, as vLLM's DecodeStream gives it (it was U+FFFD)."""
 
 from __future__ import annotations
 
@@ -32,12 +34,15 @@ class Detokenizer:
 
     def _prime(self, first: int) -> list[int]:
         """The prompt tokens to decode before the answer: none unless its first token carries a SentencePiece
-        space or goes on a WordPiece word; then at least 5, more while their text ends inside a character (at
-        most 24)."""
+        space or goes on a WordPiece word, or the prompt ends inside a character (token ids cut mid-character,
+        which the answer completes); then at least 5, more while their text ends inside a character (at most 24).
+        ``prefix``: their text up to the character left incomplete, which vLLM's primed DecodeStream still holds
+        and gives with the answer's first text (" 😀" where the prompt ends in " " and the emoji's first bytes)."""
         piece = self.tokenizer.convert_ids_to_tokens(first)
-        if not (isinstance(piece, str) and piece.startswith(("\u2581", _continues(self.tokenizer)))):
-            return []
+        spaced = isinstance(piece, str) and piece.startswith(("\u2581", _continues(self.tokenizer)))
         prompt_ids = self.prompt_ids
+        if not spaced and not self._decode(prompt_ids[-_CONTEXT[1] :], _CONTEXT[1]).endswith("\ufffd"):
+            return []
         n, self.context, self.prefix = _CONTEXT[0], prompt_ids[-_CONTEXT[0] :], ""
         while True:
             self.prefix = self._decode(self.context, len(self.context))  # no cut inside the prompt, as vLLM's
@@ -45,6 +50,10 @@ class Detokenizer:
                 break
             n += 1
             self.context = prompt_ids[-n:]
+        clean = len(self.context)  # the prompt's last tokens that leave a character incomplete are the answer's
+        while clean and self.prefix.endswith("\ufffd"):
+            clean -= 1
+            self.prefix = self._decode(self.context[:clean], clean)
         return self.context
 
     def _skipped(self) -> set[int]:
@@ -75,7 +84,7 @@ class Detokenizer:
 
     def text(self, output_ids: list[int]) -> str:
         """The answer's text: decoded after the context, less the context's own text (the answer alone where the
-        context's text does not stay a prefix, a prompt ending inside a character the answer completes)."""
+        context's text does not stay a prefix)."""
         if not output_ids:
             return ""
         if self.context is None:
