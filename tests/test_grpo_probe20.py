@@ -244,3 +244,47 @@ def test_a_setting_generate_refuses_is_named_by_its_own_key(align, where):
     with pytest.raises(ConfigError, match=f"^{where}") as e:
         build(raw)
     assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("S, mu, loss_type, ga, bias", [(2, 2, "grpo", 1, True), (1, 2, "dapo", 2, False)])
+def test_kl_and_weights_at_beta_are_trls(policy, tmp_path, monkeypatch, S, mu, loss_type, ga, bias):  # noqa: F811
+    """align.beta 0.1 (TRL's beta; use_bias_correction_kl its default, and off): the step's kl is the mean of TRL's
+    per-micro-batch kl logs (at steps_per_generation 1 over TRL's shuffled micro-batches: the in-order chunks' gave
+    722.9 where TRL's is 849.2; the random adapter is far from the base), each update's loss (the KL term in it) and the weights after the S x mu updates equal TRL's. TRL's
+    reference is the policy's base with the adapter off, as deltatune's (trl_trainer's frozen copy of the policy, its
+    LoRA zeroed). Bias-corrected, one of the 1024 adapter weights is 1.3e-4 off TRL's (AdamW's first steps are
+    nearly sign steps, lr 3e-3: float noise on a gradient near 0), the others within 4e-6."""
+    import test_grpo_probe15 as p15
+    import trl
+    import trl.trainer.grpo_trainer as gt
+
+    from deltatune.train import grpo_loss
+    from deltatune.train.config_align import AlignArgs
+
+    beta, real_config, real_init = 0.1, trl.GRPOConfig, gt.GRPOTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        with torch.no_grad():  # (the reference: the base, as the loop's adapter-off pass)
+            for name, p in self.ref_model.named_parameters():
+                p.zero_() if "lora_B" in name else None
+
+    monkeypatch.setattr(gt.GRPOTrainer, "__init__", init)
+    monkeypatch.setattr(trl, "GRPOConfig", lambda *a, **kw: real_config(*a, **{**kw, "beta": beta}))
+    monkeypatch.setattr(p15, "AlignArgs", lambda **kw: AlignArgs(**{**kw, "beta": beta}))
+    monkeypatch.setattr(grpo_loss, "micro_seed", lambda *_: p15.SHUFFLE_SEED)  # (TRL's shuffle, S 1)
+    seen = _trl_logged(monkeypatch, ("kl",))
+    model, _ = policy
+    ours_model, trl_model = copy.deepcopy(model), copy.deepcopy(model)
+    trl_steps, _ = _trl_run(trl_model, tmp_path, monkeypatch, S, mu, loss_type, {"use_bias_correction_kl": bias}, ga)
+    stats, steps, _ = _ours(ours_model, S, mu, loss_type, {"bias_correction_kl": bias}, monkeypatch, 8 // S // ga)
+    assert len(seen) == len(steps) == S * mu * ga
+    want = sum(v for (v,) in seen) / len(seen)
+    assert want > 0.05 and stats["kl"] == pytest.approx(want, rel=1e-5)
+    for u in range(S * mu):  # (each update's: its micro-batches' losses add up, in whatever order they train)
+        got = sum(loss for loss, _ in steps[u * ga : (u + 1) * ga])
+        assert got == pytest.approx(sum(loss for *_, loss in trl_steps[u * ga : (u + 1) * ga]), rel=1e-5, abs=2e-5)
+    theirs = dict(trl_model.named_parameters())
+    diffs = torch.cat([(p - theirs[n]).abs().flatten() for n, p in ours_model.named_parameters() if p.requires_grad])
+    moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
+    assert moved > 1e-3 and (diffs > 5e-6).sum() <= bias and diffs.max() < (2e-4 if bias else 1e-6)
