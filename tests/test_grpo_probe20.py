@@ -230,7 +230,7 @@ def test_means_at_s1_are_over_trls_shuffled_micro_batches(policy, tmp_path, monk
 
 @pytest.mark.parametrize("align, where", [
     ({"max_new_tokens": 0}, "align.max_new_tokens: "),
-    ({"generation_kwargs": {"watermarking_config": 3}}, "align.generation_kwargs: transformers' generate refuses"),
+    ({"generation_kwargs": {"watermarking_config": 3}}, "align.generation_kwargs watermarking_config must be a mapping"),
 ])  # fmt: skip
 def test_a_setting_generate_refuses_is_named_by_its_own_key(align, where):
     """transformers' GenerationConfig.validate names the setting it refuses (`max_new_tokens` must be greater than
@@ -288,3 +288,25 @@ def test_kl_and_weights_at_beta_are_trls(policy, tmp_path, monkeypatch, S, mu, l
     diffs = torch.cat([(p - theirs[n]).abs().flatten() for n, p in ours_model.named_parameters() if p.requires_grad])
     moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
     assert moved > 1e-3 and (diffs > 5e-6).sum() <= bias and diffs.max() < (2e-4 if bias else 1e-6)
+
+
+@pytest.mark.parametrize("mark", [{"greenlist_ratio": 0.5}, {"ngram_len": 5, "keys": [1, 2, 3]}, "object"])
+def test_a_watermarking_config_as_transformers_takes_it_builds(mark):
+    """generate takes watermarking_config as a mapping (WatermarkingConfig's settings, SynthID's with ngram_len) or a
+    transformers WatermarkingConfig: each builds; a bad setting in the mapping is one line naming
+    align.generation_kwargs (validate's ValueError)."""
+    from transformers import WatermarkingConfig
+
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+
+    mark = WatermarkingConfig(greenlist_ratio=0.5) if mark == "object" else mark
+    raw = {"stage": "grpo", "model": {"name_or_path": "x"}, "method": {"name": "lora"}, "data": {"train": "t.jsonl"},
+           "align": {"reward_funcs": ["m:f"], "generation_kwargs": {"watermarking_config": mark}}}  # fmt: skip
+    assert build(raw).align.generation_kwargs["watermarking_config"] is mark
+    raw["align"]["generation_kwargs"]["watermarking_config"] = {"greenlist_ratio": 2.0}
+    with pytest.raises(
+        ConfigError, match="^align.generation_kwargs watermarking_config: transformers' generate refuses"
+    ) as e:
+        build(raw)
+    assert len(str(e.value).splitlines()) == 1

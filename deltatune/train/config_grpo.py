@@ -100,6 +100,7 @@ def _check_generation(a: AlignArgs) -> None:
 
     import transformers.generation.logits_process as lp
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import BaseWatermarkingConfig
 
     known = [k for k in vars(GenerationConfig()) if not k.startswith("_") and k != "transformers_version"]
     for key in a.generation_kwargs or {}:
@@ -113,14 +114,21 @@ def _check_generation(a: AlignArgs) -> None:
     if kw.get("do_sample", True) is not True:
         raise ConfigError("align.generation_kwargs do_sample: GRPO samples each prompt's group of completions; "
                           "greedy ones are all alike, so every advantage is 0: drop it")  # fmt: skip
+    mark = kw.get("watermarking_config")  # (GenerationConfig builds one from a dict, keeps an instance as given)
+    if mark is not None and not isinstance(mark, (dict, BaseWatermarkingConfig)):
+        raise ConfigError(f"align.generation_kwargs watermarking_config must be a mapping of transformers' "
+                          f"WatermarkingConfig settings (or a WatermarkingConfig), got {mark!r}")  # fmt: skip
     try:
         gen = GenerationConfig(**settings)
-        gen.validate()  # (not strict: a minor flag transformers warns about, output_scores alone, trains as it does)
+        try:  # (not strict: a minor flag transformers warns about, output_scores alone, trains as it does)
+            gen.validate()
+        except AttributeError as exc:  # (a watermarking_config's odd value: generate's own validate fails alike)
+            raise ValueError(str(exc)) from exc
         for key, (warper, off) in _WARPERS.items():
             value = getattr(gen, key, off)
             if value is not None and value != off:  # (generate builds no processor for the off value: 1 is 1.0)
                 getattr(lp, warper)(value)
-    except (ValueError, TypeError, AttributeError) as exc:  # (AttributeError: a watermarking_config not a mapping)
+    except (ValueError, TypeError) as exc:
         if key is None and (named := re.search(r"`(\w+)`", str(exc))):  # (validate's: the setting it names)
             key = named.group(1) if named.group(1) in kw or hasattr(a, named.group(1)) else None
         where = f"align.generation_kwargs {key}" if key in kw else f"align.{key}" if key else "align.generation_kwargs"
