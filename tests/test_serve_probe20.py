@@ -132,3 +132,58 @@ def test_a_completion_of_prompt_ids_cut_mid_character_answers_the_character_stre
         assert status == 200 and "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want
     finally:
         engine.close()
+
+
+def _narrow_engine(tok, vocab: int):
+    """A tiny Llama whose embeddings hold ``vocab`` rows, served with ``tok`` (a tokenizer of another length)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.model import DeltaModel
+    from deltatune.serve.app import create_app
+    from deltatune.serve.engine import Engine
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
+                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    engine = Engine(DeltaModel(LlamaForCausalLM(config).eval(), fused_loss=False), tok, max_wait_s=0.001)
+    return engine, create_app(engine, max_tokens=64)
+
+
+def test_a_prompt_id_past_the_models_embeddings_is_a_400_not_its_batchs_500():
+    """A tokenizer longer than the model's embeddings (added tokens, no resize): a prompt id between the two passed
+    the tokenizer's bound and failed the batch's prefill (IndexError: a 500 for every row in it); vLLM's processor
+    refuses an id "out of vocabulary" first. Now a 400 naming the prompt (the messages, for a chat), nothing run."""
+    from test_serve_probe11 import _call, _smol
+
+    tok = _smol()
+    engine, app = _narrow_engine(tok, len(tok) - 100)
+    try:
+        for prompt in ([1, 2, len(tok) - 50], [[1, 2], [3, len(tok) - 100]]):
+            status, answer = _call(app, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+            assert status == 400 and answer["error"]["param"] == "prompt", answer
+            assert (
+                f"token id {len(tok) - 50 if len(prompt) == 3 else len(tok) - 100} is out of"
+                in answer["error"]["message"]
+            )
+        assert engine.batches == 0
+        assert _call(app, "/v1/completions", {"prompt": [1, 2, len(tok) - 101], "max_tokens": 2})[0] == 200
+    finally:
+        engine.close()
+
+
+def test_prompt_ids_may_reach_the_models_vocabulary_past_the_tokenizers_as_vllm():
+    """vLLM bounds a prompt's ids by the larger of the tokenizer's and the model's vocabulary (Qwen's embeddings hold
+    more rows than its tokenizer has tokens): ``_prompt_ids`` takes the model's (the app passes it: the lead's diff
+    in app.py); the tokenizer's length alone bounds them where the model's is not given."""
+    from test_serve_probe11 import _smol
+
+    from deltatune.serve.engine import RequestError
+    from deltatune.serve.prompts import _prompt_ids
+
+    tok = _smol()
+    assert _prompt_ids(tok, [1, len(tok) + 5], True, len(tok) + 6) == [1, len(tok) + 5]
+    for vocab in (0, len(tok) + 5):
+        with pytest.raises(RequestError, match=r"must lie in \[0, "):
+            _prompt_ids(tok, [1, len(tok) + 5], True, vocab)

@@ -201,6 +201,10 @@ def _lax_int(value: Any) -> Any:
 def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, chat: bool = True) -> Request:
     """A Request from the body's sampling fields, each checked (a 400 naming the field)."""
     prompt_ids = _truncated(body, prompt_ids, limits.context)  # first, as vLLM: a long prompt cut to fit is served
+    top = max(prompt_ids, default=0)  # vLLM's "out of vocabulary": an id past the embeddings failed its whole batch
+    if top >= limits.vocab:  # (a tokenizer with more tokens than the model: prompt ids, a chat's added tokens)
+        raise RequestError(f"token id {top} is out of this model's vocabulary [0, {limits.vocab})",
+                           param="messages" if "messages" in body else "prompt")  # fmt: skip
     if len(prompt_ids) >= limits.context:
         raise RequestError(
             f"the prompt has {len(prompt_ids)} tokens; the context holds {limits.context} with this model "

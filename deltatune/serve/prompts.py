@@ -221,9 +221,11 @@ def _utf8(text: str, what: str, param: str) -> None:
         raise RequestError(f"{what} holds a lone surrogate (\\ud800-\\udfff), not UTF-8 text", param=param) from None
 
 
-def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True) -> list[int]:
+def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True, vocab: int = 0) -> list[int]:
     """The prompt of a completion request: a string (tokenized as ``deltatune generate`` does, the tokenizer's
-    special tokens added unless ``special`` is false, vLLM's ``add_special_tokens``) or token ids."""
+    special tokens added unless ``special`` is false, vLLM's ``add_special_tokens``) or token ids, each below the
+    tokenizer's length or ``vocab`` (the model's, which may be larger: vLLM's bound is the larger of the two; one
+    past the model's own is refused by ``fields.to_request``)."""
     if isinstance(prompt, str):
         _utf8(prompt, "prompt", "prompt")
         ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"]) if prompt else []
@@ -231,7 +233,7 @@ def _prompt_ids(tokenizer: Any, prompt: Any, special: bool = True) -> list[int]:
             raise RequestError("prompt is empty; give some text (or token ids) to continue", param="prompt")
         return ids
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = len(tokenizer)
+        vocab = max(len(tokenizer), vocab)
         if any(t < 0 or t >= vocab for t in prompt):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return prompt
