@@ -33,3 +33,19 @@ def test_a_resumed_full_vlm_run_goes_on_with_the_towers_its_checkpoint_trained(t
     assert vision and all(vision) is trains_vision and any(vision) is trains_vision
     fresh, _ = start_model(cfg, proc)  # (a new run: frozen, as LLaMA-Factory)
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if "vision_tower" in n)
+
+
+def test_check_vocab_checks_a_tokenizer_that_holds_a_tokenizer_of_its_own():
+    """check_vocab unwraps a caption processor's ``.tokenizer`` (2dc14c2) but took a real tokenizer's too:
+    transformers' MistralCommonBackend is a PreTrainedTokenizerBase whose ``.tokenizer`` is mistral_common's, and the
+    check passed it by for every text stage (review of 2dc14c2)."""
+    from tiny import tiny_model, tokenizer
+
+    from deltatune.config import ConfigError
+    from deltatune.train.models import check_vocab
+
+    tok = tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok) - 5)
+    tok.tokenizer = object()  # (as MistralCommonBackend holds mistral_common's tokenizer)
+    with pytest.raises(ConfigError, match=r"its tokenizer has 30522 tokens but its embeddings hold 30517"):
+        check_vocab("m", model, tok)

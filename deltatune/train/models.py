@@ -290,7 +290,9 @@ def check_vocab(name_or_path: str, model: torch.nn.Module, tok) -> None:
     token embeddings (a CNN) pass."""
     from transformers import PreTrainedTokenizerBase
 
-    tok = getattr(tok, "tokenizer", tok)  # (CaptionProcessor, VLMProcessor: no tokenizer themselves)
+    # (CaptionProcessor, VLMProcessor: no tokenizer themselves; MistralCommonBackend's .tokenizer is mistral_common's)
+    if not isinstance(tok, PreTrainedTokenizerBase):
+        tok = getattr(tok, "tokenizer", tok)
     if not isinstance(tok, PreTrainedTokenizerBase) or not hasattr(model, "get_input_embeddings"):
         return
     try:
