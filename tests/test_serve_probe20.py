@@ -187,3 +187,54 @@ def test_prompt_ids_may_reach_the_models_vocabulary_past_the_tokenizers_as_vllm(
     for vocab in (0, len(tok) + 5):
         with pytest.raises(RequestError, match=r"must lie in \[0, "):
             _prompt_ids(tok, [1, len(tok) + 5], True, vocab)
+
+
+def _vllm_corrected(tok, token: int, context: list[int]) -> str:
+    """vLLM's LogprobsProcessor._correct_decoded_token (v1/engine/logprobs.py), as written there."""
+    for num_ctx in range(1, min(len(context), 4) + 1):
+        ctx = context[-num_ctx:]
+        full = tok.decode(ctx + [token])
+        if full.endswith("\ufffd"):
+            continue
+        clean_end = len(ctx)
+        for j in range(len(ctx) - 1, -1, -1):
+            if tok.decode([ctx[j]]).endswith("\ufffd"):
+                clean_end = j
+            else:
+                break
+        prefix = tok.decode(ctx[:clean_end]) if clean_end > 0 else ""
+        if full.startswith(prefix):
+            return full[len(prefix) :]
+        common = 0
+        for a, b in zip(prefix, full):
+            if a != b:
+                break
+            common += 1
+        return full[common:]
+    return ""
+
+
+def test_prompt_logprobs_name_a_character_split_over_prompt_tokens_as_vllm():
+    """vLLM's prompt_logprobs name each token decoded alone, except one that decodes to U+FFFD: corrected in the
+    context of the prompt tokens before it (its _verify_tokens, the first prompt token's null row not counted): ""
+    for a character's first pieces, the whole character for its last. deltatune named both pieces of the emoji
+    U+FFFD. SmolLM2's tokenizer splits 😀 over two tokens; every entry (the prompt token and its top 3) checked."""
+    from test_serve_probe11 import _call, _serve, _smol
+
+    tok = _smol()
+    engine, app = _serve(tok)
+    try:
+        body = {"model": "base", "prompt": "I like 😀 a lot", "max_tokens": 1, "prompt_logprobs": 3}
+        status, answer = _call(app, "/v1/completions", body)
+    finally:
+        engine.close()
+    assert status == 200
+    ids, rows = tok(body["prompt"])["input_ids"], answer["choices"][0]["prompt_logprobs"]
+    assert rows[0] is None and len(rows) == len(ids)
+    own = [rows[i][str(t)]["decoded_token"] for i, t in enumerate(ids) if i]
+    assert own == [" like", "", " 😀", " a", " lot"]  # by hand: vLLM's names add up to the prompt's text
+    for i in range(1, len(ids)):
+        for t, entry in rows[i].items():
+            plain = tok.decode([int(t)])
+            want = _vllm_corrected(tok, int(t), ids[1:i][-4:]) if plain.endswith("\ufffd") else plain
+            assert entry["decoded_token"] == want, (i, t)

@@ -37,12 +37,24 @@ def prompt_row(logits: torch.Tensor, token: int, k: int) -> dict[int, tuple[floa
 
 def prompt_logprobs_json(tokenizer: Any, rows: list) -> list:
     """``Request.prompt_rows`` as vLLM answers ``prompt_logprobs``: null for the first token, then for each prompt
-    token {"token id": {"logprob", "rank", "decoded_token"}} (its token decoded alone)."""
-    return [
-        None if row is None
-        else {str(t): {"logprob": v, "rank": rank, "decoded_token": tokenizer.decode([t])} for t, (v, rank) in row.items()}
-        for row in rows
-    ]  # fmt: skip
+    token {"token id": {"logprob", "rank", "decoded_token"}}, each token decoded alone; one that decodes to an
+    incomplete character named in the context of the prompt tokens scored before it (``_in_context``: "" for a
+    character's first pieces, the whole character for its last), as vLLM's LogprobsProcessor corrects them (the
+    last 4 of those prompt tokens, the first prompt token, whose row is null, not among them)."""
+    out: list = []
+    context: list[int] = []
+    for row in rows:
+        if row is None:
+            out.append(None)
+            continue
+        named = {}
+        for t, (v, rank) in row.items():
+            name = tokenizer.decode([t])
+            name = _in_context(tokenizer, t, context[-4:]) if name.endswith("\ufffd") else name
+            named[str(t)] = {"logprob": v, "rank": rank, "decoded_token": name}
+        out.append(named)
+        context.append(next(iter(row)))  # the prompt's own token comes first in its row (prompt_row)
+    return out
 
 
 def logprobs_json(
