@@ -205,8 +205,7 @@ def test_kl_is_the_mean_of_each_micro_batchs_token_mean_by_hand():
     assert means.stats("sapo") == {"kl": 2.0, "entropy": 1.0}
 
 
-@pytest.mark.parametrize("seed", [7, 11])
-@pytest.mark.parametrize("mu, loss_type", [(3, "grpo"), (2, "dapo")])
+@pytest.mark.parametrize("seed, mu, loss_type", [(7, 3, "grpo"), (11, 3, "grpo"), (7, 2, "dapo")])
 def test_means_at_s1_are_over_trls_shuffled_micro_batches(policy, tmp_path, monkeypatch, seed, mu, loss_type):  # noqa: F811
     """steps_per_generation 1, align.mini_batch_size 4 of 8 completions (TRL's gradient_accumulation_steps 2), grpo
     and dapo: the loop trains in order (the same weights as TRL's shuffled micro-batches) but takes the clip ratios

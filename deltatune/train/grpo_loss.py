@@ -220,7 +220,7 @@ def grpo_loss(
         stats["clipped_low_min"], stats["clipped_high_max"] = (_extreme(stats[f"clipped_{k}_rows"], f)
                                                                for k, f in (("low", "min"), ("high", "max")))  # fmt: skip
     stats["tokens"] = mask.sum().detach()
-    rows = {"clipped": row_sums(took, mask)[0], "clip_units": row_sums(took, mask)[1]}
+    rows = dict(zip(("clipped", "clip_units"), row_sums(took, mask)))  # (each completion's: MicroMeans)
     if policy == "clip":
         rows["clipped_low"], rows["clipped_high"] = row_sums(low, mask)[0], row_sums(up, mask)[0]
     if beta > 0:
