@@ -24,7 +24,8 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
                    "train.input_perturbation train.logit_mean train.logit_std train.mode_scale "
                    "train.precondition_outputs data.image_interpolation_mode data.proportion_empty_prompts "
                    "train.prediction_type train.with_prior_preservation train.prior_loss_weight data.class_data_dir "
-                   "data.class_prompt data.num_class_images train.use_ema train.ema_decay train.validation_prompt "
+                   "data.class_prompt data.num_class_images train.use_ema train.ema_decay train.use_ema_warmup "
+                   "train.ema_inv_gamma train.ema_power train.ema_min_decay train.ema_update_after_step train.validation_prompt "
                    "train.num_validation_images train.validation_epochs"),
            ("pt sft dpo kto orpo simpo cpo", "output.samples output.sample_tokens"),  # (ppo's, grpo's loops write none)
            ("dpo grpo kto orpo simpo cpo", "align.beta"),
