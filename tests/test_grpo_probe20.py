@@ -248,11 +248,10 @@ def test_a_setting_generate_refuses_is_named_by_its_own_key(align, where):
 @pytest.mark.parametrize("S, mu, loss_type, ga, bias", [(2, 2, "grpo", 1, True), (1, 2, "dapo", 2, False)])
 def test_kl_and_weights_at_beta_are_trls(policy, tmp_path, monkeypatch, S, mu, loss_type, ga, bias):  # noqa: F811
     """align.beta 0.1 (TRL's beta; use_bias_correction_kl its default, and off): the step's kl is the mean of TRL's
-    per-micro-batch kl logs (at steps_per_generation 1 over TRL's shuffled micro-batches: the in-order chunks' gave
-    722.9 where TRL's is 849.2; the random adapter is far from the base), each update's loss (the KL term in it) and the weights after the S x mu updates equal TRL's. TRL's
-    reference is the policy's base with the adapter off, as deltatune's (trl_trainer's frozen copy of the policy, its
-    LoRA zeroed). Bias-corrected, one of the 1024 adapter weights is 1.3e-4 off TRL's (AdamW's first steps are
-    nearly sign steps, lr 3e-3: float noise on a gradient near 0), the others within 4e-6."""
+    per-micro-batch kl logs (at steps_per_generation 1 over TRL's shuffled micro-batches: the in-order chunks gave
+    2.9146 where TRL's is 2.9923), each update's loss (the KL term in it) and the weights after the S x mu updates
+    equal TRL's. TRL's reference is the policy's base with the adapter off, as deltatune's (trl_trainer's frozen copy
+    of the policy, its LoRA zeroed)."""
     import test_grpo_probe15 as p15
     import trl
     import trl.trainer.grpo_trainer as gt
@@ -273,7 +272,10 @@ def test_kl_and_weights_at_beta_are_trls(policy, tmp_path, monkeypatch, S, mu, l
     monkeypatch.setattr(p15, "AlignArgs", lambda **kw: AlignArgs(**{**kw, "beta": beta}))
     monkeypatch.setattr(grpo_loss, "micro_seed", lambda *_: p15.SHUFFLE_SEED)  # (TRL's shuffle, S 1)
     seen = _trl_logged(monkeypatch, ("kl",))
-    model, _ = policy
+    model = copy.deepcopy(policy[0])
+    with torch.no_grad():  # (an adapter nearer the base: kl ~1, where float noise is not blown up by kl ~850)
+        for name, p in model.named_parameters():
+            p.mul_(0.1) if "lora_B" in name else None
     ours_model, trl_model = copy.deepcopy(model), copy.deepcopy(model)
     trl_steps, _ = _trl_run(trl_model, tmp_path, monkeypatch, S, mu, loss_type, {"use_bias_correction_kl": bias}, ga)
     stats, steps, _ = _ours(ours_model, S, mu, loss_type, {"bias_correction_kl": bias}, monkeypatch, 8 // S // ga)
@@ -286,7 +288,7 @@ def test_kl_and_weights_at_beta_are_trls(policy, tmp_path, monkeypatch, S, mu, l
     theirs = dict(trl_model.named_parameters())
     diffs = torch.cat([(p - theirs[n]).abs().flatten() for n, p in ours_model.named_parameters() if p.requires_grad])
     moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), model.parameters()))
-    assert moved > 1e-3 and (diffs > 5e-6).sum() <= bias and diffs.max() < (2e-4 if bias else 1e-6)
+    assert moved > 1e-3 and diffs.max() < 1e-6  # (seen: 3.1e-7)
 
 
 @pytest.mark.parametrize("mark", [{"greenlist_ratio": 0.5}, {"ngram_len": 5, "keys": [1, 2, 3]}, "object"])
