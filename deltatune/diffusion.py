@@ -412,15 +412,16 @@ def load_pipeline_loras(
     encoder keys (kohya's ``lora_te_`` / ``lora_te1_``, diffusers' ``text_encoder.``) onto ``text_encoder`` and SDXL's
     second encoder's (``lora_te2_``, ``text_encoder_2.``) onto ``text_encoder_2``; every LoRA active at once, weighted
     as ``set_adapters`` (``weight`` for the run's own) on each. Returns the text encoder (a DeltaModel when it holds a
-    LoRA), or both encoders when ``text_encoder_2`` is given. On an error no model keeps any of them, and each keeps
-    its active adapters, their scales and which of them train.
+    LoRA), or both encoders when ``text_encoder_2`` is given. The files' adapters are named ``lora_<k>``, the first
+    free ``k`` (as diffusers' ``get_adapter_name``: a second call's LoRAs load beside the first's, and the active ones
+    are the run's own and this call's, as ``set_adapters`` names them). On an error no model keeps any of this
+    call's, and each keeps its adapters, the active ones, their scales and which of them train.
 
     Raises:
         ConfigError: a file with a second text encoder's part and no ``text_encoder_2`` (diffusers' one-encoder
             pipelines drop that part: the LoRA would draw otherwise than it trained), or what ``load_loras``,
             ``load_lora`` and ``set_adapters`` refuse.
     """
-    names = [f"lora_{i}" for i in range(len(paths))]
     parts = [_parts(p) for p in paths]
     for path, found in zip(paths, parts):
         if "text_encoder_2" in found and text_encoder_2 is None:
@@ -429,6 +430,9 @@ def load_pipeline_loras(
                 "encoder; this pipeline has no second text encoder, and without that part the LoRA draws otherwise"
             )
     encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    deltas = [d for d in (model, *encoders.values()) if isinstance(d, DeltaModel)]
+    taken = {n for d in deltas for n in d.peft_config}  # an earlier call's lora_0 stays: the next free lora_<k>
+    names = [n for n in (f"lora_{k}" for k in range(len(paths) + len(taken))) if n not in taken][: len(paths)]
     on_denoiser = [i for i, found in enumerate(parts) if "denoiser" in found or not found & set(encoders)]
     warned = set(on_denoiser)  # a file's dropped dora_scale keys are named once, by its first part loaded
     before = _snapshot([model, *encoders.values()])  # (set_adapters re-weighs the run's own LoRA on each)
@@ -448,7 +452,7 @@ def load_pipeline_loras(
                 chosen = [weights[i] for i in on]
                 set_adapters(encoders[part], own + [names[i] for i in on], [weight] * len(own) + chosen)
     except BaseException:
-        for name in names:
+        for name in names:  # only the names this call added
             for delta in (model, *encoders.values()):
                 if isinstance(delta, DeltaModel) and name in delta.peft_config:
                     delta.delete_adapter(name)

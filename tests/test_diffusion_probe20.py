@@ -199,3 +199,62 @@ def test_a_prefix_the_file_has_no_keys_for_is_named_with_a_key_it_has(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message + f"such as unet.{min(NAMES)}.lora_A.weight)")):
         load_lora(delta, path, "b", prefix="text_encoder")
     assert list(delta.peft_config) == ["a"]
+
+
+def _clip():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=100, bos_token_id=0, eos_token_id=2)  # fmt: skip
+    return CLIPTextModel(config).eval()
+
+
+def _style(tmp_path, good):
+    """A second diffusers-layout file on the same projections (other tensors, alpha 8)."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {k: torch.randn(v.shape, generator=g) for k, v in load_file(str(good)).items()}
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8, "unet.target_modules": NAMES})}
+    save_file(tensors, str(tmp_path / "style.safetensors"), meta)
+    return tmp_path / "style.safetensors"
+
+
+def test_a_second_pipeline_lora_call_loads_beside_the_first_and_a_refused_one_keeps_it(tmp_path):
+    """A second ``load_pipeline_loras`` was refused ("adapter name 'lora_0' ... taken already") and then deleted the
+    first call's lora_0, leaving the run's own LoRA alone active: outputs 0.28 off. Now a file's adapter takes the
+    first free ``lora_<k>`` (diffusers' ``get_adapter_name`` counts the same way), so a second call loads beside the
+    first (outputs as diffusers' set_adapters(["default", "lora_1"]) on the three adapters), and a refused call
+    leaves the adapters, the active ones and the outputs as they were."""
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.diffusion import load_lora, load_pipeline_loras
+
+    good = _file(tmp_path / "good.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": NAMES})
+    style = _style(tmp_path, good)
+    bad = load_file(str(good))
+    bad["text_encoder.encoder.layers.5.self_attn.q_proj.lora_A.weight"] = torch.randn(4, 32)
+    bad["text_encoder.encoder.layers.5.self_attn.q_proj.lora_B.weight"] = torch.randn(32, 4)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    x, t, c = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        delta, te = load_lora(_unet(3), good, "default", prefix="unet"), _clip()
+        load_pipeline_loras(delta, te, "unet", [str(style)], [0.7], weight=0.5)
+        state = (list(delta.peft_config), list(delta.active_adapters))
+        with torch.no_grad():
+            before = delta(x, t, encoder_hidden_states=c).sample
+        with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'bad.safetensors'}: 2 of 6 keys name no")):
+            load_pipeline_loras(delta, te, "unet", [str(tmp_path / "bad.safetensors")], [0.3], weight=0.5)
+        assert state == (["default", "lora_0"], ["default", "lora_0"])
+        assert (list(delta.peft_config), list(delta.active_adapters)) == state
+        with torch.no_grad():
+            torch.testing.assert_close(delta(x, t, encoder_hidden_states=c).sample, before, rtol=0, atol=0)
+        load_pipeline_loras(delta, te, "unet", [str(good)], [0.3], weight=0.5)
+        ref = _unet(3)
+        for name, path in (("default", good), ("lora_0", style), ("lora_1", good)):
+            ref.load_lora_adapter(str(path), prefix="unet", adapter_name=name, use_safetensors=True)
+        ref.set_adapters(["default", "lora_1"], [0.5, 0.3])
+    assert (list(delta.peft_config), list(delta.active_adapters)) == (["default", "lora_0", "lora_1"], ["default", "lora_1"])  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(delta(x, t, encoder_hidden_states=c).sample, ref(x, t, c).sample, rtol=0, atol=1e-6)
