@@ -232,7 +232,8 @@ def load_lora(
     does not adapt gets zeros, a smaller rank is padded with zeros, a larger one replaces the tensors.
 
     Raises:
-        ConfigError: a metadata use_rslora or use_dora that is not true or false (peft reads "false" as true), a
+        ConfigError: the component's metadata use_rslora or use_dora not true, false, null, 0 or 1 (peft reads
+            "false" as true), a
             use_dora that the file's magnitudes (lora_magnitude_vector) contradict, the
             file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
             another architecture), keys of two components that both fit (without a prefix), a module without its A
@@ -272,9 +273,9 @@ def load_lora(
     from .targets import pattern_value
 
     meta = {} if kind == "kohya" else _metadata(metadata, prefix, path)  # kohya files carry no config, only alphas
-    if "use_dora" in meta and meta["use_dora"] != bool(dora):  # (diffusers: a DoRA from W's norms, or a plain LoRA)
+    if "use_dora" in meta and bool(meta["use_dora"]) != bool(dora):  # (diffusers: a DoRA from W's norms, or LoRA)
         held = f"DoRA magnitudes ({dora[0]}.lora_magnitude_vector)" if dora else "no lora_magnitude_vector keys"
-        said = "true" if meta["use_dora"] else "false"
+        said = json.dumps(meta["use_dora"])
         raise ConfigError(f"{path}: its metadata's use_dora is {said}, and the file holds {held}")
     ranks = {p: m["A"].shape[0] for p, m in modules.items()}
     alphas, patterns = {}, meta.get("alpha_pattern") or {}
@@ -302,7 +303,7 @@ def load_lora(
         r=r,
         lora_alpha=alpha,
         target_modules=sorted(modules),
-        use_rslora=meta.get("use_rslora", False),
+        use_rslora=bool(meta.get("use_rslora")),  # (null, 0, 1: as peft's ``if use_rslora``)
         use_dora=bool(dora),
         rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
         alpha_pattern={re.escape(p): v for p, v in alphas.items() if v != alpha},
@@ -337,7 +338,7 @@ def drop_dora_scale(tensors: dict[str, torch.Tensor], path: Any, warn: bool = Tr
 
 def _json_kind(value: Any) -> str:
     """JSON's name for a parsed value's type ("array", not Python's "list")."""
-    kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
     return kinds.get(type(value), type(value).__name__)
 
 
@@ -359,18 +360,23 @@ def _metadata(metadata: dict[str, str], prefix: str | None, path: Any = "the fil
         return {}
     if not isinstance(meta, dict):
         raise ConfigError(f"{path}: its metadata's lora_adapter_metadata is a JSON {_json_kind(meta)}, not an object")
-    for key, value in meta.items():  # (peft takes "false" as true: the update would be scaled by alpha / sqrt(r))
-        if key.rsplit(".", 1)[-1] in ("use_rslora", "use_dora") and not isinstance(value, bool):
-            raise ConfigError(
-                f"{path}: its metadata's {key} is {value!r} (a JSON {_json_kind(value)}); it must be true or false"
-            )
     components = {k.split(".", 1)[0] for k in meta if "." in k}
     if not components:  # a model-level save (unet.save_lora_adapter(folder)): the bare peft config
-        return meta
-    component = prefix or (components.pop() if len(components) == 1 else None)
-    if component is None:
-        return {}
-    return {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(component + ".")}
+        head = ""
+    else:
+        head = prefix or (components.pop() if len(components) == 1 else None)
+        if head is None:
+            return {}
+        head += "."
+        meta = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(head)}
+    for key in ("use_rslora", "use_dora"):  # only this component's: diffusers reads no other's
+        # (peft takes "false" as true: the update would be scaled by alpha / sqrt(r); null, 0 and 1 it reads as meant)
+        value = meta.get(key)
+        if not (value is None or isinstance(value, bool) or (type(value) is int and value in (0, 1))):
+            raise ConfigError(
+                f"{path}: its metadata's {head}{key} is {value!r} (a JSON {_json_kind(value)}); it must be true or false"
+            )
+    return meta
 
 
 def hotswap_lora(delta: DeltaModel, name: str, config, modules: dict[str, dict[str, torch.Tensor]], path: str) -> None:

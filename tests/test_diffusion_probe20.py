@@ -59,7 +59,7 @@ def test_metadata_without_lora_alpha_has_peft_default_alpha_as_diffusers(tmp_pat
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("key, value", [("use_rslora", "false"), ("use_rslora", 0), ("use_dora", "no")])
+@pytest.mark.parametrize("key, value", [("use_rslora", "false"), ("use_rslora", 2), ("use_dora", "no")])
 def test_metadata_switch_as_text_is_refused_and_the_model_keeps_its_adapters(tmp_path, key, value):
     """peft takes ``use_rslora="false"`` as true (diffusers scales by alpha / sqrt(r): 2 here where the writer meant
     1); deltatune's ``bool("false")`` did the same silently. Now one line naming the file and the key, and the
@@ -258,3 +258,30 @@ def test_a_second_pipeline_lora_call_loads_beside_the_first_and_a_refused_one_ke
     assert (list(delta.peft_config), list(delta.active_adapters)) == (["default", "lora_0", "lora_1"], ["default", "lora_1"])  # fmt: skip
     with torch.no_grad():
         torch.testing.assert_close(delta(x, t, encoder_hidden_states=c).sample, ref(x, t, c).sample, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"unet.use_rslora": None}, {"unet.use_rslora": 0}, {"unet.use_rslora": 1}, {"unet.use_dora": None},
+     {"unet.use_dora": 0}, {"text_encoder.use_rslora": "false"}],
+)  # fmt: skip
+def test_metadata_switches_peft_reads_as_meant_load_as_diffusers(tmp_path, extra):
+    """peft's LoraConfig reads use_rslora / use_dora by truth (``if use_rslora``): null and 0 are false, 1 true, and
+    diffusers loads a file's unet part without reading its text_encoder's keys. deltatune refused all of these
+    ("must be true or false", null named "a JSON NoneType"); now they load, outputs as diffusers'."""
+    from deltatune.diffusion import load_lora
+    from deltatune.diffusion_files import _json_kind
+
+    path = _file(tmp_path / "f.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": NAMES} | extra)
+    x, t, c = _inputs()
+    ref = _unet(3)
+    ref.load_lora_adapter(str(path), prefix="unet", adapter_name="a", use_safetensors=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = load_lora(_unet(3), path, prefix="unet")
+    refs, ours = dict(ref.named_modules()), dict(mine.get_base_model().named_modules())
+    assert [refs[n].scaling["a"] for n in NAMES] == [ours[n].scaling["default"] for n in NAMES]
+    assert refs[NAMES[0]].scaling["a"] == (2.0 if extra == {"unet.use_rslora": 1} else 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x, t, encoder_hidden_states=c).sample, ref(x, t, c).sample, rtol=0, atol=1e-6)
+    assert _json_kind(None) == "null"
