@@ -185,9 +185,10 @@ def test_data_val_size_holds_a_rows_captions_out_together(tmp_path):
     rows = _listed(tmp_path)
     path = _jsonl(tmp_path / "l.jsonl", rows)
     processor = C.CaptionProcessor(ViTImageProcessorPil(size={"height": 8, "width": 8}), tokenizer())
-    cfg = build({"stage": "caption", "data": {"train": path, "val_size": 1}, "train": {"seed": 3}})
+    cfg = build({"stage": "caption", "data": {"train": path, "val_size": 1}, "train": {"seed": 1}})
     prepared = C.prepare_caption(cfg, processor)
-    train, held = split_off(rows, 1, 3)  # the rows the split holds out
+    train, held = split_off(rows, 1, 1)  # the rows the split holds out: the row of 3 captions (seed 3 held 1 out)
+    assert len(held[0]["text"]) == 3
     assert [r.text for r in prepared.eval.rows] == held[0]["text"]
     assert [r.text for r in prepared.train.rows] == [t for r in train for t in r["text"]]
 
@@ -209,9 +210,131 @@ def test_a_vlms_data_val_size_holds_a_rows_captions_out_together(tmp_path):
     path = _jsonl(tmp_path / "l.jsonl", rows)
     model = save_vlm(tmp_path / "llava", "llava")
     data = {"train": path, "val_size": 1}
-    cfg = build({"stage": "caption", "model": {"name_or_path": model}, "data": data, "train": {"seed": 3}})
+    cfg = build({"stage": "caption", "model": {"name_or_path": model}, "data": data, "train": {"seed": 1}})
     prepared = C.prepare_caption(cfg, load_processor(model, "caption"))
-    train, held = split_off(rows, 1, 3)
+    train, held = split_off(rows, 1, 1)
+    assert len(held[0]["text"]) == 3  # the row of 3 captions held out whole (seed 3 held the row of 1 out)
     assert [e.messages[-1]["content"] for e in prepared.eval.examples] == held[0]["text"]
     assert [e.messages[-1]["content"] for e in prepared.train.examples] == [t for r in train for t in r["text"]]
     assert [r[2] for r in prepared.eval.references()] == [held[0]["text"]]
+
+
+def _five_each(tmp_path) -> str:
+    """4 rows of 5 captions (Flickr30k's layout), row 1's image grey ("L")."""
+    _images(tmp_path, 4)
+    Image.fromarray(np.zeros((8, 9), np.uint8), "L").save(tmp_path / "1.png")
+    rows = [{"image": f"{i}.png", "text": [f"picture {i} caption {j}" for j in range(5)]} for i in range(4)]
+    return _jsonl(tmp_path / "five.jsonl", rows)
+
+
+def test_the_notes_count_images_not_captions_and_each_image_is_opened_once(tmp_path, monkeypatch):
+    """After a row's captions became examples of their own, the notes counted them as images: 4 rows of 5 captions
+    with data.val_size 1 said "15 training images with captions (3 distinct images ...)", "data.val_size: 5 of the
+    train file's images held out" (1 was), and the one grey image "5 train images were stored in mode 'L'", opened
+    5 times by the check. Now 3 images (15 captions), 1 held out, 1 grey, each image opened once."""
+    from tiny import tokenizer
+    from transformers import ViTImageProcessorPil
+
+    import deltatune.data.images as I
+    from deltatune.train.config import build
+
+    path = _five_each(tmp_path)
+    opened, real = [], I.open_rgb
+    monkeypatch.setattr(I, "open_rgb", lambda row, *a, **k: opened.append(row.path) or real(row, *a, **k))
+    processor = C.CaptionProcessor(ViTImageProcessorPil(size={"height": 8, "width": 8}), tokenizer())
+    cfg = build({"stage": "caption", "data": {"train": path, "val_size": 1}, "train": {"seed": 1}})
+    prepared = C.prepare_caption(cfg, processor)
+    assert len(prepared.train.rows) == 15 and len(prepared.eval.rows) == 5  # row 0 held out (seed 1)
+    assert prepared.notes[:3] == [
+        "3 training images with captions (15 captions: each an example of its own)",
+        "data.val_size: 1 of the train file's images held out for evaluation",
+        "1 train images were stored in mode 'L' and were converted to RGB",
+    ]
+    # each image once (the check), and the first training image once more (the processor's check of it)
+    assert sorted(opened) == sorted(str(tmp_path / f"{i}.png") for i in (0, 1, 1, 2, 3))
+
+
+def test_a_vlms_notes_count_rows_and_images_not_captions(tmp_path):
+    """The VLM path said "15 training rows with 15 images", "data.val_size: 5 of the train file's rows held out",
+    "5 train images were stored in mode 'L'" for 4 rows of 5 captions (one grey), val_size 1; now 3 rows with 3 images
+    (15 examples), 1 row held out, 1 grey image, and the eval note names distinct images and prompts, not rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "vision"))
+    from tiny_vlm import save_vlm
+
+    from deltatune.train.config import build
+    from deltatune.train.models import load_processor
+
+    path = _five_each(tmp_path)
+    model = save_vlm(tmp_path / "llava", "llava")
+    data = {"train": path, "val_size": 1}
+    cfg = build({"stage": "caption", "model": {"name_or_path": model}, "data": data, "train": {"seed": 1}})
+    prepared = C.prepare_caption(cfg, load_processor(model, "caption"))
+    notes = prepared.notes
+    assert notes[0].startswith("3 training rows with 3 images (15 examples: each caption of a row's list one of its")
+    assert notes[1] == "data.val_size: 1 of the train file's rows held out for evaluation"
+    assert "1 train images were stored in mode 'L' and were converted to RGB" in notes
+    assert not any("eval images were stored" in n for n in notes)  # the held-out row 0 is RGB
+    assert notes[-1] == ("eval: BLEU-4 and ROUGE-L of greedy answers for the first 1 distinct images and prompts (the "
+                         "answers of every eval row that shares them are the references)")  # fmt: skip
+
+
+@pytest.mark.parametrize("cell", ["\"['a cat', 'the cat']\"", '"[""a cat"", ""the cat""]"', "\" ['a cat'] \""])
+def test_a_csv_cell_holding_a_list_of_captions_is_refused_naming_jsonl(tmp_path, cell):
+    """A CSV cell holding a list (pandas writes "['a cat', 'the cat']", json.dumps '["a cat", "the cat"]') trained as
+    one caption with its brackets and quotes; it is refused, naming the row and .jsonl (which holds a list). A caption
+    that merely starts with a bracket, or a list held by a .jsonl, still reads."""
+    from deltatune.data.images import read_image_rows
+    from deltatune.data.load import DataError
+
+    _images(tmp_path, 2)
+    (tmp_path / "l.csv").write_text(f"image,text\n0.png,[sic] a cat\n1.png,{cell}\n")
+    with pytest.raises(DataError) as err:
+        read_image_rows(str(tmp_path / "l.csv"), "image", None, text_column="text", caption_lists=True)
+    assert str(err.value).startswith(f"{tmp_path / 'l.csv'}:3: column 'text' holds a list as text (")
+    assert str(err.value).endswith("give the rows as .jsonl")
+    (tmp_path / "l.csv").write_text("image,text\n0.png,[sic] a cat\n1.png,[a dog] runs\n")
+    rows = read_image_rows(str(tmp_path / "l.csv"), "image", None, text_column="text", caption_lists=True)
+    assert [r.text for r in rows] == ["[sic] a cat", "[a dog] runs"]
+    path = _jsonl(tmp_path / "l.jsonl", [{"image": "0.png", "text": ["a cat", "the cat"]}])
+    assert read_image_rows(path, "image", None, text_column="text", caption_lists=True)[0].text == ["a cat", "the cat"]
+
+
+@pytest.mark.parametrize(("captions", "said"), [
+    (["a cat", ""], "column 'text'[1] must be a non-empty caption, got ''"),
+    (["a cat", "the cat", 3], "column 'text'[2] must be a non-empty caption, got 3"),
+    ([], "column 'text' must be a non-empty caption (a caption, or a list of non-empty captions), got []"),
+])  # fmt: skip
+def test_a_bad_caption_in_a_list_is_named_by_its_index(tmp_path, captions, said):
+    """The refusal of a list of captions showed the whole list ("must be a non-empty caption, got ['a cat', '']"),
+    as if a list were refused; it names the element at fault and says a list of non-empty captions is accepted."""
+    from deltatune.data.images import read_image_rows
+    from deltatune.data.load import DataError
+
+    _images(tmp_path, 1)
+    path = _jsonl(tmp_path / "l.jsonl", [{"image": "0.png", "text": captions}])
+    with pytest.raises(DataError) as err:
+        read_image_rows(path, "image", None, text_column="text", caption_lists=True)
+    assert str(err.value).startswith(f"{path}:1: {said}")
+    assert "a list of non-empty captions" in str(err.value)
+
+
+def test_an_absolute_path_with_a_dot_is_the_same_image(tmp_path):
+    """'/d/./0.png' and '/d/0.png' (and '0.png' relative to /d) name one image, but an absolute path was kept as
+    written: the eval captioned it twice, each against part of its captions. Now one image, three references."""
+    from tiny import tokenizer
+    from transformers import ViTImageProcessorPil
+
+    from deltatune.train.config import build
+
+    _images(tmp_path, 1)
+    (tmp_path / "x").mkdir()
+    rows = [{"image": "0.png", "text": "a"}, {"image": f"{tmp_path}/./0.png", "text": "b"},
+            {"image": f"{tmp_path}/x/../0.png", "text": "c"}]  # fmt: skip
+    path = _jsonl(tmp_path / "e.jsonl", rows)
+    processor = C.CaptionProcessor(ViTImageProcessorPil(size={"height": 8, "width": 8}), tokenizer())
+    prepared = C.prepare_caption(build({"stage": "caption", "data": {"train": path, "eval": path}}), processor)
+    assert [(r[0][0].path, r[2]) for r in prepared.eval.references()] == [(str(tmp_path / "0.png"), ["a", "b", "c"])]
+    assert prepared.notes[0] == "1 training images with captions (3 captions: each an example of its own)"

@@ -55,8 +55,8 @@ class ImageRow:
 
 def check_inside(path: str, root: str, source: str, allow_outside: bool) -> str:
     """The image path resolved against ``root``; a relative path that leaves ``root`` is refused unless allowed."""
-    if os.path.isabs(path):
-        return path
+    if os.path.isabs(path):  # normalised as a relative one is ('/d/./0.png' is '/d/0.png': one image's captions pool)
+        return os.path.normpath(path)
     full = os.path.normpath(os.path.join(root, path))
     inside = os.path.commonpath([os.path.abspath(full), os.path.abspath(root)]) == os.path.abspath(root)
     if not inside and not allow_outside:
@@ -106,14 +106,51 @@ def read_image_rows(
             raise DataError(f"{row.source}: image {value!r} is a URL; the vision stages read local image files")
         path = value if data is not None else check_inside(value, root, row.source, allow_outside)
         label = row.get(label_column) if label_column else None
-        text = None
-        if text_column:
-            text = row.get(text_column)
-            listed = caption_lists and isinstance(text, list) and text and all(isinstance(t, str) for t in text)
-            if not (listed and all(t.strip() for t in text)) and (not isinstance(text, str) or not text.strip()):
-                raise DataError(f"{row.source}: column {text_column!r} must be a non-empty caption, got {text!r}")
+        text = _caption(row.get(text_column), row.source, text_column, caption_lists) if text_column else None
         out.append(ImageRow(path, label, row.source, text, data))
     return out
+
+
+def _caption(text: Any, source: str, column: str, lists: bool) -> str | list[str]:
+    """A row's caption, or (``lists``) its list of captions, each a non-empty string.
+
+    Raises:
+        DataError: an empty caption or list, an element of a list that is no non-empty string (its index named), a
+            CSV / TSV cell holding a list as text (pandas' ``"['a', 'b']"``), which would train as one caption with its
+            brackets and quotes (the cell is text, as the datasets library reads it: .jsonl holds a list).
+    """
+    accepted = " (a caption, or a list of non-empty captions)" if lists else ""
+    if lists and isinstance(text, list):
+        if not text:
+            raise DataError(f"{source}: column {column!r} must be a non-empty caption{accepted}, got []")
+        for i, t in enumerate(text):
+            if not isinstance(t, str) or not t.strip():
+                raise DataError(f"{source}: column {column!r}[{i}] must be a non-empty caption, got {t!r}{accepted}")
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{source}: column {column!r} must be a non-empty caption{accepted}, got {text!r}")
+    if lists and source.rsplit(":", 1)[0].lower().endswith((".csv", ".tsv")) and _list_text(text):
+        raise DataError(
+            f"{source}: column {column!r} holds a list as text ({text[:60]!r}: a CSV cell holds text, as the datasets "
+            "library reads it, and would train as one caption with its brackets); give the rows as .jsonl"
+        )
+    return text
+
+
+def _list_text(text: str) -> bool:
+    """Whether ``text`` parses as a JSON or Python list (``json.dumps`` / pandas' ``str`` of a list)."""
+    import ast
+    import json
+
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return False
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return isinstance(parse(text), list)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return False
 
 
 def image_value(value: Any, source: str, column: str) -> tuple[bytes | None, str]:

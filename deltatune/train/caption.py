@@ -2,8 +2,9 @@
 loaded through ``AutoModelForImageTextToText``.
 
 Encoder-decoder captioners (``VisionEncoderDecoderModel``: ViT + GPT-2 and the like). Rows hold an image path
-(``data.image_column``) and a caption (``data.text_column``; a list of captions is one example per caption), tokenized and ended with EOS as the ``labels``, which the
-decoder reads shifted right: the loss is on the caption tokens only (no prompt to mask, padding -100).
+(``data.image_column``) and a caption (``data.text_column``; a list of captions is one example per caption),
+tokenized and ended with EOS as the ``labels``, which the decoder reads shifted right: the loss is on the caption
+tokens only (no prompt to mask, padding -100).
 
 BLIP (``BlipForConditionalGeneration``) takes image + caption rows too, but its text decoder reads the text as
 ``input_ids`` (the image by cross-attention) and shifts the labels itself: the ids are its BOS, the caption and its SEP
@@ -204,6 +205,14 @@ def encode_captions(
     return out, truncated
 
 
+def distinct(rows: list[ImageRow]) -> list[ImageRow]:
+    """The first row of each image (its path, or its bytes) in ``rows``: what the notes count and ``check`` opens."""
+    first: dict[tuple[str, bytes | None], ImageRow] = {}
+    for r in rows:
+        first.setdefault((r.path, r.data), r)
+    return list(first.values())
+
+
 def one_each(rows: list[ImageRow]) -> list[ImageRow]:
     """A row whose caption column holds a list of captions (COCO's five an image, as datasets such as Flickr30k hold
     them) as one row per caption, each an example of that image (as BLIP trains on COCO's image-caption pairs); the
@@ -302,36 +311,43 @@ def _prepare_vlm(cfg: RunConfig, processor: VLMProcessor) -> Prepared:
     processor.template = d.template
     notes: list[str] = []
     splits: list[VLMDataset | None] = []
+
     # data.val_size: the eval rows held out of data.train with train.seed, as cls / tag / seq2seq hold theirs
     # (the examples of one row's several captions held out together: the split is over the rows)
-    rows = [list(g) for _, g in itertools.groupby(vlm_examples(d.train, cfg), key=lambda e: e.source)]
-    train_rows, held_rows = split_off(rows, d.val_size, cfg.train.seed, bool(d.eval))
-    train_examples = [e for g in train_rows for e in g]
-    held = None if held_rows is None else [e for g in held_rows for e in g]
-    for split, read in (("train", train_examples), ("eval", vlm_examples(d.eval, cfg) if d.eval else held)):
-        if not read:
+    def rows_of(spec: str) -> list[list[VLMExample]]:  # a row's examples (one a caption of its list) together
+        return [list(g) for _, g in itertools.groupby(vlm_examples(spec, cfg), key=lambda e: e.source)]
+
+    train_rows, held = split_off(rows_of(d.train), d.val_size, cfg.train.seed, bool(d.eval))
+    for split, rows in (("train", train_rows), ("eval", rows_of(d.eval) if d.eval else held)):
+        if not rows:
             splits.append(None)
             continue
-        examples, encoded, cut, modes = read, [], 0, Counter()
-        for ex in examples:
-            ids, labels, was_cut, stored = encode_vlm(processor, ex, d.max_length, d.truncation)
-            encoded.append((ids, labels))
-            cut, modes = cut + was_cut, modes + Counter(m for m in stored if m != "RGB")
+        examples, encoded, cut, modes = [e for g in rows for e in g], [], 0, Counter()
+        for g in rows:
+            for k, ex in enumerate(g):
+                ids, labels, was_cut, stored = encode_vlm(processor, ex, d.max_length, d.truncation)
+                encoded.append((ids, labels))
+                # a row's images counted once, not once a caption of its list
+                cut, modes = cut + was_cut, modes + Counter(m for m in stored if m != "RGB" and k == 0)
         text, spans = shown(processor, examples[0])
         notes.append(f"{split} row 1 as the model reads it (trained text in [[ ]]): {mark(text, spans)!r}")
         if cut:
-            notes.append(f"{cut} {split} rows were longer than data.max_length={d.max_length} text tokens: cut")
+            what = "rows" if len(examples) == len(rows) else "examples (a caption of a row's list each)"
+            notes.append(f"{cut} {split} {what} were longer than data.max_length={d.max_length} text tokens: cut")
         for mode, count in sorted(modes.items()):
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
         splits.append(VLMDataset(examples, encoded, processor))
     train, ev = splits
-    images = sum(len(e.images) for e in train.examples)
-    notes.insert(0, f"{len(train)} training rows with {images} images; image token {processor.image_token!r}")
+    first = f"{len(train_rows)} training rows with {sum(len(g[0].images) for g in train_rows)} images"
+    if len(train) > len(train_rows):
+        first += f" ({len(train)} examples: each caption of a row's list one of its own)"
+    notes.insert(0, f"{first}; image token {processor.image_token!r}")
     if held is not None:
         notes.insert(1, f"data.val_size: {len(held)} {HELD_OUT_NOTE.format(what='rows')}")
     if ev is not None:
-        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers to the first {len(ev.references())} rows (distinct "
-                     "images and prompts; the answers of the rows that share them are its references)")  # fmt: skip
+        n = len(ev.references())
+        notes.append(f"eval: BLEU-4 and ROUGE-L of greedy answers for the first {n} distinct images and prompts (the "
+                     "answers of every eval row that shares them are the references)")  # fmt: skip
     collator = functools.partial(collate_vlm, pad_token_id=processor.pad_token_id)
     return Prepared(train, ev, collator, None, None, notes=notes, loss_only=True)
 
@@ -355,16 +371,19 @@ def prepare_caption(cfg: RunConfig, processor: CaptionProcessor | VLMProcessor) 
 
     # data.val_size: the eval rows held out of data.train with train.seed, as cls / tag / seq2seq hold theirs (a row
     # of several captions held out whole: split before each caption is an example of its own)
-    train_rows, held = split_off(read(d.train), d.val_size, cfg.train.seed, bool(d.eval))
-    train_rows, held = one_each(train_rows), None if held is None else one_each(held)
-    eval_rows = one_each(read(d.eval)) if d.eval else held
-    notes = [f"{len(train_rows)} training images with captions"]
-    if (images := len({(r.path, r.data) for r in train_rows})) < len(train_rows):
-        notes[0] += f" ({images} distinct images: the captions of one image are examples of their own)"
+    rows, held = split_off(read(d.train), d.val_size, cfg.train.seed, bool(d.eval))
+    given = read(d.eval) if d.eval else held
+    train_rows, eval_rows = one_each(rows), None if given is None else one_each(given)
+    # the notes count images, and check opens each once: a row's list of captions, or rows of one image, are one
+    notes = [f"{len(distinct(rows))} training images with captions"]
+    if len(distinct(rows)) < len(train_rows):
+        notes[0] += f" ({len(train_rows)} captions: each an example of its own)"
     if held is not None:
-        notes.append(f"data.val_size: {len(held)} {HELD_OUT_NOTE.format(what='images')}")
-    for split, rows in (("train", train_rows), ("eval", eval_rows or [])):
-        for mode, count in sorted(check(rows).items()):
+        images = len(distinct(held))
+        notes.append(f"data.val_size: {len(held)} {HELD_OUT_NOTE.format(what='images')}" if images == len(held) else
+                     f"data.val_size: {len(held)} {HELD_OUT_NOTE.format(what='rows')} ({images} images)")  # fmt: skip
+    for split, part in (("train", rows), ("eval", given or [])):
+        for mode, count in sorted(check(distinct(part)).items()):
             notes.append(f"{count} {split} images were stored in mode {mode!r} and were converted to RGB")
     if train_rows:  # a processor that refuses the images: one line here, not at the Trainer's first batch
         check_processor(processor.image_processor, train_rows[0], 3)
