@@ -24,7 +24,8 @@ from ..data.sample import IMAGE_MARKER, Message
 from ..data.templates import IGNORE_INDEX, render
 
 EVAL_CAPTIONS = 64
-"""Eval rows captioned (greedy) for BLEU-4 and ROUGE-L."""
+"""Eval images (distinct images and prompts) captioned (greedy) for BLEU-4 and ROUGE-L, each against the captions
+of every eval row of that image."""
 TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")
 
 
