@@ -203,9 +203,9 @@ def read_samples(
         try:
             fmt = data_format or detect(row, c)
         except DataError:  # (its format's column null, where the first row has it: named so)
-            if not (first and _nulled(first[3], row, c)):
+            if not (first and _nulled(first[3], row, c, first[2])):
                 raise
-            raise DataError(f"{row.source}: {_nulled(first[3], row, c)}{first[1]} began the file in the {first[2]} "
+            raise DataError(f"{row.source}: {_nulled(first[3], row, c, first[2])}{first[1]} began the file in the {first[2]} "
                             f"format ({FORMATS[first[2]]}); one file holds one format") from None  # fmt: skip
         if tags and fmt == "messages" and not data_format:  # role/content messages with tags: LLaMA-Factory's sharegpt
             fmt = "sharegpt"
@@ -226,7 +226,7 @@ def read_samples(
                 )
         elif fmt != first[0] or written != first[2]:
             was, now = (first[2], written) if written != first[2] else (first[0], fmt)
-            lead = _nulled(first[3], row, c) or f"this row is in the {now} format ({FORMATS[now]}) but "
+            lead = _nulled(first[3], row, c, first[2]) or f"this row is in the {now} format ({FORMATS[now]}) but "
             raise DataError(
                 f"{row.source}: {lead}{first[1]} began the file in the {was} format ({FORMATS[was]}); one file holds "
                 "one format"

@@ -81,9 +81,12 @@ def _message_list(
         where = f"{source}: {column}[{i}]"
         if not isinstance(m, dict):
             raise DataError(f"{where}: a message must be an object, got {type(m).__name__}")
-        m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}  # (pandas' NaN: missing)
+        given = m
+        if any(isinstance(v, float) and math.isnan(v) for v in m.values()):  # (pandas' NaN: missing; copied only so)
+            m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
         role = m.get(role_key, m.get("role", m.get("from")))
         if role not in roles:
+            role = given.get(role_key, given.get("role", given.get("from")))  # (a NaN one named so, not None)
             raise DataError(
                 f"{where}.{role_key}: unknown role={role!r} (known roles: {', '.join(map(repr, roles))}; "
                 "data.tags renames sharegpt roles)"
@@ -105,7 +108,7 @@ def _message_list(
             raise DataError(f"{where}.{content_key}: the {ours} message has no content (null or missing)")
         msg: Message = {"role": ours, "content": _content(raw, f"{where}.{content_key}", media)}
         weight = m.get("weight") if ours == "assistant" and conversation else None  # OpenAI's fine-tuning format
-        if weight is not None and not (isinstance(weight, float) and math.isnan(weight)):
+        if weight is not None:
             if weight not in (0, 1) or isinstance(weight, bool):
                 raise DataError(f"{where}.weight: must be 0 (the turn is not trained) or 1, got {weight!r}")
             if weight == 0:
@@ -117,7 +120,7 @@ def _message_list(
                 raise DataError(f"{where}: both tool_calls and function_call; write the call in one of them")
             msg["tool_calls"] = _tool_calls(m["function_call"], f"{where}.function_call")
         for key in REASONING if ours == "assistant" else ():  # a reasoning trace, for the templates that read it
-            if m.get(key) is not None and not (isinstance(m[key], float) and math.isnan(m[key])):
+            if m.get(key) is not None:
                 if not isinstance(m[key], str):
                     raise DataError(f"{where}.{key}: a reasoning trace must be text, got {type(m[key]).__name__}")
                 msg[key] = m[key]
@@ -167,16 +170,21 @@ def _check_calls(m: Message, tools: list[dict] | None, where: str) -> None:
             )
 
 
-_FORMAT_FIELDS = ("conversations", "messages", "instruction", "output", "prompt", "completion", "chosen", "rejected",
-                  "label", "text")  # fmt: skip
-"""The fields that tell a row's format (``formats.detect``)."""
+_MADE_OF = {"alpaca": ("instruction", "input", "output"), "alpaca_preference": ("instruction", "chosen", "rejected"),
+            "sharegpt": ("conversations", "messages"), "messages": ("messages", "conversations"),
+            "prompt_completion": ("prompt", "completion"), "prompt": ("prompt",), "text": ("text",),
+            "preference": ("prompt", "chosen", "rejected"), "preference_implicit": ("chosen", "rejected"),
+            "sharegpt_preference": ("conversations", "messages", "chosen", "rejected"),
+            "unpaired": ("prompt", "completion", "label")}  # fmt: skip
+"""The fields each format (``formats.FORMATS``) is made of."""
 
 
-def _nulled(first: Row, row: Row, c: dict[str, str]) -> str | None:
-    """ "column 'x' is null (a missing value), and " where a field that tells the format is null or NaN in ``row`` but
-    given in ``first`` (the datasets library writes a row's missing value as null): a later row so read as a row of
-    another format ("this row is in the prompt format"), or of none."""
-    for key in _FORMAT_FIELDS:
+def _nulled(first: Row, row: Row, c: dict[str, str], fmt: str) -> str | None:
+    """ "column 'x' is null (a missing value), and " where a field of ``fmt`` (the format ``first`` was read in) is
+    null or NaN in ``row`` but given in ``first`` (the datasets library writes a row's missing value as null): a later
+    row so read as a row of another format ("this row is in the prompt format"), or of none. A null column of no part
+    in ``fmt`` (a preference file's extra 'text') is not named: it is not why the formats differ."""
+    for key in _MADE_OF.get(fmt, ()):
         col = _col(c, key)
         if col in row.data and row.get(col, required=False) is None and first.get(col, required=False) is not None:
             return f"column {col!r} is {'null' if row.data[col] is None else 'NaN'} (a missing value), and "

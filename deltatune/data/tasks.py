@@ -363,7 +363,8 @@ def encode_pt(rows: Sequence[Row], tokenizer, text_column: str, block_size: int)
             stream.append(eos)
     blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
     if not blocks:
-        where = re.sub(r"(:\d+|\[\d+\])$", "", rows[0].source) if rows else "the data"  # the file, not its line
+        # the file, not its line (nor its item: "pt.json:1 (item 0)", a list written on one line)
+        where = re.sub(r"(:\d+(?: \(item \d+\))?|\[\d+\])$", "", rows[0].source) if rows else "the data"
         raise DataError(
             f"{where}: the text holds {len(stream)} tokens, fewer than one block of data.max_length={block_size} "
             "(the remainder shorter than a block is dropped, as transformers' run_clm drops it)"
