@@ -285,3 +285,30 @@ def test_metadata_switches_peft_reads_as_meant_load_as_diffusers(tmp_path, extra
     with torch.no_grad():
         torch.testing.assert_close(mine(x, t, encoder_hidden_states=c).sample, ref(x, t, c).sample, rtol=0, atol=1e-6)
     assert _json_kind(None) == "null"
+
+
+def test_ema_min_decay_waits_for_update_after_step_and_the_note_says_whose_weights():
+    """EMAModel's decay is 0 (a copy of the weights) through step update_after_step + 1, ema_min_decay or not: the
+    floor applies after that step, and the average starts from that step's weights, which the report's note now
+    says ("from step 4's weights"; it said "from step 4", read as the first step averaged)."""
+    from diffusers.training_utils import EMAModel
+
+    from deltatune.train.t2i_ema import EMA, describe_ema, ema_options
+
+    class Train:
+        use_ema, ema_decay, ema_min_decay, ema_update_after_step = True, 0.9, 0.3, 3
+
+    options = ema_options(Train())
+    assert describe_ema(options) == (
+        "weights averaged (EMA, decay up to 0.9, at least 0.3, from step 4's weights); the run saves the average"
+    )
+    ours, p = EMA(**options), torch.nn.Parameter(torch.zeros(3))
+    ref = EMAModel([p], decay=0.9, min_decay=0.3, update_after_step=3)
+    for k in range(1, 8):
+        ours.step = k
+        assert ours.current_decay() == ref.get_decay(k) == (0.0 if k <= 4 else max((k - 3) / (k + 6), 0.3))
+        with torch.no_grad():
+            p.fill_(float(k))
+        ref.step([p])
+        if k == 4:
+            assert ref.shadow_params[0].tolist() == [4.0] * 3  # the average starts from step 4's weights

@@ -13,8 +13,9 @@ averaged, as diffusers averages the UNet only.
 
 EMAModel's other settings are ``train`` keys too (``ema_options``): ``use_ema_warmup`` (d_k = 1 - (1 + j /
 ``ema_inv_gamma``)^-``ema_power`` in place of (1 + j) / (10 + j); EMAModel's inv_gamma 1, power 2/3;
-``train_unconditional.py``'s ``--ema_inv_gamma`` / ``--ema_power``), ``ema_min_decay`` (d_k at least this after the
-first step) and ``ema_update_after_step`` (j = k - 1 - this; d_k = 0, a copy, until then).
+``train_unconditional.py``'s ``--ema_inv_gamma`` / ``--ema_power``), ``ema_min_decay`` (d_k at least this once j > 0,
+after step ``ema_update_after_step`` + 1: EMAModel's d_k is 0 before its floor) and ``ema_update_after_step``
+(j = k - 1 - this; d_k = 0, a copy of p, through step this + 1: the average starts from that step's weights).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def describe_ema(options: dict) -> str:
     o = options
     warm = f", warm-up (inv_gamma {o['inv_gamma']:g}, power {o['power']:g})" if o["use_warmup"] else ""
     low = f", at least {o['min_decay']:g}" if o["min_decay"] else ""
-    after = f", from step {o['update_after_step'] + 1}" if o["update_after_step"] else ""
+    after = f", from step {o['update_after_step'] + 1}'s weights" if o["update_after_step"] else ""
     return f"weights averaged (EMA, decay up to {o['decay']:g}{warm}{low}{after}); the run saves the average"
 
 
