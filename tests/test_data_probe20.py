@@ -295,3 +295,16 @@ def test_a_nan_role_is_named_nan_not_none():
     chat = [{"role": float("nan"), "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(DataError, match=r"^t\.jsonl:1: messages\[0\]\.role: unknown role=nan \(known roles"):
         read_samples([Row({"messages": chat}, "t.jsonl:1")], stage="sft")
+
+
+def test_a_byte_order_mark_inside_a_jsonl_is_named_as_json_loads_names_it(tmp_path):
+    """Two .jsonl files joined: the second's byte-order mark starts a line. json.loads names it ('Unexpected UTF-8
+    BOM'); the one decoder for all lines (e1278a1) read 'Expecting value at column 1'."""
+    f = tmp_path / "joined.jsonl"
+    f.write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    with pytest.raises(json.JSONDecodeError) as ref:
+        json.loads('\ufeff{"text": "b"}')
+    assert ref.value.msg == "Unexpected UTF-8 BOM (decode using utf-8-sig)"
+    with pytest.raises(DataError, match=r"joined\.jsonl:2: not valid JSON \(Unexpected UTF-8 BOM \(decode using "
+                       r"utf-8-sig\) at column 1\)$"):  # fmt: skip
+        read_rows(str(f))

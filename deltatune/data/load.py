@@ -245,7 +245,9 @@ def _jsonl(path: str, _column: str, limit: int | None) -> list[Row]:
             try:
                 data = _DECODER.decode(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i}: not valid JSON ({_json_fault(exc)[1]})") from None
+                bom = json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", line, 0)  # (as json.loads
+                fault = bom if line.startswith("\ufeff") else exc  # says: a second file's, in files joined)
+                raise DataError(f"{path}:{i}: not valid JSON ({_json_fault(fault)[1]})") from None
             except _Twice as twice:
                 raise DataError(f"{path}:{i}: {twice}") from None
             if not isinstance(data, dict):
