@@ -249,3 +249,196 @@ def test_full_and_freeze_on_a_text_model_are_unchanged():
         "encoder.block.1",
         "decoder.block.1",
     }
+
+
+# -- methodsfix20: the tower switches of freeze, Qwen-VL's merger, dual encoders, full's resume ------------------------
+
+
+def _old_freeze_file(tmp_path, family: str = "blip-2") -> None:
+    """An adapter folder saved before the tower switches: its adapter_config.json without them (nor use_llama_pro)."""
+    import json
+
+    from vision.tiny_vlm import tiny_vlm
+
+    old = dt.FreezeConfig(freeze_trainable_layers=1, freeze_multi_modal_projector=False)  # (what the old rule trained)
+    dt.get_delta_model(tiny_vlm(family), old).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key in ("freeze_vision_tower", "freeze_multi_modal_projector", "use_llama_pro"):
+        del config[key]
+    path.write_text(json.dumps(config))
+
+
+def _blip2_blocks(base, *towers: str) -> set[str]:
+    """The parameters of the last block of each block stack under ``towers`` (top-level module names)."""
+    from deltatune.methods.freeze import _block
+
+    blocks = {k: b for k, _ in base.named_parameters() if (b := _block(k)) is not None}
+    last: dict[str, int] = {}
+    for stack, i in blocks.values():
+        last[stack] = max(last.get(stack, 0), i)
+    return {k for k, (stack, i) in blocks.items() if i == last[stack] and stack.split(".")[0] in towers}
+
+
+def test_freeze_resume_of_a_blip2_run_from_before_the_switches_trains_the_qformer_block_as_it_began(tmp_path):
+    """A freeze run on BLIP-2 begun before bd6df2c trained the Q-Former's last block beside the language model's (every
+    stack not named for vision); bd6df2c froze it, and --resume rebuilt the adapter as a new one: its optimizer's
+    groups no longer matched the checkpoint's (a crash). LLaMA-Factory's get_forbidden_modules is a switch for freeze
+    too (freeze_multi_modal_projector): the checkpoint without it goes on with the rule it trained with."""
+    import json
+
+    from vision.tiny_vlm import save_vlm
+
+    from deltatune.train.config import build
+    from deltatune.train.models import load_processor
+    from deltatune.train.run import start_model
+
+    save_vlm(tmp_path / "blip2", "blip-2")
+    (tmp_path / "checkpoint-2").mkdir()
+    config = {"peft_type": "FREEZE", "task_type": "CAUSAL_LM", "freeze_trainable_layers": 1}  # (before bd6df2c)
+    (tmp_path / "checkpoint-2" / "adapter_config.json").write_text(json.dumps(config))
+    cfg = build({"stage": "caption", "model": {"name_or_path": str(tmp_path / "blip2")},
+                 "method": {"name": "freeze", "freeze_trainable_layers": 1},
+                 "data": {"train": str(tmp_path / "c.jsonl")}})  # fmt: skip
+    proc = load_processor(str(tmp_path / "blip2"), "caption")
+    delta, _ = start_model(cfg, proc, None, str(tmp_path / "checkpoint-2"))
+    base = delta.base_model
+    old = _blip2_blocks(base, "qformer", "language_model")
+    assert {k for k, p in base.named_parameters() if p.requires_grad} == old
+    delta.save_pretrained(tmp_path / "checkpoint-4")  # (its next checkpoint: the same rule on the next resume)
+    again, _ = start_model(cfg, proc, None, str(tmp_path / "checkpoint-4"))
+    assert {k for k, p in again.base_model.named_parameters() if p.requires_grad} == old
+    fresh, _ = start_model(cfg, proc)  # (a new run: the language tower alone, as LLaMA-Factory)
+    language = _blip2_blocks(base, "language_model")
+    assert {k for k, p in fresh.base_model.named_parameters() if p.requires_grad} == language
+    assert fresh.peft_config["default"].freeze_multi_modal_projector is True
+
+
+def test_freeze_blip2_file_from_before_the_switches_loads_trainable_as_it_trained(tmp_path):
+    """The file from before the switches loads (is_trainable) with its Q-Former block training, as it trained; a
+    direct call with the switches None takes LLaMA-Factory's defaults (True); False trains that tower's blocks."""
+    from vision.tiny_vlm import tiny_vlm
+
+    _old_freeze_file(tmp_path)
+    loaded = dt.DeltaModel.from_pretrained(tiny_vlm("blip-2"), tmp_path, is_trainable=True)
+    base = loaded.base_model
+    expected = _blip2_blocks(base, "qformer", "language_model")
+    assert {k for k, p in base.named_parameters() if p.requires_grad} == expected
+    language = _blip2_blocks(base, "language_model")
+    assert set(dt.FreezeConfig(freeze_trainable_layers=1).trainable_base_parameters(base)) == language
+    every = dt.FreezeConfig(freeze_trainable_layers=1, freeze_vision_tower=False, freeze_multi_modal_projector=False)
+    towers = ("qformer", "language_model", "vision_model")
+    assert set(every.trainable_base_parameters(base)) == _blip2_blocks(base, *towers)
+
+
+@pytest.mark.parametrize("value", ["no", 1])
+@pytest.mark.parametrize("key", ["freeze_vision_tower", "freeze_multi_modal_projector"])
+def test_freeze_tower_fields_not_a_bool_refused_naming_them(key, value):
+    with pytest.raises(dt.ConfigError, match=rf"^{key} must be true or false, got {value!r}$"):
+        dt.FreezeConfig(**{key: value})
+
+
+def _pix2struct():
+    import transformers as T
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    text = dict(hidden_size=16, d_kv=4, num_heads=4, num_layers=2, d_ff=24, vocab_size=64)
+    vision = dict(
+        hidden_size=16, d_kv=4, num_attention_heads=4, num_hidden_layers=2, d_ff=24, patch_embed_hidden_size=12
+    )
+    return T.Pix2StructForConditionalGeneration(T.Pix2StructConfig(text_config=text, vision_config=vision))
+
+
+def test_freeze_pix2struct_file_from_before_the_switches_loads_with_its_encoder_block_as_it_trained():
+    """Pix2Struct's image encoder ("encoder.encoder.layer") is not named for vision: the old rule trained its last
+    block beside the decoder's, which the switches' (True, False) would not reproduce; the old rule is kept exactly."""
+    model = _pix2struct()
+    old = dt.FreezeConfig.from_dict({"peft_type": "FREEZE", "freeze_trainable_layers": 1})
+    stacks = {n.split(".1.")[0] for n in old.trainable_base_parameters(model)}
+    assert stacks == {"encoder.encoder.layer", "decoder.layer"}
+    new = {n.split(".1.")[0] for n in dt.FreezeConfig(freeze_trainable_layers=1).trainable_base_parameters(model)}
+    assert new == {"decoder.layer"}  # (its vision_config's tower: frozen, as a VLM's)
+
+
+def _qwen2_vl():
+    import transformers as T
+
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=128, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})  # fmt: skip
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=2, spatial_merge_size=1,
+                  temporal_patch_size=1)  # fmt: skip
+    return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(vision_config=vision, text_config=text))
+
+
+@pytest.mark.parametrize("vision, projector", [(True, False), (False, True), (True, True)])
+def test_full_qwen2_vl_merger_is_the_projector_as_llamafactory(vision, projector):
+    """LLaMA-Factory's qwen2_vl: vision_model_keys ["visual.patch_embed", "visual.blocks"], projector_key
+    "visual.merger" (model_utils/visual.py); _setup_full_tuning freezes every parameter under a forbidden key. The
+    merger sat in the vision config's module: freeze_multi_modal_projector did nothing, freeze_vision_tower froze it."""
+    model = _qwen2_vl()
+    names = [n for n, _ in model.named_parameters()]
+    forbidden = (["visual.patch_embed", "visual.blocks"] if vision else []) + (["visual.merger"] if projector else [])
+    expected = {n for n in names if not any(f in n for f in forbidden)}
+    config = dt.FullConfig(freeze_vision_tower=vision, freeze_multi_modal_projector=projector)
+    assert set(config.trainable_base_parameters(model)) == expected
+    assert any("merger" in n for n in names)
+
+
+def test_freeze_qwen2_vl_projector_switch_reaches_no_block_of_the_merger():
+    """The merger has no numbered blocks: freeze with the vision tower training trains visual.blocks' last block,
+    not the merger; the language model's last block always."""
+    model = _qwen2_vl()
+    config = dt.FreezeConfig(freeze_trainable_layers=1, freeze_vision_tower=False)
+    stacks = {n.split(".1.")[0] for n in config.trainable_base_parameters(model)}
+    assert stacks == {"model.visual.blocks", "model.language_model.layers"} or stacks == {
+        "visual.blocks",
+        "model.language_model.layers",
+    }
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "blip"])
+def test_full_on_a_dual_encoder_trains_every_parameter_as_llamafactory(family):
+    """CLIP and SigLIP (and BLIP's captioner) have a text_config and a vision_config but no LM head (no output
+    embeddings) and are no LLaMA-Factory VLM (its COMPOSITE_MODELS): full trains every parameter there. The tower rule froze CLIPModel's vision tower, its
+    visual_projection, and, as "projector" (in neither sub-config), text_projection and logit_scale."""
+    import transformers as T
+
+    text = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24, vocab_size=64)
+    vision = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24, image_size=8,
+                  patch_size=4)  # fmt: skip
+    if family == "clip":
+        model = T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    elif family == "blip":  # (BLIP's captioner: its class gives no output embeddings; BLIP fine-tunes its ViT)
+        text = dict(text, encoder_hidden_size=16, bos_token_id=1, sep_token_id=2, pad_token_id=0)
+        model = T.BlipForConditionalGeneration(T.BlipConfig(text_config=text, vision_config=vision))
+    else:
+        model = T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision))
+    names = [n for n, _ in model.named_parameters()]
+    assert set(dt.FullConfig(freeze_vision_tower=True).trainable_base_parameters(model)) == set(names)
+    full = dt.get_delta_model(model, dt.FullConfig())
+    assert all(p.requires_grad for p in full.base_model.parameters())
+    stacks = {n.split(".1.")[0] for n in dt.FreezeConfig(freeze_trainable_layers=1).trainable_base_parameters(model)}
+    text_stack = "text_decoder.bert.encoder.layer" if family == "blip" else "text_model.encoder.layers"
+    assert stacks == {text_stack}  # (freeze: the stack not named for vision, as before)
+
+
+@pytest.mark.parametrize("saved, trains", [({"freeze_vision_tower": None}, True), ({}, True), ({"freeze_vision_tower": True}, False)])  # fmt: skip
+def test_full_resume_of_a_checkpoint_with_null_switches_goes_on_training_every_tower(saved, trains):
+    """A file from before the switches, loaded and saved again, holds them null: as_resumed took None, which inject
+    turned True, freezing the vision tower mid-run."""
+    from vision.tiny_vlm import tiny_vlm
+
+    config = dt.FullConfig().as_resumed({"peft_type": "FULL", "freeze_multi_modal_projector": None, **saved})
+    model = dt.get_delta_model(tiny_vlm("llava"), config)
+    vision = [p.requires_grad for n, p in model.base_model.named_parameters() if "vision_tower" in n]
+    assert vision and all(vision) is trains and any(vision) is trains
+
+
+@pytest.mark.parametrize("cls", [dt.FullConfig, dt.FreezeConfig])
+def test_as_resumed_from_another_methods_checkpoint_leaves_the_config_as_it_is(cls):
+    """A checkpoint of another method (LoRA) says nothing of this one's towers: the recipe's config, unchanged (full
+    took the LoRA file's missing switches as an old full run's: every tower trained)."""
+    config = cls()
+    assert cls().as_resumed({"peft_type": "LORA", "r": 8}) == config
+    assert cls().as_resumed({"peft_type": "LORA"}).freeze_vision_tower is None

@@ -11,7 +11,8 @@
 
 None of them injects a layer (``inject`` returns []); each config's ``trainable_base_parameters`` names the base
 parameters that train, and DeltaModel saves them under PEFT-style keys (the keys files.py writes), so the
-adapter file is a partial (or, for "full", complete) state dict of the base. The training happens in place:
+adapter file is a partial state dict of the base (for "full": every parameter that trained, the whole base but on a
+vision-language model, whose vision tower and projector stay frozen by default). The training happens in place:
 ``disable_adapter`` cannot undo it and the model computes with the trained weights whether the adapter is active
 or not. Parameters of other methods' layers (LoRA matrices, modules_to_save copies) are never included.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -27,6 +29,8 @@ from ..config import ConfigError, DeltaConfig, check_regex
 from ..layer import DeltaLayer, ModulesToSave
 from ..targets import LAYER_PATTERNS
 
+TOWER_SWITCHES = (("freeze_vision_tower", "vision"), ("freeze_multi_modal_projector", "projector"))
+_INNER_PROJECTOR = re.compile(r"(^|\.)visual\.(merger|deepstack_merger_list)$")  # (Qwen-VL's: LLaMA-Factory's key)
 _BLOCK = re.compile(rf"(?:^|\.)(?:{'|'.join(LAYER_PATTERNS)})\.(\d+)\.")
 
 
@@ -84,7 +88,8 @@ class FreezeConfig(DeltaConfig):
     freeze_trainable_layers: int = 2
     """n > 0: the last n blocks train; n < 0: the first |n| (more than a stack has: all of it, as LLaMA-Factory). A
     model with several stacks (an encoder and a decoder): the last (first) n of each; on a vision-language model the
-    language tower's alone (its vision tower and projector, BLIP-2's Q-Former, stay frozen, as in LLaMA-Factory)."""
+    language tower's (its vision tower's and projector's too where freeze_vision_tower, freeze_multi_modal_projector
+    say so)."""
     freeze_trainable_modules: list[str] | str | None = None
     """Within those blocks, train only these modules: a list of names under the block (e.g. ["mlp", "self_attn"])
     or a regex searched in the parameter name. None or "all" (LLaMA-Factory's default): the whole block."""
@@ -93,8 +98,15 @@ class FreezeConfig(DeltaConfig):
     "lm_head", matched as a whole component of the parameter's path."""
     use_llama_pro: bool = False
     """LLaMA Pro (Wu et al., 2024; LLaMA-Factory's ``use_llama_pro``): the n trained blocks are spread evenly, the last
-    of each 1/n of the stack (the blocks ``llamafactory-cli``'s expand_model added): blocks stride - 1, 2 stride - 1,
-    ... with stride = depth / n; n must be positive and divide each stack's depth."""
+    of each 1/n of the stack (the blocks LLaMA-Factory's scripts/llama_pro.py, ``--num_expand n``, added): blocks
+    stride - 1, 2 stride - 1, ... with stride = depth / n; n must be positive and divide each stack's depth."""
+    freeze_vision_tower: bool | None = None
+    """A vision-language model's (see ``tower_parts``) vision tower's blocks stay frozen: True, LLaMA-Factory's
+    default (its get_forbidden_modules holds for freeze tuning too), which a new adapter (and None here) takes; False:
+    they train as the language tower's. A file or run from before session 55's switches (None, saved or missing):
+    the rule it trained with, every stack but one named for vision (BLIP-2's Q-Former block trained)."""
+    freeze_multi_modal_projector: bool | None = None
+    """The same for the projector's blocks (BLIP-2's and InstructBLIP's Q-Former, Idefics2's perceiver)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +125,9 @@ class FreezeConfig(DeltaConfig):
                 raise ConfigError(f"freeze_trainable_modules must be None, a regex or a non-empty list of module "
                                   f"names, got {modules!r}")  # fmt: skip
             self.freeze_trainable_modules = sorted(modules) if isinstance(modules, set) else list(modules)
+        for key, _ in TOWER_SWITCHES:
+            if not isinstance(getattr(self, key), (bool, type(None))):  # (1 and 0 as well: == True, == False)
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if not isinstance(self.use_llama_pro, bool):
             raise ConfigError(f"use_llama_pro must be true or false, got {self.use_llama_pro!r}")
         if self.use_llama_pro and n < 0:
@@ -125,6 +140,25 @@ class FreezeConfig(DeltaConfig):
             if not (_names(extra) or empty):
                 raise ConfigError(f"freeze_extra_modules must be a list of module names, got {extra!r}")
             self.freeze_extra_modules = sorted(extra) if isinstance(extra, set) else list(extra)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> DeltaConfig:
+        """A file's config; one saved before the tower switches loads with the rule it trained with (``as_resumed``)."""
+        return _as_trained(super().from_dict(data, source), data)
+
+    def replace(self, **changes: Any) -> DeltaConfig:
+        """A copy (``DeltaConfig.replace``) that keeps a file's rule from before the tower switches."""
+        copy = super().replace(**changes)
+        if getattr(self, "_old_rule", False):
+            copy._old_rule = True  # type: ignore[attr-defined]
+        return copy
+
+    def as_resumed(self, saved: dict[str, Any]) -> DeltaConfig:
+        """A run resumed from a checkpoint of freeze goes on with the towers it trained: a switch the recipe leaves
+        unset takes the checkpoint's; one saved before the switches (missing or null) trained by the old rule."""
+        if saved.get("peft_type") != self.peft_type:
+            return self
+        return _as_trained(self.replace(), saved)
 
     def for_loading(self) -> DeltaConfig:
         """A saved file's config: its freeze_extra_modules as it trained (a name holding the blocks, refused for a new
@@ -156,7 +190,7 @@ class FreezeConfig(DeltaConfig):
         depth: dict[str, int] = {}
         for stack, i in blocks.values():
             depth[stack] = max(depth.get(stack, 0), i + 1)
-        depth = _language_stacks(model, depth)
+        depth = _language_stacks(model, depth, self._frozen())
         if not depth:
             raise ConfigError(
                 f"freeze: found no numbered transformer blocks (a module list named one of {LAYER_PATTERNS})"
@@ -199,14 +233,38 @@ class FreezeConfig(DeltaConfig):
             picked += [p for p in found if p not in picked]
         return trainable(model, picked, "freeze")
 
+    def _frozen(self) -> set[str] | None:
+        """The towers whose blocks stay frozen (None: the rule before the switches, by the stacks' names)."""
+        if getattr(self, "_old_rule", False) and all(getattr(self, k) is None for k, _ in TOWER_SWITCHES):
+            return None
+        return {tower for key, tower in TOWER_SWITCHES if getattr(self, key) is not False}  # (None: True)
 
-def _language_stacks(model: nn.Module, depth: dict[str, int]) -> dict[str, int]:
-    """The stacks of ``depth`` that train: on a vision-language model the language tower's alone (LLaMA-Factory counts
-    the text config's layers and, for the VLMs it registers, freezes the vision tower and the projector by default:
-    freeze_vision_tower, freeze_multi_modal_projector; BLIP-2's Q-Former is its projector); elsewhere every stack
-    but one named for vision beside others (an encoder-decoder: both)."""
-    parts = tower_parts(model)
-    language = {s: d for s, d in depth.items() if parts and tower_part(parts, s) == "language"}
+
+def _as_trained(config: FreezeConfig, saved: dict[str, Any]) -> FreezeConfig:
+    """``config`` with the switches it leaves unset as the file (or checkpoint) ``saved`` trained them: its own where
+    it holds them; a file from before them: one with use_llama_pro (session 55, before the switches) froze both, an
+    older one the old rule (``_old_rule``; a switch the caller set: the vision tower's blocks frozen, the projector's
+    trained)."""
+    unset = [k for k, _ in TOWER_SWITCHES if getattr(config, k) is None]
+    held = {k: saved[k] for k in unset if isinstance(saved.get(k), bool)}
+    if held or not unset:
+        return config.replace(**held) if held else config
+    if "use_llama_pro" in saved and not any(k in saved for k, _ in TOWER_SWITCHES):
+        return config.replace(**dict.fromkeys(unset, True))
+    if len(unset) < len(TOWER_SWITCHES):
+        return config.replace(**{k: k == "freeze_vision_tower" for k in unset})
+    config._old_rule = True  # type: ignore[attr-defined]
+    return config
+
+
+def _language_stacks(model: nn.Module, depth: dict[str, int], frozen: set[str] | None = None) -> dict[str, int]:
+    """The stacks of ``depth`` that train: on a vision-language model the language tower's, and those of the towers
+    not in ``frozen`` (LLaMA-Factory counts the text config's layers and freezes the vision tower and the projector
+    by default: freeze_vision_tower, freeze_multi_modal_projector; BLIP-2's Q-Former is its projector); elsewhere, and
+    for ``frozen`` None (the rule before the switches), every stack but one named for vision beside others (an
+    encoder-decoder: both)."""
+    parts = tower_parts(model) if frozen is not None else None
+    language = {s: d for s, d in depth.items() if parts and tower_part(parts, s) not in frozen}  # type: ignore[operator]
     if language:
         return language
     text = {s: d for s, d in depth.items() if not re.search(r"vision|visual", s)}
@@ -214,11 +272,16 @@ def _language_stacks(model: nn.Module, depth: dict[str, int]) -> dict[str, int]:
 
 
 def tower_parts(model: nn.Module) -> dict[str, list[str]] | None:
-    """A vision-language model's (one whose config has a text_config) towers, found by the sub-configs: "language"
-    (the modules whose config is the text config, and the output embedding), "vision" (the vision config's); None for
-    a model with one tower. What is in neither is the projector (LLaVA's multi_modal_projector, BLIP-2's Q-Former)."""
+    """A vision-language model's towers, found by the sub-configs: "projector" (Qwen-VL's visual.merger, inside the
+    vision tower: LLaMA-Factory's projector_key), "language" (the modules whose config is the text config, and the
+    output embedding), "vision" (the vision config's). What is in none is the projector too (LLaVA's
+    multi_modal_projector, BLIP-2's Q-Former). A vision-language model: a text_config, a vision_config and an output
+    head (an LM head); None for any other (a model with one tower; CLIP's and SigLIP's dual encoders, whose
+    text_projection and logit_scale are no projector between towers; BLIP's captioner, whose class gives no output
+    embeddings)."""
     config = getattr(model, "config", None)
-    if getattr(config, "text_config", None) is None:
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if getattr(config, "text_config", None) is None or head is None:
         return None
     parts: dict[str, list[str]] = {}
     for tower, key in (("language", "text_config"), ("vision", "vision_config")):
@@ -228,13 +291,13 @@ def tower_parts(model: nn.Module) -> dict[str, list[str]] | None:
         ]
     if not parts["language"] or not parts["vision"]:  # (no module holds the sub-config itself: towers unknown)
         return None
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    parts["language"] += [n for n, m in model.named_modules() if head is not None and m is head]
-    return parts
+    parts["language"] += [n for n, m in model.named_modules() if m is head]
+    return {"projector": [n for n, _ in model.named_modules() if _INNER_PROJECTOR.search(n)], **parts}
 
 
 def tower_part(parts: dict[str, list[str]], name: str) -> str:
-    """The tower (of ``tower_parts``) the parameter or module ``name`` sits in: "language", "vision" or "projector"."""
+    """The tower (of ``tower_parts``) the parameter or module ``name`` sits in: "language", "vision" or "projector"
+    (the first of ``parts`` that holds it)."""
     hit = (t for t, paths in parts.items() if any(name == p or name.startswith(p + ".") for p in paths))
     return next(hit, "projector")
 
@@ -253,8 +316,14 @@ def _refuse_tied(model: nn.Module, extra: str) -> None:
 
 
 def inject(model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[nn.Module]:
-    """Inject nothing; check now that the config fits the model, so that a misfit fails before any change."""
+    """Inject nothing: a new adapter's unset tower switches become True (LLaMA-Factory's defaults; a resumed run's
+    from before them keeps its rule); check now that the config fits the model, so that a misfit fails before any
+    change."""
     if isinstance(config, FreezeConfig):
+        if not getattr(config, "_loading", False) and not getattr(config, "_old_rule", False):
+            for key, _ in TOWER_SWITCHES:
+                if getattr(config, key) is None:
+                    setattr(config, key, True)
         config.trainable_base_parameters(model, new=not getattr(config, "_loading", False))
     else:
         config.trainable_base_parameters(model)

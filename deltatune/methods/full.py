@@ -1,5 +1,5 @@
 """Full fine-tuning: every base parameter trains in place (a vision-language model's vision tower and projector
-stay frozen by default, as LLaMA-Factory's ``finetuning_type: full``).
+stay frozen by default, as LLaMA-Factory's ``finetuning_type: full`` for the VLMs it registers).
 
 A "method" only so that trainers, recipes and benchmarks treat every way of fine-tuning alike; the adapter file
 is the state dict of what trained under PEFT-style keys (the complete base outside a vision-language model). The
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig
-from .freeze import base_parameter_names, tower_part, tower_parts, trainable
+from .freeze import TOWER_SWITCHES, base_parameter_names, tower_part, tower_parts, trainable
 
-_FROZEN_TOWERS = (("freeze_vision_tower", "vision"), ("freeze_multi_modal_projector", "projector"))
+_FROZEN_TOWERS = TOWER_SWITCHES  # (the same switches as freeze's)
 
 
 @dataclass
@@ -27,9 +27,9 @@ class FullConfig(DeltaConfig):
     no_targets = "full fine-tuning trains every base parameter"
 
     freeze_vision_tower: bool | None = None
-    """A vision-language model's (its config has a text_config) vision tower stays frozen: True, LLaMA-Factory's
-    default, which a new adapter takes for None; False trains it too. None in a file saved before session 55: every
-    parameter trained then, and so it loads."""
+    """A vision-language model's (freeze.tower_parts: a text_config, a vision_config and an LM head) vision tower
+    stays frozen: True, LLaMA-Factory's default, which a new adapter takes for None; False trains it too. None in a
+    file saved before session 55: every parameter trained then, and so it loads."""
     freeze_multi_modal_projector: bool | None = None
     """The same for the projector between the towers (LLaVA's multi_modal_projector, BLIP-2's Q-Former)."""
 
@@ -46,9 +46,13 @@ class FullConfig(DeltaConfig):
         return loading
 
     def as_resumed(self, saved: dict) -> DeltaConfig:
-        """A run begun before session 55 (its checkpoint's file without the switches) goes on training every tower,
-        as it began; a later run's file holds the switches it took."""
-        return self.replace(**{k: saved.get(k, False) for k, _ in _FROZEN_TOWERS if getattr(self, k) is None})
+        """A run begun before session 55 (its checkpoint's file without the switches, or with them null: such a file
+        loaded and saved again) goes on training every tower, as it began; a later run's file holds the switches it
+        took. A checkpoint of another method: this config as it is (the adapter is new)."""
+        if saved.get("peft_type") != self.peft_type:
+            return self
+        unset = [k for k, _ in _FROZEN_TOWERS if getattr(self, k) is None]
+        return self.replace(**{k: saved.get(k) is True for k in unset}) if unset else self
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
         """Every base parameter but those of the towers that stay frozen (see the fields)."""
