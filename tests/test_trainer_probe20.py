@@ -247,3 +247,132 @@ def test_the_best_metric_keys_beside_early_stopping_are_not_named_ignored(files,
     assert {k for k, _ in ignored_keys(build(r))} == {"train.metric_for_best_model", "train.greater_is_better"}
     r["train"]["early_stopping_patience"] = 2
     assert ignored_keys(build(r)) == []
+
+
+def _es_run(files, out, **keys):  # noqa: F811
+    raw = recipe(files, out, max_steps=6, eval_steps=1, save_steps=1, save_total_limit=None, **keys)
+    raw["data"]["eval"] = files["sft"]
+    return build(raw)
+
+
+def _cut_to(folder, keep: str) -> None:
+    """The run folder as it stood when the run stopped right after ``keep`` (a checkpoint-N)."""
+    import os
+    import shutil
+
+    for name in os.listdir(folder):
+        if name not in (keep, "run.yaml", "log_history.jsonl"):
+            (shutil.rmtree if (folder / name).is_dir() else os.remove)(folder / name)
+
+
+def test_a_resume_adding_early_stopping_stops_and_saves_it(files, tmp_path):  # noqa: F811
+    """A run from before the keys (or one resumed with --resume-changed adding them) has checkpoints without the
+    callback's state: the Trainer's save indexes stateful_callbacks by its name, so the first checkpoint after the
+    resume was KeyError: 'EarlyStopping'. Now the count starts at 0 on resume (the checkpoint holds no best: step 3's
+    evaluation sets it, 4 and 5 fail to beat it by 10): the run stops at step 5 and its checkpoints hold the count."""
+    out = tmp_path / "run"
+    train(_es_run(files, out))
+    _cut_to(out, "checkpoint-2")
+    cfg = _es_run(files, out, early_stopping_patience=2, early_stopping_threshold=10.0)
+    assert train(cfg, resume=True, resume_changed=True)["train_steps"] == 5
+    with open(out / "checkpoint-5" / "trainer_state.json") as fh:
+        saved = json.load(fh)["stateful_callbacks"]["EarlyStopping"]
+    assert saved["attributes"]["early_stopping_patience_counter"] == 2
+    assert saved["args"] == {"early_stopping_patience": 2, "early_stopping_threshold": 10.0}
+
+
+def test_a_resume_from_the_early_stops_checkpoint_trains_no_further(files, tmp_path):  # noqa: F811
+    """The checkpoint written at the early stop holds the count at its patience, but the Trainer clears
+    should_training_stop as it starts again and the callback acts only at the next evaluation: a run that crashed
+    while writing its outputs trained eval_steps more steps on --resume (to step 4, another adapter). Now it trains none,
+    and its adapter is the uninterrupted run's (as one at max_steps)."""
+    import shutil
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train(_es_run(files, whole, early_stopping_patience=2, early_stopping_threshold=10.0))["train_steps"] == 3
+    shutil.copytree(whole, resumed)
+    _cut_to(resumed, "checkpoint-3")
+    assert train(_es_run(files, resumed, early_stopping_patience=2, early_stopping_threshold=10.0),
+                 resume=True)["train_steps"] == 3  # fmt: skip
+    assert not (resumed / "checkpoint-4").exists()
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("stage", "keys", "says"),
+    [
+        ("sft", {"early_stopping_patience": 2}, r"^train\.early_stopping_patience stops when the evaluation stops "
+         r"improving, but data\.eval is not set \(stage sft holds no data\.val_size rows out: only cls, tag, seq2seq, "
+         r"image_cls, caption do\); drop it$"),
+        ("dpo", {"early_stopping_patience": 2}, r"^train\.early_stopping_patience .* \(stage dpo holds no "),
+        ("pt", {"scheduler": "reduce_lr_on_plateau"}, r"^train\.scheduler=reduce_lr_on_plateau steps on the eval "
+         r"loss: it needs data\.eval, .* \(stage pt holds no data\.val_size rows out"),
+    ],
+)  # fmt: skip
+def test_val_size_is_no_eval_set_on_a_stage_that_holds_none_out(stage, keys, says):
+    """data.val_size is read by cls, tag, seq2seq, image_cls and caption only (READ_BY): on sft, pt or dpo no rows are
+    held out and the Trainer evaluates nothing, so early stopping passed the check and failed as training started
+    (EarlyStoppingCallback's AssertionError "requires metric_for_best_model"), a plateau schedule as TrainingArguments'
+    ValueError. On a stage that holds them out, val_size is the eval set."""
+    from deltatune.train.config_train import HOLDS_OUT
+    from deltatune.train.evaluation import VAL_SIZE_STAGES  # (READ_BY's readers of data.val_size)
+
+    assert sorted(HOLDS_OUT) == VAL_SIZE_STAGES
+    with pytest.raises(ConfigError, match=says) as err:
+        build({"stage": stage, "data": {"val_size": 0.25}, "train": keys})
+    assert "\n" not in str(err.value)
+    for held in ("cls", "caption"):
+        build({"stage": held, "data": {"val_size": 0.25}, "train": keys})
+
+
+def test_load_best_without_an_eval_set_is_refused_where_a_run_starts(files, tmp_path):  # noqa: F811
+    """load_best_model_at_end on sft with data.val_size (no rows held out): the run trained with it silently off
+    (run.py passes it only with an eval set). Refused as a run starts, before the folder is made; such a finished
+    run's run.yaml still builds (run_load reads it)."""
+    raw = recipe(files, tmp_path / "out", max_steps=2, load_best_model_at_end=True)
+    raw["data"]["val_size"] = 0.25
+    cfg = build(raw)  # (loads, as a finished run's would)
+    with pytest.raises(ConfigError, match=r"^train\.load_best_model_at_end .* data\.eval is not set \(stage sft "
+                       r"holds no data\.val_size rows out: only cls, tag, seq2seq, image_cls, caption do\); drop it$"):  # fmt: skip
+        train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("metric", [None, "loss", "eval_loss"])
+def test_greater_is_better_on_the_loss_is_refused_under_early_stopping(files, tmp_path, metric):  # noqa: F811
+    """greater_is_better true with the best picked by the loss (named, or run.py's default): transformers' callback
+    counts a rising loss as improving (np.greater), so a run whose loss fell stopped after ``patience`` evaluations.
+    Refused at build; a metric that is better higher (cls accuracy) is taken, as greater_is_better false is."""
+    says = r"^train\.greater_is_better is true, but the best evaluation is picked by its loss \(train\.metric_for_best_model '"
+    best = {"metric_for_best_model": metric} if metric else {}
+    raw = recipe(files, tmp_path / "es", greater_is_better=True, early_stopping_patience=2, **best)
+    raw["data"]["eval"] = files["sft"]
+    with pytest.raises(ConfigError, match=says + (metric or "loss")) as err:
+        build(raw)
+    assert "\n" not in str(err.value)
+    build({**raw, "train": {**raw["train"], "greater_is_better": False}})
+    build({"stage": "cls", "data": {"eval": "x.jsonl"}, "train": {"early_stopping_patience": 2,
+                                                                  "metric_for_best_model": "accuracy", "greater_is_better": True}})  # fmt: skip
+
+
+def test_a_resume_training_other_parameters_is_one_line_before_the_optimizer_loads(files, tmp_path):  # noqa: F811
+    """A method key that changes the trained parameters, accepted with --resume-changed (freeze's trainable modules
+    here; full's freeze_vision_tower on a vision-language model), left the checkpoint's optimizer state for another
+    set: torch's load_state_dict raised "loaded state dict contains a parameter group that doesn't match the size of
+    optimizer's group" as a traceback. Now one line naming both counts (the checkpoint's AdamW over 2 blocks' attention
+    and MLP weights, 2 x 7 = 14 tensors; the run's over their MLPs, 2 x 3 = 6), as ppo's and grpo's checkpoints do."""
+
+    def run(modules):
+        raw = recipe(files, tmp_path / "run", max_steps=2, save_steps=1)
+        raw["method"] = {"name": "freeze", "freeze_trainable_layers": 2, "freeze_trainable_modules": modules}
+        return build(raw)
+
+    train(run(["self_attn", "mlp"]))
+    _cut_to(tmp_path / "run", "checkpoint-1")
+    with pytest.raises(ConfigError, match=r"^--resume: checkpoint-1's optimizer holds 14 trainable tensors where the "
+                       r"run now trains 6 \(a method key changed under --resume-changed\?\)") as err:  # fmt: skip
+        train(run(["mlp"]), resume=True, resume_changed=True)
+    assert "\n" not in str(err.value)
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != "stopped.json")  # (run.py's mark)
+    assert kept == ["checkpoint-1", "log_history.jsonl", "run.yaml"]

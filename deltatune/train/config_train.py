@@ -143,12 +143,12 @@ FSDP_OPTIONS = {"full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybr
 def validate_train(cfg: Any) -> None:
     """The ``train`` keys a Trainer would otherwise refuse deep inside, or accept and ignore: the schedule and its
     kwargs, the step counts (a fraction < 1 is of the run's steps), AdamW's settings, and the best-checkpoint keys."""
-    t, d, loop = cfg.train, cfg.data, STAGES[cfg.stage].loop
+    t, loop = cfg.train, STAGES[cfg.stage].loop
     if t.scheduler not in SCHEDULERS:
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
-    if t.scheduler in ON_EVAL and (not (d.eval or d.val_size) or loop):
+    if t.scheduler in ON_EVAL and (not has_eval(cfg) or loop):  # (the Trainer's ValueError without an evaluation)
         raise ConfigError(f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage "
-                          "the Trainer runs (not ppo or grpo)")  # fmt: skip
+                          f"the Trainer runs (not ppo or grpo){_held_out_note(cfg)}")  # fmt: skip
     if loop and (t.lr_scheduler_kwargs or t.scheduler in NEEDS_KWARGS):  # (its loop builds the schedule without them)
         raise ConfigError(f"train.lr_scheduler_kwargs: {cfg.stage}'s own loop builds its schedule without kwargs; "
                           f"drop them, and use a schedule that needs none")  # fmt: skip
@@ -212,10 +212,42 @@ def _check_early_stopping(cfg: Any) -> None:
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
         raise ConfigError(f"train.early_stopping_patience must be a whole number >= 1 (or null: never), got "
                           f"{patience!r}")  # fmt: skip
-    if STAGES[cfg.stage].loop or not (cfg.data.eval or cfg.data.val_size):
+    if STAGES[cfg.stage].loop or not has_eval(cfg):
         why = f"{cfg.stage}'s own loop never stops early" if STAGES[cfg.stage].loop else "data.eval is not set"
-        raise ConfigError(f"train.early_stopping_patience stops when the evaluation stops improving, but {why}; "
-                          "drop it")  # fmt: skip
+        raise ConfigError(f"train.early_stopping_patience stops when the evaluation stops improving, but {why}"
+                          f"{_held_out_note(cfg)}; drop it")  # fmt: skip
+    check_loss_direction(cfg)
+
+
+HOLDS_OUT = ("cls", "tag", "seq2seq", "image_cls", "caption")
+"""The stages that hold data.val_size of data.train out as their eval set: config_read.READ_BY's readers of the key
+(tests/test_trainer_probe20.py checks they agree; config_read imports this module, so it is not read from there)."""
+
+
+def has_eval(cfg: Any) -> bool:
+    """Whether the Trainer evaluates: data.eval, or data.val_size on a stage that holds those rows out of data.train
+    (``HOLDS_OUT``); any other stage ignores data.val_size and evaluates nothing."""
+    return bool(cfg.data.eval or (cfg.data.val_size and cfg.stage in HOLDS_OUT))
+
+
+def _held_out_note(cfg: Any) -> str:
+    """Why data.val_size is no eval set here, when it is set: its stage holds no rows out."""
+    if not cfg.data.val_size or cfg.data.eval or STAGES[cfg.stage].loop:
+        return ""
+    return f" (stage {cfg.stage} holds no data.val_size rows out: only {', '.join(HOLDS_OUT)} do)"
+
+
+def check_loss_direction(cfg: Any) -> None:
+    """``greater_is_better: true`` under early stopping where the best is picked by the loss (metric_for_best_model
+    loss or eval_loss, or unset: run.py's default): transformers' callback counts a rising loss as better, so a run
+    whose loss fell stopped after ``patience`` evaluations. (load_best_model_at_end takes it: test_trainer_probe12
+    keeps the worst checkpoint with it on purpose.)"""
+    t = cfg.train
+    metric = t.metric_for_best_model or "loss"
+    if t.early_stopping_patience and t.greater_is_better and metric.removeprefix("eval_") == "loss":
+        raise ConfigError(f"train.greater_is_better is true, but the best evaluation is picked by its loss "
+                          f"(train.metric_for_best_model {metric!r}), which is better lower; drop greater_is_better "
+                          f"(or set it false)")  # fmt: skip
 
 
 def _check_warmup(t: TrainArgs) -> None:
@@ -508,7 +540,12 @@ def check_best_metric(cfg: Any, headline: str | None, moe_base: Callable[[Any], 
     """A ``train.metric_for_best_model`` that the stage's evaluation during training does not report: one line naming
     the key and the metrics it does report, before the model loads (the Trainer's KeyError came at the first
     evaluation). ``headline`` is the stage's ``Prepared.metric``; ``moe_base(cfg)``: whether the base is a
-    Mixture-of-Experts model (run.moe_base, which reads its config), asked only for an aux_loss metric."""
+    Mixture-of-Experts model (run.moe_base, which reads its config), asked only for an aux_loss metric. Also
+    load_best_model_at_end where the Trainer evaluates nothing (data.val_size on a stage that holds no rows out:
+    run.py turned it off silently), here where a run starts: such a finished run's run.yaml still loads."""
+    if cfg.train.load_best_model_at_end and not has_eval(cfg):
+        raise ConfigError(f"train.load_best_model_at_end picks the checkpoint with the best evaluation, but data.eval "
+                          f"is not set{_held_out_note(cfg)}; drop it")  # fmt: skip
     metric = cfg.train.metric_for_best_model
     reported = EVAL_METRICS.get((cfg.stage, headline))
     if not metric or reported is None:

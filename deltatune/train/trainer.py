@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..files import write_failure
 from ..loss import shifts_labels, token_loss
 from .trainer_callbacks import LOG_FILE, SUMS, Regularizer  # noqa: F401  (LOG_FILE, SUMS: read from here)
+from .trainer_resume import check_optimizer, stopped_early
 
 STAGING = ".staging"
 EPOCH_RNG = "deltatune_epoch_rng_{}.pt"  # in a checkpoint: torch's RNG state as its epoch started, per process
@@ -138,7 +139,8 @@ class DeltaTrainerMixin:
     def _run_epoch(self, *args, **kwargs):
         # Resumed from its checkpoint at max_steps (a run stopped while writing its outputs), the Trainer would train
         # one step more before checking the limit.
-        if 0 < self.args.max_steps <= self.state.global_step:
+        # So too from the checkpoint written at an early stop (its restored count at the patience).
+        if 0 < self.args.max_steps <= self.state.global_step or stopped_early(self.callback_handler.callbacks):
             self.control.should_training_stop = True
             return None
         # The Trainer's LengthGroupedSampler draws an epoch's order from torch's global RNG as the epoch starts (no
@@ -212,6 +214,11 @@ class DeltaTrainerMixin:
         if not hasattr(self._delta_model(), "load_adapter_weights"):  # a peft or plain model: the Trainer's way
             return super()._load_best_model()
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is not None and not getattr(self, "is_deepspeed_enabled", False):  # (its own files)
+            check_optimizer(checkpoint, self.optimizer)  # one line, where torch's load_state_dict was a traceback
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         delta = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)

@@ -166,6 +166,12 @@ class EarlyStopping(EarlyStoppingCallback):
     def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0) -> None:
         super().__init__(*self.recipe)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        # A checkpoint written without early stopping (--resume-changed adding it, a run from before the keys) holds
+        # no state of it: the Trainer's save indexes stateful_callbacks by its name (KeyError at the first save).
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+
 
 def callbacks(train=None) -> list[TrainerCallback]:
     """The callbacks ``run.py`` gives a Trainer stage; with the recipe's ``train`` section, transformers'
