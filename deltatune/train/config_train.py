@@ -51,7 +51,9 @@ class TrainArgs:
                                         "steps; default: at the end of each epoch).")  # fmt: skip
     save_steps: int | float | None = _f(None, "Checkpoint every N steps (a fraction < 1: of the run's steps; "
                                         "default: at the end of each epoch).")  # fmt: skip
-    save_total_limit: int | None = _f(2, "Keep the last K checkpoints (null: keep every one, the Trainer's default).")
+    save_total_limit: int | None = _f(2, "Keep the last K checkpoints (null: keep every one, the Trainer's default); "
+                                      "with early_stopping_patience or load_best_model_at_end the best evaluated "
+                                      "one is kept too (at 1, once the run ends, only the best).")  # fmt: skip
     report_to: list = _f(["tensorboard"], "Loggers: tensorboard, none, or any the HF Trainer knows.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     train_sampling_strategy: str = _f("random", "The order of the training rows, as TrainingArguments' "
