@@ -56,15 +56,11 @@ def _qwen_tokenizer():
     return tok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data/tools.py renders a row's schema as written; the fix (row_tools as vLLM's dump) is the lead's diff",
-)
 def test_a_row_with_tools_trains_on_the_prompt_a_served_request_with_them_gets():
     """A row whose tool schema leaves out its description (LLaMA-Factory's flat {name, parameters}, glaive's) trained
     on a prompt without ``"description": null``, which vLLM and deltatune serve render for the same tools (6 tokens
-    more on Qwen2.5's template): the served prompt was not the trained one. Strict xfail until row_tools renders a
-    schema as vLLM dumps it (the diff in probe 20's report); then drop the mark."""
+    more on Qwen2.5's template): the served prompt was not the trained one. row_tools now renders a
+    schema as vLLM dumps it."""
     from deltatune.data.load import Row
     from deltatune.data.templates import encode_chat
     from deltatune.data.tools import row_tools

@@ -81,4 +81,16 @@ def row_tools(row: Row, column: str) -> list[dict] | None:
     for i, v in enumerate(schemas):
         if not isinstance(v["function"], dict) or not isinstance(v["function"].get("name"), str):
             raise DataError(f"{row.source}: {column}[{i}]: a tool schema needs a function name")
-    return schemas
+    return [_as_served(v) for v in schemas]
+
+
+def _as_served(tool: dict) -> dict:
+    """A tool schema as vLLM (and deltatune serve) hands it to the chat template, pydantic's dump of its
+    ChatCompletionToolsParam: the function's name, description and parameters first (one left out null), then its
+    other keys; the tool's other keys after "type" and "function". A template that prints the schema (Qwen2.5's and
+    Llama 3.1's tojson) then trains on the prompt a served request with the same tools gets."""
+    fn = tool["function"]
+    rest = {k: v for k, v in fn.items() if k not in ("name", "description", "parameters")}
+    function = {"name": fn["name"], "description": fn.get("description"), "parameters": fn.get("parameters"), **rest}
+    outer = {k: v for k, v in tool.items() if k not in ("type", "function")}
+    return {"type": tool.get("type", "function"), "function": function, **outer}

@@ -149,7 +149,7 @@ def create_app(
         prompts = body.get("prompt")  # one, or a batch: a list of strings or of token id lists
         batch = isinstance(prompts, list) and prompts and all(isinstance(p, (str, list)) for p in prompts)
         prompts = prompts if batch else [prompts]
-        ids = [_prompt_ids(engine.tokenizer, p, special) for p in prompts]
+        ids = [_prompt_ids(engine.tokenizer, p, special, limits.vocab) for p in prompts]
         echo = None
         if flag(body, "echo"):  # the prompt as given, or its token ids decoded (as vLLM echoes them)
             echo = [p if isinstance(p, str) else engine.tokenizer.decode(i) for p, i in zip(prompts, ids)]
