@@ -150,7 +150,7 @@ def validate_train(cfg: Any) -> None:
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
     if t.scheduler in ON_EVAL and (not has_eval(cfg) or loop):  # (the Trainer's ValueError without an evaluation)
         raise ConfigError(f"train.scheduler={t.scheduler} steps on the eval loss: it needs data.eval, and a stage "
-                          f"the Trainer runs (not ppo or grpo){_held_out_note(cfg)}")  # fmt: skip
+                          f"the Trainer runs (not ppo or grpo){held_out_note(cfg)}")  # fmt: skip
     if loop and (t.lr_scheduler_kwargs or t.scheduler in NEEDS_KWARGS):  # (its loop builds the schedule without them)
         raise ConfigError(f"train.lr_scheduler_kwargs: {cfg.stage}'s own loop builds its schedule without kwargs; "
                           f"drop them, and use a schedule that needs none")  # fmt: skip
@@ -217,7 +217,7 @@ def _check_early_stopping(cfg: Any) -> None:
     if STAGES[cfg.stage].loop or not has_eval(cfg):
         why = f"{cfg.stage}'s own loop never stops early" if STAGES[cfg.stage].loop else "data.eval is not set"
         raise ConfigError(f"train.early_stopping_patience stops when the evaluation stops improving, but {why}"
-                          f"{_held_out_note(cfg)}; drop it")  # fmt: skip
+                          f"{held_out_note(cfg)}; drop it")  # fmt: skip
     check_loss_direction(cfg)
 
 
@@ -232,7 +232,7 @@ def has_eval(cfg: Any) -> bool:
     return bool(cfg.data.eval or (cfg.data.val_size and cfg.stage in HOLDS_OUT))
 
 
-def _held_out_note(cfg: Any) -> str:
+def held_out_note(cfg: Any) -> str:
     """Why data.val_size is no eval set here, when it is set: its stage holds no rows out."""
     if not cfg.data.val_size or cfg.data.eval or STAGES[cfg.stage].loop:
         return ""
@@ -547,7 +547,7 @@ def check_best_metric(cfg: Any, headline: str | None, moe_base: Callable[[Any], 
     run.py turned it off silently), here where a run starts: such a finished run's run.yaml still loads."""
     if cfg.train.load_best_model_at_end and not has_eval(cfg):
         raise ConfigError(f"train.load_best_model_at_end picks the checkpoint with the best evaluation, but data.eval "
-                          f"is not set{_held_out_note(cfg)}; drop it")  # fmt: skip
+                          f"is not set{held_out_note(cfg)}; drop it")  # fmt: skip
     metric = cfg.train.metric_for_best_model
     reported = EVAL_METRICS.get((cfg.stage, headline))
     if not metric or reported is None:
