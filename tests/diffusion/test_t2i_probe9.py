@@ -283,5 +283,5 @@ def test_a_row_may_hold_several_captions_one_drawn_at_each_read_as_diffusers(shi
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "0.png", "text": ["a thing", " "]}) + "\n")
     from deltatune.data.load import DataError
 
-    with pytest.raises(DataError, match=r"d.jsonl:1: column 'text' must be a non-empty caption"):
+    with pytest.raises(DataError, match=r"d.jsonl:1: column 'text'\[1\] must be a non-empty caption, got ' '"):
         t2i.prepare_t2i(build({"stage": "t2i", "model": {"name_or_path": str(shifted)}, "data": data}), processor)
