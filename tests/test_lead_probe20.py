@@ -9,6 +9,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+from test_trainer_probe11 import files, recipe  # noqa: E402, F401  (files: a tiny llama and rows)
 from tiny_vlm import save_vlm  # noqa: E402
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
@@ -68,3 +69,20 @@ def test_the_ema_warmup_keys_are_recipe_keys_read_by_t2i_alone():
     assert ignored_keys(cfg) == []
     sft = load_recipe(os.path.join(RECIPES, "quickstart.yaml"), ["train.use_ema_warmup=true"])
     assert ("train.use_ema_warmup", "t2i") in ignored_keys(sft)
+
+
+def test_eval_steps_with_val_size_on_a_stage_that_holds_none_out_is_refused_where_a_run_starts(files, tmp_path):  # noqa: F811
+    """sft reads no data.val_size: train.eval_steps beside it scheduled evaluations run.py silently dropped
+    (eval_strategy "no"). Refused as a run starts, before the folder is made (trainer20's diff B); such a finished
+    run's run.yaml still builds."""
+    from deltatune.config import ConfigError
+    from deltatune.train import build, train
+
+    raw = recipe(files, tmp_path / "out", max_steps=2, eval_steps=1)
+    raw["data"]["val_size"] = 0.25
+    raw["data"].pop("eval", None)
+    cfg = build(raw)  # (loads, as a finished run's would)
+    with pytest.raises(ConfigError, match=r"^train\.eval_steps schedules an evaluation, but data\.eval is not set "
+                       r"\(stage sft holds no data\.val_size rows out"):  # fmt: skip
+        train(cfg)
+    assert not (tmp_path / "out").exists()
