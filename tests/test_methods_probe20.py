@@ -18,7 +18,9 @@ import pytest
 import deltatune as dt
 from tests.tiny import tiny_model
 
-sys.path.insert(0, str(Path(__file__).parent))
+# (tiny_vlm: a worker that ran test_bench_vision has imported benchmarks/vision.py as `vision`, so
+# `from vision.tiny_vlm import` failed there)
+sys.path.insert(0, str(Path(__file__).parent / "vision"))
 
 
 def _llamafactory_blocks(num_layers: int, n: int) -> range:
@@ -42,7 +44,7 @@ def test_freeze_on_blip2_trains_the_language_model_blocks_only_as_llamafactory()
     """BLIP-2: the text config's layers counted, the vision tower and the projector (the Q-Former) frozen, as
     LLaMA-Factory's defaults for a registered VLM; this trained the Q-Former's last block as well (a stack of its
     own, not named for vision)."""
-    from vision.tiny_vlm import tiny_vlm
+    from tiny_vlm import tiny_vlm
 
     base = tiny_vlm("blip-2")
     num = base.config.text_config.num_hidden_layers
@@ -152,7 +154,7 @@ def test_freeze_blip2_file_from_before_with_the_qformer_block_loads_as_it_traine
     """A file saved before this change holds the Q-Former's last block too: loading still copies it into the base."""
     import torch
     from safetensors.torch import load_file, save_file
-    from vision.tiny_vlm import tiny_vlm
+    from tiny_vlm import tiny_vlm
 
     model = dt.get_delta_model(tiny_vlm("blip-2"), dt.FreezeConfig(freeze_trainable_layers=1))
     model.save_pretrained(tmp_path)
@@ -175,7 +177,7 @@ def test_full_on_llava_freezes_the_vision_tower_and_projector_as_llamafactory(tm
     them as well."""
     import json
 
-    from vision.tiny_vlm import tiny_vlm
+    from tiny_vlm import tiny_vlm
 
     base = tiny_vlm("llava")
     forbidden = ("vision_tower", "multi_modal_projector")  # LLaMA-Factory's get_forbidden_modules for llava
@@ -197,7 +199,7 @@ def test_full_llava_file_from_before_without_the_fields_loads_training_every_par
     """A file saved before the fields (its config lacks them) trained every parameter: it resumes so."""
     import json
 
-    from vision.tiny_vlm import tiny_vlm
+    from tiny_vlm import tiny_vlm
 
     model = dt.get_delta_model(
         tiny_vlm("llava"), dt.FullConfig(freeze_vision_tower=False, freeze_multi_modal_projector=False)
@@ -258,7 +260,7 @@ def _old_freeze_file(tmp_path, family: str = "blip-2") -> None:
     """An adapter folder saved before the tower switches: its adapter_config.json without them (nor use_llama_pro)."""
     import json
 
-    from vision.tiny_vlm import tiny_vlm
+    from tiny_vlm import tiny_vlm
 
     old = dt.FreezeConfig(freeze_trainable_layers=1, freeze_multi_modal_projector=False)  # (what the old rule trained)
     dt.get_delta_model(tiny_vlm(family), old).save_pretrained(tmp_path)
@@ -287,7 +289,7 @@ def test_freeze_resume_of_a_blip2_run_from_before_the_switches_trains_the_qforme
     too (freeze_multi_modal_projector): the checkpoint without it goes on with the rule it trained with."""
     import json
 
-    from vision.tiny_vlm import save_vlm
+    from tiny_vlm import save_vlm
 
     from deltatune.train.config import build
     from deltatune.train.models import load_processor
@@ -317,7 +319,7 @@ def test_freeze_resume_of_a_blip2_run_from_before_the_switches_trains_the_qforme
 def test_freeze_blip2_file_from_before_the_switches_loads_trainable_as_it_trained(tmp_path):
     """The file from before the switches loads (is_trainable) with its Q-Former block training, as it trained; a
     direct call with the switches None takes LLaMA-Factory's defaults (True); False trains that tower's blocks."""
-    from vision.tiny_vlm import tiny_vlm
+    from tiny_vlm import tiny_vlm
 
     _old_freeze_file(tmp_path)
     loaded = dt.DeltaModel.from_pretrained(tiny_vlm("blip-2"), tmp_path, is_trainable=True)
@@ -427,7 +429,7 @@ def test_full_on_a_dual_encoder_trains_every_parameter_as_llamafactory(family):
 def test_full_resume_of_a_checkpoint_with_null_switches_goes_on_training_every_tower(saved, trains):
     """A file from before the switches, loaded and saved again, holds them null: as_resumed took None, which inject
     turned True, freezing the vision tower mid-run."""
-    from vision.tiny_vlm import tiny_vlm
+    from tiny_vlm import tiny_vlm
 
     config = dt.FullConfig().as_resumed({"peft_type": "FULL", "freeze_multi_modal_projector": None, **saved})
     model = dt.get_delta_model(tiny_vlm("llava"), config)
