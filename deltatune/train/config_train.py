@@ -120,8 +120,8 @@ class TrainArgs:
     ema_inv_gamma: float = _f(1.0, "t2i EMA warm-up: EMAModel's inv_gamma (train_unconditional's --ema_inv_gamma).")
     ema_power: float = _f(2 / 3, "t2i EMA warm-up: EMAModel's power (train_unconditional's --ema_power).")
     ema_min_decay: float = _f(0.0, "t2i EMA: the smallest decay of a step that averages (EMAModel's min_decay).")
-    ema_update_after_step: int = _f(0, "t2i EMA: steps whose weights the average copies before it averages "
-                                    "(EMAModel's update_after_step).")  # fmt: skip
+    ema_update_after_step: int = _f(0, "t2i EMA: the average copies the weights through step this + 1, then "
+                                    "averages (EMAModel's update_after_step).")  # fmt: skip
     validation_prompt: str | None = _f(None, "t2i: draw images of this prompt during training (diffusers' "
                                        "--validation_prompt).")  # fmt: skip
     num_validation_images: int = _f(4, "t2i validation: images per drawing (diffusers' --num_validation_images).")
