@@ -41,7 +41,13 @@ class RewardScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """One reward per (prompt, response): (N,) float tensor, the pair rendered as the reward run rendered it."""
+        """One reward per (prompt, response): (N,) float tensor, the pair rendered as the reward run rendered it.
+
+        Raises:
+            ValueError: the two lists differ in length.
+        """
+        if not _paired(prompts, responses):
+            return torch.zeros(0)
         examples = [
             score_inputs(self.tokenizer, self.template, p, r, self.max_length) for p, r in zip(prompts, responses)
         ]
@@ -50,6 +56,19 @@ class RewardScorer:
         batch = Collator(self.tokenizer.pad_token_id)(examples)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return self.model(**batch).logits.squeeze(-1).float().cpu()
+
+
+def _paired(prompts: Sequence[str], responses: Sequence[str]) -> int:
+    """How many (prompt, response) pairs a reward call scores (0: an empty batch, (0,) rewards; the model is not
+    called, which fails on no rows).
+
+    Raises:
+        ValueError: the two lists differ in length (zip scored the shorter one's pairs and dropped the rest).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"reward model: {len(prompts)} prompts but {len(responses)} responses; one response per "
+                         "prompt")  # fmt: skip
+    return len(prompts)
 
 
 def reward_run(run_dir: str) -> dict:
@@ -121,8 +140,15 @@ class AdapterReward:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """One reward per (prompt, response): (N,) float tensor."""
+        """One reward per (prompt, response): (N,) float tensor.
+
+        Raises:
+            ValueError: the two lists differ in length.
+        """
         from ..data.tasks import Collator
+
+        if not _paired(prompts, responses):
+            return torch.zeros(0)
 
         examples = [
             score_inputs(self.tokenizer, self.template, p, r, self.max_length) for p, r in zip(prompts, responses)

@@ -1,0 +1,127 @@
+"""Probe 20 of stage rm and the reward scorers on a SmolLM2-style tokenizer (no pad token: the pad is the EOS):
+against TRL 1.16's RewardTrainer, transformers' classifier, peft's AutoPeftModelForSequenceClassification."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny import save_tiny
+
+import deltatune as dt
+from deltatune.train import build
+from deltatune.train.models import load_tokenizer
+from deltatune.train.run import train
+from deltatune.train.scorers import AdapterReward, RewardScorer
+from deltatune.train.table import prepare
+
+ROWS = [("what is your name", " my name is delta", " i will not say", 0.5), ("hello there", " hi", " go away", -0.3),
+        ("tell me", " a story", " no", 1.2)]  # fmt: skip
+CONVERSATIONAL = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+                   "rejected": [{"role": "assistant", "content": r}], "margin": m} for p, c, r, m in ROWS]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """The tiny Llama with its tokenizer's pad token removed and config pad_token_id None (SmolLM2's base), the rows,
+    and a reward run trained two steps on them."""
+    from transformers import AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("rm20")
+    base = save_tiny(tmp / "llama")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = None
+    tok.save_pretrained(base)
+    config = json.loads((tmp / "llama" / "config.json").read_text())
+    (tmp / "llama" / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+    rows = tmp / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL))
+    recipe = {"stage": "rm", "model": {"name_or_path": base}, "data": {"train": str(rows), "max_length": 64},
+              "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+              "train": {"report_to": ["none"], "max_steps": 2, "batch_size": 3, "lr": 5e-2},
+              "output": {"dir": str(tmp / "rm")}}  # fmt: skip
+    train(build(recipe))
+    return {"base": base, "rows": rows, "run": str(tmp / "rm"), "recipe": recipe}
+
+
+def test_pad_is_eos_ids_loss_and_metrics_equal_trls_reward_trainer(smol, tmp_path):
+    """TRL's RewardTrainer takes the EOS as the pad where the tokenizer has none and writes it into the model's config;
+    deltatune's load_tokenizer does too: the same ids, loss and logged metrics (the margin column read) on the pairs,
+    the reward read at the last token that is not the EOS."""
+    import trl
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+
+    cfg = build({**smol["recipe"], "output": {"dir": str(tmp_path / "run")}})
+    tok = load_tokenizer(smol["base"])
+    assert tok.pad_token_id == tok.eos_token_id
+    ours = prepare(cfg, tok)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(smol["base"], num_labels=1)
+    args = trl.RewardConfig(str(tmp_path / "trl"), per_device_train_batch_size=3, report_to=[], use_cpu=True,
+                            bf16=False, center_rewards_coefficient=0.1)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = dt.trl_trainer(trl.RewardTrainer)(model=model, args=args, train_dataset=Dataset.from_list(CONVERSATIONAL),
+                                                   processing_class=AutoTokenizer.from_pretrained(smol["base"]))  # fmt: skip
+    assert model.config.pad_token_id == tok.eos_token_id
+    batch = theirs.data_collator([theirs.train_dataset[i] for i in range(3)])
+    mine = ours.collator(ours.train)
+    assert torch.equal(mine["input_ids"], batch["input_ids"]) and torch.equal(mine["margin"], batch["margin"])
+    model.train()
+    expected = theirs.compute_loss(model, dict(batch))
+    trainer = ours.trainer_class(model=model, args=TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True))
+    trainer.center_rewards_coefficient = 0.1
+    got = trainer.compute_loss(model, mine)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    for key, values in theirs._metrics["train"].items():
+        assert trainer._stats[key][-1] == pytest.approx(values[-1], abs=1e-6), key
+
+
+def test_scorer_adapter_reward_and_peft_score_as_the_trained_forward(smol):
+    """The saved run (LoRA plus the score head as modules_to_save, task type SEQ_CLS) loads in peft's
+    AutoPeftModelForSequenceClassification; it, RewardScorer (text, re-tokenised) and AdapterReward (the run as a
+    second adapter in a causal-LM policy, the head applied by hand) give the rewards of the trained model's forward
+    on the prepared pairs, to float precision."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
+
+    with open(f"{smol['run']}/adapter_config.json") as fh:
+        saved = json.load(fh)
+    assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["score"]
+    tok = load_tokenizer(smol["base"])
+    prepared = prepare(build(smol["recipe"]), tok)
+    batch = prepared.collator(prepared.train)
+    scorer = RewardScorer(smol["run"])
+    with torch.no_grad():
+        forward = scorer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        peft_model = AutoPeftModelForSequenceClassification.from_pretrained(smol["run"], num_labels=1).eval()
+        peft_model.config.pad_token_id = tok.pad_token_id  # (the base's config has none, as SmolLM2's)
+        theirs = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    prompts = [p for p, *_ in ROWS]
+    texts = scorer(prompts, [c for _, c, _, _ in ROWS]), scorer(prompts, [r for _, _, r, _ in ROWS])
+    policy = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(smol["base"]),
+                                dt.LoraConfig(r=2, target_modules=["q_proj"]))  # fmt: skip
+    adapter = AdapterReward(policy, smol["run"], tok)
+    shared = adapter(prompts, [c for _, c, _, _ in ROWS]), adapter(prompts, [r for _, _, r, _ in ROWS])
+    assert forward.abs().max() > 0.05 and forward[:3].ne(forward[3:]).all()
+    for scores in (theirs, torch.cat(texts), torch.cat(shared)):
+        assert torch.allclose(scores, forward, atol=1e-5), (scores, forward)
+
+
+def test_reward_calls_refuse_unequal_lists_and_score_an_empty_batch(smol):
+    """Two prompts and one response: one line naming both counts (zip scored one pair and dropped the other, a
+    (1,) reward for two rollouts); no pair at all: a (0,) reward (the Collator failed with an IndexError)."""
+    from transformers import AutoModelForCausalLM
+
+    scorer = RewardScorer(smol["run"])
+    policy = dt.get_delta_model(AutoModelForCausalLM.from_pretrained(smol["base"]),
+                                dt.LoraConfig(r=2, target_modules=["q_proj"]))  # fmt: skip
+    adapter = AdapterReward(policy, smol["run"], load_tokenizer(smol["base"]))
+    for fn in (scorer, adapter):
+        with pytest.raises(ValueError, match="^reward model: 2 prompts but 1 responses; one response per prompt$"):
+            fn(["a", "b"], ["x"])
+        assert fn([], []).shape == (0,)
+        assert fn(["a"], ["x"]).shape == (1,)
