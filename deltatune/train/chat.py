@@ -134,8 +134,8 @@ def generate(
     template: str | None = None,
     templated: bool = False,
 ) -> str:
-    """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only; it also
-    stops where the built-in ``template`` it trained with ends an answer (``templates.stop_ids``: chatml's
+    """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only; it stops on
+    the generation config's EOS ids and the tokenizer's EOS (as serve), and where the built-in ``template`` it trained with ends an answer (``templates.stop_ids``: chatml's
     ``<|im_end|>`` where the tokenizer has no EOS), and, when ``templated`` (the tokenizer's own chat template
     rendered the prompt: :func:`chat_templated`), where that template ends a turn (:func:`_turn_end_id`); not for a
     prompt sent as text (``--raw``, a stage-pt run's samples), which the template never framed.
@@ -153,17 +153,18 @@ def generate(
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(ids)], device=device)
     sampling = sampling_kwargs(temperature, top_p)
-    extra = [i for i in stop_ids(tok, template) if i != tok.eos_token_id] if template is not None else []
-    if extra:  # beside the generation config's own stops
-        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        sampling["eos_token_id"] = [*([] if own is None else own if isinstance(own, list) else [own]), *extra]
-    decoder_only = not getattr(model.config, "is_encoder_decoder", False)
-    turn_end = _turn_end_id(tok) if templated and decoder_only else None
     own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     own = [] if own is None else own if isinstance(own, list) else [own]
-    if turn_end is not None and turn_end not in own and "eos_token_id" not in sampling:
-        sampling["eos_token_id"] = [*own, turn_end]  # the chat template's end of a turn, as LLaMA-Factory's stop words
-    marker = _end_marker(tok, template) if not extra else None
+    # Beside the generation config's own stops: the tokenizer's EOS, as serve, vLLM and LLaMA-Factory stop on it (a
+    # base whose config names none ran on past it); the built-in template's end marker (stop_ids); the chat
+    # template's end of a turn when it rendered the prompt (as LLaMA-Factory's stop words)
+    decoder_only = not getattr(model.config, "is_encoder_decoder", False)
+    turn_end = _turn_end_id(tok) if templated and decoder_only else None
+    extra = [tok.eos_token_id, *(stop_ids(tok, template) if template is not None else []), turn_end]
+    extra = list(dict.fromkeys(i for i in extra if i is not None and i not in own))
+    if extra:
+        sampling["eos_token_id"] = [*own, *extra]
+    marker = _end_marker(tok, template)  # (None where the marker is one token: stop_ids gave its id)
     if marker:  # several tokens (no stop id): stopped on as text, as transformers' stop_strings (which fails on
         start = input_ids.shape[1] if decoder_only else 1  # (an encoder-decoder's criteria see its decoder's ids,
         sampling["stopping_criteria"] = _stop_on_text(tok, marker, start)  # after its start token; some vocabularies)
@@ -398,7 +399,10 @@ def run_samples(model, tok, cfg) -> list[dict[str, str]]:
     return compare(model, tok, prompts, max_new_tokens=cfg.output.sample_tokens, raw=sent_raw, template=template)
 
 
-HELP = "/reset clears the history, /base toggles the adapter off and on, /quit ends (Ctrl-D too)"
+HELP = (
+    "/reset (/clear) clears the history, /base toggles the adapter off and on, /help shows this, /quit (/exit) ends "
+    "(Ctrl-D too)"
+)
 
 
 def repl(
@@ -433,16 +437,21 @@ def repl(
         if tty:
             print("base> " if base else "you> ", end="", file=stdout, flush=True)
         line = stdin.readline()
-        if not line:
+        if not line:  # EOF (Ctrl-D): the shell's prompt on a line of its own, not after "you> "
+            if tty:
+                print(file=stdout)
             return 0
         text = line.strip()
         if not text:
             continue
         if text in ("/quit", "/exit"):
             return 0
-        if text == "/reset":
+        if text in ("/reset", "/clear"):  # (transformers chat's !clear, LLaMA-Factory's clear)
             history = []
             print("(history cleared)", file=stdout)
+            continue
+        if text == "/help":
+            print(f"({HELP})", file=stdout)
             continue
         if text == "/base":
             try:
