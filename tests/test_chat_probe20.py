@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 
 from deltatune.train import chat
@@ -131,3 +132,18 @@ def test_end_of_input_at_a_terminal_ends_the_line():
     out = io.StringIO()
     assert chat.repl(_answering(len(tok), [tok.eos_token_id]), tok, stdin=_Tty(""), stdout=out) == 0
     assert out.getvalue() == f"deltatune chat: {chat.HELP}\nyou> \n"
+
+
+def test_a_top_p_for_a_greedy_decode_is_one_line_before_any_model_loads(tmp_path, capsys):
+    """``--top-p 0.5`` without ``--temperature``: the answer was greedy and the flag ignored without a word
+    (transformers' generate warns that top_p is not valid with do_sample=False; LLaMA-Factory drops it)."""
+    from deltatune.cli import main
+    from deltatune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--top-p 0\.5 applies to sampling"):
+        chat.check_sampling(8, 0.0, 0.5)
+    chat.check_sampling(8, 0.7, 0.5)  # sampling: taken
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(tmp_path), "--prompt", "x", "--top-p", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--top-p 0.5 applies to sampling" in err and "Traceback" not in err

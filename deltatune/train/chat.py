@@ -103,7 +103,8 @@ def prompt_ids(
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float | None, seed: int | None = None) -> None:
-    """Raises ConfigError naming the option when a sampling setting is out of range."""
+    """Raises ConfigError naming the option when a sampling setting is out of range, or ``top_p`` is given for a greedy
+    decode (temperature 0), which would ignore it."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= temperature < float("inf"):
@@ -112,6 +113,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float | None,
         raise ConfigError(f"--seed must be in [-2**63, 2**64), got {seed}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_p is not None and temperature == 0:  # (ignored without a word before; transformers' generate warns)
+        raise ConfigError(f"--top-p {top_p} applies to sampling, and --temperature 0 decodes greedily; give "
+                          "--temperature > 0 too, or leave --top-p out")  # fmt: skip
 
 
 def sampling_kwargs(temperature: float, top_p: float | None) -> dict[str, Any]:
