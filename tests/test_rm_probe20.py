@@ -125,3 +125,32 @@ def test_reward_calls_refuse_unequal_lists_and_score_an_empty_batch(smol):
             fn(["a", "b"], ["x"])
         assert fn([], []).shape == (0,)
         assert fn(["a"], ["x"]).shape == (1,)
+
+
+def test_pairs_cut_to_the_same_ids_are_refused_naming_the_row_or_skipped(smol, tmp_path):
+    """Two responses that differ only in what data.max_length cuts off (the rm cut keeps a side's end, here the
+    shared tail): HEAD trained the identical inputs as a pair (loss log 2, no gradient, a lost pair in the accuracy) with only
+    the truncation note. Now one line naming the row; data.bad_pairs=skip leaves it out with a note, as TRL's
+    RewardTrainer drops pairs over its max_length; the other pairs keep their margins."""
+    from deltatune.data.load import DataError
+
+    tail = " ".join(["word"] * 30)
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 0.5},
+            {"prompt": "q", "chosen": "good " + tail, "rejected": "bad " + tail, "margin": 1.0}]  # fmt: skip
+    path = tmp_path / "cut.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(smol["base"])
+
+    def recipe(**data):
+        return build({"stage": "rm", "model": {"name_or_path": smol["base"]}, "train": {"report_to": ["none"]},
+                      "data": {"train": str(path), "max_length": 20, **data}, "output": {"dir": str(tmp_path / "r")}})  # fmt: skip
+
+    with pytest.raises(DataError, match=r"^\S*cut.jsonl:2: 'chosen' and 'rejected' are identical once cut to "
+                                        r"data.max_length=20 tokens .*data.bad_pairs=skip"):  # fmt: skip
+        prepare(recipe(), tok)
+    skipped = prepare(recipe(bad_pairs="skip"), tok)
+    assert len(skipped.train) == 1 and any("1 train pairs were left out" in n and "cut.jsonl:2" in n
+                                           for n in skipped.notes)  # fmt: skip
+    batch = skipped.collator(skipped.train)
+    assert "_source" not in batch and batch["margin"].tolist() == [0.5]
+    assert set(prepare(recipe(max_length=64), tok).train[1]) == {"chosen", "rejected", "margin"}

@@ -151,6 +151,44 @@ def _margins(spec: str | None, cfg: RunConfig) -> dict[str, float] | None:
     return out
 
 
+_SOURCE = "_source"
+"""A pair's row (file:line) while it is prepared; removed before the collator sees it."""
+
+
+class _Sources(dict):
+    """``encode_pair_splits``' extra values of the ``_SOURCE`` column: each row's own file:line."""
+
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+def _drop_cut_ties(examples: list[dict], split: str, cfg: RunConfig, notes: list[str]) -> None:
+    """Refuse (data.bad_pairs=skip: leave out, noted) the pairs whose two sides data.max_length cut to the same ids:
+    a tie the pairwise loss learns nothing from (the two sides' gradients cancel) and counts as a lost pair in the accuracy. The rows were
+    told apart only past the cut; TRL's RewardTrainer drops every pair longer than its max_length.
+
+    Raises:
+        DataError: such a pair under data.bad_pairs=refuse, or every pair of the split is one.
+    """
+    from ..data.load import DataError
+
+    ties, kept = [], []
+    for ex in examples:
+        source = ex.pop(_SOURCE)
+        if ex["chosen"]["input_ids"] == ex["rejected"]["input_ids"]:
+            ties.append(source)
+        else:
+            kept.append(ex)
+    if ties and (cfg.data.bad_pairs != "skip" or not kept):
+        raise DataError(f"{ties[0]}: 'chosen' and 'rejected' are identical once cut to data.max_length="
+                        f"{cfg.data.max_length} tokens (they differ past it), a tie the pairwise loss learns nothing "
+                        "from; raise data.max_length (data.bad_pairs=skip leaves such rows out)")  # fmt: skip
+    examples[:] = kept
+    if ties:
+        notes.append(f"{len(ties)} {split} pairs were left out (data.bad_pairs=skip): chosen and rejected identical "
+                     f"once cut to data.max_length={cfg.data.max_length} tokens (first: {ties[0]})")  # fmt: skip
+
+
 def rm_metrics(p) -> dict[str, float]:
     """The rm stage's eval metrics: ``pair_metrics`` of the (N, 2) scores, and TRL's ``min_reward``, ``mean_reward``,
     ``max_reward`` over all of them (TRL averages its eval batches' values: the same over one batch)."""
@@ -174,10 +212,13 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
         raise ConfigError(f"stage rm trains a scalar reward: model.num_labels must be 1, got {cfg.model.num_labels}")
     cfg.model.num_labels = 1  # recorded in run.yaml, so eval and PPO rebuild the same head
     margins = {split: _margins(getattr(cfg.data, split), cfg) for split in ("train", "eval")}
-    extra = {split: {MARGIN_COLUMN: m} if m else None for split, m in margins.items()}
+    extra = {split: {_SOURCE: _Sources(), **({MARGIN_COLUMN: m} if m else {})} for split, m in margins.items()}
     config = _base_config(cfg)
     pair_scorer = config is not None and is_encoder_config(config)
     train, ev, notes = encode_pair_splits(cfg, tok, causal=False, pair_scorer=pair_scorer, extra=extra)
+    for split, encoded in (("train", train), ("eval", ev)):
+        if encoded is not None:
+            _drop_cut_ties(encoded.examples, split, cfg, notes)
     _check_eos(config, {"train": train.examples, "eval": ev.examples if ev else []})
     for split, m in margins.items():
         if m:
