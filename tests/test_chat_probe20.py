@@ -147,3 +147,14 @@ def test_a_top_p_for_a_greedy_decode_is_one_line_before_any_model_loads(tmp_path
     assert main(["generate", "--adapter", str(tmp_path), "--prompt", "x", "--top-p", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--top-p 0.5 applies to sampling" in err and "Traceback" not in err
+
+
+def test_a_system_prompt_not_in_utf8_is_refused_before_the_first_message_is_read():
+    """``deltatune chat --system`` with bytes that are not UTF-8: one line naming --system before the chat reads a
+    message (generate refuses it before any model loads); it read and lost the first message typed, then ended."""
+    from deltatune.config import ConfigError
+
+    tok, stdin = _tokenizer(), io.StringIO("hi\n")
+    with pytest.raises(ConfigError, match=r"^--system holds bytes that are not UTF-8 text"):
+        chat.repl(_answering(len(tok), [tok.eos_token_id]), tok, system="caf\udce9", stdin=stdin, stdout=io.StringIO())
+    assert stdin.tell() == 0  # nothing read

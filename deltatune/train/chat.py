@@ -428,6 +428,7 @@ def repl(
         sys.stdin.reconfigure(errors="surrogateescape")  # would end the chat; check_text refuses it alone instead
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    check_text(system, "--system")  # at once, not after the first message typed (which it ended the chat at)
     if system is not None and (raw or not (template or has_template(tok))):  # (as prompt_ids; dropped silently before)
         why = "--raw" if raw else "the tokenizer has no chat template"
         raise ConfigError(f"--system: the prompt goes as plain text ({why}), which has no place for a system prompt; "
