@@ -157,7 +157,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "chat",
-        help="talk to an adapter: history kept, /reset clears it, /base toggles the adapter off and on, /quit",
+        help="talk to an adapter: history kept, /reset (/clear) clears it, /base toggles the adapter off and on, /help",
         description="An interactive chat with a trained adapter. Reads one message per line from stdin when it is "
         "not a terminal (so it can be scripted).",
     )
