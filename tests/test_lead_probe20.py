@@ -86,3 +86,35 @@ def test_eval_steps_with_val_size_on_a_stage_that_holds_none_out_is_refused_wher
                        r"\(stage sft holds no data\.val_size rows out"):  # fmt: skip
         train(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_served_vocabulary_of_a_vision_language_model_is_its_text_configs():
+    """serve bounds prompt ids and logit_bias ids by the model's vocabulary (9a1110f), read as config.vocab_size, which
+    a transformers 5 vision-language config does not hold (LLaVA's, Qwen2.5-VL's are in text_config): the bound fell
+    back to the tokenizer's length (review of 9a1110f)."""
+    from tiny import tokenizer
+    from transformers import LlamaConfig, LlavaConfig, Qwen2_5_VLConfig
+
+    from deltatune.serve.app import model_vocab
+
+    tok = tokenizer()
+    assert model_vocab(LlavaConfig(), tok) == 32000
+    assert model_vocab(Qwen2_5_VLConfig(), tok) == 152064
+    assert model_vocab(LlamaConfig(vocab_size=77), tok) == 77
+
+
+def test_a_prompt_id_out_of_vocabulary_is_named_after_the_fields_as_vllms_engine_does():
+    """vLLM checks a request's fields before its engine finds an id out of vocabulary: a bad temperature beside such
+    an id is named as the temperature (it was the id; review of cd49657)."""
+    from test_serve_probe11 import _call, _smol
+    from test_serve_probe20 import _narrow_engine
+
+    tok = _smol()
+    engine, app = _narrow_engine(tok, len(tok) - 100)
+    try:
+        status, answer = _call(app, "/v1/completions", {"prompt": [1, len(tok) - 50], "temperature": -1})
+        assert status == 400 and answer["error"]["param"] == "temperature", answer
+        status, answer = _call(app, "/v1/completions", {"prompt": [1, len(tok) - 50], "max_tokens": 2})
+        assert status == 400 and answer["error"]["param"] == "prompt", answer
+    finally:
+        engine.close()

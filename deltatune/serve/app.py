@@ -53,6 +53,14 @@ def _error(status: int, message: str, code: str, param: str | None = None):
     )
 
 
+def model_vocab(config, tokenizer) -> int:
+    """The logits' width (logit_bias's ids; with the tokenizer's length, the prompt ids' bound, as vLLM's
+    get_vocab_size): the text config's vocab_size (a vision-language config holds none of its own), else the
+    tokenizer's length."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    return int(getattr(text, "vocab_size", None) or len(tokenizer))
+
+
 def create_app(
     engine: Engine,
     adapter_dir: str | None = None,
@@ -75,8 +83,7 @@ def create_app(
     app = FastAPI(title="deltatune serve", docs_url=None, redoc_url=None)
     config = engine.model.config
     context = context_length(config) or 2048
-    vocab = getattr(config, "vocab_size", None) or len(engine.tokenizer)  # the logits' width: logit_bias's ids
-    limits = Limits(max_tokens, int(context), vocab=int(vocab))
+    limits = Limits(max_tokens, int(context), vocab=model_vocab(config, engine.tokenizer))
     app.state.engine = engine
 
     @app.middleware("http")

@@ -201,10 +201,6 @@ def _lax_int(value: Any) -> Any:
 def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, chat: bool = True) -> Request:
     """A Request from the body's sampling fields, each checked (a 400 naming the field)."""
     prompt_ids = _truncated(body, prompt_ids, limits.context)  # first, as vLLM: a long prompt cut to fit is served
-    top = max(prompt_ids, default=0)  # vLLM's "out of vocabulary": an id past the embeddings failed its whole batch
-    if top >= limits.vocab:  # (a tokenizer with more tokens than the model: prompt ids, a chat's added tokens)
-        raise RequestError(f"token id {top} is out of this model's vocabulary [0, {limits.vocab})",
-                           param="messages" if "messages" in body else "prompt")  # fmt: skip
     if len(prompt_ids) >= limits.context:
         raise RequestError(
             f"the prompt has {len(prompt_ids)} tokens; the context holds {limits.context} with this model "
@@ -257,7 +253,7 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
                     f'response_format {shown(kind)} is not supported by this server (no guided decoding); send "text"'
                 )
             raise RequestError(why, code="unsupported", param=name)
-    return Request(
+    request = Request(
         prompt_ids=prompt_ids,
         adapter=model,
         max_tokens=max_tokens,
@@ -286,6 +282,12 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
         prompt_top=_prompt_logprobs(body, chat),
         token_ids_as_names=flag(body, "return_tokens_as_token_ids"),  # vLLM's logprobs names, "token_id:123"
     )
+    # vLLM's engine's "out of vocabulary", after every field (an id past the embeddings failed its whole batch)
+    top = max(prompt_ids, default=0)
+    if top >= limits.vocab:  # (a tokenizer with more tokens than the model: prompt ids, a chat's added tokens)
+        raise RequestError(f"token id {top} is out of this model's vocabulary [0, {limits.vocab})",
+                           param="messages" if "messages" in body else "prompt")  # fmt: skip
+    return request
 
 
 def bad_words_ids(tokenizer: Any, body: dict) -> list[list[int]]:
