@@ -118,3 +118,28 @@ def test_a_prompt_id_out_of_vocabulary_is_named_after_the_fields_as_vllms_engine
         assert status == 400 and answer["error"]["param"] == "prompt", answer
     finally:
         engine.close()
+
+
+def test_a_null_optional_alpaca_input_is_not_named_as_the_format_difference():
+    """_nulled names a null column of the first row's format as the difference (3d34812), but alpaca's ``input`` is
+    optional: a later text row with a null input was blamed on it (review of e1278a1)."""
+    from deltatune.data.formats import read_samples
+    from deltatune.data.load import DataError, Row
+
+    first = Row({"instruction": "a", "input": "x", "output": "b"}, "t.jsonl:1")
+    for later in ({"text": "t", "input": None}, {"prompt": "p", "completion": "c", "input": None}):
+        with pytest.raises(DataError, match=r"^t\.jsonl:2: this row is in the (text|prompt_completion) format"):
+            read_samples([first, Row(later, "t.jsonl:2")])
+
+
+def test_no_row_left_pickles_and_copies_with_its_counts():
+    """sft's NoRowLeft took two arguments and no __reduce__: pickling or copying it (a process pool, Ray) raised a
+    TypeError in place of the data's message (review of 1c972cf)."""
+    import copy
+    import pickle
+
+    from deltatune.train.sft import NoRowLeft
+
+    e = pickle.loads(pickle.dumps(NoRowLeft("no eval row", "2 with none")))
+    assert (str(e), e.why) == ("no eval row", "2 with none")
+    assert copy.copy(e).why == "2 with none"

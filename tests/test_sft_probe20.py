@@ -117,7 +117,7 @@ def test_an_eval_file_with_no_row_to_score_is_refused(tmp_path):
     ok = [HI, {"role": "assistant", "content": "Hello."}]
     with pytest.raises(DataError, match=r"^no eval row has a response token to score \(2 with none within "
                                         r"data\.max_length=64, the first: .*e\.jsonl:1\); raise data\.max_length, "
-                                        r"or leave data\.eval \(and train\.eval_steps\) out$"):  # fmt: skip
+                                        r"or leave data\.eval \(and train\.eval_steps, eval_on_start\) out$"):  # fmt: skip
         _prepare(tmp_path, [ok], eval_rows=[LONG, LONG])
     assert len(_prepare(tmp_path, [ok], eval_rows=[LONG, ok])[0].eval) == 1
 
@@ -131,7 +131,7 @@ def test_the_eval_refusal_names_a_way_out_that_works(tmp_path):
     ok = [HI, {"role": "assistant", "content": "Hello."}]
     assert "data.eval" in HARMLESS and "train.eval_steps" in HARMLESS
     with pytest.raises(DataError, match=r"^no eval row has a response token to score \(1 with every answer weighted "
-                                        r"0, the first: .*e\.jsonl:1\); leave data\.eval \(and train\.eval_steps\) "
+                                        r"0, the first: .*e\.jsonl:1\); leave data\.eval \(and train\.eval_steps, eval_on_start\) "
                                         r"out$"):  # fmt: skip
         _prepare(tmp_path, [ok], eval_rows=[QUIET])
     assert len(_prepare(tmp_path, [ok], max_length=256, eval_rows=[LONG])[0].eval) == 1  # raised: kept

@@ -170,7 +170,7 @@ def _check_calls(m: Message, tools: list[dict] | None, where: str) -> None:
             )
 
 
-_MADE_OF = {"alpaca": ("instruction", "input", "output"), "alpaca_preference": ("instruction", "chosen", "rejected"),
+_MADE_OF = {"alpaca": ("instruction", "output"), "alpaca_preference": ("instruction", "chosen", "rejected"),
             "sharegpt": ("conversations", "messages"), "messages": ("messages", "conversations"),
             "prompt_completion": ("prompt", "completion"), "prompt": ("prompt",), "text": ("text",),
             "preference": ("prompt", "chosen", "rejected"), "preference_implicit": ("chosen", "rejected"),

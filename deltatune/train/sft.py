@@ -44,7 +44,8 @@ def prepare_sft(cfg: RunConfig, tok) -> Prepared:
                 f"{e.unweighted} with {weight0.split(' (')[0]} weighted 0{_first(e.first_unweighted, ',')}"
             ] * bool(e.unweighted)
             counts = "; ".join(why) or "no rows"
-            way = ["raise data.max_length"] * bool(e.dropped) + ["leave data.eval (and train.eval_steps) out"]
+            out = "leave data.eval (and train.eval_steps, eval_on_start) out"
+            way = ["raise data.max_length"] * bool(e.dropped) + [out]
             raise NoRowLeft(  # (data.eval: HARMLESS, so a run resumed can leave it out)
                 f"no {what} has a response token to {verb} ({counts})" + f"; {', or '.join(way)}" * (e is ev), counts
             )
@@ -69,6 +70,9 @@ class NoRowLeft(DataError):
     """No row of a split has a response token left; ``why`` (the counts) for ``deltatune eval`` to word its own
     refusal (the file it scores is read as data.train)."""
 
-    def __init__(self, message: str, why: str):
+    def __init__(self, message: str, why: str = ""):
         super().__init__(message)
         self.why = why
+
+    def __reduce__(self):  # (pickled and copied with its counts: a process pool, Ray)
+        return (type(self), (str(self), self.why))
