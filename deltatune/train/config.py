@@ -85,7 +85,8 @@ class DataArgs:
     rejected_column: str = _f("rejected", "Dispreferred response column (rm, dpo).")
     completion_column: str = _f("completion", "Response column (kto; its label_column says desirable or not).")
     bad_pairs: str = _f("refuse", "Bad preference rows (an empty response, chosen == rejected, a ranking row "
-                        "LLaMA-Factory drops): 'refuse' (at file:line) or 'skip'.")  # fmt: skip
+                        "LLaMA-Factory drops, an rm pair cut to the same ids): 'refuse' (at file:line) or "
+                        "'skip'.")  # fmt: skip
     columns: dict = _f(
         {},
         "Renamed fields -> column: {messages, conversations, instruction, input, output, system, history, "
