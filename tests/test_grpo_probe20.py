@@ -311,3 +311,25 @@ def test_a_watermarking_config_as_transformers_takes_it_builds(mark):
     ) as e:
         build(raw)
     assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("n, seed", [(7, 42), (5, 0)])
+def test_each_step_trains_the_prompts_of_trls_repeat_sampler(policy, tmp_path, monkeypatch, n, seed):  # noqa: F811
+    """The prompts of each step, two passes of n prompts 2 a step, are TRL's RepeatSampler's (same seed): it drops a
+    pass's last partial batch. The loop carried the prompts left over into the next step, so from the second pass on
+    it trained others (7 prompts, seed 42: TRL [4, 0], [5, 3], [2, 4], [0, 1] after [1, 6], [3, 5]; the loop's
+    [4, 0], [2, 5], [3, 2], [4, 0])."""
+    from trl.trainer.utils import RepeatSampler
+
+    from deltatune.train import grpo
+
+    sampler = RepeatSampler(list(range(n)), 1, batch_size=2, seed=seed)
+    idx = list(sampler) + list(sampler)  # (two passes, as TRL's dataloader iterates it each epoch)
+    want = [idx[k : k + 2] for k in range(0, len(idx), 2)]
+    seen = []
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
+    monkeypatch.setattr(
+        grpo.GRPOLoop, "step", lambda self, b: seen.append([int(p.prompt[1:]) for p in b]) or {"loss": 0, "reward": 0}
+    )
+    _run(policy[1], tmp_path / "run", n, {"epochs": 2, "seed": seed})
+    assert len(want) == 2 * (n // 2) and seen == want

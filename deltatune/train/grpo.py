@@ -536,8 +536,8 @@ def train_grpo(
     try:
         bar = tqdm(range(start_step + 1, steps + 1), desc="grpo", initial=start_step, total=steps)
         for step in bar:
-            if len(order) < t.batch_size:
-                order += torch.randperm(len(prompts), generator=g).tolist()
+            if len(order) < t.batch_size:  # (RepeatSampler drops a pass's partial batch; a ceil run carries it)
+                order = (order if ceil_count else []) + torch.randperm(len(prompts), generator=g).tolist()
             batch, order = [prompts[i] for i in order[: t.batch_size]], order[t.batch_size :]
             loop.steps_done, loop.state.epoch = step - 1, (step - 1) / per_epoch  # (TRL's epoch: the same)
             tick = time.perf_counter()
