@@ -333,3 +333,27 @@ def test_each_step_trains_the_prompts_of_trls_repeat_sampler(policy, tmp_path, m
     )
     _run(policy[1], tmp_path / "run", n, {"epochs": 2, "seed": seed})
     assert len(want) == 2 * (n // 2) and seen == want
+
+
+@pytest.mark.parametrize("mark, why", [
+    ({"foo": 1}, "got an unexpected keyword argument 'foo'"),
+    ({"greenlist_ratio": "x"}, "'<=' not supported"),
+    ({"ngram_len": 5}, "missing 1 required positional argument: 'keys'"),
+])  # fmt: skip
+def test_a_watermarking_mapping_transformers_cannot_build_is_named(mark, why):
+    """A watermarking_config mapping GenerationConfig cannot build (WatermarkingConfig.from_dict's TypeError, or
+    validate's on a value of the wrong type; SynthID's without its keys) is one line naming align.generation_kwargs
+    watermarking_config, with transformers' own words; it was the generic align.generation_kwargs line."""
+    from transformers import GenerationConfig
+
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+
+    with pytest.raises(TypeError, match=why):  # (transformers: its constructor, or the first rollout's validate)
+        GenerationConfig(watermarking_config=mark).validate()
+    raw = {"stage": "grpo", "model": {"name_or_path": "x"}, "method": {"name": "lora"}, "data": {"train": "t.jsonl"},
+           "align": {"reward_funcs": ["m:f"], "generation_kwargs": {"watermarking_config": mark}}}  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        build(raw)
+    assert str(e.value).startswith("align.generation_kwargs watermarking_config: transformers' generate refuses")
+    assert why in str(e.value) and len(str(e.value).splitlines()) == 1

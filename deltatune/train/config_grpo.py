@@ -118,6 +118,17 @@ def _check_generation(a: AlignArgs) -> None:
     if mark is not None and not isinstance(mark, (dict, BaseWatermarkingConfig)):
         raise ConfigError(f"align.generation_kwargs watermarking_config must be a mapping of transformers' "
                           f"WatermarkingConfig settings (or a WatermarkingConfig), got {mark!r}")  # fmt: skip
+    if mark is not None:  # (built on its own first, as GenerationConfig builds it, so a refusal names it)
+        from transformers import SynthIDTextWatermarkingConfig, WatermarkingConfig
+
+        try:
+            if not isinstance(mark, BaseWatermarkingConfig):  # (SynthID's has ngram_len, as transformers tells)
+                mark = (SynthIDTextWatermarkingConfig if "ngram_len" in mark else WatermarkingConfig).from_dict(mark)
+            mark.validate()
+        except (ValueError, TypeError, AttributeError) as exc:
+            why = " ".join(str(exc).split())
+            raise ConfigError(f"align.generation_kwargs watermarking_config: transformers' generate refuses it at "
+                              f"the first rollout: {why[:300]}") from None  # fmt: skip
     try:
         gen = GenerationConfig(**settings)
         try:  # (not strict: a minor flag transformers warns about, output_scores alone, trains as it does)
