@@ -119,24 +119,32 @@ def test_clip_extremes_at_s1_are_over_trls_shuffled_micro_batches(policy, tmp_pa
 
 def test_clip_extremes_by_hand_with_a_masked_completion_and_under_gspo():
     """Each completion's clipped share of its tokens, a completion with no tokens left out (TRL's nanmin / nanmax of
-    masked_seq_mean), by hand; under GSPO each completion's one ratio."""
+    masked_seq_mean), by hand; under GSPO each completion's one ratio. Read as the loop takes them: grpo_loss's rows
+    gathered by MicroMeans, the three completions one micro-batch."""
     import torch
 
     from deltatune.train.grpo_loss import grpo_loss
+    from deltatune.train.grpo_stats import MicroMeans
+
+    def extremes(st, mask):
+        means, rows = MicroMeans(3), torch.arange(3)
+        means.gather(rows, st, torch.zeros(mask.shape), mask)
+        means.take(rows, [slice(0, 3)])
+        return means.values["clipped_low_min"] + means.values["clipped_high_max"]
 
     old = torch.zeros(3, 4)
     logp = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
     _, st = grpo_loss(logp, old, torch.tensor([1.0, 1.0, -1.0]), mask)
-    assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.0, 0.5)  # (1 of 2; 2 of 4; row 3 out)
+    assert extremes(st, mask) == [0.0, 0.5]  # (1 of 2; 2 of 4; row 3 out)
     _, st = grpo_loss(logp, old, torch.tensor([-1.0, 1.0, -1.0]), mask, importance_sampling_level="sequence")
     # sequence log-ratios 0.25, 0.25, 0 (no tokens): ratio e^0.25 = 1.28 > 1.2 clips row 2 high; none clips low
-    assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.0, 1.0)
+    assert extremes(st, mask) == [0.0, 1.0]
     # every completion with a token has A < 0 and some ratio e^-1 = 0.37 < 0.8: low-clipped shares 1 of 4, 2 of 3
     logp = torch.tensor([[-1.0, 0.0, 0.0, 0.0], [-1.0, -1.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
     _, st = grpo_loss(logp, old, torch.tensor([-1.0, -0.5, -1.0]), mask)
-    assert (st["clipped_low_min"].item(), st["clipped_high_max"].item()) == (0.25, 0.0)
+    assert extremes(st, mask) == [0.25, 0.0]
 
 
 def _all_truncated_first_slice(tok):

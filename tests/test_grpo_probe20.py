@@ -357,3 +357,19 @@ def test_a_watermarking_mapping_transformers_cannot_build_is_named(mark, why):
         build(raw)
     assert str(e.value).startswith("align.generation_kwargs watermarking_config: transformers' generate refuses")
     assert why in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_the_loss_computes_no_per_forward_clip_extremes_the_loop_does_not_read():
+    """Each forward's stats are the sums the loop reads (clipped, clip_units, clipped_low, clipped_high, tokens) and
+    each completion's rows, from which MicroMeans takes TRL's clip_ratio/low_min and high_max over TRL's micro-batches
+    (tests/test_grpo_probe18.py by hand, against TRL). The loss also computed each chunk's clipped_low_rows /
+    clipped_high_rows / clipped_low_min / clipped_high_max, read by nothing, whose NaN-dropping boolean indexing
+    synchronised a GPU twice per forward chunk; clip_extremes, their last reader, was called nowhere."""
+    from deltatune.train import grpo_loss as gl
+
+    logp = torch.tensor([[0.5, 0.0, 0.0], [-1.0, -1.0, 0.0]])
+    _, st = gl.grpo_loss(logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert sorted(st) == ["clip_units", "clipped", "clipped_high", "clipped_low", "rows", "tokens"]
+    assert [st[k].item() for k in ("clipped", "clipped_low", "clipped_high", "clip_units")] == [3.0, 2.0, 1.0, 5.0]
+    assert sorted(st["rows"]) == ["clip_units", "clipped", "clipped_high", "clipped_low"]
+    assert not hasattr(gl, "clip_extremes")

@@ -162,10 +162,7 @@ def grpo_loss(
     Returns:
         (loss, stats): stats holds sums (detached) ``clipped`` (tokens, or completions under GSPO, in TRL's clip
         region; with policy clip also ``clipped_low`` and ``clipped_high``, each side's) over ``clip_units`` of them,
-        ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``; with policy clip also
-        ``clipped_low_min`` and ``clipped_high_max``, the least low-clipped and the most high-clipped completion's
-        fraction of its tokens (TRL's clip_ratio/low_min and high_max of a micro-batch; NaN where no completion has
-        a token), and each completion's (n,), ``clipped_low_rows`` and ``clipped_high_rows`` (NaN: no token);
+        ``kl`` (summed k3 KL over the tokens; absent when beta = 0), ``tokens``;
         ``rows``: each completion's sums (``row_sums``, (n,) each) of those (clipped, clipped_low, clipped_high over
         clip_units; kl over kl_units), which a micro-batch of any rows adds up as TRL's global_masked_mean.
 
@@ -214,11 +211,8 @@ def grpo_loss(
 
     units = mask.sum() if took.shape[-1] > 1 else torch.tensor(float(took.shape[0]))
     stats = {"clipped": count(took), "clip_units": units}
-    if policy == "clip":  # (TRL's clip_ratio/low_mean and high_mean; low_min and high_max: of each completion's)
+    if policy == "clip":  # (TRL's clip_ratio/low_mean and high_mean; low_min and high_max: MicroMeans, of rows)
         stats["clipped_low"], stats["clipped_high"] = count(low), count(up)
-        stats["clipped_low_rows"], stats["clipped_high_rows"] = _shares(low, mask), _shares(up, mask)
-        stats["clipped_low_min"], stats["clipped_high_max"] = (_extreme(stats[f"clipped_{k}_rows"], f)
-                                                               for k, f in (("low", "min"), ("high", "max")))  # fmt: skip
     stats["tokens"] = mask.sum().detach()
     rows = dict(zip(("clipped", "clip_units"), row_sums(took, mask)))  # (each completion's: MicroMeans)
     if policy == "clip":
@@ -252,14 +246,9 @@ def row_sums(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return (x * mask).sum(-1), mask.float().sum(-1)
 
 
-def _shares(clipped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(n,) TRL's masked_seq_mean: each completion's clipped fraction of its tokens (its one value under GSPO; NaN for
-    a completion with no tokens)."""
-    return (clipped.squeeze(-1) if clipped.shape[-1] == 1 else (clipped * mask).sum(-1) / mask.sum(-1)).detach()
-
-
 def _extreme(per: torch.Tensor, pick: str) -> torch.Tensor:
-    """TRL's nanmin / nanmax of ``_shares``: the least or the most, NaNs left out (NaN if none is left)."""
+    """TRL's nanmin / nanmax of its masked_seq_mean (each completion's share of its tokens, NaN: none): the least or
+    the most, NaNs left out (NaN if none is left)."""
     per = per[~per.isnan()]
     return getattr(per, pick)() if per.numel() else torch.tensor(float("nan"))
 
@@ -281,13 +270,6 @@ def trl_micro_order(parts: torch.Tensor, shuffled: bool, seed: int = 0) -> torch
         return parts
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(parts.numel(), generator=g).to(parts.device).view_as(parts)
-
-
-def clip_extremes(shares: torch.Tensor, order: torch.Tensor, chunks: Sequence[slice]) -> list[tuple[float, float]]:
-    """Each micro-batch's TRL clip_ratio/low_min and high_max in an update: ``shares`` (2, N) holds each completion's
-    low- and high-clipped share of its tokens (``grpo_loss``'s clipped_low_rows and clipped_high_rows), ``order`` the
-    update's rows in TRL's micro-batch order (``trl_micro_order``), cut into ``chunks``."""
-    return [(_extreme(shares[0, order[c]], "min").item(), _extreme(shares[1, order[c]], "max").item()) for c in chunks]
 
 
 def trl_log_mean(values: Sequence[float]) -> float | None:
