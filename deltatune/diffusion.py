@@ -413,9 +413,11 @@ def load_pipeline_loras(
     second encoder's (``lora_te2_``, ``text_encoder_2.``) onto ``text_encoder_2``; every LoRA active at once, weighted
     as ``set_adapters`` (``weight`` for the run's own) on each. Returns the text encoder (a DeltaModel when it holds a
     LoRA), or both encoders when ``text_encoder_2`` is given. The files' adapters are named ``lora_<k>``, the first
-    free ``k`` (as diffusers' ``get_adapter_name``: a second call's LoRAs load beside the first's, and the active ones
-    are the run's own and this call's, as ``set_adapters`` names them). On an error no model keeps any of this
-    call's, and each keeps its adapters, the active ones, their scales and which of them train.
+    free ``k``, so no clash (diffusers' ``get_adapter_name`` names ``default_<n>``): a second call's LoRAs load beside
+    the first's, and the active ones are the run's own and this call's on every model, as a pipeline's
+    ``set_adapters`` names them (an encoder this call has no part for: the run's own alone, or none, the base
+    encoder). On an error no model keeps any of this call's, and each keeps its adapters, the active ones, their
+    scales and which of them train.
 
     Raises:
         ConfigError: a file with a second text encoder's part and no ``text_encoder_2`` (diffusers' one-encoder
@@ -447,10 +449,20 @@ def load_pipeline_loras(
             for i in on:
                 encoders[part] = load_lora(encoders[part], paths[i], names[i], part, _warn=i not in warned)
                 warned.add(i)
-            if on:
-                own = ["default"] if "default" in encoders[part].peft_config else []
-                chosen = [weights[i] for i in on]
-                set_adapters(encoders[part], own + [names[i] for i in on], [weight] * len(own) + chosen)
+            delta = encoders[part]
+            if not isinstance(delta, DeltaModel):
+                continue
+            own = ["default"] if "default" in delta.peft_config else []
+            if on and not own and all(layer.disabled for _, layer in delta._layers()):
+                delta.enable_adapter_layers()  # (an earlier call's off: no LoRA of it was active)
+            # one this call has no part for keeps only the run's own LoRA active, weighted (diffusers' set_adapters
+            # sets every component), or computes as the base encoder where it has none (an earlier call's are off)
+            if on or (own and delta.peft_config["default"].peft_type == "LORA"):
+                set_adapters(delta, own + [names[i] for i in on], [weight] * len(own) + [weights[i] for i in on])
+            elif own:
+                delta.set_adapter(own)
+            else:
+                delta.disable_adapter_layers()
     except BaseException:
         for name in names:  # only the names this call added
             for delta in (model, *encoders.values()):
@@ -463,7 +475,7 @@ def load_pipeline_loras(
     )
 
 
-def _snapshot(models: list[Any]) -> list[tuple[DeltaModel, list[str], list[tuple[Any, dict]], dict[str, bool]]]:
+def _snapshot(models: list[Any]) -> list[tuple[DeltaModel, list[str], list[tuple[Any, dict]], dict[str, bool], bool]]:
     """What a refused ``load_pipeline_loras`` puts back on each DeltaModel of ``models``: its active adapters, each
     LoRA layer's scales (``set_adapters`` multiplied the run's own by its weight) and which parameters train
     (deleting an active adapter makes the remaining ones trainable, as peft)."""
@@ -474,14 +486,17 @@ def _snapshot(models: list[Any]) -> list[tuple[DeltaModel, list[str], list[tuple
         if isinstance(delta, DeltaModel):
             layers = [m for _, m in delta.get_base_model().named_modules() if isinstance(m, LORA_LAYERS)]
             grads = {n: p.requires_grad for n, p in delta.named_parameters()}
-            out.append((delta, list(delta.active_adapters), [(m, dict(m.scaling)) for m in layers], grads))
+            off = bool(layers) and all(layer.disabled for _, layer in delta._layers())
+            out.append((delta, list(delta.active_adapters), [(m, dict(m.scaling)) for m in layers], grads, off))
     return out
 
 
-def _restore(snapshot: list[tuple[DeltaModel, list[str], list[tuple[Any, dict]], dict[str, bool]]]) -> None:
-    for delta, active, layers, grads in snapshot:
+def _restore(snapshot: list[tuple[DeltaModel, list[str], list[tuple[Any, dict]], dict[str, bool], bool]]) -> None:
+    for delta, active, layers, grads, off in snapshot:
         if active and all(n in delta.peft_config for n in active):
             delta.set_adapter(active)
+        if off != (bool(layers) and all(layer.disabled for _, layer in delta._layers())):
+            delta.disable_adapter_layers() if off else delta.enable_adapter_layers()
         for layer, scaling in layers:
             layer.scaling.update({k: v for k, v in scaling.items() if k in layer.scaling})
         for n, p in delta.named_parameters():

@@ -374,7 +374,8 @@ def _metadata(metadata: dict[str, str], prefix: str | None, path: Any = "the fil
         value = meta.get(key)
         if not (value is None or isinstance(value, bool) or (type(value) is int and value in (0, 1))):
             raise ConfigError(
-                f"{path}: its metadata's {head}{key} is {value!r} (a JSON {_json_kind(value)}); it must be true or false"
+                f"{path}: its metadata's {head}{key} is {value!r} (a JSON {_json_kind(value)}); it must be true, "
+                "false, null, 0 or 1"
             )
     return meta
 

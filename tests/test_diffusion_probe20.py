@@ -4,6 +4,7 @@ and a use_rslora written as text ("false", which peft takes as true) is refused 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -72,7 +73,11 @@ def test_metadata_switch_as_text_is_refused_and_the_model_keeps_its_adapters(tmp
     delta = load_lora(_unet(3), good, "a", prefix="unet")
     with torch.no_grad():
         before = delta(x, t, encoder_hidden_states=c).sample
-    with pytest.raises(ConfigError, match=re.escape(f"{bad}: its metadata's unet.{key} is {value!r}")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(f"{bad}: its metadata's unet.{key} is {value!r}")
+        + r" \(a JSON \w+\); it must be true, false, null, 0 or 1$",
+    ):
         load_lora(delta, bad, "b", prefix="unet")
     assert list(delta.peft_config) == ["a"]
     with torch.no_grad():
@@ -223,9 +228,9 @@ def _style(tmp_path, good):
 def test_a_second_pipeline_lora_call_loads_beside_the_first_and_a_refused_one_keeps_it(tmp_path):
     """A second ``load_pipeline_loras`` was refused ("adapter name 'lora_0' ... taken already") and then deleted the
     first call's lora_0, leaving the run's own LoRA alone active: outputs 0.28 off. Now a file's adapter takes the
-    first free ``lora_<k>`` (diffusers' ``get_adapter_name`` counts the same way), so a second call loads beside the
-    first (outputs as diffusers' set_adapters(["default", "lora_1"]) on the three adapters), and a refused call
-    leaves the adapters, the active ones and the outputs as they were."""
+    first free ``lora_<k>``, so no clash (diffusers' ``get_adapter_name`` names ``default_<n>``): a second call
+    loads beside the first (outputs as diffusers' set_adapters(["default", "lora_1"]) on the three adapters), and a
+    refused call leaves the adapters, the active ones and the outputs as they were."""
     from safetensors.torch import load_file, save_file
 
     from deltatune.diffusion import load_lora, load_pipeline_loras
@@ -312,3 +317,94 @@ def test_ema_min_decay_waits_for_update_after_step_and_the_note_says_whose_weigh
         ref.step([p])
         if k == 4:
             assert ref.shadow_params[0].tolist() == [4.0] * 3  # the average starts from step 4's weights
+
+
+def _both(tmp_path, good):
+    """``good``'s UNet part and a text_encoder part on the tiny CLIP's first layer's q_proj and k_proj."""
+    from safetensors.torch import load_file, save_file
+
+    g, tensors = torch.Generator().manual_seed(7), dict(load_file(str(good)))
+    for k in ("q_proj", "k_proj"):
+        tensors[f"text_encoder.encoder.layers.0.self_attn.{k}.lora_A.weight"] = torch.randn(4, 32, generator=g)
+        tensors[f"text_encoder.encoder.layers.0.self_attn.{k}.lora_B.weight"] = torch.randn(32, 4, generator=g)
+    meta = {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": NAMES, "text_encoder.r": 4,
+            "text_encoder.lora_alpha": 4, "text_encoder.target_modules": ["q_proj", "k_proj"]}  # fmt: skip
+    save_file(tensors, str(tmp_path / "both.safetensors"), {"lora_adapter_metadata": json.dumps(meta)})
+    return tmp_path / "both.safetensors"
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_a_second_pipeline_lora_call_without_a_text_encoder_part_turns_the_first_ones_off_there(tmp_path, own):
+    """Call 1 loads a file with UNet and text_encoder parts (lora_0 on both), call 2 a UNet-only file: the UNet's
+    active adapters became default + lora_1, but the text encoder kept lora_0 active (half of call 1's LoRA drawn).
+    diffusers' pipeline set_adapters(["default", "lora_1"]) sets every component: the text encoder has no lora_1, so
+    it computes with the run's own LoRA alone (weighted), or as the base CLIP where it has none."""
+    from deltatune.diffusion import load_lora, load_pipeline_loras, set_adapters
+
+    good = _file(tmp_path / "good.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": NAMES})
+    style, both = _style(tmp_path, good), _both(tmp_path, good)
+    ids, clip = torch.tensor([[0, 5, 9, 2]]), _clip()  # (one CLIP's weights, copied: _clip() draws new ones)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        delta = load_lora(_unet(3), good, "default", prefix="unet")
+        te = load_lora(copy.deepcopy(clip), both, "default", "text_encoder") if own else copy.deepcopy(clip)
+        te = load_pipeline_loras(delta, te, "unet", [str(both)], [0.7], weight=0.5)
+        with torch.no_grad():
+            first = te(ids).last_hidden_state
+        te = load_pipeline_loras(delta, te, "unet", [str(style)], [0.4], weight=0.5)
+        want = clip
+        if own:
+            want = load_lora(want, both, "default", "text_encoder")
+            set_adapters(want, ["default"], [0.5])
+    assert list(te.peft_config) == (["default", "lora_0"] if own else ["lora_0"])
+    with torch.no_grad():
+        got, want = te(ids).last_hidden_state, want(ids).last_hidden_state
+    assert (first - want).abs().max() > 1e-3  # (call 1's lora_0 counts on the text encoder)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with warnings.catch_warnings():  # a third call with a text_encoder part: its LoRA acts there again
+        warnings.simplefilter("ignore")
+        te = load_pipeline_loras(delta, te, "unet", [str(both)], [0.7], weight=0.5)
+    assert list(te.active_adapters) == (["default", "lora_2"] if own else ["lora_2"])
+    with torch.no_grad():
+        torch.testing.assert_close(te(ids).last_hidden_state, first, rtol=0, atol=1e-6)
+
+
+def test_a_bad_unet_switch_in_a_file_with_only_text_encoder_keys_loads_its_text_encoder_part(tmp_path):
+    """The reverse of the text_encoder.use_rslora case above: diffusers reads only the component it loads, so a file
+    with text_encoder keys alone and a ``unet.use_rslora: "false"`` loads (prefix text_encoder), outputs as the same
+    file without that key; the same key in a file with a unet part is refused naming it."""
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.diffusion import load_lora, load_pipeline_loras
+
+    good = _file(tmp_path / "good.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": NAMES})
+    both = _both(tmp_path, good)
+    meta = json.loads(safe_metadata(both)["lora_adapter_metadata"])
+    te_only = {k: v for k, v in load_file(str(both)).items() if k.startswith("text_encoder.")}
+    for name, m in (("plain", meta), ("bad", meta | {"unet.use_rslora": "false"})):
+        save_file(te_only, str(tmp_path / f"{name}.safetensors"), {"lora_adapter_metadata": json.dumps(m)})
+    ids, clip = torch.tensor([[0, 5, 9, 2]]), _clip()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = load_lora(copy.deepcopy(clip), tmp_path / "plain.safetensors", "a", "text_encoder")
+        got = load_lora(copy.deepcopy(clip), tmp_path / "bad.safetensors", "a", "text_encoder")
+        delta = load_lora(_unet(3), good, "default", prefix="unet")
+        te = load_pipeline_loras(delta, copy.deepcopy(clip), "unet", [str(tmp_path / "bad.safetensors")], [1.0])
+    assert list(delta.peft_config) == ["default"] and list(te.peft_config) == ["lora_0"]
+    with torch.no_grad():
+        want = want(ids).last_hidden_state
+        assert (want - clip(ids).last_hidden_state).abs().max() > 1e-3  # (the LoRA counts)
+        torch.testing.assert_close(got(ids).last_hidden_state, want, rtol=0, atol=0)
+        torch.testing.assert_close(te(ids).last_hidden_state, want, rtol=0, atol=1e-6)
+    save_file(load_file(str(both)), str(tmp_path / "bad2.safetensors"),
+              {"lora_adapter_metadata": json.dumps(meta | {"unet.use_rslora": "false"})})  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape("its metadata's unet.use_rslora is 'false'")):
+        load_pipeline_loras(delta, copy.deepcopy(clip), "unet", [str(tmp_path / "bad2.safetensors")], [1.0])
+    assert list(delta.peft_config) == ["default"]
+
+
+def safe_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
