@@ -373,3 +373,24 @@ def test_the_loss_computes_no_per_forward_clip_extremes_the_loop_does_not_read()
     assert [st[k].item() for k in ("clipped", "clipped_low", "clipped_high", "clip_units")] == [3.0, 2.0, 1.0, 5.0]
     assert sorted(st["rows"]) == ["clip_units", "clipped", "clipped_high", "clipped_low"]
     assert not hasattr(gl, "clip_extremes")
+
+
+def test_a_resume_reads_the_checkpoints_state_once(policy, tmp_path, monkeypatch):  # noqa: F811
+    """--resume read grpo_state.pt (the optimizer's state, the log) twice: once for its epoch_count, once to load it.
+    Now once, and the resumed run is the same as before: the uninterrupted run's prompts and log from step 2 on."""
+    from deltatune.train import grpo
+    from deltatune.train.grpo_checkpoint import STATE_FILE
+
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
+    train = {"max_steps": 3, "save_steps": 1, "save_total_limit": 9}
+    whole = _run(policy[1], tmp_path / "run", 5, train)
+    real_load, reads = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: reads.append(str(f)) or real_load(f, *a, **kw))
+    again = _run(policy[1], tmp_path / "run", 5, train, checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert [r for r in reads if r.endswith(STATE_FILE)] == [str(tmp_path / "run" / "checkpoint-1" / STATE_FILE)]
+    assert len(again) == len(whole) == 3
+    for ours, want in zip(again[1:], whole[1:]):  # (the steps the resume trained; step_time_s, wall_time: clocks)
+        drop = ("step_time_s", "wall_time")
+        assert {k: v for k, v in ours.items() if k not in drop} == pytest.approx(
+            {k: v for k, v in want.items() if k not in drop}, rel=1e-5, abs=1e-6
+        )

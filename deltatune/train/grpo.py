@@ -61,7 +61,7 @@ from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
 from .config_grpo import GENERATION_IDS, check_generation_ids, grpo_sampling
-from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _save_checkpoint, counted_ceil  # noqa: F401  (tests)
+from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _read_state, _save_checkpoint, counted_ceil  # noqa: F401  (tests)
 from .grpo_entropy import EntropyBonus, check_entropy
 from .grpo_loss import check_loss_keys, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
@@ -496,7 +496,8 @@ def train_grpo(
         checkpoint = resume_checkpoint(out)[0]  # the newest checkpoint that reads
     # TRL's steps a pass: its RepeatSampler drops the pass's last partial batch (its state.epoch counts so); a run
     # begun counting it (a checkpoint without the marker) keeps that count on every resume: counted_ceil
-    ceil_count = bool(checkpoint) and counted_ceil(checkpoint)
+    state = _read_state(checkpoint) if checkpoint else None  # (read once: the count here, the rest once it loads)
+    ceil_count = state is not None and counted_ceil(state)
     per_epoch = math.ceil(len(prompts) / t.batch_size) if ceil_count else len(prompts) // t.batch_size
     if per_epoch == 0:
         raise ConfigError(f"data.train ({cfg.data.train}) has {len(prompts)} prompt(s), fewer than train.batch_size "
@@ -519,7 +520,8 @@ def train_grpo(
     metrics: dict[str, Any] = {}
     start_step = 0
     if checkpoint:
-        start_step, history, order, metrics = _load_checkpoint(checkpoint, loop, g)
+        start_step, history, order, metrics = _load_checkpoint(checkpoint, loop, g, state)
+        state = None  # (its tensors, the optimizer's loaded copy, not held through the run)
         order = [i for i in order if i < len(prompts)]  # (--resume-changed onto fewer prompts: those left of the pass)
     elif eval_prompts and t.eval_on_start:
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)

@@ -61,9 +61,10 @@ def _save_checkpoint(
     rotate(out, keep)
 
 
-def _load_checkpoint(path: str, loop, g: torch.Generator):
-    """Restore the adapter, optimizer, scheduler and RNG state from a checkpoint; (step, history, order, metrics)."""
-    state = _read_state(path)
+def _load_checkpoint(path: str, loop, g: torch.Generator, state: dict[str, Any] | None = None):
+    """Restore the adapter, optimizer, scheduler and RNG state from a checkpoint; (step, history, order, metrics).
+    ``state``: its ``grpo_state.pt`` as the caller read it already (``_read_state``), else read here."""
+    state = _read_state(path) if state is None else state
     if len(state["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):  # one before c1a4e8e
         raise ConfigError(f"--resume: {path!r} was written by an older deltatune whose AdamW also decayed biases and "
                           "norm weights (one parameter group, now two); finish it with that version or start anew")  # fmt: skip
@@ -87,8 +88,9 @@ def _read_state(path: str) -> dict[str, Any]:
     return torch.load(state_file, map_location="cpu", weights_only=True)
 
 
-def counted_ceil(path: str) -> bool:
+def counted_ceil(path: str | dict[str, Any]) -> bool:
     """Whether the run of checkpoint ``path`` counts a pass over the prompts as ceil(prompts / train.batch_size) steps,
     as deltatune did before TRL's count (its RepeatSampler drops each pass's last partial batch: floor): a checkpoint
-    without the marker, or a later one of such a run, which records it."""
-    return _read_state(path).get("epoch_count", "ceil") == "ceil"
+    without the marker, or a later one of such a run, which records it. ``path``: the checkpoint folder, or its
+    ``grpo_state.pt`` as ``_read_state`` read it."""
+    return (path if isinstance(path, dict) else _read_state(path)).get("epoch_count", "ceil") == "ceil"
