@@ -394,3 +394,28 @@ def test_a_resume_reads_the_checkpoints_state_once(policy, tmp_path, monkeypatch
         assert {k: v for k, v in ours.items() if k not in drop} == pytest.approx(
             {k: v for k, v in want.items() if k not in drop}, rel=1e-5, abs=1e-6
         )
+
+
+def test_a_run_begun_counting_a_partial_batch_still_carries_the_prompts_left_over(policy, tmp_path, monkeypatch):  # noqa: F811
+    """A checkpoint without the epoch_count marker resumes as its run ran: the prompt left over from a pass (7 prompts
+    2 a step) starts the next step, with the first of the next pass's permutation; a new run drops it."""
+    from deltatune.train import grpo
+    from deltatune.train.grpo_checkpoint import STATE_FILE
+
+    seen = []
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
+    monkeypatch.setattr(
+        grpo.GRPOLoop, "step", lambda self, b: seen.append([int(p.prompt[1:]) for p in b]) or {"loss": 0, "reward": 0}
+    )
+    out, train = tmp_path / "run", {"epochs": 2, "save_steps": 1, "save_total_limit": 9, "seed": 0}
+    _run(policy[1], out, 7, train)
+    g = torch.Generator().manual_seed(0)
+    first, second, third = (torch.randperm(7, generator=g).tolist() for _ in range(3))
+    assert seen == [first[k : k + 2] for k in (0, 2, 4)] + [second[k : k + 2] for k in (0, 2, 4)]
+    state = torch.load(out / "checkpoint-3" / STATE_FILE, weights_only=True)
+    del state["epoch_count"]  # (as a checkpoint written before the marker)
+    torch.save(state, out / "checkpoint-3" / STATE_FILE)
+    seen.clear()
+    _run(policy[1], out, 7, train, checkpoint=str(out / "checkpoint-3"))
+    # (4 steps a pass now: steps 4 to 8)
+    assert seen == [[first[6], second[0]], second[1:3], second[3:5], second[5:7], third[0:2]]
