@@ -28,6 +28,7 @@ import io
 import itertools
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ class ImageRow:
 def check_inside(path: str, root: str, source: str, allow_outside: bool) -> str:
     """The image path resolved against ``root``; a relative path that leaves ``root`` is refused unless allowed."""
     if os.path.isabs(path):  # normalised as a relative one is ('/d/./0.png' is '/d/0.png': one image's captions pool)
-        return os.path.normpath(path)
+        return _normal(path)
     full = os.path.normpath(os.path.join(root, path))
     inside = os.path.commonpath([os.path.abspath(full), os.path.abspath(root)]) == os.path.abspath(root)
     if not inside and not allow_outside:
@@ -64,7 +65,23 @@ def check_inside(path: str, root: str, source: str, allow_outside: bool) -> str:
             f"{source}: image path {path!r} leads outside the data folder {root!r}; "
             "set data.allow_outside=true to read it anyway"
         )
-    return full
+    return _normal(os.path.join(root, path))
+
+
+def _normal(path: str) -> str:
+    """``path`` without '.' and '//' (which never change the file it names), and without 'x/..' where that names the
+    same file: after a symlink ('link/../0.png', link -> real/sub) the OS opens real/0.png, not the 0.png beside link,
+    so such a path (or one whose file is missing) is kept as written, '.' and '//' removed."""
+    norm = os.path.normpath(path)
+    if ".." not in path.split(os.sep):
+        return norm
+    try:
+        if os.path.samefile(norm, path):
+            return norm
+    except OSError:
+        pass
+    head = os.sep if path.startswith(os.sep) else ""
+    return head + os.sep.join(p for p in path.split(os.sep) if p not in ("", "."))
 
 
 def read_image_rows(
@@ -138,18 +155,21 @@ def _caption(text: Any, source: str, column: str, lists: bool) -> str | list[str
 
 
 def _list_text(text: str) -> bool:
-    """Whether ``text`` parses as a JSON or Python list (``json.dumps`` / pandas' ``str`` of a list)."""
+    """Whether ``text`` parses as a JSON or Python list of strings (``json.dumps`` / pandas' ``str`` of a list of
+    captions). Only a cell whose '[' a quote follows (or '[]') is parsed: '[tag] a photo of a [table]' is a caption,
+    and a list of numbers ('[1, 2]') is text no list of captions was written as."""
     import ast
     import json
 
     text = text.strip()
-    if not (text.startswith("[") and text.endswith("]")):
+    if not (text.endswith("]") and (re.match(r"\[\s*['\"]", text) or re.fullmatch(r"\[\s*\]", text))):
         return False
     for parse in (json.loads, ast.literal_eval):
         try:
-            return isinstance(parse(text), list)
+            value = parse(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             continue
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return False
 
 
