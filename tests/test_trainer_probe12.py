@@ -17,7 +17,7 @@ from deltatune.config import ConfigError
 from deltatune.train import build, train
 
 
-def reference(cfg, out, **args) -> tuple[Trainer, dict]:
+def reference(cfg, out, callbacks=(), **args) -> tuple[Trainer, dict]:
     """transformers' Trainer on a peft LoRA holding the run's start (its seed, its data as the run encodes it), after
     training with ``args``: the trainer, and the adapter in the run's key names."""
     from deltatune.train.models import load_processor
@@ -38,10 +38,11 @@ def reference(cfg, out, **args) -> tuple[Trainer, dict]:
                 v.copy_(ours[k.replace(".default", "").replace("base_model.model.", "base_model.", 1)])
     t = cfg.train
     targs = TrainingArguments(str(out), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-                              max_steps=t.max_steps, learning_rate=t.lr, seed=t.seed,
-                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                              remove_unused_columns=False, **{"data_seed": t.seed, **args})  # fmt: skip
-    trainer = Trainer(model=ref, args=targs, train_dataset=prepared.train, data_collator=prepared.collator)
+                              max_steps=t.max_steps, num_train_epochs=t.epochs, learning_rate=t.lr, seed=t.seed,
+                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                              remove_unused_columns=False, **{"data_seed": t.seed, "logging_steps": 1, **args})  # fmt: skip
+    trainer = Trainer(model=ref, args=targs, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                      data_collator=prepared.collator, callbacks=list(callbacks))  # fmt: skip
     trainer.train()
     return trainer, peft.get_peft_model_state_dict(ref)
 

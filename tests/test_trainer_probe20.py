@@ -7,45 +7,15 @@ from __future__ import annotations
 
 import json
 
-import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_trainer_probe11 import files, recipe  # noqa: F401  (files: the module's fixture, a tiny llama and rows)
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from test_trainer_probe12 import reference
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from deltatune.config import ConfigError
 from deltatune.train import build, train
-
-
-def reference(cfg, out, callbacks=(), **args) -> tuple[Trainer, dict]:
-    """transformers' Trainer on a peft LoRA holding the run's start (its seed, its data as the run encodes it), after
-    training with ``args``: the trainer, and the adapter in the run's key names."""
-    from deltatune.train.models import load_processor
-    from deltatune.train.run import build_model, start_model
-    from deltatune.train.table import prepare
-
-    set_seed(cfg.train.seed)  # as the run draws its start
-    tok = load_processor(cfg.model.name_or_path, "sft")
-    prepared = prepare(cfg, tok)
-    start, _ = start_model(cfg, tok)
-    ref = peft.get_peft_model(
-        build_model(cfg, tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    )
-    ours = {k.replace(".default", ""): v for k, v in start.state_dict().items() if "lora_" in k}
-    with torch.no_grad():
-        for k, v in ref.named_parameters():
-            if "lora_" in k:
-                v.copy_(ours[k.replace(".default", "").replace("base_model.model.", "base_model.", 1)])
-    t = cfg.train
-    targs = TrainingArguments(str(out), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-                              max_steps=t.max_steps, num_train_epochs=t.epochs, learning_rate=t.lr, seed=t.seed,
-                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                              remove_unused_columns=False, **{"data_seed": t.seed, "logging_steps": 1, **args})  # fmt: skip
-    trainer = Trainer(model=ref, args=targs, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                      data_collator=prepared.collator, callbacks=list(callbacks))  # fmt: skip
-    trainer.train()
-    return trainer, peft.get_peft_model_state_dict(ref)
 
 
 def logged(out, key: str) -> list[tuple[int, float]]:
