@@ -262,7 +262,7 @@ def _old_freeze_file(tmp_path, family: str = "blip-2") -> None:
 
     from tiny_vlm import tiny_vlm
 
-    old = dt.FreezeConfig(freeze_trainable_layers=1, freeze_multi_modal_projector=False)  # (what the old rule trained)
+    old = dt.FreezeConfig.from_dict({"peft_type": "FREEZE", "freeze_trainable_layers": 1})  # (the old rule)
     dt.get_delta_model(tiny_vlm(family), old).save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
     config = json.loads(path.read_text())
@@ -329,8 +329,11 @@ def test_freeze_blip2_file_from_before_the_switches_loads_trainable_as_it_traine
     language = _blip2_blocks(base, "language_model")
     assert set(dt.FreezeConfig(freeze_trainable_layers=1).trainable_base_parameters(base)) == language
     every = dt.FreezeConfig(freeze_trainable_layers=1, freeze_vision_tower=False, freeze_multi_modal_projector=False)
-    towers = ("qformer", "language_model", "vision_model")
-    assert set(every.trainable_base_parameters(base)) == _blip2_blocks(base, *towers)
+    projector = {
+        k for k, _ in base.named_parameters() if k.startswith(("qformer.", "query_tokens", "language_projection."))
+    }
+    blocks = _blip2_blocks(base, "language_model", "vision_model")
+    assert set(every.trainable_base_parameters(base)) == blocks | projector  # (the whole projector, as LLaMA-Factory)
 
 
 @pytest.mark.parametrize("value", ["no", 1])
@@ -387,16 +390,27 @@ def test_full_qwen2_vl_merger_is_the_projector_as_llamafactory(vision, projector
     assert any("merger" in n for n in names)
 
 
-def test_freeze_qwen2_vl_projector_switch_reaches_no_block_of_the_merger():
-    """The merger has no numbered blocks: freeze with the vision tower training trains visual.blocks' last block,
-    not the merger; the language model's last block always."""
+def test_freeze_qwen2_vl_projector_switch_trains_the_whole_merger_as_llamafactory():
+    """LLaMA-Factory's _setup_freeze_tuning: trainable_layers (".{idx}." of the text config's last n layers) plus, with
+    freeze_multi_modal_projector false, the projector_keys ("visual.merger"), less the forbidden modules (the vision
+    keys where freeze_vision_tower). The merger has no numbered blocks: false trained nothing of it."""
     model = _qwen2_vl()
-    config = dt.FreezeConfig(freeze_trainable_layers=1, freeze_vision_tower=False)
-    stacks = {n.split(".1.")[0] for n in config.trainable_base_parameters(model)}
-    assert stacks == {"model.visual.blocks", "model.language_model.layers"} or stacks == {
-        "visual.blocks",
-        "model.language_model.layers",
+    names = [n for n, _ in model.named_parameters()]
+    for vision in (True, False):
+        config = dt.FreezeConfig(
+            freeze_trainable_layers=1, freeze_vision_tower=vision, freeze_multi_modal_projector=False
+        )
+        forbidden = ["visual.patch_embed", "visual.blocks"] if vision else []
+        expected = {
+            n for n in names if any(t in n for t in (".1.", "visual.merger")) and not any(f in n for f in forbidden)
+        }
+        assert set(config.trainable_base_parameters(model)) == expected
+        assert any("merger" in n for n in expected)
+    stacks = {
+        n.split(".1.")[0]
+        for n in dt.FreezeConfig(freeze_trainable_layers=1, freeze_vision_tower=False).trainable_base_parameters(model)
     }
+    assert stacks == {"model.visual.blocks", "model.language_model.layers"}  # (the merger frozen by default)
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip", "blip"])
@@ -444,3 +458,104 @@ def test_as_resumed_from_another_methods_checkpoint_leaves_the_config_as_it_is(c
     config = cls()
     assert cls().as_resumed({"peft_type": "LORA", "r": 8}) == config
     assert cls().as_resumed({"peft_type": "LORA"}).freeze_vision_tower is None
+
+
+def test_freeze_llava_projector_false_trains_the_projector_as_llamafactory():
+    """LLaVA's multi_modal_projector has no numbered blocks: freeze_multi_modal_projector=False trained nothing more;
+    LLaMA-Factory appends its projector_keys to trainable_layers (the whole projector trains, freeze_trainable_modules
+    or not)."""
+    from tiny_vlm import tiny_vlm
+
+    base = tiny_vlm("llava")
+    names = [k for k, _ in base.named_parameters()]
+    last = [f".{i}." for i in _llamafactory_blocks(base.config.text_config.num_hidden_layers, 1)]
+    expected = {k for k in names if any(t in k for t in [*last, "multi_modal_projector"]) and "vision_tower" not in k}
+    config = dt.FreezeConfig(freeze_trainable_layers=1, freeze_multi_modal_projector=False)
+    model = dt.get_delta_model(base, config)
+    assert {k for k, p in model.base_model.named_parameters() if p.requires_grad} == expected
+    assert any("multi_modal_projector" in k for k in expected)
+    mlp = config.replace(freeze_trainable_modules=["mlp"])
+    assert {k for k in expected if "multi_modal_projector" in k} <= set(mlp.trainable_base_parameters(base))
+
+
+def test_freeze_resume_of_an_old_blip2_run_with_one_switch_set_trains_the_qformer_block_alone():
+    """A checkpoint from before the switches, resumed with freeze_vision_tower set: the Q-Former's last block trained
+    as the old rule did, not the whole Q-Former (its optimizer state holds those)."""
+    from tiny_vlm import tiny_vlm
+
+    base = tiny_vlm("blip-2")
+    config = dt.FreezeConfig(freeze_trainable_layers=1, freeze_vision_tower=True)
+    resumed = config.as_resumed({"peft_type": "FREEZE", "freeze_trainable_layers": 1})
+    assert set(resumed.trainable_base_parameters(base)) == _blip2_blocks(base, "qformer", "language_model")
+    qformer = {
+        k for k, _ in base.named_parameters() if k.startswith(("qformer.", "query_tokens", "language_projection."))
+    }
+    new = set(
+        dt.FreezeConfig(freeze_trainable_layers=1, freeze_multi_modal_projector=False).trainable_base_parameters(base)
+    )
+    assert qformer <= new  # (a new adapter: the whole projector)
+
+
+def test_full_qwen3_vl_deepstack_mergers_are_the_vision_tower_as_llamafactory():
+    """LLaMA-Factory's qwen3_vl: vision_model_keys ["visual.pos_embed", "visual.patch_embed", "visual.blocks",
+    "visual.deepstack_merger_list"], projector_keys ["visual.merger"]: the deepstack mergers were the projector here."""
+    import torch
+    import transformers as T
+
+    with torch.device("meta"):
+        model = T.AutoModelForImageTextToText.from_config(T.AutoConfig.for_model("qwen3_vl"))
+    names = [n for n, _ in model.named_parameters()]
+    vision_keys = ["visual.pos_embed", "visual.patch_embed", "visual.blocks", "visual.deepstack_merger_list"]
+    for vision, projector in [(True, False), (False, True)]:
+        forbidden = (vision_keys if vision else []) + (["visual.merger"] if projector else [])
+        expected = {n for n in names if not any(f in n for f in forbidden)}
+        config = dt.FullConfig(freeze_vision_tower=vision, freeze_multi_modal_projector=projector)
+        assert set(config.trainable_base_parameters(model)) == expected
+    assert any("deepstack_merger_list" in n for n in names)
+
+
+def _gemma3_seq_cls():
+    import torch
+    import transformers as T
+
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=300, head_dim=8)  # fmt: skip
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
+                  patch_size=4)  # fmt: skip
+    torch.manual_seed(0)
+    config = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, num_labels=1)
+    return T.Gemma3ForSequenceClassification(config)
+
+
+def test_full_gemma3_seq_cls_freezes_its_towers_and_an_old_file_loads(tmp_path):
+    """Gemma3ForSequenceClassification (deltatune's SEQ_CLS for cls / rm on Gemma 3) has no output embeddings but a
+    score head: it lost its towers (84e60f4), full trained the vision tower and projector even with
+    freeze_vision_tower=True (LLaMA-Factory forbids "vision_tower", "multi_modal_projector" for gemma3 whatever the
+    head), and a file saved with them frozen (6c8bd43..84e60f4) no longer loaded."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    base = _gemma3_seq_cls()
+    forbidden = ("vision_tower", "multi_modal_projector")
+    names = [k for k, _ in base.named_parameters()]
+    expected = {k for k in names if not any(f in k for f in forbidden)}
+    assert (
+        set(dt.FullConfig(freeze_vision_tower=True, freeze_multi_modal_projector=True).trainable_base_parameters(base))
+        == expected
+    )
+    stacks = {n.split(".1.")[0] for n in dt.FreezeConfig(freeze_trainable_layers=1).trainable_base_parameters(base)}
+    assert stacks == {"model.language_model.layers"}
+    # the file as 6c8bd43..84e60f4 wrote it: every parameter but the towers', the score head as modules_to_save
+    tensors = {f"base_model.model.{k}": p.detach() + 0.25 for k, p in base.named_parameters() if k in expected}
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    config = {"peft_type": "FULL", "task_type": "SEQ_CLS", "modules_to_save": ["score"], "freeze_vision_tower": True,
+              "freeze_multi_modal_projector": True}  # fmt: skip
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = dt.DeltaModel.from_pretrained(_gemma3_seq_cls(), tmp_path, is_trainable=True)
+    params = dict(loaded.base_model.named_parameters())
+    trained = {k for k, p in params.items() if p.requires_grad}
+    assert {k for k in trained if any(f in k for f in forbidden)} == set()
+    key = "model.language_model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(params[key], tensors[f"base_model.model.{key}"])

@@ -30,7 +30,8 @@ from ..layer import DeltaLayer, ModulesToSave
 from ..targets import LAYER_PATTERNS
 
 TOWER_SWITCHES = (("freeze_vision_tower", "vision"), ("freeze_multi_modal_projector", "projector"))
-_INNER_PROJECTOR = re.compile(r"(^|\.)visual\.(merger|deepstack_merger_list)$")  # (Qwen-VL's: LLaMA-Factory's key)
+_INNER_PROJECTOR = re.compile(r"(^|\.)visual\.merger$")  # (Qwen-VL's: LLaMA-Factory's projector_keys; Qwen3-VL's
+# deepstack_merger_list is among its vision_model_keys)
 _BLOCK = re.compile(rf"(?:^|\.)(?:{'|'.join(LAYER_PATTERNS)})\.(\d+)\.")
 
 
@@ -106,7 +107,8 @@ class FreezeConfig(DeltaConfig):
     they train as the language tower's. A file or run from before session 55's switches (None, saved or missing):
     the rule it trained with, every stack but one named for vision (BLIP-2's Q-Former block trained)."""
     freeze_multi_modal_projector: bool | None = None
-    """The same for the projector's blocks (BLIP-2's and InstructBLIP's Q-Former, Idefics2's perceiver)."""
+    """The projector stays frozen: True (as the vision tower); False: the whole projector trains, as LLaMA-Factory's
+    trainable_layers += projector_keys (LLaVA's multi_modal_projector, Qwen-VL's visual.merger, BLIP-2's Q-Former)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,7 +192,8 @@ class FreezeConfig(DeltaConfig):
         depth: dict[str, int] = {}
         for stack, i in blocks.values():
             depth[stack] = max(depth.get(stack, 0), i + 1)
-        depth = _language_stacks(model, depth, self._frozen())
+        frozen = self._frozen()
+        depth = _language_stacks(model, depth, frozen)
         if not depth:
             raise ConfigError(
                 f"freeze: found no numbered transformer blocks (a module list named one of {LAYER_PATTERNS})"
@@ -231,6 +234,9 @@ class FreezeConfig(DeltaConfig):
                     f"those modules: {', '.join(outside)}"
                 )
             picked += [p for p in found if p not in picked]
+        parts = tower_parts(model) if frozen is not None and "projector" not in frozen else None
+        if parts and not getattr(self, "_old_rule", False):  # (LLaMA-Factory: trainable_layers += projector_keys)
+            picked += [p for p in names if p not in picked and tower_part(parts, p) == "projector"]
         return trainable(model, picked, "freeze")
 
     def _frozen(self) -> set[str] | None:
@@ -251,8 +257,8 @@ def _as_trained(config: FreezeConfig, saved: dict[str, Any]) -> FreezeConfig:
         return config.replace(**held) if held else config
     if "use_llama_pro" in saved and not any(k in saved for k, _ in TOWER_SWITCHES):
         return config.replace(**dict.fromkeys(unset, True))
-    if len(unset) < len(TOWER_SWITCHES):
-        return config.replace(**{k: k == "freeze_vision_tower" for k in unset})
+    if len(unset) < len(TOWER_SWITCHES):  # (the projector's blocks alone, as the old rule: _old_rule)
+        config = config.replace(**{k: k == "freeze_vision_tower" for k in unset})
     config._old_rule = True  # type: ignore[attr-defined]
     return config
 
@@ -278,9 +284,11 @@ def tower_parts(model: nn.Module) -> dict[str, list[str]] | None:
     multi_modal_projector, BLIP-2's Q-Former). A vision-language model: a text_config, a vision_config and an output
     head (an LM head); None for any other (a model with one tower; CLIP's and SigLIP's dual encoders, whose
     text_projection and logit_scale are no projector between towers; BLIP's captioner, whose class gives no output
-    embeddings)."""
+    embeddings). A task head (``score``, ``classifier``: Gemma3ForSequenceClassification's) is an output head too."""
     config = getattr(model, "config", None)
     head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None:  # (a VLM with a task head: Gemma3ForSequenceClassification's score, ModernVBert's classifier)
+        head = next((m for a in ("score", "classifier") if isinstance(m := getattr(model, a, None), nn.Module)), None)
     if getattr(config, "text_config", None) is None or head is None:
         return None
     parts: dict[str, list[str]] = {}

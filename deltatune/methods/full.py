@@ -27,9 +27,10 @@ class FullConfig(DeltaConfig):
     no_targets = "full fine-tuning trains every base parameter"
 
     freeze_vision_tower: bool | None = None
-    """A vision-language model's (freeze.tower_parts: a text_config, a vision_config and an LM head) vision tower
-    stays frozen: True, LLaMA-Factory's default, which a new adapter takes for None; False trains it too. None in a
-    file saved before session 55: every parameter trained then, and so it loads."""
+    """A vision-language model's (freeze.tower_parts: a text_config, a vision_config and an LM head or a task head,
+    Gemma3ForSequenceClassification's score) vision tower stays frozen: True, LLaMA-Factory's default, which a new
+    adapter takes for None; False trains it too. None in a file saved before session 55: every parameter trained
+    then, and so it loads."""
     freeze_multi_modal_projector: bool | None = None
     """The same for the projector between the towers (LLaVA's multi_modal_projector, BLIP-2's Q-Former)."""
 
