@@ -16,6 +16,8 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from deltatune.config import ConfigError
 from deltatune.train import build, train
+from deltatune.train.checks import check_run
+from deltatune.train.config_train import check_loss_direction
 
 
 def logged(out, key: str) -> list[tuple[int, float]]:
@@ -313,17 +315,22 @@ def test_load_best_without_an_eval_set_is_refused_where_a_run_starts(files, tmp_
 def test_greater_is_better_on_the_loss_is_refused_under_early_stopping(files, tmp_path, metric):  # noqa: F811
     """greater_is_better true with the best picked by the loss (named, or run.py's default): transformers' callback
     counts a rising loss as improving (np.greater), so a run whose loss fell stopped after ``patience`` evaluations.
-    Refused at build; a metric that is better higher (cls accuracy) is taken, as greater_is_better false is."""
+    Refused as a run starts, nothing written (a finished run that trained so still builds: eval, merge, generate
+    read it; review of 923cdaf); a metric that is better higher (cls accuracy) is taken, as greater_is_better false is."""
     says = r"^train\.greater_is_better is true, but the best evaluation is picked by its loss \(train\.metric_for_best_model '"
     best = {"metric_for_best_model": metric} if metric else {}
     raw = recipe(files, tmp_path / "es", greater_is_better=True, early_stopping_patience=2, **best)
     raw["data"]["eval"] = files["sft"]
+    cfg = build(raw)  # (loads, as a finished run's would)
     with pytest.raises(ConfigError, match=says + (metric or "loss")) as err:
-        build(raw)
+        check_run(cfg)
     assert "\n" not in str(err.value)
-    build({**raw, "train": {**raw["train"], "greater_is_better": False}})
-    build({"stage": "cls", "data": {"eval": "x.jsonl"}, "train": {"early_stopping_patience": 2,
-                                                                  "metric_for_best_model": "accuracy", "greater_is_better": True}})  # fmt: skip
+    with pytest.raises(ConfigError, match=says):
+        train(cfg)
+    assert not (tmp_path / "es").exists()
+    check_run(build({**raw, "train": {**raw["train"], "greater_is_better": False}}))
+    check_loss_direction(build({"stage": "cls", "data": {"eval": "x.jsonl"}, "train": {"early_stopping_patience": 2,
+                                "metric_for_best_model": "accuracy", "greater_is_better": True}}))  # fmt: skip
 
 
 def test_a_resume_training_other_parameters_is_one_line_before_the_optimizer_loads(files, tmp_path):  # noqa: F811

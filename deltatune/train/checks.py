@@ -115,7 +115,7 @@ def check_run(cfg: RunConfig) -> None:
     """The checks above that need only the recipe (the data-dependent one runs after the data is read)."""
     from .. import registry
     from ..towers import check_new_run
-    from .config_train import check_optim_package, check_schedule_floor, has_eval, held_out_note
+    from .config_train import check_loss_direction, check_optim_package, check_schedule_floor, has_eval, held_out_note
     from .table import STAGES
 
     check_model_path(cfg.model.name_or_path)
@@ -130,6 +130,7 @@ def check_run(cfg: RunConfig) -> None:
     # as fsdp_config, here, so a finished run's run.yaml (one that never left warm-up, or on another machine) loads.
     check_schedule_floor(cfg)
     check_optim_package(cfg)
+    check_loss_direction(cfg)  # (greater_is_better on the loss: a finished run that trained so still loads)
     # data.val_size holds no rows out on a stage that does not read it: run.py evaluated nothing, eval_steps and
     # eval_on_start silently unused (as fsdp_config, here: such a finished run's run.yaml still loads)
     scheduled = [k for k, on in (("eval_steps", t.eval_steps is not None), ("eval_on_start", t.eval_on_start)) if on]

@@ -218,7 +218,6 @@ def _check_early_stopping(cfg: Any) -> None:
         why = f"{cfg.stage}'s own loop never stops early" if STAGES[cfg.stage].loop else "data.eval is not set"
         raise ConfigError(f"train.early_stopping_patience stops when the evaluation stops improving, but {why}"
                           f"{held_out_note(cfg)}; drop it")  # fmt: skip
-    check_loss_direction(cfg)
 
 
 HOLDS_OUT = ("cls", "tag", "seq2seq", "image_cls", "caption")

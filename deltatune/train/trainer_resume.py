@@ -29,9 +29,13 @@ def check_optimizer(checkpoint: str, optimizer) -> None:
     group sizes are looked at (the Trainer's own load reads the file as it does)."""
     from ..config import ConfigError
 
-    path = os.path.join(str(checkpoint), "optimizer.pt")
-    if optimizer is None or not os.path.isfile(path):
-        return
+    path = os.path.join(str(checkpoint), "optimizer.pt")  # (FSDP's optimizer.bin / optimizer_0: passed over)
+    if (
+        optimizer is None
+        or not os.path.isfile(path)
+        or not os.path.isfile(os.path.join(str(checkpoint), "scheduler.pt"))
+    ):
+        return  # (the Trainer loads the optimizer only beside a scheduler.pt)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # (a file this cannot read: the Trainer's own load reports it)
@@ -46,5 +50,5 @@ def check_optimizer(checkpoint: str, optimizer) -> None:
     split = f" (in parameter groups of {sizes}, the run's {want})" if sum(sizes) == sum(want) else ""
     raise ConfigError(f"--resume: {os.path.basename(os.path.normpath(str(checkpoint)))}'s optimizer holds "
                       f"{sum(sizes)} trainable tensors where the run now trains {sum(want)}{split} (a method key "
-                      f"changed under --resume-changed?); resume with the method it was trained with, or train from "
-                      f"the start (--overwrite)")  # fmt: skip
+                      f"changed under --resume-changed?); resume with --resume-changed and the method it was trained "
+                      f"with, or train from the start (--overwrite)")  # fmt: skip
