@@ -478,15 +478,25 @@ def test_freeze_llava_projector_false_trains_the_projector_as_llamafactory():
     assert {k for k in expected if "multi_modal_projector" in k} <= set(mlp.trainable_base_parameters(base))
 
 
-def test_freeze_resume_of_an_old_blip2_run_with_one_switch_set_trains_the_qformer_block_alone():
+def test_freeze_resume_of_an_old_blip2_run_with_one_switch_set_trains_the_qformer_block_alone(tmp_path):
     """A checkpoint from before the switches, resumed with freeze_vision_tower set: the Q-Former's last block trained
-    as the old rule did, not the whole Q-Former (its optimizer state holds those)."""
+    as the old rule did, not the whole Q-Former (its optimizer state holds those); its next checkpoint (and that
+    file loaded) goes on so: the unset switch was saved false, which then trained the whole Q-Former."""
+    import json
+
     from tiny_vlm import tiny_vlm
 
     base = tiny_vlm("blip-2")
+    old = _blip2_blocks(base, "qformer", "language_model")
     config = dt.FreezeConfig(freeze_trainable_layers=1, freeze_vision_tower=True)
     resumed = config.as_resumed({"peft_type": "FREEZE", "freeze_trainable_layers": 1})
-    assert set(resumed.trainable_base_parameters(base)) == _blip2_blocks(base, "qformer", "language_model")
+    assert set(resumed.trainable_base_parameters(base)) == old
+    dt.get_delta_model(tiny_vlm("blip-2"), resumed).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    again = dt.FreezeConfig(freeze_trainable_layers=1, freeze_vision_tower=True).as_resumed(saved)
+    assert set(again.trainable_base_parameters(base)) == old
+    loaded = dt.DeltaModel.from_pretrained(tiny_vlm("blip-2"), tmp_path, is_trainable=True)
+    assert {k for k, p in loaded.base_model.named_parameters() if p.requires_grad} == old
     qformer = {
         k for k, _ in base.named_parameters() if k.startswith(("qformer.", "query_tokens", "language_projection."))
     }

@@ -241,24 +241,26 @@ class FreezeConfig(DeltaConfig):
 
     def _frozen(self) -> set[str] | None:
         """The towers whose blocks stay frozen (None: the rule before the switches, by the stacks' names)."""
-        if getattr(self, "_old_rule", False) and all(getattr(self, k) is None for k, _ in TOWER_SWITCHES):
+        old = getattr(self, "_old_rule", False)
+        if old and all(getattr(self, k) is None for k, _ in TOWER_SWITCHES):
             return None
-        return {tower for key, tower in TOWER_SWITCHES if getattr(self, key) is not False}  # (None: True)
+        values = {tower: getattr(self, key) for key, tower in TOWER_SWITCHES}  # (None: True; the old rule's: trained)
+        return {t for t, v in values.items() if v or (v is None and not (old and t == "projector"))}
 
 
 def _as_trained(config: FreezeConfig, saved: dict[str, Any]) -> FreezeConfig:
     """``config`` with the switches it leaves unset as the file (or checkpoint) ``saved`` trained them: its own where
     it holds them; a file from before them: one with use_llama_pro (session 55, before the switches) froze both, an
-    older one the old rule (``_old_rule``; a switch the caller set: the vision tower's blocks frozen, the projector's
-    trained)."""
+    older one the old rule (``_old_rule``; one switch set, by the caller or the file: the other unset, saved null, and
+    taken as the old rule did, the vision tower's blocks frozen, the projector's blocks alone trained)."""
     unset = [k for k, _ in TOWER_SWITCHES if getattr(config, k) is None]
     held = {k: saved[k] for k in unset if isinstance(saved.get(k), bool)}
-    if held or not unset:
-        return config.replace(**held) if held else config
+    config = config.replace(**held) if held else config
+    unset = [k for k in unset if k not in held]
+    if not unset:
+        return config
     if "use_llama_pro" in saved and not any(k in saved for k, _ in TOWER_SWITCHES):
         return config.replace(**dict.fromkeys(unset, True))
-    if len(unset) < len(TOWER_SWITCHES):  # (the projector's blocks alone, as the old rule: _old_rule)
-        config = config.replace(**{k: k == "freeze_vision_tower" for k in unset})
     config._old_rule = True  # type: ignore[attr-defined]
     return config
 
