@@ -460,7 +460,7 @@ def caption(
     image: str,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
-    top_p: float = 1.0,
+    top_p: float | None = None,
     seed: int | None = None,
     num_beams: int = 1,
     prompt: str | None = None,
