@@ -154,3 +154,103 @@ def test_pairs_cut_to_the_same_ids_are_refused_naming_the_row_or_skipped(smol, t
     batch = skipped.collator(skipped.train)
     assert "_source" not in batch and batch["margin"].tolist() == [0.5]
     assert set(prepare(recipe(max_length=64), tok).train[1]) == {"chosen", "rejected", "margin"}
+
+
+def _tie_rows(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+TAIL = " ".join(["word"] * 30)
+CUT_TIE = {"prompt": "q", "chosen": "good " + TAIL, "rejected": "bad " + TAIL}  # (max_length 20 keeps the tail)
+
+
+def _rm(base, tmp_path, **data):
+    return build({"stage": "rm", "model": {"name_or_path": base}, "train": {"report_to": ["none"]},
+                  "data": {"max_length": 20, **data}, "output": {"dir": str(tmp_path / "r")}})  # fmt: skip
+
+
+def test_an_evaluation_scores_ties_as_lost_pairs_as_before(smol, tmp_path):
+    """deltatune eval of a run trained before 8df0ee9 (its data holds a pair cut to the same ids): 8df0ee9 refused it
+    (and data.bad_pairs=skip changed its figures); now the tie is kept, noted, and counts as a lost pair, as the run's
+    metrics.json scored it. A training run's eval split keeps it the same way (its figures match deltatune eval's);
+    its train split still refuses it."""
+    from deltatune.data.load import DataError
+    from deltatune.train.reward import rm_metrics
+
+    path = _tie_rows(tmp_path / "cut.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, CUT_TIE])
+    tok = load_tokenizer(smol["base"])
+    for bad_pairs in ("refuse", "skip"):
+        cfg = _rm(smol["base"], tmp_path, train=path, bad_pairs=bad_pairs)
+        cfg.evaluating = True  # (as evaluation.py marks the recipe it prepares: reward.EVALUATING)
+        scored = prepare(cfg, tok)
+        assert len(scored.train) == 2 and scored.train[1]["chosen"] == scored.train[1]["rejected"]
+        assert any(n.startswith("1 train pairs tie: chosen and rejected are identical once cut to data.max_length=20")
+                   and "cut.jsonl:2" in n for n in scored.notes)  # fmt: skip
+        during = prepare(_rm(smol["base"], tmp_path, train=path, eval=path, bad_pairs="skip"), tok)
+        assert len(during.eval) == 2 and len(during.train) == 1
+    # a tie scores equal rewards: a lost pair (accuracy 1/2 here, the chosen one of the other pair higher)
+    metrics = rm_metrics(type("P", (), {"predictions": [[1.0, 0.0], [0.3, 0.3]]})())
+    assert metrics["accuracy"] == 0.5
+    with pytest.raises(DataError, match=r"cut.jsonl:2: 'chosen' and 'rejected' are identical once cut"):
+        prepare(_rm(smol["base"], tmp_path, train=path, eval=path), tok)
+
+
+def test_a_tie_nothing_cut_is_named_so_and_a_split_of_ties_under_skip(smol, tmp_path):
+    """MiniLM (uncased) encodes "Yes indeed" and "yes indeed" the same, nothing cut: 8df0ee9's message said they
+    differ past data.max_length and to raise it. Now "encode to the same ids", no max_length advice. Every train
+    pair a tie under data.bad_pairs=skip: 8df0ee9 still ended "(data.bad_pairs=skip leaves such rows out)"; now it
+    says every pair is such a tie. A skipped cut tie is no longer counted in the truncation note."""
+    from tiny import minilm_path
+
+    from deltatune.data.load import DataError
+
+    base, tok = minilm_path(), load_tokenizer(minilm_path())
+    assert tok("Yes indeed")["input_ids"] == tok("yes indeed")["input_ids"]
+    uncased = _tie_rows(tmp_path / "u.jsonl", [{"prompt": "q", "chosen": "Yes indeed", "rejected": "yes indeed"},
+                                               {"prompt": "q", "chosen": "good", "rejected": "bad"}])  # fmt: skip
+    with pytest.raises(DataError) as e:
+        prepare(_rm(base, tmp_path, train=uncased, max_length=512), tok)
+    assert str(e.value).endswith("u.jsonl:1: 'chosen' and 'rejected' encode to the same ids (the tokenizer does not "
+                                 "tell them apart), a tie the pairwise loss learns nothing from "
+                                 "(data.bad_pairs=skip leaves such rows out)")  # fmt: skip
+    skipped = prepare(_rm(base, tmp_path, train=uncased, max_length=512, bad_pairs="skip"), tok)
+    assert len(skipped.train) == 1 and any(n.startswith("1 train pairs were left out (data.bad_pairs=skip): chosen "
+                                           "and rejected encode to the same ids") for n in skipped.notes)  # fmt: skip
+    tok = load_tokenizer(smol["base"])  # (a causal LM's rm cut keeps each side's end: the shared tail)
+    ties = _tie_rows(tmp_path / "t.jsonl", [CUT_TIE, {**CUT_TIE, "prompt": "r"}])
+    with pytest.raises(DataError, match=r"^every train pair \(2\) is such a tie, nothing left to train on under "
+                                        r"data.bad_pairs=skip \(first: \S*t.jsonl:1: 'chosen' and 'rejected' are "
+                                        r"identical once cut to data.max_length=20 tokens"):  # fmt: skip
+        prepare(_rm(smol["base"], tmp_path, train=ties, bad_pairs="skip"), tok)
+    long = {"prompt": "q", "chosen": "fine " + TAIL, "rejected": "no"}  # (cut, kept: the one truncated pair left)
+    mixed = _tie_rows(tmp_path / "m.jsonl", [CUT_TIE, long])
+    notes = prepare(_rm(smol["base"], tmp_path, train=mixed, bad_pairs="skip"), tok).notes
+    assert [n for n in notes if "were truncated" in n] == [
+        "1 train rows were longer than data.max_length=20 tokens and were truncated"
+    ]
+
+
+def test_a_transformers_reward_model_refuses_unequal_lists_and_scores_an_empty_batch(tmp_path):
+    """align.reward_funcs naming a transformers classifier folder: an empty batch failed on prompts[0] (IndexError)
+    and two prompts with one completion scored one pair, silently (zip). Now as scorers.py's (cb49493): one line
+    naming both counts, [] for no pair (a reward function's list); one pair is the classifier's logit."""
+    from tiny import tiny_config
+    from tiny import tokenizer as tiny_tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.train.grpo_reward_model import SequenceClassifierReward
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_config("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    reward = SequenceClassifierReward(str(tmp_path), "cpu")
+    with pytest.raises(ValueError, match="^reward model: 2 prompts but 1 responses; one response per prompt$"):
+        reward(["a", "b"], ["x"])
+    assert reward([], []) == []
+    ids = tok("a x", add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        logit = reward.model(**ids).logits[0, 0].item()
+    assert reward(["a"], [" x"]) == pytest.approx([logit], abs=1e-6)

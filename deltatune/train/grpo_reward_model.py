@@ -64,6 +64,15 @@ class SequenceClassifierReward:
 
     @torch.inference_mode()
     def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
+        """One reward per (prompt, completion); [] for an empty batch (the model is not called).
+
+        Raises:
+            ValueError: the two lists differ in length (zip scored the shorter one's pairs and dropped the rest).
+        """
+        from .scorers import _paired
+
+        if not _paired(prompts, completions):
+            return []
         if isinstance(prompts[0], list):  # (TRL asks the batch's first prompt)
             texts = [self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
         else:

@@ -162,31 +162,68 @@ class _Sources(dict):
         return key
 
 
-def _drop_cut_ties(examples: list[dict], split: str, cfg: RunConfig, notes: list[str]) -> None:
-    """Refuse (data.bad_pairs=skip: leave out, noted) the pairs whose two sides data.max_length cut to the same ids:
-    a tie the pairwise loss learns nothing from (the two sides' gradients cancel) and counts as a lost pair in the accuracy. The rows were
-    told apart only past the cut; TRL's RewardTrainer drops every pair longer than its max_length.
+EVALUATING = "evaluating"
+"""The config attribute ``deltatune eval`` sets on the recipe it prepares (true): ties are scored, not refused."""
+
+
+def _drop_ties(examples: list[dict], split: str, cfg: RunConfig, notes: list[str], scoring: bool) -> None:
+    """Refuse (data.bad_pairs=skip: leave out, noted) the train pairs whose two sides encode to the same ids: a tie
+    the pairwise loss learns nothing from (the two sides' gradients cancel). Either data.max_length cut off where they
+    differ (TRL's RewardTrainer drops every pair longer than its max_length) or the tokenizer does not tell them apart
+    (an uncased one). An eval split (``scoring``: every split of ``deltatune eval``) keeps its ties, noted: each
+    counts as a lost pair in the accuracy, as every run scored them before 8df0ee9. The truncation note of the
+    split then counts the kept pairs only.
 
     Raises:
-        DataError: such a pair under data.bad_pairs=refuse, or every pair of the split is one.
+        DataError: such a train pair under data.bad_pairs=refuse, or every train pair is one.
     """
     from ..data.load import DataError
 
-    ties, kept = [], []
+    max_length, ties, kept = cfg.data.max_length, [], []
     for ex in examples:
         source = ex.pop(_SOURCE)
-        if ex["chosen"]["input_ids"] == ex["rejected"]["input_ids"]:
-            ties.append(source)
+        sides = ex["chosen"]["input_ids"], ex["rejected"]["input_ids"]
+        if sides[0] == sides[1]:
+            ties.append((source, max(len(ids) for ids in sides) >= max_length))
         else:
             kept.append(ex)
-    if ties and (cfg.data.bad_pairs != "skip" or not kept):
-        raise DataError(f"{ties[0]}: 'chosen' and 'rejected' are identical once cut to data.max_length="
-                        f"{cfg.data.max_length} tokens (they differ past it), a tie the pairwise loss learns nothing "
-                        "from; raise data.max_length (data.bad_pairs=skip leaves such rows out)")  # fmt: skip
+    if not ties:
+        return
+    first, cut = ties[0]
+    why = (
+        f"are identical once cut to data.max_length={max_length} tokens (they differ past it)"
+        if cut
+        else "encode to the same ids (the tokenizer does not tell them apart)"
+    )
+    if scoring:
+        notes.append(f"{len(ties)} {split} pairs tie: chosen and rejected {why}, "
+                     f"each a lost pair in the accuracy (first: {first})")  # fmt: skip
+        return
+    if cfg.data.bad_pairs != "skip":
+        raise DataError(f"{first}: 'chosen' and 'rejected' {why}, a tie the pairwise loss learns nothing from"
+                        f"{'; raise data.max_length' if cut else ''} (data.bad_pairs=skip leaves such rows out)")  # fmt: skip
+    if not kept:
+        raise DataError(f"every {split} pair ({len(ties)}) is such a tie, nothing left to train on under "
+                        f"data.bad_pairs=skip (first: {first}: 'chosen' and 'rejected' {why})")  # fmt: skip
     examples[:] = kept
-    if ties:
-        notes.append(f"{len(ties)} {split} pairs were left out (data.bad_pairs=skip): chosen and rejected identical "
-                     f"once cut to data.max_length={cfg.data.max_length} tokens (first: {ties[0]})")  # fmt: skip
+    notes.append(f"{len(ties)} {split} pairs were left out (data.bad_pairs=skip): chosen and rejected "
+                 f"{why} (first: {first})")  # fmt: skip
+    _recount_truncated(notes, split, sum(c for _, c in ties), max_length)
+
+
+def _recount_truncated(notes: list[str], split: str, dropped: int, max_length: int) -> None:
+    """The split's truncation note (``prepared._note_truncated``) less ``dropped`` pairs left out; gone at 0."""
+    from .prepared import _note_truncated
+
+    head = f" {split} rows were longer than data.max_length={max_length} tokens and were truncated"
+    for i, note in enumerate(notes):
+        count, sep, rest = note.partition(head)
+        if sep and count.isdigit():
+            del notes[i]
+            tail: list[str] = []
+            _note_truncated(tail, split, int(count) - dropped, max_length, rest)
+            notes[i:i] = tail
+            return
 
 
 def rm_metrics(p) -> dict[str, float]:
@@ -216,9 +253,10 @@ def prepare_rm(cfg: RunConfig, tok) -> Prepared:
     config = _base_config(cfg)
     pair_scorer = config is not None and is_encoder_config(config)
     train, ev, notes = encode_pair_splits(cfg, tok, causal=False, pair_scorer=pair_scorer, extra=extra)
+    scoring = getattr(cfg, EVALUATING, False) is True  # (deltatune eval: the figures as the run's own evaluation)
     for split, encoded in (("train", train), ("eval", ev)):
         if encoded is not None:
-            _drop_cut_ties(encoded.examples, split, cfg, notes)
+            _drop_ties(encoded.examples, split, cfg, notes, scoring or split == "eval")
     _check_eos(config, {"train": train.examples, "eval": ev.examples if ev else []})
     for split, m in margins.items():
         if m:
