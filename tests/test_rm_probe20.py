@@ -254,3 +254,17 @@ def test_a_transformers_reward_model_refuses_unequal_lists_and_scores_an_empty_b
     with torch.no_grad():
         logit = reward.model(**ids).logits[0, 0].item()
     assert reward(["a"], [" x"]) == pytest.approx([logit], abs=1e-6)
+
+
+def test_deltatune_eval_scores_a_tie_as_a_lost_pair(smol, tmp_path):
+    """deltatune eval of rows holding a pair cut to the same ids (a run trained before 8df0ee9): 8df0ee9 refused
+    the evaluation (DataError naming the row); now the tie is scored, a lost pair, as the run's metrics.json: the
+    accuracy of the three clean pairs times 3/4."""
+    from deltatune.train.evaluation import evaluate
+
+    clean = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r, _ in ROWS]
+    both = _tie_rows(tmp_path / "both.jsonl", [*clean, CUT_TIE])
+    only = _tie_rows(tmp_path / "clean.jsonl", clean)
+    short = ["data.max_length=20"]
+    before, after = evaluate(smol["run"], only, short), evaluate(smol["run"], both, short)
+    assert before["eval_accuracy"] > 0 and after["eval_accuracy"] == pytest.approx(before["eval_accuracy"] * 3 / 4)

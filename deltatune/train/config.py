@@ -154,6 +154,7 @@ class RunConfig:
     align: AlignArgs = field(default_factory=AlignArgs)
     output: OutputArgs = field(default_factory=OutputArgs)
     trained_run: ClassVar[bool | str] = False  # resume / eval (its folder): the base as it trained (run_load); no key
+    evaluating: ClassVar[bool] = False  # deltatune eval's prepare: rows scored, not trained on (reward.EVALUATING)
 
     def method_config(self, task_type: str | None = None):
         """The method section as that method's config object (validated by the config class)."""

@@ -102,6 +102,7 @@ def evaluate(
     # (the eval file read as the train file: no rows held out of it, as with --data; an old run's recipe may set both)
     as_train = {"data": {**raw["data"], "train": cfg.data.eval, "val_size": 0.0}}
     eval_cfg = build(apply_overrides(raw if held_out else raw | as_train, overrides or []))
+    eval_cfg.evaluating = True  # (rm: a pair tied after encoding is scored, a lost pair, as the run's evaluation did)
     try:
         prepared = prepare(eval_cfg, tok)
     except NoRowLeft as e:  # (sft's refusal of the file read as data.train, sft holding none out: rows to score)
