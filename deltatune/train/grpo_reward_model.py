@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,9 +70,7 @@ class SequenceClassifierReward:
         Raises:
             ValueError: the two lists differ in length (zip scored the shorter one's pairs and dropped the rest).
         """
-        from .scorers import _paired
-
-        if not _paired(prompts, completions):
+        if not paired(prompts, completions):
             return []
         if isinstance(prompts[0], list):  # (TRL asks the batch's first prompt)
             texts = [self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
@@ -81,3 +80,16 @@ class SequenceClassifierReward:
         batch = self.tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
                                add_special_tokens=False).to(device)  # fmt: skip
         return self.model(**batch).logits[:, 0].float().tolist()
+
+
+def paired(prompts: Sequence[str], responses: Sequence[str]) -> int:
+    """How many (prompt, response) pairs a reward call scores (0: an empty batch, (0,) rewards; the model is not
+    called, which fails on no rows).
+
+    Raises:
+        ValueError: the two lists differ in length (zip scored the shorter one's pairs and dropped the rest).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"reward model: {len(prompts)} prompts but {len(responses)} responses; one response per "
+                         "prompt")  # fmt: skip
+    return len(prompts)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..data.encode import score_inputs, scorer_template
+from .grpo_reward_model import paired
 from .runs import read_recipe
 
 
@@ -46,7 +47,7 @@ class RewardScorer:
         Raises:
             ValueError: the two lists differ in length.
         """
-        if not _paired(prompts, responses):
+        if not paired(prompts, responses):
             return torch.zeros(0)
         examples = [
             score_inputs(self.tokenizer, self.template, p, r, self.max_length) for p, r in zip(prompts, responses)
@@ -56,19 +57,6 @@ class RewardScorer:
         batch = Collator(self.tokenizer.pad_token_id)(examples)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return self.model(**batch).logits.squeeze(-1).float().cpu()
-
-
-def _paired(prompts: Sequence[str], responses: Sequence[str]) -> int:
-    """How many (prompt, response) pairs a reward call scores (0: an empty batch, (0,) rewards; the model is not
-    called, which fails on no rows).
-
-    Raises:
-        ValueError: the two lists differ in length (zip scored the shorter one's pairs and dropped the rest).
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"reward model: {len(prompts)} prompts but {len(responses)} responses; one response per "
-                         "prompt")  # fmt: skip
-    return len(prompts)
 
 
 def reward_run(run_dir: str) -> dict:
@@ -147,7 +135,7 @@ class AdapterReward:
         """
         from ..data.tasks import Collator
 
-        if not _paired(prompts, responses):
+        if not paired(prompts, responses):
             return torch.zeros(0)
 
         examples = [
