@@ -1,16 +1,13 @@
 """Which stage reads which recipe key: ``READ_BY`` and ``ignored_keys``, the keys a run names as set but not read
-(split off train/config.py in session 55 when it reached its line limit)."""
+(split off train/config.py in session 55 when it reached its line limit; ``cfg`` is a config.RunConfig, not imported:
+config.py imports this module)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .config_train import ON_EVAL, TrainArgs
 from .table import STAGES
-
-if TYPE_CHECKING:
-    from .config import RunConfig
-
 
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
 READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
@@ -57,7 +54,7 @@ READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt 
            (" ".join(k for k, s in STAGES.items() if not s.loop), "model.gradient_checkpointing"))  # fmt: skip
 
 
-def ignored_keys(cfg: RunConfig) -> list[tuple[str, str]]:
+def ignored_keys(cfg: Any) -> list[tuple[str, str]]:
     """(key, the stages that read it) for each key of ``READ_BY`` set to other than its default where the stage does
     not read it (``data.packing: true`` on cls, an ``align`` key of another stage): ``deltatune train`` names them."""
     out = []
@@ -70,7 +67,7 @@ def ignored_keys(cfg: RunConfig) -> list[tuple[str, str]]:
     return out + ([] if STAGES[cfg.stage].loop else _unread_here(cfg))
 
 
-def _unread_here(cfg: RunConfig) -> list[tuple[str, str]]:
+def _unread_here(cfg: Any) -> list[tuple[str, str]]:
     """``ignored_keys``' keys that a Trainer stage reads only with another key: the best-model keys without
     load_best_model_at_end (metric_for_best_model is a plateau schedule's metric too), AdamW's with another optim."""
     t, out = cfg.train, []
