@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+from test_chat_stop_probe14 import _model  # (the tiny Llama whose answer is forced)
 
 from deltatune.train import chat
 
@@ -26,28 +27,6 @@ def _tokenizer():
         "\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
     )
     return tok
-
-
-def _model(tok, answer: list[int], eos=None):
-    """A tiny Llama whose greedy answer is ``answer`` then "yo" forever; its generation config's EOS is ``eos``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.eos_token_id = eos
-    steps = {"n": 0}
-
-    def force(_module, _inputs, logits):
-        out = torch.full_like(logits, -1e4)
-        at = steps["n"]
-        out[:, -1, answer[at] if at < len(answer) else tok.convert_tokens_to_ids("yo")] = 0.0
-        steps["n"] += 1
-        return out
-
-    model.lm_head.register_forward_hook(force)
-    return model
 
 
 def test_the_tokenizers_eos_ends_an_answer_though_the_generation_config_names_none():

@@ -21,15 +21,16 @@ def _tokenizer():
     return tok
 
 
-def _model(tok, answer: list[int]):
-    """A tiny Llama whose greedy answer is ``answer`` then "yo" forever, whatever the prompt."""
+def _model(tok, answer: list[int], eos=None):
+    """A tiny Llama whose greedy answer is ``answer`` then "yo" forever, whatever the prompt; its generation config's
+    EOS is ``eos``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.eos_token_id = None
+    model.generation_config.eos_token_id = eos
     steps = {"n": 0}
 
     def force(_module, _inputs, logits):

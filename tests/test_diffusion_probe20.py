@@ -38,21 +38,28 @@ def _inputs():
     return torch.randn(1, 3, 16, 16, generator=g), torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
 
 
-@pytest.mark.parametrize("meta", [{"unet.r": 4, "unet.target_modules": NAMES},
-                                  {"unet.r": 4, "unet.target_modules": NAMES, "unet.alpha_pattern": {"to_k": 2}}])  # fmt: skip
-def test_metadata_without_lora_alpha_has_peft_default_alpha_as_diffusers(tmp_path, meta):
-    """diffusers' ``_create_lora_config`` passes the metadata to peft's LoraConfig, whose lora_alpha defaults to 8:
-    scale 8 / 4 = 2 (to_k 2 / 4 by the pattern). deltatune took alpha = rank (scale 1): outputs 0.08 apart."""
+def _diffusers_and_ours(path):
+    """The file loaded by diffusers' load_lora_adapter (adapter "a") and by deltatune's load_lora, each into the same
+    UNet, and their modules by name."""
     from deltatune.diffusion import load_lora
 
-    path = _file(tmp_path / "f.safetensors", meta)
-    x, t, c = _inputs()
     ref = _unet(3)
     ref.load_lora_adapter(str(path), prefix="unet", adapter_name="a", use_safetensors=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mine = load_lora(_unet(3), path, prefix="unet")
-    refs, ours = dict(ref.named_modules()), dict(mine.get_base_model().named_modules())
+    return ref, mine, dict(ref.named_modules()), dict(mine.get_base_model().named_modules())
+
+
+@pytest.mark.parametrize("meta", [{"unet.r": 4, "unet.target_modules": NAMES},
+                                  {"unet.r": 4, "unet.target_modules": NAMES, "unet.alpha_pattern": {"to_k": 2}}])  # fmt: skip
+def test_metadata_without_lora_alpha_has_peft_default_alpha_as_diffusers(tmp_path, meta):
+    """diffusers' ``_create_lora_config`` passes the metadata to peft's LoraConfig, whose lora_alpha defaults to 8:
+    scale 8 / 4 = 2 (to_k 2 / 4 by the pattern). deltatune took alpha = rank (scale 1): outputs 0.08 apart."""
+
+    path = _file(tmp_path / "f.safetensors", meta)
+    x, t, c = _inputs()
+    ref, mine, refs, ours = _diffusers_and_ours(path)
     assert [refs[n].scaling["a"] for n in NAMES] == [ours[n].scaling["default"] for n in NAMES]
     with torch.no_grad():
         want, got = ref(x, t, c).sample, mine(x, t, encoder_hidden_states=c).sample
@@ -274,17 +281,11 @@ def test_metadata_switches_peft_reads_as_meant_load_as_diffusers(tmp_path, extra
     """peft's LoraConfig reads use_rslora / use_dora by truth (``if use_rslora``): null and 0 are false, 1 true, and
     diffusers loads a file's unet part without reading its text_encoder's keys. deltatune refused all of these
     ("must be true or false", null named "a JSON NoneType"); now they load, outputs as diffusers'."""
-    from deltatune.diffusion import load_lora
     from deltatune.diffusion_files import _json_kind
 
     path = _file(tmp_path / "f.safetensors", {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": NAMES} | extra)
     x, t, c = _inputs()
-    ref = _unet(3)
-    ref.load_lora_adapter(str(path), prefix="unet", adapter_name="a", use_safetensors=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mine = load_lora(_unet(3), path, prefix="unet")
-    refs, ours = dict(ref.named_modules()), dict(mine.get_base_model().named_modules())
+    ref, mine, refs, ours = _diffusers_and_ours(path)
     assert [refs[n].scaling["a"] for n in NAMES] == [ours[n].scaling["default"] for n in NAMES]
     assert refs[NAMES[0]].scaling["a"] == (2.0 if extra == {"unet.use_rslora": 1} else 1.0)
     with torch.no_grad():
