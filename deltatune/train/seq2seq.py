@@ -4,6 +4,8 @@ against the target (or the row's ``references``)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..config import ConfigError
@@ -55,8 +57,28 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
         eval_rows=eval_rows,
         notes=notes,
         loss_only=True,
-        trainer_class=TokenLossTrainer,  # T5's and BART's own loss is a mean per micro-batch
+        # T5's and BART's own loss is a mean per micro-batch; train.label_smoothing_factor as Seq2SeqTrainer's
+        trainer_class=partial(TokenLossTrainer, loss=partial(smoothed_token_loss, label_smoothing=smoothing))
+        if (smoothing := cfg.train.label_smoothing_factor)
+        else TokenLossTrainer,
     )
+
+
+def smoothed_token_loss(
+    outputs, labels: torch.Tensor, num_items_in_batch=None, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """``deltatune.loss.token_loss`` with transformers' ``LabelSmoother`` (train.label_smoothing_factor, as
+    run_summarization's --label_smoothing_factor): (1 - e) x the cross-entropy + e x the mean over the vocabulary of
+    -log p, over the labelled tokens (or divided by the accumulated step's ``num_items_in_batch``), the training and
+    the eval loss alike, as Seq2SeqTrainer scores both. The Trainer's own smoother never runs here: the stage's
+    loss is the trainer's ``compute_loss_func``, which the Trainer calls instead of it."""
+    logits = outputs["logits"].flatten(0, -2)
+    targets = labels.flatten().to(logits.device)
+    total = torch.nn.functional.cross_entropy(
+        logits.float(), targets, reduction="sum", label_smoothing=label_smoothing
+    )
+    divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(divisor).to(logits.device)
 
 
 # run_summarization warns when one of these runs without --source_prefix

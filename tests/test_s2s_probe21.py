@@ -1,0 +1,78 @@
+"""Probe 21 of the seq2seq stage against transformers' Seq2SeqTrainer, DataCollatorForSeq2Seq and LabelSmoother
+(run_summarization's --label_smoothing_factor), on tiny T5 / BART models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltatune.train.config import build
+from deltatune.train.seq2seq import prepare_seq2seq
+from tests.tiny import tiny_model, word_tokenizer
+
+SOURCES = ["w1 w2 w3 w4", "w5 w6", "w7 w8 w9 w10 w11 w12", "w13"]
+TARGETS = ["w20 w21", "w22 w23 w24 w25 w26", "w27", "w28 w29 w30"]
+
+
+def _cfg(tmp_path, **train):
+    import json
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in zip(SOURCES, TARGETS)))
+    return build({"stage": "seq2seq", "data": {"train": str(path), "eval": str(path), "source_column": "source",
+                                               "target_column": "target", "max_length": 16},
+                  "train": {"generation_max_new_tokens": 8, **train}})  # fmt: skip
+
+
+def _model(family: str, tok):
+    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.bos_token_id)
+    wide = {"t5": {"initializer_factor": 2.0}, "bart": {"init_std": 0.5}}[family]  # (logits far from uniform)
+    return tiny_model(family, vocab_size=len(tok), **ids, **wide).eval()
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_label_smoothing_is_seq2seq_trainers(tmp_path, family):
+    """train.label_smoothing_factor was read by pt and sft only: a seq2seq run named it ignored and trained on the
+    plain cross-entropy, where run_summarization's --label_smoothing_factor 0.1 (Seq2SeqTrainer's LabelSmoother, the
+    decoder inputs from the labels by DataCollatorForSeq2Seq) smooths the training and the eval loss. Now the
+    stage's loss is the smoother's on the same batch, with and without the accumulated step's item count, and the
+    eval loss equal to Seq2SeqTrainer.evaluate's (one batch of all rows)."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainingArguments
+
+    import deltatune as dt
+
+    tok = word_tokenizer()
+    cfg = _cfg(tmp_path, label_smoothing_factor=0.1)
+    prepared = prepare_seq2seq(cfg, tok)
+    base = _model(family, tok)
+    targets = ["q", "v"] if family == "t5" else ["q_proj", "v_proj"]
+    delta = dt.get_delta_model(
+        _model(family, tok), dt.LoraConfig(task_type="SEQ_2_SEQ_LM", r=2, target_modules=targets)
+    )
+    plain = dict(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, per_device_eval_batch_size=4)
+    ours = prepared.trainer_class(model=delta, args=TrainingArguments(**plain, remove_unused_columns=False,
+                                                                      label_names=["labels"], prediction_loss_only=True),
+                                  data_collator=prepared.collator, eval_dataset=prepared.eval)  # fmt: skip
+    ref = Seq2SeqTrainer(model=base, args=Seq2SeqTrainingArguments(**plain, label_smoothing_factor=0.1),
+                         data_collator=DataCollatorForSeq2Seq(tok, model=base, label_pad_token_id=-100),
+                         eval_dataset=prepared.eval)  # fmt: skip
+    batch, ref_batch = prepared.collator(prepared.train), ref.data_collator(prepared.train)
+    assert "decoder_input_ids" in ref_batch and "decoder_input_ids" not in batch  # (ours builds them in compute_loss)
+    delta.eval()
+    with torch.no_grad():
+        plain_loss = base(**{k: v for k, v in ref_batch.items()}).loss
+        for items in (None, 23):
+            got = ours.compute_loss(delta, dict(batch), num_items_in_batch=items)
+            want = ref.compute_loss(base, dict(ref_batch), num_items_in_batch=items)
+            assert abs(float(got - want)) < 1e-5, (items, float(got), float(want))
+    got_eval, want_eval = ours.evaluate()["eval_loss"], ref.evaluate()["eval_loss"]
+    assert got_eval == pytest.approx(want_eval, abs=1e-5) and abs(got_eval - float(plain_loss)) > 0.05
+
+
+def test_no_label_smoothing_keeps_the_plain_token_loss(tmp_path):
+    from deltatune.train.trainer import TokenLossTrainer
+
+    for value in (None, 0.0):
+        assert prepare_seq2seq(_cfg(tmp_path, label_smoothing_factor=value), word_tokenizer()).trainer_class is (
+            TokenLossTrainer
+        )
