@@ -15,6 +15,7 @@ from ..layer import DeltaLayer, DequantizedLinear, enable_checkpointing, set_sub
 from ..targets import HEAD_NAMES
 from ._quant_merge import MergeReport, _logits, dora_dtypes, reference_logits, requantized
 from ._quant_skip import kept_fp32, skipped
+from ._quant_steps import stepwise
 from .quant import (
     _DTYPES,
     BACKENDS,
@@ -331,11 +332,9 @@ def merge_quantized(
     settings = {n: (m.compute_dtype, m.backend, m.double_quant, m.quant_type, m.quant_storage) for n, m in four}
     conv1d = {n.removesuffix(".base_layer") for n, m in four if m.conv1d}
     dora = dora_dtypes(base, four, adapter_names or list(model.active_adapters)) if requantize else {}
-    if requantize:  # PEFT adds s B A to W in fp32 and rounds the sum once, by quantising it; the merge dequantises
-        for _, m in four:  # to compute_dtype, so bf16 compute would round W + s B A to bf16 first (other 4-bit codes)
-            m.compute_dtype = torch.float32
-    try:
-        plain = model.merge_and_unload(adapter_names, dequantize=False, safe_merge=safe_merge)
+    try:  # with requantize, merged in fp32 and quantised after each adapter, as peft's (_quant_steps.py)
+        with stepwise(dict(four) if requantize else {}, settings):
+            plain = model.merge_and_unload(adapter_names, dequantize=False, safe_merge=safe_merge)
     except Exception:  # refused before any weight was written (safe_merge, a method that cannot merge): undo the swaps
         for name, module in bnb4 + eight:
             set_submodule(base, name, module)
@@ -343,9 +342,6 @@ def merge_quantized(
                 module.weight.data, module.weight.quant_state = packed[name]
         model.train(was_training)
         raise
-    finally:
-        for n, m in four:  # the 4-bit layers an unmerged adapter keeps compute as before
-            m.compute_dtype = settings[n][0]
     # A model transformers loaded quantised forgets that it was (else transformers would refuse to cast its plain
     # layers); requantised, it keeps its config, so it saves and loads again in 4 or 8 bits as peft's merge.
     quantizer = getattr(plain, "hf_quantizer", None)
