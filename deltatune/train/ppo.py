@@ -19,9 +19,9 @@ PPO does not fit the HF Trainer's loop; this file has its own small one (a torch
 the adapter and writes the report as for every stage. The value head is saved next to it
 (``value_head.safetensors``). Checkpoints (``checkpoint-<step>/``: adapter, value head, optimizer, KL coefficient,
 data order, random states and the history so far) are written every ``train.save_steps`` steps (default: at the
-end of each pass over the prompts), published whole by a rename and rotated to ``train.save_total_limit``;
-``--resume`` continues from one and ends where the uninterrupted run would. The math (GAE, the losses, whitening,
-the KL controller, sampling) lives in ppo_math.py; this file re-exports it.
+end of each pass over the prompts) and after the last step (as the Trainer's), published whole by a rename and
+rotated to ``train.save_total_limit``; ``--resume`` continues from one and ends where the uninterrupted run would.
+The math (GAE, the losses, whitening, the KL controller, sampling) lives in ppo_math.py; this file re-exports it.
 """
 
 from __future__ import annotations
@@ -165,8 +165,10 @@ class PPOLoop:
             return self._forward(r, with_values=False)[0]
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
-        """Sample one response per prompt (token ids, no padding) and score it."""
+    def rollout(self, prompts: Sequence[Sequence[int]], forwards: bool = True) -> Rollout:
+        """Sample one response per prompt (token ids, no padding) and score it; ``forwards`` False leaves out the
+        policy's, the value head's and the reference's forwards (log-probs, values: None), which an evaluation does
+        not read."""
         from ..targets import context_length
 
         context = context_length(self.model.get_base_model().config)
@@ -187,17 +189,8 @@ class PPOLoop:
             None, None, None, None,  # (logprobs, ref_logprobs, values, scores: below)
             decode([list(p) for p in prompts], skip_special_tokens=True), decode(response, skip_special_tokens=True),
         )  # fmt: skip
-        # The no-grad forwards run over align.local_rollout_forward_batch_size rows (TRL's; left out: the update's
-        # micro-batch): the (rows, length, vocab) logits of a whole batch at once are the memory the update splits.
-        step = getattr(self.align, "local_rollout_forward_batch_size", None)  # (a key config_align may lack)
-        step, parts = step or max(1, self.align.mini_batch_size // self.grad_accum), []
-        for i in range(0, len(prompts), step):
-            part = Rollout(r.sequences[i : i + step], r.attention_mask[i : i + step], response_mask[i : i + step],
-                           r.prompt_length, None, None, None, None, [], [])  # fmt: skip
-            logp, values, _ = self._forward(part)
-            parts.append((logp, values, self.reference_logprobs(part)))
-        logp, values, ref = (torch.cat(x) for x in zip(*parts))
-        r.logprobs, r.values, r.ref_logprobs = logp * response_mask, values * response_mask, ref * response_mask
+        if forwards:
+            self._score_tokens(r)
         # One finite number per response, or one line naming the reward and the response (None, NaN, text...).
         names = [f"the response {t[:40]!r} to {p[:40]!r}" for p, t in zip(r.prompts, r.responses)]
         name = self.align.reward_model or "function"
@@ -209,6 +202,21 @@ class PPOLoop:
         r.scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
         r.truncated = truncated
         return r
+
+    @torch.no_grad()
+    def _score_tokens(self, r: Rollout) -> None:
+        """Set ``r``'s log-probs, values and reference log-probs: the no-grad forwards, each over
+        align.local_rollout_forward_batch_size rows (TRL's; left out: the update's micro-batch): the (rows, length,
+        vocab) logits of a whole batch at once are the memory the update splits."""
+        step = getattr(self.align, "local_rollout_forward_batch_size", None)  # (a key config_align may lack)
+        step, parts, response_mask = step or max(1, self.align.mini_batch_size // self.grad_accum), [], r.response_mask
+        for i in range(0, len(r.sequences), step):
+            part = Rollout(r.sequences[i : i + step], r.attention_mask[i : i + step], response_mask[i : i + step],
+                           r.prompt_length, None, None, None, None, [], [])  # fmt: skip
+            logp, values, _ = self._forward(part)
+            parts.append((logp, values, self.reference_logprobs(part)))
+        logp, values, ref = (torch.cat(x) for x in zip(*parts))
+        r.logprobs, r.values, r.ref_logprobs = logp * response_mask, values * response_mask, ref * response_mask
 
     def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
         """One PPO step: a batch of rollouts, then ``ppo_epochs`` passes of clipped updates. Returns statistics."""
@@ -286,8 +294,10 @@ class PPOLoop:
 
     @torch.no_grad()
     def mean_reward(self, prompts: Sequence[Sequence[int]], batch_size: int) -> float:
-        """Mean reward of sampled responses to ``prompts`` (no update)."""
-        scores = [self.rollout(prompts[i : i + batch_size]).scores for i in range(0, len(prompts), batch_size)]
+        """Mean reward of sampled responses to ``prompts`` (no update; sampled and scored only: the rollout's
+        forwards of policy, values and reference, which nothing here reads, are left out)."""
+        parts = range(0, len(prompts), batch_size)
+        scores = [self.rollout(prompts[i : i + batch_size], forwards=False).scores for i in parts]
         return torch.cat(scores).mean().item()
 
 
@@ -366,14 +376,18 @@ def check_stop_token(align: AlignArgs, vocab: int) -> None:
                           "tokens)")  # fmt: skip
 
 
-def _check_reward_model(spec: str | None, tokenizer) -> None:
-    """Fail before any model is loaded when align.reward_model names nothing usable."""
+def _check_reward_model(spec: str | None, tokenizer, longest: int = 0, cfg: RunConfig | None = None) -> None:
+    """Fail before any model is loaded when align.reward_model names nothing usable (or, given the longest prompt
+    and the run's ``cfg``, a transformers reward model too short for a prompt and its response)."""
     from .grpo_reward_model import is_model_folder
 
     if spec and os.path.isdir(spec) and is_model_folder(spec):
+        from .ppo_checks import check_reward_context
         from .scorers import check_token_reward
 
         check_token_reward(spec, tokenizer)
+        if cfg is not None:
+            check_reward_context(spec, longest, cfg.align.max_new_tokens, cfg.model.trust_remote_code)
     elif spec and os.path.isdir(spec):
         from .scorers import reward_run
 
@@ -411,7 +425,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     }
     longest = max(len(p) for p in train + (evals or []))
     check_rollout_context(cfg, longest, resolve_path(cfg.model.name_or_path))
-    _check_reward_model(a.reward_model, tok)
+    _check_reward_model(a.reward_model, tok, longest, cfg)
     check_stop_token(a, len(tok))
     mini = ppo_micro_batches(a, cfg.train.batch_size, cfg.train.grad_accum)  # (before the model loads)
     notes = [
@@ -540,7 +554,7 @@ def train_ppo(
         row["eps"] = int(episode / max(time.perf_counter() - start, 1e-9))
         history.append({**row, "wall_time": round(time.time(), 3)})
         bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", kl=f"{history[-1]['kl']:.2f}", refresh=False)
-        if step % every == 0 and step < steps:
+        if step % every == 0 or step == steps:  # (the last too, as the Trainer's: a stop in the eval keeps the run)
             from . import ppo_checkpoint
 
             loop.runtime_s = time.perf_counter() - start

@@ -1,0 +1,27 @@
+"""PPO's checks of the reward model before any model loads (split from ppo.py, near its line limit)."""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+
+
+def check_reward_context(spec: str, longest: int, max_new_tokens: int, trust_remote_code: bool = False) -> None:
+    """ConfigError naming align.reward_model when a transformers reward folder (``scorers.TokenRewardModel``, which
+    scores the policy's prompt and response ids whole, as TRL's get_reward) has fewer positions than the longest
+    prompt (``longest`` tokens) plus align.max_new_tokens: its forward failed inside torch's embedding mid-run (GPT-2's
+    learned positions), after the policy had loaded and sampled. An unreadable config is left to the model loader."""
+    from transformers import AutoConfig
+
+    from ..targets import context_length
+
+    try:
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return
+    context = context_length(config)
+    if context is not None and longest + max_new_tokens > context:
+        raise ConfigError(
+            f"align.reward_model {spec!r} scores at most {context} positions, fewer than the longest prompt "
+            f"({longest} tokens) plus align.max_new_tokens={max_new_tokens} ({longest + max_new_tokens}); lower "
+            "align.max_new_tokens or data.max_length, or use a reward model of a longer context"
+        )
