@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.encode import encode_prompt_response
+from ..data.encode import _lead, encode_prompt_response
 from ..data.load import DataError
+from ..data.preference import cut_lm
 from ..data.sample import unpaired_examples
 from ..data.tasks import Collator
 from ..data.templates import IGNORE_INDEX
@@ -336,10 +337,8 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
                                 "(set data.truncation=truncate to cut such rows)")  # fmt: skip
             if cut and n_prompt < d.max_length:
                 ex = {k: v[: d.max_length] for k, v in ex.items()}
-            elif cut:
-                ex, _ = encode_prompt_response(
-                    prompt, completion, tok, template, d.max_length, s.tools, s.template_kwargs
-                )
+            elif cut:  # (encode_prompt_response's cut at max_length, of the encoding in hand: no second encoding)
+                ex = cut_lm(ex, d.max_length, _lead(tok, template, ex))[0]
                 fell_back += 1
             if all(lab == IGNORE_INDEX for lab in ex["labels"][1:]):
                 raise DataError(f"{s.source}: no completion token within data.max_length={d.max_length}")
