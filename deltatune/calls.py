@@ -61,7 +61,11 @@ def call_sizes(
         if isinstance(text, torch.Tensor) and key and (why := _images_unmapped(n, key, text.shape[0], ids, model)):
             refused[n] = why
     if generating is not None:
-        gen = kwargs.get("generation_config") or getattr(generating, "generation_config", None)
+        gen = (
+            kwargs.get("generation_config")
+            or _positional_config(args)
+            or getattr(generating, "generation_config", None)
+        )
         expand = max(kwargs.get(k) or getattr(gen, k, None) or 1 for k in ("num_beams", "num_return_sequences"))
         sizes |= {n * expand for n in sizes}
         refused |= {n * expand: why for n, why in refused.items()}
@@ -71,6 +75,12 @@ def call_sizes(
         if isinstance(m, DeltaLayer) and SHARED_TABLE.match(re.sub(r"(\.base_layer)+$", "", path).rpartition(".")[2])
     ]  # fmt: skip
     return CallSizes(sizes - refused.keys(), refused, shared)
+
+
+def _positional_config(args: tuple) -> object | None:
+    """A generation config passed by position (``generate(input_ids, GenerationConfig(num_beams=2))``, transformers'
+    second parameter): its expansion counts as a keyword one's."""
+    return next((a for a in args[1:2] if hasattr(a, "num_beams") and hasattr(a, "num_return_sequences")), None)
 
 
 def _images_unmapped(n: int, key: str, rows: int, ids: torch.Tensor | None, model: nn.Module | None) -> str | None:

@@ -1,0 +1,60 @@
+"""Probe 21 of mixed-adapter batches (``adapter_names=``): each test failed before its fix."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import torch
+from tiny import tiny_inputs, tiny_model
+from transformers import GenerationConfig
+
+import deltatune as dt
+
+CONFIGS = [
+    ("x", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    ("y", dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj"], use_rslora=True)),
+]
+NAMES = ["x", "__base__", "y"]
+
+
+def _pair(configs=CONFIGS):
+    """The same LoRAs (B drawn non-zero) in peft and in deltatune on a tiny llama, eval mode."""
+    base = tiny_model("llama")
+    reference, ours = None, None
+    for seed, (name, kwargs) in enumerate(configs):
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(**kwargs, init_lora_weights=False)
+        if reference is None:
+            reference = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            reference.add_adapter(name, config)
+        if ours is None:
+            ours = dt.get_delta_model(base, dt.LoraConfig(**kwargs), adapter_name=name)
+        else:
+            ours.add_adapter(name, dt.LoraConfig(**kwargs))
+    for name, _ in configs:
+        dt.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(reference, adapter_name=name), name)
+    return reference.eval(), ours.eval()
+
+
+def test_generate_with_a_positional_generation_config_expands_the_rows():
+    """``generate(input_ids, GenerationConfig(num_beams=2), adapter_names=...)`` (transformers' second parameter) was
+    refused: the beams' expanded batch (6 rows) was not among the call's sizes, as only a keyword generation_config
+    was read ("a layer computes on 6 that are not the call's rows"). Now it generates what the keyword form and peft
+    (given num_beams=2) do, with sampling's returned sequences too."""
+    reference, ours = _pair()
+    inputs = tiny_inputs("llama", batch=3)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    beams = GenerationConfig(num_beams=2, max_new_tokens=4, pad_token_id=0)
+    with torch.no_grad():
+        got = ours.generate(ids, beams, attention_mask=mask, adapter_names=NAMES)
+        keyword = ours.generate(ids, generation_config=beams, attention_mask=mask, adapter_names=NAMES)
+        expected = reference.generate(**inputs, adapter_names=NAMES, num_beams=2, max_new_tokens=4, pad_token_id=0)
+        assert torch.equal(got, keyword) and torch.equal(got, expected)
+        sample = GenerationConfig(do_sample=True, num_return_sequences=2, max_new_tokens=4, pad_token_id=0)
+        torch.manual_seed(3)
+        got = ours.generate(ids, sample, attention_mask=mask, adapter_names=NAMES)
+        torch.manual_seed(3)
+        keyword = ours.generate(ids, generation_config=sample, attention_mask=mask, adapter_names=NAMES)
+        assert got.shape[0] == 6 and torch.equal(got, keyword)
