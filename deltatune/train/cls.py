@@ -1,7 +1,7 @@
 """Stage ``cls``: sequence classification. Rows of text (and an optional text pair) with a label; the labels are
-read from the data (or ``data.labels``); eval reports accuracy and F1 (class 1's for two classes, else macro-F1).
-The loss is the cross-entropy over the rows of the whole step (``TokenLossTrainer``), so an accumulated step of
-unequal micro-batches (an epoch's last) weighs every row alike.
+read from the data (or ``data.labels``); eval reports accuracy, F1 (class 1's for two classes, else macro-F1) and
+Matthews' correlation (GLUE's CoLA metric). The loss is the cross-entropy over the rows of the whole step
+(``TokenLossTrainer``), so an accumulated step of unequal micro-batches (an epoch's last) weighs every row alike.
 
 transformers' other two problem types: ``model.num_labels: 1`` is a regression (a number per row, MSE on the one
 logit, Pearson/Spearman as GLUE's STS-B); a label column of lists is multi-label (BCE with logits on multi-hot
@@ -42,8 +42,12 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
         mapping: dict[Any, int] = {}
         names: list[str] | None = None
     elif problem == "multi_label":
-        lists = [label_list(r, d.label_column) for r in train_rows]
-        flat_rows = [r for r, ls in zip(train_rows, lists) for _ in ls]
+        seen, lists = train_rows, [label_list(r, d.label_column) for r in train_rows]
+        if not d.labels and eval_rows:  # ids of the eval file's lists are classes too, as a single label's below
+            more = [label_list(r, d.label_column) for r in eval_rows]
+            if all(class_id(v) is not None for ls in lists + more for v in ls):
+                seen, lists = train_rows + eval_rows, lists + more
+        flat_rows = [r for r, ls in zip(seen, lists) for _ in ls]
         flat = [v for ls in lists for v in ls]
         mapping = label_map(flat_rows, d.label_column, d.labels, flat) if flat or d.labels else {}
         names = class_names(mapping, d.labels) if mapping else []
@@ -96,7 +100,8 @@ def prepare_cls(cfg: RunConfig, tok) -> Prepared:
             hot = (logits > 0).astype(int).tolist()
             return M.multi_label_scores(hot, (np.asarray(p.label_ids) > 0.5).astype(int).tolist())
         preds, labels = logits.argmax(-1).tolist(), p.label_ids.tolist()
-        return {"accuracy": M.accuracy(preds, labels), "f1": M.f1(preds, labels, n)}
+        scores = {"accuracy": M.accuracy(preds, labels), "f1": M.f1(preds, labels, n)}
+        return scores | {"matthews_correlation": M.matthews(preds, labels)}  # (GLUE's CoLA, run_glue's key)
 
     if problem == "multi_label":  # set once every refusal is past: a refused call leaves the recipe as it was
         d.multi_label = True

@@ -1,5 +1,5 @@
-"""Evaluation metrics: accuracy and F1 (single- and multi-label), Pearson and Spearman (regression), entity-level
-F1 for BIO tagging, ROUGE (1, 2, L, Lsum) and BLEU for generation.
+"""Evaluation metrics: accuracy, F1 (single- and multi-label) and Matthews' correlation, Pearson and Spearman
+(regression), entity-level F1 for BIO tagging, ROUGE (1, 2, L, Lsum) and BLEU for generation.
 
 Small, exact implementations of the standard definitions (tested against hand-worked values), so the trainers need
 no extra dependency. BLEU and ROUGE-L give the numbers people compare against: sacrebleu's default corpus BLEU
@@ -33,6 +33,17 @@ def f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
         return class_f1(1)
     present = sorted(set(labels) | set(preds))
     return sum(class_f1(c) for c in present) / max(len(present), 1)
+
+
+def matthews(preds: Sequence[int], labels: Sequence[int]) -> float:
+    """Matthews' correlation coefficient, K classes alike (sklearn's ``matthews_corrcoef``, GLUE's CoLA metric as
+    run_glue reports it, ``matthews_correlation``): 0.0 where either side holds one class only (sklearn's)."""
+    n, right = len(labels), sum(int(p == t) for p, t in zip(preds, labels))
+    true, pred = Counter(labels), Counter(preds)
+    cov_tp = right * n - sum(true[k] * pred[k] for k in true)
+    cov_pp = n * n - sum(v * v for v in pred.values())
+    cov_tt = n * n - sum(v * v for v in true.values())
+    return cov_tp / math.sqrt(cov_pp * cov_tt) if cov_pp * cov_tt else 0.0
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:

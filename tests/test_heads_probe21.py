@@ -1,0 +1,66 @@
+"""Probe 21 of the cls / tag stages against transformers' run_glue / run_classification and the metrics they report
+(GLUE's evaluate metrics: sklearn's): a multi-label run's eval file of class ids names its classes as a single-label
+run's does (run_classification builds the label list from the union of the splits), and the classification eval
+reports Matthews' correlation, GLUE's CoLA metric, as sklearn's ``matthews_corrcoef``."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from sklearn.metrics import matthews_corrcoef
+from tiny import tokenizer
+
+from deltatune.train import metrics as M
+from deltatune.train.cls import prepare_cls
+from deltatune.train.config import build
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_multi_label_eval_files_class_ids_are_classes_as_a_single_labels(tok, tmp_path):
+    """HEAD refused the multi-label eval row of id 3 ('label 3 ... is not in the label set ['0', '1', '2']') where the
+    single-label run of the same ids trains it as class 3 (an id data.limit left out of train), and
+    run_classification adds the eval labels to the label list. Now both runs have the classes 0..3, the eval row's
+    multi-hot target (ids 3 and 1) [0, 1, 0, 1]."""
+    train = _write(tmp_path / "m.jsonl", [{"text": "a", "label": [0, 1]}, {"text": "b", "label": [2]}])
+    ev = _write(tmp_path / "e.jsonl", [{"text": "c", "label": [3, 1]}])
+    single_train = _write(tmp_path / "s.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 2}])
+    single_ev = _write(tmp_path / "f.jsonl", [{"text": "c", "label": 3}])
+    single = prepare_cls(build({"stage": "cls", "data": {"train": single_train, "eval": single_ev}}), tok)
+    multi = prepare_cls(build({"stage": "cls", "data": {"train": train, "eval": ev}}), tok)
+    assert single.labels == ["0", "2", "3"] and multi.labels == ["0", "1", "2", "3"]
+    assert [e["labels"] for e in multi.eval] == [[0.0, 1.0, 0.0, 1.0]]
+    assert [e["labels"] for e in multi.train] == [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_the_classification_eval_reports_matthews_correlation_as_sklearns(tok, tmp_path, classes):
+    """GLUE's CoLA is scored by Matthews' correlation (evaluate's glue metric: sklearn's matthews_corrcoef, run_glue's
+    eval_matthews_correlation); HEAD reported accuracy and F1 only, so a CoLA run had no figure to compare and
+    train.metric_for_best_model: matthews_correlation no key to read. Equal to sklearn's to 1e-12 on random
+    predictions, K classes alike, and 0.0 where one side holds one class (sklearn's)."""
+    rows = [{"text": f"t {i}", "label": i % classes} for i in range(classes)]
+    prepared = prepare_cls(build({"stage": "cls", "data": {"train": _write(tmp_path / "c.jsonl", rows)}}), tok)
+    rng = random.Random(classes)
+    for _ in range(20):
+        labels = np.array([rng.randrange(classes) for _ in range(rng.randint(2, 30))])
+        guess = np.array([rng.randrange(classes) if rng.random() < 0.6 else y for y in labels])
+        got = prepared.compute_metrics(SimpleNamespace(predictions=np.eye(classes)[guess], label_ids=labels))
+        assert got["matthews_correlation"] == pytest.approx(matthews_corrcoef(labels, guess), abs=1e-12)
+    one = np.zeros(6, dtype=int)
+    for labels, guess in ((one, np.array([0, 1, 0, 1, 1, 0])), (np.array([0, 1, 0, 1, 1, 0]), one), (one, one)):
+        assert M.matthews(guess.tolist(), labels.tolist()) == matthews_corrcoef(labels, guess) == 0.0
+    assert M.matthews([1, 0, 1, 1], [1, 1, 1, 0]) == pytest.approx(-1 / 3)  # sklearn's docstring example's -0.33
