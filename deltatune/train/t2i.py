@@ -48,6 +48,7 @@ from .t2i_ema import EMA, describe_ema, ema_options
 from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
 from .t2i_noise import min_snr_weights as min_snr_weights  # (t2i.min_snr_weights, as before the split)
 from .t2i_prior import prior_collate, prior_options, with_prior
+from .t2i_reads import EpochOfReads, SeededReads
 from .t2i_validation import GUIDANCE, STEPS, Validation, validation_options
 from .trainer import DeltaTrainer
 
@@ -297,6 +298,9 @@ class T2ITrainer(DeltaTrainer):
         self, *args: Any, processor: T2IProcessor, loss_options: dict | None = None, extras: tuple = (), **kwargs
     ) -> None:
         super().__init__(*args, **kwargs)
+        if self.train_dataset is not None:  # each read's draws seeded by (seed, epoch, row): t2i_reads
+            self.train_dataset = SeededReads(self.train_dataset, self.args.seed)
+            self.add_callback(EpochOfReads(self.train_dataset))
         self.ema = next((c for c in extras if isinstance(c, EMA)), None)  # (train.use_ema: t2i_ema; t2i_validation)
         for callback in extras:
             self.add_callback(callback)
