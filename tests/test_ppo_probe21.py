@@ -131,3 +131,24 @@ def test_a_stop_in_the_final_evaluation_resumes_from_the_last_step(tmp_path):
     a = load_file(str(tmp_path / "unbroken" / "value_head.safetensors"))
     b = load_file(str(tmp_path / "stopped" / "value_head.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_keeps_the_start_evaluation_instead_of_sampling_it_again(tmp_path):
+    """train.eval_on_start: the checkpoints keep eval_reward_before (as GRPO's do), so a resume reports the unbroken
+    run's number without sampling the eval prompts again; HEAD sampled them again on every resume, with a fresh loop,
+    to the same number (the reward called 3 times: the start's evaluation again, step 2, the final evaluation)."""
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]]
+    evals = [[15, 16], [17, 18, 19]]
+    cfg = build({
+        "stage": "ppo", "model": {"name_or_path": "x"}, "data": {"train": "t.jsonl", "eval": "e.jsonl"},
+        "output": {"dir": str(tmp_path)},
+        "align": {"max_new_tokens": 3, "ppo_epochs": 1, "mini_batch_size": 2},
+        "train": {"max_steps": 2, "batch_size": 2, "report_to": ["none"], "save_steps": 1, "save_total_limit": None,
+                  "lr": 1e-2, "eval_on_start": True, "eval_batch_size": 2},
+    })  # fmt: skip
+    want, _ = train_ppo(_policy(), _DecodeTok(), cfg, prompts, evals, _Interrupt(None), facts={})
+    reward = _Interrupt(None)
+    got, _ = train_ppo(_policy(), _DecodeTok(), cfg, prompts, evals, reward, str(tmp_path / "checkpoint-1"), facts={})
+    assert reward.calls == 2  # (step 2, then the final evaluation)
+    assert got["eval_reward_before"] == want["eval_reward_before"]
+    assert got["eval_reward"] == want["eval_reward"] and got["train_loss"] == want["train_loss"]

@@ -524,7 +524,11 @@ def train_ppo(
     )
     g = torch.Generator().manual_seed(t.seed)
     metrics: dict[str, Any] = {}
-    if eval_prompts and t.eval_on_start:
+    if checkpoint is not None and eval_prompts and t.eval_on_start:  # (kept by the checkpoint: not sampled again)
+        from . import ppo_checkpoint
+
+        metrics.update(ppo_checkpoint.saved_metrics(checkpoint))
+    if eval_prompts and t.eval_on_start and "eval_reward_before" not in metrics:
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     history: list[dict[str, Any]] = []
     order: list[int] = []
@@ -559,7 +563,7 @@ def train_ppo(
 
             loop.runtime_s = time.perf_counter() - start
             ppo_checkpoint.save(
-                cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts, steps, per_pass
+                cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts, steps, per_pass, metrics
             )
     tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
     metrics.update(

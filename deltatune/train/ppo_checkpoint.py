@@ -49,10 +49,12 @@ def save(
     facts: dict[str, Any] | None = None,
     max_steps: int | None = None,
     per_pass: bool = False,
+    metrics: dict[str, Any] | None = None,
 ) -> str:
     """Write ``<out>/checkpoint-<step>`` for ``loop`` (a PPOLoop) and keep the newest ``keep`` checkpoints;
     ``facts``: the run's ``runfolder.run_facts``, for ``--resume`` to compare; ``max_steps``: the run's step count;
-    ``per_pass``: the run counts train.epochs per pass, as one begun before TRL's count (``counted_per_pass``)."""
+    ``per_pass``: the run counts train.epochs per pass, as one begun before TRL's count (``counted_per_pass``);
+    ``metrics``: the run's metrics so far (eval_reward_before), which a resume keeps (``saved_metrics``)."""
     from safetensors.torch import save_file
 
     final = os.path.join(out, f"{PREFIX}{step}")
@@ -79,6 +81,7 @@ def save(
             "log_history": history,
             **({"max_steps": max_steps} if max_steps is not None else {}),
             **({"counted_per_pass": True} if per_pass else {}),
+            **({"metrics": metrics} if metrics else {}),
         }
         with open(os.path.join(staging, STATE), "w", encoding="utf-8") as fh:
             json.dump(state, fh)
@@ -112,6 +115,13 @@ def counted_per_pass(checkpoint: str) -> bool:
     with open(os.path.join(checkpoint, STATE), encoding="utf-8") as fh:
         state = json.load(fh)
     return "max_steps" not in state or bool(state.get("counted_per_pass"))
+
+
+def saved_metrics(checkpoint: str) -> dict[str, Any]:
+    """The metrics ``checkpoint``'s run had before its first step (eval_reward_before, as GRPO's checkpoints keep
+    them): a resume reports them instead of evaluating again; {} for a checkpoint written before they were kept."""
+    with open(os.path.join(checkpoint, STATE), encoding="utf-8") as fh:
+        return dict(json.load(fh).get("metrics", {}))
 
 
 def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[int], list[dict[str, Any]]]:
