@@ -61,12 +61,13 @@ def call_sizes(
         if isinstance(text, torch.Tensor) and key and (why := _images_unmapped(n, key, text.shape[0], ids, model)):
             refused[n] = why
     if generating is not None:
-        gen = (
-            kwargs.get("generation_config")
-            or _positional_config(args)
-            or getattr(generating, "generation_config", None)
+        # As transformers resolves each: the keyword, else the call's generation config's, else the model's, else 1.
+        given = kwargs.get("generation_config") or _positional_config(args)
+        configs = (given, getattr(generating, "generation_config", None))
+        expand = max(
+            next((v for v in (kwargs.get(k), *(getattr(c, k, None) for c in configs)) if v is not None), 1) or 1
+            for k in ("num_beams", "num_return_sequences")
         )
-        expand = max(kwargs.get(k) or getattr(gen, k, None) or 1 for k in ("num_beams", "num_return_sequences"))
         sizes |= {n * expand for n in sizes}
         refused |= {n * expand: why for n, why in refused.items()}
     shared = [] if model is None else [

@@ -58,3 +58,21 @@ def test_generate_with_a_positional_generation_config_expands_the_rows():
         torch.manual_seed(3)
         keyword = ours.generate(ids, generation_config=sample, attention_mask=mask, adapter_names=NAMES)
         assert got.shape[0] == 6 and torch.equal(got, keyword)
+
+
+def test_beams_the_model_s_generation_config_sets_under_a_call_s_config_expand_the_rows():
+    """transformers 5 resolves each generation setting from the keyword, else the call's generation config where it
+    sets one (``GenerationConfig()`` leaves num_beams None), else the model's: with ``model.generation_config
+    .num_beams = 2`` and ``generation_config=GenerationConfig(max_new_tokens=4)`` generate runs 2 beams, but only the
+    call's config was read (its None taken as 1) and the beams' 6 rows were refused. Now the rows are peft's with
+    num_beams=2."""
+    reference, ours = _pair()
+    inputs = tiny_inputs("llama", batch=3)
+    ours.generation_config.num_beams = 2
+    call = GenerationConfig(max_new_tokens=4, pad_token_id=0)
+    with torch.no_grad():
+        got = ours.generate(**inputs, generation_config=call, adapter_names=NAMES)
+        expected = reference.generate(**inputs, adapter_names=NAMES, num_beams=2, max_new_tokens=4, pad_token_id=0)
+        assert torch.equal(got, expected)
+        assert torch.equal(ours.generate(inputs["input_ids"], call, attention_mask=inputs["attention_mask"],
+                                         adapter_names=NAMES), expected)  # fmt: skip
