@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -76,3 +78,50 @@ def test_no_label_smoothing_keeps_the_plain_token_loss(tmp_path):
         assert prepare_seq2seq(_cfg(tmp_path, label_smoothing_factor=value), word_tokenizer()).trainer_class is (
             TokenLossTrainer
         )
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_a_model_without_a_decoder_start_is_refused_before_training_naming_its_config(tmp_path, family):
+    """run_summarization refuses a model whose config has no decoder_start_token_id ("Make sure that
+    `config.decoder_start_token_id` is correctly defined"); a seq2seq run on one passed the checks and failed in its
+    first step inside transformers (T5's _shift_right ValueError, BART's "TypeError: can't assign a NoneType").
+    Now the run's checks (check_context, before training) refuse it in one line naming the model."""
+    from types import SimpleNamespace
+
+    from deltatune.config import ConfigError
+    from deltatune.train.checks import check_context
+
+    tok = word_tokenizer()
+    model = _model(family, tok)
+    model.config.decoder_start_token_id = None
+    with pytest.raises((ValueError, TypeError)):  # what the first step met
+        model(input_ids=torch.tensor([[5, 6]]), labels=torch.tensor([[7, 3]]))
+    cfg = _cfg(tmp_path)
+    cfg.model.name_or_path = "some/model"
+    rows = SimpleNamespace(train=[{"input_ids": [5], "labels": [5]}], eval=None)
+    with pytest.raises(ConfigError) as refused:
+        check_context(cfg, rows, model)
+    assert str(refused.value) == (
+        "model some/model: its config has no decoder_start_token_id, the id its decoder's input starts from (the "
+        "labels shifted right after it; T5 uses the pad id, BART the EOS id): set it in the model's config.json "
+        "(run_summarization refuses such a model too)"
+    )
+    model.config.decoder_start_token_id = tok.bos_token_id
+    check_context(cfg, rows, model)
+
+
+def test_mbart_without_a_decoder_start_is_not_refused():
+    """mBART's decoder input starts from the target's last token (its language code), not from the config's
+    decoder_start_token_id: without one it trains, and the check lets it."""
+    from transformers import MBartConfig, MBartForConditionalGeneration
+
+    from deltatune.train.seq2seq import check_decoder_start
+
+    config = MBartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=32,
+                         pad_token_id=1, eos_token_id=2, decoder_start_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = MBartForConditionalGeneration(config).eval()
+    assert model.config.decoder_start_token_id is None
+    assert model(input_ids=torch.tensor([[5, 6, 2]]), labels=torch.tensor([[7, 2, 9]])).loss > 0
+    check_decoder_start(SimpleNamespace(model=SimpleNamespace(name_or_path="m")), model)

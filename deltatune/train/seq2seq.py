@@ -198,7 +198,9 @@ def check_positions(cfg: RunConfig, model, prepared: Prepared | None = None) -> 
     virtual tokens where they land (``virtual_tokens``): each failed deep inside torch ("IndexError: index out of
     range in self"; deltatune's token adapters' "positions needed" ValueError), the generations only after the whole
     training (checked with ``prepared`` where it has eval rows, or without it, before the generations). A generation
-    that stops early reads fewer positions; the check takes the worst case, one that never stops."""
+    that stops early reads fewer positions; the check takes the worst case, one that never stops. First
+    ``check_decoder_start``."""
+    check_decoder_start(cfg, model)
     encoder, decoder = positions(model, "encoder"), positions(model, "decoder")
     n, where = virtual_tokens(model)
     splits = [(s, e) for s, e in (("train", prepared.train), ("eval", prepared.eval)) if e] if prepared else []
@@ -223,6 +225,27 @@ def check_positions(cfg: RunConfig, model, prepared: Prepared | None = None) -> 
             f"more than the model's decoder's {decoder} (one that has not stopped by then fails, after the whole "
             f"training); set train.generation_max_new_tokens to {decoder - virtual} or less"
         )
+
+
+def check_decoder_start(cfg: RunConfig, model) -> None:
+    """ConfigError naming the model's config when it has no ``decoder_start_token_id`` and its decoder inputs need
+    one (T5's and BART's shift of the labels; mBART's, which starts from the target's language code, does not), as
+    run_summarization refuses such a model up front: the first training step failed inside transformers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None or getattr(getattr(base, "config", None), "decoder_start_token_id", None) is not None:
+        return
+    token = (getattr(base.config, "pad_token_id", None) or 0) + 1  # (a label other than the pad: mBART's reads it)
+    try:
+        prepare(labels=torch.full((1, 2), token, dtype=torch.long))
+    except (ValueError, TypeError):  # T5's "has to be defined"; BART's "can't assign a NoneType"
+        raise ConfigError(
+            f"model {cfg.model.name_or_path}: its config has no decoder_start_token_id, the id its decoder's input "
+            "starts from (the labels shifted right after it; T5 uses the pad id, BART the EOS id): set it in the "
+            "model's config.json (run_summarization refuses such a model too)"
+        ) from None
+    except Exception:  # (some other failure: not this check's to name; the run's own step tells)
+        return
 
 
 def _references(row: Row, target_column: str) -> list[str]:
