@@ -152,3 +152,25 @@ def test_a_resume_keeps_the_start_evaluation_instead_of_sampling_it_again(tmp_pa
     assert reward.calls == 2  # (step 2, then the final evaluation)
     assert got["eval_reward_before"] == want["eval_reward_before"]
     assert got["eval_reward"] == want["eval_reward"] and got["train_loss"] == want["train_loss"]
+
+
+def _divides(prompts, responses):
+    return [1 / (p != "8 9") for p in prompts]  # (ZeroDivisionError on the prompt "8 9")
+
+
+def test_a_reward_function_that_raises_is_one_line_naming_the_response():
+    """A reward function that raises on one response: HEAD let its ZeroDivisionError out of the loop (the user's
+    traceback through PPOLoop.rollout); now one line, as GRPO's rewards (grpo_rewards), naming the reward, the
+    response it raised on alone and the file:line, the exception chained for --debug."""
+    from deltatune.train.ppo import RewardError
+
+    align = AlignArgs(max_new_tokens=2, mini_batch_size=4, reward_model="rewards21:divides")
+    loop = PPOLoop(_policy(), _DecodeTok(), _divides, align)
+    with pytest.raises(RewardError) as info:
+        loop.rollout([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]])
+    line = _divides.__code__.co_firstlineno + 1
+    assert "\n" not in str(info.value)
+    assert str(info.value).startswith("reward rewards21:divides raised ZeroDivisionError: division by zero (the "
+                                      "response '")  # fmt: skip
+    assert str(info.value).endswith(f"' to '8 9', at tests/test_ppo_probe21.py:{line})")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)

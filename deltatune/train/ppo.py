@@ -58,6 +58,7 @@ from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and
     value_loss,
     whiten,
 )
+from .ppo_reward import call_reward
 from .prepared import Prepared, read_splits
 from .report import plot_panels
 
@@ -195,9 +196,10 @@ class PPOLoop:
         names = [f"the response {t[:40]!r} to {p[:40]!r}" for p, t in zip(r.prompts, r.responses)]
         name = self.align.reward_model or "function"
         score_ids = getattr(self.reward_fn, "score_ids", None)  # (a transformers reward model: TRL's, on the ids)
-        out = (
-            score_ids(r.sequences, self.pad, r.prompt_length) if score_ids else self.reward_fn(r.prompts, r.responses)
-        )
+        if score_ids:
+            out = score_ids(r.sequences, self.pad, r.prompt_length)
+        else:  # (a function that raises: one line naming it and the response, ppo_reward.call_reward)
+            out = call_reward(self.reward_fn, name, r.prompts, r.responses)
         scores = reward_values(out, name, len(prompts), names)
         r.scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
         r.truncated = truncated

@@ -1,0 +1,44 @@
+"""Calling PPO's reward on texts: a reward function that raises is one line naming it, the response it raised on and
+where in the user's code (as GRPO's rewards, grpo_rewards.py), not the user's traceback from inside the loop. Split
+from ppo.py, near its line limit."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .ppo_math import RewardError
+
+
+def call_reward(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence[str]) -> Any:
+    """``fn(prompts, responses)``; RewardError naming the reward ``name``, the first response it raises on alone
+    (each pair called alone to find it) and the file:line it raised at, when it raises."""
+    try:
+        return fn(prompts, responses)
+    except Exception as exc:  # noqa: BLE001  (user code: any error is one line; --debug shows the chain)
+        raise RewardError(_raised(fn, name, prompts, responses, exc)) from exc
+
+
+def _raised(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence[str], exc: Exception) -> str:
+    for p, r in zip(prompts, responses):
+        try:
+            fn([p], [r])
+        except Exception as one:  # noqa: BLE001
+            where = _where(one)
+            return (f"reward {name} raised {type(one).__name__}: {one} (the response {r[:40]!r} to {p[:40]!r}"
+                    + (f", at {where})" if where else ")"))  # fmt: skip
+    where = _where(exc)
+    return (f"reward {name} raised {type(exc).__name__}: {exc} (on a batch of {len(responses)} responses"
+            + (f", at {where})" if where else ")"))  # fmt: skip
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc`` outside deltatune ("" when none)."""
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(("<", ours))]
+    if not frames:
+        return ""
+    rel = os.path.relpath(frames[-1].filename)
+    return f"{frames[-1].filename if rel.startswith('..') else rel}:{frames[-1].lineno}"
