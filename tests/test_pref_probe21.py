@@ -57,3 +57,19 @@ def test_kto_row_whose_prompt_fills_max_length_is_encoded_once(make, max_length,
         assert {k: mine[k] for k in want} == want
         assert mine["completion_ids"] == whole["input_ids"][first:]
     assert fell_back >= 1
+
+
+@pytest.mark.xfail(
+    strict=True, reason="needs the config_align.py diff of pref probe 21's report (not this helper's file)"
+)
+@pytest.mark.parametrize("weights", [[float("nan")], [float("inf")], [1.0, float("nan")]])
+def test_dpo_loss_weights_that_are_no_finite_number_are_one_line(weights, tmp_path):
+    """align.loss_weights of NaN (or inf) gives a NaN loss from the first step (TRL's DPOConfig does not check): the
+    recipe is refused, naming the key, as any other non-finite align number is (HEAD accepted it)."""
+    from deltatune.config import ConfigError
+
+    kinds = ["sigmoid", "sft"][: len(weights)]
+    with pytest.raises(ConfigError, match=r"align\.loss_weights must be \d numbers, one per align\.loss_type"):
+        build(
+            {"stage": "dpo", "model": {"name_or_path": "x"}, "data": {"train": str(tmp_path / "p.jsonl")},
+             "align": {"loss_type": kinds, "loss_weights": weights}})  # fmt: skip
