@@ -2,7 +2,8 @@
 ``--validation_prompt`` / ``--num_validation_images`` (4) / ``--validation_epochs`` (v, 1): at the end of epochs
 1, 1 + v, 1 + 2v, ... (the script's ``epoch % validation_epochs == 0`` with epochs counted from 0) the main process
 draws ``num_validation_images`` images of the prompt with the model as it is then (30 steps, guidance 7.5, seeded by
-``train.seed``, as the script's ``log_validation``), saved side by side as ``<run>/validation/epoch-<n>.png``. An
+``train.seed``, as the script's ``log_validation``), saved side by side as ``<run>/validation/epoch-<n>.png``; after the
+last step, as the script's final validation, once more with the weights the run saves (``validation/final.png``). An
 epoch that ``train.max_steps`` cuts short counts (the script validates after its loop breaks). Under
 ``train.use_ema`` the images are drawn with the moving average, then the training weights are put back, as
 ``train_text_to_image.py`` (``ema_unet.store`` / ``copy_to`` / ``restore``). Flow-matching runs draw the same way
@@ -25,6 +26,11 @@ from ..config import ConfigError
 
 STEPS, GUIDANCE = 30, 7.5
 """The script's log_validation: ``num_inference_steps=30`` and the pipeline's default guidance."""
+
+FINAL = "final.png"
+"""The drawing after the last step (``validation/final.png``): the scripts' final validation (logged as "test"), with
+the weights the run saves (the average under ``train.use_ema``; the best checkpoint's under
+``train.load_best_model_at_end``)."""
 
 
 def validation_options(train) -> dict[str, Any] | None:
@@ -61,7 +67,14 @@ class Validation(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         epoch = epoch_number(state.epoch)
-        if (epoch - 1) % self.options["every"] or not state.is_world_process_zero:
+        if not (epoch - 1) % self.options["every"]:
+            self._validate(args, state, model, f"epoch-{epoch}.png")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._validate(args, state, model, FINAL)  # (the script's final validation, with the weights it saves)
+
+    def _validate(self, args, state, model, name: str) -> None:
+        if not state.is_world_process_zero:
             return
         training = model.training
         model.eval()
@@ -70,4 +83,4 @@ class Validation(TrainerCallback):
                 images = self.draw(model, [self.options["prompt"]] * self.options["count"], self.options["seed"])
         finally:
             model.train(training)
-        self.written.append(self.save(images, os.path.join(args.output_dir, "validation", f"epoch-{epoch}.png")))
+        self.written.append(self.save(images, os.path.join(args.output_dir, "validation", name)))
