@@ -97,3 +97,34 @@ def test_metric_for_best_model_may_name_a_per_type_entity_score(tok, tmp_path):
     )
     with pytest.raises(ConfigError, match="'eval_org_f1', which stage tag's evaluation does not report"):
         check_best_metric(cfg, prepared.metric, None, prepared.labels)
+
+
+@pytest.mark.parametrize(
+    "stage, pair, max_length", [("cls", False, 1), ("cls", False, 2), ("cls", True, 3), ("tag", False, 2)]
+)
+def test_a_max_length_that_leaves_no_text_token_is_one_line(tok, tmp_path, stage, pair, max_length):
+    """A limit at or under the tokenizer's special tokens (BERT's [CLS] [SEP]; a pair's 3): transformers' tokenizer
+    logs an error and returns the row uncut (6 tokens at max_length 1, which HEAD trained and counted as truncated),
+    or keeps the special tokens alone ([CLS] [SEP] [SEP] for a pair at 3: no text to classify); HEAD's tag stage said
+    'no row has a word with a token to tag'. Now one line names data.max_length and the count; one more token
+    trains (the text's first)."""
+    from deltatune.config import ConfigError
+    from deltatune.train.tag import prepare_tag
+
+    text, other = "a long text here", "and a pair"
+    assert len(tok(text, truncation=True, max_length=1)["input_ids"]) == 6  # the reference: uncut
+    assert tok(text, other, truncation=True, max_length=3)["input_ids"] == [101, 102, 102]  # no text left
+    rows = [{"text": text, "p": other, "label": "x", "tokens": text.split(), "ner_tags": ["B-x", "O", "O", "O"]}]
+    rows.append({**rows[0], "label": "y"})
+    data = {"train": _write(tmp_path / "d.jsonl", rows), **({"text_pair_column": "p"} if pair else {})}
+    prepare = prepare_cls if stage == "cls" else prepare_tag
+    with pytest.raises(ConfigError) as err:
+        prepare(build({"stage": stage, "data": {**data, "max_length": max_length}}), tok)
+    special = 3 if pair else 2
+    assert str(err.value) == (
+        f"data.max_length={max_length} leaves no token of the text: BertTokenizer adds {special} special tokens to "
+        f"each row{' (a text pair)' if pair else ''}"
+    )
+    kept = prepare(build({"stage": stage, "data": {**data, "max_length": special + 1}}), tok)
+    assert [e["input_ids"][:2] for e in kept.train] == [[101, 1037]] * len(kept.train)
+    assert all(len(e["input_ids"]) == special + 1 for e in kept.train)

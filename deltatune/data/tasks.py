@@ -185,6 +185,23 @@ def _check_label(row: Row, column: str, value: Any, stage: str = "cls") -> None:
         raise DataError(f"{row.source}: label in column {column!r} is NaN (an empty or missing value?)")
 
 
+def check_room(tokenizer, max_length: int, pair: bool = False) -> None:
+    """Refuse a ``max_length`` that leaves no token of a row's text beside the special tokens the tokenizer adds
+    (BERT's [CLS] and [SEP]: 2, 3 for a text pair): a tokenizer asked to cut a row so short logs an error and returns
+    it uncut (6 tokens at data.max_length=1, counted as truncated), or keeps its special tokens alone.
+
+    Raises:
+        ConfigError: the limit named, with the tokenizer's count.
+    """
+    from ..config import ConfigError
+
+    count = getattr(tokenizer, "num_special_tokens_to_add", None)
+    special = count(pair=pair) if callable(count) else 0
+    if max_length <= special:
+        raise ConfigError(f"data.max_length={max_length} leaves no token of the text: {type(tokenizer).__name__} "
+                          f"adds {special} special tokens to each row{' (a text pair)' if pair else ''}")  # fmt: skip
+
+
 def encode_cls(
     rows: Sequence[Row],
     tokenizer,
@@ -199,6 +216,7 @@ def encode_cls(
     """Sequence classification: ``input_ids`` (+ mask, token types) and ``labels``: a class id; for ``problem``
     "regression" the row's number (``labels`` unused); for "multi_label" a multi-hot list of floats, one per class
     of ``labels`` (transformers' problem types)."""
+    check_room(tokenizer, max_length, bool(text_pair_column))
     out, counter = [], [0]
     for row in rows:
         text = row.text(text_column)
@@ -295,6 +313,7 @@ def encode_tag(
     word's tag, the rest (and special tokens) are -100; with ``label_all_tokens`` (run_ner's) the rest carry it too,
     a B- tag as its I- (where ``labels`` has one). A row left without a tagged token (no words, or none that
     tokenizes) is dropped and counted: alone in a batch its loss would be 0/0, NaN."""
+    check_room(tokenizer, max_length)
     out, counter, dropped = [], [0], 0
     split = _splits_words_as_text(tokenizer)
     inside = {
