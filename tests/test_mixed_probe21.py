@@ -16,6 +16,7 @@ CONFIGS = [
     ("y", dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj"], use_rslora=True)),
 ]
 NAMES = ["x", "__base__", "y"]
+CONFIGS_AB = [("x", 3), ("y", 5)]  # one rank, scales 0.75 and 1.25 (not powers of two)
 
 
 def _pair(configs=CONFIGS):
@@ -76,3 +77,30 @@ def test_beams_the_model_s_generation_config_sets_under_a_call_s_config_expand_t
         assert torch.equal(got, expected)
         assert torch.equal(ours.generate(inputs["input_ids"], call, attention_mask=inputs["attention_mask"],
                                          adapter_names=NAMES), expected)  # fmt: skip
+
+
+def test_gathered_rows_under_autocast_round_as_the_loop_and_peft(monkeypatch):
+    """A bf16 base with fp32 LoRAs of one rank (mixed-precision training's layout, and a 4-bit base's) under bf16
+    autocast: the gathered path (methods/_lora_gather.py) kept s * B A x in fp32 where the row loop and peft's mixed
+    batch scale autocast's bf16 product in bf16, 0.0024 off their logits for scales that are not powers of two. Now
+    the rows are peft's to the bit."""
+    import deltatune.methods.lora as lora_module
+
+    configs = [(name, dict(r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])) for name, alpha in CONFIGS_AB]
+    reference, ours = _pair(configs)
+    reference.to(torch.bfloat16)
+    ours.to(torch.bfloat16)
+    for model in (reference, ours):
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+    calls = []
+    gathered = lora_module.gathered
+    monkeypatch.setattr(lora_module, "gathered", lambda *a: calls.append(1) or gathered(*a))
+    inputs = tiny_inputs("llama", batch=4)
+    names = ["x", "y", "__base__", "x"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(**inputs, adapter_names=names).logits
+        expected = reference(**inputs, adapter_names=names).logits
+    assert calls  # the gathered path ran
+    assert torch.equal(got, expected), (got - expected).abs().max()
