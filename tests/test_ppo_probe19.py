@@ -76,6 +76,7 @@ def test_log_rows_carry_trls_episode_and_epoch_and_a_resume_continues_them(base,
         assert all(type(r["eps"]) is int and r["eps"] >= 0 for r in unbroken)  # (TRL's int(episode / seconds))
         (out / FINISHED_FILE).unlink()  # as if the run had stopped after checkpoint-2: a stopped PPO run has no
         (out / "log_history.jsonl").unlink()  # log_history.jsonl (report.write keeps one that exists)
+        __import__("shutil").rmtree(out / "checkpoint-3")  # (the last step's)
         train(build(raw), resume=True)
     finally:
         sys.path.remove(str(tmp_path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -131,11 +132,13 @@ def test_a_ppo_resume_after_the_data_changed_is_refused_as_the_trainer_stages(fo
     }  # fmt: skip
     unbroken = train(build(raw))
     assert (out / "checkpoint-1").is_dir()
-    (out / FINISHED_FILE).unlink()  # as if the run had stopped after checkpoint-1
+    (out / FINISHED_FILE).unlink()  # as if the run had stopped after checkpoint-1 (the last step's checkpoint-2 gone)
+    shutil.rmtree(out / "checkpoint-2")
     resumed = train(build(raw), resume=True)
     for key in ("train_loss", "reward_first", "reward_last", "kl_last"):
         assert resumed[key] == pytest.approx(unbroken[key], abs=1e-6), key
     (out / FINISHED_FILE).unlink()
+    shutil.rmtree(out / "checkpoint-2")
     prompts.write_text(json.dumps({"prompt": "tell me about the e cat"}) + "\n")
     with pytest.raises(ConfigError, match=r"^--resume: since checkpoint-1 was written, the file of data.train "
                        "changed, so training would not continue as it went; pass --resume-changed"):  # fmt: skip
