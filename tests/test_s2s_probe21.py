@@ -125,3 +125,54 @@ def test_mbart_without_a_decoder_start_is_not_refused():
     assert model.config.decoder_start_token_id is None
     assert model(input_ids=torch.tensor([[5, 6, 2]]), labels=torch.tensor([[7, 2, 9]])).loss > 0
     check_decoder_start(SimpleNamespace(model=SimpleNamespace(name_or_path="m")), model)
+
+
+E2E_TARGETS = [
+    "A coffee shop in the city centre area called Blue Spice.",
+    "Alimentum is not a family-friendly place, located in city centre.",
+    "The Vaults is an Indian restaurant by the riverside, near Rainbow Vegetarian Café. It's kid friendly.",
+]
+
+
+class _Echo(torch.nn.Module):
+    """A stand-in seq2seq model whose generate returns fixed ids per call (the texts to score), pad-filled."""
+
+    def __init__(self, outputs: list[list[int]], pad: int) -> None:
+        super().__init__()
+        self.w, self.outputs, self.pad = torch.nn.Parameter(torch.zeros(1)), list(outputs), pad
+
+    def generate(self, input_ids, **kwargs):
+        rows = [self.outputs.pop(0) for _ in range(len(input_ids))]
+        width = max(map(len, rows))
+        return torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
+
+
+def test_generations_are_scored_against_the_targets_as_the_tokenizer_decodes_them(tmp_path):
+    """run_summarization / run_translation score the generations against the labels decoded (skip_special_tokens):
+    with an uncased tokenizer (a BERT2BERT's) a generation equal to the target's ids is lower case, and so are the
+    references. deltatune scored it against the raw target: E2E's "A coffee shop ... called Blue Spice." against the
+    model's own "a coffee shop ... called blue spice." gave BLEU 0.49 for a perfect generation (the reference: 1.0).
+    Now BLEU and the ROUGEs equal the reference's (sacrebleu and rouge-score on the decoded labels)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from deltatune.data.load import Row
+    from deltatune.train.seq2seq import generation_metrics
+    from tests.tiny import tokenizer
+
+    tok = tokenizer()  # MiniLM's uncased WordPiece
+    data = [{"source": f"row {i}", "target": t} for i, t in enumerate(E2E_TARGETS)]  # (E2E NLG test targets)
+    rows = [Row(r, f"e2e:{i}") for i, r in enumerate(data, 1)]
+    labels = tok(text_target=[r["target"] for r in data])["input_ids"]
+    model = _Echo([[tok.pad_token_id, *ids] for ids in labels], tok.pad_token_id)  # (the decoder start first)
+    cfg = _cfg(tmp_path, generation_max_new_tokens=64)
+    cfg.data.max_length = 128
+    got = generation_metrics(model, tok, rows, cfg, batch_size=4)
+    decoded = tok.batch_decode(labels, skip_special_tokens=True)  # run_summarization's decoded_labels (and preds)
+    assert decoded != [r["target"] for r in data]  # (lower case: what the test is about)
+    assert got["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(decoded, [decoded]).score / 100, abs=1e-12)
+    assert got["eval_bleu"] == pytest.approx(1.0)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        want = sum(scorer.score(t, p)[key].fmeasure for p, t in zip(decoded, decoded)) / len(decoded)
+        assert got[f"eval_{key}"] == pytest.approx(want, abs=1e-12) and want == 1.0

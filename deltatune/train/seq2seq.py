@@ -116,6 +116,7 @@ def generation_metrics(model, tok, rows: list[Row], cfg: RunConfig, batch_size: 
     d = cfg.data
     refs = [_references(r, d.target_column) for r in rows]  # (all checked before any generation)
     check_positions(cfg, model)
+    refs = [[as_decoded(tok, t) for t in texts] for texts in refs]
     was_training = model.training
     model.eval()
     preds, lengths = [], []
@@ -246,6 +247,15 @@ def check_decoder_start(cfg: RunConfig, model) -> None:
         ) from None
     except Exception:  # (some other failure: not this check's to name; the run's own step tells)
         return
+
+
+def as_decoded(tok, text: str) -> str:
+    """``text`` as the tokenizer gives it back: its target ids decoded without the special tokens, as
+    run_summarization and run_translation decode the labels they score the generations against (an uncased
+    tokenizer's lower case, a character it has no id for left out), so that a generation equal to the target scores
+    1; not cut at data.max_target_length (the whole target is scored: ``prepare_seq2seq`` notes a generation cap
+    below it)."""
+    return tok.decode(tok(text_target=text)["input_ids"], skip_special_tokens=True)
 
 
 def _references(row: Row, target_column: str) -> list[str]:
