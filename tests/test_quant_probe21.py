@@ -170,3 +170,29 @@ def test_lora_config_olora_on_a_4bit_base_equals_peft_and_reloads(tmp_path, dtyp
     again = dt.DeltaModel.from_pretrained(_load(tmp_path / "base", dtype), tmp_path / "ours")
     with torch.no_grad():
         assert torch.equal(again.train()(**inputs).logits, ours.train()(**inputs).logits)
+
+
+# -- fault: skip_modules of a wrong type (5, [5], ["q_proj", None]) was a TypeError from deep in targets.py
+# ("argument of type 'int' is not iterable"); transformers' llm_int8_skip_modules is a list of names ---------------
+@pytest.mark.parametrize("skip", [5, [5], ["q_proj", None], {"q_proj": 1}])
+def test_a_bad_skip_modules_is_one_line_naming_it_and_changes_nothing(skip):
+    from deltatune.config import ConfigError
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"^skip_modules must be a list of module names or a regex string, got "):
+        dt.quantize(model, backend="bitsandbytes", skip_modules=skip)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_merge_quantized_names_its_own_dtype_argument_when_it_is_bad():
+    torch.manual_seed(0)
+    model, _ = dt.quantize(tiny_model("llama", hidden_size=64, intermediate_size=128), backend="bitsandbytes")
+    ours = dt.get_delta_model(model, dt.LoraConfig(r=4, target_modules=["q_proj"]))
+    from deltatune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^merge_quantized: dtype must be float32, bfloat16 or float16, got 'int8'"):
+        dt.merge_quantized(ours, tiny_inputs("llama")["input_ids"], dtype="int8")
+    assert ours.peft_config and any(hasattr(m, "lora_A") for m in ours.modules())  # (was: "compute_dtype must be")

@@ -8,10 +8,20 @@ import re
 
 from torch import nn
 
+from ..config import ConfigError, check_regex
 from ..targets import matches
 
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 """transformers' ``should_convert_module``: a regex matches from the start of the name up to a '.' or its end."""
+
+
+def check_skip(skip: object) -> None:
+    """ConfigError naming ``skip_modules`` unless it is None, a regex (a valid one) or a list of names (a number or
+    a None in the list was a TypeError from deep in the matching)."""
+    if isinstance(skip, str):
+        check_regex("skip_modules", skip)
+    elif skip is not None and (not isinstance(skip, (list, tuple)) or not all(isinstance(e, str) for e in skip)):
+        raise ConfigError(f"skip_modules must be a list of module names or a regex string, got {skip!r}")
 
 
 def skipped(name: str, skip: list[str] | str | None) -> bool:

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import ConfigError, check_regex
+from ..config import ConfigError
 from ..layer import DeltaLayer, DequantizedLinear, enable_checkpointing, set_submodule
 from ..targets import HEAD_NAMES
 from ._quant_merge import MergeReport, _logits, dora_dtypes, reference_logits, requantized
-from ._quant_skip import kept_fp32, skipped
+from ._quant_skip import check_skip, kept_fp32, skipped
 from ._quant_steps import stepwise
 from .quant import (
     _DTYPES,
@@ -73,12 +73,12 @@ class QuantSummary:
                           *(f"kept in full precision: {name} ({why})" for name, why in self.kept.items())])  # fmt: skip
 
 
-def _dtype(value: torch.dtype | str) -> torch.dtype:
+def _dtype(value: torch.dtype | str, key: str = "compute_dtype") -> torch.dtype:
     if isinstance(value, torch.dtype) and value in _DTYPES.values():
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
-    raise ConfigError(f"compute_dtype must be float32, bfloat16 or float16, got {value!r}")
+    raise ConfigError(f"{key} must be float32, bfloat16 or float16, got {value!r}")
 
 
 def _check_args(bits: int, quant_type: str, double_quant: bool, backend: str) -> None:
@@ -152,8 +152,7 @@ def quantize(
         ImportError: the backend is not installed. In every case the model is unchanged.
     """
     _check_args(bits, quant_type, double_quant, backend)
-    if isinstance(skip_modules, str):
-        check_regex("skip_modules", skip_modules)
+    check_skip(skip_modules)
     dtype = _dtype(compute_dtype)
     if any(isinstance(m, DeltaLayer) for m in model.modules()) or hasattr(model, "peft_config"):
         raise QuantizationError("the model has adapters already; quantize the base model first, then add adapters")
@@ -313,7 +312,7 @@ def merge_quantized(
     for backend in {getattr(m, "backend", "bitsandbytes") for _, m in layers + eight}:
         _backend(backend)  # before anything changes
     first = layers[0][1].compute_dtype if layers else getattr(base, "dtype", None)  # an 8-bit model: its own dtype
-    target = _dtype(dtype) if dtype is not None else first or torch.float32
+    target = _dtype(dtype, "merge_quantized: dtype") if dtype is not None else first or torch.float32
     was_training = model.training
     # bitsandbytes repacks a layer on its first eval forward on a CPU with AVX512-BF16 (its scales rounded to bf16
     # for good) and computes it in bf16 whatever the compute dtype: the reference is the layers as they merge.
