@@ -66,10 +66,6 @@ def test_the_classification_eval_reports_matthews_correlation_as_sklearns(tok, t
     assert M.matthews([1, 0, 1, 1], [1, 1, 1, 0]) == pytest.approx(-1 / 3)  # sklearn's docstring example's -0.33
 
 
-_PENDING = "config_train.check_best_metric(..., labels) and run.py passing prepared.labels: heads21's report diff"
-
-
-@pytest.mark.xfail(raises=TypeError, strict=True, reason=_PENDING)
 def test_metric_for_best_model_may_name_a_per_type_entity_score(tok, tmp_path):
     """Under data.return_entity_level_metrics the tag eval reports run_ner's <type>_f1 (and _precision, _recall,
     _number) keys, but train.metric_for_best_model: eval_location_f1 was refused before training ('which stage tag's

@@ -111,7 +111,7 @@ def test_a_best_metric_a_cls_run_does_not_report_is_refused_before_the_model_loa
            "train": {"max_steps": 1, "eval_steps": 1, "save_steps": 1, "load_best_model_at_end": True,
                      "metric_for_best_model": "f1_macro", "report_to": ["none"]}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"^train.metric_for_best_model is 'f1_macro', which stage cls's evaluation "
-                       r"does not report; it reports loss, accuracy, f1$"):  # fmt: skip
+                       r"does not report; it reports loss, accuracy, f1, matthews_correlation$"):  # fmt: skip
         train(build(raw))
     for ok in ("f1", "eval_accuracy", "loss", "runtime"):  # what the stage does report passes
         raw["train"]["metric_for_best_model"] = ok

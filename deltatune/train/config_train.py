@@ -506,7 +506,7 @@ _PAIR = ("accuracy", "margin", "margin_se", "sign_p")  # pairs.pair_metrics
 _REWARDS = ("reward_chosen", "reward_rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
             "rewards/accuracies")  # fmt: skip
 EVAL_METRICS = {
-    ("cls", "eval_accuracy"): ("accuracy", "f1"),
+    ("cls", "eval_accuracy"): ("accuracy", "f1", "matthews_correlation"),
     ("cls", "eval_pearson"): ("pearson", "spearmanr", "combined_score", "mse"),
     ("cls", "eval_f1_micro"): ("f1_micro", "f1_macro", "subset_accuracy"),
     ("tag", "eval_f1"): ("f1", "precision", "recall", "accuracy"),
@@ -537,11 +537,15 @@ PAIRED = ("gained", "lost", "paired_p")
 TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
 
 
-def check_best_metric(cfg: Any, headline: str | None, moe_base: Callable[[Any], bool] | None = None) -> None:
+def check_best_metric(
+    cfg: Any, headline: str | None, moe_base: Callable[[Any], bool] | None = None, labels: list[str] | None = None
+) -> None:
     """A ``train.metric_for_best_model`` that the stage's evaluation during training does not report: one line naming
     the key and the metrics it does report, before the model loads (the Trainer's KeyError came at the first
     evaluation). ``headline`` is the stage's ``Prepared.metric``; ``moe_base(cfg)``: whether the base is a
-    Mixture-of-Experts model (run.moe_base, which reads its config), asked only for an aux_loss metric. Also
+    Mixture-of-Experts model (run.moe_base, which reads its config), asked only for an aux_loss metric; ``labels``: the
+    stage's classes (``Prepared.labels``), whose entity types name stage tag's per-type keys under
+    data.return_entity_level_metrics (run_ner's ``<type>_f1``, ...). Also
     load_best_model_at_end where the Trainer evaluates nothing (data.val_size on a stage that holds no rows out:
     run.py turned it off silently), here where a run starts: such a finished run's run.yaml still loads."""
     if cfg.train.load_best_model_at_end and not has_eval(cfg):
@@ -556,6 +560,9 @@ def check_best_metric(cfg: Any, headline: str | None, moe_base: Callable[[Any], 
         reported = reported + ("aux_loss",)
     if cfg.train.eval_on_start and cfg.stage in ("rm", "dpo", "orpo", "simpo", "cpo"):
         reported = reported + PAIRED
+    if cfg.stage == "tag" and cfg.data.return_entity_level_metrics and labels:  # each tag's type, as seqeval reads it
+        kinds = sorted({str(t)[1:].split("-", 1)[-1] or "_" for t in labels if str(t)[:1] not in ("O", ".")})
+        reported = reported + tuple(f"{k}_{n}" for k in kinds for n in ("precision", "recall", "f1", "number"))
     if metric.removeprefix("eval_") not in ("loss", *reported, *TIMINGS):
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation does not "
                           f"report; it reports loss, {', '.join(reported)}")  # fmt: skip

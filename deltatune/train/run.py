@@ -487,7 +487,7 @@ def _check_best_metric(cfg: RunConfig, prepared: Prepared) -> None:
     if metric and prepared.loss_only and prepared.compute_metrics is None and metric.removeprefix("eval_") != "loss":
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation during "
                           "training does not report (the final evaluation adds its other metrics); it reports loss")  # fmt: skip
-    check_best_metric(cfg, prepared.metric, moe_base)  # (a stage with compute_metrics: what it reports)
+    check_best_metric(cfg, prepared.metric, moe_base, prepared.labels)  # (a stage with compute_metrics: its keys)
 
 
 def moe_base(cfg: RunConfig) -> bool:
