@@ -8,6 +8,8 @@ DeltaLayers on relative-position tables.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import re
 
 import torch
@@ -17,10 +19,15 @@ from .layer import DeltaLayer
 
 
 def call_batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The batch size of a forward / generate call: its input ids, embeddings or first tensor argument."""
-    for key in ("input_ids", "inputs_embeds", "pixel_values"):
+    """The batch size of a forward / generate call: its input ids, embeddings, first positional argument (the ids of
+    ``generate(input_ids, pixel_values=...)``, not the images), images, or first tensor argument."""
+    for key in ("input_ids", "inputs_embeds"):
         if isinstance(kwargs.get(key), torch.Tensor):
             return kwargs[key].shape[0]
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+        return args[0].shape[0]
+    if isinstance(kwargs.get("pixel_values"), torch.Tensor):
+        return kwargs["pixel_values"].shape[0]
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
@@ -54,7 +61,8 @@ def call_sizes(
     ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() == 2 else None
     text = ids if ids is not None else kwargs.get("inputs_embeds")
     sizes, refused = set(), {}
-    for key, value in [*((None, a) for a in args), *kwargs.items()]:
+    positional = _parameter_names(model, len(args)) if generating is None else [None] * len(args)
+    for key, value in [*zip(positional, args), *kwargs.items()]:
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             continue
         sizes.add(n := value.shape[0])
@@ -76,6 +84,19 @@ def call_sizes(
         if isinstance(m, DeltaLayer) and SHARED_TABLE.match(re.sub(r"(\.base_layer)+$", "", path).rpartition(".")[2])
     ]  # fmt: skip
     return CallSizes(sizes - refused.keys(), refused, shared)
+
+
+def _parameter_names(model: nn.Module | None, n: int) -> list[str | None]:
+    """The names of a forward call's first ``n`` positional arguments (``model(ids, pixel_values)``: its images are
+    told apart by row as keyword ones are), from the base model's signature; None where it does not say."""
+    forward = getattr(getattr(model, "get_base_model", lambda: model)(), "forward", None)
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return [None] * n
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in itertools.takewhile(lambda p: p.kind in kinds, params)][:n]
+    return names + [None] * (n - len(names))
 
 
 def _positional_config(args: tuple) -> object | None:

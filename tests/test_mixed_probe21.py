@@ -104,3 +104,32 @@ def test_gathered_rows_under_autocast_round_as_the_loop_and_peft(monkeypatch):
         expected = reference(**inputs, adapter_names=names).logits
     assert calls  # the gathered path ran
     assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+def test_llava_ids_and_images_given_by_position_route_as_keyword_ones():
+    """``model(input_ids, pixel_values=...)`` and ``generate(input_ids, pixel_values=...)`` with 2 images a row: the
+    batch was read from pixel_values' 6 images before the positional ids' 3 rows ("3 names but the batch has 6
+    rows"); and ``model(input_ids, pixel_values, attention_mask)`` with [2, 0] images was not refused (positional
+    images were not counted by row), row 0's second image going through row 1's vision-tower LoRA. Now the positional
+    calls give the keyword call's logits and tokens, and the uneven images are refused in one line."""
+    import pytest
+    from matrix import tiny_vlm
+    from test_mixed_batch_more import _llava_rows, _two
+
+    from deltatune.layer import DeltaLayer
+
+    model = _two(tiny_vlm("llava"), {"target_modules": ["q_proj", "v_proj"]})
+    inputs, names = _llava_rows([2, 2, 2]), ["a", "b", "__base__"]
+    ids, pixels, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    with torch.no_grad():
+        expected = model(**inputs, adapter_names=names).logits
+        assert torch.equal(model(ids, pixel_values=pixels, attention_mask=mask, adapter_names=names).logits, expected)
+        assert torch.equal(model(ids, pixels, mask, adapter_names=names).logits, expected)
+        tokens = model.generate(**inputs, adapter_names=names, max_new_tokens=3, pad_token_id=0)
+        got = model.generate(ids, pixel_values=pixels, attention_mask=mask, adapter_names=names, max_new_tokens=3,
+                             pad_token_id=0)  # fmt: skip
+        assert torch.equal(got, tokens)
+        uneven = _llava_rows([2, 0])
+        with pytest.raises(ValueError, match=r"pixel_values holds 2 images .*\[2, 0\] images"):
+            model(uneven["input_ids"], uneven["pixel_values"], uneven["attention_mask"], adapter_names=["a", "b"])
+    assert all(m.row_adapters is None for m in model.modules() if isinstance(m, DeltaLayer))
