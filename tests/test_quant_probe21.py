@@ -196,3 +196,33 @@ def test_merge_quantized_names_its_own_dtype_argument_when_it_is_bad():
     with pytest.raises(ConfigError, match=r"^merge_quantized: dtype must be float32, bfloat16 or float16, got 'int8'"):
         dt.merge_quantized(ours, tiny_inputs("llama")["input_ids"], dtype="int8")
     assert ours.peft_config and any(hasattr(m, "lora_A") for m in ours.modules())  # (was: "compute_dtype must be")
+
+
+# -- fault: the same in 8 bits: peft's bnb Linear8bitLt.merge makes Int8Params(W + s1 B1 A1) before adding s2 B2 A2;
+# a requantised merge of two adapters rounded once: other int8 codes ----------------------------------------------
+def test_requantized_merge_of_two_adapters_into_8bit_layers_equals_peft(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    config = BitsAndBytesConfig(load_in_8bit=True)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map="cpu")
+
+    lora = dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    ours = dt.get_delta_model(load(), lora)
+    ours.add_adapter("two", lora)
+    ours.save_pretrained(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(load(), tmp_path / "adapter")
+    theirs.load_adapter(tmp_path / "adapter" / "two", adapter_name="two")
+    inputs = tiny_inputs("llama")
+    merged, _ = dt.merge_quantized(ours, inputs["input_ids"], requantize=True, adapter_names=["default", "two"])
+    reference = theirs.merge_and_unload(adapter_names=["default", "two"])
+    for layer in [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "mlp.down_proj")]:
+        a, b = merged.get_submodule(layer), reference.get_submodule(layer)
+        assert type(a) is type(b) and torch.equal(a.weight.data, b.weight.data), layer
+        scb = [m.weight.SCB if m.weight.SCB is not None else m.state.SCB for m in (a, b)]  # row scales
+        assert torch.equal(*scb), layer
+    with torch.no_grad():
+        assert torch.equal(merged.train()(**inputs).logits, reference.train()(**inputs).logits)

@@ -332,7 +332,8 @@ def merge_quantized(
     conv1d = {n.removesuffix(".base_layer") for n, m in four if m.conv1d}
     dora = dora_dtypes(base, four, adapter_names or list(model.active_adapters)) if requantize else {}
     try:  # with requantize, merged in fp32 and quantised after each adapter, as peft's (_quant_steps.py)
-        with stepwise(dict(four) if requantize else {}, settings):
+        steps8 = {n: (plain8[n], m.weight.has_fp16_weights) for n, m in eight} if requantize else {}
+        with stepwise(dict(four) if requantize else {}, settings, steps8):
             plain = model.merge_and_unload(adapter_names, dequantize=False, safe_merge=safe_merge)
     except Exception:  # refused before any weight was written (safe_merge, a method that cannot merge): undo the swaps
         for name, module in bnb4 + eight:
@@ -353,10 +354,10 @@ def merge_quantized(
             set_submodule(plain, name, layer)
         int8, back = (
             _backend("bitsandbytes").nn.Int8Params,
-            {id(p): old for (_, old), p in zip(eight, plain8.values())},
+            {n.removesuffix(".base_layer"): old for n, old in eight},  # (a merge replaces the layer)
         )
-        for name, m in [(n, m) for n, m in plain.named_modules() if id(m) in back]:  # unchanged: the original back
-            if not torch.equal(m.weight, _dequantize_8bit(old := back[id(m)]).weight):  # peft's Int8Params(W + s B A)
+        for name, m in [(n, m) for n, m in plain.named_modules() if n in back]:  # unchanged: the original back
+            if not torch.equal(m.weight, _dequantize_8bit(old := back[name]).weight):  # peft's Int8Params(W + s B A)
                 w, fp16 = m.weight.data.cpu(), old.weight.has_fp16_weights
                 old.weight = int8(w, requires_grad=False, has_fp16_weights=fp16).to(old.weight.device)
                 old.state.reset_grads()
