@@ -40,13 +40,16 @@ def _two_adapters(tmp_path, dtype):
 # bnb Linear4bit.merge quantises W + s1 B1 A1 before adding s2 B2 A2: other 4-bit codes in every layer, logits 0.13 off
 # (fp32) -----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("dtype", "names"), [(torch.float32, ["default", "two"]), (torch.bfloat16, ["two", "default"])]
+    ("dtype", "names", "safe"),
+    [(torch.float32, ["default", "two"], False), (torch.bfloat16, ["two", "default"], True)],
 )
-def test_requantized_merge_of_two_adapters_equals_peft_byte_for_byte(tmp_path, dtype, names):
+def test_requantized_merge_of_two_adapters_equals_peft_byte_for_byte(tmp_path, dtype, names, safe):
     ours, theirs = _two_adapters(tmp_path, dtype)
     inputs = tiny_inputs("llama")
-    merged, report = dt.merge_quantized(ours, inputs["input_ids"], requantize=True, adapter_names=names)
-    reference = theirs.merge_and_unload(adapter_names=names)
+    merged, report = dt.merge_quantized(
+        ours, inputs["input_ids"], requantize=True, adapter_names=names, safe_merge=safe
+    )
+    reference = theirs.merge_and_unload(adapter_names=names, safe_merge=safe)
     layers = [
         f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
     ]
