@@ -89,6 +89,8 @@ def call_sizes(
 def _parameter_names(model: nn.Module | None, n: int) -> list[str | None]:
     """The names of a forward call's first ``n`` positional arguments (``model(ids, pixel_values)``: its images are
     told apart by row as keyword ones are), from the base model's signature; None where it does not say."""
+    if not n:
+        return []  # (the signature is read only for positional calls: a keyword call, the server's, costs nothing)
     forward = getattr(getattr(model, "get_base_model", lambda: model)(), "forward", None)
     try:
         params = list(inspect.signature(forward).parameters.values())
