@@ -282,7 +282,7 @@ def test_validation_images_are_drawn_each_epoch_as_diffusers_pipeline_draws_them
                        "train.warmup_ratio=0", "train.lr=1e-2", "train.report_to=[none]", f"output.dir={out}",
                        "train.seed=3", f"train.validation_prompt={prompt}", "train.num_validation_images=2"])  # fmt: skip
     run_module.train(cfg)
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["epoch-1.png", "epoch-2.png"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["epoch-1.png", "epoch-2.png", "final.png"]
     pipe = sd_pipeline(pipeline, out)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     latents = torch.randn((2, 1, 16, 16), generator=torch.Generator().manual_seed(3))
