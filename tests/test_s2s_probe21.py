@@ -176,3 +176,34 @@ def test_generations_are_scored_against_the_targets_as_the_tokenizer_decodes_the
     for key in ("rouge1", "rouge2", "rougeL"):
         want = sum(scorer.score(t, p)[key].fmeasure for p, t in zip(decoded, decoded)) / len(decoded)
         assert got[f"eval_{key}"] == pytest.approx(want, abs=1e-12) and want == 1.0
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+@pytest.mark.parametrize(("key", "what"), [("max_length", "source"), ("max_target_length", "target")])
+def test_a_limit_with_no_room_past_the_special_tokens_is_refused_naming_the_key(tmp_path, key, what, limit):
+    """A tokenizer cannot cut a text to fewer tokens than the special tokens it adds (MiniLM's [CLS] and [SEP]): cut
+    to 2 it keeps them alone, to 1 it logs an error and returns the whole text. data.max_length (or
+    data.max_target_length) 2 trained on empty sources (targets), 1 let every one through whole, past the limit; now
+    the key is refused in one line, and 3 cuts to one token of text."""
+    from deltatune.config import ConfigError
+    from tests.tiny import tokenizer
+
+    tok = tokenizer()
+    cut = tok("w1 w2 w3 w4", truncation=True, max_length=limit)["input_ids"]
+    whole, alone = tok("w1 w2 w3 w4")["input_ids"], [tok.cls_token_id, tok.sep_token_id]
+    assert cut == (whole if limit == 1 else alone)  # (the tokenizer's own cut)
+    with pytest.raises(ConfigError) as refused:
+        prepare_seq2seq(_limited(tmp_path, key, limit), tok)
+    assert str(refused.value) == (
+        f"data.{key}={limit}: the tokenizer adds 2 special tokens to each {what}, which leaves no room for its text "
+        f"(cut to 2 it keeps them alone; below, it cuts nothing); set data.{key} to 3 or more"
+    )
+    column = "input_ids" if what == "source" else "labels"
+    assert {len(ex[column]) for ex in prepare_seq2seq(_limited(tmp_path, key, 3), tok).train} == {3}
+    assert prepare_seq2seq(_limited(tmp_path, key, 1), word_tokenizer()).train  # (no special tokens: 1 is room)
+
+
+def _limited(tmp_path, key: str, limit: int):
+    cfg = _cfg(tmp_path)
+    setattr(cfg.data, key, limit)
+    return cfg

@@ -22,6 +22,7 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     held = split_off(train_rows, cfg.data.val_size, cfg.train.seed, bool(cfg.data.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     d = cfg.data
+    check_room(tok, d.max_length, d.max_target_length)
 
     def enc(rows, scored=True):
         return encode_seq2seq(
@@ -79,6 +80,23 @@ def smoothed_token_loss(
     )
     divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
     return total / torch.as_tensor(divisor).to(logits.device)
+
+
+def check_room(tok, max_length: int, max_target_length: int) -> None:
+    """ConfigError naming the key when data.max_length (data.max_target_length) is no more than the special tokens
+    the tokenizer adds to each source (target): none of the text fits. Cut to exactly that many, the tokenizer keeps
+    the special tokens alone (a row of nothing to read or learn); below, it cuts nothing at all (it logs an error
+    and returns the whole text), so every row went through longer than the limit."""
+    for key, limit, what, specials in (
+        ("data.max_length", max_length, "source", len(tok("")["input_ids"])),
+        ("data.max_target_length", max_target_length, "target", len(tok(text_target="")["input_ids"])),
+    ):
+        if specials and limit <= specials:
+            raise ConfigError(
+                f"{key}={limit}: the tokenizer adds {specials} special tokens to each {what}, which leaves no room "
+                f"for its text (cut to {specials} it keeps them alone; below, it cuts nothing); set {key} to "
+                f"{specials + 1} or more"
+            )
 
 
 # run_summarization warns when one of these runs without --source_prefix
