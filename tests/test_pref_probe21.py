@@ -158,3 +158,26 @@ def test_kto_full_fine_tune_precomputed_reference_stays_the_base(tmp_path):
     for key, value in {k: v[-1] for k, v in theirs._metrics["train"].items()}.items():
         if key != "num_tokens":
             assert trainer._stats[key][-1] == pytest.approx(value, abs=1e-5, rel=1e-5), key
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo", "cpo"])
+def test_a_pair_side_cut_to_no_answer_token_names_its_row(stage, tmp_path):
+    """orpo / simpo / cpo split each side at its own prompt (TRL's CPO and ORPO tokenize_row): "hel" + "lo world" merges
+    into the token "hello", so the chosen answer starts a token before the rejected one, and at a max_length that
+    ends there the rejected side keeps no answer token. Refused in one line naming the file and line (HEAD: 'a train
+    pair has no response token within data.max_length=5', no row named); nothing is refused at one more token."""
+    from deltatune.data.load import DataError
+    from deltatune.train.table import prepare
+
+    tok = smollm2_tokenizer()
+    rows = [{"prompt": "hello", "chosen": " a b", "rejected": " c"},
+            {"prompt": "The sky is hel", "chosen": "lo world", "rejected": " there now"}]  # fmt: skip
+    n = len(tok("The sky is hel", add_special_tokens=False)["input_ids"])  # (4; the BOS before them makes 5)
+    cfg = _cfg(rows, tmp_path, stage, n + 1)
+    cfg.data.template = "raw"
+    with pytest.raises(
+        DataError, match=rf"rows.jsonl:2: the rejected answer has no token within data.max_length={n + 1}"
+    ):
+        prepare(cfg, tok)
+    cfg.data.max_length = n + 2
+    assert len(prepare(cfg, tok).train) == 2

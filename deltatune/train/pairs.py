@@ -389,6 +389,10 @@ def keep_start(samples, encoded: Encoded, max_length: int, truncation: str, end_
         else:
             kept.append({**ex, **end_kept(s, ex)})
             fell_back += 1
+        for k in ("chosen", "rejected"):  # (each side split at its own prompt: one may start past the other's cut)
+            if all(lab == IGNORE_INDEX for lab in kept[-1][k]["labels"][1:]):
+                raise DataError(f"{s.source}: the {k} answer has no token within data.max_length={max_length} (its "
+                                "prompt fills it); raise data.max_length or shorten the prompt")  # fmt: skip
     return Encoded(kept, cut), fell_back
 
 
