@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, DeltaConfig
 from ..layer import DeltaLayer, NotMergeable
-from . import _loftq
+from . import _loftq, _quant_olora
 
 LOADS_ONLY = ("mica", "eva")  # peft's inits that leave the base as it is, not drawn here: their files are plain LoRA
 FROM_BASE = ("pissa", "olora")  # computed from the base weight, which they change (pissa_niter_K too)
@@ -134,20 +134,22 @@ def check_target(layer: nn.Module, name: str, config: DeltaConfig, r: int) -> No
             )
         return
     weight = base.weight
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or callable(
-        getattr(base, "dequantize", None)
+    four = init == "olora" and _quant_olora.applies(base)  # peft requantises the residual: _quant_olora.py
+    if not four and (
+        weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        or callable(getattr(base, "dequantize", None))
     ):
         raise ConfigError(f"lora: init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight; {name} is "
                           f"{type(base).__name__} ({weight.dtype}): initialise on the full-precision base, then "
                           "quantize the residual it leaves")  # fmt: skip
-    if not weight.isfinite().all():  # peft: PiSSA's SVD fails in torch, earlier layers rewritten; OLoRA goes on
+    if not four and not weight.isfinite().all():  # peft: PiSSA's SVD fails, earlier layers rewritten; OLoRA goes on
         raise ConfigError(f"lora: init_lora_weights={init!r} on {name}: its base weight holds NaN or inf values, "
                           "which the factors and the residual would spread; fix or leave out that weight")  # fmt: skip
     if init == "olora" and layer.fan_in_fan_out:
         raise ConfigError(f"lora: init_lora_weights='olora' on {name}, a GPT-2 Conv1D: peft's olora_init factors the "
                           "stored (d_in, d_out) weight as if it were (d_out, d_in) (its forward then fails, or a "
                           "square one starts away from the base); use 'pissa'")  # fmt: skip
-    if r > (rank := min(weight.shape)):
+    if r > (rank := min((base.out_features, base.in_features) if four else weight.shape)):
         raise ConfigError(f"lora: r={r} on {name} exceeds its weight's rank bound {rank} ({tuple(weight.shape)}); "
                           f"init_lora_weights={init!r} takes r <= {rank} factors")  # fmt: skip
 
@@ -211,7 +213,9 @@ def bias_parameters(bias: str, model: nn.Module) -> list[str]:
 def settle(layer: nn.Module, name: str, restore: bool) -> None:
     """Drop the base weight a load's init replaced (the load went through), or put it back (``restore``)."""
     original = layer.__dict__.get("_pre_init", {}).pop(name, None)
-    if original is not None and restore:
+    if isinstance(original, nn.Parameter) and restore:  # a 4-bit weight OLoRA replaced (_quant_olora.py)
+        _quant_olora.restore(layer.base_layer, original)
+    elif original is not None and restore:
         layer.base_layer.weight.data = original
 
 
@@ -252,8 +256,11 @@ def init_from_base(layer: nn.Module, name: str, init: str) -> None:
     becomes the residual W - s B A (LoftQ: the quantised Q) in its own dtype. peft's pissa_init / olora_init /
     loftq_init, step for step (LoftQ: methods/_loftq.py)."""
     original = layer.base_layer.weight.data  # (replaced, not written into: kept while a load may fail)
-    with torch.no_grad():
-        _init_from_base(layer, name, init)
+    if init == "olora" and _quant_olora.applies(layer.base_layer):  # the 4-bit weight itself replaced
+        original = _quant_olora.olora(layer, name)
+    else:
+        with torch.no_grad():
+            _init_from_base(layer, name, init)
     if layer.__dict__.pop("_keep_base", False):
         layer.__dict__.setdefault("_pre_init", {})[name] = original
     layer.__dict__.setdefault("_from_base", set()).add(name)  # (check_base_kept)
