@@ -367,15 +367,19 @@ class _EchoTok:
     def __init__(self) -> None:
         self.texts: list[str] = []
 
-    def __call__(self, texts, **kwargs):
+    def __call__(self, texts=None, text_target=None, **kwargs):
         import torch
 
+        texts = [text_target] if texts is None else texts  # (a target: the metrics decode the references too)
         ids = torch.arange(len(self.texts), len(self.texts) + len(texts))[:, None]
         self.texts += list(texts)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def batch_decode(self, out, skip_special_tokens: bool = True) -> list[str]:
         return [self.texts[int(row[0])] for row in out]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.batch_decode(ids, skip_special_tokens)[0]
 
 
 class _Echo:

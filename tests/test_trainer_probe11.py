@@ -128,7 +128,7 @@ def test_neftune_and_label_smoothing_are_named_ignored_on_a_stage_that_does_not_
 
     cfg = build({"stage": "dpo", "train": {"neftune_noise_alpha": 5, "label_smoothing_factor": 0.1}})
     assert ("train.neftune_noise_alpha", "pt, sft") in ignored_keys(cfg)
-    assert ("train.label_smoothing_factor", "pt, sft") in ignored_keys(cfg)
+    assert ("train.label_smoothing_factor", "pt, sft, seq2seq") in ignored_keys(cfg)
     for stage in ("ppo", "grpo"):  # their own loops step AdamW: train.optim trained nothing else there (review C)
         named = dict(ignored_keys(build({"stage": stage, "train": {"optim": "sgd"}})))
         assert "train.optim" in named and stage not in named["train.optim"].split(", ")

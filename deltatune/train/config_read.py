@@ -10,7 +10,7 @@ from .config_train import ON_EVAL, TrainArgs
 from .table import STAGES
 
 # Keys that only some stages read: (those stages, the keys). Any other stage ignores them; ``ignored_keys`` names them.
-READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha train.label_smoothing_factor"),
+READ_BY = (("sft", "data.packing data.mask_history data.train_on_prompt"), ("pt sft", "train.neftune_noise_alpha"), ("pt sft seq2seq", "train.label_smoothing_factor"),
            (" ".join(k for k, s in STAGES.items() if not s.loop),  # (the Trainer's stages)
             "train.optim train.dataloader_drop_last train.dataloader_pin_memory train.metric_for_best_model "
             "train.greater_is_better train.logging_first_step train.eval_accumulation_steps"), ("cls", "data.text_pair_column data.multi_label"), ("cls tag seq2seq image_cls caption", "data.val_size"), ("tag", "data.tokens_column data.tags_column data.label_all_tokens data.return_entity_level_metrics"),

@@ -93,7 +93,7 @@ class TrainArgs:
     neftune_noise_alpha: float | None = _f(None, "pt, sft: NEFTune (Jain et al. 2023), uniform noise of this alpha "
                                            "on the input embeddings while training, as TrainingArguments' "
                                            "neftune_noise_alpha (5 is usual); null: off.")  # fmt: skip
-    label_smoothing_factor: float | None = _f(None, "pt, sft: label smoothing of the token loss, as "
+    label_smoothing_factor: float | None = _f(None, "pt, sft, seq2seq: label smoothing of the token loss, as "
                                               "TrainingArguments' label_smoothing_factor (0.1 is usual); null: off.")  # fmt: skip
     sigma_sampling: str = _f("uniform", "t2i flow matching: how noise levels are drawn and weighted, diffusers' "
                              "--weighting_scheme: uniform (none), logit_normal, mode, sigma_sqrt, cosmap.")  # fmt: skip
