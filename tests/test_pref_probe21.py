@@ -59,9 +59,6 @@ def test_kto_row_whose_prompt_fills_max_length_is_encoded_once(make, max_length,
     assert fell_back >= 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs the config_align.py diff of pref probe 21's report (not this helper's file)"
-)
 @pytest.mark.parametrize("weights", [[float("nan")], [float("inf")], [1.0, float("nan")]])
 def test_dpo_loss_weights_that_are_no_finite_number_are_one_line(weights, tmp_path):
     """align.loss_weights of NaN (or inf) gives a NaN loss from the first step (TRL's DPOConfig does not check): the
@@ -75,7 +72,6 @@ def test_dpo_loss_weights_that_are_no_finite_number_are_one_line(weights, tmp_pa
              "align": {"loss_type": kinds, "loss_weights": weights}})  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="needs the checks.py diff of pref probe 21's report (not this helper's file)")
 @pytest.mark.parametrize("key", ["precompute_ref", "precompute_ref_log_probs"])
 def test_kto_full_fine_tune_with_a_precomputed_reference_is_accepted(key, tmp_path):
     """A KTO run whose method trains the base in place (full) is sound with its reference precomputed, as DPO's is:

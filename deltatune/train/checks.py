@@ -158,7 +158,7 @@ def check_reference(cfg: RunConfig, model, training: bool) -> None:
     """ConfigError when ``cfg``'s stage scores the policy against the base as its reference (the adapter of
     ``model`` switched off) and the method trains the base's own weights in place (full, freeze, BitFit, LoRA
     biases): switching it off leaves the trained model, so the reference would move with every step (DPO's loss
-    stuck at log 2, PPO's KL at 0). A DPO run's reference taken before its first step (``align.precompute_ref`` or
+    stuck at log 2, PPO's KL at 0). A DPO (KTO) run's reference taken before its first step (``align.precompute_ref`` or
     TRL's ``precompute_ref_log_probs``) is sound while ``training``; evaluated later it is gone."""
     from .table import STAGES
 
@@ -172,7 +172,7 @@ def check_reference(cfg: RunConfig, model, training: bool) -> None:
         return
     from .config_align import precomputes_ref
 
-    precompute = cfg.stage == "dpo"
+    precompute = cfg.stage in ("dpo", "kto")  # (both score the reference of every row, and kto of its pair, at init)
     if precompute and training and precomputes_ref(cfg.align):  # (or TRL's name, precompute_ref_log_probs)
         return
     raise ConfigError(

@@ -6,6 +6,7 @@ Split from train/config.py (which re-exports every name here) when that file rea
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -254,7 +255,8 @@ def validate_align(a: AlignArgs, stage: str, batch_size: int | None = None) -> N
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
                           f"{a.loss_type!r}")  # fmt: skip
     weights = kinds if a.loss_weights is None else a.loss_weights
-    if stage == "dpo" and (len(weights) != len(kinds) or a.loss_weights and {type(w) for w in weights} - {int, float}):
+    numbers = a.loss_weights and not ({type(w) for w in weights} - {int, float}) and all(map(math.isfinite, weights))
+    if stage == "dpo" and (len(weights) != len(kinds) or a.loss_weights and not numbers):  # (a NaN weight: a NaN loss)
         raise ConfigError(f"align.loss_weights must be {len(kinds)} numbers, one per align.loss_type, got "
                           f"{a.loss_weights!r}")  # fmt: skip
     if not 0.0 <= a.label_smoothing < 0.5 or (a.label_smoothing == 0 and "exo_pair" in kinds):
