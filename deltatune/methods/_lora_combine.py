@@ -1,6 +1,7 @@
 """peft's ``LoraModel.add_weighted_adapter`` on a DeltaModel: a new LoRA made of several, by peft 0.21.2's rules.
 
-The new adapter's config is the first adapter's with ``r = lora_alpha =`` the new rank, the union of the target
+The new adapter's config is the first adapter's with ``r = lora_alpha =`` the new rank, use_rslora off (peft 0.22's fix:
+0.21.2 kept the first adapter's, scaling the combined update by sqrt(r)), the union of the target
 modules and no rank or alpha pattern; it is injected as any adapter is (drawing its init as peft's does, so that the
 random masks of the dare combinations that follow are peft's under the same seed), then its A and B are written
 at every module it adapts:
@@ -148,7 +149,10 @@ def add_weighted_adapter(
         targets: Any = "|".join(f"({c.target_modules})" for c in configs)
     else:
         targets = sorted(set().union(*(c.target_modules for c in configs)))
-    config = configs[0].replace(r=rank, lora_alpha=rank, target_modules=targets, alpha_pattern={}, rank_pattern={})
+    # use_rslora off: each source's scaling is folded into the factors, so the new adapter's must be 1 (with rsLoRA
+    # r / sqrt(r): peft < 0.22 inherited use_rslora from the first adapter; peft 0.22 sets it False, as here)
+    config = configs[0].replace(r=rank, lora_alpha=rank, target_modules=targets, alpha_pattern={}, rank_pattern={},
+                                use_rslora=False)  # fmt: skip
     model.add_adapter(adapter_name, config)
     try:
         _write(model, adapter_name, kind, names, weights, rank, density, majority_sign_method, svd_clamp,
