@@ -201,6 +201,13 @@ def _peft_cache_shim(peft_model) -> None:
     """
     import inspect
 
+    try:  # peft 0.22 passes the cache under transformers' current name itself: nothing to shim
+        from peft.import_utils import get_transformers_cache_name
+    except ImportError:
+        get_transformers_cache_name = None
+    if get_transformers_cache_name is not None and get_transformers_cache_name() == "cache":
+        return
+
     def takes(module, name: str) -> bool:
         return name in inspect.signature(module.forward).parameters
 

@@ -82,7 +82,8 @@ def test_scaling_is_split_so_the_model_starts_near_the_base(monkeypatch):
 
 def test_gpt2_conv1d_is_factored_as_the_weight_it_stands_for(monkeypatch):
     """GPT-2's c_attn (stored d_in x d_out): ours is peft's loftq_init on the (d_out, d_in) weight, the base Q stored
-    back transposed; peft's own factors the stored weight and its forward fails on the non-square layer."""
+    back transposed; peft 0.21's own factors the stored weight and its forward fails on the non-square layer (peft
+    0.22's factors the transposed one, as ours)."""
     reference = _on_cpu(loftq_utils.loftq_init)
     model = tiny_model("gpt2")
     W = model.transformer.h[0].attn.c_attn.weight.detach().clone()
@@ -95,8 +96,16 @@ def test_gpt2_conv1d_is_factored_as_the_weight_it_stands_for(monkeypatch):
     monkeypatch.setattr(peft_layer, "loftq_init", reference)
     p = peft.get_peft_model(tiny_model("gpt2"), peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="loftq",
                                                                  loftq_config={"loftq_bits": 4, "loftq_iter": 2}))  # fmt: skip
-    with pytest.raises(RuntimeError):
-        p(**tiny_inputs("gpt2"))
+    if tuple(int(v) for v in peft.__version__.split(".")[:2]) < (0, 22):
+        with pytest.raises(RuntimeError):
+            p(**tiny_inputs("gpt2"))
+        return
+    # peft 0.22 factors the transposed weight too (fan_in_fan_out): its layer and logits are ours
+    theirs = p.base_model.model.transformer.h[0].attn.c_attn
+    assert torch.equal(theirs.base_layer.weight, Q.T) and torch.equal(theirs.lora_A["default"].weight, A)
+    assert torch.equal(theirs.lora_B["default"].weight, B)
+    with torch.no_grad():
+        assert torch.allclose(p(**tiny_inputs("gpt2")).logits, d(**tiny_inputs("gpt2")).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize(
