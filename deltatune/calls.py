@@ -62,11 +62,14 @@ def call_sizes(
     text = ids if ids is not None else kwargs.get("inputs_embeds")
     sizes, refused = set(), {}
     positional = _parameter_names(model, len(args)) if generating is None else [None] * len(args)
-    for key, value in [*zip(positional, args), *kwargs.items()]:
+    for index, (key, value) in enumerate([*zip(positional, args), *kwargs.items()]):
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             continue
         sizes.add(n := value.shape[0])
-        if isinstance(text, torch.Tensor) and key and (why := _images_unmapped(n, key, text.shape[0], ids, model)):
+        if not isinstance(text, torch.Tensor) or value is text:
+            continue
+        why = _unnamed_unmapped(index, value, text.shape[0], ids, model) if key is None else None
+        if why or (key and (why := _images_unmapped(n, key, text.shape[0], ids, model))):
             refused[n] = why
     if generating is not None:
         # As transformers resolves each: the keyword, else the call's generation config's, else the model's, else 1.
@@ -101,6 +104,27 @@ def _parameter_names(model: nn.Module | None, n: int) -> list[str | None]:
     return names + [None] * (n - len(names))
 
 
+def _unnamed_unmapped(
+    index: int, value: torch.Tensor, rows: int, ids: torch.Tensor | None, model: nn.Module | None
+) -> str | None:
+    """Why positional argument ``index``, a tensor the base's signature does not name (``forward(*args, **kwargs)``),
+    cannot route: its first dimension is not the ``rows`` and does not map k per row as the images or videos the
+    ids hold would; or, a float tensor of ``rows``, images those ids hold unevenly (LLaVA rows [2, 0]: 2 images for
+    2 rows). None for a tensor of the rows (a mask, position ids) or one that maps as the call's images."""
+    n, config = value.shape[0], getattr(model, "config", None)
+    kinds = {"pixel_values": _token(config, "image"), "pixel_values_videos": _token(config, "video")}
+    held = [key for key, token in kinds.items() if ids is not None and token is not None and (ids == token).any()]
+    if n == rows and (not value.is_floating_point() or not held):
+        return None
+    if any(_images_unmapped(n, key, rows, ids, model) is None for key in held):
+        return None
+    return (
+        f"adapter_names routes {rows} rows but positional argument {index} (a tensor of first dimension {n}) has "
+        "no name in the base model's forward signature (forward(*args, **kwargs)), so whether it holds rows or "
+        "images cannot be told; pass it by keyword (pixel_values=..., attention_mask=...)"
+    )
+
+
 def _positional_config(args: tuple) -> object | None:
     """A generation config passed by position (``generate(input_ids, GenerationConfig(num_beams=2))``, transformers'
     second parameter): its expansion counts as a keyword one's."""
@@ -113,9 +137,7 @@ def _images_unmapped(n: int, key: str, rows: int, ids: torch.Tensor | None, mode
     if not key.startswith(IMAGE_KEYS):
         return None
     kind = "video" if "video" in key else "image"
-    config = getattr(model, "config", None)
-    token = getattr(config, f"{kind}_token_id", None)
-    token = getattr(config, f"{kind}_token_index", None) if token is None else token
+    token = _token(getattr(model, "config", None), kind)
     if (ids is None or token is None) and n == rows:
         return None  # no image tokens to count (BLIP): one image per row, as the tensors' sizes say
     if ids is None or token is None:
@@ -133,3 +155,9 @@ def _images_unmapped(n: int, key: str, rows: int, ids: torch.Tensor | None, mode
         f"row in order ({why}), so a layer seeing the {kind}s (a vision-tower adapter) cannot tell their rows; give "
         f"every row the same number of {kind}s, or run the rows with different adapters in separate calls"
     )
+
+
+def _token(config: object, kind: str) -> int | None:
+    """The id of the token that stands for one ``kind`` ("image" / "video") in the ids, as the config names it."""
+    token = getattr(config, f"{kind}_token_id", None)
+    return getattr(config, f"{kind}_token_index", None) if token is None else token
