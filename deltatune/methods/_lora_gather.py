@@ -40,8 +40,11 @@ def gathered(layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | Non
     rows = x.shape[0]
     x3 = x.reshape(rows, -1, x.shape[-1]).to(dtype)
     update = torch.bmm(torch.bmm(x3, A[index].to(dtype).transpose(1, 2)), B[index].to(dtype).transpose(1, 2))
-    # B A x * s rounded once to the product's dtype, as peft's: the adapter's, or autocast's (a bf16 product of fp32
-    # adapters, scaled in bf16 by the loop and peft; kept in fp32 here it was 0.0024 off their logits).
+    # B A x * s rounded once to the product's dtype, as the row loop's: under autocast, a bf16 product of fp32
+    # adapters scaled in bf16 as the loop and peft's mixed batch scale it (kept in fp32 it was 0.0024 off their
+    # logits). Without autocast (a bf16 base, fp32 adapters) the fp32 update is added to the base output and the sum
+    # rounded once, as the loop and peft's forward with that adapter alone; peft's mixed batch rounds the update to
+    # bf16 before adding, up to 0.003 off (kept: each row as alone, ``_LoraBase._rounds_update``).
     update = (update * scale.view(rows, 1, 1)).to(update.dtype)
     if layer._rounds_update():  # as each row's adapter alone (a 4-bit base's, as peft's)
         update = update.to(result.dtype)
