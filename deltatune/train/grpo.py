@@ -68,6 +68,7 @@ from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, 
 from .grpo_stats import MicroMeans, completion_lengths, trl_policy_loss
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
+from .ppo_checkpoint import kept_start, start_key
 from .prepared import Prepared, _rows
 from .report import plot_panels
 
@@ -517,14 +518,14 @@ def train_grpo(
     g = torch.Generator().manual_seed(t.seed)
     history: list[dict[str, Any]] = []
     order: list[int] = []
-    metrics: dict[str, Any] = {}
-    start_step = 0
+    start_step, key = 0, start_key(cfg, eval_prompts)  # (what eval_reward_before depends on: None, no start's eval)
+    metrics: dict[str, Any] = kept_start(state["metrics"], state.get("start_key"), key) if state else {}
+    if key and "eval_reward_before" not in metrics:  # (a resume's: under another key, by the start's policy)
+        metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     if checkpoint:
-        start_step, history, order, metrics = _load_checkpoint(checkpoint, loop, g, state)
+        start_step, history, order, _ = _load_checkpoint(checkpoint, loop, g, state)
         state = None  # (its tensors, the optimizer's loaded copy, not held through the run)
         order = [i for i in order if i < len(prompts)]  # (--resume-changed onto fewer prompts: those left of the pass)
-    elif eval_prompts and t.eval_on_start:
-        metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     save_every = t.save_steps or per_epoch
     if facts is None:  # (run.py passes its own; a direct caller's: the data's bytes, for --resume to compare)
         from .runfolder import run_facts
@@ -557,9 +558,9 @@ def train_grpo(
                 fh.write(json.dumps(history[-1]) + "\n")
             if started is not None and step == start_step + 1:
                 started()
-            if step % save_every == 0:
+            if step % save_every == 0 or step == steps:  # (the last too, as the Trainer's: a stop in eval keeps it)
                 done = {**metrics, "train_runtime_s": time.perf_counter() - start}  # (as the Trainer stages keep it)
-                _save_checkpoint(out, step, loop, g, history, order, done, t.save_total_limit, facts, ceil_count)
+                _save_checkpoint(out, step, loop, g, history, order, done, t.save_total_limit, facts, ceil_count, key)
         tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
         metrics.update(
             train_loss=sum(h["loss"] for h in history) / len(history),

@@ -31,10 +31,12 @@ def _save_checkpoint(
     keep: int | None,
     facts: dict[str, Any] | None = None,
     ceil_count: bool = False,
+    start_key: str | None = None,
 ):
     """``checkpoint-<step>/``: the adapter, and the optimizer, scheduler, RNG and history to resume from; written to a
     staging folder and renamed into place, so a checkpoint folder is complete or absent. ``ceil_count``: the run counts
-    a pass's last partial batch as a step (one begun before TRL's count: ``counted_ceil``)."""
+    a pass's last partial batch as a step (one begun before TRL's count: ``counted_ceil``); ``start_key``: what the
+    run's eval_reward_before in ``metrics`` depends on (``ppo_checkpoint.start_key``), for a resume to compare."""
     final = os.path.join(out, f"checkpoint-{step}")
     staging = os.path.join(out, ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -49,6 +51,7 @@ def _save_checkpoint(
         "history": history,
         "order": order,
         "metrics": metrics,
+        "start_key": start_key,  # (none before it: a resume evaluates its start again, ppo_checkpoint.kept_start)
         "entropy": loop.bonus.state_dict() if loop.bonus.adaptive else None,  # (TRL's entropy_ctrl_state.json)
         "epoch_count": "ceil" if ceil_count else "floor",  # (none before TRL's floor count: ceil)
     }

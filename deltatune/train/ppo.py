@@ -526,18 +526,17 @@ def train_ppo(
     )
     g = torch.Generator().manual_seed(t.seed)
     metrics: dict[str, Any] = {}
-    if checkpoint is not None and eval_prompts and t.eval_on_start:  # (kept by the checkpoint: not sampled again)
-        from . import ppo_checkpoint
+    from . import ppo_checkpoint
 
-        metrics.update(ppo_checkpoint.saved_metrics(checkpoint))
-    if eval_prompts and t.eval_on_start and "eval_reward_before" not in metrics:
+    key = ppo_checkpoint.start_key(cfg, eval_prompts)  # (what eval_reward_before depends on: None, no start's eval)
+    if checkpoint is not None and key:  # (kept by the checkpoint under this key: not sampled again)
+        metrics.update(ppo_checkpoint.saved_metrics(checkpoint, key))
+    if key and "eval_reward_before" not in metrics:
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     history: list[dict[str, Any]] = []
     order: list[int] = []
     first = 1
     if checkpoint is not None:
-        from . import ppo_checkpoint
-
         first, order, history = ppo_checkpoint.load(checkpoint, loop, g)
         first += 1
         order = [i for i in order if i < len(prompts)]  # (--resume-changed onto fewer prompts: those left of the pass)
@@ -561,11 +560,9 @@ def train_ppo(
         history.append({**row, "wall_time": round(time.time(), 3)})
         bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", kl=f"{history[-1]['kl']:.2f}", refresh=False)
         if step % every == 0 or step == steps:  # (the last too, as the Trainer's: a stop in the eval keeps the run)
-            from . import ppo_checkpoint
-
             loop.runtime_s = time.perf_counter() - start
             ppo_checkpoint.save(
-                cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts, steps, per_pass, metrics
+                cfg.output.dir, step, loop, g, order, history, t.save_total_limit, facts, steps, per_pass, metrics, key
             )
     tail = history[-max(1, len(history) // 10) :]  # the last tenth of the run, so one noisy batch does not decide
     metrics.update(

@@ -3,8 +3,9 @@
 ``checkpoint-<step>/`` holds the active adapter (PEFT files), ``value_head.safetensors``, ``optimizer.pt`` (AdamW's
 moments; tensors and numbers only, read back with ``weights_only=True``), ``rng_state.pth`` (torch's global random
 state, which the rollouts sample from, and the data-order generator's) and ``trainer_state.json`` (the step, the KL
-coefficient, the prompts still to come in this pass, the training time so far and the log; the HF Trainer's file
-name, so ``runfolder.resume_checkpoint`` checks and picks PPO checkpoints as it does the Trainer's), and
+coefficient, the prompts still to come in this pass, the training time so far, the log, and eval_reward_before with
+the ``start_key`` of what it was taken on; the HF Trainer's file name, so ``runfolder.resume_checkpoint`` checks and
+picks PPO checkpoints as it does the Trainer's), and
 ``deltatune_sums.json`` with the run's ``runfolder.run_facts`` (the data files' bytes, the processes), the Trainer's
 file of them, so a resume after the data changed is refused as the Trainer stages' is.
 
@@ -13,6 +14,8 @@ A checkpoint is written into a hidden staging folder and renamed into place: one
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -50,11 +53,13 @@ def save(
     max_steps: int | None = None,
     per_pass: bool = False,
     metrics: dict[str, Any] | None = None,
+    start_key: str | None = None,
 ) -> str:
     """Write ``<out>/checkpoint-<step>`` for ``loop`` (a PPOLoop) and keep the newest ``keep`` checkpoints;
     ``facts``: the run's ``runfolder.run_facts``, for ``--resume`` to compare; ``max_steps``: the run's step count;
     ``per_pass``: the run counts train.epochs per pass, as one begun before TRL's count (``counted_per_pass``);
-    ``metrics``: the run's metrics so far (eval_reward_before), which a resume keeps (``saved_metrics``)."""
+    ``metrics``: the run's metrics so far (eval_reward_before), which a resume keeps (``saved_metrics``) where taken
+    under its ``start_key`` (``start_key``)."""
     from safetensors.torch import save_file
 
     final = os.path.join(out, f"{PREFIX}{step}")
@@ -82,6 +87,7 @@ def save(
             **({"max_steps": max_steps} if max_steps is not None else {}),
             **({"counted_per_pass": True} if per_pass else {}),
             **({"metrics": metrics} if metrics else {}),
+            **({"start_key": start_key} if start_key else {}),
         }
         with open(os.path.join(staging, STATE), "w", encoding="utf-8") as fh:
             json.dump(state, fh)
@@ -117,11 +123,45 @@ def counted_per_pass(checkpoint: str) -> bool:
     return "max_steps" not in state or bool(state.get("counted_per_pass"))
 
 
-def saved_metrics(checkpoint: str) -> dict[str, Any]:
+def saved_metrics(checkpoint: str, key: str | None) -> dict[str, Any]:
     """The metrics ``checkpoint``'s run had before its first step (eval_reward_before, as GRPO's checkpoints keep
-    them): a resume reports them instead of evaluating again; {} for a checkpoint written before they were kept."""
+    them), as ``kept_start`` keeps them for a resume whose start evaluation's key is ``key``; {} for a checkpoint
+    written before they were kept."""
     with open(os.path.join(checkpoint, STATE), encoding="utf-8") as fh:
-        return dict(json.load(fh).get("metrics", {}))
+        state = json.load(fh)
+    return kept_start(state.get("metrics", {}), state.get("start_key"), key)
+
+
+# What a start evaluation samples and scores with, besides the prompts, their batch, the seed and the model.
+START_SETTINGS = ("reward_model", "reward_funcs", "reward_weights", "max_new_tokens", "response_length", "temperature",
+                  "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs", "stop_token", "stop_token_id",
+                  "num_generations_eval")  # fmt: skip
+
+
+def start_key(cfg, eval_prompts) -> str | None:
+    """A digest of what a PPO or GRPO run's start evaluation (train.eval_on_start's eval_reward_before) depends on:
+    the eval prompts as encoded (a GRPO row's columns, which its rewards read, too), train.eval_batch_size, the seed,
+    the model, train.precision and the align settings of the reward and the sampling (``START_SETTINGS``); None when
+    the run makes none. A resume reuses the evaluation its checkpoint kept only under an equal key (``kept_start``):
+    one onto another eval file (--resume-changed) evaluates again, as its end is evaluated on the new one."""
+    t = cfg.train
+    if not eval_prompts or not t.eval_on_start:
+        return None
+    rows = [vars(p) if dataclasses.is_dataclass(p) else list(p) for p in eval_prompts]  # (no copy of a row's images)
+    what = {"prompts": rows, "batch_size": t.eval_batch_size or t.batch_size, "seed": t.seed,
+            "model": cfg.model.name_or_path, "precision": t.precision,
+            **{k: getattr(cfg.align, k) for k in START_SETTINGS}}  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def kept_start(metrics: dict[str, Any], saved_key: str | None, key: str | None) -> dict[str, Any]:
+    """A checkpoint's ``metrics`` for the run resumed from it: its eval_reward_before only where the checkpoint took
+    it under ``key`` (``start_key``, recorded as ``saved_key``), else the resumed run evaluates its start again (a
+    checkpoint of another eval set or settings, or one written before the key was recorded)."""
+    kept = dict(metrics)
+    if key is None or saved_key != key:
+        kept.pop("eval_reward_before", None)
+    return kept
 
 
 def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[int], list[dict[str, Any]]]:
