@@ -4,8 +4,6 @@ from ppo.py, near its line limit."""
 
 from __future__ import annotations
 
-import os
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,23 +20,16 @@ def call_reward(fn: Callable, name: str, prompts: Sequence[str], responses: Sequ
 
 
 def _raised(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence[str], exc: Exception) -> str:
+    from .grpo_rewards import _where  # (GRPO's: the innermost frame in the reward's file; here, it imports ppo)
+
+    file = getattr(getattr(fn, "__code__", None), "co_filename", None)  # the reward's source: where it raised
     for p, r in zip(prompts, responses):
         try:
             fn([p], [r])
         except Exception as one:  # noqa: BLE001
-            where = _where(one)
+            where = _where(one, file)
             return (f"reward {name} raised {type(one).__name__}: {one} (the response {r[:40]!r} to {p[:40]!r}"
                     + (f", at {where})" if where else ")"))  # fmt: skip
-    where = _where(exc)
+    where = _where(exc, file)
     return (f"reward {name} raised {type(exc).__name__}: {exc} (on a batch of {len(responses)} responses"
             + (f", at {where})" if where else ")"))  # fmt: skip
-
-
-def _where(exc: BaseException) -> str:
-    """``file:line`` of the innermost frame of ``exc`` outside deltatune ("" when none)."""
-    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(("<", ours))]
-    if not frames:
-        return ""
-    rel = os.path.relpath(frames[-1].filename)
-    return f"{frames[-1].filename if rel.startswith('..') else rel}:{frames[-1].lineno}"
