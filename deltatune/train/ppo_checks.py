@@ -9,7 +9,9 @@ def check_reward_context(spec: str, longest: int, max_new_tokens: int, trust_rem
     """ConfigError naming align.reward_model when a transformers reward folder (``scorers.TokenRewardModel``, which
     scores the policy's prompt and response ids whole, as TRL's get_reward) has fewer positions than the longest
     prompt (``longest`` tokens) plus align.max_new_tokens: its forward failed inside torch's embedding mid-run (GPT-2's
-    learned positions), after the policy had loaded and sampled. An unreadable config is left to the model loader."""
+    learned positions), after the policy had loaded and sampled. A RoPE model would score past its positions (out of
+    the lengths it was built for), but it is held to them as the policy is (``checks.check_rollout_context``), and
+    the message says what they are. An unreadable config is left to the model loader."""
     from transformers import AutoConfig
 
     from ..targets import context_length
@@ -21,7 +23,7 @@ def check_reward_context(spec: str, longest: int, max_new_tokens: int, trust_rem
     context = context_length(config)
     if context is not None and longest + max_new_tokens > context:
         raise ConfigError(
-            f"align.reward_model {spec!r} scores at most {context} positions, fewer than the longest prompt "
+            f"align.reward_model {spec!r} was built for at most {context} positions, fewer than the longest prompt "
             f"({longest} tokens) plus align.max_new_tokens={max_new_tokens} ({longest + max_new_tokens}); lower "
             "align.max_new_tokens or data.max_length, or use a reward model of a longer context"
         )
