@@ -6,7 +6,7 @@ Split from train/config.py (which re-exports every name here) when that file rea
 from __future__ import annotations
 
 import functools
-import math
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -255,7 +255,8 @@ def validate_align(a: AlignArgs, stage: str, batch_size: int | None = None) -> N
         raise ConfigError(f"align.loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (or a list of them), got "
                           f"{a.loss_type!r}")  # fmt: skip
     weights = kinds if a.loss_weights is None else a.loss_weights
-    numbers = a.loss_weights and not ({type(w) for w in weights} - {int, float}) and all(map(math.isfinite, weights))
+    finite = lambda w: abs(w) <= sys.float_info.max  # noqa: E731 (NaN, inf, and an int past a float: 10**400)
+    numbers = a.loss_weights and not ({type(w) for w in weights} - {int, float}) and all(map(finite, weights))
     if stage == "dpo" and (len(weights) != len(kinds) or a.loss_weights and not numbers):  # (a NaN weight: a NaN loss)
         raise ConfigError(f"align.loss_weights must be {len(kinds)} numbers, one per align.loss_type, got "
                           f"{a.loss_weights!r}")  # fmt: skip
