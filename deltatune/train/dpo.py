@@ -343,12 +343,14 @@ def prepare_dpo(cfg: RunConfig, tok) -> Prepared:
                 lab == -100 for lab in ex["rejected"]["labels"][1:]
             ):
                 raise DataError(f"a {split} pair has no response token within data.max_length={d.max_length}")
+    from .kto import reference_named
+
     a = cfg.align
     wpo = _use_weighting(a)
     notes.append(
         f"DPO loss {a.loss_type if isinstance(a.loss_type, str) else ' + '.join(a.loss_type)} with beta={a.beta}"
         + (f", label_smoothing={a.label_smoothing}" if a.label_smoothing else "")
-        + "; reference = the base with the adapter off"
+        + f"; reference = {reference_named(cfg)}"
         + (", log-probs precomputed once" if _precompute(a) else "")
         + (f"; LD-DPO ld_alpha={a.ld_alpha}" if a.ld_alpha is not None else "")
         + ("; WPO weighting" if wpo else "")

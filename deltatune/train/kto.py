@@ -301,6 +301,22 @@ def _unpaired_in_order(samples: list) -> list[tuple[Any, tuple]]:
     return out
 
 
+def reference_named(cfg: RunConfig) -> str:
+    """The report's words for a dpo / kto run's reference: the base with the adapter off, or the starting weights
+    where the method trains the base's own weights in place (full, freeze, BitFit, LoRA biases; ``check_reference``
+    then asks for them precomputed, or TR-DPO's copy)."""
+    from ..config import DeltaConfig
+
+    config, a = cfg.method_config(), cfg.align
+    own = type(config).trainable_base_parameters is not DeltaConfig.trainable_base_parameters  # (LoRA's: its bias)
+    if not (getattr(config, "bias", "none") not in ("none", None) if hasattr(config, "bias") else own):
+        return "the base with the adapter off"
+    if a.sync_ref_model:
+        return (f"a copy of the starting weights, mixed in every {a.ref_model_sync_steps} steps with alpha "
+                f"{a.ref_model_mixup_alpha} (TR-DPO)")  # fmt: skip
+    return "the starting weights"
+
+
 def prepare_kto(cfg: RunConfig, tok) -> Prepared:
     """Unpaired rows (prompt, completion, label) -> prompt + completion with labels on the completion.
 
@@ -373,7 +389,7 @@ def prepare_kto(cfg: RunConfig, tok) -> Prepared:
              f"{blocks}, as TRL pairs them)")  # fmt: skip
     notes.append(
         f"KTO ({kto_loss_type(a)}): beta={a.beta}, lambda_D={a.desirable_weight}, lambda_U={a.undesirable_weight}; "
-        f"reference = the base with the adapter off{', log-probs precomputed once' if precomputes_ref(a) else ''}; "
+        f"reference = {reference_named(cfg)}{', log-probs precomputed once' if precomputes_ref(a) else ''}; "
         f"{point if kl else 'no reference point (apo_zero_unpaired)'}"
     )
     return Prepared(
