@@ -69,10 +69,12 @@ def test_the_classification_eval_reports_matthews_correlation_as_sklearns(tok, t
 def test_metric_for_best_model_may_name_a_per_type_entity_score(tok, tmp_path):
     """Under data.return_entity_level_metrics the tag eval reports run_ner's <type>_f1 (and _precision, _recall,
     _number) keys, but train.metric_for_best_model: eval_location_f1 was refused before training ('which stage tag's
-    evaluation does not report; it reports loss, f1, precision, recall, accuracy'). With the diff the keys the
-    compute_metrics returns pass, a type the data does not hold is still refused."""
+    evaluation does not report; it reports loss, f1, precision, recall, accuracy'). Now the scores of a type the eval
+    rows' true tags hold pass, a type they do not hold is refused (tests/test_heads_fix21.py: through train(), a
+    type only in train or data.labels, and <type>_number)."""
     from deltatune.config import ConfigError
     from deltatune.train.config_train import check_best_metric
+    from deltatune.train.metrics import true_entity_types
     from deltatune.train.tag import prepare_tag
 
     rows = [{"tokens": ["Ann", "in", "New", "York"], "ner_tags": ["B-person", "O", "B-location", "I-location"]}]
@@ -83,16 +85,18 @@ def test_metric_for_best_model_may_name_a_per_type_entity_score(tok, tmp_path):
     got = prepared.compute_metrics(
         SimpleNamespace(predictions=np.eye(len(names))[np.maximum(true, 0)], label_ids=true)
     )
-    for key in ("location_f1", "person_precision", "location_number"):
+    types = true_entity_types(prepared.eval, names)
+    assert types == ["location", "person"]
+    for key in ("location_f1", "person_precision", "location_recall"):
         assert key in got
         train = {"metric_for_best_model": f"eval_{key}", "load_best_model_at_end": True}
         cfg = build({"stage": "tag", "data": {**data, "eval": data["train"]}, "train": train})
-        check_best_metric(cfg, prepared.metric, None, prepared.labels)
+        check_best_metric(cfg, prepared.metric, None, types)
     cfg = build(
         {"stage": "tag", "data": {**data, "eval": data["train"]}, "train": {"metric_for_best_model": "eval_org_f1"}}
     )
-    with pytest.raises(ConfigError, match="'eval_org_f1', which stage tag's evaluation does not report"):
-        check_best_metric(cfg, prepared.metric, None, prepared.labels)
+    with pytest.raises(ConfigError, match=r"'eval_org_f1', but the eval rows \(data.eval\) hold no org entity"):
+        check_best_metric(cfg, prepared.metric, None, types)
 
 
 @pytest.mark.parametrize(
@@ -102,8 +106,8 @@ def test_a_max_length_that_leaves_no_text_token_is_one_line(tok, tmp_path, stage
     """A limit at or under the tokenizer's special tokens (BERT's [CLS] [SEP]; a pair's 3): transformers' tokenizer
     logs an error and returns the row uncut (6 tokens at max_length 1, which HEAD trained and counted as truncated),
     or keeps the special tokens alone ([CLS] [SEP] [SEP] for a pair at 3: no text to classify); HEAD's tag stage said
-    'no row has a word with a token to tag'. Now one line names data.max_length and the count; one more token
-    trains (the text's first)."""
+    'no row has a word with a token to tag'. Now one line names data.max_length, the count and the least limit
+    that fits; that limit trains (the text's first token; a pair needs one token of each text: test_heads_fix21)."""
     from deltatune.config import ConfigError
     from deltatune.train.tag import prepare_tag
 
@@ -116,11 +120,9 @@ def test_a_max_length_that_leaves_no_text_token_is_one_line(tok, tmp_path, stage
     prepare = prepare_cls if stage == "cls" else prepare_tag
     with pytest.raises(ConfigError) as err:
         prepare(build({"stage": stage, "data": {**data, "max_length": max_length}}), tok)
-    special = 3 if pair else 2
-    assert str(err.value) == (
-        f"data.max_length={max_length} leaves no token of the text: BertTokenizer adds {special} special tokens to "
-        f"each row{' (a text pair)' if pair else ''}"
-    )
-    kept = prepare(build({"stage": stage, "data": {**data, "max_length": special + 1}}), tok)
+    special, least = (3, 5) if pair else (2, 3)
+    assert str(err.value).startswith(f"data.max_length={max_length}: the tokenizer adds {special} special tokens")
+    assert str(err.value).endswith(f"; set data.max_length to {least} or more")
+    kept = prepare(build({"stage": stage, "data": {**data, "max_length": least}}), tok)
     assert [e["input_ids"][:2] for e in kept.train] == [[101, 1037]] * len(kept.train)
-    assert all(len(e["input_ids"]) == special + 1 for e in kept.train)
+    assert all(len(e["input_ids"]) == least for e in kept.train)

@@ -187,21 +187,36 @@ def _check_label(row: Row, column: str, value: Any, stage: str = "cls") -> None:
 
 def check_room(tokenizer, max_length: int, pair: bool = False) -> None:
     """Refuse a ``max_length`` that leaves no token of a row's text beside the special tokens the tokenizer adds
-    (BERT's [CLS] and [SEP]: 2, 3 for a text pair): a tokenizer asked to cut a row so short logs an error and returns
-    it uncut (6 tokens at data.max_length=1, counted as truncated), or keeps its special tokens alone.
+    (BERT's [CLS] and [SEP]: 2), or, for a text pair (3), no token of each text: a tokenizer asked to cut a row so
+    short logs an error and returns it uncut (6 tokens at data.max_length=1, counted as truncated), keeps its special
+    tokens alone, or (a pair at 4: [CLS] a [SEP] [SEP]) drops one text whole. A tokenizer that cannot count them
+    is not checked.
 
     Raises:
-        ConfigError: the limit named, with the tokenizer's count.
+        ConfigError: the limit named, with the tokenizer's count and the least limit that fits.
     """
-    from ..config import ConfigError
-
     try:  # (a tokenizer that cannot count them, or a stand-in without the method: no check)
         special = int(tokenizer.num_special_tokens_to_add(pair=pair))
     except (AttributeError, TypeError, ValueError, NotImplementedError):
-        special = 0
-    if max_length <= special:
-        raise ConfigError(f"data.max_length={max_length} leaves no token of the text: {type(tokenizer).__name__} "
-                          f"adds {special} special tokens to each row{' (a text pair)' if pair else ''}")  # fmt: skip
+        return
+    what = "text pair (data.text_pair_column)" if pair else "row"
+    refuse_no_room("data.max_length", max_length, special, what, 2 if pair else 1)
+
+
+def refuse_no_room(key: str, limit: int, special: int, what: str, texts: int = 1) -> None:
+    """ConfigError naming ``key`` where ``limit`` leaves no token of each of ``texts`` texts beside the ``special``
+    tokens the tokenizer adds to each ``what`` (cls and tag: check_room; seq2seq's source and target), with the
+    least limit that fits."""
+    from ..config import ConfigError
+
+    if not special or limit >= special + texts:
+        return
+    alone = f"cut to {special} it keeps {'them' if special > 1 else 'it'} alone"
+    if texts > 1:  # (transformers' longest_first cuts one text to nothing before the other: a pair needs a token more)
+        alone = f"cut to {special + 1} it drops one text whole, to {special} it keeps the special tokens alone"
+    raise ConfigError(f"{key}={limit}: the tokenizer adds {special} special token{'s' if special > 1 else ''} to each "
+                      f"{what}, which leaves no room for {'one token of each text' if texts > 1 else 'its text'} "
+                      f"({alone}; below, it cuts nothing); set {key} to {special + texts} or more")  # fmt: skip
 
 
 def encode_cls(

@@ -538,14 +538,14 @@ TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
 
 
 def check_best_metric(
-    cfg: Any, headline: str | None, moe_base: Callable[[Any], bool] | None = None, labels: list[str] | None = None
+    cfg: Any, headline: str | None, moe_base: Callable[[Any], bool] | None = None, types: list[str] | None = None
 ) -> None:
     """A ``train.metric_for_best_model`` that the stage's evaluation during training does not report: one line naming
     the key and the metrics it does report, before the model loads (the Trainer's KeyError came at the first
     evaluation). ``headline`` is the stage's ``Prepared.metric``; ``moe_base(cfg)``: whether the base is a
-    Mixture-of-Experts model (run.moe_base, which reads its config), asked only for an aux_loss metric; ``labels``: the
-    stage's classes (``Prepared.labels``), whose entity types name stage tag's per-type keys under
-    data.return_entity_level_metrics (run_ner's ``<type>_f1``, ...). Also
+    Mixture-of-Experts model (run.moe_base, which reads its config), asked only for an aux_loss metric; ``types``: the
+    entity types the eval rows' true tags hold (metrics.true_entity_types), whose per-type scores stage tag reports
+    at every evaluation under data.return_entity_level_metrics (run_ner's ``<type>_f1``, ...). Also
     load_best_model_at_end where the Trainer evaluates nothing (data.val_size on a stage that holds no rows out:
     run.py turned it off silently), here where a run starts: such a finished run's run.yaml still loads."""
     if cfg.train.load_best_model_at_end and not has_eval(cfg):
@@ -560,9 +560,19 @@ def check_best_metric(
         reported = reported + ("aux_loss",)
     if cfg.train.eval_on_start and cfg.stage in ("rm", "dpo", "orpo", "simpo", "cpo"):
         reported = reported + PAIRED
-    if cfg.stage == "tag" and cfg.data.return_entity_level_metrics and labels:  # each tag's type, as seqeval reads it
-        kinds = sorted({str(t)[1:].split("-", 1)[-1] or "_" for t in labels if str(t)[:1] not in ("O", ".")})
-        reported = reported + tuple(f"{k}_{n}" for k in kinds for n in ("precision", "recall", "f1", "number"))
+    kind, _, score = metric.removeprefix("eval_").rpartition("_")
+    if cfg.stage == "tag" and cfg.data.return_entity_level_metrics and types is not None and kind:
+        rows = "held out by data.val_size" if not cfg.data.eval else "data.eval"
+        if score == "number":  # (seqeval's support: a count, not a score)
+            raise ConfigError(f"train.metric_for_best_model is {metric!r}, the number of {kind} entities in the eval "
+                              f"rows: the same at every evaluation, no score to keep a checkpoint by; name {kind}_f1, "
+                              f"{kind}_precision or {kind}_recall")  # fmt: skip
+        if score in ("precision", "recall", "f1") and kind not in (*types, "overall"):  # (run_ner's overall_f1: f1)
+            raise ConfigError(f"train.metric_for_best_model is {metric!r}, but the eval rows ({rows}) hold no {kind} "
+                              "entity: seqeval reports a type's scores only at an evaluation whose true or predicted "
+                              "tags hold one, so the first evaluation without one would stop the run; the eval rows "
+                              f"hold {', '.join(types) or 'no entity'}")  # fmt: skip
+        reported = reported + tuple(f"{k}_{n}" for k in types for n in ("precision", "recall", "f1"))
     if metric.removeprefix("eval_") not in ("loss", *reported, *TIMINGS):
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation does not "
                           f"report; it reports loss, {', '.join(reported)}")  # fmt: skip

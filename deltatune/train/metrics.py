@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
+from ..data.templates import IGNORE_INDEX
+
 
 def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
     return sum(int(p == t) for p, t in zip(preds, labels)) / max(len(labels), 1)
@@ -154,6 +156,21 @@ def entity_prf_by_type(
         f = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         out[kind] = {"precision": precision, "recall": recall, "f1": f, "number": n_true}
     return out
+
+
+def one_sequence(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of tags as seqeval reads them: one sequence, each row ended by an "O" (a chunk seqeval does not end there,
+    a typeless tag such as "X" before the "O", runs on into the next row, as in evaluate's seqeval of run_ner)."""
+    return [t for row in rows for t in [*row, "O"]]
+
+
+def true_entity_types(examples: Sequence[dict], names: Sequence[str]) -> list[str]:
+    """The entity types (sorted) in an encoded tag split's true tags (each example's ``labels``: ids into ``names``,
+    -100 off a word's first token), read as stage tag's evaluation reads them: the types whose scores seqeval reports
+    at every evaluation of the split. A type it holds no entity of is reported only by an evaluation that predicts
+    one (``entity_prf_by_type``: every type predicted or true)."""
+    rows = [[names[i] for i in e["labels"] if i != IGNORE_INDEX] for e in examples]
+    return sorted({kind for kind, _, _ in entities(one_sequence(rows))})
 
 
 _ROUGE_DROP = re.compile(r"[^a-z0-9]+")

@@ -26,7 +26,7 @@ from .checks import check_context, check_num_labels, check_reference, check_run,
 from .cls import set_problem_type
 from .config import RunConfig, ignored_keys
 from .config_train import check_best_metric, optim_args
-from .metrics import perplexity
+from .metrics import perplexity, true_entity_types
 from .models import check_vocab, load_model, load_processor, local_base_note, upcast_adapters
 from .prepared import Prepared
 from .run_load import _quantize, adapter_field, load_adapter_model  # noqa: F401  (evaluation, info, scorers)
@@ -487,7 +487,10 @@ def _check_best_metric(cfg: RunConfig, prepared: Prepared) -> None:
     if metric and prepared.loss_only and prepared.compute_metrics is None and metric.removeprefix("eval_") != "loss":
         raise ConfigError(f"train.metric_for_best_model is {metric!r}, which stage {cfg.stage}'s evaluation during "
                           "training does not report (the final evaluation adds its other metrics); it reports loss")  # fmt: skip
-    check_best_metric(cfg, prepared.metric, moe_base, prepared.labels)  # (a stage with compute_metrics: its keys)
+    types = None  # stage tag's per-type scores: of each type the eval rows' true tags hold (seqeval reports those)
+    if cfg.stage == "tag" and cfg.data.return_entity_level_metrics and prepared.labels:
+        types = true_entity_types(prepared.eval or [], prepared.labels)
+    check_best_metric(cfg, prepared.metric, moe_base, types)  # (a stage with compute_metrics: its keys)
 
 
 def moe_base(cfg: RunConfig) -> bool:
