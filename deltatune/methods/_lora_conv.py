@@ -186,12 +186,16 @@ class _LoraBase(DeltaLayer):
         inits.check_bias_merge(self, name)
         self._dequantize_base()
         with self._merge_scale(name):  # its scale now, or (a redo) the one it was merged at
+            dora = name in self.lora_magnitude_vector
+            # DoRA's norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
+            # _unmerged_base_weight, which merges them back with this merge's safe_merge); W itself holds them. W is
+            # read after that replay, which may replace the layer (a requantised merge: _quant_steps.py), as peft's
+            # merge_safe reads W again after it.
+            unmerged = (self._unmerged_base(safe) if base is None else base) if dora else None
             weight = self._weight
             delta = self.delta_weight(name, merging=True)
-            if name in self.lora_magnitude_vector:  # DoRA: W' = m (W + s B A) / ||W0 + s B A||, the norm kept
-                # The norm is of the base without the adapters merged before (W0), as the forward computes it (peft's
-                # _unmerged_base_weight, which merges them back with this merge's safe_merge); W itself holds them.
-                merge_weight(self, name, weight, delta, self._unmerged_base(safe) if base is None else base)
+            if dora:  # W' = m (W + s B A) / ||W0 + s B A||, the norm kept
+                merge_weight(self, name, weight, delta, unmerged)
             elif safe and not isinstance(self.base_layer, DequantizedLinear):  # peft's bitsandbytes merge: plain's
                 weight.add_(delta.to(weight.dtype))  # peft's safe merge: an fp32 delta rounded to a bf16 W, added
             else:
