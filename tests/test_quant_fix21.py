@@ -89,3 +89,34 @@ def test_a_dora_adapter_merged_after_another_into_a_requantized_layer_is_not_dro
     # peft's unmerge requantises W before DoRA's norm base (docs/qlora.md): logits 4-bit 0.0008, 8-bit 5e-5 off; the
     # DoRA adapter dropped: 0.06
     assert diff < (2e-3 if bits == 4 else 2e-4) and moved > 0.03, (diff, moved)
+
+
+# -- fault: a run's model.quantization.skip_modules of a wrong type reached quantize only after the model loaded, and
+# on a resume / reload run_load's skip_changes ran first: [5] / ["q_proj", None] a TypeError from targets.py, 5 or a
+# dict passed over there. Now build refuses it naming the key, before any model loads; skip_changes names it too ----
+@pytest.mark.parametrize("skip", [5, [5], ["q_proj", None], {"q_proj": 1}, "(unclosed"])
+def test_a_bad_model_quantization_skip_modules_is_refused_by_build_naming_the_key(skip):
+    from deltatune.config import ConfigError
+    from deltatune.train.config import build
+
+    raw = {"model": {"name_or_path": "x", "quantization": {"bits": 4, "skip_modules": skip}}}
+    with pytest.raises(ConfigError, match=r"^model\.quantization\.skip_modules (must be a list|is not a valid regex)"):
+        build(raw)
+    for good in (None, ["q_proj"], r"model\.layers\.1"):  # (transformers' kinds: a list of names, a regex)
+        raw["model"]["quantization"]["skip_modules"] = good
+        assert build(raw).model.quantization["skip_modules"] == good
+
+
+@pytest.mark.parametrize("skip", [5, [5], ["q_proj", None], {"q_proj": 1}])
+def test_skip_changes_of_a_trained_run_names_a_bad_skip_modules(skip):
+    from deltatune.config import ConfigError
+    from deltatune.train.run_load import _quantize
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantization = {"bits": 4, "backend": "bitsandbytes", "skip_modules": skip}
+    with pytest.raises(ConfigError, match=r"^skip_modules must be a list of module names or a regex string, got "):
+        _quantize(model, quantization, trained="a-run")  # (a resume: the trained-run note's check first)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)

@@ -15,13 +15,13 @@ _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 """transformers' ``should_convert_module``: a regex matches from the start of the name up to a '.' or its end."""
 
 
-def check_skip(skip: object) -> None:
-    """ConfigError naming ``skip_modules`` unless it is None, a regex (a valid one) or a list of names (a number or
-    a None in the list was a TypeError from deep in the matching)."""
+def check_skip(skip: object, key: str = "skip_modules") -> None:
+    """ConfigError naming ``key`` (a recipe's: ``model.quantization.skip_modules``) unless ``skip`` is None, a regex
+    (a valid one) or a list of names (a number or a None in the list was a TypeError from deep in the matching)."""
     if isinstance(skip, str):
-        check_regex("skip_modules", skip)
+        check_regex(key, skip)
     elif skip is not None and (not isinstance(skip, (list, tuple)) or not all(isinstance(e, str) for e in skip)):
-        raise ConfigError(f"skip_modules must be a list of module names or a regex string, got {skip!r}")
+        raise ConfigError(f"{key} must be a list of module names or a regex string, got {skip!r}")
 
 
 def skipped(name: str, skip: list[str] | str | None) -> bool:
@@ -49,15 +49,14 @@ def kept_fp32(name: str, fp32: list[str], strict: list[str] = ()) -> bool:
 def skip_changes(model: nn.Module, skip: list[str] | str | None) -> list[tuple[str, str, int]]:
     """The entries that keep linear layers of ``model`` which the rules before 2026-12-07 (an entry matched against
     the layer's own name only) quantised, with how many: ("skip_modules", entry (a regex: itself), n) and
-    ("the model's _keep_in_fp32_modules", entry, n) (Blip-2's ``qformer``)."""
+    ("the model's _keep_in_fp32_modules", entry, n) (Blip-2's ``qformer``). ConfigError for a bad ``skip``
+    (``check_skip``), before anything is matched."""
+    check_skip(skip)
     names = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
     fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or ())  # (strict entries keep no module: kept_fp32)
     out = [("the model's _keep_in_fp32_modules", k, sum(kept_fp32(n, [k]) and not matches(n, [k]) for n in names))
            for k in fp32]  # fmt: skip
-    try:  # a bad value: quantize names it
-        entries = [] if not skip else [re.compile(skip).pattern] if isinstance(skip, str) else list(skip)
-    except (re.error, TypeError):
-        entries = []
+    entries = [] if not skip else [skip] if isinstance(skip, str) else list(skip)
     for entry in entries:
         rule = entry if isinstance(skip, str) else [entry]
         out.append(("skip_modules", entry, sum(skipped(n, rule) and not matches(n, rule) for n in names)))

@@ -359,6 +359,9 @@ def _validate(cfg: RunConfig) -> None:
         for key in cfg.model.quantization:
             if key not in known:
                 raise ConfigError(_unknown(f"model.quantization.{key}", key, known, "the recipe"))
+        from ..methods._quant_skip import check_skip  # (quantize's own check, before the model loads)
+
+        check_skip(cfg.model.quantization.get("skip_modules"), "model.quantization.skip_modules")
     for key, allowed in (("truncation", ("truncate", "refuse")), ("bad_pairs", ("refuse", "skip"))):
         if getattr(cfg.data, key) not in allowed:
             raise ConfigError(f"data.{key} must be {allowed[0]!r} or {allowed[1]!r}, got {getattr(cfg.data, key)!r}")
