@@ -28,6 +28,8 @@ import math
 import os
 import random
 import shutil
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,7 +50,7 @@ from .t2i_ema import EMA, describe_ema, ema_options
 from .t2i_noise import denoising_loss, describe, flow_matching_loss, loss_options, predict, shift_factor
 from .t2i_noise import min_snr_weights as min_snr_weights  # (t2i.min_snr_weights, as before the split)
 from .t2i_prior import prior_collate, prior_options, with_prior
-from .t2i_reads import EpochOfReads, SeededReads
+from .t2i_reads import EpochOfReads, SeededReads, keeps_old_reads, mark_reads
 from .t2i_validation import GUIDANCE, STEPS, Validation, validation_options
 from .trainer import DeltaTrainer
 
@@ -319,6 +321,36 @@ class T2ITrainer(DeltaTrainer):
             if type(callback) is TensorBoardCallback:  # it writes model.config as a transformers config
                 self.callback_handler.remove_callback(callback)
                 self.callback_handler.add_callback(_TensorBoard(callback.tb_writer))
+
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        """The seeded reads' mark written as a new run begins; a run begun before them resumes reading as it began
+        (``t2i_reads``)."""
+        reads = self.train_dataset if isinstance(self.train_dataset, SeededReads) else None
+        folder = self.args.output_dir
+        if isinstance(resume_from_checkpoint, str):
+            folder = os.path.dirname(os.path.abspath(resume_from_checkpoint))
+        if reads is not None and not resume_from_checkpoint and self.args.should_save and folder:
+            mark_reads(folder)
+        elif reads is not None and resume_from_checkpoint and keeps_old_reads(folder):
+            self.train_dataset = reads.dataset
+            self.remove_callback(EpochOfReads)
+            if self.is_world_process_zero():
+                print("deltatune: note: this run began before t2i's seeded reads (2026-12-07); it resumes drawing its "
+                      "flips, crops and empty captions as it began", file=sys.stderr)  # fmt: skip
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def draw_after_save(self) -> Callable[[], None]:
+        """For run.py: ``validation/final.png`` is drawn when the returned call is made (after the run's outputs are
+        saved, as diffusers' scripts save the LoRA, then draw), not at the training's end (``t2i_validation``)."""
+        found = [c for c in self.callback_handler.callbacks if isinstance(c, Validation)]
+        for validation in found:
+            validation.after_save = True
+
+        def final() -> None:
+            for validation in found:
+                validation.final()
+
+        return final
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         p = self.processor

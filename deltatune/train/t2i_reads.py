@@ -9,12 +9,19 @@ and every noise draw after them was shifted (its adapter 4.9e-3 off after 3 step
 wrapping the training set), read i of epoch e draws from states seeded by (``train.seed``, e, i), and the process's
 own states are put back after it: the reads no longer touch the noise's stream, and each read's draws are the same
 in a resumed run. A run without random reads draws exactly as before. Read outside a run (no epoch set) the wrapper
-draws from the process's states, as the dataset alone.
+draws from the process's states, as the dataset alone. Only the CPU generator is seeded (``torch.manual_seed`` would
+reseed CUDA's too, which the step's noise draws from on a GPU, and ``fork_rng(devices=[])`` puts back the CPU's alone).
+
+A run begun before these reads (2026-12-07: no ``t2i_reads`` mark in its ``runfolder.MARKS``) resumes reading as it
+began, from the process's states (``keeps_old_reads``), with a one-line note: its first steps read that way and its
+checkpoints' RNG states were saved under that scheme, so it trains on as it would have before these reads.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 
 import torch
@@ -43,7 +50,7 @@ class SeededReads(torch.utils.data.Dataset):
         keyed = random.Random(f"t2i-read:{self.seed}:{self.epoch}:{int(i)}")  # (a str seed: sha512, any process)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(keyed.getrandbits(63))
+            torch.default_generator.manual_seed(keyed.getrandbits(63))  # (the CPU's alone, as fork_rng puts back)
             random.seed(keyed.getrandbits(63))
             try:
                 return self.dataset[i]
@@ -59,4 +66,39 @@ class EpochOfReads(TrainerCallback):
         self.reads = reads
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.reads.epoch = math.floor(round(state.epoch or 0.0, 6))
+        # exact: an epoch begins at (k - 1) + n / n = k; a checkpoint's e + i / n (i < n) floors to e, where rounding
+        # to 6 places took e + (n - 1) / n up to e + 1 past a million batches
+        self.reads.epoch = math.floor(state.epoch or 0.0)
+
+
+MARK, SCHEME = "t2i_reads", 2
+"""The run folder's mark (``runfolder.MARKS``) of a run that began under the seeded reads."""
+
+
+def mark_reads(folder: str) -> None:
+    """Add the seeded reads' mark to ``folder``'s marks (a new run, written when it begins; the other marks kept)."""
+    from .runfolder import MARKS
+
+    path = os.path.join(folder, MARKS)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            marks = json.load(fh)
+    except (OSError, ValueError):
+        marks = {}
+    marks = {**(marks if isinstance(marks, dict) else {}), MARK: SCHEME}
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(marks, fh)
+    os.replace(path + ".tmp", path)
+
+
+def keeps_old_reads(folder: str) -> bool:
+    """Whether the run in ``folder`` began before the seeded reads (no ``t2i_reads`` mark): it resumes as it began."""
+    from .runfolder import MARKS
+
+    try:
+        with open(os.path.join(folder, MARKS), encoding="utf-8") as fh:
+            marks = json.load(fh)
+    except (OSError, ValueError):
+        return True
+    return not isinstance(marks, dict) or not isinstance(marks.get(MARK), int) or marks[MARK] < SCHEME

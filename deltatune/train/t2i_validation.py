@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +31,13 @@ STEPS, GUIDANCE = 30, 7.5
 
 FINAL = "final.png"
 """The drawing after the last step (``validation/final.png``): the scripts' final validation (logged as "test"), with
-the weights the run saves (the average under ``train.use_ema``; the best checkpoint's under
-``train.load_best_model_at_end``)."""
+the weights the run saves. The Trainer loads the best checkpoint (``train.load_best_model_at_end``) before its
+``on_train_end``, where ``t2i_ema.EMA`` (a callback before this one) then copies the last step's average over the
+weights: under ``train.use_ema`` the average of the last step, the best checkpoint's or not; else the best checkpoint's
+under ``train.load_best_model_at_end``; else the last step's. Drawn after the run's outputs are saved where run.py
+asks (``T2ITrainer.draw_after_save``), else at the training's end; a failure in it (an out-of-memory) is one line, and
+the run's outputs are saved all the same. When the last epoch was drawn at the same step with the same weights (no
+best checkpoint loaded; the EMA average there is the one copied in), its image is copied: the drawing is seeded."""
 
 
 def validation_options(train) -> dict[str, Any] | None:
@@ -64,18 +71,44 @@ class Validation(TrainerCallback):
     def __init__(self, options: dict[str, Any], draw: Callable, save: Callable, ema: Any = None) -> None:
         self.options, self.draw, self.save, self.ema = options, draw, save, ema
         self.written: list[str] = []
+        self.after_save = False  # (set by T2ITrainer.draw_after_save: ``final`` is called after the outputs are saved)
+        self.last: tuple[int, str] | None = None  # (the last epoch drawing's global step and file)
+        self.pending: tuple | None = None  # (the final drawing's args, state, model, and whether the best was loaded)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         epoch = epoch_number(state.epoch)
         if not (epoch - 1) % self.options["every"]:
-            self._validate(args, state, model, f"epoch-{epoch}.png")
+            path = self._validate(args, state, model, f"epoch-{epoch}.png")
+            self.last = (getattr(state, "global_step", None), path) if path else None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._validate(args, state, model, FINAL)  # (the script's final validation, with the weights it saves)
+        best = bool(args.load_best_model_at_end and state.best_model_checkpoint)  # (the Trainer loaded it just now)
+        self.pending = (args, state, model, best)
+        if not self.after_save:
+            self.final()
 
-    def _validate(self, args, state, model, name: str) -> None:
-        if not state.is_world_process_zero:
+    def final(self) -> None:
+        """The final drawing (``FINAL``), once; an Exception in it is one line, the run's outputs saved all the same."""
+        if self.pending is None:
             return
+        (args, state, model, best), self.pending = self.pending, None
+        try:
+            same = self.last if self.last is not None and self.last[0] == state.global_step and not best else None
+            if same is not None and os.path.isfile(same[1]):  # (the same weights, the same seeded noise: one image)
+                path = os.path.join(args.output_dir, "validation", FINAL)
+                shutil.copyfile(same[1], path)
+                self.written.append(path)
+            else:
+                self._validate(args, state, model, FINAL)  # (the script's final validation, with the weights it saves)
+        except Exception as e:  # (an out-of-memory in the sampler: the trained run is not lost for a picture)
+            from tqdm.auto import tqdm  # (its write: a line of its own below the training's progress bar)
+
+            tqdm.write(f"deltatune: validation/{FINAL} not drawn: {type(e).__name__}: {' '.join(str(e).split())}",
+                       file=sys.stderr)  # fmt: skip
+
+    def _validate(self, args, state, model, name: str) -> str | None:
+        if not state.is_world_process_zero:
+            return None
         training = model.training
         model.eval()
         try:
@@ -84,3 +117,4 @@ class Validation(TrainerCallback):
         finally:
             model.train(training)
         self.written.append(self.save(images, os.path.join(args.output_dir, "validation", name)))
+        return self.written[-1]
