@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import registry, status
+from . import heads_rule, registry, status, targets
 from .config import CONFIG_NAME, ConfigError, DeltaConfig
 from .files import (
     HUB_KWARGS,
@@ -63,26 +63,27 @@ def adapter_state_dict(model: DeltaModel, adapter_name: str | None = None) -> di
 
 
 def import_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-    expected = adapter_state_dict(model, name)
-    # a base parameter saved under another wrapping of its module (x.bias, x.base_layer.bias) is this one
-    alias = {unwrapped_name(k): k for k in expected}
-    tensors = {k if k in expected else alias.get(unwrapped_name(k), k): v for k, v in tensors.items()}
     prefix = key_prefix(model.peft_config[name])
-    base_params = {prefix + n: p for n, p in model.base_model.named_parameters(remove_duplicate=False)}
-    _check_class_count(model, tensors, expected, source)
-    full_copies = match_tensors(tensors, expected, base_params, source)
-    copies = {k: tensors[k] for k in full_copies}
-    tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}
-    for path, layer in model._layers():
-        if name in layer.adapter_names:
-            layer.import_state(name, f"{prefix}{path}.", tensors)
-    # a copy replaces the base weight: one merged into (another adapter's update) is unmerged first, merged after
-    with torch.no_grad(), model._unmerged(full_copies.values()) if full_copies else nullcontext():
-        for pname, p in model._base_params(name).items():
-            p.copy_(tensors[prefix + base_key(pname, name)])
-        for key, target in full_copies.items():
-            target.copy_(copies[key])
-    model._copies[name] = [unwrapped_name(key.removeprefix(prefix)) for key in full_copies]
+    with heads_rule.old_copies(model, name, tensors, prefix):  # a file of peft < 0.22's rule: its other copies
+        expected = adapter_state_dict(model, name)
+        # a base parameter saved under another wrapping of its module (x.bias, x.base_layer.bias) is this one
+        alias = {unwrapped_name(k): k for k in expected}
+        tensors = {k if k in expected else alias.get(unwrapped_name(k), k): v for k, v in tensors.items()}
+        base_params = {prefix + n: p for n, p in model.base_model.named_parameters(remove_duplicate=False)}
+        _check_class_count(model, tensors, expected, source)
+        full_copies = match_tensors(tensors, expected, base_params, source)
+        copies = {k: tensors[k] for k in full_copies}
+        tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}
+        for path, layer in model._layers():
+            if name in layer.adapter_names:
+                layer.import_state(name, f"{prefix}{path}.", tensors)
+        # a copy replaces the base weight: one merged into (another adapter's update) is unmerged first, merged after
+        with torch.no_grad(), model._unmerged(full_copies.values()) if full_copies else nullcontext():
+            for pname, p in model._base_params(name).items():
+                p.copy_(tensors[prefix + base_key(pname, name)])
+            for key, target in full_copies.items():
+                target.copy_(copies[key])
+        model._copies[name] = [unwrapped_name(key.removeprefix(prefix)) for key in full_copies]
 
 
 def _check_class_count(model: DeltaModel, tensors: dict, expected: dict, source: str) -> None:
@@ -277,7 +278,7 @@ def load_adapter(
         task = None if config.task_type in HEADS_BY_TASK else config.task_type
         config = config.replace(modules_to_save=None, task_type=task)
     try:
-        with torch.random.fork_rng(devices=[]) if low_cpu_mem_usage else nullcontext():  # peft's meta weights
+        with targets.from_file(), torch.random.fork_rng(devices=[]) if low_cpu_mem_usage else nullcontext():
             model.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
     except AdapterLoadError as exc:
         raise explain_missing_fields(exc, config_file, config) from None

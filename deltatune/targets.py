@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .config import ConfigError
+from .heads_rule import reaches, reaches_by_old_rule, saved_names
 from .layer import DeltaLayer, ModulesToSave, set_submodule
 
 _VISION = ("vit", "deit", "swin", "clip", "clip_vision_model", "siglip", "siglip_vision_model")
@@ -151,8 +152,9 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
 
 # Heads that a task adds on top of the backbone; "all-linear" never adapts them.
 HEADS_BY_TASK: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score", "classification_head"),  # the last: BART's, T5's (new, random: trained)
-    "TOKEN_CLS": ("classifier", "score"),
+    # pre_classifier: DistilBERT's (new, random), peft 0.22's name (peft < 0.22's plain suffix "classifier" reached it)
+    "SEQ_CLS": ("classifier", "score", "pre_classifier", "classification_head"),  # the last: BART's, T5's (trained)
+    "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
     "QUESTION_ANS": ("qa_outputs",),
 }
 """The new heads a task puts on a model (trained in full and saved with the adapter, as PEFT adds them to
@@ -540,18 +542,25 @@ def add_modules_to_save(model: nn.Module, adapter_name: str, config: Any, heads:
     plan: list[tuple[str, nn.Module]] = []
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLayer)]
     for target in wanted + auto:
-        # PEFT's rule, a plain suffix: "classifier" is DistilBERT's pre_classifier too, "norm" every *_layernorm.
-        hits = [
-            (n, m) for n, m in model.named_modules() if n.endswith(target) and not any(n.startswith(p) for p in inner)
-        ]
+        # peft 0.22's rule, the whole name or a dotted suffix ("norm" is model.norm, not every *_layernorm: peft <
+        # 0.22's plain suffix); a file of the old rule gets its other copies as its tensors are read (heads_rule)
+        outside = [(n, m) for n, m in model.named_modules() if not any(n.startswith(p) for p in inner)]
+        hits = [(n, m) for n, m in outside if reaches(n, target)]
         # PEFT writes every head name of the task (["classifier", "score"]) into the saved config; the ones
         # this model lacks are not an error.
         if not hits and target in wanted and target not in task_heads:
-            raise ConfigError(f"modules_to_save: {target!r} matches no module in the model")
+            old = [n for n, _ in outside if reaches_by_old_rule(n, target)]
+            if old and _FROM_FILE.get():  # a saved adapter of the old rule: its file says which it trained
+                continue
+            hint = f" (peft 0.22 matches whole names; peft < 0.22's plain suffix reached {old[0]!r})" if old else ""
+            raise ConfigError(f"modules_to_save: {target!r} matches no module in the model{hint}")
         if hits and target in auto:
             config.modules_to_save = [*(config.modules_to_save or []), target]
         plan.extend(hits)
     plan = [(n, m) for n, m in plan if not any(n.startswith(o + ".") for o, _ in plan)]  # a copy holds its children
+    if config.modules_to_save and not _FROM_FILE.get():  # (a file's names stay: they name what it trained)
+        paths = [n for n, _ in model.named_modules() if n and not any(n.startswith(p) for p in inner)]
+        config.modules_to_save = saved_names(config.modules_to_save, paths, [n for n, _ in plan])
     packed = [n for n, m in plan if any(type(sub).__name__ == "Linear4bit" for sub in m.modules())]  # ours, bnb's
     if packed:
         raise ConfigError(
