@@ -120,3 +120,17 @@ def test_skip_changes_of_a_trained_run_names_a_bad_skip_modules(skip):
         _quantize(model, quantization, trained="a-run")  # (a resume: the trained-run note's check first)
     after = model.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# -- fault: OLoRA's rank-bound refusal on a 4-bit base printed the packed weight's shape ((2048, 1)), not the layer's
+# (out_features, in_features) --------------------------------------------------------------------------------------
+def test_olora_rank_bound_on_a_4bit_base_names_the_layers_shape_not_the_packed_one(tmp_path):
+    from deltatune.config import ConfigError
+
+    _base(tmp_path)
+    model = _load(tmp_path / "base")
+    before = model.model.layers[0].mlp.down_proj.weight.data.clone()
+    config = dt.LoraConfig(r=100, target_modules=["down_proj"], init_lora_weights="olora")
+    with pytest.raises(ConfigError, match=r"exceeds its weight's rank bound 64 \(\(64, 128\)\); "):
+        dt.get_delta_model(model, config)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight.data, before)

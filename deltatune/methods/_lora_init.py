@@ -149,8 +149,9 @@ def check_target(layer: nn.Module, name: str, config: DeltaConfig, r: int) -> No
         raise ConfigError(f"lora: init_lora_weights='olora' on {name}, a GPT-2 Conv1D: peft's olora_init factors the "
                           "stored (d_in, d_out) weight as if it were (d_out, d_in) (its forward then fails, or a "
                           "square one starts away from the base); use 'pissa'")  # fmt: skip
-    if r > (rank := min((base.out_features, base.in_features) if four else weight.shape)):
-        raise ConfigError(f"lora: r={r} on {name} exceeds its weight's rank bound {rank} ({tuple(weight.shape)}); "
+    shape = (base.out_features, base.in_features) if four else tuple(weight.shape)  # (4-bit: not the packed one)
+    if r > (rank := min(shape)):
+        raise ConfigError(f"lora: r={r} on {name} exceeds its weight's rank bound {rank} ({shape}); "
                           f"init_lora_weights={init!r} takes r <= {rank} factors")  # fmt: skip
 
 
