@@ -103,21 +103,52 @@ def test_olora_on_a_4bit_layer_equals_peft_olora_init_byte_for_byte(tmp_path, dt
     _assert_olora_as_peft(ours, theirs, tiny_inputs("llama"))
 
 
-def test_olora_restore_puts_back_the_4bit_weight_and_its_quant_state(tmp_path):
+def _packed(model) -> dict:
+    """Each 4-bit weight of ``model``: (the Parameter, its bytes, its quant state's tensors), copied."""
+    out = {}
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if getattr(w, "quant_state", None) is not None:
+            state = w.quant_state.as_dict(packed=True)
+            out[name] = (w, w.data.clone(), {k: v.clone() for k, v in state.items() if torch.is_tensor(v)})
+    return out
+
+
+def test_a_refused_olora_load_puts_back_the_4bit_weights_and_their_quant_state(tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from deltatune.methods import _quant_olora
 
-    ours, _ = _olora_pair(tmp_path, torch.float32, True)
-    inputs = tiny_inputs("llama")
+    ours, _ = _olora_pair(tmp_path, torch.float32, "olora")
+    ours.save_pretrained(tmp_path / "init")
+    tensors = load_file(tmp_path / "init" / "adapter_model.safetensors")
+    del tensors[sorted(k for k in tensors if "layers.1.mlp.down_proj.lora_B" in k)[0]]  # refused after every init
+    (tmp_path / "bad").mkdir()
+    save_file(tensors, tmp_path / "bad" / "adapter_model.safetensors")
+    shutil.copy(tmp_path / "init" / "adapter_config.json", tmp_path / "bad")
+    calls = []
+    olora = _quant_olora.olora
+    monkeypatch.setattr(_quant_olora, "olora", lambda layer, name: (calls.append(name), olora(layer, name))[1])
+    model = _load(tmp_path / "base", torch.float32)
+    before, inputs = _packed(model), tiny_inputs("llama")
+    with torch.no_grad():  # (train mode: bitsandbytes repacks CPU weights on an eval forward)
+        logits = model.train()(**inputs).logits
+    with pytest.raises(
+        dt.AdapterLoadError, match=r"has no tensor 'base_model\.model\.model\.layers\.1\.mlp\.down_proj"
+    ):
+        dt.DeltaModel.from_pretrained(model, tmp_path / "bad")
+    assert len(calls) == 6  # (OLoRA replaced every target's 4-bit weight before the file was refused)
+    after = _packed(model)
+    assert sorted(after) == sorted(before) and not any("lora" in n for n, _ in model.named_modules())
+    for name, (param, data, state) in before.items():
+        assert after[name][0] is param and torch.equal(after[name][1], data), name  # the Parameter itself back
+        assert sorted(after[name][2]) == sorted(state) and all(
+            torch.equal(after[name][2][k], v) for k, v in state.items()
+        )
     with torch.no_grad():
-        before = ours.train()(**inputs).logits
-    layers = [m for m in ours.get_base_model().modules() if hasattr(m, "lora_A")]
-    kept = [(m, _quant_olora.olora(m, "default")) for m in layers]
-    for layer, original in kept:
-        assert layer.base_layer.weight is not original
-        _quant_olora.restore(layer.base_layer, original)
-        torch.nn.init.zeros_(layer.lora_B["default"].weight)  # B = 0: the model is the base again
-    with torch.no_grad():
-        assert torch.equal(ours.train()(**inputs).logits, before)
+        assert torch.equal(model.train()(**inputs).logits, logits)
 
 
 def test_olora_on_deltatunes_bitsandbytes_quantize_equals_peft_on_transformers_4bit(tmp_path):
@@ -153,12 +184,6 @@ def test_olora_on_a_torchao_4bit_layer_leaves_the_residual_within_nf4s_own_error
     assert (again - residual).abs().max() <= residual.abs().max() * 0.2  # NF4's own rounding, not more
 
 
-from deltatune.methods import _lora_init  # noqa: E402
-
-_WIRED = hasattr(_lora_init, "_quant_olora")  # (the diff in probe 21's report)
-
-
-@pytest.mark.skipif(not _WIRED, reason="_lora_init.py does not call _quant_olora yet (probe 21's report: diff)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_config_olora_on_a_4bit_base_equals_peft_and_reloads(tmp_path, dtype):
     ours, theirs = _olora_pair(tmp_path, dtype, "olora")
