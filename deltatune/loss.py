@@ -95,14 +95,17 @@ def causal_lm_loss(
     return cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index, num_items_in_batch)
 
 
-def token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+def token_loss(
+    outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """The Trainer's ``compute_loss_func`` for models whose logits line up with their labels (token classifiers,
     encoder-decoders): the cross-entropy over the labelled tokens, over those of every micro-batch of an
     accumulated step when the Trainer counts them (``num_items_in_batch``). Their own loss is a mean over each
-    micro-batch's tokens, which weighs a token of a sparsely labelled micro-batch more than one batch would."""
+    micro-batch's tokens, which weighs a token of a sparsely labelled micro-batch more than one batch would. With
+    ``label_smoothing`` (seq2seq's train.label_smoothing_factor): ``smoothed_cross_entropy``."""
     logits = outputs["logits"]
-    return cross_entropy(
-        logits.flatten(0, -2), labels.flatten().to(logits.device), num_items_in_batch=num_items_in_batch
+    return smoothed_cross_entropy(
+        logits.flatten(0, -2), labels.flatten().to(logits.device), num_items_in_batch, label_smoothing
     )
 
 
@@ -113,6 +116,15 @@ def shifted_token_loss(
     decoder, whose labels are its input ids), with its ``label_smoothing`` when the model's config sets one."""
     logits = outputs["logits"][:, :-1].flatten(0, -2)
     targets = labels[:, 1:].flatten().to(logits.device)
+    return smoothed_cross_entropy(logits, targets, num_items_in_batch, label_smoothing)
+
+
+def smoothed_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: Any = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """``cross_entropy``, or with ``label_smoothing`` e transformers' ``LabelSmoother`` (Seq2SeqTrainer's, as
+    run_summarization's --label_smoothing_factor): (1 - e) x the cross-entropy + e x the mean over the vocabulary
+    of -log p, summed over the targets other than -100 and divided by their count (or ``num_items_in_batch``)."""
     if not label_smoothing:
         return cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch)
     total = nn.functional.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)

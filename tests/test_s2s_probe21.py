@@ -94,6 +94,7 @@ def test_a_model_without_a_decoder_start_is_refused_before_training_naming_its_c
     tok = word_tokenizer()
     model = _model(family, tok)
     model.config.decoder_start_token_id = None
+    model.generation_config.decoder_start_token_id = None  # (one kept there is named: tests/test_s2s_fix21.py)
     with pytest.raises((ValueError, TypeError)):  # what the first step met
         model(input_ids=torch.tensor([[5, 6]]), labels=torch.tensor([[7, 3]]))
     cfg = _cfg(tmp_path)

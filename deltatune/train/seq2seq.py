@@ -11,6 +11,7 @@ import torch
 from ..config import ConfigError
 from ..data.load import Row
 from ..data.tasks import Collator, Encoded, encode_seq2seq, references, split_off
+from ..loss import token_loss
 from . import metrics as M
 from .config import RunConfig
 from .prepared import Prepared, _rows
@@ -22,7 +23,7 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     held = split_off(train_rows, cfg.data.val_size, cfg.train.seed, bool(cfg.data.eval))
     train_rows, eval_rows = held[0], eval_rows if held[1] is None else held[1]
     d = cfg.data
-    check_room(tok, d.max_length, d.max_target_length)
+    check_room(tok, d.max_length, d.max_target_length, d.source_prefix)
 
     def enc(rows, scored=True):
         return encode_seq2seq(
@@ -59,44 +60,46 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
         notes=notes,
         loss_only=True,
         # T5's and BART's own loss is a mean per micro-batch; train.label_smoothing_factor as Seq2SeqTrainer's
-        trainer_class=partial(TokenLossTrainer, loss=partial(smoothed_token_loss, label_smoothing=smoothing))
+        trainer_class=partial(TokenLossTrainer, loss=partial(token_loss, label_smoothing=smoothing))
         if (smoothing := cfg.train.label_smoothing_factor)
         else TokenLossTrainer,
     )
 
 
-def smoothed_token_loss(
-    outputs, labels: torch.Tensor, num_items_in_batch=None, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """``deltatune.loss.token_loss`` with transformers' ``LabelSmoother`` (train.label_smoothing_factor, as
-    run_summarization's --label_smoothing_factor): (1 - e) x the cross-entropy + e x the mean over the vocabulary of
-    -log p, over the labelled tokens (or divided by the accumulated step's ``num_items_in_batch``), the training and
-    the eval loss alike, as Seq2SeqTrainer scores both. The Trainer's own smoother never runs here: the stage's
-    loss is the trainer's ``compute_loss_func``, which the Trainer calls instead of it."""
-    logits = outputs["logits"].flatten(0, -2)
-    targets = labels.flatten().to(logits.device)
-    total = torch.nn.functional.cross_entropy(
-        logits.float(), targets, reduction="sum", label_smoothing=label_smoothing
-    )
-    divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
-    return total / torch.as_tensor(divisor).to(logits.device)
-
-
-def check_room(tok, max_length: int, max_target_length: int) -> None:
+def check_room(tok, max_length: int, max_target_length: int, source_prefix: str = "") -> None:
     """ConfigError naming the key when data.max_length (data.max_target_length) is no more than the special tokens
-    the tokenizer adds to each source (target): none of the text fits. Cut to exactly that many, the tokenizer keeps
-    the special tokens alone (a row of nothing to read or learn); below, it cuts nothing at all (it logs an error
-    and returns the whole text), so every row went through longer than the limit."""
-    for key, limit, what, specials in (
-        ("data.max_length", max_length, "source", len(tok("")["input_ids"])),
-        ("data.max_target_length", max_target_length, "target", len(tok(text_target="")["input_ids"])),
+    the tokenizer adds to each source (target), data.source_prefix's tokens counted with the source's: none of the
+    text fits. Cut to exactly the special tokens, the tokenizer keeps them alone (a row of nothing to read or
+    learn); below, it cuts nothing at all (it logs an error and returns the whole text), so every row went through
+    longer than the limit. A side the tokenizer cannot encode so (a stand-in without ``text_target``) is not
+    checked: encoding tells. (``tasks.check_room`` asks cls's and tag's ``num_special_tokens_to_add``; here the
+    empty text is encoded, after the prefix, as each row is.)"""
+    special = _count(tok, "")
+    prefixed = _count(tok, source_prefix) if source_prefix else special
+    target = _count(tok, None)
+    for key, limit, what, fixed, specials in (
+        ("data.max_length", max_length, "source", prefixed, special),
+        ("data.max_target_length", max_target_length, "target", target, target),
     ):
-        if specials and limit <= specials:
-            raise ConfigError(
-                f"{key}={limit}: the tokenizer adds {specials} special tokens to each {what}, which leaves no room "
-                f"for its text (cut to {specials} it keeps them alone; below, it cuts nothing); set {key} to "
-                f"{specials + 1} or more"
-            )
+        if not fixed or specials is None or limit > fixed:
+            continue
+        added = f"{specials} special token{'s' if specials != 1 else ''}"
+        cut = f"cut to {specials} it keeps {'them' if specials != 1 else 'it'} alone; below, it cuts nothing"
+        if fixed > specials:  # (data.source_prefix: its tokens take the room too)
+            added += f" and data.source_prefix {source_prefix!r} {fixed - specials} more"
+            cut = f"cut to {fixed} or fewer tokens, a source keeps no token of its text"
+        raise ConfigError(
+            f"{key}={limit}: the tokenizer adds {added} to each {what}, which leaves no room for its text ({cut}); "
+            f"set {key} to {fixed + 1} or more"
+        )
+
+
+def _count(tok, text: str | None) -> int | None:
+    """The ids the tokenizer gives ``text`` (None: an empty target, ``text_target``); None when it cannot."""
+    try:
+        return len((tok(text) if text is not None else tok(text_target=""))["input_ids"])
+    except Exception:  # (not this check's to name: encoding the rows tells)
+        return None
 
 
 # run_summarization warns when one of these runs without --source_prefix
@@ -257,11 +260,19 @@ def check_decoder_start(cfg: RunConfig, model) -> None:
     token = (getattr(base.config, "pad_token_id", None) or 0) + 1  # (a label other than the pad: mBART's reads it)
     try:
         prepare(labels=torch.full((1, 2), token, dtype=torch.long))
-    except (ValueError, TypeError):  # T5's "has to be defined"; BART's "can't assign a NoneType"
+    except (ValueError, TypeError, AttributeError):
+        # T5's "has to be defined" (AttributeError: a T5Config without the key, which T5Config does not declare);
+        # BART's "can't assign a NoneType"
+        kept = getattr(getattr(base, "generation_config", None), "decoder_start_token_id", None)
+        where = (
+            f" (its generation_config.json has decoder_start_token_id={kept}: copy it there)"
+            if kept is not None
+            else ""
+        )
         raise ConfigError(
             f"model {cfg.model.name_or_path}: its config has no decoder_start_token_id, the id its decoder's input "
             "starts from (the labels shifted right after it; T5 uses the pad id, BART the EOS id): set it in the "
-            "model's config.json (run_summarization refuses such a model too)"
+            f"model's config.json{where} (run_summarization refuses such a model too)"
         ) from None
     except Exception:  # (some other failure: not this check's to name; the run's own step tells)
         return

@@ -110,9 +110,10 @@ def test_seq2seq_notes_name_the_limit_each_part_passed_and_a_generation_cap_belo
         "2 of the 3 eval targets are longer than train.generation_max_new_tokens=8 tokens: their generations stop "
         "there, which lowers ROUGE-L and BLEU",
     ]
-    cfg = build({"stage": "seq2seq", "data": {**data, "max_length": 2}, "train": {"generation_max_new_tokens": 16}})
+    # (max_length 3: MiniLM adds 2 special tokens, and 2 leaves no room, refused since probe 21)
+    cfg = build({"stage": "seq2seq", "data": {**data, "max_length": 3}, "train": {"generation_max_new_tokens": 16}})
     assert prepare_seq2seq(cfg, tok).notes[0] == (
-        "3 train rows were truncated (3 sources longer than data.max_length=2, 2 targets longer than "
+        "3 train rows were truncated (3 sources longer than data.max_length=3, 2 targets longer than "
         "data.max_target_length=16 tokens)"
     )
 
