@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -82,6 +83,8 @@ def evaluate(
         raise ConfigError(
             f"{path}: {old_note}; pass --data FILE" if old_note else "no evaluation data: pass --data FILE"
         )
+    if old_note:  # (an old run's recipe read as it trained: the figures below are scored so)
+        print(f"deltatune eval: note: {old_note}", file=sys.stderr)
     if compare and cfg.stage == "t2i":
         raise ConfigError(
             "--compare is not available for t2i runs (their start is the base pipeline): "

@@ -588,10 +588,11 @@ def publish_folder(staging: str, out: str) -> None:
 
 
 MARKS = "deltatune_marks.json"
-"""A run's marks, written when it begins (``mark_run``): ``quant_skip_rule`` 2, it trained from its first step under
-quantize's module rule of 2026-12-07 (run_load._quantize notes a run without it when a skip entry names a module)."""
+"""A run's marks, written when it begins (``mark_run``; absent: it began before): ``quant_skip_rule`` 2, it trained
+under quantize's module rule of 2026-12-07 (run_load._quantize notes a run without it when a skip entry names a
+module); ``seq2seq_label_smoothing`` 1, stage seq2seq read train.label_smoothing_factor (runs.old_run_data)."""
 
 
 def mark_run(folder: str) -> None:
     with open(os.path.join(folder, MARKS), "w", encoding="utf-8") as fh:
-        json.dump({"quant_skip_rule": 2}, fh)
+        json.dump({"quant_skip_rule": 2, "seq2seq_label_smoothing": 1}, fh)

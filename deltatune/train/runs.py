@@ -4,6 +4,7 @@ scorers need it. A leaf of train/: it imports yaml and the config error, nothing
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Any
 
@@ -94,6 +95,14 @@ CAPTION_VAL_SIZE_MARKER = "return_entity_level_metrics"
 readers, beside this key; 4f6e087 began holding the rows out)."""
 
 
+MARKS_FILE = "deltatune_marks.json"
+"""``runfolder.MARKS``, the marks a run records when it begins, named here: runs imports nothing of runfolder."""
+SMOOTHING_MARK = "seq2seq_label_smoothing"
+"""The mark (``runfolder.MARKS``) of a run begun since stage seq2seq reads train.label_smoothing_factor."""
+SMOOTHING_IGNORED = "train.label_smoothing_factor is read by stage pt, sft only; stage seq2seq ignored it"
+"""The report.md note of a seq2seq run that ignored the key (before 6874e32: it trained the plain cross-entropy)."""
+
+
 def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[str, Any], str]:
     """A run.yaml recipe as the run trained it, and a note ("" when none): a caption run written before stage caption
     read data.val_size (its run.yaml lacks ``CAPTION_VAL_SIZE_MARKER``, and its report.md in ``run_dir``, if any, has
@@ -102,8 +111,17 @@ def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[
     A grpo run.yaml without align.steps_per_generation, loss_type bnpo and align.mini_batch_size below its slice
     (train.batch_size x num_generations) normalised bnpo over the slice (``config_align.BNPO_BEFORE``), and one with
     align.top_entropy_quantile < 1 took its chunks in order (shuffled since 2f11afa): its steps_per_generation is null
-    here (1 when built: eval is unchanged), so a ``--resume`` names the change."""
+    here (1 when built: eval is unchanged), so a ``--resume`` names the change. A seq2seq run that ignored
+    train.label_smoothing_factor (``_smoothing_ignored``) trained and evaluated the plain cross-entropy: its key is
+    null here, with a note; ``deltatune eval`` scores it so, and a ``--resume`` with the key set names it."""
     align, train = raw.get("align"), raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    smoothing = train.get("label_smoothing_factor")
+    if raw.get("stage") == "seq2seq" and smoothing and _smoothing_ignored(run_dir):
+        note = (
+            f"stage seq2seq ignored train.label_smoothing_factor={smoothing} before 6874e32: this run trained and "
+            "evaluated the plain cross-entropy"
+        )
+        return {**raw, "train": {**train, "label_smoothing_factor": None}}, note
     if raw.get("stage") == "grpo" and isinstance(align, dict) and "steps_per_generation" not in align:
         from .config import AlignArgs, TrainArgs
 
@@ -132,6 +150,24 @@ def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[
         "data.train, none held out"
     )
     return {**raw, "data": {**data, "val_size": 0.0}}, note
+
+
+def _smoothing_ignored(run_dir: str | None) -> bool:
+    """Whether a seq2seq run trained on the plain cross-entropy whatever its train.label_smoothing_factor: its marks
+    (``runfolder.MARKS``) lack ``SMOOTHING_MARK`` (or there is no run folder to read), and, where it finished, its
+    report.md says so (``SMOOTHING_IGNORED``; one without that line began between 6874e32 and the mark, smoothed)."""
+    folder = (run_folder(run_dir) or run_dir) if run_dir else None
+    if folder is None:
+        return True
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, MARKS_FILE), encoding="utf-8") as fh:
+        marks = json.load(fh)
+        if isinstance(marks, dict) and marks.get(SMOOTHING_MARK):
+            return False
+    try:
+        with open(os.path.join(folder, "report.md"), encoding="utf-8") as fh:
+            return SMOOTHING_IGNORED in fh.read()
+    except (OSError, UnicodeDecodeError):  # (not finished: an interrupted run unmarked began before)
+        return True
 
 
 def run_template(adapter_dir: str) -> str | None:
