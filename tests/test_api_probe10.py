@@ -15,6 +15,7 @@ from tiny import output_of, tiny_inputs, tiny_model
 import deltatune as dt
 
 peft = pytest.importorskip("peft")
+PEFT_022 = tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (0, 22)
 
 LORA = dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
 
@@ -169,9 +170,11 @@ def test_cast_mixed_precision_params_as_peft():
         dt.cast_mixed_precision_params(ours, torch.int8)
 
 
+@pytest.mark.xfail(strict=True, reason="until the model.py diff of peft22b's report (unload: the head's original)")
 @pytest.mark.parametrize("active", ["a", "b"])
 def test_unload_keeps_the_active_adapters_trained_head_as_peft(active):
-    """peft's unload() returns the model with the active adapter's copy of a modules_to_save head (not merged)."""
+    """unload() returns a modules_to_save head's original, as peft 0.22's (its ModulesToSaveWrapper's
+    unload_and_optionally_merge_module: the original without merging); peft 0.21's gave the active adapter's copy."""
     made = []
     for lib in (peft, dt):
         torch.manual_seed(0)
@@ -187,9 +190,10 @@ def test_unload_keeps_the_active_adapters_trained_head_as_peft(active):
         model.set_adapter(active)
         made.append(model.unload())
     inputs = tiny_inputs("llama")
-    assert torch.equal(output_of(made[0], inputs), output_of(made[1], inputs))
+    assert torch.equal(output_of(made[0], inputs), output_of(made[1], inputs)) is PEFT_022
     assert type(made[1].lm_head) is torch.nn.Linear
-    assert not torch.equal(made[1].lm_head.weight, tiny_model("llama").lm_head.weight)
+    assert torch.equal(made[1].lm_head.weight, tiny_model("llama").lm_head.weight)
+    assert torch.equal(made[0].lm_head.weight, tiny_model("llama").lm_head.weight) is PEFT_022
 
 
 def test_add_adapter_autocast_adapter_dtype_as_peft():

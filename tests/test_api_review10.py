@@ -16,6 +16,8 @@ from tiny import output_of, tiny_inputs, tiny_model
 import deltatune as dt
 from deltatune.files import AdapterLoadError
 
+PEFT_022 = tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (0, 22)
+
 
 def _saved(tmp_path, dtype=torch.float32):
     torch.manual_seed(0)
@@ -103,6 +105,7 @@ def test_grpo_loads_each_reward_run_on_the_policys_base_under_its_own_name(monke
     assert names == ["reward", "reward_1", "reward_2"] and len(shared) == 3
 
 
+@pytest.mark.xfail(strict=True, reason="until the model.py diff of peft22b's report (unload: the head's original)")
 def test_unload_after_disable_adapter_layers_gives_the_active_head_as_peft(tmp_path):
     heads = {}
     for name, seed in (("a", 0), ("b", 1)):
@@ -120,7 +123,10 @@ def test_unload_after_disable_adapter_layers_gives_the_active_head_as_peft(tmp_p
         model.set_adapter("b")
         model.disable_adapter_layers()
         got[lib.__name__] = model.unload().lm_head.weight.detach()
-    assert torch.equal(got["deltatune"], heads["b"]) and torch.equal(got["peft"], heads["b"])
+    # peft 0.22's unload gives the head's original (0.21's: the active adapter's copy); deltatune's as 0.22's
+    original = tiny_model("llama").lm_head.weight
+    assert torch.equal(got["deltatune"], original)
+    assert torch.equal(got["peft"], original if PEFT_022 else heads["b"])
 
 
 def _names(model) -> list[str]:
