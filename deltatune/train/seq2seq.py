@@ -10,7 +10,7 @@ import torch
 
 from ..config import ConfigError
 from ..data.load import Row
-from ..data.tasks import Collator, Encoded, encode_seq2seq, references, split_off
+from ..data.tasks import Collator, Encoded, encode_seq2seq, references, refuse_no_room, split_off
 from ..loss import token_loss
 from . import metrics as M
 from .config import RunConfig
@@ -71,9 +71,9 @@ def check_room(tok, max_length: int, max_target_length: int, source_prefix: str 
     the tokenizer adds to each source (target), data.source_prefix's tokens counted with the source's: none of the
     text fits. Cut to exactly the special tokens, the tokenizer keeps them alone (a row of nothing to read or
     learn); below, it cuts nothing at all (it logs an error and returns the whole text), so every row went through
-    longer than the limit. A side the tokenizer cannot encode so (a stand-in without ``text_target``) is not
-    checked: encoding tells. (``tasks.check_room`` asks cls's and tag's ``num_special_tokens_to_add``; here the
-    empty text is encoded, after the prefix, as each row is.)"""
+    longer than the limit: ``tasks.refuse_no_room``, cls's and tag's message. A side the tokenizer cannot encode so
+    (a stand-in without ``text_target``) is not checked: encoding tells. (``tasks.check_room`` asks the tokenizer's
+    ``num_special_tokens_to_add``; here the empty text is encoded, after the prefix, as each row is.)"""
     special = _count(tok, "")
     prefixed = _count(tok, source_prefix) if source_prefix else special
     target = _count(tok, None)
@@ -81,17 +81,17 @@ def check_room(tok, max_length: int, max_target_length: int, source_prefix: str 
         ("data.max_length", max_length, "source", prefixed, special),
         ("data.max_target_length", max_target_length, "target", target, target),
     ):
-        if not fixed or specials is None or limit > fixed:
+        if fixed is None or specials is None:
             continue
-        added = f"{specials} special token{'s' if specials != 1 else ''}"
-        cut = f"cut to {specials} it keeps {'them' if specials != 1 else 'it'} alone; below, it cuts nothing"
-        if fixed > specials:  # (data.source_prefix: its tokens take the room too)
-            added += f" and data.source_prefix {source_prefix!r} {fixed - specials} more"
-            cut = f"cut to {fixed} or fewer tokens, a source keeps no token of its text"
-        raise ConfigError(
-            f"{key}={limit}: the tokenizer adds {added} to each {what}, which leaves no room for its text ({cut}); "
-            f"set {key} to {fixed + 1} or more"
-        )
+        if fixed <= specials:
+            refuse_no_room(key, limit, specials, what)
+        elif limit <= fixed:  # (data.source_prefix: its tokens take the room too)
+            raise ConfigError(
+                f"{key}={limit}: the tokenizer adds {specials} special token{'s' if specials != 1 else ''} and "
+                f"data.source_prefix {source_prefix!r} {fixed - specials} more to each {what}, which leaves no room "
+                f"for its text (cut to {fixed} or fewer tokens, a source keeps no token of its text); set {key} to "
+                f"{fixed + 1} or more"
+            )
 
 
 def _count(tok, text: str | None) -> int | None:
