@@ -134,3 +134,62 @@ def test_olora_rank_bound_on_a_4bit_base_names_the_layers_shape_not_the_packed_o
     with pytest.raises(ConfigError, match=r"exceeds its weight's rank bound 64 \(\(64, 128\)\); "):
         dt.get_delta_model(model, config)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight.data, before)
+
+
+def _packed(model) -> dict:
+    """Each 4-bit weight of ``model``: (the Parameter, its bytes, its quant state's tensors), copied."""
+    out = {}
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if getattr(w, "quant_state", None) is not None:
+            state = w.quant_state.as_dict(packed=True)
+            out[name] = (w, w.data.clone(), {k: v.clone() for k, v in state.items() if torch.is_tensor(v)})
+    return out
+
+
+# -- latent fault: a LoRA layer's import_state dropped the base weight its OLoRA / PiSSA init replaced as soon as its own
+# tensors were in, so a load failing later in adapter_io.import_tensors' loop (a later layer, Ctrl-C) could not put
+# back the layers settled before: their 4-bit base kept the OLoRA residual, the adapter gone. settled_after holds them
+# all to the end of the import (wired in adapter_io.import_tensors by fix 21's report diff; emulated here) ------------
+def test_a_load_failing_after_some_layers_imported_puts_every_olora_base_back(tmp_path, monkeypatch):
+    from deltatune import adapter_io
+    from deltatune.methods import _lora_conv
+    from deltatune.model import DeltaModel
+
+    def wired(model, name, tensors, source):  # adapter_io.import_tensors with the report's diff
+        with _lora_conv.settled_after(model, name):
+            adapter_io.import_tensors(model, name, tensors, source)
+
+    monkeypatch.setattr(DeltaModel, "_import", wired)
+    _base(tmp_path)
+    config = dt.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="olora"
+    )
+    dt.get_delta_model(_load(tmp_path / "base"), config).save_pretrained(tmp_path / "init")
+    inputs = tiny_inputs("llama")
+    good = dt.DeltaModel.from_pretrained(_load(tmp_path / "base"), tmp_path / "init")  # went through: residuals kept
+    layers = [m for m in good.modules() if isinstance(m, _lora_conv._LoraBase)]
+    assert len(layers) == 6 and not any(m.__dict__.get("_pre_init") or m.__dict__.get("_settle_later") for m in layers)
+    calls, imported = [], _lora_conv._LoraBase.import_state
+
+    def failing(self, name, prefix, tensors):
+        calls.append(prefix)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # (the last layer's import: five already in)
+        imported(self, name, prefix, tensors)
+
+    monkeypatch.setattr(_lora_conv._LoraBase, "import_state", failing)
+    model = _load(tmp_path / "base")
+    before = _packed(model)
+    with torch.no_grad():  # (train mode: bitsandbytes repacks CPU weights on an eval forward)
+        logits = model.train()(**inputs).logits
+    with pytest.raises(KeyboardInterrupt):
+        dt.DeltaModel.from_pretrained(model, tmp_path / "init")
+    after = _packed(model)
+    assert len(calls) == 6 and sorted(after) == sorted(before)
+    assert not any("lora" in n for n, _ in model.named_modules())
+    for name, (param, data, state) in before.items():
+        assert after[name][0] is param and torch.equal(after[name][1], data), name  # the Parameter itself back
+        assert all(torch.equal(after[name][2][k], v) for k, v in state.items()), name
+    with torch.no_grad():
+        assert torch.equal(model.train()(**inputs).logits, logits)

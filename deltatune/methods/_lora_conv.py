@@ -65,7 +65,8 @@ class _LoraBase(DeltaLayer):
 
     def import_state(self, name: str, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         super().import_state(name, prefix, tensors)
-        inits.settle(self, name, restore=False)  # the file passed its checks: the residual stays
+        if name not in self.__dict__.get("_settle_later", ()):  # (else once the whole import is in: settled_after)
+            inits.settle(self, name, restore=False)  # the file passed its checks: the residual stays
 
     def set_scale(self, adapter: str, scale: float) -> None:
         """peft's ``LoraLayer.set_scale``: ``adapter``'s scale is ``scale`` times its initial alpha / r (rsLoRA: alpha
@@ -225,6 +226,25 @@ class _LoraBase(DeltaLayer):
             inits.add_bias(self, name, -1)
 
     _rows_dim, _dora = 0, staticmethod(dora)  # the stored weight's dimension that indexes outputs; DoRA's update
+
+
+@contextmanager
+def settled_after(model: nn.Module, name: str) -> Iterator[None]:
+    """A load's import of adapter ``name`` into ``model`` (a DeltaModel; adapter_io.import_tensors): within, each LoRA
+    layer keeps the base weight its init (PiSSA, OLoRA) replaced, its ``import_state`` included; once the whole import
+    went through, all are dropped together. A failure anywhere in it (a later layer, a base copy, Ctrl-C) leaves every
+    one for the refused load's ``delete_adapter`` to put back (settled per layer, those imported before kept the
+    residual: an OLoRA base without its adapter)."""
+    held = [layer for _, layer in model._layers() if name in layer.__dict__.get("_pre_init", {})]
+    for layer in held:
+        layer.__dict__.setdefault("_settle_later", set()).add(name)
+    try:
+        yield
+    finally:
+        for layer in held:
+            layer.__dict__["_settle_later"].discard(name)
+    for layer in held:
+        inits.settle(layer, name, restore=False)
 
 
 def _factors(A: torch.Tensor, B: torch.Tensor, merging: bool) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
