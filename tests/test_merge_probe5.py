@@ -184,10 +184,11 @@ def test_an_empty_adapter_names_merges_none_as_in_peft(tmp_path):
     torch.testing.assert_close(expected, output_of(make(), inputs), atol=0, rtol=0)
 
 
+@pytest.mark.xfail(strict=True, reason="until the model.py diff of peft22b's report (the merged adapter's head)")
 @pytest.mark.parametrize("merged", [[], ["b"]])
 def test_merge_and_unload_keeps_the_active_adapters_head_copy_as_peft(tmp_path, merged):
-    """peft keeps the active adapter's copy of a module trained in full whatever adapter_names merges; deltatune put
-    back the untrained head for adapter_names=[] (logits 5.36 off) and took b's copy for ["b"]."""
+    """peft 0.22 keeps the merged adapter's copy of a module trained in full, its original when none merged holds one
+    (ModulesToSaveWrapper.unload_and_optionally_merge_module); peft 0.21 kept the active adapter's whatever merged."""
     make = lambda: tiny_model("llama", "seq_cls")  # noqa: E731
     for name, value in (("default", 0.5), ("b", -0.25)):
         torch.manual_seed(len(name))
@@ -203,8 +204,10 @@ def test_merge_and_unload_keeps_the_active_adapters_head_copy_as_peft(tmp_path, 
     inputs = tiny_inputs("llama", "seq_cls")
     expected = output_of(theirs.merge_and_unload(adapter_names=merged), inputs)
     plain = ours.merge_and_unload(adapter_names=merged)
-    assert bool((plain.score.weight == 0.5).all())
-    torch.testing.assert_close(output_of(plain, inputs), expected, atol=1e-6, rtol=0)
+    want = {(): make().score.weight, ("b",): torch.full_like(plain.score.weight, -0.25)}[tuple(merged)]
+    assert torch.equal(plain.score.weight, want)
+    if tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (0, 22):
+        torch.testing.assert_close(output_of(plain, inputs), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
