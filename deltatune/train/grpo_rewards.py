@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import threading
-import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from ..config import ConfigError
 from .config import AlignArgs
 from .ppo import RewardError, reward_values  # noqa: F401  (RewardError: raised here too)
+from .ppo_reward import _where
 
 
 @dataclass
@@ -71,22 +71,6 @@ def import_reward(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ConfigError(f"{where} is not callable")
     return fn
-
-
-def _where(exc: BaseException, file: str | None = None) -> str:
-    """``file:line`` where in the user's code ``exc`` was raised ("" when nowhere there): a SyntaxError's own line, else
-    its innermost frame in ``file`` (a reward function's source), else outside deltatune and the import machinery."""
-    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
-        frames = [(exc.filename, exc.lineno)]
-    else:
-        ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)
-                  if not f.filename.startswith(("<", ours)) and "importlib" not in f.filename]  # fmt: skip
-        frames = [f for f in frames if file and os.path.abspath(f[0]) == os.path.abspath(file)] or frames
-    if not frames:
-        return ""
-    path = os.path.relpath(frames[-1][0]) if not os.path.relpath(frames[-1][0]).startswith("..") else frames[-1][0]
-    return f"{path}:{frames[-1][1]}"
 
 
 def _error(exc: BaseException) -> str:

@@ -1,9 +1,11 @@
 """Calling PPO's reward on texts: a reward function that raises is one line naming it, the response it raised on and
-where in the user's code (as GRPO's rewards, grpo_rewards.py), not the user's traceback from inside the loop. Split
+where in the user's code (as GRPO's rewards, grpo_rewards.py, which imports ``_where`` from here), not the user's traceback from inside the loop. Split
 from ppo.py, near its line limit."""
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,8 +22,6 @@ def call_reward(fn: Callable, name: str, prompts: Sequence[str], responses: Sequ
 
 
 def _raised(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence[str], exc: Exception) -> str:
-    from .grpo_rewards import _where  # (GRPO's: the innermost frame in the reward's file; here, it imports ppo)
-
     file = getattr(getattr(fn, "__code__", None), "co_filename", None)  # the reward's source: where it raised
     for p, r in zip(prompts, responses):
         try:
@@ -33,3 +33,19 @@ def _raised(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence
     where = _where(exc, file)
     return (f"reward {name} raised {type(exc).__name__}: {exc} (on a batch of {len(responses)} responses"
             + (f", at {where})" if where else ")"))  # fmt: skip
+
+
+def _where(exc: BaseException, file: str | None = None) -> str:
+    """``file:line`` where in the user's code ``exc`` was raised ("" when nowhere there): a SyntaxError's own line, else
+    its innermost frame in ``file`` (a reward function's source), else outside deltatune and the import machinery."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        frames = [(exc.filename, exc.lineno)]
+    else:
+        ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)
+                  if not f.filename.startswith(("<", ours)) and "importlib" not in f.filename]  # fmt: skip
+        frames = [f for f in frames if file and os.path.abspath(f[0]) == os.path.abspath(file)] or frames
+    if not frames:
+        return ""
+    path = os.path.relpath(frames[-1][0]) if not os.path.relpath(frames[-1][0]).startswith("..") else frames[-1][0]
+    return f"{path}:{frames[-1][1]}"
