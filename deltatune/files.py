@@ -13,13 +13,14 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig, named_adapters_hint
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, DeltaConfig, named_adapters_hint, read_config_file
 from .layer import ModulesToSave, unwrapped_name
 
 KEY_PREFIX = "base_model.model."
@@ -236,8 +237,33 @@ def write_adapter(
     # fields sorted as peft writes them, but not what they hold: rank_pattern's first matching key wins (peft sorts
     # those too, and its file of {"v_proj": 2, "layers.*": 6} then reloads with rank 6 where it trained rank 2)
     fields = config.to_dict() | ({"auto_mapping": auto_mapping} if auto_mapping else {})
+    if tensors and any(MHA_OUT_B in k for k in tensors):  # (peft 0.22 doubles the lora_B of a file without it)
+        fields["peft_version"] = "0.22.0"  # MultiheadAttention's out_proj update added once, as peft >= 0.22
     text = json.dumps(dict(sorted(fields.items())), indent=2)
     atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
+
+
+MHA_OUT_B = ".base_layer.out_proj.lora_B."  # MultiheadAttention's out_proj lora_B (peft < 0.22 added it twice)
+
+
+def mha_once(tensors: dict[str, Any], source: str) -> dict[str, Any]:
+    """A file that peft < 0.22 wrote (its config's peft_version says so) added MultiheadAttention's out_proj update
+    twice: its lora_B doubled, as peft 0.22 loads it, so it computes as it trained (deltatune adds it once). A file
+    without a peft_version is deltatune's (it wrote none before "0.22.0") or peft < 0.18's: taken as deltatune's."""
+    keys = [k for k in tensors if MHA_OUT_B in k]
+    config = os.path.join(os.path.dirname(source), CONFIG_NAME)
+    version = read_config_file(config)[1].get("peft_version") if keys and os.path.isfile(config) else None
+    if not isinstance(version, str):
+        return tensors
+    from packaging.version import Version
+
+    given = Version(version.partition("@")[0])
+    release = Version(given.base_version)
+    if not (release < Version("0.21.1") or (not given.is_devrelease and release < Version("0.22.0"))):  # peft's rule
+        return tensors
+    warnings.warn(f"{source}: saved by peft {version}, which added MultiheadAttention's out_proj update twice; its "
+                  "lora_B is doubled to keep the adapter's outputs (as peft 0.22 loads it)", stacklevel=3)  # fmt: skip
+    return {k: 2 * v if k in keys else v for k, v in tensors.items()}
 
 
 def pick_tensors(
@@ -519,6 +545,7 @@ def read_weights(
     """An adapter's tensors and the file they came from: safetensors, or a pickle unless ``allow_pickle`` is False;
     read onto ``device`` (peft's ``torch_device``; None: the CPU)."""
     tensors, path = _read_weights(model_id, subfolder, revision, allow_pickle, hub)
+    tensors = mha_once(tensors, path)  # (a file of peft < 0.22 with MultiheadAttention: as it trained)
     return ({k: v.to(device) for k, v in tensors.items()} if device is not None else tensors), path
 
 

@@ -8,6 +8,7 @@ the installed peft, 0.21 or 0.22.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -157,3 +158,69 @@ def test_distilbert_pre_classifier_is_trained_as_peft(task):
         trained.append(_trained_copies(model))
     assert trained[0] == trained[1]
     assert "pre_classifier" in trained[0] or task == "TOKEN_CLS"
+
+
+def _mha_saved(tmp_path):
+    """deltatune's LoRA on an nn.MultiheadAttention (test_methods_probe15's model) saved; the model."""
+    from test_methods_probe15 import Attn
+
+    torch.manual_seed(0)
+    ours = dt.get_delta_model(Attn(), dt.LoraConfig(target_modules=["mha"], r=4, init_lora_weights=False)).eval()
+    ours.save_pretrained(tmp_path / "mha")
+    return tmp_path / "mha", ours
+
+
+def _attn():
+    """test_methods_probe15's model with the base weights ``_mha_saved``'s has (seed 0)."""
+    from test_methods_probe15 import Attn
+
+    torch.manual_seed(0)
+    return Attn()
+
+
+def _set_version(folder, version):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.pop("peft_version", None)
+    (folder / "adapter_config.json").write_text(json.dumps(config | ({"peft_version": version} if version else {})))
+
+
+def test_an_mha_file_says_its_out_proj_update_is_added_once(tmp_path):
+    """deltatune adds MultiheadAttention's out_proj update once, as peft 0.22: its file says peft_version 0.22.0, so
+    peft 0.22 loads it as it computes (without it peft 0.22 took it for a file of peft < 0.22 and doubled its out_proj
+    lora_B: 0.389 off). A LoRA file without MultiheadAttention writes no peft_version, as before."""
+    from test_methods_probe15 import _x
+
+    folder, ours = _mha_saved(tmp_path)
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_version"] == "0.22.0"
+    dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "q"
+    )
+    assert "peft_version" not in json.loads((tmp_path / "q" / "adapter_config.json").read_text())
+    if PEFT_022:
+        theirs = peft.PeftModel.from_pretrained(_attn(), folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(_x()), ours(_x()), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["0.21.2", "0.17.0", None, "0.22.0"])
+def test_an_mha_file_of_peft_before_022_is_doubled_as_peft_022_loads_it(tmp_path, version):
+    """A file peft < 0.22 wrote (its peft_version) added out_proj's update twice: deltatune doubles its lora_B on load,
+    as peft 0.22 does, so it computes as it trained; a file without peft_version is deltatune's own (it wrote none
+    before) and loads as it is (peft 0.22 doubles that one too: a file of peft < 0.18 it takes it for)."""
+    from test_methods_probe15 import _x
+
+    folder, ours = _mha_saved(tmp_path)
+    _set_version(folder, version)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        again = dt.DeltaModel.from_pretrained(_attn(), folder).eval()
+    doubled = version in ("0.21.2", "0.17.0")
+    assert any("twice" in str(w.message) for w in said) is doubled
+    saved = load_file(folder / "adapter_model.safetensors")
+    got = {k: v for k, v in again.adapter_state_dict().items() if ".out_proj.lora_B" in k}
+    want = [2 * v if doubled else v for k, v in saved.items() if ".out_proj.lora_B" in k]
+    assert len(got) == len(want) == 1 and torch.equal(next(iter(got.values())), want[0])
+    if PEFT_022 and version is not None:  # peft 0.22 loads the same file alike
+        theirs = peft.PeftModel.from_pretrained(_attn(), folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(_x()), again(_x()), atol=1e-6, rtol=0)
