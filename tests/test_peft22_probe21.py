@@ -224,3 +224,34 @@ def test_an_mha_file_of_peft_before_022_is_doubled_as_peft_022_loads_it(tmp_path
         theirs = peft.PeftModel.from_pretrained(_attn(), folder).eval()
         with torch.no_grad():
             torch.testing.assert_close(theirs(_x()), again(_x()), atol=1e-6, rtol=0)
+
+
+def test_a_tied_output_embeddings_bias_is_added_as_peft_022():
+    """BERT's MLM decoder (tied to the word embeddings, with a bias) under trainable tokens: deltatune adds the bias,
+    as peft 0.22's TrainableTokensLayer now does (peft 0.21's F.linear dropped it)."""
+    from tiny import tiny_config
+    from transformers import BertForMaskedLM
+
+    ids = [1, 5]
+    torch.manual_seed(0)
+    plain = BertForMaskedLM(tiny_config("bert")).eval()
+    with torch.no_grad():
+        plain.cls.predictions.bias.normal_()
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    made = []
+    for lib in (dt, peft):
+        base = BertForMaskedLM(tiny_config("bert")).eval()
+        base.load_state_dict(state)
+        config = lib.LoraConfig(r=2, target_modules=["query"], trainable_token_indices=ids)
+        made.append((dt.get_delta_model if lib is dt else peft.get_peft_model)(base, config).eval())
+    rows = torch.randn(len(ids), plain.config.hidden_size)
+    with torch.no_grad():
+        for model in made:
+            for n, p in model.named_parameters():
+                if "trainable_tokens_delta" in n:
+                    p.copy_(rows)
+    x = tiny_inputs("bert")
+    x.pop("labels", None)
+    with torch.no_grad():
+        ours, theirs = (m(**x).logits for m in made)
+    assert torch.allclose(ours, theirs, atol=1e-5) is PEFT_022

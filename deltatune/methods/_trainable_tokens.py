@@ -12,7 +12,7 @@ Saved as peft saves it: ``<prefix><embedding path>.token_adapter.trainable_token
 name for the replacement rows). Where deltatune differs from peft, on purpose: a refusal (ConfigError) for ids out
 of range, negative, repeated or empty (peft fails with an IndexError, a RuntimeError, or not at all for repeats),
 and for a module that is not an embedding (peft takes any nn.Linear, e.g. an o_proj, and treats its output
-features as tokens); an output embedding's bias is added (peft's F.linear drops it: a BERT MLM decoder's bias).
+features as tokens). An output embedding's bias is added, as peft 0.22 adds it (0.21's F.linear dropped it).
 Two active adapters with disjoint ids compute together (peft's set_adapter refuses the pair; its layer computes them).
 """
 

@@ -269,7 +269,7 @@ def test_untied_lm_head_in_the_dict_and_tied_keys_as_peft():
 
 def test_output_embedding_bias_kept_unlike_peft():
     """BERT's MLM decoder is tied to the word embeddings and has a bias: the adapter's logits are the plain model's
-    with the rows overwritten, bias included (peft's F.linear drops the bias; equal to it when the bias is zero)."""
+    with the rows overwritten, bias included (peft 0.21's F.linear dropped the bias, 0.22 adds it: test_peft22_probe21)."""
     torch.manual_seed(0)
     plain = BertForMaskedLM(tiny_config("bert")).eval()
     with torch.no_grad():
