@@ -101,7 +101,6 @@ def test_an_old_interrupted_runs_resume_is_refused_naming_the_key(tmp_path):
     assert check(folder, recipe, False) is False
 
 
-@pytest.mark.xfail(strict=True, reason="needs run.py diff of s2sfix21")
 def test_an_old_interrupted_runs_resume_refusal_gives_the_note(tmp_path):
     """The refusal says why the recorded value is null (run.py's _check_resume_recipe adds old_run_data's note to
     data.val_size's change only)."""

@@ -353,6 +353,8 @@ def _train(
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar)
     trainer.add_callback(started_callback(replacement))
+    # t2i's validation/final.png: drawn once the run's outputs are saved (diffusers' scripts save the LoRA, then draw)
+    finish = trainer.draw_after_save() if hasattr(trainer, "draw_after_save") else None
     # Everything is checked: from here on the folder changes (the old run moved aside, the new one written).
     replacement.begin()
     try:
@@ -387,6 +389,8 @@ def _train(
     samples = _samples(delta, tok, cfg) if trainer.is_world_process_zero() else None
     if trainer.is_world_process_zero():
         report.write(out, recipe, metrics, trainer.state.log_history, prepared.notes, prepared.metric, samples)
+    if finish is not None:
+        finish()
     return metrics
 
 
@@ -437,7 +441,8 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
         # the head image_cls adds to method.modules_to_save where the recipe leaves it out (run.yaml records it):
         # the same model gives the same head, so a recipe leaving it out again is no change
         recipe = {**recipe, "method": {**method, "modules_to_save": recorded["modules_to_save"]}}
-    changes = [f"{c} ({note})" if note and c.startswith("data.val_size:") else c for c in recipe_changes(old, recipe)]
+    noted = ("data.val_size:", "train.label_smoothing_factor:")  # (the keys runs.old_run_data reads as they trained)
+    changes = [f"{c} ({note})" if note and c.startswith(noted) else c for c in recipe_changes(old, recipe)]
     if changes and not resume_changed:
         raise ConfigError(
             f"--resume: the recipe differs from the run in {out!r} in {'; '.join(changes)}; "

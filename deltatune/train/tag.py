@@ -107,9 +107,7 @@ def prepare_tag(cfg: RunConfig, tok) -> Prepared:
             keep = lab != IGNORE_INDEX
             pred_tags.append([names[i] for i in pr[keep]])
             true_tags.append([names[i] for i in lab[keep]])
-        # seqeval reads the rows as one sequence, each row ended by an "O": a chunk seqeval does not end there (a
-        # typeless tag such as "X" before the "O") runs on into the next row, as in evaluate's seqeval of run_ner
-        pred_seq, true_seq = ([t for row in rows for t in [*row, "O"]] for rows in (pred_tags, true_tags))
+        pred_seq, true_seq = M.one_sequence(pred_tags), M.one_sequence(true_tags)  # (as seqeval reads the rows)
         prf = M.entity_prf([pred_seq], [true_seq])
         flat = [(a, b) for ps, ts in zip(pred_tags, true_tags) for a, b in zip(ps, ts)]
         out = {
