@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def call_sizes(
         sizes.add(n := value.shape[0])
         if not isinstance(text, torch.Tensor) or value is text:
             continue
-        why = _unnamed_unmapped(index, value, text.shape[0], ids, model) if key is None else None
+        why = _unnamed_unmapped(index, value, text.shape[0], ids, model, kwargs) if key is None else None
         if why or (key and (why := _images_unmapped(n, key, text.shape[0], ids, model))):
             refused[n] = why
     if generating is not None:
@@ -105,7 +106,12 @@ def _parameter_names(model: nn.Module | None, n: int) -> list[str | None]:
 
 
 def _unnamed_unmapped(
-    index: int, value: torch.Tensor, rows: int, ids: torch.Tensor | None, model: nn.Module | None
+    index: int,
+    value: torch.Tensor,
+    rows: int,
+    ids: torch.Tensor | None,
+    model: nn.Module | None,
+    kwargs: dict[str, Any] | None = None,
 ) -> str | None:
     """Why positional argument ``index``, a tensor the base's signature does not name (``forward(*args, **kwargs)``),
     cannot route: its first dimension is not the ``rows`` and does not map k per row as the images or videos the
@@ -113,10 +119,12 @@ def _unnamed_unmapped(
     2 rows). None for a tensor of the rows (a mask, position ids) or one that maps as the call's images."""
     n, config = value.shape[0], getattr(model, "config", None)
     kinds = {"pixel_values": _token(config, "image"), "pixel_values_videos": _token(config, "video")}
-    held = [key for key, token in kinds.items() if ids is not None and token is not None and (ids == token).any()]
+    given = kwargs or {}  # (images the call passes by keyword: an unnamed tensor does not hold those)
+    held = [key for key, token in kinds.items() if not isinstance(given.get(key), torch.Tensor)
+            and ids is not None and token is not None and (ids == token).any()]  # fmt: skip
     if n == rows and (not value.is_floating_point() or not held):
         return None
-    if any(_images_unmapped(n, key, rows, ids, model) is None for key in held):
+    if held and all(_images_unmapped(n, key, rows, ids, model) is None for key in held):  # (maps as every kind)
         return None
     return (
         f"adapter_names routes {rows} rows but positional argument {index} (a tensor of first dimension {n}) has "

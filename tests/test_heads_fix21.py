@@ -139,7 +139,8 @@ def test_a_types_count_is_no_score_to_keep_a_checkpoint_by(tiny_tag, tmp_path, u
         train(build(_raw(tmp_path, tiny_tag, metric)))
     assert str(refused.value) == (
         f"train.metric_for_best_model is {metric!r}, the number of {kind} entities in the eval rows: the same at "
-        f"every evaluation, no score to keep a checkpoint by; name {kind}_f1, {kind}_precision or {kind}_recall"
+        f"every evaluation, no score to keep a checkpoint by; name {kind}_f1, {kind}_precision or {kind}_recall (a run resumed with it: "
+        "with --resume-changed)"
     )
 
 

@@ -566,7 +566,7 @@ def check_best_metric(
         if score == "number":  # (seqeval's support: a count, not a score)
             raise ConfigError(f"train.metric_for_best_model is {metric!r}, the number of {kind} entities in the eval "
                               f"rows: the same at every evaluation, no score to keep a checkpoint by; name {kind}_f1, "
-                              f"{kind}_precision or {kind}_recall")  # fmt: skip
+                              f"{kind}_precision or {kind}_recall (a run resumed with it: with --resume-changed)")  # fmt: skip
         if score in ("precision", "recall", "f1") and kind not in (*types, "overall"):  # (run_ner's overall_f1: f1)
             raise ConfigError(f"train.metric_for_best_model is {metric!r}, but the eval rows ({rows}) hold no {kind} "
                               "entity: seqeval reports a type's scores only at an evaluation whose true or predicted "

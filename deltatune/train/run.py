@@ -31,6 +31,7 @@ from .models import check_vocab, load_model, load_processor, local_base_note, up
 from .prepared import Prepared
 from .run_load import _quantize, adapter_field, load_adapter_model  # noqa: F401  (evaluation, info, scorers)
 from .runfolder import (
+    FINISHED_FILE,
     Replacement,
     RunLock,
     absolute_paths,
@@ -44,7 +45,7 @@ from .runfolder import (
     started_callback,
     take_derived,
 )
-from .runs import RUN_FILE, old_run_data, read_recipe
+from .runs import RUN_FILE, old_run_data, read_recipe, resume_rewrites, write_run_file
 from .table import IMAGE_STAGES, TASK_OF_STAGE, prepare
 
 
@@ -269,8 +270,8 @@ def train(
 def _mark_stopped(out: str, exc: BaseException) -> None:
     """``stopped.json`` (the board's ``STOPPED_FILE``): why this run ended early, its error's first line and whether
     it was interrupted; never fails the run's own error."""
-    if not os.path.isfile(os.path.join(out, RUN_FILE)):
-        return
+    if not os.path.isfile(os.path.join(out, RUN_FILE)) or os.path.isfile(os.path.join(out, FINISHED_FILE)):
+        return  # (no run, or a finished one: t2i's final drawing after the save stopped, not the run)
     reason = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:500]
     path = os.path.join(out, "stopped.json")
     with contextlib.suppress(OSError):
@@ -358,9 +359,8 @@ def _train(
     # Everything is checked: from here on the folder changes (the old run moved aside, the new one written).
     replacement.begin()
     try:
-        if trainer.is_world_process_zero() and write_recipe:
-            with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as fh:
-                yaml.safe_dump(recipe, fh, sort_keys=False)
+        if trainer.is_world_process_zero() and write_recipe:  # (a seq2seq run's marked: read as written)
+            write_run_file(out, recipe)
         if trainer.is_world_process_zero() and checkpoint is None:  # (a resumed run keeps its marks, or none)
             mark_run(out)
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -448,7 +448,7 @@ def _check_resume_recipe(out: str, recipe: dict[str, Any], resume_changed: bool)
             f"--resume: the recipe differs from the run in {out!r} in {'; '.join(changes)}; "
             "pass --resume-changed to continue with the new values"
         )
-    return bool(changes)
+    return bool(changes) or resume_rewrites(recipe.get("stage"), note)  # (an old seq2seq run: written anew)
 
 
 def _run_loop(
@@ -494,7 +494,9 @@ def _check_best_metric(cfg: RunConfig, prepared: Prepared) -> None:
                           "training does not report (the final evaluation adds its other metrics); it reports loss")  # fmt: skip
     types = None  # stage tag's per-type scores: of each type the eval rows' true tags hold (seqeval reports those)
     if cfg.stage == "tag" and cfg.data.return_entity_level_metrics and prepared.labels:
-        types = true_entity_types(prepared.eval or [], prepared.labels)
+        # no eval rows: nothing is evaluated (the key is read by nothing), so every class's type passes, as before
+        rows = prepared.eval or [{"labels": list(range(len(prepared.labels)))}]
+        types = true_entity_types(rows, prepared.labels)
     check_best_metric(cfg, prepared.metric, moe_base, types)  # (a stage with compute_metrics: its keys)
 
 

@@ -1,0 +1,107 @@
+"""The lead's mends after the second reviews of probe 21 (session 56), each shown failing on the file before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_heads_fix21 import TRAIN, _raw, _write, tiny_tag, unloaded  # noqa: F401  (fixtures by name)
+
+from deltatune.config import ConfigError
+from deltatune.train import build, train
+
+
+@pytest.mark.parametrize("metric", ["person_f1", "eval_org_recall", "f1"])
+def test_a_tag_run_without_eval_rows_takes_any_classes_per_type_score_as_before(metric, tiny_tag, tmp_path, unloaded):  # noqa: F811
+    """With neither data.eval nor data.val_size nothing is evaluated and metric_for_best_model is read by nothing:
+    a per-type score of any class passes as before 0e5c80a (which refused every one, naming data.val_size unset)."""
+    raw = _raw(tmp_path, tiny_tag, metric)
+    raw["data"].pop("eval")
+    raw["train"] = {"max_steps": 2, "metric_for_best_model": metric, "report_to": ["none"]}
+    with pytest.raises(AssertionError, match="the model loaded"):
+        train(build(raw))
+
+
+def test_a_tag_run_without_eval_rows_still_refuses_a_type_no_class_has(tiny_tag, tmp_path, unloaded):  # noqa: F811
+    raw = _raw(tmp_path, tiny_tag, "misc_f1")
+    raw["data"].pop("eval")
+    raw["train"] = {"max_steps": 2, "metric_for_best_model": "misc_f1", "report_to": ["none"]}
+    with pytest.raises(ConfigError, match="hold no misc entity"):
+        train(build(raw))
+    assert TRAIN and _write  # (the rows the helpers write)
+
+
+def test_a_types_count_names_the_way_out_of_a_resume(tiny_tag, tmp_path, unloaded):  # noqa: F811
+    """A run that trained with <type>_number (accepted before 0e5c80a) is refused on --resume: the line says how on."""
+    with pytest.raises(ConfigError, match=r"a run resumed with it: with --resume-changed"):
+        train(build(_raw(tmp_path, tiny_tag, "person_number")))
+
+
+class _Star(torch.nn.Module):
+    """A base whose ``forward(*args, **kwargs)`` names no positional argument; ``names``: how it reads them."""
+
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.model, self.config, self.names = model, model.config, names
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs) if not self.names else self.model(**dict(zip(self.names, args)), **kwargs)
+
+
+def test_a_positional_float_mask_beside_keyword_images_is_not_refused():
+    """A *args LLaVA called (ids, 4-D float mask, pixel_values=...) with [2, 1] images and adapters on the language
+    model: the images come by keyword, so the unnamed mask of the rows holds none; a9abf54 refused it (the keyword
+    call runs). Now it gives the keyword call's logits."""
+    from matrix import tiny_vlm
+    from test_mixed_batch_more import _llava_rows, _two
+
+    model = _two(_Star(tiny_vlm("llava"), ("input_ids", "attention_mask")), {"target_modules": r".*language_model.*\.(q_proj|v_proj)"})  # fmt: skip
+    rows, names = _llava_rows([2, 1]), ["a", "b"]
+    length = rows["input_ids"].shape[1]
+    mask = torch.zeros(2, 1, length, length).masked_fill_(torch.ones(length, length).triu(1).bool(), float("-inf"))
+    with torch.no_grad():
+        expected = model(input_ids=rows["input_ids"], attention_mask=mask, pixel_values=rows["pixel_values"],
+                         adapter_names=names).logits  # fmt: skip
+        got = model(rows["input_ids"], mask, pixel_values=rows["pixel_values"], adapter_names=names).logits
+    assert torch.equal(got, expected)
+
+
+def test_positional_images_uneven_beside_even_videos_are_refused_not_routed():
+    """A *args Qwen2-VL with vision-tower adapters, row 0 holding 2 images and a video, row 1 a video alone, every
+    tensor positional: the images (uneven) passed because the videos map evenly, and row 0's patches went through
+    the wrong rows' adapters (0.0195 off the row alone). Now refused, asking for keywords, as the keyword call is."""
+    from test_mixed_batch_more import _two
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    img, vid, start, end = 120, 121, 122, 123
+    config = Qwen2VLConfig(
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+        text_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "intermediate_size": 48, "vocab_size": 128,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}},
+        image_token_id=img, video_token_id=vid, vision_start_token_id=start, vision_end_token_id=end)  # fmt: skip
+    torch.manual_seed(0)
+    model = _two(
+        _Star(Qwen2VLForConditionalGeneration(config).eval()), {"target_modules": ["q_proj", "v_proj", "qkv"]}
+    )
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (2, 27), generator=g)
+
+    def put(row: int, at: int, token: int, n: int) -> int:
+        ids[row, at], ids[row, at + 1 : at + 1 + n], ids[row, at + 1 + n] = start, token, end
+        return at + n + 2
+
+    put(0, put(0, put(0, 1, img, 4), img, 4), vid, 8)
+    put(1, 1, vid, 8)
+    kinds = (ids == img).long() + 2 * (ids == vid).long()
+    pixels, grid = torch.randn(32, 1176, generator=g), torch.tensor([[1, 4, 4]] * 2)
+    videos, video_grid = torch.randn(64, 1176, generator=g), torch.tensor([[2, 4, 4]] * 2)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="images"):  # (the keyword call)
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
+                  pixel_values_videos=videos, video_grid_thw=video_grid, mm_token_type_ids=kinds,
+                  adapter_names=["a", "b"])  # fmt: skip
+        with pytest.raises(ValueError, match=r"positional argument \d+ .*pass it by keyword"):
+            model(ids, mask, None, None, None, None, None, pixels, videos, grid, video_grid, kinds,
+                  adapter_names=["a", "b"])  # fmt: skip
