@@ -265,3 +265,170 @@ def test_token_loss_smoothing_is_label_smoothers_and_seq2seq_uses_it(tmp_path):
     assert token_loss(out, labels, label_smoothing=0.0) == token_loss(out, labels)
     loss = prepare_seq2seq(_s2s_cfg(tmp_path, 0.1), word_tokenizer()).trainer_class.keywords["loss"]
     assert loss.func is token_loss and loss.keywords == {"label_smoothing": 0.1}
+
+
+def _old_interrupted_run(tmp_path, base: str, name: str) -> tuple[dict, str]:
+    """A seq2seq run (train.label_smoothing_factor 0.1, two steps, a checkpoint each) made old and interrupted: the
+    marks of a run begun before 6874e32, stopped after checkpoint-1 (no report.md, metrics.json, checkpoint-2)."""
+    import shutil
+
+    from deltatune.train.run import train
+
+    out = tmp_path / name
+    recipe = _recipe(tmp_path, base, str(out))
+    recipe["train"].update(max_steps=2, save_steps=1, eval_steps=None)
+    train(build(recipe))
+    (out / "deltatune_marks.json").write_text(json.dumps({"quant_skip_rule": 2}))
+    for name in ("report.md", "metrics.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "checkpoint-2")
+    return recipe, str(out)
+
+
+def _plain_loss(base: str, out: str, tmp_path) -> float:
+    """T5's own loss (no smoothing) of the run's adapter on its one eval batch of the 4 rows."""
+    from transformers import AutoTokenizer
+
+    from deltatune.train.run_load import load_adapter_model
+
+    delta, _ = load_adapter_model(out)
+    tok = AutoTokenizer.from_pretrained(base)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    batch = tok([r["source"] for r in rows], text_target=[r["target"] for r in rows], padding=True)
+    labels = torch.tensor(batch["labels"])
+    labels[labels == tok.pad_token_id] = -100
+    with torch.no_grad():
+        return delta.eval()(input_ids=torch.tensor(batch["input_ids"]),
+                            attention_mask=torch.tensor(batch["attention_mask"]), labels=labels).loss.item()  # fmt: skip
+
+
+def test_an_old_runs_resume_rewrites_its_recipe_and_marks_it(tmp_path, capsys):
+    """An old unmarked seq2seq run resumed with train.label_smoothing_factor dropped (null: what it trained) was no
+    change: run.yaml kept 0.1, report.md was rewritten without the "ignored it" line and no mark was written, so
+    ``deltatune eval`` then scored it smoothed, with no note. Now the resume writes run.yaml as it trains from now
+    on (null) and adds the mark (the marks it had kept): eval scores T5's own loss. And a run resumed with
+    --resume-changed (0.1 kept: smoothed from now on) is marked too, so a plain --resume after an interruption
+    compares with its run.yaml as written (it was refused: 'None -> 0.1', a false note)."""
+    import shutil
+
+    from deltatune.train.evaluation import evaluate
+    from deltatune.train.run import _check_resume_recipe, _recipe_dict, train
+    from tests.tiny import save_tiny
+
+    base = save_tiny(tmp_path / "t5", "t5")
+    recipe, out = _old_interrupted_run(tmp_path, base, "run")
+    shutil.copytree(out, tmp_path / "run2")
+
+    dropped = {**recipe, "train": {**recipe["train"], "label_smoothing_factor": None}}
+    train(build(dropped), resume=True)
+    assert yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["train"]["label_smoothing_factor"] is None
+    marks = json.loads((tmp_path / "run" / "deltatune_marks.json").read_text())
+    assert marks == {"quant_skip_rule": 2, "seq2seq_label_smoothing": 1}  # (the old quantize rule kept)
+    capsys.readouterr()
+    assert evaluate(out)["eval_loss"] == pytest.approx(_plain_loss(base, out, tmp_path), rel=1e-5)
+    assert "note" not in capsys.readouterr().err
+
+    out2 = str(tmp_path / "run2")
+    changed = {**recipe, "output": {"dir": out2}, "train": {**recipe["train"], "max_steps": 3}}
+    train(build(changed), resume=True, resume_changed=True)
+    assert yaml.safe_load((tmp_path / "run2" / "run.yaml").read_text())["train"]["label_smoothing_factor"] == 0.1
+    assert json.loads((tmp_path / "run2" / "deltatune_marks.json").read_text())["seq2seq_label_smoothing"] == 1
+    for name in ("report.md", "metrics.json"):  # interrupted after checkpoint-2, then resumed plainly
+        (tmp_path / "run2" / name).unlink()
+    shutil.rmtree(tmp_path / "run2" / "checkpoint-3")
+    assert _check_resume_recipe(out2, _recipe_dict(build(changed)), False) is False  # (was refused)
+
+
+def test_an_old_runs_resume_refused_leaves_its_recipe_and_marks(tmp_path):
+    """The rewrite is the resume's: a refused one (another key changed) writes nothing; a caption run read with
+    its note (data.val_size ignored) resumes as before, its run.yaml kept."""
+    from deltatune.train.runs import resume_rewrites
+
+    check, folder, recipe = _resume_check(tmp_path)
+    before = {n: (tmp_path / "run" / n).read_text() for n in ("run.yaml", "deltatune_marks.json")}
+    changed = {**recipe, "train": {**recipe["train"], "label_smoothing_factor": None, "lr": 1.0}}
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        check(folder, changed, False)
+    assert {n: (tmp_path / "run" / n).read_text() for n in before} == before
+    dropped = {**recipe, "train": {**recipe["train"], "label_smoothing_factor": None}}
+    assert check(folder, dropped, False) is True  # (no change; run.yaml written anew as the run begins again)
+    assert resume_rewrites("caption", "stage caption ignored data.val_size=0.2 ...") is False
+    assert resume_rewrites("seq2seq", "") is False
+
+
+def test_no_eval_data_of_an_old_seq2seq_run_is_refused_as_no_evaluation_data(tmp_path):
+    """An old seq2seq run without eval data: the refusal gave the smoothing note (caption's reason why none is held
+    out) in place of "no evaluation data"; now the plain message, caption's note kept for caption."""
+    from deltatune.train import run as run_mod
+    from deltatune.train.evaluation import evaluate
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    recipe = run_mod._recipe_dict(_s2s_cfg(tmp_path, label_smoothing_factor=0.1))
+    (folder / "run.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with pytest.raises(ConfigError) as refused:
+        evaluate(str(folder))
+    assert str(refused.value) == "no evaluation data: pass --data FILE"
+
+
+def _metaspace_tokenizer():
+    """A T5-like tokenizer: Metaspace ('▁' before each word, a trailing space its own '▁'), </s> after the text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), ("▁summarize", -1.0), (":", -1.0),
+             ("▁hello", -1.0), ("▁world", -1.0)]  # fmt: skip
+    t = Tokenizer(models.Unigram(vocab, unk_id=2))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    t.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_check_room_does_not_count_the_prefixs_trailing_space():
+    """ "summarize: " alone encodes its trailing space as '▁' (T5; BART's 'Ġ'), which in a row merges into the
+    first word: at data.max_length 4 a row keeps '▁hello', yet 4 was refused. Now the prefix is counted stripped:
+    4 passes, 3 (a row keeps no word) is refused."""
+    from deltatune.train.seq2seq import check_room
+
+    tok = _metaspace_tokenizer()
+    ids = tok.convert_ids_to_tokens
+    assert ids(tok("summarize: ")["input_ids"]) == ["▁summarize", ":", "▁", "</s>"]
+    assert ids(tok("summarize: hello world", truncation=True, max_length=4)["input_ids"])[2] == "▁hello"
+    assert ids(tok("summarize: hello world", truncation=True, max_length=3)["input_ids"]) == [
+        "▁summarize",
+        ":",
+        "</s>",
+    ]
+    check_room(tok, 4, 16, "summarize: ")  # (was refused)
+    with pytest.raises(ConfigError) as refused:
+        check_room(tok, 3, 16, "summarize: ")
+    assert str(refused.value) == (
+        "data.max_length=3: the tokenizer adds 1 special token and data.source_prefix 'summarize: ' 2 more to each "
+        "source, which leaves no room for its text (cut to 3 or fewer tokens, a source keeps no token of its text); "
+        "set data.max_length to 4 or more"
+    )
+
+
+def test_an_interrupt_after_a_run_finished_does_not_mark_it_stopped(tmp_path, monkeypatch):
+    """t2i draws validation/final.png after the save (run.py's ``finish``): a KeyboardInterrupt there wrote
+    stopped.json into the finished run (metrics.json written), so the board showed it stopped. Now a folder
+    holding the finished file is not marked; one stopped before it still is."""
+    from deltatune.train.run import _mark_stopped, train
+    from deltatune.train.trainer import DeltaTrainer
+    from tests.tiny import save_tiny
+
+    def draw_after_save(self):
+        def finish():
+            raise KeyboardInterrupt
+
+        return finish
+
+    monkeypatch.setattr(DeltaTrainer, "draw_after_save", draw_after_save, raising=False)
+    base = save_tiny(tmp_path / "t5", "t5")
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(build(_recipe(tmp_path, base, str(out))))
+    assert (out / "metrics.json").is_file() and not (out / "stopped.json").exists()
+    (out / "metrics.json").unlink()
+    _mark_stopped(str(out), KeyboardInterrupt())
+    assert json.loads((out / "stopped.json").read_text()) == {"reason": "KeyboardInterrupt: ", "interrupted": True}

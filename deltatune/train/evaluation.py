@@ -80,9 +80,8 @@ def evaluate(
     # one an override adds (that one is refused where nothing would be quantised, as a new run's)
     cfg.trained_run = run_dir if run_file(run_dir) is not None and recorded == cfg.model.quantization else False
     if not cfg.data.eval and not (cfg.data.val_size and cfg.stage in VAL_SIZE_STAGES):  # (held out again: below)
-        raise ConfigError(
-            f"{path}: {old_note}; pass --data FILE" if old_note else "no evaluation data: pass --data FILE"
-        )
+        held = old_note and cfg.stage == "caption"  # (its val_size read as 0.0: the note says why none is held out)
+        raise ConfigError(f"{path}: {old_note}; pass --data FILE" if held else "no evaluation data: pass --data FILE")
     if old_note:  # (an old run's recipe read as it trained: the figures below are scored so)
         print(f"deltatune eval: note: {old_note}", file=sys.stderr)
     if compare and cfg.stage == "t2i":

@@ -98,9 +98,12 @@ readers, beside this key; 4f6e087 began holding the rows out)."""
 MARKS_FILE = "deltatune_marks.json"
 """``runfolder.MARKS``, the marks a run records when it begins, named here: runs imports nothing of runfolder."""
 SMOOTHING_MARK = "seq2seq_label_smoothing"
-"""The mark (``runfolder.MARKS``) of a run begun since stage seq2seq reads train.label_smoothing_factor."""
+"""The mark (``runfolder.MARKS``) of a run begun since stage seq2seq reads train.label_smoothing_factor, or resumed
+since (``write_run_file``): its run.yaml is read as written."""
 SMOOTHING_IGNORED = "train.label_smoothing_factor is read by stage pt, sft only; stage seq2seq ignored it"
-"""The report.md note of a seq2seq run that ignored the key (before 6874e32: it trained the plain cross-entropy)."""
+"""The report.md note of a seq2seq run that ignored the key, written until 92e87d6 named seq2seq among its readers:
+before 6874e32 it trained the plain cross-entropy; a run finished between 6874e32 and 92e87d6 (development only,
+half an hour) has the line yet trained smoothed, and is read as the plain loss all the same."""
 
 
 def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[str, Any], str]:
@@ -155,7 +158,8 @@ def old_run_data(raw: dict[str, Any], run_dir: str | None = None) -> tuple[dict[
 def _smoothing_ignored(run_dir: str | None) -> bool:
     """Whether a seq2seq run trained on the plain cross-entropy whatever its train.label_smoothing_factor: its marks
     (``runfolder.MARKS``) lack ``SMOOTHING_MARK`` (or there is no run folder to read), and, where it finished, its
-    report.md says so (``SMOOTHING_IGNORED``; one without that line began between 6874e32 and the mark, smoothed)."""
+    report.md says so (``SMOOTHING_IGNORED``; one without that line finished between 92e87d6 and the mark, smoothed;
+    one finished between 6874e32 and 92e87d6 has the line yet trained smoothed: it is read as plain, see there)."""
     folder = (run_folder(run_dir) or run_dir) if run_dir else None
     if folder is None:
         return True
@@ -168,6 +172,39 @@ def _smoothing_ignored(run_dir: str | None) -> bool:
             return SMOOTHING_IGNORED in fh.read()
     except (OSError, UnicodeDecodeError):  # (not finished: an interrupted run unmarked began before)
         return True
+
+
+def resume_rewrites(stage: Any, note: str) -> bool:
+    """Whether a resume that goes through rewrites run.yaml (``write_run_file``) though the recipe is the run's as
+    it trained: a seq2seq run ``old_run_data`` read with its note (unmarked, train.label_smoothing_factor set and
+    ignored) trains from now on as the recipe says, so run.yaml is written so and the folder marked: its key dropped
+    is null from then on (not the value it ignored, read smoothed once resumed), and a plain --resume after an
+    interruption compares with it. Caption's and grpo's old runs keep their run.yaml (their keys read as trained)."""
+    return stage == "seq2seq" and bool(note)
+
+
+def write_run_file(folder: str, recipe: dict[str, Any]) -> None:
+    """Write ``recipe`` as ``folder``'s run.yaml; a seq2seq run's marks gain ``SMOOTHING_MARK`` (the others kept):
+    the recipe written now is what it trains with, its train.label_smoothing_factor read as written from then on."""
+    with open(os.path.join(folder, RUN_FILE), "w", encoding="utf-8") as fh:
+        yaml.safe_dump(recipe, fh, sort_keys=False)
+    if recipe.get("stage") == "seq2seq":
+        add_mark(folder, SMOOTHING_MARK, 1)
+
+
+def add_mark(folder: str, name: str, value: int) -> None:
+    """Add mark ``name`` to ``folder``'s marks (``runfolder.MARKS``; the others kept, an unreadable file's dropped),
+    written whole or not at all."""
+    path = os.path.join(folder, MARKS_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            marks = json.load(fh)
+    except (OSError, ValueError):
+        marks = {}
+    marks = {**(marks if isinstance(marks, dict) else {}), name: value}
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(marks, fh)
+    os.replace(path + ".tmp", path)
 
 
 def run_template(adapter_dir: str) -> str | None:

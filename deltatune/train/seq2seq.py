@@ -75,7 +75,8 @@ def check_room(tok, max_length: int, max_target_length: int, source_prefix: str 
     (a stand-in without ``text_target``) is not checked: encoding tells. (``tasks.check_room`` asks the tokenizer's
     ``num_special_tokens_to_add``; here the empty text is encoded, after the prefix, as each row is.)"""
     special = _count(tok, "")
-    prefixed = _count(tok, source_prefix) if source_prefix else special
+    prefix = source_prefix.rstrip()  # (its trailing space merges into a row's first word: T5's '▁', BART's 'Ġ')
+    prefixed = _count(tok, prefix) if prefix else special
     target = _count(tok, None)
     for key, limit, what, fixed, specials in (
         ("data.max_length", max_length, "source", prefixed, special),
