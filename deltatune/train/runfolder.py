@@ -590,9 +590,9 @@ def publish_folder(staging: str, out: str) -> None:
 MARKS = "deltatune_marks.json"
 """A run's marks, written when it begins (``mark_run``; absent: it began before): ``quant_skip_rule`` 2, it trained
 under quantize's module rule of 2026-12-07 (run_load._quantize notes a run without it when a skip entry names a
-module); ``seq2seq_label_smoothing`` 1, stage seq2seq read train.label_smoothing_factor (runs.old_run_data);
-``t2i_reads`` 2, added by stage t2i's trainer as the run begins (t2i_reads.mark_reads): it read under the seeded
-reads (a t2i run without it resumes reading as it began)."""
+module); ``seq2seq_label_smoothing`` 1, its train.label_smoothing_factor is read as run.yaml has it (old_run_data;
+added by an old run's resume too: runs.write_run_file); ``t2i_reads`` 2, added by stage t2i's trainer as
+the run begins (t2i_reads.mark_reads): it read under the seeded reads (one without it resumes reading as it began)."""
 
 
 def mark_run(folder: str) -> None:
