@@ -27,6 +27,8 @@ import random
 import torch
 from transformers import TrainerCallback
 
+from .runs import MARKS_FILE, add_mark
+
 
 class SeededReads(torch.utils.data.Dataset):
     """``dataset`` read with each item's random draws seeded by (``seed``, ``epoch``, index) once ``epoch`` is set
@@ -77,27 +79,14 @@ MARK, SCHEME = "t2i_reads", 2
 
 def mark_reads(folder: str) -> None:
     """Add the seeded reads' mark to ``folder``'s marks (a new run, written when it begins; the other marks kept)."""
-    from .runfolder import MARKS
-
-    path = os.path.join(folder, MARKS)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            marks = json.load(fh)
-    except (OSError, ValueError):
-        marks = {}
-    marks = {**(marks if isinstance(marks, dict) else {}), MARK: SCHEME}
     os.makedirs(folder, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(marks, fh)
-    os.replace(path + ".tmp", path)
+    add_mark(folder, MARK, SCHEME)
 
 
 def keeps_old_reads(folder: str) -> bool:
     """Whether the run in ``folder`` began before the seeded reads (no ``t2i_reads`` mark): it resumes as it began."""
-    from .runfolder import MARKS
-
     try:
-        with open(os.path.join(folder, MARKS), encoding="utf-8") as fh:
+        with open(os.path.join(folder, MARKS_FILE), encoding="utf-8") as fh:
             marks = json.load(fh)
     except (OSError, ValueError):
         return True
