@@ -176,6 +176,12 @@ def peft_generate_compat(model) -> None:
     (tests/test_llm_quality_bench.py). A no-op for peft's other methods and where the key is already the old one."""
     if not model.active_peft_config.is_prompt_learning:
         return
+    try:  # peft 0.22 passes the cache under transformers' current name itself: nothing to rename
+        from peft.import_utils import get_transformers_cache_name
+    except ImportError:
+        get_transformers_cache_name = None
+    if get_transformers_cache_name is not None and get_transformers_cache_name() == "cache":
+        return
     prepare = model.base_model_prepare_inputs_for_generation
 
     def renamed(*args, **kwargs):

@@ -41,6 +41,7 @@ from .files import (
 )
 from .files_save import check_folders, save_adapters
 from .layer import base_parameters, unwrapped_name
+from .methods._lora_conv import settled_after
 from .targets import HEADS_BY_TASK, IA3_TARGETS, LORA_TARGETS, _all_linear, all_linear_names, matches, model_type
 
 DeltaModel = Any  # model.DeltaModel, which imports this module
@@ -64,7 +65,7 @@ def adapter_state_dict(model: DeltaModel, adapter_name: str | None = None) -> di
 
 def import_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     prefix = key_prefix(model.peft_config[name])
-    with heads_rule.old_copies(model, name, tensors, prefix):  # a file of peft < 0.22's rule: its other copies
+    with heads_rule.old_copies(model, name, tensors, prefix), settled_after(model, name):  # (old copies; OLoRA bases)
         expected = adapter_state_dict(model, name)
         # a base parameter saved under another wrapping of its module (x.bias, x.base_layer.bias) is this one
         alias = {unwrapped_name(k): k for k in expected}
@@ -74,9 +75,8 @@ def import_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor
         full_copies = match_tensors(tensors, expected, base_params, source)
         copies = {k: tensors[k] for k in full_copies}
         tensors = {k: v.to(expected[k].dtype) for k, v in tensors.items() if k in expected}
-        for path, layer in model._layers():
-            if name in layer.adapter_names:
-                layer.import_state(name, f"{prefix}{path}.", tensors)
+        for path, layer in [(path, layer) for path, layer in model._layers() if name in layer.adapter_names]:
+            layer.import_state(name, f"{prefix}{path}.", tensors)
         # a copy replaces the base weight: one merged into (another adapter's update) is unmerged first, merged after
         with torch.no_grad(), model._unmerged(full_copies.values()) if full_copies else nullcontext():
             for pname, p in model._base_params(name).items():

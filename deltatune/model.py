@@ -1,12 +1,11 @@
 """DeltaModel: a base model plus named adapters of any registered method.
 
-It injects, switches, disables, merges, saves and loads through the registry and the DeltaLayer
-protocol (deltatune.layer), with no per-method branches. ``forward`` and ``generate`` pass through
-to the base model; attributes it does not have are read from the base model, so a DeltaModel can
-stand where the transformers model stood (Trainer, pipelines, ``model.config``).
-
-Files use PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter, the
-"default" adapter at the top of the folder and any other in a sub-folder of its own name.
+It injects, switches, disables, merges, saves and loads through the registry and the DeltaLayer protocol
+(deltatune.layer), with no per-method branches. ``forward`` and ``generate`` pass through to the base model;
+attributes it does not have are read from the base model, so a DeltaModel can stand where the transformers model stood
+(Trainer, pipelines, ``model.config``). Files use PEFT's layout: ``adapter_config.json`` +
+``adapter_model.safetensors`` per adapter, the "default" adapter at the top of the folder and any other in a
+sub-folder of its own name.
 """
 
 from __future__ import annotations
@@ -438,9 +437,11 @@ class DeltaModel(nn.Module, PushToHub):
         ``safe_merge``, ``progressbar`` (ignored) and ``adapter_names=[]`` (merging none) as in PEFT.
         """
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
+        for path, head in [(p, x) for p, x in self._layers() if isinstance(x, ModulesToSave)]:
+            head.check_active(names, path)  # two merged adapters' copies of one head: refused before any merge (peft)
         self.merge_adapter(names, safe_merge)  # (after disable_adapter_layers too, as peft)
-        for _, layer in self._layers():  # a head trained in full: the active adapter's copy, whatever is merged (PEFT)
-            layer.set_adapters(self.active_adapters if isinstance(layer, ModulesToSave) else names)
+        for _, layer in self._layers():  # a head trained in full: the merged adapter's copy, else the original (peft)
+            layer.set_adapters(names)
             layer.disabled = False  # (after disable_adapter_layers too, as peft)
         model = adapter_io.untie_diverged(self._unload())  # peft's: diverged embeddings untied in the config
         if dequantize:
@@ -448,12 +449,11 @@ class DeltaModel(nn.Module, PushToHub):
         return model
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging; returns the base model with its original weights. A module trained in
-        full (``modules_to_save``, e.g. a head) is the active adapter's copy, as peft's unload returns it."""
+        """Remove every adapter without merging; returns the base model with its original weights, a module trained in
+        full (``modules_to_save``) too: its original, as peft 0.22 (0.21: the active copy; merge_and_unload keeps it)."""
         self.unmerge_adapter()
         for _, layer in self._layers():
-            layer.set_adapters(self.active_adapters if isinstance(layer, ModulesToSave) else [])
-            layer.disabled = False  # (peft's unload gives the active copy after disable_adapter_layers too)
+            layer.set_adapters([])
         return self._unload()
 
     def _unload(self) -> nn.Module:

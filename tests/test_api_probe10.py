@@ -170,7 +170,6 @@ def test_cast_mixed_precision_params_as_peft():
         dt.cast_mixed_precision_params(ours, torch.int8)
 
 
-@pytest.mark.xfail(strict=True, reason="until the model.py diff of peft22b's report (unload: the head's original)")
 @pytest.mark.parametrize("active", ["a", "b"])
 def test_unload_keeps_the_active_adapters_trained_head_as_peft(active):
     """unload() returns a modules_to_save head's original, as peft 0.22's (its ModulesToSaveWrapper's

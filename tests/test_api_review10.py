@@ -105,7 +105,6 @@ def test_grpo_loads_each_reward_run_on_the_policys_base_under_its_own_name(monke
     assert names == ["reward", "reward_1", "reward_2"] and len(shared) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="until the model.py diff of peft22b's report (unload: the head's original)")
 def test_unload_after_disable_adapter_layers_gives_the_active_head_as_peft(tmp_path):
     heads = {}
     for name, seed in (("a", 0), ("b", 1)):

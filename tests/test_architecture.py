@@ -24,6 +24,7 @@ LEVELS = {
     "layer": 1,
     "loss": 1,
     "calls": 1.5,
+    "heads_rule": 1.6,
     "targets": 2,
     "files": 2,
     "files_save": 2.2,

@@ -184,7 +184,6 @@ def test_an_empty_adapter_names_merges_none_as_in_peft(tmp_path):
     torch.testing.assert_close(expected, output_of(make(), inputs), atol=0, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="until the model.py diff of peft22b's report (the merged adapter's head)")
 @pytest.mark.parametrize("merged", [[], ["b"]])
 def test_merge_and_unload_keeps_the_active_adapters_head_copy_as_peft(tmp_path, merged):
     """peft 0.22 keeps the merged adapter's copy of a module trained in full, its original when none merged holds one
