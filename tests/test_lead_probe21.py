@@ -105,3 +105,55 @@ def test_positional_images_uneven_beside_even_videos_are_refused_not_routed():
         with pytest.raises(ValueError, match=r"positional argument \d+ .*pass it by keyword"):
             model(ids, mask, None, None, None, None, None, pixels, videos, grid, video_grid, kinds,
                   adapter_names=["a", "b"])  # fmt: skip
+
+
+class _Parse:
+    """A reward written as a callable class: it calls a library (json) that raises on the row."""
+
+    def __call__(self, prompts, responses):
+        import json
+
+        return [json.loads(r)["score"] for r in responses]
+
+
+def test_a_raising_rewards_line_is_found_in_a_callable_instance_or_a_partial():
+    """A reward that is a callable instance or a functools.partial has no __code__: the line finder fell back to the
+    innermost frame outside deltatune, json's decoder.py, not the reward's own line (second review of 292c66b)."""
+    import functools
+    import os
+
+    from deltatune.train.ppo_math import RewardError
+    from deltatune.train.ppo_reward import call_reward, reward_file
+
+    def scored(prompts, responses, scale):
+        return [scale * _Parse()([p], [r])[0] for p, r in zip(prompts, responses)]
+
+    for fn in (_Parse(), functools.partial(scored, scale=2)):
+        assert os.path.samefile(reward_file(fn), __file__)
+        with pytest.raises(RewardError) as refused:
+            call_reward(fn, "rw", ["p"], ["not json"])
+        where = str(refused.value).rsplit(", at ", 1)[1].rstrip(")")
+        assert os.path.samefile(where.rsplit(":", 1)[0], __file__), where
+
+
+def test_the_start_key_reads_a_local_model_and_a_rows_file_as_the_same_however_written(tmp_path, monkeypatch):
+    """The same run resumed with its model folder written relative or absolute, and its rows' file:line labels
+    written either way, keeps its start evaluation (the key changed: a wasted evaluation of the whole eval set)."""
+    import types
+
+    from deltatune.train.grpo import PromptItem
+    from deltatune.train.ppo_checkpoint import START_SETTINGS, start_key
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def key(model: str, source: str) -> str | None:
+        train_ = types.SimpleNamespace(
+            eval_on_start=True, eval_batch_size=None, batch_size=2, seed=1, precision="fp32"
+        )
+        cfg = types.SimpleNamespace(train=train_, model=types.SimpleNamespace(name_or_path=model),
+                                    align=types.SimpleNamespace(**dict.fromkeys(START_SETTINGS)))  # fmt: skip
+        return start_key(cfg, [PromptItem([1, 2], "hi", {"a": 1}, source)])
+
+    assert key("m", "e.jsonl:1") == key(str(tmp_path / "m"), str(tmp_path / "e.jsonl") + ":1")
+    assert key("m", "e.jsonl:1") != key("other-hub-model", "e.jsonl:1")

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ConfigError
 from .config import AlignArgs
 from .ppo import RewardError, reward_values  # noqa: F401  (RewardError: raised here too)
-from .ppo_reward import _where
+from .ppo_reward import _where, reward_file
 
 
 @dataclass
@@ -319,7 +319,7 @@ def nanstd(x: torch.Tensor) -> torch.Tensor:
 
 
 def _raised(r: Reward, prompts, texts, completions, columns, extras, sources, exc: Exception) -> str:
-    file = getattr(getattr(r.fn, "__code__", None), "co_filename", None)  # the reward's source: where it raised
+    file = reward_file(r.fn)  # the reward's source: where it raised
     for i, source in enumerate(sources):
         try:
             _call(r, prompts[i : i + 1], texts[i : i + 1], completions[i : i + 1],

@@ -147,9 +147,14 @@ def start_key(cfg, eval_prompts) -> str | None:
     t = cfg.train
     if not eval_prompts or not t.eval_on_start:
         return None
-    rows = [vars(p) if dataclasses.is_dataclass(p) else list(p) for p in eval_prompts]  # (no copy of a row's images)
+    rows = [
+        {k: v for k, v in vars(p).items() if k != "source"} if dataclasses.is_dataclass(p) else list(p)
+        for p in eval_prompts
+    ]  # (no copy of a row's images; a row's file:line as written is a label only)
+    model = cfg.model.name_or_path  # (a local folder as an absolute path: a resume may write it either way)
+    model = os.path.abspath(model) if isinstance(model, str) and os.path.isdir(model) else model
     what = {"prompts": rows, "batch_size": t.eval_batch_size or t.batch_size, "seed": t.seed,
-            "model": cfg.model.name_or_path, "precision": t.precision,
+            "model": model, "precision": t.precision,
             **{k: getattr(cfg.align, k) for k in START_SETTINGS}}  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).hexdigest()
 

@@ -22,7 +22,7 @@ def call_reward(fn: Callable, name: str, prompts: Sequence[str], responses: Sequ
 
 
 def _raised(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence[str], exc: Exception) -> str:
-    file = getattr(getattr(fn, "__code__", None), "co_filename", None)  # the reward's source: where it raised
+    file = reward_file(fn)  # the reward's source: where it raised
     for p, r in zip(prompts, responses):
         try:
             fn([p], [r])
@@ -49,3 +49,11 @@ def _where(exc: BaseException, file: str | None = None) -> str:
         return ""
     path = os.path.relpath(frames[-1][0]) if not os.path.relpath(frames[-1][0]).startswith("..") else frames[-1][0]
     return f"{path}:{frames[-1][1]}"
+
+
+def reward_file(fn: Callable) -> str | None:
+    """The source file of reward ``fn``: a function's, a ``functools.partial``'s function's, a callable instance's
+    ``__call__``'s (None for a builtin), where ``_where`` looks for the line it raised at."""
+    fn = getattr(fn, "func", fn)  # (functools.partial)
+    code = getattr(fn, "__code__", None) or getattr(getattr(type(fn), "__call__", None), "__code__", None)  # noqa: B004
+    return getattr(code, "co_filename", None)
