@@ -157,3 +157,29 @@ def test_the_start_key_reads_a_local_model_and_a_rows_file_as_the_same_however_w
 
     assert key("m", "e.jsonl:1") == key(str(tmp_path / "m"), str(tmp_path / "e.jsonl") + ":1")
     assert key("m", "e.jsonl:1") != key("other-hub-model", "e.jsonl:1")
+
+
+def test_a_grpo_checkpoint_it_cannot_resume_is_refused_before_the_start_is_evaluated(tmp_path, monkeypatch):
+    """A checkpoint without the start's key (every one before it) is evaluated again at the start, which d8bd7a3 moved
+    before the checkpoint loads: one of an older AdamW (one parameter group) sampled and scored every eval prompt,
+    then was refused. Now refused first."""
+    from test_ppo_fix21 import _grpo, _GRPOReward
+    from tiny import save_tiny
+
+    from deltatune.train import grpo
+    from deltatune.train.grpo_checkpoint import STATE_FILE
+
+    base = save_tiny(tmp_path / "llama")
+    monkeypatch.setattr(grpo, "plot_panels", lambda *a: None)
+    _grpo(base, tmp_path / "s", ["e one", "e two"], _GRPOReward())
+    checkpoint = tmp_path / "s" / "checkpoint-2"
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    state.pop("start_key")
+    groups = state["optimizer"]["param_groups"]
+    groups[0]["params"] = groups[0]["params"] + groups[1]["params"]
+    del groups[1:]
+    torch.save(state, checkpoint / STATE_FILE)
+    reward = _GRPOReward()
+    with pytest.raises(ConfigError, match="one parameter group"):
+        _grpo(base, tmp_path / "s", ["e one", "e two"], reward, str(checkpoint))
+    assert reward.eval_calls == 0

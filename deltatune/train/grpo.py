@@ -61,7 +61,7 @@ from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
 from .config_grpo import GENERATION_IDS, check_generation_ids, grpo_sampling
-from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _read_state, _save_checkpoint, counted_ceil  # noqa: F401  (tests)
+from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _read_state, _save_checkpoint, check_state, counted_ceil  # noqa: F401  (tests)
 from .grpo_entropy import EntropyBonus, check_entropy
 from .grpo_loss import check_loss_keys, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
@@ -520,6 +520,8 @@ def train_grpo(
     order: list[int] = []
     start_step, key = 0, start_key(cfg, eval_prompts)  # (what eval_reward_before depends on: None, no start's eval)
     metrics: dict[str, Any] = kept_start(state["metrics"], state.get("start_key"), key) if state else {}
+    if checkpoint and state:  # (a checkpoint it cannot resume: refused before the start's evaluation, not after)
+        check_state(checkpoint, state, loop)
     if key and "eval_reward_before" not in metrics:  # (a resume's: under another key, by the start's policy)
         metrics["eval_reward_before"] = loop.mean_reward(eval_prompts, t.eval_batch_size or t.batch_size)
     if checkpoint:

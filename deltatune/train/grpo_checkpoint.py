@@ -64,13 +64,19 @@ def _save_checkpoint(
     rotate(out, keep)
 
 
+def check_state(path: str, state: dict[str, Any], loop) -> None:
+    """ConfigError when checkpoint ``path`` (its ``grpo_state.pt`` read as ``state``) cannot resume ``loop``: checked
+    before the start's evaluation too, which a resume from a checkpoint without its key runs first."""
+    if len(state["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):  # one before c1a4e8e
+        raise ConfigError(f"--resume: {path!r} was written by an older deltatune whose AdamW also decayed biases and "
+                          "norm weights (one parameter group, now two); finish it with that version or start anew")  # fmt: skip
+
+
 def _load_checkpoint(path: str, loop, g: torch.Generator, state: dict[str, Any] | None = None):
     """Restore the adapter, optimizer, scheduler and RNG state from a checkpoint; (step, history, order, metrics).
     ``state``: its ``grpo_state.pt`` as the caller read it already (``_read_state``), else read here."""
     state = _read_state(path) if state is None else state
-    if len(state["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):  # one before c1a4e8e
-        raise ConfigError(f"--resume: {path!r} was written by an older deltatune whose AdamW also decayed biases and "
-                          "norm weights (one parameter group, now two); finish it with that version or start anew")  # fmt: skip
+    check_state(path, state, loop)
     for name in loop.model.peft_config:
         loop.model.load_adapter_weights(path if name == "default" else os.path.join(path, name), name)
     loop.optimizer.load_state_dict(state["optimizer"])
