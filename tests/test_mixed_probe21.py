@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
-import peft
 import torch
-from tiny import tiny_inputs, tiny_model
+from test_mixed_probe18 import _pair as _pair18
+from tiny import tiny_inputs
 from transformers import GenerationConfig
-
-import deltatune as dt
 
 CONFIGS = [
     ("x", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
@@ -20,23 +16,8 @@ CONFIGS_AB = [("x", 3), ("y", 5)]  # one rank, scales 0.75 and 1.25 (not powers 
 
 
 def _pair(configs=CONFIGS):
-    """The same LoRAs (B drawn non-zero) in peft and in deltatune on a tiny llama, eval mode."""
-    base = tiny_model("llama")
-    reference, ours = None, None
-    for seed, (name, kwargs) in enumerate(configs):
-        torch.manual_seed(seed)
-        config = peft.LoraConfig(**kwargs, init_lora_weights=False)
-        if reference is None:
-            reference = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
-        else:
-            reference.add_adapter(name, config)
-        if ours is None:
-            ours = dt.get_delta_model(base, dt.LoraConfig(**kwargs), adapter_name=name)
-        else:
-            ours.add_adapter(name, dt.LoraConfig(**kwargs))
-    for name, _ in configs:
-        dt.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(reference, adapter_name=name), name)
-    return reference.eval(), ours.eval()
+    """The same LoRAs (B drawn non-zero) in peft and in deltatune on a tiny llama, eval mode (probe 18's)."""
+    return _pair18(configs)
 
 
 def test_generate_with_a_positional_generation_config_expands_the_rows():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from methods.test_quant import BACKENDS
+from test_quant_probe21 import _packed
 from tiny import tiny_inputs, tiny_model
 
 import deltatune as dt
@@ -134,17 +135,6 @@ def test_olora_rank_bound_on_a_4bit_base_names_the_layers_shape_not_the_packed_o
     with pytest.raises(ConfigError, match=r"exceeds its weight's rank bound 64 \(\(64, 128\)\); "):
         dt.get_delta_model(model, config)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight.data, before)
-
-
-def _packed(model) -> dict:
-    """Each 4-bit weight of ``model``: (the Parameter, its bytes, its quant state's tensors), copied."""
-    out = {}
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if getattr(w, "quant_state", None) is not None:
-            state = w.quant_state.as_dict(packed=True)
-            out[name] = (w, w.data.clone(), {k: v.clone() for k, v in state.items() if torch.is_tensor(v)})
-    return out
 
 
 # -- latent fault: a LoRA layer's import_state dropped the base weight its OLoRA / PiSSA init replaced as soon as its own

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_s2s_probe18 import _Echo
 
 from deltatune.train.config import build
 from deltatune.train.seq2seq import prepare_seq2seq
@@ -133,19 +134,6 @@ E2E_TARGETS = [
     "Alimentum is not a family-friendly place, located in city centre.",
     "The Vaults is an Indian restaurant by the riverside, near Rainbow Vegetarian Café. It's kid friendly.",
 ]
-
-
-class _Echo(torch.nn.Module):
-    """A stand-in seq2seq model whose generate returns fixed ids per call (the texts to score), pad-filled."""
-
-    def __init__(self, outputs: list[list[int]], pad: int) -> None:
-        super().__init__()
-        self.w, self.outputs, self.pad = torch.nn.Parameter(torch.zeros(1)), list(outputs), pad
-
-    def generate(self, input_ids, **kwargs):
-        rows = [self.outputs.pop(0) for _ in range(len(input_ids))]
-        width = max(map(len, rows))
-        return torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
 
 
 def test_generations_are_scored_against_the_targets_as_the_tokenizer_decodes_them(tmp_path):
