@@ -183,3 +183,33 @@ def test_a_grpo_checkpoint_it_cannot_resume_is_refused_before_the_start_is_evalu
     with pytest.raises(ConfigError, match="one parameter group"):
         _grpo(base, tmp_path / "s", ["e one", "e two"], reward, str(checkpoint))
     assert reward.eval_calls == 0
+
+
+def test_ppo_writes_its_log_line_by_line_as_grpo_and_a_resume_rewrites_the_checkpoints_steps(tmp_path):
+    """PPO wrote log_history.jsonl only at its end (report.write), so the board drew no live curve of a running PPO
+    run, where GRPO's appears step by step. Now each step's row is in the file before the next step's rollout is
+    scored, and a resume starts it from its checkpoint's steps."""
+    import json
+
+    from test_ppo_probe11 import _policy
+    from test_ppo_probe21 import _cfg, _DecodeTok
+
+    from deltatune.train.ppo import train_ppo
+
+    log = tmp_path / "log_history.jsonl"
+    seen = []
+
+    def reward(prompts, responses):
+        seen.append(len(log.read_text().splitlines()) if log.exists() else None)
+        return [len(r) / 10 for r in responses]
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]]
+    torch.manual_seed(0)
+    _, history = train_ppo(_policy(), _DecodeTok(), _cfg(tmp_path), prompts, None, reward, facts={})
+    assert seen == [0, 1, 2]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [h["step"] for h in history]
+    seen.clear()
+    torch.manual_seed(0)
+    train_ppo(_policy(), _DecodeTok(), _cfg(tmp_path), prompts, None, reward, str(tmp_path / "checkpoint-2"), facts={})
+    assert seen == [2]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]

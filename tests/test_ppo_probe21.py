@@ -119,7 +119,7 @@ def test_a_stop_in_the_final_evaluation_resumes_from_the_last_step(tmp_path):
     want, want_history, want_state = run(tmp_path / "unbroken", _Interrupt(None))
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "stopped", _Interrupt(4))
-    assert sorted(os.listdir(tmp_path / "stopped")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(os.listdir(tmp_path / "stopped")) == ["checkpoint-2", "checkpoint-3", "log_history.jsonl"]
     reward = _Interrupt(None)
     got, history, state = run(tmp_path / "stopped", reward, str(tmp_path / "stopped" / "checkpoint-3"))
     assert reward.calls == 1

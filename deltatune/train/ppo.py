@@ -546,6 +546,9 @@ def train_ppo(
 
         facts = run_facts(cfg)
     start = time.perf_counter() - loop.runtime_s  # a resumed run's: the whole run's time, as the Trainer stages'
+    log = ppo_checkpoint.live_log(
+        cfg.output.dir, history
+    )  # one line per step as it happens (the board's live curves), as GRPO's
     bar = tqdm(range(first, steps + 1), desc="ppo", initial=first - 1, total=steps)
     for step in bar:
         if len(order) < t.batch_size:
@@ -558,6 +561,7 @@ def train_ppo(
         row = {"step": step, **loop.step(batch), "episode": episode, "epoch": episode / len(prompts)}
         row["eps"] = int(episode / max(time.perf_counter() - start, 1e-9))
         history.append({**row, "wall_time": round(time.time(), 3)})
+        log([history[-1]])
         bar.set_postfix(reward=f"{history[-1]['reward']:.3f}", kl=f"{history[-1]['kl']:.2f}", refresh=False)
         if step % every == 0 or step == steps:  # (the last too, as the Trainer's: a stop in the eval keeps the run)
             loop.runtime_s = time.perf_counter() - start

@@ -211,3 +211,19 @@ def load(checkpoint: str, loop, generator: torch.Generator) -> tuple[int, list[i
     loop.steps_done = state["steps_done"]
     loop.runtime_s = state.get("runtime_s", 0.0)  # (0: a checkpoint written before it was kept)
     return state["global_step"], list(state["order"]), list(state["log_history"])
+
+
+def live_log(out: str, history: list[dict[str, Any]]) -> Any:
+    """Write ``history`` (a resumed run's checkpoint steps) as the run folder's log_history.jsonl; the function
+    returned appends rows to it as they are made (report.write keeps the file it finds)."""
+    from .trainer import LOG_FILE
+
+    path = os.path.join(out, LOG_FILE)
+
+    def write(rows: list[dict[str, Any]], mode: str = "a") -> None:
+        os.makedirs(out, exist_ok=True)
+        with open(path, mode, encoding="utf-8") as fh:
+            fh.writelines(json.dumps(h, default=float) + "\n" for h in rows)
+
+    write(history, "w")
+    return write
