@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ConfigError
 from .config import AlignArgs
 from .ppo import RewardError, reward_values  # noqa: F401  (RewardError: raised here too)
-from .ppo_reward import _where, reward_file
+from .ppo_reward import _where, raised_line
 
 
 @dataclass
@@ -319,15 +319,9 @@ def nanstd(x: torch.Tensor) -> torch.Tensor:
 
 
 def _raised(r: Reward, prompts, texts, completions, columns, extras, sources, exc: Exception) -> str:
-    file = reward_file(r.fn)  # the reward's source: where it raised
-    for i, source in enumerate(sources):
-        try:
-            _call(r, prompts[i : i + 1], texts[i : i + 1], completions[i : i + 1],
-                  {k: v[i : i + 1] for k, v in columns.items()}, extras)  # fmt: skip
-        except Exception as one:  # noqa: BLE001
-            where = _where(one, file)
-            return (f"reward {r.name} raised {type(one).__name__}: {one} (row {source}, completion {_text(completions[i])!r}"
-                    + (f", at {where})" if where else ")"))  # fmt: skip
-    where = _where(exc, file)
-    return (f"reward {r.name} raised {type(exc).__name__}: {exc} (on the batch of rows {sources[0]} .. {sources[-1]}"
-            + (f", at {where})" if where else ")"))  # fmt: skip
+    def one(i: int) -> Callable[[], Any]:
+        cut = {k: v[i : i + 1] for k, v in columns.items()}
+        return lambda: _call(r, prompts[i : i + 1], texts[i : i + 1], completions[i : i + 1], cut, extras)
+
+    singles = ((one(i), f"row {source}, completion {_text(completions[i])!r}") for i, source in enumerate(sources))
+    return raised_line(r.name, r.fn, singles, exc, f"on the batch of rows {sources[0]} .. {sources[-1]}")

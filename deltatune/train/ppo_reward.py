@@ -4,9 +4,10 @@ from ppo.py, near its line limit."""
 
 from __future__ import annotations
 
+import functools
 import os
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .ppo_math import RewardError
@@ -22,17 +23,28 @@ def call_reward(fn: Callable, name: str, prompts: Sequence[str], responses: Sequ
 
 
 def _raised(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence[str], exc: Exception) -> str:
+    singles = (
+        (functools.partial(fn, [p], [r]), f"the response {r[:40]!r} to {p[:40]!r}") for p, r in zip(prompts, responses)
+    )
+    return raised_line(name, fn, singles, exc, f"on a batch of {len(responses)} responses")
+
+
+def raised_line(
+    name: str, fn: Callable, singles: Iterable[tuple[Callable[[], Any], str]], exc: Exception, batch: str
+) -> str:
+    """One line for reward ``name`` (function ``fn``) that raised ``exc`` on a batch: each of ``singles`` (a call on
+    one row alone, and how the line names that row) is tried in turn and the first that raises is named, with the
+    line of ``fn``'s own file it raised at (``_where``); none raising, the batch's ``exc`` as ``batch``. PPO's and
+    GRPO's rewards (grpo_rewards.py) alike."""
     file = reward_file(fn)  # the reward's source: where it raised
-    for p, r in zip(prompts, responses):
+    for call, what in singles:
         try:
-            fn([p], [r])
+            call()
         except Exception as one:  # noqa: BLE001
-            where = _where(one, file)
-            return (f"reward {name} raised {type(one).__name__}: {one} (the response {r[:40]!r} to {p[:40]!r}"
-                    + (f", at {where})" if where else ")"))  # fmt: skip
+            exc, batch = one, what
+            break
     where = _where(exc, file)
-    return (f"reward {name} raised {type(exc).__name__}: {exc} (on a batch of {len(responses)} responses"
-            + (f", at {where})" if where else ")"))  # fmt: skip
+    return f"reward {name} raised {type(exc).__name__}: {exc} ({batch}" + (f", at {where})" if where else ")")
 
 
 def _where(exc: BaseException, file: str | None = None) -> str:
