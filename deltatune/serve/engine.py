@@ -109,6 +109,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0
+    whole: int = 0  # the text's length at the last token after which it did not end inside a character
     stop_from: int = 0  # where a stop string may end at the earliest: the text of the first min_tokens tokens
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS, length)
@@ -475,14 +476,19 @@ class Engine:
                 r.text, r.finish_reason, r.stop_reason = r.text[:cut], "stop", hit[2]
             elif len(r.output_ids) >= r.max_tokens:
                 r.finish_reason = "length"
+        # vLLM's DecodeStream gives no text for a token after which the text ends inside a character (U+FFFD), and
+        # holds it (the space before a split emoji too) until a token completes it: an answer that ends there (its
+        # max_tokens, a stop token) ends with the text of the token before, never U+FFFD.
+        if not r.text.endswith("\ufffd"):
+            r.whole = len(r.text)
+        elif r.finish_reason is not None:
+            r.text = r.text[: r.whole]
         if r.finish_reason is not None:
             r.emit(r.text[r.sent :], r.finish_reason)
             r.sent = len(r.text)
             return True
-        # Hold back a partly decoded character, and before it what may still turn into a stop string.
-        end = len(r.text)
-        while end > r.sent and r.text[end - 1] == "\ufffd":
-            end -= 1
+        # Hold back a partly decoded character's token, and before it what may still turn into a stop string.
+        end = r.whole
         held = [*r.stop, *filter(None, [_marker_of(self, r)])]
         end -= 0 if r.include_stop_str_in_output else max((len(s) - 1 for s in held), default=0)
         if end > r.sent:
