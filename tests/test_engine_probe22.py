@@ -62,3 +62,51 @@ def test_a_stop_token_after_half_a_character_ends_the_answer_before_it(bpe):
     eos = bpe.eos_token_id
     pieces, finish = _served(bpe, [1], [*ids[:2], eos], max_tokens=8, eos={eos})
     assert finish == "stop" and "".join(pieces) == "".join(_vllm(bpe, ids[:2])) == "ok"
+
+
+def test_a_sampled_rows_distribution_is_transformers_processors_with_tied_logits(monkeypatch):
+    """The distribution a sampled row draws from equals transformers' processors' (repetition penalty, temperature,
+    top-k, top-p, min-p, in generate's order), also where logits tie, as a bf16 model's often do. Top-p sorted the
+    probabilities descending and dropped tokens whose mass before them reached top_p, where TopPLogitsWarper (and
+    vLLM) sort ascending and drop those whose cumulative mass is <= 1 - top_p: among tied tokens at the cut other
+    ones stayed (a row's probabilities up to 0.5 apart; 23 of 400 random rows with ties differed)."""
+    import torch
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from deltatune.serve import sampling
+
+    drawn: list[torch.Tensor] = []
+    real = torch.multinomial
+    monkeypatch.setattr(sampling.torch, "multinomial", lambda p, n, generator: drawn.append(p) or real(p, n, generator=generator))  # fmt: skip
+    torch.manual_seed(0)
+    prompt, out = [1, 2, 3], [4, 4, 7]
+    checked = 0
+    for trial in range(60):
+        logits = (torch.randn(40) * 3).to(torch.bfloat16).float().round()  # ties, as bf16 logits
+        t, k, p = (0.3, 0.7, 1.0, 1.5)[trial % 4], (0, 5, 50)[trial % 3], (0.9, 0.5, 0.2)[trial % 5 % 3]
+        mp, rp = (0.0, 0.05)[trial % 2], (1.0, 1.3)[trial % 7 % 2]
+        r = SimpleNamespace(
+            temperature=t, top_k=k, top_p=p, min_p=mp, repetition_penalty=rp, prompt_ids=prompt, output_ids=out
+        )
+        sampling._pick(logits.clone(), r, torch.Generator().manual_seed(trial))
+        procs = [RepetitionPenaltyLogitsProcessor(rp), TemperatureLogitsWarper(t)]
+        procs += ([TopKLogitsWarper(k)] if k else []) + [TopPLogitsWarper(p)] + ([MinPLogitsWarper(mp)] if mp else [])
+        want = torch.softmax(LogitsProcessorList(procs)(torch.tensor([prompt + out]), logits[None].clone())[0], -1)
+        got = drawn[-1] / drawn[-1].sum()
+        assert torch.equal(got > 0, want > 0), trial
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        checked += 1
+    assert checked == 60
+    # a mass exactly at the cut, {0.5, 0.25, 0.25} at top_p 0.75: transformers keeps the first 0.25-token's tie-mate
+    r = SimpleNamespace(temperature=1.0, top_k=0, top_p=0.75, min_p=0.0, prompt_ids=[0], output_ids=[])
+    three = torch.tensor([0.5, 0.25, 0.25]).log()
+    sampling._pick(torch.cat([three, torch.full((5,), float("-inf"))]), r, torch.Generator().manual_seed(0))
+    want = torch.softmax(TopPLogitsWarper(0.75)(None, three[None])[0], -1)
+    assert torch.equal(drawn[-1][:3] > 0, want > 0) and want.tolist() == pytest.approx([2 / 3, 0.0, 1 / 3])

@@ -133,12 +133,16 @@ def _pick(logits: torch.Tensor, r: Any, g: torch.Generator | None, gen: Any = No
     top_p = _setting(r, gen, "top_p")
     top_p = 1.0 if top_p is None else top_p
     if top_p < 1.0:
-        # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top token always stays).
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        # Nucleus, as transformers' TopPLogitsWarper and vLLM's top-p compute it: the logits sorted ascending, those
+        # whose cumulative probability stays within 1 - top_p dropped, the top token always kept (the same sort, so
+        # among tied logits the same ones stay: bf16 logits tie often)
+        sorted_logits, order = logits.sort(descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[-1] = False
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     min_p = _setting(r, gen, "min_p")
     if min_p:  # tokens less likely than min_p times the top token's probability are dropped (the top one stays)
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+        probs = torch.softmax(logits, dim=-1)  # of the tokens top-p kept, as MinPLogitsWarper after it
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=g))
