@@ -23,12 +23,11 @@ Formats (the name is what ``data.format`` forces; by default each row's fields d
 As LLaMA-Factory reads them, a conversation (alpaca, sharegpt, messages) with a label (its ``kto_tag``) is an
 ``unpaired`` row in stage kto (the last turn the completion), and any conversation a ``prompt`` row in stage ppo
 (the turns before the last answer); ``data.columns`` takes its dataset_info.json keys (``LLAMAFACTORY_COLUMNS``), and
-``data.format`` its formatting (alpaca, sharegpt: their ranking rows too; openai: messages).
+``data.format`` its formatting (alpaca, sharegpt: their ranking rows too; openai: messages in its converter's order).
 
-A standard (string) prompt becomes one user message and a string response one assistant message, so every stage
-renders the same chat template for the same pair whatever its shape. Images and videos (``images``/``videos``
-columns, ``<image>``/``<video>`` markers) are kept as paths in ``Sample.images``/``Sample.videos``; the text stages
-refuse such rows (``refuse_multimodal``), stage caption trains on them (``sample.place_images``).
+A standard (string) prompt becomes one user message and a string response one assistant message, so every stage renders
+the same chat template for the same pair whatever its shape. Images and videos (``images``/``videos`` columns, markers
+``<image>``/``<video>``) are paths in ``Sample.images``/``.videos``: text stages refuse them, caption trains on them.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from .formats_messages import (
     _message_list,
     _not_text,
     _nulled,
+    _openai_order,
     _system_message,
     _template_kwargs,
     _text,
@@ -190,7 +190,7 @@ def read_samples(
         unknown = [k for k in key if k not in known]
         if unknown:
             raise ConfigError(f"{what}: unknown key {unknown[0]!r}; it renames {', '.join(known)}")
-    data_format = "messages" if data_format == "openai" else data_format  # (LLaMA-Factory's formatting: openai)
+    openai, data_format = data_format == "openai", "messages" if data_format == "openai" else data_format
     c = _llamafactory_columns(c, rows, data_format)
     if data_format is not None and data_format not in FORMATS:
         raise DataError(f"data.format={data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
@@ -247,6 +247,8 @@ def read_samples(
                 skipped.append(row.source)
                 continue
         _check(sample, stage)
+        if openai:  # (LLaMA-Factory's formatting: its converter's turn order)
+            _openai_order(row, c)
         sample.written, sample.template_kwargs = inner, _template_kwargs(row, c)
         out.append(sample)
     return out

@@ -36,7 +36,11 @@ def _content(value: Any, where: str, sample_media: dict[str, list[str]]) -> str:
         texts = []
         for part in value:
             if isinstance(part, dict) and part.get("type") == "text":
-                texts.append(str(part.get("text", "")))
+                text = part.get("text")  # (a list or null trained as its Python repr: "['a']", "None")
+                if not isinstance(text, str):
+                    raise DataError(f"{where}: a text content part's 'text' must be text, got "
+                                    f"{'null' if text is None else type(text).__name__}")  # fmt: skip
+                texts.append(text)
             elif isinstance(part, dict) and part.get("type") in ("image", "image_url", "video"):
                 kind = "videos" if part["type"] == "video" else "images"
                 # The first field given (the datasets library writes the others as null); none at all is a
@@ -85,7 +89,7 @@ def _message_list(
         if any(isinstance(v, float) and math.isnan(v) for v in m.values()):  # (pandas' NaN: missing; copied only so)
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
         role = m.get(role_key, m.get("role", m.get("from")))
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:  # (a list or an object: a TypeError, unhashable)
             role = given.get(role_key, given.get("role", given.get("from")))  # (a NaN one named so, not None)
             raise DataError(
                 f"{where}.{role_key}: unknown role={role!r} (known roles: {', '.join(map(repr, roles))}; "
@@ -284,3 +288,33 @@ def _template_kwargs(row: Row, c: dict[str, str]) -> dict[str, Any] | None:
         raise DataError(f"{row.source}: {column}.{taken}: the stage sets this argument of apply_chat_template; a row "
                         "may set the template's own variables only")  # fmt: skip
     return value or None
+
+
+def _openai_order(row: Row, c: dict[str, str]) -> None:
+    """LLaMA-Factory's order for its openai formatting (``data.format: openai``): a system message first or nowhere,
+    then turns alternating between a prompt side (user; tool results, several in a row merged into one) and the
+    assistant. Its converter drops a row out of order with a warning ('Invalid role tag'); here the row is refused
+    naming the turn, as a sharegpt row is (``_sharegpt_order``; an opening answer kept as there)."""
+    column = (
+        _col(c, "messages") if row.get(_col(c, "messages"), required=False) is not None else _col(c, "conversations")
+    )
+    items = row.data.get(column)
+    if not isinstance(items, list):
+        return
+    side, previous = {"user": 0, "tool": 0, "function": 0, "assistant": 1}, None
+    for i, m in enumerate(items):
+        role = m.get("role") if isinstance(m, dict) else None
+        where = f"{row.source}: {column}[{i}].role"
+        if role == "system" and i:
+            raise DataError(f"{where}: a system message after the first; data.format=openai (LLaMA-Factory's "
+                            "formatting) reads it only as the first message and drops the row")  # fmt: skip
+        if role not in side:
+            continue
+        tools = previous in ("tool", "function") and role in ("tool", "function")  # (merged: one observation)
+        if previous in side and side[previous] == side[role] and not tools:
+            raise DataError(
+                f"{where}: {_a(role)} message after {_a(previous)} message; data.format=openai (LLaMA-Factory's "
+                "formatting) reads messages alternating between 'user' or 'tool' and 'assistant' (LLaMA-Factory "
+                "drops the row)"
+            )
+        previous = role

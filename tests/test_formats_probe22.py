@@ -1,0 +1,115 @@
+"""Formats probe 22: LLaMA-Factory's openai formatting (``data.format: openai``) in its converter's turn order (a row
+it drops, refused in one line naming file:line and the turn), and two malformed fields that raised a TypeError or
+trained a Python repr (a sharegpt role that is a list, a text content part whose text is not text)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltatune.data.formats import read_samples
+from deltatune.data.load import DataError, Row
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}],
+}
+
+
+def _lf_openai_keeps(messages: list[dict]) -> bool:
+    """LLaMA-Factory's OpenAIDatasetConverter (not ranking): the system message taken off the front, an assistant
+    turn with tool_calls read as function_call, consecutive tool turns merged into one observation, then turns must
+    alternate user/observation and assistant/function, an even number of them; else it drops the row."""
+    if messages and messages[0]["role"] == "system":
+        messages = messages[1:]
+    aligned, pending = [], []
+    for m in messages:
+        role = "function" if m["role"] == "assistant" and m.get("tool_calls") else m["role"]
+        if role == "tool":
+            pending.append(m["content"])
+            continue
+        if pending:
+            aligned.append("observation")
+            pending = []
+        aligned.append(role)
+    accept = (("user", "observation"), ("assistant", "function"))
+    return all(r in accept[i % 2] for i, r in enumerate(aligned)) and len(aligned) % 2 == 0
+
+
+def _u(text: str = "q") -> dict:
+    return {"role": "user", "content": text}
+
+
+def _a(text: str = "a") -> dict:
+    return {"role": "assistant", "content": text}
+
+
+ORDERS = {
+    "alternating": ([{"role": "system", "content": "S"}, _u(), _a(), _u(), _a()], None),
+    "two tool results merged": ([_u(), CALL, {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}, _a()],
+                                None),
+    "two user turns": ([_u(), _u(), _a()], "messages[1].role: a 'user' message after a 'user' message"),
+    "two answers": ([_u(), _a(), _a()], "messages[2].role: an 'assistant' message after an 'assistant' message"),
+    "a tool result after the user": ([_u(), {"role": "tool", "content": "1"}, _a()],
+                                     "messages[1].role: a 'tool' message after a 'user' message"),
+    "a system message later": ([_u(), _a(), {"role": "system", "content": "S"}, _u(), _a()],
+                               "messages[2].role: a system message after the first"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ORDERS))
+def test_openai_formatting_refuses_the_rows_llamafactory_drops(name):
+    """Each row LLaMA-Factory's openai converter drops for its turn order is refused naming file:line and the turn
+    (under data.format=openai every order was read, two user turns in a row trained as written); the rows it keeps
+    read."""
+    messages, why = ORDERS[name]
+    rows = [Row({"messages": messages, "tools": TOOLS}, "train.jsonl:4")]
+    assert (why is None) == _lf_openai_keeps(messages)
+    if why is None:
+        s = read_samples(rows, data_format="openai", stage="sft")[0]
+        assert [m["role"] for m in s.messages] == [m["role"] for m in messages]
+        return
+    with pytest.raises(DataError) as err:
+        read_samples(rows, data_format="openai", stage="sft")
+    assert str(err.value).startswith(f"train.jsonl:4: {why}") and "\n" not in str(err.value)
+    # TRL's and OpenAI's messages (the format detected, not LLaMA-Factory's formatting) keep any order, as before
+    assert [m["role"] for m in read_samples(rows, stage="sft")[0].messages] == [m["role"] for m in messages]
+
+
+def test_openai_formatting_order_in_kto_ppo_and_ranking_rows():
+    """The order holds for LLaMA-Factory's openai rows in every stage (KTO's labelled rows, PPO's prompts, ranking
+    rows), the refusal naming the file's column (data.columns renames it)."""
+    bad = [_u(), _u(), _a()]
+    cases = [
+        ({"conv": bad, "kto_tag": True}, {"messages": "conv", "kto_tag": "kto_tag"}, "kto"),
+        ({"conv": bad}, {"messages": "conv"}, "ppo"),
+        ({"conv": bad[:2], "chosen": _a("x"), "rejected": _a("y")}, {"messages": "conv"}, "dpo"),
+    ]
+    for row, columns, stage in cases:
+        with pytest.raises(DataError, match=r"^f.jsonl:2: conv\[1\].role: a 'user' message after a 'user' message"):
+            read_samples([Row(row, "f.jsonl:2")], columns, "openai", stage=stage)
+        good = {**row, "conv": [_u(), _a()] if stage != "dpo" else [_u()]}
+        assert read_samples([Row(good, "f.jsonl:2")], columns, "openai", stage=stage)
+
+
+def test_sharegpt_role_that_is_a_list_is_one_line():
+    """A role written as a list ({"from": ["human"]}) raised TypeError: unhashable type: 'list' from deep in the
+    reader; now the unknown role, named by its field."""
+    row = {"conversations": [{"from": ["human"], "value": "a"}, {"from": "gpt", "value": "b"}]}
+    with pytest.raises(DataError, match=r"^f.jsonl:3: conversations\[0\].from: unknown role=\['human'\]"):
+        read_samples([Row(row, "f.jsonl:3")], stage="sft")
+
+
+@pytest.mark.parametrize("text, got", [(["a"], "list"), (None, "null"), ({"t": 1}, "dict")])
+def test_a_text_part_whose_text_is_not_text_is_refused(text, got):
+    """An OpenAI content part {"type": "text", "text": [...]} trained as its Python repr ("['a']", "None"); now one
+    line naming the message's content."""
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}, _a()]}
+    with pytest.raises(DataError) as err:
+        read_samples([Row(row, "f.jsonl:5")], stage="sft")
+    assert str(err.value) == f"f.jsonl:5: messages[0].content: a text content part's 'text' must be text, got {got}"
+    ok = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, _a()]
+    }
+    assert read_samples([Row(ok, "f.jsonl:5")], stage="sft")[0].messages[0]["content"] == "ab"
