@@ -113,3 +113,16 @@ def test_a_text_part_whose_text_is_not_text_is_refused(text, got):
         "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, _a()]
     }
     assert read_samples([Row(ok, "f.jsonl:5")], stage="sft")[0].messages[0]["content"] == "ab"
+
+
+@pytest.mark.parametrize("key", ["name", "tool_call_id"])
+def test_a_tool_messages_name_that_is_not_text_is_refused(key):
+    """A tool message's name or tool_call_id written as a list was handed to the chat template as is (a template
+    that writes it puts its Python repr in the prompt: "['f']"); now one line naming the field."""
+    tool = {"role": "tool", "content": "1", key: ["f"]}
+    row = {"messages": [_u(), CALL, tool, _a()], "tools": TOOLS}
+    with pytest.raises(DataError) as err:
+        read_samples([Row(row, "f.jsonl:6")], stage="sft")
+    assert str(err.value) == f"f.jsonl:6: messages[2].{key}: the tool message's {key} must be text, got list"
+    row["messages"][2] = {**tool, key: "f"}
+    assert read_samples([Row(row, "f.jsonl:6")], stage="sft")[0].messages[2][key] == "f"

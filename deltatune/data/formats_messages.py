@@ -132,6 +132,10 @@ def _message_list(
             raise DataError(f"{where}.{content_key}: the assistant turn is empty")
         if ours == "tool":
             for key in ("name", "tool_call_id"):
+                if m.get(key) and not isinstance(m[key], str):  # (written out as its Python repr by a template)
+                    raise DataError(
+                        f"{where}.{key}: the tool message's {key} must be text, got {type(m[key]).__name__}"
+                    )
                 if m.get(key):
                     msg[key] = m[key]
         if sharegpt and ours == "system" and msg["content"] == "":  # LLaMA-Factory's system "": none (the template's
