@@ -133,7 +133,10 @@ class IA3Layer(DeltaLayer):
 
     def _unmerge_weights(self, name: str) -> None:
         base = self.base_layer
-        factor = self._factor(name).to(base.weight.dtype)  # checked in W's dtype, where a tiny l may round to 0
+        # divided in l's own dtype and rounded once, as peft's unmerge (and this merge): an fp32 l rounded to a bf16 W's
+        # dtype first took off another l than went in, and each merge / unmerge cycle drifted W further (bf16: 5e-3
+        # after ten, peft's 2e-4)
+        factor = self._factor(name)
         zeros = int((factor == 0).sum())
         if zeros:  # 0 / 0 would write NaN into W: what the merge zeroed stays 0
             warnings.warn(
@@ -145,7 +148,7 @@ class IA3Layer(DeltaLayer):
             factor = factor.masked_fill(factor == 0, 1)
         base.weight.div_(factor)
         if not self.is_feedforward and getattr(base, "bias", None) is not None:
-            base.bias.div_(factor.reshape(base.bias.shape).to(base.bias.dtype))
+            base.bias.div_(factor.reshape(base.bias.shape))
 
     def _row_scales(self, x: torch.Tensor) -> torch.Tensor | None:
         """A mixed-adapter batch (``row_adapters``): each row's vector (1 for rows of other adapters), shaped to
