@@ -200,10 +200,10 @@ def _sync(device: torch.device) -> None:
 
 def _reset_peak(device: torch.device) -> bool:
     """Start a new peak-memory window; False when only the whole process's peak is available."""
+    gc.collect()  # on both devices: tensors held only by reference cycles (a replaced base) must not count
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return True
-    gc.collect()
     # Hand freed heap pages back first (e.g. the fp32 weights QLoRA replaced), so that RSS counts live memory.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -294,6 +294,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         config = common.method_config(spec.method, spec.side, task_type, **common.MODULES[shape.kind])
         if spec.method in common.QUANTIZED:
             base = quantize_base(base, spec.side, shape, device)
+        _sync(device)
         start = time.perf_counter()
         if spec.side == "deltatune":
             model = lib.get_delta_model(base, config, fused_loss=spec.fused_loss)
@@ -301,6 +302,7 @@ def measure(spec: Spec) -> dict[str, Any]:
             # autocast_adapter_dtype=False keeps PEFT's adapter weights in the base dtype, as deltatune's are;
             # PEFT's default would train a bf16 model's adapters in float32.
             model = lib.get_peft_model(base, config, autocast_adapter_dtype=False)
+        _sync(device)  # the adapters' initialisation kernels run asynchronously on CUDA
         result["inject_ms"] = (time.perf_counter() - start) * 1e3
     result["trainable_params"] = _trainable(model)
 
