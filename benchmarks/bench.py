@@ -6,8 +6,9 @@
 
 Each (configuration, method, side) is measured in a fresh process (benchmarks/bench_worker.py: training
 step time, peak memory, trainable parameters, adapter size, injection and merge time, forward latency
-unmerged / merged / bare base). The processes of a method alternate between the sides (deltatune, peft,
-deltatune, peft, ...) so that a busy machine slows both alike; the report gives the median over the
+unmerged / merged / bare base). The processes of a method alternate between the sides, each pair in turn
+reversed (deltatune, peft, peft, deltatune, deltatune, peft, ...) so that a busy machine slows both alike and a
+steady drift of its speed favours neither side; the report gives the median over the
 processes of each side (each process itself reports the median of its timed steps). Start-up time
 (``import deltatune``, ``deltatune --help``, ``import peft``) is measured in fresh processes too,
 interleaved. Method names and configs: benchmarks/common.py (``lora-4bit``: QLoRA). Options:
@@ -146,8 +147,11 @@ def measure_methods(settings: Settings, log) -> dict[tuple[str, str, str], Cell]
         for method in settings.methods:
             if (config, method) in NOT_APPLICABLE:
                 continue
+            order = sides(method)
             for repeat in range(settings.repeats):
-                plan.extend((config, method, side, repeat) for side in sides(method))
+                # A B B A: every other pair reversed, so that a steady drift of the machine's speed favours neither
+                # side (A B A B ran B one process later every time; with 2 repeats the medians cancel the drift)
+                plan.extend((config, method, side, repeat) for side in (order if repeat % 2 == 0 else order[::-1]))
     cells: dict[tuple[str, str, str], Cell] = {}
     start = time.perf_counter()
     for i, (config, method, side, repeat) in enumerate(plan, 1):
@@ -530,7 +534,7 @@ def run(
     text = report(settings, cells, startup, skipped, command, load)
     print(text)
     if out:
-        Path(out).write_text(text, encoding="utf-8")
+        common.write_atomic(out, text)
     if json_out:
         raw = {
             "settings": settings.__dict__,
@@ -540,7 +544,7 @@ def run(
                 for (c, m, s), v in cells.items()
             ],
         }
-        Path(json_out).write_text(json.dumps(raw, indent=1), encoding="utf-8")
+        common.write_atomic(json_out, json.dumps(raw, indent=1))
     failed = any(c.errors and not c.results for c in cells.values())
     return 1 if failed else 0
 
