@@ -7,8 +7,9 @@
 
 ``python benchmarks/bench.py`` runs each side in fresh processes, one after the other, which is the right way to measure
 memory and start-up but lets the load of a shared machine drift between the two sides' processes. Here three
-copies of the same seeded base model live in one process, and every round runs each of them once, the order
-rotating from round to round, so that a busy moment slows all three alike:
+copies of the same seeded base model live in one process, and every round runs each of them once, the orders
+those of a Williams design (each in every position, and after every other, equally often over its rows), so that
+a busy moment slows all three alike and none always runs after the same other:
 
 - training steps (forward + backward + AdamW) of full fine-tuning (deltatune's ``FullConfig``), deltatune's LoRA
   and peft's LoRA (r 8, alpha 16, dropout 0, q+v, as in the harness; peft's adapters in the base dtype), and the
@@ -130,16 +131,33 @@ def max_difference(models: dict[str, torch.nn.Module], batch: dict[str, torch.Te
     return ((d - p).abs().max() / p.abs().max().clamp_min(1e-12)).item()
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """The orders of a Williams design for ``n`` items: over its rows (``n``, or ``2n`` for odd ``n``) each item runs
+    in every position, and right after every other item, equally often. A rotation (0 1 2, 1 2 0, 2 0 1) keeps the
+    cyclic order, so that each item always follows the same one: what that one leaves behind (freed memory the
+    kernel zeroes again, evicted caches) would weigh on it every round."""
+    first, low, high = [0], 1, n - 1
+    while low <= high:
+        first.append(low)
+        low += 1
+        if low <= high:
+            first.append(high)
+            high -= 1
+    rows = [[(x + i) % n for x in first[:n]] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
+
+
 def _rounds(fns: dict[str, Callable[[], object]], rounds: int, usage: dict[str, Times] | None = None) -> Times:
-    """Each function once per round, the order rotating; one untimed warm-up round first. ``usage``, when given,
-    gets each timed call's minor page faults ("faults") and system CPU seconds ("sys") per name."""
+    """Each function once per round, the orders those of ``balanced_orders``; one untimed warm-up round first.
+    ``usage``, when given, gets each timed call's minor page faults ("faults") and system CPU seconds ("sys") per
+    name."""
     names = list(fns)
     out: Times = {name: [] for name in names}
     if usage is not None:
         usage.update(faults={name: [] for name in names}, sys={name: [] for name in names})
+    orders = balanced_orders(len(names))
     for i in range(rounds + 1):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
+        for name in (names[j] for j in orders[max(i - 1, 0) % len(orders)]):
             before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fns[name]()
             ms, after = (time.perf_counter() - start) * 1e3, resource.getrusage(resource.RUSAGE_SELF)
@@ -219,7 +237,7 @@ def report(
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{command}`",
         f"- Configuration: {config}, batch {shape.batch} x seq {shape.seq}, {shape.dtype}; LoRA r 8, alpha 16, q+v{', DoRA' if dora else ''}; "
-        f"{rounds} rounds after 1 warm-up, order rotating; torch threads {torch.get_num_threads()}; "
+        f"{rounds} rounds after 1 warm-up, order balanced; torch threads {torch.get_num_threads()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}",
         "- deltatune's loss: "
         + (
