@@ -24,10 +24,10 @@ A script may set other fields per method (``method_config``'s ``fields``) and ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
@@ -255,6 +255,7 @@ def in_process_options(
     if dora:
         parser.add_argument("--dora", action="store_true", help="DoRA (use_dora) on both sides' LoRA")
     args = parser.parse_args(argv)
+    check_out(parser, "--out", args.out)  # before the measurement, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     args.rounds = args.rounds or (2 if args.quick else rounds)
@@ -272,8 +273,33 @@ def check_out(parser, flag: str, path: str | None) -> None:
         parser.error(f"{flag} {path!r}: {folder!r} is not a folder this process can write to")
 
 
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: into a temporary file in the same folder, then renamed over
+    ``path``. A write that fails part-way (a full disk, an interrupt, text that does not encode) leaves the file
+    that was there, where ``Path.write_text`` had already emptied it."""
+    import tempfile
+
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def emit(text: str, out: str | None) -> None:
-    """Print a report, and write it to ``out`` as well when one is given."""
+    """Print a report, and write it to ``out`` as well when one is given (whole or not at all: ``write_atomic``)."""
     print(text)
     if out:
-        Path(out).write_text(text, encoding="utf-8")
+        write_atomic(out, text)
