@@ -28,8 +28,10 @@ import common  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6; --quick: 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--rounds", type=common.at_least(1), default=None, help="timed rounds (default 6; --quick: 1)")
+    parser.add_argument(
+        "--threads", type=common.at_least(1), default=None, help="torch threads (default: torch's own)"
+    )
     parser.add_argument("--quick", action="store_true", help="a 2-layer hidden-64 Llama: checks the script")
     args = parser.parse_args(argv)
     if args.threads:

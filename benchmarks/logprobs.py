@@ -23,9 +23,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 SHAPE = {"full": (16, 256, 49152), "quick": (2, 16, 64)}
 
@@ -80,8 +84,10 @@ def worker(way: str, dtype: str, quick: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; --quick: 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--rounds", type=common.at_least(1), default=None, help="timed rounds (default 5; --quick: 1)")
+    parser.add_argument(
+        "--threads", type=common.at_least(1), default=None, help="torch threads (default: torch's own)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script")
     parser.add_argument("--worker", nargs=2, metavar=("WAY", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

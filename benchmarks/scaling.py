@@ -102,7 +102,8 @@ def run_lengths(a: argparse.Namespace) -> list[dict[str, Any]]:
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                   text=True, env=env)  # fmt: skip
             if done.returncode != 0:
-                raise SystemExit(f"scaling.py: {variant} at {seq}: {done.stderr.strip().splitlines()[-1]}")
+                said = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]  # killed: no stderr
+                raise SystemExit(f"scaling.py: {variant} at {seq}: {said[-1]}")
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = results[-1]
             print(f"{variant:24s} L={seq:5d} step {r['step_ms']:9.1f} ms  peak +{r['peak_mib']:8.1f} MiB", flush=True)
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=common.at_least(1), default=3, help="timed rounds of the adapter part (after one warm-up)"
     )
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--threads", type=common.at_least(1), help="torch threads")
     p.add_argument("--quick", action="store_true", help="a tiny random Llama and small sizes: checks the script")
     p.add_argument("--out", help="also write the report here (PNGs next to it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -279,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.lengths, a.steps, a.rows, a.adapter_seq, a.rounds = [16, 32], 1, 8, 8, 1
         a.counts = [k for k in a.counts if k <= 8] or [1]
+    if a.part != "length" and a.counts[0] != 1:  # the report's "throughput / single" divides by the first count's
+        p.error(
+            f"--counts: the first is the single-adapter batch the others are measured against; 1, not {a.counts[0]}"
+        )
+    if a.part != "length" and max(a.counts) > a.rows:
+        p.error(f"--counts: {max(a.counts)} adapters in a batch of --rows {a.rows}; at most one adapter per row")
     if a.threads:
         torch.set_num_threads(a.threads)
     stem = os.path.splitext(a.out)[0] if a.out else None
