@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 
 import torch
 from safetensors import SafetensorError
@@ -86,9 +87,25 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
                 "model's tokenizer files into it"
             ) from None
         raise
+    if os.path.isdir(path) and _built_empty(path, tok):
+        raise ConfigError(
+            f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...; transformers made "
+            f"an empty {type(tok).__name__} of {len(tok)} tokens): copy the base model's tokenizer files into it"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def _built_empty(path: str, tok) -> bool:
+    """Whether transformers made ``tok`` from the folder ``path`` without any of its files: a class that reads
+    files (GPT-2's vocab.json and merges.txt, BERT's vocab.txt) found none of them, nor a tokenizer.json or
+    tokenizer_config.json. transformers 5 then builds it from its defaults (GPT-2's: one token, "the cat sat" ->
+    []) where 4.x raised; a class that needs no files (CANINE, ByT5) is not empty."""
+    names = set(TOKENIZER_FILES) | {n for n in (getattr(tok, "vocab_files_names", None) or {}).values() if n}
+    return bool(getattr(tok, "vocab_files_names", None)) and not any(
+        os.path.isfile(os.path.join(path, n)) for n in names
+    )
 
 
 def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
@@ -257,10 +274,17 @@ def load_model(
     except OSError as exc:
         raise not_loaded(name_or_path, exc) from None
     except SafetensorError as exc:  # a truncated or corrupt weights file
+        file, why = _broken_weights(path) or ("", str(exc))
         raise ConfigError(
-            f"model {name_or_path!r} could not be loaded: a weights file is unreadable ({exc})"
+            f"model {name_or_path!r} could not be loaded: a weights file is unreadable ({file and file + ': '}{why})"
         ) from None
-    except (ValueError, RuntimeError) as exc:  # a model of another kind: a Llama for seq2seq, a ViT for text cls
+    except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # a model of another kind: a
+        if broken := _broken_weights(path):  # Llama for seq2seq, a ViT for text cls; a truncated pytorch_model.bin
+            raise ConfigError(
+                f"model {name_or_path!r} could not be loaded: a weights file is unreadable ({broken[0]}: {broken[1]})"
+            ) from None
+        if isinstance(exc, (pickle.UnpicklingError, EOFError)):
+            raise
         if refusal := _refusal(name_or_path, path, str(exc), trust_remote_code):
             raise ConfigError(refusal) from None
         if "Unrecognized configuration class" not in str(exc):
@@ -350,6 +374,36 @@ def _read_index(path: str) -> str | None:
     first (a leftover pytorch_model.bin.index.json beside model.safetensors is never opened)."""
     first = next((f for f in _WEIGHTS_FILES if os.path.isfile(os.path.join(path, f))), None)
     return first if first and first.endswith(".index.json") else None
+
+
+def _broken_weights(path: str) -> tuple[str, str] | None:
+    """(file, why) for the first weights file transformers reads in the model folder ``path`` (a shard index's
+    shards, each) that does not open: a safetensors header that is cut or damaged, a ``.bin`` that torch cannot
+    unpickle (a truncated zip, garbage). Read only after a load failed: torch's and safetensors' errors name no file
+    (a RuntimeError "PytorchStreamReader failed reading zip archive" or an UnpicklingError came as a traceback)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    first = _read_index(path) or next((f for f in _WEIGHTS_FILES if os.path.isfile(os.path.join(path, f))), None)
+    if first is None or not os.path.isdir(path):
+        return None
+    shards = _json_value(os.path.join(path, first), "weight_map") if first.endswith(".index.json") else {0: first}
+    for file in sorted(set(shards.values())) if isinstance(shards, dict) else ():
+        full = os.path.join(path, str(file))
+        if not os.path.isfile(full):  # (transformers names a missing shard itself)
+            continue
+        try:
+            if full.endswith(".safetensors"):
+                with safe_open(full, "pt"):
+                    pass
+            else:  # (meta and mmap: the tensors' bytes are not read)
+                zipped = zipfile.is_zipfile(full)
+                torch.load(full, map_location="meta", weights_only=True, mmap=zipped)
+        except Exception as exc:  # noqa: BLE001 (any failure to open it is the one line's reason)
+            why = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+            return str(file), why if full.endswith(".safetensors") or zipped else f"not a torch checkpoint: {why}"
+    return None
 
 
 def json_problem(file: str) -> str | None:

@@ -1,0 +1,98 @@
+"""Probe 22 of base-model loading: a folder without tokenizer files (transformers 5 builds an empty tokenizer from
+the class's defaults where 4.x raised) and a damaged pytorch_model.bin or safetensors shard, each one line naming
+the file."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deltatune.config import ConfigError
+from deltatune.train.models import load_model, load_processor, load_tokenizer
+from tests.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("load22")
+    return {family: save_tiny(root / family, family) for family in ("gpt2", "bert")}
+
+
+def _weights_only(base, tmp_path, name):
+    """The model folder ``base`` without its tokenizer files (config.json and weights only)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(f"{base}/{file}", folder / file)
+    return folder
+
+
+@pytest.mark.parametrize("family, tokens", [("gpt2", 1), ("bert", 5)])
+def test_a_folder_without_tokenizer_files_is_one_line_not_an_empty_tokenizer(bases, tmp_path, family, tokens):
+    folder = _weights_only(bases[family], tmp_path, family)
+    made = AutoTokenizer.from_pretrained(folder)  # transformers 5: the class's defaults, no vocabulary
+    assert len(made) == tokens
+    assert len(AutoTokenizer.from_pretrained(bases[family])) == 30522  # (the real one)
+    if family == "gpt2":
+        assert made("the cat sat")["input_ids"] == []  # a run trained on nothing
+    for load in (lambda: load_tokenizer(str(folder)), lambda: load_processor(str(folder), "sft")):
+        with pytest.raises(ConfigError, match=rf"model '{folder}' holds no tokenizer .*empty \w+Tokenizer of "
+                           rf"{tokens} tokens\): copy the base model's tokenizer files into it$"):  # fmt: skip
+            load()
+    # The folder with its files still loads as transformers loads it.
+    want = AutoTokenizer.from_pretrained(bases[family])
+    got = load_tokenizer(bases[family])
+    assert got("the cat sat")["input_ids"] == want("the cat sat")["input_ids"] and len(got) == len(want)
+
+
+def test_a_tokenizer_that_reads_no_files_is_not_refused(tmp_path):
+    """CANINE's tokenizer is characters: a folder with its config.json alone loads as transformers loads it."""
+    from transformers import CanineConfig
+
+    CanineConfig().save_pretrained(tmp_path)
+    want = AutoTokenizer.from_pretrained(tmp_path)
+    assert load_tokenizer(str(tmp_path))("ab")["input_ids"] == want("ab")["input_ids"]
+
+
+def _bin_only(base, tmp_path):
+    folder = shutil.copytree(base, tmp_path / "bin")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, raised, why",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:3000]), RuntimeError, "PytorchStreamReader failed reading zip"),
+        (lambda f: f.write_text("garbage\n"), pickle.UnpicklingError, "Weights only load failed"),
+    ],
+)
+def test_a_damaged_pytorch_model_bin_is_one_line_naming_it(bases, tmp_path, damage, raised, why):
+    folder = _bin_only(bases["gpt2"], tmp_path)
+    ids = torch.tensor([[5, 9, 200, 7]])
+    want = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+    assert torch.equal(load_model(str(folder), "CAUSAL_LM")(ids).logits, want)  # whole: loads as transformers does
+    damage(folder / "pytorch_model.bin")
+    with pytest.raises(raised):  # transformers: torch's error from deep inside, naming no file
+        AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=rf"model '{folder}' could not be loaded: a weights file is unreadable "
+                       rf"\(pytorch_model.bin: not a torch checkpoint: {why}"):  # fmt: skip
+        load_model(str(folder), "CAUSAL_LM")
+
+
+def test_a_cut_safetensors_shard_is_named(bases, tmp_path):
+    folder = shutil.copytree(bases["gpt2"], tmp_path / "sharded")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="300KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].write_bytes(shards[1].read_bytes()[:5000])
+    with pytest.raises(ConfigError, match=rf"a weights file is unreadable \({shards[1].name}: Error while deser"):
+        load_model(str(folder), "CAUSAL_LM")
