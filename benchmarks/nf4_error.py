@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from deltatune.methods.quant import _dequantize_weight, _quantize_weight, resolve_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def nf4_error(weight: torch.Tensor, rank: int, rounds: int, backend: str) -> dict[str, float]:
@@ -53,19 +58,32 @@ def nf4_error(weight: torch.Tensor, rank: int, rounds: int, backend: str) -> dic
     }
 
 
-def main() -> None:
+def _blocks(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected block indices >= 0, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", default="3,15,28")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--blocks", type=_blocks, default=[3, 15, 28], help="comma-separated block indices")
+    parser.add_argument("--rank", type=common.at_least(1), default=8)
+    parser.add_argument("--rounds", type=common.at_least(1), default=5)
+    parser.add_argument("--threads", type=common.at_least(1), default=1)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from deltatune.train.models import load_model
 
     model = load_model("smollm2", "CAUSAL_LM", "float32")
+    layers = model.config.num_hidden_layers
+    if missing := [b for b in args.blocks if b >= layers]:  # no row matched: a median of nothing, after the load
+        parser.error(f"--blocks: no block {', '.join(map(str, missing))}; SmolLM2 has blocks 0-{layers - 1}")
     backend = resolve_backend("auto", torch.device("cpu"))
-    blocks = {f"layers.{b}." for b in args.blocks.split(",")}
+    blocks = {f"layers.{b}." for b in args.blocks}
     print(f"backend {backend}, rank {args.rank}, LoftQ rounds {args.rounds}\n")
     print("| layer | shape | NF4 error | top-r share | LoftQ left / NF4 | NF4 error, Gaussian | distinct / 32 |")
     print("|---|---|---:|---:|---:|---:|---:|")

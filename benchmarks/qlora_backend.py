@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from deltatune.methods.quant import Linear4bit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def _step(layer: nn.Module, x: torch.Tensor) -> None:
@@ -26,13 +31,13 @@ def _step(layer: nn.Module, x: torch.Tensor) -> None:
     x.grad = None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--tokens", type=common.at_least(1), nargs="+", default=[64, 512])
+    parser.add_argument("--repeats", type=common.at_least(1), default=50)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dim", type=int, default=512)
-    args = parser.parse_args()
+    parser.add_argument("--dim", type=common.at_least(1), default=512)
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(

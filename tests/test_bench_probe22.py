@@ -201,3 +201,25 @@ def test_injection_is_timed_between_device_syncs(monkeypatch):
     at = log.index("inject")
     assert log[at - 2 : at] == ["sync", "clock"] and log[at + 1 : at + 3] == ["sync", "clock"], log[at - 3 : at + 4]
     assert result["inject_ms"] > 0
+
+
+@pytest.mark.parametrize(("script", "argv", "said"), [
+    ("qlora_backend", ["--repeats", "0", "--tokens", "8", "--dim", "64"], "argument --repeats: must be at least 1, got 0"),
+    ("nf4_error", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    ("nf4_error", ["--blocks", "5"], "--blocks: no block 5; SmolLM2 has blocks 0-1"),
+])  # fmt: skip
+def test_side_scripts_bad_options_are_one_line(monkeypatch, capsys, script, argv, said):
+    """qlora_backend.py --repeats 0 built both backends' layers and ran into ``min([])``; nf4_error.py --rounds 0 into
+    its own ValueError, and --blocks naming no block of the model (SmolLM2 has 30) into "no median for empty data"
+    after loading it. The model here is the tiny 2-block Llama of tests/tiny.py, standing in for SmolLM2."""
+    from tiny import tiny_model
+
+    import deltatune.train.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: tiny_model("llama"))
+    module = _script(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and said in err and "Traceback" not in err
