@@ -126,3 +126,19 @@ def test_a_tool_messages_name_that_is_not_text_is_refused(key):
     assert str(err.value) == f"f.jsonl:6: messages[2].{key}: the tool message's {key} must be text, got list"
     row["messages"][2] = {**tool, key: "f"}
     assert read_samples([Row(row, "f.jsonl:6")], stage="sft")[0].messages[2][key] == "f"
+
+
+@pytest.mark.parametrize(
+    "data_format, column",
+    [("sharegpt", "conversations"), ("sharegpt_preference", "conversations"), ("messages", "messages"),
+     ("openai", "messages")],
+)  # fmt: skip
+def test_a_forced_conversation_format_names_its_own_missing_column(data_format, column):
+    """data.format=sharegpt on a row with neither column said "column 'messages' is missing" (and messages / openai
+    said 'conversations'): the fallback column, not the one the format reads (LLaMA-Factory's sharegpt default is
+    conversations, its openai one messages)."""
+    pair = {"chosen": "x", "rejected": "y"} if data_format == "sharegpt_preference" else {}
+    row = Row({"instruction": "a", "output": "b", **pair}, "f.jsonl:7")
+    with pytest.raises(DataError) as err:
+        read_samples([row], data_format=data_format)
+    assert str(err.value).startswith(f"f.jsonl:7: column {column!r} is missing (columns in this row: ")

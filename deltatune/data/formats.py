@@ -41,6 +41,7 @@ from .formats_messages import (
     _a,
     _check_calls,
     _col,
+    _conversation_column,
     _media,
     _message_list,
     _not_text,
@@ -172,8 +173,7 @@ def read_samples(
         columns: renamed fields, e.g. ``{"prompt": "question", "messages": "conversations"}``.
         data_format: force this format (a key of ``FORMATS``); None detects it from the first row.
         tags: sharegpt tag names overriding ``SHAREGPT_TAGS`` (LLaMA-Factory's dataset_info.json ``tags``).
-        stage: when given, a format the stage does not read is refused, and SFT conversations must end with an
-            assistant turn.
+        stage: when given, a format the stage does not read is refused, SFT conversations end with an answer.
         skipped: when given, preference rows with chosen == rejected are left out and their ``file:line``
             appended here instead of raising.
 
@@ -387,7 +387,7 @@ def _sharegpt_roles(t: dict[str, str]) -> dict[str, str]:
 
 def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
     media = _media(row, c)
-    column = _col(c, "conversations") if _has(row, _col(c, "conversations")) else _col(c, "messages")
+    column = _conversation_column(row, c, "conversations", "messages")
     messages = _message_list(
         row.get(column), row.source, column, t["role_tag"], t["content_tag"], _sharegpt_roles(t), media
     )
@@ -402,7 +402,7 @@ def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
 
 def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
     media = _media(row, c)
-    column = _col(c, "messages") if _has(row, _col(c, "messages")) else _col(c, "conversations")  # role/content
+    column = _conversation_column(row, c, "messages", "conversations")  # role/content
     roles = _MESSAGE_ROLES
     messages = _message_list(row.get(column), row.source, column, "role", "content", roles, media)
     if messages[0]["role"] != "system":  # a system column, as sharegpt's (LLaMA-Factory's openai converter reads it)
@@ -531,7 +531,7 @@ def _preference_implicit(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sam
 
 
 def _sharegpt_preference(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
-    column = _col(c, "conversations") if _has(row, _col(c, "conversations")) else _col(c, "messages")
+    column = _conversation_column(row, c, "conversations", "messages")
     items = row.data.get(column)
     items = [items] if isinstance(items, dict) else items  # (one message alone, as _message_list reads it)
     head = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}

@@ -20,6 +20,13 @@ def _col(columns: dict[str, str], key: str) -> str:
     return columns.get(key, key)
 
 
+def _conversation_column(row: Row, c: dict[str, str], field: str, other: str) -> str:
+    """The column a conversation format reads: its own ``field`` (sharegpt's conversations, messages' messages), the
+    ``other`` where only that one is given; a row with neither is told of ``field`` missing, not of ``other``."""
+    own, alt = _col(c, field), _col(c, other)
+    return alt if row.get(own, required=False) is None and row.get(alt, required=False) is not None else own
+
+
 def _a(tag: Any) -> str:
     """``tag`` quoted after its article: "an 'observation'", "a 'gpt'", "a 'user'"."""
     word = str(tag).lower()
@@ -299,9 +306,7 @@ def _openai_order(row: Row, c: dict[str, str]) -> None:
     then turns alternating between a prompt side (user; tool results, several in a row merged into one) and the
     assistant. Its converter drops a row out of order with a warning ('Invalid role tag'); here the row is refused
     naming the turn, as a sharegpt row is (``_sharegpt_order``; an opening answer kept as there)."""
-    column = (
-        _col(c, "messages") if row.get(_col(c, "messages"), required=False) is not None else _col(c, "conversations")
-    )
+    column = _conversation_column(row, c, "messages", "conversations")
     items = row.data.get(column)
     if not isinstance(items, list):
         return
