@@ -125,3 +125,48 @@ def test_a_priority_other_than_0_is_a_400_as_vllms_first_come_first_served_sched
         with pytest.raises(RequestError, match="priority") as exc:
             to_request({**body, "priority": 5}, [1, 2], Limits(64, 128), "base", chat=chat)
         assert exc.value.status == 400 and exc.value.param == "priority"
+
+
+def test_a_newcomer_whose_prefill_fails_fails_alone_and_the_running_batch_goes_on():
+    """A request joining a running mixed batch is prefilled on its own; when that prefill raised (out of memory for
+    a long prompt; here a GPT-2 prompt past its 64 positions, given to the engine directly) the error went up to
+    the batch's handler and every running row ended with it, their answers cut. vLLM never fails one request for
+    another's. Now the newcomer alone fails; the running row ends as it does alone (transformers' greedy
+    ``generate``)."""
+    import threading
+
+    import torch
+    from tiny import tiny_model, tokenizer
+
+    from deltatune import DeltaModel
+
+    tok = tokenizer()
+    model = tiny_model("gpt2", vocab_size=len(tok), eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    prompt = tok("the cat sat on")["input_ids"]
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # ignore_eos
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
+    model.generation_config.eos_token_id = eos
+    engine = Engine(DeltaModel(model, fused_loss=False), tok, max_batch_size=4, max_wait_s=0.0)
+    done = {k: threading.Event() for k in "ab"}
+    finish: dict[str, str] = {}
+    late = Request(prompt_ids=[5] * 70, adapter="base", max_tokens=2, emit=lambda t, f: f and (finish.setdefault("b", f), done["b"].set()))  # fmt: skip
+
+    def emit(_text, f):
+        if f is None and not getattr(emit, "sent", False):
+            emit.sent = True
+            engine.submit(late)  # joins at the row's next step
+        if f:
+            finish["a"] = f
+            done["a"].set()
+
+    first = Request(
+        prompt_ids=prompt, adapter="base", max_tokens=12, emit=emit, ignore_eos=True, skip_special_tokens=False
+    )
+    try:
+        engine.submit(first)
+        assert done["a"].wait(20) and done["b"].wait(20), finish
+    finally:
+        engine.close()
+    assert getattr(emit, "sent", False)  # the newcomer came while the row ran
+    assert finish["b"].startswith("error: IndexError")
+    assert finish["a"] == "length" and first.output_ids == want[len(prompt) :].tolist()

@@ -338,7 +338,14 @@ class Engine:
                             first = len(rows)
                             rows += new
                             generators += [_generator(r.seed, device) if r.temperature > 0 else None for r in new]
-                            new_cache, new_mask, new_logits = self._prefill(new, True, device)
+                            try:
+                                new_cache, new_mask, new_logits = self._prefill(new, True, device)
+                            except Exception as exc:  # out of memory for a long prompt: the newcomers alone fail
+                                for r in new:
+                                    r.finish_reason = f"error: {type(exc).__name__}: {exc}"
+                                    r.emit("", r.finish_reason)
+                                new = []
+                        if new:
                             picked = [self._choose(new_logits[j], r, generators[first + j]) for j, r in enumerate(new)]
                             stay = [j for j, r in enumerate(new) if not self._advance(r, picked[j], new_logits[j])]
                             self.joined += len(new)
