@@ -332,25 +332,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--targets", nargs="+", choices=list(TASKS), default=["trec", "sst2"], help="target tasks")
     p.add_argument("--data", type=Path, default=DATA, help="folder with sst2/ and trec/ (default ../shared/data)")
-    p.add_argument("--sst2-rows", type=int, default=2000, help="SST-2 training subsample")
-    p.add_argument("--trec-rows", type=int, default=500, help="TREC training subsample (low-resource)")
-    p.add_argument("--sst2-steps", type=int, default=100, help="stage-1 steps for the SST-2 adapter")
-    p.add_argument("--trec-steps", type=int, default=80, help="stage-1 steps for the TREC adapter")
-    p.add_argument("--stage2-steps", type=int, default=60, help="extra steps each stage-2 contender gets")
+    p.add_argument("--sst2-rows", type=common.at_least(1), default=2000, help="SST-2 training subsample")
+    p.add_argument("--trec-rows", type=common.at_least(1), default=500, help="TREC training subsample (low-resource)")
+    p.add_argument("--sst2-steps", type=common.at_least(1), default=100, help="stage-1 steps for the SST-2 adapter")
+    p.add_argument("--trec-steps", type=common.at_least(1), default=80, help="stage-1 steps for the TREC adapter")
+    p.add_argument(
+        "--stage2-steps", type=common.at_least(1), default=60, help="extra steps each stage-2 contender gets"
+    )
     p.add_argument("--adapter-lr", type=float, default=1e-3, help="adapters and their heads")
     p.add_argument("--fusion-lr", type=float, default=1e-4, help="the fusion layers")
     p.add_argument("--head-lr", type=float, default=1e-3, help="the fusion's new head")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=common.at_least(1), default=32)
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--solo-control", nargs="*", choices=list(TASKS), default=["trec"],
                    help="targets that also get the fusion over their own adapter alone (none: no control)")  # fmt: skip
-    p.add_argument("--eval-rows", type=int, default=None, help="cut the evaluation sets (smoke runs)")
+    p.add_argument("--eval-rows", type=common.at_least(1), default=None, help="cut the evaluation sets (smoke runs)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--threads", type=common.at_least(1), default=1, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=None, help="also write the report here")
     p.add_argument("--quick", action="store_true", help="smoke test: a few rows and steps, seconds")
     args = p.parse_args(argv)
+    if args.out is not None and args.out.is_dir():  # found only when writing it, after the whole run
+        p.error(f"--out {str(args.out)!r} is a folder; give a file name")
     if args.quick:
         args.sst2_rows = args.trec_rows = 16
         args.sst2_steps = args.trec_steps = args.stage2_steps = 2
@@ -391,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        common.write_atomic(args.out, text)
     return 0
 
 

@@ -223,3 +223,22 @@ def test_side_scripts_bad_options_are_one_line(monkeypatch, capsys, script, argv
         module.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and said in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--quick", "--out", "{tmp}"], "--out '{tmp}' is a folder; give a file name"),
+    (["--quick", "--threads", "0"], "argument --threads: must be at least 1, got 0"),
+])  # fmt: skip
+def test_fusion_refuses_a_folder_out_and_bad_counts_before_running(monkeypatch, capsys, tmp_path, argv, said):
+    """fusion.py found a folder given as --out only when writing the report (IsADirectoryError after the ~15 min
+    run; the report lost), and --threads 0 gave torch's RuntimeError traceback."""
+    fusion = _script("fusion")
+
+    def ran(*args, **kwargs):
+        raise AssertionError("ran before checking the options")
+
+    monkeypatch.setattr(fusion, "load_tokenizer", ran)
+    with pytest.raises(SystemExit) as exit_:
+        fusion.main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and said.format(tmp=tmp_path) in err and "Traceback" not in err
