@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from tests.tiny import tiny_model
+from tests.tiny import output_of, tiny_inputs, tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -58,3 +58,49 @@ def test_ia3_unmerge_in_half_precision_is_peft_s_and_does_not_drift(dtype):
     for k, v in ref.items():
         torch.testing.assert_close(after[k], v, atol=0, rtol=0)
     assert max((after[k].float() - before[k].float()).abs().max().item() for k in before) > 0  # (rounded, as peft)
+
+
+def _lora_pair():
+    """peft's model and ours with LoRA adapters "a" (r 4) and "b" (r 2, other targets too), equal weights."""
+    from peft.utils import get_peft_model_state_dict
+
+    configs = {
+        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        "b": dict(r=2, target_modules=["q_proj", "v_proj"]),
+    }
+    theirs = ours = None
+    for name, kwargs in configs.items():
+        p, d = peft.LoraConfig(init_lora_weights=False, **kwargs), dt.LoraConfig(init_lora_weights=False, **kwargs)
+        if theirs is None:
+            theirs = peft.get_peft_model(tiny_model("llama"), p, adapter_name=name)
+            ours = dt.get_delta_model(tiny_model("llama"), d, adapter_name=name)
+        else:
+            theirs.add_adapter(name, p)
+            ours.add_adapter(name, d)
+        dt.set_peft_model_state_dict(ours, get_peft_model_state_dict(theirs, adapter_name=name), adapter_name=name)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("driver", ["gesvd", "qr"])
+def test_svd_driver_off_cuda_is_one_line_naming_it_and_changes_nothing(driver):
+    """peft passes svd_driver to torch.linalg.svd inside the first layer's combination; on CPU tensors (or with a
+    driver torch does not know) torch raises from there: 'keyword argument `driver=` is only supported on CUDA
+    inputs', naming no argument of add_weighted_adapter. deltatune says so before adding anything."""
+    theirs, ours = _lora_pair()
+    with pytest.raises(RuntimeError, match="driver= is only supported on CUDA|driver"):
+        theirs.add_weighted_adapter(["a", "b"], [1.0, 0.5], "mix", combination_type="svd", svd_driver=driver)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    want = "svd_driver=.gesvd. is a cuSOLVER option for CUDA tensors; adapter 'a' at .*q_proj is on cpu"
+    if driver != "gesvd":
+        want = "svd_driver must be None, 'gesvd', 'gesvdj' or 'gesvda', got 'qr'"
+    with pytest.raises(ValueError, match=want):
+        ours.add_weighted_adapter(["a", "b"], [1.0, 0.5], "mix", combination_type="svd", svd_driver=driver)
+    assert list(ours.peft_config) == ["a", "b"]
+    after = ours.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    # a combination without an SVD ignores the driver, as peft's
+    for model in (theirs, ours):
+        model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "cat", combination_type="cat", svd_driver=driver)
+        model.set_adapter("cat")
+    inputs = tiny_inputs("llama")
+    torch.testing.assert_close(output_of(ours, inputs), output_of(theirs.eval(), inputs), atol=1e-6, rtol=0)

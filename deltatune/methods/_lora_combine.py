@@ -87,7 +87,8 @@ def add_weighted_adapter(
             unequal ranks for the equal-rank combinations; targets given as a list by one adapter and a regex by
             another; two adapters with their own copy of one module (modules_to_save); a weight count other than
             the adapters' (peft pairs them silently); a missing density, or an unknown combination or sign method;
-            a NaN weight or a DARE density of 0 (peft writes NaNs); svd_clamp outside [0, 1].
+            a NaN weight or a DARE density of 0 (peft writes NaNs); svd_clamp outside [0, 1]; an svd_driver other
+            than gesvd / gesvdj / gesvda, or one for adapters not on CUDA (torch's error from inside the SVD).
         TypeError: weights that are not numbers.
     """
     names = model._check_names(adapters)
@@ -122,6 +123,8 @@ def add_weighted_adapter(
         raise ValueError(
             f"add_weighted_adapter: svd_clamp is a quantile, a number in [0, 1] (or None), got {svd_clamp!r}"
         )
+    if kind in SVD and svd_driver is not None:  # torch's error came from inside the first layer's SVD, naming driver=
+        _check_driver(model, names, svd_driver)
     if "ties" in kind and majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"add_weighted_adapter: majority_sign_method must be 'total' or 'frequency', "
                          f"got {majority_sign_method!r}")  # fmt: skip
@@ -160,6 +163,19 @@ def add_weighted_adapter(
     except BaseException:  # (a module where the adapters' ranks differ): the model as it was
         model.delete_adapter(adapter_name)
         raise
+
+
+def _check_driver(model: Any, names: list[str], driver: Any) -> None:
+    """svd_driver is torch.linalg.svd's cuSOLVER choice (peft's docs: None, gesvd, gesvdj or gesvda), for CUDA only."""
+    if driver not in ("gesvd", "gesvdj", "gesvda"):
+        raise ValueError(
+            f"add_weighted_adapter: svd_driver must be None, 'gesvd', 'gesvdj' or 'gesvda', got {driver!r}"
+        )
+    for path, layer in model._layers():
+        held = [n for n in names if n in layer.scaling] if isinstance(layer, LORA_LAYERS) else []
+        if held and (device := _factors(layer, held[0])[0].device).type != "cuda":
+            raise ValueError(f"add_weighted_adapter: svd_driver={driver!r} is a cuSOLVER option for CUDA tensors; "
+                             f"adapter {held[0]!r} at {path} is on {device} (leave svd_driver None)")  # fmt: skip
 
 
 def _real(value: Any) -> bool:
