@@ -242,7 +242,9 @@ def _shift_positions(kwargs: dict, key: str, n: int, prepend: bool) -> None:
     kwargs[key] = shifted
 
 
-def _prefix_pairs(flat: torch.Tensor, spec: TokenSpec, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _prefix_pairs(
+    flat: torch.Tensor, spec: TokenSpec, batch: int, dtype: torch.dtype | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (key, value) prefixes, each (batch, heads, n, head_dim), from the flat (n, layers * 2 * dim) tokens.
 
     Row 2l holds layer l's keys, row 2l + 1 its values. With two transformer submodules PEFT repeats the rows and
@@ -255,6 +257,7 @@ def _prefix_pairs(flat: torch.Tensor, spec: TokenSpec, batch: int) -> list[tuple
     """
     n, heads = spec.n, spec.heads
     x = flat.view(1, n, spec.layers * 2, heads, spec.token_dim // heads).expand(batch, -1, -1, -1, -1)
+    x = x.to(dtype or x.dtype)  # cast after the expand, as peft: the rows' gradients add up in the float32 of flat
     if spec.submodules == 2:
         x = torch.cat([x, x], dim=2)
     rows = x.permute(2, 0, 3, 1, 4).unbind(0)  # layers * 2 * submodules of (batch, heads, n, head_dim)

@@ -192,7 +192,8 @@ class VirtualTokens(DeltaLayer):
 
     def _prompts(self, name: str, spec: TokenSpec, batch: int, like: torch.Tensor) -> torch.Tensor:
         tokens = self.prompt_encoder[name]()[: spec.n]  # (n, dim): only the first n with two submodules (PEFT)
-        return tokens.to(like.dtype).unsqueeze(0).expand(batch, -1, -1)
+        # Cast after the expand, as peft's repeat: the rows' gradients add up in float32, not in a bf16 base's dtype.
+        return tokens.unsqueeze(0).expand(batch, -1, -1).to(like.dtype)
 
     def _prepend(
         self, module: nn.Module, name: str, spec: TokenSpec, kwargs: dict, labels: bool
@@ -256,14 +257,14 @@ class VirtualTokens(DeltaLayer):
         from transformers import DynamicCache, EncoderDecoderCache
 
         dtype = getattr(module, "dtype", None) or next(module.parameters()).dtype
-        flat = self.prompt_encoder[name]().to(dtype)
+        flat = self.prompt_encoder[name]()  # cast per row in _prefix_pairs, as peft's (its gradients add in float32)
         if cache is None:
             cfg = getattr(module, "config", None)
             cache = DynamicCache(config=cfg) if cfg is not None and not self.encoder_decoder else DynamicCache()
             if self.encoder_decoder:
                 cache = EncoderDecoderCache(cache, DynamicCache())
         target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        for layer, (key, value) in enumerate(_prefix_pairs(flat, spec, batch)):
+        for layer, (key, value) in enumerate(_prefix_pairs(flat, spec, batch, dtype)):
             target.update(key, value, layer)
         return cache
 

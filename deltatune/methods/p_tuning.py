@@ -21,7 +21,7 @@ from torch import nn
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
 from ._folding import Reparametrised
 from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
-from ._tokens import attach
+from ._tokens import attach, warn
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -114,6 +114,10 @@ def inject(model: nn.Module, config: PTuningConfig, adapter_name: str) -> list[n
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
     rows = config.num_virtual_tokens * config.num_transformer_submodules
+    mlp = config.encoder_reparameterization_type == "MLP"
+    if mlp and config.encoder_num_layers != 2 and not config.inference_mode:  # as peft's PromptEncoder warns
+        warn(f"encoder_num_layers={config.encoder_num_layers} is ignored by the MLP prompt encoder: it always has "
+             "three linear layers (the LSTM reads encoder_num_layers)")  # fmt: skip
     encoder = PromptEncoder(
         rows,
         config.token_dim,
