@@ -178,9 +178,9 @@ def read_samples(
             appended here instead of raising.
 
     Raises:
-        DataError: one line naming file:line and the field: mixed formats in one file, an unknown role, an empty
-            assistant turn, an SFT conversation not ending with an assistant turn, chosen == rejected, a tool
-            call without a schema, a format the stage does not read.
+        DataError: one line naming file:line and the field: mixed formats in one file, an unknown role, turns out of
+            LLaMA-Factory's order (sharegpt; openai), an empty assistant turn, an SFT conversation not ending with an
+            answer, chosen == rejected, a tool call without a schema, a format the stage does not read.
     """
     c = dict(columns or {})
     for key, known, what in (
