@@ -20,7 +20,7 @@ from tests.tiny import save_tiny
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("load22")
-    return {family: save_tiny(root / family, family) for family in ("gpt2", "bert")}
+    return {family: save_tiny(root / family, family) for family in ("gpt2", "bert", "llama")}
 
 
 def _weights_only(base, tmp_path, name):
@@ -96,3 +96,25 @@ def test_a_cut_safetensors_shard_is_named(bases, tmp_path):
     shards[1].write_bytes(shards[1].read_bytes()[:5000])
     with pytest.raises(ConfigError, match=rf"a weights file is unreadable \({shards[1].name}: Error while deser"):
         load_model(str(folder), "CAUSAL_LM")
+
+
+def test_a_tokenizer_of_its_own_code_untrusted_is_one_line(bases, tmp_path):
+    """The tokenizer loads before the model: its refusal came as transformers' multi-line ValueError."""
+    import json
+
+    folder = shutil.copytree(bases["llama"], tmp_path / "remote")
+    (folder / "tokenizer.json").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": ["tok.MyTok", None]}, tokenizer_class="MyTok")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tok.py").write_text(
+        "from transformers import BertTokenizer\n\n\nclass MyTok(BertTokenizer):\n    pass\n"
+    )
+    with pytest.raises(ValueError, match="contains custom code"):
+        AutoTokenizer.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=rf"model '{folder}': its tokenizer runs its own code \(auto_map in "
+                       r"tokenizer_config.json\): set model.trust_remote_code: true"):  # fmt: skip
+        load_processor(str(folder), "sft")
+    want = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    got = load_tokenizer(str(folder), trust_remote_code=True)
+    assert type(got).__name__ == "MyTok" and got("the cat")["input_ids"] == want("the cat")["input_ids"]

@@ -80,6 +80,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
                 raise ConfigError(f"model {name_or_path!r}: {file} {problem}") from None
         if not isinstance(exc, ValueError):
             raise
+        if "trust_remote_code" in str(exc) and not trust_remote_code:  # (before the model's own refusal)
+            raise ConfigError(
+                f"model {name_or_path!r}: its tokenizer runs its own code (auto_map in tokenizer_config.json): set "
+                "model.trust_remote_code: true (trust_remote_code=True) only if you trust that code"
+            ) from None
         # a folder with no tokenizer at all: transformers blames a missing sentencepiece
         if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             raise ConfigError(
