@@ -170,3 +170,42 @@ def test_a_newcomer_whose_prefill_fails_fails_alone_and_the_running_batch_goes_o
     assert getattr(emit, "sent", False)  # the newcomer came while the row ran
     assert finish["b"].startswith("error: IndexError")
     assert finish["a"] == "length" and first.output_ids == want[len(prompt) :].tolist()
+
+
+def test_a_batch_whose_prefill_fails_for_one_prompt_answers_the_others():
+    """Requests gathered into one batch share its prefill; one prompt that made it raise (out of memory for a long
+    prompt; here a GPT-2 prompt past its 64 positions, given to the engine directly) failed every request of the
+    batch with its error. vLLM schedules each request on its own. Now each row is tried alone: the long one fails
+    with the error, the other answers as transformers' greedy ``generate`` (its prompt scored once, not twice)."""
+    import threading
+
+    import torch
+    from tiny import tiny_model, tokenizer
+
+    from deltatune import DeltaModel
+
+    tok = tokenizer()
+    model = tiny_model("gpt2", vocab_size=len(tok), eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    prompt = tok("the cat sat on")["input_ids"]
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # ignore_eos
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0]
+    model.generation_config.eos_token_id = eos
+    engine = Engine(DeltaModel(model, fused_loss=False), tok, max_batch_size=4, max_wait_s=1.0)
+    finish: dict[str, str] = {}
+    done = {k: threading.Event() for k in "ab"}
+
+    def emit(key):
+        return lambda _t, f: f and (finish.setdefault(key, f), done[key].set())
+
+    good = Request(prompt_ids=prompt, adapter="base", max_tokens=6, emit=emit("a"), ignore_eos=True)
+    good.prompt_logprobs, good.logprobs = True, 0
+    long = Request(prompt_ids=[5] * 70, adapter="base", max_tokens=2, emit=emit("b"))
+    try:
+        engine.submit(good)
+        engine.submit(long)
+        assert done["a"].wait(20) and done["b"].wait(20), finish
+    finally:
+        engine.close()
+    assert engine.batches >= 2 and finish["b"].startswith("error: IndexError"), finish
+    assert finish["a"] == "length" and good.output_ids == want[len(prompt) :].tolist()
+    assert [row[0] for row in good.logprob_rows] == prompt + good.output_ids  # the prompt's rows once

@@ -283,13 +283,23 @@ class Engine:
                     break
             with self.lock:  # adapters are loaded and unloaded between these batches, never during them
                 for group in self._groups(batch):
-                    try:
-                        self._run(group)
-                    except Exception as exc:  # a failed batch answers its own requests and the server goes on
-                        for r in group:
-                            if r.finish_reason is None:
-                                r.finish_reason = f"error: {type(exc).__name__}: {exc}"
-                                r.emit("", r.finish_reason)
+                    self._answered(group)
+
+    def _answered(self, group: list[Request]) -> None:
+        """Decode ``group``; a failed batch answers its own requests with the error and the server goes on. A batch
+        whose prefill failed (no row has a token yet: one long prompt out of memory) tries each row alone."""
+        try:
+            self._run(group)
+        except Exception as exc:
+            if len(group) > 1 and not any(r.output_ids or r.finish_reason for r in group):
+                for r in group:
+                    r.logprob_rows.clear()  # its prompt's, if they were scored before the failure
+                    self._answered([r])
+                return
+            for r in group:
+                if r.finish_reason is None:
+                    r.finish_reason = f"error: {type(exc).__name__}: {exc}"
+                    r.emit("", r.finish_reason)
 
     def _groups(self, batch: list[Request]) -> list[list[Request]]:
         mixed: list[Request] = []
