@@ -190,6 +190,22 @@ def train_loop(model: Any, batches: Iterable[dict[str, Any]], opt: Any, *, sched
     return losses
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """The orders of a Williams design for ``n`` items: over its rows (``n``, or ``2n`` for odd ``n``) each item runs
+    in every position, and right after every other item, equally often. A rotation (0 1 2, 1 2 0, 2 0 1) keeps the
+    cyclic order, so that each item always follows the same one: what that one leaves behind (freed memory the
+    kernel zeroes again, evicted caches) would weigh on it every round."""
+    first, low, high = [0], 1, n - 1
+    while low <= high:
+        first.append(low)
+        low += 1
+        if low <= high:
+            first.append(high)
+            high -= 1
+    rows = [[(x + i) % n for x in first[:n]] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
+
+
 # -- options --------------------------------------------------------------------------------------------------
 def pick(value: str | None, known: Iterable[str], what: str = "method", default: Iterable[str] = ()) -> list[str]:
     """Comma-separated names from ``known`` ("all": every one; empty: ``default``).

@@ -131,31 +131,15 @@ def max_difference(models: dict[str, torch.nn.Module], batch: dict[str, torch.Te
     return ((d - p).abs().max() / p.abs().max().clamp_min(1e-12)).item()
 
 
-def balanced_orders(n: int) -> list[list[int]]:
-    """The orders of a Williams design for ``n`` items: over its rows (``n``, or ``2n`` for odd ``n``) each item runs
-    in every position, and right after every other item, equally often. A rotation (0 1 2, 1 2 0, 2 0 1) keeps the
-    cyclic order, so that each item always follows the same one: what that one leaves behind (freed memory the
-    kernel zeroes again, evicted caches) would weigh on it every round."""
-    first, low, high = [0], 1, n - 1
-    while low <= high:
-        first.append(low)
-        low += 1
-        if low <= high:
-            first.append(high)
-            high -= 1
-    rows = [[(x + i) % n for x in first[:n]] for i in range(n)]
-    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
-
-
 def _rounds(fns: dict[str, Callable[[], object]], rounds: int, usage: dict[str, Times] | None = None) -> Times:
-    """Each function once per round, the orders those of ``balanced_orders``; one untimed warm-up round first.
+    """Each function once per round, the orders those of ``common.balanced_orders``; one untimed warm-up round first.
     ``usage``, when given, gets each timed call's minor page faults ("faults") and system CPU seconds ("sys") per
     name."""
     names = list(fns)
     out: Times = {name: [] for name in names}
     if usage is not None:
         usage.update(faults={name: [] for name in names}, sys={name: [] for name in names})
-    orders = balanced_orders(len(names))
+    orders = common.balanced_orders(len(names))
     for i in range(rounds + 1):
         for name in (names[j] for j in orders[max(i - 1, 0) % len(orders)]):
             before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

@@ -7,15 +7,16 @@ sequence length, and mixed-adapter batches against the number of adapters in the
 
 **Length.** For each sequence length (batch 1) and each variant: LoRA (r 8, q+v) with deltatune and with peft, full
 fine-tuning of the plain transformers model, and both LoRAs with gradient checkpointing (non-reentrant). Each
-(variant, length) runs in a fresh process, so its peak RSS is its own: the median of ``--steps`` timed training
-steps (forward, backward, AdamW) after one warm-up, and the peak RSS of the steps above the RSS before them (the
-activations, gradients and optimizer state; the weights are counted out). The report fits time and memory to
-a + b*L + c*L^2 (least squares) and states the growth: the share of the quadratic term at the longest length.
+(variant, length) runs in a fresh process (the variants in turn reversed from one length to the next), so its peak
+RSS is its own: the median of ``--steps`` timed training steps (forward, backward, AdamW) after one warm-up, and the
+peak RSS of the steps above the RSS before them (the activations, gradients and optimizer state; the weights are
+counted out). The report fits time and memory to a + b*L + c*L^2 (least squares) and states the growth: the share
+of the quadratic term at the longest length.
 
 **Adapters.** One DeltaModel holding 64 LoRA adapters (random B, so each changes the output); the same batch runs
 with every row on one adapter and with the rows spread over k = 1, 4, 16, 64 adapters (``adapter_names``), the
-orders rotating per round, in one process: throughput relative to the single adapter, for inference forwards and
-training steps, and the peak RSS of each pass over the model's resting RSS.
+orders balanced over the rounds (``common.balanced_orders``), in one process: throughput relative to the single
+adapter, for inference forwards and training steps, and the peak RSS of each pass over the model's resting RSS.
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ def length_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_lengths(a: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
-    for seq in a.lengths:
-        for variant in a.variants:
+    for i, seq in enumerate(a.lengths):
+        # every other length in the reverse order: "lora deltatune" always ran one process before "lora peft"
+        for variant in a.variants if i % 2 == 0 else a.variants[::-1]:
             spec = {"variant": variant, "seq": seq, "steps": a.steps, "dtype": a.dtype, "quick": a.quick}
             env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)} if a.threads else None
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
@@ -188,10 +190,9 @@ def run_adapters(a: argparse.Namespace) -> dict[str, Any]:
     peaks: dict[tuple[str, int], float] = {}
 
     forward, train = mixed_batch.passes(model, batch)
+    orders = common.balanced_orders(len(a.counts))  # a rotation kept k = 4 right after k = 1 every round
     for i in range(a.rounds + 1):
-        order = list(a.counts)
-        order = order[i % len(order) :] + order[: i % len(order)]
-        for k in order:
+        for k in (a.counts[j] for j in orders[max(i - 1, 0) % len(orders)]):
             for what, fn in (("forward", forward), ("train", train)):
                 bw._reset_peak(torch.device("cpu"))
                 resting = _rss_mib()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import statistics
 import sys
@@ -77,7 +78,7 @@ def test_interleaved_rounds_balance_who_runs_after_whom(monkeypatch):
     d, p = statistics.median(times["deltatune"]), statistics.median(times["peft"])
     assert d == pytest.approx(10) and p == pytest.approx(10)
     for n in range(2, 7):  # each item in each position, and right after each other item, equally often
-        rows = inter.balanced_orders(n)
+        rows = _script("common").balanced_orders(n)
         assert all(sorted(row) == list(range(n)) for row in rows)
         positions = {(row[i], i) for row in rows for i in range(n)}
         assert len(positions) == n * n and len(rows) % n == 0
@@ -242,3 +243,38 @@ def test_fusion_refuses_a_folder_out_and_bad_counts_before_running(monkeypatch, 
         fusion.main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and said.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+def test_scaling_orders_are_balanced(monkeypatch):
+    """scaling.py ran the variants of each length in one fixed order ("lora deltatune" one process before "lora
+    peft" at every length, so a drifting machine read as the same side's speed at every length) and rotated the
+    adapter counts (k = 4 ran right after k = 1 in 3 of every 4 rounds, k = 1 never after k = 4)."""
+    scaling = _script("scaling")
+    ran: list[str] = []
+
+    def run(cmd, **kwargs):
+        spec = json.loads(cmd[-1])
+        ran.append(spec["variant"])
+        return types.SimpleNamespace(returncode=0, stderr="", stdout=json.dumps({**spec, "step_ms": 1, "peak_mib": 1}))
+
+    monkeypatch.setattr(scaling.subprocess, "run", run)
+    args = types.SimpleNamespace(lengths=[16, 32, 64], variants=["lora deltatune", "lora peft"], steps=1,
+                                 dtype="float32", quick=True, threads=1)  # fmt: skip
+    assert len(scaling.run_lengths(args)) == 6
+    assert ran == ["lora deltatune", "lora peft", "lora peft", "lora deltatune", "lora deltatune", "lora peft"]
+
+    seen: list[int] = []
+
+    def passes(model, batch):
+        def record(names):
+            seen.append(len(set(names)))
+
+        return record, lambda names: None
+
+    monkeypatch.setattr(scaling.mixed_batch, "with_loras", lambda *a, **k: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(scaling.mixed_batch, "passes", passes)
+    args = types.SimpleNamespace(quick=True, dtype="float32", rows=8, adapter_seq=4, counts=[1, 2, 4, 8], rounds=4)
+    scaling.run_adapters(args)
+    timed = [seen[i : i + 4] for i in range(4, len(seen), 4)]  # the rounds after the warm-up
+    pairs = [(row[i], row[i + 1]) for row in timed for i in range(3)]
+    assert len(timed) == 4 and {pairs.count(pair) for pair in pairs} == {1} and len(pairs) == 12
