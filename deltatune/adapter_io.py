@@ -41,6 +41,7 @@ from .files import (
 )
 from .files_save import check_folders, save_adapters
 from .layer import base_parameters, unwrapped_name
+from .load_options import split_load_kwargs
 from .methods._lora_conv import settled_after
 from .targets import HEADS_BY_TASK, IA3_TARGETS, LORA_TARGETS, _all_linear, all_linear_names, matches, model_type
 
@@ -240,17 +241,14 @@ def load_adapter(
         key_mapping: peft's: {regex: replacement} rewriting the file's keys, less their prefix (``status.remap_keys``).
         kwargs: peft's hub arguments (``files.HUB_KWARGS``: token, cache_dir, local_files_only, ...), for a hub repo;
             peft's dispatch arguments (device_map, max_memory, offload_folder, offload_dir, offload_index) and
-            use_safetensors (peft reads adapter_model.safetensors whenever there is one) are accepted with no effect.
+            use_safetensors (peft reads adapter_model.safetensors whenever there is one) are accepted with no effect;
+            peft 0.22's strict_adapter_check is checked, and a missing or unknown tensor is refused whichever value.
 
     Raises:
         FileNotFoundError: no adapter there.
         AdapterLoadError: a file is truncated or corrupt, or the adapter does not fit this model.
     """
-    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-    for key in ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index", "use_safetensors"):
-        kwargs.pop(key, None)
-    if kwargs:
-        raise TypeError(f"load_adapter() got an unexpected keyword argument {next(iter(kwargs))!r}")
+    hub = split_load_kwargs(kwargs)  # (peft's: hub, dispatch, strict_adapter_check; an unknown one refused)
     check_adapter_name(adapter_name)
     if adapter_name in model.peft_config:  # peft's: the file's tensors into that adapter; its config and flags stay
         tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device, hub)
