@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import adapter_io, loss, registry, status
+from . import healthcheck as health
 from .calls import call_batch_size, call_sizes
 from .config import DeltaConfig, json_fields
 from .files import PushToHub, check_adapter_name, upcast_adapter
@@ -495,14 +496,11 @@ class DeltaModel(nn.Module, PushToHub):
         wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, _config=config, **options, **kwargs)
         return wrapped
 
-    # -- status --------------------------------------------------------------------------------------------
-    def get_layer_status(self) -> list[status.TunerLayerStatus]:
-        """peft's: each adapter layer's status (``deltatune.status.TunerLayerStatus``, peft's fields and values)."""
-        return status.layer_status(self)
-
-    def get_model_status(self) -> status.TunerModelStatus:
-        """peft's: the model's adapter status summed up (``deltatune.status.TunerModelStatus``)."""
-        return status.model_status(self)
+    # -- status (peft's fields and values: status.py; peft 0.22's healthcheck: healthcheck.py) -------------
+    get_layer_status = status.layer_status  # peft's: each adapter layer's status (status.TunerLayerStatus)
+    get_model_status = status.model_status  # peft's: the model's adapter status summed up (status.TunerModelStatus)
+    healthcheck = health.healthcheck
+    print_healthcheck = health.print_healthcheck
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), counting each shared tensor once."""

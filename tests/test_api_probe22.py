@@ -1,0 +1,141 @@
+"""Probe 22 of the Python API against peft's PeftModel (0.21.2 here, 0.22.0 in CI): peft 0.22's ``healthcheck`` /
+``print_healthcheck`` (deltatune/healthcheck.py) and its ``strict_adapter_check`` argument of ``load_adapter`` /
+``from_pretrained`` (deltatune/load_options.py)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from tiny import tiny_inputs, tiny_model
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+PEFT_022 = tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (0, 22)
+
+
+def _report(model, **limits) -> dict:
+    """The healthcheck as JSON would carry it, less the environment (deltatune's version where peft's names peft's)."""
+    report = json.loads(json.dumps(model.healthcheck(**limits)))
+    report.pop("environment")
+    return report
+
+
+def _codes(report: dict) -> list[str]:
+    return [f["code"] for f in report["findings"]]
+
+
+def _pair(ours_config, their_config, task: str | None = None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dt.get_delta_model(tiny_model("llama", task), ours_config), peft.get_peft_model(
+            tiny_model("llama", task), their_config
+        )
+
+
+def test_healthcheck_reports_as_peft_022_does():
+    """peft 0.22's PeftModel.healthcheck: its dict key for key (counts, layer types, adapter state, configs, runtime)
+    and its findings, through merging, disabling, a second adapter and a frozen active one; a new task head not
+    saved; prompt tuning (no layer status). The findings are also the hand-worked codes under peft 0.21, which has
+    no healthcheck."""
+    ours, theirs = _pair(
+        dt.LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+        peft.LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    )
+    seen = []
+
+    def check(expected: list[str], **limits) -> None:
+        report = _report(ours, **limits)
+        assert _codes(report) == expected
+        if PEFT_022:
+            assert report == _report(theirs, **limits)
+        seen.append(report)
+
+    check([])
+    assert seen[0]["summary"]["trainable_params"] == 5888 and seen[0]["summary"]["num_adapter_layers"] == 5
+    assert seen[0]["summary"]["adapter_layer_types"] == {"default": {"lora.Linear": 4, "ModulesToSaveWrapper": 1}}
+    check(["HIGH_TRAINABLE_PARAMETER_FRACTION"], max_trainable_params_percent=5)
+    check(["TOO_FEW_TRAINABLE_PARAMETERS"], min_trainable_params=10**6)
+    assert seen[-1]["is_ready"] is False
+    for model in (ours, theirs):
+        model.merge_adapter()
+    check(["IRREGULAR_MERGED_ADAPTERS"])  # (peft's too: the head's copy, trained in full, never counts as merged)
+    for model in (ours, theirs):
+        model.unmerge_adapter()
+        model.disable_adapter_layers()
+    check(["TOO_FEW_TRAINABLE_PARAMETERS", "ADAPTERS_DISABLED", "ACTIVE_ADAPTERS_NOT_TRAINABLE"])  # (all frozen)
+    for model in (ours, theirs):
+        model.enable_adapter_layers()
+    ours.add_adapter("b", dt.LoraConfig(target_modules=["k_proj"]))
+    theirs.add_adapter("b", peft.LoraConfig(target_modules=["k_proj"]))
+    for model in (ours, theirs):
+        model.set_adapter("b", inference_mode=True)  # the head's copy stays with "default": active differs by layer
+    check(["TOO_FEW_TRAINABLE_PARAMETERS", "IRREGULAR_ACTIVE_ADAPTERS"])
+
+    ours, theirs = _pair(
+        dt.LoraConfig(target_modules=["q_proj"]), peft.LoraConfig(target_modules=["q_proj"]), "seq_cls"
+    )
+    for model in (ours, theirs):  # as loaded from a causal LM's checkpoint: the classifier is new
+        model.get_base_model().config.architectures = ["LlamaForCausalLM"]
+    check(["TASK_HEAD_NOT_SAVED"])
+
+    ours, theirs = _pair(
+        dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+        peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    )
+    check([])
+    assert "num_adapter_layers" not in seen[-1]["summary"] and seen[-1]["summary"]["trainable_params"] == 128
+    assert seen[-1]["model_runtime"]["parameter_dtypes"] == {"float32": 23712}  # the base's, the prompt's apart
+
+
+def test_print_healthcheck_prints_peft_022s_lines():
+    """print_healthcheck: peft's format_healthcheck lines, the title and the version line naming deltatune's."""
+    ours, theirs = _pair(dt.LoraConfig(target_modules=["q_proj"]), peft.LoraConfig(target_modules=["q_proj"]))
+    for model in (ours, theirs):
+        model.merge_adapter()
+    printed: list[str] = []
+    ours.print_healthcheck(sink=printed.append, indent="    ")
+    lines = printed[0].splitlines()
+    assert lines[0] == "deltatune healthcheck" and lines[-2:] == [
+        "Findings:",
+        "    WARNING: Adapter(s) 'default' is/are merged; unmerge them before training.",
+    ]
+    assert (
+        "    trainable: 1,024, total: 24,736, percent trainable: 4.1397%, adapter layers: 2"
+    )  # 2 x (8x32 + 32x8) in lines
+    if PEFT_022:
+        theirs.print_healthcheck(sink=printed.append, indent="    ")
+        other = printed[1].splitlines()
+        assert [a for a in lines[1:] if "deltatune" not in a] == [b for b in other[1:] if "peft:" not in b]
+    with pytest.raises(TypeError, match="min_trainable_params must be a number, got '1'"):
+        ours.healthcheck(min_trainable_params="1")
+
+
+def test_strict_adapter_check_is_peft_022s_argument(tmp_path):
+    """peft 0.22's ``strict_adapter_check`` ("warn", "error", "ignore"; peft 0.21 takes and ignores it) is taken by
+    load_adapter and from_pretrained (deltatune's refused it, TypeError); another value is refused in peft 0.22's
+    words, the model unchanged. The adapter loads with peft's logits."""
+    their_base = tiny_model("llama")
+    theirs = peft.get_peft_model(their_base, peft.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    inputs = tiny_inputs("llama")
+    expected = theirs(**inputs).logits
+    ours = dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, strict_adapter_check="error")
+    torch.testing.assert_close(ours(**inputs).logits, expected)
+    for value in ("warn", "ignore"):
+        ours.load_adapter(tmp_path, adapter_name=value, strict_adapter_check=value)
+        ours.set_adapter(value)
+        torch.testing.assert_close(ours(**inputs).logits, expected)
+    before = (sorted(ours.peft_config), list(ours.active_adapters), ours.training)
+    message = "strict_adapter_check must be one of 'warn', 'error' or 'ignore', got 'strict'"
+    with pytest.raises(ValueError, match=message):
+        ours.load_adapter(tmp_path, adapter_name="x", strict_adapter_check="strict")
+    assert (sorted(ours.peft_config), list(ours.active_adapters), ours.training) == before
+    if PEFT_022:  # peft 0.22 refuses it alike
+        with pytest.raises(ValueError, match=message):
+            theirs.load_adapter(tmp_path, adapter_name="x", strict_adapter_check="strict")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'strict_adapter_chek'"):
+        ours.load_adapter(tmp_path, adapter_name="x", strict_adapter_chek="warn")
