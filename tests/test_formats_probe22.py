@@ -165,3 +165,27 @@ def test_data_inspect_refuses_an_openai_row_training_refuses(tmp_path):
     path.write_text(json.dumps({"messages": [_u(), _u(), _a()]}) + "\n")
     with pytest.raises(DataError, match=r"train.jsonl:1: messages\[1\].role: a 'user' message after a 'user'"):
         inspect(str(path), data_format="openai", stage="sft")
+
+
+@pytest.mark.parametrize(
+    "image, got",
+    [({"type": "image", "image": 5}, "an 'image' content part must name a path or URL, got 5"),
+     ({"type": "image_url", "image_url": {"detail": "high"}},
+      'an \'image_url\' content part must name a path or URL, got {"detail": "high"}')],
+)  # fmt: skip
+def test_an_image_part_with_no_path_is_refused(image, got):
+    """An image part whose image is a number, or an object without a url, read as the image path "5" or "" (the
+    caption stage then looked for that file); now one line naming the message. datasets' {bytes, path} object reads
+    its path, OpenAI's {url} its url."""
+
+    def row(part: dict) -> Row:
+        return Row({"messages": [{"role": "user", "content": [part, {"type": "text", "text": "hi"}]}, _a()]}, "f:1")
+
+    with pytest.raises(DataError) as err:
+        read_samples([row(image)])
+    assert str(err.value) == f"f:1: messages[0].content: {got}"
+    parts = [
+        {"type": "image", "image": {"bytes": None, "path": "a.png"}},
+        {"type": "image_url", "image_url": {"url": "x.png"}},
+    ]
+    assert [read_samples([row(p)])[0].images for p in parts] == [["a.png"], ["x.png"]]

@@ -54,8 +54,12 @@ def _content(value: Any, where: str, sample_media: dict[str, list[str]]) -> str:
                 # placeholder ({"type": "image"}, TRL's and LLaVA's) for an image of the row's images column.
                 keys = ("image_url", "image", "video", "url", "path")
                 ref = next((part[k] for k in keys if part.get(k) not in (None, "")), None)
-                if ref is not None:
-                    sample_media[kind].append(ref.get("url", "") if isinstance(ref, dict) else str(ref))
+                if ref is not None:  # (an object without a url read as the path "", a number as its digits)
+                    path = ref.get("url", ref.get("path")) if isinstance(ref, dict) else ref
+                    if not isinstance(path, str) or not path.strip():
+                        got = json.dumps(ref, default=repr)[:60]
+                        raise DataError(f"{where}: {_a(part['type'])} content part must name a path or URL, got {got}")
+                    sample_media[kind].append(path)
                 texts.append("<video>" if kind == "videos" else "<image>")
             else:
                 raise DataError(f"{where}: content part {part!r} is neither text nor an image")
