@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -236,7 +237,10 @@ class DeltaLayer(nn.Module):
         self.merged_adapters.append(name)
 
     def merge_as(self, name: str, safe: bool) -> None:
-        """``merge(name)`` as PEFT's with ``safe_merge=safe``, kept in ``safe_merged`` for ``_merge_weights`` and redos."""
+        """``merge(name)`` as PEFT's with ``safe_merge=safe``, kept in ``safe_merged`` for ``_merge_weights`` and redos.
+        An adapter merged already is left as it is and warned about, as PEFT's ``check_adapters_to_merge`` does."""
+        if name in self.merged_adapters:  # (merge_adapter called twice, say); the model's call site, once per name
+            warnings.warn(f"adapter {name!r} is already merged, nothing to do", UserWarning, stacklevel=3)
         self.safe_merged[name] = self.safe_merged.get(name, False) if name in self.merged_adapters else safe
         self.merge(name)
 

@@ -104,3 +104,29 @@ def test_svd_driver_off_cuda_is_one_line_naming_it_and_changes_nothing(driver):
         model.set_adapter("cat")
     inputs = tiny_inputs("llama")
     torch.testing.assert_close(output_of(ours, inputs), output_of(theirs.eval(), inputs), atol=1e-6, rtol=0)
+
+
+def test_merging_a_merged_adapter_again_warns_as_peft_and_changes_nothing():
+    """peft's check_adapters_to_merge warns 'All adapters are already merged, nothing to do.' (or names the ones
+    merged already when others join them) and merges nothing twice; deltatune merged nothing twice without a word."""
+    import warnings
+
+    theirs, ours = _lora_pair()
+    for model in (theirs.base_model, ours):
+        model.merge_adapter(["a"])
+    weights = _base_weights(ours)
+    seen = {}
+    for lib, model in (("peft", theirs.base_model), ("ours", ours)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.merge_adapter(["a", "b"])
+        seen[lib] = [str(w.message) for w in caught if "merged" in str(w.message)]
+    assert (
+        seen["peft"] and seen["ours"] == ["adapter 'a' is already merged, nothing to do"] * 2
+    )  # (two layers hold it)
+    want = {k: v + ours.get_base_model().get_submodule(k.rsplit(".", 1)[0]).delta_weight("b", merging=True)
+            if k.endswith(("q_proj.weight", "v_proj.weight")) else v for k, v in weights.items()}  # fmt: skip
+    ref, after = _base_weights(theirs), _base_weights(ours)
+    for k in ref:
+        torch.testing.assert_close(after[k], ref[k], atol=0, rtol=0)
+        torch.testing.assert_close(after[k], want[k], atol=1e-6, rtol=0)
