@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from .cli_parser import NEAR, _parser
+from .cli_parser import check_overrides, parse
 
 
 def _is_ours(exc: BaseException) -> bool:
@@ -63,23 +63,10 @@ def _message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser(argv)
-    args, extra = parser.parse_known_args(argv)
-    takes_overrides = isinstance(getattr(args, "overrides", None), list)
-    unknown = [e for e in extra if e.startswith("-")] if takes_overrides else extra
-    if unknown:  # as its command says it, with the nearest of its flags (--overwite: did you mean --overwrite?)
-        import difflib
-        import re
-
-        command = parser.commands[args.command]
-        command = getattr(command, "commands", {}).get(getattr(args, "data_command", None), command)  # data inspect
-        flags = re.findall(r"--[\w-]+", command.format_usage())
-        near = difflib.get_close_matches(unknown[0].split("=")[0], flags, 1, NEAR)  # (0.6: --dtype -> --adapter)
-        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near[0]}?" if near else ""))
-    if extra:  # key=value after a flag (train RECIPE --overwrite train.lr=1e-3): still an override
-        args.overrides += extra
+    args = parse(argv)  # (SystemExit: 2 for a usage error, 0 for --help, 130 for Ctrl-C while it parses)
     previous = _on_sigterm()
     try:
+        check_overrides(getattr(args, "overrides", None))
         code = _COMMANDS[args.command](args)
         if sys.stdout is not None:  # flushed here, not at exit: a reader gone by then is this except's (it was 120)
             sys.stdout.flush()

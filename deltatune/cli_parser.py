@@ -1,14 +1,16 @@
 """The command line's grammar: every ``deltatune`` command with its flags and help texts, and the long help of
 ``deltatune train --help`` (the recipe keys and every registered method's fields, read from their docstrings).
 
-``cli.py`` parses with ``_parser`` and runs the command. Split from cli.py in session 46 to give it headroom. Only
-argparse is imported here at module level: the help texts import the recipe table and the registry inside the
-function that builds them, so ``deltatune --help`` answers at once.
+``cli.py`` parses with ``parse`` and runs the command. Split from cli.py in session 46 to give it headroom. Only
+argparse, os and sys are imported here at module level: the help texts import the recipe table and the registry
+inside the function that builds them, so ``deltatune --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 NEAR = 0.8
 """difflib's cutoff for a mistyped flag's nearest flag (its default 0.6 took --dtype for --adapter)."""
@@ -74,11 +76,16 @@ class _Parser(argparse.ArgumentParser):
             import difflib
 
             flags = list(self._option_string_actions)
-            unknown = [w.split("=")[0] for w in getattr(self, "_given", []) if w.startswith("--")]
-            for flag in (f for f in unknown if f not in flags):
+            given = [
+                w.split("=")[0] for w in getattr(self, "_given", []) if w[:1] == "-" and w.lstrip("-")[:1].isalpha()
+            ]
+            unknown = [f for f in given if f not in flags]  # (-x alone read "required: command", -x unnamed)
+            for flag in unknown:
                 if near := difflib.get_close_matches(flag, flags, 1, NEAR):
                     message += f"; unrecognized argument {flag}: did you mean {near[0]}?"
                     break
+            else:
+                message += f"; unrecognized arguments: {' '.join(unknown)}" if unknown else ""
         super().error(message)
 
 
@@ -184,7 +191,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     )
 
     d = sub.add_parser("data", help="check a data file before training (deltatune data inspect FILE)")
-    dsub = d.add_subparsers(dest="data_command", required=True)
+    dsub = d.add_subparsers(dest="data_command", metavar="{inspect}", required=True)  # (not "data_command")
     d.commands = dsub.choices
     di = dsub.add_parser("inspect", help="detected format, rows, token lengths, and the first rows as rendered")
     di.add_argument("file", help="the data file")
@@ -235,6 +242,57 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.commands = sub.choices  # (an unknown flag is named by its command, with the nearest of its flags)
     return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """``argv`` as its command's arguments: ``key=value`` after a flag is an override too (``train RECIPE
+    --overwrite train.lr=1e-3``), an unknown flag is named by its command with the nearest of its flags
+    (``--overwite``: did you mean --overwrite?). SystemExit as argparse's: 2 for a usage error, 0 after --help; 130
+    for Ctrl-C while the parser is built (``train --help`` imports torch and every method: it was the traceback of
+    wherever the import was, before main's handling of Ctrl-C)."""
+    try:
+        parser = _parser(argv)
+        args, extra = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        if "--debug" in argv:
+            raise
+        print("deltatune: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    unknown = [e for e in extra if e.startswith("-")] if takes_overrides else extra
+    if unknown:
+        import difflib
+        import re
+
+        command = parser.commands[args.command]
+        command = getattr(command, "commands", {}).get(getattr(args, "data_command", None), command)  # data inspect
+        flags = re.findall(r"--[\w-]+", command.format_usage())
+        near = difflib.get_close_matches(unknown[0].split("=")[0], flags, 1, NEAR)  # (0.6: --dtype -> --adapter)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near[0]}?" if near else ""))
+    if extra:
+        args.overrides += extra
+    return args
+
+
+def check_overrides(overrides: list[str] | None) -> None:
+    """A ConfigError naming the first ``key=value`` override whose key has an empty part (``=1``, ``train.=1``,
+    ``train..lr=1``: they read "unknown key ''" or "unknown key 'train.'" and every key of the section) or whose
+    text is not UTF-8 (bytes a shell passed through: ``output.dir=$'run\\xff'`` made the folder, then failed in the
+    tokenizer's save with a UnicodeEncodeError's traceback, the folder left half-written)."""
+    for item in overrides or ():
+        key, why = item.split("=", 1)[0].strip(), None
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            item = os.fsencode(item).decode("utf-8", "backslashreplace")
+            why = "is not UTF-8 text; a run's recipe is written as UTF-8 (run.yaml, the tokenizer's files)"
+        if why is None and "=" in item and "" in key.split("."):
+            why = (f"has an empty part in its key {key!r}" if key else "names no key") + "; write section.key=value "
+            why += "(e.g. train.lr=1e-4)"
+        if why:
+            from .config import ConfigError
+
+            raise ConfigError(f"override '{item}' {why}")
 
 
 def _version() -> str:
