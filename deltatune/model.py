@@ -419,8 +419,8 @@ class DeltaModel(nn.Module, PushToHub):
                     layer.unmerge(name)
             raise
 
-    def unmerge_adapter(self) -> None:
-        """Undo every merge, restoring the base weights."""
+    def unmerge_adapter(self, force_reshard: bool = False) -> None:
+        """Undo every merge, restoring the base weights (``force_reshard``: peft 0.22's, for FSDP2 shards; none here)."""
         for _, layer in self._layers():
             for name in reversed(list(layer.merged_adapters)):
                 layer.unmerge(name)

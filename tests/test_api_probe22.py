@@ -139,3 +139,24 @@ def test_strict_adapter_check_is_peft_022s_argument(tmp_path):
             theirs.load_adapter(tmp_path, adapter_name="x", strict_adapter_check="strict")
     with pytest.raises(TypeError, match="unexpected keyword argument 'strict_adapter_chek'"):
         ours.load_adapter(tmp_path, adapter_name="x", strict_adapter_chek="warn")
+
+
+def test_unmerge_adapter_takes_peft_022s_force_reshard():
+    """peft 0.22's ``unmerge_adapter(force_reshard=...)`` (FSDP2 shards resharded; deltatune's refused the argument,
+    TypeError): the base weights come back as peft's do."""
+    ours, theirs = _pair(
+        dt.LoraConfig(target_modules=["q_proj"], init_lora_weights=False),
+        peft.LoraConfig(target_modules=["q_proj"], init_lora_weights=False),
+    )
+    inputs = tiny_inputs("llama")
+    expected = tiny_model("llama")(**inputs).logits
+    ours.merge_adapter()
+    ours.unmerge_adapter(force_reshard=True)
+    assert ours.get_model_status().merged_adapters == []
+    with ours.disable_adapter():
+        torch.testing.assert_close(ours(**inputs).logits, expected)
+    if PEFT_022:
+        theirs.merge_adapter()
+        theirs.unmerge_adapter(force_reshard=True)
+        with theirs.disable_adapter():
+            torch.testing.assert_close(theirs(**inputs).logits, expected)
