@@ -118,3 +118,42 @@ def test_a_tokenizer_of_its_own_code_untrusted_is_one_line(bases, tmp_path):
     want = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     got = load_tokenizer(str(folder), trust_remote_code=True)
     assert type(got).__name__ == "MyTok" and got("the cat")["input_ids"] == want("the cat")["input_ids"]
+
+
+@pytest.mark.parametrize(
+    "text, raised, why",
+    [
+        ("[1]", AttributeError, r"preprocessor_config.json is not a JSON object \(a list\)"),
+        ('{"image_processor_type": "NopeProcessor"}', ValueError,
+         r"preprocessor_config.json names an image processor \('NopeProcessor'\) transformers does not know"),
+    ],
+)  # fmt: skip
+def test_a_damaged_preprocessor_config_is_one_line_naming_it(tmp_path, text, raised, why):
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    folder = save_tiny(tmp_path / "vit", "vit")
+    ViTImageProcessor().save_pretrained(folder)
+    want = AutoImageProcessor.from_pretrained(folder)
+    assert load_processor(folder, "image_cls").to_dict() == want.to_dict()  # whole: as transformers reads it
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(text)
+    with pytest.raises(raised):  # transformers: from deep inside (or its multi-line refusal)
+        AutoImageProcessor.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=rf"model '{folder}': {why}"):
+        load_processor(folder, "image_cls")
+
+
+def test_a_config_field_of_the_wrong_type_is_one_line(bases, tmp_path):
+    import json
+
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    folder = shutil.copytree(bases["llama"], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    with pytest.raises(StrictDataclassFieldValidationError):  # three lines from huggingface_hub's dataclass check
+        AutoModelForCausalLM.from_pretrained(folder)
+    line = rf"model '{folder}': config.json has a value of the wrong type \(Field 'hidden_size' expected int, got str"
+    for load in (lambda: load_processor(str(folder), "sft"), lambda: load_model(str(folder), "CAUSAL_LM"),
+                 lambda: load_model(str(folder), "SEQ_CLS", num_labels=2)):  # fmt: skip
+        with pytest.raises(ConfigError, match=line):
+            load()

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from ..config import ConfigError
 from . import embedded
+from .model_files import broken_weights, config_problem, json_value, read_index
 from .table import IMAGE_STAGES
 
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "IMAGE_CLS")
@@ -68,7 +69,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_path(name_or_path)
-    if os.path.isdir(path) and (problem := json_problem(os.path.join(path, "config.json"))):
+    if os.path.isdir(path) and (problem := json_problem(os.path.join(path, "config.json")) or config_problem(path)):
         raise ConfigError(f"model {name_or_path!r}: config.json {problem}")  # (its tokenizer reads it too)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -123,6 +124,9 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoImageProcessor
 
     path = resolve_path(name_or_path)
+    for file in ("config.json", "preprocessor_config.json") if os.path.isdir(path) else ():
+        if problem := json_problem(os.path.join(path, file)) or file == "config.json" and config_problem(path):
+            raise ConfigError(f"model {name_or_path!r}: {file} {problem}")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         from transformers import ViTImageProcessorPil
 
@@ -135,6 +139,14 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
         return AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:  # (transformers' multi-line refusal: a type it does not know, remote code untrusted)
+        if "Unrecognized image processor" not in str(exc):
+            raise
+        kind = json_value(os.path.join(path, "preprocessor_config.json"), "image_processor_type")
+        raise ConfigError(
+            f"model {name_or_path!r}: preprocessor_config.json names an image processor ({kind!r}) transformers "
+            "does not know: fix its image_processor_type, or upgrade transformers"
+        ) from None
 
 
 def not_loaded(name_or_path: str, exc: OSError) -> ConfigError:
@@ -279,12 +291,12 @@ def load_model(
     except OSError as exc:
         raise not_loaded(name_or_path, exc) from None
     except SafetensorError as exc:  # a truncated or corrupt weights file
-        file, why = _broken_weights(path) or ("", str(exc))
+        file, why = broken_weights(path) or ("", str(exc))
         raise ConfigError(
             f"model {name_or_path!r} could not be loaded: a weights file is unreadable ({file and file + ': '}{why})"
         ) from None
     except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # a model of another kind: a
-        if broken := _broken_weights(path):  # Llama for seq2seq, a ViT for text cls; a truncated pytorch_model.bin
+        if broken := broken_weights(path):  # Llama for seq2seq, a ViT for text cls; a truncated pytorch_model.bin
             raise ConfigError(
                 f"model {name_or_path!r} could not be loaded: a weights file is unreadable ({broken[0]}: {broken[1]})"
             ) from None
@@ -352,63 +364,19 @@ def check_model_folder(name_or_path: str, path: str) -> None:
     if not os.path.isdir(path):
         return
     if os.path.isfile(os.path.join(path, "config.json")):
-        for file in filter(None, ("config.json", _read_index(path))):
+        for file in filter(None, ("config.json", read_index(path))):
             if problem := json_problem(os.path.join(path, file)):
                 raise ConfigError(f"model {name_or_path!r}: {file} {problem}")
+        if problem := config_problem(path):
+            raise ConfigError(f"model {name_or_path!r}: config.json {problem}")
         return
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        base = _json_value(os.path.join(path, "adapter_config.json"), "base_model_name_or_path")
+        base = json_value(os.path.join(path, "adapter_config.json"), "base_model_name_or_path")
         raise ConfigError(
             f"model {name_or_path!r} is an adapter's folder (adapter_config.json), not a base model: give its base "
             f"({base or 'base_model_name_or_path'}) as the model and load the adapter on it"
         )
     raise ConfigError(f"model {name_or_path!r} holds no config.json: not a transformers model folder")
-
-
-_WEIGHTS_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-"""The weights files transformers' from_pretrained reads from a local folder: the first of them there."""
-
-
-def _read_index(path: str) -> str | None:
-    """The shard index transformers reads in the model folder ``path``: none beside a single weights file it reads
-    first (a leftover pytorch_model.bin.index.json beside model.safetensors is never opened)."""
-    first = next((f for f in _WEIGHTS_FILES if os.path.isfile(os.path.join(path, f))), None)
-    return first if first and first.endswith(".index.json") else None
-
-
-def _broken_weights(path: str) -> tuple[str, str] | None:
-    """(file, why) for the first weights file transformers reads in the model folder ``path`` (a shard index's
-    shards, each) that does not open: a safetensors header that is cut or damaged, a ``.bin`` that torch cannot
-    unpickle (a truncated zip, garbage). Read only after a load failed: torch's and safetensors' errors name no file
-    (a RuntimeError "PytorchStreamReader failed reading zip archive" or an UnpicklingError came as a traceback)."""
-    import zipfile
-
-    from safetensors import safe_open
-
-    first = _read_index(path) or next((f for f in _WEIGHTS_FILES if os.path.isfile(os.path.join(path, f))), None)
-    if first is None or not os.path.isdir(path):
-        return None
-    shards = _json_value(os.path.join(path, first), "weight_map") if first.endswith(".index.json") else {0: first}
-    for file in sorted(set(shards.values())) if isinstance(shards, dict) else ():
-        full = os.path.join(path, str(file))
-        if not os.path.isfile(full):  # (transformers names a missing shard itself)
-            continue
-        try:
-            if full.endswith(".safetensors"):
-                with safe_open(full, "pt"):
-                    pass
-            else:  # (meta and mmap: the tensors' bytes are not read)
-                zipped = zipfile.is_zipfile(full)
-                torch.load(full, map_location="meta", weights_only=True, mmap=zipped)
-        except Exception as exc:  # noqa: BLE001 (any failure to open it is the one line's reason)
-            why = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-            return str(file), why if full.endswith(".safetensors") or zipped else f"not a torch checkpoint: {why}"
-    return None
 
 
 def json_problem(file: str) -> str | None:
@@ -440,7 +408,7 @@ def _refusal(name_or_path: str, path: str, error: str, trusted: bool) -> str | N
     if "does not recognize this architecture" in error:
         import transformers
 
-        mtype = _json_value(os.path.join(path, "config.json"), "model_type")
+        mtype = json_value(os.path.join(path, "config.json"), "model_type")
         return (
             f"model {name_or_path!r} has a model type ({mtype!r}) that transformers {transformers.__version__} does "
             "not know: upgrade transformers, or check config.json"
@@ -456,17 +424,6 @@ def _refusal(name_or_path: str, path: str, error: str, trusted: bool) -> str | N
             "report above lists them): fix config.json or the weights"
         )
     return None
-
-
-def _json_value(file: str, key: str):
-    """``key`` of the JSON object in ``file``; None when unreadable."""
-    import json
-
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _fill_start_token(model, path: str, trust_remote_code: bool) -> None:

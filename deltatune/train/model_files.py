@@ -1,0 +1,84 @@
+"""What a local model folder's files say, read without loading a model: which weights file and shard index
+transformers reads, one key of a JSON file, the weights file that does not open, a config.json field of the wrong
+type. Split from models.py (session 57), which neared its line limit."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_WEIGHTS_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+"""The weights files transformers' from_pretrained reads from a local folder: the first of them there."""
+
+
+def read_index(path: str) -> str | None:
+    """The shard index transformers reads in the model folder ``path``: none beside a single weights file it reads
+    first (a leftover pytorch_model.bin.index.json beside model.safetensors is never opened)."""
+    first = next((f for f in _WEIGHTS_FILES if os.path.isfile(os.path.join(path, f))), None)
+    return first if first and first.endswith(".index.json") else None
+
+
+def json_value(file: str, key: str):
+    """``key`` of the JSON object in ``file``; None when unreadable."""
+    import json
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def broken_weights(path: str) -> tuple[str, str] | None:
+    """(file, why) for the first weights file transformers reads in the model folder ``path`` (a shard index's
+    shards, each) that does not open: a safetensors header that is cut or damaged, a ``.bin`` that torch cannot
+    unpickle (a truncated zip, garbage). Read only after a load failed: torch's and safetensors' errors name no file
+    (a RuntimeError "PytorchStreamReader failed reading zip archive" or an UnpicklingError came as a traceback)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    first = read_index(path) or next((f for f in _WEIGHTS_FILES if os.path.isfile(os.path.join(path, f))), None)
+    if first is None or not os.path.isdir(path):
+        return None
+    shards = json_value(os.path.join(path, first), "weight_map") if first.endswith(".index.json") else {0: first}
+    for file in sorted(set(shards.values())) if isinstance(shards, dict) else ():
+        full = os.path.join(path, str(file))
+        if not os.path.isfile(full):  # (transformers names a missing shard itself)
+            continue
+        try:
+            if full.endswith(".safetensors"):
+                with safe_open(full, "pt"):
+                    pass
+            else:  # (meta and mmap: the tensors' bytes are not read)
+                zipped = zipfile.is_zipfile(full)
+                torch.load(full, map_location="meta", weights_only=True, mmap=zipped)
+        except Exception as exc:  # noqa: BLE001 (any failure to open it is the one line's reason)
+            why = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+            return str(file), why if full.endswith(".safetensors") or zipped else f"not a torch checkpoint: {why}"
+    return None
+
+
+def config_problem(path: str) -> str | None:
+    """What is wrong with a field of the model folder ``path``'s config.json that transformers checks by type
+    (``image_size: "big"``): its field and why, in one line; None when the config reads (or fails otherwise:
+    the loader's own errors name that). transformers raised huggingface_hub's StrictDataclassFieldValidationError,
+    three lines, from the tokenizer's, the image processor's or the model's load."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except StrictDataclassError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # [field, "TypeError: why"]
+        why = lines[-1].split(": ", 1)[-1].split(". Errors:")[0] if lines else type(exc).__name__
+        return f"has a value of the wrong type ({why})"
+    except Exception:  # noqa: BLE001 (not this check's to report)
+        return None
+    return None
