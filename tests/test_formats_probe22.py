@@ -189,3 +189,21 @@ def test_an_image_part_with_no_path_is_refused(image, got):
         {"type": "image_url", "image_url": {"url": "x.png"}},
     ]
     assert [read_samples([row(p)])[0].images for p in parts] == [["a.png"], ["x.png"]]
+
+
+@pytest.mark.parametrize(
+    "columns, tags, why",
+    [({"prompt": ["q"]}, None, "data.columns.prompt: must be a column name, got ['q']"),
+     ({"prompt": 5}, None, "data.columns.prompt: must be a column name, got 5"),
+     (None, {"user_tag": ["human"]}, "data.tags.user_tag: must be a tag (a role or field name of the rows), got ['human']"),
+     (None, {"role_tag": 5}, "data.tags.role_tag: must be a tag (a role or field name of the rows), got 5")],
+)  # fmt: skip
+def test_a_renaming_that_is_not_text_is_one_line(columns, tags, why):
+    """data.columns and data.tags values that are no text: a list raised TypeError: unhashable type from inside the
+    reader, a number was not read at all (the row then matched no format, or its roles fell back to 'from')."""
+    from deltatune.config import ConfigError
+
+    rows = [Row({"prompt": "a", "completion": "b", "conversations": [{"from": "human", "value": "a"}]}, "f:1")]
+    with pytest.raises(ConfigError) as err:
+        read_samples(rows, columns, "sharegpt" if tags else None, tags)
+    assert str(err.value) == why

@@ -35,11 +35,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from ..config import ConfigError
 from .formats_messages import (
     _MESSAGE_ROLES,
     _a,
     _check_calls,
+    _check_renames,
     _col,
     _conversation_column,
     _media,
@@ -183,13 +183,7 @@ def read_samples(
             answer, chosen == rejected, a tool call without a schema, a format the stage does not read.
     """
     c = dict(columns or {})
-    for key, known, what in (
-        (c, FIELDS + tuple(LLAMAFACTORY_COLUMNS), "data.columns"),
-        (tags or {}, SHAREGPT_TAGS, "data.tags"),
-    ):
-        unknown = [k for k in key if k not in known]
-        if unknown:
-            raise ConfigError(f"{what}: unknown key {unknown[0]!r}; it renames {', '.join(known)}")
+    _check_renames((c, FIELDS + tuple(LLAMAFACTORY_COLUMNS), "data.columns"), (tags or {}, SHAREGPT_TAGS, "data.tags"))
     openai, data_format = data_format == "openai", "messages" if data_format == "openai" else data_format
     c = _llamafactory_columns(c, rows, data_format)
     if data_format is not None and data_format not in FORMATS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from .load import DataError, Row
@@ -18,6 +19,22 @@ _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", 
 
 def _col(columns: dict[str, str], key: str) -> str:
     return columns.get(key, key)
+
+
+def _check_renames(*renames: tuple[dict, Sequence[str], str]) -> None:
+    """``data.columns`` and ``data.tags`` (each ``(given, known keys, name)``): known keys, each renamed to a text (a
+    list was a TypeError deep in the reader, a number a renaming silently unread, a null tag a role of None)."""
+    from ..config import ConfigError
+
+    for given, known, what in renames:
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            raise ConfigError(f"{what}: unknown key {unknown[0]!r}; it renames {', '.join(known)}")
+        columns = what == "data.columns"  # (a null column: a *_column key unset, named when the row lacks it)
+        bad = next((k for k, v in given.items() if not isinstance(v, str) and not (columns and v is None)), None)
+        if bad is not None:
+            name = "a column name" if columns else "a tag (a role or field name of the rows)"
+            raise ConfigError(f"{what}.{bad}: must be {name}, got {given[bad]!r}")
 
 
 def _conversation_column(row: Row, c: dict[str, str], field: str, other: str) -> str:
