@@ -112,7 +112,6 @@ def test_a_sampled_rows_distribution_is_transformers_processors_with_tied_logits
     assert torch.equal(drawn[-1][:3] > 0, want > 0) and want.tolist() == pytest.approx([2 / 3, 0.0, 1 / 3])
 
 
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/serve/fields.py diff of probe 22's engine report")
 def test_a_priority_other_than_0_is_a_400_as_vllms_first_come_first_served_scheduler():
     """vLLM's requests take ``priority``; under its default scheduler (first come, first served) any priority but 0 is
     refused ("Got priority 5 but Priority scheduling is not enabled."). Here it was accepted and ignored: a client

@@ -42,6 +42,9 @@ UNSUPPORTED: dict[str, Any] = {
     # vLLM's thinking budget and repetition detection change the answer: refused unless off (-1: no budget, vLLM's
     # validate_thinking_token_budget; max_pattern_size 0: disabled, vLLM's RepetitionDetectionParams)
     "thinking_token_budget": (-1,),
+    # vLLM's priority: refused unless 0 where its scheduler is first come, first served (its default; "Got priority
+    # 1 but Priority scheduling is not enabled."); this engine has no other order
+    "priority": (0,),
     "repetition_detection": _Off(max_pattern_size=0, min_pattern_size=0),
 }
 
