@@ -157,3 +157,50 @@ def test_a_config_field_of_the_wrong_type_is_one_line(bases, tmp_path):
                  lambda: load_model(str(folder), "SEQ_CLS", num_labels=2)):  # fmt: skip
         with pytest.raises(ConfigError, match=line):
             load()
+
+
+def _gguf_stand_in(monkeypatch, tmp_path):
+    """embedded._convert run for real on a stand-in for transformers' GGUF reading: a tiny Llama (vocabulary
+    10,000: the probe's ids) and MiniLM's tokenizer, returned for ``from_pretrained(..., gguf_file=...)``."""
+    import transformers
+
+    from deltatune.train import embedded
+    from tests.tiny import tiny_model, tokenizer
+
+    gguf = tiny_model("llama", vocab_size=10000, tie_word_embeddings=True)
+    tok = tokenizer()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: gguf)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    e = embedded.Embedded("fake", "fake_pkg", "org/fake", "pip install fake", "m.gguf")
+    return embedded, pkg, e, gguf
+
+
+def test_a_disk_full_while_the_cache_is_written_is_one_line_and_leaves_nothing(monkeypatch, tmp_path):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    embedded, pkg, e, gguf = _gguf_stand_in(monkeypatch, tmp_path)
+    folder = tmp_path / "cache" / "fake-abc"
+    real_save = PreTrainedModel.save_pretrained
+
+    def full(self, where, *a, **k):
+        real_save(self, where, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(ConfigError, match=rf"model 'fake' is converted once into {tmp_path / 'cache'}, which "
+                       r"cannot be written \(No space left on device\): set DELTATUNE_CACHE"):  # fmt: skip
+        embedded._convert(pkg, e, folder)
+    assert list((tmp_path / "cache").iterdir()) == []  # no staging folder, no cache
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
+    embedded._convert(pkg, e, folder)  # room again: converted, checked, the GGUF model's logits
+    assert embedded._valid(folder) and [p.name for p in (tmp_path / "cache").iterdir()] == ["fake-abc"]
+    from transformers import LlamaForCausalLM  # (AutoModelForCausalLM stands in for the GGUF here)
+
+    ids = torch.tensor([[1, 9690, 198, 2683]])
+    converted = LlamaForCausalLM.from_pretrained(folder)
+    assert converted is not gguf and torch.equal(converted(ids).logits, gguf(ids).logits)

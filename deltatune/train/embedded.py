@@ -275,12 +275,15 @@ def _convert(pkg: Path, e: Embedded, folder: Path) -> None:
     except OSError as exc:  # (writable when resolve checked it)
         raise _unwritable(e.name, folder.parent, exc) from None
     try:
-        model.save_pretrained(staging)
-        tok.save_pretrained(staging)
-        (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=1))
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is a normal folder
-        for f in staging.iterdir():
-            f.chmod(0o644)
+        try:
+            model.save_pretrained(staging)
+            tok.save_pretrained(staging)
+            (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=1))
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is a normal folder
+            for f in staging.iterdir():
+                f.chmod(0o644)
+        except OSError as exc:  # (a disk full mid-write: safetensors' or json's error from deep inside)
+            raise _unwritable(e.name, folder.parent, exc) from None
         if folder.exists() and not _valid(folder):
             shutil.rmtree(folder)  # corrupt or partial: never half-used
         try:
