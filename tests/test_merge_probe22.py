@@ -130,3 +130,34 @@ def test_merging_a_merged_adapter_again_warns_as_peft_and_changes_nothing():
     for k in ref:
         torch.testing.assert_close(after[k], ref[k], atol=0, rtol=0)
         torch.testing.assert_close(after[k], want[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("combination_type", ["svd", "dare_ties_svd"])
+def test_svd_combination_of_fp32_embedding_adapters_on_a_bf16_base_is_peft_s(combination_type):
+    """peft's SVD combinations read get_delta_weight, in the adapters' dtype. deltatune's read the delta its
+    embedding merge adds, rounded to a bf16 table's dtype: with float32 adapters (peft's autocast_adapter_dtype) the
+    combined embedding's B was 0.049 off peft's (the linear layers' were equal)."""
+    from peft.utils import get_peft_model_state_dict
+
+    configs = {"a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]), "b": dict(r=4)}
+    configs["b"]["target_modules"] = ["embed_tokens", "v_proj"]
+    theirs = ours = None
+    for name, kwargs in configs.items():
+        p, d = peft.LoraConfig(init_lora_weights=False, **kwargs), dt.LoraConfig(init_lora_weights=False, **kwargs)
+        if theirs is None:
+            theirs = peft.get_peft_model(tiny_model("llama").to(torch.bfloat16), p, adapter_name=name)
+            ours = dt.get_delta_model(tiny_model("llama").to(torch.bfloat16), d, adapter_name=name,
+                                      autocast_adapter_dtype=True)  # fmt: skip
+        else:
+            theirs.add_adapter(name, p)
+            ours.add_adapter(name, d, autocast_adapter_dtype=True)
+        dt.set_peft_model_state_dict(ours, get_peft_model_state_dict(theirs, adapter_name=name), adapter_name=name)
+    for model in (theirs, ours):
+        torch.manual_seed(0)  # (DARE's masks)
+        model.add_weighted_adapter(["a", "b"], [1.0, -0.6], "mix", combination_type=combination_type, density=0.5)
+    ref = get_peft_model_state_dict(theirs, adapter_name="mix")
+    got = dt.get_peft_model_state_dict(ours, adapter_name="mix")
+    assert set(got) == set(ref) and any("embed_tokens" in k for k in ref)
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype == (torch.bfloat16 if "base_layer" in k else torch.float32)
+        torch.testing.assert_close(got[k], v, atol=0, rtol=0)
