@@ -59,8 +59,8 @@ def test_bench_pairs_alternate_abba_so_a_steady_drift_favours_neither_side(monke
 def test_interleaved_rounds_balance_who_runs_after_whom(monkeypatch):
     """interleaved.py rotated its order (full, deltatune, peft, floor; deltatune, peft, floor, full; ...), which keeps
     the cyclic order: deltatune ran right after full fine-tuning (the step that frees the most memory) in 3 of every
-    4 rounds, peft never did. On a fake clock where a call right after "full" costs 5 ms more, the medians were
-    deltatune 15 vs peft 10 ms; with a Williams design both are 10."""
+    4 rounds, peft in 1 (first in its round, after the round before). On a fake clock where a call right after
+    "full" costs 5 ms more, the medians were deltatune 15 vs peft 10 ms; with a Williams design both are 10."""
     inter = _script("interleaved")
     clock = types.SimpleNamespace(t=0.0, last=None)
 
