@@ -144,16 +144,6 @@ def test_a_forced_conversation_format_names_its_own_missing_column(data_format, 
     assert str(err.value).startswith(f"f.jsonl:7: column {column!r} is missing (columns in this row: ")
 
 
-def _inspect_diff_applied() -> bool:
-    """Whether data/inspect.py passes --format openai on to read_samples (the diff in probe 22's report)."""
-    import inspect as _py_inspect
-
-    from deltatune.data import inspect as data_inspect
-
-    return "read_samples(rows, columns, given," in _py_inspect.getsource(data_inspect)
-
-
-@pytest.mark.xfail(not _inspect_diff_applied(), reason="data/inspect.py maps openai to messages first", strict=True)
 def test_data_inspect_refuses_an_openai_row_training_refuses(tmp_path):
     """``deltatune data inspect --format openai`` read the file as detected messages (any order) where training
     (data.format=openai) refuses the row LLaMA-Factory drops: the report must fail as training does."""

@@ -72,7 +72,7 @@ def inspect(
         raise ConfigError(f"--rows must be >= 0, got {show}")
     if max_length < 1:
         raise ConfigError(f"--max-length must be >= 1, got {max_length}")
-    data_format = "messages" if data_format == "openai" else data_format  # (LLaMA-Factory's formatting: openai)
+    given, data_format = data_format, "messages" if data_format == "openai" else data_format  # (LLaMA-Factory's)
     if data_format is not None and data_format not in FORMATS:
         raise ConfigError(f"--format {data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
     if stage is not None and stage not in STAGE_FORMATS and stage not in COLUMN_STAGES:
@@ -97,7 +97,7 @@ def inspect(
     stage = stage or default_stage(fmt)
     skipped: list[str] = []
     try:  # (a format the stage reads only reshaped, as LLaMA-Factory's KTO and PPO rows, is read_samples' to tell)
-        samples = read_samples(rows, columns, data_format, tags, stage, skipped)
+        samples = read_samples(rows, columns, given, tags, stage, skipped)  # (openai: its converter's turn order)
     except StageFormatError:  # (the first row's format; a bad row's own error passes as it is)
         own = column_stage(rows[0])  # (a classification file given --stage sft: the stage that reads it named)
         raise DataError(
