@@ -22,6 +22,9 @@ while [ $# -gt 0 ]; do
     *) echo "gpu.sh: error: unknown option $1 (use --out DIR, --dry-run)" >&2; exit 2 ;;
   esac
 done
+case "$OUT" in  # the steps below are split on spaces
+  *[[:space:]]*|"") echo "gpu.sh: error: --out '$OUT': a folder name without spaces" >&2; exit 2 ;;
+esac
 
 STEPS=(
   "$PY benchmarks/bench.py --configs llama1b,llama1b-compile --methods full,lora,lora-4bit --device cuda --repeats 2 --startup-repeats 0 --out $OUT/llama1b.md --json $OUT/llama1b.json"
@@ -65,10 +68,20 @@ fi
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: error: torch sees no CUDA device')"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
+# A failed step (bench.py exits 1 when a cell has no successful process) does not stop the later ones: the GPU is
+# lent for minutes, and the steps are independent.
+failed=()
 for s in "${STEPS[@]}"; do
   echo "== $s" | tee -a "$OUT/log.txt"
   start=$(date +%s)
-  $s 2>&1 | tee -a "$OUT/log.txt" | tail -n 3
-  echo "== $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
+  status=0
+  $s 2>&1 | tee -a "$OUT/log.txt" | tail -n 3 || status=$?
+  echo "== $(( $(date +%s) - start )) s, exit status $status" | tee -a "$OUT/log.txt"
+  [ "$status" = 0 ] || failed+=("$s")
 done
 echo "reports in $OUT"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu.sh: ${#failed[@]} of ${#STEPS[@]} steps failed (their lines in $OUT/log.txt):" >&2
+  printf '  %s\n' "${failed[@]}" >&2
+  exit 1
+fi

@@ -278,3 +278,28 @@ def test_scaling_orders_are_balanced(monkeypatch):
     timed = [seen[i : i + 4] for i in range(4, len(seen), 4)]  # the rounds after the warm-up
     pairs = [(row[i], row[i + 1]) for row in timed for i in range(3)]
     assert len(timed) == 4 and {pairs.count(pair) for pair in pairs} == {1} and len(pairs) == 12
+
+
+def test_gpu_script_runs_every_step_when_one_fails(tmp_path):
+    """gpu.sh ran under ``set -e -o pipefail``: the first bench.py step that exited 1 (one cell without a successful
+    process) ended the script, and the SmolLM2 and SFT steps of the lent GPU minutes never ran. A stand-in for
+    python fails every bench.py step and passes the rest: all 4 steps run, both failures are named, exit status 1.
+    An --out with a space was split into two words by the unquoted steps: refused in one line."""
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\necho "ran $2"\ncase "$*" in *bench.py*) exit 1 ;; esac\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--out", str(out)], cwd=ROOT, env={**os.environ, "PY": str(fake)},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    log = (out / "log.txt").read_text()
+    assert log.count("exit status 1") == 2 and log.count("exit status 0") == 2
+    assert "gpu.sh: 2 of 4 steps failed" in done.stderr and done.stderr.count("benchmarks/bench.py --configs") == 2
+    bad = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", str(tmp_path / "a b")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == f"gpu.sh: error: --out '{tmp_path / 'a b'}': a folder name without spaces"
+    )
