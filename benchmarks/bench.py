@@ -518,8 +518,8 @@ def run(
         quick=quick,
         fused_loss=fused_loss,
     )
-    if settings.steps < 1 or settings.infer_steps < 1 or settings.repeats < 1:
-        print("bench.py: error: --steps, --infer-steps and --repeats must be >= 1", file=sys.stderr)
+    if settings.warmup < 1 or settings.steps < 1 or settings.infer_steps < 1 or settings.repeats < 1:
+        print("bench.py: error: --warmup, --steps, --infer-steps and --repeats must be >= 1", file=sys.stderr)
         return 2
     load = os.getloadavg()
 
@@ -566,7 +566,12 @@ def parser() -> argparse.ArgumentParser:
         "--methods",
         help=f"comma-separated from {', '.join(METHODS)}, or 'all' (default: {','.join(DEFAULT_METHODS)})",
     )
-    p.add_argument("--warmup", type=common.at_least(0), help="untimed training steps per process (default 2)")
+    p.add_argument(
+        "--warmup",
+        type=common.at_least(1),
+        help="untimed training steps per process (default 2; at least 1: the first step allocates AdamW's state and, "
+        "with torch.compile, compiles)",
+    )
     p.add_argument("--steps", type=common.at_least(1), help="timed training steps per process (default 6)")
     p.add_argument(
         "--infer-steps", type=common.at_least(1), help="timed forward passes per latency figure (default 3)"

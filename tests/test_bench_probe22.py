@@ -303,3 +303,19 @@ def test_gpu_script_runs_every_step_when_one_fails(tmp_path):
         bad.returncode == 2
         and bad.stderr.strip() == f"gpu.sh: error: --out '{tmp_path / 'a b'}': a folder name without spaces"
     )
+
+
+def test_bench_refuses_a_warmup_of_zero(monkeypatch, capsys):
+    """--warmup 0 was accepted: the first timed step then held AdamW's state allocation (and, on llama1b-compile,
+    the whole torch.compile), and with --steps 1 or 2 that set-up was the figure, or half of it."""
+    bench = _script("bench")
+
+    def worker(spec):
+        raise AssertionError("measured with --warmup 0")
+
+    monkeypatch.setattr(bench, "_worker", worker)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--configs", "minilm", "--methods", "lora", "--warmup", "0", "--steps", "1"])
+    assert exit_.value.code == 2 and "argument --warmup: must be at least 1, got 0" in capsys.readouterr().err
+    assert bench.run("minilm", "lora", warmup=0, steps=1, device="cpu") == 2
+    assert "--warmup, --steps, --infer-steps and --repeats must be >= 1" in capsys.readouterr().err
