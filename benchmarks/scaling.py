@@ -122,6 +122,8 @@ def fit(lengths: list[int], values: list[float]) -> tuple[float, float, float]:
 
 
 def growth(lengths: list[int], values: list[float], unit: str) -> str:
+    if len(set(lengths)) < 2:  # a line through one point is any line: lstsq's minimum-norm pick read as "linear"
+        return "one length: no fit"
     a, b, c = fit(lengths, values)
     top = max(lengths)
     share = c * top * top / max(a + b * top + c * top * top, 1e-12)

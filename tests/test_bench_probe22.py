@@ -319,3 +319,15 @@ def test_bench_refuses_a_warmup_of_zero(monkeypatch, capsys):
     assert exit_.value.code == 2 and "argument --warmup: must be at least 1, got 0" in capsys.readouterr().err
     assert bench.run("minilm", "lora", warmup=0, steps=1, device="cpu") == 2
     assert "--warmup, --steps, --infer-steps and --repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_scaling_fits_no_growth_through_one_length():
+    """scaling.py --lengths 512 fitted a + b*L through one point (least squares' minimum-norm pick of the infinitely
+    many lines) and reported it as "linear (0% quadratic ...)"; two lengths give the line through both, exactly."""
+    scaling = _script("scaling")
+    assert scaling.growth([512], [100.0], "ms") == "one length: no fit"
+    assert scaling.growth([512, 512], [100.0, 102.0], "ms") == "one length: no fit"
+    assert (
+        scaling.growth([500, 1000], [100.0, 150.0], "ms")
+        == "linear (0% quadratic at L=1000): 50.0 + 100.00 x + 0.000 x^2 ms, x = L / 1000"
+    )
