@@ -67,3 +67,28 @@ def test_an_mlp_prompt_encoder_warns_that_encoder_num_layers_is_ignored_as_peft(
         warnings.simplefilter("error")
         dt.get_delta_model(tiny_model("llama"), dt.PTuningConfig(**{**kw, "encoder_reparameterization_type": "LSTM"}))
         dt.get_delta_model(tiny_model("llama"), dt.PTuningConfig(**{**kw, "encoder_num_layers": 2}))
+
+
+def test_a_long_init_text_on_a_seq2seq_model_warns_with_the_table_s_rows_not_as_virtual_tokens(tmp_path):
+    # T5 with SEQ_2_SEQ_LM holds 2n rows (peft's num_transformer_submodules = 2); the warning said "there are 8
+    # virtual tokens" for num_virtual_tokens=4. The table itself equals peft's (cut to the first 8 tokens).
+    from tiny import POLICY_WORDS, word_tokenizer
+
+    word_tokenizer().save_pretrained(tmp_path)
+    kw = dict(
+        task_type="SEQ_2_SEQ_LM",
+        num_virtual_tokens=4,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=" ".join(POLICY_WORDS[:9]),
+        tokenizer_name_or_path=str(tmp_path),
+    )
+    with pytest.warns(UserWarning) as caught:
+        ours = dt.get_delta_model(tiny_model("t5", "seq2seq"), dt.PromptTuningConfig(**kw))
+    said = [str(w.message) for w in caught if "prompt_tuning_init_text" in str(w.message)]
+    assert said == [
+        "prompt_tuning_init_text has 9 tokens but the table has 8 rows (num_virtual_tokens=4 x "
+        "num_transformer_submodules=2); only the first 8 are used"
+    ]
+    theirs = peft.get_peft_model(tiny_model("t5", "seq2seq"), peft.PromptTuningConfig(**kw))
+    table = ours.base_model.virtual_tokens.prompt_encoder["default"].embedding.weight
+    assert torch.equal(table, theirs.prompt_encoder["default"].embedding.weight)

@@ -125,8 +125,9 @@ def _init_ids(config: PromptTuningConfig, rows: int, vocab: int) -> torch.Tensor
         raise ConfigError("prompt_tuning_init_text tokenizes to no tokens")
     if len(ids) > rows:
         warn(
-            f"prompt_tuning_init_text has {len(ids)} tokens but there are {rows} virtual tokens; "
-            f"only the first {rows} are used"
+            f"prompt_tuning_init_text has {len(ids)} tokens but the table has {rows} rows (num_virtual_tokens="
+            f"{config.num_virtual_tokens} x num_transformer_submodules={config.num_transformer_submodules}); only "
+            f"the first {rows} are used"
         )
     ids = (ids * math.ceil(rows / len(ids)))[:rows]  # repeated when shorter, as PEFT does
     if max(ids) >= vocab:
