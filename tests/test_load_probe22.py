@@ -204,3 +204,21 @@ def test_a_disk_full_while_the_cache_is_written_is_one_line_and_leaves_nothing(m
     ids = torch.tensor([[1, 9690, 198, 2683]])
     converted = LlamaForCausalLM.from_pretrained(folder)
     assert converted is not gguf and torch.equal(converted(ids).logits, gguf(ids).logits)
+
+
+def test_a_hub_id_the_hub_cannot_provide_is_asked_for_once(monkeypatch):
+    """Each ask costs the hub client's retries when the network is down (about 50 s here): load_model asked twice
+    (its encoder check read "?" and the load asked again), 70 s before its one line."""
+    import transformers
+
+    asked = []
+
+    def unreachable(name, *a, **k):
+        asked.append(name)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    with pytest.raises(ConfigError, match=r"^model 'someorg/some-model' could not be loaded: not a local model "
+                       r"folder, and the hub could not provide it \(We couldn't connect"):  # fmt: skip
+        load_model("someorg/some-model", "CAUSAL_LM")
+    assert asked == ["someorg/some-model"]

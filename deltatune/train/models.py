@@ -281,9 +281,9 @@ def load_model(
         kwargs["ignore_mismatched_sizes"] = True
     path = resolve_path(name_or_path)
     check_model_folder(name_or_path, path)
-    if task_type == "CAUSAL_LM" and _kind(path, trust_remote_code) in ENCODER_LMS:
-        kwargs["is_decoder"] = True  # an encoder's causal-LM class (BertLMHeadModel) masks the future only so
     try:
+        if task_type == "CAUSAL_LM" and _kind(path, trust_remote_code, unreachable=True) in ENCODER_LMS:
+            kwargs["is_decoder"] = True  # an encoder's causal-LM class (BertLMHeadModel) masks the future only so
         if task_type in HEAD_TASKS:
             model = _load_with_new_head(auto_class(task_type), path, kwargs)
         else:
@@ -455,16 +455,21 @@ ENCODER_LMS = {"Bert", "Roberta", "XLMRoberta", "XLMRobertaXL", "Electra", "Came
 only warns): MiniLM, the default model, trained as a causal LM that saw the tokens it predicts."""
 
 
-def _kind(path: str, trust_remote_code: bool) -> str:
+def _kind(path: str, trust_remote_code: bool, unreachable: bool = False) -> str:
     """The model family a folder's config names (``LlamaConfig``: "Llama"), read from the config itself rather than
-    from the wording of transformers' error; "?" when it cannot be read."""
+    from the wording of transformers' error; "?" when it cannot be read. ``unreachable``: a hub id the hub could not
+    provide raises its OSError (read as "?", the model's load tried the hub again: twice the client's retries)."""
     from transformers import AutoConfig
 
     try:
         return type(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)).__name__.removesuffix(
             "Config"
         )
-    except (OSError, ValueError):
+    except OSError:
+        if unreachable and not os.path.isdir(path):
+            raise
+        return "?"
+    except ValueError:
         return "?"
 
 
