@@ -137,7 +137,7 @@ class IA3Layer(DeltaLayer):
         # dtype first took off another l than went in, and each merge / unmerge cycle drifted W further (bf16: 5e-3
         # after ten, peft's 2e-4)
         factor = self._factor(name)
-        zeros = int((factor == 0).sum())
+        zeros = int((factor.to(base.weight.dtype) == 0).sum())  # (a tiny l that W's dtype holds as 0 zeroed W too)
         if zeros:  # 0 / 0 would write NaN into W: what the merge zeroed stays 0
             warnings.warn(
                 f"unmerging (IA)^3 adapter {name!r}: {zeros} entries of its vector are 0, so the weights the merge "
