@@ -252,6 +252,7 @@ class DeltaModel(nn.Module, PushToHub):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         status.apply_active(self, keep=True, new=adapter_name)
+        self._train_modes([adapter_name] if config.inference_mode else [], True)  # (others' modes kept: peft 0.22)
         if autocast_adapter_dtype:
             upcast_adapter([layer for _, layer in self._layers()], adapter_name)
 
@@ -301,11 +302,10 @@ class DeltaModel(nn.Module, PushToHub):
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make one adapter (or several, whose outputs add up) the active one(s). Only active adapters train.
 
-        As peft's: the active adapters' parameters then require grad, one loaded for inference
-        (``load_adapter(is_trainable=False)``) too, unless ``inference_mode=True`` freezes them; the others are frozen.
-        A merged model is unmerged first, with peft's warning (an adapter merged into the base weights would act
-        through them, and could not train); ``merge_adapter`` merges the new ones.
-        """
+        As peft's: the active adapters' parameters then require grad, one loaded for inference (``load_adapter(
+        is_trainable=False)``) too, unless ``inference_mode=True`` freezes them (their dropout then in eval mode, as peft
+        0.22); the others are frozen. A merged model is unmerged first, with peft's warning (a merged adapter acts
+        through the base weights, and could not train); ``merge_adapter`` merges the new ones."""
         names = list(dict.fromkeys(self._check_names(adapter_name)))  # once each: twice counted twice unmerged
         if not names:
             raise ValueError("set_adapter needs at least one adapter name (disable_adapter() computes as the base)")
@@ -316,10 +316,12 @@ class DeltaModel(nn.Module, PushToHub):
             self.unmerge_adapter()
         self.active_adapters = names
         status.apply_active(self, inference_mode=inference_mode)
+        self._train_modes(names, inference_mode)
 
-    def _apply_active(self) -> None:
-        """Route every layer to the active adapters; exactly the active, trainable adapters' parameters train."""
-        status.apply_active(self)
+    def _train_modes(self, names: list[str], frozen: bool) -> None:  # peft 0.22's set_training (dropout modes)
+        pairs = [(layer, d) for _, layer in self._layers() for d in layer.children() if isinstance(d, nn.ModuleDict)]
+        for layer, module in ((la, d[n]) for la, d in pairs for n in names if n in d):  # (its dropout, weights, ...)
+            module.train(layer.training and not frozen)  # the layer's mode, as peft's layers read their own
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """peft's: turn the named adapters' parameters' ``requires_grad`` on (or off), active or not (``status``)."""

@@ -160,3 +160,32 @@ def test_unmerge_adapter_takes_peft_022s_force_reshard():
         theirs.unmerge_adapter(force_reshard=True)
         with theirs.disable_adapter():
             torch.testing.assert_close(theirs(**inputs).logits, expected)
+
+
+def _dropout_modes(model, name: str) -> list[bool]:
+    return [m.training for n, m in model.named_modules() if n.endswith(f"lora_dropout.{name}")]
+
+
+def test_a_frozen_adapter_computes_without_dropout_as_in_peft_022():
+    """peft 0.22: ``set_adapter(name, inference_mode=True)`` and an adapter added with ``inference_mode=True`` put that
+    adapter's own submodules (its dropout) in eval mode, the others' modes kept; ``set_adapter(name)`` gives them the
+    model's mode again. deltatune's kept the dropout of a frozen adapter on: a model in train mode gave a different
+    output at each call (peft 0.21 too). The frozen adapter's train-mode output is now its eval-mode output."""
+    config = dict(target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False)
+    ours, theirs = _pair(dt.LoraConfig(**config), peft.LoraConfig(**config))
+    inputs = tiny_inputs("llama")
+    ours.eval()
+    expected = ours(**inputs).logits
+    for model in (ours, theirs) if PEFT_022 else (ours,):
+        model.train()
+        model.set_adapter("default", inference_mode=True)
+        assert _dropout_modes(model, "default") == [False, False]
+        first, second = model(**inputs).logits, model(**inputs).logits
+        assert torch.equal(first, second)
+        model.add_adapter("b", type(model.peft_config["default"])(**config, inference_mode=True))
+        model.add_adapter("c", type(model.peft_config["default"])(**config))
+        assert (_dropout_modes(model, "b"), _dropout_modes(model, "c")) == ([False, False], [True, True])
+        assert _dropout_modes(model, "default") == [False, False]  # kept by add_adapter
+        model.set_adapter("default")
+        assert _dropout_modes(model, "default") == [True, True]
+    torch.testing.assert_close(first, expected)
