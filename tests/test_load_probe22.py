@@ -222,3 +222,27 @@ def test_a_hub_id_the_hub_cannot_provide_is_asked_for_once(monkeypatch):
                        r"folder, and the hub could not provide it \(We couldn't connect"):  # fmt: skip
         load_model("someorg/some-model", "CAUSAL_LM")
     assert asked == ["someorg/some-model"]
+
+
+def test_a_model_of_its_own_code_untrusted_is_refused_without_asking(bases, tmp_path, monkeypatch):
+    """The config check (model_files.config_problem) read config.json with trust_remote_code unset: transformers
+    then asks "Do you wish to run the custom code? [y/N]" on stdin (15 s) before the refusal."""
+    import builtins
+    import json
+
+    folder = shutil.copytree(bases["llama"], tmp_path / "own")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mymodel", auto_map={"AutoConfig": "cfg.MyConfig", "AutoModelForCausalLM": "cfg.My"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "cfg.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\nclass MyConfig(LlamaConfig):\n"
+        "    model_type = 'mymodel'\n\n\nclass My(LlamaForCausalLM):\n    config_class = MyConfig\n"
+    )
+
+    questions = []
+    monkeypatch.setattr(builtins, "input", lambda question="": questions.append(question) or "n")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # transformers, told False: refused, not asked
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+    with pytest.raises(ConfigError, match=rf"model '{folder}' runs its own code \(auto_map in its config.json\)"):
+        load_model(str(folder), "CAUSAL_LM")
+    assert questions == []

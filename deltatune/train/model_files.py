@@ -74,7 +74,7 @@ def config_problem(path: str) -> str | None:
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(path)
+        AutoConfig.from_pretrained(path, trust_remote_code=False)  # (None: transformers asks on stdin)
     except StrictDataclassError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # [field, "TypeError: why"]
         why = lines[-1].split(": ", 1)[-1].split(". Errors:")[0] if lines else type(exc).__name__
