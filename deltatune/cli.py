@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from .cli_parser import check_overrides, parse
+from .cli_parser import check_args, parse
 
 
 def _is_ours(exc: BaseException) -> bool:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)  # (SystemExit: 2 for a usage error, 0 for --help, 130 for Ctrl-C while it parses)
     previous = _on_sigterm()
     try:
-        check_overrides(getattr(args, "overrides", None))
+        check_args(args)  # (an override with an empty key part or bytes not UTF-8)
         code = _COMMANDS[args.command](args)
         if sys.stdout is not None:  # flushed here, not at exit: a reader gone by then is this except's (it was 120)
             sys.stdout.flush()

@@ -274,25 +274,32 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def check_overrides(overrides: list[str] | None) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """A ConfigError naming the first ``key=value`` override whose key has an empty part (``=1``, ``train.=1``,
-    ``train..lr=1``: they read "unknown key ''" or "unknown key 'train.'" and every key of the section) or whose
-    text is not UTF-8 (bytes a shell passed through: ``output.dir=$'run\\xff'`` made the folder, then failed in the
-    tokenizer's save with a UnicodeEncodeError's traceback, the folder left half-written)."""
-    for item in overrides or ():
+    ``train..lr=1``: they read "unknown key ''" or "unknown key 'train.'" and every key of the section), or the first
+    override or ``merge --out`` whose text is not UTF-8 (bytes a shell passed through: ``output.dir=$'run\\xff'``
+    made the folder, then the tokenizer's save raised a UnicodeEncodeError's traceback, the folder left
+    half-written; ``merge --out`` merged, then raised the same)."""
+    for flag, item in [("override", item) for item in getattr(args, "overrides", None) or ()] + (
+        [("--out", args.out)] if args.command == "merge" else []
+    ):
         key, why = item.split("=", 1)[0].strip(), None
         try:
             item.encode("utf-8")
         except UnicodeEncodeError:
             item = os.fsencode(item).decode("utf-8", "backslashreplace")
-            why = "is not UTF-8 text; a run's recipe is written as UTF-8 (run.yaml, the tokenizer's files)"
-        if why is None and "=" in item and "" in key.split("."):
+            why = "is not UTF-8 text; " + (
+                "a run's recipe is written as UTF-8 (run.yaml, the tokenizer's files)"
+                if flag == "override"
+                else "the tokenizer saves only under UTF-8 paths"
+            )
+        if why is None and flag == "override" and "=" in item and "" in key.split("."):
             why = (f"has an empty part in its key {key!r}" if key else "names no key") + "; write section.key=value "
             why += "(e.g. train.lr=1e-4)"
         if why:
             from .config import ConfigError
 
-            raise ConfigError(f"override '{item}' {why}")
+            raise ConfigError(f"{flag} '{item}' {why}")
 
 
 def _version() -> str:

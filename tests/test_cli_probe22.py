@@ -104,6 +104,18 @@ def test_an_override_that_is_not_utf8_is_refused_before_anything_is_written(tmp_
     assert os.listdir(tmp_path) == ["r.yaml"]
 
 
+def test_a_merge_out_that_is_not_utf8_is_refused_before_the_merge(tmp_path, capsys):
+    """``merge --out $'merged\xff'`` merged, then the tokenizer's save raised UnicodeEncodeError (a traceback, exit
+    1). Refused in one line before anything loads."""
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/merged\xff")
+    assert main(["merge", "--adapter", str(tmp_path), "--out", out]) == 2
+    assert capsys.readouterr().err == (
+        f"deltatune merge: error: --out '{tmp_path}/merged\\xff' is not UTF-8 text; the tokenizer saves only under "
+        "UTF-8 paths\n"
+    )
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_unknown_short_flag_beside_a_missing_command_is_named(capsys):
     """``deltatune -x`` said only "the following arguments are required: command" (argparse refuses the missing
     command first); a long one near a flag was already named with its nearest (--verison: --version)."""
