@@ -130,7 +130,8 @@ def _unsaved_heads(model: Any) -> list[str]:
 
 
 def _no_layers(model: Any, least: int, most_percent: float) -> dict[str, Any]:
-    """peft's report for prompt learning: counts and adapters, no layer status."""
+    """peft's report for prompt learning: counts and adapters, no layer status (so too for deltatune's in-place
+    methods, which inject no layer)."""
     trainable, total = model.get_nb_trainable_parameters()
     percent, findings = _parameter_findings(trainable, total, least, most_percent)
     summary = {
@@ -170,8 +171,8 @@ def healthcheck(model: Any, min_trainable_params: int = 1, max_trainable_params_
     if not model.peft_config:
         raise ValueError("healthcheck: the model has no adapter")
     least, most = min_trainable_params, max_trainable_params_percent
-    if str(model.peft_config[model.active_adapters[0] if model.active_adapters else min(model.peft_config)]
-           .peft_type) in PROMPT_TYPES:  # fmt: skip
+    first = model.peft_config[model.active_adapters[0] if model.active_adapters else min(model.peft_config)]
+    if str(first.peft_type) in PROMPT_TYPES or not model._layers():  # (in-place methods, e.g. BitFit: no layer either)
         return _no_layers(model, least, most)
     state, layers = status.model_status(model), status.layer_status(model)
     percent, findings = _parameter_findings(state.trainable_params, state.total_params, least, most)

@@ -189,3 +189,14 @@ def test_a_frozen_adapter_computes_without_dropout_as_in_peft_022():
         model.set_adapter("default")
         assert _dropout_modes(model, "default") == [True, True]
     torch.testing.assert_close(first, expected)
+
+
+def test_healthcheck_of_an_in_place_method_reports_its_counts():
+    """A method that injects no layer (BitFit trains the base's biases in place) gets peft's report of a model
+    without layer status (counts and adapters), where deltatune's layer status raised ValueError."""
+    model = dt.get_delta_model(tiny_model("bert"), dt.BitFitConfig())
+    report = model.healthcheck()
+    biases = sum(p.numel() for n, p in tiny_model("bert").named_parameters() if n.endswith("bias"))
+    assert report["findings"] == [] and report["summary"]["trainable_params"] == biases == 611
+    assert report["adapter_state"] == {"active_adapters": ["default"], "available_adapters": ["default"]}
+    assert "num_adapter_layers" not in report["summary"]
