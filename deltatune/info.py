@@ -42,7 +42,7 @@ def _build(name: str, task: str | None):
             + ("; it is a diffusers pipeline (model_index.json): name its denoiser's subfolder" if pipeline else "")
         )
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # (None: asks on stdin)
     except (OSError, ValueError) as exc:  # a folder without config.json, an unknown model_type
         raise ConfigError(f"model {name!r}: {str(exc).splitlines()[0]}") from None
     archs = " ".join(getattr(config, "architectures", None) or [])

@@ -101,7 +101,7 @@ def model_kind(path: str) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as NAMES
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # (None: transformers asks on stdin)
     except (OSError, ValueError):
         return "encoder-decoder"  # the model loader names the problem
     if getattr(config, "is_encoder_decoder", False):

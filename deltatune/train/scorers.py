@@ -216,7 +216,7 @@ def check_token_reward(spec: str, tokenizer) -> None:
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("align.reward_funcs", "align.reward_model", 1)) from None
     try:
-        config = AutoConfig.from_pretrained(spec)
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=False)  # (None: asks on stdin)
     except (OSError, ValueError):  # (a remote config: loaded, and checked, with the model)
         config = None
     if config is not None and is_encoder_config(config):  # (TokenRewardModel's refusal, before the policy loads)
@@ -226,7 +226,7 @@ def check_token_reward(spec: str, tokenizer) -> None:
         raise ConfigError(f"align.reward_model {spec!r}: a {name} has no score head on a decoder backbone (TRL's "
                           "PPOTrainer scores with model.score); train a reward run (stage rm) instead")  # fmt: skip
     try:
-        theirs = AutoTokenizer.from_pretrained(spec).get_vocab()
+        theirs = AutoTokenizer.from_pretrained(spec, trust_remote_code=False).get_vocab()
     except (OSError, ValueError, TypeError):
         theirs = None
     ours = tokenizer.get_vocab()
