@@ -147,7 +147,6 @@ def test_parse_keeps_overrides_after_flags_and_names_unknown_flags(capsys):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="needs the train/config.py + evaluation.py diff in probe 22's cli report")
 def test_an_unknown_key_from_an_override_is_named_as_the_overrides(tmp_path, capsys):
     """``train.lrr=1`` read "unknown key 'train.lrr' in r.yaml": the file holds no such key. HfArgumentParser names
     the arguments it did not use; here the override that gave the key is named, and a key of the file by the file."""
@@ -169,7 +168,6 @@ def test_an_unknown_key_from_an_override_is_named_as_the_overrides(tmp_path, cap
     )
 
 
-@pytest.mark.xfail(strict=True, reason="needs the train/config.py diff (_unknown) in probe 22's cli report")
 @pytest.mark.parametrize(
     "text, says",
     [

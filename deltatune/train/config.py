@@ -199,6 +199,9 @@ TRL_ALIGN_NAMES = {"generation_batch_size": "train.batch_size x align.num_genera
 def _unknown(full: str, key: str, known: list[str], where: str) -> str:
     if full == f"align.{key}" and key in TRL_ALIGN_NAMES:
         return f"unknown key {full!r} in {where}; TRL's {key} is {TRL_ALIGN_NAMES[key]}"
+    if not isinstance(key, str):  # (YAML reads 1:, yes:, on: as a number or a bool: difflib's TypeError was raised)
+        return (f"unknown key {full!r} in {where} (YAML read the key as the {type(key).__name__} {key!r}); valid "
+                f"keys: {', '.join(known)}")  # fmt: skip
     near = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(known)}"
     return f"unknown key {full!r} in {where}{hint}"
@@ -248,7 +251,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
+def build(raw: dict[str, Any], where: str = "recipe", overrides: list[str] | None = None) -> RunConfig:
     """Validate a raw recipe dict into a RunConfig.
 
     Raises:
@@ -258,7 +261,7 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
     known_top = ["stage", "method", *_SECTIONS]
     for key in raw:
         if key not in known_top:
-            raise ConfigError(_unknown(key, key, known_top, where))
+            raise ConfigError(_unknown(key, key, known_top, _given_in(key, where, overrides)))
     stage = raw.get("stage", "sft")
     if not isinstance(stage, str) or stage not in STAGES:
         raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
@@ -273,8 +276,9 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
         for key in section:
             if key not in known:
                 hint = {"train": HF_NAMES, "align": ALIGN_UNBUILT}.get(name, {}).get(key)
-                raise ConfigError(f"unknown key '{name}.{key}' in {where}: {hint}" if hint else
-                                  _unknown(f"{name}.{key}", key, known, where))  # fmt: skip
+                at = _given_in(f"{name}.{key}", where, overrides)
+                raise ConfigError(f"unknown key '{name}.{key}' in {at}: {hint}" if hint else
+                                  _unknown(f"{name}.{key}", key, known, at))  # fmt: skip
         sections[name] = cls(**_typed(name, cls, section))
     method = raw.get("method") or {"name": "lora"}
     if isinstance(method, str):
@@ -292,6 +296,15 @@ def build(raw: dict[str, Any], where: str = "recipe") -> RunConfig:
             setattr(sections[section], key, os.path.expanduser(value))
     _validate(cfg)
     return cfg
+
+
+def _given_in(key: str, where: str, overrides: list[str] | None) -> str:
+    """The override that gave ``key`` (or a key below it), else ``where``: ``train.lrr=1`` read "unknown key
+    'train.lrr' in r.yaml", a file that holds no such key."""
+    for item in overrides or ():
+        if (given := item.split("=", 1)[0].strip()) == key or given.startswith(f"{key}."):
+            return f"override {item!r}"
+    return where
 
 
 HF_NAMES = {
@@ -483,7 +496,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (stage, model, method, data, train, output), "
                           f"got a {type(raw).__name__}")  # fmt: skip
-    return build(apply_overrides(raw, overrides or []), where=path)
+    return build(apply_overrides(raw, overrides or []), where=path, overrides=overrides)
 
 
 _OCTAL, _BASE60 = re.compile(r"[-+]?0[0-7_]+"), re.compile(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?")

@@ -74,7 +74,7 @@ def evaluate(
     raw, old_note = old_run_data(raw, run_dir)  # (a caption run that ignored data.val_size: none held out)
     if data:  # a file named here is read whole (or its row range): the run's data.limit was its training budget
         raw["data"] = {**(raw.get("data") or {}), "eval": data, "limit": None, "val_size": 0.0}
-    cfg = build(apply_overrides(raw, overrides or []), where=path)
+    cfg = build(apply_overrides(raw, overrides or []), where=path, overrides=overrides)
     cfg.model.trust_remote_code = trust_remote_code
     # the base as the run trained it (run_load._quantize), its start (--compare) too: a quantisation it recorded, not
     # one an override adds (that one is refused where nothing would be quantised, as a new run's)
