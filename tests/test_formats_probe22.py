@@ -197,3 +197,55 @@ def test_a_renaming_that_is_not_text_is_one_line(columns, tags, why):
     with pytest.raises(ConfigError) as err:
         read_samples(rows, columns, "sharegpt" if tags else None, tags)
     assert str(err.value) == why
+
+
+# -- review of probe 22 --------------------------------------------------------------------------------------
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("path", ["a.png", None])
+def test_a_content_parts_image_bytes_are_not_trained_as_its_path(path):
+    """datasets' {bytes, path} image in a content part read its path, whatever the bytes held (datasets'
+    Image.decode_example and data.images.image_value read the bytes first): a part with both trained on the local
+    file the path names; one with bytes alone was refused with its base64 in the message. Now one line, no bytes."""
+    import base64
+
+    b64 = base64.b64encode(_png((255, 0, 0))).decode()
+    part = {"type": "image", "image": {"bytes": b64, "path": path}}
+    row = Row({"messages": [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}, _a()]}, "f:2")
+    with pytest.raises(DataError) as err:
+        read_samples([row], stage="sft")
+    assert str(err.value) == (
+        "f:2: messages[0].content: an 'image' content part's embedded image bytes are not read; give a path, or the "
+        "image in data.image_column"
+    )
+    # datasets writes a missing field as null: {"url": null, "path": ...} names its path, {"bytes": null} too
+    for image in ({"url": None, "path": "b.png"}, {"bytes": None, "path": "b.png"}, {"bytes": b"", "path": "b.png"}):
+        row = Row({"messages": [{"role": "user", "content": [{"type": "image", "image": image}]}, _a()]}, "f:2")
+        assert read_samples([row], stage="sft")[0].images == ["b.png"]
+
+
+def test_an_images_column_of_datasets_images_reads_paths_or_refuses_bytes():
+    """An images column of datasets' {bytes, path} objects was str()-ed into the path "{'bytes': None, 'path':
+    'a.png'}"; now its path as data.images.image_value reads it, or (bytes) one line naming the column."""
+    from deltatune.data.images import image_value
+
+    rows = [Row({"messages": [_u("<image>x"), _a()], "images": [{"bytes": None, "path": "a.png"}]}, "f:3")]
+    value = rows[0].data["images"][0]
+    assert read_samples(rows, stage="sft")[0].images == [image_value(value, "f:3", "images")[1]] == ["a.png"]
+    rows = [Row({"messages": [_u("<image>x"), _a()], "pics": [{"bytes": _png((0, 0, 255)), "path": "a.png"}]}, "f:3")]
+    with pytest.raises(DataError) as err:
+        read_samples(rows, {"images": "pics"}, stage="sft")
+    assert str(err.value) == (
+        "f:3: column 'pics': an image's embedded bytes are not read; give image paths, or the image in "
+        "data.image_column"
+    )

@@ -72,7 +72,12 @@ def _content(value: Any, where: str, sample_media: dict[str, list[str]]) -> str:
                 keys = ("image_url", "image", "video", "url", "path")
                 ref = next((part[k] for k in keys if part.get(k) not in (None, "")), None)
                 if ref is not None:  # (an object without a url read as the path "", a number as its digits)
-                    path = ref.get("url", ref.get("path")) if isinstance(ref, dict) else ref
+                    if isinstance(ref, dict) and ref.get("bytes") not in (None, b"", ""):  # datasets' {bytes, path}
+                        # (its bytes first, as datasets' Image.decode_example and images.image_value read it: the
+                        # path read instead trained on whatever local file it names; no stage carries bytes from here)
+                        raise DataError(f"{where}: {_a(part['type'])} content part's embedded image bytes are not "
+                                        "read; give a path, or the image in data.image_column")  # fmt: skip
+                    path = (ref.get("url") or ref.get("path")) if isinstance(ref, dict) else ref
                     if not isinstance(path, str) or not path.strip():
                         got = json.dumps(ref, default=repr)[:60]
                         raise DataError(f"{where}: {_a(part['type'])} content part must name a path or URL, got {got}")
@@ -236,8 +241,24 @@ def _media(row: Row, c: dict[str, str]) -> dict[str, list[str]]:
     for kind in media:
         value = row.get(_col(c, kind), required=False)
         if value:
-            media[kind] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            media[kind] = [
+                _media_path(v, row.source, _col(c, kind)) for v in (value if isinstance(value, list) else [value])
+            ]
     return media
+
+
+def _media_path(value: Any, source: str, column: str) -> str:
+    """One entry of an images or videos column: a path, or datasets' ``{bytes, path}`` object read as
+    ``images.image_value`` reads it (its path; its bytes refused: no stage carries them from here)."""
+    if not isinstance(value, dict):
+        return str(value)
+    from .images import image_value
+
+    data, path = image_value(value, source, column)
+    if data is not None:
+        raise DataError(f"{source}: column {column!r}: an image's embedded bytes are not read; give image paths, or "
+                        "the image in data.image_column")  # fmt: skip
+    return path
 
 
 def _text(row: Row, column: str) -> str:
