@@ -249,3 +249,35 @@ def test_an_images_column_of_datasets_images_reads_paths_or_refuses_bytes():
         "f:3: column 'pics': an image's embedded bytes are not read; give image paths, or the image in "
         "data.image_column"
     )
+
+
+def test_a_null_role_tag_means_no_such_tag():
+    """data.tags.system_tag: null (LLaMA-Factory: no system tag, its converter then reads no system turn) was a
+    ConfigError since 6d9bbf9; null is taken for the five role tags (no role matches it), not for role_tag or
+    content_tag (the fields every turn is read by)."""
+    from deltatune.config import ConfigError
+
+    row = Row({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "f:1")
+    s = read_samples([row], None, "sharegpt", {"system_tag": None}, "sft")[0]
+    assert [(m["role"], m["content"]) for m in s.messages] == [("user", "q"), ("assistant", "a")]
+    bad = Row({"conversations": [{"from": "system", "value": "S"}, *row.data["conversations"]]}, "f:1")
+    with pytest.raises(DataError, match=r"^f:1: conversations\[0\].from: unknown role='system' \(known roles: "
+                                        r"'human', 'gpt', 'observation', 'function_call';"):  # fmt: skip
+        read_samples([bad], None, "sharegpt", {"system_tag": None}, "sft")
+    for tag in ("role_tag", "content_tag"):
+        with pytest.raises(ConfigError, match=rf"^data.tags.{tag}: must be a tag"):
+            read_samples([row], None, "sharegpt", {tag: None}, "sft")
+
+
+@pytest.mark.parametrize("key", ["name", "tool_call_id"])
+def test_a_tool_messages_number_id_is_written_as_text(key):
+    """A tool message's tool_call_id or name given as a number (7) was refused since 6bbfd89; a template writes it
+    as its digits, so it is read as "7" (a list or an object is still refused)."""
+    call = {**CALL, "tool_calls": [{**CALL["tool_calls"][0], "id": "7"}]}
+    row = {"messages": [_u(), call, {"role": "tool", "content": "1", key: 7}, _a()], "tools": TOOLS}
+    assert read_samples([Row(row, "f:6")], stage="sft")[0].messages[2][key] == "7"
+    row["messages"][2][key] = {"id": 7}
+    with pytest.raises(
+        DataError, match=rf"^f:6: messages\[2\].{key}: the tool message's {key} must be text, got dict"
+    ):
+        read_samples([Row(row, "f:6")], stage="sft")

@@ -51,6 +51,7 @@ from .formats_messages import (
     _template_kwargs,
     _text,
     _turn,
+    tag_roles,
 )
 from .load import DataError, Row
 from .sample import AS_WRITTEN, REASONING, Message, Sample, says_something
@@ -370,13 +371,7 @@ def _alpaca_preference(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sampl
 
 
 def _sharegpt_roles(t: dict[str, str]) -> dict[str, str]:
-    return {
-        t["user_tag"]: "user",
-        t["assistant_tag"]: "assistant",
-        t["system_tag"]: "system",
-        t["observation_tag"]: "tool",
-        t["function_tag"]: "function",
-    }
+    return tag_roles(t)
 
 
 def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:

@@ -15,6 +15,14 @@ from .tools import tool_calls as _tool_calls
 
 _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"}
 """OpenAI's roles (``function``: the result of a deprecated ``function_call``, a tool message)."""
+ROLE_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool",
+             "function_tag": "function"}  # fmt: skip
+"""LLaMA-Factory's role tags (``data.tags``) and the roles they name ('function': an answer that is a tool call)."""
+
+
+def tag_roles(t: dict[str, str | None]) -> dict[str, str]:
+    """The row's role names -> ours, by the tags ``t``; a null tag names no role (LLaMA-Factory's: no such tag)."""
+    return {t[k]: ours for k, ours in ROLE_TAGS.items() if t.get(k) is not None}
 
 
 def _col(columns: dict[str, str], key: str) -> str:
@@ -31,7 +39,9 @@ def _check_renames(*renames: tuple[dict, Sequence[str], str]) -> None:
         if unknown:
             raise ConfigError(f"{what}: unknown key {unknown[0]!r}; it renames {', '.join(known)}")
         columns = what == "data.columns"  # (a null column: a *_column key unset, named when the row lacks it)
-        bad = next((k for k, v in given.items() if not isinstance(v, str) and not (columns and v is None)), None)
+        # (a null role tag: LLaMA-Factory's "no such tag", matched by no role; role_tag and content_tag read every turn)
+        nulls = () if columns else ("role_tag", "content_tag")
+        bad = next((k for k, v in given.items() if not isinstance(v, str) and (v is not None or k in nulls)), None)
         if bad is not None:
             name = "a column name" if columns else "a tag (a role or field name of the rows)"
             raise ConfigError(f"{what}.{bad}: must be {name}, got {given[bad]!r}")
@@ -165,12 +175,15 @@ def _message_list(
             raise DataError(f"{where}.{content_key}: the assistant turn is empty")
         if ours == "tool":
             for key in ("name", "tool_call_id"):
-                if m.get(key) and not isinstance(m[key], str):  # (written out as its Python repr by a template)
+                value = m.get(key)  # (a list or an object written out as its Python repr by a template; a number as
+                if isinstance(value, (int, float)) and not isinstance(value, bool):  # its digits, as here)
+                    value = str(value)
+                if value and not isinstance(value, str):
                     raise DataError(
-                        f"{where}.{key}: the tool message's {key} must be text, got {type(m[key]).__name__}"
+                        f"{where}.{key}: the tool message's {key} must be text, got {type(value).__name__}"
                     )
-                if m.get(key):
-                    msg[key] = m[key]
+                if value:
+                    msg[key] = value
         if sharegpt and ours == "system" and msg["content"] == "":  # LLaMA-Factory's system "": none (the template's
             continue  # default, as for a row without one), not an empty system block
         out.append(msg)
