@@ -281,3 +281,142 @@ def test_a_tool_messages_number_id_is_written_as_text(key):
         DataError, match=rf"^f:6: messages\[2\].{key}: the tool message's {key} must be text, got dict"
     ):
         read_samples([Row(row, "f:6")], stage="sft")
+
+
+LF_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+           "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}  # fmt: skip
+"""LLaMA-Factory's DatasetAttr tag defaults, which data.tags overrides."""
+
+
+def _lf_openai(messages: list[dict], tags: dict, ranking: bool = False) -> list[str] | None:
+    """LLaMA-Factory's OpenAIDatasetConverter with dataset_info.json ``tags``: the aligned roles it keeps, None for a
+    row it drops. A message's role read by role_tag, the tag of a system message first taken off, an assistant or
+    function message with tool_calls a function call, observations merged and flushed only before a later message
+    (trailing ones lost), then turns alternating user/observation and assistant/function, an even count (odd for a
+    ranking row's prompt)."""
+    t = {**LF_TAGS, **tags}
+    mapping = {t["user_tag"]: "user", t["assistant_tag"]: "assistant", t["observation_tag"]: "observation",
+               t["function_tag"]: "function", t["system_tag"]: "system"}  # fmt: skip
+    if t["system_tag"] and messages and messages[0][t["role_tag"]] == t["system_tag"]:
+        messages = messages[1:]
+    aligned, pending = [], []
+    for m in messages:
+        role = m[t["role_tag"]]
+        if role in (t["assistant_tag"], t["function_tag"]) and m.get("tool_calls"):
+            role = t["function_tag"]
+        if role == t["observation_tag"]:
+            pending.append(m[t["content_tag"]])
+            continue
+        if pending:
+            aligned.append("observation")
+            pending = []
+        aligned.append(mapping[role])
+    accept = (("user", "observation"), ("assistant", "function"))
+    if not all(r in accept[i % 2] for i, r in enumerate(aligned)) or len(aligned) % 2 != int(ranking):
+        return None
+    return aligned
+
+
+OPENAI_TAGS_GIVEN = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                     "observation_tag": "tool", "function_tag": "function", "system_tag": "system"}  # fmt: skip
+FUNCTION = {"role": "function", "content": '{"name": "f", "arguments": {}}'}
+
+
+def test_openai_formatting_reads_data_tags_as_llamafactory():
+    """Under data.format=openai data.tags was not read: function_tag: function (LLaMA-Factory's assistant-side call)
+    read as OpenAI's deprecated function result, a tool message, and the row refused as "a 'function' message after
+    a 'user' message ... LLaMA-Factory drops the row", which LLaMA-Factory keeps. Now the tags are read as its
+    converter reads them: the call is an answer holding the call, the order checked by the tags."""
+    tags = OPENAI_TAGS_GIVEN
+    row = {"messages": [_u(), FUNCTION, {"role": "tool", "content": "1"}, _a()], "tools": TOOLS}
+    assert _lf_openai(row["messages"], tags) == ["user", "function", "observation", "assistant"]
+    s = read_samples([Row(row, "f:1")], None, "openai", tags, "sft")[0]
+    assert [(m["role"], m["content"], [c["function"]["name"] for c in m.get("tool_calls", [])]) for m in s.messages] == [
+        ("user", "q", []), ("assistant", "", ["f"]), ("tool", "1", []), ("assistant", "a", [])]  # fmt: skip
+    # the order by the tags: a call answered by an answer is out of order for LLaMA-Factory too
+    bad = {"messages": [_u(), FUNCTION, _a()], "tools": TOOLS}
+    assert _lf_openai(bad["messages"], tags) is None
+    with pytest.raises(
+        DataError, match=r"^f:1: messages\[2\].role: an 'assistant' message after a 'function' message"
+    ):
+        read_samples([Row(bad, "f:1")], None, "openai", tags, "sft")
+    # renamed tags: a row of {speaker, text} with its own role names
+    named = {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}
+    rows = [Row({"messages": [{"speaker": "me", "text": "q"}, {"speaker": "bot", "text": "a"}]}, "f:2")]
+    assert _lf_openai(rows[0].data["messages"], named) == ["user", "assistant"]
+    s = read_samples(rows, None, "openai", named, "sft")[0]
+    assert [(m["role"], m["content"]) for m in s.messages] == [("user", "q"), ("assistant", "a")]
+    two = [
+        Row(
+            {
+                "messages": [
+                    {"speaker": "me", "text": "q"},
+                    {"speaker": "me", "text": "r"},
+                    rows[0].data["messages"][1],
+                ]
+            },
+            "f:3",
+        )
+    ]
+    assert _lf_openai(two[0].data["messages"], named) is None
+    with pytest.raises(DataError, match=r"^f:3: messages\[1\].speaker: a 'me' message after a 'me' message"):
+        read_samples(two, None, "openai", named, "sft")
+
+
+def test_openai_formatting_order_reads_from_keys():
+    """The openai order check read m["role"] only, where the messages are read by 'role' or 'from' ('value'): rows
+    of {from, value} skipped it (two user turns trained as written)."""
+    msgs = [{"from": "user", "value": "q"}, {"from": "user", "value": "r"}, {"from": "assistant", "value": "a"}]
+    assert _lf_openai(msgs, {"user_tag": "user", "assistant_tag": "assistant"}) is None
+    with pytest.raises(DataError, match=r"^f:1: messages\[1\].role: a 'user' message after a 'user' message"):
+        read_samples([Row({"messages": msgs}, "f:1")], data_format="openai", stage="sft")
+
+
+def test_openai_conversation_ending_with_tool_results_is_refused():
+    """LLaMA-Factory's openai converter merges tool results only when a later message comes: trailing ones are
+    never read, so a ranking row whose conversation ends with them ends on the call and is dropped (an even count);
+    after a user message they are lost and the row kept; PPO's prompt loses them and the call. Under data.format=openai
+    such rows were read with the results as the prompt's end, or refused as "a 'tool' message after a 'user' message
+    ... LLaMA-Factory drops the row"; now refused saying so. Detected messages rows read them."""
+    tool = {"role": "tool", "content": "1"}
+    msgs = [_u(), CALL, tool]
+    row = {"messages": msgs, "chosen": _a("x"), "rejected": _a("y"), "tools": TOOLS}
+    assert _lf_openai(msgs, OPENAI_TAGS_GIVEN, ranking=True) is None
+    with pytest.raises(DataError) as err:
+        read_samples([Row(row, "f:4")], data_format="openai", stage="dpo")
+    assert str(err.value) == (
+        "f:4: messages[2].role: the conversation ends with tool results, which data.format=openai (LLaMA-Factory's "
+        "formatting) reads only before a later message (its converter leaves them out; a ranking row then ends on "
+        "the call, and is dropped); give them before a user message"
+    )
+    assert [m["role"] for m in read_samples([Row(row, "f:4")], stage="dpo")[0].messages] == [
+        "user",
+        "assistant",
+        "tool",
+    ]
+    # after a user message: kept by LLaMA-Factory without them
+    after_user = {**row, "messages": [_u(), tool, tool]}
+    assert _lf_openai(after_user["messages"], OPENAI_TAGS_GIVEN, ranking=True) == ["user"]
+    with pytest.raises(
+        DataError, match=r"^f:4: messages\[1\].role: the conversation ends with tool results, .*out\); "
+    ):
+        read_samples([Row(after_user, "f:4")], data_format="openai", stage="dpo")
+    # PPO: LLaMA-Factory's prompt is the user message alone (the call its response), the results lost
+    assert _lf_openai(msgs, OPENAI_TAGS_GIVEN) == ["user", "function"]
+    with pytest.raises(
+        DataError, match=r"^f:4: messages\[2\].role: the conversation ends with tool results, .*a later"
+    ):
+        read_samples([Row({"messages": msgs, "tools": TOOLS}, "f:4")], data_format="openai", stage="ppo")
+
+
+def test_openai_formatting_keeps_an_opening_answer():
+    """Kept on purpose: a conversation opening with an answer (a greeting) trains under data.format=openai, where
+    LLaMA-Factory's converter drops the row (as for sharegpt, see _sharegpt_order)."""
+    msgs = [_a("hello"), _u(), _a()]
+    assert _lf_openai(msgs, OPENAI_TAGS_GIVEN) is None
+    s = read_samples([Row({"messages": msgs}, "f:5")], data_format="openai", stage="sft")[0]
+    assert [(m["role"], m["content"]) for m in s.messages] == [
+        ("assistant", "hello"),
+        ("user", "q"),
+        ("assistant", "a"),
+    ]

@@ -36,7 +36,6 @@ import json
 from collections.abc import Sequence
 
 from .formats_messages import (
-    _MESSAGE_ROLES,
     _a,
     _check_calls,
     _check_renames,
@@ -51,6 +50,8 @@ from .formats_messages import (
     _template_kwargs,
     _text,
     _turn,
+    message_keys,
+    openai_tags,
     tag_roles,
 )
 from .load import DataError, Row
@@ -191,7 +192,7 @@ def read_samples(
         raise DataError(f"data.format={data_format!r} is not a known format; formats: {', '.join(FORMATS)}")
     if data_format in ("sharegpt", "sharegpt_preference"):
         c.setdefault("conversations", c.get("messages", "conversations"))
-    t = {**SHAREGPT_TAGS, **(tags or {})}
+    t = openai and openai_tags(tags) or {**SHAREGPT_TAGS, **(tags or {})}
     out: list[Sample] = []
     first: tuple[str, str, str, Row] | None = None
     for row in rows:
@@ -243,7 +244,7 @@ def read_samples(
                 continue
         _check(sample, stage)
         if openai:  # (LLaMA-Factory's formatting: its converter's turn order)
-            _openai_order(row, c)
+            _openai_order(row, c, t, ranking, ranking or stage == "ppo")
         sample.written, sample.template_kwargs = inner, _template_kwargs(row, c)
         out.append(sample)
     return out
@@ -389,11 +390,11 @@ def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
     return Sample(row.source, "sharegpt", messages, tools=tools, **media)
 
 
-def _messages(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sample:
+def _messages(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:
     media = _media(row, c)
     column = _conversation_column(row, c, "messages", "conversations")  # role/content
-    roles = _MESSAGE_ROLES
-    messages = _message_list(row.get(column), row.source, column, "role", "content", roles, media)
+    role, content, roles = message_keys(t)
+    messages = _message_list(row.get(column), row.source, column, role, content, roles, media)
     if messages[0]["role"] != "system":  # a system column, as sharegpt's (LLaMA-Factory's openai converter reads it)
         messages = _system_message(row, c) + messages
     return Sample(row.source, "messages", messages, tools=row_tools(row, _col(c, "tools")), **media)
@@ -524,8 +525,8 @@ def _sharegpt_preference(row: Row, c: dict[str, str], t: dict[str, str]) -> Samp
     items = row.data.get(column)
     items = [items] if isinstance(items, dict) else items  # (one message alone, as _message_list reads it)
     head = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
-    if t["role_tag"] not in head and "role" in head:  # OpenAI messages (LLaMA-Factory's openai ranking rows)
-        s, (role, content, roles) = _messages(row, c, t), ("role", "content", _MESSAGE_ROLES)
+    if t.get("formatting") or t["role_tag"] not in head and "role" in head:  # OpenAI messages (LLaMA-Factory's openai
+        s, (role, content, roles) = _messages(row, c, t), message_keys(t)  # ranking rows; data.tags read under openai)
     else:
         s, (role, content, roles) = _sharegpt(row, c, t), (t["role_tag"], t["content_tag"], _sharegpt_roles(t))
     if s.messages[-1]["role"] not in ("user", "tool"):  # LLaMA-Factory's ranking rows: the prompt side ends them

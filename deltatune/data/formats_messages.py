@@ -20,9 +20,35 @@ ROLE_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "sy
 """LLaMA-Factory's role tags (``data.tags``) and the roles they name ('function': an answer that is a tool call)."""
 
 
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}  # fmt: skip
+"""data.tags' defaults under ``data.format: openai`` where data.tags is given: OpenAI's names (LLaMA-Factory's openai
+datasets set these tags in dataset_info.json), its function_tag. Without data.tags OpenAI's roles are read
+(``_MESSAGE_ROLES``)."""
+
+
+class _TaggedRoles(dict):
+    """Roles named by data.tags under data.format=openai: a 'function' tag is an answer holding a call, as in
+    sharegpt, but the turn order is LLaMA-Factory's openai one (``_openai_order``), not sharegpt's."""
+
+
 def tag_roles(t: dict[str, str | None]) -> dict[str, str]:
     """The row's role names -> ours, by the tags ``t``; a null tag names no role (LLaMA-Factory's: no such tag)."""
     return {t[k]: ours for k, ours in ROLE_TAGS.items() if t.get(k) is not None}
+
+
+def openai_tags(tags: dict[str, str] | None) -> dict[str, str] | None:
+    """The tags ``read_samples`` reads with under data.format=openai: data.tags over ``OPENAI_TAGS`` (marked
+    'formatting'), None without data.tags."""
+    return {**OPENAI_TAGS, **tags, "formatting": "openai"} if tags else None
+
+
+def message_keys(t: dict[str, str]) -> tuple[str, str, dict[str, str]]:
+    """The role key, content key and roles of an OpenAI messages list: OpenAI's, or data.tags' under
+    data.format=openai (``openai_tags``), as LLaMA-Factory's OpenAIDatasetConverter reads them."""
+    if t.get("formatting") != "openai":
+        return "role", "content", _MESSAGE_ROLES
+    return t["role_tag"], t["content_tag"], _TaggedRoles(tag_roles(t))
 
 
 def _col(columns: dict[str, str], key: str) -> str:
@@ -123,7 +149,7 @@ def _message_list(
             got += " (JSON text: a CSV cell holds text, as the datasets library reads it; give the rows as .jsonl)"
         raise DataError(f"{source}: column {column!r} must be a non-empty list of messages, got {got}")
     out: list[Message] = []
-    sharegpt, previous = "function" in roles.values(), None
+    sharegpt, previous = "function" in roles.values() and not isinstance(roles, _TaggedRoles), None
     for i, m in enumerate(value):
         where = f"{source}: {column}[{i}]"
         if not isinstance(m, dict):
@@ -131,7 +157,7 @@ def _message_list(
         given = m
         if any(isinstance(v, float) and math.isnan(v) for v in m.values()):  # (pandas' NaN: missing; copied only so)
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
-        role = m.get(role_key, m.get("role", m.get("from")))
+        role = _role(m, role_key)
         if not isinstance(role, str) or role not in roles:  # (a list or an object: a TypeError, unhashable)
             role = given.get(role_key, given.get("role", given.get("from")))  # (a NaN one named so, not None)
             raise DataError(
@@ -356,29 +382,49 @@ def _template_kwargs(row: Row, c: dict[str, str]) -> dict[str, Any] | None:
     return value or None
 
 
-def _openai_order(row: Row, c: dict[str, str]) -> None:
+def _role(m: dict, role_key: str) -> Any:
+    """A message's role as ``_message_list`` reads it."""
+    return m.get(role_key, m.get("role", m.get("from")))
+
+
+def _openai_order(row: Row, c: dict[str, str], t: dict[str, str], ranking: bool, lost: bool) -> None:
     """LLaMA-Factory's order for its openai formatting (``data.format: openai``): a system message first or nowhere,
-    then turns alternating between a prompt side (user; tool results, several in a row merged into one) and the
-    assistant. Its converter drops a row out of order with a warning ('Invalid role tag'); here the row is refused
-    naming the turn, as a sharegpt row is (``_sharegpt_order``; an opening answer kept as there)."""
+    then turns alternating between a prompt side (user; tool results, several in a row merged into one) and an answer
+    side (assistant; with data.tags, the function tag too: a call), the roles read by ``message_keys`` as its
+    converter reads them. Its converter drops a row out of order with a warning ('Invalid role tag'); here the row is
+    refused naming the turn, as a sharegpt row is (``_sharegpt_order``; an opening answer kept as there). Tool results
+    that end a conversation are never read by it (merged only before a later message): lost, a ranking row then
+    ending on the call and dropped; refused here too where it reads the row (``lost``: a ranking row, PPO's prompt;
+    other stages, which LLaMA-Factory's openai formatting has not, read them as a prompt's end)."""
     column = _conversation_column(row, c, "messages", "conversations")
-    items = row.data.get(column)
+    items, (role_key, _, roles) = row.data.get(column), message_keys(t)
     if not isinstance(items, list):
         return
-    side, previous = {"user": 0, "tool": 0, "function": 0, "assistant": 1}, None
-    for i, m in enumerate(items):
-        role = m.get("role") if isinstance(m, dict) else None
-        where = f"{row.source}: {column}[{i}].role"
-        if role == "system" and i:
+    side, previous = {"user": 0, "tool": 0, "assistant": 1, "function": 1}, None
+    for i, m in enumerate(items):  # (each message read by _message_list: an object with a known role)
+        role = _role(m, role_key)
+        where, ours = f"{row.source}: {column}[{i}].{role_key}", roles.get(role)
+        if ours == "system" and i:
             raise DataError(f"{where}: a system message after the first; data.format=openai (LLaMA-Factory's "
                             "formatting) reads it only as the first message and drops the row")  # fmt: skip
-        if role not in side:
+        if ours not in side:
             continue
-        tools = previous in ("tool", "function") and role in ("tool", "function")  # (merged: one observation)
-        if previous in side and side[previous] == side[role] and not tools:
+        answered = previous is not None and side[roles[previous]] == 1
+        end = ours == "tool" and all(roles.get(_role(n, role_key)) == "tool" for n in items[i:])
+        if end and (lost or previous is not None and not answered):  # (after the user: out of order as well)
+            dropped = ranking and answered
+            raise DataError(
+                f"{where}: the conversation ends with tool results, which data.format=openai (LLaMA-Factory's "
+                "formatting) reads only before a later message (its converter leaves them out"
+                f"{'; a ranking row then ends on the call, and is dropped' if dropped else ''}); give them before a "
+                f"{'user' if ranking else 'later'} message"
+            )
+        tools = previous is not None and roles[previous] == ours == "tool"  # (merged: one observation)
+        if previous is not None and side[roles[previous]] == side[ours] and not tools:
+            sides = [" or ".join(repr(r) for r, o in roles.items() if o in side and side[o] == k) for k in (0, 1)]
             raise DataError(
                 f"{where}: {_a(role)} message after {_a(previous)} message; data.format=openai (LLaMA-Factory's "
-                "formatting) reads messages alternating between 'user' or 'tool' and 'assistant' (LLaMA-Factory "
-                "drops the row)"
+                f"formatting) reads messages alternating between {sides[0]} and {sides[1]} (LLaMA-Factory drops the "
+                "row)"
             )
         previous = role
