@@ -178,25 +178,44 @@ def _gguf_stand_in(monkeypatch, tmp_path):
     return embedded, pkg, e, gguf
 
 
-def test_a_disk_full_while_the_cache_is_written_is_one_line_and_leaves_nothing(monkeypatch, tmp_path):
-    import errno
+_FULL = """
+import resource, signal, sys
+import pytest
+from tests.test_load_probe22 import _gguf_stand_in
+from pathlib import Path
 
-    from transformers import PreTrainedModel
+tmp = Path(sys.argv[1])
+with pytest.MonkeyPatch.context() as monkeypatch:
+    embedded, pkg, e, gguf = _gguf_stand_in(monkeypatch, tmp)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit: EFBIG, not the signal)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        embedded._convert(pkg, e, tmp / "cache" / "fake-abc")
+    except Exception as exc:
+        print("RAISED", type(exc).__name__, str(exc).splitlines()[0])
+"""
 
+
+def test_a_full_disk_while_the_cache_is_written_is_one_line_and_leaves_nothing(monkeypatch, tmp_path):
+    """A file system that refuses writes past 200 kB (RLIMIT_FSIZE, in a child process): safetensors raises its own
+    SafetensorError ("Error while serializing: I/O error: File too large (os error 27)"), no OSError."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = tmp_path / "child"
+    (child / "cache").mkdir(parents=True)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _FULL, str(child)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    raised = [line for line in done.stdout.splitlines() if line.startswith("RAISED")]
+    assert raised == [
+        f"RAISED ConfigError model 'fake' is converted once into {child / 'cache'}, which cannot be written "
+        "(File too large): set DELTATUNE_CACHE to a writable folder"
+    ]
+    assert list((child / "cache").iterdir()) == []  # no staging folder, no cache
     embedded, pkg, e, gguf = _gguf_stand_in(monkeypatch, tmp_path)
     folder = tmp_path / "cache" / "fake-abc"
-    real_save = PreTrainedModel.save_pretrained
-
-    def full(self, where, *a, **k):
-        real_save(self, where, *a, **k)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
-    with pytest.raises(ConfigError, match=rf"model 'fake' is converted once into {tmp_path / 'cache'}, which "
-                       r"cannot be written \(No space left on device\): set DELTATUNE_CACHE"):  # fmt: skip
-        embedded._convert(pkg, e, folder)
-    assert list((tmp_path / "cache").iterdir()) == []  # no staging folder, no cache
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
     embedded._convert(pkg, e, folder)  # room again: converted, checked, the GGUF model's logits
     assert embedded._valid(folder) and [p.name for p in (tmp_path / "cache").iterdir()] == ["fake-abc"]
     from transformers import LlamaForCausalLM  # (AutoModelForCausalLM stands in for the GGUF here)

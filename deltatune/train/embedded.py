@@ -134,10 +134,16 @@ def resolve(name_or_path: str, convert: bool = True) -> str:
     return str(folder)
 
 
-def _unwritable(name_or_path: str, cache: Path, exc: OSError) -> ConfigError:
+def _unwritable(name_or_path: str, cache: Path, exc: Exception) -> ConfigError:
+    """The one line for a cache that cannot be written: an OSError's reason, or safetensors' (a SafetensorError
+    "Error while serializing: I/O error: File too large (os error 27)": its I/O reason, "File too large")."""
+    why = getattr(exc, "strerror", None)
+    if not why:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        why = (m := re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", text)) and m.group(1) or text
     return ConfigError(
         f"model {name_or_path!r} is converted once into {cache}, which cannot be written "
-        f"({exc.strerror or type(exc).__name__}): set DELTATUNE_CACHE to a writable folder"
+        f"({why or type(exc).__name__}): set DELTATUNE_CACHE to a writable folder"
     )
 
 
@@ -244,6 +250,7 @@ def _convert(pkg: Path, e: Embedded, folder: Path) -> None:
     import sys
 
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -282,7 +289,7 @@ def _convert(pkg: Path, e: Embedded, folder: Path) -> None:
             staging.chmod(0o755)  # mkdtemp makes it private; the cache is a normal folder
             for f in staging.iterdir():
                 f.chmod(0o644)
-        except OSError as exc:  # (a disk full mid-write: safetensors' or json's error from deep inside)
+        except (OSError, SafetensorError) as exc:  # (a disk full mid-write: safetensors' or json's from deep inside)
             raise _unwritable(e.name, folder.parent, exc) from None
         if folder.exists() and not _valid(folder):
             shutil.rmtree(folder)  # corrupt or partial: never half-used
