@@ -79,7 +79,8 @@ class _Parser(argparse.ArgumentParser):
             given = [
                 w.split("=")[0] for w in getattr(self, "_given", []) if w[:1] == "-" and w.lstrip("-")[:1].isalpha()
             ]
-            unknown = [f for f in given if f not in flags]  # (-x alone read "required: command", -x unnamed)
+            known = [f for f in given if f[:2] == "--" and any(k.startswith(f) for k in flags)]  # (--de: --debug)
+            unknown = [f for f in given if f not in flags and f not in known]  # (-x read "required: command", unnamed)
             for flag in unknown:
                 if near := difflib.get_close_matches(flag, flags, 1, NEAR):
                     message += f"; unrecognized argument {flag}: did you mean {near[0]}?"

@@ -44,3 +44,40 @@ def test_info_of_a_remote_code_folder_is_one_line_without_asking(tmp_path, quest
     with pytest.raises(ConfigError, match="custom code"):
         describe(_own_code_folder(tmp_path))
     assert questions == []
+
+
+@pytest.mark.parametrize("method", [None, {}], ids=["absent", "empty"])
+def test_a_method_override_on_a_recipe_without_a_method_section_trains_lora(method):
+    """A recipe without a method trains LoRA (build's default, LLaMA-Factory's finetuning_type); ``method.r=16``
+    read "method.name is missing" where the recipe names none; a file's own nameless ``method: {r: 4}`` is still
+    refused (tests/train/test_config.py)."""
+    from deltatune.train.config import apply_overrides, build
+
+    raw = {"stage": "sft"} if method is None else {"stage": "sft", "method": method}
+    cfg = build(apply_overrides(raw, ["method.r=16"]))
+    assert cfg.method == {"name": "lora", "r": 16} and cfg.method_config().r == 16
+    assert build(apply_overrides({}, ["method.name=ia3"])).method == {"name": "ia3"}
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [(["train={lrr: 1}"], "override 'train={lrr: 1}'"), (["train={lr: 1}", "train.lrr=2"], "override 'train.lrr=2'")],
+)
+def test_an_unknown_key_in_a_section_an_override_set_whole_is_named_by_it(overrides, says):
+    """An override that replaces a whole section is named for the keys under it (the recipe's file was named, which
+    held the key no more); of two, the last that set it."""
+    from deltatune.train.config import apply_overrides, build
+
+    with pytest.raises(ConfigError, match=f"unknown key 'train.lrr' in {says}"):
+        build(apply_overrides({"train": {"lrr": 1}}, overrides), where="r.yaml", overrides=overrides)
+
+
+def test_an_abbreviated_flag_beside_a_missing_command_is_not_called_unrecognized(capsys):
+    """``deltatune --de`` is argparse's ``--debug`` (``deltatune --de info`` parses): the missing command's line
+    named it an unrecognized argument."""
+    from deltatune.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--de"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "required: command" in err and "--de" not in err.split("required: command")[1]

@@ -240,7 +240,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.strip().split(".")
         node = out
         for depth, part in enumerate(parts[:-1]):
-            if node.get(part) is None:  # absent, or an empty section (``train:``)
+            if depth == 0 and part == "method" and not node.get(part):  # no method section: build's LoRA, named
+                node[part] = {"name": "lora"}  # (method.r=16 read "method.name is missing"; the recipe trains LoRA)
+            elif node.get(part) is None:  # absent, or an empty section (``train:``)
                 node[part] = {}
             elif depth == 0 and part == "method" and isinstance(node[part], str):  # the shorthand ``method: lora``
                 node[part] = {"name": node[part]}
@@ -301,8 +303,9 @@ def build(raw: dict[str, Any], where: str = "recipe", overrides: list[str] | Non
 def _given_in(key: str, where: str, overrides: list[str] | None) -> str:
     """The override that gave ``key`` (or a key below it), else ``where``: ``train.lrr=1`` read "unknown key
     'train.lrr' in r.yaml", a file that holds no such key."""
-    for item in overrides or ():
-        if (given := item.split("=", 1)[0].strip()) == key or given.startswith(f"{key}."):
+    for item in reversed(overrides or ()):  # (the last that set it; train={lrr: 1} set the section, train.lrr too)
+        given = item.split("=", 1)[0].strip()
+        if given == key or given.startswith(f"{key}.") or key.startswith(f"{given}."):
             return f"override {item!r}"
     return where
 
