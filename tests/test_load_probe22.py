@@ -32,8 +32,8 @@ def _weights_only(base, tmp_path, name):
     return folder
 
 
-@pytest.mark.parametrize("family, tokens", [("gpt2", 1), ("bert", 5)])
-def test_a_folder_without_tokenizer_files_is_one_line_not_an_empty_tokenizer(bases, tmp_path, family, tokens):
+@pytest.mark.parametrize("family, tokens, words", [("gpt2", 1, "1 token"), ("bert", 5, "5 tokens")])
+def test_a_folder_without_tokenizer_files_is_one_line_not_an_empty_tokenizer(bases, tmp_path, family, tokens, words):
     folder = _weights_only(bases[family], tmp_path, family)
     made = AutoTokenizer.from_pretrained(folder)  # transformers 5: the class's defaults, no vocabulary
     assert len(made) == tokens
@@ -42,7 +42,7 @@ def test_a_folder_without_tokenizer_files_is_one_line_not_an_empty_tokenizer(bas
         assert made("the cat sat")["input_ids"] == []  # a run trained on nothing
     for load in (lambda: load_tokenizer(str(folder)), lambda: load_processor(str(folder), "sft")):
         with pytest.raises(ConfigError, match=rf"model '{folder}' holds no tokenizer .*empty \w+Tokenizer of "
-                           rf"{tokens} tokens\): copy the base model's tokenizer files into it$"):  # fmt: skip
+                           rf"{words}\): copy the base model's tokenizer files into it$"):  # fmt: skip
             load()
     # The folder with its files still loads as transformers loads it.
     want = AutoTokenizer.from_pretrained(bases[family])
@@ -57,6 +57,60 @@ def test_a_tokenizer_that_reads_no_files_is_not_refused(tmp_path):
     CanineConfig().save_pretrained(tmp_path)
     want = AutoTokenizer.from_pretrained(tmp_path)
     assert load_tokenizer(str(tmp_path))("ab")["input_ids"] == want("ab")["input_ids"]
+
+
+def _minilm():
+    from deltatune.train import embedded
+
+    return embedded.resolve("minilm")
+
+
+def test_a_folder_with_only_tokenizer_config_json_is_one_line(bases, tmp_path):
+    """tokenizer_config.json holds options and special tokens, no vocabulary: transformers 5 makes BERT's tokenizer
+    of its 5 special tokens from it (every word [UNK])."""
+    folder = _weights_only(bases["bert"], tmp_path, "cfg")
+    shutil.copy(f"{bases['bert']}/tokenizer_config.json", folder)
+    made = AutoTokenizer.from_pretrained(folder)
+    assert type(made).__name__ == "BertTokenizer" and len(made) == 5
+    with pytest.raises(ConfigError, match=rf"^model '{folder}' holds no tokenizer .*empty BertTokenizer of 5 tokens"):
+        load_tokenizer(str(folder))
+
+
+def _no_files(tmp_path, name):
+    """A folder of ByT5's, CANINE's or Perceiver's config.json and saved tokenizer (tokenizer_config.json and
+    ByT5's added_tokens.json: its tokenizer reads no vocabulary file)."""
+    import transformers
+
+    config, tokenizer = {"byt5": ("T5Config", "ByT5Tokenizer"), "canine": ("CanineConfig", "CanineTokenizer"),
+                         "perceiver": ("PerceiverConfig", "PerceiverTokenizer")}[name]  # fmt: skip
+    folder = tmp_path / name
+    getattr(transformers, config)().save_pretrained(folder)
+    getattr(transformers, tokenizer)().save_pretrained(folder)
+    return folder
+
+
+def _some_files(tmp_path, name):
+    """MiniLM's folder, or its config.json with its vocab.txt alone, or with its tokenizer.json alone."""
+    if name == "minilm":
+        return _minilm()
+    folder = tmp_path / name
+    folder.mkdir()
+    for file in ("config.json", name):
+        shutil.copy(f"{_minilm()}/{file}", folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "make, name, size",
+    [(_no_files, "byt5", 384), (_no_files, "canine", 1114112), (_no_files, "perceiver", 262),
+     (_some_files, "vocab.txt", 30522), (_some_files, "tokenizer.json", 30522), (_some_files, "minilm", 30522)],
+)  # fmt: skip
+def test_tokenizers_with_their_files_or_needing_none_still_load(tmp_path, make, name, size):
+    folder = make(tmp_path, name)
+    want = AutoTokenizer.from_pretrained(folder)
+    got = load_tokenizer(str(folder))
+    assert len(got) == len(want) == size and type(got) is type(want)
+    assert got("the cat sat")["input_ids"] == want("the cat sat")["input_ids"]
 
 
 def _bin_only(base, tmp_path):
@@ -115,9 +169,12 @@ def test_a_tokenizer_of_its_own_code_untrusted_is_one_line(bases, tmp_path):
     with pytest.raises(ConfigError, match=rf"model '{folder}': its tokenizer runs its own code \(auto_map in "
                        r"tokenizer_config.json\): set model.trust_remote_code: true"):  # fmt: skip
         load_processor(str(folder), "sft")
+    shutil.copy(f"{_minilm()}/vocab.txt", folder)  # (its vocabulary: MyTok is a BertTokenizer)
     want = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     got = load_tokenizer(str(folder), trust_remote_code=True)
-    assert type(got).__name__ == "MyTok" and got("the cat")["input_ids"] == want("the cat")["input_ids"]
+    assert type(got).__name__ == "MyTok" and len(got) == len(want) == 30522
+    ids = [101, 1996, 4937, 102]  # [CLS] the cat [SEP]
+    assert got("the cat")["input_ids"] == want("the cat")["input_ids"] == ids
 
 
 @pytest.mark.parametrize(
@@ -140,6 +197,58 @@ def test_a_damaged_preprocessor_config_is_one_line_naming_it(tmp_path, text, rai
         AutoImageProcessor.from_pretrained(folder)
     with pytest.raises(ConfigError, match=rf"model '{folder}': {why}"):
         load_processor(folder, "image_cls")
+
+
+def test_an_image_processor_of_its_own_code_untrusted_is_one_line_without_asking(tmp_path, monkeypatch):
+    """auto_map in preprocessor_config.json: transformers' multi-line ValueError, as the tokenizer's (052cd02)."""
+    import builtins
+    import json
+
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    folder = save_tiny(tmp_path / "vit", "vit")
+    ViTImageProcessor().save_pretrained(folder)
+    config = json.loads((tmp_path / "vit" / "preprocessor_config.json").read_text())
+    config.update(auto_map={"AutoImageProcessor": "proc.MyProc"}, image_processor_type="MyProc")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(config))
+    (tmp_path / "vit" / "proc.py").write_text(
+        "from transformers import ViTImageProcessor\n\n\nclass MyProc(ViTImageProcessor):\n    pass\n"
+    )
+    questions = []
+    monkeypatch.setattr(builtins, "input", lambda question="": questions.append(question) or "n")
+    with pytest.raises(ValueError, match="contains custom code"):
+        AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
+    with pytest.raises(ConfigError, match=rf"^model '{folder}': its image processor runs its own code \(auto_map in "
+                       r"preprocessor_config.json\): set model.trust_remote_code: true \(trust_remote_code=True\) "
+                       r"only if you trust that code$"):  # fmt: skip
+        load_processor(folder, "image_cls")
+    assert questions == []
+    want = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    got = load_processor(folder, "image_cls", trust_remote_code=True)
+    assert type(got).__name__ == "MyProc" and got.to_dict() == want.to_dict()
+
+
+def test_the_token_reward_check_of_a_folder_of_its_own_code_asks_nothing(tmp_path, monkeypatch):
+    """scorers.check_token_reward (5bd2ced) read config.json and the tokenizer with trust_remote_code unset:
+    transformers asked "[y/N]" on stdin (15 s); now unread (None), left to the model load, which refuses it."""
+    import builtins
+    import json
+
+    from deltatune.train.scorers import check_token_reward
+    from tests.test_lead_probe22 import _own_code_folder
+    from tests.tiny import tokenizer
+
+    folder = _own_code_folder(tmp_path)
+    config = json.loads((tmp_path / "own" / "config.json").read_text())
+    config.update(architectures=["LlamaForSequenceClassification"], num_labels=1)
+    (tmp_path / "own" / "config.json").write_text(json.dumps(config))
+    questions = []
+    monkeypatch.setattr(builtins, "input", lambda question="": questions.append(question) or "n")
+    assert check_token_reward(str(folder), tokenizer()) is None  # (read nothing: its config is its own code's)
+    assert questions == []
+    with pytest.raises(ConfigError, match=rf"^model '{folder}' runs its own code \(auto_map in its config.json\)"):
+        load_model(str(folder), "SEQ_CLS", num_labels=1)
+    assert questions == []
 
 
 def test_a_config_field_of_the_wrong_type_is_one_line(bases, tmp_path):

@@ -94,9 +94,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             ) from None
         raise
     if os.path.isdir(path) and _built_empty(path, tok):
+        count = f"{len(tok)} token" + ("s" if len(tok) != 1 else "")
         raise ConfigError(
             f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...; transformers made "
-            f"an empty {type(tok).__name__} of {len(tok)} tokens): copy the base model's tokenizer files into it"
+            f"an empty {type(tok).__name__} of {count}): copy the base model's tokenizer files into it"
         )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
@@ -105,10 +106,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def _built_empty(path: str, tok) -> bool:
     """Whether transformers made ``tok`` from the folder ``path`` without any of its files: a class that reads
-    files (GPT-2's vocab.json and merges.txt, BERT's vocab.txt) found none of them, nor a tokenizer.json or
-    tokenizer_config.json. transformers 5 then builds it from its defaults (GPT-2's: one token, "the cat sat" ->
-    []) where 4.x raised; a class that needs no files (CANINE, ByT5) is not empty."""
-    names = set(TOKENIZER_FILES) | {n for n in (getattr(tok, "vocab_files_names", None) or {}).values() if n}
+    files (GPT-2's vocab.json and merges.txt, BERT's vocab.txt) found none of them, nor a tokenizer.json (a
+    tokenizer_config.json alone holds no vocabulary: BERT's gets 5 tokens). transformers 5 then builds it from its
+    defaults (GPT-2's: one token, "the cat sat" -> []) where 4.x raised; a class that needs no files (CANINE, ByT5,
+    Perceiver) is not empty."""
+    names = set(TOKENIZER_FILES) - {"tokenizer_config.json"}  # (options and special tokens, no vocabulary)
+    names |= {n for n in (getattr(tok, "vocab_files_names", None) or {}).values() if n}
     return bool(getattr(tok, "vocab_files_names", None)) and not any(
         os.path.isfile(os.path.join(path, n)) for n in names
     )
@@ -140,6 +143,14 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
     except OSError as exc:
         raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
     except ValueError as exc:  # (transformers' multi-line refusal: a type it does not know, remote code untrusted)
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            where = "preprocessor_config.json" if os.path.isdir(path) and json_value(
+                os.path.join(path, "preprocessor_config.json"), "auto_map"
+            ) else "its config.json"  # fmt: skip
+            raise ConfigError(
+                f"model {name_or_path!r}: its image processor runs its own code (auto_map in {where}): set "
+                "model.trust_remote_code: true (trust_remote_code=True) only if you trust that code"
+            ) from None
         if "Unrecognized image processor" not in str(exc):
             raise
         kind = json_value(os.path.join(path, "preprocessor_config.json"), "image_processor_type")
