@@ -6,6 +6,9 @@ arguments (attention mask, position ids, the key/value cache under transformers'
 from __future__ import annotations
 
 import inspect
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,6 +17,8 @@ from torch import nn
 
 from ..config import ConfigError, check_positive_int
 from ..targets import model_type
+
+_PACKAGE = os.path.dirname(os.path.dirname(__file__)) + os.sep  # deltatune/: warn() skips its frames
 
 
 @dataclass
@@ -255,14 +260,40 @@ def _prefix_pairs(
     its gradient into a zero tensor of the whole stack, once per row (quadratic in the layer count), where that of
     ``unbind`` stacks the rows' gradients once.
     """
-    n, heads = spec.n, spec.heads
-    x = flat.view(1, n, spec.layers * 2, heads, spec.token_dim // heads).expand(batch, -1, -1, -1, -1)
-    x = x.to(dtype or x.dtype)  # cast after the expand, as peft: the rows' gradients add up in the float32 of flat
-    if spec.submodules == 2:
-        x = torch.cat([x, x], dim=2)
-    rows = x.permute(2, 0, 3, 1, 4).unbind(0)  # layers * 2 * submodules of (batch, heads, n, head_dim)
+    n, heads, dtype = spec.n, spec.heads, dtype or flat.dtype
+    x = flat.view(1, n, spec.layers * 2, heads, spec.token_dim // heads)
+    # Cast each row after the expand, as peft: the gradients of the batch's copies add up in the float32 of flat.
+    # With no backward the n rows are cast once, before it: the batch's copies stay views (no batch-size copy).
+    x = x.to(dtype) if not (torch.is_grad_enabled() and flat.requires_grad) else x
+    rows = [r.to(dtype) for r in x.expand(batch, -1, -1, -1, -1).permute(2, 0, 3, 1, 4).unbind(0)]
+    rows = rows * spec.submodules  # peft's cat of the rows with themselves, as the same views (no copy)
     step = 2 * spec.submodules
     return [(rows[i], rows[i + 1]) for i in range(0, spec.layers * step, step)]
 
 
-__all__ = ["CACHE_KEYS", "TokenSpec", "VirtualTokenFields", "check_fields", "fill_geometry", "text_config"]
+def expand_cast(x: torch.Tensor, sizes: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``x.expand(*sizes).to(dtype)``: cast after the expand while a backward is recorded (as peft's repeat: the
+    copies' gradients add up in x's float32), before it otherwise (the batch's copies stay views of x)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.expand(*sizes).to(dtype)
+    return x.to(dtype).expand(*sizes)
+
+
+def warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside deltatune (get_delta_model's, add_adapter's, ...)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+__all__ = [
+    "CACHE_KEYS",
+    "TokenSpec",
+    "VirtualTokenFields",
+    "check_fields",
+    "expand_cast",
+    "fill_geometry",
+    "text_config",
+    "warn",
+]

@@ -21,7 +21,6 @@ Files follow PEFT: one ``prompt_embeddings`` per adapter, the folded virtual tok
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from ._token_geometry import (
     _given_cache,
     _prefix_pairs,
     _shift_positions,
+    expand_cast,
     text_config,
 )
 from ._tokens_layout import refuse_fixed_size
@@ -193,7 +193,7 @@ class VirtualTokens(DeltaLayer):
     def _prompts(self, name: str, spec: TokenSpec, batch: int, like: torch.Tensor) -> torch.Tensor:
         tokens = self.prompt_encoder[name]()[: spec.n]  # (n, dim): only the first n with two submodules (PEFT)
         # Cast after the expand, as peft's repeat: the rows' gradients add up in float32, not in a bf16 base's dtype.
-        return tokens.unsqueeze(0).expand(batch, -1, -1).to(like.dtype)
+        return expand_cast(tokens.unsqueeze(0), (batch, -1, -1), like.dtype)
 
     def _prepend(
         self, module: nn.Module, name: str, spec: TokenSpec, kwargs: dict, labels: bool
@@ -257,7 +257,7 @@ class VirtualTokens(DeltaLayer):
         from transformers import DynamicCache, EncoderDecoderCache
 
         dtype = getattr(module, "dtype", None) or next(module.parameters()).dtype
-        flat = self.prompt_encoder[name]()  # cast per row in _prefix_pairs, as peft's (its gradients add in float32)
+        flat = self.prompt_encoder[name]()  # cast per row in _prefix_pairs (after the expand while gradients flow)
         if cache is None:
             cfg = getattr(module, "config", None)
             cache = DynamicCache(config=cfg) if cfg is not None and not self.encoder_decoder else DynamicCache()
@@ -375,11 +375,6 @@ def fold(model: nn.Module, adapter_name: str = "default") -> None:
     if layer is None or adapter_name not in layer.prompt_encoder:
         raise ValueError(f"no token adapter named {adapter_name!r} in this model")
     layer.prompt_encoder[adapter_name].fold(None)
-
-
-def warn(message: str) -> None:
-    """A UserWarning attributed to the caller of inject."""
-    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 __all__ = ["ATTR", "SAVED_KEY", "VirtualTokens", "attach", "fold"]

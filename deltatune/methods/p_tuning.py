@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import targets
 from ..config import ConfigError, DeltaConfig, check_positive_int, check_range
 from ._folding import Reparametrised
-from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
-from ._tokens import attach, warn
+from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry, warn
+from ._tokens import attach
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -115,7 +116,8 @@ def inject(model: nn.Module, config: PTuningConfig, adapter_name: str) -> list[n
         config.encoder_hidden_size = config.token_dim
     rows = config.num_virtual_tokens * config.num_transformer_submodules
     mlp = config.encoder_reparameterization_type == "MLP"
-    if mlp and config.encoder_num_layers != 2 and not config.inference_mode:  # as peft's PromptEncoder warns
+    if mlp and config.encoder_num_layers != 2 and not config.inference_mode and not targets._FROM_FILE.get():
+        # as peft's PromptEncoder warns, for a new encoder only (a trainable load folds the saved one right after)
         warn(f"encoder_num_layers={config.encoder_num_layers} is ignored by the MLP prompt encoder: it always has "
              "three linear layers (the LSTM reads encoder_num_layers)")  # fmt: skip
     encoder = PromptEncoder(

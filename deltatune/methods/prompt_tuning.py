@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DeltaConfig
-from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry
-from ._tokens import attach, warn
+from ._token_geometry import TokenSpec, VirtualTokenFields, check_fields, fill_geometry, warn
+from ._tokens import attach
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -124,11 +124,10 @@ def _init_ids(config: PromptTuningConfig, rows: int, vocab: int) -> torch.Tensor
     if not ids:
         raise ConfigError("prompt_tuning_init_text tokenizes to no tokens")
     if len(ids) > rows:
-        warn(
-            f"prompt_tuning_init_text has {len(ids)} tokens but the table has {rows} rows (num_virtual_tokens="
-            f"{config.num_virtual_tokens} x num_transformer_submodules={config.num_transformer_submodules}); only "
-            f"the first {rows} are used"
-        )
+        n = config.num_virtual_tokens  # seq2seq: peft's table has 2n rows; the model reads the first n
+        reads = f" (the model reads the first {n})" if rows > n else ""
+        warn(f"prompt_tuning_init_text has {len(ids)} tokens but the table has {rows} rows{reads}; only the first "
+             f"{rows} are used")  # fmt: skip
     ids = (ids * math.ceil(rows / len(ids)))[:rows]  # repeated when shorter, as PEFT does
     if max(ids) >= vocab:
         raise ConfigError(

@@ -29,6 +29,7 @@ from torch import nn
 from ..config import ConfigError, DeltaConfig
 from ..layer import DeltaLayer
 from ..targets import model_type
+from ._token_geometry import expand_cast
 
 ATTR = "visual_prompts"
 """Name of the child module of the base model holding every visual prompt adapter."""
@@ -121,7 +122,7 @@ class VisualPrompts(DeltaLayer):
         prompts = self._active()
         if prompts is None:
             return None
-        p = prompts[0].to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)  # (batch, n, d)
+        p = expand_cast(prompts[0].unsqueeze(0), (output.shape[0], -1, -1), output.dtype)  # (batch, n, d)
         return torch.cat([output[:, : self.lead], p, output[:, self.lead :]], dim=1)  # (batch, lead + n + patches, d)
 
     def _replace(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -130,7 +131,7 @@ class VisualPrompts(DeltaLayer):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]  # (batch, tokens, d)
         n = prompts.shape[1]
-        p = prompts[index].to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        p = expand_cast(prompts[index].unsqueeze(0), (hidden.shape[0], -1, -1), hidden.dtype)  # batch sums in float32
         hidden = torch.cat([hidden[:, : self.lead], p, hidden[:, self.lead + n :]], dim=1)
         if args:
             return (hidden, *args[1:]), kwargs
