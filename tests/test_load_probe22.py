@@ -334,6 +334,30 @@ def test_a_full_disk_while_the_cache_is_written_is_one_line_and_leaves_nothing(m
     assert converted is not gguf and torch.equal(converted(ids).logits, gguf(ids).logits)
 
 
+@pytest.mark.parametrize(
+    "drift, why",
+    [("extra", r"weights missing \[\], unexpected \['extra.weight'\]"),
+     ("scaled", r"the converted model's logits differ from the GGUF's")],
+)  # fmt: skip
+def test_a_conversion_that_fails_its_own_check_is_one_line_and_writes_nothing(monkeypatch, tmp_path, drift, why):
+    """A transformers or gguf release that reads the GGUF otherwise (a weight it names differently, values it reads
+    otherwise than the model computes): the check raised a RuntimeError traceback."""
+    embedded, pkg, e, gguf = _gguf_stand_in(monkeypatch, tmp_path)
+    state = gguf.state_dict()
+    if drift == "extra":
+        state["extra.weight"] = torch.zeros(2)
+    else:
+        state["model.norm.weight"] = state["model.norm.weight"] * 2
+    monkeypatch.setattr(gguf, "state_dict", lambda *a, **k: state)
+    (tmp_path / "cache").mkdir()
+    folder = tmp_path / "cache" / "fake-abc"
+    with pytest.raises(ConfigError, match=rf"^model 'fake': converting {pkg / 'm.gguf'} into {folder} failed its "
+                       rf"check \({why}\); nothing was written to the cache {tmp_path / 'cache'} \(DELTATUNE_CACHE\): "
+                       r"transformers [\d.]+\S* and gguf \S+ read the GGUF otherwise"):  # fmt: skip
+        embedded._convert(pkg, e, folder)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_a_hub_id_the_hub_cannot_provide_is_asked_for_once(monkeypatch):
     """Each ask costs the hub client's retries when the network is down (about 50 s here): load_model asked twice
     (its encoder check read "?" and the load asked again), 70 s before its one line."""

@@ -147,6 +147,24 @@ def _unwritable(name_or_path: str, cache: Path, exc: Exception) -> ConfigError:
     )
 
 
+def _unchecked(e: Embedded, pkg: Path, folder: Path, why: str) -> ConfigError:
+    """The one line for a conversion that failed its own check (a transformers or gguf release that reads the GGUF
+    otherwise): nothing was written to the cache."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def release(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "?"
+
+    return ConfigError(
+        f"model {e.name!r}: converting {pkg / e.member} into {folder} failed its check ({why}); nothing was written "
+        f"to the cache {folder.parent} (DELTATUNE_CACHE): transformers {release('transformers')} and gguf "
+        f"{release('gguf')} read the GGUF otherwise than the conversion expects"
+    )
+
+
 _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
 """flock's errors on a filesystem without locks (NFS without lockd, Lustre without -o flock, some FUSE mounts)."""
 
@@ -269,12 +287,13 @@ def _convert(pkg: Path, e: Embedded, folder: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     # A tied lm_head is not in the state dict's required keys on either side; anything else must match.
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise RuntimeError(f"GGUF conversion of {e.name}: missing {missing}, unexpected {unexpected}")
+        missing = [k for k in missing if k != "lm_head.weight"]
+        raise _unchecked(e, pkg, folder, f"weights missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     probe = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 2, 198, 1, 4093, 198, 1780]])
     with torch.no_grad():
         if not torch.equal(model(probe).logits, gguf_model(probe).logits):
-            raise RuntimeError(f"GGUF conversion of {e.name}: the converted model's logits differ from the GGUF's")
+            raise _unchecked(e, pkg, folder, "the converted model's logits differ from the GGUF's")
     model.generation_config = gguf_model.generation_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
