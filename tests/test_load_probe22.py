@@ -228,6 +228,35 @@ def test_an_image_processor_of_its_own_code_untrusted_is_one_line_without_asking
     assert type(got).__name__ == "MyProc" and got.to_dict() == want.to_dict()
 
 
+def test_a_preprocessor_config_without_a_type_for_a_model_of_its_own_code_is_named(tmp_path, monkeypatch):
+    """No image_processor_type, and config.json's model_type is its own code's: transformers (trusted or not) finds
+    no image processor; the line read "names an image processor (None)"."""
+    import builtins
+    import json
+
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    folder = save_tiny(tmp_path / "vit", "vit")
+    ViTImageProcessor().save_pretrained(folder)
+    config = json.loads((tmp_path / "vit" / "preprocessor_config.json").read_text())
+    del config["image_processor_type"]
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(config))
+    config = json.loads((tmp_path / "vit" / "config.json").read_text())
+    config.update(model_type="myvit", auto_map={"AutoConfig": "cfg.MyConfig"})
+    (tmp_path / "vit" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "vit" / "cfg.py").write_text(
+        "from transformers import ViTConfig\n\n\nclass MyConfig(ViTConfig):\n    model_type = 'myvit'\n"
+    )
+    monkeypatch.setattr(builtins, "input", lambda question="": pytest.fail(f"asked {question!r}"))
+    for trusted in (False, True):
+        with pytest.raises(ValueError, match="Unrecognized image processor"):
+            AutoImageProcessor.from_pretrained(folder, trust_remote_code=trusted)
+    with pytest.raises(ConfigError, match=rf"^model '{folder}': preprocessor_config.json names no image_processor_type"
+                       r", and transformers has no image processor for its config.json's model_type 'myvit': set its "
+                       r"image_processor_type$"):  # fmt: skip
+        load_processor(folder, "image_cls")
+
+
 def test_the_token_reward_check_of_a_folder_of_its_own_code_asks_nothing(tmp_path, monkeypatch):
     """scorers.check_token_reward (5bd2ced) read config.json and the tokenizer with trust_remote_code unset:
     transformers asked "[y/N]" on stdin (15 s); now unread (None), left to the model load, which refuses it."""

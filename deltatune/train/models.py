@@ -143,17 +143,20 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
     except OSError as exc:
         raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
     except ValueError as exc:  # (transformers' multi-line refusal: a type it does not know, remote code untrusted)
-        if "trust_remote_code" in str(exc) and not trust_remote_code:
-            where = "preprocessor_config.json" if os.path.isdir(path) and json_value(
-                os.path.join(path, "preprocessor_config.json"), "auto_map"
-            ) else "its config.json"  # fmt: skip
+        if "trust_remote_code" in str(exc) and not trust_remote_code:  # (config.json's auto_map: read as its type)
             raise ConfigError(
-                f"model {name_or_path!r}: its image processor runs its own code (auto_map in {where}): set "
-                "model.trust_remote_code: true (trust_remote_code=True) only if you trust that code"
+                f"model {name_or_path!r}: its image processor runs its own code (auto_map in preprocessor_config.json)"
+                ": set model.trust_remote_code: true (trust_remote_code=True) only if you trust that code"
             ) from None
         if "Unrecognized image processor" not in str(exc):
             raise
         kind = json_value(os.path.join(path, "preprocessor_config.json"), "image_processor_type")
+        if kind is None:  # (nor a model_type transformers has an image processor for)
+            model_type = json_value(os.path.join(path, "config.json"), "model_type")
+            raise ConfigError(
+                f"model {name_or_path!r}: preprocessor_config.json names no image_processor_type, and transformers "
+                f"has no image processor for its config.json's model_type {model_type!r}: set its image_processor_type"
+            ) from None
         raise ConfigError(
             f"model {name_or_path!r}: preprocessor_config.json names an image processor ({kind!r}) transformers "
             "does not know: fix its image_processor_type, or upgrade transformers"
