@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from ..layer import ModulesToSave
-from ._lora_conv import _factors as _half_on_cpu
 from ._lora_conv import _LoraBase
 from ._lora_mha import LoraMultiheadAttention
 from .lora import LORA_LAYERS, LoraConfig, LoraConvNd, LoraEmbedding
@@ -266,18 +265,9 @@ def _equal_ranks(layer: Any, kind: str, held: list[tuple[str, float]], density: 
     return _pad(A, B, rank)
 
 
-def _delta(layer: Any, name: str) -> torch.Tensor:
-    """peft's get_delta_weight, in the adapter's dtype; an embedding's merge delta is rounded to W's dtype (peft's
-    Embedding.merge rounds it), which its SVD does not take (fp32 factors on a bf16 table: B 0.049 off peft's)."""
-    if not isinstance(layer, LoraEmbedding):
-        return layer.delta_weight(name, merging=True)
-    A, B, dtype = _half_on_cpu(layer.lora_embedding_A[name], layer.lora_embedding_B[name], True)
-    return ((B @ A).T * layer.scaling[name]).to(dtype)
-
-
 def _svd(layer: Any, name: str, kind: str, held: list[tuple[str, float]], density: float | None, sign_method: str,
          path: str, rank: int, clamp: float | None, full: bool, driver: str | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    deltas = [_delta(layer, n) for n, _ in held]  # s_i B_i A_i, the base weight's layout
+    deltas = [layer.get_delta_weight(n) for n, _ in held]  # s_i B_i A_i, the adapter's dtype and W's layout (peft's)
     delta = combine(kind, deltas, torch.tensor([w for _, w in held]).to(deltas[0].device), density, sign_method)
     conv = isinstance(layer, LoraConvNd)  # Conv1d/2d/3d (peft's svd path knows Conv2d only: it fails on the others)
     if conv:

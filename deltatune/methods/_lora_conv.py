@@ -131,8 +131,9 @@ class _LoraBase(DeltaLayer):
         raise NotImplementedError
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """peft's name: adapter ``adapter``'s update s * B A as a merge adds it, in the base weight's layout (an
-        embedding's (vocab, dim); a MultiheadAttention's for its in_proj_weight; DoRA's without its magnitude)."""
+        """peft's name: adapter ``adapter``'s update s * B A in the adapter's dtype and the base weight's layout (an
+        embedding's (vocab, dim), which its merge rounds to W's dtype before adding; a MultiheadAttention's for its
+        in_proj_weight; DoRA's without its magnitude)."""
         return self.delta_weight(adapter, merging=True)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -199,8 +200,8 @@ class _LoraBase(DeltaLayer):
                 merge_weight(self, name, weight, delta, unmerged)
             elif safe and not isinstance(self.base_layer, DequantizedLinear):  # peft's bitsandbytes merge: plain's
                 weight.add_(delta.to(weight.dtype))  # peft's safe merge: an fp32 delta rounded to a bf16 W, added
-            else:
-                weight.add_(delta)  # peft's plain merge: added in fp32, rounded once
+            else:  # peft's plain merge: added in fp32, rounded once (an embedding's: the delta rounded, then added)
+                weight.add_(delta.to(weight.dtype) if self._merge_rounds else delta)
             inits.add_bias(self, name, 1)
 
     def _unmerged_base(self, safe: bool) -> torch.Tensor:
@@ -226,6 +227,7 @@ class _LoraBase(DeltaLayer):
             inits.add_bias(self, name, -1)
 
     _rows_dim, _dora = 0, staticmethod(dora)  # the stored weight's dimension that indexes outputs; DoRA's update
+    _merge_rounds = False  # a plain merge rounds the delta to W's dtype before adding it (LoraEmbedding: as peft's)
 
 
 @contextmanager

@@ -7,9 +7,10 @@ elementwise. For a target W (d_out x d_in) with bias b:
     feed-forward targets (the second FFN projection):          h = W (l * x) + b,   l in R^{d_in}
 
 Only the vectors l train; they start at 1, so the model starts as the base. Merging folds l into W (and into b
-for output scaling): W <- W diag(l) or diag(l) W; unmerging divides it out again, exactly where l_i != 0. Where
-l_i = 0 the merge zeroed weights that cannot be restored: unmerging leaves them 0 and warns, as PEFT does (PEFT
-divides by l + 1e-8, which gives 0 there too, and never NaN).
+for output scaling): W <- W diag(l) or diag(l) W; unmerging divides it out again where l_i != 0 (by l itself:
+PEFT divides by l + 1e-8, the same weights wherever that shift does not change the rounded quotient). Where l_i is 0
+in W's dtype the merge zeroed weights that cannot be restored: unmerging leaves them as merged and warns, as PEFT
+does (PEFT's l + 1e-8 gives 0 there too where l_i = 0, and never NaN).
 On ``nn.Conv2d`` / ``nn.Conv3d`` (peft's IA3 Conv2d / Conv3d) l scales channels: shape (1, C, 1, 1[, 1]), C the
 output channels, or the input channels of a feed-forward target (a grouped conv's weight takes it per group).
 Several active adapters multiply their vectors. Module and key names are PEFT's (``ia3_l``), so adapters move
@@ -110,9 +111,10 @@ class IA3Layer(DeltaLayer):
         )
         self.ia3_l[name] = nn.Parameter(value)
 
-    def _factor(self, name: str) -> torch.Tensor:
-        """l laid out to multiply the stored weight: along d_in (feed-forward) or d_out."""
-        l_ = self.ia3_l[name].detach()
+    def _factor(self, name: str, l_: torch.Tensor | None = None) -> torch.Tensor:
+        """l (or ``l_``, a tensor of its shape) laid out to multiply the stored weight: along d_in (feed-forward) or
+        d_out."""
+        l_ = self.ia3_l[name].detach() if l_ is None else l_
         if not self.conv_dims:
             return l_.T if self.fan_in_fan_out else l_
         if not self.is_feedforward:  # (C_out, 1, 1, ...) against the (C_out, C_in / groups, k...) kernel
@@ -136,16 +138,20 @@ class IA3Layer(DeltaLayer):
         # divided in l's own dtype and rounded once, as peft's unmerge (and this merge): an fp32 l rounded to a bf16 W's
         # dtype first took off another l than went in, and each merge / unmerge cycle drifted W further (bf16: 5e-3
         # after ten, peft's 2e-4)
-        factor = self._factor(name)
-        zeros = int((factor.to(base.weight.dtype) == 0).sum())  # (a tiny l that W's dtype holds as 0 zeroed W too)
-        if zeros:  # 0 / 0 would write NaN into W: what the merge zeroed stays 0
+        l_ = self.ia3_l[name].detach()
+        factor = self._factor(name, l_)
+        # l's entries that W's dtype holds as 0 (a tiny fp32 l on a fp16 W too): the merge zeroed those weights (or left
+        # a subnormal), so they are left as merged, the same ones counted (on l itself, not its grouped layout) and
+        # kept: dividing by the tiny l instead gave rough values, inf on fp16
+        held_zero = l_.to(base.weight.dtype) == 0
+        if zeros := int(held_zero.sum()):  # 0 / 0 would write NaN into W: what the merge zeroed stays 0
             warnings.warn(
                 f"unmerging (IA)^3 adapter {name!r}: {zeros} entries of its vector are 0, so the weights the merge "
                 "zeroed cannot be restored and stay 0 (as with PEFT)",
                 UserWarning,
                 stacklevel=4,
             )
-            factor = factor.masked_fill(factor == 0, 1)
+            factor = factor.masked_fill(self._factor(name, held_zero), 1)
         base.weight.div_(factor)
         if not self.is_feedforward and getattr(base, "bias", None) is not None:
             base.bias.div_(factor.reshape(base.bias.shape))

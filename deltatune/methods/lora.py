@@ -183,6 +183,7 @@ class LoraEmbedding(_LoraBase):
     """LoRA on an ``nn.Embedding``: A (r x vocab) is looked up like an embedding, then B (dim x r)."""
 
     _rows_dim = 1  # DoRA's norm: per embedding dimension, over the vocabulary (as peft's)
+    _merge_rounds = True  # peft's Embedding.merge adds get_delta_weight rounded to W's dtype (its DoRA: unrounded)
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: bool | str,
             bias: bool = False) -> None:  # fmt: skip
@@ -198,8 +199,7 @@ class LoraEmbedding(_LoraBase):
 
     def delta_weight(self, name: str, merging: bool = False) -> torch.Tensor:
         A, B, dtype = _factors(self.lora_embedding_A[name], self.lora_embedding_B[name], merging)
-        rounded = merging and name not in self.lora_magnitude_vector  # peft's DoRA merges the delta unrounded
-        return ((B @ A).T * self.scaling[name]).to(self._weight.dtype if rounded else dtype)  # (vocab, dim), as peft
+        return ((B @ A).T * self.scaling[name]).to(dtype)  # (vocab, dim) in the adapter's dtype, as peft's
 
     def _add(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
