@@ -238,8 +238,13 @@ class DeltaLayer(nn.Module):
 
     def merge_as(self, name: str, safe: bool) -> None:
         """``merge(name)`` as PEFT's with ``safe_merge=safe``, kept in ``safe_merged`` for ``_merge_weights`` and redos.
-        An adapter merged already is left as it is and warned about, as PEFT's ``check_adapters_to_merge`` does."""
-        if name in self.merged_adapters:  # (merge_adapter called twice, say); the model's call site, once per name
+        An adapter merged already is left as it is and warned about, per adapter. PEFT's ``check_adapters_to_merge``
+        leaves it too, but warns per layer holding any merged adapter: 'All adapters are already merged, nothing to
+        do.' where every named one is, else 'Already following adapters were merged ... You are now additionally
+        merging ...' (even where none named is merged); deltatune has no 'additionally merging' warning. A name listed
+        twice in one ``merge_adapter`` call on a fresh model is merged once here and warned about at its second listing
+        (PEFT merges it twice, silently)."""
+        if name in self.merged_adapters:  # (merge_adapter called twice, or a name listed twice in one call)
             warnings.warn(f"adapter {name!r} is already merged, nothing to do", UserWarning, stacklevel=3)
         self.safe_merged[name] = self.safe_merged.get(name, False) if name in self.merged_adapters else safe
         self.merge(name)
