@@ -208,3 +208,280 @@ def test_a_batch_whose_prefill_fails_for_one_prompt_answers_the_others():
     assert engine.batches >= 2 and finish["b"].startswith("error: IndexError"), finish
     assert finish["a"] == "length" and good.output_ids == want[len(prompt) :].tolist()
     assert [row[0] for row in good.logprob_rows] == prompt + good.output_ids  # the prompt's rows once
+
+
+def _vllm_run(tok, prompt, ids, max_tokens, stop, incl, eos):
+    """(chunks sent, finish reason, tokens taken) of vLLM for a row generating ``ids``: DecodeStream primed with the
+    prompt, stop strings searched in the text it gave (check_stop_strings), held back by the longest stop less one."""
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(skip_special_tokens=True)
+    for t in prompt:
+        stream.step(tok._tokenizer, t)
+    out, chunks, last = "", [], 0
+    hold = max(len(s) for s in stop) - 1 if stop and not incl else 0
+    for n, t in enumerate(ids, 1):
+        reason = "stop" if t in eos else "length" if n >= max_tokens else None
+        before = len(out)
+        if not (t in eos and not incl):
+            out += stream.step(tok._tokenizer, t) or ""
+        for s in stop if len(out) > before else ():
+            i = out.find(s, 1 - (len(out) - before) - len(s))
+            if i >= 0:
+                out, reason = out[: i + len(s) * incl], "stop"
+                break
+        end = len(out) - (0 if reason else hold)
+        if end > last:
+            chunks.append(out[last:end])
+            last = end
+        if reason:
+            return chunks, reason, n
+    return chunks, None, len(ids)
+
+
+def _ours(tok, prompt, ids, max_tokens, stop, incl, eos):
+    engine = SimpleNamespace(tokenizer=tok, eos_ids=set(eos), cancelled=0)
+    sent: list[tuple[str, str | None]] = []
+    r = Request(prompt_ids=prompt, adapter="base", max_tokens=max_tokens, emit=lambda t, f: sent.append((t, f)))
+    r.stop, r.include_stop_str_in_output = list(stop), incl
+    n = 0
+    for n, token in enumerate(ids, 1):  # noqa: B007 (n: the tokens taken)
+        if Engine._advance(engine, r, token):
+            break
+    return [t for t, _ in sent if t], (sent[-1][1] if sent and sent[-1][1] else None), n
+
+
+def test_stop_strings_are_searched_in_the_text_vllms_decode_stream_gave(bpe):
+    """vLLM checks stop strings in the text its DecodeStream gave, which holds a token after which the text ends
+    inside a character. Here they were searched in the text with the held token's too: a lone invalid byte then a
+    stop string ended "ab" (its U+FFFD lost; vLLM's "ab\\ufffd"), and a stop string in the held token (" " before a
+    split emoji) ended the answer a token early. Every cut of a few texts, each stop and include_stop_str_in_output:
+    the chunks, finish reason and tokens taken are the simulation's (0 differences)."""
+    lead = bpe.convert_tokens_to_ids("ð")  # the lone byte 0xF0
+    ab, eos = bpe.encode("ab"), {bpe.eos_token_id}
+    cases = [
+        ([*ab, lead, *bpe.encode("\n"), *ab], (["\n"], ["b"], [])),
+        ([*ab, lead, *bpe.encode(" X"), *ab], (["X"], ["b"])),
+        (bpe.encode("a 😀 b 你好"), ([" "], ["😀"], [" b"], ["好"])),
+    ]
+    differ = []
+    for ids, stops in cases:
+        for stop in stops:
+            for incl in (False, True):
+                for n in range(1, len(ids) + 1):
+                    for seq in (ids[:n], [*ids[:n], bpe.eos_token_id]):
+                        args = ([1], seq, len(seq), stop, incl, eos)
+                        if _ours(bpe, *args) != _vllm_run(bpe, *args):
+                            differ.append((bpe.decode(seq), stop, incl, _ours(bpe, *args), _vllm_run(bpe, *args)))
+    assert not differ, (len(differ), differ[:3])
+    args = ([1], [*ab, lead, *bpe.encode("\n"), *ab], 8, ["\n"], False, eos)
+    assert _ours(bpe, *args) == (["ab", "\ufffd"], "stop", 3)  # "ab", the lone byte, "\n"
+
+
+def test_a_priority_is_read_as_vllms_pydantic_int():
+    """vLLM's priority is a pydantic int: false, "0" and 0.0 are 0 (accepted); 0.5 is "not a valid integer"; null,
+    [] and "" are refused. "0" and false were refused as an unsupported priority, and 0.5 was called unsupported."""
+    from deltatune.serve.engine import RequestError
+    from deltatune.serve.fields import Limits, lax_numbers, to_request
+
+    def read(value):
+        return to_request(lax_numbers({"prompt": "x", "priority": value}, False), [1], Limits(64, 128), "base", False)
+
+    for value in (False, "0", 0.0, " 0 "):
+        assert read(value).max_tokens, value
+    for value, why in ((0.5, "priority must be an integer"), (None, "priority"), ([], "priority"), ("", "priority")):
+        with pytest.raises(RequestError, match=why) as exc:
+            read(value)
+        assert exc.value.status == 400 and exc.value.param == "priority"
+    with pytest.raises(RequestError, match="priority"):
+        read(True)  # 1: refused as vLLM's first come, first served scheduler refuses it
+
+
+def _tiny_engine(max_batch_size=4, max_wait_s=0.0):
+    from tiny import tiny_model, tokenizer
+
+    from deltatune import DeltaModel
+
+    tok = tokenizer()
+    model = tiny_model("gpt2", vocab_size=len(tok), eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    return Engine(
+        DeltaModel(model, fused_loss=False), tok, max_batch_size=max_batch_size, max_wait_s=max_wait_s
+    ), model
+
+
+def _greedy(model, prompt, n):
+    import torch
+
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # ignore_eos
+    try:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0]
+    finally:
+        model.generation_config.eos_token_id = eos
+    return out[len(prompt) :].tolist()
+
+
+def _finished(store: dict, key: str):
+    return lambda _t, f: f and store.setdefault(key, f)
+
+
+def test_a_failed_batch_is_retried_after_its_tensors_are_freed():
+    """A batch whose prefill failed (out of memory for one long prompt) was retried inside the exception handler: the
+    traceback's frames held the failed batch's tensors (its activations) while each row ran again, the memory an
+    out-of-memory retry needs. Now the handler is left first: a tensor the failed prefill allocated is gone when the
+    retry's prefill runs."""
+    import weakref
+
+    import torch
+
+    engine, model = _tiny_engine()
+    engine.close()  # the batch is run here, on this thread
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    forward, made, seen = engine._forward, [], []
+
+    def fwd(ids, mask, cache, names):
+        if ids.shape[1] > 1 and len(ids) > 1:
+            activations = torch.empty(1024)
+            made.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("simulated")
+        if ids.shape[1] > 1:
+            seen.append(made[-1]() is not None)
+        return forward(ids, mask, cache, names)
+
+    engine._forward = fwd
+    finish: dict[str, str] = {}
+    group = [
+        Request(prompt_ids=prompt, adapter="base", max_tokens=2, emit=_finished(finish, k), ignore_eos=True)
+        for k in "ab"
+    ]
+    engine._answered(group)
+    assert finish == {"a": "length", "b": "length"} and seen == [False, False]
+
+
+def test_a_failed_batch_is_split_in_halves_not_run_row_by_row():
+    """A batch whose prefill failed for one row ran each row alone: 16 good rows and one bad one took 16 batches of
+    one row (2 decoding steps each: 32 forward passes, 18 prefills). Now each half is tried, down to the row at fault:
+    5 batches (8, 4, 2, 1, 1 rows), 10 decoding steps, 11 prefills (6 failed). The answers are transformers' greedy
+    ``generate``'s."""
+    engine, model = _tiny_engine(max_batch_size=32)
+    engine.close()
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    forward, calls = engine._forward, {"prefill": 0, "step": 0}
+
+    def fwd(ids, mask, cache, names):
+        calls["prefill" if ids.shape[1] > 1 else "step"] += 1
+        return forward(ids, mask, cache, names)
+
+    engine._forward = fwd
+    finish: dict[str, str] = {}
+    good = [
+        Request(prompt_ids=prompt, adapter="base", max_tokens=3, emit=_finished(finish, str(i)), ignore_eos=True)
+        for i in range(16)
+    ]
+    bad = Request(prompt_ids=[5] * 70, adapter="base", max_tokens=2, emit=_finished(finish, "bad"))
+    engine._answered([*good, bad])
+    assert finish.pop("bad").startswith("error: IndexError") and set(finish.values()) == {"length"}
+    want = _greedy(model, prompt, 3)
+    assert all(r.output_ids == want for r in good)
+    assert calls == {"prefill": 11, "step": 10}, calls
+
+
+def test_newcomers_whose_joint_prefill_fails_are_tried_apart():
+    """Two requests joining a running row together are prefilled as one batch; when one prompt made it raise (a GPT-2
+    prompt past its 64 positions), both failed with its error. Now several newcomers are set aside and run next as a
+    batch of their own (split if it fails): the short one answers as transformers' greedy ``generate``, its prompt's
+    log-probabilities once; the long one fails alone; the running row goes on."""
+    import threading
+
+    engine, model = _tiny_engine()
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    finish: dict[str, str] = {}
+    done = threading.Event()
+    short = Request(prompt_ids=prompt, adapter="base", max_tokens=3, emit=_finished(finish, "b"), ignore_eos=True)
+    short.prompt_logprobs, short.logprobs = True, 0
+    long = Request(prompt_ids=[5] * 70, adapter="base", max_tokens=2, emit=_finished(finish, "c"))
+
+    def emit(_t, f):
+        if f is None and not getattr(emit, "sent", False):
+            emit.sent = True
+            engine.submit(short)  # both join at the row's next step
+            engine.submit(long)
+        if f:
+            finish["a"] = f
+            done.set()
+
+    first = Request(
+        prompt_ids=prompt, adapter="base", max_tokens=12, emit=emit, ignore_eos=True, skip_special_tokens=False
+    )
+    try:
+        engine.submit(first)
+        assert done.wait(20)
+        for _ in range(200):
+            if len(finish) == 3:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        engine.close()
+    assert finish.get("a") == "length" and first.output_ids == _greedy(model, prompt, 12), finish
+    assert finish.get("c", "").startswith("error: IndexError"), finish
+    assert finish.get("b") == "length" and short.output_ids == _greedy(model, prompt, 3), finish
+    assert [row[0] for row in short.logprob_rows] == prompt + short.output_ids
+
+
+def test_close_answers_waiting_requests_and_later_ones():
+    """``close`` let the running batch finish and left the queued requests unanswered (their clients waiting for
+    ever), and a request submitted after it was queued for a worker that had gone. Now both end with "error: the
+    server is shutting down"; the running row finishes."""
+    import threading
+
+    engine, _ = _tiny_engine(max_batch_size=1)
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    finish: dict[str, str] = {}
+    started = threading.Event()
+
+    def emit_a(_t, f):
+        if not started.is_set():
+            started.set()
+            engine._stop.wait(20)  # the row runs on until close is called: B still waits then
+        if f:
+            finish["a"] = f
+
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=40, emit=emit_a, ignore_eos=True))
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=_finished(finish, "b")))
+    assert started.wait(20)
+    engine.close()
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=_finished(finish, "c")))
+    shut = "error: the server is shutting down"
+    assert finish == {"a": "length", "b": shut, "c": shut} and not engine._thread.is_alive()
+
+
+def test_close_stops_a_batch_under_steady_load():
+    """Under steady load a mixed batch never ends (newcomers join it); ``close`` waited for it its 30 s and left the
+    worker running. Now close answers what waits, so nothing joins: the batch ends, the worker stops, and every
+    request submitted is answered."""
+    import threading
+    import time
+
+    engine, _ = _tiny_engine(max_batch_size=2)
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    stop, sent, finish = threading.Event(), [], {}
+
+    def feed():
+        while not stop.is_set():
+            key = str(len(sent))
+            sent.append(key)
+            r = Request(prompt_ids=prompt, adapter="base", max_tokens=8, emit=_finished(finish, key), ignore_eos=True)
+            engine.submit(r)
+            time.sleep(0.005)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        time.sleep(0.5)
+        start = time.monotonic()
+        engine.close()
+        took = time.monotonic() - start
+    finally:
+        stop.set()
+        feeder.join()
+    assert took < 10 and not engine._thread.is_alive(), took
+    assert len(finish) == len(sent) and engine.joined > 0

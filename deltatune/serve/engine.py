@@ -41,6 +41,7 @@ from ..data.templates import stop_ids
 from ..train.chat import _end_marker
 from ..train.runs import run_template
 from .detok import Detokenizer
+from .kvcache import _joinable, _merge, _trim
 from .logprob_names import logprob_row as _logprob_row
 from .logprob_names import logprobs_json as logprobs_json  # noqa: F401 (served from here before)
 from .logprob_names import prompt_row
@@ -255,15 +256,35 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        """Queue a request; its ``emit`` callback receives the text as it is generated."""
+        """Queue a request; its ``emit`` callback receives the text as it is generated (after ``close``: an error)."""
         if request.temperature is None:
             request.temperature = default_temperature(self.gen)
+        if self._stop.is_set():  # closed: answered at once (vLLM's engine, shut down, refuses new requests)
+            return self._shut(request)
         self.pending.put(request)
+        if self._stop.is_set():  # closed meanwhile: answered here (close answers what was queued before)
+            self._drain()
 
     def close(self) -> None:
-        """Stop the worker thread after the current batch."""
+        """Stop the worker thread after the current batch; requests still waiting end with an error."""
         self._stop.set()
+        self._drain()  # the running batch finds no newcomers, so it ends (under steady load it never did)
         self._thread.join(timeout=30)
+        self._drain()  # and the requests it set aside for the next batch
+
+    def _drain(self) -> None:
+        """Answer every queued request, and once the worker has stopped those it set aside, with the shutdown."""
+        waiting, self._aside = ([], self._aside) if self._thread.is_alive() else (self._aside, [])
+        while True:
+            try:
+                self._shut(waiting.pop(0) if waiting else self.pending.get_nowait())
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _shut(r: Request) -> None:
+        r.finish_reason = "error: the server is shutting down"
+        r.emit("", r.finish_reason)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -287,19 +308,22 @@ class Engine:
 
     def _answered(self, group: list[Request]) -> None:
         """Decode ``group``; a failed batch answers its own requests with the error and the server goes on. A batch
-        whose prefill failed (no row has a token yet: one long prompt out of memory) tries each row alone."""
+        whose prefill failed (no row has a token yet: one long prompt out of memory) tries each half alone, and so
+        on down to the row at fault: a few batches more, not one per row."""
         try:
-            self._run(group)
-        except Exception as exc:
-            if len(group) > 1 and not any(r.output_ids or r.finish_reason for r in group):
-                for r in group:
-                    r.logprob_rows.clear()  # its prompt's, if they were scored before the failure
-                    self._answered([r])
-                return
+            return self._run(group)
+        except Exception as exc:  # left before a retry: its traceback's frames hold the failed batch's tensors
+            error = f"error: {type(exc).__name__}: {exc}"
+        if len(group) > 1 and not any(r.output_ids or r.finish_reason for r in group):
             for r in group:
-                if r.finish_reason is None:
-                    r.finish_reason = f"error: {type(exc).__name__}: {exc}"
-                    r.emit("", r.finish_reason)
+                r.logprob_rows.clear()  # its prompt's, if they were scored before the failure
+            half = len(group) // 2
+            self._answered(group[:half])
+            return self._answered(group[half:])
+        for r in group:
+            if r.finish_reason is None:
+                r.finish_reason = error
+                r.emit("", r.finish_reason)
 
     def _groups(self, batch: list[Request]) -> list[list[Request]]:
         mixed: list[Request] = []
@@ -351,9 +375,14 @@ class Engine:
                             try:
                                 new_cache, new_mask, new_logits = self._prefill(new, True, device)
                             except Exception as exc:  # out of memory for a long prompt: the newcomers alone fail
-                                for r in new:
-                                    r.finish_reason = f"error: {type(exc).__name__}: {exc}"
-                                    r.emit("", r.finish_reason)
+                                del rows[first:], generators[first:]
+                                for r in new:  # several: a batch of their own next, each half tried if it fails
+                                    r.logprob_rows.clear()
+                                    if len(new) > 1:
+                                        self._aside.append(r)
+                                    else:
+                                        r.finish_reason = f"error: {type(exc).__name__}: {exc}"
+                                        r.emit("", r.finish_reason)
                                 new = []
                         if new:
                             picked = [self._choose(new_logits[j], r, generators[first + j]) for j, r in enumerate(new)]
@@ -474,11 +503,14 @@ class Engine:
             r.finish_reason, r.stop_reason = "stop", None if token == self.tokenizer.eos_token_id else token
         elif token in r.stop_token_ids:
             r.finish_reason, r.stop_reason = "stop", token
-        if r.finish_reason is not None:  # a stop token's text is the answer's only with include_stop_str_in_output
-            if r.include_stop_str_in_output:
-                r.text = r.detok.text(r.output_ids)
-        else:
-            r.text = r.detok.text(r.output_ids)
+        # vLLM's DecodeStream gives no text for a token after which the text ends inside a character (U+FFFD): it
+        # holds it (the space before a split emoji too) until a token completes it, and checks stop strings in the
+        # text it gave; an answer that ends there (max_tokens, a stop token) ends with the text before that token.
+        if r.finish_reason is None or r.include_stop_str_in_output:  # a stop token's text: with include_stop_str
+            text = r.detok.text(r.output_ids)
+            r.whole = r.whole if text.endswith("\ufffd") else len(text)
+            r.text = text[: r.whole]
+        if r.finish_reason is None:
             if len(r.output_ids) <= r.min_tokens:  # vLLM's: a stop string must end in text after them
                 r.stop_from = len(r.text)
             # The adapter's end marker (as EOS: stop_reason null), then the first stop string in the request's
@@ -493,13 +525,6 @@ class Engine:
                 r.text, r.finish_reason, r.stop_reason = r.text[:cut], "stop", hit[2]
             elif len(r.output_ids) >= r.max_tokens:
                 r.finish_reason = "length"
-        # vLLM's DecodeStream gives no text for a token after which the text ends inside a character (U+FFFD), and
-        # holds it (the space before a split emoji too) until a token completes it: an answer that ends there (its
-        # max_tokens, a stop token) ends with the text of the token before, never U+FFFD.
-        if not r.text.endswith("\ufffd"):
-            r.whole = len(r.text)
-        elif r.finish_reason is not None:
-            r.text = r.text[: r.whole]
         if r.finish_reason is not None:
             r.emit(r.text[r.sent :], r.finish_reason)
             r.sent = len(r.text)
@@ -539,48 +564,6 @@ def check_servable(model: Any, path: str, name: str) -> None:
             f"adapter {name!r} ({config.method}) changes the base model's own parameters, which every served model "
             "shares; merge it ('deltatune merge') and serve the merged model as the base instead"
         )
-
-
-def _joinable(cache: Any) -> bool:
-    """Whether rows can be merged into ``cache``: every layer a plain growing key/value cache (no sliding window,
-    no quantised or static layers, whose shapes follow other rules)."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and layer.is_initialized for layer in layers)
-
-
-def _merge(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> torch.Tensor:
-    """Append ``new_cache``'s rows to ``cache`` (in place), left-padding the shorter one; returns the merged mask.
-
-    Padded key/value positions are zeros under a 0 in the mask: attention gives them weight exactly 0, so every
-    row computes as before. Positions come from the mask (cumsum - 1), so they do not move either.
-    """
-    width = max(mask.shape[1], new_mask.shape[1])
-
-    def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
-        missing = width - x.shape[dim]
-        if missing == 0:
-            return x
-        shape = list(x.shape)
-        shape[dim] = missing
-        return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-    for old, new in zip(cache.layers, new_cache.layers):
-        old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)])  # (rows, heads, seq, head_dim)
-        old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)])
-    return torch.cat([pad(mask, 1), pad(new_mask, 1)])
-
-
-def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
-    """Drop the leading key/value columns that no live row attends to (padding left by rows that have gone); returns
-    the trimmed mask. Under steady load a mixed batch never ends, and its cache grew by a column every step for as
-    long as it ran (the width of every row, whatever its length). Positions come from the mask's cumsum, and the
-    dropped columns are 0 in every row, so no row computes otherwise."""
-    lead = int(mask.any(dim=0).int().argmax())  # the first column some row attends to
-    if lead == 0 or not _joinable(cache) or any(layer.keys.shape[2] != mask.shape[1] for layer in cache.layers):
-        return mask
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-    return mask[:, lead:]
 
 
 def _eos_of(engine: Any, adapter: str) -> set[int]:

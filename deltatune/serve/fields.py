@@ -139,6 +139,7 @@ def _temperature(body: dict) -> float | None:
 _FLOATS = "temperature top_p min_p frequency_penalty presence_penalty repetition_penalty length_penalty".split()  # noqa: SIM905
 _INTS = "max_tokens max_completion_tokens n seed top_k min_tokens truncate_prompt_tokens prompt_logprobs".split()  # noqa: SIM905
 _INTS.append("best_of")  # vLLM's before 0.10 (ignored since): "1" asks for nothing
+_INTS.append("priority")  # vLLM's int: "0" and 0.0 are its 0
 _INT_TEXT = re.compile(r"[+-]?[0-9](?:_?[0-9])*(?:\.0+)?")  # pydantic's int from a string: "16.0" yes, "16." no
 # The blanks pydantic strips from a numeric string (Rust's char::is_whitespace, Unicode's White_Space: "\xa07" is 7;
 # Python's strip() drops "\x1c"-"\x1f" too, which pydantic refuses)
@@ -156,6 +157,8 @@ def lax_numbers(body: dict, chat: bool) -> dict:
     for key in [*_INTS, "top_logprobs", *([] if chat else ["logprobs"])]:
         if key in out:
             out[key] = _lax_int(out[key])
+    if isinstance(out.get("priority"), bool):  # pydantic's int takes a bool (false: 0); the other ints here do not
+        out["priority"] = int(out["priority"])
     for key in _FLOATS:
         if isinstance(out.get(key), str):
             out[key] = _lax_float(out[key])
@@ -241,6 +244,9 @@ def to_request(body: dict, prompt_ids: list[int], limits: Limits, model: str, ch
     seed = None if seed == -1 else seed  # vLLM's SamplingParams: -1 is no seed (each answer drawn anew)
     if not isinstance(body.get("user", ""), (str, type(None))):  # OpenAI's end-user id, a string (both APIs check)
         raise RequestError(f"user must be a string, got {shown(body['user'])}", param="user")
+    priority = body.get("priority", 0)  # vLLM's int (pydantic's lax reading: lax_numbers); any but 0 refused below
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise RequestError(f"priority must be an integer, got {shown(priority)}", param="priority")
     # chat's tools and tool_choice are checked where the prompt is rendered (prompts._tools)
     served = ("logprobs", "top_logprobs", "tools", "tool_choice", "echo") if chat else ("logprobs", "echo")
     for name, default in UNSUPPORTED.items():
