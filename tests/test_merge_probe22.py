@@ -40,7 +40,9 @@ def _ia3_pair(dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ia3_unmerge_in_half_precision_is_peft_s_and_does_not_drift(dtype):
-    """A float32 (IA)^3 vector on a bf16 / fp16 base: peft divides W by l in float32 and rounds once. deltatune
+    """A float32 (IA)^3 vector on a bf16 / fp16 base: peft divides W by l + 1e-8 in float32 and rounds once (the same
+    weights as deltatune's W / l wherever the 1e-8 changes no rounded quotient, as for these l near 1; an fp16 GPT-2
+    l of 9.5e-5 gives one weight 7.6e-6 apart). deltatune
     rounded l to W's dtype first, so each merge / unmerge cycle took off another l than went in: after ten cycles
     W was 5.4e-3 (bf16) / 4.3e-4 (fp16) off the base, peft's 2.4e-4 / 3.1e-5 (one cycle's rounding, no more)."""
     theirs, ours = _ia3_pair(dtype)
