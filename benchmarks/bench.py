@@ -150,7 +150,8 @@ def measure_methods(settings: Settings, log) -> dict[tuple[str, str, str], Cell]
             order = sides(method)
             for repeat in range(settings.repeats):
                 # A B B A: every other pair reversed, so that a steady drift of the machine's speed favours neither
-                # side (A B A B ran B one process later every time; with 2 repeats the medians cancel the drift)
+                # side (A B A B ran B one process later every time). The medians cancel the drift only for an even
+                # count: 3 (A B B A A B) keeps one process of it, B's way (130 vs 120 ms at +10 ms per process)
                 plan.extend((config, method, side, repeat) for side in (order if repeat % 2 == 0 else order[::-1]))
     cells: dict[tuple[str, str, str], Cell] = {}
     start = time.perf_counter()
@@ -505,13 +506,17 @@ def run(
         print("bench.py: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     skipped = [c for c in config_names if c in GPU_ONLY and device == "cpu"]
+    if skipped and len(skipped) == len(config_names):  # every one skipped: a report of nothing, exit status 0
+        why = "torch sees no CUDA device" if not cuda else "--device cpu"
+        print(f"bench.py: error: --configs {','.join(skipped)}: GPU only ({why}); nothing to measure", file=sys.stderr)
+        return 2
     settings = Settings(
         configs=[c for c in config_names if c not in skipped],
         methods=method_names,
         warmup=warmup if warmup is not None else 1 if quick else 2,
         steps=steps if steps is not None else 2 if quick else 6,
         infer_steps=infer_steps if infer_steps is not None else 2 if quick else 3,
-        repeats=repeats if repeats is not None else 1 if quick else 3,
+        repeats=repeats if repeats is not None else 1 if quick else 4,  # even: A B B A cancels a steady drift
         startup_repeats=startup_repeats if startup_repeats is not None else 1 if quick else 5,
         threads=threads if threads is not None else 1 if quick else None,
         device=device,
@@ -577,7 +582,10 @@ def parser() -> argparse.ArgumentParser:
         "--infer-steps", type=common.at_least(1), help="timed forward passes per latency figure (default 3)"
     )
     p.add_argument(
-        "--repeats", type=common.at_least(1), help="processes per method and side, alternating sides (default 3)"
+        "--repeats",
+        type=common.at_least(1),
+        help="processes per method and side, the sides' order reversed every other pair (default 4; a steady drift "
+        "of the machine's speed cancels in the medians for an even count, an odd count keeps one process of it)",
     )
     p.add_argument(
         "--startup-repeats", type=common.at_least(0), help="rounds of start-up timing processes; 0 skips (default 5)"

@@ -281,8 +281,9 @@ def in_process_options(
 
 def check_out(parser, flag: str, path: str | None) -> None:
     """``parser.error`` before any measurement when ``path`` cannot be written: a folder, or in no writable folder
-    (found after an hour's run, the report and the files written after it were lost)."""
-    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    (found after an hour's run, the report and the files written after it were lost). A symlink is checked where
+    it points, where ``write_atomic`` writes."""
+    folder = os.path.dirname(os.path.realpath(path)) if path else None
     if path and os.path.isdir(path):
         parser.error(f"{flag} {path!r} is a folder; give a file name")
     if folder and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
@@ -292,15 +293,21 @@ def check_out(parser, flag: str, path: str | None) -> None:
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: into a temporary file in the same folder, then renamed over
     ``path``. A write that fails part-way (a full disk, an interrupt, text that does not encode) leaves the file
-    that was there, where ``Path.write_text`` had already emptied it."""
+    that was there, where ``Path.write_text`` had already emptied it. A symlink stays one (its target is
+    replaced), an existing file keeps its mode, and a new one gets the mode ``open`` would give it."""
+    import stat
     import tempfile
 
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".part")
+    path = os.path.realpath(os.fspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -309,9 +316,17 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read once at import (``write_atomic`` setting it to 0 and back for a moment on every
+    call gave a thread creating a file meanwhile the mode 0666): from /proc where it is there, which leaves it
+    untouched, else by setting it and back."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status", encoding="ascii") as f:
+        return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _umask()
 
 
 def emit(text: str, out: str | None) -> None:

@@ -22,8 +22,10 @@ while [ $# -gt 0 ]; do
     *) echo "gpu.sh: error: unknown option $1 (use --out DIR, --dry-run)" >&2; exit 2 ;;
   esac
 done
-case "$OUT" in  # the steps below are split on spaces
-  *[[:space:]]*|"") echo "gpu.sh: error: --out '$OUT': a folder name without spaces" >&2; exit 2 ;;
+case "$OUT" in  # the steps below are split on spaces, and their words glob-expanded
+  "") echo "gpu.sh: error: --out needs a folder name, got ''" >&2; exit 2 ;;
+  *[[:space:]]*) echo "gpu.sh: error: --out '$OUT': a folder name without spaces" >&2; exit 2 ;;
+  *[\*\?\[]*) echo "gpu.sh: error: --out '$OUT': a folder name without the glob characters * ? [" >&2; exit 2 ;;
 esac
 
 STEPS=(

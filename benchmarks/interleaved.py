@@ -8,8 +8,9 @@
 ``python benchmarks/bench.py`` runs each side in fresh processes, one after the other, which is the right way to measure
 memory and start-up but lets the load of a shared machine drift between the two sides' processes. Here three
 copies of the same seeded base model live in one process, and every round runs each of them once, the orders
-those of a Williams design (each in every position, and after every other, equally often over its rows), so that
-a busy moment slows all three alike and none always runs after the same other:
+those of a Williams design (each in every position, and after every other, equally often over its rows; each
+round's first after an untimed call of itself), so that a busy moment slows all three alike and none always runs
+after the same other:
 
 - training steps (forward + backward + AdamW) of full fine-tuning (deltatune's ``FullConfig``), deltatune's LoRA
   and peft's LoRA (r 8, alpha 16, dropout 0, q+v, as in the harness; peft's adapters in the base dtype), and the
@@ -47,6 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_worker as bw  # noqa: E402
 import common  # noqa: E402
+
+ROUNDS = 12
+"""The default timed rounds: whole cycles of every part's design (lcm of 4 trainings, 6 rows for the 3 forwards, 2
+merges), over which each model runs after every one (itself included, as a round's first) equally often."""
 
 Times = dict[str, list[float]]
 
@@ -132,16 +137,22 @@ def max_difference(models: dict[str, torch.nn.Module], batch: dict[str, torch.Te
 
 
 def _rounds(fns: dict[str, Callable[[], object]], rounds: int, usage: dict[str, Times] | None = None) -> Times:
-    """Each function once per round, the orders those of ``common.balanced_orders``; one untimed warm-up round first.
-    ``usage``, when given, gets each timed call's minor page faults ("faults") and system CPU seconds ("sys") per
-    name."""
+    """Each function once per round, the orders those of ``common.balanced_orders``; one untimed warm-up round first,
+    and before every timed round an untimed call of its first function, so that the round's first timed call follows
+    itself, not the last call of the round before (the rows' boundaries are outside the design: with 8 rounds of 4,
+    "floor" ran right after "full" in 4 rounds, each LoRA in 2). Balanced over whole cycles of the design: ``rounds``
+    a multiple of ``len(fns)`` (of ``2 * len(fns)`` for an odd count). ``usage``, when given, gets each timed call's
+    minor page faults ("faults") and system CPU seconds ("sys") per name."""
     names = list(fns)
     out: Times = {name: [] for name in names}
     if usage is not None:
         usage.update(faults={name: [] for name in names}, sys={name: [] for name in names})
     orders = common.balanced_orders(len(names))
     for i in range(rounds + 1):
-        for name in (names[j] for j in orders[max(i - 1, 0) % len(orders)]):
+        order = [names[j] for j in orders[max(i - 1, 0) % len(orders)]]
+        if i:
+            fns[order[0]]()  # untimed
+        for name in order:
             before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fns[name]()
             ms, after = (time.perf_counter() - start) * 1e3, resource.getrusage(resource.RUSAGE_SELF)
@@ -221,7 +232,8 @@ def report(
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{command}`",
         f"- Configuration: {config}, batch {shape.batch} x seq {shape.seq}, {shape.dtype}; LoRA r 8, alpha 16, q+v{', DoRA' if dora else ''}; "
-        f"{rounds} rounds after 1 warm-up, order balanced; torch threads {torch.get_num_threads()}; "
+        f"{rounds} rounds after 1 warm-up, order balanced{'' if rounds % ROUNDS == 0 else ' in part'} (over whole "
+        f"cycles of 4 rounds for training, 6 for the forwards, 2 for merge); torch threads {torch.get_num_threads()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}",
         "- deltatune's loss: "
         + (
@@ -279,7 +291,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     args = common.in_process_options(
-        "interleaved.py", __doc__, argv, default="llama-fp32", rounds=9, fused_loss=True, dora=True
+        "interleaved.py", __doc__, argv, default="llama-fp32", rounds=ROUNDS, fused_loss=True, dora=True
     )
     models, batch, shape = build(args.config, args.quick, fused_loss=args.fused_loss, dora=args.dora)
     difference = max_difference(models, batch)

@@ -179,7 +179,7 @@ def _plot(png: str, lengths: list[int], variants: list[str], by: dict) -> None:
     plt.close(fig)
 
 
-# -- adapters: one process, rounds rotating ---------------------------------------------------------------------
+# -- adapters: one process, the counts' orders balanced over the rounds -------------------------------------------
 def run_adapters(a: argparse.Namespace) -> dict[str, Any]:
     shape = _shape(a.quick, a.dtype, a.rows, a.adapter_seq)
     base, batch, task_type = bw.build(shape, torch.device("cpu"), 0)
@@ -194,7 +194,10 @@ def run_adapters(a: argparse.Namespace) -> dict[str, Any]:
     forward, train = mixed_batch.passes(model, batch)
     orders = common.balanced_orders(len(a.counts))  # a rotation kept k = 4 right after k = 1 every round
     for i in range(a.rounds + 1):
-        for k in (a.counts[j] for j in orders[max(i - 1, 0) % len(orders)]):
+        order = [a.counts[j] for j in orders[max(i - 1, 0) % len(orders)]]
+        if i:  # untimed: the round's first count follows its own passes, not the last count of the round before
+            train(routes[order[0]])
+        for k in order:
             for what, fn in (("forward", forward), ("train", train)):
                 bw._reset_peak(torch.device("cpu"))
                 resting = _rss_mib()
@@ -262,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=common.at_least(1), default=64, help="rows of the mixed batch")
     p.add_argument("--adapter-seq", type=common.at_least(1), default=32, help="tokens per row of the mixed batch")
     p.add_argument(
-        "--rounds", type=common.at_least(1), default=3, help="timed rounds of the adapter part (after one warm-up)"
+        "--rounds",
+        type=common.at_least(1),
+        help="timed rounds of the adapter part, after one warm-up (default: one whole cycle of the balanced orders, "
+        "as many rounds as --counts has counts, twice that for an odd number; the orders balance over whole cycles)",
     )
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=common.at_least(1), help="torch threads")
@@ -283,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.lengths, a.steps, a.rows, a.adapter_seq, a.rounds = [16, 32], 1, 8, 8, 1
         a.counts = [k for k in a.counts if k <= 8] or [1]
+    a.rounds = a.rounds or len(common.balanced_orders(len(a.counts)))
     if a.part != "length" and a.counts[0] != 1:  # the report's "throughput / single" divides by the first count's
         p.error(
             f"--counts: the first is the single-adapter batch the others are measured against; 1, not {a.counts[0]}"

@@ -331,3 +331,212 @@ def test_scaling_fits_no_growth_through_one_length():
         scaling.growth([500, 1000], [100.0, 150.0], "ms")
         == "linear (0% quadratic at L=1000): 50.0 + 100.00 x + 0.000 x^2 ms, x = L / 1000"
     )
+
+
+# -- review of probe 22: drift at the default repeats, row boundaries, GPU-only lists, --out -----------------
+def test_bench_default_repeats_is_even_so_a_steady_drift_favours_neither_side(monkeypatch):
+    """A B B A cancels a steady drift in the medians only for an even --repeats: the default 3 ran d p p d d p, and
+    with 100 ms + 10 ms per process before it the medians were deltatune 130 vs peft 120 ms (one process of drift
+    for peft). The default is 4 (d/p 135 vs 135); an odd count keeps that one process, and --help says so."""
+    bench = _script("bench")
+    order: list[str] = []
+    seen: dict = {}
+
+    def worker(spec):
+        order.append(spec["side"])
+        return {"step_ms": 100.0 + 10.0 * (len(order) - 1), "peak_mem_mib": 1.0}, None
+
+    def measure(settings, log):
+        seen["cells"] = real(settings, log)
+        return seen["cells"]
+
+    real = bench.measure_methods
+    monkeypatch.setattr(bench, "_worker", worker)
+    monkeypatch.setattr(bench, "measure_methods", measure)
+    monkeypatch.setattr(bench, "report", lambda *args, **kwargs: "")
+    argv = ["--configs", "minilm", "--methods", "lora", "--startup-repeats", "0", "--device", "cpu"]
+    assert bench.main(argv) == 0
+    cells = seen["cells"]
+    d, p = cells["minilm", "lora", "deltatune"], cells["minilm", "lora", "peft"]
+    assert len(order) == 8 and d.median("step_ms") == p.median("step_ms") == 135.0
+    order.clear()
+    assert bench.main([*argv, "--repeats", "3"]) == 0  # the odd residual: one process of drift, peft's way
+    d, p = seen["cells"]["minilm", "lora", "deltatune"], seen["cells"]["minilm", "lora", "peft"]
+    assert (d.median("step_ms"), p.median("step_ms")) == (130.0, 120.0)
+    repeats = next(a for a in bench.parser()._actions if "--repeats" in a.option_strings)
+    assert "(default 4" in repeats.help and "an odd count" in repeats.help
+
+
+class _Stop(Exception):
+    """Raised by a stand-in to end a script's main once its options are read."""
+
+
+def _after_counts(run_rounds, names: list[str]) -> dict[str, dict[str, int]]:
+    """{x: {name: how many of name's timed calls ran right after a call of x}}, on a fake clock where a call right
+    after x costs 15 ms instead of 10."""
+    out = {}
+    for x in names:
+        clock = types.SimpleNamespace(t=0.0, last=None, after=x)
+
+        def call(name, clock=clock):
+            def run(*args):
+                clock.t += 0.010 + (0.005 if clock.last == clock.after else 0.0)
+                clock.last = name
+
+            return run
+
+        times = run_rounds(clock, {n: call(n) for n in names})
+        out[x] = {n: sum(1 for ms in times[n] if ms > 12) for n in names}
+    return out
+
+
+def test_interleaved_rounds_balance_across_row_boundaries_at_the_default_rounds(monkeypatch):
+    """The Williams rows ran back to back, so each round's first call followed the last call of the round before,
+    outside the design: with 8 rounds of 4 models, "floor" ran right after "full" in 4 rounds, each LoRA in 2; and
+    the default 9 rounds is no whole cycle of 4 (training), 6 (the 3 forwards) or 2 (merge). Now an untimed call of
+    the round's first function comes before it, and the default is 12 rounds: every model after every one (itself
+    included, as a round's first) equally often."""
+    inter = _script("interleaved")
+    got: dict = {}
+
+    def measure(models, batch, rounds):
+        got["rounds"] = rounds
+        raise _Stop
+
+    shape = types.SimpleNamespace(dtype="float32")
+    monkeypatch.setattr(inter, "build", lambda *a, **k: (None, None, shape))
+    monkeypatch.setattr(inter, "max_difference", lambda *a: 0.0)
+    monkeypatch.setattr(inter, "measure", measure)
+    with pytest.raises(_Stop):
+        inter.main([])
+    rounds = got["rounds"]
+
+    def run_rounds(clock, fns):
+        monkeypatch.setattr(inter, "time", types.SimpleNamespace(perf_counter=lambda: clock.t))
+        return inter._rounds(fns, rounds)
+
+    parts = {"train": ["full", "deltatune", "peft", "floor"], "forward": ["base", "deltatune", "peft"],
+             "merge": ["deltatune", "peft"]}  # fmt: skip
+    for names in parts.values():
+        counts = _after_counts(run_rounds, names)
+        assert all(len(set(c.values())) == 1 for c in counts.values()), (rounds, counts)
+    times = {**parts, "merged": parts["forward"], "faults": parts["train"], "sys": parts["train"]}
+    times = {what: {name: [1.0] for name in names} for what, names in times.items()}
+    shape = types.SimpleNamespace(batch=1, seq=8, dtype="float32")
+    said = "rounds after 1 warm-up, order balanced {}(over whole cycles of 4 rounds for training, 6 for the forwards"
+    assert said.format("") in inter.report(times, "minilm", shape, rounds, "python x")
+    assert said.format("in part ") in inter.report(times, "minilm", shape, 9, "python x")
+
+
+def test_scaling_adapter_rounds_balance_across_row_boundaries_at_the_default_rounds(monkeypatch):
+    """scaling.py's adapter part ran 3 rounds by default over 4 counts (no whole cycle of the design: k = 64 never
+    ran after k = 16 ...) and back to back (each round's first count after the last of the round before). The
+    default is now one whole cycle (4 rounds for 4 counts), an untimed training pass of the round's first count
+    before it: each count's forward runs after every count's passes equally often."""
+    scaling = _script("scaling")
+    got: dict = {}
+
+    def capture(a):
+        got["a"] = a
+        raise _Stop
+
+    real = scaling.run_adapters
+    monkeypatch.setattr(scaling, "run_adapters", capture)
+    with pytest.raises(_Stop):
+        scaling.main(["--part", "adapters"])
+    a = got["a"]
+    assert a.counts == [1, 4, 16, 64]
+    monkeypatch.setattr(scaling, "_shape", lambda *args: types.SimpleNamespace(batch=a.rows, kind="llama"))
+    base = types.SimpleNamespace(config=types.SimpleNamespace())
+    monkeypatch.setattr(scaling.bw, "build", lambda *args: (base, {}, "CAUSAL_LM"))
+    monkeypatch.setattr(scaling.mixed_batch, "with_loras", lambda *args, **kwargs: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(scaling, "_rss_mib", lambda: 0.0)
+    monkeypatch.setattr(scaling.bw, "_peak_mib", lambda device: 0.0)
+    monkeypatch.setattr(scaling.bw, "_reset_peak", lambda device: True)
+    calls: dict = {}
+    monkeypatch.setattr(scaling.mixed_batch, "passes", lambda model, batch: (calls["forward"], calls["train"]))
+    names = [str(k) for k in a.counts]
+
+    def run_rounds(clock, fns):
+        def pass_(names_):
+            fns[str(len(set(names_)))]()
+
+        calls.update(forward=pass_, train=pass_)
+        monkeypatch.setattr(scaling, "time", types.SimpleNamespace(perf_counter=lambda: clock.t))
+        times = real(a)["times"]
+        return {n: times["forward", int(n)] for n in names}
+
+    counts = _after_counts(run_rounds, names)
+    assert all(len(set(c.values())) == 1 for c in counts.values()), (a.rounds, counts)
+
+
+@pytest.mark.parametrize("configs", ["llama1b,llama1b-compile", "minilm,llama1b"])
+def test_bench_refuses_only_gpu_configs_without_cuda(monkeypatch, capsys, configs):
+    """--configs llama1b on a machine without CUDA printed a report of nothing (and timed start-up) and exited 0;
+    now one line and exit status 2. A list with a CPU configuration still measures that one."""
+    bench = _script("bench")
+    ran: list[str] = []
+
+    def worker(spec):
+        ran.append(spec["config"])
+        return {"step_ms": 1.0, "peak_mem_mib": 1.0}, None
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "_worker", worker)
+    monkeypatch.setattr(bench, "measure_startup", lambda repeats: pytest.fail("timed start-up"))
+    monkeypatch.setattr(bench, "report", lambda *args, **kwargs: "")
+    mixed = configs.startswith("minilm")
+    status = bench.main(["--configs", configs, "--methods", "lora", "--quick"] + ["--startup-repeats", "0"] * mixed)
+    err = capsys.readouterr().err
+    if mixed:
+        assert status == 0 and ran == ["minilm", "minilm"]
+    else:
+        assert status == 2 and ran == []
+        said = "bench.py: error: --configs llama1b,llama1b-compile: GPU only (torch sees no CUDA device); nothing to"
+        assert err.strip() == said + " measure"
+
+
+def test_write_atomic_keeps_a_symlink_and_the_mode_and_leaves_the_umask(tmp_path, monkeypatch):
+    """write_atomic renamed its temporary file over the path: a symlinked --out became a regular file (the link's
+    target kept the old report), an existing report's mode (0600) became 0644 (the umask's), and the umask was read
+    by setting it to 0 for a moment, which a thread creating a file then got 0666 from."""
+    common = _script("common")
+    target = tmp_path / "real" / "report.md"
+    target.parent.mkdir()
+    target.write_text("old\n", encoding="utf-8")
+    target.chmod(0o600)
+    link = tmp_path / "report.md"
+    link.symlink_to(target)
+
+    def umask(mask):
+        raise AssertionError("os.umask called")
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    monkeypatch.setattr(os, "umask", umask)
+    common.emit("new\n", str(link))
+    assert link.is_symlink() and target.read_text(encoding="utf-8") == "new\n"
+    assert (target.stat().st_mode & 0o777) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["real", "report.md"] and os.listdir(target.parent) == ["report.md"]
+    fresh = tmp_path / "fresh.md"
+    common.write_atomic(fresh, "x\n")
+    assert (fresh.stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize(("out", "said"), [
+    ("", "gpu.sh: error: --out needs a folder name, got ''"),
+    ("runs/gpu-*", "gpu.sh: error: --out 'runs/gpu-*': a folder name without the glob characters * ? ["),
+    ("runs/gpu-[1]", "gpu.sh: error: --out 'runs/gpu-[1]': a folder name without the glob characters * ? ["),
+    ("runs/gpu?", "gpu.sh: error: --out 'runs/gpu?': a folder name without the glob characters * ? ["),
+])  # fmt: skip
+def test_gpu_script_refuses_an_empty_or_globbing_out(tmp_path, out, said):
+    """--out '' said "a folder name without spaces"; --out with * ? or [ went into the unquoted steps, where the
+    shell expands it against the files there (or keeps it, as it likes)."""
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\nexit 0\n")
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", "--out", out], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PY": str(fake)})  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip() == said
