@@ -70,6 +70,35 @@ def test_implicit_standard_rows_train_trls_tokens(make, tmp_path):
     _assert_trls(_dpo_sides(tok, IMPLICIT, 10**4, tmp_path, "raw"), _trl_sides(tok, IMPLICIT, 10**4, tmp_path))
 
 
+@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/formats.py diff of probe 22 (pairs)")
+@pytest.mark.parametrize("stage", ["orpo", "cpo"])
+@pytest.mark.parametrize("make", [smollm2_tokenizer, tokenizer])
+def test_implicit_standard_rows_are_trls_orpo_and_cpo_tokenize_row(stage, make, tmp_path):
+    """The same rows under ORPO and CPO (SimPO is CPO's loss_type): ids and labels of TRL 1.16's ``tokenize_row``
+    after its ``maybe_extract_prompt``. Before: 4 to 6 of the 10 sides differed, as under DPO."""
+    from accelerate import PartialState
+    from trl.data_utils import maybe_extract_prompt
+
+    PartialState()  # (TRL's warning_once needs it)
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    cls, tok = ORPOTrainer if stage == "orpo" else CPOTrainer, make()
+    fake = types.SimpleNamespace(
+        processing_class=tok, is_encoder_decoder=False, max_length=10**4, label_pad_token_id=-100
+    )
+    fake.build_tokenized_answer = lambda p, a: cls.build_tokenized_answer(fake, p, a)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in IMPLICIT))
+    cfg = build({"stage": stage, "model": {"name_or_path": "x"},
+                 "data": {"train": str(path), "max_length": 10**4, "template": "raw"}})  # fmt: skip
+    for row, ex in zip(IMPLICIT, encode_pair_splits(cfg, tok, causal=True)[0].examples, strict=True):
+        ref = cls.tokenize_row(fake, maybe_extract_prompt(dict(row)))
+        for side in ("chosen", "rejected"):
+            assert ex[side]["input_ids"] == ref[f"{side}_input_ids"], (row, side)
+            assert ex[side]["labels"] == ref[f"{side}_labels"], (row, side)
+
+
 Q = [{"role": "user", "content": "What colour is a ripe lemon?"}]
 CONV = [
     {"prompt": Q, "chosen": [{"role": "assistant", "content": "Yellow."}],
