@@ -81,3 +81,14 @@ def test_an_abbreviated_flag_beside_a_missing_command_is_not_called_unrecognized
         main(["--de"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "required: command" in err and "--de" not in err.split("required: command")[1]
+
+
+def test_a_reward_model_of_its_own_code_untrusted_is_one_line_without_asking(tmp_path, questions):
+    """PPO's TokenRewardModel on a folder of its own code, untrusted: transformers' multi-line ValueError (what
+    check_token_reward leaves to this load since 5bd2ced); now load_model's one line, named align.reward_model."""
+    from deltatune.train.scorers import TokenRewardModel
+
+    folder = _own_code_folder(tmp_path)
+    with pytest.raises(ConfigError, match=rf"^align.reward_model '{folder}' runs its own code \(auto_map in its"):
+        TokenRewardModel(folder)
+    assert questions == []

@@ -176,9 +176,16 @@ class TokenRewardModel:
 
         from ..config import ConfigError
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, trust_remote_code=trust_remote_code
-        )
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, trust_remote_code=trust_remote_code
+            )
+        except ValueError as exc:  # (transformers' multi-line refusal of a folder of its own code, untrusted)
+            if trust_remote_code or "trust_remote_code" not in str(exc):
+                raise
+            raise ConfigError(f"align.reward_model {path!r} runs its own code (auto_map in its config.json): set "
+                              "model.trust_remote_code: true (trust_remote_code=True) only if you trust that "
+                              "code") from None  # fmt: skip
         if not hasattr(self.model, "score") or not hasattr(self.model, self.model.base_model_prefix):
             raise ConfigError(f"align.reward_model {path!r}: a {type(self.model).__name__} has no score head on a "
                               "decoder backbone (TRL's PPOTrainer scores with model.score); train a reward run "
