@@ -140,3 +140,28 @@ def test_a_rows_log_probs_are_the_same_in_a_batch_of_other_lengths(family):
             alone = [sequence_logprobs(model, collate([p])) for p in pairs]
         want = torch.stack([a[i] for i in (0, 1) for a in alone])
         assert torch.allclose(together, want, atol=tol, rtol=0), (dtype, (together - want).abs().max())
+
+
+@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/formats.py diff of probe 22 (pairs)")
+def test_implicit_standard_rows_are_trls_kto_completions():
+    """The same rows under KTO (each side an unpaired completion): ids and labels of TRL 1.16's KTOTrainer
+    (``extract_prompt``, ``unpair_preference_dataset``, the EOS, the prompt split at its own common prefix)."""
+    from trl.data_utils import _tokenize, common_prefix_length, extract_prompt
+
+    from deltatune.data.encode import RAW, lm_example
+    from deltatune.data.formats import read_samples
+    from deltatune.data.load import Row
+    from deltatune.data.sample import unpaired_examples
+
+    tok = smollm2_tokenizer()
+    for row in IMPLICIT:
+        s = read_samples([Row(row, "t.jsonl:4")], {}, stage="kto")[0]
+        ref = extract_prompt(row)
+        for (prompt, response, _), side in zip(unpaired_examples([s]), ("chosen", "rejected"), strict=True):
+            p = _tokenize(tok, ref["prompt"])["input_ids"]
+            full = _tokenize(tok, ref["prompt"] + ref[side] + tok.eos_token)["input_ids"]
+            n = common_prefix_length(p, full)
+            ex, _ = lm_example(
+                s.__class__(s.source, s.format, prompt, conversational=False), response, tok, RAW, 10**6
+            )
+            assert ex["input_ids"] == full and ex["labels"] == [IGNORE_INDEX] * n + full[n:], (row, side)
