@@ -420,3 +420,13 @@ def test_openai_formatting_keeps_an_opening_answer():
         ("user", "q"),
         ("assistant", "a"),
     ]
+
+
+@pytest.mark.parametrize("tag", ["system_tag", "function_tag", "observation_tag"])
+def test_a_null_role_tag_keeps_the_sharegpt_turn_order(tag):
+    """A null role tag names no role, and the list is still sharegpt's: its turn order holds (7f8cedf read a sharegpt
+    list by a 'function' role among the tags', so a null function_tag let two human turns in a row train)."""
+    rows = [Row({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"},
+                                   {"from": "gpt", "value": "a"}]}, "f:1")]  # fmt: skip
+    with pytest.raises(DataError, match=r"^f:1: conversations\[1\].from: a 'human' turn after a 'human' turn"):
+        read_samples(rows, None, "sharegpt", {tag: None}, "sft")

@@ -36,6 +36,7 @@ import json
 from collections.abc import Sequence
 
 from .formats_messages import (
+    SharegptRoles,
     _a,
     _check_calls,
     _check_renames,
@@ -372,7 +373,7 @@ def _alpaca_preference(row: Row, c: dict[str, str], _t: dict[str, str]) -> Sampl
 
 
 def _sharegpt_roles(t: dict[str, str]) -> dict[str, str]:
-    return tag_roles(t)
+    return SharegptRoles(tag_roles(t))
 
 
 def _sharegpt(row: Row, c: dict[str, str], t: dict[str, str]) -> Sample:

@@ -27,6 +27,12 @@ datasets set these tags in dataset_info.json), its function_tag. Without data.ta
 (``_MESSAGE_ROLES``)."""
 
 
+class SharegptRoles(dict):
+    """Roles named by sharegpt tags: its turns follow LLaMA-Factory's sharegpt order (``_sharegpt_order``), whether
+    or not a function tag is given (a null one names no role: reading a sharegpt list by its 'function' value let a
+    null function_tag switch the order off)."""
+
+
 class _TaggedRoles(dict):
     """Roles named by data.tags under data.format=openai: a 'function' tag is an answer holding a call, as in
     sharegpt, but the turn order is LLaMA-Factory's openai one (``_openai_order``), not sharegpt's."""
@@ -149,7 +155,7 @@ def _message_list(
             got += " (JSON text: a CSV cell holds text, as the datasets library reads it; give the rows as .jsonl)"
         raise DataError(f"{source}: column {column!r} must be a non-empty list of messages, got {got}")
     out: list[Message] = []
-    sharegpt, previous = "function" in roles.values() and not isinstance(roles, _TaggedRoles), None
+    sharegpt, previous = isinstance(roles, SharegptRoles), None
     for i, m in enumerate(value):
         where = f"{source}: {column}[{i}]"
         if not isinstance(m, dict):
