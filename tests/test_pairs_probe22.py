@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from tiny import VOCAB, smollm2_tokenizer, tiny_model, tokenizer
+from tiny import VOCAB, smollm2_tokenizer, tiny_model
 
 from deltatune.data.preference import PairCollator
 from deltatune.data.templates import IGNORE_INDEX
@@ -47,56 +47,6 @@ def _assert_trls(mine, ref):
             ids, trained = r[side]
             assert m[side]["input_ids"] == ids, (i, side)
             assert [lab != IGNORE_INDEX for lab in m[side]["labels"]] == trained, (i, side)
-
-
-IMPLICIT = [
-    {"chosen": "Human: hi\n\nAssistant:Hello there", "rejected": "Human: hi\n\nAssistant:Go away"},  # hh-rlhf's
-    {"chosen": "Say a word.\nYes", "rejected": "Say a word.\nNo"},  # a newline before the answers
-    {"chosen": "Pick one: I'd say red", "rejected": "Pick one: I'll say blue"},  # the answers share a word's start
-    {"chosen": "Q: sky colour?\nA: Blue.", "rejected": "Q: sky colour?\nA: Green."},  # a space: the same before
-    {"chosen": "Q: hi\nA: yes", "rejected": "Q: hi\nA: yes please"},  # one a prefix of the other
-]
-
-
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/formats.py diff of probe 22 (pairs)")
-@pytest.mark.parametrize("make", [smollm2_tokenizer, tokenizer])
-def test_implicit_standard_rows_train_trls_tokens(make, tmp_path):
-    """Rows whose prompt is the common beginning of chosen and rejected train the tokens TRL's DPOTrainer trains:
-    TRL's ``extract_prompt`` parts them at the first character that differs (a space before it going with the
-    answers). Before: deltatune parted them at the last whitespace both share, so hh-rlhf's ``Assistant:`` (no space
-    after it) was trained as the answers' first 5 SmolLM2 tokens (3 trained -> 8), a newline before the answers as
-    one more token, and the shared start of a word ("I'd" / "I'll") as part of both answers."""
-    tok = make()
-    _assert_trls(_dpo_sides(tok, IMPLICIT, 10**4, tmp_path, "raw"), _trl_sides(tok, IMPLICIT, 10**4, tmp_path))
-
-
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/formats.py diff of probe 22 (pairs)")
-@pytest.mark.parametrize("stage", ["orpo", "cpo"])
-@pytest.mark.parametrize("make", [smollm2_tokenizer, tokenizer])
-def test_implicit_standard_rows_are_trls_orpo_and_cpo_tokenize_row(stage, make, tmp_path):
-    """The same rows under ORPO and CPO (SimPO is CPO's loss_type): ids and labels of TRL 1.16's ``tokenize_row``
-    after its ``maybe_extract_prompt``. Before: 4 to 6 of the 10 sides differed, as under DPO."""
-    from accelerate import PartialState
-    from trl.data_utils import maybe_extract_prompt
-
-    PartialState()  # (TRL's warning_once needs it)
-    from trl.experimental.cpo.cpo_trainer import CPOTrainer
-    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
-
-    cls, tok = ORPOTrainer if stage == "orpo" else CPOTrainer, make()
-    fake = types.SimpleNamespace(
-        processing_class=tok, is_encoder_decoder=False, max_length=10**4, label_pad_token_id=-100
-    )
-    fake.build_tokenized_answer = lambda p, a: cls.build_tokenized_answer(fake, p, a)
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in IMPLICIT))
-    cfg = build({"stage": stage, "model": {"name_or_path": "x"},
-                 "data": {"train": str(path), "max_length": 10**4, "template": "raw"}})  # fmt: skip
-    for row, ex in zip(IMPLICIT, encode_pair_splits(cfg, tok, causal=True)[0].examples, strict=True):
-        ref = cls.tokenize_row(fake, maybe_extract_prompt(dict(row)))
-        for side in ("chosen", "rejected"):
-            assert ex[side]["input_ids"] == ref[f"{side}_input_ids"], (row, side)
-            assert ex[side]["labels"] == ref[f"{side}_labels"], (row, side)
 
 
 Q = [{"role": "user", "content": "What colour is a ripe lemon?"}]
@@ -140,28 +90,3 @@ def test_a_rows_log_probs_are_the_same_in_a_batch_of_other_lengths(family):
             alone = [sequence_logprobs(model, collate([p])) for p in pairs]
         want = torch.stack([a[i] for i in (0, 1) for a in alone])
         assert torch.allclose(together, want, atol=tol, rtol=0), (dtype, (together - want).abs().max())
-
-
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/formats.py diff of probe 22 (pairs)")
-def test_implicit_standard_rows_are_trls_kto_completions():
-    """The same rows under KTO (each side an unpaired completion): ids and labels of TRL 1.16's KTOTrainer
-    (``extract_prompt``, ``unpair_preference_dataset``, the EOS, the prompt split at its own common prefix)."""
-    from trl.data_utils import _tokenize, common_prefix_length, extract_prompt
-
-    from deltatune.data.encode import RAW, lm_example
-    from deltatune.data.formats import read_samples
-    from deltatune.data.load import Row
-    from deltatune.data.sample import unpaired_examples
-
-    tok = smollm2_tokenizer()
-    for row in IMPLICIT:
-        s = read_samples([Row(row, "t.jsonl:4")], {}, stage="kto")[0]
-        ref = extract_prompt(row)
-        for (prompt, response, _), side in zip(unpaired_examples([s]), ("chosen", "rejected"), strict=True):
-            p = _tokenize(tok, ref["prompt"])["input_ids"]
-            full = _tokenize(tok, ref["prompt"] + ref[side] + tok.eos_token)["input_ids"]
-            n = common_prefix_length(p, full)
-            ex, _ = lm_example(
-                s.__class__(s.source, s.format, prompt, conversational=False), response, tok, RAW, 10**6
-            )
-            assert ex["input_ids"] == full and ex["labels"] == [IGNORE_INDEX] * n + full[n:], (row, side)
