@@ -1,8 +1,8 @@
 """Probe 22 of the preference pairs' data path against TRL 1.16 (trl/trainer/dpo_trainer.py, trl/data_utils.py):
-implicit-prompt standard rows (``chosen`` and ``rejected`` holding the whole text, as hh-rlhf's) parted where TRL's
-``extract_prompt`` parts them, so DPO trains TRL's tokens; conversational rows (a system turn, several turns, an
-implicit prompt) through SmolLM2's chat template as TRL's ``_prepare_dataset`` and collator; each row's summed
-log-probs the same in a batch of rows of very different lengths as alone."""
+conversational rows (a system turn, several turns, an implicit prompt) through SmolLM2's chat template as TRL's
+``_prepare_dataset`` and collator; each row's summed log-probs the same in a batch of rows of very different lengths
+as alone. (Implicit string pairs are split at the last shared whitespace, not at TRL's first differing character:
+docs/data-formats.md.)"""
 
 import json
 import types
