@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=common.at_least(1),
         help="timed rounds of the adapter part, after one warm-up (default: one whole cycle of the balanced orders, "
-        "as many rounds as --counts has counts, twice that for an odd number; the orders balance over whole cycles)",
+        "as many rounds as --counts has counts, twice that for an odd number above 1; the orders balance over whole cycles)",
     )
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=common.at_least(1), help="torch threads")
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--counts: {max(a.counts)} adapters in a batch of --rows {a.rows}; at most one adapter per row")
     if a.threads:
         torch.set_num_threads(a.threads)
-    stem = os.path.splitext(a.out)[0] if a.out else None
+    stem = os.path.splitext(os.path.realpath(a.out))[0] if a.out else None  # (the folder check_out checked)
     command = " ".join(["python", "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)])
     parts = [
         "## How cost grows: sequence length and mixed adapters (`benchmarks/scaling.py`)", "",
