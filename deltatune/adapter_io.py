@@ -216,6 +216,7 @@ def load_adapter(
     modules_to_save: bool = True,
     *,
     _config: DeltaConfig | None = None,
+    _caller: str = "load_adapter",  # (the call an unknown argument is named as: from_pretrained's too)
     **kwargs: Any,
 ) -> Any:
     """Load a saved adapter (deltatune's or PEFT's) as ``adapter_name``; the model is unchanged on error. Returns
@@ -248,7 +249,7 @@ def load_adapter(
         FileNotFoundError: no adapter there.
         AdapterLoadError: a file is truncated or corrupt, or the adapter does not fit this model.
     """
-    hub = split_load_kwargs(kwargs)  # (peft's: hub, dispatch, strict_adapter_check; an unknown one refused)
+    hub = split_load_kwargs(kwargs, _caller)  # (peft's: hub, dispatch, strict_adapter_check; an unknown one refused)
     check_adapter_name(adapter_name)
     if adapter_name in model.peft_config:  # peft's: the file's tensors into that adapter; its config and flags stay
         tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, torch_device, hub)

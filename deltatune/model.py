@@ -252,7 +252,9 @@ class DeltaModel(nn.Module, PushToHub):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         status.apply_active(self, keep=True, new=adapter_name)
-        self._train_modes([adapter_name] if config.inference_mode else [], True)  # (others' modes kept: peft 0.22)
+        status.train_modes(
+            self, [adapter_name] if config.inference_mode else [], True
+        )  # (others' modes kept: peft 0.22)
         if autocast_adapter_dtype:
             upcast_adapter([layer for _, layer in self._layers()], adapter_name)
 
@@ -315,13 +317,7 @@ class DeltaModel(nn.Module, PushToHub):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.unmerge_adapter()
         self.active_adapters = names
-        status.apply_active(self, inference_mode=inference_mode)
-        self._train_modes(names, inference_mode)
-
-    def _train_modes(self, names: list[str], frozen: bool) -> None:  # peft 0.22's set_training (dropout modes)
-        pairs = [(layer, d) for _, layer in self._layers() for d in layer.children() if isinstance(d, nn.ModuleDict)]
-        for layer, module in ((la, d[n]) for la, d in pairs for n in names if n in d):  # (its dropout, weights, ...)
-            module.train(layer.training and not frozen)  # the layer's mode, as peft's layers read their own
+        status.apply_active(self, inference_mode=inference_mode)  # (the active ones' dropout modes too: peft 0.22)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """peft's: turn the named adapters' parameters' ``requires_grad`` on (or off), active or not (``status``)."""
@@ -495,7 +491,8 @@ class DeltaModel(nn.Module, PushToHub):
         wrapped = cls(model)
         options = dict(autocast_adapter_dtype=autocast_adapter_dtype, ephemeral_gpu_offload=ephemeral_gpu_offload,
                        low_cpu_mem_usage=low_cpu_mem_usage, key_mapping=key_mapping)  # fmt: skip
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, _config=config, **options, **kwargs)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, _config=config,
+                             _caller="from_pretrained", **options, **kwargs)  # fmt: skip
         return wrapped
 
     # -- status (peft's fields and values: status.py; peft 0.22's healthcheck: healthcheck.py) -------------

@@ -122,6 +122,17 @@ def apply_active(
                   for p in m.original_module.parameters()}  # fmt: skip
     for p in model.base_model.parameters():
         p.requires_grad_(id(p) in trainable)
+    if inference_mode is not None:  # peft 0.22's set_adapter: the active adapters' own submodules in the layer's mode
+        train_modes(model, model.active_adapters, inference_mode)
+
+
+def train_modes(model: DeltaModel, names: list[str], frozen: bool) -> None:
+    """peft 0.22's ``set_training``: the named adapters' own submodules (dropout, ...) in their layer's train/eval mode,
+    eval mode when ``frozen``."""
+    for _, layer in model._layers():
+        for d in (d for d in layer.children() if isinstance(d, torch.nn.ModuleDict)):
+            for n in (n for n in names if n in d):
+                d[n].train(layer.training and not frozen)
 
 
 def check_bias(configs: dict[str, Any], adapter_name: str, config: Any) -> None:
@@ -205,6 +216,8 @@ def enable_layers(model: DeltaModel, enabled: bool) -> None:
         # peft: enabling leaves a wrapper's inactive full copies (a head) alone; disabling freezes every copy
         if not enabled or not isinstance(layer, ModulesToSave):
             _set_grad(layer, [n for n in held if n not in model.active_adapters], False)
+    if enabled:  # peft: enabling is set_adapter(active): their dropout in the layers' mode again
+        train_modes(model, model.active_adapters, False)
 
 
 def unmerge_at_next_forward(layer: DeltaLayer) -> None:
@@ -370,7 +383,11 @@ def model_status(model: DeltaModel) -> TunerModelStatus:
         active_adapters=list(actives.pop()) if len(actives) == 1 else "irregular",
         merged_adapters=merged,
         requires_grad={k: _agree(v) for k, v in grads.items()},
-        available_adapters=sorted({n for s in layers for n in s.available_adapters}),
+        # (and an adapter trained in place, with no layer: BitFit's next to a LoRA)
+        available_adapters=sorted(
+            {n for s in layers for n in s.available_adapters}
+            | {*filter(model._base_trainables.get, model._base_trainables)}
+        ),
         devices={k: sorted(v) for k, v in devices.items()},
         quantization_backend=None,
     )

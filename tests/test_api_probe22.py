@@ -103,9 +103,8 @@ def test_print_healthcheck_prints_peft_022s_lines():
         "Findings:",
         "    WARNING: Adapter(s) 'default' is/are merged; unmerge them before training.",
     ]
-    assert (
-        "    trainable: 1,024, total: 24,736, percent trainable: 4.1397%, adapter layers: 2"
-    )  # 2 x (8x32 + 32x8) in lines
+    # 2 x (8x32 + 32x8); deltatune's own line under either peft
+    assert "    trainable: 1,024, total: 24,736, percent trainable: 4.1397%, adapter layers: 2" in lines
     if PEFT_022:
         theirs.print_healthcheck(sink=printed.append, indent="    ")
         other = printed[1].splitlines()
@@ -137,8 +136,12 @@ def test_strict_adapter_check_is_peft_022s_argument(tmp_path):
     if PEFT_022:  # peft 0.22 refuses it alike
         with pytest.raises(ValueError, match=message):
             theirs.load_adapter(tmp_path, adapter_name="x", strict_adapter_check="strict")
-    with pytest.raises(TypeError, match="unexpected keyword argument 'strict_adapter_chek'"):
+    with pytest.raises(TypeError, match=r"^load_adapter\(\) got an unexpected keyword argument 'strict_adapter_chek'"):
         ours.load_adapter(tmp_path, adapter_name="x", strict_adapter_chek="warn")
+    # named as the call the user made (it read load_adapter() from from_pretrained), as peft's Python TypeError
+    message = r"^from_pretrained\(\) got an unexpected keyword argument 'strict_adapter_chek'"
+    with pytest.raises(TypeError, match=message):
+        dt.DeltaModel.from_pretrained(tiny_model("llama"), tmp_path, strict_adapter_chek="warn")
 
 
 def test_unmerge_adapter_takes_peft_022s_force_reshard():
@@ -200,3 +203,62 @@ def test_healthcheck_of_an_in_place_method_reports_its_counts():
     assert report["findings"] == [] and report["summary"]["trainable_params"] == biases == 611
     assert report["adapter_state"] == {"active_adapters": ["default"], "available_adapters": ["default"]}
     assert "num_adapter_layers" not in report["summary"]
+
+
+@pytest.mark.parametrize("how", ["delete_active", "enable_adapter_layers"])
+def test_an_adapter_trainable_again_gets_its_dropout_back_as_peft_does(how):
+    """An adapter frozen by ``set_adapter(name, inference_mode=True)`` (its dropout in eval mode under peft 0.22) that
+    trains again (the active adapter deleted, so it is active again; ``enable_adapter_layers``) has its dropout in the
+    model's train mode again: peft 0.22 runs set_adapter(active) there, peft 0.21 never turned it off. deltatune's
+    kept it in eval mode. (The ``disable_adapter`` block leaves flags and modes as it found them: docs/methods.md.)"""
+    config = dict(target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False)
+    ours, theirs = _pair(dt.LoraConfig(**config), peft.LoraConfig(**config))
+    for model in (ours, theirs):
+        model.train()
+        model.set_adapter("default", inference_mode=True)
+        if how == "delete_active":
+            model.add_adapter("b", type(model.peft_config["default"])(**config))
+            model.set_adapter("b")
+            model.delete_adapter("b")
+        else:
+            layers = model if model is ours else model.base_model
+            layers.disable_adapter_layers()
+            layers.enable_adapter_layers()
+    assert _dropout_modes(ours, "default") == _dropout_modes(theirs, "default") == [True, True]
+
+
+def test_adding_a_bottleneck_adapter_keeps_the_others_modes():
+    """Adding a bottleneck adapter puts only its own modules in the model's mode, as peft 0.22's add_adapter (a LoRA's
+    test above): a frozen adapter's dropout, and a fusion's, stay in eval mode. deltatune's set every adapter of the
+    layer to train mode: the frozen adapter's train-mode output changed from call to call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = dt.get_delta_model(tiny_model("llama"), dt.BottleneckConfig(adapter_dropout=0.5, init_weights=False))
+    inputs = tiny_inputs("llama")
+    model.eval()
+    expected = model(**inputs).logits
+    model.train()
+    model.set_adapter("default", inference_mode=True)
+    model.add_adapter("b", dt.BottleneckConfig(adapter_dropout=0.5))
+    dropouts = {n: m.training for n, m in model.named_modules() if ".adapter_dropout." in n}
+    assert dropouts and all(v == n.endswith(".b") for n, v in dropouts.items())
+    torch.testing.assert_close(model(**inputs).logits, expected)  # no dropout: the eval-mode output
+    model.add_fusion(["default", "b"], name="ab")
+    for fusion in (m for n, m in model.named_modules() if n.endswith("adapter_fusion.ab")):
+        fusion.eval()  # (as a frozen fusion would be)
+    model.add_adapter("c", dt.BottleneckConfig())
+    fusions = [m.training for n, m in model.named_modules() if n.endswith("adapter_fusion.ab")]
+    assert fusions and not any(fusions)
+
+
+def test_an_in_place_adapter_next_to_a_lora_is_available():
+    """An adapter trained in place (BitFit's biases: no layer) beside a LoRA is listed among the available adapters of
+    get_model_status and the healthcheck, as a model of BitFit alone lists it; deltatune's listed only the LoRA."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = dt.get_delta_model(tiny_model("bert"), dt.LoraConfig(target_modules=["query"]))
+        model.add_adapter("bf", dt.BitFitConfig())
+    model.set_adapter("bf")
+    assert model.get_model_status().available_adapters == ["bf", "default"]
+    state = model.healthcheck()["adapter_state"]
+    assert (state["active_adapters"], state["available_adapters"]) == (["bf"], ["bf", "default"])

@@ -389,9 +389,11 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
             config.init_weights,
             config.use_gating,
         )
-        for part in layer.children():  # the new adapter in the model's mode, as the library's adapter.train(...)
-            if part is not layer.base_layer:
-                part.train(layer.training)
+        # the new adapter's own and the containers in the model's mode; the others' modes kept (peft 0.22's)
+        for part in (p for p in layer.children() if p is not layer.base_layer):
+            part.training = layer.training
+            if isinstance(part, nn.ModuleDict) and adapter_name in part:
+                part[adapter_name].train(layer.training)
     return [layer for _, layer, _, _ in plan]
 
 
