@@ -395,6 +395,7 @@ class DeltaModel(nn.Module, PushToHub):
                 which merging would change too; with ``safe_merge`` (PEFT's), a merged weight not finite. Nothing merged.
         """
         names = self._check_names(self.active_adapters if adapter_names is None else adapter_names, together=True)
+        names = list(dict.fromkeys(names))  # once each: a name listed twice is merged once, not warned about as merged
         layers = [m for _, m in self._layers() if any(n in m.adapter_names for n in names)]
         check_not_shared(self.base_model, layers)
         for layer in layers:  # a layer type's own refusals (a bias to merge into a base without one), before any write

@@ -262,7 +262,6 @@ def test_lora_embedding_get_delta_weight_is_peft_s_in_the_adapter_s_dtype():
             torch.testing.assert_close(_base_weights(ours)[k], v, atol=0, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/model.py dedupe in merge-fix's report (probe 22)")
 def test_merging_a_name_listed_twice_merges_it_once_without_an_already_merged_warning():
     """merge_adapter(["a", "a"]) on a fresh model: peft merges "a" twice (W + 2 s B A, no word); deltatune merged it
     once but warned "adapter 'a' is already merged" at the second listing of a call that merged it. Once, silently."""
