@@ -69,7 +69,8 @@ def test_an_mlp_prompt_encoder_warns_that_encoder_num_layers_is_ignored_as_peft(
         dt.get_delta_model(tiny_model("llama"), dt.PTuningConfig(**{**kw, "encoder_num_layers": 2}))
 
 
-def test_a_long_init_text_on_a_seq2seq_model_warns_with_the_table_s_rows_not_as_virtual_tokens(tmp_path):
+@pytest.mark.parametrize("words", [9, 6])
+def test_a_long_init_text_on_a_seq2seq_model_warns_with_the_table_s_rows_not_as_virtual_tokens(words, tmp_path):
     # T5 with SEQ_2_SEQ_LM holds 2n rows (peft's num_transformer_submodules = 2); the warning said "there are 8
     # virtual tokens" for num_virtual_tokens=4. The table itself equals peft's (cut to the first 8 tokens).
     from tiny import POLICY_WORDS, word_tokenizer
@@ -79,7 +80,7 @@ def test_a_long_init_text_on_a_seq2seq_model_warns_with_the_table_s_rows_not_as_
         task_type="SEQ_2_SEQ_LM",
         num_virtual_tokens=4,
         prompt_tuning_init="TEXT",
-        prompt_tuning_init_text=" ".join(POLICY_WORDS[:9]),
+        prompt_tuning_init_text=" ".join(POLICY_WORDS[:words]),
         tokenizer_name_or_path=str(tmp_path),
     )
     with pytest.warns(UserWarning) as caught:
@@ -87,8 +88,8 @@ def test_a_long_init_text_on_a_seq2seq_model_warns_with_the_table_s_rows_not_as_
     said = [(str(w.message), w.filename) for w in caught if "prompt_tuning_init_text" in str(w.message)]
     assert said == [  # (the table's second half is peft's too; its model reads only the first n rows)
         (
-            "prompt_tuning_init_text has 9 tokens but the table has 8 rows (the model reads the first 4); only "
-            "the first 8 are used",
+            f"prompt_tuning_init_text has {words} tokens but num_virtual_tokens is 4 (peft's seq2seq table holds 8 "
+            "rows, the model reads the first 4); only the first 4 are used",
             __file__,
         )
     ]

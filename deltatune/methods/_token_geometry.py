@@ -262,10 +262,10 @@ def _prefix_pairs(
     """
     n, heads, dtype = spec.n, spec.heads, dtype or flat.dtype
     x = flat.view(1, n, spec.layers * 2, heads, spec.token_dim // heads)
-    # Cast each row after the expand, as peft: the gradients of the batch's copies add up in the float32 of flat.
+    # Cast after the expand, as peft: the gradients of the batch's copies add up in the float32 of flat.
     # With no backward the n rows are cast once, before it: the batch's copies stay views (no batch-size copy).
-    x = x.to(dtype) if not (torch.is_grad_enabled() and flat.requires_grad) else x
-    rows = [r.to(dtype) for r in x.expand(batch, -1, -1, -1, -1).permute(2, 0, 3, 1, 4).unbind(0)]
+    x = expand_cast(x, (batch, -1, -1, -1, -1), dtype)  # (one cast of the whole: a cast per row built the
+    rows = list(x.permute(2, 0, 3, 1, 4).unbind(0))  # backward's stack of the batch copies in float32, a third more)
     rows = rows * spec.submodules  # peft's cat of the rows with themselves, as the same views (no copy)
     step = 2 * spec.submodules
     return [(rows[i], rows[i + 1]) for i in range(0, spec.layers * step, step)]

@@ -123,11 +123,10 @@ def _init_ids(config: PromptTuningConfig, rows: int, vocab: int) -> torch.Tensor
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not ids:
         raise ConfigError("prompt_tuning_init_text tokenizes to no tokens")
-    if len(ids) > rows:
-        n = config.num_virtual_tokens  # seq2seq: peft's table has 2n rows; the model reads the first n
-        reads = f" (the model reads the first {n})" if rows > n else ""
-        warn(f"prompt_tuning_init_text has {len(ids)} tokens but the table has {rows} rows{reads}; only the first "
-             f"{rows} are used")  # fmt: skip
+    if len(ids) > (n := config.num_virtual_tokens):  # seq2seq: peft's table has 2n rows; the model reads the first n
+        table = f" (peft's seq2seq table holds {rows} rows, the model reads the first {n})" if rows > n else ""
+        warn(f"prompt_tuning_init_text has {len(ids)} tokens but num_virtual_tokens is {n}{table}; only the first "
+             f"{n} are used")  # fmt: skip
     ids = (ids * math.ceil(rows / len(ids)))[:rows]  # repeated when shorter, as PEFT does
     if max(ids) >= vocab:
         raise ConfigError(
