@@ -427,3 +427,50 @@ def test_a_model_of_its_own_code_untrusted_is_refused_without_asking(bases, tmp_
     with pytest.raises(ConfigError, match=rf"model '{folder}' runs its own code \(auto_map in its config.json\)"):
         load_model(str(folder), "CAUSAL_LM")
     assert questions == []
+
+
+def _own_processor_folder(base, folder, model_type):
+    """The model folder ``base`` (llama) with a preprocessor_config.json of no type and config.json's auto_map naming
+    its own image processor (proc.MyProc), of ``model_type`` (its own: cfg.MyConfig)."""
+    import json
+
+    folder = shutil.copytree(base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    auto_map = {"AutoImageProcessor": "proc.MyProc"}
+    if model_type != "llama":
+        auto_map["AutoConfig"] = "cfg.MyConfig"
+        (folder / "cfg.py").write_text(
+            f"from transformers import LlamaConfig\n\n\nclass MyConfig(LlamaConfig):\n    model_type = {model_type!r}\n"
+        )
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type, "auto_map": auto_map}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"do_resize": True, "size": {"height": 8, "width": 8}})
+    )
+    (folder / "proc.py").write_text(
+        "from transformers import ViTImageProcessor\n\n\nclass MyProc(ViTImageProcessor):\n    pass\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize("model_type, refused", [("llama", "contains custom code"), ("mycustomvlm", "Unrecognized")])
+def test_an_image_processor_named_by_config_json_s_auto_map_is_named_so(bases, tmp_path, monkeypatch, model_type,
+                                                                        refused):  # fmt: skip
+    """config.json's auto_map AutoImageProcessor, preprocessor_config.json with none: transformers refuses it
+    untrusted (llama's: "contains custom code"; a model_type of its own: its config unread, "Unrecognized image
+    processor"). The line named auto_map in preprocessor_config.json (which holds none), or asked to set
+    preprocessor_config.json's image_processor_type; the way out is trust_remote_code."""
+    import builtins
+
+    from transformers import AutoImageProcessor
+
+    folder = _own_processor_folder(bases["llama"], tmp_path / "own", model_type)
+    monkeypatch.setattr(builtins, "input", lambda question="": pytest.fail(f"asked {question!r}"))
+    with pytest.raises(ValueError, match=refused):
+        AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
+    with pytest.raises(ConfigError, match=rf"^model '{folder}': its image processor runs its own code \(auto_map in "
+                       r"its config.json\): set model.trust_remote_code: true \(trust_remote_code=True\) only if you "
+                       r"trust that code$"):  # fmt: skip
+        load_processor(str(folder), "image_cls")
+    want = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    got = load_processor(str(folder), "image_cls", trust_remote_code=True)
+    assert type(want).__name__ == type(got).__name__ == "MyProc" and got.to_dict() == want.to_dict()

@@ -143,10 +143,14 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
     except OSError as exc:
         raise ConfigError(f"model {name_or_path!r} has no image processor ({str(exc).splitlines()[0]})") from None
     except ValueError as exc:  # (transformers' multi-line refusal: a type it does not know, remote code untrusted)
-        if "trust_remote_code" in str(exc) and not trust_remote_code:  # (config.json's auto_map: read as its type)
+        own = _own_image_processor(path)
+        # (config.json's auto_map with a model_type of its own: transformers, untrusted, reads no config and finds
+        # no image processor)
+        unread = own == "its config.json" and "Unrecognized image processor" in str(exc)
+        if not trust_remote_code and ("trust_remote_code" in str(exc) or unread):
             raise ConfigError(
-                f"model {name_or_path!r}: its image processor runs its own code (auto_map in preprocessor_config.json)"
-                ": set model.trust_remote_code: true (trust_remote_code=True) only if you trust that code"
+                f"model {name_or_path!r}: its image processor runs its own code (auto_map in {own or 'its config.json'}"
+                "): set model.trust_remote_code: true (trust_remote_code=True) only if you trust that code"
             ) from None
         if "Unrecognized image processor" not in str(exc):
             raise
@@ -161,6 +165,18 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
             f"model {name_or_path!r}: preprocessor_config.json names an image processor ({kind!r}) transformers "
             "does not know: fix its image_processor_type, or upgrade transformers"
         ) from None
+
+
+def _own_image_processor(path: str) -> str | None:
+    """The file whose auto_map names the folder's own image processor code, where transformers looks:
+    preprocessor_config.json's (AutoImageProcessor, or AutoFeatureExtractor), else config.json's
+    AutoImageProcessor (read for any model_type, llama's too); None for neither."""
+    for file, names in (("preprocessor_config.json", ("AutoImageProcessor", "AutoFeatureExtractor")),
+                        ("config.json", ("AutoImageProcessor",))):  # fmt: skip
+        auto_map = json_value(os.path.join(path, file), "auto_map")
+        if isinstance(auto_map, dict) and any(name in auto_map for name in names):
+            return file if file != "config.json" else "its config.json"
+    return None
 
 
 def not_loaded(name_or_path: str, exc: OSError) -> ConfigError:
