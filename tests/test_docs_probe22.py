@@ -47,8 +47,8 @@ def _blocks(path: Path, lang: str) -> list[tuple[int, str]]:
     return [(text.count("\n", 0, m.start()) + 1, m.group(1)) for m in re.finditer(rf"```{lang}\n(.*?)```", text, re.S)]
 
 
-def _block(name: str, line: int, lang: str = "python") -> str:
-    return dict(_blocks(ROOT / name, lang))[line]
+def _block_with(name: str, needle: str) -> str:
+    return next(body for _, body in _blocks(ROOT / name, "python") if needle in body)
 
 
 def test_every_relative_link_and_anchor_resolves():
@@ -210,8 +210,8 @@ def test_every_python_example_parses():
     assert not bad, bad
 
 
-def _run(name: str, line: int, **namespace) -> dict:
-    exec(compile(_block(name, line), f"{name}:{line}", "exec"), namespace)  # noqa: S102 - our own docs
+def _run(name: str, needle: str, **namespace) -> dict:
+    exec(compile(_block_with(name, needle), name, "exec"), namespace)  # noqa: S102 - our own docs
     return namespace
 
 
@@ -224,10 +224,10 @@ def _tiny(family: str = "llama"):
 
 def test_lora_and_token_method_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    lora = _run("docs/lora.md", 233, base=_tiny())
+    lora = _run("docs/lora.md", "runs/my-lora", base=_tiny())
     assert (tmp_path / "runs/my-lora/adapter_model.safetensors").is_file()
     assert not any(type(m).__module__.startswith("deltatune") for m in lora["plain"].modules())
-    tokens = _run("docs/methods-token.md", 9, base=_tiny())
+    tokens = _run("docs/methods-token.md", "PromptTuningConfig(", base=_tiny())
     assert tokens["model"].peft_config["default"].task_type == "TOKEN_CLS"
 
 
@@ -248,12 +248,18 @@ def test_qlora_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = _tiny_folder(tmp_path)
     batch = {"input_ids": torch.randint(0, 100, (2, 8))}
-    use = _run("docs/qlora.md", 29, AutoModelForCausalLM=transformers.AutoModelForCausalLM, path=folder, batch=batch)
+    use = _run(
+        "docs/qlora.md",
+        "dt.merge_quantized(",
+        AutoModelForCausalLM=transformers.AutoModelForCausalLM,
+        path=folder,
+        batch=batch,
+    )
     assert (tmp_path / "out/adapter/adapter_model.safetensors").is_file() and use["report"] is not None
     base = transformers.AutoModelForCausalLM.from_pretrained(folder)
     import deltatune as dt
 
-    loftq = _run("docs/qlora.md", 165, dt=dt, base=base, model_path=folder,
+    loftq = _run("docs/qlora.md", "dt.replace_lora_weights_loftq(", dt=dt, base=base, model_path=folder,
                  AutoModelForCausalLM=transformers.AutoModelForCausalLM)  # fmt: skip
     model = loftq["model"]  # the second way's: LoftQ's B A on the 4-bit base, not LoRA's zero B
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
@@ -269,7 +275,10 @@ def test_adding_a_method_example_registers_and_trains(tmp_path, monkeypatch):
     module = types.ModuleType("deltatune.methods.scaletune")
     module.__package__ = "deltatune.methods"
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(_block("docs/adding-a-method.md", 14), "adding-a-method.md", "exec"), module.__dict__)  # noqa: S102
+    exec(
+        compile(_block_with("docs/adding-a-method.md", "class ScaleTuneConfig"), "adding-a-method.md", "exec"),
+        module.__dict__,
+    )  # noqa: S102
     registry.register("scaletune", module.__name__)
     try:
         import deltatune as dt
@@ -299,5 +308,31 @@ def test_diffusion_sd3_example_writes_a_t2i_folder(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/digits").mkdir(parents=True)
-    _run("docs/diffusion.md", 332)
+    _run("docs/diffusion.md", "SD3Transformer2DModel(")
     assert json.loads((tmp_path / "data/digits/sd3-init/t2i.json").read_text()) == {"text_encoder": "minilm"}
+
+
+def test_training_md_trainer_and_trl_example_runs(tmp_path, monkeypatch):
+    """training.md's dt.Trainer / dt.trl_trainer block, one step each. Its SFTConfig("out") was refused on a machine
+    without a GPU (TRL's default bf16=True: transformers' "Your setup doesn't support bf16/gpu")."""
+    pytest.importorskip("trl")
+    import datasets
+    import transformers
+
+    import deltatune as dt
+
+    monkeypatch.chdir(tmp_path)
+    base = transformers.AutoModelForCausalLM.from_pretrained(_tiny_folder(tmp_path))
+    delta_model = dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    ids = torch.randint(5, 100, (2, 6)).tolist()
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    source = _block_with("docs/training.md", "dt.trl_trainer(SFTTrainer)").replace(
+        "max_steps=100", "max_steps=1, report_to=[]"
+    )
+    source = source.replace('SFTConfig("out", ', 'SFTConfig("out", max_steps=1, report_to=[], ')
+    namespace = {"dt": dt, "delta_model": delta_model, "TrainingArguments": transformers.TrainingArguments,
+                 "ds": datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                 "chat_rows": datasets.Dataset.from_list([{"messages": chat}] * 2)}  # fmt: skip
+    exec(compile(source, "training.md:239", "exec"), namespace)  # noqa: S102 - our own docs
+    assert (tmp_path / "out/checkpoint-1/adapter_model.safetensors").is_file()
+    assert namespace["trainer"].state.global_step == 1
