@@ -32,8 +32,11 @@ def _weights_only(base, tmp_path, name):
     return folder
 
 
-@pytest.mark.parametrize("family, tokens, words", [("gpt2", 1, "1 token"), ("bert", 5, "5 tokens")])
-def test_a_folder_without_tokenizer_files_is_one_line_not_an_empty_tokenizer(bases, tmp_path, family, tokens, words):
+@pytest.mark.parametrize("family, tokens, words, files", [("gpt2", 1, "1 token", "vocab.json, merges.txt"),
+                                                          ("bert", 5, "5 tokens", "vocab.txt")])  # fmt: skip
+def test_a_folder_without_tokenizer_files_is_one_line_not_an_empty_tokenizer(bases, tmp_path, family, tokens, words,
+                                                                             files):  # fmt: skip
+    """The line names the files the class reads (it named tokenizer_config.json, which the folder may hold)."""
     folder = _weights_only(bases[family], tmp_path, family)
     made = AutoTokenizer.from_pretrained(folder)  # transformers 5: the class's defaults, no vocabulary
     assert len(made) == tokens
@@ -41,8 +44,8 @@ def test_a_folder_without_tokenizer_files_is_one_line_not_an_empty_tokenizer(bas
     if family == "gpt2":
         assert made("the cat sat")["input_ids"] == []  # a run trained on nothing
     for load in (lambda: load_tokenizer(str(folder)), lambda: load_processor(str(folder), "sft")):
-        with pytest.raises(ConfigError, match=rf"model '{folder}' holds no tokenizer .*empty \w+Tokenizer of "
-                           rf"{words}\): copy the base model's tokenizer files into it$"):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"model '{folder}' holds no tokenizer vocabulary \(tokenizer.json, "
+                           rf"{files}; transformers made an empty \w+Tokenizer of {words}\): copy the base model's tokenizer files into it$"):  # fmt: skip
             load()
     # The folder with its files still loads as transformers loads it.
     want = AutoTokenizer.from_pretrained(bases[family])
@@ -72,8 +75,33 @@ def test_a_folder_with_only_tokenizer_config_json_is_one_line(bases, tmp_path):
     shutil.copy(f"{bases['bert']}/tokenizer_config.json", folder)
     made = AutoTokenizer.from_pretrained(folder)
     assert type(made).__name__ == "BertTokenizer" and len(made) == 5
-    with pytest.raises(ConfigError, match=rf"^model '{folder}' holds no tokenizer .*empty BertTokenizer of 5 tokens"):
+    with pytest.raises(ConfigError, match=rf"^model '{folder}' holds no tokenizer vocabulary \(tokenizer.json, "
+                       r"vocab.txt; transformers made an empty BertTokenizer of 5 tokens\)"):  # fmt: skip
         load_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize("other", [None, "qwen.tiktoken"])
+def test_a_fast_tokenizer_s_config_alone_is_one_line(tmp_path, other):
+    """tokenizer_config.json alone naming PreTrainedTokenizerFast: transformers' 7-line ValueError ("Couldn't
+    instantiate the backend tokenizer ... sentencepiece or tiktoken"), as a folder with no tokenizer files, which
+    was one line; tokenizer_config.json counted as a tokenizer. A file that may be a vocabulary of another name
+    beside it: transformers' error, unexplained."""
+    import json
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    if other:
+        (tmp_path / other).write_text("garbage")
+    with pytest.raises(ValueError, match="^Couldn't instantiate the backend tokenizer") as raised:
+        AutoTokenizer.from_pretrained(tmp_path)
+    assert len(str(raised.value).splitlines()) > 1
+    if other:
+        with pytest.raises(ValueError, match="^Couldn't instantiate the backend tokenizer"):
+            load_tokenizer(str(tmp_path))
+        return
+    with pytest.raises(ConfigError, match=rf"^model '{tmp_path}' holds no tokenizer vocabulary \(tokenizer.json, "
+                       r"vocab.json, ...; only a tokenizer_config.json\): copy the base model's tokenizer files "
+                       r"into it$"):  # fmt: skip
+        load_tokenizer(str(tmp_path))
 
 
 def _no_files(tmp_path, name):

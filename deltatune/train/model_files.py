@@ -24,6 +24,19 @@ def read_index(path: str) -> str | None:
     return first if first and first.endswith(".index.json") else None
 
 
+def no_vocabulary(path: str, names) -> bool:
+    """Whether the folder ``path`` holds none of the vocabulary files ``names``, nor a file that may be one of
+    another name (``*.model``, ``*.tiktoken``, ``vocab*``, ``merges*``, ``tokenizer*`` but tokenizer_config.json):
+    read only to explain a tokenizer that failed to load."""
+    return not any(
+        f in names
+        or f.endswith((".model", ".tiktoken"))
+        or f.startswith(("vocab", "merges", "tokenizer"))
+        and f != "tokenizer_config.json"
+        for f in os.listdir(path)
+    )
+
+
 def json_value(file: str, key: str):
     """``key`` of the JSON object in ``file``; None when unreadable."""
     import json

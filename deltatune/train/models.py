@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from ..config import ConfigError
 from . import embedded
-from .model_files import broken_weights, config_problem, json_value, read_index
+from .model_files import broken_weights, config_problem, json_value, no_vocabulary, read_index
 from .table import IMAGE_STAGES
 
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "IMAGE_CLS")
@@ -59,6 +59,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 """Any one of these in a folder means it has a tokenizer of some kind (only read to explain a failed load: a
 tokenizer transformers can read is never refused for lacking them)."""
 
+VOCABULARY_FILES = tuple(f for f in TOKENIZER_FILES if f != "tokenizer_config.json")
+"""Those of them that hold a vocabulary (a tokenizer_config.json holds options and special tokens)."""
+
 
 TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
 """The tokenizer's JSON files, each read as an object; named when a tokenizer fails to load and one is damaged."""
@@ -86,18 +89,25 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
                 f"model {name_or_path!r}: its tokenizer runs its own code (auto_map in tokenizer_config.json): set "
                 "model.trust_remote_code: true (trust_remote_code=True) only if you trust that code"
             ) from None
-        # a folder with no tokenizer at all: transformers blames a missing sentencepiece
-        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        # a folder with no tokenizer at all, or only its options (tokenizer_config.json, PreTrainedTokenizerFast's
+        # too): transformers blames a missing sentencepiece ("Couldn't instantiate the backend tokenizer", 7 lines)
+        if os.path.isdir(path) and no_vocabulary(path, VOCABULARY_FILES):
+            if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+                raise ConfigError(
+                    f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the "
+                    "base model's tokenizer files into it"
+                ) from None
             raise ConfigError(
-                f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the base "
-                "model's tokenizer files into it"
+                f"model {name_or_path!r} holds no tokenizer vocabulary (tokenizer.json, vocab.json, ...; only a "
+                "tokenizer_config.json): copy the base model's tokenizer files into it"
             ) from None
         raise
     if os.path.isdir(path) and _built_empty(path, tok):
         count = f"{len(tok)} token" + ("s" if len(tok) != 1 else "")
+        files = ", ".join(dict.fromkeys(("tokenizer.json", *(n for n in tok.vocab_files_names.values() if n))))
         raise ConfigError(
-            f"model {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...; transformers made "
-            f"an empty {type(tok).__name__} of {count}): copy the base model's tokenizer files into it"
+            f"model {name_or_path!r} holds no tokenizer vocabulary ({files}; transformers made an empty "
+            f"{type(tok).__name__} of {count}): copy the base model's tokenizer files into it"
         )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
@@ -110,7 +120,7 @@ def _built_empty(path: str, tok) -> bool:
     tokenizer_config.json alone holds no vocabulary: BERT's gets 5 tokens). transformers 5 then builds it from its
     defaults (GPT-2's: one token, "the cat sat" -> []) where 4.x raised; a class that needs no files (CANINE, ByT5,
     Perceiver) is not empty."""
-    names = set(TOKENIZER_FILES) - {"tokenizer_config.json"}  # (options and special tokens, no vocabulary)
+    names = set(VOCABULARY_FILES)
     names |= {n for n in (getattr(tok, "vocab_files_names", None) or {}).values() if n}
     return bool(getattr(tok, "vocab_files_names", None)) and not any(
         os.path.isfile(os.path.join(path, n)) for n in names
