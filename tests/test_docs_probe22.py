@@ -365,3 +365,8 @@ def test_data_inspect_of_a_file_of_bad_pairs_only_is_one_line(tmp_path):
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
     with pytest.raises(DataError, match=r"train\.jsonl: every row is a bad pair .*train\.jsonl:1$"):
         inspect(str(path), None, "dpo", 512, None, None)
+
+
+def test_readme_links_every_page_of_docs():
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", _text(ROOT / "README.md")))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}
