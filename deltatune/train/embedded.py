@@ -309,6 +309,8 @@ def _convert(pkg: Path, e: Embedded, folder: Path) -> None:
             for f in staging.iterdir():
                 f.chmod(0o644)
         except (OSError, SafetensorError) as exc:  # (a disk full mid-write: safetensors' or json's from deep inside)
+            if isinstance(exc, SafetensorError) and "I/O error" not in str(exc):
+                raise  # (safetensors refusing the tensors: no fault of the cache's)
             raise _unwritable(e.name, folder.parent, exc) from None
         if folder.exists() and not _valid(folder):
             shutil.rmtree(folder)  # corrupt or partial: never half-used
