@@ -190,7 +190,8 @@ def test_ia3_unmerge_warns_where_l_rounds_to_zero_in_w_dtype():
 def test_ia3_unmerge_keeps_what_it_warns_about_where_l_rounds_to_zero():
     """The warning counted l rounded to W's dtype, but only l's exact zeros were kept from the division: an fp32 l of
     5e-13 (0 in float16) on a float16 W of 60000 merged to 6e-8 (not 0), which the unmerge divided by 5e-13 into inf
-    while saying that entry stays. Now the entries it names are left as merged (finite), the others divided."""
+    while saying that entry stays. Now the entries it names are left as merged (finite), the others divided; the
+    warning said they "stay 0" where this one is kept at 6e-8 (second review): "are left as merged"."""
     lin = torch.nn.Linear(2, 2, bias=False).half()
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[60000.0, 1.0], [2.0, 3.0]]))
@@ -204,8 +205,8 @@ def test_ia3_unmerge_keeps_what_it_warns_about_where_l_rounds_to_zero():
     merged = layer.base_layer.weight.detach().clone()
     assert merged[0, 0] > 0  # (60000 * 5e-13 rounds up to float16's smallest subnormal)
     assert _unmerge_warnings(model) == [
-        "unmerging (IA)^3 adapter 'default': 1 entries of its vector are 0, so the weights the merge zeroed cannot be "
-        "restored and stay 0 (as with PEFT)"
+        "unmerging (IA)^3 adapter 'default': 1 entries of its vector are 0, so the weights the merge scaled by them "
+        "cannot be restored and are left as merged (zeros stay 0, as with PEFT)"
     ]
     w = layer.base_layer.weight
     assert w.isfinite().all()

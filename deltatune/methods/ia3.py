@@ -147,7 +147,7 @@ class IA3Layer(DeltaLayer):
         if zeros := int(held_zero.sum()):  # 0 / 0 would write NaN into W: what the merge zeroed stays 0
             warnings.warn(
                 f"unmerging (IA)^3 adapter {name!r}: {zeros} entries of its vector are 0, so the weights the merge "
-                "zeroed cannot be restored and stay 0 (as with PEFT)",
+                "scaled by them cannot be restored and are left as merged (zeros stay 0, as with PEFT)",
                 UserWarning,
                 stacklevel=4,
             )
