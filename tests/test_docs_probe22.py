@@ -354,7 +354,6 @@ def test_every_python_file_architecture_md_names_exists():
     assert named - names <= {"make_*.py"}, named - names
 
 
-@pytest.mark.xfail(strict=True, reason="needs the deltatune/data/inspect.py diff in the docs probe22 report")
 def test_data_inspect_of_a_file_of_bad_pairs_only_is_one_line(tmp_path):
     """data-formats.md's "chosen == rejected" row, the file's only row, under `deltatune data inspect --stage dpo`:
     an IndexError (samples[0] of no sample) instead of one line naming the file and its bad rows."""

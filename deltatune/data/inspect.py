@@ -105,6 +105,11 @@ def inspect(
             + _stage_hint(fmt, stage, mapped)
             + (f"; its {' and '.join(COLUMN_STAGES[own])} columns are stage {own}'s (--stage {own})" if own else "")
         ) from None
+    if not samples:  # (every row a bad pair: the report has no row to show)
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        raise DataError(f"{path}: every row is a bad pair (an empty or non-assistant response, chosen == rejected, or "
+                        "a ranking conversation LLaMA-Factory drops): nothing to show, and training would refuse the "
+                        f"file (data.bad_pairs=skip would leave no row): {shown}")  # fmt: skip
     fmt = samples[0].format
     refuse_multimodal(samples, stage)
     lines = [
