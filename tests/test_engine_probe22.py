@@ -485,3 +485,119 @@ def test_close_stops_a_batch_under_steady_load():
         feeder.join()
     assert took < 10 and not engine._thread.is_alive(), took
     assert len(finish) == len(sent) and engine.joined > 0
+
+
+def test_a_failed_batchs_halves_take_no_newcomers():
+    """A batch whose prefill failed is retried half by half; each half was a mixed batch that newcomers joined, so
+    under steady load the first half never ended and the second (requests that came first) waited as long as the load
+    lasted (the review's reproducer: answered after 38 s, behind 279 later requests). Now nothing joins a half: a
+    request waiting meanwhile stays queued for the next batch; the halves answer as transformers' greedy ``generate``."""
+    engine, model = _tiny_engine()
+    engine.close()  # the batch is run here, on this thread
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    forward = engine._forward
+
+    def fwd(ids, mask, cache, names):
+        if ids.shape[1] > 1 and len(ids) > 1:  # the joint prefill of the first batch
+            raise RuntimeError("simulated out of memory")
+        return forward(ids, mask, cache, names)
+
+    engine._forward = fwd
+    finish: dict[str, str] = {}
+    group = [
+        Request(prompt_ids=prompt, adapter="base", max_tokens=3, emit=_finished(finish, k), ignore_eos=True)
+        for k in "ab"
+    ]
+    later = Request(prompt_ids=prompt, adapter="base", max_tokens=3, emit=_finished(finish, "c"), ignore_eos=True)
+    engine.pending.put(later)  # waiting while the halves run
+    engine._answered(group)
+    assert finish == {"a": "length", "b": "length"} and engine.joined == 0, (finish, engine.joined)
+    assert engine.pending.get_nowait() is later and all(r.output_ids == _greedy(model, prompt, 3) for r in group)
+    assert engine._retrying == 0
+
+
+def test_the_worker_answers_the_requests_it_set_aside_when_it_stops():
+    """``close`` answered the requests the worker set aside (for the next batch) only once the worker had stopped;
+    when its 30 s join timed out (a batch running longer), they were never answered, their clients waiting for ever.
+    Now the worker answers them itself as its loop ends ("error: the server is shutting down")."""
+    engine, _ = _tiny_engine()
+    engine.close()
+    finish: dict[str, str] = {}
+    aside = [Request(prompt_ids=[5, 6], adapter="base", max_tokens=2, emit=_finished(finish, k)) for k in "ab"]
+    engine._aside = list(aside)  # set aside by the batch that ran past close's join
+    engine._loop()  # the worker's loop, its stop already set
+    assert finish == {"a": "error: the server is shutting down", "b": "error: the server is shutting down"}
+    assert engine._aside == []
+
+
+def test_close_does_not_emit_to_a_cancelled_request_and_joins_the_worker():
+    """After a forced exit of ``deltatune serve`` uvicorn's loop is closed and the handlers cancelled their requests;
+    ``close`` emitted the shutdown to each waiting one, whose emit raised "Event loop is closed": close raised (the
+    process ended 134) before joining the worker. Now a cancelled request is not emitted to, and the worker is joined
+    even when an emit raises."""
+    import threading
+
+    engine, _ = _tiny_engine(max_batch_size=1)
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    finish: dict[str, str] = {}
+    started = threading.Event()
+
+    def emit_a(_t, f):
+        if not started.is_set():
+            started.set()
+            engine._stop.wait(20)  # the row runs on until close is called: the others still wait then
+        if f:
+            finish["a"] = f
+
+    def closed_loop(_t, _f):
+        raise RuntimeError("Event loop is closed")
+
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=40, emit=emit_a, ignore_eos=True))
+    assert started.wait(20)
+    gone = Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=closed_loop)
+    gone.cancelled.set()  # the handler's finally
+    engine.submit(gone)
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=_finished(finish, "b")))
+    engine.close()
+    shut = "error: the server is shutting down"
+    assert finish == {"a": "length", "b": shut} and not engine._thread.is_alive()
+    assert gone.finish_reason == shut
+
+    engine, _ = _tiny_engine(max_batch_size=1)
+    started.clear()
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=40, emit=emit_a, ignore_eos=True))
+    assert started.wait(20)
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=closed_loop))
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=_finished(finish, "c")))
+    with pytest.raises(RuntimeError, match="Event loop is closed"):
+        engine.close()  # a live client's emit that fails is not hidden, but the worker is joined all the same
+    assert not engine._thread.is_alive() and "c" in finish  # answered: shut, or run by the batch it joined
+
+
+def test_drain_leaves_the_set_aside_requests_to_a_running_worker():
+    """``_drain`` read ``_aside`` and wrote it back while the worker ran (``self._aside = self._aside``): a worker that
+    took its set-aside requests in between (``self._aside = self._aside[n:]``) had them put back, and ran them twice.
+    Now ``_drain`` writes ``_aside`` only once the worker has stopped (and then answers them)."""
+    import queue
+
+    taken = [Request(prompt_ids=[5], adapter="base", max_tokens=1, emit=lambda t, f: None) for _ in range(2)]
+
+    class Racing:
+        _shut = staticmethod(Engine._shut)
+        pending: queue.Queue = queue.Queue()
+        _thread = SimpleNamespace(is_alive=lambda: True)
+        held, written = taken, []
+
+        @property
+        def _aside(self):
+            held, self.held = self.held, []  # the worker takes them for its next batch right after this read
+            return held
+
+        @_aside.setter
+        def _aside(self, value):
+            self.written.append(value)  # taken already: these would run again
+            self.held = value
+
+    engine = Racing()
+    Engine._drain(engine)
+    assert engine.written == [] and all(r.finish_reason is None for r in taken)

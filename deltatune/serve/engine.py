@@ -146,6 +146,7 @@ class Engine:
         self.cancelled = 0  # rows dropped from a running batch because their client went away
         self.joined = 0  # requests that joined a running batch (continuous batching)
         self._aside: list[Request] = []  # taken from the queue while joining, but for another batch
+        self._retrying = 0  # a failed batch's halves running (_answered): nothing joins them
         self._routes: dict[str, bool] = {}
         # The built-in chat template each adapter's run trained with (its recipe's data.template), which its chat
         # requests are rendered with; an adapter not named here is prompted through the tokenizer's template.
@@ -268,13 +269,17 @@ class Engine:
     def close(self) -> None:
         """Stop the worker thread after the current batch; requests still waiting end with an error."""
         self._stop.set()
-        self._drain()  # the running batch finds no newcomers, so it ends (under steady load it never did)
-        self._thread.join(timeout=30)
-        self._drain()  # and the requests it set aside for the next batch
+        try:
+            self._drain()  # the running batch finds no newcomers, so it ends (under steady load it never did)
+        finally:  # a client's emit that raised: the worker is stopped all the same
+            self._thread.join(timeout=30)
+            self._drain()  # and the requests it set aside (a worker still running answers them as it stops)
 
     def _drain(self) -> None:
         """Answer every queued request, and once the worker has stopped those it set aside, with the shutdown."""
-        waiting, self._aside = ([], self._aside) if self._thread.is_alive() else (self._aside, [])
+        waiting: list[Request] = []
+        if not self._thread.is_alive():  # never written while the worker runs: it may be taking them
+            waiting, self._aside = self._aside, []
         while True:
             try:
                 self._shut(waiting.pop(0) if waiting else self.pending.get_nowait())
@@ -284,9 +289,18 @@ class Engine:
     @staticmethod
     def _shut(r: Request) -> None:
         r.finish_reason = "error: the server is shutting down"
-        r.emit("", r.finish_reason)
+        if not r.cancelled.is_set():  # its client gone (after a forced exit, the server's loop closed): none to tell
+            r.emit("", r.finish_reason)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # what it set aside for a next batch (close's join may have timed out: nobody else answers them)
+            aside, self._aside = self._aside, []
+            for r in aside:
+                self._shut(r)
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             if self._aside:
                 batch, self._aside = self._aside[: self.max_batch_size], self._aside[self.max_batch_size :]
@@ -318,8 +332,12 @@ class Engine:
             for r in group:
                 r.logprob_rows.clear()  # its prompt's, if they were scored before the failure
             half = len(group) // 2
-            self._answered(group[:half])
-            return self._answered(group[half:])
+            self._retrying += 1  # nothing joins a half: under steady load it never ended and the other half waited
+            try:
+                self._answered(group[:half])
+                return self._answered(group[half:])
+            finally:
+                self._retrying -= 1
         for r in group:
             if r.finish_reason is None:
                 r.finish_reason = error
@@ -455,7 +473,7 @@ class Engine:
         """Up to ``n`` waiting requests that may join the running mixed batch. Others wait aside (first in the next
         batch); once one waits aside, nothing more joins, so the running batch drains and it is not starved."""
         out: list[Request] = []
-        while len(out) < n and not self._aside and not self._changes_waiting:
+        while len(out) < n and not self._aside and not self._changes_waiting and not self._retrying:
             try:
                 r = self.pending.get_nowait()
             except queue.Empty:

@@ -157,7 +157,9 @@ def lax_numbers(body: dict, chat: bool) -> dict:
     for key in [*_INTS, "top_logprobs", *([] if chat else ["logprobs"])]:
         if key in out:
             out[key] = _lax_int(out[key])
-    if isinstance(out.get("priority"), bool):  # pydantic's int takes a bool (false: 0); the other ints here do not
+    # pydantic's lax int takes a bool (false: 0, true: 1) for every int field, vLLM's too; deltatune refuses a bool
+    # for the others (max_tokens, n, seed, top_k, ...: a 400), priority the exception (false is the 0 vLLM takes)
+    if isinstance(out.get("priority"), bool):
         out["priority"] = int(out["priority"])
     for key in _FLOATS:
         if isinstance(out.get(key), str):
