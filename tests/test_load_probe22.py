@@ -513,3 +513,19 @@ def test_an_image_processor_named_by_config_json_s_auto_map_is_named_so(bases, t
     want = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     got = load_processor(str(folder), "image_cls", trust_remote_code=True)
     assert type(want).__name__ == type(got).__name__ == "MyProc" and got.to_dict() == want.to_dict()
+
+
+def test_a_hub_image_processor_of_its_own_code_names_no_file_it_did_not_read(monkeypatch):
+    """A hub name (no local folder to read): transformers' refusal said where auto_map was; the line named
+    preprocessor_config.json (cb143b3), then config.json (b1a2398), files deltatune never read: either may hold it."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError(
+            "The repository org/vlm contains custom code which must be executed ... trust_remote_code=True"
+        )
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    with pytest.raises(ConfigError, match=r"^model 'org/vlm': its image processor runs its own code \(auto_map in its "
+                       r"config\): set model.trust_remote_code: true"):  # fmt: skip
+        load_processor("org/vlm", "image_cls")

@@ -159,7 +159,7 @@ def load_image_processor(name_or_path: str, trust_remote_code: bool = False):
         unread = own == "its config.json" and "Unrecognized image processor" in str(exc)
         if not trust_remote_code and ("trust_remote_code" in str(exc) or unread):
             raise ConfigError(
-                f"model {name_or_path!r}: its image processor runs its own code (auto_map in {own or 'its config.json'}"
+                f"model {name_or_path!r}: its image processor runs its own code (auto_map in {own or 'its config'}"
                 "): set model.trust_remote_code: true (trust_remote_code=True) only if you trust that code"
             ) from None
         if "Unrecognized image processor" not in str(exc):
