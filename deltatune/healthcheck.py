@@ -281,7 +281,8 @@ def format_healthcheck(report: dict[str, Any], sep: str = ", ", indent: str = " 
     if "adapter_layer_types" in summary:
         lines.append("Layer types:")
         for name, kinds in summary["adapter_layer_types"].items():
-            lines += [f"{indent}{name}:", f"{2 * indent}" + sep.join(f"{k}={v}" for k, v in kinds.items())]
+            kinds_line = sep.join(f"{k}={v}" for k, v in kinds.items()) or "none (trained in place)"
+            lines += [f"{indent}{name}:", f"{2 * indent}{kinds_line}"]
     if report["findings"]:
         lines.append("Findings:")
         lines += [f"{indent}{f['severity'].upper()}: {f['message']}" for f in report["findings"]]

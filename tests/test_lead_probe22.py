@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import warnings
 
 import pytest
 
@@ -92,3 +93,21 @@ def test_a_reward_model_of_its_own_code_untrusted_is_one_line_without_asking(tmp
     with pytest.raises(ConfigError, match=rf"^align.reward_model '{folder}' runs its own code \(auto_map in its"):
         TokenRewardModel(folder)
     assert questions == []
+
+
+def test_print_healthcheck_of_an_in_place_adapter_beside_a_lora_names_its_layer_types():
+    """An in-place adapter (BitFit) listed beside a LoRA has no layer types: print_healthcheck printed its name over a
+    line of blanks; it says "none (trained in place)"."""
+    import deltatune as dt
+    from tests.tiny import tiny_model
+
+    model = dt.get_delta_model(tiny_model("bert"), dt.LoraConfig(r=2, target_modules=["query"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (BitFit beside a LoRA: which biases each trains)
+        model.add_adapter("bf", dt.BitFitConfig())
+    model.set_adapter("bf")
+    printed: list[str] = []
+    model.print_healthcheck(sink=printed.append, indent="    ")
+    lines = printed[0].splitlines()
+    assert all(line.strip() for line in lines[lines.index("Layer types:") :])
+    assert "        none (trained in place)" in lines
