@@ -427,27 +427,34 @@ def test_newcomers_whose_joint_prefill_fails_are_tried_apart():
     assert [row[0] for row in short.logprob_rows] == prompt + short.output_ids
 
 
-def test_close_answers_waiting_requests_and_later_ones():
-    """``close`` let the running batch finish and left the queued requests unanswered (their clients waiting for
-    ever), and a request submitted after it was queued for a worker that had gone. Now both end with "error: the
-    server is shutting down"; the running row finishes."""
+def _hold_a_row(engine, finish: dict[str, str]) -> list[int]:
+    """Row "a" (40 tokens) holds the worker at its first token until ``close`` is called, so the requests submitted
+    next still wait; returns the prompt's ids."""
     import threading
 
-    engine, _ = _tiny_engine(max_batch_size=1)
     prompt = engine.tokenizer("the cat sat on")["input_ids"]
-    finish: dict[str, str] = {}
     started = threading.Event()
 
     def emit_a(_t, f):
         if not started.is_set():
             started.set()
-            engine._stop.wait(20)  # the row runs on until close is called: B still waits then
+            engine._stop.wait(20)
         if f:
             finish["a"] = f
 
     engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=40, emit=emit_a, ignore_eos=True))
-    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=_finished(finish, "b")))
     assert started.wait(20)
+    return prompt
+
+
+def test_close_answers_waiting_requests_and_later_ones():
+    """``close`` let the running batch finish and left the queued requests unanswered (their clients waiting for
+    ever), and a request submitted after it was queued for a worker that had gone. Now both end with "error: the
+    server is shutting down"; the running row finishes."""
+    engine, _ = _tiny_engine(max_batch_size=1)
+    finish: dict[str, str] = {}
+    prompt = _hold_a_row(engine, finish)
+    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=_finished(finish, "b")))
     engine.close()
     engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=_finished(finish, "c")))
     shut = "error: the server is shutting down"
@@ -535,25 +542,13 @@ def test_close_does_not_emit_to_a_cancelled_request_and_joins_the_worker():
     ``close`` emitted the shutdown to each waiting one, whose emit raised "Event loop is closed": close raised (the
     process ended 134) before joining the worker. Now a cancelled request is not emitted to, and the worker is joined
     even when an emit raises."""
-    import threading
-
-    engine, _ = _tiny_engine(max_batch_size=1)
-    prompt = engine.tokenizer("the cat sat on")["input_ids"]
-    finish: dict[str, str] = {}
-    started = threading.Event()
-
-    def emit_a(_t, f):
-        if not started.is_set():
-            started.set()
-            engine._stop.wait(20)  # the row runs on until close is called: the others still wait then
-        if f:
-            finish["a"] = f
 
     def closed_loop(_t, _f):
         raise RuntimeError("Event loop is closed")
 
-    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=40, emit=emit_a, ignore_eos=True))
-    assert started.wait(20)
+    engine, _ = _tiny_engine(max_batch_size=1)
+    finish: dict[str, str] = {}
+    prompt = _hold_a_row(engine, finish)
     gone = Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=closed_loop)
     gone.cancelled.set()  # the handler's finally
     engine.submit(gone)
@@ -564,9 +559,7 @@ def test_close_does_not_emit_to_a_cancelled_request_and_joins_the_worker():
     assert gone.finish_reason == shut
 
     engine, _ = _tiny_engine(max_batch_size=1)
-    started.clear()
-    engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=40, emit=emit_a, ignore_eos=True))
-    assert started.wait(20)
+    _hold_a_row(engine, finish)
     engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=closed_loop))
     engine.submit(Request(prompt_ids=prompt, adapter="base", max_tokens=4, emit=_finished(finish, "c")))
     with pytest.raises(RuntimeError, match="Event loop is closed"):
