@@ -68,6 +68,21 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
     def missing(what: str) -> JSONResponse:
         return JSONResponse({"error": {"message": what, "type": "not_found_error"}}, status_code=404)
 
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_query(_: HttpRequest, exc: RequestValidationError):  # (FastAPI's 422 list of pydantic errors:
+        return JSONResponse(  # the page said "Unprocessable Entity", naming neither the parameter nor its value)
+            {"error": {"message": _bad_query_line(exc.errors()), "type": "invalid_request_error"}}, status_code=400
+        )
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(http: HttpRequest, exc: HTTPException):  # an unknown route, a wrong method: the board's
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{exc.detail}: {http.method} {http.url.path}"
+        return JSONResponse({"error": {"message": message, "type": kind}}, exc.status_code, headers=exc.headers)
+
     def asset(name: str, http: HttpRequest) -> Response:
         path = os.path.join(STATIC, name)  # (stat_result: its ETag is set here, not when it is sent)
         info = os.stat(path)
@@ -138,6 +153,17 @@ def create_app(runs_dir: str, serve_url: str | None = None, serve_key: str | Non
             return Response(content, status_code=status, media_type="application/json")
 
     return app
+
+
+def _bad_query_line(errors: Any) -> str:
+    """FastAPI's validation errors as one line naming each query parameter at fault and the value given."""
+    parts = []
+    for error in errors:
+        where = error.get("loc") or ()
+        name = where[-1] if where else "?"
+        given = "" if error.get("type") == "missing" else f" (given {repr(error.get('input'))[:80]})"
+        parts.append(f"query parameter {name!r}: {error.get('msg', 'invalid')}{given}")
+    return "; ".join(parts) or "invalid query"
 
 
 def _none_match(etag: str, fields: list[str]) -> bool:
