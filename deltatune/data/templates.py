@@ -228,6 +228,8 @@ def render(
         )
     t = TEMPLATES[template]
     eos = tokenizer.eos_token or ""
+    if not add_generation_prompt:  # (training: a prompt for chat or serve renders as an old run's model read it)
+        _check_markers(tokenizer, template, t)
     text, spans = "", []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
@@ -250,7 +252,31 @@ def render(
             text += getattr(t, m["role"]).format(content=m["content"])  # templates read system "" (no empty block)
     if add_generation_prompt:
         text += t.generation_prefix
+    elif spans and not eos and not t.suffix_trains:  # (chatml trains its <|im_end|> in the EOS's place)
+        raise DataError(
+            f"data.template={template} closes each answer with the tokenizer's EOS token, and the tokenizer has none, "
+            "so the model would never learn to stop (LLaMA-Factory adds <|endoftext|> and resizes the embeddings); "
+            "use a tokenizer with an eos_token, or data.template=chatml, whose <|im_end|> trains in its place"
+        )
     return text, spans
+
+
+def _check_markers(tokenizer, template: str, t: Template) -> None:
+    """Refuse a built-in template whose markers the tokenizer cannot write: one it encodes as its unknown token (a
+    word-level vocabulary reads ``<|im_start|>user`` or ``### Instruction:`` as [UNK], and the words a marker touches
+    with it), which would train on [UNK]s in the conversation's place. A marker written in several pieces (chatml's
+    ``<|im_start|>`` with MiniLM's WordPiece) is the tokenizer's to learn, and passes."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    pieces = [p for pattern in (t.system, t.user, t.assistant) for p in pattern.split("{content}")]
+    for piece in dict.fromkeys(p.strip() for p in pieces if p.strip()):
+        if unk in tokenizer(piece, add_special_tokens=False)["input_ids"]:
+            raise DataError(
+                f"data.template={template}: the tokenizer has no tokens for the template's marker {piece!r} (it "
+                f"encodes it as its unknown token {tokenizer.unk_token}), so training would read {tokenizer.unk_token}"
+                " in its place; use a tokenizer whose vocabulary writes it, or data.template=plain"
+            )
 
 
 def _raw_render(

@@ -1,0 +1,61 @@
+"""Templates probe 22: a built-in template the tokenizer cannot carry is refused in one line when training, where it
+trained on [UNK]s in the conversation's place (its markers outside a word-level vocabulary) or trained no stop (alpaca
+and plain close an answer with the EOS, and the tokenizer has none: LLaMA-Factory's ``fix_special_tokens`` adds
+``<|endoftext|>`` there); a prompt for chat or serve (an old run's) renders as before."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltatune.data.load import DataError
+from deltatune.data.templates import encode_chat, render
+
+MESSAGES = [
+    {"role": "system", "content": "w1"},
+    {"role": "user", "content": "w2 w3"},
+    {"role": "assistant", "content": "w4 yes"},
+]
+
+
+@pytest.mark.parametrize("template, marker", [("chatml", "<|im_start|>system"), ("alpaca", "### Instruction:")])
+def test_markers_the_tokenizer_encodes_as_unk_are_refused(template, marker):
+    """The word-level tokenizer read chatml's ``w2 w3<|im_end|>`` as w2 [UNK]: the user's w3 and the system's w1 were
+    lost, 6 of the row's 10 tokens [UNK]; now one line names the marker. ``plain`` (line breaks
+    only) still encodes every word, and the generation prompt of an old run's chat still renders."""
+    from tiny import word_tokenizer
+
+    tok = word_tokenizer()
+    with pytest.raises(DataError, match=rf"^data.template={template}: .*marker '{marker}'.*\[UNK\]"):
+        encode_chat(MESSAGES, tok, template)
+    ids, labels = encode_chat(MESSAGES, tok, "plain")
+    assert tok.convert_ids_to_tokens(ids) == ["w1", "w2", "w3", "w4", "yes", "[EOS]"]
+    assert labels == [-100, -100, -100, *ids[3:]]
+    assert render(MESSAGES[:2], tok, template, add_generation_prompt=True)[0].endswith(
+        "### Response:\n" if template == "alpaca" else "assistant\n"
+    )
+
+
+def test_markers_in_pieces_pass():
+    """chatml's ``<|im_start|>`` in WordPiece pieces (MiniLM has no such token) is not refused: the text as before."""
+    from tiny import tokenizer
+
+    text, spans = render(MESSAGES, tokenizer(), "chatml")
+    assert text == ("<|im_start|>system\nw1<|im_end|>\n<|im_start|>user\nw2 w3<|im_end|>\n"
+                    "<|im_start|>assistant\nw4 yes[SEP]<|im_end|>\n")  # fmt: skip
+    assert [text[a:b] for a, b in spans] == ["w4 yes[SEP]"]
+
+
+@pytest.mark.parametrize("template", ["alpaca", "plain"])
+def test_no_eos_refused_where_nothing_trains_the_stop(template):
+    """With no EOS, alpaca and plain trained the answer's words alone (span "w4 yes", no stop after it) and chat has
+    no stop id (``stop_ids`` []); LLaMA-Factory adds an EOS there. chatml trains its ``<|im_end|>`` instead: kept."""
+    from tiny import tokenizer
+
+    tok = tokenizer()
+    tok.eos_token = None
+    with pytest.raises(DataError, match=rf"^data.template={template} closes each answer with the tokenizer's EOS"):
+        render(MESSAGES, tok, template)
+    text, _ = render(MESSAGES[:2], tok, template, add_generation_prompt=True)  # an old run's chat prompt
+    assert text.endswith("w2 w3\n" + ("\n### Response:\n" if template == "alpaca" else ""))
+    text, spans = render(MESSAGES, tok, "chatml")
+    assert [text[a:b] for a, b in spans] == ["w4 yes<|im_end|>\n"]
