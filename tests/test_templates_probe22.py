@@ -59,3 +59,15 @@ def test_no_eos_refused_where_nothing_trains_the_stop(template):
     assert text.endswith("w2 w3\n" + ("\n### Response:\n" if template == "alpaca" else ""))
     text, spans = render(MESSAGES, tok, "chatml")
     assert [text[a:b] for a, b in spans] == ["w4 yes<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("role", ["developer", "function", "observation"])
+def test_a_role_the_template_has_no_pattern_for_is_one_line(role):
+    """A role outside system/user/assistant (OpenAI's developer, LLaMA-Factory's function and observation, handed to
+    render through the Python API) failed with AttributeError: 'Template' object has no attribute 'developer'."""
+    from tiny import tokenizer
+
+    from deltatune.data.templates import ChatTemplateError
+
+    with pytest.raises(ChatTemplateError, match=rf"^messages\[0\]\.role: data.template=chatml .* not '{role}'$"):
+        render([{"role": role, "content": "x"}, *MESSAGES[1:]], tokenizer(), "chatml")

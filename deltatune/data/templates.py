@@ -226,6 +226,12 @@ def render(
             f"data.template={template} has no tool support; tool calls need a tokenizer whose chat template renders "
             "them (leave data.template unset)"
         )
+    bad = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "user", "assistant")), None)
+    if bad is not None:  # (an AttributeError on the Template before: the Python API's rows; files' roles are read)
+        raise ChatTemplateError(
+            f"messages[{bad}].role: data.template={template} renders system, user and assistant turns, not "
+            f"{messages[bad]['role']!r}"
+        )
     t = TEMPLATES[template]
     eos = tokenizer.eos_token or ""
     if not add_generation_prompt:  # (training: a prompt for chat or serve renders as an old run's model read it)
