@@ -30,6 +30,8 @@ def test_markers_the_tokenizer_encodes_as_unk_are_refused(template, marker):
     ids, labels = encode_chat(MESSAGES, tok, "plain")
     assert tok.convert_ids_to_tokens(ids) == ["w1", "w2", "w3", "w4", "yes", "[EOS]"]
     assert labels == [-100, -100, -100, *ids[3:]]
+    with pytest.raises(DataError, match="marker"):  # (the check is cached per tokenizer and template: still refused)
+        encode_chat(MESSAGES, tok, template)
     assert render(MESSAGES[:2], tok, template, add_generation_prompt=True)[0].endswith(
         "### Response:\n" if template == "alpaca" else "assistant\n"
     )

@@ -11,6 +11,7 @@ conversation trains on every assistant turn.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -273,7 +274,12 @@ def _check_markers(tokenizer, template: str, t: Template) -> None:
     with it), which would train on [UNK]s in the conversation's place. A marker written in several pieces (chatml's
     ``<|im_start|>`` with MiniLM's WordPiece) is the tokenizer's to learn, and passes."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
+    key = (template, unk)
+    try:  # (once per tokenizer: tokenizing the markers cost more than the row's own encoding)
+        checked = _MARKERS_CHECKED.setdefault(tokenizer, set())
+    except TypeError:  # (a tokenizer that cannot be weakly referenced: checked each time)
+        checked = set()
+    if unk is None or key in checked:
         return
     pieces = [p for pattern in (t.system, t.user, t.assistant) for p in pattern.split("{content}")]
     for piece in dict.fromkeys(p.strip() for p in pieces if p.strip()):
@@ -283,6 +289,11 @@ def _check_markers(tokenizer, template: str, t: Template) -> None:
                 f"encodes it as its unknown token {tokenizer.unk_token}), so training would read {tokenizer.unk_token}"
                 " in its place; use a tokenizer whose vocabulary writes it, or data.template=plain"
             )
+    checked.add(key)
+
+
+_MARKERS_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The (template, unknown token id) pairs ``_check_markers`` passed, per tokenizer."""
 
 
 def _raw_render(
