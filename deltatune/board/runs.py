@@ -258,6 +258,56 @@ def _parse(data: bytes) -> list[dict[str, Any]]:
     return rows
 
 
+AXES = ("step", "epoch", "wall_time")
+"""A log row's keys that place it (its x); every other key is a value of its own (TensorBoard's tag)."""
+
+
+def purged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as TensorBoard reads a log that went back in steps (its EventAccumulator's purge of orphaned data, for
+    events without a SessionLog): a row whose step is below the highest step seen before drops, for each of its values,
+    that value from the earlier rows at its step or later (a row left with no value is dropped). A log written on
+    after a restart from an earlier checkpoint, without being rewritten (another tool's, an older deltatune's), drew
+    both runs' curves joined by a line back: the lost steps' values stayed beside the new ones."""
+    top: float = -math.inf
+    for row in rows:  # (the usual log: one pass over the steps, nothing copied)
+        step = row.get("step")
+        if type(step) is int:
+            if step < top:
+                break
+            top = step
+    else:
+        return rows
+    out: list[dict[str, Any]] = list(rows)
+    seen: dict[str, list[int]] = {}  # each value's rows, by index
+    ordered: dict[str, bool] = {}  # whether those rows' steps never decrease (then a purge pops from the end)
+    top = -math.inf
+    for i, row in enumerate(rows):
+        step = row.get("step")
+        tags = [k for k in row if k not in AXES]
+        if type(step) is not int or not tags:
+            continue
+        if step < top:  # (TensorBoard keeps its most recent step then: the highest)
+            for tag in tags:
+                index = seen.get(tag, [])
+                if ordered.get(tag, True):
+                    while index and out[index[-1]]["step"] >= step:
+                        j = index.pop()
+                        out[j] = {k: v for k, v in out[j].items() if k != tag}
+                else:
+                    for j in index:
+                        if out[j]["step"] >= step:
+                            out[j] = {k: v for k, v in out[j].items() if k != tag}
+                    seen[tag] = index = [j for j in index if out[j]["step"] < step]
+                    ordered[tag] = all(out[a]["step"] <= out[b]["step"] for a, b in zip(index, index[1:]))
+        else:
+            top = step
+        for tag in tags:
+            index = seen.setdefault(tag, [])
+            ordered[tag] = ordered.get(tag, True) and (not index or out[index[-1]]["step"] <= step)
+            index.append(i)
+    return [r for r, was in zip(out, rows) if r is was or any(k not in AXES for k in r)]
+
+
 def downsample(rows: list[dict[str, Any]], limit: int = MAX_POINTS) -> list[dict[str, Any]]:
     """At most ``limit`` rows of each kind (rows with the same keys), evenly spaced, the first and last kept; the
     order of the log kept. ``limit`` < 2 keeps every row."""
@@ -504,7 +554,7 @@ def detail(root: str, name: str, points: int = MAX_POINTS) -> dict[str, Any] | N
     folder = inside(root, name)
     assert folder is not None
     metrics = _read_json(_in(folder, "metrics.json"))
-    rows = history(folder)
+    rows = purged(history(folder))
     return {
         **row,
         "recipe": _read_yaml(_in(folder, RUN_FILE)) or {},  # (the cached recipe itself: sent, never changed)
