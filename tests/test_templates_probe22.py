@@ -73,3 +73,17 @@ def test_a_role_the_template_has_no_pattern_for_is_one_line(role):
 
     with pytest.raises(ChatTemplateError, match=rf"^messages\[0\]\.role: data.template=chatml .* not '{role}'$"):
         render([{"role": role, "content": "x"}, *MESSAGES[1:]], tokenizer(), "chatml")
+
+
+@pytest.mark.parametrize("content, kind", [([{"type": "text", "text": "Yo"}], "list"), (None, "NoneType")])
+def test_content_that_is_not_text_is_one_line(content, kind):
+    """A list of parts or None as content (the Python API's; a file's rows are read to text) failed with TypeError:
+    can only concatenate list (not "str") to list, or argument of type 'NoneType' is not iterable."""
+    from tiny import tokenizer
+
+    from deltatune.data.templates import ChatTemplateError
+
+    with pytest.raises(
+        ChatTemplateError, match=rf"^messages\[2\]\.content: data.template=alpaca renders text, not {kind} "
+    ):
+        render([*MESSAGES[:2], {"role": "assistant", "content": content}], tokenizer(), "alpaca")

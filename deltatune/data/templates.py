@@ -220,6 +220,14 @@ def render(
         return _raw_render(messages, tokenizer, tools, train_from)
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; built-in templates: {', '.join(TEMPLATES)}, raw")
+    bad = next(
+        (i for i, m in enumerate(messages) if not isinstance(m.get("content"), str) and not m.get("tool_calls")), None
+    )
+    if bad is not None:  # (a TypeError joining it to the text before: the Python API's rows; files' are read to text)
+        raise ChatTemplateError(
+            f"messages[{bad}].content: data.template={template} renders text, not "
+            f"{type(messages[bad].get('content')).__name__} (a list of parts is a vision-language chat template's)"
+        )
     for i, m in enumerate(messages):
         _check_reasoning(m, "", i, template)
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
