@@ -139,7 +139,8 @@ def test_a_built_in_templates_chat_prompt_is_the_start_of_the_trained_row(templa
     from deltatune.data.sample import Sample
     from deltatune.train.chat import prompt_ids
 
-    for tok in (tokenizer(), _word_tok(True)):
+    # (the word vocabulary has no chatml or alpaca markers: data.template refuses them there, templates probe 22)
+    for tok in (tokenizer(), *([_word_tok(True)] if template == "plain" else [])):
         s = Sample("x:1", "alpaca", [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e"}])
         ids, labels = sft_example(s, tok, template)
         first = next(i for i, x in enumerate(labels) if x != -100)

@@ -123,11 +123,10 @@ def test_other_templates_keep_the_marker_in_the_text(data):
     ids, labels, _, _ = C.encode_vlm(proc, row, max_length=64)
     assert _labelled(proc.tokenizer, ids, labels) == ["a", "handwritten", "seven", "</s>"]
     assert ids.count(proc.image_token_id) == 16
-    proc.template = "alpaca"  # data.template
-    text, _, _ = C.render_vlm(proc, row.messages)
-    assert text == "### Instruction:\n<image>\nDescribe the image.\n\n### Response:\na handwritten seven</s>\n\n"
-    ids, labels, _, _ = C.encode_vlm(proc, row, max_length=64)
-    assert _labelled(proc.tokenizer, ids, labels) == ["a", "handwritten", "seven", "</s>"]
+    proc.template = "alpaca"  # data.template: this word vocabulary writes '###' as <unk> (refused: templates probe 22)
+    with pytest.raises(DataError, match=r"^data.template=alpaca: the tokenizer has no tokens for the template's marker "
+                       r"'### Instruction:'"):  # fmt: skip
+        C.render_vlm(proc, row.messages)
 
 
 @pytest.mark.parametrize("file, image, answers", [("messages.jsonl", "0.png", ["five", "</s>", "no", "</s>"]),
