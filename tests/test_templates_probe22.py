@@ -87,3 +87,23 @@ def test_content_that_is_not_text_is_one_line(content, kind):
         ChatTemplateError, match=rf"^messages\[2\]\.content: data.template=alpaca renders text, not {kind} "
     ):
         render([*MESSAGES[:2], {"role": "assistant", "content": content}], tokenizer(), "alpaca")
+
+
+@pytest.mark.parametrize("template", ["plain", "alpaca"])
+def test_a_reward_models_input_is_not_refused_for_a_tokenizer_without_an_eos(template):
+    """A reward model generates nothing: MiniLM's tokenizer (no eos_token; its [SEP] closes the input as a special
+    token) scored conversational rows under plain / alpaca before 749018c, whose no-EOS refusal then refused them."""
+    from tiny import minilm_path
+    from transformers import AutoTokenizer
+
+    from deltatune.data import encode
+    from deltatune.data.sample import Sample
+
+    bert = AutoTokenizer.from_pretrained(minilm_path())
+    assert bert.eos_token is None
+    s = Sample("x:1", "messages", [{"role": "user", "content": "hi there"}])
+    answer = [{"role": "assistant", "content": "good answer"}]
+    enc, _ = encode.scored_example(s, answer, bert, template, 64)
+    assert bert.decode(enc["input_ids"]).endswith("good answer [SEP]")
+    with pytest.raises(DataError, match=rf"^data.template={template} closes each answer with the tokenizer's EOS"):
+        encode.sft_example(Sample("x:1", "messages", s.messages + answer), bert, template)  # (sft trains a stop)

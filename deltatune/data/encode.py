@@ -310,7 +310,7 @@ def scored_example(
     template); over-long inputs lose the start of the prompt first."""
     if template == RAW:
         return encode_scored(tokenizer, as_written(s.messages[0]), as_written(response[0]), max_length)
-    text, _ = render(s.messages + response, tokenizer, template, tools=s.tools, kwargs=s.template_kwargs)
+    text, _ = render(s.messages + response, tokenizer, template, tools=s.tools, kwargs=s.template_kwargs, scored=True)
     enc = {k: list(v) for k, v in tokenizer(text, add_special_tokens=_add_special(template)).items()}
     n = len(enc["input_ids"])
     if n <= max_length:
@@ -401,9 +401,8 @@ def rendered(
                 continue
             out.append((part, p + r, [(len(p), len(p) + len(r))]))
             continue
-        text, spans = render(
-            s.messages + response, tokenizer, template, False, s.tools, len(s.messages), kwargs=s.template_kwargs
-        )
+        text, spans = render(s.messages + response, tokenizer, template, False, s.tools, len(s.messages),
+                             kwargs=s.template_kwargs, scored=stage == "rm")  # fmt: skip
         if stage != "rm":
             spans = _from_the_split(s, tokenizer, template, s.messages + response, len(s.messages), False, text, spans)
         out.append((part, text, [] if stage == "rm" else spans))

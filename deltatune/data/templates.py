@@ -149,6 +149,7 @@ def render(
     train_from: int = 0,
     train_stop: bool = False,
     kwargs: dict[str, Any] | None = None,
+    scored: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The conversation as text, and the character spans [start, end) of every assistant turn from message
     ``train_from`` on.
@@ -158,6 +159,8 @@ def render(
 
     ``train_stop`` (SFT): where the tokenizer's template ends an assistant turn with no marker of its own (GLM's),
     each span also covers the token the model stops on, as TRL's training template marks it (``_glm_stops``).
+    ``scored``: a reward model's input, which generates nothing: a built-in template on a tokenizer without an EOS is
+    not refused there (it is where answers train, as the model would never learn to stop).
 
     With ``template`` None the tokenizer's own chat template renders it (with ``tools`` schemas; spans found by
     rendering each prefix, which must be a prefix of the whole); otherwise the named built-in template, which
@@ -267,7 +270,8 @@ def render(
             text += getattr(t, m["role"]).format(content=m["content"])  # templates read system "" (no empty block)
     if add_generation_prompt:
         text += t.generation_prefix
-    elif spans and not eos and not t.suffix_trains:  # (chatml trains its <|im_end|> in the EOS's place)
+    elif spans and not eos and not t.suffix_trains and not scored:  # (chatml trains its <|im_end|> there; a reward
+        # model's input, ``scored``, generates nothing: BERT's closing [SEP] comes with its special tokens)
         raise DataError(
             f"data.template={template} closes each answer with the tokenizer's EOS token, and the tokenizer has none, "
             "so the model would never learn to stop (LLaMA-Factory adds <|endoftext|> and resizes the embeddings); "
