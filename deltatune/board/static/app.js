@@ -61,8 +61,8 @@ function smooth(ys, weight) {
 // series: [{label, points: [[x, y], ...]}]; draws lines on shared axes, as SVG.
 function chart(title, series, id) {
   const W = 560, H = 260, L = 52, R = 12, T = 22, B = 30;
-  const all = series.flatMap(s => [...s.points, ...(s.nan || [])]);
-  const svg = el("svg", { width: W, height: H, class: "chart", id: id || "", "data-points": String(series.reduce((n, s) => n + s.points.length, 0)), "data-x": settings.x });
+  const all = series.flatMap(s => s.points);
+  const svg = el("svg", { width: W, height: H, class: "chart", id: id || "", "data-points": String(all.length), "data-x": settings.x });
   svg.append(el("text", { x: L, y: 15 }, title));
   if (!all.length) {
     const none = settings.x === "relative" || settings.x === "wall" ? "no log rows with a time (an older log)" : "no points yet";
@@ -87,12 +87,8 @@ function chart(title, series, id) {
   }
   const line = pts => pts.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
   series.forEach((s, i) => {
-    const color = COLORS[i % COLORS.length];
-    for (const [x, y] of s.nan || []) {  // (TensorBoard's triangle, 10 px)
-      const [cx, cy] = [sx(x), sy(y)];
-      svg.append(el("path", { d: `M${cx.toFixed(1)},${(cy - 5).toFixed(1)}l5,9h-10z`, fill: color, "data-nan": s.label }));
-    }
     if (!s.points.length) return;
+    const color = COLORS[i % COLORS.length];
     const w = settings.smoothing;
     let pts = s.points;
     if (w > 0) {  // every series, as TensorBoard (two points too): the raw curve faint behind the smoothed one
@@ -136,27 +132,12 @@ function seriesOf(history, key) {
   return history.filter(h => typeof h[key] === "number" && typeof h[x] === "number").map(h => [h[x] - t0, h[key]]);
 }
 
-// A value the log holds but that is not finite (NaN or inf, which JSON sends as null): TensorBoard's line chart marks
-// it with a triangle at the series' last finite value before it (its first finite value, 0 when it has none). Left
-// out, a diverged loss ended its curve as if the run had stopped logging.
-function nanOf(history, key) {
-  const x = settings.x === "relative" || settings.x === "wall" ? "wall_time" : settings.x;
-  const first = history.find(h => typeof h.wall_time === "number");
-  const t0 = settings.x === "relative" && first ? first.wall_time : 0;
-  const rows = history.filter(h => (h[key] === null || typeof h[key] === "number") && typeof h[x] === "number");
-  const finite = rows.find(h => typeof h[key] === "number");
-  let y = finite ? finite[key] : 0;
-  const out = [];
-  for (const h of rows) if (h[key] === null) out.push([h[x] - t0, y]); else y = h[key];
-  return out;
-}
-
 // Every scalar the log holds, as TensorBoard shows every tag: the learning rate and grad norm first, then the rest
 // (timings, counters and the axes left out).
 function metricKeys(history) {
   const keys = new Set();
   for (const h of history) for (const [k, v] of Object.entries(h)) {
-    if ((typeof v === "number" || v === null) && !/^(step|epoch|episode|eps|wall_time)$|runtime|per_second|total_flos|num_tokens|_steps$/.test(k)) keys.add(k);
+    if (typeof v === "number" && !/^(step|epoch|episode|eps|wall_time)$|runtime|per_second|total_flos|num_tokens|_steps$/.test(k)) keys.add(k);
   }
   const first = ["learning_rate", "grad_norm"].filter(k => keys.has(k));
   return [...first, ...[...keys].filter(k => !first.includes(k)).sort()];
@@ -221,8 +202,8 @@ async function viewRuns(view) {
 
 async function viewRun(view, name) {
   const r = await getJSON("/api/run?name=" + encodeURIComponent(name));
-  const loss = [{ label: "train loss", points: seriesOf(r.history, "loss"), nan: nanOf(r.history, "loss") },
-                { label: "eval loss", points: seriesOf(r.history, "eval_loss"), nan: nanOf(r.history, "eval_loss") }];
+  const loss = [{ label: "train loss", points: seriesOf(r.history, "loss") },
+                { label: "eval loss", points: seriesOf(r.history, "eval_loss") }];
   const others = metricKeys(r.history).filter(k => k !== "loss" && k !== "eval_loss");
   const thinned = r.history_rows > r.history.length ? ` · curves of ${fmt(r.history.length)} of ${fmt(r.history_rows)} log rows` : "";
   const metrics = el("table", { id: "metrics-table" }, el("tr", {}, el("th", {}, "metric"), el("th", {}, "value")),
@@ -234,7 +215,7 @@ async function viewRun(view, name) {
     r.reason ? el("p", { class: "error", id: "run-reason" }, r.reason) : null,
     el("p", { id: "run-facts" }, `${[r.stage, r.method, r.model].map(v => v ?? "?").join(" · ")} · ${trainable} · step ${r.steps} · updated ${ago(r.updated)}${thinned}`),
     controls(), legend(loss), chart("loss", loss, "loss-chart"),
-    others.map(k => chart(k, [{ label: k, points: seriesOf(r.history, k), nan: nanOf(r.history, k) }])),
+    others.map(k => chart(k, [{ label: k, points: seriesOf(r.history, k) }])),
     el("h3", {}, "Final metrics"), Object.keys(r.all_metrics).length ? metrics : el("p", { class: "muted" }, "not yet"),
     el("h3", {}, "Recipe (run.yaml)"), flatTable("recipe-table", r.recipe),
     r.report ? [el("h3", {}, "report.md"), el("pre", {}, r.report)] : null));
@@ -267,8 +248,8 @@ async function viewCompare(view, names) {
   const differing = recipeKeys.filter(k => new Set(flat.map(f => f[k])).size > 1);
   const diff = el("table", { id: "recipe-diff", class: "diff" }, el("tr", {}, el("th", {}, "recipe key"), runs.map(r => el("th", {}, r.name))),
     differing.map(k => el("tr", {}, el("td", {}, k), flat.map(f => el("td", { class: "changed" }, f[k] ?? "")))));
-  const losses = runs.map(r => ({ label: `${r.name} loss`, points: seriesOf(r.history, "loss"), nan: nanOf(r.history, "loss") }));
-  const evals = runs.map(r => ({ label: `${r.name} eval loss`, points: seriesOf(r.history, "eval_loss"), nan: nanOf(r.history, "eval_loss") }));
+  const losses = runs.map(r => ({ label: `${r.name} loss`, points: seriesOf(r.history, "loss") }));
+  const evals = runs.map(r => ({ label: `${r.name} eval loss`, points: seriesOf(r.history, "eval_loss") }));
   if (held()) return;
   view.replaceChildren(el("div", {}, el("h2", {}, `Compare ${runs.length} runs`), gone, metrics, controls(),
     el("h3", {}, "Training loss"), legend(losses), chart("train loss", losses, "compare-loss"),
