@@ -263,8 +263,8 @@ AXES = ("step", "epoch", "wall_time")
 
 
 def purged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows as TensorBoard reads a log that went back in steps (its EventAccumulator's purge of orphaned data, for
-    events without a SessionLog): a row whose step is below the highest step seen before drops, for each of its values,
+    """The rows as TensorBoard reads a log that went back in steps (its EventAccumulator's out-of-order purge, which it
+    applies to event files without a file_version; today's writers' files carry one): a row whose step is below the highest step seen before drops, for each of its values,
     that value from the earlier rows at its step or later (a row left with no value is dropped). A log written on
     after a restart from an earlier checkpoint, without being rewritten (another tool's, an older deltatune's), drew
     both runs' curves joined by a line back: the lost steps' values stayed beside the new ones."""
