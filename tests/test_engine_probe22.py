@@ -134,18 +134,9 @@ def test_a_newcomer_whose_prefill_fails_fails_alone_and_the_running_batch_goes_o
     ``generate``)."""
     import threading
 
-    import torch
-    from tiny import tiny_model, tokenizer
-
-    from deltatune import DeltaModel
-
-    tok = tokenizer()
-    model = tiny_model("gpt2", vocab_size=len(tok), eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
-    prompt = tok("the cat sat on")["input_ids"]
-    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # ignore_eos
-    want = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
-    model.generation_config.eos_token_id = eos
-    engine = Engine(DeltaModel(model, fused_loss=False), tok, max_batch_size=4, max_wait_s=0.0)
+    engine, model = _tiny_engine()
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    want = _greedy(model, prompt, 12)
     done = {k: threading.Event() for k in "ab"}
     finish: dict[str, str] = {}
     late = Request(prompt_ids=[5] * 70, adapter="base", max_tokens=2, emit=lambda t, f: f and (finish.setdefault("b", f), done["b"].set()))  # fmt: skip
@@ -168,7 +159,7 @@ def test_a_newcomer_whose_prefill_fails_fails_alone_and_the_running_batch_goes_o
         engine.close()
     assert getattr(emit, "sent", False)  # the newcomer came while the row ran
     assert finish["b"].startswith("error: IndexError")
-    assert finish["a"] == "length" and first.output_ids == want[len(prompt) :].tolist()
+    assert finish["a"] == "length" and first.output_ids == want
 
 
 def test_a_batch_whose_prefill_fails_for_one_prompt_answers_the_others():
@@ -178,18 +169,9 @@ def test_a_batch_whose_prefill_fails_for_one_prompt_answers_the_others():
     with the error, the other answers as transformers' greedy ``generate`` (its prompt scored once, not twice)."""
     import threading
 
-    import torch
-    from tiny import tiny_model, tokenizer
-
-    from deltatune import DeltaModel
-
-    tok = tokenizer()
-    model = tiny_model("gpt2", vocab_size=len(tok), eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
-    prompt = tok("the cat sat on")["input_ids"]
-    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # ignore_eos
-    want = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0]
-    model.generation_config.eos_token_id = eos
-    engine = Engine(DeltaModel(model, fused_loss=False), tok, max_batch_size=4, max_wait_s=1.0)
+    engine, model = _tiny_engine(max_wait_s=1.0)
+    prompt = engine.tokenizer("the cat sat on")["input_ids"]
+    want = _greedy(model, prompt, 6)
     finish: dict[str, str] = {}
     done = {k: threading.Event() for k in "ab"}
 
@@ -206,7 +188,7 @@ def test_a_batch_whose_prefill_fails_for_one_prompt_answers_the_others():
     finally:
         engine.close()
     assert engine.batches >= 2 and finish["b"].startswith("error: IndexError"), finish
-    assert finish["a"] == "length" and good.output_ids == want[len(prompt) :].tolist()
+    assert finish["a"] == "length" and good.output_ids == want
     assert [row[0] for row in good.logprob_rows] == prompt + good.output_ids  # the prompt's rows once
 
 
