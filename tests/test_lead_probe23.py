@@ -1,0 +1,49 @@
+"""Session 58's lead probes: the board's purge kept between polls and a BOM-led log."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from test_board_probe11 import write_run  # noqa: E402
+
+from deltatune.board import runs  # noqa: E402
+
+
+def _went_back() -> list[dict]:
+    rows = [{"loss": 10.0 - s, "step": s} for s in range(1, 11)]
+    return rows + [{"loss": 20.0 + s, "step": s} for s in (6, 7, 8)]
+
+
+def test_a_log_that_went_back_is_purged_once_while_it_does_not_change(tmp_path, monkeypatch):
+    """The run's page polls each second; a log that went back in steps was purged again at every poll (0.56 s on a
+    200,000-row log). Now the purged rows are kept while the log's rows are the very rows purged before; a line
+    appended, or the log rewritten, purges again."""
+    run = write_run(tmp_path, "r", _went_back())
+    calls = []
+    real = runs.purged
+    monkeypatch.setattr(runs, "purged", lambda rows: calls.append(len(rows)) or real(rows))
+    first = runs.detail(str(tmp_path), "r", points=0)
+    second = runs.detail(str(tmp_path), "r", points=0)
+    assert calls == [13] and second["history"] == first["history"]
+    assert [h["step"] for h in first["history"]] == [1, 2, 3, 4, 5, 6, 7, 8]
+    with open(run / "log_history.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"loss": 0.5, "step": 7}) + "\n")  # back again: the new row counts
+    third = runs.detail(str(tmp_path), "r", points=0)
+    assert calls == [13, 14] and [(h["step"], h["loss"]) for h in third["history"]][-2:] == [(6, 26.0), (7, 0.5)]
+    (run / "log_history.jsonl").write_text(json.dumps({"loss": 9.0, "step": 1}) + "\n", encoding="utf-8")
+    assert [h["loss"] for h in runs.detail(str(tmp_path), "r", points=0)["history"]] == [9.0]
+
+
+def test_a_log_that_begins_with_a_bom_keeps_its_first_row(tmp_path):
+    """A log another tool wrote with a UTF-8 BOM lost its first row (json's "Unexpected UTF-8 BOM")."""
+    run = write_run(tmp_path, "r")
+    rows = [{"loss": 2.0, "step": 1}, {"loss": 1.0, "step": 2}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (run / "log_history.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert runs.history(str(run)) == rows
+    (run / "log_history.jsonl").write_bytes(b"\xef\xbb\xbf" + text.splitlines()[0].encode() + b"\n")
+    assert runs._last_step(str(run)) == 1  # (the listing's step, read from the log's end: 0 before)
