@@ -227,10 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--shots must be >= 1, got {args.shots}")
     if args.seed < 0:  # (numpy's default_rng refuses it with a traceback, after the folder was made)
         p.error(f"--seed must be >= 0, got {args.seed}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # (os.makedirs failed with a traceback)
+        p.error(f"{args.out} is a file, not a folder: name a folder to write the digits into")
     try:
         split = write(args.out, args.seed, shots=args.shots)
     except FileExistsError as exc:
         p.error(str(exc))
+    except OSError as exc:  # (a folder that cannot be written: one line, as argparse's, not a traceback)
+        p.error(f"{args.out}: cannot write the digits: {exc}")
     counts = {k: sum(len(v) for v in d.values()) for k, d in split["indices"].items()}
     print(f"digits written to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     if args.init_vit:
