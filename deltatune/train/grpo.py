@@ -65,7 +65,7 @@ from .grpo_checkpoint import STATE_FILE, _load_checkpoint, _read_state, _save_ch
 from .grpo_entropy import EntropyBonus, check_entropy
 from .grpo_loss import check_loss_keys, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask, k3_kl  # noqa: F401
 from .grpo_rewards import Reward, check_rewards, combine, load_rewards, nanstd, reward_inputs, score, trl_extras
-from .grpo_stats import MicroMeans, completion_lengths, trl_policy_loss
+from .grpo_stats import MicroMeans, completion_lengths, count_tokens, trl_policy_loss
 from .models import resolve_path
 from .ppo import adamw_groups, sample_responses
 from .ppo_checkpoint import kept_start, start_key
@@ -222,6 +222,7 @@ class GRPOLoop:
         self.state.global_step = getattr(self, "steps_done", 0) * a.num_iterations * S  # optimizer steps, as TRL's
         with self.amp():  # sampling and scoring (a reward may be a model) run under autocast, as before
             s = self.sample(items, G)
+            seen = count_tokens(self.state, s)  # (TRL's num_tokens: counted before the rewards see trainer_state)
             table = self.score(s)  # (N, K)
         weights = torch.tensor([r.weight for r in self.rewards])
         rewards = combine(table, weights, [it.source for it in s.items])  # (N,)
@@ -303,6 +304,7 @@ class GRPOLoop:
         stats.update(means.stats(grpo_policy(a)))  # (TRL's clip ratios, kl, entropy: its micro-batches' mean)
         stats.update(
             completion_lengths(s),
+            **seen,
             **self.bonus.stats(),
             **({"policy_loss": sum(policy) / len(policy)} if policy else {}),
         )

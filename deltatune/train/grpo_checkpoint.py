@@ -87,6 +87,8 @@ def _load_checkpoint(path: str, loop, g: torch.Generator, state: dict[str, Any] 
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     loop.bonus.load_state_dict(state.get("entropy"))  # (none in a checkpoint before it)
+    rows = state["history"]  # TRL's num_tokens goes on from the last step's (None: a checkpoint before it, not logged)
+    loop.state.num_input_tokens_seen = rows[-1].get("num_tokens") if rows else 0
     return state["step"], state["history"], state["order"], state["metrics"]
 
 

@@ -1,5 +1,5 @@
 """Step statistics of stage ``grpo`` that TRL 1.16's GRPOTrainer logs (split from train/grpo.py, the loop, at its
-line limit): the completions/* lengths and the policy_loss it logs with an entropy bonus."""
+line limit): the completions/* lengths, num_tokens and the policy_loss it logs with an entropy bonus."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def completion_lengths(s: Any) -> dict[str, float]:
     for name, f in (("mean", torch.mean), ("min", torch.min), ("max", torch.max)):
         out[f"completions/{name}_terminated_length"] = f(ended).item()
     return out
+
+
+def count_tokens(state: Any, s: Any) -> dict[str, int]:
+    """TRL's num_tokens: adds the step's tokens to ``state.num_input_tokens_seen`` (the loop's TrainerState, which the
+    rewards see; the run's count so far) and returns {"num_tokens": the count}. The tokens are TRL's: each
+    completion's prompt (``s``'s items, no padding: a group's prompt G times) and the completion up to and including
+    its EOS (masked truncations too). {} where the count is unknown (None: a run resumed from a checkpoint written
+    before it was counted)."""
+    if state.num_input_tokens_seen is None:
+        return {}
+    state.num_input_tokens_seen += sum(len(it.ids) for it in s.items) + int(s.completion_mask.sum().item())
+    return {"num_tokens": state.num_input_tokens_seen}
 
 
 def trl_policy_loss(loss: torch.Tensor, windowed: bool, part: int, chunk: int) -> float:
