@@ -33,12 +33,18 @@ class FullConfig(DeltaConfig):
     then, and so it loads."""
     freeze_multi_modal_projector: bool | None = None
     """The same for the projector between the towers (LLaVA's multi_modal_projector, BLIP-2's Q-Former)."""
+    freeze_language_model: bool = False
+    """LLaMA-Factory's: the language tower (its embeddings, blocks and LM head) stays frozen as well; with
+    freeze_multi_modal_projector=False the projector alone trains (a vision-language alignment stage). A
+    vision-language model's only (a text model's would train nothing)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key, _ in _FROZEN_TOWERS:
             if not isinstance(getattr(self, key), (bool, type(None))):  # (1 and 0 as well: == True, == False)
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.freeze_language_model, bool):
+            raise ConfigError(f"freeze_language_model must be true or false, got {self.freeze_language_model!r}")
 
     def for_loading(self) -> DeltaConfig:
         """A saved file's config: a field it lacks (None, saved before session 55) stays None: every parameter."""
@@ -56,12 +62,23 @@ class FullConfig(DeltaConfig):
         return self.replace(**{k: saved.get(k) is True for k in unset}) if unset else self
 
     def trainable_base_parameters(self, model: nn.Module) -> list[str]:
-        """Every base parameter but those of the towers that stay frozen (see the fields)."""
+        """Every base parameter but those of the towers that stay frozen (see the fields).
+
+        Raises:
+            ConfigError: freeze_language_model on a model without towers, or every tower frozen.
+        """
         names = base_parameter_names(model)
         frozen = {tower for key, tower in _FROZEN_TOWERS if getattr(self, key)}
+        frozen |= {"language"} if self.freeze_language_model else set()
         parts = tower_parts(model) if frozen else None
+        if self.freeze_language_model and not parts:
+            raise ConfigError("full: freeze_language_model needs a vision-language model (a text_config, a "
+                              f"vision_config and an output head); {type(model).__name__} is one tower")  # fmt: skip
         if parts:
             names = [n for n in names if tower_part(parts, n) not in frozen]
+        if not names:
+            raise ConfigError("full: freeze_language_model, freeze_vision_tower and freeze_multi_modal_projector "
+                              "leave nothing to train; set one of the last two false")  # fmt: skip
         return trainable(model, names, "full")
 
 

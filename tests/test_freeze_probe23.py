@@ -1,0 +1,70 @@
+"""Full fine-tuning against LLaMA-Factory (its get_forbidden_modules): freeze_language_model, which keeps the
+language tower of a vision-language model frozen (with freeze_multi_modal_projector false: the projector alone trains,
+the alignment stage)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+import deltatune as dt
+from tests.tiny import tiny_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+from tiny_vlm import tiny_vlm  # noqa: E402
+
+# LLaMA-Factory's COMPOSITE_MODELS["llava"]: vision_model_keys, projector_key, language_model_keys
+_LLAVA = {
+    "vision": ("vision_tower",),
+    "projector": ("multi_modal_projector",),
+    "language": ("language_model", "lm_head"),
+}
+
+
+def _llamafactory_full(model, vision: bool, projector: bool, language: bool) -> set[str]:
+    """The parameters LLaMA-Factory's _setup_full_tuning leaves trainable: every one under no forbidden module."""
+    forbidden = [k for on, part in ((vision, "vision"), (projector, "projector"), (language, "language")) if on
+                 for k in _LLAVA[part]]  # fmt: skip
+    return {n for n, _ in model.named_parameters() if not any(f in n for f in forbidden)}
+
+
+@pytest.mark.parametrize(("vision", "projector"), [(True, False), (False, False), (False, True)])
+def test_full_freeze_language_model_trains_what_llamafactory_trains(tmp_path, vision, projector):
+    """LLaMA-Factory's full tuning with freeze_language_model: true trains the vision tower and projector its other
+    switches leave (the projector alone: the pre-alignment stage); deltatune had no such field (a TypeError)."""
+    base = tiny_vlm("llava")
+    expected = _llamafactory_full(base, vision, projector, True)
+    config = dt.FullConfig(
+        freeze_vision_tower=vision, freeze_multi_modal_projector=projector, freeze_language_model=True
+    )
+    model = dt.get_delta_model(base, config)
+    assert {k for k, p in model.base_model.named_parameters() if p.requires_grad} == expected
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["freeze_language_model"] is True
+    loaded = dt.DeltaModel.from_pretrained(tiny_vlm("llava"), tmp_path, is_trainable=True)
+    assert {k for k, p in loaded.base_model.named_parameters() if p.requires_grad} == expected
+
+
+def test_full_freeze_language_model_false_is_the_default_as_llamafactory():
+    base = tiny_vlm("llava")
+    model = dt.get_delta_model(base, dt.FullConfig())
+    assert {k for k, p in model.base_model.named_parameters() if p.requires_grad} == _llamafactory_full(
+        tiny_vlm("llava"), True, True, False
+    )
+
+
+def test_full_freeze_language_model_refusals_change_nothing():
+    """Every tower frozen, or a text model (one tower, which LLaMA-Factory leaves as it is: the run would train the
+    language model the user froze): one line, the model untouched."""
+    vlm = tiny_vlm("llava")
+    with pytest.raises(dt.ConfigError, match="^full: freeze_language_model, freeze_vision_tower and freeze_multi_"):
+        dt.get_delta_model(vlm, dt.FullConfig(freeze_language_model=True))
+    llama = tiny_model("llama")
+    with pytest.raises(dt.ConfigError, match="^full: freeze_language_model needs a vision-language model"):
+        dt.get_delta_model(llama, dt.FullConfig(freeze_language_model=True))
+    assert all(p.requires_grad for p in vlm.parameters()) and all(p.requires_grad for p in llama.parameters())
+    with pytest.raises(dt.ConfigError, match="^freeze_language_model must be true or false, got 'yes'"):
+        dt.FullConfig(freeze_language_model="yes")
