@@ -146,3 +146,30 @@ def test_num_tokens_goes_on_after_a_resume(policy, tmp_path, monkeypatch):
     old, _ = _loop(copy.deepcopy(policy), tok, bodies, monkeypatch, [None])
     _load_checkpoint(str(tmp_path / "checkpoint-1"), old, g)
     assert "num_tokens" not in old.step(items) and old.state.num_input_tokens_seen is None
+
+
+# -- GRPO prompts rendered through a built-in template whose markers the tokenizer cannot write ------------------
+
+
+def test_a_template_marker_the_tokenizer_reads_as_unk_is_refused_as_where_answers_train():
+    """data.template=chatml with a word vocabulary: the prompts' <|im_start|>user and <|im_start|>assistant read as
+    [UNK], and the policy would sample and train after them (the loop before encoded "w0" silently as [UNK] x 3, the
+    word too); refused with the DataError a training row's rendering gives (templates._check_markers), naming
+    data.template and the marker. alpaca's markers, also unwritable, are refused alike; plain's (words) are not."""
+    from tiny import word_tokenizer
+
+    from deltatune.data.load import DataError, Row
+    from deltatune.data.templates import render
+    from deltatune.train.grpo import encode_prompts
+
+    tok, rows = word_tokenizer(), [Row({"prompt": "w0"}, "p.jsonl:1")]
+    answer = [{"role": "user", "content": "w0"}, {"role": "assistant", "content": "w1"}]
+    for template in ("chatml", "alpaca"):
+        with pytest.raises(DataError) as trained:  # (where answers train: the reference message)
+            render(answer, tok, template)
+        with pytest.raises(DataError) as prompted:
+            encode_prompts(rows, tok, "prompt", 64, "truncate", template)
+        assert str(prompted.value) == str(trained.value) and f"data.template={template}: " in str(prompted.value)
+    items, _ = encode_prompts(rows, tok, "prompt", 64, "truncate", "plain")
+    assert tok.unk_token_id not in items[0].ids
+    assert encode_prompts(rows, tok, "prompt", 64, "truncate")[0][0].ids == [tok.convert_tokens_to_ids("w0")]

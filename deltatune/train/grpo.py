@@ -56,7 +56,7 @@ from ..data.load import DataError, Row
 from ..data.preference import bos_prefix, special_ends
 from ..data.sample import AUDIO_MARKER
 from ..data.tasks import Collator
-from ..data.templates import apply_chat_template, render
+from ..data.templates import TEMPLATES, _check_markers, apply_chat_template, render
 from .checks import check_rollout_context, resolved_precision
 from .config import AlignArgs, RunConfig
 from .config_align import grpo_loss_norm, grpo_policy, validate_grpo
@@ -334,9 +334,12 @@ def encode_prompts(rows: Sequence[Row], tok, prompt_column: str, max_length: int
 
     Raises:
         DataError: a missing or empty prompt, chat messages without a chat template or under data.template=raw,
-            or (truncation=refuse) an over-long prompt; the row named.
+            or (truncation=refuse) an over-long prompt; the row named. A built-in ``template`` with a marker the
+            tokenizer encodes as its unknown token (a word vocabulary's [UNK] for chatml's <|im_start|>user).
     """
     head = bos_prefix(tok)
+    if template in TEMPLATES:  # (as where answers train: rendered with the generation prompt, it is not checked there)
+        _check_markers(tok, template, TEMPLATES[template])  # (a marker the tokenizer reads as [UNK]; None, raw: none)
     items, truncated = [], 0
     for row in rows:
         prompt = row.get(prompt_column)
