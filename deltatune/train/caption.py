@@ -138,7 +138,8 @@ def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcess
     tok = proc.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    text = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "text_config", None)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None)
     if getattr(text, "model_type", None) == "blip_text_model":
         smoothing = getattr(text, "label_smoothing", 0.0) or 0.0  # its own loss uses it
         return CaptionProcessor(proc.image_processor, tok, text.bos_token_id, text.sep_token_id, proc, smoothing)
@@ -149,7 +150,18 @@ def load_vlm_processor(path: str, trust_remote_code: bool = False) -> VLMProcess
         )
     if not getattr(tok, "is_fast", False):
         raise ConfigError(f"stage caption: the tokenizer of {path!r} is not a fast one (the labels need offsets)")
-    return VLMProcessor(proc)
+    out = VLMProcessor(proc)
+    # the model reads its image features into the positions of its config's id (LLaVA's image_token_index); the
+    # processor writes its own: ids that differ failed at the first step (transformers: "tokens: 0, features: 16")
+    want = getattr(config, "image_token_id", None)
+    if want is not None and want not in out.image_ids:
+        ids = ", ".join(map(str, sorted(out.image_ids)))
+        raise ConfigError(
+            f"stage caption: model {path!r}: its config's image_token_id is {want}, but its processor writes "
+            f"{out.image_token!r} (id {ids}) for an image; the model would find no image tokens in the text (give the "
+            "model its own processor, or correct config.json's image_token_id / image_token_index)"
+        )
+    return out
 
 
 # -- encoder-decoder captioners ----------------------------------------------------------------------------------

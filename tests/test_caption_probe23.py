@@ -1,0 +1,67 @@
+"""Probe 23 of the caption stage's decoder-only path against transformers 5.25: the model's config names the image
+token it looks for (``image_token_id`` / ``image_token_index``), the processor the one it writes; where they differ
+the model finds no image tokens in the processor's text and transformers fails at the first step."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+from tiny_vlm import save_vlm  # noqa: E402
+
+from deltatune.config import ConfigError  # noqa: E402
+from deltatune.train import caption as C  # noqa: E402
+from deltatune.train.config import build  # noqa: E402
+from deltatune.train.models import load_processor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llava23")
+    save_vlm(out / "llava", "llava")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8)).save(out / "a.png")
+    (out / "c.jsonl").write_text(json.dumps({"image": "a.png", "text": "a handwritten five"}) + "\n")
+    return out
+
+
+def test_a_config_image_token_the_processor_never_writes_is_one_line_at_load(llava, tmp_path):
+    """LLaVA reads its image features into the positions of ``config.image_token_id`` (image_token_index); a config
+    naming another id than the processor's image token got as far as the first training step, where transformers
+    said "Image features and image tokens do not match, tokens: 0, features: 16"; now the load names both."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    folder = tmp_path / "llava"
+    shutil.copytree(llava / "llava", folder)
+    config = json.loads((folder / "config.json").read_text())
+    image = config["image_token_index"]
+    config["image_token_index"] = 3  # <unk>
+    (folder / "config.json").write_text(json.dumps(config))
+    # the reference: the processor's batch on that model is transformers' error, deep in the first step
+    good = load_processor(str(llava / "llava"), "caption")
+    cfg = build(
+        {"stage": "caption", "model": {"name_or_path": str(folder)}, "data": {"train": str(llava / "c.jsonl")}}
+    )
+    prepared = C.prepare_caption(cfg, good)
+    batch = prepared.collator([prepared.train[0]])
+    assert batch["input_ids"].eq(image).sum() == 16
+    model = AutoModelForImageTextToText.from_pretrained(str(folder))
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model(**batch)
+    with pytest.raises(ConfigError) as err:
+        load_processor(str(folder), "caption")
+    assert str(err.value) == (
+        f"stage caption: model {str(folder)!r}: its config's image_token_id is 3, but its processor writes "
+        f"'<image>' (id {image}) for an image; the model would find no image tokens in the text (give the model "
+        "its own processor, or correct config.json's image_token_id / image_token_index)"
+    )
+    # the model's own id loads, and its batch is the model's input
+    model = AutoModelForImageTextToText.from_pretrained(str(llava / "llava"))
+    assert model(**batch).loss.isfinite()
