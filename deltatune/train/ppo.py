@@ -43,6 +43,7 @@ from ..data.tasks import Collator
 from .checks import check_rollout_context
 from .config import AlignArgs, RunConfig
 from .config_align import ppo_micro_batches
+from .ppo_checks import check_prompt_markers
 from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and tests import from here)
     KLController,
     RewardError,
@@ -413,6 +414,7 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     from ..data.sample import as_written
 
     train_s, eval_s, template, data_notes = read_splits(cfg, tok)
+    check_prompt_markers(tok, template)  # (rendered with the generation prompt: not checked there)
 
     def enc(samples) -> list[list[int]]:
         return [prompt_ids(s, tok, template, d.max_length) for s in samples]  # each keeps the prompt's end

@@ -141,9 +141,10 @@ START_SETTINGS = ("reward_model", "reward_funcs", "reward_weights", "max_new_tok
 def start_key(cfg, eval_prompts) -> str | None:
     """A digest of what a PPO or GRPO run's start evaluation (train.eval_on_start's eval_reward_before) depends on:
     the eval prompts as encoded (a GRPO row's columns, which its rewards read, too), train.eval_batch_size, the seed,
-    the model, train.precision and the align settings of the reward and the sampling (``START_SETTINGS``); None when
-    the run makes none. A resume reuses the evaluation its checkpoint kept only under an equal key (``kept_start``):
-    one onto another eval file (--resume-changed) evaluates again, as its end is evaluated on the new one."""
+    the model, its model.dtype and model.quantization, train.precision and the align settings of the reward and the
+    sampling (``START_SETTINGS``); None when the run makes none. A resume reuses the evaluation its checkpoint kept
+    only under an equal key (``kept_start``): one onto another eval file (--resume-changed) evaluates again, as its
+    end is evaluated on the new one."""
     t = cfg.train
     if not eval_prompts or not t.eval_on_start:
         return None
@@ -156,6 +157,11 @@ def start_key(cfg, eval_prompts) -> str | None:
     what = {"prompts": rows, "batch_size": t.eval_batch_size or t.batch_size, "seed": t.seed,
             "model": model, "precision": t.precision,
             **{k: getattr(cfg.align, k) for k in START_SETTINGS}}  # fmt: skip
+    # the weights it samples with; each only where it is not the default, so a run of the defaults keeps the key its
+    # checkpoints recorded before these were read (and does not sample its start again on a resume); getattr: a
+    # caller's stand-in config may lack them
+    weights = {k: getattr(cfg.model, k, None) for k in ("dtype", "quantization")}
+    what.update({k: v for k, v in weights.items() if v not in ("float32", None)})
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).hexdigest()
 
 

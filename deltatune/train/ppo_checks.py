@@ -1,4 +1,5 @@
-"""PPO's checks of the reward model before any model loads (split from ppo.py, near its line limit)."""
+"""PPO's checks of the reward model and of the prompts' template before any model loads (split from ppo.py, near
+its line limit)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,14 @@ def check_reward_context(spec: str, longest: int, max_new_tokens: int, trust_rem
             f"({longest} tokens) plus align.max_new_tokens={max_new_tokens} ({longest + max_new_tokens}); lower "
             "align.max_new_tokens or data.max_length, or use a reward model of a longer context"
         )
+
+
+def check_prompt_markers(tokenizer, template: str | None) -> None:
+    """DataError when a built-in ``template`` writes a marker the tokenizer encodes as its unknown token (a word
+    vocabulary reads chatml's ``<|im_start|>user`` as [UNK]), as a training row's rendering refuses it
+    (``templates._check_markers``): PPO's prompts are rendered with the generation prompt, which skips that check
+    (it keeps chat and serve reading an old run's prompts), so the policy sampled after [UNK]s."""
+    from ..data.templates import TEMPLATES, _check_markers
+
+    if template in TEMPLATES:  # (None: the tokenizer's own chat template; raw: the rows as written)
+        _check_markers(tokenizer, template, TEMPLATES[template])

@@ -1,0 +1,61 @@
+"""PPO probe 23: the prompts PPO samples after (rendered with the generation prompt) are checked for template markers
+the tokenizer cannot write, as training rows are; the start evaluation's key reads the weights it samples with
+(model.dtype, model.quantization). Reference: TRL's PPOTrainer (``trl/experimental/ppo/ppo_trainer.py``,
+huggingface/trl 0062ee10a9bc; TRL 1.16 no longer ships it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deltatune.data.load import DataError
+from deltatune.train import build
+
+
+def _raw(tmp_path, **data):
+    from tiny import save_tiny
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(4)))
+    return {"stage": "ppo", "model": {"name_or_path": save_tiny(tmp_path / "llama", vocab_size=45, pad_token_id=0, bos_token_id=2,
+                                                          eos_token_id=3)},
+            "data": {"train": str(prompts), **data}, "train": {"batch_size": 4},
+            "align": {"reward_model": "operator:add"}}  # fmt: skip
+
+
+def test_ppo_prompts_with_template_markers_the_tokenizer_cannot_write_are_refused_before_the_model_loads(tmp_path):
+    """A word vocabulary reads chatml's '<|im_start|>user' as [UNK]: SFT refuses the template in one line
+    (templates._check_markers), but PPO's prompts, rendered with the generation prompt, skipped the check, so the
+    policy sampled after [UNK]s ([UNK] w0 w1 w2 [UNK] [UNK]). Now prepare_ppo refuses it as the training rows are."""
+    from tiny import word_tokenizer
+
+    from deltatune.train.ppo import prepare_ppo
+
+    tok = word_tokenizer()
+    ok = prepare_ppo(build(_raw(tmp_path, template="plain")), tok)  # (plain writes no marker: passes)
+    assert tok.unk_token_id not in ok.train[0] and tok.decode(ok.train[0]).split()[-3:] == ["w0", "w1", "w2"]
+    for template, marker in (("chatml", "<|im_start|>system"), ("alpaca", "### Instruction:")):
+        with pytest.raises(DataError, match=rf"^data.template={template}: the tokenizer has no tokens for the "
+                           rf"template's marker '{marker}'"):  # fmt: skip
+            prepare_ppo(build(_raw(tmp_path, template=template)), tok)
+
+
+def _key(**model):
+    from deltatune.train.ppo_checkpoint import start_key
+
+    raw = {"stage": "ppo", "model": {"name_or_path": "org/policy", **model},
+           "data": {"train": "p.jsonl", "eval": "e.jsonl"}, "train": {"batch_size": 4, "eval_on_start": True},
+           "align": {"reward_model": "operator:add"}}  # fmt: skip
+    return start_key(build(raw), [[1, 2, 3], [4, 5]])
+
+
+def test_the_start_key_reads_the_weights_dtype_and_quantization_and_keeps_the_old_key_for_the_defaults():
+    """The start evaluation samples with the weights as loaded: a --resume-changed onto model.dtype bfloat16 or a
+    4-bit base kept eval_reward_before of the float32 weights (the key read train.precision, not these). A run of
+    the defaults keeps the key its checkpoints recorded (the digest HEAD computed), so it does not sample again."""
+    default = _key()
+    assert default == "1ef16c2b8989e642845be89a661d7fbf92e6e817d4984a38995ede782cdb1395"  # (HEAD b2f9a45's)
+    assert _key(dtype="float32") == default
+    others = {_key(dtype="bfloat16"), _key(quantization={"bits": 4}), _key(quantization={"bits": 8})}
+    assert default not in others and len(others) == 3
