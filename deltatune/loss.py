@@ -47,7 +47,9 @@ class _CrossEntropy(torch.autograd.Function):
             if need_grad:  # softmax - onehot(target), scaled; ignored rows get no gradient
                 g = logp.exp_()
                 g.scatter_add_(1, safe, -valid.unsqueeze(1).to(g.dtype))
-                grad[start : start + step] = g.mul_(valid.unsqueeze(1) * inv)
+                # (where, not valid x inv: with no labelled token the divisor is 0, and 0 x inf made the gradient NaN
+                # where transformers' is 0 beside its 0 / 0 = NaN loss, which its Trainer filters from the log)
+                grad[start : start + step] = g.mul_(torch.where(valid, inv, 0.0).unsqueeze(1))
         if need_grad:
             ctx.save_for_backward(grad)
         return total * inv

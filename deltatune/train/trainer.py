@@ -307,9 +307,7 @@ class DeltaTrainerMixin:
             shifted = getattr(self, "_loss_shifts_labels", False)
             counted = inputs["shift_labels"] if "shift_labels" in inputs else labels[:, 1:] if shifted else labels
             n = counted.ne(-100).sum().to(out[0].device)
-            loss = torch.where(
-                n > 0, out[0].detach().float(), 0.0
-            )  # a batch with no label token adds nothing (not nan)
+            loss = torch.where(n > 0, out[0].detach().float(), 0.0)  # a batch with no label token adds nothing
             self._eval_tokens = [self._eval_tokens[0] + loss * n, self._eval_tokens[1] + n]
         return out
 
@@ -376,9 +374,19 @@ class DeltaTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
+        if not torch.isfinite(loss).all() and self._scores_any(inputs, num_items_in_batch):
             raise NonFiniteLossError(self.state.global_step + 1, float(loss.detach().float().mean()))
         return loss
+
+    def _scores_any(self, inputs, count) -> bool:
+        """Whether the step (the Trainer's ``count``) or else this micro-batch has a labelled token. With none the loss
+        is 0 / 0 = NaN beside a gradient of 0: the Trainer filters it from its log and trains on, as for a peft model
+        (a row whose answer the prompt crowded out stopped the run here, blaming the learning rate)."""
+        labels = inputs.get("shift_labels", inputs.get("labels")) if isinstance(inputs, Mapping) else None
+        if count is None and isinstance(labels, torch.Tensor) and not labels.is_floating_point():
+            shifted = "shift_labels" not in inputs and getattr(self, "_loss_shifts_labels", False)
+            count = (labels[..., 1:] if shifted else labels).ne(-100).sum()
+        return count is None or bool(torch.as_tensor(count).sum() != 0)
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's, stopping before the update on a NaN or infinite gradient of a finite loss (a NaN update
