@@ -3,6 +3,8 @@ and of the digits writer's command line."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from seqeval.metrics import f1_score, precision_score, recall_score
 
@@ -45,3 +47,56 @@ def test_digits_into_a_file_is_refused_in_one_line(tmp_path, capsys, sub):
         else f"error: {out}: cannot write the digits: [Errno 20] Not a directory: '{out}'"
     )
     assert last.endswith(want)
+
+
+def _confusion_trainer(out, matrix):
+    import numpy as np
+
+    from deltatune.train.image_cls import ConfusionTrainer
+
+    trainer = object.__new__(ConfusionTrainer)  # (its evaluate's writing only: the Trainer's part patched out)
+    trainer.confusion = {"names": ["a", "b"], "matrix": np.array(matrix)}
+    trainer.args = SimpleNamespace(output_dir=str(out))
+    trainer.is_world_process_zero = lambda: True
+    return trainer
+
+
+@pytest.mark.parametrize("part", ["json", "png"])
+def test_the_confusion_matrix_files_are_whole_or_as_they_were(tmp_path, monkeypatch, part):
+    """A write that failed half-way (a full disk, a stopped run) left a cut confusion_matrix.json (or .png) in the
+    run folder, beside the other file of the last evaluation; now each is the last whole one, no temporary left."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from deltatune.train import image_cls
+    from deltatune.train.trainer import TokenLossTrainer
+
+    monkeypatch.setattr(TokenLossTrainer, "evaluate", lambda self, *a, **k: {"eval_accuracy": 0.5})
+    _confusion_trainer(tmp_path, [[1, 0], [1, 2]]).evaluate()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert json.loads(before["confusion_matrix.json"]) == {"labels": ["a", "b"], "matrix": [[1, 0], [1, 2]]}
+    assert before["confusion_matrix.png"].startswith(b"\x89PNG")
+
+    def cut(original):
+        def write(self_or_record, fh_or_path, *args, **kwargs):  # half the file, then the disk is full
+            if hasattr(fh_or_path, "write"):
+                fh_or_path.write('{"labels": ["a"')
+            else:
+                with open(fh_or_path, "wb") as fh:
+                    fh.write(b"\x89PNG\r\n")
+            raise OSError(28, "No space left on device")
+
+        return write
+
+    if part == "json":
+        monkeypatch.setattr(image_cls.json, "dump", cut(json.dump))
+    else:
+        monkeypatch.setattr(Figure, "savefig", cut(Figure.savefig))
+    with pytest.raises(OSError) as failed:
+        _confusion_trainer(tmp_path, [[0, 1], [2, 1]]).evaluate()
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after["confusion_matrix." + part] == before["confusion_matrix." + part]
+    assert sorted(after) == sorted(before)  # (no temporary file left)
+    assert str(failed.value) == f"could not write {tmp_path / ('confusion_matrix.' + part)}: No space left on device"

@@ -31,6 +31,7 @@ from ..data.images import AUGMENTATIONS, ImageDataset, ImageRow, check, collate,
 from ..data.load import DataError
 from ..data.tasks import class_names as class_names_of
 from ..data.tasks import class_of, label_map, split_off
+from ..files import atomic_write
 from .config import RunConfig
 from .prepared import Prepared
 from .trainer import TokenLossTrainer
@@ -124,8 +125,10 @@ def plot_confusion(m: np.ndarray, names: list[str], path: str) -> str | None:
                 ax.text(p, t, str(m[t, p]), ha="center", va="center", color="white" if m[t, p] > top / 2 else "black")
     ax.set_title("confusion matrix (last evaluation)")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:  # whole or as it was (the temporary name's suffix names no format: png said)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -155,10 +158,16 @@ class ConfusionTrainer(PixelTrainer):
         metrics = super().evaluate(*args, **kwargs)
         m, out = self.confusion.pop("matrix", None), self.args.output_dir
         if m is not None and self.is_world_process_zero() and os.path.isdir(out):
-            with open(os.path.join(out, "confusion_matrix.json"), "w", encoding="utf-8") as fh:
-                json.dump({"labels": self.confusion["names"], "matrix": m.tolist()}, fh)
-            plot_confusion(m, self.confusion["names"], os.path.join(out, "confusion_matrix.png"))
+            # each file whole or as it was (a run stopped mid-write left a cut JSON beside the last matrix's PNG)
+            names, record = self.confusion["names"], {"labels": self.confusion["names"], "matrix": m.tolist()}
+            atomic_write(os.path.join(out, "confusion_matrix.json"), lambda tmp: _dump(record, tmp))
+            plot_confusion(m, names, os.path.join(out, "confusion_matrix.png"))
         return metrics
+
+
+def _dump(record: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(record, fh)
 
 
 def _config(cfg: RunConfig):
