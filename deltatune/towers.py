@@ -43,7 +43,25 @@ TOWER_NAMES = ("language", "vision", "projector")
 # model_type -> tower -> regex searched in the module path (components joined by ".").
 TOWERS: dict[str, dict[str, str]] = {
     **dict.fromkeys(
-        ("llava", "llava_next", "llava_onevision", "vipllava", "mistral3", "aya_vision", "gemma3", "paligemma"),
+        # (and the later LLaVA-style models, laid out as LLaVA: InternVL, LLaVA-NeXT-Video, Aya Vision 2, LFM2-VL, ...)
+        (
+            "llava",
+            "llava_next",
+            "llava_onevision",
+            "vipllava",
+            "mistral3",
+            "aya_vision",
+            "gemma3",
+            "paligemma",
+            "internvl",
+            "llava_next_video",
+            "cohere2_vision",
+            "lfm2_vl",
+            "got_ocr2",
+            "fast_vlm",
+            "perception_lm",
+            "aria",
+        ),
         {
             "vision": r"(^|\.)vision_tower(\.|$)",
             "projector": r"(^|\.)multi_modal_projector(\.|$)",

@@ -65,3 +65,41 @@ def test_a_config_image_token_the_processor_never_writes_is_one_line_at_load(lla
     # the model's own id loads, and its batch is the model's input
     model = AutoModelForImageTextToText.from_pretrained(str(llava / "llava"))
     assert model(**batch).loss.isfinite()
+
+
+def _tiny_internvl():
+    from transformers import AutoModelForImageTextToText, InternVLConfig
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, image_size=[16, 16],
+                  patch_size=[4, 4])  # fmt: skip
+    text = dict(model_type="qwen2", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=64)  # fmt: skip
+    return AutoModelForImageTextToText.from_config(
+        InternVLConfig(vision_config=vision, text_config=text, image_token_id=5)
+    )
+
+
+def test_internvl_has_llavas_towers_as_llamafactory_freezes_its_vision_tower():
+    """InternVL (LLaVA's layout: vision_tower, multi_modal_projector, language_model) had no towers: target_modules
+    [q_proj, v_proj] silently adapted its vision tower's q_proj / v_proj too, where LLaMA-Factory (freeze_vision_tower,
+    its default) keeps them to the language model; the default LoRA targets were "no default target_modules for model
+    type 'internvl'". Now as on LLaVA: the language model's by default, a list reaching the vision tower refused."""
+    import deltatune as dt
+    from deltatune import towers as T
+
+    model = _tiny_internvl()
+    language = [
+        n for n, _ in model.named_modules() if n.startswith("model.language_model.") and n[-6:] in ("q_proj", "v_proj")
+    ]
+    assert language == [
+        "model.language_model.layers.0.self_attn.q_proj",
+        "model.language_model.layers.0.self_attn.v_proj",
+    ]
+    assert T.restrict(model, dt.LoraConfig(r=2, lora_alpha=4)).target_modules == language
+    with pytest.raises(ConfigError, match=r"^method.target_modules=\['q_proj', 'v_proj'\] reaches the vision tower"):
+        T.restrict(model, dt.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    both = T.restrict(
+        model, dt.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), ["language", "vision"]
+    )
+    assert both.target_modules == [n for n, _ in model.named_modules() if n[-6:] in ("q_proj", "v_proj")]
+    assert {T.tower_of(model, n) for n, _ in model.named_modules() if "multi_modal_projector." in n} == {"projector"}
