@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..data.preference import PairCollator
 from .config import RunConfig
-from .pairs import PairTrainer, count_tokens, encode_pair_splits, pair_metrics
+from .pairs import PairTrainer, count_tokens, encode_pair_splits, every_process, pair_metrics
 from .pairs import disable_dropout as _disable_dropout
 from .prepared import Prepared
 from .scorers import is_encoder_config
@@ -48,7 +48,8 @@ class RewardTrainer(PairTrainer):
     """PairTrainer with the pairwise loss on the model's scalar scores, plus, with ``center_rewards_coefficient``
     c, c (r_chosen + r_rejected)^2 per pair (TRL's term of that name, after Eisenstein et al. 2023: it keeps the
     rewards centred on 0). Logs ``accuracy``, ``margin`` and ``min_reward``, ``mean_reward``, ``max_reward`` (means
-    since the last log) and ``num_tokens`` (the training tokens so far; in evaluation too), as TRL's RewardTrainer.
+    since the last log; every process's pairs under DDP, ``_score_stats``) and ``num_tokens`` (the training tokens so
+    far; in evaluation too), as TRL's RewardTrainer.
     With ``disable_dropout`` (align.disable_dropout, true by default as TRL's RewardConfig) every nn.Dropout of the model,
     the adapter's lora_dropout too, is set to 0 on the model."""
 
@@ -69,10 +70,8 @@ class RewardTrainer(PairTrainer):
         if self.center_rewards_coefficient:
             losses = losses + self.center_rewards_coefficient * (chosen.float() + rejected.float()) ** 2
         if model.training:  # TRL's RewardTrainer's names
-            self.log_stat("accuracy", (chosen > rejected).float().mean().item())
-            self.log_stat("margin", (chosen - rejected).float().mean().item())
-            for name, value in (("min", scores.min()), ("mean", scores.float().mean()), ("max", scores.max())):
-                self.log_stat(f"{name}_reward", value.item())
+            for key, value in _score_stats(self, chosen.detach(), rejected.detach()).items():
+                self.log_stat(key, value)
             count_tokens(self, inputs["attention_mask"])  # TRL's num_tokens: the training tokens seen so far
         loss = self.pair_mean(losses, model)
         return (loss, torch.stack([chosen, rejected], -1)) if return_outputs else loss
@@ -83,6 +82,28 @@ class RewardTrainer(PairTrainer):
         if not self.model.training and any(k.startswith("eval_") for k in logs):
             logs["eval_num_tokens"] = float(getattr(self, "train_tokens", 0))
         super().log(logs, start_time)
+
+
+def _score_stats(trainer, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """A training micro-batch's ``accuracy``, ``margin`` and ``min_reward``, ``mean_reward``, ``max_reward``, as TRL's
+    RewardTrainer logs them: under DDP every process's pairs (one all-gather of a (1, 6) tensor of sums, count,
+    min and max; TRL gathers the scores for the min, mean and max, and averages the processes' accuracies and margins:
+    the same for equal batches); rank 0's pairs alone were logged before."""
+    scores = torch.cat([chosen, rejected])
+    gather = every_process(trainer)
+    if gather is None:  # (the values one process always logged)
+        return {"accuracy": (chosen > rejected).float().mean().item(),
+                "margin": (chosen - rejected).float().mean().item(),
+                "min_reward": scores.min().item(), "mean_reward": scores.float().mean().item(),
+                "max_reward": scores.max().item()}  # fmt: skip
+    s = scores.float()
+    row = torch.stack([(chosen > rejected).float().sum(), (chosen.float() - rejected.float()).sum(), s.sum(), s.min(),
+                       s.max(), s.new_tensor(float(len(chosen)))])  # fmt: skip
+    rows = gather(row[None])
+    pairs = rows[:, 5].sum()
+    return {"accuracy": (rows[:, 0].sum() / pairs).item(), "margin": (rows[:, 1].sum() / pairs).item(),
+            "min_reward": rows[:, 3].min().item(), "mean_reward": (rows[:, 2].sum() / (2 * pairs)).item(),
+            "max_reward": rows[:, 4].max().item()}  # fmt: skip
 
 
 def _base_config(cfg: RunConfig):

@@ -1,0 +1,59 @@
+"""Probe 23 of the preference and reward losses (deltatune/train/reward.py, dpo.py, kto.py, orpo.py, simpo.py)
+against TRL 1.16: the reward model's training statistics are every process's under DDP, as TRL's RewardTrainer
+gathers them (the other preference stages' since probe 19)."""
+
+import torch
+from test_pref_probe19 import _TwoRanks
+
+from deltatune.data.preference import PairCollator
+from deltatune.train.reward import RewardTrainer
+
+_RM_STATS = ("accuracy", "margin", "min_reward", "mean_reward", "max_reward")
+
+
+def _rm_trainer(tmp_path):
+    from test_dpo_probe12 import _args
+    from tiny import tiny_config
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("llama", num_labels=1, pad_token_id=0))
+    model.train()
+    return RewardTrainer(model=model, args=_args(tmp_path / "rm"), data_collator=PairCollator(0)), model
+
+
+def _pair(chosen: list[int], rejected: list[int]) -> dict:
+    return {side: {"input_ids": ids, "attention_mask": [1] * len(ids)} for side, ids in (("chosen", chosen),
+                                                                                          ("rejected", rejected))}  # fmt: skip
+
+
+def test_rm_training_statistics_are_every_process_s(tmp_path):
+    """Two processes, two pairs each: TRL's RewardTrainer logs min_reward, mean_reward and max_reward of every
+    process's scores (accelerator.gather of the logits) and accuracy and margin as the processes' mean (equal batches:
+    the mean over all the pairs), so rank 0 logs what one process holding the four pairs logs, and what the four
+    pairs' scores give by hand; HEAD logged rank 0's two pairs alone (one all-gather per micro-batch here, the
+    num_tokens count's beside it)."""
+    trainer, model = _rm_trainer(tmp_path)
+    collator = trainer.data_collator
+    rank0 = [_pair([5, 6, 7], [5, 9]), _pair([11, 12], [13, 14, 15, 16])]
+    rank1 = [_pair([20, 21, 22, 23], [24]), _pair([30], [31, 32])]
+    real = trainer.accelerator
+    with torch.no_grad():
+        trainer.accelerator = _TwoRanks(real)
+        trainer.compute_loss(model, collator(rank1))
+        trainer._stats.clear()
+        trainer.accelerator = _TwoRanks(real, trainer.accelerator.record)
+        trainer.compute_loss(model, collator(rank0))
+        assert trainer.accelerator.other == [], "rank 1 gathers more often than rank 0: DDP would hang"
+        two = {k: trainer._stats[k][-1] for k in _RM_STATS}
+        trainer._stats.clear()
+        trainer.accelerator = real
+        trainer.compute_loss(model, collator(rank0 + rank1))
+        one = {k: trainer._stats[k][-1] for k in _RM_STATS}
+        scores = model(**{k: v for k, v in collator(rank0 + rank1).items()}).logits.squeeze(-1)
+    chosen, rejected = scores.chunk(2)
+    by_hand = {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(),
+               "min_reward": scores.min().item(), "mean_reward": scores.mean().item(), "max_reward": scores.max().item()}  # fmt: skip
+    assert 0 < by_hand["accuracy"] < 1  # (the two ranks' pairs differ in the statistics)
+    for key in _RM_STATS:
+        assert abs(two[key] - one[key]) < 1e-6 and abs(one[key] - by_hand[key]) < 1e-6, (key, two, one, by_hand)
