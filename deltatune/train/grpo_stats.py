@@ -28,12 +28,12 @@ def completion_lengths(s: Any) -> dict[str, float]:
 def count_tokens(state: Any, s: Any) -> dict[str, int]:
     """TRL's num_tokens: adds the step's tokens to ``state.num_input_tokens_seen`` (the loop's TrainerState, which the
     rewards see; the run's count so far) and returns {"num_tokens": the count}. The tokens are TRL's: each
-    completion's prompt (``s``'s items, no padding: a group's prompt G times) and the completion up to and including
-    its EOS (masked truncations too). {} where the count is unknown (None: a run resumed from a checkpoint written
-    before it was counted)."""
+    completion's prompt (no padding: a group's prompt G times) and the completion up to and including its EOS (masked
+    truncations too), ``s``'s attention mask. {} where the count is unknown (None: a run resumed from a checkpoint
+    written before it was counted)."""
     if state.num_input_tokens_seen is None:
         return {}
-    state.num_input_tokens_seen += sum(len(it.ids) for it in s.items) + int(s.completion_mask.sum().item())
+    state.num_input_tokens_seen += int(s.attention_mask.sum().item())
     return {"num_tokens": state.num_input_tokens_seen}
 
 
