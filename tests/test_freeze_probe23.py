@@ -68,3 +68,11 @@ def test_full_freeze_language_model_refusals_change_nothing():
     assert all(p.requires_grad for p in vlm.parameters()) and all(p.requires_grad for p in llama.parameters())
     with pytest.raises(dt.ConfigError, match="^freeze_language_model must be true or false, got 'yes'"):
         dt.FullConfig(freeze_language_model="yes")
+
+
+@pytest.mark.parametrize(("family", "name"), [("t5", "T5ForConditionalGeneration"), ("mistral", "MistralForCausalLM")])
+def test_bitfit_without_bias_terms_names_the_model_not_llama(family, name):
+    """T5 and Mistral have no bias term (BitFit's paper trains biases alone): the refusal named "LLaMA-style models"
+    for every model; it names the model's class and the families without biases."""
+    with pytest.raises(dt.ConfigError, match=rf"^bitfit: the model has no bias parameters to train \({name}; LLaMA,"):
+        dt.get_delta_model(tiny_model(family), dt.BitFitConfig())

@@ -13,6 +13,10 @@ from torch import nn
 from ..config import ConfigError, DeltaConfig
 from .freeze import base_parameter_names, inject
 
+NO_BIAS = "LLaMA, Mistral, Mixtral, Qwen3 (dense and MoE), Gemma 1-3, OLMo 1-2, Cohere, Granite, DeepSeek-V3 and T5"
+"""Families with no bias term at all in transformers 5's defaults (their linear layers and RMSNorms carry none),
+where BitFit has nothing to train. Qwen2 has only its q / k / v projections' biases, StableLM only its LayerNorms'."""
+
 
 def _is_bias(attr: str) -> bool:
     # a position-bias table (T5-style relative_attention_bias, position_bias) is an embedding, not a bias term
@@ -34,11 +38,14 @@ class BitFitConfig(DeltaConfig):
         experts' ``gate_up_proj_bias``), not position-bias tables.
 
         Raises:
-            ConfigError: the model has no bias terms (e.g. LLaMA).
+            ConfigError: the model has no bias terms (``NO_BIAS``'s families).
         """
         names = [n for n in base_parameter_names(model) if _is_bias(n.rsplit(".", 1)[-1])]
         if not names:
-            raise ConfigError("bitfit: the model has no bias parameters to train (e.g. LLaMA-style models)")
+            raise ConfigError(
+                f"bitfit: the model has no bias parameters to train ({type(model).__name__}; {NO_BIAS} have none: "
+                "train it with an adapter method such as LoRA)"
+            )
         return names
 
 
