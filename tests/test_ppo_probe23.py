@@ -59,3 +59,27 @@ def test_the_start_key_reads_the_weights_dtype_and_quantization_and_keeps_the_ol
     assert _key(dtype="float32") == default
     others = {_key(dtype="bfloat16"), _key(quantization={"bits": 4}), _key(quantization={"bits": 8})}
     assert default not in others and len(others) == 3
+
+
+def test_a_reward_file_path_imports_as_grpos_reward_funcs_do(tmp_path, monkeypatch):
+    """align.reward_model 'rewards/mine.py:score' (a file, as GRPO's align.reward_funcs take one and recipes/rewards/
+    holds them) failed: "could not be imported: ModuleNotFoundError: No module named 'rewards/mine'". Now it imports
+    as the file run as a script, relative to the current folder; a missing file or function is one line naming
+    align.reward_model."""
+    from deltatune.config import ConfigError
+    from deltatune.train.ppo import _check_reward_model, reward_function
+
+    (tmp_path / "rewards").mkdir()
+    (tmp_path / "rewards" / "helper_ppo_probe23.py").write_text("def n(r):\n    return float(len(r.split()))\n")
+    (tmp_path / "rewards" / "mine.py").write_text(
+        "from helper_ppo_probe23 import n\n\n\ndef score(prompts, responses):\n    return [n(r) for r in responses]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # (the reward's folder joins a copy)
+    _check_reward_model("rewards/mine.py:score", None)  # (prepare_ppo's check, before any model loads)
+    assert reward_function("rewards/mine.py:score")(["p", "q"], ["a b c", "d"]) == [3.0, 1.0]
+    for spec, says in (("rewards/none.py:score", "ImportError: no file rewards/none.py"),
+                       ("rewards/mine.py:other", "AttributeError: module ")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"^align.reward_model {spec!r} could not be imported: {says}") as info:
+            reward_function(spec)
+        assert "\n" not in str(info.value)

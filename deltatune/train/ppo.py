@@ -59,7 +59,7 @@ from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and
     value_loss,
     whiten,
 )
-from .ppo_reward import call_reward
+from .ppo_reward import call_reward, import_file_reward
 from .prepared import Prepared, read_splits
 from .report import plot_panels
 
@@ -334,7 +334,7 @@ def reward_function(
 ) -> RewardFn:
     """The reward named by ``align.reward_model``: a reward run folder (stage rm), a transformers
     sequence-classification folder (``scorers.TokenRewardModel``: TRL's PPOTrainer's reward model, scoring the
-    policy's token ids) or ``module:function``.
+    policy's token ids) or ``module:function`` (or ``path/to/file.py:function``, as GRPO's reward_funcs).
 
     A reward run trained on the policy's own base (its ``model.name_or_path`` equals ``policy_name``) is loaded into
     ``policy`` as a second, frozen adapter with its head (``scorers.AdapterReward``: one copy of the base); any other
@@ -363,6 +363,8 @@ def reward_function(
     module, _, name = spec.rpartition(":")
     if not module:
         raise ConfigError(f"align.reward_model {spec!r} is neither a folder nor of the form module:function")
+    if module.endswith(".py"):  # a file, as GRPO's align.reward_funcs take one
+        return import_file_reward(spec)
     try:
         fn = getattr(importlib.import_module(module), name)
     except Exception as exc:  # noqa: BLE001  (user code: any error while importing it is one line)

@@ -69,3 +69,17 @@ def reward_file(fn: Callable) -> str | None:
     fn = getattr(fn, "func", fn)  # (functools.partial)
     code = getattr(fn, "__code__", None) or getattr(getattr(type(fn), "__call__", None), "__code__", None)  # noqa: B004
     return getattr(code, "co_filename", None)
+
+
+def import_file_reward(spec: str) -> Callable:
+    """align.reward_model ``path/to/file.py:function``: the function, imported as GRPO's align.reward_funcs import a
+    file (``grpo_rewards.import_reward``: relative to the current folder, as the file run as a script); ConfigError
+    naming align.reward_model when it cannot be."""
+    from ..config import ConfigError
+    from .grpo_rewards import import_reward
+
+    try:
+        return import_reward(spec)
+    except ConfigError as exc:  # (its message names align.reward_funcs)
+        grpo = f"align.reward_funcs entry {spec!r}"
+        raise ConfigError(str(exc).replace(grpo, f"align.reward_model {spec!r}", 1)) from None
