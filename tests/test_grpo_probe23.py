@@ -148,6 +148,24 @@ def test_num_tokens_goes_on_after_a_resume(policy, tmp_path, monkeypatch):
     assert "num_tokens" not in old.step(items) and old.state.num_input_tokens_seen is None
 
 
+def test_num_tokens_counts_the_prompts_of_samples_built_without_items():
+    """The count is the samples' attention mask (each row's unpadded prompt and its completion through the EOS): a
+    Samples built without its items (as tests and a custom sample build them) counts its prompts too (by the items,
+    before, it counted 23 of the 63: the completions only)."""
+    from types import SimpleNamespace
+
+    from tiny import tokenizer
+
+    from deltatune.train.grpo_stats import count_tokens
+
+    tok = tokenizer()
+    s = _samples(tok, _bodies(tok, 0))[1]
+    want = G * sum(len(tok(p)["input_ids"]) for p in PROMPTS) + sum(map(len, _bodies(tok, 0)))
+    s.items = []
+    state = SimpleNamespace(num_input_tokens_seen=5)
+    assert count_tokens(state, s) == {"num_tokens": 5 + want} and state.num_input_tokens_seen == 5 + want
+
+
 # -- GRPO prompts rendered through a built-in template whose markers the tokenizer cannot write ------------------
 
 
