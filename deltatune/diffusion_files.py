@@ -233,7 +233,7 @@ def load_lora(
 
     Raises:
         ConfigError: the component's metadata use_rslora or use_dora not true, false, null, 0 or 1 (peft reads
-            "false" as true), a
+            "false" as true), a module's alpha (kohya's .alpha, the metadata's) not a finite number > 0, a
             use_dora that the file's magnitudes (lora_magnitude_vector) contradict, the
             file holds keys that name no module of the model (the unmatched keys are listed: a LoRA for
             another architecture), keys of two components that both fit (without a prefix), a module without its A
@@ -297,6 +297,12 @@ def load_lora(
     if bad := next((p for p in sorted(alphas) if not math.isfinite(alphas[p])), None):  # (the file, not the config)
         where = "its .alpha" if kind == "kohya" else "the metadata's lora_alpha or alpha_pattern"
         raise ConfigError(f"{path}: module {bad}'s alpha is {alphas[bad]} ({where}); an alpha is a finite number")
+    if bad := next((p for p in sorted(alphas) if alphas[p] <= 0), None):  # (LoraConfig's check named neither)
+        where = "its .alpha" if kind == "kohya" else "the metadata's lora_alpha or alpha_pattern"
+        raise ConfigError(
+            f"{path}: module {bad}'s alpha is {alphas[bad]:g} ({where}); these files load a LoRA with alpha > 0 "
+            "(its update is scaled by alpha / r)"
+        )
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = LoraConfig(

@@ -1,0 +1,67 @@
+"""Probe 23 of the diffusion stage and its LoRA files: a LoRA file whose alpha is 0 or negative (kohya's .alpha, or
+diffusers' metadata lora_alpha / alpha_pattern) is refused in one line naming the file and the module, the model
+unchanged (LoraConfig's own check named neither: "alpha_pattern['down_blocks\\\\.0...'] must be in (0, inf)")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusion.test_lora_files import tiny_unet  # noqa: E402
+
+import deltatune as dt  # noqa: E402
+from deltatune.config import ConfigError  # noqa: E402
+from deltatune.diffusion import load_lora  # noqa: E402
+
+KOHYA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_{}"
+PATH = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_{}"
+
+
+def _kohya(file, alphas: dict[str, float]) -> str:
+    from safetensors.torch import save_file
+
+    g, tensors = torch.Generator().manual_seed(0), {}
+    for proj, alpha in alphas.items():
+        key = KOHYA.format(proj)
+        tensors[f"{key}.lora_down.weight"] = torch.randn(2, 32, generator=g)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(32, 2, generator=g)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(file))
+    return str(file)
+
+
+def _diffusers(file, meta: dict) -> str:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"unet.{PATH.format(p)}.lora_{x}.weight": torch.randn(*s, generator=g)
+               for p in ("q", "k") for x, s in (("A", (2, 32)), ("B", (32, 2)))}  # fmt: skip
+    save_file(tensors, str(file), {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in meta.items()})})
+    return str(file)
+
+
+@pytest.mark.parametrize(
+    "make, module, value",
+    [
+        (lambda f: _kohya(f, {"q": 1.0, "k": 1.0, "v": 0.0}), "v", "0"),  # (an alpha_pattern entry)
+        (lambda f: _kohya(f, {"q": -2.0}), "q", "-2"),  # (the config's lora_alpha)
+        (lambda f: _diffusers(f, {"r": 2, "lora_alpha": 0}), "k", "0"),
+        (lambda f: _diffusers(f, {"r": 2, "lora_alpha": 4, "alpha_pattern": {"attn1.to_q": -1}}), "q", "-1"),
+    ],
+)
+def test_an_alpha_of_zero_or_below_is_refused_naming_the_file_and_module(tmp_path, make, module, value):
+    file = make(tmp_path / "lora.safetensors")
+    model = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, target_modules=["to_k"], init_lora_weights=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError) as info:
+        load_lora(model, file, "other", prefix="unet")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{file}: module {PATH.format(module)}'s alpha is {value} ("), (
+        message
+    )
+    assert list(model.peft_config) == ["default"] and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
