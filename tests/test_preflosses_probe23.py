@@ -57,3 +57,34 @@ def test_rm_training_statistics_are_every_process_s(tmp_path):
     assert 0 < by_hand["accuracy"] < 1  # (the two ranks' pairs differ in the statistics)
     for key in _RM_STATS:
         assert abs(two[key] - one[key]) < 1e-6 and abs(one[key] - by_hand[key]) < 1e-6, (key, two, one, by_hand)
+
+
+def test_dpo_precomputes_the_train_reference_in_train_sized_batches(tmp_path):
+    """TRL 1.16's DPOTrainer precomputes the train split's reference log-probs ``precompute_ref_batch_size or
+    per_device_train_batch_size`` pairs per forward, the eval split's ``... or per_device_eval_batch_size`` (as
+    deltatune's KTO does); HEAD scored the train pairs in eval-sized forwards (3 + 1 pairs here, where train.batch_size
+    2 gives 2 + 2: a train.eval_batch_size set large for a fast evaluation could run out of memory before the first
+    step). The values are those scored one pair at a time."""
+    from test_dpo_probe12 import _lora
+    from test_pref_probe14 import _prepared
+    from tiny import save_tiny
+    from transformers import TrainingArguments
+
+    base = save_tiny(tmp_path / "llama")
+    _, ours = _prepared(base, tmp_path, "dpo", 64, {"precompute_ref": True})
+    rows = (ours.train * 2)[:4]
+    sizes = []
+
+    def collator(chunk):
+        sizes.append(len(chunk))
+        return ours.collator(chunk)
+
+    args = TrainingArguments(str(tmp_path / "dt"), report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                             per_device_eval_batch_size=3)  # fmt: skip
+    trainer = ours.trainer_class(model=_lora(base), args=args, data_collator=collator, train_dataset=rows,
+                                 eval_dataset=rows)  # fmt: skip
+    assert sizes == [2, 2, 3, 1]  # (train, then eval)
+    single = ours.trainer_class.func._with_ref(trainer, rows, 1)
+    for got, want in zip(trainer.train_dataset, single, strict=True):
+        for key in ("ref_chosen_logp", "ref_rejected_logp"):
+            assert abs(got[key] - want[key]) < 1e-5

@@ -224,22 +224,22 @@ class DPOTrainer(SyncedRefCheckpoints, PairTrainer):
         self.wpo, self.router_coef = _use_weighting(align), router_aux_coef(self.model)
         self.ref_model = synced_reference(self, align, "dpo")  # (TR-DPO's copy; None: the adapter-off base)
         if _precompute(align) and self.train_dataset is not None:  # (deltatune eval builds one with no train data)
-            self.train_dataset = self._with_ref(self.train_dataset)
+            given = align.precompute_ref_batch_size  # (else each split's batch size, as TRL's)
+            self.train_dataset = self._with_ref(self.train_dataset, given or self.args.per_device_train_batch_size)
             if self.eval_dataset is not None:
-                self.eval_dataset = self._with_ref(self.eval_dataset)
+                self.eval_dataset = self._with_ref(self.eval_dataset, given or self.args.per_device_eval_batch_size)
 
     @torch.no_grad()
-    def _with_ref(self, examples: list[dict]) -> list[dict]:
-        """The examples with the reference's summed log-probs of both responses added (one pass, adapter off), under
-        the run's autocast: the policy's forwards run in it, and an fp32 reference would start the implicit rewards off
-        zero by the rounding of bf16."""
+    def _with_ref(self, examples: list[dict], size: int) -> list[dict]:
+        """The examples with the reference's summed log-probs of both responses added (one pass, adapter off, ``size``
+        pairs per forward), under the run's autocast: the policy's forwards run in it, and an fp32 reference would start
+        the implicit rewards off zero by the rounding of bf16."""
         from tqdm.auto import tqdm
 
         model = self._delta_model()
         was_training = model.training
         model.eval()  # no dropout in the reference
         device = next(model.parameters()).device
-        size = self.align.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         out = []
         starts = tqdm(range(0, len(examples), size), desc="reference log-probs", disable=self.args.disable_tqdm)
         with model.disable_adapter(), self.accelerator.autocast():
