@@ -90,9 +90,9 @@ TOWERS: dict[str, dict[str, str]] = {
         "projector": r"(^|\.)multi_modal_projector(\.|$)",
         "language": r"(^|\.)(language_model|lm_head)(\.|$)",
     },
-    # Qwen-VL: the merger (the projector) sits inside the vision tower, so it is matched first
+    # Qwen-VL (and GLM-4V): the merger (the projector) sits inside the vision tower, so it is matched first
     **dict.fromkeys(
-        ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+        ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe"),
         {
             "projector": r"(^|\.)visual\.(merger|deepstack_merger_list)(\.|$)",
             "vision": r"(^|\.)visual(\.|$)",

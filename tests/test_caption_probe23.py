@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
@@ -103,3 +104,28 @@ def test_internvl_has_llavas_towers_as_llamafactory_freezes_its_vision_tower():
     )
     assert both.target_modules == [n for n, _ in model.named_modules() if n[-6:] in ("q_proj", "v_proj")]
     assert {T.tower_of(model, n) for n, _ in model.named_modules() if "multi_modal_projector." in n} == {"projector"}
+
+
+def test_glm4v_all_linear_keeps_to_the_language_model_as_llamafactorys_lora_target_all():
+    """GLM-4V (Qwen-VL's layout: visual, visual.merger, language_model) had no towers: target_modules all-linear
+    adapted every linear layer of its vision tower and merger too (9 of 15 here), where LLaMA-Factory's
+    ``lora_target: all`` leaves its frozen vision tower and projector (visual.merger) out."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    import deltatune as dt
+    from deltatune import towers as T
+
+    vision = dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=37, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                vocab_size=64)  # fmt: skip
+    model = AutoModelForImageTextToText.from_config(
+        AutoConfig.for_model("glm4v", vision_config=vision, text_config=text)
+    )
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    language = [n for n in linear if n.startswith("model.language_model.")]
+    assert (len(language), len(linear)) == (6, 15)
+    config = T.restrict(model, dt.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    assert config.target_modules == language
+    assert T.tower_of(model, "model.visual.merger.proj") == "projector"
+    assert T.tower_of(model, "model.visual.blocks.0.attn.qkv") == "vision"
