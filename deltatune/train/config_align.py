@@ -79,8 +79,8 @@ class AlignArgs:
     precompute_ref_log_probs: bool = _f(False, "DPO, KTO: TRL's name for align.precompute_ref (either one turns it "
                                         "on).")  # fmt: skip
     precompute_ref_batch_size: int | None = _f(None, "DPO, KTO: pairs (rows) per forward of the precomputed "
-                                               "reference (TRL's); null: train.eval_batch_size (KTO's train rows: "
-                                               "train.batch_size, as TRL's).")  # fmt: skip
+                                               "reference (TRL's); null: train.batch_size for the train split, "
+                                               "train.eval_batch_size for the eval split, as TRL's).")  # fmt: skip
     sync_ref_model: bool = _f(False, "DPO, KTO: TR-DPO (TRL's sync_ref_model): with a method that trains the base in "
                               "place (full, freeze, bitfit) the reference is a copy of the starting policy, mixed "
                               "toward it; refused with an adapter and with precompute_ref, as TRL refuses them.")  # fmt: skip
