@@ -100,3 +100,46 @@ def test_the_confusion_matrix_files_are_whole_or_as_they_were(tmp_path, monkeypa
     assert after["confusion_matrix." + part] == before["confusion_matrix." + part]
     assert sorted(after) == sorted(before)  # (no temporary file left)
     assert str(failed.value) == f"could not write {tmp_path / ('confusion_matrix.' + part)}: No space left on device"
+
+
+@pytest.mark.parametrize("data", ["folder", "file"])
+def test_eval_of_a_plain_image_classification_adapter_is_image_cls_and_equals_peft(tmp_path, data):
+    """peft's image-classification adapter (and image_cls's own) saves task_type None; ``deltatune eval --adapter``
+    on an image folder (or a file of image and label columns) read it as an sft run: "model ... holds no tokenizer".
+    Now stage image_cls, its loss peft's PeftModel's cross-entropy on the processor's pixels."""
+    import json
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from deltatune.data.digits import init_vit
+    from deltatune.train.evaluation import evaluate
+
+    base = init_vit(str(tmp_path / "vit"), hidden=32, layers=1)
+    names = {"cat": [(200, 30, 30), (90, 90, 20)], "dog": [(10, 10, 240), (0, 200, 0), (255, 255, 255)]}
+    rows = []
+    for name, colours in names.items():
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            path = tmp_path / "img" / name / f"{i}.png"
+            Image.new("RGB", (16, 16), colour).save(path)
+            rows.append({"image": str(path), "label": name})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    kw = dict(num_labels=2, ignore_mismatched_sizes=True, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})
+    model = AutoModelForImageClassification.from_pretrained(base, **kw)
+    lora = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], init_lora_weights=False
+    )
+    get_peft_model(model, lora).save_pretrained(str(tmp_path / "adapter"))
+
+    got = evaluate(str(tmp_path / "adapter"), str(tmp_path / ("img" if data == "folder" else "rows.jsonl")))
+    ref = PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base, **kw), tmp_path / "adapter")
+    pixels = AutoImageProcessor.from_pretrained(base)([Image.open(r["image"]) for r in rows], return_tensors="pt")
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        out = ref.eval()(**pixels, labels=labels)
+    assert got["eval_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert got["eval_accuracy"] == pytest.approx((out.logits.argmax(-1) == labels).float().mean().item())

@@ -48,7 +48,7 @@ def evaluate(
     ``run_dir`` may also be a plain adapter folder (peft's ``save_pretrained``: adapter_config.json, no run.yaml),
     with ``data`` given: its base is the config's ``base_model_name_or_path`` and its stage follows the config's
     ``task_type`` (a causal LM's: the data's format, as ``deltatune data inspect`` picks it; a classifier's on
-    preference pairs: rm); the overrides set either (``model.name_or_path=``, ``stage=``) and the data's columns, as
+    preference pairs: rm; none, on an image folder or rows of image and label: image_cls); the overrides set either (``model.name_or_path=``, ``stage=``) and the data's columns, as
     for a run.
 
     ``model.trust_remote_code`` in the run's run.yaml is ignored; remote model code runs only when the caller
@@ -242,7 +242,9 @@ def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str])
     from ..data.formats import STAGE_FORMATS
 
     task, fmt = adapter_field(run_dir, "task_type"), _format(data)
-    if task in (None, "CAUSAL_LM"):
+    if task is None and _images(data):  # peft has no task_type for images: image_cls's adapters (and peft's) save None
+        stage = "image_cls"
+    elif task in (None, "CAUSAL_LM"):
         from ..data.inspect import default_stage
 
         stage = default_stage(fmt) if fmt else "sft"
@@ -257,6 +259,21 @@ def _recipe(run_dir: str, data: str | None, compare: bool, overrides: list[str])
         raise ConfigError(f"{config} does not say which base model it was trained on; pass model.name_or_path=MODEL")
     model = {"name_or_path": base} if base else {}
     return {"stage": stage, "model": model, "data": {"eval": data}}, config
+
+
+def _images(data: str) -> bool:
+    """Whether ``data`` is image classification's: an image folder (images under it), or a data file whose first row
+    has an ``image`` and a ``label`` column (was read as sft's text, whose tokenizer the image model lacks)."""
+    if os.path.isdir(data):
+        from ..data.images import IMAGE_EXTENSIONS
+
+        return any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(data) for f in files)
+    from ..data.load import DataError, read_rows
+
+    try:
+        return {"image", "label"} <= set(read_rows(data, limit=1)[0].data)
+    except (DataError, IndexError, AttributeError):
+        return False
 
 
 def _format(data: str) -> str | None:
