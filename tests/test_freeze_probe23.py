@@ -76,3 +76,49 @@ def test_bitfit_without_bias_terms_names_the_model_not_llama(family, name):
     for every model; it names the model's class and the families without biases."""
     with pytest.raises(dt.ConfigError, match=rf"^bitfit: the model has no bias parameters to train \({name}; LLaMA,"):
         dt.get_delta_model(tiny_model(family), dt.BitFitConfig())
+
+
+def _llamafactory_freeze(model, n: int, vision: bool, projector: bool, language: bool) -> set[str]:
+    """LLaMA-Factory's _setup_freeze_tuning: parameters holding ".{idx}." for the last n of the text config's layers,
+    and the projector's (projector_keys, where not frozen), under no forbidden module."""
+    layers = model.config.text_config.num_hidden_layers
+    trainable = [f".{i}." for i in range(max(0, layers - n), layers)] + (
+        [] if projector else list(_LLAVA["projector"])
+    )
+    forbidden = [k for on, part in ((vision, "vision"), (projector, "projector"), (language, "language")) if on
+                 for k in _LLAVA[part]]  # fmt: skip
+    names = [n for n, _ in model.named_parameters()]
+    return {p for p in names if any(t in p for t in trainable) and not any(f in p for f in forbidden)}
+
+
+@pytest.mark.parametrize(("vision", "projector"), [(True, False), (False, False), (False, True)])
+def test_freeze_freeze_language_model_trains_what_llamafactory_trains(tmp_path, vision, projector):
+    """LLaMA-Factory's freeze tuning with freeze_language_model: true: the language tower's blocks stay frozen, the
+    vision tower's last block and the projector train as its other switches say (deltatune had no such field)."""
+    base = tiny_vlm("llava")
+    expected = _llamafactory_freeze(base, 1, vision, projector, True)
+    assert expected and not any("language_model" in p for p in expected)
+    config = dt.FreezeConfig(
+        freeze_trainable_layers=1, freeze_vision_tower=vision, freeze_multi_modal_projector=projector,
+        freeze_language_model=True,
+    )  # fmt: skip
+    model = dt.get_delta_model(base, config)
+    assert {k for k, p in model.base_model.named_parameters() if p.requires_grad} == expected
+    model.save_pretrained(tmp_path)
+    loaded = dt.DeltaModel.from_pretrained(tiny_vlm("llava"), tmp_path, is_trainable=True)
+    assert {k for k, p in loaded.base_model.named_parameters() if p.requires_grad} == expected
+    unset = dt.get_delta_model(tiny_vlm("llava"), dt.FreezeConfig(freeze_trainable_layers=1))  # (False, as LF's)
+    assert {k for k, p in unset.base_model.named_parameters() if p.requires_grad} == _llamafactory_freeze(
+        base, 1, True, True, False
+    )
+
+
+def test_freeze_freeze_language_model_refusals_change_nothing():
+    vlm, llama = tiny_vlm("llava"), tiny_model("llama")
+    with pytest.raises(dt.ConfigError, match="^freeze: freeze_language_model, freeze_vision_tower and freeze_multi"):
+        dt.get_delta_model(vlm, dt.FreezeConfig(freeze_language_model=True))
+    with pytest.raises(dt.ConfigError, match="^freeze: freeze_language_model needs a vision-language model"):
+        dt.get_delta_model(llama, dt.FreezeConfig(freeze_language_model=True))
+    assert all(p.requires_grad for p in vlm.parameters()) and all(p.requires_grad for p in llama.parameters())
+    with pytest.raises(dt.ConfigError, match="^freeze_language_model must be true or false, got 1"):
+        dt.FreezeConfig(freeze_language_model=1)

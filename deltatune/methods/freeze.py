@@ -109,6 +109,10 @@ class FreezeConfig(DeltaConfig):
     freeze_multi_modal_projector: bool | None = None
     """The projector stays frozen: True (as the vision tower); False: the whole projector trains, as LLaMA-Factory's
     trainable_layers += projector_keys (LLaVA's multi_modal_projector, Qwen-VL's visual.merger, BLIP-2's Q-Former)."""
+    freeze_language_model: bool = False
+    """LLaMA-Factory's: the language tower stays frozen too (its forbidden language_model_keys): the vision tower's
+    chosen blocks (freeze_vision_tower=False) and the projector (freeze_multi_modal_projector=False) train, and the
+    freeze_extra_modules named. A vision-language model's only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +134,8 @@ class FreezeConfig(DeltaConfig):
         for key, _ in TOWER_SWITCHES:
             if not isinstance(getattr(self, key), (bool, type(None))):  # (1 and 0 as well: == True, == False)
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.freeze_language_model, bool):
+            raise ConfigError(f"freeze_language_model must be true or false, got {self.freeze_language_model!r}")
         if not isinstance(self.use_llama_pro, bool):
             raise ConfigError(f"use_llama_pro must be true or false, got {self.use_llama_pro!r}")
         if self.use_llama_pro and n < 0:
@@ -194,7 +200,10 @@ class FreezeConfig(DeltaConfig):
             depth[stack] = max(depth.get(stack, 0), i + 1)
         frozen = self._frozen()
         depth = _language_stacks(model, depth, frozen)
-        if not depth:
+        if self.freeze_language_model and not (frozen is not None and tower_parts(model)):
+            raise ConfigError("freeze: freeze_language_model needs a vision-language model (a text_config, a "
+                              f"vision_config and an output head); {type(model).__name__} is one tower")  # fmt: skip
+        if not depth and not self.freeze_language_model:
             raise ConfigError(
                 f"freeze: found no numbered transformer blocks (a module list named one of {LAYER_PATTERNS})"
             )
@@ -214,7 +223,7 @@ class FreezeConfig(DeltaConfig):
                     f"their modules: {', '.join(children)}"
                 )
             picked = [p for p in picked if any(p in found for found in hits.values())]
-        if not picked:
+        if not picked and depth:
             stacks = sorted({f"{s}.{i}" for s, i in chosen})
             raise ConfigError(
                 f"freeze_trainable_modules={modules!r} matches no parameter in blocks {stacks} (a list names modules "
@@ -237,14 +246,20 @@ class FreezeConfig(DeltaConfig):
         parts = tower_parts(model) if frozen is not None and "projector" not in frozen else None
         if parts and not getattr(self, "_old_rule", False):  # (LLaMA-Factory: trainable_layers += projector_keys)
             picked += [p for p in names if p not in picked and tower_part(parts, p) == "projector"]
+        if not picked:  # (freeze_language_model with the other towers frozen)
+            raise ConfigError(
+                "freeze: freeze_language_model, freeze_vision_tower and freeze_multi_modal_projector leave nothing to "
+                "train; set one of the last two false, or name freeze_extra_modules"
+            )
         return trainable(model, picked, "freeze")
 
     def _frozen(self) -> set[str] | None:
         """The towers whose blocks stay frozen (None: the rule before the switches, by the stacks' names)."""
         old = getattr(self, "_old_rule", False)
-        if old and all(getattr(self, k) is None for k, _ in TOWER_SWITCHES):
+        if old and all(getattr(self, k) is None for k, _ in TOWER_SWITCHES) and not self.freeze_language_model:
             return None
         values = {tower: getattr(self, key) for key, tower in TOWER_SWITCHES}  # (None: True; the old rule's: trained)
+        values["language"] = self.freeze_language_model
         return {t for t, v in values.items() if v or (v is None and not (old and t == "projector"))}
 
 
@@ -273,7 +288,7 @@ def _language_stacks(model: nn.Module, depth: dict[str, int], frozen: set[str] |
     encoder-decoder: both)."""
     parts = tower_parts(model) if frozen is not None else None
     language = {s: d for s, d in depth.items() if parts and tower_part(parts, s) not in frozen}  # type: ignore[operator]
-    if language:
+    if language or (parts and "language" in frozen):  # type: ignore[operator]  (freeze_language_model: maybe none)
         return language
     text = {s: d for s, d in depth.items() if not re.search(r"vision|visual", s)}
     return text if text and len(text) < len(depth) else depth
