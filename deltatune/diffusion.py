@@ -154,7 +154,8 @@ def save_kohya_lora(
     model: DeltaModel, file: str | os.PathLike[str], adapter_name: str | None = None, prefix: str = "unet"
 ) -> str:
     """Write a LoRA adapter of ``model`` as one kohya-format safetensors file (``lora_unet_...`` keys and a
-    per-module ``.alpha``; rsLoRA's scale is kept exact through alpha). Returns the path.
+    per-module ``.alpha``; rsLoRA's scale is kept exact through alpha; ``prefix`` ``text_encoder``: ``lora_te_``,
+    SDXL's ``text_encoder_2``: ``lora_te2_``, as kohya names them). Returns the path.
 
     Raises:
         ConfigError: the adapter is not a plain LoRA (DoRA, another method).

@@ -23,9 +23,10 @@ from .model import DeltaModel
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 """The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for."""
-KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te"}
+KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te",
+                "text_encoder_2": "lora_te2"}  # fmt: skip
+"""The head of kohya's keys that ``save_kohya_lora`` writes for each component (SDXL's second encoder: lora_te2_)."""
 _KOHYA_HEADS = {**{k: (v,) for k, v in KOHYA_PREFIX.items()}, "text_encoder": ("lora_te", "lora_te1")}
-_KOHYA_HEADS["text_encoder_2"] = ("lora_te2",)
 """The heads of kohya's keys that each component reads: SDXL's files name its text encoders lora_te1_, lora_te2_."""
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
 """The pipeline components whose keys a diffusers LoRA file may hold side by side."""

@@ -65,3 +65,37 @@ def test_an_alpha_of_zero_or_below_is_refused_naming_the_file_and_module(tmp_pat
     )
     assert list(model.peft_config) == ["default"] and model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_save_kohya_lora_of_sdxls_second_text_encoder_writes_lora_te2_keys_as_diffusers_loads_them(tmp_path):
+    """kohya's SDXL files name the second text encoder's modules ``lora_te2_`` (what diffusers' kohya converter,
+    A1111 and ComfyUI read, and ``load_lora(prefix="text_encoder_2")`` here); ``save_kohya_lora(prefix=
+    "text_encoder_2")`` wrote ``lora_text_encoder_2_`` keys, which diffusers' ``load_lora_weights`` could not read
+    and ``load_lora`` refused. The pooled embedding (the second encoder's) equals diffusers' after its load."""
+    import copy
+
+    from diffusion.test_sdxl_te2_10 import _outputs, tiny_sdxl
+    from safetensors import safe_open
+
+    from deltatune.diffusion import save_kohya_lora
+
+    pipe = tiny_sdxl(tmp_path)
+    torch.manual_seed(5)
+    # (out_proj among them: diffusers tells its converted kohya text-encoder keys by a to_out_lora key, else refuses)
+    config = dt.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "out_proj"], init_lora_weights=False)
+    te2 = dt.get_delta_model(copy.deepcopy(pipe.text_encoder_2), config).eval()
+    file = save_kohya_lora(te2, tmp_path / "te2.safetensors", prefix="text_encoder_2")
+    with safe_open(file, "pt") as fh:
+        keys = list(fh.keys())
+    assert keys and all(k.startswith("lora_te2_") for k in keys), keys[:3]
+
+    theirs = copy.deepcopy(pipe)
+    theirs.load_lora_weights(file)
+    ours = copy.deepcopy(pipe)
+    ours.text_encoder_2 = load_lora(ours.text_encoder_2, file, prefix="text_encoder_2").get_base_model()
+    saved = copy.deepcopy(pipe)
+    saved.text_encoder_2 = te2.get_base_model()
+    base, want, got, trained = _outputs(pipe)[1], _outputs(theirs)[1], _outputs(ours)[1], _outputs(saved)[1]
+    assert (want - base).abs().max() > 1e-2  # (diffusers loaded the second encoder's part)
+    torch.testing.assert_close(want, trained, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, trained, atol=1e-6, rtol=0)
