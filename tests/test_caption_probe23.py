@@ -129,3 +129,32 @@ def test_glm4v_all_linear_keeps_to_the_language_model_as_llamafactorys_lora_targ
     assert config.target_modules == language
     assert T.tower_of(model, "model.visual.merger.proj") == "projector"
     assert T.tower_of(model, "model.visual.blocks.0.attn.qkv") == "vision"
+
+
+def test_blip2s_query_tokens_are_image_tokens_to_data_max_length(tmp_path):
+    """BLIP-2's processor has no ``image_token_id`` (transformers' ``image_token_ids`` is [None]): its 4 query tokens
+    counted as text tokens toward data.max_length, so a row of 11 text tokens was cut to 7 at max_length 11 (and
+    refused under data.truncation=refuse), and the config check read no image token at all."""
+    from deltatune.data.load import DataError
+
+    save_vlm(tmp_path / "blip2", "blip-2")
+    Image.fromarray(np.zeros((8, 10, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "a.png", "text": "a handwritten five thin strokes"}) + "\n")
+    proc = load_processor(str(tmp_path / "blip2"), "caption")
+    image = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert proc.image_ids == {image}
+    cfg = build({"stage": "caption", "model": {"name_or_path": str(tmp_path / "blip2")},
+                 "data": {"train": str(tmp_path / "c.jsonl")}})  # fmt: skip
+    (row,) = C.vlm_examples(str(tmp_path / "c.jsonl"), cfg)
+    ids, labels, cut, _ = C.encode_vlm(proc, row, max_length=64)
+    assert ids[:4] == [image] * 4 and len(ids) == 4 + 11 and not cut
+    assert C.encode_vlm(proc, row, max_length=11)[:3] == (ids, labels, False)
+    assert C.encode_vlm(proc, row, max_length=11, truncation="refuse")[:2] == (ids, labels)
+    short, short_labels, cut, _ = C.encode_vlm(proc, row, max_length=10)
+    assert cut and (short, short_labels) == (ids[:14], labels[:14])
+    with pytest.raises(DataError) as err:
+        C.encode_vlm(proc, row, max_length=10, truncation="refuse")
+    assert (
+        str(err.value)
+        == f"{tmp_path / 'c.jsonl'}:1: 11 text tokens, more than data.max_length=10 (data.truncation=refuse)"
+    )

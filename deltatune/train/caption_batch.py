@@ -39,7 +39,9 @@ class VLMProcessor:
         self.image_token = str(processor.image_token)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         # the image tokens (Gemma 3's marker is its <start_of_image>, which stays text; its image tokens are others)
-        self.image_ids = set(getattr(processor, "image_token_ids", None) or [self.image_token_id]) - {None}
+        # (BLIP-2's processor has no image_token_id: transformers' image_token_ids is [None] there, the marker's id)
+        own = [i for i in getattr(processor, "image_token_ids", None) or [] if i is not None]
+        self.image_ids = set(own or [self.image_token_id]) - {None}
         # BLIP-2's processor puts the query tokens before the text itself: the text carries no marker
         self.prepends = getattr(processor, "num_query_tokens", None) is not None
         # per-token modality ids the model reads (Qwen2-VL's M-RoPE, Gemma 3's image attention), named as its text call
