@@ -143,3 +143,31 @@ def test_eval_of_a_plain_image_classification_adapter_is_image_cls_and_equals_pe
         out = ref.eval()(**pixels, labels=labels)
     assert got["eval_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
     assert got["eval_accuracy"] == pytest.approx((out.logits.argmax(-1) == labels).float().mean().item())
+
+
+def test_the_generation_cap_note_counts_targets_whose_text_the_cap_cuts(tmp_path):
+    """A target of train.generation_max_new_tokens tokens and its EOS generates whole within the cap (the EOS is
+    not needed for its text: the decoded generation equals the target): the note counted it as cut. Targets of 3,
+    4 and 5 words (4, 5, 6 labels with the EOS) under a cap of 4: one cut, not two."""
+    import json
+
+    from tokenizers.processors import TemplateProcessing
+
+    from deltatune.train.config import build
+    from deltatune.train.seq2seq import prepare_seq2seq
+    from tests.tiny import word_tokenizer
+
+    tok = word_tokenizer()
+    eos = tok.eos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", eos)])
+    path = tmp_path / "rows.jsonl"
+    words = tok.convert_ids_to_tokens(list(range(4, 9)))
+    path.write_text("".join(json.dumps({"source": "x", "target": " ".join(words[:n])}) + "\n" for n in (3, 4, 5)))
+    data = {"train": str(path), "eval": str(path), "source_column": "source", "target_column": "target"}
+    cfg = build({"stage": "seq2seq", "data": data, "train": {"generation_max_new_tokens": 4}})
+    prepared = prepare_seq2seq(cfg, tok)
+    assert [len(ex["labels"]) for ex in prepared.eval] == [4, 5, 6] and prepared.eval[0]["labels"][-1] == eos
+    assert prepared.notes == [
+        "1 of the 3 eval targets are longer than train.generation_max_new_tokens=4 tokens: their generations stop "
+        "there, which lowers ROUGE-L and BLEU"
+    ]

@@ -44,8 +44,11 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
     if note := _prefix_note(cfg):
         notes.append(note)
     new_tokens = cfg.train.generation_max_new_tokens
-    # run_summarization generates up to the target length (val_max_target_length); a shorter cap cuts predictions
-    if ev and (longer := sum(len(ex["labels"]) > new_tokens for ex in ev.examples)):
+    # run_summarization generates up to the target length (val_max_target_length); a shorter cap cuts predictions.
+    # A target's closing special token (T5's and BART's EOS, BERT's SEP) need not be generated: its text is whole
+    # without it (a target of the cap plus its EOS was counted as cut).
+    specials = set(getattr(tok, "all_special_ids", None) or [])
+    if ev and (longer := sum(_needed(ex["labels"], specials) > new_tokens for ex in ev.examples)):
         notes.append(
             f"{longer} of the {len(ev.examples)} eval targets are longer than train.generation_max_new_tokens="
             f"{new_tokens} tokens: their generations stop there, which lowers ROUGE-L and BLEU"
@@ -64,6 +67,11 @@ def prepare_seq2seq(cfg: RunConfig, tok) -> Prepared:
         if (smoothing := cfg.train.label_smoothing_factor)
         else TokenLossTrainer,
     )
+
+
+def _needed(labels: list[int], specials: set[int]) -> int:
+    """The new tokens a generation needs to hold a target's whole text: its labels but a closing special token."""
+    return len(labels) - int(bool(labels) and labels[-1] in specials)
 
 
 def check_room(tok, max_length: int, max_target_length: int, source_prefix: str = "") -> None:
