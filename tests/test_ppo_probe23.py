@@ -83,3 +83,29 @@ def test_a_reward_file_path_imports_as_grpos_reward_funcs_do(tmp_path, monkeypat
         with pytest.raises(ConfigError, match=rf"^align.reward_model {spec!r} could not be imported: {says}") as info:
             reward_function(spec)
         assert "\n" not in str(info.value)
+
+
+def test_ppo_reads_data_truncation_and_counts_the_prompts_it_cut_as_grpo(tmp_path):
+    """PPO cut every prompt over data.max_length to its end whatever data.truncation said (refuse was ignored, and
+    no key notice named it), and the report did not count them ('truncate': counted in the report). Now refuse
+    names the row, and truncate keeps the same ids as before and notes the count, as GRPO's encode_prompts do."""
+    from tiny import tokenizer
+
+    from deltatune.data.encode import prompt_ids
+    from deltatune.train.ppo import prepare_ppo
+    from deltatune.train.prepared import read_splits
+
+    tok, raw = tokenizer(), _raw(tmp_path, max_length=28)
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["hi", "tell me about the big old cat and the small dog", "a b", "what is the cat"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in words))
+    with pytest.raises(DataError, match=rf"^{prompts}:2: the prompt is 34 tokens, more than data.max_length=28 "
+                       r"\(set data.truncation=truncate to keep its end\)$"):  # fmt: skip
+        prepare_ppo(build({**raw, "data": {**raw["data"], "truncation": "refuse"}}), tok)
+    cfg = build(raw)
+    prepared = prepare_ppo(cfg, tok)
+    samples, _, template, _ = read_splits(cfg, tok)
+    whole = [prompt_ids(s, tok, template, 1000) for s in samples]
+    assert [len(ids) > 28 for ids in whole] == [False, True, False, False]  # (the guard: one prompt over)
+    assert prepared.train == [ids[-28:] for ids in whole]  # (the same ids as before: the end kept)
+    assert "1 train prompts were longer than data.max_length=28; their ends were kept" in prepared.notes

@@ -43,7 +43,7 @@ from ..data.tasks import Collator
 from .checks import check_rollout_context
 from .config import AlignArgs, RunConfig
 from .config_align import ppo_micro_batches
-from .ppo_checks import check_prompt_markers
+from .ppo_checks import check_prompt_markers, encode_prompts
 from .ppo_math import (  # noqa: F401  (re-exported: the names other modules and tests import from here)
     KLController,
     RewardError,
@@ -407,21 +407,19 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
     Raises:
         ConfigError: the longest prompt plus align.max_new_tokens exceeds the model's context, or the reward
             model cannot be found.
-        DataError: a prompt is missing or empty.
+        DataError: a prompt is missing or empty, or over data.max_length under data.truncation=refuse.
     """
     from .models import resolve_path
 
     d, a = cfg.data, cfg.align
-    from ..data.encode import prompt_ids
     from ..data.sample import as_written
 
     train_s, eval_s, template, data_notes = read_splits(cfg, tok)
     check_prompt_markers(tok, template)  # (rendered with the generation prompt: not checked there)
 
-    def enc(samples) -> list[list[int]]:
-        return [prompt_ids(s, tok, template, d.max_length) for s in samples]  # each keeps the prompt's end
-
-    train, evals = enc(train_s), (enc(eval_s) if eval_s else None)
+    (train, cut), (evals, cut_eval) = (  # each keeps the prompt's end (data.truncation=refuse: refused)
+        encode_prompts(s, tok, template, d.max_length, d.truncation) if s else (None, 0) for s in (train_s, eval_s)
+    )
     # The reward function reads a one-message prompt as the user's own words (as a reward run was trained on
     # them, and as a Python reward expects), not as the decoded chat template the policy samples after.
     plain = {
@@ -446,7 +444,9 @@ def prepare_ppo(cfg: RunConfig, tok) -> Prepared:
         ),
         "![PPO statistics](ppo_stats.png)",
         *data_notes,
-    ]
+        *(f"{n} {split} prompts were longer than data.max_length={d.max_length}; their ends were kept"
+          for split, n in (("train", cut), ("eval", cut_eval)) if n),
+    ]  # fmt: skip
 
     def loop(
         model, tokenizer, run_cfg: RunConfig, checkpoint: str | None = None

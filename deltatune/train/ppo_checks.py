@@ -1,9 +1,10 @@
-"""PPO's checks of the reward model and of the prompts' template before any model loads (split from ppo.py, near
-its line limit)."""
+"""PPO's checks of the reward model and of the prompts (their template's markers, data.truncation) before any model
+loads (split from ppo.py, near its line limit)."""
 
 from __future__ import annotations
 
 from ..config import ConfigError
+from ..data.load import DataError
 
 
 def check_reward_context(spec: str, longest: int, max_new_tokens: int, trust_remote_code: bool = False) -> None:
@@ -39,3 +40,21 @@ def check_prompt_markers(tokenizer, template: str | None) -> None:
 
     if template in TEMPLATES:  # (None: the tokenizer's own chat template; raw: the rows as written)
         _check_markers(tokenizer, template, TEMPLATES[template])
+
+
+def encode_prompts(samples, tokenizer, template: str | None, max_length: int, truncation: str) -> tuple[list, int]:
+    """(ids, how many were cut): each sample's prompt as ``encode.prompt_ids`` encodes it (the end kept past
+    ``max_length``); under data.truncation=refuse an over-long one is a DataError naming its row, as GRPO's
+    ``encode_prompts`` (PPO cut every one whatever the key said, and the report counted none)."""
+    from ..data.encode import prompt_ids
+
+    out, cut = [], 0
+    for s in samples:
+        ids = prompt_ids(s, tokenizer, template, 1 << 62)  # (whole: cut below only where it is over)
+        if len(ids) > max_length:
+            if truncation == "refuse":
+                raise DataError(f"{s.source}: the prompt is {len(ids)} tokens, more than data.max_length="
+                                f"{max_length} (set data.truncation=truncate to keep its end)")  # fmt: skip
+            ids, cut = prompt_ids(s, tokenizer, template, max_length), cut + 1
+        out.append(ids)
+    return out, cut
