@@ -84,12 +84,16 @@ TOWERS: dict[str, dict[str, str]] = {
             "language": r"(^|\.)(text_model|lm_head)(\.|$)",
         },
     ),
-    # Llama 3.2 Vision: a tiled vision model whose features the language model reads by cross-attention layers
-    "mllama": {
-        "vision": r"(^|\.)vision_model(\.|$)",
-        "projector": r"(^|\.)multi_modal_projector(\.|$)",
-        "language": r"(^|\.)(language_model|lm_head)(\.|$)",
-    },
+    # Llama 3.2 Vision: a tiled vision model whose features the language model reads by cross-attention layers;
+    # Llama 4 (its vision adapter inside its vision model, as LLaMA-Factory's vision_model_keys hold it)
+    **dict.fromkeys(
+        ("mllama", "llama4"),
+        {
+            "vision": r"(^|\.)vision_model(\.|$)",
+            "projector": r"(^|\.)multi_modal_projector(\.|$)",
+            "language": r"(^|\.)(language_model|lm_head)(\.|$)",
+        },
+    ),
     # Qwen-VL (and GLM-4V): the merger (the projector) sits inside the vision tower, so it is matched first
     **dict.fromkeys(
         ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe"),
@@ -107,11 +111,12 @@ FAMILY_AS = {
     **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "qwen2"),
     "qwen3_vl_text": "qwen3",
     "mllama_text_model": "llama",
+    "llama4_text": "llama4",
     **dict.fromkeys(("cohere", "cohere2"), "llama"),
 }
 """Tower families whose layers are named as another family's (BLIP's text decoder: BERT's, with cross-attention;
-SmolVLM's and Idefics' vision towers: SigLIP's; Qwen-VL's language models: Qwen2's, Qwen3's; Llama 3.2 Vision's: LLaMA's, its
-cross-attention layers' q_proj / v_proj among them; Aya Vision's Cohere: LLaMA's)"""
+SmolVLM's and Idefics' vision towers: SigLIP's; Qwen-VL's language models: Qwen2's, Qwen3's; Llama 3.2 Vision's: LLaMA's,
+its cross-attention layers' q_proj / v_proj among them; Llama 4's text model: Llama 4's; Aya Vision's Cohere: LLaMA's)"""
 
 _CLIP_LIKE = {"attn": r".*\.layers\.\d+\.self_attn\.out_proj", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}
 _BLIP_VISION = {"attn": r".*\.layers\.\d+\.self_attn\.projection", "ffn": r".*\.layers\.\d+\.mlp\.fc2"}

@@ -158,3 +158,28 @@ def test_blip2s_query_tokens_are_image_tokens_to_data_max_length(tmp_path):
         str(err.value)
         == f"{tmp_path / 'c.jsonl'}:1: 11 text tokens, more than data.max_length=10 (data.truncation=refuse)"
     )
+
+
+def test_llama4s_default_lora_targets_keep_to_its_language_model():
+    """Llama 4's default LoRA targets (q_proj, v_proj) matched its vision model's attention too: it had no towers. Now
+    its language model's alone (method.towers' default, LLaMA-Factory's frozen vision tower), as on Llama 3.2 Vision."""
+    from transformers import AutoModelForImageTextToText, Llama4Config
+
+    import deltatune as dt
+    from deltatune import towers as T
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, image_size=16,
+                  patch_size=4, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                intermediate_size_mlp=48, num_local_experts=2, vocab_size=64, head_dim=8)  # fmt: skip
+    model = AutoModelForImageTextToText.from_config(Llama4Config(vision_config=vision, text_config=text))
+    qv = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    assert qv == [
+        "vision_model.model.layers.0.self_attn.q_proj",
+        "vision_model.model.layers.0.self_attn.v_proj",
+        "language_model.model.layers.0.self_attn.q_proj",
+        "language_model.model.layers.0.self_attn.v_proj",
+    ]
+    assert T.restrict(model, dt.LoraConfig(r=2, lora_alpha=4)).target_modules == qv[2:]
+    assert T.tower_of(model, "vision_model.vision_adapter.mlp.fc1") == "vision"
+    assert T.tower_of(model, "language_model.lm_head") == "language"
