@@ -46,25 +46,37 @@ def _collate(batch):
     return {k: torch.tensor([r[k] for r in batch]) for k in batch[0]}
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["model_loss", "fused_loss"])
-def test_a_step_with_no_labelled_token_trains_on_as_the_trainers(tmp_path, fused):
-    """transformers' Trainer on a peft LoRA logs 4.875, 4.798, 4.944, 0 and a grad norm 0 for the step labelling nothing
-    and finishes; deltatune.Trainer raised "the training loss became nan at step 4 ... Lower train.lr"."""
+def _args(folder) -> TrainingArguments:
+    return TrainingArguments(str(folder), per_device_train_batch_size=1, max_steps=4, learning_rate=1e-2,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
+                             train_sampling_strategy="sequential")  # fmt: skip
 
-    def args(name):
-        return TrainingArguments(str(tmp_path / name), per_device_train_batch_size=1, max_steps=4, learning_rate=1e-2,
-                                 save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
-                                 train_sampling_strategy="sequential")  # fmt: skip
 
+def _logged(trainer) -> list[float]:
+    return [v for h in trainer.state.log_history if "loss" in h for v in (h["loss"], h["grad_norm"])]
+
+
+@pytest.fixture(scope="module")
+def trainers(tmp_path_factory):
+    """transformers' Trainer on a peft LoRA: its log (loss, grad norm per step) and training loss."""
     ref = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(target_modules=["q_proj"], r=4))
-    want = Trainer(model=ref, args=args("ref"), train_dataset=_rows(), data_collator=_collate)
-    want_out = want.train()
-    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(target_modules=["q_proj"], r=4), fused_loss=fused)
-    trainer = dt.Trainer(model=model, args=args("dt"), train_dataset=_rows(), data_collator=_collate)
+    trainer = Trainer(
+        model=ref, args=_args(tmp_path_factory.mktemp("ref")), train_dataset=_rows(), data_collator=_collate
+    )
     out = trainer.train()
-    logs = [v for h in trainer.state.log_history if "loss" in h for v in (h["loss"], h["grad_norm"])]
-    want_logs = [v for h in want.state.log_history if "loss" in h for v in (h["loss"], h["grad_norm"])]
-    assert want_logs[-2:] == [0.0, 0.0] and len(logs) == len(want_logs) == 8
-    assert logs == pytest.approx(want_logs, rel=1e-5)
-    assert out.training_loss == pytest.approx(want_out.training_loss, rel=1e-5)
+    return _logged(trainer), out.training_loss
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["model_loss", "fused_loss"])
+def test_a_step_with_no_labelled_token_trains_on_as_the_trainers(trainers, tmp_path, fused):
+    """transformers' Trainer on a peft LoRA logs loss 0 and grad norm 0 for the step labelling nothing and finishes;
+    deltatune.Trainer raised "the training loss became nan at step 4 ... Lower train.lr" (and with the fused loss, had
+    it gone on, "the gradient norm became nan")."""
+    want_logs, want_loss = trainers
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(target_modules=["q_proj"], r=4), fused_loss=fused)
+    trainer = dt.Trainer(model=model, args=_args(tmp_path), train_dataset=_rows(), data_collator=_collate)
+    out = trainer.train()
+    assert want_logs[-2:] == [0.0, 0.0] and len(want_logs) == 8
+    assert _logged(trainer) == pytest.approx(want_logs, rel=1e-5)
+    assert out.training_loss == pytest.approx(want_loss, rel=1e-5)
     assert out.global_step == 4
