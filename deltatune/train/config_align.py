@@ -94,7 +94,8 @@ class AlignArgs:
                                "TRL's disable_dropout (its default).")  # fmt: skip
     reward_model: str | None = _f(None, "PPO: a reward-model run folder (stage rm), a transformers "
                                   "sequence-classification folder with the policy's tokenizer (TRL's reward_model), "
-                                  "or 'module:function' scoring (prompts, responses) -> rewards.")  # fmt: skip
+                                  "or 'module:function' (or 'path/to/file.py:function') scoring (prompts, "
+                                  "responses) -> rewards.")  # fmt: skip
     max_new_tokens: int = _f(32, "PPO, GRPO: response tokens generated per prompt (left out on stage ppo: 53, TRL's "
                              "PPOConfig response_length).")  # fmt: skip
     temperature: float = _f(1.0, "PPO, GRPO: sampling temperature of the rollouts (left out on stage ppo: 0.7, TRL's "
