@@ -122,3 +122,24 @@ def test_freeze_freeze_language_model_refusals_change_nothing():
     assert all(p.requires_grad for p in vlm.parameters()) and all(p.requires_grad for p in llama.parameters())
     with pytest.raises(dt.ConfigError, match="^freeze_language_model must be true or false, got 1"):
         dt.FreezeConfig(freeze_language_model=1)
+
+
+def test_peft_file_with_empty_trainable_token_indices_loads_as_peft_reads_it(tmp_path):
+    """peft's LoraConfig(trainable_token_indices={}) trains no token and saves {}; loading such a file here was a
+    ConfigError ('must be a list of token ids or a dict ..., got {}'). It loads as peft's: LoRA alone, same logits."""
+    import copy
+
+    import torch
+
+    from tests.tiny import output_of, tiny_inputs
+
+    peft = pytest.importorskip("peft")
+    base, inputs = tiny_model("llama"), tiny_inputs("llama")
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={}, init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    theirs.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["trainable_token_indices"] == {}
+    ours = dt.DeltaModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert ours.peft_config["default"].trainable_token_indices is None
+    assert torch.allclose(output_of(ours, inputs), output_of(theirs, inputs), atol=1e-6)
+    assert dt.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={}).trainable_token_indices is None

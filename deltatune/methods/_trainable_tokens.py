@@ -234,14 +234,14 @@ def check_ids(ids: Any, where: str, label: str = "trainable_token_indices", inte
 
 
 def check_indices(spec: Any, integral: bool = False) -> dict[str, list[int]] | list[int] | None:
-    """``trainable_token_indices`` checked: None, a list of token ids, or {module name: list of token ids}.
+    """``trainable_token_indices`` checked: None ({} too: peft's none), a list of token ids, or {module name: ids}.
 
     Raises:
         ConfigError: another type, an id that is not an int, an empty or repeated list, an empty module name.
     """
-    if spec is None or isinstance(spec, (list, tuple)):
-        return None if spec is None else check_ids(spec, "", integral=integral)
-    if not isinstance(spec, dict) or not spec:
+    if spec is None or isinstance(spec, (list, tuple)) or (isinstance(spec, dict) and not spec):
+        return check_ids(spec, "", integral=integral) if isinstance(spec, (list, tuple)) else None
+    if not isinstance(spec, dict):
         raise ConfigError(
             "trainable_token_indices must be a list of token ids or a dict {embedding module name: [token ids]}, "
             f"got {spec!r}"
