@@ -93,10 +93,24 @@ def _lora(
     return name, config, modules
 
 
+def _on_original_base(model: DeltaModel, adapter_name: str | None) -> None:
+    """ConfigError where the LoRA's init left its residual in the model's base weights (methods/_lora_init: PiSSA,
+    OLoRA, LoftQ, W - s B0 A0): a LoRA file is loaded on the original base, where its A, B draw otherwise."""
+    name = adapter_name or model.active_adapter
+    if any(name in getattr(m, "_from_base", ()) for m in model.get_base_model().modules()):
+        raise ConfigError(
+            f"adapter {name!r} was initialised from the base ({model.peft_config[name].init_lora_weights}): the "
+            "model's base weights are its residual, and a LoRA file loads on the original base; convert it to a plain "
+            "LoRA first (save_pretrained(path_initial_model_for_weight_conversion=...)), load that on the original "
+            "base, and write it from there"
+        )
+
+
 def _diffusers_part(
     model: DeltaModel, adapter_name: str | None, prefix: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One component's tensors (``<prefix>.<path>.lora_A.weight`` ...) and metadata (``<prefix>.r`` ...)."""
+    _on_original_base(model, adapter_name)
     _, config, modules = _lora(model, adapter_name, dora=True)
     tensors = {}
     for path, m in modules.items():
@@ -162,6 +176,7 @@ def save_kohya_lora(
     """
     from safetensors.torch import save_file
 
+    _on_original_base(model, adapter_name)
     _, _, modules = _lora(model, adapter_name)
     head = KOHYA_PREFIX.get(prefix, f"lora_{prefix}")
     base = model.get_base_model()

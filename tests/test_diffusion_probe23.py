@@ -99,3 +99,26 @@ def test_save_kohya_lora_of_sdxls_second_text_encoder_writes_lora_te2_keys_as_di
     assert (want - base).abs().max() > 1e-2  # (diffusers loaded the second encoder's part)
     torch.testing.assert_close(want, trained, atol=1e-6, rtol=0)
     torch.testing.assert_close(got, trained, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_lora_initialised_from_the_base_is_not_written_as_a_file_for_the_original_base(tmp_path, init):
+    """PiSSA and OLoRA leave the model's base weights as their residual W - s B0 A0; a diffusers or kohya file is
+    loaded on the original base (diffusers' load_lora_weights, ``load_lora`` here), where the file's A, B drew
+    0.29 (PiSSA) / 1.05 (OLoRA) off the model that wrote it. Both writers refuse it in one line naming the adapter,
+    nothing written; a plain LoRA's file loads back equal (the control)."""
+    from diffusion.test_lora_files import out
+
+    from deltatune.diffusion import save_diffusers_lora, save_kohya_lora
+
+    model = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, init_lora_weights=init)).eval()
+    for write, where in ((save_diffusers_lora, tmp_path / "d"), (save_kohya_lora, tmp_path / "k.safetensors")):
+        with pytest.raises(ConfigError, match=rf"^adapter 'default' was initialised from the base \({init}\)"):
+            write(model, where)
+        assert not where.exists()
+    plain = dt.get_delta_model(tiny_unet(), dt.LoraConfig(r=2, init_lora_weights=False)).eval()
+    back = load_lora(tiny_unet(), save_diffusers_lora(plain, tmp_path / "plain"))
+    torch.testing.assert_close(out(back), out(plain), atol=1e-6, rtol=0)
+    from deltatune.train import t2i
+
+    assert t2i._plain_lora(plain) and not t2i._plain_lora(model)  # (a t2i run's save writes no file it would refuse)

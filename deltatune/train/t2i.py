@@ -237,9 +237,12 @@ class T2IProcessor:
 
 
 def _plain_lora(model: DeltaModel) -> bool:
-    """Whether ``model``'s default adapter is a LoRA that diffusers' file holds whole (DoRA too; no biases or heads)."""
+    """Whether ``model``'s default adapter is a LoRA that diffusers' file holds whole (DoRA too; no biases or heads;
+    not initialised from the base, PiSSA / OLoRA / LoftQ, whose A, B need the residual base: ``save_diffusers_lora``
+    refuses those)."""
     c = model.peft_config.get("default")
-    return c is not None and c.peft_type == "LORA" and c.bias == "none" and not c.modules_to_save
+    residual = any("default" in getattr(m, "_from_base", ()) for m in model.get_base_model().modules())
+    return c is not None and c.peft_type == "LORA" and c.bias == "none" and not c.modules_to_save and not residual
 
 
 class T2IDataset(torch.utils.data.Dataset):
