@@ -6,12 +6,9 @@ one finite number per completion stops the run with one line naming the reward a
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import inspect
 import math
 import os
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,7 +21,7 @@ from torch import nn
 from ..config import ConfigError
 from .config import AlignArgs
 from .ppo import RewardError, reward_values  # noqa: F401  (RewardError: raised here too)
-from .ppo_reward import _where, raised_line
+from .ppo_reward import import_reward, raised_line
 
 
 @dataclass
@@ -37,47 +34,6 @@ class Reward:
     fn: Callable[..., Any]
     weight: float = 1.0
     model: bool = False
-
-
-def import_reward(spec: str) -> Callable[..., Any]:
-    """The function named by ``module:function`` or ``path/to/file.py:function`` (a path relative to the current
-    directory, as data paths are).
-
-    Raises:
-        ConfigError: malformed, cannot be imported, no such function, or not callable (the spec named).
-    """
-    where = f"align.reward_funcs entry {spec!r}"
-    module, _, name = spec.rpartition(":")
-    if not module or not name:
-        raise ConfigError(f"{where} is neither a reward run folder nor of the form module:function")
-    try:
-        if module.endswith(".py"):
-            if not os.path.isfile(module):
-                raise ImportError(f"no file {module}")
-            path = os.path.abspath(module)
-            spec_ = importlib.util.spec_from_file_location(f"deltatune_reward_{abs(hash(path))}", path)
-            mod = importlib.util.module_from_spec(spec_)
-            # As when the file runs as a script: its folder's modules import (at the end of the path: it shadows
-            # nothing installed), and it is a module by its name (dataclasses and pickle look it up there).
-            if os.path.dirname(path) not in sys.path:
-                sys.path.append(os.path.dirname(path))
-            sys.modules[spec_.name] = mod
-            spec_.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(module)
-        fn = getattr(mod, name)
-    except Exception as exc:  # noqa: BLE001  (user code: any error while importing is reported in one line)
-        raise ConfigError(f"{where} could not be imported: {_error(exc)}") from None
-    if not callable(fn):
-        raise ConfigError(f"{where} is not callable")
-    return fn
-
-
-def _error(exc: BaseException) -> str:
-    """``Type: message (file:line)``, the line as ``_where`` finds it."""
-    text = exc.msg if isinstance(exc, SyntaxError) and exc.filename and exc.lineno else str(exc)
-    where = _where(exc)
-    return f"{type(exc).__name__}: {text}" + (f" ({where})" if where else "")
 
 
 def check_rewards(align: AlignArgs) -> list[Reward]:

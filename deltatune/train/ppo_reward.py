@@ -1,11 +1,14 @@
 """Calling PPO's reward on texts: a reward function that raises is one line naming it, the response it raised on and
-where in the user's code (as GRPO's rewards, grpo_rewards.py, which imports ``_where`` from here), not the user's traceback from inside the loop. Split
+where in the user's code (as GRPO's rewards, grpo_rewards.py, which imports ``raised_line`` and ``import_reward`` from here), not the user's traceback from inside the loop. Split
 from ppo.py, near its line limit."""
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -71,15 +74,51 @@ def reward_file(fn: Callable) -> str | None:
     return getattr(code, "co_filename", None)
 
 
+def import_reward(spec: str, key: str = "align.reward_funcs entry") -> Callable[..., Any]:
+    """The function named by ``module:function`` or ``path/to/file.py:function`` (a path relative to the current
+    directory, as data paths are): GRPO's align.reward_funcs entries, PPO's align.reward_model (``key``).
+
+    Raises:
+        ConfigError: malformed, cannot be imported, no such function, or not callable (the spec named).
+    """
+    from ..config import ConfigError
+
+    where = f"{key} {spec!r}"
+    module, _, name = spec.rpartition(":")
+    if not module or not name:
+        raise ConfigError(f"{where} is neither a reward run folder nor of the form module:function")
+    try:
+        if module.endswith(".py"):
+            if not os.path.isfile(module):
+                raise ImportError(f"no file {module}")
+            path = os.path.abspath(module)
+            spec_ = importlib.util.spec_from_file_location(f"deltatune_reward_{abs(hash(path))}", path)
+            mod = importlib.util.module_from_spec(spec_)
+            # As when the file runs as a script: its folder's modules import (at the end of the path: it shadows
+            # nothing installed), and it is a module by its name (dataclasses and pickle look it up there).
+            if os.path.dirname(path) not in sys.path:
+                sys.path.append(os.path.dirname(path))
+            sys.modules[spec_.name] = mod
+            spec_.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(module)
+        fn = getattr(mod, name)
+    except Exception as exc:  # noqa: BLE001  (user code: any error while importing is reported in one line)
+        raise ConfigError(f"{where} could not be imported: {_error(exc)}") from None
+    if not callable(fn):
+        raise ConfigError(f"{where} is not callable")
+    return fn
+
+
+def _error(exc: BaseException) -> str:
+    """``Type: message (file:line)``, the line as ``_where`` finds it."""
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.filename and exc.lineno else str(exc)
+    where = _where(exc)
+    return f"{type(exc).__name__}: {text}" + (f" ({where})" if where else "")
+
+
 def import_file_reward(spec: str) -> Callable:
     """align.reward_model ``path/to/file.py:function``: the function, imported as GRPO's align.reward_funcs import a
-    file (``grpo_rewards.import_reward``: relative to the current folder, as the file run as a script); ConfigError
-    naming align.reward_model when it cannot be."""
-    from ..config import ConfigError
-    from .grpo_rewards import import_reward
-
-    try:
-        return import_reward(spec)
-    except ConfigError as exc:  # (its message names align.reward_funcs)
-        grpo = f"align.reward_funcs entry {spec!r}"
-        raise ConfigError(str(exc).replace(grpo, f"align.reward_model {spec!r}", 1)) from None
+    file (relative to the current folder, as the file run as a script); ConfigError naming align.reward_model when it
+    cannot be."""
+    return import_reward(spec, "align.reward_model")
