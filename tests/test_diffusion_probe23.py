@@ -122,3 +122,33 @@ def test_a_lora_initialised_from_the_base_is_not_written_as_a_file_for_the_origi
     from deltatune.train import t2i
 
     assert t2i._plain_lora(plain) and not t2i._plain_lora(model)  # (a t2i run's save writes no file it would refuse)
+
+
+def test_final_validation_copied_from_the_last_epochs_drawing_is_never_half_written(tmp_path, monkeypatch):
+    """validation/final.png copied from the last epoch's drawing (same step, same weights) went straight to its name:
+    a copy cut short (a full disk) left half a PNG there, where every drawing is written whole (t2i.save_png's
+    atomic_write). Now the copy lands whole or not at all; the failure is the one line it was."""
+    import shutil
+    from types import SimpleNamespace
+
+    from deltatune.train import t2i_validation
+
+    folder = tmp_path / "validation"
+    folder.mkdir()
+    (folder / "epoch-1.png").write_bytes(b"\x89PNG" + bytes(range(200)))
+
+    def cut_short(src, dst):
+        with open(dst, "wb") as fh:
+            fh.write(b"\x89PNG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", cut_short)
+    v = t2i_validation.Validation({"prompt": "a", "count": 1, "every": 1, "seed": 0}, None, None)
+    v.last = (3, str(folder / "epoch-1.png"))
+    v.pending = (SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=3), None, False)
+    v.final()
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-1.png"]  # (no final.png, no temporary file left)
+    monkeypatch.undo()
+    v.pending = (SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=3), None, False)
+    v.final()
+    assert (folder / "final.png").read_bytes() == (folder / "epoch-1.png").read_bytes()

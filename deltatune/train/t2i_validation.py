@@ -96,7 +96,9 @@ class Validation(TrainerCallback):
             same = self.last if self.last is not None and self.last[0] == state.global_step and not best else None
             if same is not None and os.path.isfile(same[1]):  # (the same weights, the same seeded noise: one image)
                 path = os.path.join(args.output_dir, "validation", FINAL)
-                shutil.copyfile(same[1], path)
+                from ..files import atomic_write  # (as t2i.save_png imports it)
+
+                atomic_write(path, lambda tmp: shutil.copyfile(same[1], tmp))  # (whole or not at all, as save_png)
                 self.written.append(path)
             else:
                 self._validate(args, state, model, FINAL)  # (the script's final validation, with the weights it saves)
