@@ -47,3 +47,29 @@ def test_a_log_that_begins_with_a_bom_keeps_its_first_row(tmp_path):
     assert runs.history(str(run)) == rows
     (run / "log_history.jsonl").write_bytes(b"\xef\xbb\xbf" + text.splitlines()[0].encode() + b"\n")
     assert runs._last_step(str(run)) == 1  # (the listing's step, read from the log's end: 0 before)
+
+
+def test_lora_layers_to_transform_as_a_tuple_adapts_the_blocks_peft_adapts():
+    """peft takes ``layers_to_transform=(0, 2)`` and adapts blocks 0 and 2; deltatune refused it ("must be a block
+    index or a list of them"). It is stored as a list, as its JSON file writes it (freeze probe 23's diff)."""
+    import copy
+
+    import pytest
+
+    import deltatune as dt
+    from deltatune.layer import DeltaLayer
+    from tests.tiny import tiny_model
+
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama", num_hidden_layers=3)
+    kw = dict(r=2, target_modules=["q_proj"], layers_to_transform=(0, 2))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    ours = dt.get_delta_model(copy.deepcopy(base), dt.LoraConfig(**kw))
+    want = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    )
+    assert len(want) == 2
+    assert sorted(n.removeprefix("base_model.") for n, m in ours.named_modules() if isinstance(m, DeltaLayer)) == want
+    assert ours.peft_config["default"].layers_to_transform == [0, 2]
