@@ -36,7 +36,7 @@ def test_rm_training_statistics_are_every_process_s(tmp_path):
     trainer, model = _rm_trainer(tmp_path)
     collator = trainer.data_collator
     rank0 = [_pair([5, 6, 7], [5, 9]), _pair([11, 12], [13, 14, 15, 16])]
-    rank1 = [_pair([20, 21, 22, 23], [24]), _pair([30], [31, 32])]
+    rank1 = [_pair([3, 40], [31, 5, 6]), _pair([57, 10], [54])]  # (rank 1: accuracy 0, the lowest and highest score)
     real = trainer.accelerator
     with torch.no_grad():
         trainer.accelerator = _TwoRanks(real)
@@ -55,6 +55,10 @@ def test_rm_training_statistics_are_every_process_s(tmp_path):
     by_hand = {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(),
                "min_reward": scores.min().item(), "mean_reward": scores.mean().item(), "max_reward": scores.max().item()}  # fmt: skip
     assert 0 < by_hand["accuracy"] < 1  # (the two ranks' pairs differ in the statistics)
+    scores0 = scores[[0, 1, 4, 5]]  # (rank 0's chosen and rejected: each statistic of its pairs alone is another)
+    alone = {"accuracy": (scores0[:2] > scores0[2:]).float().mean().item(), "margin": (scores0[:2] - scores0[2:]).mean().item(),
+             "min_reward": scores0.min().item(), "mean_reward": scores0.mean().item(), "max_reward": scores0.max().item()}  # fmt: skip
+    assert all(abs(alone[k] - by_hand[k]) > 1e-4 for k in _RM_STATS), (alone, by_hand)
     for key in _RM_STATS:
         assert abs(two[key] - one[key]) < 1e-6 and abs(one[key] - by_hand[key]) < 1e-6, (key, two, one, by_hand)
 
