@@ -222,7 +222,8 @@ class GRPOLoop:
         self.state.global_step = getattr(self, "steps_done", 0) * a.num_iterations * S  # optimizer steps, as TRL's
         with self.amp():  # sampling and scoring (a reward may be a model) run under autocast, as before
             s = self.sample(items, G)
-            seen = count_tokens(self.state, s)  # (TRL's num_tokens: counted before the rewards see trainer_state)
+            # TRL's num_tokens, counted before the rewards see trainer_state (tokens_known: grpo_checkpoint's)
+            seen = count_tokens(self.state, s, getattr(self, "tokens_known", True))
             table = self.score(s)  # (N, K)
         weights = torch.tensor([r.weight for r in self.rewards])
         rewards = combine(table, weights, [it.source for it in s.items])  # (N,)

@@ -87,8 +87,11 @@ def _load_checkpoint(path: str, loop, g: torch.Generator, state: dict[str, Any] 
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     loop.bonus.load_state_dict(state.get("entropy"))  # (none in a checkpoint before it)
-    rows = state["history"]  # TRL's num_tokens goes on from the last step's (None: a checkpoint before it, not logged)
-    loop.state.num_input_tokens_seen = rows[-1].get("num_tokens") if rows else 0
+    # TRL's num_tokens goes on from the last step's; after a checkpoint before it, unknown: not logged, the rewards'
+    # trainer_state counting on from 0 (an int, as TRL's state without the field)
+    rows = state["history"]
+    last = rows[-1].get("num_tokens") if rows else 0
+    loop.state.num_input_tokens_seen, loop.tokens_known = last or 0, last is not None
     return state["step"], state["history"], state["order"], state["metrics"]
 
 

@@ -25,16 +25,14 @@ def completion_lengths(s: Any) -> dict[str, float]:
     return out
 
 
-def count_tokens(state: Any, s: Any) -> dict[str, int]:
+def count_tokens(state: Any, s: Any, known: bool = True) -> dict[str, int]:
     """TRL's num_tokens: adds the step's tokens to ``state.num_input_tokens_seen`` (the loop's TrainerState, which the
     rewards see; the run's count so far) and returns {"num_tokens": the count}. The tokens are TRL's: each
     completion's prompt (no padding: a group's prompt G times) and the completion up to and including its EOS (masked
-    truncations too), ``s``'s attention mask. {} where the count is unknown (None: a run resumed from a checkpoint
-    written before it was counted)."""
-    if state.num_input_tokens_seen is None:
-        return {}
+    truncations too), ``s``'s attention mask. {} where the count is unknown (``known`` False: a run resumed from a
+    checkpoint written before it was counted; the rewards' count goes on from 0 there, an int as TRL's)."""
     state.num_input_tokens_seen += int(s.attention_mask.sum().item())
-    return {"num_tokens": state.num_input_tokens_seen}
+    return {"num_tokens": state.num_input_tokens_seen} if known else {}
 
 
 def trl_policy_loss(loss: torch.Tensor, windowed: bool, part: int, chunk: int) -> float:
