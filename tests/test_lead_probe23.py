@@ -73,3 +73,35 @@ def test_lora_layers_to_transform_as_a_tuple_adapts_the_blocks_peft_adapts():
     assert len(want) == 2
     assert sorted(n.removeprefix("base_model.") for n, m in ours.named_modules() if isinstance(m, DeltaLayer)) == want
     assert ours.peft_config["default"].layers_to_transform == [0, 2]
+
+
+def test_data_inspect_of_ppo_prompts_refuses_a_template_the_tokenizer_cannot_write_as_training_does(tmp_path):
+    """``data inspect --stage ppo --template chatml`` on a word vocabulary counted the rendered [UNK]s without a
+    word, where the PPO run refuses them (1aa48c7) and ``--stage sft`` refuses them (review of probe 23)."""
+    import pytest
+    from tiny import word_tokenizer
+
+    from deltatune.data.inspect import inspect
+    from deltatune.data.load import DataError
+
+    word_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "w0 w1 w2"}) + "\n", encoding="utf-8")
+    for template in ("chatml", "alpaca"):
+        with pytest.raises(DataError, match=rf"^data.template={template}: the tokenizer has no tokens for"):
+            inspect(str(tmp_path / "p.jsonl"), str(tmp_path / "tok"), stage="ppo", template=template, show=1)
+    assert "prompts longer than" in inspect(str(tmp_path / "p.jsonl"), str(tmp_path / "tok"), stage="ppo", show=1)
+
+
+def test_the_start_key_of_weights_loaded_as_the_defaults_is_the_defaults_key():
+    """``model.quantization: {}`` loads no quantization and ``model.dtype: auto`` the dtype it resolves to: their
+    start key was another than the run of the same weights' (a resume sampled its start evaluation again)."""
+    from test_ppo_probe23 import _key
+
+    from deltatune.train.models import resolved_dtype
+
+    assert _key(quantization={}) == _key()
+    assert (
+        _key(dtype="auto")
+        == _key(dtype=resolved_dtype("auto"))
+        == (_key() if resolved_dtype("auto") == "float32" else _key(dtype="bfloat16"))
+    )

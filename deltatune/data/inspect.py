@@ -10,7 +10,7 @@ from ..config import ConfigError
 from .formats import FORMATS, STAGE_FORMATS, StageFormatError, _llamafactory_columns, _stage_hint, detect, read_samples
 from .load import DataError, Row, read_rows
 from .sample import refuse_multimodal
-from .templates import IGNORE_INDEX
+from .templates import IGNORE_INDEX, TEMPLATES, _check_markers
 
 _DEFAULT_STAGE = {"text": "pt", "prompt": "ppo", "unpaired": "kto"}
 
@@ -153,7 +153,9 @@ def inspect(
         for s in samples:
             if fmt == "text":
                 counts.append(len(tok(s.text, add_special_tokens=False)["input_ids"]))
-            elif stage == "ppo":  # PPO reads the prompt alone
+            elif stage == "ppo":  # PPO reads the prompt alone (its markers checked as training checks them)
+                if template in TEMPLATES:
+                    _check_markers(tok, template, TEMPLATES[template])
                 counts.append(len(prompt_ids(s, tok, template, 10**9)))
             elif stage == "sft":
                 ids, labels = sft_example(s, tok, template)
@@ -262,7 +264,7 @@ def _length_lines(lengths: list[int], max_length: int, stage: str, eos: bool = F
             + (f", the last {left} tokens (short of a block) dropped" if blocks and left else "")
         )
     elif stage == "ppo":
-        cut = f"prompts longer than data.max_length={max_length}: {over} (their beginning is cut)"
+        cut = f"prompts longer than data.max_length={max_length}: {over} (their beginning cut, or refused with truncation=refuse)"
     else:
         cut = f"rows longer than data.max_length={max_length}: {over} (cut, or refused with truncation=refuse)"
     return [f"{what} per row: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}", cut]

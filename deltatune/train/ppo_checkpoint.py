@@ -160,7 +160,13 @@ def start_key(cfg, eval_prompts) -> str | None:
     # the weights it samples with; each only where it is not the default, so a run of the defaults keeps the key its
     # checkpoints recorded before these were read (and does not sample its start again on a resume); getattr: a
     # caller's stand-in config may lack them
-    weights = {k: getattr(cfg.model, k, None) for k in ("dtype", "quantization")}
+    from .models import resolved_dtype  # (auto: the dtype it loads; quantization {}: none)
+
+    dtype = getattr(cfg.model, "dtype", None)
+    weights = {
+        "dtype": resolved_dtype(dtype) if dtype else None,
+        "quantization": getattr(cfg.model, "quantization", None) or None,
+    }
     what.update({k: v for k, v in weights.items() if v not in ("float32", None)})
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).hexdigest()
 

@@ -176,4 +176,4 @@ def test_inspect_says_what_pre_training_and_ppo_do_with_long_rows(tmp_path):
     ppo = tmp_path / "ppo.jsonl"
     ppo.write_text(json.dumps({"prompt": "Tell me.", "chosen": "Once " * 80, "rejected": "No."}) + "\n")
     out = inspect(str(ppo), model=minilm_path(), stage="ppo", max_length=64, template="chatml", show=0)
-    assert "prompts longer than data.max_length=64: 0 (their beginning is cut)" in out
+    assert "prompts longer than data.max_length=64: 0 (their beginning cut, or refused with truncation=refuse)" in out
