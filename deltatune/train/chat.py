@@ -8,7 +8,7 @@ greedy unless a temperature is given.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -137,12 +137,14 @@ def generate(
     num_beams: int = 1,
     template: str | None = None,
     templated: bool = False,
+    stream: Callable[[str], None] | None = None,
 ) -> str:
     """The model's answer to the prompt ``ids``: greedy (``temperature`` 0) or sampled, new tokens only; it stops on
     the generation config's EOS ids and the tokenizer's EOS (as serve), and where the built-in ``template`` it trained with ends an answer (``templates.stop_ids``: chatml's
     ``<|im_end|>`` where the tokenizer has no EOS), and, when ``templated`` (the tokenizer's own chat template
     rendered the prompt: :func:`chat_templated`), where that template ends a turn (:func:`_turn_end_id`); not for a
-    prompt sent as text (``--raw``, a stage-pt run's samples), which the template never framed.
+    prompt sent as text (``--raw``, a stage-pt run's samples), which the template never framed. ``stream`` (a beam of
+    one) is handed the answer's text as its tokens come (:class:`_Streamer`), the pieces adding up to the answer.
 
     Raises:
         ConfigError: the prompt and ``max_new_tokens`` do not fit the model's context (a model with learned positions,
@@ -172,6 +174,9 @@ def generate(
     if marker:  # several tokens (no stop id): stopped on as text, as transformers' stop_strings (which fails on
         start = input_ids.shape[1] if decoder_only else 1  # (an encoder-decoder's criteria see its decoder's ids,
         sampling["stopping_criteria"] = _stop_on_text(tok, marker, start)  # after its start token; some vocabularies)
+    streamer = _Streamer(tok, marker, stream) if stream is not None else None
+    if streamer is not None:
+        sampling["streamer"] = streamer
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
@@ -183,7 +188,44 @@ def generate(
         )
     new = out[0, input_ids.shape[1] :] if decoder_only else out[0]
     answer = tok.decode(new, skip_special_tokens=True)
-    return (answer.split(marker)[0] if marker else answer).strip()
+    answer = (answer.split(marker)[0] if marker else answer).strip()
+    rest = answer[len(streamer.sent) :] if streamer is not None and answer.startswith(streamer.sent) else ""
+    if rest:  # what the stream held back and the answer has (a marker's opening that the answer ended with)
+        stream(rest)
+    return answer
+
+
+class _Streamer:
+    """transformers' streamer protocol (``put`` / ``end``, as its TextStreamer, which transformers' ``chat`` and
+    LLaMA-Factory's ``chat`` print answers with as they come): hands ``out`` the answer's new text after each token,
+    as :func:`generate` will return it: special tokens skipped, cut at the text ``marker``, its leading blanks dropped,
+    and held back: an unfinished character (U+FFFD), trailing blanks, an opening of the marker."""
+
+    def __init__(self, tok, marker: str | None, out: Callable[[str], None]) -> None:
+        self.tok, self.marker, self.out = tok, marker, out
+        self.ids: list[int] = []
+        self.sent, self.started, self.done = "", False, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:  # the prompt (an encoder-decoder's: its decoder's start token)
+            self.started = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        if self.done:
+            return
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if self.marker and self.marker in text:
+            text, self.done = text.split(self.marker)[0], True
+        elif self.marker:
+            text = text[: len(text) - next((k for k in range(len(self.marker), 0, -1)
+                                            if text.endswith(self.marker[:k])), 0)]  # fmt: skip
+        text = text.rstrip("\ufffd").strip()
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.out(text[len(self.sent) :])
+            self.sent = text
+
+    def end(self) -> None:
+        pass
 
 
 def _turn_end_id(tok) -> int | None:
@@ -493,7 +535,18 @@ def repl(
             print(f"({dropped} oldest exchange(s) dropped: the conversation is over the model's context)", file=stdout)
         with adapter_off(model) if base else nullcontext():
             own = chat_templated(tok, raw, template)
-            answer = generate(model, tok, ids, template=template, templated=own, **sampling)  # stops as it trained
+            # stops as it trained; the answer written as its tokens come (as transformers' and LLaMA-Factory's chat)
+            answer = generate(model, tok, ids, template=template, templated=own, stream=_writer(stdout), **sampling)
         if history:
             history.append({"role": "assistant", "content": answer})
-        print(answer, file=stdout, flush=True)
+        print(file=stdout, flush=True)
+
+
+def _writer(stdout) -> Callable[[str], None]:
+    """A stream writing each piece to ``stdout`` at once."""
+
+    def write(piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()
+
+    return write

@@ -1,0 +1,70 @@
+"""probe 23 (serve's HTTP layer and ``deltatune chat``) against the references: transformers' ``chat`` and
+LLaMA-Factory's ``chat`` print an answer as its tokens come (a TextStreamer); ``deltatune chat`` printed it whole at
+the end."""
+
+from __future__ import annotations
+
+import io
+
+from test_chat_probe20 import _answering
+
+from deltatune.train import chat
+
+
+class _Out(io.StringIO):
+    """stdout recording each write with the model's forwards so far."""
+
+    def __init__(self, forwards: list[int]) -> None:
+        super().__init__()
+        self.forwards, self.writes = forwards, []
+
+    def write(self, text: str) -> int:
+        self.writes.append((text, self.forwards[0]))
+        return super().write(text)
+
+
+def test_chat_writes_the_answer_as_its_tokens_come():
+    """SmolLM2's template, an answer of seven tokens, 日 split over three byte tokens: the REPL writes its
+    text after each token (transformers' TextStreamer), an unfinished character held back (no U+FFFD written), the
+    pieces adding up to the answer ``generate`` returns; before, one write after the last forward."""
+    from tiny import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    answer = tok(" one two 日本 three", add_special_tokens=False)["input_ids"]
+    model = _answering(len(tok), [*answer, tok.eos_token_id])
+    forwards = [0]
+    model.lm_head.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    whole = chat.generate(model, tok, chat.prompt_ids(tok, "hi"), max_new_tokens=16, templated=True)
+    assert whole == "one two 日本 three"
+    total = forwards[0]
+    forwards[0] = 0
+    out = _Out(forwards)
+    assert chat.repl(model, tok, stdin=io.StringIO("hi\n"), stdout=out, max_new_tokens=16) == 0
+    assert out.getvalue() == whole + "\n"
+    pieces = [(t, n) for t, n in out.writes if t]
+    assert "".join(t for t, _ in pieces) == whole + "\n"
+    assert all("\ufffd" not in t for t, _ in pieces)
+    # each token's text written after its forward ("日" once its third byte token came); the newline after the EOS's
+    assert pieces == [("one", 1), (" two", 2), (" 日", 5), ("本", 6), (" three", 7), ("\n", total)]
+
+
+def test_a_streamed_answer_holds_back_a_text_end_marker_and_trailing_blanks():
+    """A tokenizer without EOS under the built-in chatml, its ``<|im_end|>`` three tokens (stopped on as text): the
+    stream gives "hi", " yo" and nothing of the marker's opening ``<|``, ``<|im_end`` nor the blank before it, as the
+    answer ``generate`` returns ("hi yo") has none (TextStreamer would write them: it knows no marker)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "hi", "yo", "<|", "im_end", "|>", " ", "\n"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\||\|>| |\n|im_end"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>")
+    assert tok.eos_token_id is None and tok.decode(tok("hi <|im_end|>")["input_ids"]) == "hi <|im_end|>"
+    forced = [tok.convert_tokens_to_ids(w) for w in ["hi", " ", "yo", " ", "<|", "im_end", "|>"]]
+    model = _answering(len(tok), [*forced, tok.convert_tokens_to_ids("yo")])
+    pieces: list[str] = []
+    ids = tok("hi\n")["input_ids"]
+    answer = chat.generate(model, tok, ids, max_new_tokens=12, template="chatml", stream=pieces.append)
+    assert answer == "hi yo"
+    assert pieces == ["hi", " yo"]
