@@ -80,3 +80,49 @@ def test_a_step_with_no_labelled_token_trains_on_as_the_trainers(trainers, tmp_p
     assert _logged(trainer) == pytest.approx(want_logs, rel=1e-5)
     assert out.training_loss == pytest.approx(want_loss, rel=1e-5)
     assert out.global_step == 4
+
+
+def _mean_ce(outputs, labels, num_items_in_batch=None):
+    """A user's loss that ignores the Trainer's count: a mean per micro-batch (0 / 0 where it labels nothing)."""
+    logits = outputs["logits"][:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+
+
+def test_an_empty_micro_batch_under_a_mean_loss_trains_on_and_a_real_nan_still_stops(tmp_path):
+    """Accumulating 2 micro-batches, one labelling nothing, under a compute_loss_func that ignores the step's count:
+    its loss is a NaN beside a gradient of 0, transformers' Trainer trains on, and deltatune.Trainer stopped ("the
+    training loss became nan at step 2"): 1d03e99 read the step's count, not the micro-batch's labels (review).
+    A NaN from a micro-batch that labels tokens (the LM head's output poisoned at step 2) still stops the run."""
+    from transformers import TrainerCallback
+
+    from deltatune.train.trainer import NonFiniteLossError
+
+    def args(folder):
+        return TrainingArguments(str(folder), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                                 max_steps=2, learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True,
+                                 disable_tqdm=True, logging_steps=1, train_sampling_strategy="sequential")  # fmt: skip
+
+    rows = [{**r, "labels": [-100] * 6} if i == 2 else r for i, r in enumerate(_rows()[:3] + _rows()[:1])]
+    cfg = peft.LoraConfig(target_modules=["q_proj"], r=4)
+    ref = Trainer(model=peft.get_peft_model(tiny_model("llama"), cfg), args=args(tmp_path / "ref"), train_dataset=rows,
+                  data_collator=_collate, compute_loss_func=_mean_ce)  # fmt: skip
+    ref.train()
+    ours = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(target_modules=["q_proj"], r=4))
+    trainer = dt.Trainer(model=ours, args=args(tmp_path / "ours"), train_dataset=rows, data_collator=_collate,
+                         compute_loss_func=_mean_ce)  # fmt: skip
+    trainer.train()
+    assert _logged(trainer) == pytest.approx(_logged(ref), rel=1e-5) and len(_logged(ref)) == 4
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.on = state.global_step + 1 == 2
+
+    poison = Poison()
+    poison.on = False
+    model = dt.get_delta_model(tiny_model("llama"), dt.LoraConfig(target_modules=["q_proj"], r=4))
+    model.get_base_model().lm_head.register_forward_hook(lambda m, i, o: o * float("nan") if poison.on else o)
+    rows = _rows()[:3] * 2  # (every micro-batch labels tokens)
+    trainer = dt.Trainer(model=model, args=args(tmp_path / "nan"), train_dataset=rows, data_collator=_collate,
+                         compute_loss_func=_mean_ce, callbacks=[poison])  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="the training loss became nan at step 2"):
+        trainer.train()

@@ -374,19 +374,19 @@ class DeltaTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all() and self._scores_any(inputs, num_items_in_batch):
+        if not torch.isfinite(loss).all() and self._scores_any(inputs):
             raise NonFiniteLossError(self.state.global_step + 1, float(loss.detach().float().mean()))
         return loss
 
-    def _scores_any(self, inputs, count) -> bool:
-        """Whether the step (the Trainer's ``count``) or else this micro-batch has a labelled token. With none the loss
-        is 0 / 0 = NaN beside a gradient of 0: the Trainer filters it from its log and trains on, as for a peft model
-        (a row whose answer the prompt crowded out stopped the run here, blaming the learning rate)."""
+    def _scores_any(self, inputs) -> bool:
+        """Whether this micro-batch has a labelled token (True where its labels do not say). With none its loss is
+        0 / 0 = NaN beside a gradient of 0 (a mean per micro-batch, or a step count of 0): the Trainer filters it from
+        its log and trains on (a row whose answer the prompt crowded out stopped the run here, blaming the lr)."""
         labels = inputs.get("shift_labels", inputs.get("labels")) if isinstance(inputs, Mapping) else None
-        if count is None and isinstance(labels, torch.Tensor) and not labels.is_floating_point():
-            shifted = "shift_labels" not in inputs and getattr(self, "_loss_shifts_labels", False)
-            count = (labels[..., 1:] if shifted else labels).ne(-100).sum()
-        return count is None or bool(torch.as_tensor(count).sum() != 0)
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+            return True
+        shifted = "shift_labels" not in inputs and getattr(self, "_loss_shifts_labels", False)
+        return bool((labels[..., 1:] if shifted else labels).ne(-100).any())
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's, stopping before the update on a NaN or infinite gradient of a finite loss (a NaN update
